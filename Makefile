@@ -1,0 +1,48 @@
+# The README's commands. Every target sets up .venv first (idempotent; a stamp file skips the work when
+# nothing it depends on changed).
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP_DEPS := $(VENV)/.deps-stamp
+STAMP_BUILD := $(VENV)/.build-stamp
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml
+PYFILES := pypattern kernels tests bench setup.py
+# One OpenMP/BLAS thread per process keeps timings and tests steady on the shared 2-core machines.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup build test lint demo bench check-cuda clean
+
+setup: $(STAMP_BUILD)
+
+$(STAMP_DEPS): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=70" wheel
+	# torch==2.13.0 is the CPU build on local disk; any other version downloads a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark ninja ruff
+	touch $@
+
+$(STAMP_BUILD): $(STAMP_DEPS) $(CSRC)
+	flock /tmp/pypattern-build.lock env MAX_JOBS=2 $(PIP) install -q --no-build-isolation -e .
+	touch $@
+
+build: $(STAMP_BUILD)
+
+lint: $(STAMP_DEPS)
+	$(VENV)/bin/ruff check $(PYFILES)
+	$(VENV)/bin/ruff format --check $(PYFILES)
+
+test: setup lint
+	$(VPY) -m pytest -q tests
+
+demo: setup
+	$(VPY) -m pypattern.cli demo
+
+bench: setup
+	$(VPY) -m pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,rounds
+
+check-cuda:
+	bash .ci/check_cuda.sh
+
+clean:
+	rm -rf build $(VENV) pypattern/*.so *.egg-info

@@ -1,0 +1,161 @@
+// Fused SGLD update on the CPU: one pass over w, g, w0 (and the mask), noise generated in registers.
+// Compiled on its own (see setup.py) with -O3 -fno-math-errno -fno-trapping-math and no torch headers.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "philox.h"
+#include "sgld_kernel.h"
+
+namespace pypattern {
+namespace {
+
+constexpr int kBlock = 64;            // elements per block
+constexpr int kLanes = kBlock / 4;    // Philox calls per block
+
+// Inline, branch-free float math so that the whole Box-Muller loop vectorises without library calls.
+// Both are Cephes' single-precision polynomials (about 1 ulp on their ranges). This file is compiled without
+// -ffast-math: the Cody-Waite reduction below must not be reassociated.
+inline float log_approx(float x) {  // x in (0, 1]
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int e = static_cast<int>((bits >> 23) & 0xff) - 126;  // x = m * 2^e, m in [0.5, 1)
+  bits = (bits & 0x007fffffu) | 0x3f000000u;
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  const bool small = m < 0.707106781186547524f;
+  e -= small ? 1 : 0;
+  float f = small ? (m + m - 1.0f) : (m - 1.0f);
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * fe;
+}
+
+inline void sincos_approx(float t, float& c, float& s) {  // t in [0, 2 pi]
+  const float q = std::nearbyint(t * 0.63661977236758134f);  // nearest multiple of pi/2
+  const float r = ((t - q * 1.5703125f) - q * 4.837512969970703125e-4f) - q * 7.54978995489188216e-8f;
+  const float z = r * r;
+  const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                   0.5f * z + 1.0f;
+  const int j = static_cast<int>(q) & 3;
+  const float cs = (j & 1) ? sp : cp;  // cos or sin of r, by quadrant
+  const float sn = (j & 1) ? cp : sp;
+  c = ((j == 1) | (j == 2)) ? -cs : cs;
+  s = (j >= 2) ? -sn : sn;
+}
+
+// Fills out[0..63] with the normals of elements [base, base + 64), base a multiple of 64.
+inline void normals_block(int64_t base, uint32_t k0, uint32_t k1, uint32_t c1, uint32_t c2, uint32_t c3,
+                          float* out) {
+  uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
+  const uint32_t ctr0 = static_cast<uint32_t>(base / 4);
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) {
+    uint32_t a = ctr0 + static_cast<uint32_t>(l), b = c1, c = c2, d = c3;
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = static_cast<uint64_t>(kPhiloxRoundA) * a;
+      const uint64_t p2 = static_cast<uint64_t>(kPhiloxRoundB) * c;
+      const uint32_t na = static_cast<uint32_t>(p2 >> 32) ^ b ^ ka;
+      const uint32_t nc = static_cast<uint32_t>(p0 >> 32) ^ d ^ kb;
+      b = static_cast<uint32_t>(p2);
+      d = static_cast<uint32_t>(p0);
+      a = na;
+      c = nc;
+      ka += kPhiloxKeyA;
+      kb += kPhiloxKeyB;
+    }
+    x0[l] = a; x1[l] = b; x2[l] = c; x3[l] = d;
+  }
+  float n0[kLanes], n1[kLanes], n2[kLanes], n3[kLanes];
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) {
+    const float u0 = std::max(1.0e-7f, uint_to_uniform(x0[l]));
+    const float u2 = std::max(1.0e-7f, uint_to_uniform(x2[l]));
+    const float r0 = std::sqrt(-2.0f * log_approx(u0));
+    const float r1 = std::sqrt(-2.0f * log_approx(u2));
+    float c0, s0, c1, s1;
+    sincos_approx(kTwoPi * uint_to_uniform(x1[l]), c0, s0);
+    sincos_approx(kTwoPi * uint_to_uniform(x3[l]), c1, s1);
+    n0[l] = r0 * c0;
+    n1[l] = r0 * s0;
+    n2[l] = r1 * c1;
+    n3[l] = r1 * s1;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    out[4 * l + 0] = n0[l];
+    out[4 * l + 1] = n1[l];
+    out[4 * l + 2] = n2[l];
+    out[4 * l + 3] = n3[l];
+  }
+}
+
+inline bool nonfinite_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return (b & 0x7f800000u) == 0x7f800000u;
+}
+inline bool nonfinite_bits(double x) {
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return (b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+}
+
+template <typename T>
+int sgld_range(T* __restrict w, const T* __restrict g, const T* __restrict w0, const T* __restrict mask,
+               int64_t begin, int64_t end, const SgldCoefs& c) {
+  const T a = static_cast<T>(c.drift_grad), b = static_cast<T>(c.drift_loc), d = static_cast<T>(c.drift_wd);
+  const T s = static_cast<T>(c.noise_std), box = static_cast<T>(c.box);
+  const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
+  const uint32_t c2 = static_cast<uint32_t>(c.step), c3 = static_cast<uint32_t>(c.step >> 32);
+  alignas(64) float noise[kBlock];
+  if (!c.has_noise) std::fill(noise, noise + kBlock, 0.0f);
+  int bad = 0;
+  for (int64_t base = begin; base < end; base += kBlock) {
+    const int len = static_cast<int>(std::min<int64_t>(kBlock, end - base));
+    if (c.has_noise) normals_block(base, k0, k1, c.tensor_index, c2, c3, noise);
+    T* __restrict wb = w + base;
+    const T* __restrict gb = g + base;
+    const T* __restrict ab = w0 + base;
+    int block_bad = 0;
+#pragma omp simd reduction(| : block_bad)
+    for (int i = 0; i < len; ++i) {
+      const T wi = wb[i], gi = gb[i], ai = ab[i];
+      const int nf = nonfinite_bits(gi) ? 1 : 0;
+      block_bad |= nf;
+      const T m = mask ? mask[base + i] : T(1);
+      T wn = wi + m * (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
+      if (c.has_box) wn = std::min(std::max(wn, ai - box), ai + box);
+      wn = (m == T(0) || nf) ? wi : wn;
+      wb[i] = wn;
+    }
+    bad |= block_bad;
+  }
+  return bad;
+}
+
+}  // namespace
+
+int sgld_cpu_range_f32(float* w, const float* g, const float* w0, const float* mask, int64_t begin, int64_t end,
+                       const SgldCoefs& c) {
+  return sgld_range<float>(w, g, w0, mask, begin, end, c);
+}
+int sgld_cpu_range_f64(double* w, const double* g, const double* w0, const double* mask, int64_t begin,
+                       int64_t end, const SgldCoefs& c) {
+  return sgld_range<double>(w, g, w0, mask, begin, end, c);
+}
+
+}  // namespace pypattern

@@ -1,0 +1,34 @@
+// Raw-pointer SGLD kernels (no torch headers). The C++ ones live in sgld_cpu_fast.cpp, compiled with
+// -ffast-math so that gcc vectorises logf/cosf; the CUDA launchers live in sgld.cu.
+#pragma once
+#include <cstdint>
+
+namespace pypattern {
+
+struct SgldCoefs {
+  double drift_grad;   // eps/2 * nbeta
+  double drift_loc;    // eps/2 * localization
+  double drift_wd;     // eps/2 * weight_decay
+  double noise_std;    // sqrt(eps) * noise_scale
+  double box;          // half-width of the bounding box (used when has_box)
+  uint64_t seed;
+  uint64_t step;
+  uint32_t tensor_index;
+  bool has_box;
+  bool has_noise;
+};
+
+// Elements [begin, end) of one contiguous tensor; begin must be a multiple of 64.
+// mask may be null. Returns nonzero when a gradient in the range was NaN or Inf (those entries are left unchanged).
+int sgld_cpu_range_f32(float* w, const float* g, const float* w0, const float* mask, int64_t begin, int64_t end,
+                       const SgldCoefs& c);
+int sgld_cpu_range_f64(double* w, const double* g, const double* w0, const double* mask, int64_t begin,
+                       int64_t end, const SgldCoefs& c);
+
+// CUDA launchers (sgld.cu). flag points to one device int32 that is OR-ed with 1 on a non-finite gradient.
+void sgld_cuda_f32(float* w, const float* g, const float* w0, const float* mask, int64_t n, const SgldCoefs& c,
+                   int* flag, void* stream);
+void sgld_cuda_f64(double* w, const double* g, const double* w0, const double* mask, int64_t n,
+                   const SgldCoefs& c, int* flag, void* stream);
+
+}  // namespace pypattern

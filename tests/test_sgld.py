@@ -1,0 +1,275 @@
+"""The fused SGLD step: every backend against the plain-torch reference, the noise stream, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+import pypattern
+from pypattern.ops.sgld import philox_normals, sgld_step_
+
+AVAILABLE = [name for name, info in pypattern.backends().items() if info["available"] and name != "cuda"]
+FAST = [b for b in AVAILABLE if b != "reference"]
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+
+
+def _inputs(shape, dtype, *, noncontig=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig:  # a transposed view of a larger tensor, with a step in the last dimension
+        big = [torch.randn(shape[1] * 2 + 1, shape[0], generator=gen, dtype=dtype) for _ in range(3)]
+        w, g, a = (b[::2][: shape[1]].t() for b in big)
+        assert not w.is_contiguous()
+        return w, g, a
+    return tuple(torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+
+
+def _run(backend, params, grads, anchors, **kw):
+    ws = [p.clone() if p.is_contiguous() else p.t().clone().t() for p in params]
+    sgld_step_(ws, grads, anchors, backend=backend, **kw)
+    return ws
+
+
+KW = dict(step_size=1e-3, nbeta=37.0, localization=100.0, weight_decay=0.01, seed=7, step=3)
+
+
+def test_backends_report():
+    info = pypattern.backends()
+    assert set(info) == {"cuda", "triton", "cpp", "reference"}
+    for name, v in info.items():
+        assert isinstance(v["available"], bool) and isinstance(v["reason"], str) and v["reason"], name
+    assert info["reference"]["available"]
+    assert info["cpp"]["available"], info["cpp"]["reason"]  # the extension is built by `make test`
+    assert not info["cuda"]["available"]  # no GPU here, ever
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [0, 1, 3, 63, 64, 65, 1001])
+@pytest.mark.parametrize("extras", ["plain", "mask", "box", "mask+box"])
+def test_equals_reference_without_noise(backend, dtype, size, extras):
+    w, g, a = _inputs((size,), dtype, seed=size)
+    masks = [torch.rand(size) > 0.3] if "mask" in extras else None
+    box = 0.05 if "box" in extras else None
+    kw = dict(KW, noise_scale=0.0, bounding_box=box, masks=masks)
+    ref = _run("reference", [w], [g], [a], **kw)[0]
+    out = _run(backend, [w], [g], [a], **kw)[0]
+    torch.testing.assert_close(out, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    if size:
+        assert not torch.equal(out, w)  # the step did something
+    if masks is not None:
+        frozen = ~masks[0]
+        assert torch.equal(out[frozen], w[frozen])  # masked entries untouched, bit for bit
+    if box is not None:
+        moved = masks[0] if masks is not None else torch.ones(size, dtype=torch.bool)
+        assert bool(((out - a)[moved].abs() <= box + 1e-7).all())
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_reference_with_noise_many_tensors_noncontiguous(backend, dtype):
+    shapes = [(5, 7), (1,), (0, 3), (130, 3), (2, 3, 4)]
+    params, grads, anchors = [], [], []
+    for i, s in enumerate(shapes):
+        w, g, a = _inputs(s, dtype, seed=i)
+        params.append(w), grads.append(g), anchors.append(a)
+    nc = _inputs((40, 9), dtype, noncontig=True, seed=99)
+    params.append(nc[0]), grads.append(nc[1]), anchors.append(nc[2])
+    masks = [None, None, None, torch.rand(130, 3) > 0.5, None, None]
+    kw = dict(KW, noise_scale=1.0, bounding_box=0.2, masks=masks)
+    ref = _run("reference", params, grads, anchors, **kw)
+    out = _run(backend, params, grads, anchors, **kw)
+    for r, o in zip(ref, out):
+        # same Philox integers; float rounding of log/cos differs between math libraries
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=5e-6)
+    # a non-contiguous view gets the noise of its contiguous copy
+    contiguous = [t.contiguous() for t in (nc[0], nc[1], nc[2])]
+    kw1 = dict(kw, masks=None)
+    a1 = _run(backend, [contiguous[0]], [contiguous[1]], [contiguous[2]], **kw1)[0]
+    a2 = _run(backend, [nc[0]], [nc[1]], [nc[2]], **kw1)[0]
+    torch.testing.assert_close(a1, a2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b == "cpp"])
+def test_equals_reference_1e6(backend):
+    w, g, a = _inputs((1_000_003,), torch.float32, seed=5)
+    kw = dict(KW, noise_scale=0.5, bounding_box=0.3)
+    ref = _run("reference", [w], [g], [a], **kw)[0]
+    out = _run(backend, [w], [g], [a], **kw)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b == "triton"])
+def test_triton_1e6(backend):
+    w, g, a = _inputs((1_000_003,), torch.float32, seed=5)
+    kw = dict(KW, noise_scale=0.5, masks=[torch.rand(1_000_003) > 0.5])
+    ref = _run("reference", [w], [g], [a], **kw)[0]
+    out = _run(backend, [w], [g], [a], **kw)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6)
+
+
+def _noise(backend, n, *, seed, step, tensor_index=0, dtype=torch.float32):
+    """Recover xi from one step with zero drift: w0 = w = 0, g = 0, step_size 1 -> w = xi."""
+    params = [torch.zeros(1, dtype=dtype) for _ in range(tensor_index)] + [torch.zeros(n, dtype=dtype)]
+    grads = [torch.zeros_like(p) for p in params]
+    sgld_step_(
+        params,
+        grads,
+        [torch.zeros_like(p) for p in params],
+        step_size=1.0,
+        nbeta=0.0,
+        localization=0.0,
+        seed=seed,
+        step=step,
+        backend=backend,
+    )
+    return params[-1]
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_noise_statistics(backend):
+    n = 200_000
+    xi = _noise(backend, n, seed=123, step=0).double()
+    assert abs(xi.mean().item()) < 5 / math.sqrt(n)
+    assert abs(xi.var().item() - 1) < 5 * math.sqrt(2 / n)
+    # fourth moment of a normal is 3; lag-1..4 correlations vanish (lags within and across Philox outputs)
+    assert abs((xi**4).mean().item() - 3) < 0.1
+    for lag in (1, 2, 3, 4, 5):
+        r = torch.corrcoef(torch.stack([xi[:-lag], xi[lag:]]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(n), (lag, r)
+    # tails: fraction beyond 3 sigma is 0.27%
+    assert abs((xi.abs() > 3).double().mean().item() - 0.0027) < 0.001
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_noise_keyed(backend):
+    base = _noise(backend, 4096, seed=1, step=2)
+    assert torch.equal(base, _noise(backend, 4096, seed=1, step=2))
+    others = [
+        _noise(backend, 4096, seed=2, step=2),
+        _noise(backend, 4096, seed=1, step=3),
+        _noise(backend, 4096, seed=1, step=2 + 2**32),  # high word of the step counts
+        _noise(backend, 4096, seed=1 + 2**32, step=2),  # high word of the seed counts
+        _noise(backend, 4096, seed=1, step=2, tensor_index=1),
+    ]
+    for o in others:
+        assert torch.corrcoef(torch.stack([base, o]))[0, 1].abs() < 0.08
+        assert not torch.isclose(base, o).any()
+
+
+def test_noise_matches_reference_stream_across_backends():
+    ref = philox_normals(10_000, seed=2**63 + 11, tensor_index=0, step=2**40 + 1)
+    for backend in FAST:
+        out = _noise(backend, 10_000, seed=2**63 + 11, step=2**40 + 1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_noise_matches_triton_philox_stream():
+    """The reference's integer Philox equals Triton's own tl.philox (so the stream is Triton's)."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def k(out_ptr, seed, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        ctr = (offs // 4).to(tl.uint32)
+        z = ctr * 0
+        x0, x1, x2, x3 = tl.philox(seed, ctr, z + 5, z + 9, z)
+        tl.store(out_ptr + offs * 4 + 0, x0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + offs * 4 + 1, x1.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + offs * 4 + 2, x2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + offs * 4 + 3, x3.to(tl.int64) & 0xFFFFFFFF)
+
+    out = torch.zeros(64 * 4, dtype=torch.int64)
+    k[(1,)](out, 1234, N=64)
+    from pypattern.ops import sgld as mod
+
+    # reproduce the integer stream of the reference for counters 0..15 (element // 4), tensor 5, step 9
+    c0 = torch.arange(16, dtype=torch.int64)
+    c1, c2, c3 = torch.full_like(c0, 5), torch.full_like(c0, 9), torch.zeros_like(c0)
+    k0, k1 = 1234, 0
+    for _ in range(10):
+        hi0, lo0 = mod._mul_hi_lo(c0, mod._PHILOX_ROUND_A)
+        hi2, lo2 = mod._mul_hi_lo(c2, mod._PHILOX_ROUND_B)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + mod._PHILOX_KEY_A) & 0xFFFFFFFF, (k1 + mod._PHILOX_KEY_B) & 0xFFFFFFFF
+    mine = torch.stack([c0, c1, c2, c3], 1)
+    theirs = out.view(64, 4)[::4]  # every element of a counter holds the same four words
+    assert torch.equal(mine, theirs)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _ok():
+    return [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)]
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_nan_grad_names_tensor_and_keeps_params_finite(backend):
+    p = [torch.zeros(3), torch.zeros(5)]
+    g = [torch.zeros(3), torch.tensor([0.0, float("nan"), 0.0, float("inf"), 1.0])]
+    with pytest.raises(FloatingPointError, match=r"grads\[1\]"):
+        sgld_step_(p, g, [torch.zeros(3), torch.zeros(5)], backend=backend, **dict(KW, noise_scale=1.0))
+    assert all(torch.isfinite(t).all() for t in p)
+    assert p[1][1] == 0 and p[1][3] == 0
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(step_size=-1e-3), ValueError, "step_size must be > 0"),
+        (dict(step_size=0.0), ValueError, "step_size must be > 0"),
+        (dict(step_size=float("nan")), ValueError, "step_size must be finite"),
+        (dict(step_size=float("inf")), ValueError, "step_size must be finite"),
+        (dict(nbeta=-1.0), ValueError, "nbeta must be >= 0"),
+        (dict(localization=float("nan")), ValueError, "localization must be finite"),
+        (dict(bounding_box=0.0), ValueError, "bounding_box must be > 0"),
+        (dict(seed=-1), ValueError, "seed must be in"),
+        (dict(step=1.5), TypeError, "step must be an int"),
+        (dict(backend="gpu"), ValueError, "backend='gpu' is not one of"),
+    ],
+)
+def test_bad_scalars(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        sgld_step_(*_ok(), **{**KW, **kw})
+
+
+def test_bad_tensors():
+    p, g, a = _ok()
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape \(4,\) but params\[0\] has \(3,\)"):
+        sgld_step_(p, [torch.zeros(4)], a, **KW)
+    with pytest.raises(TypeError, match=r"anchors\[0\] has dtype torch.float64"):
+        sgld_step_(p, g, [torch.zeros(3, dtype=torch.float64)], **KW)
+    with pytest.raises(ValueError, match="same length"):
+        sgld_step_(p, g + g, a, **KW)
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype torch.int64"):
+        sgld_step_([torch.zeros(3, dtype=torch.long)], g, a, **KW)
+    with pytest.raises(ValueError, match=r"masks\[0\] has shape"):
+        sgld_step_(p, g, a, masks=[torch.ones(2, dtype=torch.bool)], **KW)
+    with pytest.raises(ValueError, match="masks must have one entry"):
+        sgld_step_(p, g, a, masks=[], **KW)
+    meta = torch.zeros(3, device="meta")
+    with pytest.raises(ValueError, match=r"anchors\[0\] is on meta"):
+        sgld_step_(p, g, [meta], **KW)
+
+
+def test_forced_unavailable_backend_is_clear_error(monkeypatch):
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced but is unavailable"):
+        sgld_step_(*_ok(), backend="cuda", **KW)
+    monkeypatch.setenv("PYPATTERN_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+        sgld_step_(*_ok(), **KW)
+
+
+def test_env_forces_backend(monkeypatch):
+    """PYPATTERN_BACKEND=reference gives the reference's exact result (the cpp kernel's differs in the last bits)."""
+    w, g, a = _inputs((4096,), torch.float32)
+    kw = dict(KW, noise_scale=1.0)
+    ref = _run("reference", [w], [g], [a], **kw)[0]
+    monkeypatch.setenv("PYPATTERN_BACKEND", "reference")
+    out = _run(None, [w], [g], [a], **kw)[0]
+    assert torch.equal(out, ref)
+
+
+def test_empty_list_is_noop():
+    sgld_step_([], [], [], **KW)
