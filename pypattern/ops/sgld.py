@@ -175,35 +175,52 @@ def _validate(params, grads, anchors, masks):
         if len(masks) != len(params):
             raise ValueError(f"masks must have one entry (or None) per tensor: {len(masks)} != {len(params)}")
     device = params[0].device if params else torch.device("cpu")
+    tensor, floats = torch.Tensor, (torch.float32, torch.float64)
     for i, (w, g, a) in enumerate(zip(params, grads, anchors)):
-        for name, x in (("params", w), ("grads", g), ("anchors", a)):
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
-        if w.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"params[{i}] has dtype {w.dtype}; supported are torch.float32 and torch.float64")
-        for name, x in (("grads", g), ("anchors", a)):
-            if x.shape != w.shape:
-                raise ValueError(
-                    f"{name}[{i}] has shape {tuple(x.shape)} but params[{i}] has {tuple(w.shape)}"
-                )
-            if x.dtype != w.dtype:
-                raise TypeError(f"{name}[{i}] has dtype {x.dtype} but params[{i}] has {w.dtype}")
-        for name, x in (("params", w), ("grads", g), ("anchors", a)):
-            if x.device != device:
-                raise ValueError(f"{name}[{i}] is on {x.device} but params[0] is on {device}")
+        # One cheap test per tensor; the detailed diagnosis runs only when it fails.
+        if not (type(w) is tensor or isinstance(w, tensor)) or not (
+            isinstance(g, tensor) and isinstance(a, tensor)
+        ):
+            for name, x in (("params", w), ("grads", g), ("anchors", a)):
+                if not isinstance(x, tensor):
+                    raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
+        dt, shape = w.dtype, w.shape
+        if not (
+            dt in floats
+            and g.dtype == dt
+            and a.dtype == dt
+            and g.shape == shape
+            and a.shape == shape
+            and w.device == device
+            and g.device == device
+            and a.device == device
+        ):
+            _diagnose(i, w, g, a, device)
         if masks is not None and masks[i] is not None:
             m = masks[i]
-            if not isinstance(m, torch.Tensor):
+            if not isinstance(m, tensor):
                 raise TypeError(f"masks[{i}] must be a tensor or None, got {type(m).__name__}")
-            if m.shape != w.shape:
-                raise ValueError(
-                    f"masks[{i}] has shape {tuple(m.shape)} but params[{i}] has {tuple(w.shape)}"
-                )
+            if m.shape != shape:
+                raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} but params[{i}] has {tuple(shape)}")
             if m.device != device:
                 raise ValueError(f"masks[{i}] is on {m.device} but params are on {device}")
             if not (m.dtype == torch.bool or m.is_floating_point()):
                 raise TypeError(f"masks[{i}] must be bool or floating point, got {m.dtype}")
     return params, grads, anchors, masks, device
+
+
+def _diagnose(i, w, g, a, device):
+    if w.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"params[{i}] has dtype {w.dtype}; supported are torch.float32 and torch.float64")
+    for name, x in (("grads", g), ("anchors", a)):
+        if x.shape != w.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)} but params[{i}] has {tuple(w.shape)}")
+        if x.dtype != w.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {x.dtype} but params[{i}] has {w.dtype}")
+    for name, x in (("params", w), ("grads", g), ("anchors", a)):
+        if x.device != device:
+            raise ValueError(f"{name}[{i}] is on {x.device} but params[0] is on {device}")
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _signed64(x: int) -> int:
@@ -299,7 +316,7 @@ def sgld_step_(
             _signed64(seed),
             _signed64(step),
         )
-    if check_finite:
+    if check_finite and bool(flags.any()):
         bad = torch.nonzero(flags.cpu()).flatten().tolist()
         if bad:
             shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
