@@ -1,0 +1,249 @@
+"""Per-sample gradient Gram: every backend and method against materialised per-sample gradients, and the
+model-level hook helper against torch.func vmap(grad)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pypattern import _backends
+from pypattern.ops.grad_gram import (
+    center_gram,
+    choose_method,
+    grad_gram_embedding,
+    grad_gram_embedding_reference,
+    grad_gram_linear,
+    grad_gram_linear_reference,
+    grad_gram_pairwise,
+    gram_parameters,
+    per_sample_grad_gram,
+    per_sample_grad_gram_reference,
+    transformer_lens_sites,
+)
+
+
+def _available(name: str) -> bool:
+    return name == "reference" or bool(_backends.backends("grad_gram_pairwise")[name]["available"])
+
+
+BACKENDS = [
+    pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"backend {b} unavailable here"))
+    for b in ("reference", "cpp", "triton")
+]
+TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 1, 20, 9), (5, 3, 17, 33), (3, 32, 6, 5), (4, 0, 5, 3)])
+def test_linear_pairwise_vs_materialised(backend, dtype, shape):
+    b, t, d_in, d_out = shape
+    a = torch.randn(b, t, d_in, dtype=dtype)
+    d = torch.randn(b, t, d_out, dtype=dtype)
+    for bias in (True, False):
+        ref = grad_gram_linear_reference(a, d, bias=bias)
+        got = grad_gram_linear(a, d, bias=bias, method="pairwise", backend=backend)
+        assert got.dtype == torch.float64 and got.shape == (b, b)
+        if t == 0:
+            assert (got == 0).all()
+        else:
+            assert _rel(got, ref) < TOL[dtype]
+            torch.testing.assert_close(got, got.T, rtol=TOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_outer_and_auto(dtype):
+    a = torch.randn(6, 9, 12, dtype=dtype)
+    d = torch.randn(6, 9, 4, dtype=dtype)
+    ref = grad_gram_linear_reference(a, d)
+    # a tiny workspace forces several slices of the input features
+    assert _rel(grad_gram_linear(a, d, method="outer", max_bytes=200), ref) < TOL[dtype]
+    assert _rel(grad_gram_linear(a, d), ref) < TOL[dtype]
+    # (B, d) inputs are one position
+    a2, d2 = torch.randn(8, 5, dtype=dtype), torch.randn(8, 3, dtype=dtype)
+    assert _rel(grad_gram_linear(a2, d2), grad_gram_linear_reference(a2[:, None], d2[:, None])) < TOL[dtype]
+
+
+def test_method_choice_by_flops():
+    assert choose_method(512, 1, 1024, 1024) == "pairwise"
+    assert choose_method(8, 512, 16, 16) == "outer"  # long sequences through a narrow layer
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_embedding_vs_materialised(backend, dtype):
+    ids = torch.randint(0, 7, (5, 6))
+    ids[0, :3] = 0  # padding positions
+    ids[1] = ids[2]  # repeated tokens across samples
+    d = torch.randn(5, 6, 8, dtype=dtype)
+    for pad in (None, 0):
+        ref = grad_gram_embedding_reference(ids, d, num_embeddings=7, padding_idx=pad)
+        got = grad_gram_embedding(ids, d, padding_idx=pad, backend=backend)
+        assert _rel(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pairwise_whole_tile_path(backend):
+    # T a multiple of the Triton/CUDA tile: each tile lies in one sample pair
+    x, y = torch.randn(3 * 64, 5), torch.randn(3 * 64, 4)
+    ref = grad_gram_linear_reference(x.reshape(3, 64, 5), y.reshape(3, 64, 4), bias=False)
+    assert _rel(grad_gram_pairwise(x, y, batch=3, backend=backend), ref) < 2e-6
+
+
+class _SeqNet(nn.Module):
+    """Embedding -> Linear -> LayerNorm -> a Linear used twice (shared) -> unembedding, per-token outputs."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.l1 = nn.Linear(d, 2 * d)
+        self.ln = nn.LayerNorm(2 * d)
+        self.l2 = nn.Linear(2 * d, 2 * d, bias=False)
+        self.out = nn.Linear(2 * d, vocab)
+
+    def forward(self, ids):
+        h = torch.tanh(self.l1(self.emb(ids)))
+        h = self.ln(h)
+        h = h + self.l2(h)
+        return self.out(self.l2(torch.relu(h)))
+
+
+def _seq_loss(model, ids, targets):
+    logits = model(ids)
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T) per token
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_sequences_and_embeddings_vs_vmap(backend):
+    torch.manual_seed(1)
+    net = _SeqNet().double()
+    ids, targets = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+    ref = per_sample_grad_gram_reference(net, _seq_loss, ids, targets)
+    got = per_sample_grad_gram(net, _seq_loss, ids, targets, backend=backend)
+    assert _rel(got, ref) < 1e-12
+    cref = per_sample_grad_gram_reference(net, _seq_loss, ids, targets, centered=True)
+    assert (
+        _rel(per_sample_grad_gram(net, _seq_loss, ids, targets, centered=True, backend=backend), cref) < 1e-11
+    )
+    # parameters' .grad untouched
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_model_mlp_float32_per_module_and_frozen():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(10, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    net[2].bias.requires_grad_(False)
+    net[0].weight.requires_grad_(False)
+    x, y = torch.randn(9, 10), torch.randint(0, 3, (9,))
+
+    def loss(m, x, y):
+        return F.cross_entropy(m(x), y, reduction="none")
+
+    ref = per_sample_grad_gram_reference(net, loss, x, y)
+    parts = per_sample_grad_gram(net, loss, x, y, per_module=True)
+    assert set(parts) == {"0", "2", "4"}
+    total = sum(parts.values())
+    assert _rel(total, ref) < 1e-5
+    # restricting the modules restricts the parameters
+    only = per_sample_grad_gram(net, loss, x, y, modules=["4"])
+    assert _rel(only, per_sample_grad_gram_reference(net, loss, x, y, modules=["4"])) < 1e-5
+    # the centred Gram is the Gram of centred gradients
+    torch.testing.assert_close(
+        center_gram(total).sum(0), torch.zeros(9, dtype=torch.float64), atol=1e-9, rtol=0
+    )
+
+
+@pytest.mark.parametrize("d_mlp", [32, None])
+def test_whole_transformer_lens_model_vs_vmap(d_mlp):
+    # every parameter of a TransformerLens-layout transformer: embeddings, LayerNorms, Q/K/V/O, MLP, unembedding
+    from pypattern.models import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=d_mlp,
+        d_vocab=10,
+        n_ctx=6,
+        dtype=torch.float64,
+        seed=0,
+    )
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 10, (5, 6))
+    sites = transformer_lens_sites(model)
+    assert set(gram_parameters(model, sites=sites)) == {n for n, _ in model.named_parameters()}
+
+    def loss(m, t):
+        return m(t, return_type="per_token_loss")
+
+    ref = per_sample_grad_gram_reference(model, loss, tokens, sites=sites)
+    for backend in ("reference", "cpp"):
+        if _available(backend):
+            assert _rel(per_sample_grad_gram(model, loss, tokens, sites=sites, backend=backend), ref) < 1e-12
+    # outer form for every linear site too
+    assert _rel(per_sample_grad_gram(model, loss, tokens, sites=sites, method="outer"), ref) < 1e-12
+
+
+def test_mean_loss_is_rejected_and_errors_name_things():
+    net = nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="per-sample losses"):
+        per_sample_grad_gram(net, lambda m, x: m(x).pow(2).mean(), x)
+    with pytest.raises(ValueError, match="not a submodule"):
+        per_sample_grad_gram(net, lambda m, x: m(x).sum(1), x, modules=["nope"])
+    with pytest.raises(ValueError, match="batch"):
+        flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 2))
+        per_sample_grad_gram(flat, lambda m, x: m(x).sum(1)[:3], torch.randn(3, 2, 4))
+    with pytest.raises(NotImplementedError, match="tied"):
+        emb, lin = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+        lin.weight = emb.weight
+        per_sample_grad_gram(
+            nn.ModuleList([emb, lin]), lambda m, i: m[1](m[0](i)).sum((1, 2)), torch.tensor([[1]])
+        )
+    with pytest.raises(ValueError, match="a and d must agree"):
+        grad_gram_linear(torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="method"):
+        grad_gram_linear(torch.randn(3, 4), torch.randn(3, 4), method="fast")
+
+
+_AOT = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pypattern.kernels.grad_gram import _pairwise_kernel
+
+for dtype, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
+    sig = {"g_ptr": "*fp64", "x_ptr": "*" + dtype, "y_ptr": "*" + dtype, "ids_ptr": "*i64"}
+    sig.update({k: "i32" for k in ("R", "P", "Q", "T", "B")})
+    sig.update({k: "constexpr" for k in ("USE_IDS", "WHOLE_TILE", "BLOCK", "BLOCK_F", "ACC")})
+    for use_ids, whole in ((False, False), (True, True)):
+        for arch in (80, 90) if (dtype, use_ids) == ("fp32", False) else (80,):
+            consts = {"USE_IDS": use_ids, "WHOLE_TILE": whole, "BLOCK": 32, "BLOCK_F": 32, "ACC": acc}
+            k = triton.compile(ASTSource(fn=_pairwise_kernel, signature=sig, constexprs=consts),
+                               target=GPUTarget("cuda", arch, 32))
+            assert len(k.asm["cubin"]) > 0
+print("ok")
+"""
+
+
+def test_triton_kernel_compiles_for_gpus():
+    """The interpreter accepts more than the GPU compiler: compile the kernel to sm_80/sm_90 cubin (no GPU needed;
+    a separate process, since the interpreter patches triton.language)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode != 0 and "ptxas" in r.stderr and "not found" in r.stderr:
+        pytest.skip("triton's ptxas is unavailable")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
