@@ -11,7 +11,7 @@ PYFILES := pypattern kernels tests bench setup.py
 # One OpenMP/BLAS thread per process keeps timings and tests steady on the shared 2-core machines.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup build test lint demo bench check-cuda clean
+.PHONY: setup build test lint demo bench bench-peers check-cuda clean
 
 setup: $(STAMP_BUILD)
 
@@ -19,7 +19,7 @@ $(STAMP_DEPS): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=70" wheel
 	# torch==2.13.0 is the CPU build on local disk; any other version downloads a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark ninja ruff
+	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark ninja ruff transformers
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(CSRC)
@@ -38,8 +38,16 @@ test: setup lint
 demo: setup
 	$(VPY) -m pypattern.cli demo
 
+# Our kernels and estimators against their references (peer comparisons skip here: peers live in bench venvs).
 bench: setup
-	$(VPY) -m pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,rounds
+	$(VPY) -m pytest -q bench --benchmark-columns=min,median,rounds
+
+# The peer comparisons, each in its bench-only venv (TransformerLens 4.3.0; devinterp 1.3.2 and 2.0.1).
+bench-peers: setup
+	bash bench/envs/tl.sh
+	.bench-venvs/tl/bin/python -m pytest -q bench/bench_patching.py -s --benchmark-columns=min,median,rounds
+	bash bench/envs/devinterp.sh
+	.bench-venvs/devinterp13/bin/python -m pytest -q bench/bench_llc.py -s --benchmark-columns=min,median,rounds
 
 check-cuda:
 	bash .ci/check_cuda.sh

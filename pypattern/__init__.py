@@ -1,6 +1,14 @@
-"""pypattern: kernels and estimators for reading and writing the internal structure of neural networks."""
+"""pypattern: kernels and estimators for reading and writing the internal structure of neural networks.
 
+Reading: :func:`sample` / :func:`estimate_llc` (SGLD with the fused step, the local learning coefficient),
+:func:`susceptibilities` and :func:`bif` (posterior covariances of observables with per-sample losses),
+:mod:`pypattern.patching` (activation and attribution patching). Writing: :mod:`pypattern.patterning` (invert
+susceptibilities into data re-weightings). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
+"""
+
+from . import patterning, truth
 from ._backends import backends
+from .models import Transformer, TransformerConfig, component_masks
 from .ops import (
     CrossCovariance,
     GramSite,
@@ -9,16 +17,81 @@ from .ops import (
     sgld_step_,
     transformer_lens_sites,
 )
+from .patching import (
+    KL,
+    GaussianNoise,
+    LogitDiff,
+    LogProb,
+    MeanAblation,
+    PatchResult,
+    Prob,
+    TokenReplacement,
+    ZeroAblation,
+    activation_patching,
+    attribution_patching,
+    shortlist_and_confirm,
+)
+from .patterning import invert, reweight
+from .sampling import (
+    SGLD,
+    LLCResult,
+    SampleResult,
+    SamplingDivergedError,
+    calibrate_step_size,
+    estimate_learning_coeff,
+    estimate_learning_coeff_with_summary,
+    estimate_llc,
+    sample,
+)
+from .susceptibility import SusceptibilityResult, bif, susceptibilities
+from .tasks import InductionTask, IOITask, ParenthesesTask, algorithm_scores, prefix_matching_score, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KL",
+    "GaussianNoise",
+    "InductionTask",
+    "IOITask",
+    "LogProb",
+    "LogitDiff",
+    "MeanAblation",
+    "ParenthesesTask",
+    "PatchResult",
+    "Prob",
+    "TokenReplacement",
+    "ZeroAblation",
+    "activation_patching",
+    "algorithm_scores",
+    "attribution_patching",
+    "prefix_matching_score",
+    "shortlist_and_confirm",
+    "train",
+    "SGLD",
     "CrossCovariance",
     "GramSite",
+    "LLCResult",
+    "SampleResult",
+    "SamplingDivergedError",
+    "SusceptibilityResult",
+    "Transformer",
+    "TransformerConfig",
     "__version__",
     "backends",
+    "bif",
+    "calibrate_step_size",
     "center_gram",
+    "component_masks",
+    "estimate_learning_coeff",
+    "estimate_learning_coeff_with_summary",
+    "estimate_llc",
+    "invert",
+    "patterning",
     "per_sample_grad_gram",
+    "reweight",
+    "sample",
     "sgld_step_",
+    "susceptibilities",
     "transformer_lens_sites",
+    "truth",
 ]

@@ -233,3 +233,35 @@ def test_float32_default_and_init_scale():
     assert abs(model.embed.W_E.std().item() - 0.8 / math.sqrt(64)) < 0.01
     m2 = Transformer(TransformerConfig(n_layers=1, d_model=64, n_heads=4, d_mlp=None, d_vocab=50, n_ctx=8))
     torch.testing.assert_close(m2.embed.W_E, model.embed.W_E)  # seeded
+
+
+def test_generic_module_with_keyword_inputs_and_tuple_outputs():
+    """Hugging Face blocks are called with ``hidden_states=`` and return tuples: both are hooked."""
+
+    class Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, hidden_states=None, extra=None):
+            return (self.lin(hidden_states), None)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = torch.nn.ModuleList([Blk(), Blk()])
+
+        def forward(self, x):
+            for b in self.h:
+                x = b(hidden_states=x)[0]
+            return x
+
+    net = Net()
+    hm = HookedModule(
+        net, {"blocks.1.hook_resid_pre": "h.1:input", "blocks.0.hook_resid_post": "h.0"}, n_layers=2
+    )
+    x = torch.randn(2, 3, 4)
+    _, cache = hm.run_with_cache(x)
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
+    out = hm.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_resid_pre", lambda t, h: torch.zeros_like(t))])
+    torch.testing.assert_close(out, net.h[1].lin.bias.detach().expand_as(out))

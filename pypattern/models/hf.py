@@ -87,10 +87,5 @@ class _LogitsOnly(nn.Module):
 def hooked_gpt2(model: nn.Module) -> HookedModule:
     """Wrap a ``GPT2LMHeadModel`` so that ``forward(tokens)`` returns logits and TL hook names work."""
     n_layers = model.config.n_layer
-    pts = {
-        k: "model." + v.replace(":input", "") + (":input" if v.endswith(":input") else "")
-        for k, v in gpt2_hook_points(n_layers).items()
-    }
-    hm = HookedModule(_LogitsOnly(model), pts)
-    hm.n_layers = n_layers
-    return hm
+    pts = {k: "model." + v for k, v in gpt2_hook_points(n_layers).items()}
+    return HookedModule(_LogitsOnly(model), pts, n_layers=n_layers)

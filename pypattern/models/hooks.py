@@ -154,6 +154,8 @@ class HookedModule(HookedRootModule):
         Hook name -> module path. A path ending in ``":input"`` hooks the first positional input of that
         sub-module (a forward pre-hook), otherwise its output. When the input/output is a tuple, the hook
         point sees (and may replace) element 0, e.g. the hidden states of a Hugging Face block.
+    n_layers : int, optional
+        Number of blocks (patching grids need it).
 
     Examples
     --------
@@ -161,9 +163,10 @@ class HookedModule(HookedRootModule):
     ...                          "blocks.0.hook_resid_post": "transformer.h.0"})  # doctest: +SKIP
     """
 
-    def __init__(self, module: nn.Module, hook_points: dict[str, str]) -> None:
+    def __init__(self, module: nn.Module, hook_points: dict[str, str], n_layers: int | None = None) -> None:
         super().__init__()
         self.module = module
+        self.n_layers = n_layers
         self._points = nn.ModuleDict()
         self._handles = []
         self.hook_dict = {}
@@ -180,16 +183,20 @@ class HookedModule(HookedRootModule):
             self.hook_dict[name] = hp
             self._points[name.replace(".", "__")] = hp
             if is_input:
-                self._handles.append(mods[mpath].register_forward_pre_hook(self._pre(hp)))
+                self._handles.append(mods[mpath].register_forward_pre_hook(self._pre(hp), with_kwargs=True))
             else:
                 self._handles.append(mods[mpath].register_forward_hook(self._post(hp)))
 
     @staticmethod
     def _pre(hp: HookPoint) -> Callable:
-        def fn(mod: nn.Module, args: tuple) -> tuple | None:
+        def fn(mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             if not hp._fns:
                 return None
-            return (hp(args[0]), *args[1:])
+            if args:
+                return (hp(args[0]), *args[1:]), kwargs
+            if "hidden_states" in kwargs:  # Hugging Face blocks may be called with keywords
+                return args, {**kwargs, "hidden_states": hp(kwargs["hidden_states"])}
+            raise RuntimeError(f"hook point {hp.name!r}: the module got no positional input to hook")
 
         return fn
 

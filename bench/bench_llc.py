@@ -1,0 +1,325 @@
+"""LLC estimation: pypattern against devinterp on the same work, in the same run.
+
+Run in a bench venv that has devinterp (created by ``bash bench/envs/devinterp.sh``)::
+
+    .bench-venvs/devinterp13/bin/python -m pytest -q bench/bench_llc.py --benchmark-only   # devinterp 1.3.2
+    .bench-venvs/devinterp20/bin/python -m pytest -q bench/bench_llc.py --benchmark-only   # devinterp 2.0.1
+
+Without devinterp (e.g. in .venv) the devinterp cases skip and the rest still runs.
+
+Work
+----
+* MLP 128-256-256-10 (101,386 parameters) trained on a teacher task; 4 chains x 200 draws, batch 256, lr 1e-4,
+  localization 100, nbeta = 256 / ln 256. The bound is the floor: one forward and one backward of the same batch
+  per step (about 3 x 2 x 101k x 256 = 156 M multiply-adds per step), measured here in the same session, plus the
+  SGLD update (4 passes over 101k floats, negligible). Reported: time per chain-step of each estimator, the
+  floor, and the ratios.
+* Normal crossing K = w1^2 w2^4 as devinterp's test builds it (x ~ N(0, 2^2), y = 0.25 N(0, 1), n = 1000, MSE,
+  full batch, lr 4e-4, nbeta = n / ln n, localization 1): 10 chains x 3000 draws. Per-step overhead is everything
+  here (the model has 2 parameters).
+
+Both estimators start from the same weights on the same data; their estimates must agree within 2 standard
+deviations (over chains). Timing rounds are few (each is a full estimate); ratios come from the same session.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pypattern import truth
+from pypattern.sampling import estimate_llc
+
+try:
+    from importlib.metadata import version as _version
+
+    import devinterp
+
+    DEVINTERP = _version("devinterp")
+except ImportError:  # pragma: no cover - the main venv has no devinterp
+    devinterp = None
+    DEVINTERP = None
+
+needs_devinterp = pytest.mark.skipif(
+    devinterp is None, reason="devinterp is not importable in this environment"
+)
+RESULTS: dict[str, dict] = {}
+MLP = dict(num_chains=4, num_draws=200, lr=1e-4, localization=100.0, batch_size=256)
+NC = dict(num_chains=10, num_draws=3000, lr=4e-4, localization=1.0, n=1000, powers=(1, 2))
+
+
+def _threads(n: int | None):
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def _ce(model, data):
+    x, y = data
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _mse(model, data):
+    x, y = data
+    return nn.functional.mse_loss(model(x), y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the work
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mlp_task():
+    torch.set_num_threads(1)
+    model, ds = truth.make_teacher_task((128, 256, 256, 10), n=8192, seed=0)
+    truth.train(model, ds, steps=400, batch_size=256, lr=1e-3, seed=0)
+    return model, ds
+
+
+def _mlp_loader(ds, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=MLP["batch_size"], shuffle=True, generator=g)
+
+
+@pytest.fixture(scope="module")
+def nc_task():
+    g = torch.Generator().manual_seed(0)
+    n = NC["n"]
+    x = torch.randn(n, 1, generator=g) * 2.0
+    y = 0.25 * torch.randn(n, 1, generator=g)
+    model = truth.NormalCrossing(list(NC["powers"]))
+    ds = torch.utils.data.TensorDataset(x, y)
+    return model, ds
+
+
+def _nc_loader(ds):
+    return torch.utils.data.DataLoader(ds, batch_size=len(ds), shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runners
+# ---------------------------------------------------------------------------------------------------------------
+def _run_pypattern(model, loader, evaluate, kw, nbeta, batched=None):
+    r = estimate_llc(
+        model,
+        loader,
+        loss_fn=evaluate,
+        num_chains=kw["num_chains"],
+        num_draws=kw["num_draws"],
+        step_size=kw["lr"],
+        localization=kw["localization"],
+        nbeta=nbeta,
+        seed=0,
+        quiet=True,
+        batched=batched,
+        warn_nonstationary=False,
+    )
+    return r.llc_mean, r.llc_std
+
+
+def _run_devinterp(model, loader, evaluate, kw, nbeta, cores=1):
+    import copy
+
+    model = copy.deepcopy(model)
+    okw = dict(lr=kw["lr"], localization=kw["localization"], nbeta=nbeta)
+    if DEVINTERP.startswith("1."):
+        from devinterp.optim.sgld import SGLD
+        from devinterp.slt.sampler import estimate_learning_coeff_with_summary
+
+        out = estimate_learning_coeff_with_summary(
+            model,
+            loader,
+            evaluate=evaluate,
+            sampling_method=SGLD,
+            optimizer_kwargs=okw,
+            num_chains=kw["num_chains"],
+            num_draws=kw["num_draws"],
+            cores=cores,
+            seed=0,
+            verbose=False,
+        )
+        return float(out["llc/mean"]), float(out["llc/std"])
+    return _run_devinterp2(model, loader, evaluate, kw, nbeta, cores)
+
+
+def _run_devinterp2(model, loader, evaluate, kw, nbeta, cores):
+    """devinterp 2.x takes a HuggingFace dataset of "input_ids" and a per-token loss (batch, seq - 1): each row
+    holds a sample index, and the loss looks the sample up, so both libraries see the same data."""
+    from datasets import Dataset
+    from devinterp.slt.llc import llc
+
+    del cores  # 2.x has no multi-process option; chains run one after another
+    x, y = loader.dataset.tensors
+    per_sample = nn.functional.cross_entropy if evaluate is _ce else nn.functional.mse_loss
+
+    def loss_fn(m, input_ids):
+        idx = input_ids[:, 0].long()
+        out = per_sample(m(x[idx]), y[idx], reduction="none")
+        return out.reshape(len(idx), -1).mean(dim=1, keepdim=True)
+
+    ds = Dataset.from_dict({"input_ids": [[i, 0] for i in range(len(x))]}).with_format("torch")
+    res = llc(
+        model,
+        ds,
+        {},
+        lr=kw["lr"],
+        n_beta=nbeta,
+        loss_fn=loss_fn,
+        num_chains=kw["num_chains"],
+        num_draws=kw["num_draws"],
+        batch_size=loader.batch_size,
+        localization=kw["localization"],
+        num_init_loss_batches=max(4, kw["num_chains"]),
+        device="cpu",
+    )
+    return float(res.llc_mean.values), float(res.llc_std.values)
+
+
+def _time(fn, rounds):
+    best, out = math.inf, None
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _floor_per_step(model, ds, rounds=5, steps=50):
+    """One forward + backward of a batch-256 step, and a bare torch SGLD loop (torch.randn noise)."""
+    x, y = ds.tensors[0][:256], ds.tensors[1][:256]
+    params = list(model.parameters())
+    best_fb, best_loop = math.inf, math.inf
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(steps):
+            for p in params:
+                p.grad = None
+            nn.functional.cross_entropy(model(x), y).backward()
+        best_fb = min(best_fb, (time.perf_counter() - t) / steps)
+    work = [p.detach().clone().requires_grad_() for p in params]
+    anchors = [p.detach().clone() for p in params]
+    names = [n for n, _ in model.named_parameters()]
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = torch.func.functional_call(model, dict(zip(names, work)), (x,))
+            loss = nn.functional.cross_entropy(out, y)
+            grads = torch.autograd.grad(loss, work)
+            with torch.no_grad():
+                for w, g, a in zip(work, grads, anchors):
+                    w.add_(-0.5e-4 * (46.0 * g + 100.0 * (w - a)) + 1e-2 * torch.randn_like(w))
+        best_loop = min(best_loop, (time.perf_counter() - t) / steps)
+    return best_fb, best_loop
+
+
+def _report():
+    if not RESULTS:
+        return
+    lines = ["", f"LLC benchmark (devinterp {DEVINTERP or 'not installed'}; torch {torch.__version__}):"]
+    for k, v in RESULTS.items():
+        lines.append(
+            "  "
+            + k
+            + ": "
+            + ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+        )
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLP, one thread each
+# ---------------------------------------------------------------------------------------------------------------
+def test_mlp_one_thread(benchmark, mlp_task):
+    model, ds = mlp_task
+    _threads(1)
+    steps = MLP["num_chains"] * MLP["num_draws"]
+    nbeta = 256 / math.log(256)
+    floor, bare = _floor_per_step(model, ds)
+    t_ours, (ours, ours_std) = _time(
+        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=3
+    )
+    t_seq, _ = _time(lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta, batched=False), rounds=2)
+    benchmark.pedantic(
+        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=1, iterations=1
+    )
+    row = dict(
+        threads=1,
+        floor_ms=floor * 1e3,
+        bare_torch_sgld_ms=bare * 1e3,
+        ours_ms=t_ours / steps * 1e3,
+        ours_sequential_ms=t_seq / steps * 1e3,
+        ours_over_floor=t_ours / steps / floor,
+        llc=ours,
+        llc_std=ours_std,
+    )
+    if devinterp is not None:
+        t_di, (di, di_std) = _time(lambda: _run_devinterp(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=2)
+        row.update(
+            devinterp_ms=t_di / steps * 1e3,
+            speedup_vs_devinterp=t_di / t_ours,
+            llc_devinterp=di,
+            llc_std_devinterp=di_std,
+        )
+        assert abs(ours - di) <= 2 * max(ours_std, di_std), row
+    RESULTS["mlp 101k, 1 thread"] = row
+    benchmark.extra_info.update(row)
+    _report()
+
+
+def test_mlp_whole_machine(benchmark, mlp_task):
+    model, ds = mlp_task
+    cores = os.cpu_count() or 1
+    _threads(cores)
+    steps = MLP["num_chains"] * MLP["num_draws"]
+    nbeta = 256 / math.log(256)
+    t_ours, (ours, ours_std) = _time(
+        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=2
+    )
+    benchmark.pedantic(
+        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=1, iterations=1
+    )
+    row = dict(threads=cores, ours_ms=t_ours / steps * 1e3, llc=ours, llc_std=ours_std)
+    if devinterp is not None:
+        # devinterp's own multi-core option: one process per core (cores=...), one torch thread each
+        _threads(1)
+        t_di, (di, di_std) = _time(
+            lambda: _run_devinterp(model, _mlp_loader(ds), _ce, MLP, nbeta, cores=cores), rounds=1
+        )
+        row.update(
+            devinterp_ms=t_di / steps * 1e3,
+            speedup_vs_devinterp=t_di / t_ours,
+            llc_devinterp=di,
+            llc_std_devinterp=di_std,
+        )
+        assert abs(ours - di) <= 2 * max(ours_std, di_std), row
+    _threads(1)
+    RESULTS[f"mlp 101k, whole machine ({cores} cores)"] = row
+    benchmark.extra_info.update(row)
+    _report()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# normal crossing, one thread each
+# ---------------------------------------------------------------------------------------------------------------
+def test_normal_crossing_one_thread(benchmark, nc_task):
+    model, ds = nc_task
+    _threads(1)
+    n = NC["n"]
+    nbeta = n / math.log(n)
+    steps = NC["num_chains"] * NC["num_draws"]
+    t_ours, (ours, ours_std) = _time(lambda: _run_pypattern(model, _nc_loader(ds), _mse, NC, nbeta), rounds=2)
+    benchmark.pedantic(lambda: _run_pypattern(model, _nc_loader(ds), _mse, NC, nbeta), rounds=1, iterations=1)
+    row = dict(threads=1, ours_s=t_ours, ours_us_per_step=t_ours / steps * 1e6, llc=ours, llc_std=ours_std)
+    if devinterp is not None:
+        t_di, (di, di_std) = _time(lambda: _run_devinterp(model, _nc_loader(ds), _mse, NC, nbeta), rounds=1)
+        row.update(
+            devinterp_s=t_di, speedup_vs_devinterp=t_di / t_ours, llc_devinterp=di, llc_std_devinterp=di_std
+        )
+        assert abs(ours - di) <= 2 * max(ours_std, di_std), row
+    RESULTS["normal crossing 10x3000, 1 thread"] = row
+    benchmark.extra_info.update(row)
+    _report()
+    assert np.isfinite(ours)

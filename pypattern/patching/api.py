@@ -1,0 +1,274 @@
+"""Activation patching: the public entry point (exact engine or the naive one-forward-per-cell loop)."""
+
+from __future__ import annotations
+
+import torch
+
+from .corruptions import Corruption, GaussianNoise, MeanAblation, TokenReplacement, ZeroAblation
+from .engine import ExactEngine
+from .metrics import Metric
+from .results import PatchResult
+from .sites import HEAD_SITES, SITES, Cell, apply_patch, hook_name, make_cells
+
+__all__ = ["activation_patching", "prepare_runs", "PatchingRuns"]
+
+
+class PatchingRuns:
+    """The clean, corrupted, target and source runs of one patching experiment (built by :func:`prepare_runs`)."""
+
+    def __init__(self, **kw) -> None:
+        self.__dict__.update(kw)
+
+
+def _noise_hook(noise: torch.Tensor):
+    def fn(x, hook):
+        return x + noise[:, : x.shape[1]].to(x.dtype)
+
+    return fn
+
+
+def _metric_positions(metric: Metric, batch: int, seq_len: int):
+    pos = metric.position
+    if isinstance(pos, int):
+        if not -seq_len <= pos < seq_len:
+            raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
+        return pos % seq_len
+    pos = torch.as_tensor(pos).long() % seq_len
+    if pos.shape != (batch,):
+        raise ValueError(
+            f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
+        )
+    return pos
+
+
+def _at(logits: torch.Tensor, pos) -> torch.Tensor:
+    if isinstance(pos, int):
+        return logits[:, pos]
+    return logits[torch.arange(logits.shape[0]), pos]
+
+
+def _layers(model) -> int:
+    n = model.cfg.n_layers if hasattr(model, "cfg") else getattr(model, "n_layers", None)
+    if not isinstance(n, int):
+        raise ValueError("the model has no number of layers: give HookedModule(..., n_layers=...)")
+    return n
+
+
+def prepare_runs(
+    model,
+    site_hooks: list[str],
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor | None,
+    metric: Metric,
+    corruption: Corruption | None,
+    direction: str,
+    full_cache: bool,
+) -> PatchingRuns:
+    """Run clean and corrupted prompts, bind the metric, and collect target/source activations."""
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
+    if corrupted_tokens is not None:
+        if corruption is not None:
+            raise ValueError("give corrupted_tokens or corruption, not both")
+        corruption = TokenReplacement(corrupted_tokens)
+    if corruption is None:
+        raise ValueError(
+            "give corrupted_tokens=... or corruption=GaussianNoise()/ZeroAblation()/MeanAblation()"
+        )
+    clean = clean_tokens
+    if clean.dim() != 2:
+        raise ValueError(f"clean_tokens has shape {tuple(clean.shape)}; give (batch, pos)")
+    B, T = clean.shape
+    pos = _metric_positions(metric, B, T)
+    corr_tokens, corr_noise = None, None
+    if isinstance(corruption, TokenReplacement):
+        corr_tokens = corruption.corrupted_tokens
+        if corr_tokens.shape != clean.shape:
+            raise ValueError(
+                f"corrupted_tokens has shape {tuple(corr_tokens.shape)}; it must equal the clean shape {(B, T)}"
+            )
+    elif isinstance(corruption, GaussianNoise):
+        corr_tokens = clean
+        d_model = model.cfg.d_model if hasattr(model, "cfg") else None
+        if d_model is None:
+            _, c = model.run_with_cache(clean[:1], names_filter="hook_embed")
+            d_model = c["hook_embed"].shape[-1]
+        dtype = next(model.parameters()).dtype
+        corr_noise = corruption.noise(model, B, T, d_model, dtype)
+    elif not corruption.is_ablation:
+        raise TypeError(f"corruption={corruption!r} is not a known corruption")
+    if corruption.is_ablation and direction != "noising":
+        raise ValueError(
+            f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
+        )
+
+    def run(tokens, noise, names):
+        hooks = [("hook_embed", _noise_hook(noise))] if noise is not None else []
+        with model.hooks(hooks):
+            return model.run_with_cache(tokens, names_filter=names)
+
+    names = (lambda n: True) if full_cache else set(site_hooks)
+    clean_logits, clean_cache = run(clean, None, names)
+    metric.bind(_at(clean_logits, pos).detach())
+    m_clean = metric(_at(clean_logits, pos)).detach()
+    m_corr, corr_cache = None, None
+    if corr_tokens is not None:
+        corr_logits, corr_cache = run(corr_tokens, corr_noise, names)
+        m_corr = metric(_at(corr_logits, pos)).detach()
+    if direction == "denoising":
+        tgt = (corr_tokens, corr_noise, corr_cache)
+        source = {n: clean_cache[n] for n in site_hooks}
+    else:
+        tgt = (clean, None, clean_cache)
+        if isinstance(corruption, ZeroAblation):
+            source = {n: torch.zeros_like(clean_cache[n]) for n in site_hooks}
+        elif isinstance(corruption, MeanAblation):
+            ref = clean_cache
+            if corruption.reference_tokens is not None:
+                if corruption.reference_tokens.shape[1] != T:
+                    raise ValueError("MeanAblation.reference_tokens must have the prompts' length")
+                _, ref = run(corruption.reference_tokens, None, set(site_hooks))
+            source = {n: ref[n].mean(0, keepdim=True).expand_as(clean_cache[n]) for n in site_hooks}
+        else:
+            source = {n: corr_cache[n] for n in site_hooks}
+    return PatchingRuns(
+        tokens=tgt[0],
+        noise=tgt[1],
+        cache=tgt[2],
+        source=source,
+        m_clean=m_clean,
+        m_corr=m_corr,
+        pos=pos,
+        T=T,
+        B=B,
+    )
+
+
+def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metric) -> torch.Tensor:
+    out = []
+    base = [("hook_embed", _noise_hook(runs.noise))] if runs.noise is not None else []
+    with torch.no_grad():
+        for c in cells:
+            hooks = list(base)
+            for layer in c.layers:
+                name = hook_name(site, layer)
+                src = runs.source[name]
+                hooks.append((name, lambda x, hook, s=src, c=c: apply_patch(x, s, site, c.head, c.pos)))
+            logits = model.run_with_hooks(runs.tokens, fwd_hooks=hooks)
+            out.append(metric(_at(logits, runs.pos)))
+    return torch.stack(out)
+
+
+def _truncate(cache: dict, T: int) -> dict:
+    out = {}
+    for n, x in cache.items():
+        if n.endswith(("hook_pattern", "hook_attn_scores")):
+            out[n] = x[:, :, :T, :T]
+        elif x.dim() >= 2 and x.shape[1] >= T:
+            out[n] = x[:, :T]
+        else:
+            out[n] = x
+    return out
+
+
+def activation_patching(
+    model,
+    site: str,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor | None = None,
+    *,
+    metric: Metric,
+    corruption: Corruption | None = None,
+    direction: str = "denoising",
+    per_position: bool = True,
+    layers=None,
+    heads=None,
+    positions=None,
+    window: int = 1,
+    method: str = "auto",
+) -> PatchResult:
+    """Patch ``site`` at every cell of a (layer[, head][, position]) grid and measure ``metric``.
+
+    Parameters
+    ----------
+    model : Transformer or HookedModule
+        Head sites (``z``, ``q``, ``k``, ``v``, ``pattern``) need pypattern's :class:`~pypattern.models.Transformer`;
+        a :class:`~pypattern.models.HookedModule` supports the residual sites it has hook points for.
+    site : str
+        ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``, ``q``, ``k``, ``v``,
+        ``pattern`` (per position: the query position).
+    clean_tokens, corrupted_tokens : LongTensor ``(batch, pos)``
+        Corrupted prompts for symmetric token replacement (recommended); or pass ``corruption``.
+    metric : Metric
+        E.g. ``LogitDiff(answer, wrong)``; its ``position`` says where the logits are read.
+    corruption : GaussianNoise, ZeroAblation or MeanAblation, optional
+    direction : {"denoising", "noising"}
+        Denoising patches clean activations into the corrupted run (sufficiency); noising patches corrupted
+        (or ablated) activations into the clean run (necessity).
+    per_position : bool
+        One cell per position, or one cell patching all positions at once.
+    layers, heads, positions : sequences of int, optional
+        Restrict the grid.
+    window : int
+        Patch ``window`` consecutive layers at once (sliding window); 1 = single layers (recommended first).
+    method : {"auto", "exact", "naive"}
+        ``exact``: the batched engine that recomputes only what a patch can change (pypattern's Transformer);
+        ``naive``: one full forward per cell; ``auto``: exact when possible.
+
+    Returns
+    -------
+    PatchResult
+        ``values (batch, layer[, head][, pos])``.
+    """
+    from ..models.transformer import Transformer
+
+    if site not in SITES:
+        raise ValueError(f"site={site!r} is not valid; choose one of {list(SITES)}")
+    is_tf = isinstance(model, Transformer)
+    if method not in ("auto", "exact", "naive"):
+        raise ValueError(f"method={method!r} is not valid; choose 'auto', 'exact' or 'naive'")
+    if method == "exact" and not is_tf:
+        raise ValueError("method='exact' needs pypattern's Transformer; use method='naive' for other models")
+    method = ("exact" if is_tf else "naive") if method == "auto" else method
+    n_layers = _layers(model)
+    if is_tf and model.cfg.attn_only and site in ("resid_mid", "mlp_out"):
+        raise ValueError(f"site={site!r} does not exist in an attention-only model")
+    n_heads = model.cfg.n_heads if is_tf else 0
+    if site in HEAD_SITES and not is_tf:
+        raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
+    B, T = clean_tokens.shape
+    cells, axes, coords, shape = make_cells(
+        site, n_layers, n_heads, T, per_position, layers, heads, positions, window
+    )
+    site_hooks = sorted({hook_name(site, layer) for c in cells for layer in c.layers})
+    runs = prepare_runs(
+        model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, method == "exact"
+    )
+    if method == "naive":
+        vals = _naive(model, site, cells, runs, metric)
+    else:
+        pos = runs.pos
+        T_eff = (pos if isinstance(pos, int) else int(pos.max())) + 1
+        engine = ExactEngine(
+            model, _truncate(runs.cache, T_eff), _truncate(runs.source, T_eff), site, metric, pos
+        )
+        vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
+        live = [i for i, c in enumerate(cells) if c.pos < T_eff]
+        dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
+        if live:
+            vals[live] = engine.run([cells[i] for i in live]).to(vals.dtype)
+        if dead:
+            vals[dead] = engine.target_metric().to(vals.dtype)
+    values = vals.T.reshape(B, *shape)
+    return PatchResult(
+        values=values,
+        clean=runs.m_clean,
+        corrupted=runs.m_corr,
+        axes=axes,
+        coords=coords,
+        site=site,
+        direction=direction,
+        metric=getattr(metric, "name", type(metric).__name__),
+        method=method,
+        info={"window": window, "per_position": per_position, "num_cells": len(cells)},
+    )

@@ -1,0 +1,307 @@
+"""Attribution patching (AtP) and AtP*: first-order estimates of every cell of a patching grid.
+
+AtP estimates the effect of patching activation ``a`` (from the source run into the target run) as
+``(a_source - a_target) . dM/da`` with the gradient taken on the target run. All cells of all sites come from
+two forwards (source and target) and one backward, batched over examples.
+
+AtP* (Kramar et al. 2024) adds two fixes:
+
+- *QK fix*: for query and key sites the softmax is recomputed exactly (for a single key the new pattern has a
+  closed form), and only the step from the attention pattern on is linearised;
+- *GradDrop*: for each layer l, a backward pass with the gradient through layer l's outputs (``attn_out``,
+  ``mlp_out``) set to zero; the score ``sum_l |AtP_l| / (L - 1)`` exposes effects that cancel in plain AtP.
+
+Use AtP to shortlist cells and exact patching to confirm them: :func:`shortlist_and_confirm`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .api import _at, _metric_positions, _noise_hook, _truncate
+from .corruptions import Corruption, GaussianNoise, MeanAblation, TokenReplacement, ZeroAblation
+from .engine import ExactEngine
+from .metrics import Metric
+from .results import PatchResult
+from .sites import HEAD_SITES, SITES, Cell, hook_name, make_cells
+
+__all__ = ["attribution_patching", "shortlist_and_confirm"]
+
+
+def _reduce(site: str, x: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """Per-element contributions -> per-cell ``(batch, [head,] [pos])``."""
+    if site == "pattern":  # (B, H, Tq, Tk): sum over keys, cells are (head, query pos)
+        r = x.sum(-1)
+        return r if per_position else r.sum(-1)
+    if site in HEAD_SITES:  # (B, T, H, dh)
+        r = x.sum(-1).transpose(1, 2)  # (B, H, T)
+        return r if per_position else r.sum(-1)
+    r = x.sum(-1)  # (B, T)
+    return r if per_position else r.sum(-1)
+
+
+def _qk_fixed(site, q_t, k_t, k_s, q_s, pat_t, g_pat, scale, per_position):
+    """Exact softmax for a query or key patch, linear from the pattern on: ``(B, H, T)`` or ``(B, H)``."""
+    T = pat_t.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+    if site == "q" or not per_position:
+        q = q_s if site == "q" else q_t
+        k = k_s if site == "k" else k_t
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / scale
+        new = torch.softmax(scores.masked_fill(causal, float("-inf")), -1)
+        est = ((new - pat_t) * g_pat).sum(-1)  # (B, H, Tq)
+        return est if per_position else est.sum(-1)
+    # one key s replaced (per position): closed form for every (query t, key s) pair
+    delta = torch.einsum("bthe,bshe->bhts", q_t, (k_s - k_t)) / scale  # change of score a_ts
+    p = pat_t
+    logp = torch.log(p)
+    logD = torch.logaddexp(torch.log1p(-p.clamp(max=1.0)), logp + delta)
+    p_new_s = torch.exp(logp + delta - logD)
+    G = (p * g_pat).sum(-1, keepdim=True)  # (B,H,T,1): sum_j p_tj g_tj
+    est_ts = (torch.exp(-logD) - 1) * (G - p * g_pat) + (p_new_s - p) * g_pat
+    est_ts = est_ts.masked_fill(causal, 0.0)
+    return est_ts.sum(-2)  # over queries t -> (B, H, S)
+
+
+def attribution_patching(
+    model,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor | None = None,
+    *,
+    metric: Metric,
+    sites=("resid_pre", "attn_out", "mlp_out", "z"),
+    corruption: Corruption | None = None,
+    direction: str = "denoising",
+    per_position: bool = True,
+    qk_fix: bool = False,
+    grad_drop: bool = False,
+) -> dict[str, PatchResult]:
+    """AtP (or AtP* with ``qk_fix=True, grad_drop=True``) for every cell of every site in ``sites``.
+
+    Parameters are those of :func:`~pypattern.patching.activation_patching`; ``model`` must be pypattern's
+    :class:`~pypattern.models.Transformer`. ``sites`` lists the sites to estimate (all from the same two
+    forwards and one backward; with ``grad_drop`` one more backward per layer).
+
+    Returns
+    -------
+    dict[str, PatchResult]
+        One result per site with ``method="atp"`` (or ``"atp*"``); ``values`` holds ``m_target + estimate``
+        so that ``.effect``, ``.normalized`` and ``.mean()`` read as for exact patching. With ``grad_drop``,
+        ``info["graddrop"]`` holds the unsigned GradDrop scores ``(batch, *grid)``.
+    """
+    sites = [sites] if isinstance(sites, str) else list(sites)
+    for s in sites:
+        if s not in SITES:
+            raise ValueError(f"sites contains {s!r}; valid sites are {list(SITES)}")
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
+    if corrupted_tokens is not None:
+        corruption = TokenReplacement(corrupted_tokens)
+    if corruption is None:
+        raise ValueError(
+            "give corrupted_tokens=... or corruption=GaussianNoise()/ZeroAblation()/MeanAblation()"
+        )
+    if corruption.is_ablation and direction != "noising":
+        raise ValueError(
+            f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
+        )
+    from ..models.transformer import Transformer
+
+    if not isinstance(model, Transformer):
+        raise TypeError(f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}")
+    cfg = model.cfg
+    L, B, T = cfg.n_layers, *clean_tokens.shape
+    pos = _metric_positions(metric, B, T)
+    noise = None
+    if isinstance(corruption, GaussianNoise):
+        noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
+    corr_tokens = corruption.corrupted_tokens if isinstance(corruption, TokenReplacement) else clean_tokens
+    need_qk = qk_fix and any(s in ("q", "k") for s in sites)
+    names = {hook_name(s, layer) for s in sites for layer in range(L)}
+    if need_qk:
+        names |= {hook_name(s, layer) for s in ("q", "k", "pattern") for layer in range(L)}
+    grad_names = {hook_name(s, layer) for s in sites for layer in range(L)}
+    if need_qk:
+        grad_names |= {hook_name("pattern", layer) for layer in range(L) if "q" in sites or "k" in sites}
+
+    def cache_run(tokens, nz):
+        hooks = [("hook_embed", _noise_hook(nz))] if nz is not None else []
+        with torch.no_grad(), model.hooks(hooks):
+            return model.run_with_cache(tokens, names_filter=names)
+
+    # forward 1: the source run (no gradient); for noising the clean run must come first to bind the metric
+    if direction == "denoising":
+        clean_logits, src_cache = cache_run(clean_tokens, None)
+        metric.bind(_at(clean_logits, pos))
+        m_clean = metric(_at(clean_logits, pos)).detach()
+        tgt_tokens, tgt_noise = corr_tokens, noise
+    else:
+        tgt_tokens, tgt_noise = clean_tokens, None
+    # forward 2: the target run with gradients at every site
+    captured: dict[str, torch.Tensor] = {}
+    drop = {"layer": -1}
+
+    def capture(x, hook):
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        captured[hook.name] = x
+        return x
+
+    def dropper(layer):
+        def fn(x, hook):
+            if not x.requires_grad:
+                return x
+            x = x * 1.0
+            x.register_hook(lambda g: torch.zeros_like(g) if drop["layer"] == layer else g)
+            return x
+
+        return fn
+
+    hooks = [(lambda n: n in names, capture)]
+    if tgt_noise is not None:
+        hooks.insert(0, ("hook_embed", _noise_hook(tgt_noise)))
+    if grad_drop:
+        for layer in range(L):
+            for s in ("attn_out", "mlp_out"):
+                if s == "mlp_out" and cfg.attn_only:
+                    continue
+                hooks.append((hook_name(s, layer), dropper(layer)))
+    with torch.enable_grad():
+        for prm in model.parameters():
+            prm.requires_grad_(False)
+        try:
+            emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
+            logits = model.run_with_hooks(tgt_tokens, fwd_hooks=emb_req + hooks)
+        finally:
+            for prm in model.parameters():
+                prm.requires_grad_(True)
+        if direction == "noising":
+            metric.bind(_at(logits, pos).detach())
+            m_clean = metric(_at(logits, pos)).detach()
+        m_tgt_full = metric(_at(logits, pos))
+        m_tgt = m_tgt_full.detach()
+        gnames = sorted(grad_names)
+        passes = [-1] + (list(range(L)) if grad_drop else [])
+        grads_per_pass = []
+        for i, layer in enumerate(passes):
+            drop["layer"] = layer
+            gs = torch.autograd.grad(
+                m_tgt_full.sum(),
+                [captured[n] for n in gnames],
+                retain_graph=i < len(passes) - 1,
+                allow_unused=True,
+            )
+            grads_per_pass.append(
+                {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(gnames, gs)}
+            )
+    tgt_cache = {n: x.detach() for n, x in captured.items()}
+    m_corr = None
+    if direction == "noising":
+        if isinstance(corruption, ZeroAblation):
+            src_cache = {n: torch.zeros_like(x) for n, x in tgt_cache.items()}
+        elif isinstance(corruption, MeanAblation):
+            ref = tgt_cache
+            if corruption.reference_tokens is not None:
+                _, ref = cache_run(corruption.reference_tokens, None)
+            src_cache = {n: ref[n].mean(0, keepdim=True).expand_as(x) for n, x in tgt_cache.items()}
+        else:  # forward 1 of noising: the corrupted run
+            corr_logits, src_cache = cache_run(corr_tokens, noise)
+            m_corr = metric(_at(corr_logits, pos)).detach()
+    else:
+        m_corr = m_tgt
+    scale = math.sqrt(cfg.d_head)
+    out = {}
+    for site in sites:
+        _, axes, coords, shape = make_cells(site, L, cfg.n_heads, T, per_position)
+        per_pass = []
+        for grads in grads_per_pass:
+            layers_est = []
+            for layer in range(L):
+                n = hook_name(site, layer)
+                if qk_fix and site in ("q", "k"):
+                    pn = hook_name("pattern", layer)
+                    qn, kn = hook_name("q", layer), hook_name("k", layer)
+                    est = _qk_fixed(
+                        site,
+                        tgt_cache[qn],
+                        tgt_cache[kn],
+                        src_cache[kn],
+                        src_cache[qn],
+                        tgt_cache[pn],
+                        grads[pn],
+                        scale,
+                        per_position,
+                    )
+                else:
+                    est = _reduce(site, (src_cache[n] - tgt_cache[n]) * grads[n], per_position)
+                layers_est.append(est)
+            per_pass.append(torch.stack(layers_est, 1))  # (B, L, ...)
+        est = per_pass[0]
+        values = m_tgt.view(-1, *([1] * (est.dim() - 1))) + est
+        info = {"per_position": per_position}
+        if grad_drop:
+            info["graddrop"] = torch.stack([p.abs() for p in per_pass[1:]]).sum(0) / max(L - 1, 1)
+        out[site] = PatchResult(
+            values=values.detach(),
+            clean=m_clean,
+            corrupted=m_corr,
+            axes=axes,
+            coords=coords,
+            site=site,
+            direction=direction,
+            metric=getattr(metric, "name", type(metric).__name__),
+            method="atp*" if (qk_fix or grad_drop) else "atp",
+            info=info,
+        )
+    return out
+
+
+def shortlist_and_confirm(
+    model,
+    site: str,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor,
+    *,
+    metric: Metric,
+    k: int = 10,
+    direction: str = "denoising",
+    qk_fix: bool = True,
+) -> list[dict]:
+    """AtP over the whole grid of ``site`` (per position), then exact patching of the ``k`` cells with the
+    largest mean absolute AtP estimate.
+
+    Returns
+    -------
+    list of dict
+        ``{"layer", ["head",] "pos", "atp": mean estimated effect, "exact": mean exact effect}`` sorted by
+        ``|atp|`` (effects on the raw metric scale: ``m_patched - m_target``).
+    """
+    from .api import prepare_runs
+
+    atp = attribution_patching(
+        model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], direction=direction, qk_fix=qk_fix
+    )[site]
+    m = atp.effect.mean(0)
+    order = torch.argsort(m.flatten().abs(), descending=True)[:k].tolist()
+    cells, picked = [], []
+    for i in order:
+        ix = torch.unravel_index(torch.tensor(i), m.shape)
+        c = {a: atp.coords[a][int(j)] for a, j in zip(atp.axes, ix)}
+        cells.append(Cell(c["layer"], c.get("head", -1), c.get("pos", -1)))
+        picked.append((c, float(m.flatten()[i])))
+    site_hooks = sorted({hook_name(site, c.layer) for c in cells})
+    runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True)
+    T_eff = (runs.pos if isinstance(runs.pos, int) else int(runs.pos.max())) + 1
+    live = [c for c in cells if c.pos < T_eff]
+    eng = ExactEngine(
+        model, _truncate(runs.cache, T_eff), _truncate(runs.source, T_eff), site, metric, runs.pos
+    )
+    tgt = eng.target_metric()
+    vals = dict(zip(live, eng.run(live))) if live else {}
+    out = []
+    for c, (coord, a) in zip(cells, picked):
+        exact = float((vals[c] - tgt).mean().detach()) if c in vals else 0.0
+        out.append({**coord, "atp": a, "exact": exact})
+    return out

@@ -1,0 +1,101 @@
+"""Patching metrics: logit difference, probability, log-probability and KL divergence to the clean run.
+
+A metric maps the logits at its ``position`` to one value per example. Every metric is "higher = more like
+the clean run", so the normalised score ``(m_patched - m_corrupt) / (m_clean - m_corrupt)`` is 1 when a patch
+fully restores the clean behaviour and 0 at the corrupted level.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Metric", "LogitDiff", "Prob", "LogProb", "KL", "logit_diff", "prob", "logprob", "kl_div"]
+
+
+def _pick(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``logits (..., batch, vocab)``, ``idx (batch,)`` or ``(batch, k)`` -> ``(..., batch)`` (mean over k)."""
+    idx = idx.to(logits.device)
+    if idx.dim() == 1:
+        idx = idx[:, None]
+    g = torch.gather(logits, -1, idx.expand(*logits.shape[:-1], idx.shape[-1]))
+    return g.mean(-1)
+
+
+class Metric:
+    """Base class. ``position``: int (the same for every example; negative counts from the end) or a LongTensor
+    ``(batch,)`` of per-example positions. ``__call__(logits (..., batch, vocab)) -> (..., batch)``."""
+
+    name = "metric"
+
+    def __init__(self, position: int | torch.Tensor = -1) -> None:
+        self.position = position
+
+    def bind(self, clean_logits: torch.Tensor) -> None:
+        """Called with the clean run's logits at ``position`` ``(batch, vocab)`` before patching."""
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LogitDiff(Metric):
+    """``logit(answer) - logit(wrong)`` (means over several answers per example when ``(batch, k)`` is given).
+    The recommended metric for patching."""
+
+    name = "logit_diff"
+
+    def __init__(self, answer: torch.Tensor, wrong: torch.Tensor, position: int | torch.Tensor = -1) -> None:
+        super().__init__(position)
+        self.answer, self.wrong = torch.as_tensor(answer), torch.as_tensor(wrong)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return _pick(logits, self.answer) - _pick(logits, self.wrong)
+
+
+class Prob(Metric):
+    """Probability of ``answer`` (its floor at 0 hides negative effects: prefer :class:`LogitDiff`)."""
+
+    name = "prob"
+
+    def __init__(self, answer: torch.Tensor, position: int | torch.Tensor = -1) -> None:
+        super().__init__(position)
+        self.answer = torch.as_tensor(answer)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return _pick(torch.softmax(logits, -1), self.answer)
+
+
+class LogProb(Metric):
+    """Log-probability of ``answer``."""
+
+    name = "logprob"
+
+    def __init__(self, answer: torch.Tensor, position: int | torch.Tensor = -1) -> None:
+        super().__init__(position)
+        self.answer = torch.as_tensor(answer)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return _pick(torch.log_softmax(logits, -1), self.answer)
+
+
+class KL(Metric):
+    """``-KL(P_clean || P)``: 0 on the clean run, so ``m_patched - m_corrupt`` is the KL effect
+    ``D(P_cl||P_*) - D(P_cl||P_pt)``."""
+
+    name = "neg_kl"
+
+    def __init__(self, position: int | torch.Tensor = -1) -> None:
+        super().__init__(position)
+        self.clean_logp: torch.Tensor | None = None
+
+    def bind(self, clean_logits: torch.Tensor) -> None:
+        self.clean_logp = torch.log_softmax(clean_logits.detach(), -1)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.clean_logp is None:
+            raise RuntimeError("KL metric is not bound to a clean run: call metric.bind(clean_logits) first")
+        lp = torch.log_softmax(logits, -1)
+        cl = self.clean_logp.to(lp.dtype)
+        return -(cl.exp() * (cl - lp)).sum(-1)
+
+
+logit_diff, prob, logprob, kl_div = LogitDiff, Prob, LogProb, KL

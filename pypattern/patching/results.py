@@ -1,0 +1,158 @@
+"""Per-example patching results with means, standard errors, bootstrap intervals and a pandas view."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["PatchResult"]
+
+
+@dataclass
+class PatchResult:
+    """Result of a patching grid (exact or attribution).
+
+    Attributes
+    ----------
+    values : Tensor ``(batch, *grid)``
+        Metric of the patched run for every example and cell (for attribution patching: the estimate
+        ``m_target + AtP``).
+    clean, corrupted : Tensor ``(batch,)``
+        Metric of the clean and the corrupted run (``corrupted`` is None for zero/mean ablation).
+    axes : tuple of str
+        Names of the grid dimensions, e.g. ``("layer", "head", "pos")``.
+    coords : dict[str, list]
+        Labels along each grid dimension.
+    site, direction, metric, method : str
+    """
+
+    values: torch.Tensor
+    clean: torch.Tensor
+    corrupted: torch.Tensor | None
+    axes: tuple
+    coords: dict
+    site: str = ""
+    direction: str = "denoising"
+    metric: str = ""
+    method: str = "exact"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def target(self) -> torch.Tensor:
+        """Metric of the unpatched target run ``(batch,)`` (corrupted for denoising, clean for noising)."""
+        return self.corrupted if self.direction == "denoising" else self.clean
+
+    @property
+    def effect(self) -> torch.Tensor:
+        """``values - target`` per example ``(batch, *grid)``: the change each patch caused."""
+        t = self.target
+        return self.values - t.view(-1, *([1] * (self.values.dim() - 1)))
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        """Per-example ``(m_patched - m_corrupt_i) / mean(m_clean - m_corrupt)`` ``(batch, *grid)``.
+
+        The denominator is the batch-mean gap, so the mean over examples is the normalised mean metric
+        (1 = clean level, 0 = corrupted level) and no example divides by a near-zero gap of its own.
+        """
+        if self.corrupted is None:
+            raise ValueError("normalized needs a corrupted run; zero/mean ablation has none (use .effect)")
+        gap = (self.clean - self.corrupted).mean()
+        c = self.corrupted.view(-1, *([1] * (self.values.dim() - 1)))
+        return (self.values - c) / gap
+
+    def _stat(self, normalized: bool) -> torch.Tensor:
+        return self.normalized if normalized else self.values
+
+    def mean(self, normalized: bool = True) -> torch.Tensor:
+        """Mean over examples ``(*grid)``."""
+        return self._stat(normalized).mean(0)
+
+    def se(self, normalized: bool = True) -> torch.Tensor:
+        """Standard error of the mean over examples ``(*grid)``."""
+        v = self._stat(normalized)
+        n = v.shape[0]
+        return v.std(0, unbiased=True) / np.sqrt(n) if n > 1 else torch.zeros_like(v[0])
+
+    def ci(
+        self, level: float = 0.95, num_resamples: int = 1000, seed: int = 0, normalized: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Percentile bootstrap confidence interval of the mean (examples resampled; the normalising gap is
+        re-estimated in every resample). Returns ``(low, high)``, each ``(*grid)``."""
+        if not 0 < level < 1:
+            raise ValueError(f"level={level} is not valid; give a number in (0, 1)")
+        g = torch.Generator().manual_seed(seed)
+        n = self.values.shape[0]
+        idx = torch.randint(0, n, (num_resamples, n), generator=g)
+        v = self.values.double()[idx].mean(1)  # (R, *grid)
+        if normalized:
+            if self.corrupted is None:
+                raise ValueError("normalized CI needs a corrupted run; pass normalized=False")
+            cl, co = self.clean.double()[idx].mean(1), self.corrupted.double()[idx].mean(1)
+            shape = (-1, *([1] * (v.dim() - 1)))
+            v = (v - co.view(shape)) / (cl - co).view(shape)
+        a = (1 - level) / 2
+        q = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype), dim=0)
+        return q[0].to(self.values.dtype), q[1].to(self.values.dtype)
+
+    def top(self, k: int = 10, normalized: bool = False) -> list[tuple[dict, float]]:
+        """The ``k`` cells with the largest mean absolute effect: ``[(coords, mean effect), ...]``."""
+        m = (
+            self.effect.mean(0)
+            if not normalized
+            else self.mean(True) - (0.0 if self.direction == "denoising" else 1.0)
+        )
+        flat = m.flatten()
+        order = torch.argsort(flat.abs(), descending=True)[:k]
+        out = []
+        for i in order.tolist():
+            ix = np.unravel_index(i, tuple(m.shape))
+            out.append(({a: self.coords[a][j] for a, j in zip(self.axes, ix)}, float(flat[i])))
+        return out
+
+    def to_pandas(self, normalized: bool = True):
+        """A long table: one row per cell with the grid coordinates, ``mean``, ``se``, ``ci_low``, ``ci_high``.
+
+        Needs pandas (optional); raises ``ImportError`` otherwise. :meth:`to_records` gives the same rows as
+        dicts without pandas.
+        """
+        if importlib.util.find_spec("pandas") is None:
+            raise ImportError("to_pandas needs the optional package `pandas`; use .to_records() instead")
+        import pandas as pd
+
+        return pd.DataFrame(self.to_records(normalized))
+
+    def to_records(self, normalized: bool = True) -> list[dict]:
+        """One dict per cell: grid coordinates, ``mean``, ``se``, ``ci_low``, ``ci_high`` (normalised if asked
+        and possible)."""
+        normalized = normalized and self.corrupted is not None
+        mean, se = self.mean(normalized), self.se(normalized)
+        lo, hi = self.ci(normalized=normalized, num_resamples=500)
+        rows = []
+        for ix in np.ndindex(*mean.shape):
+            r = {a: self.coords[a][j] for a, j in zip(self.axes, ix)}
+            r.update(mean=float(mean[ix]), se=float(se[ix]), ci_low=float(lo[ix]), ci_high=float(hi[ix]))
+            rows.append(r)
+        return rows
+
+    def save(self, path: str) -> None:
+        """Write the result to ``path`` (``torch.save`` of plain tensors and lists)."""
+        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
+
+    @classmethod
+    def load(cls, path: str) -> PatchResult:
+        """Read a result written by :meth:`save`."""
+        return cls(**torch.load(path, weights_only=False))
+
+    def to_csv(self, path: str, normalized: bool = True) -> None:
+        """Write :meth:`to_records` as CSV (no pandas needed)."""
+        import csv
+
+        rows = self.to_records(normalized)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)

@@ -1,0 +1,101 @@
+"""Patching sites (which activation is replaced) and grids of cells (where)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SITES", "HEAD_SITES", "RESID_SITES", "Cell", "hook_name", "apply_patch", "make_cells"]
+
+#: site -> hook name template (TransformerLens names)
+SITES = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "z": "blocks.{l}.attn.hook_z",
+    "q": "blocks.{l}.attn.hook_q",
+    "k": "blocks.{l}.attn.hook_k",
+    "v": "blocks.{l}.attn.hook_v",
+    "pattern": "blocks.{l}.attn.hook_pattern",
+}
+HEAD_SITES = ("z", "q", "k", "v", "pattern")
+RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def hook_name(site: str, layer: int) -> str:
+    if site not in SITES:
+        raise ValueError(f"site={site!r} is not valid; choose one of {list(SITES)}")
+    return SITES[site].format(l=layer)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One patch: ``site`` at layers ``layer .. layer + window - 1``, head ``head`` (-1: not a head site) and
+    position ``pos`` (-1: all positions; for ``pattern``, the query position)."""
+
+    layer: int
+    head: int
+    pos: int
+    window: int = 1
+
+    @property
+    def layers(self) -> range:
+        return range(self.layer, self.layer + self.window)
+
+
+def apply_patch(x: torch.Tensor, src: torch.Tensor, site: str, head: int, pos: int) -> torch.Tensor:
+    """Return ``x`` with the cell's part replaced by ``src`` (same shape as ``x``).
+
+    Shapes: residual sites ``(batch, pos, d_model)``; ``z/q/k/v`` ``(batch, pos, n_heads, d_head)``;
+    ``pattern`` ``(batch, n_heads, query_pos, key_pos)``.
+    """
+    x = x.clone()
+    src = src.to(x.dtype)
+    p = slice(None) if pos < 0 else pos
+    if site == "pattern":
+        x[:, head, p] = src[:, head, p]
+    elif site in HEAD_SITES:
+        x[:, p, head] = src[:, p, head]
+    else:
+        x[:, p] = src[:, p]
+    return x
+
+
+def make_cells(
+    site: str,
+    n_layers: int,
+    n_heads: int,
+    seq_len: int,
+    per_position: bool,
+    layers=None,
+    heads=None,
+    positions=None,
+    window: int = 1,
+) -> tuple[list[Cell], tuple, dict, tuple]:
+    """The grid of cells: returns ``(cells, axes, coords, shape)``; cells are in row-major grid order."""
+    if window < 1:
+        raise ValueError(f"window={window} is not valid; give an int >= 1")
+    layers = list(range(n_layers - window + 1)) if layers is None else list(layers)
+    for layer in layers:
+        if not 0 <= layer <= n_layers - window:
+            raise ValueError(f"layers contains {layer}; valid are 0..{n_layers - window} (window={window})")
+    axes, coords = ["layer"], {"layer": layers}
+    is_head = site in HEAD_SITES
+    if is_head:
+        heads = list(range(n_heads)) if heads is None else list(heads)
+        if any(not 0 <= h < n_heads for h in heads):
+            raise ValueError(f"heads={heads} is not valid; the model has heads 0..{n_heads - 1}")
+        axes.append("head")
+        coords["head"] = heads
+    if per_position:
+        positions = list(range(seq_len)) if positions is None else [p % seq_len for p in positions]
+        axes.append("pos")
+        coords["pos"] = positions
+    hs = coords.get("head", [-1])
+    ps = coords.get("pos", [-1])
+    cells = [Cell(layer, h, p, window) for layer in layers for h in hs for p in ps]
+    shape = tuple(len(coords[a]) for a in axes)
+    return cells, tuple(axes), coords, shape

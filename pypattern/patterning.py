@@ -1,0 +1,288 @@
+"""Patterning: invert the linear response of structure to data into a data intervention.
+
+Setting
+-------
+Structural coordinates ``mu = E_posterior[phi]`` (one per observable: a component's loss, a solution's LLC, a
+principal susceptibility coordinate) respond linearly to small shifts of the data distribution. With data points
+(or groups) ``z = 1..N`` and the perturbation ``q_h = q + sum_z h_z (delta_z - q)``::
+
+    d mu = chi @ h,        chi[k, z] = d mu_k / d h_z   (the physics-convention susceptibilities)
+
+Re-weighting the data with per-point weights ``w`` (mean 1; weight 1 is the original distribution) is the
+perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` finds the intervention that moves
+``mu`` by a target ``d mu``:
+
+* ``"pinv"``: the minimum-norm ``h = chi^+ d mu`` (exact when the target is reachable);
+* ``"ridge"``: ``h = chi^T (chi chi^T + alpha I)^-1 d mu`` (shrinks noisy directions of ``chi``);
+* ``"constrained"``: weights ``w >= min_weight`` with ``mean(w) = 1`` exactly, minimising
+  ``|chi (w - 1)/N - d mu|^2 + alpha |w - 1|^2 / N`` (scipy's SLSQP), i.e. a real re-weighting of the data with
+  minimal deviation from uniform.
+
+:func:`reweight` turns weights into a weighted-sampling loader or per-sample loss weights; :class:`OnlinePatterner`
+re-estimates ``chi`` during training and re-inverts ("online" patterning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["invert", "Intervention", "reweight", "direction_target", "OnlinePatterner"]
+
+
+@dataclasses.dataclass
+class Intervention:
+    """The result of :func:`invert`.
+
+    Attributes
+    ----------
+    h : ndarray (N,)
+        Data perturbation (mixing weights towards each point; sums to 0 for ``"constrained"``).
+    weights : ndarray (N,)
+        Per-point data weights ``1 + N h`` (mean 1). Only ``"constrained"`` guarantees them non-negative.
+    predicted : ndarray (K,)
+        The predicted response ``chi @ h``.
+    target : ndarray (K,)
+    residual : float
+        ``|predicted - target| / |target|``: the fraction of the target that is not reachable (0 = reached).
+    method : str
+    """
+
+    h: np.ndarray
+    weights: np.ndarray
+    predicted: np.ndarray
+    target: np.ndarray
+    residual: float
+    method: str
+
+    def per_sample(self, groups: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Expand group weights to samples: ``groups[i]`` is the group of sample ``i``."""
+        groups = np.asarray(groups, dtype=np.int64)
+        if groups.size and (groups.min() < 0 or groups.max() >= len(self.weights)):
+            raise ValueError(
+                f"groups must index the {len(self.weights)} weights, got range "
+                f"[{groups.min()}, {groups.max()}]"
+            )
+        return self.weights[groups]
+
+
+def _as_2d(chi) -> np.ndarray:
+    chi = np.asarray(chi.detach().cpu() if isinstance(chi, torch.Tensor) else chi, dtype=np.float64)
+    if chi.ndim == 1:
+        chi = chi[None, :]
+    if chi.ndim != 2:
+        raise ValueError(f"chi must be (num_observables, num_data), got shape {chi.shape}")
+    if chi.shape[1] == 0:
+        raise ValueError("chi has no data columns: nothing to re-weight")
+    if not np.isfinite(chi).all():
+        raise ValueError("chi holds NaN or Inf")
+    return chi
+
+
+def invert(
+    chi,
+    target,
+    *,
+    method: str = "pinv",
+    alpha: float = 0.0,
+    min_weight: float = 0.0,
+    max_weight: float | None = None,
+    rcond: float | None = None,
+) -> Intervention:
+    """Find the data intervention ``h`` with ``chi @ h ≈ target`` (see the module docstring).
+
+    Parameters
+    ----------
+    chi : array (K, N)
+        Susceptibilities of K observables to N data points or groups (physics convention).
+    target : array (K,)
+        Desired change ``d mu`` of the observables.
+    method : {"pinv", "ridge", "constrained"}
+    alpha : float
+        Ridge strength (``"ridge"``, must be > 0) or the penalty on ``|w - 1|^2 / N`` (``"constrained"``).
+    min_weight, max_weight : float
+        Bounds on the weights for ``"constrained"`` (default: non-negative, unbounded above).
+    rcond : float, optional
+        Cut-off for small singular values in ``"pinv"``.
+    """
+    chi = _as_2d(chi)
+    k, n = chi.shape
+    tgt = np.asarray(target, dtype=np.float64).reshape(-1)
+    if tgt.shape != (k,):
+        raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}")
+    if not np.isfinite(tgt).all():
+        raise ValueError("target holds NaN or Inf")
+    if not np.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if method == "pinv":
+        h = np.linalg.pinv(chi, rcond=rcond if rcond is not None else 1e-12) @ tgt
+    elif method == "ridge":
+        if alpha <= 0:
+            raise ValueError(f"method='ridge' needs alpha > 0, got {alpha}")
+        h = chi.T @ np.linalg.solve(chi @ chi.T + alpha * np.eye(k), tgt)
+    elif method == "constrained":
+        h = _constrained(chi, tgt, alpha, min_weight, max_weight)
+    else:
+        raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {method!r}")
+    pred = chi @ h
+    norm = np.linalg.norm(tgt)
+    resid = float(np.linalg.norm(pred - tgt) / norm) if norm > 0 else float(np.linalg.norm(pred))
+    return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
+
+
+def _constrained(chi, tgt, alpha, lo, hi) -> np.ndarray:
+    from scipy.optimize import Bounds, LinearConstraint, minimize
+
+    k, n = chi.shape
+    if lo > 1 or (hi is not None and hi < 1):
+        raise ValueError(f"the bounds [{lo}, {hi}] must contain the uniform weight 1")
+    a = chi / n  # d mu = a @ (w - 1)
+    scale = 1.0 / max(float(tgt @ tgt), 1e-300)  # the solver's tolerances are absolute: make f of order 1
+
+    def f(w):
+        r = a @ (w - 1) - tgt
+        d = w - 1
+        return scale * float(r @ r + alpha * (d @ d) / n)
+
+    def g(w):
+        r = a @ (w - 1) - tgt
+        return scale * (2 * a.T @ r + 2 * alpha * (w - 1) / n)
+
+    def hess(w):
+        return scale * (2 * a.T @ a + (2 * alpha / n) * np.eye(n))
+
+    bounds = Bounds(np.full(n, lo), np.full(n, np.inf if hi is None else hi))
+    eq = LinearConstraint(np.ones((1, n)), n, n)
+    w0 = np.ones(n)  # the uniform weights are feasible
+    method = "SLSQP" if n <= 2000 else "trust-constr"
+    res = minimize(
+        f,
+        w0,
+        jac=g,
+        hess=hess if method == "trust-constr" else None,
+        bounds=bounds,
+        constraints=[eq],
+        method=method,
+        options={"maxiter": 1000, "ftol": 1e-14} if method == "SLSQP" else {"gtol": 1e-12},
+    )
+    w = np.clip(res.x, lo, np.inf if hi is None else hi)
+    # make the equality exact without leaving the bounds: move the tiny surplus onto the weights with room
+    surplus = w.sum() - n
+    if surplus > 0:
+        room = w - lo
+    else:
+        room = np.full(n, np.inf) if hi is None else hi - w
+        room = np.where(np.isfinite(room), room, 1.0)
+    if abs(surplus) > 0 and room.sum() > 0:
+        w = w - surplus * room / room.sum()
+    return (w - 1) / n
+
+
+def direction_target(direction, amount: float) -> np.ndarray:
+    """Target ``d mu = amount * direction / |direction|`` (e.g. a principal susceptibility direction: positive
+    ``amount`` moves along it, negative against it)."""
+    d = np.asarray(direction, dtype=np.float64).reshape(-1)
+    nrm = np.linalg.norm(d)
+    if nrm == 0:
+        raise ValueError("direction is zero")
+    return amount * d / nrm
+
+
+def reweight(
+    data,
+    weights,
+    *,
+    mode: str = "sampler",
+    batch_size: int = 32,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+):
+    """Apply per-sample weights to a data set.
+
+    Parameters
+    ----------
+    data : Dataset, DataLoader or tensor
+        A map-style data set (a DataLoader's ``.dataset`` is taken) or a tensor whose first axis is samples.
+    weights : array (num_samples,)
+        Non-negative, not all zero.
+    mode : {"sampler", "loss"}
+        ``"sampler"``: a DataLoader that draws samples with probability proportional to the weights (with
+        replacement; ``num_samples`` per epoch, default the data set's size). ``"loss"``: the weights as a float
+        tensor normalised to mean 1, to multiply per-sample losses with.
+    """
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    if w.dim() != 1:
+        raise ValueError(f"weights must be 1-D, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights must be finite and non-negative (use invert(method='constrained'))")
+    if float(w.sum()) <= 0:
+        raise ValueError("weights are all zero")
+    dataset = getattr(data, "dataset", data)
+    size = len(dataset)
+    if size != w.numel():
+        raise ValueError(f"weights has {w.numel()} entries but the data has {size} samples")
+    if mode == "loss":
+        return (w / w.mean()).to(torch.float32)
+    if mode != "sampler":
+        raise ValueError(f"mode must be 'sampler' or 'loss', got {mode!r}")
+    if isinstance(dataset, torch.Tensor):
+        dataset = torch.utils.data.TensorDataset(dataset)
+    sampler = torch.utils.data.WeightedRandomSampler(
+        w, num_samples=num_samples or size, replacement=True, generator=generator
+    )
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+class OnlinePatterner:
+    """Online patterning: re-estimate ``chi`` at checkpoints during training and re-invert.
+
+    Parameters
+    ----------
+    estimate_chi : callable(step) -> array (K, N)
+        Estimates the susceptibilities at the current weights (e.g. with :func:`pypattern.susceptibilities`).
+    target : callable(step, current_mu) -> array (K,) or array (K,)
+        The desired change of the observables from now on.
+    measure : callable(step) -> array (K,), optional
+        The current observables (passed to a callable target).
+    every : int
+        Re-estimate every ``every`` calls of :meth:`weights_for`.
+    invert_kwargs : dict
+        Passed to :func:`invert` (default ``method="constrained"``).
+
+    ``weights_for(step)`` returns the current per-point weights; between checkpoints it returns the last ones.
+    ``history`` keeps (step, Intervention) for every re-inversion.
+    """
+
+    def __init__(
+        self,
+        estimate_chi: Callable,
+        target,
+        *,
+        measure: Callable | None = None,
+        every: int = 100,
+        invert_kwargs: dict | None = None,
+    ):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.estimate_chi, self.target, self.measure, self.every = estimate_chi, target, measure, every
+        self.invert_kwargs = {"method": "constrained", **(invert_kwargs or {})}
+        self.history: list[tuple[int, Intervention]] = []
+        self._weights: np.ndarray | None = None
+        self._calls = 0
+
+    def weights_for(self, step: int) -> np.ndarray:
+        if self._weights is None or self._calls % self.every == 0:
+            chi = _as_2d(self.estimate_chi(step))
+            tgt = (
+                self.target(step, None if self.measure is None else self.measure(step))
+                if callable(self.target)
+                else self.target
+            )
+            iv = invert(chi, tgt, **self.invert_kwargs)
+            self.history.append((step, iv))
+            self._weights = iv.weights
+        self._calls += 1
+        return self._weights

@@ -1,0 +1,37 @@
+"""SGLD sampling and the local learning coefficient (LLC).
+
+* :class:`SGLD`: a ``torch.optim.Optimizer`` whose step is the fused op :func:`pypattern.ops.sgld.sgld_step_`.
+* :func:`sample`: chains of SGLD from the trained weights (batched with ``torch.func`` or sequential), loss
+  traces, observables, callbacks, divergence errors, R-hat/ESS, checkpoint and resume.
+* :func:`estimate_llc`: the LLC, per chain and over chains; :func:`estimate_learning_coeff` and
+  :func:`estimate_learning_coeff_with_summary` keep devinterp 1.x's names and meanings.
+* :func:`calibrate_step_size`: LLC and trace health over a sweep of step sizes.
+"""
+
+from .calibrate import CalibrationResult, calibrate_step_size
+from .diagnostics import NonStationaryWarning, check_stationarity, ess, r_hat
+from .llc import estimate_learning_coeff, estimate_learning_coeff_with_summary, estimate_llc, llc_from_sample
+from .optim import SGLD, chain_seed
+from .results import LLCResult, SampleResult
+from .runner import SamplingDivergedError, default_loss_fn, default_nbeta, sample
+
+__all__ = [
+    "SGLD",
+    "CalibrationResult",
+    "LLCResult",
+    "NonStationaryWarning",
+    "SampleResult",
+    "SamplingDivergedError",
+    "calibrate_step_size",
+    "chain_seed",
+    "check_stationarity",
+    "default_loss_fn",
+    "default_nbeta",
+    "ess",
+    "estimate_learning_coeff",
+    "estimate_learning_coeff_with_summary",
+    "estimate_llc",
+    "llc_from_sample",
+    "r_hat",
+    "sample",
+]

@@ -1,0 +1,153 @@
+"""Step-size calibration: the LLC and the health of the loss trace over a sweep of step sizes.
+
+A step size is *healthy* when no chain diverged, the LLC is positive (the chains sit above ``L_n(w*)``; a
+negative LLC means ``w*`` is not a local minimum at this resolution or the step is too large) and the loss trace
+is stationary (split R-hat below ``max_r_hat``). Too small a step leaves the chains near ``w*`` (LLC too small and
+drifting upward); too large a step diverges or inflates the LLC. The recommendation is the largest healthy step
+size whose LLC agrees within ``plateau_tol`` with the next smaller healthy one (the plateau).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from .diagnostics import NonStationaryWarning
+from .llc import estimate_llc
+from .results import _Saveable
+from .runner import SamplingDivergedError
+
+__all__ = ["CalibrationResult", "calibrate_step_size"]
+
+
+@dataclass(eq=False)
+class CalibrationResult(_Saveable):
+    """One row per step size (arrays of shape ``(num_step_sizes,)``) and the recommended step size."""
+
+    step_sizes: np.ndarray
+    llc_mean: np.ndarray
+    llc_std: np.ndarray
+    r_hat: np.ndarray
+    ess: np.ndarray
+    diverged: np.ndarray
+    healthy: np.ndarray
+    recommended: float | None = None
+    reasons: list = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        keys = ("step_sizes", "llc_mean", "llc_std", "r_hat", "ess", "diverged", "healthy")
+        return [
+            {**{k: getattr(self, k)[i].item() for k in keys}, "reason": self.reasons[i]}
+            for i in range(len(self.step_sizes))
+        ]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def __str__(self) -> str:
+        lines = [f"{'step_size':>10} {'llc':>10} {'std':>9} {'R-hat':>7} {'ESS':>7}  health"]
+        for r in self.rows():
+            lines.append(
+                f"{r['step_sizes']:>10.3g} {r['llc_mean']:>10.4g} {r['llc_std']:>9.3g} {r['r_hat']:>7.3f} "
+                f"{r['ess']:>7.1f}  {'ok' if r['healthy'] else r['reason']}"
+            )
+        lines.append(f"recommended step_size: {self.recommended}")
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """LLC (with std over chains) against step size, unhealthy points hollow; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 4))
+        ok = self.healthy.astype(bool)
+        ax.errorbar(self.step_sizes[ok], self.llc_mean[ok], self.llc_std[ok], fmt="o-", label="healthy")
+        ax.plot(self.step_sizes[~ok], self.llc_mean[~ok], "o", mfc="none", label="unhealthy")
+        if self.recommended is not None:
+            ax.axvline(self.recommended, color="k", ls="--", lw=1, label="recommended")
+        ax.set_xscale("log")
+        ax.set_xlabel("step size")
+        ax.set_ylabel("LLC")
+        ax.legend()
+        return ax
+
+
+def calibrate_step_size(
+    model: nn.Module,
+    loader,
+    step_sizes: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
+    *,
+    max_r_hat: float = 1.1,
+    plateau_tol: float = 0.2,
+    **sample_kwargs,
+) -> CalibrationResult:
+    """Estimate the LLC at each step size and judge the loss trace (see the module docstring).
+
+    Parameters
+    ----------
+    step_sizes : sequence of float
+        Sorted or not; evaluated in increasing order.
+    max_r_hat : float
+        Largest split R-hat of the loss trace counted as stationary.
+    plateau_tol : float
+        Relative agreement with the next smaller healthy step size for the recommendation.
+    **sample_kwargs
+        Passed to :func:`pypattern.sampling.estimate_llc` (``num_chains``, ``num_draws``, ``nbeta``,
+        ``localization``, ``seed``, ...). ``quiet`` defaults to True.
+    """
+    sizes = sorted(float(s) for s in step_sizes)
+    if not sizes or any(s <= 0 for s in sizes):
+        raise ValueError(f"step_sizes must be a non-empty sequence of numbers > 0, got {step_sizes!r}")
+    for bad in ("step_size", "optimizer_kwargs"):
+        if bad in sample_kwargs:
+            raise ValueError(f"{bad} is set by the sweep; pass the other hyperparameters as keywords")
+    sample_kwargs.setdefault("quiet", True)
+    n = len(sizes)
+    out = {k: np.full(n, np.nan) for k in ("llc_mean", "llc_std", "r_hat", "ess")}
+    diverged = np.zeros(n, dtype=bool)
+    healthy = np.zeros(n, dtype=bool)
+    reasons = []
+    for i, eps in enumerate(sizes):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NonStationaryWarning)
+                r = estimate_llc(model, loader, step_size=eps, **sample_kwargs)
+        except SamplingDivergedError as e:
+            diverged[i] = True
+            reasons.append(f"diverged (chain {e.chain}, draw {e.draw})")
+            continue
+        out["llc_mean"][i], out["llc_std"][i], out["r_hat"][i], out["ess"][i] = (
+            r.llc_mean,
+            r.llc_std,
+            r.r_hat,
+            r.ess,
+        )
+        if not r.llc_mean > 0:
+            reasons.append("negative LLC")
+        elif not r.r_hat < max_r_hat:
+            reasons.append(f"not stationary (R-hat {r.r_hat:.2f})")
+        else:
+            healthy[i] = True
+            reasons.append("ok")
+    recommended = None
+    ok = [i for i in range(n) if healthy[i]]
+    for a, b in zip(ok[:-1], ok[1:]):
+        la, lb = out["llc_mean"][a], out["llc_mean"][b]
+        if abs(lb - la) <= plateau_tol * abs(la):
+            recommended = sizes[b]
+    if recommended is None and ok:
+        recommended = sizes[ok[0]]
+    return CalibrationResult(
+        step_sizes=np.array(sizes),
+        diverged=diverged,
+        healthy=healthy,
+        recommended=recommended,
+        reasons=reasons,
+        **out,
+    )

@@ -1,0 +1,100 @@
+"""Convergence diagnostics across chains: split R-hat and effective sample size (Gelman et al., BDA3 ch. 11;
+the ESS uses Geyer's initial monotone sequence on the multi-chain autocorrelation, as Stan does)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+__all__ = ["NonStationaryWarning", "check_stationarity", "ess", "r_hat"]
+
+
+class NonStationaryWarning(UserWarning):
+    """The loss trace drifts (split R-hat above the threshold): the chains have not reached equilibrium."""
+
+
+def _as_2d(trace, name="trace") -> np.ndarray:
+    x = np.asarray(trace, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (num_chains, num_draws), got {x.shape}")
+    return x
+
+
+def r_hat(trace) -> float:
+    """Split R-hat of a trace, shape ``(num_chains, num_draws)`` (or ``(num_draws,)`` for one chain).
+
+    Each chain is split in halves, so a drift within one chain also raises it. Near 1 (< 1.01-1.1) when the
+    chains agree; ``nan`` with fewer than 4 draws per chain.
+    """
+    x = _as_2d(trace)
+    n = x.shape[1] // 2
+    if n < 2:
+        return float("nan")
+    halves = np.concatenate([x[:, :n], x[:, x.shape[1] - n :]], axis=0)
+    means = halves.mean(axis=1)
+    W = halves.var(axis=1, ddof=1).mean()
+    B = n * means.var(ddof=1)
+    if W == 0:
+        return 1.0 if B == 0 else float("inf")
+    var_plus = (n - 1) / n * W + B / n
+    return float(np.sqrt(var_plus / W))
+
+
+def _autocov(x: np.ndarray) -> np.ndarray:
+    """Autocovariance of each row (biased, FFT), shape ``(num_chains, num_draws)``."""
+    n = x.shape[1]
+    xc = x - x.mean(axis=1, keepdims=True)
+    size = 1 << (2 * n - 1).bit_length()
+    f = np.fft.rfft(xc, size, axis=1)
+    return np.fft.irfft(f * np.conj(f), size, axis=1)[:, :n] / n
+
+
+def ess(trace) -> float:
+    """Effective sample size of the mean of a trace ``(num_chains, num_draws)``, pooled over chains.
+
+    Equals ``num_chains * num_draws`` for independent draws and about ``N (1 - rho) / (1 + rho)`` for an AR(1)
+    trace with coefficient ``rho``.
+    """
+    x = _as_2d(trace)
+    m, n = x.shape
+    if n < 4:
+        return float("nan")
+    acov = _autocov(x)
+    chain_var = acov[:, 0] * n / (n - 1)
+    W = chain_var.mean()
+    var_plus = W * (n - 1) / n + (x.mean(axis=1).var(ddof=1) if m > 1 else 0.0)
+    if var_plus == 0:
+        return float(m * n)
+    rho = 1.0 - (W - acov.mean(axis=0)) / var_plus
+    rho[0] = 1.0
+    # Geyer: sums of pairs, truncated at the first negative pair, made monotone
+    t = 0
+    pair_sums = []
+    while t + 1 < n:
+        p = rho[t] + rho[t + 1]
+        if p < 0:
+            break
+        if pair_sums and p > pair_sums[-1]:
+            p = pair_sums[-1]
+        pair_sums.append(p)
+        t += 2
+    tau = -1.0 + 2.0 * float(np.sum(pair_sums))
+    tau = max(tau, 1.0 / np.log10(m * n + 10))
+    return float(m * n / tau)
+
+
+def check_stationarity(trace, *, threshold: float = 1.1, what: str = "loss trace", warn: bool = True) -> bool:
+    """True when split R-hat of ``trace`` is below ``threshold``; else warn (:class:`NonStationaryWarning`)."""
+    rh = r_hat(trace)
+    ok = not (rh > threshold)
+    if not ok and warn:
+        warnings.warn(
+            f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
+            "(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).",
+            NonStationaryWarning,
+            stacklevel=3,
+        )
+    return ok

@@ -1,0 +1,339 @@
+"""The SGLD optimizer: a ``torch.optim.Optimizer`` whose ``step`` is one call of the fused op
+:func:`pypattern.ops.sgld.sgld_step_` over all its parameters.
+
+Noise keys: the optimizer of chain ``c`` is built with ``seed = chain_seed(seed, c)``; its parameter ``i`` (in the
+order given, restricted ones left out) is tensor index ``i`` of the op, and its ``k``-th call of ``step`` is op step
+``k``. The batched runner uses the same keys for the same chain, so both draw identical noise.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .. import _backends
+from ..ops.sgld import sgld_step_
+
+__all__ = ["SGLD", "chain_seed", "fused_sgld_step_"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def chain_seed(seed: int, chain: int, stream: int = 0) -> int:
+    """The 64-bit noise seed of chain ``chain``: splitmix64 of ``(seed, chain, stream)``, in ``[0, 2**64)``.
+
+    ``stream`` separates independent uses (0: SGLD noise, 1: data order).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
+
+
+def _signed64(x: int) -> int:
+    return x - 2**64 if x >= 2**63 else x
+
+
+def fused_sgld_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    *,
+    step_size: float,
+    nbeta: float,
+    localization: float,
+    weight_decay: float = 0.0,
+    noise_scale: float = 1.0,
+    bounding_box: float | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    seed: int,
+    step: int,
+    backend: str | None = None,
+) -> None:
+    """:func:`sgld_step_` without the per-call argument validation (about 55 us of Python per call).
+
+    For inputs already validated once by :func:`sgld_step_` (the optimizer and the batched runner do that on
+    their first step). On the ``cpp``/``cuda`` backends it calls the registered op directly; on the others it
+    calls :func:`sgld_step_`. Raises ``FloatingPointError`` when a gradient held NaN or Inf, like the op.
+    ``tests/test_sampling.py`` checks that both paths give identical results.
+    """
+    name = _backends.choose("sgld_step_", params[0].device, backend)
+    _raw_or_public(name)(
+        params,
+        grads,
+        anchors,
+        step_size=step_size,
+        nbeta=nbeta,
+        localization=localization,
+        weight_decay=weight_decay,
+        noise_scale=noise_scale,
+        bounding_box=bounding_box,
+        masks=masks,
+        seed=seed,
+        step=step,
+    )
+
+
+def _raw_or_public(name: str):
+    """The step function for a resolved backend name: the registered op for cpp/cuda, else sgld_step_."""
+    if name not in ("cpp", "cuda"):
+        return functools.partial(sgld_step_, backend=name)
+    _backends._load_c()
+    op = torch.ops.pypattern.sgld_step_
+
+    def raw(
+        params,
+        grads,
+        anchors,
+        *,
+        step_size,
+        nbeta,
+        localization,
+        weight_decay,
+        noise_scale,
+        bounding_box,
+        masks,
+        seed,
+        step,
+        check=True,
+    ):
+        flags = op(
+            params if isinstance(params, list) else list(params),
+            grads if isinstance(grads, list) else list(grads),
+            anchors if isinstance(anchors, list) else list(anchors),
+            [] if masks is None else list(masks),
+            float(step_size),
+            float(nbeta),
+            float(localization),
+            float(weight_decay),
+            float(noise_scale),
+            None if bounding_box is None else float(bounding_box),
+            _signed64(seed),
+            _signed64(step),
+        )
+        if not check:
+            return flags
+        if bool(flags.any()):
+            bad = torch.nonzero(flags.cpu()).flatten().tolist()
+            raise FloatingPointError(
+                f"sgld_step_: non-finite gradient in tensors {bad} at step {step}; those entries were not updated."
+            )
+
+    return raw
+
+
+def resolve_step_fn(device: torch.device, backend: str | None = None):
+    """The unvalidated step function (signature of :func:`fused_sgld_step_` minus ``backend``) for tensors on
+    ``device``, with the backend chosen once."""
+    return _raw_or_public(_backends.choose("sgld_step_", device, backend))
+
+
+def _compile_patterns(patterns) -> list:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"restrict_to must be a str or a list of str (glob or regex), got {p!r}")
+        out.append(p)
+    return out
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """True when ``name`` matches any pattern: a glob (``blocks.0.attn.*``) or a regex (``re.fullmatch``)."""
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p):
+            return True
+        try:
+            if re.fullmatch(p, name):
+                return True
+        except re.error:
+            pass
+    return False
+
+
+class SGLD(torch.optim.Optimizer):
+    r"""Stochastic gradient Langevin dynamics around the initial weights ``w*`` (devinterp's SGLD, fused).
+
+    Per parameter, with ``g`` the gradient of the batch-mean loss::
+
+        w <- w - lr/2 * (nbeta * g + localization * (w - w*) + weight_decay * w) + sqrt(lr) * noise_level * xi
+
+    clamped to ``w* +- bounding_box_size`` when that is set. ``w*`` is the value of each parameter when the
+    optimizer is built. The whole step is one call of the fused op (C++/CUDA/Triton kernels).
+
+    Parameters
+    ----------
+    params : iterable of Tensor, of (name, Tensor) pairs, or of param-group dicts
+        Pass ``model.named_parameters()`` to use ``restrict_to`` and ``masks``.
+    lr : float
+        Step size ``eps`` > 0.
+    noise_level : float
+        Multiplies the noise (1 = Langevin).
+    weight_decay : float
+        ``lambda_wd`` >= 0.
+    localization : float
+        ``gamma`` >= 0.
+    nbeta : float
+        ``n * beta`` > 0 (devinterp's default is ``batch_size / ln(batch_size)``; see
+        :func:`pypattern.sampling.default_nbeta`).
+    bounding_box_size : float, optional
+        Half-width of the box around ``w*``.
+    restrict_to : str or list of str, optional
+        Only parameters whose name matches one of these globs or regexes move (e.g. ``"blocks.0.attn.*"``);
+        needs named parameters.
+    masks : mapping of str to Tensor, optional
+        Per-element masks by parameter name (devinterp's ``optimize_over_per_model_param``): 0 freezes an entry.
+    seed : int
+        Noise seed in ``[0, 2**64)``; use :func:`chain_seed` for chain ``c`` of a run with seed ``s``.
+    backend : str, optional
+        Force a backend of the fused op.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.01,
+        noise_level: float = 1.0,
+        weight_decay: float = 0.0,
+        localization: float = 0.0,
+        nbeta: float = 1.0,
+        bounding_box_size: float | None = None,
+        *,
+        restrict_to: str | Sequence[str] | None = None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        backend: str | None = None,
+        temperature: float | None = None,
+    ):
+        if temperature is not None:  # devinterp's deprecated name
+            nbeta = temperature
+        for name, v in (("lr", lr), ("nbeta", nbeta)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name, v in (
+            ("noise_level", noise_level),
+            ("weight_decay", weight_decay),
+            ("localization", localization),
+        ):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if bounding_box_size is not None and not bounding_box_size > 0:
+            raise ValueError(f"bounding_box_size must be > 0 or None, got {bounding_box_size!r}")
+        params = list(params)
+        names: list[str | None] = []
+        tensors: list[torch.Tensor] = []
+        if params and isinstance(params[0], dict):
+            raise TypeError("SGLD takes one parameter group: pass tensors or (name, tensor) pairs")
+        for i, p in enumerate(params):
+            if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+                names.append(p[0])
+                tensors.append(p[1])
+            elif isinstance(p, torch.Tensor):
+                names.append(None)
+                tensors.append(p)
+            else:
+                raise TypeError(
+                    f"params[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}"
+                )
+        patterns = _compile_patterns(restrict_to)
+        masks = dict(masks or {})
+        if (patterns or masks) and any(n is None for n in names):
+            raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
+        if patterns:
+            keep = [matches(n, patterns) for n in names]
+            if not any(keep):
+                raise ValueError(f"restrict_to={patterns!r} matches no parameter; names are {names}")
+            names = [n for n, k in zip(names, keep) if k]
+            tensors = [t for t, k in zip(tensors, keep) if k]
+        keep = [t.requires_grad for t in tensors]
+        names = [n for n, k in zip(names, keep) if k]
+        tensors = [t for t, k in zip(tensors, keep) if k]
+        unknown = set(masks) - set(names)
+        if unknown:
+            raise ValueError(f"masks has names that are not (moving) parameters: {sorted(unknown)}")
+        defaults = dict(
+            lr=float(lr),
+            noise_level=float(noise_level),
+            weight_decay=float(weight_decay),
+            localization=float(localization),
+            nbeta=float(nbeta),
+            bounding_box_size=None if bounding_box_size is None else float(bounding_box_size),
+        )
+        super().__init__(tensors, defaults)
+        self.param_names = names
+        self.seed = int(seed)
+        self.backend = backend
+        self.anchors = [t.detach().clone() for t in tensors]
+        self.masks = None
+        if masks:
+            self.masks = [None if n not in masks else masks[n].to(t.device) for n, t in zip(names, tensors)]
+        self.num_steps = 0
+        self._validated = False
+        self._step_fn = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One SGLD step over all parameters (one fused-op call). Parameters without a gradient get a zero one."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.sgld_step()
+        return loss
+
+    @torch.no_grad()
+    def sgld_step(self) -> None:
+        """The step itself, without ``torch.optim.Optimizer.step``'s hooks and profiler wrapper (the runner
+        calls this directly: about 0.15 ms less per step)."""
+        group = self.param_groups[0]
+        params = group["params"]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        kw = dict(
+            step_size=group["lr"],
+            nbeta=group["nbeta"],
+            localization=group["localization"],
+            weight_decay=group["weight_decay"],
+            noise_scale=group["noise_level"],
+            bounding_box=group["bounding_box_size"],
+            masks=self.masks,
+            seed=self.seed,
+            step=self.num_steps,
+        )
+        if self._validated:
+            if self._step_fn is None:
+                self._step_fn = resolve_step_fn(params[0].device, self.backend)
+            self._step_fn(params, grads, self.anchors, **kw)
+        else:
+            sgld_step_(params, grads, self.anchors, backend=self.backend, **kw)
+            self._validated = True
+        self.num_steps += 1
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["sgld"] = {"num_steps": self.num_steps, "seed": self.seed, "anchors": self.anchors}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        extra = state_dict.get("sgld")
+        sd = {k: v for k, v in state_dict.items() if k != "sgld"}
+        super().load_state_dict(sd)
+        if extra is not None:
+            self.num_steps = int(extra["num_steps"])
+            self.seed = int(extra["seed"])
+            for a, b in zip(self.anchors, extra["anchors"]):
+                a.copy_(b)

@@ -1,0 +1,824 @@
+"""The chain runner: burn-in, draws, thinning, many chains (one after another, or batched with torch.func),
+divergence detection, observables, callbacks, checkpoints and resume."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..ops.sgld import sgld_step_
+from .diagnostics import check_stationarity, ess, r_hat
+from .optim import SGLD, _splitmix64, chain_seed, matches, resolve_step_fn
+from .results import SampleResult, load_npz, save_npz_atomic
+
+__all__ = ["SamplingDivergedError", "default_nbeta", "sample"]
+
+_CKPT_VERSION = 1
+
+
+class SamplingDivergedError(FloatingPointError):
+    """A chain's loss, gradient or parameters became NaN or Inf. Attributes: ``chain``, ``draw``, ``step``,
+    ``step_size``."""
+
+    def __init__(self, msg, *, chain, draw, step, step_size):
+        super().__init__(msg)
+        self.chain, self.draw, self.step, self.step_size = chain, draw, step, step_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _batch_size_of(batch) -> int:
+    leaves = []
+    tree_map(lambda x: leaves.append(x) if isinstance(x, torch.Tensor) else None, batch)
+    if not leaves:
+        raise ValueError("cannot infer the batch size: the batch holds no tensor")
+    return int(leaves[0].shape[0])
+
+
+def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
+    """devinterp's default ``nbeta = m / ln m``, ``m = batch_size * grad_accum_steps`` (the batch size is read
+    from ``loader.batch_size`` or from the first batch)."""
+    bs = getattr(loader, "batch_size", None)
+    if bs is None:
+        bs = _batch_size_of(next(iter(loader)))
+    m = int(bs) * int(grad_accum_steps)
+    if m < 2:
+        raise ValueError(f"default nbeta needs batch_size * grad_accum_steps >= 2, got {m}; pass nbeta")
+    return m / math.log(m)
+
+
+def split_loss(out) -> torch.Tensor:
+    """The loss from what a loss function returned: a tensor, a tuple (loss first), a dict with ``"loss"`` or an
+    object with ``.loss`` (devinterp's rules)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) and out:
+        return out[0]
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]
+    if hasattr(out, "loss"):
+        return out.loss
+    raise TypeError(
+        f"loss_fn must return a tensor, a tuple, a dict with 'loss' or an object with .loss, got {out!r}"
+    )
+
+
+def default_loss_fn(model, batch) -> torch.Tensor:
+    """``batch = (x, y)``: cross-entropy of ``model(x)`` for integer ``y``, else mean squared error."""
+    if not isinstance(batch, tuple | list) or len(batch) < 2:
+        raise TypeError("the default loss_fn needs batches (x, y); pass loss_fn(model, batch) for other data")
+    x, y = batch[0], batch[1]
+    out = model(x)
+    if not torch.is_floating_point(y):
+        return nn.functional.cross_entropy(out, y)
+    return nn.functional.mse_loss(out, y)
+
+
+def _to_device(batch, device):
+    if isinstance(batch, tuple | list) and all(
+        isinstance(x, torch.Tensor) and x.device == device for x in batch
+    ):
+        return batch
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+
+
+class _ChainData:
+    """The batches of one chain: a deterministic stream keyed by ``(seed, chain, epoch)``.
+
+    Each epoch starts ``iter(loader)`` with torch's RNG (and the loader's own generator, if it has one) seeded
+    from the key, so shuffling is reproducible, differs between chains and does not depend on the order in which
+    chains run. A ``DataLoader`` over a ``TensorDataset`` with the default collate is read by indexing the tensors
+    with a keyed permutation (same batch sizes, no per-sample collate). A loader with one batch is read once.
+    """
+
+    def __init__(self, loader, key: int, cache: dict):
+        self.loader, self.key, self.cache = loader, key, cache
+        self.epoch, self.it, self.single = 0, None, None
+        dl = loader if isinstance(loader, torch.utils.data.DataLoader) else None
+        self.fast = (
+            dl is not None
+            and isinstance(dl.dataset, torch.utils.data.TensorDataset)
+            and dl.num_workers == 0
+            and dl.collate_fn is torch.utils.data.default_collate
+            and dl.batch_sampler is not None
+        )
+        self.sequential = dl is not None and isinstance(dl.sampler, torch.utils.data.SequentialSampler)
+        try:
+            self.length = len(loader)
+        except TypeError:
+            self.length = None
+        if self.length == 1:
+            if "single" not in cache:
+                cache["single"] = next(iter(loader))
+            self.single = cache["single"]
+
+    def _iter(self):
+        if self.fast:
+            tensors = self.loader.dataset.tensors
+            bs = self.loader.batch_sampler
+            simple = type(bs) is torch.utils.data.BatchSampler and (
+                type(bs.sampler) is torch.utils.data.SequentialSampler
+                or (
+                    type(bs.sampler) is torch.utils.data.RandomSampler
+                    and not bs.sampler.replacement
+                    and bs.sampler._num_samples is None
+                )
+            )
+            if simple:  # index with a permutation tensor: no per-batch list of ints
+                n = len(tensors[0])
+                if type(bs.sampler) is torch.utils.data.RandomSampler:
+                    order = torch.randperm(n)
+                else:
+                    order = torch.arange(n)
+                chunks = order.split(bs.batch_size)
+                if bs.drop_last and n % bs.batch_size:
+                    chunks = chunks[:-1]
+                return (tuple(t[ix] for t in tensors) for ix in chunks)
+
+            def gen():
+                for idx in bs:
+                    ix = torch.as_tensor(idx)
+                    yield tuple(t[ix] for t in tensors)
+
+            return gen()
+        return iter(self.loader)
+
+    def _new_epoch(self):
+        if self.sequential:
+            self.it = self._iter()
+            return next(self.it)
+        seed = _splitmix64(self.key ^ self.epoch) & ((1 << 63) - 1)
+        sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
+        gen = getattr(sampler, "generator", None) if not self.fast else None
+        gen_state = gen.get_state() if isinstance(gen, torch.Generator) else None
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                if gen_state is not None:  # the loader's own generator: key it too, then give it back
+                    gen.manual_seed(seed)
+                self.it = self._iter()
+                return next(self.it)
+        finally:
+            if gen_state is not None:
+                gen.set_state(gen_state)
+
+    def next(self):
+        if self.single is not None:
+            return self.single
+        if self.it is None:
+            return self._new_epoch()
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.epoch += 1
+            return self._new_epoch()
+
+    def skip(self, n: int) -> None:
+        if self.single is not None or n == 0:
+            return
+        if self.length:
+            self.epoch, n = n // self.length, n % self.length
+            self.it = None
+        for _ in range(n):
+            self.next()
+
+
+class _FunctionalModel:
+    """Calls ``module`` with the given parameter/buffer tensors (``torch.func.functional_call``); other
+    attributes come from the module."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]):
+        self.__dict__["_m"] = module
+        self.__dict__["_t"] = tensors
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self._m, self._t, args, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+
+def _call_with(fn: Callable, kwargs: dict):
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in sig.parameters})
+
+
+def _observable_items(observables) -> list[tuple[str, Callable]]:
+    if observables is None:
+        return []
+    if isinstance(observables, Mapping):
+        items = list(observables.items())
+    else:
+        items = []
+        for i, fn in enumerate(observables):
+            items.append((getattr(fn, "__name__", None) or f"observable_{i}", fn))
+    for name, fn in items:
+        if not callable(fn):
+            raise TypeError(f"observable {name!r} must be callable(model, batch), got {type(fn).__name__}")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run state (what a checkpoint holds)
+# ----------------------------------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, C: int, D: int):
+        self.loss = np.full((C, D), np.nan)
+        self.done = np.zeros(C, dtype=np.int64)
+        self.next_step = np.zeros(C, dtype=np.int64)
+        self.obs: dict[str, np.ndarray] = {}
+        self.params: dict[int, dict[str, torch.Tensor]] = {}  # in-progress chains' moving params
+        self.init_losses: np.ndarray | None = None
+        self.seconds = 0.0
+
+    def record_obs(self, name: str, c: int, d: int, value, C: int, D: int) -> None:
+        v = (
+            value.detach().to("cpu", torch.float64).numpy()
+            if isinstance(value, torch.Tensor)
+            else np.asarray(value)
+        )
+        if name not in self.obs:
+            self.obs[name] = np.full((C, D, *v.shape), np.nan)
+        self.obs[name][c, d] = v
+
+    def save(self, path, fingerprint: dict, mode: str) -> None:
+        arrays = {"loss_trace": self.loss, "done": self.done, "next_step": self.next_step}
+        if self.init_losses is not None:
+            arrays["init_losses"] = self.init_losses
+        for k, v in self.obs.items():
+            arrays[f"obs/{k}"] = v
+        for c, ps in self.params.items():
+            for n, t in ps.items():
+                arrays[f"params/{c}/{n}"] = t.detach().cpu().numpy()
+        meta = {"version": _CKPT_VERSION, "fingerprint": fingerprint, "mode": mode, "seconds": self.seconds}
+        save_npz_atomic(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path, C: int, D: int, fingerprint: dict, device, dtypes: dict) -> _State:
+        arrays, meta = load_npz(path)
+        if meta.get("version") != _CKPT_VERSION:
+            raise ValueError(
+                f"checkpoint {path!r} has version {meta.get('version')}, expected {_CKPT_VERSION}"
+            )
+        old = meta.get("fingerprint", {})
+        for k in sorted(set(old) | set(fingerprint)):
+            if old.get(k) != fingerprint.get(k):
+                raise ValueError(
+                    f"checkpoint {path!r} was written by a different call: {k} = {old.get(k)!r} there, "
+                    f"{fingerprint.get(k)!r} now. Use another checkpoint path, or delete this one to start afresh."
+                )
+        st = cls(C, D)
+        st.loss, st.done, st.next_step = arrays["loss_trace"], arrays["done"], arrays["next_step"]
+        st.init_losses = arrays.get("init_losses")
+        st.seconds = float(meta.get("seconds", 0.0))
+        for k, v in arrays.items():
+            if k.startswith("obs/"):
+                st.obs[k[4:]] = v
+            elif k.startswith("params/"):
+                _, c, n = k.split("/", 2)
+                st.params.setdefault(int(c), {})[n] = torch.from_numpy(v).to(device=device, dtype=dtypes[n])
+        return st
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sampler
+# ----------------------------------------------------------------------------------------------------------------
+def sample(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    loss_fn: Callable | None = None,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    num_burnin_steps: int = 0,
+    num_steps_bw_draws: int = 1,
+    step_size: float | None = None,
+    nbeta: float | None = None,
+    localization: float = 0.0,
+    weight_decay: float = 0.0,
+    noise_level: float = 1.0,
+    bounding_box_size: float | None = None,
+    restrict_to: str | Sequence[str] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    observables: Mapping[str, Callable] | Sequence[Callable] = (),
+    callbacks: Sequence[Callable] = (),
+    seed: int = 0,
+    init_loss: float | None = None,
+    num_init_loss_batches: int | None = None,
+    batched: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    quiet: bool = False,
+    backend: str | None = None,
+    warn_nonstationary: bool = True,
+) -> SampleResult:
+    """Run ``num_chains`` SGLD chains from the trained weights ``w*`` (the model's current parameters).
+
+    Chain ``c`` takes ``num_burnin_steps`` steps, then records a draw every ``num_steps_bw_draws`` steps until it
+    has ``num_draws``. At each step it evaluates ``loss_fn(model, batch)`` on its next batch, records it (at a
+    draw) together with the observables, and takes one SGLD step (:class:`SGLD`, the fused op). The model passed
+    in is not modified.
+
+    Parameters
+    ----------
+    model : nn.Module
+        At the weights ``w*`` to sample around.
+    loader : iterable of batches
+        A ``DataLoader`` (or any re-iterable). Each chain reads its own deterministic stream of batches, keyed by
+        ``(seed, chain, epoch)``: shuffling is reproducible and differs between chains.
+    loss_fn : callable(model, batch) -> loss, optional
+        The batch-mean loss; may return a tensor, a tuple (loss first), a dict with ``"loss"`` or an object with
+        ``.loss`` (devinterp's ``evaluate``). Default: cross-entropy for integer targets, else MSE, on
+        ``batch = (x, y)``.
+    num_chains, num_draws, num_burnin_steps, num_steps_bw_draws : int
+        Chain layout (devinterp's names and meanings).
+    step_size : float
+        SGLD step size ``eps`` (devinterp's ``lr``); default ``1e-4``.
+    nbeta : float, optional
+        ``n * beta``; default ``batch_size / ln(batch_size)`` (devinterp's default).
+    localization, weight_decay, noise_level, bounding_box_size, restrict_to, masks
+        See :class:`SGLD`.
+    optimizer_kwargs : dict, optional
+        devinterp-style ``{"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}``;
+        entries override the keyword arguments above.
+    observables : mapping name -> callable(model, batch) -> Tensor or float, or a sequence of callables
+        Evaluated (without gradient) at every draw on the draw's batch; traces ``(num_chains, num_draws, *shape)``.
+    callbacks : sequence of callable
+        Called at every draw with the keyword arguments they accept among ``chain``, ``draw``, ``step``,
+        ``loss`` (float), ``model`` (the chain's model), ``batch`` and ``observables`` (dict). Stream values into
+        accumulators here. An exception raised by a callback stops the run (a checkpoint keeps finished draws).
+    seed : int
+        Keys every noise value (through :func:`chain_seed`) and the data order.
+    init_loss : float, optional
+        ``L_n(w*)``; default: the mean loss at ``w*`` over ``num_init_loss_batches`` batches.
+    num_init_loss_batches : int, optional
+        Default ``max(4, num_chains)``, at most one epoch.
+    batched : bool, optional
+        ``True``: run the chains together (parameters stacked along a chain axis, one ``vmap``-ed forward and
+        one backward per step); ``False``: one chain after another; ``None`` (default): batched when the model
+        and ``loss_fn`` run under ``torch.func.vmap`` (no in-place buffer updates, no random ops), else
+        sequential. Both give the same draws for the same seed, up to float rounding.
+    checkpoint : path, optional
+        ``.npz`` file (no pickle) rewritten atomically every ``checkpoint_every`` draws with the finished draws and
+        the state of unfinished chains. If it exists, the run resumes from it and ends with the same result as an
+        uninterrupted run; it must have been written by the same call (checked).
+    quiet : bool
+        No progress bar.
+    backend : str, optional
+        Force a backend of the fused SGLD op.
+    warn_nonstationary : bool
+        Warn (:class:`NonStationaryWarning`) when the split R-hat of the loss trace exceeds 1.1.
+
+    Returns
+    -------
+    SampleResult
+
+    Raises
+    ------
+    SamplingDivergedError
+        A loss, gradient or parameter became NaN or Inf; the message names the chain, draw, step and step size.
+    """
+    okw = dict(optimizer_kwargs or {})
+    if "temperature" in okw and "nbeta" not in okw:
+        okw["nbeta"] = okw.pop("temperature")
+    known = {"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}
+    unknown = set(okw) - known
+    if unknown:
+        raise ValueError(f"optimizer_kwargs has unknown keys {sorted(unknown)}; known are {sorted(known)}")
+    step_size = okw.get("lr", step_size if step_size is not None else 1e-4)
+    nbeta = okw.get("nbeta", nbeta)
+    localization = okw.get("localization", localization)
+    weight_decay = okw.get("weight_decay", weight_decay)
+    noise_level = okw.get("noise_level", noise_level)
+    bounding_box_size = okw.get("bounding_box_size", bounding_box_size)
+    for name, v, lo in (
+        ("num_chains", num_chains, 1),
+        ("num_draws", num_draws, 1),
+        ("num_burnin_steps", num_burnin_steps, 0),
+        ("num_steps_bw_draws", num_steps_bw_draws, 1),
+        ("checkpoint_every", checkpoint_every, 1),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if nbeta is None:
+        nbeta = default_nbeta(loader)
+    for name, v in (("step_size", step_size), ("nbeta", nbeta)):
+        if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    loss_fn = loss_fn or default_loss_fn
+    obs_items = _observable_items(observables)
+    C, D = num_chains, num_draws
+    total_steps = num_burnin_steps + (D - 1) * num_steps_bw_draws + 1
+    hyper = dict(
+        lr=float(step_size),
+        nbeta=float(nbeta),
+        localization=float(localization),
+        weight_decay=float(weight_decay),
+        noise_level=float(noise_level),
+        bounding_box_size=None if bounding_box_size is None else float(bounding_box_size),
+    )
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameter with requires_grad=True")
+    patterns = [restrict_to] if isinstance(restrict_to, str) else list(restrict_to or [])
+    moving = [n for n, _ in named if not patterns or matches(n, patterns)]
+    if not moving:
+        raise ValueError(
+            f"restrict_to={restrict_to!r} matches no parameter; names are {[n for n, _ in named]}"
+        )
+    device = named[0][1].device
+    w_star = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dtypes = {n: t.dtype for n, t in w_star.items()}
+    fingerprint = dict(
+        num_chains=C,
+        num_draws=D,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+        seed=seed,
+        **hyper,
+        moving=moving,
+        shapes={n: list(w_star[n].shape) for n in moving},
+        w_star_checksum=[round(float(w_star[n].double().abs().sum()), 6) for n in moving],
+        observables=[n for n, _ in obs_items],
+        init_loss=init_loss,
+    )
+
+    # ---- state: fresh or from a checkpoint
+    ckpt = os.fspath(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and os.path.exists(ckpt):
+        st = _State.load(ckpt, C, D, fingerprint, device, dtypes)
+    else:
+        st = _State(C, D)
+    data_cache: dict = {}
+
+    # ---- L_n(w*) over several batches
+    if st.init_losses is None:
+        if init_loss is not None:
+            st.init_losses = np.array([float(init_loss)])
+        else:
+            k = num_init_loss_batches or max(4, C)
+            try:
+                k = min(k, len(loader))
+            except TypeError:
+                pass
+            stream = _ChainData(loader, chain_seed(seed, 0, stream=2), data_cache)
+            vals = []
+            with torch.no_grad():
+                for _ in range(k):
+                    vals.append(float(split_loss(loss_fn(model, _to_device(stream.next(), device)))))
+            st.init_losses = np.array(vals)
+            if not np.all(np.isfinite(st.init_losses)):
+                raise SamplingDivergedError(
+                    f"the loss at w* is not finite ({st.init_losses}): check the model and loss_fn",
+                    chain=-1,
+                    draw=-1,
+                    step=-1,
+                    step_size=step_size,
+                )
+
+    pbar = None
+    remaining = int(sum(total_steps - int(s) for s, dn in zip(st.next_step, st.done) if dn < D))
+    if not quiet and remaining:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=remaining, desc="SGLD", unit="step", mininterval=0.5, leave=False)
+
+    ctx = _Run(
+        model=model,
+        loader=loader,
+        loss_fn=loss_fn,
+        C=C,
+        D=D,
+        burnin=num_burnin_steps,
+        thin=num_steps_bw_draws,
+        total=total_steps,
+        hyper=hyper,
+        moving=moving,
+        w_star=w_star,
+        masks=masks,
+        seed=seed,
+        obs_items=obs_items,
+        callbacks=list(callbacks),
+        st=st,
+        ckpt=ckpt,
+        every=checkpoint_every,
+        fingerprint=fingerprint,
+        backend=backend,
+        pbar=pbar,
+        device=device,
+        data_cache=data_cache,
+    )
+    t0 = time.perf_counter()
+    try:
+        todo = [c for c in range(C) if st.done[c] < D]
+        same_step = len({int(st.next_step[c]) for c in todo}) <= 1
+        use_batched = batched
+        if use_batched is None:
+            use_batched = len(todo) > 1 and same_step
+        if use_batched and not same_step:
+            use_batched = False
+        if todo and use_batched:
+            try:
+                ctx.run_batched(todo)
+            except _VmapUnsupported as e:
+                if batched:
+                    raise RuntimeError(
+                        f"batched=True but the model or loss_fn does not run under vmap: {e}"
+                    ) from e
+                ctx.mode = "sequential"
+                ctx.run_sequential([c for c in range(C) if st.done[c] < D])
+        elif todo:
+            ctx.run_sequential(todo)
+    finally:
+        st.seconds += time.perf_counter() - t0
+        if pbar is not None:
+            pbar.close()
+    if ckpt is not None:
+        st.save(ckpt, fingerprint, ctx.mode)
+
+    loss = st.loss.copy()
+    res = SampleResult(
+        loss_trace=loss,
+        init_loss=float(np.mean(st.init_losses)),
+        init_losses=np.asarray(st.init_losses, dtype=np.float64),
+        observables={k: v.copy() for k, v in st.obs.items()},
+        config=dict(
+            num_chains=C,
+            num_draws=D,
+            num_burnin_steps=num_burnin_steps,
+            num_steps_bw_draws=num_steps_bw_draws,
+            seed=seed,
+            step_size=hyper["lr"],
+            nbeta=hyper["nbeta"],
+            localization=hyper["localization"],
+            weight_decay=hyper["weight_decay"],
+            noise_level=hyper["noise_level"],
+            bounding_box_size=hyper["bounding_box_size"],
+            restrict_to=patterns or None,
+        ),
+        r_hat=r_hat(loss),
+        ess=ess(loss),
+        seconds=st.seconds,
+        batched=ctx.mode == "batched",
+    )
+    if warn_nonstationary:
+        check_stationarity(loss)
+    return res
+
+
+class _VmapUnsupported(Exception):
+    pass
+
+
+class _Run:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.mode = "sequential"
+        self.cb_cache: dict = {}
+
+    # -- shared pieces
+    def is_draw(self, t: int) -> int:
+        """The draw index recorded at step ``t``, or -1."""
+        k = t - self.burnin
+        if k < 0 or k % self.thin:
+            return -1
+        return k // self.thin
+
+    def diverged(self, c: int, t: int, what: str) -> SamplingDivergedError:
+        d = self.is_draw(t)
+        where = (
+            f"during burn-in (step {t} of {self.burnin})"
+            if t < self.burnin
+            else f"at draw {d if d >= 0 else (t - self.burnin) // self.thin} (step {t})"
+        )
+        gamma = self.hyper["localization"]
+        msg = (
+            f"chain {c} diverged {where} with step_size={self.hyper['lr']:g}: {what}. The sampler stopped; no "
+            f"estimate is returned. Use a smaller step_size (lr) or a larger localization (now {gamma:g})"
+            + (", and delete the checkpoint before rerunning" if self.ckpt else "")
+            + "."
+        )
+        return SamplingDivergedError(msg, chain=c, draw=d, step=t, step_size=self.hyper["lr"])
+
+    def at_draw(self, c: int, d: int, t: int, lv: float, model_view, batch) -> None:
+        st = self.st
+        st.loss[c, d] = lv
+        if not (self.obs_items or self.callbacks):
+            return
+        obs_vals = {}
+        if self.obs_items:
+            with torch.no_grad():
+                for name, fn in self.obs_items:
+                    v = fn(model_view, batch)
+                    obs_vals[name] = v
+                    st.record_obs(name, c, d, v, self.C, self.D)
+        for cb in self.callbacks:
+            _call_with(
+                cb,
+                dict(chain=c, draw=d, step=t, loss=lv, model=model_view, batch=batch, observables=obs_vals),
+            )
+
+    def checkpoint_now(self, finished_draws: int) -> bool:
+        return self.ckpt is not None and (finished_draws % self.every == 0 or finished_draws == self.D)
+
+    # -- one chain after another
+    def run_sequential(self, chains: list[int]) -> None:
+        self.mode = "sequential"
+        st = self.st
+        work = copy.deepcopy(self.model)
+        wparams = dict(work.named_parameters())
+        for c in chains:
+            with torch.no_grad():
+                for n, p in wparams.items():
+                    p.copy_(self.w_star[n])
+                for n, t in st.params.get(c, {}).items():
+                    wparams[n].copy_(t)
+            opt = SGLD(
+                [(n, wparams[n]) for n in self.moving],
+                masks=self.masks,
+                seed=chain_seed(self.seed, c),
+                backend=self.backend,
+                **self.hyper,
+            )
+            opt.anchors = [self.w_star[n] for n in opt.param_names]
+            start = int(st.next_step[c])
+            opt.num_steps = start
+            if start:
+                opt._validated = True
+            data = _ChainData(self.loader, chain_seed(self.seed, c, stream=1), self.data_cache)
+            data.skip(start)
+            for t in range(start, self.total):
+                batch = _to_device(data.next(), self.device)
+                for p in opt.param_groups[0]["params"]:
+                    p.grad = None
+                loss = split_loss(self.loss_fn(work, batch))
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise self.diverged(c, t, f"the loss is {lv}")
+                d = self.is_draw(t)
+                if d >= 0:
+                    self.at_draw(c, d, t, lv, work, batch)
+                loss.backward()
+                try:
+                    opt.sgld_step()
+                except FloatingPointError as e:
+                    raise self.diverged(c, t, f"a gradient is not finite ({e})") from None
+                if self.pbar is not None:
+                    self.pbar.update(1)
+                if d >= 0:
+                    st.done[c], st.next_step[c] = d + 1, t + 1
+                    if self.checkpoint_now(d + 1):
+                        if d + 1 < self.D:
+                            st.params[c] = {n: wparams[n].detach().clone() for n in self.moving}
+                        else:
+                            st.params.pop(c, None)
+                        st.save(self.ckpt, self.fingerprint, self.mode)
+            for n in self.moving:
+                if not bool(torch.isfinite(wparams[n]).all()):
+                    raise self.diverged(c, self.total - 1, f"parameter {n} is not finite")
+            st.params.pop(c, None)
+
+    # -- all chains together
+    def run_batched(self, chains: list[int]) -> None:
+        st = self.st
+        C = len(chains)
+        base = self.model
+        frozen = {n: t for n, t in self.w_star.items() if n not in self.moving}
+        buffers = dict(base.named_buffers())
+        stacked = {}
+        for n in self.moving:
+            rows = [st.params.get(c, {}).get(n, self.w_star[n]) for c in chains]
+            stacked[n] = torch.stack([r.detach() for r in rows]).contiguous()
+        anchors = [self.w_star[n] for n in self.moving]
+        seeds = [chain_seed(self.seed, c) for c in chains]
+        start = int(st.next_step[chains[0]])
+        datas = [_ChainData(self.loader, chain_seed(self.seed, c, stream=1), self.data_cache) for c in chains]
+        for dd in datas:
+            dd.skip(start)
+        shared_data = datas[0].single is not None
+        loss_fn = self.loss_fn
+
+        def chain_loss(p, batch):
+            fm = _FunctionalModel(base, {**p, **frozen, **buffers})
+            return split_loss(loss_fn(fm, batch))
+
+        vloss = torch.func.vmap(chain_loss, in_dims=(0, None if shared_data else 0))
+        hk = dict(
+            step_size=self.hyper["lr"],
+            nbeta=self.hyper["nbeta"],
+            localization=self.hyper["localization"],
+            weight_decay=self.hyper["weight_decay"],
+            noise_scale=self.hyper["noise_level"],
+            bounding_box=self.hyper["bounding_box_size"],
+            masks=None if not self.masks else [self.masks.get(n) for n in self.moving],
+        )
+        step_fn = resolve_step_fn(self.device, self.backend)
+        views = [[stacked[n][i] for n in self.moving] for i in range(C)]
+        need_view = bool(self.obs_items or self.callbacks)
+        raw = getattr(step_fn, "__name__", "") == "raw"
+        shared_batch = _to_device(datas[0].single, self.device) if shared_data else None
+        for t in range(start, self.total):
+            if shared_data:
+                batches = [shared_batch] * C
+                vb = shared_batch
+            else:
+                batches = [_to_device(dd.next(), self.device) for dd in datas]
+                vb = tree_map(lambda *xs: torch.stack(xs), *batches)
+            leaves = {n: s.detach().requires_grad_(True) for n, s in stacked.items()}
+            if t == start and self.mode != "batched":
+                try:
+                    losses = vloss(leaves, vb)
+                    if losses.shape != (C,):
+                        raise _VmapUnsupported(
+                            f"loss_fn returned shape {tuple(losses.shape[1:])}, not a scalar"
+                        )
+                except _VmapUnsupported:
+                    raise
+                except Exception as e:  # noqa: BLE001 - anything vmap rejects means: run sequentially
+                    raise _VmapUnsupported(f"{type(e).__name__}: {e}") from e
+                self.mode = "batched"
+            else:
+                losses = vloss(leaves, vb)
+            lv = losses.detach().double().cpu().numpy()
+            bad = np.flatnonzero(~np.isfinite(lv))
+            if bad.size:
+                raise self.diverged(chains[bad[0]], t, f"the loss is {lv[bad[0]]}")
+            d = self.is_draw(t)
+            if d >= 0:
+                for i, c in enumerate(chains):
+                    view = None
+                    if need_view:
+                        view = _FunctionalModel(
+                            base, {**{n: s[i] for n, s in stacked.items()}, **frozen, **buffers}
+                        )
+                    self.at_draw(c, d, t, float(lv[i]), view, batches[i])
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+            per_chain = list(zip(*[g.unbind(0) for g in grads]))
+            with torch.no_grad():
+                if t == start or not raw:
+                    for i, c in enumerate(chains):
+                        try:
+                            if t == start:
+                                sgld_step_(
+                                    views[i],
+                                    list(per_chain[i]),
+                                    anchors,
+                                    seed=seeds[i],
+                                    step=t,
+                                    backend=self.backend,
+                                    **hk,
+                                )
+                            else:
+                                step_fn(views[i], list(per_chain[i]), anchors, seed=seeds[i], step=t, **hk)
+                        except FloatingPointError as e:
+                            raise self.diverged(c, t, f"a gradient is not finite ({e})") from None
+                else:
+                    flags = [
+                        step_fn(
+                            views[i], list(per_chain[i]), anchors, seed=seeds[i], step=t, check=False, **hk
+                        )
+                        for i in range(C)
+                    ]
+                    if bool(torch.stack(flags).any()):
+                        i = int(torch.nonzero(torch.stack(flags).any(dim=1))[0])
+                        raise self.diverged(chains[i], t, "a gradient is not finite")
+            if self.pbar is not None:
+                self.pbar.update(C)
+            if d >= 0:
+                for c in chains:
+                    st.done[c], st.next_step[c] = d + 1, t + 1
+                if self.checkpoint_now(d + 1):
+                    if d + 1 < self.D:
+                        for i, c in enumerate(chains):
+                            st.params[c] = {n: stacked[n][i].clone() for n in self.moving}
+                    else:
+                        for c in chains:
+                            st.params.pop(c, None)
+                    st.save(self.ckpt, self.fingerprint, self.mode)
+        for n, s in stacked.items():
+            finite = torch.isfinite(s.reshape(C, -1)).all(dim=1)
+            if not bool(finite.all()):
+                i = int(torch.nonzero(~finite)[0])
+                raise self.diverged(chains[i], self.total - 1, f"parameter {n} is not finite")
+        for c in chains:
+            st.params.pop(c, None)

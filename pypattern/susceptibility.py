@@ -1,0 +1,528 @@
+"""Susceptibilities and the Bayesian influence function, estimated as posterior covariances over SGLD draws.
+
+Definitions
+-----------
+Perturb the data distribution ``q -> q_h = (1 - h) q + h q'``. The population loss becomes
+``L_h = L + h (L' - L)``, and the localized tempered posterior ``p_h(w) ∝ exp(-nβ L_h(w) - γ/2 |w - w*|²)``
+responds to first order as (a fluctuation-dissipation identity)::
+
+    chi = d/dh E_h[phi] |_{h=0} = -nβ · Cov_posterior(phi, L' - L).
+
+For one probe sample or token ``z`` (``q'`` a point mass on ``z``): ``chi_z = -nβ · Cov(phi, l_z - L)``, where
+``l_z`` is ``z``'s loss and ``L`` the population loss, estimated here by the mean loss over the probe set (so a
+uniform re-weighting of the probe set has zero response). This is the **physics** convention
+(``convention="physics"``), the one patterning inverts.
+
+Component observables (structural inference): for a component ``C`` (an attention head, an MLP, the embedding,
+any set of weights given by masks) SGLD moves only ``C``'s weights, and ``phi_C`` is the loss on a fixed sampling
+batch minus its value at ``w*`` (or any callable of the model). One row of ``chi`` per component, one column per
+probe sample or token.
+
+The **devinterp** convention (``convention="devinterp"``, what devinterp 2.0.1 reports) has no ``nβ`` factor, and
+takes the baseline means from an additional unrestricted run ("full")::
+
+    chi_t = E_C[phi · Lbar] - E_C[phi · l_t] - E_C[phi] · (E_full[Lbar] - E_full[l_t])
+
+with ``Lbar`` the mean probe loss. Up to sign and the ``nβ`` factor it is the physics covariance when the
+restricted and unrestricted posteriors have the same means of ``Lbar`` and ``l_t``.
+
+Bayesian influence function: ``BIF(z_i, z_j) = -Cov_posterior(l_i, l_j)`` (or the correlation), from draws of
+the unrestricted posterior.
+
+Draws stream into :class:`~pypattern.ops.covariance.CrossCovariance` accumulators (float64, exactly mergeable),
+one per chain, so memory does not grow with the number of draws and the standard error over chains comes for free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ops.covariance import CrossCovariance
+from .sampling.results import load_npz, save_npz_atomic
+from .sampling.runner import default_loss_fn, sample, split_loss
+
+__all__ = ["susceptibilities", "bif", "SusceptibilityResult", "BIFResult", "PCAResult", "per_sample_losses"]
+
+
+# ------------------------------------------------------------------------------------------------ observables
+
+
+def per_sample_losses(model: nn.Module, batch) -> torch.Tensor:
+    """Default per-sample (or per-token) losses of ``model`` on a probe ``batch``.
+
+    * a token tensor ``(batch, pos)`` and a model whose forward takes ``return_type="per_token_loss"`` (pypattern's
+      :class:`~pypattern.models.transformer.Transformer`): next-token losses ``(batch, pos - 1)``;
+    * ``(x, y)`` with integer ``y``: cross-entropy per sample ``(batch,)`` (per token if the logits have a sequence
+      axis); ``(x, y)`` with float ``y``: squared error averaged over the non-batch axes ``(batch,)``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return model(batch, return_type="per_token_loss")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+        out = model(x)
+        if not y.is_floating_point():
+            if out.dim() == 3:  # (batch, pos, vocab)
+                return nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none")
+            return nn.functional.cross_entropy(out, y, reduction="none")
+        err = (out - y) ** 2
+        return err.reshape(err.shape[0], -1).mean(1)
+    raise TypeError(
+        "probe must be a token tensor (batch, pos) or a pair (x, y); pass per_sample_loss_fn for other batches"
+    )
+
+
+def _flat(v: torch.Tensor, n: int | None, what: str) -> torch.Tensor:
+    v = v.detach().reshape(-1).to(torch.float64)
+    if n is not None and v.numel() != n:
+        raise ValueError(
+            f"{what} returned {v.numel()} values at a draw but {n} at w*: its shape must not change"
+        )
+    if not torch.isfinite(v).all():
+        raise FloatingPointError(f"{what} returned a non-finite value at a draw (a diverging chain?)")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+class _Npz:
+    def save(self, path: str | os.PathLike) -> None:
+        arrays, meta = {}, {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, np.ndarray):
+                arrays[f.name] = v
+            else:
+                meta[f.name] = v
+        save_npz_atomic(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        arrays, meta = load_npz(path)
+        return cls(**arrays, **meta)
+
+
+@dataclasses.dataclass
+class PCAResult:
+    """Principal susceptibility directions.
+
+    Attributes
+    ----------
+    directions : ndarray (n_pcs, num_components)
+        Unit vectors over components (rows), in decreasing order of explained variance.
+    explained_variance, explained_variance_ratio : ndarray (n_pcs,)
+    scores : ndarray (num_probe, n_pcs)
+        Per-sample/per-token coordinates: the centred (and, with whitening, scaled) columns of chi projected on
+        the directions.
+    scale : ndarray (num_components,)
+        The per-component scale divided out before the SVD (ones without whitening).
+    """
+
+    directions: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    scores: np.ndarray
+    scale: np.ndarray
+    mean: np.ndarray
+
+
+@dataclasses.dataclass
+class SusceptibilityResult(_Npz):
+    """Susceptibility matrix ``chi`` with its standard error over chains.
+
+    Attributes
+    ----------
+    chi : ndarray (num_components, num_probe)
+        Pooled over all chains' draws.
+    chi_se : ndarray (num_components, num_probe)
+        Standard error: standard deviation of the per-chain estimates / sqrt(num_chains).
+    chi_chains : ndarray (num_components, num_chains, num_probe)
+    components : list of str
+    probe_sample, probe_position, probe_token : ndarray (num_probe,)
+        Which probe sample (and, for per-token losses, which predicted position and token) each column is;
+        position and token are -1 for per-sample losses.
+    phi_mean, loss_mean : ndarray (num_components,), (num_components, num_probe)
+        Posterior means of the observable and of the probe losses under each component's run.
+    """
+
+    chi: np.ndarray
+    chi_se: np.ndarray
+    chi_chains: np.ndarray
+    components: list
+    probe_sample: np.ndarray
+    probe_position: np.ndarray
+    probe_token: np.ndarray
+    phi_mean: np.ndarray
+    loss_mean: np.ndarray
+    convention: str
+    nbeta: float
+    num_chains: int
+    num_draws: int
+    settings: dict
+
+    def pca(self, n_components: int | None = None, *, whiten: bool = False) -> PCAResult:
+        """PCA of the probe points in component space (``chi.T``: one row per probe point, one feature per
+        component), centred over probe points; ``whiten=True`` first scales each component to unit variance."""
+        x = self.chi.T.astype(np.float64)
+        mean = x.mean(0)
+        xc = x - mean
+        scale = xc.std(0, ddof=1) if whiten and x.shape[0] > 1 else np.ones(x.shape[1])
+        scale = np.where(scale > 0, scale, 1.0)
+        xc = xc / scale
+        u, s, vt = np.linalg.svd(xc, full_matrices=False)
+        k = len(s) if n_components is None else min(int(n_components), len(s))
+        var = s**2 / max(x.shape[0] - 1, 1)
+        total = var.sum()
+        # fix the sign: the largest-magnitude loading of each direction is positive
+        signs = np.sign(vt[np.arange(len(s)), np.abs(vt).argmax(1)])
+        signs[signs == 0] = 1
+        vt, u = vt * signs[:, None], u * signs[None, :]
+        return PCAResult(
+            directions=vt[:k],
+            explained_variance=var[:k],
+            explained_variance_ratio=var[:k] / total if total > 0 else np.zeros(k),
+            scores=(u * s)[:, :k],
+            scale=scale,
+            mean=mean,
+        )
+
+    def to_pandas(self):
+        """Long table: one row per (component, probe point) with chi and its standard error."""
+        import pandas as pd
+
+        k, n = self.chi.shape
+        return pd.DataFrame(
+            {
+                "component": np.repeat(np.asarray(self.components, dtype=object), n),
+                "probe_sample": np.tile(self.probe_sample, k),
+                "probe_position": np.tile(self.probe_position, k),
+                "probe_token": np.tile(self.probe_token, k),
+                "chi": self.chi.reshape(-1),
+                "chi_se": self.chi_se.reshape(-1),
+            }
+        )
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """Heatmap of chi (components x probe points) and the probe points on the first two principal
+        directions. Returns the matplotlib figure; writes it to ``path`` if given."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
+        lim = np.abs(self.chi).max() or 1.0
+        im = ax0.imshow(self.chi, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax0.set_yticks(range(len(self.components)), self.components, fontsize=7)
+        ax0.set_xlabel("probe sample / token")
+        ax0.set_title(f"susceptibilities ({self.convention} convention)")
+        fig.colorbar(im, ax=ax0)
+        if self.chi.shape[0] >= 2 and self.chi.shape[1] >= 3:
+            p = self.pca(2)
+            ax1.scatter(p.scores[:, 0], p.scores[:, 1], s=6, c=self.probe_position, cmap="viridis")
+            r = p.explained_variance_ratio
+            ax1.set_xlabel(f"PC1 ({100 * r[0]:.0f}%)")
+            ax1.set_ylabel(f"PC2 ({100 * r[1]:.0f}%)")
+            ax1.set_title("probe points on the principal directions")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+@dataclasses.dataclass
+class BIFResult(_Npz):
+    """Bayesian influence ``-Cov(l_i, l_j)`` (and the correlation) between probe points.
+
+    Attributes
+    ----------
+    bif : ndarray (num_probe, num_probe)
+    corr : ndarray (num_probe, num_probe)
+        Pearson correlation of the losses (devinterp's default reports this one, with the minus sign).
+    """
+
+    bif: np.ndarray
+    corr: np.ndarray
+    loss_mean: np.ndarray
+    probe_sample: np.ndarray
+    probe_position: np.ndarray
+    probe_token: np.ndarray
+    num_chains: int
+    num_draws: int
+    settings: dict
+
+
+# ------------------------------------------------------------------------------------------------ estimators
+
+
+def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.Tensor] | None]:
+    """(restrict_to names, masks) for one component: a name known to ``model.component_masks``, a mapping
+    ``{param_name: mask}``, or a list of parameter names (whole tensors)."""
+    if isinstance(comp, Mapping):
+        masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in comp.items()}
+        return list(masks), masks
+    if isinstance(comp, str):
+        if hasattr(model, "component_masks"):
+            masks = model.component_masks(comp)
+        else:
+            from .models.transformer import component_masks
+
+            masks = component_masks(model, comp)
+        whole = all(bool(m.all()) for m in masks.values())
+        return list(masks), None if whole else masks
+    if isinstance(comp, Sequence):
+        names = [str(n) for n in comp]
+        params = dict(model.named_parameters())
+        bad = [n for n in names if n not in params]
+        if bad:
+            raise ValueError(f"component parameter names {bad} are not parameters of the model")
+        return names, None
+    raise TypeError(f"a component must be a name, a list of parameter names or a dict of masks, got {comp!r}")
+
+
+def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if losses.dim() == 2 and isinstance(probe, torch.Tensor) and probe.dim() == 2:
+        b, t = losses.shape
+        sample_idx = np.repeat(np.arange(b), t)
+        pos = np.tile(np.arange(1, t + 1), b)  # the predicted position
+        tok = probe[:, 1 : t + 1].reshape(-1).cpu().numpy()
+        return sample_idx, pos, tok.astype(np.int64)
+    if losses.dim() == 2:
+        b, t = losses.shape
+        return np.repeat(np.arange(b), t), np.tile(np.arange(t), b), -np.ones(b * t, dtype=np.int64)
+    n = losses.numel()
+    return np.arange(n), -np.ones(n, dtype=np.int64), -np.ones(n, dtype=np.int64)
+
+
+def _sampler_kwargs(kw: dict) -> dict:
+    allowed = {
+        "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
+        "weight_decay", "noise_level", "bounding_box_size", "optimizer_kwargs", "seed", "batched", "quiet",
+        "backend", "num_init_loss_batches", "warn_nonstationary",
+    }  # fmt: skip
+    bad = set(kw) - allowed
+    if bad:
+        raise TypeError(f"unknown sampler settings {sorted(bad)}; valid: {sorted(allowed)}")
+    return kw
+
+
+def _run_component(model, loader, loss_fn, restrict, masks, callback, kw):
+    return sample(
+        model, loader, loss_fn=loss_fn, restrict_to=restrict, masks=masks, callbacks=[callback], **kw
+    )
+
+
+def susceptibilities(
+    model: nn.Module,
+    loader,
+    probe,
+    components: Sequence | Mapping[str, Any],
+    *,
+    loss_fn: Callable | None = None,
+    per_sample_loss_fn: Callable = per_sample_losses,
+    observable: Callable | None = None,
+    sampling_batch=None,
+    convention: str = "physics",
+    per_token: bool = True,
+    **sampler_settings,
+) -> SusceptibilityResult:
+    """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
+
+    Parameters
+    ----------
+    model : nn.Module
+        At the trained weights ``w*``; not modified.
+    loader : iterable of batches
+        Training data the SGLD chains draw from (its batch-mean loss drives them).
+    probe : batch
+        Probe samples: a token tensor ``(batch, pos)`` (per-token losses) or ``(x, y)``.
+    components : list or dict
+        Each entry a component name (``"blocks.0.attn.head.1"``, ``"blocks.1.mlp"``, ``"embed"``, ... for
+        pypattern's transformer, or a parameter-name prefix), a list of parameter names, or ``{param_name: mask}``;
+        a dict maps display names to such entries.
+    loss_fn : callable(model, batch) -> loss, optional
+        Batch-mean training loss for the sampler (default as in :func:`pypattern.sample`).
+    per_sample_loss_fn : callable(model, probe) -> Tensor
+        Per-sample ``(B,)`` or per-token ``(B, T)`` losses on the probe.
+    observable : callable(model) -> scalar, optional
+        ``phi``; default: ``loss_fn`` on ``sampling_batch`` (default: the first batch of ``loader``) minus its
+        value at ``w*``.
+    convention : {"physics", "devinterp"}
+        See the module docstring.
+    per_token : bool
+        Keep one column per token (True) or average each probe sample's token losses (False).
+    **sampler_settings
+        ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
+        ``localization``, ``seed``, ... as in :func:`pypattern.sample`.
+
+    Returns
+    -------
+    SusceptibilityResult
+    """
+    if convention not in ("physics", "devinterp"):
+        raise ValueError(f"convention must be 'physics' or 'devinterp', got {convention!r}")
+    kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    if isinstance(components, Mapping):
+        names, specs = list(components), list(components.values())
+    else:
+        specs = list(components)
+        names = [c if isinstance(c, str) else f"component_{i}" for i, c in enumerate(specs)]
+    if not specs:
+        raise ValueError("components is empty: give at least one component")
+    lf = loss_fn or default_loss_fn
+    if sampling_batch is None:
+        sampling_batch = next(iter(loader))
+
+    def losses_of(m) -> torch.Tensor:
+        v = per_sample_loss_fn(m, probe)
+        if not per_token and v.dim() == 2:
+            v = v.mean(1)
+        return v
+
+    def phi_of(m) -> torch.Tensor:
+        if observable is not None:
+            return torch.as_tensor(observable(m), dtype=torch.float64)
+        return split_loss(lf(m, sampling_batch)).detach().to(torch.float64)
+
+    with torch.no_grad():
+        l0 = losses_of(model)
+        phi0 = phi_of(model).reshape(())
+    n = l0.numel()
+    if n == 0:
+        raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
+    meta = _probe_meta(probe, l0)
+    C = int(kw["num_chains"])
+
+    def run_accumulators(restrict, masks):
+        accs = [CrossCovariance(1, n + 1, track_auto="none") for _ in range(C)]
+
+        def cb(chain, model):
+            with torch.no_grad():
+                lz = _flat(losses_of(model), n, "per_sample_loss_fn")
+                ph = _flat(phi_of(model), 1, "observable") - phi0.to(torch.float64)
+            accs[chain].update(ph.reshape(1, 1), torch.cat([lz, lz.mean().reshape(1)]).reshape(1, -1))
+
+        res = _run_component(model, loader, loss_fn, restrict, masks, cb, kw)
+        return accs, res
+
+    full_means = None
+    if convention == "devinterp":
+        accs, _ = run_accumulators(None, None)
+        pooled = _pool(accs)
+        full_means = pooled.mean_b.numpy()  # E_full[l_t], E_full[Lbar]
+    nbeta_used = None
+    chi = np.zeros((len(specs), n))
+    chi_chains = np.zeros((len(specs), C, n))
+    phi_mean = np.zeros(len(specs))
+    loss_mean = np.zeros((len(specs), n))
+    for k, spec in enumerate(specs):
+        restrict, masks = _component_spec(model, spec)
+        accs, res = run_accumulators(restrict, masks)
+        nbeta_used = float(res.config["nbeta"])
+        pooled = _pool(accs)
+        chi[k] = _chi_from(pooled, convention, nbeta_used, full_means)
+        for c, acc in enumerate(accs):
+            chi_chains[k, c] = _chi_from(acc, convention, nbeta_used, full_means)
+        phi_mean[k] = float(pooled.mean_a[0]) + float(phi0)
+        loss_mean[k] = pooled.mean_b[:n].numpy()
+    se = chi_chains.std(1, ddof=1) / np.sqrt(C) if C > 1 else np.full_like(chi, np.nan)
+    return SusceptibilityResult(
+        chi=chi,
+        chi_se=se,
+        chi_chains=chi_chains,
+        components=names,
+        probe_sample=meta[0],
+        probe_position=meta[1],
+        probe_token=meta[2],
+        phi_mean=phi_mean,
+        loss_mean=loss_mean,
+        convention=convention,
+        nbeta=float(nbeta_used),
+        num_chains=C,
+        num_draws=int(kw["num_draws"]),
+        settings={k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    )
+
+
+def _sampler_settings_defaults(kw: dict) -> dict:
+    kw.setdefault("num_chains", 4)
+    kw.setdefault("num_draws", 200)
+    kw.setdefault("quiet", True)
+    return kw
+
+
+def _pool(accs: Sequence[CrossCovariance]) -> CrossCovariance:
+    out = CrossCovariance(accs[0].k, accs[0].n, track_auto=accs[0].track_auto)
+    for a in accs:
+        out.merge(a)
+    return out
+
+
+def _chi_from(acc: CrossCovariance, convention: str, nbeta: float, full_means) -> np.ndarray:
+    """One row of chi from an accumulator over (phi) x (l_1..l_N, Lbar)."""
+    cov = acc.cov(ddof=1)[0].numpy()  # Cov(phi, l_z) for z = 1..N, then Cov(phi, Lbar)
+    if convention == "physics":
+        return -nbeta * (cov[:-1] - cov[-1])
+    # devinterp: E[phi Lbar] - E[phi l_t] - E[phi] (E_full[Lbar] - E_full[l_t]); E[phi X] from the population
+    # covariance and the means
+    cnt = acc.count
+    cov_pop = cov * (cnt - 1) / cnt
+    ma = float(acc.mean_a[0])
+    mb = acc.mean_b.numpy()
+    e_phi_x = cov_pop + ma * mb
+    return e_phi_x[-1] - e_phi_x[:-1] - ma * (full_means[-1] - full_means[:-1])
+
+
+def bif(
+    model: nn.Module,
+    loader,
+    probe,
+    *,
+    loss_fn: Callable | None = None,
+    per_sample_loss_fn: Callable = per_sample_losses,
+    per_token: bool = True,
+    **sampler_settings,
+) -> BIFResult:
+    """Bayesian influence function ``BIF(z_i, z_j) = -Cov(l_i, l_j)`` over draws of the (unrestricted) localized
+    posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws)."""
+    kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+
+    def losses_of(m) -> torch.Tensor:
+        v = per_sample_loss_fn(m, probe)
+        if not per_token and v.dim() == 2:
+            v = v.mean(1)
+        return v
+
+    with torch.no_grad():
+        l0 = losses_of(model)
+    n = l0.numel()
+    if n == 0:
+        raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
+    acc = CrossCovariance(n, n, track_auto="var")
+
+    def cb(model):
+        with torch.no_grad():
+            lz = _flat(losses_of(model), n, "per_sample_loss_fn").reshape(1, -1)
+        acc.update(lz, lz)
+
+    sample(model, loader, loss_fn=loss_fn, callbacks=[cb], **kw)
+    meta = _probe_meta(probe, l0)
+    return BIFResult(
+        bif=-acc.cov(ddof=1).numpy(),
+        corr=acc.corr().numpy(),
+        loss_mean=acc.mean_b.numpy(),
+        probe_sample=meta[0],
+        probe_position=meta[1],
+        probe_token=meta[2],
+        num_chains=int(kw["num_chains"]),
+        num_draws=int(kw["num_draws"]),
+        settings={k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    )

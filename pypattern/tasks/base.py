@@ -1,0 +1,89 @@
+"""Common interface of the synthetic tasks: a batch of token sequences with per-position targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TaskBatch", "Task", "per_sample_loss", "IGNORE"]
+
+IGNORE = -100
+
+
+@dataclass
+class TaskBatch:
+    """Token sequences and their targets.
+
+    Attributes
+    ----------
+    tokens : LongTensor ``(num_samples, pos)``
+    targets : LongTensor ``(num_samples, pos)``
+        The token the model should output *at* each position (``IGNORE`` = -100 where there is no loss).
+    extra : dict[str, Tensor]
+        Task-specific per-sample tensors with leading dimension ``num_samples`` (labels, flags, ...).
+    """
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, idx) -> TaskBatch:
+        return TaskBatch(self.tokens[idx], self.targets[idx], {k: v[idx] for k, v in self.extra.items()})
+
+    def to(self, device) -> TaskBatch:
+        return TaskBatch(
+            self.tokens.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.extra.items()}
+        )
+
+
+def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each sample's scored positions.
+
+    Parameters
+    ----------
+    logits : ``(num_samples, pos, d_vocab)``
+    targets : ``(num_samples, pos)`` with ``IGNORE`` where unscored
+
+    Returns
+    -------
+    Tensor ``(num_samples,)``
+    """
+    mask = targets != IGNORE
+    ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+class Task:
+    """A synthetic task: ``sample(num_samples, seed)`` returns a :class:`TaskBatch`."""
+
+    name: str = "task"
+    d_vocab: int
+    n_ctx: int
+
+    def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
+        raise NotImplementedError
+
+    def model_config(self, **overrides):
+        """A :class:`~pypattern.models.TransformerConfig` that learns this task in seconds on a CPU."""
+        raise NotImplementedError
+
+    def per_sample_loss(self, logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        return per_sample_loss(logits, batch.targets)
+
+    @torch.no_grad()
+    def accuracy(self, model, batch: TaskBatch) -> float:
+        """Fraction of scored positions where the argmax equals the target."""
+        pred = model(batch.tokens).argmax(-1)
+        mask = batch.targets != IGNORE
+        return float(((pred == batch.targets) & mask).sum() / mask.sum())
+
+
+def _gen(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+    return g

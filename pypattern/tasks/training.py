@@ -1,0 +1,98 @@
+"""A small training loop for the synthetic tasks, with optional per-sample loss weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import Task, TaskBatch, _gen
+
+__all__ = ["train", "TrainResult"]
+
+
+@dataclass
+class TrainResult:
+    """Losses logged during :func:`train` (``steps`` and the weighted training ``losses``)."""
+
+    steps: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+
+
+def train(
+    model: torch.nn.Module,
+    task: Task,
+    steps: int = 500,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    data: TaskBatch | None = None,
+    num_samples: int | None = None,
+    sample_weights: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
+    seed: int = 0,
+    log_every: int = 10,
+    callback: Callable[[int, torch.nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``task`` with AdamW.
+
+    Parameters
+    ----------
+    batch_size, lr : optional
+        Default to the task's ``default_batch_size`` / ``default_lr`` (64 and 3e-3 unless the task says).
+    data : TaskBatch, optional
+        A fixed training set; with ``num_samples`` one is drawn from the task; with neither, every step draws
+        a fresh batch (online training).
+    sample_weights : Tensor ``(num_samples,)`` or callable ``step -> Tensor``, optional
+        Non-negative per-sample loss weights over the fixed training set (requires ``data`` or
+        ``num_samples``); normalised to mean 1, the minibatch loss is ``mean(w_i * loss_i)``, an unbiased
+        estimate of the re-weighted data distribution's loss. A callable is called at every step (online
+        re-weighting).
+    callback : callable ``(step, model)``, optional
+        Called after every step.
+
+    Returns
+    -------
+    TrainResult
+    """
+    if steps < 0:
+        raise ValueError(f"steps={steps} is not valid; give >= 0")
+    if data is None and num_samples is not None:
+        data = task.sample(num_samples, seed=seed + 1)
+    if sample_weights is not None and data is None:
+        raise ValueError("sample_weights needs a fixed training set: pass data=... or num_samples=...")
+    batch_size = batch_size if batch_size is not None else getattr(task, "default_batch_size", 64)
+    lr = lr if lr is not None else getattr(task, "default_lr", 3e-3)
+    g = _gen(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    res = TrainResult()
+    model.train()
+    for step in range(steps):
+        if data is None:
+            batch = task.sample(batch_size, seed=int(torch.randint(0, 2**62, (), generator=g)))
+            w = None
+        else:
+            idx = torch.randint(0, len(data), (batch_size,), generator=g)
+            batch = data[idx]
+            w = None
+            if sample_weights is not None:
+                sw = sample_weights(step) if callable(sample_weights) else sample_weights
+                sw = torch.as_tensor(sw, dtype=torch.float64)
+                if sw.shape != (len(data),) or bool((sw < 0).any()) or float(sw.sum()) <= 0:
+                    raise ValueError(
+                        f"sample_weights has shape {tuple(sw.shape)} (min {float(sw.min()):.3g}); give "
+                        f"{len(data)} non-negative weights with a positive sum"
+                    )
+                w = (sw / sw.mean())[idx]
+        per = task.per_sample_loss(model(batch.tokens), batch)
+        loss = per.mean() if w is None else (per * w.to(per.dtype)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            res.steps.append(step)
+            res.losses.append(float(loss.detach()))
+        if callback is not None:
+            callback(step, model)
+    model.eval()
+    return res

@@ -1,0 +1,355 @@
+"""Known learning coefficients, and small models whose learning coefficient is known.
+
+Users calibrate their sampler hyperparameters here: a model with a known answer, estimated with the same
+hyperparameters as the real model, shows how far the estimator is from the truth.
+
+Formulas
+--------
+* Regular model with ``d`` parameters: ``lambda = d / 2``.
+* Normal crossing ``K(w) = prod_i w_i^(2 k_i)``: ``lambda = min_i 1 / (2 k_i)``; its multiplicity is the number
+  of ``i`` attaining the minimum.
+* Deep linear networks (and reduced-rank regression, the case of two weight matrices): Aoyagi's closed form
+  (M. Aoyagi, "Consideration on the learning efficiency of multiple-layered neural networks with linear units",
+  Neural Networks 2024), see :func:`dln_learning_coefficient`.
+
+Models
+------
+:class:`NormalCrossing`, :class:`DeepLinearNetwork` and :func:`make_regression_data` build models whose empirical
+loss equals the population loss ``K(w)`` exactly (orthonormal design, noise-free targets), so the estimator's
+target is the tempered posterior of ``K`` itself, with no finite-sample fluctuation.
+:func:`make_teacher_task` builds the MLP teacher-student classification task used by the demo and the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DeepLinearNetwork",
+    "NormalCrossing",
+    "dln_learning_coefficient",
+    "localized_normal_crossing_expectation",
+    "make_normal_crossing_data",
+    "make_regression_data",
+    "make_teacher_task",
+    "normal_crossing_learning_coefficient",
+    "regular_learning_coefficient",
+    "rrr_learning_coefficient",
+    "train",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formulas
+# ----------------------------------------------------------------------------------------------------------------
+def regular_learning_coefficient(num_params: int) -> float:
+    """``d / 2`` for a regular (identifiable, non-degenerate Fisher information) model with ``d`` parameters."""
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be an int >= 0, got {num_params!r}")
+    return num_params / 2
+
+
+def normal_crossing_learning_coefficient(powers: Sequence[int]) -> float:
+    """Learning coefficient of ``K(w) = prod_i w_i^(2 k_i)`` at ``w = 0``: ``min_i 1 / (2 k_i)``.
+
+    Parameters
+    ----------
+    powers : sequence of int
+        The exponents ``k_i >= 1``, one per parameter, e.g. ``[1, 2]`` (-> 0.25).
+    """
+    powers = list(powers)
+    if not powers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in powers):
+        raise ValueError(f"powers must be a non-empty sequence of ints >= 1, got {powers!r}")
+    return 1.0 / (2 * max(powers))
+
+
+def _aoyagi(widths: Sequence[int], rank: int) -> tuple[Fraction, int]:
+    H = list(widths)
+    if len(H) < 2:
+        raise ValueError(f"widths must list at least input and output sizes, got {H!r}")
+    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in H):
+        raise ValueError(f"widths must be ints >= 1, got {H!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(H):
+        raise ValueError(f"rank must be an int in [0, min(widths)] = [0, {min(H)}], got {rank!r}")
+    r = rank
+    M = sorted(h - r for h in H)
+    L = len(H) - 1  # number of weight matrices
+    base = Fraction(-r * r + r * (H[0] + H[-1]), 2)
+    for ell in range(1, L + 1):
+        S, rest = M[: ell + 1], M[ell + 1 :]
+        s = sum(S)
+        if rest and not max(S) < min(rest):
+            continue
+        if s < ell * max(S):
+            continue
+        if rest and not s < ell * min(rest):
+            continue
+        a = s - (math.ceil(Fraction(s, ell)) - 1) * ell
+        pairs = sum(S[i] * S[j] for i in range(len(S)) for j in range(i + 1, len(S)))
+        lam = (
+            base
+            + Fraction(a * (ell - a), 4 * ell)
+            - Fraction(ell * (ell - 1), 4) * Fraction(s, ell) ** 2
+            + Fraction(pairs, 2)
+        )
+        return lam, a * (ell - a) + 1
+    raise AssertionError(
+        f"no index set satisfies Aoyagi's conditions for widths {H}, rank {r}"
+    )  # pragma: no cover
+
+
+def dln_learning_coefficient(widths: Sequence[int], rank: int = 0, *, multiplicity: bool = False):
+    """Aoyagi's learning coefficient of a deep linear network ``W_L ... W_1`` at a teacher of rank ``rank``.
+
+    With ``H_0`` the input size, ``H_1 .. H_{L-1}`` the hidden sizes, ``H_L`` the output size and
+    ``M_i = H_i - r``: take ``S`` the ``l + 1`` smallest ``M_i`` (``l >= 1`` the first that works) such that
+    ``max_S M < min_{not S} M``, ``sum_S M >= l * max_S M`` and ``sum_S M < l * min_{not S} M``; with
+    ``a = sum_S M - (ceil(sum_S M / l) - 1) * l``::
+
+        lambda = (-r^2 + r (H_0 + H_L)) / 2 + a (l - a) / (4 l) - l (l - 1) / 4 * (sum_S M / l)^2
+                 + 1/2 * sum_{i<j in S} M_i M_j
+
+    and the multiplicity is ``a (l - a) + 1``. Two matrices (``widths = (input, hidden, output)``) are
+    reduced-rank regression.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        ``(H_0, H_1, ..., H_L)``, length ``L + 1 >= 2``.
+    rank : int
+        Rank ``r`` of the teacher's product matrix, ``0 <= r <= min(widths)``.
+    multiplicity : bool
+        Also return the multiplicity ``m``.
+
+    Returns
+    -------
+    float, or (float, int) when ``multiplicity``.
+
+    Examples
+    --------
+    >>> dln_learning_coefficient((5, 3, 5))
+    6.5
+    """
+    lam, m = _aoyagi(widths, rank)
+    return (float(lam), m) if multiplicity else float(lam)
+
+
+def rrr_learning_coefficient(input_dim: int, hidden_dim: int, output_dim: int, rank: int = 0) -> float:
+    """Reduced-rank regression ``y = B A x`` (``A``: hidden x input, ``B``: output x hidden) at a rank-``rank``
+    teacher, by Aoyagi and Watanabe's (2005) case formula (an independent check of :func:`dln_learning_coefficient`).
+    """
+    M, H, N, r = input_dim, hidden_dim, output_dim, rank
+    _aoyagi((M, H, N), r)  # validates
+    if N + r <= M + H and M + r <= N + H and H + r <= M + N:
+        num = 2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2
+        if (M + H + N + r) % 2 == 1:
+            num += 1
+        return num / 8
+    if M + H < N + r:
+        return (H * M - H * r + N * r) / 2
+    if N + H < M + r:
+        return (H * N - H * r + M * r) / 2
+    return (M * N) / 2  # M + N < H + r
+
+
+def localized_normal_crossing_expectation(
+    powers: Sequence[int], nbeta: float, localization: float, *, grid: int = 3001, width: float = 8.0
+) -> float:
+    """``E[nbeta * K(w)]`` under ``p(w) ~ exp(-nbeta K(w) - localization/2 |w|^2)``, ``K = prod w_i^(2 k_i)``,
+    for two parameters, by quadrature on a grid of ``grid^2`` points over ``|w_i| <= width / sqrt(localization)``.
+
+    This is the exact value the LLC estimator targets at these hyperparameters (its bias to the learning
+    coefficient comes from the finite ``nbeta``, not from the sampler). float64, about 0.2 s.
+    """
+    k = [int(p) for p in powers]
+    if len(k) != 2:
+        raise ValueError(f"powers must have length 2 for the quadrature, got {powers!r}")
+    if nbeta <= 0 or localization <= 0:
+        raise ValueError(f"nbeta and localization must be > 0, got {nbeta}, {localization}")
+    half = width / math.sqrt(localization)
+    # symmetric in each coordinate: integrate over the positive quadrant on a grid refined near 0
+    u = torch.linspace(0, 1, grid, dtype=torch.float64) ** 3 * half
+    du = torch.gradient(u)[0]
+    w1, w2 = torch.meshgrid(u, u, indexing="ij")
+    K = w1 ** (2 * k[0]) * w2 ** (2 * k[1])
+    logp = -nbeta * K - 0.5 * localization * (w1**2 + w2**2)
+    wt = torch.exp(logp - logp.max()) * du[:, None] * du[None, :]
+    return float((wt * nbeta * K).sum() / wt.sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+class NormalCrossing(nn.Module):
+    """``f(x) = (prod_i w_i^k_i) * x`` with ``w`` of shape ``(len(powers),)``, initialised at the singularity 0.
+
+    With MSE on :func:`make_normal_crossing_data` the loss is exactly ``K(w) = prod w_i^(2 k_i)``.
+    """
+
+    def __init__(self, powers: Sequence[int], *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        normal_crossing_learning_coefficient(powers)  # validates
+        self.weight = nn.Parameter(torch.zeros(len(powers), dtype=dtype))
+        self.register_buffer("powers", torch.tensor(list(powers), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(batch, 1)`` -> ``(batch, 1)``."""
+        return torch.prod(self.weight**self.powers) * x
+
+
+def make_normal_crossing_data(n: int = 2, *, dtype: torch.dtype = torch.float32):
+    """A dataset with ``mean(x^2) = 1`` and ``y = 0`` exactly: ``x = +-1``. Shapes ``(n, 1)``, ``n`` even."""
+    if n < 2 or n % 2:
+        raise ValueError(f"n must be an even int >= 2, got {n}")
+    x = torch.ones(n, 1, dtype=dtype)
+    x[1::2] = -1
+    return torch.utils.data.TensorDataset(x, torch.zeros(n, 1, dtype=dtype))
+
+
+class DeepLinearNetwork(nn.Module):
+    """``x -> W_L ... W_1 x`` with widths ``(H_0, ..., H_L)``, no biases. Parameters ``layers.{i}.weight``."""
+
+    def __init__(self, widths: Sequence[int], *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        _aoyagi(widths, 0)  # validates
+        self.widths = tuple(widths)
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, bias=False, dtype=dtype) for a, b in zip(self.widths[:-1], self.widths[1:])
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(batch, H_0)`` -> ``(batch, H_L)``."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def product(self) -> torch.Tensor:
+        """The end-to-end matrix, shape ``(H_L, H_0)``."""
+        out = self.layers[0].weight
+        for layer in self.layers[1:]:
+            out = layer.weight @ out
+        return out
+
+    @torch.no_grad()
+    def set_teacher(self, rank: int, *, seed: int = 0, scale: float = 1.0) -> DeepLinearNetwork:
+        """Set the weights to a factorisation of a random rank-``rank`` product (a true parameter)."""
+        _aoyagi(self.widths, rank)
+        g = torch.Generator().manual_seed(seed)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            out_f, in_f = layer.weight.shape
+            w = torch.zeros(out_f, in_f, dtype=layer.weight.dtype)
+            if rank and i == 0:
+                w[:rank, :] = torch.randn(rank, in_f, generator=g, dtype=w.dtype) * scale
+            elif rank and i == last:
+                w[:, :rank] = torch.randn(out_f, rank, generator=g, dtype=w.dtype) * scale
+            elif rank:
+                w[:rank, :rank] = torch.eye(rank, dtype=w.dtype)
+            if rank and last == 0:
+                w = torch.randn(out_f, rank, generator=g, dtype=w.dtype) @ torch.randn(
+                    rank, in_f, generator=g, dtype=w.dtype
+                )
+            layer.weight.copy_(w)
+        return self
+
+
+def make_regression_data(
+    model: nn.Module, in_features: int, n: int | None = None, *, dtype: torch.dtype = torch.float32
+):
+    """Noise-free data ``y = model(x)`` on an orthonormal design (``X^T X / n = I`` exactly, ``n`` a multiple of
+    ``in_features``; default ``2 * in_features``), so that for a linear student the MSE loss (mean over batch and
+    output) is exactly ``|W - W_teacher|_F^2 / out_features``. Shapes ``x (n, in)``, ``y (n, out)``."""
+    n = 2 * in_features if n is None else n
+    if n % in_features:
+        raise ValueError(f"n must be a multiple of in_features={in_features}, got {n}")
+    eye = torch.eye(in_features, dtype=dtype)
+    reps = n // in_features
+    x = torch.cat([eye if i % 2 == 0 else -eye for i in range(reps)]) * math.sqrt(in_features)
+    with torch.no_grad():
+        y = model(x).detach()
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class _MLP(nn.Sequential):
+    def __init__(self, sizes: Sequence[int], dtype=torch.float32):
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            mods.append(nn.Linear(a, b, dtype=dtype))
+            if i < len(sizes) - 2:
+                mods.append(nn.ReLU())
+        super().__init__(*mods)
+
+
+def make_teacher_task(
+    sizes: Sequence[int] = (128, 256, 256, 10), n: int = 4096, *, seed: int = 0, teacher_sizes=None
+) -> tuple[nn.Module, torch.utils.data.TensorDataset]:
+    """A classification task labelled by a random teacher MLP, and an untrained student MLP.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Student layer sizes ``(input, hidden..., classes)``; the default has 101,386 parameters.
+    n : int
+        Number of samples. Inputs ``x ~ N(0, I)``, shape ``(n, sizes[0])``; labels ``argmax teacher(x)``, ``(n,)``.
+    teacher_sizes : sequence of int, optional
+        Teacher sizes (default ``(sizes[0], 64, sizes[-1])``).
+
+    Returns
+    -------
+    (student, dataset)
+    """
+    g = torch.Generator().manual_seed(seed)
+    teacher_sizes = tuple(teacher_sizes or (sizes[0], 64, sizes[-1]))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        teacher = _MLP(teacher_sizes)
+        student = _MLP(sizes)
+    x = torch.randn(n, sizes[0], generator=g)
+    with torch.no_grad():
+        y = teacher(x).argmax(-1)
+    return student, torch.utils.data.TensorDataset(x, y)
+
+
+def train(
+    model: nn.Module,
+    dataset,
+    *,
+    steps: int = 500,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    loss_fn=None,
+    seed: int = 0,
+) -> list[float]:
+    """Train with Adam for ``steps`` minibatch steps; returns the loss per step. Default loss: cross-entropy for
+    integer targets, MSE otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = dataset.tensors if isinstance(dataset, torch.utils.data.TensorDataset) else None
+    if tensors is None:
+        raise TypeError(f"dataset must be a TensorDataset, got {type(dataset).__name__}")
+    n = len(tensors[0])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    perm, pos = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + batch_size]
+        pos += batch_size
+        x, y = tensors[0][idx], tensors[1][idx]
+        out = model(x)
+        if loss_fn is not None:
+            loss = loss_fn(out, y)
+        elif y.dtype in (torch.int64, torch.int32):
+            loss = nn.functional.cross_entropy(out, y)
+        else:
+            loss = nn.functional.mse_loss(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -1,0 +1,176 @@
+"""The patterning experiments end to end at tiny sizes: chi estimated, weights valid, re-weighted training runs,
+onsets and learned algorithms measured. The headline effect sizes are measured by the demo, not asserted here."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pypattern.experiments import cli as demo_cli
+from pypattern.experiments.induction import (
+    GroupWeightedInduction,
+    InductionSettings,
+    onset_step,
+    run_induction_experiment,
+    token_groups,
+)
+from pypattern.experiments.parens import (
+    GroupWeightedParentheses,
+    ParensSettings,
+    run_parens_experiment,
+    sample_groups,
+    select_weights,
+    solution_losses,
+)
+from pypattern.models.transformer import Transformer
+from pypattern.tasks import ALGORITHMS
+from pypattern.tasks.base import IGNORE
+from pypattern.tasks.parens import CLOSE, FALSE, OPEN, TRUE
+
+TINY_IND = dict(
+    d_vocab=12, seq_len=13, d_model=16, n_heads=2, batch_size=16, checkpoint_step=20, max_steps=60, eval_every=10,
+    num_eval=32, probe_size=3, chi_num_chains=2, chi_num_draws=6, chi_num_burnin_steps=2, threshold=2.0,
+)  # fmt: skip
+TINY_PAR = dict(
+    length=6, d_model=16, d_mlp=16, batch_size=32, checkpoint_step=10, steps=40, probe_train_size=48,
+    chi_num_chains=2, chi_num_draws=6, chi_num_burnin_steps=2,
+)  # fmt: skip
+
+
+def test_token_groups_match_the_segments():
+    task = GroupWeightedInduction(16, 19)
+    b = task.sample(64, seed=3)
+    g = b.extra["token_group"]
+    np.testing.assert_array_equal(g.numpy(), token_groups(b).numpy())
+    k = task.repeat_len
+    np.testing.assert_array_equal((g == 0).numpy(), b.extra["induction_flag"].numpy())
+    for i in range(64):
+        s = int(b.extra["source_start"][i])
+        ones = torch.nonzero(g[i] == 1).flatten().tolist()
+        assert ones == list(range(s, s + k - 1))
+        # a first-copy position and its next token reappear, shifted, in the second copy
+        d = int(b.extra["dest_start"][i])
+        np.testing.assert_array_equal(b.tokens[i, s : s + k].numpy(), b.tokens[i, d : d + k].numpy())
+
+
+def test_group_weighted_induction_loss():
+    task = GroupWeightedInduction(16, 19, group_weights=[2.0, 0.5, 1.0])
+    f = task.group_fractions.numpy()
+    assert abs(f.sum() - 1) < 1e-12 and (f > 0).all()
+    assert abs(float(task.group_weights.double() @ task.group_fractions) - 1) < 1e-6  # token-mean 1
+    model = Transformer(task.model_config(d_model=16, n_heads=2, seed=0))
+    b = task.sample(8, seed=1)
+    logits = model(b.tokens)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b.targets.clamp_min(0), reduction="none")
+    mask = b.targets != IGNORE
+    w = task.group_weights[b.extra["token_group"]]
+    expect = (ce * w * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(task.per_sample_loss(logits, b), expect)
+    uniform = GroupWeightedInduction(16, 19)
+    torch.testing.assert_close(uniform.per_sample_loss(logits, b), (ce * mask).sum(1) / mask.sum(1))
+    with pytest.raises(ValueError, match="group_weights"):
+        GroupWeightedInduction(16, 19, group_weights=[1.0, -1.0, 1.0])
+
+
+def test_onset_step():
+    steps = [0, 10, 20, 30]
+    assert onset_step(steps, [3.0, 2.0, 1.0, 0.5], 1.5) == pytest.approx(15.0)
+    assert onset_step(steps, [1.0, 1.0, 1.0, 1.0], 1.5) == 0.0
+    assert math.isinf(onset_step(steps, [3.0, 2.0, 2.0, 2.0], 1.5))
+
+
+def test_induction_experiment_end_to_end():
+    s = InductionSettings(**TINY_IND)
+    res = run_induction_experiment(seeds=(0,), s=s)
+    r = res["per_seed"][0]
+    chi = r["chi"]
+    assert chi.chi.shape == (5, s.probe_size * (s.seq_len - 1))
+    assert np.isfinite(chi.chi).all() and np.abs(chi.chi).max() > 0
+    assert chi.components[-1] == "embed"
+    assert r["column_groups"].shape == (chi.chi.shape[1],) and set(np.unique(r["column_groups"])) <= {0, 1, 2}
+    pw = r["patterning"]
+    for name in ("accelerate", "delay"):
+        iv = pw[name]["intervention"]
+        assert iv.weights.min() >= s.min_weight - 1e-9 and iv.weights.max() <= s.max_weight + 1e-9
+        assert abs(iv.weights.mean() - 1) < 1e-9
+        # the predicted response moves along the requested pole of the direction
+        assert iv.predicted @ iv.target > 0
+        gw = np.asarray(r["runs"][name]["group_weights"])
+        assert abs(gw @ np.asarray(r["group_fractions"]) - 1) < 1e-5  # token-mean 1 under the data
+    assert pw["accelerate"]["weights"][0] >= pw["delay"]["weights"][0]
+    assert r["runs"]["baseline"]["group_weights"] is None
+    for run in r["runs"].values():
+        c = run["curve"]
+        assert c.shape[1] == 3 and c[-1, 0] > s.checkpoint_step and np.isfinite(c[:, 1:]).all()
+        assert math.isinf(run["onset"]) == (run["censored_at"] is not None)
+    # the patterned runs start from the same checkpoint: identical curves up to it
+    pre = r["runs"]["baseline"]["curve"][r["runs"]["baseline"]["curve"][:, 0] <= s.checkpoint_step]
+    np.testing.assert_array_equal(pre, r["runs"]["delay"]["curve"][: len(pre)])
+    assert set(res["summary"]["relative_shift"]) == {"accelerate", "delay"}
+
+
+def test_parens_groups_and_solution_losses():
+    task = GroupWeightedParentheses(6)
+    b = task.sample(200, seed=0)
+    g = sample_groups(b)
+    for i in range(200):
+        s = b.tokens[i, 1:-1].tolist()
+        depth = np.cumsum([1 if t == OPEN else -1 for t in s])
+        bal = s.count(OPEN) == s.count(CLOSE) and depth.min() >= 0
+        assert bool(b.extra["label"][i]) == bal
+        want = 0 if bal else 1 if s[0] == CLOSE else 2 if depth.min() < 0 else 3
+        assert int(g[i]) == want
+    model = Transformer(task.model_config(d_model=16, d_mlp=16, seed=0))
+    probes = task.probes("all")
+    lp = torch.log_softmax(model(probes.tokens)[:, -1], -1)
+    for name, fn in solution_losses(task).items():
+        lab = ALGORITHMS[name](probes.tokens[:, 1:-1])
+        direct = -torch.where(lab, lp[:, TRUE], lp[:, FALSE]).mean()
+        torch.testing.assert_close(fn(model), direct)
+
+
+def test_select_weights_contrast():
+    """A planted chi where only group 2 lowers the target's loss relative to the others: it is up-weighted."""
+    names = list(ALGORITHMS)
+    groups = np.repeat(np.arange(4), 5)
+    chi = np.zeros((3, 20))
+    chi[names.index("balanced"), groups == 2] = -1.0
+    chi[names.index("balanced"), groups == 0] = 1.0
+    s = ParensSettings()
+    iv, chi_g = select_weights(chi, groups, names, "balanced", s)
+    assert chi_g.shape == (3, 4)
+    assert iv.weights[2] == pytest.approx(s.max_weight, abs=1e-6) and iv.weights[0] == pytest.approx(
+        s.min_weight
+    )
+    assert abs(iv.weights.mean() - 1) < 1e-9
+
+
+def test_parens_experiment_end_to_end():
+    s = ParensSettings(**TINY_PAR)
+    res = run_parens_experiment(seeds=(0,), s=s)
+    r = res["per_seed"][0]
+    assert r["chi"].shape == (3, s.probe_train_size) and np.isfinite(r["chi"]).all()
+    assert r["algorithms"] == list(ALGORITHMS)
+    assert set(r["runs"]) == {"baseline"} | {f"target:{t}" for t in s.targets}
+    for name, run in r["runs"].items():
+        assert run["learned"] in ALGORITHMS
+        assert all(0.0 <= v <= 1.0 for k, v in run["scores"].items() if k != "best")
+        if name != "baseline":
+            w = np.asarray(run["group_weights"])
+            assert (w >= 0).all() and abs(w @ np.asarray(r["group_fractions"]) - 1) < 1e-5
+    rates = res["summary"]["rates"]
+    assert all(abs(sum(v.values()) - 1) < 1e-12 for v in rates.values())
+
+
+def test_demo_writes_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        demo_cli,
+        "reduced_settings",
+        lambda: ({"seeds": (0,)}, InductionSettings(**TINY_IND), {"seeds": (0,)}, ParensSettings(**TINY_PAR)),
+    )
+    out = demo_cli.run_patterning_demo(tmp_path, log=None)
+    for p in out["plots"]:
+        assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
+    assert (tmp_path / "patterning_summary.json").exists()
+    assert set(out["induction"]["onset"]) == {"baseline", "accelerate", "delay"}

@@ -1,0 +1,206 @@
+import importlib.util
+
+import pytest
+import torch
+
+from pypattern.models import HookedModule, Transformer, TransformerConfig
+from pypattern.patching import (
+    KL,
+    GaussianNoise,
+    LogitDiff,
+    LogProb,
+    MeanAblation,
+    Prob,
+    ZeroAblation,
+    activation_patching,
+)
+from pypattern.tasks import symmetric_pairs
+
+ALL_SITES = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: extra threads only contend on the shared 2-core machines (measured 20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model_and_prompts(dtype=torch.float64, n_layers=2, **kw):
+    cfg = dict(n_layers=n_layers, d_model=16, n_heads=2, d_mlp=32, d_vocab=12, n_ctx=8, dtype=dtype, seed=5)
+    cfg.update(kw)
+    model = Transformer(TransformerConfig(**cfg))
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 12, (3, 6), generator=g)
+    corr = symmetric_pairs(clean, [(clean[0, 1].item(), (clean[0, 1].item() + 1) % 12)], positions=[1, 4])
+    corr[:, 4] = (clean[:, 4] + 5) % 12  # make sure two positions differ in every prompt
+    ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    return model, clean, corr, ans, wrong
+
+
+def check_equal(model, clean, corr, site, tol, **kw):
+    a = activation_patching(model, site, clean, corr, method="exact", **kw)
+    b = activation_patching(model, site, clean, corr, method="naive", **kw)
+    assert a.values.shape == b.values.shape
+    err = (a.values - b.values).abs().max().item()
+    assert err <= tol, f"{site} {kw}: exact and naive differ by {err}"
+    return a
+
+
+@pytest.mark.parametrize("site", ALL_SITES)
+@pytest.mark.parametrize("per_position", [True, False])
+def test_exact_equals_naive_float64(site, per_position):
+    model, clean, corr, ans, wrong = model_and_prompts()
+    res = check_equal(model, clean, corr, site, 1e-9, metric=LogitDiff(ans, wrong), per_position=per_position)
+    # the patch really changed something: some cell moved the metric away from the corrupted run
+    assert res.effect.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "z", "k", "pattern", "mlp_out"])
+def test_exact_equals_naive_float32(site):
+    model, clean, corr, ans, wrong = model_and_prompts(torch.float32)
+    check_equal(model, clean, corr, site, 1e-4, metric=LogitDiff(ans, wrong))
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "z", "q", "v", "pattern"])
+def test_exact_equals_naive_windows_and_noising(site):
+    model, clean, corr, ans, wrong = model_and_prompts(n_layers=3)
+    check_equal(model, clean, corr, site, 1e-9, metric=KL(), window=2)
+    check_equal(model, clean, corr, site, 1e-9, metric=LogProb(ans), direction="noising", layers=[1, 2])
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "k", "q", "z"])
+def test_exact_equals_naive_attention_only_no_layernorm(site):
+    model, clean, corr, ans, wrong = model_and_prompts(d_mlp=None, normalization_type=None, act_fn="relu")
+    check_equal(model, clean, corr, site, 1e-9, metric=Prob(ans), per_position=True)
+    check_equal(model, clean, corr, site, 1e-9, metric=Prob(ans), per_position=False)
+
+
+def test_metric_at_other_positions_and_per_example_positions():
+    model, clean, corr, ans, wrong = model_and_prompts()
+    for site in ["resid_pre", "z", "k"]:
+        r = check_equal(model, clean, corr, site, 1e-9, metric=LogitDiff(ans, wrong, position=3))
+        # positions after the metric position cannot matter
+        torch.testing.assert_close(
+            r.values[..., 4:], r.corrupted.view(-1, *[1] * (r.values.dim() - 1)).expand_as(r.values[..., 4:])
+        )
+        check_equal(
+            model, clean, corr, site, 1e-9, metric=LogitDiff(ans, wrong, position=torch.tensor([5, 2, 4]))
+        )
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z"])
+def test_corruptions_gaussian_noise_and_ablations(site):
+    model, clean, corr, ans, wrong = model_and_prompts()
+    gn = GaussianNoise(positions=[1, 2], seed=3)
+    a = check_equal(model, clean, None, site, 1e-9, metric=LogitDiff(ans, wrong), corruption=gn)
+    assert a.effect.abs().max() > 1e-3
+    for abl in [ZeroAblation(), MeanAblation()]:
+        r = check_equal(
+            model, clean, None, site, 1e-9, metric=LogitDiff(ans, wrong), corruption=abl, direction="noising"
+        )
+        assert r.corrupted is None and r.effect.abs().max() > 1e-3
+        with pytest.raises(ValueError, match="needs a corrupted run"):
+            _ = r.normalized
+
+
+def test_gaussian_noise_scale_positions_and_seed():
+    model, clean, *_ = model_and_prompts()
+    gn = GaussianNoise(positions=[2], seed=7)
+    n1 = gn.noise(model, 200, 6, 16, torch.float64)
+    n2 = GaussianNoise(positions=[2], seed=7).noise(model, 200, 6, 16, torch.float64)
+    torch.testing.assert_close(n1, n2)
+    assert torch.all(n1[:, [0, 1, 3, 4, 5]] == 0)
+    expected = 3.0 * model.embed.W_E.std().item()
+    assert abs(n1[:, 2].std().item() / expected - 1) < 0.05
+
+
+def test_full_restoration_ground_truth():
+    """Patching every position of resid_pre at layer 0 restores the clean run exactly (and noising reaches the
+    corrupted run); patches before the first corrupted position do nothing."""
+    model, clean, corr, ans, wrong = model_and_prompts()
+    met = LogitDiff(ans, wrong)
+    den = activation_patching(model, "resid_pre", clean, corr, metric=met, per_position=False)
+    torch.testing.assert_close(den.values[:, 0], den.clean, rtol=0, atol=1e-10)
+    torch.testing.assert_close(den.normalized.mean(0)[0], torch.tensor(1.0, dtype=torch.float64))
+    noi = activation_patching(
+        model, "resid_pre", clean, corr, metric=met, per_position=False, direction="noising"
+    )
+    torch.testing.assert_close(noi.values[:, 0], noi.corrupted, rtol=0, atol=1e-10)
+    # resid_post of the last layer at the metric position carries everything
+    last = activation_patching(model, "resid_post", clean, corr, metric=met, layers=[1], positions=[5])
+    torch.testing.assert_close(last.values[:, 0, 0], last.clean, rtol=0, atol=1e-10)
+    # position 0 is identical in clean and corrupted prompts: patching it does nothing
+    per = activation_patching(model, "resid_pre", clean, corr, metric=met)
+    torch.testing.assert_close(per.values[:, :, 0], per.corrupted[:, None].expand(-1, 2), rtol=0, atol=1e-10)
+
+
+def test_result_save_load_and_csv(tmp_path):
+    model, clean, corr, ans, wrong = model_and_prompts()
+    r = activation_patching(model, "resid_pre", clean, corr, metric=LogitDiff(ans, wrong))
+    r.save(tmp_path / "r.pt")
+    r2 = type(r).load(tmp_path / "r.pt")
+    torch.testing.assert_close(r2.values, r.values)
+    assert r2.axes == r.axes and r2.coords == r.coords and r2.site == "resid_pre"
+    r.to_csv(tmp_path / "r.csv")
+    lines = (tmp_path / "r.csv").read_text().strip().splitlines()
+    assert lines[0] == "layer,pos,mean,se,ci_low,ci_high" and len(lines) == 1 + 2 * 6
+
+
+def test_result_statistics():
+    model, clean, corr, ans, wrong = model_and_prompts()
+    r = activation_patching(model, "z", clean, corr, metric=LogitDiff(ans, wrong))
+    assert r.axes == ("layer", "head", "pos") and r.values.shape == (3, 2, 2, 6)
+    gap = (r.clean - r.corrupted).mean()
+    torch.testing.assert_close(r.mean(), (r.values.mean(0) - r.corrupted.mean()) / gap)
+    torch.testing.assert_close(r.se(normalized=False), r.values.std(0) / 3**0.5)
+    lo, hi = r.ci(num_resamples=300)
+    m = r.mean()
+    assert torch.all(lo <= m + 1e-12) and torch.all(hi >= m - 1e-12)
+    recs = r.to_records()
+    assert len(recs) == 24 and set(recs[0]) == {"layer", "head", "pos", "mean", "se", "ci_low", "ci_high"}
+    top = r.top(3)
+    assert len(top) == 3 and abs(top[0][1]) >= abs(top[-1][1])
+    if importlib.util.find_spec("pandas") is None:
+        with pytest.raises(ImportError, match="pandas"):
+            r.to_pandas()
+    else:
+        assert len(r.to_pandas()) == 24
+
+
+def test_generic_module_paths_match_exact():
+    model, clean, corr, ans, wrong = model_and_prompts()
+    pts = {}
+    for layer in range(2):
+        pts[f"blocks.{layer}.hook_resid_pre"] = f"blocks.{layer}:input"
+        pts[f"blocks.{layer}.hook_resid_post"] = f"blocks.{layer}"
+        pts[f"blocks.{layer}.hook_attn_out"] = f"blocks.{layer}.attn"
+    with pytest.raises(ValueError, match="n_layers"):
+        activation_patching(HookedModule(model, pts), "resid_pre", clean, corr, metric=LogitDiff(ans, wrong))
+    hm = HookedModule(model, pts, n_layers=2)
+    for site in ["resid_pre", "resid_post", "attn_out"]:
+        a = activation_patching(hm, site, clean, corr, metric=LogitDiff(ans, wrong))
+        b = activation_patching(model, site, clean, corr, metric=LogitDiff(ans, wrong))
+        assert a.method == "naive" and b.method == "exact"
+        torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="needs pypattern's Transformer"):
+        activation_patching(hm, "z", clean, corr, metric=LogitDiff(ans, wrong))
+
+
+def test_errors_name_the_argument():
+    model, clean, corr, ans, wrong = model_and_prompts()
+    met = LogitDiff(ans, wrong)
+    with pytest.raises(ValueError, match="site="):
+        activation_patching(model, "resid", clean, corr, metric=met)
+    with pytest.raises(ValueError, match="direction='noising'"):
+        activation_patching(model, "z", clean, metric=met, corruption=ZeroAblation())
+    with pytest.raises(ValueError, match="corrupted_tokens has shape"):
+        activation_patching(model, "z", clean, corr[:, :4], metric=met)
+    with pytest.raises(ValueError, match="direction="):
+        activation_patching(model, "z", clean, corr, metric=met, direction="sideways")
+    with pytest.raises(ValueError, match="attention-only"):
+        activation_patching(model_and_prompts(d_mlp=None)[0], "mlp_out", clean, corr, metric=met)
+    with pytest.raises(ValueError, match="layers contains"):
+        activation_patching(model, "z", clean, corr, metric=met, layers=[5])

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from pypattern.models import Transformer, TransformerConfig
+from pypattern.patching import LogitDiff, ZeroAblation, activation_patching
+from pypattern.patching.attribution import attribution_patching, shortlist_and_confirm
+from pypattern.tasks import IOITask, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def linear_last_layer_model():
+    """Attention-only, no LayerNorm: everything after the last layer's attention pattern is linear."""
+    cfg = TransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_mlp=None,
+        d_vocab=12,
+        n_ctx=8,
+        normalization_type=None,
+        dtype=torch.float64,
+        seed=2,
+    )
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 12, (4, 6), generator=g)
+    corr = clean.clone()
+    corr[:, 2] = (clean[:, 2] + 3) % 12
+    corr[:, 4] = (clean[:, 4] + 5) % 12
+    return model, clean, corr, LogitDiff(torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_atp_is_exact_where_the_model_is_linear(per_position):
+    model, clean, corr, met = linear_last_layer_model()
+    sites = ["z", "v", "attn_out", "pattern", "resid_post"]
+    atp = attribution_patching(model, clean, corr, metric=met, sites=sites, per_position=per_position)
+    for site in sites:
+        exact = activation_patching(model, site, clean, corr, metric=met, per_position=per_position)
+        torch.testing.assert_close(atp[site].values[:, 1], exact.values[:, 1], rtol=0, atol=1e-9)
+        assert exact.effect[:, 1].abs().max() > 1e-3
+    # q and k are not linear (softmax), but with the QK fix the last layer is exact again
+    star = attribution_patching(
+        model, clean, corr, metric=met, sites=["q", "k"], per_position=per_position, qk_fix=True
+    )
+    plain = attribution_patching(model, clean, corr, metric=met, sites=["q", "k"], per_position=per_position)
+    for site in ["q", "k"]:
+        exact = activation_patching(model, site, clean, corr, metric=met, per_position=per_position)
+        torch.testing.assert_close(star[site].values[:, 1], exact.values[:, 1], rtol=0, atol=1e-9)
+        assert (
+            plain[site].values[:, 1] - exact.values[:, 1]
+        ).abs().max() > 1e-6  # plain AtP is only first order
+
+
+def test_atp_noising_with_ablation_and_two_forwards():
+    model, clean, corr, met = linear_last_layer_model()
+    calls = []
+    model.hook_embed.add_hook(lambda x, hook: calls.append(1))
+    try:
+        atp = attribution_patching(model, clean, corr, metric=met, sites=["z", "resid_pre", "k"])
+    finally:
+        model.hook_embed.remove_hooks()
+    assert len(calls) == 2  # two forwards (source and target), one backward
+    assert set(atp) == {"z", "resid_pre", "k"} and atp["z"].values.shape == (4, 2, 2, 6)
+    za = attribution_patching(
+        model, clean, None, metric=met, sites=["z"], corruption=ZeroAblation(), direction="noising"
+    )
+    ex = activation_patching(
+        model, "z", clean, None, metric=met, corruption=ZeroAblation(), direction="noising"
+    )
+    torch.testing.assert_close(za["z"].values[:, 1], ex.values[:, 1], rtol=0, atol=1e-9)
+
+
+def test_graddrop_scores():
+    model, clean, corr, met = linear_last_layer_model()
+    r = attribution_patching(
+        model, clean, corr, metric=met, sites=["attn_out", "z"], grad_drop=True, qk_fix=True
+    )
+    for site in ["attn_out", "z"]:
+        gd = r[site].info["graddrop"]
+        assert gd.shape == r[site].values.shape and torch.all(gd >= 0)
+        # the last layer's outputs reach the metric only through their own residual contribution: dropping an
+        # earlier layer leaves their gradient unchanged, dropping their own layer zeroes it
+        torch.testing.assert_close(gd[:, 1], r[site].effect[:, 1].abs(), rtol=0, atol=1e-9)
+    assert r["z"].method == "atp*"
+
+
+@pytest.fixture(scope="module")
+def trained_ioi():
+    task = IOITask()
+    torch.manual_seed(0)
+    model = Transformer(task.model_config())
+    train(model, task, steps=300, seed=0)
+    clean, corr, ans, wrong = task.patching_pairs(48, seed=1, corruption="abc")
+    return model, clean, corr, LogitDiff(ans, wrong)
+
+
+def test_atp_agrees_with_exact_on_trained_model(trained_ioi):
+    model, clean, corr, met = trained_ioi
+    sites = ["resid_pre", "attn_out", "z", "k"]
+    atp = attribution_patching(model, clean, corr, metric=met, sites=sites, qk_fix=True)
+    rho = {}
+    for site in sites:
+        exact = activation_patching(model, site, clean, corr, metric=met)
+        assert exact.clean.mean() > exact.corrupted.mean() + 1.0  # the corruption matters
+        rho[site] = spearmanr(exact.effect.mean(0).flatten(), atp[site].effect.mean(0).flatten())[0]
+    assert min(rho.values()) > 0.5, rho
+
+
+def test_shortlist_and_confirm(trained_ioi):
+    model, clean, corr, met = trained_ioi
+    rows = shortlist_and_confirm(model, "z", clean, corr, metric=met, k=4)
+    assert len(rows) == 4 and abs(rows[0]["atp"]) >= abs(rows[-1]["atp"])
+    exact = activation_patching(model, "z", clean, corr, metric=met)
+    for r in rows:
+        e = exact.effect.mean(0)[r["layer"], r["head"], r["pos"]].item()
+        assert abs(e - r["exact"]) < 1e-4
+
+
+def test_patch_demo_writes_heatmap_and_table(tmp_path):
+    from pypattern.patching.cli import run_patch_demo
+
+    s = run_patch_demo(str(tmp_path), steps=40, num_prompts=12)
+    assert (tmp_path / "patching_heatmap.png").stat().st_size > 10_000
+    rows = (tmp_path / "patching_table.csv").read_text().strip().splitlines()
+    assert rows[0] == "method,site,layer,head,pos,mean,se,ci_low,ci_high"
+    assert len(rows) == 1 + 2 * (2 * 7 + 2 * 4)  # exact and AtP: resid_pre (2 x 7) and heads (2 x 4)
+    assert {"accuracy", "spearman_atp_exact_resid_pre", "top_heads", "heatmap"} <= set(s)

@@ -1,0 +1,127 @@
+"""Patterning inversion on synthetic linear-response systems with a planted chi and a planted intervention."""
+
+import numpy as np
+import pytest
+import torch
+
+from pypattern.patterning import OnlinePatterner, direction_target, invert, reweight
+
+
+def _system(k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(k, n)), rng
+
+
+def test_pinv_recovers_planted_intervention_overdetermined():
+    chi, rng = _system(12, 5)
+    h_true = rng.normal(size=5) * 0.01
+    iv = invert(chi, chi @ h_true, method="pinv")
+    np.testing.assert_allclose(iv.h, h_true, rtol=1e-10, atol=1e-14)
+    assert iv.residual < 1e-10
+    np.testing.assert_allclose(iv.weights, 1 + 5 * h_true)
+
+
+def test_pinv_minimum_norm_underdetermined():
+    chi, rng = _system(3, 40)
+    h_true = rng.normal(size=40) * 0.01
+    iv = invert(chi, chi @ h_true)
+    np.testing.assert_allclose(chi @ iv.h, chi @ h_true, atol=1e-12)  # target reached exactly
+    assert np.linalg.norm(iv.h) <= np.linalg.norm(h_true) + 1e-15  # with the smallest intervention
+    # the minimum-norm solution lies in the row space of chi
+    proj = chi.T @ np.linalg.lstsq(chi.T, iv.h, rcond=None)[0]
+    np.testing.assert_allclose(proj, iv.h, atol=1e-12)
+
+
+def test_ridge_tends_to_pinv_and_shrinks():
+    chi, rng = _system(4, 20)
+    tgt = rng.normal(size=4)
+    small = invert(chi, tgt, method="ridge", alpha=1e-10)
+    np.testing.assert_allclose(small.h, invert(chi, tgt).h, rtol=1e-6)
+    big = invert(chi, tgt, method="ridge", alpha=10.0)
+    assert np.linalg.norm(big.h) < np.linalg.norm(small.h) and big.residual > small.residual
+
+
+def test_constrained_recovers_planted_reweighting_and_holds_constraints_exactly():
+    chi, rng = _system(30, 10)
+    w_true = rng.uniform(0.2, 2.0, size=10)
+    w_true *= 10 / w_true.sum()
+    tgt = chi @ (w_true - 1) / 10
+    iv = invert(chi, tgt, method="constrained")
+    np.testing.assert_allclose(iv.weights, w_true, atol=1e-5)
+    assert iv.residual < 1e-4
+    assert (iv.weights >= 0).all() and abs(iv.weights.sum() - 10) < 1e-12
+
+
+def test_constrained_unreachable_target_stays_feasible():
+    chi, rng = _system(2, 50)
+    tgt = np.array([1e3, -1e3])  # far beyond any re-weighting
+    iv = invert(chi, tgt, method="constrained", min_weight=0.1, max_weight=5.0)
+    assert iv.weights.min() >= 0.1 - 1e-12 and iv.weights.max() <= 5.0 + 1e-12
+    assert abs(iv.weights.mean() - 1) < 1e-12
+    assert 0 < iv.residual < 1  # partly reached, and says so
+    # it moves in the right direction
+    assert iv.predicted @ tgt > 0
+
+
+def test_direction_target_and_sign():
+    chi, _ = _system(3, 30)
+    d = np.array([1.0, -2.0, 2.0])
+    t = direction_target(d, -0.3)
+    np.testing.assert_allclose(np.linalg.norm(t), 0.3)
+    iv = invert(chi, t)
+    assert iv.predicted @ d < 0  # against the direction
+
+
+def test_reweight_loss_and_sampler():
+    data = torch.arange(10).float().unsqueeze(1)
+    w = np.zeros(10)
+    w[3] = 1.0
+    w[7] = 3.0
+    lw = reweight(data, w, mode="loss")
+    assert lw.shape == (10,) and abs(float(lw.mean()) - 1) < 1e-6
+    loader = reweight(
+        data, w, mode="sampler", batch_size=50, num_samples=4000, generator=torch.Generator().manual_seed(0)
+    )
+    seen = torch.cat([b[0] for b in loader]).flatten()
+    assert set(seen.long().tolist()) == {3, 7}
+    frac7 = float((seen == 7).float().mean())
+    assert abs(frac7 - 0.75) < 0.03
+
+
+def test_online_patterner_follows_a_drifting_system():
+    """The true chi drifts during 'training'; re-estimating keeps the response on target."""
+    rng = np.random.default_rng(1)
+    base, drift = rng.normal(size=(3, 25)), rng.normal(size=(3, 25))
+
+    def chi_at(step):
+        return base + 0.02 * step * drift
+
+    tgt = np.array([0.01, -0.02, 0.005])
+    op = OnlinePatterner(chi_at, tgt, every=10, invert_kwargs={"method": "pinv"})
+    for step in range(50):
+        w = op.weights_for(step)
+        if step % 10 == 0:
+            np.testing.assert_allclose(chi_at(step) @ (w - 1) / 25, tgt, atol=1e-12)
+    assert [s for s, _ in op.history] == [0, 10, 20, 30, 40]
+    stale = op.history[0][1].weights
+    assert np.linalg.norm(chi_at(40) @ (stale - 1) / 25 - tgt) > 1e-3  # the first solution no longer works
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(chi=np.zeros((2, 0)), target=[0, 0]), "no data columns"),
+        (dict(chi=np.ones((2, 3)), target=[0]), "one entry per observable"),
+        (dict(chi=np.full((2, 3), np.nan), target=[0, 0]), "NaN"),
+        (dict(chi=np.ones((2, 3)), target=[0, 0], method="ridge"), "alpha > 0"),
+        (dict(chi=np.ones((2, 3)), target=[0, 0], method="lasso"), "method must be"),
+        (dict(chi=np.ones((2, 3)), target=[0, 0], method="constrained", min_weight=2.0), "must contain"),
+    ],
+)
+def test_bad_input(kw, match):
+    with pytest.raises(ValueError, match=match):
+        invert(**kw)
+    with pytest.raises(ValueError, match="non-negative"):
+        reweight(torch.zeros(3), [1, -1, 1])
+    with pytest.raises(ValueError, match="3 samples"):
+        reweight(torch.zeros(3), [1, 1])

@@ -1,0 +1,387 @@
+"""pypattern.sampling: the SGLD optimizer against the fused op, batched == sequential chains, checkpoints that
+resume to the identical result, divergence errors, diagnostics, result files, devinterp-compatible names."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pypattern.ops.sgld import sgld_step_
+from pypattern.sampling import (
+    SGLD,
+    LLCResult,
+    NonStationaryWarning,
+    SampleResult,
+    SamplingDivergedError,
+    calibrate_step_size,
+    chain_seed,
+    check_stationarity,
+    default_nbeta,
+    ess,
+    estimate_learning_coeff,
+    estimate_learning_coeff_with_summary,
+    estimate_llc,
+    r_hat,
+    sample,
+)
+from pypattern.sampling.optim import fused_sgld_step_
+from pypattern.truth import DeepLinearNetwork, make_regression_data
+
+BACKENDS = ["reference", "cpp"]
+
+
+def _mlp_task(seed=0, n=96, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=dtype)
+    y = (x[:, :3].sum(1) > 0).long()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+    ds = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True)
+    return model, loader
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sgld_optimizer_equals_op_calls(backend):
+    model, loader = _mlp_task()
+    ref = [p.detach().clone() for p in model.parameters()]
+    anchors = [p.clone() for p in ref]
+    opt = SGLD(
+        model.parameters(), lr=1e-2, nbeta=5.0, localization=3.0, weight_decay=0.1, seed=7, backend=backend
+    )
+    x, y = next(iter(loader))
+    for step in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        sgld_step_(
+            ref,
+            grads,
+            anchors,
+            step_size=1e-2,
+            nbeta=5.0,
+            localization=3.0,
+            weight_decay=0.1,
+            seed=7,
+            step=step,
+            backend=backend,
+        )
+        for a, b in zip(model.parameters(), ref):
+            torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_equals_public_op(backend):
+    torch.manual_seed(0)
+    ps = [torch.randn(5, 3), torch.randn(7)]
+    gs = [torch.randn_like(p) for p in ps]
+    an = [torch.randn_like(p) for p in ps]
+    q = [p.clone() for p in ps]
+    kw = dict(
+        step_size=1e-2,
+        nbeta=3.0,
+        localization=2.0,
+        weight_decay=0.5,
+        noise_scale=0.7,
+        bounding_box=0.9,
+        seed=2**63 + 5,
+        step=2**40 + 3,
+    )
+    sgld_step_(ps, gs, an, backend=backend, **kw)
+    fused_sgld_step_(q, gs, an, backend=backend, **kw)
+    for a, b in zip(ps, q):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    gs[1][2] = float("nan")
+    with pytest.raises(FloatingPointError):
+        fused_sgld_step_(q, gs, an, backend=backend, **kw)
+
+
+def test_sgld_deterministic_update_and_restrictions():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = SGLD(
+        model.named_parameters(),
+        lr=0.1,
+        nbeta=2.0,
+        localization=4.0,
+        noise_level=0.0,
+        restrict_to="0.*",
+        masks={"0.bias": torch.tensor([1.0, 0.0])},
+    )
+    assert opt.param_names == ["0.weight", "0.bias"]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    p = dict(model.named_parameters())
+    # first step: w = w0, so the update is -lr/2 * nbeta * g
+    torch.testing.assert_close(p["0.weight"].detach(), w0["0.weight"] - 0.05 * 2.0)
+    torch.testing.assert_close(p["0.bias"].detach(), w0["0.bias"] - torch.tensor([0.1, 0.0]))
+    torch.testing.assert_close(p["1.weight"].detach(), w0["1.weight"])  # not restricted to: frozen
+    with pytest.raises(ValueError, match="lr"):
+        SGLD(model.parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        SGLD(model.named_parameters(), restrict_to="nothing.*")
+
+
+def test_chain_seed():
+    seeds = {chain_seed(0, c) for c in range(1000)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**64 for s in seeds)
+    assert chain_seed(3, 1) == chain_seed(3, 1) != chain_seed(4, 1)
+    assert chain_seed(3, 1, stream=1) != chain_seed(3, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runner
+# ---------------------------------------------------------------------------------------------------------------
+def _run(model, loader, **kw):
+    base = dict(
+        num_chains=3,
+        num_draws=12,
+        num_burnin_steps=4,
+        num_steps_bw_draws=2,
+        step_size=1e-3,
+        localization=10.0,
+        nbeta=20.0,
+        seed=5,
+        quiet=True,
+        warn_nonstationary=False,
+    )
+    base.update(kw)
+    return sample(model, loader, **base)
+
+
+def test_batched_equals_sequential():
+    model, loader = _mlp_task()
+    obs = {
+        "w_norm": lambda m, b: sum((p**2).sum() for p in m.parameters()) if hasattr(m, "parameters") else 0,
+        "logit0": lambda m, b: m(b[0])[0],
+    }
+    a = _run(model, loader, batched=True, observables={"logit0": obs["logit0"]})
+    b = _run(model, loader, batched=False, observables={"logit0": obs["logit0"]})
+    assert a.batched and not b.batched
+    assert np.isfinite(a.loss_trace).all() and a.loss_trace.shape == (3, 12)
+    np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(a.observables["logit0"], b.observables["logit0"], rtol=2e-5, atol=1e-5)
+    assert a.observables["logit0"].shape == (3, 12, 2)
+    assert a.init_loss == b.init_loss
+    # different chains see different noise and different batches
+    assert not np.allclose(a.loss_trace[0], a.loss_trace[1])
+    # the user's model is untouched
+    m2, _ = _mlp_task()
+    for p, q in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_init_loss_is_mean_over_several_batches():
+    model, loader = _mlp_task()
+    r = _run(model, loader, num_chains=2, num_init_loss_batches=5)
+    assert r.init_losses.shape == (5,)
+    assert r.init_loss == pytest.approx(r.init_losses.mean())
+    assert np.ptp(r.init_losses) > 0  # really different batches
+    full = torch.stack([nn.functional.cross_entropy(model(x), y) for x, y in loader]).mean()
+    assert abs(r.init_loss - float(full.detach())) < 0.2
+    r1 = _run(model, loader, num_chains=2, init_loss=0.25)
+    assert r1.init_loss == 0.25
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_checkpoint_resume_identical(tmp_path, batched):
+    model, loader = _mlp_task()
+    full = _run(model, loader, batched=batched)
+    path = tmp_path / "run.npz"
+    calls = []
+
+    def killer(chain, draw):
+        calls.append((chain, draw))
+        if chain == 1 and draw == 7:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(model, loader, batched=batched, checkpoint=path, callbacks=[killer])
+    assert path.exists()
+    with np.load(path, allow_pickle=False) as z:  # no pickle needed
+        done = z["done"]
+    assert done.sum() > 0 and done.sum() < 3 * 12
+    seen = []
+    res = _run(
+        model,
+        loader,
+        batched=batched,
+        checkpoint=path,
+        callbacks=[lambda chain, draw: seen.append((chain, draw))],
+    )
+    np.testing.assert_array_equal(res.loss_trace, full.loss_trace)
+    assert res.init_loss == full.init_loss
+    # no finished draw was redone
+    finished = {(c, d) for c in range(3) for d in range(int(done[c]))}
+    assert not finished & set(seen)
+    # the same call again returns the stored result without sampling
+    again = _run(model, loader, batched=batched, checkpoint=path, callbacks=[killer])
+    np.testing.assert_array_equal(again.loss_trace, full.loss_trace)
+    with pytest.raises(ValueError, match="lr = "):
+        _run(model, loader, batched=batched, checkpoint=path, step_size=2e-3)
+
+
+def test_divergence_names_chain_draw_and_step_size():
+    model, loader = _mlp_task()
+    with pytest.raises(SamplingDivergedError, match=r"chain \d+ diverged .*step_size=1e\+06") as e:
+        _run(model, loader, step_size=1e6, nbeta=1e6, num_burnin_steps=0)
+    assert "smaller step_size" in str(e.value) and "localization" in str(e.value)
+    assert e.value.chain >= 0 and e.value.step_size == 1e6
+
+    def bad_loss(m, batch):
+        out = nn.functional.cross_entropy(m(batch[0]), batch[1])
+        return out * float("nan")
+
+    for batched in (False, True):
+        with pytest.raises(SamplingDivergedError, match="not finite|nan"):
+            _run(model, loader, loss_fn=bad_loss, init_loss=1.0, batched=batched)
+
+
+def test_restricted_sampling_moves_only_component():
+    model, loader = _mlp_task()
+    seen = []
+
+    def cb(model, draw):
+        if draw == 11:
+            seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    _run(model, loader, num_chains=1, batched=False, restrict_to="2.*", callbacks=[cb])
+    w0 = dict(model.named_parameters())
+    assert torch.equal(seen[0]["0.weight"], w0["0.weight"])
+    assert not torch.equal(seen[0]["2.weight"], w0["2.weight"])
+
+
+def test_quiet_and_progress(capsys):
+    model, loader = _mlp_task()
+    _run(model, loader, quiet=True)
+    assert capsys.readouterr().err == ""
+    _run(model, loader, quiet=False)
+    assert "SGLD" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results, diagnostics, LLC, compat
+# ---------------------------------------------------------------------------------------------------------------
+def test_result_files_roundtrip(tmp_path):
+    model, loader = _mlp_task()
+    r = estimate_llc(
+        model,
+        loader,
+        num_chains=2,
+        num_draws=10,
+        step_size=1e-3,
+        localization=10.0,
+        quiet=True,
+        observables={"out": lambda m, b: m(b[0]).mean()},
+        warn_nonstationary=False,
+    )
+    r.save(tmp_path / "llc.npz")
+    q = LLCResult.load(tmp_path / "llc.npz")
+    assert q.llc_mean == r.llc_mean and q.llc_std == r.llc_std
+    np.testing.assert_array_equal(q.loss_trace, r.loss_trace)
+    np.testing.assert_array_equal(q.sample.observables["out"], r.sample.observables["out"])
+    assert q.sample.config == r.sample.config
+    r.sample.save(tmp_path / "s.npz")
+    s = SampleResult.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(s.loss_trace, r.sample.loss_trace)
+    with pytest.raises(ValueError, match="SampleResult"):
+        LLCResult.load(tmp_path / "s.npz")
+    # definition
+    np.testing.assert_allclose(r.llc_per_chain, r.nbeta * (r.loss_trace.mean(1) - r.init_loss))
+    assert r.llc_std == pytest.approx(np.std(r.llc_per_chain, ddof=1))
+
+
+def test_rhat_ess_known_cases():
+    rng = np.random.default_rng(0)
+    iid = rng.standard_normal((4, 2000))
+    assert abs(r_hat(iid) - 1) < 0.01
+    assert ess(iid) == pytest.approx(8000, rel=0.15)
+    rho = 0.9
+    ar = np.zeros((4, 4000))
+    e = rng.standard_normal((4, 4000))
+    for t in range(1, 4000):
+        ar[:, t] = rho * ar[:, t - 1] + e[:, t]
+    assert ess(ar) == pytest.approx(16000 * (1 - rho) / (1 + rho), rel=0.25)
+    drift = iid + np.linspace(0, 3, 2000)
+    assert r_hat(drift) > 1.1
+    with pytest.warns(NonStationaryWarning, match="R-hat"):
+        assert not check_stationarity(drift)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_stationarity(iid)
+
+
+def test_devinterp_compatible_names():
+    model, loader = _mlp_task()
+    okw = dict(lr=1e-3, localization=10.0, nbeta=20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = estimate_learning_coeff_with_summary(
+            model,
+            loader,
+            evaluate=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+            optimizer_kwargs=okw,
+            num_chains=3,
+            num_draws=15,
+            seed=1,
+            verbose=False,
+        )
+        v = estimate_learning_coeff(
+            model, loader, optimizer_kwargs=okw, num_chains=3, num_draws=15, seed=1, verbose=False
+        )
+        on = estimate_learning_coeff_with_summary(
+            model,
+            loader,
+            optimizer_kwargs=okw,
+            num_chains=3,
+            num_draws=15,
+            seed=1,
+            verbose=False,
+            online=True,
+        )
+    assert set(s) >= {"llc/mean", "llc/std", "llc-chain/0", "llc-chain/2", "loss/trace", "init_loss"}
+    assert s["loss/trace"].shape == (3, 15)
+    assert v == pytest.approx(s["llc/mean"], rel=1e-6)
+    assert s["llc/mean"] == pytest.approx(np.mean([s[f"llc-chain/{i}"] for i in range(3)]), rel=1e-5)
+    assert on["llc/trace"].shape == (3, 15) and on["llc/means"].shape == (15,)
+    assert on["llc/means"][-1] == pytest.approx(s["llc/mean"], rel=1e-4)
+    assert default_nbeta(loader) == pytest.approx(16 / math.log(16))
+
+
+def test_calibration_flags_divergence_and_recommends_healthy():
+    model = DeepLinearNetwork((2, 2), dtype=torch.float64)
+    with torch.no_grad():
+        model.layers[0].weight.copy_(torch.tensor([[1.0, -0.5], [0.3, 2.0]]))
+    ds = make_regression_data(model, 2, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(ds, batch_size=len(ds))
+    cal = calibrate_step_size(
+        model,
+        loader,
+        step_sizes=[1e-5, 1e-3, 3e-3, 1.0],
+        nbeta=100.0,
+        localization=1.0,
+        num_chains=4,
+        num_draws=300,
+        num_burnin_steps=100,
+    )
+    assert cal.diverged.tolist() == [False, False, False, True]
+    # too small a step: the chains are still relaxing from w* (drifting trace)
+    assert cal.healthy.tolist() == [False, True, True, False]
+    assert "not stationary" in cal.reasons[0] and "diverged" in cal.reasons[3]
+    assert cal.recommended == 3e-3
+    assert "recommended" in str(cal)
+    # regular model with d = 4: lambda = 2 (the healthy rows agree with it)
+    np.testing.assert_allclose(cal.llc_mean[1:3], 2.0, rtol=0.2)

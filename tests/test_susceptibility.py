@@ -1,0 +1,251 @@
+"""Susceptibilities against exact answers on a model whose localized tempered posterior is Gaussian.
+
+Linear regression ``y = x . w`` with the mean squared error: the energy ``nβ L_n(w) + γ/2 |w - w*|²`` is
+quadratic, ``U = ½ (w - μ)ᵀ P (w - μ)`` with ``P = 2 nβ XᵀX / n + γ I``. SGLD with step ``ε`` on a quadratic
+energy has an exactly Gaussian stationary law with mean ``μ`` and covariance ``(P - ε P² / 4)⁻¹``; observables
+and per-sample losses are quadratic, so every covariance has a closed form (Isserlis):
+``Cov(wᵀAw + aᵀw, wᵀBw + bᵀw) = 2 tr(AΣBΣ) + (2Am + a)ᵀ Σ (2Bm + b)``.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pypattern.susceptibility import bif, susceptibilities
+
+D, N, NBETA, GAMMA, EPS = 4, 64, 10.0, 20.0, 6e-3
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w_true = torch.randn(D, generator=g, dtype=torch.float64)
+    y = (x @ w_true + 0.5 * torch.randn(N, generator=g, dtype=torch.float64)).unsqueeze(1)
+    model = nn.Linear(D, 1, bias=False).double()
+    with torch.no_grad():  # w* near, but not at, the least-squares optimum: a non-zero mean shift too
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T + 0.3)
+    return model, x, y
+
+
+def _quad_loss_terms(x, y):
+    """Per-sample loss (y_z - x_z w)^2 = wᵀ(x xᵀ)w + (-2 y x)ᵀ w + y²."""
+    return [(np.outer(xi, xi), -2 * yi * xi) for xi, yi in zip(x, y[:, 0])]
+
+
+def _cov_quad(A, a, B, b, m, S):
+    return 2 * np.trace(A @ S @ B @ S) + (2 * A @ m + a) @ S @ (2 * B @ m + b)
+
+
+def _restrict(A, a, sel, w_star):
+    """A quadratic form in w as a form in w[sel] with the other coordinates fixed at w*."""
+    rest = ~sel
+    return A[np.ix_(sel, sel)], a[sel] + 2 * A[np.ix_(sel, rest)] @ w_star[rest]
+
+
+def exact_chi(model, x, y, probe_idx, sel, *, eps=EPS):
+    """chi_z = -nβ Cov(phi, l_z - mean_probe l) under SGLD restricted to coordinates ``sel``, phi = full-data
+    loss; exact for the discrete chain with step eps (eps=0: the continuous posterior)."""
+    x, y = x.numpy(), y.numpy()
+    w_star = model.weight.detach().numpy()[0]
+    P = 2 * NBETA * x.T @ x / N + GAMMA * np.eye(D)
+    h = 2 * NBETA * x.T @ y[:, 0] / N + GAMMA * w_star
+    mu = np.linalg.solve(P, h)
+    Pss = P[np.ix_(sel, sel)]
+    # conditional mean of w[sel] with the rest at w*: gradient zero on sel
+    m = np.linalg.solve(Pss, (P @ mu)[sel] - P[np.ix_(sel, ~sel)] @ w_star[~sel])
+    S = np.linalg.inv(Pss - eps * Pss @ Pss / 4)
+    A_phi, a_phi = _restrict(x.T @ x / N, -2 * x.T @ y[:, 0] / N, sel, w_star)
+    terms = _quad_loss_terms(x[probe_idx], y[probe_idx])
+    A_bar = sum(t[0] for t in terms) / len(terms)
+    a_bar = sum(t[1] for t in terms) / len(terms)
+    chi = []
+    for A_z, a_z in terms:
+        B, b = _restrict(A_z - A_bar, a_z - a_bar, sel, w_star)
+        chi.append(-NBETA * _cov_quad(A_phi, a_phi, B, b, m, S))
+    return np.array(chi)
+
+
+def test_fluctuation_dissipation_identity_exact():
+    """No sampling: -nβ Cov(phi, l_z - L) equals the derivative of the exact posterior mean of phi when the
+    data distribution moves towards z (finite differences on the Gaussian posterior)."""
+    model, x, y = _problem()
+    xn, yn = x.numpy(), y.numpy()[:, 0]
+    w_star = model.weight.detach().numpy()[0]
+    probe = np.arange(8)
+
+    def mean_phi(h, z):
+        # L_h = L + h (l_z - mean_probe l), all quadratic
+        A = xn.T @ xn / N + h * (np.outer(xn[z], xn[z]) - xn[probe].T @ xn[probe] / len(probe))
+        a = -2 * xn.T @ yn / N + h * (-2 * yn[z] * xn[z] + 2 * xn[probe].T @ yn[probe] / len(probe))
+        P = 2 * NBETA * A + GAMMA * np.eye(D)
+        m = np.linalg.solve(P, -NBETA * a + GAMMA * w_star)
+        S = np.linalg.inv(P)
+        A0, a0 = xn.T @ xn / N, -2 * xn.T @ yn / N
+        return np.trace(A0 @ S) + m @ A0 @ m + a0 @ m
+
+    sel = np.ones(D, dtype=bool)
+    chi = exact_chi(model, x, y, probe, sel, eps=0.0)
+    fd = np.array([(mean_phi(1e-5, z) - mean_phi(-1e-5, z)) / 2e-5 for z in probe])
+    np.testing.assert_allclose(chi, fd, rtol=1e-5, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def gaussian_run():
+    model, x, y = _problem()
+    probe = (x[:8], y[:8])
+    loader = [(x, y)]  # full batch: the chains see the exact L_n
+    comps = {
+        "first half": {"weight": torch.tensor([[True, True, False, False]])},
+        "all": ["weight"],
+    }
+    res = susceptibilities(
+        model,
+        loader,
+        probe,
+        comps,
+        num_chains=8,
+        num_draws=1500,
+        num_steps_bw_draws=2,
+        num_burnin_steps=100,
+        step_size=EPS,
+        nbeta=NBETA,
+        localization=GAMMA,
+        seed=1,
+    )
+    return model, x, y, res, comps
+
+
+def test_matches_exact_gaussian_answer(gaussian_run):
+    model, x, y, res, comps = gaussian_run
+    sels = {"first half": np.array([1, 1, 0, 0], bool), "all": np.ones(D, bool)}
+    for k, name in enumerate(res.components):
+        exact = exact_chi(model, x, y, np.arange(8), sels[name])
+        err = np.linalg.norm(res.chi[k] - exact) / np.linalg.norm(exact)
+        assert err < 0.05, (name, err, res.chi[k], exact)
+        # the continuous-time posterior's answer differs from the discrete chain's by O(eps P / 4), about 7% here
+        cont = exact_chi(model, x, y, np.arange(8), sels[name], eps=0.0)
+        assert np.linalg.norm(res.chi[k] - cont) / np.linalg.norm(cont) < 0.15
+        # the reported standard error is honest: the error is within a few standard errors
+        assert np.all(np.abs(res.chi[k] - exact) < 5 * res.chi_se[k] + 1e-3 * np.abs(exact).max())
+
+
+def test_result_shapes_pca_and_roundtrip(gaussian_run, tmp_path):
+    _, _, _, res, comps = gaussian_run
+    assert res.chi.shape == (2, 8) and res.chi_se.shape == (2, 8) and res.chi_chains.shape == (2, 8, 8)
+    assert res.components == list(comps)
+    np.testing.assert_array_equal(res.probe_sample, np.arange(8))
+    p = res.pca()
+    assert p.directions.shape == (2, 2)
+    np.testing.assert_allclose(p.directions @ p.directions.T, np.eye(2), atol=1e-10)
+    np.testing.assert_allclose(p.explained_variance_ratio.sum(), 1.0)
+    # scores reconstruct the centred data
+    np.testing.assert_allclose(p.scores @ p.directions, res.chi.T - res.chi.T.mean(0), atol=1e-10)
+    res.save(tmp_path / "chi.npz")
+    back = type(res).load(tmp_path / "chi.npz")
+    np.testing.assert_array_equal(back.chi, res.chi)
+    assert back.components == res.components and back.convention == "physics"
+
+
+def test_bif_matches_exact_covariance():
+    model, x, y = _problem()
+    probe = (x[:6], y[:6])
+    res = bif(
+        model,
+        [(x, y)],
+        probe,
+        num_chains=12,
+        num_draws=1500,
+        num_steps_bw_draws=2,
+        num_burnin_steps=100,
+        step_size=EPS,
+        nbeta=NBETA,
+        localization=GAMMA,
+        seed=2,
+    )
+    xn, yn = x.numpy(), y.numpy()[:, 0]
+    w_star = model.weight.detach().numpy()[0]
+    P = 2 * NBETA * xn.T @ xn / N + GAMMA * np.eye(D)
+    mu = np.linalg.solve(P, 2 * NBETA * xn.T @ yn / N + GAMMA * w_star)
+    S = np.linalg.inv(P - EPS * P @ P / 4)
+    terms = _quad_loss_terms(xn[:6], y.numpy()[:6])
+    exact = -np.array([[_cov_quad(A, a, B, b, mu, S) for (B, b) in terms] for (A, a) in terms])
+    assert np.linalg.norm(res.bif - exact) / np.linalg.norm(exact) < 0.10
+    assert res.bif.shape == (6, 6) and np.allclose(np.diag(res.corr), 1.0)
+
+
+def test_bad_input():
+    model, x, y = _problem()
+    with pytest.raises(ValueError, match="components is empty"):
+        susceptibilities(model, [(x, y)], (x[:4], y[:4]), [], num_draws=2)
+    with pytest.raises(ValueError, match="convention must be"):
+        susceptibilities(model, [(x, y)], (x[:4], y[:4]), ["weight"], convention="chem")
+    with pytest.raises(TypeError, match="unknown sampler settings"):
+        susceptibilities(model, [(x, y)], (x[:4], y[:4]), [["weight"]], num_drawz=3)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        susceptibilities(model, [(x, y)], (x[:4], y[:4]), [["nope"]], num_draws=2)
+
+
+def test_conventions_from_accumulators_match_numpy():
+    """Both conventions, computed from the streaming accumulator, equal the direct formulas on stored draws."""
+    from pypattern.ops.covariance import CrossCovariance
+    from pypattern.susceptibility import _chi_from
+
+    rng = np.random.default_rng(0)
+    draws, n = 500, 7
+    phi = rng.normal(size=draws) * 0.1 + 3.0
+    losses = rng.normal(size=(draws, n)) + 0.5 * phi[:, None] + 10.0
+    lbar = losses.mean(1)
+    acc = CrossCovariance(1, n + 1, track_auto="none")
+    b = np.concatenate([losses, lbar[:, None]], 1)
+    for i in range(0, draws, 37):  # uneven chunks
+        acc.update(torch.tensor(phi[i : i + 37, None]), torch.tensor(b[i : i + 37]))
+    nbeta = 12.5
+    cov = lambda u, v: np.cov(u, v)[0, 1]  # noqa: E731
+    phys = np.array([-nbeta * cov(phi, losses[:, z] - lbar) for z in range(n)])
+    np.testing.assert_allclose(_chi_from(acc, "physics", nbeta, None), phys, rtol=1e-9, atol=1e-12)
+    full = np.concatenate([losses.mean(0) + 0.1, [lbar.mean() + 0.2]])  # baseline means of another run
+    dev = np.array(
+        [
+            (phi * lbar).mean() - (phi * losses[:, z]).mean() - phi.mean() * (full[-1] - full[z])
+            for z in range(n)
+        ]
+    )
+    np.testing.assert_allclose(_chi_from(acc, "devinterp", nbeta, full), dev, rtol=1e-9, atol=1e-12)
+
+
+def test_transformer_heads_per_token():
+    """Head components of pypattern's transformer, per-token columns with their metadata."""
+    from pypattern.models.transformer import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(
+        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=None, d_vocab=11, n_ctx=8, seed=0
+    )
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 11, (32, 8), generator=g)
+    loader = [data[i : i + 8] for i in range(0, 32, 8)]
+    probe = data[:2]
+
+    def lm_loss(m, batch):
+        return m(batch, return_type="loss")
+
+    res = susceptibilities(
+        model,
+        loader,
+        probe,
+        ["blocks.0.attn.head.0", "blocks.0.attn.head.1", "embed"],
+        loss_fn=lm_loss,
+        num_chains=2,
+        num_draws=20,
+        step_size=1e-4,
+        nbeta=20.0,
+        localization=100.0,
+        seed=0,
+    )
+    assert res.chi.shape == (3, 2 * 7)
+    assert np.isfinite(res.chi).all() and np.isfinite(res.chi_se).all()
+    np.testing.assert_array_equal(res.probe_sample, np.repeat([0, 1], 7))
+    np.testing.assert_array_equal(res.probe_position, np.tile(np.arange(1, 8), 2))
+    np.testing.assert_array_equal(res.probe_token, probe[:, 1:].reshape(-1).numpy())
+    assert not np.allclose(res.chi[0], res.chi[1])  # different heads respond differently
