@@ -66,15 +66,17 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
     SgldCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(t);
     std::atomic<int> bad{0};
-    const int64_t nblocks = (numel + 63) / 64;
-    const int64_t grain = 512;  // blocks of 64: 32k elements per task
+    const int64_t nblocks = (numel + kSgldBlock - 1) / kSgldBlock;
+    // 256k elements per task: smaller tensors run on one thread (an OpenMP fork per small tensor costs more
+    // than it saves, and collapses when the other core is busy)
+    const int64_t grain = 1024;
     if (p.scalar_type() == at::kFloat) {
       float* wp = w.data_ptr<float>();
       const float* gp = g.data_ptr<float>();
       const float* ap = a.data_ptr<float>();
       const float* mp = m.defined() ? m.data_ptr<float>() : nullptr;
       at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-        if (sgld_cpu_range_f32(wp, gp, ap, mp, b0 * 64, std::min(numel, b1 * 64), c)) bad.store(1);
+        if (sgld_cpu_range_f32(wp, gp, ap, mp, b0 * kSgldBlock, std::min(numel, b1 * kSgldBlock), c)) bad.store(1);
       });
     } else if (p.scalar_type() == at::kDouble) {
       double* wp = w.data_ptr<double>();
@@ -82,7 +84,7 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
       const double* ap = a.data_ptr<double>();
       const double* mp = m.defined() ? m.data_ptr<double>() : nullptr;
       at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-        if (sgld_cpu_range_f64(wp, gp, ap, mp, b0 * 64, std::min(numel, b1 * 64), c)) bad.store(1);
+        if (sgld_cpu_range_f64(wp, gp, ap, mp, b0 * kSgldBlock, std::min(numel, b1 * kSgldBlock), c)) bad.store(1);
       });
     } else {
       TORCH_CHECK(false, "sgld_step_ (cpu): params[", t, "] has dtype ", p.scalar_type(),

@@ -4,13 +4,17 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "philox.h"
 #include "sgld_kernel.h"
 
 namespace pypattern {
 namespace {
 
-constexpr int kBlock = 64;            // elements per block
+constexpr int kBlock = static_cast<int>(kSgldBlock);  // 4 independent Philox chains of 16 counters each
 constexpr int kLanes = kBlock / 4;    // Philox calls per block
 
 // Inline, branch-free float math so that the whole Box-Muller loop vectorises without library calls.
@@ -57,11 +61,58 @@ inline void sincos_approx(float t, float& c, float& s) {  // t in [0, 2 pi]
   s = (j >= 2) ? -sn : sn;
 }
 
-// Fills out[0..63] with the normals of elements [base, base + 64), base a multiple of 64.
+// Fills out[0..kBlock) with the normals of elements [base, base + kBlock), base a multiple of kBlock.
 inline void normals_block(int64_t base, uint32_t k0, uint32_t k1, uint32_t c1, uint32_t c2, uint32_t c3,
                           float* out) {
-  uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
+  alignas(64) uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
   const uint32_t ctr0 = static_cast<uint32_t>(base / 4);
+#if defined(__AVX512F__)
+  // 16 Philox counters in one register. gcc turns the portable form below into vpmovzxdq + vpmullq (slow 64-bit
+  // multiplies); the widening 32x32 -> 64 multiply is vpmuludq on even lanes, and on odd lanes after a shift.
+  {
+    constexpr int kChains = kLanes / 16;  // independent dependency chains hide the multiplies' latency
+    const __m512i ra = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+    const __m512i rb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i a[kChains], b[kChains], c[kChains], d[kChains];
+    for (int j = 0; j < kChains; ++j) {
+      a[j] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(ctr0 + 16u * j)), iota);
+      b[j] = _mm512_set1_epi32(static_cast<int>(c1));
+      c[j] = _mm512_set1_epi32(static_cast<int>(c2));
+      d[j] = _mm512_set1_epi32(static_cast<int>(c3));
+    }
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < 10; ++r) {
+      const __m512i vka = _mm512_set1_epi32(static_cast<int>(ka));
+      const __m512i vkb = _mm512_set1_epi32(static_cast<int>(kb));
+      for (int j = 0; j < kChains; ++j) {
+        // hi and lo 32 bits of ra * a and rb * c, lane by lane
+        const __m512i pa_even = _mm512_mul_epu32(a[j], ra);
+        const __m512i pa_odd = _mm512_mul_epu32(_mm512_srli_epi64(a[j], 32), ra);
+        const __m512i pc_even = _mm512_mul_epu32(c[j], rb);
+        const __m512i pc_odd = _mm512_mul_epu32(_mm512_srli_epi64(c[j], 32), rb);
+        const __m512i hi_a = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pa_even, 32), pa_odd);
+        const __m512i hi_c = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pc_even, 32), pc_odd);
+        const __m512i lo_a = _mm512_mullo_epi32(a[j], ra);
+        const __m512i lo_c = _mm512_mullo_epi32(c[j], rb);
+        const __m512i na = _mm512_xor_si512(_mm512_xor_si512(hi_c, b[j]), vka);
+        const __m512i nc = _mm512_xor_si512(_mm512_xor_si512(hi_a, d[j]), vkb);
+        b[j] = lo_c;
+        d[j] = lo_a;
+        a[j] = na;
+        c[j] = nc;
+      }
+      ka += kPhiloxKeyA;
+      kb += kPhiloxKeyB;
+    }
+    for (int j = 0; j < kChains; ++j) {
+      _mm512_store_si512(x0 + 16 * j, a[j]);
+      _mm512_store_si512(x1 + 16 * j, b[j]);
+      _mm512_store_si512(x2 + 16 * j, c[j]);
+      _mm512_store_si512(x3 + 16 * j, d[j]);
+    }
+  }
+#else
 #pragma omp simd
   for (int l = 0; l < kLanes; ++l) {
     uint32_t a = ctr0 + static_cast<uint32_t>(l), b = c1, c = c2, d = c3;
@@ -80,6 +131,7 @@ inline void normals_block(int64_t base, uint32_t k0, uint32_t k1, uint32_t c1, u
     }
     x0[l] = a; x1[l] = b; x2[l] = c; x3[l] = d;
   }
+#endif
   float n0[kLanes], n1[kLanes], n2[kLanes], n3[kLanes];
 #pragma omp simd
   for (int l = 0; l < kLanes; ++l) {

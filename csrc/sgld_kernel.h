@@ -5,6 +5,9 @@
 
 namespace pypattern {
 
+// Elements per block of the CPU kernel: every range it is given must start at a multiple of this.
+constexpr int64_t kSgldBlock = 256;
+
 struct SgldCoefs {
   double drift_grad;   // eps/2 * nbeta
   double drift_loc;    // eps/2 * localization
@@ -18,7 +21,7 @@ struct SgldCoefs {
   bool has_noise;
 };
 
-// Elements [begin, end) of one contiguous tensor; begin must be a multiple of 64.
+// Elements [begin, end) of one contiguous tensor; begin must be a multiple of kSgldBlock.
 // mask may be null. Returns nonzero when a gradient in the range was NaN or Inf (those entries are left unchanged).
 int sgld_cpu_range_f32(float* w, const float* g, const float* w0, const float* mask, int64_t begin, int64_t end,
                        const SgldCoefs& c);
