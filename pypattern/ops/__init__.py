@@ -18,7 +18,7 @@ from .grad_gram import (
     per_sample_grad_gram_reference,
     transformer_lens_sites,
 )
-from .sgld import sgld_step_, sgld_step_reference_
+from .sgld import sgld_step_, sgld_step_reference_, sgld_step_unchecked_
 
 __all__ = [
     "CrossCovariance",
@@ -39,5 +39,6 @@ __all__ = [
     "per_sample_grad_gram_reference",
     "sgld_step_",
     "sgld_step_reference_",
+    "sgld_step_unchecked_",
     "transformer_lens_sites",
 ]

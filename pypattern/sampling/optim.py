@@ -9,7 +9,6 @@ order given, restricted ones left out) is tensor index ``i`` of the op, and its 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from .. import _backends
-from ..ops.sgld import sgld_step_
+from ..ops.sgld import sgld_step_, sgld_step_unchecked_
 
 __all__ = ["SGLD", "chain_seed", "fused_sgld_step_"]
 
@@ -42,10 +41,6 @@ def chain_seed(seed: int, chain: int, stream: int = 0) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
 
 
-def _signed64(x: int) -> int:
-    return x - 2**64 if x >= 2**63 else x
-
-
 def fused_sgld_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -62,15 +57,13 @@ def fused_sgld_step_(
     step: int,
     backend: str | None = None,
 ) -> None:
-    """:func:`sgld_step_` without the per-call argument validation (about 55 us of Python per call).
+    """:func:`sgld_step_` without the per-call argument validation: :func:`pypattern.ops.sgld.sgld_step_unchecked_`.
 
     For inputs already validated once by :func:`sgld_step_` (the optimizer and the batched runner do that on
-    their first step). On the ``cpp``/``cuda`` backends it calls the registered op directly; on the others it
-    calls :func:`sgld_step_`. Raises ``FloatingPointError`` when a gradient held NaN or Inf, like the op.
+    their first step). Raises ``FloatingPointError`` when a gradient held NaN or Inf, like the op.
     ``tests/test_sampling.py`` checks that both paths give identical results.
     """
-    name = _backends.choose("sgld_step_", params[0].device, backend)
-    _raw_or_public(name)(
+    sgld_step_unchecked_(
         params,
         grads,
         anchors,
@@ -83,53 +76,15 @@ def fused_sgld_step_(
         masks=masks,
         seed=seed,
         step=step,
+        backend=backend,
     )
 
 
 def _raw_or_public(name: str):
-    """The step function for a resolved backend name: the registered op for cpp/cuda, else sgld_step_."""
-    if name not in ("cpp", "cuda"):
-        return functools.partial(sgld_step_, backend=name)
-    _backends._load_c()
-    op = torch.ops.pypattern.sgld_step_
+    """The unvalidated step function for a resolved backend name; ``check=False`` returns the flags."""
 
-    def raw(
-        params,
-        grads,
-        anchors,
-        *,
-        step_size,
-        nbeta,
-        localization,
-        weight_decay,
-        noise_scale,
-        bounding_box,
-        masks,
-        seed,
-        step,
-        check=True,
-    ):
-        flags = op(
-            params if isinstance(params, list) else list(params),
-            grads if isinstance(grads, list) else list(grads),
-            anchors if isinstance(anchors, list) else list(anchors),
-            [] if masks is None else list(masks),
-            float(step_size),
-            float(nbeta),
-            float(localization),
-            float(weight_decay),
-            float(noise_scale),
-            None if bounding_box is None else float(bounding_box),
-            _signed64(seed),
-            _signed64(step),
-        )
-        if not check:
-            return flags
-        if bool(flags.any()):
-            bad = torch.nonzero(flags.cpu()).flatten().tolist()
-            raise FloatingPointError(
-                f"sgld_step_: non-finite gradient in tensors {bad} at step {step}; those entries were not updated."
-            )
+    def raw(params, grads, anchors, *, check=True, **kw):
+        return sgld_step_unchecked_(params, grads, anchors, backend=name, check_finite=check, **kw)
 
     return raw
 
