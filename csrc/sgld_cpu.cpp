@@ -7,7 +7,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
+#include <vector>
 #include <cmath>
 
 #include "sgld_kernel.h"
@@ -43,6 +45,18 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   auto flags = at::zeros({n}, at::TensorOptions().dtype(at::kInt));
   auto* flag_ptr = flags.data_ptr<int32_t>();
   SgldCoefs base = make_coefs(step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step);
+
+  // Gather every tensor's contiguous buffers, then run all tensors' blocks in ONE parallel loop: many small
+  // tensors (a model's weights and biases) then share the threads with a single fork, and a step over a small
+  // model stays on the calling thread.
+  struct Work {
+    at::Tensor w, g, a, m;
+    int64_t numel, first_block;
+    int64_t index;
+  };
+  std::vector<Work> work;
+  work.reserve(n);
+  int64_t total_blocks = 0;
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
     TORCH_CHECK(p.device().is_cpu(), "sgld_step_ (cpu): params[", t, "] is not a CPU tensor");
@@ -50,48 +64,57 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                 "sgld_step_: shape mismatch at tensor ", t);
     TORCH_CHECK(grads[t].scalar_type() == p.scalar_type() && anchors[t].scalar_type() == p.scalar_type(),
                 "sgld_step_: dtype mismatch at tensor ", t);
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, "sgld_step_ (cpu): params[", t,
+                "] has dtype ", p.scalar_type(), "; supported are float32 and float64");
     const int64_t numel = p.numel();
     if (numel == 0) continue;
-    at::Tensor w = p.is_contiguous() ? p : p.contiguous();
-    at::Tensor g = grads[t].contiguous();
-    at::Tensor a = anchors[t].contiguous();
-    at::Tensor m;
+    Work wk;
+    wk.w = p.is_contiguous() ? p : p.contiguous();
+    wk.g = grads[t].contiguous();
+    wk.a = anchors[t].contiguous();
     if (masks.size() > 0) {
       c10::optional<at::Tensor> mt = masks.get(t);
       if (mt.has_value() && mt->defined()) {
         TORCH_CHECK(mt->sizes() == p.sizes(), "sgld_step_: mask shape mismatch at tensor ", t);
-        m = mt->to(p.scalar_type()).contiguous();
+        wk.m = mt->to(p.scalar_type()).contiguous();
       }
     }
-    SgldCoefs c = base;
-    c.tensor_index = static_cast<uint32_t>(t);
-    std::atomic<int> bad{0};
-    const int64_t nblocks = (numel + kSgldBlock - 1) / kSgldBlock;
-    // 256k elements per task: smaller tensors run on one thread (an OpenMP fork per small tensor costs more
-    // than it saves, and collapses when the other core is busy)
-    const int64_t grain = 1024;
-    if (p.scalar_type() == at::kFloat) {
-      float* wp = w.data_ptr<float>();
-      const float* gp = g.data_ptr<float>();
-      const float* ap = a.data_ptr<float>();
-      const float* mp = m.defined() ? m.data_ptr<float>() : nullptr;
-      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-        if (sgld_cpu_range_f32(wp, gp, ap, mp, b0 * kSgldBlock, std::min(numel, b1 * kSgldBlock), c)) bad.store(1);
-      });
-    } else if (p.scalar_type() == at::kDouble) {
-      double* wp = w.data_ptr<double>();
-      const double* gp = g.data_ptr<double>();
-      const double* ap = a.data_ptr<double>();
-      const double* mp = m.defined() ? m.data_ptr<double>() : nullptr;
-      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-        if (sgld_cpu_range_f64(wp, gp, ap, mp, b0 * kSgldBlock, std::min(numel, b1 * kSgldBlock), c)) bad.store(1);
-      });
-    } else {
-      TORCH_CHECK(false, "sgld_step_ (cpu): params[", t, "] has dtype ", p.scalar_type(),
-                  "; supported are float32 and float64");
+    wk.numel = numel;
+    wk.first_block = total_blocks;
+    wk.index = t;
+    total_blocks += (numel + kSgldBlock - 1) / kSgldBlock;
+    work.push_back(std::move(wk));
+  }
+  std::vector<std::atomic<int>> bad(work.size());
+  for (auto& b : bad) b.store(0);
+  // 128 blocks of 256 = 32k elements per task at least
+  at::parallel_for(0, total_blocks, 128, [&](int64_t b0, int64_t b1) {
+    // the first tensor whose blocks reach past b0
+    size_t i = std::upper_bound(work.begin(), work.end(), b0,
+                                [](int64_t b, const Work& wk) { return b < wk.first_block; }) -
+               work.begin() - 1;
+    for (; i < work.size() && work[i].first_block < b1; ++i) {
+      const Work& wk = work[i];
+      const int64_t lo = std::max<int64_t>(b0 - wk.first_block, 0) * kSgldBlock;
+      const int64_t hi = std::min(wk.numel, (b1 - wk.first_block) * kSgldBlock);
+      if (lo >= hi) continue;
+      SgldCoefs c = base;
+      c.tensor_index = static_cast<uint32_t>(wk.index);
+      int r;
+      if (wk.w.scalar_type() == at::kFloat) {
+        r = sgld_cpu_range_f32(wk.w.data_ptr<float>(), wk.g.data_ptr<float>(), wk.a.data_ptr<float>(),
+                               wk.m.defined() ? wk.m.data_ptr<float>() : nullptr, lo, hi, c);
+      } else {
+        r = sgld_cpu_range_f64(wk.w.data_ptr<double>(), wk.g.data_ptr<double>(), wk.a.data_ptr<double>(),
+                               wk.m.defined() ? wk.m.data_ptr<double>() : nullptr, lo, hi, c);
+      }
+      if (r) bad[i].store(1);
     }
-    if (!w.is_same(p)) p.copy_(w);
-    flag_ptr[t] = bad.load();
+  });
+  for (size_t i = 0; i < work.size(); ++i) {
+    const at::Tensor& p = params[work[i].index];
+    if (!work[i].w.is_same(p)) p.copy_(work[i].w);
+    flag_ptr[work[i].index] = bad[i].load();
   }
   return flags;
 }
