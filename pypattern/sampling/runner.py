@@ -26,6 +26,9 @@ __all__ = ["SamplingDivergedError", "default_nbeta", "sample"]
 _CKPT_VERSION = 1
 
 
+BATCHED_MAX_PARAMS = 4096  # batched=None runs chains batched (vmap) up to this many parameters
+
+
 class SamplingDivergedError(FloatingPointError):
     """A chain's loss, gradient or parameters became NaN or Inf. Attributes: ``chain``, ``draw``, ``step``,
     ``step_size``."""
@@ -372,9 +375,11 @@ def sample(
         Default ``max(4, num_chains)``, at most one epoch.
     batched : bool, optional
         ``True``: run the chains together (parameters stacked along a chain axis, one ``vmap``-ed forward and
-        one backward per step); ``False``: one chain after another; ``None`` (default): batched when the model
-        and ``loss_fn`` run under ``torch.func.vmap`` (no in-place buffer updates, no random ops), else
-        sequential. Both give the same draws for the same seed, up to float rounding.
+        one backward per step); ``False``: one chain after another; ``None`` (default): batched for small models
+        (at most ``BATCHED_MAX_PARAMS`` = 4096 parameters, where per-step overhead dominates and batching was
+        measured 1.2-4x faster) that run under ``torch.func.vmap`` (no in-place buffer updates, no random ops),
+        else sequential (measured faster from about 3k parameters up: 1.09 vs 1.51 ms per chain-step at 22k, 3.70
+        vs 4.16 ms at 101k, one thread). Both give the same draws for the same seed, up to float rounding.
     checkpoint : path, optional
         ``.npz`` file (no pickle) rewritten atomically every ``checkpoint_every`` draws with the finished draws and
         the state of unfinished chains. If it exists, the run resumes from it and ends with the same result as an
@@ -534,7 +539,8 @@ def sample(
         same_step = len({int(st.next_step[c]) for c in todo}) <= 1
         use_batched = batched
         if use_batched is None:
-            use_batched = len(todo) > 1 and same_step
+            n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            use_batched = len(todo) > 1 and same_step and n_params <= BATCHED_MAX_PARAMS
         if use_batched and not same_step:
             use_batched = False
         if todo and use_batched:
