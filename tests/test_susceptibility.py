@@ -249,3 +249,14 @@ def test_transformer_heads_per_token():
     np.testing.assert_array_equal(res.probe_position, np.tile(np.arange(1, 8), 2))
     np.testing.assert_array_equal(res.probe_token, probe[:, 1:].reshape(-1).numpy())
     assert not np.allclose(res.chi[0], res.chi[1])  # different heads respond differently
+
+
+def test_to_pandas_and_plot(gaussian_run, tmp_path):
+    pd = pytest.importorskip("pandas")
+    _, _, _, res, _ = gaussian_run
+    df = res.to_pandas()
+    assert isinstance(df, pd.DataFrame) and len(df) == res.chi.size
+    np.testing.assert_array_equal(df["chi"].to_numpy(), res.chi.reshape(-1))
+    assert list(df["component"].unique()) == res.components
+    fig = res.plot(tmp_path / "chi.png")
+    assert (tmp_path / "chi.png").stat().st_size > 0 and len(fig.axes) >= 2
