@@ -41,43 +41,9 @@ def chain_seed(seed: int, chain: int, stream: int = 0) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
 
 
-def fused_sgld_step_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    *,
-    step_size: float,
-    nbeta: float,
-    localization: float,
-    weight_decay: float = 0.0,
-    noise_scale: float = 1.0,
-    bounding_box: float | None = None,
-    masks: Sequence[torch.Tensor | None] | None = None,
-    seed: int,
-    step: int,
-    backend: str | None = None,
-) -> None:
-    """:func:`sgld_step_` without the per-call argument validation: :func:`pypattern.ops.sgld.sgld_step_unchecked_`.
-
-    For inputs already validated once by :func:`sgld_step_` (the optimizer and the batched runner do that on
-    their first step). Raises ``FloatingPointError`` when a gradient held NaN or Inf, like the op.
-    ``tests/test_sampling.py`` checks that both paths give identical results.
-    """
-    sgld_step_unchecked_(
-        params,
-        grads,
-        anchors,
-        step_size=step_size,
-        nbeta=nbeta,
-        localization=localization,
-        weight_decay=weight_decay,
-        noise_scale=noise_scale,
-        bounding_box=bounding_box,
-        masks=masks,
-        seed=seed,
-        step=step,
-        backend=backend,
-    )
+# :func:`sgld_step_` without the per-call argument validation, for inputs already validated once (the optimizer and
+# the batched runner do that on their first step); kept under this name for the sampler's callers and tests.
+fused_sgld_step_ = sgld_step_unchecked_
 
 
 def _raw_or_public(name: str):
