@@ -332,6 +332,7 @@ def susceptibilities(
     sampling_batch=None,
     convention: str = "physics",
     per_token: bool = True,
+    checkpoint: str | os.PathLike | None = None,
     **sampler_settings,
 ) -> SusceptibilityResult:
     """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
@@ -359,6 +360,11 @@ def susceptibilities(
         See the module docstring.
     per_token : bool
         Keep one column per token (True) or average each probe sample's token losses (False).
+    checkpoint : path, optional
+        A folder: each finished component's row (and the unrestricted run of the devinterp convention) is written
+        there as ``.npz`` (no pickle) as soon as it is done, and the same call reloads finished ones instead of
+        sampling them again; a killed run loses at most the component it was sampling. A folder written with
+        other settings is refused with an error naming the setting.
     **sampler_settings
         ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
         ``localization``, ``seed``, ... as in :func:`pypattern.sample`.
@@ -413,26 +419,72 @@ def susceptibilities(
         res = _run_component(model, loader, loss_fn, restrict, masks, cb, kw)
         return accs, res
 
+    # Per-component checkpoints: a finished component's row is saved at once and reloaded by the same call
+    # (same settings, components, probe size and initial values), so a killed run loses at most one component.
+    fp = {
+        "convention": convention,
+        "n": n,
+        "phi0": float(phi0),
+        "loss0": float(l0.double().sum()),
+        **{
+            k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None))) and k != "quiet"
+        },
+    }
+
+    def cached(name: str, compute: Callable[[], dict]) -> dict:
+        if checkpoint is None:
+            return compute()
+        path = os.path.join(os.fspath(checkpoint), f"{name}.npz")
+        if os.path.exists(path):
+            arrays, meta = load_npz(path)
+            for key, v in fp.items():
+                if meta.get("fingerprint", {}).get(key) != v:
+                    raise ValueError(
+                        f"checkpoint {path} was written with {key}={meta.get('fingerprint', {}).get(key)!r}, this "
+                        f"call has {key}={v!r}: use another checkpoint folder or delete it"
+                    )
+            return {**arrays, **{k: v for k, v in meta.items() if k != "fingerprint"}}
+        out = compute()
+        os.makedirs(os.fspath(checkpoint), exist_ok=True)
+        save_npz_atomic(
+            path,
+            {k: v for k, v in out.items() if isinstance(v, np.ndarray)},
+            {"fingerprint": fp, **{k: v for k, v in out.items() if not isinstance(v, np.ndarray)}},
+        )
+        return out
+
     full_means = None
     if convention == "devinterp":
-        accs, _ = run_accumulators(None, None)
-        pooled = _pool(accs)
-        full_means = pooled.mean_b.numpy()  # E_full[l_t], E_full[Lbar]
+
+        def full_run() -> dict:
+            accs, _ = run_accumulators(None, None)
+            return {"full_means": _pool(accs).mean_b.numpy()}  # E_full[l_t], E_full[Lbar]
+
+        full_means = cached("unrestricted", full_run)["full_means"]
     nbeta_used = None
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
     phi_mean = np.zeros(len(specs))
     loss_mean = np.zeros((len(specs), n))
     for k, spec in enumerate(specs):
-        restrict, masks = _component_spec(model, spec)
-        accs, res = run_accumulators(restrict, masks)
-        nbeta_used = float(res.config["nbeta"])
-        pooled = _pool(accs)
-        chi[k] = _chi_from(pooled, convention, nbeta_used, full_means)
-        for c, acc in enumerate(accs):
-            chi_chains[k, c] = _chi_from(acc, convention, nbeta_used, full_means)
-        phi_mean[k] = float(pooled.mean_a[0]) + float(phi0)
-        loss_mean[k] = pooled.mean_b[:n].numpy()
+
+        def component_run(spec=spec) -> dict:
+            restrict, masks = _component_spec(model, spec)
+            accs, res = run_accumulators(restrict, masks)
+            nb = float(res.config["nbeta"])
+            pooled = _pool(accs)
+            return {
+                "chi": _chi_from(pooled, convention, nb, full_means),
+                "chi_chains": np.stack([_chi_from(acc, convention, nb, full_means) for acc in accs]),
+                "phi_mean": float(pooled.mean_a[0]) + float(phi0),
+                "loss_mean": pooled.mean_b[:n].numpy(),
+                "nbeta": nb,
+            }
+
+        row = cached(f"component_{k}", component_run)
+        nbeta_used = float(row["nbeta"])
+        chi[k], chi_chains[k] = row["chi"], row["chi_chains"]
+        phi_mean[k], loss_mean[k] = float(row["phi_mean"]), row["loss_mean"]
     se = chi_chains.std(1, ddof=1) / np.sqrt(C) if C > 1 else np.full_like(chi, np.nan)
     return SusceptibilityResult(
         chi=chi,

@@ -260,3 +260,43 @@ def test_to_pandas_and_plot(gaussian_run, tmp_path):
     assert list(df["component"].unique()) == res.components
     fig = res.plot(tmp_path / "chi.png")
     assert (tmp_path / "chi.png").stat().st_size > 0 and len(fig.axes) >= 2
+
+
+def test_checkpoint_resumes_without_resampling_finished_components(tmp_path, monkeypatch):
+    import pypattern.susceptibility as sus
+
+    model, x, y = _problem()
+    comps = {"a": {"weight": torch.tensor([[True, True, False, False]])}, "b": ["weight"]}
+    kw = dict(
+        num_chains=2,
+        num_draws=40,
+        step_size=EPS,
+        nbeta=NBETA,
+        localization=GAMMA,
+        seed=3,
+        warn_nonstationary=False,
+    )
+    full = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, **kw)
+
+    real, calls = sus._run_component, []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sus, "_run_component", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["component_0.npz"]
+    monkeypatch.setattr(sus, "_run_component", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
+    calls.clear()
+    resumed = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, **kw)
+    assert len(calls) == 1  # only the unfinished component was sampled
+    np.testing.assert_array_equal(resumed.chi, full.chi)
+    np.testing.assert_array_equal(resumed.chi_chains, full.chi_chains)
+    with pytest.raises(ValueError, match="num_draws"):
+        susceptibilities(
+            model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, **{**kw, "num_draws": 41}
+        )
