@@ -24,7 +24,9 @@ takes the baseline means from an additional unrestricted run ("full")::
     chi_t = E_C[phi · Lbar] - E_C[phi · l_t] - E_C[phi] · (E_full[Lbar] - E_full[l_t])
 
 with ``Lbar`` the mean probe loss. Up to sign and the ``nβ`` factor it is the physics covariance when the
-restricted and unrestricted posteriors have the same means of ``Lbar`` and ``l_t``.
+restricted and unrestricted posteriors have the same means of ``Lbar`` and ``l_t``. devinterp's ``Lbar`` is the
+mean loss of its *sampling* data set: the two agree when the probe is the sampling data (as in
+``bench/bench_susceptibility.py``), not for a separate probe set.
 
 Bayesian influence function: ``BIF(z_i, z_j) = -Cov_posterior(l_i, l_j)`` (or the correlation), from draws of
 the unrestricted posterior.
