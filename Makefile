@@ -48,6 +48,8 @@ bench-peers: setup
 	.bench-venvs/tl/bin/python -m pytest -q bench/bench_patching.py -s --benchmark-columns=min,median,rounds
 	bash bench/envs/devinterp.sh
 	.bench-venvs/devinterp13/bin/python -m pytest -q bench/bench_llc.py -s --benchmark-columns=min,median,rounds
+	.bench-venvs/devinterp20/bin/python -m pytest -q bench/bench_llc.py bench/bench_susceptibility.py -s \
+		--benchmark-columns=min,median,rounds
 
 check-cuda:
 	bash .ci/check_cuda.sh
