@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._threads import pinned_threads
 from ..models.transformer import Transformer
 from ..patterning import direction_target, invert
 from ..susceptibility import susceptibilities
@@ -334,13 +335,8 @@ def run_induction_seed(seed: int, s: InductionSettings | None = None, log=None) 
 def run_induction_experiment(seeds=(0, 1, 2), s: InductionSettings | None = None, log=None) -> dict:
     """All seeds, with the summary: onsets per condition and the relative shifts against the baseline."""
     s = s or InductionSettings()
-    old = torch.get_num_threads()
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
-    try:
+    with pinned_threads(s.num_threads or None):
         per_seed = [run_induction_seed(seed, s, log) for seed in seeds]
-    finally:
-        torch.set_num_threads(old)
     summary = {"seeds": list(seeds), "onset": {}, "relative_shift": {}, "relative_shift_after_checkpoint": {}}
     for name in ("baseline", "accelerate", "delay"):
         summary["onset"][name] = [r["runs"][name]["onset"] for r in per_seed]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._threads import pinned_threads
 from ..models.transformer import Transformer
 from ..patterning import invert
 from ..susceptibility import susceptibilities
@@ -276,13 +277,8 @@ def run_parens_seed(seed: int, s: ParensSettings | None = None, log=None) -> dic
 def run_parens_experiment(seeds=(0, 1, 2), s: ParensSettings | None = None, log=None) -> dict:
     """All seeds with the summary: which algorithm each condition selected, and the selection rates."""
     s = s or ParensSettings()
-    old = torch.get_num_threads()
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
-    try:
+    with pinned_threads(s.num_threads or None):
         per_seed = [run_parens_seed(seed, s, log) for seed in seeds]
-    finally:
-        torch.set_num_threads(old)
     conds = list(per_seed[0]["runs"])
     learned = {c: [r["runs"][c]["learned"] for r in per_seed] for c in conds}
     rates = {}

@@ -28,15 +28,14 @@ def run_patch_demo(
     """
     from scipy.stats import spearmanr
 
+    from .._threads import pinned_threads
     from ..models.transformer import Transformer
     from ..tasks import IOITask, train
     from . import LogitDiff, activation_patching
     from .attribution import attribution_patching
 
     os.makedirs(out_dir, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with pinned_threads(1):
         t0 = time.perf_counter()
         task = IOITask()
         torch.manual_seed(seed)
@@ -63,8 +62,6 @@ def run_patch_demo(
         _plot(resid, heads, atp_r, task, png)
         table = os.path.join(out_dir, "patching_table.csv")
         _write_table(table, [("exact", resid), ("exact", heads), ("atp", atp_r), ("atp", atp_h)])
-    finally:
-        torch.set_num_threads(threads)
     return {
         "task": "ioi (ABC corruption)",
         "accuracy": acc,
