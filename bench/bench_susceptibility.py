@@ -17,8 +17,12 @@ Work
 * Components: the 4 heads (``blocks.{0,1}.attn.head.{0,1}``, masks from :func:`component_masks`, given to devinterp
   as its ``weight_restrictions``), plus the unrestricted run both conventions need: 5 SGLD runs x 4 chains x
   100 draws, lr 1e-3, nbeta 30, localization 100, ``convention="devinterp"``.
-* Bound: the floor of the same work is one forward + backward of the batch per step and one probe forward per
-  draw (2,000 steps); it is measured as a bare torch loop (``role="bound"``).
+* Ours runs all five SGLD runs' 20 chains batched (one ``vmap``-ed forward and backward per step, ``runs=`` of
+  :func:`pypattern.sample`), and, since the probe is the full batch, reads the probe losses and ``phi`` from the
+  sampler's own forward (one forward + backward per step; devinterp does a forward + backward and an observable
+  forward).
+* Bound: the floor of devinterp's work done one chain at a time is one forward + backward of the batch per step
+  and one probe forward per draw (2,000 steps); it is measured as a bare torch loop (``role="bound"``).
 * Memory: ``tracemalloc`` peak (Python and numpy allocations; torch's CPU allocator is not traced, but ours keeps
   only ``(1, tokens + 1)`` float64 accumulators per chain) of a fresh process running one component and the full
   run, 1 chain, at two draw counts, plus the bytes devinterp writes to its Zarr store. Peak RSS is not used: at
@@ -77,10 +81,6 @@ def _per_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model.m(ids, return_type="per_token_loss")
 
 
-def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return model(batch, return_type="loss")
-
-
 def _setup(state_path: str | None = None):
     task = InductionTask(d_vocab=16, seq_len=17)
     model = Transformer(task.model_config(d_model=32, n_heads=2))
@@ -93,12 +93,13 @@ def _setup(state_path: str | None = None):
 
 
 def run_ours(model, data, components, num_chains, num_draws):
+    # the sampler's loss is the default one, the mean of the per-token losses (``return_type="loss"``):
+    # with full-batch SGLD on the probe, the probe losses and phi come from the sampler's own forward
     return susceptibilities(
         model,
         [data],
         data,
         components,
-        loss_fn=_lm_loss,
         sampling_batch=data,
         convention="devinterp",
         num_chains=num_chains,

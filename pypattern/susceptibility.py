@@ -48,7 +48,7 @@ from torch import nn
 
 from .ops.covariance import CrossCovariance
 from .sampling.results import load_npz, save_npz_atomic
-from .sampling.runner import default_loss_fn, sample, split_loss
+from .sampling.runner import sample, split_loss
 
 __all__ = ["susceptibilities", "bif", "SusceptibilityResult", "BIFResult", "PCAResult", "per_sample_losses"]
 
@@ -265,6 +265,27 @@ class BIFResult(_Npz):
 # ------------------------------------------------------------------------------------------------ estimators
 
 
+def _only_batch(loader):
+    """The loader's batch if it has exactly one (a list of one batch, a one-batch DataLoader), else None."""
+    try:
+        if len(loader) != 1:
+            return None
+    except TypeError:
+        return None
+    return next(iter(loader))
+
+
+def _same_batch(a, b) -> bool:
+    """Whether two batches hold the same values (tensors, or tuples/lists of tensors)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list) and len(a) == len(b):
+        return all(_same_batch(x, y) for x, y in zip(a, b))
+    return False
+
+
 def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.Tensor] | None]:
     """(restrict_to names, masks) for one component: a name known to ``model.component_masks``, a mapping
     ``{param_name: mask}``, or a list of parameter names (whole tensors)."""
@@ -316,12 +337,6 @@ def _sampler_kwargs(kw: dict) -> dict:
     return kw
 
 
-def _run_component(model, loader, loss_fn, restrict, masks, callback, kw):
-    return sample(
-        model, loader, loss_fn=loss_fn, restrict_to=restrict, masks=masks, callbacks=[callback], **kw
-    )
-
-
 def susceptibilities(
     model: nn.Module,
     loader,
@@ -335,6 +350,7 @@ def susceptibilities(
     convention: str = "physics",
     per_token: bool = True,
     checkpoint: str | os.PathLike | None = None,
+    group_size: int | None = None,
     **sampler_settings,
 ) -> SusceptibilityResult:
     """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
@@ -352,7 +368,12 @@ def susceptibilities(
         pypattern's transformer, or a parameter-name prefix), a list of parameter names, or ``{param_name: mask}``;
         a dict maps display names to such entries.
     loss_fn : callable(model, batch) -> loss, optional
-        Batch-mean training loss for the sampler (default as in :func:`pypattern.sample`).
+        Batch-mean training loss for the sampler. Default: the mean of ``per_sample_loss_fn(model, batch)``
+        (cross-entropy or squared error for ``(x, y)`` batches, next-token loss for token batches). With the
+        default, full-batch SGLD on the probe itself (a loader whose only batch is the probe, as in the
+        structural-inference experiments) reads the probe losses, and ``phi`` when the sampling batch is that
+        batch too, from the sampler's own forward: one forward and one backward per step instead of three
+        forwards and a backward.
     per_sample_loss_fn : callable(model, probe) -> Tensor
         Per-sample ``(B,)`` or per-token ``(B, T)`` losses on the probe.
     observable : callable(model) -> scalar, optional
@@ -364,9 +385,15 @@ def susceptibilities(
         Keep one column per token (True) or average each probe sample's token losses (False).
     checkpoint : path, optional
         A folder: each finished component's row (and the unrestricted run of the devinterp convention) is written
-        there as ``.npz`` (no pickle) as soon as it is done, and the same call reloads finished ones instead of
-        sampling them again; a killed run loses at most the component it was sampling. A folder written with
-        other settings is refused with an error naming the setting.
+        there as ``.npz`` (no pickle) as soon as its group is done, and the same call reloads finished ones
+        instead of sampling them again; a killed run loses at most the group it was sampling. A folder written
+        with other settings is refused with an error naming the setting.
+    group_size : int, optional
+        How many SGLD runs (one per component, plus the unrestricted run of the devinterp convention) sample
+        together in one :func:`pypattern.sample` call (``runs=``): with batched chains (``batched=True``, or
+        ``None`` for small models) every step of all of them is one ``vmap``-ed forward and backward, and the
+        probe losses of all chains at a draw are one ``vmap``-ed forward. Default: all runs in one group.
+        The estimate does not depend on it: each run's chains get the same noise and data either way.
     **sampler_settings
         ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
         ``localization``, ``seed``, ... as in :func:`pypattern.sample`.
@@ -385,9 +412,19 @@ def susceptibilities(
         names = [c if isinstance(c, str) else f"component_{i}" for i, c in enumerate(specs)]
     if not specs:
         raise ValueError("components is empty: give at least one component")
-    lf = loss_fn or default_loss_fn
     if sampling_batch is None:
         sampling_batch = next(iter(loader))
+    if loss_fn is None:
+
+        def lf(m, batch):
+            v = per_sample_loss_fn(m, batch)
+            return v.mean(), v  # the per-sample losses reach the callback as outputs[0]
+
+    else:
+        lf = loss_fn
+    only = _only_batch(loader)
+    fuse_probe = loss_fn is None and only is not None and _same_batch(only, probe)
+    fuse_phi = fuse_probe and observable is None and _same_batch(sampling_batch, only)
 
     def losses_of(m) -> torch.Tensor:
         v = per_sample_loss_fn(m, probe)
@@ -408,21 +445,57 @@ def susceptibilities(
         raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
     meta = _probe_meta(probe, l0)
     C = int(kw["num_chains"])
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
+        raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
 
-    def run_accumulators(restrict, masks):
-        accs = [CrossCovariance(1, n + 1, track_auto="none") for _ in range(C)]
+    def probe_losses(m, batch) -> torch.Tensor:
+        return losses_of(m).reshape(-1)
 
-        def cb(chain, model):
-            with torch.no_grad():
-                lz = _flat(losses_of(model), n, "per_sample_loss_fn")
-                ph = _flat(phi_of(model), 1, "observable") - phi0.to(torch.float64)
-            accs[chain].update(ph.reshape(1, 1), torch.cat([lz, lz.mean().reshape(1)]).reshape(1, -1))
+    def phi(m, batch) -> torch.Tensor:
+        return phi_of(m).reshape(-1)
 
-        res = _run_component(model, loader, loss_fn, restrict, masks, cb, kw)
-        return accs, res
+    def run_group(specs_: list) -> tuple[list[list[CrossCovariance]], float]:
+        """Sample the runs ``specs_`` (``(restrict_to, masks)`` pairs) together; per run, one accumulator per
+        chain over (phi) x (l_1..l_N, Lbar); and the nbeta used."""
+        accs = [CrossCovariance(1, n + 1, track_auto="none") for _ in range(len(specs_) * C)]
 
-    # Per-component checkpoints: a finished component's row is saved at once and reloaded by the same call
-    # (same settings, components, probe size and initial values), so a killed run loses at most one component.
+        def cb(chain, loss, observables, outputs):
+            if fuse_probe:  # the sampler's forward was on the probe: its per-sample losses are the probe's
+                v = outputs[0]
+                lz = _flat(v.mean(1) if not per_token and v.dim() == 2 else v, n, "per_sample_loss_fn")
+            else:
+                lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn")
+            ph = (
+                torch.tensor([loss], dtype=torch.float64)
+                if fuse_phi
+                else _flat(observables["phi"], 1, "observable")
+            )
+            accs[chain].update(
+                (ph - phi0.to(torch.float64)).reshape(1, 1),
+                torch.cat([lz, lz.mean().reshape(1)]).reshape(1, -1),
+            )
+
+        observables = {}
+        if not fuse_probe:
+            observables["probe_losses"] = probe_losses
+        if not fuse_phi:
+            observables["phi"] = phi
+        results = sample(
+            model,
+            loader,
+            loss_fn=lf,
+            runs=specs_,
+            observables=observables,
+            record_observables=False,
+            callbacks=[cb],
+            **kw,
+        )
+        return [accs[r * C : (r + 1) * C] for r in range(len(specs_))], float(results[0].config["nbeta"])
+
+    # Per-component checkpoints: a finished component's row is saved when its group is done and reloaded by the
+    # same call (same settings, components, probe size and initial values).
     fp = {
         "convention": convention,
         "n": n,
@@ -433,57 +506,67 @@ def susceptibilities(
         },
     }
 
-    def cached(name: str, compute: Callable[[], dict]) -> dict:
+    def path_of(name: str) -> str | None:
+        return None if checkpoint is None else os.path.join(os.fspath(checkpoint), f"{name}.npz")
+
+    def load_row(name: str) -> dict | None:
+        path = path_of(name)
+        if path is None or not os.path.exists(path):
+            return None
+        arrays, meta = load_npz(path)
+        for key, v in fp.items():
+            if meta.get("fingerprint", {}).get(key) != v:
+                raise ValueError(
+                    f"checkpoint {path} was written with {key}={meta.get('fingerprint', {}).get(key)!r}, this "
+                    f"call has {key}={v!r}: use another checkpoint folder or delete it"
+                )
+        return {**arrays, **{k: v for k, v in meta.items() if k != "fingerprint"}}
+
+    def save_row(name: str, row: dict) -> None:
         if checkpoint is None:
-            return compute()
-        path = os.path.join(os.fspath(checkpoint), f"{name}.npz")
-        if os.path.exists(path):
-            arrays, meta = load_npz(path)
-            for key, v in fp.items():
-                if meta.get("fingerprint", {}).get(key) != v:
-                    raise ValueError(
-                        f"checkpoint {path} was written with {key}={meta.get('fingerprint', {}).get(key)!r}, this "
-                        f"call has {key}={v!r}: use another checkpoint folder or delete it"
-                    )
-            return {**arrays, **{k: v for k, v in meta.items() if k != "fingerprint"}}
-        out = compute()
+            return
         os.makedirs(os.fspath(checkpoint), exist_ok=True)
         save_npz_atomic(
-            path,
-            {k: v for k, v in out.items() if isinstance(v, np.ndarray)},
-            {"fingerprint": fp, **{k: v for k, v in out.items() if not isinstance(v, np.ndarray)}},
+            path_of(name),
+            {k: v for k, v in row.items() if isinstance(v, np.ndarray)},
+            {"fingerprint": fp, **{k: v for k, v in row.items() if not isinstance(v, np.ndarray)}},
         )
-        return out
 
-    full_means = None
-    if convention == "devinterp":
-
-        def full_run() -> dict:
-            accs, _ = run_accumulators(None, None)
-            return {"full_means": _pool(accs).mean_b.numpy()}  # E_full[l_t], E_full[Lbar]
-
-        full_means = cached("unrestricted", full_run)["full_means"]
-    nbeta_used = None
+    # the runs: the unrestricted one first (devinterp convention), then one per component
+    names_all = (["unrestricted"] if convention == "devinterp" else []) + [
+        f"component_{k}" for k in range(len(specs))
+    ]
+    rows = {name: load_row(name) for name in names_all}
+    todo = [name for name in names_all if rows[name] is None]
+    run_specs = {"unrestricted": (None, None)}
+    for k, spec in enumerate(specs):
+        if f"component_{k}" in todo:
+            run_specs[f"component_{k}"] = _component_spec(model, spec)
+    size = group_size or max(len(todo), 1)
+    full_means = None if rows.get("unrestricted") is None else rows["unrestricted"]["full_means"]
+    for i in range(0, len(todo), size):
+        group = todo[i : i + size]
+        accs_by_run, nbeta = run_group([run_specs[name] for name in group])
+        for name, accs in zip(group, accs_by_run):
+            if name == "unrestricted":
+                full_means = _pool(accs).mean_b.numpy()  # E_full[l_t], E_full[Lbar]
+                rows[name] = {"full_means": full_means}
+            else:
+                pooled = _pool(accs)
+                rows[name] = {
+                    "chi": _chi_from(pooled, convention, nbeta, full_means),
+                    "chi_chains": np.stack([_chi_from(acc, convention, nbeta, full_means) for acc in accs]),
+                    "phi_mean": float(pooled.mean_a[0]) + float(phi0),
+                    "loss_mean": pooled.mean_b[:n].numpy(),
+                    "nbeta": nbeta,
+                }
+            save_row(name, rows[name])
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
     phi_mean = np.zeros(len(specs))
     loss_mean = np.zeros((len(specs), n))
-    for k, spec in enumerate(specs):
-
-        def component_run(spec=spec) -> dict:
-            restrict, masks = _component_spec(model, spec)
-            accs, res = run_accumulators(restrict, masks)
-            nb = float(res.config["nbeta"])
-            pooled = _pool(accs)
-            return {
-                "chi": _chi_from(pooled, convention, nb, full_means),
-                "chi_chains": np.stack([_chi_from(acc, convention, nb, full_means) for acc in accs]),
-                "phi_mean": float(pooled.mean_a[0]) + float(phi0),
-                "loss_mean": pooled.mean_b[:n].numpy(),
-                "nbeta": nb,
-            }
-
-        row = cached(f"component_{k}", component_run)
+    for k in range(len(specs)):
+        row = rows[f"component_{k}"]
         nbeta_used = float(row["nbeta"])
         chi[k], chi_chains[k] = row["chi"], row["chi_chains"]
         phi_mean[k], loss_mean[k] = float(row["phi_mean"]), row["loss_mean"]
@@ -562,12 +645,19 @@ def bif(
         raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
     acc = CrossCovariance(n, n, track_auto="var")
 
-    def cb(model):
-        with torch.no_grad():
-            lz = _flat(losses_of(model), n, "per_sample_loss_fn").reshape(1, -1)
+    def cb(observables):
+        lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn").reshape(1, -1)
         acc.update(lz, lz)
 
-    sample(model, loader, loss_fn=loss_fn, callbacks=[cb], **kw)
+    sample(
+        model,
+        loader,
+        loss_fn=loss_fn,
+        observables={"probe_losses": lambda m, batch: losses_of(m).reshape(-1)},
+        record_observables=False,
+        callbacks=[cb],
+        **kw,
+    )
     meta = _probe_meta(probe, l0)
     return BIFResult(
         bif=-acc.cov(ddof=1).numpy(),

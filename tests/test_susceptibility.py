@@ -249,6 +249,31 @@ def test_transformer_heads_per_token():
     np.testing.assert_array_equal(res.probe_position, np.tile(np.arange(1, 8), 2))
     np.testing.assert_array_equal(res.probe_token, probe[:, 1:].reshape(-1).numpy())
     assert not np.allclose(res.chi[0], res.chi[1])  # different heads respond differently
+    # all components in one batched group (one vmap-ed forward per step for every chain of every component)
+    # equal one sequential call per component: same noise and data per chain
+    kw = dict(
+        loss_fn=lm_loss, num_chains=2, num_draws=20, step_size=1e-4, nbeta=20.0, localization=100.0, seed=0
+    )
+    comps = ["blocks.0.attn.head.0", "embed"]
+    one_by_one = susceptibilities(model, loader, probe, comps, batched=False, group_size=1, **kw)
+    together = susceptibilities(model, loader, probe, comps, batched=True, **kw)
+    np.testing.assert_allclose(
+        together.chi, one_by_one.chi, rtol=1e-3, atol=1e-3 * np.abs(one_by_one.chi).max()
+    )
+    np.testing.assert_allclose(together.loss_mean, one_by_one.loss_mean, rtol=1e-5)
+    # full-batch SGLD on the probe with the default loss: probe losses and phi come from the sampler's forward
+    # (no probe forward, no phi forward), and equal the separate forwards' values
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    kw = {**kw, "seed": 1}
+    fused = susceptibilities(model, [data], data, comps, **{**kw, "loss_fn": None})
+    n_fused, calls[:] = len(calls), []
+    separate = susceptibilities(model, [data], data, comps, **kw)
+    hook.remove()
+    # per step (all chains and components in one vmap-ed call): 1 forward fused, 3 separate (loss, probe, phi)
+    assert n_fused <= 20 + 5 and len(calls) >= 3 * 20
+    np.testing.assert_allclose(fused.chi, separate.chi, rtol=1e-4, atol=1e-4 * np.abs(separate.chi).max())
+    np.testing.assert_allclose(fused.phi_mean, separate.phi_mean, rtol=1e-5)
 
 
 def test_to_pandas_and_plot(gaussian_run, tmp_path):
@@ -276,24 +301,24 @@ def test_checkpoint_resumes_without_resampling_finished_components(tmp_path, mon
         seed=3,
         warn_nonstationary=False,
     )
-    full = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, **kw)
+    full = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, group_size=1, **kw)
 
-    real, calls = sus._run_component, []
+    real, calls = sus.sample, []
 
     def dies_on_second(*args, **kwargs):
-        calls.append(args[3])
+        calls.append(kwargs["runs"])
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sus, "_run_component", dies_on_second)
+    monkeypatch.setattr(sus, "sample", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, **kw)
+        susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, group_size=1, **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["component_0.npz"]
-    monkeypatch.setattr(sus, "_run_component", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
+    monkeypatch.setattr(sus, "sample", lambda *a, **k: (calls.append(k["runs"]), real(*a, **k))[1])
     calls.clear()
     resumed = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, **kw)
-    assert len(calls) == 1  # only the unfinished component was sampled
+    assert len(calls) == 1 and len(calls[0]) == 1  # only the unfinished component was sampled
     np.testing.assert_array_equal(resumed.chi, full.chi)
     np.testing.assert_array_equal(resumed.chi_chains, full.chi_chains)
     with pytest.raises(ValueError, match="num_draws"):

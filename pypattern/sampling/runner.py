@@ -212,14 +212,22 @@ class _FunctionalModel:
         return getattr(self._m, name)
 
 
-def _call_with(fn: Callable, kwargs: dict):
+def _keywords(fn: Callable) -> frozenset | None:
+    """The keyword arguments ``fn`` takes, or None when it takes any (``**kwargs``, or no signature)."""
     try:
-        sig = inspect.signature(fn)
+        params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
-        return fn(**kwargs)
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in sig.parameters})
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
+def _extra_outputs(out) -> tuple:
+    """The tensors a loss function returned after the loss (a tuple or list return), detached."""
+    if isinstance(out, tuple | list):
+        return tuple(x.detach() for x in out[1:] if isinstance(x, torch.Tensor))
+    return ()
 
 
 def _observable_items(observables) -> list[tuple[str, Callable]]:
@@ -331,7 +339,9 @@ def sample(
     quiet: bool = False,
     backend: str | None = None,
     warn_nonstationary: bool = True,
-) -> SampleResult:
+    runs: Sequence[tuple[str | Sequence[str] | None, Mapping[str, torch.Tensor] | None]] | None = None,
+    record_observables: bool = True,
+) -> SampleResult | list[SampleResult]:
     """Run ``num_chains`` SGLD chains from the trained weights ``w*`` (the model's current parameters).
 
     Chain ``c`` takes ``num_burnin_steps`` steps, then records a draw every ``num_steps_bw_draws`` steps until it
@@ -363,10 +373,15 @@ def sample(
         entries override the keyword arguments above.
     observables : mapping name -> callable(model, batch) -> Tensor or float, or a sequence of callables
         Evaluated (without gradient) at every draw on the draw's batch; traces ``(num_chains, num_draws, *shape)``.
+        With batched chains each observable is first tried under ``torch.func.vmap`` (all chains in one call);
+        one that does not run under vmap is evaluated chain by chain.
     callbacks : sequence of callable
-        Called at every draw with the keyword arguments they accept among ``chain``, ``draw``, ``step``,
-        ``loss`` (float), ``model`` (the chain's model), ``batch`` and ``observables`` (dict). Stream values into
-        accumulators here. An exception raised by a callback stops the run (a checkpoint keeps finished draws).
+        Called at every draw with the keyword arguments they accept among ``chain``, ``run``, ``draw``,
+        ``step``, ``loss`` (float), ``model`` (the chain's model), ``batch``, ``observables`` (dict) and
+        ``outputs`` (the tensors ``loss_fn`` returned after the loss, detached: a loss function returning
+        ``(loss, per_sample_losses)`` hands the per-sample losses of the draw's forward to the callbacks without
+        a second forward). Stream values into accumulators here. An exception raised by a callback stops the run (a checkpoint keeps
+        finished draws).
     seed : int
         Keys every noise value (through :func:`chain_seed`) and the data order.
     init_loss : float, optional
@@ -390,10 +405,20 @@ def sample(
         Force a backend of the fused SGLD op.
     warn_nonstationary : bool
         Warn (:class:`NonStationaryWarning`) when the split R-hat of the loss trace exceeds 1.1.
+    runs : sequence of ``(restrict_to, masks)`` pairs, optional
+        Several restricted samplers in one call (instead of ``restrict_to`` and ``masks``): ``num_chains`` chains
+        for each run, all batched together when ``batched`` allows (one forward and backward per step for every
+        run). Chain ``c`` of run ``r`` has the global index ``r * num_chains + c`` (the ``chain`` a callback
+        receives, with ``run=r``) and the noise and data of chain ``c`` of a separate call with that run's
+        ``restrict_to`` and ``masks``: the draws are the same up to float rounding. Returns one
+        :class:`SampleResult` per run.
+    record_observables : bool
+        Keep the observables' traces (default). ``False``: evaluate them at every draw and hand them to the
+        callbacks only (memory independent of the number of draws).
 
     Returns
     -------
-    SampleResult
+    SampleResult, or a list of them (one per run) when ``runs`` is given
 
     Raises
     ------
@@ -445,12 +470,35 @@ def sample(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameter with requires_grad=True")
-    patterns = [restrict_to] if isinstance(restrict_to, str) else list(restrict_to or [])
-    moving = [n for n, _ in named if not patterns or matches(n, patterns)]
-    if not moving:
-        raise ValueError(
-            f"restrict_to={restrict_to!r} matches no parameter; names are {[n for n, _ in named]}"
-        )
+    if runs is None:
+        specs = [(restrict_to, masks)]
+    else:
+        if restrict_to is not None or masks is not None:
+            raise ValueError("give restrict_to and masks inside runs, not next to it")
+        specs = list(runs)
+        if not specs:
+            raise ValueError("runs is empty: give at least one (restrict_to, masks) pair")
+    run_patterns, run_moving, run_masks = [], [], []
+    for r, spec in enumerate(specs):
+        if not (isinstance(spec, tuple | list) and len(spec) == 2):
+            raise TypeError(f"runs[{r}] must be a (restrict_to, masks) pair, got {spec!r}")
+        r_restrict, r_masks = spec
+        where = f"runs[{r}]: " if runs is not None else ""
+        patterns = [r_restrict] if isinstance(r_restrict, str) else list(r_restrict or [])
+        moving = [n for n, _ in named if not patterns or matches(n, patterns)]
+        if not moving:
+            raise ValueError(
+                f"{where}restrict_to={r_restrict!r} matches no parameter; names are {[n for n, _ in named]}"
+            )
+        r_masks = dict(r_masks or {})
+        unknown = set(r_masks) - set(moving)
+        if unknown:
+            raise ValueError(f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}")
+        run_patterns.append(patterns)
+        run_moving.append(moving)
+        run_masks.append(r_masks or None)
+    in_some_run = set().union(*run_moving)
+    union = [n for n, _ in named if n in in_some_run]
     device = named[0][1].device
     w_star = {n: p.detach().clone() for n, p in model.named_parameters()}
     dtypes = {n: t.dtype for n, t in w_star.items()}
@@ -461,19 +509,21 @@ def sample(
         num_steps_bw_draws=num_steps_bw_draws,
         seed=seed,
         **hyper,
-        moving=moving,
-        shapes={n: list(w_star[n].shape) for n in moving},
-        w_star_checksum=[round(float(w_star[n].double().abs().sum()), 6) for n in moving],
+        moving=run_moving[0] if runs is None else run_moving,
+        shapes={n: list(w_star[n].shape) for n in union},
+        w_star_checksum=[round(float(w_star[n].double().abs().sum()), 6) for n in union],
         observables=[n for n, _ in obs_items],
         init_loss=init_loss,
     )
+    R = len(specs)
+    G = R * C  # chains over all runs
 
     # ---- state: fresh or from a checkpoint
     ckpt = os.fspath(checkpoint) if checkpoint is not None else None
     if ckpt is not None and os.path.exists(ckpt):
-        st = _State.load(ckpt, C, D, fingerprint, device, dtypes)
+        st = _State.load(ckpt, G, D, fingerprint, device, dtypes)
     else:
-        st = _State(C, D)
+        st = _State(G, D)
     data_cache: dict = {}
 
     # ---- L_n(w*) over several batches
@@ -517,12 +567,15 @@ def sample(
         burnin=num_burnin_steps,
         thin=num_steps_bw_draws,
         total=total_steps,
+        G=G,
         hyper=hyper,
-        moving=moving,
+        run_moving=run_moving,
+        run_masks=run_masks,
+        union=union,
         w_star=w_star,
-        masks=masks,
         seed=seed,
         obs_items=obs_items,
+        record=record_observables,
         callbacks=list(callbacks),
         st=st,
         ckpt=ckpt,
@@ -535,7 +588,7 @@ def sample(
     )
     t0 = time.perf_counter()
     try:
-        todo = [c for c in range(C) if st.done[c] < D]
+        todo = [g for g in range(G) if st.done[g] < D]
         same_step = len({int(st.next_step[c]) for c in todo}) <= 1
         use_batched = batched
         if use_batched is None:
@@ -552,7 +605,7 @@ def sample(
                         f"batched=True but the model or loss_fn does not run under vmap: {e}"
                     ) from e
                 ctx.mode = "sequential"
-                ctx.run_sequential([c for c in range(C) if st.done[c] < D])
+                ctx.run_sequential([g for g in range(G) if st.done[g] < D])
         elif todo:
             ctx.run_sequential(todo)
     finally:
@@ -562,45 +615,58 @@ def sample(
     if ckpt is not None:
         st.save(ckpt, fingerprint, ctx.mode)
 
-    loss = st.loss.copy()
-    res = SampleResult(
-        loss_trace=loss,
-        init_loss=float(np.mean(st.init_losses)),
-        init_losses=np.asarray(st.init_losses, dtype=np.float64),
-        observables={k: v.copy() for k, v in st.obs.items()},
-        config=dict(
-            num_chains=C,
-            num_draws=D,
-            num_burnin_steps=num_burnin_steps,
-            num_steps_bw_draws=num_steps_bw_draws,
-            seed=seed,
-            step_size=hyper["lr"],
-            nbeta=hyper["nbeta"],
-            localization=hyper["localization"],
-            weight_decay=hyper["weight_decay"],
-            noise_level=hyper["noise_level"],
-            bounding_box_size=hyper["bounding_box_size"],
-            restrict_to=patterns or None,
-        ),
-        r_hat=r_hat(loss),
-        ess=ess(loss),
-        seconds=st.seconds,
-        batched=ctx.mode == "batched",
-    )
+    def result(r: int) -> SampleResult:
+        rows = slice(r * C, (r + 1) * C)
+        loss = st.loss[rows].copy()
+        return SampleResult(
+            loss_trace=loss,
+            init_loss=float(np.mean(st.init_losses)),
+            init_losses=np.asarray(st.init_losses, dtype=np.float64),
+            observables={k: v[rows].copy() for k, v in st.obs.items()},
+            config=dict(
+                num_chains=C,
+                num_draws=D,
+                num_burnin_steps=num_burnin_steps,
+                num_steps_bw_draws=num_steps_bw_draws,
+                seed=seed,
+                step_size=hyper["lr"],
+                nbeta=hyper["nbeta"],
+                localization=hyper["localization"],
+                weight_decay=hyper["weight_decay"],
+                noise_level=hyper["noise_level"],
+                bounding_box_size=hyper["bounding_box_size"],
+                restrict_to=run_patterns[r] or None,
+            ),
+            r_hat=r_hat(loss),
+            ess=ess(loss),
+            seconds=st.seconds,
+            batched=ctx.mode == "batched",
+        )
+
+    results = [result(r) for r in range(R)]
     if warn_nonstationary:
-        check_stationarity(loss)
-    return res
+        for res in results:
+            check_stationarity(res.loss_trace)
+    return results if runs is not None else results[0]
 
 
 class _VmapUnsupported(Exception):
     pass
 
 
+def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
+    """(losses, other outputs) from the vmap-ed loss: a tensor, or a tuple with the losses first."""
+    if isinstance(out, tuple):
+        return out[0], tuple(x.detach() for x in out[1:])
+    return out, ()
+
+
 class _Run:
     def __init__(self, **kw):
         self.__dict__.update(kw)
         self.mode = "sequential"
-        self.cb_cache: dict = {}
+        self.obs_per_chain: set[str] = set()  # observables that do not run under vmap
+        self.cb_keys = [(cb, _keywords(cb)) for cb in self.callbacks]  # inspected once, not at every draw
 
     # -- shared pieces
     def is_draw(self, t: int) -> int:
@@ -626,26 +692,46 @@ class _Run:
         )
         return SamplingDivergedError(msg, chain=c, draw=d, step=t, step_size=self.hyper["lr"])
 
-    def at_draw(self, c: int, d: int, t: int, lv: float, model_view, batch) -> None:
+    def at_draw(
+        self, g: int, d: int, t: int, lv: float, model_view, batch, done: dict | None = None, outputs=()
+    ) -> None:
+        """Record chain ``g``'s draw ``d``: its loss, its observables (those not already in ``done``, evaluated
+        on ``model_view()``) and the callbacks (``outputs``: the loss function's other returned tensors)."""
         st = self.st
-        st.loss[c, d] = lv
+        st.loss[g, d] = lv
         if not (self.obs_items or self.callbacks):
             return
-        obs_vals = {}
+        obs_vals = dict(done or {})
+        view = None
         if self.obs_items:
             with torch.no_grad():
                 for name, fn in self.obs_items:
-                    v = fn(model_view, batch)
-                    obs_vals[name] = v
-                    st.record_obs(name, c, d, v, self.C, self.D)
-        for cb in self.callbacks:
-            _call_with(
-                cb,
-                dict(chain=c, draw=d, step=t, loss=lv, model=model_view, batch=batch, observables=obs_vals),
-            )
+                    if name not in obs_vals:
+                        view = view or model_view()
+                        obs_vals[name] = fn(view, batch)
+                    if self.record:
+                        st.record_obs(name, g, d, obs_vals[name], self.G, self.D)
+        args = dict(
+            chain=g,
+            run=g // self.C,
+            draw=d,
+            step=t,
+            loss=lv,
+            batch=batch,
+            observables=obs_vals,
+            outputs=outputs,
+        )
+        for cb, keys in self.cb_keys:
+            if keys is None or "model" in keys:
+                view = view or model_view()
+                args["model"] = view
+            cb(**(args if keys is None else {k: v for k, v in args.items() if k in keys}))
 
     def checkpoint_now(self, finished_draws: int) -> bool:
         return self.ckpt is not None and (finished_draws % self.every == 0 or finished_draws == self.D)
+
+    def moving(self, g: int) -> list[str]:
+        return self.run_moving[g // self.C]
 
     # -- one chain after another
     def run_sequential(self, chains: list[int]) -> None:
@@ -653,21 +739,25 @@ class _Run:
         st = self.st
         work = copy.deepcopy(self.model)
         wparams = dict(work.named_parameters())
-        for c in chains:
+        trainable = {n for n, p in wparams.items() if p.requires_grad}
+        for g in chains:
+            c, moving = g % self.C, self.moving(g)
             with torch.no_grad():
                 for n, p in wparams.items():
                     p.copy_(self.w_star[n])
-                for n, t in st.params.get(c, {}).items():
+                    # no gradient for weights this run does not move: the backward skips their weight grads
+                    p.requires_grad_(n in trainable and n in moving)
+                for n, t in st.params.get(g, {}).items():
                     wparams[n].copy_(t)
             opt = SGLD(
-                [(n, wparams[n]) for n in self.moving],
-                masks=self.masks,
+                [(n, wparams[n]) for n in moving],
+                masks=self.run_masks[g // self.C],
                 seed=chain_seed(self.seed, c),
                 backend=self.backend,
                 **self.hyper,
             )
             opt.anchors = [self.w_star[n] for n in opt.param_names]
-            start = int(st.next_step[c])
+            start = int(st.next_step[g])
             opt.num_steps = start
             if start:
                 opt._validated = True
@@ -677,56 +767,87 @@ class _Run:
                 batch = _to_device(data.next(), self.device)
                 for p in opt.param_groups[0]["params"]:
                     p.grad = None
-                loss = split_loss(self.loss_fn(work, batch))
+                out = self.loss_fn(work, batch)
+                loss = split_loss(out)
                 lv = float(loss.detach())
                 if not math.isfinite(lv):
-                    raise self.diverged(c, t, f"the loss is {lv}")
+                    raise self.diverged(g, t, f"the loss is {lv}")
                 d = self.is_draw(t)
                 if d >= 0:
-                    self.at_draw(c, d, t, lv, work, batch)
+                    self.at_draw(g, d, t, lv, lambda: work, batch, outputs=_extra_outputs(out))
                 loss.backward()
                 try:
                     opt.sgld_step()
                 except FloatingPointError as e:
-                    raise self.diverged(c, t, f"a gradient is not finite ({e})") from None
+                    raise self.diverged(g, t, f"a gradient is not finite ({e})") from None
                 if self.pbar is not None:
                     self.pbar.update(1)
                 if d >= 0:
-                    st.done[c], st.next_step[c] = d + 1, t + 1
+                    st.done[g], st.next_step[g] = d + 1, t + 1
                     if self.checkpoint_now(d + 1):
                         if d + 1 < self.D:
-                            st.params[c] = {n: wparams[n].detach().clone() for n in self.moving}
+                            st.params[g] = {n: wparams[n].detach().clone() for n in moving}
                         else:
-                            st.params.pop(c, None)
+                            st.params.pop(g, None)
                         st.save(self.ckpt, self.fingerprint, self.mode)
-            for n in self.moving:
+            for n in moving:
                 if not bool(torch.isfinite(wparams[n]).all()):
-                    raise self.diverged(c, self.total - 1, f"parameter {n} is not finite")
-            st.params.pop(c, None)
+                    raise self.diverged(g, self.total - 1, f"parameter {n} is not finite")
+            st.params.pop(g, None)
+
+    def batched_observables(self, fmodel: Callable, stacked: dict, vb, shared_data: bool, n: int) -> dict:
+        """The observables of all ``n`` chains in one ``vmap``-ed call each; an observable that does not run
+        under vmap is left out (and evaluated chain by chain from then on)."""
+        out = {}
+        params = {k: v.detach() for k, v in stacked.items()}
+        for name, fn in self.obs_items:
+            if name in self.obs_per_chain:
+                continue
+
+            def one(p, b, fn=fn):
+                v = fn(fmodel(p), b)
+                return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+
+            try:
+                with torch.no_grad():
+                    v = torch.func.vmap(one, in_dims=(0, None if shared_data else 0))(params, vb)
+                if v.dim() == 0 or v.shape[0] != n:
+                    raise ValueError(f"vmap returned shape {tuple(v.shape)}")
+            except Exception:  # noqa: BLE001 - anything vmap rejects: evaluate this one chain by chain
+                self.obs_per_chain.add(name)
+                continue
+            out[name] = v
+        return out
 
     # -- all chains together
     def run_batched(self, chains: list[int]) -> None:
         st = self.st
         C = len(chains)
         base = self.model
-        frozen = {n: t for n, t in self.w_star.items() if n not in self.moving}
+        frozen = {n: t for n, t in self.w_star.items() if n not in self.union}
         buffers = dict(base.named_buffers())
         stacked = {}
-        for n in self.moving:
-            rows = [st.params.get(c, {}).get(n, self.w_star[n]) for c in chains]
+        for n in self.union:
+            rows = [st.params.get(g, {}).get(n, self.w_star[n]) for g in chains]
             stacked[n] = torch.stack([r.detach() for r in rows]).contiguous()
-        anchors = [self.w_star[n] for n in self.moving]
-        seeds = [chain_seed(self.seed, c) for c in chains]
+        locs = [g % self.C for g in chains]
+        seeds = [chain_seed(self.seed, c) for c in locs]
         start = int(st.next_step[chains[0]])
-        datas = [_ChainData(self.loader, chain_seed(self.seed, c, stream=1), self.data_cache) for c in chains]
+        datas = [_ChainData(self.loader, chain_seed(self.seed, c, stream=1), self.data_cache) for c in locs]
         for dd in datas:
             dd.skip(start)
         shared_data = datas[0].single is not None
         loss_fn = self.loss_fn
 
+        def fmodel(p):
+            return _FunctionalModel(base, {**p, **frozen, **buffers})
+
+        want_outputs = any(keys is None or "outputs" in keys for _, keys in self.cb_keys)
+
         def chain_loss(p, batch):
-            fm = _FunctionalModel(base, {**p, **frozen, **buffers})
-            return split_loss(loss_fn(fm, batch))
+            out = loss_fn(fmodel(p), batch)
+            loss = split_loss(out)
+            return (loss, *_extra_outputs(out)) if want_outputs else loss
 
         vloss = torch.func.vmap(chain_loss, in_dims=(0, None if shared_data else 0))
         hk = dict(
@@ -736,11 +857,17 @@ class _Run:
             weight_decay=self.hyper["weight_decay"],
             noise_scale=self.hyper["noise_level"],
             bounding_box=self.hyper["bounding_box_size"],
-            masks=None if not self.masks else [self.masks.get(n) for n in self.moving],
         )
+        # per run: anchors and masks of its moving tensors; per chain: views of its rows of those tensors
+        run_anchors = [[self.w_star[n] for n in mv] for mv in self.run_moving]
+        run_masks = [
+            None if not m else [m.get(n) for n in mv] for m, mv in zip(self.run_masks, self.run_moving)
+        ]
+        runs = [g // self.C for g in chains]
+        index = {n: j for j, n in enumerate(self.union)}
+        pick = [[index[n] for n in self.run_moving[r]] for r in runs]
+        views = [[stacked[self.union[j]][i] for j in pick[i]] for i in range(C)]
         step_fn = resolve_step_fn(self.device, self.backend)
-        views = [[stacked[n][i] for n in self.moving] for i in range(C)]
-        need_view = bool(self.obs_items or self.callbacks)
         raw = getattr(step_fn, "__name__", "") == "raw"
         shared_batch = _to_device(datas[0].single, self.device) if shared_data else None
         for t in range(start, self.total):
@@ -753,7 +880,7 @@ class _Run:
             leaves = {n: s.detach().requires_grad_(True) for n, s in stacked.items()}
             if t == start and self.mode != "batched":
                 try:
-                    losses = vloss(leaves, vb)
+                    losses, extra = _split_vloss(vloss(leaves, vb))
                     if losses.shape != (C,):
                         raise _VmapUnsupported(
                             f"loss_fn returned shape {tuple(losses.shape[1:])}, not a scalar"
@@ -764,67 +891,62 @@ class _Run:
                     raise _VmapUnsupported(f"{type(e).__name__}: {e}") from e
                 self.mode = "batched"
             else:
-                losses = vloss(leaves, vb)
+                losses, extra = _split_vloss(vloss(leaves, vb))
             lv = losses.detach().double().cpu().numpy()
             bad = np.flatnonzero(~np.isfinite(lv))
             if bad.size:
                 raise self.diverged(chains[bad[0]], t, f"the loss is {lv[bad[0]]}")
             d = self.is_draw(t)
             if d >= 0:
-                for i, c in enumerate(chains):
-                    view = None
-                    if need_view:
-                        view = _FunctionalModel(
-                            base, {**{n: s[i] for n, s in stacked.items()}, **frozen, **buffers}
-                        )
-                    self.at_draw(c, d, t, float(lv[i]), view, batches[i])
+                vobs = self.batched_observables(fmodel, stacked, vb, shared_data, C) if self.obs_items else {}
+                for i, g in enumerate(chains):
+                    self.at_draw(
+                        g,
+                        d,
+                        t,
+                        float(lv[i]),
+                        lambda i=i: fmodel({n: s[i] for n, s in stacked.items()}),
+                        batches[i],
+                        {k: v[i] for k, v in vobs.items()},
+                        tuple(x[i] for x in extra),
+                    )
             grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
-            per_chain = list(zip(*[g.unbind(0) for g in grads]))
+            per_tensor = [gr.unbind(0) for gr in grads]
             with torch.no_grad():
-                if t == start or not raw:
-                    for i, c in enumerate(chains):
-                        try:
-                            if t == start:
-                                sgld_step_(
-                                    views[i],
-                                    list(per_chain[i]),
-                                    anchors,
-                                    seed=seeds[i],
-                                    step=t,
-                                    backend=self.backend,
-                                    **hk,
-                                )
-                            else:
-                                step_fn(views[i], list(per_chain[i]), anchors, seed=seeds[i], step=t, **hk)
-                        except FloatingPointError as e:
-                            raise self.diverged(c, t, f"a gradient is not finite ({e})") from None
-                else:
-                    flags = [
-                        step_fn(
-                            views[i], list(per_chain[i]), anchors, seed=seeds[i], step=t, check=False, **hk
-                        )
-                        for i in range(C)
-                    ]
-                    if bool(torch.stack(flags).any()):
-                        i = int(torch.nonzero(torch.stack(flags).any(dim=1))[0])
-                        raise self.diverged(chains[i], t, "a gradient is not finite")
+                flags = []
+                for i, g in enumerate(chains):
+                    r = runs[i]
+                    gi = [per_tensor[j][i] for j in pick[i]]
+                    kw = dict(seed=seeds[i], step=t, masks=run_masks[r], **hk)
+                    try:
+                        if t == start:
+                            sgld_step_(views[i], gi, run_anchors[r], backend=self.backend, **kw)
+                        elif raw:  # unchecked: one flag per tensor, looked at once for all chains
+                            flags.append(step_fn(views[i], gi, run_anchors[r], check=False, **kw).any())
+                        else:
+                            step_fn(views[i], gi, run_anchors[r], **kw)
+                    except FloatingPointError as e:
+                        raise self.diverged(g, t, f"a gradient is not finite ({e})") from None
+                if flags and bool(torch.stack(flags).any()):
+                    i = int(torch.nonzero(torch.stack(flags))[0])
+                    raise self.diverged(chains[i], t, "a gradient is not finite")
             if self.pbar is not None:
                 self.pbar.update(C)
             if d >= 0:
-                for c in chains:
-                    st.done[c], st.next_step[c] = d + 1, t + 1
+                for g in chains:
+                    st.done[g], st.next_step[g] = d + 1, t + 1
                 if self.checkpoint_now(d + 1):
                     if d + 1 < self.D:
-                        for i, c in enumerate(chains):
-                            st.params[c] = {n: stacked[n][i].clone() for n in self.moving}
+                        for i, g in enumerate(chains):
+                            st.params[g] = {n: stacked[n][i].clone() for n in self.moving(g)}
                     else:
-                        for c in chains:
-                            st.params.pop(c, None)
+                        for g in chains:
+                            st.params.pop(g, None)
                     st.save(self.ckpt, self.fingerprint, self.mode)
         for n, s in stacked.items():
             finite = torch.isfinite(s.reshape(C, -1)).all(dim=1)
             if not bool(finite.all()):
                 i = int(torch.nonzero(~finite)[0])
                 raise self.diverged(chains[i], self.total - 1, f"parameter {n} is not finite")
-        for c in chains:
-            st.params.pop(c, None)
+        for g in chains:
+            st.params.pop(g, None)
