@@ -102,7 +102,7 @@ def _nc_loader(ds):
 # ---------------------------------------------------------------------------------------------------------------
 # runners
 # ---------------------------------------------------------------------------------------------------------------
-def _run_pypattern(model, loader, evaluate, kw, nbeta, batched=None):
+def _run_pypattern(model, loader, evaluate, kw, nbeta, batched=None, cores=1):
     r = estimate_llc(
         model,
         loader,
@@ -115,6 +115,7 @@ def _run_pypattern(model, loader, evaluate, kw, nbeta, batched=None):
         seed=0,
         quiet=True,
         batched=batched,
+        cores=cores,
         warn_nonstationary=False,
     )
     return r.llc_mean, r.llc_std
@@ -270,21 +271,32 @@ def test_mlp_one_thread(benchmark, mlp_task):
 
 
 def test_mlp_whole_machine(benchmark, mlp_task):
+    """Each library's own multi-core option: ours ``cores=`` (chains in threads, one intra-op thread each), also
+    shown with torch's threads instead (``cores=1``, ``set_num_threads(cores)``); devinterp's ``cores=``."""
     model, ds = mlp_task
     cores = os.cpu_count() or 1
-    _threads(cores)
     steps = MLP["num_chains"] * MLP["num_draws"]
     nbeta = 256 / math.log(256)
+    _threads(cores)
+    t_omp, _ = _time(lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=2)
+    _threads(1)
     t_ours, (ours, ours_std) = _time(
-        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=2
+        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta, cores=cores), rounds=2
     )
     benchmark.pedantic(
-        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=1, iterations=1
+        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta, cores=cores), rounds=1, iterations=1
     )
-    row = dict(threads=cores, ours_ms=t_ours / steps * 1e3, llc=ours, llc_std=ours_std)
+    row = dict(
+        threads=cores,
+        ours_ms=t_ours / steps * 1e3,
+        ours_torch_threads_ms=t_omp / steps * 1e3,
+        llc=ours,
+        llc_std=ours_std,
+    )
     if devinterp is not None:
-        # devinterp's own multi-core option: one process per core (cores=...), one torch thread each
-        _threads(1)
+        # devinterp 1.x's own multi-core option: one process per core (cores=...), one torch thread each;
+        # 2.x has none: torch's threads
+        _threads(1 if DEVINTERP.startswith("1.") else cores)
         t_di, (di, di_std) = _time(
             lambda: _run_devinterp(model, _mlp_loader(ds), _ce, MLP, nbeta, cores=cores), rounds=1
         )

@@ -329,7 +329,7 @@ def _sampler_kwargs(kw: dict) -> dict:
     allowed = {
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
         "weight_decay", "noise_level", "bounding_box_size", "optimizer_kwargs", "seed", "batched", "quiet",
-        "backend", "num_init_loss_batches", "warn_nonstationary",
+        "backend", "num_init_loss_batches", "warn_nonstationary", "cores",
     }  # fmt: skip
     bad = set(kw) - allowed
     if bad:

@@ -282,6 +282,50 @@ def test_checkpoint_resume_identical(tmp_path, batched):
         _run(model, loader, batched=batched, checkpoint=path, step_size=2e-3)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_cores_same_draws_callbacks_in_order_checkpoint_and_errors(tmp_path, batched):
+    """cores=2 runs the chains in two threads: same draws as one group, every draw reaches the callbacks once and
+    in order per chain, a checkpointed run killed in one thread resumes to the same result, and a diverging chain
+    in one thread stops the other and raises."""
+    model, loader = _mlp_task()
+    obs = {"logit0": lambda m, b: m(b[0])[0]}
+    one = _run(model, loader, batched=batched, observables=obs, num_chains=4)
+    seen = []
+    two = _run(
+        model,
+        loader,
+        batched=batched,
+        observables=obs,
+        num_chains=4,
+        cores=2,
+        callbacks=[lambda chain, draw: seen.append((chain, draw))],
+    )
+    np.testing.assert_allclose(two.loss_trace, one.loss_trace, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(two.observables["logit0"], one.observables["logit0"], rtol=1e-5, atol=1e-6)
+    assert sorted(seen) == [(c, d) for c in range(4) for d in range(12)]
+    for c in range(4):
+        assert [d for cc, d in seen if cc == c] == list(range(12))
+    assert torch.get_num_threads() >= 1  # restored (pinned to 1 only inside)
+
+    path = tmp_path / "run.npz"
+
+    def killer(chain, draw):
+        if chain == 1 and draw == 7:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(model, loader, batched=batched, num_chains=4, cores=2, checkpoint=path, callbacks=[killer])
+    with np.load(path, allow_pickle=False) as z:
+        assert 0 < z["done"].sum() < 4 * 12
+    resumed = _run(model, loader, batched=batched, num_chains=4, cores=2, checkpoint=path)
+    np.testing.assert_allclose(resumed.loss_trace, one.loss_trace, rtol=1e-6, atol=1e-7)
+
+    with pytest.raises(SamplingDivergedError, match="chain"):
+        _run(model, loader, batched=batched, num_chains=4, cores=2, step_size=1e6, nbeta=1e6)
+    with pytest.raises(ValueError, match="cores must be an int >= 1"):
+        _run(model, loader, cores=0)
+
+
 def test_divergence_names_chain_draw_and_step_size():
     model, loader = _mlp_task()
     with pytest.raises(SamplingDivergedError, match=r"chain \d+ diverged .*step_size=1e\+06") as e:

@@ -104,7 +104,7 @@ def _devinterp_kwargs(
         raise NotImplementedError("use_amp=True is not supported")
     if gpu_idxs:
         raise NotImplementedError("gpu_idxs: run on one device (pass the model on it)")
-    del cores, device  # chains are batched on the model's device instead of spread over processes
+    del device  # chains run on the model's device
     okw = dict(optimizer_kwargs or {})
     if "temperature" in okw:
         if "nbeta" in okw:
@@ -126,6 +126,7 @@ def _devinterp_kwargs(
         masks=masks,
         num_init_loss_batches=num_chains,
         quiet=not verbose,
+        cores=int(cores or 1),
     )
     kw.update(extra)
     return kw
@@ -159,7 +160,7 @@ def estimate_learning_coeff_with_summary(
     ``evaluate(model, batch)`` returns the loss (or a tuple/dict with it); ``optimizer_kwargs`` holds ``lr``
     (default 0.01), ``nbeta`` (default ``batch_size / ln(batch_size)``), ``localization``, ``weight_decay``,
     ``noise_level``, ``bounding_box_size``; ``L_n(w*)`` defaults to the mean over ``num_chains`` batches, as in
-    devinterp. ``cores`` is ignored (chains run batched instead). Extra keyword arguments go to
+    devinterp. ``cores`` runs that many chains at once (threads, see :func:`sample`). Extra keyword arguments go to
     :func:`pypattern.sampling.sample` (e.g. ``checkpoint``, ``batched``).
 
     Returns

@@ -7,6 +7,7 @@ import copy
 import inspect
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .._threads import pinned_threads
 from ..ops.sgld import sgld_step_
 from .diagnostics import check_stationarity, ess, r_hat
 from .optim import SGLD, _splitmix64, chain_seed, matches, resolve_step_fn
@@ -26,7 +28,8 @@ __all__ = ["SamplingDivergedError", "default_nbeta", "sample"]
 _CKPT_VERSION = 1
 
 
-BATCHED_MAX_PARAMS = 4096  # batched=None runs chains batched (vmap) up to this many parameters
+BATCHED_MAX_PARAMS = 4096
+_GLOBAL_RNG_LOCK = threading.Lock()  # batched=None runs chains batched (vmap) up to this many parameters
 
 
 class SamplingDivergedError(FloatingPointError):
@@ -164,17 +167,20 @@ class _ChainData:
         seed = _splitmix64(self.key ^ self.epoch) & ((1 << 63) - 1)
         sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
         gen = getattr(sampler, "generator", None) if not self.fast else None
-        gen_state = gen.get_state() if isinstance(gen, torch.Generator) else None
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                if gen_state is not None:  # the loader's own generator: key it too, then give it back
-                    gen.manual_seed(seed)
-                self.it = self._iter()
-                return next(self.it)
-        finally:
-            if gen_state is not None:
-                gen.set_state(gen_state)
+        # torch's global RNG (and the loader's generator) are seeded for the epoch's order: one chain at a time
+        # when chains run in threads
+        with _GLOBAL_RNG_LOCK:
+            gen_state = gen.get_state() if isinstance(gen, torch.Generator) else None
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    if gen_state is not None:  # the loader's own generator: key it too, then give it back
+                        gen.manual_seed(seed)
+                    self.it = self._iter()
+                    return next(self.it)
+            finally:
+                if gen_state is not None:
+                    gen.set_state(gen_state)
 
     def next(self):
         if self.single is not None:
@@ -341,6 +347,7 @@ def sample(
     warn_nonstationary: bool = True,
     runs: Sequence[tuple[str | Sequence[str] | None, Mapping[str, torch.Tensor] | None]] | None = None,
     record_observables: bool = True,
+    cores: int = 1,
 ) -> SampleResult | list[SampleResult]:
     """Run ``num_chains`` SGLD chains from the trained weights ``w*`` (the model's current parameters).
 
@@ -415,6 +422,13 @@ def sample(
     record_observables : bool
         Keep the observables' traces (default). ``False``: evaluate them at every draw and hand them to the
         callbacks only (memory independent of the number of draws).
+    cores : int
+        Run the chains in ``cores`` groups at once, one Python thread each, with torch pinned to one intra-op
+        thread (each op runs on its calling thread, so the groups use ``cores`` cores; torch releases the GIL
+        inside its ops). Each group is sequential or batched as ``batched`` says. The draws do not depend on it.
+        Callbacks and checkpoint writes are serialised under a lock; a chain's draws reach the callbacks in
+        order. Use it for models whose steps are large enough to outweigh the GIL (measured: see the README);
+        small ops are faster in one thread.
 
     Returns
     -------
@@ -444,6 +458,7 @@ def sample(
         ("num_burnin_steps", num_burnin_steps, 0),
         ("num_steps_bw_draws", num_steps_bw_draws, 1),
         ("checkpoint_every", checkpoint_every, 1),
+        ("cores", cores, 1),
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -589,25 +604,12 @@ def sample(
     t0 = time.perf_counter()
     try:
         todo = [g for g in range(G) if st.done[g] < D]
-        same_step = len({int(st.next_step[c]) for c in todo}) <= 1
-        use_batched = batched
-        if use_batched is None:
-            n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            use_batched = len(todo) > 1 and same_step and n_params <= BATCHED_MAX_PARAMS
-        if use_batched and not same_step:
-            use_batched = False
-        if todo and use_batched:
-            try:
-                ctx.run_batched(todo)
-            except _VmapUnsupported as e:
-                if batched:
-                    raise RuntimeError(
-                        f"batched=True but the model or loss_fn does not run under vmap: {e}"
-                    ) from e
-                ctx.mode = "sequential"
-                ctx.run_sequential([g for g in range(G) if st.done[g] < D])
-        elif todo:
-            ctx.run_sequential(todo)
+        parts = [todo[i::cores] for i in range(min(cores, len(todo)))]
+        if len(parts) <= 1:
+            ctx.run_part(todo, batched)
+        else:
+            with pinned_threads(1):
+                ctx.run_threads(parts, batched)
     finally:
         st.seconds += time.perf_counter() - t0
         if pbar is not None:
@@ -654,6 +656,10 @@ class _VmapUnsupported(Exception):
     pass
 
 
+class _Stopped(Exception):
+    """Another group of chains failed (cores > 1): this one stops."""
+
+
 def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
     """(losses, other outputs) from the vmap-ed loss: a tensor, or a tuple with the losses first."""
     if isinstance(out, tuple):
@@ -667,6 +673,78 @@ class _Run:
         self.mode = "sequential"
         self.obs_per_chain: set[str] = set()  # observables that do not run under vmap
         self.cb_keys = [(cb, _keywords(cb)) for cb in self.callbacks]  # inspected once, not at every draw
+        self.lock = threading.RLock()  # state, checkpoint and callbacks, with cores > 1
+        self.stop = threading.Event()  # another group failed: stop at the next step
+
+    # -- which path runs a group of chains
+    def run_part(self, chains: list[int], batched: bool | None) -> None:
+        st = self.st
+        same_step = len({int(st.next_step[g]) for g in chains}) <= 1
+        use_batched = batched
+        if use_batched is None:
+            n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            use_batched = len(chains) > 1 and same_step and n_params <= BATCHED_MAX_PARAMS
+        if use_batched and same_step and chains:
+            try:
+                self.run_batched(chains)
+                return
+            except _VmapUnsupported as e:
+                if batched:
+                    raise RuntimeError(
+                        f"batched=True but the model or loss_fn does not run under vmap: {e}"
+                    ) from e
+            chains = [g for g in chains if st.done[g] < self.D]
+        if chains:
+            self.run_sequential(chains)
+
+    def run_threads(self, parts: list[list[int]], batched: bool | None) -> None:
+        errors: list[BaseException] = []
+
+        def work(part):
+            try:
+                self.run_part(part, batched)
+            except _Stopped:
+                pass
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread below
+                errors.append(e)
+                self.stop.set()
+
+        threads = [
+            threading.Thread(target=work, args=(p,), name=f"pypattern-chains-{i}")
+            for i, p in enumerate(parts)
+        ]
+        for th in threads:
+            th.start()
+        try:
+            for th in threads:
+                th.join()
+        except BaseException:  # Ctrl-C in the caller: stop the groups at their next step
+            self.stop.set()
+            for th in threads:
+                th.join()
+            raise
+        if errors:
+            raise errors[0]
+
+    def finish_step(self, chains: Sequence[int], d: int, t: int, params_of: Callable[[int], dict]) -> None:
+        """After a step: progress, and at a draw the chains' bookkeeping and (when due) the checkpoint."""
+        if self.stop.is_set():
+            raise _Stopped
+        if self.pbar is not None:
+            self.pbar.update(len(chains))
+        if d < 0:
+            return
+        st = self.st
+        with self.lock:
+            for g in chains:
+                st.done[g], st.next_step[g] = d + 1, t + 1
+            if self.checkpoint_now(d + 1):
+                for g in chains:
+                    if d + 1 < self.D:
+                        st.params[g] = params_of(g)
+                    else:
+                        st.params.pop(g, None)
+                st.save(self.ckpt, self.fingerprint, self.mode)
 
     # -- shared pieces
     def is_draw(self, t: int) -> int:
@@ -709,7 +787,9 @@ class _Run:
                     if name not in obs_vals:
                         view = view or model_view()
                         obs_vals[name] = fn(view, batch)
-                    if self.record:
+            if self.record:
+                with self.lock:
+                    for name, _ in self.obs_items:
                         st.record_obs(name, g, d, obs_vals[name], self.G, self.D)
         args = dict(
             chain=g,
@@ -725,7 +805,8 @@ class _Run:
             if keys is None or "model" in keys:
                 view = view or model_view()
                 args["model"] = view
-            cb(**(args if keys is None else {k: v for k, v in args.items() if k in keys}))
+            with self.lock:
+                cb(**(args if keys is None else {k: v for k, v in args.items() if k in keys}))
 
     def checkpoint_now(self, finished_draws: int) -> bool:
         return self.ckpt is not None and (finished_draws % self.every == 0 or finished_draws == self.D)
@@ -780,20 +861,14 @@ class _Run:
                     opt.sgld_step()
                 except FloatingPointError as e:
                     raise self.diverged(g, t, f"a gradient is not finite ({e})") from None
-                if self.pbar is not None:
-                    self.pbar.update(1)
-                if d >= 0:
-                    st.done[g], st.next_step[g] = d + 1, t + 1
-                    if self.checkpoint_now(d + 1):
-                        if d + 1 < self.D:
-                            st.params[g] = {n: wparams[n].detach().clone() for n in moving}
-                        else:
-                            st.params.pop(g, None)
-                        st.save(self.ckpt, self.fingerprint, self.mode)
+                self.finish_step(
+                    (g,), d, t, lambda g, mv=moving: {n: wparams[n].detach().clone() for n in mv}
+                )
             for n in moving:
                 if not bool(torch.isfinite(wparams[n]).all()):
                     raise self.diverged(g, self.total - 1, f"parameter {n} is not finite")
-            st.params.pop(g, None)
+            with self.lock:
+                st.params.pop(g, None)
 
     def batched_observables(self, fmodel: Callable, stacked: dict, vb, shared_data: bool, n: int) -> dict:
         """The observables of all ``n`` chains in one ``vmap``-ed call each; an observable that does not run
@@ -823,7 +898,8 @@ class _Run:
     def run_batched(self, chains: list[int]) -> None:
         st = self.st
         C = len(chains)
-        base = self.model
+        # functional_call swaps the module's tensors while it runs: every group (thread) needs its own module
+        base = copy.deepcopy(self.model)
         frozen = {n: t for n, t in self.w_star.items() if n not in self.union}
         buffers = dict(base.named_buffers())
         stacked = {}
@@ -930,23 +1006,14 @@ class _Run:
                 if flags and bool(torch.stack(flags).any()):
                     i = int(torch.nonzero(torch.stack(flags))[0])
                     raise self.diverged(chains[i], t, "a gradient is not finite")
-            if self.pbar is not None:
-                self.pbar.update(C)
-            if d >= 0:
-                for g in chains:
-                    st.done[g], st.next_step[g] = d + 1, t + 1
-                if self.checkpoint_now(d + 1):
-                    if d + 1 < self.D:
-                        for i, g in enumerate(chains):
-                            st.params[g] = {n: stacked[n][i].clone() for n in self.moving(g)}
-                    else:
-                        for g in chains:
-                            st.params.pop(g, None)
-                    st.save(self.ckpt, self.fingerprint, self.mode)
+            self.finish_step(
+                chains, d, t, lambda g: {n: stacked[n][chains.index(g)].clone() for n in self.moving(g)}
+            )
         for n, s in stacked.items():
             finite = torch.isfinite(s.reshape(C, -1)).all(dim=1)
             if not bool(finite.all()):
                 i = int(torch.nonzero(~finite)[0])
                 raise self.diverged(chains[i], self.total - 1, f"parameter {n} is not finite")
-        for g in chains:
-            st.params.pop(g, None)
+        with self.lock:
+            for g in chains:
+                st.params.pop(g, None)
