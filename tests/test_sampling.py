@@ -326,6 +326,45 @@ def test_cores_same_draws_callbacks_in_order_checkpoint_and_errors(tmp_path, bat
         _run(model, loader, cores=0)
 
 
+def test_per_chain_seeds_and_grad_accum_steps():
+    """devinterp's per-chain seed lists and gradient accumulation."""
+    model, loader = _mlp_task()
+    # chain c of seed=[s_0, s_1, ...] is chain c of seed=s_c
+    listed = _run(model, loader, seed=[5, 6, 7])
+    for c, s in enumerate([5, 6, 7]):
+        np.testing.assert_array_equal(listed.loss_trace[c], _run(model, loader, seed=s).loss_trace[c])
+    with pytest.raises(ValueError, match="seed has 2 entries but num_chains=3"):
+        _run(model, loader, seed=[1, 2])
+    with pytest.raises(ValueError, match="seed must be an int"):
+        _run(model, loader, seed=[1, -2, 3])
+
+    # grad_accum_steps=2 on an unshuffled loader: step t uses batches 2t and 2t+1, the mean loss and gradient
+    x, y = loader.dataset.tensors
+    plain = torch.utils.data.DataLoader(loader.dataset, batch_size=16, shuffle=False)
+    kw = dict(num_chains=1, num_draws=5, num_burnin_steps=0, num_steps_bw_draws=1, step_size=1e-3, nbeta=10.0)
+    kw.update(localization=5.0, seed=3)
+    for batched in (False, True):
+        res = _run(model, plain, grad_accum_steps=2, batched=batched, **kw)
+        work = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+        names = [n for n, _ in model.named_parameters()]
+        opt = SGLD(list(zip(names, work)), lr=1e-3, nbeta=10.0, localization=5.0, seed=chain_seed(3, 0))
+        want = []
+        for t in range(5):
+            vals = []
+            for p in work:
+                p.grad = None
+            for j in (2 * t, 2 * t + 1):
+                xb, yb = x[16 * (j % 6) : 16 * (j % 6) + 16], y[16 * (j % 6) : 16 * (j % 6) + 16]
+                out = torch.func.functional_call(model, dict(zip(names, work)), (xb,))
+                loss = nn.functional.cross_entropy(out, yb)
+                (loss / 2).backward()
+                vals.append(float(loss.detach()))
+            want.append(np.mean(vals))
+            opt.sgld_step()
+        np.testing.assert_allclose(res.loss_trace[0], want, rtol=1e-5)
+    assert default_nbeta(plain, 2) == pytest.approx(32 / math.log(32))
+
+
 def test_divergence_names_chain_draw_and_step_size():
     model, loader = _mlp_task()
     with pytest.raises(SamplingDivergedError, match=r"chain \d+ diverged .*step_size=1e\+06") as e:
@@ -451,6 +490,16 @@ def test_devinterp_compatible_names():
     assert on["llc/trace"].shape == (3, 15) and on["llc/means"].shape == (15,)
     assert on["llc/means"][-1] == pytest.approx(s["llc/mean"], rel=1e-4)
     assert default_nbeta(loader) == pytest.approx(16 / math.log(16))
+    # devinterp's per-chain seeds, gradient accumulation and cores (threads here) carry over
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kw = dict(optimizer_kwargs=okw, num_chains=3, num_draws=15, verbose=False)
+        per = estimate_learning_coeff_with_summary(model, loader, seed=[1, 2, 3], cores=2, **kw)
+        one = estimate_learning_coeff_with_summary(model, loader, seed=2, **kw)
+        acc = estimate_learning_coeff_with_summary(model, loader, seed=1, grad_accum_steps=2, **kw)
+    np.testing.assert_allclose(per["loss/trace"][1], one["loss/trace"][1], rtol=1e-6)
+    assert acc["loss/trace"].shape == (3, 15) and np.isfinite(acc["llc/mean"])
+    assert not np.allclose(acc["loss/trace"], s["loss/trace"])
 
 
 def test_calibration_flags_divergence_and_recommends_healthy():

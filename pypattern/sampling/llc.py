@@ -98,8 +98,6 @@ def _devinterp_kwargs(
         raise NotImplementedError(
             f"sampling_method={getattr(sampling_method, '__name__', sampling_method)!r}: only SGLD is implemented"
         )
-    if grad_accum_steps != 1:
-        raise NotImplementedError(f"grad_accum_steps={grad_accum_steps}: only 1 is supported")
     if use_amp:
         raise NotImplementedError("use_amp=True is not supported")
     if gpu_idxs:
@@ -114,15 +112,14 @@ def _devinterp_kwargs(
     okw.setdefault("nbeta", default_nbeta(loader, grad_accum_steps))
     for k in ("save_noise", "save_mala_vars"):
         okw.pop(k, None)
-    if isinstance(seed, Sequence):
-        raise NotImplementedError("a list of per-chain seeds is not supported: pass one int")
     masks = None
     if optimize_over_per_model_param:
         masks = {k: torch.as_tensor(v) for k, v in optimize_over_per_model_param.items()}
     kw = dict(
         loss_fn=evaluate,
         optimizer_kwargs=okw,
-        seed=0 if seed is None else int(seed),
+        seed=0 if seed is None else ([int(v) for v in seed] if isinstance(seed, Sequence) else int(seed)),
+        grad_accum_steps=int(grad_accum_steps),
         masks=masks,
         num_init_loss_batches=num_chains,
         quiet=not verbose,

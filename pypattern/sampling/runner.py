@@ -336,7 +336,7 @@ def sample(
     optimizer_kwargs: Mapping[str, Any] | None = None,
     observables: Mapping[str, Callable] | Sequence[Callable] = (),
     callbacks: Sequence[Callable] = (),
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     init_loss: float | None = None,
     num_init_loss_batches: int | None = None,
     batched: bool | None = None,
@@ -348,6 +348,7 @@ def sample(
     runs: Sequence[tuple[str | Sequence[str] | None, Mapping[str, torch.Tensor] | None]] | None = None,
     record_observables: bool = True,
     cores: int = 1,
+    grad_accum_steps: int = 1,
 ) -> SampleResult | list[SampleResult]:
     """Run ``num_chains`` SGLD chains from the trained weights ``w*`` (the model's current parameters).
 
@@ -389,8 +390,9 @@ def sample(
         ``(loss, per_sample_losses)`` hands the per-sample losses of the draw's forward to the callbacks without
         a second forward). Stream values into accumulators here. An exception raised by a callback stops the run (a checkpoint keeps
         finished draws).
-    seed : int
-        Keys every noise value (through :func:`chain_seed`) and the data order.
+    seed : int or sequence of ``num_chains`` ints
+        Keys every noise value (through :func:`chain_seed`) and the data order; a sequence gives each chain its
+        own (chain ``c`` is keyed by ``chain_seed(seed[c], c)``, devinterp's per-chain seeds).
     init_loss : float, optional
         ``L_n(w*)``; default: the mean loss at ``w*`` over ``num_init_loss_batches`` batches.
     num_init_loss_batches : int, optional
@@ -422,6 +424,11 @@ def sample(
     record_observables : bool
         Keep the observables' traces (default). ``False``: evaluate them at every draw and hand them to the
         callbacks only (memory independent of the number of draws).
+    grad_accum_steps : int
+        Batches per step (devinterp's meaning): the step's loss and gradient are the means over
+        ``grad_accum_steps`` consecutive batches of the chain's stream; the recorded loss is that mean, and
+        observables and callbacks see the step's first batch. The default ``nbeta`` becomes
+        ``m / ln m`` with ``m = batch_size * grad_accum_steps``.
     cores : int
         Run the chains in ``cores`` groups at once, one Python thread each, with torch pinned to one intra-op
         thread (each op runs on its calling thread, so the groups use ``cores`` cores; torch releases the GIL
@@ -459,13 +466,18 @@ def sample(
         ("num_steps_bw_draws", num_steps_bw_draws, 1),
         ("checkpoint_every", checkpoint_every, 1),
         ("cores", cores, 1),
+        ("grad_accum_steps", grad_accum_steps, 1),
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    seeds = list(seed) if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
+    for v in seeds:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63) or a list of them, got {seed!r}")
+    if not isinstance(seed, int) and len(seeds) != num_chains:
+        raise ValueError(f"seed has {len(seeds)} entries but num_chains={num_chains}: give one per chain")
     if nbeta is None:
-        nbeta = default_nbeta(loader)
+        nbeta = default_nbeta(loader, grad_accum_steps)
     for name, v in (("step_size", step_size), ("nbeta", nbeta)):
         if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
@@ -530,6 +542,8 @@ def sample(
         observables=[n for n, _ in obs_items],
         init_loss=init_loss,
     )
+    if grad_accum_steps != 1:
+        fingerprint["grad_accum_steps"] = grad_accum_steps
     R = len(specs)
     G = R * C  # chains over all runs
 
@@ -551,7 +565,7 @@ def sample(
                 k = min(k, len(loader))
             except TypeError:
                 pass
-            stream = _ChainData(loader, chain_seed(seed, 0, stream=2), data_cache)
+            stream = _ChainData(loader, chain_seed(seeds[0], 0, stream=2), data_cache)
             vals = []
             with torch.no_grad():
                 for _ in range(k):
@@ -588,7 +602,8 @@ def sample(
         run_masks=run_masks,
         union=union,
         w_star=w_star,
-        seed=seed,
+        seeds=seeds,
+        accum=grad_accum_steps,
         obs_items=obs_items,
         record=record_observables,
         callbacks=list(callbacks),
@@ -814,6 +829,10 @@ class _Run:
     def moving(self, g: int) -> list[str]:
         return self.run_moving[g // self.C]
 
+    def key(self, c: int, stream: int = 0) -> int:
+        """Chain ``c``'s noise (stream 0) or data (stream 1) key."""
+        return chain_seed(self.seeds[c] if len(self.seeds) > 1 else self.seeds[0], c, stream=stream)
+
     # -- one chain after another
     def run_sequential(self, chains: list[int]) -> None:
         self.mode = "sequential"
@@ -833,7 +852,7 @@ class _Run:
             opt = SGLD(
                 [(n, wparams[n]) for n in moving],
                 masks=self.run_masks[g // self.C],
-                seed=chain_seed(self.seed, c),
+                seed=self.key(c),
                 backend=self.backend,
                 **self.hyper,
             )
@@ -842,21 +861,26 @@ class _Run:
             opt.num_steps = start
             if start:
                 opt._validated = True
-            data = _ChainData(self.loader, chain_seed(self.seed, c, stream=1), self.data_cache)
-            data.skip(start)
+            data = _ChainData(self.loader, self.key(c, stream=1), self.data_cache)
+            data.skip(start * self.accum)
             for t in range(start, self.total):
-                batch = _to_device(data.next(), self.device)
                 for p in opt.param_groups[0]["params"]:
                     p.grad = None
-                out = self.loss_fn(work, batch)
-                loss = split_loss(out)
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise self.diverged(g, t, f"the loss is {lv}")
+                vals = []
+                for j in range(self.accum):  # the weights do not change until the step
+                    b = _to_device(data.next(), self.device)
+                    o = self.loss_fn(work, b)
+                    loss = split_loss(o)
+                    vals.append(float(loss.detach()))
+                    if not math.isfinite(vals[-1]):
+                        raise self.diverged(g, t, f"the loss is {vals[-1]}")
+                    if j == 0:
+                        batch, out = b, o
+                    (loss / self.accum if self.accum > 1 else loss).backward()
+                lv = vals[0] if self.accum == 1 else float(np.mean(vals))
                 d = self.is_draw(t)
                 if d >= 0:
                     self.at_draw(g, d, t, lv, lambda: work, batch, outputs=_extra_outputs(out))
-                loss.backward()
                 try:
                     opt.sgld_step()
                 except FloatingPointError as e:
@@ -907,11 +931,11 @@ class _Run:
             rows = [st.params.get(g, {}).get(n, self.w_star[n]) for g in chains]
             stacked[n] = torch.stack([r.detach() for r in rows]).contiguous()
         locs = [g % self.C for g in chains]
-        seeds = [chain_seed(self.seed, c) for c in locs]
+        seeds = [self.key(c) for c in locs]
         start = int(st.next_step[chains[0]])
-        datas = [_ChainData(self.loader, chain_seed(self.seed, c, stream=1), self.data_cache) for c in locs]
+        datas = [_ChainData(self.loader, self.key(c, stream=1), self.data_cache) for c in locs]
         for dd in datas:
-            dd.skip(start)
+            dd.skip(start * self.accum)
         shared_data = datas[0].single is not None
         loss_fn = self.loss_fn
 
@@ -947,31 +971,39 @@ class _Run:
         raw = getattr(step_fn, "__name__", "") == "raw"
         shared_batch = _to_device(datas[0].single, self.device) if shared_data else None
         for t in range(start, self.total):
-            if shared_data:
-                batches = [shared_batch] * C
-                vb = shared_batch
-            else:
-                batches = [_to_device(dd.next(), self.device) for dd in datas]
-                vb = tree_map(lambda *xs: torch.stack(xs), *batches)
             leaves = {n: s.detach().requires_grad_(True) for n, s in stacked.items()}
-            if t == start and self.mode != "batched":
-                try:
-                    losses, extra = _split_vloss(vloss(leaves, vb))
-                    if losses.shape != (C,):
-                        raise _VmapUnsupported(
-                            f"loss_fn returned shape {tuple(losses.shape[1:])}, not a scalar"
-                        )
-                except _VmapUnsupported:
-                    raise
-                except Exception as e:  # noqa: BLE001 - anything vmap rejects means: run sequentially
-                    raise _VmapUnsupported(f"{type(e).__name__}: {e}") from e
-                self.mode = "batched"
-            else:
-                losses, extra = _split_vloss(vloss(leaves, vb))
-            lv = losses.detach().double().cpu().numpy()
-            bad = np.flatnonzero(~np.isfinite(lv))
-            if bad.size:
-                raise self.diverged(chains[bad[0]], t, f"the loss is {lv[bad[0]]}")
+            grads, lvs = None, []
+            for j in range(self.accum):  # the weights do not change until the step
+                if shared_data:
+                    bj, vbj = [shared_batch] * C, shared_batch
+                else:
+                    bj = [_to_device(dd.next(), self.device) for dd in datas]
+                    vbj = tree_map(lambda *xs: torch.stack(xs), *bj)
+                if t == start and j == 0 and self.mode != "batched":
+                    try:
+                        losses, ex = _split_vloss(vloss(leaves, vbj))
+                        if losses.shape != (C,):
+                            raise _VmapUnsupported(
+                                f"loss_fn returned shape {tuple(losses.shape[1:])}, not a scalar"
+                            )
+                    except _VmapUnsupported:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - anything vmap rejects means: run sequentially
+                        raise _VmapUnsupported(f"{type(e).__name__}: {e}") from e
+                    self.mode = "batched"
+                else:
+                    losses, ex = _split_vloss(vloss(leaves, vbj))
+                if j == 0:
+                    batches, vb, extra = bj, vbj, ex
+                lvs.append(losses.detach().double().cpu().numpy())
+                bad = np.flatnonzero(~np.isfinite(lvs[-1]))
+                if bad.size:
+                    raise self.diverged(chains[bad[0]], t, f"the loss is {lvs[-1][bad[0]]}")
+                gj = torch.autograd.grad(
+                    losses.sum() / self.accum if self.accum > 1 else losses.sum(), list(leaves.values())
+                )
+                grads = gj if grads is None else [a + b for a, b in zip(grads, gj)]
+            lv = lvs[0] if self.accum == 1 else np.mean(lvs, axis=0)
             d = self.is_draw(t)
             if d >= 0:
                 vobs = self.batched_observables(fmodel, stacked, vb, shared_data, C) if self.obs_items else {}
@@ -986,7 +1018,6 @@ class _Run:
                         {k: v[i] for k, v in vobs.items()},
                         tuple(x[i] for x in extra),
                     )
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
             per_tensor = [gr.unbind(0) for gr in grads]
             with torch.no_grad():
                 flags = []
