@@ -351,6 +351,9 @@ def susceptibilities(
     per_token: bool = True,
     checkpoint: str | os.PathLike | None = None,
     group_size: int | None = None,
+    _sampler: Callable | None = None,
+    _reduce: Callable | None = None,
+    _write: bool = True,
     **sampler_settings,
 ) -> SusceptibilityResult:
     """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
@@ -482,7 +485,7 @@ def susceptibilities(
             observables["probe_losses"] = probe_losses
         if not fuse_phi:
             observables["phi"] = phi
-        results = sample(
+        results = (_sampler or sample)(
             model,
             loader,
             loss_fn=lf,
@@ -492,6 +495,8 @@ def susceptibilities(
             callbacks=[cb],
             **kw,
         )
+        if _reduce is not None:  # pypattern.distributed: each chain's draws are on one rank
+            accs = _reduce(accs)
         return [accs[r * C : (r + 1) * C] for r in range(len(specs_))], float(results[0].config["nbeta"])
 
     # Per-component checkpoints: a finished component's row is saved when its group is done and reloaded by the
@@ -523,7 +528,7 @@ def susceptibilities(
         return {**arrays, **{k: v for k, v in meta.items() if k != "fingerprint"}}
 
     def save_row(name: str, row: dict) -> None:
-        if checkpoint is None:
+        if checkpoint is None or not _write:
             return
         os.makedirs(os.fspath(checkpoint), exist_ok=True)
         save_npz_atomic(

@@ -349,6 +349,7 @@ def sample(
     record_observables: bool = True,
     cores: int = 1,
     grad_accum_steps: int = 1,
+    chains: Sequence[int] | None = None,
 ) -> SampleResult | list[SampleResult]:
     """Run ``num_chains`` SGLD chains from the trained weights ``w*`` (the model's current parameters).
 
@@ -429,6 +430,9 @@ def sample(
         ``grad_accum_steps`` consecutive batches of the chain's stream; the recorded loss is that mean, and
         observables and callbacks see the step's first batch. The default ``nbeta`` becomes
         ``m / ln m`` with ``m = batch_size * grad_accum_steps``.
+    chains : sequence of int, optional
+        Run only these chains (global indices ``r * num_chains + c``); the others' rows of the traces stay NaN.
+        :mod:`pypattern.distributed` gives each rank its share this way.
     cores : int
         Run the chains in ``cores`` groups at once, one Python thread each, with torch pinned to one intra-op
         thread (each op runs on its calling thread, so the groups use ``cores`` cores; torch releases the GIL
@@ -546,6 +550,11 @@ def sample(
         fingerprint["grad_accum_steps"] = grad_accum_steps
     R = len(specs)
     G = R * C  # chains over all runs
+    if chains is not None:
+        chains = sorted({int(g) for g in chains})
+        if any(not 0 <= g < G for g in chains):
+            raise ValueError(f"chains must be indices in [0, {G}), got {chains}")
+        fingerprint["chains"] = chains
 
     # ---- state: fresh or from a checkpoint
     ckpt = os.fspath(checkpoint) if checkpoint is not None else None
@@ -581,7 +590,8 @@ def sample(
                 )
 
     pbar = None
-    remaining = int(sum(total_steps - int(s) for s, dn in zip(st.next_step, st.done) if dn < D))
+    mine = range(G) if chains is None else chains
+    remaining = int(sum(total_steps - int(st.next_step[g]) for g in mine if st.done[g] < D))
     if not quiet and remaining:
         from tqdm.auto import tqdm
 
@@ -618,7 +628,7 @@ def sample(
     )
     t0 = time.perf_counter()
     try:
-        todo = [g for g in range(G) if st.done[g] < D]
+        todo = [g for g in mine if st.done[g] < D]
         parts = [todo[i::cores] for i in range(min(cores, len(todo)))]
         if len(parts) <= 1:
             ctx.run_part(todo, batched)
@@ -635,6 +645,7 @@ def sample(
     def result(r: int) -> SampleResult:
         rows = slice(r * C, (r + 1) * C)
         loss = st.loss[rows].copy()
+        ran = loss[[g - r * C for g in mine if r * C <= g < (r + 1) * C]]  # diagnostics over the chains run
         return SampleResult(
             loss_trace=loss,
             init_loss=float(np.mean(st.init_losses)),
@@ -654,16 +665,18 @@ def sample(
                 bounding_box_size=hyper["bounding_box_size"],
                 restrict_to=run_patterns[r] or None,
             ),
-            r_hat=r_hat(loss),
-            ess=ess(loss),
+            r_hat=r_hat(ran) if len(ran) else float("nan"),
+            ess=ess(ran) if len(ran) else float("nan"),
             seconds=st.seconds,
             batched=ctx.mode == "batched",
         )
 
     results = [result(r) for r in range(R)]
     if warn_nonstationary:
-        for res in results:
-            check_stationarity(res.loss_trace)
+        for r, res in enumerate(results):
+            ran = res.loss_trace[[g - r * C for g in mine if r * C <= g < (r + 1) * C]]
+            if len(ran):
+                check_stationarity(ran)
     return results if runs is not None else results[0]
 
 

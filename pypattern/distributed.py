@@ -1,0 +1,146 @@
+"""Chains over ranks: the sampler, the LLC and susceptibilities with ``torch.distributed``.
+
+Launch one process per rank (``torchrun --nproc-per-node N script.py``, or any ``init_process_group``: gloo on CPU,
+nccl on GPU) and call these instead of the single-process functions, with the same arguments, on every rank.
+Chain ``g`` (global index, over runs) runs on rank ``g % world_size`` with exactly the noise and data it has in a
+single-process call, so the result is the single-process result: every rank ends with the whole loss trace (and
+observables, and susceptibility accumulators), combined exactly (each chain's rows come from the one rank that
+ran it). Callbacks run on the rank that owns the chain. With ``checkpoint=path`` each rank writes and resumes its
+own file (``path`` with ``.rank{r}of{world}`` before the suffix). A failure on one rank (a diverging chain, a bad
+argument) makes every rank raise instead of leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .sampling.diagnostics import check_stationarity, ess, r_hat
+from .sampling.llc import LLCResult, llc_from_sample
+from .sampling.results import SampleResult
+from .sampling.runner import sample as _sample
+
+__all__ = ["owned_chains", "sample", "estimate_llc", "susceptibilities", "rank_path"]
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "pypattern.distributed needs an initialised process group: launch with torchrun, or call "
+            "torch.distributed.init_process_group first"
+        )
+    return dist
+
+
+def owned_chains(num_total: int, rank: int, world_size: int) -> list[int]:
+    """The global chain indices rank ``rank`` runs: ``rank, rank + world_size, ...``."""
+    return list(range(rank, num_total, world_size))
+
+
+def rank_path(path: str | os.PathLike, rank: int, world_size: int) -> str:
+    """Rank ``rank``'s checkpoint: ``run.npz`` -> ``run.rank0of2.npz``."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.rank{rank}of{world_size}{ext}"
+
+
+def _agree(fn: Callable, group):
+    """Run ``fn`` on every rank; if it raised on any rank, raise on all (the local error where there is one)."""
+    dist = _dist()
+    err, out = None, None
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+        err = e
+    flag = torch.tensor([0 if err is None else dist.get_rank(group) + 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if err is not None:
+        raise err
+    if int(flag):
+        raise RuntimeError(f"rank {int(flag) - 1} failed (see its error); this rank stops too")
+    return out
+
+
+def _combine_rows(arr: np.ndarray, rows: Sequence[int], group) -> np.ndarray:
+    """Rows ``rows`` from this rank, the others from the ranks that own them (sum of zero-filled copies: exact)."""
+    dist = _dist()
+    part = np.zeros_like(arr, dtype=np.float64)
+    if len(rows):
+        part[list(rows)] = arr[list(rows)]
+    t = torch.from_numpy(part)
+    dist.all_reduce(t, group=group)
+    return t.numpy()
+
+
+def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[SampleResult]:
+    """:func:`pypattern.sample` with the chains spread over the ranks of ``group`` (the default group if None);
+    every rank returns the whole result. Takes the same keyword arguments."""
+    dist = _dist()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    runs = kwargs.get("runs")
+    R = 1 if runs is None else len(runs)
+    C = int(kwargs.get("num_chains", 4))
+    if kwargs.get("chains") is not None:
+        raise ValueError("pypattern.distributed.sample assigns the chains itself: do not pass chains")
+    mine = owned_chains(R * C, rank, world)
+    warn = kwargs.pop("warn_nonstationary", True)
+    ckpt = kwargs.pop("checkpoint", None)
+    if ckpt is not None:
+        ckpt = rank_path(ckpt, rank, world)
+    t0 = time.perf_counter()
+    out = _agree(
+        lambda: _sample(model, loader, chains=mine, checkpoint=ckpt, warn_nonstationary=False, **kwargs),
+        group,
+    )
+    results = out if runs is not None else [out]
+    seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+    for r, res in enumerate(results):
+        rows = [g - r * C for g in mine if r * C <= g < (r + 1) * C]
+        res.loss_trace = _combine_rows(res.loss_trace, rows, group)
+        res.observables = {k: _combine_rows(v, rows, group) for k, v in sorted(res.observables.items())}
+        res.r_hat, res.ess = r_hat(res.loss_trace), ess(res.loss_trace)
+        res.seconds = float(seconds)
+        if warn and rank == 0:
+            check_stationarity(res.loss_trace)
+    return out
+
+
+def estimate_llc(model, loader, *, group=None, **kwargs) -> LLCResult:
+    """:func:`pypattern.estimate_llc` with the chains spread over the ranks; every rank returns the estimate."""
+    return llc_from_sample(sample(model, loader, group=group, **kwargs))
+
+
+def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
+    """:func:`pypattern.susceptibilities` with every run's chains spread over the ranks (each component's
+    per-chain accumulators are exchanged at the end, so chi, its standard error and the per-chain estimates equal
+    the single-process ones); every rank returns the result. ``checkpoint`` (a folder) is shared: rank 0 writes
+    the finished rows, every rank reads them."""
+    from . import susceptibility as sus
+
+    dist = _dist()
+    rank = dist.get_rank(group)
+
+    def sampler(m, ld, *, callbacks, **kw):
+        return sample(m, ld, group=group, callbacks=callbacks, **kw)
+
+    def reduce(accs):
+        # each chain's accumulator is filled on its owner rank only: gather and keep the owner's state
+        states = [a.state_dict() if a.count else None for a in accs]
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, states, group=group)
+        for i, a in enumerate(accs):
+            owners = [s[i] for s in every if s[i] is not None]
+            if len(owners) != 1:
+                raise RuntimeError(f"chain {i}: {len(owners)} ranks hold draws, expected exactly one")
+            a.load_state_dict(owners[0])
+        return accs
+
+    return sus.susceptibilities(
+        model, loader, probe, components, _sampler=sampler, _reduce=reduce, _write=rank == 0, **kwargs
+    )

@@ -1,0 +1,85 @@
+"""pypattern.distributed: chains over two gloo ranks give the single-process results on every rank; a failure on
+one rank raises on both."""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import pypattern
+from pypattern import distributed
+
+KW = dict(num_chains=3, num_draws=15, step_size=1e-3, localization=10.0, nbeta=20.0, seed=4, quiet=True)
+
+
+def _task():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    return model, loader, (x[:5], y[:5])
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = {}
+    try:
+        model, loader, probe = _task()
+        llc = distributed.estimate_llc(model, loader, warn_nonstationary=False, **KW)
+        out["loss_trace"] = llc.loss_trace.tolist()
+        out["llc_mean"] = llc.llc_mean
+        sus = distributed.susceptibilities(
+            model, loader, probe, ["0.weight", "2.weight"], warn_nonstationary=False, **KW
+        )
+        out["chi"], out["chi_chains"] = sus.chi.tolist(), sus.chi_chains.tolist()
+
+        def fails_on_rank1(chain):
+            if chain == 1:
+                raise KeyError("boom")
+
+        try:
+            distributed.sample(model, loader, callbacks=[fails_on_rank1], warn_nonstationary=False, **KW)
+        except Exception as e:  # noqa: BLE001 - recorded for the test
+            out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+
+
+def test_two_ranks_equal_one_process():
+    model, loader, probe = _task()
+    llc = pypattern.estimate_llc(model, loader, warn_nonstationary=False, **KW)
+    sus = pypattern.susceptibilities(
+        model, loader, probe, ["0.weight", "2.weight"], warn_nonstationary=False, **KW
+    )
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        outs = [json.load(open(os.path.join(d, f"rank{r}.json"))) for r in range(2)]
+    for o in outs:  # every rank has the whole result, equal to the single-process one
+        np.testing.assert_allclose(o["loss_trace"], llc.loss_trace, rtol=1e-6, atol=1e-7)
+        assert o["llc_mean"] == pytest.approx(llc.llc_mean, rel=1e-5)
+        np.testing.assert_allclose(o["chi"], sus.chi, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max())
+        np.testing.assert_allclose(
+            o["chi_chains"], sus.chi_chains, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max()
+        )
+    # chain 1 runs on rank 1: it raises its own error there, and rank 0 stops instead of waiting
+    assert outs[1]["error"] == "KeyError: 'boom'"
+    assert outs[0]["error"].startswith("RuntimeError: rank 1 failed")
+
+
+def test_needs_a_process_group():
+    model, loader, _ = _task()
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        distributed.sample(model, loader, **KW)
+    assert distributed.owned_chains(5, 1, 2) == [1, 3]
+    assert distributed.rank_path("out/run.npz", 1, 4) == "out/run.rank1of4.npz"
