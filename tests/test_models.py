@@ -265,3 +265,22 @@ def test_generic_module_with_keyword_inputs_and_tuple_outputs():
     torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
     out = hm.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_resid_pre", lambda t, h: torch.zeros_like(t))])
     torch.testing.assert_close(out, net.h[1].lin.bias.detach().expand_as(out))
+
+
+def test_layernorm_fused_path_equals_explicit_one():
+    """Without a hook on hook_scale LayerNorm runs torch's fused kernel; with one, the explicit form."""
+    from pypattern.models.transformer import LayerNorm
+
+    torch.manual_seed(0)
+    ln = LayerNorm(16, 1e-5, torch.float64)
+    with torch.no_grad():
+        ln.w.normal_()
+        ln.b.normal_()
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * 4 + 2
+    fused = ln(x)
+    seen = []
+    remove = ln.hook_scale.add_hook(lambda t, hook: seen.append(t))
+    explicit = ln(x)
+    remove()
+    assert len(seen) == 1 and seen[0].shape == (3, 5, 1)
+    torch.testing.assert_close(fused, explicit, rtol=1e-12, atol=1e-12)

@@ -108,7 +108,10 @@ class TransformerConfig:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with TransformerLens' names (``w``, ``b``, ``hook_scale``, ``hook_normalized``)."""
+    """LayerNorm with TransformerLens' names (``w``, ``b``, ``hook_scale``, ``hook_normalized``).
+
+    Without a hook on ``hook_scale`` it runs torch's fused ``layer_norm`` (about 25% faster fwd+bwd of the whole
+    model under ``vmap`` here); with one, the explicit form that computes the scale, to float rounding the same."""
 
     def __init__(self, d: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
@@ -119,6 +122,10 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.hook_scale._fns:  # nothing reads or edits the scale: torch's fused kernel, then w and b
+            return self.hook_normalized(
+                torch.addcmul(self.b, F.layer_norm(x, x.shape[-1:], eps=self.eps), self.w)
+            )
         x = x - x.mean(-1, keepdim=True)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale * self.w + self.b)
