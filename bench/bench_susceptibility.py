@@ -92,7 +92,7 @@ def _setup(state_path: str | None = None):
     return model, data
 
 
-def run_ours(model, data, components, num_chains, num_draws):
+def run_ours(model, data, components, num_chains, num_draws, cores=1):
     # the sampler's loss is the default one, the mean of the per-token losses (``return_type="loss"``):
     # with full-batch SGLD on the probe, the probe losses and phi come from the sampler's own forward
     return susceptibilities(
@@ -108,6 +108,7 @@ def run_ours(model, data, components, num_chains, num_draws):
         nbeta=S["nbeta"],
         localization=S["localization"],
         seed=0,
+        cores=cores,
         warn_nonstationary=False,
     )
 
@@ -215,6 +216,37 @@ def test_time_bound(benchmark, trained):
     steps = S["num_chains"] * S["num_draws"]
     benchmark.pedantic(lambda: _bound(model, data, runs, steps, steps), rounds=1, iterations=1)
     benchmark.extra_info.update(role="bound", label="fwd+bwd per step + probe fwd per draw")
+
+
+def test_time_whole_machine(trained):
+    """Each on all cores: ours with cores= (the 20 chains in two vmap-ed groups, one thread each), devinterp
+    2.0.1 (no multi-process option) with torch's threads; also ours with torch's threads. Printed, not part of
+    the 1-thread table above."""
+    import time
+
+    model, data, d = trained
+    cores = os.cpu_count() or 1
+    (d / "whole").mkdir()
+    old = torch.get_num_threads()
+    rows = {}
+    try:
+        for name, threads, fn in (
+            ("ours cores", 1, lambda: run_ours(model, data, COMPONENTS, S["num_chains"], S["num_draws"], cores)),
+            ("ours torch threads", cores, lambda: run_ours(model, data, COMPONENTS, S["num_chains"], S["num_draws"])),
+            ("devinterp torch threads", cores, lambda: run_peer(
+                model, data, COMPONENTS, S["num_chains"], S["num_draws"], d / "whole"
+            )),
+        ):  # fmt: skip
+            torch.set_num_threads(threads)
+            t = time.perf_counter()
+            fn()
+            rows[name] = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(old)
+    best = min(rows["ours cores"], rows["ours torch threads"])
+    rows["speedup_vs_devinterp"] = rows["devinterp torch threads"] / best
+    print(f"\nsusceptibilities on {cores} cores (s):", json.dumps(rows, indent=1))
+    assert rows["speedup_vs_devinterp"] > 1
 
 
 # ------------------------------------------------------------------------------------------------ agreement

@@ -119,8 +119,9 @@ def estimate_llc(model, loader, *, group=None, **kwargs) -> LLCResult:
 def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
     """:func:`pypattern.susceptibilities` with every run's chains spread over the ranks (each component's
     per-chain accumulators are exchanged at the end, so chi, its standard error and the per-chain estimates equal
-    the single-process ones); every rank returns the result. ``checkpoint`` (a folder) is shared: rank 0 writes
-    the finished rows, every rank reads them."""
+    the single-process ones); every rank returns the result. ``checkpoint`` must be a folder every rank sees:
+    rank 0 writes the finished rows, every rank reads them, and each rank checkpoints its chains of the group
+    being sampled (draws and accumulators) in its own file."""
     from . import susceptibility as sus
 
     dist = _dist()
@@ -141,6 +142,15 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
             a.load_state_dict(owners[0])
         return accs
 
+    world = dist.get_world_size(group)
     return sus.susceptibilities(
-        model, loader, probe, components, _sampler=sampler, _reduce=reduce, _write=rank == 0, **kwargs
+        model,
+        loader,
+        probe,
+        components,
+        _sampler=sampler,
+        _reduce=reduce,
+        _write=rank == 0,
+        _local_path=lambda p: rank_path(p, rank, world),
+        **kwargs,
     )

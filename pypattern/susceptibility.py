@@ -47,8 +47,9 @@ import torch
 from torch import nn
 
 from .ops.covariance import CrossCovariance
+from .sampling.optim import chain_seed
 from .sampling.results import load_npz, save_npz_atomic
-from .sampling.runner import sample, split_loss
+from .sampling.runner import _ChainData, load_checkpoint_state, sample, split_loss
 
 __all__ = ["susceptibilities", "bif", "SusceptibilityResult", "BIFResult", "PCAResult", "per_sample_losses"]
 
@@ -329,7 +330,7 @@ def _sampler_kwargs(kw: dict) -> dict:
     allowed = {
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
         "weight_decay", "noise_level", "bounding_box_size", "optimizer_kwargs", "seed", "batched", "quiet",
-        "backend", "num_init_loss_batches", "warn_nonstationary", "cores",
+        "backend", "num_init_loss_batches", "warn_nonstationary", "cores", "checkpoint_every",
     }  # fmt: skip
     bad = set(kw) - allowed
     if bad:
@@ -354,6 +355,7 @@ def susceptibilities(
     _sampler: Callable | None = None,
     _reduce: Callable | None = None,
     _write: bool = True,
+    _local_path: Callable[[str], str] | None = None,
     **sampler_settings,
 ) -> SusceptibilityResult:
     """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
@@ -380,8 +382,9 @@ def susceptibilities(
     per_sample_loss_fn : callable(model, probe) -> Tensor
         Per-sample ``(B,)`` or per-token ``(B, T)`` losses on the probe.
     observable : callable(model) -> scalar, optional
-        ``phi``; default: ``loss_fn`` on ``sampling_batch`` (default: the first batch of ``loader``) minus its
-        value at ``w*``.
+        ``phi``; default: ``loss_fn`` on ``sampling_batch`` minus its value at ``w*``. The default sampling batch
+        is the first batch of the loader in an order keyed by ``seed`` (the same batch in every call with that
+        seed, whatever torch's global random state; the loader's first batch when it does not shuffle).
     convention : {"physics", "devinterp"}
         See the module docstring.
     per_token : bool
@@ -389,8 +392,9 @@ def susceptibilities(
     checkpoint : path, optional
         A folder: each finished component's row (and the unrestricted run of the devinterp convention) is written
         there as ``.npz`` (no pickle) as soon as its group is done, and the same call reloads finished ones
-        instead of sampling them again; a killed run loses at most the group it was sampling. A folder written
-        with other settings is refused with an error naming the setting.
+        instead of sampling them again; the group being sampled checkpoints its draws and accumulators (every
+        ``checkpoint_every`` draws, default 1) and resumes from them, so a killed run loses no finished draw.
+        A folder written with other settings is refused with an error naming the setting.
     group_size : int, optional
         How many SGLD runs (one per component, plus the unrestricted run of the devinterp convention) sample
         together in one :func:`pypattern.sample` call (``runs=``): with batched chains (``batched=True``, or
@@ -415,8 +419,10 @@ def susceptibilities(
         names = [c if isinstance(c, str) else f"component_{i}" for i, c in enumerate(specs)]
     if not specs:
         raise ValueError("components is empty: give at least one component")
-    if sampling_batch is None:
-        sampling_batch = next(iter(loader))
+    if sampling_batch is None:  # the first batch of a stream keyed by the seed: the same in every call
+        seed0 = kw.get("seed", 0)
+        seed0 = seed0 if isinstance(seed0, int) else int(list(seed0)[0])
+        sampling_batch = _ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
     if loss_fn is None:
 
         def lf(m, batch):
@@ -459,10 +465,29 @@ def susceptibilities(
     def phi(m, batch) -> torch.Tensor:
         return phi_of(m).reshape(-1)
 
-    def run_group(specs_: list) -> tuple[list[list[CrossCovariance]], float]:
+    def run_group(specs_: list, ckpt: str | None) -> tuple[list[list[CrossCovariance]], float]:
         """Sample the runs ``specs_`` (``(restrict_to, masks)`` pairs) together; per run, one accumulator per
-        chain over (phi) x (l_1..l_N, Lbar); and the nbeta used."""
+        chain over (phi) x (l_1..l_N, Lbar); and the nbeta used. With ``ckpt`` the sampler's checkpoint holds the
+        accumulators too, and a killed group resumes from its last checkpointed draw."""
         accs = [CrossCovariance(1, n + 1, track_auto="none") for _ in range(len(specs_) * C)]
+        keys = ("shift_a", "shift_b", "mean_a_rel", "mean_b_rel", "comoment", "m2_a", "m2_b")
+
+        def acc_state() -> dict:
+            out = {}
+            for i, a in enumerate(accs):
+                sd = a.state_dict()
+                out.update({f"acc{i}/{k}": sd[k].numpy() for k in keys})
+                out[f"acc{i}/count"] = np.array([sd["count"]], dtype=np.int64)
+            return out
+
+        local = None if ckpt is None else (_local_path or (lambda p: p))(ckpt)  # the file this process writes
+        if local is not None and os.path.exists(local):
+            saved = load_checkpoint_state(local)
+            for i, a in enumerate(accs):
+                if f"acc{i}/count" in saved:
+                    state = {k: torch.from_numpy(saved[f"acc{i}/{k}"]) for k in keys}
+                    count = int(saved[f"acc{i}/count"][0])
+                    a.load_state_dict({**state, "count": count, "k": 1, "n": n + 1, "track_auto": "none"})
 
         def cb(chain, loss, observables, outputs):
             if fuse_probe:  # the sampler's forward was on the probe: its per-sample losses are the probe's
@@ -493,6 +518,8 @@ def susceptibilities(
             observables=observables,
             record_observables=False,
             callbacks=[cb],
+            checkpoint=ckpt,
+            checkpoint_state=acc_state if ckpt is not None else None,
             **kw,
         )
         if _reduce is not None:  # pypattern.distributed: each chain's draws are on one rank
@@ -551,7 +578,8 @@ def susceptibilities(
     full_means = None if rows.get("unrestricted") is None else rows["unrestricted"]["full_means"]
     for i in range(0, len(todo), size):
         group = todo[i : i + size]
-        accs_by_run, nbeta = run_group([run_specs[name] for name in group])
+        gpath = path_of(f"sampling_{group[0]}_{len(group)}")  # the group's draws so far
+        accs_by_run, nbeta = run_group([run_specs[name] for name in group], gpath)
         for name, accs in zip(group, accs_by_run):
             if name == "unrestricted":
                 full_means = _pool(accs).mean_b.numpy()  # E_full[l_t], E_full[Lbar]
@@ -566,6 +594,9 @@ def susceptibilities(
                     "nbeta": nbeta,
                 }
             save_row(name, rows[name])
+        local = None if gpath is None else (_local_path or (lambda p: p))(gpath)
+        if local is not None and os.path.exists(local):
+            os.remove(local)  # its rows are saved
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
     phi_mean = np.zeros(len(specs))

@@ -41,6 +41,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             model, loader, probe, ["0.weight", "2.weight"], warn_nonstationary=False, **KW
         )
         out["chi"], out["chi_chains"] = sus.chi.tolist(), sus.chi_chains.tolist()
+        ck = os.path.join(out_dir, "sus_ck")  # shared folder: rank 0 writes rows, each rank its group file
+        sus_ck = distributed.susceptibilities(
+            model, loader, probe, ["0.weight", "2.weight"], checkpoint=ck, warn_nonstationary=False, **KW
+        )
+        out["chi_ck"] = sus_ck.chi.tolist()
+        dist.barrier()
+        out["ck_files"] = sorted(os.listdir(ck))
 
         def fails_on_rank1(chain):
             if chain == 1:
@@ -72,6 +79,8 @@ def test_two_ranks_equal_one_process():
         np.testing.assert_allclose(
             o["chi_chains"], sus.chi_chains, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max()
         )
+        np.testing.assert_allclose(o["chi_ck"], sus.chi, rtol=1e-9, atol=1e-12)
+        assert o["ck_files"] == ["component_0.npz", "component_1.npz"]  # group files removed when done
     # chain 1 runs on rank 1: it raises its own error there, and rank 0 stops instead of waiting
     assert outs[1]["error"] == "KeyError: 'boom'"
     assert outs[0]["error"].startswith("RuntimeError: rank 1 failed")

@@ -301,7 +301,10 @@ def test_checkpoint_resumes_without_resampling_finished_components(tmp_path, mon
         seed=3,
         warn_nonstationary=False,
     )
-    full = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, group_size=1, **kw)
+    # checkpointing flushes the accumulators at every draw: compare with an uninterrupted checkpointed run
+    full = susceptibilities(
+        model, [(x, y)], (x[:5], y[:5]), comps, group_size=1, checkpoint=tmp_path / "full", **kw
+    )
 
     real, calls = sus.sample, []
 
@@ -313,15 +316,59 @@ def test_checkpoint_resumes_without_resampling_finished_components(tmp_path, mon
 
     monkeypatch.setattr(sus, "sample", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, group_size=1, **kw)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["component_0.npz"]
+        susceptibilities(
+            model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "ck", group_size=1, **kw
+        )
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["component_0.npz"]
     monkeypatch.setattr(sus, "sample", lambda *a, **k: (calls.append(k["runs"]), real(*a, **k))[1])
     calls.clear()
-    resumed = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, **kw)
+    resumed = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "ck", **kw)
     assert len(calls) == 1 and len(calls[0]) == 1  # only the unfinished component was sampled
     np.testing.assert_array_equal(resumed.chi, full.chi)
     np.testing.assert_array_equal(resumed.chi_chains, full.chi_chains)
     with pytest.raises(ValueError, match="num_draws"):
         susceptibilities(
-            model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path, **{**kw, "num_draws": 41}
+            model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "ck", **{**kw, "num_draws": 41}
         )
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_checkpoint_resumes_a_killed_group_from_its_last_draw(tmp_path, monkeypatch, batched):
+    """Killed in the middle of a group: the sampler's checkpoint holds the draws and the accumulators, and the
+    same call resumes without redoing finished draws and ends with the uninterrupted result."""
+    import pypattern.susceptibility as sus
+
+    model, x, y = _problem()
+    comps = {"a": {"weight": torch.tensor([[True, True, False, False]])}, "b": ["weight"]}
+    kw = dict(
+        num_chains=2, num_draws=30, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=3, batched=batched,
+        warn_nonstationary=False,
+    )  # fmt: skip
+    full = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "full", **kw)
+    real, seen = sus.sample, []
+
+    armed = [True]
+
+    def killer(chain, draw):
+        seen.append((chain, draw))
+        if armed[0] and chain == 1 and draw == 17:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(
+        sus, "sample", lambda *a, **k: real(*a, **{**k, "callbacks": [*k["callbacks"], killer]})
+    )
+    ck = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=ck, **kw)
+    files = sorted(p.name for p in ck.iterdir())
+    assert files == ["sampling_component_0_2.npz"], files  # no finished row, the group's draws so far
+    with np.load(ck / files[0], allow_pickle=False) as z:
+        done = z["done"]  # finished draws per chain (2 runs x 2 chains)
+    assert 0 < done.sum() < 4 * 30
+    seen.clear()
+    armed[0] = False
+    resumed = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=ck, **kw)
+    np.testing.assert_array_equal(resumed.chi, full.chi)
+    np.testing.assert_array_equal(resumed.chi_chains, full.chi_chains)
+    assert seen and all(d >= done[c] for c, d in seen)  # finished draws are not redone
+    assert sorted(p.name for p in ck.iterdir()) == ["component_0.npz", "component_1.npz"]

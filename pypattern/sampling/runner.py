@@ -23,7 +23,7 @@ from .diagnostics import check_stationarity, ess, r_hat
 from .optim import SGLD, _splitmix64, chain_seed, matches, resolve_step_fn
 from .results import SampleResult, load_npz, save_npz_atomic
 
-__all__ = ["SamplingDivergedError", "default_nbeta", "sample"]
+__all__ = ["SamplingDivergedError", "default_nbeta", "load_checkpoint_state", "sample"]
 
 _CKPT_VERSION = 1
 
@@ -274,8 +274,11 @@ class _State:
             self.obs[name] = np.full((C, D, *v.shape), np.nan)
         self.obs[name][c, d] = v
 
-    def save(self, path, fingerprint: dict, mode: str) -> None:
+    def save(self, path, fingerprint: dict, mode: str, extra: Callable | None = None) -> None:
         arrays = {"loss_trace": self.loss, "done": self.done, "next_step": self.next_step}
+        if extra is not None:  # the caller's state that goes with these draws (e.g. accumulators)
+            for k, v in extra().items():
+                arrays[f"state/{k}"] = np.asarray(v)
         if self.init_losses is not None:
             arrays["init_losses"] = self.init_losses
         for k, v in self.obs.items():
@@ -350,6 +353,7 @@ def sample(
     cores: int = 1,
     grad_accum_steps: int = 1,
     chains: Sequence[int] | None = None,
+    checkpoint_state: Callable[[], Mapping[str, np.ndarray]] | None = None,
 ) -> SampleResult | list[SampleResult]:
     """Run ``num_chains`` SGLD chains from the trained weights ``w*`` (the model's current parameters).
 
@@ -430,6 +434,10 @@ def sample(
         ``grad_accum_steps`` consecutive batches of the chain's stream; the recorded loss is that mean, and
         observables and callbacks see the step's first batch. The default ``nbeta`` becomes
         ``m / ln m`` with ``m = batch_size * grad_accum_steps``.
+    checkpoint_state : callable() -> dict of str to ndarray, optional
+        Called at every checkpoint write: its arrays go into the same file, atomically with the draws they
+        describe (state the callbacks build, e.g. accumulators). Read them back with
+        :func:`load_checkpoint_state` before resuming: the draws in the file are not replayed.
     chains : sequence of int, optional
         Run only these chains (global indices ``r * num_chains + c``); the others' rows of the traces stay NaN.
         :mod:`pypattern.distributed` gives each rank its share this way.
@@ -620,6 +628,7 @@ def sample(
         st=st,
         ckpt=ckpt,
         every=checkpoint_every,
+        extra=checkpoint_state,
         fingerprint=fingerprint,
         backend=backend,
         pbar=pbar,
@@ -640,12 +649,16 @@ def sample(
         if pbar is not None:
             pbar.close()
     if ckpt is not None:
-        st.save(ckpt, fingerprint, ctx.mode)
+        st.save(ckpt, fingerprint, ctx.mode, checkpoint_state)
+
+    def ran_rows(r: int) -> list[int]:
+        """Run ``r``'s rows whose chains this call ran (all of them unless ``chains`` was given)."""
+        return [g - r * C for g in mine if r * C <= g < (r + 1) * C]
 
     def result(r: int) -> SampleResult:
         rows = slice(r * C, (r + 1) * C)
         loss = st.loss[rows].copy()
-        ran = loss[[g - r * C for g in mine if r * C <= g < (r + 1) * C]]  # diagnostics over the chains run
+        ran = loss[ran_rows(r)]  # diagnostics over the chains run
         return SampleResult(
             loss_trace=loss,
             init_loss=float(np.mean(st.init_losses)),
@@ -674,10 +687,16 @@ def sample(
     results = [result(r) for r in range(R)]
     if warn_nonstationary:
         for r, res in enumerate(results):
-            ran = res.loss_trace[[g - r * C for g in mine if r * C <= g < (r + 1) * C]]
+            ran = res.loss_trace[ran_rows(r)]
             if len(ran):
                 check_stationarity(ran)
     return results if runs is not None else results[0]
+
+
+def load_checkpoint_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The ``checkpoint_state`` arrays of a checkpoint written by :func:`sample` (empty if none)."""
+    arrays, _ = load_npz(path)
+    return {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
 
 
 class _VmapUnsupported(Exception):
@@ -772,7 +791,7 @@ class _Run:
                         st.params[g] = params_of(g)
                     else:
                         st.params.pop(g, None)
-                st.save(self.ckpt, self.fingerprint, self.mode)
+                st.save(self.ckpt, self.fingerprint, self.mode, self.extra)
 
     # -- shared pieces
     def is_draw(self, t: int) -> int:
