@@ -28,8 +28,8 @@ __all__ = ["SamplingDivergedError", "default_nbeta", "load_checkpoint_state", "s
 _CKPT_VERSION = 1
 
 
-BATCHED_MAX_PARAMS = 4096
-_GLOBAL_RNG_LOCK = threading.Lock()  # batched=None runs chains batched (vmap) up to this many parameters
+BATCHED_MAX_PARAMS = 4096  # batched=None runs chains batched (vmap) up to this many parameters
+_GLOBAL_RNG_LOCK = threading.Lock()  # torch's global RNG, seeded per epoch of a chain's data (cores > 1)
 
 
 class SamplingDivergedError(FloatingPointError):
@@ -393,8 +393,8 @@ def sample(
         ``step``, ``loss`` (float), ``model`` (the chain's model), ``batch``, ``observables`` (dict) and
         ``outputs`` (the tensors ``loss_fn`` returned after the loss, detached: a loss function returning
         ``(loss, per_sample_losses)`` hands the per-sample losses of the draw's forward to the callbacks without
-        a second forward). Stream values into accumulators here. An exception raised by a callback stops the run (a checkpoint keeps
-        finished draws).
+        a second forward). Stream values into accumulators here. An exception raised by a callback stops the
+        run (a checkpoint keeps finished draws).
     seed : int or sequence of ``num_chains`` ints
         Keys every noise value (through :func:`chain_seed`) and the data order; a sequence gives each chain its
         own (chain ``c`` is keyed by ``chain_seed(seed[c], c)``, devinterp's per-chain seeds).
