@@ -16,6 +16,7 @@ from pypattern.experiments.induction import (
     token_groups,
 )
 from pypattern.experiments.parens import (
+    PARENS_GROUP_NAMES,
     GroupWeightedParentheses,
     ParensSettings,
     run_parens_experiment,
@@ -26,7 +27,7 @@ from pypattern.experiments.parens import (
 from pypattern.models.transformer import Transformer
 from pypattern.tasks import ALGORITHMS
 from pypattern.tasks.base import IGNORE
-from pypattern.tasks.parens import CLOSE, FALSE, OPEN, TRUE
+from pypattern.tasks.parens import CLOSE, FALSE, OPEN, PROBE_CELLS, TRUE, ParenthesesTask, algorithm_scores
 
 TINY_IND = dict(
     d_vocab=12, seq_len=13, d_model=16, n_heads=2, batch_size=16, checkpoint_step=20, max_steps=60, eval_every=10,
@@ -119,48 +120,117 @@ def test_parens_groups_and_solution_losses():
         depth = np.cumsum([1 if t == OPEN else -1 for t in s])
         bal = s.count(OPEN) == s.count(CLOSE) and depth.min() >= 0
         assert bool(b.extra["label"][i]) == bal
-        want = 0 if bal else 1 if s[0] == CLOSE else 2 if depth.min() < 0 else 3
+        want = 0 if bal else 1 + 2 * (s[0] == CLOSE) + (s[-1] == OPEN)
         assert int(g[i]) == want
+    assert set(g.tolist()) == set(range(len(PARENS_GROUP_NAMES)))
     model = Transformer(task.model_config(d_model=16, d_mlp=16, seed=0))
     probes = task.probes("all")
     lp = torch.log_softmax(model(probes.tokens)[:, -1], -1)
+    cell = probes.extra["cell"]
     for name, fn in solution_losses(task).items():
         lab = ALGORITHMS[name](probes.tokens[:, 1:-1])
-        direct = -torch.where(lab, lp[:, TRUE], lp[:, FALSE]).mean()
+        ce = -torch.where(lab, lp[:, TRUE], lp[:, FALSE])
+        # every probe cell counts equally
+        direct = torch.stack([ce[cell == c].mean() for c in range(len(PROBE_CELLS))]).mean()
         torch.testing.assert_close(fn(model), direct)
 
 
+class _Rule(torch.nn.Module):
+    """Answers at the query position with a given rule of the string."""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = rule
+
+    def forward(self, tokens):
+        out = torch.zeros(*tokens.shape, 6)
+        out[:, -1, TRUE] = self.rule(tokens[:, 1:-1]).float()
+        return out
+
+
+def test_parens_algorithms_are_separated_by_probe_cells_and_others_are_other():
+    task = ParenthesesTask(length=8)
+    probes = task.probes("all")
+    ps, cell = probes.tokens[:, 1:-1], probes.extra["cell"]
+    answers = {}
+    train = task.sample(500, seed=1)
+    for name, alg in ALGORITHMS.items():
+        assert torch.equal(alg(train.tokens[:, 1:-1]), train.extra["label"])  # fits the training data
+        a = alg(ps)
+        # each algorithm gives one answer per probe cell ...
+        answers[name] = tuple(int(a[cell == c].all()) for c in range(4))
+        assert all(bool(a[cell == c].all()) or not bool(a[cell == c].any()) for c in range(4))
+    # ... and no two algorithms answer alike on all cells
+    assert len(set(answers.values())) == len(ALGORITHMS)
+    for name, alg in ALGORITHMS.items():
+        sc = algorithm_scores(_Rule(alg), task, num_train=300)
+        assert sc["learned"] == sc["best"] == name and sc[f"cells/{name}"] == 1.0
+
+    # fits the training data but implements none of the listed algorithms: "equal counts, depth never below -1"
+    def dip1(s):
+        depth = torch.cumsum((s == OPEN).long() - (s == CLOSE).long(), -1)
+        return ALGORITHMS["equal_counts"](s) & (depth.min(-1).values >= -1)
+
+    sc = algorithm_scores(_Rule(dip1), task, num_train=300)
+    assert sc["train/balanced"] == 1.0 and sc["learned"] == "other"
+    # does not fit the training data: "first token is '('"
+    sc = algorithm_scores(_Rule(lambda s: s[:, 0] == OPEN), task, num_train=300)
+    assert sc["train/balanced"] < 0.9 and sc["learned"] == "other"
+
+
 def test_select_weights_contrast():
-    """A planted chi where only group 2 lowers the target's loss relative to the others: it is up-weighted."""
+    """A planted chi where only group 3 lowers the target's loss relative to the others: it is up-weighted; the
+    balanced group keeps weight 1 and the unequal groups keep their share of the data."""
     names = list(ALGORITHMS)
-    groups = np.repeat(np.arange(4), 5)
-    chi = np.zeros((3, 20))
-    chi[names.index("balanced"), groups == 2] = -1.0
-    chi[names.index("balanced"), groups == 0] = 1.0
+    groups = np.repeat(np.arange(len(PARENS_GROUP_NAMES)), 5)
+    chi = np.zeros((len(names), len(groups)))
+    chi[names.index("balanced"), groups == 3] = -1.0
+    chi[names.index("balanced"), groups == 1] = 1.0
+    # a response to the balanced group, whose weight is never changed
+    chi[:, groups == 0] = -5.0
     s = ParensSettings()
-    iv, chi_g = select_weights(chi, groups, names, "balanced", s)
-    assert chi_g.shape == (3, 4)
-    assert iv.weights[2] == pytest.approx(s.max_weight, abs=1e-6) and iv.weights[0] == pytest.approx(
-        s.min_weight
-    )
-    assert abs(iv.weights.mean() - 1) < 1e-9
+    f = np.array([0.5, 0.1, 0.15, 0.15, 0.1])
+    w, iv, chi_g = select_weights(chi, groups, names, "balanced", s, f)
+    assert chi_g.shape == (len(names), len(PARENS_GROUP_NAMES))
+    assert w[0] == 1.0 and int(np.argmax(w)) == 3 and int(np.argmin(w)) == 1
+    assert iv.weights[2] == pytest.approx(s.max_weight, abs=1e-6)  # iv: the four unequal groups
+    assert iv.weights[0] == pytest.approx(s.min_weight, abs=1e-6)
+    assert abs(w @ f - 1) < 1e-9 and abs(w[1:] @ f[1:] - f[1:].sum()) < 1e-9
+    assert (iv.predicted < 0).all()  # every contrast mu_balanced - mu_B is predicted to go down
 
 
 def test_parens_experiment_end_to_end():
     s = ParensSettings(**TINY_PAR)
     res = run_parens_experiment(seeds=(0,), s=s)
     r = res["per_seed"][0]
-    assert r["chi"].shape == (3, s.probe_train_size) and np.isfinite(r["chi"]).all()
-    assert r["algorithms"] == list(ALGORITHMS)
+    assert r["chi"].shape == (len(ALGORITHMS), s.probe_train_size) and np.isfinite(r["chi"]).all()
+    assert r["chi_observables"] == list(ALGORITHMS) and r["algorithms"] == [*ALGORITHMS, "other"]
     assert set(r["runs"]) == {"baseline"} | {f"target:{t}" for t in s.targets}
     for name, run in r["runs"].items():
-        assert run["learned"] in ALGORITHMS
-        assert all(0.0 <= v <= 1.0 for k, v in run["scores"].items() if k != "best")
-        if name != "baseline":
-            w = np.asarray(run["group_weights"])
-            assert (w >= 0).all() and abs(w @ np.asarray(r["group_fractions"]) - 1) < 1e-5
+        assert run["learned"] in r["algorithms"]
+        assert all(0.0 <= v <= 1.0 for k, v in run["scores"].items() if k not in ("best", "learned"))
+        w = np.asarray(run["group_weights"])
+        assert (w >= 0).all() and abs(w @ np.asarray(r["group_fractions"]) - 1) < 1e-5
+        assert w[0] == pytest.approx(1.0, abs=1e-5)  # the class balance is never changed
+        if name == "baseline":
+            assert np.allclose(w, 1.0)
     rates = res["summary"]["rates"]
     assert all(abs(sum(v.values()) - 1) < 1e-12 for v in rates.values())
+    assert set(res["summary"]["baseline_rate"]) == set(s.targets)
+
+
+def test_parens_online_patterning_reestimates():
+    s = ParensSettings(**{**TINY_PAR, "targets": ("balanced",), "online_every": 10, "online_until": 25})
+    r = run_parens_experiment(seeds=(0,), s=s)["per_seed"][0]
+    hist = r["runs"]["target:balanced"]["online_weights"]
+    assert [h[0] for h in hist] == [0, 10, 20]  # re-estimated every 10 steps until step 25
+    f = np.asarray(r["group_fractions"])
+    for _, w in hist:
+        w = np.asarray(w)
+        assert w[0] == 1.0 and abs(w[1:] @ f[1:] - f[1:].sum()) < 1e-3  # class balance kept
+        assert w.min() >= s.min_weight * 0.5 and w.max() <= s.max_weight * 2
+    np.testing.assert_allclose(r["runs"]["target:balanced"]["group_weights"], hist[-1][1], atol=1e-3)
+    assert r["runs"]["baseline"]["online_weights"] == []
 
 
 def test_demo_writes_plots(tmp_path, monkeypatch):

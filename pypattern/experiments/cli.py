@@ -131,18 +131,21 @@ def _plot_parens(res: dict, out: Path) -> list[str]:
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             run = per[j]["runs"][conds[i]]
+            sc = run["scores"]
             ax.text(
                 j,
                 i,
-                f"{algs[grid[i, j]]}\nbal. agr. {run['scores']['probe_open_first_negative/balanced']:.2f}",
+                f"{algs[grid[i, j]]}\nagr. {sc['cells/' + sc['best']]:.2f} train {sc['train/' + sc['best']]:.2f}",
                 ha="center",
                 va="center",
                 fontsize=6,
             )
     ax.set_yticks(range(len(conds)), conds, fontsize=7)
     ax.set_xticks(range(len(per)), [f"seed {r['seed']}" for r in per])
-    ax.set_title("algorithm learned (highest held-out probe agreement)")
-    w = np.array([[per[0]["runs"][c]["group_weights"] or [1.0] * 4 for c in conds]])[0]
+    ax.set_title(
+        "algorithm learned (best cell agreement >= 0.9 and training fit >= 0.98, else 'other')", fontsize=8
+    )
+    w = np.array([per[0]["runs"][c]["group_weights"] for c in conds])
     x = np.arange(len(PARENS_GROUP_NAMES))
     for i, c in enumerate(conds):
         ax2.bar(x + (i - len(conds) / 2) * 0.8 / len(conds), w[i], width=0.8 / len(conds), label=c)

@@ -2,16 +2,22 @@
 
 Sequences are ``[BOS, p_1 .. p_n, QUERY]`` with ``p_i`` in ``{"(", ")"}``; the model answers ``TRUE`` or
 ``FALSE`` at ``QUERY``. The *training* distribution holds balanced strings (label True) and strings with unequal
-counts of "(" and ")" (label False). On it, these algorithms are all 100% correct:
+counts of "(" and ")" (label False). On it, every rule "equal counts and C" is 100% correct when the condition C
+holds for all balanced strings. :data:`ALGORITHMS` lists the plausible ones:
 
 - ``"equal_counts"``: True iff #"(" == #")";
 - ``"equal_counts_first_open"``: equal counts and the string starts with "(";
+- ``"equal_counts_last_close"``: equal counts and the string ends with ")";
+- ``"equal_counts_first_open_last_close"``: equal counts, starts with "(" and ends with ")" (every balanced
+  string does both; trained one-layer models often implement this one);
 - ``"balanced"``: equal counts and every prefix has depth >= 0 (the intended rule).
 
 They disagree only on strings with equal counts and a negative prefix depth, which training never shows. The
-held-out probe sets (:meth:`ParenthesesTask.probes`) separate them: ``"open_first_negative"`` (starts with "(",
-dips below 0 later: True, True, False) and ``"close_first"`` (starts with ")": True, False, False).
-:func:`algorithm_scores` measures which algorithm a trained model implements.
+held-out probes (:meth:`ParenthesesTask.probes`) are all such strings, split by first and last token into four
+cells (``"open_first_close_last"``, ``"open_first_open_last"``, ``"close_first_close_last"``,
+``"close_first_open_last"``); the five algorithms answer (T,T,T,T), (T,T,F,F), (T,F,T,F), (T,F,F,F) and
+(F,F,F,F) on them, so every pair differs on at least one cell. :func:`algorithm_scores` measures which
+algorithm a trained model implements, and calls it ``"other"`` when it implements none of them.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ import torch
 
 from .base import IGNORE, Task, TaskBatch, _gen
 
-__all__ = ["ParenthesesTask", "algorithm_scores", "ALGORITHMS"]
+__all__ = [
+    "ParenthesesTask",
+    "algorithm_scores",
+    "ALGORITHMS",
+    "PROBE_CELLS",
+    "IDENTIFY_THRESHOLD",
+    "FIT_THRESHOLD",
+]
 
 OPEN, CLOSE, BOS, QUERY, FALSE, TRUE = range(6)
 
@@ -38,8 +51,26 @@ def _min_depth(s: torch.Tensor) -> torch.Tensor:
 ALGORITHMS = {
     "equal_counts": _equal_counts,
     "equal_counts_first_open": lambda s: _equal_counts(s) & (s[..., 0] == OPEN),
+    "equal_counts_last_close": lambda s: _equal_counts(s) & (s[..., -1] == CLOSE),
+    "equal_counts_first_open_last_close": lambda s: (
+        _equal_counts(s) & (s[..., 0] == OPEN) & (s[..., -1] == CLOSE)
+    ),
     "balanced": lambda s: _equal_counts(s) & (_min_depth(s) >= 0),
 }
+
+#: The four cells of held-out probes (equal counts, negative prefix depth), by first and last token.
+PROBE_CELLS = (
+    "open_first_close_last",
+    "open_first_open_last",
+    "close_first_close_last",
+    "close_first_open_last",
+)
+
+#: Minimum agreement with an algorithm (the mean over the four probe cells) for :func:`algorithm_scores` to name
+#: it as the one a model implements ...
+IDENTIFY_THRESHOLD = 0.9
+#: ... and minimum training accuracy (below it the model fits no algorithm: ``"other"``).
+FIT_THRESHOLD = 0.98
 
 
 class ParenthesesTask(Task):
@@ -91,19 +122,21 @@ class ParenthesesTask(Task):
     def probes(self, kind: str = "all") -> TaskBatch:
         """Held-out strings with equal counts and a negative prefix depth (never in training).
 
-        ``kind``: ``"open_first_negative"``, ``"close_first"`` or ``"all"``. Targets hold the *balanced* label
-        (False); ``extra["kind"]`` is 2 for open-first, 3 for close-first.
+        ``kind``: ``"all"``, ``"open_first_negative"`` (starts with "("), ``"close_first"`` or one of the four
+        :data:`PROBE_CELLS`. Targets hold the *balanced* label (False); ``extra["kind"]`` is 2 for open-first,
+        3 for close-first; ``extra["cell"]`` is the index of the string's cell in :data:`PROBE_CELLS`.
         """
-        kinds = ["open_first_negative", "close_first"] if kind == "all" else [kind]
-        if any(k not in ("open_first_negative", "close_first") for k in kinds):
-            raise ValueError(
-                f"kind={kind!r} is not valid; choose 'open_first_negative', 'close_first' or 'all'"
-            )
-        s = torch.cat([self._sets[k] for k in kinds])
-        kid = torch.cat(
-            [torch.full((len(self._sets[k]),), 2 if k == "open_first_negative" else 3) for k in kinds]
-        )
-        return self._batch(s, torch.zeros(len(s), dtype=torch.bool), kid)
+        groups = {"all": PROBE_CELLS, "open_first_negative": PROBE_CELLS[:2], "close_first": PROBE_CELLS[2:]}
+        groups.update({c: (c,) for c in PROBE_CELLS})
+        if kind not in groups:
+            raise ValueError(f"kind={kind!r} is not valid; choose one of {sorted(groups)}")
+        s = torch.cat([self._sets["open_first_negative"], self._sets["close_first"]])
+        cell = 2 * (s[:, 0] == CLOSE).long() + (s[:, -1] == OPEN).long()
+        keep = torch.isin(cell, torch.tensor([PROBE_CELLS.index(c) for c in groups[kind]]))
+        s, cell = s[keep], cell[keep]
+        out = self._batch(s, torch.zeros(len(s), dtype=torch.bool), torch.where(cell < 2, 2, 3))
+        out.extra["cell"] = cell
+        return out
 
     def model_config(self, **overrides):
         from ..models.transformer import TransformerConfig
@@ -121,13 +154,22 @@ class ParenthesesTask(Task):
 
 @torch.no_grad()
 def algorithm_scores(
-    model, task: ParenthesesTask, num_train: int = 2000, seed: int = 12345
-) -> dict[str, float]:
-    """Agreement of the model with each algorithm in :data:`ALGORITHMS`.
+    model,
+    task: ParenthesesTask,
+    num_train: int = 2000,
+    seed: int = 12345,
+    threshold: float = IDENTIFY_THRESHOLD,
+    fit_threshold: float = FIT_THRESHOLD,
+) -> dict:
+    """Agreement of the model with each algorithm in :data:`ALGORITHMS`, and which one it implements.
 
     Returns a dict with ``"train/<alg>"`` (agreement on fresh training-distribution samples, where every
-    algorithm is correct), ``"probe/<alg>"`` (agreement on all held-out probes), ``"probe_<kind>/<alg>"`` per
-    probe set, and ``"best"``: the name of the algorithm with the highest probe agreement.
+    algorithm is correct), ``"probe/<alg>"`` (agreement on all held-out probes), ``"probe_<kind>/<alg>"`` for
+    ``"open_first_negative"``, ``"close_first"`` and each of :data:`PROBE_CELLS`, ``"cells/<alg>"`` (the mean
+    of the four cells' agreements: every cell counts equally, however many strings it holds), ``"best"`` (the
+    algorithm with the highest ``cells/`` agreement) and ``"learned"``: ``"best"`` if the model's training
+    accuracy is at least ``fit_threshold`` and its ``cells/`` agreement with ``"best"`` at least ``threshold``,
+    else ``"other"`` (it does not fit the training data, or fits it with none of the listed algorithms).
     """
     out: dict = {}
     train = task.sample(num_train, seed=seed)
@@ -138,10 +180,19 @@ def algorithm_scores(
     probes = task.probes("all")
     pp = task.predict(model, probes)
     ps = probes.tokens[:, 1:-1]
+    cell = probes.extra["cell"]
     for name, alg in ALGORITHMS.items():
-        out[f"probe/{name}"] = float((pp == alg(ps)).float().mean())
-        for kid, kname in ((2, "open_first_negative"), (3, "close_first")):
-            m = probes.extra["kind"] == kid
-            out[f"probe_{kname}/{name}"] = float((pp[m] == alg(ps[m])).float().mean())
-    out["best"] = max(ALGORITHMS, key=lambda a: out[f"probe/{a}"])
+        agree = (pp == alg(ps)).float()
+        out[f"probe/{name}"] = float(agree.mean())
+        out[f"probe_open_first_negative/{name}"] = float(agree[cell < 2].mean())
+        out[f"probe_close_first/{name}"] = float(agree[cell >= 2].mean())
+        per_cell = [float(agree[cell == i].mean()) for i in range(len(PROBE_CELLS))]  # NaN: empty (length 4)
+        for c, v in zip(PROBE_CELLS, per_cell):
+            out[f"probe_{c}/{name}"] = v
+        present = [v for v in per_cell if v == v]
+        out[f"cells/{name}"] = sum(present) / len(present)
+    best = max(ALGORITHMS, key=lambda a: out[f"cells/{a}"])
+    out["best"] = best
+    fits = out[f"train/{best}"] >= fit_threshold and out[f"cells/{best}"] >= threshold
+    out["learned"] = best if fits else "other"
     return out
