@@ -41,6 +41,7 @@ from ..susceptibility import susceptibilities
 from ..tasks.base import IGNORE, TaskBatch
 from ..tasks.induction import InductionTask
 from ..tasks.training import train
+from ._chi import ChiSettings
 
 __all__ = [
     "InductionSettings",
@@ -59,7 +60,7 @@ GROUP_NAMES = ("induction", "first_copy", "other")
 
 
 @dataclasses.dataclass
-class InductionSettings:
+class InductionSettings(ChiSettings):
     """Sizes and settings of the induction experiment (defaults: the reduced, minutes-on-a-CPU version)."""
 
     d_vocab: int = 24
@@ -76,12 +77,6 @@ class InductionSettings:
     threshold: float = 1.2
     num_eval: int = 256
     probe_size: int = 12
-    chi_num_chains: int = 2
-    chi_num_draws: int = 60
-    chi_num_burnin_steps: int = 30
-    chi_step_size: float = 1e-4
-    chi_localization: float = 100.0
-    chi_nbeta: float | None = None
     amount: float = 10.0
     min_weight: float = 0.1
     max_weight: float = 3.0
@@ -223,14 +218,7 @@ def estimate_induction_chi(model, s: InductionSettings, seed: int = 0):
         probe.tokens,
         comps,
         loss_fn=lm_loss,
-        num_chains=s.chi_num_chains,
-        num_draws=s.chi_num_draws,
-        num_burnin_steps=s.chi_num_burnin_steps,
-        step_size=s.chi_step_size,
-        localization=s.chi_localization,
-        nbeta=s.chi_nbeta,
-        seed=seed,
-        warn_nonstationary=False,
+        **s.chi_sampler(seed),
     )
     groups = probe.extra["token_group"][res.probe_sample, res.probe_position - 1].numpy()
     return res, groups

@@ -58,6 +58,7 @@ from ..tasks.parens import (
     algorithm_scores,
 )
 from ..tasks.training import train
+from ._chi import ChiSettings
 
 __all__ = [
     "ParensSettings",
@@ -82,7 +83,7 @@ NUM_GROUPS = len(PARENS_GROUP_NAMES)
 
 
 @dataclasses.dataclass
-class ParensSettings:
+class ParensSettings(ChiSettings):
     """Sizes and settings of the parentheses experiment (defaults: the reduced version)."""
 
     length: int = 8
@@ -96,12 +97,6 @@ class ParensSettings:
     steps: int = 1500
     targets: tuple = tuple(ALGORITHMS)
     probe_train_size: int = 256
-    chi_num_chains: int = 2
-    chi_num_draws: int = 60
-    chi_num_burnin_steps: int = 30
-    chi_step_size: float = 1e-4
-    chi_localization: float = 100.0
-    chi_nbeta: float | None = None
     amount: float = 10.0
     min_weight: float = 0.3
     max_weight: float = 2.5
@@ -204,16 +199,7 @@ def estimate_solution_chi(model, s: ParensSettings, seed: int = 0):
     loader = [(data[i : i + s.batch_size]) for i in range(0, len(data), s.batch_size)]
     loader = [(b.tokens, b.targets[:, -1]) for b in loader]
     groups = probe.extra["group"].numpy()
-    sampler = dict(
-        num_chains=s.chi_num_chains,
-        num_draws=s.chi_num_draws,
-        num_burnin_steps=s.chi_num_burnin_steps,
-        step_size=s.chi_step_size,
-        localization=s.chi_localization,
-        nbeta=s.chi_nbeta,
-        seed=seed,
-        warn_nonstationary=False,
-    )
+    sampler = s.chi_sampler(seed)
 
     def loss_fn(m, batch):
         return F.cross_entropy(m(batch[0])[:, -1], batch[1])
