@@ -218,35 +218,47 @@ def test_time_bound(benchmark, trained):
     benchmark.extra_info.update(role="bound", label="fwd+bwd per step + probe fwd per draw")
 
 
-def test_time_whole_machine(trained):
-    """Each on all cores: ours with cores= (the 20 chains in two vmap-ed groups, one thread each), devinterp
-    2.0.1 (no multi-process option) with torch's threads; also ours with torch's threads. Printed, not part of
-    the 1-thread table above."""
-    import time
-
-    model, data, d = trained
-    cores = os.cpu_count() or 1
-    (d / "whole").mkdir()
+def _on_threads(n: int, fn):
     old = torch.get_num_threads()
-    rows = {}
+    torch.set_num_threads(n)
     try:
-        for name, threads, fn in (
-            ("ours cores", 1, lambda: run_ours(model, data, COMPONENTS, S["num_chains"], S["num_draws"], cores)),
-            ("ours torch threads", cores, lambda: run_ours(model, data, COMPONENTS, S["num_chains"], S["num_draws"])),
-            ("devinterp torch threads", cores, lambda: run_peer(
-                model, data, COMPONENTS, S["num_chains"], S["num_draws"], d / "whole"
-            )),
-        ):  # fmt: skip
-            torch.set_num_threads(threads)
-            t = time.perf_counter()
-            fn()
-            rows[name] = time.perf_counter() - t
+        return fn()
     finally:
         torch.set_num_threads(old)
-    best = min(rows["ours cores"], rows["ours torch threads"])
-    rows["speedup_vs_devinterp"] = rows["devinterp torch threads"] / best
-    print(f"\nsusceptibilities on {cores} cores (s):", json.dumps(rows, indent=1))
-    assert rows["speedup_vs_devinterp"] > 1
+
+
+CORES = os.cpu_count() or 1
+
+
+@pytest.mark.benchmark(group=f"whole machine ({CORES} cores)")
+def test_whole_machine_ours_cores(benchmark, trained):
+    """Ours with cores=: the 20 chains in one vmap-ed group per core, one torch thread each."""
+    model, data, _ = trained
+    run = lambda: run_ours(model, data, COMPONENTS, S["num_chains"], S["num_draws"], CORES)  # noqa: E731
+    benchmark.pedantic(lambda: _on_threads(1, run), rounds=1, iterations=1)
+    benchmark.extra_info.update(role="ours", label=f"pypattern cores={CORES}")
+
+
+@pytest.mark.benchmark(group=f"whole machine ({CORES} cores)")
+def test_whole_machine_ours_torch_threads(benchmark, trained):
+    """Ours in one group on torch's threads instead."""
+    model, data, _ = trained
+    run = lambda: run_ours(model, data, COMPONENTS, S["num_chains"], S["num_draws"])  # noqa: E731
+    benchmark.pedantic(lambda: _on_threads(CORES, run), rounds=1, iterations=1)
+    benchmark.extra_info.update(role="ours", label=f"pypattern, {CORES} torch threads")
+
+
+@pytest.mark.benchmark(group=f"whole machine ({CORES} cores)")
+def test_whole_machine_devinterp(benchmark, trained):
+    """devinterp 2.0.1 has no multi-process option: torch's threads."""
+    model, data, d = trained
+    out = d / "whole"
+    out.mkdir()
+    run = lambda: run_peer(model, data, COMPONENTS, S["num_chains"], S["num_draws"], out)  # noqa: E731
+    benchmark.pedantic(lambda: _on_threads(CORES, run), rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        role="peer", label=f"devinterp {_version('devinterp')}, {CORES} torch threads"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ agreement
