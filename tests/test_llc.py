@@ -4,10 +4,10 @@
 * Normal crossing K(w) = w1^(2 k1) w2^(2 k2): the estimator's exact target at finite nbeta is
   E[nbeta K] under exp(-nbeta K - localization/2 |w|^2), computed by quadrature
   (:func:`pypattern.truth.localized_normal_crossing_expectation`); the sampler must reproduce it within 15%.
-  That target tends to lambda = 1 / (2 max k) only logarithmically in nbeta (tests/test_truth.py checks it), and
-  SGLD needs about 1 / (localization * step_size) steps to cross the flat valleys, so comparing with lambda itself
-  to 15% would take nbeta ~ 1e5 and millions of steps: see the numbers in the docstring of
-  ``test_normal_crossing_matches_exact_target``.
+  That target tends to lambda = 1 / (2 max k) slowly in nbeta (tests/test_truth.py checks it), and SGLD needs
+  about 1 / (localization * step_size) steps to cross the flat valleys. Where both are affordable (w1^2 w2^4 at
+  nbeta = 1e4) the estimate is also compared with lambda itself, within 15%; for [1,1] and [2,3] that would take
+  nbeta ~ 1e6 and millions of steps: see the docstrings below.
 * Deep linear networks vs Aoyagi's formula.
 """
 
@@ -77,6 +77,38 @@ def test_normal_crossing_matches_exact_target(powers):
     assert abs(r.llc_mean - target) / target < 0.15, (r, target)
     # the per-chain spread is consistent with the deviation (no hidden bias far beyond the noise)
     assert abs(r.llc_mean - target) < 3 * r.llc_std / np.sqrt(32) + 0.02 * target
+
+
+def test_normal_crossing_within_15pct_of_lambda_where_reachable():
+    """K = w1^2 w2^4 (lambda = 1/4) against lambda itself: at nbeta = 1e4 (localization 1) the exact target is
+    0.236, 5.6% below lambda, and SGLD mixes in a few thousand steps (step_size 2e-4, 32 chains x 2000 draws, every
+    2nd step after 2000 burn-in steps). Measured for seeds 1, 2, 3: 0.2405, 0.2568, 0.2504.
+
+    The other two normal crossings of the issue cannot be shown this way: [1,1] and [2,3] reach within 15% of
+    lambda only near nbeta = 1e6 (targets 0.44 and 0.146), where [2,3] diverges at step sizes >= 3e-4 and
+    undershoots its target by 9% at 1e-4 in 6000 steps, and [1,1] needs step sizes ~1e-6 (millions of steps).
+    """
+    powers, nbeta = [1, 2], 1e4
+    model = truth.NormalCrossing(powers, dtype=torch.float64)
+    ds = truth.make_normal_crossing_data(2, dtype=torch.float64)
+    r = estimate_llc(
+        model,
+        _loader(ds),
+        step_size=2e-4,
+        nbeta=nbeta,
+        localization=1.0,
+        num_chains=32,
+        num_draws=2000,
+        num_steps_bw_draws=2,
+        num_burnin_steps=2000,
+        seed=1,
+        quiet=True,
+    )
+    lam = truth.normal_crossing_learning_coefficient(powers)
+    target = truth.localized_normal_crossing_expectation(powers, nbeta, 1.0, grid=1201)
+    assert lam == 0.25 and abs(target - lam) / lam < 0.06
+    assert abs(r.llc_mean - lam) / lam < 0.15, (r.llc_mean, lam)
+    assert abs(r.llc_mean - target) / target < 0.15, (r.llc_mean, target)
 
 
 @pytest.mark.parametrize("widths, rank", [((4, 3, 8), 0), ((5, 4, 5), 0), ((3, 3, 3, 2), 1)])
