@@ -397,9 +397,10 @@ def susceptibilities(
         A folder written with other settings is refused with an error naming the setting.
     group_size : int, optional
         How many SGLD runs (one per component, plus the unrestricted run of the devinterp convention) sample
-        together in one :func:`pypattern.sample` call (``runs=``): with batched chains (``batched=True``, or
-        ``None`` for small models) every step of all of them is one ``vmap``-ed forward and backward, and the
-        probe losses of all chains at a draw are one ``vmap``-ed forward. Default: all runs in one group.
+        together in one :func:`pypattern.sample` call (``runs=``): with batched chains (``batched=True``, or the
+        default for small models and for 8 or more chains) every step of all of them is one ``vmap``-ed forward
+        and backward, and the probe losses of all chains at a draw are one ``vmap``-ed forward. Default: all runs
+        in one group.
         The estimate does not depend on it: each run's chains get the same noise and data either way.
     **sampler_settings
         ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
@@ -465,6 +466,10 @@ def susceptibilities(
     def phi(m, batch) -> torch.Tensor:
         return phi_of(m).reshape(-1)
 
+    local_of = _local_path or (
+        lambda p: p
+    )  # a group checkpoint's file in this process (per rank when distributed)
+
     def run_group(specs_: list, ckpt: str | None) -> tuple[list[list[CrossCovariance]], float]:
         """Sample the runs ``specs_`` (``(restrict_to, masks)`` pairs) together; per run, one accumulator per
         chain over (phi) x (l_1..l_N, Lbar); and the nbeta used. With ``ckpt`` the sampler's checkpoint holds the
@@ -480,7 +485,7 @@ def susceptibilities(
                 out[f"acc{i}/count"] = np.array([sd["count"]], dtype=np.int64)
             return out
 
-        local = None if ckpt is None else (_local_path or (lambda p: p))(ckpt)  # the file this process writes
+        local = None if ckpt is None else local_of(ckpt)  # the file this process writes
         if local is not None and os.path.exists(local):
             saved = load_checkpoint_state(local)
             for i, a in enumerate(accs):
@@ -594,7 +599,7 @@ def susceptibilities(
                     "nbeta": nbeta,
                 }
             save_row(name, rows[name])
-        local = None if gpath is None else (_local_path or (lambda p: p))(gpath)
+        local = None if gpath is None else local_of(gpath)
         if local is not None and os.path.exists(local):
             os.remove(local)  # its rows are saved
     chi = np.zeros((len(specs), n))
