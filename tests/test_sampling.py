@@ -207,6 +207,10 @@ def test_runs_equal_separate_restricted_calls(batched):
         )
     # the runs really differ: a restricted run stays closer to w*'s loss than the unrestricted one
     assert not np.allclose(together[0].loss_trace, together[1].loss_trace)
+    # and they split over threads the same way (cores=2: the 12 chains in two groups)
+    threaded = _run(model, loader, batched=batched, runs=specs, observables=obs, cores=2)
+    for a, b in zip(threaded, together):
+        np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=1e-6, atol=1e-7)
     # unrecorded observables reach the callbacks only
     got = []
     res = _run(
