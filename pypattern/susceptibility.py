@@ -475,24 +475,26 @@ def susceptibilities(
         chain over (phi) x (l_1..l_N, Lbar); and the nbeta used. With ``ckpt`` the sampler's checkpoint holds the
         accumulators too, and a killed group resumes from its last checkpointed draw."""
         accs = [CrossCovariance(1, n + 1, track_auto="none") for _ in range(len(specs_) * C)]
-        keys = ("shift_a", "shift_b", "mean_a_rel", "mean_b_rel", "comoment", "m2_a", "m2_b")
 
         def acc_state() -> dict:
+            # each accumulator's state_dict as arrays: its tensors, and its draw count
             out = {}
             for i, a in enumerate(accs):
-                sd = a.state_dict()
-                out.update({f"acc{i}/{k}": sd[k].numpy() for k in keys})
-                out[f"acc{i}/count"] = np.array([sd["count"]], dtype=np.int64)
+                for k, v in a.state_dict().items():
+                    if isinstance(v, torch.Tensor):
+                        out[f"acc{i}/{k}"] = v.numpy()
+                out[f"acc{i}/count"] = np.array([a.count], dtype=np.int64)
             return out
 
         local = None if ckpt is None else local_of(ckpt)  # the file this process writes
         if local is not None and os.path.exists(local):
             saved = load_checkpoint_state(local)
             for i, a in enumerate(accs):
-                if f"acc{i}/count" in saved:
-                    state = {k: torch.from_numpy(saved[f"acc{i}/{k}"]) for k in keys}
-                    count = int(saved[f"acc{i}/count"][0])
-                    a.load_state_dict({**state, "count": count, "k": 1, "n": n + 1, "track_auto": "none"})
+                pre = f"acc{i}/"
+                state = {k[len(pre) :]: torch.from_numpy(v) for k, v in saved.items() if k.startswith(pre)}
+                if state:
+                    state["count"] = int(state["count"][0])
+                    a.load_state_dict({**state, "k": a.k, "n": a.n, "track_auto": a.track_auto})
 
         def cb(chain, loss, observables, outputs):
             if fuse_probe:  # the sampler's forward was on the probe: its per-sample losses are the probe's

@@ -715,7 +715,7 @@ class _Stopped(Exception):
 def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
     """(losses, other outputs) from the vmap-ed loss: a tensor, or a tuple with the losses first."""
     if isinstance(out, tuple):
-        return out[0], tuple(x.detach() for x in out[1:])
+        return out[0], out[1:]  # chain_loss returns the extra outputs detached
     return out, ()
 
 
@@ -824,15 +824,23 @@ class _Run:
         return SamplingDivergedError(msg, chain=c, draw=d, step=t, step_size=self.hyper["lr"])
 
     def at_draw(
-        self, g: int, d: int, t: int, lv: float, model_view, batch, done: dict | None = None, outputs=()
+        self,
+        g: int,
+        d: int,
+        t: int,
+        lv: float,
+        model_view,
+        batch,
+        precomputed: dict | None = None,
+        outputs=(),
     ) -> None:
-        """Record chain ``g``'s draw ``d``: its loss, its observables (those not already in ``done``, evaluated
+        """Record chain ``g``'s draw ``d``: its loss, its observables (those not already in ``precomputed``, evaluated
         on ``model_view()``) and the callbacks (``outputs``: the loss function's other returned tensors)."""
         st = self.st
         st.loss[g, d] = lv
         if not (self.obs_items or self.callbacks):
             return
-        obs_vals = dict(done or {})
+        obs_vals = dict(precomputed or {})
         view = None
         if self.obs_items:
             with torch.no_grad():
