@@ -73,6 +73,8 @@ inline void normals_block(int64_t base, uint32_t k0, uint32_t k1, uint32_t c1, u
     constexpr int kChains = kLanes / 16;  // independent dependency chains hide the multiplies' latency
     const __m512i ra = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
     const __m512i rb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+    const __m512i ihi = _mm512_setr_epi32(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+    const __m512i ilo = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
     const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512i a[kChains], b[kChains], c[kChains], d[kChains];
     for (int j = 0; j < kChains; ++j) {
@@ -86,17 +88,18 @@ inline void normals_block(int64_t base, uint32_t k0, uint32_t k1, uint32_t c1, u
       const __m512i vka = _mm512_set1_epi32(static_cast<int>(ka));
       const __m512i vkb = _mm512_set1_epi32(static_cast<int>(kb));
       for (int j = 0; j < kChains; ++j) {
-        // hi and lo 32 bits of ra * a and rb * c, lane by lane
+        // hi and lo 32 bits of ra * a and rb * c, lane by lane: one two-source permute each picks them out of
+        // the even- and odd-lane 64-bit products (a port the multiplies do not use); the xors are one vpternlogd
         const __m512i pa_even = _mm512_mul_epu32(a[j], ra);
         const __m512i pa_odd = _mm512_mul_epu32(_mm512_srli_epi64(a[j], 32), ra);
         const __m512i pc_even = _mm512_mul_epu32(c[j], rb);
         const __m512i pc_odd = _mm512_mul_epu32(_mm512_srli_epi64(c[j], 32), rb);
-        const __m512i hi_a = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pa_even, 32), pa_odd);
-        const __m512i hi_c = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pc_even, 32), pc_odd);
-        const __m512i lo_a = _mm512_mullo_epi32(a[j], ra);
-        const __m512i lo_c = _mm512_mullo_epi32(c[j], rb);
-        const __m512i na = _mm512_xor_si512(_mm512_xor_si512(hi_c, b[j]), vka);
-        const __m512i nc = _mm512_xor_si512(_mm512_xor_si512(hi_a, d[j]), vkb);
+        const __m512i hi_a = _mm512_permutex2var_epi32(pa_even, ihi, pa_odd);
+        const __m512i hi_c = _mm512_permutex2var_epi32(pc_even, ihi, pc_odd);
+        const __m512i lo_a = _mm512_permutex2var_epi32(pa_even, ilo, pa_odd);
+        const __m512i lo_c = _mm512_permutex2var_epi32(pc_even, ilo, pc_odd);
+        const __m512i na = _mm512_ternarylogic_epi32(hi_c, b[j], vka, 0x96);
+        const __m512i nc = _mm512_ternarylogic_epi32(hi_a, d[j], vkb, 0x96);
         b[j] = lo_c;
         d[j] = lo_a;
         a[j] = na;
@@ -166,8 +169,10 @@ inline bool nonfinite_bits(double x) {
   return (b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
 }
 
-template <typename T>
-int sgld_range(T* __restrict w, const T* __restrict g, const T* __restrict w0, const T* __restrict mask,
+// The mask and the bounding box are template parameters: a run-time test inside the loop (even a loop-invariant
+// one) made gcc emit a loop about five times slower than this one (measured: 1.9 vs 0.33 ns per element in L2).
+template <typename T, bool kMask, bool kBox>
+int sgld_range_t(T* __restrict w, const T* __restrict g, const T* __restrict w0, const T* __restrict mask,
                int64_t begin, int64_t end, const SgldCoefs& c) {
   const T a = static_cast<T>(c.drift_grad), b = static_cast<T>(c.drift_loc), d = static_cast<T>(c.drift_wd);
   const T s = static_cast<T>(c.noise_std), box = static_cast<T>(c.box);
@@ -182,21 +187,38 @@ int sgld_range(T* __restrict w, const T* __restrict g, const T* __restrict w0, c
     T* __restrict wb = w + base;
     const T* __restrict gb = g + base;
     const T* __restrict ab = w0 + base;
+    const T* __restrict mb = kMask ? mask + base : nullptr;
     int block_bad = 0;
 #pragma omp simd reduction(| : block_bad)
     for (int i = 0; i < len; ++i) {
       const T wi = wb[i], gi = gb[i], ai = ab[i];
       const int nf = nonfinite_bits(gi) ? 1 : 0;
       block_bad |= nf;
-      const T m = mask ? mask[base + i] : T(1);
-      T wn = wi + m * (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
-      if (c.has_box) wn = std::min(std::max(wn, ai - box), ai + box);
-      wn = (m == T(0) || nf) ? wi : wn;
+      T wn;
+      if constexpr (kMask) {
+        const T m = mb[i];
+        wn = wi + m * (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
+      } else {
+        wn = wi + (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
+      }
+      if constexpr (kBox) wn = std::min(std::max(wn, ai - box), ai + box);
+      if constexpr (kMask) wn = (mb[i] == T(0) || nf) ? wi : wn;
+      else wn = nf ? wi : wn;
       wb[i] = wn;
     }
     bad |= block_bad;
   }
   return bad;
+}
+
+template <typename T>
+int sgld_range(T* w, const T* g, const T* w0, const T* mask, int64_t begin, int64_t end, const SgldCoefs& c) {
+  if (mask) {
+    return c.has_box ? sgld_range_t<T, true, true>(w, g, w0, mask, begin, end, c)
+                     : sgld_range_t<T, true, false>(w, g, w0, mask, begin, end, c);
+  }
+  return c.has_box ? sgld_range_t<T, false, true>(w, g, w0, mask, begin, end, c)
+                   : sgld_range_t<T, false, false>(w, g, w0, mask, begin, end, c);
 }
 
 }  // namespace
