@@ -87,8 +87,8 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
   }
   std::vector<std::atomic<int>> bad(work.size());
   for (auto& b : bad) b.store(0);
-  // 128 blocks of 256 = 32k elements per task at least
-  at::parallel_for(0, total_blocks, 128, [&](int64_t b0, int64_t b1) {
+  // 32k elements per task at least
+  at::parallel_for(0, total_blocks, 32768 / kSgldBlock, [&](int64_t b0, int64_t b1) {
     // the first tensor whose blocks reach past b0
     size_t i = std::upper_bound(work.begin(), work.end(), b0,
                                 [](int64_t b, const Work& wk) { return b < wk.first_block; }) -
