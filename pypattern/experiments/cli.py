@@ -26,7 +26,7 @@ def reduced_settings() -> tuple[dict, InductionSettings, dict, ParensSettings]:
 def full_settings() -> tuple[dict, InductionSettings, dict, ParensSettings]:
     """Settings of the full run (``full=True``): more seeds, longer caps and more SGLD draws."""
     ind = InductionSettings(
-        max_steps=3000, cap_factor=2.5, chi_num_chains=4, chi_num_draws=100, probe_size=16
+        max_steps=8000, cap_factor=2.5, chi_num_chains=4, chi_num_draws=100, probe_size=16
     )
     par = ParensSettings(steps=1500, chi_num_chains=4, chi_num_draws=100)
     return {"seeds": (0, 1, 2)}, ind, {"seeds": tuple(range(6))}, par
