@@ -45,7 +45,7 @@ def test_backends_report():
 
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("size", [0, 1, 3, 63, 64, 65, 1001])
+@pytest.mark.parametrize("size", [0, 1, 3, 63, 64, 65, 127, 128, 129, 257, 1001])
 @pytest.mark.parametrize("extras", ["plain", "mask", "box", "mask+box"])
 def test_equals_reference_without_noise(backend, dtype, size, extras):
     w, g, a = _inputs((size,), dtype, seed=size)
@@ -91,9 +91,13 @@ def test_equals_reference_with_noise_many_tensors_noncontiguous(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", [b for b in FAST if b == "cpp"])
-def test_equals_reference_1e6(backend):
+@pytest.mark.parametrize("masked", [False, True])
+def test_equals_reference_1e6(backend, masked):
+    """Noise on, every block size and thread split of the kernel, with and without a mask."""
     w, g, a = _inputs((1_000_003,), torch.float32, seed=5)
     kw = dict(KW, noise_scale=0.5, bounding_box=0.3)
+    if masked:
+        kw["masks"] = [torch.rand(1_000_003, generator=torch.Generator().manual_seed(1)) > 0.3]
     ref = _run("reference", [w], [g], [a], **kw)[0]
     out = _run(backend, [w], [g], [a], **kw)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6)
