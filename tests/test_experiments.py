@@ -13,6 +13,7 @@ from pypattern.experiments.induction import (
     InductionSettings,
     onset_step,
     run_induction_experiment,
+    summarize_onsets,
     token_groups,
 )
 from pypattern.experiments.parens import (
@@ -109,6 +110,41 @@ def test_induction_experiment_end_to_end():
     pre = r["runs"]["baseline"]["curve"][r["runs"]["baseline"]["curve"][:, 0] <= s.checkpoint_step]
     np.testing.assert_array_equal(pre, r["runs"]["delay"]["curve"][: len(pre)])
     assert set(res["summary"]["relative_shift"]) == {"accelerate", "delay"}
+
+
+def test_onset_summary_with_censored_runs():
+    """Shifts against the baseline: censored patterned runs give lower bounds; a seed whose baseline never formed
+    the circuit has no shift (NaN / None), and the all-seeds goal flags then do not claim it."""
+    s = InductionSettings(checkpoint_step=200)
+
+    def seed(i, base, acc, delay, delay_cap=None, base_cap=None):
+        run = lambda o, cap: {"onset": o, "censored_at": cap}  # noqa: E731
+        return {
+            "seed": i,
+            "patterning": {"pc": 0},
+            "runs": {
+                "baseline": run(base, base_cap),
+                "accelerate": run(acc, None),
+                "delay": run(delay, delay_cap),
+            },
+        }
+
+    per_seed = [
+        seed(0, 1000.0, 700.0, math.inf, delay_cap=1600),  # -30%, delay >= +60%
+        seed(1, math.inf, 731.0, math.inf, delay_cap=5000, base_cap=5000),  # baseline never formed
+        seed(2, 1000.0, 900.0, 1100.0),  # -10%, +10%
+    ]
+    sm = summarize_onsets(per_seed, s)
+    np.testing.assert_allclose(sm["relative_shift"]["accelerate"], [-0.3, np.nan, -0.1])
+    np.testing.assert_allclose(sm["relative_shift_lower_bound"]["delay"], [0.6, np.nan, 0.1])
+    np.testing.assert_allclose(sm["relative_shift_after_checkpoint"]["accelerate"], [-0.375, np.nan, -0.125])
+    assert sm["accelerate_ge_20pct"] == [True, None, False]
+    assert sm["delay_ge_20pct"] == [True, None, False]
+    assert sm["baseline_censored_at"] == [None, 5000, None]
+    assert not sm["accelerate_all_ge_20pct"] and not sm["delay_all_ge_20pct"]
+    sm = summarize_onsets(per_seed[:2], s)
+    assert not sm["accelerate_all_ge_20pct"]  # seed 1 is not measurable, so "all seeds" is not claimed
+    assert summarize_onsets(per_seed[:1], s)["delay_all_ge_20pct"]
 
 
 def test_parens_groups_and_solution_losses():

@@ -53,6 +53,7 @@ __all__ = [
     "pattern_weights",
     "run_induction_seed",
     "run_induction_experiment",
+    "summarize_onsets",
     "GROUP_NAMES",
 ]
 
@@ -327,7 +328,22 @@ def run_induction_experiment(seeds=(0, 1, 2), s: InductionSettings | None = None
     s = s or InductionSettings()
     with pinned_threads(s.num_threads or None):
         per_seed = [run_induction_seed(seed, s, log) for seed in seeds]
-    summary = {"seeds": list(seeds), "onset": {}, "relative_shift": {}, "relative_shift_after_checkpoint": {}}
+    return {"settings": dataclasses.asdict(s), "per_seed": per_seed, "summary": summarize_onsets(per_seed, s)}
+
+
+def summarize_onsets(per_seed: list, s: InductionSettings) -> dict:
+    """Onsets per condition and their shifts against the baseline, per seed.
+
+    A censored patterned run (no onset by its cap) gives a lower bound on its shift; a seed whose baseline did
+    not form the circuit within ``max_steps`` has no shift to measure (NaN, and ``None`` in the per-seed goal
+    flags).
+    """
+    summary = {
+        "seeds": [r["seed"] for r in per_seed],
+        "onset": {},
+        "relative_shift": {},
+        "relative_shift_after_checkpoint": {},
+    }
     for name in ("baseline", "accelerate", "delay"):
         summary["onset"][name] = [r["runs"][name]["onset"] for r in per_seed]
     summary["censored_at"] = {
@@ -338,6 +354,11 @@ def run_induction_experiment(seeds=(0, 1, 2), s: InductionSettings | None = None
         rel, rel_c, lower = [], [], []
         for r in per_seed:
             b, o = r["runs"]["baseline"]["onset"], r["runs"][name]["onset"]
+            if not math.isfinite(b):  # the baseline never formed the circuit: no shift to measure
+                rel.append(math.nan)
+                rel_c.append(math.nan)
+                lower.append(math.nan)
+                continue
             rel.append(o / b - 1)
             rel_c.append((o - c) / (b - c) - 1)
             cens = r["runs"][name]["censored_at"]
@@ -346,8 +367,14 @@ def run_induction_experiment(seeds=(0, 1, 2), s: InductionSettings | None = None
         summary["relative_shift"][name] = rel
         summary["relative_shift_after_checkpoint"][name] = rel_c
         summary.setdefault("relative_shift_lower_bound", {})[name] = lower
+    summary["baseline_censored_at"] = [r["runs"]["baseline"]["censored_at"] for r in per_seed]
     rs = summary["relative_shift"]
-    summary["accelerate_all_ge_20pct"] = all(x <= -0.2 for x in rs["accelerate"])
-    summary["delay_all_ge_20pct"] = all(x >= 0.2 for x in summary["relative_shift_lower_bound"]["delay"])
+    # per seed: True / False, or None where the baseline did not form the circuit within the cap
+    summary["accelerate_ge_20pct"] = [None if math.isnan(x) else bool(x <= -0.2) for x in rs["accelerate"]]
+    summary["delay_ge_20pct"] = [
+        None if math.isnan(x) else bool(x >= 0.2) for x in summary["relative_shift_lower_bound"]["delay"]
+    ]
+    summary["accelerate_all_ge_20pct"] = all(x is True for x in summary["accelerate_ge_20pct"])
+    summary["delay_all_ge_20pct"] = all(x is True for x in summary["delay_ge_20pct"])
     summary["pc_used"] = [r["patterning"]["pc"] + 1 for r in per_seed]
-    return {"settings": dataclasses.asdict(s), "per_seed": per_seed, "summary": summary}
+    return summary
