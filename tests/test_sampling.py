@@ -420,9 +420,19 @@ def test_result_files_roundtrip(tmp_path):
         step_size=1e-3,
         localization=10.0,
         quiet=True,
-        observables={"out": lambda m, b: m(b[0]).mean()},
+        observables={"out": lambda m, b: m(b[0]).mean(), "vec": lambda m, b: m(b[0])[0]},
         warn_nonstationary=False,
     )
+    # long tables: one row per (chain, draw); scalar observables become columns
+    t = r.to_pandas()
+    assert list(t.columns) == ["chain", "draw", "loss", "llc"] and len(t) == 2 * 10
+    row = t[(t.chain == 1) & (t.draw == 3)].iloc[0]
+    assert row.loss == r.loss_trace[1, 3] and row.llc == pytest.approx(
+        r.nbeta * (r.loss_trace[1, 3] - r.init_loss)
+    )
+    ts = r.sample.to_pandas()
+    assert list(ts.columns) == ["chain", "draw", "loss", "out"]
+    assert ts[(ts.chain == 0) & (ts.draw == 9)].iloc[0].out == r.sample.observables["out"][0, 9]
     r.save(tmp_path / "llc.npz")
     q = LLCResult.load(tmp_path / "llc.npz")
     assert q.llc_mean == r.llc_mean and q.llc_std == r.llc_std

@@ -80,6 +80,18 @@ def _join(cls, arrays, meta):
     return cls(**kw)
 
 
+def _draw_table(loss_trace: np.ndarray, columns: dict):
+    """A long pandas table of ``(num_chains, num_draws)`` traces."""
+    import pandas as pd
+
+    c, d = np.asarray(loss_trace).shape
+    out = {"chain": np.repeat(np.arange(c), d), "draw": np.tile(np.arange(d), c)}
+    out["loss"] = np.asarray(loss_trace).reshape(-1)
+    for k, v in columns.items():
+        out[k] = np.asarray(v).reshape(-1)
+    return pd.DataFrame(out)
+
+
 class _Saveable:
     def save(self, path: str | os.PathLike) -> None:
         """Write to ``path`` (``.npz``: arrays plus a JSON header; atomic)."""
@@ -137,6 +149,11 @@ class SampleResult(_Saveable):
     def num_draws(self) -> int:
         return int(self.loss_trace.shape[1])
 
+    def to_pandas(self):
+        """One row per (chain, draw): ``chain``, ``draw``, ``loss`` and one column per scalar observable
+        (observables with more than one value per draw stay in :attr:`observables`)."""
+        return _draw_table(self.loss_trace, {k: v for k, v in self.observables.items() if np.ndim(v) == 2})
+
 
 @dataclass(eq=False)
 class LLCResult(_Saveable):
@@ -166,6 +183,10 @@ class LLCResult(_Saveable):
         out["llc/trace"] = self.llc_trace.astype(np.float32)
         out["init_loss"] = float(self.init_loss)
         return out
+
+    def to_pandas(self):
+        """One row per (chain, draw): ``chain``, ``draw``, ``loss`` and ``llc`` (= ``nbeta * (loss - init_loss)``)."""
+        return _draw_table(self.loss_trace, {"llc": self.llc_trace})
 
     def plot(self, ax=None, *, title: str | None = None):
         """Plot the loss trace of each chain and ``L_n(w*)`` (matplotlib); returns the axes."""
