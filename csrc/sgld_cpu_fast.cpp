@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -113,6 +113,51 @@ inline void normals_block(int64_t base, uint32_t k0, uint32_t k1, uint32_t c1, u
       _mm512_store_si512(x1 + 16 * j, b[j]);
       _mm512_store_si512(x2 + 16 * j, c[j]);
       _mm512_store_si512(x3 + 16 * j, d[j]);
+    }
+  }
+#elif defined(__AVX2__)
+  // The same on 8 counters per register (CPUs without AVX-512: most laptops). hi and lo words come from the
+  // even- and odd-lane vpmuludq products with shifts and blends.
+  {
+    constexpr int kChains = kLanes / 8;
+    const __m256i ra = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+    const __m256i rb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i a[kChains], b[kChains], c[kChains], d[kChains];
+    for (int j = 0; j < kChains; ++j) {
+      a[j] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(ctr0 + 8u * j)), iota);
+      b[j] = _mm256_set1_epi32(static_cast<int>(c1));
+      c[j] = _mm256_set1_epi32(static_cast<int>(c2));
+      d[j] = _mm256_set1_epi32(static_cast<int>(c3));
+    }
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < 10; ++r) {
+      const __m256i vka = _mm256_set1_epi32(static_cast<int>(ka));
+      const __m256i vkb = _mm256_set1_epi32(static_cast<int>(kb));
+      for (int j = 0; j < kChains; ++j) {
+        const __m256i pa_even = _mm256_mul_epu32(a[j], ra);
+        const __m256i pa_odd = _mm256_mul_epu32(_mm256_srli_epi64(a[j], 32), ra);
+        const __m256i pc_even = _mm256_mul_epu32(c[j], rb);
+        const __m256i pc_odd = _mm256_mul_epu32(_mm256_srli_epi64(c[j], 32), rb);
+        const __m256i hi_a = _mm256_blend_epi32(_mm256_srli_epi64(pa_even, 32), pa_odd, 0xAA);
+        const __m256i hi_c = _mm256_blend_epi32(_mm256_srli_epi64(pc_even, 32), pc_odd, 0xAA);
+        const __m256i lo_a = _mm256_blend_epi32(pa_even, _mm256_slli_epi64(pa_odd, 32), 0xAA);
+        const __m256i lo_c = _mm256_blend_epi32(pc_even, _mm256_slli_epi64(pc_odd, 32), 0xAA);
+        const __m256i na = _mm256_xor_si256(_mm256_xor_si256(hi_c, b[j]), vka);
+        const __m256i nc = _mm256_xor_si256(_mm256_xor_si256(hi_a, d[j]), vkb);
+        b[j] = lo_c;
+        d[j] = lo_a;
+        a[j] = na;
+        c[j] = nc;
+      }
+      ka += kPhiloxKeyA;
+      kb += kPhiloxKeyB;
+    }
+    for (int j = 0; j < kChains; ++j) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x0 + 8 * j), a[j]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x1 + 8 * j), b[j]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x2 + 8 * j), c[j]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(x3 + 8 * j), d[j]);
     }
   }
 #else
