@@ -16,7 +16,10 @@ perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` f
 * ``"ridge"``: ``h = chi^T (chi chi^T + alpha I)^-1 d mu`` (shrinks noisy directions of ``chi``);
 * ``"constrained"``: weights ``w >= min_weight`` with ``mean(w) = 1`` exactly, minimising
   ``|chi (w - 1)/N - d mu|^2 + alpha |w - 1|^2 / N`` (scipy's SLSQP), i.e. a real re-weighting of the data with
-  minimal deviation from uniform.
+  minimal deviation from uniform. When the columns are groups of unequal size, ``fractions`` (each group's share
+  of the data) makes the fixed total the data-weighted one, ``sum_j f_j w_j = sum_j f_j``: the re-weighted data
+  then keep mean weight 1 without any rescaling afterwards (a rescaling would change the response from the one
+  predicted).
 
 :func:`reweight` turns weights into a weighted-sampling loader or per-sample loss weights; :class:`OnlinePatterner`
 re-estimates ``chi`` during training and re-inverts ("online" patterning).
@@ -91,6 +94,7 @@ def invert(
     min_weight: float = 0.0,
     max_weight: float | None = None,
     rcond: float | None = None,
+    fractions=None,
 ) -> Intervention:
     """Find the data intervention ``h`` with ``chi @ h ≈ target`` (see the module docstring).
 
@@ -107,6 +111,9 @@ def invert(
         Bounds on the weights for ``"constrained"`` (default: non-negative, unbounded above).
     rcond : float, optional
         Cut-off for small singular values in ``"pinv"``.
+    fractions : array (N,), optional
+        ``"constrained"`` only: each column's share of the data (groups of unequal size; positive, any scale).
+        The total kept fixed is then ``sum_j f_j w_j = sum_j f_j`` instead of ``sum_j w_j = N``.
     """
     chi = _as_2d(chi)
     k, n = chi.shape
@@ -124,16 +131,24 @@ def invert(
             raise ValueError(f"method='ridge' needs alpha > 0, got {alpha}")
         h = chi.T @ np.linalg.solve(chi @ chi.T + alpha * np.eye(k), tgt)
     elif method == "constrained":
-        h = _constrained(chi, tgt, alpha, min_weight, max_weight)
+        c = np.ones(n) if fractions is None else np.asarray(fractions, dtype=np.float64).reshape(-1)
+        if c.shape != (n,) or not np.isfinite(c).all() or (c <= 0).any():
+            raise ValueError(
+                f"fractions must be {n} finite positive numbers (one per column), got {fractions!r}"
+            )
+        h = _constrained(chi, tgt, alpha, min_weight, max_weight, c * (n / c.sum()))
     else:
         raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {method!r}")
+    if fractions is not None and method != "constrained":
+        raise ValueError(f"fractions apply to method='constrained' only, got method={method!r}")
     pred = chi @ h
     norm = np.linalg.norm(tgt)
     resid = float(np.linalg.norm(pred - tgt) / norm) if norm > 0 else float(np.linalg.norm(pred))
     return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
 
 
-def _constrained(chi, tgt, alpha, lo, hi) -> np.ndarray:
+def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
+    """Weights in ``[lo, hi]`` with ``c @ w = c.sum()`` (``c`` scaled to sum N); returns ``h = (w - 1) / N``."""
     from scipy.optimize import Bounds, LinearConstraint, minimize
 
     k, n = chi.shape
@@ -155,7 +170,8 @@ def _constrained(chi, tgt, alpha, lo, hi) -> np.ndarray:
         return scale * (2 * a.T @ a + (2 * alpha / n) * np.eye(n))
 
     bounds = Bounds(np.full(n, lo), np.full(n, np.inf if hi is None else hi))
-    eq = LinearConstraint(np.ones((1, n)), n, n)
+    total = float(c.sum())
+    eq = LinearConstraint(c[None, :], total, total)
     w0 = np.ones(n)  # the uniform weights are feasible
     method = "SLSQP" if n <= 2000 else "trust-constr"
     res = minimize(
@@ -170,14 +186,14 @@ def _constrained(chi, tgt, alpha, lo, hi) -> np.ndarray:
     )
     w = np.clip(res.x, lo, np.inf if hi is None else hi)
     # make the equality exact without leaving the bounds: move the tiny surplus onto the weights with room
-    surplus = w.sum() - n
+    surplus = float(c @ w) - total
     if surplus > 0:
         room = w - lo
     else:
         room = np.full(n, np.inf) if hi is None else hi - w
         room = np.where(np.isfinite(room), room, 1.0)
-    if abs(surplus) > 0 and room.sum() > 0:
-        w = w - surplus * room / room.sum()
+    if abs(surplus) > 0 and float(c @ room) > 0:
+        w = w - surplus * room / float(c @ room)
     return (w - 1) / n
 
 

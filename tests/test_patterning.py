@@ -52,6 +52,31 @@ def test_constrained_recovers_planted_reweighting_and_holds_constraints_exactly(
     assert (iv.weights >= 0).all() and abs(iv.weights.sum() - 10) < 1e-12
 
 
+def test_constrained_with_group_fractions_keeps_the_data_mean():
+    """Groups of unequal size: the fixed total is the data-weighted one, so the weights need no rescaling and the
+    predicted response is the response to the weights returned."""
+    chi, rng = _system(8, 4)
+    f = np.array([0.1, 0.2, 0.3, 0.4])
+    w_true = np.array([2.0, 0.5, 1.5, 0.5])
+    w_true = w_true / (f @ w_true)  # data mean 1
+    tgt = chi @ (w_true - 1) / 4
+    iv = invert(chi, tgt, method="constrained", fractions=f)
+    np.testing.assert_allclose(iv.weights, w_true, atol=1e-5)
+    assert abs(f @ iv.weights - 1) < 1e-12
+    np.testing.assert_allclose(iv.predicted, chi @ (iv.weights - 1) / 4, atol=1e-12)
+    # bounds and the weighted total hold together on an unreachable target
+    far = invert(chi, 1e3 * tgt, method="constrained", fractions=10 * f, min_weight=0.1, max_weight=3.0)
+    assert far.weights.min() >= 0.1 - 1e-12 and far.weights.max() <= 3.0 + 1e-12
+    assert abs(f @ far.weights - 1) < 1e-12
+    # without fractions the unweighted total is kept instead, so the data mean moves
+    plain = invert(chi, tgt, method="constrained")
+    assert abs(plain.weights.sum() - 4) < 1e-12
+    with pytest.raises(ValueError, match="fractions must be 4 finite positive"):
+        invert(chi, tgt, method="constrained", fractions=[1, 0, 1, 1])
+    with pytest.raises(ValueError, match="fractions apply to method='constrained' only"):
+        invert(chi, tgt, method="pinv", fractions=f)
+
+
 def test_constrained_unreachable_target_stays_feasible():
     chi, rng = _system(2, 50)
     tgt = np.array([1e3, -1e3])  # far beyond any re-weighting

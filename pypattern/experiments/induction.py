@@ -227,8 +227,11 @@ def estimate_induction_chi(model, s: InductionSettings, seed: int = 0):
     return res, groups
 
 
-def pattern_weights(res, groups: np.ndarray, s: InductionSettings) -> dict:
+def pattern_weights(res, groups: np.ndarray, s: InductionSettings, fractions=None) -> dict:
     """Invert a principal susceptibility direction into group weights for both poles.
+
+    ``fractions``: the groups' shares of the training tokens; the inversion then keeps the data-weighted mean of
+    the weights at 1 (``invert(..., fractions=)``), so the weights are used as returned, within the bounds.
 
     Returns a dict with the chosen principal component ``pc`` (0-based), its ``direction`` over components,
     the separation of induction tokens on every PC (``separation``), the group susceptibility matrix
@@ -257,6 +260,7 @@ def pattern_weights(res, groups: np.ndarray, s: InductionSettings) -> dict:
             method="constrained",
             min_weight=s.min_weight,
             max_weight=s.max_weight,
+            fractions=fractions,
         )
         ivs[sign] = iv
     # name the poles: "accelerate" up-weights the induction group (relative to the other pole)
@@ -284,7 +288,7 @@ def run_induction_seed(seed: int, s: InductionSettings | None = None, log=None) 
     t1 = time.perf_counter()
     res, groups = estimate_induction_chi(model, s, seed=seed)
     t2 = time.perf_counter()
-    pw = pattern_weights(res, groups, s)
+    pw = pattern_weights(res, groups, s, fractions=base_task.group_fractions.numpy())
     log(f"seed {seed}: chi {res.chi.shape} in {t2 - t1:.0f}s, PC{pw['pc'] + 1} separation {pw['separation']}")
     runs = {}
     cap = s.max_steps

@@ -254,16 +254,23 @@ def select_weights(chi, groups, names, target: str, s: ParensSettings, group_fra
     each with target ``-amount / sqrt(K - 1)``: the common part of the rows (all probe losses moving together)
     cancels. Only the unequal-count groups (1..4) are
     re-weighted, by :func:`~pypattern.patterning.invert` (``"constrained"``, weights in
-    ``[min_weight, max_weight]``); the balanced group keeps weight 1 and the unequal groups are rescaled to keep
-    their total share of the data (``group_fractions``, default equal), so the class balance (True vs False) is
-    unchanged: otherwise the cheapest way to lower an algorithm's probe loss is to shift the label prior
+    ``[min_weight, max_weight]``, with the unequal groups' data fractions as ``fractions``: their total share of the
+    data is a constraint of the inversion, so no rescaling afterwards changes the predicted response); the
+    balanced group keeps weight 1, so the class balance (True vs False) is unchanged: otherwise the cheapest way to lower an algorithm's probe loss is to shift the label prior
     towards the answer it gives most often, which selects nothing.
 
     Returns ``(weights (NUM_GROUPS,), Intervention, chi_groups)``.
     """
     chi_g = _group_chi(chi, groups)
     contrast, tgt = _contrast(chi_g, names, target, s.amount)
-    iv = invert(contrast, tgt, method="constrained", min_weight=s.min_weight, max_weight=s.max_weight)
+    iv = invert(
+        contrast,
+        tgt,
+        method="constrained",
+        min_weight=s.min_weight,
+        max_weight=s.max_weight,
+        fractions=None if group_fractions is None else np.asarray(group_fractions, dtype=np.float64)[1:],
+    )
     return _full_weights(iv.weights, group_fractions), iv, chi_g
 
 

@@ -284,7 +284,14 @@ def select_llc_weights(chi_g: np.ndarray, names, target: str, s: ParensSettings,
     :func:`.parens._full_weights` (balanced group weight 1, class balance kept). Returns ``(weights, Intervention)``.
     """
     contrast, tgt = _contrast(np.asarray(chi_g, dtype=np.float64), list(names), target, s.amount)
-    iv = invert(contrast, tgt, method="constrained", min_weight=s.min_weight, max_weight=s.max_weight)
+    iv = invert(
+        contrast,
+        tgt,
+        method="constrained",
+        min_weight=s.min_weight,
+        max_weight=s.max_weight,
+        fractions=None if group_fractions is None else np.asarray(group_fractions, dtype=np.float64)[1:],
+    )
     return _full_weights(iv.weights, group_fractions), iv
 
 
