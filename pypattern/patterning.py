@@ -124,6 +124,8 @@ def invert(
         raise ValueError("target holds NaN or Inf")
     if not np.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if fractions is not None and method != "constrained":
+        raise ValueError(f"fractions apply to method='constrained' only, got method={method!r}")
     if method == "pinv":
         h = np.linalg.pinv(chi, rcond=rcond if rcond is not None else 1e-12) @ tgt
     elif method == "ridge":
@@ -139,8 +141,6 @@ def invert(
         h = _constrained(chi, tgt, alpha, min_weight, max_weight, c * (n / c.sum()))
     else:
         raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {method!r}")
-    if fractions is not None and method != "constrained":
-        raise ValueError(f"fractions apply to method='constrained' only, got method={method!r}")
     pred = chi @ h
     norm = np.linalg.norm(tgt)
     resid = float(np.linalg.norm(pred - tgt) / norm) if norm > 0 else float(np.linalg.norm(pred))
