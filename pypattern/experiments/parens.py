@@ -256,13 +256,21 @@ def select_weights(chi, groups, names, target: str, s: ParensSettings, group_fra
     re-weighted, by :func:`~pypattern.patterning.invert` (``"constrained"``, weights in
     ``[min_weight, max_weight]``, with the unequal groups' data fractions as ``fractions``: their total share of the
     data is a constraint of the inversion, so no rescaling afterwards changes the predicted response); the
-    balanced group keeps weight 1, so the class balance (True vs False) is unchanged: otherwise the cheapest way to lower an algorithm's probe loss is to shift the label prior
-    towards the answer it gives most often, which selects nothing.
+    balanced group keeps weight 1, so the class balance (True vs False) is unchanged: otherwise the cheapest way
+    to lower an algorithm's probe loss is to shift the label prior towards the answer it gives most often, which
+    selects nothing.
 
     Returns ``(weights (NUM_GROUPS,), Intervention, chi_groups)``.
     """
     chi_g = _group_chi(chi, groups)
     contrast, tgt = _contrast(chi_g, names, target, s.amount)
+    w, iv = _invert_unequal_groups(contrast, tgt, s, group_fractions)
+    return w, iv, chi_g
+
+
+def _invert_unequal_groups(contrast, tgt, s: ParensSettings, group_fractions=None):
+    """``invert(method="constrained")`` over the four unequal-count groups (their data fractions keep their total
+    share), then all :data:`NUM_GROUPS` weights with the balanced group at 1. Returns ``(weights, Intervention)``."""
     iv = invert(
         contrast,
         tgt,
@@ -271,7 +279,7 @@ def select_weights(chi, groups, names, target: str, s: ParensSettings, group_fra
         max_weight=s.max_weight,
         fractions=None if group_fractions is None else np.asarray(group_fractions, dtype=np.float64)[1:],
     )
-    return _full_weights(iv.weights, group_fractions), iv, chi_g
+    return _full_weights(iv.weights, group_fractions), iv
 
 
 def _contrast(chi_g, names, target: str, amount: float):

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from .._threads import pinned_threads
 from ..models.transformer import Transformer
-from ..patterning import invert
 from ..sampling.diagnostics import r_hat
 from ..sampling.runner import sample
 from ..tasks.base import TaskBatch, _gen
@@ -62,8 +61,8 @@ from .parens import (
     GroupWeightedParentheses,
     ParensSettings,
     _contrast,
-    _full_weights,
     _group_chi,
+    _invert_unequal_groups,
     sample_groups,
 )
 
@@ -284,15 +283,7 @@ def select_llc_weights(chi_g: np.ndarray, names, target: str, s: ParensSettings,
     :func:`.parens._full_weights` (balanced group weight 1, class balance kept). Returns ``(weights, Intervention)``.
     """
     contrast, tgt = _contrast(np.asarray(chi_g, dtype=np.float64), list(names), target, s.amount)
-    iv = invert(
-        contrast,
-        tgt,
-        method="constrained",
-        min_weight=s.min_weight,
-        max_weight=s.max_weight,
-        fractions=None if group_fractions is None else np.asarray(group_fractions, dtype=np.float64)[1:],
-    )
-    return _full_weights(iv.weights, group_fractions), iv
+    return _invert_unequal_groups(contrast, tgt, s, group_fractions)
 
 
 def train_from_scratch(seed: int, s: ParensSettings, group_weights=None) -> dict:
