@@ -239,16 +239,10 @@ int sgld_range_t(T* __restrict w, const T* __restrict g, const T* __restrict w0,
       const T wi = wb[i], gi = gb[i], ai = ab[i];
       const int nf = nonfinite_bits(gi) ? 1 : 0;
       block_bad |= nf;
-      T wn;
-      if constexpr (kMask) {
-        const T m = mb[i];
-        wn = wi + m * (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
-      } else {
-        wn = wi + (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
-      }
+      const T m = kMask ? mb[i] : T(1);  // a constant 1 folds away (x * 1 is exact)
+      T wn = wi + m * (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
       if constexpr (kBox) wn = std::min(std::max(wn, ai - box), ai + box);
-      if constexpr (kMask) wn = (mb[i] == T(0) || nf) ? wi : wn;
-      else wn = nf ? wi : wn;
+      wn = ((kMask && m == T(0)) || nf) ? wi : wn;
       wb[i] = wn;
     }
     bad |= block_bad;
