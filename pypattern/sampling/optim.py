@@ -55,6 +55,19 @@ def _raw_or_public(name: str):
     return raw
 
 
+def op_kwargs(hyper: dict) -> dict:
+    """The fused op's hyperparameter keywords from the optimizer's names (``lr``, ``noise_level``,
+    ``bounding_box_size``, as devinterp names them): one mapping for the optimizer and the batched runner."""
+    return dict(
+        step_size=hyper["lr"],
+        nbeta=hyper["nbeta"],
+        localization=hyper["localization"],
+        weight_decay=hyper["weight_decay"],
+        noise_scale=hyper["noise_level"],
+        bounding_box=hyper["bounding_box_size"],
+    )
+
+
 def resolve_step_fn(device: torch.device, backend: str | None = None):
     """The unvalidated step function (signature of :func:`fused_sgld_step_` minus ``backend``) for tensors on
     ``device``, with the backend chosen once."""
@@ -224,17 +237,7 @@ class SGLD(torch.optim.Optimizer):
         group = self.param_groups[0]
         params = group["params"]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        kw = dict(
-            step_size=group["lr"],
-            nbeta=group["nbeta"],
-            localization=group["localization"],
-            weight_decay=group["weight_decay"],
-            noise_scale=group["noise_level"],
-            bounding_box=group["bounding_box_size"],
-            masks=self.masks,
-            seed=self.seed,
-            step=self.num_steps,
-        )
+        kw = dict(op_kwargs(group), masks=self.masks, seed=self.seed, step=self.num_steps)
         if self._validated:
             if self._step_fn is None:
                 self._step_fn = resolve_step_fn(params[0].device, self.backend)

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 from .._threads import pinned_threads
 from ..ops.sgld import sgld_step_
 from .diagnostics import check_stationarity, ess, r_hat
-from .optim import SGLD, _splitmix64, chain_seed, matches, resolve_step_fn
+from .optim import SGLD, _splitmix64, chain_seed, matches, op_kwargs, resolve_step_fn
 from .results import SampleResult, load_npz, save_npz_atomic
 
 __all__ = ["SamplingDivergedError", "default_nbeta", "load_checkpoint_state", "sample"]
@@ -997,14 +997,7 @@ class _Run:
             return (loss, *_extra_outputs(out)) if want_outputs else loss
 
         vloss = torch.func.vmap(chain_loss, in_dims=(0, None if shared_data else 0))
-        hk = dict(
-            step_size=self.hyper["lr"],
-            nbeta=self.hyper["nbeta"],
-            localization=self.hyper["localization"],
-            weight_decay=self.hyper["weight_decay"],
-            noise_scale=self.hyper["noise_level"],
-            bounding_box=self.hyper["bounding_box_size"],
-        )
+        hk = op_kwargs(self.hyper)
         # per run: anchors and masks of its moving tensors; per chain: views of its rows of those tensors
         run_anchors = [[self.w_star[n] for n in mv] for mv in self.run_moving]
         run_masks = [
