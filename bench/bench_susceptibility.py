@@ -23,8 +23,9 @@ Work
   forward).
 * Bound: the floor of our method is its multiply-adds run by torch with no sampler around them: one ``vmap``-ed
   forward + backward of the batch for all 20 chains per step (the per-token losses come out of that forward),
-  100 steps, one per draw (``role="bound"``). Reference: devinterp's work done one chain at a time in a bare torch loop, one
-  forward + backward of the batch per chain-step and one probe forward per draw (2,000 chain-steps).
+  100 steps, one per draw (``role="bound"``). Reference: devinterp's work done one chain at a time in a bare
+  torch loop, one forward + backward of the batch per chain-step and one probe forward per draw (2,000
+  chain-steps).
 * Memory: ``tracemalloc`` peak (Python and numpy allocations; torch's CPU allocator is not traced, but ours keeps
   only ``(1, tokens + 1)`` float64 accumulators per chain) of a fresh process running one component and the full
   run, 1 chain, at two draw counts, plus the bytes devinterp writes to its Zarr store. Peak RSS is not used: at
