@@ -2,12 +2,14 @@
 
 Reading: :func:`sample` / :func:`estimate_llc` (SGLD with the fused step, the local learning coefficient),
 :func:`susceptibilities` and :func:`bif` (posterior covariances of observables with per-sample losses),
+:mod:`pypattern.equivalence` (CKA, Procrustes and their tests, to compare two models' representations),
 :mod:`pypattern.patching` (activation and attribution patching). Writing: :mod:`pypattern.patterning` (invert
 susceptibilities into data re-weightings). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
 """
 
-from . import patterning, truth
+from . import equivalence, patterning, truth
 from ._backends import backends
+from .equivalence import MinibatchCKA, cka_matrix, linear_cka, permutation_test, procrustes
 from .models import Transformer, TransformerConfig, component_masks
 from .ops import (
     CrossCovariance,
@@ -50,6 +52,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KL",
+    "MinibatchCKA",
+    "cka_matrix",
+    "linear_cka",
+    "permutation_test",
+    "procrustes",
     "GaussianNoise",
     "InductionTask",
     "IOITask",
@@ -86,6 +93,7 @@ __all__ = [
     "estimate_learning_coeff_with_summary",
     "estimate_llc",
     "invert",
+    "equivalence",
     "patterning",
     "per_sample_grad_gram",
     "reweight",

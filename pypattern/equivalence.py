@@ -1,0 +1,443 @@
+"""Representation similarity: linear CKA (biased and debiased, full-batch and minibatch), Procrustes shape
+distances, every layer pair of two models at once, and permutation tests.
+
+Conventions
+-----------
+A representation is a tensor ``(num_samples, ...)``: row ``i`` is what a model computed on input ``i`` (all trailing
+dimensions are flattened into features). Two representations compared with each other must come from the *same*
+inputs in the same order. Everything is computed in float64 (inputs of other dtypes are cast), on the inputs'
+device.
+
+Measures
+--------
+* Linear CKA: ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with ``K = X X^T``, ``L = Y Y^T``. The *biased* HSIC
+  (``tr(K H L H)``, Kornblith et al. 2019) tends to 1 for unrelated data when samples are few against features;
+  the default is the *debiased* HSIC (Song et al. 2012), an unbiased U-statistic: ``<U(K), U(L)> / (n (n - 3))``
+  with ``U`` the U-centring of a Gram matrix (zero diagonal; row, column and grand means removed with
+  ``1 / (n - 2)`` and ``1 / ((n - 1)(n - 2))``). Debiased CKA can be slightly negative.
+* Minibatch CKA (Nguyen et al. 2021): the debiased HSIC terms averaged over batches, then the ratio
+  (:class:`MinibatchCKA`); memory is one batch, not the data set.
+* Procrustes: on centred, unit-Frobenius ``X``, ``Y``, ``min_Q ||X - Y Q||_F^2 = 2 - 2 ||X^T Y||_*`` over
+  orthogonal ``Q`` (zero-padding the narrower one); ``procrustes(..., angular=True)`` gives the angular shape
+  metric ``arccos(||X^T Y||_*)`` (Williams et al. 2021), a metric on shapes.
+
+Speed
+-----
+:func:`cka_matrix` compares every representation of one list with every one of another. Per pair, the feature
+form costs ``n d_a d_b`` multiply-adds (``||X^T Y||_F^2``); the Gram form costs ``n^2 d`` per representation to
+build and U-centre its Gram once, then *all* pairs are one matrix product of the flattened U-centred Grams,
+``(A, n^2) x (n^2, B)``. ``method="auto"`` picks the cheaper one by those counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "linear_cka",
+    "hsic",
+    "u_center",
+    "cka_matrix",
+    "MinibatchCKA",
+    "procrustes",
+    "SimilarityTest",
+    "permutation_test",
+]
+
+
+# ------------------------------------------------------------------------------------------------ input checks
+
+
+def _as_features(x, name: str, min_samples: int = 1) -> torch.Tensor:
+    """``(n, ...)`` -> ``(n, d)`` float64, with clear errors for the inputs no measure can use."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    if x.shape[0] < min_samples:
+        raise ValueError(f"{name} has {x.shape[0]} samples; this measure needs at least {min_samples}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
+    return x
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, xname: str = "x", yname: str = "y") -> None:
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{xname} and {yname} must hold the same samples in the same order: {xname} has {x.shape[0]} rows, "
+            f"{yname} has {y.shape[0]}"
+        )
+    if x.device != y.device:
+        raise ValueError(f"{xname} is on {x.device} but {yname} is on {y.device}")
+
+
+def _min_samples(debiased: bool) -> int:
+    return 4 if debiased else 2
+
+
+# ------------------------------------------------------------------------------------------------ HSIC
+
+
+def u_center(k: torch.Tensor) -> torch.Tensor:
+    """U-centring of a symmetric Gram matrix ``(n, n)``, ``n >= 4``: zero diagonal, and off the diagonal
+    ``K_ij - r_i / (n - 2) - r_j / (n - 2) + s / ((n - 1)(n - 2))`` with ``r`` the row sums and ``s`` the total of
+    ``K`` with its diagonal zeroed. ``<u_center(K), u_center(L)> / (n (n - 3))`` is the unbiased HSIC."""
+    n = k.shape[0]
+    if k.dim() != 2 or k.shape[1] != n:
+        raise ValueError(f"k must be a square (n, n) Gram matrix, got shape {tuple(k.shape)}")
+    if n < 4:
+        raise ValueError(f"U-centring needs n >= 4 samples, got {n}")
+    k = k.clone()
+    k.diagonal().zero_()
+    r = k.sum(1)
+    s = r.sum()
+    u = k - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
+    u.diagonal().zero_()
+    return u
+
+
+def _center_columns(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(0, keepdim=True)
+
+
+def _hsic_features(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> torch.Tensor:
+    """HSIC of the linear kernels of ``x (n, d1)`` and ``y (n, d2)`` in the feature form, ``O(n d1 d2)``.
+
+    Columns are centred first (the estimators do not change, the rounding does). Biased: ``||X^T Y||_F^2 / (n-1)^2``
+    on centred columns. Unbiased (Song et al.): with ``q_i = |x_i|^2`` and ``K~ = K - diag(q)``,
+    ``tr(K~ L~) = ||X^T Y||_F^2 - sum q_i p_i``, ``1^T K~ 1 = |sum x_i|^2 - sum q_i``, ``(K~ 1)_i = x_i . sum x -
+    q_i``.
+    """
+    n = x.shape[0]
+    x, y = _center_columns(x), _center_columns(y)
+    cross = torch.linalg.matrix_norm(x.T @ y) ** 2 if x.shape[1] * y.shape[1] else x.new_zeros(())
+    if not debiased:
+        return cross / (n - 1) ** 2
+    q, p = (x * x).sum(1), (y * y).sum(1)
+    sx, sy = x.sum(0), y.sum(0)
+    kt1, lt1 = x @ sx - q, y @ sy - p
+    tr = cross - (q * p).sum()
+    one_k_one, one_l_one = (sx * sx).sum() - q.sum(), (sy * sy).sum() - p.sum()
+    val = tr + one_k_one * one_l_one / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (kt1 * lt1).sum()
+    return val / (n * (n - 3))
+
+
+def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = True) -> torch.Tensor:  # noqa: E741
+    """HSIC of two Gram matrices ``(n, n)`` of the same samples (any kernels).
+
+    ``debiased=True``: the unbiased estimator (Song et al. 2012), needs ``n >= 4``; ``False``:
+    ``tr(K H L H) / (n - 1)^2``.
+    """
+    for name, g in (("k", k), ("l", l)):
+        if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] != g.shape[1]:
+            raise ValueError(
+                f"{name} must be a square (n, n) Gram matrix tensor, got {getattr(g, 'shape', g)}"
+            )
+    if k.shape != l.shape:
+        raise ValueError(
+            f"k and l must be Gram matrices of the same samples: shapes {tuple(k.shape)} and {tuple(l.shape)}"
+        )
+    k, l = k.to(torch.float64), l.to(torch.float64)  # noqa: E741
+    n = k.shape[0]
+    if debiased:
+        return (u_center(k) * u_center(l)).sum() / (n * (n - 3))
+    if n < 2:
+        raise ValueError(f"HSIC needs n >= 2 samples, got {n}")
+    kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    return (kc * l).sum() / (n - 1) ** 2
+
+
+def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    den = xx * yy
+    if bool((den <= 0).any()):
+        # a constant representation (or, debiased, a self-HSIC estimated at <= 0 from too few samples): undefined
+        out = torch.full_like(xy, math.nan)
+        ok = den > 0
+        out[ok] = xy[ok] / den[ok].sqrt()
+        return out
+    return xy / den.sqrt()
+
+
+def linear_cka(x, y, *, debiased: bool = True) -> float:
+    """Linear CKA of two representations of the same ``n`` inputs: ``x (n, ...)``, ``y (n, ...)``.
+
+    ``debiased=True`` (default) uses the unbiased HSIC and needs ``n >= 4``. Returns NaN if either representation
+    is constant over the samples (its self-HSIC is 0), or, debiased, if a self-HSIC is estimated at or below 0.
+    """
+    x = _as_features(x, "x", _min_samples(debiased))
+    y = _as_features(y, "y", _min_samples(debiased))
+    _check_pair(x, y)
+    xy = _hsic_features(x, y, debiased)
+    xx = _hsic_features(x, x, debiased)
+    yy = _hsic_features(y, y, debiased)
+    return float(_cka_from_hsic(xy, xx, yy))
+
+
+# ------------------------------------------------------------------------------------------------ all pairs
+
+
+def _gram_stack(reps: list[torch.Tensor], debiased: bool) -> torch.Tensor:
+    """``(len(reps), n * n)``: each representation's U-centred (or doubly centred) Gram, flattened."""
+    out = []
+    for x in reps:
+        xc = _center_columns(x)
+        k = xc @ xc.T
+        out.append((u_center(k) if debiased else k).reshape(-1))
+    return torch.stack(out)
+
+
+def cka_matrix(
+    xs: Sequence, ys: Sequence | None = None, *, debiased: bool = True, method: str = "auto"
+) -> torch.Tensor:
+    """Linear CKA between every representation in ``xs`` and every one in ``ys`` (default ``ys = xs``).
+
+    Parameters
+    ----------
+    xs, ys : sequences of tensors ``(n, ...)``
+        For example every layer's residual stream of two models on the same ``n`` inputs.
+    debiased : bool
+        Unbiased HSIC (default; ``n >= 4``) or the biased one.
+    method : ``"auto"`` | ``"gram"`` | ``"features"``
+        ``"features"``: one ``X^T Y`` per pair (``n d_a d_b`` multiply-adds); ``"gram"``: one ``n x n`` Gram per
+        representation, then all pairs in one matrix product (``n^2 d`` per representation plus ``n^2`` per pair).
+        ``"auto"`` picks the smaller count. Both give the same numbers up to rounding.
+
+    Returns
+    -------
+    Tensor ``(len(xs), len(ys))``, float64 (NaN where a representation is constant).
+    """
+    if method not in ("auto", "gram", "features"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
+    same = ys is None
+    if isinstance(xs, (torch.Tensor, np.ndarray)) or (
+        ys is not None and isinstance(ys, (torch.Tensor, np.ndarray))
+    ):
+        raise TypeError(
+            "xs and ys must be sequences of representations (e.g. a list of tensors), not one tensor"
+        )
+    xs = [_as_features(x, f"xs[{i}]", _min_samples(debiased)) for i, x in enumerate(xs)]
+    ys = xs if same else [_as_features(y, f"ys[{j}]", _min_samples(debiased)) for j, y in enumerate(ys)]
+    if not xs or not ys:
+        raise ValueError("xs and ys must each hold at least one representation")
+    for i, x in enumerate(xs):
+        _check_pair(xs[0], x, "xs[0]", f"xs[{i}]")
+    for j, y in enumerate(ys):
+        _check_pair(xs[0], y, "xs[0]", f"ys[{j}]")
+    n = xs[0].shape[0]
+    if method == "auto":
+        dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
+        feat = n * (sum(dx) * sum(dy) + sum(d * d for d in dx) + (0 if same else sum(d * d for d in dy)))
+        gram = n * n * (sum(dx) + (0 if same else sum(dy))) + n * n * len(xs) * (len(ys) + 2)
+        method = "gram" if gram < feat else "features"
+    if method == "gram":
+        gx = _gram_stack(xs, debiased)
+        gy = gx if same else _gram_stack(ys, debiased)
+        num = gx @ gy.T
+        sx = (gx * gx).sum(1)
+        sy = sx if same else (gy * gy).sum(1)
+    else:
+        num = torch.stack([torch.stack([_hsic_features(x, y, debiased) for y in ys]) for x in xs])
+        sx = torch.stack([_hsic_features(x, x, debiased) for x in xs])
+        sy = sx if same else torch.stack([_hsic_features(y, y, debiased) for y in ys])
+    # the Gram form leaves out the normalisation n (n - 3) or (n - 1)^2: it is the same in all three terms
+    return _cka_from_hsic(num, sx[:, None], sy[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ minibatch
+
+
+class MinibatchCKA:
+    """Linear CKA between every pair of two lists of representations, accumulated over minibatches
+    (Nguyen et al. 2021): the unbiased HSIC of each batch is averaged over batches, and CKA is formed from the
+    averages. Both models must see identical batches, each of at least 4 samples.
+
+    >>> acc = MinibatchCKA(num_x=3, num_y=3)
+    >>> for batch in loader:                                     # doctest: +SKIP
+    ...     acc.update(layers_of(model_a, batch), layers_of(model_b, batch))
+    >>> acc.compute()                                            # doctest: +SKIP  (3, 3) tensor
+
+    With ``num_y=None`` it compares ``xs`` with itself (``update(xs)``).
+    """
+
+    def __init__(self, num_x: int, num_y: int | None = None) -> None:
+        if num_x < 1 or (num_y is not None and num_y < 1):
+            raise ValueError(f"num_x and num_y must be >= 1, got {num_x}, {num_y}")
+        self.num_x, self.num_y = num_x, num_y
+        self.num_batches = 0
+        self._xy = self._xx = self._yy = None
+
+    def update(self, xs: Sequence, ys: Sequence | None = None) -> MinibatchCKA:
+        if (ys is None) != (self.num_y is None):
+            raise ValueError(
+                "pass ys to update() exactly when the accumulator was made with num_y"
+                f" (num_y={self.num_y}, ys {'missing' if ys is None else 'given'})"
+            )
+        if len(xs) != self.num_x or (ys is not None and len(ys) != self.num_y):
+            raise ValueError(
+                f"expected {self.num_x} representations in xs and {self.num_y} in ys, got {len(xs)} and "
+                f"{None if ys is None else len(ys)}"
+            )
+        xs = [_as_features(x, f"xs[{i}]", 4) for i, x in enumerate(xs)]
+        ys = xs if ys is None else [_as_features(y, f"ys[{j}]", 4) for j, y in enumerate(ys)]
+        for j, z in enumerate(list(xs) + list(ys)):
+            _check_pair(xs[0], z, "xs[0]", f"representation {j} of this batch")
+        n = xs[0].shape[0]
+        gx = _gram_stack(xs, True)
+        gy = gx if ys is xs else _gram_stack(ys, True)
+        norm = n * (n - 3)
+        xy, xx, yy = gx @ gy.T / norm, (gx * gx).sum(1) / norm, (gy * gy).sum(1) / norm
+        if self._xy is None:
+            self._xy, self._xx, self._yy = xy, xx, yy
+        else:
+            self._xy, self._xx, self._yy = self._xy + xy, self._xx + xx, self._yy + yy
+        self.num_batches += 1
+        return self
+
+    def compute(self) -> torch.Tensor:
+        """``(num_x, num_y)`` CKA from the batch-averaged unbiased HSIC terms."""
+        if self.num_batches == 0:
+            raise RuntimeError("MinibatchCKA.compute() before any update()")
+        return _cka_from_hsic(self._xy, self._xx[:, None], self._yy[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ Procrustes
+
+
+def _shape_normalise(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Centred columns, unit Frobenius norm, and, when features outnumber samples, the equivalent ``(n, n)``
+    factor ``U S`` of the thin SVD (same Gram ``X X^T``, so the same nuclear norms)."""
+    x = _center_columns(x)
+    nrm = torch.linalg.matrix_norm(x)
+    if not nrm > 0:
+        raise ValueError(f"{name} is constant over the samples: its shape is undefined")
+    x = x / nrm
+    if x.shape[1] > x.shape[0]:
+        u, s, _ = torch.linalg.svd(x, full_matrices=False)
+        x = u * s
+    return x
+
+
+def procrustes(x, y, *, angular: bool = False) -> float:
+    """Orthogonal Procrustes distance between two representations of the same ``n`` inputs.
+
+    Both are centred and scaled to unit Frobenius norm; then ``d^2 = min_Q ||X - Y Q||_F^2 = 2 - 2 ||X^T Y||_*``
+    over orthogonal ``Q`` (the narrower one zero-padded), ``d`` in ``[0, sqrt 2]``. ``angular=True`` returns
+    ``arccos(||X^T Y||_*)`` in ``[0, pi / 2]`` instead. Invariant to rotations, reflections, translations and
+    isotropic scaling of either representation, not to other invertible linear maps.
+    """
+    x = _shape_normalise(_as_features(x, "x", 2), "x")
+    y = _shape_normalise(_as_features(y, "y", 2), "y")
+    _check_pair(x, y)
+    nuc = float(torch.linalg.svdvals(x.T @ y).sum())
+    nuc = min(nuc, 1.0)  # rounding: ||X^T Y||_* <= ||X||_F ||Y||_F = 1
+    if angular:
+        return math.acos(nuc)
+    return math.sqrt(max(2.0 - 2.0 * nuc, 0.0))
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+@dataclass
+class SimilarityTest:
+    """Result of :func:`permutation_test`.
+
+    ``statistic``: the measure on the paired data; ``null``: ``(num_permutations,)`` the measure with the rows of
+    ``y`` shuffled; ``p_value``: ``(1 + #{null as extreme}) / (1 + num_permutations)`` (never 0);
+    ``alternative``: ``"greater"`` (more similar than chance, for CKA) or ``"less"`` (closer than chance, for a
+    distance).
+    """
+
+    statistic: float
+    null: np.ndarray
+    p_value: float
+    alternative: str
+
+    @property
+    def null_mean(self) -> float:
+        return float(self.null.mean())
+
+    @property
+    def null_std(self) -> float:
+        return float(self.null.std(ddof=1)) if self.null.size > 1 else math.nan
+
+
+def permutation_test(
+    x,
+    y,
+    measure: str | Callable = "cka",
+    *,
+    num_permutations: int = 1000,
+    seed: int = 0,
+    alternative: str | None = None,
+) -> SimilarityTest:
+    """Is the similarity of ``x`` and ``y`` more than chance? Shuffles the pairing of rows (samples) of ``y``.
+
+    ``measure``: ``"cka"`` (debiased linear CKA; ``alternative="greater"``), ``"cka_biased"``, ``"procrustes"``
+    or ``"procrustes_angular"`` (``alternative="less"``), or a callable ``(x, y) -> float`` (give
+    ``alternative``). For CKA the permutations reuse the two U-centred Grams (``n^2`` per permutation).
+    """
+    if num_permutations < 1:
+        raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
+    g = torch.Generator().manual_seed(seed)
+    if measure in ("cka", "cka_biased"):
+        debiased = measure == "cka"
+        xf = _as_features(x, "x", _min_samples(debiased))
+        yf = _as_features(y, "y", _min_samples(debiased))
+        _check_pair(xf, yf)
+        kx, ky = _gram_stack([xf, yf], debiased)
+        n = xf.shape[0]
+        kx, ky = kx.reshape(n, n), ky.reshape(n, n)
+        den = float((kx * kx).sum() * (ky * ky).sum())
+        if not den > 0:
+            raise ValueError("CKA is undefined here: a representation is constant over the samples")
+        scale = 1.0 / math.sqrt(den)
+        stat = float((kx * ky).sum()) * scale
+        null = np.empty(num_permutations)
+        for b in range(num_permutations):
+            perm = torch.randperm(n, generator=g).to(ky.device)
+            # permuting the samples of y permutes rows and columns of its (U-)centred Gram alike
+            null[b] = float((kx * ky[perm][:, perm]).sum()) * scale
+        alternative = alternative or "greater"
+    else:
+        if measure in ("procrustes", "procrustes_angular"):
+            ang = measure == "procrustes_angular"
+            fn = lambda a, b: procrustes(a, b, angular=ang)  # noqa: E731
+            alternative = alternative or "less"
+        elif callable(measure):
+            fn = measure
+            if alternative is None:
+                raise ValueError("give alternative='greater' or 'less' with a callable measure")
+        else:
+            raise ValueError(
+                f"measure must be 'cka', 'cka_biased', 'procrustes', 'procrustes_angular' or a callable, got {measure!r}"
+            )
+        xf, yf = _as_features(x, "x", 2), _as_features(y, "y", 2)
+        _check_pair(xf, yf)
+        stat = float(fn(xf, yf))
+        null = np.array(
+            [
+                float(fn(xf, yf[torch.randperm(xf.shape[0], generator=g).to(yf.device)]))
+                for _ in range(num_permutations)
+            ]
+        )
+    if alternative not in ("greater", "less"):
+        raise ValueError(f"alternative must be 'greater' or 'less', got {alternative!r}")
+    extreme = (null >= stat) if alternative == "greater" else (null <= stat)
+    p = (1 + int(extreme.sum())) / (1 + num_permutations)
+    return SimilarityTest(statistic=stat, null=null, p_value=p, alternative=alternative)

@@ -1,0 +1,261 @@
+"""Representation similarity (pypattern.equivalence) against ground truths: the U-statistic written out over all
+4-tuples, Song et al.'s closed form, Kornblith et al.'s feature form, scipy's orthogonal Procrustes, and
+invariances that must hold exactly."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pypattern.equivalence import (
+    MinibatchCKA,
+    cka_matrix,
+    hsic,
+    linear_cka,
+    permutation_test,
+    procrustes,
+    u_center,
+)
+
+
+def _rand(n, d, seed, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) + offset
+
+
+def _hsic_brute(k, l):  # noqa: E741
+    """Unbiased HSIC as the U-statistic over ordered 4-tuples of distinct samples (Song et al. 2012, eq. 5)."""
+    n = k.shape[0]
+    tot, cnt = 0.0, 0
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        tot += k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+        cnt += 1
+    return tot / cnt
+
+
+def _hsic_song(k, l):  # noqa: E741
+    """Song et al.'s closed form with K~, L~ the Grams with zeroed diagonals."""
+    n = k.shape[0]
+    kt, lt = k.clone(), l.clone()
+    kt.diagonal().zero_()
+    lt.diagonal().zero_()
+    one = torch.ones(n, dtype=k.dtype)
+    val = (
+        torch.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (one @ kt @ lt @ one)
+    )
+    return val / (n * (n - 3))
+
+
+def _rbf(x, gamma=0.3):
+    return torch.exp(-gamma * torch.cdist(x, x) ** 2)
+
+
+@pytest.mark.parametrize("n", [4, 5, 7])
+def test_unbiased_hsic_equals_u_statistic(n):
+    x, y = _rand(n, 3, 0), _rand(n, 2, 1)
+    x[:, 0] += 2 * y[:, 0]
+    for k, l in ((x @ x.T, y @ y.T), (_rbf(x), _rbf(y))):  # noqa: E741
+        want = _hsic_brute(k, l)
+        assert float(hsic(k, l)) == pytest.approx(float(want), rel=1e-10, abs=1e-12)
+        assert float(_hsic_song(k, l)) == pytest.approx(float(want), rel=1e-10, abs=1e-12)
+
+
+def test_feature_form_equals_gram_form_and_is_translation_invariant():
+    for n, d1, d2, seed in ((4, 3, 5, 0), (9, 1, 1, 1), (33, 17, 4, 2), (200, 64, 96, 3)):
+        x, y = _rand(n, d1, seed), _rand(n, d2, seed + 100)
+        y[:, 0] += x[:, 0]
+        for debiased in (True, False):
+            ref_xy = hsic(x @ x.T, y @ y.T, debiased=debiased)
+            ref = float(
+                ref_xy
+                / torch.sqrt(
+                    hsic(x @ x.T, x @ x.T, debiased=debiased) * hsic(y @ y.T, y @ y.T, debiased=debiased)
+                )
+            )
+            assert linear_cka(x, y, debiased=debiased) == pytest.approx(ref, rel=1e-9, abs=1e-12)
+            # a constant offset per feature (a translation) changes neither estimator
+            assert linear_cka(x + 50.0, y - 7.0, debiased=debiased) == pytest.approx(ref, rel=1e-7, abs=1e-9)
+
+
+def test_biased_cka_equals_kornblith_feature_form():
+    x, y = _rand(50, 8, 0), _rand(50, 12, 1)
+    y[:, :3] += x[:, :3]
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    want = torch.linalg.matrix_norm(yc.T @ xc) ** 2 / (
+        torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)
+    )
+    assert linear_cka(x, y, debiased=False) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_cka_invariances_and_independent_data():
+    x = _rand(100, 20, 0)
+    q, _ = torch.linalg.qr(_rand(20, 20, 1))
+    for debiased in (True, False):
+        assert linear_cka(x, 3.5 * x @ q + 1.0, debiased=debiased) == pytest.approx(1.0, abs=1e-12)
+        # not invariant to a non-isotropic scaling of the features
+        assert linear_cka(x, x * torch.linspace(0.1, 10, 20), debiased=debiased) < 0.9
+    # few samples, many features: the biased estimator reports near-identity for independent data
+    a, b = _rand(20, 5000, 2), _rand(20, 5000, 3)
+    assert linear_cka(a, b, debiased=False) > 0.95
+    assert abs(linear_cka(a, b)) < 0.3
+
+
+def test_inputs_of_other_dtypes_layouts_and_ranks():
+    x, y = _rand(30, 12, 0), _rand(30, 12, 1)
+    y += x
+    ref = linear_cka(x, y)
+    # float32, a transposed (non-contiguous) view, a 3-D representation flattened to features, numpy
+    assert linear_cka(x.float(), y.float()) == pytest.approx(ref, rel=1e-5)
+    xt = x.T.contiguous().T
+    assert not xt.is_contiguous()
+    assert linear_cka(xt, y) == pytest.approx(ref, rel=1e-12)
+    assert linear_cka(xt.reshape(30, 3, 4), y) == pytest.approx(ref, rel=1e-12)
+    assert linear_cka(x.numpy(), y.numpy()) == pytest.approx(ref, rel=1e-12)
+    yp = torch.zeros(30, 24, dtype=torch.float64)[:, ::2]
+    yp.copy_(y)
+    assert not yp.is_contiguous()
+    assert linear_cka(x, yp) == pytest.approx(ref, rel=1e-12)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = _rand(10, 3, 0)
+    with pytest.raises(ValueError, match="same samples"):
+        linear_cka(x, _rand(9, 3, 1))
+    bad = x.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match="y contains 1 non-finite"):
+        linear_cka(x, bad)
+    with pytest.raises(ValueError, match="at least 4"):
+        linear_cka(x[:3], x[:3])
+    with pytest.raises(ValueError, match="shape"):
+        linear_cka(torch.ones(10), x)
+    with pytest.raises(ValueError, match="no features"):
+        linear_cka(torch.ones(10, 0), x)
+    with pytest.raises(ValueError, match="at least one"):
+        cka_matrix([], [x])
+    with pytest.raises(TypeError, match="sequences"):
+        cka_matrix(x, [x])
+    with pytest.raises(ValueError, match="method"):
+        cka_matrix([x], method="svd")
+    with pytest.raises(ValueError, match="constant"):
+        procrustes(torch.ones(10, 3), x)
+    with pytest.raises(ValueError, match="square"):
+        u_center(x)
+    # a constant representation has no CKA: NaN, not a number that looks like an answer
+    assert math.isnan(linear_cka(torch.ones(10, 3), x))
+
+
+def test_cka_matrix_methods_agree_with_pairwise():
+    base = _rand(40, 6, 0)
+    xs = [base @ _rand(6, d, 10 + d) + 0.3 * _rand(40, d, 20 + d) for d in (5, 9, 60)]
+    ys = [base[:, :3] @ _rand(3, d, 30 + d) + _rand(40, d, 40 + d) for d in (7, 2)]
+    for debiased in (True, False):
+        want = torch.tensor(
+            [[linear_cka(x, y, debiased=debiased) for y in ys] for x in xs], dtype=torch.float64
+        )
+        for method in ("gram", "features", "auto"):
+            got = cka_matrix(xs, ys, debiased=debiased, method=method)
+            assert got.shape == (3, 2)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        sym = cka_matrix(xs, debiased=debiased, method="gram")
+        torch.testing.assert_close(sym, sym.T, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            torch.diagonal(sym), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12
+        )
+        torch.testing.assert_close(
+            sym, cka_matrix(xs, debiased=debiased, method="features"), rtol=1e-9, atol=1e-12
+        )
+
+
+def test_minibatch_cka():
+    xs = [_rand(64, 8, 0)]
+    ys = [xs[0] @ _rand(8, 5, 1) + _rand(64, 5, 2), _rand(64, 3, 3)]
+    # one batch: the debiased CKA itself
+    one = MinibatchCKA(1, 2).update(xs, ys).compute()
+    torch.testing.assert_close(one, cka_matrix(xs, ys), rtol=1e-10, atol=1e-12)
+    # several batches: ratios of the batch-averaged unbiased HSICs (written out with hsic())
+    acc = MinibatchCKA(1, 2)
+    sums = np.zeros((3,))
+    for b in range(4):
+        sl = slice(16 * b, 16 * (b + 1))
+        acc.update([xs[0][sl]], [ys[0][sl], ys[1][sl]])
+        k, l0 = xs[0][sl] @ xs[0][sl].T, ys[0][sl] @ ys[0][sl].T
+        sums += [float(hsic(k, l0)), float(hsic(k, k)), float(hsic(l0, l0))]
+    assert float(acc.compute()[0, 0]) == pytest.approx(sums[0] / math.sqrt(sums[1] * sums[2]), rel=1e-10)
+    assert acc.num_batches == 4
+    with pytest.raises(ValueError, match="expected 1"):
+        acc.update([xs[0][:16], xs[0][:16]], [ys[0][:16], ys[1][:16]])
+    with pytest.raises(ValueError, match="num_y"):
+        acc.update([xs[0][:16]])
+    with pytest.raises(RuntimeError, match="before any update"):
+        MinibatchCKA(2).compute()
+    self_acc = MinibatchCKA(2).update([xs[0], ys[0]])
+    torch.testing.assert_close(self_acc.compute(), cka_matrix([xs[0], ys[0]]), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,d1,d2", [(30, 5, 5), (30, 4, 7), (8, 20, 20), (8, 3, 50)])
+def test_procrustes_against_scipy(n, d1, d2):
+    x, y = _rand(n, d1, 0), _rand(n, d2, 1)
+    y[:, : min(d1, d2)] += 0.5 * x[:, : min(d1, d2)]
+
+    def norm(a, d):
+        a = (a - a.mean(0)).numpy()
+        a = a / np.linalg.norm(a)
+        return np.pad(a, ((0, 0), (0, d - a.shape[1])))
+
+    d = max(d1, d2)
+    xa, ya = norm(x, d), norm(y, d)
+    r, _ = scipy.linalg.orthogonal_procrustes(ya, xa)  # argmin_R ||ya R - xa||_F over orthogonal R
+    want = np.linalg.norm(ya @ r - xa)
+    assert procrustes(x, y) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    nuc = 1 - want**2 / 2
+    assert procrustes(x, y, angular=True) == pytest.approx(math.acos(nuc), rel=1e-8)
+    assert procrustes(x, y) == pytest.approx(procrustes(y, x), rel=1e-10)
+
+
+def test_procrustes_invariances():
+    x = _rand(50, 6, 0)
+    q, _ = torch.linalg.qr(_rand(6, 6, 1))
+    assert procrustes(x, -2.0 * x @ q + 4.0) == pytest.approx(0.0, abs=1e-6)
+    assert procrustes(x, x @ q, angular=True) == pytest.approx(0.0, abs=1e-6)
+    # a non-orthogonal map moves it
+    assert procrustes(x, x @ torch.diag(torch.linspace(0.1, 5, 6, dtype=torch.float64))) > 0.2
+
+
+def test_permutation_test():
+    x = _rand(60, 10, 0)
+    y = x @ _rand(10, 4, 1) + 0.5 * _rand(60, 4, 2)
+    t = permutation_test(x, y, num_permutations=200, seed=0)
+    assert t.statistic == pytest.approx(linear_cka(x, y), rel=1e-10)
+    assert t.p_value == pytest.approx(1 / 201)
+    assert t.alternative == "greater" and t.null.shape == (200,)
+    assert abs(t.null_mean) < 0.05  # debiased CKA of shuffled pairs is centred near 0
+    # the null computed on permuted Grams is the measure recomputed on permuted rows, with the same permutations
+    g = torch.Generator().manual_seed(0)
+    for b in range(3):
+        perm = torch.randperm(60, generator=g)
+        assert t.null[b] == pytest.approx(linear_cka(x, y[perm]), rel=1e-9, abs=1e-12)
+    # unrelated data: p is not small for most seeds
+    ps = [
+        permutation_test(_rand(40, 5, 10 + s), _rand(40, 5, 50 + s), num_permutations=99, seed=s).p_value
+        for s in range(10)
+    ]
+    assert sum(p < 0.05 for p in ps) <= 3 and max(ps) > 0.3
+    tp = permutation_test(x, y, "procrustes", num_permutations=50)
+    assert tp.alternative == "less" and tp.p_value == pytest.approx(1 / 51)
+    assert tp.statistic == pytest.approx(procrustes(x, y))
+    tc = permutation_test(
+        x, y, lambda a, b: float((a[:, 0] * b[:, 0]).sum()), num_permutations=20, alternative="greater"
+    )
+    assert 0 < tc.p_value <= 1
+    with pytest.raises(ValueError, match="alternative"):
+        permutation_test(x, y, lambda a, b: 0.0)
+    with pytest.raises(ValueError, match="measure"):
+        permutation_test(x, y, "cca")
+    with pytest.raises(ValueError, match="num_permutations"):
+        permutation_test(x, y, num_permutations=0)
