@@ -340,9 +340,12 @@ def procrustes(x, y, *, angular: bool = False) -> float:
     ``arccos(||X^T Y||_*)`` in ``[0, pi / 2]`` instead. Invariant to rotations, reflections, translations and
     isotropic scaling of either representation, not to other invertible linear maps.
     """
-    x = _shape_normalise(_as_features(x, "x", 2), "x")
-    y = _shape_normalise(_as_features(y, "y", 2), "y")
+    x, y = _as_features(x, "x", 2), _as_features(y, "y", 2)
     _check_pair(x, y)
+    return _procrustes_normalised(_shape_normalise(x, "x"), _shape_normalise(y, "y"), angular)
+
+
+def _procrustes_normalised(x: torch.Tensor, y: torch.Tensor, angular: bool) -> float:
     nuc = float(torch.linalg.svdvals(x.T @ y).sum())
     nuc = min(nuc, 1.0)  # rounding: ||X^T Y||_* <= ||X||_F ||Y||_F = 1
     if angular:
@@ -416,11 +419,13 @@ def permutation_test(
         alternative = alternative or "greater"
     else:
         if measure in ("procrustes", "procrustes_angular"):
+            # centring, scaling and the SVD reduction commute with permuting samples: normalise once
             ang = measure == "procrustes_angular"
-            fn = lambda a, b: procrustes(a, b, angular=ang)  # noqa: E731
+            fn = lambda a, b: _procrustes_normalised(a, b, ang)  # noqa: E731
+            prep = _shape_normalise
             alternative = alternative or "less"
         elif callable(measure):
-            fn = measure
+            fn, prep = measure, lambda a, name: a
             if alternative is None:
                 raise ValueError("give alternative='greater' or 'less' with a callable measure")
         else:
@@ -429,6 +434,7 @@ def permutation_test(
             )
         xf, yf = _as_features(x, "x", 2), _as_features(y, "y", 2)
         _check_pair(xf, yf)
+        xf, yf = prep(xf, "x"), prep(yf, "y")
         stat = float(fn(xf, yf))
         null = np.array(
             [

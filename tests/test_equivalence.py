@@ -249,6 +249,14 @@ def test_permutation_test():
     tp = permutation_test(x, y, "procrustes", num_permutations=50)
     assert tp.alternative == "less" and tp.p_value == pytest.approx(1 / 51)
     assert tp.statistic == pytest.approx(procrustes(x, y))
+    g = torch.Generator().manual_seed(0)
+    for b in range(3):  # normalised once, permuted after: the same as recomputing on permuted rows
+        assert tp.null[b] == pytest.approx(procrustes(x, y[torch.randperm(60, generator=g)]), rel=1e-9)
+    wide = permutation_test(x[:8], _rand(8, 30, 5), "procrustes_angular", num_permutations=3, seed=1)
+    g = torch.Generator().manual_seed(1)
+    assert wide.null[0] == pytest.approx(
+        procrustes(x[:8], _rand(8, 30, 5)[torch.randperm(8, generator=g)], angular=True), rel=1e-9
+    )
     tc = permutation_test(
         x, y, lambda a, b: float((a[:, 0] * b[:, 0]).sum()), num_permutations=20, alternative="greater"
     )
@@ -259,3 +267,21 @@ def test_permutation_test():
         permutation_test(x, y, "cca")
     with pytest.raises(ValueError, match="num_permutations"):
         permutation_test(x, y, num_permutations=0)
+
+
+def test_readme_example_runs():
+    """The README's equivalence example, as written, on two untrained models of the library's transformer."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "cka_matrix" in b]
+    assert len(blocks) == 1
+    env: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), env)
+    m = cka_matrix(env["acts_a"], env["acts_b"])
+    assert m.shape == (2, 2) and torch.isfinite(m).all()
+    # a model against itself: every layer matches itself exactly
+    torch.testing.assert_close(
+        torch.diagonal(cka_matrix(env["acts_a"], env["acts_a"])), torch.ones(2, dtype=torch.float64)
+    )
