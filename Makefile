@@ -42,7 +42,7 @@ demo: setup
 bench: setup
 	$(VPY) -m pytest -q bench --benchmark-columns=min,median,rounds
 
-# The peer comparisons, each in its bench-only venv (TransformerLens 4.3.0; devinterp 1.3.2 and 2.0.1).
+# The peer comparisons, each in its bench-only venv (TransformerLens 4.3.0; devinterp 1.3.2 and 2.0.1; pytorch-cka).
 bench-peers: setup
 	bash bench/envs/tl.sh
 	.bench-venvs/tl/bin/python -m pytest -q bench/bench_patching.py -s --benchmark-columns=min,median,rounds
@@ -50,6 +50,8 @@ bench-peers: setup
 	.bench-venvs/devinterp13/bin/python -m pytest -q bench/bench_llc.py -s --benchmark-columns=min,median,rounds
 	.bench-venvs/devinterp20/bin/python -m pytest -q bench/bench_llc.py bench/bench_susceptibility.py -s \
 		--benchmark-columns=min,median,rounds
+	bash bench/envs/cka.sh
+	.bench-venvs/cka/bin/python -m pytest -q bench/bench_equivalence.py -s --benchmark-columns=min,median,rounds
 
 check-cuda:
 	bash .ci/check_cuda.sh

@@ -93,22 +93,28 @@ def _min_samples(debiased: bool) -> int:
 # ------------------------------------------------------------------------------------------------ HSIC
 
 
-def u_center(k: torch.Tensor) -> torch.Tensor:
+def u_center(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """U-centring of a symmetric Gram matrix ``(n, n)``, ``n >= 4``: zero diagonal, and off the diagonal
     ``K_ij - r_i / (n - 2) - r_j / (n - 2) + s / ((n - 1)(n - 2))`` with ``r`` the row sums and ``s`` the total of
-    ``K`` with its diagonal zeroed. ``<u_center(K), u_center(L)> / (n (n - 3))`` is the unbiased HSIC."""
+    ``K`` with its diagonal zeroed. ``<u_center(K), u_center(L)> / (n (n - 3))`` is the unbiased HSIC.
+    ``inplace=True`` overwrites ``k``."""
     n = k.shape[0]
     if k.dim() != 2 or k.shape[1] != n:
         raise ValueError(f"k must be a square (n, n) Gram matrix, got shape {tuple(k.shape)}")
     if n < 4:
         raise ValueError(f"U-centring needs n >= 4 samples, got {n}")
-    k = k.clone()
+    if not inplace:
+        k = k.clone()
     k.diagonal().zero_()
-    r = k.sum(1)
-    s = r.sum()
-    u = k - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
-    u.diagonal().zero_()
-    return u
+    r = k.sum(1) / (n - 2)
+    c = r.sum() / (
+        2 * (n - 1)
+    )  # = s / (2 (n - 1) (n - 2)), added once through each of the row and column terms
+    r -= c
+    k -= r[:, None]
+    k -= r[None, :]
+    k.diagonal().zero_()
+    return k
 
 
 def _center_columns(x: torch.Tensor) -> torch.Tensor:
@@ -197,8 +203,50 @@ def _gram_stack(reps: list[torch.Tensor], debiased: bool) -> torch.Tensor:
     for x in reps:
         xc = _center_columns(x)
         k = xc @ xc.T
-        out.append((u_center(k) if debiased else k).reshape(-1))
+        out.append((u_center(k, inplace=True) if debiased else k).reshape(-1))
     return torch.stack(out)
+
+
+def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool):
+    """HSIC of every pair (and every representation with itself) in the feature form, ``ys=None`` meaning
+    ``xs``. Every representation is centred once; then one product of each ``x`` with all ``y`` side by side,
+    ``(d_a, n) x (n, sum d_b)``, whose squared entries summed over each ``y``'s columns give ``||X_a^T Y_b||_F^2``.
+
+    On centred columns the unbiased estimator needs only the row norms ``q_i = |x_i|^2`` besides that:
+    ``sum x_i = 0``, so ``1^T K~ 1 = -sum q`` and ``K~ 1 = -q`` (see :func:`_hsic_features`).
+    """
+    n = xs[0].shape[0]
+    cx = [_center_columns(x) for x in xs]
+    cy = cx if ys is None else [_center_columns(y) for y in ys]
+    zy = torch.cat(cy, 1)
+    seg = torch.repeat_interleave(torch.arange(len(cy)), torch.tensor([y.shape[1] for y in cy]))
+    cross = zy.new_zeros(len(cx), len(cy))
+    for a, x in enumerate(cx):
+        prod = x.T @ zy
+        cross[a] = torch.zeros(len(cy), dtype=zy.dtype).index_add_(0, seg, (prod * prod).sum(0))
+    if ys is None:
+        self_x = self_y = torch.diagonal(cross).clone()
+    else:
+        self_x = torch.stack([torch.linalg.matrix_norm(x.T @ x) ** 2 for x in cx])
+        self_y = torch.stack([torch.linalg.matrix_norm(y.T @ y) ** 2 for y in cy])
+    if not debiased:
+        norm = (n - 1) ** 2
+        return cross / norm, self_x / norm, self_y / norm
+    qx = torch.stack([(x * x).sum(1) for x in cx], 1)  # (n, A)
+    qy = qx if ys is None else torch.stack([(y * y).sum(1) for y in cy], 1)
+
+    def unbiased(tr_full, q, p, qp):  # tr_full = ||X^T Y||_F^2, q, p = sums of row norms, qp = sum q_i p_i
+        tr = tr_full - qp
+        return (tr + q * p / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * qp) / (n * (n - 3))
+
+    sq, sp = qx.sum(0), qy.sum(0)
+    out = unbiased(cross, sq[:, None], sp[None, :], qx.T @ qy)
+    if ys is None:
+        ux = uy = torch.diagonal(out).clone()
+    else:
+        ux = unbiased(self_x, sq, sq, (qx * qx).sum(0))
+        uy = unbiased(self_y, sp, sp, (qy * qy).sum(0))
+    return out, ux, uy
 
 
 def cka_matrix(
@@ -238,24 +286,31 @@ def cka_matrix(
         _check_pair(xs[0], x, "xs[0]", f"xs[{i}]")
     for j, y in enumerate(ys):
         _check_pair(xs[0], y, "xs[0]", f"ys[{j}]")
+    num, sx, sy = _hsic_all(xs, None if same else ys, debiased, method)
+    return _cka_from_hsic(num, sx[:, None], sy[None, :])
+
+
+def _hsic_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool, method: str):
+    """Normalised HSIC of every pair and of every representation with itself: ``(A, B), (A,), (B,)``;
+    ``ys=None`` means ``xs``. ``method="auto"`` picks the form with fewer multiply-adds."""
+    same = ys is None
+    ys_ = xs if same else ys
     n = xs[0].shape[0]
     if method == "auto":
-        dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
-        feat = n * (sum(dx) * sum(dy) + sum(d * d for d in dx) + (0 if same else sum(d * d for d in dy)))
-        gram = n * n * (sum(dx) + (0 if same else sum(dy))) + n * n * len(xs) * (len(ys) + 2)
+        dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys_]
+        feat = n * (sum(dx) * sum(dy) + (0 if same else sum(d * d for d in dx) + sum(d * d for d in dy)))
+        # Gram form: the Grams, about 8 passes over each for centring, and the pair products
+        gram = n * n * (sum(dx) + (0 if same else sum(dy))) + n * n * (
+            8 * (len(xs) + len(ys_)) + len(xs) * len(ys_)
+        )
         method = "gram" if gram < feat else "features"
-    if method == "gram":
-        gx = _gram_stack(xs, debiased)
-        gy = gx if same else _gram_stack(ys, debiased)
-        num = gx @ gy.T
-        sx = (gx * gx).sum(1)
-        sy = sx if same else (gy * gy).sum(1)
-    else:
-        num = torch.stack([torch.stack([_hsic_features(x, y, debiased) for y in ys]) for x in xs])
-        sx = torch.stack([_hsic_features(x, x, debiased) for x in xs])
-        sy = sx if same else torch.stack([_hsic_features(y, y, debiased) for y in ys])
-    # the Gram form leaves out the normalisation n (n - 3) or (n - 1)^2: it is the same in all three terms
-    return _cka_from_hsic(num, sx[:, None], sy[None, :])
+    if method == "features":
+        return _hsic_features_all(xs, ys, debiased)
+    gx = _gram_stack(xs, debiased)
+    gy = gx if same else _gram_stack(ys_, debiased)
+    norm = n * (n - 3) if debiased else (n - 1) ** 2
+    sx = (gx * gx).sum(1) / norm
+    return gx @ gy.T / norm, sx, sx if same else (gy * gy).sum(1) / norm
 
 
 # ------------------------------------------------------------------------------------------------ minibatch
@@ -271,12 +326,15 @@ class MinibatchCKA:
     ...     acc.update(layers_of(model_a, batch), layers_of(model_b, batch))
     >>> acc.compute()                                            # doctest: +SKIP  (3, 3) tensor
 
-    With ``num_y=None`` it compares ``xs`` with itself (``update(xs)``).
+    With ``num_y=None`` it compares ``xs`` with itself (``update(xs)``). ``method`` as in :func:`cka_matrix`.
     """
 
-    def __init__(self, num_x: int, num_y: int | None = None) -> None:
+    def __init__(self, num_x: int, num_y: int | None = None, *, method: str = "auto") -> None:
         if num_x < 1 or (num_y is not None and num_y < 1):
             raise ValueError(f"num_x and num_y must be >= 1, got {num_x}, {num_y}")
+        if method not in ("auto", "gram", "features"):
+            raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
+        self.method = method
         self.num_x, self.num_y = num_x, num_y
         self.num_batches = 0
         self._xy = self._xx = self._yy = None
@@ -296,11 +354,7 @@ class MinibatchCKA:
         ys = xs if ys is None else [_as_features(y, f"ys[{j}]", 4) for j, y in enumerate(ys)]
         for j, z in enumerate(list(xs) + list(ys)):
             _check_pair(xs[0], z, "xs[0]", f"representation {j} of this batch")
-        n = xs[0].shape[0]
-        gx = _gram_stack(xs, True)
-        gy = gx if ys is xs else _gram_stack(ys, True)
-        norm = n * (n - 3)
-        xy, xx, yy = gx @ gy.T / norm, (gx * gx).sum(1) / norm, (gy * gy).sum(1) / norm
+        xy, xx, yy = _hsic_all(xs, None if ys is xs else ys, True, self.method)
         if self._xy is None:
             self._xy, self._xx, self._yy = xy, xx, yy
         else:

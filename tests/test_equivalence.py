@@ -194,6 +194,14 @@ def test_minibatch_cka():
         acc.update([xs[0][:16]])
     with pytest.raises(RuntimeError, match="before any update"):
         MinibatchCKA(2).compute()
+    for method in ("gram", "features"):  # both forms accumulate the same terms
+        accm = MinibatchCKA(1, 2, method=method)
+        for b in range(4):
+            sl = slice(16 * b, 16 * (b + 1))
+            accm.update([xs[0][sl]], [ys[0][sl], ys[1][sl]])
+        torch.testing.assert_close(accm.compute(), acc.compute(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="method"):
+        MinibatchCKA(1, method="svd")
     self_acc = MinibatchCKA(2).update([xs[0], ys[0]])
     torch.testing.assert_close(self_acc.compute(), cka_matrix([xs[0], ys[0]]), rtol=1e-10, atol=1e-12)
 
