@@ -4,12 +4,14 @@ Reading: :func:`sample` / :func:`estimate_llc` (SGLD with the fused step, the lo
 :func:`susceptibilities` and :func:`bif` (posterior covariances of observables with per-sample losses),
 :mod:`pypattern.equivalence` (CKA, Procrustes and their tests, to compare two models' representations),
 :mod:`pypattern.patching` (activation and attribution patching). Writing: :mod:`pypattern.patterning` (invert
-susceptibilities into data re-weightings). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
+susceptibilities into data re-weightings), :mod:`pypattern.flags` (train residual dimensions into concept flags,
+steer with them). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
 """
 
-from . import equivalence, patterning, truth
+from . import equivalence, flags, patterning, truth
 from ._backends import backends
 from .equivalence import MinibatchCKA, cka_matrix, linear_cka, permutation_test, procrustes
+from .flags import FlagReport, FlagSpec, flag_loss, flag_report, generate, steer, train_flags
 from .models import Transformer, TransformerConfig, component_masks
 from .ops import (
     CrossCovariance,
@@ -46,7 +48,15 @@ from .sampling import (
     sample,
 )
 from .susceptibility import SusceptibilityResult, bif, susceptibilities
-from .tasks import InductionTask, IOITask, ParenthesesTask, algorithm_scores, prefix_matching_score, train
+from .tasks import (
+    InductionTask,
+    IOITask,
+    ParenthesesTask,
+    TopicTask,
+    algorithm_scores,
+    prefix_matching_score,
+    train,
+)
 
 __version__ = "0.1.0"
 
@@ -94,6 +104,15 @@ __all__ = [
     "estimate_llc",
     "invert",
     "equivalence",
+    "flags",
+    "FlagReport",
+    "FlagSpec",
+    "flag_loss",
+    "flag_report",
+    "generate",
+    "steer",
+    "train_flags",
+    "TopicTask",
     "patterning",
     "per_sample_grad_gram",
     "reweight",

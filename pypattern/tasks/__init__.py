@@ -1,4 +1,5 @@
-"""Synthetic tasks that train in seconds on a CPU: induction, parentheses balancing, an IOI-like name task."""
+"""Synthetic tasks that train in seconds on a CPU: induction, parentheses balancing, an IOI-like name task,
+topics (a language-modelling task with concepts, for concept flags)."""
 
 from .base import IGNORE, Task, TaskBatch, per_sample_loss
 from .induction import (
@@ -10,6 +11,7 @@ from .induction import (
 )
 from .ioi import IOITask, symmetric_pairs
 from .parens import ALGORITHMS, ParenthesesTask, algorithm_scores
+from .topics import TopicTask
 from .training import TrainResult, train
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "IOITask",
     "symmetric_pairs",
     "ParenthesesTask",
+    "TopicTask",
     "ALGORITHMS",
     "algorithm_scores",
     "train",

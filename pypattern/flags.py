@@ -1,0 +1,710 @@
+"""Inert interpretability flags: train a few residual-stream dimensions into concept flags, steer with them.
+
+A :class:`FlagSpec` names a hook point (a residual stream, e.g. ``"blocks.1.hook_resid_pre"``), the residual
+dimensions used as flags and how many concepts they encode. Each concept owns a contiguous group of the flag
+dimensions (``len(dims)`` split as evenly as possible, e.g. 16 dimensions for 5 concepts as 4, 3, 3, 3, 3),
+and its *code* sets its own group to ``on_value`` and every other flag dimension to ``off_value``.
+
+Training (:func:`train_flags`) has two stages:
+
+1. **Produce the flags.** Language-modelling loss plus ``aux_weight`` times :func:`flag_loss`, the mean
+   squared error between the raw flag dimensions (as the model writes them, before any overwrite) and the
+   code of the concept readable from the prefix, at every position where that concept is known. The squared
+   error to fixed values (rather than a cross-entropy on the flag dimensions) gives flags with a definite
+   value, so that setting a flag at inference means writing the same numbers the model writes itself.
+2. **Rely on the flags.** Same losses, on data where a fraction ``switch_prob`` of the sequences change
+   concept at a random position; from the position before the switch on, the flag dimensions are overwritten
+   with the *new* concept's code while the tokens so far still say the old one, so only the flags predict
+   what follows. The auxiliary loss is still applied to what the model writes (labelled with the concept
+   readable from the prefix), so the model keeps producing honest flags.
+
+At inference, :func:`steer` overwrites the flag dimensions with a concept's code (all positions or some) and
+:func:`generate` samples a continuation under it; :func:`flag_report` measures read-out accuracy, steering
+against the prompt's concept (with an unsteered baseline), reliance (loss when the flags are ablated) and a
+linear probe for the concept on the *non*-flag dimensions (to see whether concept information left them).
+
+Tasks used here must give, in ``TaskBatch.extra``, ``"concept_pos"`` ``(num_samples, pos)`` (concept readable
+at each position, -1 when unknown) and, for stage 2 and steering, ``"target_concept"`` ``(num_samples, pos)``
+(concept of the next token), ``"switch_pos"`` ``(num_samples,)``, ``"concept"`` ``(num_samples,)``; the task
+must accept ``sample(num_samples, seed, switch_prob=...)`` and have ``token_concepts`` ``(d_vocab,)``.
+:class:`~pypattern.tasks.topics.TopicTask` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .tasks.base import Task, _gen
+
+__all__ = [
+    "FlagSpec",
+    "flag_loss",
+    "read_flags",
+    "overwrite_flags",
+    "steer",
+    "ablate_flags",
+    "generate",
+    "train_flags",
+    "FlagTrainResult",
+    "probe_accuracy",
+    "flag_report",
+    "FlagReport",
+]
+
+
+# ----- specification ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlagSpec:
+    """Which residual dimensions at which hook point are concept flags.
+
+    Parameters
+    ----------
+    hook : str
+        Hook point whose activation ``(batch, pos, d_model)`` holds the flags, e.g.
+        ``"blocks.1.hook_resid_pre"``.
+    dims : tuple of int
+        Distinct residual dimensions used as flags; at least ``num_concepts`` of them.
+    num_concepts : int
+        Number of concepts (at least 2). Concept ``c`` owns the ``c``-th of ``num_concepts`` contiguous,
+        nearly equal groups of ``dims``.
+    on_value, off_value : float
+        Value of a concept's own flag dimensions, and of the others, in its code.
+    """
+
+    hook: str = "blocks.1.hook_resid_pre"
+    dims: tuple[int, ...] = (0, 1, 2, 3)
+    num_concepts: int = 2
+    on_value: float = 1.0
+    off_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hook, str) or not self.hook:
+            raise ValueError(
+                f"hook={self.hook!r} is not valid; give a hook name like 'blocks.1.hook_resid_pre'"
+            )
+        try:
+            dims = tuple(int(d) for d in self.dims)
+        except (TypeError, ValueError):
+            raise ValueError(f"dims={self.dims!r} is not valid; give a sequence of ints") from None
+        if any(isinstance(d, bool) or int(d) != d for d in self.dims):
+            raise ValueError(f"dims={self.dims!r} is not valid; give a sequence of ints")
+        object.__setattr__(self, "dims", dims)
+        if not isinstance(self.num_concepts, int) or self.num_concepts < 2:
+            raise ValueError(f"num_concepts={self.num_concepts!r} is not valid; give an int >= 2")
+        if len(dims) < self.num_concepts:
+            raise ValueError(
+                f"dims={dims} has {len(dims)} entries; give at least num_concepts={self.num_concepts}"
+            )
+        if len(set(dims)) != len(dims):
+            dup = sorted({d for d in dims if dims.count(d) > 1})
+            raise ValueError(f"dims={dims} repeats {dup}; give distinct dimensions")
+        if min(dims) < 0:
+            raise ValueError(f"dims={dims} has negative entries; give dimensions in 0..d_model-1")
+        if float(self.on_value) == float(self.off_value):
+            raise ValueError(
+                f"on_value={self.on_value!r} equals off_value={self.off_value!r}; give two values"
+            )
+
+    @property
+    def num_flags(self) -> int:
+        return len(self.dims)
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """Indices into ``dims`` owned by each concept: ``num_concepts`` contiguous, nearly equal groups."""
+        n, c = len(self.dims), self.num_concepts
+        sizes = [n // c + (1 if i < n % c else 0) for i in range(c)]
+        out, start = [], 0
+        for s in sizes:
+            out.append(tuple(range(start, start + s)))
+            start += s
+        return tuple(out)
+
+    def code(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Flag values of every concept: ``(num_concepts, num_flags)``."""
+        out = torch.full((self.num_concepts, self.num_flags), float(self.off_value), dtype=dtype)
+        for c, g in enumerate(self.groups):
+            out[c, list(g)] = float(self.on_value)
+        return out
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise ``ValueError`` if ``model`` has no hook point ``hook`` or ``dims`` exceed its ``d_model``."""
+        names = getattr(model, "hook_dict", None)
+        if names is None:
+            raise ValueError(
+                "model has no hook points (hook_dict); give a pypattern Transformer or HookedModule"
+            )
+        if self.hook not in names:
+            near = [n for n in names if "resid" in n][:6]
+            raise ValueError(f"hook={self.hook!r} is not a hook point of the model; valid examples: {near}")
+        d_model = getattr(getattr(model, "cfg", None), "d_model", None)
+        if d_model is not None and max(self.dims) >= d_model:
+            raise ValueError(
+                f"dims={self.dims} has entries >= d_model={d_model}; give dimensions in 0..{d_model - 1}"
+            )
+
+
+def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec) -> torch.Tensor:
+    """Broadcast labels ``(batch,)`` or ``(batch, pos)`` to ``(batch, pos)`` with validation."""
+    lab = torch.as_tensor(concept_labels)
+    if lab.dtype.is_floating_point or lab.dtype == torch.bool:
+        raise ValueError(f"concept_labels has dtype {lab.dtype}; give integer concept indices")
+    b, t = shape
+    if lab.dim() == 1 and lab.shape[0] == b:
+        lab = lab[:, None].expand(b, t)
+    elif lab.shape != (b, t):
+        raise ValueError(
+            f"concept_labels has shape {tuple(lab.shape)}; give ({b},) or ({b}, {t}) to match acts "
+            "(batch, pos)"
+        )
+    if bool((lab >= spec.num_concepts).any()) or bool((lab < -1).any()):
+        raise ValueError(
+            f"concept_labels has values in [{int(lab.min())}, {int(lab.max())}]; give "
+            f"0..{spec.num_concepts - 1} "
+            "(or -1 for 'unknown')"
+        )
+    return lab
+
+
+def _check_acts(acts: torch.Tensor, spec: FlagSpec) -> None:
+    if acts.dim() != 3:
+        raise ValueError(f"acts has shape {tuple(acts.shape)}; give (batch, pos, d_model)")
+    if max(spec.dims) >= acts.shape[-1]:
+        raise ValueError(
+            f"dims={spec.dims} has entries >= d_model={acts.shape[-1]} of acts; give dimensions in "
+            f"0..{acts.shape[-1] - 1}"
+        )
+
+
+def flag_loss(acts: torch.Tensor, concept_labels: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
+    """Auxiliary flag loss: mean squared error of the raw flag dimensions to the labelled concept's code.
+
+    ``mean over positions with label >= 0 of mean over k of (acts[b, t, dims[k]] - code[label[b, t], k])**2``.
+
+    Parameters
+    ----------
+    acts : Tensor ``(batch, pos, d_model)``
+        Activation at ``spec.hook`` (as the model wrote it).
+    concept_labels : LongTensor ``(batch,)`` or ``(batch, pos)``
+        Concept per sample or per position; -1 marks positions without a known concept (excluded).
+    spec : FlagSpec
+
+    Returns
+    -------
+    Tensor, scalar (0 when no position is labelled).
+    """
+    _check_acts(acts, spec)
+    lab = _labels(concept_labels, acts.shape[:2], spec).to(acts.device)
+    mask = lab >= 0
+    if not bool(mask.any()):
+        return acts.sum() * 0.0
+    flags = acts[..., list(spec.dims)][mask]  # (n_valid, num_flags)
+    target = spec.code(acts.dtype).to(acts.device)[lab[mask]]
+    return (flags - target).pow(2).mean()
+
+
+def read_flags(acts: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
+    """Decode the concept from the flag dimensions: the concept whose code is nearest (Euclidean).
+
+    Parameters
+    ----------
+    acts : Tensor ``(batch, pos, d_model)``
+
+    Returns
+    -------
+    LongTensor ``(batch, pos)``
+    """
+    _check_acts(acts, spec)
+    flags = acts[..., list(spec.dims)]
+    code = spec.code(acts.dtype).to(acts.device)
+    return (flags[..., None, :] - code).pow(2).sum(-1).argmin(-1)
+
+
+# ----- overwriting ------------------------------------------------------------------------------------------
+def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
+    """``(batch, pos)`` bool mask from None (all), an int ``p`` (positions >= p), or a bool tensor."""
+    if positions is None:
+        return torch.ones(b, t, dtype=torch.bool, device=device)
+    if isinstance(positions, int):
+        return (torch.arange(t, device=device) >= positions)[None].expand(b, t)
+    m = torch.as_tensor(positions, device=device)
+    if m.dtype != torch.bool:
+        raise ValueError(f"positions has dtype {m.dtype}; give None, an int start position or a bool mask")
+    if m.dim() == 1:
+        m = m[None].expand(b, -1)
+    if m.dim() != 2 or m.shape[0] != b or m.shape[1] < t:
+        raise ValueError(
+            f"positions has shape {tuple(m.shape)}; give a bool mask (pos,) or (batch, pos) with pos >= {t}"
+        )
+    return m[:, :t]
+
+
+def overwrite_flags(
+    acts: torch.Tensor, spec: FlagSpec, values: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return ``acts`` with the flag dimensions set to ``values`` where ``mask`` (a differentiable copy).
+
+    Parameters
+    ----------
+    acts : Tensor ``(batch, pos, d_model)``
+    values : Tensor ``(num_flags,)``, ``(batch, num_flags)`` or ``(batch, pos, num_flags)``
+    mask : bool Tensor ``(batch, pos)``, optional (all positions by default)
+    """
+    _check_acts(acts, spec)
+    b, t, _ = acts.shape
+    v = torch.as_tensor(values, dtype=acts.dtype, device=acts.device)
+    if v.shape[-1] != spec.num_flags:
+        raise ValueError(
+            f"values has shape {tuple(v.shape)}; its last dimension must be num_flags={spec.num_flags}"
+        )
+    if v.dim() == 1:
+        v = v.expand(b, t, -1)
+    elif v.dim() == 2:
+        v = v[:, None].expand(b, t, -1)
+    if v.shape != (b, t, spec.num_flags):
+        raise ValueError(
+            f"values has shape {tuple(v.shape)}; give (num_flags,), (batch, num_flags) or "
+            "(batch, pos, num_flags)"
+        )
+    idx = list(spec.dims)
+    out = acts.clone()
+    if mask is None:
+        out[..., idx] = v
+    else:
+        out[..., idx] = torch.where(mask[..., None], v, acts[..., idx])
+    return out
+
+
+def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
+    c = torch.as_tensor(concept)
+    if c.dtype.is_floating_point:
+        raise ValueError(f"concept={concept!r} is not valid; give an int or a LongTensor (batch,)")
+    if c.dim() == 0:
+        c = c.expand(b)
+    if c.shape != (b,):
+        raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape ({b},)")
+    if bool((c < 0).any()) or bool((c >= spec.num_concepts).any()):
+        raise ValueError(f"concept={c.tolist()} is out of range; give 0..{spec.num_concepts - 1}")
+    return spec.code()[c]
+
+
+@contextlib.contextmanager
+def _flag_hook(model, spec: FlagSpec, make_values, positions) -> Iterator[None]:
+    spec.check(model)
+
+    def fn(x: torch.Tensor, hook) -> torch.Tensor:
+        b, t = x.shape[:2]
+        return overwrite_flags(x, spec, make_values(b), _position_mask(positions, b, t, x.device))
+
+    with model.hooks([(spec.hook, fn)]):
+        yield
+
+
+@contextlib.contextmanager
+def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) -> Iterator[None]:
+    """Within the block, every forward of ``model`` has its flags overwritten with ``concept``'s code.
+
+    Parameters
+    ----------
+    concept : int or LongTensor ``(batch,)``
+        One concept for the whole batch or one per sample.
+    positions : None, int or bool Tensor ``(pos,)`` / ``(batch, pos)``
+        None: every position; an int ``p``: positions ``>= p``; a mask: where True (it may be longer than the
+        sequence, e.g. for generation; it is cut to the sequence length).
+
+    Examples
+    --------
+    >>> with steer(model, spec, concept=1):  # doctest: +SKIP
+    ...     logits = model(tokens)
+    """
+    _concept_values(concept, spec, 1 if torch.as_tensor(concept).dim() == 0 else len(concept))
+    with _flag_hook(model, spec, lambda b: _concept_values(concept, spec, b), positions):
+        yield
+
+
+@contextlib.contextmanager
+def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, positions=None) -> Iterator[None]:
+    """Within the block, the flag dimensions are set to ``value`` (a float, or ``(num_flags,)``, e.g. their
+    mean over data for a mean ablation)."""
+    v = torch.as_tensor(value, dtype=torch.float32)
+    v = v.expand(spec.num_flags) if v.dim() == 0 else v
+    if v.shape != (spec.num_flags,):
+        raise ValueError(f"value has shape {tuple(v.shape)}; give a float or ({spec.num_flags},)")
+    with _flag_hook(model, spec, lambda b: v, positions):
+        yield
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt: torch.Tensor,
+    steps: int,
+    spec: FlagSpec | None = None,
+    concept: int | torch.Tensor | None = None,
+    positions=None,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Continue ``prompt`` by ``steps`` tokens, optionally with the flags steered to ``concept``.
+
+    Parameters
+    ----------
+    prompt : LongTensor ``(batch, prompt_len)`` or ``(prompt_len,)``
+    steps : int
+        ``prompt_len + steps`` must not exceed the model's ``n_ctx``.
+    spec, concept : optional
+        Both or neither; with them every forward runs under :func:`steer`.
+    positions : see :func:`steer`
+    greedy : bool
+        Argmax decoding; otherwise sampling at ``temperature`` with a ``torch.Generator`` seeded by ``seed``.
+
+    Returns
+    -------
+    LongTensor ``(batch, prompt_len + steps)``
+    """
+    tokens = prompt[None] if prompt.dim() == 1 else prompt
+    if tokens.dim() != 2:
+        raise ValueError(f"prompt has shape {tuple(prompt.shape)}; give (batch, prompt_len) or (prompt_len,)")
+    if (spec is None) != (concept is None):
+        raise ValueError("give both spec and concept to steer, or neither")
+    if steps < 0:
+        raise ValueError(f"steps={steps} is not valid; give >= 0")
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and tokens.shape[1] + steps > n_ctx:
+        raise ValueError(f"prompt length {tokens.shape[1]} + steps={steps} exceeds the model's n_ctx={n_ctx}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature={temperature} is not valid; give > 0 (or greedy=True)")
+    g = torch.Generator().manual_seed(seed)
+    ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with ctx:
+            for _ in range(steps):
+                logits = model(tokens)[:, -1].float()
+                if greedy:
+                    nxt = logits.argmax(-1)
+                else:
+                    probs = torch.softmax(logits / temperature, -1)
+                    nxt = torch.multinomial(probs.cpu(), 1, generator=g).squeeze(-1).to(tokens.device)
+                tokens = torch.cat([tokens, nxt[:, None]], 1)
+    finally:
+        model.train(was_training)
+    return tokens
+
+
+# ----- training ---------------------------------------------------------------------------------------------
+@dataclass
+class FlagTrainResult:
+    """Losses logged by :func:`train_flags`: per logged step its ``stage`` (1 or 2), LM loss, flag loss."""
+
+    steps: list = field(default_factory=list)
+    stages: list = field(default_factory=list)
+    lm_losses: list = field(default_factory=list)
+    flag_losses: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    mask = targets != -100
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    return (ce * mask).sum() / mask.sum().clamp_min(1)
+
+
+def train_flags(
+    model,
+    task: Task,
+    spec: FlagSpec,
+    stage1_steps: int = 300,
+    stage2_steps: int = 300,
+    aux_weight: float = 1.0,
+    switch_prob: float = 0.5,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    log_every: int = 10,
+) -> FlagTrainResult:
+    """Fine-tune ``model`` so that ``spec``'s dimensions become concept flags the model relies on.
+
+    Stage 1 (``stage1_steps``): LM loss + ``aux_weight * flag_loss`` on clean data (no switches). Stage 2
+    (``stage2_steps``): the same losses on data where a fraction ``switch_prob`` of the sequences switch
+    concept at ``switch_pos``; at positions ``>= switch_pos - 1`` the flags are overwritten with the code of
+    ``target_concept`` (the new concept), so the first token after the switch is predictable only from them.
+    The flag loss always scores what the model writes before the overwrite, against ``concept_pos``. AdamW,
+    online batches (a fresh batch every step, keyed by ``seed``).
+
+    Parameters
+    ----------
+    model : Transformer
+    task : Task
+        Must provide the ``extra`` entries listed in the module docstring.
+    spec : FlagSpec
+    aux_weight : float
+        Weight of the flag loss (0 gives plain LM training in stage 1: the control).
+
+    Returns
+    -------
+    FlagTrainResult
+    """
+    spec.check(model)
+    for name, v in (
+        ("stage1_steps", stage1_steps),
+        ("stage2_steps", stage2_steps),
+        ("batch_size", batch_size),
+    ):
+        if not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
+            raise ValueError(f"{name}={v!r} is not valid; give a non-negative int (batch_size >= 1)")
+    if aux_weight < 0:
+        raise ValueError(f"aux_weight={aux_weight} is not valid; give >= 0")
+    if not 0.0 <= switch_prob <= 1.0:
+        raise ValueError(f"switch_prob={switch_prob} is not valid; give a value in [0, 1]")
+    g = _gen(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    code = spec.code()
+    res = FlagTrainResult()
+    t0 = time.perf_counter()
+    model.train()
+    total = stage1_steps + stage2_steps
+    for step in range(total):
+        stage = 1 if step < stage1_steps else 2
+        bseed = int(torch.randint(0, 2**62, (), generator=g))
+        batch = task.sample(batch_size, seed=bseed, switch_prob=0.0 if stage == 1 else switch_prob)
+        if "concept_pos" not in batch.extra:
+            raise ValueError(f"task {type(task).__name__} gives no extra['concept_pos']; see pypattern.flags")
+        written: list[torch.Tensor] = []
+        mask = values = None
+        if stage == 2:
+            T = batch.tokens.shape[1]
+            mask = torch.arange(T)[None] >= (batch.extra["switch_pos"][:, None] - 1)
+            values = code[batch.extra["target_concept"]]
+
+        def hook_fn(x, hook, written=written, mask=mask, values=values):
+            written.append(x)
+            return None if mask is None else overwrite_flags(x, spec, values.to(x.dtype), mask)
+
+        with model.hooks([(spec.hook, hook_fn)]):
+            logits = model(batch.tokens)
+        lm = _lm_loss(logits, batch.targets)
+        fl = flag_loss(written[0], batch.extra["concept_pos"], spec)
+        loss = lm + aux_weight * fl if aux_weight > 0 else lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step % log_every == 0 or step == total - 1):
+            res.steps.append(step)
+            res.stages.append(stage)
+            res.lm_losses.append(float(lm.detach()))
+            res.flag_losses.append(float(fl.detach()))
+    model.eval()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ----- measurements -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def _hook_acts(model, tokens: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
+    _, cache = model.run_with_cache(tokens, names_filter=spec.hook)
+    return cache[spec.hook]
+
+
+def _ridge_probe(x_fit, y_fit, x_eval, y_eval, num_classes: int, ridge: float) -> tuple[float, float]:
+    """One-vs-rest least-squares probe (float64, with bias): (held-out accuracy, held-out R^2 of the
+    one-hot)."""
+    x_fit, x_eval = x_fit.double(), x_eval.double()
+    mu, sd = x_fit.mean(0), x_fit.std(0).clamp_min(1e-8)
+    xf = torch.cat([(x_fit - mu) / sd, torch.ones(len(x_fit), 1, dtype=torch.float64)], 1)
+    xe = torch.cat([(x_eval - mu) / sd, torch.ones(len(x_eval), 1, dtype=torch.float64)], 1)
+    yf = torch.nn.functional.one_hot(y_fit, num_classes).double()
+    ye = torch.nn.functional.one_hot(y_eval, num_classes).double()
+    reg = ridge * torch.eye(xf.shape[1], dtype=torch.float64)
+    reg[-1, -1] = 0.0
+    w = torch.linalg.solve(xf.T @ xf + reg, xf.T @ yf)
+    pred = xe @ w
+    acc = float((pred.argmax(1) == y_eval).double().mean())
+    r2 = 1.0 - float((pred - ye).pow(2).sum() / (ye - ye.mean(0)).pow(2).sum())
+    return acc, r2
+
+
+@torch.no_grad()
+def probe_accuracy(
+    model,
+    task: Task,
+    spec: FlagSpec,
+    which: str = "non_flag",
+    num_samples: int = 512,
+    seed: int = 0,
+    ridge: float = 1e-2,
+    only_shared_tokens: bool = False,
+) -> tuple[float, float]:
+    """Linear probe for the readable concept at ``spec.hook``, fit on one sample and scored on another.
+
+    A ridge least-squares one-vs-rest probe on standardised features (with a bias), fit on
+    ``task.sample(num_samples, seed)`` and scored on ``task.sample(num_samples, seed + 1)``, at every position
+    whose ``concept_pos`` is known.
+
+    Parameters
+    ----------
+    which : {"non_flag", "flag", "all"}
+        Residual dimensions the probe sees.
+    only_shared_tokens : bool
+        Score (and fit) only positions whose current token carries no concept (``token_concepts == -1``),
+        where the concept must have been moved there from earlier positions.
+
+    Returns
+    -------
+    (accuracy, r2) : held-out accuracy and held-out R^2 of the one-hot concept.
+    """
+    spec.check(model)
+    if which not in ("non_flag", "flag", "all"):
+        raise ValueError(f"which={which!r} is not valid; choose 'non_flag', 'flag' or 'all'")
+    d = model.cfg.d_model
+    if which == "flag":
+        cols = list(spec.dims)
+    elif which == "all":
+        cols = list(range(d))
+    else:
+        cols = [i for i in range(d) if i not in set(spec.dims)]
+    xs, ys = [], []
+    for s in (seed, seed + 1):
+        b = task.sample(num_samples, seed=s, switch_prob=0.0)
+        acts = _hook_acts(model, b.tokens, spec)[..., cols]
+        lab = b.extra["concept_pos"]
+        m = lab >= 0
+        if only_shared_tokens:
+            m = m & (task.token_concepts[b.tokens] < 0)
+        xs.append(acts[m])
+        ys.append(lab[m])
+    return _ridge_probe(xs[0], ys[0], xs[1], ys[1], spec.num_concepts, ridge)
+
+
+@dataclass
+class FlagReport:
+    """Measurements of :func:`flag_report` (fractions in [0, 1], losses in nats per token).
+
+    Attributes
+    ----------
+    flag_accuracy : float
+        Read-out (:func:`read_flags`) accuracy of the readable concept on clean data, at positions with a
+        known one.
+    steer_success : float
+        Fraction of generated tokens in the steered concept's sub-vocabulary when the flags are set to a
+        concept *other* than the prompt's.
+    steer_baseline : float
+        The same fraction (tokens of that other concept) when generating without steering.
+    steer_prompt_concept : float
+        Fraction of generated tokens in the prompt's own concept under steering.
+    loss_clean, loss_ablated : float
+        Mean next-token loss on clean data, and with the flags mean-ablated (set to their mean at the hook
+        over the data, all positions) or zero-ablated.
+    reliance : float
+        ``loss_ablated - loss_clean``.
+    probe_non_flag, probe_non_flag_r2 : float
+        Held-out accuracy and R^2 of a linear probe for the concept on the non-flag dimensions.
+    probe_non_flag_shared, probe_non_flag_shared_r2 : float
+        The same at positions whose current token is shared (no concept of its own).
+    probe_flag : float
+        Linear probe accuracy on the flag dimensions only.
+    reference : dict
+        The probe numbers of ``reference_model`` (before flag training), if given.
+    """
+
+    flag_accuracy: float
+    steer_success: float
+    steer_baseline: float
+    steer_prompt_concept: float
+    loss_clean: float
+    loss_ablated: float
+    reliance: float
+    probe_non_flag: float
+    probe_non_flag_r2: float
+    probe_non_flag_shared: float
+    probe_non_flag_shared_r2: float
+    probe_flag: float
+    reference: dict = field(default_factory=dict)
+
+
+def _probe_numbers(model, task, spec, num_samples, seed) -> dict:
+    acc, r2 = probe_accuracy(model, task, spec, "non_flag", num_samples, seed + 10)
+    acc_s, r2_s = probe_accuracy(
+        model, task, spec, "non_flag", num_samples, seed + 10, only_shared_tokens=True
+    )
+    acc_f, _ = probe_accuracy(model, task, spec, "flag", num_samples, seed + 10)
+    return {
+        "probe_non_flag": acc,
+        "probe_non_flag_r2": r2,
+        "probe_non_flag_shared": acc_s,
+        "probe_non_flag_shared_r2": r2_s,
+        "probe_flag": acc_f,
+    }
+
+
+@torch.no_grad()
+def flag_report(
+    model,
+    task: Task,
+    spec: FlagSpec,
+    num_samples: int = 512,
+    prompt_len: int = 4,
+    gen_steps: int = 8,
+    ablation: str = "mean",
+    reference_model=None,
+    seed: int = 0,
+) -> FlagReport:
+    """Measure the flags of ``model`` on ``task`` (see :class:`FlagReport`).
+
+    Parameters
+    ----------
+    num_samples : int
+        Sequences per measurement (clean data, prompts, each probe split).
+    prompt_len, gen_steps : int
+        Prompts are the first ``prompt_len`` tokens of clean sequences; ``gen_steps`` tokens are sampled
+        (temperature 1, seeded) with the flags steered, at every position, to a uniformly drawn concept other
+        than the prompt's (its concept readable at the last prompt position; prompts with none are dropped).
+    ablation : {"mean", "zero"}
+    reference_model : optional
+        The model before flag training; its probe numbers go to ``reference`` (erosion = before - after).
+    """
+    spec.check(model)
+    if ablation not in ("mean", "zero"):
+        raise ValueError(f"ablation={ablation!r} is not valid; choose 'mean' or 'zero'")
+    model.eval()
+    data = task.sample(num_samples, seed=seed, switch_prob=0.0)
+    acts = _hook_acts(model, data.tokens, spec)
+    lab = data.extra["concept_pos"]
+    known = lab >= 0
+    flag_acc = float((read_flags(acts, spec)[known] == lab[known]).double().mean())
+
+    loss_clean = float(_lm_loss(model(data.tokens), data.targets))
+    value = acts[..., list(spec.dims)].mean((0, 1)) if ablation == "mean" else 0.0
+    with ablate_flags(model, spec, value):
+        loss_abl = float(_lm_loss(model(data.tokens), data.targets))
+
+    prompts = task.sample(num_samples, seed=seed + 1, switch_prob=0.0)
+    pc = prompts.extra["concept_pos"][:, prompt_len - 1]
+    keep = pc >= 0
+    tok, pc = prompts.tokens[keep, :prompt_len], pc[keep]
+    g = _gen(seed + 2)
+    other = (pc + torch.randint(1, spec.num_concepts, pc.shape, generator=g)) % spec.num_concepts
+    steered = generate(model, tok, gen_steps, spec, other, seed=seed + 3)[:, prompt_len:]
+    free = generate(model, tok, gen_steps, seed=seed + 3)[:, prompt_len:]
+    tc = task.token_concepts
+    rep = FlagReport(
+        flag_accuracy=flag_acc,
+        steer_success=float((tc[steered] == other[:, None]).double().mean()),
+        steer_baseline=float((tc[free] == other[:, None]).double().mean()),
+        steer_prompt_concept=float((tc[steered] == pc[:, None]).double().mean()),
+        loss_clean=loss_clean,
+        loss_ablated=loss_abl,
+        reliance=loss_abl - loss_clean,
+        **_probe_numbers(model, task, spec, num_samples, seed),
+    )
+    if reference_model is not None:
+        rep.reference = _probe_numbers(reference_model, task, spec, num_samples, seed)
+    return rep

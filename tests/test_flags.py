@@ -1,0 +1,237 @@
+import copy
+
+import pytest
+import torch
+
+from pypattern.flags import (
+    FlagSpec,
+    ablate_flags,
+    flag_loss,
+    flag_report,
+    generate,
+    overwrite_flags,
+    read_flags,
+    steer,
+    train_flags,
+)
+from pypattern.models import Transformer
+from pypattern.tasks import train
+from pypattern.tasks.topics import TopicTask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TASK = TopicTask(num_topics=2, tokens_per_topic=8, num_shared=4, seq_len=16)
+SPEC = FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2, 3), num_concepts=2)
+
+
+def _model(seed=0):
+    return Transformer(TASK.model_config(seed=seed))
+
+
+# ----- task ground truth ------------------------------------------------------------------------------------
+def test_topic_task_ground_truth():
+    b = TASK.sample(300, seed=0)
+    tc = TASK.concept_of(b.tokens)
+    assert torch.all(b.tokens[:, 0] == TASK.bos)
+    # every topic token belongs to the sequence's concept; readable concept matches the last topic token
+    c = b.extra["concept"]
+    assert torch.all((tc[:, 1:] == -1) | (tc[:, 1:] == c[:, None]))
+    assert torch.all((b.extra["concept_pos"] == -1) | (b.extra["concept_pos"] == c[:, None]))
+    assert torch.all(b.extra["concept_pos"][:, 0] == -1)
+    assert torch.equal(b.targets[:, :-1], b.tokens[:, 1:])
+    shared = (tc[:, 1:] == -1).float().mean()
+    assert 0.18 < shared < 0.32  # shared_prob = 0.25
+
+
+def test_topic_task_switch():
+    b = TASK.sample(300, seed=1, switch_prob=1.0)
+    sp, c, nc = b.extra["switch_pos"], b.extra["concept"], b.extra["next_concept"]
+    assert torch.all(nc != c) and torch.all(sp >= 3) and torch.all(sp <= 14)
+    tc = TASK.concept_of(b.tokens)
+    pos = torch.arange(16)[None]
+    want = torch.where(pos >= sp[:, None], nc[:, None], c[:, None])
+    assert torch.all((tc == -1) | (tc == want))
+    # target_concept at position t is the topic of token t + 1
+    assert torch.equal(b.extra["target_concept"][:, :-1], want[:, 1:])
+    with pytest.raises(ValueError, match="switch_prob"):
+        TASK.sample(2, seed=0, switch_prob=1.5)
+    with pytest.raises(ValueError, match="num_topics"):
+        TopicTask(num_topics=1)
+
+
+# ----- spec validation --------------------------------------------------------------------------------------
+def test_spec_errors():
+    with pytest.raises(ValueError, match="repeats"):
+        FlagSpec(dims=(0, 1, 1, 2))
+    with pytest.raises(ValueError, match="negative"):
+        FlagSpec(dims=(-1, 1))
+    with pytest.raises(ValueError, match="num_concepts"):
+        FlagSpec(dims=(0, 1), num_concepts=3)
+    with pytest.raises(ValueError, match="num_concepts"):
+        FlagSpec(dims=(0, 1), num_concepts=1)
+    with pytest.raises(ValueError, match="on_value"):
+        FlagSpec(on_value=1.0, off_value=1.0)
+    model = _model()
+    with pytest.raises(ValueError, match=r"dims=.*d_model=32"):
+        FlagSpec(dims=(0, 32)).check(model)
+    with pytest.raises(ValueError, match="hook='blocks.9.hook_resid_pre'"):
+        FlagSpec(hook="blocks.9.hook_resid_pre").check(model)
+    with pytest.raises(ValueError, match="hook="):
+        with steer(model, FlagSpec(hook="nope"), 0):
+            pass
+    with pytest.raises(ValueError, match="concept"):
+        with steer(model, SPEC, 2):
+            pass
+    with pytest.raises(ValueError, match="hook='blocks.5.hook_resid_post'"):
+        train_flags(model, TASK, FlagSpec(hook="blocks.5.hook_resid_post"), 1, 1)
+    with pytest.raises(ValueError, match="stage1_steps=-1"):
+        train_flags(model, TASK, SPEC, -1, 1)
+    with pytest.raises(ValueError, match="aux_weight"):
+        train_flags(model, TASK, SPEC, 1, 1, aux_weight=-1.0)
+
+
+def test_spec_groups_and_code():
+    s = FlagSpec(dims=tuple(range(16)), num_concepts=5)
+    assert [len(g) for g in s.groups] == [4, 3, 3, 3, 3]
+    code = s.code()
+    assert code.shape == (5, 16) and torch.all(code.sum(1) == torch.tensor([4.0, 3, 3, 3, 3]))
+    assert torch.all(code.sum(0) == 1)
+
+
+# ----- loss and read-out ------------------------------------------------------------------------------------
+def test_flag_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(3, 5, 8, generator=g)
+    spec = FlagSpec(dims=(6, 1, 3), num_concepts=2, on_value=2.0, off_value=-1.0)
+    labels = torch.tensor([[0, 1, -1, 1, 0], [1, 1, 1, -1, -1], [-1, 0, 0, 0, 0]])
+    total, count = 0.0, 0
+    for b in range(3):
+        for t in range(5):
+            c = int(labels[b, t])
+            if c < 0:
+                continue
+            # concept 0 owns dims[0:2] = (6, 1), concept 1 owns dims[2:3] = (3,)
+            target = {0: [2.0, 2.0, -1.0], 1: [-1.0, -1.0, 2.0]}[c]
+            for k, d in enumerate((6, 1, 3)):
+                total += (float(acts[b, t, d]) - target[k]) ** 2
+                count += 1
+    assert float(flag_loss(acts, labels, spec)) == pytest.approx(total / count, rel=1e-5)
+    # per-sample labels broadcast over positions
+    lab1 = torch.tensor([0, 1, 1])
+    assert float(flag_loss(acts, lab1, spec)) == pytest.approx(
+        float(flag_loss(acts, lab1[:, None].expand(3, 5), spec)), rel=1e-6
+    )
+    # read-out picks the nearest code
+    ow = overwrite_flags(acts, spec, spec.code()[labels.clamp_min(0)])
+    assert torch.equal(read_flags(ow, spec), labels.clamp_min(0))
+
+
+def test_flag_loss_errors():
+    acts = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match="concept_labels has shape"):
+        flag_loss(acts, torch.zeros(3, dtype=torch.long), SPEC)
+    with pytest.raises(ValueError, match="concept_labels has shape"):
+        flag_loss(acts, torch.zeros(2, 5, dtype=torch.long), SPEC)
+    with pytest.raises(ValueError, match="dtype"):
+        flag_loss(acts, torch.zeros(2), SPEC)
+    with pytest.raises(ValueError, match="values in"):
+        flag_loss(acts, torch.tensor([0, 2]), SPEC)
+    with pytest.raises(ValueError, match=r"acts has shape"):
+        flag_loss(torch.zeros(2, 8), torch.tensor([0, 1]), SPEC)
+    with pytest.raises(ValueError, match=r"d_model=8"):
+        flag_loss(acts, torch.tensor([0, 1]), FlagSpec(dims=(0, 9)))
+
+
+# ----- the hook ---------------------------------------------------------------------------------------------
+def test_steer_overwrites_only_flag_dims():
+    model = _model().eval()
+    tokens = TASK.sample(4, seed=3).tokens
+    _, clean = model.run_with_cache(tokens, names_filter=SPEC.hook)
+    concept = torch.tensor([1, 0, 1, 1])
+    with steer(model, SPEC, concept):
+        _, cache = model.run_with_cache(tokens, names_filter=SPEC.hook)
+    a, a0 = cache[SPEC.hook], clean[SPEC.hook]
+    want = SPEC.code()[concept][:, None].expand(4, 16, 4)
+    assert torch.equal(a[..., list(SPEC.dims)], want)
+    assert torch.equal(a[..., 4:], a0[..., 4:])
+    # the overwrite propagates downstream: logits change
+    clean_logits = model(tokens)
+    with steer(model, SPEC, 1):
+        assert not torch.allclose(model(tokens), clean_logits, atol=1e-4)
+    # positions: an int start position leaves earlier ones untouched
+    with steer(model, SPEC, 1, positions=5):
+        _, cache = model.run_with_cache(tokens, names_filter=SPEC.hook)
+    a = cache[SPEC.hook]
+    assert torch.equal(a[:, :5], a0[:, :5])
+    assert torch.all(a[:, 5:, list(SPEC.dims)] == SPEC.code()[1])
+    with ablate_flags(model, SPEC, 0.0):
+        _, cache = model.run_with_cache(tokens, names_filter=SPEC.hook)
+    assert torch.all(cache[SPEC.hook][..., :4] == 0) and torch.equal(cache[SPEC.hook][..., 4:], a0[..., 4:])
+    # hooks are removed afterwards
+    assert all(not hp._fns for hp in model.hook_dict.values())
+
+
+def test_generate_checks_and_determinism():
+    model = _model().eval()
+    prompt = TASK.sample(3, seed=0).tokens[:, :4]
+    a = generate(model, prompt, 6, seed=5)
+    assert a.shape == (3, 10) and torch.equal(a[:, :4], prompt)
+    assert torch.equal(a, generate(model, prompt, 6, seed=5))
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        generate(model, prompt, 13)
+    with pytest.raises(ValueError, match="both spec and concept"):
+        generate(model, prompt, 2, spec=SPEC)
+
+
+# ----- end to end -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    base = _model(seed=0)
+    train(base, TASK, steps=200, seed=0, log_every=0)
+    flagged = copy.deepcopy(base)
+    res = train_flags(flagged, TASK, SPEC, stage1_steps=200, stage2_steps=200, aux_weight=1.0, seed=1)
+    control = copy.deepcopy(base)  # same fine-tuning budget, no flag loss and no stage 2
+    train_flags(control, TASK, SPEC, stage1_steps=400, stage2_steps=0, aux_weight=0.0, seed=1)
+    kw = dict(num_samples=256, seed=0)
+    return (
+        res,
+        flag_report(flagged, TASK, SPEC, reference_model=base, **kw),
+        flag_report(control, TASK, SPEC, **kw),
+    )
+
+
+def test_flags_are_learned_and_steer(trained):
+    res, rep, ctl = trained
+    assert res.stages[0] == 1 and res.stages[-1] == 2
+    assert res.flag_losses[-1] < 0.05 < res.flag_losses[0]
+    # measured (seeds 0/1): flag accuracy 1.0, steering 0.76 vs 0.01 unsteered, reliance 0.66 nats
+    assert rep.flag_accuracy > 0.95
+    assert rep.steer_success > 0.5
+    assert rep.steer_baseline < 0.1
+    assert rep.steer_prompt_concept < 0.15
+    assert rep.reliance > 0.25
+    assert rep.loss_clean < TASK.optimal_loss() + 0.15
+    assert set(rep.reference) == {
+        "probe_non_flag",
+        "probe_non_flag_r2",
+        "probe_non_flag_shared",
+        "probe_non_flag_shared_r2",
+        "probe_flag",
+    }
+
+
+def test_control_is_not_steerable(trained):
+    _, rep, ctl = trained
+    # measured: control steering 0.006 (its own baseline 0.006), reliance 0.007 nats
+    assert ctl.steer_success < 0.1
+    assert rep.steer_success > ctl.steer_success + 0.4
+    assert ctl.reliance < 0.1 < rep.reliance
+    assert ctl.flag_accuracy < 0.9
