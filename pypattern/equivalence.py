@@ -198,13 +198,16 @@ def linear_cka(x, y, *, debiased: bool = True) -> float:
 
 
 def _gram_stack(reps: list[torch.Tensor], debiased: bool) -> torch.Tensor:
-    """``(len(reps), n * n)``: each representation's U-centred (or doubly centred) Gram, flattened."""
-    out = []
-    for x in reps:
+    """``(len(reps), n * n)``: each representation's U-centred (or doubly centred) Gram, flattened; each Gram is
+    written straight into its row and centred there."""
+    n = reps[0].shape[0]
+    out = torch.empty(len(reps), n, n, dtype=reps[0].dtype, device=reps[0].device)
+    for i, x in enumerate(reps):
         xc = _center_columns(x)
-        k = xc @ xc.T
-        out.append((u_center(k, inplace=True) if debiased else k).reshape(-1))
-    return torch.stack(out)
+        torch.mm(xc, xc.T, out=out[i])
+        if debiased:
+            u_center(out[i], inplace=True)
+    return out.reshape(len(reps), n * n)
 
 
 def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool):
@@ -309,8 +312,10 @@ def _hsic_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: b
     gx = _gram_stack(xs, debiased)
     gy = gx if same else _gram_stack(ys_, debiased)
     norm = n * (n - 3) if debiased else (n - 1) ** 2
-    sx = (gx * gx).sum(1) / norm
-    return gx @ gy.T / norm, sx, sx if same else (gy * gy).sum(1) / norm
+    num = gx @ gy.T / norm
+    sx = torch.diagonal(num).clone() if same else torch.linalg.vector_norm(gx, dim=1) ** 2 / norm
+    sy = sx if same else torch.linalg.vector_norm(gy, dim=1) ** 2 / norm
+    return num, sx, sy
 
 
 # ------------------------------------------------------------------------------------------------ minibatch
