@@ -106,7 +106,8 @@ def test_induction_experiment_end_to_end():
     assert r["runs"]["baseline"]["group_weights"] is None
     for run in r["runs"].values():
         c = run["curve"]
-        assert c.shape[1] == 3 and c[-1, 0] > s.checkpoint_step and np.isfinite(c[:, 1:]).all()
+        assert c.shape[1] == 4 and c[-1, 0] > s.checkpoint_step and np.isfinite(c[:, 1:]).all()
+        assert ((c[:, 3] >= 0) & (c[:, 3] <= 1)).all()  # prefix-matching score: an attention probability
         assert math.isinf(run["onset"]) == (run["censored_at"] is not None)
     # the patterned runs start from the same checkpoint: identical curves up to it
     pre = r["runs"]["baseline"]["curve"][r["runs"]["baseline"]["curve"][:, 0] <= s.checkpoint_step]

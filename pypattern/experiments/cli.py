@@ -57,9 +57,9 @@ def _plot_induction(res: dict, out: Path) -> list[str]:
     paths = []
     per = res["per_seed"]
     s = res["settings"]
-    fig, axes = plt.subplots(1, len(per), figsize=(4.2 * len(per), 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(per), figsize=(4.2 * len(per), 6.4), squeeze=False)
     colors = {"baseline": "k", "accelerate": "tab:green", "delay": "tab:red"}
-    for ax, r in zip(axes[0], per):
+    for ax, ax_pm, r in zip(axes[0], axes[1], per):
         for name, run in r["runs"].items():
             c = run["curve"]
             on = run["onset"]
@@ -69,6 +69,12 @@ def _plot_induction(res: dict, out: Path) -> list[str]:
                 else f"{name} (no onset by {run['censored_at']})"
             )
             ax.plot(c[:, 0], c[:, 1], color=colors[name], label=lab)
+            if c.shape[1] > 3:
+                ax_pm.plot(c[:, 0], c[:, 3], color=colors[name], label=name)
+        ax_pm.set_ylim(0, 1)
+        ax_pm.set_xlabel("training step")
+        ax_pm.set_ylabel("prefix matching, last layer (max head)")
+        ax_pm.axvline(s["checkpoint_step"], color="gray", ls="--", lw=1)
         ax.axhline(s["threshold"], color="gray", ls=":", lw=1)
         ax.axvline(s["checkpoint_step"], color="gray", ls="--", lw=1)
         ax.set_title(f"seed {r['seed']}: PC{r['patterning']['pc'] + 1} patterning")
