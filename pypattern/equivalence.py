@@ -343,6 +343,7 @@ class MinibatchCKA:
         self.num_x, self.num_y = num_x, num_y
         self.num_batches = 0
         self._xy = self._xx = self._yy = None
+        self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def update(self, xs: Sequence, ys: Sequence | None = None) -> MinibatchCKA:
         if (ys is None) != (self.num_y is None):
@@ -364,6 +365,8 @@ class MinibatchCKA:
             self._xy, self._xx, self._yy = xy, xx, yy
         else:
             self._xy, self._xx, self._yy = self._xy + xy, self._xx + xx, self._yy + yy
+        # the per-batch terms (A B + A + B numbers) for the jackknife over batches
+        self._batches.append((xy.cpu(), xx.cpu(), yy.cpu()))
         self.num_batches += 1
         return self
 
@@ -372,6 +375,19 @@ class MinibatchCKA:
         if self.num_batches == 0:
             raise RuntimeError("MinibatchCKA.compute() before any update()")
         return _cka_from_hsic(self._xy, self._xx[:, None], self._yy[None, :])
+
+    def standard_error(self) -> torch.Tensor:
+        """``(num_x, num_y)`` jackknife standard error of :meth:`compute` over batches (delete-one-batch):
+        ``sqrt((B - 1) / B * sum_b (CKA_(-b) - mean)^2)``, each ``CKA_(-b)`` formed from the sums without batch
+        ``b``. Needs at least 2 batches; it treats batches as independent draws of the same size."""
+        if self.num_batches < 2:
+            raise RuntimeError(f"standard_error() needs at least 2 batches, got {self.num_batches}")
+        xy = torch.stack([b[0] for b in self._batches])
+        xx = torch.stack([b[1] for b in self._batches])
+        yy = torch.stack([b[2] for b in self._batches])
+        loo = _cka_from_hsic(xy.sum(0) - xy, (xx.sum(0) - xx)[:, :, None], (yy.sum(0) - yy)[:, None, :])
+        nb = self.num_batches
+        return ((nb - 1) / nb * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
 
 
 # ------------------------------------------------------------------------------------------------ Procrustes

@@ -293,3 +293,26 @@ def test_readme_example_runs():
     torch.testing.assert_close(
         torch.diagonal(cka_matrix(env["acts_a"], env["acts_a"])), torch.ones(2, dtype=torch.float64)
     )
+
+
+def test_minibatch_jackknife_standard_error_matches_replicates():
+    """The jackknife standard error over batches against the spread of the estimate over independent data sets
+    drawn from the same model (x and y share 2 of 6 latent directions)."""
+
+    wx, wy = _rand(6, 5, 1000), _rand(2, 4, 1001)  # the model: fixed; only the samples are redrawn
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(160, 6, generator=g, dtype=torch.float64)
+        x = z @ wx
+        y = z[:, :2] @ wy + torch.randn(160, 4, generator=g, dtype=torch.float64)
+        acc = MinibatchCKA(1, 1)
+        for b in range(10):
+            acc.update([x[16 * b : 16 * (b + 1)]], [y[16 * b : 16 * (b + 1)]])
+        return float(acc.compute()[0, 0]), float(acc.standard_error()[0, 0])
+
+    vals = np.array([draw(s) for s in range(150)])
+    spread, mean_se = vals[:, 0].std(ddof=1), vals[:, 1].mean()
+    assert 0.7 < mean_se / spread < 1.4, (mean_se, spread)
+    with pytest.raises(RuntimeError, match="at least 2 batches"):
+        MinibatchCKA(1).update([_rand(8, 3, 0)]).standard_error()
