@@ -10,7 +10,14 @@ steer with them). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
 
 from . import equivalence, flags, patterning, truth
 from ._backends import backends
-from .equivalence import MinibatchCKA, cka_matrix, linear_cka, permutation_test, procrustes
+from .equivalence import (
+    MinibatchCKA,
+    cka_matrix,
+    interpretive_equivalence,
+    linear_cka,
+    permutation_test,
+    procrustes,
+)
 from .flags import FlagReport, FlagSpec, flag_loss, flag_report, generate, steer, train_flags
 from .models import Transformer, TransformerConfig, component_masks
 from .ops import (
@@ -64,6 +71,7 @@ __all__ = [
     "KL",
     "MinibatchCKA",
     "cka_matrix",
+    "interpretive_equivalence",
     "linear_cka",
     "permutation_test",
     "procrustes",

@@ -1,5 +1,6 @@
 """Representation similarity: linear CKA (biased and debiased, full-batch and minibatch), Procrustes shape
-distances, every layer pair of two models at once, and permutation tests.
+distances, every layer pair of two models at once, and permutation tests; and, on top of them, interpretive
+equivalence (do two models share an interpretation?) with implementations sampled by resample ablation.
 
 Conventions
 -----------
@@ -47,6 +48,11 @@ __all__ = [
     "procrustes",
     "SimilarityTest",
     "permutation_test",
+    "ridge_similarity",
+    "EquivalenceResult",
+    "interpretive_equivalence",
+    "representations",
+    "resample_implementations",
 ]
 
 
@@ -522,3 +528,209 @@ def permutation_test(
     extreme = (null >= stat) if alternative == "greater" else (null <= stat)
     p = (1 + int(extreme.sum())) / (1 + num_permutations)
     return SimilarityTest(statistic=stat, null=null, p_value=p, alternative=alternative)
+
+
+# ------------------------------------------------------------------------------------------------ interpretive equivalence
+
+
+def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, seed: int = 0) -> float:
+    """How well ``y`` is linearly predictable from ``x``: ``sqrt(max(R^2, 0))`` of a ridge regression of ``y`` on
+    ``x`` (with intercept), fit on a random ``train_fraction`` of the samples and scored on the rest.
+
+    ``R^2 = 1 - SSE / SST`` pooled over all of ``y``'s columns (high-variance directions count more). The
+    penalty is ``alpha`` times the mean eigenvalue of the centred training features' scatter matrix ``X^T X``
+    (so ``alpha`` does not depend on the scale of ``x``). Not symmetric in ``x`` and ``y``.
+    """
+    x, y = _as_features(x, "x", 4), _as_features(y, "y", 4)
+    _check_pair(x, y)
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    n = x.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    k = min(max(int(round(train_fraction * n)), 2), n - 2)
+    tr, te = perm[:k], perm[k:]
+    mx, my = x[tr].mean(0), y[tr].mean(0)
+    xt, yt = x[tr] - mx, y[tr] - my
+    # ridge in whichever form is smaller: (X^T X + a k I)^-1 X^T Y or X^T (X X^T + a k I)^-1 Y
+    lam = alpha * float((xt * xt).sum()) / xt.shape[1]
+    if xt.shape[1] <= k:
+        a = xt.T @ xt
+        a.diagonal().add_(lam)
+        w = torch.linalg.lstsq(a, xt.T @ yt).solution
+    else:
+        a = xt @ xt.T
+        a.diagonal().add_(lam)
+        w = xt.T @ torch.linalg.lstsq(a, yt).solution
+    pred = (x[te] - mx) @ w + my
+    sse = ((y[te] - pred) ** 2).sum()
+    sst = ((y[te] - y[te].mean(0)) ** 2).sum()
+    if not sst > 0:
+        return math.nan
+    return math.sqrt(max(1.0 - float(sse / sst), 0.0))
+
+
+@dataclass
+class EquivalenceResult:
+    """Result of :func:`interpretive_equivalence`.
+
+    ``score`` in ``[0, 1]``: ``1 - |wins / num_trials - 1|`` with ``wins`` out of ``2 num_trials`` comparisons;
+    ``own``, ``other``: ``(num_trials, 2)`` similarities of model A (column 0) and model B (column 1) to an
+    implementation of its own and to the other model.
+    """
+
+    score: float
+    wins: int
+    num_trials: int
+    own: np.ndarray
+    other: np.ndarray
+
+    @property
+    def win_rate(self) -> float:
+        return self.wins / (2 * self.num_trials)
+
+
+def interpretive_equivalence(
+    rep_a,
+    rep_b,
+    sample_a: Callable[[int], torch.Tensor],
+    sample_b: Callable[[int], torch.Tensor],
+    *,
+    num_trials: int = 20,
+    similarity: str | Callable = "ridge",
+    seed: int = 0,
+) -> EquivalenceResult:
+    """Do two models share an interpretation? The estimator of Sun & Toneva, as we read it.
+
+    An interpretation of a model is judged by its *implementations*: versions of the model whose computation is
+    changed only where the interpretation says it does not matter (e.g. components outside the claimed circuit
+    resampled with activations from other inputs: :func:`resample_implementations`). Two models are
+    interpretively equivalent when their sets of implementations coincide, so a model should then be no closer to
+    an implementation of its own interpretation than to the other model. Each trial draws one implementation of
+    each model and asks, in both directions, whether the model is closer to its own implementation than to the
+    other model (a *win*). With ``s`` wins in ``2 num_trials`` comparisons the score is ``1 - |s / num_trials -
+    1|``: 1 when wins are a coin flip (equivalent), 0 when the model is always closer to its own implementation
+    (or always farther).
+
+    Parameters
+    ----------
+    rep_a, rep_b : Tensor ``(num_inputs, ...)``
+        The two models' representations of the same inputs (e.g. every layer's residual stream, concatenated:
+        :func:`representations`).
+    sample_a, sample_b : callables ``seed -> Tensor (num_inputs, ...)``
+        Representations of a random implementation of each model, on the same inputs.
+    similarity : ``"ridge"`` (:func:`ridge_similarity` of the candidate from the model, the closeness used in the
+        authors' released code), ``"cka"`` (debiased linear CKA) or a callable ``(x, y) -> float``, larger = closer.
+    """
+    if num_trials < 1:
+        raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+    if similarity == "ridge":
+        sim = lambda x, y, t: ridge_similarity(x, y, seed=t)  # noqa: E731
+    elif similarity == "cka":
+        sim = lambda x, y, t: linear_cka(x, y)  # noqa: E731
+    elif callable(similarity):
+        sim = lambda x, y, t: float(similarity(x, y))  # noqa: E731
+    else:
+        raise ValueError(f"similarity must be 'ridge', 'cka' or a callable, got {similarity!r}")
+    ra, rb = _as_features(rep_a, "rep_a", 4), _as_features(rep_b, "rep_b", 4)
+    _check_pair(ra, rb, "rep_a", "rep_b")
+    own = np.empty((num_trials, 2))
+    other = np.empty((num_trials, 2))
+    for t in range(num_trials):
+        key = seed * 100_003 + t
+        ia = _as_features(sample_a(2 * key), "sample_a(seed)", 4)
+        ib = _as_features(sample_b(2 * key + 1), "sample_b(seed)", 4)
+        _check_pair(ra, ia, "rep_a", "sample_a(seed)")
+        _check_pair(rb, ib, "rep_b", "sample_b(seed)")
+        own[t] = sim(ra, ia, key), sim(rb, ib, key)
+        other[t] = sim(ra, rb, key), sim(rb, ra, key)
+    if not (np.isfinite(own).all() and np.isfinite(other).all()):
+        raise ValueError("a similarity was not finite (a constant representation?)")
+    wins = int((own > other).sum())
+    return EquivalenceResult(
+        score=1.0 - abs(wins / num_trials - 1.0), wins=wins, num_trials=num_trials, own=own, other=other
+    )
+
+
+def _flat_cache(cache, hooks: Sequence[str]) -> torch.Tensor:
+    return torch.cat([cache[h].reshape(cache[h].shape[0], -1) for h in hooks], 1)
+
+
+def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | None = None) -> torch.Tensor:
+    """``(num_inputs, D)``: the activations at ``hooks`` (default: every block's ``hook_resid_post``), each
+    input's positions and hooks flattened and concatenated. ``model`` is a hooked model
+    (:class:`~pypattern.models.Transformer` or :class:`~pypattern.models.hooks.HookedModule`)."""
+    hooks = list(hooks) if hooks is not None else _default_rep_hooks(model)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hooks)
+    missing = [h for h in hooks if h not in cache]
+    if missing:
+        raise KeyError(f"hooks {missing} were not reached in the forward pass")
+    return _flat_cache(cache, hooks)
+
+
+def _default_rep_hooks(model) -> list[str]:
+    names = [n for n in model.hook_dict if n.endswith("hook_resid_post")]
+    if not names:
+        raise ValueError("the model has no hook_resid_post hook points; pass hooks=")
+    return names
+
+
+def resample_implementations(
+    model,
+    tokens: torch.Tensor,
+    sites: Sequence[tuple[str, int | None]],
+    *,
+    counterfactual: torch.Tensor | None = None,
+    hooks: Sequence[str] | None = None,
+) -> Callable[[int], torch.Tensor]:
+    """A sampler of implementations for :func:`interpretive_equivalence`: resample ablation of ``sites``.
+
+    Each ``site`` is ``(hook name, head index or None)`` (e.g. ``("blocks.0.attn.hook_z", 1)``: head 1's output
+    in layer 0, or ``("blocks.1.hook_attn_out", None)``); these are the components the interpretation says do not
+    matter. ``sampler(seed)`` runs ``model`` on ``tokens`` with every site's activation replaced, input by input,
+    by its activation on a random other input (drawn with ``seed`` from ``counterfactual``, default ``tokens``
+    itself) and returns :func:`representations` at ``hooks``.
+    """
+    if not sites:
+        raise ValueError("sites is empty: give the (hook name, head or None) components to resample")
+    cf = tokens if counterfactual is None else counterfactual
+    if cf.shape[1:] != tokens.shape[1:]:
+        raise ValueError(
+            f"counterfactual inputs must have shape (m, {tuple(tokens.shape[1:])}), got {tuple(cf.shape)}"
+        )
+    hook_names = sorted({h for h, _ in sites})
+    with torch.no_grad():
+        _, cf_cache = model.run_with_cache(cf, names_filter=hook_names)
+    for h in hook_names:
+        if h not in cf_cache:
+            raise KeyError(f"site hook {h!r} was not reached in the forward pass")
+    for h, head in sites:
+        if head is not None and not (cf_cache[h].dim() >= 3 and 0 <= head < cf_cache[h].shape[2]):
+            raise ValueError(f"head {head} is out of range for {h!r} with shape {tuple(cf_cache[h].shape)}")
+    rep_hooks = list(hooks) if hooks is not None else _default_rep_hooks(model)
+    n, m = tokens.shape[0], cf.shape[0]
+
+    def sample(seed: int) -> torch.Tensor:
+        idx = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(seed))
+
+        def make(heads):
+            def fn(x, hook):
+                src = cf_cache[hook.name][idx]
+                x = x.clone()
+                for head in heads:
+                    if head is None:
+                        x = src.clone()
+                    else:
+                        x[:, :, head] = src[:, :, head]
+                return x
+
+            return fn
+
+        fwd = [(h, make([hd for hh, hd in sites if hh == h])) for h in hook_names]
+        with torch.no_grad(), model.hooks(fwd):
+            _, cache = model.run_with_cache(tokens, names_filter=rep_hooks)
+        return _flat_cache(cache, rep_hooks)
+
+    return sample

@@ -316,3 +316,121 @@ def test_minibatch_jackknife_standard_error_matches_replicates():
     assert 0.7 < mean_se / spread < 1.4, (mean_se, spread)
     with pytest.raises(RuntimeError, match="at least 2 batches"):
         MinibatchCKA(1).update([_rand(8, 3, 0)]).standard_error()
+
+
+# ------------------------------------------------------------------------------------------------ interpretive equivalence
+
+
+def test_ridge_similarity_against_closed_forms():
+    from pypattern.equivalence import ridge_similarity
+
+    x = _rand(80, 6, 0)
+    w = _rand(6, 3, 1)
+    assert ridge_similarity(x, x @ w + 2.0, alpha=0.0) == pytest.approx(1.0, abs=1e-9)
+    assert ridge_similarity(x, _rand(80, 3, 2), alpha=0.0) < 0.4  # unrelated: R^2 near or below 0
+    # the same split and penalty written out with numpy, in the primal (d < k) and the dual (d > k) form
+    for d, alpha in ((6, 0.3), (70, 0.05)):
+        xx, yy = _rand(80, d, 3), _rand(80, 2, 4)
+        yy[:, 0] += xx[:, :3].sum(1)
+        perm = torch.randperm(80, generator=torch.Generator().manual_seed(7)).numpy()
+        tr, te = perm[:40], perm[40:]
+        xa, ya = xx.numpy(), yy.numpy()
+        mx, my = xa[tr].mean(0), ya[tr].mean(0)
+        xt = xa[tr] - mx
+        lam = alpha * (xt**2).sum() / d
+        w_ = np.linalg.solve(xt.T @ xt + lam * np.eye(d), xt.T @ (ya[tr] - my))
+        pred = (xa[te] - mx) @ w_ + my
+        r2 = 1 - ((ya[te] - pred) ** 2).sum() / ((ya[te] - ya[te].mean(0)) ** 2).sum()
+        got = ridge_similarity(xx, yy, alpha=alpha, seed=7)
+        assert got == pytest.approx(math.sqrt(max(r2, 0)), rel=1e-7)
+    with pytest.raises(ValueError, match="train_fraction"):
+        ridge_similarity(x, x, train_fraction=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        ridge_similarity(x, x, alpha=-1)
+
+
+def _latent_model(seed_w: int, use: slice, rotate: int | None = None):
+    """A 'model' = a fixed random nonlinear read-out of chosen latent directions, optionally followed by a random
+    rotation (the same computation in another basis); implementations add fresh noise."""
+    w = _rand(8, 12, seed_w)
+    q = (
+        torch.linalg.qr(_rand(12, 12, rotate))[0]
+        if rotate is not None
+        else torch.eye(12, dtype=torch.float64)
+    )
+
+    def rep(z):
+        h = torch.zeros_like(z)
+        h[:, use] = z[:, use]
+        return torch.tanh(h @ w) @ q
+
+    return rep
+
+
+def test_interpretive_equivalence_on_planted_models():
+    from pypattern.equivalence import interpretive_equivalence
+
+    z = _rand(300, 8, 0)
+    a = _latent_model(1, slice(0, 4))
+    b_same = _latent_model(1, slice(0, 4), rotate=5)  # the same computation in a rotated basis
+    b_diff = _latent_model(3, slice(4, 8))  # other latent variables
+
+    def sampler(model, noise):
+        def sample(seed):
+            g = torch.Generator().manual_seed(seed)
+            return model(z) + noise * torch.randn(300, 12, generator=g, dtype=torch.float64)
+
+        return sample
+
+    noise = 0.05
+    ra = sampler(a, noise)(10**6)
+    same = interpretive_equivalence(
+        ra, sampler(b_same, noise)(10**6 + 1), sampler(a, noise), sampler(b_same, noise), num_trials=30
+    )
+    diff = interpretive_equivalence(
+        ra, sampler(b_diff, noise)(10**6 + 1), sampler(a, noise), sampler(b_diff, noise), num_trials=30
+    )
+    assert diff.score < 0.1 and diff.wins == 60  # always closer to its own implementation
+    assert diff.own.min() > diff.other.max()
+    assert same.score > 0.6  # wins near a coin flip: the other model is as close as an implementation
+    assert same.own.shape == (30, 2) and 0 <= same.win_rate <= 1
+    with pytest.raises(ValueError, match="similarity"):
+        interpretive_equivalence(ra, ra, sampler(a, noise), sampler(a, noise), similarity="cosine")
+    with pytest.raises(ValueError, match="same samples"):
+        interpretive_equivalence(ra, ra[:10], sampler(a, noise), sampler(a, noise))
+
+
+def test_resample_implementations_patch_what_they_say():
+    from pypattern import InductionTask, Transformer
+    from pypattern.equivalence import representations, resample_implementations
+
+    task = InductionTask(d_vocab=16, seq_len=13)
+    model = Transformer(task.model_config(d_model=16, n_heads=2, seed=0))
+    tokens = task.sample(24, seed=1).tokens
+    clean = representations(model, tokens)
+    assert clean.shape == (24, 2 * 13 * 16)
+    sample = resample_implementations(model, tokens, [("blocks.0.attn.hook_z", 1)])
+    r1, r1b, r2 = sample(5), sample(5), sample(6)
+    assert torch.equal(r1, r1b) and not torch.equal(r1, r2)  # keyed by the seed
+    assert not torch.allclose(r1, clean)  # the patch changed something
+    # the same patch written out by hand: head 1 of layer 0 takes input idx[i]'s activation, head 0 keeps its own
+    idx = torch.randint(0, 24, (24,), generator=torch.Generator().manual_seed(5))
+    _, cf = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
+    z = cf["blocks.0.attn.hook_z"].clone()
+    z[:, :, 1] = cf["blocks.0.attn.hook_z"][idx][:, :, 1]
+    with model.hooks([("blocks.0.attn.hook_z", lambda x, h: z)]):
+        _, by_hand = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post")
+    samp = resample_implementations(
+        model, tokens, [("blocks.0.attn.hook_z", 1)], hooks=["blocks.0.hook_resid_post"]
+    )
+    torch.testing.assert_close(samp(5), by_hand["blocks.0.hook_resid_post"].reshape(24, -1))
+    # a whole-activation site (head None) and counterfactual inputs from elsewhere
+    other = task.sample(10, seed=9).tokens
+    whole = resample_implementations(model, tokens, [("blocks.1.hook_attn_out", None)], counterfactual=other)
+    assert whole(0).shape == clean.shape and not torch.allclose(whole(0), clean)
+    with pytest.raises(ValueError, match="sites is empty"):
+        resample_implementations(model, tokens, [])
+    with pytest.raises(ValueError, match="out of range"):
+        resample_implementations(model, tokens, [("blocks.0.attn.hook_z", 5)])
+    with pytest.raises(KeyError):
+        resample_implementations(model, tokens, [("blocks.9.attn.hook_z", 0)])
