@@ -3,6 +3,7 @@
 ``pypattern demo``              the main job on built-in defaults: which kernel backend runs here and the fused step's
                                 speed, a small model's LLC (loss-trace PNG), and an activation-patching grid (heatmap)
 ``pypattern demo patterning``   the patterning experiments (induction onset, parentheses algorithm), reduced sizes
+``pypattern demo flags``        concept flags: train them into a small transformer, steer with them, against a control
 ``pypattern llc``               train a small model on a built-in task and estimate its LLC
 ``pypattern patch``             exact and attribution patching on the built-in model and task (heatmap + table)
 ``pypattern backends``          which kernel backends are available here, and why not
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on built-in defaults")
-    d.add_argument("what", nargs="?", default="main", choices=["main", "patterning"])
+    d.add_argument("what", nargs="?", default="main", choices=["main", "patterning", "flags"])
     d.add_argument("--out", default="out/demo", help="folder for plots and tables")
     d.add_argument("--full", action="store_true", help="patterning: full sizes instead of the reduced demo")
     llc = sub.add_parser("llc", help="estimate the LLC of a small model trained on a built-in task")
@@ -107,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         _print(
             "activation patching on the built-in model and task:",
             _call("pypattern.patching.cli", "run_patch_demo", args.out),
+        )
+        return 0
+    if args.what == "flags":
+        _print(
+            "concept flags (a 3-layer transformer on TopicTask; flags vs a control with the same training steps):",
+            _call("pypattern.experiments.flags_demo", "run_flags_demo", f"{args.out}/flags"),
         )
         return 0
     if args.what == "patterning":
