@@ -216,6 +216,12 @@ def _gram_stack(reps: list[torch.Tensor], debiased: bool) -> torch.Tensor:
     return out.reshape(len(reps), n * n)
 
 
+# memory limits of the two forms: products of at most this many float64 entries at once (256 MB), and Gram stacks of
+# at most this many bytes for method="auto" to pick the Gram form
+_CHUNK_ELEMENTS = 32 * 2**20
+_GRAM_BYTES = 2 * 2**30
+
+
 def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool):
     """HSIC of every pair (and every representation with itself) in the feature form, ``ys=None`` meaning
     ``xs``. Every representation is centred once; then one product of each ``x`` with all ``y`` side by side,
@@ -227,12 +233,23 @@ def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, de
     n = xs[0].shape[0]
     cx = [_center_columns(x) for x in xs]
     cy = cx if ys is None else [_center_columns(y) for y in ys]
-    zy = torch.cat(cy, 1)
-    seg = torch.repeat_interleave(torch.arange(len(cy)), torch.tensor([y.shape[1] for y in cy]))
-    cross = zy.new_zeros(len(cx), len(cy))
-    for a, x in enumerate(cx):
-        prod = x.T @ zy
-        cross[a] = torch.zeros(len(cy), dtype=zy.dtype).index_add_(0, seg, (prod * prod).sum(0))
+    # the ys side by side, in chunks whose product with the widest x stays under _CHUNK_ELEMENTS
+    widest = max(x.shape[1] for x in cx)
+    chunks, cur, width = [], [], 0
+    for j, y in enumerate(cy):
+        if cur and (width + y.shape[1]) * widest > _CHUNK_ELEMENTS:
+            chunks.append(cur)
+            cur, width = [], 0
+        cur.append(j)
+        width += y.shape[1]
+    chunks.append(cur)
+    cross = cy[0].new_zeros(len(cx), len(cy))
+    for idx in chunks:
+        zy = torch.cat([cy[j] for j in idx], 1)
+        seg = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([cy[j].shape[1] for j in idx]))
+        for a, x in enumerate(cx):
+            prod = x.T @ zy
+            cross[a, idx] = torch.zeros(len(idx), dtype=zy.dtype).index_add_(0, seg, (prod * prod).sum(0))
     if ys is None:
         self_x = self_y = torch.diagonal(cross).clone()
     else:
@@ -272,7 +289,8 @@ def cka_matrix(
     method : ``"auto"`` | ``"gram"`` | ``"features"``
         ``"features"``: one ``X^T Y`` per pair (``n d_a d_b`` multiply-adds); ``"gram"``: one ``n x n`` Gram per
         representation, then all pairs in one matrix product (``n^2 d`` per representation plus ``n^2`` per pair).
-        ``"auto"`` picks the smaller count. Both give the same numbers up to rounding.
+        ``"auto"`` picks the smaller count, but the Gram form only while all Grams fit in 2 GB. Both give the
+        same numbers up to rounding. The feature form works in chunks of at most 256 MB.
 
     Returns
     -------
@@ -312,7 +330,9 @@ def _hsic_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: b
         gram = n * n * (sum(dx) + (0 if same else sum(dy))) + n * n * (
             8 * (len(xs) + len(ys_)) + len(xs) * len(ys_)
         )
-        method = "gram" if gram < feat else "features"
+        # the Gram form holds every Gram at once: not beyond _GRAM_BYTES
+        fits = (len(xs) + (0 if same else len(ys_))) * n * n * 8 <= _GRAM_BYTES
+        method = "gram" if gram < feat and fits else "features"
     if method == "features":
         return _hsic_features_all(xs, ys, debiased)
     gx = _gram_stack(xs, debiased)

@@ -434,3 +434,26 @@ def test_resample_implementations_patch_what_they_say():
         resample_implementations(model, tokens, [("blocks.0.attn.hook_z", 5)])
     with pytest.raises(KeyError):
         resample_implementations(model, tokens, [("blocks.9.attn.hook_z", 0)])
+
+
+def test_feature_form_in_chunks(monkeypatch):
+    """Small chunks (several products per x) give the same matrix as one product."""
+    import pypattern.equivalence as eq
+
+    xs = [_rand(30, d, d) for d in (3, 7, 11)]
+    ys = [_rand(30, d, 50 + d) + xs[0][:, :1] for d in (5, 2, 9, 4)]
+    want = cka_matrix(xs, ys, method="features")
+    monkeypatch.setattr(eq, "_CHUNK_ELEMENTS", 60)  # at most ~5-20 y columns per chunk
+    torch.testing.assert_close(cka_matrix(xs, ys, method="features"), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cka_matrix(xs, ys, method="gram"), want, rtol=1e-9, atol=1e-12)
+    # 6 samples x 500 features: auto picks the Gram form, unless the Grams may not fit
+    calls = []
+    real = eq._gram_stack
+    monkeypatch.setattr(eq, "_gram_stack", lambda reps, deb: calls.append(1) or real(reps, deb))
+    a, b = [_rand(6, 500, 1)], [_rand(6, 400, 2)]
+    cka_matrix(a, b)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(eq, "_GRAM_BYTES", 0)
+    torch.testing.assert_close(cka_matrix(a, b), cka_matrix(a, b, method="features"))
+    assert not calls
