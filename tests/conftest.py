@@ -12,3 +12,13 @@ import torch  # noqa: E402
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): on tiny tensors
+    extra threads only contend on the shared 2-core machines (measured 20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

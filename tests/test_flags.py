@@ -18,13 +18,7 @@ from pypattern.models import Transformer
 from pypattern.tasks import train
 from pypattern.tasks.topics import TopicTask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TASK = TopicTask(num_topics=2, tokens_per_topic=8, num_shared=4, seq_len=16)

@@ -8,14 +8,7 @@ from pypattern.models.hf import HAS_TRANSFORMERS, gpt2_from_config, gpt2_hook_po
 from pypattern.models.hooks import HookedModule
 from pypattern.models.transformer import Transformer, TransformerConfig, component_masks, gelu_new
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra threads only contend on the shared 2-core machines (measured 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**kw):

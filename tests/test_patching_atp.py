@@ -7,13 +7,7 @@ from pypattern.patching import LogitDiff, ZeroAblation, activation_patching
 from pypattern.patching.attribution import attribution_patching, shortlist_and_confirm
 from pypattern.tasks import IOITask, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_last_layer_model():

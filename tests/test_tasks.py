@@ -20,13 +20,7 @@ from pypattern.tasks import (
 )
 from pypattern.tasks.parens import FALSE, TRUE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----- data ground truth -------------------------------------------------------------------------------------
