@@ -457,3 +457,25 @@ def test_feature_form_in_chunks(monkeypatch):
     monkeypatch.setattr(eq, "_GRAM_BYTES", 0)
     torch.testing.assert_close(cka_matrix(a, b), cka_matrix(a, b, method="features"))
     assert not calls
+
+
+def test_float32_products_agree_with_float64():
+    base = _rand(400, 10, 0)
+    xs = [base @ _rand(10, d, d) + 0.5 * _rand(400, d, 10 + d) for d in (8, 40)]
+    ys = [base[:, :4] @ _rand(4, d, 20 + d) + _rand(400, d, 30 + d) for d in (6, 30)]
+    for debiased in (True, False):
+        want = cka_matrix(xs, ys, debiased=debiased)
+        for method in ("features", "gram"):
+            got = cka_matrix(xs, ys, debiased=debiased, method=method, dtype=torch.float32)
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    assert linear_cka(xs[0], ys[0], dtype=torch.float32) == pytest.approx(linear_cka(xs[0], ys[0]), abs=2e-5)
+    acc = MinibatchCKA(2, 2, dtype=torch.float32)
+    for b in range(4):
+        acc.update([x[100 * b : 100 * (b + 1)] for x in xs], [y[100 * b : 100 * (b + 1)] for y in ys])
+    acc64 = MinibatchCKA(2, 2)
+    for b in range(4):
+        acc64.update([x[100 * b : 100 * (b + 1)] for x in xs], [y[100 * b : 100 * (b + 1)] for y in ys])
+    torch.testing.assert_close(acc.compute(), acc64.compute(), rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="dtype"):
+        cka_matrix(xs, dtype=torch.float16)
