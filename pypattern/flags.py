@@ -494,6 +494,11 @@ def train_flags(
         lm = _lm_loss(logits, batch.targets)
         fl = flag_loss(written[0], batch.extra["concept_pos"], spec)
         loss = lm + aux_weight * fl if aux_weight > 0 else lm
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"train_flags: the loss is {float(loss)} at step {step} (stage {stage}; LM {float(lm)}, flag "
+                f"{float(fl)}); lower lr={lr} or aux_weight={aux_weight}"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

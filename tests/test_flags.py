@@ -247,3 +247,11 @@ def test_flags_demo_runs_small(tmp_path):
     assert rep["flags"]["steer_success"] > rep["control"]["steer_success"] + 0.3
     assert rep["flags"]["reliance"] > rep["control"]["reliance"]
     assert out["report"].endswith("flags_report.json")
+
+
+def test_train_flags_stops_on_a_non_finite_loss():
+    model = _model(seed=0)
+    with torch.no_grad():
+        model.embed.W_E[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train_flags(model, TASK, SPEC, stage1_steps=2, stage2_steps=0, log_every=0)
