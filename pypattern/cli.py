@@ -4,6 +4,7 @@
                                 speed, a small model's LLC (loss-trace PNG), and an activation-patching grid (heatmap)
 ``pypattern demo patterning``   the patterning experiments (induction onset, parentheses algorithm), reduced sizes
 ``pypattern demo flags``        concept flags: train them into a small transformer, steer with them, against a control
+``pypattern demo equivalence``  layer-by-layer similarity of induction models with and without an induction head
 ``pypattern llc``               train a small model on a built-in task and estimate its LLC
 ``pypattern patch``             exact and attribution patching on the built-in model and task (heatmap + table)
 ``pypattern backends``          which kernel backends are available here, and why not
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="run the main job on built-in defaults")
-    d.add_argument("what", nargs="?", default="main", choices=["main", "patterning", "flags"])
+    d.add_argument("what", nargs="?", default="main", choices=["main", "patterning", "flags", "equivalence"])
     d.add_argument("--out", default="out/demo", help="folder for plots and tables")
     d.add_argument("--full", action="store_true", help="patterning: full sizes instead of the reduced demo")
     llc = sub.add_parser("llc", help="estimate the LLC of a small model trained on a built-in task")
@@ -108,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         _print(
             "activation patching on the built-in model and task:",
             _call("pypattern.patching.cli", "run_patch_demo", args.out),
+        )
+        return 0
+    if args.what == "equivalence":
+        _print(
+            "representation similarity of induction models (debiased CKA on induction-predictable tokens):",
+            _call(
+                "pypattern.experiments.equivalence_demo", "run_equivalence_demo", f"{args.out}/equivalence"
+            ),
         )
         return 0
     if args.what == "flags":

@@ -479,3 +479,24 @@ def test_float32_products_agree_with_float64():
     torch.testing.assert_close(acc.compute(), acc64.compute(), rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="dtype"):
         cka_matrix(xs, dtype=torch.float16)
+
+
+def test_equivalence_demo_runs_small(tmp_path):
+    """`pypattern demo equivalence` end to end at test size: report, plot, and self-consistent numbers."""
+    import json
+
+    from pypattern.experiments.equivalence_demo import EquivalenceDemoSettings, run_equivalence_demo
+
+    s = EquivalenceDemoSettings(
+        d_vocab=16, seq_len=13, d_model=16, steps=30, num_inputs=40, num_permutations=20
+    )
+    out = run_equivalence_demo(tmp_path, s)
+    rep = json.loads((tmp_path / "equivalence.json").read_text())
+    assert (tmp_path / "equivalence_cka.png").stat().st_size > 0
+    assert set(rep["pairs"]) == {"0-1", "0-2", "1-2"} and rep["num_induction_tokens"] > 0
+    for p in rep["pairs"].values():
+        assert np.asarray(p["cka"]).shape == (2, 2)
+        assert all(0 < v <= 1 for v in p["cka_p_value"]) and all(
+            0 <= d <= math.sqrt(2) + 1e-9 for d in p["procrustes"]
+        )
+    assert out["report"].endswith("equivalence.json")
