@@ -98,6 +98,11 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, xname: str = "x", yname: str =
         raise ValueError(f"{xname} is on {x.device} but {yname} is on {y.device}")
 
 
+def _check_method(method: str) -> None:
+    if method not in ("auto", "gram", "features"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
+
+
 def _min_samples(debiased: bool) -> int:
     return 4 if debiased else 2
 
@@ -119,10 +124,8 @@ def u_center(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
         k = k.clone()
     k.diagonal().zero_()
     r = k.sum(1) / (n - 2)
-    c = r.sum() / (
-        2 * (n - 1)
-    )  # = s / (2 (n - 1) (n - 2)), added once through each of the row and column terms
-    r -= c
+    # half of s / ((n - 1)(n - 2)): it comes back once through the row and once through the column term
+    r -= r.sum() / (2 * (n - 1))
     k -= r[:, None]
     k -= r[None, :]
     k.diagonal().zero_()
@@ -235,10 +238,10 @@ def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, de
     cross = cy[0].new_zeros(len(cx), len(cy))
     for idx in chunks:
         zy = torch.cat([cy[j] for j in idx], 1)
-        seg = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([cy[j].shape[1] for j in idx]))
+        widths = [cy[j].shape[1] for j in idx]
         for a, x in enumerate(cx):
             prod = x.T @ zy
-            cross[a, idx] = torch.zeros(len(idx), dtype=zy.dtype).index_add_(0, seg, (prod * prod).sum(0))
+            cross[a, idx] = torch.stack([c.sum() for c in (prod * prod).sum(0).split(widths)])
     cross = cross.double()  # the products may be float32; every sum below is float64
     if ys is None:
         self_x = self_y = torch.diagonal(cross).clone()
@@ -295,8 +298,7 @@ def cka_matrix(
     -------
     Tensor ``(len(xs), len(ys))``, float64 (NaN where a representation is constant).
     """
-    if method not in ("auto", "gram", "features"):
-        raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
+    _check_method(method)
     _check_dtype(dtype)
     same = ys is None
     if isinstance(xs, (torch.Tensor, np.ndarray)) or (
@@ -373,14 +375,20 @@ class MinibatchCKA:
     ) -> None:
         if num_x < 1 or (num_y is not None and num_y < 1):
             raise ValueError(f"num_x and num_y must be >= 1, got {num_x}, {num_y}")
-        if method not in ("auto", "gram", "features"):
-            raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
+        _check_method(method)
         _check_dtype(dtype)
         self.method, self.dtype = method, dtype
         self.num_x, self.num_y = num_x, num_y
-        self.num_batches = 0
-        self._xy = self._xx = self._yy = None
+        # each batch's normalised unbiased HSIC terms (A B + A + B numbers): their sums give the estimate, and
+        # the sums without one batch the jackknife
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def num_batches(self) -> int:
+        return len(self._batches)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.stack(t) for t in zip(*self._batches))
 
     def update(self, xs: Sequence, ys: Sequence | None = None) -> MinibatchCKA:
         if (ys is None) != (self.num_y is None):
@@ -397,21 +405,15 @@ class MinibatchCKA:
         ys = xs if ys is None else [_as_features(y, f"ys[{j}]", 4, self.dtype) for j, y in enumerate(ys)]
         for j, z in enumerate(list(xs) + list(ys)):
             _check_pair(xs[0], z, "xs[0]", f"representation {j} of this batch")
-        xy, xx, yy = _hsic_all(xs, None if ys is xs else ys, True, self.method)
-        if self._xy is None:
-            self._xy, self._xx, self._yy = xy, xx, yy
-        else:
-            self._xy, self._xx, self._yy = self._xy + xy, self._xx + xx, self._yy + yy
-        # the per-batch terms (A B + A + B numbers) for the jackknife over batches
-        self._batches.append((xy.cpu(), xx.cpu(), yy.cpu()))
-        self.num_batches += 1
+        self._batches.append(_hsic_all(xs, None if ys is xs else ys, True, self.method))
         return self
 
     def compute(self) -> torch.Tensor:
         """``(num_x, num_y)`` CKA from the batch-averaged unbiased HSIC terms."""
         if self.num_batches == 0:
             raise RuntimeError("MinibatchCKA.compute() before any update()")
-        return _cka_from_hsic(self._xy, self._xx[:, None], self._yy[None, :])
+        xy, xx, yy = (t.sum(0) for t in self._stacked())
+        return _cka_from_hsic(xy, xx[:, None], yy[None, :])
 
     def standard_error(self) -> torch.Tensor:
         """``(num_x, num_y)`` jackknife standard error of :meth:`compute` over batches (delete-one-batch):
@@ -419,9 +421,7 @@ class MinibatchCKA:
         ``b``. Needs at least 2 batches; it treats batches as independent draws of the same size."""
         if self.num_batches < 2:
             raise RuntimeError(f"standard_error() needs at least 2 batches, got {self.num_batches}")
-        xy = torch.stack([b[0] for b in self._batches])
-        xx = torch.stack([b[1] for b in self._batches])
-        yy = torch.stack([b[2] for b in self._batches])
+        xy, xx, yy = self._stacked()
         loo = _cka_from_hsic(xy.sum(0) - xy, (xx.sum(0) - xx)[:, :, None], (yy.sum(0) - yy)[:, None, :])
         nb = self.num_batches
         return ((nb - 1) / nb * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
