@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .patching.sites import HEAD_SITES, apply_patch
+
 __all__ = [
     "linear_cka",
     "hsic",
@@ -737,9 +739,17 @@ def resample_implementations(
     for h in hook_names:
         if h not in cf_cache:
             raise KeyError(f"site hook {h!r} was not reached in the forward pass")
+    head_site = {}  # hook name -> its patching site ("z", "pattern", ...) when a head of it is resampled
     for h, head in sites:
-        if head is not None and not (cf_cache[h].dim() >= 3 and 0 <= head < cf_cache[h].shape[2]):
+        if head is None:
+            continue
+        site = h.rsplit("hook_", 1)[-1]
+        if site not in HEAD_SITES:
+            raise ValueError(f"{h!r} is not a per-head hook point ({', '.join(HEAD_SITES)}); give head None")
+        head_dim = 1 if site == "pattern" else 2
+        if not 0 <= head < cf_cache[h].shape[head_dim]:
             raise ValueError(f"head {head} is out of range for {h!r} with shape {tuple(cf_cache[h].shape)}")
+        head_site[h] = site
     rep_hooks = list(hooks) if hooks is not None else _default_rep_hooks(model)
     n, m = tokens.shape[0], cf.shape[0]
 
@@ -748,20 +758,17 @@ def resample_implementations(
 
         def make(heads):
             def fn(x, hook):
-                src = cf_cache[hook.name][idx]
-                x = x.clone()
+                src = cf_cache[hook.name][idx]  # a new tensor: input i gets input idx[i]'s activation
+                if None in heads:
+                    return src
                 for head in heads:
-                    if head is None:
-                        x = src.clone()
-                    else:
-                        x[:, :, head] = src[:, :, head]
+                    x = apply_patch(x, src, head_site[hook.name], head, -1)
                 return x
 
             return fn
 
         fwd = [(h, make([hd for hh, hd in sites if hh == h])) for h in hook_names]
-        with torch.no_grad(), model.hooks(fwd):
-            _, cache = model.run_with_cache(tokens, names_filter=rep_hooks)
-        return _flat_cache(cache, rep_hooks)
+        with model.hooks(fwd):
+            return representations(model, tokens, rep_hooks)
 
     return sample

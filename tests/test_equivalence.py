@@ -428,6 +428,18 @@ def test_resample_implementations_patch_what_they_say():
     other = task.sample(10, seed=9).tokens
     whole = resample_implementations(model, tokens, [("blocks.1.hook_attn_out", None)], counterfactual=other)
     assert whole(0).shape == clean.shape and not torch.allclose(whole(0), clean)
+    # a head of the attention pattern (batch, head, query, key): the head axis is 1 there, not 2
+    _, cfp = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
+    pat = cfp["blocks.1.attn.hook_pattern"].clone()
+    pat[:, 1] = cfp["blocks.1.attn.hook_pattern"][idx][:, 1]
+    with model.hooks([("blocks.1.attn.hook_pattern", lambda x, h: pat)]):
+        _, by_hand_p = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
+    samp_p = resample_implementations(
+        model, tokens, [("blocks.1.attn.hook_pattern", 1)], hooks=["blocks.1.hook_resid_post"]
+    )
+    torch.testing.assert_close(samp_p(5), by_hand_p["blocks.1.hook_resid_post"].reshape(24, -1))
+    with pytest.raises(ValueError, match="not a per-head hook point"):
+        resample_implementations(model, tokens, [("blocks.0.hook_resid_post", 0)])
     with pytest.raises(ValueError, match="sites is empty"):
         resample_implementations(model, tokens, [])
     with pytest.raises(ValueError, match="out of range"):
