@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tasks.base import Task, _gen
+from .tasks.base import IGNORE, Task, _gen
 
 __all__ = [
     "FlagSpec",
@@ -412,7 +412,7 @@ class FlagTrainResult:
 
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    mask = targets != -100
+    mask = targets != IGNORE
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
     return (ce * mask).sum() / mask.sum().clamp_min(1)
 
@@ -569,24 +569,35 @@ def probe_accuracy(
     spec.check(model)
     if which not in ("non_flag", "flag", "all"):
         raise ValueError(f"which={which!r} is not valid; choose 'non_flag', 'flag' or 'all'")
-    d = model.cfg.d_model
+    return _probe(_probe_data(model, task, spec, num_samples, seed), spec, which, ridge, only_shared_tokens)
+
+
+def _probe_data(model, task: Task, spec: FlagSpec, num_samples: int, seed: int) -> list:
+    """For the fit (``seed``) and the scoring (``seed + 1``) sample: the activations at ``spec.hook`` of the
+    positions with a readable concept, their concept, and whether their token is shared."""
+    out = []
+    for s in (seed, seed + 1):
+        b = task.sample(num_samples, seed=s, switch_prob=0.0)
+        lab = b.extra["concept_pos"]
+        m = lab >= 0
+        out.append((_hook_acts(model, b.tokens, spec)[m], lab[m], task.token_concepts[b.tokens][m] < 0))
+    return out
+
+
+def _probe(
+    data: list, spec: FlagSpec, which: str, ridge: float, only_shared_tokens: bool
+) -> tuple[float, float]:
+    d = data[0][0].shape[-1]
     if which == "flag":
         cols = list(spec.dims)
     elif which == "all":
         cols = list(range(d))
     else:
         cols = [i for i in range(d) if i not in set(spec.dims)]
-    xs, ys = [], []
-    for s in (seed, seed + 1):
-        b = task.sample(num_samples, seed=s, switch_prob=0.0)
-        acts = _hook_acts(model, b.tokens, spec)[..., cols]
-        lab = b.extra["concept_pos"]
-        m = lab >= 0
-        if only_shared_tokens:
-            m = m & (task.token_concepts[b.tokens] < 0)
-        xs.append(acts[m])
-        ys.append(lab[m])
-    return _ridge_probe(xs[0], ys[0], xs[1], ys[1], spec.num_concepts, ridge)
+    (xf, yf, sf), (xe, ye, se) = data
+    if only_shared_tokens:
+        xf, yf, xe, ye = xf[sf], yf[sf], xe[se], ye[se]
+    return _ridge_probe(xf[:, cols], yf, xe[:, cols], ye, spec.num_concepts, ridge)
 
 
 @dataclass
@@ -635,12 +646,11 @@ class FlagReport:
     reference: dict = field(default_factory=dict)
 
 
-def _probe_numbers(model, task, spec, num_samples, seed) -> dict:
-    acc, r2 = probe_accuracy(model, task, spec, "non_flag", num_samples, seed + 10)
-    acc_s, r2_s = probe_accuracy(
-        model, task, spec, "non_flag", num_samples, seed + 10, only_shared_tokens=True
-    )
-    acc_f, _ = probe_accuracy(model, task, spec, "flag", num_samples, seed + 10)
+def _probe_numbers(model, task, spec, num_samples, seed, ridge: float = 1e-2) -> dict:
+    data = _probe_data(model, task, spec, num_samples, seed + 10)  # one pair of forwards for the three probes
+    acc, r2 = _probe(data, spec, "non_flag", ridge, False)
+    acc_s, r2_s = _probe(data, spec, "non_flag", ridge, True)
+    acc_f, _ = _probe(data, spec, "flag", ridge, False)
     return {
         "probe_non_flag": acc,
         "probe_non_flag_r2": r2,
