@@ -52,13 +52,12 @@ def run_equivalence_demo(
     batch = task.sample(s.num_inputs, seed=99)
     flag = batch.extra["induction_flag"]
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(2)]
-    models, scores, reps = {}, {}, {}
+    scores, reps = {}, {}
     with pinned_threads(s.num_threads or None):
         for seed in s.seeds:
             m = Transformer(task.model_config(d_model=s.d_model, n_heads=s.n_heads, seed=seed))
             train(m, task, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=seed, log_every=0)
             m.eval()
-            models[seed] = m
             scores[seed] = float(prefix_matching_score(m, half_len=task.repeat_len, num_samples=64)[-1].max())
             _, cache = m.run_with_cache(batch.tokens, names_filter=names)
             reps[seed] = [cache[n][flag] for n in names]  # (induction tokens, d_model) per layer
