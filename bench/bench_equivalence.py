@@ -68,9 +68,8 @@ needs_peer = pytest.mark.skipif(peer is None, reason="pytorch-cka (import cka) i
 N, D, LAYERS = 2048, 256, 6
 THREADS = sorted({1, min(2, os.cpu_count() or 1)})
 RESULTS: dict[str, dict] = {}
-BEST_RATES: dict[
-    tuple, float
-] = {}  # (threads, dtype, shape) -> multiply-adds per second, the best seen this run
+# (threads, dtype, shape) -> multiply-adds per second, the best seen this run
+BEST_RATES: dict[tuple, float] = {}
 
 # multiply-adds of each form (see the module docstring)
 GRAM_MADDS = 2 * LAYERS * N * N * D + LAYERS * LAYERS * N * N
