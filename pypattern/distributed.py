@@ -143,14 +143,8 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
         return accs
 
     world = dist.get_world_size(group)
-    return sus.susceptibilities(
-        model,
-        loader,
-        probe,
-        components,
-        _sampler=sampler,
-        _reduce=reduce,
-        _write=rank == 0,
-        _local_path=lambda p: rank_path(p, rank, world),
-        **kwargs,
+    execution = sus.Execution(
+        sample=sampler, reduce=reduce, write_rows=rank == 0, local_path=lambda p: rank_path(p, rank, world)
     )
+    with sus.executing(execution):
+        return sus.susceptibilities(model, loader, probe, components, **kwargs)

@@ -80,7 +80,10 @@ def test_two_ranks_equal_one_process():
             o["chi_chains"], sus.chi_chains, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max()
         )
         np.testing.assert_allclose(o["chi_ck"], sus.chi, rtol=1e-9, atol=1e-12)
-        assert o["ck_files"] == ["component_0.npz", "component_1.npz"]  # group files removed when done
+        assert o["ck_files"] == [
+            "component.0.weight.npz",
+            "component.2.weight.npz",
+        ]  # group files removed when done
     # chain 1 runs on rank 1: it raises its own error there, and rank 0 stops instead of waiting
     assert outs[1]["error"] == "KeyError: 'boom'"
     assert outs[0]["error"].startswith("RuntimeError: rank 1 failed")

@@ -286,6 +286,79 @@ def test_checkpoint_resume_identical(tmp_path, batched):
         _run(model, loader, batched=batched, checkpoint=path, step_size=2e-3)
 
 
+def _other_loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1]) * 1.0
+
+
+def _negate_first_layer(model):
+    with torch.no_grad():
+        model[0].weight.neg_()  # sum |w| per tensor unchanged: only a hash of the bytes tells
+
+
+@pytest.mark.parametrize(
+    "change, item",
+    [
+        (lambda m, ld: (_negate_first_layer(m), dict())[1], "weights[0.weight]"),
+        (lambda m, ld: dict(masks={"0.weight": (torch.arange(48).reshape(8, 6) % 3 == 0)}), "masks"),
+        (lambda m, ld: dict(loss_fn=_other_loss), "loss_fn"),
+        (lambda m, ld: dict(step_size=2e-3), "lr"),
+        (lambda m, ld: dict(seed=[5, 6]), "seed"),
+        (lambda m, ld: dict(loader=_mlp_task(seed=1)[1]), "data"),
+    ],
+    ids=["negated-layer", "masks", "loss_fn", "step_size", "seed", "data"],
+)
+def test_checkpoint_of_another_run_is_refused(tmp_path, change, item):
+    """A checkpoint identifies its run: other weights, masks, loss function, hyperparameters, seed or data are
+    refused, naming the first differing item."""
+    from pypattern.io import FingerprintMismatch
+
+    model, loader = _mlp_task()
+    path = tmp_path / "run.npz"
+    kw = dict(num_chains=2, num_draws=4, num_burnin_steps=0, num_steps_bw_draws=1, checkpoint=path)
+    _run(model, loader, masks={"0.weight": torch.ones(8, 6)}, **kw)
+    other = change(model, loader)
+    loader = other.pop("loader", loader)
+    other.setdefault("masks", {"0.weight": torch.ones(8, 6)})
+    with pytest.raises(
+        FingerprintMismatch, match=rf"run.npz.*: {item.replace('[', '.').replace(']', '.')} = "
+    ) as e:
+        _run(model, loader, **{**kw, **other})
+    assert e.value.item == item
+
+
+def test_checkpoint_resumes_with_equal_inputs_in_other_containers(tmp_path):
+    """A tuple seed and a list seed, a bool mask and a float mask of the same values: the same run."""
+    model, loader = _mlp_task()
+    path = tmp_path / "run.npz"
+    kw = dict(num_chains=2, num_draws=6, checkpoint=path)
+    calls = []
+
+    def killer(chain, draw):
+        if draw == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(
+            model,
+            loader,
+            seed=(5, 6),
+            masks={"0.weight": torch.ones(8, 6, dtype=torch.bool)},
+            callbacks=[killer],
+            **kw,
+        )
+    res = _run(
+        model,
+        loader,
+        seed=[5, 6],
+        masks={"0.weight": torch.ones(8, 6)},
+        callbacks=[lambda draw: calls.append(draw)],
+        **kw,
+    )
+    full = _run(model, loader, seed=[5, 6], masks={"0.weight": torch.ones(8, 6)}, num_chains=2, num_draws=6)
+    assert calls and min(calls) >= 3  # resumed, not restarted
+    np.testing.assert_array_equal(res.loss_trace, full.loss_trace)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_cores_same_draws_callbacks_in_order_checkpoint_and_errors(tmp_path, batched):
     """cores=2 runs the chains in two threads: same draws as one group, every draw reaches the callbacks once and

@@ -17,15 +17,17 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .. import io
 from .._threads import pinned_threads
 from ..ops.sgld import sgld_step_
 from .diagnostics import check_stationarity, ess, r_hat
 from .optim import SGLD, _splitmix64, chain_seed, matches, op_kwargs, resolve_step_fn
-from .results import SampleResult, load_npz, save_npz_atomic
+from .results import SampleResult
 
 __all__ = ["SamplingDivergedError", "default_nbeta", "load_checkpoint_state", "sample"]
 
 _CKPT_VERSION = 1
+CHECKPOINT_KIND = "sample-checkpoint"
 
 
 BATCHED_MAX_PARAMS = 4096  # batched=None runs chains batched (vmap) up to this many parameters,
@@ -290,22 +292,17 @@ class _State:
             for n, t in ps.items():
                 arrays[f"params/{c}/{n}"] = t.detach().cpu().numpy()
         meta = {"version": _CKPT_VERSION, "fingerprint": fingerprint, "mode": mode, "seconds": self.seconds}
-        save_npz_atomic(path, arrays, meta)
+        io.save(path, arrays, {"checkpoint": meta}, kind=CHECKPOINT_KIND)
 
     @classmethod
     def load(cls, path, C: int, D: int, fingerprint: dict, device, dtypes: dict) -> _State:
-        arrays, meta = load_npz(path)
+        arrays, meta = io.load(path, kind=CHECKPOINT_KIND)
+        meta = meta.get("checkpoint", {})
         if meta.get("version") != _CKPT_VERSION:
-            raise ValueError(
+            raise io.FormatError(
                 f"checkpoint {path!r} has version {meta.get('version')}, expected {_CKPT_VERSION}"
             )
-        old = meta.get("fingerprint", {})
-        for k in sorted(set(old) | set(fingerprint)):
-            if old.get(k) != fingerprint.get(k):
-                raise ValueError(
-                    f"checkpoint {path!r} was written by a different call: {k} = {old.get(k)!r} there, "
-                    f"{fingerprint.get(k)!r} now. Use another checkpoint path, or delete this one to start afresh."
-                )
+        io.check_fingerprint(meta.get("fingerprint"), fingerprint, path)
         st = cls(C, D)
         st.loss, st.done, st.next_step = arrays["loss_trace"], arrays["done"], arrays["next_step"]
         st.init_losses = arrays.get("init_losses")
@@ -547,36 +544,42 @@ def sample(
     device = named[0][1].device
     w_star = {n: p.detach().clone() for n, p in model.named_parameters()}
     dtypes = {n: t.dtype for n, t in w_star.items()}
-    fingerprint = dict(
-        num_chains=C,
-        num_draws=D,
-        num_burnin_steps=num_burnin_steps,
-        num_steps_bw_draws=num_steps_bw_draws,
-        seed=seed,
-        **hyper,
-        moving=run_moving[0] if runs is None else run_moving,
-        shapes={n: list(w_star[n].shape) for n in union},
-        w_star_checksum=[round(float(w_star[n].double().abs().sum()), 6) for n in union],
-        observables=[n for n, _ in obs_items],
-        init_loss=init_loss,
-    )
-    if grad_accum_steps != 1:
-        fingerprint["grad_accum_steps"] = grad_accum_steps
     R = len(specs)
     G = R * C  # chains over all runs
     if chains is not None:
         chains = sorted({int(g) for g in chains})
         if any(not 0 <= g < G for g in chains):
             raise ValueError(f"chains must be indices in [0, {G}), got {chains}")
-        fingerprint["chains"] = chains
+    ckpt = os.fspath(checkpoint) if checkpoint is not None else None
+    data_cache: dict = {}
+    fingerprint = None
+    if ckpt is not None:
+        # what identifies the run: a checkpoint written by any other run is refused, naming the first difference
+        first_batch = _ChainData(loader, chain_seed(seeds[0], 0, stream=1), data_cache).next()
+        fingerprint = io.fingerprint(
+            num_chains=C,
+            num_draws=D,
+            num_burnin_steps=num_burnin_steps,
+            num_steps_bw_draws=num_steps_bw_draws,
+            seed=seed,
+            **hyper,
+            grad_accum_steps=grad_accum_steps,
+            init_loss=init_loss,
+            chains=chains,
+            moving=run_moving[0] if runs is None else run_moving,
+            masks=[{n: m.to(torch.float64) for n, m in (rm or {}).items()} for rm in run_masks],
+            loss_fn=loss_fn,
+            observables={n: fn for n, fn in obs_items},
+            data=io.hash_batch(first_batch),
+            **{f"weights[{n}]": t for n, t in w_star.items()},
+            **{f"buffers[{n}]": b for n, b in model.named_buffers()},
+        )
 
     # ---- state: fresh or from a checkpoint
-    ckpt = os.fspath(checkpoint) if checkpoint is not None else None
     if ckpt is not None and os.path.exists(ckpt):
         st = _State.load(ckpt, G, D, fingerprint, device, dtypes)
     else:
         st = _State(G, D)
-    data_cache: dict = {}
 
     # ---- L_n(w*) over several batches
     if st.init_losses is None:
@@ -701,7 +704,7 @@ def sample(
 
 def load_checkpoint_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The ``checkpoint_state`` arrays of a checkpoint written by :func:`sample` (empty if none)."""
-    arrays, _ = load_npz(path)
+    arrays, _ = io.load(path, kind=CHECKPOINT_KIND)
     return {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
 
 
