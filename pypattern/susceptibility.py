@@ -55,6 +55,7 @@ from .io import Saveable, register
 from .ops.covariance import CrossCovariance
 from .sampling.optim import chain_seed
 from .sampling.runner import _ChainData, load_checkpoint_state, sample, split_loss
+from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
 ROW_KIND = "susceptibility-row"  # a finished run's row in a checkpoint folder
 
@@ -320,14 +321,19 @@ def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _sampler_kwargs(kw: dict) -> dict:
+    """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated)."""
     allowed = {
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
-        "weight_decay", "noise_level", "bounding_box_size", "optimizer_kwargs", "seed", "batched", "quiet",
+        "weight_decay", "noise_scale", "bounding_box", "optimizer_kwargs", "seed", "batched", "quiet",
         "backend", "num_init_loss_batches", "warn_nonstationary", "cores", "checkpoint_every",
+        *DEVINTERP_NAMES,
     }  # fmt: skip
     bad = set(kw) - allowed
     if bad:
         raise TypeError(f"unknown sampler settings {sorted(bad)}; valid: {sorted(allowed)}")
+    kw = translate(kw, where="the sampler settings")
+    if kw.get("optimizer_kwargs"):
+        kw["optimizer_kwargs"] = translate(kw["optimizer_kwargs"], where="optimizer_kwargs", drop_none=False)
     return kw
 
 

@@ -282,7 +282,7 @@ def test_checkpoint_resume_identical(tmp_path, batched):
     # the same call again returns the stored result without sampling
     again = _run(model, loader, batched=batched, checkpoint=path, callbacks=[killer])
     np.testing.assert_array_equal(again.loss_trace, full.loss_trace)
-    with pytest.raises(ValueError, match="lr = "):
+    with pytest.raises(ValueError, match="step_size = "):
         _run(model, loader, batched=batched, checkpoint=path, step_size=2e-3)
 
 
@@ -301,7 +301,7 @@ def _negate_first_layer(model):
         (lambda m, ld: (_negate_first_layer(m), dict())[1], "weights[0.weight]"),
         (lambda m, ld: dict(masks={"0.weight": (torch.arange(48).reshape(8, 6) % 3 == 0)}), "masks"),
         (lambda m, ld: dict(loss_fn=_other_loss), "loss_fn"),
-        (lambda m, ld: dict(step_size=2e-3), "lr"),
+        (lambda m, ld: dict(step_size=2e-3), "step_size"),
         (lambda m, ld: dict(seed=[5, 6]), "seed"),
         (lambda m, ld: dict(loader=_mlp_task(seed=1)[1]), "data"),
     ],
@@ -587,6 +587,59 @@ def test_devinterp_compatible_names():
     np.testing.assert_allclose(per["loss/trace"][1], one["loss/trace"][1], rtol=1e-6)
     assert acc["loss/trace"].shape == (3, 15) and np.isfinite(acc["llc/mean"])
     assert not np.allclose(acc["loss/trace"], s["loss/trace"])
+
+
+def test_one_vocabulary_and_the_temperature_rule():
+    """pypattern's names inside (param groups, config, checkpoints); devinterp's names translated at every entry;
+    temperature is nbeta everywhere; two names of one hyperparameter that disagree are refused, naming both."""
+    from pypattern.susceptibility import susceptibilities
+
+    model, loader = _mlp_task()
+    opt = SGLD(model.parameters(), lr=1e-3, noise_level=0.5, bounding_box_size=2.0, temperature=7.0)
+    group = opt.param_groups[0]
+    assert {k: group[k] for k in ("step_size", "nbeta", "noise_scale", "bounding_box")} == dict(
+        step_size=1e-3, nbeta=7.0, noise_scale=0.5, bounding_box=2.0
+    )
+    assert not {"lr", "noise_level", "bounding_box_size", "temperature"} & set(group)
+    same = SGLD(model.parameters(), step_size=1e-3, noise_scale=0.5, bounding_box=2.0, nbeta=7.0)
+    assert same.param_groups[0].keys() == group.keys()
+    assert all(
+        same.param_groups[0][k] == group[k] for k in ("step_size", "nbeta", "noise_scale", "bounding_box")
+    )
+    SGLD(model.parameters(), lr=1e-3, step_size=1e-3)  # equal values under two names: fine
+    with pytest.raises(ValueError, match="nbeta=2.0 and temperature=3.0.*older name"):
+        SGLD(model.parameters(), nbeta=2.0, temperature=3.0)
+    with pytest.raises(ValueError, match="noise_scale=1.0 and noise_level=0.5"):
+        SGLD(model.parameters(), noise_scale=1.0, noise_level=0.5)
+    SGLD(model.parameters(), lr=np.float32(1e-3))  # numpy scalars are numbers
+
+    kw = dict(num_chains=2, num_draws=5)
+    ref = _run(model, loader, step_size=1e-3, nbeta=20.0, noise_scale=0.5, **kw)
+    assert {"step_size", "nbeta", "noise_scale", "bounding_box"} <= set(ref.config)
+    assert not {"lr", "noise_level", "bounding_box_size"} & set(ref.config)
+    for other in (
+        dict(noise_level=0.5, nbeta=None, temperature=20.0),
+        dict(noise_scale=None, optimizer_kwargs=dict(lr=1e-3, temperature=20.0, noise_level=0.5)),
+        dict(noise_scale=None, optimizer_kwargs=dict(step_size=1e-3, nbeta=20.0, noise_scale=0.5)),
+    ):
+        res = _run(model, loader, **{**dict(step_size=1e-3, nbeta=20.0, noise_scale=0.5), **kw, **other})
+        np.testing.assert_array_equal(res.loss_trace, ref.loss_trace)
+        assert res.config == ref.config
+    with pytest.raises(ValueError, match="nbeta=20.0 and temperature=3.0"):
+        _run(model, loader, temperature=3.0, **kw)
+    with pytest.raises(ValueError, match="optimizer_kwargs gives nbeta=2.0 and temperature=3.0"):
+        _run(model, loader, optimizer_kwargs=dict(nbeta=2.0, temperature=3.0), **kw)
+    with pytest.raises(ValueError, match="optimizer_kwargs gives nbeta=2.0 and temperature=3.0"):
+        estimate_learning_coeff(
+            model,
+            loader,
+            optimizer_kwargs=dict(nbeta=2.0, temperature=3.0),
+            num_chains=2,
+            num_draws=3,
+            verbose=False,
+        )
+    with pytest.raises(ValueError, match="nbeta=2.0 and temperature=3.0"):
+        susceptibilities(model, loader, next(iter(loader)), [["0.weight"]], nbeta=2.0, temperature=3.0)
 
 
 def test_calibration_flags_divergence_and_recommends_healthy():

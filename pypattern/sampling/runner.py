@@ -21,8 +21,17 @@ from .. import io
 from .._threads import pinned_threads
 from ..ops.sgld import sgld_step_
 from .diagnostics import check_stationarity, ess, r_hat
-from .optim import SGLD, _splitmix64, chain_seed, matches, op_kwargs, resolve_step_fn
+from .optim import (
+    SGLD,
+    SGLD_DEFAULTS,
+    chain_seed,
+    check_hyperparameters,
+    matches,
+    resolve_step_fn,
+    splitmix64,
+)
 from .results import SampleResult
+from .vocabulary import translate
 
 __all__ = ["SamplingDivergedError", "default_nbeta", "load_checkpoint_state", "sample"]
 
@@ -66,6 +75,25 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
     if m < 2:
         raise ValueError(f"default nbeta needs batch_size * grad_accum_steps >= 2, got {m}; pass nbeta")
     return m / math.log(m)
+
+
+def resolve_hyperparameters(
+    given: Mapping[str, Any], optimizer_kwargs: Mapping[str, Any] | None, *, loader, grad_accum_steps: int = 1
+) -> dict[str, float | None]:
+    """The six SGLD hyperparameters under pypattern's names from a call's keywords (either vocabulary) and a
+    devinterp-style ``optimizer_kwargs`` (whose entries override the keywords); defaults: ``step_size=1e-4``,
+    ``nbeta = default_nbeta(loader)``, the others as :class:`SGLD`."""
+    hyper = translate(given, where="the keyword arguments")
+    okw = translate(dict(optimizer_kwargs or {}), where="optimizer_kwargs", drop_none=False)
+    unknown = set(okw) - set(SGLD_DEFAULTS)
+    if unknown:
+        known = sorted({*SGLD_DEFAULTS, "lr", "noise_level", "bounding_box_size", "temperature"})
+        raise ValueError(f"optimizer_kwargs has unknown keys {sorted(unknown)}; known are {known}")
+    hyper.update(okw)
+    hyper = {**SGLD_DEFAULTS, "step_size": 1e-4, **hyper}
+    if hyper.get("nbeta") is None:
+        hyper["nbeta"] = default_nbeta(loader, grad_accum_steps)
+    return check_hyperparameters(hyper)
 
 
 def split_loss(out) -> torch.Tensor:
@@ -169,7 +197,7 @@ class _ChainData:
         if self.sequential:
             self.it = self._iter()
             return next(self.it)
-        seed = _splitmix64(self.key ^ self.epoch) & ((1 << 63) - 1)
+        seed = splitmix64(self.key ^ self.epoch) & ((1 << 63) - 1)
         sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
         gen = getattr(sampler, "generator", None) if not self.fast else None
         # torch's global RNG (and the loader's generator) are seeded for the epoch's order: one chain at a time
@@ -332,8 +360,11 @@ def sample(
     nbeta: float | None = None,
     localization: float = 0.0,
     weight_decay: float = 0.0,
-    noise_level: float = 1.0,
+    noise_scale: float | None = None,
+    bounding_box: float | None = None,
+    noise_level: float | None = None,
     bounding_box_size: float | None = None,
+    temperature: float | None = None,
     restrict_to: str | Sequence[str] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
@@ -378,12 +409,15 @@ def sample(
     step_size : float
         SGLD step size ``eps`` (devinterp's ``lr``); default ``1e-4``.
     nbeta : float, optional
-        ``n * beta``; default ``batch_size / ln(batch_size)`` (devinterp's default).
-    localization, weight_decay, noise_level, bounding_box_size, restrict_to, masks
-        See :class:`SGLD`.
+        ``n * beta``; default ``batch_size / ln(batch_size)`` (devinterp's default). ``temperature`` is devinterp's
+        older name for it.
+    localization, weight_decay, noise_scale, bounding_box, restrict_to, masks
+        See :class:`SGLD`. ``noise_level`` and ``bounding_box_size`` are devinterp's names for ``noise_scale``
+        (default 1) and ``bounding_box``; two names of one hyperparameter must not disagree (ValueError).
     optimizer_kwargs : dict, optional
-        devinterp-style ``{"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}``;
-        entries override the keyword arguments above.
+        devinterp-style ``{"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}``
+        (pypattern's names work too); entries override the keyword arguments above. The result's ``config`` and
+        checkpoints use pypattern's names (:mod:`pypattern.sampling.vocabulary`).
     observables : mapping name -> callable(model, batch) -> Tensor or float, or a sequence of callables
         Evaluated (without gradient) at every draw on the draw's batch; traces ``(num_chains, num_draws, *shape)``.
         With batched chains each observable is first tried under ``torch.func.vmap`` (all chains in one call);
@@ -461,19 +495,22 @@ def sample(
     SamplingDivergedError
         A loss, gradient or parameter became NaN or Inf; the message names the chain, draw, step and step size.
     """
-    okw = dict(optimizer_kwargs or {})
-    if "temperature" in okw and "nbeta" not in okw:
-        okw["nbeta"] = okw.pop("temperature")
-    known = {"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}
-    unknown = set(okw) - known
-    if unknown:
-        raise ValueError(f"optimizer_kwargs has unknown keys {sorted(unknown)}; known are {sorted(known)}")
-    step_size = okw.get("lr", step_size if step_size is not None else 1e-4)
-    nbeta = okw.get("nbeta", nbeta)
-    localization = okw.get("localization", localization)
-    weight_decay = okw.get("weight_decay", weight_decay)
-    noise_level = okw.get("noise_level", noise_level)
-    bounding_box_size = okw.get("bounding_box_size", bounding_box_size)
+    hyper = resolve_hyperparameters(
+        dict(
+            step_size=step_size,
+            nbeta=nbeta,
+            temperature=temperature,
+            localization=localization,
+            weight_decay=weight_decay,
+            noise_scale=noise_scale,
+            noise_level=noise_level,
+            bounding_box=bounding_box,
+            bounding_box_size=bounding_box_size,
+        ),
+        optimizer_kwargs,
+        loader=loader,
+        grad_accum_steps=grad_accum_steps,
+    )
     for name, v, lo in (
         ("num_chains", num_chains, 1),
         ("num_draws", num_draws, 1),
@@ -491,23 +528,10 @@ def sample(
             raise ValueError(f"seed must be an int in [0, 2**63) or a list of them, got {seed!r}")
     if not isinstance(seed, int) and len(seeds) != num_chains:
         raise ValueError(f"seed has {len(seeds)} entries but num_chains={num_chains}: give one per chain")
-    if nbeta is None:
-        nbeta = default_nbeta(loader, grad_accum_steps)
-    for name, v in (("step_size", step_size), ("nbeta", nbeta)):
-        if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     loss_fn = loss_fn or default_loss_fn
     obs_items = _observable_items(observables)
     C, D = num_chains, num_draws
     total_steps = num_burnin_steps + (D - 1) * num_steps_bw_draws + 1
-    hyper = dict(
-        lr=float(step_size),
-        nbeta=float(nbeta),
-        localization=float(localization),
-        weight_decay=float(weight_decay),
-        noise_level=float(noise_level),
-        bounding_box_size=None if bounding_box_size is None else float(bounding_box_size),
-    )
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -603,7 +627,7 @@ def sample(
                     chain=-1,
                     draw=-1,
                     step=-1,
-                    step_size=step_size,
+                    step_size=hyper["step_size"],
                 )
 
     pbar = None
@@ -679,12 +703,7 @@ def sample(
                 num_burnin_steps=num_burnin_steps,
                 num_steps_bw_draws=num_steps_bw_draws,
                 seed=seed,
-                step_size=hyper["lr"],
-                nbeta=hyper["nbeta"],
-                localization=hyper["localization"],
-                weight_decay=hyper["weight_decay"],
-                noise_level=hyper["noise_level"],
-                bounding_box_size=hyper["bounding_box_size"],
+                **hyper,
                 restrict_to=run_patterns[r] or None,
             ),
             r_hat=r_hat(ran) if len(ran) else float("nan"),
@@ -818,14 +837,14 @@ class _Run:
             if t < self.burnin
             else f"at draw {d if d >= 0 else (t - self.burnin) // self.thin} (step {t})"
         )
-        gamma = self.hyper["localization"]
+        gamma, eps = self.hyper["localization"], self.hyper["step_size"]
         msg = (
-            f"chain {c} diverged {where} with step_size={self.hyper['lr']:g}: {what}. The sampler stopped; no "
+            f"chain {c} diverged {where} with step_size={eps:g}: {what}. The sampler stopped; no "
             f"estimate is returned. Use a smaller step_size (lr) or a larger localization (now {gamma:g})"
             + (", and delete the checkpoint before rerunning" if self.ckpt else "")
             + "."
         )
-        return SamplingDivergedError(msg, chain=c, draw=d, step=t, step_size=self.hyper["lr"])
+        return SamplingDivergedError(msg, chain=c, draw=d, step=t, step_size=eps)
 
     def at_draw(
         self,
@@ -1000,7 +1019,7 @@ class _Run:
             return (loss, *_extra_outputs(out)) if want_outputs else loss
 
         vloss = torch.func.vmap(chain_loss, in_dims=(0, None if shared_data else 0))
-        hk = op_kwargs(self.hyper)
+        hk = dict(self.hyper)
         # per run: anchors and masks of its moving tensors; per chain: views of its rows of those tensors
         run_anchors = [[self.w_star[n] for n in mv] for mv in self.run_moving]
         run_masks = [
