@@ -53,8 +53,10 @@ from torch import nn
 from . import io
 from .io import Saveable, register
 from .ops.covariance import CrossCovariance
+from .sampling.checkpoint import load_checkpoint_state
+from .sampling.data import ChainData
 from .sampling.optim import chain_seed
-from .sampling.runner import _ChainData, load_checkpoint_state, sample, split_loss
+from .sampling.runner import sample, split_loss
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
 ROW_KIND = "susceptibility-row"  # a finished run's row in a checkpoint folder
@@ -421,7 +423,7 @@ def susceptibilities(
     seed0 = kw.get("seed", 0)
     seed0 = seed0 if isinstance(seed0, int) else int(list(seed0)[0])
     if sampling_batch is None:  # the first batch of a stream keyed by the seed: the same in every call
-        sampling_batch = _ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
+        sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
     if loss_fn is None:
 
         def lf(m, batch):
@@ -549,7 +551,7 @@ def susceptibilities(
             observable=observable,
             probe=io.hash_batch(probe),
             sampling_batch=io.hash_batch(sampling_batch),
-            data=io.hash_batch(_ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next()),
+            data=io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next()),
             **{f"weights[{k}]": v for k, v in model.state_dict().items()},
             phi0=float(phi0),
         )

@@ -666,3 +666,59 @@ def test_calibration_flags_divergence_and_recommends_healthy():
     assert "recommended" in str(cal)
     # regular model with d = 4: lambda = 2 (the healthy rows agree with it)
     np.testing.assert_allclose(cal.llc_mean[1:3], 2.0, rtol=0.2)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_runaway_chain_is_an_error_not_a_number(batched, monkeypatch):
+    """A step size 1000x too large (eps * localization / 2 > 2: the localization step amplifies) drives the loss
+    up by orders of magnitude while it stays finite; the sampler stops with the chain, draw and a smaller step."""
+    import pypattern.sampling.context as context
+
+    model, loader = _mlp_task()
+    kw = dict(num_chains=2, num_draws=10, nbeta=20.0, localization=100.0, batched=batched)
+    sane = _run(model, loader, step_size=1e-4, num_burnin_steps=0, num_steps_bw_draws=1, **kw)
+    assert np.nanmax(sane.loss_trace) < 2 * sane.init_loss
+    with pytest.raises(
+        SamplingDivergedError, match=r"chain \d diverged at draw \d+ .*ran away.*e\.g\. 0\.01"
+    ) as e:
+        _run(model, loader, step_size=0.1, num_burnin_steps=0, num_steps_bw_draws=1, **kw)
+    assert (
+        e.value.chain in (0, 1) and e.value.draw >= 4 and e.value.suggested_step_size == pytest.approx(0.01)
+    )
+    # without the check the same call returns a finite, meaningless estimate: what the check prevents
+    monkeypatch.setattr(context, "RUNAWAY_DRAWS", 10**9)
+    res = _run(model, loader, step_size=0.1, num_burnin_steps=0, num_steps_bw_draws=1, **kw)
+    assert np.isfinite(res.loss_trace).all() and res.loss_trace.max() > 1e3 * res.init_loss
+
+
+def test_dropout_model_in_train_mode_runs_in_eval_mode(tmp_path):
+    """Dropout in training mode would make the draws random: the sampler runs the model in eval mode (warning),
+    restores its mode, and the draws are deterministic and resume exactly."""
+    _, loader = _mlp_task()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 2))
+    model.train()
+    with pytest.warns(UserWarning, match="training mode and has dropout.*eval mode"):
+        a = _run(model, loader, batched=False)
+    assert model.training and model[1].training  # restored
+    with pytest.warns(UserWarning, match="dropout"):
+        b = _run(model, loader, batched=False)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = _run(model, loader, batched=False)
+    np.testing.assert_array_equal(a.loss_trace, c.loss_trace)
+    model.train()
+    path = tmp_path / "run.npz"
+
+    def killer(chain, draw):
+        if chain == 1 and draw == 5:
+            raise _Stop
+
+    with pytest.warns(UserWarning, match="dropout"), pytest.raises(_Stop):
+        _run(model, loader, batched=False, checkpoint=path, callbacks=[killer])
+    assert model.training
+    with pytest.warns(UserWarning, match="dropout"):
+        resumed = _run(model, loader, batched=False, checkpoint=path)
+    np.testing.assert_array_equal(resumed.loss_trace, a.loss_trace)
