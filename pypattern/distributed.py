@@ -27,6 +27,7 @@ from . import io
 from .sampling.data import ChainData
 from .sampling.diagnostics import check_stationarity, ess, r_hat
 from .sampling.llc import LLCResult, llc_from_sample
+from .sampling.optim import chain_seed
 from .sampling.results import SampleResult
 from .sampling.runner import sample as _sample
 
@@ -63,8 +64,6 @@ def _first_batch_hash(loader, seed) -> str:
     """A hash of the first batch chain 0 reads (or of the error reading it)."""
     try:
         seed0 = seed if isinstance(seed, int) else int(list(seed)[0])
-        from .sampling.optim import chain_seed
-
         return io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next())
     except Exception as e:  # noqa: BLE001 - compared across ranks; the sampler reports it
         return f"error: {type(e).__name__}: {e}"

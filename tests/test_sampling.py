@@ -722,3 +722,16 @@ def test_dropout_model_in_train_mode_runs_in_eval_mode(tmp_path):
     with pytest.warns(UserWarning, match="dropout"):
         resumed = _run(model, loader, batched=False, checkpoint=path)
     np.testing.assert_array_equal(resumed.loss_trace, a.loss_trace)
+
+
+def test_empty_or_exhausted_data_is_a_clear_error():
+    """An empty loader or a generator that is exhausted after one pass: a ValueError naming the loader, never a
+    bare StopIteration (which would silently end a caller's loop)."""
+    model, loader = _mlp_task()
+    with pytest.raises(ValueError, match="loader yielded no batch"):
+        _run(model, [], nbeta=None)
+    with pytest.raises(ValueError, match="loader yielded no batch"):
+        _run(model, [], nbeta=20.0)
+    batches = list(loader)[:2]
+    with pytest.raises(ValueError, match="loader yielded no batch.*generator is read only once"):
+        _run(model, (b for b in batches), nbeta=20.0, init_loss=0.5)

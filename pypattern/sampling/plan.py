@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,8 +183,6 @@ def make_plan(
 ) -> RunPlan:
     """Check the arguments of :func:`pypattern.sample` and resolve them into a :class:`RunPlan`; errors name the
     argument, the value and what would be valid."""
-    import os
-
     C = _int_at_least("num_chains", num_chains, 1)
     D = _int_at_least("num_draws", num_draws, 1)
     _int_at_least("num_burnin_steps", num_burnin_steps, 0)

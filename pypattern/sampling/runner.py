@@ -369,6 +369,8 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
         k = min(k, len(loader))
     except TypeError:
         pass
+    if k < 1:
+        raise ValueError("loader yielded no batch (it has length 0): give a loader with at least one batch")
     stream = ChainData(loader, plan.key(0, stream=2), data_cache)
     with torch.no_grad():
         vals = np.array(
