@@ -735,3 +735,28 @@ def test_empty_or_exhausted_data_is_a_clear_error():
     batches = list(loader)[:2]
     with pytest.raises(ValueError, match="loader yielded no batch.*generator is read only once"):
         _run(model, (b for b in batches), nbeta=20.0, init_loss=0.5)
+
+
+def test_lr_scheduler_drives_step_size_and_is_checked():
+    """torch's schedulers write group["lr"]: it is the step size; a value a scheduler drives out of range is
+    refused at the next step, naming the hyperparameter, before any weight changes."""
+    model, _ = _mlp_task()
+    opt = SGLD(model.parameters(), lr=1e-2, nbeta=5.0, seed=1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: [1.0, 0.5, -1.0][e])
+    ref = SGLD([p.detach().clone().requires_grad_() for p in model.parameters()], lr=1e-2, nbeta=5.0, seed=1)
+    for p, q in zip(model.parameters(), ref.param_groups[0]["params"]):
+        p.grad = q.grad = torch.ones_like(p)
+    opt.step()
+    ref.step()
+    sched.step()
+    assert opt.param_groups[0]["step_size"] == 5e-3 and opt.param_groups[0]["lr"] == 5e-3
+    opt.step()
+    ref.param_groups[0]["step_size"] = 5e-3
+    ref.step()
+    for p, q in zip(model.parameters(), ref.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    sched.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"step_size \(lr\) must be a finite number > 0, got -0.01"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

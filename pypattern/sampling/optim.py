@@ -136,6 +136,31 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+class ParamGroup(dict):
+    """An :class:`SGLD` parameter group: it holds pypattern's names (``step_size``, ``nbeta``, ...), and reads and
+    writes ``"lr"`` (torch's and devinterp's name, what torch's learning-rate schedulers change) as
+    ``step_size``."""
+
+    @staticmethod
+    def _key(k):
+        return "step_size" if k == "lr" else k
+
+    def __getitem__(self, k):
+        return super().__getitem__(self._key(k))
+
+    def __setitem__(self, k, v):
+        super().__setitem__(self._key(k), v)
+
+    def __contains__(self, k):
+        return super().__contains__(self._key(k))
+
+    def get(self, k, default=None):
+        return super().get(self._key(k), default)
+
+    def setdefault(self, k, default=None):
+        return super().setdefault(self._key(k), default)
+
+
 class SGLD(torch.optim.Optimizer):
     r"""Stochastic gradient Langevin dynamics around the initial weights ``w*`` (devinterp's SGLD, fused).
 
@@ -146,7 +171,9 @@ class SGLD(torch.optim.Optimizer):
     with ``eps = step_size``, clamped to ``w* +- bounding_box`` when that is set. The parameter group holds these
     names (``step_size``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_scale``, ``bounding_box``: the
     op's); devinterp's names (``lr``, ``noise_level``, ``bounding_box_size``, ``temperature`` for ``nbeta``) are
-    accepted as arguments and translated (:mod:`pypattern.sampling.vocabulary`). ``w*`` is the value of each parameter when the
+    accepted as arguments and translated (:mod:`pypattern.sampling.vocabulary`), and ``group["lr"]`` reads and
+    writes ``step_size``, so torch's learning-rate schedulers drive the step size. Values changed between steps
+    are checked again before the next step. ``w*`` is the value of each parameter when the
     optimizer is built. The whole step is one call of the fused op (C++/CUDA/Triton kernels).
 
     Parameters
@@ -244,7 +271,8 @@ class SGLD(torch.optim.Optimizer):
         unknown = set(masks) - set(names)
         if unknown:
             raise ValueError(f"masks has names that are not (moving) parameters: {sorted(unknown)}")
-        super().__init__(tensors, hyper)
+        super().__init__([ParamGroup(params=tensors)], hyper)
+        self._checked = tuple(hyper[k] for k in HYPERPARAMETERS)  # the values last checked
         self.param_names = names
         self.seed = int(seed)
         self.backend = backend
@@ -274,6 +302,10 @@ class SGLD(torch.optim.Optimizer):
         params = group["params"]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         kw = {k: group[k] for k in HYPERPARAMETERS}
+        values = tuple(kw.values())
+        if values != self._checked:  # changed since the last step (a scheduler, or by hand): check them again
+            check_hyperparameters(kw)
+            self._checked = values
         kw.update(masks=self.masks, seed=self.seed, step=self.num_steps)
         if self._validated:
             if self._step_fn is None:
@@ -300,6 +332,7 @@ class SGLD(torch.optim.Optimizer):
         extra = state_dict.get("sgld")
         sd = {k: v for k, v in state_dict.items() if k != "sgld"}
         super().load_state_dict(sd)
+        self.param_groups = [ParamGroup(g) for g in self.param_groups]
         if extra is not None:
             self.num_steps = int(extra["num_steps"])
             self.seed = int(extra["seed"])
