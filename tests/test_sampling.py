@@ -760,3 +760,16 @@ def test_lr_scheduler_drives_step_size_and_is_checked():
     with pytest.raises(ValueError, match=r"step_size \(lr\) must be a finite number > 0, got -0.01"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_masks_that_freeze_everything_or_hold_nan_are_refused():
+    model, loader = _mlp_task()
+    zero = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="masks are zero everywhere"):
+        _run(model, loader, masks=zero)
+    with pytest.raises(ValueError, match=r"runs\[1\]: masks are zero everywhere"):
+        _run(model, loader, runs=[(None, None), ("0.weight", {"0.weight": torch.zeros(8, 6)})])
+    nan = torch.ones(8, 6)
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"masks\['0.weight'\] has NaN"):
+        _run(model, loader, masks={"0.weight": nan})

@@ -231,6 +231,15 @@ def make_plan(
         unknown = set(r_masks) - set(moving)
         if unknown:
             raise ValueError(f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}")
+        for n, m in r_masks.items():
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"{where}masks[{n!r}] must be a tensor, got {type(m).__name__}")
+            if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+                raise ValueError(f"{where}masks[{n!r}] has NaN or Inf entries: give 0/1 (or finite) values")
+        if r_masks and all(n in r_masks and not bool(r_masks[n].any()) for n in moving):
+            raise ValueError(
+                f"{where}masks are zero everywhere on the moving parameters {moving}: nothing would move"
+            )
         run_specs.append(RunSpec(tuple(patterns), tuple(moving), r_masks or None))
     in_some_run = set().union(*(s.moving for s in run_specs))
     G = len(run_specs) * C
