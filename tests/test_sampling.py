@@ -577,6 +577,13 @@ def test_devinterp_compatible_names():
     assert on["llc/trace"].shape == (3, 15) and on["llc/means"].shape == (15,)
     assert on["llc/means"][-1] == pytest.approx(s["llc/mean"], rel=1e-4)
     assert default_nbeta(loader) == pytest.approx(16 / math.log(16))
+    # sample() and estimate_llc() default to it too (nbeta not given, or given as None in optimizer_kwargs)
+    for kw in ({}, {"optimizer_kwargs": {"nbeta": None}}, {"optimizer_kwargs": {"lr": 1e-3}}):
+        res = sample(model, loader, num_chains=1, num_draws=2, quiet=True, warn_nonstationary=False, **kw)
+        assert res.config["nbeta"] == pytest.approx(16 / math.log(16))
+    assert (
+        SGLD(model.parameters()).param_groups[0]["nbeta"] == 1.0
+    )  # the optimizer's own default, as devinterp's
     # devinterp's per-chain seeds, gradient accumulation and cores (threads here) carry over
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

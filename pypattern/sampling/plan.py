@@ -49,8 +49,8 @@ def resolve_hyperparameters(
         known = sorted({*SGLD_DEFAULTS, *DEVINTERP_NAMES})
         raise ValueError(f"optimizer_kwargs has unknown keys {sorted(unknown)}; known are {known}")
     hyper.update(okw)
-    hyper = {**SGLD_DEFAULTS, "step_size": 1e-4, **hyper}
-    if hyper.get("nbeta") is None:
+    hyper = {**SGLD_DEFAULTS, "step_size": 1e-4, "nbeta": None, **hyper}
+    if hyper["nbeta"] is None:
         hyper["nbeta"] = default_nbeta(loader, grad_accum_steps)
     return check_hyperparameters(hyper)
 
