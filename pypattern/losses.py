@@ -96,7 +96,9 @@ def _describe(batch: Any) -> str:
         return f"a {batch.dtype} tensor of shape {tuple(batch.shape)}"
     if isinstance(batch, Mapping):
         items = ", ".join(
-            f"{k!r}: {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else f"{k!r}: {type(v).__name__}"
+            f"{k!r}: {tuple(v.shape)} {v.dtype}"
+            if isinstance(v, torch.Tensor)
+            else f"{k!r}: {type(v).__name__}"
             for k, v in batch.items()
         )
         return f"a {type(batch).__name__} with keys {{{items}}}"
@@ -134,7 +136,9 @@ def parse_batch(batch: Any) -> ParsedBatch:
         return ParsedBatch("tokens", _ids(batch, "a tensor batch", batch))
     if isinstance(batch, Mapping):
         if "input_ids" not in batch or not isinstance(batch["input_ids"], torch.Tensor):
-            raise TypeError(f"a mapping batch needs a tensor 'input_ids', got {_describe(batch)}; expected {_EXPECTED}")
+            raise TypeError(
+                f"a mapping batch needs a tensor 'input_ids', got {_describe(batch)}; expected {_EXPECTED}"
+            )
         ids = _ids(batch["input_ids"], "batch['input_ids']", batch)
         fields: dict[str, torch.Tensor | None] = {}
         for key in ("attention_mask", "labels", *_PASS_KEYS):
@@ -154,7 +158,9 @@ def parse_batch(batch: Any) -> ParsedBatch:
     if isinstance(batch, tuple | list) and len(batch) >= 2:
         x, y = batch[0], batch[1]
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise TypeError(f"a pair batch (x, y) must hold two tensors, got {_describe(batch)}; expected {_EXPECTED}")
+            raise TypeError(
+                f"a pair batch (x, y) must hold two tensors, got {_describe(batch)}; expected {_EXPECTED}"
+            )
         return ParsedBatch("pair", x, y)
     raise TypeError(f"the default loss cannot read {_describe(batch)}; expected {_EXPECTED}")
 
@@ -177,7 +183,9 @@ def batch_size(batch: Any) -> int:
     leaves: list[torch.Tensor] = []
     torch.utils._pytree.tree_map(lambda v: leaves.append(v) if isinstance(v, torch.Tensor) else None, batch)
     if not leaves or leaves[0].dim() == 0:
-        raise ValueError(f"cannot count the samples of {_describe(batch)}: it holds no tensor with a batch axis")
+        raise ValueError(
+            f"cannot count the samples of {_describe(batch)}: it holds no tensor with a batch axis"
+        )
     return int(leaves[0].shape[0])
 
 
@@ -289,8 +297,6 @@ def _output_loss(out: Any) -> torch.Tensor | None:
 
 def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token losses ``(batch, pos - 1)`` (0 where masked) and the mask of counted positions."""
-    if logits.dim() == 2:  # an unbatched model output for one sequence
-        logits = logits.unsqueeze(0)
     if logits.dim() != 3 or logits.shape[:2] != pb.inputs.shape:
         raise ValueError(
             f"a token batch of shape {tuple(pb.inputs.shape)} needs logits (batch, pos, vocab) of the same batch and "

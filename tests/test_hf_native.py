@@ -104,7 +104,9 @@ def test_residual_hooks_equal_hf_hidden_states_and_module_outputs(arch):
         for name in ("attn", "mlp"):
             mod = getattr(layer, attn_name if name == "attn" else mlp_name)
             handles.append(
-                mod.register_forward_hook(lambda mod, a, o, k=(i, name): seen.__setitem__(k, _first(o).detach()))
+                mod.register_forward_hook(
+                    lambda mod, a, o, k=(i, name): seen.__setitem__(k, _first(o).detach())
+                )
             )
     with torch.no_grad():
         out = m(toks, output_hidden_states=True)
@@ -419,7 +421,9 @@ def test_mlp_mask_moves_only_that_mlp(arch):
     # every other parameter moved: the MLP on the same input gives the same output
     layers, _, mlp_name, _ = _parts(m)
     mlp = getattr(layers[layer], mlp_name)
-    x = torch.randn(2, T, m.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        2, T, m.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         want = mlp(x)
     saved = _perturb(m, masks, complement=True)
@@ -432,9 +436,11 @@ def test_mlp_mask_moves_only_that_mlp(arch):
 
 def test_embeddings_tied_and_untied_and_names_through_the_adapter():
     gpt2 = _model("gpt2")  # tied
-    assert set(hf_component_masks(gpt2, "embed")) == set(hf_component_masks(gpt2, "unembed")) == {
-        "transformer.wte.weight"
-    }
+    assert (
+        set(hf_component_masks(gpt2, "embed"))
+        == set(hf_component_masks(gpt2, "unembed"))
+        == {"transformer.wte.weight"}
+    )
     assert set(hf_component_masks(gpt2, "pos_embed")) == {"transformer.wpe.weight"}
     llama = _model("llama")  # untied
     assert set(hf_component_masks(llama, "embed")) == {"model.embed_tokens.weight"}

@@ -94,6 +94,7 @@ def gpt2_hook_points(n_layers: int, prefix: str = "transformer") -> dict[str, st
         pts[f"blocks.{layer}.hook_resid_post"] = h
     return pts
 
+
 # ------------------------------------------------------------------------------------------ native adapters
 
 
@@ -207,7 +208,9 @@ def hf_arch(model: nn.Module) -> HFArch:
             f"(e.g. {'GPT2LMHeadModel' if mt == 'gpt2' else 'AutoModelForCausalLM'}), not the base model"
         )
     if mt == "gpt2" and getattr(model.config, "add_cross_attention", False):
-        raise ValueError("GPT-2 with add_cross_attention=True is not supported (a decoder-only model is needed)")
+        raise ValueError(
+            "GPT-2 with add_cross_attention=True is not supported (a decoder-only model is needed)"
+        )
     return arch
 
 
@@ -372,5 +375,7 @@ def hooked_gpt2(model: nn.Module) -> HookedHF:
     (:func:`hooked_hf` for GPT-2)."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt != "gpt2":
-        raise ValueError(f"hooked_gpt2 needs a GPT-2 model, got model_type={mt!r}; use hooked_hf for other models")
+        raise ValueError(
+            f"hooked_gpt2 needs a GPT-2 model, got model_type={mt!r}; use hooked_hf for other models"
+        )
     return HookedHF(model)

@@ -201,9 +201,13 @@ def hf_component_masks(
     if m:
         layer = int(m.group(1))
         if layer >= n_layers:
-            raise ValueError(f"component={component!r}: layer {layer} is out of range; the model has {n_layers}")
+            raise ValueError(
+                f"component={component!r}: layer {layer} is out of range; the model has {n_layers}"
+            )
         kind = "head" if m.group(2) == "head" else "kv"
-        for name, (axis, idx) in _head_slices(hf, arch, layer, int(m.group(3)), kind, include_shared_kv).items():
+        for name, (axis, idx) in _head_slices(
+            hf, arch, layer, int(m.group(3)), kind, include_shared_kv
+        ).items():
             if name not in params:  # a bias the configuration leaves out
                 continue
             mask = torch.zeros_like(params[name], dtype=torch.bool)
@@ -214,7 +218,9 @@ def hf_component_masks(
         if pre is not None and pre.startswith(f"{arch.base}.{arch.layers}."):
             layer = int(pre.split(".")[len(arch.base.split(".")) + 1])
             if layer >= n_layers:
-                raise ValueError(f"component={component!r}: layer {layer} is out of range; the model has {n_layers}")
+                raise ValueError(
+                    f"component={component!r}: layer {layer} is out of range; the model has {n_layers}"
+                )
         pre = component if pre is None else pre
         sel = [n for n in params if n == pre or n.startswith(pre + ".")]
         if not sel and pre == arch.unembed:  # tied: the output head's weight is the embedding
