@@ -189,11 +189,11 @@ def batch_size(batch: Any) -> int:
     return int(leaves[0].shape[0])
 
 
-_SIG_CACHE: dict[Any, frozenset[str] | None] = {}
+_SIG_CACHE: dict[Any, frozenset[str]] = {}
 
 
-def _forward_params(model: nn.Module) -> frozenset[str] | None:
-    """Names of ``model.forward``'s parameters; None when it takes ``**kwargs`` and no named ``input_ids``."""
+def _forward_params(model: nn.Module) -> frozenset[str]:
+    """Names of ``model.forward``'s parameters, plus ``"**"`` when it takes ``**kwargs``."""
     fwd = type(model).forward if isinstance(model, nn.Module) else model
     if fwd in _SIG_CACHE:
         return _SIG_CACHE[fwd]

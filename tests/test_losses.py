@@ -167,11 +167,11 @@ def _logits_nll(model, s):
 
 
 @needs_hf
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "hooked_llama"])
 def test_left_padding_with_position_ids_equals_unpadded_sequences(kind):
     # sdpa: Llama's eager attention in float64 turns fully masked padding rows into NaN (its mask value overflows),
     # which then reaches the real tokens through the values
-    model = _hf(kind, "sdpa")
+    model = hooked_hf(_hf("llama", "sdpa")) if kind == "hooked_llama" else _hf(kind, "sdpa")
     seqs = _seqs(3)
     ids, am = _padded(seqs, side="left")
     pos = (am.cumsum(1) - 1).clamp(min=0)

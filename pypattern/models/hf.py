@@ -312,7 +312,19 @@ class HookedHF(HookedModule):
 
     @property
     def hf_model(self) -> nn.Module:
+        """The wrapped Hugging Face model."""
         return self.module.model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | Mapping | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits ``(batch, pos, d_vocab)`` of token ids ``(batch, pos)`` (or ``(pos,)``), of a batch mapping with
+        ``input_ids`` (``attention_mask``, ``position_ids`` and ``token_type_ids`` are used, ``labels`` ignored),
+        or of ``input_ids=..., attention_mask=...``; other keywords go to the Hugging Face model."""
+        return self.module(input_ids, attention_mask=attention_mask, **kwargs)
 
     def _add_resid_mid(self, model: nn.Module, layer: int) -> None:
         arch = self.arch
