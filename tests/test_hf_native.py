@@ -442,6 +442,22 @@ def test_embeddings_tied_and_untied_and_names_through_the_adapter():
         == {"transformer.wte.weight"}
     )
     assert set(hf_component_masks(gpt2, "pos_embed")) == {"transformer.wpe.weight"}
+    assert set(hf_component_masks(gpt2, "ln_final")) == {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    assert set(hf_component_masks(gpt2, "blocks.1.ln2")) == {
+        "transformer.h.1.ln_2.weight",
+        "transformer.h.1.ln_2.bias",
+    }
+    block = hf_component_masks(gpt2, "blocks.1")
+    assert set(block) == {n for n, _ in gpt2.named_parameters() if n.startswith("transformer.h.1.")}
+    raw = hf_component_masks(gpt2, "transformer.h.0.attn.c_attn")  # a parameter-name prefix
+    assert set(raw) == {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"}
+    neox = _model("neox")
+    assert set(hf_component_masks(neox, "blocks.0.ln1")) == {
+        "gpt_neox.layers.0.input_layernorm.weight",
+        "gpt_neox.layers.0.input_layernorm.bias",
+    }
+    head = "lm_head" if hasattr(neox, "lm_head") else "embed_out"  # renamed in transformers 5
+    assert set(hf_component_masks(neox, "unembed")) == {f"{head}.weight"}
     llama = _model("llama")  # untied
     assert set(hf_component_masks(llama, "embed")) == {"model.embed_tokens.weight"}
     assert set(hf_component_masks(llama, "unembed")) == {"lm_head.weight"}

@@ -118,8 +118,6 @@ class HFArch:
         The norms before attention and before the MLP, relative to a layer.
     ln_final : str
         The final norm, relative to ``base``.
-    unembed : str
-        The output projection, relative to the causal LM.
     qkv : {"gpt2", "neox", "split"}
         Layout of the attention weights (see :func:`hf_component_masks`).
     """
@@ -134,7 +132,6 @@ class HFArch:
     ln1: str
     ln2: str
     ln_final: str
-    unembed: str
     qkv: str
 
     def parallel(self, config: Any) -> bool:
@@ -152,14 +149,11 @@ _LLAMA_LIKE = dict(
     ln1="input_layernorm",
     ln2="post_attention_layernorm",
     ln_final="norm",
-    unembed="lm_head",
     qkv="split",
 )
 
 HF_ARCHS: dict[str, HFArch] = {
-    "gpt2": HFArch(
-        "gpt2", "transformer", "wte", "wpe", "h", "attn", "mlp", "ln_1", "ln_2", "ln_f", "lm_head", "gpt2"
-    ),
+    "gpt2": HFArch("gpt2", "transformer", "wte", "wpe", "h", "attn", "mlp", "ln_1", "ln_2", "ln_f", "gpt2"),
     "gpt_neox": HFArch(
         "gpt_neox",
         "gpt_neox",
@@ -171,7 +165,6 @@ HF_ARCHS: dict[str, HFArch] = {
         "input_layernorm",
         "post_attention_layernorm",
         "final_layer_norm",
-        "embed_out",
         "neox",
     ),
     "llama": HFArch("llama", **_LLAMA_LIKE),

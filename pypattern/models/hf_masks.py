@@ -95,11 +95,7 @@ def hf_components(model: nn.Module, heads: bool = True) -> list[str]:
 def _module_prefix(hf: nn.Module, arch: HFArch, component: str) -> str | None:
     """Parameter-name prefix (in ``hf``) of a whole-module component, or None when the name is not one."""
     b = arch.base
-    fixed = {
-        "embed": f"{b}.{arch.embed}",
-        "ln_final": f"{b}.{arch.ln_final}",
-        "unembed": arch.unembed,
-    }
+    fixed = {"embed": f"{b}.{arch.embed}", "ln_final": f"{b}.{arch.ln_final}"}
     if arch.pos_embed:
         fixed["pos_embed"] = f"{b}.{arch.pos_embed}"
     if component in fixed:
@@ -214,6 +210,8 @@ def hf_component_masks(
             mask.index_fill_(axis, _as_index(idx, mask.device), True)
             masks[name] = mask
     else:
+        if component == "unembed":
+            return _finish(_unembed_masks(hf, params), params, all_params, prefix)
         pre = _module_prefix(hf, arch, component)
         if pre is not None and pre.startswith(f"{arch.base}.{arch.layers}."):
             layer = int(pre.split(".")[len(arch.base.split(".")) + 1])
@@ -223,8 +221,6 @@ def hf_component_masks(
                 )
         pre = component if pre is None else pre
         sel = [n for n in params if n == pre or n.startswith(pre + ".")]
-        if not sel and pre == arch.unembed:  # tied: the output head's weight is the embedding
-            sel = [n for n in params if n.startswith(f"{arch.base}.{arch.embed}.")]
         if not sel:
             raise ValueError(
                 f"component={component!r} matches no parameter; valid: 'blocks.0.attn.head.0', 'blocks.0.attn', "
@@ -232,9 +228,23 @@ def hf_component_masks(
                 f"{list(params)[:2]}"
             )
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in sel}
+    return _finish(masks, params, all_params, prefix)
+
+
+def _finish(masks: dict, params: dict, all_params: bool, prefix: str) -> dict[str, torch.Tensor]:
     if all_params:
         masks = {n: masks.get(n, torch.zeros_like(p, dtype=torch.bool)) for n, p in params.items()}
     return {prefix + n: v for n, v in masks.items()}
+
+
+def _unembed_masks(hf: nn.Module, params: dict) -> dict[str, torch.Tensor]:
+    """The output head's parameters, found by identity (``lm_head`` or GPT-NeoX's head, whatever its name in the
+    installed ``transformers``): with tied embeddings its weight is the embedding's, named once."""
+    head = hf.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(hf).__name__} has no output embeddings (get_output_embeddings() is None)")
+    own = {id(p) for p in head.parameters()}
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items() if id(p) in own}
 
 
 def _as_index(idx: Any, device: torch.device) -> torch.Tensor:
