@@ -336,7 +336,7 @@ class RMSNorm(nn.Module):
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``; ``hook_normalized`` is the
     output (after ``w``; TransformerLens places it before ``w``). Without a hook on ``hook_scale`` it computes as
     Hugging Face's Llama-family RMSNorm does (``x * rsqrt(mean(x^2) + eps)`` in ``compute_dtype``, cast back,
-    times ``w``); with one, ``x / scale``, to float rounding the same."""
+    times ``w``); a hook that replaces the scale makes it ``x / scale``."""
 
     def __init__(
         self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
@@ -350,10 +350,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        ms = h.pow(2).mean(-1, keepdim=True) + self.eps
         if not self.hook_scale._fns:
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            h = h * torch.rsqrt(ms)
         else:
-            h = h / self.hook_scale((h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            scale = ms.sqrt()
+            seen = self.hook_scale(scale)
+            # a hook that only reads returns the same tensor: keep the rsqrt form, so a cached run is bit-identical
+            h = h * torch.rsqrt(ms) if seen is scale else h / seen
         return self.hook_normalized(self.w * h.to(x.dtype))
 
 
