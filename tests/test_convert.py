@@ -102,6 +102,17 @@ CASES = {
             intermediate_size=44,
         ),
     ),
+    "llama-partial-factor-in-config": (  # Llama's rotary ignores partial_rotary_factor: the whole head turns
+        "Llama",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            intermediate_size=44,
+            rope_parameters={"rope_type": "default", "rope_theta": 321.0, "partial_rotary_factor": 0.5},
+        ),
+    ),
     "mistral-gqa4-window": (
         "Mistral",
         dict(

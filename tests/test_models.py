@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -517,6 +518,12 @@ def test_tied_embeddings_are_one_parameter():
     assert [n for n, _ in tied.named_parameters(remove_duplicate=False)] == names
     assert tied.unembed.W_U.shape == (40, 13) and torch.equal(tied.unembed.W_U, tied.embed.W_E.T)
     assert "unembed" not in tied.components()
+    twin = copy.deepcopy(tied)  # the copy's unembedding reads the copy's embedding
+    with torch.no_grad():
+        twin.embed.W_E.mul_(2.0)
+    assert torch.equal(twin.unembed.W_U, twin.embed.W_E.T) and not torch.equal(
+        twin.unembed.W_U, tied.unembed.W_U
+    )
     assert set(component_masks(tied, "unembed")) == {"embed.W_E"}
     # the gradient of the one weight is the sum of its two uses (an untied copy gives both separately)
     untied = rich(tie_word_embeddings=False, unembed_bias=False)
