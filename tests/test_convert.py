@@ -305,6 +305,21 @@ def test_unsupported_options_are_refused_by_name(case, overrides, option):
         from_hf(hf)
 
 
+def test_gpt2_reorder_and_upcast_attn():
+    """Only GPT-2's eager attention reads reorder_and_upcast_attn (float32 scores): exact in float32, refused for
+    other dtypes; sdpa ignores the option."""
+    x = tokens()
+    hf = hf_model("gpt2-tied", reorder_and_upcast_attn=True)
+    with torch.no_grad():
+        assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
+    eager32 = hf_model("gpt2-tied", torch.float32, reorder_and_upcast_attn=True, attn_implementation="eager")
+    with torch.no_grad():
+        assert rel(from_hf(eager32)(x), eager32(x).logits) <= 1e-4
+    eager64 = hf_model("gpt2-tied", reorder_and_upcast_attn=True, attn_implementation="eager")
+    with pytest.raises(UnsupportedModelError, match="reorder_and_upcast_attn"):
+        from_hf(eager64)
+
+
 def test_unknown_model_class_is_refused():
     base = transformers.GPT2Model(transformers.GPT2Config(n_embd=40, n_layer=1, n_head=5, **COMMON))
     with pytest.raises(UnsupportedModelError, match="GPT2Model"):
