@@ -20,6 +20,7 @@ from .equivalence import (
 )
 from .flags import FlagReport, FlagSpec, flag_loss, flag_report, generate, steer, train_flags
 from .models import Transformer, TransformerConfig, component_masks
+from .models.convert import from_hf, from_pretrained
 from .ops import (
     CrossCovariance,
     GramSite,
@@ -107,6 +108,8 @@ __all__ = [
     "calibrate_step_size",
     "center_gram",
     "component_masks",
+    "from_hf",
+    "from_pretrained",
     "estimate_learning_coeff",
     "estimate_learning_coeff_with_summary",
     "estimate_llc",
