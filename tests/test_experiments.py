@@ -1,5 +1,5 @@
 """The patterning experiments end to end at tiny sizes: chi estimated, weights valid, re-weighted training runs,
-onsets and learned algorithms measured. The headline effect sizes are measured by the demo, not asserted here."""
+onsets and learned algorithms measured. The headline effect sizes are measured by the demo, not asserted in these tests."""
 
 import math
 

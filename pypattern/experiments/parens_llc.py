@@ -313,7 +313,7 @@ def run_parens_llc(
     log=None,
 ):
     """Solutions for ``s.targets`` (init seed ``solution_seed``), their LLC susceptibilities (SGLD seed
-    ``sgld_seed``; the session-3 tables in docs/patterning_results.md used ``solution_seed=0, sgld_seed=100``),
+    ``sgld_seed``; the tables in docs/patterning_results.md used ``solution_seed=0, sgld_seed=100``),
     one weight vector per target, then the baseline and every target trained from scratch for every seed.
     Returns a JSON-able dict (lists and floats)."""
     s = s or LLCSettings()
