@@ -64,7 +64,9 @@ except ImportError:  # pragma: no cover - the main venv has no pytorch-cka
     peer = None
     PEER = None
 
-needs_peer = pytest.mark.skipif(peer is None, reason="pytorch-cka (import cka) is not importable in this environment")
+needs_peer = pytest.mark.skipif(
+    peer is None, reason="pytorch-cka (import cka) is not importable in this environment"
+)
 
 N, D, LAYERS = 2048, 256, 6
 THREADS = sorted({1, min(2, os.cpu_count() or 1)})

@@ -38,6 +38,11 @@ class EquivalenceDemoSettings:
     num_permutations: int = 100
     num_threads: int | None = 1
 
+    @classmethod
+    def quick(cls) -> EquivalenceDemoSettings:
+        """Tiny sizes (30 training steps, 40 inputs): checks that the demo runs; figures mean nothing."""
+        return cls(d_vocab=16, seq_len=13, d_model=16, steps=30, num_inputs=40, num_permutations=20)
+
 
 def run_equivalence_demo(
     out_dir: str | Path = "out/demo/equivalence", s: EquivalenceDemoSettings | None = None
