@@ -481,10 +481,7 @@ def test_equivalence_demo_runs_small(tmp_path):
 
     from pypattern.experiments.equivalence_demo import EquivalenceDemoSettings, run_equivalence_demo
 
-    s = EquivalenceDemoSettings(
-        d_vocab=16, seq_len=13, d_model=16, steps=30, num_inputs=40, num_permutations=20
-    )
-    out = run_equivalence_demo(tmp_path, s)
+    out = run_equivalence_demo(tmp_path, EquivalenceDemoSettings.quick())  # `demo equivalence --quick`
     rep = json.loads((tmp_path / "equivalence.json").read_text())
     assert (tmp_path / "equivalence_cka.png").stat().st_size > 0
     assert set(rep["pairs"]) == {"0-1", "0-2", "1-2"} and rep["num_induction_tokens"] > 0

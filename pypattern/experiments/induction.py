@@ -41,7 +41,7 @@ from ..susceptibility import susceptibilities
 from ..tasks.base import IGNORE, TaskBatch
 from ..tasks.induction import InductionTask, prefix_matching_score
 from ..tasks.training import train
-from ._chi import ChiSettings
+from .chi_settings import ChiSettings
 
 __all__ = [
     "InductionSettings",
