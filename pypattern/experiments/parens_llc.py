@@ -1,7 +1,7 @@
-"""Patterning parentheses algorithms with each solution's own LLC (issue 6, "each solution's LLC" taken literally).
+"""Patterning parentheses algorithms with each solution's own LLC as the observable.
 
 :mod:`pypattern.experiments.parens` patterns from an early checkpoint with the held-out probe losses ``L_A`` as
-observables. This module does what the issue's wording says instead:
+observables. This module uses each solution's own LLC instead:
 
 1. **Solution models** (:func:`train_solution`). For each algorithm ``A`` of
    :data:`~pypattern.tasks.parens.ALGORITHMS` a model (the :class:`~.parens.ParensSettings` architecture) is
