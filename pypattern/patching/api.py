@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .corruptions import (
@@ -20,11 +22,37 @@ from .sites import HEAD_SITES, SITES, Cell, apply_patch, hook_name, make_cells
 __all__ = ["activation_patching", "prepare_runs", "PatchingRuns"]
 
 
+@dataclass
 class PatchingRuns:
-    """The clean, corrupted, target and source runs of one patching experiment (built by :func:`prepare_runs`)."""
+    """The target and source runs of one patching experiment (built by :func:`prepare_runs`).
 
-    def __init__(self, **kw) -> None:
-        self.__dict__.update(kw)
+    Attributes
+    ----------
+    tokens : LongTensor ``(batch, pos)``
+        The target run's prompts (corrupted for denoising, clean for noising).
+    noise : Tensor ``(batch, pos, d_model)`` or None
+        Embedding noise of the target run (Gaussian-noise corruption, denoising).
+    cache : dict
+        The target run's activations by hook name.
+    source : dict
+        The activations patched in, by hook name, ``(batch, pos, ...)``.
+    m_clean, m_corr : Tensor ``(batch,)``
+        The metric on the clean and the corrupted run (``m_corr`` None for ablations).
+    pos : int or LongTensor ``(batch,)``
+        Where the metric reads the logits (non-negative).
+    T, B : int
+        Prompt length and batch size.
+    """
+
+    tokens: torch.Tensor
+    noise: torch.Tensor | None
+    cache: dict
+    source: dict
+    m_clean: torch.Tensor
+    m_corr: torch.Tensor | None
+    pos: int | torch.Tensor
+    T: int
+    B: int
 
 
 def _layers(model) -> int:
