@@ -299,7 +299,9 @@ def main(argv=None) -> int:
         "out_dir", nargs="?", default="patterning_demo", help="folder for the plots and the report"
     )
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true", help="full sizes (more seeds and draws; hours on a CPU)")
+    size.add_argument(
+        "--full", action="store_true", help="full sizes (more seeds, longer step caps, more SGLD draws)"
+    )
     size.add_argument(
         "--quick", action="store_true", help="tiny sizes: checks the pipeline runs; figures mean nothing"
     )
