@@ -2,7 +2,16 @@
 for models kept in their own form."""
 
 from .convert import UnsupportedModelError, from_hf, from_pretrained
-from .hf import HAS_TRANSFORMERS, gpt2_from_config, gpt2_hook_points, hooked_gpt2
+from .hf import (
+    HAS_TRANSFORMERS,
+    HookedHF,
+    gpt2_from_config,
+    gpt2_hook_points,
+    hf_hook_points,
+    hooked_gpt2,
+    hooked_hf,
+)
+from .hf_masks import hf_component_masks, hf_components
 from .hooks import ActivationCache, HookedModule, HookedRootModule, HookPoint
 from .transformer import Transformer, TransformerConfig, component_masks, list_components
 
@@ -22,4 +31,9 @@ __all__ = [
     "gpt2_from_config",
     "gpt2_hook_points",
     "hooked_gpt2",
+    "hooked_hf",
+    "HookedHF",
+    "hf_hook_points",
+    "hf_component_masks",
+    "hf_components",
 ]

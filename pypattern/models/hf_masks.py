@@ -25,7 +25,8 @@ all of them: by default ``blocks.{l}.attn.head.{h}`` is then the query slice and
 head ``h`` only (moving it moves exactly head ``h``'s output), and the shared key/value slices are the separate
 component ``blocks.{l}.attn.kv_head.{g}``. ``include_shared_kv=True`` adds the group's key/value slices to the
 head (moving it then moves every head of the group). The heads, the key/value heads and the output bias (shared
-by all heads, in no head) partition the attention's parameters.
+by all heads, in no head) partition the attention's parameters. pypattern's ``Transformer`` (and so every
+converted model) follows the same rule (:func:`pypattern.models.component_masks`).
 
 Tied embeddings (GPT-2, Qwen2/Llama with ``tie_word_embeddings``): ``embed`` and ``unembed`` are one parameter,
 and each selects all of it.
