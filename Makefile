@@ -6,8 +6,8 @@ VPY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
-CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml
-PYFILES := pypattern kernels tests bench setup.py
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu) setup.py pyproject.toml
+PYFILES := pypattern tests bench setup.py
 # One OpenMP/BLAS thread per process keeps timings and tests steady on the shared 2-core machines.
 export OMP_NUM_THREADS ?= 2
 

@@ -19,15 +19,9 @@ from .equivalence import (
     procrustes,
 )
 from .flags import FlagReport, FlagSpec, flag_loss, flag_report, generate, steer, train_flags
+from .gram import GramSite, per_sample_grad_gram, transformer_lens_sites
 from .models import Transformer, TransformerConfig, component_masks
-from .ops import (
-    CrossCovariance,
-    GramSite,
-    center_gram,
-    per_sample_grad_gram,
-    sgld_step_,
-    transformer_lens_sites,
-)
+from .ops import CrossCovariance, center_gram, sgld_step_
 from .patching import (
     KL,
     GaussianNoise,
