@@ -168,8 +168,9 @@ def test_model_mlp_float32_per_module_and_frozen():
     )
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("d_mlp", [32, None])
-def test_whole_transformer_lens_model_vs_vmap(d_mlp):
+def test_whole_transformer_lens_model_vs_vmap(backend, device, d_mlp):
     # every parameter of a TransformerLens-layout transformer: embeddings, LayerNorms, Q/K/V/O, MLP, unembedding
     from pypattern.models import Transformer, TransformerConfig
 
@@ -184,8 +185,8 @@ def test_whole_transformer_lens_model_vs_vmap(d_mlp):
         dtype=torch.float64,
         seed=0,
     )
-    model = Transformer(cfg)
-    tokens = torch.randint(0, 10, (5, 6))
+    model = Transformer(cfg).to(device)
+    tokens = torch.randint(0, 10, (5, 6), device=device)
     sites = transformer_lens_sites(model)
     assert set(gram_parameters(model, sites=sites)) == {n for n, _ in model.named_parameters()}
 
@@ -193,11 +194,10 @@ def test_whole_transformer_lens_model_vs_vmap(d_mlp):
         return m(t, return_type="per_token_loss")
 
     ref = per_sample_grad_gram_reference(model, loss, tokens, sites=sites)
-    for backend in ("reference", "cpp"):
-        if pypattern.backends("grad_gram_pairwise")[backend]["available"]:
-            assert _rel(per_sample_grad_gram(model, loss, tokens, sites=sites, backend=backend), ref) < 1e-12
-    # outer form for every linear site too
-    assert _rel(per_sample_grad_gram(model, loss, tokens, sites=sites, method="outer"), ref) < 1e-12
+    # "pairwise" runs every linear and embedding site through the backend; "auto" and "outer" use BLAS forms
+    for method in ("pairwise", "auto", "outer"):
+        got = per_sample_grad_gram(model, loss, tokens, sites=sites, method=method, backend=backend)
+        assert got.device.type == device and _rel(got, ref) < 1e-12, method
 
 
 def test_mean_loss_is_rejected_and_errors_name_things():

@@ -65,7 +65,7 @@ def cross_covariance_update_(
     count: int,
     backend: str | None = None,
 ) -> None:
-    """Add one chunk of draws to an accumulator's state, in place (see the module docstring).
+    """Add one chunk of draws to an accumulator's state, in place (see :mod:`pypattern.ops.covariance`).
 
     Parameters
     ----------

@@ -90,7 +90,7 @@ def _as_btd(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def choose_method(batch: int, positions: int, d_in: int, d_out: int) -> str:
-    """``"pairwise"`` or ``"outer"``, whichever needs fewer multiply-adds (see the module docstring)."""
+    """``"pairwise"`` or ``"outer"``, whichever needs fewer multiply-adds (see :mod:`pypattern.ops.grad_gram`)."""
     pairwise = batch * batch * positions * positions * (d_in + d_out)
     outer = batch * positions * d_in * d_out + batch * batch * d_in * d_out
     return "pairwise" if pairwise <= outer else "outer"
@@ -154,7 +154,7 @@ def grad_gram_linear(
     bias, weight : bool
         Include the bias / weight gradient.
     method : {"auto", "pairwise", "outer"}
-        See the module docstring; ``"auto"`` picks the one with fewer multiply-adds.
+        See :mod:`pypattern.ops.grad_gram`; ``"auto"`` picks the one with fewer multiply-adds.
     max_bytes : int
         Workspace cap of ``"outer"`` (it processes slices of the input features).
     backend : str, optional

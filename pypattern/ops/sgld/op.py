@@ -200,10 +200,11 @@ def sgld_step_(
     backend : {"cuda", "triton", "cpp", "reference"}, optional
         Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available: see :func:`pypattern.backends`).
     validate : bool
-        Check every argument as described above (about 35 us of Python per call). ``False`` is the fast path
-        for callers that validated the same tensors and numbers once (the SGLD optimizer and the chain runner do
-        so on their first step): ``params``, ``grads`` and ``anchors`` must then be lists, the numbers already
-        in range, and a wrong argument may fail inside a kernel with a less helpful message.
+        Check every argument as described above (tens of microseconds of Python per call, more with more
+        tensors). ``False`` is the fast path for callers that validated the same tensors and numbers once (the
+        SGLD optimizer and the chain runner do so on their first step): ``params``, ``grads`` and ``anchors``
+        must then be lists, the numbers already in range, and a wrong argument may fail inside a kernel with a
+        less helpful message.
     check_finite : bool
         Raise ``FloatingPointError`` naming the tensor when a gradient held NaN or Inf. Entries with a non-finite
         gradient are never written, so the parameters stay finite either way.
