@@ -6,8 +6,8 @@ VPY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
-CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml
-PYFILES := pypattern kernels tests bench setup.py
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu) setup.py pyproject.toml
+PYFILES := pypattern tests bench setup.py
 # Two OpenMP/BLAS threads per process by default (override with OMP_NUM_THREADS=...); fewer threads than cores
 # keep timings and tests steady when other processes share the CPU.
 export OMP_NUM_THREADS ?= 2

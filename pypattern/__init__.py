@@ -19,13 +19,11 @@ from .equivalence import (
     procrustes,
 )
 from .flags import FlagReport, FlagSpec, flag_loss, flag_report, generate, steer, train_flags
+from .gram import GramSite, per_sample_grad_gram, transformer_lens_sites
 from .models import Transformer, TransformerConfig, component_masks
 from .models.convert import from_hf, from_pretrained
 from .models.hf import hooked_hf
-from .ops import CrossCovariance, sgld_step_
-
-# The per-sample gradient Gram and its model-walking helpers (kept on their own import line).
-from .ops.grad_gram import GramSite, center_gram, per_sample_grad_gram, transformer_lens_sites
+from .ops import CrossCovariance, center_gram, sgld_step_
 from .patching import (
     KL,
     GaussianNoise,

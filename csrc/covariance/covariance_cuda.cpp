@@ -1,5 +1,5 @@
 // CUDA registration of pypattern::covariance_update_ (compiled only in CUDA builds; see setup.py). The kernels
-// and their launcher are in covariance.cu; validation happens in pypattern/ops/covariance.py.
+// and their launcher are in covariance.cu; validation happens in pypattern/ops/covariance/.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>

@@ -1,49 +1,15 @@
-"""Per-sample loss-gradient Gram matrices without per-sample gradients.
+"""Per-sample gradient Gram of a model: ``G_ij = <grad l_i, grad l_j>`` over the parameters of its *sites*.
 
-For a batch of ``B`` samples with per-sample losses ``l_i`` and the parameters ``theta`` of some layers,
-``G_ij = <grad l_i, grad l_j>`` (shape ``(B, B)``); the centred form ``Gc = H G H`` with ``H = I - 11^T / B`` is
-the Gram of the centred gradients ``g_i - mean_j g_j`` (``Gc / (B - 1)`` is their covariance across samples).
+:func:`per_sample_grad_gram` records each site's input and output with forward hooks, takes one backward pass of
+``sum_i l_i`` for the output gradients, and sums the Grams of the sites, each from the tensor kernels of
+:mod:`pypattern.ops.grad_gram` (:func:`~pypattern.ops.grad_gram.grad_gram_linear`,
+:func:`~pypattern.ops.grad_gram.grad_gram_embedding`; LayerNorm and positional embeddings from their per-sample
+gradients directly). Its specification :func:`per_sample_grad_gram_reference` materialises every per-sample
+gradient with ``torch.func.vmap(grad)``.
 
-Layer by layer, with ``a_it`` the input and ``d_it`` the gradient of ``sum_j l_j`` with respect to the output of
-the layer at position ``t`` of sample ``i`` (``T`` positions: 1 for a plain ``(B, d)`` input):
-
-* ``nn.Linear`` (``y = x W^T + b``): ``grad_W l_i = sum_t d_it a_it^T`` and ``grad_b l_i = sum_t d_it``, so::
-
-      G_ij = sum_{s,t} (a_is . a_jt) (d_is . d_jt)  +  (sum_s d_is) . (sum_t d_jt)      [second term: bias]
-
-  For ``T = 1`` this is ``(A A^T + 1) * (D D^T)`` elementwise (with the bias): two ``(B, B)`` matrix products
-  instead of ``B`` copies of the ``(d_out, d_in)`` weight gradient.
-* ``nn.Embedding`` (ids ``k_it``): ``grad_E l_i`` has row ``v`` equal to ``sum_{t: k_it = v} d_it``, so
-  ``G_ij = sum_{s,t} [k_is == k_jt] (d_is . d_jt)``; positions holding ``padding_idx`` do not count. Evaluated
-  pairwise (``B^2 T^2 dim``) or by scattering the per-sample gradients of the ``V`` ids present (``B^2 V dim``).
-* positional embeddings (``y[:, t] = W[t]``): the per-sample gradient is ``d_i`` itself (``T dim`` numbers).
-* LayerNorm (``y = xhat * w + b``): per-sample gradients ``sum_t d_it * xhat_it`` and ``sum_t d_it`` (``2 d``
-  numbers), taken directly.
-
-Two ways to evaluate the Linear term, chosen by ``method="auto"`` from the multiply-add count:
-
-* ``"pairwise"`` (the kernels): ``B^2 T^2 (d_in + d_out)`` multiply-adds, memory ``O(B^2)`` plus one block of
-  row-pair products. Best when ``T`` is small against the layer width.
-* ``"outer"``: form ``W_i = A_i^T D_i`` for slices of the input features (``B T d_in d_out``) and take their
-  Gram (``B^2 d_in d_out``); memory capped by ``max_bytes``. Best for long sequences through narrow layers.
-
-Backends of the pairwise contraction :func:`grad_gram_pairwise` (``"outer"`` is BLAS through torch everywhere):
-
-* ``reference``: the two ``(BT, BT)`` kernel matrices in torch, multiplied and summed by blocks (the spec).
-* ``cpp``: blocks of about 512 rows: two GEMMs (``at::mm``, MKL) per block pair ``I <= J``, then one fused
-  OpenMP pass multiplies them and sums ``T x T`` sub-blocks in float64; the upper triangle is mirrored.
-* ``triton``: one program per ``(BLOCK, BLOCK)`` tile of row pairs; both dot products by ``tl.dot`` over feature
-  slices, the product reduced into ``G`` by atomic adds (one per tile when ``T`` is a multiple of ``BLOCK``).
-* ``cuda``: the same tiling with shared-memory dot products and atomic adds (compiled, not run here).
-
-The model-level helper :func:`per_sample_grad_gram` (forward hooks, one backward pass) and its specification
-:func:`per_sample_grad_gram_reference` (``torch.func.vmap(grad)``) sum the Grams of a model's *sites*
-(:class:`GramSite`): by default every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm``;
-:func:`transformer_lens_sites` covers every parameter of a TransformerLens-layout transformer.
-
-Cost: the Gram of per-sample gradients needs ``B^2 P`` multiply-adds for ``P`` parameters unless a layer has few
-positions (``T^2 (d_in + d_out) < d_in d_out``): one-position layers gain hugely (``B^2 (d_in + d_out)``), long
-sequences through narrow layers do not, and then the gain over ``vmap(grad)`` is memory (no ``B x P`` array).
+A site (:class:`GramSite`) is one place where parameters act linearly. :func:`default_sites` gives every
+``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm``; :func:`transformer_lens_sites` covers every
+parameter of a TransformerLens-layout transformer (``pypattern.models.Transformer``).
 """
 
 from __future__ import annotations
@@ -56,303 +22,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _backends
+from .ops.grad_gram import center_gram, grad_gram_dense, grad_gram_embedding, grad_gram_linear
 
-# ------------------------------------------------------------------------------------------------ references
-
-
-def grad_gram_linear_reference(a: torch.Tensor, d: torch.Tensor, *, bias: bool = True) -> torch.Tensor:
-    """Specification: materialise every per-sample gradient of a Linear layer and take their Gram.
-
-    ``a`` ``(B, T, d_in)``, ``d`` ``(B, T, d_out)`` -> ``(B, B)`` in float64. Memory ``B * d_in * d_out``.
-    """
-    a64, d64 = a.to(torch.float64), d.to(torch.float64)
-    g_w = torch.einsum("bto,bti->boi", d64, a64).reshape(a.shape[0], -1)
-    g = g_w @ g_w.T
-    if bias:
-        g_b = d64.sum(1)
-        g = g + g_b @ g_b.T
-    return g
-
-
-def grad_gram_embedding_reference(
-    ids: torch.Tensor, d: torch.Tensor, *, num_embeddings: int, padding_idx: int | None = None
-) -> torch.Tensor:
-    """Specification: per-sample embedding gradients ``(B, num_embeddings, dim)`` and their Gram, float64."""
-    b, t, dim = d.shape
-    d64 = d.to(torch.float64)
-    if padding_idx is not None:
-        d64 = d64 * (ids != padding_idx).unsqueeze(-1)
-    g = torch.zeros(b, num_embeddings, dim, dtype=torch.float64, device=d.device)
-    g.scatter_add_(1, ids.long().unsqueeze(-1).expand(b, t, dim), d64)
-    g = g.reshape(b, -1)
-    return g @ g.T
-
-
-def grad_gram_pairwise_reference(
-    x: torch.Tensor | None, y: torch.Tensor, ids: torch.Tensor | None, batch: int
-) -> torch.Tensor:
-    """``G_ij = sum_{s,t} K[is, jt] (y_is . y_jt)`` with ``K = x x^T``, or ``[ids equal and >= 0]``; float64.
-
-    ``x`` ``(B*T, p)`` (unused when ``ids`` is given), ``y`` ``(B*T, q)``, ``ids`` ``(B*T,)`` int64 or None.
-    """
-    r = y.shape[0]
-    t = r // batch if batch else 0
-    y64 = y.to(torch.float64)
-    x64 = x.to(torch.float64) if ids is None else None
-    g = torch.zeros(batch, batch, dtype=torch.float64, device=y.device)
-    if t == 0:
-        return g
-    step = max(1, 4096 // max(t, 1))  # samples per block: the row-pair products take O(step * T * B * T)
-    for i0 in range(0, batch, step):
-        rows = slice(i0 * t, min(batch, i0 + step) * t)
-        kd = y64[rows] @ y64.T
-        if ids is None:
-            ka = x64[rows] @ x64.T
-        else:
-            ka = ((ids[rows, None] == ids[None, :]) & (ids[rows, None] >= 0)).to(torch.float64)
-        g[i0 : i0 + step] = (ka * kd).reshape(-1, t, batch, t).sum((1, 3))
-    return g
-
-
-# ------------------------------------------------------------------------------------------------ dispatch
-
-
-def _check_pairwise(x, y, ids, batch):
-    if not isinstance(y, torch.Tensor) or y.dim() != 2:
-        raise ValueError(f"y must be a 2-D tensor (B*T, q), got {getattr(y, 'shape', y)}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
-        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
-    if (batch == 0 and y.shape[0] != 0) or (batch > 0 and y.shape[0] % batch != 0):
-        raise ValueError(f"y has {y.shape[0]} rows, not a multiple of batch={batch}")
-    if y.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"y has dtype {y.dtype}; supported are torch.float32 and torch.float64")
-    if ids is None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"x must be a 2-D tensor with {y.shape[0]} rows, got {getattr(x, 'shape', x)}")
-        if x.dtype != y.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but y has {y.dtype}")
-        if x.device != y.device:
-            raise ValueError(f"x is on {x.device} but y is on {y.device}")
-    else:
-        if not isinstance(ids, torch.Tensor) or ids.shape != (y.shape[0],) or ids.dtype != torch.int64:
-            raise ValueError(
-                f"ids must be an int64 tensor of shape ({y.shape[0]},), got "
-                f"{getattr(ids, 'dtype', None)} {tuple(getattr(ids, 'shape', ()))}"
-            )
-        if ids.device != y.device:
-            raise ValueError(f"ids is on {ids.device} but y is on {y.device}")
-
-
-def grad_gram_pairwise(
-    x: torch.Tensor | None,
-    y: torch.Tensor,
-    ids: torch.Tensor | None = None,
-    *,
-    batch: int,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """The pairwise contraction ``G_ij = sum_{s,t} K[is, jt] (y_is . y_jt)``, shape ``(batch, batch)``, float64.
-
-    Parameters
-    ----------
-    x : Tensor, shape ``(B*T, p)``, or None
-        Rows grouped by sample (rows ``i*T .. i*T+T-1`` belong to sample ``i``); ``K = x x^T``. Ignored when
-        ``ids`` is given.
-    y : Tensor, shape ``(B*T, q)``
-        float32 or float64, same dtype as ``x``.
-    ids : Tensor, shape ``(B*T,)``, int64, optional
-        Then ``K[r, c] = 1`` where ``ids[r] == ids[c] >= 0`` (negative ids never match: padding).
-    batch : int
-        ``B``.
-    backend : {"cuda", "triton", "cpp", "reference"}, optional
-        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available).
-    """
-    _check_pairwise(x, y, ids, batch)
-    if batch == 0:
-        return torch.zeros(0, 0, dtype=torch.float64, device=y.device)
-    name = _backends.choose("grad_gram_pairwise", y.device, backend)
-    if name == "reference":
-        return grad_gram_pairwise_reference(x, y, ids, batch)
-    if name == "triton":
-        from pypattern.kernels.grad_gram import grad_gram_pairwise_triton
-
-        return grad_gram_pairwise_triton(x, y, ids, batch)
-    _backends._load_c()
-    xx = x.contiguous() if ids is None else y.new_zeros(0, 0)
-    return torch.ops.pypattern.grad_gram_pairwise(xx, y.contiguous(), ids, batch)
+__all__ = [
+    "GramSite",
+    "default_sites",
+    "gram_parameters",
+    "per_sample_grad_gram",
+    "per_sample_grad_gram_reference",
+    "transformer_lens_sites",
+]
 
 
 def _as_btd(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``(B, d)`` -> ``(B, 1, d)``; ``(B, ..., d)`` -> ``(B, T, d)`` with the middle dimensions as positions."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() == 2:
-        return t.unsqueeze(1)
     if t.dim() < 2:
         raise ValueError(f"{name} must have shape (B, d) or (B, ..., d), got {tuple(t.shape)}")
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
-
-
-def choose_method(batch: int, positions: int, d_in: int, d_out: int) -> str:
-    """``"pairwise"`` or ``"outer"``, whichever needs fewer multiply-adds (see the module docstring)."""
-    pairwise = batch * batch * positions * positions * (d_in + d_out)
-    outer = batch * positions * d_in * d_out + batch * batch * d_in * d_out
-    return "pairwise" if pairwise <= outer else "outer"
-
-
-def _sym_gram_add_(g: torch.Tensor, w: torch.Tensor, block: int = 128) -> None:
-    """``g += w w^T`` (float64 ``g``), computing only the blocks on and above the diagonal (about 60% of the
-    multiply-adds of one GEMM at B = 512)."""
-    b = w.shape[0]
-    for i0 in range(0, b, block):
-        wi = w[i0 : i0 + block]
-        for j0 in range(i0, b, block):
-            blk = (wi @ w[j0 : j0 + block].T).to(torch.float64)
-            g[i0 : i0 + block, j0 : j0 + block] += blk
-            if j0 != i0:
-                g[j0 : j0 + block, i0 : i0 + block] += blk.T
-
-
-def _outer_gram(a: torch.Tensor, d: torch.Tensor, max_bytes: int) -> torch.Tensor:
-    b, _, d_in = a.shape
-    d_out = d.shape[2]
-    per_feature = max(1, b * d_out * a.element_size())
-    step = max(1, min(d_in, max_bytes // per_feature))
-    g = torch.zeros(b, b, dtype=torch.float64, device=a.device)
-    for p0 in range(0, d_in, step):
-        w = torch.bmm(a[:, :, p0 : p0 + step].transpose(1, 2), d).reshape(b, -1)
-        _sym_gram_add_(g, w)
-    return g
-
-
-def grad_gram_linear(
-    a: torch.Tensor,
-    d: torch.Tensor,
-    *,
-    bias: bool = True,
-    weight: bool = True,
-    method: str = "auto",
-    max_bytes: int = 32 * 2**20,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Gram of the per-sample gradients of one ``nn.Linear`` from its inputs and output gradients.
-
-    Parameters
-    ----------
-    a : Tensor, shape ``(B, d_in)`` or ``(B, ..., d_in)``
-        Layer inputs (middle dimensions are positions ``T``).
-    d : Tensor, shape ``(B, d_out)`` or ``(B, ..., d_out)``
-        Gradients of ``sum_i l_i`` with respect to the layer outputs, same middle dimensions as ``a``.
-    bias, weight : bool
-        Include the bias / weight gradient.
-    method : {"auto", "pairwise", "outer"}
-        See the module docstring; ``"auto"`` picks the one with fewer multiply-adds.
-    max_bytes : int
-        Workspace cap of ``"outer"`` (it processes slices of the input features).
-    backend : str, optional
-        Backend of the pairwise contraction.
-
-    Returns
-    -------
-    Tensor, shape ``(B, B)``, float64 (products in the input dtype, sums in float64).
-    """
-    a3, d3 = _as_btd("a", a), _as_btd("d", d)
-    if a3.shape[:2] != d3.shape[:2]:
-        raise ValueError(
-            f"a and d must agree in batch and positions, got {tuple(a.shape)} and {tuple(d.shape)}"
-        )
-    if method not in ("auto", "pairwise", "outer"):
-        raise ValueError(f"method must be 'auto', 'pairwise' or 'outer', got {method!r}")
-    if a3.dtype != d3.dtype:
-        d3 = d3.to(a3.dtype)
-    b, t, d_in = a3.shape
-    g = torch.zeros(b, b, dtype=torch.float64, device=a3.device)
-    if weight:
-        if method == "auto":
-            method = choose_method(b, t, d_in, d3.shape[2])
-        if method == "pairwise":
-            x = a3.reshape(b * t, d_in)
-            if bias:  # fold the bias in: (x . x' + 1)(y . y') summed over positions is exactly its Gram term
-                x = torch.cat([x, x.new_ones(b * t, 1)], 1)
-            return g + grad_gram_pairwise(x, d3.reshape(b * t, d3.shape[2]), batch=b, backend=backend)
-        g += _outer_gram(a3, d3, max_bytes)
-    if bias:
-        s = d3.sum(1, dtype=torch.float64)
-        g += s @ s.T
-    return g
-
-
-def grad_gram_embedding(
-    ids: torch.Tensor,
-    d: torch.Tensor,
-    *,
-    padding_idx: int | None = None,
-    method: str = "auto",
-    max_bytes: int = 32 * 2**20,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Gram of the per-sample gradients of one ``nn.Embedding`` from its token ids and output gradients.
-
-    Parameters
-    ----------
-    ids : Tensor, shape ``(B,)`` or ``(B, ...)``, integer
-    d : Tensor, shape ``(B, ..., dim)``
-        Gradients of ``sum_i l_i`` with respect to the embedding outputs.
-    padding_idx : int, optional
-        Positions holding this id carry no gradient (as in ``nn.Embedding``).
-    method : {"auto", "pairwise", "outer"}
-        ``"pairwise"``: ``B^2 T^2 dim`` multiply-adds (the kernels). ``"outer"``: scatter the per-sample gradients
-        of the ``V`` distinct ids of the batch, ``(B, V, dim)`` in slices of at most ``max_bytes``, and take their
-        Gram (``B^2 V dim``). ``"auto"`` takes the one with fewer multiply-adds (``V`` against ``T^2``).
-
-    Returns
-    -------
-    Tensor, shape ``(B, B)``, float64.
-    """
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() < 1:
-        raise TypeError(f"ids must be an integer tensor of shape (B, ...), got {getattr(ids, 'dtype', ids)}")
-    if method not in ("auto", "pairwise", "outer"):
-        raise ValueError(f"method must be 'auto', 'pairwise' or 'outer', got {method!r}")
-    b = ids.shape[0]
-    t = math.prod(ids.shape[1:])
-    flat = ids.reshape(b, t)
-    if d.dim() < 2 or d.shape[:-1] != ids.shape:
-        raise ValueError(
-            f"d must have shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), got {tuple(d.shape)}"
-        )
-    dim = d.shape[-1]
-    d3 = d.reshape(b, t, dim)
-    r = flat.reshape(-1).to(torch.int64)
-    if padding_idx is not None:
-        r = torch.where(r == padding_idx, torch.full_like(r, -1), r)
-    if method == "auto" or method == "outer":
-        uniq, inv = torch.unique(r, return_inverse=True)
-        n_valid = int((uniq >= 0).sum())
-        if method == "auto":
-            method = "outer" if n_valid <= 2 * t * t else "pairwise"
-    if method == "pairwise":
-        return grad_gram_pairwise(None, d3.reshape(b * t, dim), r, batch=b, backend=backend)
-    # outer: column v of the compressed vocabulary; padding (-1) sorts first in uniq
-    offset = uniq.numel() - n_valid
-    col = (inv - offset).reshape(b, t)  # -1 for padding
-    g = torch.zeros(b, b, dtype=torch.float64, device=d.device)
-    step = max(1, max_bytes // max(1, b * dim * d.element_size()))
-    for v0 in range(0, n_valid, step):
-        v1 = min(n_valid, v0 + step)
-        inside = (col >= v0) & (col < v1)
-        idx = torch.where(inside, col - v0, torch.full_like(col, v1 - v0))  # outside -> a dump row
-        w = torch.zeros(b, v1 - v0 + 1, dim, dtype=d.dtype, device=d.device)
-        w.scatter_add_(1, idx.unsqueeze(-1).expand(b, t, dim), d3)
-        _sym_gram_add_(g, w[:, : v1 - v0].reshape(b, -1))
-    return g
-
-
-def center_gram(g: torch.Tensor) -> torch.Tensor:
-    """``H G H`` with ``H = I - 11^T / B``: the Gram of the centred per-sample gradients, ``(B, B)``."""
-    return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
-
-
-# ------------------------------------------------------------------------------------------------ model level
 
 
 @dataclass(frozen=True)
@@ -582,9 +270,7 @@ def _site_gram(st, params, cap, batch, method, backend):
     b_on = b_name is not None and params.get(b_name) is not None
     if st.kind == "positional":  # the per-sample gradient of W[:T] is the output gradient itself
         d = sum(_as_btd("grad", grads[k]) for k in live)
-        g = torch.zeros(batch, batch, dtype=torch.float64, device=d.device)
-        _sym_gram_add_(g, d.reshape(batch, -1))
-        return g
+        return grad_gram_dense(d.reshape(batch, -1))
     ins = cap[st.inp]
     if len(ins) != len(outs):
         raise ValueError(f"site {st.name!r}: {len(ins)} calls of {st.inp[0]} but {len(outs)} of {st.out[0]}")

@@ -1,5 +1,6 @@
-// CPU implementation of pypattern::sgld_step_: validation happens in Python (pypattern/ops/sgld.py); this
-// file checks only what would make memory access unsafe, then runs the fast kernel in parallel blocks.
+// Fused SGLD step: schema (a TORCH_LIBRARY_FRAGMENT of pypattern) and the CPU kernel of pypattern::sgld_step_.
+// Validation happens in Python (pypattern/ops/sgld/); this file checks only what would make memory access unsafe,
+// then runs the raw kernel of sgld_cpu_fast.cpp in parallel blocks.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -120,6 +121,15 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pypattern, m) {
+  // Returns one int32 per tensor: 1 when that tensor's gradient held a NaN or Inf (its entries were left as
+  // they were), else 0.
+  m.def(
+      "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] anchors, Tensor?[] masks, float step_size, "
+      "float nbeta, float localization, float weight_decay, float noise_scale, float? bounding_box, int seed, "
+      "int step) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(pypattern, CPU, m) { m.impl("sgld_step_", &sgld_step_cpu); }
 

@@ -1,5 +1,5 @@
 // Per-sample gradient Gram, pairwise contraction: schema (a TORCH_LIBRARY_FRAGMENT of pypattern) and the CPU
-// kernel of pypattern::grad_gram_pairwise (maths in pypattern/ops/grad_gram.py):
+// kernel of pypattern::grad_gram_pairwise (maths in pypattern/ops/grad_gram/):
 //   G[i, j] = sum_{s,t} K[iT+s, jT+t] * (y[iT+s] . y[jT+t]),  K = x x^T, or K[r, c] = [ids[r] == ids[c] >= 0].
 // Rows are cut into blocks of whole samples (about 512 rows). For each block pair I <= J: two GEMMs (at::mm, MKL,
 // in the input dtype) give the row-pair dot products, then one fused OpenMP pass multiplies them and sums every
@@ -118,7 +118,7 @@ at::Tensor grad_gram_pairwise_cpu(const at::Tensor& x, const at::Tensor& y, cons
 
 TORCH_LIBRARY_FRAGMENT(pypattern, m) {
   // G[i,j] = sum_{s,t} K[iT+s, jT+t] (y[iT+s] . y[jT+t]) with K = x x^T, or [ids equal and >= 0] when ids is
-  // given (x is then ignored). y (B*T, q), x (B*T, p); returns (B, B) float64. See pypattern/ops/grad_gram.py.
+  // given (x is then ignored). y (B*T, q), x (B*T, p); returns (B, B) float64. See pypattern/ops/grad_gram/.
   m.def("grad_gram_pairwise(Tensor x, Tensor y, Tensor? ids, int batch) -> Tensor");
 }
 

@@ -1,4 +1,4 @@
-// CUDA kernel of the pairwise per-sample gradient Gram (maths in pypattern/ops/grad_gram.py). Plain CUDA, no
+// CUDA kernel of the pairwise per-sample gradient Gram (maths in pypattern/ops/grad_gram/). Plain CUDA, no
 // torch headers: nvcc compile-checks this file alone; grad_gram_cuda.cpp registers the op.
 // One block of 16 x 16 threads owns a 32 x 32 tile of row pairs (2 x 2 per thread); both dot products are
 // accumulated from 16-feature slices staged in shared memory; the products go to g by atomicAdd (float64):

@@ -1,5 +1,5 @@
 // CUDA registration of pypattern::grad_gram_pairwise (compiled only in CUDA builds; see setup.py). The kernel
-// and its launcher are in grad_gram.cu; validation happens in pypattern/ops/grad_gram.py.
+// and its launcher are in grad_gram.cu; validation happens in pypattern/ops/grad_gram/.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,5 +1,7 @@
 """Triton kernel of the fused SGLD step (see :mod:`pypattern.ops.sgld` for the update and the noise stream).
 
+Imported only when the ``triton`` backend runs (it is registered by name in :mod:`pypattern.ops.sgld.op`).
+
 One launch per tensor; each program updates ``BLOCK`` consecutive elements. Element ``e`` draws Philox counter
 ``e // 4`` and takes output ``e % 4``, exactly as the C++ and CUDA kernels do. On a GPU every element computes its
 own Philox call (4x the integer work of sharing one call among four elements; the step stays memory-bound).

@@ -1,4 +1,4 @@
-// CUDA kernels of the streaming cross-covariance update (maths in pypattern/ops/covariance.py). Plain CUDA, no
+// CUDA kernels of the streaming cross-covariance update (maths in pypattern/ops/covariance/). Plain CUDA, no
 // torch headers: nvcc compile-checks this file alone; covariance_cuda.cpp registers the op. Everything is float64
 // (chunks may be float32): centring happens on load, so no centred copy of the chunk is ever written.
 //   1. if count == 0: shift = column means of the raw chunk, mean = 0;

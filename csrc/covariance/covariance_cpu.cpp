@@ -1,11 +1,11 @@
 // Streaming cross-covariance: schema (a TORCH_LIBRARY_FRAGMENT of pypattern) and the CPU kernel of
-// pypattern::covariance_update_. The maths and the state are documented in pypattern/ops/covariance.py.
+// pypattern::covariance_update_. The maths and the state are documented in pypattern/ops/covariance/.
 //
 // The chunk is processed in row panels of kPanel draws, each a complete Chan update. One pass over the panel
 // casts it to float64 (any dtype and strides), subtracts the shift and the running mean, and gathers the column
 // sums and sums of squares; one extra row carries the rank-one Chan correction, so that a single BLAS dgemm
-// (at::addmm_, MKL) updates the co-moment. Workspace: (kPanel + 1) * (K + N) doubles, whatever the chunk size. No -ffast-math here: the order of float64 operations
-// is what keeps the large-mean case exact.
+// (at::addmm_, MKL) updates the co-moment. Workspace: (kPanel + 1) * (K + N) doubles, whatever the chunk size.
+// No -ffast-math here: the order of float64 operations is what keeps the large-mean case exact.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -193,7 +193,7 @@ void covariance_update_cpu(const at::Tensor& shift_a, const at::Tensor& shift_b,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pypattern, m) {
-  // One chunk of draws into a streaming cross-covariance accumulator (pypattern/ops/covariance.py). m2_a/m2_b
+  // One chunk of draws into a streaming cross-covariance accumulator (pypattern/ops/covariance/). m2_a/m2_b
   // have shape (0,) (not tracked), (K,)/(N,) (diagonal) or (K,K)/(N,N) (full). count = draws already added.
   m.def(
       "covariance_update_(Tensor(a!) shift_a, Tensor(b!) shift_b, Tensor(c!) mean_a, Tensor(d!) mean_b, "

@@ -1,5 +1,8 @@
 // Fused SGLD update on the CPU: one pass over w, g, w0 (and the mask), noise generated in registers.
 // Compiled on its own (see setup.py) with -O3 -fno-math-errno -fno-trapping-math and no torch headers.
+// Elements go in blocks of kSgldBlock = 128 (sgld_kernel.h): one block draws its 128 normals from 32 Philox
+// counters (four normals per call), generated as two independent chains of 16 counters per AVX-512 register
+// (four chains of 8 with AVX2, a plain simd loop otherwise), then updates its 128 elements in one vector loop.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -14,8 +17,8 @@
 namespace pypattern {
 namespace {
 
-constexpr int kBlock = static_cast<int>(kSgldBlock);  // 4 independent Philox chains of 16 counters each
-constexpr int kLanes = kBlock / 4;    // Philox calls per block
+constexpr int kBlock = static_cast<int>(kSgldBlock);  // elements per block
+constexpr int kLanes = kBlock / 4;                     // Philox calls (counters) per block: 32
 
 // Inline, branch-free float math so that the whole Box-Muller loop vectorises without library calls.
 // Both are Cephes' single-precision polynomials (about 1 ulp on their ranges). This file is compiled without

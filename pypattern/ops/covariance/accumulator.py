@@ -1,46 +1,5 @@
-"""Streaming cross-covariance of two blocks of per-draw observables.
-
-Draws arrive in chunks: ``a`` of shape ``(m, K)`` and ``b`` of shape ``(m, N)`` hold ``m`` draws of ``K`` and
-``N`` observables (for susceptibilities: ``K`` component observables and ``N`` per-sample or per-token losses).
-The accumulator keeps, all in float64 and of a size independent of the number of draws:
-
-* ``count`` ``n`` (a Python int),
-* ``shift_a`` ``(K,)``, ``shift_b`` ``(N,)``: the mean of the first non-empty chunk, subtracted from every later
-  draw before anything else. Draws close to their shift then subtract exactly (Sterbenz), so inputs with a large
-  mean and a tiny variance (``1e8 + 1e-3 * noise``) keep all their significant digits;
-* ``mean_a`` ``(K,)``, ``mean_b`` ``(N,)``: the running means of the shifted draws;
-* ``comoment`` ``(K, N)``: ``C_ab = sum_d (a_d - mean_a)(b_d - mean_b)^T``;
-* optionally ``m2_a``, ``m2_b``: the auto co-moments, either their diagonals ``(K,)``/``(N,)`` (``"var"``,
-  enough for correlations) or the full ``(K, K)``/``(N, N)`` matrices (``"full"``).
-
-Chunk update (Welford/Chan): with the chunk's own mean ``ma`` (of its ``m`` shifted draws), its centred co-moment
-``C_c = (a - ma)^T (b - mb)`` and ``delta_a = ma - mean_a``, ``delta_b = mb - mean_b``::
-
-    C_ab   <- C_ab + C_c + (n m / (n + m)) delta_a delta_b^T
-    mean_a <- mean_a + (m / (n + m)) delta_a          (and mean_b alike)
-    n      <- n + m
-
-Merging two accumulators (Chan, Golub and LeVeque's parallel formula) is the same update with the other
-accumulator's ``(n, mean, C)`` in place of the chunk's, after moving its means to this one's shift; the result
-equals a single pass over all draws up to rounding, so chains and ranks combine in any order.
-
-:class:`CrossCovariance` wraps the state; it also gathers chunks of fewer than ``buffer_draws`` draws (one draw
-at a time, typically) into a small float64 buffer, so that per-draw streaming runs as GEMMs too.
-
-Results: ``cov = C_ab / (n - ddof)`` ``(K, N)``, the means, ``var``/``cov`` of each block and the Pearson
-correlation ``C_ab / sqrt(diag(m2_a) diag(m2_b)^T)``.
-
-Backends of :func:`cross_covariance_update_` (the chunk update; everything else is O(K N) torch):
-
-* ``reference``: plain torch on the whole chunk (the specification).
-* ``cpp``: row panels of 512 draws, each a full Chan update in one pass over the panel: cast to float64 (any
-  dtype and strides), subtract the shift and the *running* mean, gather column sums (and sums of squares); the
-  rank-one correction ``-(m^2 / (n + m)) delta_a delta_b^T`` rides in the same GEMM as one extra row, then one
-  BLAS ``dgemm`` per panel (MKL through ATen). Workspace ``513 * (K + N)`` doubles, whatever the chunk size.
-* ``triton``: the chunk means in torch; one kernel computes ``C_c`` tile by tile in float64 from the raw chunk
-  (centring on load), adding the Chan term on the last step.
-* ``cuda``: column-mean, tiled float64 co-moment (64 x 64 tiles, centring on load) and update kernels.
-"""
+"""The streaming cross-covariance accumulator: a float64 state of size independent of the number of draws,
+updated chunk by chunk with :func:`~pypattern.ops.covariance.cross_covariance_update_`, and mergeable exactly."""
 
 from __future__ import annotations
 
@@ -49,7 +8,8 @@ from typing import Literal
 
 import torch
 
-from .. import _backends
+from ... import _backends
+from .op import _check_chunk, cross_covariance_update_
 
 AutoMode = Literal["none", "var", "full"]
 _AUTO_MODES = ("none", "var", "full")
@@ -61,160 +21,6 @@ def _auto_size(numel_dim: int, mode: str, device) -> torch.Tensor:
     if mode == "var":
         return torch.zeros(numel_dim, dtype=torch.float64, device=device)
     return torch.zeros(numel_dim, numel_dim, dtype=torch.float64, device=device)
-
-
-def cross_covariance_update_reference_(
-    shift_a: torch.Tensor,
-    shift_b: torch.Tensor,
-    mean_a: torch.Tensor,
-    mean_b: torch.Tensor,
-    comoment: torch.Tensor,
-    m2_a: torch.Tensor,
-    m2_b: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    count: int,
-) -> None:
-    """Plain-torch specification of :func:`cross_covariance_update_` (inputs already validated)."""
-    m = a.shape[0]
-    if m == 0:
-        return
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    if count == 0:
-        shift_a.copy_(a64.mean(0))
-        shift_b.copy_(b64.mean(0))
-        mean_a.zero_()
-        mean_b.zero_()
-    da_rows, db_rows = a64 - shift_a, b64 - shift_b
-    ma, mb = da_rows.mean(0), db_rows.mean(0)
-    ac, bc = da_rows - ma, db_rows - mb
-    n_new = count + m
-    w = count * m / n_new
-    delta_a, delta_b = ma - mean_a, mb - mean_b
-    comoment += ac.T @ bc + w * torch.outer(delta_a, delta_b)
-    for m2, xc, d in ((m2_a, ac, delta_a), (m2_b, bc, delta_b)):
-        if m2.dim() == 1 and m2.numel() > 0:
-            m2 += (xc * xc).sum(0) + w * d * d
-        elif m2.dim() == 2:
-            m2 += xc.T @ xc + w * torch.outer(d, d)
-    mean_a += (m / n_new) * delta_a
-    mean_b += (m / n_new) * delta_b
-
-
-def _update_triton(shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count):
-    from pypattern.kernels.covariance import comoment_update_triton_
-
-    m = a.shape[0]
-    if count == 0:
-        shift_a.copy_(a.sum(0, dtype=torch.float64) / m)
-        shift_b.copy_(b.sum(0, dtype=torch.float64) / m)
-        mean_a.zero_()
-        mean_b.zero_()
-    ma = (a.to(torch.float64) - shift_a).sum(0) / m
-    mb = (b.to(torch.float64) - shift_b).sum(0) / m
-    n_new = count + m
-    w = count * m / n_new
-    delta_a, delta_b = ma - mean_a, mb - mean_b
-    comoment_update_triton_(comoment, a, b, shift_a, ma, shift_b, mb, delta_a, delta_b, w)
-    for m2, x, s, mx, d in ((m2_a, a, shift_a, ma, delta_a), (m2_b, b, shift_b, mb, delta_b)):
-        if m2.dim() == 1 and m2.numel() > 0:
-            xc = (x.to(torch.float64) - s) - mx
-            m2 += (xc * xc).sum(0) + w * d * d
-        elif m2.dim() == 2:
-            comoment_update_triton_(m2, x, x, s, mx, s, mx, d, d, w)
-    mean_a += (m / n_new) * delta_a
-    mean_b += (m / n_new) * delta_b
-
-
-def _check_chunk(a, b, k: int, n: int, device) -> None:
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise TypeError(f"a and b must be tensors, got {type(a).__name__} and {type(b).__name__}")
-    for name, x, cols in (("a", a, k), ("b", b, n)):
-        if x.dim() != 2 or x.shape[1] != cols:
-            raise ValueError(f"{name} must have shape (draws, {cols}), got {tuple(x.shape)}")
-        if x.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} has dtype {x.dtype}; supported are torch.float32 and torch.float64")
-        if x.device != device:
-            raise ValueError(f"{name} is on {x.device} but the accumulator is on {device}")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"a and b must hold the same number of draws, got {a.shape[0]} and {b.shape[0]}")
-
-
-def _check_state(name: str, t: torch.Tensor, shape: tuple, device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype != torch.float64:
-        raise TypeError(f"{name} must be float64, got {t.dtype}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the accumulator is on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def cross_covariance_update_(
-    shift_a: torch.Tensor,
-    shift_b: torch.Tensor,
-    mean_a: torch.Tensor,
-    mean_b: torch.Tensor,
-    comoment: torch.Tensor,
-    m2_a: torch.Tensor,
-    m2_b: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    count: int,
-    backend: str | None = None,
-) -> None:
-    """Add one chunk of draws to an accumulator's state, in place (see the module docstring).
-
-    Parameters
-    ----------
-    shift_a, mean_a : Tensor, shape ``(K,)``, float64
-    shift_b, mean_b : Tensor, shape ``(N,)``, float64
-        Set from the chunk when ``count == 0``.
-    comoment : Tensor, shape ``(K, N)``, float64
-    m2_a, m2_b : Tensor, float64
-        Auto co-moments: shape ``(0,)`` (not tracked), ``(K,)``/``(N,)`` (diagonal) or ``(K, K)``/``(N, N)``.
-    a : Tensor, shape ``(m, K)``
-    b : Tensor, shape ``(m, N)``
-        The chunk: float32 or float64, any strides, on the accumulator's device; ``m`` may be 0.
-    count : int
-        Number of draws already accumulated (the caller adds ``m`` to it).
-    backend : {"cuda", "triton", "cpp", "reference"}, optional
-        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available).
-    """
-    device = comoment.device
-    if not isinstance(comoment, torch.Tensor) or comoment.dim() != 2:
-        raise ValueError(f"comoment must be a 2-D tensor (K, N), got {getattr(comoment, 'shape', comoment)}")
-    k, n = comoment.shape
-    _check_chunk(a, b, k, n, device)
-    _check_state("comoment", comoment, (k, n), device)
-    for name, t, d in (
-        ("shift_a", shift_a, k),
-        ("mean_a", mean_a, k),
-        ("shift_b", shift_b, n),
-        ("mean_b", mean_b, n),
-    ):
-        _check_state(name, t, (d,), device)
-    for name, t, d in (("m2_a", m2_a, k), ("m2_b", m2_b, n)):
-        if tuple(t.shape) not in ((0,), (d,), (d, d)):
-            raise ValueError(f"{name} must have shape (0,), ({d},) or ({d}, {d}), got {tuple(t.shape)}")
-        _check_state(name, t, tuple(t.shape), device)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be an int >= 0, got {count!r}")
-    if a.shape[0] == 0:
-        return
-    name = _backends.choose("covariance_update_", device, backend)
-    args = (shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count)
-    if name == "reference":
-        cross_covariance_update_reference_(*args)
-    elif name == "triton":
-        _update_triton(*args)
-    else:
-        _backends._load_c()
-        torch.ops.pypattern.covariance_update_(*args)
 
 
 class CrossCovariance:

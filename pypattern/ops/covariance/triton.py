@@ -3,7 +3,8 @@
 One program owns a ``(BLOCK_K, BLOCK_N)`` tile of the co-moment and walks over the chunk's draws in steps of
 ``BLOCK_M``: it loads the raw draws (float32 or float64, any strides), centres them in float64 on load
 (``(x - shift) - chunk_mean``), accumulates ``ac^T bc`` with a float64 ``tl.dot``, adds the Chan term
-``w * delta_a delta_b^T`` and writes the tile back once. The chunk means are computed by the caller.
+``w * delta_a delta_b^T`` and writes the tile back once. The chunk means are computed in torch by
+:func:`cross_covariance_update_triton_`, the ``triton`` backend of the op (imported only when that backend runs).
 """
 
 from __future__ import annotations
@@ -115,3 +116,30 @@ def comoment_update_triton_(
         BLOCK_K=block_k,
         BLOCK_N=block_n,
     )
+
+
+def cross_covariance_update_triton_(
+    shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count
+) -> None:
+    """The chunk update (arguments as :func:`pypattern.ops.covariance.cross_covariance_update_`, validated): the
+    chunk means in torch, the co-moments by :func:`comoment_update_triton_`."""
+    m = a.shape[0]
+    if count == 0:
+        shift_a.copy_(a.sum(0, dtype=torch.float64) / m)
+        shift_b.copy_(b.sum(0, dtype=torch.float64) / m)
+        mean_a.zero_()
+        mean_b.zero_()
+    ma = (a.to(torch.float64) - shift_a).sum(0) / m
+    mb = (b.to(torch.float64) - shift_b).sum(0) / m
+    n_new = count + m
+    w = count * m / n_new
+    delta_a, delta_b = ma - mean_a, mb - mean_b
+    comoment_update_triton_(comoment, a, b, shift_a, ma, shift_b, mb, delta_a, delta_b, w)
+    for m2, x, s, mx, d in ((m2_a, a, shift_a, ma, delta_a), (m2_b, b, shift_b, mb, delta_b)):
+        if m2.dim() == 1 and m2.numel() > 0:
+            xc = (x.to(torch.float64) - s) - mx
+            m2 += (xc * xc).sum(0) + w * d * d
+        elif m2.dim() == 2:
+            comoment_update_triton_(m2, x, x, s, mx, s, mx, d, d, w)
+    mean_a += (m / n_new) * delta_a
+    mean_b += (m / n_new) * delta_b
