@@ -145,6 +145,24 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     ``b``, ``eps``, ``unembed.W_U``/``b_U``); parts the model lacks (positional embedding, MLPs, LayerNorms) are
     skipped.
     """
+    cfg = getattr(model, "cfg", None)
+    unsupported = {
+        "normalization_type": ("RMS",),
+        "gated_mlp": (True,),
+        "tie_word_embeddings": (True,),
+        "attn_bias": (False,),
+        "attn_out_bias": (False,),
+        "mlp_bias": (False,),
+        "unembed_bias": (False,),
+    }
+    for opt, bad in unsupported.items():
+        v = getattr(cfg, opt, None)
+        if v is not None and v in bad:
+            raise NotImplementedError(
+                f"transformer_lens_sites: the model's config has {opt}={v!r}, which these sites do not cover "
+                "(they know LayerNorm, the plain MLP, untied embeddings and every bias present); give the sites "
+                "of the parts you need with GramSite, or use per_sample_grad_gram_reference for an exact Gram"
+            )
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
     sites: list[GramSite] = []

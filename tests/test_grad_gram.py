@@ -292,3 +292,18 @@ def test_triton_kernel_compiles_for_gpus():
     """The interpreter accepts more than the GPU compiler: compile the kernel to sm_80/sm_90 cubin (no GPU needed;
     a separate process, since the interpreter patches triton.language)."""
     assert_compiles_for_gpus(_AOT)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [dict(normalization_type="RMS"), dict(gated_mlp=True, act_fn="silu"), dict(tie_word_embeddings=True)],
+)
+def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
+    from pypattern.gram import transformer_lens_sites
+    from pypattern.models import Transformer, TransformerConfig
+
+    model = Transformer(
+        TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=11, n_ctx=6, **option)
+    )
+    with pytest.raises(NotImplementedError, match=next(iter(option))):
+        transformer_lens_sites(model)
