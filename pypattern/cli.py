@@ -6,8 +6,12 @@
   pypattern demo patterning   the patterning experiments (induction onset, parentheses algorithm selection)
   pypattern demo flags        concept flags: train them into a small transformer, steer with them, against a control
   pypattern demo equivalence  layer-by-layer similarity of induction models with and without an induction head
-  pypattern llc               train a small model on a teacher task and estimate its LLC
-  pypattern patch             exact and attribution patching on the built-in model and task (heatmap + table)
+  pypattern llc               train a small model on a teacher task and estimate its LLC;
+                              with --model DIR --data FILE: the LLC of your own model on your token file
+  pypattern patch             exact and attribution patching on the built-in model and task (heatmap + table);
+                              with --model DIR --data FILE: exact patching grids of your own model
+  pypattern chi               per-token susceptibilities of every head, MLP and the embedding of your model
+                              (--model DIR --data FILE)
   pypattern backends          which kernel backends are available, and why not
 
 Every run ends with a short summary; full results go to files under --out, whose paths are printed.
@@ -95,6 +99,98 @@ def _patch_demo(title: str, out: str, quick: bool) -> None:
     _print(title, _call("pypattern.experiments.patching_demo", "run_patch_demo", out, **kw))
 
 
+def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--model",
+        required=required,
+        help="a local Hugging Face save_pretrained directory (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2; safetensors; "
+        "nothing is downloaded), converted exactly into pypattern's Transformer",
+    )
+    p.add_argument(
+        "--data",
+        required=required,
+        help="token ids (num_sequences, seq_len): .npy, .npz (array 'tokens') or a text file with one sequence "
+        "of whitespace- or comma-separated ids per line",
+    )
+    p.add_argument("--float64", action="store_true", help="with --model: run the model in float64")
+
+
+def _sampler_args(p: argparse.ArgumentParser, draws: int) -> None:
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="with --model: sequences per SGLD batch (default: 8)"
+    )
+    p.add_argument("--num-chains", type=int, default=4, help="with --model: SGLD chains (default: 4)")
+    p.add_argument(
+        "--num-draws", type=int, default=draws, help=f"with --model: draws per chain (default: {draws})"
+    )
+    p.add_argument(
+        "--step-size", type=float, default=1e-4, help="with --model: SGLD step size (default: 1e-4)"
+    )
+    p.add_argument(
+        "--localization", type=float, default=100.0, help="with --model: pull towards w* (default: 100)"
+    )
+    p.add_argument(
+        "--nbeta", type=float, default=None, help="with --model: inverse temperature (default: m / ln m)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="with --model: seed of noise and data order (default: 0)"
+    )
+
+
+def _user_run(args) -> int:
+    """``llc``, ``patch`` or ``chi`` on a user's model directory and token file."""
+    import torch
+
+    if not (args.model and args.data):
+        raise SystemExit(f"pypattern {args.cmd}: give both --model DIR and --data FILE")
+    mod = importlib.import_module("pypattern.experiments.user_model")
+    dtype = torch.float64 if args.float64 else None
+    if args.cmd == "patch":
+        res = mod.run_user_patch(
+            args.model,
+            args.data,
+            args.out,
+            corrupted=args.corrupted,
+            sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
+            max_prompts=args.max_prompts,
+            dtype=dtype,
+        )
+        print(
+            f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
+        )
+        for site, r in res["sites"].items():
+            print(f"  {site}: largest effects {r['top']}; table {r['table']}")
+        print(f"  summary: {res['summary']}")
+        return 0
+    kw = dict(
+        num_chains=args.num_chains,
+        num_draws=args.num_draws,
+        step_size=args.step_size,
+        localization=args.localization,
+        nbeta=args.nbeta,
+        seed=args.seed,
+        dtype=dtype,
+        batch_size=args.batch_size,
+    )
+    if args.cmd == "llc":
+        res = mod.run_user_llc(args.model, args.data, args.out, **kw)
+        print(f"LLC of {args.model} on {res['sequences']} sequences of {res['seq_len']} tokens:")
+        print(
+            f"  llc: {res['llc_mean']:.4g} +- {res['llc_std']:.2g} (over {len(res['llc_per_chain'])} chains)"
+        )
+        print(f"  result: {res['result']}; plot: {res['plot']}; summary: {res['summary']}")
+        return 0
+    res = mod.run_user_chi(args.model, args.data, args.out, num_probe=args.num_probe, **kw)
+    print(
+        f"susceptibilities of {args.model}: chi {res['chi_shape'][0]} components x {res['chi_shape'][1]} tokens"
+    )
+    print(
+        f"  explained variance ratio of the first directions: {[round(v, 3) for v in res['explained_variance_ratio']]}"
+    )
+    print(f"  result: {res['result']}; table: {res['table']}; summary: {res['summary']}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pypattern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,6 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     llc.add_argument("--out", default="out/llc", help="folder for the result and the plot (default: out/llc)")
     llc.add_argument("--quick", action="store_true", help=quick_help)
+    _user_args(llc)
+    _sampler_args(llc, draws=100)
     patch = sub.add_parser(
         "patch",
         help="activation and attribution patching on the built-in model and task",
@@ -143,6 +241,33 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="out/patch", help="folder for the heatmap and table (default: out/patch)"
     )
     patch.add_argument("--quick", action="store_true", help=quick_help)
+    _user_args(patch)
+    patch.add_argument(
+        "--corrupted",
+        help="with --model: a token file of the same shape as --data holding the corrupted prompts (symmetric "
+        "token replacement, recommended); without it the corrupted run adds Gaussian noise to the embeddings",
+    )
+    patch.add_argument(
+        "--sites",
+        default="resid_pre,attn_out,mlp_out,z",
+        help="with --model: comma-separated sites to patch (default: resid_pre,attn_out,mlp_out,z)",
+    )
+    patch.add_argument(
+        "--max-prompts", type=int, default=8, help="with --model: patch the first N prompts (default: 8)"
+    )
+    chi = sub.add_parser(
+        "chi",
+        help="per-token susceptibilities of your own model's components (--model DIR --data FILE)",
+        description="Susceptibilities (components x probe tokens) of every head, MLP and the embedding of a "
+        "local Hugging Face model, sampled on the token file and probed on its first sequences; writes the "
+        "result (npz), a table (CSV) and a summary (JSON).",
+    )
+    chi.add_argument("--out", default="out/chi", help="folder for the result and table (default: out/chi)")
+    _user_args(chi, required=True)
+    chi.add_argument(
+        "--num-probe", type=int, default=8, help="probe on the first N sequences of --data (default: 8)"
+    )
+    _sampler_args(chi, draws=50)
     sub.add_parser(
         "backends",
         help="list the kernel backends and why any is unavailable",
@@ -159,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(backends(), indent=2))
         return 0
+    if args.cmd == "chi" or (args.cmd in ("llc", "patch") and (args.model or args.data)):
+        return _user_run(args)
     if args.cmd == "llc":
         print("LLC of a small MLP trained on a teacher task:")
         _llc_demo(args.out, args.quick)
