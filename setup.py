@@ -1,4 +1,6 @@
-"""Builds pypattern._C from csrc/.
+"""Builds pypattern._C from csrc/: ``csrc/module.cpp`` (the ``pypattern`` operator namespace and the Python
+module) and one folder per kernel family (``csrc/sgld/``, ``csrc/covariance/``, ``csrc/grad_gram/``), mirroring
+``pypattern/ops/<family>/``.
 
 * C++ (OpenMP) always. Files named ``*_fast.cpp`` hold raw-pointer kernels with no torch headers; they are
   compiled on their own (about 1 s each, against 5 s or more for a file with ATen headers) with
@@ -6,7 +8,7 @@
   linked as objects. They carry their own branch-free math so that gcc vectorises it
   without ``-ffast-math``, which would reassociate error-compensating arithmetic and, as a link flag, turn on
   flush-to-zero for the whole Python process.
-* CUDA (``csrc/*.cu`` and the registration files ``csrc/*_cuda.cpp``) only when a CUDA toolkit and a CUDA build
+* CUDA (``csrc/**/*.cu`` and the registration files ``csrc/**/*_cuda.cpp``) only when a CUDA toolkit and a CUDA build
   of torch are both present; decided from ``torch.version.cuda`` and the toolkit, never from whether a GPU is
   visible. Without a GPU, ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0``.
 
@@ -24,7 +26,12 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
+
+
+def csrc_files(pattern: str) -> list[str]:
+    """Files of csrc/ and its family folders matching ``pattern`` (relative paths, sorted)."""
+    return sorted(glob.glob(os.path.join(CSRC, "**", pattern), recursive=True))
 
 
 def arch_flags():
@@ -50,7 +57,8 @@ class Build(cpp_extension.BuildExtension):
         os.makedirs(self.build_temp, exist_ok=True)
         cxx = os.environ.get("CXX", "c++")
         for src in fast:
-            obj = os.path.join(self.build_temp, os.path.basename(src)[:-4] + ".o")
+            obj = os.path.join(self.build_temp, "fast", os.path.relpath(src, CSRC)[:-4] + ".o")
+            os.makedirs(os.path.dirname(obj), exist_ok=True)
             cmd = [
                 cxx,
                 "-std=c++17",
@@ -62,6 +70,8 @@ class Build(cpp_extension.BuildExtension):
                 *arch_flags(),
                 "-I",
                 os.path.join(HERE, CSRC),
+                "-I",
+                os.path.join(HERE, os.path.dirname(src)),
                 "-c",
                 os.path.join(HERE, src),
                 "-o",
@@ -74,7 +84,7 @@ class Build(cpp_extension.BuildExtension):
 
 
 def extension():
-    cpp = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    cpp = csrc_files("*.cpp")
     cuda_cpp = [s for s in cpp if s.endswith("_cuda.cpp")]
     cpp = [s for s in cpp if s not in cuda_cpp]
     cxx_flags = ["-O3", "-fopenmp", *arch_flags()]
@@ -86,7 +96,7 @@ def extension():
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        cu = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+        cu = csrc_files("*.cu")
         return cpp_extension.CUDAExtension(
             sources=cpp + cuda_cpp + cu,
             define_macros=[("PYPATTERN_WITH_CUDA", "1")],
@@ -97,8 +107,7 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["pypattern", "pypattern.*"]) + ["pypattern.kernels"],
-    package_dir={"pypattern": "pypattern", "pypattern.kernels": "kernels"},
+    packages=find_packages(include=["pypattern", "pypattern.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
 )

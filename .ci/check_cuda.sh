@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Proof that pypattern builds from source on a GPU machine: in a throwaway environment with a CUDA build of torch
-# (2.14.1, on this machine's local disk), build the extension with its CUDA kernels for sm_80 and sm_90, import it,
-# and check that every op has a CUDA kernel registered. Nothing runs on a GPU here (there is none).
+# Proof that pypattern builds from source for a GPU machine: in a throwaway environment with a CUDA build of torch
+# (2.14.1), build the extension with its CUDA kernels (csrc/*/*.cu and csrc/*/*_cuda.cpp) for sm_80 and sm_90,
+# import it, and check that every op has a CUDA kernel registered. No GPU is needed: nothing runs on one.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 venv="$top/.venv-cuda"
@@ -44,5 +44,5 @@ for op in ops:
     print(f"check-cuda: {op}: CPU={cpu} CUDA={cuda}")
 if missing:
     raise SystemExit(f"check-cuda: ops without a CUDA kernel: {missing}")
-print(f"check-cuda: OK, {len(ops)} ops with CUDA kernels (compiled for sm_80 and sm_90; none run here: no GPU)")
+print(f"check-cuda: OK, {len(ops)} ops with CUDA kernels (compiled for sm_80 and sm_90; none run by this check)")
 PY

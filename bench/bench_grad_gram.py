@@ -1,6 +1,6 @@
 """Per-sample gradient Gram: our hook helper against torch.func vmap(grad) at batch 512 on nn.Linear(1024, 1024).
 
-Goal (issue 4): >= 100x faster and >= 50x less peak memory than vmap(grad) + flatten + matmul (its Gram in float32,
+Target: >= 100x faster and >= 50x less peak memory than vmap(grad) + flatten + matmul (its Gram in float32,
 the fastest form of the baseline). Work of our contraction (one position, bias folded in): B^2 (d_in + 1 + d_out)
 multiply-adds; its bound is two plain float32 GEMMs ``A A^T`` and ``D D^T`` of the same shapes, measured in the same
 run. The hook helper's own floor is one forward + backward of the batch loss (also measured). Peak memory: the rise
@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from pypattern.ops.grad_gram import grad_gram_linear, per_sample_grad_gram, per_sample_grad_gram_reference
+from pypattern.gram import per_sample_grad_gram, per_sample_grad_gram_reference
+from pypattern.ops.grad_gram import grad_gram_linear
 
 BATCH, D_IN, D_OUT = 512, 1024, 1024
 MADDS = BATCH * BATCH * (D_IN + 1 + D_OUT)
@@ -124,8 +125,8 @@ def test_core_gemm_bound(benchmark):
 
 # ----------------------------------------------------------------------------------------------- whole transformer
 def _transformer():
+    from pypattern.gram import transformer_lens_sites
     from pypattern.models import Transformer, TransformerConfig
-    from pypattern.ops.grad_gram import transformer_lens_sites
 
     cfg = TransformerConfig(
         n_layers=2, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=64, n_ctx=8, seed=0

@@ -2,10 +2,10 @@
 
 Work: one SGLD step over float32 parameters split into many tensors (like a model's weights and biases), noise on.
 Traffic: read w, g, w0 and write w = 16 bytes per element; the bound is ``Tensor.copy_`` moving the same bytes
-(8 bytes read + 8 written per element) in the same run. At 1e7 both stream from memory and the kernel reaches
-70-95% of the copy (session 3). At 1e6 the 16 MB copy runs from cache, and the kernel is bound by its arithmetic
-instead: generating one normal (Philox4x32-10 + Box-Muller) costs about 1.2-1.4 ns per element per thread on
-session 3's CPU (measured with the kernel's own loops in a C++ harness), more than the cached copy's 0.4-0.8 ns.
+(8 bytes read + 8 written per element) in the same run. At 1e7 both stream from memory and the kernel comes
+close to the copy. At 1e6 the 16 MB copy runs from cache, and the kernel is bound by its arithmetic instead:
+generating one normal (Philox4x32-10 + Box-Muller) costs more per element than a cached copy. Measured figures,
+with date, CPU, threads and command, are in docs/benchmarks.md.
 
 Run: ``make bench`` (or ``pytest bench/bench_sgld.py --benchmark-only``). Threads: see bench/conftest.py.
 """

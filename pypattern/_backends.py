@@ -1,9 +1,9 @@
-"""Which kernel backends exist here, and the choice of one for a call.
+"""Which kernel backends exist here, the registry of each op's implementations, and the choice of one for a call.
 
 Backends, fastest first for the device of the tensors:
 
 * ``cuda``: the CUDA kernels in ``pypattern._C`` (CUDA tensors; needs a CUDA build of the extension).
-* ``triton``: the Triton kernels in ``pypattern.kernels`` (CUDA tensors, or CPU tensors under
+* ``triton``: the Triton kernels in ``pypattern/ops/<op>/triton.py`` (CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1``, which must be set before ``triton`` is first imported).
 * ``cpp``: the C++ (OpenMP) kernels in ``pypattern._C`` (CPU tensors).
 * ``reference``: plain torch, the specification; always there.
@@ -11,6 +11,12 @@ Backends, fastest first for the device of the tensors:
 On CPU tensors the automatic choice is ``cpp`` then ``reference``: the Triton interpreter is a test vehicle,
 used only when forced. ``backend="..."`` on an op, or the ``PYPATTERN_BACKEND`` environment variable, forces one;
 forcing one that is unavailable for the given tensors raises ``RuntimeError`` saying why.
+
+Each op folder registers its implementations with :func:`register` under the name of its ``torch.ops.pypattern``
+operator (``"sgld_step_"``, ``"covariance_update_"``, ``"grad_gram_pairwise"``); its public function then calls
+:func:`dispatch`, which chooses the backend for the tensors' device and returns the implementation. Triton
+implementations are registered as ``"module:attribute"`` strings, so that ``triton`` is imported only when that
+backend runs.
 """
 
 from __future__ import annotations
@@ -18,10 +24,50 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 
 import torch
 
 NAMES = ("cuda", "triton", "cpp", "reference")
+
+# (op, backend) -> the implementation, or "module:attribute" naming it (imported on first use)
+_REGISTRY: dict[tuple[str, str], Callable | str] = {}
+
+
+def register(op: str, backends: str | tuple[str, ...], impl: Callable | str) -> None:
+    """Register ``impl`` as the implementation of ``op`` on each of ``backends``.
+
+    ``impl`` takes the op's arguments after validation (the op's folder documents them), or is a
+    ``"module:attribute"`` string naming such a function, imported when the backend is first chosen.
+    """
+    for name in (backends,) if isinstance(backends, str) else backends:
+        if name not in NAMES:
+            raise ValueError(f"backend {name!r} is not one of {NAMES}")
+        _REGISTRY[(op, name)] = impl
+    _dispatch_cached.cache_clear()
+    _choose_cached.cache_clear()  # availability of a Triton backend depends on the registry
+
+
+def registered(op: str) -> tuple[str, ...]:
+    """The backends for which ``op`` has an implementation, in the order of :data:`NAMES`."""
+    return tuple(name for name in NAMES if (op, name) in _REGISTRY)
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The implementation of ``op`` registered for ``backend`` (``"module:attribute"`` entries are imported)."""
+    try:
+        impl = _REGISTRY[(op, backend)]
+    except KeyError:
+        have = registered(op)
+        raise KeyError(
+            f"op {op!r} has no implementation for backend {backend!r}"
+            + (f"; it has {have}" if have else "; no op of that name is registered")
+        ) from None
+    if isinstance(impl, str):
+        module, _, attr = impl.partition(":")
+        impl = getattr(importlib.import_module(module), attr)
+        _REGISTRY[(op, backend)] = impl
+    return impl
 
 
 @functools.cache
@@ -82,8 +128,11 @@ def backends(op: str = "sgld_step_") -> dict[str, dict[str, object]]:
             if ok
             else f"no CPU kernel registered for {op}",
         }
-    ok, why = _triton_status()
-    out["triton"] = {"available": ok, "reason": why}
+    if (op, "triton") in _REGISTRY:
+        ok, why = _triton_status()
+        out["triton"] = {"available": ok, "reason": why}
+    else:
+        out["triton"] = {"available": False, "reason": f"no Triton kernel registered for {op}"}
     out["reference"] = {"available": True, "reason": "plain torch"}
     return out
 
@@ -96,6 +145,17 @@ def choose(op: str, device: torch.device, backend: str | None) -> str:
     """Pick the backend for ``op`` on tensors of ``device`` (see the module docstring)."""
     forced = backend or os.environ.get("PYPATTERN_BACKEND") or None
     return _choose_cached(op, device.type, forced, os.environ.get("TRITON_INTERPRET"))
+
+
+def dispatch(op: str, device: torch.device, backend: str | None) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``: :func:`choose`, then the registry's entry."""
+    forced = backend or os.environ.get("PYPATTERN_BACKEND") or None
+    return _dispatch_cached(op, device.type, forced, os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.lru_cache(maxsize=256)
+def _dispatch_cached(op: str, device_type: str, forced: str | None, interp: str | None) -> Callable:
+    return implementation(op, _choose_cached(op, device_type, forced, interp))
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,8 +1,9 @@
 """Compile Triton kernels ahead of time for GPUs, on a machine without one.
 
-The interpreter (TRITON_INTERPRET=1, set for the whole test session) accepts code that the GPU compiler rejects,
-so each Triton test file also compiles its kernels to sm_80/sm_90 cubins. That runs in a separate process without
-the interpreter, since the interpreter patches triton.language in this one.
+Where there is no GPU the kernels run in the interpreter (TRITON_INTERPRET=1, set by tests/conftest.py), which
+accepts code that the GPU compiler rejects, so each Triton test file also compiles its kernels to sm_80/sm_90
+cubins. That runs in a separate process without the interpreter, since the interpreter patches triton.language
+in this one; it needs no GPU, and where there is one it checks the architectures that one may not be.
 """
 
 import os

@@ -1,4 +1,4 @@
-// Test driver for tests/test_sgld_isa.py: runs the raw CPU SGLD kernel (csrc/sgld_cpu_fast.cpp, compiled by the
+// Test driver for tests/test_sgld_isa.py: runs the raw CPU SGLD kernel (csrc/sgld/sgld_cpu_fast.cpp, compiled by the
 // test with one instruction-set's flags) on float32 arrays read from a file, and writes the updated weights.
 //   sgld_isa_driver IN OUT n has_mask step_size nbeta localization weight_decay noise_scale box seed step tensor_index
 // IN holds w, g, w0 (and the mask when has_mask) as n float32 each; box < 0 means no bounding box.

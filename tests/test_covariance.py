@@ -1,4 +1,5 @@
-"""The streaming cross-covariance accumulator against numpy.cov, for every backend.
+"""The streaming cross-covariance accumulator against numpy.cov, for every backend on its device's tensors (see
+tests/_backend_cases.py).
 
 Ground truth for large-mean inputs is numpy.cov of the data minus its first row: that subtraction is exact
 (Sterbenz) and leaves the covariance unchanged, while numpy.cov of the raw data itself loses about 8 digits there.
@@ -9,20 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _backend_cases import backend_devices, to
 from _triton_aot import assert_compiles_for_gpus
 
-from pypattern import _backends
+import pypattern
 from pypattern.ops.covariance import CrossCovariance, cross_covariance_update_
 
-
-def _available(name: str) -> bool:
-    return name == "reference" or bool(_backends.backends("covariance_update_")[name]["available"])
-
-
-BACKENDS = [
-    pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"backend {b} unavailable here"))
-    for b in ("reference", "cpp", "triton")
-]
+BACKENDS = backend_devices("covariance_update_")
 
 
 def _truth(a: np.ndarray, b: np.ndarray, ddof: int = 1):
@@ -34,6 +28,8 @@ def _truth(a: np.ndarray, b: np.ndarray, ddof: int = 1):
 
 
 def _stream(acc: CrossCovariance, a: torch.Tensor, b: torch.Tensor, sizes) -> CrossCovariance:
+    """Feed ``a`` and ``b`` (moved to the accumulator's device) in chunks of ``sizes`` draws."""
+    a, b = to(acc.device, a, b)
     i = 0
     for s in sizes:
         acc.update(a[i : i + s], b[i : i + s])
@@ -42,31 +38,37 @@ def _stream(acc: CrossCovariance, a: torch.Tensor, b: torch.Tensor, sizes) -> Cr
     return acc
 
 
+def _np(x) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def _rel(x, y) -> float:
-    x, y = np.asarray(x), np.asarray(y)
+    x, y = _np(x), _np(y)
     return float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-300))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_random_vs_numpy(backend, dtype):
+def test_random_vs_numpy(backend, device, dtype):
     k, n, m = 19, 37, 700
     a = torch.randn(m, k, dtype=dtype)
     b = torch.randn(m, n, dtype=dtype) + 0.3 * a[:, :1]
-    acc = _stream(CrossCovariance(k, n, track_auto="full", backend=backend), a, b, [0, 1, 250, 0, 3, 446])
+    acc = _stream(
+        CrossCovariance(k, n, track_auto="full", backend=backend, device=device), a, b, [0, 1, 250, 0, 3, 446]
+    )
     cab, caa, cbb = _truth(a.numpy(), b.numpy())
     assert acc.count == m
-    assert _rel(acc.cov().numpy(), cab) < 1e-12
-    assert _rel(acc.cov_aa().numpy(), caa) < 1e-12
-    assert _rel(acc.cov_bb().numpy(), cbb) < 1e-12
-    np.testing.assert_allclose(acc.mean_a.numpy(), a.double().mean(0).numpy(), rtol=0, atol=1e-14)
+    assert _rel(_np(acc.cov()), cab) < 1e-12
+    assert _rel(_np(acc.cov_aa()), caa) < 1e-12
+    assert _rel(_np(acc.cov_bb()), cbb) < 1e-12
+    np.testing.assert_allclose(_np(acc.mean_a), a.double().mean(0).numpy(), rtol=0, atol=1e-14)
     np.testing.assert_allclose(
-        acc.cov(ddof=0).numpy(), _truth(a.numpy(), b.numpy(), ddof=0)[0], rtol=1e-11, atol=1e-14
+        _np(acc.cov(ddof=0)), _truth(a.numpy(), b.numpy(), ddof=0)[0], rtol=1e-11, atol=1e-14
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_large_mean_tiny_variance(backend):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_large_mean_tiny_variance(backend, device):
     # Catastrophic cancellation: mean 1e8, standard deviation 1e-3 (11 significant digits of float64 are noise
     # around the mean). The shifted float64 accumulation keeps the covariance to ~1e-13 relative.
     k, n, m = 5, 17, 600
@@ -74,81 +76,91 @@ def test_large_mean_tiny_variance(backend):
     a = 1e8 + 1e-3 * torch.randn(m, k, dtype=torch.float64, generator=g)
     b = -3e7 + 1e-3 * torch.randn(m, n, dtype=torch.float64, generator=g)
     b[:, :k] += 0.5 * (a - 1e8)
-    acc = _stream(CrossCovariance(k, n, track_auto="var", backend=backend), a, b, [1, 299, 200, 100])
+    acc = _stream(
+        CrossCovariance(k, n, track_auto="var", backend=backend, device=device), a, b, [1, 299, 200, 100]
+    )
     cab, caa, cbb = _truth(a.numpy(), b.numpy())
-    assert _rel(acc.cov().numpy(), cab) < 1e-10
-    assert _rel(acc.var_a().numpy(), np.diag(caa)) < 1e-10
-    assert _rel(acc.var_b().numpy(), np.diag(cbb)) < 1e-10
+    assert _rel(_np(acc.cov()), cab) < 1e-10
+    assert _rel(_np(acc.var_a()), np.diag(caa)) < 1e-10
+    assert _rel(_np(acc.var_b()), np.diag(cbb)) < 1e-10
     corr = np.corrcoef(a.numpy().T - a.numpy()[0:1].T, b.numpy().T - b.numpy()[0:1].T)[:k, k:]
-    assert np.abs(acc.corr().numpy() - corr).max() < 1e-9
+    assert np.abs(_np(acc.corr()) - corr).max() < 1e-9
     # the naive one-pass formula E[ab] - E[a]E[b] would be pure noise here
     naive = (a.T @ b) / m - torch.outer(a.mean(0), b.mean(0))
     assert _rel(naive.numpy(), cab) > 1e-2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_and_mixed_dtypes(backend):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_non_contiguous_and_mixed_dtypes(backend, device):
     k, n, m = 16, 20, 90
     big = torch.randn(m, 2 * k, dtype=torch.float64)
     a = big[:, ::2]  # strided columns
     b = torch.randn(n, m, dtype=torch.float32).T  # transposed (column-major)
     assert not a.is_contiguous() and not b.is_contiguous()
-    acc = _stream(CrossCovariance(k, n, backend=backend), a, b, [40, 50])
+    acc = _stream(CrossCovariance(k, n, backend=backend, device=device), a, b, [40, 50])
     cab, _, cbb = _truth(a.numpy(), b.numpy())
-    assert _rel(acc.cov().numpy(), cab) < 1e-12
-    assert _rel(acc.var_b().numpy(), np.diag(cbb)) < 1e-12
+    assert _rel(_np(acc.cov()), cab) < 1e-12
+    assert _rel(_np(acc.var_b()), np.diag(cbb)) < 1e-12
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_one_draw_and_empty(backend):
-    acc = CrossCovariance(3, 4, backend=backend)
-    acc.update(torch.empty(0, 3), torch.empty(0, 4))
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_one_draw_and_empty(backend, device):
+    acc = CrossCovariance(3, 4, backend=backend, device=device)
+    acc.update(*to(device, torch.empty(0, 3), torch.empty(0, 4)))
     assert acc.count == 0
-    x, y = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0, 7.0])
+    x, y = to(device, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0, 7.0]))
     acc.update(x, y)  # a single draw as vectors
     assert acc.count == 1
     torch.testing.assert_close(acc.mean_a, x.double())
-    torch.testing.assert_close(acc.cov(ddof=0), torch.zeros(3, 4, dtype=torch.float64))
+    torch.testing.assert_close(acc.cov(ddof=0).cpu(), torch.zeros(3, 4, dtype=torch.float64))
     with pytest.warns(UserWarning, match="count - ddof"):
         assert torch.isnan(acc.cov()).all()  # as numpy.cov: undefined with one draw and ddof=1
     acc.update(x + 1, y - 1)
-    torch.testing.assert_close(acc.cov(), torch.full((3, 4), -0.5, dtype=torch.float64))
+    torch.testing.assert_close(acc.cov().cpu(), torch.full((3, 4), -0.5, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_merge_equals_single_pass(backend):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_merge_equals_single_pass(backend, device):
     k, n = 6, 9
     a = torch.randn(400, k, dtype=torch.float64) * 3 + torch.arange(k)
     b = torch.randn(400, n, dtype=torch.float64) + 1e5
     b[:200] += 0.01  # the parts have different means, so their shifts differ
-    single = _stream(CrossCovariance(k, n, track_auto="full", backend=backend), a, b, [400])
+    single = _stream(CrossCovariance(k, n, track_auto="full", backend=backend, device=device), a, b, [400])
     parts = [
-        _stream(CrossCovariance(k, n, track_auto="full", backend=backend), a[s], b[s], [len(range(400)[s])])
+        _stream(
+            CrossCovariance(k, n, track_auto="full", backend=backend, device=device),
+            a[s],
+            b[s],
+            [len(range(400)[s])],
+        )
         for s in (slice(0, 50), slice(50, 260), slice(260, 400))
     ]
     empty = CrossCovariance(k, n, track_auto="full")
+    # a CPU accumulator merges parts from any device
     merged = CrossCovariance(k, n, track_auto="full").merge(empty).merge(parts[1]).merge(parts[0])
     merged.merge(parts[2]).merge(empty)
     assert merged.count == 400
     for f in ("cov", "cov_aa", "cov_bb"):
-        assert _rel(getattr(merged, f)().numpy(), getattr(single, f)().numpy()) < 1e-12
-    np.testing.assert_allclose(merged.mean_b.numpy(), single.mean_b.numpy(), rtol=1e-15)
-    assert _rel(merged.cov().numpy(), _truth(a.numpy(), b.numpy())[0]) < 1e-12
+        assert _rel(_np(getattr(merged, f)()), _np(getattr(single, f)())) < 1e-12
+    np.testing.assert_allclose(_np(merged.mean_b), _np(single.mean_b), rtol=1e-15)
+    assert _rel(_np(merged.cov()), _truth(a.numpy(), b.numpy())[0]) < 1e-12
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_per_draw_updates_buffered(backend):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_per_draw_updates_buffered(backend, device):
     a, b = torch.randn(70, 4, dtype=torch.float64) + 1e6, torch.randn(70, 20, dtype=torch.float32)
-    acc = CrossCovariance(4, 20, backend=backend, buffer_draws=16)
+    acc = CrossCovariance(4, 20, device=device, backend=backend, buffer_draws=16)
     for i in range(70):
-        acc.update(a[i], b[i])
+        acc.update(*to(device, a[i], b[i]))
         assert acc.count == i + 1
     assert acc._nbuf == 70 % 16  # the tail is still buffered until a result is read
-    unbuffered = _stream(CrossCovariance(4, 20, backend=backend, buffer_draws=0), a, b, [1] * 70)
+    unbuffered = _stream(
+        CrossCovariance(4, 20, device=device, backend=backend, buffer_draws=0), a, b, [1] * 70
+    )
     cab, caa, cbb = _truth(a.numpy(), b.numpy())
     for x in (acc, unbuffered):
-        assert _rel(x.cov().numpy(), cab) < 1e-11
-        assert _rel(x.var_a().numpy(), np.diag(caa)) < 1e-11
+        assert _rel(_np(x.cov()), cab) < 1e-11
+        assert _rel(_np(x.var_a()), np.diag(caa)) < 1e-11
 
 
 def test_state_dict_roundtrip(tmp_path):
@@ -166,15 +178,16 @@ def test_state_dict_roundtrip(tmp_path):
 
 
 def test_cpp_panels_match_reference():
-    if not _available("cpp"):
-        pytest.skip("cpp backend unavailable")
+    info = pypattern.backends("covariance_update_")["cpp"]
+    if not info["available"]:
+        pytest.skip(f"cpp: {info['reason']}")
     # more draws than one C++ panel (512), float32, with a mean offset
     a = torch.randn(1300, 33) + 50
     b = torch.randn(1300, 21) - 7
     ref = _stream(CrossCovariance(33, 21, track_auto="full", backend="reference"), a, b, [1300])
     cpp = _stream(CrossCovariance(33, 21, track_auto="full", backend="cpp"), a, b, [1300])
     for f in ("cov", "cov_aa", "cov_bb"):
-        assert _rel(getattr(cpp, f)().numpy(), getattr(ref, f)().numpy()) < 1e-12
+        assert _rel(_np(getattr(cpp, f)()), _np(getattr(ref, f)())) < 1e-12
 
 
 def test_memory_independent_of_draws():
@@ -224,7 +237,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pypattern.kernels.covariance import _comoment_kernel
+from pypattern.ops.covariance.triton import _comoment_kernel
 
 for dtype in ("fp32", "fp64"):
     sig = {"c_ptr": "*fp64", "a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "w": "fp64"}

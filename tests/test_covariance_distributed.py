@@ -1,4 +1,4 @@
-"""CrossCovariance.all_reduce across torch.distributed ranks (gloo, two processes on this machine)."""
+"""CrossCovariance.all_reduce across torch.distributed ranks (gloo, two local processes)."""
 
 import os
 import tempfile

@@ -1,61 +1,68 @@
-"""Per-sample gradient Gram: every backend and method against materialised per-sample gradients, and the
-model-level hook helper against torch.func vmap(grad)."""
+"""Per-sample gradient Gram: every backend (on its device's tensors, see tests/_backend_cases.py) and method
+against materialised per-sample gradients, and the model-level hook helper against torch.func vmap(grad)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _backend_cases import backend_devices, to
 from _triton_aot import assert_compiles_for_gpus
 from torch import nn
 
-from pypattern import _backends
-from pypattern.ops.grad_gram import (
-    center_gram,
-    choose_method,
-    grad_gram_embedding,
-    grad_gram_embedding_reference,
-    grad_gram_linear,
-    grad_gram_linear_reference,
-    grad_gram_pairwise,
+import pypattern
+from pypattern.gram import (
     gram_parameters,
     per_sample_grad_gram,
     per_sample_grad_gram_reference,
     transformer_lens_sites,
 )
+from pypattern.ops.grad_gram import (
+    center_gram,
+    choose_method,
+    grad_gram_dense,
+    grad_gram_embedding,
+    grad_gram_embedding_reference,
+    grad_gram_linear,
+    grad_gram_linear_reference,
+    grad_gram_pairwise,
+)
 
-
-def _available(name: str) -> bool:
-    return name == "reference" or bool(_backends.backends("grad_gram_pairwise")[name]["available"])
-
-
-BACKENDS = [
-    pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"backend {b} unavailable here"))
-    for b in ("reference", "cpp", "triton")
-]
+BACKENDS = backend_devices("grad_gram_pairwise")
 TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.cpu(), y.cpu()
     return float((x - y).abs().max() / y.abs().max().clamp_min(1e-300))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(7, 1, 20, 9), (5, 3, 17, 33), (3, 32, 6, 5), (4, 0, 5, 3)])
-def test_linear_pairwise_vs_materialised(backend, dtype, shape):
+def test_linear_pairwise_vs_materialised(backend, device, dtype, shape):
     b, t, d_in, d_out = shape
     a = torch.randn(b, t, d_in, dtype=dtype)
     d = torch.randn(b, t, d_out, dtype=dtype)
     for bias in (True, False):
         ref = grad_gram_linear_reference(a, d, bias=bias)
-        got = grad_gram_linear(a, d, bias=bias, method="pairwise", backend=backend)
-        assert got.dtype == torch.float64 and got.shape == (b, b)
+        got = grad_gram_linear(*to(device, a, d), bias=bias, method="pairwise", backend=backend)
+        assert got.dtype == torch.float64 and got.shape == (b, b) and got.device.type == device
         if t == 0:
             assert (got == 0).all()
         else:
             assert _rel(got, ref) < TOL[dtype]
             torch.testing.assert_close(got, got.T, rtol=TOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_gram_equals_matmul(dtype):
+    w = torch.randn(300, 7, dtype=dtype)  # more rows than one block of 128: off-diagonal blocks are mirrored
+    got = grad_gram_dense(w)
+    assert got.dtype == torch.float64 and got.shape == (300, 300)
+    assert _rel(got, w.double() @ w.double().T) < TOL[dtype]
+    with pytest.raises(ValueError, match="g must be a 2-D tensor"):
+        grad_gram_dense(torch.randn(3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -76,25 +83,26 @@ def test_method_choice_by_flops():
     assert choose_method(8, 512, 16, 16) == "outer"  # long sequences through a narrow layer
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_embedding_vs_materialised(backend, dtype):
+@pytest.mark.parametrize("method", ["pairwise", "auto"])
+def test_embedding_vs_materialised(backend, device, dtype, method):
     ids = torch.randint(0, 7, (5, 6))
     ids[0, :3] = 0  # padding positions
     ids[1] = ids[2]  # repeated tokens across samples
     d = torch.randn(5, 6, 8, dtype=dtype)
     for pad in (None, 0):
         ref = grad_gram_embedding_reference(ids, d, num_embeddings=7, padding_idx=pad)
-        got = grad_gram_embedding(ids, d, padding_idx=pad, backend=backend)
+        got = grad_gram_embedding(*to(device, ids, d), padding_idx=pad, method=method, backend=backend)
         assert _rel(got, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_pairwise_whole_tile_path(backend):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_pairwise_whole_tile_path(backend, device):
     # T a multiple of the Triton/CUDA tile: each tile lies in one sample pair
     x, y = torch.randn(3 * 64, 5), torch.randn(3 * 64, 4)
     ref = grad_gram_linear_reference(x.reshape(3, 64, 5), y.reshape(3, 64, 4), bias=False)
-    assert _rel(grad_gram_pairwise(x, y, batch=3, backend=backend), ref) < 2e-6
+    assert _rel(grad_gram_pairwise(*to(device, x, y), batch=3, backend=backend), ref) < 2e-6
 
 
 class _SeqNet(nn.Module):
@@ -120,11 +128,11 @@ def _seq_loss(model, ids, targets):
     return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T) per token
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_model_sequences_and_embeddings_vs_vmap(backend):
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_model_sequences_and_embeddings_vs_vmap(backend, device):
     torch.manual_seed(1)
-    net = _SeqNet().double()
-    ids, targets = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+    net = _SeqNet().double().to(device)
+    ids, targets = to(device, torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5)))
     ref = per_sample_grad_gram_reference(net, _seq_loss, ids, targets)
     got = per_sample_grad_gram(net, _seq_loss, ids, targets, backend=backend)
     assert _rel(got, ref) < 1e-12
@@ -160,8 +168,9 @@ def test_model_mlp_float32_per_module_and_frozen():
     )
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("d_mlp", [32, None])
-def test_whole_transformer_lens_model_vs_vmap(d_mlp):
+def test_whole_transformer_lens_model_vs_vmap(backend, device, d_mlp):
     # every parameter of a TransformerLens-layout transformer: embeddings, LayerNorms, Q/K/V/O, MLP, unembedding
     from pypattern.models import Transformer, TransformerConfig
 
@@ -176,8 +185,8 @@ def test_whole_transformer_lens_model_vs_vmap(d_mlp):
         dtype=torch.float64,
         seed=0,
     )
-    model = Transformer(cfg)
-    tokens = torch.randint(0, 10, (5, 6))
+    model = Transformer(cfg).to(device)
+    tokens = torch.randint(0, 10, (5, 6), device=device)
     sites = transformer_lens_sites(model)
     assert set(gram_parameters(model, sites=sites)) == {n for n, _ in model.named_parameters()}
 
@@ -185,11 +194,10 @@ def test_whole_transformer_lens_model_vs_vmap(d_mlp):
         return m(t, return_type="per_token_loss")
 
     ref = per_sample_grad_gram_reference(model, loss, tokens, sites=sites)
-    for backend in ("reference", "cpp"):
-        if _available(backend):
-            assert _rel(per_sample_grad_gram(model, loss, tokens, sites=sites, backend=backend), ref) < 1e-12
-    # outer form for every linear site too
-    assert _rel(per_sample_grad_gram(model, loss, tokens, sites=sites, method="outer"), ref) < 1e-12
+    # "pairwise" runs every linear and embedding site through the backend; "auto" and "outer" use BLAS forms
+    for method in ("pairwise", "auto", "outer"):
+        got = per_sample_grad_gram(model, loss, tokens, sites=sites, method=method, backend=backend)
+        assert got.device.type == device and _rel(got, ref) < 1e-12, method
 
 
 def test_mean_loss_is_rejected_and_errors_name_things():
@@ -214,12 +222,57 @@ def test_mean_loss_is_rejected_and_errors_name_things():
         grad_gram_linear(torch.randn(3, 4), torch.randn(3, 4), method="fast")
 
 
+def test_model_level_names_moved_out_of_the_ops_layer():
+    """The model-walking helpers live in pypattern.gram; the old ops paths still resolve them, with a warning."""
+    import pypattern.gram
+    import pypattern.ops
+    import pypattern.ops.grad_gram
+
+    for mod in (pypattern.ops, pypattern.ops.grad_gram):
+        with pytest.warns(DeprecationWarning, match="moved to pypattern.gram.per_sample_grad_gram"):
+            assert mod.per_sample_grad_gram is pypattern.gram.per_sample_grad_gram
+        with pytest.raises(AttributeError, match="no attribute 'nope'"):
+            mod.nope  # noqa: B018
+    assert pypattern.per_sample_grad_gram is pypattern.gram.per_sample_grad_gram
+    assert pypattern.GramSite is pypattern.gram.GramSite and pypattern.center_gram is center_gram
+
+
+def _imports(path, package: str):
+    """Absolute names of the modules (or module attributes) that a source file imports."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = node.module if not node.level else ".".join(parts[: len(parts) - node.level + 1])
+            if node.level and node.module:
+                base = f"{base}.{node.module}"
+            yield from (f"{base}.{a.name}" for a in node.names)
+
+
+def test_ops_layer_imports_nothing_above_it():
+    """An op imports torch, triton, its own folder, the other ops and pypattern._backends; never an estimator or
+    model code (the moved-name shim resolves pypattern.gram by name, on access, not by an import statement)."""
+    import pathlib
+
+    root = pathlib.Path(pypattern.__file__).parent
+    files = sorted((root / "ops").rglob("*.py"))
+    assert len(files) >= 13
+    for f in files:
+        package = ".".join(("pypattern",) + f.relative_to(root).parts[:-1])
+        for name in _imports(f, package):
+            if name.startswith("pypattern"):
+                assert name.startswith(("pypattern.ops.", "pypattern._backends")), f"{f} imports {name}"
+
+
 _AOT = """
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pypattern.kernels.grad_gram import _pairwise_kernel
+from pypattern.ops.grad_gram.triton import _pairwise_kernel
 
 for dtype, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
     sig = {"g_ptr": "*fp64", "x_ptr": "*" + dtype, "y_ptr": "*" + dtype, "ids_ptr": "*i64"}
@@ -239,3 +292,18 @@ def test_triton_kernel_compiles_for_gpus():
     """The interpreter accepts more than the GPU compiler: compile the kernel to sm_80/sm_90 cubin (no GPU needed;
     a separate process, since the interpreter patches triton.language)."""
     assert_compiles_for_gpus(_AOT)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [dict(normalization_type="RMS"), dict(gated_mlp=True, act_fn="silu"), dict(tie_word_embeddings=True)],
+)
+def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
+    from pypattern.gram import transformer_lens_sites
+    from pypattern.models import Transformer, TransformerConfig
+
+    model = Transformer(
+        TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=11, n_ctx=6, **option)
+    )
+    with pytest.raises(NotImplementedError, match=next(iter(option))):
+        transformer_lens_sites(model)

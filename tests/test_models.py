@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -133,7 +134,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="act_fn"):
         TransformerConfig(act_fn="swish")
     with pytest.raises(ValueError, match="normalization_type"):
-        TransformerConfig(normalization_type="RMS")
+        TransformerConfig(normalization_type="LNPre")
     assert TransformerConfig(d_model=64, n_heads=4).d_head == 16
 
 
@@ -277,3 +278,333 @@ def test_layernorm_fused_path_equals_explicit_one():
     remove()
     assert len(seen) == 1 and seen[0].shape == (3, 5, 1)
     torch.testing.assert_close(fused, explicit, rtol=1e-12, atol=1e-12)
+
+
+# ----- architecture options (RMSNorm, rotary, GQA, gated MLP, parallel blocks, biases, tied embeddings) ---------
+
+
+def rich(**kw):
+    cfg = dict(
+        n_layers=2,
+        d_model=40,
+        n_heads=4,
+        d_head=12,
+        d_mlp=56,
+        d_vocab=13,
+        n_ctx=10,
+        seed=3,
+        dtype=torch.float64,
+    )
+    cfg.update(kw)
+    model = Transformer(TransformerConfig(**cfg))
+    with torch.no_grad():  # non-trivial biases and norm weights
+        for n, prm in model.named_parameters():
+            if ".b" in n or n.endswith(".w"):
+                prm.add_(0.2 * torch.randn_like(prm))
+    return model
+
+
+def _rotate_complex(x, pos, r, base, adjacent):
+    """Rotary embedding as a complex multiplication (independent of the model's rotate_half form)."""
+    xr, xp = x[..., :r], x[..., r:]
+    if adjacent:
+        pairs = torch.complex(xr[..., 0::2], xr[..., 1::2])
+    else:
+        pairs = torch.complex(xr[..., : r // 2], xr[..., r // 2 :])
+    theta = pos[:, None].double() / base ** (torch.arange(0, r, 2, dtype=torch.float64) / r)
+    turned = pairs * torch.polar(torch.ones_like(theta), theta)[:, None, :]
+    if adjacent:
+        out = torch.stack((turned.real, turned.imag), -1).flatten(-2)
+    else:
+        out = torch.cat((turned.real, turned.imag), -1)
+    return torch.cat((out, xp), -1)
+
+
+def reference_forward_general(model, tokens):
+    """Independent forward for every option: explicit norms, complex rotary, repeated K/V with an explicit mask."""
+    cfg = model.cfg
+    p = dict(model.named_parameters())
+    g = p.get
+    T = tokens.shape[1]
+    pos = torch.arange(T)
+    x = p["embed.W_E"][tokens]
+    if cfg.positional_embedding_type == "standard":
+        x = x + p["pos_embed.W_pos"][:T]
+
+    def norm(x, name):
+        if cfg.normalization_type == "LN":
+            return F.layer_norm(x, (cfg.d_model,), p[f"{name}.w"], p[f"{name}.b"], eps=cfg.ln_eps)
+        if cfg.normalization_type == "RMS":
+            return p[f"{name}.w"] * x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.ln_eps)
+        return x
+
+    def lin(x, W, b):
+        return x @ W + (0 if b is None else b)
+
+    def heads(x, W, b):
+        y = torch.einsum("bpd,hde->bphe", x, W)
+        return y if b is None else y + b
+
+    acts = {"gelu": F.gelu, "relu": F.relu, "silu": lambda t: t * torch.sigmoid(t)}
+    allowed = (pos[None, :] <= pos[:, None]) & (
+        (pos[:, None] - pos[None, :] < cfg.sliding_window) if cfg.sliding_window else True
+    )
+    for layer in range(cfg.n_layers):
+        a, m = f"blocks.{layer}.attn", f"blocks.{layer}.mlp"
+        h = norm(x, f"blocks.{layer}.ln1")
+        q = heads(h, p[f"{a}.W_Q"], g(f"{a}.b_Q"))
+        k = heads(h, p[f"{a}.W_K"], g(f"{a}.b_K"))
+        v = heads(h, p[f"{a}.W_V"], g(f"{a}.b_V"))
+        if cfg.positional_embedding_type == "rotary":
+            args = (pos, cfg.rotary_dim, cfg.rotary_base, cfg.rotary_adjacent_pairs)
+            q, k = _rotate_complex(q, *args), _rotate_complex(k, *args)
+        rep = cfg.n_heads // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        s = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.d_head)
+        s = torch.where(allowed, s, torch.tensor(-1e300, dtype=s.dtype))
+        z = torch.einsum("bhqk,bkhe->bqhe", s.softmax(-1), v)
+        attn_out = torch.einsum("bqhe,hed->bqd", z, p[f"{a}.W_O"]) + (
+            0 if g(f"{a}.b_O") is None else p[f"{a}.b_O"]
+        )
+        if cfg.attn_only:
+            x = x + attn_out
+            continue
+        mid = x if cfg.parallel_attn_mlp else x + attn_out
+        h = norm(mid, f"blocks.{layer}.ln2")
+        act = acts[cfg.act_fn]
+        if cfg.gated_mlp:
+            post = act(lin(h, p[f"{m}.W_gate"], g(f"{m}.b_gate"))) * lin(h, p[f"{m}.W_in"], g(f"{m}.b_in"))
+        else:
+            post = act(lin(h, p[f"{m}.W_in"], g(f"{m}.b_in")))
+        x = mid + lin(post, p[f"{m}.W_out"], g(f"{m}.b_out")) + (attn_out if cfg.parallel_attn_mlp else 0)
+    W_U = p["embed.W_E"].T if cfg.tie_word_embeddings else p["unembed.W_U"]
+    return lin(norm(x, "ln_final"), W_U, g("unembed.b_U"))
+
+
+RICH_CASES = [
+    dict(normalization_type="RMS", positional_embedding_type="rotary", gated_mlp=True, act_fn="silu"),
+    dict(positional_embedding_type="rotary", rotary_dim=4, parallel_attn_mlp=True, n_key_value_heads=2),
+    dict(positional_embedding_type="rotary", rotary_dim=6, rotary_adjacent_pairs=True, n_key_value_heads=1),
+    dict(
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=500.0,
+        n_key_value_heads=2,
+        gated_mlp=True,
+        act_fn="silu",
+        attn_bias=True,
+        attn_out_bias=False,
+        mlp_bias=False,
+        unembed_bias=False,
+        tie_word_embeddings=True,
+        sliding_window=3,
+    ),
+    dict(positional_embedding=False, attn_bias=False, mlp_bias=True, parallel_attn_mlp=True, act_fn="relu"),
+    dict(normalization_type=None, d_mlp=None, positional_embedding_type="rotary", tie_word_embeddings=True),
+]
+
+
+@pytest.mark.parametrize("kw", RICH_CASES)
+def test_architecture_options_match_independent_reference(kw):
+    model = rich(**kw)
+    tokens = torch.randint(0, 13, (3, 10))
+    torch.testing.assert_close(
+        model(tokens), reference_forward_general(model, tokens), rtol=1e-10, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("kw", RICH_CASES)
+def test_architecture_options_hooks_and_parameters(kw):
+    model = rich(**kw)
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    a = "blocks.0.attn"
+    assert params[f"{a}.W_K"].shape == (cfg.n_key_value_heads, 40, 12)
+    assert (f"{a}.b_Q" in params) == cfg.attn_bias and (f"{a}.b_O" in params) == cfg.attn_out_bias
+    assert ("unembed.W_U" in params) == (not cfg.tie_word_embeddings)
+    assert ("unembed.b_U" in params) == cfg.unembed_bias
+    assert ("pos_embed.W_pos" in params) == (cfg.positional_embedding_type == "standard")
+    if not cfg.attn_only:
+        assert ("blocks.0.mlp.W_gate" in params) == cfg.gated_mlp
+        assert ("blocks.0.mlp.b_in" in params) == cfg.mlp_bias
+    if cfg.normalization_type == "RMS":
+        assert "blocks.0.ln1.w" in params and "blocks.0.ln1.b" not in params
+    tokens = torch.randint(0, 13, (2, 10))
+    _, cache = model.run_with_cache(tokens)
+    assert set(cache) == set(model.hook_dict)
+    H, Hkv = cfg.n_heads, cfg.n_key_value_heads
+    assert cache[f"{a}.hook_q"].shape == (2, 10, H, 12)
+    assert cache[f"{a}.hook_k"].shape == cache[f"{a}.hook_v"].shape == (2, 10, Hkv, 12)
+    assert cache[f"{a}.hook_z"].shape == (2, 10, H, 12)
+    assert cache[f"{a}.hook_pattern"].shape == (2, H, 10, 10)
+    rot = cfg.positional_embedding_type == "rotary"
+    assert (f"{a}.hook_rot_q" in cache) == rot and (f"{a}.hook_rot_k" in cache) == rot
+    if rot:
+        r = cfg.rotary_dim
+        assert cache[f"{a}.hook_rot_k"].shape == (2, 10, Hkv, 12)
+        # the first rotary_dim dims turn (position 0 does not), the rest pass through
+        torch.testing.assert_close(cache[f"{a}.hook_rot_q"][..., r:], cache[f"{a}.hook_q"][..., r:])
+        torch.testing.assert_close(cache[f"{a}.hook_rot_q"][:, 0], cache[f"{a}.hook_q"][:, 0])
+        assert not torch.allclose(cache[f"{a}.hook_rot_q"][:, 1:, :, :r], cache[f"{a}.hook_q"][:, 1:, :, :r])
+    if cfg.sliding_window:
+        pat = cache[f"{a}.hook_pattern"]
+        qi, ki = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
+        assert torch.all(pat[..., qi - ki >= cfg.sliding_window] == 0)
+    if not cfg.attn_only:
+        assert ("blocks.0.hook_resid_mid" in cache) == (not cfg.parallel_attn_mlp)
+        assert ("blocks.0.mlp.hook_pre_linear" in cache) == cfg.gated_mlp
+        resid = (
+            cache["blocks.0.hook_resid_pre"]
+            + cache["blocks.0.hook_attn_out"]
+            + cache["blocks.0.hook_mlp_out"]
+        )
+        torch.testing.assert_close(cache["blocks.0.hook_resid_post"], resid)
+        if cfg.gated_mlp:
+            act = F.silu(cache["blocks.0.mlp.hook_pre"]) * cache["blocks.0.mlp.hook_pre_linear"]
+            torch.testing.assert_close(cache["blocks.0.mlp.hook_post"], act)
+    if cfg.normalization_type is not None:
+        assert cache["blocks.0.ln1.hook_scale"].shape == (2, 10, 1)
+
+
+def test_rms_norm_hooked_scale_equals_fast_path():
+    from pypattern.models.transformer import RMSNorm
+
+    for cd in (None, torch.float32):
+        n = RMSNorm(16, 1e-6, torch.float64, compute_dtype=cd)
+        with torch.no_grad():
+            n.w.normal_()
+        x = torch.randn(3, 5, 16, dtype=torch.float64) * 3 + 1
+        fast = n(x)
+        seen = []
+        remove = n.hook_scale.add_hook(lambda t, hook, seen=seen: seen.append(t))
+        slow = n(x)
+        remove()
+        tol = 1e-12 if cd is None else 1e-6
+        torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
+        ref = n.w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        torch.testing.assert_close(fast, ref, rtol=tol, atol=tol)
+        assert fast.dtype == torch.float64 and seen[0].shape == (3, 5, 1)
+
+
+def test_gqa_head_mask_moves_exactly_that_head_and_kv_head_its_group():
+    model = rich(n_key_value_heads=2, positional_embedding_type="rotary", gated_mlp=True, act_fn="silu")
+    Hkv = 2  # of 4 heads: heads 0, 1 read kv head 0; heads 2, 3 read kv head 1
+    a = "blocks.1.attn"
+    head = component_masks(model, f"{a}.head.3")
+    assert set(head) == {f"{a}.{n}" for n in ["W_Q", "W_O", "b_Q"]}
+    for n in ("W_Q", "W_O", "b_Q"):
+        assert head[f"{a}.{n}"][3].all() and head[f"{a}.{n}"].sum() == head[f"{a}.{n}"][3].numel()
+    kv = component_masks(model, f"{a}.kv_head.1")
+    assert set(kv) == {f"{a}.{n}" for n in ["W_K", "W_V", "b_K", "b_V"]}
+    for n in ("W_K", "W_V", "b_K", "b_V"):
+        assert kv[f"{a}.{n}"].shape[0] == Hkv
+        assert kv[f"{a}.{n}"][1].all() and kv[f"{a}.{n}"].sum() == kv[f"{a}.{n}"][1].numel()
+    both = component_masks(model, f"{a}.head.3", include_shared_kv=True)
+    assert set(both) == set(head) | set(kv)
+    # heads, kv heads and b_O partition the attention's parameters
+    comps = [c for c in model.components() if c.startswith(a + ".")]
+    assert comps == [f"{a}.head.{h}" for h in range(4)] + [f"{a}.kv_head.{g}" for g in range(Hkv)]
+    cover = {
+        n: torch.zeros_like(p, dtype=torch.int64) for n, p in model.named_parameters() if n.startswith(a)
+    }
+    for c in comps:
+        for n, m in component_masks(model, c).items():
+            cover[n] += m.long()
+    for n, c in cover.items():
+        assert (c == (0 if n.endswith("b_O") else 1)).all(), n
+    with pytest.raises(ValueError, match="kv_head"):
+        component_masks(rich(), f"{a}.kv_head.0")
+    tokens = torch.randint(0, 13, (2, 10))
+
+    def moved(masks):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n in masks:
+                    p.add_(masks[n] * torch.randn_like(p))
+        return m.run_with_cache(tokens)[1][f"{a}.hook_z"]
+
+    z0 = model.run_with_cache(tokens)[1][f"{a}.hook_z"]
+    z1 = moved(head)  # exactly head 3 moves
+    torch.testing.assert_close(z0[:, :, :3], z1[:, :, :3], rtol=0, atol=0)
+    assert not torch.allclose(z0[:, :, 3], z1[:, :, 3])
+    z2 = moved(kv)  # kv head 1 moves heads 2 and 3, not the other group
+    torch.testing.assert_close(z0[:, :, :2], z2[:, :, :2], rtol=0, atol=0)
+    assert not torch.allclose(z0[:, :, 2], z2[:, :, 2]) and not torch.allclose(z0[:, :, 3], z2[:, :, 3])
+    # the MLP component includes the gate
+    assert "blocks.0.mlp.W_gate" in component_masks(model, "blocks.0.mlp")
+
+
+def test_tied_embeddings_are_one_parameter():
+    tied = rich(tie_word_embeddings=True, unembed_bias=False)
+    names = [n for n, _ in tied.named_parameters()]
+    assert "unembed.W_U" not in names and names.count("embed.W_E") == 1
+    assert [n for n, _ in tied.named_parameters(remove_duplicate=False)] == names
+    assert tied.unembed.W_U.shape == (40, 13) and torch.equal(tied.unembed.W_U, tied.embed.W_E.T)
+    assert "unembed" not in tied.components()
+    twin = copy.deepcopy(tied)  # the copy's unembedding reads the copy's embedding
+    with torch.no_grad():
+        twin.embed.W_E.mul_(2.0)
+    assert torch.equal(twin.unembed.W_U, twin.embed.W_E.T) and not torch.equal(
+        twin.unembed.W_U, tied.unembed.W_U
+    )
+    assert set(component_masks(tied, "unembed")) == {"embed.W_E"}
+    # the gradient of the one weight is the sum of its two uses (an untied copy gives both separately)
+    untied = rich(tie_word_embeddings=False, unembed_bias=False)
+    sd = {k: v for k, v in tied.state_dict().items()}
+    sd["unembed.W_U"] = tied.embed.W_E.detach().T.clone()
+    untied.load_state_dict(sd)
+    tokens = torch.randint(0, 13, (2, 10))
+    torch.testing.assert_close(tied(tokens), untied(tokens))
+    (g_tied,) = torch.autograd.grad(tied(tokens, return_type="loss"), [tied.embed.W_E])
+    g_e, g_u = torch.autograd.grad(untied(tokens, return_type="loss"), [untied.embed.W_E, untied.unembed.W_U])
+    torch.testing.assert_close(g_tied, g_e + g_u.T)
+    # functional_call with a replaced embedding changes both uses
+    new = {n: p.detach() * 1.5 if n == "embed.W_E" else p.detach() for n, p in tied.named_parameters()}
+    sd["unembed.W_U"] = new["embed.W_E"].T.clone()
+    sd["embed.W_E"] = new["embed.W_E"]
+    untied.load_state_dict(sd)
+    torch.testing.assert_close(torch.func.functional_call(tied, new, (tokens,)), untied(tokens))
+
+
+@pytest.mark.parametrize("kw", [RICH_CASES[1], RICH_CASES[3]])
+def test_functional_call_vmap_grads_equal_per_copy_grads(kw):
+    model = rich(**kw)
+    names = [n for n, _ in model.named_parameters()]
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    stacked = {
+        n: torch.stack([p + 0.01 * k * torch.randn_like(p) for k in range(3)]) for n, p in base.items()
+    }
+    tokens = torch.randint(0, 13, (2, 10))
+
+    def loss(params):
+        return torch.func.functional_call(model, params, (tokens,), {"return_type": "loss"})
+
+    grads = torch.func.vmap(torch.func.grad(loss))(stacked)
+    for k in range(3):
+        one = {n: stacked[n][k].clone().requires_grad_(True) for n in names}
+        g = torch.autograd.grad(loss(one), [one[n] for n in names])
+        for n, gn in zip(names, g):
+            torch.testing.assert_close(grads[n][k], gn, rtol=1e-10, atol=1e-12)
+
+
+def test_new_config_validation():
+    with pytest.raises(ValueError, match="n_key_value_heads"):
+        TransformerConfig(n_heads=4, n_key_value_heads=3)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        TransformerConfig(d_model=64, n_heads=4, positional_embedding_type="rotary", rotary_dim=5)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        TransformerConfig(d_model=64, n_heads=4, positional_embedding_type="rotary", rotary_dim=18)
+    with pytest.raises(ValueError, match="positional_embedding_type"):
+        TransformerConfig(positional_embedding_type="alibi")
+    with pytest.raises(ValueError, match="contradicts"):
+        TransformerConfig(positional_embedding=False, positional_embedding_type="standard")
+    with pytest.raises(ValueError, match="gated_mlp"):
+        TransformerConfig(d_mlp=None, gated_mlp=True)
+    with pytest.raises(ValueError, match="sliding_window"):
+        TransformerConfig(sliding_window=0)
+    c = TransformerConfig(positional_embedding=False)
+    assert c.positional_embedding_type == "none" and c.positional_embedding is False
+    c = TransformerConfig(positional_embedding_type="rotary", rotary_dtype=torch.float32)
+    assert c.positional_embedding is False and c.rotary_dim == c.d_head and c.n_key_value_heads == c.n_heads
+    assert TransformerConfig(**c.to_dict()) == c

@@ -1,27 +1,34 @@
-"""The fused SGLD step: every backend against the plain-torch reference, the noise stream, and bad input."""
+"""The fused SGLD step: every backend against the plain-torch reference, the noise stream, the fast path, and bad
+input. Each backend runs on the tensors of its device (see tests/_backend_cases.py)."""
 
 import math
+import os
 
 import pytest
 import torch
+from _backend_cases import backend_devices, device_of, to
 from _triton_aot import assert_compiles_for_gpus
 
 import pypattern
+from pypattern import _backends
 from pypattern.ops.sgld import philox_normals, sgld_step_
+from pypattern.ops.sgld import reference as spec
 
-AVAILABLE = [name for name, info in pypattern.backends().items() if info["available"] and name != "cuda"]
-FAST = [b for b in AVAILABLE if b != "reference"]
+CASES = backend_devices("sgld_step_")
+FAST = backend_devices("sgld_step_", reference=False)
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 
 
-def _inputs(shape, dtype, *, noncontig=False, seed=0):
+def _inputs(shape, dtype, *, noncontig=False, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     if noncontig:  # a transposed view of a larger tensor, with a step in the last dimension
-        big = [torch.randn(shape[1] * 2 + 1, shape[0], generator=gen, dtype=dtype) for _ in range(3)]
+        big = [
+            torch.randn(shape[1] * 2 + 1, shape[0], generator=gen, dtype=dtype).to(device) for _ in range(3)
+        ]
         w, g, a = (b[::2][: shape[1]].t() for b in big)
         assert not w.is_contiguous()
         return w, g, a
-    return tuple(torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+    return tuple(torch.randn(shape, generator=gen, dtype=dtype).to(device) for _ in range(3))
 
 
 def _run(backend, params, grads, anchors, **kw):
@@ -33,23 +40,44 @@ def _run(backend, params, grads, anchors, **kw):
 KW = dict(step_size=1e-3, nbeta=37.0, localization=100.0, weight_decay=0.01, seed=7, step=3)
 
 
-def test_backends_report():
-    info = pypattern.backends()
+@pytest.mark.parametrize("op", ["sgld_step_", "covariance_update_", "grad_gram_pairwise"])
+def test_backends_report(op):
+    info = pypattern.backends(op)
     assert set(info) == {"cuda", "triton", "cpp", "reference"}
     for name, v in info.items():
         assert isinstance(v["available"], bool) and isinstance(v["reason"], str) and v["reason"], name
     assert info["reference"]["available"]
     assert info["cpp"]["available"], info["cpp"]["reason"]  # the extension is built by `make test`
-    assert not info["cuda"]["available"]  # no GPU here, ever
+    if info["cuda"]["available"]:  # a CUDA kernel runs only where torch sees a GPU
+        assert torch.cuda.is_available()
+    # every op registers all four backends in the one registry, and the chooser hands out those functions
+    assert _backends.registered(op) == _backends.NAMES
+    for name in _backends.NAMES:
+        if info[name]["available"] or name == "reference":
+            impl = _backends.dispatch(op, torch.device(device_of(name)), name)
+            assert impl is _backends.implementation(op, name) and callable(impl)
 
 
-@pytest.mark.parametrize("backend", FAST)
+def test_registry_errors_name_op_and_backend():
+    with pytest.raises(KeyError, match="op 'no_such_op' has no implementation for backend 'cpp'"):
+        _backends.implementation("no_such_op", "cpp")
+    with pytest.raises(ValueError, match="backend 'fortran' is not one of"):
+        _backends.register("sgld_step_", "fortran", lambda *a, **k: None)
+    assert _backends.registered("sgld_step_") == _backends.NAMES  # the failed registration changed nothing
+
+
+def test_automatic_choice_on_cpu_is_cpp():
+    """On CPU tensors the chooser takes the C++ kernel (the interpreter is used only when forced)."""
+    assert _backends.choose("sgld_step_", torch.device("cpu"), None) == "cpp"
+
+
+@pytest.mark.parametrize("backend, device", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("size", [0, 1, 3, 63, 64, 65, 127, 128, 129, 257, 1001])
 @pytest.mark.parametrize("extras", ["plain", "mask", "box", "mask+box"])
-def test_equals_reference_without_noise(backend, dtype, size, extras):
-    w, g, a = _inputs((size,), dtype, seed=size)
-    masks = [torch.rand(size) > 0.3] if "mask" in extras else None
+def test_equals_reference_without_noise(backend, device, dtype, size, extras):
+    w, g, a = _inputs((size,), dtype, seed=size, device=device)
+    masks = [to(device, torch.rand(size) > 0.3)] if "mask" in extras else None
     box = 0.05 if "box" in extras else None
     kw = dict(KW, noise_scale=0.0, bounding_box=box, masks=masks)
     ref = _run("reference", [w], [g], [a], **kw)[0]
@@ -61,21 +89,21 @@ def test_equals_reference_without_noise(backend, dtype, size, extras):
         frozen = ~masks[0]
         assert torch.equal(out[frozen], w[frozen])  # masked entries untouched, bit for bit
     if box is not None:
-        moved = masks[0] if masks is not None else torch.ones(size, dtype=torch.bool)
+        moved = masks[0] if masks is not None else torch.ones(size, dtype=torch.bool, device=device)
         assert bool(((out - a)[moved].abs() <= box + 1e-7).all())
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend, device", FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_equals_reference_with_noise_many_tensors_noncontiguous(backend, dtype):
+def test_equals_reference_with_noise_many_tensors_noncontiguous(backend, device, dtype):
     shapes = [(5, 7), (1,), (0, 3), (130, 3), (2, 3, 4)]
     params, grads, anchors = [], [], []
     for i, s in enumerate(shapes):
-        w, g, a = _inputs(s, dtype, seed=i)
+        w, g, a = _inputs(s, dtype, seed=i, device=device)
         params.append(w), grads.append(g), anchors.append(a)
-    nc = _inputs((40, 9), dtype, noncontig=True, seed=99)
+    nc = _inputs((40, 9), dtype, noncontig=True, seed=99, device=device)
     params.append(nc[0]), grads.append(nc[1]), anchors.append(nc[2])
-    masks = [None, None, None, torch.rand(130, 3) > 0.5, None, None]
+    masks = [None, None, None, to(device, torch.rand(130, 3) > 0.5), None, None]
     kw = dict(KW, noise_scale=1.0, bounding_box=0.2, masks=masks)
     ref = _run("reference", params, grads, anchors, **kw)
     out = _run(backend, params, grads, anchors, **kw)
@@ -90,31 +118,24 @@ def test_equals_reference_with_noise_many_tensors_noncontiguous(backend, dtype):
     torch.testing.assert_close(a1, a2, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", [b for b in FAST if b == "cpp"])
+@pytest.mark.parametrize("backend, device", FAST)
 @pytest.mark.parametrize("masked", [False, True])
-def test_equals_reference_1e6(backend, masked):
-    """Noise on, every block size and thread split of the kernel, with and without a mask."""
-    w, g, a = _inputs((1_000_003,), torch.float32, seed=5)
+def test_equals_reference_1e6(backend, device, masked):
+    """Noise on, every block size and thread split of the kernel (and many programs of the GPU kernels), with and
+    without a mask."""
+    w, g, a = _inputs((1_000_003,), torch.float32, seed=5, device=device)
     kw = dict(KW, noise_scale=0.5, bounding_box=0.3)
     if masked:
-        kw["masks"] = [torch.rand(1_000_003, generator=torch.Generator().manual_seed(1)) > 0.3]
+        kw["masks"] = [to(device, torch.rand(1_000_003, generator=torch.Generator().manual_seed(1)) > 0.3)]
     ref = _run("reference", [w], [g], [a], **kw)[0]
     out = _run(backend, [w], [g], [a], **kw)[0]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6)
 
 
-@pytest.mark.parametrize("backend", [b for b in FAST if b == "triton"])
-def test_triton_1e6(backend):
-    w, g, a = _inputs((1_000_003,), torch.float32, seed=5)
-    kw = dict(KW, noise_scale=0.5, masks=[torch.rand(1_000_003) > 0.5])
-    ref = _run("reference", [w], [g], [a], **kw)[0]
-    out = _run(backend, [w], [g], [a], **kw)[0]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=5e-6)
-
-
-def _noise(backend, n, *, seed, step, tensor_index=0, dtype=torch.float32):
+def _noise(backend, n, *, seed, step, tensor_index=0, dtype=torch.float32, device="cpu"):
     """Recover xi from one step with zero drift: w0 = w = 0, g = 0, step_size 1 -> w = xi."""
-    params = [torch.zeros(1, dtype=dtype) for _ in range(tensor_index)] + [torch.zeros(n, dtype=dtype)]
+    params = [torch.zeros(1, dtype=dtype, device=device) for _ in range(tensor_index)]
+    params.append(torch.zeros(n, dtype=dtype, device=device))
     grads = [torch.zeros_like(p) for p in params]
     sgld_step_(
         params,
@@ -130,10 +151,10 @@ def _noise(backend, n, *, seed, step, tensor_index=0, dtype=torch.float32):
     return params[-1]
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
-def test_noise_statistics(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_noise_statistics(backend, device):
     n = 200_000
-    xi = _noise(backend, n, seed=123, step=0).double()
+    xi = _noise(backend, n, seed=123, step=0, device=device).double().cpu()
     assert abs(xi.mean().item()) < 5 / math.sqrt(n)
     assert abs(xi.var().item() - 1) < 5 * math.sqrt(2 / n)
     # fourth moment of a normal is 3; lag-1..4 correlations vanish (lags within and across Philox outputs)
@@ -145,33 +166,40 @@ def test_noise_statistics(backend):
     assert abs((xi.abs() > 3).double().mean().item() - 0.0027) < 0.001
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
-def test_noise_keyed(backend):
-    base = _noise(backend, 4096, seed=1, step=2)
-    assert torch.equal(base, _noise(backend, 4096, seed=1, step=2))
+@pytest.mark.parametrize("backend, device", CASES)
+def test_noise_keyed(backend, device):
+    def noise(**kw):
+        return _noise(backend, 4096, device=device, **kw).cpu()
+
+    base = noise(seed=1, step=2)
+    assert torch.equal(base, noise(seed=1, step=2))
     others = [
-        _noise(backend, 4096, seed=2, step=2),
-        _noise(backend, 4096, seed=1, step=3),
-        _noise(backend, 4096, seed=1, step=2 + 2**32),  # high word of the step counts
-        _noise(backend, 4096, seed=1 + 2**32, step=2),  # high word of the seed counts
-        _noise(backend, 4096, seed=1, step=2, tensor_index=1),
+        noise(seed=2, step=2),
+        noise(seed=1, step=3),
+        noise(seed=1, step=2 + 2**32),  # high word of the step counts
+        noise(seed=1 + 2**32, step=2),  # high word of the seed counts
+        noise(seed=1, step=2, tensor_index=1),
     ]
     for o in others:
         assert torch.corrcoef(torch.stack([base, o]))[0, 1].abs() < 0.08
         assert not torch.isclose(base, o).any()
 
 
-def test_noise_matches_reference_stream_across_backends():
+@pytest.mark.parametrize("backend, device", FAST)
+def test_noise_matches_reference_stream(backend, device):
     ref = philox_normals(10_000, seed=2**63 + 11, tensor_index=0, step=2**40 + 1)
-    for backend in FAST:
-        out = _noise(backend, 10_000, seed=2**63 + 11, step=2**40 + 1)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+    out = _noise(backend, 10_000, seed=2**63 + 11, step=2**40 + 1, device=device).cpu()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
 
 
 def test_noise_matches_triton_philox_stream():
     """The reference's integer Philox equals Triton's own tl.philox (so the stream is Triton's)."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
+
+    info = pypattern.backends()["triton"]
+    if not info["available"]:
+        pytest.skip(f"triton: {info['reason']}")
 
     @triton.jit
     def k(out_ptr, seed, N: tl.constexpr):
@@ -184,21 +212,20 @@ def test_noise_matches_triton_philox_stream():
         tl.store(out_ptr + offs * 4 + 2, x2.to(tl.int64) & 0xFFFFFFFF)
         tl.store(out_ptr + offs * 4 + 3, x3.to(tl.int64) & 0xFFFFFFFF)
 
-    out = torch.zeros(64 * 4, dtype=torch.int64)
+    out = torch.zeros(64 * 4, dtype=torch.int64, device=device_of("triton"))
     k[(1,)](out, 1234, N=64)
-    from pypattern.ops import sgld as mod
 
     # reproduce the integer stream of the reference for counters 0..15 (element // 4), tensor 5, step 9
     c0 = torch.arange(16, dtype=torch.int64)
     c1, c2, c3 = torch.full_like(c0, 5), torch.full_like(c0, 9), torch.zeros_like(c0)
     k0, k1 = 1234, 0
     for _ in range(10):
-        hi0, lo0 = mod._mul_hi_lo(c0, mod._PHILOX_ROUND_A)
-        hi2, lo2 = mod._mul_hi_lo(c2, mod._PHILOX_ROUND_B)
+        hi0, lo0 = spec._mul_hi_lo(c0, spec._PHILOX_ROUND_A)
+        hi2, lo2 = spec._mul_hi_lo(c2, spec._PHILOX_ROUND_B)
         c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + mod._PHILOX_KEY_A) & 0xFFFFFFFF, (k1 + mod._PHILOX_KEY_B) & 0xFFFFFFFF
+        k0, k1 = (k0 + spec._PHILOX_KEY_A) & 0xFFFFFFFF, (k1 + spec._PHILOX_KEY_B) & 0xFFFFFFFF
     mine = torch.stack([c0, c1, c2, c3], 1)
-    theirs = out.view(64, 4)[::4]  # every element of a counter holds the same four words
+    theirs = out.cpu().view(64, 4)[::4]  # every element of a counter holds the same four words
     assert torch.equal(mine, theirs)
 
 
@@ -209,14 +236,46 @@ def _ok():
     return [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)]
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
-def test_nan_grad_names_tensor_and_keeps_params_finite(backend):
-    p = [torch.zeros(3), torch.zeros(5)]
+def _nan_case(device):
+    p = [torch.zeros(3, device=device), torch.zeros(5, device=device)]
     g = [torch.zeros(3), torch.tensor([0.0, float("nan"), 0.0, float("inf"), 1.0])]
+    return p, to(device, *g), [torch.zeros_like(t) for t in p]
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+def test_nan_grad_names_tensor_and_keeps_params_finite(backend, device):
+    p, g, a = _nan_case(device)
     with pytest.raises(FloatingPointError, match=r"grads\[1\]"):
-        sgld_step_(p, g, [torch.zeros(3), torch.zeros(5)], backend=backend, **dict(KW, noise_scale=1.0))
+        sgld_step_(p, g, a, backend=backend, **dict(KW, noise_scale=1.0))
     assert all(torch.isfinite(t).all() for t in p)
     assert p[1][1] == 0 and p[1][3] == 0
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+def test_fast_path_equals_validated_path_and_returns_flags(backend, device):
+    """validate=False (the fast path) gives the validated step's result bit for bit; both return the per-tensor
+    flags; check_finite=False returns them instead of raising."""
+    (p0, g0, a0), (p1, g1, a1) = (
+        _inputs(s, torch.float32, seed=i, device=device) for i, s in enumerate([(5, 3), (7,)])
+    )
+    ps, gs, an = [p0, p1], [g0, g1], [a0, a1]
+    kw = dict(KW, noise_scale=0.7, bounding_box=0.9, seed=2**63 + 5, step=2**40 + 3, backend=backend)
+    slow, fast = [p.clone() for p in ps], [p.clone() for p in ps]
+    flags = sgld_step_(slow, gs, an, **kw)
+    assert flags.dtype == torch.int32 and flags.tolist() == [0, 0]
+    assert sgld_step_(fast, gs, an, validate=False, **kw).tolist() == [0, 0]
+    for a, b in zip(slow, fast):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    p, g, a = _nan_case(device)
+    assert sgld_step_(p, g, a, validate=False, check_finite=False, **dict(KW, backend=backend)).tolist() == [
+        0,
+        1,
+    ]
+    assert sgld_step_(p, g, a, check_finite=False, **dict(KW, backend=backend)).tolist() == [0, 1]
+    assert p[1][1] == 0 and p[1][3] == 0 and bool(torch.isfinite(p[1]).all())
+    with pytest.raises(FloatingPointError, match=r"grads\[1\]"):
+        sgld_step_(p, g, a, validate=False, **dict(KW, backend=backend))
+    assert sgld_step_([], [], [], validate=False, **KW).shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -258,12 +317,24 @@ def test_bad_tensors():
         sgld_step_(p, g, [meta], **KW)
 
 
-def test_forced_unavailable_backend_is_clear_error(monkeypatch):
-    with pytest.raises(RuntimeError, match="backend 'cuda' was forced but is unavailable"):
+def test_forced_backend_that_cannot_run_is_clear_error(monkeypatch):
+    """Forcing cuda on CPU tensors fails, saying why: the backend is unavailable, or it needs CUDA tensors."""
+    match = (
+        "backend 'cuda' runs on CUDA tensors only"
+        if pypattern.backends()["cuda"]["available"]
+        else "backend 'cuda' was forced but is unavailable"
+    )
+    with pytest.raises(RuntimeError, match=match):
         sgld_step_(*_ok(), backend="cuda", **KW)
     monkeypatch.setenv("PYPATTERN_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="backend 'cuda' was forced"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' "):
         sgld_step_(*_ok(), **KW)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cpp' runs on CPU tensors only"):
+            sgld_step_(*to("cuda", *(t[0] for t in _ok())), backend="cpp", **KW)
+    if os.environ.get("TRITON_INTERPRET") != "1" and pypattern.backends()["triton"]["available"]:
+        with pytest.raises(RuntimeError, match="backend 'triton' on CPU tensors needs TRITON_INTERPRET=1"):
+            sgld_step_(*_ok(), backend="triton", **KW)
 
 
 def test_env_forces_backend(monkeypatch):
@@ -277,14 +348,14 @@ def test_env_forces_backend(monkeypatch):
 
 
 def test_empty_list_is_noop():
-    sgld_step_([], [], [], **KW)
+    assert sgld_step_([], [], [], **KW).shape == (0,)
 
 
 _AOT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pypattern.kernels.sgld import _sgld_kernel
+from pypattern.ops.sgld.triton import _sgld_kernel
 
 for dtype in ("fp32", "fp64"):
     sig = {"w_ptr": "*" + dtype, "g_ptr": "*" + dtype, "a_ptr": "*" + dtype, "m_ptr": "*" + dtype,

@@ -1,18 +1,49 @@
-"""A small causal transformer with TransformerLens' weight layout, parameter names and hook names.
+"""A causal transformer with TransformerLens' weight layout, parameter names and hook names.
 
-Weights (TransformerLens layout): ``embed.W_E (d_vocab, d_model)``, ``pos_embed.W_pos (n_ctx, d_model)``,
-``blocks.{l}.attn.W_Q/W_K/W_V (n_heads, d_model, d_head)``, ``W_O (n_heads, d_head, d_model)``,
-``b_Q/b_K/b_V (n_heads, d_head)``, ``b_O (d_model,)``, ``blocks.{l}.mlp.W_in (d_model, d_mlp)``, ``b_in``,
-``W_out (d_mlp, d_model)``, ``b_out``, ``blocks.{l}.ln1/ln2.w/b``, ``ln_final.w/b``, ``unembed.W_U
-(d_model, d_vocab)``, ``b_U``.
+The defaults make the small GPT-2-style model pypattern trains itself (LayerNorm, learned absolute positions,
+GELU MLP, every bias, a separate unembedding). Options reach the architectures of real language models: RMSNorm,
+rotary position embeddings (partial, GPT-NeoX or GPT-J pairing), grouped-query attention, gated MLPs, attention
+and MLP in parallel, per-family biases, tied embeddings and sliding-window attention, so that Hugging Face models
+of those families convert into it exactly (:mod:`pypattern.models.convert`).
 
-Hook points (TransformerLens names): ``hook_embed``, ``hook_pos_embed``, ``blocks.{l}.hook_resid_pre``,
-``blocks.{l}.ln1.hook_scale/hook_normalized``, ``blocks.{l}.attn.hook_q/hook_k/hook_v`` ``(batch, pos, n_heads,
-d_head)``, ``blocks.{l}.attn.hook_attn_scores/hook_pattern`` ``(batch, n_heads, query_pos, key_pos)``,
-``blocks.{l}.attn.hook_z`` ``(batch, pos, n_heads, d_head)``, ``blocks.{l}.hook_attn_out``,
-``blocks.{l}.hook_resid_mid``, ``blocks.{l}.mlp.hook_pre/hook_post``, ``blocks.{l}.hook_mlp_out``,
-``blocks.{l}.hook_resid_post``, ``ln_final.hook_scale/hook_normalized``. Attention-only models (``d_mlp`` None
-or 0) have no ``ln2``, ``mlp``, ``hook_resid_mid`` or ``hook_mlp_out``.
+Weights (TransformerLens layout; parameters an option turns off do not exist):
+
+- ``embed.W_E (d_vocab, d_model)``; ``pos_embed.W_pos (n_ctx, d_model)`` (``positional_embedding_type="standard"``)
+- ``blocks.{l}.attn.W_Q (n_heads, d_model, d_head)``, ``W_K``/``W_V (n_key_value_heads, d_model, d_head)``,
+  ``W_O (n_heads, d_head, d_model)``; ``b_Q (n_heads, d_head)``, ``b_K``/``b_V (n_key_value_heads, d_head)``
+  (``attn_bias``); ``b_O (d_model,)`` (``attn_out_bias``)
+- ``blocks.{l}.mlp.W_in (d_model, d_mlp)``, ``W_gate (d_model, d_mlp)`` (``gated_mlp``), ``W_out (d_mlp,
+  d_model)``; ``b_in``, ``b_gate``, ``b_out`` (``mlp_bias``)
+- ``blocks.{l}.ln1/ln2.w`` and, for LayerNorm, ``.b``; ``ln_final.w/b``
+- ``unembed.W_U (d_model, d_vocab)``, or with ``tie_word_embeddings`` no parameter of its own: the unembedding
+  is ``embed.W_E`` transposed (one parameter; ``model.unembed.W_U`` is then that transposed view);
+  ``unembed.b_U (d_vocab,)`` (``unembed_bias``)
+
+Hook points (TransformerLens names):
+
+- ``hook_embed``, ``hook_pos_embed`` (standard positions only)
+- ``blocks.{l}.hook_resid_pre``; ``blocks.{l}.ln1.hook_scale/hook_normalized`` (``hook_normalized`` is the norm's
+  output, after its weight and bias, for LayerNorm and RMSNorm alike)
+- ``blocks.{l}.attn.hook_q (batch, pos, n_heads, d_head)``, ``hook_k``/``hook_v (batch, pos, n_key_value_heads,
+  d_head)`` (before rotation); with rotary positions ``hook_rot_q``/``hook_rot_k`` (same shapes, after rotation)
+- ``blocks.{l}.attn.hook_attn_scores``/``hook_pattern (batch, n_heads, query_pos, key_pos)`` (scores after the
+  mask), ``blocks.{l}.attn.hook_z (batch, pos, n_heads, d_head)``, ``blocks.{l}.hook_attn_out``
+- ``blocks.{l}.hook_resid_mid`` (sequential blocks only: with ``parallel_attn_mlp`` attention and MLP both read
+  ``hook_resid_pre`` and there is no mid-point)
+- ``blocks.{l}.ln2.hook_scale/hook_normalized``, ``blocks.{l}.mlp.hook_pre`` (input of the activation; for a
+  gated MLP the gate, ``x @ W_gate``), ``mlp.hook_pre_linear`` (gated MLPs: ``x @ W_in``), ``mlp.hook_post``
+  (``act(pre)``, times ``pre_linear`` when gated), ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post``
+- ``ln_final.hook_scale/hook_normalized``
+
+Attention-only models (``d_mlp`` None or 0) have no ``ln2``, ``mlp``, ``hook_resid_mid`` or ``hook_mlp_out``; models
+without normalization (``normalization_type=None``) have no ln hooks.
+
+The arithmetic is split into methods other code reuses (the patching engine recomputes parts of a block from
+cached activations): :meth:`Attention.compute_q`/:meth:`~Attention.compute_k`/:meth:`~Attention.compute_v`,
+:meth:`Attention.rotate`, :meth:`Attention.attn_mask`, :meth:`Attention.scores`, :meth:`Attention.mix`,
+:meth:`Attention.output`, :meth:`MLP.hidden`/:meth:`MLP.output`, :meth:`TransformerBlock.attn_block`/
+:meth:`~TransformerBlock.mlp_block`/:meth:`~TransformerBlock.combine`. None of them branches on tensor values or
+writes into parameters, so the model runs under ``torch.func.functional_call`` and ``torch.func.vmap``.
 """
 
 from __future__ import annotations
@@ -27,42 +58,124 @@ from torch import nn
 
 from .hooks import HookedRootModule, HookPoint
 
-__all__ = ["TransformerConfig", "Transformer", "component_masks", "list_components", "gelu_new"]
+__all__ = [
+    "TransformerConfig",
+    "Transformer",
+    "component_masks",
+    "list_components",
+    "gelu_new",
+    "apply_act",
+    "LayerNorm",
+    "RMSNorm",
+]
 
-_ACT_FNS = ("gelu", "relu", "gelu_new")
-_NORMS = ("LN", None)
+_ACT_FNS = ("gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu")
+_NORMS = ("LN", "RMS", None)
+_POS_TYPES = ("standard", "rotary", "none")
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh approximation of GELU."""
+    """GPT-2's tanh approximation of GELU (Hugging Face's ``gelu_new``, written as it writes it)."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 def apply_act(x: torch.Tensor, act_fn: str) -> torch.Tensor:
+    """The activation ``act_fn`` (Hugging Face's ``ACT2FN`` formula of the same name) applied to ``x``.
+
+    ``"gelu"`` is the exact (erf) GELU, ``"gelu_new"`` GPT-2's tanh form, ``"gelu_fast"`` the other tanh form,
+    ``"gelu_pytorch_tanh"`` torch's tanh GELU, ``"quick_gelu"`` ``x * sigmoid(1.702 x)``, ``"silu"`` ``x * sigmoid(x)``.
+    """
     if act_fn == "gelu":
         return F.gelu(x)
     if act_fn == "relu":
         return F.relu(x)
+    if act_fn == "silu":
+        return F.silu(x)
+    if act_fn == "gelu_fast":
+        return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    if act_fn == "gelu_pytorch_tanh":
+        return F.gelu(x, approximate="tanh")
+    if act_fn == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
     return gelu_new(x)
+
+
+def _as_dtype(v, name: str) -> torch.dtype | None:
+    if v is None or isinstance(v, torch.dtype):
+        return v
+    if isinstance(v, str) and isinstance(getattr(torch, v.replace("torch.", ""), None), torch.dtype):
+        return getattr(torch, v.replace("torch.", ""))
+    raise ValueError(f"{name}={v!r} is not valid; give a torch.dtype such as torch.float32 (or its name)")
 
 
 @dataclass
 class TransformerConfig:
-    """Shape and options of :class:`Transformer`.
+    """Shape and options of :class:`Transformer` (TransformerLens' option names where it has them).
 
     Parameters
     ----------
     n_layers, d_model, n_heads, d_head, d_vocab, n_ctx : int
-        Sizes; ``d_head`` defaults to ``d_model // n_heads``.
+        Sizes; ``d_head`` defaults to ``d_model // n_heads`` (it may differ: ``n_heads * d_head != d_model`` is
+        allowed, as in some Llama-family models).
     d_mlp : int or None
         Hidden width of the MLP; ``None`` or 0 makes an attention-only model.
-    act_fn : {"gelu", "relu", "gelu_new"}
-    normalization_type : {"LN", None}
-    positional_embedding : bool
-        Learned absolute positional embedding (``pos_embed.W_pos``) when True.
+    act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu"}
+        See :func:`apply_act`.
+    normalization_type : {"LN", "RMS", None}
+        LayerNorm (weight ``w`` and bias ``b``), RMSNorm (weight ``w`` only), or none.
+    positional_embedding : bool or None
+        Older spelling of ``positional_embedding_type``: True means ``"standard"``, False ``"none"``. When
+        ``positional_embedding_type`` is given it decides (False together with ``"standard"`` is refused); after
+        construction this field is True exactly when the type is ``"standard"``.
     dtype : torch.dtype
     seed : int or None
-        Seed of the weight initialisation (normal, std ``init_range``; biases 0; LayerNorm weights 1).
+        Seed of the weight initialisation (normal, std ``init_range``; biases 0; norm weights 1).
+    init_range : float or None
+        Standard deviation of the initial weights; default ``0.8 / sqrt(d_model)``.
+    ln_eps : float
+        Epsilon of every LayerNorm / RMSNorm.
+    extra : dict
+        Free-form metadata (for example where a converted model came from).
+    positional_embedding_type : {"standard", "rotary", "none"} or None
+        Learned absolute positions (``pos_embed.W_pos``), rotary embeddings on queries and keys, or none.
+    rotary_dim : int or None
+        Rotary models: how many leading dimensions of each head rotate (even, <= ``d_head``; default ``d_head``).
+        The rest pass through unchanged (GPT-NeoX's partial rotary).
+    rotary_base : float
+        Rotary base ``theta``: dimension pair ``i`` turns by ``position / rotary_base ** (2 i / rotary_dim)``.
+    rotary_adjacent_pairs : bool
+        False (default): GPT-NeoX / Llama pairing, dimension ``i`` with ``i + rotary_dim / 2`` (``rotate_half``).
+        True: GPT-J pairing, dimension ``2 i`` with ``2 i + 1``.
+    rotary_dtype : torch.dtype or None
+        Dtype in which the rotation angles and their cosines and sines are computed before they are cast to the
+        activations' dtype; None: the model's dtype. Hugging Face computes them in float32 for every model dtype,
+        and converted models set float32 to be exact.
+    n_key_value_heads : int or None
+        Number of key/value heads (grouped-query attention; 1 is multi-query attention); default ``n_heads``.
+        Query head ``h`` reads key/value head ``h // (n_heads // n_key_value_heads)``.
+    gated_mlp : bool
+        MLP ``(act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out`` (Llama's gate / up / down projections).
+    parallel_attn_mlp : bool
+        Attention and MLP both read the block's input through their own norms (``ln1``, ``ln2``) and both outputs
+        are added to it (GPT-NeoX's ``use_parallel_residual``); there is no ``hook_resid_mid``.
+    attn_bias : bool
+        Biases ``b_Q``, ``b_K``, ``b_V``.
+    attn_out_bias : bool
+        Bias ``b_O``.
+    mlp_bias : bool
+        Biases ``b_in``, ``b_out`` (and ``b_gate`` when gated).
+    unembed_bias : bool
+        Bias ``b_U``.
+    tie_word_embeddings : bool
+        The unembedding is ``embed.W_E`` transposed: one parameter, no ``unembed.W_U``.
+    attn_scale : float or None
+        Attention scores are ``q . k / attn_scale``; default ``sqrt(d_head)``.
+    sliding_window : int or None
+        Query at position ``i`` attends to keys ``j`` with ``i - sliding_window < j <= i`` (Mistral's window);
+        None: every earlier key.
+    norm_dtype : torch.dtype or None
+        Dtype in which norms compute their statistics and normalise (the result is cast back before the weight);
+        None: the input's dtype. Hugging Face's Llama-family RMSNorm computes in float32, and converters set it.
     """
 
     n_layers: int = 2
@@ -74,26 +187,92 @@ class TransformerConfig:
     n_ctx: int = 32
     act_fn: str = "gelu"
     normalization_type: str | None = "LN"
-    positional_embedding: bool = True
+    positional_embedding: bool | None = None
     dtype: torch.dtype = torch.float32
     seed: int | None = 0
     init_range: float | None = None
     ln_eps: float = 1e-5
     extra: dict = field(default_factory=dict)
+    positional_embedding_type: str | None = None
+    rotary_dim: int | None = None
+    rotary_base: float = 10000.0
+    rotary_adjacent_pairs: bool = False
+    rotary_dtype: torch.dtype | None = None
+    n_key_value_heads: int | None = None
+    gated_mlp: bool = False
+    parallel_attn_mlp: bool = False
+    attn_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    unembed_bias: bool = True
+    tie_word_embeddings: bool = False
+    attn_scale: float | None = None
+    sliding_window: int | None = None
+    norm_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
+        self.dtype = _as_dtype(self.dtype, "dtype")
+        if self.dtype is None:
+            raise ValueError("dtype=None is not valid; give a torch.dtype such as torch.float32")
+        self.rotary_dtype = _as_dtype(self.rotary_dtype, "rotary_dtype")
+        self.norm_dtype = _as_dtype(self.norm_dtype, "norm_dtype")
         if self.d_head is None:
             self.d_head = self.d_model // self.n_heads
         if self.act_fn not in _ACT_FNS:
             raise ValueError(f"act_fn={self.act_fn!r} is not valid; choose one of {_ACT_FNS}")
         if self.normalization_type not in _NORMS:
             raise ValueError(
-                f"normalization_type={self.normalization_type!r} is not valid; choose 'LN' or None"
+                f"normalization_type={self.normalization_type!r} is not valid; choose 'LN', 'RMS' or None"
             )
         for k in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
             v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{k}={v!r} is not valid; give a positive int")
+        # positions: positional_embedding_type decides; the bool positional_embedding is its older spelling
+        pe_type = self.positional_embedding_type
+        if pe_type is None:
+            pe_type = "none" if self.positional_embedding is False else "standard"
+        elif pe_type not in _POS_TYPES:
+            raise ValueError(
+                f"positional_embedding_type={pe_type!r} is not valid; choose one of {_POS_TYPES}"
+            )
+        elif pe_type == "standard" and self.positional_embedding is False:
+            raise ValueError(
+                "positional_embedding=False contradicts positional_embedding_type='standard'; give one of them"
+            )
+        self.positional_embedding_type = pe_type
+        self.positional_embedding = pe_type == "standard"
+        if pe_type == "rotary":
+            if self.rotary_dim is None:
+                self.rotary_dim = self.d_head
+            r = self.rotary_dim
+            if not isinstance(r, int) or isinstance(r, bool) or r < 2 or r % 2 or r > self.d_head:
+                raise ValueError(
+                    f"rotary_dim={r!r} is not valid; give an even int between 2 and d_head={self.d_head}"
+                )
+            if not self.rotary_base > 0:
+                raise ValueError(f"rotary_base={self.rotary_base!r} is not valid; give a positive number")
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        kv = self.n_key_value_heads
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or self.n_heads % kv:
+            raise ValueError(
+                f"n_key_value_heads={kv!r} is not valid; give a positive divisor of n_heads={self.n_heads}"
+            )
+        if self.gated_mlp and self.attn_only:
+            raise ValueError(f"gated_mlp=True needs an MLP; d_mlp={self.d_mlp!r}")
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int)
+            or isinstance(self.sliding_window, bool)
+            or self.sliding_window < 1
+        ):
+            raise ValueError(
+                f"sliding_window={self.sliding_window!r} is not valid; give a positive int or None"
+            )
+        if self.attn_scale is None:
+            self.attn_scale = math.sqrt(self.d_head)
+        elif not self.attn_scale > 0:
+            raise ValueError(f"attn_scale={self.attn_scale!r} is not valid; give a positive number or None")
         if self.init_range is None:
             self.init_range = 0.8 / math.sqrt(self.d_model)
 
@@ -101,34 +280,93 @@ class TransformerConfig:
     def attn_only(self) -> bool:
         return not self.d_mlp
 
+    @property
+    def rotary(self) -> bool:
+        """True when queries and keys are rotated (``positional_embedding_type == "rotary"``)."""
+        return self.positional_embedding_type == "rotary"
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per key/value head: ``n_heads // n_key_value_heads``."""
+        return self.n_heads // self.n_key_value_heads
+
     def to_dict(self) -> dict:
+        """The fields as plain Python values (dtypes as names); ``TransformerConfig(**d)`` rebuilds it."""
         d = asdict(self)
-        d["dtype"] = str(self.dtype).replace("torch.", "")
+        for k in ("dtype", "rotary_dtype", "norm_dtype"):
+            if d[k] is not None:
+                d[k] = str(d[k]).replace("torch.", "")
         return d
 
 
 class LayerNorm(nn.Module):
     """LayerNorm with TransformerLens' names (``w``, ``b``, ``hook_scale``, ``hook_normalized``).
 
-    Without a hook on ``hook_scale`` it runs torch's fused ``layer_norm`` (about 25% faster fwd+bwd of the whole
-    model under ``vmap`` here); with one, the explicit form that computes the scale, to float rounding the same."""
+    Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(var + eps)``; ``hook_normalized`` is the
+    output (after ``w`` and ``b``). Without a hook on ``hook_scale`` it runs torch's fused ``layer_norm`` (about 25%
+    faster fwd+bwd of the whole model under ``vmap``); with one, the explicit form that computes the scale, to float
+    rounding the same. With ``compute_dtype`` the statistics and the normalisation run in that dtype and the result
+    is cast back to the input's dtype before ``w`` and ``b``."""
 
-    def __init__(self, d: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(
+        self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.compute_dtype = compute_dtype
         self.w = nn.Parameter(torch.ones(d, dtype=dtype))
         self.b = nn.Parameter(torch.zeros(d, dtype=dtype))
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.compute_dtype is None else x.to(self.compute_dtype)
         if not self.hook_scale._fns:  # nothing reads or edits the scale: torch's fused kernel, then w and b
-            return self.hook_normalized(
-                torch.addcmul(self.b, F.layer_norm(x, x.shape[-1:], eps=self.eps), self.w)
-            )
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale * self.w + self.b)
+            n = F.layer_norm(h, h.shape[-1:], eps=self.eps).to(x.dtype)
+            return self.hook_normalized(torch.addcmul(self.b, n, self.w))
+        h = h - h.mean(-1, keepdim=True)
+        scale = self.hook_scale((h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized((h / scale).to(x.dtype) * self.w + self.b)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm ``w * x / sqrt(mean(x^2) + eps)`` with TransformerLens' names (``w``, ``hook_scale``,
+    ``hook_normalized``).
+
+    Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``; ``hook_normalized`` is the
+    output (after ``w``; TransformerLens places it before ``w``). Without a hook on ``hook_scale`` it computes as
+    Hugging Face's Llama-family RMSNorm does (``x * rsqrt(mean(x^2) + eps)`` in ``compute_dtype``, cast back,
+    times ``w``); a hook that replaces the scale makes it ``x / scale``."""
+
+    def __init__(
+        self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+        self.w = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        ms = h.pow(2).mean(-1, keepdim=True) + self.eps
+        if not self.hook_scale._fns:
+            h = h * torch.rsqrt(ms)
+        else:
+            scale = ms.sqrt()
+            seen = self.hook_scale(scale)
+            # a hook that only reads returns the same tensor: keep the rsqrt form, so a cached run is bit-identical
+            h = h * torch.rsqrt(ms) if seen is scale else h / seen
+        return self.hook_normalized(self.w * h.to(x.dtype))
+
+
+def _make_norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.normalization_type == "LN":
+        return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
+    if cfg.normalization_type == "RMS":
+        return RMSNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
+    return nn.Identity()
 
 
 class Embed(nn.Module):
@@ -150,95 +388,292 @@ class PosEmbed(nn.Module):
 
 
 class Unembed(nn.Module):
+    """``x (..., d_model) -> logits (..., d_vocab)``: ``x @ W_U (+ b_U)``."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
-        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
+        else:
+            self.b_U = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.W_U + self.b_U
+        out = x @ self.W_U
+        return out if self.b_U is None else out + self.b_U
+
+
+class TiedUnembed(nn.Module):
+    """Unembedding tied to the token embedding: ``x @ embed.W_E.T (+ b_U)``, no weight of its own.
+
+    The embedding module is held outside the module tree, so ``named_parameters`` lists the weight once (as
+    ``embed.W_E``) and ``torch.func.functional_call`` with a replacement for ``embed.W_E`` changes both uses.
+    ``W_U`` is the transposed view ``(d_model, d_vocab)``."""
+
+    def __init__(self, cfg: TransformerConfig, embed: Embed) -> None:
+        super().__init__()
+        object.__setattr__(self, "_embed", embed)  # not a submodule: the parameter stays listed once
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
+        else:
+            self.b_U = None
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self._embed.W_E.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self._embed.W_E.T
+        return out if self.b_U is None else out + self.b_U
+
+
+def _maybe_bias(cond: bool, *shape: int, dtype: torch.dtype) -> nn.Parameter | None:
+    return nn.Parameter(torch.zeros(*shape, dtype=dtype)) if cond else None
 
 
 class Attention(nn.Module):
+    """Causal multi-head attention (grouped-query when ``n_key_value_heads < n_heads``), optional rotary positions.
+
+    Shapes: queries ``(batch, pos, n_heads, d_head)``, keys and values ``(batch, pos, n_key_value_heads, d_head)``,
+    scores and pattern ``(batch, n_heads, query_pos, key_pos)``, ``z (batch, pos, n_heads, d_head)``, output
+    ``(batch, pos, d_model)``. Missing biases (``attn_bias``/``attn_out_bias`` False) are None attributes.
+    """
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        H, d, dh, dt = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.dtype
+        H, Hkv, d, dh, dt = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.dtype
         self.cfg = cfg
         self.W_Q = nn.Parameter(torch.empty(H, d, dh, dtype=dt))
-        self.W_K = nn.Parameter(torch.empty(H, d, dh, dtype=dt))
-        self.W_V = nn.Parameter(torch.empty(H, d, dh, dtype=dt))
+        self.W_K = nn.Parameter(torch.empty(Hkv, d, dh, dtype=dt))
+        self.W_V = nn.Parameter(torch.empty(Hkv, d, dh, dtype=dt))
         self.W_O = nn.Parameter(torch.empty(H, dh, d, dtype=dt))
-        self.b_Q = nn.Parameter(torch.zeros(H, dh, dtype=dt))
-        self.b_K = nn.Parameter(torch.zeros(H, dh, dtype=dt))
-        self.b_V = nn.Parameter(torch.zeros(H, dh, dtype=dt))
-        self.b_O = nn.Parameter(torch.zeros(d, dtype=dt))
+        self.b_Q = _maybe_bias(cfg.attn_bias, H, dh, dtype=dt)
+        self.b_K = _maybe_bias(cfg.attn_bias, Hkv, dh, dtype=dt)
+        self.b_V = _maybe_bias(cfg.attn_bias, Hkv, dh, dtype=dt)
+        self.b_O = _maybe_bias(cfg.attn_out_bias, d, dtype=dt)
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
+        if cfg.rotary:
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
 
-    def proj(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``x (..., d_model)`` -> ``(..., n_heads, d_head)`` with one matmul."""
+    # ----- pieces -----------------------------------------------------------------------------------------
+    @staticmethod
+    def proj(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``x (..., d_model)``, ``W (heads, d_model, d_head)``, ``b (heads, d_head)`` or None ->
+        ``(..., heads, d_head)`` with one matmul."""
         H, d, dh = W.shape
-        return (x @ W.permute(1, 0, 2).reshape(d, H * dh)).view(*x.shape[:-1], H, dh) + b
+        out = (x @ W.permute(1, 0, 2).reshape(d, H * dh)).view(*x.shape[:-1], H, dh)
+        return out if b is None else out + b
+
+    def compute_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries before rotation: ``x (..., d_model) -> (..., n_heads, d_head)``."""
+        return self.proj(x, self.W_Q, self.b_Q)
+
+    def compute_k(self, x: torch.Tensor) -> torch.Tensor:
+        """Keys before rotation: ``x (..., d_model) -> (..., n_key_value_heads, d_head)``."""
+        return self.proj(x, self.W_K, self.b_K)
+
+    def compute_v(self, x: torch.Tensor) -> torch.Tensor:
+        """Values: ``x (..., d_model) -> (..., n_key_value_heads, d_head)``."""
+        return self.proj(x, self.W_V, self.b_V)
+
+    @staticmethod
+    def positions(n: int, device: torch.device | None = None) -> torch.Tensor:
+        """``arange(n)``: the positions of a sequence of ``n`` tokens."""
+        return torch.arange(n, device=device)
+
+    def rotary_cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines of the rotation angles at ``positions (pos,)``: two ``(pos, rotary_dim)`` tensors of
+        ``dtype`` (computed in ``cfg.rotary_dtype`` when set, in Hugging Face's order of operations)."""
+        cfg = self.cfg
+        cd = cfg.rotary_dtype or dtype
+        r = cfg.rotary_dim
+        inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, r, 2, dtype=cd, device=positions.device) / r))
+        freqs = positions[:, None].to(cd) * inv_freq[None, :]
+        if cfg.rotary_adjacent_pairs:
+            emb = freqs.repeat_interleave(2, dim=-1)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotary position embedding of queries or keys ``x (batch, pos, heads, d_head)`` at ``positions (pos,)``
+        (default ``arange(pos)``); identity unless ``positional_embedding_type == "rotary"``. Only the first
+        ``rotary_dim`` dimensions of each head turn."""
+        if not self.cfg.rotary:
+            return x
+        if positions is None:
+            positions = self.positions(x.shape[-3], x.device)
+        cos, sin = self.rotary_cos_sin(positions, x.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        r = self.cfg.rotary_dim
+        x_rot = x[..., :r]
+        if self.cfg.rotary_adjacent_pairs:
+            x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+            turned = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        else:
+            x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+            turned = torch.cat((-x2, x1), dim=-1)
+        out = (x_rot * cos) + (turned * sin)
+        if r == x.shape[-1]:
+            return out
+        return torch.cat((out, x[..., r:]), dim=-1)
+
+    def attn_mask(self, q_positions: torch.Tensor, k_positions: torch.Tensor) -> torch.Tensor:
+        """Boolean ``(query_pos, key_pos)``, True where a query may NOT attend: later keys, and keys at least
+        ``sliding_window`` positions back."""
+        later = k_positions[None, :] > q_positions[:, None]
+        if self.cfg.sliding_window is None:
+            return later
+        return later | (q_positions[:, None] - k_positions[None, :] >= self.cfg.sliding_window)
+
+    def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """Key/value heads repeated for their query heads: ``(..., n_key_value_heads, d_head) -> (..., n_heads,
+        d_head)`` (key/value head ``g`` serves query heads ``g * n_groups ... (g + 1) * n_groups - 1``)."""
+        g = self.cfg.n_groups
+        if g == 1:
+            return t
+        return t.unsqueeze(-2).expand(*t.shape[:-1], g, t.shape[-1]).reshape(*t.shape[:-2], -1, t.shape[-1])
+
+    def scores(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_positions: torch.Tensor | None = None,
+        k_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Masked attention scores ``q . k / attn_scale``: ``q (batch, q_pos, n_heads, d_head)``, ``k (batch, k_pos,
+        n_key_value_heads, d_head)`` (both already rotated) -> ``(batch, n_heads, q_pos, k_pos)`` with ``-inf``
+        where :meth:`attn_mask` is True. Positions default to ``arange``."""
+        k = self.expand_kv(k)
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.cfg.attn_scale
+        if q_positions is None and k_positions is None and self.cfg.sliding_window is None:
+            T, S = q.shape[1], k.shape[1]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
+        else:
+            qp = self.positions(q.shape[1], q.device) if q_positions is None else q_positions
+            kp = self.positions(k.shape[1], q.device) if k_positions is None else k_positions
+            mask = self.attn_mask(qp, kp)
+        return scores.masked_fill(mask, float("-inf"))
+
+    def mix(self, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``z``: ``pattern (batch, n_heads, q_pos, k_pos)``, ``v (batch, k_pos, n_key_value_heads, d_head)`` ->
+        ``(batch, q_pos, n_heads, d_head)``."""
+        return torch.einsum("bhqk,bkhe->bqhe", pattern, self.expand_kv(v))
+
+    def output(self, z: torch.Tensor) -> torch.Tensor:
+        """Output projection: ``z (..., n_heads, d_head) -> (..., d_model)`` (plus ``b_O`` when present)."""
+        H, dh, d = self.W_O.shape
+        out = z.reshape(*z.shape[:-2], H * dh) @ self.W_O.reshape(H * dh, d)
+        return out if self.b_O is None else out + self.b_O
 
     def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor | None = None) -> torch.Tensor:
+        """``q_in (batch, pos, d_model)`` (and ``kv_in``, default ``q_in``) -> attention output ``(batch, pos,
+        d_model)``, through the hook points."""
         kv_in = q_in if kv_in is None else kv_in
-        q = self.hook_q(self.proj(q_in, self.W_Q, self.b_Q))
-        k = self.hook_k(self.proj(kv_in, self.W_K, self.b_K))
-        v = self.hook_v(self.proj(kv_in, self.W_V, self.b_V))
-        T = q.shape[1]
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = self.hook_attn_scores(scores.masked_fill(mask, float("-inf")))
+        q = self.hook_q(self.compute_q(q_in))
+        k = self.hook_k(self.compute_k(kv_in))
+        v = self.hook_v(self.compute_v(kv_in))
+        if self.cfg.rotary:
+            q = self.hook_rot_q(self.rotate(q))
+            k = self.hook_rot_k(self.rotate(k))
+        scores = self.hook_attn_scores(self.scores(q, k))
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
-        z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))
-        H, dh, d = self.W_O.shape
-        return z.reshape(*z.shape[:-2], H * dh) @ self.W_O.reshape(H * dh, d) + self.b_O
+        z = self.hook_z(self.mix(pattern, v))
+        return self.output(z)
 
 
 class MLP(nn.Module):
+    """``x (..., d_model) -> (..., d_model)``: ``act(x W_in + b_in) W_out + b_out``, or gated
+    ``(act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out``. Missing biases are None attributes."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
-        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))
-        self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        dt = cfg.dtype
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=dt))
+        self.b_in = _maybe_bias(cfg.mlp_bias, cfg.d_mlp, dtype=dt)
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=dt))
+        self.b_out = _maybe_bias(cfg.mlp_bias, cfg.d_model, dtype=dt)
+        if cfg.gated_mlp:
+            self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=dt))
+            self.b_gate = _maybe_bias(cfg.mlp_bias, cfg.d_mlp, dtype=dt)
+            self.hook_pre_linear = HookPoint()
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
 
+    @staticmethod
+    def _lin(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        out = x @ W
+        return out if b is None else out + b
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation ``post (..., d_mlp)`` of ``x (..., d_model)``, through ``hook_pre`` (and
+        ``hook_pre_linear``) and ``hook_post``."""
+        if self.cfg.gated_mlp:
+            pre = self.hook_pre(self._lin(x, self.W_gate, self.b_gate))
+            pre_linear = self.hook_pre_linear(self._lin(x, self.W_in, self.b_in))
+            return self.hook_post(apply_act(pre, self.cfg.act_fn) * pre_linear)
+        pre = self.hook_pre(self._lin(x, self.W_in, self.b_in))
+        return self.hook_post(apply_act(pre, self.cfg.act_fn))
+
+    def output(self, post: torch.Tensor) -> torch.Tensor:
+        """``post (..., d_mlp) -> (..., d_model)``: ``post W_out (+ b_out)``."""
+        return self._lin(post, self.W_out, self.b_out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.hook_pre(x @ self.W_in + self.b_in)
-        post = self.hook_post(apply_act(pre, self.cfg.act_fn))
-        return post @ self.W_out + self.b_out
+        return self.output(self.hidden(x))
 
 
 class TransformerBlock(nn.Module):
+    """One block. Sequential: ``mid = pre + attn(ln1(pre))``, ``post = mid + mlp(ln2(mid))``. Parallel
+    (``parallel_attn_mlp``): ``post = pre + (attn(ln1(pre)) + mlp(ln2(pre)))``. Attention-only: ``post = pre +
+    attn(ln1(pre))``. ``ln1``/``ln2`` are ``nn.Identity`` without normalization."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        ln = cfg.normalization_type == "LN"
-        self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype) if ln else nn.Identity()
+        self.ln1 = _make_norm(cfg)
         self.attn = Attention(cfg)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_post = HookPoint()
         if not cfg.attn_only:
-            self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype) if ln else nn.Identity()
+            self.ln2 = _make_norm(cfg)
             self.mlp = MLP(cfg)
-            self.hook_resid_mid = HookPoint()
+            if not cfg.parallel_attn_mlp:
+                self.hook_resid_mid = HookPoint()
             self.hook_mlp_out = HookPoint()
+
+    def attn_block(self, x: torch.Tensor) -> torch.Tensor:
+        """``attn(ln1(x))`` through ``hook_attn_out``: ``(batch, pos, d_model)``."""
+        return self.hook_attn_out(self.attn(self.ln1(x)))
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        """``mlp(ln2(x))`` through ``hook_mlp_out``: ``(batch, pos, d_model)``; ``x`` is ``resid_mid`` in a
+        sequential block and ``resid_pre`` in a parallel one."""
+        return self.hook_mlp_out(self.mlp(self.ln2(x)))
+
+    @staticmethod
+    def combine(resid_pre: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+        """Residual of a parallel block: ``resid_pre + (attn_out + mlp_out)``."""
+        return resid_pre + (attn_out + mlp_out)
 
     def forward(self, resid: torch.Tensor) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
-        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid)))
-        if not self.cfg.attn_only:
-            resid = self.hook_resid_mid(resid)
-            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
-        return self.hook_resid_post(resid)
+        if self.cfg.attn_only:
+            return self.hook_resid_post(resid + self.attn_block(resid))
+        if self.cfg.parallel_attn_mlp:
+            return self.hook_resid_post(self.combine(resid, self.attn_block(resid), self.mlp_block(resid)))
+        resid = self.hook_resid_mid(resid + self.attn_block(resid))
+        return self.hook_resid_post(resid + self.mlp_block(resid))
 
 
 class Transformer(HookedRootModule):
@@ -270,17 +705,14 @@ class Transformer(HookedRootModule):
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        if cfg.normalization_type == "LN":
-            self.ln_final = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype)
-        else:
-            self.ln_final = nn.Identity()
-        self.unembed = Unembed(cfg)
+        self.ln_final = _make_norm(cfg)
+        self.unembed = TiedUnembed(cfg, self.embed) if cfg.tie_word_embeddings else Unembed(cfg)
         self.init_weights(cfg.seed)
         self.setup_hooks()
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, ``cfg.init_range``) for every weight matrix, zeros for biases, ones for LayerNorm weights."""
+        """Normal(0, ``cfg.init_range``) for every weight matrix, zeros for biases, ones for norm weights."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -350,35 +782,50 @@ def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     return -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
-_HEAD_PARAMS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+_Q_PARAMS = ("W_Q", "W_O", "b_Q")
+_KV_PARAMS = ("W_K", "W_V", "b_K", "b_V")
 
 
 def list_components(model: Transformer, heads: bool = True) -> list[str]:
-    """Component names of ``model``: ``embed``, ``pos_embed``, ``blocks.{l}.attn`` (or ``blocks.{l}.attn.head.{h}``
-    for every head when ``heads``), ``blocks.{l}.mlp``, ``unembed``."""
+    """Component names of ``model``: ``embed``, ``pos_embed`` (learned positions only), ``blocks.{l}.attn`` (or
+    ``blocks.{l}.attn.head.{h}`` for every head when ``heads``, and ``blocks.{l}.attn.kv_head.{g}`` for shared
+    key/value heads under grouped-query attention), ``blocks.{l}.mlp``, ``unembed`` (only when the
+    unembedding has a weight of its own: with tied embeddings ``embed`` is both)."""
     cfg = model.cfg
     out = ["embed"] + (["pos_embed"] if cfg.positional_embedding else [])
     for layer in range(cfg.n_layers):
         if heads:
             out += [f"blocks.{layer}.attn.head.{h}" for h in range(cfg.n_heads)]
+            n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+            if n_kv != cfg.n_heads:
+                out += [f"blocks.{layer}.attn.kv_head.{g}" for g in range(n_kv)]
         else:
             out.append(f"blocks.{layer}.attn")
         if not cfg.attn_only:
             out.append(f"blocks.{layer}.mlp")
-    return out + ["unembed"]
+    return out + ([] if getattr(cfg, "tie_word_embeddings", False) else ["unembed"])
 
 
-def component_masks(model: nn.Module, component: str, all_params: bool = False) -> dict[str, torch.Tensor]:
+def component_masks(
+    model: nn.Module, component: str, all_params: bool = False, include_shared_kv: bool = False
+) -> dict[str, torch.Tensor]:
     """Boolean masks selecting one component's weights, for samplers that move only that component.
 
     Parameters
     ----------
-    model : Transformer (or any module with TransformerLens parameter names)
+    model : Transformer, any module with TransformerLens parameter names, or an unconverted Hugging Face model
+        (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2; then :func:`~pypattern.models.hf_masks.hf_component_masks`)
     component : str
-        ``"blocks.{l}.attn.head.{h}"`` (that head's slice of W_Q/W_K/W_V/W_O and b_Q/b_K/b_V; the shared
-        ``b_O`` is not part of any head), ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"``, ``"blocks.{l}"``,
-        ``"blocks.{l}.ln1"``/``"ln2"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``, ``"ln_final"``, or any
-        parameter-name prefix.
+        ``"blocks.{l}.attn.head.{h}"``: that head's slices of ``W_Q``, ``W_O``, ``b_Q``, and of ``W_K``, ``W_V``,
+        ``b_K``, ``b_V`` when the head has a key/value head of its own. With grouped-query attention a key/value
+        head ``g`` is shared by query heads ``g * n_groups .. (g + 1) * n_groups - 1``: it is then the separate
+        component ``"blocks.{l}.attn.kv_head.{g}"``, so that moving a head's mask moves exactly that head's output
+        and the heads, key/value heads and ``b_O`` (shared by all heads, in no head) partition the attention's
+        parameters (the same rule as :func:`pypattern.models.hf_masks.hf_component_masks` on unconverted models).
+        ``include_shared_kv=True`` adds the group's key/value slices to a head. ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"`` (with ``W_gate``/``b_gate``
+        when gated), ``"blocks.{l}"``, ``"blocks.{l}.ln1"``/``"ln2"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``
+        (with tied embeddings: ``embed.W_E``, the one parameter both use, and ``unembed.b_U`` if present),
+        ``"ln_final"``, or any parameter-name prefix.
     all_params : bool
         If True, the dict has every parameter (all-False masks for those outside the component); otherwise only
         parameters with at least one selected entry.
@@ -388,26 +835,49 @@ def component_masks(model: nn.Module, component: str, all_params: bool = False) 
     dict[str, torch.Tensor]
         ``{param_name: bool tensor of the parameter's shape}``.
     """
+    from .hf_masks import hf_component_masks, is_hf_model
+
+    if is_hf_model(model):  # an unconverted Hugging Face model: masks over its own (fused or split) layout
+        return hf_component_masks(
+            model, component, all_params=all_params, include_shared_kv=include_shared_kv
+        )
     params = dict(model.named_parameters())
     masks: dict[str, torch.Tensor] = {}
-    m = re.fullmatch(r"(blocks\.\d+\.attn)\.head\.(\d+)", component)
+    m = re.fullmatch(r"(blocks\.\d+\.attn)\.(head|kv_head)\.(\d+)", component)
     if m:
-        prefix, h = m.group(1), int(m.group(2))
+        prefix, kind, h = m.group(1), m.group(2), int(m.group(3))
         n_heads = params[f"{prefix}.W_Q"].shape[0] if f"{prefix}.W_Q" in params else None
         if n_heads is None:
             raise ValueError(f"component={component!r}: the model has no parameter {prefix}.W_Q")
-        if not 0 <= h < n_heads:
+        n_kv = params[f"{prefix}.W_K"].shape[0] if f"{prefix}.W_K" in params else n_heads
+        if kind == "kv_head" and n_kv == n_heads:
             raise ValueError(
-                f"component={component!r}: head {h} is out of range; the layer has {n_heads} heads"
+                f"component={component!r}: the layer has no shared key/value heads (n_key_value_heads equals "
+                f"n_heads = {n_heads}); each head's keys and values are part of 'blocks.{{l}}.attn.head.{{h}}'"
             )
-        for pn in _HEAD_PARAMS:
-            name = f"{prefix}.{pn}"
-            if name in params:
-                mask = torch.zeros_like(params[name], dtype=torch.bool)
-                mask[h] = True
-                masks[name] = mask
+        count = n_heads if kind == "head" else n_kv
+        if not 0 <= h < count:
+            raise ValueError(
+                f"component={component!r}: {kind.replace('_', ' ')} {h} is out of range; the layer has {count}"
+            )
+        if kind == "kv_head":
+            parts = ((_KV_PARAMS, h),)
+        elif n_kv == n_heads or include_shared_kv:
+            parts = ((_Q_PARAMS, h), (_KV_PARAMS, h // (n_heads // n_kv)))
+        else:
+            parts = ((_Q_PARAMS, h),)
+        for names, idx in parts:
+            for pn in names:
+                name = f"{prefix}.{pn}"
+                if name in params:
+                    mask = torch.zeros_like(params[name], dtype=torch.bool)
+                    mask[idx] = True
+                    masks[name] = mask
     else:
         sel = [n for n in params if n == component or n.startswith(component + ".")]
+        tied = isinstance(getattr(model, "unembed", None), TiedUnembed)
+        if component == "unembed" and tied:
+            sel = ["embed.W_E"] + sel
         if not sel:
             raise ValueError(
                 f"component={component!r} matches no parameter; valid examples: 'blocks.0.attn.head.0', "

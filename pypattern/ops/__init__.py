@@ -1,44 +1,49 @@
-"""Kernel families: each module holds the plain-torch reference (the specification) and one public op that
-dispatches to the fastest backend available (see :mod:`pypattern._backends`)."""
+"""Kernel families, one folder each: ``reference.py`` (the plain-torch specification), the public op with its
+validation, and ``triton.py`` (the Triton kernel); the C++ and CUDA kernels are in ``csrc/<family>/``. Each folder
+registers its implementations with :mod:`pypattern._backends`, whose chooser picks the fastest one available for
+the tensors given.
+
+* :mod:`~pypattern.ops.sgld`: the fused SGLD step :func:`sgld_step_`.
+* :mod:`~pypattern.ops.covariance`: the streaming cross-covariance :class:`CrossCovariance`.
+* :mod:`~pypattern.ops.grad_gram`: per-sample gradient Gram kernels of one layer.
+"""
 
 from .covariance import CrossCovariance, cross_covariance_update_, cross_covariance_update_reference_
 from .grad_gram import (
-    GramSite,
+    MOVED_TO_GRAM,
     center_gram,
     choose_method,
-    default_sites,
+    grad_gram_dense,
     grad_gram_embedding,
     grad_gram_embedding_reference,
     grad_gram_linear,
     grad_gram_linear_reference,
     grad_gram_pairwise,
     grad_gram_pairwise_reference,
-    gram_parameters,
-    per_sample_grad_gram,
-    per_sample_grad_gram_reference,
-    transformer_lens_sites,
+    moved_to_gram,
 )
-from .sgld import sgld_step_, sgld_step_reference_, sgld_step_unchecked_
+from .sgld import philox_normals, sgld_step_, sgld_step_reference_
 
 __all__ = [
     "CrossCovariance",
-    "GramSite",
     "center_gram",
     "choose_method",
     "cross_covariance_update_",
     "cross_covariance_update_reference_",
-    "default_sites",
+    "grad_gram_dense",
     "grad_gram_embedding",
     "grad_gram_embedding_reference",
     "grad_gram_linear",
     "grad_gram_linear_reference",
     "grad_gram_pairwise",
     "grad_gram_pairwise_reference",
-    "gram_parameters",
-    "per_sample_grad_gram",
-    "per_sample_grad_gram_reference",
+    "philox_normals",
     "sgld_step_",
     "sgld_step_reference_",
-    "sgld_step_unchecked_",
-    "transformer_lens_sites",
 ]
+
+
+def __getattr__(name: str):
+    if name in MOVED_TO_GRAM:
+        return moved_to_gram(__name__, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,49 +2,57 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .corruptions import Corruption, GaussianNoise, MeanAblation, TokenReplacement, ZeroAblation
-from .engine import ExactEngine
-from .metrics import Metric
+from .corruptions import (
+    Corruption,
+    GaussianNoise,
+    MeanAblation,
+    TokenReplacement,
+    ZeroAblation,
+    embedding_noise_hook,
+)
+from .engine import ExactEngine, truncate_cache
+from .metrics import Metric, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, SITES, Cell, apply_patch, hook_name, make_cells
 
 __all__ = ["activation_patching", "prepare_runs", "PatchingRuns"]
 
 
+@dataclass
 class PatchingRuns:
-    """The clean, corrupted, target and source runs of one patching experiment (built by :func:`prepare_runs`)."""
+    """The target and source runs of one patching experiment (built by :func:`prepare_runs`).
 
-    def __init__(self, **kw) -> None:
-        self.__dict__.update(kw)
+    Attributes
+    ----------
+    tokens : LongTensor ``(batch, pos)``
+        The target run's prompts (corrupted for denoising, clean for noising).
+    noise : Tensor ``(batch, pos, d_model)`` or None
+        Embedding noise of the target run (Gaussian-noise corruption, denoising).
+    cache : dict
+        The target run's activations by hook name.
+    source : dict
+        The activations patched in, by hook name, ``(batch, pos, ...)``.
+    m_clean, m_corr : Tensor ``(batch,)``
+        The metric on the clean and the corrupted run (``m_corr`` None for ablations).
+    pos : int or LongTensor ``(batch,)``
+        Where the metric reads the logits (non-negative).
+    T, B : int
+        Prompt length and batch size.
+    """
 
-
-def _noise_hook(noise: torch.Tensor):
-    def fn(x, hook):
-        return x + noise[:, : x.shape[1]].to(x.dtype)
-
-    return fn
-
-
-def _metric_positions(metric: Metric, batch: int, seq_len: int):
-    pos = metric.position
-    if isinstance(pos, int):
-        if not -seq_len <= pos < seq_len:
-            raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
-        return pos % seq_len
-    pos = torch.as_tensor(pos).long() % seq_len
-    if pos.shape != (batch,):
-        raise ValueError(
-            f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
-        )
-    return pos
-
-
-def _at(logits: torch.Tensor, pos) -> torch.Tensor:
-    if isinstance(pos, int):
-        return logits[:, pos]
-    return logits[torch.arange(logits.shape[0]), pos]
+    tokens: torch.Tensor
+    noise: torch.Tensor | None
+    cache: dict
+    source: dict
+    m_clean: torch.Tensor
+    m_corr: torch.Tensor | None
+    pos: int | torch.Tensor
+    T: int
+    B: int
 
 
 def _layers(model) -> int:
@@ -79,7 +87,7 @@ def prepare_runs(
     if clean.dim() != 2:
         raise ValueError(f"clean_tokens has shape {tuple(clean.shape)}; give (batch, pos)")
     B, T = clean.shape
-    pos = _metric_positions(metric, B, T)
+    pos = metric_positions(metric, B, T)
     corr_tokens, corr_noise = None, None
     if isinstance(corruption, TokenReplacement):
         corr_tokens = corruption.corrupted_tokens
@@ -103,18 +111,18 @@ def prepare_runs(
         )
 
     def run(tokens, noise, names):
-        hooks = [("hook_embed", _noise_hook(noise))] if noise is not None else []
+        hooks = [("hook_embed", embedding_noise_hook(noise))] if noise is not None else []
         with model.hooks(hooks):
             return model.run_with_cache(tokens, names_filter=names)
 
     names = (lambda n: True) if full_cache else set(site_hooks)
     clean_logits, clean_cache = run(clean, None, names)
-    metric.bind(_at(clean_logits, pos).detach())
-    m_clean = metric(_at(clean_logits, pos)).detach()
+    metric.bind(logits_at(clean_logits, pos).detach())
+    m_clean = metric(logits_at(clean_logits, pos)).detach()
     m_corr, corr_cache = None, None
     if corr_tokens is not None:
         corr_logits, corr_cache = run(corr_tokens, corr_noise, names)
-        m_corr = metric(_at(corr_logits, pos)).detach()
+        m_corr = metric(logits_at(corr_logits, pos)).detach()
     if direction == "denoising":
         tgt = (corr_tokens, corr_noise, corr_cache)
         source = {n: clean_cache[n] for n in site_hooks}
@@ -146,7 +154,7 @@ def prepare_runs(
 
 def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metric) -> torch.Tensor:
     out = []
-    base = [("hook_embed", _noise_hook(runs.noise))] if runs.noise is not None else []
+    base = [("hook_embed", embedding_noise_hook(runs.noise))] if runs.noise is not None else []
     with torch.no_grad():
         for c in cells:
             hooks = list(base)
@@ -155,20 +163,8 @@ def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metr
                 src = runs.source[name]
                 hooks.append((name, lambda x, hook, s=src, c=c: apply_patch(x, s, site, c.head, c.pos)))
             logits = model.run_with_hooks(runs.tokens, fwd_hooks=hooks)
-            out.append(metric(_at(logits, runs.pos)))
+            out.append(metric(logits_at(logits, runs.pos)))
     return torch.stack(out)
-
-
-def _truncate(cache: dict, T: int) -> dict:
-    out = {}
-    for n, x in cache.items():
-        if n.endswith(("hook_pattern", "hook_attn_scores")):
-            out[n] = x[:, :, :T, :T]
-        elif x.dim() >= 2 and x.shape[1] >= T:
-            out[n] = x[:, :T]
-        else:
-            out[n] = x
-    return out
 
 
 def activation_patching(
@@ -250,7 +246,7 @@ def activation_patching(
         pos = runs.pos
         T_eff = (pos if isinstance(pos, int) else int(pos.max())) + 1
         engine = ExactEngine(
-            model, _truncate(runs.cache, T_eff), _truncate(runs.source, T_eff), site, metric, pos
+            model, truncate_cache(runs.cache, T_eff), truncate_cache(runs.source, T_eff), site, metric, pos
         )
         vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
         live = [i for i, c in enumerate(cells) if c.pos < T_eff]

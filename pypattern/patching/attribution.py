@@ -20,10 +20,16 @@ import math
 
 import torch
 
-from .api import _at, _metric_positions, _noise_hook, _truncate
-from .corruptions import Corruption, GaussianNoise, MeanAblation, TokenReplacement, ZeroAblation
-from .engine import ExactEngine
-from .metrics import Metric
+from .corruptions import (
+    Corruption,
+    GaussianNoise,
+    MeanAblation,
+    TokenReplacement,
+    ZeroAblation,
+    embedding_noise_hook,
+)
+from .engine import ExactEngine, truncate_cache
+from .metrics import Metric, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, SITES, Cell, hook_name, make_cells
 
@@ -113,7 +119,7 @@ def attribution_patching(
         raise TypeError(f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}")
     cfg = model.cfg
     L, B, T = cfg.n_layers, *clean_tokens.shape
-    pos = _metric_positions(metric, B, T)
+    pos = metric_positions(metric, B, T)
     noise = None
     if isinstance(corruption, GaussianNoise):
         noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
@@ -127,15 +133,15 @@ def attribution_patching(
         grad_names |= {hook_name("pattern", layer) for layer in range(L) if "q" in sites or "k" in sites}
 
     def cache_run(tokens, nz):
-        hooks = [("hook_embed", _noise_hook(nz))] if nz is not None else []
+        hooks = [("hook_embed", embedding_noise_hook(nz))] if nz is not None else []
         with torch.no_grad(), model.hooks(hooks):
             return model.run_with_cache(tokens, names_filter=names)
 
     # forward 1: the source run (no gradient); for noising the clean run must come first to bind the metric
     if direction == "denoising":
         clean_logits, src_cache = cache_run(clean_tokens, None)
-        metric.bind(_at(clean_logits, pos))
-        m_clean = metric(_at(clean_logits, pos)).detach()
+        metric.bind(logits_at(clean_logits, pos))
+        m_clean = metric(logits_at(clean_logits, pos)).detach()
         tgt_tokens, tgt_noise = corr_tokens, noise
     else:
         tgt_tokens, tgt_noise = clean_tokens, None
@@ -161,7 +167,7 @@ def attribution_patching(
 
     hooks = [(lambda n: n in names, capture)]
     if tgt_noise is not None:
-        hooks.insert(0, ("hook_embed", _noise_hook(tgt_noise)))
+        hooks.insert(0, ("hook_embed", embedding_noise_hook(tgt_noise)))
     if grad_drop:
         for layer in range(L):
             for s in ("attn_out", "mlp_out"):
@@ -178,9 +184,9 @@ def attribution_patching(
             for prm in model.parameters():
                 prm.requires_grad_(True)
         if direction == "noising":
-            metric.bind(_at(logits, pos).detach())
-            m_clean = metric(_at(logits, pos)).detach()
-        m_tgt_full = metric(_at(logits, pos))
+            metric.bind(logits_at(logits, pos).detach())
+            m_clean = metric(logits_at(logits, pos)).detach()
+        m_tgt_full = metric(logits_at(logits, pos))
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
         passes = [-1] + (list(range(L)) if grad_drop else [])
@@ -208,7 +214,7 @@ def attribution_patching(
             src_cache = {n: ref[n].mean(0, keepdim=True).expand_as(x) for n, x in tgt_cache.items()}
         else:  # forward 1 of noising: the corrupted run
             corr_logits, src_cache = cache_run(corr_tokens, noise)
-            m_corr = metric(_at(corr_logits, pos)).detach()
+            m_corr = metric(logits_at(corr_logits, pos)).detach()
     else:
         m_corr = m_tgt
     scale = math.sqrt(cfg.d_head)
@@ -296,7 +302,7 @@ def shortlist_and_confirm(
     T_eff = (runs.pos if isinstance(runs.pos, int) else int(runs.pos.max())) + 1
     live = [c for c in cells if c.pos < T_eff]
     eng = ExactEngine(
-        model, _truncate(runs.cache, T_eff), _truncate(runs.source, T_eff), site, metric, runs.pos
+        model, truncate_cache(runs.cache, T_eff), truncate_cache(runs.source, T_eff), site, metric, runs.pos
     )
     tgt = eng.target_metric()
     vals = dict(zip(live, eng.run(live))) if live else {}

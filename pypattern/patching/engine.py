@@ -23,16 +23,17 @@ import torch
 
 from .sites import HEAD_SITES, Cell, hook_name
 
-__all__ = ["ExactEngine"]
-
-_STAGES = ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
+__all__ = ["ExactEngine", "truncate_cache"]
 
 
 class _Patch:
-    """Patch info for a batch of ``C`` cells at one layer: ``active (C,)``, ``heads (C,)`` and the position."""
+    """Patch info for a batch of ``C`` cells at one layer: the site, the layer, ``active (C,)`` (which cells
+    patch this layer), ``heads (C,)`` (head sites) and the position (``-1``: all positions)."""
 
-    def __init__(self, site: str, active: torch.Tensor, heads: torch.Tensor | None, pos: int) -> None:
-        self.site, self.active, self.heads, self.pos = site, active, heads, pos
+    def __init__(
+        self, site: str, layer: int, active: torch.Tensor, heads: torch.Tensor | None, pos: int
+    ) -> None:
+        self.site, self.layer, self.active, self.heads, self.pos = site, layer, active, heads, pos
 
 
 class ExactEngine:
@@ -127,12 +128,12 @@ class ExactEngine:
         out = self._apply(out, patch, "mlp_out", rows)
         return self._apply(resid_mid + out, patch, "resid_post", rows)
 
-    def _apply(self, x: torch.Tensor, patch: _Patch | None, stage: str, rows, layer: int | None = None):
-        """Replace the patched part of ``x`` (cells on dim 0; rows = absolute positions of x's position dim)."""
+    def _apply(self, x: torch.Tensor, patch: _Patch | None, stage: str, rows):
+        """Replace the patched part of ``x`` (cells on dim 0; rows = absolute positions of x's position dim)
+        with the source activation of ``stage`` at the patch's layer."""
         if patch is None or patch.site != stage:
             return x
-        layer = self._cur_layer if layer is None else layer
-        src = self.src[hook_name(stage, layer)]
+        src = self.src[hook_name(stage, patch.layer)]
         C = x.shape[0]
         act = patch.active
         if stage == "pattern":  # x (C, B, H, R, Tk)
@@ -332,7 +333,6 @@ class ExactEngine:
         full_rows = torch.arange(p, self.T)
         last_rows = torch.tensor([self.m]) if self.uniform else full_rows
         for layer in range(self.L):
-            self._cur_layer = layer
             out_rows = last_rows if layer == self.L - 1 else full_rows
             parts = []
             if active:
@@ -340,7 +340,7 @@ class ExactEngine:
                 patch = None
                 if bool(act.any()):
                     heads = torch.tensor([c.head for c in active]) if self.site in HEAD_SITES else None
-                    patch = _Patch(self.site, act, heads, -1 if all_pos else p)
+                    patch = _Patch(self.site, layer, act, heads, -1 if all_pos else p)
                 parts.append(self._block_rows(layer, X, p, patch, out_rows))
             new = [c for c in cells if c.layer == layer]
             if new:
@@ -351,3 +351,17 @@ class ExactEngine:
         order = {c: i for i, c in enumerate(active)}
         vals = self._metric_from_final(X, p)
         return vals[[order[c] for c in cells]]
+
+
+def truncate_cache(cache: dict, T: int) -> dict:
+    """The activations of ``cache`` cut to the first ``T`` positions (attention patterns and scores on both
+    position axes), for the engine, which never computes positions after the metric's."""
+    out = {}
+    for n, x in cache.items():
+        if n.endswith(("hook_pattern", "hook_attn_scores")):
+            out[n] = x[:, :, :T, :T]
+        elif x.dim() >= 2 and x.shape[1] >= T:
+            out[n] = x[:, :T]
+        else:
+            out[n] = x
+    return out

@@ -16,10 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from .. import _backends
-from ..ops.sgld import sgld_step_, sgld_step_unchecked_
+from ..ops.sgld import sgld_step_
 from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
 
-__all__ = ["SGLD", "chain_seed", "fused_sgld_step_"]
+__all__ = ["SGLD", "chain_seed"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -43,20 +43,6 @@ def chain_seed(seed: int, chain: int, stream: int = 0) -> int:
     return splitmix64(splitmix64(splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
 
 
-# :func:`sgld_step_` without the per-call argument validation, for inputs already validated once (the optimizer and
-# the batched runner do that on their first step); kept under this name for the sampler's callers and tests.
-fused_sgld_step_ = sgld_step_unchecked_
-
-
-def _raw_or_public(name: str):
-    """The unvalidated step function for a resolved backend name; ``check=False`` returns the flags."""
-
-    def raw(params, grads, anchors, *, check=True, **kw):
-        return sgld_step_unchecked_(params, grads, anchors, backend=name, check_finite=check, **kw)
-
-    return raw
-
-
 def op_kwargs(hyper: dict) -> dict:
     """The fused op's hyperparameter keywords from the optimizer's names (``lr``, ``noise_level``,
     ``bounding_box_size``, as devinterp names them): one mapping for the optimizer and the batched runner."""
@@ -71,9 +57,17 @@ def op_kwargs(hyper: dict) -> dict:
 
 
 def resolve_step_fn(device: torch.device, backend: str | None = None):
-    """The unvalidated step function (signature of :func:`fused_sgld_step_` minus ``backend``) for tensors on
-    ``device``, with the backend chosen once."""
-    return _raw_or_public(_backends.choose("sgld_step_", device, backend))
+    """The step for tensors on ``device``, with the backend chosen once: ``fn(params, grads, anchors, *,
+    check=True, **op_kwargs)`` is :func:`sgld_step_` with ``validate=False`` (its fast path, for tensors
+    validated once by a first call of :func:`sgld_step_`) and ``check_finite=check``. With ``check=False`` it
+    returns the per-tensor flags (1 = a non-finite gradient, whose entries were left unchanged) instead of
+    raising."""
+    name = _backends.choose("sgld_step_", device, backend)
+
+    def step_fn(params, grads, anchors, *, check=True, **kw):
+        return sgld_step_(params, grads, anchors, backend=name, validate=False, check_finite=check, **kw)
+
+    return step_fn
 
 
 SGLD_DEFAULTS = dict(

@@ -1,0 +1,485 @@
+"""Per-sample gradient Gram of a model: ``G_ij = <grad l_i, grad l_j>`` over the parameters of its *sites*.
+
+:func:`per_sample_grad_gram` records each site's input and output with forward hooks, takes one backward pass of
+``sum_i l_i`` for the output gradients, and sums the Grams of the sites, each from the tensor kernels of
+:mod:`pypattern.ops.grad_gram` (:func:`~pypattern.ops.grad_gram.grad_gram_linear`,
+:func:`~pypattern.ops.grad_gram.grad_gram_embedding`; LayerNorm and positional embeddings from their per-sample
+gradients directly). Its specification :func:`per_sample_grad_gram_reference` materialises every per-sample
+gradient with ``torch.func.vmap(grad)``.
+
+A site (:class:`GramSite`) is one place where parameters act linearly. :func:`default_sites` gives every
+``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm``; :func:`transformer_lens_sites` covers every
+parameter of a TransformerLens-layout transformer (``pypattern.models.Transformer``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.grad_gram import center_gram, grad_gram_dense, grad_gram_embedding, grad_gram_linear
+
+__all__ = [
+    "GramSite",
+    "default_sites",
+    "gram_parameters",
+    "per_sample_grad_gram",
+    "per_sample_grad_gram_reference",
+    "transformer_lens_sites",
+]
+
+
+def _as_btd(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``(B, d)`` -> ``(B, 1, d)``; ``(B, ..., d)`` -> ``(B, T, d)`` with the middle dimensions as positions."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (B, d) or (B, ..., d), got {tuple(t.shape)}")
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+@dataclass(frozen=True)
+class GramSite:
+    """One place where parameters act linearly, for :func:`per_sample_grad_gram`.
+
+    A capture ``(module name, "input" | "output")`` names a tensor seen by a forward hook on that submodule
+    (its first positional input, or its output); the first dimension of every captured tensor is the batch.
+
+    Kinds:
+
+    * ``"linear"``: ``y = x W + b`` per position. ``x`` from ``inp`` with its last ``in_dims`` dimensions as
+      features, ``y`` from ``out`` (the output the weight's gradient flows through, *including* the bias) with its
+      last ``out_dims`` dimensions as features. ``params = (weight name, bias name or None)``.
+    * ``"embedding"``: ``y = W[ids]``: ids from ``inp``, ``y`` from ``out``; ``params = (weight name,)``.
+    * ``"positional"``: ``y[:, t] = W[t]`` for every sample (ids are the positions); ``params = (weight name,)``.
+    * ``"layernorm"``: ``y = xhat * w + b`` with ``xhat = layer_norm(x, eps)`` over the last dimension; ``x`` from
+      ``inp``, ``params = (w name, b name or None)``.
+
+    The weight may have any layout that is a reshape or permutation of the ``(d_in, d_out)`` map (e.g.
+    ``W_Q (n_heads, d_model, d_head)``): Gram matrices do not depend on the order of the parameter entries.
+    """
+
+    name: str
+    kind: str
+    params: tuple[str | None, ...]
+    out: tuple[str, str]
+    inp: tuple[str, str] | None = None
+    in_dims: int = 1
+    out_dims: int = 1
+    padding_idx: int | None = None
+    eps: float = 1e-5
+
+
+def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+    named = dict(model.named_modules())
+    supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    if modules is None:
+        return [(n, m) for n, m in named.items() if isinstance(m, supported)]
+    out = []
+    for m in modules:
+        if isinstance(m, str):
+            if m not in named:
+                raise ValueError(f"modules: {m!r} is not a submodule name of the model")
+            out.append((m, named[m]))
+        else:
+            name = next((n for n, x in named.items() if x is m), None)
+            if name is None:
+                raise ValueError(f"modules: {type(m).__name__} instance is not part of the model")
+            out.append((name, m))
+    for n, m in out:
+        if not isinstance(m, supported):
+            raise TypeError(
+                f"modules: {n!r} is a {type(m).__name__}; supported are nn.Linear, nn.Embedding and nn.LayerNorm"
+            )
+    return out
+
+
+def _pname(mod_name: str, attr: str) -> str:
+    return f"{mod_name}.{attr}" if mod_name else attr
+
+
+def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
+    """Sites of every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm`` (over the last dimension)."""
+    sites = []
+    for n, m in _named_site_modules(model, modules):
+        if isinstance(m, nn.Linear):
+            bias = _pname(n, "bias") if m.bias is not None else None
+            sites.append(GramSite(n, "linear", (_pname(n, "weight"), bias), (n, "output"), (n, "input")))
+        elif isinstance(m, nn.Embedding):
+            if m.scale_grad_by_freq or m.max_norm is not None:
+                raise NotImplementedError(
+                    f"{n}: nn.Embedding with scale_grad_by_freq or max_norm is not supported"
+                )
+            sites.append(
+                GramSite(
+                    n,
+                    "embedding",
+                    (_pname(n, "weight"),),
+                    (n, "output"),
+                    (n, "input"),
+                    padding_idx=m.padding_idx,
+                )
+            )
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            if len(m.normalized_shape) != 1:
+                raise NotImplementedError(
+                    f"{n}: nn.LayerNorm over more than the last dimension is not supported"
+                )
+            bias = _pname(n, "bias") if m.bias is not None else None
+            sites.append(
+                GramSite(n, "layernorm", (_pname(n, "weight"), bias), (n, "output"), (n, "input"), eps=m.eps)
+            )
+    return sites
+
+
+def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
+    """Every parameter of a TransformerLens-layout model (``pypattern.models.Transformer``) as sites.
+
+    Uses the TransformerLens names (``embed.W_E``, ``blocks.{l}.attn.W_Q``/``hook_q``, ``hook_z``,
+    ``hook_attn_out``, ``mlp.hook_pre``/``hook_post``, ``hook_mlp_out``, ``ln1``/``ln2``/``ln_final`` with ``w``,
+    ``b``, ``eps``, ``unembed.W_U``/``b_U``); parts the model lacks (positional embedding, MLPs, LayerNorms) are
+    skipped.
+    """
+    cfg = getattr(model, "cfg", None)
+    unsupported = {
+        "normalization_type": ("RMS",),
+        "gated_mlp": (True,),
+        "tie_word_embeddings": (True,),
+        "attn_bias": (False,),
+        "attn_out_bias": (False,),
+        "mlp_bias": (False,),
+        "unembed_bias": (False,),
+    }
+    for opt, bad in unsupported.items():
+        v = getattr(cfg, opt, None)
+        if v is not None and v in bad:
+            raise NotImplementedError(
+                f"transformer_lens_sites: the model's config has {opt}={v!r}, which these sites do not cover "
+                "(they know LayerNorm, the plain MLP, untied embeddings and every bias present); give the sites "
+                "of the parts you need with GramSite, or use per_sample_grad_gram_reference for an exact Gram"
+            )
+    mods = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    sites: list[GramSite] = []
+
+    def has(*names):
+        return all(n in params for n in names)
+
+    def add_ln(ln):
+        m = mods.get(ln)
+        if m is not None and has(f"{ln}.w"):
+            b = f"{ln}.b" if has(f"{ln}.b") else None
+            sites.append(GramSite(ln, "layernorm", (f"{ln}.w", b), (ln, "output"), (ln, "input"), eps=m.eps))
+
+    if has("embed.W_E"):
+        sites.append(
+            GramSite("embed", "embedding", ("embed.W_E",), ("hook_embed", "output"), ("embed", "input"))
+        )
+    if has("pos_embed.W_pos"):
+        sites.append(GramSite("pos_embed", "positional", ("pos_embed.W_pos",), ("hook_pos_embed", "output")))
+    n_layers = len(getattr(model, "blocks", []))
+    for layer in range(n_layers):
+        p = f"blocks.{layer}"
+        add_ln(f"{p}.ln1")
+        for x in "QKV":
+            sites.append(
+                GramSite(
+                    f"{p}.attn.W_{x}",
+                    "linear",
+                    (f"{p}.attn.W_{x}", f"{p}.attn.b_{x}"),
+                    (f"{p}.attn.hook_{x.lower()}", "output"),
+                    (f"{p}.ln1", "output"),
+                    out_dims=2,
+                )
+            )
+        sites.append(
+            GramSite(
+                f"{p}.attn.W_O",
+                "linear",
+                (f"{p}.attn.W_O", f"{p}.attn.b_O"),
+                (f"{p}.hook_attn_out", "output"),
+                (f"{p}.attn.hook_z", "output"),
+                in_dims=2,
+            )
+        )
+        if has(f"{p}.mlp.W_in"):
+            add_ln(f"{p}.ln2")
+            sites.append(
+                GramSite(
+                    f"{p}.mlp.W_in",
+                    "linear",
+                    (f"{p}.mlp.W_in", f"{p}.mlp.b_in"),
+                    (f"{p}.mlp.hook_pre", "output"),
+                    (f"{p}.ln2", "output"),
+                )
+            )
+            sites.append(
+                GramSite(
+                    f"{p}.mlp.W_out",
+                    "linear",
+                    (f"{p}.mlp.W_out", f"{p}.mlp.b_out"),
+                    (f"{p}.hook_mlp_out", "output"),
+                    (f"{p}.mlp.hook_post", "output"),
+                )
+            )
+    add_ln("ln_final")
+    if has("unembed.W_U"):
+        b = "unembed.b_U" if has("unembed.b_U") else None
+        sites.append(
+            GramSite("unembed", "linear", ("unembed.W_U", b), ("unembed", "output"), ("ln_final", "output"))
+        )
+    return sites
+
+
+def _check_sites(model: nn.Module, sites: Sequence[GramSite]) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters the sites cover (by name); raises on unknown names or shared parameters."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    mods = dict(model.named_modules())
+    seen: dict[int, str] = {}
+    out = {}
+    for st in sites:
+        if st.kind not in ("linear", "embedding", "positional", "layernorm"):
+            raise ValueError(
+                f"site {st.name!r}: kind {st.kind!r} is not one of linear, embedding, positional, layernorm"
+            )
+        for cap in (st.out, st.inp):
+            if cap is not None and (cap[0] not in mods or cap[1] not in ("input", "output")):
+                raise ValueError(
+                    f"site {st.name!r}: capture {cap!r} needs a submodule name and 'input' or 'output'"
+                )
+        for pn in st.params:
+            if pn is None:
+                continue
+            if pn not in params:
+                raise ValueError(f"site {st.name!r}: {pn!r} is not a parameter name of the model")
+            p = params[pn]
+            if not p.requires_grad:
+                continue
+            if id(p) in seen and seen[id(p)] != pn:
+                raise NotImplementedError(
+                    f"{pn} is the same tensor as {seen[id(p)]} (tied weights): their cross terms are not supported"
+                )
+            if id(p) in seen:
+                raise ValueError(f"parameter {pn} appears in two sites")
+            seen[id(p)] = pn
+            out[pn] = p
+    return out
+
+
+def gram_parameters(model: nn.Module, modules=None, sites: Sequence[GramSite] | None = None):
+    """The parameters (by full name) whose gradients :func:`per_sample_grad_gram` covers."""
+    return _check_sites(model, default_sites(model, modules) if sites is None else sites)
+
+
+def _site_gram(st, params, cap, batch, method, backend):
+    """Gram of one site from the captured tensors (lists over calls), or None when nothing flowed."""
+    outs = cap[st.out]
+    grads = [g for _, g in outs]
+    if not grads or all(g is None for g in grads):
+        return None
+    live = [k for k, g in enumerate(grads) if g is not None]
+    w_name, b_name = st.params[0], (st.params[1] if len(st.params) > 1 else None)
+    w_on = params.get(w_name) is not None
+    b_on = b_name is not None and params.get(b_name) is not None
+    if st.kind == "positional":  # the per-sample gradient of W[:T] is the output gradient itself
+        d = sum(_as_btd("grad", grads[k]) for k in live)
+        return grad_gram_dense(d.reshape(batch, -1))
+    ins = cap[st.inp]
+    if len(ins) != len(outs):
+        raise ValueError(f"site {st.name!r}: {len(ins)} calls of {st.inp[0]} but {len(outs)} of {st.out[0]}")
+    if st.kind == "embedding":
+        ids = torch.cat([ins[k][0].reshape(batch, -1) for k in live], 1)
+        d = torch.cat([_as_btd("grad", grads[k]) for k in live], 1)
+        return grad_gram_embedding(ids, d, padding_idx=st.padding_idx, method=method, backend=backend)
+    if st.kind == "layernorm":
+        parts = []
+        xs = [ins[k][0] for k in live]
+        ds = [grads[k] for k in live]
+        if w_on:
+            parts.append(
+                sum(
+                    (F.layer_norm(x, x.shape[-1:], eps=st.eps) * d)
+                    .reshape(batch, -1, d.shape[-1])
+                    .sum(1, dtype=torch.float64)
+                    for x, d in zip(xs, ds)
+                )
+            )
+        if b_on:
+            parts.append(sum(d.reshape(batch, -1, d.shape[-1]).sum(1, dtype=torch.float64) for d in ds))
+        if not parts:
+            return None
+        g = torch.cat(parts, 1)
+        return g @ g.T
+    a = torch.cat(
+        [_as_btd("input", ins[k][0].flatten(-st.in_dims) if st.in_dims > 1 else ins[k][0]) for k in live], 1
+    )
+    d = torch.cat(
+        [_as_btd("grad", grads[k].flatten(-st.out_dims) if st.out_dims > 1 else grads[k]) for k in live], 1
+    )
+    if not (w_on or b_on):
+        return None
+    return grad_gram_linear(a, d, bias=b_on, weight=w_on, method=method, backend=backend)
+
+
+def per_sample_grad_gram(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    *inputs,
+    modules: Sequence[str | nn.Module] | None = None,
+    sites: Sequence[GramSite] | None = None,
+    centered: bool = False,
+    per_module: bool = False,
+    method: str = "auto",
+    backend: str | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """``G_ij = <grad l_i, grad l_j>`` over the parameters of every site, from one forward and one backward pass.
+
+    Default sites: every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm`` (see :func:`default_sites`);
+    :func:`transformer_lens_sites` covers a TransformerLens-layout model whole. Forward hooks record each site's
+    input and output; one ``torch.autograd.grad`` of ``sum_i l_i`` gives the output gradients; the Gram of each
+    site comes from :func:`grad_gram_linear` / :func:`grad_gram_embedding` (LayerNorm: its ``2 d`` per-sample
+    gradients directly) and they are summed. A module called several times in one forward counts all its calls
+    (concatenated as extra positions, which is exact). Frozen parameters are left out. Parameters' ``.grad`` are
+    not touched.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Must treat samples independently (no batch norm in training mode).
+    loss_fn : callable
+        ``loss_fn(model, *inputs)`` returns the per-sample losses, shape ``(B,)`` or ``(B, ...)`` (then summed
+        over the trailing dimensions, e.g. per-token losses): ``reduction="none"``, never the batch mean
+        (a mean would put a factor ``1/B`` in every gradient).
+    *inputs
+        Passed to ``loss_fn``; their first dimension is the batch.
+    modules : list of names or modules, optional
+        Restrict the default sites to these modules.
+    sites : list of GramSite, optional
+        Use these sites instead of the default ones.
+    centered : bool
+        Return ``H G H`` (see :func:`center_gram`).
+    per_module : bool
+        Return ``{site name: (B, B)}`` instead of the sum.
+    method, backend : str
+        Passed to :func:`grad_gram_linear` / :func:`grad_gram_pairwise`.
+
+    Returns
+    -------
+    Tensor ``(B, B)`` float64, or a dict of them.
+    """
+    if sites is None:
+        sites = default_sites(model, modules)
+    params = _check_sites(model, sites)
+    sites = [st for st in sites if any(pn in params for pn in st.params if pn is not None)]
+    caps = {c for st in sites for c in (st.out, st.inp) if c is not None}
+    records: dict[tuple[str, str], list] = {c: [] for c in caps}
+    need = {}
+    for mod_name, what in caps:
+        need.setdefault(mod_name, set()).add(what)
+    mods = dict(model.named_modules())
+    handles = []
+
+    def make_hook(mod_name, whats):
+        def hook(mod, args, out):
+            if "input" in whats:
+                records[(mod_name, "input")].append(
+                    [args[0].detach() if torch.is_tensor(args[0]) else args[0], None]
+                )
+            if "output" in whats:
+                records[(mod_name, "output")].append([out, None])
+
+        return hook
+
+    try:
+        for mod_name, whats in need.items():
+            handles.append(mods[mod_name].register_forward_hook(make_hook(mod_name, whats)))
+        losses = loss_fn(model, *inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
+        raise ValueError(
+            "loss_fn must return per-sample losses of shape (B,) or (B, ...) (reduction='none'), got a "
+            f"{'scalar' if isinstance(losses, torch.Tensor) else type(losses).__name__}; a batch-mean loss would "
+            "scale every per-sample gradient by 1/B"
+        )
+    batch = losses.shape[0]
+    out_caps = {st.out for st in sites}
+    targets = []
+    for c, recs in records.items():
+        for rec in recs:
+            t = rec[0]
+            if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch:
+                raise ValueError(
+                    f"{c[0]}: its {c[1]} has leading size {t.shape[0]} but the losses have batch {batch}; "
+                    "the first dimension of every captured tensor must be the batch"
+                )
+            if c in out_caps and t.requires_grad:
+                targets.append(rec)
+    grads = torch.autograd.grad(losses.sum(), [r[0] for r in targets], allow_unused=True) if targets else []
+    for rec, g in zip(targets, grads):
+        rec[1] = g
+    cap = {
+        c: [(r[0].detach() if torch.is_tensor(r[0]) else r[0], r[1]) for r in recs]
+        for c, recs in records.items()
+    }
+    result: dict[str, torch.Tensor] = {}
+    for st in sites:
+        g = _site_gram(st, params, cap, batch, method, backend)
+        if g is not None:
+            result[st.name] = g
+    if centered:
+        result = {k: center_gram(v) for k, v in result.items()}
+    if per_module:
+        return result
+    total = torch.zeros(batch, batch, dtype=torch.float64, device=losses.device)
+    for v in result.values():
+        total += v.to(total.device)
+    return total
+
+
+def per_sample_grad_gram_reference(
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    *inputs,
+    modules: Sequence[str | nn.Module] | None = None,
+    sites: Sequence[GramSite] | None = None,
+    centered: bool = False,
+    chunk_size: int | None = None,
+    gram_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Specification of :func:`per_sample_grad_gram`: ``torch.func.vmap(grad)`` per-sample gradients, flattened.
+
+    Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
+    Memory ``B x (number of covered parameters)``, twice (the gradients and their flattened copy). The Gram is
+    taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)``.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in gram_parameters(model, modules, sites).items()}
+
+    class _Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *xs):
+            return loss_fn(self.model, *xs)
+
+    wrap = _Wrap()
+
+    def single(p, *xs):
+        out = functional_call(
+            wrap, {f"model.{k}": v for k, v in p.items()}, tuple(x.unsqueeze(0) for x in xs)
+        )
+        return out.sum()
+
+    grads = vmap(grad(single), in_dims=(None,) + (0,) * len(inputs), chunk_size=chunk_size)(params, *inputs)
+    flat = torch.cat([g.detach().reshape(g.shape[0], -1).to(gram_dtype) for g in grads.values()], 1)
+    g = flat @ flat.T
+    return center_gram(g) if centered else g

@@ -1,0 +1,108 @@
+"""The public chunk update of the streaming cross-covariance: argument validation, then the backend chosen by
+:mod:`pypattern._backends` (the maths is in :mod:`pypattern.ops.covariance`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _backends
+from .reference import cross_covariance_update_reference_
+
+
+def _covariance_update_c(shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count) -> None:
+    """The registered ``torch.ops.pypattern.covariance_update_`` (csrc/covariance/): the dispatcher runs the C++
+    kernel on CPU tensors and the CUDA kernels on CUDA tensors."""
+    torch.ops.pypattern.covariance_update_(
+        shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count
+    )
+
+
+_backends.register("covariance_update_", "reference", cross_covariance_update_reference_)
+_backends.register(
+    "covariance_update_", "triton", "pypattern.ops.covariance.triton:cross_covariance_update_triton_"
+)
+_backends.register("covariance_update_", ("cpp", "cuda"), _covariance_update_c)
+
+
+def _check_chunk(a, b, k: int, n: int, device) -> None:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError(f"a and b must be tensors, got {type(a).__name__} and {type(b).__name__}")
+    for name, x, cols in (("a", a, k), ("b", b, n)):
+        if x.dim() != 2 or x.shape[1] != cols:
+            raise ValueError(f"{name} must have shape (draws, {cols}), got {tuple(x.shape)}")
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} has dtype {x.dtype}; supported are torch.float32 and torch.float64")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the accumulator is on {device}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must hold the same number of draws, got {a.shape[0]} and {b.shape[0]}")
+
+
+def _check_state(name: str, t: torch.Tensor, shape: tuple, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != torch.float64:
+        raise TypeError(f"{name} must be float64, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the accumulator is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def cross_covariance_update_(
+    shift_a: torch.Tensor,
+    shift_b: torch.Tensor,
+    mean_a: torch.Tensor,
+    mean_b: torch.Tensor,
+    comoment: torch.Tensor,
+    m2_a: torch.Tensor,
+    m2_b: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    count: int,
+    backend: str | None = None,
+) -> None:
+    """Add one chunk of draws to an accumulator's state, in place (see :mod:`pypattern.ops.covariance`).
+
+    Parameters
+    ----------
+    shift_a, mean_a : Tensor, shape ``(K,)``, float64
+    shift_b, mean_b : Tensor, shape ``(N,)``, float64
+        Set from the chunk when ``count == 0``.
+    comoment : Tensor, shape ``(K, N)``, float64
+    m2_a, m2_b : Tensor, float64
+        Auto co-moments: shape ``(0,)`` (not tracked), ``(K,)``/``(N,)`` (diagonal) or ``(K, K)``/``(N, N)``.
+    a : Tensor, shape ``(m, K)``
+    b : Tensor, shape ``(m, N)``
+        The chunk: float32 or float64, any strides, on the accumulator's device; ``m`` may be 0.
+    count : int
+        Number of draws already accumulated (the caller adds ``m`` to it).
+    backend : {"cuda", "triton", "cpp", "reference"}, optional
+        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available).
+    """
+    device = comoment.device
+    if not isinstance(comoment, torch.Tensor) or comoment.dim() != 2:
+        raise ValueError(f"comoment must be a 2-D tensor (K, N), got {getattr(comoment, 'shape', comoment)}")
+    k, n = comoment.shape
+    _check_chunk(a, b, k, n, device)
+    _check_state("comoment", comoment, (k, n), device)
+    for name, t, d in (
+        ("shift_a", shift_a, k),
+        ("mean_a", mean_a, k),
+        ("shift_b", shift_b, n),
+        ("mean_b", mean_b, n),
+    ):
+        _check_state(name, t, (d,), device)
+    for name, t, d in (("m2_a", m2_a, k), ("m2_b", m2_b, n)):
+        if tuple(t.shape) not in ((0,), (d,), (d, d)):
+            raise ValueError(f"{name} must have shape (0,), ({d},) or ({d}, {d}), got {tuple(t.shape)}")
+        _check_state(name, t, tuple(t.shape), device)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    if a.shape[0] == 0:
+        return
+    impl = _backends.dispatch("covariance_update_", device, backend)
+    impl(shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count)

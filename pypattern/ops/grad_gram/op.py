@@ -1,0 +1,260 @@
+"""The public per-sample gradient Gram kernels: argument validation, then (for the pairwise contraction) the
+backend chosen by :mod:`pypattern._backends`. The maths is in :mod:`pypattern.ops.grad_gram`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import _backends
+from .reference import grad_gram_pairwise_reference
+
+
+def _grad_gram_pairwise_c(x, y, ids, batch) -> torch.Tensor:
+    """The registered ``torch.ops.pypattern.grad_gram_pairwise`` (csrc/grad_gram/): the dispatcher runs the C++
+    kernel on CPU tensors and the CUDA kernel on CUDA tensors."""
+    xx = x.contiguous() if ids is None else y.new_zeros(0, 0)
+    return torch.ops.pypattern.grad_gram_pairwise(xx, y.contiguous(), ids, batch)
+
+
+_backends.register("grad_gram_pairwise", "reference", grad_gram_pairwise_reference)
+_backends.register("grad_gram_pairwise", "triton", "pypattern.ops.grad_gram.triton:grad_gram_pairwise_triton")
+_backends.register("grad_gram_pairwise", ("cpp", "cuda"), _grad_gram_pairwise_c)
+
+
+def _check_pairwise(x, y, ids, batch):
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ValueError(f"y must be a 2-D tensor (B*T, q), got {getattr(y, 'shape', y)}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
+    if (batch == 0 and y.shape[0] != 0) or (batch > 0 and y.shape[0] % batch != 0):
+        raise ValueError(f"y has {y.shape[0]} rows, not a multiple of batch={batch}")
+    if y.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"y has dtype {y.dtype}; supported are torch.float32 and torch.float64")
+    if ids is None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"x must be a 2-D tensor with {y.shape[0]} rows, got {getattr(x, 'shape', x)}")
+        if x.dtype != y.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but y has {y.dtype}")
+        if x.device != y.device:
+            raise ValueError(f"x is on {x.device} but y is on {y.device}")
+    else:
+        if not isinstance(ids, torch.Tensor) or ids.shape != (y.shape[0],) or ids.dtype != torch.int64:
+            raise ValueError(
+                f"ids must be an int64 tensor of shape ({y.shape[0]},), got "
+                f"{getattr(ids, 'dtype', None)} {tuple(getattr(ids, 'shape', ()))}"
+            )
+        if ids.device != y.device:
+            raise ValueError(f"ids is on {ids.device} but y is on {y.device}")
+
+
+def grad_gram_pairwise(
+    x: torch.Tensor | None,
+    y: torch.Tensor,
+    ids: torch.Tensor | None = None,
+    *,
+    batch: int,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The pairwise contraction ``G_ij = sum_{s,t} K[is, jt] (y_is . y_jt)``, shape ``(batch, batch)``, float64.
+
+    Parameters
+    ----------
+    x : Tensor, shape ``(B*T, p)``, or None
+        Rows grouped by sample (rows ``i*T .. i*T+T-1`` belong to sample ``i``); ``K = x x^T``. Ignored when
+        ``ids`` is given.
+    y : Tensor, shape ``(B*T, q)``
+        float32 or float64, same dtype as ``x``.
+    ids : Tensor, shape ``(B*T,)``, int64, optional
+        Then ``K[r, c] = 1`` where ``ids[r] == ids[c] >= 0`` (negative ids never match: padding).
+    batch : int
+        ``B``.
+    backend : {"cuda", "triton", "cpp", "reference"}, optional
+        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available).
+    """
+    _check_pairwise(x, y, ids, batch)
+    if batch == 0:
+        return torch.zeros(0, 0, dtype=torch.float64, device=y.device)
+    return _backends.dispatch("grad_gram_pairwise", y.device, backend)(x, y, ids, batch)
+
+
+def _as_btd(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() == 2:
+        return t.unsqueeze(1)
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (B, d) or (B, ..., d), got {tuple(t.shape)}")
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+def choose_method(batch: int, positions: int, d_in: int, d_out: int) -> str:
+    """``"pairwise"`` or ``"outer"``, whichever needs fewer multiply-adds (see :mod:`pypattern.ops.grad_gram`)."""
+    pairwise = batch * batch * positions * positions * (d_in + d_out)
+    outer = batch * positions * d_in * d_out + batch * batch * d_in * d_out
+    return "pairwise" if pairwise <= outer else "outer"
+
+
+def _sym_gram_add_(g: torch.Tensor, w: torch.Tensor, block: int = 128) -> None:
+    """``g += w w^T`` (float64 ``g``), computing only the blocks on and above the diagonal (about 60% of the
+    multiply-adds of one GEMM at B = 512)."""
+    b = w.shape[0]
+    for i0 in range(0, b, block):
+        wi = w[i0 : i0 + block]
+        for j0 in range(i0, b, block):
+            blk = (wi @ w[j0 : j0 + block].T).to(torch.float64)
+            g[i0 : i0 + block, j0 : j0 + block] += blk
+            if j0 != i0:
+                g[j0 : j0 + block, i0 : i0 + block] += blk.T
+
+
+def grad_gram_dense(g: torch.Tensor) -> torch.Tensor:
+    """Gram ``g g^T`` of per-sample gradients given as rows, ``(B, P)`` -> ``(B, B)`` float64.
+
+    Block products in the input dtype, summed in float64; only the blocks on and above the diagonal are computed.
+    """
+    if not isinstance(g, torch.Tensor) or g.dim() != 2:
+        raise ValueError(f"g must be a 2-D tensor (B, P), got {getattr(g, 'shape', g)}")
+    out = torch.zeros(g.shape[0], g.shape[0], dtype=torch.float64, device=g.device)
+    _sym_gram_add_(out, g)
+    return out
+
+
+def _outer_gram(a: torch.Tensor, d: torch.Tensor, max_bytes: int) -> torch.Tensor:
+    b, _, d_in = a.shape
+    d_out = d.shape[2]
+    per_feature = max(1, b * d_out * a.element_size())
+    step = max(1, min(d_in, max_bytes // per_feature))
+    g = torch.zeros(b, b, dtype=torch.float64, device=a.device)
+    for p0 in range(0, d_in, step):
+        w = torch.bmm(a[:, :, p0 : p0 + step].transpose(1, 2), d).reshape(b, -1)
+        _sym_gram_add_(g, w)
+    return g
+
+
+def grad_gram_linear(
+    a: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    bias: bool = True,
+    weight: bool = True,
+    method: str = "auto",
+    max_bytes: int = 32 * 2**20,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Gram of the per-sample gradients of one ``nn.Linear`` from its inputs and output gradients.
+
+    Parameters
+    ----------
+    a : Tensor, shape ``(B, d_in)`` or ``(B, ..., d_in)``
+        Layer inputs (middle dimensions are positions ``T``).
+    d : Tensor, shape ``(B, d_out)`` or ``(B, ..., d_out)``
+        Gradients of ``sum_i l_i`` with respect to the layer outputs, same middle dimensions as ``a``.
+    bias, weight : bool
+        Include the bias / weight gradient.
+    method : {"auto", "pairwise", "outer"}
+        See :mod:`pypattern.ops.grad_gram`; ``"auto"`` picks the one with fewer multiply-adds.
+    max_bytes : int
+        Workspace cap of ``"outer"`` (it processes slices of the input features).
+    backend : str, optional
+        Backend of the pairwise contraction.
+
+    Returns
+    -------
+    Tensor, shape ``(B, B)``, float64 (products in the input dtype, sums in float64).
+    """
+    a3, d3 = _as_btd("a", a), _as_btd("d", d)
+    if a3.shape[:2] != d3.shape[:2]:
+        raise ValueError(
+            f"a and d must agree in batch and positions, got {tuple(a.shape)} and {tuple(d.shape)}"
+        )
+    if method not in ("auto", "pairwise", "outer"):
+        raise ValueError(f"method must be 'auto', 'pairwise' or 'outer', got {method!r}")
+    if a3.dtype != d3.dtype:
+        d3 = d3.to(a3.dtype)
+    b, t, d_in = a3.shape
+    g = torch.zeros(b, b, dtype=torch.float64, device=a3.device)
+    if weight:
+        if method == "auto":
+            method = choose_method(b, t, d_in, d3.shape[2])
+        if method == "pairwise":
+            x = a3.reshape(b * t, d_in)
+            if bias:  # fold the bias in: (x . x' + 1)(y . y') summed over positions is exactly its Gram term
+                x = torch.cat([x, x.new_ones(b * t, 1)], 1)
+            return g + grad_gram_pairwise(x, d3.reshape(b * t, d3.shape[2]), batch=b, backend=backend)
+        g += _outer_gram(a3, d3, max_bytes)
+    if bias:
+        s = d3.sum(1, dtype=torch.float64)
+        g += s @ s.T
+    return g
+
+
+def grad_gram_embedding(
+    ids: torch.Tensor,
+    d: torch.Tensor,
+    *,
+    padding_idx: int | None = None,
+    method: str = "auto",
+    max_bytes: int = 32 * 2**20,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Gram of the per-sample gradients of one ``nn.Embedding`` from its token ids and output gradients.
+
+    Parameters
+    ----------
+    ids : Tensor, shape ``(B,)`` or ``(B, ...)``, integer
+    d : Tensor, shape ``(B, ..., dim)``
+        Gradients of ``sum_i l_i`` with respect to the embedding outputs.
+    padding_idx : int, optional
+        Positions holding this id carry no gradient (as in ``nn.Embedding``).
+    method : {"auto", "pairwise", "outer"}
+        ``"pairwise"``: ``B^2 T^2 dim`` multiply-adds (the kernels). ``"outer"``: scatter the per-sample gradients
+        of the ``V`` distinct ids of the batch, ``(B, V, dim)`` in slices of at most ``max_bytes``, and take their
+        Gram (``B^2 V dim``). ``"auto"`` takes the one with fewer multiply-adds (``V`` against ``T^2``).
+
+    Returns
+    -------
+    Tensor, shape ``(B, B)``, float64.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() < 1:
+        raise TypeError(f"ids must be an integer tensor of shape (B, ...), got {getattr(ids, 'dtype', ids)}")
+    if method not in ("auto", "pairwise", "outer"):
+        raise ValueError(f"method must be 'auto', 'pairwise' or 'outer', got {method!r}")
+    b = ids.shape[0]
+    t = math.prod(ids.shape[1:])
+    flat = ids.reshape(b, t)
+    if d.dim() < 2 or d.shape[:-1] != ids.shape:
+        raise ValueError(
+            f"d must have shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), got {tuple(d.shape)}"
+        )
+    dim = d.shape[-1]
+    d3 = d.reshape(b, t, dim)
+    r = flat.reshape(-1).to(torch.int64)
+    if padding_idx is not None:
+        r = torch.where(r == padding_idx, torch.full_like(r, -1), r)
+    if method == "auto" or method == "outer":
+        uniq, inv = torch.unique(r, return_inverse=True)
+        n_valid = int((uniq >= 0).sum())
+        if method == "auto":
+            method = "outer" if n_valid <= 2 * t * t else "pairwise"
+    if method == "pairwise":
+        return grad_gram_pairwise(None, d3.reshape(b * t, dim), r, batch=b, backend=backend)
+    # outer: column v of the compressed vocabulary; padding (-1) sorts first in uniq
+    offset = uniq.numel() - n_valid
+    col = (inv - offset).reshape(b, t)  # -1 for padding
+    g = torch.zeros(b, b, dtype=torch.float64, device=d.device)
+    step = max(1, max_bytes // max(1, b * dim * d.element_size()))
+    for v0 in range(0, n_valid, step):
+        v1 = min(n_valid, v0 + step)
+        inside = (col >= v0) & (col < v1)
+        idx = torch.where(inside, col - v0, torch.full_like(col, v1 - v0))  # outside -> a dump row
+        w = torch.zeros(b, v1 - v0 + 1, dim, dtype=d.dtype, device=d.device)
+        w.scatter_add_(1, idx.unsqueeze(-1).expand(b, t, dim), d3)
+        _sym_gram_add_(g, w[:, : v1 - v0].reshape(b, -1))
+    return g
+
+
+def center_gram(g: torch.Tensor) -> torch.Tensor:
+    """``H G H`` with ``H = I - 11^T / B``: the Gram of the centred per-sample gradients, ``(B, B)``."""
+    return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()

@@ -1,0 +1,252 @@
+"""The public SGLD op: argument validation, then the backend chosen by :mod:`pypattern._backends`.
+
+The update and the noise stream are specified in :mod:`pypattern.ops.sgld` and :mod:`.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ... import _backends
+from .reference import sgld_step_reference_
+
+
+def _check_scalar(name: str, value, *, positive: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    if not positive and v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def _check_key(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+        except ImportError:  # pragma: no cover
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
+
+
+def _as_list(name: str, x) -> list:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if not isinstance(x, Sequence):
+        raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(x).__name__}")
+    return list(x)
+
+
+def _validate(params, grads, anchors, masks):
+    params, grads, anchors = (
+        _as_list("params", params),
+        _as_list("grads", grads),
+        _as_list("anchors", anchors),
+    )
+    if not (len(params) == len(grads) == len(anchors)):
+        raise ValueError(
+            f"params, grads and anchors must have the same length, got {len(params)}, {len(grads)}, {len(anchors)}"
+        )
+    if masks is not None:
+        masks = _as_list("masks", masks)
+        if len(masks) != len(params):
+            raise ValueError(f"masks must have one entry (or None) per tensor: {len(masks)} != {len(params)}")
+    device = params[0].device if params else torch.device("cpu")
+    tensor, floats = torch.Tensor, (torch.float32, torch.float64)
+    for i, (w, g, a) in enumerate(zip(params, grads, anchors)):
+        # One cheap test per tensor; the detailed diagnosis runs only when it fails.
+        if not (type(w) is tensor or isinstance(w, tensor)) or not (
+            isinstance(g, tensor) and isinstance(a, tensor)
+        ):
+            for name, x in (("params", w), ("grads", g), ("anchors", a)):
+                if not isinstance(x, tensor):
+                    raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
+        dt, shape = w.dtype, w.shape
+        if not (
+            dt in floats
+            and g.dtype == dt
+            and a.dtype == dt
+            and g.shape == shape
+            and a.shape == shape
+            and w.device == device
+            and g.device == device
+            and a.device == device
+        ):
+            _diagnose(i, w, g, a, device)
+        if masks is not None and masks[i] is not None:
+            m = masks[i]
+            if not isinstance(m, tensor):
+                raise TypeError(f"masks[{i}] must be a tensor or None, got {type(m).__name__}")
+            if m.shape != shape:
+                raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} but params[{i}] has {tuple(shape)}")
+            if m.device != device:
+                raise ValueError(f"masks[{i}] is on {m.device} but params are on {device}")
+            if not (m.dtype == torch.bool or m.is_floating_point()):
+                raise TypeError(f"masks[{i}] must be bool or floating point, got {m.dtype}")
+    return params, grads, anchors, masks, device
+
+
+def _diagnose(i, w, g, a, device):
+    if w.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"params[{i}] has dtype {w.dtype}; supported are torch.float32 and torch.float64")
+    for name, x in (("grads", g), ("anchors", a)):
+        if x.shape != w.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)} but params[{i}] has {tuple(w.shape)}")
+        if x.dtype != w.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {x.dtype} but params[{i}] has {w.dtype}")
+    for name, x in (("params", w), ("grads", g), ("anchors", a)):
+        if x.device != device:
+            raise ValueError(f"{name}[{i}] is on {x.device} but params[0] is on {device}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _signed64(x: int) -> int:
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _sgld_step_c(
+    params,
+    grads,
+    anchors,
+    *,
+    step_size,
+    nbeta,
+    localization,
+    weight_decay,
+    noise_scale,
+    bounding_box,
+    masks,
+    seed,
+    step,
+) -> torch.Tensor:
+    """The registered ``torch.ops.pypattern.sgld_step_`` (csrc/sgld/): the dispatcher runs the C++ kernel on CPU
+    tensors and the CUDA kernel on CUDA tensors."""
+    return torch.ops.pypattern.sgld_step_(
+        params if isinstance(params, list) else list(params),
+        grads if isinstance(grads, list) else list(grads),
+        anchors if isinstance(anchors, list) else list(anchors),
+        [] if masks is None else list(masks),
+        float(step_size),
+        float(nbeta),
+        float(localization),
+        float(weight_decay),
+        float(noise_scale),
+        None if bounding_box is None else float(bounding_box),
+        _signed64(seed),
+        _signed64(step),
+    )
+
+
+_backends.register("sgld_step_", "reference", sgld_step_reference_)
+_backends.register("sgld_step_", "triton", "pypattern.ops.sgld.triton:sgld_step_triton_")
+_backends.register("sgld_step_", ("cpp", "cuda"), _sgld_step_c)
+
+
+def sgld_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    *,
+    step_size: float,
+    nbeta: float,
+    localization: float,
+    weight_decay: float = 0.0,
+    noise_scale: float = 1.0,
+    bounding_box: float | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    seed: int,
+    step: int,
+    backend: str | None = None,
+    validate: bool = True,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """One SGLD step over lists of tensors, in place (see :mod:`pypattern.ops.sgld` for the update and the noise).
+
+    Parameters
+    ----------
+    params, grads, anchors : list of Tensor
+        Same length; tensor ``i`` of each has the same shape, dtype (float32 or float64) and device. ``params``
+        are updated in place (any strides); ``anchors`` are the trained weights ``w*``.
+    step_size : float
+        ``eps`` > 0.
+    nbeta : float
+        Inverse temperature times the number of samples, ``n * beta`` >= 0.
+    localization : float
+        ``gamma`` >= 0, strength of the pull towards the anchors.
+    weight_decay, noise_scale : float
+        >= 0. ``noise_scale = 0`` gives a deterministic step.
+    bounding_box : float or None
+        Half-width > 0 of the box around the anchors that the result is clamped to.
+    masks : list of (Tensor or None), optional
+        Bool or float, same shape as the params; 0 freezes an entry (no drift, noise or clamp), other values
+        scale its update.
+    seed, step : int
+        In [0, 2**64). With the tensor index and element index they key the noise.
+    backend : {"cuda", "triton", "cpp", "reference"}, optional
+        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available: see :func:`pypattern.backends`).
+    validate : bool
+        Check every argument as described above (tens of microseconds of Python per call, more with more
+        tensors). ``False`` is the fast path for callers that validated the same tensors and numbers once (the
+        SGLD optimizer and the chain runner do so on their first step): ``params``, ``grads`` and ``anchors``
+        must then be lists, the numbers already in range, and a wrong argument may fail inside a kernel with a
+        less helpful message.
+    check_finite : bool
+        Raise ``FloatingPointError`` naming the tensor when a gradient held NaN or Inf. Entries with a non-finite
+        gradient are never written, so the parameters stay finite either way.
+
+    Returns
+    -------
+    Tensor, shape ``(len(params),)``, int32
+        1 where that tensor's gradient held a NaN or Inf (its non-finite entries were left unchanged), else 0;
+        on the CPU, or on the params' GPU for the ``cuda`` backend. Looking at it (``bool(flags.any())``) waits
+        for the step to finish; with ``check_finite`` the op does so itself.
+    """
+    if validate:
+        params, grads, anchors, masks, _ = _validate(params, grads, anchors, masks)
+        step_size = _check_scalar("step_size", step_size, positive=True)
+        nbeta = _check_scalar("nbeta", nbeta)
+        localization = _check_scalar("localization", localization)
+        weight_decay = _check_scalar("weight_decay", weight_decay)
+        noise_scale = _check_scalar("noise_scale", noise_scale)
+        if bounding_box is not None:
+            bounding_box = _check_scalar("bounding_box", bounding_box, positive=True)
+        seed, step = _check_key("seed", seed), _check_key("step", step)
+    if not params:
+        return torch.zeros(0, dtype=torch.int32)
+    flags = _backends.dispatch("sgld_step_", params[0].device, backend)(
+        params,
+        grads,
+        anchors,
+        step_size=step_size,
+        nbeta=nbeta,
+        localization=localization,
+        weight_decay=weight_decay,
+        noise_scale=noise_scale,
+        bounding_box=bounding_box,
+        masks=masks,
+        seed=seed,
+        step=step,
+    )
+    if check_finite and bool(flags.any()):
+        bad = torch.nonzero(flags.cpu()).flatten().tolist()
+        shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
+        raise FloatingPointError(
+            f"sgld_step_: non-finite gradient in {shapes} at step {step}; those entries were not updated. "
+            "A diverging chain usually needs a smaller step_size or a larger localization."
+        )
+    return flags

@@ -1,0 +1,101 @@
+"""The plain-torch specification of the fused SGLD step and of its noise stream (see :mod:`pypattern.ops.sgld`).
+
+Written for clarity, not speed: the integer Philox rounds run in int64 tensors, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_U32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for uint32 values held in int64 (exact: splits b into 16-bit halves)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    t_hi = a * b_hi  # < 2^48
+    t_lo = a * b_lo  # < 2^48
+    hi = (t_hi + (t_lo >> 16)) >> 16
+    lo = (((t_hi & 0xFFFF) << 16) + t_lo) & _U32
+    return hi, lo
+
+
+def philox_normals(numel: int, *, seed: int, tensor_index: int, step: int, device=None) -> torch.Tensor:
+    """The noise ``xi`` of one tensor with ``numel`` elements, shape ``(numel,)``, float32 (reference form)."""
+    n_ctr = (numel + 3) // 4
+    c0 = torch.arange(n_ctr, dtype=torch.int64, device=device)
+    c1 = torch.full_like(c0, tensor_index & _U32)
+    c2 = torch.full_like(c0, step & _U32)
+    c3 = torch.full_like(c0, (step >> 32) & _U32)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        hi2, lo2 = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_KEY_A) & _U32
+        k1 = (k1 + _PHILOX_KEY_B) & _U32
+
+    def uniform(x):
+        s = torch.where(x >= 2**31, x - 2**32, x)  # as int32
+        s = torch.where(s < 0, -s - 1, s)
+        return s.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    u0 = torch.clamp_min(uniform(c0), 1.0e-7)
+    u1 = uniform(c1)
+    u2 = torch.clamp_min(uniform(c2), 1.0e-7)
+    u3 = uniform(c3)
+    two_pi = torch.tensor(6.283185307179586, dtype=torch.float32)
+    r0 = torch.sqrt(-2.0 * torch.log(u0))
+    r1 = torch.sqrt(-2.0 * torch.log(u2))
+    t0, t1 = two_pi * u1, two_pi * u3
+    out = torch.stack([r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)], dim=1)
+    return out.reshape(-1)[:numel]
+
+
+def sgld_step_reference_(
+    params,
+    grads,
+    anchors,
+    *,
+    step_size,
+    nbeta,
+    localization,
+    weight_decay=0.0,
+    noise_scale=1.0,
+    bounding_box=None,
+    masks=None,
+    seed,
+    step,
+) -> torch.Tensor:
+    """Plain-torch specification of :func:`sgld_step_` (inputs already validated).
+
+    Returns an int32 flag per tensor: 1 where that tensor's gradient held a NaN or Inf; such a tensor is left
+    unchanged (the other backends leave only the non-finite entries unchanged).
+    """
+    flags = torch.zeros(len(params), dtype=torch.int32)
+    half = 0.5 * step_size
+    noise_std = math.sqrt(step_size) * noise_scale
+    for t, (w, g, w0) in enumerate(zip(params, grads, anchors)):
+        if w.numel() == 0:
+            continue
+        if not bool(torch.isfinite(g).all()):
+            flags[t] = 1
+            continue
+        delta = -half * (nbeta * g + localization * (w - w0) + weight_decay * w)
+        if noise_std != 0.0:
+            xi = philox_normals(w.numel(), seed=seed, tensor_index=t, step=step, device=w.device)
+            delta = delta + noise_std * xi.reshape(w.shape).to(w.dtype)
+        m = None if masks is None else masks[t]
+        new = w + (delta if m is None else m.to(w.dtype) * delta)
+        if bounding_box is not None:
+            new = torch.minimum(torch.maximum(new, w0 - bounding_box), w0 + bounding_box)
+        if m is not None:
+            new = torch.where(m.to(w.dtype) == 0, w, new)
+        w.copy_(new)
+    return flags

@@ -1,0 +1,167 @@
+"""Triton kernel of the fused SGLD step (see :mod:`pypattern.ops.sgld` for the update and the noise stream).
+
+Imported only when the ``triton`` backend runs (it is registered by name in :mod:`pypattern.ops.sgld.op`).
+
+One launch per tensor; each program updates ``BLOCK`` consecutive elements. Element ``e`` draws Philox counter
+``e // 4`` and takes output ``e % 4``, exactly as the C++ and CUDA kernels do. On a GPU every element computes its
+own Philox call (4x the integer work of sharing one call among four elements; the step stays memory-bound).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _uniform(x):
+    # Triton's uint_to_uniform_float for 32-bit inputs.
+    s = x.to(tl.int32, bitcast=True)
+    s = tl.where(s < 0, -s - 1, s)
+    return s.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _sgld_kernel(
+    w_ptr,
+    g_ptr,
+    a_ptr,
+    m_ptr,
+    coef_ptr,
+    flag_ptr,
+    n,
+    seed,
+    tensor_index,
+    step_lo,
+    step_hi,
+    HAS_MASK: tl.constexpr,
+    HAS_BOX: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    w = tl.load(w_ptr + offs, mask=valid, other=0.0)
+    g = tl.load(g_ptr + offs, mask=valid, other=0.0)
+    a = tl.load(a_ptr + offs, mask=valid, other=0.0)
+    c_grad = tl.load(coef_ptr + 0).to(w.dtype)
+    c_loc = tl.load(coef_ptr + 1).to(w.dtype)
+    c_wd = tl.load(coef_ptr + 2).to(w.dtype)
+    c_noise = tl.load(coef_ptr + 3).to(w.dtype)
+    delta = -(c_grad * g + c_loc * (w - a) + c_wd * w)
+    if HAS_NOISE:
+        ctr = (offs // 4).to(tl.uint32)
+        zero = ctr * 0
+        x0, x1, x2, x3 = tl.philox(
+            seed,
+            ctr,
+            zero + tensor_index.to(tl.uint32, bitcast=True),
+            zero + step_lo.to(tl.uint32, bitcast=True),
+            zero + step_hi.to(tl.uint32, bitcast=True),
+        )
+        u0 = tl.maximum(1.0e-7, _uniform(x0))
+        u2 = tl.maximum(1.0e-7, _uniform(x2))
+        r0 = tl.sqrt(-2.0 * tl.log(u0))
+        r1 = tl.sqrt(-2.0 * tl.log(u2))
+        t0 = 6.283185307179586 * _uniform(x1)
+        t1 = 6.283185307179586 * _uniform(x3)
+        lane = offs % 4
+        xi = tl.where(
+            lane == 0,
+            r0 * tl.cos(t0),
+            tl.where(lane == 1, r0 * tl.sin(t0), tl.where(lane == 2, r1 * tl.cos(t1), r1 * tl.sin(t1))),
+        )
+        delta = delta + c_noise * xi.to(w.dtype)
+    if HAS_MASK:
+        m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(w.dtype)
+        new = w + m * delta
+    else:
+        new = w + delta
+    if HAS_BOX:
+        box = tl.load(coef_ptr + 4).to(w.dtype)
+        new = tl.minimum(tl.maximum(new, a - box), a + box)
+    bad = (g != g) | (tl.abs(g) == float("inf"))
+    keep = bad
+    if HAS_MASK:
+        keep = keep | (m == 0)
+    new = tl.where(keep, w, new)
+    tl.store(w_ptr + offs, new, mask=valid)
+    tl.atomic_max(flag_ptr, tl.max((bad & valid).to(tl.int32), axis=0))
+
+
+def _as_i32(x: int) -> int:
+    x &= 0xFFFFFFFF
+    return x - 2**32 if x >= 2**31 else x
+
+
+def sgld_step_triton_(
+    params,
+    grads,
+    anchors,
+    *,
+    step_size,
+    nbeta,
+    localization,
+    weight_decay,
+    noise_scale,
+    bounding_box,
+    masks,
+    seed,
+    step,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Launch the kernel once per tensor (inputs already validated by :func:`pypattern.ops.sgld.sgld_step_`).
+
+    Returns int32 flags per tensor (1 = non-finite gradient seen), on the CPU.
+    """
+    if not params:
+        return torch.zeros(0, dtype=torch.int32)
+    device = params[0].device
+    coefs = torch.tensor(
+        [
+            0.5 * step_size * nbeta,
+            0.5 * step_size * localization,
+            0.5 * step_size * weight_decay,
+            math.sqrt(step_size) * noise_scale,
+            bounding_box if bounding_box is not None else 0.0,
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
+    flags = torch.zeros(len(params), dtype=torch.int32, device=device)
+    seed_arg = seed - 2**64 if seed >= 2**63 else seed
+    has_noise = math.sqrt(step_size) * noise_scale != 0.0
+    for t, (p, g, a) in enumerate(zip(params, grads, anchors)):
+        n = p.numel()
+        if n == 0:
+            continue
+        w = p if p.is_contiguous() else p.contiguous()
+        gc, ac = g.contiguous(), a.contiguous()
+        m = None if masks is None else masks[t]
+        mc = m.to(p.dtype).contiguous() if m is not None else w  # dummy pointer when there is no mask
+        blk = block or (65536 if device.type == "cpu" else 1024)
+        blk = min(blk, triton.next_power_of_2(n))
+        _sgld_kernel[(triton.cdiv(n, blk),)](
+            w,
+            gc,
+            ac,
+            mc,
+            coefs,
+            flags[t:],
+            n,
+            seed_arg,
+            _as_i32(t),
+            _as_i32(step),
+            _as_i32(step >> 32),
+            HAS_MASK=m is not None,
+            HAS_BOX=bounding_box is not None,
+            HAS_NOISE=has_noise,
+            BLOCK=blk,
+        )
+        if w is not p:
+            p.copy_(w)
+    return flags.cpu()
