@@ -117,7 +117,15 @@ def patch_edges(
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
     masks, single = _as_masks(graph, edges)
     engine, _ = prepare_runs(
-        model, graph, clean, corrupted, metric, mode, ablation, max_batch=max_batch, memory_budget=memory_budget
+        model,
+        graph,
+        clean,
+        corrupted,
+        metric,
+        mode,
+        ablation,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
     )
     vals = engine.run(masks)
     return vals[0] if single else vals
@@ -203,7 +211,15 @@ def edge_attribution(
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
     engine, info = prepare_runs(
-        model, graph, clean, corrupted, metric, mode, ablation, max_batch=max_batch, memory_budget=memory_budget
+        model,
+        graph,
+        clean,
+        corrupted,
+        metric,
+        mode,
+        ablation,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
     )
     passes = 0
     if method == "exact":
@@ -239,7 +255,11 @@ def edge_attribution(
         metric=_metric_name(metric),
         m_base=info["m_base"].detach(),
         m_clean=info["m_clean"].detach(),
-        info={"steps": steps if method == "eap-ig" else None, "seconds": time.perf_counter() - t0, "passes": passes},
+        info={
+            "steps": steps if method == "eap-ig" else None,
+            "seconds": time.perf_counter() - t0,
+            "passes": passes,
+        },
     )
 
 
@@ -295,7 +315,15 @@ def faithfulness(
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
     masks, single = _as_masks(graph, edges)
     engine, _ = prepare_runs(
-        model, graph, clean, corrupted, metric, mode, ablation, max_batch=max_batch, memory_budget=memory_budget
+        model,
+        graph,
+        clean,
+        corrupted,
+        metric,
+        mode,
+        ablation,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
     )
     E = len(graph)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
@@ -371,7 +399,15 @@ def pruning_curve(
         masks.append(rank[None, :] < cnt[:, None])
         names.append(name)
     engine, info = prepare_runs(
-        model, graph, clean, corrupted, metric, mode, ablation, max_batch=max_batch, memory_budget=memory_budget
+        model,
+        graph,
+        clean,
+        corrupted,
+        metric,
+        mode,
+        ablation,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
     )
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
     allm = torch.cat(masks + [ends])
@@ -447,7 +483,15 @@ def acdc(
         raise ValueError("acdc works on a graph without positions; give graph=None or edges(model)")
     t0 = time.perf_counter()
     engine, info = prepare_runs(
-        model, graph, clean, corrupted, metric, mode, ablation, max_batch=max_batch, memory_budget=memory_budget
+        model,
+        graph,
+        clean,
+        corrupted,
+        metric,
+        mode,
+        ablation,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
     )
     E = len(graph)
     keep = torch.ones(E, dtype=torch.bool)
@@ -508,5 +552,6 @@ def acdc(
 
 def circuit_from_edges(graph: EdgeGraph, edges: Iterable[Edge | str], scores=None) -> Circuit:
     """A :class:`Circuit` holding ``edges`` of ``graph`` (for drawing or saving a hand-made circuit)."""
-    return Circuit(graph=graph, mask=graph.mask(edges), scores=scores, faithfulness=None, method="given", info={})
-
+    return Circuit(
+        graph=graph, mask=graph.mask(edges), scores=scores, faithfulness=None, method="given", info={}
+    )

@@ -57,7 +57,9 @@ def metric_positions(metric, batch: int, seq_len: int):
         return pos % seq_len
     pos = torch.as_tensor(pos).long()
     if pos.shape != (batch,):
-        raise ValueError(f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)")
+        raise ValueError(
+            f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
+        )
     if bool(((pos < -seq_len) | (pos >= seq_len)).any()):
         raise ValueError(f"metric.position has entries out of range for prompts of {seq_len} positions")
     pos = pos % seq_len
@@ -305,7 +307,9 @@ class EdgeEngine:
         with torch.enable_grad():
             for s in g.stages:
                 dsts = self.stage_dsts[s]
-                delta = torch.zeros(N, self.B, R.shape[2], len(dsts), self.d, dtype=self.dtype, requires_grad=True)
+                delta = torch.zeros(
+                    N, self.B, R.shape[2], len(dsts), self.d, dtype=self.dtype, requires_grad=True
+                )
                 deltas.append(delta)
                 slots.append((dsts, rows))
                 X = R.unsqueeze(-2) + delta

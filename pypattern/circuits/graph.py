@@ -98,9 +98,9 @@ class EdgeGraph:
         for lay in range(L):
             sa = 2 * lay
             sm = 2 * lay if self.parallel else 2 * lay + 1
-            for which, n, name in (("q", H, lambda g: f"L{lay}H{g}"), ("k", Hk, kv_name), ("v", Hk, kv_name)):
+            for which, n in (("q", H), ("k", Hk), ("v", Hk)):
                 for g in range(n):
-                    nm = name(g) if which == "q" else name(lay, g)
+                    nm = f"L{lay}H{g}" if which == "q" else kv_name(lay, g)
                     dst_names.append(f"{nm}.{which}")
                     dst_node.append(nm)
                     dst_qkv.append(which)

@@ -277,7 +277,9 @@ class PruningCurve:
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"edges kept (of {self.num_edges})")
         ax.set_ylabel("faithfulness")
-        ax.set_title(title or f"pruning curves ({self.mode}, {self.ablation} ablation, {self.metric})", fontsize=10)
+        ax.set_title(
+            title or f"pruning curves ({self.mode}, {self.ablation} ablation, {self.metric})", fontsize=10
+        )
         ax.legend(fontsize=8)
         if own:
             fig.tight_layout()
