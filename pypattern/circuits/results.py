@@ -320,12 +320,14 @@ def draw_circuit(
     ax=None,
     title: str | None = None,
     max_edges: int | None = 200,
+    annotate: int = 8,
 ):
     """Draw the edges of ``mask`` as a layered graph (matplotlib only).
 
     Edge width is proportional to ``|score|`` (blue: positive, red: negative); an edge into a head's query ends
     left of the head, key at its centre, value right, with solid / dashed / dotted lines. Per-position edges are
-    summed over positions. Nodes without a kept edge are drawn faintly.
+    summed over positions. Nodes without a kept edge are drawn faintly. The ``annotate`` edges with the largest
+    ``|score|`` are labelled with their score.
     """
     import matplotlib
 
@@ -356,7 +358,7 @@ def draw_circuit(
     used = {k[0] for k, _ in items} | {k[1] for k, _ in items}
     off = {"q": -0.22, "k": 0.0, "v": 0.22, None: 0.0}
     style = {"q": "-", "k": "--", "v": ":", None: "-"}
-    for (src, dst, qkv), v in items:
+    for rank, ((src, dst, qkv), v) in enumerate(items):
         x0, y0 = pos[src]
         x1, y1 = pos[dst]
         lw = 0.5 + 4.5 * abs(v) / smax
@@ -374,6 +376,9 @@ def draw_circuit(
             connectionstyle=f"arc3,rad={rad}",
         )
         ax.add_patch(arr)
+        if scores is not None and rank < annotate:
+            xm, ym = (x0 + x1 + off[qkv]) / 2, (y0 + y1) / 2
+            ax.text(xm, ym, f"{v:.2g}", fontsize=6, color=color, ha="center", va="center")
     for name, (x, y) in pos.items():
         faint = name not in used
         ax.text(
