@@ -25,7 +25,13 @@ def naive_first_order(model, graph, clean, corr, metric, mode, ablation, alphas=
     for a in alphas:
         coef = torch.zeros(clean.shape[0], len(all_edges), dtype=torch.float64, requires_grad=True)
         logits = naive_run(
-            model, all_edges, base_tokens, src, coef=coef, fixed_delta=fixed, embed_override=e_abl + a * (e_base - e_abl)
+            model,
+            all_edges,
+            base_tokens,
+            src,
+            coef=coef,
+            fixed_delta=fixed,
+            embed_override=e_abl + a * (e_base - e_abl),
         )
         m = metric(at_pos(logits, metric.position))
         (g,) = torch.autograd.grad(m.sum(), coef)

@@ -61,7 +61,9 @@ def test_pruning_curve_points_are_faithfulness_of_top_edges(setup):
     model, clean, corr, metric = setup
     eap = edge_attribution(model, clean, corr, metric=metric, method="eap")
     ex = edge_attribution(model, clean, corr, metric=metric, method="exact")
-    curve = pruning_curve(model, {"eap": eap, "exact": ex}, clean, corr, metric=metric, counts=[0, 3, 11, 55, 110])
+    curve = pruning_curve(
+        model, {"eap": eap, "exact": ex}, clean, corr, metric=metric, counts=[0, 3, 11, 55, 110]
+    )
     assert curve.counts.tolist() == [0, 3, 11, 55, 110]
     for name, sc in (("eap", eap), ("exact", ex)):
         f = curve.faithfulness[name]
@@ -140,3 +142,38 @@ def test_results_drawing_and_io(setup, tmp_path):
     pp = edge_attribution(model, clean, corr, metric=metric, per_position=True)
     assert len(pp.graph) == len(gp)
     pp.draw(n=10, path=os.path.join(tmp_path, "pp.png"))
+
+
+def test_cli_on_a_local_model_directory(setup, tmp_path):
+    import json
+
+    import numpy as np
+
+    from pypattern.circuits.cli import main, run_circuit_demo
+
+    model, clean, corr, metric = setup
+    d = tmp_path / "model"
+    d.mkdir()
+    cfg = model.cfg.to_dict()
+    (d / "config.json").write_text(json.dumps(cfg))
+    np.savez(d / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    tok = tmp_path / "prompts.npz"
+    np.savez(
+        tok,
+        clean=clean.numpy(),
+        corrupted=corr.numpy(),
+        answer=metric.answer.numpy(),
+        wrong=metric.wrong.numpy(),
+    )
+    out = tmp_path / "out"
+    res = run_circuit_demo(
+        str(out), model_dir=str(d), tokens=str(tok), methods=("eap", "exact"), fraction=0.1
+    )
+    for key in ("edge_scores", "circuit_table", "pruning_curve", "pruning_table", "circuit_drawing"):
+        assert os.path.getsize(res[key]) > 100
+    ex = edge_attribution(model, clean, corr, metric=metric, method="exact")
+    want = faithfulness(model, ex.circuit(fraction=0.1).mask, clean, corr, metric=metric)
+    assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9) and res["circuit_edges"] == 11
+    assert main(["--out", str(out), "--model-dir", str(d), "--tokens", str(tok), "--methods", "eap"]) == 0
+    with pytest.raises(ValueError, match="model_dir"):
+        run_circuit_demo(str(out), model_dir=str(d))
