@@ -134,32 +134,33 @@ def patch_edges(
 # ----------------------------------------------------------------------------------------------- attribution
 
 
-def _gradient_scores(engine: EdgeEngine, G: torch.Tensor) -> torch.Tensor:
+def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     """Per-example scores ``(batch, num_edges)``: ``(A_u - out_u) . G_v`` summed over positions (or at the edge's
-    position) and features."""
+    position) and features, from the per-stage gradients of :meth:`EdgeEngine.gradients`."""
     g = engine.graph
     D = engine.D  # (n_src, B, T, d)
     B = D.shape[1]
-    out = torch.zeros(B, len(g), dtype=G.dtype)
-    for s in g.stages:
-        dsts = engine.stage_dsts[s]
+    out = torch.zeros(B, len(g), dtype=D.dtype)
+    src_pos = torch.empty(g.n_src, dtype=torch.long)
+    dst_pos = torch.empty(g.n_dst, dtype=torch.long)
+    for dsts, rows, G in grads:  # G (V, B, R, d)
+        s = int(g.dst_stage[dsts[0]])
         srcs = (g.src_stage < s).nonzero().flatten()
-        Gs = G[:, :, dsts]  # (B, T, V, d)
         sel = torch.isin(g.dst_idx, dsts)
         e_src, e_dst = g.src_idx[sel], g.dst_idx[sel]
-        # position of each source / destination inside the block
-        src_pos = torch.empty(g.n_src, dtype=torch.long)
         src_pos[srcs] = torch.arange(len(srcs))
-        dst_pos = torch.empty(g.n_dst, dtype=torch.long)
         dst_pos[dsts] = torch.arange(len(dsts))
+        Ds = D[srcs][:, :, rows] if len(rows) != D.shape[2] else D[srcs]
         if g.per_position:
-            S = torch.einsum("ubtd,btvd->buvt", D[srcs], Gs)
-            e_pos = g.pos_idx[sel]
-            ok = e_pos < S.shape[-1]
-            vals = torch.zeros(B, int(sel.sum()), dtype=G.dtype)
-            vals[:, ok] = S[:, src_pos[e_src[ok]], dst_pos[e_dst[ok]], e_pos[ok]]
+            S = torch.einsum("ubtd,vbtd->buvt", Ds, G)
+            col = torch.full((g.n_pos,), -1, dtype=torch.long)
+            col[rows] = torch.arange(len(rows))
+            e_col = col[g.pos_idx[sel]]
+            ok = e_col >= 0
+            vals = torch.zeros(B, int(sel.sum()), dtype=D.dtype)
+            vals[:, ok] = S[:, src_pos[e_src[ok]], dst_pos[e_dst[ok]], e_col[ok]]
         else:
-            S = torch.einsum("ubtd,btvd->buv", D[srcs], Gs)
+            S = torch.einsum("ubtd,vbtd->buv", Ds, G)
             vals = S[:, src_pos[e_src], dst_pos[e_dst]]
         out[:, sel] = vals
     return out
@@ -230,22 +231,21 @@ def edge_attribution(
     else:
         e_base = engine.base_embed
         if method == "eap":
-            G, _ = engine.gradients(e_base[None])
+            grads, _ = engine.gradients(e_base[None])
             passes = 1
         else:
             e_abl = engine.A[0]
             chunk = _ig_chunk(engine, steps)
-            G = None
+            grads = None
             for j0 in range(1, steps + 1, chunk):
                 js = torch.arange(j0, min(steps, j0 + chunk - 1) + 1, dtype=e_base.dtype)
                 alpha = (js / steps).view(-1, 1, 1, 1)
                 emb = e_abl[None] + alpha * (e_base - e_abl)[None]
-                Gj, _ = engine.gradients(emb)
-                Gj = Gj.sum(0)
-                G = Gj if G is None else G + Gj
+                gj, _ = engine.gradients(emb)
+                grads = gj if grads is None else [(d, r, G + Gj) for (d, r, G), (_, _, Gj) in zip(grads, gj)]
                 passes += 1
-            G = (G / steps)[None]
-        values = _gradient_scores(engine, G[0])
+            grads = [(d, r, G / steps) for d, r, G in grads]
+        values = _gradient_scores(engine, grads)
     return EdgeScores(
         graph=graph,
         values=values.detach(),

@@ -124,23 +124,23 @@ class EdgeEngine:
 
     # ----- stage pieces ---------------------------------------------------------------------------------------
     def _attn(self, layer: int, X: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor, heads=None):
-        """Head outputs ``(N, B, len(qrows), h, d)`` from per-destination inputs ``X (N, B, R, 3h, d)`` over
+        """Head outputs ``(h, N, B, len(qrows), d)`` from per-destination inputs ``X (3h, N, B, R, d)`` over
         ``rows`` (absolute positions, starting at 0) for the heads ``heads`` (None: all)."""
         v = self.view
         h = self.H if heads is None else len(heads)
         qsel = qrows if len(qrows) != len(rows) else slice(None)
-        xq = v.attn_norm(layer, X[:, :, qsel, :h])
-        xk = v.attn_norm(layer, X[:, :, :, h : 2 * h])
-        xv = v.attn_norm(layer, X[:, :, :, 2 * h :])
-        q, k, vv = self._qkv(layer, xq, xk, xv, qrows, rows, heads)
-        z = v.attention(layer, q, k, vv, qrows)
-        return self._head_out(layer, z, heads)
+        xq = v.attn_norm(layer, X[:h, :, :, qsel])
+        xkv = v.attn_norm(layer, X[h:])
+        q, k, vv = v.qkv(layer, xq, xkv[:h], xkv[h:], qrows, rows, heads=heads)
+        return v.head_out(layer, v.attention(layer, q, k, vv, qrows), heads=heads)
 
-    def _qkv(self, layer, xq, xk, xv, qrows, rows, heads):
-        return self.view.qkv(layer, xq, xk, xv, qrows, rows, heads=heads)
-
-    def _head_out(self, layer, z, heads):
-        return self.view.head_out(layer, z, heads=heads)
+    def _attn_shared(self, layer: int, R: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor):
+        """Head outputs ``(H, N, B, len(qrows), d)`` when every head reads the residual ``R (N, B, R, d)``."""
+        v = self.view
+        hn = v.attn_norm(layer, R)
+        hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
+        q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
+        return v.head_out(layer, v.attention(layer, q, k, vv, qrows))
 
     def _final(self, x: torch.Tensor) -> torch.Tensor:
         """Metric from the final residual ``x (N, B, R, d)`` (R = 1 in the uniform case, else all rows)."""
@@ -214,7 +214,7 @@ class EdgeEngine:
 
     def _corr(self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor):
         """Sum over patched sources of ``A_u - out_u`` into the destinations ``dsts`` at ``rows``:
-        ``(C, B, R, V, d)``, or None when no mask patches any of them."""
+        ``(V, C, B, R, d)``, or None when no mask patches any of them."""
         Mv = M[:, :, dsts]
         if self.graph.per_position:
             Mv = Mv[..., rows]
@@ -226,13 +226,14 @@ class EdgeEngine:
             m = Mv[:, src_idx]
             if not bool(m.any()):
                 continue
-            # shared blocks are (u, B, T, d), own blocks (C, B, T, u, d): rows are dim 2 of both
-            t = tensor[:, :, rows] if (is_full and sub) else tensor
+            # shared blocks are (u, B, T, d), own blocks (u, C, B, T, d)
+            if is_full and sub:
+                tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
             if self.graph.per_position:
-                expr = "cuvt,ubtd->cbtvd" if shared else "cuvt,cbtud->cbtvd"
+                expr = "cuvt,ubtd->vcbtd" if shared else "cuvt,ucbtd->vcbtd"
             else:
-                expr = "cuv,ubtd->cbtvd" if shared else "cuv,cbtud->cbtvd"
-            term = torch.einsum(expr, m, t)
+                expr = "cuv,ubtd->vcbtd" if shared else "cuv,ucbtd->vcbtd"
+            term = torch.einsum(expr, m, tensor)
             total = term if total is None else total + term
         return total
 
@@ -252,92 +253,104 @@ class EdgeEngine:
             dsts = self.stage_dsts[s]
             corr = self._corr(blocks, M, dsts, rows)
             if s == 2 * self.L:  # logits
-                X = R if corr is None else R + corr[:, :, :, 0]
-                return self._final(X)
+                return self._final(R if corr is None else R + corr[0])
             layer = s // 2
             if s % 2 == 0:  # attention
                 qrows = self._rows_after(layer, rows)
+                full = len(qrows) == self.T
                 srcs = self.stage_srcs[s]
                 if heads is not None and s == s0:
                     hs = torch.tensor(heads)
                     sel = torch.cat([hs, hs + self.H, hs + 2 * self.H])
-                    X = R.unsqueeze(-2) + corr[:, :, :, sel]
-                    O = self._attn(layer, X, qrows, rows, heads)  # (C, B, Tq, h, d)
-                    O_base = base.outs[srcs[hs]].permute(1, 2, 0, 3)[:, qrows]  # (B, Tq, h, d)
-                    R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base).sum(-2)
+                    O = self._attn(layer, R.unsqueeze(0) + corr[sel], qrows, rows, heads)  # (h, C, B, Tq, d)
+                    O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
+                    R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
                     others = srcs[[h for h in range(self.H) if h not in heads]]
                     if len(others):
                         blocks.append((others, self.D[others], True, True))
-                    A_new = self.A[srcs[hs]].permute(1, 2, 0, 3)[:, qrows]
-                    blocks.append((srcs[hs], A_new.unsqueeze(0) - O, False, len(qrows) == self.T))
+                    blocks.append((srcs[hs], self.A[srcs[hs]][:, :, qrows].unsqueeze(1) - O, False, full))
                 else:
-                    X = R.unsqueeze(-2).expand(*R.shape[:3], 3 * self.H, self.d)
-                    if corr is not None:
-                        X = X + corr
-                    O = self._attn(layer, X, qrows, rows)
+                    if corr is None:
+                        O = self._attn_shared(layer, R, qrows, rows)
+                    else:
+                        O = self._attn(layer, R.unsqueeze(0) + corr, qrows, rows)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
-                    R = Rq + O.sum(-2) + v.attn_bias(layer)
-                    A_new = self.A[srcs].permute(1, 2, 0, 3)[:, qrows]
-                    blocks.append((srcs, A_new.unsqueeze(0) - O, False, len(qrows) == self.T))
+                    R = Rq + O.sum(0) + v.attn_bias(layer)
+                    blocks.append((srcs, self.A[srcs][:, :, qrows].unsqueeze(1) - O, False, full))
                 rows = qrows
             else:  # MLP
-                X = R if corr is None else R + corr[:, :, :, 0]
-                out = v.mlp(layer, X)
+                out = v.mlp(layer, R if corr is None else R + corr[0])
                 R = R + out
                 srcs = self.stage_srcs[s]
-                A_new = self.A[srcs[0]][:, rows] if len(rows) != self.T else self.A[srcs[0]]
-                blocks.append((srcs, (A_new.unsqueeze(0) - out).unsqueeze(-2), False, len(rows) == self.T))
+                A_new = self.A[srcs[0]][:, rows]
+                blocks.append((srcs, (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T))
         raise AssertionError("the graph has no logits stage")
 
     # ----- gradients ------------------------------------------------------------------------------------------
-    def gradients(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``dM/d(input)`` of every destination input for runs started from ``embeds (N, B, T, d)``.
+    def gradients(self, embeds: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """``dM/d(input)`` of every destination input for runs started from ``embeds (N, B, T, d)``, summed over
+        the ``N`` runs.
 
         Returns
         -------
-        grads : ``(N, B, T, n_dst, d)`` (zero at rows the metric cannot see)
+        grads : list of ``(dsts, rows, G)`` per stage: the destination indices ``(V,)``, the absolute positions
+            ``(R,)`` where the metric can depend on them, and ``G (V, B, R, d)`` (query inputs of the last layer
+            only at the metric's row in the uniform case: elsewhere their gradient is zero).
         metric : ``(N, B)``
         """
-        N = embeds.shape[0]
         v, g = self.view, self.graph
-        R = embeds.detach()
         rows = torch.arange(self.T)
-        deltas, slots = [], []
-        val = None
+        handles, val = [], None
         with torch.enable_grad():
+            R = embeds.detach().requires_grad_(True)
             for s in g.stages:
                 dsts = self.stage_dsts[s]
-                delta = torch.zeros(
-                    N, self.B, R.shape[2], len(dsts), self.d, dtype=self.dtype, requires_grad=True
-                )
-                deltas.append(delta)
-                slots.append((dsts, rows))
-                X = R.unsqueeze(-2) + delta
                 if s == 2 * self.L:
-                    val = self._final(X[:, :, :, 0])
+                    x = R.clone()
+                    handles.append(("logits", dsts, rows, x))
+                    val = self._final(x)
                     break
                 layer = s // 2
                 if s % 2 == 0:
                     qrows = self._rows_after(layer, rows)
-                    O = self._attn(layer, X, qrows, rows)
+                    hn = v.attn_norm(layer, R)
+                    hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
+                    q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
+                    O = v.head_out(layer, v.attention(layer, q, k, vv, qrows))
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
-                    R = Rq + O.sum(-2) + v.attn_bias(layer)
+                    handles.append(("attn", dsts, (qrows, rows, layer, Rq, R), (q, k, vv)))
+                    R = Rq + O.sum(0) + v.attn_bias(layer)
                     rows = qrows
                 else:
-                    R = R + v.mlp(layer, X[:, :, :, 0])
-            grads_s = torch.autograd.grad(val.sum(), deltas, allow_unused=True)
-        G = torch.zeros(N, self.B, self.T, g.n_dst, self.d, dtype=self.dtype)
-        for (dsts, r), gr in zip(slots, grads_s):
-            if gr is not None:
-                G[:, :, r[:, None], dsts[None, :]] = gr
-        return G, val.detach()
-
+                    x = R.clone()
+                    handles.append(("mlp", dsts, rows, x))
+                    R = R + v.mlp(layer, x)
+            tensors = []
+            for h in handles:
+                tensors += list(h[3]) if h[0] == "attn" else [h[3]]
+            grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
+        out, i = [], 0
+        for kind, dsts, info, t in handles:
+            if kind == "attn":
+                qrows, rows_kv, layer, Rq, Rkv = info
+                gq, gk, gv = (
+                    gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
+                )
+                i += 3
+                gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv)
+                H = self.H
+                out.append((dsts[:H], qrows, gqi.sum(1)))
+                out.append((dsts[H:], rows_kv, torch.cat([gki, gvi]).sum(1)))
+            else:
+                gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
+                i += 1
+                out.append((dsts, info, gr.sum(0).unsqueeze(0)))
+        return out, val.detach()
 
 def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
     """A plain forward from embeddings ``x0 (B, T, d)`` recording the residual at every stage and every node's
     output."""
     B, T, d = x0.shape
-    H = view.n_heads
     outs = [x0]
     resid, after_attn = {}, []
     R = x0
@@ -348,12 +361,12 @@ def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
             break
         layer = s // 2
         if s % 2 == 0:
-            h = view.attn_norm(layer, R).unsqueeze(-2).expand(B, T, H, d)
-            q, k, v = view.qkv(layer, h, h, h, rows, rows)
-            O = view.head_out(layer, view.attention(layer, q, k, v, rows))
-            R = R + O.sum(-2) + view.attn_bias(layer)
+            hn = view.attn_norm(layer, R)
+            q, k, v = view.qkv_shared(layer, hn, hn, rows, rows)
+            O = view.head_out(layer, view.attention(layer, q, k, v, rows))  # (H, B, T, d)
+            R = R + O.sum(0) + view.attn_bias(layer)
             after_attn.append(R)
-            outs += list(O.permute(2, 0, 1, 3))
+            outs += list(O)
         else:
             out = view.mlp(layer, R)
             R = R + out

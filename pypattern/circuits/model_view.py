@@ -7,7 +7,8 @@ write. :class:`ModelView` exposes exactly those pieces for a :class:`~pypattern.
 attention, gated MLPs, parallel attention + MLP) needs changes here only.
 
 Every method accepts any number of leading dimensions (masks, interpolation steps, batch) before the position
-axis. The residual stream of a sequential block is
+axis; per-head tensors put the head first, ``(heads, ..., pos, features)``, so that each head's projection is one
+batched matmul. The residual stream of a sequential block is
 
 ``resid_mid = resid_pre + sum_h head_out_h + attn_bias``, ``resid_post = resid_mid + mlp(resid_mid)``;
 
@@ -78,7 +79,7 @@ class ModelView:
         """Final norm and unembedding: ``(..., d_model)`` -> ``(..., d_vocab)``."""
         return self.model.unembed(self.model.ln_final(x))
 
-    # ----- attention -----------------------------------------------------------------------------------------
+    # ----- attention (head-first layout: per-head tensors are (heads, ..., pos, features)) ------------------
     def attn_norm(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The norm in front of attention, on any ``(..., d_model)`` (each head input normalised on its own)."""
         return self.model.blocks[layer].ln1(x)
@@ -97,8 +98,8 @@ class ModelView:
 
         Parameters
         ----------
-        xq : ``(..., Tq, n_heads, d_model)``
-        xk, xv : ``(..., Tk, n_kv_heads, d_model)``
+        xq : ``(n_heads, ..., Tq, d_model)``
+        xk, xv : ``(n_kv_heads, ..., Tk, d_model)``
         q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``, optional
             Absolute positions of the rows (for position-dependent projections such as rotary embeddings).
         heads : list of int, optional
@@ -106,32 +107,70 @@ class ModelView:
 
         Returns
         -------
-        q ``(..., Tq, n_heads, d_head)``, k, v ``(..., Tk, n_kv_heads, d_head)``
+        q ``(n_heads, ..., Tq, d_head)``, k, v ``(n_kv_heads, ..., Tk, d_head)``
         """
         a = self.model.blocks[layer].attn
         sel = slice(None) if heads is None else torch.as_tensor(heads, device=a.W_Q.device)
-        q = torch.einsum("...hd,hde->...he", xq, a.W_Q[sel]) + a.b_Q[sel]
-        k = torch.einsum("...hd,hde->...he", xk, a.W_K[sel]) + a.b_K[sel]
-        v = torch.einsum("...hd,hde->...he", xv, a.W_V[sel]) + a.b_V[sel]
-        return q, k, v
+
+        def proj(x, W, b):
+            h, d = x.shape[0], x.shape[-1]
+            y = torch.bmm(x.reshape(h, -1, d), W[sel])
+            return y.view(*x.shape[:-1], W.shape[-1]) + b[sel].view(h, *([1] * (x.dim() - 2)), -1)
+
+        return proj(xq, a.W_Q, a.b_Q), proj(xk, a.W_K, a.b_K), proj(xv, a.W_V, a.b_V)
+
+    def qkv_shared(
+        self, layer: int, xq: torch.Tensor, xkv: torch.Tensor, q_pos=None, k_pos=None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries from one normalised input ``xq (..., Tq, d)`` shared by every head, keys and values from
+        ``xkv (..., Tk, d)``: the same values as :meth:`qkv` with every head reading the same input, in one matmul.
+        Returns head-first ``q (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``."""
+        a = self.model.blocks[layer].attn
+
+        def proj(x, W, b):
+            H, d, dh = W.shape
+            y = (x @ W.permute(1, 0, 2).reshape(d, H * dh)).view(*x.shape[:-1], H, dh) + b
+            return y.movedim(-2, 0)
+
+        return proj(xq, a.W_Q, a.b_Q), proj(xkv, a.W_K, a.b_K), proj(xkv, a.W_V, a.b_V)
+
+    def qkv_input_vjp(
+        self, layer: int, xq: torch.Tensor, xkv: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cotangents of each head's own (un-normalised) query, key and value input, given the cotangents
+        ``gq (H, ..., Tq, dh)``, ``gk, gv (H_kv, ..., Tk, dh)`` of :meth:`qkv_shared`'s outputs at the shared
+        un-normalised inputs ``xq (..., Tq, d)`` and ``xkv (..., Tk, d)``. Returns ``(H, ..., Tq, d)`` and twice
+        ``(H_kv, ..., Tk, d)``."""
+        a = self.model.blocks[layer].attn
+
+        def back(g, W):  # (h, ..., T, dh) x (h, d, dh) -> (h, ..., T, d)
+            h = g.shape[0]
+            return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
+
+        _, vq = torch.func.vjp(lambda y: self.attn_norm(layer, y), xq)
+        _, vkv = torch.func.vjp(lambda y: self.attn_norm(layer, y), xkv)
+        gq_in = torch.func.vmap(vq)(back(gq, a.W_Q))[0]
+        gkv_in = torch.func.vmap(vkv)(torch.cat([back(gk, a.W_K), back(gv, a.W_V)]))[0]
+        return gq_in, gkv_in[: gk.shape[0]], gkv_in[gk.shape[0] :]
 
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor
     ) -> torch.Tensor:
-        """Causal attention core: ``q (..., Tq, H, dh)`` at absolute positions ``q_pos (Tq,)``, keys and values
-        ``(..., Tk, H_kv, dh)`` at positions ``0 .. Tk-1`` -> ``z (..., Tq, H, dh)``."""
-        scores = torch.einsum("...qhe,...khe->...hqk", q, k) / self._scale
-        mask = torch.arange(k.shape[-3], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
+        """Causal attention core, head-first: ``q (H, ..., Tq, dh)`` at absolute positions ``q_pos (Tq,)``, keys
+        and values ``(H_kv, ..., Tk, dh)`` at positions ``0 .. Tk-1`` -> ``z (H, ..., Tq, dh)``."""
+        scores = (q @ k.transpose(-1, -2)) / self._scale
+        mask = torch.arange(k.shape[-2], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
         pattern = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-        return torch.einsum("...hqk,...khe->...qhe", pattern, v)
+        return pattern @ v
 
     def head_out(self, layer: int, z: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:
-        """Each head's write to the residual stream, ``z_h @ W_O[h]``: ``(..., T, H, dh)`` -> ``(..., T, H, d)``
+        """Each head's write to the residual stream, ``z_h @ W_O[h]``: ``(H, ..., T, dh)`` -> ``(H, ..., T, d)``
         (only ``heads``, when given)."""
         W_O = self.model.blocks[layer].attn.W_O
         if heads is not None:
             W_O = W_O[torch.as_tensor(heads, device=W_O.device)]
-        return torch.einsum("...he,hed->...hd", z, W_O)
+        h = z.shape[0]
+        return torch.bmm(z.reshape(h, -1, z.shape[-1]), W_O).view(*z.shape[:-1], W_O.shape[-1])
 
     def attn_bias(self, layer: int) -> torch.Tensor:
         """The attention output bias ``(d_model,)`` (part of no head)."""
@@ -144,18 +183,22 @@ class ModelView:
         return blk.mlp(blk.ln2(x))
 
     # ----- a plain forward through the view (used by the self-check) -----------------------------------------
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``(batch, pos, d_vocab)`` computed from the view's pieces (equal to the model's forward)."""
+    def forward(self, tokens: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """Logits ``(batch, pos, d_vocab)`` computed from the view's pieces (equal to the model's forward); with
+        ``per_head`` every head reads its own copy of the residual (the per-head path of edge patching)."""
         x = self.embed(tokens)
         T = x.shape[-2]
         pos = torch.arange(T, device=x.device)
         for layer in range(self.n_layers):
-            h = self.attn_norm(layer, x)
-            hq = h.unsqueeze(-2).expand(*h.shape[:-1], self.n_heads, self.d_model)
-            hk = h.unsqueeze(-2).expand(*h.shape[:-1], self.n_kv_heads, self.d_model)
-            q, k, v = self.qkv(layer, hq, hk, hk, pos, pos)
+            if per_head:
+                xq = self.attn_norm(layer, x.unsqueeze(0).expand(self.n_heads, *x.shape))
+                xk = self.attn_norm(layer, x.unsqueeze(0).expand(self.n_kv_heads, *x.shape))
+                q, k, v = self.qkv(layer, xq, xk, xk, pos, pos)
+            else:
+                h = self.attn_norm(layer, x)
+                q, k, v = self.qkv_shared(layer, h, h, pos, pos)
             z = self.attention(layer, q, k, v, pos)
-            attn = self.head_out(layer, z).sum(-2) + self.attn_bias(layer)
+            attn = self.head_out(layer, z).sum(0) + self.attn_bias(layer)
             if self.has_mlp:
                 mid = x + attn
                 x = mid + self.mlp(layer, x if self.parallel else mid)
@@ -170,8 +213,7 @@ class ModelView:
         dev = self.model.embed.W_E.device
         tokens = torch.randint(0, self.cfg.d_vocab, (1, T), generator=g).to(dev)
         ref = self.model(tokens)
-        ours = self.forward(tokens)
-        err = float((ref - ours).abs().max())
+        err = max(float((ref - self.forward(tokens, per_head=ph)).abs().max()) for ph in (False, True))
         tol = 1e-3 if self.dtype in (torch.float16, torch.bfloat16) else 1e-4
         scale = max(1.0, float(ref.abs().max()))
         if not err <= tol * scale:
