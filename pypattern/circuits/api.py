@@ -145,12 +145,12 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     dst_pos = torch.empty(g.n_dst, dtype=torch.long)
     for dsts, rows, G in grads:  # G (V, B, R, d)
         s = int(g.dst_stage[dsts[0]])
-        srcs = (g.src_stage < s).nonzero().flatten()
+        n = int((g.src_stage < s).sum())  # sources are in topological order: the valid ones are a prefix
         sel = torch.isin(g.dst_idx, dsts)
         e_src, e_dst = g.src_idx[sel], g.dst_idx[sel]
-        src_pos[srcs] = torch.arange(len(srcs))
+        src_pos[:n] = torch.arange(n)
         dst_pos[dsts] = torch.arange(len(dsts))
-        Ds = D[srcs][:, :, rows] if len(rows) != D.shape[2] else D[srcs]
+        Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
         if g.per_position:
             S = torch.einsum("ubtd,vbtd->buvt", Ds, G)
             col = torch.full((g.n_pos,), -1, dtype=torch.long)

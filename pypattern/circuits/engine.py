@@ -316,10 +316,10 @@ class EdgeEngine:
                     hn = v.attn_norm(layer, R)
                     hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
                     q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
-                    O = v.head_out(layer, v.attention(layer, q, k, vv, qrows))
+                    attn = v.head_out_sum(layer, v.attention(layer, q, k, vv, qrows))
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                     handles.append(("attn", dsts, (qrows, rows, layer, Rq, R), (q, k, vv)))
-                    R = Rq + O.sum(0) + v.attn_bias(layer)
+                    R = Rq + attn + v.attn_bias(layer)
                     rows = qrows
                 else:
                     x = R.clone()
@@ -338,9 +338,10 @@ class EdgeEngine:
                 )
                 i += 3
                 gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv)
-                H = self.H
+                H, Hk = self.H, self.view.n_kv_heads
                 out.append((dsts[:H], qrows, gqi.sum(1)))
-                out.append((dsts[H:], rows_kv, torch.cat([gki, gvi]).sum(1)))
+                out.append((dsts[H : H + Hk], rows_kv, gki.sum(1)))
+                out.append((dsts[H + Hk :], rows_kv, gvi.sum(1)))
             else:
                 gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                 i += 1

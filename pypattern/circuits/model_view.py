@@ -150,8 +150,9 @@ class ModelView:
         _, vq = torch.func.vjp(lambda y: self.attn_norm(layer, y), xq)
         _, vkv = torch.func.vjp(lambda y: self.attn_norm(layer, y), xkv)
         gq_in = torch.func.vmap(vq)(back(gq, a.W_Q))[0]
-        gkv_in = torch.func.vmap(vkv)(torch.cat([back(gk, a.W_K), back(gv, a.W_V)]))[0]
-        return gq_in, gkv_in[: gk.shape[0]], gkv_in[gk.shape[0] :]
+        gk_in = torch.func.vmap(vkv)(back(gk, a.W_K))[0]
+        gv_in = torch.func.vmap(vkv)(back(gv, a.W_V))[0]
+        return gq_in, gk_in, gv_in
 
     def attention(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor
@@ -171,6 +172,13 @@ class ModelView:
             W_O = W_O[torch.as_tensor(heads, device=W_O.device)]
         h = z.shape[0]
         return torch.bmm(z.reshape(h, -1, z.shape[-1]), W_O).view(*z.shape[:-1], W_O.shape[-1])
+
+    def head_out_sum(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """The sum of every head's write, ``sum_h z_h @ W_O[h]``, in one matmul: ``(H, ..., T, dh)`` ->
+        ``(..., T, d)`` (bias not included)."""
+        W_O = self.model.blocks[layer].attn.W_O
+        H, dh, d = W_O.shape
+        return z.movedim(0, -2).flatten(-2) @ W_O.reshape(H * dh, d)
 
     def attn_bias(self, layer: int) -> torch.Tensor:
         """The attention output bias ``(d_model,)`` (part of no head)."""
