@@ -241,7 +241,7 @@ def test_exact_all_edges_bound(benchmark, setup, engine):
 
 
 # ----- auto-circuit 1.0.1 ------------------------------------------------------------------------------------
-def _tl_model(model):
+def _tl_model(model, dtype=torch.float32):
     """The same weights as a TransformerLens HookedTransformer set up the way auto-circuit needs."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -254,13 +254,15 @@ def _tl_model(model):
         d_mlp=c.d_mlp,
         d_vocab=c.d_vocab,
         n_ctx=c.n_ctx,
-        act_fn="gelu",
+        act_fn=c.act_fn,
         normalization_type="LN",
-        default_prepend_bos=False,
+        dtype=dtype,
     )
     tl = HookedTransformer(cfg)
-    sd = {k: v for k, v in model.state_dict().items()}
-    tl.load_state_dict(sd, strict=False)
+    missing, unexpected = tl.load_state_dict(
+        {k: v.to(dtype) for k, v in model.state_dict().items()}, strict=False
+    )
+    assert not unexpected and all("IGNORE" in k or "mask" in k for k in missing), (missing, unexpected)
     tl.set_use_attn_result(True)
     tl.set_use_split_qkv_input(True)
     tl.set_use_hook_mlp_in(True)
@@ -268,10 +270,119 @@ def _tl_model(model):
     return tl
 
 
-@pytest.mark.skipif(not HAS_AC, reason="auto-circuit is not installed (bash bench/envs/autocircuit.sh)")
+_AC_SRC = {"Resid Start": "embed"}
+
+
+def _ac_name(edge) -> str:
+    """auto-circuit's edge name -> ours (``A0.1`` -> ``L0H1``, ``MLP 0`` -> ``MLP0``, ``Resid End`` -> logits)."""
+
+    def node(n, dst):
+        if n == "Resid Start":
+            return "embed"
+        if n == "Resid End":
+            return "logits"
+        if n.startswith("MLP "):
+            return "MLP" + n.split()[1]
+        parts = n[1:].split(".")
+        out = f"L{parts[0]}H{parts[1]}"
+        return out + (f".{parts[2].lower()}" if dst and len(parts) > 2 else "")
+
+    return f"{node(edge.src.name, False)}->{node(edge.dest.name, True)}"
+
+
+@pytest.fixture(scope="module")
+def ac(setup):
+    if not HAS_AC:
+        pytest.skip("auto-circuit is not installed (bash bench/envs/autocircuit.sh)")
+    from auto_circuit.types import AblationType
+    from auto_circuit.utils.ablation_activations import src_ablations
+    from auto_circuit.utils.graph_utils import patchable_model
+
+    model, clean, corr, metric = setup
+    acm = patchable_model(_tl_model(model), factorized=True, slice_output="last_seq", separate_qkv=True)
+    return acm, AblationType, src_ablations
+
+
+def _ac_eap(acm, AblationType, src_ablations, clean, corr, metric):
+    from auto_circuit.utils.graph_utils import patch_mode, set_all_masks, train_mask_mode
+
+    src = src_ablations(acm, corr, AblationType.RESAMPLE)
+    with train_mask_mode(acm):
+        set_all_masks(acm, val=0.0)
+        with patch_mode(acm, src):
+            logits = acm(clean)[acm.out_slice]
+            metric(logits).sum().backward()
+    return {_ac_name(e): float(e.patch_mask(acm).grad[e.patch_idx]) for e in acm.edges}
+
+
 @pytest.mark.benchmark(group="circuits-eap")
-def test_eap_autocircuit(benchmark, setup):
-    pytest.skip("auto-circuit comparison: see docs/circuits_results.md for its status")
+def test_eap_autocircuit(benchmark, setup, ac):
+    model, clean, corr, metric = setup
+    acm, AblationType, src_ablations = ac
+    _info(benchmark, "peer", 4 * macs_forward(CFG, T))
+    theirs = benchmark(lambda: _ac_eap(acm, AblationType, src_ablations, clean, corr, metric))
+    ours = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    g = ours.graph
+    assert len(theirs) == len(g)
+    a = torch.tensor([theirs[e.name] for e in g]) / B  # their gradient is of the batch sum
+    err = float((a - ours.scores).abs().max() / ours.scores.abs().max())
+    REPORT["eap_rel_diff_vs_autocircuit"] = f"{err:.1e}"
+    assert err < 1e-3
+
+
+@pytest.mark.benchmark(group="circuits-point")
+def test_point_autocircuit(benchmark, setup, ac, engine):
+    from auto_circuit.utils.graph_utils import patch_mode
+
+    model, clean, corr, metric = setup
+    acm, AblationType, src_ablations = ac
+    gen = torch.Generator().manual_seed(0)
+    circuit = torch.rand(len(engine.graph), generator=gen) < 0.05
+    patched = {engine.graph[i].name for i in (~circuit).nonzero().flatten().tolist()}
+    names = [e for e in acm.edges if _ac_name(e) in patched]
+    assert len(names) == len(patched)
+    src = src_ablations(acm, corr, AblationType.RESAMPLE)
+    _info(benchmark, "peer", macs_forward(CFG, T))
+
+    @torch.no_grad()
+    def work():
+        with patch_mode(acm, src, edges=names):
+            return metric(acm(clean)[acm.out_slice])
+
+    theirs = benchmark(work)
+    ours = engine.run(~circuit[None])[0]
+    err = float((theirs - ours).abs().max())
+    REPORT["point_abs_diff_vs_autocircuit_fp32"] = f"{err:.1e}"
+    assert err < 1e-3
+
+
+def test_exact_agreement_autocircuit_float64(setup):
+    """The same edge sets patched by both libraries in float64: equal to 1e-6."""
+    if not HAS_AC:
+        pytest.skip("auto-circuit is not installed")
+    from auto_circuit.types import AblationType
+    from auto_circuit.utils.ablation_activations import src_ablations
+    from auto_circuit.utils.graph_utils import patch_mode, patchable_model
+
+    model, clean, corr, metric = setup
+    m64 = Transformer(TransformerConfig(**CFG, seed=0, dtype=torch.float64))
+    acm = patchable_model(
+        _tl_model(m64, torch.float64), factorized=True, slice_output="last_seq", separate_qkv=True
+    )
+    src = src_ablations(acm, corr, AblationType.RESAMPLE)
+    g = edges(m64)
+    gen = torch.Generator().manual_seed(1)
+    sets = torch.rand(6, len(g), generator=gen) < torch.tensor([0.001, 0.01, 0.05, 0.2, 0.5, 0.95])[:, None]
+    eng, _ = prepare_runs(m64, g, clean, corr, metric)
+    ours = eng.run(sets)
+    worst = 0.0
+    for i, m in enumerate(sets):
+        names = {g[j].name for j in m.nonzero().flatten().tolist()}
+        with torch.no_grad(), patch_mode(acm, src, edges=[e for e in acm.edges if _ac_name(e) in names]):
+            theirs = metric(acm(clean)[acm.out_slice])
+        worst = max(worst, float((theirs - ours[i]).abs().max()))
+    REPORT["exact_abs_diff_vs_autocircuit_fp64"] = f"{worst:.1e}"
+    assert worst < 1e-6
 
 
 # ----- at scale ----------------------------------------------------------------------------------------------
@@ -289,10 +400,14 @@ def gpt2_scale(steps: int = 5, memory_budget: float = 2e9) -> dict:
     clean = torch.randint(0, cfg.d_vocab, (8, 32), generator=g)
     corr = clean.clone()
     corr[:, :16] = torch.randint(0, cfg.d_vocab, (8, 16), generator=g)
-    metric = LogitDiff(torch.randint(0, cfg.d_vocab, (8,), generator=g), torch.randint(0, cfg.d_vocab, (8,), generator=g))
+    metric = LogitDiff(
+        torch.randint(0, cfg.d_vocab, (8,), generator=g), torch.randint(0, cfg.d_vocab, (8,), generator=g)
+    )
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    sc = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=steps, memory_budget=memory_budget)
+    sc = edge_attribution(
+        model, clean, corr, metric=metric, method="eap-ig", steps=steps, memory_budget=memory_budget
+    )
     dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {

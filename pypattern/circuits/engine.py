@@ -348,6 +348,7 @@ class EdgeEngine:
                 out.append((dsts, info, gr.sum(0).unsqueeze(0)))
         return out, val.detach()
 
+
 def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
     """A plain forward from embeddings ``x0 (B, T, d)`` recording the residual at every stage and every node's
     output."""

@@ -237,12 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pypattern.circuits.experiments")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ioi-per-position", action="store_true", help="only the IOI tables, per-position edges")
     args = p.parse_args(argv)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     torch.set_num_threads(args.threads)
     print(
         f"threads: {torch.get_num_threads()}, torch {torch.__version__}, {platform.processor() or platform.machine()}"
     )
+    if args.ioi_per_position:
+        for corruption in ("abc", "subject"):
+            res = run_ioi_circuits(seeds=seeds, corruption=corruption, per_position=True)
+            print(f"\n## IOI-like task ({corruption} corruption), per-position edges\n")
+            for m in METHODS:
+                cells = []
+                for f in (0.01, 0.05, 0.1):
+                    v = [r["faithfulness"] for r in res["rows"] if r["method"] == m and r["fraction"] == f]
+                    cells.append(" / ".join(_fmt(x) for x in v) + f" ({_fmt(sum(v) / len(v))})")
+                print(f"| {corruption} | {m} | " + " | ".join(cells) + " |", flush=True)
+        return 0
     print("\n## Induction (per-position edges)\n")
     print(
         "| seed | prev-token head (score) | induction heads (score) | edges | key composition in top 5% "

@@ -135,7 +135,13 @@ class ModelView:
         return proj(xq, a.W_Q, a.b_Q), proj(xkv, a.W_K, a.b_K), proj(xkv, a.W_V, a.b_V)
 
     def qkv_input_vjp(
-        self, layer: int, xq: torch.Tensor, xkv: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor
+        self,
+        layer: int,
+        xq: torch.Tensor,
+        xkv: torch.Tensor,
+        gq: torch.Tensor,
+        gk: torch.Tensor,
+        gv: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cotangents of each head's own (un-normalised) query, key and value input, given the cotangents
         ``gq (H, ..., Tq, dh)``, ``gk, gv (H_kv, ..., Tk, dh)`` of :meth:`qkv_shared`'s outputs at the shared
