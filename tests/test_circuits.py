@@ -223,3 +223,35 @@ def test_patch_errors():
         patch_edges(model, [], clean, corr[:, :3], metric=metric)
     with pytest.raises(TypeError, match="pypattern's Transformer"):
         patch_edges(torch.nn.Linear(2, 2), [], clean, corr, metric=metric)
+
+
+def test_causal_reuse_recomputes_only_from_the_first_patched_layer():
+    from pypattern.circuits.engine import prepare_runs
+
+    model = tiny(layers=3, seed=8)
+    clean, corr, ans, wrong = prompts(model, seed=9)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    engine, _ = prepare_runs(model, g, clean, corr, metric)
+    calls = []
+    view = engine.view
+    for name in ("qkv", "qkv_shared", "mlp"):
+        orig = getattr(view, name)
+
+        def wrapped(layer, *a, _orig=orig, _name=name, **k):
+            calls.append((_name, layer, k.get("heads")))
+            return _orig(layer, *a, **k)
+
+        setattr(view, name, wrapped)
+    late = torch.tensor([e.dst in ("logits", "MLP2") or e.dst.startswith("L2") for e in g])
+    engine.run(late[None])
+    assert calls and all(layer == 2 for _, layer, _ in calls)
+    calls.clear()
+    engine.run(g.mask(["MLP0->L2H1.k"])[None])  # one head recomputed at its layer, then MLP2 and the logits
+    assert calls == [("qkv", 2, [1]), ("mlp", 2, None)]
+    calls.clear()
+    engine.run(g.mask(["L1H0->logits"])[None])  # only the unembedding
+    assert calls == []
+    calls.clear()
+    ref = naive_patch(model, [g[g.index("MLP0->L2H1.k")]], clean, corr, metric, "noise", "resample")
+    assert (engine.run(g.mask(["MLP0->L2H1.k"])[None])[0] - ref).abs().max() <= 1e-9
