@@ -15,7 +15,8 @@ test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
 # The torch pin is repeated so the resolver cannot swap it for another build.
 "$VENV/bin/pip" install -q torch==2.13.0 "transformer-lens==${TL_VERSION:-2.16.1}"
 "$VENV/bin/pip" install -q --no-deps auto-circuit==1.0.1
-"$VENV/bin/pip" install -q torch==2.13.0 einops ordered-set plotly blobfile vscode-tqdm
+# TransformerLens 2.x keeps numpy < 2; the newest datasets and pyarrow need numpy 2.
+"$VENV/bin/pip" install -q torch==2.13.0 einops ordered-set plotly blobfile vscode-tqdm "pyarrow<19" "datasets<3"
 # pypattern itself, editable, built against the venv's torch (the C++ extension compiles under a lock).
 flock /tmp/pypattern-build.lock env MAX_JOBS=2 "$VENV/bin/pip" install -q --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" -c "import torch, transformer_lens, auto_circuit.prune, pypattern; print('autocircuit venv ok: torch', torch.__version__, 'transformer_lens', transformer_lens.__version__ if hasattr(transformer_lens, '__version__') else '?')"
