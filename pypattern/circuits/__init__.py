@@ -4,7 +4,9 @@ Nodes are the embedding, every head's output and every MLP's output; an edge ``u
 the input of ``v`` (a head's query, key or value input, an MLP's input, or the logits). This package provides the
 edge graph (:func:`edges`), exact edge patching with causal reuse (:func:`patch_edges`), edge attribution
 (:func:`edge_attribution`: EAP, EAP-IG, exact), circuit evaluation (:func:`faithfulness`, :func:`pruning_curve`)
-and greedy search (:func:`acdc`). All model arithmetic goes through :class:`ModelView`.
+and greedy search (:func:`acdc`). All model arithmetic goes through :class:`ModelView`. To evaluate many edge sets
+on the same prompts without re-running them, build the engine once: ``engine, info = prepare_runs(model, graph,
+clean, corrupted, metric)`` and call ``engine.run(masks)``.
 
 Examples
 --------
@@ -22,6 +24,7 @@ Examples
 """
 
 from .api import acdc, circuit_from_edges, edge_attribution, faithfulness, patch_edges, pruning_curve
+from .engine import EdgeEngine, prepare_runs
 from .graph import Edge, EdgeGraph, edges
 from .model_view import ModelView
 from .results import Circuit, EdgeScores, PruningCurve, draw_circuit
@@ -41,4 +44,6 @@ __all__ = [
     "PruningCurve",
     "draw_circuit",
     "ModelView",
+    "EdgeEngine",
+    "prepare_runs",
 ]
