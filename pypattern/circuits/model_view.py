@@ -153,11 +153,15 @@ class ModelView:
             h = g.shape[0]
             return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
 
-        _, vq = torch.func.vjp(lambda y: self.attn_norm(layer, y), xq)
-        _, vkv = torch.func.vjp(lambda y: self.attn_norm(layer, y), xkv)
-        gq_in = torch.func.vmap(vq)(back(gq, a.W_Q))[0]
-        gk_in = torch.func.vmap(vkv)(back(gk, a.W_K))[0]
-        gv_in = torch.func.vmap(vkv)(back(gv, a.W_V))[0]
+        def norm_vjp(x, g):  # the norm's VJP at x applied to each head's cotangent g (h, ..., T, d)
+            with torch.enable_grad():
+                xr = x.detach().unsqueeze(0).expand(g.shape[0], *x.shape).clone().requires_grad_(True)
+                (out,) = torch.autograd.grad(self.attn_norm(layer, xr), xr, g)
+            return out
+
+        gq_in = norm_vjp(xq, back(gq, a.W_Q))
+        gk_in = norm_vjp(xkv, back(gk, a.W_K))
+        gv_in = norm_vjp(xkv, back(gv, a.W_V))
         return gq_in, gk_in, gv_in
 
     def attention(
