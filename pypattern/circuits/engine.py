@@ -234,7 +234,7 @@ class EdgeEngine:
             else:
                 expr = "cuv,ubtd->vcbtd" if shared else "cuv,ucbtd->vcbtd"
             term = torch.einsum(expr, m, tensor)
-            total = term if total is None else total + term
+            total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
         return total
 
     def _patched(self, M: torch.Tensor, s0: int, heads) -> torch.Tensor:
@@ -253,7 +253,7 @@ class EdgeEngine:
             dsts = self.stage_dsts[s]
             corr = self._corr(blocks, M, dsts, rows)
             if s == 2 * self.L:  # logits
-                return self._final(R if corr is None else R + corr[0])
+                return self._final(R if corr is None else corr[0].add_(R))
             layer = s // 2
             if s % 2 == 0:  # attention
                 qrows = self._rows_after(layer, rows)
@@ -262,7 +262,7 @@ class EdgeEngine:
                 if heads is not None and s == s0:
                     hs = torch.tensor(heads)
                     sel = torch.cat([hs, hs + self.H, hs + 2 * self.H])
-                    O = self._attn(layer, R.unsqueeze(0) + corr[sel], qrows, rows, heads)  # (h, C, B, Tq, d)
+                    O = self._attn(layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, heads)  # (h, C, B, Tq, d)
                     O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
                     R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
                     others = srcs[[h for h in range(self.H) if h not in heads]]
@@ -273,13 +273,13 @@ class EdgeEngine:
                     if corr is None:
                         O = self._attn_shared(layer, R, qrows, rows)
                     else:
-                        O = self._attn(layer, R.unsqueeze(0) + corr, qrows, rows)
+                        O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                     R = Rq + O.sum(0) + v.attn_bias(layer)
                     blocks.append((srcs, self.A[srcs][:, :, qrows].unsqueeze(1) - O, False, full))
                 rows = qrows
             else:  # MLP
-                out = v.mlp(layer, R if corr is None else R + corr[0])
+                out = v.mlp(layer, R if corr is None else corr[0].add_(R))
                 R = R + out
                 srcs = self.stage_srcs[s]
                 A_new = self.A[srcs[0]][:, rows]
