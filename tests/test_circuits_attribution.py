@@ -158,3 +158,13 @@ def test_edge_scores_table_and_errors(tmp_path):
         edge_attribution(model, clean, corr, metric=metric, method="magic")
     with pytest.raises(ValueError, match="steps="):
         edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=0)
+
+
+def test_eap_with_per_example_metric_positions():
+    model = tiny(seed=23)
+    clean, corr, ans, wrong = prompts(model, seed=24)
+    metric = LogitDiff(ans, wrong, position=torch.tensor([5, 2, 4, 3, 5]))
+    g = edges(model)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=2)
+    ref = naive_first_order(model, g, clean, corr, metric, "noise", "resample", alphas=(0.5, 1.0))
+    assert (sc.values - ref).abs().max() <= 1e-9
