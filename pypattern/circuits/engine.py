@@ -262,7 +262,9 @@ class EdgeEngine:
                 if heads is not None and s == s0:
                     hs = torch.tensor(heads)
                     sel = torch.cat([hs, hs + self.H, hs + 2 * self.H])
-                    O = self._attn(layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, heads)  # (h, C, B, Tq, d)
+                    O = self._attn(
+                        layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, heads
+                    )  # (h, C, B, Tq, d)
                     O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
                     R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
                     others = srcs[[h for h in range(self.H) if h not in heads]]
