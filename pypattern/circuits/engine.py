@@ -270,7 +270,10 @@ class EdgeEngine:
                     others = srcs[[h for h in range(self.H) if h not in heads]]
                     if len(others):
                         blocks.append((others, self.D[others], True, True))
-                    blocks.append((srcs[hs], self.A[srcs[hs]][:, :, qrows].unsqueeze(1) - O, False, full))
+                    # A_u - out_u, in O's storage (O is not needed any more)
+                    blocks.append(
+                        (srcs[hs], O.neg_().add_(self.A[srcs[hs]][:, :, qrows].unsqueeze(1)), False, full)
+                    )
                 else:
                     if corr is None:
                         O = self._attn_shared(layer, R, qrows, rows)
@@ -278,7 +281,7 @@ class EdgeEngine:
                         O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                     R = Rq + O.sum(0) + v.attn_bias(layer)
-                    blocks.append((srcs, self.A[srcs][:, :, qrows].unsqueeze(1) - O, False, full))
+                    blocks.append((srcs, O.neg_().add_(self.A[srcs][:, :, qrows].unsqueeze(1)), False, full))
                 rows = qrows
             else:  # MLP
                 out = v.mlp(layer, R if corr is None else corr[0].add_(R))
