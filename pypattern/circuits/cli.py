@@ -25,14 +25,23 @@ __all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "main"]
 
 def load_model_dir(path: str):
     """A :class:`~pypattern.models.Transformer` from ``path/config.json`` and ``path/weights.npz`` (or
-    ``path/model.safetensors``). Nothing is unpickled."""
+    ``path/model.safetensors``), or a Hugging Face ``save_pretrained`` directory (its ``config.json`` names a
+    ``model_type``), converted with :func:`pypattern.from_pretrained`. Nothing is unpickled."""
     from ..models.transformer import Transformer, TransformerConfig
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"model_dir={path!r} has no config.json (fields of TransformerConfig)")
+        raise FileNotFoundError(
+            f"model_dir={path!r} has no config.json (fields of TransformerConfig, or a Hugging Face config)"
+        )
     with open(cfg_path) as f:
         cfg = json.load(f)
+    if "model_type" in cfg:
+        from ..models.convert import from_pretrained
+
+        model = from_pretrained(path)
+        model.eval()
+        return model
     if isinstance(cfg.get("dtype"), str):
         cfg["dtype"] = getattr(torch, cfg["dtype"].replace("torch.", ""))
     model = Transformer(TransformerConfig(**cfg))
@@ -173,13 +182,23 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``pypattern circuit`` (for the main command line's sub-parser)."""
     p.add_argument("--out", default="out/circuit", help="folder for the tables and plots")
-    p.add_argument("--model-dir", default=None, help="config.json + weights.npz of a Transformer")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="a Hugging Face save_pretrained directory (converted exactly), or config.json + weights.npz of a "
+        "pypattern Transformer; default: the built-in induction task",
+    )
     p.add_argument("--tokens", default=None, help=".npz with clean, corrupted, answer[, wrong]")
     p.add_argument("--methods", default="eap,eap-ig,exact", help="comma-separated: eap, eap-ig, exact")
     p.add_argument("--fraction", type=float, default=0.05, help="fraction of edges in the drawn circuit")
-    p.add_argument("--ig-steps", type=int, default=5)
-    p.add_argument("--per-position", choices=["auto", "yes", "no"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of EAP-IG (default: 5)")
+    p.add_argument(
+        "--per-position",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="one edge per position (yes), one per node pair (no), or the task's choice (auto)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in model's training (default: 0)")
     p.add_argument("--steps", type=int, default=800, help="training steps of the built-in model")
 
 
