@@ -8,7 +8,20 @@ susceptibilities into data re-weightings), :mod:`pypattern.flags` (train residua
 steer with them). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
 """
 
-from . import equivalence, flags, losses, models, ops, patching, patterning, sampling, susceptibility, tasks, truth
+from . import (
+    circuits,
+    equivalence,
+    flags,
+    losses,
+    models,
+    ops,
+    patching,
+    patterning,
+    sampling,
+    susceptibility,
+    tasks,
+    truth,
+)
 from ._backends import backends
 from .equivalence import (
     MinibatchCKA,
@@ -147,6 +160,7 @@ __all__ += [
 ]
 # Submodules, for everything else (pypattern.distributed is imported on its own: it needs torch.distributed).
 __all__ += [
+    "circuits",
     "equivalence",
     "flags",
     "losses",

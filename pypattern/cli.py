@@ -10,6 +10,7 @@
                               with --model DIR --data FILE: the LLC of your own model on your token file
   pypattern patch             exact and attribution patching on the built-in model and task (heatmap + table);
                               with --model DIR --data FILE: exact patching grids of your own model
+  pypattern circuit           edge-level circuit discovery (EAP, EAP-IG, exact scores), pruning curves, drawing
   pypattern chi               per-token susceptibilities of every head, MLP and the embedding of your model
                               (--model DIR --data FILE)
   pypattern backends          which kernel backends are available, and why not
@@ -255,6 +256,13 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument(
         "--max-prompts", type=int, default=8, help="with --model: patch the first N prompts (default: 8)"
     )
+    circ = sub.add_parser(
+        "circuit",
+        help="edge-level circuit discovery (EAP, EAP-IG, exact), pruning curves, circuit drawing",
+        description="Score every edge of a model (built-in induction task by default, or a local model), "
+        "draw pruning curves and the circuit, and write tables and plots.",
+    )
+    importlib.import_module("pypattern.circuits.cli").add_arguments(circ)
     chi = sub.add_parser(
         "chi",
         help="per-token susceptibilities of your own model's components (--model DIR --data FILE)",
@@ -283,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import backends
 
         print(json.dumps(backends(), indent=2))
+        return 0
+    if args.cmd == "circuit":
+        _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))
         return 0
     if args.cmd == "chi" or (args.cmd in ("llc", "patch") and (args.model or args.data)):
         return _user_run(args)

@@ -42,7 +42,7 @@ def _subparsers():
 
 def test_every_option_is_explained_and_help_has_no_raw_markup(capsys):
     parser, subs = _subparsers()
-    assert set(subs) == {"demo", "llc", "patch", "backends"}
+    assert set(subs) == {"demo", "llc", "patch", "chi", "circuit", "backends"}
     for name, p in [("pypattern", parser), *subs.items()]:
         for action in p._actions:
             if action.dest in ("help", "cmd"):

@@ -1,0 +1,452 @@
+"""Exact edge patching with causal reuse, and the gradient runs behind EAP / EAP-IG.
+
+Definitions (``A_u`` the value an ablated edge carries, ``out_u`` a node's output in the run being computed):
+
+- The *base* run is the clean run (``mode="noise"``) or the corrupted run (``mode="denoise"``).
+- ``A_u`` comes from the *source* prompts: the corrupted prompts for noising, the clean ones for denoising.
+  ``ablation="resample"``: ``u``'s output on the source prompts; ``"mean"``: its mean over the source batch, per
+  position; ``"zero"``: zero.
+- Patching a set of edges ``S``: every destination input ``v`` reads
+  ``in_v = (residual stream before v) - sum_{u: (u, v) in S} (out_u - A_u)``,
+  i.e. ``u``'s current contribution is replaced by ``A_u`` on the patched edges only; everything else is computed
+  as usual, so downstream nodes see the effects. With one edge this is "its clean input - u_clean + u_corrupted"
+  (noising). Denoising swaps the roles of the prompts: the corrupted run with the patched edges reading the clean
+  values (auto-circuit's edge patching; its tree patching is noising of the complement, see
+  :func:`pypattern.circuits.faithfulness`).
+
+Causal reuse: a mask whose first patched destination is at stage ``s`` (``2l`` attention of layer ``l``, ``2l+1``
+its MLP, ``2L`` the logits) starts from the cached base residual at ``s``; earlier nodes' outputs are the cached
+ones. At that first attention stage only the heads with a patched input are recomputed. When the metric reads one
+position for every prompt (the last, after truncation), the last layer computes only that row (queries, MLP and
+unembedding). Masks are grouped by their first stage (and first heads) and evaluated as a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .graph import EdgeGraph
+from .model_view import ModelView
+
+__all__ = ["EdgeEngine", "prepare_runs"]
+
+_ABLATIONS = ("resample", "mean", "zero")
+_MODES = ("noise", "denoise")
+
+
+@dataclass
+class _Run:
+    """One unpatched run: ``resid[s]`` the residual entering stage ``s`` ``(B, T, d)``, ``after_attn[l]``
+    the residual after layer ``l``'s attention, ``outs (n_src, B, T, d)`` node outputs, ``logits`` at the metric
+    positions ``(B, vocab)``."""
+
+    resid: dict
+    after_attn: list
+    outs: torch.Tensor
+    logits: torch.Tensor
+
+
+def metric_positions(metric, batch: int, seq_len: int):
+    """The metric's position(s) as a non-negative int or a LongTensor ``(batch,)``."""
+    pos = getattr(metric, "position", -1)
+    if isinstance(pos, int):
+        if not -seq_len <= pos < seq_len:
+            raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
+        return pos % seq_len
+    pos = torch.as_tensor(pos).long()
+    if pos.shape != (batch,):
+        raise ValueError(
+            f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
+        )
+    if bool(((pos < -seq_len) | (pos >= seq_len)).any()):
+        raise ValueError(f"metric.position has entries out of range for prompts of {seq_len} positions")
+    pos = pos % seq_len
+    if bool((pos == pos[0]).all()):
+        return int(pos[0])
+    return pos
+
+
+class EdgeEngine:
+    """Base run, source values and the batched patched forward for one (model, prompts, metric) setting.
+
+    Build it with :func:`prepare_runs`. ``run(masks)`` evaluates boolean edge masks ``(C, num_edges)`` and
+    returns the metric of each patched run ``(C, batch)``; ``gradients(embeds)`` returns ``dM/d(input)`` of
+    every destination input for runs started from the given embeddings.
+    """
+
+    def __init__(
+        self,
+        view: ModelView,
+        graph: EdgeGraph,
+        base: _Run,
+        source: torch.Tensor,
+        base_embed: torch.Tensor,
+        metric,
+        pos,
+        T: int,
+        max_batch: int | None = None,
+        memory_budget: float = 1e9,
+    ) -> None:
+        self.view, self.graph, self.base, self.metric = view, graph, base, metric
+        self.A = source  # (n_src, B, T, d)
+        self.D = source - base.outs  # ablated minus base value, (n_src, B, T, d)
+        self.base_embed = base_embed
+        self.pos, self.T = pos, T
+        self.B = base.outs.shape[1]
+        self.uniform = isinstance(pos, int)
+        if self.uniform and pos != T - 1:
+            raise ValueError(f"position {pos}: truncate the prompts so the metric position is the last")
+        self.H, self.L, self.d = view.n_heads, view.n_layers, view.d_model
+        self.dtype = base.outs.dtype
+        g = graph
+        self.stage_dsts = {s: (g.dst_stage == s).nonzero().flatten() for s in g.stages}
+        self.src_stage = g.src_stage
+        # the sources written by each stage (heads of layer l at stage 2l, MLP l at 2l+1)
+        self.stage_srcs = {s: (g.src_stage == s).nonzero().flatten() for s in g.stages}
+        self.max_batch = max_batch
+        self.memory_budget = memory_budget
+
+    # ----- sizes ----------------------------------------------------------------------------------------------
+    def _chunk(self) -> int:
+        if self.max_batch is not None:
+            return max(1, int(self.max_batch))
+        g = self.graph
+        per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * self.A.element_size()
+        per += g.n_src * g.n_dst * (g.n_pos or 1) * self.A.element_size()
+        return max(1, int(self.memory_budget // per))
+
+    def _rows_after(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        if self.uniform and layer == self.L - 1:
+            return torch.tensor([self.T - 1])
+        return rows
+
+    # ----- stage pieces ---------------------------------------------------------------------------------------
+    def _attn(self, layer: int, X: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor, heads=None):
+        """Head outputs ``(h, N, B, len(qrows), d)`` from per-destination inputs ``X (3h, N, B, R, d)`` over
+        ``rows`` (absolute positions, starting at 0) for the heads ``heads`` (None: all)."""
+        v = self.view
+        h = self.H if heads is None else len(heads)
+        qsel = qrows if len(qrows) != len(rows) else slice(None)
+        xq = v.attn_norm(layer, X[:h, :, :, qsel])
+        xkv = v.attn_norm(layer, X[h:])
+        q, k, vv = v.qkv(layer, xq, xkv[:h], xkv[h:], qrows, rows, heads=heads)
+        return v.head_out(layer, v.attention(layer, q, k, vv, qrows), heads=heads)
+
+    def _attn_shared(self, layer: int, R: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor):
+        """Head outputs ``(H, N, B, len(qrows), d)`` when every head reads the residual ``R (N, B, R, d)``."""
+        v = self.view
+        hn = v.attn_norm(layer, R)
+        hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
+        q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
+        return v.head_out(layer, v.attention(layer, q, k, vv, qrows))
+
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
+        """Metric from the final residual ``x (N, B, R, d)`` (R = 1 in the uniform case, else all rows)."""
+        if self.uniform:
+            x = x[:, :, -1]
+        else:
+            idx = self.pos.view(1, -1, 1, 1).expand(x.shape[0], -1, 1, x.shape[-1])
+            x = x.gather(2, idx).squeeze(2)
+        return self.metric(self.view.unembed(x))
+
+    # ----- unpatched forward ----------------------------------------------------------------------------------
+    def base_metric(self) -> torch.Tensor:
+        """Metric of the unpatched base run ``(batch,)``."""
+        return self.metric(self.base.logits)
+
+    # ----- patched forward ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, masks: torch.Tensor) -> torch.Tensor:
+        """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``."""
+        masks = self.graph.mask(masks)
+        if masks.dim() == 1:
+            masks = masks[None]
+        C = masks.shape[0]
+        out = torch.empty(C, self.B, dtype=self.dtype)
+        if C == 0:
+            return out
+        g = self.graph
+        # first stage of each mask, and its heads patched at that stage
+        if g.per_position:
+            live = masks & (g.pos_idx < self.T)[None]
+        else:
+            live = masks
+        e_stage = g.edge_stage()
+        big = 2 * self.L + 1
+        first = torch.where(live, e_stage[None], torch.full_like(e_stage, big)[None]).min(1).values
+        groups: dict[tuple, list[int]] = {}
+        dst_head = self._dst_head()
+        for c in range(C):
+            s0 = int(first[c])
+            if s0 >= big:
+                key = (big, ())
+            elif s0 % 2 == 0 and s0 < 2 * self.L:
+                sel = live[c] & (e_stage == s0)
+                heads = tuple(sorted(set(dst_head[g.dst_idx[sel]].tolist())))
+                key = (s0, heads)
+            else:
+                key = (s0, ())
+            groups.setdefault(key, []).append(c)
+        chunk = self._chunk()
+        for (s0, heads), idx in groups.items():
+            if s0 >= big:
+                out[idx] = self.base_metric().to(self.dtype)
+                continue
+            hsel = None if (len(heads) == self.H or s0 % 2 == 1 or s0 == 2 * self.L) else list(heads)
+            for i in range(0, len(idx), chunk):
+                part = idx[i : i + chunk]
+                dense = g.dense(live[part], self.dtype)
+                if g.per_position:
+                    dense = dense[..., : self.T]
+                out[part] = self._patched(dense, s0, hsel)
+        return out
+
+    def _dst_head(self) -> torch.Tensor:
+        """Head index of each destination input (-1 for MLPs and logits)."""
+        g = self.graph
+        out = torch.full((g.n_dst,), -1, dtype=torch.long)
+        for i, (node, qkv) in enumerate(zip(g.dst_node, g.dst_qkv)):
+            if qkv is not None:
+                out[i] = int(node.split("H")[1])
+        return out
+
+    def _corr(self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor):
+        """Sum over patched sources of ``A_u - out_u`` into the destinations ``dsts`` at ``rows``:
+        ``(V, C, B, R, d)``, or None when no mask patches any of them."""
+        Mv = M[:, :, dsts]
+        if self.graph.per_position:
+            Mv = Mv[..., rows]
+        if not bool(Mv.any()):
+            return None
+        sub = len(rows) != self.T
+        total = None
+        for src_idx, tensor, shared, is_full in blocks:
+            m = Mv[:, src_idx]
+            if not bool(m.any()):
+                continue
+            # shared blocks are (u, B, T, d), own blocks (u, C, B, T, d)
+            if is_full and sub:
+                tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
+            if self.graph.per_position:
+                expr = "cuvt,ubtd->vcbtd" if shared else "cuvt,ucbtd->vcbtd"
+            else:
+                expr = "cuv,ubtd->vcbtd" if shared else "cuv,ucbtd->vcbtd"
+            term = torch.einsum(expr, m, tensor)
+            total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
+        return total
+
+    def _patched(self, M: torch.Tensor, s0: int, heads) -> torch.Tensor:
+        """Metric ``(C, B)`` of the masks ``M (C, n_src, n_dst[, T])`` that all start at stage ``s0``."""
+        C = M.shape[0]
+        base, v = self.base, self.view
+        before = (self.src_stage < s0).nonzero().flatten()
+        blocks = [(before, self.D[before], True, True)] if len(before) else []
+        rows = torch.arange(self.T)
+        if self.uniform and s0 > 2 * (self.L - 1):  # past the last attention: only the metric row matters
+            rows = torch.tensor([self.T - 1])
+        R = base.resid[s0][:, rows].unsqueeze(0).expand(C, -1, -1, -1)
+        for s in self.graph.stages:
+            if s < s0:
+                continue
+            dsts = self.stage_dsts[s]
+            corr = self._corr(blocks, M, dsts, rows)
+            if s == 2 * self.L:  # logits
+                return self._final(R if corr is None else corr[0].add_(R))
+            layer = s // 2
+            if s % 2 == 0:  # attention
+                qrows = self._rows_after(layer, rows)
+                full = len(qrows) == self.T
+                srcs = self.stage_srcs[s]
+                if heads is not None and s == s0:
+                    hs = torch.tensor(heads)
+                    sel = torch.cat([hs, hs + self.H, hs + 2 * self.H])
+                    O = self._attn(
+                        layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, heads
+                    )  # (h, C, B, Tq, d)
+                    O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
+                    R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
+                    others = srcs[[h for h in range(self.H) if h not in heads]]
+                    if len(others):
+                        blocks.append((others, self.D[others], True, True))
+                    # A_u - out_u, in O's storage (O is not needed any more)
+                    blocks.append(
+                        (srcs[hs], O.neg_().add_(self.A[srcs[hs]][:, :, qrows].unsqueeze(1)), False, full)
+                    )
+                else:
+                    if corr is None:
+                        O = self._attn_shared(layer, R, qrows, rows)
+                    else:
+                        O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
+                    Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
+                    R = Rq + O.sum(0) + v.attn_bias(layer)
+                    blocks.append((srcs, O.neg_().add_(self.A[srcs][:, :, qrows].unsqueeze(1)), False, full))
+                rows = qrows
+            else:  # MLP
+                out = v.mlp(layer, R if corr is None else corr[0].add_(R))
+                R = R + out
+                srcs = self.stage_srcs[s]
+                A_new = self.A[srcs[0]][:, rows]
+                blocks.append((srcs, (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T))
+        raise AssertionError("the graph has no logits stage")
+
+    # ----- gradients ------------------------------------------------------------------------------------------
+    def gradients(self, embeds: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """``dM/d(input)`` of every destination input for runs started from ``embeds (N, B, T, d)``, summed over
+        the ``N`` runs.
+
+        Returns
+        -------
+        grads : list of ``(dsts, rows, G)`` per stage: the destination indices ``(V,)``, the absolute positions
+            ``(R,)`` where the metric can depend on them, and ``G (V, B, R, d)`` (query inputs of the last layer
+            only at the metric's row in the uniform case: elsewhere their gradient is zero).
+        metric : ``(N, B)``
+        """
+        v, g = self.view, self.graph
+        rows = torch.arange(self.T)
+        handles, val = [], None
+        with torch.enable_grad():
+            R = embeds.detach().requires_grad_(True)
+            for s in g.stages:
+                dsts = self.stage_dsts[s]
+                if s == 2 * self.L:
+                    x = R.clone()
+                    handles.append(("logits", dsts, rows, x))
+                    val = self._final(x)
+                    break
+                layer = s // 2
+                if s % 2 == 0:
+                    qrows = self._rows_after(layer, rows)
+                    hn = v.attn_norm(layer, R)
+                    hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
+                    q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
+                    attn = v.head_out_sum(layer, v.attention(layer, q, k, vv, qrows))
+                    Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
+                    handles.append(("attn", dsts, (qrows, rows, layer, Rq, R), (q, k, vv)))
+                    R = Rq + attn + v.attn_bias(layer)
+                    rows = qrows
+                else:
+                    x = R.clone()
+                    handles.append(("mlp", dsts, rows, x))
+                    R = R + v.mlp(layer, x)
+            tensors = []
+            for h in handles:
+                tensors += list(h[3]) if h[0] == "attn" else [h[3]]
+            grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
+        out, i = [], 0
+        for kind, dsts, info, t in handles:
+            if kind == "attn":
+                qrows, rows_kv, layer, Rq, Rkv = info
+                gq, gk, gv = (
+                    gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
+                )
+                i += 3
+                gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv)
+                H, Hk = self.H, self.view.n_kv_heads
+                out.append((dsts[:H], qrows, gqi.sum(1)))
+                out.append((dsts[H : H + Hk], rows_kv, gki.sum(1)))
+                out.append((dsts[H + Hk :], rows_kv, gvi.sum(1)))
+            else:
+                gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
+                i += 1
+                out.append((dsts, info, gr.sum(0).unsqueeze(0)))
+        return out, val.detach()
+
+
+def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
+    """A plain forward from embeddings ``x0 (B, T, d)`` recording the residual at every stage and every node's
+    output."""
+    B, T, d = x0.shape
+    outs = [x0]
+    resid, after_attn = {}, []
+    R = x0
+    rows = torch.arange(T)
+    for s in graph.stages:
+        resid[s] = R
+        if s == 2 * view.n_layers:
+            break
+        layer = s // 2
+        if s % 2 == 0:
+            hn = view.attn_norm(layer, R)
+            q, k, v = view.qkv_shared(layer, hn, hn, rows, rows)
+            O = view.head_out(layer, view.attention(layer, q, k, v, rows))  # (H, B, T, d)
+            R = R + O.sum(0) + view.attn_bias(layer)
+            after_attn.append(R)
+            outs += list(O)
+        else:
+            out = view.mlp(layer, R)
+            R = R + out
+            outs.append(out)
+    if isinstance(pos, int):
+        x = R[:, pos]
+    else:
+        x = R[torch.arange(B), pos]
+    return _Run(resid, after_attn, torch.stack(outs), view.unembed(x))
+
+
+@torch.no_grad()
+def prepare_runs(
+    model,
+    graph: EdgeGraph | None,
+    clean: torch.Tensor,
+    corrupted: torch.Tensor | None,
+    metric,
+    mode: str = "noise",
+    ablation: str = "resample",
+    max_batch: int | None = None,
+    memory_budget: float = 1e9,
+    view: ModelView | None = None,
+) -> tuple[EdgeEngine, dict]:
+    """Run the clean, corrupted and source prompts and build the :class:`EdgeEngine`.
+
+    Returns the engine and a dict with ``clean`` and ``corrupted`` metric values ``(batch,)`` (``corrupted`` is
+    the fully ablated run's metric, i.e. with every edge patched in noising mode) and the truncated prompts.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
+    if ablation not in _ABLATIONS:
+        raise ValueError(f"ablation={ablation!r} is not valid; choose 'resample', 'mean' or 'zero'")
+    view = ModelView(model) if view is None else view
+    graph = EdgeGraph.from_model(model) if graph is None else graph
+    if clean.dim() != 2:
+        raise ValueError(f"clean has shape {tuple(clean.shape)}; give token ids (batch, pos)")
+    B, T_full = clean.shape
+    if corrupted is not None and corrupted.shape != clean.shape:
+        raise ValueError(
+            f"corrupted has shape {tuple(corrupted.shape)}; it must equal the clean shape {(B, T_full)}"
+        )
+    if corrupted is None and (ablation == "resample" or mode == "denoise"):
+        raise ValueError(
+            f"corrupted=None: mode={mode!r} with ablation={ablation!r} needs corrupted prompts "
+            "(or use mode='noise' with ablation='mean' or 'zero')"
+        )
+    if graph.per_position and graph.n_pos != T_full:
+        raise ValueError(f"the graph has n_pos={graph.n_pos} positions; the prompts have {T_full}")
+    pos = metric_positions(metric, B, T_full)
+    T = (pos if isinstance(pos, int) else int(pos.max())) + 1
+    clean, corrupted = clean[:, :T], (corrupted[:, :T] if corrupted is not None else None)
+    if mode == "noise":
+        base_tokens, src_tokens = clean, (corrupted if corrupted is not None else clean)
+    else:
+        base_tokens, src_tokens = corrupted, clean
+    x_clean = view.embed(clean)
+    clean_run = _node_run(view, graph, x_clean, pos)
+    if hasattr(metric, "bind"):
+        metric.bind(clean_run.logits.detach())
+    m_clean = metric(clean_run.logits)
+    if mode == "noise":
+        base, x_base = clean_run, x_clean
+    else:
+        x_base = view.embed(base_tokens)
+        base = _node_run(view, graph, x_base, pos)
+    if ablation == "zero":
+        A = torch.zeros_like(base.outs)
+    else:
+        src_run = clean_run if src_tokens is clean else _node_run(view, graph, view.embed(src_tokens), pos)
+        A = src_run.outs
+        if ablation == "mean":
+            A = A.mean(1, keepdim=True).expand_as(A)
+    engine = EdgeEngine(view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget)
+    info = {"m_clean": m_clean, "m_base": engine.base_metric(), "T": T, "pos": pos}
+    return engine, info

@@ -1,0 +1,294 @@
+"""The edge graph of a transformer: nodes that write to the residual stream and the inputs that read from it.
+
+Source nodes (writers), in topological order: ``embed`` (token + position embedding, one node), each head's output
+``L{l}H{h}`` (``z_h @ W_O[h]``), each MLP's output ``MLP{l}``. Destinations (readers): each head's query, key and
+value input separately (``L{l}H{h}`` with ``qkv`` ``"q"``, ``"k"``, ``"v"``), each MLP's input ``MLP{l}`` and the
+final residual read by the unembedding, ``logits``. An edge ``u -> v`` is ``u``'s contribution to ``v``'s input;
+it exists when ``u`` is computed before ``v`` reads: a head of layer ``l`` feeds layer ``l``'s MLP (sequential
+blocks) and every later layer; heads of one layer do not feed each other.
+
+Count (sequential blocks with MLPs, ``L`` layers, ``H`` heads): ``sum_l [3H (1 + l(H + 1)) + (1 + l(H + 1) + H)]
++ (1 + L(H + 1))``; 2 layers, 4 heads: ``12 + 5 + 72 + 10 + 11 = 110``. With ``per_position`` every edge exists
+once per position (the contribution at position ``t`` to the input at position ``t``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Edge", "EdgeGraph", "edges"]
+
+QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One edge: ``src``'s write read by ``dst``'s input (``qkv`` for a head's query/key/value input).
+
+    ``pos`` is the position for per-position graphs, else None. ``str(edge)`` is ``"L0H1->L1H2.k"`` (and
+    ``"@3"`` for position 3); :meth:`EdgeGraph.index` accepts either form.
+    """
+
+    src: str
+    dst: str
+    qkv: str | None = None
+    pos: int | None = None
+
+    @property
+    def dst_input(self) -> str:
+        """The destination input's name: ``"L1H2.k"``, ``"MLP0"`` or ``"logits"``."""
+        return f"{self.dst}.{self.qkv}" if self.qkv else self.dst
+
+    @property
+    def name(self) -> str:
+        p = f"@{self.pos}" if self.pos is not None else ""
+        return f"{self.src}->{self.dst_input}{p}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class EdgeGraph:
+    """All edges of a model (see the module docstring), with the index arrays the engines use.
+
+    Attributes
+    ----------
+    n_layers, n_heads, n_kv_heads : int
+    has_mlp, parallel : bool
+    n_pos : int or None
+        Positions of a per-position graph (None: each edge covers every position).
+    src_names : list[str]
+        Source nodes in topological order; ``src_stage (n_src,)`` their stage (``-1`` for the embedding).
+    dst_names : list[str]
+        Destination inputs (``"L0H1.q"``, ``"MLP0"``, ``"logits"``) ordered by stage; ``dst_stage (n_dst,)``.
+    stages : list[int]
+        Stages with destinations, in order: ``2l`` attention of layer ``l``, ``2l + 1`` its MLP, ``2L`` the logits.
+    valid : BoolTensor ``(n_src, n_dst)``
+        Whether ``src -> dst`` is an edge.
+    src_idx, dst_idx : LongTensor ``(num_edges,)``; pos_idx : LongTensor ``(num_edges,)`` or None
+        Each edge's source, destination (and position). Edges are ordered by destination, then position, then
+        source.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_heads: int,
+        has_mlp: bool = True,
+        parallel: bool = False,
+        n_pos: int | None = None,
+        n_kv_heads: int | None = None,
+    ) -> None:
+        for k, v in (("n_layers", n_layers), ("n_heads", n_heads)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k}={v!r} is not valid; give a positive int")
+        if n_pos is not None and (not isinstance(n_pos, int) or n_pos < 1):
+            raise ValueError(f"n_pos={n_pos!r} is not valid; give a positive int or None")
+        self.n_layers, self.n_heads = n_layers, n_heads
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.has_mlp, self.parallel, self.n_pos = has_mlp, bool(parallel and has_mlp), n_pos
+        H, Hk, L = n_heads, self.n_kv_heads, n_layers
+        kv_name = (lambda lay, g: f"L{lay}H{g}") if Hk == H else (lambda lay, g: f"L{lay}KV{g}")
+
+        src_names, src_stage = ["embed"], [-1]
+        dst_names, dst_node, dst_qkv, dst_stage = [], [], [], []
+        for lay in range(L):
+            sa = 2 * lay
+            sm = 2 * lay if self.parallel else 2 * lay + 1
+            for which, n in (("q", H), ("k", Hk), ("v", Hk)):
+                for g in range(n):
+                    nm = f"L{lay}H{g}" if which == "q" else kv_name(lay, g)
+                    dst_names.append(f"{nm}.{which}")
+                    dst_node.append(nm)
+                    dst_qkv.append(which)
+                    dst_stage.append(sa)
+            src_names += [f"L{lay}H{h}" for h in range(H)]
+            src_stage += [sa] * H
+            if has_mlp:
+                dst_names.append(f"MLP{lay}")
+                dst_node.append(f"MLP{lay}")
+                dst_qkv.append(None)
+                dst_stage.append(sm)
+                src_names.append(f"MLP{lay}")
+                src_stage.append(sm)
+        dst_names.append("logits")
+        dst_node.append("logits")
+        dst_qkv.append(None)
+        dst_stage.append(2 * L)
+        self.src_names, self.dst_names = src_names, dst_names
+        self.dst_node, self.dst_qkv = dst_node, dst_qkv
+        self.src_stage = torch.tensor(src_stage)
+        self.dst_stage = torch.tensor(dst_stage)
+        self.stages = sorted(set(dst_stage))
+        self.valid = self.src_stage[:, None] < self.dst_stage[None, :]
+        d_idx, s_idx = self.valid.T.nonzero(as_tuple=True)  # destination-major
+        if n_pos is None:
+            self.src_idx, self.dst_idx, self.pos_idx = s_idx, d_idx, None
+        else:
+            P = n_pos
+            k = len(s_idx)
+            # destination, then position, then source
+            per_dst = torch.bincount(d_idx, minlength=len(dst_names))
+            starts = torch.cumsum(per_dst, 0) - per_dst
+            rows = []
+            for d in range(len(dst_names)):
+                seg = s_idx[starts[d] : starts[d] + per_dst[d]]
+                n = len(seg)
+                rows.append(
+                    (
+                        seg.repeat(P),
+                        torch.full((n * P,), d, dtype=torch.long),
+                        torch.arange(P).repeat_interleave(n),
+                    )
+                )
+            self.src_idx = torch.cat([r[0] for r in rows]) if k else torch.zeros(0, dtype=torch.long)
+            self.dst_idx = torch.cat([r[1] for r in rows]) if k else torch.zeros(0, dtype=torch.long)
+            self.pos_idx = torch.cat([r[2] for r in rows]) if k else torch.zeros(0, dtype=torch.long)
+        self._src_pos = {n: i for i, n in enumerate(src_names)}
+        self._dst_pos = {n: i for i, n in enumerate(dst_names)}
+        self._edges: list[Edge] | None = None
+        self._index: dict | None = None
+
+    # ----- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model, per_position: bool = False, seq_len: int | None = None) -> EdgeGraph:
+        """The graph of a :class:`~pypattern.models.Transformer` (``seq_len`` defaults to ``n_ctx``)."""
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or not hasattr(cfg, "n_heads"):
+            raise TypeError(
+                f"model is a {type(model).__name__}; the circuits module needs pypattern's Transformer "
+                "(convert other models with pypattern.models first)"
+            )
+        n_pos = None
+        if per_position:
+            n_pos = cfg.n_ctx if seq_len is None else seq_len
+        return cls(
+            cfg.n_layers,
+            cfg.n_heads,
+            has_mlp=not cfg.attn_only,
+            parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            n_pos=n_pos,
+            n_kv_heads=getattr(cfg, "n_key_value_heads", None),
+        )
+
+    # ----- sizes and lookup ---------------------------------------------------------------------------------
+    @property
+    def n_src(self) -> int:
+        return len(self.src_names)
+
+    @property
+    def n_dst(self) -> int:
+        return len(self.dst_names)
+
+    @property
+    def per_position(self) -> bool:
+        return self.n_pos is not None
+
+    def __len__(self) -> int:
+        return len(self.src_idx)
+
+    @property
+    def edges(self) -> list[Edge]:
+        """Every edge, in the graph's order."""
+        if self._edges is None:
+            pos = self.pos_idx.tolist() if self.pos_idx is not None else [None] * len(self)
+            self._edges = [
+                Edge(self.src_names[s], self.dst_node[d], self.dst_qkv[d], p)
+                for s, d, p in zip(self.src_idx.tolist(), self.dst_idx.tolist(), pos)
+            ]
+        return self._edges
+
+    def __iter__(self) -> Iterator[Edge]:
+        return iter(self.edges)
+
+    def __getitem__(self, i: int) -> Edge:
+        return self.edges[i]
+
+    def __repr__(self) -> str:
+        pp = f", n_pos={self.n_pos}" if self.per_position else ""
+        return (
+            f"EdgeGraph(n_layers={self.n_layers}, n_heads={self.n_heads}, has_mlp={self.has_mlp}{pp}: "
+            f"{len(self)} edges, {self.n_src} sources, {self.n_dst} destination inputs)"
+        )
+
+    def index(self, edge: Edge | str) -> int:
+        """Position of ``edge`` (an :class:`Edge` or its name, e.g. ``"L0H1->L1H2.k"``) in the graph's order."""
+        if self._index is None:
+            self._index = {}
+            for i, e in enumerate(self.edges):
+                self._index[e] = i
+                self._index[e.name] = i
+        key = edge if isinstance(edge, (Edge, str)) else None
+        if key is None or key not in self._index:
+            raise KeyError(
+                f"edge {edge!r} is not in the graph; names look like {self.edges[0].name!r} or "
+                f"{self.edges[-1].name!r}"
+            )
+        return self._index[key]
+
+    def mask(self, edges: Iterable[Edge | str] | torch.Tensor) -> torch.Tensor:
+        """A boolean mask ``(num_edges,)`` of ``edges`` (an iterable of edges or names, or a mask already)."""
+        if isinstance(edges, torch.Tensor):
+            m = edges.bool()
+            if m.shape[-1] != len(self):
+                raise ValueError(f"a mask over edges has {len(self)} entries; got shape {tuple(m.shape)}")
+            return m
+        m = torch.zeros(len(self), dtype=torch.bool)
+        for e in edges:
+            m[self.index(e)] = True
+        return m
+
+    def dense(self, masks: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Masks ``(C, num_edges)`` -> ``(C, n_src, n_dst)`` (or ``(C, n_src, n_dst, n_pos)``) of ``dtype``."""
+        C = masks.shape[0]
+        if self.per_position:
+            out = torch.zeros(C, self.n_src, self.n_dst, self.n_pos, dtype=dtype)
+            out[:, self.src_idx, self.dst_idx, self.pos_idx] = masks.to(dtype)
+        else:
+            out = torch.zeros(C, self.n_src, self.n_dst, dtype=dtype)
+            out[:, self.src_idx, self.dst_idx] = masks.to(dtype)
+        return out
+
+    def edge_stage(self) -> torch.Tensor:
+        """Stage of each edge's destination ``(num_edges,)``."""
+        return self.dst_stage[self.dst_idx]
+
+    def to_pandas(self):
+        """One row per edge: ``src``, ``dst``, ``qkv``, ``pos`` and ``name``."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "src": [e.src for e in self.edges],
+                "dst": [e.dst for e in self.edges],
+                "qkv": [e.qkv for e in self.edges],
+                "pos": [e.pos for e in self.edges],
+                "name": [e.name for e in self.edges],
+            }
+        )
+
+
+def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> EdgeGraph:
+    """The edge graph of ``model`` (see :mod:`pypattern.circuits.graph`).
+
+    Parameters
+    ----------
+    model : Transformer
+    per_position : bool
+        One edge per position (``seq_len`` of them; default the model's ``n_ctx``).
+
+    Returns
+    -------
+    EdgeGraph
+        Iterable of :class:`Edge`; ``len(graph)`` is the number of edges (110 for 2 layers, 4 heads, MLPs).
+
+    Examples
+    --------
+    >>> from pypattern.models import Transformer, TransformerConfig
+    >>> len(edges(Transformer(TransformerConfig(n_layers=2, n_heads=4, d_model=16, d_mlp=32))))
+    110
+    """
+    return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len)

@@ -1,0 +1,419 @@
+"""Result objects of circuit discovery: edge scores, circuits and pruning curves (tables, plots, npz files)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .graph import Edge, EdgeGraph
+
+__all__ = ["EdgeScores", "Circuit", "PruningCurve", "draw_circuit"]
+
+
+def _graph_meta(g: EdgeGraph) -> dict:
+    return {
+        "n_layers": g.n_layers,
+        "n_heads": g.n_heads,
+        "has_mlp": g.has_mlp,
+        "parallel": g.parallel,
+        "n_pos": g.n_pos,
+        "n_kv_heads": g.n_kv_heads,
+    }
+
+
+def _save(path, arrays: dict, meta: dict) -> None:
+    from ..sampling.results import save_npz_atomic
+
+    save_npz_atomic(path, {k: np.asarray(v) for k, v in arrays.items()}, meta)
+
+
+def _load(path):
+    from ..sampling.results import load_npz
+
+    return load_npz(path)
+
+
+@dataclass
+class EdgeScores:
+    """Per-edge scores from :func:`~pypattern.circuits.edge_attribution`.
+
+    Attributes
+    ----------
+    graph : EdgeGraph
+    values : Tensor ``(batch, num_edges)``
+        Per-example estimate (EAP, EAP-IG) or exact value of ``M(edge patched) - M(base run)``.
+    method, mode, ablation, metric : str
+    m_base, m_clean : Tensor ``(batch,)``
+        Metric of the base run (clean for noising, corrupted for denoising) and of the clean run.
+    """
+
+    graph: EdgeGraph
+    values: torch.Tensor
+    method: str
+    mode: str
+    ablation: str
+    metric: str
+    m_base: torch.Tensor
+    m_clean: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Batch-mean score of every edge ``(num_edges,)``."""
+        return self.values.mean(0)
+
+    def ranking(self) -> torch.Tensor:
+        """Edge indices by descending ``|score|`` (ties in graph order)."""
+        return torch.sort(-self.scores.abs(), stable=True).indices
+
+    def top(self, n: int = 10) -> list[tuple[Edge, float]]:
+        """The ``n`` edges with the largest ``|score|`` and their scores."""
+        s = self.scores
+        return [(self.graph[i], float(s[i])) for i in self.ranking()[:n].tolist()]
+
+    def circuit(self, n: int | None = None, fraction: float | None = None) -> Circuit:
+        """The circuit of the top ``n`` edges (or the top ``fraction`` of them) by ``|score|``."""
+        E = len(self.graph)
+        if (n is None) == (fraction is None):
+            raise ValueError("give exactly one of n=... or fraction=...")
+        if fraction is not None:
+            if not 0 <= fraction <= 1:
+                raise ValueError(f"fraction={fraction} is not valid; give a number in [0, 1]")
+            n = int(round(fraction * E))
+        if not 0 <= n <= E:
+            raise ValueError(f"n={n} is not valid; give 0..{E}")
+        mask = torch.zeros(E, dtype=torch.bool)
+        mask[self.ranking()[:n]] = True
+        return Circuit(self.graph, mask, self.scores, None, self.method, {"n": n})
+
+    def to_pandas(self):
+        """One row per edge: ``src``, ``dst``, ``qkv``, ``pos``, ``score`` (batch mean), ``se`` (standard error over
+        the batch) and ``rank`` (1 = largest ``|score|``), sorted by rank."""
+        df = self.graph.to_pandas()
+        s = self.scores
+        B = self.values.shape[0]
+        se = self.values.std(0) / max(B, 1) ** 0.5 if B > 1 else torch.full_like(s, float("nan"))
+        df["score"] = s.double().numpy()
+        df["se"] = se.double().numpy()
+        rank = torch.empty(len(s), dtype=torch.long)
+        rank[self.ranking()] = torch.arange(1, len(s) + 1)
+        df["rank"] = rank.numpy()
+        df["method"] = self.method
+        return df.sort_values("rank").reset_index(drop=True)
+
+    def draw(self, n: int = 20, **kwargs):
+        """Graph drawing of the top ``n`` edges (see :func:`draw_circuit`)."""
+        return self.circuit(n=n).draw(**kwargs)
+
+    plot = draw
+
+    def save(self, path) -> None:
+        """Write to ``path`` (.npz with a JSON header; loading never unpickles)."""
+        meta = {
+            "graph": _graph_meta(self.graph),
+            "method": self.method,
+            "mode": self.mode,
+            "ablation": self.ablation,
+            "metric": self.metric,
+            "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))},
+        }
+        _save(path, {"values": self.values, "m_base": self.m_base, "m_clean": self.m_clean}, meta)
+
+    @classmethod
+    def load(cls, path) -> EdgeScores:
+        a, m = _load(path)
+        return cls(
+            EdgeGraph(**m["graph"]),
+            torch.from_numpy(a["values"]),
+            m["method"],
+            m["mode"],
+            m["ablation"],
+            m["metric"],
+            torch.from_numpy(a["m_base"]),
+            torch.from_numpy(a["m_clean"]),
+            m.get("info", {}),
+        )
+
+
+@dataclass
+class Circuit:
+    """A set of edges of ``graph`` (``mask (num_edges,)``), with optional per-edge ``scores`` and its
+    ``faithfulness``."""
+
+    graph: EdgeGraph
+    mask: torch.Tensor
+    scores: torch.Tensor | None = None
+    faithfulness: float | None = None
+    method: str = ""
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.mask.sum())
+
+    def __contains__(self, edge) -> bool:
+        return bool(self.mask[self.graph.index(edge)])
+
+    @property
+    def edges(self) -> list[Edge]:
+        return [self.graph[i] for i in self.mask.nonzero().flatten().tolist()]
+
+    @property
+    def fraction(self) -> float:
+        return len(self) / max(len(self.graph), 1)
+
+    def to_pandas(self):
+        """One row per edge of the circuit (``src``, ``dst``, ``qkv``, ``pos``, ``name``, ``score``), by
+        descending ``|score|``."""
+        df = self.graph.to_pandas()
+        df["score"] = self.scores.double().numpy() if self.scores is not None else np.nan
+        df = df[self.mask.numpy()]
+        return df.reindex(df["score"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+    def draw(self, path: str | None = None, ax=None, title: str | None = None, **kwargs):
+        """Graph drawing of the circuit with its edge scores (see :func:`draw_circuit`)."""
+        if title is None:
+            f = "" if self.faithfulness is None else f", faithfulness {self.faithfulness:.3f}"
+            title = f"{self.method} circuit: {len(self)} of {len(self.graph)} edges{f}"
+        return draw_circuit(self.graph, self.mask, self.scores, path=path, ax=ax, title=title, **kwargs)
+
+    plot = draw
+
+    def save(self, path) -> None:
+        """Write to ``path`` (.npz with a JSON header)."""
+        arrays = {"mask": self.mask}
+        if self.scores is not None:
+            arrays["scores"] = self.scores
+        info = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))}
+        meta = {"graph": _graph_meta(self.graph), "faithfulness": self.faithfulness, "method": self.method}
+        meta["info"] = info
+        _save(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path) -> Circuit:
+        a, m = _load(path)
+        sc = torch.from_numpy(a["scores"]) if "scores" in a else None
+        return cls(
+            EdgeGraph(**m["graph"]),
+            torch.from_numpy(a["mask"]),
+            sc,
+            m["faithfulness"],
+            m["method"],
+            m.get("info", {}),
+        )
+
+
+@dataclass
+class PruningCurve:
+    """Faithfulness against the number of top-scored edges kept, one curve per scoring method.
+
+    Attributes
+    ----------
+    counts : LongTensor ``(n,)``
+        Edges kept at each point.
+    faithfulness, metric_values : dict[str, Tensor ``(n,)``]
+        Per method: faithfulness and the batch-mean metric of each circuit.
+    m_full, m_empty : float
+        Batch-mean metric of the full model and of the fully ablated one.
+    """
+
+    counts: torch.Tensor
+    num_edges: int
+    faithfulness: dict
+    metric_values: dict
+    m_full: float
+    m_empty: float
+    mode: str
+    ablation: str
+    metric: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def fractions(self) -> torch.Tensor:
+        return self.counts.double() / self.num_edges
+
+    def at(self, fraction: float) -> dict:
+        """Faithfulness of each method at the point nearest ``fraction`` of the edges."""
+        i = int((self.fractions - fraction).abs().argmin())
+        return {k: float(v[i]) for k, v in self.faithfulness.items()}
+
+    def to_pandas(self):
+        """Rows ``method``, ``edges``, ``fraction``, ``faithfulness``, ``metric``."""
+        import pandas as pd
+
+        rows = []
+        for name, f in self.faithfulness.items():
+            for i, c in enumerate(self.counts.tolist()):
+                rows.append(
+                    {
+                        "method": name,
+                        "edges": c,
+                        "fraction": c / self.num_edges,
+                        "faithfulness": float(f[i]),
+                        "metric": float(self.metric_values[name][i]),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    def plot(self, path: str | None = None, ax=None, log_x: bool = True, title: str | None = None):
+        """Faithfulness against the number of edges kept (one line per method)."""
+        import matplotlib
+
+        if path is not None and ax is None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        for name, f in self.faithfulness.items():
+            x = self.counts.numpy()
+            keep = x > 0 if log_x else np.ones_like(x, dtype=bool)
+            ax.plot(x[keep], f.numpy()[keep], marker="o", ms=3, label=name)
+        if log_x:
+            ax.set_xscale("log")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axhline(0.0, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(f"edges kept (of {self.num_edges})")
+        ax.set_ylabel("faithfulness")
+        ax.set_title(
+            title or f"pruning curves ({self.mode}, {self.ablation} ablation, {self.metric})", fontsize=10
+        )
+        ax.legend(fontsize=8)
+        if own:
+            fig.tight_layout()
+            if path is not None:
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+        return ax
+
+
+# ------------------------------------------------------------------------------------------------ drawing
+
+
+def _layout(graph: EdgeGraph) -> dict[str, tuple[float, float]]:
+    """Node positions: embedding at the bottom, each layer's heads in a row, its MLP above, logits on top."""
+    H = graph.n_heads
+    xs = lambda n: [(i - (n - 1) / 2) * 1.2 for i in range(n)]
+    pos = {"embed": (0.0, 0.0)}
+    y = 1.0
+    for layer in range(graph.n_layers):
+        for h, x in enumerate(xs(H)):
+            pos[f"L{layer}H{h}"] = (x, y)
+        if graph.has_mlp:
+            if graph.parallel:
+                pos[f"MLP{layer}"] = ((H / 2 + 0.5) * 1.2, y)
+            else:
+                y += 1.0
+                pos[f"MLP{layer}"] = (0.0, y)
+        y += 1.0
+    pos["logits"] = (0.0, y)
+    return pos
+
+
+def draw_circuit(
+    graph: EdgeGraph,
+    mask: torch.Tensor,
+    scores: torch.Tensor | None = None,
+    path: str | None = None,
+    ax=None,
+    title: str | None = None,
+    max_edges: int | None = 200,
+    annotate: int = 8,
+):
+    """Draw the edges of ``mask`` as a layered graph (matplotlib only).
+
+    Edge width is proportional to ``|score|`` (blue: positive, red: negative); an edge into a head's query ends
+    left of the head, key at its centre, value right, with solid / dashed / dotted lines. Per-position edges are
+    summed over positions. Nodes without a kept edge are drawn faintly. The ``annotate`` edges with the largest
+    ``|score|`` are labelled with their score.
+    """
+    import matplotlib
+
+    if path is not None and ax is None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch
+
+    pos = _layout(graph)
+    idx = mask.nonzero().flatten()
+    sc = scores if scores is not None else torch.ones(len(graph))
+    # aggregate per-position edges
+    agg: dict[tuple, float] = {}
+    for i in idx.tolist():
+        e = graph[i]
+        key = (e.src, e.dst, e.qkv)
+        agg[key] = agg.get(key, 0.0) + float(sc[i])
+    items = sorted(agg.items(), key=lambda kv: -abs(kv[1]))
+    if max_edges is not None:
+        items = items[:max_edges]
+    smax = max([abs(v) for _, v in items], default=1.0) or 1.0
+    own = ax is None
+    if own:
+        w = max(6.0, 1.3 * graph.n_heads + 2)
+        h = max(4.0, 1.1 * (max(p[1] for p in pos.values()) + 1))
+        fig, ax = plt.subplots(figsize=(w, h))
+    used = {k[0] for k, _ in items} | {k[1] for k, _ in items}
+    off = {"q": -0.22, "k": 0.0, "v": 0.22, None: 0.0}
+    style = {"q": "-", "k": "--", "v": ":", None: "-"}
+    for rank, ((src, dst, qkv), v) in enumerate(items):
+        x0, y0 = pos[src]
+        x1, y1 = pos[dst]
+        lw = 0.5 + 4.5 * abs(v) / smax
+        color = "tab:blue" if v >= 0 else "tab:red"
+        rad = 0.15 if abs(x1 - x0) < 1e-6 and abs(y1 - y0) > 1.5 else 0.05
+        arr = FancyArrowPatch(
+            (x0, y0 + 0.12),
+            (x1 + off[qkv], y1 - 0.14),
+            arrowstyle="-|>",
+            mutation_scale=8,
+            lw=lw,
+            color=color,
+            alpha=0.75,
+            linestyle=style[qkv],
+            connectionstyle=f"arc3,rad={rad}",
+        )
+        ax.add_patch(arr)
+        if scores is not None and rank < annotate:
+            xm, ym = (x0 + x1 + off[qkv]) / 2, (y0 + y1) / 2
+            ax.text(xm, ym, f"{v:.2g}", fontsize=6, color=color, ha="center", va="center")
+    for name, (x, y) in pos.items():
+        faint = name not in used
+        ax.text(
+            x,
+            y,
+            name,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="grey" if faint else "black",
+            bbox={
+                "boxstyle": "round,pad=0.25",
+                "fc": "white",
+                "ec": "lightgrey" if faint else "black",
+                "lw": 0.8,
+            },
+        )
+    xs = [p[0] for p in pos.values()]
+    ys = [p[1] for p in pos.values()]
+    ax.set_xlim(min(xs) - 1, max(xs) + 1)
+    ax.set_ylim(min(ys) - 0.6, max(ys) + 0.6)
+    ax.axis("off")
+    legend = [
+        Line2D([0], [0], color="black", ls="-", label="-> q / MLP / logits"),
+        Line2D([0], [0], color="black", ls="--", label="-> k"),
+        Line2D([0], [0], color="black", ls=":", label="-> v"),
+        Line2D([0], [0], color="tab:blue", lw=3, label="score > 0"),
+        Line2D([0], [0], color="tab:red", lw=3, label="score < 0"),
+    ]
+    ax.legend(handles=legend, loc="upper left", fontsize=7, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if own:
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+    return ax

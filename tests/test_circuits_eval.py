@@ -1,0 +1,179 @@
+"""Faithfulness, pruning curves, ACDC and the result objects."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _circuits_reference import naive_patch, prompts, tiny
+
+from pypattern.circuits import (
+    Circuit,
+    acdc,
+    circuit_from_edges,
+    edge_attribution,
+    edges,
+    faithfulness,
+    patch_edges,
+    pruning_curve,
+)
+from pypattern.patching import LogitDiff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny(seed=31)
+    clean, corr, ans, wrong = prompts(model, B=6, seed=32)
+    return model, clean, corr, LogitDiff(ans, wrong)
+
+
+def _naive_faith(model, circuit_edges, clean, corr, metric, mode):
+    g = edges(model)
+    inside = set(circuit_edges)
+    outside = [e for e in g if e not in inside]
+    if mode == "noise":
+        m_c = naive_patch(model, outside, clean, corr, metric, "noise", "resample").mean()
+        m_full = naive_patch(model, [], clean, corr, metric, "noise", "resample").mean()
+        m_empty = naive_patch(model, list(g), clean, corr, metric, "noise", "resample").mean()
+    else:
+        m_c = naive_patch(model, list(inside), clean, corr, metric, "denoise", "resample").mean()
+        m_full = naive_patch(model, list(g), clean, corr, metric, "denoise", "resample").mean()
+        m_empty = naive_patch(model, [], clean, corr, metric, "denoise", "resample").mean()
+    return float((m_c - m_empty) / (m_full - m_empty))
+
+
+@pytest.mark.parametrize("mode", ["noise", "denoise"])
+def test_faithfulness_matches_naive(setup, mode):
+    model, clean, corr, metric = setup
+    g = edges(model)
+    gen = torch.Generator().manual_seed(1)
+    circ = [g[i] for i in torch.randperm(len(g), generator=gen)[:30].tolist()]
+    f = faithfulness(model, circ, clean, corr, metric=metric, mode=mode)
+    assert f == pytest.approx(_naive_faith(model, circ, clean, corr, metric, mode), abs=1e-9)
+    ends = faithfulness(model, [list(g), []], clean, corr, metric=metric, mode=mode)
+    assert ends.tolist() == pytest.approx([1.0, 0.0], abs=1e-9)
+
+
+def test_pruning_curve_points_are_faithfulness_of_top_edges(setup):
+    model, clean, corr, metric = setup
+    eap = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    ex = edge_attribution(model, clean, corr, metric=metric, method="exact")
+    curve = pruning_curve(
+        model, {"eap": eap, "exact": ex}, clean, corr, metric=metric, counts=[0, 3, 11, 55, 110]
+    )
+    assert curve.counts.tolist() == [0, 3, 11, 55, 110]
+    for name, sc in (("eap", eap), ("exact", ex)):
+        f = curve.faithfulness[name]
+        assert float(f[0]) == pytest.approx(0.0, abs=1e-9) and float(f[-1]) == pytest.approx(1.0, abs=1e-9)
+        for n, fn in zip([3, 11, 55], f[1:-1].tolist()):
+            top = sc.circuit(n=n).edges
+            assert fn == pytest.approx(_naive_faith(model, top, clean, corr, metric, "noise"), abs=1e-9)
+    df = curve.to_pandas()
+    assert set(df.columns) >= {"method", "edges", "fraction", "faithfulness", "metric"} and len(df) == 10
+    assert curve.at(0.1)["exact"] == pytest.approx(float(curve.faithfulness["exact"][2]))
+    # default fractions are turned into counts
+    c2 = pruning_curve(model, ex.scores, clean, corr, metric=metric)
+    assert c2.counts[0] == 0 and c2.counts[-1] == 110
+
+
+def _acdc_reference(model, clean, corr, metric, threshold):
+    """One patched run per test, no batching, no shortcuts for dead nodes."""
+    g = edges(model)
+    keep = torch.ones(len(g), dtype=torch.bool)
+
+    def m(k):
+        return float(patch_edges(model, ~k, clean, corr, metric=metric).mean())
+
+    cur = m(keep)
+    for d in reversed(range(g.n_dst)):
+        for e in (g.dst_idx == d).nonzero().flatten().flip(0).tolist():
+            trial = keep.clone()
+            trial[e] = False
+            new = m(trial)
+            if cur - new < threshold:
+                keep, cur = trial, new
+    return keep, cur
+
+
+def test_acdc_equals_one_edge_at_a_time_reference(setup):
+    model, clean, corr, metric = setup
+    full = float(patch_edges(model, [], clean, corr, metric=metric).mean())
+    empty = float(patch_edges(model, list(edges(model)), clean, corr, metric=metric).mean())
+    thr = 0.02 * abs(full - empty)
+    circ = acdc(model, clean, corr, metric=metric, threshold=thr)
+    keep_ref, m_ref = _acdc_reference(model, clean, corr, metric, thr)
+    # dead-node shortcuts remove edges that cannot matter: compare the metric, and the kept edges that reach the logits
+    assert circ.info["m_circuit"] == pytest.approx(m_ref, abs=1e-9)
+    assert bool((circ.mask & ~keep_ref).sum() == 0)
+    assert 0 < len(circ) < 110
+    assert circ.faithfulness == pytest.approx(
+        faithfulness(model, circ.mask, clean, corr, metric=metric), abs=1e-9
+    )
+    everything = acdc(model, clean, corr, metric=metric, threshold=-1e9)
+    assert len(everything) == 110 and everything.faithfulness == pytest.approx(1.0)
+    nothing = acdc(model, clean, corr, metric=metric, threshold=1e9)
+    assert len(nothing) == 0
+
+
+def test_results_drawing_and_io(setup, tmp_path):
+    model, clean, corr, metric = setup
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=3)
+    c = sc.circuit(n=12)
+    png = os.path.join(tmp_path, "circuit.png")
+    c.draw(path=png)
+    assert os.path.getsize(png) > 5000
+    curve = pruning_curve(model, sc, clean, corr, metric=metric)
+    png2 = os.path.join(tmp_path, "curve.png")
+    curve.plot(path=png2)
+    assert os.path.getsize(png2) > 5000
+    df = c.to_pandas()
+    assert len(df) == 12 and df["score"].abs().is_monotonic_decreasing
+    path = os.path.join(tmp_path, "c.npz")
+    c.save(path)
+    back = Circuit.load(path)
+    assert torch.equal(back.mask, c.mask) and torch.equal(back.scores, c.scores)
+    hand = circuit_from_edges(edges(model), ["L0H1->L1H2.k", "L1H2->logits"])
+    assert len(hand) == 2 and "L1H2->logits" in hand
+    # per-position circuits draw too (scores summed over positions)
+    gp = edges(model, per_position=True, seq_len=clean.shape[1])
+    pp = edge_attribution(model, clean, corr, metric=metric, per_position=True)
+    assert len(pp.graph) == len(gp)
+    pp.draw(n=10, path=os.path.join(tmp_path, "pp.png"))
+
+
+def test_cli_on_a_local_model_directory(setup, tmp_path):
+    import json
+
+    import numpy as np
+
+    from pypattern.circuits.cli import main, run_circuit_demo
+
+    model, clean, corr, metric = setup
+    d = tmp_path / "model"
+    d.mkdir()
+    cfg = model.cfg.to_dict()
+    (d / "config.json").write_text(json.dumps(cfg))
+    np.savez(d / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    tok = tmp_path / "prompts.npz"
+    np.savez(
+        tok,
+        clean=clean.numpy(),
+        corrupted=corr.numpy(),
+        answer=metric.answer.numpy(),
+        wrong=metric.wrong.numpy(),
+    )
+    out = tmp_path / "out"
+    res = run_circuit_demo(
+        str(out), model_dir=str(d), tokens=str(tok), methods=("eap", "exact"), fraction=0.1
+    )
+    for key in ("edge_scores", "circuit_table", "pruning_curve", "pruning_table", "circuit_drawing"):
+        assert os.path.getsize(res[key]) > 100
+    ex = edge_attribution(model, clean, corr, metric=metric, method="exact")
+    want = faithfulness(model, ex.circuit(fraction=0.1).mask, clean, corr, metric=metric)
+    assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9) and res["circuit_edges"] == 11
+    assert main(["--out", str(out), "--model-dir", str(d), "--tokens", str(tok), "--methods", "eap"]) == 0
+    with pytest.raises(ValueError, match="model_dir"):
+        run_circuit_demo(str(out), model_dir=str(d))
