@@ -234,3 +234,24 @@ def test_fingerprint_canonical_and_first_difference():
     assert io.hash_batch((torch.ones(2), torch.tensor([1]))) == io.hash_batch(
         [torch.ones(2), torch.tensor([1])]
     )
+
+
+@pytest.mark.parametrize("name", ["EdgeScores", "Circuit"])
+def test_circuit_results_refuse_pickles_and_truncated_files(name, tmp_path):
+    """The circuit results read through the same module: the same refusals."""
+    from pypattern.circuits import results as circuit_results
+
+    cls = getattr(circuit_results, name)
+    marker = tmp_path / "marker"
+    with open(tmp_path / "evil.npz", "wb") as f:
+        pickle.dump({"mask": _Exploit(marker)}, f)
+    with pytest.raises(io.FormatError, match=f"evil.npz.*{name}"):
+        cls.load(tmp_path / "evil.npz")
+    assert not marker.exists()
+    RESULTS[0].save(tmp_path / "other.npz")
+    with pytest.raises(io.FormatError, match=f"holds a 'SampleResult', expected a pypattern {name}"):
+        cls.load(tmp_path / "other.npz")
+    data = (tmp_path / "other.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
+    with pytest.raises(io.FormatError, match="cut.npz.*truncated or corrupt"):
+        cls.load(tmp_path / "cut.npz")
