@@ -8,7 +8,8 @@ STAMP_DEPS := $(VENV)/.deps-stamp
 STAMP_BUILD := $(VENV)/.build-stamp
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml
 PYFILES := pypattern kernels tests bench setup.py
-# One OpenMP/BLAS thread per process keeps timings and tests steady on the shared 2-core machines.
+# Two OpenMP/BLAS threads per process by default (override with OMP_NUM_THREADS=...); fewer threads than cores
+# keep timings and tests steady when other processes share the CPU.
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: setup build test lint demo bench bench-peers check-cuda clean
@@ -38,7 +39,7 @@ test: setup lint
 demo: setup
 	$(VPY) -m pypattern.cli demo
 
-# Our kernels and estimators against their references (peer comparisons skip here: peers live in bench venvs).
+# Our kernels and estimators against their references (the peer comparisons skip in .venv: peers live in bench venvs).
 bench: setup
 	$(VPY) -m pytest -q bench --benchmark-columns=min,median,rounds
 

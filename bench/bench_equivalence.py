@@ -13,11 +13,11 @@ Two "models" x 6 layers, each layer a float32 representation of the same n = 204
 A's layer l - 1), so one 6 x 6 CKA matrix. Cases, each at 1 and at 2 torch threads:
 
 (a) ours ``cka_matrix(method="gram")``, (b) ``method="features"`` (and with ``dtype=torch.float32`` products),
-(c) ``method="auto"`` (it picks "features" here),
-(d) a textbook reference written here: ``K = X X^T``, an explicit centring matrix ``H`` and
+(c) ``method="auto"`` (it picks "features" at this shape),
+(d) a textbook reference written in this file: ``K = X X^T``, an explicit centring matrix ``H`` and
 ``tr(K H L H) / (n - 1)^2`` (biased), in float32, ``K H`` formed once per representation, (e) the peer's
 ``cka.cka_from_features`` (pre-extracted features). The peer computes the *debiased* CKA (the unbiased HSIC of
-Song et al. 2012, in the inputs' dtype, here float32, from uncentred Grams, then clamps CKA to [0, 1]), so (a)-(c)
+Song et al. 2012, in the inputs' dtype, float32 in this benchmark, from uncentred Grams, then clamps CKA to [0, 1]), so (a)-(c)
 run with ``debiased=True`` to compare like with like. Checked: given float64 inputs the peer agrees with ours to
 1e-10 (the same estimator); on the float32 inputs it agrees to 5e-4 (measured about 1.5e-4: float32 rounding of
 uncentred Grams of non-negative features); the reference agrees with ours biased to 1e-4; ours gram and features
@@ -38,8 +38,9 @@ shapes that occur ((2048 x 256)(256 x 2048) and (256 x 2048)(2048 x 256)) in flo
 and in float32 (the peer's and the reference's dtype). Each case's bound is its own multiply-adds at the rate of its
 own dtype and shape; the work's bound is the cheapest form (6.4 G) at the float32 rate. Both are printed, with the
 case's time as a percentage of them. Two "bound" benchmarks (the 48 feature-form products alone, float64 and
-float32) also feed the session table of bench/conftest.py. The 2-thread figures are only worth reading on an
-otherwise idle machine: with another busy process on these 2 cores they swing by several times between rounds.
+float32) also feed the bound table that bench/conftest.py prints at the end of the run. The 2-thread figures are only
+worth reading on an otherwise idle CPU: with another busy process on a 2-core CPU they swing by several times
+between rounds.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ except ImportError:  # pragma: no cover - the main venv has no pytorch-cka
     peer = None
     PEER = None
 
-needs_peer = pytest.mark.skipif(peer is None, reason="pytorch-cka (import cka) is not importable here")
+needs_peer = pytest.mark.skipif(
+    peer is None, reason="pytorch-cka (import cka) is not importable in this environment"
+)
 
 N, D, LAYERS = 2048, 256, 6
 THREADS = sorted({1, min(2, os.cpu_count() or 1)})
@@ -157,7 +160,7 @@ def reference_cka(xs, ys) -> torch.Tensor:
     """Biased linear CKA the textbook way (Kornblith et al. 2019, eq. 3): ``K = X X^T``, an explicit centring matrix
     ``H = I - 11^T / n``, ``HSIC = tr(K H L H) / (n - 1)^2``. ``K H`` is one dense ``n^3`` product per
     representation, kept for all its pairs; each HSIC is then ``sum((K H) * (L H)^T)``. (Forming ``K H`` and
-    ``L H`` again for every pair, 96 ``n^3`` products, would take about 40 s a round here.)"""
+    ``L H`` again for every pair, 96 ``n^3`` products, would take about 40 s a round at this shape on a 2-core Xeon.)"""
     n = xs[0].shape[0]
     h = torch.eye(n, dtype=xs[0].dtype) - torch.full((n, n), 1.0 / n, dtype=xs[0].dtype)
     kh = [(x @ x.T) @ h for x in xs]

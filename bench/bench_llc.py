@@ -11,15 +11,15 @@ Work
 ----
 * MLP 128-256-256-10 (101,386 parameters) trained on a teacher task; 4 chains x 200 draws, batch 256, lr 1e-4,
   localization 100, nbeta = 256 / ln 256. The bound is the floor: one forward and one backward of the same batch
-  per step (about 3 x 2 x 101k x 256 = 156 M multiply-adds per step), measured here in the same session, plus the
+  per step (about 3 x 2 x 101k x 256 = 156 M multiply-adds per step), timed in the same run, plus the
   SGLD update (4 passes over 101k floats, negligible). Reported: time per chain-step of each estimator, the
   floor, and the ratios.
 * Normal crossing K = w1^2 w2^4 as devinterp's test builds it (x ~ N(0, 2^2), y = 0.25 N(0, 1), n = 1000, MSE,
   full batch, lr 4e-4, nbeta = n / ln n, localization 1): 10 chains x 3000 draws. Per-step overhead is everything
-  here (the model has 2 parameters).
+  in this case (the model has 2 parameters).
 
 Both estimators start from the same weights on the same data; their estimates must agree within 2 standard
-deviations (over chains). Timing rounds are few (each is a full estimate); ratios come from the same session.
+deviations (over chains). Timing rounds are few (each is a full estimate); ratios come from the same run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Exact activation patching and AtP against TransformerLens 4.3.0 (bench-only peer, in .bench-venvs/tl).
 
-Setup (the issue's): a random-weight TransformerBridge.boot_native model (n_layers=4, d_model=256, n_heads=8,
+Setup: a random-weight TransformerBridge.boot_native model (n_layers=4, d_model=256, n_heads=8,
 d_head=32, d_mlp=1024, d_vocab=1000, n_ctx=64, gelu), batch 8 x 32 tokens, logit-difference metric. The same
 weights are converted into pypattern's Transformer; both grids must agree (1e-4 in float32).
 
@@ -8,7 +8,7 @@ Bound: the multiply-adds that a patch can actually change (layers >= L, position
 only the keys/values of the changed rows and the metric row's query, attention, MLP and unembedding) against
 what TransformerLens computes per cell (a full forward with logits at every position). ``macs_per_cell`` and
 ``macs_full_forward`` count them; the ratio of the grid sums is the speed-up that the arithmetic allows
-(5.5x for the resid_pre grid, 8.7x for the per-head z grid; the issue's rougher count, which keeps every row of
+(5.5x for the resid_pre grid, 8.7x for the per-head z grid; a rougher count, which keeps every row of
 the last block, gives about 3.4x). Measured speed-ups above the bound mean TransformerLens also loses time
 outside its arithmetic (hooks, Python per cell).
 

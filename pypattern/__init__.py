@@ -8,7 +8,7 @@ susceptibilities into data re-weightings), :mod:`pypattern.flags` (train residua
 steer with them). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
 """
 
-from . import equivalence, flags, patterning, truth
+from . import equivalence, flags, losses, models, ops, patching, patterning, sampling, susceptibility, tasks, truth
 from ._backends import backends
 from .equivalence import (
     MinibatchCKA,
@@ -20,14 +20,12 @@ from .equivalence import (
 )
 from .flags import FlagReport, FlagSpec, flag_loss, flag_report, generate, steer, train_flags
 from .models import Transformer, TransformerConfig, component_masks
-from .ops import (
-    CrossCovariance,
-    GramSite,
-    center_gram,
-    per_sample_grad_gram,
-    sgld_step_,
-    transformer_lens_sites,
-)
+from .models.convert import from_hf, from_pretrained
+from .models.hf import hooked_hf
+from .ops import CrossCovariance, sgld_step_
+
+# The per-sample gradient Gram and its model-walking helpers (kept on their own import line).
+from .ops.grad_gram import GramSite, center_gram, per_sample_grad_gram, transformer_lens_sites
 from .patching import (
     KL,
     GaussianNoise,
@@ -62,71 +60,105 @@ from .tasks import (
     TopicTask,
     algorithm_scores,
     prefix_matching_score,
-    train,
 )
 
 __version__ = "0.1.0"
 
+# The public names, in groups; each group is sorted (Python's string order: capitals first).
+# tests/test_api.py checks that every name resolves and that each group below stays sorted.
+
+# Estimators: sampling and the LLC, susceptibilities, patterning, patching, representation similarity.
 __all__ = [
-    "KL",
     "MinibatchCKA",
-    "cka_matrix",
-    "interpretive_equivalence",
-    "linear_cka",
-    "permutation_test",
-    "procrustes",
-    "GaussianNoise",
-    "InductionTask",
-    "IOITask",
-    "LogProb",
-    "LogitDiff",
-    "MeanAblation",
-    "ParenthesesTask",
-    "PatchResult",
-    "Prob",
-    "TokenReplacement",
-    "ZeroAblation",
-    "activation_patching",
-    "algorithm_scores",
-    "attribution_patching",
-    "prefix_matching_score",
-    "shortlist_and_confirm",
-    "train",
     "SGLD",
-    "CrossCovariance",
-    "GramSite",
-    "LLCResult",
-    "SampleResult",
-    "SamplingDivergedError",
-    "SusceptibilityResult",
-    "Transformer",
-    "TransformerConfig",
-    "__version__",
-    "backends",
+    "activation_patching",
+    "attribution_patching",
     "bif",
     "calibrate_step_size",
-    "center_gram",
-    "component_masks",
+    "cka_matrix",
     "estimate_learning_coeff",
     "estimate_learning_coeff_with_summary",
     "estimate_llc",
+    "interpretive_equivalence",
     "invert",
-    "equivalence",
-    "flags",
-    "FlagReport",
+    "linear_cka",
+    "permutation_test",
+    "procrustes",
+    "reweight",
+    "sample",
+    "shortlist_and_confirm",
+    "susceptibilities",
+]
+# Patching corruptions and metrics (arguments of activation_patching and attribution_patching).
+__all__ += [
+    "GaussianNoise",
+    "KL",
+    "LogProb",
+    "LogitDiff",
+    "MeanAblation",
+    "Prob",
+    "TokenReplacement",
+    "ZeroAblation",
+]
+# Concept flags: the spec, the loss, training, steering, generation and the report.
+__all__ += [
     "FlagSpec",
     "flag_loss",
     "flag_report",
     "generate",
     "steer",
     "train_flags",
-    "TopicTask",
-    "patterning",
+]
+# Results (each with save/load) and the sampler's divergence error.
+__all__ += [
+    "FlagReport",
+    "LLCResult",
+    "PatchResult",
+    "SampleResult",
+    "SamplingDivergedError",
+    "SusceptibilityResult",
+]
+# Ops: the fused SGLD step, streaming covariance, per-sample gradient Gram, and the backend report.
+__all__ += [
+    "CrossCovariance",
+    "GramSite",
+    "backends",
+    "center_gram",
     "per_sample_grad_gram",
-    "reweight",
-    "sample",
     "sgld_step_",
-    "susceptibilities",
     "transformer_lens_sites",
+]
+# Models: the hooked transformer (TransformerLens hook names), converters from Hugging Face and TransformerLens,
+# the adapter for Hugging Face models left unconverted, and per-component parameter masks.
+__all__ += [
+    "Transformer",
+    "TransformerConfig",
+    "component_masks",
+    "from_hf",
+    "from_pretrained",
+    "hooked_hf",
+]
+# Tasks: synthetic tasks and their scores (training loop: pypattern.tasks.train).
+__all__ += [
+    "IOITask",
+    "InductionTask",
+    "ParenthesesTask",
+    "TopicTask",
+    "algorithm_scores",
+    "prefix_matching_score",
+]
+# Submodules, for everything else (pypattern.distributed is imported on its own: it needs torch.distributed).
+__all__ += [
+    "equivalence",
+    "flags",
+    "losses",
+    "models",
+    "ops",
+    "patching",
+    "patterning",
+    "sampling",
+    "susceptibility",
+    "tasks",
     "truth",
 ]
+__all__ += ["__version__"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tasks.base import IGNORE, Task, _gen
+from .tasks.base import IGNORE, Task, generator
 
 __all__ = [
     "FlagSpec",
@@ -465,7 +465,7 @@ def train_flags(
         raise ValueError(f"aux_weight={aux_weight} is not valid; give >= 0")
     if not 0.0 <= switch_prob <= 1.0:
         raise ValueError(f"switch_prob={switch_prob} is not valid; give a value in [0, 1]")
-    g = _gen(seed)
+    g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     code = spec.code()
     res = FlagTrainResult()
@@ -705,7 +705,7 @@ def flag_report(
     pc = prompts.extra["concept_pos"][:, prompt_len - 1]
     keep = pc >= 0
     tok, pc = prompts.tokens[keep, :prompt_len], pc[keep]
-    g = _gen(seed + 2)
+    g = generator(seed + 2)
     other = (pc + torch.randint(1, spec.num_concepts, pc.shape, generator=g)) % spec.num_concepts
     steered = generate(model, tok, gen_steps, spec, other, seed=seed + 3)[:, prompt_len:]
     free = generate(model, tok, gen_steps, seed=seed + 3)[:, prompt_len:]

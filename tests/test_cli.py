@@ -32,3 +32,48 @@ def test_unknown_command_fails():
     with pytest.raises(SystemExit) as e:
         cli.main(["nope"])
     assert e.value.code != 0
+
+
+def _subparsers():
+    parser = cli._parser()
+    (sub,) = [a for a in parser._actions if a.dest == "cmd"]
+    return parser, sub.choices
+
+
+def test_every_option_is_explained_and_help_has_no_raw_markup(capsys):
+    parser, subs = _subparsers()
+    assert set(subs) == {"demo", "llc", "patch", "backends"}
+    for name, p in [("pypattern", parser), *subs.items()]:
+        for action in p._actions:
+            if action.dest in ("help", "cmd"):
+                continue
+            assert action.help, f"{name}: option {action.dest!r} has no help text"
+        text = p.format_help()
+        assert "``" not in text, name
+    for argv in (["--help"], *([c, "--help"] for c in subs)):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "``" not in capsys.readouterr().out
+
+
+def test_llc_quick_ends_with_a_short_summary(tmp_path, capsys):
+    assert cli.main(["llc", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "LLC =" in out and str(tmp_path / "llc_result.npz") in out
+    assert len(out) < 2000
+
+
+def test_demo_patterning_quick_prints_a_headline_not_the_report(tmp_path, capsys):
+    assert cli.main(["demo", "patterning", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "patterning_summary.json"
+    assert f"report: {report}" in out and "induction seed 0" in out
+    assert len(out) < 2500 < report.stat().st_size
+
+
+def test_full_and_quick_exclude_each_other_and_full_is_for_patterning(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "patterning", "--full", "--quick"])
+    assert e.value.code != 0
+    with pytest.raises(SystemExit, match="--full applies to 'patterning' only"):
+        cli.main(["demo", "flags", "--full"])

@@ -1,13 +1,14 @@
 """The patterning experiments end to end at tiny sizes: chi estimated, weights valid, re-weighted training runs,
-onsets and learned algorithms measured. The headline effect sizes are measured by the demo, not asserted here."""
+onsets and learned algorithms measured. The headline effect sizes are measured by the demo, not asserted in these tests."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from pypattern.experiments import cli as demo_cli
+from pypattern.experiments import patterning_demo as demo_cli
 from pypattern.experiments.induction import (
     GroupWeightedInduction,
     InductionSettings,
@@ -274,14 +275,22 @@ def test_parens_online_patterning_reestimates():
     assert r["runs"]["baseline"]["online_weights"] == []
 
 
-def test_demo_writes_plots(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        demo_cli,
-        "reduced_settings",
-        lambda: ({"seeds": (0,)}, InductionSettings(**TINY_IND), {"seeds": (0,)}, ParensSettings(**TINY_PAR)),
-    )
-    out = demo_cli.run_patterning_demo(tmp_path, log=None)
+def test_demo_writes_plots_and_a_short_headline(tmp_path):
+    out = demo_cli.run_patterning_demo(tmp_path, log=None, quick=True)
     for p in out["plots"]:
         assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
-    assert (tmp_path / "patterning_summary.json").exists()
+    report = json.loads((tmp_path / "patterning_summary.json").read_text())
+    assert out["report"] == str(tmp_path / "patterning_summary.json")
+    assert report["induction"]["seeds"] == [0] and report["parens"]["seeds"] == [0]
     assert set(out["induction"]["onset"]) == {"baseline", "accelerate", "delay"}
+    head = demo_cli.headline(out)
+    assert head["report"] == out["report"]
+    assert len(str(head)) < 1500 < len(json.dumps(report))  # a summary, not the report
+
+
+def test_quick_settings_are_the_tiny_test_sizes():
+    ik, ind, pk, par = demo_cli.quick_settings()
+    assert ind == InductionSettings(**TINY_IND) and par == ParensSettings(**TINY_PAR)
+    assert ik["seeds"] == (0,) and pk["seeds"] == (0,)
+    with pytest.raises(ValueError, match="full=True and quick=True"):
+        demo_cli.run_patterning_demo("unused", full=True, quick=True)

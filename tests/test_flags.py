@@ -237,12 +237,7 @@ def test_flags_demo_runs_small(tmp_path):
 
     from pypattern.experiments.flags_demo import FlagsDemoSettings, run_flags_demo
 
-    s = FlagsDemoSettings(
-        num_topics=2, tokens_per_topic=8, seq_len=16, n_layers=2, d_model=32, n_heads=2, d_mlp=64,
-        hook="blocks.1.hook_resid_pre", num_flag_dims=4, pretrain_steps=200, stage1_steps=200,
-        stage2_steps=200, num_samples=256,
-    )  # fmt: skip
-    out = run_flags_demo(tmp_path, s)
+    out = run_flags_demo(tmp_path, FlagsDemoSettings.quick())  # what `pypattern demo flags --quick` runs
     rep = json.loads((tmp_path / "flags_report.json").read_text())
     assert rep["flags"]["steer_success"] > rep["control"]["steer_success"] + 0.3
     assert rep["flags"]["reliance"] > rep["control"]["reliance"]

@@ -137,7 +137,7 @@ def test_deep_linear_network_matches_aoyagi(widths, rank):
 
 
 def test_demo_writes_plot_and_summary(tmp_path, capsys):
-    from pypattern.sampling.demo import run_llc_demo
+    from pypattern.experiments.llc_demo import run_llc_demo
 
     out = run_llc_demo(
         tmp_path,

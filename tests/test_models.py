@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -485,27 +486,51 @@ def test_rms_norm_hooked_scale_equals_fast_path():
         assert fast.dtype == torch.float64 and seen[0].shape == (3, 5, 1)
 
 
-def test_gqa_head_mask_moves_exactly_that_head_and_its_kv_group():
+def test_gqa_head_mask_moves_exactly_that_head_and_kv_head_its_group():
     model = rich(n_key_value_heads=2, positional_embedding_type="rotary", gated_mlp=True, act_fn="silu")
     Hkv = 2  # of 4 heads: heads 0, 1 read kv head 0; heads 2, 3 read kv head 1
-    masks = component_masks(model, "blocks.1.attn.head.3")
     a = "blocks.1.attn"
-    assert set(masks) == {f"{a}.{n}" for n in ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"]}
+    head = component_masks(model, f"{a}.head.3")
+    assert set(head) == {f"{a}.{n}" for n in ["W_Q", "W_O", "b_Q"]}
     for n in ("W_Q", "W_O", "b_Q"):
-        assert masks[f"{a}.{n}"][3].all() and masks[f"{a}.{n}"].sum() == masks[f"{a}.{n}"][3].numel()
+        assert head[f"{a}.{n}"][3].all() and head[f"{a}.{n}"].sum() == head[f"{a}.{n}"][3].numel()
+    kv = component_masks(model, f"{a}.kv_head.1")
+    assert set(kv) == {f"{a}.{n}" for n in ["W_K", "W_V", "b_K", "b_V"]}
     for n in ("W_K", "W_V", "b_K", "b_V"):
-        assert masks[f"{a}.{n}"].shape[0] == Hkv
-        assert masks[f"{a}.{n}"][1].all() and masks[f"{a}.{n}"].sum() == masks[f"{a}.{n}"][1].numel()
+        assert kv[f"{a}.{n}"].shape[0] == Hkv
+        assert kv[f"{a}.{n}"][1].all() and kv[f"{a}.{n}"].sum() == kv[f"{a}.{n}"][1].numel()
+    both = component_masks(model, f"{a}.head.3", include_shared_kv=True)
+    assert set(both) == set(head) | set(kv)
+    # heads, kv heads and b_O partition the attention's parameters
+    comps = [c for c in model.components() if c.startswith(a + ".")]
+    assert comps == [f"{a}.head.{h}" for h in range(4)] + [f"{a}.kv_head.{g}" for g in range(Hkv)]
+    cover = {
+        n: torch.zeros_like(p, dtype=torch.int64) for n, p in model.named_parameters() if n.startswith(a)
+    }
+    for c in comps:
+        for n, m in component_masks(model, c).items():
+            cover[n] += m.long()
+    for n, c in cover.items():
+        assert (c == (0 if n.endswith("b_O") else 1)).all(), n
+    with pytest.raises(ValueError, match="kv_head"):
+        component_masks(rich(), f"{a}.kv_head.0")
     tokens = torch.randint(0, 13, (2, 10))
-    _, before = model.run_with_cache(tokens)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in masks:
-                p.add_(masks[n] * torch.randn_like(p))
-    _, after = model.run_with_cache(tokens)
-    z0, z1 = before[f"{a}.hook_z"], after[f"{a}.hook_z"]
-    torch.testing.assert_close(z0[:, :, :2], z1[:, :, :2])  # the other group is untouched
+
+    def moved(masks):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n in masks:
+                    p.add_(masks[n] * torch.randn_like(p))
+        return m.run_with_cache(tokens)[1][f"{a}.hook_z"]
+
+    z0 = model.run_with_cache(tokens)[1][f"{a}.hook_z"]
+    z1 = moved(head)  # exactly head 3 moves
+    torch.testing.assert_close(z0[:, :, :3], z1[:, :, :3], rtol=0, atol=0)
     assert not torch.allclose(z0[:, :, 3], z1[:, :, 3])
+    z2 = moved(kv)  # kv head 1 moves heads 2 and 3, not the other group
+    torch.testing.assert_close(z0[:, :, :2], z2[:, :, :2], rtol=0, atol=0)
+    assert not torch.allclose(z0[:, :, 2], z2[:, :, 2]) and not torch.allclose(z0[:, :, 3], z2[:, :, 3])
     # the MLP component includes the gate
     assert "blocks.0.mlp.W_gate" in component_masks(model, "blocks.0.mlp")
 
@@ -517,6 +542,12 @@ def test_tied_embeddings_are_one_parameter():
     assert [n for n, _ in tied.named_parameters(remove_duplicate=False)] == names
     assert tied.unembed.W_U.shape == (40, 13) and torch.equal(tied.unembed.W_U, tied.embed.W_E.T)
     assert "unembed" not in tied.components()
+    twin = copy.deepcopy(tied)  # the copy's unembedding reads the copy's embedding
+    with torch.no_grad():
+        twin.embed.W_E.mul_(2.0)
+    assert torch.equal(twin.unembed.W_U, twin.embed.W_E.T) and not torch.equal(
+        twin.unembed.W_U, tied.unembed.W_U
+    )
     assert set(component_masks(tied, "unembed")) == {"embed.W_E"}
     # the gradient of the one weight is the sum of its two uses (an untied copy gives both separately)
     untied = rich(tie_word_embeddings=False, unembed_bias=False)

@@ -78,7 +78,7 @@ def test_llc_susceptibility_shapes_and_uniform_perturbation_is_null():
     full, se = group_llc_chi(est, "full", se=True)
     assert full.shape == (NUM_GROUPS,) and se.shape == (NUM_GROUPS,)
     np.testing.assert_allclose(full, group_llc_chi(est, "cov") + group_llc_chi(est, "direct"), atol=1e-9)
-    # group convention (parens._group_chi): chi_G[g] = G * sum_{z in g} chi_z / N, so the groups sum to zero too
+    # group convention (parens.group_chi): chi_G[g] = G * sum_{z in g} chi_z / N, so the groups sum to zero too
     assert abs(float(full.sum())) < 1e-6 * max(1.0, float(np.abs(full).sum()))
 
 

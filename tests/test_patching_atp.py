@@ -120,7 +120,7 @@ def test_shortlist_and_confirm(trained_ioi):
 
 
 def test_patch_demo_writes_heatmap_and_table(tmp_path):
-    from pypattern.patching.cli import run_patch_demo
+    from pypattern.experiments.patching_demo import run_patch_demo
 
     s = run_patch_demo(str(tmp_path), steps=40, num_prompts=12)
     assert (tmp_path / "patching_heatmap.png").stat().st_size > 10_000

@@ -1,9 +1,10 @@
-"""Activation patching on a Hugging Face GPT-2 built from a config (no download), through module-path hooks."""
+"""Activation patching on Hugging Face GPT-2 and Llama models built from configs (no download), through the native
+adapters' hook points."""
 
 import pytest
 import torch
 
-from pypattern.models.hf import HAS_TRANSFORMERS, gpt2_from_config, hooked_gpt2
+from pypattern.models.hf import HAS_TRANSFORMERS, gpt2_from_config, hooked_gpt2, hooked_hf
 from pypattern.patching import LogitDiff, activation_patching
 
 pytestmark = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed")
@@ -65,3 +66,71 @@ def test_resid_pre_grid_equals_manual_hooks(gpt2_and_prompts):
     corrupted = metric(gpt2(corr).logits[:, -1]).detach()
     torch.testing.assert_close(vals[:, 0, 1], corrupted, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(vals[:, 0, 2], corrupted, atol=1e-3)
+
+
+def _llama():
+    import transformers
+
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(
+        vocab_size=40, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, max_position_embeddings=16,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def _manual_resid_mid_patch(model, clean, corr, layer, pos, metric):
+    """Denoising patch of resid_mid by hand: the clean run's ``resid_pre + attn_out`` at ``pos`` put into the
+    corrupted run by rewriting the attention output as ``clean_mid - corrupted_resid_pre`` there."""
+    block = model.model.layers[layer]
+    store = {}
+
+    def grab_pre(mod, args, kwargs):
+        store["pre"] = args[0] if args else kwargs["hidden_states"]
+
+    def grab_attn(mod, args, out):
+        store["mid"] = (store["pre"] + out[0]).detach().clone()
+
+    hs = [
+        block.register_forward_pre_hook(grab_pre, with_kwargs=True),
+        block.self_attn.register_forward_hook(grab_attn),
+    ]
+    with torch.no_grad():
+        model(clean)
+    for h in hs:
+        h.remove()
+    clean_mid = store.pop("mid")
+
+    def put(mod, args, out):
+        a = out[0].clone()
+        a[:, pos] = clean_mid[:, pos] - store["pre"][:, pos]
+        return (a, *out[1:])
+
+    hs = [
+        block.register_forward_pre_hook(grab_pre, with_kwargs=True),
+        block.self_attn.register_forward_hook(put),
+    ]
+    with torch.no_grad():
+        logits = model(corr).logits
+    for h in hs:
+        h.remove()
+    return metric(logits[:, -1])
+
+
+def test_resid_mid_grid_on_a_native_llama_equals_manual_hooks():
+    llama = _llama()
+    hm = hooked_hf(llama)
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, 40, (3, 6), generator=g)
+    corr = clean.clone()
+    corr[:, 1] = (clean[:, 1] + 11) % 40
+    metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+    res = activation_patching(hm, "resid_mid", clean, corr, metric=metric)
+    assert res.values.shape == (3, 2, 6)
+    for layer in range(2):
+        for pos in (1, 4):
+            want = _manual_resid_mid_patch(llama, clean, corr, layer, pos, metric)
+            torch.testing.assert_close(res.values[:, layer, pos], want, rtol=1e-9, atol=1e-9)
+    # the replaced token's position, patched at layer 0, moves the metric away from the corrupted run's
+    corrupted = metric(llama(corr).logits[:, -1]).detach()
+    assert not torch.allclose(res.values[:, 0, 1], corrupted, atol=1e-4)

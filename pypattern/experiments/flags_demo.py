@@ -41,6 +41,15 @@ class FlagsDemoSettings:
     seed: int = 0
     num_threads: int | None = 1
 
+    @classmethod
+    def quick(cls) -> FlagsDemoSettings:
+        """Tiny sizes (2 topics, 2 layers, 100 steps per stage): checks that the demo runs; figures mean nothing."""
+        return cls(
+            num_topics=2, tokens_per_topic=8, seq_len=16, n_layers=2, d_model=32, n_heads=2, d_mlp=64,
+            hook="blocks.1.hook_resid_pre", num_flag_dims=4, pretrain_steps=100, stage1_steps=100,
+            stage2_steps=100, num_samples=128,
+        )  # fmt: skip
+
 
 def run_flags_demo(out_dir: str | Path = "out/demo/flags", s: FlagsDemoSettings | None = None) -> dict:
     """Pre-train on :class:`TopicTask`, then fine-tune two copies for the same number of steps: with the flag

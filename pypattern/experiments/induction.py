@@ -41,7 +41,7 @@ from ..susceptibility import susceptibilities
 from ..tasks.base import IGNORE, TaskBatch
 from ..tasks.induction import InductionTask, prefix_matching_score
 from ..tasks.training import train
-from ._chi import ChiSettings
+from .chi_settings import ChiSettings
 
 __all__ = [
     "InductionSettings",
@@ -64,10 +64,10 @@ GROUP_NAMES = ("induction", "first_copy", "other")
 class InductionSettings(ChiSettings):
     """Sizes and settings of the induction experiment (defaults: the reduced, minutes-on-a-CPU version)."""
 
-    # d_vocab 64, seq_len 33 (repeat_len 10) since session 4. With d_vocab 24, seq_len 21 the plateau before the
+    # d_vocab 64, seq_len 33 (repeat_len 10). With d_vocab 24, seq_len 21 the plateau before the
     # loss drop was heavy-tailed (baseline onsets of seeds 0-5 on one machine: 841, none by 5000, 2033, 1731, none
     # by 5000, 675), and the drop mostly came without a canonical induction head (prefix-matching score of the
-    # second-layer heads < 0.1 in 3 of 4 seeds at d_model 32 and in every seed checked at 48). Here the drop is
+    # second-layer heads < 0.1 in 3 of 4 seeds at d_model 32 and in every seed checked at 48). At this size the drop is
     # sharp and the score rises with it in most seeds (docs/patterning_results.md).
     d_vocab: int = 64
     seq_len: int = 33

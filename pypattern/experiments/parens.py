@@ -58,10 +58,14 @@ from ..tasks.parens import (
     algorithm_scores,
 )
 from ..tasks.training import train
-from ._chi import ChiSettings
+from .chi_settings import ChiSettings
 
 __all__ = [
     "ParensSettings",
+    "full_weights",
+    "group_chi",
+    "invert_unequal_groups",
+    "target_contrast",
     "GroupWeightedParentheses",
     "sample_groups",
     "solution_losses",
@@ -250,7 +254,7 @@ def select_weights(chi, groups, names, target: str, s: ParensSettings, group_fra
     """Group weights that lower the expected loss of ``target``'s answers relative to every other solution's.
 
     The observables inverted are the contrasts ``mu_target - mu_B`` (one per other algorithm ``B``; their
-    susceptibilities are the differences of ``chi``'s rows, each scaled to max |.| = 1, see :func:`_contrast`),
+    susceptibilities are the differences of ``chi``'s rows, each scaled to max |.| = 1, see :func:`target_contrast`),
     each with target ``-amount / sqrt(K - 1)``: the common part of the rows (all probe losses moving together)
     cancels. Only the unequal-count groups (1..4) are
     re-weighted, by :func:`~pypattern.patterning.invert` (``"constrained"``, weights in
@@ -262,13 +266,13 @@ def select_weights(chi, groups, names, target: str, s: ParensSettings, group_fra
 
     Returns ``(weights (NUM_GROUPS,), Intervention, chi_groups)``.
     """
-    chi_g = _group_chi(chi, groups)
-    contrast, tgt = _contrast(chi_g, names, target, s.amount)
-    w, iv = _invert_unequal_groups(contrast, tgt, s, group_fractions)
+    chi_g = group_chi(chi, groups)
+    contrast, tgt = target_contrast(chi_g, names, target, s.amount)
+    w, iv = invert_unequal_groups(contrast, tgt, s, group_fractions)
     return w, iv, chi_g
 
 
-def _invert_unequal_groups(contrast, tgt, s: ParensSettings, group_fractions=None):
+def invert_unequal_groups(contrast, tgt, s: ParensSettings, group_fractions=None):
     """``invert(method="constrained")`` over the four unequal-count groups (their data fractions keep their total
     share), then all :data:`NUM_GROUPS` weights with the balanced group at 1. Returns ``(weights, Intervention)``."""
     iv = invert(
@@ -279,10 +283,10 @@ def _invert_unequal_groups(contrast, tgt, s: ParensSettings, group_fractions=Non
         max_weight=s.max_weight,
         fractions=None if group_fractions is None else np.asarray(group_fractions, dtype=np.float64)[1:],
     )
-    return _full_weights(iv.weights, group_fractions), iv
+    return full_weights(iv.weights, group_fractions), iv
 
 
-def _contrast(chi_g, names, target: str, amount: float):
+def target_contrast(chi_g, names, target: str, amount: float):
     """The contrasts' susceptibilities to the unequal-count groups and their target.
 
     Each contrast ``mu_target - mu_B`` is scaled to max |.| = 1 over the groups, so that every other algorithm
@@ -296,7 +300,7 @@ def _contrast(chi_g, names, target: str, amount: float):
     return contrast, -amount * np.ones(len(contrast)) / np.sqrt(len(contrast))
 
 
-def _full_weights(free_weights, group_fractions=None) -> np.ndarray:
+def full_weights(free_weights, group_fractions=None) -> np.ndarray:
     """All group weights: 1 for the balanced group, the unequal groups' weights rescaled to keep their share."""
     f = np.ones(NUM_GROUPS) if group_fractions is None else np.asarray(group_fractions, dtype=np.float64)
     w = np.ones(NUM_GROUPS)
@@ -305,7 +309,7 @@ def _full_weights(free_weights, group_fractions=None) -> np.ndarray:
     return w
 
 
-def _group_chi(chi, groups) -> np.ndarray:
+def group_chi(chi, groups) -> np.ndarray:
     """Group susceptibilities ``chi_G[:, g] = G * sum_{z in g} chi[:, z] / N`` (``d mu = chi_G (W - 1) / G``
     for group weights ``W``, :func:`~pypattern.patterning.invert`'s convention)."""
     n = chi.shape[1]
@@ -325,7 +329,7 @@ def _online_callback(model, task, target: str, s: ParensSettings, seed: int):
 
     def estimate(step):
         chi, _, groups, names, _ = estimate_solution_chi(model, s, seed=seed + 7919 * step)
-        return _contrast(_group_chi(chi, groups), names, target, s.amount)[0]
+        return target_contrast(group_chi(chi, groups), names, target, s.amount)[0]
 
     tgt = -s.amount * np.ones(len(ALGORITHMS) - 1) / np.sqrt(len(ALGORITHMS) - 1)
     pat = OnlinePatterner(
@@ -335,7 +339,7 @@ def _online_callback(model, task, target: str, s: ParensSettings, seed: int):
         invert_kwargs={"method": "constrained", "min_weight": s.min_weight, "max_weight": s.max_weight},
     )
     # the first estimate (at the checkpoint, same SGLD seed) reproduces the single-shot chi and weights
-    w0 = _full_weights(pat.weights_for(0), fr)
+    w0 = full_weights(pat.weights_for(0), fr)
     task.set_group_weights(w0)
     history = [[0, [round(float(x), 4) for x in w0]]]
 
@@ -344,7 +348,7 @@ def _online_callback(model, task, target: str, s: ParensSettings, seed: int):
             n = len(pat.history)
             fw = pat.weights_for(step + 1)
             if len(pat.history) > n:  # re-estimated
-                w = _full_weights(fw, fr)
+                w = full_weights(fw, fr)
                 task.set_group_weights(w)
                 history.append([step + 1, [round(float(x), 4) for x in w]])
 
@@ -406,7 +410,7 @@ def run_parens_seed(seed: int, s: ParensSettings | None = None, log=None) -> dic
             f"parens seed {seed}: {name}: learned {sc['learned']} (train acc {sc['train/balanced']:.3f}, "
             f"P(True) per probe cell {answers}) weights {[round(x, 3) for x in gw]}"
         )
-    chi_g = _group_chi(chi, groups)
+    chi_g = group_chi(chi, groups)
     return {
         "seed": seed,
         "settings": dataclasses.asdict(s),

@@ -1,7 +1,7 @@
-"""Patterning parentheses algorithms with each solution's own LLC (issue 6, "each solution's LLC" taken literally).
+"""Patterning parentheses algorithms with each solution's own LLC as the observable.
 
 :mod:`pypattern.experiments.parens` patterns from an early checkpoint with the held-out probe losses ``L_A`` as
-observables. This module does what the issue's wording says instead:
+observables. This module uses each solution's own LLC instead:
 
 1. **Solution models** (:func:`train_solution`). For each algorithm ``A`` of
    :data:`~pypattern.tasks.parens.ALGORITHMS` a model (the :class:`~.parens.ParensSettings` architecture) is
@@ -23,15 +23,15 @@ observables. This module does what the issue's wording says instead:
    The brief's formula is the covariance term alone (``kind="cov"``); ``kind="full"`` (the default used for the
    interventions) is the total derivative of ``lambda`` under the re-weighted loss. The covariance is taken
    within each chain and averaged over chains (as :func:`.parens.estimate_solution_chi`). Columns are summed per
-   training group (:data:`.parens.PARENS_GROUP_NAMES`) with :func:`.parens._group_chi`.
+   training group (:data:`.parens.PARENS_GROUP_NAMES`) with :func:`.parens.group_chi`.
 
 3. **Intervention** (:func:`select_llc_weights`). All solutions fit the training data (``L_n(w*_A) ~ 0``), so
    the Bayesian free energy ``F_A ~ n L_n(w*_A) + lambda_A log n`` prefers the solution with the lowest LLC. To
    select the target ``T``, the contrasts ``lambda_T - lambda_B`` for every other algorithm ``B`` are lowered:
-   :func:`.parens._contrast` (each contrast scaled to max |.| = 1, target ``-amount / sqrt(K - 1)``), inverted
+   :func:`.parens.target_contrast` (each contrast scaled to max |.| = 1, target ``-amount / sqrt(K - 1)``), inverted
    with :func:`pypattern.patterning.invert` (``method="constrained"``, weights in ``[min_weight,
    max_weight]``) over the four unequal-count groups; the balanced group keeps weight 1 and the unequal groups
-   keep their total share (:func:`.parens._full_weights`): the class balance does not change.
+   keep their total share (:func:`.parens.full_weights`): the class balance does not change.
 
 4. **Selection** (:func:`train_from_scratch`). A fresh model (init seed ``seed``) trains ``steps`` steps on
    :class:`~.parens.GroupWeightedParentheses` with those weights (online batches, data seed ``1000 + seed``);
@@ -53,17 +53,17 @@ from .._threads import pinned_threads
 from ..models.transformer import Transformer
 from ..sampling.diagnostics import r_hat
 from ..sampling.runner import sample
-from ..tasks.base import TaskBatch, _gen
+from ..tasks.base import TaskBatch, generator
 from ..tasks.parens import ALGORITHMS, PROBE_CELLS, ParenthesesTask, algorithm_scores
 from ..tasks.training import train
 from .parens import (
     NUM_GROUPS,
     GroupWeightedParentheses,
     ParensSettings,
-    _contrast,
-    _group_chi,
-    _invert_unequal_groups,
+    group_chi,
+    invert_unequal_groups,
     sample_groups,
+    target_contrast,
 )
 
 __all__ = [
@@ -110,7 +110,7 @@ def split_probes(task: ParenthesesTask, seed: int = 0):
     """Split the held-out probes into ``(fit, check)`` halves, each probe cell split separately (``fit`` gets
     ``floor(size / 2)`` of each cell). Returns two :class:`~pypattern.tasks.base.TaskBatch` (``extra["cell"]``)."""
     probes = task.probes("all")
-    g = _gen(seed)
+    g = generator(seed)
     fit, check = [], []
     for c in range(len(PROBE_CELLS)):
         idx = torch.nonzero(probes.extra["cell"] == c).flatten()
@@ -133,7 +133,7 @@ class SolutionParentheses(ParenthesesTask):
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
         b = super().sample(num_samples, seed)
-        g = _gen(None if seed is None else seed + 7)
+        g = generator(None if seed is None else seed + 7)
         use = torch.rand(num_samples, generator=g) < self.probe_fraction
         pick = torch.randint(0, len(self.fit_strings), (num_samples,), generator=g)
         s = torch.where(use[:, None], self.fit_strings[pick], b.tokens[:, 1:-1])
@@ -258,7 +258,7 @@ def llc_susceptibility(model, s: LLCSettings, seed: int = 0) -> dict:
 
 
 def group_llc_chi(est: dict, kind: str = "full", se: bool = False):
-    """``d lambda / d h_g`` per training group (:func:`.parens._group_chi` convention) from
+    """``d lambda / d h_g`` per training group (:func:`.parens.group_chi` convention) from
     :func:`llc_susceptibility`'s columns: ``kind`` ``"full"`` (cov + direct), ``"cov"`` or ``"direct"``.
     ``se=True``: also the standard error over chains (``(value, se)``)."""
     cols = {
@@ -266,7 +266,7 @@ def group_llc_chi(est: dict, kind: str = "full", se: bool = False):
         "cov": est["chi_cov_chains"],
         "direct": est["chi_direct_chains"],
     }[kind]
-    per_chain = _group_chi(cols, est["groups"])  # (C, NUM_GROUPS)
+    per_chain = group_chi(cols, est["groups"])  # (C, NUM_GROUPS)
     value = per_chain.mean(0)
     if not se:
         return value
@@ -278,12 +278,12 @@ def select_llc_weights(chi_g: np.ndarray, names, target: str, s: ParensSettings,
     """Group weights that lower ``lambda_target - lambda_B`` for every other solution ``B``.
 
     ``chi_g``: ``(K, NUM_GROUPS)``, row ``A`` = ``d lambda_A / d h_g`` at ``w*_A``. Contrasts and target from
-    :func:`.parens._contrast` (``amount = s.amount``), :func:`~pypattern.patterning.invert` with
+    :func:`.parens.target_contrast` (``amount = s.amount``), :func:`~pypattern.patterning.invert` with
     ``method="constrained"`` in ``[s.min_weight, s.max_weight]`` over the unequal-count groups, then
-    :func:`.parens._full_weights` (balanced group weight 1, class balance kept). Returns ``(weights, Intervention)``.
+    :func:`.parens.full_weights` (balanced group weight 1, class balance kept). Returns ``(weights, Intervention)``.
     """
-    contrast, tgt = _contrast(np.asarray(chi_g, dtype=np.float64), list(names), target, s.amount)
-    return _invert_unequal_groups(contrast, tgt, s, group_fractions)
+    contrast, tgt = target_contrast(np.asarray(chi_g, dtype=np.float64), list(names), target, s.amount)
+    return invert_unequal_groups(contrast, tgt, s, group_fractions)
 
 
 def train_from_scratch(seed: int, s: ParensSettings, group_weights=None) -> dict:
@@ -313,7 +313,7 @@ def run_parens_llc(
     log=None,
 ):
     """Solutions for ``s.targets`` (init seed ``solution_seed``), their LLC susceptibilities (SGLD seed
-    ``sgld_seed``; the session-3 tables in docs/patterning_results.md used ``solution_seed=0, sgld_seed=100``),
+    ``sgld_seed``; the tables in docs/patterning_results.md used ``solution_seed=0, sgld_seed=100``),
     one weight vector per target, then the baseline and every target trained from scratch for every seed.
     Returns a JSON-able dict (lists and floats)."""
     s = s or LLCSettings()

@@ -1,6 +1,17 @@
-"""pypattern's small transformer (TransformerLens names), hook points, and adapters for other models."""
+"""pypattern's transformer (TransformerLens names), hook points, converters from Hugging Face models, and adapters
+for models kept in their own form."""
 
-from .hf import HAS_TRANSFORMERS, gpt2_from_config, gpt2_hook_points, hooked_gpt2
+from .convert import UnsupportedModelError, from_hf, from_pretrained
+from .hf import (
+    HAS_TRANSFORMERS,
+    HookedHF,
+    gpt2_from_config,
+    gpt2_hook_points,
+    hf_hook_points,
+    hooked_gpt2,
+    hooked_hf,
+)
+from .hf_masks import hf_component_masks, hf_components
 from .hooks import ActivationCache, HookedModule, HookedRootModule, HookPoint
 from .transformer import Transformer, TransformerConfig, component_masks, list_components
 
@@ -9,6 +20,9 @@ __all__ = [
     "TransformerConfig",
     "component_masks",
     "list_components",
+    "from_hf",
+    "from_pretrained",
+    "UnsupportedModelError",
     "HookPoint",
     "HookedRootModule",
     "HookedModule",
@@ -17,4 +31,9 @@ __all__ = [
     "gpt2_from_config",
     "gpt2_hook_points",
     "hooked_gpt2",
+    "hooked_hf",
+    "HookedHF",
+    "hf_hook_points",
+    "hf_component_masks",
+    "hf_components",
 ]

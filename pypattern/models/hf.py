@@ -1,18 +1,38 @@
-"""Hugging Face GPT-2-style models built from a config (no download), seen through TransformerLens hook names.
+"""Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
+
+:func:`hooked_hf` wraps a GPT-2, GPT-NeoX/Pythia, Llama, Mistral or Qwen2 model (chosen by
+``config.model_type``) so that ``forward`` returns logits and the residual-stream hook points of TransformerLens
+exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
+over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
 
 ``transformers`` is optional: :func:`gpt2_from_config` raises ``ImportError`` (with the reason) when it is not
-installed; :func:`gpt2_hook_points` and :class:`~pypattern.models.hooks.HookedModule` need nothing beyond torch.
+installed; the adapters need only a model object.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
-from .hooks import HookedModule
+from .hooks import HookedModule, HookPoint
 
-__all__ = ["HAS_TRANSFORMERS", "gpt2_from_config", "gpt2_hook_points", "hooked_gpt2"]
+__all__ = [
+    "HAS_TRANSFORMERS",
+    "HF_ARCHS",
+    "HFArch",
+    "HookedHF",
+    "gpt2_from_config",
+    "gpt2_hook_points",
+    "hf_arch",
+    "hf_hook_points",
+    "hooked_gpt2",
+    "hooked_hf",
+]
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -75,17 +95,292 @@ def gpt2_hook_points(n_layers: int, prefix: str = "transformer") -> dict[str, st
     return pts
 
 
-class _LogitsOnly(nn.Module):
+# ------------------------------------------------------------------------------------------ native adapters
+
+
+@dataclass(frozen=True)
+class HFArch:
+    """Where one Hugging Face causal-LM family keeps its modules (paths relative to the ``*ForCausalLM`` model).
+
+    Attributes
+    ----------
+    model_type : str
+        ``config.model_type``.
+    base : str
+        Attribute of the causal LM holding the decoder (``transformer``, ``gpt_neox``, ``model``).
+    embed, pos_embed : str
+        Token and (GPT-2 only) learned positional embedding modules, relative to ``base``.
+    layers : str
+        The list of decoder layers, relative to ``base``.
+    attn, mlp : str
+        Attention and MLP modules, relative to a layer.
+    ln1, ln2 : str
+        The norms before attention and before the MLP, relative to a layer.
+    ln_final : str
+        The final norm, relative to ``base``.
+    qkv : {"gpt2", "neox", "split"}
+        Layout of the attention weights (see :func:`hf_component_masks`).
+    """
+
+    model_type: str
+    base: str
+    embed: str
+    pos_embed: str | None
+    layers: str
+    attn: str
+    mlp: str
+    ln1: str
+    ln2: str
+    ln_final: str
+    qkv: str
+
+    def parallel(self, config: Any) -> bool:
+        """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``)."""
+        return self.model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", False))
+
+
+_LLAMA_LIKE = dict(
+    base="model",
+    embed="embed_tokens",
+    pos_embed=None,
+    layers="layers",
+    attn="self_attn",
+    mlp="mlp",
+    ln1="input_layernorm",
+    ln2="post_attention_layernorm",
+    ln_final="norm",
+    qkv="split",
+)
+
+HF_ARCHS: dict[str, HFArch] = {
+    "gpt2": HFArch("gpt2", "transformer", "wte", "wpe", "h", "attn", "mlp", "ln_1", "ln_2", "ln_f", "gpt2"),
+    "gpt_neox": HFArch(
+        "gpt_neox",
+        "gpt_neox",
+        "embed_in",
+        None,
+        "layers",
+        "attention",
+        "mlp",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "final_layer_norm",
+        "neox",
+    ),
+    "llama": HFArch("llama", **_LLAMA_LIKE),
+    "mistral": HFArch("mistral", **_LLAMA_LIKE),
+    "qwen2": HFArch("qwen2", **_LLAMA_LIKE),
+}
+
+
+def hf_arch(model: nn.Module) -> HFArch:
+    """The :class:`HFArch` of a Hugging Face causal LM, chosen by ``model.config.model_type``.
+
+    Raises
+    ------
+    TypeError
+        When ``model`` has no ``config.model_type`` (not a Hugging Face model).
+    ValueError
+        For an unsupported ``model_type`` (named, with the supported ones), or a base model without its LM head.
+    """
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt is None:
+        raise TypeError(
+            f"model={type(model).__name__} has no config.model_type: give a Hugging Face causal LM "
+            f"({', '.join(sorted(HF_ARCHS))})"
+        )
+    if mt not in HF_ARCHS:
+        raise ValueError(
+            f"model_type={mt!r} ({type(model).__name__}) is not supported by the native adapter; supported: "
+            f"{', '.join(sorted(HF_ARCHS))}"
+        )
+    arch = HF_ARCHS[mt]
+    if not hasattr(model, arch.base):
+        raise ValueError(
+            f"{type(model).__name__} has no sub-module {arch.base!r}: give the causal LM with its output head "
+            f"(e.g. {'GPT2LMHeadModel' if mt == 'gpt2' else 'AutoModelForCausalLM'}), not the base model"
+        )
+    if mt == "gpt2" and getattr(model.config, "add_cross_attention", False):
+        raise ValueError(
+            "GPT-2 with add_cross_attention=True is not supported (a decoder-only model is needed)"
+        )
+    return arch
+
+
+def _n_layers(model: nn.Module, arch: HFArch) -> int:
+    return len(_get(model, f"{arch.base}.{arch.layers}"))
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def hf_hook_points(model: nn.Module) -> dict[str, str]:
+    """TransformerLens hook names -> module paths (relative to ``model``) of a supported Hugging Face causal LM.
+
+    ``hook_embed`` (and ``hook_pos_embed`` for GPT-2) are the embedding modules' outputs;
+    ``blocks.{l}.hook_resid_pre`` is the input of layer ``l``, ``hook_resid_post`` its output,
+    ``hook_attn_out`` / ``hook_mlp_out`` the outputs of its attention / MLP module (before they are added to the
+    residual stream), ``ln_final.hook_normalized`` the output of the final norm. ``hook_resid_mid`` is not a
+    module's input or output; :func:`hooked_hf` adds it (see there).
+    """
+    arch = hf_arch(model)
+    b = arch.base
+    pts = {"hook_embed": f"{b}.{arch.embed}"}
+    if arch.pos_embed:
+        pts["hook_pos_embed"] = f"{b}.{arch.pos_embed}"
+    for layer in range(_n_layers(model, arch)):
+        h = f"{b}.{arch.layers}.{layer}"
+        pts[f"blocks.{layer}.hook_resid_pre"] = f"{h}:input"
+        pts[f"blocks.{layer}.hook_attn_out"] = f"{h}.{arch.attn}"
+        pts[f"blocks.{layer}.hook_mlp_out"] = f"{h}.{arch.mlp}"
+        pts[f"blocks.{layer}.hook_resid_post"] = h
+    pts["ln_final.hook_normalized"] = f"{b}.{arch.ln_final}"
+    return pts
+
+
+class _HFLogits(nn.Module):
+    """``forward`` taking tokens, a batch mapping or ``input_ids=...`` and returning the logits."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, tokens):
-        return self.model(tokens).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor | Mapping | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if isinstance(input_ids, Mapping):
+            batch = input_ids
+            if "input_ids" not in batch:
+                raise TypeError(
+                    f"a mapping batch needs 'input_ids'; got keys {list(batch)} (labels are read by the losses, "
+                    "not by the model)"
+                )
+            input_ids = batch["input_ids"]
+            if attention_mask is None:
+                attention_mask = batch.get("attention_mask")
+            for k in ("position_ids", "token_type_ids"):
+                if batch.get(k) is not None:
+                    kwargs.setdefault(k, batch[k])
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(
+                f"input_ids={type(input_ids).__name__}: give token ids (batch, pos), or a mapping with 'input_ids'"
+            )
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+            if attention_mask is not None and attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+        kwargs.setdefault("use_cache", False)
+        kwargs.pop("labels", None)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out.logits
 
 
-def hooked_gpt2(model: nn.Module) -> HookedModule:
-    """Wrap a ``GPT2LMHeadModel`` so that ``forward(tokens)`` returns logits and TL hook names work."""
-    n_layers = model.config.n_layer
-    pts = {k: "model." + v for k, v in gpt2_hook_points(n_layers).items()}
-    return HookedModule(_LogitsOnly(model), pts, n_layers=n_layers)
+class HookedHF(HookedModule):
+    """A Hugging Face causal LM (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2) with TransformerLens hook names.
+
+    Built by :func:`hooked_hf`. ``forward(tokens)``, ``forward(batch_mapping)`` and
+    ``forward(input_ids=..., attention_mask=...)`` return logits ``(batch, pos, d_vocab)``. The wrapped model is
+    ``hf_model``; its parameters appear here under ``module.model.``.
+
+    ``blocks.{l}.hook_resid_mid`` (not on GPT-NeoX with parallel attention, where it does not exist) sits on the
+    attention module's output: it sees ``resid_pre + attn_out`` and a replacement ``r`` is handed on as the
+    attention output ``r - resid_pre``, so the layer's residual after attention is ``r`` (up to one rounding).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        arch = hf_arch(model)
+        n_layers = _n_layers(model, arch)
+        pts = {k: "model." + v for k, v in hf_hook_points(model).items()}
+        super().__init__(_HFLogits(model), pts, n_layers=n_layers)
+        self.arch = arch
+        self.config = model.config
+        self.has_resid_mid = not arch.parallel(model.config)
+        if self.has_resid_mid:
+            for layer in range(n_layers):
+                self._add_resid_mid(model, layer)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The wrapped Hugging Face model."""
+        return self.module.model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | Mapping | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Logits ``(batch, pos, d_vocab)`` of token ids ``(batch, pos)`` (or ``(pos,)``), of a batch mapping with
+        ``input_ids`` (``attention_mask``, ``position_ids`` and ``token_type_ids`` are used, ``labels`` ignored),
+        or of ``input_ids=..., attention_mask=...``; other keywords go to the Hugging Face model."""
+        return self.module(input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _add_resid_mid(self, model: nn.Module, layer: int) -> None:
+        arch = self.arch
+        block = _get(model, f"{arch.base}.{arch.layers}.{layer}")
+        attn = block.get_submodule(arch.attn)
+        name = f"blocks.{layer}.hook_resid_mid"
+        hp = HookPoint()
+        hp.name = name
+        self.hook_dict[name] = hp
+        self._points[name.replace(".", "__")] = hp
+        store: dict[str, torch.Tensor] = {}
+
+        def grab(mod: nn.Module, args: tuple, kwargs: dict) -> None:  # runs after the resid_pre hook point
+            if hp._fns:
+                store["pre"] = args[0] if args else kwargs["hidden_states"]
+
+        def mid(mod: nn.Module, args: tuple, out: Any) -> Any:
+            if not hp._fns:
+                return None
+            pre = store.pop("pre")
+            a = out[0] if isinstance(out, tuple) else out
+            r = pre + a
+            new = hp(r)
+            if new is r:
+                return None
+            a = new - pre
+            return (a, *out[1:]) if isinstance(out, tuple) else a
+
+        self._handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
+        self._handles.append(attn.register_forward_hook(mid))
+
+
+def hooked_hf(model: nn.Module) -> HookedHF:
+    """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
+
+    The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neox`` (Pythia), ``llama``,
+    ``mistral``, ``qwen2``. Nothing is converted or copied: hooks sit on the model's own modules.
+
+    Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
+    ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),
+    ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post`` and ``ln_final.hook_normalized``. Hugging Face's
+    ``output_hidden_states`` are ``hidden_states[l] = resid_pre`` of layer ``l`` and ``hidden_states[-1] =``
+    ``ln_final.hook_normalized`` (the last layer's ``resid_post`` is before the final norm).
+
+    Raises
+    ------
+    ValueError
+        For an unsupported ``model_type``, naming it and the supported ones.
+
+    Examples
+    --------
+    >>> hm = hooked_hf(AutoModelForCausalLM.from_pretrained(path))  # doctest: +SKIP
+    >>> logits, cache = hm.run_with_cache(tokens, names_filter=lambda n: "resid" in n)  # doctest: +SKIP
+    """
+    return HookedHF(model)
+
+
+def hooked_gpt2(model: nn.Module) -> HookedHF:
+    """Wrap a ``GPT2LMHeadModel`` so that ``forward(tokens)`` returns logits and TL hook names work
+    (:func:`hooked_hf` for GPT-2)."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt != "gpt2":
+        raise ValueError(
+            f"hooked_gpt2 needs a GPT-2 model, got model_type={mt!r}; use hooked_hf for other models"
+        )
+    return HookedHF(model)

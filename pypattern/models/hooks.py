@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
-NameFilter = "str | Callable[[str], bool] | Sequence[str] | None"
 
 __all__ = ["HookPoint", "HookedRootModule", "ActivationCache", "HookedModule"]
 

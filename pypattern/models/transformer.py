@@ -336,7 +336,7 @@ class RMSNorm(nn.Module):
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``; ``hook_normalized`` is the
     output (after ``w``; TransformerLens places it before ``w``). Without a hook on ``hook_scale`` it computes as
     Hugging Face's Llama-family RMSNorm does (``x * rsqrt(mean(x^2) + eps)`` in ``compute_dtype``, cast back,
-    times ``w``); with one, ``x / scale``, to float rounding the same."""
+    times ``w``); a hook that replaces the scale makes it ``x / scale``."""
 
     def __init__(
         self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
@@ -350,10 +350,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        ms = h.pow(2).mean(-1, keepdim=True) + self.eps
         if not self.hook_scale._fns:
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            h = h * torch.rsqrt(ms)
         else:
-            h = h / self.hook_scale((h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            scale = ms.sqrt()
+            seen = self.hook_scale(scale)
+            # a hook that only reads returns the same tensor: keep the rsqrt form, so a cached run is bit-identical
+            h = h * torch.rsqrt(ms) if seen is scale else h / seen
         return self.hook_normalized(self.w * h.to(x.dtype))
 
 
@@ -784,13 +788,17 @@ _KV_PARAMS = ("W_K", "W_V", "b_K", "b_V")
 
 def list_components(model: Transformer, heads: bool = True) -> list[str]:
     """Component names of ``model``: ``embed``, ``pos_embed`` (learned positions only), ``blocks.{l}.attn`` (or
-    ``blocks.{l}.attn.head.{h}`` for every head when ``heads``), ``blocks.{l}.mlp``, ``unembed`` (only when the
+    ``blocks.{l}.attn.head.{h}`` for every head when ``heads``, and ``blocks.{l}.attn.kv_head.{g}`` for shared
+    key/value heads under grouped-query attention), ``blocks.{l}.mlp``, ``unembed`` (only when the
     unembedding has a weight of its own: with tied embeddings ``embed`` is both)."""
     cfg = model.cfg
     out = ["embed"] + (["pos_embed"] if cfg.positional_embedding else [])
     for layer in range(cfg.n_layers):
         if heads:
             out += [f"blocks.{layer}.attn.head.{h}" for h in range(cfg.n_heads)]
+            n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+            if n_kv != cfg.n_heads:
+                out += [f"blocks.{layer}.attn.kv_head.{g}" for g in range(n_kv)]
         else:
             out.append(f"blocks.{layer}.attn")
         if not cfg.attn_only:
@@ -798,17 +806,23 @@ def list_components(model: Transformer, heads: bool = True) -> list[str]:
     return out + ([] if getattr(cfg, "tie_word_embeddings", False) else ["unembed"])
 
 
-def component_masks(model: nn.Module, component: str, all_params: bool = False) -> dict[str, torch.Tensor]:
+def component_masks(
+    model: nn.Module, component: str, all_params: bool = False, include_shared_kv: bool = False
+) -> dict[str, torch.Tensor]:
     """Boolean masks selecting one component's weights, for samplers that move only that component.
 
     Parameters
     ----------
-    model : Transformer (or any module with TransformerLens parameter names)
+    model : Transformer, any module with TransformerLens parameter names, or an unconverted Hugging Face model
+        (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2; then :func:`~pypattern.models.hf_masks.hf_component_masks`)
     component : str
-        ``"blocks.{l}.attn.head.{h}"``: that head's slices of ``W_Q``, ``W_O``, ``b_Q`` and of its key/value
-        head's ``W_K``, ``W_V``, ``b_K``, ``b_V`` (with grouped-query attention key/value head ``h // (n_heads //
-        n_key_value_heads)``, shared by the heads of its group, whose masks therefore overlap there; the shared
-        ``b_O`` is not part of any head). ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"`` (with ``W_gate``/``b_gate``
+        ``"blocks.{l}.attn.head.{h}"``: that head's slices of ``W_Q``, ``W_O``, ``b_Q``, and of ``W_K``, ``W_V``,
+        ``b_K``, ``b_V`` when the head has a key/value head of its own. With grouped-query attention a key/value
+        head ``g`` is shared by query heads ``g * n_groups .. (g + 1) * n_groups - 1``: it is then the separate
+        component ``"blocks.{l}.attn.kv_head.{g}"``, so that moving a head's mask moves exactly that head's output
+        and the heads, key/value heads and ``b_O`` (shared by all heads, in no head) partition the attention's
+        parameters (the same rule as :func:`pypattern.models.hf_masks.hf_component_masks` on unconverted models).
+        ``include_shared_kv=True`` adds the group's key/value slices to a head. ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"`` (with ``W_gate``/``b_gate``
         when gated), ``"blocks.{l}"``, ``"blocks.{l}.ln1"``/``"ln2"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``
         (with tied embeddings: ``embed.W_E``, the one parameter both use, and ``unembed.b_U`` if present),
         ``"ln_final"``, or any parameter-name prefix.
@@ -821,20 +835,38 @@ def component_masks(model: nn.Module, component: str, all_params: bool = False) 
     dict[str, torch.Tensor]
         ``{param_name: bool tensor of the parameter's shape}``.
     """
+    from .hf_masks import hf_component_masks, is_hf_model
+
+    if is_hf_model(model):  # an unconverted Hugging Face model: masks over its own (fused or split) layout
+        return hf_component_masks(
+            model, component, all_params=all_params, include_shared_kv=include_shared_kv
+        )
     params = dict(model.named_parameters())
     masks: dict[str, torch.Tensor] = {}
-    m = re.fullmatch(r"(blocks\.\d+\.attn)\.head\.(\d+)", component)
+    m = re.fullmatch(r"(blocks\.\d+\.attn)\.(head|kv_head)\.(\d+)", component)
     if m:
-        prefix, h = m.group(1), int(m.group(2))
+        prefix, kind, h = m.group(1), m.group(2), int(m.group(3))
         n_heads = params[f"{prefix}.W_Q"].shape[0] if f"{prefix}.W_Q" in params else None
         if n_heads is None:
             raise ValueError(f"component={component!r}: the model has no parameter {prefix}.W_Q")
-        if not 0 <= h < n_heads:
-            raise ValueError(
-                f"component={component!r}: head {h} is out of range; the layer has {n_heads} heads"
-            )
         n_kv = params[f"{prefix}.W_K"].shape[0] if f"{prefix}.W_K" in params else n_heads
-        for names, idx in ((_Q_PARAMS, h), (_KV_PARAMS, h // (n_heads // n_kv))):
+        if kind == "kv_head" and n_kv == n_heads:
+            raise ValueError(
+                f"component={component!r}: the layer has no shared key/value heads (n_key_value_heads equals "
+                f"n_heads = {n_heads}); each head's keys and values are part of 'blocks.{{l}}.attn.head.{{h}}'"
+            )
+        count = n_heads if kind == "head" else n_kv
+        if not 0 <= h < count:
+            raise ValueError(
+                f"component={component!r}: {kind.replace('_', ' ')} {h} is out of range; the layer has {count}"
+            )
+        if kind == "kv_head":
+            parts = ((_KV_PARAMS, h),)
+        elif n_kv == n_heads or include_shared_kv:
+            parts = ((_Q_PARAMS, h), (_KV_PARAMS, h // (n_heads // n_kv)))
+        else:
+            parts = ((_Q_PARAMS, h),)
+        for names, idx in parts:
             for pn in names:
                 name = f"{prefix}.{pn}"
                 if name in params:

@@ -2,62 +2,57 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .corruptions import Corruption, GaussianNoise, MeanAblation, TokenReplacement, ZeroAblation
-from .engine import ExactEngine, bytes_per_cell
-from .metrics import Metric
+from .corruptions import (
+    Corruption,
+    GaussianNoise,
+    MeanAblation,
+    TokenReplacement,
+    ZeroAblation,
+    embedding_noise_hook,
+)
+from .engine import ExactEngine, bytes_per_cell, truncate_cache
+from .metrics import Metric, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, apply_patch, check_site, hook_name, make_cells, site_heads
 
-__all__ = [
-    "activation_patching",
-    "prepare_runs",
-    "PatchingRuns",
-    "noise_hook",
-    "metric_positions",
-    "at_position",
-    "truncate_cache",
-    "engine_batch",
-]
+__all__ = ["activation_patching", "prepare_runs", "PatchingRuns", "engine_batch"]
 
 
+@dataclass
 class PatchingRuns:
-    """The clean, corrupted, target and source runs of one patching experiment (built by :func:`prepare_runs`)."""
+    """The target and source runs of one patching experiment (built by :func:`prepare_runs`).
 
-    def __init__(self, **kw) -> None:
-        self.__dict__.update(kw)
+    Attributes
+    ----------
+    tokens : LongTensor ``(batch, pos)``
+        The target run's prompts (corrupted for denoising, clean for noising).
+    noise : Tensor ``(batch, pos, d_model)`` or None
+        Embedding noise of the target run (Gaussian-noise corruption, denoising).
+    cache : dict
+        The target run's activations by hook name.
+    source : dict
+        The activations patched in, by hook name, ``(batch, pos, ...)``.
+    m_clean, m_corr : Tensor ``(batch,)``
+        The metric on the clean and the corrupted run (``m_corr`` None for ablations).
+    pos : int or LongTensor ``(batch,)``
+        Where the metric reads the logits (non-negative).
+    T, B : int
+        Prompt length and batch size.
+    """
 
-
-def noise_hook(noise: torch.Tensor):
-    """Hook function adding ``noise (batch, >= pos, d_model)`` to the embedding (Gaussian-noise corruption)."""
-
-    def fn(x, hook):
-        return x + noise[:, : x.shape[1]].to(x.dtype)
-
-    return fn
-
-
-def metric_positions(metric: Metric, batch: int, seq_len: int):
-    """``metric.position`` made non-negative: an int, or a LongTensor ``(batch,)``."""
-    pos = metric.position
-    if isinstance(pos, int):
-        if not -seq_len <= pos < seq_len:
-            raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
-        return pos % seq_len
-    pos = torch.as_tensor(pos).long() % seq_len
-    if pos.shape != (batch,):
-        raise ValueError(
-            f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
-        )
-    return pos
-
-
-def at_position(logits: torch.Tensor, pos) -> torch.Tensor:
-    """``logits (batch, pos, vocab)`` at the metric position(s) -> ``(batch, vocab)``."""
-    if isinstance(pos, int):
-        return logits[:, pos]
-    return logits[torch.arange(logits.shape[0]), pos]
+    tokens: torch.Tensor
+    noise: torch.Tensor | None
+    cache: dict
+    source: dict
+    m_clean: torch.Tensor
+    m_corr: torch.Tensor | None
+    pos: int | torch.Tensor
+    T: int
+    B: int
 
 
 def _layers(model) -> int:
@@ -116,18 +111,18 @@ def prepare_runs(
         )
 
     def run(tokens, noise, names):
-        hooks = [("hook_embed", noise_hook(noise))] if noise is not None else []
+        hooks = [("hook_embed", embedding_noise_hook(noise))] if noise is not None else []
         with model.hooks(hooks):
             return model.run_with_cache(tokens, names_filter=names)
 
     names = (lambda n: True) if full_cache else set(site_hooks)
     clean_logits, clean_cache = run(clean, None, names)
-    metric.bind(at_position(clean_logits, pos).detach())
-    m_clean = metric(at_position(clean_logits, pos)).detach()
+    metric.bind(logits_at(clean_logits, pos).detach())
+    m_clean = metric(logits_at(clean_logits, pos)).detach()
     m_corr, corr_cache = None, None
     if corr_tokens is not None:
         corr_logits, corr_cache = run(corr_tokens, corr_noise, names)
-        m_corr = metric(at_position(corr_logits, pos)).detach()
+        m_corr = metric(logits_at(corr_logits, pos)).detach()
     if direction == "denoising":
         tgt = (corr_tokens, corr_noise, corr_cache)
         source = {n: clean_cache[n] for n in site_hooks}
@@ -159,7 +154,7 @@ def prepare_runs(
 
 def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metric) -> torch.Tensor:
     out = []
-    base = [("hook_embed", noise_hook(runs.noise))] if runs.noise is not None else []
+    base = [("hook_embed", embedding_noise_hook(runs.noise))] if runs.noise is not None else []
     with torch.no_grad():
         for c in cells:
             hooks = list(base)
@@ -168,21 +163,8 @@ def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metr
                 src = runs.source[name]
                 hooks.append((name, lambda x, hook, s=src, c=c: apply_patch(x, s, site, c.head, c.pos)))
             logits = model.run_with_hooks(runs.tokens, fwd_hooks=hooks)
-            out.append(metric(at_position(logits, runs.pos)))
+            out.append(metric(logits_at(logits, runs.pos)))
     return torch.stack(out)
-
-
-def truncate_cache(cache: dict, T: int) -> dict:
-    """Every activation of ``cache`` cut to the first ``T`` positions (patterns and scores on both axes)."""
-    out = {}
-    for n, x in cache.items():
-        if n.endswith(("hook_pattern", "hook_attn_scores")):
-            out[n] = x[:, :, :T, :T]
-        elif x.dim() >= 2 and x.shape[1] >= T:
-            out[n] = x[:, :T]
-        else:
-            out[n] = x
-    return out
 
 
 def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memory: int | None) -> int | None:

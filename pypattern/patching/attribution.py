@@ -18,10 +18,17 @@ from __future__ import annotations
 
 import torch
 
-from .api import at_position, engine_batch, metric_positions, noise_hook, truncate_cache
-from .corruptions import Corruption, GaussianNoise, MeanAblation, TokenReplacement, ZeroAblation
-from .engine import ExactEngine
-from .metrics import Metric
+from .api import engine_batch
+from .corruptions import (
+    Corruption,
+    GaussianNoise,
+    MeanAblation,
+    TokenReplacement,
+    ZeroAblation,
+    embedding_noise_hook,
+)
+from .engine import ExactEngine, truncate_cache
+from .metrics import Metric, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_heads
 
@@ -85,12 +92,12 @@ def _scored(site: str, layer: int, cfg) -> str:
     return f"blocks.{layer}.attn.hook_rot_{site}" if cfg.rotary else hook_name(site, layer)
 
 
-def _logits_at(model, tokens: torch.Tensor, pos) -> torch.Tensor:
+def _final_logits(model, tokens: torch.Tensor, pos) -> torch.Tensor:
     """The model's forward with the unembedding only at the metric position(s): ``(batch, vocab)``."""
     x = model.embed_tokens(tokens)
     for block in model.blocks:
         x = block(x)
-    return model.unembed(model.ln_final(at_position(x, pos)))
+    return model.unembed(model.ln_final(logits_at(x, pos)))  # the residual rows at pos
 
 
 def attribution_patching(
@@ -157,10 +164,10 @@ def attribution_patching(
     def cache_run(tokens, nz):
         """``(logits at the metric position (B, vocab), cache of names)``, without gradients."""
         cache = {}
-        hooks = [("hook_embed", noise_hook(nz))] if nz is not None else []
+        hooks = [("hook_embed", embedding_noise_hook(nz))] if nz is not None else []
         hooks.append((lambda n: n in names, lambda x, hook: cache.__setitem__(hook.name, x.detach())))
         with torch.no_grad(), model.hooks(hooks):
-            return _logits_at(model, tokens, pos), cache
+            return _final_logits(model, tokens, pos), cache
 
     # forward 1: the source run (no gradient); for noising the clean run must come first to bind the metric
     if direction == "denoising":
@@ -192,7 +199,7 @@ def attribution_patching(
 
     hooks = [(lambda n: n in names, capture)]
     if tgt_noise is not None:
-        hooks.insert(0, ("hook_embed", noise_hook(tgt_noise)))
+        hooks.insert(0, ("hook_embed", embedding_noise_hook(tgt_noise)))
     if grad_drop:
         for layer in range(L):
             for s in ("attn_out", "mlp_out"):
@@ -205,7 +212,7 @@ def attribution_patching(
         try:
             emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
             with model.hooks(emb_req + hooks):
-                logits = _logits_at(model, tgt_tokens, pos)  # (B, vocab) at the metric position
+                logits = _final_logits(model, tgt_tokens, pos)  # (B, vocab) at the metric position
         finally:
             for prm in model.parameters():
                 prm.requires_grad_(True)

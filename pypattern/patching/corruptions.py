@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TokenReplacement", "GaussianNoise", "ZeroAblation", "MeanAblation", "Corruption"]
+__all__ = [
+    "TokenReplacement",
+    "GaussianNoise",
+    "ZeroAblation",
+    "MeanAblation",
+    "Corruption",
+    "embedding_noise_hook",
+]
 
 
 class Corruption:
@@ -74,3 +81,12 @@ class MeanAblation(Corruption):
 
     reference_tokens: torch.Tensor | None = None
     is_ablation = True
+
+
+def embedding_noise_hook(noise: torch.Tensor):
+    """A forward hook for ``hook_embed`` that adds ``noise (batch, pos, d_model)`` (cut to the prompt length)."""
+
+    def fn(x, hook):
+        return x + noise[:, : x.shape[1]].to(x.dtype)
+
+    return fn

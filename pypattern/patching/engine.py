@@ -38,7 +38,7 @@ import torch
 
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
-__all__ = ["ExactEngine", "bytes_per_cell"]
+__all__ = ["ExactEngine", "bytes_per_cell", "truncate_cache"]
 
 
 def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
@@ -435,3 +435,17 @@ class ExactEngine:
         order = {c: i for i, c in enumerate(active)}
         vals = self._metric_from_final(X, p)
         return vals[[order[c] for c in cells]]
+
+
+def truncate_cache(cache: dict, T: int) -> dict:
+    """The activations of ``cache`` cut to the first ``T`` positions (attention patterns and scores on both
+    position axes), for the engine, which never computes positions after the metric's."""
+    out = {}
+    for n, x in cache.items():
+        if n.endswith(("hook_pattern", "hook_attn_scores")):
+            out[n] = x[:, :, :T, :T]
+        elif x.dim() >= 2 and x.shape[1] >= T:
+            out[n] = x[:, :T]
+        else:
+            out[n] = x
+    return out

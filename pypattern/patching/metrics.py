@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Metric", "LogitDiff", "Prob", "LogProb", "KL", "logit_diff", "prob", "logprob", "kl_div"]
+__all__ = [
+    "Metric",
+    "LogitDiff",
+    "Prob",
+    "LogProb",
+    "KL",
+    "logit_diff",
+    "prob",
+    "logprob",
+    "kl_div",
+    "logits_at",
+    "metric_positions",
+]
 
 
 def _pick(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -99,3 +111,27 @@ class KL(Metric):
 
 
 logit_diff, prob, logprob, kl_div = LogitDiff, Prob, LogProb, KL
+
+
+def metric_positions(metric: Metric, batch: int, seq_len: int):
+    """The metric's read-out position(s) for prompts ``(batch, seq_len)``, made non-negative: an int, or a
+    LongTensor ``(batch,)``. Raises ValueError when out of range or of the wrong shape."""
+    pos = metric.position
+    if isinstance(pos, int):
+        if not -seq_len <= pos < seq_len:
+            raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
+        return pos % seq_len
+    pos = torch.as_tensor(pos).long() % seq_len
+    if pos.shape != (batch,):
+        raise ValueError(
+            f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
+        )
+    return pos
+
+
+def logits_at(logits: torch.Tensor, pos) -> torch.Tensor:
+    """``logits (batch, pos, vocab)`` at ``pos`` (an int, or one position per example ``(batch,)``):
+    ``(batch, vocab)``."""
+    if isinstance(pos, int):
+        return logits[:, pos]
+    return logits[torch.arange(logits.shape[0]), pos]

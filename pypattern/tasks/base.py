@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TaskBatch", "Task", "per_sample_loss", "IGNORE"]
+__all__ = ["TaskBatch", "Task", "per_sample_loss", "IGNORE", "generator"]
 
 IGNORE = -100
 
@@ -83,7 +83,8 @@ class Task:
         return float(((pred == batch.targets) & mask).sum() / mask.sum())
 
 
-def _gen(seed: int | None) -> torch.Generator:
+def generator(seed: int | None) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``, or from torch's global generator when ``seed`` is None."""
     g = torch.Generator()
     g.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
     return g

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _gen
+from .base import IGNORE, Task, TaskBatch, generator
 
 __all__ = [
     "InductionTask",
@@ -50,7 +50,7 @@ class InductionTask(Task):
         self.bos = d_vocab - 1
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
-        g = _gen(seed)
+        g = generator(seed)
         n, T, k = num_samples, self.n_ctx, self.repeat_len
         body = torch.randint(0, self.d_vocab - 1, (n, T - 1), generator=g)
         # distance d = j - i uniform over every value that fits, then the source start i uniform: a head that
@@ -89,7 +89,7 @@ class InductionTask(Task):
 
 def repeated_tokens(d_vocab: int, half_len: int, num_samples: int, seed: int = 0, bos: int | None = None):
     """``[BOS, x_1..x_n, x_1..x_n]`` with distinct random ``x`` (no accidental repeats): ``(num_samples, 2n+1)``."""
-    g = _gen(seed)
+    g = generator(seed)
     bos = d_vocab - 1 if bos is None else bos
     x = torch.stack([torch.randperm(d_vocab - 1, generator=g)[:half_len] for _ in range(num_samples)])
     return torch.cat([torch.full((num_samples, 1), bos), x, x], 1)
@@ -106,7 +106,7 @@ def induction_probe(d_vocab: int, n_ctx: int, half_len: int = 8, num_samples: in
         Positions of the second copy, of the token after each one's earlier occurrence, and of the position
         before each destination.
     """
-    g = _gen(seed)
+    g = generator(seed)
     n = min(half_len, (n_ctx - 1) // 2, (d_vocab - 1) // 2)
     max_gap = min(n_ctx - 1 - 2 * n, d_vocab - 1 - n)
     T = 1 + 2 * n + max_gap

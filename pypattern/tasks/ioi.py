@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _gen
+from .base import IGNORE, Task, TaskBatch, generator
 
 __all__ = ["IOITask", "symmetric_pairs"]
 
@@ -35,7 +35,7 @@ class IOITask(Task):
         self.n_ctx = len(self.template)
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
-        g = _gen(seed)
+        g = generator(seed)
         n = num_samples
         a = torch.randint(0, self.n_names, (n,), generator=g)
         b = (a + torch.randint(1, self.n_names, (n,), generator=g)) % self.n_names
@@ -77,7 +77,7 @@ class IOITask(Task):
         else:
             if self.n_names < 3:
                 raise ValueError("corruption='abc' needs n_names >= 3")
-            g = _gen(None if seed is None else seed + 7919)
+            g = generator(None if seed is None else seed + 7919)
             c = torch.randint(0, self.n_names - 2, (num_samples,), generator=g)
             lo, hi = torch.minimum(ans, subj), torch.maximum(ans, subj)
             c = c + (c >= lo).long()

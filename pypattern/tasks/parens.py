@@ -26,7 +26,7 @@ import itertools
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _gen
+from .base import IGNORE, Task, TaskBatch, generator
 
 __all__ = [
     "ParenthesesTask",
@@ -111,7 +111,7 @@ class ParenthesesTask(Task):
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
         """Training distribution: balanced strings and strings with unequal counts (``extra["kind"]`` 1 / 0)."""
-        g = _gen(seed)
+        g = generator(seed)
         bal = torch.rand(num_samples, generator=g) < self.p_balanced
         a, b = self._sets["balanced"], self._sets["unequal"]
         ia = torch.randint(0, len(a), (num_samples,), generator=g)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _gen
+from .base import IGNORE, Task, TaskBatch, generator
 
 __all__ = ["TopicTask"]
 
@@ -124,7 +124,7 @@ class TopicTask(Task):
         """Draw ``num_samples`` sequences (see the class docstring); ``switch_prob`` overrides the task's."""
         p_switch = self.switch_prob if switch_prob is None else switch_prob
         self._check_switch_prob(p_switch)
-        g = _gen(seed)
+        g = generator(seed)
         n, T, K, C = num_samples, self.n_ctx, self.tokens_per_topic, self.num_topics
         concept = torch.randint(0, C, (n,), generator=g)
         other = (concept + torch.randint(1, C, (n,), generator=g)) % C

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Task, TaskBatch, _gen
+from .base import Task, TaskBatch, generator
 
 __all__ = ["train", "TrainResult"]
 
@@ -63,7 +63,7 @@ def train(
         raise ValueError("sample_weights needs a fixed training set: pass data=... or num_samples=...")
     batch_size = batch_size if batch_size is not None else getattr(task, "default_batch_size", 64)
     lr = lr if lr is not None else getattr(task, "default_lr", 3e-3)
-    g = _gen(seed)
+    g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     res = TrainResult()
     model.train()

@@ -1,4 +1,8 @@
-"""``pypattern demo patterning``: both patterning experiments end to end, with plots and a JSON summary."""
+"""``pypattern demo patterning``: both patterning experiments end to end, with plots and a JSON report.
+
+Run as ``pypattern demo patterning [--full | --quick] [--out DIR]`` or ``python -m
+pypattern.experiments.patterning_demo [DIR] [--full | --quick]``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,14 @@ import numpy as np
 from .induction import GROUP_NAMES, InductionSettings, run_induction_experiment
 from .parens import PARENS_GROUP_NAMES, ParensSettings, run_parens_experiment
 
-__all__ = ["run_patterning_demo", "reduced_settings", "full_settings", "main"]
+__all__ = [
+    "full_settings",
+    "headline",
+    "main",
+    "quick_settings",
+    "reduced_settings",
+    "run_patterning_demo",
+]
 
 
 def reduced_settings() -> tuple[dict, InductionSettings, dict, ParensSettings]:
@@ -30,6 +41,21 @@ def full_settings() -> tuple[dict, InductionSettings, dict, ParensSettings]:
     )
     par = ParensSettings(steps=1500, chi_num_chains=4, chi_num_draws=100)
     return {"seeds": (0, 1, 2)}, ind, {"seeds": tuple(range(6))}, par
+
+
+def quick_settings() -> tuple[dict, InductionSettings, dict, ParensSettings]:
+    """Tiny sizes, one seed each (``quick=True``): checks that the pipeline runs, in about a minute; its
+    figures mean nothing."""
+    ind = InductionSettings(
+        d_vocab=12, seq_len=13, d_model=16, n_heads=2, batch_size=16, checkpoint_step=20, max_steps=60,
+        eval_every=10, num_eval=32, probe_size=3, chi_num_chains=2, chi_num_draws=6, chi_num_burnin_steps=2,
+        threshold=2.0,
+    )  # fmt: skip
+    par = ParensSettings(
+        length=6, d_model=16, d_mlp=16, batch_size=32, checkpoint_step=10, steps=40, probe_train_size=48,
+        chi_num_chains=2, chi_num_draws=6, chi_num_burnin_steps=2,
+    )  # fmt: skip
+    return {"seeds": (0,)}, ind, {"seeds": (0,)}, par
 
 
 def _jsonable(x):
@@ -165,7 +191,7 @@ def _plot_parens(res: dict, out: Path) -> list[str]:
     return [str(p)]
 
 
-def run_patterning_demo(out_dir, full: bool = False, log=print) -> dict:
+def run_patterning_demo(out_dir, full: bool = False, log=print, quick: bool = False) -> dict:
     """Run the induction-onset and parentheses-selection patterning experiments, write plots and a summary.
 
     Parameters
@@ -176,18 +202,23 @@ def run_patterning_demo(out_dir, full: bool = False, log=print) -> dict:
     full : bool
         Full sizes (:func:`full_settings`) instead of the reduced demo (:func:`reduced_settings`, < 10 minutes
         on 2 cores).
+    quick : bool
+        Tiny sizes (:func:`quick_settings`): a check that everything runs, not a measurement.
     log : callable or None
         Progress messages.
 
     Returns
     -------
     dict
-        ``{"induction": summary, "parens": summary, "plots": [paths], "seconds": {...}}``.
+        ``{"induction": summary, "parens": summary, "plots": [paths], "seconds": {...}, "report": path}``
+        plus the settings; :func:`headline` condenses it for a person to read.
     """
+    if full and quick:
+        raise ValueError("full=True and quick=True: choose at most one of them")
     out = Path(out_dir)
     os.makedirs(out, exist_ok=True)
     log = log or (lambda *a: None)
-    ik, ind_s, pk, par_s = full_settings() if full else reduced_settings()
+    ik, ind_s, pk, par_s = full_settings() if full else quick_settings() if quick else reduced_settings()
     t0 = time.perf_counter()
     ind = run_induction_experiment(ik["seeds"], ind_s, log=log)
     t1 = time.perf_counter()
@@ -217,21 +248,68 @@ def run_patterning_demo(out_dir, full: bool = False, log=print) -> dict:
         "plots": plots,
         "seconds": {"induction": t1 - t0, "parens": t2 - t1, "total": time.perf_counter() - t0},
     }
-    with open(out / "patterning_summary.json", "w") as f:
+    report = out / "patterning_summary.json"
+    with open(report, "w") as f:
         json.dump(_jsonable(result), f, indent=1)
+    result["report"] = str(report)
     return result
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.0f}%"
+
+
+def headline(result: dict) -> dict:
+    """A few lines a person can read from :func:`run_patterning_demo`'s result: induction onsets and shifts per
+    seed, the parentheses selection rates, where the plots and the full report are, and the time taken."""
+    ind, par = result["induction"], result["parens"]
+    onset = ind["onset"]
+    lines = {}
+    for i, seed in enumerate(ind["seeds"]):
+        on = " / ".join(
+            "none" if not math.isfinite(onset[n][i]) else f"{onset[n][i]:.0f}"
+            for n in ("baseline", "accelerate", "delay")
+        )
+        shifts = " / ".join(
+            _pct(ind["relative_shift_lower_bound"][n][i])
+            if n == "delay"
+            else _pct(ind["relative_shift"][n][i])
+            for n in ("accelerate", "delay")
+        )
+        lines[f"induction seed {seed}: onset step baseline / accelerate / delay"] = f"{on} (shift {shifts})"
+    for t, rate in par["target_hit_rate"].items():
+        lines[f"parentheses target {t!r}: selected in (patterned vs baseline)"] = (
+            f"{rate:.0%} vs {par['baseline_rate'][t]:.0%} of {len(par['seeds'])} seeds"
+        )
+    lines["plots"] = ", ".join(result["plots"])
+    lines["seconds"] = round(result["seconds"]["total"], 1)
+    lines["report"] = result["report"]
+    return lines
+
+
 def main(argv=None) -> int:
-    """``python -m pypattern.experiments.cli [out_dir] [--full]``."""
+    """``python -m pypattern.experiments.patterning_demo [out_dir] [--full | --quick]``."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("out_dir", nargs="?", default="patterning_demo")
-    ap.add_argument("--full", action="store_true", help="full sizes instead of the reduced demo")
+    ap = argparse.ArgumentParser(
+        prog="python -m pypattern.experiments.patterning_demo",
+        description="The patterning experiments (induction onset, parentheses algorithm selection).",
+    )
+    ap.add_argument(
+        "out_dir", nargs="?", default="patterning_demo", help="folder for the plots and the report"
+    )
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument(
+        "--full", action="store_true", help="full sizes (more seeds, longer step caps, more SGLD draws)"
+    )
+    size.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks the pipeline runs; figures mean nothing"
+    )
     a = ap.parse_args(argv)
-    res = run_patterning_demo(a.out_dir, full=a.full)
-    print(json.dumps(_jsonable({k: res[k] for k in ("induction", "parens", "plots", "seconds")}), indent=1))
+    res = run_patterning_demo(a.out_dir, full=a.full, quick=a.quick)
+    print("patterning experiments:")
+    for k, v in headline(res).items():
+        print(f"  {k}: {v}")
     return 0
 
 

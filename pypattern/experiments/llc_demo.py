@@ -1,6 +1,7 @@
 """``run_llc_demo``: train a small MLP on a teacher task, estimate its LLC, print a summary, save a loss-trace plot.
 
-Run as ``python -m pypattern.sampling.demo [out_dir]`` (the ``pypattern llc`` command and ``make demo`` call it).
+Run as ``python -m pypattern.experiments.llc_demo [out_dir]`` (the ``pypattern llc`` command and ``make demo``
+call it).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import torch
 
 from .. import truth
 from .._threads import pinned_threads
-from .llc import estimate_llc
+from ..sampling.llc import estimate_llc
 
-__all__ = ["run_llc_demo"]
+__all__ = ["QUICK", "run_llc_demo"]
+
+#: Tiny sizes for ``pypattern llc --quick``: checks that the demo runs; figures mean nothing.
+QUICK = dict(sizes=(8, 32, 4), n=512, train_steps=150, num_draws=40, num_burnin_steps=40, batch_size=64)
 
 
 def run_llc_demo(

@@ -8,7 +8,10 @@ import time
 
 import torch
 
-__all__ = ["run_patch_demo"]
+__all__ = ["QUICK", "run_patch_demo"]
+
+#: Tiny sizes for ``pypattern patch --quick``: checks that the demo runs; figures mean nothing.
+QUICK = dict(steps=40, num_prompts=12)
 
 
 def run_patch_demo(
@@ -30,9 +33,8 @@ def run_patch_demo(
 
     from .._threads import pinned_threads
     from ..models.transformer import Transformer
+    from ..patching import LogitDiff, activation_patching, attribution_patching
     from ..tasks import IOITask, train
-    from . import LogitDiff, activation_patching
-    from .attribution import attribution_patching
 
     os.makedirs(out_dir, exist_ok=True)
     with pinned_threads(1):
@@ -67,8 +69,8 @@ def run_patch_demo(
         "accuracy": acc,
         "logit_diff_clean": float(resid.clean.mean()),
         "logit_diff_corrupted": float(resid.corrupted.mean()),
-        "top_resid_pre": resid.top(3, normalized=True),
-        "top_heads": heads.top(3, normalized=True),
+        "top_resid_pre": _cells(resid.top(3, normalized=True)),
+        "top_heads": _cells(heads.top(3, normalized=True)),
         "spearman_atp_exact_resid_pre": rho_r,
         "spearman_atp_exact_heads": rho_h,
         "seconds_train": round(t_train, 2),
@@ -77,6 +79,11 @@ def run_patch_demo(
         "heatmap": png,
         "table": table,
     }
+
+
+def _cells(top: list[tuple[dict, float]]) -> str:
+    """``PatchResult.top`` as one line: ``layer 1 head 3: +0.62; ...``."""
+    return "; ".join(" ".join(f"{k} {v}" for k, v in c.items()) + f": {m:+.3f}" for c, m in top)
 
 
 def _plot(resid, heads, atp_r, task, path: str) -> None:
@@ -132,7 +139,8 @@ def _write_table(path: str, results) -> None:
         w.writerows(rows)
 
 
-if __name__ == "__main__":
-    import json
+if __name__ == "__main__":  # pragma: no cover
+    import sys
 
-    print(json.dumps(run_patch_demo(), indent=2, default=str))
+    for key, value in run_patch_demo(sys.argv[1] if len(sys.argv) > 1 else "out/patch").items():
+        print(f"  {key}: {value}")

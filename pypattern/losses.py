@@ -1,0 +1,396 @@
+"""Losses of a model on a batch as users hold it: one rule shared by every estimator's defaults.
+
+Batches
+-------
+* a **token tensor** ``(batch, pos)`` of integer ids (a 1-D tensor is one sequence): a causal language model's
+  next-token loss, every position counted;
+* a **Hugging Face style mapping** (``dict`` or ``transformers.BatchEncoding``) with ``input_ids``, optionally
+  ``attention_mask`` (0 = padding) and ``labels`` (-100 = ignore; as in Hugging Face, labels are *not* shifted
+  by the user: the logits at position ``t`` are scored against ``labels[t + 1]``). Without ``labels`` the targets
+  are the ``input_ids``. ``position_ids`` and ``token_type_ids`` are passed on to models whose ``forward`` takes
+  them;
+* a **pair** ``(x, y)`` / ``[x, y]`` (more elements are ignored): ``model(x)`` scored against ``y``;
+  cross-entropy for integer ``y`` (class index per sample, or per position when the logits have a sequence axis;
+  ``y == -100`` is ignored), mean squared error for floating ``y``.
+
+A next-token target at position ``t + 1`` counts when ``labels[t + 1] != -100``, ``attention_mask[t + 1] == 1``
+and ``attention_mask[t] == 1`` (the prediction is made from a real token). With right padding (or none) this
+equals Hugging Face's own ``.loss`` when the labels hold -100 at the padding; with left padding it drops the one
+term Hugging Face keeps in which a padding position predicts the first real token. Left-padded batches also need
+``position_ids`` for models with absolute positions.
+
+Models
+------
+Called as ``model(input_ids=..., attention_mask=..., use_cache=False)`` when ``forward`` takes ``input_ids``
+(Hugging Face causal LMs and :func:`pypattern.models.hf.hooked_hf` adapters), otherwise ``model(tokens)`` with
+``attention_mask=`` only when ``forward`` takes it (pypattern's ``Transformer``, TransformerLens models, any
+module returning logits; a causal model without a mask is exact on right-padded batches). Outputs are read as a
+tensor of logits, an object or mapping with ``.logits`` / ``["logits"]`` (a Hugging Face ``ModelOutput``), or a
+tuple whose first element is the logits; a 0-dim tensor (or an output with only ``.loss``) is taken as the loss
+itself (then only :func:`batch_loss` applies).
+
+Everything here is free of ``.item()`` and of branching on tensor values, so it runs under
+``torch.func.functional_call`` and ``torch.vmap`` (over parameters, e.g. many chains at once).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ParsedBatch",
+    "parse_batch",
+    "batch_size",
+    "model_output",
+    "read_logits",
+    "read_loss",
+    "batch_loss",
+    "sample_losses",
+    "token_losses",
+    "probe_losses",
+]
+
+IGNORE_INDEX = -100
+_PASS_KEYS = ("position_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class ParsedBatch:
+    """A batch read by :func:`parse_batch`.
+
+    Attributes
+    ----------
+    kind : {"tokens", "hf", "pair"}
+    inputs : torch.Tensor
+        Token ids ``(batch, pos)`` (``"tokens"``/``"hf"``; a 1-D input gets a batch axis of 1) or ``x`` (``"pair"``).
+    target : torch.Tensor or None
+        ``labels`` ``(batch, pos)`` (``"hf"``, None = the input ids) or ``y`` (``"pair"``).
+    attention_mask : torch.Tensor or None
+        ``(batch, pos)``, 1 for real tokens, 0 for padding.
+    extra : dict
+        Other model inputs of a mapping (``position_ids``, ``token_type_ids``).
+    """
+
+    kind: str
+    inputs: torch.Tensor
+    target: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_lm(self) -> bool:
+        """True for next-token batches (a token tensor or a mapping with ``input_ids``)."""
+        return self.kind in ("tokens", "hf")
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a {batch.dtype} tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        items = ", ".join(
+            f"{k!r}: {tuple(v.shape)} {v.dtype}"
+            if isinstance(v, torch.Tensor)
+            else f"{k!r}: {type(v).__name__}"
+            for k, v in batch.items()
+        )
+        return f"a {type(batch).__name__} with keys {{{items}}}"
+    if isinstance(batch, tuple | list):
+        inner = ", ".join(_describe(x) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch)
+        return f"a {type(batch).__name__} of {len(batch)} element(s) ({inner})"
+    return f"a {type(batch).__name__}"
+
+
+_EXPECTED = (
+    "a token tensor (batch, pos) of integer ids, a mapping with 'input_ids' (optional 'attention_mask', "
+    "'labels'), or a pair (x, y) of tensors; for other batches pass your own loss function"
+)
+
+
+def _ids(t: torch.Tensor, what: str, batch: Any) -> torch.Tensor:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer token ids, got {_describe(batch)}; expected {_EXPECTED}")
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    if t.dim() != 2:
+        raise ValueError(f"{what} must have shape (batch, pos) or (pos,), got {_describe(batch)}")
+    return t
+
+
+def parse_batch(batch: Any) -> ParsedBatch:
+    """Read a batch in one of the forms of the module docstring.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For anything else, naming what was expected and what arrived (type, keys, shapes, dtypes).
+    """
+    if isinstance(batch, torch.Tensor):
+        return ParsedBatch("tokens", _ids(batch, "a tensor batch", batch))
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch or not isinstance(batch["input_ids"], torch.Tensor):
+            raise TypeError(
+                f"a mapping batch needs a tensor 'input_ids', got {_describe(batch)}; expected {_EXPECTED}"
+            )
+        ids = _ids(batch["input_ids"], "batch['input_ids']", batch)
+        fields: dict[str, torch.Tensor | None] = {}
+        for key in ("attention_mask", "labels", *_PASS_KEYS):
+            v = batch.get(key)
+            if v is not None:
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"batch[{key!r}] must be a tensor, got {_describe(batch)}")
+                if v.dim() == 1:
+                    v = v.unsqueeze(0)
+                if tuple(v.shape) != tuple(ids.shape):
+                    raise ValueError(
+                        f"batch[{key!r}] must have the shape of input_ids {tuple(ids.shape)}, got {_describe(batch)}"
+                    )
+            fields[key] = v
+        extra = {k: fields[k] for k in _PASS_KEYS if fields[k] is not None}
+        return ParsedBatch("hf", ids, fields["labels"], fields["attention_mask"], extra)
+    if isinstance(batch, tuple | list) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"a pair batch (x, y) must hold two tensors, got {_describe(batch)}; expected {_EXPECTED}"
+            )
+        return ParsedBatch("pair", x, y)
+    raise TypeError(f"the default loss cannot read {_describe(batch)}; expected {_EXPECTED}")
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in ``batch`` (sequences for token batches, rows of ``x`` for pairs).
+
+    A batch of another form (one the defaults do not read, used with a custom loss) counts the leading dimension
+    of its first tensor.
+
+    Raises
+    ------
+    ValueError
+        When the batch holds no tensor at all.
+    """
+    try:
+        return int(parse_batch(batch).inputs.shape[0])
+    except (TypeError, ValueError):
+        pass
+    leaves: list[torch.Tensor] = []
+    torch.utils._pytree.tree_map(lambda v: leaves.append(v) if isinstance(v, torch.Tensor) else None, batch)
+    if not leaves or leaves[0].dim() == 0:
+        raise ValueError(
+            f"cannot count the samples of {_describe(batch)}: it holds no tensor with a batch axis"
+        )
+    return int(leaves[0].shape[0])
+
+
+_SIG_CACHE: dict[Any, frozenset[str]] = {}
+
+
+def _forward_params(model: nn.Module) -> frozenset[str]:
+    """Names of ``model.forward``'s parameters, plus ``"**"`` when it takes ``**kwargs``."""
+    fwd = type(model).forward if isinstance(model, nn.Module) else model
+    if fwd in _SIG_CACHE:
+        return _SIG_CACHE[fwd]
+    try:
+        params = inspect.signature(fwd).parameters
+        names = frozenset(params)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            names = names | {"**"}
+    except (TypeError, ValueError):
+        names = frozenset()
+    _SIG_CACHE[fwd] = names
+    return names
+
+
+def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
+    """Run ``model`` on the inputs of ``batch`` (see the module docstring for how it is called); the raw output."""
+    pb = batch if isinstance(batch, ParsedBatch) else parse_batch(batch)
+    if pb.kind == "pair":
+        return model(pb.inputs)
+    names = _forward_params(model)
+    if "input_ids" in names:
+        kw: dict[str, Any] = {"input_ids": pb.inputs}
+        if pb.attention_mask is not None:
+            kw["attention_mask"] = pb.attention_mask
+        if "use_cache" in names or "**" in names:
+            kw["use_cache"] = False
+        for k, v in pb.extra.items():
+            if k in names or "**" in names:
+                kw[k] = v
+        return model(**kw)
+    kw = {}
+    if pb.attention_mask is not None and "attention_mask" in names:
+        kw["attention_mask"] = pb.attention_mask
+    for k, v in pb.extra.items():
+        if k in names:
+            kw[k] = v
+    return model(pb.inputs, **kw)
+
+
+def _is_loss(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 0
+
+
+def read_logits(out: Any) -> torch.Tensor:
+    """The logits in a model's output: a tensor, ``.logits`` / ``["logits"]``, or the first element of a tuple.
+
+    Raises
+    ------
+    TypeError
+        When the output holds no logits (e.g. only a scalar loss), naming what arrived.
+    """
+    if isinstance(out, torch.Tensor):
+        t = out
+    elif isinstance(out, Mapping) and "logits" in out:
+        t = out["logits"]
+    elif not isinstance(out, tuple | list | Mapping) and getattr(out, "logits", None) is not None:
+        t = out.logits
+    elif isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        t = out[0]
+    else:
+        raise TypeError(
+            f"cannot read logits from the model's output ({_describe(out)}): expected a tensor of logits, an object "
+            "with .logits (a Hugging Face ModelOutput) or a tuple whose first element is the logits"
+        )
+    if _is_loss(t):
+        raise TypeError(
+            "the model returned a scalar (a loss), but per-sample and per-token losses need its logits: make the "
+            "model return logits, or pass your own per-sample loss function"
+        )
+    return t
+
+
+def read_loss(out: Any) -> torch.Tensor:
+    """The loss in what a loss function returned: a tensor, a tuple (loss first), a mapping with ``"loss"`` or an
+    object with ``.loss`` (devinterp's rules; this is what estimators call on a user's ``loss_fn`` output)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) and out:
+        return out[0]
+    if isinstance(out, Mapping) and "loss" in out:
+        return out["loss"]
+    if getattr(out, "loss", None) is not None:
+        return out.loss
+    raise TypeError(
+        f"a loss function must return a tensor, a tuple (loss first), a mapping with 'loss' or an object with .loss; "
+        f"got {_describe(out)}"
+    )
+
+
+def _output_loss(out: Any) -> torch.Tensor | None:
+    """A scalar loss the model returned instead of logits, else None."""
+    if _is_loss(out):
+        return out
+    if isinstance(out, Mapping):
+        return out.get("loss") if "logits" not in out or out.get("logits") is None else None
+    if not isinstance(out, tuple | list) and getattr(out, "logits", None) is None:
+        loss = getattr(out, "loss", None)
+        return loss if _is_loss(loss) else None
+    return None
+
+
+def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token losses ``(batch, pos - 1)`` (0 where masked) and the mask of counted positions."""
+    if logits.dim() != 3 or logits.shape[:2] != pb.inputs.shape:
+        raise ValueError(
+            f"a token batch of shape {tuple(pb.inputs.shape)} needs logits (batch, pos, vocab) of the same batch and "
+            f"pos, got {tuple(logits.shape)}"
+        )
+    lg = logits[:, :-1]
+    if lg.dtype in (torch.float16, torch.bfloat16):
+        lg = lg.float()
+    targets = (pb.target if pb.target is not None else pb.inputs)[:, 1:]
+    mask = targets != IGNORE_INDEX
+    if pb.attention_mask is not None:
+        am = pb.attention_mask.bool()
+        mask = mask & am[:, 1:] & am[:, :-1]
+    safe = torch.where(mask, targets, torch.zeros_like(targets))
+    nll = -torch.log_softmax(lg, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, nll, torch.zeros_like(nll)), mask
+
+
+def _pair_terms(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (``(batch,)``) or per-position (``(batch, pos)``) terms of a pair and their mask."""
+    if not y.is_floating_point():
+        if out.dim() == 3:  # (batch, pos, classes)
+            terms = F.cross_entropy(out.transpose(1, 2), y, reduction="none")
+        else:
+            terms = F.cross_entropy(out, y, reduction="none")
+        return terms, y != IGNORE_INDEX
+    err = (out - y) ** 2
+    err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 0 else err
+    return err, torch.ones_like(err, dtype=torch.bool)
+
+
+def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The batch's mean loss: a scalar (replaces the old ``default_loss_fn``).
+
+    Token batches: the mean of the next-token cross-entropies over every counted position of the batch (each
+    token weighs the same, as Hugging Face's ``.loss``). Pairs: ``cross_entropy(model(x), y)`` for integer ``y``
+    (the sequence axis of 3-D logits handled), else ``mse_loss(model(x), y)``. A model that returns a scalar (or an
+    output with only ``.loss``) has that scalar returned.
+    """
+    pb = parse_batch(batch)
+    out = model_output(model, pb)
+    own = _output_loss(out)
+    if own is not None:
+        return own
+    logits = read_logits(out)
+    if pb.is_lm:
+        terms, mask = _lm_token_terms(logits, pb)
+        return terms.sum() / mask.sum()
+    if not pb.target.is_floating_point():
+        if logits.dim() == 3:
+            return F.cross_entropy(logits.transpose(1, 2), pb.target)
+        return F.cross_entropy(logits, pb.target)
+    return F.mse_loss(logits, pb.target)
+
+
+def token_losses(
+    model: nn.Module, batch: Any, fill: float = float("nan")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses and the mask of positions that count.
+
+    Returns
+    -------
+    losses : torch.Tensor
+        Token batches: ``(batch, pos - 1)``, the loss of predicting token ``t + 1`` at position ``t``; pairs with a
+        sequence axis: ``(batch, pos)``; other pairs: ``(batch,)``. Masked entries (padding, ``-100``) hold
+        ``fill`` (NaN by default; pass ``fill=0.0`` for values that are safe to sum).
+    mask : torch.Tensor
+        Boolean, the shape of ``losses``: True where the entry counts.
+    """
+    pb = parse_batch(batch)
+    logits = read_logits(model_output(model, pb))
+    terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target)
+    if fill != 0.0:
+        terms = torch.where(mask, terms, torch.full_like(terms, fill))
+    return terms, mask
+
+
+def sample_losses(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Per-sample losses ``(batch,)``: each sample's mean over its counted tokens (NaN for a sample with none).
+
+    For pairs without a sequence axis this is the per-sample cross-entropy (0 where ``y == -100``) or squared
+    error averaged over the non-batch axes.
+    """
+    terms, mask = token_losses(model, batch, fill=0.0)
+    if terms.dim() == 1:
+        return terms
+    return terms.sum(-1) / mask.sum(-1)
+
+
+def probe_losses(model: nn.Module, batch: Any, fill: float = 0.0) -> torch.Tensor:
+    """The default observable on a probe batch (replaces ``susceptibility.per_sample_losses``).
+
+    Token batches: per-token losses ``(batch, pos - 1)`` with ``fill`` at masked positions (constant across draws,
+    so they carry no covariance; take :func:`token_losses`' mask to drop them). Pairs: per-sample losses
+    ``(batch,)``, or per position ``(batch, pos)`` when the logits have a sequence axis, exactly as before.
+    """
+    return token_losses(model, batch, fill=fill)[0]

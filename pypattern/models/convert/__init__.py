@@ -1,0 +1,141 @@
+"""Hugging Face (and TransformerLens) language models converted exactly into pypattern's :class:`Transformer`.
+
+:func:`from_hf` maps a model in memory, :func:`from_pretrained` a local ``save_pretrained`` directory (safetensors
+only; nothing is downloaded and nothing is unpickled). One module per family holds the weight layout:
+
+- :mod:`.gpt2`: ``GPT2LMHeadModel``
+- :mod:`.gpt_neox`: ``GPTNeoXForCausalLM`` (GPT-NeoX, Pythia)
+- :mod:`.llama`: ``LlamaForCausalLM``
+- :mod:`.mistral`: ``MistralForCausalLM``
+- :mod:`.qwen2`: ``Qwen2ForCausalLM``
+
+The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
+(tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with Hugging Face's default ``sdpa`` attention;
+its ``eager`` attention takes the softmax in float32 even for float64 weights, so it is only that close). Every
+option a converter does not reproduce exactly (scaled rotary embeddings, per-layer attention scales,
+cross-attention, mixed sliding/full attention layers, an unknown model class, ...) raises
+:class:`UnsupportedModelError` naming the option and its value: no approximate model is ever returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..transformer import Transformer
+from . import gpt2, gpt_neox, llama, mistral, qwen2
+from ._common import UnsupportedModelError, build, model_dtype
+from .transformer_lens import is_transformer_lens, unwrap_bridge
+
+__all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
+
+_FAMILIES = (gpt2, gpt_neox, llama, mistral, qwen2)
+_CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
+SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
+
+
+def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transformer:
+    """Convert a Hugging Face causal LM (or a TransformerLens 4.x ``TransformerBridge`` wrapping one) exactly.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        One of ``GPT2LMHeadModel``, ``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
+        ``Qwen2ForCausalLM`` (see :data:`SUPPORTED_CLASSES`), or a ``TransformerBridge`` around one.
+    dtype : torch.dtype, optional
+        Dtype of the converted weights; default: the model's own.
+
+    Returns
+    -------
+    Transformer
+        A new model (the weights are copied) with TransformerLens names and hooks; tied embeddings stay one
+        parameter. ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For an unknown class or a configuration option the conversion would not reproduce exactly.
+    """
+    if is_transformer_lens(model):
+        model = unwrap_bridge(model, SUPPORTED_CLASSES)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={type(model).__name__} is not a torch module; give a Hugging Face causal LM")
+    name = type(model).__name__
+    if name not in _CONVERTERS:
+        raise UnsupportedModelError(
+            f"model class {name!r} is not supported; pypattern converts {SUPPORTED_CLASSES} "
+            "(base models without their language-model head are not converted: load the *ForCausalLM / "
+            "*LMHeadModel class)"
+        )
+    src_dtype = model_dtype(model)
+    out_dtype = src_dtype if dtype is None else dtype
+    if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
+    with torch.no_grad():
+        cfg, weights = _CONVERTERS[name](model)
+        source = {"class": name, "model_type": getattr(model.config, "model_type", None)}
+        out = build(cfg, weights, out_dtype, source)
+    dev = next(model.parameters()).device
+    return out.to(dev)
+
+
+def _weight_files(path: str) -> list[str]:
+    return sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Transformer:
+    """Load a local ``save_pretrained`` directory and convert it with :func:`from_hf`.
+
+    Nothing is downloaded (``local_files_only=True``) and only safetensors weights are read: a directory with
+    pickle-based weights only (``pytorch_model.bin``) is refused, since loading those would unpickle.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Directory with ``config.json`` and ``*.safetensors`` weights (from ``save_pretrained(...,
+        safe_serialization=True)``).
+    dtype : torch.dtype, optional
+        Dtype of the converted weights; default: the dtype the checkpoint was saved in.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"path={path!r} is not a directory; give a local directory written by save_pretrained "
+            "(nothing is downloaded)"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"path={path!r} has no config.json; give a directory written by save_pretrained"
+        )
+    if not _weight_files(path):
+        pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+        raise UnsupportedModelError(
+            f"path={path!r} has no .safetensors weights"
+            + (
+                f" (only pickle-based files {pickled}, which pypattern never loads because that would unpickle)"
+                if pickled
+                else ""
+            )
+            + "; re-save the model with save_pretrained(dir, safe_serialization=True)"
+        )
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - transformers is a test dependency
+        raise ImportError("from_pretrained needs the transformers package (pip install transformers)") from e
+    with open(os.path.join(path, "config.json")) as f:
+        archs = json.load(f).get("architectures") or []
+    known = [a for a in archs if a in _CONVERTERS]
+    if archs and not known:
+        raise UnsupportedModelError(
+            f"config.json architectures={archs} is not supported; pypattern converts {SUPPORTED_CLASSES}"
+        )
+    cls = getattr(transformers, known[0]) if known else transformers.AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
+    kwargs["dtype"] = dtype if dtype is not None else "auto"
+    hf = cls.from_pretrained(path, **kwargs)
+    hf.eval()
+    return from_hf(hf, dtype=dtype)

@@ -1,0 +1,136 @@
+"""Pieces every family converter shares: refusing what is not converted exactly, weight layout helpers, checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..transformer import _ACT_FNS, Transformer, TransformerConfig
+
+# Hugging Face activation names that are the same function under another name
+_ACT_ALIASES = {"swish": "silu", "gelu_python": "gelu"}
+
+
+class UnsupportedModelError(ValueError):
+    """A model or configuration option the converter cannot map exactly into pypattern's ``Transformer``."""
+
+
+def refuse(option: str, value: Any, why: str) -> None:
+    """Raise :class:`UnsupportedModelError` naming ``option`` and ``value``."""
+    raise UnsupportedModelError(f"{option}={value!r} is not supported: {why}")
+
+
+def act_fn(name: Any, option: str) -> str:
+    """The pypattern name of the Hugging Face activation ``name`` (config field ``option``), or refuse."""
+    if not isinstance(name, str):
+        refuse(option, name, f"give one of {_ACT_FNS}")
+    act = _ACT_ALIASES.get(name, name)
+    if act not in _ACT_FNS:
+        refuse(option, name, f"the activations converted exactly are {_ACT_FNS + tuple(_ACT_ALIASES)}")
+    return act
+
+
+def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, int]:
+    """``(rotary_base, rotary_dim)`` of a model's default RoPE, checked against its ``inv_freq`` buffer.
+
+    Refuses any ``rope_type`` other than ``"default"`` (linear, dynamic, YaRN, LongRoPE, Llama 3 scaling change
+    the frequencies or the magnitudes) and any ``attention_scaling`` other than 1.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        refuse(
+            "rope_parameters['rope_type']",
+            rope_type,
+            "only the default (unscaled) rotary embedding is converted",
+        )
+    scaling = getattr(rotary_module, "attention_scaling", 1.0)
+    if scaling != 1.0:
+        refuse("attention_scaling of the rotary embedding", scaling, "only 1.0 is converted")
+    if "rope_theta" not in params:
+        refuse("rope_parameters", params, "it has no 'rope_theta'")
+    base = float(params["rope_theta"])
+    inv_freq = rotary_module.inv_freq.detach().float().cpu()
+    rotary_dim = 2 * inv_freq.numel()
+    if rotary_dim > head_dim:
+        refuse("rotary dimensions", rotary_dim, f"more than the head dimension {head_dim}")
+    mine = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    if not torch.equal(mine, inv_freq):
+        refuse(
+            "rotary inv_freq",
+            "(buffer)",
+            f"the model's frequencies are not 1 / {base} ** (2 i / {rotary_dim}) as a default rotary embedding's",
+        )
+    return base, rotary_dim
+
+
+def linear_heads(weight: torch.Tensor, n: int, d_head: int) -> torch.Tensor:
+    """``nn.Linear`` weight ``(n * d_head, d_model)`` -> TransformerLens ``(n, d_model, d_head)``."""
+    return weight.reshape(n, d_head, weight.shape[-1]).permute(0, 2, 1)
+
+
+def linear_out_heads(weight: torch.Tensor, n: int, d_head: int) -> torch.Tensor:
+    """``nn.Linear`` output weight ``(d_model, n * d_head)`` -> TransformerLens ``W_O (n, d_head, d_model)``."""
+    return weight.T.reshape(n, d_head, weight.shape[0])
+
+
+def bias_heads(bias: torch.Tensor | None, n: int, d_head: int) -> torch.Tensor | None:
+    return None if bias is None else bias.reshape(n, d_head)
+
+
+def same_parameter(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when ``a`` and ``b`` are one tensor (tied weights)."""
+    return a is b or (
+        a.shape == b.shape
+        and a.data_ptr() == b.data_ptr()
+        and a.stride() == b.stride()
+        and a.device == b.device
+    )
+
+
+def all_or_none(biases: list[torch.Tensor | None], option: str) -> bool:
+    """True if every bias exists, False if none does; refuse a mixture (one flag in the converted model)."""
+    present = {b is not None for b in biases}
+    if len(present) > 1:
+        refuse(option, "mixed", "some of these projections have a bias and others do not")
+    return present == {True}
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    dts = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(dts) != 1:
+        refuse(
+            "parameter dtypes", sorted(str(d) for d in dts), "give a model whose parameters share one dtype"
+        )
+    return dts.pop()
+
+
+def build(
+    cfg_kwargs: dict, weights: dict[str, torch.Tensor | None], dtype: torch.dtype, source: dict
+) -> Transformer:
+    """A :class:`Transformer` of ``cfg_kwargs`` (plus ``dtype``) with exactly ``weights`` loaded.
+
+    ``weights`` maps every parameter name of the new model to its tensor (None entries are skipped and must not
+    be parameters); a missing or surplus name is an error in the converter, reported as such."""
+    cfg = TransformerConfig(**cfg_kwargs, dtype=dtype, seed=None, extra={"converted_from": source})
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    weights = {k: v for k, v in weights.items() if v is not None}
+    names = {n for n, _ in model.named_parameters()}
+    if set(weights) != names:
+        raise RuntimeError(
+            f"converter for {source.get('class')}: weights for {sorted(set(weights) - names)} have no parameter; "
+            f"parameters {sorted(names - set(weights))} got no weight"
+        )
+    state = {}
+    for n, p in model.named_parameters():
+        w = weights[n].detach()
+        if tuple(w.shape) != tuple(p.shape):
+            raise RuntimeError(
+                f"converter for {source.get('class')}: {n} has shape {tuple(w.shape)}, expected {tuple(p.shape)}"
+            )
+        state[n] = w.to(dtype=dtype).contiguous().clone()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

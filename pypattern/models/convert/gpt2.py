@@ -1,0 +1,88 @@
+"""GPT-2 (``GPT2LMHeadModel``) -> pypattern ``Transformer``.
+
+GPT-2's ``Conv1D`` weights are stored ``(in, out)`` (``y = x @ W + b``); ``c_attn`` is the fused query/key/value
+projection whose output splits into three ``d_model`` blocks (queries, keys, values), each ``(n_heads, d_head)``
+head-major. LayerNorm, learned absolute positions, every bias, no unembedding bias; embeddings usually tied.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import act_fn, refuse, same_parameter
+
+CLASSES = ("GPT2LMHeadModel",)
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a ``GPT2LMHeadModel``."""
+    c = model.config
+    if getattr(c, "add_cross_attention", False):
+        refuse("add_cross_attention", c.add_cross_attention, "cross-attention layers are not converted")
+    if getattr(c, "scale_attn_by_inverse_layer_idx", False):
+        refuse(
+            "scale_attn_by_inverse_layer_idx",
+            True,
+            "a per-layer attention scale 1 / (layer + 1) is not part of pypattern's Transformer",
+        )
+    tr = model.transformer
+    blocks = tr.h
+    d, H = c.n_embd, c.n_head
+    dh = d // H
+    if getattr(c, "reorder_and_upcast_attn", False) and getattr(c, "_attn_implementation", None) == "eager":
+        dts = {p.dtype for p in model.parameters()}
+        if dts != {torch.float32}:
+            refuse(
+                "reorder_and_upcast_attn",
+                True,
+                f"with eager attention the model computes its scores in float32, its weights are {sorted(map(str, dts))}",
+            )
+    d_mlp = blocks[0].mlp.c_fc.weight.shape[1]
+    lm_w = model.lm_head.weight
+    tied = same_parameter(lm_w, tr.wte.weight)
+    lm_b = getattr(model.lm_head, "bias", None)
+    eps = blocks[0].ln_1.eps
+    cfg = dict(
+        n_layers=len(blocks),
+        d_model=d,
+        n_heads=H,
+        d_head=dh,
+        d_mlp=d_mlp,
+        d_vocab=tr.wte.weight.shape[0],
+        n_ctx=tr.wpe.weight.shape[0],
+        act_fn=act_fn(c.activation_function, "activation_function"),
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        ln_eps=eps,
+        attn_scale=None if c.scale_attn_weights else 1.0,
+        tie_word_embeddings=tied,
+        unembed_bias=lm_b is not None,
+    )
+    w: dict[str, torch.Tensor | None] = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
+
+    def ln(dst: str, mod: nn.LayerNorm) -> None:
+        if mod.eps != eps:
+            refuse("layer_norm_epsilon", mod.eps, f"differs between norms ({eps} elsewhere)")
+        w[f"{dst}.w"] = mod.weight
+        w[f"{dst}.b"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight)
+
+    for i, blk in enumerate(blocks):
+        p = f"blocks.{i}"
+        ln(f"{p}.ln1", blk.ln_1)
+        ln(f"{p}.ln2", blk.ln_2)
+        W, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # (d, 3d), (3d,)
+        for j, x in enumerate("QKV"):
+            w[f"{p}.attn.W_{x}"] = W[:, j * d : (j + 1) * d].reshape(d, H, dh).permute(1, 0, 2)
+            w[f"{p}.attn.b_{x}"] = b[j * d : (j + 1) * d].reshape(H, dh)
+        w[f"{p}.attn.W_O"] = blk.attn.c_proj.weight.reshape(H, dh, d)
+        w[f"{p}.attn.b_O"] = blk.attn.c_proj.bias
+        w[f"{p}.mlp.W_in"] = blk.mlp.c_fc.weight
+        w[f"{p}.mlp.b_in"] = blk.mlp.c_fc.bias
+        w[f"{p}.mlp.W_out"] = blk.mlp.c_proj.weight
+        w[f"{p}.mlp.b_out"] = blk.mlp.c_proj.bias
+    ln("ln_final", tr.ln_f)
+    if not tied:
+        w["unembed.W_U"] = lm_w.T
+    w["unembed.b_U"] = lm_b
+    return cfg, w

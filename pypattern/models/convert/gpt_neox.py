@@ -1,0 +1,97 @@
+"""GPT-NeoX / Pythia (``GPTNeoXForCausalLM``) -> pypattern ``Transformer``.
+
+``attention.query_key_value`` is one ``nn.Linear`` whose output is laid out per head, ``[h0: q k v, h1: q k v,
+...]`` (the model views it as ``(..., n_heads, 3 * d_head)`` and splits the last axis in three). Partial rotary
+embeddings (the first ``rotary_pct`` of each head, ``rotate_half`` pairing), LayerNorm, attention and MLP in
+parallel (``use_parallel_residual``, the default) or in sequence, biases on every linear map (the attention's
+follow ``attention_bias``), no unembedding bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import act_fn, all_or_none, refuse, rope, same_parameter
+
+CLASSES = ("GPTNeoXForCausalLM",)
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a ``GPTNeoXForCausalLM``."""
+    c = model.config
+    base_model = model.gpt_neox
+    layers = base_model.layers
+    d, H = c.hidden_size, c.num_attention_heads
+    att0 = layers[0].attention
+    dh = att0.head_size
+    if att0.scaling != dh**-0.5:
+        refuse("attention scaling", att0.scaling, f"expected head_size ** -0.5 = {dh**-0.5}")
+    base, rotary_dim = rope(c, base_model.rotary_emb, dh)
+    if rotary_dim != att0.rotary_ndims:
+        refuse(
+            "rotary_ndims", att0.rotary_ndims, f"differs from the rotary embedding's {rotary_dim} dimensions"
+        )
+    attn_bias = all_or_none(
+        [m.attention.query_key_value.bias for m in layers] + [m.attention.dense.bias for m in layers],
+        "attention_bias",
+    )
+    mlp_bias = all_or_none(
+        [m.mlp.dense_h_to_4h.bias for m in layers] + [m.mlp.dense_4h_to_h.bias for m in layers], "mlp biases"
+    )
+    emb = model.get_input_embeddings().weight
+    lm = model.get_output_embeddings()
+    tied = same_parameter(lm.weight, emb)
+    lm_b = getattr(lm, "bias", None)
+    eps = layers[0].input_layernorm.eps
+    cfg = dict(
+        n_layers=len(layers),
+        d_model=d,
+        n_heads=H,
+        d_head=dh,
+        d_mlp=layers[0].mlp.dense_h_to_4h.weight.shape[0],
+        d_vocab=emb.shape[0],
+        n_ctx=c.max_position_embeddings,
+        act_fn=act_fn(c.hidden_act, "hidden_act"),
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=rotary_dim,
+        rotary_base=base,
+        rotary_dtype=torch.float32,
+        parallel_attn_mlp=bool(c.use_parallel_residual),
+        attn_bias=attn_bias,
+        attn_out_bias=attn_bias,
+        mlp_bias=mlp_bias,
+        unembed_bias=lm_b is not None,
+        tie_word_embeddings=tied,
+        ln_eps=eps,
+    )
+    w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
+
+    def ln(dst: str, mod: nn.LayerNorm) -> None:
+        if mod.eps != eps:
+            refuse("layer_norm_eps", mod.eps, f"differs between norms ({eps} elsewhere)")
+        w[f"{dst}.w"] = mod.weight
+        w[f"{dst}.b"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight)
+
+    for i, layer in enumerate(layers):
+        p = f"blocks.{i}"
+        a = layer.attention
+        ln(f"{p}.ln1", layer.input_layernorm)
+        ln(f"{p}.ln2", layer.post_attention_layernorm)
+        W = a.query_key_value.weight.reshape(H, 3, dh, d)  # per head: q, k, v rows
+        b = None if a.query_key_value.bias is None else a.query_key_value.bias.reshape(H, 3, dh)
+        for j, x in enumerate("QKV"):
+            w[f"{p}.attn.W_{x}"] = W[:, j].transpose(1, 2)
+            w[f"{p}.attn.b_{x}"] = None if b is None else b[:, j]
+        w[f"{p}.attn.W_O"] = a.dense.weight.T.reshape(H, dh, d)
+        w[f"{p}.attn.b_O"] = a.dense.bias
+        w[f"{p}.mlp.W_in"] = layer.mlp.dense_h_to_4h.weight.T
+        w[f"{p}.mlp.b_in"] = layer.mlp.dense_h_to_4h.bias
+        w[f"{p}.mlp.W_out"] = layer.mlp.dense_4h_to_h.weight.T
+        w[f"{p}.mlp.b_out"] = layer.mlp.dense_4h_to_h.bias
+    ln("ln_final", base_model.final_layer_norm)
+    if not tied:
+        w["unembed.W_U"] = lm.weight.T
+    w["unembed.b_U"] = lm_b
+    return cfg, w

@@ -1,0 +1,127 @@
+"""Llama (``LlamaForCausalLM``) -> pypattern ``Transformer``; the shared Llama-style conversion Mistral and Qwen2
+use too.
+
+Separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (``nn.Linear``, ``(out, in)``), grouped-query attention,
+rotary embeddings on the whole head (``rotate_half`` pairing; angles and their cosines computed in float32),
+RMSNorm computed in float32, gated SiLU MLP (``gate_proj`` -> ``W_gate``, ``up_proj`` -> ``W_in``, ``down_proj``
+-> ``W_out``), biases per ``attention_bias`` (all four attention projections) and ``mlp_bias``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import (
+    act_fn,
+    all_or_none,
+    bias_heads,
+    linear_heads,
+    linear_out_heads,
+    refuse,
+    rope,
+    same_parameter,
+)
+
+CLASSES = ("LlamaForCausalLM",)
+
+
+def llama_like(model: nn.Module, sliding_window: int | None = None) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a Llama-style causal LM (``model.model.layers[i]`` with
+    ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``/``post_attention_layernorm``
+    RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, or None."""
+    c = model.config
+    base_model = model.model
+    layers = base_model.layers
+    if len(layers) != c.num_hidden_layers:
+        refuse("num_hidden_layers", c.num_hidden_layers, f"the model holds {len(layers)} layers")
+    d = c.hidden_size
+    a0 = layers[0].self_attn
+    dh = a0.head_dim
+    H = a0.q_proj.weight.shape[0] // dh
+    Hkv = a0.k_proj.weight.shape[0] // dh
+    if a0.scaling != dh**-0.5:
+        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    base, rotary_dim = rope(c, base_model.rotary_emb, dh)
+    if rotary_dim != dh:
+        refuse(
+            "rotary dimensions",
+            rotary_dim,
+            f"this model rotates the whole head (head_dim={dh}); a partial rotary factor is not applied by it",
+        )
+    attn_in_bias = all_or_none(
+        [getattr(m.self_attn, f"{x}_proj").bias for m in layers for x in "qkv"], "q/k/v projection biases"
+    )
+    attn_out_bias = all_or_none([m.self_attn.o_proj.bias for m in layers], "o_proj biases")
+    mlp_bias = all_or_none(
+        [getattr(m.mlp, f"{x}_proj").bias for m in layers for x in ("gate", "up", "down")], "mlp_bias"
+    )
+    emb = model.get_input_embeddings().weight
+    lm = model.get_output_embeddings()
+    tied = same_parameter(lm.weight, emb)
+    lm_b = getattr(lm, "bias", None)
+    eps = layers[0].input_layernorm.variance_epsilon
+    cfg = dict(
+        n_layers=len(layers),
+        d_model=d,
+        n_heads=H,
+        d_head=dh,
+        n_key_value_heads=Hkv,
+        d_mlp=layers[0].mlp.up_proj.weight.shape[0],
+        d_vocab=emb.shape[0],
+        n_ctx=c.max_position_embeddings,
+        act_fn=act_fn(c.hidden_act, "hidden_act"),
+        normalization_type="RMS",
+        norm_dtype=torch.float32,
+        positional_embedding_type="rotary",
+        rotary_dim=rotary_dim,
+        rotary_base=base,
+        rotary_dtype=torch.float32,
+        gated_mlp=True,
+        attn_bias=attn_in_bias,
+        attn_out_bias=attn_out_bias,
+        mlp_bias=mlp_bias,
+        unembed_bias=lm_b is not None,
+        tie_word_embeddings=tied,
+        ln_eps=eps,
+        sliding_window=sliding_window,
+    )
+    w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
+
+    def norm(dst: str, mod: nn.Module) -> None:
+        if mod.variance_epsilon != eps:
+            refuse("rms_norm_eps", mod.variance_epsilon, f"differs between norms ({eps} elsewhere)")
+        w[f"{dst}.w"] = mod.weight
+
+    for i, layer in enumerate(layers):
+        p = f"blocks.{i}"
+        a = layer.self_attn
+        if a.head_dim != dh:
+            refuse("head_dim", a.head_dim, f"differs between layers ({dh} in layer 0)")
+        norm(f"{p}.ln1", layer.input_layernorm)
+        norm(f"{p}.ln2", layer.post_attention_layernorm)
+        w[f"{p}.attn.W_Q"] = linear_heads(a.q_proj.weight, H, dh)
+        w[f"{p}.attn.W_K"] = linear_heads(a.k_proj.weight, Hkv, dh)
+        w[f"{p}.attn.W_V"] = linear_heads(a.v_proj.weight, Hkv, dh)
+        w[f"{p}.attn.b_Q"] = bias_heads(a.q_proj.bias, H, dh)
+        w[f"{p}.attn.b_K"] = bias_heads(a.k_proj.bias, Hkv, dh)
+        w[f"{p}.attn.b_V"] = bias_heads(a.v_proj.bias, Hkv, dh)
+        w[f"{p}.attn.W_O"] = linear_out_heads(a.o_proj.weight, H, dh)
+        w[f"{p}.attn.b_O"] = a.o_proj.bias
+        m = layer.mlp
+        w[f"{p}.mlp.W_gate"] = m.gate_proj.weight.T
+        w[f"{p}.mlp.b_gate"] = m.gate_proj.bias
+        w[f"{p}.mlp.W_in"] = m.up_proj.weight.T
+        w[f"{p}.mlp.b_in"] = m.up_proj.bias
+        w[f"{p}.mlp.W_out"] = m.down_proj.weight.T
+        w[f"{p}.mlp.b_out"] = m.down_proj.bias
+    norm("ln_final", base_model.norm)
+    if not tied:
+        w["unembed.W_U"] = lm.weight.T
+    w["unembed.b_U"] = lm_b
+    return cfg, w
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a ``LlamaForCausalLM``."""
+    return llama_like(model)

@@ -1,0 +1,90 @@
+"""TransformerLens 4.x ``TransformerBridge`` -> the Hugging Face model it wraps, in its own module layout.
+
+A bridge wraps the Hugging Face model in place: each sub-module is replaced by a bridge component that keeps the
+original as ``_original_component`` (and some components hold extra split copies of fused weights). This module
+rebuilds a plain Hugging Face model of the same class whose parameters and buffers are the original modules'
+tensors (shared, not copied), which the family converters then read. TransformerLens itself is never imported.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._common import UnsupportedModelError
+
+
+def is_transformer_lens(model: Any) -> bool:
+    """True for objects defined by the ``transformer_lens`` package."""
+    return (type(model).__module__ or "").startswith("transformer_lens")
+
+
+def _resolve(root: nn.Module, path: str) -> torch.Tensor:
+    """The tensor at ``path`` (Hugging Face names) in a bridged module tree, stepping through every wrapper."""
+    obj: Any = root
+    for part in path.split("."):
+        while "_original_component" in getattr(obj, "_modules", {}):
+            obj = obj._modules["_original_component"]
+        obj = getattr(obj, part)
+    return obj
+
+
+def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
+    """The Hugging Face model inside a TransformerLens 4.x ``TransformerBridge``, rebuilt in its own layout.
+
+    Parameters
+    ----------
+    bridge : transformer_lens.model_bridge.TransformerBridge
+    supported : tuple of str
+        Hugging Face class names that can be converted.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When ``bridge`` is no ``TransformerBridge`` around a supported class, or its weights were processed
+        (``enable_compatibility_mode`` / ``process_weights`` fold and centre them, so they no longer are the Hugging
+        Face model's weights).
+    """
+    name = type(bridge).__name__
+    try:
+        inner = bridge.original_model
+    except AttributeError:
+        inner = None
+    if not isinstance(inner, nn.Module):
+        raise UnsupportedModelError(
+            f"model={name} (from {type(bridge).__module__}) is not supported: pypattern converts TransformerLens "
+            f"4.x TransformerBridge models that wrap a local Hugging Face model of {supported}; a HookedTransformer "
+            "is already in TransformerLens' processed layout: convert the Hugging Face model it came from instead"
+        )
+    cls_name = type(inner).__name__
+    if cls_name not in supported:
+        raise UnsupportedModelError(
+            f"the TransformerBridge wraps {cls_name!r}, which is not supported; pypattern converts {supported}"
+        )
+    if getattr(bridge, "_weights_processed", False):
+        raise UnsupportedModelError(
+            "a TransformerBridge with processed weights (_weights_processed=True) is not supported: enable_compatibility_mode() / "
+            "process_weights() folded or centred the weights, so they are no longer the Hugging Face model's; "
+            "convert a bridge booted without weight processing (or enable_compatibility_mode(no_processing=True))"
+        )
+    with torch.device("meta"):
+        clean = type(inner)(copy.deepcopy(inner.config))
+    clean.eval()
+    tensors = {}
+    for pname, _ in clean.named_parameters(remove_duplicate=False):
+        tensors[pname] = _resolve(inner, pname)
+    for bname, _ in clean.named_buffers(remove_duplicate=False):
+        tensors[bname] = _resolve(inner, bname)
+    for full, t in tensors.items():
+        mod_path, _, leaf = full.rpartition(".")
+        mod = clean.get_submodule(mod_path) if mod_path else clean
+        if leaf in mod._parameters:
+            mod._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+        else:
+            mod._buffers[leaf] = t
+    # tied embeddings stay tied: both names resolve to the bridged model's one tensor
+    clean.config._attn_implementation = getattr(inner.config, "_attn_implementation", None)
+    return clean

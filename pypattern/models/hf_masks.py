@@ -1,0 +1,254 @@
+"""Component masks over a Hugging Face causal LM's own parameters (per head, per MLP, embeddings).
+
+A component mask selects the entries of the model's parameters that belong to one component, so that a sampler
+can move only that component (susceptibilities, LLC of a head). Each supported family stores attention weights
+in its own layout; the masks follow the installed ``transformers`` modelling code:
+
+* **GPT-2** (``Conv1D``, ``y = x @ W + b``): ``attn.c_attn.weight`` ``(d_model, 3 d_model)`` holds the columns
+  ``[q | k | v]``, each split by head (``q`` of head ``h`` = columns ``h*d_head : (h+1)*d_head``, ``k`` the same
+  plus ``d_model``, ``v`` plus ``2 d_model``), ``c_attn.bias`` likewise; ``attn.c_proj.weight`` ``(d_model,
+  d_model)``: the rows ``h*d_head : (h+1)*d_head`` read head ``h``'s output.
+* **GPT-NeoX / Pythia** (``nn.Linear``, ``y = x @ W.T + b``): ``attention.query_key_value.weight``
+  ``(3 d_model, d_model)`` is reshaped to ``(n_heads, 3 d_head)`` per position, so head ``h`` owns the rows
+  ``3 h d_head : 3 (h+1) d_head`` (its ``q``, ``k``, ``v`` one after the other), bias likewise;
+  ``attention.dense.weight`` ``(d_model, d_model)``: the columns ``h*d_head : (h+1)*d_head``.
+* **Llama, Mistral, Qwen2** (split ``nn.Linear``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where
+  present: Qwen2, Llama with ``attention_bias``), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
+  ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
+
+What a head owns under grouped-query attention
+----------------------------------------------
+With ``n_kv_heads == n_heads`` (GPT-2, GPT-NeoX, multi-head Llama) a head owns its query, key and value slices and
+its slice of the output projection, as in TransformerLens and pypattern's ``Transformer``. With
+``n_kv_heads < n_heads`` a key/value head is shared by ``n_heads // n_kv_heads`` query heads, so moving it moves
+all of them: by default ``blocks.{l}.attn.head.{h}`` is then the query slice and the output-projection slice of
+head ``h`` only (moving it moves exactly head ``h``'s output), and the shared key/value slices are the separate
+component ``blocks.{l}.attn.kv_head.{g}``. ``include_shared_kv=True`` adds the group's key/value slices to the
+head (moving it then moves every head of the group). The heads, the key/value heads and the output bias (shared
+by all heads, in no head) partition the attention's parameters. pypattern's ``Transformer`` (and so every
+converted model) follows the same rule (:func:`pypattern.models.component_masks`).
+
+Tied embeddings (GPT-2, Qwen2/Llama with ``tie_word_embeddings``): ``embed`` and ``unembed`` are one parameter,
+and each selects all of it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hf import HF_ARCHS, HFArch, HookedHF, hf_arch
+
+__all__ = ["hf_component_masks", "hf_components", "hf_attention_shape", "is_hf_model"]
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """True for a :class:`~pypattern.models.hf.HookedHF` or a model whose ``config.model_type`` is supported."""
+    if isinstance(model, HookedHF):
+        return True
+    return getattr(getattr(model, "config", None), "model_type", None) in HF_ARCHS
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The Hugging Face model and the prefix of its parameter names inside ``model``."""
+    if isinstance(model, HookedHF):
+        return model.hf_model, "module.model."
+    return model, ""
+
+
+def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]:
+    """``(n_heads, n_kv_heads, d_head)`` of layer ``layer``'s attention, read from its modules."""
+    hf, _ = _unwrap(model)
+    arch = hf_arch(hf)
+    cfg = hf.config
+    attn = hf.get_submodule(f"{arch.base}.{arch.layers}.{layer}.{arch.attn}")
+    n_heads = int(cfg.num_attention_heads)
+    if arch.qkv == "gpt2":
+        return n_heads, n_heads, int(attn.head_dim)
+    if arch.qkv == "neox":
+        return n_heads, n_heads, int(attn.head_size)
+    d_head = int(attn.head_dim)
+    n_kv = int(attn.k_proj.out_features) // d_head
+    return n_heads, n_kv, d_head
+
+
+def hf_components(model: nn.Module, heads: bool = True) -> list[str]:
+    """Component names of a supported Hugging Face causal LM (see :func:`hf_component_masks`)."""
+    hf, _ = _unwrap(model)
+    arch = hf_arch(hf)
+    out = ["embed"] + (["pos_embed"] if arch.pos_embed else [])
+    n_layers = len(hf.get_submodule(f"{arch.base}.{arch.layers}"))
+    for layer in range(n_layers):
+        if heads:
+            n_heads, n_kv, _ = hf_attention_shape(hf, layer)
+            out += [f"blocks.{layer}.attn.head.{h}" for h in range(n_heads)]
+            if n_kv < n_heads:
+                out += [f"blocks.{layer}.attn.kv_head.{g}" for g in range(n_kv)]
+        else:
+            out.append(f"blocks.{layer}.attn")
+        out.append(f"blocks.{layer}.mlp")
+    return out + ["unembed"]
+
+
+def _module_prefix(hf: nn.Module, arch: HFArch, component: str) -> str | None:
+    """Parameter-name prefix (in ``hf``) of a whole-module component, or None when the name is not one."""
+    b = arch.base
+    fixed = {"embed": f"{b}.{arch.embed}", "ln_final": f"{b}.{arch.ln_final}"}
+    if arch.pos_embed:
+        fixed["pos_embed"] = f"{b}.{arch.pos_embed}"
+    if component in fixed:
+        return fixed[component]
+    m = re.fullmatch(r"blocks\.(\d+)(?:\.(attn|mlp|ln1|ln2))?", component)
+    if m:
+        sub = {None: None, "attn": arch.attn, "mlp": arch.mlp, "ln1": arch.ln1, "ln2": arch.ln2}[m.group(2)]
+        path = f"{b}.{arch.layers}.{m.group(1)}"
+        return path if sub is None else f"{path}.{sub}"
+    return None
+
+
+def _head_slices(
+    hf: nn.Module, arch: HFArch, layer: int, head: int, kind: str, include_shared_kv: bool
+) -> dict[str, tuple[int, slice]]:
+    """Parameter name (in ``hf``) -> (axis, index range) of one head (``kind="head"``) or kv head (``"kv"``)."""
+    n_heads, n_kv, dh = hf_attention_shape(hf, layer)
+    a = f"{arch.base}.{arch.layers}.{layer}.{arch.attn}"
+    limit = n_heads if kind == "head" else n_kv
+    if not 0 <= head < limit:
+        what = "heads" if kind == "head" else "key/value heads"
+        raise ValueError(
+            f"component=blocks.{layer}.attn.{'head' if kind == 'head' else 'kv_head'}.{head}: out of range; "
+            f"layer {layer} has {limit} {what}"
+        )
+    if kind == "kv" and n_kv == n_heads:
+        raise ValueError(
+            f"component=blocks.{layer}.attn.kv_head.{head}: the model has no shared key/value heads "
+            f"(n_kv_heads == n_heads == {n_heads}); a head's keys and values belong to blocks.{layer}.attn.head.{head}"
+        )
+    own = slice(head * dh, (head + 1) * dh)
+    out: dict[str, tuple[int, Any]] = {}
+    if arch.qkv == "gpt2":
+        d = n_heads * dh
+        cols = torch.cat([torch.arange(own.start, own.stop) + i * d for i in range(3)])
+        out[f"{a}.c_attn.weight"] = (1, cols)
+        out[f"{a}.c_attn.bias"] = (0, cols)
+        out[f"{a}.c_proj.weight"] = (0, own)
+    elif arch.qkv == "neox":
+        rows = slice(3 * head * dh, 3 * (head + 1) * dh)
+        out[f"{a}.query_key_value.weight"] = (0, rows)
+        out[f"{a}.query_key_value.bias"] = (0, rows)
+        out[f"{a}.dense.weight"] = (1, own)
+    else:
+        group = n_heads // n_kv
+        if kind == "head":
+            out[f"{a}.q_proj.weight"] = (0, own)
+            out[f"{a}.q_proj.bias"] = (0, own)
+            out[f"{a}.o_proj.weight"] = (1, own)
+            kv = head // group
+        else:
+            kv = head
+        if kind == "kv" or n_kv == n_heads or include_shared_kv:
+            kv_rows = slice(kv * dh, (kv + 1) * dh)
+            for p in ("k_proj", "v_proj"):
+                out[f"{a}.{p}.weight"] = (0, kv_rows)
+                out[f"{a}.{p}.bias"] = (0, kv_rows)
+    return out
+
+
+def hf_component_masks(
+    model: nn.Module, component: str, all_params: bool = False, include_shared_kv: bool = False
+) -> dict[str, torch.Tensor]:
+    """Boolean masks selecting one component's entries of a Hugging Face causal LM's parameters.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A supported Hugging Face causal LM (``gpt2``, ``gpt_neox``, ``llama``, ``mistral``, ``qwen2``), or the
+        :class:`~pypattern.models.hf.HookedHF` wrapping one (names then start with ``module.model.``).
+    component : str
+        ``"blocks.{l}.attn.head.{h}"`` (one head's slices, see the module docstring for each layout and for
+        grouped-query attention), ``"blocks.{l}.attn.kv_head.{g}"`` (a shared key/value head),
+        ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"``, ``"blocks.{l}"``, ``"blocks.{l}.ln1"`` / ``"ln2"``,
+        ``"embed"``, ``"pos_embed"`` (GPT-2), ``"unembed"``, ``"ln_final"``, or any prefix of the model's own
+        parameter names (e.g. ``"transformer.h.0.attn.c_attn"``).
+    all_params : bool
+        If True, every parameter is in the dict (all-False masks outside the component); otherwise only those
+        with a selected entry.
+    include_shared_kv : bool
+        Under grouped-query attention, add the head's shared key/value slices to ``attn.head.{h}``.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        ``{parameter name: bool tensor of the parameter's shape}``, names as in ``model.named_parameters()``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown component, a head out of range or an unsupported ``model_type``.
+    """
+    hf, prefix = _unwrap(model)
+    arch = hf_arch(hf)
+    params = dict(hf.named_parameters())
+    masks: dict[str, torch.Tensor] = {}
+    m = re.fullmatch(r"blocks\.(\d+)\.attn\.(head|kv_head)\.(\d+)", component)
+    n_layers = len(hf.get_submodule(f"{arch.base}.{arch.layers}"))
+    if m:
+        layer = int(m.group(1))
+        if layer >= n_layers:
+            raise ValueError(
+                f"component={component!r}: layer {layer} is out of range; the model has {n_layers}"
+            )
+        kind = "head" if m.group(2) == "head" else "kv"
+        for name, (axis, idx) in _head_slices(
+            hf, arch, layer, int(m.group(3)), kind, include_shared_kv
+        ).items():
+            if name not in params:  # a bias the configuration leaves out
+                continue
+            mask = torch.zeros_like(params[name], dtype=torch.bool)
+            mask.index_fill_(axis, _as_index(idx, mask.device), True)
+            masks[name] = mask
+    else:
+        if component == "unembed":
+            return _finish(_unembed_masks(hf, params), params, all_params, prefix)
+        pre = _module_prefix(hf, arch, component)
+        if pre is not None and pre.startswith(f"{arch.base}.{arch.layers}."):
+            layer = int(pre.split(".")[len(arch.base.split(".")) + 1])
+            if layer >= n_layers:
+                raise ValueError(
+                    f"component={component!r}: layer {layer} is out of range; the model has {n_layers}"
+                )
+        pre = component if pre is None else pre
+        sel = [n for n in params if n == pre or n.startswith(pre + ".")]
+        if not sel:
+            raise ValueError(
+                f"component={component!r} matches no parameter; valid: 'blocks.0.attn.head.0', 'blocks.0.attn', "
+                f"'blocks.0.mlp', 'embed', 'unembed', 'ln_final' or a parameter-name prefix such as "
+                f"{list(params)[:2]}"
+            )
+        masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in sel}
+    return _finish(masks, params, all_params, prefix)
+
+
+def _finish(masks: dict, params: dict, all_params: bool, prefix: str) -> dict[str, torch.Tensor]:
+    if all_params:
+        masks = {n: masks.get(n, torch.zeros_like(p, dtype=torch.bool)) for n, p in params.items()}
+    return {prefix + n: v for n, v in masks.items()}
+
+
+def _unembed_masks(hf: nn.Module, params: dict) -> dict[str, torch.Tensor]:
+    """The output head's parameters, found by identity (``lm_head`` or GPT-NeoX's head, whatever its name in the
+    installed ``transformers``): with tied embeddings its weight is the embedding's, named once."""
+    head = hf.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(hf).__name__} has no output embeddings (get_output_embeddings() is None)")
+    own = {id(p) for p in head.parameters()}
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items() if id(p) in own}
+
+
+def _as_index(idx: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(idx, slice):
+        return torch.arange(idx.start, idx.stop, device=device)
+    return idx.to(device)

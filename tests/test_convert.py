@@ -1,0 +1,463 @@
+"""Hugging Face models converted into pypattern's Transformer compute the same function as the Hugging Face forward.
+
+Every case is a small random configuration (odd widths, 5 or 7 heads, grouped-query ratios 1/2/4 and multi-query,
+rotary fractions 0.25/0.5/1, tied and untied embeddings, with and without biases, parallel and sequential
+GPT-NeoX blocks) built from a ``transformers.<Family>Config`` with random weights; nothing is downloaded.
+"""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from pypattern import from_hf, from_pretrained  # noqa: E402
+from pypattern.models.convert import SUPPORTED_CLASSES, UnsupportedModelError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V, CTX, T = 37, 16, 12
+COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=None)
+
+CASES = {
+    "gpt2-tied": ("GPT2", dict(n_embd=40, n_layer=2, n_head=5, n_inner=56, n_positions=CTX)),
+    "gpt2-untied-relu-unscaled": (
+        "GPT2",
+        dict(
+            n_embd=42,
+            n_layer=3,
+            n_head=7,
+            n_positions=CTX,
+            tie_word_embeddings=False,
+            activation_function="relu",
+            scale_attn_weights=False,
+        ),
+    ),
+    "neox-parallel-rot0.25": (
+        "GPTNeoX",
+        dict(
+            hidden_size=40, num_hidden_layers=2, num_attention_heads=5, intermediate_size=56, rotary_pct=0.25
+        ),
+    ),
+    "neox-sequential-rot0.5-tied-nobias": (
+        "GPTNeoX",
+        dict(
+            hidden_size=56,
+            num_hidden_layers=2,
+            num_attention_heads=7,
+            intermediate_size=60,
+            rotary_pct=0.5,
+            use_parallel_residual=False,
+            tie_word_embeddings=True,
+            attention_bias=False,
+        ),
+    ),
+    "neox-rot1.0-gelu_new": (
+        "GPTNeoX",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            intermediate_size=44,
+            rotary_pct=1.0,
+            rotary_emb_base=500,
+            hidden_act="gelu_new",
+        ),
+    ),
+    "llama-mha-untied": (
+        "Llama",
+        dict(
+            hidden_size=56,
+            num_hidden_layers=2,
+            num_attention_heads=7,
+            num_key_value_heads=7,
+            intermediate_size=60,
+        ),
+    ),
+    "llama-gqa2-biases-tied-headdim": (
+        "Llama",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=6,
+            intermediate_size=52,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rope_theta=1234.0,
+        ),
+    ),
+    "llama-mqa": (
+        "Llama",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=44,
+        ),
+    ),
+    "llama-partial-factor-in-config": (  # Llama's rotary ignores partial_rotary_factor: the whole head turns
+        "Llama",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            intermediate_size=44,
+            rope_parameters={"rope_type": "default", "rope_theta": 321.0, "partial_rotary_factor": 0.5},
+        ),
+    ),
+    "mistral-gqa4-window": (
+        "Mistral",
+        dict(
+            hidden_size=56,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=10,
+            intermediate_size=60,
+            sliding_window=4,
+        ),
+    ),
+    "mistral-nowindow-tied": (
+        "Mistral",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            intermediate_size=48,
+            sliding_window=None,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2-gqa4-tied": (
+        "Qwen2",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=60,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2-mqa-window-untied": (
+        "Qwen2",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=48,
+            tie_word_embeddings=False,
+            use_sliding_window=True,
+            sliding_window=3,
+            max_window_layers=0,
+        ),
+    ),
+}
+
+_CLASS = {"GPT2": "GPT2LMHeadModel", "GPTNeoX": "GPTNeoXForCausalLM"}
+
+
+def hf_model(case: str, dtype=torch.float64, **overrides):
+    """A random Hugging Face model of ``case`` (weights perturbed so biases and norm weights are not trivial)."""
+    family, kw = CASES[case]
+    kw = {**COMMON, **kw, **overrides}
+    if family != "GPT2":
+        kw.setdefault("max_position_embeddings", CTX)
+    cfg = getattr(transformers, f"{family}Config")(**kw)
+    cls = getattr(transformers, _CLASS.get(family, f"{family}ForCausalLM"))
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    model = cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn(p.shape, generator=gen))
+    return model.to(dtype).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def tokens(n=3, t=T):
+    return torch.randint(0, V, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_and_residual_stream_equal_hf(case, dtype, tol):
+    hf = hf_model(case, dtype)
+    model = from_hf(hf)
+    assert next(model.parameters()).dtype == dtype
+    # the same parameter count (tied embeddings are one parameter in both)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+    x = tokens()
+    with torch.no_grad():
+        out = hf(x, output_hidden_states=True)
+        logits = model(x)
+        _, cache = model.run_with_cache(x)
+    assert rel(logits, out.logits) <= tol
+    L = model.cfg.n_layers
+    assert len(out.hidden_states) == L + 1
+    for layer in range(L):  # Hugging Face's hidden_states[l] is the input of block l
+        assert rel(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer]) <= tol
+    assert rel(cache["ln_final.hook_normalized"], out.hidden_states[L]) <= tol  # the last one is normalised
+    assert rel(cache["blocks.0.hook_resid_post"], out.hidden_states[1]) <= tol
+
+
+def test_family_options_land_in_the_config():
+    neox = from_hf(hf_model("neox-parallel-rot0.25")).cfg
+    assert neox.parallel_attn_mlp and neox.rotary_dim == 2 and neox.d_head == 8 and neox.attn_bias
+    assert not from_hf(hf_model("neox-sequential-rot0.5-tied-nobias")).cfg.parallel_attn_mlp
+    llama = from_hf(hf_model("llama-gqa2-biases-tied-headdim")).cfg
+    assert (llama.n_heads, llama.n_key_value_heads, llama.d_head, llama.rotary_dim) == (4, 2, 6, 6)
+    assert (
+        llama.tie_word_embeddings and llama.mlp_bias and llama.attn_out_bias and llama.rotary_base == 1234.0
+    )
+    assert llama.normalization_type == "RMS" and llama.gated_mlp and llama.act_fn == "silu"
+    qwen = from_hf(hf_model("qwen2-mqa-window-untied")).cfg
+    assert qwen.attn_bias and not qwen.attn_out_bias and not qwen.mlp_bias and qwen.sliding_window == 3
+    assert from_hf(hf_model("mistral-gqa4-window")).cfg.sliding_window == 4
+    gpt2 = from_hf(hf_model("gpt2-untied-relu-unscaled")).cfg
+    assert gpt2.attn_scale == 1.0 and not gpt2.tie_word_embeddings and gpt2.act_fn == "relu"
+    assert from_hf(hf_model("gpt2-tied")).cfg.extra["converted_from"]["class"] == "GPT2LMHeadModel"
+
+
+def test_eager_attention_float32_and_dtype_argument():
+    hf = hf_model("llama-mqa", torch.float32, attn_implementation="eager")
+    assert hf.config._attn_implementation == "eager"
+    x = tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert rel(from_hf(hf)(x), ref) <= 1e-4
+        m64 = from_hf(hf, dtype=torch.float64)
+        assert next(m64.parameters()).dtype == torch.float64
+        assert rel(m64(x), ref) <= 1e-4
+    with pytest.raises(ValueError, match="dtype"):
+        from_hf(hf, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    "case", ["gpt2-tied", "neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim", "qwen2-gqa4-tied"]
+)
+def test_round_trip_through_save_pretrained(case, tmp_path):
+    hf = hf_model(case)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    assert not any(f.endswith(".bin") for f in os.listdir(tmp_path))
+    x = tokens()
+    with torch.no_grad():
+        direct = from_hf(hf)(x)
+        loaded = from_pretrained(tmp_path)
+        assert next(loaded.parameters()).dtype == torch.float64
+        assert rel(loaded(x), direct) <= 1e-12
+        f32 = from_pretrained(tmp_path, dtype=torch.float32)
+        assert next(f32.parameters()).dtype == torch.float32 and rel(f32(x), direct) <= 1e-4
+
+
+def test_pickle_only_directory_is_refused(tmp_path):
+    hf = hf_model("gpt2-tied")
+    hf.config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never read")  # would be a pickle: must not be opened
+    with pytest.raises(UnsupportedModelError, match="pytorch_model.bin"):
+        from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path / "..")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(tmp_path / "missing")
+
+
+def test_unknown_architecture_in_directory_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"})
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedModelError, match="BertForMaskedLM"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "case,overrides,option",
+    [
+        ("gpt2-tied", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+        ("gpt2-tied", dict(add_cross_attention=True), "add_cross_attention"),
+        ("llama-mqa", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type"),
+        ("llama-mqa", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
+        ("neox-parallel-rot0.25", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type"),
+        (
+            "qwen2-gqa4-tied",
+            dict(use_sliding_window=True, sliding_window=3, max_window_layers=1),
+            "layer_types",
+        ),
+        ("llama-mqa", dict(hidden_act="gelu_10"), "hidden_act"),
+    ],
+)
+def test_unsupported_options_are_refused_by_name(case, overrides, option):
+    hf = hf_model(case, **overrides)
+    with pytest.raises(UnsupportedModelError, match=option):
+        from_hf(hf)
+
+
+def test_gpt2_reorder_and_upcast_attn():
+    """Only GPT-2's eager attention reads reorder_and_upcast_attn (float32 scores): exact in float32, refused for
+    other dtypes; sdpa ignores the option."""
+    x = tokens()
+    hf = hf_model("gpt2-tied", reorder_and_upcast_attn=True)
+    with torch.no_grad():
+        assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
+    eager32 = hf_model("gpt2-tied", torch.float32, reorder_and_upcast_attn=True, attn_implementation="eager")
+    with torch.no_grad():
+        assert rel(from_hf(eager32)(x), eager32(x).logits) <= 1e-4
+    eager64 = hf_model("gpt2-tied", reorder_and_upcast_attn=True, attn_implementation="eager")
+    with pytest.raises(UnsupportedModelError, match="reorder_and_upcast_attn"):
+        from_hf(eager64)
+
+
+def test_unknown_model_class_is_refused():
+    base = transformers.GPT2Model(transformers.GPT2Config(n_embd=40, n_layer=1, n_head=5, **COMMON))
+    with pytest.raises(UnsupportedModelError, match="GPT2Model"):
+        from_hf(base)
+    assert set(SUPPORTED_CLASSES) == {
+        "GPT2LMHeadModel",
+        "GPTNeoXForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+    }
+
+
+def _expected_shape(name, cfg, b, t):
+    H, Hkv, dh, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("hook_q", "hook_rot_q", "hook_z"):
+        return (b, t, H, dh)
+    if leaf in ("hook_k", "hook_v", "hook_rot_k"):
+        return (b, t, Hkv, dh)
+    if leaf in ("hook_attn_scores", "hook_pattern"):
+        return (b, H, t, t)
+    if leaf in ("hook_pre", "hook_pre_linear", "hook_post"):
+        return (b, t, cfg.d_mlp)
+    if leaf == "hook_scale":
+        return (b, t, 1)
+    return (b, t, d)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "gpt2-tied",
+        "neox-parallel-rot0.25",
+        "neox-sequential-rot0.5-tied-nobias",
+        "llama-mqa",
+        "mistral-gqa4-window",
+        "qwen2-gqa4-tied",
+    ],
+)
+def test_every_hook_point_has_its_shape(case):
+    model = from_hf(hf_model(case))
+    cfg = model.cfg
+    x = tokens(2, 9)
+    logits, cache = model.run_with_cache(x)
+    assert set(cache) == set(model.hook_dict)
+    for name, act in cache.items():
+        assert tuple(act.shape) == _expected_shape(name, cfg, 2, 9), name
+    rot = cfg.positional_embedding_type == "rotary"
+    assert ("blocks.0.attn.hook_rot_q" in cache) == rot and ("hook_pos_embed" in cache) == (not rot)
+    assert ("blocks.0.hook_resid_mid" in cache) == (not cfg.parallel_attn_mlp)
+    assert ("blocks.0.mlp.hook_pre_linear" in cache) == cfg.gated_mlp
+    torch.testing.assert_close(logits, model(x))
+
+
+def test_converted_head_mask_moves_only_that_head():
+    """NeoX's interleaved fused QKV: the mask of head 2 moves head 2's z and no other head's."""
+    model = from_hf(hf_model("neox-sequential-rot0.5-tied-nobias"))
+    masks = model.component_masks("blocks.1.attn.head.2")
+    x = tokens()
+    _, before = model.run_with_cache(x)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.add_(masks[n] * torch.randn_like(p))
+    _, after = model.run_with_cache(x)
+    z0, z1 = before["blocks.1.attn.hook_z"], after["blocks.1.attn.hook_z"]
+    others = [h for h in range(7) if h != 2]
+    torch.testing.assert_close(z0[:, :, others], z1[:, :, others])
+    assert not torch.allclose(z0[:, :, 2], z1[:, :, 2])
+
+
+@pytest.mark.parametrize("case", ["llama-gqa2-biases-tied-headdim", "neox-parallel-rot0.25"])
+def test_converted_model_under_functional_call_and_vmap(case):
+    """What the sampler does: grads of the loss over a stack of parameter copies equal each copy's grads."""
+    model = from_hf(hf_model(case))
+    names = [n for n, _ in model.named_parameters()]
+    gen = torch.Generator().manual_seed(0)
+    stacked = {
+        n: torch.stack(
+            [p.detach() + 0.01 * k * torch.randn(p.shape, generator=gen, dtype=p.dtype) for k in range(3)]
+        )
+        for n, p in model.named_parameters()
+    }
+    x = tokens(2, 10)
+
+    def loss(params):
+        return torch.func.functional_call(model, params, (x,), {"return_type": "loss"})
+
+    grads = torch.func.vmap(torch.func.grad(loss))(stacked)
+    for k in range(3):
+        one = {n: stacked[n][k].clone().requires_grad_(True) for n in names}
+        g = torch.autograd.grad(loss(one), [one[n] for n in names])
+        for n, gn in zip(names, g):
+            torch.testing.assert_close(grads[n][k], gn, rtol=1e-10, atol=1e-12)
+
+
+def test_hf_model_is_left_unchanged():
+    hf = hf_model("llama-mqa")
+    before = copy.deepcopy(hf.state_dict())
+    model = from_hf(hf)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    after = hf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _local_tokenizer(tmp_path):
+    """A word-level tokenizer over the test vocabulary, saved and loaded locally (nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="t0", eos_token="t1", unk_token="t0", pad_token="t1"
+    )
+    fast.save_pretrained(tmp_path)
+    return transformers.AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True, local_files_only=True)
+
+
+@pytest.mark.parametrize("case", ["gpt2-tied", "neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim"])
+def test_transformer_lens_bridge_converts(case, tmp_path):
+    """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts to the same function (run in
+    the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not installed)."""
+    pytest.importorskip("transformer_lens")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = hf_model(case)
+    reference = copy.deepcopy(hf)  # the bridge wraps its model in place and switches it to eager attention
+    bridge = TransformerBridge.boot_transformers(case, hf_model=hf, tokenizer=_local_tokenizer(tmp_path))
+    model = from_hf(bridge)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    x = tokens()
+    with torch.no_grad():
+        got = model(x)
+        assert rel(got, reference(x).logits) <= 1e-10
+        assert rel(got, bridge(x)) <= 1e-6  # the bridge runs eager attention (softmax in float32)
+    bridge.enable_compatibility_mode(disable_warnings=True)  # folds and centres the weights
+    with pytest.raises(UnsupportedModelError, match="processed"):
+        from_hf(bridge)

@@ -1,0 +1,478 @@
+"""Hugging Face causal LMs used natively: residual hook points (against HF's own hidden states and independent
+forward hooks), patching through them (against hand-written HF hooks), and per-head / MLP parameter masks (a
+head's mask moves exactly that head's output)."""
+
+import pytest
+import torch
+
+from pypattern.models.hf import HAS_TRANSFORMERS, gpt2_hook_points, hooked_gpt2, hooked_hf
+from pypattern.models.hf_masks import hf_attention_shape, hf_component_masks, hf_components, is_hf_model
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+V, T = 37, 7
+
+
+def _config(arch: str):
+    import transformers as tr
+
+    common = dict(vocab_size=V, max_position_embeddings=16)
+    if arch == "gpt2":
+        return tr.GPT2Config(
+            vocab_size=V, n_positions=16, n_embd=24, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+    if arch in ("neox", "neox_seq"):
+        return tr.GPTNeoXConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+            use_parallel_residual=arch == "neox", rotary_pct=0.5, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
+    if arch == "llama":  # grouped-query attention (2 query heads per key/value head) with biases
+        return tr.LlamaConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=40, attention_bias=True, mlp_bias=True, tie_word_embeddings=False, **common,
+        )  # fmt: skip
+    if arch == "llama_mha":
+        return tr.LlamaConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=40, tie_word_embeddings=True, **common,
+        )  # fmt: skip
+    if arch == "mistral":  # 6 query heads over 2 key/value heads, head_dim 4
+        return tr.MistralConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=4,
+            intermediate_size=40, **common,
+        )  # fmt: skip
+    if arch == "qwen2":  # q/k/v biases, GQA
+        return tr.Qwen2Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=40, **common,
+        )  # fmt: skip
+    raise ValueError(arch)
+
+
+ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2"]
+_CACHE: dict = {}
+
+
+def _model(arch: str):
+    if arch not in _CACHE:
+        import transformers as tr
+
+        torch.manual_seed(ARCHS.index(arch))
+        m = tr.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="eager").double().eval()
+        with torch.no_grad():  # biases and norms are zero / one at init: make every parameter matter
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        _CACHE[arch] = m
+    return _CACHE[arch]
+
+
+def _tokens(seed: int = 0, batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, V, (batch, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _parts(m):
+    """(layers, attention module name, mlp module name, final norm) of the HF model, written out per family."""
+    mt = m.config.model_type
+    if mt == "gpt2":
+        return m.transformer.h, "attn", "mlp", m.transformer.ln_f
+    if mt == "gpt_neox":
+        return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
+    return m.model.layers, "self_attn", "mlp", m.model.norm
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+# ------------------------------------------------------------------------------------------------ hook points
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residual_hooks_equal_hf_hidden_states_and_module_outputs(arch):
+    m = _model(arch)
+    hm = hooked_hf(m)
+    toks = _tokens()
+    layers, attn_name, mlp_name, ln_f = _parts(m)
+    L = len(layers)
+    seen: dict = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        for name in ("attn", "mlp"):
+            mod = getattr(layer, attn_name if name == "attn" else mlp_name)
+            handles.append(
+                mod.register_forward_hook(
+                    lambda mod, a, o, k=(i, name): seen.__setitem__(k, _first(o).detach())
+                )
+            )
+    with torch.no_grad():
+        out = m(toks, output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    hs = out.hidden_states
+    assert len(hs) == L + 1
+    logits, cache = hm.run_with_cache(toks)
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=0)
+    emb = (m.transformer.wte if arch == "gpt2" else m.get_input_embeddings())(toks)
+    torch.testing.assert_close(cache["hook_embed"], emb, rtol=0, atol=0)
+    for layer in range(L):
+        pre, post = cache[f"blocks.{layer}.hook_resid_pre"], cache[f"blocks.{layer}.hook_resid_post"]
+        torch.testing.assert_close(pre, hs[layer], rtol=0, atol=0)
+        a, f = cache[f"blocks.{layer}.hook_attn_out"], cache[f"blocks.{layer}.hook_mlp_out"]
+        torch.testing.assert_close(a, seen[(layer, "attn")], rtol=0, atol=0)
+        torch.testing.assert_close(f, seen[(layer, "mlp")], rtol=0, atol=0)
+        if layer < L - 1:
+            torch.testing.assert_close(post, hs[layer + 1], rtol=0, atol=0)
+        else:  # HF's last hidden state is after the final norm; resid_post of the last layer is before it
+            torch.testing.assert_close(ln_f(post), hs[-1], rtol=0, atol=0)
+        if arch == "neox":  # parallel attention and MLP: no resid_mid
+            assert f"blocks.{layer}.hook_resid_mid" not in cache
+            torch.testing.assert_close(post, pre + a + f, rtol=1e-12, atol=1e-12)
+        else:
+            mid = cache[f"blocks.{layer}.hook_resid_mid"]
+            torch.testing.assert_close(mid, pre + a, rtol=0, atol=0)
+            torch.testing.assert_close(post, mid + f, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], hs[-1], rtol=0, atol=0)
+
+
+def _hand_patch(m, site: str, layer: int, delta: torch.Tensor):
+    """The same additive patch written with plain HF forward hooks on the model's own modules."""
+    layers, attn_name, mlp_name, _ = _parts(m)
+    block = layers[layer]
+
+    def add_out(mod, args, out):
+        if isinstance(out, tuple):
+            return (out[0] + delta, *out[1:])
+        return out + delta
+
+    def add_in(mod, args, kwargs):
+        if args:
+            return (args[0] + delta, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + delta}
+
+    if site == "resid_pre":
+        return block.register_forward_pre_hook(add_in, with_kwargs=True)
+    if site in ("attn_out", "resid_mid"):  # resid_mid = resid_pre + attn_out feeds the rest of the layer
+        return getattr(block, attn_name).register_forward_hook(add_out)
+    if site == "mlp_out":
+        return getattr(block, mlp_name).register_forward_hook(add_out)
+    if site == "resid_post":
+        return block.register_forward_hook(add_out)
+    raise ValueError(site)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"])
+def test_patching_a_residual_site_equals_a_hand_written_hf_hook(arch, site):
+    if arch == "neox" and site == "resid_mid":
+        pytest.skip("parallel attention has no resid_mid")
+    m = _model(arch)
+    hm = hooked_hf(m)
+    toks = _tokens(1)
+    layer, pos = 0, 3
+    d = m.config.hidden_size
+    delta = torch.zeros(1, T, d, dtype=torch.float64)
+    delta[0, pos] = torch.randn(d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def patch(x, hook):
+        return x + delta
+
+    with torch.no_grad():
+        base = hm(toks)
+        ours = hm.run_with_hooks(toks, fwd_hooks=[(f"blocks.{layer}.hook_{site}", patch)])
+        h = _hand_patch(m, site, layer, delta)
+        try:
+            want = m(toks).logits
+        finally:
+            h.remove()
+    torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-10)
+    assert (ours - base)[:, pos:].abs().max() > 1e-3  # the patch moves the output at and after pos
+    torch.testing.assert_close(ours[:, :pos], base[:, :pos], rtol=1e-12, atol=1e-12)  # causal: not before pos
+
+
+def test_forward_accepts_dict_batches_and_keywords():
+    m = _model("llama")
+    hm = hooked_hf(m)
+    toks = _tokens(2)
+    am = torch.ones_like(toks)
+    am[1, -2:] = 0
+    with torch.no_grad():
+        want = m(input_ids=toks, attention_mask=am).logits
+        torch.testing.assert_close(hm({"input_ids": toks, "attention_mask": am, "labels": toks}), want)
+        torch.testing.assert_close(hm(input_ids=toks, attention_mask=am), want)
+        torch.testing.assert_close(hm(toks[0]), m(toks[:1]).logits)
+    with pytest.raises(TypeError, match="input_ids"):
+        hm({"tokens": toks})
+
+
+def test_unsupported_and_non_hf_models_are_refused_by_name():
+    import transformers as tr
+
+    opt = tr.OPTForCausalLM(
+        tr.OPTConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                     word_embed_proj_dim=16, max_position_embeddings=16)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"model_type='opt'.*gpt2.*gpt_neox.*llama.*mistral.*qwen2"):
+        hooked_hf(opt)
+    with pytest.raises(ValueError, match="model_type='opt'"):
+        hf_component_masks(opt, "blocks.0.mlp")
+    with pytest.raises(TypeError, match="config.model_type"):
+        hooked_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="base model"):
+        hooked_hf(_model("gpt2").transformer)
+    with pytest.raises(ValueError, match="GPT-2"):
+        hooked_gpt2(_model("llama"))
+
+
+def test_gpt2_names_kept():
+    m = _model("gpt2")
+    pts = gpt2_hook_points(2)
+    assert pts["blocks.1.hook_resid_pre"] == "transformer.h.1:input"
+    hm = hooked_gpt2(m)
+    _, cache = hm.run_with_cache(_tokens(), names_filter=list(pts))
+    assert set(cache) == set(pts)
+
+
+# ------------------------------------------------------------------------------------------------- masks
+
+
+def _out_proj(m, layer):
+    layers, attn_name, _, _ = _parts(m)
+    attn = getattr(layers[layer], attn_name)
+    return attn, {"gpt2": "c_proj", "gpt_neox": "dense"}.get(m.config.model_type, "o_proj")
+
+
+def _capture_attn_input(m, layer, toks):
+    attn, _ = _out_proj(m, layer)
+    store = {}
+
+    def grab(mod, args, kwargs):
+        store["args"], store["kwargs"] = args, dict(kwargs)
+
+    h = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        m(toks, use_cache=False)
+    h.remove()
+    return store["args"], store["kwargs"]
+
+
+def _head_results(m, layer, args, kwargs) -> torch.Tensor:
+    """Each head's contribution to the attention output, ``(n_heads, batch, pos, d_model)``: the attention module
+    run on a fixed input, its per-head output ``z`` read at the output projection's input (independent hook), times
+    that head's slice of the output projection (bias excluded: it belongs to no head)."""
+    attn, proj_name = _out_proj(m, layer)
+    proj = getattr(attn, proj_name)
+    z = {}
+    h = proj.register_forward_pre_hook(lambda mod, a: z.__setitem__("z", a[0]))
+    with torch.no_grad():
+        attn(*args, **kwargs)
+    h.remove()
+    n_heads, _, dh = hf_attention_shape(m, layer)
+    zz = z["z"].reshape(*z["z"].shape[:-1], n_heads, dh)
+    W = proj.weight  # Conv1D (GPT-2): (in, out); nn.Linear: (out, in)
+    if m.config.model_type == "gpt2":
+        Wh = W.reshape(n_heads, dh, -1)
+    else:
+        Wh = W.T.reshape(n_heads, dh, -1)
+    return torch.einsum("bthe,hed->hbtd", zz, Wh)
+
+
+def _perturb(m, masks: dict, complement: bool = False, seed: int = 0):
+    """Add noise to the selected entries (or to every entry outside them); returns the saved parameters."""
+    g = torch.Generator().manual_seed(seed)
+    saved = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            sel = masks.get(n, torch.zeros_like(p, dtype=torch.bool))
+            if complement:
+                sel = ~sel
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * sel)
+    return saved
+
+
+def _restore(m, saved):
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(saved[n])
+
+
+def _group(m, h):
+    n_heads, n_kv, _ = hf_attention_shape(m)
+    return h // (n_heads // n_kv)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_head_mask_moves_exactly_that_head(arch):
+    """Invariant: head h's output (its per-head attention output times its slice of the output projection) as a
+    function of the attention module's input. Moving the entries of h's mask changes h's output and leaves every
+    other head's output unchanged; moving every *other* parameter of the model leaves h's output unchanged (on the
+    same attention input: parameters of earlier layers would only change that input). Under grouped-query
+    attention "every other" excludes the key/value head h reads, which it shares with its group (see
+    test_shared_kv_heads_under_grouped_query_attention)."""
+    m = _model(arch)
+    layer = 1
+    n_heads, n_kv, _ = hf_attention_shape(m, layer)
+    args, kwargs = _capture_attn_input(m, layer, _tokens(3))
+    base = _head_results(m, layer, args, kwargs)
+    for h in (0, n_heads - 1):
+        masks = hf_component_masks(m, f"blocks.{layer}.attn.head.{h}")
+        saved = _perturb(m, masks)
+        try:
+            moved = _head_results(m, layer, args, kwargs)
+        finally:
+            _restore(m, saved)
+        diff = (moved - base).abs().flatten(1).amax(1)
+        assert diff[h] > 1e-3
+        others = [g for g in range(n_heads) if g != h]
+        assert diff[others].max() < 1e-12, (arch, h, diff)
+        # under grouped-query attention the head's keys and values are shared with its group: they are outside
+        # the head's default mask but still feed it, so the complement is taken of the mask with them
+        whole = hf_component_masks(m, f"blocks.{layer}.attn.head.{h}", include_shared_kv=True)
+        if n_kv == n_heads:
+            assert set(whole) == set(masks) and all(torch.equal(whole[n], masks[n]) for n in masks)
+        else:
+            assert set(whole) > set(masks)
+        saved = _perturb(m, whole, complement=True, seed=1)
+        try:
+            rest = _head_results(m, layer, args, kwargs)
+        finally:
+            _restore(m, saved)
+        assert (rest[h] - base[h]).abs().max() < 1e-12
+        assert (rest - base).abs().max() > 1e-3  # the complement did move something
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_shared_kv_heads_under_grouped_query_attention(arch):
+    m = _model(arch)
+    layer = 0
+    n_heads, n_kv, _ = hf_attention_shape(m, layer)
+    assert n_kv < n_heads
+    args, kwargs = _capture_attn_input(m, layer, _tokens(4))
+    base = _head_results(m, layer, args, kwargs)
+    for g in range(n_kv):
+        group = [h for h in range(n_heads) if _group(m, h) == g]
+        for masks in (
+            hf_component_masks(m, f"blocks.{layer}.attn.kv_head.{g}"),
+            hf_component_masks(m, f"blocks.{layer}.attn.head.{group[-1]}", include_shared_kv=True),
+        ):
+            saved = _perturb(m, masks)
+            try:
+                diff = (_head_results(m, layer, args, kwargs) - base).abs().flatten(1).amax(1)
+            finally:
+                _restore(m, saved)
+            assert (diff[group] > 1e-4).all()
+            outside = [h for h in range(n_heads) if h not in group]
+            assert diff[outside].max() < 1e-12
+    # heads, kv heads and the rest (the output bias) partition the attention's parameters
+    attn = hf_component_masks(m, f"blocks.{layer}.attn")
+    total = {n: torch.zeros_like(v, dtype=torch.int64) for n, v in attn.items()}
+    for c in hf_components(m):
+        if c.startswith(f"blocks.{layer}.attn."):
+            for n, v in hf_component_masks(m, c).items():
+                total[n] += v
+    for n, v in total.items():
+        assert v.max() <= 1, n  # no entry in two components
+        if not n.endswith("o_proj.bias"):
+            assert bool((v == 1).all()), n  # every entry in one
+    with pytest.raises(ValueError, match="kv_head"):
+        hf_component_masks(_model("llama_mha"), "blocks.0.attn.kv_head.0")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "neox_seq", "llama_mha"])
+def test_head_masks_partition_multihead_attention(arch):
+    m = _model(arch)
+    n_heads, _, _ = hf_attention_shape(m)
+    attn = hf_component_masks(m, "blocks.0.attn")
+    total = {n: torch.zeros_like(v, dtype=torch.int64) for n, v in attn.items()}
+    for h in range(n_heads):
+        for n, v in hf_component_masks(m, f"blocks.0.attn.head.{h}").items():
+            total[n] += v
+    for n, v in total.items():
+        assert v.max() <= 1, n
+        if "weight" in n or "query_key_value" in n or "c_attn" in n:
+            assert bool((v == 1).all()), n
+        else:  # the output projection's bias is shared by the heads
+            assert int(v.sum()) == 0, n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_mask_moves_only_that_mlp(arch):
+    m = _model(arch)
+    hm = hooked_hf(m)
+    toks = _tokens(6)
+    layer = 0
+    masks = hf_component_masks(m, f"blocks.{layer}.mlp")
+    assert masks and all(".mlp." in n for n in masks)
+    names = [f"blocks.{layer}.hook_{s}" for s in ("resid_pre", "attn_out", "mlp_out")]
+    with torch.no_grad():
+        _, base = hm.run_with_cache(toks, names_filter=names)
+    saved = _perturb(m, masks)
+    try:
+        with torch.no_grad():
+            _, moved = hm.run_with_cache(toks, names_filter=names)
+    finally:
+        _restore(m, saved)
+    torch.testing.assert_close(moved[names[0]], base[names[0]], rtol=0, atol=0)
+    torch.testing.assert_close(moved[names[1]], base[names[1]], rtol=0, atol=0)
+    assert (moved[names[2]] - base[names[2]]).abs().max() > 1e-3
+    # every other parameter moved: the MLP on the same input gives the same output
+    layers, _, mlp_name, _ = _parts(m)
+    mlp = getattr(layers[layer], mlp_name)
+    x = torch.randn(
+        2, T, m.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        want = mlp(x)
+    saved = _perturb(m, masks, complement=True)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), want, rtol=0, atol=0)
+    finally:
+        _restore(m, saved)
+
+
+def test_embeddings_tied_and_untied_and_names_through_the_adapter():
+    gpt2 = _model("gpt2")  # tied
+    assert (
+        set(hf_component_masks(gpt2, "embed"))
+        == set(hf_component_masks(gpt2, "unembed"))
+        == {"transformer.wte.weight"}
+    )
+    assert set(hf_component_masks(gpt2, "pos_embed")) == {"transformer.wpe.weight"}
+    assert set(hf_component_masks(gpt2, "ln_final")) == {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    assert set(hf_component_masks(gpt2, "blocks.1.ln2")) == {
+        "transformer.h.1.ln_2.weight",
+        "transformer.h.1.ln_2.bias",
+    }
+    block = hf_component_masks(gpt2, "blocks.1")
+    assert set(block) == {n for n, _ in gpt2.named_parameters() if n.startswith("transformer.h.1.")}
+    raw = hf_component_masks(gpt2, "transformer.h.0.attn.c_attn")  # a parameter-name prefix
+    assert set(raw) == {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"}
+    neox = _model("neox")
+    assert set(hf_component_masks(neox, "blocks.0.ln1")) == {
+        "gpt_neox.layers.0.input_layernorm.weight",
+        "gpt_neox.layers.0.input_layernorm.bias",
+    }
+    head = "lm_head" if hasattr(neox, "lm_head") else "embed_out"  # renamed in transformers 5
+    assert set(hf_component_masks(neox, "unembed")) == {f"{head}.weight"}
+    llama = _model("llama")  # untied
+    assert set(hf_component_masks(llama, "embed")) == {"model.embed_tokens.weight"}
+    assert set(hf_component_masks(llama, "unembed")) == {"lm_head.weight"}
+    tied = _model("llama_mha")
+    assert set(hf_component_masks(tied, "unembed")) == {"model.embed_tokens.weight"}
+    hm = hooked_hf(llama)
+    assert is_hf_model(hm) and is_hf_model(llama) and not is_hf_model(torch.nn.Linear(1, 1))
+    masks = hf_component_masks(hm, "blocks.1.attn.head.2", all_params=True)
+    params = dict(hm.named_parameters())
+    assert set(masks) == set(params)
+    assert all(masks[n].shape == params[n].shape for n in masks)
+    assert int(masks["module.model.model.layers.1.self_attn.q_proj.weight"].sum()) == 6 * 24
+    with pytest.raises(ValueError, match="out of range"):
+        hf_component_masks(llama, "blocks.1.attn.head.4")
+    with pytest.raises(ValueError, match="out of range"):
+        hf_component_masks(llama, "blocks.2.mlp")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        hf_component_masks(llama, "blocks.0.attention")
