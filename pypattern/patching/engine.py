@@ -12,8 +12,8 @@ recomputes only what the patch can change:
   computes q, k, v of one row;
 - keys and values of positions < p come from the cache.
 
-Every piece of arithmetic is the model's own (:meth:`Attention.compute_q` ... :meth:`Attention.output`,
-:meth:`Attention.rotate`, :meth:`Attention.attn_mask`, the norms, :meth:`MLP.hidden`/:meth:`MLP.output`,
+Every piece of arithmetic is the model's own (:meth:`Attention.proj`'s projection with the weight laid out
+once, :meth:`Attention.rotate`, :meth:`Attention.attn_mask`, the norms, :meth:`MLP.hidden`/:meth:`MLP.output`,
 :meth:`TransformerBlock.combine`, the unembedding), applied to the rows that change:
 
 - **Rotary positions**: the cache holds the *rotated* keys (``hook_rot_k``) and queries (``hook_rot_q``) at their
@@ -124,6 +124,20 @@ class ExactEngine:
             )
         self.scale = cfg.attn_scale
         self.tgt = [self._layer_cache(i) for i in range(self.L)]
+        self._flat: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _proj(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`Attention.compute_q`/``compute_k``/``compute_v`` (``which`` in ``"QKV"``) of ``x (..., d_model)``:
+        the arithmetic of :meth:`Attention.proj` with the ``(d_model, heads * d_head)`` weight laid out once per
+        layer (``proj`` lays it out on every call, a copy of the weight that costs as much as a one-row matmul)."""
+        attn = self.model.blocks[layer].attn
+        W, b = getattr(attn, f"W_{which}"), getattr(attn, f"b_{which}")
+        key = (layer, which)
+        if key not in self._flat:
+            H, d, dh = W.shape
+            self._flat[key] = W.detach().permute(1, 0, 2).reshape(d, H * dh)
+        out = (x @ self._flat[key]).view(*x.shape[:-1], W.shape[0], W.shape[2])
+        return out if b is None else out + b
 
     # ----- setup ---------------------------------------------------------------------------------------------
     def _layer_cache(self, layer: int) -> dict:
@@ -261,9 +275,9 @@ class ExactEngine:
         h = self.model.blocks[layer].ln1(X)
         sel = out_rows - p
         full = len(out_rows) == R
-        q = self._apply(attn.compute_q(h if full else h[:, :, sel]), patch, "q", out_rows)
-        k = self._apply(attn.compute_k(h), patch, "k", rows)
-        v = self._apply(attn.compute_v(h), patch, "v", rows)
+        q = self._apply(self._proj(layer, "Q", h if full else h[:, :, sel]), patch, "q", out_rows)
+        k = self._apply(self._proj(layer, "K", h), patch, "k", rows)
+        v = self._apply(self._proj(layer, "V", h), patch, "v", rows)
         q, k = attn.rotate(q, out_rows), attn.rotate(k, rows)  # identity without rotary positions
         pat = self._apply(self._pattern(layer, q, out_rows, k, p), patch, "pattern", out_rows)
         z = self._apply(self._mix(layer, pat, v, p), patch, "z", out_rows)
@@ -286,9 +300,9 @@ class ExactEngine:
             x0 = src[:, p : p + 1].to(dt)  # (B,1,d)
             h0 = blk.ln1(x0)
             p0 = torch.tensor([p])
-            q0 = attn.rotate(attn.compute_q(h0), p0)
-            k0 = attn.rotate(attn.compute_k(h0), p0)
-            v0 = attn.compute_v(h0)
+            q0 = attn.rotate(self._proj(layer, "Q", h0), p0)
+            k0 = attn.rotate(self._proj(layer, "K", h0), p0)
+            v0 = self._proj(layer, "V", h0)
             sel = out_rows - p
             k = torch.cat([k0, tg["kr"][:, p + 1 :]], 1).unsqueeze(0)
             v = torch.cat([v0, tg["v"][:, p + 1 :]], 1).unsqueeze(0)
