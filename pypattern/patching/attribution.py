@@ -117,7 +117,11 @@ def attribution_patching(
 
     Parameters are those of :func:`~pypattern.patching.activation_patching`; ``model`` must be pypattern's
     :class:`~pypattern.models.Transformer`. ``sites`` lists the sites to estimate (all from the same two
-    forwards and one backward; with ``grad_drop`` one more backward per layer).
+    forwards and one backward; with ``grad_drop`` one more backward per layer). Every architecture of the model
+    works: under grouped-query attention the ``k``/``v`` cells are key/value heads (as in exact patching); with
+    rotary positions the QK fix recomputes the scores from the rotated source queries/keys (a query or key patched
+    at a position is rotated there) with the model's scale and (sliding-window) mask. The forwards unembed only
+    the metric position(s).
 
     Returns
     -------
