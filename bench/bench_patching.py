@@ -251,3 +251,312 @@ def _timed(fn, *args):
     t = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t
+
+
+# ----- at scale: a GPT-2-small-shaped model converted from its Hugging Face form --------------------------------
+SCALE = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257)
+SCALE_B, SCALE_T, SCALE_THREADS, SCALE_ROUNDS = 8, 32, 2, 2
+RUN_SCALE = bool(__import__("os").environ.get("PYPATTERN_BENCH_SCALE"))
+HAS_HF = importlib.util.find_spec("transformers") is not None
+
+
+def _row(c, keys):
+    """Multiply-adds of one full block row attending to ``keys`` keys (q, k, v, o, attention, MLP)."""
+    H, dh, d, dm = c["n_heads"], c["d_head"], c["d_model"], c["d_mlp"]
+    return 4 * d * H * dh + 2 * keys * H * dh + 2 * d * dm
+
+
+def _later(c, layer, p, m):
+    """Layers after ``layer`` at rows p..m (the last layer: keys/values of those rows, the metric row in full)."""
+    H, dh, d, L = c["n_heads"], c["d_head"], c["d_model"], c["n_layers"]
+    total = 0
+    for lay in range(layer + 1, L):
+        if lay == L - 1:
+            total += 2 * d * H * dh * (m - p + 1) + _row(c, m + 1) - 2 * d * H * dh
+        else:
+            total += sum(_row(c, t + 1) for t in range(p, m + 1))
+    return total
+
+
+def scale_macs(c, site, layer, p, T, all_pos=False):
+    """Minimum multiply-adds of one cell, per example (see the section's docstring)."""
+    H, dh, d, dm, L, V = c["n_heads"], c["d_head"], c["d_model"], c["d_mlp"], c["n_layers"], c["d_vocab"]
+    m = T - 1
+    last = layer == L - 1
+    p0 = 0 if all_pos else p
+    out_rows = [m] if last else list(range(p0, m + 1))
+    if site == "resid_pre":
+        total = 3 * d * H * dh + sum(2 * (t + 1) * H * dh + d * H * dh + 2 * d * dm for t in out_rows)
+    elif site == "attn_out":
+        total = 2 * d * dm if (p == m or not last) else 0
+    elif site == "z" and all_pos:
+        total = sum(dh * d + 2 * d * dm for _ in out_rows)
+    else:
+        raise ValueError(site)
+    if last and site != "resid_pre" and not all_pos and p != m:
+        return d * V  # the metric row does not read the patched row
+    return total + _later(c, layer, p0, m) + d * V
+
+
+def _forward_macs(c, T):
+    return c["n_layers"] * sum(_row(c, t + 1) for t in range(T)) + c["d_model"] * c["d_vocab"]
+
+
+class _PeakRSS:
+    """Peak resident set of this process while the block runs (sampled every 2 ms from /proc/self/statm)."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = __import__("os").sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _loop(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _gemm_rate():
+    a, b = torch.randn(SCALE_B * SCALE_T, 768), torch.randn(768, 3072)
+    for _ in range(3):
+        a @ b
+    best = min(_timed(torch.matmul, a, b) for _ in range(20))
+    return a.shape[0] * 768 * 3072 / best
+
+
+def _scale_models():
+    import transformers
+
+    from pypattern import from_hf
+
+    cfg = transformers.GPT2Config(
+        n_layer=SCALE["n_layers"],
+        n_embd=SCALE["d_model"],
+        n_head=SCALE["n_heads"],
+        vocab_size=SCALE["d_vocab"],
+        n_positions=1024,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    ours = from_hf(hf)
+    return hf, ours
+
+
+def _tl_bridge(hf, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(SCALE["d_vocab"])}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", unk_token="t0")
+    fast.save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer)
+    bridge.eval()
+    return bridge
+
+
+def _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells):
+    import pandas as pd
+    import transformer_lens.patching as P
+
+    _, cache = bridge.run_with_cache(clean)
+
+    def metric(logits):
+        last = logits[:, -1]
+        return (last.gather(-1, ans[:, None]) - last.gather(-1, wrong[:, None])).mean()
+
+    cols = {2: ["layer", "pos"], "z_all": ["layer", "head_index"], 3: ["layer", "pos", "head_index"]}
+    df = pd.DataFrame(cells, columns=cols[setter[0]])
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        t = time.perf_counter()
+        vals = P.generic_activation_patch(bridge, corr, cache, metric, setter[1], act, index_df=df)
+        return vals, (time.perf_counter() - t) / len(cells)
+
+
+@pytest.mark.skipif(not RUN_SCALE, reason="set PYPATTERN_BENCH_SCALE=1 to run the GPT-2-small-sized bench")
+@pytest.mark.skipif(
+    not (HAS_TL and HAS_HF), reason="needs transformers and transformer_lens (bench/envs/tl.sh)"
+)
+def test_scale_gpt2_small(tmp_path):
+    """GPT-2 small's shape (12 layers, d_model 768, 12 heads, d_mlp 3072, vocabulary 50257), random weights, float32,
+    batch 8 x 32 tokens, two threads: built as a Hugging Face ``GPT2LMHeadModel`` from a config, converted with
+    ``pypattern.from_hf``, and wrapped (the same weights) by TransformerLens 4.3.0's ``TransformerBridge``.
+
+    Multiply-add bound (``scale_macs``): what must be computed at minimum given causal reuse, per example. A cell at
+    (layer L, position p) must recompute layers > L at rows p..m (m the metric position; in the last layer only the
+    keys/values of rows p..m and the metric row's query, attention, output and MLP), plus at layer L what the site
+    feeds: ``resid_pre`` row p's q/k/v and the attention, W_O and MLP of rows p..m (rows > p keep their q/k/v);
+    ``attn_out`` the MLP of row p; a head's ``z`` over all positions its W_O slice and the MLP at every row (rows
+    from 0); then the metric row's unembedding. Norms, activations and softmax are not multiply-adds and are not
+    counted. A grid's bound in seconds is its multiply-adds over the rate of one large float32 matmul measured in the
+    same run on the same threads (``(256, 768) @ (768, 3072)``), so "x of bound" is time / (MACs / GEMM rate).
+    AtP: two forwards of the blocks (every row) and one backward for activation gradients only (about one forward's
+    multiply-adds), each with the metric row's unembedding: about 3 forwards. AtP* adds one backward per layer
+    (GradDrop): about 3 + n_layers forwards (the QK fix's score recomputation is small and not counted).
+
+    TransformerLens runs one full forward of the batch per cell whatever the cell, so its per-cell time is measured
+    on a subset of cells (the same cells are compared with ours for equality) and extrapolated to the full grid:
+    stated as such in the report. Peak memory: the process's resident set sampled every 2 ms during each run (and
+    its increase over the resident set before the run).
+
+    Run once (minutes): ``PYPATTERN_BENCH_SCALE=1 .bench-venvs/tl/bin/python -m pytest -q -s
+    bench/bench_patching.py -k scale``.
+    """
+    import datetime
+    import platform
+
+    import transformer_lens.patching as P
+
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(SCALE_THREADS)
+    try:
+        hf, ours = _scale_models()
+        bridge = _tl_bridge(hf, tmp_path)
+        c, B, T, L, H = SCALE, SCALE_B, SCALE_T, SCALE["n_layers"], SCALE["n_heads"]
+        g = torch.Generator().manual_seed(0)
+        clean = torch.randint(0, c["d_vocab"], (B, T), generator=g)
+        corr = clean.clone()
+        corr[:, 5] = (clean[:, 5] + 1) % c["d_vocab"]
+        corr[:, 20] = (clean[:, 20] + 7) % c["d_vocab"]
+        ans = torch.randint(0, c["d_vocab"], (B,), generator=g)
+        wrong = torch.randint(0, c["d_vocab"], (B,), generator=g)
+        met = lambda: LogitDiff(ans, wrong)
+        with torch.no_grad():
+            d_logits = (ours(clean) - bridge(clean)).abs().max().item()
+        rate = _gemm_rate()
+        _log(f"GEMM rate {rate / 1e9:.1f} GMAC/s, logits max |diff| {d_logits:.1e}")
+        # warm-up (first calls pay for lazy initialisation): one small grid each
+        activation_patching(ours, "resid_pre", clean, corr, metric=met(), layers=[L - 1], positions=[T - 1])
+        _tl_cells(
+            bridge, clean, corr, ans, wrong, "resid_pre", (2, P.layer_pos_patch_setter), [(L - 1, T - 1)]
+        )
+        grids = {
+            "resid_pre": dict(site="resid_pre"),
+            "attn_out": dict(site="attn_out"),
+            "z_all_pos": dict(site="z", per_position=False),
+        }
+        macs = {
+            "resid_pre": sum(scale_macs(c, "resid_pre", l_, p, T) for l_ in range(L) for p in range(T)),
+            "attn_out": sum(scale_macs(c, "attn_out", l_, p, T) for l_ in range(L) for p in range(T)),
+            "z_all_pos": H * sum(scale_macs(c, "z", l_, 0, T, all_pos=True) for l_ in range(L)),
+        }
+        n_cells = {"resid_pre": L * T, "attn_out": L * T, "z_all_pos": L * H, "z_by_pos": L * H * T}
+        macs["atp"] = 3 * B * _forward_macs(c, T)
+        macs["atp*"] = (3 + L) * B * _forward_macs(c, T)
+        for k in ("resid_pre", "attn_out", "z_all_pos"):
+            macs[k] *= B
+        # the same cells for TransformerLens (timed, extrapolated per cell) and for equality with ours
+        lay, pos, hs = [0, L // 2, L - 1], [5, 20], [0, H - 1]
+        tl_cases = {
+            "resid_pre": ("resid_pre", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
+            "attn_out": ("attn_out", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
+            "z_all_pos": (
+                "z",
+                ("z_all", P.layer_head_vector_patch_setter),
+                [(a, h) for a in lay for h in hs],
+            ),
+            "z_by_pos": (
+                "z",
+                (3, P.layer_pos_head_vector_patch_setter),
+                [(a, b, h) for a in [0, L - 1] for b in pos for h in hs],
+            ),
+        }
+        times = {k: [] for k in [*grids, "atp", "atp*"]}
+        tl_cell = {k: [] for k in tl_cases}
+        mem, errs, batch = {}, {}, {}
+        for _ in range(SCALE_ROUNDS):  # interleaved: ours, TransformerLens, ours, ...
+            for name, kw in grids.items():
+                with _PeakRSS() as pk:
+                    t = time.perf_counter()
+                    r = activation_patching(
+                        ours, clean_tokens=clean, corrupted_tokens=corr, metric=met(), **kw
+                    )
+                    times[name].append(time.perf_counter() - t)
+                mem[name] = (pk.peak, pk.peak - pk.start)
+                batch[name] = r.info.get("max_batch")
+                _log(f"{name} ours {times[name][-1]:.2f} s, peak RSS {pk.peak / 2**30:.2f} GiB")
+                act, setter, cells = tl_cases[name]
+                ref, per_cell = _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells)
+                tl_cell[name].append(per_cell)
+                _log(f"{name} TransformerLens {per_cell:.3f} s per cell")
+                mine = torch.stack([r.values.mean(0)[cell] for cell in cells])
+                errs[name] = (mine.double() - ref.double()).abs().max().item()
+            for name, kw in (("atp", {}), ("atp*", dict(qk_fix=True, grad_drop=True))):
+                sites = ["z"] if name == "atp" else ["z", "q", "k", "v"]
+                with _PeakRSS() as pk:
+                    t = time.perf_counter()
+                    attribution_patching(ours, clean, corr, metric=met(), sites=sites, **kw)
+                    times[name].append(time.perf_counter() - t)
+                mem[name] = (pk.peak, pk.peak - pk.start)
+                _log(f"{name} ours {times[name][-1]:.2f} s, peak RSS {pk.peak / 2**30:.2f} GiB")
+            act, setter, cells = tl_cases["z_by_pos"]
+            ref, per_cell = _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells)
+            tl_cell["z_by_pos"].append(per_cell)
+            _log(f"z_by_pos TransformerLens {per_cell:.3f} s per cell")
+            sub = activation_patching(
+                ours, "z", clean, corr, metric=met(), layers=[0, L - 1], heads=hs, positions=pos
+            ).values.mean(0)  # (layer, head, pos)
+            mine = torch.stack([sub[[0, L - 1].index(a), hs.index(h), pos.index(b)] for a, b, h in cells])
+            errs["z_by_pos"] = (mine.double() - ref.double()).abs().max().item()
+        rng = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}"
+        lines = [
+            f"date {datetime.date.today()}, cpu {_cpu_model()}, threads {SCALE_THREADS}, torch {torch.__version__},"
+            f" python {platform.python_version()}; logits ours vs TransformerLens max |diff| {d_logits:.1e};"
+            f" GEMM rate {rate / 1e9:.1f} GMAC/s",
+        ]
+        for name in [*grids, "atp", "atp*"]:
+            t_min = min(times[name])
+            bound_s = macs[name] / rate
+            line = (
+                f"{name}: ours {rng(times[name])} s, bound {bound_s:.2f} s ({macs[name] / 1e9:.0f} GMAC),"
+                f" {t_min / bound_s:.2f}x of bound, peak RSS {mem[name][0] / 2**30:.2f} GiB"
+                f" (+{mem[name][1] / 2**30:.2f} GiB)"
+            )
+            if name in grids:
+                tl_full = [x * n_cells[name] for x in tl_cell[name]]
+                line += (
+                    f", engine batch {batch[name]} cells; TransformerLens {rng(tl_full)} s (extrapolated from"
+                    f" {len(tl_cases[name][2])} cells x {n_cells[name]}), speed-up {min(tl_full) / t_min:.1f}x"
+                    f"-{max(tl_full) / t_min:.1f}x, max |diff| {errs[name]:.1e}"
+                )
+            else:
+                tl_full = [x * n_cells["z_by_pos"] for x in tl_cell["z_by_pos"]]
+                line += (
+                    f"; TransformerLens exact heads x positions grid {rng(tl_full)} s (extrapolated from"
+                    f" {len(tl_cases['z_by_pos'][2])} cells x {n_cells['z_by_pos']}, max |diff| on them"
+                    f" {errs['z_by_pos']:.1e}), {min(tl_full) / t_min:.0f}x faster"
+                )
+            lines.append(line)
+        print("\n[bench_patching scale]\n" + "\n".join(lines))
+        for name in errs:
+            assert errs[name] <= 1e-3, f"{name}: pypattern and TransformerLens differ by {errs[name]}"
+    finally:
+        torch.set_num_threads(n0)
+
+
+def _log(msg):
+    print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _cpu_model():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"

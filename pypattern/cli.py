@@ -160,7 +160,7 @@ def _user_run(args) -> int:
             f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
         )
         for site, r in res["sites"].items():
-            print(f"  {site}: largest effects {r['top']}; table {r['table']}")
+            print(f"  {site}: largest effects {[[c, round(v, 6)] for c, v in r['top']]}; table {r['table']}")
         print(f"  summary: {res['summary']}")
         return 0
     kw = dict(

@@ -118,3 +118,18 @@ def test_similarity_examples(env):
 def test_flags_example(env):
     assert env["text"].shape == (4, 4 + 6)
     assert 0.0 <= env["report"].steer_success <= 1.0
+
+
+def test_own_model_example(env):
+    """The converted Llama patches and samples; the unconverted model's head mask covers exactly q_proj rows and
+    o_proj columns of head 1 (d_head 8), as an independent slice says."""
+    heads, llc, mask = env["heads"], env["llama_llc"], env["head_mask"]
+    assert heads.values.shape == (4, 2, 4, 12) and float(heads.values.abs().max()) > 0
+    assert np.isfinite(llc.llc_mean)
+    q = mask["model.layers.0.self_attn.q_proj.weight"]
+    expect = torch.zeros_like(q)
+    expect[8:16] = True
+    assert torch.equal(q, expect)
+    o = mask["model.layers.0.self_attn.o_proj.weight"]
+    assert o[:, 8:16].all() and o.sum() == o[:, 8:16].numel()
+    assert set(mask) == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"}

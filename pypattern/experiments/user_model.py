@@ -203,7 +203,7 @@ def run_user_patch(
         path = os.path.join(out, f"patch_{site}.csv")
         res.to_csv(path)
         top = res.top(3)
-        summary["sites"][site] = {"table": path, "top": [[c, round(float(v), 6)] for c, v in top]}
+        summary["sites"][site] = {"table": path, "top": [[c, float(v)] for c, v in top]}
     summary["summary"] = _write(out, "patch_summary.json", summary)
     return summary
 

@@ -14,12 +14,12 @@ from .corruptions import (
     ZeroAblation,
     embedding_noise_hook,
 )
-from .engine import ExactEngine, truncate_cache
+from .engine import ExactEngine, bytes_per_cell, truncate_cache
 from .metrics import Metric, logits_at, metric_positions
 from .results import PatchResult
-from .sites import HEAD_SITES, SITES, Cell, apply_patch, hook_name, make_cells
+from .sites import HEAD_SITES, Cell, apply_patch, check_site, hook_name, make_cells, site_heads
 
-__all__ = ["activation_patching", "prepare_runs", "PatchingRuns"]
+__all__ = ["activation_patching", "prepare_runs", "PatchingRuns", "engine_batch"]
 
 
 @dataclass
@@ -167,6 +167,21 @@ def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metr
     return torch.stack(out)
 
 
+def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memory: int | None) -> int | None:
+    """Cells per exact-engine batch: ``max_batch``, lowered so that the batch's working memory estimate
+    (:func:`~pypattern.patching.engine.bytes_per_cell`) stays within ``max_memory`` bytes (at least 1 cell)."""
+    if max_batch is not None and (
+        not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1
+    ):
+        raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
+    if max_memory is None:
+        return max_batch
+    if not max_memory > 0:
+        raise ValueError(f"max_memory={max_memory!r} is not valid; give a positive number of bytes or None")
+    fit = max(1, int(max_memory // bytes_per_cell(cfg, batch, seq_len)))
+    return fit if max_batch is None else min(fit, max_batch)
+
+
 def activation_patching(
     model,
     site: str,
@@ -182,6 +197,8 @@ def activation_patching(
     positions=None,
     window: int = 1,
     method: str = "auto",
+    max_batch: int | None = None,
+    max_memory: int | None = 2**30,
 ) -> PatchResult:
     """Patch ``site`` at every cell of a (layer[, head][, position]) grid and measure ``metric``.
 
@@ -192,7 +209,11 @@ def activation_patching(
         a :class:`~pypattern.models.HookedModule` supports the residual sites it has hook points for.
     site : str
         ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``, ``q``, ``k``, ``v``,
-        ``pattern`` (per position: the query position).
+        ``pattern`` (per position: the query position). ``q`` and ``k`` are the queries and keys before the
+        rotary rotation (``hook_q``/``hook_k``); a patched one is rotated at the position it is patched into.
+        Under grouped-query attention the heads of ``k`` and ``v`` are the ``n_key_value_heads`` key/value heads
+        (as in TransformerLens): patching one changes every query head of its group. ``resid_mid`` does not
+        exist with ``parallel_attn_mlp`` nor in attention-only models, ``mlp_out`` not in attention-only models.
     clean_tokens, corrupted_tokens : LongTensor ``(batch, pos)``
         Corrupted prompts for symmetric token replacement (recommended); or pass ``corruption``.
     metric : Metric
@@ -210,6 +231,12 @@ def activation_patching(
     method : {"auto", "exact", "naive"}
         ``exact``: the batched engine that recomputes only what a patch can change (pypattern's Transformer);
         ``naive``: one full forward per cell; ``auto``: exact when possible.
+    max_batch : int, optional
+        Exact engine: at most this many cells per batch.
+    max_memory : int, optional
+        Exact engine: bytes of working memory per batch (default 1 GiB); the batch is the largest number of
+        cells whose estimate (:func:`~pypattern.patching.engine.bytes_per_cell`) fits, at least one cell. The
+        caches of the clean and corrupted runs come on top. None: no bound beyond ``max_batch``.
 
     Returns
     -------
@@ -218,18 +245,15 @@ def activation_patching(
     """
     from ..models.transformer import Transformer
 
-    if site not in SITES:
-        raise ValueError(f"site={site!r} is not valid; choose one of {list(SITES)}")
     is_tf = isinstance(model, Transformer)
+    check_site(model.cfg if is_tf else None, site)
     if method not in ("auto", "exact", "naive"):
         raise ValueError(f"method={method!r} is not valid; choose 'auto', 'exact' or 'naive'")
     if method == "exact" and not is_tf:
         raise ValueError("method='exact' needs pypattern's Transformer; use method='naive' for other models")
     method = ("exact" if is_tf else "naive") if method == "auto" else method
     n_layers = _layers(model)
-    if is_tf and model.cfg.attn_only and site in ("resid_mid", "mlp_out"):
-        raise ValueError(f"site={site!r} does not exist in an attention-only model")
-    n_heads = model.cfg.n_heads if is_tf else 0
+    n_heads = site_heads(model.cfg, site) if is_tf else 0
     if site in HEAD_SITES and not is_tf:
         raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
     B, T = clean_tokens.shape
@@ -245,8 +269,15 @@ def activation_patching(
     else:
         pos = runs.pos
         T_eff = (pos if isinstance(pos, int) else int(pos.max())) + 1
+        batch = engine_batch(model.cfg, B, T_eff, max_batch, max_memory)
         engine = ExactEngine(
-            model, truncate_cache(runs.cache, T_eff), truncate_cache(runs.source, T_eff), site, metric, pos
+            model,
+            truncate_cache(runs.cache, T_eff),
+            truncate_cache(runs.source, T_eff),
+            site,
+            metric,
+            pos,
+            max_batch=batch,
         )
         vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
         live = [i for i, c in enumerate(cells) if c.pos < T_eff]
@@ -266,5 +297,10 @@ def activation_patching(
         direction=direction,
         metric=getattr(metric, "name", type(metric).__name__),
         method=method,
-        info={"window": window, "per_position": per_position, "num_cells": len(cells)},
+        info={
+            "window": window,
+            "per_position": per_position,
+            "num_cells": len(cells),
+            **({"max_batch": batch} if method == "exact" else {}),
+        },
     )

@@ -16,10 +16,9 @@ Use AtP to shortlist cells and exact patching to confirm them: :func:`shortlist_
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .api import engine_batch
 from .corruptions import (
     Corruption,
     GaussianNoise,
@@ -31,7 +30,7 @@ from .corruptions import (
 from .engine import ExactEngine, truncate_cache
 from .metrics import Metric, logits_at, metric_positions
 from .results import PatchResult
-from .sites import HEAD_SITES, SITES, Cell, hook_name, make_cells
+from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_heads
 
 __all__ = ["attribution_patching", "shortlist_and_confirm"]
 
@@ -48,27 +47,57 @@ def _reduce(site: str, x: torch.Tensor, per_position: bool) -> torch.Tensor:
     return r if per_position else r.sum(-1)
 
 
-def _qk_fixed(site, q_t, k_t, k_s, q_s, pat_t, g_pat, scale, per_position):
-    """Exact softmax for a query or key patch, linear from the pattern on: ``(B, H, T)`` or ``(B, H)``."""
+def _group_sum(x: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``(B, n_heads, ...)`` -> ``(B, n_key_value_heads, ...)``: the sum over each key/value head's query heads."""
+    if n_groups == 1:
+        return x
+    B, H = x.shape[:2]
+    return x.reshape(B, H // n_groups, n_groups, *x.shape[2:]).sum(2)
+
+
+def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
+    """Exact softmax for a query or key patch, linear from the pattern on: ``(B, heads, T)`` or ``(B, heads)``
+    (query heads for ``q``, key/value heads for ``k``).
+
+    ``q_t``/``q_s (B, T, n_heads, d_head)`` and ``k_t``/``k_s (B, T, n_key_value_heads, d_head)`` are the target
+    and source queries and keys as the scores read them (rotated, with rotary positions: a query or key patched at
+    a position is rotated there, so its rotated value is the source run's); ``pat_t (B, H, T, T)`` the target
+    pattern and ``g_pat`` the metric's gradient at it. Scores, scale and mask are the model's (``attn``)."""
     T = pat_t.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+    G = attn.cfg.n_groups
+    pos = torch.arange(T)
+    mask = attn.attn_mask(pos, pos)
     if site == "q" or not per_position:
         q = q_s if site == "q" else q_t
         k = k_s if site == "k" else k_t
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / scale
-        new = torch.softmax(scores.masked_fill(causal, float("-inf")), -1)
+        new = torch.softmax(attn.scores(q, k, pos, pos), -1)
         est = ((new - pat_t) * g_pat).sum(-1)  # (B, H, Tq)
+        if site == "k":  # one cell per key/value head: the sum over the query heads that read it
+            est = _group_sum(est, G)
         return est if per_position else est.sum(-1)
     # one key s replaced (per position): closed form for every (query t, key s) pair
-    delta = torch.einsum("bthe,bshe->bhts", q_t, (k_s - k_t)) / scale  # change of score a_ts
+    delta = torch.einsum("bthe,bshe->bhts", q_t, attn.expand_kv(k_s - k_t)) / attn.cfg.attn_scale
     p = pat_t
     logp = torch.log(p)
     logD = torch.logaddexp(torch.log1p(-p.clamp(max=1.0)), logp + delta)
     p_new_s = torch.exp(logp + delta - logD)
-    G = (p * g_pat).sum(-1, keepdim=True)  # (B,H,T,1): sum_j p_tj g_tj
-    est_ts = (torch.exp(-logD) - 1) * (G - p * g_pat) + (p_new_s - p) * g_pat
-    est_ts = est_ts.masked_fill(causal, 0.0)
-    return est_ts.sum(-2)  # over queries t -> (B, H, S)
+    Gp = (p * g_pat).sum(-1, keepdim=True)  # (B,H,T,1): sum_j p_tj g_tj
+    est_ts = (torch.exp(-logD) - 1) * (Gp - p * g_pat) + (p_new_s - p) * g_pat
+    est_ts = est_ts.masked_fill(mask, 0.0)
+    return _group_sum(est_ts.sum(-2), G)  # over queries t -> (B, Hkv, S)
+
+
+def _scored(site: str, layer: int, cfg) -> str:
+    """Hook name of the queries (``site="q"``) or keys as the scores read them: rotated with rotary positions."""
+    return f"blocks.{layer}.attn.hook_rot_{site}" if cfg.rotary else hook_name(site, layer)
+
+
+def _final_logits(model, tokens: torch.Tensor, pos) -> torch.Tensor:
+    """The model's forward with the unembedding only at the metric position(s): ``(batch, vocab)``."""
+    x = model.embed_tokens(tokens)
+    for block in model.blocks:
+        x = block(x)
+    return model.unembed(model.ln_final(logits_at(x, pos)))  # the residual rows at pos
 
 
 def attribution_patching(
@@ -88,7 +117,11 @@ def attribution_patching(
 
     Parameters are those of :func:`~pypattern.patching.activation_patching`; ``model`` must be pypattern's
     :class:`~pypattern.models.Transformer`. ``sites`` lists the sites to estimate (all from the same two
-    forwards and one backward; with ``grad_drop`` one more backward per layer).
+    forwards and one backward; with ``grad_drop`` one more backward per layer). Every architecture of the model
+    works: under grouped-query attention the ``k``/``v`` cells are key/value heads (as in exact patching); with
+    rotary positions the QK fix recomputes the scores from the rotated source queries/keys (a query or key patched
+    at a position is rotated there) with the model's scale and (sliding-window) mask. The forwards unembed only
+    the metric position(s).
 
     Returns
     -------
@@ -97,10 +130,14 @@ def attribution_patching(
         so that ``.effect``, ``.normalized`` and ``.mean()`` read as for exact patching. With ``grad_drop``,
         ``info["graddrop"]`` holds the unsigned GradDrop scores ``(batch, *grid)``.
     """
+    from ..models.transformer import Transformer
+
+    if not isinstance(model, Transformer):
+        raise TypeError(f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}")
+    cfg = model.cfg
     sites = [sites] if isinstance(sites, str) else list(sites)
     for s in sites:
-        if s not in SITES:
-            raise ValueError(f"sites contains {s!r}; valid sites are {list(SITES)}")
+        check_site(cfg, s, "sites entry")
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     if corrupted_tokens is not None:
@@ -113,11 +150,6 @@ def attribution_patching(
         raise ValueError(
             f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
         )
-    from ..models.transformer import Transformer
-
-    if not isinstance(model, Transformer):
-        raise TypeError(f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}")
-    cfg = model.cfg
     L, B, T = cfg.n_layers, *clean_tokens.shape
     pos = metric_positions(metric, B, T)
     noise = None
@@ -126,22 +158,26 @@ def attribution_patching(
     corr_tokens = corruption.corrupted_tokens if isinstance(corruption, TokenReplacement) else clean_tokens
     need_qk = qk_fix and any(s in ("q", "k") for s in sites)
     names = {hook_name(s, layer) for s in sites for layer in range(L)}
-    if need_qk:
-        names |= {hook_name(s, layer) for s in ("q", "k", "pattern") for layer in range(L)}
+    if need_qk:  # the QK fix reads the queries and keys as the scores do (rotated, with rotary positions)
+        names |= {hook_name("pattern", layer) for layer in range(L)}
+        names |= {_scored(s, layer, cfg) for s in ("q", "k") for layer in range(L)}
     grad_names = {hook_name(s, layer) for s in sites for layer in range(L)}
     if need_qk:
         grad_names |= {hook_name("pattern", layer) for layer in range(L) if "q" in sites or "k" in sites}
 
     def cache_run(tokens, nz):
+        """``(logits at the metric position (B, vocab), cache of names)``, without gradients."""
+        cache = {}
         hooks = [("hook_embed", embedding_noise_hook(nz))] if nz is not None else []
+        hooks.append((lambda n: n in names, lambda x, hook: cache.__setitem__(hook.name, x.detach())))
         with torch.no_grad(), model.hooks(hooks):
-            return model.run_with_cache(tokens, names_filter=names)
+            return _final_logits(model, tokens, pos), cache
 
     # forward 1: the source run (no gradient); for noising the clean run must come first to bind the metric
     if direction == "denoising":
         clean_logits, src_cache = cache_run(clean_tokens, None)
-        metric.bind(logits_at(clean_logits, pos))
-        m_clean = metric(logits_at(clean_logits, pos)).detach()
+        metric.bind(clean_logits)
+        m_clean = metric(clean_logits).detach()
         tgt_tokens, tgt_noise = corr_tokens, noise
     else:
         tgt_tokens, tgt_noise = clean_tokens, None
@@ -179,14 +215,15 @@ def attribution_patching(
             prm.requires_grad_(False)
         try:
             emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
-            logits = model.run_with_hooks(tgt_tokens, fwd_hooks=emb_req + hooks)
+            with model.hooks(emb_req + hooks):
+                logits = _final_logits(model, tgt_tokens, pos)  # (B, vocab) at the metric position
         finally:
             for prm in model.parameters():
                 prm.requires_grad_(True)
         if direction == "noising":
-            metric.bind(logits_at(logits, pos).detach())
-            m_clean = metric(logits_at(logits, pos)).detach()
-        m_tgt_full = metric(logits_at(logits, pos))
+            metric.bind(logits.detach())
+            m_clean = metric(logits).detach()
+        m_tgt_full = metric(logits)
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
         passes = [-1] + (list(range(L)) if grad_drop else [])
@@ -214,13 +251,12 @@ def attribution_patching(
             src_cache = {n: ref[n].mean(0, keepdim=True).expand_as(x) for n, x in tgt_cache.items()}
         else:  # forward 1 of noising: the corrupted run
             corr_logits, src_cache = cache_run(corr_tokens, noise)
-            m_corr = metric(logits_at(corr_logits, pos)).detach()
+            m_corr = metric(corr_logits).detach()
     else:
         m_corr = m_tgt
-    scale = math.sqrt(cfg.d_head)
     out = {}
     for site in sites:
-        _, axes, coords, shape = make_cells(site, L, cfg.n_heads, T, per_position)
+        _, axes, coords, shape = make_cells(site, L, site_heads(cfg, site), T, per_position)
         per_pass = []
         for grads in grads_per_pass:
             layers_est = []
@@ -228,16 +264,16 @@ def attribution_patching(
                 n = hook_name(site, layer)
                 if qk_fix and site in ("q", "k"):
                     pn = hook_name("pattern", layer)
-                    qn, kn = hook_name("q", layer), hook_name("k", layer)
+                    qn, kn = _scored("q", layer, cfg), _scored("k", layer, cfg)
                     est = _qk_fixed(
                         site,
+                        model.blocks[layer].attn,
                         tgt_cache[qn],
                         tgt_cache[kn],
-                        src_cache[kn],
                         src_cache[qn],
+                        src_cache[kn],
                         tgt_cache[pn],
                         grads[pn],
-                        scale,
                         per_position,
                     )
                 else:
@@ -302,7 +338,13 @@ def shortlist_and_confirm(
     T_eff = (runs.pos if isinstance(runs.pos, int) else int(runs.pos.max())) + 1
     live = [c for c in cells if c.pos < T_eff]
     eng = ExactEngine(
-        model, truncate_cache(runs.cache, T_eff), truncate_cache(runs.source, T_eff), site, metric, runs.pos
+        model,
+        truncate_cache(runs.cache, T_eff),
+        truncate_cache(runs.source, T_eff),
+        site,
+        metric,
+        runs.pos,
+        max_batch=engine_batch(model.cfg, runs.B, T_eff, None, 2**30),
     )
     tgt = eng.target_metric()
     vals = dict(zip(live, eng.run(live))) if live else {}

@@ -1,34 +1,70 @@
-"""The exact patching engine for :class:`pypattern.models.Transformer`.
+"""The exact patching engine for :class:`pypattern.models.Transformer`, on every architecture it represents.
 
 In a causal model a patch at (layer L, position p) can change only layers >= L at positions >= p. The engine
 caches the unpatched target run (every activation, including attention keys and values), then for each cell
 recomputes only what the patch can change:
 
 - rows (positions) ``p .. m`` where ``m`` is the metric's position; positions after ``m`` are never computed,
-  and in the last block only the metric's row (its query, MLP and unembedding) is computed;
+  and in the last block only the metric's row (its query, attention, MLP and unembedding) is computed;
 - at the patched layer only what the site feeds: a patch of ``z`` at (L, h, p) changes ``attn_out``, the MLP and
   the residual at row p only (one head's ``W_O`` slice, as a delta on the cached ``attn_out``); a patch of
-  ``k``/``v`` recomputes one head's attention; a patch of ``resid_pre`` recomputes q, k, v for one row;
+  ``k``/``v`` recomputes the attention of the query heads that read that key/value head; a patch of ``resid_pre``
+  computes q, k, v of one row;
 - keys and values of positions < p come from the cache.
 
-Cells that start at the same position are batched together: they share the row range and run as one batch
-through the blocks (cells join the batch at their own layer).
+Every piece of arithmetic is the model's own (:meth:`Attention.proj`'s projection with the weight laid out
+once, :meth:`Attention.rotate`, :meth:`Attention.attn_mask`, the norms, :meth:`MLP.hidden`/:meth:`MLP.output`,
+:meth:`TransformerBlock.combine`, the unembedding), applied to the rows that change:
+
+- **Rotary positions**: the cache holds the *rotated* keys (``hook_rot_k``) and queries (``hook_rot_q``) at their
+  own positions; recomputed queries and keys are rotated at their absolute positions. The ``q`` and ``k`` sites
+  are ``hook_q``/``hook_k``, before the rotation (TransformerLens' convention): a patched query or key is rotated
+  at the position it is patched into.
+- **Grouped-query attention** (``n_key_value_heads < n_heads``): a ``k`` or ``v`` cell's head is a *key/value*
+  head ``g`` (``0 .. n_key_value_heads - 1``; ``hook_k``/``hook_v`` have that many heads, and TransformerLens
+  patches them the same way); patching it changes the attention of every query head that reads it (``g *
+  n_groups .. (g + 1) * n_groups - 1``). ``q``, ``z`` and ``pattern`` cells are query heads.
+- **Parallel attention and MLP** (GPT-NeoX): both read ``resid_pre``, so a patch of a head's output, of
+  ``attn_out`` or of ``mlp_out`` leaves the other branch's cached output valid; there is no ``resid_mid`` site.
+- **Sliding-window attention**: the model's own mask (:meth:`Attention.attn_mask`) on every recomputed score.
+
+Cells that start at the same position are batched together (at most ``max_batch`` cells per batch): they share
+the row range and run as one batch through the blocks (cells join the batch at their own layer).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .sites import HEAD_SITES, Cell, hook_name
+from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
-__all__ = ["ExactEngine", "truncate_cache"]
+__all__ = ["ExactEngine", "bytes_per_cell", "truncate_cache"]
+
+
+def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
+    """Working memory of one cell in an engine batch (an estimate of the largest live tensors of one block).
+
+    Per example and row: the residual and its norm, q/k/v, z and ``attn_out`` (about ``8 d_model + 5 n_heads
+    d_head``), the MLP's hidden activations (``2 d_mlp``, ``3 d_mlp`` when gated) and the scores and pattern
+    (``2 n_heads seq_len``), times ``batch * seq_len`` rows and the item size.
+
+    Parameters
+    ----------
+    cfg : TransformerConfig
+    batch, seq_len : int
+        Prompts ``(batch, seq_len)`` (after truncation at the metric position).
+    dtype : torch.dtype, optional
+        Default ``cfg.dtype``.
+    """
+    item = torch.empty((), dtype=dtype or cfg.dtype).element_size()
+    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * cfg.d_mlp
+    per_row = 8 * cfg.d_model + 5 * cfg.n_heads * cfg.d_head + mlp + 2 * cfg.n_heads * seq_len
+    return int(batch * seq_len * per_row * item)
 
 
 class _Patch:
-    """Patch info for a batch of ``C`` cells at one layer: the site, the layer, ``active (C,)`` (which cells
-    patch this layer), ``heads (C,)`` (head sites) and the position (``-1``: all positions)."""
+    """Patch info for a batch of ``C`` cells at one layer: ``active (C,)``, ``heads (C,)`` (query heads, or
+    key/value heads for ``k``/``v``), the position (-1: all) and the layer."""
 
     def __init__(
         self, site: str, layer: int, active: torch.Tensor, heads: torch.Tensor | None, pos: int
@@ -50,96 +86,86 @@ class ExactEngine:
     metric : callable ``(logits (..., batch, vocab)) -> (..., batch)``
     position : int or LongTensor ``(batch,)``
         Metric position(s), non-negative, ``< T``.
+    max_batch : int, optional
+        At most this many cells per batch (bounds the working memory: see :func:`bytes_per_cell`); default all
+        cells that start at the same position.
     """
 
-    def __init__(self, model, target_cache: dict, source: dict, site: str, metric, position) -> None:
+    def __init__(
+        self,
+        model,
+        target_cache: dict,
+        source: dict,
+        site: str,
+        metric,
+        position,
+        max_batch: int | None = None,
+    ) -> None:
         self.model, self.cfg = model, model.cfg
         self.tc, self.src, self.site, self.metric = target_cache, source, site, metric
         cfg = self.cfg
-        self.H, self.dh, self.d = cfg.n_heads, cfg.d_head, cfg.d_model
+        self.H, self.Hkv, self.G = cfg.n_heads, cfg.n_key_value_heads, cfg.n_groups
+        self.dh, self.d = cfg.d_head, cfg.d_model
         self.L = cfg.n_layers
         self.attn_only = cfg.attn_only
+        self.parallel = cfg.parallel_attn_mlp and not cfg.attn_only
+        check_site(cfg, site)
+        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
+        self.max_batch = max_batch
         self.uniform = isinstance(position, int)
         self.m = position
         x = target_cache["blocks.0.hook_resid_pre"]
         self.B, self.T = x.shape[0], x.shape[1]
+        self.dtype = x.dtype
         if self.uniform and position != self.T - 1:
             raise ValueError(
                 f"position={position}: truncate the prompts so that the metric position is the last"
             )
-        self.scale = math.sqrt(self.dh)
-        self.w = [self._layer_weights(b) for b in model.blocks]
+        self.scale = cfg.attn_scale
         self.tgt = [self._layer_cache(i) for i in range(self.L)]
+        self._flat: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _proj(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`Attention.compute_q`/``compute_k``/``compute_v`` (``which`` in ``"QKV"``) of ``x (..., d_model)``:
+        the arithmetic of :meth:`Attention.proj` with the ``(d_model, heads * d_head)`` weight laid out once per
+        layer (``proj`` lays it out on every call, a copy of the weight that costs as much as a one-row matmul)."""
+        attn = self.model.blocks[layer].attn
+        W, b = getattr(attn, f"W_{which}"), getattr(attn, f"b_{which}")
+        key = (layer, which)
+        if key not in self._flat:
+            H, d, dh = W.shape
+            self._flat[key] = W.detach().permute(1, 0, 2).reshape(d, H * dh)
+        out = (x @ self._flat[key]).view(*x.shape[:-1], W.shape[0], W.shape[2])
+        return out if b is None else out + b
 
     # ----- setup ---------------------------------------------------------------------------------------------
-    def _layer_weights(self, blk) -> dict:
-        a = blk.attn
-        H, d, dh = a.W_Q.shape
-        w = {
-            "Wq": a.W_Q.detach().permute(1, 0, 2).reshape(d, H * dh),
-            "Wk": a.W_K.detach().permute(1, 0, 2).reshape(d, H * dh),
-            "Wv": a.W_V.detach().permute(1, 0, 2).reshape(d, H * dh),
-            "bq": a.b_Q.detach(),
-            "bk": a.b_K.detach(),
-            "bv": a.b_V.detach(),
-            "WoH": a.W_O.detach(),
-            "Wo": a.W_O.detach().reshape(H * dh, d),
-            "bo": a.b_O.detach(),
-            "ln1": blk.ln1,
-        }
-        if not self.attn_only:
-            w.update(
-                ln2=blk.ln2,
-                Win=blk.mlp.W_in.detach(),
-                bin=blk.mlp.b_in.detach(),
-                Wout=blk.mlp.W_out.detach(),
-                bout=blk.mlp.b_out.detach(),
-            )
-        return w
-
     def _layer_cache(self, layer: int) -> dict:
         g = lambda s: self.tc[hook_name(s, layer)]
         c = {s: g(s) for s in ("resid_pre", "resid_post", "attn_out", "q", "k", "v", "z")}
+        if self.cfg.rotary:  # queries and keys as the scores read them: rotated at their own positions
+            c["qr"] = self.tc[f"blocks.{layer}.attn.hook_rot_q"]
+            c["kr"] = self.tc[f"blocks.{layer}.attn.hook_rot_k"]
+        else:
+            c["qr"], c["kr"] = c["q"], c["k"]
         if not self.attn_only:
-            c["resid_mid"] = g("resid_mid")
+            c["mlp_out"] = g("mlp_out")
+            if not self.parallel:
+                c["resid_mid"] = g("resid_mid")
         return c
 
-    # ----- building blocks (mirror the model's arithmetic) ---------------------------------------------------
-    def _ln(self, x: torch.Tensor, mod) -> torch.Tensor:
-        if self.cfg.normalization_type is None:
-            return x
-        x = x - x.mean(-1, keepdim=True)
-        scale = (x.pow(2).mean(-1, keepdim=True) + mod.eps).sqrt()
-        return x / scale * mod.w + mod.b
-
-    def _proj(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (x @ W).view(*x.shape[:-1], self.H, self.dh) + b
-
-    def _mlp_resid(
-        self, w: dict, resid_mid: torch.Tensor, patch: _Patch | None = None, rows=None
-    ) -> torch.Tensor:
-        """resid_mid -> resid_post (applies mlp_out / resid_post patches)."""
-        if self.attn_only:
-            return self._apply(resid_mid, patch, "resid_post", rows)
-        from ..models.transformer import apply_act
-
-        h = self._ln(resid_mid, w["ln2"])
-        out = apply_act(h @ w["Win"] + w["bin"], self.cfg.act_fn) @ w["Wout"] + w["bout"]
-        out = self._apply(out, patch, "mlp_out", rows)
-        return self._apply(resid_mid + out, patch, "resid_post", rows)
-
-    def _apply(self, x: torch.Tensor, patch: _Patch | None, stage: str, rows):
-        """Replace the patched part of ``x`` (cells on dim 0; rows = absolute positions of x's position dim)
-        with the source activation of ``stage`` at the patch's layer."""
+    # ----- building blocks -----------------------------------------------------------------------------------
+    def _apply(self, x: torch.Tensor, patch: _Patch | None, stage: str, rows: torch.Tensor) -> torch.Tensor:
+        """Replace the patched part of ``x`` (cells on dim 0; ``rows`` = absolute positions of x's row dim)."""
         if patch is None or patch.site != stage:
             return x
         src = self.src[hook_name(stage, patch.layer)]
         C = x.shape[0]
         act = patch.active
+        rmask = (rows == patch.pos) if patch.pos >= 0 else torch.ones_like(rows, dtype=torch.bool)
         if stage == "pattern":  # x (C, B, H, R, Tk)
             s = src[:, :, rows].to(x.dtype)
-            rmask = (rows == patch.pos) if patch.pos >= 0 else torch.ones_like(rows, dtype=torch.bool)
-            hmask = torch.arange(self.H)[None, :] == patch.heads[:, None]
+            hmask = torch.arange(x.shape[2])[None, :] == patch.heads[:, None]
             mask = (
                 act[:, None, None, None, None]
                 & hmask[:, None, :, None, None]
@@ -147,9 +173,8 @@ class ExactEngine:
             )
             return torch.where(mask, s.unsqueeze(0), x)
         s = src[:, rows].to(x.dtype)
-        rmask = (rows == patch.pos) if patch.pos >= 0 else torch.ones_like(rows, dtype=torch.bool)
-        if stage in HEAD_SITES:  # x (C, B, R, H, dh)
-            hmask = torch.arange(self.H)[None, :] == patch.heads[:, None]
+        if stage in HEAD_SITES:  # x (C, B, R, heads, dh): query heads, or key/value heads for k and v
+            hmask = torch.arange(x.shape[3])[None, :] == patch.heads[:, None]
             mask = (
                 act[:, None, None, None, None]
                 & rmask[None, None, :, None, None]
@@ -159,129 +184,195 @@ class ExactEngine:
             mask = act.view(C, 1, 1, 1) & rmask[None, None, :, None]
         return torch.where(mask, s.unsqueeze(0), x)
 
-    def _attend(
-        self, q: torch.Tensor, qpos: torch.Tensor, k_new: torch.Tensor, p: int, layer: int
+    def _mask(self, layer: int, qpos: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """The model's attention mask ``(len(qpos), n_keys)`` (True: may not attend) for keys ``0..n_keys-1``."""
+        return self.model.blocks[layer].attn.attn_mask(qpos, torch.arange(n_keys))
+
+    def _pattern(
+        self, layer: int, q: torch.Tensor, qpos: torch.Tensor, k_new: torch.Tensor, p: int
     ) -> torch.Tensor:
-        """Attention pattern of queries ``q (C,B,Rq,H,dh)`` at ``qpos`` over keys 0..p-1 (cache) and
-        ``k_new (C,B,R,H,dh)`` at p..p+R-1: returns ``(C,B,H,Rq,p+R)``."""
-        parts = []
-        if p > 0:
-            K_old = self.tgt[layer]["k"][:, :p]
-            parts.append(torch.einsum("cbrhe,bkhe->cbhrk", q, K_old))
-        parts.append(torch.einsum("cbrhe,cbkhe->cbhrk", q, k_new))
+        """Attention pattern of (rotated) queries ``q (C,B,Rq,H,dh)`` at ``qpos`` over keys 0..p-1 (cache) and
+        ``k_new (C,B,Rk,Hkv,dh)`` (rotated) at p..p+Rk-1: ``(C,B,H,Rq,p+Rk)``. Query head ``h`` reads key/value
+        head ``h // n_groups`` (the model's :meth:`~Attention.expand_kv`)."""
+        C, B, Rq = q.shape[:3]
+        G, Hkv = self.G, self.Hkv
+        K_old = self.tgt[layer]["kr"][:, :p] if p > 0 else None
+        if G == 1:
+            parts = [] if K_old is None else [torch.einsum("cbrhe,bkhe->cbhrk", q, K_old)]
+            parts.append(torch.einsum("cbrhe,cbkhe->cbhrk", q, k_new))
+        else:
+            qg = q.reshape(C, B, Rq, Hkv, G, self.dh)
+            parts = [] if K_old is None else [torch.einsum("cbrgne,bkge->cbgnrk", qg, K_old)]
+            parts.append(torch.einsum("cbrgne,cbkge->cbgnrk", qg, k_new))
+            parts = [t.reshape(C, B, self.H, Rq, t.shape[-1]) for t in parts]
         scores = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]) / self.scale
-        kpos = torch.arange(p + k_new.shape[2])
-        mask = kpos[None, :] > qpos[:, None]
+        mask = self._mask(layer, qpos, p + k_new.shape[2])
         return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
 
-    def _z(self, pattern: torch.Tensor, v_new: torch.Tensor, p: int, layer: int) -> torch.Tensor:
-        z = torch.einsum("cbhrk,cbkhe->cbrhe", pattern[..., p:], v_new)
+    def _mix(self, layer: int, pattern: torch.Tensor, v_new: torch.Tensor, p: int) -> torch.Tensor:
+        """``z (C,B,Rq,H,dh)`` from ``pattern (C,B,H,Rq,p+Rk)``, cached values 0..p-1 and ``v_new
+        (C,B,Rk,Hkv,dh)``."""
+        if self.G == 1:
+            z = torch.einsum("cbhrk,cbkhe->cbrhe", pattern[..., p:], v_new)
+            if p > 0:
+                z = z + torch.einsum("cbhrk,bkhe->cbrhe", pattern[..., :p], self.tgt[layer]["v"][:, :p])
+            return z
+        C, B, H, Rq, Tk = pattern.shape
+        pg = pattern.reshape(C, B, self.Hkv, self.G, Rq, Tk)
+        z = torch.einsum("cbgnrk,cbkge->cbrgne", pg[..., p:], v_new)
         if p > 0:
-            z = z + torch.einsum("cbhrk,bkhe->cbrhe", pattern[..., :p], self.tgt[layer]["v"][:, :p])
-        return z
+            z = z + torch.einsum("cbgnrk,bkge->cbrgne", pg[..., :p], self.tgt[layer]["v"][:, :p])
+        return z.reshape(C, B, Rq, H, self.dh)
 
-    def _head_attn(self, q_h, qpos, K_h, V_h):
-        """One head per cell: ``q_h (C,B,Rq,dh)``, keys ``K_h/V_h (C,B,Tk,dh)`` at 0..Tk-1 -> z ``(C,B,Rq,dh)``."""
-        s = torch.einsum("cbre,cbke->cbrk", q_h, K_h) / self.scale
-        mask = torch.arange(K_h.shape[2])[None, :] > qpos[:, None]
-        pat = torch.softmax(s.masked_fill(mask, float("-inf")), -1)
-        return torch.einsum("cbrk,cbke->cbre", pat, V_h)
+    def _head_attn(
+        self, layer: int, q_h: torch.Tensor, qpos: torch.Tensor, K_h: torch.Tensor, V_h: torch.Tensor
+    ) -> torch.Tensor:
+        """One query head per cell (a group of them when ``q_h`` has a head axis): ``q_h (C,B,Rq,[n,]dh)``
+        (rotated), keys ``K_h``/``V_h (C,B,Tk,dh)`` at 0..Tk-1 -> z of the same shape as ``q_h``."""
+        grouped = q_h.dim() == 5
+        qh = q_h if grouped else q_h.unsqueeze(3)
+        s = torch.einsum("cbrne,cbke->cbnrk", qh, K_h) / self.scale
+        pat = torch.softmax(s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf")), -1)
+        z = torch.einsum("cbnrk,cbke->cbrne", pat, V_h)
+        return z if grouped else z.squeeze(3)
 
     @staticmethod
     def _heads(t: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """``t (B, T, H, dh)`` -> ``(C, B, T, dh)`` for each cell's head."""
+        """``t (B, T, heads, dh)`` -> ``(C, B, T, dh)`` for each cell's head."""
         return t.permute(2, 0, 1, 3)[heads]
+
+    def _finish(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        attn_out: torch.Tensor,
+        patch: _Patch | None = None,
+        rows: torch.Tensor | None = None,
+        mlp_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The block's residual output from its input rows ``x`` and ``attn_out`` (applies ``resid_mid``,
+        ``mlp_out`` and ``resid_post`` patches); a parallel block may pass the (unchanged) ``mlp_out``."""
+        blk = self.model.blocks[layer]
+        if self.attn_only:
+            return self._apply(x + attn_out, patch, "resid_post", rows)
+        if self.parallel:
+            if mlp_out is None:
+                mlp_out = blk.mlp(blk.ln2(x))
+            mlp_out = self._apply(mlp_out, patch, "mlp_out", rows)
+            return self._apply(blk.combine(x, attn_out, mlp_out), patch, "resid_post", rows)
+        mid = self._apply(x + attn_out, patch, "resid_mid", rows)
+        out = self._apply(blk.mlp(blk.ln2(mid)), patch, "mlp_out", rows)
+        return self._apply(mid + out, patch, "resid_post", rows)
 
     # ----- one block on changed rows ------------------------------------------------------------------------
     def _block_rows(self, layer: int, X: torch.Tensor, p: int, patch: _Patch | None, out_rows: torch.Tensor):
         """Block ``layer`` for cells whose residual rows ``p..`` (``X (C,B,R,d)``) changed; returns the
         residual after the block at ``out_rows`` (absolute positions): ``(C,B,len(out_rows),d)``."""
-        w = self.w[layer]
+        attn = self.model.blocks[layer].attn
         R = X.shape[2]
         rows = torch.arange(p, p + R)
         X = self._apply(X, patch, "resid_pre", rows)
-        h = self._ln(X, w["ln1"])
+        h = self.model.blocks[layer].ln1(X)
         sel = out_rows - p
         full = len(out_rows) == R
-        q = self._apply(self._proj(h if full else h[:, :, sel], w["Wq"], w["bq"]), patch, "q", out_rows)
-        k = self._apply(self._proj(h, w["Wk"], w["bk"]), patch, "k", rows)
-        v = self._apply(self._proj(h, w["Wv"], w["bv"]), patch, "v", rows)
-        pat = self._apply(self._attend(q, out_rows, k, p, layer), patch, "pattern", out_rows)
-        z = self._apply(self._z(pat, v, p, layer), patch, "z", out_rows)
-        attn_out = self._apply(z.flatten(-2) @ w["Wo"] + w["bo"], patch, "attn_out", out_rows)
-        resid = (X if full else X[:, :, sel]) + attn_out
-        if not self.attn_only:
-            resid = self._apply(resid, patch, "resid_mid", out_rows)
-        return self._mlp_resid(w, resid, patch, out_rows)
+        q = self._apply(self._proj(layer, "Q", h if full else h[:, :, sel]), patch, "q", out_rows)
+        k = self._apply(self._proj(layer, "K", h), patch, "k", rows)
+        v = self._apply(self._proj(layer, "V", h), patch, "v", rows)
+        q, k = attn.rotate(q, out_rows), attn.rotate(k, rows)  # identity without rotary positions
+        pat = self._apply(self._pattern(layer, q, out_rows, k, p), patch, "pattern", out_rows)
+        z = self._apply(self._mix(layer, pat, v, p), patch, "z", out_rows)
+        attn_out = self._apply(attn.output(z), patch, "attn_out", out_rows)
+        return self._finish(layer, X if full else X[:, :, sel], attn_out, patch, out_rows)
 
     # ----- entering layer: the optimised first block of a cell ----------------------------------------------
     def _enter(self, layer: int, p: int, cells: list[Cell], out_rows: torch.Tensor, all_pos: bool):
-        site, w, tg = self.site, self.w[layer], self.tgt[layer]
-        C = len(cells)
+        site, tg = self.site, self.tgt[layer]
+        blk = self.model.blocks[layer]
+        attn = blk.attn
+        C, dt = len(cells), self.dtype
         heads = torch.tensor([c.head for c in cells]) if site in HEAD_SITES else None
         src = self.src.get(hook_name(site, layer))
         if site == "resid_pre":
             if all_pos:
-                X = src.to(tg["resid_pre"].dtype).unsqueeze(0).expand(C, -1, -1, -1)
+                X = src.to(dt).unsqueeze(0).expand(C, -1, -1, -1)
                 return self._block_rows(layer, X, 0, None, out_rows)
-            x0 = src[:, p : p + 1].to(tg["resid_pre"].dtype)  # (B,1,d)
-            h0 = self._ln(x0, w["ln1"])
-            q0, k0, v0 = (self._proj(h0, w[W], w[b]) for W, b in (("Wq", "bq"), ("Wk", "bk"), ("Wv", "bv")))
-            k = torch.cat([k0, tg["k"][:, p + 1 :]], 1).unsqueeze(0)
+            # only row p's q, k, v change; later rows keep their cached queries, keys and values
+            x0 = src[:, p : p + 1].to(dt)  # (B,1,d)
+            h0 = blk.ln1(x0)
+            p0 = torch.tensor([p])
+            q0 = attn.rotate(self._proj(layer, "Q", h0), p0)
+            k0 = attn.rotate(self._proj(layer, "K", h0), p0)
+            v0 = self._proj(layer, "V", h0)
+            sel = out_rows - p
+            k = torch.cat([k0, tg["kr"][:, p + 1 :]], 1).unsqueeze(0)
             v = torch.cat([v0, tg["v"][:, p + 1 :]], 1).unsqueeze(0)
-            q = torch.cat([q0, tg["q"][:, p + 1 :]], 1)[:, out_rows - p].unsqueeze(0)
-            pat = self._attend(q, out_rows, k, p, layer)
-            z = self._z(pat, v, p, layer)
-            x = torch.cat([x0, tg["resid_pre"][:, p + 1 :]], 1)[:, out_rows - p].unsqueeze(0)
-            resid = x + (z.flatten(-2) @ w["Wo"] + w["bo"])
-            out = self._mlp_resid(w, resid)
+            q = torch.cat([q0, tg["qr"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
+            z = self._mix(layer, self._pattern(layer, q, out_rows, k, p), v, p)
+            x = torch.cat([x0, tg["resid_pre"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
+            mlp_out = None
+            if self.parallel:  # the MLP reads resid_pre: only row p's output changes
+                m0 = blk.mlp(blk.ln2(x0))
+                mlp_out = torch.cat([m0, tg["mlp_out"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
+            out = self._finish(layer, x, attn.output(z), mlp_out=mlp_out)
             return out.expand(C, -1, -1, -1)
-        if site in ("k", "v"):
-            K = self._heads(tg["k"], heads)
+        if site in KV_SITES:  # a key/value head: recompute the attention of the query heads that read it
+            G, B = self.G, self.B
+            K = self._heads(tg["kr"], heads)  # (C,B,T,dh)
             V = self._heads(tg["v"], heads)
-            s = self._heads(src, heads).to(K.dtype)
             rsel = slice(None) if all_pos else slice(p, p + 1)
-            if site == "k":
+            rpos = torch.arange(self.T) if all_pos else torch.tensor([p])
+            s = src[:, rsel].to(dt)
+            if site == "k":  # a patched key is rotated at the position it is patched into
                 K = K.clone()
-                K[:, :, rsel] = s[:, :, rsel]
+                K[:, :, rsel] = self._heads(attn.rotate(s, rpos), heads)
             else:
                 V = V.clone()
-                V[:, :, rsel] = s[:, :, rsel]
-            q_h = self._heads(tg["q"], heads)[:, :, out_rows]
-            z_new = self._head_attn(q_h, out_rows, K, V)
-            z_old = self._heads(tg["z"], heads)[:, :, out_rows]
+                V[:, :, rsel] = self._heads(s, heads)
+            Rq = len(out_rows)
+            grp = lambda t: t[:, out_rows].reshape(B, Rq, self.Hkv, G, self.dh).permute(2, 0, 1, 3, 4)[heads]
+            z_new = self._head_attn(layer, grp(tg["qr"]), out_rows, K, V)  # (C,B,Rq,G,dh)
+            W_O = attn.W_O.reshape(self.Hkv, G, self.dh, self.d)[heads]  # (C,G,dh,d)
             attn_out = tg["attn_out"][:, out_rows] + torch.einsum(
-                "cbre,ced->cbrd", z_new - z_old, w["WoH"][heads]
+                "cbrne,cned->cbrd", z_new - grp(tg["z"]), W_O
             )
-            resid = tg["resid_pre"][:, out_rows] + attn_out
-            return self._mlp_resid(w, resid)
+            mlp_out = tg["mlp_out"][:, out_rows] if self.parallel else None
+            return self._finish(layer, tg["resid_pre"][:, out_rows], attn_out, mlp_out=mlp_out)
         # row-local sites: the residual changes only at the patched rows
         prow = out_rows if all_pos else out_rows[out_rows == p]
         base = tg["resid_post"][:, out_rows].unsqueeze(0).expand(C, -1, -1, -1)
         if len(prow) == 0:
             return base
+        x = tg["resid_pre"][:, prow]
+        mlp_cached = tg["mlp_out"][:, prow] if self.parallel else None
         if site in ("z", "q", "pattern"):
+            kvh = heads // self.G
             if site == "z":
-                z_new = self._heads(src, heads)[:, :, prow].to(base.dtype)
-            elif site == "q":
-                q_h = self._heads(src, heads)[:, :, prow].to(base.dtype)
-                z_new = self._head_attn(q_h, prow, self._heads(tg["k"], heads), self._heads(tg["v"], heads))
+                z_new = self._heads(src, heads)[:, :, prow].to(dt)
+            elif site == "q":  # a patched query is rotated at its own position
+                q_h = self._heads(attn.rotate(src[:, prow].to(dt), prow), heads)
+                z_new = self._head_attn(
+                    layer, q_h, prow, self._heads(tg["kr"], kvh), self._heads(tg["v"], kvh)
+                )
             else:
-                pat = src[:, :, prow].transpose(0, 1)[heads].to(base.dtype)  # (C,B,R,Tk)
-                z_new = torch.einsum("cbrk,cbke->cbre", pat, self._heads(tg["v"], heads))
+                pat = src[:, :, prow].transpose(0, 1)[heads].to(dt)  # (C,B,R,Tk)
+                z_new = torch.einsum("cbrk,cbke->cbre", pat, self._heads(tg["v"], kvh))
             z_old = self._heads(tg["z"], heads)[:, :, prow]
             attn_out = tg["attn_out"][:, prow] + torch.einsum(
-                "cbre,ced->cbrd", z_new - z_old, w["WoH"][heads]
+                "cbre,ced->cbrd", z_new - z_old, attn.W_O[heads]
             )
-            new = self._mlp_resid(w, tg["resid_pre"][:, prow] + attn_out)
+            new = self._finish(layer, x, attn_out, mlp_out=mlp_cached)
         else:
-            s = src[:, prow].to(base.dtype).unsqueeze(0)
+            s = src[:, prow].to(dt).unsqueeze(0)
             if site == "attn_out":
-                new = self._mlp_resid(w, tg["resid_pre"][:, prow].unsqueeze(0) + s)
-            elif site == "resid_mid":
-                new = self._mlp_resid(w, s)
+                new = self._finish(layer, x, s, mlp_out=mlp_cached)
+            elif site == "resid_mid":  # sequential blocks only
+                new = s + blk.mlp(blk.ln2(s))
             elif site == "mlp_out":
-                new = tg["resid_mid"][:, prow].unsqueeze(0) + s
+                new = (
+                    blk.combine(x, tg["attn_out"][:, prow], s)
+                    if self.parallel
+                    else tg["resid_mid"][:, prow] + s
+                )
             else:  # resid_post
                 new = s
             new = new.expand(C, -1, -1, -1)
@@ -295,20 +386,26 @@ class ExactEngine:
     @torch.no_grad()
     def run(self, cells: list[Cell]) -> torch.Tensor:
         """Metric of every cell's patched run: ``(len(cells), batch)``."""
-        out = torch.empty(len(cells), self.B, dtype=self.tc["blocks.0.hook_resid_pre"].dtype)
+        out = torch.empty(len(cells), self.B, dtype=self.dtype)
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cells):
             groups.setdefault(c.pos, []).append(i)
-        tgt_metric = self.target_metric()
+        tgt_metric = None
+        step = self.max_batch or len(cells)
         for pos, idx in groups.items():
             all_pos = pos < 0
             p = 0 if all_pos else pos
             if self.uniform and p > self.m:  # the patch cannot reach the metric position
+                tgt_metric = self.target_metric() if tgt_metric is None else tgt_metric
                 out[idx] = tgt_metric
                 continue
-            out[idx] = self._run_group(p, [cells[i] for i in idx], all_pos)
+            idx = sorted(idx, key=lambda i: cells[i].layer)  # a batch of late cells skips the early layers
+            for s in range(0, len(idx), step):
+                chunk = idx[s : s + step]
+                out[chunk] = self._run_group(p, [cells[i] for i in chunk], all_pos)
         return out
 
+    @torch.no_grad()
     def target_metric(self) -> torch.Tensor:
         """Metric of the unpatched target run ``(batch,)``."""
         return self._metric_from_final(self.tgt[-1]["resid_post"].unsqueeze(0), 0)[0]
@@ -332,21 +429,22 @@ class ExactEngine:
         X, active = None, []
         full_rows = torch.arange(p, self.T)
         last_rows = torch.tensor([self.m]) if self.uniform else full_rows
-        for layer in range(self.L):
+        is_head = self.site in HEAD_SITES
+        for layer in range(min(c.layer for c in cells), self.L):
             out_rows = last_rows if layer == self.L - 1 else full_rows
             parts = []
             if active:
                 act = torch.tensor([layer in c.layers for c in active])
                 patch = None
                 if bool(act.any()):
-                    heads = torch.tensor([c.head for c in active]) if self.site in HEAD_SITES else None
+                    heads = torch.tensor([c.head for c in active]) if is_head else None
                     patch = _Patch(self.site, layer, act, heads, -1 if all_pos else p)
                 parts.append(self._block_rows(layer, X, p, patch, out_rows))
             new = [c for c in cells if c.layer == layer]
             if new:
                 parts.append(self._enter(layer, p, new, out_rows, all_pos))
                 active += new
-            X = torch.cat(parts, 0) if len(parts) > 1 else parts[0] if parts else None
+            X = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
         assert X is not None and X.shape[2] in (1, R)
         order = {c: i for i, c in enumerate(active)}
         vals = self._metric_from_final(X, p)

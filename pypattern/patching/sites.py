@@ -6,7 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SITES", "HEAD_SITES", "RESID_SITES", "Cell", "hook_name", "apply_patch", "make_cells"]
+__all__ = [
+    "SITES",
+    "HEAD_SITES",
+    "KV_SITES",
+    "RESID_SITES",
+    "Cell",
+    "hook_name",
+    "site_heads",
+    "check_site",
+    "apply_patch",
+    "make_cells",
+]
 
 #: site -> hook name template (TransformerLens names)
 SITES = {
@@ -22,6 +33,8 @@ SITES = {
     "pattern": "blocks.{l}.attn.hook_pattern",
 }
 HEAD_SITES = ("z", "q", "k", "v", "pattern")
+#: head sites whose heads are key/value heads (``n_key_value_heads`` of them under grouped-query attention)
+KV_SITES = ("k", "v")
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
 
@@ -31,10 +44,35 @@ def hook_name(site: str, layer: int) -> str:
     return SITES[site].format(l=layer)
 
 
+def site_heads(cfg, site: str) -> int:
+    """Number of heads of a head site: ``n_key_value_heads`` for ``k``/``v`` (grouped-query attention patches
+    key/value heads, as TransformerLens does: one ``k`` cell changes every query head of its group), ``n_heads``
+    for ``q``/``z``/``pattern``; 0 for residual sites."""
+    if site in KV_SITES:
+        return getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return cfg.n_heads if site in HEAD_SITES else 0
+
+
+def check_site(cfg, site: str, argument: str = "site") -> None:
+    """Raise a ValueError when ``site`` does not exist in a model of config ``cfg``: ``resid_mid``/``mlp_out``
+    in an attention-only model, ``resid_mid`` with parallel attention and MLP."""
+    if site not in SITES:
+        raise ValueError(f"{argument}={site!r} is not valid; choose one of {list(SITES)}")
+    if cfg is None:
+        return
+    if getattr(cfg, "attn_only", False) and site in ("resid_mid", "mlp_out"):
+        raise ValueError(f"{argument}={site!r} does not exist in an attention-only model (d_mlp={cfg.d_mlp})")
+    if getattr(cfg, "parallel_attn_mlp", False) and site == "resid_mid":
+        raise ValueError(
+            f"{argument}='resid_mid' does not exist with parallel_attn_mlp=True (attention and MLP both read "
+            "resid_pre, there is no hook_resid_mid); patch resid_pre, attn_out, mlp_out or resid_post"
+        )
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One patch: ``site`` at layers ``layer .. layer + window - 1``, head ``head`` (-1: not a head site) and
-    position ``pos`` (-1: all positions; for ``pattern``, the query position)."""
+    """One patch: ``site`` at layers ``layer .. layer + window - 1``, head ``head`` (-1: not a head site; for
+    ``k``/``v`` a key/value head) and position ``pos`` (-1: all positions; for ``pattern``, the query position)."""
 
     layer: int
     head: int
@@ -49,8 +87,9 @@ class Cell:
 def apply_patch(x: torch.Tensor, src: torch.Tensor, site: str, head: int, pos: int) -> torch.Tensor:
     """Return ``x`` with the cell's part replaced by ``src`` (same shape as ``x``).
 
-    Shapes: residual sites ``(batch, pos, d_model)``; ``z/q/k/v`` ``(batch, pos, n_heads, d_head)``;
-    ``pattern`` ``(batch, n_heads, query_pos, key_pos)``.
+    Shapes: residual sites ``(batch, pos, d_model)``; ``z/q`` ``(batch, pos, n_heads, d_head)``; ``k/v``
+    ``(batch, pos, n_key_value_heads, d_head)`` (``head`` is then a key/value head); ``pattern`` ``(batch,
+    n_heads, query_pos, key_pos)``.
     """
     x = x.clone()
     src = src.to(x.dtype)
@@ -75,7 +114,9 @@ def make_cells(
     positions=None,
     window: int = 1,
 ) -> tuple[list[Cell], tuple, dict, tuple]:
-    """The grid of cells: returns ``(cells, axes, coords, shape)``; cells are in row-major grid order."""
+    """The grid of cells: returns ``(cells, axes, coords, shape)``; cells are in row-major grid order.
+
+    ``n_heads`` is the number of heads of the site (:func:`site_heads`: key/value heads for ``k``/``v``)."""
     if window < 1:
         raise ValueError(f"window={window} is not valid; give an int >= 1")
     layers = list(range(n_layers - window + 1)) if layers is None else list(layers)
@@ -87,7 +128,8 @@ def make_cells(
     if is_head:
         heads = list(range(n_heads)) if heads is None else list(heads)
         if any(not 0 <= h < n_heads for h in heads):
-            raise ValueError(f"heads={heads} is not valid; the model has heads 0..{n_heads - 1}")
+            kind = "key/value heads" if site in KV_SITES else "heads"
+            raise ValueError(f"heads={heads} is not valid; site {site!r} has {kind} 0..{n_heads - 1}")
         axes.append("head")
         coords["head"] = heads
     if per_position:

@@ -1,0 +1,240 @@
+"""Exact patching and AtP on every architecture pypattern's Transformer represents (GPT-2, GPT-NeoX, Llama,
+Qwen2, Mistral-like option sets), each against an independent computation written here: one hooked forward per
+cell (for the exact engine) and autograd directional derivatives (for AtP)."""
+
+import pytest
+import torch
+
+from pypattern.models import Transformer, TransformerConfig
+from pypattern.patching import KL, LogitDiff, LogProb, activation_patching, attribution_patching
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = dict(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, d_vocab=12, n_ctx=8, dtype=torch.float64)
+LLAMA = dict(
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    gated_mlp=True,
+    act_fn="silu",
+    n_key_value_heads=2,
+    attn_bias=False,
+    attn_out_bias=False,
+    mlp_bias=False,
+    unembed_bias=False,
+)
+ARCHS = {
+    "gpt2": dict(act_fn="gelu_new"),
+    "neox": dict(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),
+    "llama": LLAMA,
+    "qwen2": {**LLAMA, "attn_bias": True, "tie_word_embeddings": True},
+    "mqa_gptj": {**LLAMA, "n_key_value_heads": 1, "rotary_adjacent_pairs": True, "rotary_base": 50.0},
+    "mistral_window": {**LLAMA, "sliding_window": 3},
+    "tied": dict(tie_word_embeddings=True, unembed_bias=False, attn_scale=3.0),
+}
+# TransformerLens hook names, written out here so that the reference does not use the library's site table
+HOOKS = {
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "z": "blocks.{}.attn.hook_z",
+    "q": "blocks.{}.attn.hook_q",
+    "k": "blocks.{}.attn.hook_k",
+    "v": "blocks.{}.attn.hook_v",
+    "pattern": "blocks.{}.attn.hook_pattern",
+}
+HEADS = ("z", "q", "k", "v", "pattern")
+
+
+def build(arch, **kw):
+    cfg = {**BASE, **ARCHS[arch], "seed": 3, **kw}
+    model = Transformer(TransformerConfig(**cfg))
+    with torch.no_grad():  # biases and norm weights away from their zero / one initialisation
+        g = torch.Generator().manual_seed(11)
+        for name, prm in model.named_parameters():
+            if not name.rsplit(".", 1)[-1].startswith("W_"):
+                prm.add_(0.3 * torch.randn(prm.shape, generator=g, dtype=prm.dtype))
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 12, (3, 6), generator=g)
+    corr = clean.clone()
+    corr[:, 1] = (clean[:, 1] + 3) % 12
+    corr[:, 3] = (clean[:, 3] + 5) % 12
+    ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    return model, clean, corr, ans, wrong
+
+
+def sites_of(model):
+    cfg = model.cfg
+    out = list(HOOKS)
+    if cfg.parallel_attn_mlp or cfg.attn_only:
+        out.remove("resid_mid")
+    return out
+
+
+def replace(x, src, site, head, pos):
+    x = x.clone()
+    p = slice(None) if pos is None else pos
+    if site == "pattern":
+        x[:, head, p] = src[:, head, p]
+    elif site in HEADS:
+        x[:, p, head] = src[:, p, head]
+    else:
+        x[:, p] = src[:, p]
+    return x
+
+
+def reference_grid(model, site, clean, corr, ans, wrong, per_position):
+    """Denoising: one forward of the corrupted prompts per cell with the clean activation written into the hook
+    point; the logit difference at the last position. ``(batch, layer[, head][, pos])``."""
+    L, T = model.cfg.n_layers, clean.shape[1]
+    names = [HOOKS[site].format(layer) for layer in range(L)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=names)
+    if site in HEADS:
+        n_heads = cache[names[0]].shape[1 if site == "pattern" else 2]  # the hook point's own head axis
+    positions = list(range(T)) if per_position else [None]
+    out = torch.empty(
+        clean.shape[0], L, *([n_heads] if site in HEADS else []), len(positions), dtype=torch.float64
+    )
+    for layer, name in enumerate(names):
+        for h in range(n_heads) if site in HEADS else [None]:
+            for i, p in enumerate(positions):
+                fn = lambda x, hook, s=cache[name], h=h, p=p: replace(x, s, site, h, p)
+                with torch.no_grad():
+                    logits = model.run_with_hooks(corr, fwd_hooks=[(name, fn)])[:, -1]
+                ld = logits.gather(-1, ans[:, None]) - logits.gather(-1, wrong[:, None])
+                out[(slice(None), layer) + ((h,) if h is not None else ()) + (i,)] = ld[:, 0]
+    return out if per_position else out[..., 0]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("per_position", [True, False])
+def test_every_site_equals_one_forward_per_cell(arch, per_position):
+    model, clean, corr, ans, wrong = build(arch)
+    for site in sites_of(model):
+        res = activation_patching(
+            model, site, clean, corr, metric=LogitDiff(ans, wrong), per_position=per_position, method="exact"
+        )
+        ref = reference_grid(model, site, clean, corr, ans, wrong, per_position)
+        assert res.values.shape == ref.shape, (site, res.values.shape, ref.shape)
+        err = (res.values - ref).abs().max().item()
+        assert err <= 1e-9, f"{arch} {site} per_position={per_position}: engine and reference differ by {err}"
+        # the patches act: some cell moves the metric away from the corrupted run
+        moved = (ref - res.corrupted.view(-1, *[1] * (ref.dim() - 1))).abs().max().item()
+        assert moved > 1e-3, f"{arch} {site}: no cell changed the metric"
+
+
+@pytest.mark.parametrize("arch", ["neox", "mistral_window"])
+def test_naive_method_equals_reference(arch):
+    model, clean, corr, ans, wrong = build(arch)
+    for site in ["k", "pattern", "mlp_out"]:
+        res = activation_patching(model, site, clean, corr, metric=LogitDiff(ans, wrong), method="naive")
+        ref = reference_grid(model, site, clean, corr, ans, wrong, True)
+        torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["neox", "mistral_window", "mqa_gptj"])
+def test_windows_noising_and_metric_positions(arch):
+    model, clean, corr, ans, wrong = build(arch, n_layers=3)
+    cases = [
+        (["resid_pre", "k", "pattern"], dict(metric=KL(), window=2)),
+        (["q", "v", "attn_out"], dict(metric=LogProb(ans), direction="noising", layers=[1, 2])),
+        (["z", "k", "resid_pre"], dict(metric=LogitDiff(ans, wrong, position=torch.tensor([5, 2, 4])))),
+        (["q", "v", "mlp_out"], dict(metric=LogitDiff(ans, wrong, position=3), per_position=False)),
+    ]
+    for sites, kw in cases:
+        for site in sites:
+            a = activation_patching(model, site, clean, corr, method="exact", **kw)
+            b = activation_patching(model, site, clean, corr, method="naive", **kw)
+            err = (a.values - b.values).abs().max().item()
+            assert err <= 1e-9, f"{arch} {site} {kw}: {err}"
+
+
+def test_gqa_key_value_heads_and_errors():
+    model, clean, corr, ans, wrong = build("llama")
+    met = LogitDiff(ans, wrong)
+    r = activation_patching(model, "k", clean, corr, metric=met)
+    assert r.coords["head"] == [0, 1] and r.values.shape == (3, 2, 2, 6)  # key/value heads
+    assert activation_patching(model, "q", clean, corr, metric=met).coords["head"] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="key/value heads 0..1"):
+        activation_patching(model, "v", clean, corr, metric=met, heads=[2])
+    neox = build("neox")[0]
+    with pytest.raises(ValueError, match="parallel_attn_mlp"):
+        activation_patching(neox, "resid_mid", clean, corr, metric=met)
+    with pytest.raises(ValueError, match="parallel_attn_mlp"):
+        attribution_patching(neox, clean, corr, metric=met, sites=["resid_mid"])
+    with pytest.raises(ValueError, match="max_batch="):
+        activation_patching(model, "z", clean, corr, metric=met, max_batch=0)
+
+
+def test_batch_cap_gives_the_same_grid():
+    model, clean, corr, ans, wrong = build("llama")
+    met = LogitDiff(ans, wrong)
+    for site in ["z", "resid_pre", "k"]:
+        full = activation_patching(model, site, clean, corr, metric=met)
+        one = activation_patching(model, site, clean, corr, metric=met, max_batch=1)
+        tiny = activation_patching(model, site, clean, corr, metric=met, max_memory=1)
+        assert one.info["max_batch"] == 1 and tiny.info["max_batch"] == 1 and full.info["max_batch"] > 8
+        torch.testing.assert_close(one.values, full.values, rtol=0, atol=1e-12)
+        torch.testing.assert_close(tiny.values, full.values, rtol=0, atol=1e-12)
+
+
+# ----- AtP ----------------------------------------------------------------------------------------------------
+def first_order(model, site, clean, corr, ans, wrong, layer, head, pos):
+    """d/dt of the logit difference when the cell's activation moves from corrupted to clean by t, at t = 0:
+    ``(batch,)``, by autograd through one forward (independent of AtP's cached gradients)."""
+    name = HOOKS[site].format(layer)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=[name])
+    t = torch.zeros(clean.shape[0], dtype=torch.float64, requires_grad=True)
+
+    def move(x, hook):
+        target = replace(x.detach(), cache[name], site, head, pos)
+        return x + t.view(-1, *[1] * (x.dim() - 1)) * (target - x.detach())
+
+    logits = model.run_with_hooks(corr, fwd_hooks=[(name, move)])[:, -1]
+    ld = logits.gather(-1, ans[:, None]) - logits.gather(-1, wrong[:, None])
+    (g,) = torch.autograd.grad(ld.sum(), t)
+    return g
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2"])
+def test_atp_equals_autograd_directional_derivative(arch):
+    model, clean, corr, ans, wrong = build(arch)
+    sites = [s for s in sites_of(model)]
+    atp = attribution_patching(model, clean, corr, metric=LogitDiff(ans, wrong), sites=sites)
+    for site in sites:
+        eff = atp[site].effect  # (batch, layer[, head], pos)
+        for layer in range(2):
+            for head in [eff.shape[2] - 1] if site in HEADS else [None]:
+                for pos in (1, 5):
+                    want = first_order(model, site, clean, corr, ans, wrong, layer, head, pos)
+                    got = eff[(slice(None), layer) + ((head,) if head is not None else ()) + (pos,)]
+                    torch.testing.assert_close(got, want, rtol=0, atol=1e-9, msg=f"{arch} {site} {layer}")
+        assert eff.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "mqa_gptj", "tied"])
+@pytest.mark.parametrize("per_position", [True, False])
+def test_atp_star_qk_fix_exact_where_the_rest_is_linear(arch, per_position):
+    """Attention-only and without norms, the last layer is linear from its pattern on: AtP with the QK fix
+    (softmax recomputed from the rotated source queries/keys, key/value heads of their group) is exact there."""
+    model, clean, corr, ans, wrong = build(arch, d_mlp=None, gated_mlp=False, normalization_type=None)
+    with torch.no_grad():  # sharper attention: the softmax is far from linear in the patched queries and keys
+        for blk in model.blocks:
+            blk.attn.W_Q.mul_(4.0)
+            blk.attn.W_K.mul_(4.0)
+    met = LogitDiff(ans, wrong)
+    star = attribution_patching(
+        model, clean, corr, metric=met, sites=["q", "k", "v", "z"], per_position=per_position, qk_fix=True
+    )
+    plain = attribution_patching(model, clean, corr, metric=met, sites=["q", "k"], per_position=per_position)
+    for site in ["q", "k", "v", "z"]:
+        exact = activation_patching(model, site, clean, corr, metric=met, per_position=per_position)
+        assert star[site].values.shape == exact.values.shape
+        torch.testing.assert_close(star[site].values[:, 1], exact.values[:, 1], rtol=0, atol=1e-9)
+        assert exact.effect[:, 1].abs().max() > 1e-5  # well above the tolerance
+    for site in ["q", "k"]:
+        exact = activation_patching(model, site, clean, corr, metric=met, per_position=per_position)
+        assert (plain[site].values[:, 1] - exact.values[:, 1]).abs().max() > 1e-5  # plain AtP: first order
