@@ -7,11 +7,15 @@ single-process call, so the result is the single-process result: every rank ends
 observables, and susceptibility accumulators), combined exactly (each chain's rows come from the one rank that
 ran it). Callbacks run on the rank that owns the chain. With ``checkpoint=path`` each rank writes and resumes its
 own file (``path`` with ``.rank{r}of{world}`` before the suffix). A failure on one rank (a diverging chain, a bad
-argument) makes every rank raise instead of leaving the others waiting in a collective.
+argument) makes every rank raise instead of leaving the others waiting in a collective. Every call first checks
+that the ranks were given the same arguments (hyperparameters, chain layout, seed, model weights, the first batch
+of the data, ...): a difference raises ``ValueError`` on every rank, naming the first differing argument.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,8 +23,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from . import io
+from .sampling.data import ChainData
 from .sampling.diagnostics import check_stationarity, ess, r_hat
 from .sampling.llc import LLCResult, llc_from_sample
+from .sampling.optim import chain_seed
 from .sampling.results import SampleResult
 from .sampling.runner import sample as _sample
 
@@ -47,6 +54,58 @@ def rank_path(path: str | os.PathLike, rank: int, world_size: int) -> str:
     """Rank ``rank``'s checkpoint: ``run.npz`` -> ``run.rank0of2.npz``."""
     root, ext = os.path.splitext(os.fspath(path))
     return f"{root}.rank{rank}of{world_size}{ext}"
+
+
+def _hash64(value) -> int:
+    return int(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:15], 16)
+
+
+def _first_batch_hash(loader, seed) -> str:
+    """A hash of the first batch chain 0 reads (or of the error reading it)."""
+    try:
+        seed0 = seed if isinstance(seed, int) else int(list(seed)[0])
+        return io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next())
+    except Exception as e:  # noqa: BLE001 - compared across ranks; the sampler reports it
+        return f"error: {type(e).__name__}: {e}"
+
+
+def check_same_arguments(group, **items) -> None:
+    """Raise ``ValueError`` on every rank when the ranks of ``group`` were given different ``items`` (compared by
+    :func:`pypattern.io.fingerprint`: tensors by a hash of their bytes, callables by name), naming the first
+    differing one; nothing when all agree. Every rank runs the same collectives either way."""
+    dist = _dist()
+    fp = io.fingerprint(**items)
+    names = sorted(fp)
+
+    def spread(values: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.tensor(values + [-v for v in values], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return t[: len(values)], -t[len(values) :]  # max and min over ranks
+
+    hi, lo = spread([_hash64(names)])
+    if hi[0] != lo[0]:
+        raise ValueError(
+            f"the ranks were given different arguments: this rank (rank {dist.get_rank(group)}) has {names}; every "
+            "rank must make the same call"
+        )
+    hi, lo = spread([_hash64(fp[k]) for k in names])
+    differ = [k for k, a, b in zip(names, hi.tolist(), lo.tolist()) if a != b]
+    if differ:
+        order = {k: i for i, k in enumerate(fp)}  # the caller's order: the first differing item
+        k = min(differ, key=order.__getitem__)
+        raise ValueError(
+            f"the ranks were given different values of {k!r} (rank {dist.get_rank(group)}: {fp[k]!r}); every rank "
+            "must make the same call with the same arguments"
+        )
+
+
+def _sample_items(model, loader, kwargs: dict) -> dict:
+    """What the ranks of a distributed call must agree on: the keyword arguments (callbacks aside: they run on
+    the rank that owns the chain), the model's weights and buffers, and the first batch the data gives."""
+    items = {k: v for k, v in kwargs.items() if k not in ("callbacks", "checkpoint_state", "quiet")}
+    items["data"] = _first_batch_hash(loader, kwargs.get("seed", 0))
+    items.update({f"weights[{n}]": t for n, t in model.state_dict().items()})
+    return items
 
 
 def _agree(fn: Callable, group):
@@ -87,6 +146,7 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     C = int(kwargs.get("num_chains", 4))
     if kwargs.get("chains") is not None:
         raise ValueError("pypattern.distributed.sample assigns the chains itself: do not pass chains")
+    check_same_arguments(group, **_sample_items(model, loader, kwargs))
     mine = owned_chains(R * C, rank, world)
     warn = kwargs.pop("warn_nonstationary", True)
     ckpt = kwargs.pop("checkpoint", None)
@@ -126,6 +186,12 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
 
     dist = _dist()
     rank = dist.get_rank(group)
+    check_same_arguments(
+        group,
+        probe=probe,
+        components=dict(components) if isinstance(components, dict) else list(components),
+        **_sample_items(model, loader, kwargs),
+    )
 
     def sampler(m, ld, *, callbacks, **kw):
         return sample(m, ld, group=group, callbacks=callbacks, **kw)
@@ -143,14 +209,8 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
         return accs
 
     world = dist.get_world_size(group)
-    return sus.susceptibilities(
-        model,
-        loader,
-        probe,
-        components,
-        _sampler=sampler,
-        _reduce=reduce,
-        _write=rank == 0,
-        _local_path=lambda p: rank_path(p, rank, world),
-        **kwargs,
+    execution = sus.Execution(
+        sample=sampler, reduce=reduce, write_rows=rank == 0, local_path=lambda p: rank_path(p, rank, world)
     )
+    with sus.executing(execution):
+        return sus.susceptibilities(model, loader, probe, components, **kwargs)

@@ -37,8 +37,12 @@ one per chain, so memory does not grow with the number of draws and the standard
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import json
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,10 +50,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import io
+from .io import Saveable, register
 from .ops.covariance import CrossCovariance
+from .sampling.checkpoint import load_checkpoint_state
+from .sampling.data import ChainData
 from .sampling.optim import chain_seed
-from .sampling.results import load_npz, save_npz_atomic
-from .sampling.runner import _ChainData, load_checkpoint_state, sample, split_loss
+from .sampling.runner import sample, split_loss
+from .sampling.vocabulary import DEVINTERP_NAMES, translate
+
+ROW_KIND = "susceptibility-row"  # a finished run's row in a checkpoint folder
 
 __all__ = ["susceptibilities", "bif", "SusceptibilityResult", "BIFResult", "PCAResult", "per_sample_losses"]
 
@@ -95,25 +105,9 @@ def _flat(v: torch.Tensor, n: int | None, what: str) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ results
 
 
-class _Npz:
-    def save(self, path: str | os.PathLike) -> None:
-        arrays, meta = {}, {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, np.ndarray):
-                arrays[f.name] = v
-            else:
-                meta[f.name] = v
-        save_npz_atomic(path, arrays, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike):
-        arrays, meta = load_npz(path)
-        return cls(**arrays, **meta)
-
-
+@register
 @dataclasses.dataclass
-class PCAResult:
+class PCAResult(Saveable):
     """Principal susceptibility directions.
 
     Attributes
@@ -136,8 +130,9 @@ class PCAResult:
     mean: np.ndarray
 
 
+@register
 @dataclasses.dataclass
-class SusceptibilityResult(_Npz):
+class SusceptibilityResult(Saveable):
     """Susceptibility matrix ``chi`` with its standard error over chains.
 
     Attributes
@@ -241,8 +236,9 @@ class SusceptibilityResult(_Npz):
         return fig
 
 
+@register
 @dataclasses.dataclass
-class BIFResult(_Npz):
+class BIFResult(Saveable):
     """Bayesian influence ``-Cov(l_i, l_j)`` (and the correlation) between probe points.
 
     Attributes
@@ -327,14 +323,19 @@ def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _sampler_kwargs(kw: dict) -> dict:
+    """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated)."""
     allowed = {
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
-        "weight_decay", "noise_level", "bounding_box_size", "optimizer_kwargs", "seed", "batched", "quiet",
+        "weight_decay", "noise_scale", "bounding_box", "optimizer_kwargs", "seed", "batched", "quiet",
         "backend", "num_init_loss_batches", "warn_nonstationary", "cores", "checkpoint_every",
+        *DEVINTERP_NAMES,
     }  # fmt: skip
     bad = set(kw) - allowed
     if bad:
         raise TypeError(f"unknown sampler settings {sorted(bad)}; valid: {sorted(allowed)}")
+    kw = translate(kw, where="the sampler settings")
+    if kw.get("optimizer_kwargs"):
+        kw["optimizer_kwargs"] = translate(kw["optimizer_kwargs"], where="optimizer_kwargs", drop_none=False)
     return kw
 
 
@@ -352,10 +353,6 @@ def susceptibilities(
     per_token: bool = True,
     checkpoint: str | os.PathLike | None = None,
     group_size: int | None = None,
-    _sampler: Callable | None = None,
-    _reduce: Callable | None = None,
-    _write: bool = True,
-    _local_path: Callable[[str], str] | None = None,
     **sampler_settings,
 ) -> SusceptibilityResult:
     """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
@@ -394,7 +391,10 @@ def susceptibilities(
         there as ``.npz`` (no pickle) as soon as its group is done, and the same call reloads finished ones
         instead of sampling them again; the group being sampled checkpoints its draws and accumulators (every
         ``checkpoint_every`` draws, default 1) and resumes from them, so a killed run loses no finished draw.
-        A folder written with other settings is refused with an error naming the setting.
+        Rows are stored by component name (``component.<name>.npz``) with the component's parameters and masks,
+        and the folder's settings (sampler settings, model weights, data, probe, loss functions) are checked: a
+        row written by another run, or under this name for another component, is refused with an error naming
+        the first differing item; components not in the folder are sampled.
     group_size : int, optional
         How many SGLD runs (one per component, plus the unrestricted run of the devinterp convention) sample
         together in one :func:`pypattern.sample` call (``runs=``): with batched chains (``batched=True``, or the
@@ -420,10 +420,10 @@ def susceptibilities(
         names = [c if isinstance(c, str) else f"component_{i}" for i, c in enumerate(specs)]
     if not specs:
         raise ValueError("components is empty: give at least one component")
+    seed0 = kw.get("seed", 0)
+    seed0 = seed0 if isinstance(seed0, int) else int(list(seed0)[0])
     if sampling_batch is None:  # the first batch of a stream keyed by the seed: the same in every call
-        seed0 = kw.get("seed", 0)
-        seed0 = seed0 if isinstance(seed0, int) else int(list(seed0)[0])
-        sampling_batch = _ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
+        sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
     if loss_fn is None:
 
         def lf(m, batch):
@@ -466,11 +466,12 @@ def susceptibilities(
     def phi(m, batch) -> torch.Tensor:
         return phi_of(m).reshape(-1)
 
-    local_of = _local_path or (
-        lambda p: p
-    )  # a group checkpoint's file in this process (per rank when distributed)
+    ex = _EXECUTION.get()
+    local_of = ex.local_path  # a group checkpoint's file in this process (per rank when distributed)
 
-    def run_group(specs_: list, ckpt: str | None) -> tuple[list[list[CrossCovariance]], float]:
+    def run_group(
+        specs_: list, ckpt: str | None, group_fp: dict | None
+    ) -> tuple[list[list[CrossCovariance]], float]:
         """Sample the runs ``specs_`` (``(restrict_to, masks)`` pairs) together; per run, one accumulator per
         chain over (phi) x (l_1..l_N, Lbar); and the nbeta used. With ``ckpt`` the sampler's checkpoint holds the
         accumulators too, and a killed group resumes from its last checkpointed draw."""
@@ -484,11 +485,14 @@ def susceptibilities(
                     if isinstance(v, torch.Tensor):
                         out[f"acc{i}/{k}"] = v.numpy()
                 out[f"acc{i}/count"] = np.array([a.count], dtype=np.int64)
+            out["fingerprint"] = np.frombuffer(json.dumps(group_fp).encode(), dtype=np.uint8)
             return out
 
         local = None if ckpt is None else local_of(ckpt)  # the file this process writes
         if local is not None and os.path.exists(local):
             saved = load_checkpoint_state(local)
+            # the accumulators were filled by this susceptibility run (the sampler checks its own settings)
+            io.check_fingerprint(json.loads(bytes(saved.get("fingerprint", b"{}")).decode()), group_fp, local)
             for i, a in enumerate(accs):
                 pre = f"acc{i}/"
                 state = {k[len(pre) :]: torch.from_numpy(v) for k, v in saved.items() if k.startswith(pre)}
@@ -517,7 +521,7 @@ def susceptibilities(
             observables["probe_losses"] = probe_losses
         if not fuse_phi:
             observables["phi"] = phi
-        results = (_sampler or sample)(
+        results = (ex.sample or sample)(
             model,
             loader,
             loss_fn=lf,
@@ -529,64 +533,90 @@ def susceptibilities(
             checkpoint_state=acc_state if ckpt is not None else None,
             **kw,
         )
-        if _reduce is not None:  # pypattern.distributed: each chain's draws are on one rank
-            accs = _reduce(accs)
+        if ex.reduce is not None:  # pypattern.distributed: each chain's draws are on one rank
+            accs = ex.reduce(accs)
         return [accs[r * C : (r + 1) * C] for r in range(len(specs_))], float(results[0].config["nbeta"])
 
-    # Per-component checkpoints: a finished component's row is saved when its group is done and reloaded by the
-    # same call (same settings, components, probe size and initial values).
-    fp = {
-        "convention": convention,
-        "n": n,
-        "phi0": float(phi0),
-        "loss0": float(l0.double().sum()),
-        **{
-            k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None))) and k != "quiet"
-        },
-    }
-
-    def path_of(name: str) -> str | None:
-        return None if checkpoint is None else os.path.join(os.fspath(checkpoint), f"{name}.npz")
-
-    def load_row(name: str) -> dict | None:
-        path = path_of(name)
-        if path is None or not os.path.exists(path):
-            return None
-        arrays, meta = load_npz(path)
-        for key, v in fp.items():
-            if meta.get("fingerprint", {}).get(key) != v:
-                raise ValueError(
-                    f"checkpoint {path} was written with {key}={meta.get('fingerprint', {}).get(key)!r}, this "
-                    f"call has {key}={v!r}: use another checkpoint folder or delete it"
-                )
-        return {**arrays, **{k: v for k, v in meta.items() if k != "fingerprint"}}
-
-    def save_row(name: str, row: dict) -> None:
-        if checkpoint is None or not _write:
-            return
-        os.makedirs(os.fspath(checkpoint), exist_ok=True)
-        save_npz_atomic(
-            path_of(name),
-            {k: v for k, v in row.items() if isinstance(v, np.ndarray)},
-            {"fingerprint": fp, **{k: v for k, v in row.items() if not isinstance(v, np.ndarray)}},
+    # Per-component checkpoints: a finished component's row is saved under its name when its group is done, and
+    # reloaded by a call of the same run (settings, weights, data, probe, loss functions) with the same component.
+    fp: dict = {}
+    if checkpoint is not None:
+        fp = io.fingerprint(
+            convention=convention,
+            per_token=per_token,
+            n=n,
+            **{k: v for k, v in kw.items() if k != "quiet"},
+            loss_fn=loss_fn,
+            per_sample_loss_fn=per_sample_loss_fn,
+            observable=observable,
+            probe=io.hash_batch(probe),
+            sampling_batch=io.hash_batch(sampling_batch),
+            data=io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next()),
+            **{f"weights[{k}]": v for k, v in model.state_dict().items()},
+            phi0=float(phi0),
         )
+        dup = sorted({x for x in names if names.count(x) > 1})
+        if dup:
+            raise ValueError(f"components has repeated names {dup}: checkpoint rows are stored by name")
 
     # the runs: the unrestricted one first (devinterp convention), then one per component
     names_all = (["unrestricted"] if convention == "devinterp" else []) + [
         f"component_{k}" for k in range(len(specs))
     ]
-    rows = {name: load_row(name) for name in names_all}
-    todo = [name for name in names_all if rows[name] is None]
     run_specs = {"unrestricted": (None, None)}
     for k, spec in enumerate(specs):
-        if f"component_{k}" in todo:
-            run_specs[f"component_{k}"] = _component_spec(model, spec)
+        run_specs[f"component_{k}"] = _component_spec(model, spec)
+
+    def file_of(run: str) -> str:
+        if run == "unrestricted":
+            return "unrestricted"
+        return "component." + re.sub(r"[^A-Za-z0-9_.-]", "_", names[int(run.split("_")[1])])
+
+    def row_fp(run: str) -> dict:
+        restrict, masks = run_specs[run]
+        name = "unrestricted" if run == "unrestricted" else names[int(run.split("_")[1])]
+        return {
+            **fp,
+            **io.fingerprint(
+                component=name,
+                parameters=restrict,
+                masks={k: m.to(torch.float64) for k, m in (masks or {}).items()},
+            ),
+        }
+
+    def path_of(name: str) -> str | None:
+        return None if checkpoint is None else os.path.join(os.fspath(checkpoint), f"{name}.npz")
+
+    def load_row(run: str) -> dict | None:
+        path = path_of(file_of(run))
+        if path is None or not os.path.exists(path):
+            return None
+        arrays, meta = io.load(path, kind=ROW_KIND)
+        io.check_fingerprint(meta.get("fingerprint"), row_fp(run), path)
+        return {**arrays, **meta.get("row", {})}
+
+    def save_row(run: str, row: dict) -> None:
+        if checkpoint is None or not ex.write_rows:
+            return
+        io.save(
+            path_of(file_of(run)),
+            {k: v for k, v in row.items() if isinstance(v, np.ndarray)},
+            {
+                "fingerprint": row_fp(run),
+                "row": {k: v for k, v in row.items() if not isinstance(v, np.ndarray)},
+            },
+            kind=ROW_KIND,
+        )
+
+    rows = {name: load_row(name) for name in names_all}
+    todo = [name for name in names_all if rows[name] is None]
     size = group_size or max(len(todo), 1)
     full_means = None if rows.get("unrestricted") is None else rows["unrestricted"]["full_means"]
     for i in range(0, len(todo), size):
         group = todo[i : i + size]
-        gpath = path_of(f"sampling_{group[0]}_{len(group)}")  # the group's draws so far
-        accs_by_run, nbeta = run_group([run_specs[name] for name in group], gpath)
+        gpath = path_of(f"sampling.{file_of(group[0])}.{len(group)}")  # the group's draws so far
+        group_fp = {**fp, "group": [row_fp(r) for r in group]} if fp else None
+        accs_by_run, nbeta = run_group([run_specs[name] for name in group], gpath, group_fp)
         for name, accs in zip(group, accs_by_run):
             if name == "unrestricted":
                 full_means = _pool(accs).mean_b.numpy()  # E_full[l_t], E_full[Lbar]
@@ -630,6 +660,45 @@ def susceptibilities(
         num_draws=int(kw["num_draws"]),
         settings={k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))},
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How :func:`susceptibilities` runs its samplers; :mod:`pypattern.distributed` supplies its own through
+    :func:`executing` (internal: not part of the public API).
+
+    Attributes
+    ----------
+    sample : callable or None
+        The sampler, called like :func:`pypattern.sample`; None: this module's ``sample``.
+    reduce : callable(list of CrossCovariance) -> list, optional
+        Combines the per-chain accumulators after a group (each chain's draws are on one rank).
+    write_rows : bool
+        Whether this process writes finished rows into the checkpoint folder.
+    local_path : callable(str) -> str
+        The file this process uses for a group's sampler checkpoint.
+    """
+
+    sample: Callable | None = None
+    reduce: Callable | None = None
+    write_rows: bool = True
+    local_path: Callable[[str], str] = os.fspath
+
+
+_EXECUTION: contextvars.ContextVar[Execution] = contextvars.ContextVar(
+    "execution",
+    default=Execution(),  # noqa: B039 - frozen: never mutated
+)
+
+
+@contextlib.contextmanager
+def executing(execution: Execution):
+    """Run the :func:`susceptibilities` calls inside the block with ``execution``."""
+    token = _EXECUTION.set(execution)
+    try:
+        yield
+    finally:
+        _EXECUTION.reset(token)
 
 
 def _sampler_settings_defaults(kw: dict) -> dict:

@@ -57,6 +57,23 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             distributed.sample(model, loader, callbacks=[fails_on_rank1], warn_nonstationary=False, **KW)
         except Exception as e:  # noqa: BLE001 - recorded for the test
             out["error"] = f"{type(e).__name__}: {e}"
+        # ranks that disagree: every rank raises, naming the argument
+        for name, kw in (
+            ("step_size", {**KW, "step_size": 1e-3 * (1 + rank)}),
+            ("num_draws", {**KW, "num_draws": 15 + rank}),
+            ("extra", {**KW, "num_burnin_steps": 2} if rank else KW),
+        ):
+            try:
+                distributed.estimate_llc(model, loader, warn_nonstationary=False, **kw)
+            except ValueError as e:
+                out[f"mismatch_{name}"] = str(e)
+        if rank == 1:
+            with torch.no_grad():
+                model[0].weight.neg_()
+        try:
+            distributed.susceptibilities(model, loader, probe, ["0.weight"], warn_nonstationary=False, **KW)
+        except ValueError as e:
+            out["mismatch_weights"] = str(e)
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -80,10 +97,18 @@ def test_two_ranks_equal_one_process():
             o["chi_chains"], sus.chi_chains, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max()
         )
         np.testing.assert_allclose(o["chi_ck"], sus.chi, rtol=1e-9, atol=1e-12)
-        assert o["ck_files"] == ["component_0.npz", "component_1.npz"]  # group files removed when done
+        assert o["ck_files"] == [
+            "component.0.weight.npz",
+            "component.2.weight.npz",
+        ]  # group files removed when done
     # chain 1 runs on rank 1: it raises its own error there, and rank 0 stops instead of waiting
     assert outs[1]["error"] == "KeyError: 'boom'"
     assert outs[0]["error"].startswith("RuntimeError: rank 1 failed")
+    for o in outs:
+        assert "different values of 'step_size'" in o["mismatch_step_size"]
+        assert "different values of 'num_draws'" in o["mismatch_num_draws"]
+        assert "different arguments" in o["mismatch_extra"]
+        assert "different values of 'weights[0.weight]'" in o["mismatch_weights"]
 
 
 def test_needs_a_process_group():

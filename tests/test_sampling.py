@@ -281,8 +281,81 @@ def test_checkpoint_resume_identical(tmp_path, batched):
     # the same call again returns the stored result without sampling
     again = _run(model, loader, batched=batched, checkpoint=path, callbacks=[killer])
     np.testing.assert_array_equal(again.loss_trace, full.loss_trace)
-    with pytest.raises(ValueError, match="lr = "):
+    with pytest.raises(ValueError, match="step_size = "):
         _run(model, loader, batched=batched, checkpoint=path, step_size=2e-3)
+
+
+def _other_loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1]) * 1.0
+
+
+def _negate_first_layer(model):
+    with torch.no_grad():
+        model[0].weight.neg_()  # sum |w| per tensor unchanged: only a hash of the bytes tells
+
+
+@pytest.mark.parametrize(
+    "change, item",
+    [
+        (lambda m, ld: (_negate_first_layer(m), dict())[1], "weights[0.weight]"),
+        (lambda m, ld: dict(masks={"0.weight": (torch.arange(48).reshape(8, 6) % 3 == 0)}), "masks"),
+        (lambda m, ld: dict(loss_fn=_other_loss), "loss_fn"),
+        (lambda m, ld: dict(step_size=2e-3), "step_size"),
+        (lambda m, ld: dict(seed=[5, 6]), "seed"),
+        (lambda m, ld: dict(loader=_mlp_task(seed=1)[1]), "data"),
+    ],
+    ids=["negated-layer", "masks", "loss_fn", "step_size", "seed", "data"],
+)
+def test_checkpoint_of_another_run_is_refused(tmp_path, change, item):
+    """A checkpoint identifies its run: other weights, masks, loss function, hyperparameters, seed or data are
+    refused, naming the first differing item."""
+    from pypattern.io import FingerprintMismatch
+
+    model, loader = _mlp_task()
+    path = tmp_path / "run.npz"
+    kw = dict(num_chains=2, num_draws=4, num_burnin_steps=0, num_steps_bw_draws=1, checkpoint=path)
+    _run(model, loader, masks={"0.weight": torch.ones(8, 6)}, **kw)
+    other = change(model, loader)
+    loader = other.pop("loader", loader)
+    other.setdefault("masks", {"0.weight": torch.ones(8, 6)})
+    with pytest.raises(
+        FingerprintMismatch, match=rf"run.npz.*: {item.replace('[', '.').replace(']', '.')} = "
+    ) as e:
+        _run(model, loader, **{**kw, **other})
+    assert e.value.item == item
+
+
+def test_checkpoint_resumes_with_equal_inputs_in_other_containers(tmp_path):
+    """A tuple seed and a list seed, a bool mask and a float mask of the same values: the same run."""
+    model, loader = _mlp_task()
+    path = tmp_path / "run.npz"
+    kw = dict(num_chains=2, num_draws=6, checkpoint=path)
+    calls = []
+
+    def killer(chain, draw):
+        if draw == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(
+            model,
+            loader,
+            seed=(5, 6),
+            masks={"0.weight": torch.ones(8, 6, dtype=torch.bool)},
+            callbacks=[killer],
+            **kw,
+        )
+    res = _run(
+        model,
+        loader,
+        seed=[5, 6],
+        masks={"0.weight": torch.ones(8, 6)},
+        callbacks=[lambda draw: calls.append(draw)],
+        **kw,
+    )
+    full = _run(model, loader, seed=[5, 6], masks={"0.weight": torch.ones(8, 6)}, num_chains=2, num_draws=6)
+    assert calls and min(calls) >= 3  # resumed, not restarted
+    np.testing.assert_array_equal(res.loss_trace, full.loss_trace)
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -503,6 +576,13 @@ def test_devinterp_compatible_names():
     assert on["llc/trace"].shape == (3, 15) and on["llc/means"].shape == (15,)
     assert on["llc/means"][-1] == pytest.approx(s["llc/mean"], rel=1e-4)
     assert default_nbeta(loader) == pytest.approx(16 / math.log(16))
+    # sample() and estimate_llc() default to it too (nbeta not given, or given as None in optimizer_kwargs)
+    for kw in ({}, {"optimizer_kwargs": {"nbeta": None}}, {"optimizer_kwargs": {"lr": 1e-3}}):
+        res = sample(model, loader, num_chains=1, num_draws=2, quiet=True, warn_nonstationary=False, **kw)
+        assert res.config["nbeta"] == pytest.approx(16 / math.log(16))
+    assert (
+        SGLD(model.parameters()).param_groups[0]["nbeta"] == 1.0
+    )  # the optimizer's own default, as devinterp's
     # devinterp's per-chain seeds, gradient accumulation and cores (threads here) carry over
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -513,6 +593,59 @@ def test_devinterp_compatible_names():
     np.testing.assert_allclose(per["loss/trace"][1], one["loss/trace"][1], rtol=1e-6)
     assert acc["loss/trace"].shape == (3, 15) and np.isfinite(acc["llc/mean"])
     assert not np.allclose(acc["loss/trace"], s["loss/trace"])
+
+
+def test_one_vocabulary_and_the_temperature_rule():
+    """pypattern's names inside (param groups, config, checkpoints); devinterp's names translated at every entry;
+    temperature is nbeta everywhere; two names of one hyperparameter that disagree are refused, naming both."""
+    from pypattern.susceptibility import susceptibilities
+
+    model, loader = _mlp_task()
+    opt = SGLD(model.parameters(), lr=1e-3, noise_level=0.5, bounding_box_size=2.0, temperature=7.0)
+    group = opt.param_groups[0]
+    assert {k: group[k] for k in ("step_size", "nbeta", "noise_scale", "bounding_box")} == dict(
+        step_size=1e-3, nbeta=7.0, noise_scale=0.5, bounding_box=2.0
+    )
+    assert not {"lr", "noise_level", "bounding_box_size", "temperature"} & set(group)
+    same = SGLD(model.parameters(), step_size=1e-3, noise_scale=0.5, bounding_box=2.0, nbeta=7.0)
+    assert same.param_groups[0].keys() == group.keys()
+    assert all(
+        same.param_groups[0][k] == group[k] for k in ("step_size", "nbeta", "noise_scale", "bounding_box")
+    )
+    SGLD(model.parameters(), lr=1e-3, step_size=1e-3)  # equal values under two names: fine
+    with pytest.raises(ValueError, match="nbeta=2.0 and temperature=3.0.*older name"):
+        SGLD(model.parameters(), nbeta=2.0, temperature=3.0)
+    with pytest.raises(ValueError, match="noise_scale=1.0 and noise_level=0.5"):
+        SGLD(model.parameters(), noise_scale=1.0, noise_level=0.5)
+    SGLD(model.parameters(), lr=np.float32(1e-3))  # numpy scalars are numbers
+
+    kw = dict(num_chains=2, num_draws=5)
+    ref = _run(model, loader, step_size=1e-3, nbeta=20.0, noise_scale=0.5, **kw)
+    assert {"step_size", "nbeta", "noise_scale", "bounding_box"} <= set(ref.config)
+    assert not {"lr", "noise_level", "bounding_box_size"} & set(ref.config)
+    for other in (
+        dict(noise_level=0.5, nbeta=None, temperature=20.0),
+        dict(noise_scale=None, optimizer_kwargs=dict(lr=1e-3, temperature=20.0, noise_level=0.5)),
+        dict(noise_scale=None, optimizer_kwargs=dict(step_size=1e-3, nbeta=20.0, noise_scale=0.5)),
+    ):
+        res = _run(model, loader, **{**dict(step_size=1e-3, nbeta=20.0, noise_scale=0.5), **kw, **other})
+        np.testing.assert_array_equal(res.loss_trace, ref.loss_trace)
+        assert res.config == ref.config
+    with pytest.raises(ValueError, match="nbeta=20.0 and temperature=3.0"):
+        _run(model, loader, temperature=3.0, **kw)
+    with pytest.raises(ValueError, match="optimizer_kwargs gives nbeta=2.0 and temperature=3.0"):
+        _run(model, loader, optimizer_kwargs=dict(nbeta=2.0, temperature=3.0), **kw)
+    with pytest.raises(ValueError, match="optimizer_kwargs gives nbeta=2.0 and temperature=3.0"):
+        estimate_learning_coeff(
+            model,
+            loader,
+            optimizer_kwargs=dict(nbeta=2.0, temperature=3.0),
+            num_chains=2,
+            num_draws=3,
+            verbose=False,
+        )
+    with pytest.raises(ValueError, match="nbeta=2.0 and temperature=3.0"):
+        susceptibilities(model, loader, next(iter(loader)), [["0.weight"]], nbeta=2.0, temperature=3.0)
 
 
 def test_calibration_flags_divergence_and_recommends_healthy():
@@ -539,3 +672,110 @@ def test_calibration_flags_divergence_and_recommends_healthy():
     assert "recommended" in str(cal)
     # regular model with d = 4: lambda = 2 (the healthy rows agree with it)
     np.testing.assert_allclose(cal.llc_mean[1:3], 2.0, rtol=0.2)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_runaway_chain_is_an_error_not_a_number(batched, monkeypatch):
+    """A step size 1000x too large (eps * localization / 2 > 2: the localization step amplifies) drives the loss
+    up by orders of magnitude while it stays finite; the sampler stops with the chain, draw and a smaller step."""
+    import pypattern.sampling.context as context
+
+    model, loader = _mlp_task()
+    kw = dict(num_chains=2, num_draws=10, nbeta=20.0, localization=100.0, batched=batched)
+    sane = _run(model, loader, step_size=1e-4, num_burnin_steps=0, num_steps_bw_draws=1, **kw)
+    assert np.nanmax(sane.loss_trace) < 2 * sane.init_loss
+    with pytest.raises(
+        SamplingDivergedError, match=r"chain \d diverged at draw \d+ .*ran away.*e\.g\. 0\.01"
+    ) as e:
+        _run(model, loader, step_size=0.1, num_burnin_steps=0, num_steps_bw_draws=1, **kw)
+    assert (
+        e.value.chain in (0, 1) and e.value.draw >= 4 and e.value.suggested_step_size == pytest.approx(0.01)
+    )
+    # without the check the same call returns a finite, meaningless estimate: what the check prevents
+    monkeypatch.setattr(context, "RUNAWAY_DRAWS", 10**9)
+    res = _run(model, loader, step_size=0.1, num_burnin_steps=0, num_steps_bw_draws=1, **kw)
+    assert np.isfinite(res.loss_trace).all() and res.loss_trace.max() > 1e3 * res.init_loss
+
+
+def test_dropout_model_in_train_mode_runs_in_eval_mode(tmp_path):
+    """Dropout in training mode would make the draws random: the sampler runs the model in eval mode (warning),
+    restores its mode, and the draws are deterministic and resume exactly."""
+    _, loader = _mlp_task()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Tanh(), nn.Linear(8, 2))
+    model.train()
+    with pytest.warns(UserWarning, match="training mode and has dropout.*eval mode"):
+        a = _run(model, loader, batched=False)
+    assert model.training and model[1].training  # restored
+    with pytest.warns(UserWarning, match="dropout"):
+        b = _run(model, loader, batched=False)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = _run(model, loader, batched=False)
+    np.testing.assert_array_equal(a.loss_trace, c.loss_trace)
+    model.train()
+    path = tmp_path / "run.npz"
+
+    def killer(chain, draw):
+        if chain == 1 and draw == 5:
+            raise _Stop
+
+    with pytest.warns(UserWarning, match="dropout"), pytest.raises(_Stop):
+        _run(model, loader, batched=False, checkpoint=path, callbacks=[killer])
+    assert model.training
+    with pytest.warns(UserWarning, match="dropout"):
+        resumed = _run(model, loader, batched=False, checkpoint=path)
+    np.testing.assert_array_equal(resumed.loss_trace, a.loss_trace)
+
+
+def test_empty_or_exhausted_data_is_a_clear_error():
+    """An empty loader or a generator that is exhausted after one pass: a ValueError naming the loader, never a
+    bare StopIteration (which would silently end a caller's loop)."""
+    model, loader = _mlp_task()
+    with pytest.raises(ValueError, match="loader yielded no batch"):
+        _run(model, [], nbeta=None)
+    with pytest.raises(ValueError, match="loader yielded no batch"):
+        _run(model, [], nbeta=20.0)
+    batches = list(loader)[:2]
+    with pytest.raises(ValueError, match="loader yielded no batch.*generator is read only once"):
+        _run(model, (b for b in batches), nbeta=20.0, init_loss=0.5)
+
+
+def test_lr_scheduler_drives_step_size_and_is_checked():
+    """torch's schedulers write group["lr"]: it is the step size; a value a scheduler drives out of range is
+    refused at the next step, naming the hyperparameter, before any weight changes."""
+    model, _ = _mlp_task()
+    opt = SGLD(model.parameters(), lr=1e-2, nbeta=5.0, seed=1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: [1.0, 0.5, -1.0][e])
+    ref = SGLD([p.detach().clone().requires_grad_() for p in model.parameters()], lr=1e-2, nbeta=5.0, seed=1)
+    for p, q in zip(model.parameters(), ref.param_groups[0]["params"]):
+        p.grad = q.grad = torch.ones_like(p)
+    opt.step()
+    ref.step()
+    sched.step()
+    assert opt.param_groups[0]["step_size"] == 5e-3 and opt.param_groups[0]["lr"] == 5e-3
+    opt.step()
+    ref.param_groups[0]["step_size"] = 5e-3
+    ref.step()
+    for p, q in zip(model.parameters(), ref.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    sched.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"step_size \(lr\) must be a finite number > 0, got -0.01"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_masks_that_freeze_everything_or_hold_nan_are_refused():
+    model, loader = _mlp_task()
+    zero = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="masks are zero everywhere"):
+        _run(model, loader, masks=zero)
+    with pytest.raises(ValueError, match=r"runs\[1\]: masks are zero everywhere"):
+        _run(model, loader, runs=[(None, None), ("0.weight", {"0.weight": torch.zeros(8, 6)})])
+    nan = torch.ones(8, 6)
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"masks\['0.weight'\] has NaN"):
+        _run(model, loader, masks={"0.weight": nan})

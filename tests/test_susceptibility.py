@@ -319,7 +319,7 @@ def test_checkpoint_resumes_without_resampling_finished_components(tmp_path, mon
         susceptibilities(
             model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "ck", group_size=1, **kw
         )
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["component_0.npz"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["component.a.npz"]
     monkeypatch.setattr(sus, "sample", lambda *a, **k: (calls.append(k["runs"]), real(*a, **k))[1])
     calls.clear()
     resumed = susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=tmp_path / "ck", **kw)
@@ -361,7 +361,7 @@ def test_checkpoint_resumes_a_killed_group_from_its_last_draw(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         susceptibilities(model, [(x, y)], (x[:5], y[:5]), comps, checkpoint=ck, **kw)
     files = sorted(p.name for p in ck.iterdir())
-    assert files == ["sampling_component_0_2.npz"], files  # no finished row, the group's draws so far
+    assert files == ["sampling.component.a.2.npz"], files  # no finished row, the group's draws so far
     with np.load(ck / files[0], allow_pickle=False) as z:
         done = z["done"]  # finished draws per chain (2 runs x 2 chains)
     assert 0 < done.sum() < 4 * 30
@@ -371,4 +371,41 @@ def test_checkpoint_resumes_a_killed_group_from_its_last_draw(tmp_path, monkeypa
     np.testing.assert_array_equal(resumed.chi, full.chi)
     np.testing.assert_array_equal(resumed.chi_chains, full.chi_chains)
     assert seen and all(d >= done[c] for c, d in seen)  # finished draws are not redone
-    assert sorted(p.name for p in ck.iterdir()) == ["component_0.npz", "component_1.npz"]
+    assert sorted(p.name for p in ck.iterdir()) == ["component.a.npz", "component.b.npz"]
+
+
+def test_checkpoint_folder_identifies_components_and_run(tmp_path):
+    """Rows are stored by component name and checked: another component under a stored name, another probe,
+    other weights or another per-sample loss is refused naming the item; new names are sampled, never given old
+    rows."""
+    from pypattern.io import FingerprintMismatch
+
+    model, x, y = _problem()
+    probe = (x[:5], y[:5])
+    kw = dict(num_chains=2, num_draws=10, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=3,
+              warn_nonstationary=False)  # fmt: skip
+    ck = tmp_path / "ck"
+    a_mask = {"weight": torch.tensor([[True, True, False, False]])}
+    first = susceptibilities(model, [(x, y)], probe, {"a": a_mask, "b": ["weight"]}, checkpoint=ck, **kw)
+    other_mask = {"weight": torch.tensor([[False, False, True, True]])}
+    with pytest.raises(FingerprintMismatch, match="component.a.npz.*masks") as e:
+        susceptibilities(model, [(x, y)], probe, {"a": other_mask}, checkpoint=ck, **kw)
+    assert e.value.item == "masks"
+    # other names in the same folder: sampled afresh, equal to a run without checkpoint
+    swapped = susceptibilities(
+        model, [(x, y)], probe, {"c": other_mask, "b": ["weight"]}, checkpoint=ck, **kw
+    )
+    plain = susceptibilities(model, [(x, y)], probe, {"c": other_mask, "b": ["weight"]}, **kw)
+    np.testing.assert_allclose(swapped.chi[0], plain.chi[0], rtol=1e-12)
+    np.testing.assert_array_equal(swapped.chi[1], first.chi[1])  # "b" reloaded
+    with pytest.raises(FingerprintMismatch, match="probe"):
+        susceptibilities(model, [(x, y)], (x[:5], y[:5] + 1), {"b": ["weight"]}, checkpoint=ck, **kw)
+    with pytest.raises(FingerprintMismatch, match="per_sample_loss_fn"):
+        susceptibilities(
+            model, [(x, y)], probe, {"b": ["weight"]}, checkpoint=ck,
+            per_sample_loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(1), **kw,
+        )  # fmt: skip
+    with torch.no_grad():
+        model.weight.neg_()
+    with pytest.raises(FingerprintMismatch, match=r"weights\[weight\]"):
+        susceptibilities(model, [(x, y)], probe, {"b": ["weight"]}, checkpoint=ck, **kw)

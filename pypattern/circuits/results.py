@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import io
 from .graph import Edge, EdgeGraph
 
 __all__ = ["EdgeScores", "Circuit", "PruningCurve", "draw_circuit"]
@@ -23,16 +24,14 @@ def _graph_meta(g: EdgeGraph) -> dict:
     }
 
 
-def _save(path, arrays: dict, meta: dict) -> None:
-    from ..sampling.results import save_npz_atomic
+def _save(path, arrays: dict, meta: dict, kind: str) -> None:
+    """Write through :mod:`pypattern.io` (``.npz`` with a JSON header, atomic)."""
+    io.save(path, {k: np.asarray(v) for k, v in arrays.items()}, meta, kind=kind)
 
-    save_npz_atomic(path, {k: np.asarray(v) for k, v in arrays.items()}, meta)
 
-
-def _load(path):
-    from ..sampling.results import load_npz
-
-    return load_npz(path)
+def _load(path, kind: str):
+    """Read through :mod:`pypattern.io`: a pickle, a truncated file or another kind is a ``FormatError``."""
+    return io.load(path, kind=kind)
 
 
 @dataclass
@@ -119,11 +118,13 @@ class EdgeScores:
             "metric": self.metric,
             "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))},
         }
-        _save(path, {"values": self.values, "m_base": self.m_base, "m_clean": self.m_clean}, meta)
+        _save(
+            path, {"values": self.values, "m_base": self.m_base, "m_clean": self.m_clean}, meta, "EdgeScores"
+        )
 
     @classmethod
     def load(cls, path) -> EdgeScores:
-        a, m = _load(path)
+        a, m = _load(path, "EdgeScores")
         return cls(
             EdgeGraph(**m["graph"]),
             torch.from_numpy(a["values"]),
@@ -188,11 +189,11 @@ class Circuit:
         info = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))}
         meta = {"graph": _graph_meta(self.graph), "faithfulness": self.faithfulness, "method": self.method}
         meta["info"] = info
-        _save(path, arrays, meta)
+        _save(path, arrays, meta, "Circuit")
 
     @classmethod
     def load(cls, path) -> Circuit:
-        a, m = _load(path)
+        a, m = _load(path, "Circuit")
         sc = torch.from_numpy(a["scores"]) if "scores" in a else None
         return cls(
             EdgeGraph(**m["graph"]),

@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..io import Saveable, register
+
 __all__ = ["PatchResult"]
 
 
+@register
 @dataclass
-class PatchResult:
+class PatchResult(Saveable):
     """Result of a patching grid (exact or attribution).
 
     Attributes
@@ -137,15 +140,6 @@ class PatchResult:
             r.update(mean=float(mean[ix]), se=float(se[ix]), ci_low=float(lo[ix]), ci_high=float(hi[ix]))
             rows.append(r)
         return rows
-
-    def save(self, path: str) -> None:
-        """Write the result to ``path`` (``torch.save`` of plain tensors and lists)."""
-        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
-
-    @classmethod
-    def load(cls, path: str) -> PatchResult:
-        """Read a result written by :meth:`save`."""
-        return cls(**torch.load(path, weights_only=False))
 
     def to_csv(self, path: str, normalized: bool = True) -> None:
         """Write :meth:`to_records` as CSV (no pandas needed)."""

@@ -6,6 +6,12 @@
 * :func:`estimate_llc`: the LLC, per chain and over chains; :func:`estimate_learning_coeff` and
   :func:`estimate_learning_coeff_with_summary` keep devinterp 1.x's names and meanings.
 * :func:`calibrate_step_size`: LLC and trace health over a sweep of step sizes.
+
+Modules: ``optim`` (SGLD, noise keys), ``vocabulary`` (hyperparameter names; devinterp's translated), ``plan``
+(argument checks, the frozen run plan), ``data`` (each chain's keyed batches), ``sequential`` and ``batched``
+(the chain loops), ``context`` (what the loops share: callbacks, checkpoints, divergence checks), ``checkpoint``
+(state, file and fingerprint), ``runner`` (:func:`sample`), ``results``, ``diagnostics``, ``llc``,
+``calibrate``.
 """
 
 from .calibrate import CalibrationResult, calibrate_step_size

@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from ..io import Saveable, register
 from .diagnostics import NonStationaryWarning
 from .llc import estimate_llc
-from .results import _Saveable
 from .runner import SamplingDivergedError
 
 __all__ = ["CalibrationResult", "calibrate_step_size"]
 
 
+@register
 @dataclass(eq=False)
-class CalibrationResult(_Saveable):
+class CalibrationResult(Saveable):
     """One row per step size (arrays of shape ``(num_step_sizes,)``) and the recommended step size."""
 
     step_sizes: np.ndarray

@@ -7,7 +7,18 @@ import warnings
 
 import numpy as np
 
-__all__ = ["NonStationaryWarning", "check_stationarity", "ess", "r_hat"]
+__all__ = ["NonStationaryWarning", "SamplingDivergedError", "check_stationarity", "ess", "r_hat"]
+
+
+class SamplingDivergedError(FloatingPointError):
+    """A chain diverged: its loss, gradient or parameters became NaN or Inf, or its loss ran away (see
+    :func:`pypattern.sample`). Attributes: ``chain``, ``draw``, ``step``, ``step_size`` (the one used), and
+    ``suggested_step_size`` (a tenth of it, or None)."""
+
+    def __init__(self, msg, *, chain, draw, step, step_size, suggested_step_size=None):
+        super().__init__(msg)
+        self.chain, self.draw, self.step, self.step_size = chain, draw, step, step_size
+        self.suggested_step_size = suggested_step_size
 
 
 class NonStationaryWarning(UserWarning):

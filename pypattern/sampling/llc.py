@@ -18,6 +18,7 @@ from torch import nn
 from .diagnostics import ess, r_hat
 from .results import LLCResult, SampleResult
 from .runner import default_nbeta, sample
+from .vocabulary import translate
 
 __all__ = [
     "estimate_learning_coeff",
@@ -103,15 +104,11 @@ def _devinterp_kwargs(
     if gpu_idxs:
         raise NotImplementedError("gpu_idxs: run on one device (pass the model on it)")
     del device  # chains run on the model's device
-    okw = dict(optimizer_kwargs or {})
-    if "temperature" in okw:
-        if "nbeta" in okw:
-            raise ValueError("optimizer_kwargs has both temperature and nbeta; temperature is deprecated")
-        okw["nbeta"] = okw.pop("temperature")
-    okw.setdefault("lr", 0.01)  # devinterp's SGLD default
-    okw.setdefault("nbeta", default_nbeta(loader, grad_accum_steps))
-    for k in ("save_noise", "save_mala_vars"):
-        okw.pop(k, None)
+    okw = {k: v for k, v in dict(optimizer_kwargs or {}).items() if k not in ("save_noise", "save_mala_vars")}
+    okw = translate(okw, where="optimizer_kwargs", drop_none=False)
+    okw.setdefault("step_size", 0.01)  # devinterp's SGLD default
+    if okw.get("nbeta") is None:
+        okw["nbeta"] = default_nbeta(loader, grad_accum_steps)
     masks = None
     if optimize_over_per_model_param:
         masks = {k: torch.as_tensor(v) for k, v in optimize_over_per_model_param.items()}

@@ -17,13 +17,15 @@ import torch
 
 from .. import _backends
 from ..ops.sgld import sgld_step_
+from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
 
 __all__ = ["SGLD", "chain_seed"]
 
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
+def splitmix64(x: int) -> int:
+    """The splitmix64 mixing function of a 64-bit integer (the key derivation of every noise and data stream)."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     z = x
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -38,7 +40,7 @@ def chain_seed(seed: int, chain: int, stream: int = 0) -> int:
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
+    return splitmix64(splitmix64(splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
 
 
 def op_kwargs(hyper: dict) -> dict:
@@ -68,6 +70,40 @@ def resolve_step_fn(device: torch.device, backend: str | None = None):
     return step_fn
 
 
+SGLD_DEFAULTS = dict(
+    step_size=0.01, nbeta=1.0, localization=0.0, weight_decay=0.0, noise_scale=1.0, bounding_box=None
+)  # devinterp's SGLD defaults
+
+
+def check_hyperparameters(hyper: Mapping) -> dict:
+    """The six SGLD hyperparameters (pypattern's names, see :mod:`pypattern.sampling.vocabulary`) checked and as
+    Python floats; ``ValueError`` naming the hyperparameter (and devinterp's name) and the valid range."""
+    unknown = set(hyper) - set(HYPERPARAMETERS)
+    if unknown:
+        raise ValueError(f"unknown SGLD hyperparameters {sorted(unknown)}; valid are {list(HYPERPARAMETERS)}")
+    alias = {v: k for k, v in DEVINTERP_NAMES.items() if k != "temperature"}
+    out = {}
+    for name in HYPERPARAMETERS:
+        v = hyper[name]
+        label = f"{name} ({alias[name]})" if name in alias else name
+        if name == "bounding_box":
+            if v is not None and not (_is_number(v) and v > 0):
+                raise ValueError(f"{label} must be a number > 0 or None, got {v!r}")
+        elif name in ("step_size", "nbeta"):
+            if not (_is_number(v) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{label} must be a finite number > 0, got {v!r}")
+        elif not (_is_number(v) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{label} must be a finite number >= 0, got {v!r}")
+        out[name] = None if v is None else float(v)
+    return out
+
+
+def _is_number(v) -> bool:
+    import numbers
+
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _compile_patterns(patterns) -> list:
     if patterns is None:
         return []
@@ -94,32 +130,62 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+class ParamGroup(dict):
+    """An :class:`SGLD` parameter group: it holds pypattern's names (``step_size``, ``nbeta``, ...), and reads and
+    writes ``"lr"`` (torch's and devinterp's name, what torch's learning-rate schedulers change) as
+    ``step_size``."""
+
+    @staticmethod
+    def _key(k):
+        return "step_size" if k == "lr" else k
+
+    def __getitem__(self, k):
+        return super().__getitem__(self._key(k))
+
+    def __setitem__(self, k, v):
+        super().__setitem__(self._key(k), v)
+
+    def __contains__(self, k):
+        return super().__contains__(self._key(k))
+
+    def get(self, k, default=None):
+        return super().get(self._key(k), default)
+
+    def setdefault(self, k, default=None):
+        return super().setdefault(self._key(k), default)
+
+
 class SGLD(torch.optim.Optimizer):
     r"""Stochastic gradient Langevin dynamics around the initial weights ``w*`` (devinterp's SGLD, fused).
 
     Per parameter, with ``g`` the gradient of the batch-mean loss::
 
-        w <- w - lr/2 * (nbeta * g + localization * (w - w*) + weight_decay * w) + sqrt(lr) * noise_level * xi
+        w <- w - eps/2 * (nbeta * g + localization * (w - w*) + weight_decay * w) + sqrt(eps) * noise_scale * xi
 
-    clamped to ``w* +- bounding_box_size`` when that is set. ``w*`` is the value of each parameter when the
+    with ``eps = step_size``, clamped to ``w* +- bounding_box`` when that is set. The parameter group holds these
+    names (``step_size``, ``nbeta``, ``localization``, ``weight_decay``, ``noise_scale``, ``bounding_box``: the
+    op's); devinterp's names (``lr``, ``noise_level``, ``bounding_box_size``, ``temperature`` for ``nbeta``) are
+    accepted as arguments and translated (:mod:`pypattern.sampling.vocabulary`), and ``group["lr"]`` reads and
+    writes ``step_size``, so torch's learning-rate schedulers drive the step size. Values changed between steps
+    are checked again before the next step. ``w*`` is the value of each parameter when the
     optimizer is built. The whole step is one call of the fused op (C++/CUDA/Triton kernels).
 
     Parameters
     ----------
     params : iterable of Tensor, of (name, Tensor) pairs, or of param-group dicts
         Pass ``model.named_parameters()`` to use ``restrict_to`` and ``masks``.
-    lr : float
-        Step size ``eps`` > 0.
-    noise_level : float
-        Multiplies the noise (1 = Langevin).
+    lr, step_size : float
+        Step size ``eps`` > 0 (devinterp's name, pypattern's); default 0.01.
+    noise_level, noise_scale : float
+        Multiplies the noise (1 = Langevin, the default).
     weight_decay : float
         ``lambda_wd`` >= 0.
     localization : float
         ``gamma`` >= 0.
     nbeta : float
-        ``n * beta`` > 0 (devinterp's default is ``batch_size / ln(batch_size)``; see
-        :func:`pypattern.sampling.default_nbeta`).
-    bounding_box_size : float, optional
+        ``n * beta`` > 0, default 1 (devinterp's default is ``batch_size / ln(batch_size)``; see
+        :func:`pypattern.sampling.default_nbeta`). ``temperature`` is devinterp's older name for it.
+    bounding_box_size, bounding_box : float, optional
         Half-width of the box around ``w*``.
     restrict_to : str or list of str, optional
         Only parameters whose name matches one of these globs or regexes move (e.g. ``"blocks.0.attn.*"``);
@@ -135,11 +201,11 @@ class SGLD(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.01,
-        noise_level: float = 1.0,
+        lr: float | None = None,
+        noise_level: float | None = None,
         weight_decay: float = 0.0,
         localization: float = 0.0,
-        nbeta: float = 1.0,
+        nbeta: float | None = None,
         bounding_box_size: float | None = None,
         *,
         restrict_to: str | Sequence[str] | None = None,
@@ -147,21 +213,26 @@ class SGLD(torch.optim.Optimizer):
         seed: int = 0,
         backend: str | None = None,
         temperature: float | None = None,
+        step_size: float | None = None,
+        noise_scale: float | None = None,
+        bounding_box: float | None = None,
     ):
-        if temperature is not None:  # devinterp's deprecated name
-            nbeta = temperature
-        for name, v in (("lr", lr), ("nbeta", nbeta)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        for name, v in (
-            ("noise_level", noise_level),
-            ("weight_decay", weight_decay),
-            ("localization", localization),
-        ):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if bounding_box_size is not None and not bounding_box_size > 0:
-            raise ValueError(f"bounding_box_size must be > 0 or None, got {bounding_box_size!r}")
+        hyper = translate(
+            dict(
+                step_size=step_size,
+                lr=lr,
+                nbeta=nbeta,
+                temperature=temperature,
+                localization=localization,
+                weight_decay=weight_decay,
+                noise_scale=noise_scale,
+                noise_level=noise_level,
+                bounding_box=bounding_box,
+                bounding_box_size=bounding_box_size,
+            ),
+            where="SGLD",
+        )
+        hyper = check_hyperparameters({**SGLD_DEFAULTS, **hyper})
         params = list(params)
         names: list[str | None] = []
         tensors: list[torch.Tensor] = []
@@ -194,15 +265,8 @@ class SGLD(torch.optim.Optimizer):
         unknown = set(masks) - set(names)
         if unknown:
             raise ValueError(f"masks has names that are not (moving) parameters: {sorted(unknown)}")
-        defaults = dict(
-            lr=float(lr),
-            noise_level=float(noise_level),
-            weight_decay=float(weight_decay),
-            localization=float(localization),
-            nbeta=float(nbeta),
-            bounding_box_size=None if bounding_box_size is None else float(bounding_box_size),
-        )
-        super().__init__(tensors, defaults)
+        super().__init__([ParamGroup(params=tensors)], hyper)
+        self._checked = tuple(hyper[k] for k in HYPERPARAMETERS)  # the values last checked
         self.param_names = names
         self.seed = int(seed)
         self.backend = backend
@@ -231,7 +295,12 @@ class SGLD(torch.optim.Optimizer):
         group = self.param_groups[0]
         params = group["params"]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        kw = dict(op_kwargs(group), masks=self.masks, seed=self.seed, step=self.num_steps)
+        kw = {k: group[k] for k in HYPERPARAMETERS}
+        values = tuple(kw.values())
+        if values != self._checked:  # changed since the last step (a scheduler, or by hand): check them again
+            check_hyperparameters(kw)
+            self._checked = values
+        kw.update(masks=self.masks, seed=self.seed, step=self.num_steps)
         if self._validated:
             if self._step_fn is None:
                 self._step_fn = resolve_step_fn(params[0].device, self.backend)
@@ -240,6 +309,13 @@ class SGLD(torch.optim.Optimizer):
             sgld_step_(params, grads, self.anchors, backend=self.backend, **kw)
             self._validated = True
         self.num_steps += 1
+
+    def resume_at(self, step: int) -> None:
+        """Continue a chain at op step ``step`` (its noise key); the hyperparameters were checked by the run
+        that took the earlier steps."""
+        self.num_steps = int(step)
+        if step:
+            self._validated = True
 
     def state_dict(self):
         sd = super().state_dict()
@@ -250,6 +326,7 @@ class SGLD(torch.optim.Optimizer):
         extra = state_dict.get("sgld")
         sd = {k: v for k, v in state_dict.items() if k != "sgld"}
         super().load_state_dict(sd)
+        self.param_groups = [ParamGroup(g) for g in self.param_groups]
         if extra is not None:
             self.num_steps = int(extra["num_steps"])
             self.seed = int(extra["seed"])

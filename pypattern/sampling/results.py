@@ -1,83 +1,16 @@
-"""Result dataclasses of the sampler and the LLC estimator, saved as ``.npz`` with a JSON header (no pickle:
-``numpy.load(..., allow_pickle=False)`` reads them, and loading never executes code)."""
+"""Result dataclasses of the sampler and the LLC estimator, saved with :mod:`pypattern.io` (``.npz`` with a JSON
+header; no pickle: loading never executes code)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["LLCResult", "SampleResult", "load_npz", "save_npz_atomic"]
+from ..io import Saveable, register
 
-_META = "__meta_json__"
-
-
-def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Write ``arrays`` and the JSON-serialisable ``meta`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-    payload[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a file written by :func:`save_npz_atomic`: ``(arrays, meta)``."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files if k != _META}
-        meta = json.loads(bytes(z[_META]).decode()) if _META in z.files else {}
-    return arrays, meta
-
-
-def _split(obj) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    arrays, meta = {}, {"type": type(obj).__name__}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, np.ndarray):
-            arrays[f.name] = v
-        elif isinstance(v, dict) and v and all(isinstance(a, np.ndarray) for a in v.values()):
-            for k, a in v.items():
-                arrays[f"{f.name}/{k}"] = a
-            meta[f.name + "/__keys__"] = list(v)
-        elif dataclasses.is_dataclass(v):
-            sub_a, sub_m = _split(v)
-            arrays.update({f"{f.name}.{k}": a for k, a in sub_a.items()})
-            meta[f.name] = sub_m
-        else:
-            meta[f.name] = v
-    return arrays, meta
-
-
-def _join(cls, arrays, meta):
-    kw = {}
-    for f in dataclasses.fields(cls):
-        if f.name in arrays:
-            kw[f.name] = arrays[f.name]
-        elif f.name + "/__keys__" in meta:
-            kw[f.name] = {k: arrays[f"{f.name}/{k}"] for k in meta[f.name + "/__keys__"]}
-        elif f.name == "sample" and isinstance(meta.get(f.name), dict):
-            prefix = f.name + "."
-            sub = {k[len(prefix) :]: a for k, a in arrays.items() if k.startswith(prefix)}
-            kw[f.name] = _join(SampleResult, sub, meta[f.name])
-        elif f.name in meta:
-            kw[f.name] = meta[f.name]
-    return cls(**kw)
+__all__ = ["LLCResult", "SampleResult"]
 
 
 def _draw_table(loss_trace: np.ndarray, columns: dict):
@@ -92,23 +25,9 @@ def _draw_table(loss_trace: np.ndarray, columns: dict):
     return pd.DataFrame(out)
 
 
-class _Saveable:
-    def save(self, path: str | os.PathLike) -> None:
-        """Write to ``path`` (``.npz``: arrays plus a JSON header; atomic)."""
-        arrays, meta = _split(self)
-        save_npz_atomic(path, arrays, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike):
-        """Read a result written by :meth:`save`."""
-        arrays, meta = load_npz(path)
-        if meta.get("type") != cls.__name__:
-            raise ValueError(f"{os.fspath(path)!r} holds a {meta.get('type')!r}, not a {cls.__name__}")
-        return _join(cls, arrays, meta)
-
-
+@register
 @dataclass(eq=False)
-class SampleResult(_Saveable):
+class SampleResult(Saveable):
     """What :func:`pypattern.sampling.sample` returns.
 
     Attributes
@@ -155,8 +74,9 @@ class SampleResult(_Saveable):
         return _draw_table(self.loss_trace, {k: v for k, v in self.observables.items() if np.ndim(v) == 2})
 
 
+@register
 @dataclass(eq=False)
-class LLCResult(_Saveable):
+class LLCResult(Saveable):
     """What :func:`pypattern.sampling.estimate_llc` returns.
 
     ``llc_per_chain[c] = nbeta * (mean(loss_trace[c]) - init_loss)``; ``llc_mean`` and ``llc_std`` (ddof=1, as

@@ -1,0 +1,402 @@
+"""One file format for every result and checkpoint, and one run fingerprint.
+
+Format
+------
+A file is an uncompressed ``.npz`` (a zip of ``.npy`` arrays) with one extra member, ``__meta_json__``: a UTF-8
+JSON header ``{"format": "pypattern", "version": 1, "kind": <what the file holds>, ...}``. Arrays hold the
+numbers; the header holds everything else (settings, names, scalars). Files are written atomically (a temporary
+file in the same folder, fsync, rename), so a killed writer leaves the previous file or the new one, never half of
+one. Files are read with ``numpy.load(..., allow_pickle=False)``: loading never executes code, and a pickle, a
+truncated or corrupt file, or a file holding another kind of result is refused with :class:`FormatError` naming
+the file and what was expected.
+
+Results (dataclasses) go through :func:`save_result` / :func:`load_result`: arrays and tensors become members of
+the archive, every other field a JSON value (tuples, dicts with non-string keys and nested result dataclasses are
+tagged so they come back as they were).
+
+Fingerprint
+-----------
+A checkpoint stores a fingerprint of the call that wrote it: an ordered dict of JSON values built by
+:func:`fingerprint` (containers canonicalised, so a tuple and a list of the same values match; tensors and
+arrays by a hash of their bytes, dtype and shape). :func:`check_fingerprint` compares a stored one with the
+current call's and raises :class:`FingerprintMismatch` naming the first item that differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FingerprintMismatch",
+    "FormatError",
+    "Saveable",
+    "callable_id",
+    "check_fingerprint",
+    "fingerprint",
+    "hash_batch",
+    "hash_tensor",
+    "load",
+    "load_result",
+    "register",
+    "save",
+    "save_result",
+]
+
+FORMAT = "pypattern"
+VERSION = 1
+_META = "__meta_json__"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class FormatError(ValueError):
+    """A file is not a pypattern file of the kind expected (a pickle, truncated, corrupt or another result)."""
+
+
+class FingerprintMismatch(ValueError):
+    """A checkpoint was written by a different run (other data, weights, settings, ...). Attributes: ``path``,
+    ``item`` (the first differing item), ``stored`` and ``current`` (its two values)."""
+
+    def __init__(self, msg: str, *, path: str, item: str, stored: Any, current: Any):
+        super().__init__(msg)
+        self.path, self.item, self.stored, self.current = path, item, stored, current
+
+
+# ------------------------------------------------------------------------------------------------ raw files
+
+
+def save(
+    path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, kind: str
+) -> None:
+    """Write ``arrays`` and the JSON-serialisable ``meta`` to ``path`` atomically, as a file of ``kind``.
+
+    Parameters
+    ----------
+    path : path
+        The file (``.npz``); its folder is created if needed.
+    arrays : mapping of str to ndarray
+        Numeric arrays (no object arrays: they would need pickle).
+    meta : mapping
+        JSON values (str keys); stored in the header next to ``format``, ``version`` and ``kind``.
+    kind : str
+        What the file holds (e.g. ``"LLCResult"``, ``"sample-checkpoint"``); :func:`load` checks it.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    payload = {}
+    for k, v in arrays.items():
+        a = np.ascontiguousarray(v)
+        if a.dtype.hasobject:
+            raise TypeError(f"array {k!r} has dtype object, which cannot be saved without pickle")
+        payload[k] = a
+    header = {"format": FORMAT, "version": VERSION, "kind": kind, **meta}
+    payload[_META] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(
+    path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a file written by :func:`save`: ``(arrays, meta)``.
+
+    Raises
+    ------
+    FormatError
+        The file is not a pypattern ``.npz`` (a pickle, a truncated or corrupt file), or holds another ``kind``.
+    FileNotFoundError
+        There is no file at ``path``.
+    """
+    path = os.fspath(path)
+    what = (
+        "a pypattern file" if kind is None else f"a pypattern {kind if isinstance(kind, str) else kind} file"
+    )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        hint = " (it looks like a pickle, which pypattern never loads)" if head[:1] == b"\x80" else ""
+        raise FormatError(f"{path!r} is not {what} (.npz with a JSON header){hint}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if _META not in z.files:
+                raise FormatError(f"{path!r} is an .npz without pypattern's header, not {what}")
+            meta = json.loads(bytes(z[_META]).decode())
+            arrays = {k: z[k] for k in z.files if k != _META}
+    except FormatError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path!r} is truncated or corrupt, not {what}: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FormatError(f"{path!r} has no pypattern header, not {what}")
+    if meta.get("version") != VERSION:
+        raise FormatError(
+            f"{path!r} has format version {meta.get('version')!r}; this pypattern reads version {VERSION}"
+        )
+    if kind is not None:
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        if meta.get("kind") not in kinds:
+            raise FormatError(f"{path!r} holds a {meta.get('kind')!r}, expected {what}")
+    return arrays, meta
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+_RESULTS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: ``cls`` (a dataclass) can be saved with :func:`save_result` and nested in other results."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"register needs a dataclass, got {cls!r}")
+    _RESULTS[cls.__name__] = cls
+    return cls
+
+
+class _Encoder:
+    """Values to JSON, with arrays and tensors set aside as archive members named by their path."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def array(self, key: str, a: np.ndarray) -> str:
+        self.arrays[key] = a
+        return key
+
+    def __call__(self, v, key: str):
+        if v is None or isinstance(v, bool | str):
+            return v
+        if isinstance(v, int | float):
+            return v
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, np.ndarray):
+            return {"__array__": self.array(key, v)}
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu()
+            dtype = str(t.dtype).removeprefix("torch.")
+            if t.dtype == torch.bfloat16:
+                t = t.float()
+            return {"__tensor__": self.array(key, t.numpy()), "dtype": dtype}
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            name = type(v).__name__
+            if _RESULTS.get(name) is not type(v):
+                raise TypeError(f"{key}: {name} is not a registered result class")
+            return {
+                "__result__": name,
+                "fields": {
+                    f.name: self(getattr(v, f.name), f"{key}.{f.name}") for f in dataclasses.fields(v)
+                },
+            }
+        if isinstance(v, tuple):
+            return {"__tuple__": [self(x, f"{key}/{i}") for i, x in enumerate(v)]}
+        if isinstance(v, list):
+            return [self(x, f"{key}/{i}") for i, x in enumerate(v)]
+        if isinstance(v, Mapping):
+            if all(isinstance(k, str) and not k.startswith("__") for k in v):
+                return {k: self(x, f"{key}/{k}") for k, x in v.items()}
+            return {
+                "__items__": [
+                    [self(k, f"{key}/k{i}"), self(x, f"{key}/{i}")] for i, (k, x) in enumerate(v.items())
+                ]
+            }
+        raise TypeError(f"{key}: a {type(v).__name__} cannot be saved (arrays, tensors and JSON values can)")
+
+
+def _decode(v, arrays: dict[str, np.ndarray], path: str):
+    if isinstance(v, list):
+        return [_decode(x, arrays, path) for x in v]
+    if not isinstance(v, dict):
+        return v
+    try:
+        if "__array__" in v:
+            return arrays[v["__array__"]]
+        if "__tensor__" in v:
+            t = torch.from_numpy(np.array(arrays[v["__tensor__"]]))
+            return t.to(getattr(torch, v["dtype"]))
+        if "__tuple__" in v:
+            return tuple(_decode(x, arrays, path) for x in v["__tuple__"])
+        if "__items__" in v:
+            return {_hashable(_decode(k, arrays, path)): _decode(x, arrays, path) for k, x in v["__items__"]}
+        if "__result__" in v:
+            cls = _RESULTS.get(v["__result__"])
+            if cls is None:
+                raise FormatError(f"{path!r} holds an unknown result class {v['__result__']!r}")
+            return cls(**{k: _decode(x, arrays, path) for k, x in v["fields"].items()})
+    except KeyError as e:
+        raise FormatError(
+            f"{path!r} is corrupt: its header names array {e} that the file does not hold"
+        ) from None
+    return {k: _decode(x, arrays, path) for k, x in v.items()}
+
+
+def _hashable(k):
+    return tuple(_hashable(x) for x in k) if isinstance(k, list) else k
+
+
+def save_result(obj, path: str | os.PathLike) -> None:
+    """Write a registered result dataclass to ``path`` (atomic; arrays and tensors as members, the rest JSON)."""
+    name = type(obj).__name__
+    enc = _Encoder()
+    fields = {f.name: enc(getattr(obj, f.name), f.name) for f in dataclasses.fields(obj)}
+    save(path, enc.arrays, {"fields": fields}, kind=name)
+
+
+def load_result(cls: type, path: str | os.PathLike):
+    """Read a ``cls`` written by :func:`save_result`; :class:`FormatError` for any other file."""
+    arrays, meta = load(path, kind=cls.__name__)
+    fields = meta.get("fields")
+    if not isinstance(fields, dict):
+        raise FormatError(f"{os.fspath(path)!r} has no fields in its header, not a {cls.__name__} file")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(fields) - names
+    if unknown:
+        raise FormatError(
+            f"{os.fspath(path)!r} has fields {sorted(unknown)} that a {cls.__name__} does not have"
+        )
+    return cls(**{k: _decode(v, arrays, os.fspath(path)) for k, v in fields.items()})
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+
+
+def hash_tensor(t: torch.Tensor | np.ndarray) -> str:
+    """A hash of a tensor's exact values: sha256 of its dtype, shape and bytes (first 16 hex digits)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        a = t.cpu().contiguous().numpy()
+    else:
+        a = np.ascontiguousarray(t)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def hash_batch(batch) -> str:
+    """A hash of a batch (tensors, arrays, numbers and strings in tuples, lists and dicts)."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor | np.ndarray):
+            h.update(hash_tensor(x).encode())
+        elif isinstance(x, Mapping):
+            h.update(b"{")
+            for k in sorted(x, key=str):
+                h.update(repr(k).encode())
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, tuple | list):
+            h.update(b"[")
+            for y in x:
+                walk(y)
+            h.update(b"]")
+        else:
+            h.update(f"{type(x).__name__}:{x!r}".encode())
+
+    walk(batch)
+    return h.hexdigest()[:16]
+
+
+def callable_id(fn: Callable | None) -> str | None:
+    """A callable's identity where it can be named: ``module.qualname`` (of its class for callable objects; with
+    the wrapped function for ``functools.partial``)."""
+    if fn is None:
+        return None
+    inner = getattr(fn, "func", None)  # functools.partial
+    if inner is not None and hasattr(fn, "args"):
+        return f"partial({callable_id(inner)}, {len(fn.args)} args, {sorted(getattr(fn, 'keywords', {}))})"
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(fn).__name__)}"
+
+
+def _canon(v):
+    """A JSON value for ``v``: tuples and lists alike, numbers as Python numbers, tensors and arrays hashed."""
+    if v is None or isinstance(v, bool | str):
+        return v
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else repr(v)
+    if isinstance(v, torch.Tensor | np.ndarray):
+        return hash_tensor(v)
+    if isinstance(v, Mapping):
+        return {str(k): _canon(x) for k, x in v.items()}
+    if isinstance(v, tuple | list | range):
+        return [_canon(x) for x in v]
+    if callable(v):
+        return callable_id(v)
+    return repr(v)
+
+
+def fingerprint(**items) -> dict[str, Any]:
+    """The fingerprint of a run: its ``items`` in order, canonicalised (tuples and lists alike; tensors, arrays
+    and numbers by value; tensors and arrays as a hash of their bytes; callables by name)."""
+    return {k: _canon(v) for k, v in items.items()}
+
+
+class _NotSet:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+def _short(v, n: int = 120) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`FingerprintMismatch` naming the first item (in the current fingerprint's order, then the
+    stored one's) whose values differ; nothing when they are equal."""
+    path = os.fspath(path)
+    if not isinstance(stored, Mapping):
+        raise FormatError(f"{path!r} has no fingerprint in its header")
+    missing = _NotSet()
+    for k in [*current, *(k for k in stored if k not in current)]:
+        a, b = stored.get(k, missing), current.get(k, missing)
+        if a != b:
+            raise FingerprintMismatch(
+                f"checkpoint {path!r} was written by a different run: {k} = {_short(a)} there, {_short(b)} now. "
+                "Use another checkpoint path, or delete this one to start afresh.",
+                path=path,
+                item=k,
+                stored=a,
+                current=b,
+            )
+
+
+class Saveable:
+    """Mixin for result dataclasses: :meth:`save` and :meth:`load` through :func:`save_result` and
+    :func:`load_result` (decorate the class with :func:`register`)."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to ``path``: an ``.npz`` of the arrays with a JSON header for the rest (atomic, no pickle)."""
+        save_result(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read a result written by :meth:`save`; a pickle, a truncated file or another kind of result raises
+        :class:`FormatError` naming the file."""
+        return load_result(cls, path)

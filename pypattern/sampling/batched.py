@@ -1,0 +1,199 @@
+"""The batched chain loop: all chains of a group together, their parameters stacked along a chain axis, one
+``torch.func.vmap``-ed forward and one backward per step, and one fused SGLD step per chain with the noise keys
+of the sequential loop (the same draws up to float rounding)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..ops.sgld import sgld_step_
+from .context import RunContext
+from .data import ChainData, to_device
+from .optim import resolve_step_fn
+from .sequential import extra_outputs
+
+__all__ = ["FunctionalModel", "VmapUnsupported", "run_batched"]
+
+
+class VmapUnsupported(Exception):
+    """The model or loss function does not run under ``torch.func.vmap`` (found at the first step)."""
+
+
+class FunctionalModel:
+    """Calls ``module`` with the given parameter/buffer tensors (``torch.func.functional_call``); other
+    attributes come from the module."""
+
+    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]):
+        self.__dict__["_m"] = module
+        self.__dict__["_t"] = tensors
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self._m, self._t, args, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+
+def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
+    """(losses, other outputs) from the vmap-ed loss: a tensor, or a tuple with the losses first."""
+    if isinstance(out, tuple):
+        return out[0], out[1:]  # chain_loss returns the extra outputs detached
+    return out, ()
+
+
+def _batched_observables(
+    ctx: RunContext, fmodel: Callable, stacked: dict, vb, shared_data: bool, n: int
+) -> dict[str, torch.Tensor]:
+    """The observables of all ``n`` chains in one ``vmap``-ed call each; an observable that does not run under
+    vmap is left out (and evaluated chain by chain from then on)."""
+    out = {}
+    params = {k: v.detach() for k, v in stacked.items()}
+    for name, fn in ctx.plan.observables:
+        if name in ctx.obs_per_chain:
+            continue
+
+        def one(p, b, fn=fn):
+            v = fn(fmodel(p), b)
+            return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+
+        try:
+            with torch.no_grad():
+                v = torch.func.vmap(one, in_dims=(0, None if shared_data else 0))(params, vb)
+            if v.dim() == 0 or v.shape[0] != n:
+                raise ValueError(f"vmap returned shape {tuple(v.shape)}")
+        except Exception:  # noqa: BLE001 - anything vmap rejects: evaluate this one chain by chain
+            ctx.obs_per_chain.add(name)
+            continue
+        out[name] = v
+    return out
+
+
+def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
+    """Run the global chains ``chains`` (all at the same step) together; their draws go into ``ctx.state``.
+
+    Raises :class:`VmapUnsupported` at the first step when the model or loss function does not run under vmap
+    (nothing is recorded then)."""
+    plan, st = ctx.plan, ctx.state
+    accum, total = plan.grad_accum_steps, plan.total_steps
+    chains = list(chains)
+    C = len(chains)
+    # functional_call swaps the module's tensors while it runs: every group (thread) needs its own module
+    base = copy.deepcopy(ctx.model)
+    union = plan.union
+    frozen = {n: t for n, t in ctx.w_star.items() if n not in union}
+    buffers = dict(base.named_buffers())
+    stacked = {}
+    for n in union:
+        rows = [st.params.get(g, {}).get(n, ctx.w_star[n]) for g in chains]
+        stacked[n] = torch.stack([r.detach() for r in rows]).contiguous()
+    locs = [g % plan.num_chains for g in chains]
+    seeds = [plan.key(c) for c in locs]
+    start = int(st.next_step[chains[0]])
+    datas = [ChainData(ctx.loader, plan.key(c, stream=1), ctx.data_cache) for c in locs]
+    for dd in datas:
+        dd.skip(start * accum)
+    shared_data = datas[0].single is not None
+    loss_fn, split_loss = plan.loss_fn, ctx.split_loss
+
+    def fmodel(p):
+        return FunctionalModel(base, {**p, **frozen, **buffers})
+
+    want_outputs = any(keys is None or "outputs" in keys for _, keys in ctx.cb_keys)
+
+    def chain_loss(p, batch):
+        out = loss_fn(fmodel(p), batch)
+        loss = split_loss(out)
+        return (loss, *extra_outputs(out)) if want_outputs else loss
+
+    vloss = torch.func.vmap(chain_loss, in_dims=(0, None if shared_data else 0))
+    hyper = dict(plan.hyper)
+    # per run: anchors and masks of its moving tensors; per chain: views of its rows of those tensors
+    run_anchors = [[ctx.w_star[n] for n in r.moving] for r in plan.runs]
+    run_masks = [None if not r.masks else [r.masks.get(n) for n in r.moving] for r in plan.runs]
+    runs = [g // plan.num_chains for g in chains]
+    index = {n: j for j, n in enumerate(union)}
+    pick = [[index[n] for n in plan.runs[r].moving] for r in runs]
+    views = [[stacked[union[j]][i] for j in pick[i]] for i in range(C)]
+    step_fn = resolve_step_fn(ctx.device, plan.backend)  # check=False: per-tensor finite flags
+    shared_batch = to_device(datas[0].single, ctx.device) if shared_data else None
+    for t in range(start, total):
+        leaves = {n: s.detach().requires_grad_(True) for n, s in stacked.items()}
+        grads, lvs = None, []
+        for j in range(accum):  # the weights do not change until the step
+            if shared_data:
+                bj, vbj = [shared_batch] * C, shared_batch
+            else:
+                bj = [to_device(dd.next(), ctx.device) for dd in datas]
+                vbj = tree_map(lambda *xs: torch.stack(xs), *bj)
+            if t == start and j == 0:  # the first step tells whether the model runs under vmap
+                try:
+                    losses, ex = _split_vloss(vloss(leaves, vbj))
+                    if losses.shape != (C,):
+                        raise VmapUnsupported(
+                            f"loss_fn returned shape {tuple(losses.shape[1:])}, not a scalar"
+                        )
+                except VmapUnsupported:
+                    raise
+                except Exception as e:  # noqa: BLE001 - anything vmap rejects means: run sequentially
+                    raise VmapUnsupported(f"{type(e).__name__}: {e}") from e
+            else:
+                losses, ex = _split_vloss(vloss(leaves, vbj))
+            if j == 0:
+                batches, vb, extra = bj, vbj, ex
+            lvs.append(losses.detach().double().cpu().numpy())
+            bad = np.flatnonzero(~np.isfinite(lvs[-1]))
+            if bad.size:
+                raise ctx.diverged(chains[bad[0]], t, f"the loss is {lvs[-1][bad[0]]}")
+            gj = torch.autograd.grad(
+                losses.sum() / accum if accum > 1 else losses.sum(), list(leaves.values())
+            )
+            grads = gj if grads is None else [a + b for a, b in zip(grads, gj)]
+        lv = lvs[0] if accum == 1 else np.mean(lvs, axis=0)
+        d = plan.is_draw(t)
+        if d >= 0:
+            vobs = _batched_observables(ctx, fmodel, stacked, vb, shared_data, C) if plan.observables else {}
+            for i, g in enumerate(chains):
+                ctx.at_draw(
+                    g,
+                    d,
+                    t,
+                    float(lv[i]),
+                    lambda i=i: fmodel({n: s[i] for n, s in stacked.items()}),
+                    batches[i],
+                    {k: v[i] for k, v in vobs.items()},
+                    tuple(x[i] for x in extra),
+                )
+        per_tensor = [gr.unbind(0) for gr in grads]
+        with torch.no_grad():
+            flags = []
+            for i, g in enumerate(chains):
+                r = runs[i]
+                gi = [per_tensor[j][i] for j in pick[i]]
+                kw = dict(seed=seeds[i], step=t, masks=run_masks[r], **hyper)
+                try:
+                    if t == start:  # validated once, with the public op
+                        sgld_step_(views[i], gi, run_anchors[r], backend=plan.backend, **kw)
+                    else:  # unchecked: one flag per tensor, looked at once for all chains
+                        flags.append(step_fn(views[i], gi, run_anchors[r], check=False, **kw).any())
+                except FloatingPointError as e:
+                    raise ctx.diverged(g, t, f"a gradient is not finite ({e})") from None
+            if flags and bool(torch.stack(flags).any()):
+                i = int(torch.nonzero(torch.stack(flags))[0])
+                raise ctx.diverged(chains[i], t, "a gradient is not finite")
+        ctx.finish_step(
+            chains, d, t, lambda g: {n: stacked[n][chains.index(g)].clone() for n in ctx.moving(g)}
+        )
+    for n, s in stacked.items():
+        finite = torch.isfinite(s.reshape(C, -1)).all(dim=1)
+        if not bool(finite.all()):
+            i = int(torch.nonzero(~finite)[0])
+            raise ctx.diverged(chains[i], total - 1, f"parameter {n} is not finite")
+    with ctx.lock:
+        for g in chains:
+            st.params.pop(g, None)

@@ -1,0 +1,141 @@
+"""A sampler call's state (what a checkpoint holds), its file through :mod:`pypattern.io`, and the fingerprint
+that ties a checkpoint to the run that wrote it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import io
+from .data import ChainData
+from .plan import RunPlan
+
+__all__ = ["CHECKPOINT_KIND", "State", "load_checkpoint_state", "run_fingerprint"]
+
+CHECKPOINT_KIND = "sample-checkpoint"
+VERSION = 2
+
+
+class State:
+    """The draws so far of every chain of a call, and the moving weights of chains in progress.
+
+    Attributes
+    ----------
+    loss : ndarray ``(num_total_chains, num_draws)``
+        NaN where not drawn yet.
+    done, next_step : ndarray ``(num_total_chains,)``
+        Finished draws and the next step of each chain.
+    obs : dict of str to ndarray ``(num_total_chains, num_draws, *shape)``
+    params : dict of int to dict of str to Tensor
+        The moving weights of chains stopped between steps (resumed from there).
+    init_losses : ndarray or None
+        ``L_n(w*)`` on each of its batches.
+    seconds : float
+        Sampling time so far.
+    """
+
+    def __init__(self, num_total_chains: int, num_draws: int):
+        self.loss = np.full((num_total_chains, num_draws), np.nan)
+        self.done = np.zeros(num_total_chains, dtype=np.int64)
+        self.next_step = np.zeros(num_total_chains, dtype=np.int64)
+        self.obs: dict[str, np.ndarray] = {}
+        self.params: dict[int, dict[str, torch.Tensor]] = {}
+        self.init_losses: np.ndarray | None = None
+        self.seconds = 0.0
+
+    def record_obs(self, name: str, g: int, d: int, value) -> None:
+        v = (
+            value.detach().to("cpu", torch.float64).numpy()
+            if isinstance(value, torch.Tensor)
+            else np.asarray(value)
+        )
+        if name not in self.obs:
+            self.obs[name] = np.full((*self.loss.shape, *v.shape), np.nan)
+        self.obs[name][g, d] = v
+
+    def save(self, path: str, fingerprint: Mapping, extra: Callable[[], Mapping] | None = None) -> None:
+        """Write the state atomically; ``extra()``'s arrays (the caller's state that goes with these draws, e.g.
+        accumulators) go into the same file under ``state/``."""
+        arrays = {"loss_trace": self.loss, "done": self.done, "next_step": self.next_step}
+        if extra is not None:
+            for k, v in extra().items():
+                arrays[f"state/{k}"] = np.asarray(v)
+        if self.init_losses is not None:
+            arrays["init_losses"] = self.init_losses
+        for k, v in self.obs.items():
+            arrays[f"obs/{k}"] = v
+        for g, ps in self.params.items():
+            for n, t in ps.items():
+                arrays[f"params/{g}/{n}"] = t.detach().cpu().numpy()
+        meta = {"version": VERSION, "fingerprint": dict(fingerprint), "seconds": self.seconds}
+        io.save(path, arrays, {"checkpoint": meta}, kind=CHECKPOINT_KIND)
+
+    @classmethod
+    def load(cls, path: str, plan: RunPlan, fingerprint: Mapping, device, dtypes: Mapping) -> State:
+        """Read a checkpoint of the run ``fingerprint`` identifies; a file of any other run, another format
+        version or a damaged file is refused naming the file (and the first differing item)."""
+        arrays, meta = io.load(path, kind=CHECKPOINT_KIND)
+        meta = meta.get("checkpoint", {})
+        if meta.get("version") != VERSION:
+            raise io.FormatError(
+                f"checkpoint {path!r} has version {meta.get('version')}, this pypattern writes version {VERSION}: "
+                "delete it to start afresh"
+            )
+        io.check_fingerprint(meta.get("fingerprint"), fingerprint, path)
+        st = cls(plan.num_total_chains, plan.num_draws)
+        try:
+            st.loss, st.done, st.next_step = arrays["loss_trace"], arrays["done"], arrays["next_step"]
+            if (
+                st.loss.shape != (plan.num_total_chains, plan.num_draws)
+                or st.done.shape != st.next_step.shape
+            ):
+                raise io.FormatError(f"checkpoint {path!r} holds a loss trace of shape {st.loss.shape}")
+            st.init_losses = arrays.get("init_losses")
+            st.seconds = float(meta.get("seconds", 0.0))
+            for k, v in arrays.items():
+                if k.startswith("obs/"):
+                    st.obs[k[4:]] = v
+                elif k.startswith("params/"):
+                    _, g, n = k.split("/", 2)
+                    t = torch.from_numpy(v).to(device=device, dtype=dtypes[n])
+                    st.params.setdefault(int(g), {})[n] = t
+        except KeyError as e:
+            raise io.FormatError(f"checkpoint {path!r} lacks {e}: it is damaged; delete it") from None
+        return st
+
+
+def load_checkpoint_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The ``checkpoint_state`` arrays of a checkpoint written by :func:`pypattern.sample` (empty if none)."""
+    arrays, _ = io.load(path, kind=CHECKPOINT_KIND)
+    return {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
+
+
+def run_fingerprint(
+    plan: RunPlan, model: nn.Module, loader: Iterable, w_star: Mapping[str, torch.Tensor], data_cache: dict
+) -> dict:
+    """What identifies a sampler run (see :func:`pypattern.io.fingerprint`): the chain layout, seed and
+    hyperparameters, the loss function and observables by name, the moving parameters and masks, a hash of every
+    weight and buffer of ``model``, and a hash of the first batch chain 0 reads."""
+    first_batch = ChainData(loader, plan.key(0, stream=1), data_cache).next()
+    return io.fingerprint(
+        num_chains=plan.num_chains,
+        num_draws=plan.num_draws,
+        num_burnin_steps=plan.num_burnin_steps,
+        num_steps_bw_draws=plan.num_steps_bw_draws,
+        seed=plan.seed,
+        **plan.hyper,
+        grad_accum_steps=plan.grad_accum_steps,
+        init_loss=plan.init_loss,
+        chains=plan.chains,
+        moving=[list(r.moving) for r in plan.runs],
+        masks=[{n: m.to(torch.float64) for n, m in (r.masks or {}).items()} for r in plan.runs],
+        loss_fn=plan.loss_fn,
+        observables=dict(plan.observables),
+        data=io.hash_batch(first_batch),
+        **{f"weights[{n}]": t for n, t in w_star.items()},
+        **{f"buffers[{n}]": b for n, b in model.named_buffers()},
+    )

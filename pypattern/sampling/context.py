@@ -1,0 +1,191 @@
+"""What the chain loops (sequential and batched) share while a call runs: the plan, the state the draws go into,
+callbacks, checkpoint writes, progress, divergence errors; one lock serialises them across threads."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import State
+from .diagnostics import SamplingDivergedError
+from .plan import RunPlan
+
+__all__ = ["RUNAWAY_DRAWS", "RunContext", "Stopped", "runaway_limit"]
+
+RUNAWAY_DRAWS = 5  # a chain has run away after this many consecutive draws above its runaway limit
+
+
+def runaway_limit(init_loss: float, num_moving: int, nbeta: float) -> float:
+    """The loss above which a chain is running away: ``L_n(w*) + max(10 |L_n(w*)|, 10 d / nbeta)`` for ``d``
+    moving parameters.
+
+    A chain in equilibrium sits about ``lambda / nbeta`` above ``L_n(w*)``, and the learning coefficient
+    ``lambda`` is at most ``d / 2``: a loss ``10 d / nbeta`` above it would mean an LLC of twenty times its largest
+    possible value, so a chain there has left the localized posterior (step size too large); the
+    ``10 |L_n(w*)|`` term keeps a limit for tiny ``d / nbeta``."""
+    return init_loss + max(10.0 * abs(init_loss), 10.0 * num_moving / nbeta)
+
+
+class Stopped(Exception):
+    """Another group of chains failed (cores > 1): this one stops."""
+
+
+def _keywords(fn: Callable) -> frozenset | None:
+    """The keyword arguments ``fn`` takes, or None when it takes any (``**kwargs``, or no signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params)
+
+
+@dataclass(eq=False)
+class RunContext:
+    """The shared side of a sampler call (one per call, shared by its groups of chains)."""
+
+    plan: RunPlan
+    model: nn.Module
+    loader: Any
+    w_star: Mapping[str, torch.Tensor]
+    state: State
+    fingerprint: Mapping | None
+    device: torch.device
+    split_loss: Callable  # the loss from what loss_fn returned
+    init_loss: float
+    data_cache: dict = field(default_factory=dict)
+    pbar: Any = None
+    obs_per_chain: set = field(default_factory=set)  # observables that do not run under vmap
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    stop: threading.Event = field(
+        default_factory=threading.Event
+    )  # another group failed: stop at the next step
+
+    def __post_init__(self):
+        self.cb_keys = [(cb, _keywords(cb)) for cb in self.plan.callbacks]  # inspected once
+        params = dict(self.model.named_parameters())
+        nbeta = self.plan.hyper["nbeta"]
+        self.runaway_at = [  # per run
+            runaway_limit(self.init_loss, sum(params[n].numel() for n in r.moving), nbeta)
+            for r in self.plan.runs
+        ]
+        self.above: dict[int, int] = {}  # per chain: consecutive draws above its run's limit
+
+    def moving(self, g: int) -> tuple[str, ...]:
+        return self.plan.run_of(g).moving
+
+    def checkpoint_now(self, finished_draws: int) -> bool:
+        plan = self.plan
+        return plan.checkpoint is not None and (
+            finished_draws % plan.checkpoint_every == 0 or finished_draws == plan.num_draws
+        )
+
+    def finish_step(self, chains: Sequence[int], d: int, t: int, params_of: Callable[[int], dict]) -> None:
+        """After a step: progress, and at a draw the chains' bookkeeping and (when due) the checkpoint."""
+        if self.stop.is_set():
+            raise Stopped
+        if self.pbar is not None:
+            self.pbar.update(len(chains))
+        if d < 0:
+            return
+        st = self.state
+        with self.lock:
+            for g in chains:
+                st.done[g], st.next_step[g] = d + 1, t + 1
+            if self.checkpoint_now(d + 1):
+                for g in chains:
+                    if d + 1 < self.plan.num_draws:
+                        st.params[g] = params_of(g)
+                    else:
+                        st.params.pop(g, None)
+                st.save(self.plan.checkpoint, self.fingerprint, self.plan.checkpoint_state)
+
+    def diverged(self, g: int, t: int, what: str) -> SamplingDivergedError:
+        plan = self.plan
+        d = plan.is_draw(t)
+        burnin, thin = plan.num_burnin_steps, plan.num_steps_bw_draws
+        where = (
+            f"during burn-in (step {t} of {burnin})"
+            if t < burnin
+            else f"at draw {d if d >= 0 else (t - burnin) // thin} (step {t})"
+        )
+        gamma, eps = plan.hyper["localization"], plan.hyper["step_size"]
+        msg = (
+            f"chain {g} diverged {where} with step_size={eps:g}: {what}. The sampler stopped; no estimate is "
+            f"returned. Use a smaller step_size (lr), e.g. {eps / 10:g}, or a larger localization (now {gamma:g})"
+            + (", and delete the checkpoint before rerunning" if plan.checkpoint else "")
+            + "."
+        )
+        return SamplingDivergedError(
+            msg, chain=g, draw=d, step=t, step_size=eps, suggested_step_size=eps / 10
+        )
+
+    def check_runaway(self, g: int, d: int, t: int, loss: float) -> None:
+        """Raise :class:`SamplingDivergedError` when chain ``g``'s loss has run away: above its run's
+        :func:`runaway_limit` at ``RUNAWAY_DRAWS`` consecutive draws."""
+        limit = self.runaway_at[g // self.plan.num_chains]
+        if not loss > limit:
+            self.above.pop(g, None)
+            return
+        n = self.above[g] = self.above.get(g, 0) + 1
+        if n >= RUNAWAY_DRAWS:
+            raise self.diverged(
+                g,
+                t,
+                f"the loss ran away: {loss:.4g} at this draw and above {limit:.4g} (far above L_n(w*) = "
+                f"{self.init_loss:.4g}) at the last {n} draws",
+            )
+
+    def at_draw(
+        self,
+        g: int,
+        d: int,
+        t: int,
+        loss: float,
+        model_view: Callable[[], Any],
+        batch,
+        precomputed: Mapping | None = None,
+        outputs: tuple = (),
+    ) -> None:
+        """Record chain ``g``'s draw ``d``: its loss, its observables (those not already in ``precomputed``,
+        evaluated on ``model_view()``) and the callbacks (``outputs``: the loss function's other returned tensors)."""
+        plan, st = self.plan, self.state
+        self.check_runaway(g, d, t, loss)
+        st.loss[g, d] = loss
+        if not (plan.observables or self.cb_keys):
+            return
+        obs_vals = dict(precomputed or {})
+        view = None
+        if plan.observables:
+            with torch.no_grad():
+                for name, fn in plan.observables:
+                    if name not in obs_vals:
+                        view = view or model_view()
+                        obs_vals[name] = fn(view, batch)
+            if plan.record_observables:
+                with self.lock:
+                    for name, _ in plan.observables:
+                        st.record_obs(name, g, d, obs_vals[name])
+        args = dict(
+            chain=g,
+            run=g // plan.num_chains,
+            draw=d,
+            step=t,
+            loss=loss,
+            batch=batch,
+            observables=obs_vals,
+            outputs=outputs,
+        )
+        for cb, keys in self.cb_keys:
+            if keys is None or "model" in keys:
+                view = view or model_view()
+                args["model"] = view
+            with self.lock:
+                cb(**(args if keys is None else {k: v for k, v in args.items() if k in keys}))

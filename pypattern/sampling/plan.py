@@ -1,0 +1,276 @@
+"""Planning a sampler call: the arguments of :func:`pypattern.sample` checked and resolved, once, into a frozen
+:class:`RunPlan` that the chain loops read (devinterp's names translated by :mod:`.vocabulary`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import batch_size_of
+from .optim import SGLD_DEFAULTS, chain_seed, check_hyperparameters, matches
+from .vocabulary import DEVINTERP_NAMES, translate
+
+__all__ = ["RunPlan", "RunSpec", "default_nbeta", "make_plan", "resolve_hyperparameters"]
+
+
+def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
+    """devinterp's default ``nbeta = m / ln m``, ``m = batch_size * grad_accum_steps`` (the batch size is read
+    from ``loader.batch_size`` or from the first batch)."""
+    bs = getattr(loader, "batch_size", None)
+    if bs is None:
+        it = iter(loader)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise ValueError("loader yielded no batch: give a loader with at least one batch") from None
+        bs = batch_size_of(first)
+    m = int(bs) * int(grad_accum_steps)
+    if m < 2:
+        raise ValueError(f"default nbeta needs batch_size * grad_accum_steps >= 2, got {m}; pass nbeta")
+    return m / math.log(m)
+
+
+def resolve_hyperparameters(
+    given: Mapping[str, Any], optimizer_kwargs: Mapping[str, Any] | None, *, loader, grad_accum_steps: int = 1
+) -> dict[str, float | None]:
+    """The six SGLD hyperparameters under pypattern's names from a call's keywords (either vocabulary) and a
+    devinterp-style ``optimizer_kwargs`` (whose entries override the keywords); defaults: ``step_size=1e-4``,
+    ``nbeta = default_nbeta(loader)``, the others as :class:`SGLD`."""
+    hyper = translate(given, where="the keyword arguments")
+    okw = translate(dict(optimizer_kwargs or {}), where="optimizer_kwargs", drop_none=False)
+    unknown = set(okw) - set(SGLD_DEFAULTS)
+    if unknown:
+        known = sorted({*SGLD_DEFAULTS, *DEVINTERP_NAMES})
+        raise ValueError(f"optimizer_kwargs has unknown keys {sorted(unknown)}; known are {known}")
+    hyper.update(okw)
+    hyper = {**SGLD_DEFAULTS, "step_size": 1e-4, "nbeta": None, **hyper}
+    if hyper["nbeta"] is None:
+        hyper["nbeta"] = default_nbeta(loader, grad_accum_steps)
+    return check_hyperparameters(hyper)
+
+
+def observable_items(observables) -> tuple[tuple[str, Callable], ...]:
+    """``(name, fn)`` pairs from a mapping or a sequence of callables (named by ``__name__``)."""
+    if observables is None:
+        return ()
+    if isinstance(observables, Mapping):
+        items = list(observables.items())
+    else:
+        items = [(getattr(fn, "__name__", None) or f"observable_{i}", fn) for i, fn in enumerate(observables)]
+    for name, fn in items:
+        if not callable(fn):
+            raise TypeError(f"observable {name!r} must be callable(model, batch), got {type(fn).__name__}")
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One restricted sampler of a call: the patterns it was given, the parameters that move and their masks."""
+
+    patterns: tuple[str, ...]
+    moving: tuple[str, ...]
+    masks: Mapping[str, torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a sampler call decided before its first step (see :func:`pypattern.sample` for the meanings).
+
+    Chains are numbered globally over runs: chain ``g`` is chain ``g % num_chains`` of run ``g // num_chains``.
+    """
+
+    num_chains: int
+    num_draws: int
+    num_burnin_steps: int
+    num_steps_bw_draws: int
+    grad_accum_steps: int
+    seed: int | tuple[int, ...]  # as given (a sequence as a tuple)
+    hyper: Mapping[str, float | None]  # pypattern's names (vocabulary.HYPERPARAMETERS)
+    runs: tuple[RunSpec, ...]
+    several_runs: bool  # runs= was given: one result per run
+    union: tuple[str, ...]  # the parameters some run moves, in model order
+    chains: tuple[int, ...] | None  # the global chains this call runs (None: all)
+    loss_fn: Callable
+    observables: tuple[tuple[str, Callable], ...]
+    callbacks: tuple[Callable, ...]
+    record_observables: bool
+    init_loss: float | None
+    num_init_loss_batches: int | None
+    batched: bool | None
+    cores: int
+    backend: str | None
+    checkpoint: str | None
+    checkpoint_every: int
+    checkpoint_state: Callable[[], Mapping[str, Any]] | None
+    quiet: bool
+    warn_nonstationary: bool
+
+    @property
+    def total_steps(self) -> int:
+        """Steps per chain: burn-in, then one draw every ``num_steps_bw_draws`` steps."""
+        return self.num_burnin_steps + (self.num_draws - 1) * self.num_steps_bw_draws + 1
+
+    @property
+    def num_total_chains(self) -> int:
+        return len(self.runs) * self.num_chains
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self.seed if isinstance(self.seed, tuple) else (self.seed,)
+
+    def mine(self) -> Sequence[int]:
+        """The global chains this call runs."""
+        return range(self.num_total_chains) if self.chains is None else self.chains
+
+    def key(self, c: int, stream: int = 0) -> int:
+        """Chain ``c``'s (index within its run) noise (stream 0) or data (stream 1) key."""
+        seeds = self.seeds
+        return chain_seed(seeds[c] if len(seeds) > 1 else seeds[0], c, stream=stream)
+
+    def is_draw(self, t: int) -> int:
+        """The draw index recorded at step ``t``, or -1."""
+        k = t - self.num_burnin_steps
+        if k < 0 or k % self.num_steps_bw_draws:
+            return -1
+        return k // self.num_steps_bw_draws
+
+    def run_of(self, g: int) -> RunSpec:
+        return self.runs[g // self.num_chains]
+
+
+def _int_at_least(name: str, v, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def make_plan(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    loss_fn: Callable,
+    num_chains: int,
+    num_draws: int,
+    num_burnin_steps: int,
+    num_steps_bw_draws: int,
+    hyperparameters: Mapping[str, Any],
+    optimizer_kwargs: Mapping[str, Any] | None,
+    restrict_to,
+    masks,
+    runs,
+    observables,
+    callbacks: Sequence[Callable],
+    seed,
+    init_loss: float | None,
+    num_init_loss_batches: int | None,
+    batched: bool | None,
+    checkpoint,
+    checkpoint_every: int,
+    quiet: bool,
+    backend: str | None,
+    warn_nonstationary: bool,
+    record_observables: bool,
+    cores: int,
+    grad_accum_steps: int,
+    chains: Sequence[int] | None,
+    checkpoint_state: Callable | None,
+) -> RunPlan:
+    """Check the arguments of :func:`pypattern.sample` and resolve them into a :class:`RunPlan`; errors name the
+    argument, the value and what would be valid."""
+    C = _int_at_least("num_chains", num_chains, 1)
+    D = _int_at_least("num_draws", num_draws, 1)
+    _int_at_least("num_burnin_steps", num_burnin_steps, 0)
+    _int_at_least("num_steps_bw_draws", num_steps_bw_draws, 1)
+    _int_at_least("checkpoint_every", checkpoint_every, 1)
+    _int_at_least("cores", cores, 1)
+    _int_at_least("grad_accum_steps", grad_accum_steps, 1)
+    if num_init_loss_batches is not None:
+        _int_at_least("num_init_loss_batches", num_init_loss_batches, 1)
+    if init_loss is not None and not (
+        isinstance(init_loss, int | float) and not isinstance(init_loss, bool) and math.isfinite(init_loss)
+    ):
+        raise ValueError(f"init_loss must be a finite number or None, got {init_loss!r}")
+    seeds = list(seed) if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
+    for v in seeds:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63) or a list of them, got {seed!r}")
+    if not isinstance(seed, int) and len(seeds) != C:
+        raise ValueError(f"seed has {len(seeds)} entries but num_chains={C}: give one per chain")
+    hyper = resolve_hyperparameters(
+        hyperparameters, optimizer_kwargs, loader=loader, grad_accum_steps=grad_accum_steps
+    )
+
+    named = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameter with requires_grad=True")
+    if runs is None:
+        specs = [(restrict_to, masks)]
+    else:
+        if restrict_to is not None or masks is not None:
+            raise ValueError("give restrict_to and masks inside runs, not next to it")
+        specs = list(runs)
+        if not specs:
+            raise ValueError("runs is empty: give at least one (restrict_to, masks) pair")
+    run_specs = []
+    for r, spec in enumerate(specs):
+        if not (isinstance(spec, tuple | list) and len(spec) == 2):
+            raise TypeError(f"runs[{r}] must be a (restrict_to, masks) pair, got {spec!r}")
+        r_restrict, r_masks = spec
+        where = f"runs[{r}]: " if runs is not None else ""
+        patterns = [r_restrict] if isinstance(r_restrict, str) else list(r_restrict or [])
+        moving = [n for n in named if not patterns or matches(n, patterns)]
+        if not moving:
+            raise ValueError(f"{where}restrict_to={r_restrict!r} matches no parameter; names are {named}")
+        r_masks = dict(r_masks or {})
+        unknown = set(r_masks) - set(moving)
+        if unknown:
+            raise ValueError(f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}")
+        for n, m in r_masks.items():
+            if not isinstance(m, torch.Tensor):
+                raise TypeError(f"{where}masks[{n!r}] must be a tensor, got {type(m).__name__}")
+            if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+                raise ValueError(f"{where}masks[{n!r}] has NaN or Inf entries: give 0/1 (or finite) values")
+        if r_masks and all(n in r_masks and not bool(r_masks[n].any()) for n in moving):
+            raise ValueError(
+                f"{where}masks are zero everywhere on the moving parameters {moving}: nothing would move"
+            )
+        run_specs.append(RunSpec(tuple(patterns), tuple(moving), r_masks or None))
+    in_some_run = set().union(*(s.moving for s in run_specs))
+    G = len(run_specs) * C
+    if chains is not None:
+        chains = tuple(sorted({int(g) for g in chains}))
+        if any(not 0 <= g < G for g in chains):
+            raise ValueError(f"chains must be indices in [0, {G}), got {list(chains)}")
+    return RunPlan(
+        num_chains=C,
+        num_draws=D,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+        grad_accum_steps=grad_accum_steps,
+        seed=seed if isinstance(seed, int) else tuple(seeds),
+        hyper=hyper,
+        runs=tuple(run_specs),
+        several_runs=runs is not None,
+        union=tuple(n for n in named if n in in_some_run),
+        chains=chains,
+        loss_fn=loss_fn,
+        observables=observable_items(observables),
+        callbacks=tuple(callbacks),
+        record_observables=record_observables,
+        init_loss=None if init_loss is None else float(init_loss),
+        num_init_loss_batches=num_init_loss_batches,
+        batched=batched,
+        cores=cores,
+        backend=backend,
+        checkpoint=None if checkpoint is None else os.fspath(checkpoint),
+        checkpoint_every=checkpoint_every,
+        checkpoint_state=checkpoint_state,
+        quiet=quiet,
+        warn_nonstationary=warn_nonstationary,
+    )

@@ -1,0 +1,85 @@
+"""The sequential chain loop: one chain after another, each with its own :class:`SGLD` optimizer on a copy of the
+model."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .context import RunContext
+from .data import ChainData, to_device
+from .optim import SGLD
+
+__all__ = ["extra_outputs", "run_sequential"]
+
+
+def extra_outputs(out) -> tuple:
+    """The tensors a loss function returned after the loss (a tuple or list return), detached."""
+    if isinstance(out, tuple | list):
+        return tuple(x.detach() for x in out[1:] if isinstance(x, torch.Tensor))
+    return ()
+
+
+def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
+    """Run the global chains ``chains`` one after another from where the state left them; their draws go into
+    ``ctx.state``."""
+    plan, st = ctx.plan, ctx.state
+    accum, total = plan.grad_accum_steps, plan.total_steps
+    work = copy.deepcopy(ctx.model)
+    wparams = dict(work.named_parameters())
+    trainable = {n for n, p in wparams.items() if p.requires_grad}
+    for g in chains:
+        c, run = g % plan.num_chains, plan.run_of(g)
+        moving = run.moving
+        with torch.no_grad():
+            for n, p in wparams.items():
+                p.copy_(ctx.w_star[n])
+                # no gradient for weights this run does not move: the backward skips their weight grads
+                p.requires_grad_(n in trainable and n in moving)
+            for n, t in st.params.get(g, {}).items():
+                wparams[n].copy_(t)
+        opt = SGLD(
+            [(n, wparams[n]) for n in moving],
+            masks=run.masks,
+            seed=plan.key(c),
+            backend=plan.backend,
+            **plan.hyper,
+        )
+        opt.anchors = [ctx.w_star[n] for n in opt.param_names]
+        start = int(st.next_step[g])
+        opt.resume_at(start)
+        data = ChainData(ctx.loader, plan.key(c, stream=1), ctx.data_cache)
+        data.skip(start * accum)
+        params = opt.param_groups[0]["params"]
+        for t in range(start, total):
+            for p in params:
+                p.grad = None
+            vals = []
+            for j in range(accum):  # the weights do not change until the step
+                b = to_device(data.next(), ctx.device)
+                o = plan.loss_fn(work, b)
+                loss = ctx.split_loss(o)
+                vals.append(float(loss.detach()))
+                if not math.isfinite(vals[-1]):
+                    raise ctx.diverged(g, t, f"the loss is {vals[-1]}")
+                if j == 0:
+                    batch, out = b, o
+                (loss / accum if accum > 1 else loss).backward()
+            lv = vals[0] if accum == 1 else float(np.mean(vals))
+            d = plan.is_draw(t)
+            if d >= 0:
+                ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=extra_outputs(out))
+            try:
+                opt.sgld_step()
+            except FloatingPointError as e:
+                raise ctx.diverged(g, t, f"a gradient is not finite ({e})") from None
+            ctx.finish_step((g,), d, t, lambda g, mv=moving: {n: wparams[n].detach().clone() for n in mv})
+        for n in moving:
+            if not bool(torch.isfinite(wparams[n]).all()):
+                raise ctx.diverged(g, total - 1, f"parameter {n} is not finite")
+        with ctx.lock:
+            st.params.pop(g, None)

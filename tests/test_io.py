@@ -1,0 +1,257 @@
+"""pypattern.io: every result round-trips through one format; pickles, truncated files and other results are refused
+with an error naming the file, and nothing in a crafted file is executed."""
+
+import os
+import pathlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from pypattern import io
+from pypattern.patching.results import PatchResult
+from pypattern.sampling import CalibrationResult, LLCResult, SampleResult
+from pypattern.susceptibility import BIFResult, SusceptibilityResult
+
+
+def _sample_result():
+    rng = np.random.default_rng(0)
+    return SampleResult(
+        loss_trace=rng.normal(size=(2, 5)),
+        init_loss=0.25,
+        init_losses=np.array([0.2, 0.3]),
+        observables={"phi": rng.normal(size=(2, 5)), "vec": rng.normal(size=(2, 5, 3))},
+        config={"step_size": 1e-3, "seed": [1, 2], "bounding_box": None, "restrict_to": ["a.*"]},
+        r_hat=1.01,
+        ess=7.5,
+        seconds=0.5,
+        batched=True,
+    )
+
+
+def _results() -> list:
+    rng = np.random.default_rng(1)
+    s = _sample_result()
+    llc = LLCResult(
+        llc_mean=1.5,
+        llc_std=0.1,
+        llc_per_chain=np.array([1.4, 1.6]),
+        llc_trace=rng.normal(size=(2, 5)),
+        loss_trace=s.loss_trace,
+        init_loss=s.init_loss,
+        nbeta=10.0,
+        r_hat=float("nan"),
+        ess=3.0,
+        sample=s,
+    )
+    cal = CalibrationResult(
+        step_sizes=np.array([1e-4, 1e-3]),
+        llc_mean=np.array([1.0, 1.1]),
+        llc_std=np.array([0.1, 0.2]),
+        r_hat=np.array([1.0, 1.02]),
+        ess=np.array([10.0, 9.0]),
+        diverged=np.array([False, True]),
+        healthy=np.array([True, False]),
+        recommended=1e-4,
+        reasons=["ok", "diverged (chain 0, draw 3)"],
+    )
+    sus = SusceptibilityResult(
+        chi=rng.normal(size=(2, 4)),
+        chi_se=rng.random((2, 4)),
+        chi_chains=rng.normal(size=(2, 3, 4)),
+        components=["blocks.0.attn", "embed"],
+        probe_sample=np.arange(4),
+        probe_position=-np.ones(4, dtype=np.int64),
+        probe_token=-np.ones(4, dtype=np.int64),
+        phi_mean=rng.normal(size=2),
+        loss_mean=rng.normal(size=(2, 4)),
+        convention="physics",
+        nbeta=5.0,
+        num_chains=3,
+        num_draws=10,
+        settings={"seed": 0, "step_size": 1e-3},
+    )
+    bif = BIFResult(
+        bif=rng.normal(size=(4, 4)),
+        corr=rng.normal(size=(4, 4)),
+        loss_mean=rng.normal(size=4),
+        probe_sample=np.arange(4),
+        probe_position=np.arange(4),
+        probe_token=np.arange(4),
+        num_chains=2,
+        num_draws=5,
+        settings={},
+    )
+    pca = sus.pca(2)
+    patch = PatchResult(
+        values=torch.randn(3, 2, 4),
+        clean=torch.randn(3),
+        corrupted=torch.randn(3).to(torch.bfloat16),
+        axes=("layer", "head"),
+        coords={"layer": [0, 1], "head": [0, 1, 2, 3]},
+        site="z",
+        metric="logit_diff",
+        info={"window": (1, 2), "per_position": False, 3: "int key"},
+    )
+    patch_no_corrupt = PatchResult(
+        values=torch.randn(2, 3),
+        clean=torch.randn(2),
+        corrupted=None,
+        axes=("pos",),
+        coords={"pos": [0, 1, 2]},
+    )
+    return [s, llc, cal, sus, bif, pca, patch, patch_no_corrupt]
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+    if isinstance(a, float) and np.isnan(a):
+        return isinstance(b, float) and np.isnan(b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if hasattr(a, "__dataclass_fields__"):
+        return type(a) is type(b) and all(
+            _equal(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__
+        )
+    return type(a) is type(b) and a == b
+
+
+RESULTS = _results()
+IDS = [f"{type(r).__name__}{i}" for i, r in enumerate(RESULTS)]
+
+
+@pytest.mark.parametrize("res", RESULTS, ids=IDS)
+def test_round_trip(res, tmp_path):
+    path = tmp_path / "r.npz"
+    res.save(path)
+    back = type(res).load(path)
+    assert _equal(res, back)
+    with np.load(path, allow_pickle=False) as z:  # a plain npz: numpy reads it without pickle
+        assert "__meta_json__" in z.files
+
+
+class _Exploit:
+    """Unpickling this writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (pathlib.Path(self.marker), "executed"))
+
+
+@pytest.mark.parametrize("res", RESULTS, ids=IDS)
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_crafted_pickle_is_refused_and_never_run(res, how, tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.npz"
+    payload = {"values": _Exploit(marker)}
+    if how == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+        with open(tmp_path / "check.pkl", "wb") as f:  # the crafted file does run code when unpickled
+            pickle.dump(_Exploit(tmp_path / "control"), f)
+        with open(tmp_path / "check.pkl", "rb") as f:
+            pickle.load(f)
+        assert (tmp_path / "control").exists()
+    else:
+        torch.save(payload, path)
+    with pytest.raises(io.FormatError, match="evil.npz") as e:
+        type(res).load(path)
+    assert type(res).__name__ in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("res", RESULTS, ids=IDS)
+def test_truncated_file_is_refused(res, tmp_path):
+    path = tmp_path / "cut.npz"
+    res.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(io.FormatError, match="cut.npz.*truncated or corrupt"):
+        type(res).load(path)
+    path.write_bytes(b"")
+    with pytest.raises(io.FormatError, match="cut.npz"):
+        type(res).load(path)
+
+
+def test_another_result_type_is_refused(tmp_path):
+    s, llc = RESULTS[0], RESULTS[1]
+    s.save(tmp_path / "s.npz")
+    with pytest.raises(
+        io.FormatError, match=r"s.npz.*holds a 'SampleResult', expected a pypattern LLCResult"
+    ):
+        LLCResult.load(tmp_path / "s.npz")
+    llc.save(tmp_path / "l.npz")
+    with pytest.raises(io.FormatError, match="PatchResult"):
+        PatchResult.load(tmp_path / "l.npz")
+
+
+def test_plain_npz_and_object_arrays_are_refused(tmp_path):
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(io.FormatError, match="plain.npz.*without pypattern's header"):
+        SampleResult.load(tmp_path / "plain.npz")
+    with pytest.raises(TypeError, match="dtype object"):
+        io.save(tmp_path / "o.npz", {"a": np.array([{}], dtype=object)}, {}, kind="x")
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A writer killed mid-file leaves the previous file intact and no temporary file behind."""
+    path = tmp_path / "r.npz"
+    RESULTS[0].save(path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        RESULTS[1].save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["r.npz"]
+
+
+def test_fingerprint_canonical_and_first_difference():
+    a = io.fingerprint(seed=(1, 2), w=torch.arange(4.0), step_size=np.float32(0.5), fn=np.mean)
+    b = io.fingerprint(seed=[1, 2], w=torch.arange(4.0), step_size=0.5, fn=np.mean)
+    assert a == b
+    io.check_fingerprint(a, b, "ck.npz")
+    c = io.fingerprint(seed=[1, 2], w=-torch.arange(4.0), step_size=0.25, fn=np.mean)
+    with pytest.raises(io.FingerprintMismatch, match="ck.npz.*: w = ") as e:
+        io.check_fingerprint(a, c, "ck.npz")
+    assert e.value.item == "w"  # the first differing item, in the current call's order
+    with pytest.raises(io.FingerprintMismatch, match="extra = 1 there, \\(not set\\) now"):
+        io.check_fingerprint({**b, "extra": 1}, b, "ck.npz")
+    # hashes see every bit: -0.0 and 0.0, a negated tensor, another dtype
+    assert io.hash_tensor(torch.zeros(2)) != io.hash_tensor(-torch.zeros(2))
+    assert io.hash_tensor(torch.zeros(2)) != io.hash_tensor(torch.zeros(2, dtype=torch.float64))
+    assert io.hash_batch((torch.ones(2), torch.tensor([1]))) == io.hash_batch(
+        [torch.ones(2), torch.tensor([1])]
+    )
+
+
+@pytest.mark.parametrize("name", ["EdgeScores", "Circuit"])
+def test_circuit_results_refuse_pickles_and_truncated_files(name, tmp_path):
+    """The circuit results read through the same module: the same refusals."""
+    from pypattern.circuits import results as circuit_results
+
+    cls = getattr(circuit_results, name)
+    marker = tmp_path / "marker"
+    with open(tmp_path / "evil.npz", "wb") as f:
+        pickle.dump({"mask": _Exploit(marker)}, f)
+    with pytest.raises(io.FormatError, match=f"evil.npz.*{name}"):
+        cls.load(tmp_path / "evil.npz")
+    assert not marker.exists()
+    RESULTS[0].save(tmp_path / "other.npz")
+    with pytest.raises(io.FormatError, match=f"holds a 'SampleResult', expected a pypattern {name}"):
+        cls.load(tmp_path / "other.npz")
+    data = (tmp_path / "other.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
+    with pytest.raises(io.FormatError, match="cut.npz.*truncated or corrupt"):
+        cls.load(tmp_path / "cut.npz")
