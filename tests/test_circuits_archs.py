@@ -243,3 +243,21 @@ def test_converted_hf_llama_end_to_end():
     m_full = naive_patch(model, [], clean, corr, metric, "noise", "resample").mean()
     m_empty = naive_patch(model, list(g), clean, corr, metric, "noise", "resample").mean()
     assert f == pytest.approx(float((m_c - m_empty) / (m_full - m_empty)), abs=1e-9)
+
+
+def test_grouped_query_results_save_load_and_draw(tmp_path):
+    from pypattern.circuits import EdgeGraph, EdgeScores
+
+    model = _model("llama", seed=15)
+    clean, corr, ans, wrong = prompts(model, seed=16)
+    sc = edge_attribution(model, clean, corr, metric=LogitDiff(ans, wrong))
+    assert "n_kv_heads=2" in repr(sc.graph)
+    sc.save(tmp_path / "s.npz")
+    back = EdgeScores.load(tmp_path / "s.npz")
+    assert back.graph.n_kv_heads == 2 and [e.name for e in back.graph] == [e.name for e in sc.graph]
+    c = sc.circuit(fraction=0.5)
+    assert any(e.dst.startswith("L1KV") for e in c.edges)
+    c.draw(tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        EdgeGraph(2, 4, n_kv_heads=3)
