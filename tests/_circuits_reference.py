@@ -204,7 +204,8 @@ def naive_run(model, patched, base_tokens, src, coef=None, fixed_delta=None, emb
             if not parallel:
                 hooks.append((f"blocks.{layer}.hook_resid_mid", mid))
 
-        if layer == cfg.n_layers - 1:  # only the unembedding reads the last residual: rebuild the logits' input
+        # only the unembedding reads the last residual: rebuild the logits' input
+        if layer == cfg.n_layers - 1:
             hooks.append((f"blocks.{layer}.hook_resid_post", lambda x, hook: corrected(x, "logits")))
 
     # the MLP's input: a pre-hook on ln2 replaces the residual it reads

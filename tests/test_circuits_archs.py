@@ -91,7 +91,7 @@ def test_exact_patching_matches_reference(arch):
     changed = (ref[:E] - ref[-1]).abs().amax(1) > 1e-7  # nearly every single edge reaches the metric
     assert changed.float().mean() > 0.85
     # denoising with mean ablation on a subset (single edges of every kind and random sets)
-    sub = torch.cat([masks[: E : 5], masks[E:]])
+    sub = torch.cat([masks[:E:5], masks[E:]])
     for mode, ablation in (("denoise", "resample"), ("noise", "mean"), ("noise", "zero")):
         ours = patch_edges(model, sub, clean, corr, metric=metric, mode=mode, ablation=ablation)
         ref = _reference(model, g, sub, clean, corr, metric, mode, ablation)
@@ -126,7 +126,9 @@ def test_per_position_edges_and_per_example_positions(arch):
     ours = patch_edges(model, masks, clean, corr, metric=metric, ablation="mean")
     assert (ours - _reference(model, g, masks, clean, corr, metric, "noise", "mean")).abs().max() <= 1e-9
     sc = edge_attribution(model, clean, corr, metric=metric, method="eap", per_position=True)
-    assert (sc.values - naive_first_order(model, g, clean, corr, metric, "noise", "resample")).abs().max() <= 1e-9
+    assert (
+        sc.values - naive_first_order(model, g, clean, corr, metric, "noise", "resample")
+    ).abs().max() <= 1e-9
     metric = LogitDiff(ans, wrong, position=torch.tensor([4, 2, 3, 4, 1]))
     gf = edges(model)
     masks = torch.cat([torch.eye(len(gf), dtype=torch.bool)[::4], _random_sets(len(gf), 3, 10)])
@@ -239,7 +241,9 @@ def test_converted_hf_llama_end_to_end():
     top = sc.circuit(fraction=0.2)
     f = faithfulness(model, top.edges, clean, corr, metric=metric)
     inside = set(top.edges)
-    m_c = naive_patch(model, [e for e in g if e not in inside], clean, corr, metric, "noise", "resample").mean()
+    m_c = naive_patch(
+        model, [e for e in g if e not in inside], clean, corr, metric, "noise", "resample"
+    ).mean()
     m_full = naive_patch(model, [], clean, corr, metric, "noise", "resample").mean()
     m_empty = naive_patch(model, list(g), clean, corr, metric, "noise", "resample").mean()
     assert f == pytest.approx(float((m_c - m_empty) / (m_full - m_empty)), abs=1e-9)

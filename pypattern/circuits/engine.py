@@ -403,9 +403,7 @@ class EdgeEngine:
                     gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
                 )
                 i += 3
-                gqi, gki, gvi = v.qkv_input_vjp(
-                    layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv
-                )
+                gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv)
                 H, Hk = self.H, self.Hk
                 out.append((dsts[:H], qrows, gqi.sum(1)))
                 out.append((dsts[H : H + Hk], rows_kv, gki.sum(1)))
