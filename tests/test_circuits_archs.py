@@ -265,3 +265,29 @@ def test_grouped_query_results_save_load_and_draw(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         EdgeGraph(2, 4, n_kv_heads=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_acdc_and_pruning_curve(arch):
+    from test_circuits_eval import _acdc_reference
+
+    from pypattern.circuits import acdc, pruning_curve
+
+    model = _model(arch, seed=17)
+    clean, corr, ans, wrong = prompts(model, seed=18)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    full = float(patch_edges(model, [], clean, corr, metric=metric).mean())
+    empty = float(patch_edges(model, list(g), clean, corr, metric=metric).mean())
+    thr = 0.02 * abs(full - empty)
+    circ = acdc(model, clean, corr, metric=metric, threshold=thr)
+    keep_ref, m_ref = _acdc_reference(model, clean, corr, metric, thr)
+    assert circ.info["m_circuit"] == pytest.approx(m_ref, abs=1e-9)
+    assert bool((circ.mask & ~keep_ref).sum() == 0) and 0 < len(circ) < len(g)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    curve = pruning_curve(model, sc, clean, corr, metric=metric, counts=[0, 5, len(g)])
+    f = curve.faithfulness["eap"]
+    assert float(f[0]) == pytest.approx(0.0, abs=1e-9) and float(f[-1]) == pytest.approx(1.0, abs=1e-9)
+    inside = set(sc.circuit(n=5).edges)
+    m_c = naive_patch(model, [e for e in g if e not in inside], clean, corr, metric, "noise", "resample")
+    assert float(f[1]) == pytest.approx(float((m_c.mean() - empty) / (full - empty)), abs=1e-9)
