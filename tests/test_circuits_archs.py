@@ -5,6 +5,8 @@ Hugging Face Llama end to end."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _circuits_reference import ARCHS, naive_first_order, naive_patch, prompts, tiny
@@ -291,3 +293,26 @@ def test_acdc_and_pruning_curve(arch):
     inside = set(sc.circuit(n=5).edges)
     m_c = naive_patch(model, [e for e in g if e not in inside], clean, corr, metric, "noise", "resample")
     assert float(f[1]) == pytest.approx(float((m_c.mean() - empty) / (full - empty)), abs=1e-9)
+
+
+def test_cli_on_a_hugging_face_llama_directory(tmp_path):
+    import numpy as np
+
+    from pypattern.circuits.cli import run_circuit_demo
+
+    hf, model = _hf_llama()
+    d = tmp_path / "llama"
+    hf.save_pretrained(d, safe_serialization=True)
+    clean, corr, ans, wrong = prompts(model, seed=19)
+    tok = tmp_path / "prompts.npz"
+    np.savez(tok, clean=clean.numpy(), corrupted=corr.numpy(), answer=ans.numpy(), wrong=wrong.numpy())
+    res = run_circuit_demo(
+        str(tmp_path / "out"), model_dir=str(d), tokens=str(tok), methods=("eap",), fraction=0.2
+    )
+    for key in ("edge_scores", "circuit_table", "pruning_curve", "circuit_drawing"):
+        assert os.path.getsize(res[key]) > 100
+    metric = LogitDiff(ans, wrong)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    want = faithfulness(model, sc.circuit(fraction=0.2).mask, clean, corr, metric=metric)
+    assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9)
+    assert res["circuit_edges"] == round(0.2 * len(edges(model)))
