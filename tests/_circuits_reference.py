@@ -1,16 +1,72 @@
 """Independent reference for the circuits tests: tiny float64 models and edge patching written with per-edge forward
-hooks on the plain model (TransformerLens-style split query/key/value inputs rebuilt inside the hooks)."""
+hooks on the plain model (TransformerLens-style split query/key/value inputs rebuilt inside the hooks).
+
+The reference never goes through :class:`pypattern.circuits.ModelView`: it runs the model's own forward and only
+replaces, at hook points, the inputs an edge changes. Each head's query (``attn.hook_q``, before rotation) is rebuilt
+from that head's own corrected residual through the model's ``ln1`` and ``compute_q``; each key/value head's keys and
+values (``hook_k``/``hook_v``, one slot per key/value head under grouped-query attention) from that key/value head's
+own corrected residual; the model then rotates, masks and mixes as usual. The MLP's input is replaced by a forward
+pre-hook on ``ln2`` (the block's ``resid_mid``, or ``resid_pre`` in a parallel block, corrected), the logits' input
+at the last ``hook_resid_post``.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pypattern.models import Transformer, TransformerConfig
 
+# option sets of the architectures the circuits module must cover (tiny sizes come from `tiny`)
+ARCHS = {
+    "gpt2": {},
+    "neox": dict(  # parallel attention + MLP, partial rotary (GPT-NeoX pairing)
+        parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2, act_fn="gelu_new"
+    ),
+    "llama": dict(  # RMSNorm, rotary, gated MLP, grouped-query attention, no biases
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        n_key_value_heads=2,
+        attn_bias=False,
+        attn_out_bias=False,
+        mlp_bias=False,
+        unembed_bias=False,
+        act_fn="silu",
+    ),
+    "qwen2": dict(  # as Llama, with q/k/v biases only
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_base=1000.0,
+        gated_mlp=True,
+        n_key_value_heads=2,
+        attn_bias=True,
+        attn_out_bias=False,
+        mlp_bias=False,
+        unembed_bias=False,
+        act_fn="silu",
+    ),
+    "mqa": dict(  # one key/value head, sliding window, a custom attention scale
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        n_key_value_heads=1,
+        sliding_window=3,
+        attn_scale=1.5,
+        gated_mlp=True,
+        act_fn="silu",
+    ),
+    "tied": dict(  # tied embeddings, GPT-J rotary pairing (partial), parallel block, no positions learned
+        tie_word_embeddings=True,
+        positional_embedding_type="rotary",
+        rotary_dim=2,
+        rotary_adjacent_pairs=True,
+        parallel_attn_mlp=True,
+        unembed_bias=False,
+    ),
+}
 
-def tiny(attn_only=False, layers=2, heads=4, seed=0, norm="LN", d_vocab=12, n_ctx=6, act="gelu"):
-    cfg = TransformerConfig(
+
+def tiny(attn_only=False, layers=2, heads=4, seed=0, norm="LN", d_vocab=12, n_ctx=6, act="gelu", **opts):
+    kw = dict(
         n_layers=layers,
         d_model=16,
         n_heads=heads,
@@ -23,7 +79,8 @@ def tiny(attn_only=False, layers=2, heads=4, seed=0, norm="LN", d_vocab=12, n_ct
         normalization_type=norm,
         act_fn=act,
     )
-    model = Transformer(cfg)
+    kw.update(opts)
+    model = Transformer(TransformerConfig(**kw))
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():  # non-zero biases and norm weights, so that every term of the arithmetic matters
         for name, p in model.named_parameters():
@@ -44,16 +101,10 @@ def prompts(model, B=5, seed=1):
     return clean, corr, ans, wrong
 
 
-def _ln(x, mod, eps):
-    if not hasattr(mod, "w"):
-        return x
-    return F.layer_norm(x, x.shape[-1:], mod.w, mod.b, eps)
-
-
 def _node_outputs(model, tokens):
     """Every node's output in a plain run, read off the model's own hook points: ``{name: (B, T, d)}``."""
     _, cache = model.run_with_cache(tokens)
-    out = {"embed": cache["hook_embed"] + cache["hook_pos_embed"]}
+    out = {"embed": cache["blocks.0.hook_resid_pre"]}
     for layer, blk in enumerate(model.blocks):
         z = cache[f"blocks.{layer}.attn.hook_z"]
         for h in range(model.cfg.n_heads):
@@ -79,12 +130,14 @@ def naive_run(model, patched, base_tokens, src, coef=None, fixed_delta=None, emb
 
     A destination input is ``resid - sum_e coef_e (cur_src - src_value)`` over its patched edges (``coef`` 1 unless
     given: a tensor ``(batch, len(patched))`` for gradients); with ``fixed_delta`` the subtracted vectors are
-    ``fixed_delta[src]`` instead of ``cur_src - src_value``. Query/key/value inputs of each head are rebuilt from
-    their own inputs and replace ``hook_q``/``hook_k``/``hook_v``; MLP inputs replace ``ln2.hook_normalized``; the
-    logits' input replaces the last ``hook_resid_post``.
+    ``fixed_delta[src]`` instead of ``cur_src - src_value``. ``embed_override`` replaces the embedding (the residual
+    entering block 0).
     """
     cfg = model.cfg
-    eps = cfg.ln_eps
+    H = cfg.n_heads
+    Hk = getattr(cfg, "n_key_value_heads", None) or H
+    parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
+    kv_name = (lambda lay, g: f"L{lay}H{g}") if Hk == H else (lambda lay, g: f"L{lay}KV{g}")
     cur: dict = {}
     by_dst: dict = {}
     for i, e in enumerate(patched):
@@ -102,38 +155,29 @@ def naive_run(model, patched, base_tokens, src, coef=None, fixed_delta=None, emb
         return x
 
     hooks = []
-
-    def embed_hook(x, hook):
-        if embed_override is not None:
-            return embed_override - model.pos_embed(base_tokens)
-        return x
-
-    def pos_hook(x, hook):
-        cur["embed"] = cur["tok"] + x
-        return x
-
-    def tok_hook(x, hook):
-        cur["tok"] = x
-        return x
-
-    hooks += [("hook_embed", embed_hook), ("hook_embed", tok_hook), ("hook_pos_embed", pos_hook)]
     for layer, blk in enumerate(model.blocks):
         a = blk.attn
 
         def resid_pre(x, hook, layer=layer):
+            if layer == 0 and embed_override is not None:
+                x = embed_override
+            if layer == 0:
+                cur["embed"] = x
             cur[f"pre{layer}"] = x
             return x
 
         def qkv_hook(x, hook, layer=layer, which=None, a=a, blk=blk):
-            W, b = {"q": (a.W_Q, a.b_Q), "k": (a.W_K, a.b_K), "v": (a.W_V, a.b_V)}[which]
+            compute = {"q": a.compute_q, "k": a.compute_k, "v": a.compute_v}[which]
+            n = H if which == "q" else Hk
             out = []
-            for h in range(cfg.n_heads):
-                inp = corrected(cur[f"pre{layer}"], f"L{layer}H{h}.{which}")
-                out.append(_ln(inp, blk.ln1, eps) @ W[h] + b[h])
+            for h in range(n):
+                name = f"L{layer}H{h}" if which == "q" else kv_name(layer, h)
+                inp = corrected(cur[f"pre{layer}"], f"{name}.{which}")
+                out.append(compute(blk.ln1(inp))[:, :, h])
             return torch.stack(out, 2)
 
         def z_hook(z, hook, layer=layer, a=a):
-            for h in range(cfg.n_heads):
+            for h in range(H):
                 cur[f"L{layer}H{h}"] = z[:, :, h] @ a.W_O[h]
             return z
 
@@ -152,34 +196,33 @@ def naive_run(model, patched, base_tokens, src, coef=None, fixed_delta=None, emb
                 cur[f"mid{layer}"] = x
                 return x
 
-            def ln2(x, hook, layer=layer, blk=blk):
-                return _ln(corrected(cur[f"mid{layer}"], f"MLP{layer}"), blk.ln2, eps)
-
             def mlp_out(x, hook, layer=layer):
                 cur[f"MLP{layer}"] = x
                 return x
 
-            hooks += [
-                (f"blocks.{layer}.hook_resid_mid", mid),
-                (f"blocks.{layer}.hook_mlp_out", mlp_out),
-            ]
-            if hasattr(blk.ln2, "hook_normalized"):
-                hooks.append((f"blocks.{layer}.ln2.hook_normalized", ln2))
-            else:  # no norm: rebuild the MLP's pre-activation from its own input
-                hooks.append(
-                    (
-                        f"blocks.{layer}.mlp.hook_pre",
-                        lambda x, hook, layer=layer, blk=blk: (
-                            corrected(cur[f"mid{layer}"], f"MLP{layer}") @ blk.mlp.W_in + blk.mlp.b_in
-                        ),
-                    )
-                )
+            hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_out))
+            if not parallel:
+                hooks.append((f"blocks.{layer}.hook_resid_mid", mid))
 
-        if (
-            layer == cfg.n_layers - 1
-        ):  # only the unembedding reads the last residual: rebuild the logits' input
+        # only the unembedding reads the last residual: rebuild the logits' input
+        if layer == cfg.n_layers - 1:
             hooks.append((f"blocks.{layer}.hook_resid_post", lambda x, hook: corrected(x, "logits")))
-    return model.run_with_hooks(base_tokens, fwd_hooks=hooks)
+
+    # the MLP's input: a pre-hook on ln2 replaces the residual it reads
+    handles = []
+    if not cfg.attn_only:
+        for layer, blk in enumerate(model.blocks):
+
+            def ln2_pre(mod, args, layer=layer):
+                read = cur[f"pre{layer}"] if parallel else cur[f"mid{layer}"]
+                return (corrected(read, f"MLP{layer}"),)
+
+            handles.append(blk.ln2.register_forward_pre_hook(ln2_pre))
+    try:
+        return model.run_with_hooks(base_tokens, fwd_hooks=hooks)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def at_pos(logits, pos):
@@ -193,3 +236,30 @@ def naive_patch(model, patched, clean, corrupted, metric, mode, ablation):
     with torch.no_grad():
         logits = naive_run(model, patched, base_tokens, src)
     return metric(at_pos(logits, metric.position))
+
+
+def naive_first_order(model, graph, clean, corr, metric, mode, ablation, alphas=(1.0,)):
+    """Per-example ``d M / d coef_e`` at ``coef = 0`` where every edge ``e = u -> v`` is rewired by a hook to
+    ``in_v - coef_e (out_u - A_u)`` with the base run's ``out_u``, averaged over runs whose input embedding is
+    ``e_abl + alpha (e_base - e_abl)`` (``alpha = 1``: the base run, i.e. EAP)."""
+    base_tokens, src = _sources(model, clean, corr, mode, ablation)
+    base_out = _node_outputs(model, base_tokens)
+    fixed = {k: (base_out[k] - src[k]).detach() for k in base_out}
+    e_base, e_abl = base_out["embed"].detach(), src["embed"].detach()
+    all_edges = list(graph)
+    total = torch.zeros(clean.shape[0], len(all_edges), dtype=torch.float64)
+    for a in alphas:
+        coef = torch.zeros(clean.shape[0], len(all_edges), dtype=torch.float64, requires_grad=True)
+        logits = naive_run(
+            model,
+            all_edges,
+            base_tokens,
+            src,
+            coef=coef,
+            fixed_delta=fixed,
+            embed_override=e_abl + a * (e_base - e_abl),
+        )
+        m = metric(at_pos(logits, metric.position))
+        (g,) = torch.autograd.grad(m.sum(), coef)
+        total += g
+    return total / len(alphas)

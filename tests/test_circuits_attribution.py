@@ -4,39 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _circuits_reference import _node_outputs, _sources, at_pos, naive_run, prompts, tiny
+from _circuits_reference import naive_first_order, prompts, tiny
 
 from pypattern.circuits import edge_attribution, edges, patch_edges
 from pypattern.patching import LogitDiff, LogProb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def naive_first_order(model, graph, clean, corr, metric, mode, ablation, alphas=(1.0,)):
-    """Per-example ``d M / d coef_e`` at ``coef = 0`` where every edge ``e = u -> v`` is rewired by a hook to
-    ``in_v - coef_e (out_u - A_u)`` with the base run's ``out_u``, averaged over runs whose input embedding is
-    ``e_abl + alpha (e_base - e_abl)`` (``alpha = 1``: the base run, i.e. EAP)."""
-    base_tokens, src = _sources(model, clean, corr, mode, ablation)
-    base_out = _node_outputs(model, base_tokens)
-    fixed = {k: (base_out[k] - src[k]).detach() for k in base_out}
-    e_base, e_abl = base_out["embed"].detach(), src["embed"].detach()
-    all_edges = list(graph)
-    total = torch.zeros(clean.shape[0], len(all_edges), dtype=torch.float64)
-    for a in alphas:
-        coef = torch.zeros(clean.shape[0], len(all_edges), dtype=torch.float64, requires_grad=True)
-        logits = naive_run(
-            model,
-            all_edges,
-            base_tokens,
-            src,
-            coef=coef,
-            fixed_delta=fixed,
-            embed_override=e_abl + a * (e_base - e_abl),
-        )
-        m = metric(at_pos(logits, metric.position))
-        (g,) = torch.autograd.grad(m.sum(), coef)
-        total += g
-    return total / len(alphas)
 
 
 @pytest.mark.parametrize("mode", ["noise", "denoise"])

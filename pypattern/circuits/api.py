@@ -505,12 +505,21 @@ def acdc(
     drop = torch.zeros(E, dtype=torch.float64)
     runs = 2
     src_of_node = {n: i for i, n in enumerate(graph.src_names)}
+    G = graph.n_heads // graph.n_kv_heads
+
+    def writers(node: str) -> torch.Tensor:
+        """The source nodes through which ``node``'s input reaches the output (a shared key/value head: the query
+        heads of its group)."""
+        if node in src_of_node:
+            return torch.tensor([src_of_node[node]])
+        layer, kv = node[1:].split("KV")
+        return torch.tensor([src_of_node[f"L{layer}H{h}"] for h in range(int(kv) * G, (int(kv) + 1) * G)])
+
     for d in reversed(range(graph.n_dst)):
         node = graph.dst_node[d]
         cand = (graph.dst_idx == d).nonzero().flatten().flip(0)  # sources in reverse topological order
         if node != "logits":
-            u = src_of_node[node]
-            if not bool(keep[graph.src_idx == u].any()):
+            if not bool(keep[torch.isin(graph.src_idx, writers(node))].any()):
                 keep[cand] = False
                 continue
         remaining = [int(e) for e in cand]

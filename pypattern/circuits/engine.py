@@ -15,8 +15,9 @@ Definitions (``A_u`` the value an ablated edge carries, ``out_u`` a node's outpu
   :func:`pypattern.circuits.faithfulness`).
 
 Causal reuse: a mask whose first patched destination is at stage ``s`` (``2l`` attention of layer ``l``, ``2l+1``
-its MLP, ``2L`` the logits) starts from the cached base residual at ``s``; earlier nodes' outputs are the cached
-ones. At that first attention stage only the heads with a patched input are recomputed. When the metric reads one
+its MLP, ``2L`` the logits; in a parallel block the MLP reads the block's input and shares stage ``2l``) starts from the cached base residual at ``s``; earlier nodes' outputs are the cached
+ones. At that first attention stage only the heads with a patched input are recomputed (a patched key or value
+input of a shared key/value head recomputes its group of query heads). When the metric reads one
 position for every prompt (the last, after truncation), the last layer computes only that row (queries, MLP and
 unembedding). Masks are grouped by their first stage (and first heads) and evaluated as a batch.
 """
@@ -39,7 +40,8 @@ _MODES = ("noise", "denoise")
 @dataclass
 class _Run:
     """One unpatched run: ``resid[s]`` the residual entering stage ``s`` ``(B, T, d)``, ``after_attn[l]``
-    the residual after layer ``l``'s attention, ``outs (n_src, B, T, d)`` node outputs, ``logits`` at the metric
+    the residual after layer ``l``'s attention (parallel blocks: the block's input plus the attention output, without
+    the MLP's), ``outs (n_src, B, T, d)`` node outputs, ``logits`` at the metric
     positions ``(B, vocab)``."""
 
     resid: dict
@@ -99,12 +101,31 @@ class EdgeEngine:
         if self.uniform and pos != T - 1:
             raise ValueError(f"position {pos}: truncate the prompts so the metric position is the last")
         self.H, self.L, self.d = view.n_heads, view.n_layers, view.d_model
+        self.Hk = view.n_kv_heads
+        self.nA = self.H + 2 * self.Hk  # destination inputs of one layer's attention: q, k, v
+        self.parallel = view.parallel
+        if (graph.n_heads, graph.n_kv_heads, graph.n_layers, graph.parallel) != (
+            self.H,
+            self.Hk,
+            self.L,
+            self.parallel,
+        ):
+            raise ValueError(
+                f"the graph ({graph!r}, n_kv_heads={graph.n_kv_heads}, parallel={graph.parallel}) does not match "
+                f"the model (n_layers={self.L}, n_heads={self.H}, n_kv_heads={self.Hk}, parallel={self.parallel}); "
+                "build it with edges(model)"
+            )
         self.dtype = base.outs.dtype
         g = graph
+        # destination inputs of each stage, in graph order: q (H), k (Hk), v (Hk) of a layer's attention, then
+        # (parallel blocks) the MLP of the same layer; or one MLP; or the logits
         self.stage_dsts = {s: (g.dst_stage == s).nonzero().flatten() for s in g.stages}
         self.src_stage = g.src_stage
-        # the sources written by each stage (heads of layer l at stage 2l, MLP l at 2l+1)
-        self.stage_srcs = {s: (g.src_stage == s).nonzero().flatten() for s in g.stages}
+        src_pos = {n: i for i, n in enumerate(g.src_names)}
+        self.head_srcs = [
+            torch.tensor([src_pos[f"L{layer}H{h}"] for h in range(self.H)]) for layer in range(self.L)
+        ]
+        self.mlp_src = [src_pos.get(f"MLP{layer}") for layer in range(self.L)]
         self.max_batch = max_batch
         self.memory_budget = memory_budget
 
@@ -124,15 +145,17 @@ class EdgeEngine:
 
     # ----- stage pieces ---------------------------------------------------------------------------------------
     def _attn(self, layer: int, X: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor, heads=None):
-        """Head outputs ``(h, N, B, len(qrows), d)`` from per-destination inputs ``X (3h, N, B, R, d)`` over
+        """Head outputs ``(h, N, B, len(qrows), d)`` from per-destination inputs ``X (h + 2 hk, N, B, R, d)``
+        (query inputs of the ``h`` heads, then key and value inputs of the ``hk`` key/value heads they read) over
         ``rows`` (absolute positions, starting at 0) for the heads ``heads`` (None: all)."""
         v = self.view
         h = self.H if heads is None else len(heads)
+        hk = self.Hk if heads is None else len(v.kv_heads_of(heads))
         qsel = qrows if len(qrows) != len(rows) else slice(None)
         xq = v.attn_norm(layer, X[:h, :, :, qsel])
         xkv = v.attn_norm(layer, X[h:])
-        q, k, vv = v.qkv(layer, xq, xkv[:h], xkv[h:], qrows, rows, heads=heads)
-        return v.head_out(layer, v.attention(layer, q, k, vv, qrows), heads=heads)
+        q, k, vv = v.qkv(layer, xq, xkv[:hk], xkv[hk:], qrows, rows, heads=heads)
+        return v.head_out(layer, v.attention(layer, q, k, vv, qrows, rows, heads=heads), heads=heads)
 
     def _attn_shared(self, layer: int, R: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor):
         """Head outputs ``(H, N, B, len(qrows), d)`` when every head reads the residual ``R (N, B, R, d)``."""
@@ -140,7 +163,7 @@ class EdgeEngine:
         hn = v.attn_norm(layer, R)
         hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
         q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
-        return v.head_out(layer, v.attention(layer, q, k, vv, qrows))
+        return v.head_out(layer, v.attention(layer, q, k, vv, qrows, rows))
 
     def _final(self, x: torch.Tensor) -> torch.Tensor:
         """Metric from the final residual ``x (N, B, R, d)`` (R = 1 in the uniform case, else all rows)."""
@@ -176,16 +199,19 @@ class EdgeEngine:
         e_stage = g.edge_stage()
         big = 2 * self.L + 1
         first = torch.where(live, e_stage[None], torch.full_like(e_stage, big)[None]).min(1).values
+        # the query heads each mask changes at its first stage (a patched key/value input changes its whole group)
+        e_heads = self._dst_qheads()[g.dst_idx].float()  # (E, H)
+        hit = torch.empty(C, self.H, dtype=torch.bool)
+        for i in range(0, C, 1024):
+            at_first = live[i : i + 1024] & (e_stage[None] == first[i : i + 1024, None])
+            hit[i : i + 1024] = (at_first.float() @ e_heads) > 0
         groups: dict[tuple, list[int]] = {}
-        dst_head = self._dst_head()
         for c in range(C):
             s0 = int(first[c])
             if s0 >= big:
                 key = (big, ())
             elif s0 % 2 == 0 and s0 < 2 * self.L:
-                sel = live[c] & (e_stage == s0)
-                heads = tuple(sorted(set(dst_head[g.dst_idx[sel]].tolist())))
-                key = (s0, heads)
+                key = (s0, tuple(hit[c].nonzero().flatten().tolist()))
             else:
                 key = (s0, ())
             groups.setdefault(key, []).append(c)
@@ -203,13 +229,20 @@ class EdgeEngine:
                 out[part] = self._patched(dense, s0, hsel)
         return out
 
-    def _dst_head(self) -> torch.Tensor:
-        """Head index of each destination input (-1 for MLPs and logits)."""
+    def _dst_qheads(self) -> torch.Tensor:
+        """``(n_dst, H)`` bool: the query heads whose output each destination input changes directly (its own head
+        for a query input, the group of its key/value head for a key or value input, none for MLPs and logits)."""
         g = self.graph
-        out = torch.full((g.n_dst,), -1, dtype=torch.long)
-        for i, (node, qkv) in enumerate(zip(g.dst_node, g.dst_qkv)):
-            if qkv is not None:
-                out[i] = int(node.split("H")[1])
+        out = torch.zeros(g.n_dst, self.H, dtype=torch.bool)
+        G = self.H // self.Hk
+        for i, qkv in enumerate(g.dst_qkv):
+            if qkv is None:
+                continue
+            j = int(g.dst_node[i].rsplit("H" if qkv == "q" or self.Hk == self.H else "KV", 1)[1])
+            if qkv == "q":
+                out[i, j] = True
+            else:
+                out[i, j * G : (j + 1) * G] = True
         return out
 
     def _corr(self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor):
@@ -237,10 +270,19 @@ class EdgeEngine:
             total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
         return total
 
+    def _mlp_block(self, layer: int, out: torch.Tensor, rows: torch.Tensor):
+        """The correction block ``A_u - out_u`` of MLP ``layer`` whose patched-run output ``out (C, B, R, d)`` is
+        at ``rows``."""
+        u = self.mlp_src[layer]
+        A_new = self.A[u][:, rows]
+        return (torch.tensor([u]), (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T)
+
     def _patched(self, M: torch.Tensor, s0: int, heads) -> torch.Tensor:
-        """Metric ``(C, B)`` of the masks ``M (C, n_src, n_dst[, T])`` that all start at stage ``s0``."""
+        """Metric ``(C, B)`` of the masks ``M (C, n_src, n_dst[, T])`` that all start at stage ``s0``; ``heads``:
+        the only query heads recomputed at ``s0`` (None: all)."""
         C = M.shape[0]
         base, v = self.base, self.view
+        H, Hk, nA = self.H, self.Hk, self.nA
         before = (self.src_stage < s0).nonzero().flatten()
         blocks = [(before, self.D[before], True, True)] if len(before) else []
         rows = torch.arange(self.T)
@@ -251,44 +293,58 @@ class EdgeEngine:
             if s < s0:
                 continue
             dsts = self.stage_dsts[s]
-            corr = self._corr(blocks, M, dsts, rows)
             if s == 2 * self.L:  # logits
+                corr = self._corr(blocks, M, dsts, rows)
                 return self._final(R if corr is None else corr[0].add_(R))
             layer = s // 2
-            if s % 2 == 0:  # attention
-                qrows = self._rows_after(layer, rows)
-                full = len(qrows) == self.T
-                srcs = self.stage_srcs[s]
-                if heads is not None and s == s0:
-                    hs = torch.tensor(heads)
-                    sel = torch.cat([hs, hs + self.H, hs + 2 * self.H])
+            if s % 2 == 1:  # the MLP of a sequential block
+                corr = self._corr(blocks, M, dsts, rows)
+                out = v.mlp(layer, R if corr is None else corr[0].add_(R))
+                R = R + out
+                blocks.append(self._mlp_block(layer, out, rows))
+                continue
+            # attention of `layer` (and, in a parallel block, its MLP, reading the same residual)
+            corr = self._corr(blocks, M, dsts[:nA], rows)
+            corr_m = self._corr(blocks, M, dsts[nA:], rows) if self.parallel else None
+            qrows = self._rows_after(layer, rows)
+            full = len(qrows) == self.T
+            srcs = self.head_srcs[layer]
+            R_pre = R
+            if heads is not None and s == s0:
+                hs = torch.tensor(heads, dtype=torch.long)
+                if len(heads):
+                    kv = torch.tensor(v.kv_heads_of(heads), dtype=torch.long)
+                    sel = torch.cat([hs, H + kv, H + Hk + kv])
                     O = self._attn(
-                        layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, heads
+                        layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, list(heads)
                     )  # (h, C, B, Tq, d)
                     O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
                     R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
-                    others = srcs[[h for h in range(self.H) if h not in heads]]
-                    if len(others):
-                        blocks.append((others, self.D[others], True, True))
                     # A_u - out_u, in O's storage (O is not needed any more)
                     blocks.append(
                         (srcs[hs], O.neg_().add_(self.A[srcs[hs]][:, :, qrows].unsqueeze(1)), False, full)
                     )
+                else:  # no head input patched (a parallel block's MLP only): the attention is the base run's
+                    R = base.after_attn[layer][:, qrows].unsqueeze(0).expand(C, -1, -1, -1)
+                others = srcs[[h for h in range(H) if h not in heads]]
+                if len(others):
+                    blocks.append((others, self.D[others], True, True))
+            else:
+                if corr is None:
+                    O = self._attn_shared(layer, R, qrows, rows)
                 else:
-                    if corr is None:
-                        O = self._attn_shared(layer, R, qrows, rows)
-                    else:
-                        O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
-                    Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
-                    R = Rq + O.sum(0) + v.attn_bias(layer)
-                    blocks.append((srcs, O.neg_().add_(self.A[srcs][:, :, qrows].unsqueeze(1)), False, full))
-                rows = qrows
-            else:  # MLP
-                out = v.mlp(layer, R if corr is None else corr[0].add_(R))
+                    O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
+                Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
+                R = v.add_attn_bias(layer, Rq + O.sum(0))
+                blocks.append((srcs, O.neg_().add_(self.A[srcs][:, :, qrows].unsqueeze(1)), False, full))
+            if self.parallel:
+                x = R_pre if corr_m is None else corr_m[0].add_(R_pre)
+                if len(qrows) != len(rows):
+                    x = x[:, :, qrows]
+                out = v.mlp(layer, x)
                 R = R + out
-                srcs = self.stage_srcs[s]
-                A_new = self.A[srcs[0]][:, rows]
-                blocks.append((srcs, (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T))
+                blocks.append(self._mlp_block(layer, out, qrows))
+            rows = qrows
         raise AssertionError("the graph has no logits stage")
 
     # ----- gradients ------------------------------------------------------------------------------------------
@@ -321,10 +377,15 @@ class EdgeEngine:
                     hn = v.attn_norm(layer, R)
                     hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
                     q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
-                    attn = v.head_out_sum(layer, v.attention(layer, q, k, vv, qrows))
+                    attn = v.head_out_sum(layer, v.attention(layer, q, k, vv, qrows, rows))
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
-                    handles.append(("attn", dsts, (qrows, rows, layer, Rq, R), (q, k, vv)))
-                    R = Rq + attn + v.attn_bias(layer)
+                    handles.append(("attn", dsts[: self.nA], (qrows, rows, layer, Rq, R), (q, k, vv)))
+                    R_new = v.add_attn_bias(layer, Rq + attn)
+                    if self.parallel:  # the MLP reads the block's input (at the rows that matter after it)
+                        x = Rq.clone()
+                        handles.append(("mlp", dsts[self.nA :], qrows, x))
+                        R_new = R_new + v.mlp(layer, x)
+                    R = R_new
                     rows = qrows
                 else:
                     x = R.clone()
@@ -342,11 +403,11 @@ class EdgeEngine:
                     gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
                 )
                 i += 3
-                gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv)
-                H, Hk = self.H, self.view.n_kv_heads
+                gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv)
+                H, Hk = self.H, self.Hk
                 out.append((dsts[:H], qrows, gqi.sum(1)))
                 out.append((dsts[H : H + Hk], rows_kv, gki.sum(1)))
-                out.append((dsts[H + Hk :], rows_kv, gvi.sum(1)))
+                out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, gvi.sum(1)))
             else:
                 gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                 i += 1
@@ -368,12 +429,17 @@ def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
             break
         layer = s // 2
         if s % 2 == 0:
+            pre = R
             hn = view.attn_norm(layer, R)
             q, k, v = view.qkv_shared(layer, hn, hn, rows, rows)
-            O = view.head_out(layer, view.attention(layer, q, k, v, rows))  # (H, B, T, d)
-            R = R + O.sum(0) + view.attn_bias(layer)
+            O = view.head_out(layer, view.attention(layer, q, k, v, rows, rows))  # (H, B, T, d)
+            R = view.add_attn_bias(layer, R + O.sum(0))
             after_attn.append(R)
             outs += list(O)
+            if view.parallel:  # the MLP reads the block's input
+                out = view.mlp(layer, pre)
+                R = R + out
+                outs.append(out)
         else:
             out = view.mlp(layer, R)
             R = R + out

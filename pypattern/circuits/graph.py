@@ -5,11 +5,20 @@ Source nodes (writers), in topological order: ``embed`` (token + position embedd
 value input separately (``L{l}H{h}`` with ``qkv`` ``"q"``, ``"k"``, ``"v"``), each MLP's input ``MLP{l}`` and the
 final residual read by the unembedding, ``logits``. An edge ``u -> v`` is ``u``'s contribution to ``v``'s input;
 it exists when ``u`` is computed before ``v`` reads: a head of layer ``l`` feeds layer ``l``'s MLP (sequential
-blocks) and every later layer; heads of one layer do not feed each other.
+blocks) and every later layer; heads of one layer do not feed each other. In a parallel block (attention and MLP
+reading the same residual) the MLP of layer ``l`` does not read layer ``l``'s heads.
 
-Count (sequential blocks with MLPs, ``L`` layers, ``H`` heads): ``sum_l [3H (1 + l(H + 1)) + (1 + l(H + 1) + H)]
-+ (1 + L(H + 1))``; 2 layers, 4 heads: ``12 + 5 + 72 + 10 + 11 = 110``. With ``per_position`` every edge exists
-once per position (the contribution at position ``t`` to the input at position ``t``).
+Grouped-query and multi-query attention (``n_kv_heads < n_heads``): key/value head ``g`` is shared by query heads
+``g * G .. (g + 1) * G - 1`` (``G = n_heads // n_kv_heads``). It has one key input and one value input,
+``L{l}KV{g}.k`` and ``L{l}KV{g}.v``, read by the whole group (as TransformerLens splits the key/value inputs of
+grouped-query attention per key/value head): patching an edge into it changes the keys or values every head of the
+group attends with. Query inputs stay per head, ``L{l}H{h}.q``.
+
+Count (``L`` layers, ``H`` heads, ``H_kv`` key/value heads, MLPs; ``n_l = 1 + l(H + 1)`` sources before layer
+``l``): ``sum_l [(H + 2 H_kv) n_l + n_l + H] + (1 + L(H + 1))`` for sequential blocks (without the ``+ H`` for
+parallel ones); 2 layers, 4 heads: ``12 + 5 + 72 + 10 + 11 = 110`` (102 parallel, 82 with 2 key/value heads).
+With ``per_position`` every edge exists once per position (the contribution at position ``t`` to the input at
+position ``t``).
 """
 
 from __future__ import annotations
@@ -65,7 +74,8 @@ class EdgeGraph:
     dst_names : list[str]
         Destination inputs (``"L0H1.q"``, ``"MLP0"``, ``"logits"``) ordered by stage; ``dst_stage (n_dst,)``.
     stages : list[int]
-        Stages with destinations, in order: ``2l`` attention of layer ``l``, ``2l + 1`` its MLP, ``2L`` the logits.
+        Stages with destinations, in order: ``2l`` attention of layer ``l``, ``2l + 1`` its MLP (``2l`` as well in
+        a parallel block), ``2L`` the logits.
     valid : BoolTensor ``(n_src, n_dst)``
         Whether ``src -> dst`` is an edge.
     src_idx, dst_idx : LongTensor ``(num_edges,)``; pos_idx : LongTensor ``(num_edges,)`` or None
@@ -89,6 +99,11 @@ class EdgeGraph:
             raise ValueError(f"n_pos={n_pos!r} is not valid; give a positive int or None")
         self.n_layers, self.n_heads = n_layers, n_heads
         self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        kv = self.n_kv_heads
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or n_heads % kv:
+            raise ValueError(
+                f"n_kv_heads={kv!r} is not valid; give a positive divisor of n_heads={n_heads} (or None)"
+            )
         self.has_mlp, self.parallel, self.n_pos = has_mlp, bool(parallel and has_mlp), n_pos
         H, Hk, L = n_heads, self.n_kv_heads, n_layers
         kv_name = (lambda lay, g: f"L{lay}H{g}") if Hk == H else (lambda lay, g: f"L{lay}KV{g}")
@@ -209,6 +224,10 @@ class EdgeGraph:
 
     def __repr__(self) -> str:
         pp = f", n_pos={self.n_pos}" if self.per_position else ""
+        if self.n_kv_heads != self.n_heads:
+            pp = f", n_kv_heads={self.n_kv_heads}" + pp
+        if self.parallel:
+            pp = ", parallel=True" + pp
         return (
             f"EdgeGraph(n_layers={self.n_layers}, n_heads={self.n_heads}, has_mlp={self.has_mlp}{pp}: "
             f"{len(self)} edges, {self.n_src} sources, {self.n_dst} destination inputs)"

@@ -1,25 +1,33 @@
 """The one place where the circuits code touches the model's arithmetic.
 
-Edge patching needs the model split at its residual-stream reads and writes: every head reads its query, key and
-value input separately, every MLP reads its own input, and every head's output ``z_h @ W_O[h]`` is a separate
-write. :class:`ModelView` exposes exactly those pieces for a :class:`~pypattern.models.Transformer`; everything in
-:mod:`pypattern.circuits` goes through it, so a model with other blocks (RMSNorm, rotary embeddings, grouped-query
-attention, gated MLPs, parallel attention + MLP) needs changes here only.
+Edge patching needs the model split at its residual-stream reads and writes: every head reads its query input, every
+key/value head its key and value input, every MLP its own input, and every head's output ``z_h @ W_O[h]`` is a
+separate write. :class:`ModelView` exposes exactly those pieces for a :class:`~pypattern.models.Transformer`,
+calling the model's own modules and methods (its norms, :meth:`Attention.rotate`, :meth:`Attention.attn_mask`,
+its MLP, embedding and unembedding), so every architecture the Transformer represents is covered: LayerNorm,
+RMSNorm or no norm; learned, rotary (full or partial, GPT-NeoX or GPT-J pairing) or no positions; grouped-query and
+multi-query attention; gated MLPs; attention and MLP in parallel; any subset of biases; tied embeddings; a custom
+attention scale; sliding-window attention. Everything in :mod:`pypattern.circuits` goes through it.
 
 Every method accepts any number of leading dimensions (masks, interpolation steps, batch) before the position
 axis; per-head tensors put the head first, ``(heads, ..., pos, features)``, so that each head's projection is one
 batched matmul. The residual stream of a sequential block is
 
-``resid_mid = resid_pre + sum_h head_out_h + attn_bias``, ``resid_post = resid_mid + mlp(resid_mid)``;
+``resid_mid = resid_pre + sum_h head_out_h + b_O``, ``resid_post = resid_mid + mlp(resid_mid)``;
 
 with ``parallel`` (attention and MLP reading the same residual) ``resid_post = resid_pre + sum_h head_out_h +
-attn_bias + mlp(resid_pre)``. ``attn_bias`` (``b_O``) belongs to no head: it is a constant of the residual stream,
-never patched. The MLP's output includes its output bias.
+b_O + mlp(resid_pre)``. ``b_O`` belongs to no head: it is a constant of the residual stream, never patched. The
+MLP's output includes its output bias.
+
+Query and key inputs are un-rotated residual vectors: a head's query input is normalised, projected (plus bias) and
+then rotated at the absolute positions of its rows, the same for keys. With grouped-query attention (``n_kv_heads <
+n_heads``) key/value head ``g`` is shared by query heads ``g * G .. (g + 1) * G - 1`` (``G = n_heads //
+n_kv_heads``); it has one key input and one value input, shared by its group (the split-qkv inputs of
+TransformerLens' grouped-query attention), so an edge into ``L{l}KV{g}.k`` changes the keys every head of the group
+reads.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -39,6 +47,8 @@ class ModelView:
     Attributes
     ----------
     n_layers, n_heads, n_kv_heads, d_model, d_head : int
+    n_groups : int
+        Query heads per key/value head.
     has_mlp : bool
     parallel : bool
         Attention and MLP of a block read the same residual (the MLP does not see its own block's heads).
@@ -57,18 +67,25 @@ class ModelView:
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
         self.n_kv_heads = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+        self.n_groups = self.n_heads // self.n_kv_heads
         self.d_model, self.d_head = cfg.d_model, cfg.d_head
         self.has_mlp = not cfg.attn_only
-        self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
+        self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False)) and self.has_mlp
+        self.rotary = bool(getattr(cfg, "rotary", False))
         self.dtype = model.embed.W_E.dtype
-        self._scale = math.sqrt(cfg.d_head)
-        if self.n_kv_heads != self.n_heads or self.parallel:
-            raise NotImplementedError(
-                "the circuits adapter covers sequential blocks with one key/value head per query head "
-                f"(this model: n_kv_heads={self.n_kv_heads}, n_heads={self.n_heads}, parallel={self.parallel})"
-            )
+        self.attn_scale = float(getattr(cfg, "attn_scale", None) or cfg.d_head**0.5)
         if check:
             self._check()
+
+    # ----- heads ---------------------------------------------------------------------------------------------
+    def kv_heads_of(self, heads: list[int] | None) -> list[int] | None:
+        """The key/value heads the query heads ``heads`` read, sorted (None: all)."""
+        if heads is None:
+            return None
+        return sorted({h // self.n_groups for h in heads})
+
+    def _sel(self, W: torch.Tensor, idx: list[int] | None) -> torch.Tensor:
+        return W if idx is None else W[torch.as_tensor(idx, dtype=torch.long, device=W.device)]
 
     # ----- embedding and unembedding -------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -76,7 +93,7 @@ class ModelView:
         return self.model.embed_tokens(tokens)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and unembedding: ``(..., d_model)`` -> ``(..., d_vocab)``."""
+        """Final norm and unembedding (tied or not, with its bias if any): ``(..., d_model)`` -> ``(..., d_vocab)``."""
         return self.model.unembed(self.model.ln_final(x))
 
     # ----- attention (head-first layout: per-head tensors are (heads, ..., pos, features)) ------------------
@@ -84,55 +101,75 @@ class ModelView:
         """The norm in front of attention, on any ``(..., d_model)`` (each head input normalised on its own)."""
         return self.model.blocks[layer].ln1(x)
 
+    def _rotate(self, layer: int, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        """The model's rotary embedding of head-first ``x (h, ..., T, d_head)`` at absolute positions ``pos (T,)``
+        (identity without rotary positions)."""
+        if not self.rotary:
+            return x
+        if pos is None:
+            pos = torch.arange(x.shape[-2])
+        pos = pos.to(x.device)
+        return self.model.blocks[layer].attn.rotate(x.unsqueeze(-2), pos).squeeze(-2)
+
+    @staticmethod
+    def _bproj(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """Per-head projection ``(h, ..., T, d) x (h, d, dh) (+ b (h, dh))`` -> ``(h, ..., T, dh)``."""
+        h, d = x.shape[0], x.shape[-1]
+        y = torch.bmm(x.reshape(h, -1, d), W).view(*x.shape[:-1], W.shape[-1])
+        return y if b is None else y + b.view(h, *([1] * (x.dim() - 2)), -1)
+
     def qkv(
         self,
         layer: int,
         xq: torch.Tensor,
         xk: torch.Tensor,
         xv: torch.Tensor,
-        q_pos=None,
-        k_pos=None,
+        q_pos: torch.Tensor | None = None,
+        k_pos: torch.Tensor | None = None,
         heads: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values from separate, already normalised per-head inputs.
+        """Queries, keys (both rotated at their positions) and values from separate, already normalised per-head
+        inputs.
 
         Parameters
         ----------
         xq : ``(n_heads, ..., Tq, d_model)``
         xk, xv : ``(n_kv_heads, ..., Tk, d_model)``
         q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``, optional
-            Absolute positions of the rows (for position-dependent projections such as rotary embeddings).
+            Absolute positions of the rows (default ``arange``).
         heads : list of int, optional
-            Compute only these heads (the inputs then hold ``len(heads)`` heads).
+            Compute only these query heads and the key/value heads they read (:meth:`kv_heads_of`); the inputs
+            then hold ``len(heads)`` and ``len(kv_heads_of(heads))`` heads.
 
         Returns
         -------
         q ``(n_heads, ..., Tq, d_head)``, k, v ``(n_kv_heads, ..., Tk, d_head)``
         """
         a = self.model.blocks[layer].attn
-        sel = slice(None) if heads is None else torch.as_tensor(heads, device=a.W_Q.device)
-
-        def proj(x, W, b):
-            h, d = x.shape[0], x.shape[-1]
-            y = torch.bmm(x.reshape(h, -1, d), W[sel])
-            return y.view(*x.shape[:-1], W.shape[-1]) + b[sel].view(h, *([1] * (x.dim() - 2)), -1)
-
-        return proj(xq, a.W_Q, a.b_Q), proj(xk, a.W_K, a.b_K), proj(xv, a.W_V, a.b_V)
+        kv = self.kv_heads_of(heads)
+        sb = lambda b, idx: None if b is None else self._sel(b, idx)  # noqa: E731
+        q = self._bproj(xq, self._sel(a.W_Q, heads), sb(a.b_Q, heads))
+        k = self._bproj(xk, self._sel(a.W_K, kv), sb(a.b_K, kv))
+        v = self._bproj(xv, self._sel(a.W_V, kv), sb(a.b_V, kv))
+        return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v
 
     def qkv_shared(
-        self, layer: int, xq: torch.Tensor, xkv: torch.Tensor, q_pos=None, k_pos=None
+        self,
+        layer: int,
+        xq: torch.Tensor,
+        xkv: torch.Tensor,
+        q_pos: torch.Tensor | None = None,
+        k_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries from one normalised input ``xq (..., Tq, d)`` shared by every head, keys and values from
-        ``xkv (..., Tk, d)``: the same values as :meth:`qkv` with every head reading the same input, in one matmul.
-        Returns head-first ``q (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``."""
+        ``xkv (..., Tk, d)``: the same values as :meth:`qkv` with every head reading the same input, in one matmul
+        each (the model's :meth:`Attention.compute_q` / ``compute_k`` / ``compute_v``). Returns head-first ``q
+        (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``; ``q`` and ``k`` rotated at ``q_pos``, ``k_pos``."""
         a = self.model.blocks[layer].attn
-
-        def proj(x, W, b):
-            H, d, dh = W.shape
-            y = (x @ W.permute(1, 0, 2).reshape(d, H * dh)).view(*x.shape[:-1], H, dh) + b
-            return y.movedim(-2, 0)
-
-        return proj(xq, a.W_Q, a.b_Q), proj(xkv, a.W_K, a.b_K), proj(xkv, a.W_V, a.b_V)
+        q = a.compute_q(xq).movedim(-2, 0)
+        k = a.compute_k(xkv).movedim(-2, 0)
+        v = a.compute_v(xkv).movedim(-2, 0)
+        return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v
 
     def qkv_input_vjp(
         self,
@@ -142,12 +179,34 @@ class ModelView:
         gq: torch.Tensor,
         gk: torch.Tensor,
         gv: torch.Tensor,
+        q_pos: torch.Tensor | None = None,
+        k_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cotangents of each head's own (un-normalised) query, key and value input, given the cotangents
-        ``gq (H, ..., Tq, dh)``, ``gk, gv (H_kv, ..., Tk, dh)`` of :meth:`qkv_shared`'s outputs at the shared
-        un-normalised inputs ``xq (..., Tq, d)`` and ``xkv (..., Tk, d)``. Returns ``(H, ..., Tq, d)`` and twice
-        ``(H_kv, ..., Tk, d)``."""
+        """Cotangents of each head's own (un-normalised, un-rotated) query, key and value input.
+
+        Parameters
+        ----------
+        xq : ``(..., Tq, d)``; xkv : ``(..., Tk, d)``
+            The shared un-normalised inputs at which :meth:`qkv_shared` was evaluated.
+        gq : ``(H, ..., Tq, dh)``; gk, gv : ``(H_kv, ..., Tk, dh)``
+            Cotangents of :meth:`qkv_shared`'s outputs (the rotated queries and keys).
+        q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``, optional
+            Positions of the rows (default ``arange``): the rotation is undone at them.
+
+        Returns
+        -------
+        ``(H, ..., Tq, d)`` and twice ``(H_kv, ..., Tk, d)``: the query input of each head, the key and value
+        input of each key/value head.
+        """
         a = self.model.blocks[layer].attn
+
+        def unrotate(g, pos):  # the rotation's VJP (it is linear: the same at every point)
+            if not self.rotary:
+                return g
+            with torch.enable_grad():
+                y = torch.zeros_like(g, requires_grad=True)
+                (out,) = torch.autograd.grad(self._rotate(layer, y, pos), y, g)
+            return out
 
         def back(g, W):  # (h, ..., T, dh) x (h, d, dh) -> (h, ..., T, d)
             h = g.shape[0]
@@ -159,27 +218,60 @@ class ModelView:
                 (out,) = torch.autograd.grad(self.attn_norm(layer, xr), xr, g)
             return out
 
-        gq_in = norm_vjp(xq, back(gq, a.W_Q))
-        gk_in = norm_vjp(xkv, back(gk, a.W_K))
+        gq_in = norm_vjp(xq, back(unrotate(gq, q_pos), a.W_Q))
+        gk_in = norm_vjp(xkv, back(unrotate(gk, k_pos), a.W_K))
         gv_in = norm_vjp(xkv, back(gv, a.W_V))
         return gq_in, gk_in, gv_in
 
     def attention(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor | None = None,
+        heads: list[int] | None = None,
     ) -> torch.Tensor:
-        """Causal attention core, head-first: ``q (H, ..., Tq, dh)`` at absolute positions ``q_pos (Tq,)``, keys
-        and values ``(H_kv, ..., Tk, dh)`` at positions ``0 .. Tk-1`` -> ``z (H, ..., Tq, dh)``."""
-        scores = (q @ k.transpose(-1, -2)) / self._scale
-        mask = torch.arange(k.shape[-2], device=q.device)[None, :] > q_pos.to(q.device)[:, None]
+        """Causal attention core, head-first.
+
+        Parameters
+        ----------
+        q : ``(H, ..., Tq, dh)`` (rotated) at absolute positions ``q_pos (Tq,)``
+        k, v : ``(H_kv, ..., Tk, dh)`` at positions ``k_pos (Tk,)`` (default ``0 .. Tk-1``)
+        heads : list of int, optional
+            The query heads ``q`` holds (then ``k``, ``v`` hold :meth:`kv_heads_of` of them).
+
+        Returns
+        -------
+        z ``(H, ..., Tq, dh)``: ``softmax(q . k / attn_scale, masked by the model's attn_mask) @ v``.
+        """
+        a = self.model.blocks[layer].attn
+        if k_pos is None:
+            k_pos = torch.arange(k.shape[-2])
+        mask = a.attn_mask(q_pos.to(q.device), k_pos.to(q.device))
+        G = self.n_groups
+        if heads is not None:
+            kv = self.kv_heads_of(heads)
+            if G > 1 or kv != heads:
+                at = {g: i for i, g in enumerate(kv)}
+                idx = torch.tensor([at[h // G] for h in heads], device=k.device)
+                k, v = k[idx], v[idx]
+            G = 1
+        if G > 1:  # each key/value head serves G consecutive query heads
+            Hk = k.shape[0]
+            qg = q.reshape(Hk, G, *q.shape[1:])
+            scores = (qg @ k.unsqueeze(1).transpose(-1, -2)) / self.attn_scale
+            pattern = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+            return (pattern @ v.unsqueeze(1)).reshape(q.shape)
+        scores = (q @ k.transpose(-1, -2)) / self.attn_scale
         pattern = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
         return pattern @ v
 
     def head_out(self, layer: int, z: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:
         """Each head's write to the residual stream, ``z_h @ W_O[h]``: ``(H, ..., T, dh)`` -> ``(H, ..., T, d)``
         (only ``heads``, when given)."""
-        W_O = self.model.blocks[layer].attn.W_O
-        if heads is not None:
-            W_O = W_O[torch.as_tensor(heads, device=W_O.device)]
+        W_O = self._sel(self.model.blocks[layer].attn.W_O, heads)
         h = z.shape[0]
         return torch.bmm(z.reshape(h, -1, z.shape[-1]), W_O).view(*z.shape[:-1], W_O.shape[-1])
 
@@ -190,13 +282,19 @@ class ModelView:
         H, dh, d = W_O.shape
         return z.movedim(0, -2).flatten(-2) @ W_O.reshape(H * dh, d)
 
-    def attn_bias(self, layer: int) -> torch.Tensor:
-        """The attention output bias ``(d_model,)`` (part of no head)."""
+    def attn_bias(self, layer: int) -> torch.Tensor | None:
+        """The attention output bias ``(d_model,)`` (part of no head), or None when the model has none."""
         return self.model.blocks[layer].attn.b_O
+
+    def add_attn_bias(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``x + b_O`` (``x`` itself when the model has no ``b_O``)."""
+        b = self.attn_bias(layer)
+        return x if b is None else x + b
 
     # ----- MLP -----------------------------------------------------------------------------------------------
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The MLP's write to the residual stream from its (un-normalised) input: ``(..., d)`` -> ``(..., d)``."""
+        """The MLP's write to the residual stream from its (un-normalised) input: ``(..., d)`` -> ``(..., d)``
+        (the model's norm and MLP: gated or not, with or without biases)."""
         blk = self.model.blocks[layer]
         return blk.mlp(blk.ln2(x))
 
@@ -215,8 +313,8 @@ class ModelView:
             else:
                 h = self.attn_norm(layer, x)
                 q, k, v = self.qkv_shared(layer, h, h, pos, pos)
-            z = self.attention(layer, q, k, v, pos)
-            attn = self.head_out(layer, z).sum(0) + self.attn_bias(layer)
+            z = self.attention(layer, q, k, v, pos, pos)
+            attn = self.add_attn_bias(layer, self.head_out(layer, z).sum(0))
             if self.has_mlp:
                 mid = x + attn
                 x = mid + self.mlp(layer, x if self.parallel else mid)
@@ -226,7 +324,7 @@ class ModelView:
 
     @torch.no_grad()
     def _check(self) -> None:
-        T = min(4, self.cfg.n_ctx)
+        T = min(6, self.cfg.n_ctx)
         g = torch.Generator().manual_seed(0)
         dev = self.model.embed.W_E.device
         tokens = torch.randint(0, self.cfg.d_vocab, (1, T), generator=g).to(dev)
@@ -237,5 +335,5 @@ class ModelView:
         if not err <= tol * scale:
             raise NotImplementedError(
                 f"the circuits adapter's forward differs from the model's by {err:.3g} (logits up to {scale:.3g}): "
-                "this architecture is not covered by pypattern.circuits.model_view yet"
+                "this architecture is not covered by pypattern.circuits.model_view"
             )

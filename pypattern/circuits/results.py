@@ -294,7 +294,8 @@ class PruningCurve:
 
 
 def _layout(graph: EdgeGraph) -> dict[str, tuple[float, float]]:
-    """Node positions: embedding at the bottom, each layer's heads in a row, its MLP above, logits on top."""
+    """Node positions: embedding at the bottom, each layer's heads in a row (shared key/value heads, which only
+    receive edges, just below their group), its MLP above (beside the heads in a parallel block), logits on top."""
     H = graph.n_heads
     xs = lambda n: [(i - (n - 1) / 2) * 1.2 for i in range(n)]
     pos = {"embed": (0.0, 0.0)}
@@ -302,6 +303,11 @@ def _layout(graph: EdgeGraph) -> dict[str, tuple[float, float]]:
     for layer in range(graph.n_layers):
         for h, x in enumerate(xs(H)):
             pos[f"L{layer}H{h}"] = (x, y)
+        if graph.n_kv_heads != H:  # shared key/value heads: below the middle of their group of query heads
+            G = H // graph.n_kv_heads
+            for kv in range(graph.n_kv_heads):
+                x = sum(xs(H)[kv * G : (kv + 1) * G]) / G
+                pos[f"L{layer}KV{kv}"] = (x, y - 0.4)
         if graph.has_mlp:
             if graph.parallel:
                 pos[f"MLP{layer}"] = ((H / 2 + 0.5) * 1.2, y)

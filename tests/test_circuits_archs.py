@@ -1,0 +1,318 @@
+"""The circuits module on every architecture the Transformer represents (RMSNorm, rotary positions, grouped- and
+multi-query attention, gated MLPs, parallel attention + MLP, missing biases, tied embeddings, sliding windows):
+exact edge patching and EAP against the independent per-edge-hook reference, and a model converted from a
+Hugging Face Llama end to end."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _circuits_reference import ARCHS, naive_first_order, naive_patch, prompts, tiny
+
+from pypattern.circuits import ModelView, edge_attribution, edges, faithfulness, patch_edges
+from pypattern.patching import LogitDiff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(arch, seed=0, **kw):
+    return tiny(seed=seed, **{**ARCHS[arch], **kw})
+
+
+def _expected_count(L, H, Hk, has_mlp=True, parallel=False):
+    """Edges counted from the definition: every source written before a destination input reads."""
+    n = 0
+    for layer in range(L):
+        before = 1 + layer * (H + (1 if has_mlp else 0))  # embedding, earlier heads and MLPs
+        n += (H + 2 * Hk) * before  # each head's query input, each key/value head's key and value input
+        if has_mlp:
+            n += before + (0 if parallel else H)  # the MLP reads its own layer's heads only when sequential
+    return n + 1 + L * (H + (1 if has_mlp else 0))
+
+
+def _random_sets(n_edges, n, seed, p=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, n_edges, generator=gen) < p
+
+
+def _reference(model, g, masks, clean, corr, metric, mode="noise", ablation="resample"):
+    return torch.stack(
+        [
+            naive_patch(model, [g[i] for i in m.nonzero().flatten()], clean, corr, metric, mode, ablation)
+            for m in masks
+        ]
+    )
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_view_forward_and_edge_count(arch):
+    model = _model(arch, seed=1)
+    view = ModelView(model)  # its self-check compares its forward with the model's
+    tokens = prompts(model)[0]
+    with torch.no_grad():
+        ref = model(tokens)
+        for per_head in (False, True):
+            assert (view.forward(tokens, per_head=per_head) - ref).abs().max() <= 1e-12
+    cfg = model.cfg
+    g = edges(model)
+    H, Hk = cfg.n_heads, cfg.n_key_value_heads
+    assert len(g) == _expected_count(cfg.n_layers, H, Hk, parallel=cfg.parallel_attn_mlp)
+    names = {e.name for e in g}
+    if Hk < H:  # one key and one value input per key/value head, shared by its query heads
+        assert "L0H1->L1KV0.k" in names and f"MLP0->L1KV{Hk - 1}.v" in names and "embed->L0H3.q" in names
+        assert "embed->L0H3.k" not in names and f"embed->L0KV{Hk}.k" not in names
+        assert sum(e.dst_input == "L1KV0.k" for e in g) == 1 + H + 1
+    if cfg.parallel_attn_mlp:
+        assert "L0H1->MLP0" not in names and "L0H1->MLP1" in names and "MLP0->MLP1" in names
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_exact_patching_matches_reference(arch):
+    model = _model(arch, seed=2)
+    clean, corr, ans, wrong = prompts(model, seed=3)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    E = len(g)
+    masks = torch.cat(
+        [
+            torch.eye(E, dtype=torch.bool),  # every single edge: every edge type
+            _random_sets(E, 6, 4),
+            _random_sets(E, 3, 5, p=0.03),
+            torch.ones(1, E, dtype=torch.bool),
+            torch.zeros(1, E, dtype=torch.bool),
+        ]
+    )
+    ours = patch_edges(model, masks, clean, corr, metric=metric, max_batch=29)
+    ref = _reference(model, g, masks, clean, corr, metric)
+    assert (ours - ref).abs().max() <= 1e-9
+    with torch.no_grad():  # full set = the corrupted run, empty set = the clean run
+        assert (ours[-2] - metric(model(corr)[:, -1])).abs().max() <= 1e-9
+        assert (ours[-1] - metric(model(clean)[:, -1])).abs().max() <= 1e-9
+    changed = (ref[:E] - ref[-1]).abs().amax(1) > 1e-7  # nearly every single edge reaches the metric
+    assert changed.float().mean() > 0.85
+    # denoising with mean ablation on a subset (single edges of every kind and random sets)
+    sub = torch.cat([masks[:E:5], masks[E:]])
+    for mode, ablation in (("denoise", "resample"), ("noise", "mean"), ("noise", "zero")):
+        ours = patch_edges(model, sub, clean, corr, metric=metric, mode=mode, ablation=ablation)
+        ref = _reference(model, g, sub, clean, corr, metric, mode, ablation)
+        assert (ours - ref).abs().max() <= 1e-9, (mode, ablation)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_eap_matches_autograd_through_edge_hooks(arch):
+    model = _model(arch, seed=5)
+    clean, corr, ans, wrong = prompts(model, seed=6)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    ref = naive_first_order(model, g, clean, corr, metric, "noise", "resample")
+    assert (sc.values - ref).abs().max() <= 1e-9
+    assert ref.abs().max() > 1e-3
+    ig = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=2, mode="denoise")
+    ref = naive_first_order(model, g, clean, corr, metric, "denoise", "resample", alphas=(0.5, 1.0))
+    assert (ig.values - ref).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_per_position_edges_and_per_example_positions(arch):
+    model = _model(arch, seed=7, n_ctx=5)
+    clean, corr, ans, wrong = prompts(model, seed=8)
+    g = edges(model, per_position=True, seq_len=5)
+    gen = torch.Generator().manual_seed(0)
+    singles = torch.zeros(30, len(g), dtype=torch.bool)
+    singles[torch.arange(30), torch.randperm(len(g), generator=gen)[:30]] = True
+    masks = torch.cat([singles, _random_sets(len(g), 3, 9, p=0.2)])
+    metric = LogitDiff(ans, wrong)
+    ours = patch_edges(model, masks, clean, corr, metric=metric, ablation="mean")
+    assert (ours - _reference(model, g, masks, clean, corr, metric, "noise", "mean")).abs().max() <= 1e-9
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap", per_position=True)
+    assert (
+        sc.values - naive_first_order(model, g, clean, corr, metric, "noise", "resample")
+    ).abs().max() <= 1e-9
+    metric = LogitDiff(ans, wrong, position=torch.tensor([4, 2, 3, 4, 1]))
+    gf = edges(model)
+    masks = torch.cat([torch.eye(len(gf), dtype=torch.bool)[::4], _random_sets(len(gf), 3, 10)])
+    ours = patch_edges(model, masks, clean, corr, metric=metric)
+    assert (ours - _reference(model, gf, masks, clean, corr, metric)).abs().max() <= 1e-9
+
+
+def test_shared_key_value_edge_recomputes_its_group_only():
+    from pypattern.circuits.engine import prepare_runs
+
+    model = _model("llama", seed=9, layers=3)  # 4 query heads, 2 key/value heads: groups {0, 1}, {2, 3}
+    clean, corr, ans, wrong = prompts(model, seed=10)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    engine, _ = prepare_runs(model, g, clean, corr, metric)
+    calls = []
+    view = engine.view
+    for name in ("qkv", "qkv_shared", "mlp"):
+        orig = getattr(view, name)
+
+        def wrapped(layer, *a, _orig=orig, _name=name, **k):
+            calls.append((_name, layer, k.get("heads")))
+            return _orig(layer, *a, **k)
+
+        setattr(view, name, wrapped)
+    for edge, heads in (("MLP0->L2KV1.k", [2, 3]), ("L0H1->L2KV0.v", [0, 1]), ("embed->L2H2.q", [2])):
+        calls.clear()
+        val = engine.run(g.mask([edge])[None])[0]
+        assert calls == [("qkv", 2, heads), ("mlp", 2, None)]
+        ref = naive_patch(model, [g[g.index(edge)]], clean, corr, metric, "noise", "resample")
+        assert (val - ref).abs().max() <= 1e-9
+
+
+def test_parallel_mlp_edge_skips_the_attention():
+    from pypattern.circuits.engine import prepare_runs
+
+    model = _model("neox", seed=11, layers=3)
+    clean, corr, ans, wrong = prompts(model, seed=12)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    engine, _ = prepare_runs(model, g, clean, corr, metric)
+    calls = []
+    view = engine.view
+    for name in ("qkv", "qkv_shared", "mlp"):
+        orig = getattr(view, name)
+
+        def wrapped(layer, *a, _orig=orig, _name=name, **k):
+            calls.append((_name, layer))
+            return _orig(layer, *a, **k)
+
+        setattr(view, name, wrapped)
+    val = engine.run(g.mask(["L0H2->MLP1"])[None])[0]
+    assert calls == [("mlp", 1), ("qkv_shared", 2), ("mlp", 2)]  # layer 1's heads are the base run's
+    ref = naive_patch(model, [g[g.index("L0H2->MLP1")]], clean, corr, metric, "noise", "resample")
+    assert (val - ref).abs().max() <= 1e-9
+
+
+def _hf_llama():
+    transformers = pytest.importorskip("transformers")
+    from pypattern.models import from_hf
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=14,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8,
+        initializer_range=0.3,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
+    with torch.no_grad():  # norm weights other than one
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return hf, from_hf(hf, dtype=torch.float64)
+
+
+def test_converted_hf_llama_end_to_end():
+    hf, model = _hf_llama()
+    clean, corr, ans, wrong = prompts(model, seed=13)
+    clean, corr = clean[:, :6], corr[:, :6]
+    with torch.no_grad():  # the conversion is exact
+        assert (hf(clean).logits - model(clean)).abs().max() <= 1e-5
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    assert len(g) == _expected_count(2, 4, 2)
+    masks = torch.cat([torch.eye(len(g), dtype=torch.bool), _random_sets(len(g), 5, 14)])
+    ours = patch_edges(model, masks, clean, corr, metric=metric)
+    ref = _reference(model, g, masks, clean, corr, metric)
+    assert (ours - ref).abs().max() <= 1e-9
+    # the converted model computes its RMSNorms in float32 (as Hugging Face does), so their derivatives carry float32
+    # rounding: EAP agrees to float32 precision; with the norms computing in float64 it agrees to 1e-9
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    ref = naive_first_order(model, g, clean, corr, metric, "noise", "resample")
+    assert model.blocks[0].ln1.compute_dtype == torch.float32
+    assert (sc.values - ref).abs().max() <= 1e-5 * ref.abs().max()
+    norms = [m for n, m in model.named_modules() if n.endswith(("ln1", "ln2", "ln_final"))]
+    for m in norms:
+        m.compute_dtype = None
+    sc64 = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    ref = naive_first_order(model, g, clean, corr, metric, "noise", "resample")
+    assert (sc64.values - ref).abs().max() <= 1e-9
+    for m in norms:
+        m.compute_dtype = torch.float32
+    top = sc.circuit(fraction=0.2)
+    f = faithfulness(model, top.edges, clean, corr, metric=metric)
+    inside = set(top.edges)
+    m_c = naive_patch(
+        model, [e for e in g if e not in inside], clean, corr, metric, "noise", "resample"
+    ).mean()
+    m_full = naive_patch(model, [], clean, corr, metric, "noise", "resample").mean()
+    m_empty = naive_patch(model, list(g), clean, corr, metric, "noise", "resample").mean()
+    assert f == pytest.approx(float((m_c - m_empty) / (m_full - m_empty)), abs=1e-9)
+
+
+def test_grouped_query_results_save_load_and_draw(tmp_path):
+    from pypattern.circuits import EdgeGraph, EdgeScores
+
+    model = _model("llama", seed=15)
+    clean, corr, ans, wrong = prompts(model, seed=16)
+    sc = edge_attribution(model, clean, corr, metric=LogitDiff(ans, wrong))
+    assert "n_kv_heads=2" in repr(sc.graph)
+    sc.save(tmp_path / "s.npz")
+    back = EdgeScores.load(tmp_path / "s.npz")
+    assert back.graph.n_kv_heads == 2 and [e.name for e in back.graph] == [e.name for e in sc.graph]
+    c = sc.circuit(fraction=0.5)
+    assert any(e.dst.startswith("L1KV") for e in c.edges)
+    c.draw(tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        EdgeGraph(2, 4, n_kv_heads=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_acdc_and_pruning_curve(arch):
+    from test_circuits_eval import _acdc_reference
+
+    from pypattern.circuits import acdc, pruning_curve
+
+    model = _model(arch, seed=17)
+    clean, corr, ans, wrong = prompts(model, seed=18)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    full = float(patch_edges(model, [], clean, corr, metric=metric).mean())
+    empty = float(patch_edges(model, list(g), clean, corr, metric=metric).mean())
+    thr = 0.02 * abs(full - empty)
+    circ = acdc(model, clean, corr, metric=metric, threshold=thr)
+    keep_ref, m_ref = _acdc_reference(model, clean, corr, metric, thr)
+    assert circ.info["m_circuit"] == pytest.approx(m_ref, abs=1e-9)
+    assert bool((circ.mask & ~keep_ref).sum() == 0) and 0 < len(circ) < len(g)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    curve = pruning_curve(model, sc, clean, corr, metric=metric, counts=[0, 5, len(g)])
+    f = curve.faithfulness["eap"]
+    assert float(f[0]) == pytest.approx(0.0, abs=1e-9) and float(f[-1]) == pytest.approx(1.0, abs=1e-9)
+    inside = set(sc.circuit(n=5).edges)
+    m_c = naive_patch(model, [e for e in g if e not in inside], clean, corr, metric, "noise", "resample")
+    assert float(f[1]) == pytest.approx(float((m_c.mean() - empty) / (full - empty)), abs=1e-9)
+
+
+def test_cli_on_a_hugging_face_llama_directory(tmp_path):
+    import numpy as np
+
+    from pypattern.circuits.cli import run_circuit_demo
+
+    hf, model = _hf_llama()
+    d = tmp_path / "llama"
+    hf.save_pretrained(d, safe_serialization=True)
+    clean, corr, ans, wrong = prompts(model, seed=19)
+    tok = tmp_path / "prompts.npz"
+    np.savez(tok, clean=clean.numpy(), corrupted=corr.numpy(), answer=ans.numpy(), wrong=wrong.numpy())
+    res = run_circuit_demo(
+        str(tmp_path / "out"), model_dir=str(d), tokens=str(tok), methods=("eap",), fraction=0.2
+    )
+    for key in ("edge_scores", "circuit_table", "pruning_curve", "circuit_drawing"):
+        assert os.path.getsize(res[key]) > 100
+    metric = LogitDiff(ans, wrong)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    want = faithfulness(model, sc.circuit(fraction=0.2).mask, clean, corr, metric=metric)
+    assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9)
+    assert res["circuit_edges"] == round(0.2 * len(edges(model)))
