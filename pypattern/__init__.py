@@ -46,6 +46,8 @@ from .patterning import invert, reweight
 from .sampling import (
     SGLD,
     LLCResult,
+    OnlineLLC,
+    refined_llc,
     SampleResult,
     SamplingDivergedError,
     calibrate_step_size,
@@ -104,6 +106,8 @@ __all__ = [
     "__version__",
     "backends",
     "bif",
+    "OnlineLLC",
+    "refined_llc",
     "calibrate_step_size",
     "center_gram",
     "component_masks",
