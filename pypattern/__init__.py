@@ -47,13 +47,13 @@ from .sampling import (
     SGLD,
     LLCResult,
     OnlineLLC,
-    refined_llc,
     SampleResult,
     SamplingDivergedError,
     calibrate_step_size,
     estimate_learning_coeff,
     estimate_learning_coeff_with_summary,
     estimate_llc,
+    refined_llc,
     sample,
 )
 from .susceptibility import SusceptibilityResult, bif, susceptibilities
