@@ -381,6 +381,8 @@ def auto_arguments(call: dict) -> dict:
         out.pop("masks", None)
     if call.get("chains") is not None:
         out.pop("cores", None)
+    # trials with as many chains as the run, between 4 and 8: the calibration stays cheap relative to small runs
+    out["calibration_chains"] = min(8, max(4, int(call.get("num_chains") or 4)))
     return out
 
 
