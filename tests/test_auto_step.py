@@ -138,3 +138,17 @@ def test_normal_crossing_auto_fast():
 def test_normal_crossing_auto():
     r, target = _normal_crossing_auto(32, 2000)
     assert abs(r.llc_mean - target) / target < 0.15, (r, target)
+
+
+def test_bif_and_susceptibilities_take_auto():
+    from pypattern import bif, susceptibilities
+
+    model, loader = _regular()
+    x, y = next(iter(loader))
+    probe = (x[:4], y[:4])
+    kw = dict(nbeta=1000.0, localization=1.0, num_chains=2, num_draws=10, seed=0)
+    chosen, _ = resolve_step_size(model, loader, nbeta=1000.0, localization=1.0, seed=0)
+    res = bif(model, loader, probe, step_size="auto", **kw)
+    assert res.settings["step_size"] == chosen
+    chi = susceptibilities(model, loader, probe, [["layers.0.weight"]], step_size="auto", **kw)
+    assert chi.settings["step_size"] == chosen
