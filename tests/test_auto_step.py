@@ -146,8 +146,8 @@ def test_bif_and_susceptibilities_take_auto():
     model, loader = _regular()
     x, y = next(iter(loader))
     probe = (x[:4], y[:4])
-    kw = dict(nbeta=1000.0, localization=1.0, num_chains=2, num_draws=10, seed=0)
-    chosen, _ = resolve_step_size(model, loader, nbeta=1000.0, localization=1.0, seed=0)
+    kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0)
+    chosen, _ = resolve_step_size(model, loader, nbeta=10.0, localization=1.0, seed=0)
     res = bif(model, loader, probe, step_size="auto", **kw)
     assert res.settings["step_size"] == chosen
     chi = susceptibilities(model, loader, probe, [["layers.0.weight"]], step_size="auto", **kw)
