@@ -16,7 +16,8 @@ at ``eps / 2`` (run for twice as many steps, so that both cover the same stretch
 too and the two estimates differ by at most ``z`` (default 2) combined standard errors,
 ``|llc(eps) - llc(eps/2)| <= z * sqrt(se(eps)^2 + se(eps/2)^2)``, and by at most ``rtol`` (default 10%) of
 ``llc(eps/2)`` (short trials have wide standard errors; the relative bound keeps their width from passing a
-biased step). The run then uses ``eps / 2``: the
+biased step). A change below 2% of the estimate always counts as unchanged (long trials of a large model can
+have standard errors of a fraction of a percent, far below what matters for the estimate). The run then uses ``eps / 2``: the
 discretisation bias grows about linearly with the step, so the bias at ``eps / 2`` is about the measured
 difference (within the allowed standard errors) while at ``eps`` it would be twice that; on the
 deep-linear-network truths the larger step was measured 14% high, the halved one within 5%. Each trial's standard error is
@@ -166,6 +167,7 @@ def resolve_step_size(
     max_r_hat: float = 1.1,
     z: float = 2.0,
     rtol: float = 0.1,
+    atol_rel: float = 0.02,
     **sample_kwargs,
 ) -> tuple[float, AutoStepReport]:
     """Pick the SGLD step size by the rule of :mod:`pypattern.sampling.auto`.
@@ -188,6 +190,8 @@ def resolve_step_size(
         Standard errors allowed between the estimates at ``eps`` and ``eps / 2``.
     rtol : float
         Largest relative change of the estimate when the step is halved.
+    atol_rel : float
+        A relative change below this counts as unchanged whatever the standard errors.
     **sample_kwargs
         ``weight_decay``, ``noise_scale``, ``bounding_box``, ``restrict_to``, ``masks``, ``runs`` (every run must
         pass), ``grad_accum_steps``, ``batched``, ``backend``, ``init_loss``, ``num_init_loss_batches``, ``cores``;
@@ -235,6 +239,7 @@ def resolve_step_size(
             max_r_hat=float(max_r_hat),
             z=float(z),
             rtol=float(rtol),
+            atol_rel=float(atol_rel),
             nbeta=None if nbeta is None else float(nbeta),
             localization=float(localization),
         )
@@ -314,7 +319,7 @@ def resolve_step_size(
             continue
         diffs = [abs(a - b) for a, b in zip(row["llcs"], half["llcs"], strict=True)]
         tols = [
-            min(z * math.hypot(a, b), rtol * abs(c))
+            min(max(z * math.hypot(a, b), atol_rel * abs(c)), rtol * abs(c))
             for a, b, c in zip(row["ses"], half["ses"], half["llcs"], strict=True)
         ]
         if all(d <= t for d, t in zip(diffs, tols, strict=True)):
