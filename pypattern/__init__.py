@@ -55,12 +55,14 @@ from .patterning import invert, reweight
 from .sampling import (
     SGLD,
     LLCResult,
+    OnlineLLC,
     SampleResult,
     SamplingDivergedError,
     calibrate_step_size,
     estimate_learning_coeff,
     estimate_learning_coeff_with_summary,
     estimate_llc,
+    refined_llc,
     sample,
 )
 from .susceptibility import SusceptibilityResult, bif, susceptibilities
@@ -85,6 +87,8 @@ __all__ = [
     "activation_patching",
     "attribution_patching",
     "bif",
+    "OnlineLLC",
+    "refined_llc",
     "calibrate_step_size",
     "cka_matrix",
     "estimate_learning_coeff",

@@ -53,6 +53,7 @@ from torch import nn
 from . import io
 from .io import Saveable, register
 from .ops.covariance import CrossCovariance
+from .sampling.auto import is_auto, resolve_step_size
 from .sampling.checkpoint import load_checkpoint_state
 from .sampling.data import ChainData
 from .sampling.optim import chain_seed
@@ -432,6 +433,8 @@ def susceptibilities(
 
     else:
         lf = loss_fn
+    if is_auto(kw.get("step_size")):  # one calibration, unrestricted chains, for every component's run
+        kw["step_size"] = resolve_step_size(model, loader, loss_fn=lf, **kw)[0]
     only = _only_batch(loader)
     fuse_probe = loss_fn is None and only is not None and _same_batch(only, probe)
     fuse_phi = fuse_probe and observable is None and _same_batch(sampling_batch, only)
@@ -743,6 +746,8 @@ def bif(
     """Bayesian influence function ``BIF(z_i, z_j) = -Cov(l_i, l_j)`` over draws of the (unrestricted) localized
     posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws)."""
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    if is_auto(kw.get("step_size")):  # calibrated before the run (pypattern.sampling.auto)
+        kw["step_size"] = resolve_step_size(model, loader, loss_fn=loss_fn, **kw)[0]
 
     def losses_of(m) -> torch.Tensor:
         v = per_sample_loss_fn(m, probe)

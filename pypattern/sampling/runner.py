@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._threads import pinned_threads
+from .auto import auto_arguments, is_auto, resolve_step_size, with_auto_report
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import RunContext, Stopped
@@ -80,7 +81,7 @@ def sample(
     num_draws: int = 200,
     num_burnin_steps: int = 0,
     num_steps_bw_draws: int = 1,
-    step_size: float | None = None,
+    step_size: float | str | None = None,
     nbeta: float | None = None,
     localization: float = 0.0,
     weight_decay: float = 0.0,
@@ -130,8 +131,10 @@ def sample(
         ``batch = (x, y)``.
     num_chains, num_draws, num_burnin_steps, num_steps_bw_draws : int
         Chain layout (devinterp's names and meanings).
-    step_size : float
-        SGLD step size ``eps`` (devinterp's ``lr``); default ``1e-4``.
+    step_size : float or "auto"
+        SGLD step size ``eps`` (devinterp's ``lr``); default ``1e-4``. ``"auto"``: chosen by a short calibration
+        before the run (:mod:`pypattern.sampling.auto`); the result's ``config["step_size"]`` is the chosen
+        step and ``config["auto_step"]`` the calibration's trials and reason.
     nbeta : float, optional
         ``n * beta``; default ``batch_size / ln(batch_size)`` (devinterp's default). ``temperature`` is devinterp's
         older name for it.
@@ -230,6 +233,9 @@ def sample(
     A model in training mode with dropout layers is put in eval mode for the run (and back afterwards), with a
     warning: dropout would make the draws random beyond the seed and a resume inexact.
     """
+    auto_step = None
+    if is_auto(step_size):  # step_size="auto": calibrate first (pypattern.sampling.auto)
+        step_size, auto_step = resolve_step_size(model, loader, **auto_arguments(locals()))
     plan = make_plan(
         model,
         loader,
@@ -271,7 +277,7 @@ def sample(
         checkpoint_state=checkpoint_state,
     )
     with _eval_mode_for_dropout(model):
-        return _sample(plan, model, loader)
+        return with_auto_report(_sample(plan, model, loader), auto_step)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,249 @@
+"""The LLC during training: :class:`OnlineLLC`, a callback for a training loop.
+
+Called as ``cb(model, step)`` (or ``cb(step, model)``, the order of :func:`pypattern.tasks.train`'s callback)
+after an optimizer step, it estimates the LLC at the steps of its schedule and does nothing at the others. It
+leaves the training run exactly as it was: torch's global random state (CPU, and CUDA when initialised), numpy's
+and Python's global random states are saved and restored, the weights and buffers are copied before the
+estimate and copied back bit for bit after it, and the model's training mode is restored. A training run with
+the callback therefore ends with the same weights, bit for bit, as one without.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import Saveable, register
+from .llc import estimate_llc
+
+__all__ = ["OnlineLLC", "OnlineLLCResult", "preserved_training_state"]
+
+
+class preserved_training_state:
+    """Context manager: on exit, restore ``model``'s weights and buffers (bit for bit), its training mode, and the
+    global random states of torch (CPU and initialised CUDA devices), numpy and Python."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        m = self.model
+        self.state = {k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items()}
+        self.modes = {mod: mod.training for mod in m.modules()}
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.np_rng = np.random.get_state()
+        self.py_rng = random.getstate()
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for k, v in self.model.state_dict(keep_vars=True).items():
+                v.copy_(self.state[k])
+        for mod, training in self.modes.items():
+            mod.train(training)
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        np.random.set_state(self.np_rng)
+        random.setstate(self.py_rng)
+        return False
+
+
+@register
+@dataclass(eq=False)
+class OnlineLLCResult(Saveable):
+    """The estimates of an :class:`OnlineLLC` run, one entry per estimate.
+
+    Attributes
+    ----------
+    step : ndarray of int ``(num_estimates,)``
+    llc_mean, llc_std, r_hat : ndarray ``(num_estimates,)``
+    init_loss : ndarray ``(num_estimates,)``
+        ``L_n(w*)`` at each estimate (the training loss on the LLC's data).
+    train_loss : ndarray ``(num_estimates,)``
+        The loss the training loop passed (``loss=``), NaN where none was.
+    refined : dict of str to ndarray ``(num_estimates,)``
+        Refined LLCs per component (when ``components`` was given).
+    seconds : float
+        Time spent in the estimates.
+    """
+
+    step: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    llc_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    llc_std: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    r_hat: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    init_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    train_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    refined: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_pandas(self):
+        import pandas as pd
+
+        cols = {
+            "step": self.step,
+            "llc_mean": self.llc_mean,
+            "llc_std": self.llc_std,
+            "r_hat": self.r_hat,
+            "init_loss": self.init_loss,
+            "train_loss": self.train_loss,
+        }
+        cols.update({f"llc[{k}]": v for k, v in self.refined.items()})
+        return pd.DataFrame(cols)
+
+    def plot(self, ax=None, *, extra: dict | None = None):
+        """The LLC (with its std over chains) against the training step, the loss on a second axis; ``extra``
+        maps a label to a sequence of values at the same steps (e.g. the prefix-matching score), drawn on the
+        loss axis. Returns the LLC axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 4))
+        ax.errorbar(self.step, self.llc_mean, self.llc_std, fmt="o-", color="C0", ms=3, label="LLC")
+        for i, (k, v) in enumerate(self.refined.items()):
+            ax.plot(self.step, v, "--", lw=1, color=f"C{3 + i % 6}", label=f"LLC {k}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("LLC")
+        ax2 = ax.twinx()
+        loss = np.where(np.isfinite(self.train_loss), self.train_loss, self.init_loss)
+        ax2.plot(self.step, loss, "s-", color="C1", ms=3, label="training loss")
+        for i, (k, v) in enumerate((extra or {}).items()):
+            ax2.plot(self.step, np.asarray(v), "^-", color=f"C{2 + i}", ms=3, label=k)
+        ax2.set_ylabel("loss" + (" / " + ", ".join(extra) if extra else ""))
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+        return ax
+
+
+class OnlineLLC:
+    """Estimate the LLC at chosen steps of a training run, leaving the run untouched.
+
+    Parameters
+    ----------
+    loader : iterable of batches
+        The data of the estimate (a fixed loader: its order is keyed by ``seed``, not by the global RNG).
+    every : int, optional
+        Estimate at every ``every``-th step (``step % every == 0``).
+    steps : sequence of int, optional
+        Estimate at these steps (with ``every``: at either).
+    components : "heads", list or dict, optional
+        Also the weight-refined LLCs of these components (:func:`pypattern.refined_llc`), batched with the
+        full run.
+    **sample_kwargs
+        :func:`pypattern.estimate_llc`'s keywords (``loss_fn``, ``num_chains``, ``num_draws``, ``step_size``,
+        ``nbeta``, ``localization``, ``seed``, ...). ``step_size="auto"`` calibrates at the first estimate and
+        keeps that step for the rest of the run (one step for the whole curve; calibrating anew at each estimate
+        would mix different biases into it).
+
+    Examples
+    --------
+    >>> cb = OnlineLLC(loader, every=100, num_chains=4, num_draws=100, step_size=1e-4, localization=100.0)
+    >>> for step in range(1000):
+    ...     loss = train_step(model)
+    ...     cb(model, step, loss=loss)
+    >>> cb.result.plot()
+    """
+
+    def __init__(
+        self,
+        loader: Iterable,
+        *,
+        every: int | None = None,
+        steps: Sequence[int] | None = None,
+        components: Any = None,
+        **sample_kwargs,
+    ):
+        if every is None and steps is None:
+            raise ValueError("give every (an int >= 1) or steps (a sequence of ints): when to estimate")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.loader = loader
+        self.every = every
+        self.steps = None if steps is None else {int(s) for s in steps}
+        self.components = components
+        sample_kwargs.setdefault("quiet", True)
+        sample_kwargs.setdefault("warn_nonstationary", False)
+        self.sample_kwargs = sample_kwargs
+        self._rows: list[dict] = []
+        self.seconds = 0.0
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is on the schedule."""
+        return (self.every is not None and step % self.every == 0) or (
+            self.steps is not None and step in self.steps
+        )
+
+    def __call__(self, model, step, loss: float | None = None) -> dict | None:
+        """Estimate at ``step`` if it is on the schedule; returns the row (or None)."""
+        if isinstance(model, int) and isinstance(step, nn.Module):  # pypattern.tasks.train's (step, model)
+            model, step = step, model
+        step = int(step)
+        if not self.due(step):
+            return None
+        t0 = time.perf_counter()
+        with preserved_training_state(model):
+            model.eval()
+            row = self._estimate(model, step, loss)
+        self.seconds += time.perf_counter() - t0
+        self._rows.append(row)
+        return row
+
+    def _estimate(self, model: nn.Module, step: int, loss) -> dict:
+        kw = dict(self.sample_kwargs)
+        row: dict = {"step": step, "train_loss": float("nan") if loss is None else float(loss)}
+        if self.components is None:
+            r = estimate_llc(model, self.loader, **kw)
+            config = r.sample.config
+            row.update(llc_mean=r.llc_mean, llc_std=r.llc_std, r_hat=r.r_hat, init_loss=r.init_loss)
+        else:
+            from .refined import refined_llc
+
+            res = refined_llc(model, self.loader, components=self.components, include_full=True, **kw)
+            config = res.config
+            row.update(
+                llc_mean=float(res.llc_mean[0]),
+                llc_std=float(res.llc_std[0]),
+                r_hat=float(res.r_hat[0]),
+                init_loss=float(res.init_loss[0]),
+                refined={c: float(v) for c, v in zip(res.component[1:], res.llc_mean[1:], strict=True)},
+            )
+        if self.sample_kwargs.get("step_size") == "auto":  # keep the calibrated step for the whole curve
+            self.sample_kwargs["step_size"] = float(config["step_size"])
+            self.auto_step = config.get("auto_step")
+        return row
+
+    @property
+    def result(self) -> OnlineLLCResult:
+        """The estimates so far."""
+        rows = self._rows
+        names = list(rows[0].get("refined", {})) if rows else []
+        return OnlineLLCResult(
+            step=np.array([r["step"] for r in rows], dtype=np.int64),
+            llc_mean=np.array([r["llc_mean"] for r in rows], dtype=np.float64),
+            llc_std=np.array([r["llc_std"] for r in rows], dtype=np.float64),
+            r_hat=np.array([r["r_hat"] for r in rows], dtype=np.float64),
+            init_loss=np.array([r["init_loss"] for r in rows], dtype=np.float64),
+            train_loss=np.array([r["train_loss"] for r in rows], dtype=np.float64),
+            refined={k: np.array([r["refined"][k] for r in rows], dtype=np.float64) for k in names},
+            seconds=self.seconds,
+        )
+
+
+def as_train_callback(cb: OnlineLLC, also: Callable | None = None) -> Callable[[int, nn.Module], None]:
+    """A ``(step, model)`` callback for :func:`pypattern.tasks.train` running ``cb`` (and then ``also``)."""
+
+    def run(step, model):
+        cb(model, step)
+        if also is not None:
+            also(step, model)
+
+    return run

@@ -1,0 +1,251 @@
+"""Refined LLCs in one call: the weight-refined LLC of every component and the data-refined LLC.
+
+* **Weight-refined** LLC of a component ``C`` (an attention head, an MLP, the embedding, or any set of weights
+  given by masks): the LLC estimate of a sampler that moves only ``C``'s weights (drift and noise masked), the
+  others held at ``w*``. For a model whose components are independent regular blocks it is each block's parameter
+  count over 2.
+* **Data-refined** LLC on another data set ``q'``: the same estimator with the loss (that drives the chains and
+  is averaged) taken on ``q'``, at the same ``w*``.
+
+All restricted runs of one data set go through one :func:`pypattern.sample` call (``runs=``): with batched chains
+every SGLD step of every run is one ``vmap``-ed forward and backward. Run ``r``'s chain ``c`` has the noise and
+data of chain ``c`` of a separate call with that run's masks, so the numbers equal running each component alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import Saveable, register
+from .llc import llc_from_sample
+from .runner import sample
+
+__all__ = ["RefinedLLCResult", "refined_llc"]
+
+FULL = "full"  # the name of the unrestricted run in the table
+
+
+@register
+@dataclass(eq=False)
+class RefinedLLCResult(Saveable):
+    """What :func:`refined_llc` returns: one row per (component, data set).
+
+    Attributes
+    ----------
+    component, data : list of str, ``(num_rows,)``
+        The component's name (``"full"`` for the unrestricted run) and the data set's (``"train"`` or
+        ``"data"``).
+    num_params : ndarray of int, ``(num_rows,)``
+        Weights the run moves.
+    llc_mean, llc_std, r_hat, ess : ndarray, ``(num_rows,)``
+        Estimate, standard deviation over chains (ddof=1), split R-hat and ESS of the loss trace.
+    llc_per_chain : ndarray, ``(num_rows, num_chains)``
+    init_loss : ndarray, ``(num_rows,)``
+        ``L_n(w*)`` on the row's data set.
+    config : dict
+        The sampler's configuration (the first run's; ``step_size`` is the one used, chosen when ``"auto"``).
+    seconds : float
+        Wall time of the sampling.
+    """
+
+    component: list = field(default_factory=list)
+    data: list = field(default_factory=list)
+    num_params: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    llc_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    llc_std: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    r_hat: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ess: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    llc_per_chain: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    init_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "component": self.component[i],
+                "data": self.data[i],
+                "num_params": int(self.num_params[i]),
+                "llc_mean": float(self.llc_mean[i]),
+                "llc_std": float(self.llc_std[i]),
+                "r_hat": float(self.r_hat[i]),
+                "ess": float(self.ess[i]),
+                "init_loss": float(self.init_loss[i]),
+            }
+            for i in range(len(self.component))
+        ]
+
+    def llc(self, component: str, data: str = "train") -> float:
+        """The estimate of one row."""
+        for i, (c, d) in enumerate(zip(self.component, self.data, strict=True)):
+            if c == component and d == data:
+                return float(self.llc_mean[i])
+        raise KeyError(f"no row for component={component!r}, data={data!r}; components are {self.component}")
+
+    def to_pandas(self):
+        """The table: one row per (component, data set)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows())
+
+    def __str__(self) -> str:
+        lines = [f"{'component':<24} {'data':<6} {'params':>7} {'llc':>10} {'std':>9} {'R-hat':>7}"]
+        for r in self.rows():
+            lines.append(
+                f"{r['component']:<24} {r['data']:<6} {r['num_params']:>7d} {r['llc_mean']:>10.4g} "
+                f"{r['llc_std']:>9.3g} {r['r_hat']:>7.3f}"
+            )
+        return "\n".join(lines)
+
+    def plot(self, ax=None):
+        """Horizontal bars of each row's LLC with its standard deviation over chains; returns the axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 0.3 * len(self.component) + 1.2))
+        labels = [c if d == "train" else f"{c} [{d}]" for c, d in zip(self.component, self.data, strict=True)]
+        y = np.arange(len(labels))
+        colors = ["C0" if d == "train" else "C1" for d in self.data]
+        ax.barh(y, self.llc_mean, xerr=self.llc_std, color=colors)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("refined LLC")
+        return ax
+
+
+def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple]]:
+    """Names and ``(restrict_to, masks)`` pairs of the components."""
+    from ..models.transformer import component_masks, list_components
+
+    if isinstance(components, str):
+        if components not in ("heads", "blocks"):
+            raise ValueError(
+                f"components={components!r}: give 'heads' (every head, MLP and embedding), 'blocks' (attention "
+                "layers whole), a list of component names, or a dict of name -> names or masks"
+            )
+        if not hasattr(model, "cfg"):
+            raise ValueError(
+                f"components={components!r} needs pypattern's Transformer (pypattern.from_hf converts HF "
+                "models); for other models give a list of parameter-name prefixes or a dict of masks"
+            )
+        components = list_components(model, heads=components == "heads")
+    if isinstance(components, Mapping):
+        names, specs = [str(k) for k in components], list(components.values())
+    else:
+        specs = list(components)
+        names = [c if isinstance(c, str) else f"component_{i}" for i, c in enumerate(specs)]
+    if not specs:
+        raise ValueError("components is empty: give at least one component")
+    if len(set(names)) != len(names) or FULL in names:
+        raise ValueError(f"components must have distinct names other than {FULL!r}, got {names}")
+    runs = []
+    params = dict(model.named_parameters())
+    for name, spec in zip(names, specs, strict=True):
+        if isinstance(spec, str):
+            masks = component_masks(model, spec)
+        elif isinstance(spec, Mapping):
+            masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in spec.items()}
+        elif isinstance(spec, Sequence):
+            masks = {k: torch.ones_like(params[k], dtype=torch.bool) for k in spec}
+        else:
+            raise TypeError(
+                f"component {name!r}: expected a name, a list of parameter names or masks, got {spec!r}"
+            )
+        runs.append((list(masks), masks))
+    return names, runs
+
+
+def refined_llc(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    components: str | Sequence | Mapping[str, Any] = "heads",
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    data_loss_fn: Callable | None = None,
+    include_full: bool = True,
+    **sample_kwargs,
+) -> RefinedLLCResult:
+    """Weight-refined LLCs of many components, and data-refined LLCs, in one batched call per data set.
+
+    Parameters
+    ----------
+    model : nn.Module
+        At the trained weights ``w*``; not modified.
+    loader : iterable of batches
+        The training data (rows ``data="train"``).
+    components : "heads", "blocks", list or dict
+        ``"heads"``: every attention head, MLP, the embeddings and unembedding of pypattern's Transformer
+        (:func:`pypattern.models.list_components`); ``"blocks"``: attention layers whole instead of heads; a list
+        of component names (``"blocks.0.attn.head.1"``, ``"blocks.1.mlp"``, ``"embed"``, or a parameter-name
+        prefix) or a dict of display name -> component name, list of parameter names, or ``{param_name: mask}``.
+    data : iterable of batches, optional
+        Another data set ``q'``: every row is estimated again with the loss on it (rows ``data="data"``); the
+        ``"full"`` row there is the data-refined LLC.
+    loss_fn, data_loss_fn : callable(model, batch) -> loss, optional
+        Losses on ``loader`` and on ``data`` (default for ``data_loss_fn``: ``loss_fn``); default as
+        :func:`pypattern.sample` (next-token cross-entropy for pypattern's Transformer on token batches).
+    include_full : bool
+        Add the unrestricted run (row ``"full"``).
+    **sample_kwargs
+        Any keyword of :func:`pypattern.sample` except ``runs``, ``restrict_to`` and ``masks``: ``num_chains``,
+        ``num_draws``, ``step_size`` (or ``"auto"``: one calibration for all the runs of a data set), ``nbeta``,
+        ``localization``, ``seed``, ``batched``, ...
+
+    Returns
+    -------
+    RefinedLLCResult
+        ``.to_pandas()`` (one row per component and data set), ``.plot()``, ``.llc(component, data)``.
+    """
+    for bad in ("runs", "restrict_to", "masks"):
+        if bad in sample_kwargs:
+            raise ValueError(f"{bad} is set by refined_llc from components; pass components instead")
+    names, runs = _component_runs(model, components)
+    if include_full:
+        names, runs = [FULL, *names], [(None, None), *runs]
+    moving = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    counts = []
+    for restrict, masks in runs:
+        if restrict is None:
+            counts.append(sum(p.numel() for p in moving.values()))
+        else:
+            counts.append(int(sum(int(masks[k].sum()) for k in restrict)))
+    sample_kwargs.setdefault("quiet", True)
+    sets = [("train", loader, loss_fn)]
+    if data is not None:
+        sets.append(("data", data, data_loss_fn or loss_fn))
+    out = RefinedLLCResult()
+    rows: dict[str, list] = {k: [] for k in ("llc_mean", "llc_std", "r_hat", "ess", "per_chain", "init", "n")}
+    seconds = 0.0
+    for label, ld, lf in sets:
+        results = sample(model, ld, loss_fn=lf, runs=runs, **sample_kwargs)
+        seconds += float(results[0].seconds)
+        if not out.config:
+            out.config = dict(results[0].config)
+            out.config.pop("restrict_to", None)
+        for name, n, res in zip(names, counts, results, strict=True):
+            r = llc_from_sample(res)
+            out.component.append(name)
+            out.data.append(label)
+            rows["n"].append(n)
+            rows["llc_mean"].append(r.llc_mean)
+            rows["llc_std"].append(r.llc_std)
+            rows["r_hat"].append(r.r_hat)
+            rows["ess"].append(r.ess)
+            rows["per_chain"].append(r.llc_per_chain)
+            rows["init"].append(r.init_loss)
+    out.num_params = np.asarray(rows["n"], dtype=np.int64)
+    out.llc_mean = np.asarray(rows["llc_mean"], dtype=np.float64)
+    out.llc_std = np.asarray(rows["llc_std"], dtype=np.float64)
+    out.r_hat = np.asarray(rows["r_hat"], dtype=np.float64)
+    out.ess = np.asarray(rows["ess"], dtype=np.float64)
+    out.llc_per_chain = np.stack(rows["per_chain"]).astype(np.float64)
+    out.init_loss = np.asarray(rows["init"], dtype=np.float64)
+    out.seconds = seconds
+    return out

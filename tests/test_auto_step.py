@@ -1,0 +1,154 @@
+"""step_size="auto" (pypattern.sampling.auto): truths with the step chosen by the calibration, the report in the
+result, the refusal with its table. Fast versions run in `make test`; the held-out and HF checks are slow.
+
+Developed on the regular model and the deep linear networks (4,3,8) and (3,3,3,2) rank 1; held out: the DLN
+(5,3,5) (Aoyagi: 6.5), the normal crossing w1^2 w2^4 at nbeta 30 against its exact finite-nbeta target, and the
+HF models."""
+
+import numpy as np
+import pytest
+import torch
+
+from pypattern import truth
+from pypattern.sampling import AutoStepError, estimate_llc, resolve_step_size
+
+
+def _loader(ds):
+    return torch.utils.data.DataLoader(ds, batch_size=len(ds))
+
+
+def _regular():
+    torch.manual_seed(0)
+    model = truth.DeepLinearNetwork((3, 2), dtype=torch.float64)
+    return model, _loader(truth.make_regression_data(model, 3, dtype=torch.float64))
+
+
+def test_regular_model_with_auto_step_and_report():
+    # tests/test_llc.py's regular model (d = 6, lambda = 3) with the step chosen by the calibration
+    model, loader = _regular()
+    r = estimate_llc(
+        model,
+        loader,
+        step_size="auto",
+        nbeta=1000.0,
+        localization=1.0,
+        num_chains=8,
+        num_draws=400,
+        num_steps_bw_draws=5,
+        num_burnin_steps=100,
+        seed=0,
+        quiet=True,
+    )
+    cfg = r.sample.config
+    rep = cfg["auto_step"]
+    assert isinstance(cfg["step_size"], float) and cfg["step_size"] == rep["chosen"]
+    trials = rep["trials"]
+    steps = [t["step_size"] for t in trials]
+    assert steps == sorted(steps, reverse=True)  # scanned from the largest down, ratio 2
+    np.testing.assert_allclose(np.array(steps[:-1]) / np.array(steps[1:]), 2.0)
+    # the chosen step is the half of the last accepted one, and its trial is healthy
+    assert trials[-1]["step_size"] == rep["chosen"] and trials[-1]["verdict"] == "ok"
+    assert trials[-2]["verdict"] == "ok" and trials[-2]["step_size"] == 2 * rep["chosen"]
+    assert any(t["verdict"].startswith("diverged") for t in trials)  # the top of the grid runs away here
+    assert "largest healthy step" in rep["reason"]
+    assert r.r_hat < 1.1
+    assert abs(r.llc_mean - 3.0) / 3.0 < 0.15, (r, rep)
+
+
+def test_refuses_with_the_table_when_no_step_works():
+    model, loader = _regular()
+    with pytest.raises(AutoStepError) as e:
+        resolve_step_size(
+            model, loader, nbeta=1000.0, localization=1.0, max_step_size=0.1, min_step_size=0.02, seed=0
+        )
+    rep = e.value.report
+    assert rep.chosen is None and len(rep.step_size) == 3
+    assert all(v.startswith("diverged") for v in rep.verdict)
+    msg = str(e.value)
+    assert "step_size  steps" in msg and "diverged" in msg and "0.025" in msg
+    with pytest.raises(ValueError, match="calibration_chains"):
+        resolve_step_size(model, loader, calibration_chains=1)
+    with pytest.raises(ValueError, match="min_step_size"):
+        resolve_step_size(model, loader, max_step_size=1e-3, min_step_size=1e-2)
+
+
+def _dln_auto(widths, rank, chains=16, draws=1000):
+    model = truth.DeepLinearNetwork(widths, dtype=torch.float64).set_teacher(rank, seed=2, scale=0.5)
+    ds = truth.make_regression_data(model, widths[0], dtype=torch.float64)
+    r = estimate_llc(
+        model,
+        _loader(ds),
+        step_size="auto",
+        nbeta=100.0,
+        localization=1.0,
+        num_chains=chains,
+        num_draws=draws,
+        num_steps_bw_draws=2,
+        num_burnin_steps=1000,
+        seed=3,
+        quiet=True,
+    )
+    return r, truth.dln_learning_coefficient(widths, rank)
+
+
+def test_deep_linear_network_auto_fast():
+    # measured with 16 chains: (4,3,8) 6.06 (lambda 6), (3,3,3,2) rank 1 3.03 (lambda 3), (5,3,5) 6.28 (6.5)
+    r, lam = _dln_auto((4, 3, 8), 0, chains=8, draws=500)
+    assert abs(r.llc_mean - lam) / lam < 0.15, (r, lam)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("widths, rank", [((4, 3, 8), 0), ((3, 3, 3, 2), 1), ((5, 3, 5), 0)])
+def test_deep_linear_network_auto(widths, rank):
+    r, lam = _dln_auto(widths, rank)
+    assert abs(r.llc_mean - lam) / lam < 0.15, (r, lam)
+    assert r.r_hat < 1.1
+
+
+def _normal_crossing_auto(chains, draws):
+    powers, nbeta = [1, 2], 30.0
+    model = truth.NormalCrossing(powers, dtype=torch.float64)
+    ds = truth.make_normal_crossing_data(2, dtype=torch.float64)
+    r = estimate_llc(
+        model,
+        _loader(ds),
+        step_size="auto",
+        nbeta=nbeta,
+        localization=1.0,
+        num_chains=chains,
+        num_draws=draws,
+        num_burnin_steps=1000,
+        seed=1,
+        quiet=True,
+    )
+    return r, truth.localized_normal_crossing_expectation(powers, nbeta, 1.0, grid=601)
+
+
+@pytest.mark.xfail(
+    reason="held-out case the rule misses: measured 0.222 against the exact target 0.191 (+16%, limit 15%)",
+    strict=False,
+)
+def test_normal_crossing_auto_fast():
+    r, target = _normal_crossing_auto(16, 1000)
+    assert abs(r.llc_mean - target) / target < 0.15, (r, target)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="held-out case the rule misses (see test_normal_crossing_auto_fast)", strict=False)
+def test_normal_crossing_auto():
+    r, target = _normal_crossing_auto(32, 2000)
+    assert abs(r.llc_mean - target) / target < 0.15, (r, target)
+
+
+def test_bif_and_susceptibilities_take_auto():
+    from pypattern import bif, susceptibilities
+
+    model, loader = _regular()
+    x, y = next(iter(loader))
+    probe = (x[:4], y[:4])
+    kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0)
+    chosen, _ = resolve_step_size(model, loader, nbeta=10.0, localization=1.0, seed=0)
+    res = bif(model, loader, probe, step_size="auto", **kw)
+    assert res.settings["step_size"] == chosen
+    chi = susceptibilities(model, loader, probe, [["layers.0.weight"]], step_size="auto", **kw)
+    assert chi.settings["step_size"] == chosen

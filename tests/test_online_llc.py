@@ -1,0 +1,73 @@
+"""OnlineLLC: estimates at the scheduled steps of a training loop without disturbing it (bit-identical weights
+with and without the callback, global RNG and training mode restored)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pypattern.sampling import OnlineLLC, estimate_llc
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _loader():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=g)
+    y = x.sum(1, keepdim=True)
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+
+def _train(cb=None, steps=12):
+    """A user's loop: batches from torch's global RNG, dropout on, SGD with momentum."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(123)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(16, 4)
+        loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if cb is not None:
+            cb(model, step, loss=float(loss))
+            assert model.training
+    return model, losses, torch.rand(3)
+
+
+def test_training_with_callback_is_bit_identical():
+    ref, ref_losses, ref_next = _train()
+    cb = OnlineLLC(_loader(), every=4, num_chains=2, num_draws=10, step_size=1e-3, localization=10.0, seed=0)
+    got, losses, nxt = _train(cb)
+    assert losses == ref_losses
+    assert torch.equal(nxt, ref_next)  # the global RNG continues where it would have
+    for (k, a), (_, b) in zip(ref.state_dict().items(), got.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    res = cb.result
+    assert list(res.step) == [0, 4, 8]
+    np.testing.assert_array_equal(res.train_loss, [ref_losses[0], ref_losses[4], ref_losses[8]])
+    assert np.all(np.isfinite(res.llc_mean))
+    df = res.to_pandas()
+    assert list(df["step"]) == [0, 4, 8]
+
+
+def test_estimate_equals_estimate_llc_at_those_weights():
+    model = _net().eval()
+    kw = dict(num_chains=2, num_draws=10, step_size=1e-3, localization=10.0, seed=0)
+    cb = OnlineLLC(_loader(), steps=[7], **kw)
+    assert cb(model, 6) is None
+    row = cb(7, model)  # pypattern.tasks.train's (step, model) order works too
+    direct = estimate_llc(model, _loader(), quiet=True, **kw)
+    assert row["llc_mean"] == pytest.approx(direct.llc_mean, rel=1e-12)
+
+
+def test_schedule_is_required():
+    with pytest.raises(ValueError, match="every"):
+        OnlineLLC(_loader())
+    with pytest.raises(ValueError, match="every must be"):
+        OnlineLLC(_loader(), every=0)

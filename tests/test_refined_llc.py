@@ -1,0 +1,111 @@
+"""refined_llc: every component's restricted run batched in one call equals running each alone (same seeds, same
+numbers); truth on a regular model whose blocks are independent (a block's LLC = its parameter count / 2); the
+data-refined LLC equals the LLC with the loss on the other data set."""
+
+import numpy as np
+import pytest
+import torch
+
+from pypattern import truth
+from pypattern.models.transformer import Transformer, TransformerConfig, component_masks
+from pypattern.sampling import estimate_llc, refined_llc
+
+
+def lm_loss(m, batch):
+    return m(batch, return_type="loss")
+
+
+def _lm():
+    cfg = TransformerConfig(
+        n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=11, n_ctx=8, seed=0
+    )
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 11, (32, 8), generator=g)
+    return model, [data[i : i + 8] for i in range(0, 32, 8)], [torch.randint(0, 11, (8, 8), generator=g)]
+
+
+KW = dict(
+    num_chains=2,
+    num_draws=12,
+    step_size=1e-4,
+    localization=100.0,
+    nbeta=10.0,
+    seed=3,
+    warn_nonstationary=False,
+)
+
+
+def test_batched_equals_separate_runs_and_data_refined():
+    model, loader, other = _lm()
+    comps = ["blocks.0.attn.head.1", "blocks.1.mlp", "embed"]
+    res = refined_llc(model, loader, components=comps, data=other, loss_fn=lm_loss, batched=True, **KW)
+    assert res.component == ["full", *comps, "full", *comps]
+    assert res.data == ["train"] * 4 + ["data"] * 4
+    for i, (c, d) in enumerate(zip(res.component, res.data, strict=True)):
+        masks = None if c == "full" else component_masks(model, c)
+        alone = estimate_llc(
+            model,
+            loader if d == "train" else other,
+            loss_fn=lm_loss,
+            restrict_to=None if masks is None else list(masks),
+            masks=masks,
+            batched=False,
+            quiet=True,
+            **KW,
+        )
+        np.testing.assert_allclose(res.llc_per_chain[i], alone.llc_per_chain, rtol=1e-4, atol=1e-6)
+        assert res.num_params[i] == (
+            sum(p.numel() for p in model.parameters())
+            if masks is None
+            else sum(int(m.sum()) for m in masks.values())
+        )
+    assert res.llc("full", "data") == res.llc_mean[4]
+    # moving fewer weights gives a smaller LLC than moving all of them
+    assert np.all(res.llc_mean[1:4] < res.llc_mean[0])
+    df = res.to_pandas()
+    assert list(df.columns[:3]) == ["component", "data", "num_params"] and len(df) == 8
+    import matplotlib
+
+    matplotlib.use("Agg")
+    assert res.plot() is not None
+
+
+def test_heads_default_lists_every_component():
+    model, loader, _ = _lm()
+    res = refined_llc(model, loader, loss_fn=lm_loss, num_chains=2, num_draws=4, step_size=1e-5, seed=0)
+    assert res.component == ["full", *model.components(heads=True)]
+    with pytest.raises(ValueError, match="components="):
+        refined_llc(model, loader, components="layers", loss_fn=lm_loss)
+    with pytest.raises(ValueError, match="runs is set by refined_llc"):
+        refined_llc(model, loader, loss_fn=lm_loss, runs=[])
+
+
+def test_independent_regular_blocks_have_llc_count_over_2():
+    # y = W x, W 2x3 (orthonormal design, MSE): K(W) = |W - W*|^2 / 2, each row of W an independent regular block
+    # of 3 parameters (LLC 1.5), the whole map 6 (LLC 3). Settings of tests/test_llc.py's regular-model test.
+    torch.manual_seed(0)
+    model = truth.DeepLinearNetwork((3, 2), dtype=torch.float64)
+    ds = truth.make_regression_data(model, 3, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(ds, batch_size=len(ds))
+    rows = {}
+    for i in range(2):
+        m = torch.zeros(2, 3, dtype=torch.bool)
+        m[i] = True
+        rows[f"row{i}"] = {"layers.0.weight": m}
+    res = refined_llc(
+        model,
+        loader,
+        components=rows,
+        step_size=1e-4,
+        nbeta=1000.0,
+        localization=1.0,
+        num_chains=8,
+        num_draws=400,
+        num_steps_bw_draws=5,
+        num_burnin_steps=100,
+        seed=0,
+    )
+    assert list(res.num_params) == [6, 3, 3]
+    for name, lam in [("full", 3.0), ("row0", 1.5), ("row1", 1.5)]:
+        assert abs(res.llc(name) - lam) / lam < 0.15, (name, res.llc(name))
