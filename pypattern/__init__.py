@@ -83,12 +83,11 @@ __version__ = "0.1.0"
 # Estimators: sampling and the LLC, susceptibilities, patterning, patching, representation similarity.
 __all__ = [
     "MinibatchCKA",
+    "OnlineLLC",
     "SGLD",
     "activation_patching",
     "attribution_patching",
     "bif",
-    "OnlineLLC",
-    "refined_llc",
     "calibrate_step_size",
     "cka_matrix",
     "estimate_learning_coeff",
@@ -99,6 +98,7 @@ __all__ = [
     "linear_cka",
     "permutation_test",
     "procrustes",
+    "refined_llc",
     "reweight",
     "sample",
     "shortlist_and_confirm",
