@@ -52,6 +52,7 @@ from torch import nn
 
 from . import io
 from .io import Saveable, register
+from .losses import probe_losses
 from .ops.covariance import CrossCovariance
 from .sampling.auto import is_auto, resolve_step_size
 from .sampling.checkpoint import load_checkpoint_state
@@ -69,27 +70,15 @@ __all__ = ["susceptibilities", "bif", "SusceptibilityResult", "BIFResult", "PCAR
 
 
 def per_sample_losses(model: nn.Module, batch) -> torch.Tensor:
-    """Default per-sample (or per-token) losses of ``model`` on a probe ``batch``.
+    """Default per-sample (or per-token) losses of ``model`` on a probe ``batch``, by the library's one rule
+    (:func:`pypattern.losses.probe_losses`).
 
-    * a token tensor ``(batch, pos)`` and a model whose forward takes ``return_type="per_token_loss"`` (pypattern's
-      :class:`~pypattern.models.transformer.Transformer`): next-token losses ``(batch, pos - 1)``;
+    * token tensors ``(batch, pos)`` and Hugging Face dicts: next-token losses ``(batch, pos - 1)`` (0 at padded
+      positions, which therefore carry no covariance);
     * ``(x, y)`` with integer ``y``: cross-entropy per sample ``(batch,)`` (per token if the logits have a sequence
       axis); ``(x, y)`` with float ``y``: squared error averaged over the non-batch axes ``(batch,)``.
     """
-    if isinstance(batch, torch.Tensor):
-        return model(batch, return_type="per_token_loss")
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        x, y = batch
-        out = model(x)
-        if not y.is_floating_point():
-            if out.dim() == 3:  # (batch, pos, vocab)
-                return nn.functional.cross_entropy(out.transpose(1, 2), y, reduction="none")
-            return nn.functional.cross_entropy(out, y, reduction="none")
-        err = (out - y) ** 2
-        return err.reshape(err.shape[0], -1).mean(1)
-    raise TypeError(
-        "probe must be a token tensor (batch, pos) or a pair (x, y); pass per_sample_loss_fn for other batches"
-    )
+    return probe_losses(model, batch)
 
 
 def _flat(v: torch.Tensor, n: int | None, what: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._threads import pinned_threads
+from ..losses import batch_loss
 from .auto import auto_arguments, is_auto, resolve_step_size, with_auto_report
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
@@ -62,14 +63,10 @@ def split_loss(out) -> torch.Tensor:
 
 
 def default_loss_fn(model, batch) -> torch.Tensor:
-    """``batch = (x, y)``: cross-entropy of ``model(x)`` for integer ``y``, else mean squared error."""
-    if not isinstance(batch, tuple | list) or len(batch) < 2:
-        raise TypeError("the default loss_fn needs batches (x, y); pass loss_fn(model, batch) for other data")
-    x, y = batch[0], batch[1]
-    out = model(x)
-    if not torch.is_floating_point(y):
-        return nn.functional.cross_entropy(out, y)
-    return nn.functional.mse_loss(out, y)
+    """The batch's mean loss by the library's one rule (:func:`pypattern.losses.batch_loss`): token tensors and
+    Hugging Face dicts (``input_ids``, ``attention_mask``, ``labels``) give the mean next-token cross-entropy over
+    their counted tokens; ``(x, y)`` gives cross-entropy of ``model(x)`` for integer ``y``, else mean squared error."""
+    return batch_loss(model, batch)
 
 
 def sample(
