@@ -324,7 +324,7 @@ def test_bad_state_tensors(op):
 # SGNHT at a fixed thermostat, for RMSprop-SGLD at a fixed preconditioner) whose fixed point is mu and whose
 # stationary covariance solves a discrete Lyapunov equation S = B S B^T + Q:
 #
-# * SGLD, B = I - (eps/2) H, Q = eps I: S = H^-1 (I - eps H / 4)^-1 exactly; the O(eps) bias is up to 6.7% here.
+# * SGLD, B = I - (eps/2) H, Q = eps I: S = H^-1 (I - eps H / 4)^-1 exactly; the O(eps) bias is up to 14% here.
 # * SGNHT per eigenmode h of H, state (w, p): p' = (1 - xi) p - eps h w + s z, w' = w + p' with s^2 = 2 A_d eps.
 #   The thermostat settles where the mean of E[p^2] over the modes is eps (its update has zero mean there);
 #   we solve for that xi* and predict Var(w) per mode. What is neglected: the fluctuation of xi about xi*
@@ -426,7 +426,7 @@ def _assert_matches(means, second, mu, cov_pred, cov_exact, *, k=4.0):
 
 def test_truth_sgld_gaussian():
     a, m, w_star, h, mu = _gaussian_model()
-    eps = 0.01
+    eps = 0.02
     means, second, _ = _run_chains("sgld", chains=64, burnin=300, draws=3000, eps=eps)
     cov_exact = torch.linalg.inv(h)
     cov_pred = torch.linalg.inv(h @ (torch.eye(D, dtype=torch.float64) - eps * h / 4))
@@ -453,7 +453,7 @@ def test_truth_sgnht_gaussian():
     var_w = np.array([_sgnht_mode(e, eps, xi_star, a_d)[0] for e in evals])
     cov_pred = torch.from_numpy(evecs @ np.diag(var_w) @ evecs.T)
     xi = np.array(rec["xi"])
-    assert abs(xi.mean() - xi_star) < 0.1 * xi_star, (xi.mean(), xi_star)
+    assert abs(xi.mean() - xi_star) < 0.05 * xi_star, (xi.mean(), xi_star)
     assert xi.std() < 0.25 * xi_star, (xi.std(), xi_star)
     _assert_matches(means, second, mu, cov_pred, torch.linalg.inv(h))
 
@@ -470,7 +470,10 @@ def test_truth_rmsprop_sgld_gaussian():
     gd = np.diag(g_mean.numpy())
     b = np.eye(D) - 0.5 * eps * gd @ h.numpy()
     cov_pred = torch.from_numpy(_lyapunov(b, eps * gd))
-    _assert_matches(means, second, mu, cov_pred, torch.linalg.inv(h))
+    z_exact = _assert_matches(means, second, mu, cov_pred, torch.linalg.inv(h))
+    assert z_exact > 4, (
+        "the discretisation bias must be resolved by this test (else it could not tell it apart)"
+    )
 
 
 _AOT = """
@@ -506,3 +509,131 @@ def test_triton_kernels_compile_for_gpus():
     """The interpreter accepts more than the GPU compiler: compile both kernels to sm_80/sm_90 cubin for both
     dtypes and several specialisations (no GPU needed; a separate process without TRITON_INTERPRET)."""
     assert_compiles_for_gpus(_AOT)
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+def test_sgnht_optimizer_is_the_op_with_its_state():
+    """Two steps of the optimizer equal two op calls on copies of its initial momenta and thermostat; the
+    initial momentum is sqrt(step_size) * noise_scale times the keyed noise at the reserved step."""
+    from pypattern.sampling.samplers import SGNHT
+
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(4, 3, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()]
+    hyper = dict(step_size=1e-3, nbeta=20.0, localization=3.0, weight_decay=0.01, diffusion_factor=0.02)
+    opt = SGNHT(ws, seed=9, noise_scale=0.5, **hyper)
+    ref_w = [w.detach().clone() for w in ws]
+    anchors = [w.clone() for w in ref_w]
+    mom = [opt.state[w]["momentum"].clone() for w in ws]
+    expected0 = math.sqrt(1e-3) * 0.5 * philox_normals(5, seed=9, tensor_index=1, step=2**64 - 1)
+    torch.testing.assert_close(mom[1], expected0)
+    th = torch.tensor([0.02], dtype=torch.float64)
+    assert float(opt.param_groups[0]["thermostat"]) == 0.02
+    for t in range(2):
+        grads = [torch.randn(w.shape, generator=gen) for w in ws]
+        for w, g in zip(ws, grads):
+            w.grad = g.clone()
+        opt.step()
+        sgnht_step_(ref_w, grads, anchors, mom, th, seed=9, step=t, noise_scale=0.5, **hyper)
+    for a, b in zip(ws, ref_w):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    torch.testing.assert_close(opt.param_groups[0]["thermostat"], th, rtol=0, atol=0)
+    sd = opt.state_dict()
+    assert sd["fused_sampler"]["num_steps"] == 2
+
+
+def test_rmsprop_optimizer_groups_names_and_masks():
+    """devinterp's names in groups, a mask by name, one seed per group (different noise in each group)."""
+    from pypattern.sampling.samplers import RMSpropSGLD, group_seed
+
+    a = torch.zeros(64, requires_grad=True)
+    b = torch.zeros(64, requires_grad=True)
+    mask = torch.ones(64, dtype=torch.bool)
+    mask[:10] = False
+    opt = RMSpropSGLD(
+        [{"params": [("a", a)]}, {"params": [("b", b)], "lr": 0.04}],
+        lr=0.01,
+        noise_level=1.0,
+        masks={"a": mask},
+        seed=3,
+    )
+    assert opt.param_groups[1]["step_size"] == 0.04 and opt.param_groups[0]["step_size"] == 0.01
+    a.grad, b.grad = torch.zeros(64), torch.zeros(64)
+    opt.step()
+    # V stays 0 with zero gradients: G = 1/eps = 10; the move is sqrt(step_size * 10) * xi
+    xa = philox_normals(64, seed=3, tensor_index=0, step=0)
+    xb = philox_normals(64, seed=group_seed(3, 1), tensor_index=0, step=0)
+    torch.testing.assert_close(a.detach(), torch.where(mask, math.sqrt(0.1) * xa, 0.0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.detach(), math.sqrt(0.4) * xb, rtol=1e-6, atol=1e-7)
+    assert abs(torch.corrcoef(torch.stack([xa, xb]))[0, 1]) < 0.5
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sgld", "SGLD"),
+        ("SGLD", "SGLD"),
+        ("sgnht", "SGNHT"),
+        ("SGNHT", "SGNHT"),
+        ("rmsprop_sgld", "RMSpropSGLD"),
+        ("RMSpropSGLD", "RMSpropSGLD"),
+        ("rmsprop-sgld", "RMSpropSGLD"),
+    ],
+)
+def test_make_sampler_names(name, cls):
+    from pypattern.sampling.samplers import make_sampler
+
+    w = torch.zeros(3, requires_grad=True)
+    opt = make_sampler(
+        name, [w], step_size=1e-3, nbeta=5.0, localization=1.0, noise_scale=1.0, bounding_box=2.0
+    )
+    assert type(opt).__name__ == cls
+    w.grad = torch.ones(3)
+    opt.step()
+    assert bool(torch.isfinite(w).all()) and not torch.equal(w.detach(), torch.zeros(3))
+    assert type(make_sampler(type(opt), [torch.zeros(2, requires_grad=True)], lr=1e-3, nbeta=2.0)) is type(
+        opt
+    )
+
+
+def test_make_sampler_bad_names_and_values():
+    from pypattern.sampling.samplers import SGNHT, make_sampler
+
+    w = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="sampling_method='hmc' is not a known sampler; valid are 'sgld'"):
+        make_sampler("hmc", w)
+    with pytest.raises(TypeError, match="sampling_method must be a str"):
+        make_sampler(3, w)
+    with pytest.raises(ValueError, match="step_size must be a finite number > 0, got -1"):
+        SGNHT(w, step_size=-1)
+    with pytest.raises(ValueError, match="give step_size or its devinterp name lr, not both"):
+        SGNHT(w, step_size=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="diffusion_factor must be a finite number >= 0"):
+        SGNHT(w, diffusion_factor=-1.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
+        make_sampler("rmsprop_sgld", w, alpha=1.0)
+    with pytest.raises(ValueError, match="masks has names that are not"):
+        SGNHT([("w", w[0])], masks={"v": torch.ones(3)})
+
+
+@pytest.mark.parametrize("name", ["sgnht", "rmsprop_sgld"])
+def test_optimizer_samples_the_gaussian_mean(name):
+    """Through autograd and the optimizer: 64 chains on the Gaussian model hit the exact posterior mean."""
+    from pypattern.sampling.samplers import make_sampler
+
+    a, m, w_star, h, mu = _gaussian_model()
+    w = w_star.expand(64, D).clone().requires_grad_()
+    hyper = dict(step_size=0.002, diffusion_factor=0.05) if name == "sgnht" else dict(step_size=0.02)
+    opt = make_sampler(name, [w], nbeta=NBETA, localization=GAMMA, seed=5, **hyper)
+    total = torch.zeros(64, D, dtype=torch.float64)
+    burnin, draws = 1000, 1500
+    for t in range(burnin + draws):
+        opt.zero_grad()
+        (0.5 * ((w - m) @ a * (w - m)).sum()).backward()
+        opt.step()
+        if t >= burnin:
+            total += w.detach()
+    chain_means = total / draws
+    se = chain_means.std(0) / 8
+    assert ((chain_means.mean(0) - mu).abs() / se).max() < 4.5
