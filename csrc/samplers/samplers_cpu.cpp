@@ -1,7 +1,7 @@
 // Fused SGNHT and RMSprop-SGLD steps: schemas (TORCH_LIBRARY_FRAGMENT of pypattern) and the CPU kernels of
 // pypattern::sgnht_step_ and pypattern::rmsprop_sgld_step_. Validation happens in Python (pypattern/ops/sgnht/,
 // pypattern/ops/rmsprop_sgld/); this file checks only what would make memory access unsafe. All tensors' blocks
-// run in one parallel loop; the SGNHT thermostat's sum of p^2 is accumulated per block in float64 and added up
+// run in one parallel loop of blocks of 1024 (the vectorised kernels of samplers_cpu_fast.cpp); the SGNHT thermostat's sum of p^2 is accumulated per block in float64 and added up
 // in block order after the loop (phase two), so it does not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -13,12 +13,12 @@
 #include <cmath>
 #include <vector>
 
-#include "samplers/sampler_kernels.h"
+#include "samplers/samplers_cpu.h"
 
 namespace pypattern {
 namespace {
 
-constexpr int64_t kBlock = 1024;  // elements per block (a multiple of 4: a block starts at a Philox counter)
+constexpr int64_t kBlock = 1024;  // elements per block (a multiple of the fast kernels' 128)
 
 struct Work {
   at::Tensor w, s, g, a, m;  // s: the state (momentum or V)
@@ -92,21 +92,6 @@ void for_blocks(const std::vector<Work>& work, int64_t total_blocks, const Fn& f
   });
 }
 
-template <typename T>
-void sgnht_range(const Work& wk, int64_t lo, int64_t hi, const SgnhtCoefs& c, double* kinetic, int64_t* count,
-                 int* bad) {
-  T* w = wk.w.data_ptr<T>();
-  T* p = wk.s.data_ptr<T>();
-  const T* g = wk.g.data_ptr<T>();
-  const T* a = wk.a.data_ptr<T>();
-  const T* m = wk.m.defined() ? wk.m.data_ptr<T>() : nullptr;
-  float z[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t i = lo; i < hi; ++i) {
-    if (c.has_noise && (i % 4 == 0)) sampler_normals4(c.seed, c.tensor_index, c.step, i / 4, z);
-    *count += sgnht_entry<T>(w[i], p[i], g[i], a[i], m ? m[i] : T(1), z[i % 4], c, kinetic, bad);
-  }
-}
-
 at::Tensor sgnht_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList anchors,
                           at::TensorList momenta, at::Tensor thermostat,
                           const c10::List<c10::optional<at::Tensor>>& masks, double step_size, double nbeta,
@@ -137,10 +122,15 @@ at::Tensor sgnht_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   for_blocks(work, total_blocks, [&](const Work& wk, int64_t lo, int64_t hi, int64_t b) {
     SgnhtCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(wk.index);
+    const bool masked = wk.m.defined();
     if (wk.w.scalar_type() == at::kFloat)
-      sgnht_range<float>(wk, lo, hi, c, &kinetic[b], &count[b], &bad[b]);
+      bad[b] = sgnht_cpu_range_f32(wk.w.data_ptr<float>(), wk.s.data_ptr<float>(), wk.g.data_ptr<float>(),
+                                   wk.a.data_ptr<float>(), masked ? wk.m.data_ptr<float>() : nullptr, lo, hi, c,
+                                   &kinetic[b], &count[b]);
     else
-      sgnht_range<double>(wk, lo, hi, c, &kinetic[b], &count[b], &bad[b]);
+      bad[b] = sgnht_cpu_range_f64(wk.w.data_ptr<double>(), wk.s.data_ptr<double>(), wk.g.data_ptr<double>(),
+                                   wk.a.data_ptr<double>(), masked ? wk.m.data_ptr<double>() : nullptr, lo, hi, c,
+                                   &kinetic[b], &count[b]);
   });
   write_back(work, params, momenta);
   // Phase two: the thermostat from the sum of p^2 over the active entries, added up in block order.
@@ -157,20 +147,6 @@ at::Tensor sgnht_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   }
   if (n_active > 0) *xi_ptr += sum / static_cast<double>(n_active) - step_size * noise_scale * noise_scale;
   return flags;
-}
-
-template <typename T>
-void rmsprop_range(const Work& wk, int64_t lo, int64_t hi, const RmspropCoefs& c, int* bad) {
-  T* w = wk.w.data_ptr<T>();
-  T* v = wk.s.data_ptr<T>();
-  const T* g = wk.g.data_ptr<T>();
-  const T* a = wk.a.data_ptr<T>();
-  const T* m = wk.m.defined() ? wk.m.data_ptr<T>() : nullptr;
-  float z[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t i = lo; i < hi; ++i) {
-    if (c.has_noise && (i % 4 == 0)) sampler_normals4(c.seed, c.tensor_index, c.step, i / 4, z);
-    rmsprop_sgld_entry<T>(w[i], v[i], g[i], a[i], m ? m[i] : T(1), z[i % 4], c, bad);
-  }
 }
 
 at::Tensor rmsprop_sgld_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList anchors,
@@ -199,10 +175,15 @@ at::Tensor rmsprop_sgld_step_cpu(at::TensorList params, at::TensorList grads, at
   for_blocks(work, total_blocks, [&](const Work& wk, int64_t lo, int64_t hi, int64_t b) {
     RmspropCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(wk.index);
+    const bool masked = wk.m.defined();
     if (wk.w.scalar_type() == at::kFloat)
-      rmsprop_range<float>(wk, lo, hi, c, &bad[b]);
+      bad[b] = rmsprop_sgld_cpu_range_f32(wk.w.data_ptr<float>(), wk.s.data_ptr<float>(), wk.g.data_ptr<float>(),
+                                          wk.a.data_ptr<float>(), masked ? wk.m.data_ptr<float>() : nullptr, lo, hi,
+                                          c);
     else
-      rmsprop_range<double>(wk, lo, hi, c, &bad[b]);
+      bad[b] = rmsprop_sgld_cpu_range_f64(wk.w.data_ptr<double>(), wk.s.data_ptr<double>(),
+                                          wk.g.data_ptr<double>(), wk.a.data_ptr<double>(),
+                                          masked ? wk.m.data_ptr<double>() : nullptr, lo, hi, c);
   });
   write_back(work, params, square_avgs);
   int32_t* flag_ptr = flags.data_ptr<int32_t>();

@@ -3,7 +3,6 @@
 // stream, so a step never waits for the GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -107,7 +106,7 @@ at::Tensor sgnht_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   const at::Tensor sums = partials.sum(0);
   const at::Tensor kin = sums.select(0, 0), cnt = sums.select(0, 1);
   const double target = step_size * noise_scale * noise_scale;
-  const at::Tensor delta = at::where(cnt > 0, kin / cnt.clamp_min(1.0) - target, at::zeros_like(kin));
+  const at::Tensor delta = kin.div(cnt.clamp_min(1.0)).sub(target).mul(cnt.gt(0));
   thermostat.add_(delta.reshape(thermostat.sizes()));
   return flags;
 }
