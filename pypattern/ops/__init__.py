@@ -4,6 +4,8 @@ registers its implementations with :mod:`pypattern._backends`, whose chooser pic
 the tensors given.
 
 * :mod:`~pypattern.ops.sgld`: the fused SGLD step :func:`sgld_step_`.
+* :mod:`~pypattern.ops.sgnht`: the fused SGNHT step :func:`sgnht_step_` (momentum and thermostat).
+* :mod:`~pypattern.ops.rmsprop_sgld`: the fused RMSprop-preconditioned SGLD step :func:`rmsprop_sgld_step_`.
 * :mod:`~pypattern.ops.covariance`: the streaming cross-covariance :class:`CrossCovariance`.
 * :mod:`~pypattern.ops.grad_gram`: per-sample gradient Gram kernels of one layer.
 """
@@ -22,7 +24,9 @@ from .grad_gram import (
     grad_gram_pairwise_reference,
     moved_to_gram,
 )
+from .rmsprop_sgld import rmsprop_sgld_step_, rmsprop_sgld_step_reference_
 from .sgld import philox_normals, sgld_step_, sgld_step_reference_
+from .sgnht import sgnht_step_, sgnht_step_reference_
 
 __all__ = [
     "CrossCovariance",
@@ -38,8 +42,12 @@ __all__ = [
     "grad_gram_pairwise",
     "grad_gram_pairwise_reference",
     "philox_normals",
+    "rmsprop_sgld_step_",
+    "rmsprop_sgld_step_reference_",
     "sgld_step_",
     "sgld_step_reference_",
+    "sgnht_step_",
+    "sgnht_step_reference_",
 ]
 
 

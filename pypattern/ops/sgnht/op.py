@@ -1,0 +1,188 @@
+"""The public SGNHT op: argument validation, then the backend chosen by :mod:`pypattern._backends`.
+
+The update, the thermostat reduction and the noise stream are specified in :mod:`pypattern.ops.sgnht` and
+:mod:`.reference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ... import _backends
+from ..sgld import op as _sgld_op
+from .reference import sgnht_step_reference_
+
+
+def validate_state(name: str, states, params) -> list:
+    """``states`` as a list, checked to match ``params`` tensor by tensor (shape, dtype, device)."""
+    states = _sgld_op._as_list(name, states)
+    if len(states) != len(params):
+        raise ValueError(f"{name} must have one tensor per params entry: {len(states)} != {len(params)}")
+    for i, (s, w) in enumerate(zip(states, params)):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(s).__name__}")
+        if s.shape != w.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(s.shape)} but params[{i}] has {tuple(w.shape)}")
+        if s.dtype != w.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {s.dtype} but params[{i}] has {w.dtype}")
+        if s.device != w.device:
+            raise ValueError(f"{name}[{i}] is on {s.device} but params[{i}] is on {w.device}")
+    return states
+
+
+def _sgnht_step_c(
+    params,
+    grads,
+    anchors,
+    momenta,
+    thermostat,
+    *,
+    step_size,
+    nbeta,
+    localization,
+    weight_decay,
+    diffusion_factor,
+    noise_scale,
+    bounding_box,
+    masks,
+    seed,
+    step,
+) -> torch.Tensor:
+    """The registered ``torch.ops.pypattern.sgnht_step_`` (csrc/sgnht/): C++ on CPU tensors, CUDA on CUDA ones."""
+    return torch.ops.pypattern.sgnht_step_(
+        list(params),
+        list(grads),
+        list(anchors),
+        list(momenta),
+        thermostat,
+        [] if masks is None else list(masks),
+        float(step_size),
+        float(nbeta),
+        float(localization),
+        float(weight_decay),
+        float(diffusion_factor),
+        float(noise_scale),
+        None if bounding_box is None else float(bounding_box),
+        _sgld_op._signed64(seed),
+        _sgld_op._signed64(step),
+    )
+
+
+_backends.register("sgnht_step_", "reference", sgnht_step_reference_)
+_backends.register("sgnht_step_", "triton", "pypattern.ops.sgnht.triton:sgnht_step_triton_")
+_backends.register("sgnht_step_", ("cpp", "cuda"), _sgnht_step_c)
+
+
+def sgnht_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    momenta: Sequence[torch.Tensor],
+    thermostat: torch.Tensor,
+    *,
+    step_size: float,
+    nbeta: float,
+    localization: float,
+    weight_decay: float = 0.0,
+    diffusion_factor: float = 0.01,
+    noise_scale: float = 1.0,
+    bounding_box: float | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    seed: int,
+    step: int,
+    backend: str | None = None,
+    validate: bool = True,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """One SGNHT step over lists of tensors, in place (see :mod:`pypattern.ops.sgnht` for the update).
+
+    Parameters
+    ----------
+    params, grads, anchors, momenta : list of Tensor
+        Same length; tensor ``i`` of each has the same shape, dtype (float32 or float64) and device. ``params``
+        and ``momenta`` are updated in place (any strides); ``anchors`` are the trained weights ``w*``.
+    thermostat : Tensor, shape ``(1,)`` or ``()``, float64
+        The thermostat ``xi`` shared by all the tensors (one parameter group), on the params' device; updated in
+        place from the mean squared momentum of this step.
+    step_size : float
+        ``eps`` > 0.
+    nbeta, localization, weight_decay : float
+        >= 0, the drift terms as in :func:`pypattern.ops.sgld.sgld_step_`.
+    diffusion_factor : float
+        ``A`` >= 0: the momentum noise has variance ``2 A eps noise_scale**2``; the thermostat settles near it.
+    noise_scale : float
+        >= 0; the thermostat's target is ``mean(p**2) = eps * noise_scale**2``.
+    bounding_box : float or None
+        Half-width > 0: an entry leaving ``w* +- bounding_box`` is clamped to it and its momentum reversed.
+    masks : list of (Tensor or None), optional
+        Bool or float, same shape as the params; 0 freezes an entry (its weight and momentum, and it is left out
+        of the thermostat's mean), other values scale its momentum change and its move.
+    seed, step : int
+        In [0, 2**64). With the tensor index and element index they key the noise (the SGLD stream).
+    backend : {"cuda", "triton", "cpp", "reference"}, optional
+        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available).
+    validate : bool
+        Check every argument (``False``: the caller validated the same tensors and numbers once).
+    check_finite : bool
+        Raise ``FloatingPointError`` naming the tensor when a gradient held NaN or Inf (entries with a
+        non-finite gradient are never written).
+
+    Returns
+    -------
+    Tensor, shape ``(len(params),)``, int32
+        1 where that tensor's gradient held a NaN or Inf, else 0.
+    """
+    if validate:
+        params, grads, anchors, masks, device = _sgld_op._validate(params, grads, anchors, masks)
+        momenta = validate_state("momenta", momenta, params)
+        if not isinstance(thermostat, torch.Tensor):
+            raise TypeError(
+                f"thermostat must be a float64 tensor with one element, got {type(thermostat).__name__}"
+            )
+        if thermostat.dtype != torch.float64 or thermostat.numel() != 1:
+            raise ValueError(
+                f"thermostat must be a float64 tensor with one element, got dtype {thermostat.dtype} and shape "
+                f"{tuple(thermostat.shape)}"
+            )
+        if params and thermostat.device != device:
+            raise ValueError(f"thermostat is on {thermostat.device} but params are on {device}")
+        if not bool(torch.isfinite(thermostat).all()):
+            raise ValueError(f"thermostat must be finite, got {float(thermostat.reshape(()))}")
+        step_size = _sgld_op._check_scalar("step_size", step_size, positive=True)
+        nbeta = _sgld_op._check_scalar("nbeta", nbeta)
+        localization = _sgld_op._check_scalar("localization", localization)
+        weight_decay = _sgld_op._check_scalar("weight_decay", weight_decay)
+        diffusion_factor = _sgld_op._check_scalar("diffusion_factor", diffusion_factor)
+        noise_scale = _sgld_op._check_scalar("noise_scale", noise_scale)
+        if bounding_box is not None:
+            bounding_box = _sgld_op._check_scalar("bounding_box", bounding_box, positive=True)
+        seed, step = _sgld_op._check_key("seed", seed), _sgld_op._check_key("step", step)
+    if not params:
+        return torch.zeros(0, dtype=torch.int32)
+    flags = _backends.dispatch("sgnht_step_", params[0].device, backend)(
+        params,
+        grads,
+        anchors,
+        momenta,
+        thermostat,
+        step_size=step_size,
+        nbeta=nbeta,
+        localization=localization,
+        weight_decay=weight_decay,
+        diffusion_factor=diffusion_factor,
+        noise_scale=noise_scale,
+        bounding_box=bounding_box,
+        masks=masks,
+        seed=seed,
+        step=step,
+    )
+    if check_finite and bool(flags.any()):
+        bad = torch.nonzero(flags.cpu()).flatten().tolist()
+        shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
+        raise FloatingPointError(
+            f"sgnht_step_: non-finite gradient in {shapes} at step {step}; those entries were not updated. "
+            "A diverging chain usually needs a smaller step_size or a larger localization."
+        )
+    return flags

@@ -1,0 +1,639 @@
+"""The fused SGNHT and RMSprop-SGLD steps: every backend against the plain-torch reference (random and adversarial
+inputs, masks, bounding box, non-contiguous views, many tensors), the shared noise stream, the thermostat's
+reduction, bad input; and the truth: on a Gaussian posterior each sampler's draws (SGLD too) match the exact
+stationary mean and covariance of its discretised dynamics within Monte Carlo error, that covariance being the
+exact posterior's up to a known O(step) bias. Each backend runs on the tensors of its device
+(see tests/_backend_cases.py)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _backend_cases import backend_devices, to
+from _triton_aot import assert_compiles_for_gpus
+
+import pypattern
+from pypattern import _backends
+from pypattern.ops.rmsprop_sgld import rmsprop_sgld_step_
+from pypattern.ops.sgld import philox_normals, sgld_step_
+from pypattern.ops.sgnht import sgnht_step_
+
+OPS = ("sgnht_step_", "rmsprop_sgld_step_")
+CASES = {op: backend_devices(op) for op in OPS}
+FAST = {op: backend_devices(op, reference=False) for op in OPS}
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+KW = dict(step_size=1e-3, nbeta=37.0, localization=100.0, weight_decay=0.01, seed=7, step=3)
+
+
+def _inputs(shape, dtype, *, noncontig=False, seed=0, device="cpu"):
+    """(w, g, anchor, state): state >= 0 so that it is a valid V for RMSprop (and a momentum for SGNHT)."""
+    gen = torch.Generator().manual_seed(seed)
+    if noncontig:  # a transposed view of a larger tensor, with a step in the last dimension
+        big = [torch.randn(shape[1] * 2 + 1, shape[0], generator=gen, dtype=dtype) for _ in range(4)]
+        big[3] = big[3].abs() * 0.1
+        out = tuple(b.to(device)[::2][: shape[1]].t() for b in big)
+        assert not out[0].is_contiguous()
+        return out
+    w, g, a, s = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(4))
+    return to(device, w, g, a, s.abs() * 0.1)
+
+
+def _clone(t):
+    return t.clone() if t.is_contiguous() else t.t().clone().t()
+
+
+def _run(op, backend, params, grads, anchors, states, *, xi=0.05, **kw):
+    """One step of ``op`` on copies; returns (params, states, thermostat or None, flags)."""
+    ws, ss = [_clone(p) for p in params], [_clone(s) for s in states]
+    if op == "sgnht_step_":
+        dev = params[0].device if params else torch.device("cpu")
+        th = torch.tensor([xi], dtype=torch.float64, device=dev)
+        flags = sgnht_step_(ws, grads, anchors, ss, th, backend=backend, **kw)
+        return ws, ss, th, flags
+    flags = rmsprop_sgld_step_(ws, grads, anchors, ss, backend=backend, **kw)
+    return ws, ss, None, flags
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_backends_registered(op):
+    info = pypattern.backends(op)
+    assert info["reference"]["available"] and info["cpp"]["available"], info["cpp"]["reason"]
+    assert _backends.registered(op) == _backends.NAMES
+    assert _backends.choose(op, torch.device("cpu"), None) == "cpp"
+
+
+def _both(op):
+    return [pytest.param(op, b, id=f"{op}-{b.id}", marks=b.marks) for b in FAST[op]]
+
+
+ALL_FAST = _both("sgnht_step_") + _both("rmsprop_sgld_step_")
+ALL_CASES = [pytest.param(op, b, id=f"{op}-{b.id}", marks=b.marks) for op in OPS for b in CASES[op]]
+
+
+@pytest.mark.parametrize("op, case", ALL_FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [0, 1, 3, 63, 64, 65, 127, 128, 129, 257, 1001, 1025])
+@pytest.mark.parametrize("extras", ["plain", "mask", "box", "mask+box"])
+def test_equals_reference_without_noise(op, case, dtype, size, extras):
+    backend, device = case.values
+    w, g, a, s = _inputs((size,), dtype, seed=size, device=device)
+    masks = (
+        [to(device, torch.rand(size, generator=torch.Generator().manual_seed(size)) > 0.3)]
+        if "mask" in extras
+        else None
+    )
+    box = 0.05 if "box" in extras else None
+    kw = dict(KW, noise_scale=0.0, bounding_box=box, masks=masks)
+    rw, rs, rt, _ = _run(op, "reference", [w], [g], [a], [s], **kw)
+    ow, os_, ot, _ = _run(op, backend, [w], [g], [a], [s], **kw)
+    torch.testing.assert_close(ow[0], rw[0], rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(os_[0], rs[0], rtol=TOL[dtype], atol=TOL[dtype])
+    if rt is not None:
+        # the thermostat sums p^2 of float32 or float64 momenta in float64
+        torch.testing.assert_close(ot.cpu(), rt.cpu(), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    if size and (masks is None or bool(masks[0].any())):
+        assert not torch.equal(ow[0], w)  # the step did something
+    if masks is not None:
+        frozen = ~masks[0]
+        assert torch.equal(ow[0][frozen], w[frozen]) and torch.equal(os_[0][frozen], s[frozen])
+    if box is not None:
+        moved = masks[0] if masks is not None else torch.ones(size, dtype=torch.bool, device=device)
+        assert bool(((ow[0] - a)[moved].abs() <= box + 1e-7).all())
+
+
+@pytest.mark.parametrize("op, case", ALL_FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_reference_with_noise_many_tensors_noncontiguous(op, case, dtype):
+    backend, device = case.values
+    shapes = [(5, 7), (1,), (0, 3), (130, 3), (2, 3, 4)]
+    ins = [_inputs(s, dtype, seed=i, device=device) for i, s in enumerate(shapes)]
+    ins.append(_inputs((40, 9), dtype, noncontig=True, seed=99, device=device))
+    params, grads, anchors, states = (list(x) for x in zip(*ins))
+    masks = [None, None, None, to(device, torch.rand(130, 3) > 0.5), None, None]
+    kw = dict(KW, noise_scale=1.0, bounding_box=0.2, masks=masks)
+    rw, rs, rt, _ = _run(op, "reference", params, grads, anchors, states, **kw)
+    ow, os_, ot, _ = _run(op, backend, params, grads, anchors, states, **kw)
+    for r, o in zip(rw + rs, ow + os_):
+        # same Philox integers; float rounding of log/cos differs between math libraries
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=5e-6)
+    if rt is not None:
+        torch.testing.assert_close(ot.cpu(), rt.cpu(), rtol=1e-6, atol=1e-9)
+    # a non-contiguous view gets the noise of its contiguous copy
+    nc = ins[-1]
+    kw1 = dict(kw, masks=None)
+    a1 = _run(op, backend, *([t.contiguous()] for t in nc), **kw1)
+    a2 = _run(op, backend, *([t] for t in nc), **kw1)
+    torch.testing.assert_close(a1[0][0], a2[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(a1[1][0], a2[1][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op, case", ALL_FAST)
+@pytest.mark.parametrize("masked", [False, True])
+def test_equals_reference_1e6(op, case, masked):
+    """Noise on, many blocks and thread splits (and many programs of the GPU kernels); the thermostat's sum over
+    a million entries agrees with the reference's."""
+    backend, device = case.values
+    w, g, a, s = _inputs((1_000_003,), torch.float32, seed=5, device=device)
+    kw = dict(KW, noise_scale=0.5, bounding_box=0.3)
+    if masked:
+        kw["masks"] = [to(device, torch.rand(1_000_003, generator=torch.Generator().manual_seed(1)) > 0.3)]
+    rw, rs, rt, _ = _run(op, "reference", [w], [g], [a], [s], **kw)
+    ow, os_, ot, _ = _run(op, backend, [w], [g], [a], [s], **kw)
+    torch.testing.assert_close(ow[0], rw[0], rtol=1e-5, atol=5e-6)
+    torch.testing.assert_close(os_[0], rs[0], rtol=1e-5, atol=5e-6)
+    if rt is not None:
+        torch.testing.assert_close(ot.cpu(), rt.cpu(), rtol=1e-6, atol=1e-9)
+
+
+def test_thermostat_update_is_mean_square_momentum_minus_target():
+    """An independent computation of phase two: xi_new - xi = mean over active entries of p_new^2 - eps * s^2."""
+    gen = torch.Generator().manual_seed(3)
+    ps = [
+        torch.randn(50, generator=gen, dtype=torch.float64),
+        torch.randn(7, 3, generator=gen, dtype=torch.float64),
+    ]
+    gs = [torch.randn_like(p) for p in ps]
+    ms = [torch.rand(50, generator=gen) > 0.4, None]
+    for backend in ("reference", "cpp"):
+        w = [p.clone() for p in ps]
+        mom = [0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ps]
+        th = torch.tensor([0.2], dtype=torch.float64)
+        sgnht_step_(
+            w, gs, [p.clone() for p in ps], mom, th, masks=ms, backend=backend, **dict(KW, noise_scale=0.8)
+        )
+        active = torch.cat([mom[0][ms[0]], mom[1].reshape(-1)])
+        expected = 0.2 + float((active**2).mean()) - KW["step_size"] * 0.8**2
+        assert abs(float(th) - expected) < 1e-12, backend
+    # nothing active: the thermostat stays
+    th = torch.tensor([0.2], dtype=torch.float64)
+    sgnht_step_(
+        [torch.zeros(3)],
+        [torch.ones(3)],
+        [torch.zeros(3)],
+        [torch.zeros(3)],
+        th,
+        masks=[torch.zeros(3, dtype=torch.bool)],
+        **KW,
+    )
+    assert float(th) == 0.2
+
+
+@pytest.mark.parametrize("op, case", ALL_CASES)
+def test_noise_is_the_sgld_stream(op, case):
+    """With zero drift and zero state, one step moves w by (a multiple of) the SGLD noise of the same key."""
+    backend, device = case.values
+    n, seed, step = 10_000, 2**63 + 11, 2**40 + 1
+    w = [torch.zeros(3, device=device), torch.zeros(n, device=device)]
+    z = [torch.zeros_like(t) for t in w]
+    kw = dict(step_size=1.0, nbeta=0.0, localization=0.0, seed=seed, step=step, backend=backend)
+    if op == "sgnht_step_":
+        th = torch.zeros(1, dtype=torch.float64, device=device)
+        sgnht_step_(
+            w, z, z, [torch.zeros_like(t) for t in w], th, diffusion_factor=0.5, **kw
+        )  # noise sqrt(2*.5*1)
+        scale = 1.0
+    else:
+        rmsprop_sgld_step_(
+            w, z, z, [torch.zeros_like(t) for t in w], eps=0.25, **kw
+        )  # G = 4: noise sqrt(4) xi
+        scale = 2.0
+    ref = philox_normals(n, seed=seed, tensor_index=1, step=step) * scale
+    torch.testing.assert_close(w[1].cpu(), ref, rtol=1e-5, atol=4e-6)
+
+
+@pytest.mark.parametrize("op, case", ALL_CASES)
+def test_nan_grad_names_tensor_and_keeps_entries(op, case):
+    backend, device = case.values
+    p = [torch.zeros(3, device=device), torch.ones(5, device=device)]
+    g = to(device, torch.zeros(3), torch.tensor([0.0, float("nan"), 0.0, float("inf"), 1.0]))
+    s = [torch.full_like(t, 0.5) for t in p]
+    kw = dict(KW, noise_scale=1.0, backend=backend)
+    args = (p, list(g), [torch.zeros_like(t) for t in p], s)
+    call = (
+        (lambda **k: sgnht_step_(*args, torch.zeros(1, dtype=torch.float64, device=device), **k))
+        if op == "sgnht_step_"
+        else (lambda **k: rmsprop_sgld_step_(*args, **k))
+    )
+    with pytest.raises(FloatingPointError, match=r"grads\[1\]"):
+        call(**kw)
+    assert all(bool(torch.isfinite(t).all()) for t in p + s)
+    assert p[1][1] == 1 and p[1][3] == 1 and s[1][1] == 0.5 and s[1][3] == 0.5
+    assert call(check_finite=False, **kw).tolist() == [0, 1]
+    assert call(check_finite=False, validate=False, **kw).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("op, case", ALL_CASES)
+def test_fast_path_equals_validated_path(op, case):
+    backend, device = case.values
+    ins = [_inputs(s, torch.float32, seed=i, device=device) for i, s in enumerate([(5, 3), (7,)])]
+    params, grads, anchors, states = (list(x) for x in zip(*ins))
+    kw = dict(KW, noise_scale=0.7, bounding_box=0.9, seed=2**63 + 5, step=2**40 + 3)
+    slow = _run(op, backend, params, grads, anchors, states, **kw)
+    fast = _run(op, backend, params, grads, anchors, states, validate=False, **kw)
+    for a, b in zip(slow[0] + slow[1], fast[0] + fast[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert slow[3].tolist() == fast[3].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_empty_inputs(op):
+    assert _run(op, None, [], [], [], [], **KW)[3].shape == (0,)
+    w, g, a, s = _inputs((0, 4), torch.float32)
+    out = _run(op, None, [w], [g], [a], [s], **KW)
+    assert out[0][0].shape == (0, 4) and out[3].tolist() == [0]
+    if out[2] is not None:
+        assert float(out[2]) == 0.05  # no active entry: thermostat unchanged
+
+
+def _ok(op):
+    p, g, a, s = [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)]
+    if op == "sgnht_step_":
+        return lambda **kw: sgnht_step_(
+            p, g, a, s, kw.pop("thermostat", torch.zeros(1, dtype=torch.float64)), **kw
+        )
+    return lambda **kw: rmsprop_sgld_step_(p, g, a, s, **kw)
+
+
+@pytest.mark.parametrize(
+    "op, kw, exc, match",
+    [
+        (op, kw, exc, match)
+        for op in OPS
+        for kw, exc, match in [
+            (dict(step_size=0.0), ValueError, "step_size must be > 0"),
+            (dict(step_size=float("nan")), ValueError, "step_size must be finite"),
+            (dict(nbeta=-1.0), ValueError, "nbeta must be >= 0"),
+            (dict(bounding_box=0.0), ValueError, "bounding_box must be > 0"),
+            (dict(seed=-1), ValueError, "seed must be in"),
+            (dict(step=1.5), TypeError, "step must be an int"),
+            (dict(backend="gpu"), ValueError, "backend='gpu' is not one of"),
+            (dict(noise_scale=-1.0), ValueError, "noise_scale must be >= 0"),
+        ]
+    ]
+    + [
+        ("sgnht_step_", dict(diffusion_factor=-0.1), ValueError, "diffusion_factor must be >= 0"),
+        ("sgnht_step_", dict(thermostat=torch.zeros(1)), ValueError, "thermostat must be a float64 tensor"),
+        ("sgnht_step_", dict(thermostat=torch.zeros(2, dtype=torch.float64)), ValueError, r"shape \(2,\)"),
+        ("sgnht_step_", dict(thermostat=0.1), TypeError, "thermostat must be a float64 tensor"),
+        (
+            "sgnht_step_",
+            dict(thermostat=torch.full((1,), float("nan"), dtype=torch.float64)),
+            ValueError,
+            "finite",
+        ),
+        ("rmsprop_sgld_step_", dict(alpha=1.0), ValueError, r"alpha must be in \[0, 1\)"),
+        ("rmsprop_sgld_step_", dict(alpha=-0.1), ValueError, "alpha must be >= 0"),
+        ("rmsprop_sgld_step_", dict(eps=0.0), ValueError, "eps must be > 0"),
+    ],
+)
+def test_bad_scalars(op, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        _ok(op)(**{**KW, **kw})
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bad_state_tensors(op):
+    name = "momenta" if op == "sgnht_step_" else "square_avgs"
+    p, g, a = [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)]
+    th = [torch.zeros(1, dtype=torch.float64)] if op == "sgnht_step_" else []
+    fn = sgnht_step_ if op == "sgnht_step_" else rmsprop_sgld_step_
+    with pytest.raises(ValueError, match=rf"{name}\[0\] has shape \(4,\) but params\[0\] has \(3,\)"):
+        fn(p, g, a, [torch.zeros(4)], *th, **KW)
+    with pytest.raises(
+        TypeError, match=rf"{name}\[0\] has dtype torch.float64 but params\[0\] has torch.float32"
+    ):
+        fn(p, g, a, [torch.zeros(3, dtype=torch.float64)], *th, **KW)
+    with pytest.raises(ValueError, match=rf"{name} must have one tensor per params entry: 2 != 1"):
+        fn(p, g, a, [torch.zeros(3)] * 2, *th, **KW)
+    with pytest.raises(TypeError, match=rf"{name}\[0\] must be a tensor"):
+        fn(p, g, a, [3.0], *th, **KW)
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        fn(p, [torch.zeros(2)], a, [torch.zeros(3)], *th, **KW)
+    with pytest.raises(ValueError, match=rf"{name}\[0\] is on meta"):
+        fn(p, g, a, [torch.zeros(3, device="meta")], *th, **KW)
+
+
+# ------------------------------------------------------------------------------------------------------ truth
+#
+# Model: L(w) = 0.5 (w - m)^T A (w - m) in d = 3 dimensions, so the localized tempered posterior
+# exp(-nbeta L(w) - (gamma/2) |w - w*|^2) is Gaussian with precision H = nbeta A + gamma I and mean
+# mu = H^-1 (nbeta A m + gamma w*). C chains run side by side as the rows of one (C, d) tensor (the samplers are
+# element-wise; SGNHT's thermostat is then shared by the C independent chains, which is the same Nose-Hoover
+# dynamics of the product system). Every step the gradient is exact, so each sampler is a linear recursion (for
+# SGNHT at a fixed thermostat, for RMSprop-SGLD at a fixed preconditioner) whose fixed point is mu and whose
+# stationary covariance solves a discrete Lyapunov equation S = B S B^T + Q:
+#
+# * SGLD, B = I - (eps/2) H, Q = eps I: S = H^-1 (I - eps H / 4)^-1 exactly; the O(eps) bias is up to 14% here.
+# * SGNHT per eigenmode h of H, state (w, p): p' = (1 - xi) p - eps h w + s z, w' = w + p' with s^2 = 2 A_d eps.
+#   The thermostat settles where the mean of E[p^2] over the modes is eps (its update has zero mean there);
+#   we solve for that xi* and predict Var(w) per mode. What is neglected: the fluctuation of xi about xi*
+#   (its standard deviation over the run is measured and asserted to be small relative to xi*).
+# * RMSprop-SGLD, B = I - (eps/2) G H, Q = eps G with G = diag(1/(sqrt(V)+eps_rms)) frozen at its mean over the
+#   run. Neglected: V's fluctuation (the anchor is placed so that the mean gradient dominates its fluctuation,
+#   and the relative spread of G over the run is asserted small). The mean stays mu for any fixed G.
+#
+# The Monte Carlo error comes from the spread of the per-chain time averages over the C independent chains.
+
+D = 3
+NBETA, GAMMA = 10.0, 5.0
+
+
+def _gaussian_model():
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)) @ q.T
+    m = torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64)
+    w_star = torch.tensor([-1.0, 1.5, 2.0], dtype=torch.float64)
+    h = NBETA * a + GAMMA * torch.eye(D, dtype=torch.float64)
+    mu = torch.linalg.solve(h, NBETA * a @ m + GAMMA * w_star)
+    return a, m, w_star, h, mu
+
+
+def _lyapunov(b: np.ndarray, q: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    return np.linalg.solve(np.eye(n * n) - np.kron(b, b), q.reshape(-1)).reshape(n, n)
+
+
+def _sgnht_mode(h: float, eps: float, xi: float, a_d: float) -> tuple[float, float]:
+    """Stationary (Var w, Var p) of one eigenmode of SGNHT's recursion at a fixed thermostat xi."""
+    c = eps * h
+    b = np.array([[1 - c, 1 - xi], [-c, 1 - xi]])
+    s2 = 2 * a_d * eps
+    cov = _lyapunov(b, s2 * np.ones((2, 2)))
+    return cov[0, 0], cov[1, 1]
+
+
+def _run_chains(sampler, *, chains, burnin, draws, eps, **hyper):
+    """Run ``chains`` chains of ``sampler`` on the Gaussian model; returns (per-chain mean (C, d), per-chain
+    second moment about mu (C, d, d), record of extra quantities)."""
+    a, m, w_star, h, mu = _gaussian_model()
+    w = w_star.expand(chains, D).clone()
+    anchor = w_star.expand(chains, D).clone()
+    state = torch.zeros_like(w)
+    th = torch.tensor([hyper.get("diffusion_factor", 0.0)], dtype=torch.float64)
+    if sampler == "sgnht":
+        state = math.sqrt(eps) * torch.randn(
+            chains, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+        )
+    sum_w = torch.zeros(chains, D, dtype=torch.float64)
+    sum_ww = torch.zeros(chains, D, D, dtype=torch.float64)
+    record = {
+        "xi": [],
+        "g": torch.zeros(chains, D, dtype=torch.float64),
+        "g2": torch.zeros(chains, D, dtype=torch.float64),
+    }
+    common = dict(step_size=eps, nbeta=NBETA, localization=GAMMA, seed=11, validate=False)
+    for t in range(burnin + draws):
+        g = (w - m) @ a
+        if sampler == "sgld":
+            sgld_step_([w], [g], [anchor], step=t, **common)
+        elif sampler == "sgnht":
+            sgnht_step_(
+                [w], [g], [anchor], [state], th, step=t, diffusion_factor=hyper["diffusion_factor"], **common
+            )
+        else:
+            rmsprop_sgld_step_(
+                [w], [g], [anchor], [state], step=t, alpha=hyper["alpha"], eps=hyper["rms_eps"], **common
+            )
+        if t >= burnin:
+            dw = w - mu
+            sum_w += w
+            sum_ww += dw[:, :, None] * dw[:, None, :]
+            if sampler == "sgnht":
+                record["xi"].append(float(th))
+            if sampler == "rmsprop_sgld":
+                precond = 1.0 / (state.sqrt() + hyper["rms_eps"])
+                record["g"] += precond
+                record["g2"] += precond**2
+    record["g"] /= draws
+    record["g2"] /= draws
+    return sum_w / draws, sum_ww / draws, record
+
+
+def _assert_matches(means, second, mu, cov_pred, cov_exact, *, k=4.0):
+    """Chain-averaged mean and covariance about mu against the prediction, within k standard errors."""
+    chains = means.shape[0]
+    mean, se_mean = means.mean(0), means.std(0) / math.sqrt(chains)
+    cov, se_cov = second.mean(0), second.std(0) / math.sqrt(chains)
+    z_mean = ((mean - mu) / se_mean).abs().max().item()
+    z_cov = ((cov - cov_pred) / se_cov).abs().max().item()
+    assert z_mean < k, (mean, mu, se_mean)
+    assert z_cov < k, (cov, cov_pred, se_cov)
+    # and the standard errors are small enough for the comparison to mean something (< 2% of the variances)
+    assert (se_cov.diagonal() / cov_exact.diagonal()).max() < 0.02
+    return ((cov - cov_exact) / se_cov).abs().max().item()
+
+
+def test_truth_sgld_gaussian():
+    a, m, w_star, h, mu = _gaussian_model()
+    eps = 0.02
+    means, second, _ = _run_chains("sgld", chains=64, burnin=300, draws=3000, eps=eps)
+    cov_exact = torch.linalg.inv(h)
+    cov_pred = torch.linalg.inv(h @ (torch.eye(D, dtype=torch.float64) - eps * h / 4))
+    z_exact = _assert_matches(means, second, mu, cov_pred, cov_exact)
+    assert z_exact > 4, "the O(eps) bias must be resolved by this test (else it could not tell it apart)"
+
+
+def test_truth_sgnht_gaussian():
+    a, m, w_star, h, mu = _gaussian_model()
+    eps, a_d = 0.002, 0.05
+    means, second, rec = _run_chains(
+        "sgnht", chains=64, burnin=1500, draws=4000, eps=eps, diffusion_factor=a_d
+    )
+    evals, evecs = np.linalg.eigh(h.numpy())
+
+    def excess(xi):
+        return np.mean([_sgnht_mode(e, eps, xi, a_d)[1] for e in evals]) - eps
+
+    lo, hi = 1e-4, 0.5  # mean E[p^2] decreases with the friction: bisect for xi*
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    xi_star = 0.5 * (lo + hi)
+    var_w = np.array([_sgnht_mode(e, eps, xi_star, a_d)[0] for e in evals])
+    cov_pred = torch.from_numpy(evecs @ np.diag(var_w) @ evecs.T)
+    xi = np.array(rec["xi"])
+    assert abs(xi.mean() - xi_star) < 0.05 * xi_star, (xi.mean(), xi_star)
+    assert xi.std() < 0.25 * xi_star, (xi.std(), xi_star)
+    _assert_matches(means, second, mu, cov_pred, torch.linalg.inv(h))
+
+
+def test_truth_rmsprop_sgld_gaussian():
+    a, m, w_star, h, mu = _gaussian_model()
+    eps, alpha, eps_rms = 0.02, 0.99, 0.1
+    means, second, rec = _run_chains(
+        "rmsprop_sgld", chains=64, burnin=500, draws=3000, eps=eps, alpha=alpha, rms_eps=eps_rms
+    )
+    g_mean = rec["g"].mean(0)  # the preconditioner's mean per coordinate
+    g_spread = (rec["g2"] - rec["g"] ** 2).clamp_min(0).sqrt().mean(0)  # its spread over the run
+    assert (g_spread / g_mean).max() < 0.1, g_spread / g_mean
+    gd = np.diag(g_mean.numpy())
+    b = np.eye(D) - 0.5 * eps * gd @ h.numpy()
+    cov_pred = torch.from_numpy(_lyapunov(b, eps * gd))
+    z_exact = _assert_matches(means, second, mu, cov_pred, torch.linalg.inv(h))
+    assert z_exact > 4, (
+        "the discretisation bias must be resolved by this test (else it could not tell it apart)"
+    )
+
+
+_AOT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pypattern.ops.sgnht.triton import _sgnht_kernel
+from pypattern.ops.rmsprop_sgld.triton import _rmsprop_sgld_kernel
+
+for dtype in ("fp32", "fp64"):
+    sigs = {
+        _sgnht_kernel: {"w_ptr": "*" + dtype, "p_ptr": "*" + dtype, "g_ptr": "*" + dtype, "a_ptr": "*" + dtype,
+                        "m_ptr": "*" + dtype, "coef_ptr": "*fp64", "xi_ptr": "*fp64", "part_ptr": "*fp64",
+                        "flag_ptr": "*i32", "n": "i64", "seed": "i64", "tensor_index": "i32", "step_lo": "i32",
+                        "step_hi": "i32"},
+        _rmsprop_sgld_kernel: {"w_ptr": "*" + dtype, "v_ptr": "*" + dtype, "g_ptr": "*" + dtype,
+                               "a_ptr": "*" + dtype, "m_ptr": "*" + dtype, "coef_ptr": "*fp64", "flag_ptr": "*i32",
+                               "n": "i64", "seed": "i64", "tensor_index": "i32", "step_lo": "i32", "step_hi": "i32"},
+    }
+    for fn, sig in sigs.items():
+        for flags in ((True, True, True), (False, False, False)):
+            const = dict(zip(("HAS_MASK", "HAS_BOX", "HAS_NOISE"), flags), BLOCK=1024)
+            sig.update({k: "constexpr" for k in const})
+            for arch in (80, 90):
+                k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                                   target=GPUTarget("cuda", arch, 32))
+                assert len(k.asm["cubin"]) > 0
+print("ok")
+"""
+
+
+def test_triton_kernels_compile_for_gpus():
+    """The interpreter accepts more than the GPU compiler: compile both kernels to sm_80/sm_90 cubin for both
+    dtypes and several specialisations (no GPU needed; a separate process without TRITON_INTERPRET)."""
+    assert_compiles_for_gpus(_AOT)
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+def test_sgnht_optimizer_is_the_op_with_its_state():
+    """Two steps of the optimizer equal two op calls on copies of its initial momenta and thermostat; the
+    initial momentum is sqrt(step_size) * noise_scale times the keyed noise at the reserved step."""
+    from pypattern.sampling.samplers import SGNHT
+
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(4, 3, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()]
+    hyper = dict(step_size=1e-3, nbeta=20.0, localization=3.0, weight_decay=0.01, diffusion_factor=0.02)
+    opt = SGNHT(ws, seed=9, noise_scale=0.5, **hyper)
+    ref_w = [w.detach().clone() for w in ws]
+    anchors = [w.clone() for w in ref_w]
+    mom = [opt.state[w]["momentum"].clone() for w in ws]
+    expected0 = math.sqrt(1e-3) * 0.5 * philox_normals(5, seed=9, tensor_index=1, step=2**64 - 1)
+    torch.testing.assert_close(mom[1], expected0)
+    th = torch.tensor([0.02], dtype=torch.float64)
+    assert float(opt.param_groups[0]["thermostat"]) == 0.02
+    for t in range(2):
+        grads = [torch.randn(w.shape, generator=gen) for w in ws]
+        for w, g in zip(ws, grads):
+            w.grad = g.clone()
+        opt.step()
+        sgnht_step_(ref_w, grads, anchors, mom, th, seed=9, step=t, noise_scale=0.5, **hyper)
+    for a, b in zip(ws, ref_w):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    torch.testing.assert_close(opt.param_groups[0]["thermostat"], th, rtol=0, atol=0)
+    sd = opt.state_dict()
+    assert sd["fused_sampler"]["num_steps"] == 2
+
+
+def test_rmsprop_optimizer_groups_names_and_masks():
+    """devinterp's names in groups, a mask by name, one seed per group (different noise in each group)."""
+    from pypattern.sampling.samplers import RMSpropSGLD, group_seed
+
+    a = torch.zeros(64, requires_grad=True)
+    b = torch.zeros(64, requires_grad=True)
+    mask = torch.ones(64, dtype=torch.bool)
+    mask[:10] = False
+    opt = RMSpropSGLD(
+        [{"params": [("a", a)]}, {"params": [("b", b)], "lr": 0.04}],
+        lr=0.01,
+        noise_level=1.0,
+        masks={"a": mask},
+        seed=3,
+    )
+    assert opt.param_groups[1]["step_size"] == 0.04 and opt.param_groups[0]["step_size"] == 0.01
+    a.grad, b.grad = torch.zeros(64), torch.zeros(64)
+    opt.step()
+    # V stays 0 with zero gradients: G = 1/eps = 10; the move is sqrt(step_size * 10) * xi
+    xa = philox_normals(64, seed=3, tensor_index=0, step=0)
+    xb = philox_normals(64, seed=group_seed(3, 1), tensor_index=0, step=0)
+    torch.testing.assert_close(a.detach(), torch.where(mask, math.sqrt(0.1) * xa, 0.0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.detach(), math.sqrt(0.4) * xb, rtol=1e-6, atol=1e-7)
+    assert abs(torch.corrcoef(torch.stack([xa, xb]))[0, 1]) < 0.5
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sgld", "SGLD"),
+        ("SGLD", "SGLD"),
+        ("sgnht", "SGNHT"),
+        ("SGNHT", "SGNHT"),
+        ("rmsprop_sgld", "RMSpropSGLD"),
+        ("RMSpropSGLD", "RMSpropSGLD"),
+        ("rmsprop-sgld", "RMSpropSGLD"),
+    ],
+)
+def test_make_sampler_names(name, cls):
+    from pypattern.sampling.samplers import make_sampler
+
+    w = torch.zeros(3, requires_grad=True)
+    opt = make_sampler(
+        name, [w], step_size=1e-3, nbeta=5.0, localization=1.0, noise_scale=1.0, bounding_box=2.0
+    )
+    assert type(opt).__name__ == cls
+    w.grad = torch.ones(3)
+    opt.step()
+    assert bool(torch.isfinite(w).all()) and not torch.equal(w.detach(), torch.zeros(3))
+    assert type(make_sampler(type(opt), [torch.zeros(2, requires_grad=True)], lr=1e-3, nbeta=2.0)) is type(
+        opt
+    )
+
+
+def test_make_sampler_bad_names_and_values():
+    from pypattern.sampling.samplers import SGNHT, make_sampler
+
+    w = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="sampling_method='hmc' is not a known sampler; valid are 'sgld'"):
+        make_sampler("hmc", w)
+    with pytest.raises(TypeError, match="sampling_method must be a str"):
+        make_sampler(3, w)
+    with pytest.raises(ValueError, match="step_size must be a finite number > 0, got -1"):
+        SGNHT(w, step_size=-1)
+    with pytest.raises(ValueError, match="give step_size or its devinterp name lr, not both"):
+        SGNHT(w, step_size=0.1, lr=0.1)
+    with pytest.raises(ValueError, match="diffusion_factor must be a finite number >= 0"):
+        SGNHT(w, diffusion_factor=-1.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
+        make_sampler("rmsprop_sgld", w, alpha=1.0)
+    with pytest.raises(ValueError, match="masks has names that are not"):
+        SGNHT([("w", w[0])], masks={"v": torch.ones(3)})
+
+
+@pytest.mark.parametrize("name", ["sgnht", "rmsprop_sgld"])
+def test_optimizer_samples_the_gaussian_mean(name):
+    """Through autograd and the optimizer: 64 chains on the Gaussian model hit the exact posterior mean."""
+    from pypattern.sampling.samplers import make_sampler
+
+    a, m, w_star, h, mu = _gaussian_model()
+    w = w_star.expand(64, D).clone().requires_grad_()
+    hyper = dict(step_size=0.002, diffusion_factor=0.05) if name == "sgnht" else dict(step_size=0.02)
+    opt = make_sampler(name, [w], nbeta=NBETA, localization=GAMMA, seed=5, **hyper)
+    total = torch.zeros(64, D, dtype=torch.float64)
+    burnin, draws = 1000, 1500
+    for t in range(burnin + draws):
+        opt.zero_grad()
+        (0.5 * ((w - m) @ a * (w - m)).sum()).backward()
+        opt.step()
+        if t >= burnin:
+            total += w.detach()
+    chain_means = total / draws
+    se = chain_means.std(0) / 8
+    assert ((chain_means.mean(0) - mu).abs() / se).max() < 4.5
