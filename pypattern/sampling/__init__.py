@@ -23,8 +23,12 @@ from .optim import SGLD, chain_seed
 from .refined import RefinedLLCResult, refined_llc
 from .results import LLCResult, SampleResult
 from .runner import SamplingDivergedError, default_loss_fn, default_nbeta, sample
+from .samplers import SGNHT, RMSpropSGLD, make_sampler
 
 __all__ = [
+    "SGNHT",
+    "RMSpropSGLD",
+    "make_sampler",
     "SGLD",
     "AutoStepError",
     "AutoStepReport",
