@@ -69,7 +69,7 @@ def trained_model():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model, float(loss)
+    return model, float(loss.detach())
 
 
 def as_dataset(ids):

@@ -411,3 +411,32 @@ def test_v2_unsupported_options_are_named():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             di.llc(model, ids, {}, device="cuda", **base)
+
+
+def test_devinterp_import_paths_mirrored():
+    """devinterp's module paths under pypattern.devinterp: users change only the package name."""
+    from pypattern.devinterp.optim import SGLD as SGLD_a
+    from pypattern.devinterp.optim.sgld import SGLD as SGLD_b
+    from pypattern.devinterp.slt.bif import bif, compute_bif
+    from pypattern.devinterp.slt.llc import compute_llc, llc
+    from pypattern.devinterp.slt.sampler import estimate_learning_coeff_with_summary as elc
+    from pypattern.devinterp.slt.sampling import sample
+    from pypattern.devinterp.slt.susceptibilities import compute_susceptibilities, susceptibilities
+    from pypattern.devinterp.utils import default_nbeta as dn
+    from pypattern.devinterp.utils import evaluate_ce, make_evaluate
+
+    assert (llc, compute_llc, sample, bif, compute_bif) == (
+        di.llc,
+        di.compute_llc,
+        di.sample,
+        di.bif,
+        di.compute_bif,
+    )
+    assert (susceptibilities, compute_susceptibilities) == (di.susceptibilities, di.compute_susceptibilities)
+    assert elc is estimate_learning_coeff_with_summary and dn is default_nbeta and SGLD_a is SGLD_b is SGLD
+    model, loader = _mlp(), _mlp_loader()
+    x, y = next(iter(loader))
+    loss, out = evaluate_ce(model, (x, y))
+    assert float(loss.detach()) == pytest.approx(float(nn.functional.cross_entropy(model(x), y).detach()))
+    a = _v1(model, loader, evaluate=make_evaluate(nn.functional.cross_entropy))
+    assert a["llc/mean"] == pytest.approx(_v1(model, loader, evaluate=_ce)["llc/mean"], rel=1e-6)

@@ -1,14 +1,26 @@
-"""devinterp 2.x's public calls on pypattern: :func:`sample`, :func:`llc`, :func:`susceptibilities`, :func:`bif`.
+"""devinterp's public calls on pypattern: change only the import.
 
-``from pypattern.devinterp import llc, sample, susceptibilities, bif`` stands for devinterp 2.0.1's
-``from devinterp.slt.llc import llc``, ``from devinterp.slt.sampling import sample``,
-``from devinterp.slt.susceptibilities import susceptibilities`` and ``from devinterp.slt.bif import bif``: the same
-arguments (``lr``, ``n_beta``, ``param_masks``, ``batch_size``, ``init_seed``, ``llc_weight_decay``,
-``noise_level``, ``bounding_box_size``, ...), the same result names and shapes, as numpy arrays in a
-:class:`DevinterpResult` (a dict whose keys also read as attributes: ``res.llc_mean``, ``res["loss_trace"]``)
-instead of xarray / Zarr objects. The chains are pypattern's (:func:`pypattern.sample`, the fused SGLD step):
-noise and data order are keyed by ``init_seed`` and the chain, so the numbers equal pypattern's native calls with
-the same settings, and agree with devinterp's within their standard errors (not draw for draw).
+==================================================== =========================================================
+devinterp                                            pypattern
+==================================================== =========================================================
+``from devinterp.slt.llc import llc``                ``from pypattern.devinterp.slt.llc import llc``
+``from devinterp.slt.sampling import sample``        ``from pypattern.devinterp.slt.sampling import sample``
+``from devinterp.slt.susceptibilities import ...``   ``from pypattern.devinterp.slt.susceptibilities import ...``
+``from devinterp.slt.bif import bif``                ``from pypattern.devinterp.slt.bif import bif``
+``from devinterp.slt.sampler import estimate_...``   ``from pypattern.devinterp.slt.sampler import estimate_...``
+``from devinterp.optim.sgld import SGLD``            ``from pypattern.devinterp.optim.sgld import SGLD``
+``from devinterp.utils import default_nbeta``        ``from pypattern.devinterp.utils import default_nbeta``
+==================================================== =========================================================
+
+and all of them from ``pypattern.devinterp`` itself. devinterp 2.0.1's calls (:func:`sample`, :func:`llc`,
+:func:`susceptibilities`, :func:`bif` and their ``compute_*`` halves) take its arguments (``lr``, ``n_beta``,
+``param_masks``, ``batch_size``, ``init_seed``, ``llc_weight_decay``, ``noise_level``, ``bounding_box_size``, ...)
+and return its result names and shapes, as numpy arrays in a :class:`DevinterpResult` (a dict whose keys also
+read as attributes: ``res.llc_mean``, ``res["loss_trace"]``) instead of xarray / Zarr objects. devinterp 1.x's
+``estimate_learning_coeff(_with_summary)`` are :mod:`pypattern.sampling.llc`'s. The chains are pypattern's
+(:func:`pypattern.sample`, the fused SGLD step): noise and data order are keyed by ``init_seed`` (1.x: ``seed``)
+and the chain, so the numbers equal pypattern's native calls with the same settings, and agree with devinterp's
+within their standard errors (not draw for draw).
 
 Data: ``dataset`` is anything with an ``"input_ids"`` column of equal-length token sequences (a Hugging Face
 ``Dataset``, a dict of lists or tensors), or a token tensor ``(num_sequences, seq_len)``. Losses are per token:
@@ -33,10 +45,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from .sampling.llc import on_device, resolve_device
-from .sampling.runner import sample as _native_sample
+from ..sampling.llc import (
+    default_nbeta,
+    estimate_learning_coeff,
+    estimate_learning_coeff_with_summary,
+    on_device,
+    resolve_device,
+)
+from ..sampling.optim import SGLD
+from ..sampling.runner import sample as _native_sample
 
-__all__ = ["DevinterpResult", "bif", "compute_llc", "llc", "per_token_loss", "sample", "susceptibilities"]
+__all__ = [
+    "SGLD",
+    "DevinterpResult",
+    "bif",
+    "compute_bif",
+    "compute_llc",
+    "compute_susceptibilities",
+    "default_nbeta",
+    "estimate_learning_coeff",
+    "estimate_learning_coeff_with_summary",
+    "llc",
+    "per_token_loss",
+    "sample",
+    "susceptibilities",
+]
 
 ParamMasks = Mapping[str, "torch.Tensor | None"]
 
@@ -484,29 +517,55 @@ def susceptibilities(
         raise ValueError("weight_restrictions must include a 'full' key (use None for the full model)")
     if sampling_task not in observables:
         raise ValueError(f"sampling_task {sampling_task!r} is not in observables {list(observables)}")
-    names = [n for n in observables if include_sampling_task or n != sampling_task]
-    if not names:
-        raise ValueError("need an observable besides sampling_task (or include_sampling_task=True)")
+    if not any(include_sampling_task or n != sampling_task for n in observables):
+        raise ValueError(
+            f"no probe observable besides sampling_task={sampling_task!r}: add one or pass include_sampling_task=True"
+        )
     runs = {
         wr: sample(
             model, dataset, observables, lr=lr, n_beta=n_beta, param_masks=m, loss_fn=loss_fn, **kwargs
         )
         for wr, m in weight_restrictions.items()
     }
+    out = compute_susceptibilities(runs, sampling_task, include_sampling_task=include_sampling_task)
+    out["samples"] = runs
+    return out
+
+
+def compute_susceptibilities(
+    wr_map: Mapping[str, Mapping[str, Any]],
+    sampling_task: str,
+    observable_names: Sequence[str] | None = None,
+    include_sampling_task: bool = False,
+) -> DevinterpResult:
+    """devinterp 2.x's ``compute_susceptibilities`` on :func:`sample` results, one per weight restriction
+    (``"full"`` required); see :func:`susceptibilities` for the formula and the result."""
+    if "full" not in wr_map:
+        raise ValueError("wr_map must include a 'full' key (the unrestricted run)")
+    full = wr_map["full"]
     sid = _obs_id(sampling_task)
-    obs_ids = sorted(_obs_id(n) for n in names)
-    full = runs["full"]
+    all_ids = sorted(k[len("loss_") :] for k in full if k.startswith("loss_"))
+    if sid not in all_ids:
+        raise ValueError(f"sampling_task {sampling_task!r} is not an observable of the runs ({all_ids})")
+    if observable_names is None:
+        obs_ids = [o for o in all_ids if include_sampling_task or o != sid]
+    else:
+        obs_ids = sorted(_obs_id(n) for n in observable_names)
+    if not obs_ids:
+        raise ValueError(
+            f"no probe observable besides sampling_task={sampling_task!r}: add one or pass include_sampling_task=True"
+        )
     init_mean = float(np.mean(full["init_loss"]))
     full_lbar = float(np.asarray(full[f"loss_{sid}"], dtype=np.float64).mean())
-    wrs = [w for w in runs if w != "full"]
+    wrs = [w for w in wr_map if w != "full"]
     cols, coords = [], {"dataset_id": [], "batch": [], "target_position": []}
     for i, o in enumerate(obs_ids):
         delta = full_lbar - np.asarray(full[f"loss_{o}"], dtype=np.float64).mean(axis=(0, 1))  # (batch, T)
         per_wr = []
         for w in wrs:
-            lbar = np.asarray(runs[w][f"loss_{sid}"], dtype=np.float64).mean(axis=(2, 3))  # (chain, draw)
+            lbar = np.asarray(wr_map[w][f"loss_{sid}"], dtype=np.float64).mean(axis=(2, 3))  # (chain, draw)
             phi = lbar - init_mean
-            probe = np.asarray(runs[w][f"loss_{o}"], dtype=np.float64)
+            probe = np.asarray(wr_map[w][f"loss_{o}"], dtype=np.float64)
             chi = (phi * lbar).mean() - (phi[:, :, None, None] * probe).mean(axis=(0, 1)) - phi.mean() * delta
             per_wr.append(chi.reshape(-1))
         cols.append(np.stack(per_wr, axis=-1) if per_wr else np.zeros((delta.size, 0)))
@@ -527,7 +586,6 @@ def susceptibilities(
         dataset_id_to_name=obs_ids,
         **{k: np.concatenate(v) for k, v in coords.items()},
         **{k: np.concatenate(v) for k, v in ctx.items()},
-        samples=runs,
         _dims={"sus": ("sus_flat", "wr"), "input_ids": ("ctx_flat",)},
     )
 
