@@ -79,10 +79,9 @@ def as_dataset(ids):
 
 
 def run(impl, model, settings):
-    mod = {
-        "pypattern": ("pypattern.devinterp",) * 3,
-        "devinterp": ("devinterp.slt.llc", "devinterp.slt.susceptibilities", "devinterp.slt.bif"),
-    }[impl]
+    # the same import paths, under "devinterp." or "pypattern.devinterp."
+    prefix = {"pypattern": "pypattern.devinterp", "devinterp": "devinterp"}[impl]
+    mod = [f"{prefix}.slt.{m}" for m in ("llc", "susceptibilities", "bif")]
     llc = importlib.import_module(mod[0]).llc
     susceptibilities = importlib.import_module(mod[1]).susceptibilities
     bif = importlib.import_module(mod[2]).bif

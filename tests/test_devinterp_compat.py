@@ -192,6 +192,10 @@ def test_v1_unsupported_options_are_named():
         _v1(model, loader, evaluate=_ce, optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, momentum=0.9))
     with pytest.raises(TypeError, match="criterion= needs \\(x, y\\) batches"):
         _v1(_transformer(), DataLoader(_tokens(), batch_size=8), criterion=nn.CrossEntropyLoss())
+    with pytest.raises(TypeError, match="unsupported keyword argument\\(s\\) \\['online_trace'\\]"):
+        _v1(model, loader, evaluate=_ce, online_trace=True)
+    with pytest.raises(TypeError, match="\\['loss_fn'\\]"):  # devinterp's evaluate= is the way in
+        _v1(model, loader, evaluate=_ce, loss_fn=_ce)
     with pytest.warns(UserWarning, match="use_amp=True"):
         estimate_learning_coeff_with_summary(
             model,

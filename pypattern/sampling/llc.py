@@ -266,8 +266,37 @@ def _devinterp_kwargs(
         quiet=not verbose,
         cores=max(int(cores or 1), 1),
     )
+    _check_extra(extra)
     kw.update(extra)
     return on_device(model, dev), kw
+
+
+def _check_extra(extra: Mapping[str, Any]) -> None:
+    """Keyword arguments beyond devinterp 1.x's go to :func:`pypattern.sample`: refuse any it does not take,
+    naming them (not as a TypeError of an internal call)."""
+    import inspect
+
+    taken = set(inspect.signature(sample).parameters) - {"model", "loader"}
+    ours = {
+        "loss_fn",
+        "optimizer_kwargs",
+        "seed",
+        "grad_accum_steps",
+        "masks",
+        "num_init_loss_batches",
+        "quiet",
+    }
+    ours |= {"cores", "callbacks", "num_draws", "num_chains", "num_burnin_steps", "num_steps_bw_draws"}
+    ours |= {"init_loss"}
+    bad = sorted(k for k in extra if k not in taken or k in ours)
+    if bad:
+        raise TypeError(
+            f"estimate_learning_coeff(_with_summary) got unsupported keyword argument(s) {bad}: it takes devinterp "
+            "1.x's arguments (callbacks, evaluate, criterion, sampling_method, optimizer_kwargs, num_draws, "
+            "num_chains, num_burnin_steps, num_steps_bw_draws, init_loss, grad_accum_steps, cores, seed, device, "
+            "gpu_idxs, verbose, optimize_over_per_model_param, online, use_amp) and these of pypattern.sample: "
+            f"{sorted(taken - ours)}"
+        )
 
 
 def estimate_learning_coeff_with_summary(
