@@ -317,10 +317,20 @@ def test_v2_llc_mlp_with_index_loss_equals_native():
     assert res.llc_mean == pytest.approx(ref.llc_mean, rel=1e-4, abs=1e-6)
 
 
-def test_v2_sample_layout_and_bif_equals_native():
+@pytest.mark.parametrize("batched", [False, True])
+def test_v2_sample_layout_and_bif_equals_native(batched):
     model, ids = _transformer(), _tokens()
     probe_ds = {"input_ids": _tokens(20, seed=5)}
-    s = di.sample(model, ids, {"probe set": (probe_ds, 2)}, lr=1e-3, n_beta=5.0, localization=50.0, **SET2)
+    s = di.sample(
+        model,
+        ids,
+        {"probe set": (probe_ds, 2)},
+        lr=1e-3,
+        n_beta=5.0,
+        localization=50.0,
+        batched=batched,
+        **SET2,
+    )
     T = 7
     assert s.init_loss.shape == (2, T) and s.sampling_loss.shape == (2, 5, 8, T)
     assert s.sampling_loss_micro.shape == (2, 13, 8, T) and s.sampling_input_ids_micro.shape == (
@@ -340,7 +350,7 @@ def test_v2_sample_layout_and_bif_equals_native():
     probe = torch.as_tensor(s.input_ids_probe_set)
     for method in ("sequence", "token"):
         b = di.bif(model, ids, {"probe set": (probe_ds, 2)}, lr=1e-3, n_beta=5.0, localization=50.0,
-                   correlation_method=method, **SET2)  # fmt: skip
+                   correlation_method=method, batched=batched, **SET2)  # fmt: skip
         ref = pypattern.bif(
             model,
             DataLoader(TensorDataset(ids), batch_size=8, shuffle=True, drop_last=True),
@@ -356,6 +366,7 @@ def test_v2_sample_layout_and_bif_equals_native():
             nbeta=5.0,
             localization=50.0,
             seed=7,
+            batched=batched,
             warn_nonstationary=False,
         )
         want = ref.corr if method == "sequence" else ref.corr.reshape(16, T, 16, T).transpose(0, 2, 1, 3)

@@ -354,12 +354,13 @@ def sample(
         return v.float().mean(), v, batch[0]
 
     def cb(chain, step, model, outputs):
-        micro[chain, step] = outputs[0].float().cpu().numpy()
+        micro[chain, step] = outputs[0].detach().float().cpu().numpy()
         micro_ids[chain, step] = outputs[1].cpu().numpy()
         d, r = divmod(step - num_burnin_steps, num_steps_bw_draws)
         if d >= 0 and r == 0:
-            for o, v in obs.items():
-                obs_loss[o][chain, d] = _checked_loss(loss_fn, model, v).float().cpu().numpy()
+            with torch.no_grad():
+                for o, v in obs.items():
+                    obs_loss[o][chain, d] = _checked_loss(loss_fn, model, v).detach().float().cpu().numpy()
 
     restrict, masks = _runs_spec(model, param_masks)
     _native_sample(
