@@ -78,7 +78,7 @@ def as_dataset(ids):
     return Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
 
 
-def run(impl, model, settings):
+def run(impl, model, settings, what):
     # the same import paths, under "devinterp." or "pypattern.devinterp."
     prefix = {"pypattern": "pypattern.devinterp", "devinterp": "devinterp"}[impl]
     mod = [f"{prefix}.slt.{m}" for m in ("llc", "susceptibilities", "bif")]
@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--impl", choices=["both", "pypattern", "devinterp"], default="both")
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--what", default="llc,sus,bif", help="comma-separated subset of llc, sus, bif")
     args = ap.parse_args()
     model, train_loss = trained_model()
     common = dict(lr=1e-3, n_beta=10.0, localization=100.0, batch_size=32, init_seed=3)
@@ -131,7 +132,8 @@ def main():
         "bif": dict(common, num_chains=4, num_draws=100, num_burnin_steps=50, batches_per_draw=2),
     }
     impls = ["pypattern", "devinterp"] if args.impl == "both" else [args.impl]
-    res = {impl: run(impl, model, settings) for impl in impls}
+    what = set(args.what.split(","))
+    res = {impl: run(impl, model, settings, what) for impl in impls}
     try:
         cpu = next(
             ln.split(":", 1)[1].strip()
@@ -152,22 +154,28 @@ def main():
     )
     print("settings:", json.dumps(settings))
     for impl, r in res.items():
+        if "llc" not in what:
+            break
         pc = np.asarray(r["llc_per_chain"])
         se = pc.std(ddof=1) / math.sqrt(len(pc))
         r["llc"], r["llc_se"] = float(pc.mean()), float(se)
         print(
             f"{impl:9s} LLC {pc.mean():.3f} +- {se:.3f} (se over {len(pc)} chains); init loss {r['init_loss']:.4f}; "
-            f"llc {r['llc_seconds']:.1f} s, susceptibilities {r['sus_seconds']:.1f} s, bif {r['bif_seconds']:.1f} s"
+            f"{r['llc_seconds']:.1f} s"
         )
-    if len(res) == 2:
+    if len(res) == 2 and "llc" in what:
         a, b = res["pypattern"], res["devinterp"]
         z = abs(a["llc"] - b["llc"]) / math.sqrt(a["llc_se"] ** 2 + b["llc_se"] ** 2)
         print(f"LLC difference {a['llc'] - b['llc']:+.3f}, z = {z:.2f} ({'agree' if z < 2 else 'DISAGREE'})")
+    if len(res) == 2 and "sus" in what:
+        a, b = res["pypattern"], res["devinterp"]
         sa, sb = np.asarray(a["sus"]), np.asarray(b["sus"])
         print(
             f"susceptibilities (attn, {len(sa)} probe tokens): mean {sa.mean():+.4g} vs {sb.mean():+.4g}, "
             f"std {sa.std():.4g} vs {sb.std():.4g}, correlation {np.corrcoef(sa, sb)[0, 1]:.3f}"
         )
+    if len(res) == 2 and "bif" in what:
+        a, b = res["pypattern"], res["devinterp"]
         ba, bb = np.asarray(a["bif"]), np.asarray(b["bif"])
         off = ~np.eye(len(ba), dtype=bool)
         print(
