@@ -17,12 +17,18 @@ Modules: ``optim`` (SGLD, noise keys), ``vocabulary`` (hyperparameter names; dev
 from .auto import AutoStepError, AutoStepReport, resolve_step_size
 from .calibrate import CalibrationResult, calibrate_step_size
 from .diagnostics import NonStationaryWarning, check_stationarity, ess, r_hat
-from .llc import estimate_learning_coeff, estimate_learning_coeff_with_summary, estimate_llc, llc_from_sample
+from .llc import (
+    default_nbeta,
+    estimate_learning_coeff,
+    estimate_learning_coeff_with_summary,
+    estimate_llc,
+    llc_from_sample,
+)
 from .online import OnlineLLC, OnlineLLCResult
 from .optim import SGLD, chain_seed
 from .refined import RefinedLLCResult, refined_llc
 from .results import LLCResult, SampleResult
-from .runner import SamplingDivergedError, default_loss_fn, default_nbeta, sample
+from .runner import SamplingDivergedError, default_loss_fn, sample
 from .samplers import SGNHT, RMSpropSGLD, make_sampler
 
 __all__ = [

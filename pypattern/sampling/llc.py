@@ -17,10 +17,11 @@ from torch import nn
 
 from .diagnostics import ess, r_hat
 from .results import LLCResult, SampleResult
-from .runner import default_nbeta, sample
+from .runner import sample
 from .vocabulary import translate
 
 __all__ = [
+    "default_nbeta",
     "estimate_learning_coeff",
     "estimate_learning_coeff_with_summary",
     "estimate_llc",
@@ -73,9 +74,130 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
 # ----------------------------------------------------------------------------------------------------------------
 # devinterp 1.x compatibility
 # ----------------------------------------------------------------------------------------------------------------
+def default_nbeta(dataloader, grad_accum_steps: int = 1) -> float:
+    """devinterp's default inverse temperature ``nbeta = m / ln m``, ``m = batch_size * grad_accum_steps``.
+
+    Parameters
+    ----------
+    dataloader : DataLoader, int or iterable of batches
+        A ``DataLoader`` (its ``batch_size``), the batch size itself, or any loader (the batch size of its first
+        batch).
+    grad_accum_steps : int
+        Batches per step.
+
+    Returns
+    -------
+    float
+        ``m / ln m``; ``1.0`` with a warning when ``m <= 1`` (devinterp's fallback: ``ln 1 = 0``).
+    """
+    if isinstance(dataloader, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(
+            f"default_nbeta(dataloader={dataloader!r}, grad_accum_steps={grad_accum_steps!r}): give a DataLoader "
+            "or a batch size (int >= 1) and grad_accum_steps an int >= 1"
+        )
+    if isinstance(dataloader, int):
+        bs = dataloader
+    else:
+        bs = getattr(dataloader, "batch_size", None)
+        if bs is None:
+            from .data import batch_size_of
+
+            try:
+                bs = batch_size_of(next(iter(dataloader)))
+            except StopIteration:
+                raise ValueError("default_nbeta: the loader yielded no batch") from None
+    m = int(bs) * int(grad_accum_steps)
+    if m <= 1:
+        warnings.warn(
+            f"default nbeta is undefined for batch_size * grad_accum_steps = {m} (ln 1 = 0): using nbeta = 1",
+            stacklevel=2,
+        )
+        return 1.0
+    return m / float(np.log(m))
+
+
+def resolve_device(device, model: nn.Module) -> torch.device:
+    """The device a devinterp-style ``device=`` names (None: the model's), checked to exist."""
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:0', ...): {e}"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={device!r}: torch reports no usable CUDA device (torch.cuda.is_available() is False); "
+                "pass device='cpu' or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                f"(valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif dev.type not in ("cpu", "mps", "xpu", "meta"):
+        raise NotImplementedError(f"device={device!r}: pypattern samples on cpu or cuda devices")
+    return dev
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` if its parameters are on ``device``, else a copy moved there (the caller's model stays where it
+    is)."""
+    if all(p.device == device for p in model.parameters()) and all(
+        b.device == device for b in model.buffers()
+    ):
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(device)
+
+
+def _criterion_evaluate(criterion: Callable) -> Callable:
+    """devinterp's ``evaluate`` for a loss module: ``criterion(model(x), y)`` on ``(x, y)`` batches, the output
+    handed on after the loss (devinterp's ``(loss, {"output": y_pred})``)."""
+
+    def evaluate(model, data):
+        if not isinstance(data, tuple | list) or len(data) != 2:
+            raise TypeError(
+                f"criterion= needs (x, y) batches (it is called as criterion(model(x), y)); got a "
+                f"{type(data).__name__}: pass evaluate(model, batch) for other batches"
+            )
+        x, y = data
+        out = model(x)
+        return criterion(out, y), out
+
+    evaluate.__name__ = f"criterion_{getattr(criterion, '__name__', type(criterion).__name__)}"
+    return evaluate
+
+
+def _default_evaluate(model, data):
+    """devinterp 1.3's default ``evaluate``: ``model(data)`` (a model that returns its loss, or an object with
+    ``.loss``); ``(x, y)`` pairs get cross-entropy for integer ``y``, else the mean squared error."""
+    if isinstance(data, tuple | list) and len(data) == 2:
+        from .runner import default_loss_fn
+
+        return default_loss_fn(model, data)
+    out = model(data)
+    loss = out.loss if hasattr(out, "loss") else out[0] if isinstance(out, tuple | list) else out
+    if isinstance(out, Mapping):
+        loss = out.get("loss")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(
+            "evaluate not given: devinterp's default evaluate is model(batch), which must return the loss (a "
+            f"scalar, a tuple or dict with it, or an object with .loss); got {getattr(loss, 'shape', type(loss))}"
+            ". Pass evaluate(model, batch) or criterion(outputs, targets)"
+        )
+    return out
+
+
 def _devinterp_kwargs(
+    model,
     loader,
     evaluate,
+    criterion,
     sampling_method,
     optimizer_kwargs,
     grad_accum_steps,
@@ -88,7 +210,7 @@ def _devinterp_kwargs(
     num_chains,
     verbose,
     extra,
-) -> dict[str, Any]:
+) -> tuple[nn.Module, dict[str, Any]]:
     from .optim import SGLD
 
     if (
@@ -97,13 +219,35 @@ def _devinterp_kwargs(
         and getattr(sampling_method, "__name__", "") != "SGLD"
     ):
         raise NotImplementedError(
-            f"sampling_method={getattr(sampling_method, '__name__', sampling_method)!r}: only SGLD is implemented"
+            f"sampling_method={getattr(sampling_method, '__name__', sampling_method)!r}: only SGLD is implemented "
+            "(devinterp's SGNHT and other samplers are not); pass sampling_method=SGLD or leave it out"
+        )
+    if evaluate is not None and criterion is not None:
+        raise ValueError(
+            "evaluate= and criterion= are both given: pass one (criterion(outputs, targets) is turned into "
+            "evaluate(model, (x, y)) = criterion(model(x), y))"
+        )
+    if criterion is not None:
+        evaluate = _criterion_evaluate(criterion)
+    dev = resolve_device(device, model)
+    if gpu_idxs:
+        raise NotImplementedError(
+            f"gpu_idxs={gpu_idxs!r}: multi-GPU sampling is not supported; run on one device (device='cuda:0') "
+            "or spread chains over processes with pypattern.distributed"
         )
     if use_amp:
-        raise NotImplementedError("use_amp=True is not supported")
-    if gpu_idxs:
-        raise NotImplementedError("gpu_idxs: run on one device (pass the model on it)")
-    del device  # chains run on the model's device
+        if dev.type == "cpu":  # devinterp disables AMP on CPU with a warning
+            warnings.warn(
+                "use_amp=True is not supported on CPU devices: sampling in full precision", stacklevel=3
+            )
+        else:
+            raise NotImplementedError(
+                f"use_amp=True on device {dev}: mixed-precision sampling is not supported; leave use_amp=False"
+            )
+    if not isinstance(cores, int) or isinstance(cores, bool):
+        raise NotImplementedError(
+            f"cores={cores!r}: a list of devices is not supported; give the number of chains to run at once"
+        )
     okw = {k: v for k, v in dict(optimizer_kwargs or {}).items() if k not in ("save_noise", "save_mala_vars")}
     okw = translate(okw, where="optimizer_kwargs", drop_none=False)
     okw.setdefault("step_size", 0.01)  # devinterp's SGLD default
@@ -113,17 +257,46 @@ def _devinterp_kwargs(
     if optimize_over_per_model_param:
         masks = {k: torch.as_tensor(v) for k, v in optimize_over_per_model_param.items()}
     kw = dict(
-        loss_fn=evaluate,
+        loss_fn=evaluate if evaluate is not None else _default_evaluate,
         optimizer_kwargs=okw,
         seed=0 if seed is None else ([int(v) for v in seed] if isinstance(seed, Sequence) else int(seed)),
         grad_accum_steps=int(grad_accum_steps),
         masks=masks,
-        num_init_loss_batches=num_chains,
+        num_init_loss_batches=num_chains * int(grad_accum_steps),  # devinterp's init loss batches
         quiet=not verbose,
-        cores=int(cores or 1),
+        cores=max(int(cores or 1), 1),
     )
+    _check_extra(extra)
     kw.update(extra)
-    return kw
+    return on_device(model, dev), kw
+
+
+def _check_extra(extra: Mapping[str, Any]) -> None:
+    """Keyword arguments beyond devinterp 1.x's go to :func:`pypattern.sample`: refuse any it does not take,
+    naming them (not as a TypeError of an internal call)."""
+    import inspect
+
+    taken = set(inspect.signature(sample).parameters) - {"model", "loader"}
+    ours = {
+        "loss_fn",
+        "optimizer_kwargs",
+        "seed",
+        "grad_accum_steps",
+        "masks",
+        "num_init_loss_batches",
+        "quiet",
+    }
+    ours |= {"cores", "callbacks", "num_draws", "num_chains", "num_burnin_steps", "num_steps_bw_draws"}
+    ours |= {"init_loss"}
+    bad = sorted(k for k in extra if k not in taken or k in ours)
+    if bad:
+        raise TypeError(
+            f"estimate_learning_coeff(_with_summary) got unsupported keyword argument(s) {bad}: it takes devinterp "
+            "1.x's arguments (callbacks, evaluate, criterion, sampling_method, optimizer_kwargs, num_draws, "
+            "num_chains, num_burnin_steps, num_steps_bw_draws, init_loss, grad_accum_steps, cores, seed, device, "
+            "gpu_idxs, verbose, optimize_over_per_model_param, online, use_amp) and these of pypattern.sample: "
+            f"{sorted(taken - ours)}"
+        )
 
 
 def estimate_learning_coeff_with_summary(
@@ -140,35 +313,78 @@ def estimate_learning_coeff_with_summary(
     init_loss: float | None = None,
     grad_accum_steps: int = 1,
     cores: int = 1,
-    seed: int | None = None,
-    device=None,
-    gpu_idxs=None,
+    seed: int | Sequence[int] | None = None,
+    device: str | torch.device | None = None,
+    gpu_idxs: Sequence[int] | None = None,
     verbose: bool = True,
     optimize_over_per_model_param: Mapping[str, torch.Tensor] | None = None,
     online: bool = False,
     use_amp: bool = False,
+    criterion: Callable | None = None,
     **kwargs,
 ) -> dict:
     """devinterp 1.x's ``estimate_learning_coeff_with_summary``, same arguments and defaults; runs on pypattern.
 
-    ``evaluate(model, batch)`` returns the loss (or a tuple/dict with it); ``optimizer_kwargs`` holds ``lr``
-    (default 0.01), ``nbeta`` (default ``batch_size / ln(batch_size)``), ``localization``, ``weight_decay``,
-    ``noise_level``, ``bounding_box_size``; ``L_n(w*)`` defaults to the mean over ``num_chains`` batches, as in
-    devinterp. ``cores`` runs that many chains at once (threads, see :func:`sample`). Extra keyword arguments go to
-    :func:`pypattern.sampling.sample` (e.g. ``checkpoint``, ``batched``).
+    Parameters
+    ----------
+    model, loader
+        The model at ``w*`` (not modified) and a ``DataLoader`` (or any re-iterable of batches).
+    callbacks : sequence of callable
+        Called at every draw (see :func:`pypattern.sample`); a callback with ``finalize()`` is finalized after the
+        run, and one with ``get_results()`` adds its dict to the summary (devinterp's contract).
+    evaluate : callable(model, batch) -> loss, optional
+        The loss, or a tuple (loss first), a dict with ``"loss"`` or an object with ``.loss``. Default (as in
+        devinterp 1.3): ``model(batch)``; ``(x, y)`` batches get cross-entropy (integer ``y``) or MSE.
+    criterion : callable(outputs, targets) -> loss, optional
+        devinterp 0.x's loss module (e.g. ``nn.CrossEntropyLoss()``): ``evaluate = criterion(model(x), y)`` on
+        ``(x, y)`` batches. Give ``evaluate`` or ``criterion``, not both.
+    sampling_method
+        :class:`SGLD` (devinterp's or pypattern's); other samplers raise ``NotImplementedError``.
+    optimizer_kwargs : dict
+        ``lr`` (default 0.01), ``nbeta`` (default :func:`default_nbeta`; ``temperature`` is its old name),
+        ``localization``, ``weight_decay``, ``noise_level``, ``bounding_box_size``.
+    num_draws, num_chains, num_burnin_steps, num_steps_bw_draws, grad_accum_steps : int
+        devinterp's chain layout.
+    init_loss : float, optional
+        ``L_n(w*)``; default the mean over ``num_chains * grad_accum_steps`` batches, as in devinterp.
+    cores : int
+        Chains run at once (threads, see :func:`pypattern.sample`); the draws do not depend on it.
+    seed : int or sequence of ``num_chains`` ints, optional
+        Keys the noise and data order (None: 0). The draws are pypattern's keyed draws, not devinterp's.
+    device : str or torch.device, optional
+        Where to sample (default: where the model is). A model elsewhere is copied there (the caller's model
+        is not moved) and batches follow it. A CUDA device where torch sees none is a ``RuntimeError``.
+    gpu_idxs, use_amp
+        Multi-GPU and mixed precision are not supported (``NotImplementedError``); ``use_amp=True`` on a CPU
+        device is ignored with a warning, as devinterp does.
+    verbose : bool
+        Progress bar.
+    optimize_over_per_model_param : dict of str to Tensor, optional
+        Per-parameter masks (1 moves, 0 stays).
+    online : bool
+        devinterp's online summary (see Returns).
+    **kwargs
+        Passed to :func:`pypattern.sample` (``checkpoint``, ``batched``, ...).
 
     Returns
     -------
     dict
-        ``{"llc/mean", "llc/std", "llc-chain/<i>", "loss/trace" (num_chains, num_draws), "init_loss"}``; with
-        ``online=True`` devinterp's online keys ``{"llc/means", "llc/stds", "llc/trace", "loss/trace",
-        "init_loss"}`` (the running mean over draws per chain, then mean and std over chains at each draw).
+        ``{"llc/mean", "llc/std" (over chains, ddof=1), "llc-chain/<i>", "loss/trace" (num_chains, num_draws),
+        "llc/trace", "init_loss"}``; with ``online=True`` devinterp's online keys ``{"init_loss", "llc/means"
+        (num_draws,), "llc/stds" (num_draws,), "llc/trace" (num_chains, num_draws), "loss/trace"}``: the
+        per-draw ``nbeta * (loss - init_loss)`` of each chain, and its mean and standard deviation (ddof=1)
+        over chains at each draw.
     """
-    if evaluate is None:
-        warnings.warn("evaluate not given: using cross-entropy/MSE on (x, y) batches", stacklevel=2)
-    kw = _devinterp_kwargs(
+    if evaluate is None and criterion is None:
+        warnings.warn(
+            "evaluate not given: using model(batch) as the loss, or cross-entropy/MSE on (x, y) batches",
+            stacklevel=2,
+        )
+    model, kw = _devinterp_kwargs(
+        model,
         loader,
         evaluate,
+        criterion,
         sampling_method,
         optimizer_kwargs,
         grad_accum_steps,
@@ -182,28 +398,34 @@ def estimate_learning_coeff_with_summary(
         verbose,
         kwargs,
     )
+    callbacks = list(callbacks)
     res = estimate_llc(
         model,
         loader,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
         num_draws=num_draws,
         num_chains=num_chains,
         num_burnin_steps=num_burnin_steps,
         num_steps_bw_draws=num_steps_bw_draws,
-        init_loss=init_loss,
+        init_loss=init_loss if init_loss else None,  # devinterp recomputes a falsy init_loss
         **kw,
     )
     if not online:
-        return res.to_devinterp()
-    t = np.arange(1, res.llc_trace.shape[1] + 1)
-    running = np.cumsum(res.llc_trace, axis=1) / t
-    return {
-        "init_loss": float(res.init_loss),
-        "llc/means": running.mean(axis=0).astype(np.float32),
-        "llc/stds": running.std(axis=0, ddof=1).astype(np.float32),
-        "llc/trace": running.astype(np.float32),
-        "loss/trace": res.loss_trace.astype(np.float32),
-    }
+        out = res.to_devinterp()
+    else:
+        out = {
+            "init_loss": float(res.init_loss),
+            "llc/means": res.llc_trace.mean(axis=0).astype(np.float32),
+            "llc/stds": res.llc_trace.std(axis=0, ddof=1).astype(np.float32),
+            "llc/trace": res.llc_trace.astype(np.float32),
+            "loss/trace": res.loss_trace.astype(np.float32),
+        }
+    for cb in callbacks:
+        if hasattr(cb, "finalize"):
+            cb.finalize()
+        if hasattr(cb, "get_results"):
+            out.update(cb.get_results())
+    return out
 
 
 def estimate_learning_coeff(
@@ -220,10 +442,11 @@ def estimate_learning_coeff(
     init_loss: float | None = None,
     grad_accum_steps: int = 1,
     cores: int = 1,
-    seed: int | None = None,
-    device=None,
+    seed: int | Sequence[int] | None = None,
+    device: str | torch.device | None = None,
     verbose: bool = True,
     optimize_over_per_model_param: Mapping[str, torch.Tensor] | None = None,
+    criterion: Callable | None = None,
     **kwargs,
 ) -> float:
     """devinterp 1.x's ``estimate_learning_coeff``: the ``llc/mean`` of
@@ -233,6 +456,7 @@ def estimate_learning_coeff(
         loader,
         callbacks=callbacks,
         evaluate=evaluate,
+        criterion=criterion,
         sampling_method=sampling_method,
         optimizer_kwargs=optimizer_kwargs,
         num_draws=num_draws,

@@ -1,0 +1,685 @@
+"""devinterp's public calls on pypattern: change only the import.
+
+==================================================== =========================================================
+devinterp                                            pypattern
+==================================================== =========================================================
+``from devinterp.slt.llc import llc``                ``from pypattern.devinterp.slt.llc import llc``
+``from devinterp.slt.sampling import sample``        ``from pypattern.devinterp.slt.sampling import sample``
+``from devinterp.slt.susceptibilities import ...``   ``from pypattern.devinterp.slt.susceptibilities import ...``
+``from devinterp.slt.bif import bif``                ``from pypattern.devinterp.slt.bif import bif``
+``from devinterp.slt.sampler import estimate_...``   ``from pypattern.devinterp.slt.sampler import estimate_...``
+``from devinterp.optim.sgld import SGLD``            ``from pypattern.devinterp.optim.sgld import SGLD``
+``from devinterp.utils import default_nbeta``        ``from pypattern.devinterp.utils import default_nbeta``
+==================================================== =========================================================
+
+and all of them from ``pypattern.devinterp`` itself. devinterp 2.0.1's calls (:func:`sample`, :func:`llc`,
+:func:`susceptibilities`, :func:`bif` and their ``compute_*`` halves) take its arguments (``lr``, ``n_beta``,
+``param_masks``, ``batch_size``, ``init_seed``, ``llc_weight_decay``, ``noise_level``, ``bounding_box_size``, ...)
+and return its result names and shapes, as numpy arrays in a :class:`DevinterpResult` (a dict whose keys also
+read as attributes: ``res.llc_mean``, ``res["loss_trace"]``) instead of xarray / Zarr objects. devinterp 1.x's
+``estimate_learning_coeff(_with_summary)`` are :mod:`pypattern.sampling.llc`'s. The chains are pypattern's
+(:func:`pypattern.sample`, the fused SGLD step): noise and data order are keyed by ``init_seed`` (1.x: ``seed``)
+and the chain, so the numbers equal pypattern's native calls with the same settings, and agree with devinterp's
+within their standard errors (not draw for draw).
+
+Data: ``dataset`` is anything with an ``"input_ids"`` column of equal-length token sequences (a Hugging Face
+``Dataset``, a dict of lists or tensors), or a token tensor ``(num_sequences, seq_len)``. Losses are per token:
+``loss_fn(model, input_ids) -> (batch, seq_len - 1)``; the default is next-token cross-entropy on the model's
+logits (``model(input_ids)``, its ``.logits``, or the first element of a tuple).
+
+What differs from devinterp 2.0.1, by design: with ``shuffle=True`` each chain reads its own keyed order of the
+sampling data (``match_sampling_input_ids_across_chains`` has no effect; ``shuffle=False`` gives every chain the
+dataset order); observables are evaluated at a draw's weights before its SGLD step; ``output_path``,
+``save_metrics=True``, ``init_noise``, ``sampling_method="rmsprop_sgld"`` and its options raise
+``NotImplementedError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..sampling.llc import (
+    default_nbeta,
+    estimate_learning_coeff,
+    estimate_learning_coeff_with_summary,
+    on_device,
+    resolve_device,
+)
+from ..sampling.optim import SGLD
+from ..sampling.runner import sample as _native_sample
+
+__all__ = [
+    "SGLD",
+    "DevinterpResult",
+    "bif",
+    "compute_bif",
+    "compute_llc",
+    "compute_susceptibilities",
+    "default_nbeta",
+    "estimate_learning_coeff",
+    "estimate_learning_coeff_with_summary",
+    "llc",
+    "per_token_loss",
+    "sample",
+    "susceptibilities",
+]
+
+ParamMasks = Mapping[str, "torch.Tensor | None"]
+
+
+class DevinterpResult(dict):
+    """devinterp 2.x's result variables as numpy arrays: a dict whose keys read as attributes too
+    (``res.llc_mean`` is ``res["llc_mean"]``); ``dims`` names each array's axes as devinterp does."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no result {name!r}; results are {sorted(self)}") from None
+
+    @property
+    def dims(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.get("_dims", {}))
+
+
+# ------------------------------------------------------------------------------------------------ data and losses
+
+
+def _input_ids(dataset, what: str = "dataset") -> torch.Tensor:
+    """The token tensor ``(num_sequences, seq_len)`` of a dataset with an ``"input_ids"`` column."""
+    if isinstance(dataset, torch.Tensor):
+        ids = dataset
+    else:
+        try:
+            col = dataset["input_ids"]
+        except (KeyError, TypeError, IndexError):
+            raise TypeError(
+                f"{what} must have an 'input_ids' column (a Hugging Face Dataset or a dict) or be a token tensor "
+                f"(num_sequences, seq_len); got {type(dataset).__name__}"
+            ) from None
+        if isinstance(col, torch.Tensor):
+            ids = col
+        else:
+            try:
+                ids = torch.as_tensor(np.asarray([np.asarray(r) for r in col]))
+            except ValueError:
+                raise ValueError(f"{what}['input_ids'] must hold sequences of one length") from None
+    if ids.dim() != 2 or ids.is_floating_point():
+        raise ValueError(
+            f"{what}: input_ids must be integer tokens (num_sequences, seq_len), got {tuple(ids.shape)} "
+            f"{ids.dtype}"
+        )
+    if ids.shape[1] < 2:
+        raise ValueError(f"{what}: sequences must have length >= 2 for next-token loss (got {ids.shape[1]})")
+    return ids.long()
+
+
+def per_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """devinterp 2.x's default loss: next-token cross-entropy ``(batch, seq_len - 1)`` on the model's logits
+    (``model(input_ids)``, its ``.logits``, or the first element of a tuple)."""
+    out = model(input_ids)
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, tuple | list):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != input_ids.shape:
+        raise TypeError(
+            f"the default loss needs logits (batch, seq_len, vocab) = {tuple(input_ids.shape)} + (vocab,) from "
+            f"model(input_ids); got {getattr(out, 'shape', type(out).__name__)}: pass loss_fn(model, input_ids)"
+        )
+    logp = torch.log_softmax(out[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, input_ids[:, 1:, None])[..., 0]
+
+
+def _checked_loss(loss_fn: Callable, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    v = loss_fn(model, ids)
+    want = (ids.shape[0], ids.shape[1] - 1)
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
+        raise ValueError(
+            f"loss_fn must return the per-token loss of shape {want} (batch, seq_len - 1), got "
+            f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+        )
+    return v
+
+
+def _obs_id(task_name: str) -> str:
+    """devinterp's identifier for an observable name (non-alphanumerics to ``_``, no leading digit)."""
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in task_name)
+    if out and out[0].isdigit():
+        out = "_" + out
+    return out or "_"
+
+
+def _observable_ids(dataset, n_samples: int, seed: int, what: str) -> torch.Tensor:
+    """An observable's fixed sequences: ``n_samples`` of them, a seeded sample without replacement (devinterp's
+    ``random.Random(seed).sample``)."""
+    ids = _input_ids(dataset, what)
+    if len(ids) < n_samples:
+        raise ValueError(
+            f"{what} has {len(ids)} sequences but batch_size * batches_per_draw = {n_samples} are needed"
+        )
+    idx = random.Random(seed).sample(range(len(ids)), n_samples)
+    return ids[torch.as_tensor(idx)]
+
+
+def _runs_spec(model: nn.Module, param_masks: ParamMasks | None):
+    """``(restrict_to, masks)`` for :func:`pypattern.sample` from devinterp's ``param_masks``."""
+    if param_masks is None:
+        return None, None
+    params = dict(model.named_parameters())
+    bad = [n for n in param_masks if n not in params]
+    if bad:
+        raise ValueError(
+            f"param_masks names {bad}, which are not parameters of the model; names are {list(params)}"
+        )
+    if not param_masks:
+        raise ValueError("param_masks is empty: give at least one parameter (None moves every parameter)")
+    restrict = [re.escape(n) for n in param_masks]
+    masks = {n: torch.as_tensor(m).to(params[n].device) for n, m in param_masks.items() if m is not None}
+    return restrict, masks or None
+
+
+_UNSUPPORTED = {
+    "init_noise": (None, "noise added to the weights before sampling"),
+    "save_metrics": (False, "per-step optimizer metrics"),
+    "output_path": (None, "Zarr output: results are returned in memory (save them with numpy)"),
+    "rmsprop_eps": (None, "RMSprop-preconditioned SGLD"),
+    "rmsprop_alpha": (None, "RMSprop-preconditioned SGLD"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def sample(
+    model: nn.Module,
+    dataset,
+    observables: Mapping[str, Any],
+    *,
+    lr: float,
+    n_beta: float,
+    param_masks: ParamMasks | None = None,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    batch_size: int = 32,
+    num_burnin_steps: int = 0,
+    num_steps_bw_draws: int = 1,
+    num_init_loss_batches: int = 32,
+    init_seed: int = 100,
+    batches_per_draw: int = 3,
+    obs_seed: int = 1337,
+    gradient_accumulation_steps: int = 1,
+    localization: float = 0.0,
+    noise_level: float = 1.0,
+    llc_weight_decay: float = 0.0,
+    bounding_box_size: float | None = None,
+    sampling_method: str = "sgmcmc_sgld",
+    sampling_method_kwargs: Mapping[str, Any] | None = None,
+    rmsprop_eps: float | None = None,
+    rmsprop_alpha: float | None = None,
+    shuffle: bool = True,
+    match_sampling_input_ids_across_chains: bool = True,
+    init_noise: float | None = None,
+    device: str | torch.device | None = None,
+    save_metrics: bool = False,
+    output_path=None,
+    loss_fn: Callable | None = None,
+    quiet: bool = True,
+    batched: bool | None = None,
+) -> DevinterpResult:
+    """devinterp 2.0.1's ``sample``: SGLD chains on a token dataset, with per-token losses of the observables.
+
+    Parameters
+    ----------
+    model : nn.Module
+        At ``w*``; not modified (a copy is moved to ``device`` when it is elsewhere).
+    dataset
+        Sampling data: an ``"input_ids"`` column or a token tensor ``(num_sequences, seq_len)``.
+    observables : dict name -> dataset or (dataset, batches_per_draw)
+        Probe sets: ``batch_size * batches_per_draw`` sequences of each, chosen once with ``obs_seed``; their
+        per-token losses are recorded at every draw.
+    lr, n_beta, localization, noise_level, llc_weight_decay, bounding_box_size
+        SGLD step size, ``n * beta``, and the rest of devinterp's SGLD settings.
+    param_masks : dict name -> mask or None, optional
+        Only these parameters move (a mask restricts within one); None moves every parameter.
+    num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, gradient_accumulation_steps, batch_size : int
+        devinterp's chain layout: ``num_draws * num_steps_bw_draws + num_burnin_steps`` steps per chain, each on
+        ``gradient_accumulation_steps`` batches of ``batch_size`` sequences (drop_last).
+    num_init_loss_batches, init_seed
+        ``L_n(w*)`` per token over ``num_init_loss_batches * gradient_accumulation_steps`` batches of a
+        ``init_seed``-seeded order; ``init_seed`` also keys the chains' noise and data.
+    device : str or torch.device, optional
+        Where to sample; default the model's device. A CUDA device where torch sees none is a RuntimeError.
+    loss_fn : callable(model, input_ids) -> (batch, seq_len - 1), optional
+        Per-token loss; default :func:`per_token_loss`.
+    quiet, batched
+        pypattern's progress bar and chain batching (see :func:`pypattern.sample`).
+
+    Returns
+    -------
+    DevinterpResult
+        ``init_loss`` (chain, token_pos); ``sampling_loss`` (chain, draw, batch, token_pos);
+        ``sampling_loss_micro`` (chain, step, batch_sampling, token_pos) at every step including burn-in;
+        ``sampling_input_ids_micro`` (chain, step, batch_sampling, token); ``loss_<obs_id>`` (chain, draw,
+        batch_<obs_id>, token_pos) and ``input_ids_<obs_id>`` (batch_<obs_id>, token) per observable;
+        ``metadata`` ({"config": {"sampler": {...}}}).
+    """
+    given = dict(
+        init_noise=init_noise,
+        save_metrics=save_metrics,
+        output_path=output_path,
+        rmsprop_eps=rmsprop_eps,
+        rmsprop_alpha=rmsprop_alpha,
+    )
+    for name, (default, what) in _UNSUPPORTED.items():
+        if given[name] not in (default, 0) or (name == "save_metrics" and given[name]):
+            raise NotImplementedError(
+                f"{name}={given[name]!r} is not supported ({what}); leave it at {default!r}"
+            )
+    if sampling_method != "sgmcmc_sgld":
+        raise NotImplementedError(
+            f"sampling_method={sampling_method!r} is not supported; pypattern samples with 'sgmcmc_sgld' (SGLD)"
+        )
+    if sampling_method_kwargs:
+        raise NotImplementedError(
+            f"sampling_method_kwargs={dict(sampling_method_kwargs)!r} is not supported (SGLD takes its settings "
+            "as keyword arguments: lr, n_beta, localization, noise_level, llc_weight_decay, bounding_box_size)"
+        )
+    for name, v, lo in (
+        ("num_chains", num_chains, 1),
+        ("num_draws", num_draws, 1),
+        ("batch_size", batch_size, 1),
+        ("num_burnin_steps", num_burnin_steps, 0),
+        ("num_steps_bw_draws", num_steps_bw_draws, 1),
+        ("num_init_loss_batches", num_init_loss_batches, 1),
+        ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
+        ("batches_per_draw", batches_per_draw, 1),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    dev = resolve_device(device, model)
+    model = on_device(model, dev)
+    loss_fn = loss_fn or per_token_loss
+    ids = _input_ids(dataset)
+    T = ids.shape[1] - 1
+    big = batch_size * gradient_accumulation_steps  # one step's sequences: accumulation is a mean over them
+    if len(ids) < big:
+        raise ValueError(
+            f"dataset has {len(ids)} sequences, fewer than batch_size * gradient_accumulation_steps = {big}"
+        )
+    obs: dict[str, torch.Tensor] = {}
+    for name, spec in observables.items():
+        ds, bpd = spec if isinstance(spec, tuple) else (spec, batches_per_draw)
+        obs[_obs_id(name)] = _observable_ids(ds, batch_size * bpd, obs_seed, f"observables[{name!r}]").to(dev)
+        if obs[_obs_id(name)].shape[1] != T + 1:
+            raise ValueError(
+                f"observables[{name!r}] has sequences of length {obs[_obs_id(name)].shape[1]}, not {T + 1}"
+            )
+
+    # L_n(w*) per token: the first batches of an init_seed-seeded order (devinterp's init loss)
+    gen = torch.Generator().manual_seed(int(init_seed))
+    order = torch.randperm(len(ids), generator=gen) if shuffle else torch.arange(len(ids))
+    nb = len(ids) // batch_size
+    k = num_init_loss_batches * gradient_accumulation_steps
+    with torch.no_grad():
+        per_tok = [
+            _checked_loss(
+                loss_fn, model, ids[order[(i % nb) * batch_size : (i % nb + 1) * batch_size]].to(dev)
+            )
+            .double()
+            .mean(0)
+            for i in range(k)
+        ]
+    init_tok = torch.stack(per_tok).mean(0).cpu().numpy()  # (token_pos,)
+
+    total = num_draws * num_steps_bw_draws + num_burnin_steps
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(ids), batch_size=big, shuffle=shuffle, drop_last=True
+    )
+    micro = np.full((num_chains, total, big, T), np.nan, dtype=np.float32)
+    micro_ids = np.zeros((num_chains, total, big, T + 1), dtype=np.int64)
+    obs_loss = {
+        o: np.full((num_chains, num_draws, len(v), T), np.nan, dtype=np.float32) for o, v in obs.items()
+    }
+
+    def lf(m, batch):
+        v = _checked_loss(loss_fn, m, batch[0])
+        return v.float().mean(), v, batch[0]
+
+    def cb(chain, step, model, outputs):
+        micro[chain, step] = outputs[0].detach().float().cpu().numpy()
+        micro_ids[chain, step] = outputs[1].cpu().numpy()
+        d, r = divmod(step - num_burnin_steps, num_steps_bw_draws)
+        if d >= 0 and r == 0:
+            with torch.no_grad():
+                for o, v in obs.items():
+                    obs_loss[o][chain, d] = _checked_loss(loss_fn, model, v).detach().float().cpu().numpy()
+
+    restrict, masks = _runs_spec(model, param_masks)
+    _native_sample(
+        model,
+        loader,
+        loss_fn=lf,
+        num_chains=num_chains,
+        num_draws=total,  # every step is recorded: devinterp's LLC averages all of them
+        step_size=lr,
+        nbeta=n_beta,
+        localization=localization,
+        weight_decay=llc_weight_decay,
+        noise_scale=noise_level,
+        bounding_box=bounding_box_size,
+        restrict_to=restrict,
+        masks=masks,
+        seed=int(init_seed),
+        init_loss=float(init_tok.mean()),
+        callbacks=[cb],
+        quiet=quiet,
+        batched=batched,
+        warn_nonstationary=False,
+    )
+    draw_steps = num_burnin_steps + num_steps_bw_draws * np.arange(num_draws)
+    config = dict(
+        lr=float(lr),
+        n_beta=float(n_beta),
+        batch_size=batch_size,
+        num_chains=num_chains,
+        num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_init_loss_batches=num_init_loss_batches,
+        init_seed=init_seed,
+        localization=float(localization),
+        noise_level=float(noise_level),
+        llc_weight_decay=float(llc_weight_decay),
+        bounding_box_size=bounding_box_size,
+        sampling_method=sampling_method,
+        shuffle=shuffle,
+        match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
+    )
+    out = DevinterpResult(
+        init_loss=np.broadcast_to(init_tok.astype(np.float32), (num_chains, T)).copy(),
+        sampling_loss=micro[:, draw_steps, :batch_size],
+        sampling_loss_micro=micro,
+        sampling_input_ids_micro=micro_ids,
+        metadata={"config": {"sampler": config}},
+    )
+    dims = {
+        "init_loss": ("chain", "token_pos"),
+        "sampling_loss": ("chain", "draw", "batch", "token_pos"),
+        "sampling_loss_micro": ("chain", "step", "batch_sampling", "token_pos"),
+        "sampling_input_ids_micro": ("chain", "step", "batch_sampling", "token"),
+    }
+    for o in obs:
+        out[f"loss_{o}"] = obs_loss[o]
+        out[f"input_ids_{o}"] = obs[o].cpu().numpy()
+        dims[f"loss_{o}"] = ("chain", "draw", f"batch_{o}", "token_pos")
+        dims[f"input_ids_{o}"] = (f"batch_{o}", "token")
+    out["_dims"] = dims
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ llc
+
+
+def compute_llc(samples: Mapping[str, Any]) -> DevinterpResult:
+    """devinterp 2.x's ``compute_llc`` on a :func:`sample` result: ``n_beta * (mean loss - mean init_loss)``
+    per chain, the loss averaged over every step (burn-in included), every sequence and token.
+
+    Returns
+    -------
+    DevinterpResult
+        ``llc_mean``, ``llc_std`` (over chains, ddof=0 as xarray's ``std``), ``llc_per_chain`` (chain,),
+        ``llc_scalar``, ``loss_trace`` (chain, step), ``init_loss`` (float).
+    """
+    n_beta = float(samples["metadata"]["config"]["sampler"]["n_beta"])
+    micro = np.asarray(samples["sampling_loss_micro"], dtype=np.float64)
+    init = float(np.mean(samples["init_loss"]))
+    trace = micro.mean(axis=(2, 3))
+    per_chain = n_beta * (trace.mean(axis=1) - init)
+    return DevinterpResult(
+        llc_mean=float(per_chain.mean()),
+        llc_std=float(per_chain.std()),
+        llc_per_chain=per_chain,
+        llc_scalar=n_beta * (float(micro.mean()) - init),
+        loss_trace=trace,
+        init_loss=init,
+        _dims={"llc_per_chain": ("chain",), "loss_trace": ("chain", "step")},
+    )
+
+
+def llc(
+    model: nn.Module,
+    dataset,
+    observables: Mapping[str, Any] | None = None,
+    *,
+    lr: float,
+    n_beta: float,
+    param_masks: ParamMasks | None = None,
+    loss_fn: Callable | None = None,
+    **kwargs,
+) -> DevinterpResult:
+    """devinterp 2.0.1's ``llc``: :func:`sample`, then :func:`compute_llc`. ``observables`` may be ``{}``;
+    ``**kwargs`` go to :func:`sample` (``num_chains``, ``num_draws``, ``batch_size``, ``localization``, ...)."""
+    samples = sample(
+        model,
+        dataset,
+        observables or {},
+        lr=lr,
+        n_beta=n_beta,
+        param_masks=param_masks,
+        loss_fn=loss_fn,
+        **kwargs,
+    )
+    return compute_llc(samples)
+
+
+# ------------------------------------------------------------------------------------------------ susceptibilities
+
+
+def susceptibilities(
+    model: nn.Module,
+    dataset,
+    observables: Mapping[str, Any],
+    weight_restrictions: Mapping[str, ParamMasks | None],
+    *,
+    sampling_task: str,
+    lr: float,
+    n_beta: float,
+    loss_fn: Callable | None = None,
+    include_sampling_task: bool = False,
+    **kwargs,
+) -> DevinterpResult:
+    """devinterp 2.0.1's ``susceptibilities``: one :func:`sample` per weight restriction ("full" = None is
+    required), then per restriction ``wr`` and observable token ``t``::
+
+        phi = mean sampling-task loss at the draw - mean init_loss
+        chi_t = E_wr[phi * Lbar] - E_wr[phi * l_t] - E_wr[phi] * (E_full[Lbar] - E_full[l_t])
+
+    with ``Lbar`` the per-draw mean loss of the ``sampling_task`` observable and expectations over chains and
+    draws.
+
+    Returns
+    -------
+    DevinterpResult
+        ``sus`` (sus_flat, wr) with coordinates ``dataset_id``, ``batch``, ``target_position`` (sus_flat,) and
+        ``wr`` (the restriction names, "full" excluded); ``input_ids`` (ctx_flat,) with ``ctx_dataset_id``,
+        ``ctx_batch``, ``position``; ``dataset_id_to_name`` (observable ids, sorted); ``samples`` (each
+        restriction's :func:`sample` result).
+    """
+    if "full" not in weight_restrictions:
+        raise ValueError("weight_restrictions must include a 'full' key (use None for the full model)")
+    if sampling_task not in observables:
+        raise ValueError(f"sampling_task {sampling_task!r} is not in observables {list(observables)}")
+    if not any(include_sampling_task or n != sampling_task for n in observables):
+        raise ValueError(
+            f"no probe observable besides sampling_task={sampling_task!r}: add one or pass include_sampling_task=True"
+        )
+    runs = {
+        wr: sample(
+            model, dataset, observables, lr=lr, n_beta=n_beta, param_masks=m, loss_fn=loss_fn, **kwargs
+        )
+        for wr, m in weight_restrictions.items()
+    }
+    out = compute_susceptibilities(runs, sampling_task, include_sampling_task=include_sampling_task)
+    out["samples"] = runs
+    return out
+
+
+def compute_susceptibilities(
+    wr_map: Mapping[str, Mapping[str, Any]],
+    sampling_task: str,
+    observable_names: Sequence[str] | None = None,
+    include_sampling_task: bool = False,
+) -> DevinterpResult:
+    """devinterp 2.x's ``compute_susceptibilities`` on :func:`sample` results, one per weight restriction
+    (``"full"`` required); see :func:`susceptibilities` for the formula and the result."""
+    if "full" not in wr_map:
+        raise ValueError("wr_map must include a 'full' key (the unrestricted run)")
+    full = wr_map["full"]
+    sid = _obs_id(sampling_task)
+    all_ids = sorted(k[len("loss_") :] for k in full if k.startswith("loss_"))
+    if sid not in all_ids:
+        raise ValueError(f"sampling_task {sampling_task!r} is not an observable of the runs ({all_ids})")
+    if observable_names is None:
+        obs_ids = [o for o in all_ids if include_sampling_task or o != sid]
+    else:
+        obs_ids = sorted(_obs_id(n) for n in observable_names)
+    if not obs_ids:
+        raise ValueError(
+            f"no probe observable besides sampling_task={sampling_task!r}: add one or pass include_sampling_task=True"
+        )
+    init_mean = float(np.mean(full["init_loss"]))
+    full_lbar = float(np.asarray(full[f"loss_{sid}"], dtype=np.float64).mean())
+    wrs = [w for w in wr_map if w != "full"]
+    cols, coords = [], {"dataset_id": [], "batch": [], "target_position": []}
+    for i, o in enumerate(obs_ids):
+        delta = full_lbar - np.asarray(full[f"loss_{o}"], dtype=np.float64).mean(axis=(0, 1))  # (batch, T)
+        per_wr = []
+        for w in wrs:
+            lbar = np.asarray(wr_map[w][f"loss_{sid}"], dtype=np.float64).mean(axis=(2, 3))  # (chain, draw)
+            phi = lbar - init_mean
+            probe = np.asarray(wr_map[w][f"loss_{o}"], dtype=np.float64)
+            chi = (phi * lbar).mean() - (phi[:, :, None, None] * probe).mean(axis=(0, 1)) - phi.mean() * delta
+            per_wr.append(chi.reshape(-1))
+        cols.append(np.stack(per_wr, axis=-1) if per_wr else np.zeros((delta.size, 0)))
+        b, t = delta.shape
+        coords["dataset_id"].append(np.full(b * t, i))
+        coords["batch"].append(np.repeat(np.arange(b), t))
+        coords["target_position"].append(np.tile(np.arange(1, t + 1), b))
+    ctx = {"input_ids": [], "ctx_dataset_id": [], "ctx_batch": [], "position": []}
+    for i, o in enumerate(obs_ids):
+        ids = np.asarray(full[f"input_ids_{o}"])
+        ctx["input_ids"].append(ids.reshape(-1))
+        ctx["ctx_dataset_id"].append(np.full(ids.size, i))
+        ctx["ctx_batch"].append(np.repeat(np.arange(ids.shape[0]), ids.shape[1]))
+        ctx["position"].append(np.tile(np.arange(ids.shape[1]), ids.shape[0]))
+    return DevinterpResult(
+        sus=np.concatenate(cols, axis=0),
+        wr=wrs,
+        dataset_id_to_name=obs_ids,
+        **{k: np.concatenate(v) for k, v in coords.items()},
+        **{k: np.concatenate(v) for k, v in ctx.items()},
+        _dims={"sus": ("sus_flat", "wr"), "input_ids": ("ctx_flat",)},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ bif
+
+
+def compute_bif(
+    samples: Mapping[str, Any],
+    *,
+    correlation_method: str = "token",
+    reduce_chain_dimension_method: str = "stack",
+    loss_keys: str | Sequence[str] = "all",
+    average_tokenwise_bif: bool = False,
+    compute_covariance: bool = False,
+) -> DevinterpResult:
+    """devinterp 2.x's ``compute_bif`` on a :func:`sample` result: the correlation (or covariance, ddof=1) of
+    the observables' losses over draws, between sequences (``"sequence"``: token-mean losses) or token pairs
+    (``"token"``: ``influences[i, j, s, t]`` between token ``s`` of sequence ``i`` and token ``t`` of sequence
+    ``j``). ``"stack"`` pools chains and draws; ``"mean"`` averages over chains first.
+
+    Returns
+    -------
+    DevinterpResult
+        ``influences`` (batch_1, batch_2[, target_position, target_position_T]) and ``input_ids`` (batch,
+        position), sequences of the observables concatenated in sorted order of their ids.
+    """
+    if correlation_method not in ("token", "sequence"):
+        raise ValueError(f"correlation_method must be 'token' or 'sequence', got {correlation_method!r}")
+    if reduce_chain_dimension_method not in ("stack", "mean"):
+        raise ValueError(
+            f"reduce_chain_dimension_method must be 'stack' or 'mean', got {reduce_chain_dimension_method!r}"
+        )
+    all_ids = sorted(k[len("loss_") :] for k in samples if k.startswith("loss_"))
+    keys = all_ids if loss_keys == "all" else list(loss_keys)
+    missing = [k for k in keys if k not in all_ids]
+    if missing:
+        raise KeyError(f"loss key(s) {missing} not found; available: {all_ids}")
+    losses = np.concatenate([np.asarray(samples[f"loss_{k}"], dtype=np.float64) for k in keys], axis=2)
+    ids = np.concatenate([np.asarray(samples[f"input_ids_{k}"]) for k in keys], axis=0)
+    if correlation_method == "sequence":
+        losses = losses.mean(axis=3)
+    if reduce_chain_dimension_method == "stack":
+        x = losses.reshape(-1, *losses.shape[2:])  # (chain*draw, batch[, T])
+    else:
+        x = losses.mean(axis=0)
+    x = x.reshape(x.shape[0], -1)  # (draws, batch[*T])
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / max(x.shape[0] - 1, 1)
+    if compute_covariance:
+        m = cov
+    else:
+        sd = np.sqrt(np.diag(cov))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = cov / np.outer(sd, sd)
+    b = losses.shape[2]
+    if correlation_method == "token":
+        t = losses.shape[3]
+        m = m.reshape(b, t, b, t).transpose(
+            0, 2, 1, 3
+        )  # (batch_1, batch_2, target_position, target_position_T)
+        if average_tokenwise_bif:
+            m = m.mean(axis=(2, 3))
+    return DevinterpResult(influences=m.astype(np.float32), input_ids=ids)
+
+
+def bif(
+    model: nn.Module,
+    dataset,
+    observables: Mapping[str, Any],
+    *,
+    lr: float,
+    n_beta: float,
+    param_masks: ParamMasks | None = None,
+    correlation_method: str = "token",
+    reduce_chain_dimension_method: str = "stack",
+    average_tokenwise_bif: bool = False,
+    compute_covariance: bool = False,
+    bif_batch_size: int = 32,
+    bif_device: str | torch.device | None = None,
+    loss_fn: Callable | None = None,
+    **kwargs,
+) -> DevinterpResult:
+    """devinterp 2.0.1's ``bif``: :func:`sample`, then :func:`compute_bif` (``bif_batch_size`` and
+    ``bif_device`` only block devinterp's computation and do not change the result)."""
+    del bif_batch_size, bif_device
+    samples = sample(
+        model, dataset, observables, lr=lr, n_beta=n_beta, param_masks=param_masks, loss_fn=loss_fn, **kwargs
+    )
+    return compute_bif(
+        samples,
+        correlation_method=correlation_method,
+        reduce_chain_dimension_method=reduce_chain_dimension_method,
+        average_tokenwise_bif=average_tokenwise_bif,
+        compute_covariance=compute_covariance,
+    )

@@ -1,0 +1,1 @@
+"""devinterp's ``devinterp.slt`` import paths on pypattern (see :mod:`pypattern.devinterp`)."""

@@ -1,0 +1,457 @@
+"""devinterp users change only the import: devinterp 1.x's ``estimate_learning_coeff(_with_summary)`` and
+devinterp 2.x's ``sample`` / ``llc`` / ``susceptibilities`` / ``bif`` (:mod:`pypattern.devinterp`) give the same
+numbers as the native pypattern calls they translate to, on a small MLP and on pypattern's Transformer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pypattern
+from pypattern import (
+    default_nbeta,
+    estimate_learning_coeff,
+    estimate_learning_coeff_with_summary,
+    estimate_llc,
+)
+from pypattern.models.transformer import Transformer, TransformerConfig
+from pypattern.sampling import SGLD
+
+FAST = dict(num_chains=2, num_draws=12)
+
+
+def _mlp_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return x, y
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def _mlp_loader(bs=16):
+    x, y = _mlp_data()
+    return DataLoader(TensorDataset(x, y), batch_size=bs, shuffle=True)
+
+
+def _transformer():
+    cfg = TransformerConfig(
+        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=11, n_ctx=8, seed=0
+    )
+    return Transformer(cfg)
+
+
+def _tokens(n=48, seed=1):
+    return torch.randint(0, 11, (n, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _ce(m, b):
+    return nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def _native(model, loader, loss_fn, nbeta, **kw):
+    return estimate_llc(
+        model,
+        loader,
+        loss_fn=loss_fn,
+        step_size=1e-3,
+        nbeta=nbeta,
+        localization=100.0,
+        seed=3,
+        quiet=True,
+        warn_nonstationary=False,
+        **kw,
+    )
+
+
+def _v1(model, loader, **kw):
+    kw.setdefault("optimizer_kwargs", dict(lr=1e-3, nbeta=10.0, localization=100.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return estimate_learning_coeff_with_summary(
+            model, loader, sampling_method=SGLD, seed=3, verbose=False, warn_nonstationary=False, **FAST, **kw
+        )
+
+
+# ------------------------------------------------------------------------------------------------ devinterp 1.x
+
+
+@pytest.mark.parametrize("how", ["criterion", "evaluate"])
+def test_v1_mlp_equals_native(how):
+    model, loader = _mlp(), _mlp_loader()
+    kw = {"criterion": nn.CrossEntropyLoss()} if how == "criterion" else {"evaluate": _ce}
+    out = _v1(model, loader, **kw)
+    ref = _native(model, loader, _ce, 10.0, num_init_loss_batches=2, **FAST)
+    assert {"llc/mean", "llc/std", "llc-chain/0", "llc-chain/1", "loss/trace", "init_loss"} <= set(out)
+    np.testing.assert_allclose(out["loss/trace"], ref.loss_trace, rtol=1e-6)
+    assert out["llc/mean"] == pytest.approx(ref.llc_mean, rel=1e-6)
+    assert out["llc/std"] == pytest.approx(ref.llc_std, rel=1e-5)
+    assert out["init_loss"] == pytest.approx(ref.init_loss, rel=1e-7)
+    # the LLC is nbeta (mean loss - init loss) per chain, computed here from the trace
+    per_chain = 10.0 * (out["loss/trace"].astype(np.float64).mean(1) - out["init_loss"])
+    assert [out[f"llc-chain/{i}"] for i in range(2)] == pytest.approx(per_chain, rel=1e-5)
+    assert estimate_learning_coeff(
+        model,
+        loader,
+        seed=3,
+        verbose=False,
+        warn_nonstationary=False,
+        optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0),
+        **kw,
+        **FAST,
+    ) == pytest.approx(out["llc/mean"], rel=1e-6)
+
+
+def test_v1_transformer_token_loader_equals_native():
+    model, ids = _transformer(), _tokens()
+    loader = DataLoader(ids, batch_size=8, shuffle=True)
+
+    def evaluate(m, b):
+        return m(b, return_type="loss"), {"logits": None}
+
+    out = _v1(model, loader, evaluate=evaluate)
+    ref = _native(model, loader, lambda m, b: m(b, return_type="loss"), 10.0, num_init_loss_batches=2, **FAST)
+    np.testing.assert_allclose(out["loss/trace"], ref.loss_trace, rtol=1e-6)
+    assert out["llc/mean"] == pytest.approx(ref.llc_mean, rel=1e-6)
+    # devinterp's default evaluate is model(batch): a model returning logits is refused with what to pass
+    with pytest.raises(TypeError, match="evaluate"):
+        _v1(model, loader)
+
+
+def test_v1_default_nbeta_and_online():
+    model, loader = _mlp(), _mlp_loader(bs=16)
+    out = _v1(model, loader, evaluate=_ce, optimizer_kwargs=dict(lr=1e-3, localization=100.0))
+    ref = _native(model, loader, _ce, 16 / math.log(16), num_init_loss_batches=2, **FAST)
+    assert out["llc/mean"] == pytest.approx(ref.llc_mean, rel=1e-6)
+    on = _v1(model, loader, evaluate=_ce, online=True)
+    assert set(on) == {"init_loss", "llc/means", "llc/stds", "llc/trace", "loss/trace"}
+    want = 10.0 * (on["loss/trace"].astype(np.float64) - on["init_loss"])  # devinterp: per draw, not running
+    np.testing.assert_allclose(on["llc/trace"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(on["llc/means"], want.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(on["llc/stds"], want.std(0, ddof=1), rtol=1e-4, atol=1e-5)
+
+
+def test_default_nbeta_top_level():
+    assert pypattern.default_nbeta is default_nbeta
+    assert "default_nbeta" in pypattern.__all__
+    assert default_nbeta(_mlp_loader(bs=16)) == pytest.approx(16 / math.log(16))
+    assert default_nbeta(16, grad_accum_steps=2) == pytest.approx(32 / math.log(32))
+    assert default_nbeta(dataloader=[torch.zeros(5, 3)]) == pytest.approx(5 / math.log(5))
+    with pytest.warns(UserWarning, match="undefined"):
+        assert default_nbeta(1) == 1.0
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        default_nbeta(16, grad_accum_steps=0)
+
+
+def test_v1_device_honoured():
+    model, loader = _mlp(), _mlp_loader()
+    base = _v1(model, loader, evaluate=_ce)
+    for dev in ("cpu", torch.device("cpu")):
+        out = _v1(model, loader, evaluate=_ce, device=dev)
+        assert out["llc/mean"] == pytest.approx(base["llc/mean"], rel=1e-6)
+    # a model elsewhere is copied to the device; the caller's model stays where it is
+    m64 = _mlp().double()
+    before = [p.detach().clone() for p in m64.parameters()]
+    x, y = _mlp_data()
+    loader64 = DataLoader(TensorDataset(x.double(), y), batch_size=16, shuffle=True)
+    _v1(m64, loader64, evaluate=_ce, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, m64.parameters()))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cuda'.*CUDA"):
+            _v1(model, loader, evaluate=_ce, device="cuda")
+    with pytest.raises(ValueError, match="device='gpu7'"):
+        _v1(model, loader, evaluate=_ce, device="gpu7")
+
+
+def test_v1_unsupported_options_are_named():
+    model, loader = _mlp(), _mlp_loader()
+
+    class SGNHT(torch.optim.Optimizer):
+        pass
+
+    with pytest.raises(ValueError, match="evaluate= and criterion="):
+        _v1(model, loader, evaluate=_ce, criterion=nn.CrossEntropyLoss())
+    with pytest.raises(NotImplementedError, match="sampling_method='SGNHT'"):
+        estimate_learning_coeff_with_summary(
+            model, loader, evaluate=_ce, sampling_method=SGNHT, verbose=False
+        )
+    with pytest.raises(NotImplementedError, match="gpu_idxs"):
+        _v1(model, loader, evaluate=_ce, gpu_idxs=[0, 1])
+    with pytest.raises(NotImplementedError, match="cores"):
+        _v1(model, loader, evaluate=_ce, cores=["cuda:0", "cuda:1"])
+    with pytest.raises(ValueError, match="optimizer_kwargs has unknown keys \\['momentum'\\]"):
+        _v1(model, loader, evaluate=_ce, optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, momentum=0.9))
+    with pytest.raises(TypeError, match="criterion= needs \\(x, y\\) batches"):
+        _v1(_transformer(), DataLoader(_tokens(), batch_size=8), criterion=nn.CrossEntropyLoss())
+    with pytest.raises(TypeError, match="unsupported keyword argument\\(s\\) \\['online_trace'\\]"):
+        _v1(model, loader, evaluate=_ce, online_trace=True)
+    with pytest.raises(TypeError, match="\\['loss_fn'\\]"):  # devinterp's evaluate= is the way in
+        _v1(model, loader, evaluate=_ce, loss_fn=_ce)
+    with pytest.warns(UserWarning, match="use_amp=True"):
+        estimate_learning_coeff_with_summary(
+            model,
+            loader,
+            evaluate=_ce,
+            use_amp=True,
+            device="cpu",
+            verbose=False,
+            warn_nonstationary=False,
+            **FAST,
+        )
+
+
+def test_v1_callbacks_get_results_merged():
+    model, loader = _mlp(), _mlp_loader()
+
+    class Count:
+        def __init__(self):
+            self.n, self.done = 0, False
+
+        def __call__(self, chain, draw, loss):
+            self.n += 1
+
+        def finalize(self):
+            self.done = True
+
+        def get_results(self):
+            return {"count": self.n, "finalized": self.done}
+
+    out = _v1(model, loader, evaluate=_ce, callbacks=[Count()])
+    assert out["count"] == 2 * 12 and out["finalized"] is True
+
+
+# ------------------------------------------------------------------------------------------------ devinterp 2.x
+
+from pypattern import devinterp as di  # noqa: E402 - grouped with its tests
+
+
+def _lm_loss(m, ids):
+    return m(ids, return_type="per_token_loss")
+
+
+def _init_loss(model, ids, bs, k, seed, loss):
+    """devinterp 2.x's L_n(w*): the first k batches of a seed-keyed permutation, computed directly."""
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return float(
+            np.mean([loss(model, ids[order[i * bs : (i + 1) * bs]]).double().mean() for i in range(k)])
+        )
+
+
+SET2 = dict(num_chains=2, num_draws=5, num_burnin_steps=3, num_steps_bw_draws=2, batch_size=8, init_seed=7)
+
+
+def test_v2_llc_transformer_equals_native():
+    model, ids = _transformer(), _tokens()
+    res = di.llc(
+        model,
+        {"input_ids": ids.tolist()},
+        {},
+        lr=1e-3,
+        n_beta=5.0,
+        localization=50.0,
+        num_init_loss_batches=3,
+        **SET2,
+    )
+    assert {"llc_mean", "llc_std", "llc_per_chain", "llc_scalar", "loss_trace", "init_loss"} <= set(res)
+    steps = 5 * 2 + 3  # devinterp averages every step, burn-in included
+    assert res.loss_trace.shape == (2, steps)
+    init = _init_loss(model, ids, 8, 3, 7, _lm_loss)
+    assert res.init_loss == pytest.approx(init, rel=1e-6)
+    ref = estimate_llc(
+        model,
+        DataLoader(TensorDataset(ids), batch_size=8, shuffle=True, drop_last=True),
+        loss_fn=lambda m, b: _lm_loss(m, b[0]).mean(),
+        num_chains=2,
+        num_draws=steps,
+        step_size=1e-3,
+        nbeta=5.0,
+        localization=50.0,
+        seed=7,
+        init_loss=init,
+        quiet=True,
+        warn_nonstationary=False,
+    )
+    np.testing.assert_allclose(res.loss_trace, ref.loss_trace, rtol=1e-5)
+    np.testing.assert_allclose(res.llc_per_chain, ref.llc_per_chain, rtol=1e-4, atol=1e-6)
+    assert res.llc_mean == pytest.approx(ref.llc_mean, rel=1e-4, abs=1e-6)
+    assert res.llc_std == pytest.approx(np.std(ref.llc_per_chain), rel=1e-4, abs=1e-6)  # xarray's ddof=0
+
+
+def test_v2_llc_mlp_with_index_loss_equals_native():
+    """An MLP through devinterp 2.x's token interface: each row holds a sample index, the loss looks it up."""
+    model, (x, y) = _mlp(), _mlp_data()
+
+    def loss_fn(m, input_ids):
+        i = input_ids[:, 0]
+        return nn.functional.cross_entropy(m(x[i]), y[i], reduction="none")[:, None]
+
+    ids = torch.stack([torch.arange(len(x)), torch.zeros(len(x), dtype=torch.long)], 1)
+    res = di.llc(
+        model, ids, lr=1e-3, n_beta=10.0, localization=100.0, loss_fn=loss_fn, num_init_loss_batches=2, **SET2
+    )
+    ref = estimate_llc(
+        model,
+        DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True),
+        loss_fn=_ce,
+        num_chains=2,
+        num_draws=13,
+        step_size=1e-3,
+        nbeta=10.0,
+        localization=100.0,
+        seed=7,
+        init_loss=_init_loss(model, ids, 8, 2, 7, loss_fn),
+        quiet=True,
+        warn_nonstationary=False,
+    )
+    np.testing.assert_allclose(res.loss_trace, ref.loss_trace, rtol=1e-5)
+    assert res.llc_mean == pytest.approx(ref.llc_mean, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_v2_sample_layout_and_bif_equals_native(batched):
+    model, ids = _transformer(), _tokens()
+    probe_ds = {"input_ids": _tokens(20, seed=5)}
+    s = di.sample(
+        model,
+        ids,
+        {"probe set": (probe_ds, 2)},
+        lr=1e-3,
+        n_beta=5.0,
+        localization=50.0,
+        batched=batched,
+        **SET2,
+    )
+    T = 7
+    assert s.init_loss.shape == (2, T) and s.sampling_loss.shape == (2, 5, 8, T)
+    assert s.sampling_loss_micro.shape == (2, 13, 8, T) and s.sampling_input_ids_micro.shape == (
+        2,
+        13,
+        8,
+        T + 1,
+    )
+    assert s.loss_probe_set.shape == (2, 5, 16, T) and s.input_ids_probe_set.shape == (16, T + 1)
+    assert s.dims["loss_probe_set"] == ("chain", "draw", "batch_probe_set", "token_pos")
+    # the draws are steps burn-in + k * num_steps_bw_draws; each step's losses are of the ids it read
+    np.testing.assert_array_equal(s.sampling_loss, s.sampling_loss_micro[:, [3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        l0 = _lm_loss(model, torch.as_tensor(s.sampling_input_ids_micro[1, 0])).numpy()
+    np.testing.assert_allclose(s.sampling_loss_micro[1, 0], l0, rtol=1e-5)  # step 0 is at w*
+    # BIF: the correlation over draws equals pypattern.bif's on the same sequences with the same chains
+    probe = torch.as_tensor(s.input_ids_probe_set)
+    for method in ("sequence", "token"):
+        b = di.bif(model, ids, {"probe set": (probe_ds, 2)}, lr=1e-3, n_beta=5.0, localization=50.0,
+                   correlation_method=method, batched=batched, **SET2)  # fmt: skip
+        ref = pypattern.bif(
+            model,
+            DataLoader(TensorDataset(ids), batch_size=8, shuffle=True, drop_last=True),
+            probe,
+            loss_fn=lambda m, bt: _lm_loss(m, bt[0]).mean(),
+            per_sample_loss_fn=_lm_loss,
+            per_token=method == "token",
+            num_chains=2,
+            num_draws=5,
+            num_burnin_steps=3,
+            num_steps_bw_draws=2,
+            step_size=1e-3,
+            nbeta=5.0,
+            localization=50.0,
+            seed=7,
+            batched=batched,
+            warn_nonstationary=False,
+        )
+        want = ref.corr if method == "sequence" else ref.corr.reshape(16, T, 16, T).transpose(0, 2, 1, 3)
+        assert b.influences.shape == ((16, 16) if method == "sequence" else (16, 16, T, T))
+        np.testing.assert_allclose(b.influences, want, rtol=1e-3, atol=1e-4)
+        np.testing.assert_array_equal(b.input_ids, s.input_ids_probe_set)
+
+
+def test_v2_susceptibilities_formula():
+    model, ids = _transformer(), _tokens()
+    obs = {"train": ids[:16], "probe": {"input_ids": _tokens(16, seed=9)}}
+    wr = {"full": None, "attn": {"blocks.0.attn.W_Q": None, "blocks.0.attn.W_K": None}}
+    res = di.susceptibilities(model, ids, obs, wr, sampling_task="train", lr=1e-3, n_beta=5.0,
+                              localization=50.0, batches_per_draw=1, **SET2)  # fmt: skip
+    assert res.sus.shape == (8 * 7, 1) and res.wr == ["attn"] and res.dataset_id_to_name == ["probe"]
+    assert res.input_ids.shape == (8 * 8,) and res.target_position.max() == 7
+    # the restricted run moved only its parameters: other weights' losses equal... recompute chi by loops
+    full, r = res.samples["full"], res.samples["attn"]
+    init = full.init_loss.mean()
+    full_lbar = full.loss_train.astype(np.float64).mean()
+    chi = np.zeros((8, 7))
+    for b in range(8):
+        for t in range(7):
+            e_phi_l = e_phi_lbar = e_phi = 0.0
+            n = 0
+            for c in range(2):
+                for d in range(5):
+                    lbar = r.loss_train[c, d].astype(np.float64).mean()
+                    phi = lbar - init
+                    e_phi_l += phi * r.loss_probe[c, d, b, t]
+                    e_phi_lbar += phi * lbar
+                    e_phi += phi
+                    n += 1
+            delta = full_lbar - full.loss_probe[:, :, b, t].astype(np.float64).mean()
+            chi[b, t] = e_phi_lbar / n - e_phi_l / n - e_phi / n * delta
+    np.testing.assert_allclose(res.sus[:, 0], chi.reshape(-1), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="'full'"):
+        di.susceptibilities(model, ids, obs, {"attn": None}, sampling_task="train", lr=1e-3, n_beta=5.0)
+
+
+def test_v2_unsupported_options_are_named():
+    model, ids = _transformer(), _tokens()
+    base = dict(lr=1e-3, n_beta=5.0, num_chains=1, num_draws=2, batch_size=8)
+    for kw, name in [
+        (dict(sampling_method="rmsprop_sgld"), "sampling_method='rmsprop_sgld'"),
+        (dict(output_path="x.zarr"), "output_path"),
+        (dict(init_noise=0.1), "init_noise"),
+        (dict(save_metrics=True), "save_metrics"),
+        (dict(sampling_method_kwargs={"eps": 1e-8}), "sampling_method_kwargs"),
+    ]:
+        with pytest.raises(NotImplementedError, match=name):
+            di.llc(model, ids, {}, **base, **kw)
+    with pytest.raises(TypeError, match="input_ids"):
+        di.llc(model, [1, 2, 3], {}, **base)
+    with pytest.raises(ValueError, match="param_masks names \\['nope'\\]"):
+        di.llc(model, ids, {}, param_masks={"nope": None}, **base)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            di.llc(model, ids, {}, device="cuda", **base)
+
+
+def test_devinterp_import_paths_mirrored():
+    """devinterp's module paths under pypattern.devinterp: users change only the package name."""
+    from pypattern.devinterp.optim import SGLD as SGLD_a
+    from pypattern.devinterp.optim.sgld import SGLD as SGLD_b
+    from pypattern.devinterp.slt.bif import bif, compute_bif
+    from pypattern.devinterp.slt.llc import compute_llc, llc
+    from pypattern.devinterp.slt.sampler import estimate_learning_coeff_with_summary as elc
+    from pypattern.devinterp.slt.sampling import sample
+    from pypattern.devinterp.slt.susceptibilities import compute_susceptibilities, susceptibilities
+    from pypattern.devinterp.utils import default_nbeta as dn
+    from pypattern.devinterp.utils import evaluate_ce, make_evaluate
+
+    assert (llc, compute_llc, sample, bif, compute_bif) == (
+        di.llc,
+        di.compute_llc,
+        di.sample,
+        di.bif,
+        di.compute_bif,
+    )
+    assert (susceptibilities, compute_susceptibilities) == (di.susceptibilities, di.compute_susceptibilities)
+    assert elc is estimate_learning_coeff_with_summary and dn is default_nbeta and SGLD_a is SGLD_b is SGLD
+    model, loader = _mlp(), _mlp_loader()
+    x, y = next(iter(loader))
+    loss, out = evaluate_ce(model, (x, y))
+    assert float(loss.detach()) == pytest.approx(float(nn.functional.cross_entropy(model(x), y).detach()))
+    a = _v1(model, loader, evaluate=make_evaluate(nn.functional.cross_entropy))
+    assert a["llc/mean"] == pytest.approx(_v1(model, loader, evaluate=_ce)["llc/mean"], rel=1e-6)
