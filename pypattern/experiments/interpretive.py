@@ -49,7 +49,9 @@ __all__ = [
     "load_member",
     "ChainImplementations",
     "head_importance",
+    "run_pipeline_seed",
     "run_interpretive",
+    "merge_reports",
 ]
 
 ARCHS = {
@@ -75,9 +77,9 @@ class InterpretiveSettings:
     batch_size: int = 128
     lr: float = 3e-3
     num_workers: int = 2
-    num_inputs: int = 1500
+    num_inputs: int = 1000
     num_trials: int = 20
-    num_repeats: int = 10
+    num_repeats: int = 5
     selectivity_trials: int = 10
     budgets: tuple[int, ...] = (0, 1, 2, 4, 8)
     measures: tuple[str, ...] = MEASURES
@@ -96,7 +98,7 @@ def reduced_interpretive_settings() -> InterpretiveSettings:
         members=(("L2d32h4", 0), ("L1d48h4", 1), ("L2d32h4", 2)),
         steps=600,
         num_inputs=1000,
-        num_repeats=5,
+        num_repeats=3,
         selectivity_trials=5,
         budgets=(0, 2, 8),
         pipeline_seeds=(0,),
@@ -251,7 +253,6 @@ class ChainImplementations:
         self.sizes = [len(m) for m in self.models]
         self.x, self.x_cf = x, x_cf
         self._prefix: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict]] = {}
-        self._cache: dict[tuple, torch.Tensor] = {}
         self._importance: dict[tuple, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -278,15 +279,15 @@ class ChainImplementations:
         cfd = dict(cf)
         cfd["out"] = decode(logits_cf)
         cfd["in"] = inp
-        val = (rep.double(), decode(logits), cfd)
+        val = (rep, decode(logits), cfd)
         self._prefix[key] = val
         return val
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        key = self.members(i)
-        if key not in self._cache:
-            self._cache[key] = torch.cat([self._stage(key[: s + 1])[0] for s in range(len(key))], 1)
-        return self._cache[key]
+        key = self.members(
+            i
+        )  # stage prefixes are cached; the concatenation is not (it is cheap, and memory is not)
+        return torch.cat([self._stage(key[: s + 1])[0] for s in range(len(key))], 1).double()
 
     def ranked_heads(self, i: int) -> list[tuple[int, int, int]]:
         """``(stage, layer, head)`` of chain ``i``, most important first (ties broken by position)."""
@@ -335,15 +336,65 @@ def _chain_accuracy(impl: ChainImplementations, algorithm: str) -> float:
     return float((out == run_algorithm(algorithm, impl.x)[-1]).all(-1).float().mean())
 
 
+def run_pipeline_seed(pool: dict, s: InterpretiveSettings, seed: int, log=print) -> dict:
+    """One seed of the pipeline after the pool: inputs, counterfactual inputs, implementation draws and splits
+    come from ``seed``. Returns the grid and the selectivity curve of every measure."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(1000 + seed)
+    x = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
+    x_cf = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
+    impls = {a: ChainImplementations(ALGORITHMS[a], pool, x, x_cf) for a in s.algorithms}
+    rec = {
+        "pipeline_seed": seed,
+        "chain0_sequence_accuracy": {a: _chain_accuracy(impls[a], a) for a in s.algorithms},
+        "grid": {},
+        "selectivity": {},
+        "seconds_per_measure": {},
+    }
+    for measure in s.measures:
+        tm = time.perf_counter()
+        kw = {"train_fraction": s.train_fraction}
+        if measure == "ridge":
+            kw["alphas"] = s.alphas
+        grid = distinguishability_grid(
+            impls, measure=measure, num_trials=s.num_trials, num_repeats=s.num_repeats, z=s.z, seed=seed, **kw
+        )
+        sel = {}
+        for ai, a in enumerate(s.algorithms):
+            others = [impls[b] for b in s.algorithms if b != a]
+            res = selectivity_curve(
+                impls[a], impls[a].patched, others, s.budgets, measure=measure,
+                num_trials=s.selectivity_trials, seed=seed * 7919 + ai, **kw,
+            )  # fmt: skip
+            sel[a] = {str(k): res.win_rate[k] for k in s.budgets}
+        names = s.algorithms
+        rec["grid"][measure] = {
+            "fraction_positive": grid.fraction.tolist(),
+            "win_rate": grid.win_rate.tolist(),
+            "mean_own": [[float(grid.tests[(a, b)].own.mean()) for b in names] for a in names],
+            "mean_other": [[float(grid.tests[(a, b)].other.mean()) for b in names] for a in names],
+        }
+        rec["selectivity"][measure] = sel
+        rec["seconds_per_measure"][measure] = time.perf_counter() - tm
+        log(
+            f"pipeline seed {seed}, {measure}: diagonal {np.diag(grid.fraction).mean():.2f}, off-diagonal "
+            f"{grid.off_diagonal().mean():.2f} ({time.perf_counter() - tm:.0f} s)"
+        )
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
 def run_interpretive(
     out_dir: str | Path = "out/interpretive",
     s: InterpretiveSettings | None = None,
     *,
     cache_dir: str | Path | None = None,
+    name: str = "interpretive",
     log=print,
 ) -> dict:
     """Train (or load) the pool, then the grid and the selectivity curve for every measure and pipeline seed.
-    Writes ``interpretive.json`` and the plots into ``out_dir``; returns the report dict."""
+    Writes ``<name>.json`` and the plots (``<name>_grid.png``, ``<name>_selectivity.png``) into ``out_dir``;
+    returns the report dict."""
     s = s or InterpretiveSettings()
     log = log or (lambda *a: None)
     out = Path(out_dir)
@@ -352,48 +403,8 @@ def run_interpretive(
     pool, pool_info = train_pool(s, cache_dir or out / "pool", log=log)
     old = torch.get_num_threads()
     torch.set_num_threads(s.num_threads)
-    per_seed = []
     try:
-        for ps in s.pipeline_seeds:
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(1000 + ps)
-            x = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
-            x_cf = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
-            impls = {a: ChainImplementations(ALGORITHMS[a], pool, x, x_cf) for a in s.algorithms}
-            chain_acc = {a: _chain_accuracy(impls[a], a) for a in s.algorithms}
-            rec = {"pipeline_seed": ps, "chain0_sequence_accuracy": chain_acc, "grid": {}, "selectivity": {}}
-            kw = dict(train_fraction=s.train_fraction, alphas=s.alphas)
-            for measure in s.measures:
-                tm = time.perf_counter()
-                grid = distinguishability_grid(
-                    impls, measure=measure, num_trials=s.num_trials, num_repeats=s.num_repeats, z=s.z,
-                    seed=ps, **(kw if measure == "ridge" else {"train_fraction": s.train_fraction}),
-                )  # fmt: skip
-                sel = {}
-                for ai, a in enumerate(s.algorithms):
-                    res = selectivity_curve(
-                        impls[a], impls[a].patched, [impls[b] for b in s.algorithms if b != a], s.budgets,
-                        measure=measure, num_trials=s.selectivity_trials, seed=ps * 7919 + ai,
-                        **(kw if measure == "ridge" else {"train_fraction": s.train_fraction}),
-                    )  # fmt: skip
-                    sel[a] = {str(k): res.win_rate[k] for k in s.budgets}
-                rec["grid"][measure] = {
-                    "fraction_positive": grid.fraction.tolist(),
-                    "win_rate": grid.win_rate.tolist(),
-                    "mean_own": [
-                        [float(grid.tests[(a, b)].own.mean()) for b in s.algorithms] for a in s.algorithms
-                    ],
-                    "mean_other": [
-                        [float(grid.tests[(a, b)].other.mean()) for b in s.algorithms] for a in s.algorithms
-                    ],
-                }
-                rec["selectivity"][measure] = sel
-                log(
-                    f"pipeline seed {ps}, {measure}: diagonal {np.diag(grid.fraction).mean():.2f}, off-diagonal "
-                    f"{grid.off_diagonal().mean():.2f} ({time.perf_counter() - tm:.0f} s)"
-                )
-            rec["seconds"] = time.perf_counter() - t0
-            per_seed.append(rec)
+        per_seed = [run_pipeline_seed(pool, s, ps, log=log) for ps in s.pipeline_seeds]
     finally:
         torch.set_num_threads(old)
     report = {
@@ -402,23 +413,40 @@ def run_interpretive(
         "archs": ARCHS,
         "pool": pool_info,
         "per_seed": per_seed,
-        "summary": _summary(per_seed, s),
+        "summary": _summary(per_seed, s.algorithms, s.measures, s.budgets),
         "seconds": time.perf_counter() - t_start,
     }
-    (out / "interpretive.json").write_text(json.dumps(report, indent=1))
-    report["plots"] = _plot(report, out)
+    report["plots"] = _plot(report, out, name)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def _summary(per_seed: list, s: InterpretiveSettings) -> dict:
+def merge_reports(paths: list[str | Path], out_dir: str | Path, name: str = "interpretive") -> dict:
+    """Combine reports of the same settings run for different pipeline seeds (e.g. in parallel processes) into
+    one report with its summary and plots."""
+    reps = [json.loads(Path(p).read_text()) for p in paths]
+    base = dict(reps[0])
+    base["per_seed"] = [r for rep in reps for r in rep["per_seed"]]
+    st = base["settings"]
+    st["pipeline_seeds"] = [r["pipeline_seed"] for r in base["per_seed"]]
+    base["summary"] = _summary(base["per_seed"], st["algorithms"], st["measures"], st["budgets"])
+    base["seconds_per_report"] = [rep["seconds"] for rep in reps]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base["plots"] = _plot(base, out, name)
+    (out / f"{name}.json").write_text(json.dumps(base, indent=1))
+    return base
+
+
+def _summary(per_seed: list, algorithms, measures, budgets) -> dict:
     out = {}
-    k = len(s.algorithms)
+    k = len(algorithms)
     off = ~np.eye(k, dtype=bool)
-    for m in s.measures:
+    for m in measures:
         g = np.array([r["grid"][m]["fraction_positive"] for r in per_seed])  # (seeds, k, k)
         sel = {
-            str(b): float(np.mean([r["selectivity"][m][a][str(b)] for r in per_seed for a in s.algorithms]))
-            for b in s.budgets
+            str(b): float(np.mean([r["selectivity"][m][a][str(b)] for r in per_seed for a in algorithms]))
+            for b in budgets
         }
         out[m] = {
             "diagonal_mean": float(g[:, ~off].mean()),
@@ -430,7 +458,7 @@ def _summary(per_seed: list, s: InterpretiveSettings) -> dict:
     return out
 
 
-def _plot(report: dict, out: Path) -> list[str]:
+def _plot(report: dict, out: Path, name: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,7 +489,7 @@ def _plot(report: dict, out: Path) -> list[str]:
             fontsize=8,
         )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7)
-    p1 = out / "interpretive_grid.png"
+    p1 = out / f"{name}_grid.png"
     fig.savefig(p1, dpi=110, bbox_inches="tight")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -475,30 +503,48 @@ def _plot(report: dict, out: Path) -> list[str]:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p2 = out / "interpretive_selectivity.png"
+    p2 = out / f"{name}_selectivity.png"
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [str(p1), str(p2)]
 
 
 def main(argv=None) -> int:
-    """``python -m pypattern.experiments.interpretive [out_dir] [--full] [--cache DIR]``."""
+    """``python -m pypattern.experiments.interpretive [out_dir] [--full] [--cache DIR] [--seeds 0,1,2]
+    [--name NAME] [--pool-only] [--merge A.json B.json ...]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", nargs="?", default="out/interpretive")
     ap.add_argument("--full", action="store_true", help="the full run instead of the reduced demo")
     ap.add_argument("--cache", default=None, help="pool cache directory (default OUT_DIR/pool)")
+    ap.add_argument("--seeds", default=None, help="pipeline seeds, comma-separated (default: the settings')")
+    ap.add_argument("--name", default="interpretive", help="report and plot file stem")
+    ap.add_argument("--workers", type=int, default=None, help="processes training the pool (default 2)")
     ap.add_argument("--pool-only", action="store_true", help="train (or load) the pool and stop")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge these reports (one per seed) and stop")
     a = ap.parse_args(argv)
+    if a.merge:
+        rep = merge_reports(a.merge, a.out_dir, a.name)
+        print(json.dumps({"summary": rep["summary"], "plots": rep["plots"]}, indent=1))
+        return 0
     s = InterpretiveSettings() if a.full else reduced_interpretive_settings()
+    if a.workers is not None:
+        s.num_workers = a.workers
+    if a.seeds is not None:
+        s.pipeline_seeds = tuple(int(v) for v in a.seeds.split(","))
     if a.pool_only:
         _, info = train_pool(s, a.cache or Path(a.out_dir) / "pool")
         print(json.dumps({k: v for k, v in info.items() if k != "members"}, indent=1))
         return 0
-    rep = run_interpretive(a.out_dir, s, cache_dir=a.cache)
-    print(json.dumps({"summary": rep["summary"], "pool": {k: v for k, v in rep["pool"].items() if k != "members"},
-                      "seconds": rep["seconds"], "plots": rep["plots"]}, indent=1))  # fmt: skip
+    rep = run_interpretive(a.out_dir, s, cache_dir=a.cache, name=a.name)
+    pool = {k: v for k, v in rep["pool"].items() if k != "members"}
+    print(
+        json.dumps(
+            {"summary": rep["summary"], "pool": pool, "seconds": rep["seconds"], "plots": rep["plots"]},
+            indent=1,
+        )
+    )
     return 0
 
 
