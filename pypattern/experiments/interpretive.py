@@ -52,6 +52,7 @@ __all__ = [
     "run_pipeline_seed",
     "run_interpretive",
     "merge_reports",
+    "run_interpretive_demo",
 ]
 
 ARCHS = {
@@ -422,13 +423,22 @@ def run_interpretive(
 
 
 def merge_reports(paths: list[str | Path], out_dir: str | Path, name: str = "interpretive") -> dict:
-    """Combine reports of the same settings run for different pipeline seeds (e.g. in parallel processes) into
-    one report with its summary and plots."""
+    """Combine reports of the same settings run for different pipeline seeds or measures (e.g. in parallel
+    processes) into one report with its summary and plots."""
     reps = [json.loads(Path(p).read_text()) for p in paths]
     base = dict(reps[0])
-    base["per_seed"] = [r for rep in reps for r in rep["per_seed"]]
+    by_seed: dict[int, dict] = {}
+    for rep in reps:  # reports may split the seeds, the measures, or both
+        for r in rep["per_seed"]:
+            cur = by_seed.setdefault(
+                r["pipeline_seed"], {**r, "grid": {}, "selectivity": {}, "seconds_per_measure": {}}
+            )
+            for k in ("grid", "selectivity", "seconds_per_measure"):
+                cur[k].update(r[k])
+    base["per_seed"] = [by_seed[k] for k in sorted(by_seed)]
     st = base["settings"]
-    st["pipeline_seeds"] = [r["pipeline_seed"] for r in base["per_seed"]]
+    st["pipeline_seeds"] = sorted(by_seed)
+    st["measures"] = [m for m in MEASURES if all(m in r["grid"] for r in base["per_seed"])]
     base["summary"] = _summary(base["per_seed"], st["algorithms"], st["measures"], st["budgets"])
     base["seconds_per_report"] = [rep["seconds"] for rep in reps]
     out = Path(out_dir)
@@ -509,6 +519,32 @@ def _plot(report: dict, out: Path, name: str) -> list[str]:
     return [str(p1), str(p2)]
 
 
+def run_interpretive_demo(
+    out_dir: str | Path = "out/demo/interpretive", full: bool = False, log=print
+) -> dict:
+    """``pypattern demo interpretive``: the reduced run (:func:`reduced_interpretive_settings`; the full run with
+    ``full=True``), pool cached in ``out_dir/pool``. Returns the headline numbers; writes
+    ``interpretive.json``, ``interpretive_grid.png`` and ``interpretive_selectivity.png``."""
+    s = InterpretiveSettings() if full else reduced_interpretive_settings()
+    rep = run_interpretive(out_dir, s, log=log)
+    out = {}
+    for m, v in rep["summary"].items():
+        out[f"{m}: same-algorithm pairs distinguishable (fraction of repeats, mean)"] = round(
+            v["diagonal_mean"], 2
+        )
+        out[f"{m}: different-algorithm pairs distinguishable (mean / min)"] = (
+            f"{v['off_diagonal_mean']:.2f} / {v['off_diagonal_min']:.2f}"
+        )
+        out[f"{m}: selectivity win rate by budget k"] = {k: round(w, 2) for k, w in v["selectivity"].items()}
+    out["pool"] = (
+        f"{rep['pool']['trained_now']} trained now ({rep['pool']['train_cpu_seconds']:.0f} s CPU), "
+        + (f"{rep['pool']['cached']} cached")
+    )
+    out["seconds"] = round(rep["seconds"], 1)
+    out["plots"] = rep["plots"]
+    return out
+
+
 def main(argv=None) -> int:
     """``python -m pypattern.experiments.interpretive [out_dir] [--full] [--cache DIR] [--seeds 0,1,2]
     [--name NAME] [--pool-only] [--merge A.json B.json ...]``."""
@@ -519,6 +555,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the full run instead of the reduced demo")
     ap.add_argument("--cache", default=None, help="pool cache directory (default OUT_DIR/pool)")
     ap.add_argument("--seeds", default=None, help="pipeline seeds, comma-separated (default: the settings')")
+    ap.add_argument("--measures", default=None, help="comma-separated subset of ridge,cka,procrustes")
     ap.add_argument("--name", default="interpretive", help="report and plot file stem")
     ap.add_argument("--workers", type=int, default=None, help="processes training the pool (default 2)")
     ap.add_argument("--pool-only", action="store_true", help="train (or load) the pool and stop")
@@ -531,6 +568,8 @@ def main(argv=None) -> int:
     s = InterpretiveSettings() if a.full else reduced_interpretive_settings()
     if a.workers is not None:
         s.num_workers = a.workers
+    if a.measures is not None:
+        s.measures = tuple(a.measures.split(","))
     if a.seeds is not None:
         s.pipeline_seeds = tuple(int(v) for v in a.seeds.split(","))
     if a.pool_only:
