@@ -555,6 +555,10 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the full run instead of the reduced demo")
     ap.add_argument("--cache", default=None, help="pool cache directory (default OUT_DIR/pool)")
     ap.add_argument("--seeds", default=None, help="pipeline seeds, comma-separated (default: the settings')")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats of the win test per ordered pair")
+    ap.add_argument(
+        "--selectivity-trials", type=int, default=None, help="trials per other algorithm and budget"
+    )
     ap.add_argument("--measures", default=None, help="comma-separated subset of ridge,cka,procrustes")
     ap.add_argument("--name", default="interpretive", help="report and plot file stem")
     ap.add_argument("--workers", type=int, default=None, help="processes training the pool (default 2)")
@@ -568,6 +572,10 @@ def main(argv=None) -> int:
     s = InterpretiveSettings() if a.full else reduced_interpretive_settings()
     if a.workers is not None:
         s.num_workers = a.workers
+    if a.repeats is not None:
+        s.num_repeats = a.repeats
+    if a.selectivity_trials is not None:
+        s.selectivity_trials = a.selectivity_trials
     if a.measures is not None:
         s.measures = tuple(a.measures.split(","))
     if a.seeds is not None:
