@@ -555,6 +555,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the full run instead of the reduced demo")
     ap.add_argument("--cache", default=None, help="pool cache directory (default OUT_DIR/pool)")
     ap.add_argument("--seeds", default=None, help="pipeline seeds, comma-separated (default: the settings')")
+    ap.add_argument("--budgets", default=None, help="patching budgets k, comma-separated")
     ap.add_argument("--repeats", type=int, default=None, help="repeats of the win test per ordered pair")
     ap.add_argument(
         "--selectivity-trials", type=int, default=None, help="trials per other algorithm and budget"
@@ -572,6 +573,8 @@ def main(argv=None) -> int:
     s = InterpretiveSettings() if a.full else reduced_interpretive_settings()
     if a.workers is not None:
         s.num_workers = a.workers
+    if a.budgets is not None:
+        s.budgets = tuple(int(v) for v in a.budgets.split(","))
     if a.repeats is not None:
         s.num_repeats = a.repeats
     if a.selectivity_trials is not None:
