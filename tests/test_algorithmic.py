@@ -50,7 +50,7 @@ def test_algorithms_chain_routines_and_share_them():
     assert set(PLAIN) == set(ROUTINES)
     assert len(ALGORITHMS) >= 5
     uses = {}
-    for name, routines in ALGORITHMS.items():
+    for routines in ALGORITHMS.values():
         assert 2 <= len(routines) <= 4
         for r in routines:
             uses[r] = uses.get(r, 0) + 1
