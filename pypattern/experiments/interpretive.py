@@ -584,10 +584,10 @@ def main(argv=None) -> int:
     if a.seeds is not None:
         s.pipeline_seeds = tuple(int(v) for v in a.seeds.split(","))
     if a.pool_only:
-        _, info = train_pool(s, a.cache or Path(a.out_dir) / "pool")
+        _, info = train_pool(s, a.cache or Path(a.out_dir) / "pool", log=lambda *m: print(*m, flush=True))
         print(json.dumps({k: v for k, v in info.items() if k != "members"}, indent=1))
         return 0
-    rep = run_interpretive(a.out_dir, s, cache_dir=a.cache, name=a.name)
+    rep = run_interpretive(a.out_dir, s, cache_dir=a.cache, name=a.name, log=lambda *m: print(*m, flush=True))
     pool = {k: v for k, v in rep["pool"].items() if k != "members"}
     print(
         json.dumps(
