@@ -772,3 +772,11 @@ def resample_implementations(
             return representations(model, tokens, rep_hooks)
 
     return sample
+
+
+# the CCA family, ridge with efficient leave-one-out, and the authors' interpretive-equivalence protocol live in
+# their own modules; they are part of this module's public API
+from .cca import cca, pwcca, svcca  # noqa: E402
+from .ridge import RidgeLOO, ridge_cv, ridge_similarity_cv  # noqa: E402
+
+__all__ += ["cca", "svcca", "pwcca", "RidgeLOO", "ridge_cv", "ridge_similarity_cv"]

@@ -1,0 +1,178 @@
+"""The CCA family of representation similarities: canonical correlations (``cca``, with a ridge option), SVCCA
+(Raghu et al. 2017) and PWCCA (Morcos et al. 2018).
+
+Definitions
+-----------
+Both representations ``x (n, p)`` and ``y (n, q)`` of the same ``n`` inputs are centred (columns). The canonical
+correlations are the singular values of ``Sxx^-1/2 Sxy Syy^-1/2`` (``S`` the scatter matrices ``Xc^T Xc`` etc.),
+equivalently of ``Qx^T Qy`` with ``Qx``, ``Qy`` orthonormal bases of the centred column spaces: the cosines of the
+principal angles between those spaces. There are ``min(rank x, rank y)`` of them (``min(p, q)`` for data of full
+rank), in ``[0, 1]``, sorted descending. With ``ridge = r > 0`` each scatter matrix becomes ``S + r * mean_eig(S) *
+I`` (the penalty is relative to the mean eigenvalue, so it does not depend on the scale of the data), and the
+singular values are taken as above (regularised CCA; they shrink towards 0 as ``r`` grows).
+
+With ``p >= n - 1`` (or ``q >= n - 1``) and no ridge the centred column space is the whole (centred) sample space
+and the canonical correlations are all 1 whatever the data: the functions refuse it.
+
+* ``svcca``: each representation is reduced to its top principal directions explaining ``threshold`` (default
+  0.99) of its variance (the fewest directions that reach it), then CCA of the reduced representations; the
+  similarity is the mean canonical correlation.
+* ``pwcca`` (projection-weighted CCA, as Morcos et al. define it): the canonical correlations ``rho_i`` weighted
+  by ``alpha_i = sum_j |<h_i, x_j>|``, with ``h_i`` the unit-norm canonical variates of ``x`` in sample space and
+  ``x_j`` the centred columns (neurons) of ``x``: ``sum_i alpha_i rho_i / sum_i alpha_i``. Not symmetric: the
+  weights come from the first argument.
+
+Computation
+-----------
+One ``p x p`` (and ``q x q``) eigendecomposition of the scatter matrix per representation, one cross product
+``Xc^T Yc`` (``n p q``) and one SVD of a ``min``-sized matrix; the PWCCA weights are read from the eigenvectors
+(``H^T Xc = L^T diag(sqrt(e)) V^T``), without forming the canonical variates. Everything in float64. Directions
+whose scatter eigenvalue is below ``p * eps * max eigenvalue`` (singular values below about ``1e-7`` of the
+largest) count as rank deficiency.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["cca", "svcca", "pwcca"]
+
+
+def _features(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
+    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    if x.shape[0] < 3:
+        raise ValueError(f"{name} has {x.shape[0]} samples; CCA needs at least 3")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf)")
+    return x
+
+
+def _check_ridge(ridge: float) -> float:
+    ridge = float(ridge)
+    if not (ridge >= 0 and math.isfinite(ridge)):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+    return ridge
+
+
+class _Side:
+    """One centred representation: the eigendecomposition of its scatter matrix, restricted to the kept
+    directions, and the whitening scale of each."""
+
+    def __init__(self, x: torch.Tensor, name: str, ridge: float, threshold: float | None) -> None:
+        self.xc = x - x.mean(0)
+        e, v = torch.linalg.eigh(self.xc.T @ self.xc)
+        e, v = e.flip(0).clamp_min(0), v.flip(1)  # descending
+        n, p = x.shape
+        if threshold is not None:  # SVCCA: the fewest leading directions with >= threshold of the variance
+            total = float(e.sum())
+            if not total > 0:
+                raise ValueError(f"{name} is constant over the samples: no variance to keep")
+            frac = torch.cumsum(e, 0) / total
+            k = min(int(torch.searchsorted(frac, torch.tensor([threshold], dtype=frac.dtype))[0]) + 1, p)
+            e, v = e[:k], v[:, :k]
+        if ridge == 0.0:
+            keep = e > (e[0] if e.numel() else 0.0) * p * torch.finfo(torch.float64).eps
+            if not bool(keep.any()):
+                raise ValueError(f"{name} is constant over the samples: CCA is undefined")
+            e, v = e[keep], v[:, keep]
+            dims = p if threshold is None else e.numel()
+            if dims >= n - 1:
+                raise ValueError(
+                    f"{name} has {dims} dimensions{'' if threshold is None else ' (after the SVD reduction)'} "
+                    f"for {n} samples: after centring, canonical correlations are all 1 when dimensions >= "
+                    f"samples - 1; give more samples, fewer features, or ridge > 0"
+                )
+            self.scale = e.rsqrt()
+        else:
+            lam = ridge * float(e.mean()) if e.numel() else 0.0
+            if not lam > 0:
+                raise ValueError(f"{name} is constant over the samples: CCA is undefined")
+            self.scale = (e + lam).rsqrt()
+        self.e, self.v = e, v
+
+
+def _cca_svd(x, y, ridge: float, threshold: float | None):
+    sx = _Side(x, "x", ridge, threshold)
+    sy = _Side(y, "y", ridge, threshold)
+    cross = sx.xc.T @ sy.xc  # (p, q)
+    m = (sx.v * sx.scale).T @ cross @ (sy.v * sy.scale)  # (kx, ky)
+    left, rho, _ = torch.linalg.svd(m, full_matrices=False)
+    return sx, left, rho.clamp(0.0, 1.0)
+
+
+def _pair(x, y):
+    x, y = _features(x, "x"), _features(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must hold the same samples in the same order: x has {x.shape[0]} rows, y has {y.shape[0]}"
+        )
+    return x, y
+
+
+def cca(x, y, *, ridge: float = 0.0) -> torch.Tensor:
+    """All canonical correlations of ``x (n, ...)`` and ``y (n, ...)``, descending.
+
+    Parameters
+    ----------
+    x, y : Tensor or array ``(n, ...)``
+        Representations of the same inputs in the same order; trailing dimensions are flattened.
+    ridge : float
+        0 for plain CCA (then each representation needs fewer dimensions than samples), or ``r > 0`` to add ``r``
+        times the mean eigenvalue to each scatter matrix (see the module docstring).
+
+    Returns
+    -------
+    Tensor ``(min(rank x, rank y),)``, float64, in ``[0, 1]``.
+    """
+    x, y = _pair(x, y)
+    return _cca_svd(x, y, _check_ridge(ridge), None)[2]
+
+
+def svcca(x, y, *, threshold: float = 0.99, ridge: float = 0.0, reduce: str = "mean") -> float | torch.Tensor:
+    """SVCCA (Raghu et al. 2017): keep each representation's leading principal directions that explain
+    ``threshold`` of its variance, then CCA of the reduced representations.
+
+    Parameters
+    ----------
+    threshold : float in (0, 1]
+        Fraction of variance kept (1 keeps every direction of nonzero variance, i.e. plain CCA).
+    ridge : float
+        As in :func:`cca`, applied to the reduced representations.
+    reduce : ``"mean"`` | ``"none"``
+        The mean canonical correlation (a float), or all of them (Tensor ``(min(k_x, k_y),)``).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
+    x, y = _pair(x, y)
+    rho = _cca_svd(x, y, _check_ridge(ridge), float(threshold))[2]
+    return float(rho.mean()) if reduce == "mean" else rho
+
+
+def pwcca(x, y, *, ridge: float = 0.0) -> float:
+    """Projection-weighted CCA (Morcos et al. 2018): the canonical correlations weighted by how much of ``x``'s
+    neurons each canonical variate of ``x`` accounts for, ``sum_i alpha_i rho_i / sum_i alpha_i`` with
+    ``alpha_i = sum_j |<h_i, x_j>|`` (see the module docstring). Weights come from ``x``: not symmetric."""
+    x, y = _pair(x, y)
+    sx, left, rho = _cca_svd(x, y, _check_ridge(ridge), None)
+    r = rho.numel()
+    # H^T Xc with H = Xc V diag(scale) L (canonical variates of x; unit norm without ridge): L^T diag(scale e) V^T
+    proj = left[:, :r].T @ (sx.v * (sx.scale * sx.e)).T  # (r, p)
+    h_norm = torch.sqrt(((left[:, :r] * (sx.scale * sx.e.sqrt())[:, None]) ** 2).sum(0))  # |h_i|
+    alpha = proj.abs().sum(1) / h_norm
+    total = float(alpha.sum())
+    if not total > 0:
+        return float(rho.mean())
+    return float((alpha * rho).sum() / total)

@@ -1,0 +1,602 @@
+"""Interpretive equivalence on trained models: the toy case study of Sun & Toneva with pypattern's transformers.
+
+1. A pool of small transformers per routine of :mod:`pypattern.tasks.algorithmic` (several seeds and
+   architectures), trained in parallel worker processes and cached on disk (``.npz`` weights + ``.json``
+   config/metrics, keyed by routine, architecture, seed and the training settings), so a rerun does not retrain.
+2. Implementations of each algorithm: chains of one pool member per routine (every combination), on shared
+   random inputs; representations by :func:`~pypattern.interpretive.accumulated_residual`, stages concatenated.
+3. The distinguishability grid over the algorithms (win-counting test with the one-sided criterion and repeats)
+   and the intervention-selectivity curve against the patching budget, for ridge similarity, CKA and Procrustes,
+   over several seeds of the pipeline (inputs, draws, splits).
+
+``run_interpretive(out_dir, settings)`` writes ``interpretive.json``, ``interpretive_grid.png`` and
+``interpretive_selectivity.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..interpretive import MEASURES, accumulated_residual, distinguishability_grid, selectivity_curve
+from ..models.transformer import Transformer, TransformerConfig
+from ..tasks.algorithmic import (
+    ALGORITHMS,
+    SEQ_LEN,
+    VOCAB,
+    RoutineTask,
+    decode,
+    encode,
+    run_algorithm,
+    run_routine,
+)
+from ..tasks.training import train
+
+__all__ = [
+    "ARCHS",
+    "InterpretiveSettings",
+    "reduced_interpretive_settings",
+    "train_pool",
+    "load_member",
+    "ChainImplementations",
+    "head_importance",
+    "run_pipeline_seed",
+    "run_interpretive",
+    "merge_reports",
+    "run_interpretive_demo",
+]
+
+ARCHS = {
+    "L2d32h4": dict(n_layers=2, d_model=32, n_heads=4, d_mlp=128),
+    "L1d48h4": dict(n_layers=1, d_model=48, n_heads=4, d_mlp=192),
+    "L3d32h2": dict(n_layers=3, d_model=32, n_heads=2, d_mlp=128),
+}
+"""Architectures of the pool (name -> :class:`~pypattern.models.TransformerConfig` fields)."""
+
+
+@dataclasses.dataclass
+class InterpretiveSettings:
+    """Settings of :func:`run_interpretive` (defaults: the full run).
+
+    ``members``: the pool of every routine, as ``(architecture, seed)``; ``algorithms``: keys of
+    :data:`~pypattern.tasks.algorithmic.ALGORITHMS`; ``pipeline_seeds``: seeds of the whole pipeline after the pool
+    (inputs, implementation draws, splits, counterfactuals).
+    """
+
+    algorithms: tuple[str, ...] = tuple(ALGORITHMS)
+    members: tuple[tuple[str, int], ...] = (("L2d32h4", 0), ("L2d32h4", 1), ("L1d48h4", 2), ("L3d32h2", 3))
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 3e-3
+    num_workers: int = 2
+    num_inputs: int = 1000
+    num_trials: int = 20
+    num_repeats: int = 5
+    selectivity_trials: int = 10
+    budgets: tuple[int, ...] = (0, 1, 2, 4, 8)
+    measures: tuple[str, ...] = MEASURES
+    pipeline_seeds: tuple[int, ...] = (0, 1, 2)
+    train_fraction: float = 0.9
+    alphas: tuple[float, ...] = (0.1, 1.0, 10.0)
+    z: float = 1.96
+    num_threads: int = 1
+
+
+def reduced_interpretive_settings() -> InterpretiveSettings:
+    """The demo's settings (about 5 minutes on 2 idle cores when the pool is not cached yet): 3 pool members per
+    routine trained for 600 steps, 5 algorithms, 1000 inputs, fewer repeats and one pipeline seed."""
+    return InterpretiveSettings(
+        algorithms=tuple(ALGORITHMS)[:5],
+        members=(("L2d32h4", 0), ("L1d48h4", 1), ("L2d32h4", 2)),
+        steps=600,
+        num_inputs=1000,
+        num_repeats=3,
+        selectivity_trials=5,
+        budgets=(0, 2, 8),
+        pipeline_seeds=(0,),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the pool
+
+
+def _member_key(routine: str, arch: str, seed: int, s: InterpretiveSettings) -> str:
+    h = hashlib.sha256(
+        json.dumps([ARCHS[arch], s.steps, s.batch_size, s.lr, "v1"], sort_keys=True).encode()
+    ).hexdigest()[:10]
+    return f"{routine}__{arch}__seed{seed}__{h}"
+
+
+def _train_member(job: tuple) -> dict:
+    """Worker: train one pool member and write ``<key>.npz`` / ``<key>.json``; returns its metrics."""
+    routine, arch, seed, steps, batch_size, lr, path, threads = job
+    torch.set_num_threads(threads)
+    c0, t0 = time.process_time(), time.perf_counter()
+    task = RoutineTask(routine)
+    cfg = task.model_config(**ARCHS[arch], seed=seed)
+    model = Transformer(cfg)
+    train(model, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=0)
+    model.eval()
+    test = task.sample(2000, seed=10_000 + seed)
+    meta = {
+        "routine": routine,
+        "arch": arch,
+        "seed": seed,
+        "config": cfg.to_dict(),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "token_accuracy": task.accuracy(model, test),
+        "sequence_accuracy": task.sequence_accuracy(model, test),
+        "cpu_seconds": time.process_time() - c0,
+        "seconds": time.perf_counter() - t0,
+    }
+    np.savez(path + ".npz", **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+    Path(path + ".json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def load_member(path: str | Path) -> tuple[Transformer, dict]:
+    """A cached pool member: ``<path>.npz`` (weights, loaded without unpickling) and ``<path>.json``."""
+    path = str(path)
+    meta = json.loads(Path(path + ".json").read_text())
+    cfg = dict(meta["config"])
+    cfg["dtype"] = getattr(torch, cfg["dtype"])
+    model = Transformer(TransformerConfig(**cfg))
+    with np.load(path + ".npz", allow_pickle=False) as z:
+        model.load_state_dict({k: torch.from_numpy(z[k]) for k in z.files})
+    model.eval()
+    return model, meta
+
+
+def train_pool(s: InterpretiveSettings, cache_dir: str | Path, log=print) -> tuple[dict, dict]:
+    """Every routine's pool, trained where not cached (``s.num_workers`` processes, ``s.num_threads`` threads
+    each). Returns ``({routine: [model per member]}, info)`` with per-member metrics and the wall and CPU time of
+    the training done now."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    routines = sorted({r for a in s.algorithms for r in ALGORITHMS[a]})
+    jobs, paths = [], {}
+    for r in routines:
+        for arch, seed in s.members:
+            p = str(cache / _member_key(r, arch, seed, s))
+            paths[(r, arch, seed)] = p
+            if not (Path(p + ".npz").exists() and Path(p + ".json").exists()):
+                jobs.append((r, arch, seed, s.steps, s.batch_size, s.lr, p, s.num_threads))
+    t0 = time.perf_counter()
+    trained = []
+    if jobs:
+        log(f"training {len(jobs)} pool members ({len(paths) - len(jobs)} cached) on {s.num_workers} workers")
+        if s.num_workers > 1:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(s.num_workers, mp_context=mp.get_context("spawn")) as ex:
+                for meta in ex.map(_train_member, jobs):
+                    trained.append(meta)
+                    log(f"  {meta['routine']:<20} {meta['arch']} seed {meta['seed']}: seq acc "
+                        f"{meta['sequence_accuracy']:.3f} ({meta['cpu_seconds']:.0f} s CPU)")  # fmt: skip
+        else:
+            for job in jobs:
+                trained.append(_train_member(job))
+    wall = time.perf_counter() - t0
+    pool, metas = {}, {}
+    for r in routines:
+        pool[r] = []
+        for arch, seed in s.members:
+            m, meta = load_member(paths[(r, arch, seed)])
+            pool[r].append(m)
+            metas[f"{r}/{arch}/seed{seed}"] = {
+                k: meta[k] for k in ("token_accuracy", "sequence_accuracy", "cpu_seconds", "seconds")
+            }
+    info = {
+        "members": metas,
+        "trained_now": len(trained),
+        "cached": len(paths) - len(jobs),
+        "train_wall_seconds": wall,
+        "train_cpu_seconds": sum(m["cpu_seconds"] for m in trained),
+    }
+    return pool, info
+
+
+# ------------------------------------------------------------------------------------------------ implementations
+
+
+def head_importance(model: Transformer, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor) -> np.ndarray:
+    """``(n_layers, n_heads)``: the drop in token accuracy on ``x -> y`` when one head's output (``hook_z``, all
+    positions) is replaced by its value on the inputs ``x[perm]``."""
+    tokens = encode(x)
+    cfg = model.cfg
+    hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    with torch.no_grad():
+        base = float((decode(model(tokens)) == y).float().mean())
+        _, cf = model.run_with_cache(encode(x[perm]), names_filter=hooks)
+    out = np.zeros((cfg.n_layers, cfg.n_heads))
+    for layer in range(cfg.n_layers):
+        for h in range(cfg.n_heads):
+            fn = _patch_fn(cf[hooks[layer]], [h])
+            with torch.no_grad(), model.hooks([(hooks[layer], fn)]):
+                out[layer, h] = base - float((decode(model(tokens)) == y).float().mean())
+    return out
+
+
+def _patch_fn(src: torch.Tensor, heads: list[int]):
+    def fn(z, hook):
+        z = z.clone()
+        z[:, :, heads] = src[:, :, heads]
+        return z
+
+    return fn
+
+
+class ChainImplementations:
+    """Every implementation of one algorithm: the chains of one pool member per routine, on inputs ``x``.
+
+    ``impl[i]`` is the ``(n, features)`` float64 representation of chain ``i`` (members in row-major order over the
+    stages): each stage's :func:`~pypattern.interpretive.accumulated_residual`, concatenated. Stage outputs are the
+    argmax (over the 11 tokens) at positions 10..19 and feed the next stage. Prefixes are cached, so chains that
+    share their first stages run them once. ``patched(i, k)``: the same chain with its ``k`` most important heads
+    (by :func:`head_importance` on each stage's clean input, over all stages) patched with their values on the
+    counterfactual inputs ``x_cf`` run through the same chain.
+    """
+
+    def __init__(self, routines, pool: dict, x: torch.Tensor, x_cf: torch.Tensor) -> None:
+        self.routines = list(routines)
+        self.models = [pool[r] for r in self.routines]
+        self.sizes = [len(m) for m in self.models]
+        self.x, self.x_cf = x, x_cf
+        self._prefix: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict]] = {}
+        self._importance: dict[tuple, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return math.prod(self.sizes)
+
+    def members(self, i: int) -> tuple[int, ...]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"implementation {i} out of range (there are {len(self)})")
+        return tuple(int(v) for v in np.unravel_index(i, self.sizes))
+
+    def _stage(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(representation, output, hook_z cache on the counterfactual stream) of the chain prefix ``key``."""
+        if key in self._prefix:
+            return self._prefix[key]
+        s = len(key) - 1
+        inp, inp_cf = (
+            (self.x, self.x_cf) if s == 0 else (self._stage(key[:-1])[1], self._stage(key[:-1])[2]["out"])
+        )
+        model = self.models[s][key[-1]]
+        rep, logits = accumulated_residual(model, encode(inp))
+        hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+        with torch.no_grad():
+            logits_cf, cf = model.run_with_cache(encode(inp_cf), names_filter=hooks)
+        cfd = dict(cf)
+        cfd["out"] = decode(logits_cf)
+        cfd["in"] = inp
+        val = (rep, decode(logits), cfd)
+        self._prefix[key] = val
+        return val
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        key = self.members(
+            i
+        )  # stage prefixes are cached; the concatenation is not (it is cheap, and memory is not)
+        return torch.cat([self._stage(key[: s + 1])[0] for s in range(len(key))], 1).double()
+
+    def ranked_heads(self, i: int) -> list[tuple[int, int, int]]:
+        """``(stage, layer, head)`` of chain ``i``, most important first (ties broken by position)."""
+        key = self.members(i)
+        scored = []
+        for s, m in enumerate(key):
+            if (s, m) not in self._importance:
+                inp = self._stage(key[: s + 1])[2]["in"]
+                perm = torch.randperm(inp.shape[0], generator=torch.Generator().manual_seed(17))
+                self._importance[(s, m)] = head_importance(
+                    self.models[s][m], inp, run_routine(self.routines[s], inp), perm
+                )
+            imp = self._importance[(s, m)]
+            scored += [(-imp[la, h], s, la, h) for la in range(imp.shape[0]) for h in range(imp.shape[1])]
+        return [(s, la, h) for _, s, la, h in sorted(scored)]
+
+    def patched(self, i: int, k: int) -> torch.Tensor:
+        """Representation of chain ``i`` with its ``k`` most important heads patched (``k = 0``: ``self[i]``)."""
+        if k == 0:
+            return self[i]
+        key = self.members(i)
+        heads = self.ranked_heads(i)[:k]
+        inp, reps = self.x, []
+        for s, m in enumerate(key):
+            model = self.models[s][m]
+            cf = self._stage(key[: s + 1])[2]
+            fwd = []
+            for layer in range(model.cfg.n_layers):
+                hs = [h for (ss, la, h) in heads if ss == s and la == layer]
+                if hs:
+                    name = f"blocks.{layer}.attn.hook_z"
+                    fwd.append((name, _patch_fn(cf[name], hs)))
+            rep, logits = accumulated_residual(model, encode(inp), fwd_hooks=fwd)
+            reps.append(rep.double())
+            inp = decode(logits)
+        return torch.cat(reps, 1)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def _chain_accuracy(impl: ChainImplementations, algorithm: str) -> float:
+    """Fraction of inputs on which chain 0 (first member of every routine) gives the algorithm's output."""
+    key = impl.members(0)
+    out = impl._stage(key)[1]
+    return float((out == run_algorithm(algorithm, impl.x)[-1]).all(-1).float().mean())
+
+
+def run_pipeline_seed(pool: dict, s: InterpretiveSettings, seed: int, log=print) -> dict:
+    """One seed of the pipeline after the pool: inputs, counterfactual inputs, implementation draws and splits
+    come from ``seed``. Returns the grid and the selectivity curve of every measure."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(1000 + seed)
+    x = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
+    x_cf = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
+    impls = {a: ChainImplementations(ALGORITHMS[a], pool, x, x_cf) for a in s.algorithms}
+    rec = {
+        "pipeline_seed": seed,
+        "chain0_sequence_accuracy": {a: _chain_accuracy(impls[a], a) for a in s.algorithms},
+        "grid": {},
+        "selectivity": {},
+        "seconds_per_measure": {},
+    }
+    for measure in s.measures:
+        tm = time.perf_counter()
+        kw = {"train_fraction": s.train_fraction}
+        if measure == "ridge":
+            kw["alphas"] = s.alphas
+        grid = distinguishability_grid(
+            impls, measure=measure, num_trials=s.num_trials, num_repeats=s.num_repeats, z=s.z, seed=seed, **kw
+        )
+        sel = {}
+        for ai, a in enumerate(s.algorithms):
+            others = [impls[b] for b in s.algorithms if b != a]
+            res = selectivity_curve(
+                impls[a], impls[a].patched, others, s.budgets, measure=measure,
+                num_trials=s.selectivity_trials, seed=seed * 7919 + ai, **kw,
+            )  # fmt: skip
+            sel[a] = {str(k): res.win_rate[k] for k in s.budgets}
+        names = s.algorithms
+        rec["grid"][measure] = {
+            "fraction_positive": grid.fraction.tolist(),
+            "win_rate": grid.win_rate.tolist(),
+            "mean_own": [[float(grid.tests[(a, b)].own.mean()) for b in names] for a in names],
+            "mean_other": [[float(grid.tests[(a, b)].other.mean()) for b in names] for a in names],
+        }
+        rec["selectivity"][measure] = sel
+        rec["seconds_per_measure"][measure] = time.perf_counter() - tm
+        log(
+            f"pipeline seed {seed}, {measure}: diagonal {np.diag(grid.fraction).mean():.2f}, off-diagonal "
+            f"{grid.off_diagonal().mean():.2f} ({time.perf_counter() - tm:.0f} s)"
+        )
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def run_interpretive(
+    out_dir: str | Path = "out/interpretive",
+    s: InterpretiveSettings | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    name: str = "interpretive",
+    log=print,
+) -> dict:
+    """Train (or load) the pool, then the grid and the selectivity curve for every measure and pipeline seed.
+    Writes ``<name>.json`` and the plots (``<name>_grid.png``, ``<name>_selectivity.png``) into ``out_dir``;
+    returns the report dict."""
+    s = s or InterpretiveSettings()
+    log = log or (lambda *a: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    pool, pool_info = train_pool(s, cache_dir or out / "pool", log=log)
+    old = torch.get_num_threads()
+    torch.set_num_threads(s.num_threads)
+    try:
+        per_seed = [run_pipeline_seed(pool, s, ps, log=log) for ps in s.pipeline_seeds]
+    finally:
+        torch.set_num_threads(old)
+    report = {
+        "settings": dataclasses.asdict(s),
+        "algorithms": {a: list(ALGORITHMS[a]) for a in s.algorithms},
+        "archs": ARCHS,
+        "pool": pool_info,
+        "per_seed": per_seed,
+        "summary": _summary(per_seed, s.algorithms, s.measures, s.budgets),
+        "seconds": time.perf_counter() - t_start,
+    }
+    report["plots"] = _plot(report, out, name)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def merge_reports(paths: list[str | Path], out_dir: str | Path, name: str = "interpretive") -> dict:
+    """Combine reports of the same settings run for different pipeline seeds or measures (e.g. in parallel
+    processes) into one report with its summary and plots."""
+    reps = [json.loads(Path(p).read_text()) for p in paths]
+    base = dict(reps[0])
+    by_seed: dict[int, dict] = {}
+    for rep in reps:  # reports may split the seeds, the measures, or both
+        for r in rep["per_seed"]:
+            cur = by_seed.setdefault(
+                r["pipeline_seed"], {**r, "grid": {}, "selectivity": {}, "seconds_per_measure": {}}
+            )
+            for k in ("grid", "selectivity", "seconds_per_measure"):
+                cur[k].update(r[k])
+    base["per_seed"] = [by_seed[k] for k in sorted(by_seed)]
+    st = base["settings"]
+    st["pipeline_seeds"] = sorted(by_seed)
+    st["measures"] = [m for m in MEASURES if all(m in r["grid"] for r in base["per_seed"])]
+    base["summary"] = _summary(base["per_seed"], st["algorithms"], st["measures"], st["budgets"])
+    base["seconds_per_report"] = [rep["seconds"] for rep in reps]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base["plots"] = _plot(base, out, name)
+    (out / f"{name}.json").write_text(json.dumps(base, indent=1))
+    return base
+
+
+def _summary(per_seed: list, algorithms, measures, budgets) -> dict:
+    out = {}
+    k = len(algorithms)
+    off = ~np.eye(k, dtype=bool)
+    for m in measures:
+        g = np.array([r["grid"][m]["fraction_positive"] for r in per_seed])  # (seeds, k, k)
+        sel = {
+            str(b): float(np.mean([r["selectivity"][m][a][str(b)] for r in per_seed for a in algorithms]))
+            for b in budgets
+        }
+        out[m] = {
+            "diagonal_mean": float(g[:, ~off].mean()),
+            "diagonal_max": float(g[:, ~off].max()),
+            "off_diagonal_mean": float(g[:, off].mean()),
+            "off_diagonal_min": float(g[:, off].min()),
+            "selectivity": sel,
+        }
+    return out
+
+
+def _plot(report: dict, out: Path, name: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["settings"]
+    names = s["algorithms"]
+    measures = s["measures"]
+    per = report["per_seed"]
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 4.4), squeeze=False)
+    for ax, m in zip(axes[0], measures):
+        g = np.mean([r["grid"][m]["fraction_positive"] for r in per], 0)
+        im = ax.imshow(g, vmin=0, vmax=1, cmap="viridis")
+        for i, j in itertools.product(range(len(names)), repeat=2):
+            ax.text(
+                j,
+                i,
+                f"{g[i, j]:.2f}",
+                ha="center",
+                va="center",
+                color="w" if g[i, j] < 0.6 else "k",
+                fontsize=7,
+            )
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set_title(
+            f"{m}: fraction of repeats distinguishable\n(row A, column B; mean of {len(per)} seed(s))",
+            fontsize=8,
+        )
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.7)
+    p1 = out / f"{name}_grid.png"
+    fig.savefig(p1, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for m in measures:
+        sel = report["summary"][m]["selectivity"]
+        ks = [int(k) for k in sel]
+        ax.plot(ks, [sel[str(k)] for k in ks], marker="o", label=m)
+    ax.axhline(0.5, color="gray", ls=":", lw=1)
+    ax.set_xlabel("patching budget k (heads)")
+    ax.set_ylabel("win rate: s(a -> b) > s(patched a -> b)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p2 = out / f"{name}_selectivity.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [str(p1), str(p2)]
+
+
+def run_interpretive_demo(
+    out_dir: str | Path = "out/demo/interpretive", full: bool = False, log=print
+) -> dict:
+    """``pypattern demo interpretive``: the reduced run (:func:`reduced_interpretive_settings`; the full run with
+    ``full=True``), pool cached in ``out_dir/pool``. Returns the headline numbers; writes
+    ``interpretive.json``, ``interpretive_grid.png`` and ``interpretive_selectivity.png``."""
+    s = InterpretiveSettings() if full else reduced_interpretive_settings()
+    rep = run_interpretive(out_dir, s, log=log)
+    out = {}
+    for m, v in rep["summary"].items():
+        out[f"{m}: same-algorithm pairs distinguishable (fraction of repeats, mean)"] = round(
+            v["diagonal_mean"], 2
+        )
+        out[f"{m}: different-algorithm pairs distinguishable (mean / min)"] = (
+            f"{v['off_diagonal_mean']:.2f} / {v['off_diagonal_min']:.2f}"
+        )
+        out[f"{m}: selectivity win rate by budget k"] = {k: round(w, 2) for k, w in v["selectivity"].items()}
+    out["pool"] = (
+        f"{rep['pool']['trained_now']} trained now ({rep['pool']['train_cpu_seconds']:.0f} s CPU), "
+        + (f"{rep['pool']['cached']} cached")
+    )
+    out["seconds"] = round(rep["seconds"], 1)
+    out["plots"] = rep["plots"]
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m pypattern.experiments.interpretive [out_dir] [--full] [--cache DIR] [--seeds 0,1,2]
+    [--name NAME] [--pool-only] [--merge A.json B.json ...]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", nargs="?", default="out/interpretive")
+    ap.add_argument("--full", action="store_true", help="the full run instead of the reduced demo")
+    ap.add_argument("--cache", default=None, help="pool cache directory (default OUT_DIR/pool)")
+    ap.add_argument("--seeds", default=None, help="pipeline seeds, comma-separated (default: the settings')")
+    ap.add_argument("--budgets", default=None, help="patching budgets k, comma-separated")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats of the win test per ordered pair")
+    ap.add_argument(
+        "--selectivity-trials", type=int, default=None, help="trials per other algorithm and budget"
+    )
+    ap.add_argument("--measures", default=None, help="comma-separated subset of ridge,cka,procrustes")
+    ap.add_argument("--name", default="interpretive", help="report and plot file stem")
+    ap.add_argument("--workers", type=int, default=None, help="processes training the pool (default 2)")
+    ap.add_argument("--pool-only", action="store_true", help="train (or load) the pool and stop")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge these reports (one per seed) and stop")
+    a = ap.parse_args(argv)
+    if a.merge:
+        rep = merge_reports(a.merge, a.out_dir, a.name)
+        print(json.dumps({"summary": rep["summary"], "plots": rep["plots"]}, indent=1))
+        return 0
+    s = InterpretiveSettings() if a.full else reduced_interpretive_settings()
+    if a.workers is not None:
+        s.num_workers = a.workers
+    if a.budgets is not None:
+        s.budgets = tuple(int(v) for v in a.budgets.split(","))
+    if a.repeats is not None:
+        s.num_repeats = a.repeats
+    if a.selectivity_trials is not None:
+        s.selectivity_trials = a.selectivity_trials
+    if a.measures is not None:
+        s.measures = tuple(a.measures.split(","))
+    if a.seeds is not None:
+        s.pipeline_seeds = tuple(int(v) for v in a.seeds.split(","))
+    if a.pool_only:
+        _, info = train_pool(s, a.cache or Path(a.out_dir) / "pool", log=lambda *m: print(*m, flush=True))
+        print(json.dumps({k: v for k, v in info.items() if k != "members"}, indent=1))
+        return 0
+    rep = run_interpretive(a.out_dir, s, cache_dir=a.cache, name=a.name, log=lambda *m: print(*m, flush=True))
+    pool = {k: v for k, v in rep["pool"].items() if k != "members"}
+    print(
+        json.dumps(
+            {"summary": rep["summary"], "pool": pool, "seconds": rep["seconds"], "plots": rep["plots"]},
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""Interpretive equivalence by the protocol of the authors' released research code (Sun & Toneva), as library calls.
+
+An *interpretation* is an algorithm (a pipeline of routines); an *implementation* of it is any model that carries
+it out, here a chain of one trained model per routine (the argmax output of one feeds the next). Two algorithms are
+*distinguishable* when a model is reliably closer to another implementation of its own algorithm than to an
+implementation of the other.
+
+Pieces
+------
+* :func:`accumulated_residual`: a model's representation: the accumulated residual stream (the embedding, then
+  every layer's output), mean-pooled over positions, layers concatenated; an implementation concatenates its
+  stages' representations along the feature axis.
+* :func:`similarity`: ``s(x -> y)``: ``"ridge"`` (:func:`~pypattern.ridge.ridge_similarity_cv`: ridge with an
+  intercept, penalty by efficient leave-one-out on a random 90% split, held-out ``R^2`` averaged over ``y``'s
+  columns, ``sqrt(max(R^2, 0))``), or ``"cka"`` (debiased linear CKA) or ``"procrustes"`` (``1 - angle / (pi / 2)``
+  with the angular Procrustes distance), both computed on the same random 90% of the inputs. Larger is closer.
+* :func:`win_test`: for an ordered pair ``(A, B)``: ``num_trials`` trials draw ``a != a'`` from ``A``'s
+  implementations and ``b`` from ``B``'s; a *win* when ``s(a -> a') > s(a -> b)``. With ``p`` the win fraction the
+  pair is distinguishable in that repeat when ``p - z sqrt(p (1 - p) / num_trials) > 0.5`` (one-sided); the test is
+  repeated ``num_repeats`` times and reports the fraction of positive repeats.
+* :func:`distinguishability_grid`: that fraction for every ordered pair of algorithms (the diagonal draws ``b``
+  from ``A`` itself, ``b`` distinct from ``a`` and ``a'``: a control that should stay near 0).
+* :func:`selectivity_curve`: patch ``k`` of ``a``'s circuit heads (outputs replaced by their values on other
+  inputs, all positions); for implementations ``b`` of the other algorithms, a win when ``s(a -> b) > s(patched a
+  -> b)`` (independent splits); ``k = 0`` is the control (about 0.5).
+
+Implementations are given as *implementation sets*: any object with ``len()`` and ``[i] -> Tensor (num_inputs,
+features)``, all on the same inputs in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .equivalence import linear_cka, procrustes
+from .ridge import DEFAULT_ALPHAS, _split, ridge_similarity_cv
+
+__all__ = [
+    "ImplementationSet",
+    "accumulated_residual",
+    "similarity",
+    "MEASURES",
+    "WinTestResult",
+    "win_test",
+    "GridResult",
+    "distinguishability_grid",
+    "SelectivityResult",
+    "selectivity_curve",
+]
+
+MEASURES = ("ridge", "cka", "procrustes")
+
+
+class ImplementationSet(Protocol):
+    """Implementations of one interpretation: ``len()`` of them, ``[i]`` the ``(num_inputs, features)``
+    representation of the ``i``-th on the shared inputs."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+
+def accumulated_residual(
+    model, tokens: torch.Tensor, *, fwd_hooks: Sequence = (), positions: slice | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accumulated residual stream of a hooked :class:`~pypattern.models.Transformer`, mean-pooled.
+
+    Parameters
+    ----------
+    model : Transformer
+    tokens : LongTensor ``(n, pos)``
+    fwd_hooks : list of ``(hook name, fn)``
+        Hooks active during the run (e.g. patches).
+    positions : slice, optional
+        Pool over these positions only (default all).
+
+    Returns
+    -------
+    rep : Tensor ``(n, (n_layers + 1) d_model)``, float32
+        ``blocks.0.hook_resid_pre`` (embedding) and every ``blocks.{l}.hook_resid_post``, each averaged over the
+        positions, concatenated in that order.
+    logits : Tensor ``(n, pos, d_vocab)``
+    """
+    n_layers = model.cfg.n_layers
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    store: dict[str, torch.Tensor] = {}
+    sl = positions if positions is not None else slice(None)
+
+    def save(x, hook):
+        store[hook.name] = x[:, sl].mean(1)
+
+    with torch.no_grad(), model.hooks(list(fwd_hooks) + [(n, save) for n in names]):
+        logits = model(tokens)
+    return torch.cat([store[n] for n in names], 1), logits
+
+
+def similarity(
+    measure: str,
+    x: torch.Tensor,
+    ys: Sequence[torch.Tensor],
+    *,
+    seed: int,
+    train_fraction: float = 0.9,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+) -> list[float]:
+    """``s(x -> y)`` for each ``y`` in ``ys`` with one random split drawn from ``seed`` (see the module
+    docstring); larger is closer."""
+    if measure == "ridge":
+        return list(ridge_similarity_cv(x, list(ys), alphas=alphas, train_fraction=train_fraction, seed=seed))
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    tr, _ = _split(x.shape[0], train_fraction, seed)
+    xs = x[tr]
+    if measure == "cka":
+        return [linear_cka(xs, y[tr]) for y in ys]
+    return [1.0 - procrustes(xs, y[tr], angular=True) / (math.pi / 2) for y in ys]
+
+
+def _distinct(rng: np.random.Generator, n: int, k: int, name: str) -> list[int]:
+    if n < k:
+        raise ValueError(f"{name} has {n} implementations; this test draws {k} distinct ones")
+    return [int(i) for i in rng.choice(n, size=k, replace=False)]
+
+
+@dataclass
+class WinTestResult:
+    """Result of :func:`win_test`.
+
+    ``own``, ``other``: ``(num_repeats, num_trials)`` similarities ``s(a -> a')`` and ``s(a -> b)``; ``p``:
+    ``(num_repeats,)`` win fractions; ``positive``: ``(num_repeats,)`` whether ``p - z se > 0.5``;
+    ``fraction_positive``: the mean of ``positive`` (the grid entry).
+    """
+
+    own: np.ndarray
+    other: np.ndarray
+    p: np.ndarray
+    positive: np.ndarray
+    z: float
+
+    @property
+    def fraction_positive(self) -> float:
+        return float(self.positive.mean())
+
+    @property
+    def win_rate(self) -> float:
+        return float(self.p.mean())
+
+
+def _criterion(p: np.ndarray, num_trials: int, z: float) -> np.ndarray:
+    return p - z * np.sqrt(p * (1 - p) / num_trials) > 0.5
+
+
+def win_test(
+    impl_a: ImplementationSet,
+    impl_b: ImplementationSet | None = None,
+    *,
+    measure: str = "ridge",
+    num_trials: int = 20,
+    num_repeats: int = 40,
+    z: float = 1.96,
+    seed: int = 0,
+    **similarity_kw,
+) -> WinTestResult:
+    """Is ``A`` distinguishable from ``B``? ``impl_b=None`` tests ``A`` against itself (the control: ``b`` is a
+    third implementation of ``A``). See the module docstring."""
+    if num_trials < 1 or num_repeats < 1:
+        raise ValueError(f"num_trials and num_repeats must be >= 1, got {num_trials}, {num_repeats}")
+    rng = np.random.default_rng(seed)
+    own = np.empty((num_repeats, num_trials))
+    other = np.empty((num_repeats, num_trials))
+    for r in range(num_repeats):
+        for t in range(num_trials):
+            if impl_b is None:
+                ia, ia2, ib = _distinct(rng, len(impl_a), 3, "impl_a")
+                b = impl_a[ib]
+            else:
+                ia, ia2 = _distinct(rng, len(impl_a), 2, "impl_a")
+                b = impl_b[int(rng.integers(len(impl_b)))]
+            split = int(rng.integers(2**31))
+            own[r, t], other[r, t] = similarity(
+                measure, impl_a[ia], [impl_a[ia2], b], seed=split, **similarity_kw
+            )
+    p = (own > other).mean(1)
+    return WinTestResult(own=own, other=other, p=p, positive=_criterion(p, num_trials, z), z=z)
+
+
+@dataclass
+class GridResult:
+    """Result of :func:`distinguishability_grid`: ``fraction[i, j]`` the fraction of positive repeats for the
+    ordered pair (``names[i]``, ``names[j]``), ``win_rate[i, j]`` the mean win fraction."""
+
+    names: list[str]
+    fraction: np.ndarray
+    win_rate: np.ndarray
+    tests: dict = field(default_factory=dict)
+
+    def off_diagonal(self) -> np.ndarray:
+        return self.fraction[~np.eye(len(self.names), dtype=bool)]
+
+
+def distinguishability_grid(
+    impls: dict[str, ImplementationSet],
+    *,
+    measure: str = "ridge",
+    num_trials: int = 20,
+    num_repeats: int = 40,
+    z: float = 1.96,
+    seed: int = 0,
+    **similarity_kw,
+) -> GridResult:
+    """:func:`win_test` for every ordered pair of ``impls`` (the diagonal is the same-algorithm control)."""
+    names = list(impls)
+    k = len(names)
+    frac = np.zeros((k, k))
+    rate = np.zeros((k, k))
+    tests = {}
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            res = win_test(
+                impls[a],
+                None if i == j else impls[b],
+                measure=measure,
+                num_trials=num_trials,
+                num_repeats=num_repeats,
+                z=z,
+                seed=seed * 1_000_003 + i * k + j,
+                **similarity_kw,
+            )
+            frac[i, j], rate[i, j] = res.fraction_positive, res.win_rate
+            tests[(a, b)] = res
+    return GridResult(names=names, fraction=frac, win_rate=rate, tests=tests)
+
+
+@dataclass
+class SelectivityResult:
+    """Result of :func:`selectivity_curve`: ``win_rate[k]`` the fraction of comparisons where ``s(a -> b) >
+    s(patched a -> b)`` at budget ``k`` (``num_wins[k]`` of ``num_comparisons[k]``)."""
+
+    budgets: list[int]
+    win_rate: dict
+    num_wins: dict
+    num_comparisons: dict
+
+
+def selectivity_curve(
+    impl_a: ImplementationSet,
+    patched_a: Callable[[int, int], torch.Tensor],
+    others: Sequence[ImplementationSet],
+    budgets: Sequence[int],
+    *,
+    measure: str = "ridge",
+    num_trials: int = 20,
+    seed: int = 0,
+    **similarity_kw,
+) -> SelectivityResult:
+    """Intervention selectivity against the patching budget ``k`` (see the module docstring).
+
+    ``patched_a(i, k)`` is the representation of implementation ``i`` of ``A`` with its ``k`` most important
+    heads patched (``patched_a(i, 0)`` must equal ``impl_a[i]``). For each ``k``, ``num_trials`` trials per other
+    algorithm, each drawing ``a`` and ``b``; ``s(a -> b)`` and ``s(patched a -> b)`` use independent splits.
+    """
+    rng = np.random.default_rng(seed)
+    wins, counts, rate = {}, {}, {}
+    for k in budgets:
+        w = c = 0
+        for other in others:
+            for _ in range(num_trials):
+                ia = int(rng.integers(len(impl_a)))
+                b = other[int(rng.integers(len(other)))]
+                s1, s2 = (int(v) for v in rng.integers(2**31, size=2))
+                clean = similarity(measure, impl_a[ia], [b], seed=s1, **similarity_kw)[0]
+                patched = similarity(measure, patched_a(ia, k), [b], seed=s2, **similarity_kw)[0]
+                w += int(clean > patched)
+                c += 1
+        wins[k], counts[k], rate[k] = w, c, w / c
+    return SelectivityResult(budgets=list(budgets), win_rate=rate, num_wins=wins, num_comparisons=counts)

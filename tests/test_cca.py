@@ -1,0 +1,135 @@
+"""The CCA family (pypattern.cca) against closed forms, invariances and independent numpy/scipy computations."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pypattern.cca import cca, pwcca, svcca
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _planted(n, rho, extra_x=0, extra_y=0, seed=0):
+    """x, y whose canonical correlations are exactly ``rho`` (then zeros for the extra dimensions)."""
+    r = _rng(seed)
+    k = len(rho)
+    z = r.standard_normal((n, 2 * k + extra_x + extra_y))
+    z -= z.mean(0)
+    q, _ = np.linalg.qr(z)  # orthonormal, centred columns
+    qx = np.concatenate([q[:, :k], q[:, 2 * k : 2 * k + extra_x]], 1)
+    qy = q[:, :k] * rho + q[:, k : 2 * k] * np.sqrt(1 - np.asarray(rho) ** 2)
+    qy = np.concatenate([qy, q[:, 2 * k + extra_x :]], 1)
+    a = r.standard_normal((qx.shape[1], qx.shape[1]))
+    b = r.standard_normal((qy.shape[1], qy.shape[1]))
+    return qx @ a + 3.0, qy @ b - 1.0
+
+
+def test_cca_recovers_planted_correlations_and_is_invariant_to_invertible_maps():
+    rho = [0.95, 0.7, 0.3, 0.1]
+    x, y = _planted(200, rho, extra_x=2, extra_y=1)
+    got = cca(x, y).numpy()
+    assert got.shape == (5,)  # min(p, q) = min(6, 5)
+    np.testing.assert_allclose(got[:4], rho, atol=1e-10)
+    assert abs(got[4]) < 1e-10
+    r = _rng(5)
+    a, b = r.standard_normal((6, 6)), r.standard_normal((5, 5))
+    np.testing.assert_allclose(cca(x @ a + 7.0, y @ b).numpy(), got, atol=1e-9)
+    np.testing.assert_allclose(cca(y, x).numpy(), got, atol=1e-10)  # symmetric
+    # a torch input and a 3-d input give the same numbers
+    np.testing.assert_allclose(cca(torch.from_numpy(x).reshape(200, 2, 3), y).numpy(), got, atol=1e-12)
+
+
+def test_cca_against_scipy_principal_angles():
+    r = _rng(1)
+    x = r.standard_normal((150, 8)) @ r.standard_normal((8, 8))
+    y = np.tanh(x[:, :5] @ r.standard_normal((5, 7))) + 0.5 * r.standard_normal((150, 7))
+    ref = np.sort(np.cos(scipy.linalg.subspace_angles(x - x.mean(0), y - y.mean(0))))[::-1]
+    np.testing.assert_allclose(cca(x, y).numpy(), ref, atol=1e-9)
+
+
+def test_cca_rank_deficient_counts_rank():
+    r = _rng(2)
+    x = r.standard_normal((100, 4))
+    x = np.concatenate([x, x[:, :2] + x[:, 2:3]], 1)  # 6 columns, rank 4
+    y = r.standard_normal((100, 5))
+    assert cca(x, y).shape == (4,)
+
+
+def test_cca_ridge_against_numpy_and_refusal():
+    r = _rng(3)
+    x, y = r.standard_normal((40, 60)), r.standard_normal((40, 10))
+    x[:, :10] += y
+    with pytest.raises(ValueError, match="ridge"):
+        cca(x, y)
+    with pytest.raises(ValueError, match="ridge"):
+        svcca(x, y, threshold=1.0)
+    with pytest.raises(ValueError, match="ridge"):
+        cca(x, x[:, :5], ridge=-1.0)
+    with pytest.raises(ValueError, match="same samples"):
+        cca(x, y[:30])
+    ridge = 0.5
+
+    def inv_sqrt(s):
+        lam = ridge * np.trace(s) / s.shape[0]
+        e, v = np.linalg.eigh(s + lam * np.eye(s.shape[0]))
+        return v @ np.diag(e**-0.5) @ v.T
+
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    m = inv_sqrt(xc.T @ xc) @ xc.T @ yc @ inv_sqrt(yc.T @ yc)
+    ref = np.linalg.svd(m, compute_uv=False)
+    np.testing.assert_allclose(cca(x, y, ridge=ridge).numpy(), ref[: min(60, 10)], atol=1e-10)
+    # ridge shrinks the correlations; a small ridge on well-posed data is close to plain CCA
+    x2, y2 = x[:, :8], y
+    plain = cca(x2, y2).numpy()
+    assert (cca(x2, y2, ridge=1.0).numpy() <= plain + 1e-12).all()
+    np.testing.assert_allclose(cca(x2, y2, ridge=1e-9).numpy(), plain, atol=1e-6)
+
+
+def test_svcca_against_numpy_and_orthogonal_invariance():
+    r = _rng(4)
+    lat = r.standard_normal((300, 4))
+    x = lat @ r.standard_normal((4, 12)) * 3 + 0.05 * r.standard_normal((300, 12))
+    y = np.tanh(lat @ r.standard_normal((4, 10))) + 0.05 * r.standard_normal((300, 10))
+    thr = 0.95
+
+    def reduce(a):
+        ac = a - a.mean(0)
+        u, s, _ = np.linalg.svd(ac, full_matrices=False)
+        frac = np.cumsum(s**2) / (s**2).sum()
+        k = int(np.argmax(frac >= thr)) + 1
+        return u[:, :k] * s[:k]
+
+    rx, ry = reduce(x), reduce(y)
+    ref = np.sort(np.cos(scipy.linalg.subspace_angles(rx, ry)))[::-1]
+    got = svcca(x, y, threshold=thr, reduce="none").numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-8)
+    assert svcca(x, y, threshold=thr) == pytest.approx(ref.mean(), abs=1e-8)
+    q, _ = np.linalg.qr(r.standard_normal((12, 12)))
+    assert svcca(x @ q * 2.0 + 1.0, y, threshold=thr) == pytest.approx(svcca(x, y, threshold=thr), abs=1e-9)
+    # threshold 1 keeps every direction: plain CCA
+    assert svcca(x, y, threshold=1.0) == pytest.approx(float(cca(x, y).mean()), abs=1e-9)
+    with pytest.raises(ValueError, match="threshold"):
+        svcca(x, y, threshold=0.0)
+
+
+def test_pwcca_against_numpy():
+    r = _rng(6)
+    lat = r.standard_normal((250, 3))
+    x = np.concatenate([lat @ r.standard_normal((3, 6)), 0.3 * r.standard_normal((250, 3))], 1)
+    x[:, :6] += 0.05 * r.standard_normal((250, 6))  # full rank
+    y = np.tanh(lat @ r.standard_normal((3, 5))) + 0.2 * r.standard_normal((250, 5))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    ux = np.linalg.svd(xc, full_matrices=False)[0]
+    uy = np.linalg.svd(yc, full_matrices=False)[0]
+    left, rho, _ = np.linalg.svd(ux.T @ uy, full_matrices=False)
+    h = ux @ left  # canonical variates of x, unit norm
+    alpha = np.abs(h.T @ xc).sum(1)
+    ref = (alpha * rho).sum() / alpha.sum()
+    assert pwcca(x, y) == pytest.approx(ref, abs=1e-9)
+    assert pwcca(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert pwcca(x, y) != pytest.approx(pwcca(y, x), abs=1e-4)  # weights come from the first argument
+    # weighting favours the directions x's neurons use: pwcca >= the plain mean here
+    assert pwcca(x, y) > float(cca(x, y).mean())

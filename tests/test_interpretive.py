@@ -1,0 +1,161 @@
+"""The interpretive-equivalence protocol (pypattern.interpretive) on planted implementation sets, and the
+experiment's pieces (pool cache, chained implementations, patching) on a tiny pool trained for a few steps."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pypattern.interpretive import (
+    accumulated_residual,
+    distinguishability_grid,
+    selectivity_curve,
+    similarity,
+    win_test,
+)
+
+
+class Planted:
+    """Implementations of a planted 'algorithm': a fixed nonlinear read-out of some latent variables, each
+    implementation in its own random basis with its own noise."""
+
+    def __init__(self, z, use, seed, count=12, noise=0.1):
+        g = torch.Generator().manual_seed(seed)
+        self.base = torch.tanh(z[:, use] @ torch.randn(len(use), 10, generator=g, dtype=torch.float64))
+        self.impls = []
+        for _ in range(count):
+            q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+            self.impls.append(
+                self.base @ q + noise * torch.randn(z.shape[0], 10, generator=g, dtype=torch.float64)
+            )
+
+    def __len__(self):
+        return len(self.impls)
+
+    def __getitem__(self, i):
+        return self.impls[i]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    z = torch.randn(400, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return {
+        "A": Planted(z, [0, 1, 2], 1),
+        "B": Planted(z, [3, 4, 5], 2),
+        "C": Planted(z, [5, 6, 7], 3),
+    }
+
+
+def test_grid_separates_planted_algorithms(planted):
+    for measure in ("ridge", "cka", "procrustes"):
+        grid = distinguishability_grid(planted, measure=measure, num_trials=20, num_repeats=3, seed=1)
+        assert grid.fraction.shape == (3, 3)
+        assert (np.diag(grid.fraction) <= 0.25).all(), (
+            measure,
+            grid.fraction,
+        )  # same algorithm: not distinguishable
+        assert grid.off_diagonal().min() == 1.0, (measure, grid.fraction)
+        assert (np.diag(grid.win_rate) < 0.8).all() and grid.win_rate[0, 1] == 1.0
+
+
+def test_win_test_criterion_by_hand(planted):
+    res = win_test(planted["A"], planted["B"], num_trials=10, num_repeats=3, seed=4)
+    wins = (res.own > res.other).mean(1)
+    np.testing.assert_allclose(res.p, wins)
+    se = np.sqrt(wins * (1 - wins) / 10)
+    np.testing.assert_array_equal(res.positive, wins - 1.96 * se > 0.5)
+    # a repeat with 8 wins of 10: 0.8 - 1.96 * 0.126 = 0.552 > 0.5; with 7 of 10: 0.416 < 0.5
+    from pypattern.interpretive import _criterion
+
+    assert _criterion(np.array([0.8, 0.7, 1.0]), 10, 1.96).tolist() == [True, False, True]
+    # the draws are reproducible and each ridge similarity is the library's
+    again = win_test(planted["A"], planted["B"], num_trials=10, num_repeats=3, seed=4)
+    np.testing.assert_array_equal(res.own, again.own)
+    with pytest.raises(ValueError, match="impl_a"):
+        win_test(
+            Planted(torch.randn(50, 8, dtype=torch.float64), [0], 0, count=2),
+            None,
+            num_trials=1,
+            num_repeats=1,
+        )
+
+
+def test_selectivity_control_and_budget(planted):
+    a = planted["A"]
+    g = torch.Generator().manual_seed(3)
+    noise = {k: torch.randn(400, 10, generator=g, dtype=torch.float64) for k in (1, 8)}
+
+    def patched(i, k):  # a budget k destroys a k/8 share of the representation
+        return a[i] if k == 0 else (1 - k / 8) * a[i] + (k / 8) * noise[k]
+
+    z = torch.randn(400, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    near = Planted(z, [1, 2, 3], 5)  # shares two latent variables with A: s(a -> b) is well above 0
+    res = selectivity_curve(a, patched, [near], [0, 1, 8], num_trials=60, seed=0)
+    assert 0.3 < res.win_rate[0] < 0.7  # control: independent splits, a coin flip
+    assert res.win_rate[8] > 0.9
+    assert res.num_comparisons[0] == 60
+
+
+def test_similarity_measures_are_the_library_ones():
+    from pypattern.equivalence import linear_cka, procrustes
+    from pypattern.ridge import _split, ridge_similarity_cv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 5, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(5, 4, generator=g, dtype=torch.float64)
+    tr, _ = _split(100, 0.9, 11)
+    assert similarity("ridge", x, [y], seed=11)[0] == ridge_similarity_cv(x, y, seed=11)
+    assert similarity("cka", x, [y], seed=11)[0] == pytest.approx(linear_cka(x[tr], y[tr]))
+    ang = procrustes(x[tr], y[tr], angular=True)
+    assert similarity("procrustes", x, [y], seed=11)[0] == pytest.approx(1 - ang / (math.pi / 2))
+    with pytest.raises(ValueError, match="measure"):
+        similarity("cosine", x, [y], seed=0)
+
+
+def test_pool_cache_chains_and_patching(tmp_path):
+    from pypattern.experiments.interpretive import ChainImplementations, InterpretiveSettings, train_pool
+    from pypattern.tasks.algorithmic import ALGORITHMS, decode, encode
+
+    s = InterpretiveSettings(
+        algorithms=("sort_diff", "sort_sum"), members=(("L1d48h4", 0), ("L2d32h4", 1)), steps=3, num_workers=1
+    )
+    logs = []
+    pool, info = train_pool(s, tmp_path, log=logs.append)
+    assert info["trained_now"] == 6 and info["cached"] == 0
+    assert len(list(tmp_path.glob("*.npz"))) == 6
+    pool2, info2 = train_pool(s, tmp_path, log=logs.append)  # a rerun loads, does not retrain
+    assert info2["trained_now"] == 0 and info2["cached"] == 6
+    x = torch.randint(0, 11, (64, 10), generator=torch.Generator().manual_seed(0))
+    for m1, m2 in zip(pool["sort"], pool2["sort"]):
+        torch.testing.assert_close(m1(encode(x)), m2(encode(x)), rtol=0, atol=0)
+
+    model = pool["sort"][1]
+    rep, logits = accumulated_residual(model, encode(x))
+    _, cache = model.run_with_cache(encode(x))
+    manual = torch.cat(
+        [
+            cache[n].mean(1)
+            for n in ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+        ],
+        1,
+    )
+    torch.testing.assert_close(rep, manual)
+    assert rep.shape == (64, 3 * 32)
+
+    x_cf = torch.randint(0, 11, (64, 10), generator=torch.Generator().manual_seed(1))
+    impl = ChainImplementations(ALGORITHMS["sort_diff"], pool, x, x_cf)
+    assert len(impl) == 4 and impl.members(3) == (1, 1) and impl.members(1) == (0, 1)
+    # chain 1 = sort member 0, then diff_next member 1 on its argmax output
+    r0, l0 = accumulated_residual(pool["sort"][0], encode(x))
+    r1, _ = accumulated_residual(pool["diff_next"][1], encode(decode(l0)))
+    torch.testing.assert_close(impl[1], torch.cat([r0, r1], 1).double())
+    assert impl[1].shape == (64, 2 * 48 + 3 * 32)
+    torch.testing.assert_close(impl.patched(1, 0), impl[1])
+    heads = impl.ranked_heads(1)
+    assert len(heads) == 4 + 2 * 4 and len(set(heads)) == len(heads)
+    p_all = impl.patched(1, len(heads))
+    assert p_all.shape == impl[1].shape and not torch.allclose(p_all, impl[1])
+    # patching every head of stage 0 with its counterfactual values = running stage 0's attention on x_cf
+    one = impl.patched(1, 1)
+    assert not torch.equal(one, impl[1])
