@@ -6,6 +6,7 @@
   pypattern demo patterning   the patterning experiments (induction onset, parentheses algorithm selection)
   pypattern demo flags        concept flags: train them into a small transformer, steer with them, against a control
   pypattern demo equivalence  layer-by-layer similarity of induction models with and without an induction head
+  pypattern demo interpretive interpretive equivalence of algorithmic pipelines (pool of small models, grid)
   pypattern llc               train a small model on a teacher task and estimate its LLC;
                               with --model DIR --data FILE: the LLC of your own model on your token file
   pypattern patch             exact and attribution patching on the built-in model and task (heatmap + table);
@@ -207,10 +208,11 @@ def _parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="main",
-        choices=["main", "patterning", "flags", "equivalence"],
+        choices=["main", "patterning", "flags", "equivalence", "interpretive"],
         help="which demo: main (backends, SGLD step speed, LLC, patching; the default), patterning "
         "(induction onset and parentheses algorithm selection; minutes), flags (concept flags against a "
-        "control), equivalence (CKA between induction models)",
+        "control), equivalence (CKA between induction models), interpretive (interpretive equivalence of "
+        "algorithmic pipelines: a pool of small models, the win-counting grid and the selectivity curve)",
     )
     d.add_argument(
         "--out", default="out/demo", help="folder for plots, tables and reports (default: out/demo)"
@@ -219,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--full",
         action="store_true",
-        help="patterning only: full sizes (more seeds and draws) instead of reduced",
+        help="patterning and interpretive only: full sizes (more seeds and draws) instead of reduced",
     )
     size.add_argument("--quick", action="store_true", help=quick_help)
     llc = sub.add_parser(
@@ -304,8 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "patch":
         _patch_demo("activation patching on the built-in model and task:", args.out, args.quick)
         return 0
-    if args.full and args.what != "patterning":
-        raise SystemExit(f"pypattern demo {args.what}: --full applies to 'patterning' only")
+    if args.full and args.what not in ("patterning", "interpretive"):
+        raise SystemExit(
+            f"pypattern demo {args.what}: --full applies to 'patterning' and 'interpretive' only"
+        )
+    if args.what == "interpretive":
+        _print(
+            "interpretive equivalence of algorithmic pipelines (the win-counting test and selectivity):",
+            _call(
+                "pypattern.experiments.interpretive",
+                "run_interpretive_demo",
+                f"{args.out}/interpretive",
+                full=args.full,
+            ),
+        )
+        return 0
     if args.what == "equivalence":
         mod = importlib.import_module("pypattern.experiments.equivalence_demo")
         s = mod.EquivalenceDemoSettings.quick() if args.quick else None

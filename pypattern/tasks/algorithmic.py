@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _gen
+from .base import IGNORE, Task, TaskBatch, generator
 
 __all__ = [
     "SEQ_LEN",
@@ -191,7 +191,7 @@ class RoutineTask(Task):
 
     def inputs(self, num_samples: int, seed: int | None = None) -> torch.Tensor:
         """``(num_samples, 10)`` training inputs (see the class docstring)."""
-        g = _gen(seed)
+        g = generator(seed)
         x = torch.randint(0, VOCAB, (num_samples, SEQ_LEN), generator=g)
         if self.pipeline_fraction > 0:
             stages = stage_inputs(self.routine, x)
