@@ -43,7 +43,8 @@ demo: setup
 bench: setup
 	$(VPY) -m pytest -q bench --benchmark-columns=min,median,rounds
 
-# The peer comparisons, each in its bench-only venv (TransformerLens 4.3.0; devinterp 1.3.2 and 2.0.1; pytorch-cka).
+# The peer comparisons, each in its bench-only venv (TransformerLens 4.3.0; devinterp 1.3.2 and 2.0.1; pytorch-cka;
+# repsim 0.1.5 and scikit-learn; auto-circuit 1.0.1).
 bench-peers: setup
 	bash bench/envs/tl.sh
 	.bench-venvs/tl/bin/python -m pytest -q bench/bench_patching.py -s --benchmark-columns=min,median,rounds
@@ -53,6 +54,10 @@ bench-peers: setup
 		--benchmark-columns=min,median,rounds
 	bash bench/envs/cka.sh
 	.bench-venvs/cka/bin/python -m pytest -q bench/bench_equivalence.py -s --benchmark-columns=min,median,rounds
+	bash bench/envs/repsim.sh
+	.bench-venvs/repsim/bin/python -m pytest -q bench/bench_cca.py bench/bench_ridge.py -s --benchmark-columns=min,median,rounds
+	bash bench/envs/autocircuit.sh
+	.bench-venvs/autocircuit/bin/python -m pytest -q bench/bench_circuits.py -s --benchmark-columns=min,median,rounds
 
 check-cuda:
 	bash .ci/check_cuda.sh
