@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .equivalence import linear_cka, procrustes
-from .ridge import DEFAULT_ALPHAS, _split, ridge_similarity_cv
+from .ridge import DEFAULT_ALPHAS, ridge_similarity_cv, train_test_split
 
 __all__ = [
     "ImplementationSet",
@@ -115,7 +115,7 @@ def similarity(
         return list(ridge_similarity_cv(x, list(ys), alphas=alphas, train_fraction=train_fraction, seed=seed))
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
-    tr, _ = _split(x.shape[0], train_fraction, seed)
+    tr, _ = train_test_split(x.shape[0], train_fraction, seed)
     xs = x[tr]
     if measure == "cka":
         return [linear_cka(xs, y[tr]) for y in ys]

@@ -174,7 +174,7 @@ def ridge_cv(
     return RidgeLOO(x, fit_intercept=fit_intercept).fit(y, alphas, alpha_per_target=alpha_per_target)
 
 
-def _split(n: int, train_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -224,7 +224,7 @@ def ridge_similarity_cv(
             raise ValueError(
                 f"x has {xf.shape[0]} samples but ys[{i}] has {y.shape[0]}: give the same inputs"
             )
-    tr, te = _split(xf.shape[0], train_fraction, seed)
+    tr, te = train_test_split(xf.shape[0], train_fraction, seed)
     solver = RidgeLOO(xf[tr])
     out = []
     for y in tf:

@@ -99,12 +99,12 @@ def test_selectivity_control_and_budget(planted):
 
 def test_similarity_measures_are_the_library_ones():
     from pypattern.equivalence import linear_cka, procrustes
-    from pypattern.ridge import _split, ridge_similarity_cv
+    from pypattern.ridge import train_test_split, ridge_similarity_cv
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100, 5, generator=g, dtype=torch.float64)
     y = x @ torch.randn(5, 4, generator=g, dtype=torch.float64)
-    tr, _ = _split(100, 0.9, 11)
+    tr, _ = train_test_split(100, 0.9, 11)
     assert similarity("ridge", x, [y], seed=11)[0] == ridge_similarity_cv(x, y, seed=11)
     assert similarity("cka", x, [y], seed=11)[0] == pytest.approx(linear_cka(x[tr], y[tr]))
     ang = procrustes(x[tr], y[tr], angular=True)

@@ -7,14 +7,14 @@ from collections.abc import Callable
 
 from torch.nn import functional as F
 
-from ..sampling.llc import _criterion_evaluate, default_nbeta
+from ..sampling.llc import criterion_evaluate, default_nbeta
 
 __all__ = ["default_nbeta", "evaluate_ce", "evaluate_mse", "make_evaluate"]
 
 
 def make_evaluate(criterion: Callable) -> Callable:
     """``evaluate(model, (x, y)) = (criterion(model(x), y), model(x))`` for a loss ``criterion(outputs, targets)``."""
-    return _criterion_evaluate(criterion)
+    return criterion_evaluate(criterion)
 
 
 evaluate_ce = make_evaluate(F.cross_entropy)

@@ -155,7 +155,7 @@ def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
-def _criterion_evaluate(criterion: Callable) -> Callable:
+def criterion_evaluate(criterion: Callable) -> Callable:
     """devinterp's ``evaluate`` for a loss module: ``criterion(model(x), y)`` on ``(x, y)`` batches, the output
     handed on after the loss (devinterp's ``(loss, {"output": y_pred})``)."""
 
@@ -228,7 +228,7 @@ def _devinterp_kwargs(
             "evaluate(model, (x, y)) = criterion(model(x), y))"
         )
     if criterion is not None:
-        evaluate = _criterion_evaluate(criterion)
+        evaluate = criterion_evaluate(criterion)
     dev = resolve_device(device, model)
     if gpu_idxs:
         raise NotImplementedError(

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from ... import _backends
-from .op import _check_chunk, cross_covariance_update_
+from .op import check_chunk, cross_covariance_update_
 
 AutoMode = Literal["none", "var", "full"]
 _AUTO_MODES = ("none", "var", "full")
@@ -101,7 +101,7 @@ class CrossCovariance:
             a = a.unsqueeze(0)
         if isinstance(b, torch.Tensor) and b.dim() == 1:
             b = b.unsqueeze(0)
-        _check_chunk(a, b, self.k, self.n, self.device)
+        check_chunk(a, b, self.k, self.n, self.device)
         m = int(a.shape[0])
         if m == 0:
             return self

@@ -24,7 +24,7 @@ _backends.register(
 _backends.register("covariance_update_", ("cpp", "cuda"), _covariance_update_c)
 
 
-def _check_chunk(a, b, k: int, n: int, device) -> None:
+def check_chunk(a, b, k: int, n: int, device) -> None:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise TypeError(f"a and b must be tensors, got {type(a).__name__} and {type(b).__name__}")
     for name, x, cols in (("a", a, k), ("b", b, n)):
@@ -87,7 +87,7 @@ def cross_covariance_update_(
     if not isinstance(comoment, torch.Tensor) or comoment.dim() != 2:
         raise ValueError(f"comoment must be a 2-D tensor (K, N), got {getattr(comoment, 'shape', comoment)}")
     k, n = comoment.shape
-    _check_chunk(a, b, k, n, device)
+    check_chunk(a, b, k, n, device)
     _check_state("comoment", comoment, (k, n), device)
     for name, t, d in (
         ("shift_a", shift_a, k),

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sgnht.triton import _as_i32, _philox_normal
+from ..sgnht.triton import as_i32, philox_normal
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def _rmsprop_sgld_kernel(
     precond = 1.0 / (tl.sqrt(vn) + c_rms_eps)
     delta = -c_half * precond * (c_nbeta * g + c_loc * (w - a) + c_wd * w)
     if HAS_NOISE:
-        xi = _philox_normal(offs, seed, tensor_index, step_lo, step_hi)
+        xi = philox_normal(offs, seed, tensor_index, step_lo, step_hi)
         delta = delta + c_noise * tl.sqrt(precond) * xi.to(w.dtype)
     if HAS_MASK:
         m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(w.dtype)
@@ -123,9 +123,9 @@ def rmsprop_sgld_step_triton_(
             flags[t:],
             n,
             seed_arg,
-            _as_i32(t),
-            _as_i32(step),
-            _as_i32(step >> 32),
+            as_i32(t),
+            as_i32(step),
+            as_i32(step >> 32),
             HAS_MASK=m is not None,
             HAS_BOX=bounding_box is not None,
             HAS_NOISE=noise_std != 0.0,

@@ -23,7 +23,7 @@ def _uniform(x):
 
 
 @triton.jit
-def _philox_normal(offs, seed, tensor_index, step_lo, step_hi):
+def philox_normal(offs, seed, tensor_index, step_lo, step_hi):
     """Normal ``offs % 4`` of Philox counter ``offs // 4`` (the SGLD stream)."""
     ctr = (offs // 4).to(tl.uint32)
     zero = ctr * 0
@@ -84,7 +84,7 @@ def _sgnht_kernel(
     xi = tl.load(xi_ptr).to(w.dtype)
     dp = -xi * p - c_eps * (c_nbeta * g + c_loc * (w - a) + c_wd * w)
     if HAS_NOISE:
-        zeta = _philox_normal(offs, seed, tensor_index, step_lo, step_hi)
+        zeta = philox_normal(offs, seed, tensor_index, step_lo, step_hi)
         dp = dp + c_noise * zeta.to(w.dtype)
     if HAS_MASK:
         m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(w.dtype)
@@ -116,7 +116,7 @@ def _sgnht_kernel(
     tl.atomic_max(flag_ptr, tl.max((bad & valid).to(tl.int32), axis=0))
 
 
-def _as_i32(x: int) -> int:
+def as_i32(x: int) -> int:
     x &= 0xFFFFFFFF
     return x - 2**32 if x >= 2**31 else x
 
@@ -182,9 +182,9 @@ def sgnht_step_triton_(
             flags[t:],
             n,
             seed_arg,
-            _as_i32(t),
-            _as_i32(step),
-            _as_i32(step >> 32),
+            as_i32(t),
+            as_i32(step),
+            as_i32(step >> 32),
             HAS_MASK=m is not None,
             HAS_BOX=bounding_box is not None,
             HAS_NOISE=noise_std != 0.0,
