@@ -28,7 +28,7 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .engine import ExactEngine, truncate_cache
-from .metrics import Metric, logits_at, metric_positions
+from .metrics import Metric, check_metric_output, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_heads
 
@@ -177,7 +177,7 @@ def attribution_patching(
     if direction == "denoising":
         clean_logits, src_cache = cache_run(clean_tokens, None)
         metric.bind(clean_logits)
-        m_clean = metric(clean_logits).detach()
+        m_clean = check_metric_output(metric(clean_logits), B).detach()
         tgt_tokens, tgt_noise = corr_tokens, noise
     else:
         tgt_tokens, tgt_noise = clean_tokens, None
@@ -222,7 +222,7 @@ def attribution_patching(
                 prm.requires_grad_(True)
         if direction == "noising":
             metric.bind(logits.detach())
-            m_clean = metric(logits).detach()
+            m_clean = check_metric_output(metric(logits), B).detach()
         m_tgt_full = metric(logits)
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
