@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import engine_batch
+from .api import check_corruption_tokens, check_tokens, engine_batch, resolve_corruption
 from .corruptions import (
     Corruption,
     GaussianNoise,
@@ -140,12 +140,9 @@ def attribution_patching(
         check_site(cfg, s, "sites entry")
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
-    if corrupted_tokens is not None:
-        corruption = TokenReplacement(corrupted_tokens)
-    if corruption is None:
-        raise ValueError(
-            "give corrupted_tokens=... or corruption=GaussianNoise()/ZeroAblation()/MeanAblation()"
-        )
+    corruption = resolve_corruption(corrupted_tokens, corruption)
+    check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab)
+    check_corruption_tokens(corruption, cfg.d_vocab, tuple(clean_tokens.shape))
     if corruption.is_ablation and direction != "noising":
         raise ValueError(
             f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
