@@ -384,6 +384,7 @@ class MinibatchCKA:
         # each batch's normalised unbiased HSIC terms (A B + A + B numbers): their sums give the estimate, and
         # the sums without one batch the jackknife
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._widths: tuple[list[int], list[int]] | None = None  # feature widths of batch 0 (xs, ys)
 
     @property
     def num_batches(self) -> int:
@@ -407,6 +408,17 @@ class MinibatchCKA:
         ys = xs if ys is None else [_as_features(y, f"ys[{j}]", 4, self.dtype) for j, y in enumerate(ys)]
         for j, z in enumerate(list(xs) + list(ys)):
             _check_pair(xs[0], z, "xs[0]", f"representation {j} of this batch")
+        widths = ([x.shape[1] for x in xs], [y.shape[1] for y in ys])
+        if self._widths is None:
+            self._widths = widths
+        elif widths != self._widths:
+            for name, now, first in (("xs", widths[0], self._widths[0]), ("ys", widths[1], self._widths[1])):
+                for i, (a, b) in enumerate(zip(now, first)):
+                    if a != b:
+                        raise ValueError(
+                            f"batch {self.num_batches}: {name}[{i}] has {a} features, but batch 0 had {b}; "
+                            "every batch must give each representation the same feature width"
+                        )
         self._batches.append(_hsic_all(xs, None if ys is xs else ys, True, self.method))
         return self
 

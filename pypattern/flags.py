@@ -33,6 +33,7 @@ must accept ``sample(num_samples, seed, switch_prob=...)`` and have ``token_conc
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -105,6 +106,10 @@ class FlagSpec:
             raise ValueError(f"dims={dims} repeats {dup}; give distinct dimensions")
         if min(dims) < 0:
             raise ValueError(f"dims={dims} has negative entries; give dimensions in 0..d_model-1")
+        for arg in ("on_value", "off_value"):
+            v = getattr(self, arg)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"{arg}={v!r} is not valid; give a finite number")
         if float(self.on_value) == float(self.off_value):
             raise ValueError(
                 f"on_value={self.on_value!r} equals off_value={self.off_value!r}; give two values"

@@ -122,6 +122,9 @@ def invert(
         raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}")
     if not np.isfinite(tgt).all():
         raise ValueError("target holds NaN or Inf")
+    for arg, val in (("min_weight", min_weight), ("max_weight", max_weight)):
+        if val is not None and (not isinstance(val, int | float | np.number) or np.isnan(val)):
+            raise ValueError(f"{arg}={val!r} is not valid; give a number (or None for max_weight)")
     if not np.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     if fractions is not None and method != "constrained":

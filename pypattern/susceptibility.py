@@ -558,6 +558,12 @@ def susceptibilities(
     run_specs = {"unrestricted": (None, None)}
     for k, spec in enumerate(specs):
         run_specs[f"component_{k}"] = _component_spec(model, spec)
+        masks_k = run_specs[f"component_{k}"][1]
+        if masks_k is not None and not any(bool(m.any()) for m in masks_k.values()):
+            raise ValueError(
+                f"components: component {names[k]!r} has an all-False mask over {list(masks_k)}: SGLD would "
+                "move no weight and chi would be 0; give a mask that selects at least one weight"
+            )
 
     def file_of(run: str) -> str:
         if run == "unrestricted":

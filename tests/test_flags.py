@@ -250,3 +250,10 @@ def test_train_flags_stops_on_a_non_finite_loss():
         model.embed.W_E[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="step 0"):
         train_flags(model, TASK, SPEC, stage1_steps=2, stage2_steps=0, log_every=0)
+
+
+@pytest.mark.parametrize("arg", ["on_value", "off_value"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_flagspec_refuses_non_finite_values(arg, bad):
+    with pytest.raises(ValueError, match=f"{arg}={bad!r} is not valid; give a finite number"):
+        FlagSpec(**{arg: bad})

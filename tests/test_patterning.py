@@ -150,3 +150,10 @@ def test_bad_input(kw, match):
         reweight(torch.zeros(3), [1, -1, 1])
     with pytest.raises(ValueError, match="3 samples"):
         reweight(torch.zeros(3), [1, 1])
+
+
+@pytest.mark.parametrize("arg", ["min_weight", "max_weight"])
+def test_invert_refuses_nan_bounds(arg):
+    chi = np.eye(2, 3)
+    with pytest.raises(ValueError, match=f"{arg}=nan is not valid"):
+        invert(chi, np.ones(2), method="constrained", **{arg: float("nan")})

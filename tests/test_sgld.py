@@ -376,3 +376,63 @@ def test_triton_kernel_compiles_for_gpus():
     """The interpreter accepts more than the GPU compiler: compile the SGLD kernel to sm_80/sm_90 cubin for both
     dtypes and several specialisations (no GPU needed; a separate process without TRITON_INTERPRET)."""
     assert_compiles_for_gpus(_AOT)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_validation_refuses_non_finite_masks_and_anchors(backend):
+    from pypattern.ops.sgld.op import sgld_step_ as step
+
+    common = dict(step_size=1e-3, nbeta=10.0, localization=1.0, seed=0, step=0, backend=backend)
+    w = torch.zeros(2, 3, dtype=torch.float64)
+    v = torch.zeros(4, dtype=torch.float64)
+    bad_anchor = v.clone()
+    bad_anchor[2] = float("nan")
+    with pytest.raises(ValueError, match=r"anchors\[1\] holds 1 NaN or Inf"):
+        step([w, v], [torch.ones_like(w), torch.ones_like(v)], [w.clone(), bad_anchor], **common)
+    mask = torch.ones_like(v)
+    mask[0] = float("inf")
+    with pytest.raises(ValueError, match=r"masks\[1\] holds 1 NaN or Inf"):
+        step(
+            [w, v],
+            [torch.ones_like(w), torch.ones_like(v)],
+            [w.clone(), v.clone()],
+            masks=[None, mask],
+            **common,
+        )
+    assert torch.equal(w, torch.zeros_like(w)) and torch.equal(v, torch.zeros_like(v))  # nothing written
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_validation_refuses_anchors_that_are_the_parameters(backend):
+    from pypattern.ops.sgld.op import sgld_step_ as step
+
+    common = dict(step_size=1e-3, nbeta=10.0, localization=1.0, seed=0, step=0, backend=backend)
+    w = torch.zeros(2, 3, dtype=torch.float64)
+    for alias in (w, w.detach(), w.view(6).view(2, 3)):
+        with pytest.raises(ValueError, match=r"anchors\[0\] shares memory with params\[0\]"):
+            step([w], [torch.ones_like(w)], [alias], **common)
+    flat = torch.zeros(12, dtype=torch.float64)  # disjoint halves of one buffer are fine
+    step([flat[:6]], [torch.ones(6, dtype=torch.float64)], [flat[6:]], **common)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overflowing_update_from_a_finite_gradient_is_reported(backend, dtype):
+    from pypattern.ops.sgld.op import sgld_step_ as step
+
+    big = torch.finfo(dtype).max / 10
+    w = torch.zeros(4, dtype=dtype)
+    g = torch.full((4,), big, dtype=dtype)
+    assert torch.isfinite(g).all()
+    with pytest.raises(FloatingPointError, match=r"overflowed .* params\[0\] .*step_size=1.0"):
+        step(
+            [w],
+            [g],
+            [w.clone()],
+            step_size=1.0,
+            nbeta=100.0,
+            localization=0.0,
+            seed=0,
+            step=0,
+            backend=backend,
+        )

@@ -409,3 +409,10 @@ def test_checkpoint_folder_identifies_components_and_run(tmp_path):
         model.weight.neg_()
     with pytest.raises(FingerprintMismatch, match=r"weights\[weight\]"):
         susceptibilities(model, [(x, y)], probe, {"b": ["weight"]}, checkpoint=ck, **kw)
+
+
+def test_all_false_component_mask_is_refused():
+    model, x, y = _problem()
+    mask = {"weight": torch.zeros_like(model.weight, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="component .* has an all-False mask over \\['weight'\\]"):
+        susceptibilities(model, [(x, y)], (x[:4], y[:4]), {"none": mask}, num_draws=2)

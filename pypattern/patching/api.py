@@ -15,7 +15,7 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .engine import ExactEngine, bytes_per_cell, truncate_cache
-from .metrics import Metric, logits_at, metric_positions
+from .metrics import Metric, check_metric_output, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, apply_patch, check_site, hook_name, make_cells, site_heads
 
@@ -62,6 +62,64 @@ def _layers(model) -> int:
     return n
 
 
+def resolve_corruption(corrupted_tokens, corruption):
+    """The corruption of a run: ``TokenReplacement(corrupted_tokens)`` or ``corruption``; both or neither is an
+    error (a corruption given next to corrupted tokens would otherwise be ignored)."""
+    if corrupted_tokens is not None:
+        if corruption is not None:
+            raise ValueError(
+                f"corrupted_tokens and corruption={type(corruption).__name__}(...) are both given: the run is "
+                "ambiguous; give corrupted_tokens (token replacement) or corruption, not both"
+            )
+        return TokenReplacement(corrupted_tokens)
+    if corruption is None:
+        raise ValueError(
+            "give corrupted_tokens=... or corruption=GaussianNoise()/ZeroAblation()/MeanAblation()"
+        )
+    return corruption
+
+
+def check_corruption_tokens(corruption, d_vocab: int | None, shape: tuple) -> None:
+    """Check the token ids a corruption carries (corrupted or reference prompts)."""
+    if isinstance(corruption, TokenReplacement):
+        check_tokens(corruption.corrupted_tokens, "corrupted_tokens", d_vocab, shape)
+    elif isinstance(corruption, MeanAblation) and corruption.reference_tokens is not None:
+        ref = check_tokens(corruption.reference_tokens, "MeanAblation.reference_tokens", d_vocab)
+        if ref.shape[1] != shape[1]:
+            raise ValueError(
+                f"MeanAblation.reference_tokens has shape {tuple(ref.shape)}; it must have the prompts' "
+                f"length {shape[1]}"
+            )
+
+
+def check_tokens(tokens, argument: str, d_vocab: int | None, shape: tuple | None = None) -> torch.Tensor:
+    """Refuse prompts that are not an integer ``(batch, pos)`` tensor of ids in ``0 .. d_vocab - 1`` (a negative
+    id would otherwise be read from the end of the vocabulary)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos)")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
+    if tokens.dim() != 2:
+        raise ValueError(f"{argument} has shape {tuple(tokens.shape)}; give (batch, pos)")
+    if shape is not None and tuple(tokens.shape) != tuple(shape):
+        raise ValueError(
+            f"{argument} has shape {tuple(tokens.shape)}; it must equal the clean shape {tuple(shape)}"
+        )
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or (d_vocab is not None and hi >= d_vocab):
+            top = "" if d_vocab is None else f" .. {d_vocab - 1}"
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{argument} contains token id {bad}; valid ids are 0{top} (d_vocab={d_vocab})")
+    return tokens
+
+
+def _vocab(model) -> int | None:
+    cfg = getattr(model, "cfg", None)
+    v = getattr(cfg, "d_vocab", None) if cfg is not None else getattr(model, "d_vocab", None)
+    return v if isinstance(v, int) else None
+
+
 def prepare_runs(
     model,
     site_hooks: list[str],
@@ -75,26 +133,15 @@ def prepare_runs(
     """Run clean and corrupted prompts, bind the metric, and collect target/source activations."""
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
-    if corrupted_tokens is not None:
-        if corruption is not None:
-            raise ValueError("give corrupted_tokens or corruption, not both")
-        corruption = TokenReplacement(corrupted_tokens)
-    if corruption is None:
-        raise ValueError(
-            "give corrupted_tokens=... or corruption=GaussianNoise()/ZeroAblation()/MeanAblation()"
-        )
-    clean = clean_tokens
-    if clean.dim() != 2:
-        raise ValueError(f"clean_tokens has shape {tuple(clean.shape)}; give (batch, pos)")
+    corruption = resolve_corruption(corrupted_tokens, corruption)
+    d_vocab = _vocab(model)
+    clean = check_tokens(clean_tokens, "clean_tokens", d_vocab)
     B, T = clean.shape
+    check_corruption_tokens(corruption, d_vocab, (B, T))
     pos = metric_positions(metric, B, T)
     corr_tokens, corr_noise = None, None
     if isinstance(corruption, TokenReplacement):
         corr_tokens = corruption.corrupted_tokens
-        if corr_tokens.shape != clean.shape:
-            raise ValueError(
-                f"corrupted_tokens has shape {tuple(corr_tokens.shape)}; it must equal the clean shape {(B, T)}"
-            )
     elif isinstance(corruption, GaussianNoise):
         corr_tokens = clean
         d_model = model.cfg.d_model if hasattr(model, "cfg") else None
@@ -118,7 +165,7 @@ def prepare_runs(
     names = (lambda n: True) if full_cache else set(site_hooks)
     clean_logits, clean_cache = run(clean, None, names)
     metric.bind(logits_at(clean_logits, pos).detach())
-    m_clean = metric(logits_at(clean_logits, pos)).detach()
+    m_clean = check_metric_output(metric(logits_at(clean_logits, pos)), B).detach()
     m_corr, corr_cache = None, None
     if corr_tokens is not None:
         corr_logits, corr_cache = run(corr_tokens, corr_noise, names)
@@ -256,7 +303,7 @@ def activation_patching(
     n_heads = site_heads(model.cfg, site) if is_tf else 0
     if site in HEAD_SITES and not is_tf:
         raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
-    B, T = clean_tokens.shape
+    B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model)).shape
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
     )

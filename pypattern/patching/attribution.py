@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import engine_batch
+from .api import check_corruption_tokens, check_tokens, engine_batch, resolve_corruption
 from .corruptions import (
     Corruption,
     GaussianNoise,
@@ -28,7 +28,7 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .engine import ExactEngine, truncate_cache
-from .metrics import Metric, logits_at, metric_positions
+from .metrics import Metric, check_metric_output, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_heads
 
@@ -140,12 +140,9 @@ def attribution_patching(
         check_site(cfg, s, "sites entry")
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
-    if corrupted_tokens is not None:
-        corruption = TokenReplacement(corrupted_tokens)
-    if corruption is None:
-        raise ValueError(
-            "give corrupted_tokens=... or corruption=GaussianNoise()/ZeroAblation()/MeanAblation()"
-        )
+    corruption = resolve_corruption(corrupted_tokens, corruption)
+    check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab)
+    check_corruption_tokens(corruption, cfg.d_vocab, tuple(clean_tokens.shape))
     if corruption.is_ablation and direction != "noising":
         raise ValueError(
             f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
@@ -177,7 +174,7 @@ def attribution_patching(
     if direction == "denoising":
         clean_logits, src_cache = cache_run(clean_tokens, None)
         metric.bind(clean_logits)
-        m_clean = metric(clean_logits).detach()
+        m_clean = check_metric_output(metric(clean_logits), B).detach()
         tgt_tokens, tgt_noise = corr_tokens, noise
     else:
         tgt_tokens, tgt_noise = clean_tokens, None
@@ -222,7 +219,7 @@ def attribution_patching(
                 prm.requires_grad_(True)
         if direction == "noising":
             metric.bind(logits.detach())
-            m_clean = metric(logits).detach()
+            m_clean = check_metric_output(metric(logits), B).detach()
         m_tgt_full = metric(logits)
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)

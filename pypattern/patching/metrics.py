@@ -21,6 +21,7 @@ __all__ = [
     "kl_div",
     "logits_at",
     "metric_positions",
+    "check_metric_output",
 ]
 
 
@@ -135,3 +136,22 @@ def logits_at(logits: torch.Tensor, pos) -> torch.Tensor:
     if isinstance(pos, int):
         return logits[:, pos]
     return logits[torch.arange(logits.shape[0]), pos]
+
+
+def check_metric_output(values, batch: int) -> torch.Tensor:
+    """Enforce the metric contract on the clean run: one value per example, a tensor of shape ``(batch,)``.
+
+    A metric that returns a batch mean (a scalar) would make every attribution estimate ``1/batch`` of its
+    size, so it is refused here for exact and attribution patching alike. Returns ``values``."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(
+            f"metric returned {type(values).__name__}; it must return a tensor of per-example values "
+            f"of shape ({batch},) (logits (..., batch, vocab) -> (..., batch))"
+        )
+    if tuple(values.shape) != (batch,):
+        raise ValueError(
+            f"metric returned shape {tuple(values.shape)} on the clean logits ({batch}, vocab); expected "
+            f"per-example values of shape ({batch},) (logits (..., batch, vocab) -> (..., batch)), "
+            "not a batch mean or sum"
+        )
+    return values

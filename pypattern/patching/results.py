@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,16 @@ class PatchResult(Saveable):
             raise ValueError("normalized needs a corrupted run; zero/mean ablation has none (use .effect)")
         gap = (self.clean - self.corrupted).mean()
         c = self.corrupted.view(-1, *([1] * (self.values.dim() - 1)))
+        if not (torch.isfinite(gap) and gap != 0):
+            same = torch.nonzero(self.clean == self.corrupted).flatten().tolist()
+            warnings.warn(
+                f"normalized: the mean gap m_clean - m_corrupted is {float(gap)} (examples with "
+                f"m_clean == m_corrupted: {same}); the normalised values are undefined and returned as NaN. "
+                "Use .effect, or corrupted prompts that change the metric",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return torch.full_like(self.values, float("nan"))
         return (self.values - c) / gap
 
     def _stat(self, normalized: bool) -> torch.Tensor:
@@ -96,7 +107,22 @@ class PatchResult(Saveable):
                 raise ValueError("normalized CI needs a corrupted run; pass normalized=False")
             cl, co = self.clean.double()[idx].mean(1), self.corrupted.double()[idx].mean(1)
             shape = (-1, *([1] * (v.dim() - 1)))
-            v = (v - co.view(shape)) / (cl - co).view(shape)
+            gap = cl - co
+            zero = gap == 0
+            if bool(zero.any()):
+                same = torch.nonzero(self.clean == self.corrupted).flatten().tolist()
+                warnings.warn(
+                    f"ci: {int(zero.sum())} of {num_resamples} resamples have m_clean == m_corrupted on average "
+                    f"(examples with m_clean == m_corrupted: {same}); they are left out of the normalised "
+                    "interval (NaN when all are)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                if bool(zero.all()):
+                    nan = torch.full(v.shape[1:], float("nan"), dtype=self.values.dtype)
+                    return nan, nan.clone()
+                v, gap, co = v[~zero], gap[~zero], co[~zero]
+            v = (v - co.view(shape)) / gap.view(shape)
         a = (1 - level) / 2
         q = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype), dim=0)
         return q[0].to(self.values.dtype), q[1].to(self.values.dtype)

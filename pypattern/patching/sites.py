@@ -119,6 +119,8 @@ def make_cells(
     ``n_heads`` is the number of heads of the site (:func:`site_heads`: key/value heads for ``k``/``v``)."""
     if window < 1:
         raise ValueError(f"window={window} is not valid; give an int >= 1")
+    if window > n_layers:
+        raise ValueError(f"window={window} is longer than the model's {n_layers} layers; give 1..{n_layers}")
     layers = list(range(n_layers - window + 1)) if layers is None else list(layers)
     for layer in layers:
         if not 0 <= layer <= n_layers - window:
@@ -133,6 +135,14 @@ def make_cells(
         axes.append("head")
         coords["head"] = heads
     if per_position:
+        if positions is not None:
+            positions = list(positions)
+            bad = [p for p in positions if not -seq_len <= p < seq_len]
+            if bad:
+                raise ValueError(
+                    f"positions contains {bad}: out of range for prompts of {seq_len} positions; "
+                    f"valid are {-seq_len}..{seq_len - 1}"
+                )
         positions = list(range(seq_len)) if positions is None else [p % seq_len for p in positions]
         axes.append("pos")
         coords["pos"] = positions

@@ -98,7 +98,40 @@ def _validate(params, grads, anchors, masks):
                 raise ValueError(f"masks[{i}] is on {m.device} but params are on {device}")
             if not (m.dtype == torch.bool or m.is_floating_point()):
                 raise TypeError(f"masks[{i}] must be bool or floating point, got {m.dtype}")
+            if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+                raise ValueError(
+                    f"masks[{i}] holds {int((~torch.isfinite(m)).sum())} NaN or Inf entries; give finite values "
+                    "(0 freezes an entry, other values scale its update)"
+                )
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(
+                f"anchors[{i}] holds {int((~torch.isfinite(a)).sum())} NaN or Inf entries; give the finite "
+                "trained weights w*"
+            )
+        if _overlap(w, a):
+            raise ValueError(
+                f"anchors[{i}] shares memory with params[{i}]: the anchors must be a copy of the trained weights "
+                "(e.g. [p.detach().clone() for p in params]), else the pull towards them is always 0"
+            )
     return params, grads, anchors, masks, device
+
+
+def _overlap(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether two tensors' memory ranges in the same storage overlap (conservative for strided views)."""
+    if x.numel() == 0 or y.numel() == 0 or x.device != y.device:
+        return False
+    try:
+        if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
+            return False
+    except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. some subclasses)
+        return x.data_ptr() == y.data_ptr()
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+    (a0, a1), (b0, b1) = span(x), span(y)
+    return a0 < b1 and b0 < a1
 
 
 def _diagnose(i, w, g, a, device):
@@ -200,14 +233,18 @@ def sgld_step_(
     backend : {"cuda", "triton", "cpp", "reference"}, optional
         Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available: see :func:`pypattern.backends`).
     validate : bool
-        Check every argument as described above (tens of microseconds of Python per call, more with more
+        Check every argument as described above, including that masks and anchors are finite and that no anchor
+        shares memory with its parameter (tens of microseconds of Python per call, more with more
         tensors). ``False`` is the fast path for callers that validated the same tensors and numbers once (the
         SGLD optimizer and the chain runner do so on their first step): ``params``, ``grads`` and ``anchors``
         must then be lists, the numbers already in range, and a wrong argument may fail inside a kernel with a
         less helpful message.
     check_finite : bool
         Raise ``FloatingPointError`` naming the tensor when a gradient held NaN or Inf. Entries with a non-finite
-        gradient are never written, so the parameters stay finite either way.
+        gradient are never written. A *finite* gradient so large that the update overflows does write ``+-inf``
+        (the returned flags do not report it): with ``validate=True`` the op then checks the updated parameters
+        and raises ``FloatingPointError`` naming them; with ``validate=False`` (the fast path) it does not look,
+        and the caller's loss is the place to notice a diverging chain.
 
     Returns
     -------
@@ -249,4 +286,15 @@ def sgld_step_(
             f"sgld_step_: non-finite gradient in {shapes} at step {step}; those entries were not updated. "
             "A diverging chain usually needs a smaller step_size or a larger localization."
         )
+    if validate and check_finite:
+        # A finite but huge gradient can make the update itself overflow to +-inf, which the kernels' flags do
+        # not report (they flag non-finite gradients only): the validating path checks the result.
+        over = [i for i, w in enumerate(params) if not bool(torch.isfinite(w).all())]
+        if over:
+            names = ", ".join(f"params[{i}] (shape {tuple(params[i].shape)})" for i in over)
+            raise FloatingPointError(
+                f"sgld_step_: the update overflowed to inf/NaN in {names} at step {step} (finite gradients too "
+                f"large for step_size={step_size}, nbeta={nbeta}); those parameters now hold non-finite values. "
+                "Use a smaller step_size (or restore the weights and lower nbeta)."
+            )
     return flags

@@ -1,0 +1,143 @@
+"""Bad inputs to activation and attribution patching raise errors naming the argument (no silent reinterpretation)."""
+
+import pytest
+import torch
+
+from pypattern.models import Transformer, TransformerConfig
+from pypattern.patching import LogitDiff, activation_patching
+from pypattern.patching.attribution import attribution_patching
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small():
+    cfg = TransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_mlp=None,
+        d_vocab=12,
+        n_ctx=8,
+        normalization_type=None,
+        dtype=torch.float64,
+        seed=2,
+    )
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 12, (4, 6), generator=g)
+    corr = clean.clone()
+    corr[:, 2] = (clean[:, 2] + 3) % 12
+    return model, clean, corr, LogitDiff(torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
+
+
+class BatchMean(LogitDiff):
+    def __call__(self, logits):
+        return super().__call__(logits).mean(-1)
+
+
+@pytest.mark.parametrize("which", ["exact", "naive", "atp"])
+def test_batch_mean_metric_is_refused_everywhere(which):
+    model, clean, corr, m = small()
+    metric = BatchMean(m.answer, m.wrong)
+    with pytest.raises(ValueError, match=r"metric returned shape \(\).*expected.*\(4,\)"):
+        if which == "atp":
+            attribution_patching(model, clean, corr, metric=metric, sites=["resid_pre"])
+        else:
+            activation_patching(model, "resid_pre", clean, corr, metric=metric, method=which)
+
+
+@pytest.mark.parametrize("positions", [[6], [-7], [0, 9]])
+def test_positions_past_the_prompt_are_refused(positions):
+    model, clean, corr, m = small()
+    with pytest.raises(ValueError, match=r"positions contains .*6 positions"):
+        activation_patching(model, "resid_pre", clean, corr, metric=m, positions=positions)
+
+
+def test_negative_positions_in_range_still_count_from_the_end():
+    model, clean, corr, m = small()
+    a = activation_patching(model, "resid_pre", clean, corr, metric=m, positions=[-1, 2])
+    b = activation_patching(model, "resid_pre", clean, corr, metric=m, positions=[5, 2])
+    assert a.coords["pos"] == [5, 2]
+    torch.testing.assert_close(a.values, b.values)
+
+
+@pytest.mark.parametrize("bad", [-1, 12])
+@pytest.mark.parametrize("argument", ["clean_tokens", "corrupted_tokens"])
+@pytest.mark.parametrize("which", ["exact", "atp"])
+def test_out_of_vocabulary_token_ids_are_refused(bad, argument, which):
+    model, clean, corr, m = small()
+    toks = {"clean_tokens": clean.clone(), "corrupted_tokens": corr.clone()}
+    toks[argument][1, 3] = bad
+    with pytest.raises(ValueError, match=rf"{argument} contains token id {bad}; valid ids are 0 .. 11"):
+        if which == "atp":
+            attribution_patching(model, toks["clean_tokens"], toks["corrupted_tokens"], metric=m, sites=["z"])
+        else:
+            activation_patching(model, "z", toks["clean_tokens"], toks["corrupted_tokens"], metric=m)
+
+
+def test_float_and_1d_tokens_are_refused():
+    model, clean, corr, m = small()
+    with pytest.raises(TypeError, match="clean_tokens has dtype torch.float"):
+        activation_patching(model, "resid_pre", clean.double(), corr, metric=m)
+    with pytest.raises(ValueError, match=r"clean_tokens has shape \(6,\)"):
+        activation_patching(model, "resid_pre", clean[0], corr[0], metric=m)
+
+
+def test_window_longer_than_the_model_is_refused():
+    model, clean, corr, m = small()
+    with pytest.raises(ValueError, match="window=3 is longer than the model's 2 layers"):
+        activation_patching(model, "resid_pre", clean, corr, metric=m, window=3)
+    r = activation_patching(model, "resid_pre", clean, corr, metric=m, window=2)
+    assert r.values.shape == (4, 1, 6)
+
+
+@pytest.mark.parametrize("which", ["exact", "atp"])
+def test_corruption_with_corrupted_tokens_is_ambiguous(which):
+    from pypattern.patching import GaussianNoise
+
+    model, clean, corr, m = small()
+    with pytest.raises(ValueError, match="corrupted_tokens and corruption=GaussianNoise.*ambiguous"):
+        if which == "atp":
+            attribution_patching(model, clean, corr, metric=m, corruption=GaussianNoise(), sites=["z"])
+        else:
+            activation_patching(model, "z", clean, corr, metric=m, corruption=GaussianNoise())
+
+
+def test_normalising_with_identical_runs_warns_and_gives_nan():
+    model, clean, corr, m = small()
+    r = activation_patching(model, "resid_pre", clean, clean.clone(), metric=m)
+    torch.testing.assert_close(r.clean, r.corrupted)
+    with pytest.warns(RuntimeWarning, match=r"m_clean == m_corrupted: \[0, 1, 2, 3\]"):
+        n = r.normalized
+    assert n.shape == r.values.shape and torch.isnan(n).all()
+    with pytest.warns(RuntimeWarning, match="resamples"):
+        lo, hi = r.ci(num_resamples=20)
+    assert torch.isnan(lo).all() and torch.isnan(hi).all()
+    # a defined gap gives finite values, with no warning
+    r2 = activation_patching(model, "resid_pre", clean, corr, metric=m)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        n2 = r2.normalized
+    expected = (r2.values - r2.corrupted[:, None, None]) / (r2.clean - r2.corrupted).mean()
+    torch.testing.assert_close(n2, expected)
+
+
+def test_minibatch_cka_refuses_a_batch_whose_width_changed():
+    from pypattern.equivalence import MinibatchCKA
+
+    g = torch.Generator().manual_seed(0)
+    acc = MinibatchCKA(num_x=2, num_y=1)
+    acc.update(
+        [torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)], [torch.randn(8, 4, generator=g)]
+    )
+    with pytest.raises(ValueError, match=r"batch 1: xs\[1\] has 6 features, but batch 0 had 3"):
+        acc.update(
+            [torch.randn(8, 5, generator=g), torch.randn(8, 6, generator=g)], [torch.randn(8, 4, generator=g)]
+        )
+    with pytest.raises(ValueError, match=r"batch 1: ys\[0\] has 2 features, but batch 0 had 4"):
+        acc.update(
+            [torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)], [torch.randn(8, 2, generator=g)]
+        )
+    assert acc.num_batches == 1
