@@ -99,7 +99,7 @@ def test_selectivity_control_and_budget(planted):
 
 def test_similarity_measures_are_the_library_ones():
     from pypattern.equivalence import linear_cka, procrustes
-    from pypattern.ridge import train_test_split, ridge_similarity_cv
+    from pypattern.ridge import ridge_similarity_cv, train_test_split
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100, 5, generator=g, dtype=torch.float64)
