@@ -102,3 +102,52 @@ def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     theirs = pp.susceptibilities(hf, loader, probe, native, **KW)
     np.testing.assert_allclose(ours.chi, theirs.chi, rtol=1e-6, atol=1e-12)
     assert (np.abs(ours.chi).max(axis=1) > 0).all()  # every component's chains moved
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_steering_a_converted_model_equals_overwriting_the_hf_residual(arch):
+    """Concept flags on a converted model: steering writes the flag dimensions of the residual stream at the
+    spec's hook; the same overwrite done with a forward pre-hook on the unconverted HF layer gives the same
+    logits (float64)."""
+    hf = _hf(arch)
+    tf = pp.from_hf(hf)
+    spec = pp.FlagSpec("blocks.1.hook_resid_pre", dims=(0, 3, 5), num_concepts=2)
+    tokens = torch.randint(0, V, (3, T), generator=torch.Generator().manual_seed(5))
+    with pp.steer(tf, spec, concept=1):
+        ours = tf(tokens)
+    code = spec.code()[1].to(torch.float64)
+    layers = hf.gpt_neox.layers if arch == "neox" else hf.model.layers
+
+    def pre(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        x = x.clone()
+        x[..., list(spec.dims)] = code
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
+    h = layers[1].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            theirs = hf(tokens).logits
+    finally:
+        h.remove()
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(ours, tf(tokens))  # steering acted
+
+
+def test_cka_of_converted_models_equals_cka_of_hf_hidden_states():
+    """Representation similarity on converted models reads the same residual stream as Hugging Face's
+    hidden_states: CKA computed from the converted models' caches equals CKA from the HF outputs."""
+    a, b = _hf("llama"), _hf("gpt2")
+    ta, tb = pp.from_hf(a), pp.from_hf(b)
+    tokens = torch.randint(0, V, (16, T), generator=torch.Generator().manual_seed(6))
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(2)]
+    _, ca = ta.run_with_cache(tokens, names_filter=names)
+    _, cb = tb.run_with_cache(tokens, names_filter=names)
+    ours = pp.cka_matrix([ca[n].flatten(0, 1) for n in names], [cb[n].flatten(0, 1) for n in names])
+    with torch.no_grad():
+        ha = a(tokens, output_hidden_states=True).hidden_states
+        hb = b(tokens, output_hidden_states=True).hidden_states
+    theirs = pp.cka_matrix([ha[i].flatten(0, 1) for i in range(2)], [hb[i].flatten(0, 1) for i in range(2)])
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-9, atol=1e-12)
