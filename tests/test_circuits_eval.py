@@ -177,3 +177,21 @@ def test_cli_on_a_local_model_directory(setup, tmp_path):
     assert main(["--out", str(out), "--model-dir", str(d), "--tokens", str(tok), "--methods", "eap"]) == 0
     with pytest.raises(ValueError, match="model_dir"):
         run_circuit_demo(str(out), model_dir=str(d))
+
+
+def test_circuit_inputs_follow_the_patching_contract():
+    """Edge patching checks its prompts and its metric as activation patching does: out-of-vocabulary ids and a
+    batch-mean metric are refused, naming the argument."""
+    import pypattern as pp
+    from pypattern.circuits import edges, patch_edges
+    from pypattern.patching import LogitDiff
+
+    model = pp.Transformer(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=11, n_ctx=6, dtype=torch.float64)
+    clean = torch.randint(0, 11, (3, 6))
+    corrupted = clean.roll(1, 0)
+    metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+    g = edges(model)
+    with pytest.raises(ValueError, match="corrupted"):
+        patch_edges(model, [g.edges[0]], clean, corrupted + 11, metric=metric)
+    with pytest.raises(ValueError, match="metric"):
+        patch_edges(model, [g.edges[0]], clean, corrupted, metric=lambda logits: metric(logits).mean(-1))

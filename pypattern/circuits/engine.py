@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..patching.api import check_tokens
+from ..patching.metrics import check_metric_output
 from .graph import EdgeGraph
 from .model_view import ModelView
 
@@ -475,8 +477,10 @@ def prepare_runs(
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'resample', 'mean' or 'zero'")
     view = ModelView(model) if view is None else view
     graph = EdgeGraph.from_model(model) if graph is None else graph
-    if clean.dim() != 2:
-        raise ValueError(f"clean has shape {tuple(clean.shape)}; give token ids (batch, pos)")
+    d_vocab = model.cfg.d_vocab
+    clean = check_tokens(clean, "clean", d_vocab)
+    if corrupted is not None:
+        corrupted = check_tokens(corrupted, "corrupted", d_vocab)
     B, T_full = clean.shape
     if corrupted is not None and corrupted.shape != clean.shape:
         raise ValueError(
@@ -500,7 +504,7 @@ def prepare_runs(
     clean_run = _node_run(view, graph, x_clean, pos)
     if hasattr(metric, "bind"):
         metric.bind(clean_run.logits.detach())
-    m_clean = metric(clean_run.logits)
+    m_clean = check_metric_output(metric(clean_run.logits), B)
     if mode == "noise":
         base, x_base = clean_run, x_clean
     else:
