@@ -186,7 +186,9 @@ def test_circuit_inputs_follow_the_patching_contract():
     from pypattern.circuits import edges, patch_edges
     from pypattern.patching import LogitDiff
 
-    model = pp.Transformer(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=11, n_ctx=6, dtype=torch.float64)
+    model = pp.Transformer(
+        n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=11, n_ctx=6, dtype=torch.float64
+    )
     clean = torch.randint(0, 11, (3, 6))
     corrupted = clean.roll(1, 0)
     metric = LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
