@@ -22,10 +22,10 @@ def pytest_report_header(config):
 
 
 def _rows(config):
-    session = getattr(config, "_benchmarksession", None)
-    if session is None:
+    run = getattr(config, "_benchmarksession", None)
+    if run is None:
         return []
-    return [b for b in session.benchmarks if getattr(b, "stats", None) is not None]
+    return [b for b in run.benchmarks if getattr(b, "stats", None) is not None]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sgnht.triton import as_i32, philox_normal
+from ..sgld.triton import as_i32, philox_normal
 
 
 @triton.jit

@@ -25,6 +25,32 @@ def _uniform(x):
 
 
 @triton.jit
+def philox_normal(offs, seed, tensor_index, step_lo, step_hi):
+    """Normal ``offs % 4`` of Philox counter ``offs // 4``: the noise stream every sampler's kernel draws."""
+    ctr = (offs // 4).to(tl.uint32)
+    zero = ctr * 0
+    x0, x1, x2, x3 = tl.philox(
+        seed,
+        ctr,
+        zero + tensor_index.to(tl.uint32, bitcast=True),
+        zero + step_lo.to(tl.uint32, bitcast=True),
+        zero + step_hi.to(tl.uint32, bitcast=True),
+    )
+    u0 = tl.maximum(1.0e-7, _uniform(x0))
+    u2 = tl.maximum(1.0e-7, _uniform(x2))
+    r0 = tl.sqrt(-2.0 * tl.log(u0))
+    r1 = tl.sqrt(-2.0 * tl.log(u2))
+    t0 = 6.283185307179586 * _uniform(x1)
+    t1 = 6.283185307179586 * _uniform(x3)
+    lane = offs % 4
+    return tl.where(
+        lane == 0,
+        r0 * tl.cos(t0),
+        tl.where(lane == 1, r0 * tl.sin(t0), tl.where(lane == 2, r1 * tl.cos(t1), r1 * tl.sin(t1))),
+    )
+
+
+@triton.jit
 def _sgld_kernel(
     w_ptr,
     g_ptr,
@@ -54,27 +80,7 @@ def _sgld_kernel(
     c_noise = tl.load(coef_ptr + 3).to(w.dtype)
     delta = -(c_grad * g + c_loc * (w - a) + c_wd * w)
     if HAS_NOISE:
-        ctr = (offs // 4).to(tl.uint32)
-        zero = ctr * 0
-        x0, x1, x2, x3 = tl.philox(
-            seed,
-            ctr,
-            zero + tensor_index.to(tl.uint32, bitcast=True),
-            zero + step_lo.to(tl.uint32, bitcast=True),
-            zero + step_hi.to(tl.uint32, bitcast=True),
-        )
-        u0 = tl.maximum(1.0e-7, _uniform(x0))
-        u2 = tl.maximum(1.0e-7, _uniform(x2))
-        r0 = tl.sqrt(-2.0 * tl.log(u0))
-        r1 = tl.sqrt(-2.0 * tl.log(u2))
-        t0 = 6.283185307179586 * _uniform(x1)
-        t1 = 6.283185307179586 * _uniform(x3)
-        lane = offs % 4
-        xi = tl.where(
-            lane == 0,
-            r0 * tl.cos(t0),
-            tl.where(lane == 1, r0 * tl.sin(t0), tl.where(lane == 2, r1 * tl.cos(t1), r1 * tl.sin(t1))),
-        )
+        xi = philox_normal(offs, seed, tensor_index, step_lo, step_hi)
         delta = delta + c_noise * xi.to(w.dtype)
     if HAS_MASK:
         m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(w.dtype)
@@ -93,7 +99,8 @@ def _sgld_kernel(
     tl.atomic_max(flag_ptr, tl.max((bad & valid).to(tl.int32), axis=0))
 
 
-def _as_i32(x: int) -> int:
+def as_i32(x: int) -> int:
+    """A 32-bit word as the signed int a Triton launch takes."""
     x &= 0xFFFFFFFF
     return x - 2**32 if x >= 2**31 else x
 
@@ -154,9 +161,9 @@ def sgld_step_triton_(
             flags[t:],
             n,
             seed_arg,
-            _as_i32(t),
-            _as_i32(step),
-            _as_i32(step >> 32),
+            as_i32(t),
+            as_i32(step),
+            as_i32(step >> 32),
             HAS_MASK=m is not None,
             HAS_BOX=bounding_box is not None,
             HAS_NOISE=has_noise,

@@ -3,7 +3,7 @@
 Imported only when the ``triton`` backend runs. One launch per tensor; each program updates ``BLOCK`` consecutive
 elements and writes its float64 sum of ``p**2`` and its count of active entries to a buffer of partial sums;
 phase two adds the partial sums up (``torch.sum`` on the device, no host sync) and updates the thermostat.
-The noise is the SGLD stream (:func:`pypattern.ops.sgld.triton` draws it the same way).
+The noise is the SGLD stream (``philox_normal`` of :mod:`pypattern.ops.sgld.triton`).
 """
 
 from __future__ import annotations
@@ -14,38 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _uniform(x):
-    s = x.to(tl.int32, bitcast=True)
-    s = tl.where(s < 0, -s - 1, s)
-    return s.to(tl.float32) * 4.6566127342e-10
-
-
-@triton.jit
-def philox_normal(offs, seed, tensor_index, step_lo, step_hi):
-    """Normal ``offs % 4`` of Philox counter ``offs // 4`` (the SGLD stream)."""
-    ctr = (offs // 4).to(tl.uint32)
-    zero = ctr * 0
-    x0, x1, x2, x3 = tl.philox(
-        seed,
-        ctr,
-        zero + tensor_index.to(tl.uint32, bitcast=True),
-        zero + step_lo.to(tl.uint32, bitcast=True),
-        zero + step_hi.to(tl.uint32, bitcast=True),
-    )
-    u0 = tl.maximum(1.0e-7, _uniform(x0))
-    u2 = tl.maximum(1.0e-7, _uniform(x2))
-    r0 = tl.sqrt(-2.0 * tl.log(u0))
-    r1 = tl.sqrt(-2.0 * tl.log(u2))
-    t0 = 6.283185307179586 * _uniform(x1)
-    t1 = 6.283185307179586 * _uniform(x3)
-    lane = offs % 4
-    return tl.where(
-        lane == 0,
-        r0 * tl.cos(t0),
-        tl.where(lane == 1, r0 * tl.sin(t0), tl.where(lane == 2, r1 * tl.cos(t1), r1 * tl.sin(t1))),
-    )
+from ..sgld.triton import as_i32, philox_normal
 
 
 @triton.jit
@@ -114,11 +83,6 @@ def _sgnht_kernel(
     tl.store(part_ptr + 2 * pid, kin)
     tl.store(part_ptr + 2 * pid + 1, cnt)
     tl.atomic_max(flag_ptr, tl.max((bad & valid).to(tl.int32), axis=0))
-
-
-def as_i32(x: int) -> int:
-    x &= 0xFFFFFFFF
-    return x - 2**32 if x >= 2**31 else x
 
 
 def sgnht_step_triton_(
