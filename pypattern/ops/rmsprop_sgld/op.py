@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ... import _backends
-from ..sgld import op as _sgld_op
+from ..sgld import op as sgld_op
 from ..sgnht.op import validate_state
 from .reference import rmsprop_sgld_step_reference_
 
@@ -47,8 +47,8 @@ def _rmsprop_sgld_step_c(
         float(eps),
         float(noise_scale),
         None if bounding_box is None else float(bounding_box),
-        _sgld_op._signed64(seed),
-        _sgld_op._signed64(step),
+        sgld_op.signed64(seed),
+        sgld_op.signed64(step),
     )
 
 
@@ -114,20 +114,20 @@ def rmsprop_sgld_step_(
         1 where that tensor's gradient held a NaN or Inf (those entries were left unchanged), else 0.
     """
     if validate:
-        params, grads, anchors, masks, _ = _sgld_op._validate(params, grads, anchors, masks)
+        params, grads, anchors, masks, _ = sgld_op.validate_inputs(params, grads, anchors, masks)
         square_avgs = validate_state("square_avgs", square_avgs, params)
-        step_size = _sgld_op._check_scalar("step_size", step_size, positive=True)
-        nbeta = _sgld_op._check_scalar("nbeta", nbeta)
-        localization = _sgld_op._check_scalar("localization", localization)
-        weight_decay = _sgld_op._check_scalar("weight_decay", weight_decay)
-        alpha = _sgld_op._check_scalar("alpha", alpha)
+        step_size = sgld_op.check_scalar("step_size", step_size, positive=True)
+        nbeta = sgld_op.check_scalar("nbeta", nbeta)
+        localization = sgld_op.check_scalar("localization", localization)
+        weight_decay = sgld_op.check_scalar("weight_decay", weight_decay)
+        alpha = sgld_op.check_scalar("alpha", alpha)
         if alpha >= 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-        eps = _sgld_op._check_scalar("eps", eps, positive=True)
-        noise_scale = _sgld_op._check_scalar("noise_scale", noise_scale)
+        eps = sgld_op.check_scalar("eps", eps, positive=True)
+        noise_scale = sgld_op.check_scalar("noise_scale", noise_scale)
         if bounding_box is not None:
-            bounding_box = _sgld_op._check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = _sgld_op._check_key("seed", seed), _sgld_op._check_key("step", step)
+            bounding_box = sgld_op.check_scalar("bounding_box", bounding_box, positive=True)
+        seed, step = sgld_op.check_key("seed", seed), sgld_op.check_key("step", step)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("rmsprop_sgld_step_", params[0].device, backend)(

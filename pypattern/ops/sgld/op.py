@@ -14,7 +14,7 @@ from ... import _backends
 from .reference import sgld_step_reference_
 
 
-def _check_scalar(name: str, value, *, positive: bool = False) -> float:
+def check_scalar(name: str, value, *, positive: bool = False) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -28,7 +28,7 @@ def _check_scalar(name: str, value, *, positive: bool = False) -> float:
     return v
 
 
-def _check_key(name: str, value) -> int:
+def check_key(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             import numpy as np
@@ -44,7 +44,7 @@ def _check_key(name: str, value) -> int:
     return value
 
 
-def _as_list(name: str, x) -> list:
+def as_list(name: str, x) -> list:
     if isinstance(x, torch.Tensor):
         return [x]
     if not isinstance(x, Sequence):
@@ -52,18 +52,18 @@ def _as_list(name: str, x) -> list:
     return list(x)
 
 
-def _validate(params, grads, anchors, masks):
+def validate_inputs(params, grads, anchors, masks):
     params, grads, anchors = (
-        _as_list("params", params),
-        _as_list("grads", grads),
-        _as_list("anchors", anchors),
+        as_list("params", params),
+        as_list("grads", grads),
+        as_list("anchors", anchors),
     )
     if not (len(params) == len(grads) == len(anchors)):
         raise ValueError(
             f"params, grads and anchors must have the same length, got {len(params)}, {len(grads)}, {len(anchors)}"
         )
     if masks is not None:
-        masks = _as_list("masks", masks)
+        masks = as_list("masks", masks)
         if len(masks) != len(params):
             raise ValueError(f"masks must have one entry (or None) per tensor: {len(masks)} != {len(params)}")
     device = params[0].device if params else torch.device("cpu")
@@ -148,7 +148,7 @@ def _diagnose(i, w, g, a, device):
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _signed64(x: int) -> int:
+def signed64(x: int) -> int:
     return x - 2**64 if x >= 2**63 else x
 
 
@@ -180,8 +180,8 @@ def _sgld_step_c(
         float(weight_decay),
         float(noise_scale),
         None if bounding_box is None else float(bounding_box),
-        _signed64(seed),
-        _signed64(step),
+        signed64(seed),
+        signed64(step),
     )
 
 
@@ -254,15 +254,15 @@ def sgld_step_(
         for the step to finish; with ``check_finite`` the op does so itself.
     """
     if validate:
-        params, grads, anchors, masks, _ = _validate(params, grads, anchors, masks)
-        step_size = _check_scalar("step_size", step_size, positive=True)
-        nbeta = _check_scalar("nbeta", nbeta)
-        localization = _check_scalar("localization", localization)
-        weight_decay = _check_scalar("weight_decay", weight_decay)
-        noise_scale = _check_scalar("noise_scale", noise_scale)
+        params, grads, anchors, masks, _ = validate_inputs(params, grads, anchors, masks)
+        step_size = check_scalar("step_size", step_size, positive=True)
+        nbeta = check_scalar("nbeta", nbeta)
+        localization = check_scalar("localization", localization)
+        weight_decay = check_scalar("weight_decay", weight_decay)
+        noise_scale = check_scalar("noise_scale", noise_scale)
         if bounding_box is not None:
-            bounding_box = _check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = _check_key("seed", seed), _check_key("step", step)
+            bounding_box = check_scalar("bounding_box", bounding_box, positive=True)
+        seed, step = check_key("seed", seed), check_key("step", step)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("sgld_step_", params[0].device, backend)(

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 import torch
 
 from ... import _backends
-from ..sgld import op as _sgld_op
+from ..sgld import op as sgld_op
 from .reference import sgnht_step_reference_
 
 
 def validate_state(name: str, states, params) -> list:
     """``states`` as a list, checked to match ``params`` tensor by tensor (shape, dtype, device)."""
-    states = _sgld_op._as_list(name, states)
+    states = sgld_op.as_list(name, states)
     if len(states) != len(params):
         raise ValueError(f"{name} must have one tensor per params entry: {len(states)} != {len(params)}")
     for i, (s, w) in enumerate(zip(states, params)):
@@ -65,8 +65,8 @@ def _sgnht_step_c(
         float(diffusion_factor),
         float(noise_scale),
         None if bounding_box is None else float(bounding_box),
-        _sgld_op._signed64(seed),
-        _sgld_op._signed64(step),
+        sgld_op.signed64(seed),
+        sgld_op.signed64(step),
     )
 
 
@@ -135,7 +135,7 @@ def sgnht_step_(
         1 where that tensor's gradient held a NaN or Inf, else 0.
     """
     if validate:
-        params, grads, anchors, masks, device = _sgld_op._validate(params, grads, anchors, masks)
+        params, grads, anchors, masks, device = sgld_op.validate_inputs(params, grads, anchors, masks)
         momenta = validate_state("momenta", momenta, params)
         if not isinstance(thermostat, torch.Tensor):
             raise TypeError(
@@ -150,15 +150,15 @@ def sgnht_step_(
             raise ValueError(f"thermostat is on {thermostat.device} but params are on {device}")
         if not bool(torch.isfinite(thermostat).all()):
             raise ValueError(f"thermostat must be finite, got {float(thermostat.reshape(()))}")
-        step_size = _sgld_op._check_scalar("step_size", step_size, positive=True)
-        nbeta = _sgld_op._check_scalar("nbeta", nbeta)
-        localization = _sgld_op._check_scalar("localization", localization)
-        weight_decay = _sgld_op._check_scalar("weight_decay", weight_decay)
-        diffusion_factor = _sgld_op._check_scalar("diffusion_factor", diffusion_factor)
-        noise_scale = _sgld_op._check_scalar("noise_scale", noise_scale)
+        step_size = sgld_op.check_scalar("step_size", step_size, positive=True)
+        nbeta = sgld_op.check_scalar("nbeta", nbeta)
+        localization = sgld_op.check_scalar("localization", localization)
+        weight_decay = sgld_op.check_scalar("weight_decay", weight_decay)
+        diffusion_factor = sgld_op.check_scalar("diffusion_factor", diffusion_factor)
+        noise_scale = sgld_op.check_scalar("noise_scale", noise_scale)
         if bounding_box is not None:
-            bounding_box = _sgld_op._check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = _sgld_op._check_key("seed", seed), _sgld_op._check_key("step", step)
+            bounding_box = sgld_op.check_scalar("bounding_box", bounding_box, positive=True)
+        seed, step = sgld_op.check_key("seed", seed), sgld_op.check_key("step", step)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("sgnht_step_", params[0].device, backend)(
