@@ -141,3 +141,19 @@ def test_minibatch_cka_refuses_a_batch_whose_width_changed():
             [torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g)], [torch.randn(8, 2, generator=g)]
         )
     assert acc.num_batches == 1
+
+
+def test_metric_positions_per_example_out_of_range_are_refused():
+    """A per-example metric position past the prompt is an error (it used to wrap around to another position);
+    circuits read positions through the same check."""
+    from pypattern.circuits.engine import metric_positions as circuit_positions
+    from pypattern.patching.metrics import metric_positions
+
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]), position=torch.tensor([2, 9]))
+    for fn in (metric_positions, circuit_positions):
+        with pytest.raises(ValueError, match="metric.position"):
+            fn(metric, 2, 6)
+    ok = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]), position=torch.tensor([-1, 2]))
+    assert metric_positions(ok, 2, 6).tolist() == [5, 2]
+    same = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]), position=torch.tensor([4, -2]))
+    assert circuit_positions(same, 2, 6) == 4

@@ -30,6 +30,7 @@ import torch
 
 from ..patching.api import check_tokens
 from ..patching.metrics import check_metric_output
+from ..patching.metrics import metric_positions as patching_metric_positions
 from .graph import EdgeGraph
 from .model_view import ModelView
 
@@ -53,21 +54,10 @@ class _Run:
 
 
 def metric_positions(metric, batch: int, seq_len: int):
-    """The metric's position(s) as a non-negative int or a LongTensor ``(batch,)``."""
-    pos = getattr(metric, "position", -1)
-    if isinstance(pos, int):
-        if not -seq_len <= pos < seq_len:
-            raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
-        return pos % seq_len
-    pos = torch.as_tensor(pos).long()
-    if pos.shape != (batch,):
-        raise ValueError(
-            f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
-        )
-    if bool(((pos < -seq_len) | (pos >= seq_len)).any()):
-        raise ValueError(f"metric.position has entries out of range for prompts of {seq_len} positions")
-    pos = pos % seq_len
-    if bool((pos == pos[0]).all()):
+    """The metric's position(s) as a non-negative int or a LongTensor ``(batch,)`` (checked by
+    :func:`pypattern.patching.metrics.metric_positions`); one position shared by every example becomes an int."""
+    pos = patching_metric_positions(metric, batch, seq_len)
+    if isinstance(pos, torch.Tensor) and bool((pos == pos[0]).all()):
         return int(pos[0])
     return pos
 

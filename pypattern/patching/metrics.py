@@ -117,17 +117,19 @@ logit_diff, prob, logprob, kl_div = LogitDiff, Prob, LogProb, KL
 def metric_positions(metric: Metric, batch: int, seq_len: int):
     """The metric's read-out position(s) for prompts ``(batch, seq_len)``, made non-negative: an int, or a
     LongTensor ``(batch,)``. Raises ValueError when out of range or of the wrong shape."""
-    pos = metric.position
+    pos = getattr(metric, "position", -1)  # a plain callable reads the last position
     if isinstance(pos, int):
         if not -seq_len <= pos < seq_len:
             raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
         return pos % seq_len
-    pos = torch.as_tensor(pos).long() % seq_len
+    pos = torch.as_tensor(pos).long()
     if pos.shape != (batch,):
         raise ValueError(
             f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
         )
-    return pos
+    if bool(((pos < -seq_len) | (pos >= seq_len)).any()):
+        raise ValueError(f"metric.position has entries out of range for prompts of {seq_len} positions")
+    return pos % seq_len
 
 
 def logits_at(logits: torch.Tensor, pos) -> torch.Tensor:
