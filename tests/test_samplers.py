@@ -607,14 +607,43 @@ def test_make_sampler_bad_names_and_values():
         make_sampler(3, w)
     with pytest.raises(ValueError, match="step_size must be a finite number > 0, got -1"):
         SGNHT(w, step_size=-1)
-    with pytest.raises(ValueError, match="give step_size or its devinterp name lr, not both"):
-        SGNHT(w, step_size=0.1, lr=0.1)
+    # devinterp's names through the one vocabulary: two names of one hyperparameter must agree
+    with pytest.raises(
+        ValueError, match="SGNHT gives step_size=0.1 and lr=0.2: both set step_size; give one"
+    ):
+        SGNHT(w, step_size=0.1, lr=0.2)
+    with pytest.raises(ValueError, match="RMSpropSGLD gives noise_scale=1.0 and noise_level=0.5"):
+        make_sampler("rmsprop_sgld", w, noise_scale=1.0, noise_level=0.5)
+    with pytest.raises(ValueError, match="SGNHT gives bounding_box=1.0 and bounding_box_size=2.0"):
+        SGNHT(w, bounding_box=1.0, bounding_box_size=2.0)
+    with pytest.raises(ValueError, match=r"params\[0\] gives lr=0.1 and step_size=0.2"):
+        SGNHT([{"params": w, "lr": 0.1, "step_size": 0.2}])
     with pytest.raises(ValueError, match="diffusion_factor must be a finite number >= 0"):
         SGNHT(w, diffusion_factor=-1.0)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
         make_sampler("rmsprop_sgld", w, alpha=1.0)
     with pytest.raises(ValueError, match="masks has names that are not"):
         SGNHT([("w", w[0])], masks={"v": torch.ones(3)})
+
+
+@pytest.mark.parametrize("cls_name", ["SGNHT", "RMSpropSGLD"])
+def test_fused_samplers_translate_devinterp_names(cls_name):
+    """devinterp's names (lr, noise_level, bounding_box_size, temperature) land on pypattern's, in the
+    constructor and in group dicts; the same value under both names is accepted."""
+    from pypattern.sampling import samplers
+
+    cls = getattr(samplers, cls_name)
+    w = [torch.zeros(3, requires_grad=True)]
+    opt = cls(w, lr=0.2, noise_level=0.5, bounding_box_size=3.0, temperature=7.0, step_size=0.2)
+    g = opt.param_groups[0]
+    assert (g["step_size"], g["noise_scale"], g["bounding_box"], g["nbeta"]) == (0.2, 0.5, 3.0, 7.0)
+    assert not {"lr", "noise_level", "bounding_box_size", "temperature"} & set(g)
+    v = torch.zeros(2, requires_grad=True)
+    opt = cls([{"params": w}, {"params": [v], "lr": 0.05, "noise_level": 0.0}], step_size=0.1)
+    g0, g1 = opt.param_groups
+    assert (g0["step_size"], g0["noise_scale"], g1["step_size"], g1["noise_scale"]) == (0.1, 1.0, 0.05, 0.0)
+    default = cls(w)
+    assert (default.param_groups[0]["step_size"], default.param_groups[0]["nbeta"]) == (0.01, 1.0)
 
 
 @pytest.mark.parametrize("name", ["sgnht", "rmsprop_sgld"])
