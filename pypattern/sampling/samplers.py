@@ -264,6 +264,13 @@ class _FusedSampler(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.sampler_step()
+        return loss
+
+    @torch.no_grad()
+    def sampler_step(self) -> None:
+        """The step itself, without ``torch.optim.Optimizer.step``'s hooks and profiler wrapper (the chain runner
+        calls this directly, as it calls :meth:`SGLD.sgld_step`)."""
         for k, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
@@ -271,7 +278,6 @@ class _FusedSampler(torch.optim.Optimizer):
             self._group_step(k, group, grads, validate=not self._validated)
         self._validated = True
         self.num_steps += 1
-        return loss
 
     def _group_step(self, k, group, grads, *, validate):  # pragma: no cover - overridden
         raise NotImplementedError

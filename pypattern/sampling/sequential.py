@@ -56,7 +56,7 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
         if isinstance(opt, SGLD):
             opt.anchors, take_step, state_of = anchors, opt.sgld_step, None
         else:  # SGNHT, RMSprop-SGLD: one group; their state goes into the checkpoint too
-            opt.anchors, take_step = [anchors], opt.step
+            opt.anchors, take_step = [anchors], opt.sampler_step
             if g in st.sampler_state:
                 opt.load_chain_state(st.sampler_state[g])
 
