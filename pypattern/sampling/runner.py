@@ -150,11 +150,13 @@ def sample(
     sampler : {"sgld", "sgnht", "rmsprop_sgld"} or a sampler class, optional
         The chains' dynamics, each step one fused op: SGLD (default), SGNHT (:class:`SGNHT`: momentum and a
         thermostat per chain) or RMSprop-preconditioned SGLD (:class:`RMSpropSGLD`); the classes (pypattern's or
-        devinterp's) name theirs. All three target ``exp(-nbeta L_n(w) - localization/2 |w - w*|^2)`` (up to
-        their discretisation bias; RMSprop-SGLD, which leaves out the term in the derivative of its
-        preconditioner as devinterp does, once its running mean has settled). Sequential and batched chains,
-        checkpoints (with the sampler's state) and the noise keys work the same for all three. The result's
-        ``config["sampler"]`` names it. ``sampling_method`` is devinterp's name for it (both given must agree). : mapping name -> callable(model, batch) -> Tensor or float, or a sequence of callables
+        devinterp's) name theirs. All three target ``exp(-nbeta L_n(w) - localization/2 |w - w*|^2)`` up to
+        their discretisation bias. RMSprop-SGLD leaves out the term in the derivative of its preconditioner, as
+        devinterp does: exact for a constant preconditioner, it shifts the draws slightly while the running mean
+        of squared gradients still follows the recent gradients. Sequential and batched chains, checkpoints (with
+        the sampler's state) and the noise keys work the same for all three. The result's ``config["sampler"]``
+        names it. ``sampling_method`` is devinterp's name for it (both given must agree).
+    observables : mapping name -> callable(model, batch) -> Tensor or float, or a sequence of callables
         Evaluated (without gradient) at every draw on the draw's batch; traces ``(num_chains, num_draws, *shape)``.
         With batched chains each observable is first tried under ``torch.func.vmap`` (all chains in one call);
         one that does not run under vmap is evaluated chain by chain.
