@@ -59,6 +59,7 @@ from .sampling.checkpoint import load_checkpoint_state
 from .sampling.data import ChainData
 from .sampling.optim import chain_seed
 from .sampling.runner import sample, split_loss
+from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
 ROW_KIND = "susceptibility-row"  # a finished run's row in a checkpoint folder
@@ -317,8 +318,8 @@ def _sampler_kwargs(kw: dict) -> dict:
     allowed = {
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
         "weight_decay", "noise_scale", "bounding_box", "optimizer_kwargs", "seed", "batched", "quiet",
-        "backend", "num_init_loss_batches", "warn_nonstationary", "cores", "checkpoint_every",
-        *DEVINTERP_NAMES,
+        "backend", "num_init_loss_batches", "warn_nonstationary", "cores", "checkpoint_every", "sampler",
+        "sampling_method", *DEVINTERP_NAMES,
     }  # fmt: skip
     bad = set(kw) - allowed
     if bad:
@@ -326,6 +327,11 @@ def _sampler_kwargs(kw: dict) -> dict:
     kw = translate(kw, where="the sampler settings")
     if kw.get("optimizer_kwargs"):
         kw["optimizer_kwargs"] = translate(kw["optimizer_kwargs"], where="optimizer_kwargs", drop_none=False)
+    name = sampler_name(kw.pop("sampler", None), kw.pop("sampling_method", None))
+    if (
+        name != "sgld"
+    ):  # by name (settings and checkpoint fingerprints hold plain values); SGLD is the default
+        kw["sampler"] = name
     return kw
 
 
@@ -394,7 +400,8 @@ def susceptibilities(
         The estimate does not depend on it: each run's chains get the same noise and data either way.
     **sampler_settings
         ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
-        ``localization``, ``seed``, ... as in :func:`pypattern.sample`.
+        ``localization``, ``seed``, ``sampler`` (``"sgld"``, ``"sgnht"``, ``"rmsprop_sgld"``; devinterp's
+        ``sampling_method``), ``optimizer_kwargs``, ... as in :func:`pypattern.sample`.
 
     Returns
     -------
@@ -739,7 +746,8 @@ def bif(
     **sampler_settings,
 ) -> BIFResult:
     """Bayesian influence function ``BIF(z_i, z_j) = -Cov(l_i, l_j)`` over draws of the (unrestricted) localized
-    posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws)."""
+    posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws).
+    ``**sampler_settings`` are those of :func:`susceptibilities` (``sampler=`` included)."""
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     if is_auto(kw.get("step_size")):  # calibrated before the run (pypattern.sampling.auto)
         kw["step_size"] = resolve_step_size(model, loader, loss_fn=loss_fn, **kw)[0]

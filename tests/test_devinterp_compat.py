@@ -175,15 +175,23 @@ def test_v1_device_honoured():
 def test_v1_unsupported_options_are_named():
     model, loader = _mlp(), _mlp_loader()
 
-    class SGNHT(torch.optim.Optimizer):
+    class SGHMC(torch.optim.Optimizer):
         pass
 
     with pytest.raises(ValueError, match="evaluate= and criterion="):
         _v1(model, loader, evaluate=_ce, criterion=nn.CrossEntropyLoss())
-    with pytest.raises(NotImplementedError, match="sampling_method='SGNHT'"):
+    with pytest.raises(ValueError, match="sampling_method='SGHMC' is not a known sampler; valid are 'sgld'"):
         estimate_learning_coeff_with_summary(
-            model, loader, evaluate=_ce, sampling_method=SGNHT, verbose=False
+            model, loader, evaluate=_ce, sampling_method=SGHMC, verbose=False
         )
+    with pytest.raises(
+        ValueError, match="sampler='sgnht' and sampling_method='SGLD' name different samplers"
+    ):
+        _v1(model, loader, evaluate=_ce, sampler="sgnht")
+    with pytest.raises(ValueError, match="diffusion_factor=0.1, a hyperparameter of sampler='sgnht'"):
+        _v1(model, loader, evaluate=_ce, optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, diffusion_factor=0.1))
+    with pytest.raises(NotImplementedError, match="add_grad_correction=True"):
+        _v1(model, loader, evaluate=_ce, optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, add_grad_correction=True))
     with pytest.raises(NotImplementedError, match="gpu_idxs"):
         _v1(model, loader, evaluate=_ce, gpu_idxs=[0, 1])
     with pytest.raises(NotImplementedError, match="cores"):
@@ -207,6 +215,41 @@ def test_v1_unsupported_options_are_named():
             warn_nonstationary=False,
             **FAST,
         )
+
+
+@pytest.mark.parametrize(
+    "method, sampler, own",
+    [
+        ("SGNHT", "sgnht", {"diffusion_factor": 0.02}),
+        ("rmsprop_sgld", "rmsprop_sgld", {"alpha": 0.9, "eps": 0.05}),
+    ],
+)
+def test_v1_other_samplers_equal_native(method, sampler, own):
+    """devinterp 1.x's sampling_method (its SGNHT class, or a name) and the sampler's own optimizer_kwargs run
+    pypattern's fused sampler: the same numbers as estimate_llc(sampler=...)."""
+    from pypattern.devinterp.optim import SGNHT
+
+    model, loader = _mlp(), _mlp_loader()
+    okw = dict(lr=1e-3, nbeta=10.0, localization=100.0, save_noise=False, **own)
+    out = estimate_learning_coeff_with_summary(
+        model,
+        loader,
+        evaluate=_ce,
+        sampling_method=SGNHT if method == "SGNHT" else method,
+        optimizer_kwargs=okw,
+        seed=3,
+        verbose=False,
+        warn_nonstationary=False,
+        **FAST,
+    )
+    ref = _native(
+        model, loader, _ce, 10.0, num_init_loss_batches=2, sampler=sampler, optimizer_kwargs=own, **FAST
+    )
+    sgld = _native(model, loader, _ce, 10.0, num_init_loss_batches=2, **FAST)
+    assert ref.sample.config["sampler"] == sampler and all(ref.sample.config[k] == v for k, v in own.items())
+    np.testing.assert_allclose(out["loss/trace"], ref.loss_trace, rtol=1e-6)
+    assert out["llc/mean"] == pytest.approx(ref.llc_mean, rel=1e-6)
+    assert np.abs(ref.loss_trace - sgld.loss_trace).max() > 1e-4  # another sampler, other draws
 
 
 def test_v1_callbacks_get_results_merged():
@@ -250,7 +293,26 @@ def _init_loss(model, ids, bs, k, seed, loss):
 SET2 = dict(num_chains=2, num_draws=5, num_burnin_steps=3, num_steps_bw_draws=2, batch_size=8, init_seed=7)
 
 
-def test_v2_llc_transformer_equals_native():
+@pytest.mark.parametrize(
+    "method, extra, sampler, own",
+    [
+        ("sgmcmc_sgld", {}, "sgld", {}),
+        (
+            "rmsprop_sgld",
+            {"rmsprop_alpha": 0.9, "sampling_method_kwargs": {"eps": 0.05}},
+            "rmsprop_sgld",
+            None,
+        ),
+        (
+            "sgnht",
+            {"sampling_method_kwargs": {"diffusion_factor": 0.02}},
+            "sgnht",
+            {"diffusion_factor": 0.02},
+        ),
+    ],
+)
+def test_v2_llc_transformer_equals_native(method, extra, sampler, own):
+    own = {"alpha": 0.9, "eps": 0.05} if own is None else own
     model, ids = _transformer(), _tokens()
     res = di.llc(
         model,
@@ -260,6 +322,8 @@ def test_v2_llc_transformer_equals_native():
         n_beta=5.0,
         localization=50.0,
         num_init_loss_batches=3,
+        sampling_method=method,
+        **extra,
         **SET2,
     )
     assert {"llc_mean", "llc_std", "llc_per_chain", "llc_scalar", "loss_trace", "init_loss"} <= set(res)
@@ -280,6 +344,8 @@ def test_v2_llc_transformer_equals_native():
         init_loss=init,
         quiet=True,
         warn_nonstationary=False,
+        sampler=sampler,
+        optimizer_kwargs=own,
     )
     np.testing.assert_allclose(res.loss_trace, ref.loss_trace, rtol=1e-5)
     np.testing.assert_allclose(res.llc_per_chain, ref.llc_per_chain, rtol=1e-4, atol=1e-6)
@@ -411,13 +477,35 @@ def test_v2_unsupported_options_are_named():
     model, ids = _transformer(), _tokens()
     base = dict(lr=1e-3, n_beta=5.0, num_chains=1, num_draws=2, batch_size=8)
     for kw, name in [
-        (dict(sampling_method="rmsprop_sgld"), "sampling_method='rmsprop_sgld'"),
         (dict(output_path="x.zarr"), "output_path"),
         (dict(init_noise=0.1), "init_noise"),
         (dict(save_metrics=True), "save_metrics"),
-        (dict(sampling_method_kwargs={"eps": 1e-8}), "sampling_method_kwargs"),
+        (
+            dict(sampling_method="rmsprop_sgld", sampling_method_kwargs={"add_grad_correction": True}),
+            "add_grad",
+        ),
     ]:
         with pytest.raises(NotImplementedError, match=name):
+            di.llc(model, ids, {}, **base, **kw)
+    for kw, match in [
+        (dict(sampling_method="hmc"), "sampling_method='hmc' is not a known sampler"),
+        (dict(rmsprop_eps=1e-8), "rmsprop_eps can only be set when sampling_method='rmsprop_sgld'"),
+        (
+            dict(sampling_method="rmsprop_sgld", rmsprop_eps=0.1, sampling_method_kwargs={"eps": 0.2}),
+            "rmsprop_eps is set both",
+        ),
+        (dict(sampling_method_kwargs={"eps": 1e-8}), "eps=1e-08, a hyperparameter of sampler='rmsprop_sgld'"),
+        (
+            dict(sampling_method="sgnht", sampling_method_kwargs={"lr": 0.1}),
+            "give these as keyword arguments",
+        ),
+        (
+            dict(sampling_method="sgnht", sampling_method_kwargs={"momentum": 0.1}),
+            "unknown keys \\['momentum'\\]",
+        ),
+        (dict(sampling_method="rmsprop_sgld", rmsprop_alpha=1.0), "alpha must be in \\[0, 1\\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
             di.llc(model, ids, {}, **base, **kw)
     with pytest.raises(TypeError, match="input_ids"):
         di.llc(model, [1, 2, 3], {}, **base)
@@ -449,6 +537,10 @@ def test_devinterp_import_paths_mirrored():
     )
     assert (susceptibilities, compute_susceptibilities) == (di.susceptibilities, di.compute_susceptibilities)
     assert elc is estimate_learning_coeff_with_summary and dn is default_nbeta and SGLD_a is SGLD_b is SGLD
+    from pypattern.devinterp.optim import SGNHT as SGNHT_a
+    from pypattern.devinterp.optim.sgnht import SGNHT as SGNHT_b
+
+    assert SGNHT_a is SGNHT_b is pypattern.sampling.SGNHT
     model, loader = _mlp(), _mlp_loader()
     x, y = next(iter(loader))
     loss, out = evaluate_ce(model, (x, y))

@@ -72,6 +72,11 @@ def test_llc_and_sample_examples(env):
     res = env["res"]
     assert np.isfinite(res.llc_mean) and res.llc_per_chain.shape == (2,)
     assert env["samples"].loss_trace.shape == (2, 10)
+    sgnht = env["sgnht"]
+    assert sgnht.sample.config["sampler"] == "sgnht" and sgnht.sample.config["diffusion_factor"] == 0.01
+    assert np.isfinite(sgnht.llc_mean)
+    # the LLC of the SGNHT draws, recomputed from its loss trace
+    assert sgnht.llc_mean == pytest.approx(float(np.mean(sgnht.nbeta * (sgnht.loss_trace - sgnht.init_loss))))
     from pypattern import LLCResult
 
     assert LLCResult.load(env["__folder__"] / "llc.npz").llc_mean == res.llc_mean

@@ -607,14 +607,43 @@ def test_make_sampler_bad_names_and_values():
         make_sampler(3, w)
     with pytest.raises(ValueError, match="step_size must be a finite number > 0, got -1"):
         SGNHT(w, step_size=-1)
-    with pytest.raises(ValueError, match="give step_size or its devinterp name lr, not both"):
-        SGNHT(w, step_size=0.1, lr=0.1)
+    # devinterp's names through the one vocabulary: two names of one hyperparameter must agree
+    with pytest.raises(
+        ValueError, match="SGNHT gives step_size=0.1 and lr=0.2: both set step_size; give one"
+    ):
+        SGNHT(w, step_size=0.1, lr=0.2)
+    with pytest.raises(ValueError, match="RMSpropSGLD gives noise_scale=1.0 and noise_level=0.5"):
+        make_sampler("rmsprop_sgld", w, noise_scale=1.0, noise_level=0.5)
+    with pytest.raises(ValueError, match="SGNHT gives bounding_box=1.0 and bounding_box_size=2.0"):
+        SGNHT(w, bounding_box=1.0, bounding_box_size=2.0)
+    with pytest.raises(ValueError, match=r"params\[0\] gives lr=0.1 and step_size=0.2"):
+        SGNHT([{"params": w, "lr": 0.1, "step_size": 0.2}])
     with pytest.raises(ValueError, match="diffusion_factor must be a finite number >= 0"):
         SGNHT(w, diffusion_factor=-1.0)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\)"):
         make_sampler("rmsprop_sgld", w, alpha=1.0)
     with pytest.raises(ValueError, match="masks has names that are not"):
         SGNHT([("w", w[0])], masks={"v": torch.ones(3)})
+
+
+@pytest.mark.parametrize("cls_name", ["SGNHT", "RMSpropSGLD"])
+def test_fused_samplers_translate_devinterp_names(cls_name):
+    """devinterp's names (lr, noise_level, bounding_box_size, temperature) land on pypattern's, in the
+    constructor and in group dicts; the same value under both names is accepted."""
+    from pypattern.sampling import samplers
+
+    cls = getattr(samplers, cls_name)
+    w = [torch.zeros(3, requires_grad=True)]
+    opt = cls(w, lr=0.2, noise_level=0.5, bounding_box_size=3.0, temperature=7.0, step_size=0.2)
+    g = opt.param_groups[0]
+    assert (g["step_size"], g["noise_scale"], g["bounding_box"], g["nbeta"]) == (0.2, 0.5, 3.0, 7.0)
+    assert not {"lr", "noise_level", "bounding_box_size", "temperature"} & set(g)
+    v = torch.zeros(2, requires_grad=True)
+    opt = cls([{"params": w}, {"params": [v], "lr": 0.05, "noise_level": 0.0}], step_size=0.1)
+    g0, g1 = opt.param_groups
+    assert (g0["step_size"], g0["noise_scale"], g1["step_size"], g1["noise_scale"]) == (0.1, 1.0, 0.05, 0.0)
+    default = cls(w)
+    assert (default.param_groups[0]["step_size"], default.param_groups[0]["nbeta"]) == (0.01, 1.0)
 
 
 @pytest.mark.parametrize("name", ["sgnht", "rmsprop_sgld"])
@@ -637,3 +666,286 @@ def test_optimizer_samples_the_gaussian_mean(name):
     chain_means = total / draws
     se = chain_means.std(0) / 8
     assert ((chain_means.mean(0) - mu).abs() / se).max() < 4.5
+
+
+# ------------------------------------------------------------------------------------------ through pypattern.sample
+
+RUNNER_SAMPLERS = [
+    ("sgld", {}),
+    ("sgnht", {"diffusion_factor": 0.02}),
+    ("rmsprop_sgld", {"alpha": 0.9, "eps": 0.05}),
+]
+
+
+def _mlp_task(seed=0, n=96):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
+    return model, loader
+
+
+def _sample(model, loader, **kw):
+    base = dict(
+        num_chains=3,
+        num_draws=12,
+        num_burnin_steps=4,
+        num_steps_bw_draws=2,
+        step_size=1e-3,
+        localization=10.0,
+        nbeta=20.0,
+        seed=5,
+        quiet=True,
+        warn_nonstationary=False,
+        observables={"logit0": lambda m, b: m(b[0])[0]},
+    )
+    base.update(kw)
+    return pypattern.sample(model, loader, **base)
+
+
+@pytest.mark.parametrize("sampler, own", RUNNER_SAMPLERS)
+def test_sample_batched_equals_sequential_for_each_sampler(sampler, own):
+    """Batched chains (stacked weights and sampler state, one op call per chain) draw the same noise as
+    sequential ones (one optimizer per chain): the same traces up to float rounding; and the sampler is the
+    one asked for (its draws differ from SGLD's), named in the result's config with its hyperparameters."""
+    model, loader = _mlp_task()
+    a = _sample(model, loader, sampler=sampler, optimizer_kwargs=own, batched=True)
+    b = _sample(model, loader, sampler=sampler, optimizer_kwargs=own, batched=False)
+    assert a.batched and not b.batched
+    np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(a.observables["logit0"], b.observables["logit0"], rtol=2e-5, atol=1e-5)
+    assert a.config["sampler"] == sampler and all(a.config[k] == v for k, v in own.items())
+    if sampler != "sgld":
+        sgld = _sample(model, loader, batched=False)
+        assert np.abs(sgld.loss_trace - b.loss_trace).max() > 1e-4
+        # devinterp's name for the argument, and a class for the value
+        cls = {"sgnht": pypattern.sampling.SGNHT, "rmsprop_sgld": pypattern.sampling.RMSpropSGLD}[sampler]
+        c = _sample(model, loader, sampling_method=cls, optimizer_kwargs=own, batched=False)
+        np.testing.assert_array_equal(c.loss_trace, b.loss_trace)
+
+
+@pytest.mark.parametrize("sampler, own", RUNNER_SAMPLERS[1:])
+def test_sample_runs_with_masks_equal_separate_calls(sampler, own):
+    """Restricted runs batched together (each chain its own moving tensors, mask and thermostat) equal separate
+    sequential calls."""
+    model, loader = _mlp_task()
+    mask = {"0.weight": torch.rand(8, 6, generator=torch.Generator().manual_seed(1)) > 0.5}
+    specs = [("0.*", None), (["0.weight"], mask), (None, None)]
+    together = _sample(model, loader, sampler=sampler, optimizer_kwargs=own, batched=True, runs=specs)
+    for (restrict, masks), res in zip(specs, together):
+        alone = _sample(
+            model,
+            loader,
+            sampler=sampler,
+            optimizer_kwargs=own,
+            batched=False,
+            restrict_to=restrict,
+            masks=masks,
+        )
+        np.testing.assert_allclose(res.loss_trace, alone.loss_trace, rtol=2e-5, atol=1e-6)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("sampler, own", RUNNER_SAMPLERS)
+def test_sample_checkpoint_resume_bit_identical_for_each_sampler(tmp_path, sampler, own, batched):
+    """A run killed mid-way and resumed from its checkpoint equals the uninterrupted run bit for bit: the
+    checkpoint holds the unfinished chains' sampler state (SGNHT's momenta and thermostat, RMSprop-SGLD's running
+    means), and a resume without it would differ. A checkpoint of another sampler, or other hyperparameters of
+    the sampler, is refused naming the item."""
+    from pypattern import io
+
+    model, loader = _mlp_task()
+    kw = dict(sampler=sampler, optimizer_kwargs=own, batched=batched)
+    full = _sample(model, loader, **kw)
+    path = tmp_path / "run.npz"
+
+    def killer(chain, draw):
+        if chain == 1 and draw == 7:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _sample(model, loader, checkpoint=path, callbacks=[killer], **kw)
+    arrays, meta = io.load(path, kind="sample-checkpoint")
+    kinds = {k.split("/")[2] for k in arrays if k.startswith("sampler/")}
+    assert (
+        kinds == {"sgld": set(), "sgnht": {"momentum", "thermostat"}, "rmsprop_sgld": {"square_avg"}}[sampler]
+    )
+    if sampler != "sgld":
+        assert meta["checkpoint"]["fingerprint"]["sampler"] == sampler
+        other = "rmsprop_sgld" if sampler == "sgnht" else "sgnht"
+        with pytest.raises(
+            io.FingerprintMismatch, match=f"sampler='{sampler}', this run has sampler='{other}'"
+        ):
+            _sample(model, loader, checkpoint=path, sampler=other, batched=batched)
+        with pytest.raises(io.FingerprintMismatch, match=f"sampler='{sampler}', this run has sampler='sgld'"):
+            _sample(model, loader, checkpoint=path, batched=batched)
+        key = next(iter(own))
+        with pytest.raises(io.FingerprintMismatch, match=f"{key} = "):
+            _sample(model, loader, checkpoint=path, **{**kw, "optimizer_kwargs": {**own, key: own[key] / 2}})
+        # the same checkpoint without the sampler state: the resumed chains restart their state and differ
+        bare = tmp_path / "bare.npz"
+        io.save(
+            bare,
+            {k: v for k, v in arrays.items() if not k.startswith("sampler/")},
+            meta,
+            kind="sample-checkpoint",
+        )
+        wrong = _sample(model, loader, checkpoint=bare, **kw)
+        assert not np.array_equal(wrong.loss_trace, full.loss_trace)
+    res = _sample(model, loader, checkpoint=path, **kw)
+    np.testing.assert_array_equal(res.loss_trace, full.loss_trace)
+    np.testing.assert_array_equal(res.observables["logit0"], full.observables["logit0"])
+
+
+def test_sample_sampler_arguments_refused_with_names():
+    model, loader = _mlp_task()
+    kw = dict(num_chains=1, num_draws=2)
+    with pytest.raises(
+        ValueError, match="sampler='sgnht' and sampling_method='SGLD' name different samplers"
+    ):
+        _sample(model, loader, sampler="sgnht", sampling_method=pypattern.SGLD, **kw)
+    with pytest.raises(ValueError, match="sampler='hmc' is not a known sampler; valid are 'sgld', 'sgnht'"):
+        _sample(model, loader, sampler="hmc", **kw)
+    with pytest.raises(
+        ValueError, match="optimizer_kwargs has alpha=0.9, a hyperparameter of sampler='rmsprop_sgld'"
+    ):
+        _sample(model, loader, sampler="sgnht", optimizer_kwargs={"alpha": 0.9}, **kw)
+    with pytest.raises(ValueError, match="diffusion_factor must be a finite number >= 0"):
+        _sample(model, loader, sampler="sgnht", optimizer_kwargs={"diffusion_factor": -1.0}, **kw)
+    with pytest.raises(ValueError, match=r"optimizer_kwargs has unknown keys \['momentum'\]"):
+        _sample(model, loader, sampler="sgnht", optimizer_kwargs={"momentum": 0.9}, **kw)
+    # the same sampler under both names is accepted
+    r = _sample(model, loader, sampler="rmsprop-sgld", sampling_method="RMSpropSGLD", **kw)
+    assert r.config["sampler"] == "rmsprop_sgld" and (r.config["alpha"], r.config["eps"]) == (0.99, 0.1)
+
+
+# The truth through pypattern.sample: the Gaussian model above as a module whose parameter holds K independent
+# rows w_k (a chain moves all of them; the loss is the sum of the rows' quadratic losses, so each row's tempered
+# localized posterior is the Gaussian N(mu, H^-1) and the chain's dynamics are the recursions above, row by row;
+# SGNHT's thermostat is shared by the rows of a chain, as in the product system above). The draws are read by an
+# observable; the Monte Carlo error comes from the spread of the rows' time averages over all chains' rows.
+# Predictions, with the discretisation bias of each method:
+# * SGLD: N(mu, H^-1 (I - eps H / 4)^-1).
+# * SGNHT: mu, and per eigenmode the stationary Var(w) of the recursion at the thermostat's fixed point xi*.
+# * RMSprop-SGLD, which leaves out the term in the derivative of its preconditioner: once the running mean V has
+#   settled, G = 1/(sqrt(V) + eps_rms) is nearly constant, and for a constant G the preconditioned Langevin
+#   dynamics target the same posterior N(mu, H^-1) (the left-out term vanishes); the discrete chain's stationary
+#   law is N(mu, S) with S solving S = B S B^T + eps G, B = I - (eps/2) G H. G is predicted without reading the
+#   sampler's state: V settles at E[g^2] = (A (mu - m))^2 + diag(A S A) per coordinate (g the gradient of the
+#   loss), so G and S are solved together by fixed-point iteration. Neglected: the fluctuation of V about its mean,
+#   which follows the recent gradients and so correlates with w; through the left-out term it shifts the mean by
+#   about 3 of this test's standard errors at the w* of test_truth_rmsprop_sgld_gaussian (measured over seeds; the
+#   covariance is unaffected at this precision). The shift falls as the mean gradient grows against its
+#   fluctuation, so here w* is 6 times as far from the loss minimum (the regime where G is constant), with the
+#   step scaled so that step_size * G, the discretisation, stays about the same.
+
+
+class _Rows(torch.nn.Module):
+    def __init__(self, rows: int, w_star: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(w_star.expand(rows, D).clone())
+
+    def forward(self, *args):
+        return self.w
+
+
+def _far_anchor(scale: float):
+    """The Gaussian model with w* moved ``scale`` times as far from the loss minimum m: (w*, mu)."""
+    a, m, w_star, h, mu = _gaussian_model()
+    w_star = m + scale * (w_star - m)
+    return w_star, torch.linalg.solve(h, NBETA * a @ m + GAMMA * w_star)
+
+
+def _sample_rows(
+    sampler, *, step_size, chains=2, rows=512, burnin, draws, batched=None, seed=3, anchor_scale=1.0, **own
+):
+    """(per-row mean (chains * rows, d), per-row second moment about mu (chains * rows, d, d)) of the draws of
+    ``pypattern.sample`` on the Gaussian model (w* as :func:`_far_anchor` places it)."""
+    a, m, *_ = _gaussian_model()
+    w_star, mu = _far_anchor(anchor_scale)
+
+    def loss_fn(model, batch):
+        w = model()
+        return 0.5 * ((w - m) @ a * (w - m)).sum()
+
+    res = pypattern.sample(
+        _Rows(rows, w_star),
+        [torch.zeros(1)],
+        loss_fn=loss_fn,
+        sampler=sampler,
+        optimizer_kwargs=own,
+        num_chains=chains,
+        num_draws=draws,
+        num_burnin_steps=burnin,
+        step_size=step_size,
+        nbeta=NBETA,
+        localization=GAMMA,
+        observables={"w": lambda model, batch: model()},
+        batched=batched,
+        seed=seed,
+        quiet=True,
+        warn_nonstationary=False,
+    )
+    w = torch.from_numpy(res.observables["w"])  # (chains, draws, rows, d)
+    w = w.permute(0, 2, 1, 3).reshape(chains * rows, draws, D)
+    dw = w - mu
+    return w.mean(1), torch.einsum("rti,rtj->rij", dw, dw) / draws
+
+
+def test_truth_sample_sgld_gaussian():
+    a, m, w_star, h, mu = _gaussian_model()
+    eps = 0.02
+    means, second = _sample_rows("sgld", step_size=eps, burnin=200, draws=600)
+    cov_pred = torch.linalg.inv(h @ (torch.eye(D, dtype=torch.float64) - eps * h / 4))
+    assert (
+        _assert_matches(means, second, mu, cov_pred, torch.linalg.inv(h)) > 4
+    )  # the O(eps) bias is resolved
+
+
+def _sgnht_xi_star(evals, eps, a_d):
+    """The thermostat's fixed point: where the mean stationary E[p^2] over the modes is eps (bisection)."""
+
+    def excess(xi):
+        return np.mean([_sgnht_mode(e, eps, xi, a_d)[1] for e in evals]) - eps
+
+    lo, hi = 1e-4, 0.5
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def test_truth_sample_sgnht_gaussian():
+    a, m, w_star, h, mu = _gaussian_model()
+    eps, a_d = 0.002, 0.05
+    means, second = _sample_rows("sgnht", step_size=eps, burnin=600, draws=1000, diffusion_factor=a_d)
+    evals, evecs = np.linalg.eigh(h.numpy())
+    xi_star = _sgnht_xi_star(evals, eps, a_d)
+    var_w = np.array([_sgnht_mode(e, eps, xi_star, a_d)[0] for e in evals])
+    cov_pred = torch.from_numpy(evecs @ np.diag(var_w) @ evecs.T)
+    _assert_matches(means, second, mu, cov_pred, torch.linalg.inv(h))
+
+
+def test_truth_sample_rmsprop_sgld_gaussian():
+    a, m, _, h, _ = _gaussian_model()
+    w_star, mu = _far_anchor(6.0)
+    eps, alpha, eps_rms = 0.1, 0.99, 0.1
+    means, second = _sample_rows(
+        "rmsprop_sgld", step_size=eps, burnin=500, draws=600, anchor_scale=6.0, alpha=alpha, eps=eps_rms
+    )
+    an, hn = a.numpy(), h.numpy()
+    gbar = an @ (mu - m).numpy()  # the mean gradient at the posterior mean
+    g = np.ones(D)
+    for _ in range(200):  # G and S together: V = E[g^2] under N(mu, S), S the Lyapunov solution for G
+        s = _lyapunov(np.eye(D) - 0.5 * eps * np.diag(g) @ hn, eps * np.diag(g))
+        g = 1.0 / (np.sqrt(gbar**2 + np.diag(an @ s @ an)) + eps_rms)
+    assert np.ptp(g) > 0.1 * g.mean()  # a preconditioner that is not a multiple of the identity
+    z_exact = _assert_matches(means, second, mu, torch.from_numpy(s), torch.linalg.inv(h))
+    assert z_exact > 4  # the discretisation bias is resolved

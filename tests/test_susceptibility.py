@@ -416,3 +416,43 @@ def test_all_false_component_mask_is_refused():
     mask = {"weight": torch.zeros_like(model.weight, dtype=torch.bool)}
     with pytest.raises(ValueError, match="component .* has an all-False mask over \\['weight'\\]"):
         susceptibilities(model, [(x, y)], (x[:4], y[:4]), {"none": mask}, num_draws=2)
+
+
+def test_bif_and_susceptibilities_take_the_sampler():
+    """``sampler=`` (or devinterp's ``sampling_method=``) reaches the chains: the BIF of SGNHT chains equals minus
+    the covariance of the probe losses recorded by ``pypattern.sample`` with the same sampler; the susceptibilities
+    of RMSprop-SGLD chains are the same under either name and differ from SGLD's."""
+    from pypattern import sample
+
+    model, x, y = _problem()
+    probe = (x[:5], y[:5])
+    kw = dict(
+        num_chains=3, num_draws=60, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=4, batched=False
+    )
+    kw["warn_nonstationary"] = False
+    own = {"diffusion_factor": 0.05}
+    res = bif(model, [(x, y)], probe, sampler="sgnht", optimizer_kwargs=own, **kw)
+
+    def losses(m, batch):
+        return ((m(probe[0]) - probe[1]) ** 2)[:, 0]
+
+    s = sample(
+        model, [(x, y)], sampler="sgnht", optimizer_kwargs=own, observables={"l": losses}, quiet=True, **kw
+    )
+    assert s.config["sampler"] == "sgnht" and s.config["diffusion_factor"] == 0.05
+    ls = s.observables["l"].reshape(-1, 5)
+    np.testing.assert_allclose(res.bif, -np.cov(ls.T), rtol=1e-8, atol=1e-12)
+    assert res.settings["sampler"] == "sgnht"
+    sgld = bif(model, [(x, y)], probe, **kw)
+    assert np.abs(sgld.bif - res.bif).max() > 1e-3 * np.abs(res.bif).max()
+
+    comps = {"first half": {"weight": torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)}}
+    a = susceptibilities(model, [(x, y)], probe, comps, sampler="rmsprop_sgld", **kw)
+    b = susceptibilities(model, [(x, y)], probe, comps, sampling_method="RMSpropSGLD", **kw)
+    c = susceptibilities(model, [(x, y)], probe, comps, **kw)
+    np.testing.assert_array_equal(a.chi, b.chi)
+    assert np.abs(a.chi - c.chi).max() > 1e-3 * np.abs(a.chi).max()
+    with pytest.raises(
+        ValueError, match="sampler='sgnht' and sampling_method='sgld' name different samplers"
+    ):
+        bif(model, [(x, y)], probe, sampler="sgnht", sampling_method="sgld", **kw)

@@ -9,6 +9,7 @@ devinterp                                            pypattern
 ``from devinterp.slt.bif import bif``                ``from pypattern.devinterp.slt.bif import bif``
 ``from devinterp.slt.sampler import estimate_...``   ``from pypattern.devinterp.slt.sampler import estimate_...``
 ``from devinterp.optim.sgld import SGLD``            ``from pypattern.devinterp.optim.sgld import SGLD``
+``from devinterp.optim.sgnht import SGNHT``          ``from pypattern.devinterp.optim.sgnht import SGNHT``
 ``from devinterp.utils import default_nbeta``        ``from pypattern.devinterp.utils import default_nbeta``
 ==================================================== =========================================================
 
@@ -29,9 +30,12 @@ logits (``model(input_ids)``, its ``.logits``, or the first element of a tuple).
 
 What differs from devinterp 2.0.1, by design: with ``shuffle=True`` each chain reads its own keyed order of the
 sampling data (``match_sampling_input_ids_across_chains`` has no effect; ``shuffle=False`` gives every chain the
-dataset order); observables are evaluated at a draw's weights before its SGLD step; ``output_path``,
-``save_metrics=True``, ``init_noise``, ``sampling_method="rmsprop_sgld"`` and its options raise
-``NotImplementedError`` naming the argument.
+dataset order); observables are evaluated at a draw's weights before its step; ``output_path``,
+``save_metrics=True``, ``init_noise`` and RMSprop-SGLD's ``add_grad_correction=True`` raise
+``NotImplementedError`` naming the argument. ``sampling_method`` takes devinterp 2.x's ``"sgmcmc_sgld"`` and
+``"rmsprop_sgld"`` (with ``sampling_method_kwargs`` ``alpha`` / ``eps``, or ``rmsprop_alpha`` / ``rmsprop_eps``),
+and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the fused samplers of
+:func:`pypattern.sample`'s ``sampler``.
 """
 
 from __future__ import annotations
@@ -54,9 +58,19 @@ from ..sampling.llc import (
 )
 from ..sampling.optim import SGLD
 from ..sampling.runner import sample as _native_sample
+from ..sampling.samplers import (
+    SAMPLER_HYPERPARAMETERS,
+    SGNHT,
+    RMSpropSGLD,
+    sampler_hyperparameters,
+    sampler_name,
+)
+from ..sampling.vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS
 
 __all__ = [
     "SGLD",
+    "SGNHT",
+    "RMSpropSGLD",
     "DevinterpResult",
     "bif",
     "compute_bif",
@@ -190,12 +204,54 @@ _UNSUPPORTED = {
     "init_noise": (None, "noise added to the weights before sampling"),
     "save_metrics": (False, "per-step optimizer metrics"),
     "output_path": (None, "Zarr output: results are returned in memory (save them with numpy)"),
-    "rmsprop_eps": (None, "RMSprop-preconditioned SGLD"),
-    "rmsprop_alpha": (None, "RMSprop-preconditioned SGLD"),
 }
 
 
 # ------------------------------------------------------------------------------------------------ sample
+
+
+def _sampling_method(
+    sampling_method, sampling_method_kwargs, rmsprop_eps, rmsprop_alpha
+) -> tuple[str, dict[str, float]]:
+    """pypattern's sampler and its own hyperparameters from devinterp 2.x's ``sampling_method``,
+    ``sampling_method_kwargs`` and the ``rmsprop_eps`` / ``rmsprop_alpha`` shorthands (devinterp's rules: the
+    shorthands only with ``"rmsprop_sgld"``, and not also in ``sampling_method_kwargs``)."""
+    sampler = sampler_name(sampling_method=sampling_method)
+    kw = dict(sampling_method_kwargs or {})
+    for name, value in (("eps", rmsprop_eps), ("alpha", rmsprop_alpha)):
+        if value is None:
+            continue
+        if sampler != "rmsprop_sgld":
+            raise ValueError(
+                f"rmsprop_{name} can only be set when sampling_method='rmsprop_sgld', got "
+                f"sampling_method={sampling_method!r}"
+            )
+        if name in kw:
+            raise ValueError(
+                f"rmsprop_{name} is set both as a top-level argument and in sampling_method_kwargs[{name!r}]; "
+                "give one"
+            )
+        kw[name] = value
+    if kw.pop("add_grad_correction", False):
+        raise NotImplementedError(
+            "sampling_method_kwargs add_grad_correction=True is not supported: RMSprop-SGLD leaves out the term "
+            "in the derivative of its preconditioner (devinterp's default, add_grad_correction=False)"
+        )
+    shared = sorted(set(kw) & {*HYPERPARAMETERS, *DEVINTERP_NAMES, "n_beta", "llc_weight_decay"})
+    if shared:
+        raise ValueError(
+            f"sampling_method_kwargs has {shared}: give these as keyword arguments of sample (lr, n_beta, "
+            "localization, noise_level, llc_weight_decay, bounding_box_size)"
+        )
+    out = sampler_hyperparameters(sampler, kw, where="sampling_method_kwargs")  # another sampler's: refused
+    own = SAMPLER_HYPERPARAMETERS[sampler]
+    unknown = sorted(set(kw) - set(own))
+    if unknown:
+        raise ValueError(
+            f"sampling_method_kwargs has unknown keys {unknown} for sampling_method={sampling_method!r}; known are "
+            f"{sorted(own) + ['add_grad_correction'] if sampler == 'rmsprop_sgld' else sorted(own)}"
+        )
+    return sampler, out
 
 
 def sample(
@@ -234,7 +290,8 @@ def sample(
     quiet: bool = True,
     batched: bool | None = None,
 ) -> DevinterpResult:
-    """devinterp 2.0.1's ``sample``: SGLD chains on a token dataset, with per-token losses of the observables.
+    """devinterp 2.0.1's ``sample``: SGLD (or RMSprop-SGLD, SGNHT) chains on a token dataset, with per-token
+    losses of the observables.
 
     Parameters
     ----------
@@ -246,7 +303,15 @@ def sample(
         Probe sets: ``batch_size * batches_per_draw`` sequences of each, chosen once with ``obs_seed``; their
         per-token losses are recorded at every draw.
     lr, n_beta, localization, noise_level, llc_weight_decay, bounding_box_size
-        SGLD step size, ``n * beta``, and the rest of devinterp's SGLD settings.
+        Step size, ``n * beta``, and the rest of devinterp's SGLD settings.
+    sampling_method : {"sgmcmc_sgld", "rmsprop_sgld", "sgnht"}
+        The sampler (:func:`pypattern.sample`'s ``sampler``); devinterp 2.x offers the first two.
+    sampling_method_kwargs : dict, optional
+        The sampler's own settings: RMSprop-SGLD's ``alpha`` (0.99) and ``eps`` (0.1), SGNHT's
+        ``diffusion_factor`` (0.01); ``add_grad_correction=False`` is accepted (True raises).
+    rmsprop_eps, rmsprop_alpha : float, optional
+        devinterp's shorthands for ``sampling_method_kwargs={"eps": ..., "alpha": ...}`` (with
+        ``sampling_method="rmsprop_sgld"`` only).
     param_masks : dict name -> mask or None, optional
         Only these parameters move (a mask restricts within one); None moves every parameter.
     num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, gradient_accumulation_steps, batch_size : int
@@ -271,27 +336,13 @@ def sample(
         batch_<obs_id>, token_pos) and ``input_ids_<obs_id>`` (batch_<obs_id>, token) per observable;
         ``metadata`` ({"config": {"sampler": {...}}}).
     """
-    given = dict(
-        init_noise=init_noise,
-        save_metrics=save_metrics,
-        output_path=output_path,
-        rmsprop_eps=rmsprop_eps,
-        rmsprop_alpha=rmsprop_alpha,
-    )
+    given = dict(init_noise=init_noise, save_metrics=save_metrics, output_path=output_path)
     for name, (default, what) in _UNSUPPORTED.items():
         if given[name] not in (default, 0) or (name == "save_metrics" and given[name]):
             raise NotImplementedError(
                 f"{name}={given[name]!r} is not supported ({what}); leave it at {default!r}"
             )
-    if sampling_method != "sgmcmc_sgld":
-        raise NotImplementedError(
-            f"sampling_method={sampling_method!r} is not supported; pypattern samples with 'sgmcmc_sgld' (SGLD)"
-        )
-    if sampling_method_kwargs:
-        raise NotImplementedError(
-            f"sampling_method_kwargs={dict(sampling_method_kwargs)!r} is not supported (SGLD takes its settings "
-            "as keyword arguments: lr, n_beta, localization, noise_level, llc_weight_decay, bounding_box_size)"
-        )
+    sampler, own = _sampling_method(sampling_method, sampling_method_kwargs, rmsprop_eps, rmsprop_alpha)
     for name, v, lo in (
         ("num_chains", num_chains, 1),
         ("num_draws", num_draws, 1),
@@ -383,6 +434,8 @@ def sample(
         quiet=quiet,
         batched=batched,
         warn_nonstationary=False,
+        sampler=sampler,
+        optimizer_kwargs=own,
     )
     draw_steps = num_burnin_steps + num_steps_bw_draws * np.arange(num_draws)
     config = dict(
@@ -401,6 +454,7 @@ def sample(
         llc_weight_decay=float(llc_weight_decay),
         bounding_box_size=bounding_box_size,
         sampling_method=sampling_method,
+        sampling_method_kwargs=dict(own),
         shuffle=shuffle,
         match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
     )

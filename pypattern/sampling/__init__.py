@@ -2,12 +2,13 @@
 
 * :class:`SGLD`: a ``torch.optim.Optimizer`` whose step is the fused op :func:`pypattern.ops.sgld.sgld_step_`.
 * :func:`sample`: chains of SGLD from the trained weights (batched with ``torch.func`` or sequential), loss
-  traces, observables, callbacks, divergence errors, R-hat/ESS, checkpoint and resume.
+  traces, observables, callbacks, divergence errors, R-hat/ESS, checkpoint and resume; ``sampler="sgnht"`` or
+  ``"rmsprop_sgld"`` runs the chains with :class:`SGNHT` or :class:`RMSpropSGLD` instead.
 * :func:`estimate_llc`: the LLC, per chain and over chains; :func:`estimate_learning_coeff` and
   :func:`estimate_learning_coeff_with_summary` keep devinterp 1.x's names and meanings.
 * :func:`calibrate_step_size`: LLC and trace health over a sweep of step sizes.
 
-Modules: ``optim`` (SGLD, noise keys), ``vocabulary`` (hyperparameter names; devinterp's translated), ``plan``
+Modules: ``optim`` (SGLD, noise keys), ``samplers`` (SGNHT, RMSprop-SGLD, the sampler names), ``vocabulary`` (hyperparameter names; devinterp's translated), ``plan``
 (argument checks, the frozen run plan), ``data`` (each chain's keyed batches), ``sequential`` and ``batched``
 (the chain loops), ``context`` (what the loops share: callbacks, checkpoints, divergence checks), ``checkpoint``
 (state, file and fingerprint), ``runner`` (:func:`sample`), ``results``, ``diagnostics``, ``llc``,

@@ -1,6 +1,7 @@
 """The batched chain loop: all chains of a group together, their parameters stacked along a chain axis, one
-``torch.func.vmap``-ed forward and one backward per step, and one fused SGLD step per chain with the noise keys
-of the sequential loop (the same draws up to float rounding)."""
+``torch.func.vmap``-ed forward and one backward per step, and one fused step per chain (SGLD, SGNHT or
+RMSprop-SGLD, on the chain's rows of the stacked weights and sampler state) with the noise keys of the sequential
+loop (the same draws up to float rounding)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ..ops.sgld import sgld_step_
 from .context import RunContext
 from .data import ChainData, to_device
-from .optim import resolve_step_fn
+from .samplers import StackedSamplerState
 from .sequential import extra_outputs
 
 __all__ = ["FunctionalModel", "VmapUnsupported", "run_batched"]
@@ -120,7 +120,17 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     index = {n: j for j, n in enumerate(union)}
     pick = [[index[n] for n in plan.runs[r].moving] for r in runs]
     views = [[stacked[union[j]][i] for j in pick[i]] for i in range(C)]
-    step_fn = resolve_step_fn(ctx.device, plan.backend)  # check=False: per-tensor finite flags
+    # the sampler's state (SGNHT's momenta and thermostat, RMSprop-SGLD's running means), stacked like the weights
+    sstate = StackedSamplerState(
+        plan.sampler,
+        stacked,
+        [plan.runs[r].moving for r in runs],
+        seeds,
+        [st.sampler_state.get(g) for g in chains],
+        hyper=hyper,
+        own=plan.sampler_hyper,
+        backend=plan.backend,
+    )
     shared_batch = to_device(datas[0].single, ctx.device) if shared_data else None
     for t in range(start, total):
         leaves = {n: s.detach().requires_grad_(True) for n, s in stacked.items()}
@@ -175,19 +185,32 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             for i, g in enumerate(chains):
                 r = runs[i]
                 gi = [per_tensor[j][i] for j in pick[i]]
-                kw = dict(seed=seeds[i], step=t, masks=run_masks[r], **hyper)
                 try:
-                    if t == start:  # validated once, with the public op
-                        sgld_step_(views[i], gi, run_anchors[r], backend=plan.backend, **kw)
-                    else:  # unchecked: one flag per tensor, looked at once for all chains
-                        flags.append(step_fn(views[i], gi, run_anchors[r], check=False, **kw).any())
+                    # validated once, at the first step; then unchecked: one flag per tensor, looked at once for
+                    # all chains
+                    f = sstate.step(
+                        i,
+                        views[i],
+                        gi,
+                        run_anchors[r],
+                        masks=run_masks[r],
+                        seed=seeds[i],
+                        step=t,
+                        validate=t == start,
+                    )
+                    if f is not None:
+                        flags.append(f.any())
                 except FloatingPointError as e:
                     raise ctx.diverged(g, t, f"a gradient is not finite ({e})") from None
             if flags and bool(torch.stack(flags).any()):
                 i = int(torch.nonzero(torch.stack(flags))[0])
                 raise ctx.diverged(chains[i], t, "a gradient is not finite")
         ctx.finish_step(
-            chains, d, t, lambda g: {n: stacked[n][chains.index(g)].clone() for n in ctx.moving(g)}
+            chains,
+            d,
+            t,
+            lambda g: {n: stacked[n][chains.index(g)].clone() for n in ctx.moving(g)},
+            lambda g: sstate.state_of(chains.index(g)),
         )
     for n, s in stacked.items():
         finite = torch.isfinite(s.reshape(C, -1)).all(dim=1)
@@ -197,3 +220,4 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     with ctx.lock:
         for g in chains:
             st.params.pop(g, None)
+            st.sampler_state.pop(g, None)

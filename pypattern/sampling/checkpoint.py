@@ -32,6 +32,9 @@ class State:
     obs : dict of str to ndarray ``(num_total_chains, num_draws, *shape)``
     params : dict of int to dict of str to Tensor
         The moving weights of chains stopped between steps (resumed from there).
+    sampler_state : dict of int to dict of str to Tensor
+        The sampler's state of those chains (SGNHT's momenta and thermostat, RMSprop-SGLD's running means, keyed
+        as :meth:`pypattern.sampling.SGNHT.chain_state` keys them; none for SGLD).
     init_losses : ndarray or None
         ``L_n(w*)`` on each of its batches.
     seconds : float
@@ -44,6 +47,7 @@ class State:
         self.next_step = np.zeros(num_total_chains, dtype=np.int64)
         self.obs: dict[str, np.ndarray] = {}
         self.params: dict[int, dict[str, torch.Tensor]] = {}
+        self.sampler_state: dict[int, dict[str, torch.Tensor]] = {}
         self.init_losses: np.ndarray | None = None
         self.seconds = 0.0
 
@@ -71,6 +75,9 @@ class State:
         for g, ps in self.params.items():
             for n, t in ps.items():
                 arrays[f"params/{g}/{n}"] = t.detach().cpu().numpy()
+        for g, ss in self.sampler_state.items():
+            for k, t in ss.items():
+                arrays[f"sampler/{g}/{k}"] = t.detach().cpu().numpy()
         meta = {"version": VERSION, "fingerprint": dict(fingerprint), "seconds": self.seconds}
         io.save(path, arrays, {"checkpoint": meta}, kind=CHECKPOINT_KIND)
 
@@ -85,7 +92,22 @@ class State:
                 f"checkpoint {path!r} has version {meta.get('version')}, this pypattern writes version {VERSION}: "
                 "delete it to start afresh"
             )
-        io.check_fingerprint(meta.get("fingerprint"), fingerprint, path)
+        stored = meta.get("fingerprint")
+        if isinstance(
+            stored, Mapping
+        ):  # the sampler first, named (an SGLD run's fingerprint has no sampler item)
+            was, now = stored.get("sampler", "sgld"), fingerprint.get("sampler", "sgld")
+            if was != now:
+                raise io.FingerprintMismatch(
+                    f"checkpoint {path!r} was written by a run with sampler={was!r}, this run has sampler={now!r}: "
+                    f"resume with sampler={was!r}, or use another checkpoint path, or delete this one to start "
+                    "afresh.",
+                    path=path,
+                    item="sampler",
+                    stored=was,
+                    current=now,
+                )
+        io.check_fingerprint(stored, fingerprint, path)
         st = cls(plan.num_total_chains, plan.num_draws)
         try:
             st.loss, st.done, st.next_step = arrays["loss_trace"], arrays["done"], arrays["next_step"]
@@ -103,6 +125,11 @@ class State:
                     _, g, n = k.split("/", 2)
                     t = torch.from_numpy(v).to(device=device, dtype=dtypes[n])
                     st.params.setdefault(int(g), {})[n] = t
+                elif k.startswith("sampler/"):
+                    _, g, key = k.split("/", 2)  # "thermostat" or "<kind>/<parameter name>"
+                    dtype = torch.float64 if key == "thermostat" else dtypes[key.split("/", 1)[1]]
+                    t = torch.from_numpy(v).to(device=device, dtype=dtype)
+                    st.sampler_state.setdefault(int(g), {})[key] = t
         except KeyError as e:
             raise io.FormatError(f"checkpoint {path!r} lacks {e}: it is damaged; delete it") from None
         return st
@@ -118,7 +145,7 @@ def run_fingerprint(
     plan: RunPlan, model: nn.Module, loader: Iterable, w_star: Mapping[str, torch.Tensor], data_cache: dict
 ) -> dict:
     """What identifies a sampler run (see :func:`pypattern.io.fingerprint`): the chain layout, seed and
-    hyperparameters, the loss function and observables by name, the moving parameters and masks, a hash of every
+    hyperparameters (with the sampler and its own hyperparameters, for SGNHT and RMSprop-SGLD), the loss function and observables by name, the moving parameters and masks, a hash of every
     weight and buffer of ``model``, and a hash of the first batch chain 0 reads."""
     first_batch = ChainData(loader, plan.key(0, stream=1), data_cache).next()
     return io.fingerprint(
@@ -128,6 +155,8 @@ def run_fingerprint(
         num_steps_bw_draws=plan.num_steps_bw_draws,
         seed=plan.seed,
         **plan.hyper,
+        # the default sampler, SGLD, adds no item
+        **({} if plan.sampler == "sgld" else {"sampler": plan.sampler, **plan.sampler_hyper}),
         grad_accum_steps=plan.grad_accum_steps,
         init_loss=plan.init_loss,
         chains=plan.chains,

@@ -87,8 +87,17 @@ class RunContext:
             finished_draws % plan.checkpoint_every == 0 or finished_draws == plan.num_draws
         )
 
-    def finish_step(self, chains: Sequence[int], d: int, t: int, params_of: Callable[[int], dict]) -> None:
-        """After a step: progress, and at a draw the chains' bookkeeping and (when due) the checkpoint."""
+    def finish_step(
+        self,
+        chains: Sequence[int],
+        d: int,
+        t: int,
+        params_of: Callable[[int], dict],
+        sampler_state_of: Callable[[int], dict] | None = None,
+    ) -> None:
+        """After a step: progress, and at a draw the chains' bookkeeping and (when due) the checkpoint, which
+        keeps each unfinished chain's moving weights (``params_of(g)``) and sampler state
+        (``sampler_state_of(g)``: SGNHT's momenta and thermostat, RMSprop-SGLD's running means)."""
         if self.stop.is_set():
             raise Stopped
         if self.pbar is not None:
@@ -103,8 +112,11 @@ class RunContext:
                 for g in chains:
                     if d + 1 < self.plan.num_draws:
                         st.params[g] = params_of(g)
+                        if sampler_state_of is not None:
+                            st.sampler_state[g] = sampler_state_of(g)
                     else:
                         st.params.pop(g, None)
+                        st.sampler_state.pop(g, None)
                 st.save(self.plan.checkpoint, self.fingerprint, self.plan.checkpoint_state)
 
     def diverged(self, g: int, t: int, what: str) -> SamplingDivergedError:

@@ -18,6 +18,7 @@ from torch import nn
 from .diagnostics import ess, r_hat
 from .results import LLCResult, SampleResult
 from .runner import sample
+from .samplers import sampler_name
 from .vocabulary import translate
 
 __all__ = [
@@ -211,17 +212,7 @@ def _devinterp_kwargs(
     verbose,
     extra,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    from .optim import SGLD
-
-    if (
-        sampling_method is not None
-        and sampling_method is not SGLD
-        and getattr(sampling_method, "__name__", "") != "SGLD"
-    ):
-        raise NotImplementedError(
-            f"sampling_method={getattr(sampling_method, '__name__', sampling_method)!r}: only SGLD is implemented "
-            "(devinterp's SGNHT and other samplers are not); pass sampling_method=SGLD or leave it out"
-        )
+    name = sampler_name(extra.get("sampler"), sampling_method)  # checked here, before any other work
     if evaluate is not None and criterion is not None:
         raise ValueError(
             "evaluate= and criterion= are both given: pass one (criterion(outputs, targets) is turned into "
@@ -248,7 +239,14 @@ def _devinterp_kwargs(
         raise NotImplementedError(
             f"cores={cores!r}: a list of devices is not supported; give the number of chains to run at once"
         )
-    okw = {k: v for k, v in dict(optimizer_kwargs or {}).items() if k not in ("save_noise", "save_mala_vars")}
+    okw = dict(optimizer_kwargs or {})
+    if okw.get("add_grad_correction"):
+        raise NotImplementedError(
+            "optimizer_kwargs add_grad_correction=True is not supported: RMSprop-SGLD leaves out the term in the "
+            "derivative of its preconditioner (devinterp's default, add_grad_correction=False)"
+        )
+    # devinterp's switches for its own metrics, and the correction it leaves out by default: nothing to do
+    okw = {k: v for k, v in okw.items() if k not in ("save_noise", "save_mala_vars", "add_grad_correction")}
     okw = translate(okw, where="optimizer_kwargs", drop_none=False)
     okw.setdefault("step_size", 0.01)  # devinterp's SGLD default
     if okw.get("nbeta") is None:
@@ -265,7 +263,9 @@ def _devinterp_kwargs(
         num_init_loss_batches=num_chains * int(grad_accum_steps),  # devinterp's init loss batches
         quiet=not verbose,
         cores=max(int(cores or 1), 1),
+        sampler=name,
     )
+    extra = {k: v for k, v in extra.items() if k != "sampler"}
     _check_extra(extra)
     kw.update(extra)
     return on_device(model, dev), kw
@@ -339,10 +339,14 @@ def estimate_learning_coeff_with_summary(
         devinterp 0.x's loss module (e.g. ``nn.CrossEntropyLoss()``): ``evaluate = criterion(model(x), y)`` on
         ``(x, y)`` batches. Give ``evaluate`` or ``criterion``, not both.
     sampling_method
-        :class:`SGLD` (devinterp's or pypattern's); other samplers raise ``NotImplementedError``.
+        The sampler: :class:`SGLD` (default), :class:`SGNHT` or :class:`RMSpropSGLD` (devinterp's classes or
+        pypattern's, by name), or a name (``"sgld"``, ``"sgnht"``, ``"rmsprop_sgld"``); see
+        :func:`pypattern.sample`'s ``sampler`` (also accepted here; both given must agree).
     optimizer_kwargs : dict
         ``lr`` (default 0.01), ``nbeta`` (default :func:`default_nbeta`; ``temperature`` is its old name),
-        ``localization``, ``weight_decay``, ``noise_level``, ``bounding_box_size``.
+        ``localization``, ``weight_decay``, ``noise_level``, ``bounding_box_size``; SGNHT's
+        ``diffusion_factor``, RMSprop-SGLD's ``alpha`` and ``eps``. devinterp's ``save_noise``,
+        ``save_mala_vars`` and ``add_grad_correction=False`` are accepted and have no effect.
     num_draws, num_chains, num_burnin_steps, num_steps_bw_draws, grad_accum_steps : int
         devinterp's chain layout.
     init_loss : float, optional

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from .data import batch_size_of
 from .optim import SGLD_DEFAULTS, chain_seed, check_hyperparameters, matches
+from .samplers import SAMPLER_HYPERPARAMETERS, sampler_hyperparameters, sampler_name
 from .vocabulary import DEVINTERP_NAMES, translate
 
 __all__ = ["RunPlan", "RunSpec", "default_nbeta", "make_plan", "resolve_hyperparameters"]
@@ -37,17 +38,28 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
 
 
 def resolve_hyperparameters(
-    given: Mapping[str, Any], optimizer_kwargs: Mapping[str, Any] | None, *, loader, grad_accum_steps: int = 1
+    given: Mapping[str, Any],
+    optimizer_kwargs: Mapping[str, Any] | None,
+    *,
+    loader,
+    grad_accum_steps: int = 1,
+    sampler: str = "sgld",
 ) -> dict[str, float | None]:
     """The six SGLD hyperparameters under pypattern's names from a call's keywords (either vocabulary) and a
     devinterp-style ``optimizer_kwargs`` (whose entries override the keywords); defaults: ``step_size=1e-4``,
-    ``nbeta = default_nbeta(loader)``, the others as :class:`SGLD`."""
+    ``nbeta = default_nbeta(loader)``, the others as :class:`SGLD`. Entries of ``optimizer_kwargs`` that are the
+    ``sampler``'s own hyperparameters are left to :func:`pypattern.sampling.samplers.sampler_hyperparameters`."""
     hyper = translate(given, where="the keyword arguments")
     okw = translate(dict(optimizer_kwargs or {}), where="optimizer_kwargs", drop_none=False)
-    unknown = set(okw) - set(SGLD_DEFAULTS)
+    own = {k for hp in SAMPLER_HYPERPARAMETERS.values() for k in hp}
+    unknown = set(okw) - set(SGLD_DEFAULTS) - own
     if unknown:
-        known = sorted({*SGLD_DEFAULTS, *DEVINTERP_NAMES})
-        raise ValueError(f"optimizer_kwargs has unknown keys {sorted(unknown)}; known are {known}")
+        known = sorted({*SGLD_DEFAULTS, *DEVINTERP_NAMES, *SAMPLER_HYPERPARAMETERS[sampler]})
+        raise ValueError(
+            f"optimizer_kwargs has unknown keys {sorted(unknown)}; known are {known}"
+            + (f" (sampler={sampler!r})" if sampler != "sgld" else "")
+        )
+    okw = {k: v for k, v in okw.items() if k not in own}
     hyper.update(okw)
     hyper = {**SGLD_DEFAULTS, "step_size": 1e-4, "nbeta": None, **hyper}
     if hyper["nbeta"] is None:
@@ -110,6 +122,8 @@ class RunPlan:
     checkpoint_state: Callable[[], Mapping[str, Any]] | None
     quiet: bool
     warn_nonstationary: bool
+    sampler: str = "sgld"  # "sgld", "sgnht" or "rmsprop_sgld" (samplers.SAMPLER_NAMES)
+    sampler_hyper: Mapping[str, float] = field(default_factory=dict)  # the sampler's own
 
     @property
     def total_steps(self) -> int:
@@ -180,6 +194,8 @@ def make_plan(
     grad_accum_steps: int,
     chains: Sequence[int] | None,
     checkpoint_state: Callable | None,
+    sampler=None,
+    sampling_method=None,
 ) -> RunPlan:
     """Check the arguments of :func:`pypattern.sample` and resolve them into a :class:`RunPlan`; errors name the
     argument, the value and what would be valid."""
@@ -202,8 +218,12 @@ def make_plan(
             raise ValueError(f"seed must be an int in [0, 2**63) or a list of them, got {seed!r}")
     if not isinstance(seed, int) and len(seeds) != C:
         raise ValueError(f"seed has {len(seeds)} entries but num_chains={C}: give one per chain")
+    name = sampler_name(sampler, sampling_method)
     hyper = resolve_hyperparameters(
-        hyperparameters, optimizer_kwargs, loader=loader, grad_accum_steps=grad_accum_steps
+        hyperparameters, optimizer_kwargs, loader=loader, grad_accum_steps=grad_accum_steps, sampler=name
+    )
+    own = sampler_hyperparameters(
+        name, translate(dict(optimizer_kwargs or {}), where="optimizer_kwargs", drop_none=False)
     )
 
     named = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -273,4 +293,6 @@ def make_plan(
         checkpoint_state=checkpoint_state,
         quiet=quiet,
         warn_nonstationary=warn_nonstationary,
+        sampler=name,
+        sampler_hyper=own,
     )

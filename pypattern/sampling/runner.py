@@ -90,6 +90,8 @@ def sample(
     restrict_to: str | Sequence[str] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    sampler: str | type | None = None,
+    sampling_method: str | type | None = None,
     observables: Mapping[str, Callable] | Sequence[Callable] = (),
     callbacks: Sequence[Callable] = (),
     seed: int | Sequence[int] = 0,
@@ -108,7 +110,8 @@ def sample(
     chains: Sequence[int] | None = None,
     checkpoint_state: Callable[[], Mapping[str, np.ndarray]] | None = None,
 ) -> SampleResult | list[SampleResult]:
-    """Run ``num_chains`` SGLD chains from the trained weights ``w*`` (the model's current parameters).
+    """Run ``num_chains`` chains of SGLD (or another ``sampler``) from the trained weights ``w*`` (the model's
+    current parameters).
 
     Chain ``c`` takes ``num_burnin_steps`` steps, then records a draw every ``num_steps_bw_draws`` steps until it
     has ``num_draws``. At each step it evaluates ``loss_fn(model, batch)`` on its next batch, records it (at a
@@ -141,7 +144,18 @@ def sample(
     optimizer_kwargs : dict, optional
         devinterp-style ``{"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}``
         (pypattern's names work too); entries override the keyword arguments above. The result's ``config`` and
-        checkpoints use pypattern's names (:mod:`pypattern.sampling.vocabulary`).
+        checkpoints use pypattern's names (:mod:`pypattern.sampling.vocabulary`). The sampler's own
+        hyperparameters go here too: SGNHT's ``diffusion_factor`` (default 0.01), RMSprop-SGLD's ``alpha`` (0.99)
+        and ``eps`` (0.1).
+    sampler : {"sgld", "sgnht", "rmsprop_sgld"} or a sampler class, optional
+        The chains' dynamics, each step one fused op: SGLD (default), SGNHT (:class:`SGNHT`: momentum and a
+        thermostat per chain) or RMSprop-preconditioned SGLD (:class:`RMSpropSGLD`); the classes (pypattern's or
+        devinterp's) name theirs. All three target ``exp(-nbeta L_n(w) - localization/2 |w - w*|^2)`` up to
+        their discretisation bias. RMSprop-SGLD leaves out the term in the derivative of its preconditioner, as
+        devinterp does: exact for a constant preconditioner, it shifts the draws slightly while the running mean
+        of squared gradients still follows the recent gradients. Sequential and batched chains, checkpoints (with
+        the sampler's state) and the noise keys work the same for all three. The result's ``config["sampler"]``
+        names it. ``sampling_method`` is devinterp's name for it (both given must agree).
     observables : mapping name -> callable(model, batch) -> Tensor or float, or a sequence of callables
         Evaluated (without gradient) at every draw on the draw's batch; traces ``(num_chains, num_draws, *shape)``.
         With batched chains each observable is first tried under ``torch.func.vmap`` (all chains in one call);
@@ -180,7 +194,7 @@ def sample(
     quiet : bool
         No progress bar.
     backend : str, optional
-        Force a backend of the fused SGLD op.
+        Force a backend of the sampler's fused op.
     warn_nonstationary : bool
         Warn (:class:`NonStationaryWarning`) when the split R-hat of the loss trace exceeds 1.1.
     runs : sequence of ``(restrict_to, masks)`` pairs, optional
@@ -272,6 +286,8 @@ def sample(
         grad_accum_steps=grad_accum_steps,
         chains=chains,
         checkpoint_state=checkpoint_state,
+        sampler=sampler,
+        sampling_method=sampling_method,
     )
     with _eval_mode_for_dropout(model):
         return with_auto_report(_sample(plan, model, loader), auto_step)
@@ -413,6 +429,8 @@ def _result(plan: RunPlan, st: State, r: int, ran_batched: bool) -> SampleResult
             num_steps_bw_draws=plan.num_steps_bw_draws,
             seed=list(plan.seed) if isinstance(plan.seed, tuple) else plan.seed,
             **plan.hyper,
+            sampler=plan.sampler,
+            **plan.sampler_hyper,
             restrict_to=list(plan.runs[r].patterns) or None,
         ),
         r_hat=r_hat(ran) if len(ran) else float("nan"),

@@ -1,9 +1,15 @@
 """SGNHT and RMSprop-preconditioned SGLD as ``torch.optim.Optimizer`` s whose ``step`` is one call of a fused op
 per parameter group (:func:`pypattern.ops.sgnht.sgnht_step_`, :func:`pypattern.ops.rmsprop_sgld.rmsprop_sgld_step_`),
-and :func:`make_sampler`, which maps a ``sampling_method`` name to its optimizer.
+:func:`make_sampler`, which maps a ``sampling_method`` name to its optimizer, and what the chain runner
+(:func:`pypattern.sample`) needs to run any of the three samplers: :func:`sampler_name`,
+:func:`sampler_hyperparameters`, :func:`chain_sampler` (a chain's optimizer) and :class:`StackedSamplerState`
+(the state of chains run together).
 
 Hyperparameters use the library's names (``step_size``, ``nbeta``, ``localization``, ``weight_decay``,
-``noise_scale``, ``bounding_box``); devinterp's (``lr``, ``noise_level``, ``bounding_box_size``) are accepted too.
+``noise_scale``, ``bounding_box``); devinterp's (``lr``, ``noise_level``, ``bounding_box_size``, ``temperature``)
+are translated by :func:`pypattern.sampling.vocabulary.translate`: two names of one hyperparameter that disagree
+are refused. Each sampler's own hyperparameters (:data:`SAMPLER_HYPERPARAMETERS`) are SGNHT's
+``diffusion_factor`` and RMSprop-SGLD's ``alpha`` and ``eps``.
 
 Noise keys: group ``k`` draws with seed ``group_seed(seed, k)`` (``seed`` itself for the first group), its ``i``-th
 parameter (in the order given, restricted ones left out) is tensor index ``i`` of the op, and the ``n``-th call of
@@ -15,17 +21,52 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
-from ..ops.sgld import philox_normals
+from ..ops.sgld import philox_normals, sgld_step_
 from ..ops.sgnht import sgnht_step_
-from .optim import SGLD, chain_seed, matches
+from .optim import SGLD, chain_seed, matches, resolve_step_fn
+from .vocabulary import translate
 
-__all__ = ["SAMPLERS", "RMSpropSGLD", "SGNHT", "group_seed", "make_sampler"]
+__all__ = [
+    "SAMPLERS",
+    "SAMPLER_HYPERPARAMETERS",
+    "SAMPLER_NAMES",
+    "RMSpropSGLD",
+    "SGNHT",
+    "StackedSamplerState",
+    "chain_sampler",
+    "check_sampler_hyperparameters",
+    "group_seed",
+    "initial_momenta",
+    "make_sampler",
+    "sampler_hyperparameters",
+    "sampler_name",
+]
 
 _INIT_STEP = 2**64 - 1
+
+SAMPLER_NAMES = ("sgld", "sgnht", "rmsprop_sgld")
+#: Each sampler's own hyperparameters and their defaults (devinterp's), beyond the six of SGLD.
+SAMPLER_HYPERPARAMETERS: dict[str, dict[str, float]] = {
+    "sgld": {},
+    "sgnht": {"diffusion_factor": 0.01},
+    "rmsprop_sgld": {"alpha": 0.99, "eps": 0.1},
+}
+# names (lower case, "_" and "-" dropped) -> sampler: pypattern's, devinterp 2.x's strings ("sgmcmc_sgld", the
+# SGMCMC factories sgld/sgnht/rmsprop_sgld) and the class names of both libraries
+_ALIASES = {
+    "sgld": "sgld",
+    "sgmcmcsgld": "sgld",
+    "sgnht": "sgnht",
+    "sgmcmcsgnht": "sgnht",
+    "rmspropsgld": "rmsprop_sgld",
+    "sgmcmcrmspropsgld": "rmsprop_sgld",
+}
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -43,6 +84,100 @@ def _number(name: str, v, *, positive: bool) -> float:
     ):
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
     return float(v)
+
+
+def _normalise(arg: str, value) -> str:
+    key = value if isinstance(value, str) else getattr(value, "__name__", None)
+    if not isinstance(key, str):
+        raise TypeError(
+            f"{arg} must be a str or a sampler class (SGLD, SGNHT, RMSpropSGLD), got {type(value).__name__}"
+        )
+    norm = _ALIASES.get(key.lower().replace("_", "").replace("-", ""))
+    if norm is None:
+        raise ValueError(
+            f"{arg}={key!r} is not a known sampler; valid are 'sgld', 'sgnht', 'rmsprop_sgld' (or devinterp's "
+            "SGLD, SGNHT, RMSpropSGLD, 'sgmcmc_sgld')"
+        )
+    return norm
+
+
+def sampler_name(sampler=None, sampling_method=None) -> str:
+    """The sampler a call asks for: ``"sgld"`` (the default), ``"sgnht"`` or ``"rmsprop_sgld"``.
+
+    Parameters
+    ----------
+    sampler : str or class, optional
+        A name (any case; ``-`` and ``_`` ignored; devinterp's ``"sgmcmc_sgld"`` too) or a class
+        (:class:`~pypattern.sampling.SGLD`, :class:`SGNHT`, :class:`RMSpropSGLD`, devinterp's classes and
+        ``SGMCMC`` factories, by ``__name__``).
+    sampling_method : str or class, optional
+        devinterp's name for ``sampler``; given with ``sampler``, both must name the same sampler.
+
+    Raises
+    ------
+    ValueError
+        An unknown name, or ``sampler`` and ``sampling_method`` naming different samplers.
+    """
+    names = {}
+    for arg, value in (("sampler", sampler), ("sampling_method", sampling_method)):
+        if value is not None:
+            names[arg] = _normalise(arg, value)
+    if len(set(names.values())) > 1:
+        shown = [getattr(v, "__name__", v) for v in (sampler, sampling_method)]
+        raise ValueError(
+            f"sampler={shown[0]!r} and sampling_method={shown[1]!r} name different samplers "
+            f"({names['sampler']!r} and {names['sampling_method']!r}); sampling_method is devinterp's name for "
+            "sampler: give one"
+        )
+    return next(iter(names.values()), "sgld")
+
+
+def check_sampler_hyperparameters(sampler: str, values: Mapping[str, Any]) -> dict[str, float]:
+    """``sampler``'s own hyperparameters (:data:`SAMPLER_HYPERPARAMETERS`, defaults filled in) checked and as
+    Python floats: ``diffusion_factor`` >= 0, ``alpha`` in [0, 1), ``eps`` > 0."""
+    out = dict(SAMPLER_HYPERPARAMETERS[sampler])
+    out.update({k: v for k, v in values.items() if v is not None})
+    if "diffusion_factor" in out:
+        out["diffusion_factor"] = _number("diffusion_factor", out["diffusion_factor"], positive=False)
+    if "alpha" in out:
+        out["alpha"] = _number("alpha", out["alpha"], positive=False)
+        if out["alpha"] >= 1:
+            raise ValueError(f"alpha must be in [0, 1), got {out['alpha']!r}")
+    if "eps" in out:
+        out["eps"] = _number("eps", out["eps"], positive=True)
+    return out
+
+
+def sampler_hyperparameters(
+    sampler: str, optimizer_kwargs: Mapping[str, Any] | None, *, where: str = "optimizer_kwargs"
+) -> dict[str, float]:
+    """``sampler``'s own hyperparameters from a call's ``optimizer_kwargs`` (the other entries are left to
+    :func:`pypattern.sampling.plan.resolve_hyperparameters`), checked, with defaults; an entry that belongs to
+    another sampler is refused naming it."""
+    own = SAMPLER_HYPERPARAMETERS[sampler]
+    given = dict(optimizer_kwargs or {})
+    for key, value in given.items():
+        owner = [s for s, hp in SAMPLER_HYPERPARAMETERS.items() if key in hp]
+        if owner and key not in own:
+            raise ValueError(
+                f"{where} has {key}={value!r}, a hyperparameter of sampler={owner[0]!r}, but the sampler is "
+                f"{sampler!r}" + (f" (whose own are {sorted(own)})" if own else "") + ": give sampler="
+                f"{owner[0]!r} or leave {key} out"
+            )
+    return check_sampler_hyperparameters(sampler, {k: given[k] for k in own if k in given})
+
+
+def initial_momenta(
+    tensors: Sequence[torch.Tensor], *, seed: int, step_size: float, noise_scale: float
+) -> list:
+    """SGNHT's initial momenta of ``tensors`` (one group keyed by ``seed``): ``sqrt(step_size) * noise_scale``
+    times the noise of tensor index ``i`` at step ``2**64 - 1``, in each tensor's shape, dtype and device."""
+    scale = math.sqrt(step_size) * noise_scale
+    out = []
+    for i, p in enumerate(tensors):
+        z = philox_normals(p.numel(), seed=seed, tensor_index=i, step=_INIT_STEP, device=p.device)
+        out.append((scale * z).to(p.dtype).reshape(p.shape))
+    return out
 
 
 class _FusedSampler(torch.optim.Optimizer):
@@ -81,7 +216,11 @@ class _FusedSampler(torch.optim.Optimizer):
             ]
             names = [n for n, k in zip(names, keep) if k]
             tensors = [t for t, k in zip(tensors, keep) if k]
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": tensors})
+            # devinterp's names in a group dict, translated (two names of one hyperparameter must agree)
+            options = translate(
+                {k: v for k, v in g.items() if k != "params"}, where=f"params[{gi}]", drop_none=False
+            )
+            groups.append({**options, "params": tensors})
             self.param_names.append(names)
         if not any(g["params"] for g in groups):
             raise ValueError(f"restrict_to={patterns!r} leaves no parameter that requires grad")
@@ -105,13 +244,6 @@ class _FusedSampler(torch.optim.Optimizer):
         self._validated = False
 
     def _check_group(self, group: dict) -> None:
-        for old, new in (
-            ("lr", "step_size"),
-            ("noise_level", "noise_scale"),
-            ("bounding_box_size", "bounding_box"),
-        ):
-            if old in group:  # devinterp's name in a group dict
-                group[new] = group.pop(old)
         group["step_size"] = _number("step_size", group["step_size"], positive=True)
         for name in ("nbeta", "localization", "weight_decay", "noise_scale"):
             group[name] = _number(name, group[name], positive=False)
@@ -132,6 +264,13 @@ class _FusedSampler(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.sampler_step()
+        return loss
+
+    @torch.no_grad()
+    def sampler_step(self) -> None:
+        """The step itself, without ``torch.optim.Optimizer.step``'s hooks and profiler wrapper (the chain runner
+        calls this directly, as it calls :meth:`SGLD.sgld_step`)."""
         for k, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
@@ -139,10 +278,41 @@ class _FusedSampler(torch.optim.Optimizer):
             self._group_step(k, group, grads, validate=not self._validated)
         self._validated = True
         self.num_steps += 1
-        return loss
 
     def _group_step(self, k, group, grads, *, validate):  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def resume_at(self, step: int) -> None:
+        """Continue a chain at op step ``step`` (its noise key); the hyperparameters were checked by the run
+        that took the earlier steps."""
+        self.num_steps = int(step)
+        if step:
+            self._validated = True
+
+    def chain_state(self) -> dict[str, torch.Tensor]:
+        """The sampler's state (copies) by key, for a chain's checkpoint: ``"<kind>/<name>"`` per named parameter
+        (SGNHT's ``momentum``, RMSprop-SGLD's ``square_avg``) and SGNHT's ``"thermostat"``. One parameter group of
+        named parameters."""
+        if len(self.param_groups) != 1 or any(n is None for n in self.param_names[0]):
+            raise ValueError("chain_state needs one parameter group of named parameters")
+        group = self.param_groups[0]
+        out = {}
+        for n, p in zip(self.param_names[0], group["params"]):
+            for kind, t in self.state[p].items():
+                out[f"{kind}/{n}"] = t.detach().clone()
+        if "thermostat" in group:
+            out["thermostat"] = group["thermostat"].detach().clone()
+        return out
+
+    def load_chain_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what :meth:`chain_state` returned (every key must be present)."""
+        group = self.param_groups[0]
+        with torch.no_grad():
+            for n, p in zip(self.param_names[0], group["params"]):
+                for kind, t in self.state[p].items():
+                    t.copy_(state[f"{kind}/{n}"])
+            if "thermostat" in group:
+                group["thermostat"].copy_(state["thermostat"])
 
     def state_dict(self):
         sd = super().state_dict()
@@ -159,21 +329,11 @@ class _FusedSampler(torch.optim.Optimizer):
                     a.copy_(b)
 
 
-def _defaults(step_size, lr, noise_scale, noise_level, bounding_box, bounding_box_size, **rest) -> dict:
-    if step_size is None and lr is None:
-        step_size = 0.01
-    elif step_size is not None and lr is not None:
-        raise ValueError(f"give step_size or its devinterp name lr, not both (got {step_size!r} and {lr!r})")
-    if noise_level is not None:
-        noise_scale = noise_level
-    if bounding_box_size is not None:
-        bounding_box = bounding_box_size
-    return dict(
-        step_size=step_size if step_size is not None else lr,
-        noise_scale=noise_scale,
-        bounding_box=bounding_box,
-        **rest,
-    )
+def _defaults(where: str, names: Mapping[str, Any], **rest) -> dict:
+    """The group defaults from the constructor's keywords in either vocabulary (translated; two names of one
+    hyperparameter that disagree are refused), with devinterp's defaults for those not given."""
+    hyper = translate(names, where=where)
+    return {"step_size": 0.01, "noise_scale": 1.0, "bounding_box": None, **hyper, **rest}
 
 
 class SGNHT(_FusedSampler):
@@ -191,11 +351,11 @@ class SGNHT(_FusedSampler):
     step_size : float
         ``eps`` > 0 (devinterp: ``lr``, default 0.01).
     nbeta, localization, weight_decay : float
-        As in :class:`pypattern.sampling.SGLD`.
+        As in :class:`pypattern.sampling.SGLD` (``temperature`` is devinterp's older name for ``nbeta``).
     diffusion_factor : float
         ``A`` >= 0 (devinterp's default 0.01): the momentum noise's variance is ``2 A eps noise_scale**2``.
     noise_scale : float
-        >= 0 (devinterp: ``noise_level``).
+        >= 0 (devinterp: ``noise_level``), default 1.
     bounding_box : float, optional
         Half-width of the box around ``w*`` (devinterp: ``bounding_box_size``); an entry hitting it is clamped
         and its momentum reversed.
@@ -207,44 +367,52 @@ class SGNHT(_FusedSampler):
         self,
         params: Iterable,
         step_size: float | None = None,
-        nbeta: float = 1.0,
+        nbeta: float | None = None,
         localization: float = 0.0,
         weight_decay: float = 0.0,
         diffusion_factor: float = 0.01,
-        noise_scale: float = 1.0,
+        noise_scale: float | None = None,
         bounding_box: float | None = None,
         *,
         lr: float | None = None,
         noise_level: float | None = None,
         bounding_box_size: float | None = None,
+        temperature: float | None = None,
         restrict_to: str | Sequence[str] | None = None,
         masks: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         backend: str | None = None,
     ):
         defaults = _defaults(
-            step_size,
-            lr,
-            noise_scale,
-            noise_level,
-            bounding_box,
-            bounding_box_size,
-            nbeta=nbeta,
+            "SGNHT",
+            dict(
+                step_size=step_size,
+                lr=lr,
+                nbeta=nbeta,
+                temperature=temperature,
+                noise_scale=noise_scale,
+                noise_level=noise_level,
+                bounding_box=bounding_box,
+                bounding_box_size=bounding_box_size,
+            ),
             localization=localization,
             weight_decay=weight_decay,
             diffusion_factor=diffusion_factor,
         )
+        defaults.setdefault("nbeta", 1.0)
         super().__init__(params, defaults, restrict_to=restrict_to, masks=masks, seed=seed, backend=backend)
         for k, group in enumerate(self.param_groups):
             group["diffusion_factor"] = _number("diffusion_factor", group["diffusion_factor"], positive=False)
             dev = group["params"][0].device if group["params"] else torch.device("cpu")
             group["thermostat"] = torch.full((1,), group["diffusion_factor"], dtype=torch.float64, device=dev)
-            scale = math.sqrt(group["step_size"]) * group["noise_scale"]
-            for i, p in enumerate(group["params"]):
-                z = philox_normals(
-                    p.numel(), seed=group_seed(seed, k), tensor_index=i, step=_INIT_STEP, device=p.device
-                )
-                self.state[p]["momentum"] = (scale * z).to(p.dtype).reshape(p.shape)
+            momenta = initial_momenta(
+                group["params"],
+                seed=group_seed(seed, k),
+                step_size=group["step_size"],
+                noise_scale=group["noise_scale"],
+            )
+            for p, m in zip(group["params"], momenta):
+                self.state[p]["momentum"] = m
 
     def _group_step(self, k, group, grads, *, validate):
         params = group["params"]
@@ -290,41 +458,47 @@ class RMSpropSGLD(_FusedSampler):
         self,
         params: Iterable,
         step_size: float | None = None,
-        nbeta: float = 1.0,
+        nbeta: float | None = None,
         localization: float = 0.0,
         weight_decay: float = 0.0,
         alpha: float = 0.99,
         eps: float = 0.1,
-        noise_scale: float = 1.0,
+        noise_scale: float | None = None,
         bounding_box: float | None = None,
         *,
         lr: float | None = None,
         noise_level: float | None = None,
         bounding_box_size: float | None = None,
+        temperature: float | None = None,
         restrict_to: str | Sequence[str] | None = None,
         masks: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         backend: str | None = None,
     ):
         defaults = _defaults(
-            step_size,
-            lr,
-            noise_scale,
-            noise_level,
-            bounding_box,
-            bounding_box_size,
-            nbeta=nbeta,
+            "RMSpropSGLD",
+            dict(
+                step_size=step_size,
+                lr=lr,
+                nbeta=nbeta,
+                temperature=temperature,
+                noise_scale=noise_scale,
+                noise_level=noise_level,
+                bounding_box=bounding_box,
+                bounding_box_size=bounding_box_size,
+            ),
             localization=localization,
             weight_decay=weight_decay,
             alpha=alpha,
             eps=eps,
         )
+        defaults.setdefault("nbeta", 1.0)
         super().__init__(params, defaults, restrict_to=restrict_to, masks=masks, seed=seed, backend=backend)
         for group in self.param_groups:
-            group["alpha"] = _number("alpha", group["alpha"], positive=False)
-            if group["alpha"] >= 1:
-                raise ValueError(f"alpha must be in [0, 1), got {group['alpha']!r}")
-            group["eps"] = _number("eps", group["eps"], positive=True)
+            own = check_sampler_hyperparameters(
+                "rmsprop_sgld", {"alpha": group["alpha"], "eps": group["eps"]}
+            )
+            group.update(own)
             for p in group["params"]:
                 self.state[p]["square_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
@@ -346,18 +520,8 @@ class RMSpropSGLD(_FusedSampler):
         )
 
 
-def _sgld(params, **hyper) -> SGLD:
-    renames = {"step_size": "lr", "noise_scale": "noise_level", "bounding_box": "bounding_box_size"}
-    for ours, theirs in renames.items():
-        if ours in hyper:
-            if theirs in hyper:
-                raise ValueError(f"give {ours} or its devinterp name {theirs}, not both")
-            hyper[theirs] = hyper.pop(ours)
-    return SGLD(params, **hyper)
-
-
-#: ``sampling_method`` names (lower case, ``-``/``_`` ignored) -> the optimizer class or factory.
-SAMPLERS = {"sgld": _sgld, "sgnht": SGNHT, "rmspropsgld": RMSpropSGLD}
+#: ``sampling_method`` names -> the optimizer class.
+SAMPLERS = {"sgld": SGLD, "sgnht": SGNHT, "rmsprop_sgld": RMSpropSGLD}
 
 
 def make_sampler(name: str | type, params: Iterable, **hyper) -> torch.optim.Optimizer:
@@ -368,7 +532,7 @@ def make_sampler(name: str | type, params: Iterable, **hyper) -> torch.optim.Opt
     name : str or class
         ``"sgld"``, ``"sgnht"`` or ``"rmsprop_sgld"`` (devinterp's class names ``SGLD``, ``SGNHT``,
         ``RMSpropSGLD`` are accepted, any case), or one of the classes :class:`SGLD`, :class:`SGNHT`,
-        :class:`RMSpropSGLD` (devinterp's classes by ``__name__``).
+        :class:`RMSpropSGLD` (devinterp's classes by ``__name__``); see :func:`sampler_name`.
     params : iterable
         As the optimizer takes them (``model.named_parameters()`` for ``restrict_to`` and ``masks``).
     **hyper
@@ -379,13 +543,149 @@ def make_sampler(name: str | type, params: Iterable, **hyper) -> torch.optim.Opt
     -------
     torch.optim.Optimizer
     """
-    key = name.__name__ if isinstance(name, type) else name
-    if not isinstance(key, str):
-        raise TypeError(f"sampling_method must be a str or a sampler class, got {type(name).__name__}")
-    norm = key.lower().replace("_", "").replace("-", "")
-    if norm not in SAMPLERS:
-        raise ValueError(
-            f"sampling_method={key!r} is not a known sampler; valid are 'sgld', 'sgnht', 'rmsprop_sgld' "
-            "(or devinterp's SGLD, SGNHT, RMSpropSGLD)"
+    return SAMPLERS[_normalise("sampling_method", name)](params, **hyper)
+
+
+# ------------------------------------------------------------------------------------------------ chain runner
+
+
+def chain_sampler(
+    sampler: str,
+    named_params: Sequence[tuple[str, torch.Tensor]],
+    *,
+    hyper: Mapping[str, Any],
+    own: Mapping[str, float],
+    masks: Mapping[str, torch.Tensor] | None,
+    seed: int,
+    backend: str | None,
+) -> torch.optim.Optimizer:
+    """The optimizer of one chain of :func:`pypattern.sample`: ``sampler`` over ``named_params`` (one group) with
+    the six SGLD hyperparameters ``hyper`` (pypattern's names) and the sampler's own ``own``."""
+    if sampler == "sgld":
+        return SGLD(named_params, masks=masks, seed=seed, backend=backend, **hyper)
+    return SAMPLERS[sampler](named_params, masks=masks, seed=seed, backend=backend, **hyper, **own)
+
+
+class StackedSamplerState:
+    """The sampler state of chains run together (the batched runner), stacked along a chain axis, and one step
+    of a chain on its rows.
+
+    Chain ``i`` of the group moves the tensors ``names[i]`` (in that order: tensor index ``j`` of its op calls is
+    ``names[i][j]``) with noise seed ``seeds[i]``; its state starts as a chain's optimizer
+    (:func:`chain_sampler`) would start it, or from ``saved[i]`` (what :meth:`state_of` returned, from a
+    checkpoint). SGLD has no state; SGNHT keeps ``momentum`` rows ``(C, *shape)`` per tensor and a thermostat per
+    chain ``(C,)`` float64; RMSprop-SGLD keeps ``square_avg`` rows.
+
+    Parameters
+    ----------
+    sampler : str
+        ``"sgld"``, ``"sgnht"`` or ``"rmsprop_sgld"``.
+    stacked : dict of str to Tensor ``(C, *shape)``
+        The chains' parameters (state tensors get their shapes, dtypes and device).
+    names, seeds, saved
+        Per chain: its moving tensors, noise seed and saved state (or None).
+    hyper, own : mapping
+        The six SGLD hyperparameters and the sampler's own (as for :func:`chain_sampler`).
+    backend : str, optional
+        Force a backend of the op.
+    """
+
+    _KIND = {"sgld": None, "sgnht": "momentum", "rmsprop_sgld": "square_avg"}
+
+    def __init__(
+        self,
+        sampler: str,
+        stacked: Mapping[str, torch.Tensor],
+        names: Sequence[Sequence[str]],
+        seeds: Sequence[int],
+        saved: Sequence[Mapping[str, torch.Tensor] | None],
+        *,
+        hyper: Mapping[str, Any],
+        own: Mapping[str, float],
+        backend: str | None,
+    ):
+        self.sampler, self.names, self.hyper, self.own = sampler, [list(n) for n in names], dict(hyper), own
+        self.kind = self._KIND[sampler]
+        device = next(iter(stacked.values())).device
+        self.backend = backend
+        self.op = {"sgld": "sgld_step_", "sgnht": "sgnht_step_", "rmsprop_sgld": "rmsprop_sgld_step_"}[
+            sampler
+        ]
+        self._fast = resolve_step_fn(device, backend) if sampler == "sgld" else None
+        self._backend_name = _backends.choose(self.op, device, backend) if sampler != "sgld" else None
+        self.rows: dict[str, torch.Tensor] = {}
+        self.thermostat = None
+        if self.kind is None:
+            return
+        self.rows = {n: torch.zeros_like(s) for n, s in stacked.items()}
+        C = len(self.names)
+        if sampler == "sgnht":
+            self.thermostat = torch.full((C,), own["diffusion_factor"], dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for i, ns in enumerate(self.names):
+                if saved[i] is not None:
+                    for n in ns:
+                        self.rows[n][i].copy_(saved[i][f"{self.kind}/{n}"])
+                    if self.thermostat is not None:
+                        self.thermostat[i : i + 1].copy_(saved[i]["thermostat"])
+                elif sampler == "sgnht":
+                    rows = [stacked[n][i] for n in ns]
+                    init = initial_momenta(
+                        rows, seed=seeds[i], step_size=hyper["step_size"], noise_scale=hyper["noise_scale"]
+                    )
+                    for n, m in zip(ns, init):
+                        self.rows[n][i].copy_(m)
+
+    def step(
+        self,
+        i: int,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        anchors: list[torch.Tensor],
+        *,
+        masks,
+        seed: int,
+        step: int,
+        validate: bool,
+    ) -> torch.Tensor | None:
+        """One step of chain ``i`` on its parameter rows ``params`` (its tensors ``names[i]``). ``validate``:
+        check every argument and raise ``FloatingPointError`` on a non-finite gradient (returns None); else the
+        unchecked fast path, returning the per-tensor flags (1 = a non-finite gradient, entries left as they
+        were)."""
+        kw = dict(seed=seed, step=step, masks=masks, **self.hyper)
+        if self.sampler == "sgld":
+            if validate:
+                sgld_step_(params, grads, anchors, backend=self.backend, **kw)
+                return None
+            return self._fast(params, grads, anchors, check=False, **kw)
+        state = [self.rows[n][i] for n in self.names[i]]
+        common = dict(
+            backend=self.backend if validate else self._backend_name,
+            validate=validate,
+            check_finite=validate,
+            **kw,
         )
-    return SAMPLERS[norm](params, **hyper)
+        if self.sampler == "sgnht":
+            flags = sgnht_step_(
+                params,
+                grads,
+                anchors,
+                state,
+                self.thermostat[i : i + 1],
+                diffusion_factor=self.own["diffusion_factor"],
+                **common,
+            )
+        else:
+            flags = rmsprop_sgld_step_(
+                params, grads, anchors, state, alpha=self.own["alpha"], eps=self.own["eps"], **common
+            )
+        return None if validate else flags
+
+    def state_of(self, i: int) -> dict[str, torch.Tensor]:
+        """Chain ``i``'s state (copies), keyed as :meth:`SGNHT.chain_state` keys it; ``{}`` for SGLD."""
+        if self.kind is None:
+            return {}
+        out = {f"{self.kind}/{n}": self.rows[n][i].clone() for n in self.names[i]}
+        if self.thermostat is not None:
+            out["thermostat"] = self.thermostat[i : i + 1].clone()
+        return out

@@ -1,5 +1,5 @@
-"""The sequential chain loop: one chain after another, each with its own :class:`SGLD` optimizer on a copy of the
-model."""
+"""The sequential chain loop: one chain after another, each with its own optimizer (:class:`SGLD`, or the
+:class:`~.samplers.SGNHT` or :class:`~.samplers.RMSpropSGLD` the plan names) on a copy of the model."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from .context import RunContext
 from .data import ChainData, to_device
 from .optim import SGLD
+from .samplers import chain_sampler
 
 __all__ = ["extra_outputs", "run_sequential"]
 
@@ -42,14 +43,26 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                 p.requires_grad_(n in trainable and n in moving)
             for n, t in st.params.get(g, {}).items():
                 wparams[n].copy_(t)
-        opt = SGLD(
+        opt = chain_sampler(
+            plan.sampler,
             [(n, wparams[n]) for n in moving],
+            hyper=plan.hyper,
+            own=plan.sampler_hyper,
             masks=run.masks,
             seed=plan.key(c),
             backend=plan.backend,
-            **plan.hyper,
         )
-        opt.anchors = [ctx.w_star[n] for n in opt.param_names]
+        anchors = [ctx.w_star[n] for n in moving]
+        if isinstance(opt, SGLD):
+            opt.anchors, take_step, state_of = anchors, opt.sgld_step, None
+        else:  # SGNHT, RMSprop-SGLD: one group; their state goes into the checkpoint too
+            opt.anchors, take_step = [anchors], opt.sampler_step
+            if g in st.sampler_state:
+                opt.load_chain_state(st.sampler_state[g])
+
+            def state_of(g, opt=opt):
+                return opt.chain_state()
+
         start = int(st.next_step[g])
         opt.resume_at(start)
         data = ChainData(ctx.loader, plan.key(c, stream=1), ctx.data_cache)
@@ -74,12 +87,15 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
             if d >= 0:
                 ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=extra_outputs(out))
             try:
-                opt.sgld_step()
+                take_step()
             except FloatingPointError as e:
                 raise ctx.diverged(g, t, f"a gradient is not finite ({e})") from None
-            ctx.finish_step((g,), d, t, lambda g, mv=moving: {n: wparams[n].detach().clone() for n in mv})
+            ctx.finish_step(
+                (g,), d, t, lambda g, mv=moving: {n: wparams[n].detach().clone() for n in mv}, state_of
+            )
         for n in moving:
             if not bool(torch.isfinite(wparams[n]).all()):
                 raise ctx.diverged(g, total - 1, f"parameter {n} is not finite")
         with ctx.lock:
             st.params.pop(g, None)
+            st.sampler_state.pop(g, None)
