@@ -32,7 +32,7 @@ def one_thread():
 # derandomized (the same examples on every run, so CI is deterministic), no example database, no deadline (the
 # machine may be shared), a fixed number of examples per test. HYPOTHESIS_PROFILE=pypattern-long runs more.
 try:
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
 except ImportError:  # pragma: no cover - hypothesis is a test dependency (pyproject.toml, Makefile)
     pass
 else:
@@ -41,6 +41,7 @@ else:
         derandomize=True,
         database=None,
         print_blob=True,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],  # no slow "explain"
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     settings.register_profile("pypattern", max_examples=25, **_common)
