@@ -775,6 +775,23 @@ def test_empty_data_in_a_callers_loop_raises_instead_of_ending_it():
                 call(data)
 
 
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(init_loss=float("nan")), "init_loss must be a finite number or None, got nan"),
+        (dict(init_loss=float("inf")), "init_loss must be a finite number or None, got inf"),
+        (dict(init_loss="0.5"), "init_loss must be a finite number or None, got '0.5'"),
+        (dict(num_init_loss_batches=-1), "num_init_loss_batches must be an int >= 1, got -1"),
+        (dict(num_init_loss_batches=0), "num_init_loss_batches must be an int >= 1, got 0"),
+    ],
+)
+def test_init_loss_arguments_that_would_give_nan_are_refused(kw, match):
+    """A NaN init_loss or a non-positive number of init-loss batches would make every LLC NaN: refused up front."""
+    model, loader = _mlp_task()
+    with pytest.raises(ValueError, match=match):
+        _run(model, loader, **kw)
+
+
 def test_numpy_scalars_are_numbers_in_sample():
     """np.float32 step sizes (and numpy ints and floats for every other number) are accepted and give the draws
     of the equal Python numbers; a checkpoint written with one resumes with the other (the same run)."""
