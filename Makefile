@@ -20,7 +20,7 @@ $(STAMP_DEPS): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=70" wheel
 	# torch==2.13.0 is the CPU build on local disk; any other version downloads a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark ninja ruff transformers pandas
+	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark "hypothesis>=6.170.17" ninja ruff transformers pandas
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(CSRC)

@@ -141,34 +141,47 @@ def _has_any_cuda() -> bool:
     return _has_kernel("sgld_step_", "CUDA")
 
 
+def _forced(backend: str | None) -> tuple[str | None, str]:
+    """The forced backend, if any, and where it came from (the ``backend`` argument or the environment)."""
+    if backend:
+        return backend, "backend"
+    env = os.environ.get("PYPATTERN_BACKEND") or None
+    return env, "the environment variable PYPATTERN_BACKEND"
+
+
 def choose(op: str, device: torch.device, backend: str | None) -> str:
     """Pick the backend for ``op`` on tensors of ``device`` (see the module docstring)."""
-    forced = backend or os.environ.get("PYPATTERN_BACKEND") or None
-    return _choose_cached(op, device.type, forced, os.environ.get("TRITON_INTERPRET"))
+    forced, source = _forced(backend)
+    return _choose_cached(op, device.type, forced, source, os.environ.get("TRITON_INTERPRET"))
 
 
 def dispatch(op: str, device: torch.device, backend: str | None) -> Callable:
     """The implementation of ``op`` for tensors on ``device``: :func:`choose`, then the registry's entry."""
-    forced = backend or os.environ.get("PYPATTERN_BACKEND") or None
-    return _dispatch_cached(op, device.type, forced, os.environ.get("TRITON_INTERPRET"))
+    forced, source = _forced(backend)
+    return _dispatch_cached(op, device.type, forced, source, os.environ.get("TRITON_INTERPRET"))
 
 
 @functools.lru_cache(maxsize=256)
-def _dispatch_cached(op: str, device_type: str, forced: str | None, interp: str | None) -> Callable:
-    return implementation(op, _choose_cached(op, device_type, forced, interp))
+def _dispatch_cached(
+    op: str, device_type: str, forced: str | None, source: str, interp: str | None
+) -> Callable:
+    return implementation(op, _choose_cached(op, device_type, forced, source, interp))
 
 
 @functools.lru_cache(maxsize=256)
-def _choose_cached(op: str, device_type: str, forced: str | None, _interp: str | None) -> str:
+def _choose_cached(op: str, device_type: str, forced: str | None, source: str, _interp: str | None) -> str:
     device = torch.device(device_type)
     if forced is not None:
         if forced not in NAMES:
-            raise ValueError(f"backend={forced!r} is not one of {NAMES}")
+            shown = f"backend={forced!r}" if source == "backend" else f"{source}={forced!r}"
+            hint = "" if source == "backend" else "; unset it for the automatic choice"
+            raise ValueError(f"{shown} is not one of {NAMES}{hint}")
         if forced == "reference":
             return forced
         info = backends(op)[forced]
         if not info["available"]:
-            raise RuntimeError(f"backend {forced!r} was forced but is unavailable: {info['reason']}")
+            by = "" if source == "backend" else f" by {source}"
+            raise RuntimeError(f"backend {forced!r} was forced{by} but is unavailable: {info['reason']}")
         if forced in ("cpp",) and device.type != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors only, got tensors on {device}")
         if forced == "cuda" and device.type != "cuda":

@@ -50,6 +50,8 @@ def _features(x, name: str) -> torch.Tensor:
         )
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
+    if x.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {x.dtype} (the imaginary part would be dropped)")
     x = x.reshape(x.shape[0], -1).to(torch.float64)
     if x.shape[0] < 3:
         raise ValueError(f"{name} has {x.shape[0]} samples; CCA needs at least 3")
@@ -70,6 +72,8 @@ class _Side:
     directions, and the whitening scale of each."""
 
     def __init__(self, x: torch.Tensor, name: str, ridge: float, threshold: float | None) -> None:
+        if bool((x == x[:1]).all()):  # exactly: centring a constant leaves rounding noise, not zeros
+            raise ValueError(f"{name} is constant over the samples: CCA is undefined")
         self.xc = x - x.mean(0)
         e, v = torch.linalg.eigh(self.xc.T @ self.xc)
         e, v = e.flip(0).clamp_min(0), v.flip(1)  # descending

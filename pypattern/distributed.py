@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +64,7 @@ def _hash64(value) -> int:
 def _first_batch_hash(loader, seed) -> str:
     """A hash of the first batch chain 0 reads (or of the error reading it)."""
     try:
-        seed0 = seed if isinstance(seed, int) else int(list(seed)[0])
+        seed0 = int(seed) if isinstance(seed, numbers.Integral) else int(list(seed)[0])
         return io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next())
     except Exception as e:  # noqa: BLE001 - compared across ranks; the sampler reports it
         return f"error: {type(e).__name__}: {e}"

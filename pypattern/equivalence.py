@@ -163,6 +163,19 @@ def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = True) -> torch.Te
     return (kc * l).sum() / (n - 1) ** 2
 
 
+def _is_constant(x: torch.Tensor) -> bool:
+    """Whether every sample of ``x (n, d)`` is the same: then CKA is undefined (NaN). Checked exactly, because the
+    centred copy of a constant representation is not exactly 0 in floating point (the mean is rounded), and its
+    self-HSIC would come out as a tiny positive number instead of 0."""
+    return bool((x == x[:1]).all())
+
+
+def _zero_constant(self_hsic: torch.Tensor, reps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``self_hsic`` ``(len(reps),)`` with the entries of constant representations set to exactly 0."""
+    const = torch.tensor([_is_constant(x) for x in reps], device=self_hsic.device)
+    return torch.where(const, torch.zeros_like(self_hsic), self_hsic) if bool(const.any()) else self_hsic
+
+
 def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
     den = xx * yy
     if bool((den <= 0).any()):
@@ -185,6 +198,7 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     y = _as_features(y, "y", _min_samples(debiased), dtype)
     _check_pair(x, y)
     xy, xx, yy = _hsic_features_all([x], [y], debiased)
+    xx, yy = _zero_constant(xx, [x]), _zero_constant(yy, [y])
     return float(_cka_from_hsic(xy[0, 0], xx[0], yy[0]))
 
 
@@ -320,6 +334,7 @@ def cka_matrix(
     for j, y in enumerate(ys):
         _check_pair(xs[0], y, "xs[0]", f"ys[{j}]")
     num, sx, sy = _hsic_all(xs, None if same else ys, debiased, method)
+    sx, sy = _zero_constant(sx, xs), _zero_constant(sy, ys)
     return _cka_from_hsic(num, sx[:, None], sy[None, :])
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "IGNORE_INDEX",
     "ParsedBatch",
     "parse_batch",
+    "check_batch",
+    "vocab_size",
     "batch_size",
     "model_output",
     "read_logits",
@@ -163,6 +165,48 @@ def parse_batch(batch: Any) -> ParsedBatch:
             )
         return ParsedBatch("pair", x, y)
     raise TypeError(f"the default loss cannot read {_describe(batch)}; expected {_EXPECTED}")
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    """The number of token ids ``model`` embeds, where it can be read: ``model.cfg.d_vocab`` (pypattern's and
+    TransformerLens' models), the rows of ``model.get_input_embeddings()`` (Hugging Face), or
+    ``model.config.vocab_size``; None otherwise."""
+    v = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if isinstance(v, int):
+        return v
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            v = getattr(get(), "num_embeddings", None)
+        except (AttributeError, NotImplementedError):
+            v = None
+        if isinstance(v, int):
+            return v
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return v if isinstance(v, int) else None
+
+
+def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
+    """:func:`parse_batch` for the batch a caller passed as ``argument`` (e.g. ``"probe"``), with errors naming it,
+    and the token ids of a token batch checked against ``model``'s vocabulary (:func:`vocab_size`): an id out of
+    range would otherwise fail inside the embedding (or, negative, be read from the end of it).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming ``argument``, what arrived and what was expected.
+    """
+    try:
+        pb = parse_batch(batch)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{argument}: {e}") from None
+    if pb.is_lm and pb.inputs.numel():
+        v = vocab_size(model)
+        lo, hi = int(pb.inputs.min()), int(pb.inputs.max())
+        if lo < 0 or (v is not None and hi >= v):
+            valid = f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
+            raise ValueError(f"{argument} contains token id {lo if lo < 0 else hi}; valid ids are {valid}")
+    return pb
 
 
 def batch_size(batch: Any) -> int:

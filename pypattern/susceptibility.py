@@ -41,6 +41,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +53,7 @@ from torch import nn
 
 from . import io
 from .io import Saveable, register
-from .losses import probe_losses
+from .losses import batch_size, check_batch, probe_losses
 from .ops.covariance import CrossCovariance
 from .sampling.auto import is_auto, resolve_step_size
 from .sampling.checkpoint import load_checkpoint_state
@@ -299,6 +300,50 @@ def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.
     raise TypeError(f"a component must be a name, a list of parameter names or a dict of masks, got {comp!r}")
 
 
+def _check_acc_state(state: Mapping[str, torch.Tensor], acc: CrossCovariance, prefix: str, path: str) -> None:
+    """Refuse a checkpointed accumulator state whose arrays do not fit ``acc`` (a damaged file), naming it."""
+    want = {k: v for k, v in acc.state_dict().items() if isinstance(v, torch.Tensor)}
+    for k, v in want.items():
+        got = state.get(k)
+        if got is None or tuple(got.shape) != tuple(v.shape):
+            shape = "missing" if got is None else f"of shape {tuple(got.shape)}"
+            raise io.FormatError(
+                f"checkpoint {path!r} is damaged: {prefix}{k} is {shape}, expected {tuple(v.shape)}; delete it "
+                "to start the group afresh"
+            )
+    if "count" not in state or state["count"].numel() != 1 or int(state["count"][0]) < 0:
+        raise io.FormatError(
+            f"checkpoint {path!r} is damaged: {prefix}count is missing or invalid; delete it"
+        )
+
+
+def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callable, losses_of) -> torch.Tensor:
+    """The probe's per-sample (or per-token) losses at ``w*``, ``losses_of(model)``, with the probe and what
+    ``per_sample_loss_fn`` returned checked first, errors naming them: a probe the default loss cannot read (a float,
+    3-D or out-of-vocabulary token tensor), and fewer values than probe samples (a batch mean or sum)."""
+    if per_sample_loss_fn is per_sample_losses or per_sample_loss_fn is probe_losses:
+        check_batch(model, probe, "probe")
+    with torch.no_grad():
+        l0 = losses_of(model)
+    if not isinstance(l0, torch.Tensor):
+        raise TypeError(
+            f"per_sample_loss_fn returned {type(l0).__name__}; it must return a tensor of losses, (batch,) per "
+            "sample or (batch, pos) per token"
+        )
+    if l0.numel() == 0:
+        raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
+    try:
+        b = batch_size(probe)
+    except (TypeError, ValueError):
+        b = None
+    if l0.dim() == 0 or (b is not None and l0.numel() < b):
+        raise ValueError(
+            f"per_sample_loss_fn returned shape {tuple(l0.shape)} on a probe of {b} samples; it must return one "
+            "loss per sample (batch,) or per token (batch, pos), not a batch mean or sum"
+        )
+    return l0
+
+
 def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if losses.dim() == 2 and isinstance(probe, torch.Tensor) and probe.dim() == 2:
         b, t = losses.shape
@@ -418,7 +463,7 @@ def susceptibilities(
     if not specs:
         raise ValueError("components is empty: give at least one component")
     seed0 = kw.get("seed", 0)
-    seed0 = seed0 if isinstance(seed0, int) else int(list(seed0)[0])
+    seed0 = int(seed0) if isinstance(seed0, numbers.Integral) else int(list(seed0)[0])
     if sampling_batch is None:  # the first batch of a stream keyed by the seed: the same in every call
         sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
     if loss_fn is None:
@@ -446,12 +491,10 @@ def susceptibilities(
             return torch.as_tensor(observable(m), dtype=torch.float64)
         return split_loss(lf(m, sampling_batch)).detach().to(torch.float64)
 
+    l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     with torch.no_grad():
-        l0 = losses_of(model)
         phi0 = phi_of(model).reshape(())
     n = l0.numel()
-    if n == 0:
-        raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
     meta = _probe_meta(probe, l0)
     C = int(kw["num_chains"])
     if group_size is not None and (
@@ -496,6 +539,7 @@ def susceptibilities(
                 pre = f"acc{i}/"
                 state = {k[len(pre) :]: torch.from_numpy(v) for k, v in saved.items() if k.startswith(pre)}
                 if state:
+                    _check_acc_state(state, a, f"{pre}", local)
                     state["count"] = int(state["count"][0])
                     a.load_state_dict({**state, "k": a.k, "n": a.n, "track_auto": a.track_auto})
 
@@ -598,7 +642,19 @@ def susceptibilities(
             return None
         arrays, meta = io.load(path, kind=ROW_KIND)
         io.check_fingerprint(meta.get("fingerprint"), row_fp(run), path)
-        return {**arrays, **meta.get("row", {})}
+        row = {**arrays, **meta.get("row", {})}
+        shapes = {"full_means": (n + 1,)} if run == "unrestricted" else {
+            "chi": (n,), "chi_chains": (C, n), "loss_mean": (n,), "phi_mean": (), "nbeta": ()
+        }  # fmt: skip
+        for key, shape in shapes.items():
+            v = np.asarray(row.get(key, np.zeros((0,) * 7)))
+            if v.shape != shape or v.dtype.kind not in "fi":
+                what = "lacks it" if key not in row else f"holds shape {v.shape}, dtype {v.dtype}"
+                raise io.FormatError(
+                    f"checkpoint row {path!r} is damaged: {key!r} should be numbers of shape {shape} but the file "
+                    f"{what}; delete the file to sample that row again"
+                )
+        return row
 
     def save_row(run: str, row: dict) -> None:
         if checkpoint is None or not ex.write_rows:
@@ -758,11 +814,8 @@ def bif(
             v = v.mean(1)
         return v
 
-    with torch.no_grad():
-        l0 = losses_of(model)
+    l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     n = l0.numel()
-    if n == 0:
-        raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
     acc = CrossCovariance(n, n, track_auto="var")
 
     def cb(observables):

@@ -26,3 +26,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# The property-based suites (tests/test_properties_*.py) run under one bounded, reproducible hypothesis profile:
+# derandomized (the same examples on every run, so CI is deterministic), no example database, no deadline (the
+# machine may be shared), a fixed number of examples per test. HYPOTHESIS_PROFILE=pypattern-long runs more.
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # pragma: no cover - hypothesis is a test dependency (pyproject.toml, Makefile)
+    pass
+else:
+    _common = dict(
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],  # no slow "explain"
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile("pypattern", max_examples=25, **_common)
+    settings.register_profile("pypattern-long", max_examples=500, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "pypattern"))

@@ -157,3 +157,79 @@ def test_metric_positions_per_example_out_of_range_are_refused():
     assert metric_positions(ok, 2, 6).tolist() == [5, 2]
     same = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]), position=torch.tensor([4, -2]))
     assert circuit_positions(same, 2, 6) == 4
+
+
+_WRONG_METRICS = {
+    "B-1": (lambda m: lambda logits: m(logits).unsqueeze(-1), ValueError, r"metric returned shape \(4, 1\)"),
+    "scalar": (lambda m: lambda logits: m(logits).mean(-1), ValueError, r"metric returned shape \(\)"),
+    "B-3": (lambda m: lambda logits: logits[..., :3], ValueError, r"metric returned shape \(4, 3\)"),
+    "float": (lambda m: lambda logits: 1.0, TypeError, "metric returned float"),
+}
+
+
+@pytest.mark.parametrize("shape", list(_WRONG_METRICS))
+@pytest.mark.parametrize(
+    "which", ["exact", "naive", "atp", "patch_edges", "edge_attribution", "faithfulness"]
+)
+def test_metric_of_the_wrong_shape_is_refused_everywhere(shape, which):
+    """The metric contract (logits (..., batch, vocab) -> per-example values (..., batch)) is enforced by exact
+    and attribution patching and by circuits alike; the error names the metric, the shape and what is expected.
+    Plain callables are accepted (nothing to bind), so the check is what the user meets."""
+    from pypattern import circuits
+
+    model, clean, corr, m = small()
+    make, exc, match = _WRONG_METRICS[shape]
+    metric = make(m)
+    with pytest.raises(exc, match=match + r".*\(4,\)"):
+        if which == "atp":
+            attribution_patching(model, clean, corr, metric=metric, sites=["resid_pre"])
+        elif which in ("exact", "naive"):
+            activation_patching(model, "resid_pre", clean, corr, metric=metric, method=which)
+        elif which == "patch_edges":
+            circuits.patch_edges(model, [], clean, corr, metric=metric)
+        elif which == "edge_attribution":
+            circuits.edge_attribution(model, clean, corr, metric=metric)
+        else:
+            circuits.faithfulness(model, [], clean, corr, metric=metric)
+
+
+def test_plain_callable_metric_equals_the_metric_object():
+    """A plain callable (no .bind, no .position: read at the last position) gives exactly the values of the
+    Metric it wraps, in exact and attribution patching and in circuits; a non-callable metric is a TypeError."""
+    from pypattern import circuits
+
+    model, clean, corr, m = small()
+    fn = lambda logits: m(logits)
+    a = activation_patching(model, "resid_pre", clean, corr, metric=m)
+    b = activation_patching(model, "resid_pre", clean, corr, metric=fn)
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    a = attribution_patching(model, clean, corr, metric=m, sites=["z"])["z"]
+    b = attribution_patching(model, clean, corr, metric=fn, sites=["z"])["z"]
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    a = circuits.edge_attribution(model, clean, corr, metric=m)
+    b = circuits.edge_attribution(model, clean, corr, metric=fn)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="metric must be a Metric .* or a callable .*got str"):
+        activation_patching(model, "resid_pre", clean, corr, metric="logit_diff")
+    with pytest.raises(TypeError, match="metric must be a Metric .* or a callable .*got NoneType"):
+        attribution_patching(model, clean, corr, metric=None, sites=["z"])
+
+
+@pytest.mark.parametrize("argument", ["clean", "corrupted"])
+@pytest.mark.parametrize("which", ["atp", "patch_edges", "edge_attribution"])
+def test_1d_tokens_are_refused_naming_the_argument(argument, which):
+    """1-D prompts (one sequence without its batch axis) are refused naming the argument, as in exact patching
+    (tests above): patching names them clean_tokens/corrupted_tokens, circuits clean/corrupted."""
+    from pypattern import circuits
+
+    model, clean, corr, m = small()
+    toks = {"clean": clean, "corrupted": corr}
+    toks[argument] = toks[argument][0]
+    name = argument + ("_tokens" if which == "atp" else "")
+    with pytest.raises(ValueError, match=rf"{name} has shape \(6,\); give \(batch, pos\)"):
+        if which == "atp":
+            attribution_patching(model, toks["clean"], toks["corrupted"], metric=m, sites=["z"])
+        elif which == "patch_edges":
+            circuits.patch_edges(model, [], toks["clean"], toks["corrupted"], metric=m)
+        else:
+            circuits.edge_attribution(model, toks["clean"], toks["corrupted"], metric=m)

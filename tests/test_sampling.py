@@ -743,6 +743,216 @@ def test_empty_or_exhausted_data_is_a_clear_error():
     batches = list(loader)[:2]
     with pytest.raises(ValueError, match="loader yielded no batch.*generator is read only once"):
         _run(model, (b for b in batches), nbeta=20.0, init_loss=0.5)
+    # an empty DataLoader (not reported as a diverged chain) and a generator exhausted before the call
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(0, 6)), batch_size=4)
+    for nbeta in (None, 20.0):
+        with pytest.raises(ValueError, match="loader yielded no batch"):
+            _run(model, empty, nbeta=nbeta)
+    spent = (b for b in batches)
+    list(spent)
+    for kw in (dict(nbeta=20.0), dict(nbeta=20.0, init_loss=0.5)):
+        with pytest.raises(ValueError, match="loader yielded no batch"):
+            _run(model, spent, **kw)
+
+
+def test_empty_data_in_a_callers_loop_raises_instead_of_ending_it():
+    """A bare StopIteration escaping a call inside a generator would end the caller's loop silently (PEP 479
+    turns it into RuntimeError only inside generators): every estimator raises ValueError instead."""
+    from pypattern.susceptibility import bif, susceptibilities
+
+    model, loader = _mlp_task()
+    probe = next(iter(loader))
+    kw = dict(num_chains=1, num_draws=2, step_size=1e-3, quiet=True)
+    calls = [
+        lambda data: sample(model, data, nbeta=20.0, **kw),
+        lambda data: estimate_llc(model, data, **kw),
+        lambda data: susceptibilities(model, data, probe, [["0.weight"]], nbeta=20.0, **kw),
+        lambda data: bif(model, data, probe, nbeta=20.0, **kw),
+    ]
+    for call in calls:
+        for data in ([], iter([])):
+            with pytest.raises(ValueError, match="loader yielded no batch"):
+                call(data)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(init_loss=float("nan")), "init_loss must be a finite number or None, got nan"),
+        (dict(init_loss=float("inf")), "init_loss must be a finite number or None, got inf"),
+        (dict(init_loss="0.5"), "init_loss must be a finite number or None, got '0.5'"),
+        (dict(num_init_loss_batches=-1), "num_init_loss_batches must be an int >= 1, got -1"),
+        (dict(num_init_loss_batches=0), "num_init_loss_batches must be an int >= 1, got 0"),
+    ],
+)
+def test_init_loss_arguments_that_would_give_nan_are_refused(kw, match):
+    """A NaN init_loss or a non-positive number of init-loss batches would make every LLC NaN: refused up front."""
+    model, loader = _mlp_task()
+    with pytest.raises(ValueError, match=match):
+        _run(model, loader, **kw)
+
+
+def test_numpy_scalars_are_numbers_in_sample():
+    """np.float32 step sizes (and numpy ints and floats for every other number) are accepted and give the draws
+    of the equal Python numbers; a checkpoint written with one resumes with the other (the same run)."""
+    model, loader = _mlp_task()
+    plain = dict(step_size=float(np.float32(1e-3)), nbeta=20.0, localization=10.0, num_chains=2, num_draws=6)
+    numpy = dict(
+        step_size=np.float32(1e-3),
+        nbeta=np.float64(20.0),
+        localization=np.float32(10.0),
+        num_chains=np.int64(2),
+        num_draws=np.int32(6),
+        num_burnin_steps=np.int64(4),
+        num_steps_bw_draws=np.int16(2),
+        seed=np.int64(5),
+        init_loss=np.float32(0.5),
+    )
+    ref = _run(model, loader, **plain, init_loss=0.5)
+    res = _run(model, loader, **numpy)
+    np.testing.assert_array_equal(res.loss_trace, ref.loss_trace)
+    assert res.config["step_size"] == ref.config["step_size"]
+    with pytest.raises(ValueError, match="num_draws must be an int >= 1, got 2.5"):
+        _run(model, loader, num_draws=2.5)
+    with pytest.raises(ValueError, match="num_chains must be an int >= 1, got np.True_"):
+        _run(model, loader, num_chains=np.bool_(True))
+
+
+def test_checkpoint_written_with_numpy_numbers_resumes_with_python_numbers(tmp_path):
+    model, loader = _mlp_task()
+    path = tmp_path / "run.npz"
+    ref = _run(model, loader, num_chains=2)
+
+    def killer(chain, draw):
+        if chain == 1 and draw == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(model, loader, num_chains=np.int64(2), seed=np.int64(5), checkpoint=path, callbacks=[killer])
+    res = _run(model, loader, num_chains=2, checkpoint=path)
+    np.testing.assert_array_equal(res.loss_trace, ref.loss_trace)
+
+
+@pytest.mark.parametrize("batched", [False, None, True])
+@pytest.mark.parametrize(
+    "loss_fn, exc, match",
+    [
+        (
+            lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")[:, None],
+            ValueError,
+            r"\(16, 1\)",
+        ),
+        (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), ValueError, r"\(16,\)"),
+        (lambda m, b: (nn.functional.cross_entropy(m(b[0]), b[1]).item(),), TypeError, "of type float"),
+    ],
+    ids=["B-1", "B", "float"],
+)
+def test_loss_fn_must_return_one_number(loss_fn, exc, match, batched):
+    """A loss of shape (B, 1) or (B,) (per-sample losses), or a Python float, is refused naming loss_fn, the
+    shape and what is expected, in the sequential and the batched chains (init_loss given: no w* pass)."""
+    model, loader = _mlp_task()
+    if batched and exc is TypeError:  # .item() cannot run under vmap: that is what batched=True reports
+        with pytest.raises(RuntimeError, match="loss_fn does not run under vmap: .*item()"):
+            _run(model, loader, loss_fn=loss_fn, batched=batched, init_loss=0.5)
+        return
+    with pytest.raises(exc, match=rf"loss_fn returned a loss .*{match}"):
+        _run(model, loader, loss_fn=loss_fn, batched=batched, init_loss=0.5)
+    with pytest.raises(exc, match=rf"loss_fn returned a loss .*{match}"):
+        _run(model, loader, loss_fn=loss_fn, batched=batched)
+    one = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]).reshape(1, 1)  # one element: a number
+    ref = _run(model, loader, batched=batched)
+    np.testing.assert_array_equal(
+        _run(model, loader, loss_fn=one, batched=batched).loss_trace, ref.loss_trace
+    )
+
+
+def test_token_loader_the_default_loss_cannot_read_is_named():
+    """Float or out-of-vocabulary token batches (default loss): the error names the loader and the valid ids."""
+    from pypattern.models import Transformer, TransformerConfig
+
+    model = Transformer(TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=None, d_vocab=7, n_ctx=6))
+    data = torch.randint(0, 7, (8, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_chains=1, num_draws=2, nbeta=5.0)
+    with pytest.raises(TypeError, match="loader: a tensor batch must hold integer token ids"):
+        _run(model, [data.float()], **kw)
+    for bad in (7, -1):
+        d = data.clone()
+        d[3, 2] = bad
+        with pytest.raises(ValueError, match=rf"loader contains token id {bad}; valid ids are 0 .. 6"):
+            _run(model, [d], **kw)
+
+
+def _damage(path, change):
+    from pypattern import io
+
+    arrays, meta = io.load(path, kind="sample-checkpoint")
+    change(arrays)
+    io.save(path, arrays, meta, kind="sample-checkpoint")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("truncate", "is truncated or corrupt"),
+        (lambda a: a.pop("done"), "lacks the array 'done'"),
+        (lambda a: a.update(done=np.zeros(4, np.int64)), r"'done' has shape \(4,\), expected \(3,\)"),
+        (
+            lambda a: a.update(next_step=np.zeros(2, np.int64)),
+            r"'next_step' has shape \(2,\), expected \(3,\)",
+        ),
+        (
+            lambda a: a.update(loss_trace=np.zeros((3, 5))),
+            r"'loss_trace' has shape \(3, 5\), expected \(3, 12\)",
+        ),
+        (lambda a: a.update(done=np.array([99, 0, 0])), "'done' .* is out of range"),
+        (lambda a: a.update(init_losses=np.zeros(0)), "'init_losses'"),
+        (
+            lambda a: a.update(done=a["done"].astype(np.float64)),
+            "'done' has dtype float64, expected integers",
+        ),
+        (
+            lambda a: a.update({"params/1/0.weight": np.zeros((6, 8), np.float32)}),
+            r"params/1/0.weight.*\(8, 6\)",
+        ),
+        (
+            lambda a: a.update({"params/7/0.weight": np.zeros((8, 6), np.float32)}),
+            "not a parameter of a chain",
+        ),
+    ],
+    ids=[
+        "truncated",
+        "missing",
+        "done",
+        "next_step",
+        "loss",
+        "done-range",
+        "init",
+        "dtype",
+        "params",
+        "chain",
+    ],
+)
+def test_damaged_checkpoint_is_refused_naming_the_path(tmp_path, change, match):
+    """A checkpoint cut short or with arrays of the wrong shape, dtype or range is refused with a FormatError
+    naming the file (never an internal indexing error, never a silently wrong resume)."""
+    from pypattern.io import FormatError
+
+    model, loader = _mlp_task()
+    path = tmp_path / "run.npz"
+
+    def killer(chain, draw):
+        if chain == 1 and draw == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(model, loader, batched=False, checkpoint=path, callbacks=[killer])
+    if change == "truncate":
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    else:
+        _damage(path, change)
+    with pytest.raises(FormatError, match=rf"{path}.*{match}"):
+        _run(model, loader, batched=False, checkpoint=path)
 
 
 def test_lr_scheduler_drives_step_size_and_is_checked():

@@ -347,6 +347,46 @@ def test_env_forces_backend(monkeypatch):
     assert torch.equal(out, ref)
 
 
+def test_env_backend_that_is_not_a_backend_names_the_variable(monkeypatch):
+    """PYPATTERN_BACKEND=garbage: the error names the environment variable (not a backend= the caller never
+    passed), the value and the valid names; the sampler reports the same."""
+    monkeypatch.setenv("PYPATTERN_BACKEND", "garbage")
+    match = r"environment variable PYPATTERN_BACKEND='garbage' is not one of \('cuda', 'triton', 'cpp', 'reference'\)"
+    with pytest.raises(ValueError, match=match + "; unset it"):
+        sgld_step_(*_ok(), **KW)
+    model = torch.nn.Linear(2, 1)
+    x = torch.randn(8, 2)
+    with pytest.raises(ValueError, match=match):
+        pypattern.sample(model, [(x, x[:, :1])], num_chains=1, num_draws=2, nbeta=1.0, quiet=True)
+    # an argument still wins over the variable
+    out = _run("reference", *_ok(), **KW)
+    monkeypatch.delenv("PYPATTERN_BACKEND")
+    assert torch.equal(out[0], _run("reference", *_ok(), **KW)[0])
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+def test_numpy_scalars_are_numbers(backend, device):
+    """np.float32 / np.float64 hyperparameters and np.int64 keys give exactly the step of the equal Python
+    numbers (the float32 value is converted exactly, as float(np.float32(1e-4)) is)."""
+    import numpy as np
+
+    w, g, a = to(device, *_inputs((257,), torch.float32, seed=4))
+    plain = dict(
+        step_size=float(np.float32(1e-4)), nbeta=37.0, localization=2.5, weight_decay=0.01, seed=7, step=3
+    )
+    numpy = dict(
+        step_size=np.float32(1e-4),
+        nbeta=np.float64(37.0),
+        localization=np.float32(2.5),
+        weight_decay=np.float64(0.01),
+        seed=np.int64(7),
+        step=np.uint64(3),
+    )
+    ref = _run(backend, [w], [g], [a], **plain)[0]
+    out = _run(backend, [w], [g], [a], **numpy)[0]
+    assert torch.equal(out, ref)
+
+
 def test_empty_list_is_noop():
     assert sgld_step_([], [], [], **KW).shape == (0,)
 

@@ -456,3 +456,118 @@ def test_bif_and_susceptibilities_take_the_sampler():
         ValueError, match="sampler='sgnht' and sampling_method='sgld' name different samplers"
     ):
         bif(model, [(x, y)], probe, sampler="sgnht", sampling_method="sgld", **kw)
+
+
+def _tiny_lm():
+    from pypattern.models.transformer import Transformer, TransformerConfig
+
+    model = Transformer(
+        TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=None, d_vocab=11, n_ctx=6, seed=0)
+    )
+    data = torch.randint(0, 11, (8, 6), generator=torch.Generator().manual_seed(0))
+    return model, [data], data[:2]
+
+
+@pytest.mark.parametrize("estimator", ["susceptibilities", "bif"])
+def test_probe_the_default_loss_cannot_read_is_named(estimator):
+    """A float, 3-D or out-of-vocabulary (or negative) token probe: an error naming the probe and what was
+    expected, never a torch indexing or einsum error from inside the model."""
+    model, loader, probe = _tiny_lm()
+    kw = dict(num_chains=1, num_draws=2, step_size=1e-4, nbeta=5.0, quiet=True)
+
+    def call(p):
+        if estimator == "bif":
+            return bif(model, loader, p, **kw)
+        return susceptibilities(model, loader, p, ["blocks.0.attn.head.0"], **kw)
+
+    with pytest.raises(
+        TypeError, match=r"probe: a tensor batch must hold integer token ids, got a torch.float32"
+    ):
+        call(probe.float())
+    with pytest.raises(
+        ValueError, match=r"probe: a tensor batch must have shape \(batch, pos\) .*\(2, 6, 1\)"
+    ):
+        call(probe[..., None])
+    for bad in (11, 40, -1):
+        p = probe.clone()
+        p[1, 4] = bad
+        with pytest.raises(ValueError, match=rf"probe contains token id {bad}; valid ids are 0 .. 10"):
+            call(p)
+    assert call(probe) is not None  # the same probe with valid ids runs
+
+
+@pytest.mark.parametrize("estimator", ["susceptibilities", "bif"])
+def test_per_sample_loss_that_is_a_batch_mean_is_refused(estimator):
+    model, x, y = _problem()
+    kw = dict(num_chains=1, num_draws=2, step_size=EPS, nbeta=NBETA, quiet=True)
+    probe = (x[:4], y[:4])
+    for fn, shape in ((lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), r"\(\)"), (lambda m, b: 1.0, None)):
+        exc, match = (ValueError, rf"per_sample_loss_fn returned shape {shape} on a probe of 4 samples")
+        if shape is None:
+            exc, match = TypeError, "per_sample_loss_fn returned float"
+        with pytest.raises(exc, match=match):
+            if estimator == "bif":
+                bif(model, [(x, y)], probe, per_sample_loss_fn=fn, **kw)
+            else:
+                susceptibilities(model, [(x, y)], probe, [["weight"]], per_sample_loss_fn=fn, **kw)
+    # (batch, 1) is one loss per sample: accepted, the same as (batch,)
+    col = lambda m, b: (m(b[0]) - b[1]) ** 2
+    flat = lambda m, b: ((m(b[0]) - b[1]) ** 2)[:, 0]
+    if estimator == "bif":
+        a, b = (bif(model, [(x, y)], probe, per_sample_loss_fn=f, **kw).bif for f in (col, flat))
+    else:
+        a, b = (
+            susceptibilities(model, [(x, y)], probe, [["weight"]], per_sample_loss_fn=f, **kw).chi
+            for f in (col, flat)
+        )
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "file, key, bad",
+    [
+        ("component.b.npz", "chi", np.zeros(3)),
+        ("component.b.npz", "chi_chains", np.zeros((5, 5))),
+        ("component.b.npz", "loss_mean", None),
+        ("sampling", "acc0/comoment", np.zeros((2, 2))),
+        ("sampling", "acc1/count", np.zeros(0, np.int64)),
+    ],
+)
+def test_damaged_checkpoint_rows_are_refused_naming_the_file(tmp_path, monkeypatch, file, key, bad):
+    """A finished row or a group's accumulator state of the wrong shape (or missing) is a FormatError naming the
+    file, not a numpy broadcasting error or a wrong chi."""
+    import pypattern.susceptibility as sus
+    from pypattern import io
+
+    model, x, y = _problem()
+    probe = (x[:5], y[:5])
+    kw = dict(num_chains=2, num_draws=6, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=3, quiet=True,
+              warn_nonstationary=False)  # fmt: skip
+    ck = tmp_path / "ck"
+    if file == "sampling":  # kill the group mid-way: its sampler checkpoint holds the accumulators
+        real = sus.sample
+
+        def killer(chain, draw):
+            if draw == 3:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(
+            sus, "sample", lambda *a, **k: real(*a, **{**k, "callbacks": [*k["callbacks"], killer]})
+        )
+        with pytest.raises(KeyboardInterrupt):
+            susceptibilities(model, [(x, y)], probe, {"b": ["weight"]}, checkpoint=ck, **kw)
+        monkeypatch.setattr(sus, "sample", real)
+        (path,) = ck.iterdir()
+        kind, key = "sample-checkpoint", f"state/{key}"
+    else:
+        susceptibilities(model, [(x, y)], probe, {"b": ["weight"]}, checkpoint=ck, **kw)
+        path, kind = ck / file, "susceptibility-row"
+    arrays, meta = io.load(path, kind=kind)
+    assert key in arrays, sorted(arrays)
+    if bad is None:
+        del arrays[key]
+    else:
+        arrays[key] = bad
+    io.save(path, arrays, meta, kind=kind)
+    with pytest.raises(io.FormatError, match=rf"{path}.* is damaged: .*{key.split('/')[-1]}"):
+        susceptibilities(model, [(x, y)], probe, {"b": ["weight"]}, checkpoint=ck, **kw)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..patching.api import check_tokens
-from ..patching.metrics import check_metric_output
+from ..patching.metrics import bind_metric, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
 from .graph import EdgeGraph
 from .model_view import ModelView
@@ -492,8 +492,7 @@ def prepare_runs(
         base_tokens, src_tokens = corrupted, clean
     x_clean = view.embed(clean)
     clean_run = _node_run(view, graph, x_clean, pos)
-    if hasattr(metric, "bind"):
-        metric.bind(clean_run.logits.detach())
+    bind_metric(metric, clean_run.logits.detach())
     m_clean = check_metric_output(metric(clean_run.logits), B)
     if mode == "noise":
         base, x_base = clean_run, x_clean

@@ -15,7 +15,7 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .engine import ExactEngine, bytes_per_cell, truncate_cache
-from .metrics import Metric, check_metric_output, logits_at, metric_positions
+from .metrics import Metric, bind_metric, check_metric_output, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, apply_patch, check_site, hook_name, make_cells, site_heads
 
@@ -164,7 +164,7 @@ def prepare_runs(
 
     names = (lambda n: True) if full_cache else set(site_hooks)
     clean_logits, clean_cache = run(clean, None, names)
-    metric.bind(logits_at(clean_logits, pos).detach())
+    bind_metric(metric, logits_at(clean_logits, pos).detach())
     m_clean = check_metric_output(metric(logits_at(clean_logits, pos)), B).detach()
     m_corr, corr_cache = None, None
     if corr_tokens is not None:

@@ -28,7 +28,7 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .engine import ExactEngine, truncate_cache
-from .metrics import Metric, check_metric_output, logits_at, metric_positions
+from .metrics import Metric, bind_metric, check_metric_output, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_heads
 
@@ -173,7 +173,7 @@ def attribution_patching(
     # forward 1: the source run (no gradient); for noising the clean run must come first to bind the metric
     if direction == "denoising":
         clean_logits, src_cache = cache_run(clean_tokens, None)
-        metric.bind(clean_logits)
+        bind_metric(metric, clean_logits)
         m_clean = check_metric_output(metric(clean_logits), B).detach()
         tgt_tokens, tgt_noise = corr_tokens, noise
     else:
@@ -218,7 +218,7 @@ def attribution_patching(
             for prm in model.parameters():
                 prm.requires_grad_(True)
         if direction == "noising":
-            metric.bind(logits.detach())
+            bind_metric(metric, logits.detach())
             m_clean = check_metric_output(metric(logits), B).detach()
         m_tgt_full = metric(logits)
         m_tgt = m_tgt_full.detach()

@@ -22,6 +22,7 @@ __all__ = [
     "logits_at",
     "metric_positions",
     "check_metric_output",
+    "bind_metric",
 ]
 
 
@@ -157,3 +158,21 @@ def check_metric_output(values, batch: int) -> torch.Tensor:
             "not a batch mean or sum"
         )
     return values
+
+
+def bind_metric(metric, clean_logits: torch.Tensor) -> None:
+    """Hand the clean run's logits at the metric position ``(batch, vocab)`` to ``metric.bind`` when it has one
+    (a :class:`Metric`; a plain callable ``logits (..., batch, vocab) -> (..., batch)`` has nothing to bind).
+
+    Raises
+    ------
+    TypeError
+        When ``metric`` is not callable."""
+    if not callable(metric):
+        raise TypeError(
+            f"metric must be a Metric (LogitDiff, Prob, LogProb, KL) or a callable logits (..., batch, vocab) -> "
+            f"(..., batch), got {type(metric).__name__}"
+        )
+    bind = getattr(metric, "bind", None)
+    if callable(bind):
+        bind(clean_logits)

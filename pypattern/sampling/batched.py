@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .context import RunContext
+from .context import LossContractError, RunContext
 from .data import ChainData, to_device
 from .samplers import StackedSamplerState
 from .sequential import extra_outputs
@@ -42,9 +42,10 @@ class FunctionalModel:
 
 def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
     """(losses, other outputs) from the vmap-ed loss: a tensor, or a tuple with the losses first."""
-    if isinstance(out, tuple):
-        return out[0], out[1:]  # chain_loss returns the extra outputs detached
-    return out, ()
+    losses, extra = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())  # extras come detached
+    if losses.dim() > 1 and losses[0].numel() == 1:  # one number per chain given as (1,) or (1, 1)
+        losses = losses.reshape(losses.shape[0])
+    return losses, extra
 
 
 def _batched_observables(
@@ -148,7 +149,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                         raise VmapUnsupported(
                             f"loss_fn returned shape {tuple(losses.shape[1:])}, not a scalar"
                         )
-                except VmapUnsupported:
+                except (VmapUnsupported, LossContractError):
                     raise
                 except Exception as e:  # noqa: BLE001 - anything vmap rejects means: run sequentially
                     raise VmapUnsupported(f"{type(e).__name__}: {e}") from e

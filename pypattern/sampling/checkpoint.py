@@ -82,9 +82,13 @@ class State:
         io.save(path, arrays, {"checkpoint": meta}, kind=CHECKPOINT_KIND)
 
     @classmethod
-    def load(cls, path: str, plan: RunPlan, fingerprint: Mapping, device, dtypes: Mapping) -> State:
+    def load(
+        cls, path: str, plan: RunPlan, fingerprint: Mapping, device, like: Mapping[str, torch.Tensor]
+    ) -> State:
         """Read a checkpoint of the run ``fingerprint`` identifies; a file of any other run, another format
-        version or a damaged file is refused naming the file (and the first differing item)."""
+        version, or a damaged file (truncated, an array missing or of the wrong shape or dtype) is refused with
+        :class:`pypattern.io.FormatError` naming the file (and the first differing item or the bad array).
+        ``like`` maps each parameter name to a tensor of its shape and dtype (the trained weights)."""
         arrays, meta = io.load(path, kind=CHECKPOINT_KIND)
         meta = meta.get("checkpoint", {})
         if meta.get("version") != VERSION:
@@ -108,30 +112,62 @@ class State:
                     current=now,
                 )
         io.check_fingerprint(stored, fingerprint, path)
-        st = cls(plan.num_total_chains, plan.num_draws)
-        try:
-            st.loss, st.done, st.next_step = arrays["loss_trace"], arrays["done"], arrays["next_step"]
-            if (
-                st.loss.shape != (plan.num_total_chains, plan.num_draws)
-                or st.done.shape != st.next_step.shape
-            ):
-                raise io.FormatError(f"checkpoint {path!r} holds a loss trace of shape {st.loss.shape}")
-            st.init_losses = arrays.get("init_losses")
-            st.seconds = float(meta.get("seconds", 0.0))
-            for k, v in arrays.items():
-                if k.startswith("obs/"):
-                    st.obs[k[4:]] = v
-                elif k.startswith("params/"):
-                    _, g, n = k.split("/", 2)
-                    t = torch.from_numpy(v).to(device=device, dtype=dtypes[n])
-                    st.params.setdefault(int(g), {})[n] = t
-                elif k.startswith("sampler/"):
-                    _, g, key = k.split("/", 2)  # "thermostat" or "<kind>/<parameter name>"
-                    dtype = torch.float64 if key == "thermostat" else dtypes[key.split("/", 1)[1]]
-                    t = torch.from_numpy(v).to(device=device, dtype=dtype)
-                    st.sampler_state.setdefault(int(g), {})[key] = t
-        except KeyError as e:
-            raise io.FormatError(f"checkpoint {path!r} lacks {e}: it is damaged; delete it") from None
+        G, D = plan.num_total_chains, plan.num_draws
+
+        def bad(what: str) -> io.FormatError:
+            return io.FormatError(f"checkpoint {path!r} is damaged: {what}; delete it to start afresh")
+
+        def get(key: str, shape: tuple | None, kind: str) -> np.ndarray:
+            if key not in arrays:
+                raise bad(f"it lacks the array {key!r}")
+            a = arrays[key]
+            if shape is not None and a.shape != shape:
+                raise bad(f"{key!r} has shape {a.shape}, expected {shape}")
+            if a.dtype.kind not in kind:
+                raise bad(f"{key!r} has dtype {a.dtype}, expected {'integers' if kind == 'iu' else 'floats'}")
+            return a
+
+        st = cls(G, D)
+        st.loss = get("loss_trace", (G, D), "f")
+        st.done = get("done", (G,), "iu").astype(np.int64)
+        st.next_step = get("next_step", (G,), "iu").astype(np.int64)
+        if ((st.done < 0) | (st.done > D)).any() or (
+            (st.next_step < 0) | (st.next_step > plan.total_steps)
+        ).any():
+            raise bad(
+                f"'done' {st.done.tolist()} or 'next_step' {st.next_step.tolist()} is out of range "
+                f"(0 .. {D} draws, 0 .. {plan.total_steps} steps)"
+            )
+        if "init_losses" in arrays:
+            st.init_losses = get("init_losses", None, "f")
+            if st.init_losses.ndim != 1 or not len(st.init_losses) or not np.isfinite(st.init_losses).all():
+                raise bad(f"'init_losses' {st.init_losses!r} is not a non-empty vector of finite losses")
+        st.seconds = float(meta.get("seconds", 0.0))
+        for k, v in arrays.items():
+            if k.startswith("obs/"):
+                if v.shape[:2] != (G, D):
+                    raise bad(f"{k!r} has shape {v.shape}, expected ({G}, {D}, ...)")
+                st.obs[k[4:]] = v
+            elif k.startswith("params/"):
+                _, g, n = k.split("/", 2)
+                if not g.isdigit() or not 0 <= int(g) < G or n not in like:
+                    raise bad(f"{k!r} is not a parameter of a chain of this run")
+                if v.shape != tuple(like[n].shape) or v.dtype.kind != "f":
+                    raise bad(
+                        f"{k!r} has shape {v.shape} and dtype {v.dtype}, expected {tuple(like[n].shape)} floats"
+                    )
+                t = torch.from_numpy(v).to(device=device, dtype=like[n].dtype)
+                st.params.setdefault(int(g), {})[n] = t
+            elif k.startswith("sampler/"):
+                _, g, key = k.split("/", 2)  # "thermostat" or "<kind>/<parameter name>"
+                pname = key.split("/", 1)[1] if "/" in key else None
+                if not g.isdigit() or not 0 <= int(g) < G or (key != "thermostat" and pname not in like):
+                    raise bad(f"{k!r} is not sampler state of a chain of this run")
+                if v.dtype.kind != "f" or (pname is not None and v.shape != tuple(like[pname].shape)):
+                    raise bad(f"{k!r} has shape {v.shape} and dtype {v.dtype}")
+                dtype = torch.float64 if key == "thermostat" else like[pname].dtype
+                t = torch.from_numpy(v).to(device=device, dtype=dtype)
+                st.sampler_state.setdefault(int(g), {})[key] = t
         return st
 
 

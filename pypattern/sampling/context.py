@@ -16,7 +16,7 @@ from .checkpoint import State
 from .diagnostics import SamplingDivergedError
 from .plan import RunPlan
 
-__all__ = ["RUNAWAY_DRAWS", "RunContext", "Stopped", "runaway_limit"]
+__all__ = ["RUNAWAY_DRAWS", "LossContractError", "RunContext", "Stopped", "runaway_limit"]
 
 RUNAWAY_DRAWS = 5  # a chain has run away after this many consecutive draws above its runaway limit
 
@@ -34,6 +34,11 @@ def runaway_limit(init_loss: float, num_moving: int, nbeta: float) -> float:
 
 class Stopped(Exception):
     """Another group of chains failed (cores > 1): this one stops."""
+
+
+class LossContractError(ValueError):
+    """``loss_fn`` returned something other than one number: the caller's error, raised as it is by the batched
+    loop too (not taken for a model that does not run under vmap)."""
 
 
 def _keywords(fn: Callable) -> frozenset | None:

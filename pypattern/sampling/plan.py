@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -158,7 +160,15 @@ class RunPlan:
         return self.runs[g // self.num_chains]
 
 
+def _as_int(v):
+    """``v`` as a Python int when it is an integer (numpy's included, bool excluded), else ``v`` unchanged."""
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_):
+        return int(v)
+    return v
+
+
 def _int_at_least(name: str, v, lo: int) -> int:
+    v = _as_int(v)
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     return v
@@ -199,20 +209,24 @@ def make_plan(
 ) -> RunPlan:
     """Check the arguments of :func:`pypattern.sample` and resolve them into a :class:`RunPlan`; errors name the
     argument, the value and what would be valid."""
+    # numpy integers and floats are numbers: converted here, so a run fingerprints the same either way
     C = _int_at_least("num_chains", num_chains, 1)
     D = _int_at_least("num_draws", num_draws, 1)
-    _int_at_least("num_burnin_steps", num_burnin_steps, 0)
-    _int_at_least("num_steps_bw_draws", num_steps_bw_draws, 1)
-    _int_at_least("checkpoint_every", checkpoint_every, 1)
-    _int_at_least("cores", cores, 1)
-    _int_at_least("grad_accum_steps", grad_accum_steps, 1)
+    num_burnin_steps = _int_at_least("num_burnin_steps", num_burnin_steps, 0)
+    num_steps_bw_draws = _int_at_least("num_steps_bw_draws", num_steps_bw_draws, 1)
+    checkpoint_every = _int_at_least("checkpoint_every", checkpoint_every, 1)
+    cores = _int_at_least("cores", cores, 1)
+    grad_accum_steps = _int_at_least("grad_accum_steps", grad_accum_steps, 1)
     if num_init_loss_batches is not None:
-        _int_at_least("num_init_loss_batches", num_init_loss_batches, 1)
-    if init_loss is not None and not (
-        isinstance(init_loss, int | float) and not isinstance(init_loss, bool) and math.isfinite(init_loss)
-    ):
-        raise ValueError(f"init_loss must be a finite number or None, got {init_loss!r}")
-    seeds = list(seed) if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
+        num_init_loss_batches = _int_at_least("num_init_loss_batches", num_init_loss_batches, 1)
+    if init_loss is not None:
+        if not (isinstance(init_loss, numbers.Real) and not isinstance(init_loss, bool | np.bool_)) or not (
+            math.isfinite(init_loss)
+        ):
+            raise ValueError(f"init_loss must be a finite number or None, got {init_loss!r}")
+        init_loss = float(init_loss)
+    seed = _as_int(seed)
+    seeds = [_as_int(v) for v in seed] if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
     for v in seeds:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63) or a list of them, got {seed!r}")

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from .._threads import pinned_threads
-from ..losses import batch_loss
+from ..losses import batch_loss, check_batch
 from .auto import auto_arguments, is_auto, resolve_step_size, with_auto_report
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
-from .context import RunContext, Stopped
+from .context import LossContractError, RunContext, Stopped
 from .data import ChainData, to_device
 from .diagnostics import SamplingDivergedError, check_stationarity, ess, r_hat
 from .plan import RunPlan, default_nbeta, make_plan
@@ -48,18 +48,31 @@ BATCHED_MAX_STACKED = 1 << 24  # and chains x parameters stay under this (64 MB 
 
 def split_loss(out) -> torch.Tensor:
     """The loss from what a loss function returned: a tensor, a tuple (loss first), a dict with ``"loss"`` or an
-    object with ``.loss`` (devinterp's rules)."""
+    object with ``.loss`` (devinterp's rules). The loss must be one number (a tensor of one element): a
+    per-sample loss ``(batch,)`` or ``(batch, 1)`` is refused, naming ``loss_fn`` and the shape."""
     if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple | list) and out:
-        return out[0]
-    if isinstance(out, Mapping) and "loss" in out:
-        return out["loss"]
-    if hasattr(out, "loss"):
-        return out.loss
-    raise TypeError(
-        f"loss_fn must return a tensor, a tuple, a dict with 'loss' or an object with .loss, got {out!r}"
-    )
+        loss = out
+    elif isinstance(out, tuple | list) and out:
+        loss = out[0]
+    elif isinstance(out, Mapping) and "loss" in out:
+        loss = out["loss"]
+    elif hasattr(out, "loss"):
+        loss = out.loss
+    else:
+        raise TypeError(
+            f"loss_fn must return a tensor, a tuple, a dict with 'loss' or an object with .loss, got {out!r}"
+        )
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"loss_fn returned a loss of type {type(loss).__name__}; it must be a tensor of one element (the "
+            "batch's mean loss, differentiable in the parameters)"
+        )
+    if loss.numel() != 1:
+        raise LossContractError(
+            f"loss_fn returned a loss of shape {tuple(loss.shape)}; it must be one number, the batch's mean loss "
+            "(a tensor of one element): reduce per-sample losses with .mean()"
+        )
+    return loss
 
 
 def default_loss_fn(model, batch) -> torch.Tensor:
@@ -320,13 +333,12 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     w_star = {n: p.detach().clone() for n, p in model.named_parameters()}
-    dtypes = {n: t.dtype for n, t in w_star.items()}
     data_cache: dict = {}
     fingerprint = None
     if plan.checkpoint is not None:
         fingerprint = run_fingerprint(plan, model, loader, w_star, data_cache)
     if plan.checkpoint is not None and os.path.exists(plan.checkpoint):
-        st = State.load(plan.checkpoint, plan, fingerprint, device, dtypes)
+        st = State.load(plan.checkpoint, plan, fingerprint, device, w_star)
     else:
         st = State(plan.num_total_chains, plan.num_draws)
     if st.init_losses is None:
@@ -391,10 +403,16 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
     if k < 1:
         raise ValueError("loader yielded no batch (it has length 0): give a loader with at least one batch")
     stream = ChainData(loader, plan.key(0, stream=2), data_cache)
+
+    def loss_at_w_star(batch) -> float:
+        if (
+            plan.loss_fn is default_loss_fn
+        ):  # the default loss reads the batch: say which argument it came from
+            check_batch(model, batch, "loader")
+        return float(split_loss(plan.loss_fn(model, batch)))
+
     with torch.no_grad():
-        vals = np.array(
-            [float(split_loss(plan.loss_fn(model, to_device(stream.next(), device)))) for _ in range(k)]
-        )
+        vals = np.array([loss_at_w_star(to_device(stream.next(), device)) for _ in range(k)])
     if not np.all(np.isfinite(vals)):
         raise SamplingDivergedError(
             f"the loss at w* is not finite ({vals}): check the model and loss_fn",
