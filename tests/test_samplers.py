@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _backend_cases import backend_devices, to
+from _overflow_case import check_step
 from _triton_aot import assert_compiles_for_gpus
 
 import pypattern
@@ -221,6 +222,20 @@ def test_nan_grad_names_tensor_and_keeps_entries(op, case):
     assert p[1][1] == 1 and p[1][3] == 1 and s[1][1] == 0.5 and s[1][3] == 0.5
     assert call(check_finite=False, **kw).tolist() == [0, 1]
     assert call(check_finite=False, validate=False, **kw).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("op, case", ALL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", ["plain", "mask", "box"])
+@pytest.mark.filterwarnings(
+    "ignore:(overflow|invalid value) encountered:RuntimeWarning"
+)  # Triton's interpreter
+def test_overflowing_update_is_not_written_and_names_the_tensor(op, case, dtype, extras):
+    """A huge finite gradient (1e38 in float32, 1e308 in float64) whose update overflows the weight and the state
+    (momentum or V), NaN/Inf gradients elsewhere, a non-contiguous view and an empty tensor: neither the entry nor
+    its state is written, the flags say so, the op names the tensor (see tests/_overflow_case.py)."""
+    backend, device = case.values
+    check_step(op, backend, device, dtype, extras)
 
 
 @pytest.mark.parametrize("op, case", ALL_CASES)

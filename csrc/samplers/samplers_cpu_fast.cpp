@@ -20,6 +20,10 @@ inline void normals_of(int64_t base, uint64_t seed, uint32_t tensor_index, uint6
                 static_cast<uint32_t>(step), static_cast<uint32_t>(step >> 32), out);
 }
 
+// Whether p^2 in float64 is NaN or Inf (as square_nonfinite of sampler_kernels.h), as bit tests that vectorise.
+inline bool square_nonfinite(float p) { return nonfinite_bits(p); }  // a float's square never overflows a double
+inline bool square_nonfinite(double p) { return nonfinite_bits(p * p); }
+
 template <typename T, bool kMask, bool kBox>
 int sgnht_t(T* __restrict w, T* __restrict p, const T* __restrict g, const T* __restrict w0,
             const T* __restrict mask, int64_t begin, int64_t end, const SgnhtCoefs& c, double* kinetic,
@@ -46,19 +50,23 @@ int sgnht_t(T* __restrict w, T* __restrict p, const T* __restrict g, const T* __
 #pragma omp simd reduction(| : block_bad) reduction(+ : block_kin, block_cnt)
     for (int i = 0; i < len; ++i) {
       const T wi = wb[i], pi = pb[i], gi = gb[i], ai = ab[i];
-      const int nf = nonfinite_bits(gi) ? 1 : 0;
-      block_bad |= nf;
+      const bool nf = nonfinite_bits(gi);
       const T m = kMask ? mb[i] : T(1);
       const T dp = -xi * pi - eps * (nb * gi + loc * (wi - ai) + wd * wi) + s * static_cast<T>(noise[i]);
       T pn = pi + m * dp;
       T wn = wi + m * pn;
+      const bool frozen = kMask && m == T(0);
+      // a finite gradient whose new weight or momentum is not finite, or whose p^2 would overflow the thermostat's
+      // float64 sum (tested before the box, which would hide an inf)
+      const bool over = (nonfinite_bits(wn) | square_nonfinite(pn)) & !nf & !frozen;
+      block_bad |= (nf ? kFlagGradNonfinite : 0) | (over ? kFlagUpdateNonfinite : 0);
       if constexpr (kBox) {
         const T d = wn - ai;
         const bool out = (d > box) | (d < -box);
         wn = std::min(std::max(wn, ai - box), ai + box);
         pn = out ? -pn : pn;
       }
-      const bool keep = (kMask && m == T(0)) || nf;
+      const bool keep = frozen | nf | over;
       wn = keep ? wi : wn;
       pn = keep ? pi : pn;
       wb[i] = wn;
@@ -98,15 +106,18 @@ int rmsprop_t(T* __restrict w, T* __restrict v, const T* __restrict g, const T* 
 #pragma omp simd reduction(| : block_bad)
     for (int i = 0; i < len; ++i) {
       const T wi = wb[i], vi = vb[i], gi = gb[i], ai = ab[i];
-      const int nf = nonfinite_bits(gi) ? 1 : 0;
-      block_bad |= nf;
+      const bool nf = nonfinite_bits(gi);
       const T m = kMask ? mb[i] : T(1);
       const T vn = alpha * vi + one_minus * gi * gi;
       const T pc = T(1) / (std::sqrt(vn) + reps);
       const T delta = -half * pc * (nb * gi + loc * (wi - ai) + wd * wi) + s * std::sqrt(pc) * static_cast<T>(noise[i]);
       T wn = wi + m * delta;
+      const bool frozen = kMask && m == T(0);
+      // a finite gradient whose new weight or V is not finite (tested before the box, which would hide an inf)
+      const bool over = (nonfinite_bits(wn) | nonfinite_bits(vn)) & !nf & !frozen;
+      block_bad |= (nf ? kFlagGradNonfinite : 0) | (over ? kFlagUpdateNonfinite : 0);
       if constexpr (kBox) wn = std::min(std::max(wn, ai - box), ai + box);
-      const bool keep = (kMask && m == T(0)) || nf;
+      const bool keep = frozen | nf | over;
       wb[i] = keep ? wi : wn;
       vb[i] = keep ? vi : vn;
     }

@@ -39,13 +39,15 @@ int sgld_range_t(T* __restrict w, const T* __restrict g, const T* __restrict w0,
 #pragma omp simd reduction(| : block_bad)
     for (int i = 0; i < len; ++i) {
       const T wi = wb[i], gi = gb[i], ai = ab[i];
-      const int nf = nonfinite_bits(gi) ? 1 : 0;
-      block_bad |= nf;
+      const bool nf = nonfinite_bits(gi);
       const T m = kMask ? mb[i] : T(1);  // a constant 1 folds away (x * 1 is exact)
       T wn = wi + m * (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(noise[i]));
+      const bool frozen = kMask && m == T(0);
+      // a finite gradient whose update is not finite (tested before the box, which would hide an inf)
+      const bool over = nonfinite_bits(wn) & !nf & !frozen;
+      block_bad |= (nf ? kFlagGradNonfinite : 0) | (over ? kFlagUpdateNonfinite : 0);
       if constexpr (kBox) wn = std::min(std::max(wn, ai - box), ai + box);
-      wn = ((kMask && m == T(0)) || nf) ? wi : wn;
-      wb[i] = wn;
+      wb[i] = (frozen | nf | over) ? wi : wn;
     }
     bad |= block_bad;
   }

@@ -111,7 +111,9 @@ def rmsprop_sgld_step_(
     Returns
     -------
     Tensor, shape ``(len(params),)``, int32
-        1 where that tensor's gradient held a NaN or Inf (those entries were left unchanged), else 0.
+        Per tensor, its flags OR-ed over its entries, as :func:`pypattern.ops.sgld.sgld_step_`'s: bit ``1`` where a
+        gradient held NaN or Inf, bit ``2`` where a finite gradient gave a non-finite new weight or ``V`` (tested
+        before the ``bounding_box`` clamp). The entries flagged were left unchanged, their ``V`` too.
     """
     if validate:
         params, grads, anchors, masks, _ = sgld_op.validate_inputs(params, grads, anchors, masks)
@@ -148,10 +150,13 @@ def rmsprop_sgld_step_(
         step=step,
     )
     if check_finite and bool(flags.any()):
-        bad = torch.nonzero(flags.cpu()).flatten().tolist()
-        shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
-        raise FloatingPointError(
-            f"rmsprop_sgld_step_: non-finite gradient in {shapes} at step {step}; those entries were not "
-            "updated. A diverging chain usually needs a smaller step_size or a larger localization."
+        sgld_op.raise_on_flags(
+            "rmsprop_sgld_step_",
+            flags,
+            params,
+            step=step,
+            step_size=step_size,
+            nbeta=nbeta,
+            state="square_avgs",
         )
     return flags

@@ -126,13 +126,18 @@ def sgnht_step_(
     validate : bool
         Check every argument (``False``: the caller validated the same tensors and numbers once).
     check_finite : bool
-        Raise ``FloatingPointError`` naming the tensor when a gradient held NaN or Inf (entries with a
-        non-finite gradient are never written).
+        Raise ``FloatingPointError`` naming the tensors, the step and what to change when the returned flags are
+        not all 0 (with ``validate`` True or False alike). Whatever its value, an entry whose gradient held NaN or
+        Inf, or whose finite gradient gives a non-finite new weight or momentum, is never written: it keeps its
+        weight and its momentum (and counts in the thermostat's mean with that momentum).
 
     Returns
     -------
     Tensor, shape ``(len(params),)``, int32
-        1 where that tensor's gradient held a NaN or Inf, else 0.
+        Per tensor, its flags OR-ed over its entries, as :func:`pypattern.ops.sgld.sgld_step_`'s: bit ``1`` where a
+        gradient held NaN or Inf, bit ``2`` where a finite gradient gave a non-finite new weight or momentum, or a
+        momentum whose square overflows float64 (it would make the thermostat infinite); tested before the
+        ``bounding_box`` clamp. The entries flagged were left unchanged.
     """
     if validate:
         params, grads, anchors, masks, device = sgld_op.validate_inputs(params, grads, anchors, masks)
@@ -179,10 +184,7 @@ def sgnht_step_(
         step=step,
     )
     if check_finite and bool(flags.any()):
-        bad = torch.nonzero(flags.cpu()).flatten().tolist()
-        shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
-        raise FloatingPointError(
-            f"sgnht_step_: non-finite gradient in {shapes} at step {step}; those entries were not updated. "
-            "A diverging chain usually needs a smaller step_size or a larger localization."
+        sgld_op.raise_on_flags(
+            "sgnht_step_", flags, params, step=step, step_size=step_size, nbeta=nbeta, state="momenta"
         )
     return flags
