@@ -118,18 +118,15 @@ def rmsprop_sgld_step_(
     if validate:
         params, grads, anchors, masks, _ = sgld_op.validate_inputs(params, grads, anchors, masks)
         square_avgs = validate_state("square_avgs", square_avgs, params)
-        step_size = sgld_op.check_scalar("step_size", step_size, positive=True)
-        nbeta = sgld_op.check_scalar("nbeta", nbeta)
-        localization = sgld_op.check_scalar("localization", localization)
-        weight_decay = sgld_op.check_scalar("weight_decay", weight_decay)
+        step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
+            sgld_op.check_hyperparameters(
+                step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+            )
+        )
         alpha = sgld_op.check_scalar("alpha", alpha)
         if alpha >= 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         eps = sgld_op.check_scalar("eps", eps, positive=True)
-        noise_scale = sgld_op.check_scalar("noise_scale", noise_scale)
-        if bounding_box is not None:
-            bounding_box = sgld_op.check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = sgld_op.check_key("seed", seed), sgld_op.check_key("step", step)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("rmsprop_sgld_step_", params[0].device, backend)(

@@ -148,6 +148,23 @@ def _diagnose(i, w, g, a, device):
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def check_hyperparameters(
+    step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+):
+    """The hyperparameters every fused step takes, checked and converted: ``step_size`` > 0; ``nbeta``,
+    ``localization``, ``weight_decay`` and ``noise_scale`` >= 0; ``bounding_box`` None or > 0 (all finite reals);
+    ``seed`` and ``step`` ints in [0, 2**64). Returns them in that order."""
+    step_size = check_scalar("step_size", step_size, positive=True)
+    nbeta = check_scalar("nbeta", nbeta)
+    localization = check_scalar("localization", localization)
+    weight_decay = check_scalar("weight_decay", weight_decay)
+    noise_scale = check_scalar("noise_scale", noise_scale)
+    if bounding_box is not None:
+        bounding_box = check_scalar("bounding_box", bounding_box, positive=True)
+    seed, step = check_key("seed", seed), check_key("step", step)
+    return step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+
+
 #: Bits of the per-tensor flags every fused step returns (each OR-ed over the tensor's entries). An entry that
 #: sets either is not written: its parameter and its state (momentum, ``V``) keep their old values.
 FLAG_GRAD_NONFINITE = 1  # its gradient held a NaN or Inf
@@ -307,14 +324,11 @@ def sgld_step_(
     """
     if validate:
         params, grads, anchors, masks, _ = validate_inputs(params, grads, anchors, masks)
-        step_size = check_scalar("step_size", step_size, positive=True)
-        nbeta = check_scalar("nbeta", nbeta)
-        localization = check_scalar("localization", localization)
-        weight_decay = check_scalar("weight_decay", weight_decay)
-        noise_scale = check_scalar("noise_scale", noise_scale)
-        if bounding_box is not None:
-            bounding_box = check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = check_key("seed", seed), check_key("step", step)
+        step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
+            check_hyperparameters(
+                step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+            )
+        )
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("sgld_step_", params[0].device, backend)(

@@ -155,15 +155,12 @@ def sgnht_step_(
             raise ValueError(f"thermostat is on {thermostat.device} but params are on {device}")
         if not bool(torch.isfinite(thermostat).all()):
             raise ValueError(f"thermostat must be finite, got {float(thermostat.reshape(()))}")
-        step_size = sgld_op.check_scalar("step_size", step_size, positive=True)
-        nbeta = sgld_op.check_scalar("nbeta", nbeta)
-        localization = sgld_op.check_scalar("localization", localization)
-        weight_decay = sgld_op.check_scalar("weight_decay", weight_decay)
+        step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
+            sgld_op.check_hyperparameters(
+                step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+            )
+        )
         diffusion_factor = sgld_op.check_scalar("diffusion_factor", diffusion_factor)
-        noise_scale = sgld_op.check_scalar("noise_scale", noise_scale)
-        if bounding_box is not None:
-            bounding_box = sgld_op.check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = sgld_op.check_key("seed", seed), sgld_op.check_key("step", step)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("sgnht_step_", params[0].device, backend)(
