@@ -67,10 +67,13 @@ def _setup(benchmark, n, role, label):
     "backend",
     [b for b, v in pypattern.backends().items() if v["available"] and b in ("cpp", "cuda")],
 )
-def test_fused(benchmark, size, backend):
+@pytest.mark.parametrize("path", ["validated", "fast"])
+def test_fused(benchmark, size, backend, path):
+    """``validated``: the public call as a user writes it (checks every argument, including that the anchors are
+    finite); ``fast``: ``validate=False``, what the SGLD optimizer and the chain runner call after their first step."""
     n = SIZES[size]
     benchmark.group = f"sgld step, {size} float32 in 50 tensors"
-    _setup(benchmark, n, "ours", f"pypattern[{backend}]")
+    _setup(benchmark, n, "ours", f"pypattern[{backend}, {path}]")
     params, grads, anchors = _tensors(n)
     counter = iter(range(10**9))
     benchmark.pedantic(
@@ -84,6 +87,7 @@ def test_fused(benchmark, size, backend):
             seed=0,
             step=next(counter),
             backend=backend,
+            validate=path == "validated",
         ),
         rounds=20 if n < 5e6 else 8,
         warmup_rounds=2,

@@ -1,7 +1,8 @@
 // Test driver for tests/test_sgld_isa.py: runs the raw CPU SGLD kernel (csrc/sgld/sgld_cpu_fast.cpp, compiled by the
 // test with one instruction-set's flags) on float32 arrays read from a file, and writes the updated weights.
 //   sgld_isa_driver IN OUT n has_mask step_size nbeta localization weight_decay noise_scale box seed step tensor_index
-// IN holds w, g, w0 (and the mask when has_mask) as n float32 each; box < 0 means no bounding box.
+// IN holds w, g, w0 (and the mask when has_mask) as n float32 each; box < 0 means no bounding box. Exit status:
+// 0, or 16 + the kernel's flags when it flagged entries.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -39,5 +40,5 @@ int main(int argc, char** argv) {
   f = std::fopen(argv[2], "wb");
   if (!f || std::fwrite(w, sizeof(float), n, f) != static_cast<size_t>(n)) return 4;
   std::fclose(f);
-  return bad ? 5 : 0;
+  return bad ? 16 + bad : 0;  // 16 + the flags (1: a non-finite gradient, 2: a non-finite update)
 }

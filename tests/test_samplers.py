@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _backend_cases import backend_devices, to
+from _overflow_case import check_step
 from _triton_aot import assert_compiles_for_gpus
 
 import pypattern
@@ -221,6 +222,20 @@ def test_nan_grad_names_tensor_and_keeps_entries(op, case):
     assert p[1][1] == 1 and p[1][3] == 1 and s[1][1] == 0.5 and s[1][3] == 0.5
     assert call(check_finite=False, **kw).tolist() == [0, 1]
     assert call(check_finite=False, validate=False, **kw).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("op, case", ALL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", ["plain", "mask", "box"])
+@pytest.mark.filterwarnings(
+    "ignore:(overflow|invalid value) encountered:RuntimeWarning"
+)  # Triton's interpreter
+def test_overflowing_update_is_not_written_and_names_the_tensor(op, case, dtype, extras):
+    """A huge finite gradient (1e38 in float32, 1e308 in float64) whose update overflows the weight and the state
+    (momentum or V), NaN/Inf gradients elsewhere, a non-contiguous view and an empty tensor: neither the entry nor
+    its state is written, the flags say so, the op names the tensor (see tests/_overflow_case.py)."""
+    backend, device = case.values
+    check_step(op, backend, device, dtype, extras)
 
 
 @pytest.mark.parametrize("op, case", ALL_CASES)
@@ -666,6 +681,31 @@ def test_optimizer_samples_the_gaussian_mean(name):
     chain_means = total / draws
     se = chain_means.std(0) / 8
     assert ((chain_means.mean(0) - mu).abs() / se).max() < 4.5
+
+
+@pytest.mark.parametrize("backend, device", CASES["sgnht_step_"])
+@pytest.mark.filterwarnings(
+    "ignore:(overflow|invalid value) encountered:RuntimeWarning"
+)  # Triton's interpreter
+def test_sgnht_momentum_whose_square_overflows_is_not_written(backend, device):
+    """A finite float64 gradient of 1e160 gives a finite momentum of -1e158 whose square is inf in the thermostat's
+    float64 sum: the entry keeps its weight and momentum, is flagged 2, and the thermostat stays finite (the mean
+    square of the momenta after the step, the kept one included)."""
+    w = [torch.zeros(5, dtype=torch.float64, device=device)]
+    p0 = torch.tensor([0.1, 0.0, -0.2, 0.3, 0.0], dtype=torch.float64)
+    p = [p0.clone().to(device)]
+    g = torch.tensor([0.0, 1e160, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+    th = torch.zeros(1, dtype=torch.float64, device=device)
+    kw = dict(step_size=1e-2, nbeta=1.0, localization=0.0, noise_scale=0.0, seed=0, step=0, backend=backend)
+    args = (w, [g], [torch.zeros_like(w[0])], p, th)
+    with pytest.raises(FloatingPointError, match=r"params\[0\]/momenta\[0\] \(shape \(5,\)\)"):
+        sgnht_step_(*args, **kw)
+    assert torch.equal(p[0].cpu(), p0) and torch.equal(
+        w[0].cpu(), p0
+    )  # xi = 0, no noise: w += p; entry 1 kept
+    assert math.isclose(float(th), float((p0**2).mean()), rel_tol=1e-12)
+    th.zero_()
+    assert sgnht_step_(*args, check_finite=False, validate=False, **kw).tolist() == [2]
 
 
 # ------------------------------------------------------------------------------------------ through pypattern.sample

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from _backend_cases import backend_devices, device_of, to
+from _overflow_case import check_step
 from _triton_aot import assert_compiles_for_gpus
 
 import pypattern
@@ -476,3 +477,16 @@ def test_overflowing_update_from_a_finite_gradient_is_reported(backend, dtype):
             step=0,
             backend=backend,
         )
+    assert torch.equal(w, torch.zeros_like(w))  # nothing written
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", ["plain", "mask", "box"])
+@pytest.mark.filterwarnings(
+    "ignore:(overflow|invalid value) encountered:RuntimeWarning"
+)  # Triton's interpreter
+def test_overflowing_update_is_not_written_and_names_the_tensor(backend, device, dtype, extras):
+    """A huge finite gradient (1e38 in float32, 1e308 in float64) whose update overflows, NaN/Inf gradients
+    elsewhere, a non-contiguous view and an empty tensor: see tests/_overflow_case.py."""
+    check_step("sgld_step_", backend, device, dtype, extras)

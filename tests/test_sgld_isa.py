@@ -68,18 +68,28 @@ def drivers(tmp_path_factory):
 
 @pytest.mark.parametrize("isa", list(ISAS))
 @pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 4099])
-@pytest.mark.parametrize("extras", ["plain", "mask+box"])
+@pytest.mark.parametrize("extras", ["plain", "mask+box", "overflow"])
 def test_isa_path_equals_reference(drivers, isa, n, extras):
+    """``overflow``: a huge finite gradient (its update overflows float32) and a NaN one in the last block, with a
+    mask and a box: both entries are left as they were and the kernel reports flags 1 | 2."""
     if not RUNNABLE[isa]:
         pytest.skip(f"this CPU lacks {isa} (compiled only)")
     exes, d = drivers
     gen = torch.Generator().manual_seed(n)
     w, g, w0 = (torch.randn(n, generator=gen) for _ in range(3))
+    if extras == "overflow":
+        g[n - 1] = 1e38 if n == 1 else -1e38
+        if n > 1:
+            g[n // 2] = float("nan")
     mask = (torch.rand(n, generator=gen) > 0.3).float() if extras != "plain" else None
+    if mask is not None:
+        mask[n - 1] = 1.0  # the huge gradient's entry moves
     box = 0.05 if extras != "plain" else None
     kw = dict(
         step_size=1e-3, nbeta=37.0, localization=100.0, weight_decay=0.01, noise_scale=1.0, seed=2**40 + 7
     )
+    if extras == "overflow":
+        kw["nbeta"] = 1e5  # eps/2 * nbeta * 1e38 overflows float32
     kw.update(step=3)
     inp = d / f"in_{isa}_{n}_{extras}.bin"
     outp = d / f"out_{isa}_{n}_{extras}.bin"
@@ -103,12 +113,23 @@ def test_isa_path_equals_reference(drivers, isa, n, extras):
         str(tensor_index),
     ]
     r = subprocess.run(args, capture_output=True, text=True)
-    assert r.returncode == 0, (r.returncode, r.stderr)
-    got = torch.from_numpy(np.fromfile(outp, dtype=np.float32))
     ref = [w.clone()]
-    sgld_step_(
-        ref, [g], [w0], backend="reference", bounding_box=box, masks=None if mask is None else [mask], **kw
+    flags = sgld_step_(
+        ref,
+        [g],
+        [w0],
+        backend="reference",
+        bounding_box=box,
+        masks=None if mask is None else [mask],
+        check_finite=False,
+        **kw,
     )
+    assert r.returncode == (16 + int(flags[0]) if int(flags[0]) else 0), (r.returncode, r.stderr)
+    if extras == "overflow":
+        assert int(flags[0]) == (3 if n > 1 else 2)
+    got = torch.from_numpy(np.fromfile(outp, dtype=np.float32))
     torch.testing.assert_close(got, ref[0], rtol=1e-5, atol=5e-6)
     if mask is not None:  # masked entries are left exactly as they were
         assert torch.equal(got[mask == 0], w[mask == 0])
+    if extras == "overflow":  # so are the flagged ones
+        assert got[n - 1] == w[n - 1] and got[n // 2] == w[n // 2]

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "sgld/philox.h"
+#include "sgld/sgld_kernel.h"  // the flags kFlagGradNonfinite, kFlagUpdateNonfinite
 
 namespace pypattern {
 
@@ -50,12 +51,22 @@ PP_HD void sampler_normals4(uint64_t seed, uint32_t tensor_index, uint64_t step,
   out[3] = r1 * sinf(t1);
 }
 
+// Whether the square of a new momentum, added to the thermostat's float64 sum, would be NaN or Inf: for float32
+// exactly when the momentum is, for float64 also when it exceeds about 1.3e154.
+template <typename T>
+PP_HD bool square_nonfinite(T p) {
+  const double d = static_cast<double>(p);
+  return !std::isfinite(d * d);
+}
+
 // One SGNHT entry; returns 1 when the entry is active (mask != 0, so it counts in the thermostat's mean) and
-// adds its p^2 to *kinetic; sets *bad on a non-finite gradient (the entry is then left as it was).
+// adds its p^2 to *kinetic. ORs into *bad kFlagGradNonfinite on a non-finite gradient, kFlagUpdateNonfinite when
+// a finite gradient gives a non-finite weight or momentum (or a momentum whose square overflows float64; tested
+// before the bounding box): the entry is then left as it was, its momentum too.
 template <typename T>
 PP_HD int sgnht_entry(T& w, T& p, T g, T a, T m, float zeta, const SgnhtCoefs& c, double* kinetic, int* bad) {
   const bool finite = std::isfinite(static_cast<double>(g));
-  if (!finite) *bad = 1;
+  if (!finite) *bad |= kFlagGradNonfinite;
   if (m == T(0)) return 0;
   if (finite) {
     const T drift = static_cast<T>(c.nbeta) * g + static_cast<T>(c.localization) * (w - a) +
@@ -64,26 +75,32 @@ PP_HD int sgnht_entry(T& w, T& p, T g, T a, T m, float zeta, const SgnhtCoefs& c
                  static_cast<T>(c.noise_std) * static_cast<T>(zeta);
     T pn = p + m * dp;
     T wn = w + m * pn;
-    if (c.has_box) {
-      const T box = static_cast<T>(c.box);
-      const T d = wn - a;
-      if (d > box || d < -box) {
-        pn = -pn;
-        wn = d > box ? a + box : a - box;
+    if (!std::isfinite(static_cast<double>(wn)) || square_nonfinite(pn)) {
+      *bad |= kFlagUpdateNonfinite;
+    } else {
+      if (c.has_box) {
+        const T box = static_cast<T>(c.box);
+        const T d = wn - a;
+        if (d > box || d < -box) {
+          pn = -pn;
+          wn = d > box ? a + box : a - box;
+        }
       }
+      w = wn;
+      p = pn;
     }
-    w = wn;
-    p = pn;
   }
   *kinetic += static_cast<double>(p) * static_cast<double>(p);
   return 1;
 }
 
-// One RMSprop-SGLD entry; sets *bad on a non-finite gradient (the entry and its V are then left as they were).
+// One RMSprop-SGLD entry. ORs into *bad kFlagGradNonfinite on a non-finite gradient, kFlagUpdateNonfinite when
+// a finite gradient gives a non-finite weight or V (tested before the bounding box): the entry and its V are then
+// left as they were.
 template <typename T>
 PP_HD void rmsprop_sgld_entry(T& w, T& v, T g, T a, T m, float xi, const RmspropCoefs& c, int* bad) {
   if (!std::isfinite(static_cast<double>(g))) {
-    *bad = 1;
+    *bad |= kFlagGradNonfinite;
     return;
   }
   if (m == T(0)) return;
@@ -94,6 +111,10 @@ PP_HD void rmsprop_sgld_entry(T& w, T& v, T g, T a, T m, float xi, const Rmsprop
   T delta = -static_cast<T>(c.half_step) * precond * drift;
   if (c.has_noise) delta += static_cast<T>(c.noise_std) * std::sqrt(precond) * static_cast<T>(xi);
   T wn = w + m * delta;
+  if (!std::isfinite(static_cast<double>(wn)) || !std::isfinite(static_cast<double>(vn))) {
+    *bad |= kFlagUpdateNonfinite;
+    return;
+  }
   if (c.has_box) {
     const T box = static_cast<T>(c.box);
     wn = wn < a - box ? a - box : (wn > a + box ? a + box : wn);

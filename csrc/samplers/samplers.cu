@@ -60,7 +60,7 @@ __global__ void sgnht_kernel(T* __restrict__ w, T* __restrict__ p, const T* __re
     partials[2 * blockIdx.x] = s_kin[0];
     partials[2 * blockIdx.x + 1] = s_cnt[0];
   }
-  if (bad) atomicOr(flag, 1);
+  if (bad) atomicOr(flag, bad);
 }
 
 template <typename T>
@@ -83,7 +83,7 @@ __global__ void rmsprop_sgld_kernel(T* __restrict__ w, T* __restrict__ v, const 
       v[i] = vi;
     }
   }
-  if (bad) atomicOr(flag, 1);
+  if (bad) atomicOr(flag, bad);
 }
 
 template <typename T>

@@ -142,7 +142,7 @@ at::Tensor sgnht_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     for (int64_t b = wk.first_block; b < wk.first_block + nb; ++b) {
       sum += kinetic[b];
       n_active += count[b];
-      if (bad[b]) flag_ptr[wk.index] = 1;
+      flag_ptr[wk.index] |= bad[b];
     }
   }
   if (n_active > 0) *xi_ptr += sum / static_cast<double>(n_active) - step_size * noise_scale * noise_scale;
@@ -190,7 +190,7 @@ at::Tensor rmsprop_sgld_step_cpu(at::TensorList params, at::TensorList grads, at
   for (const Work& wk : work) {
     const int64_t nb = (wk.numel + kBlock - 1) / kBlock;
     for (int64_t b = wk.first_block; b < wk.first_block + nb; ++b)
-      if (bad[b]) flag_ptr[wk.index] = 1;
+      flag_ptr[wk.index] |= bad[b];
   }
   return flags;
 }
@@ -198,7 +198,9 @@ at::Tensor rmsprop_sgld_step_cpu(at::TensorList params, at::TensorList grads, at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pypattern, m) {
-  // Both return one int32 per tensor: 1 when that tensor's gradient held a NaN or Inf, else 0.
+  // Both return one int32 per tensor, its flags (sgld/sgld_kernel.h): 1 when its gradient held a NaN or Inf, 2
+  // when a finite gradient gave a non-finite update (weight or state), 3 both, else 0; the entries flagged were
+  // left as they were, their state too.
   m.def(
       "sgnht_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] anchors, Tensor(b!)[] momenta, "
       "Tensor(c!) thermostat, Tensor?[] masks, float step_size, float nbeta, float localization, "

@@ -1,6 +1,7 @@
 // Raw-pointer CPU kernels of the SGNHT and RMSprop-SGLD steps (samplers_cpu_fast.cpp; no torch headers).
 // Each updates elements [begin, end) of one contiguous tensor, begin a multiple of 128; mask may be null.
-// They return nonzero when a gradient in the range was NaN or Inf (those entries are left as they were).
+// They return the range's flags (kFlagGradNonfinite | kFlagUpdateNonfinite of sgld/sgld_kernel.h; the entries
+// they concern are left as they were, their state too).
 #pragma once
 #include <cstdint>
 

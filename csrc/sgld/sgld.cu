@@ -47,14 +47,16 @@ __global__ void sgld_kernel(T* __restrict__ w, const T* __restrict__ g, const T*
       if (i >= n) break;
       const T wi = w[i], gi = g[i], ai = w0[i];
       const bool nf = nonfinite(gi);
-      bad |= nf ? 1 : 0;
       const T m = mask ? mask[i] : T(1);
       T wn = wi + m * (-(a * gi + b * (wi - ai) + d * wi) + s * static_cast<T>(xi[k]));
+      const bool frozen = m == T(0);
+      const bool over = nonfinite(wn) && !nf && !frozen;  // tested before the box, which would hide an inf
+      bad |= (nf ? kFlagGradNonfinite : 0) | (over ? kFlagUpdateNonfinite : 0);
       if (c.has_box) wn = min(max(wn, ai - box), ai + box);
-      w[i] = (m == T(0) || nf) ? wi : wn;
+      if (!(frozen || nf || over)) w[i] = wn;
     }
   }
-  if (bad) atomicOr(flag, 1);
+  if (bad) atomicOr(flag, bad);
 }
 
 template <typename T>

@@ -109,7 +109,7 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
         r = sgld_cpu_range_f64(wk.w.data_ptr<double>(), wk.g.data_ptr<double>(), wk.a.data_ptr<double>(),
                                wk.m.defined() ? wk.m.data_ptr<double>() : nullptr, lo, hi, c);
       }
-      if (r) bad[i].store(1);
+      if (r) bad[i].fetch_or(r);
     }
   });
   for (size_t i = 0; i < work.size(); ++i) {
@@ -123,8 +123,8 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pypattern, m) {
-  // Returns one int32 per tensor: 1 when that tensor's gradient held a NaN or Inf (its entries were left as
-  // they were), else 0.
+  // Returns one int32 per tensor, its flags (sgld_kernel.h): 1 when its gradient held a NaN or Inf, 2 when a
+  // finite gradient gave a non-finite update, 3 both, else 0; the entries flagged were left as they were.
   m.def(
       "sgld_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] anchors, Tensor?[] masks, float step_size, "
       "float nbeta, float localization, float weight_decay, float noise_scale, float? bounding_box, int seed, "

@@ -10,6 +10,11 @@ namespace pypattern {
 // stream for the core to overlap them; 256 was about 15% slower at 1e7 elements, one thread (measured).
 constexpr int64_t kSgldBlock = 128;
 
+// The per-tensor flags every fused step kernel (SGLD, SGNHT, RMSprop-SGLD; C++, CUDA and Triton) returns, OR-ed
+// over the tensor's entries. An entry with either is not written: it and its state keep their old values.
+constexpr int kFlagGradNonfinite = 1;    // its gradient was NaN or Inf
+constexpr int kFlagUpdateNonfinite = 2;  // finite gradient, but the new value (or new state) would be NaN or Inf
+
 struct SgldCoefs {
   double drift_grad;   // eps/2 * nbeta
   double drift_loc;    // eps/2 * localization
@@ -24,13 +29,14 @@ struct SgldCoefs {
 };
 
 // Elements [begin, end) of one contiguous tensor; begin must be a multiple of kSgldBlock.
-// mask may be null. Returns nonzero when a gradient in the range was NaN or Inf (those entries are left unchanged).
+// mask may be null. Returns the range's flags (kFlagGradNonfinite | kFlagUpdateNonfinite; the entries they
+// concern are left unchanged).
 int sgld_cpu_range_f32(float* w, const float* g, const float* w0, const float* mask, int64_t begin, int64_t end,
                        const SgldCoefs& c);
 int sgld_cpu_range_f64(double* w, const double* g, const double* w0, const double* mask, int64_t begin,
                        int64_t end, const SgldCoefs& c);
 
-// CUDA launchers (sgld.cu). flag points to one device int32 that is OR-ed with 1 on a non-finite gradient.
+// CUDA launchers (sgld.cu). flag points to one device int32 that is OR-ed with the tensor's flags.
 void sgld_cuda_f32(float* w, const float* g, const float* w0, const float* mask, int64_t n, const SgldCoefs& c,
                    int* flag, void* stream);
 void sgld_cuda_f64(double* w, const double* g, const double* w0, const double* mask, int64_t n,

@@ -111,23 +111,22 @@ def rmsprop_sgld_step_(
     Returns
     -------
     Tensor, shape ``(len(params),)``, int32
-        1 where that tensor's gradient held a NaN or Inf (those entries were left unchanged), else 0.
+        Per tensor, its flags OR-ed over its entries, as :func:`pypattern.ops.sgld.sgld_step_`'s: bit ``1`` where a
+        gradient held NaN or Inf, bit ``2`` where a finite gradient gave a non-finite new weight or ``V`` (tested
+        before the ``bounding_box`` clamp). The entries flagged were left unchanged, their ``V`` too.
     """
     if validate:
         params, grads, anchors, masks, _ = sgld_op.validate_inputs(params, grads, anchors, masks)
         square_avgs = validate_state("square_avgs", square_avgs, params)
-        step_size = sgld_op.check_scalar("step_size", step_size, positive=True)
-        nbeta = sgld_op.check_scalar("nbeta", nbeta)
-        localization = sgld_op.check_scalar("localization", localization)
-        weight_decay = sgld_op.check_scalar("weight_decay", weight_decay)
+        step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
+            sgld_op.check_hyperparameters(
+                step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+            )
+        )
         alpha = sgld_op.check_scalar("alpha", alpha)
         if alpha >= 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         eps = sgld_op.check_scalar("eps", eps, positive=True)
-        noise_scale = sgld_op.check_scalar("noise_scale", noise_scale)
-        if bounding_box is not None:
-            bounding_box = sgld_op.check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = sgld_op.check_key("seed", seed), sgld_op.check_key("step", step)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("rmsprop_sgld_step_", params[0].device, backend)(
@@ -148,10 +147,13 @@ def rmsprop_sgld_step_(
         step=step,
     )
     if check_finite and bool(flags.any()):
-        bad = torch.nonzero(flags.cpu()).flatten().tolist()
-        shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
-        raise FloatingPointError(
-            f"rmsprop_sgld_step_: non-finite gradient in {shapes} at step {step}; those entries were not "
-            "updated. A diverging chain usually needs a smaller step_size or a larger localization."
+        sgld_op.raise_on_flags(
+            "rmsprop_sgld_step_",
+            flags,
+            params,
+            step=step,
+            step_size=step_size,
+            nbeta=nbeta,
+            state="square_avgs",
         )
     return flags

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sgld.triton import as_i32, philox_normal
+from ..sgld.triton import as_i32, flag_bits, nonfinite, philox_normal
 
 
 @triton.jit
@@ -54,21 +54,25 @@ def _rmsprop_sgld_kernel(
     if HAS_NOISE:
         xi = philox_normal(offs, seed, tensor_index, step_lo, step_hi)
         delta = delta + c_noise * tl.sqrt(precond) * xi.to(w.dtype)
+    bad = nonfinite(g)
+    active = valid
     if HAS_MASK:
         m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(w.dtype)
         new = w + m * delta
+        active = active & (m != 0)
     else:
         new = w + delta
+    # a finite gradient whose new weight or V is not finite (tested before the box, which would hide an inf)
+    over = (nonfinite(new) | nonfinite(vn)) & (tl.abs(g) < float("inf")) & active
     if HAS_BOX:
         box = tl.load(coef_ptr + 7).to(w.dtype)
         new = tl.minimum(tl.maximum(new, a - box), a + box)
-    bad = (g != g) | (tl.abs(g) == float("inf"))
-    keep = bad
+    keep = bad | over
     if HAS_MASK:
         keep = keep | (m == 0)
     tl.store(w_ptr + offs, tl.where(keep, w, new), mask=valid)
     tl.store(v_ptr + offs, tl.where(keep, v, vn), mask=valid)
-    tl.atomic_max(flag_ptr, tl.max((bad & valid).to(tl.int32), axis=0))
+    tl.atomic_or(flag_ptr, flag_bits(bad & valid, over))
 
 
 def rmsprop_sgld_step_triton_(
@@ -91,7 +95,8 @@ def rmsprop_sgld_step_triton_(
     block: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel once per tensor (inputs validated by
-    :func:`pypattern.ops.rmsprop_sgld.rmsprop_sgld_step_`). Returns int32 flags per tensor, on the CPU."""
+    :func:`pypattern.ops.rmsprop_sgld.rmsprop_sgld_step_`). Returns the int32 flags per tensor (as the op's), on
+    the CPU."""
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     device = params[0].device

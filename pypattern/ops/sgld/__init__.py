@@ -8,6 +8,12 @@ For every tensor ``w`` with gradient ``g``, anchor ``w0`` (the trained weights `
 then, if ``bounding_box`` is given, ``w`` is clamped to ``w0 +- bounding_box``. Entries whose mask is 0 are left
 exactly as they were (no drift, no noise, no clamp). ``g`` is the gradient of the *batch-mean* loss.
 
+No entry is ever written with a non-finite value. The op returns one int32 of flags per tensor, OR-ed over its
+entries: ``FLAG_GRAD_NONFINITE`` (1) where the gradient held NaN or Inf, ``FLAG_UPDATE_NONFINITE`` (2) where a
+finite gradient gave a non-finite new value (tested before the clamp); such an entry keeps its old value, the
+others are updated. With ``check_finite`` (the default) the op raises ``FloatingPointError`` naming the tensors.
+The SGNHT and RMSprop-SGLD steps return the same flags and also keep the entry's state (momentum, ``V``).
+
 The noise ``xi`` is standard normal, drawn from a counter-based generator keyed by ``(seed, step, tensor index,
 element index)``: Philox4x32-10 with Triton's constants, key = the 64-bit ``seed``, counter =
 ``(element // 4, tensor_index, step & 0xffffffff, step >> 32)``; the four 32-bit outputs become uniforms with
@@ -22,7 +28,13 @@ not bit-identical. Noise is drawn in float32 and cast for float64 tensors. The s
 ``torch.randn``'s, which matches the others only in distribution.
 """
 
-from .op import sgld_step_
+from .op import FLAG_GRAD_NONFINITE, FLAG_UPDATE_NONFINITE, sgld_step_
 from .reference import philox_normals, sgld_step_reference_
 
-__all__ = ["philox_normals", "sgld_step_", "sgld_step_reference_"]
+__all__ = [
+    "FLAG_GRAD_NONFINITE",
+    "FLAG_UPDATE_NONFINITE",
+    "philox_normals",
+    "sgld_step_",
+    "sgld_step_reference_",
+]

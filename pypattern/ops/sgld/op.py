@@ -148,6 +148,74 @@ def _diagnose(i, w, g, a, device):
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def check_hyperparameters(
+    step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+):
+    """The hyperparameters every fused step takes, checked and converted: ``step_size`` > 0; ``nbeta``,
+    ``localization``, ``weight_decay`` and ``noise_scale`` >= 0; ``bounding_box`` None or > 0 (all finite reals);
+    ``seed`` and ``step`` ints in [0, 2**64). Returns them in that order."""
+    step_size = check_scalar("step_size", step_size, positive=True)
+    nbeta = check_scalar("nbeta", nbeta)
+    localization = check_scalar("localization", localization)
+    weight_decay = check_scalar("weight_decay", weight_decay)
+    noise_scale = check_scalar("noise_scale", noise_scale)
+    if bounding_box is not None:
+        bounding_box = check_scalar("bounding_box", bounding_box, positive=True)
+    seed, step = check_key("seed", seed), check_key("step", step)
+    return step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+
+
+#: Bits of the per-tensor flags every fused step returns (each OR-ed over the tensor's entries). An entry that
+#: sets either is not written: its parameter and its state (momentum, ``V``) keep their old values.
+FLAG_GRAD_NONFINITE = 1  # its gradient held a NaN or Inf
+FLAG_UPDATE_NONFINITE = 2  # its gradient was finite but its new value (or new state) would be NaN or Inf
+
+
+def raise_on_flags(
+    op: str,
+    flags: torch.Tensor,
+    params,
+    *,
+    step: int,
+    step_size: float,
+    nbeta: float,
+    state: str | None = None,
+) -> None:
+    """Raise ``FloatingPointError`` naming every tensor the step's ``flags`` mark (call it when ``flags.any()``).
+
+    ``state`` names the op's per-tensor state (``"momenta"``, ``"square_avgs"``) for the message.
+    """
+    values = flags.cpu().tolist()
+    grads = [i for i, f in enumerate(values) if f & FLAG_GRAD_NONFINITE]
+    over = [i for i, f in enumerate(values) if f & FLAG_UPDATE_NONFINITE]
+    parts = []
+    if grads:
+        parts.append(
+            "non-finite gradient in "
+            + ", ".join(f"grads[{i}] (shape {tuple(params[i].shape)})" for i in grads)
+        )
+    if over:
+        names = ", ".join(
+            f"params[{i}]{'' if state is None else f'/{state}[{i}]'} (shape {tuple(params[i].shape)})"
+            for i in over
+        )
+        parts.append(
+            f"the update overflowed to inf/NaN in {names} (finite gradients too large for step_size={step_size}, "
+            f"nbeta={nbeta})"
+        )
+    if not parts:
+        return
+    advice = (
+        "Use a smaller step_size (or a smaller nbeta)."
+        if over
+        else "A diverging chain usually needs a smaller step_size or a larger localization."
+    )
+    kept = "" if not over or state is None else f" (params and {state} keep their values)"
+    raise FloatingPointError(
+        f"{op}: {'; '.join(parts)} at step {step}; those entries were not updated{kept}. {advice}"
+    )
+
+
 def signed64(x: int) -> int:
     return x - 2**64 if x >= 2**63 else x
 
@@ -240,29 +308,27 @@ def sgld_step_(
         must then be lists, the numbers already in range, and a wrong argument may fail inside a kernel with a
         less helpful message.
     check_finite : bool
-        Raise ``FloatingPointError`` naming the tensor when a gradient held NaN or Inf. Entries with a non-finite
-        gradient are never written. A *finite* gradient so large that the update overflows does write ``+-inf``
-        (the returned flags do not report it): with ``validate=True`` the op then checks the updated parameters
-        and raises ``FloatingPointError`` naming them; with ``validate=False`` (the fast path) it does not look,
-        and the caller's loss is the place to notice a diverging chain.
+        Raise ``FloatingPointError`` naming the tensors, the step and what to change when the returned flags are
+        not all 0 (with ``validate`` True or False alike). Whatever its value, no entry is ever written with a
+        non-finite value: an entry whose gradient held NaN or Inf, or whose *finite* gradient is so large that
+        its update overflows, keeps its old value (the others are updated).
 
     Returns
     -------
     Tensor, shape ``(len(params),)``, int32
-        1 where that tensor's gradient held a NaN or Inf (its non-finite entries were left unchanged), else 0;
-        on the CPU, or on the params' GPU for the ``cuda`` backend. Looking at it (``bool(flags.any())``) waits
-        for the step to finish; with ``check_finite`` the op does so itself.
+        Per tensor, its flags OR-ed over its entries: bit ``1`` (``FLAG_GRAD_NONFINITE``) where a gradient held
+        NaN or Inf, bit ``2`` (``FLAG_UPDATE_NONFINITE``) where a finite gradient gave a non-finite new value
+        (tested before the ``bounding_box`` clamp, which would hide an inf), so 0, 1, 2 or 3; the entries flagged
+        were left unchanged. On the CPU, or on the params' GPU for the ``cuda`` backend. Looking at it
+        (``bool(flags.any())``) waits for the step to finish; with ``check_finite`` the op does so itself.
     """
     if validate:
         params, grads, anchors, masks, _ = validate_inputs(params, grads, anchors, masks)
-        step_size = check_scalar("step_size", step_size, positive=True)
-        nbeta = check_scalar("nbeta", nbeta)
-        localization = check_scalar("localization", localization)
-        weight_decay = check_scalar("weight_decay", weight_decay)
-        noise_scale = check_scalar("noise_scale", noise_scale)
-        if bounding_box is not None:
-            bounding_box = check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = check_key("seed", seed), check_key("step", step)
+        step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
+            check_hyperparameters(
+                step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+            )
+        )
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("sgld_step_", params[0].device, backend)(
@@ -280,21 +346,5 @@ def sgld_step_(
         step=step,
     )
     if check_finite and bool(flags.any()):
-        bad = torch.nonzero(flags.cpu()).flatten().tolist()
-        shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
-        raise FloatingPointError(
-            f"sgld_step_: non-finite gradient in {shapes} at step {step}; those entries were not updated. "
-            "A diverging chain usually needs a smaller step_size or a larger localization."
-        )
-    if validate and check_finite:
-        # A finite but huge gradient can make the update itself overflow to +-inf, which the kernels' flags do
-        # not report (they flag non-finite gradients only): the validating path checks the result.
-        over = [i for i, w in enumerate(params) if not bool(torch.isfinite(w).all())]
-        if over:
-            names = ", ".join(f"params[{i}] (shape {tuple(params[i].shape)})" for i in over)
-            raise FloatingPointError(
-                f"sgld_step_: the update overflowed to inf/NaN in {names} at step {step} (finite gradients too "
-                f"large for step_size={step_size}, nbeta={nbeta}); those parameters now hold non-finite values. "
-                "Use a smaller step_size (or restore the weights and lower nbeta)."
-            )
+        raise_on_flags("sgld_step_", flags, params, step=step, step_size=step_size, nbeta=nbeta)
     return flags

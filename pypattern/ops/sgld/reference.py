@@ -75,27 +75,32 @@ def sgld_step_reference_(
 ) -> torch.Tensor:
     """Plain-torch specification of :func:`sgld_step_` (inputs already validated).
 
-    Returns an int32 flag per tensor: 1 where that tensor's gradient held a NaN or Inf; such a tensor is left
-    unchanged (the other backends leave only the non-finite entries unchanged).
+    Returns an int32 flag per tensor, OR-ed over its entries: 1 where a gradient held a NaN or Inf, 2 where a
+    finite gradient gave a non-finite new value (tested before the bounding box clamp). Those entries are left
+    unchanged; every other entry is updated.
     """
     flags = torch.zeros(len(params), dtype=torch.int32)
-    half = 0.5 * step_size
+    # The coefficients are folded as the kernels fold them (eps/2 * nbeta, ...), so that the same updates overflow.
+    c_grad, c_loc, c_wd = (
+        0.5 * step_size * nbeta,
+        0.5 * step_size * localization,
+        0.5 * step_size * weight_decay,
+    )
     noise_std = math.sqrt(step_size) * noise_scale
     for t, (w, g, w0) in enumerate(zip(params, grads, anchors)):
         if w.numel() == 0:
             continue
-        if not bool(torch.isfinite(g).all()):
-            flags[t] = 1
-            continue
-        delta = -half * (nbeta * g + localization * (w - w0) + weight_decay * w)
+        bad = ~torch.isfinite(g)
+        delta = -(c_grad * g + c_loc * (w - w0) + c_wd * w)
         if noise_std != 0.0:
             xi = philox_normals(w.numel(), seed=seed, tensor_index=t, step=step, device=w.device)
             delta = delta + noise_std * xi.reshape(w.shape).to(w.dtype)
-        m = None if masks is None else masks[t]
-        new = w + (delta if m is None else m.to(w.dtype) * delta)
+        m = None if masks is None or masks[t] is None else masks[t].to(w.dtype)
+        new = w + (delta if m is None else m * delta)
+        frozen = torch.zeros_like(bad) if m is None else m == 0
+        over = ~torch.isfinite(new) & ~bad & ~frozen
+        flags[t] = int(bool(bad.any())) | 2 * int(bool(over.any()))
         if bounding_box is not None:
             new = torch.minimum(torch.maximum(new, w0 - bounding_box), w0 + bounding_box)
-        if m is not None:
-            new = torch.where(m.to(w.dtype) == 0, w, new)
-        w.copy_(new)
+        w.copy_(torch.where(bad | over | frozen, w, new))
     return flags

@@ -51,6 +51,19 @@ def philox_normal(offs, seed, tensor_index, step_lo, step_hi):
 
 
 @triton.jit
+def nonfinite(x):
+    """NaN or +-Inf, element by element."""
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def flag_bits(grad_nonfinite, update_nonfinite):
+    """A program's flags (see :mod:`pypattern.ops.sgld.op`): 1 if any gradient was non-finite, 2 if any update of
+    an entry with a finite gradient was."""
+    return tl.max(grad_nonfinite.to(tl.int32), axis=0) | (tl.max(update_nonfinite.to(tl.int32), axis=0) * 2)
+
+
+@triton.jit
 def _sgld_kernel(
     w_ptr,
     g_ptr,
@@ -82,21 +95,26 @@ def _sgld_kernel(
     if HAS_NOISE:
         xi = philox_normal(offs, seed, tensor_index, step_lo, step_hi)
         delta = delta + c_noise * xi.to(w.dtype)
+    bad = nonfinite(g)
+    active = valid
     if HAS_MASK:
         m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(w.dtype)
         new = w + m * delta
+        active = active & (m != 0)
     else:
         new = w + delta
+    over = (
+        nonfinite(new) & (tl.abs(g) < float("inf")) & active
+    )  # tested before the box, which would hide an inf
     if HAS_BOX:
         box = tl.load(coef_ptr + 4).to(w.dtype)
         new = tl.minimum(tl.maximum(new, a - box), a + box)
-    bad = (g != g) | (tl.abs(g) == float("inf"))
-    keep = bad
+    keep = bad | over
     if HAS_MASK:
         keep = keep | (m == 0)
     new = tl.where(keep, w, new)
     tl.store(w_ptr + offs, new, mask=valid)
-    tl.atomic_max(flag_ptr, tl.max((bad & valid).to(tl.int32), axis=0))
+    tl.atomic_or(flag_ptr, flag_bits(bad & valid, over))
 
 
 def as_i32(x: int) -> int:
@@ -123,7 +141,8 @@ def sgld_step_triton_(
 ) -> torch.Tensor:
     """Launch the kernel once per tensor (inputs already validated by :func:`pypattern.ops.sgld.sgld_step_`).
 
-    Returns int32 flags per tensor (1 = non-finite gradient seen), on the CPU.
+    Returns the int32 flags per tensor (1: a non-finite gradient, 2: a non-finite update; see
+    :func:`pypattern.ops.sgld.sgld_step_`), on the CPU.
     """
     if not params:
         return torch.zeros(0, dtype=torch.int32)

@@ -126,13 +126,18 @@ def sgnht_step_(
     validate : bool
         Check every argument (``False``: the caller validated the same tensors and numbers once).
     check_finite : bool
-        Raise ``FloatingPointError`` naming the tensor when a gradient held NaN or Inf (entries with a
-        non-finite gradient are never written).
+        Raise ``FloatingPointError`` naming the tensors, the step and what to change when the returned flags are
+        not all 0 (with ``validate`` True or False alike). Whatever its value, an entry whose gradient held NaN or
+        Inf, or whose finite gradient gives a non-finite new weight or momentum, is never written: it keeps its
+        weight and its momentum (and counts in the thermostat's mean with that momentum).
 
     Returns
     -------
     Tensor, shape ``(len(params),)``, int32
-        1 where that tensor's gradient held a NaN or Inf, else 0.
+        Per tensor, its flags OR-ed over its entries, as :func:`pypattern.ops.sgld.sgld_step_`'s: bit ``1`` where a
+        gradient held NaN or Inf, bit ``2`` where a finite gradient gave a non-finite new weight or momentum, or a
+        momentum whose square overflows float64 (it would make the thermostat infinite); tested before the
+        ``bounding_box`` clamp. The entries flagged were left unchanged.
     """
     if validate:
         params, grads, anchors, masks, device = sgld_op.validate_inputs(params, grads, anchors, masks)
@@ -150,15 +155,12 @@ def sgnht_step_(
             raise ValueError(f"thermostat is on {thermostat.device} but params are on {device}")
         if not bool(torch.isfinite(thermostat).all()):
             raise ValueError(f"thermostat must be finite, got {float(thermostat.reshape(()))}")
-        step_size = sgld_op.check_scalar("step_size", step_size, positive=True)
-        nbeta = sgld_op.check_scalar("nbeta", nbeta)
-        localization = sgld_op.check_scalar("localization", localization)
-        weight_decay = sgld_op.check_scalar("weight_decay", weight_decay)
+        step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
+            sgld_op.check_hyperparameters(
+                step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
+            )
+        )
         diffusion_factor = sgld_op.check_scalar("diffusion_factor", diffusion_factor)
-        noise_scale = sgld_op.check_scalar("noise_scale", noise_scale)
-        if bounding_box is not None:
-            bounding_box = sgld_op.check_scalar("bounding_box", bounding_box, positive=True)
-        seed, step = sgld_op.check_key("seed", seed), sgld_op.check_key("step", step)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     flags = _backends.dispatch("sgnht_step_", params[0].device, backend)(
@@ -179,10 +181,7 @@ def sgnht_step_(
         step=step,
     )
     if check_finite and bool(flags.any()):
-        bad = torch.nonzero(flags.cpu()).flatten().tolist()
-        shapes = ", ".join(f"grads[{i}] (shape {tuple(grads[i].shape)})" for i in bad)
-        raise FloatingPointError(
-            f"sgnht_step_: non-finite gradient in {shapes} at step {step}; those entries were not updated. "
-            "A diverging chain usually needs a smaller step_size or a larger localization."
+        sgld_op.raise_on_flags(
+            "sgnht_step_", flags, params, step=step, step_size=step_size, nbeta=nbeta, state="momenta"
         )
     return flags

@@ -32,8 +32,10 @@ def sgnht_step_reference_(
 ) -> torch.Tensor:
     """Plain-torch specification of :func:`pypattern.ops.sgnht.sgnht_step_` (inputs already validated).
 
-    Returns an int32 flag per tensor: 1 where that tensor's gradient held a NaN or Inf (those entries are left
-    unchanged, their momenta too).
+    Returns an int32 flag per tensor, OR-ed over its entries: 1 where a gradient held a NaN or Inf, 2 where a
+    finite gradient gave a non-finite new weight or momentum, or a momentum whose square overflows float64 (tested
+    before the bounding box). Those entries are left unchanged, their momenta too (and count in the thermostat's
+    mean with their old momentum when active).
     """
     flags = torch.zeros(len(params), dtype=torch.int32)
     xi = float(thermostat.reshape(()).item())
@@ -44,8 +46,6 @@ def sgnht_step_reference_(
         if w.numel() == 0:
             continue
         finite = torch.isfinite(g)
-        if not bool(finite.all()):
-            flags[t] = 1
         drift = nbeta * g + localization * (w - w0) + weight_decay * w
         dp = -xi * p - step_size * drift
         if noise_std != 0.0:
@@ -54,11 +54,15 @@ def sgnht_step_reference_(
         m = None if masks is None or masks[t] is None else masks[t].to(w.dtype)
         p_new = p + (dp if m is None else m * dp)
         w_new = w + (p_new if m is None else m * p_new)
+        frozen = torch.zeros_like(finite) if m is None else m == 0
+        p64 = p_new.to(torch.float64)
+        over = (~torch.isfinite(w_new) | ~torch.isfinite(p64 * p64)) & finite & ~frozen
+        flags[t] = int(not bool(finite.all())) | 2 * int(bool(over.any()))
         if bounding_box is not None:
             outside = (w_new - w0).abs() > bounding_box
             w_new = torch.minimum(torch.maximum(w_new, w0 - bounding_box), w0 + bounding_box)
             p_new = torch.where(outside, -p_new, p_new)
-        keep = ~finite if m is None else (~finite) | (m == 0)
+        keep = ~finite | over | frozen
         w_new = torch.where(keep, w, w_new)
         p_new = torch.where(keep, p, p_new)
         w.copy_(w_new)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sgld.triton import as_i32, philox_normal
+from ..sgld.triton import as_i32, flag_bits, nonfinite, philox_normal
 
 
 @triton.jit
@@ -55,24 +55,28 @@ def _sgnht_kernel(
     if HAS_NOISE:
         zeta = philox_normal(offs, seed, tensor_index, step_lo, step_hi)
         dp = dp + c_noise * zeta.to(w.dtype)
+    bad = nonfinite(g)
+    active = valid
     if HAS_MASK:
         m = tl.load(m_ptr + offs, mask=valid, other=0.0).to(w.dtype)
         pn = p + m * dp
         wn = w + m * pn
+        active = active & (m != 0)
     else:
         pn = p + dp
         wn = w + pn
+    # a finite gradient whose new weight or momentum is not finite, or whose p**2 overflows the thermostat's
+    # float64 sum; tested before the box, which would hide an inf
+    pn64 = pn.to(tl.float64)
+    over = (nonfinite(wn) | nonfinite(pn64 * pn64)) & (tl.abs(g) < float("inf")) & active
     if HAS_BOX:
         box = tl.load(coef_ptr + 5).to(w.dtype)
         outside = tl.abs(wn - a) > box
         wn = tl.minimum(tl.maximum(wn, a - box), a + box)
         pn = tl.where(outside, -pn, pn)
-    bad = (g != g) | (tl.abs(g) == float("inf"))
-    keep = bad
-    active = valid
+    keep = bad | over
     if HAS_MASK:
         keep = keep | (m == 0)
-        active = active & (m != 0)
     wn = tl.where(keep, w, wn)
     pn = tl.where(keep, p, pn)
     tl.store(w_ptr + offs, wn, mask=valid)
@@ -82,7 +86,7 @@ def _sgnht_kernel(
     cnt = tl.sum(active.to(tl.float64), axis=0)
     tl.store(part_ptr + 2 * pid, kin)
     tl.store(part_ptr + 2 * pid + 1, cnt)
-    tl.atomic_max(flag_ptr, tl.max((bad & valid).to(tl.int32), axis=0))
+    tl.atomic_or(flag_ptr, flag_bits(bad & valid, over))
 
 
 def sgnht_step_triton_(
@@ -105,7 +109,7 @@ def sgnht_step_triton_(
     block: int | None = None,
 ) -> torch.Tensor:
     """Launch the kernel once per tensor, then update the thermostat (inputs validated by
-    :func:`pypattern.ops.sgnht.sgnht_step_`). Returns int32 flags per tensor, on the CPU."""
+    :func:`pypattern.ops.sgnht.sgnht_step_`). Returns the int32 flags per tensor (as the op's), on the CPU."""
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     device = params[0].device
