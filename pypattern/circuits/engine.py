@@ -122,7 +122,8 @@ class EdgeEngine:
         self.memory_budget = memory_budget
 
     # ----- sizes ----------------------------------------------------------------------------------------------
-    def _chunk(self) -> int:
+    def chunk_size(self) -> int:
+        """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows."""
         if self.max_batch is not None:
             return max(1, int(self.max_batch))
         g = self.graph
@@ -207,7 +208,7 @@ class EdgeEngine:
             else:
                 key = (s0, ())
             groups.setdefault(key, []).append(c)
-        chunk = self._chunk()
+        chunk = self.chunk_size()
         for (s0, heads), idx in groups.items():
             if s0 >= big:
                 out[idx] = self.base_metric().to(self.dtype)
