@@ -159,8 +159,12 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
             ok = e_col >= 0
             vals = torch.zeros(B, int(sel.sum()), dtype=D.dtype)
             vals[:, ok] = S[:, src_pos[e_src[ok]], dst_pos[e_dst[ok]], e_col[ok]]
-        else:
-            S = torch.einsum("ubtd,vbtd->buv", Ds, G)
+        else:  # (B, n, V): one batched matmul over the prompts on strided views (einsum would copy both)
+            R = Ds.shape[2]
+            S = torch.bmm(
+                Ds.transpose(0, 1).reshape(B, n, R * Ds.shape[3]),
+                G.transpose(0, 1).reshape(B, G.shape[0], R * G.shape[3]).transpose(1, 2),
+            )
             vals = S[:, src_pos[e_src], dst_pos[e_dst]]
         out[:, sel] = vals
     return out

@@ -247,6 +247,8 @@ class EdgeEngine:
         if not bool(Mv.any()):
             return None
         sub = len(rows) != self.T
+        if not self.graph.per_position:
+            return self._corr_flat(blocks, Mv, rows, sub)
         total = None
         for src_idx, tensor, shared, is_full in blocks:
             m = Mv[:, src_idx]
@@ -263,6 +265,33 @@ class EdgeEngine:
             total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
         return total
 
+    def _corr_flat(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
+        """:meth:`_corr` without positions: every block multiply-added into one ``(V, C, B*R*d)`` output by a
+        matmul (shared blocks) or a batched matmul over the masks (own blocks), without a tensor per block."""
+        C, V = Mv.shape[0], Mv.shape[2]
+        R = len(rows)
+        N = self.B * R * self.d
+        out = torch.empty(V, C, N, dtype=self.dtype)
+        beta = 0.0  # the first product overwrites the uninitialised output
+        for src_idx, tensor, shared, is_full in blocks:
+            m = Mv[:, src_idx]  # (C, u, V)
+            if not bool(m.any()):
+                continue
+            if is_full and sub:
+                tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
+            u = m.shape[1]
+            if shared:  # (u, B, R, d): out[v, c] += sum_u m[c, u, v] tensor[u]
+                out.view(V * C, N).addmm_(
+                    m.permute(2, 0, 1).reshape(V * C, u), tensor.reshape(u, N), beta=beta
+                )
+            else:  # (u, C, B, R, d): out[v, c] += sum_u m[c, u, v] tensor[u, c]
+                rhs = tensor.reshape(u, C, N).transpose(0, 1)
+                out.transpose(0, 1).baddbmm_(m.transpose(1, 2), rhs, beta=beta)
+            beta = 1.0
+        if beta == 0.0:
+            return None
+        return out.view(V, C, self.B, R, self.d)
+
     def _mlp_block(self, layer: int, out: torch.Tensor, rows: torch.Tensor):
         """The correction block ``A_u - out_u`` of MLP ``layer`` whose patched-run output ``out (C, B, R, d)`` is
         at ``rows``."""
@@ -276,8 +305,8 @@ class EdgeEngine:
         C = M.shape[0]
         base, v = self.base, self.view
         H, Hk, nA = self.H, self.Hk, self.nA
-        before = (self.src_stage < s0).nonzero().flatten()
-        blocks = [(before, self.D[before], True, True)] if len(before) else []
+        before = (self.src_stage < s0).nonzero().flatten()  # a prefix: sources are in topological order
+        blocks = [(before, self.D[: len(before)], True, True)] if len(before) else []
         rows = torch.arange(self.T)
         if self.uniform and s0 > 2 * (self.L - 1):  # past the last attention: only the metric row matters
             rows = torch.tensor([self.T - 1])
