@@ -296,7 +296,7 @@ class EdgeEngine:
         """The correction block ``A_u - out_u`` of MLP ``layer`` whose patched-run output ``out (C, B, R, d)`` is
         at ``rows``."""
         u = self.mlp_src[layer]
-        A_new = self.A[u][:, rows]
+        A_new = _rows(self.A[u], rows, 1)
         return (torch.tensor([u]), (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T)
 
     def _patched(self, M: torch.Tensor, s0: int, heads) -> torch.Tensor:
@@ -358,7 +358,9 @@ class EdgeEngine:
                     O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
                 Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                 R = v.add_attn_bias(layer, Rq + O.sum(0))
-                blocks.append((srcs, O.neg_().add_(self.A[srcs][:, :, qrows].unsqueeze(1)), False, full))
+                # a layer's heads are adjacent sources: a view, not a gather
+                A_heads = _rows(self.A[int(srcs[0]) : int(srcs[-1]) + 1], qrows, 2)
+                blocks.append((srcs, O.neg_().add_(A_heads.unsqueeze(1)), False, full))
             if self.parallel:
                 x = R_pre if corr_m is None else corr_m[0].add_(R_pre)
                 if len(qrows) != len(rows):
@@ -435,6 +437,14 @@ class EdgeEngine:
                 i += 1
                 out.append((dsts, info, gr.sum(0).unsqueeze(0)))
         return out, val.detach()
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` at the positions ``rows`` along ``dim``: a view when they are consecutive (all rows, or the last)."""
+    n = len(rows)
+    if n and int(rows[-1]) - int(rows[0]) == n - 1:
+        return t.narrow(dim, int(rows[0]), n)
+    return t.index_select(dim, rows)
 
 
 def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
