@@ -420,22 +420,29 @@ class EdgeEngine:
                 tensors += list(h[3]) if h[0] == "attn" else [h[3]]
             grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
         out, i = [], 0
-        for kind, dsts, info, t in handles:
-            if kind == "attn":
-                qrows, rows_kv, layer, Rq, Rkv = info
-                gq, gk, gv = (
-                    gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
-                )
-                i += 3
-                gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv)
-                H, Hk = self.H, self.Hk
-                out.append((dsts[:H], qrows, gqi.sum(1)))
-                out.append((dsts[H : H + Hk], rows_kv, gki.sum(1)))
-                out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, gvi.sum(1)))
-            else:
-                gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
-                i += 1
-                out.append((dsts, info, gr.sum(0).unsqueeze(0)))
+
+        def over_runs(x, dim):  # sum over the N runs (a view for one run)
+            return x.select(dim, 0) if x.shape[dim] == 1 else x.sum(dim)
+
+        with torch.no_grad():  # the input cotangents are values: no graph through the weights
+            for kind, dsts, info, t in handles:
+                if kind == "attn":
+                    qrows, rows_kv, layer, Rq, Rkv = info
+                    gq, gk, gv = (
+                        gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
+                    )
+                    i += 3
+                    gqi, gki, gvi = v.qkv_input_vjp(
+                        layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv
+                    )
+                    H, Hk = self.H, self.Hk
+                    out.append((dsts[:H], qrows, over_runs(gqi, 1)))
+                    out.append((dsts[H : H + Hk], rows_kv, over_runs(gki, 1)))
+                    out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, over_runs(gvi, 1)))
+                else:
+                    gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
+                    i += 1
+                    out.append((dsts, info, over_runs(gr, 0).unsqueeze(0)))
         return out, val.detach()
 
 

@@ -241,16 +241,19 @@ class ModelView:
                 (out,) = torch.autograd.grad(self.attn_norm(layer, xr), xr, g)
             return out
         cd = ln.compute_dtype or x.dtype
-        h = x.detach().to(cd)
-        if type(ln) is LayerNorm:
-            h = h - h.mean(-1, keepdim=True)
-        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ln.eps)
-        xhat = h * r
-        gw = (g * ln.w).to(cd)
-        out = gw - xhat * (gw * xhat).mean(-1, keepdim=True)
-        if type(ln) is LayerNorm:
-            out -= gw.mean(-1, keepdim=True)
-        return out.mul_(r).to(g.dtype)
+        with torch.no_grad():
+            h = x.to(cd)
+            if type(ln) is LayerNorm:
+                h = h - h.mean(-1, keepdim=True)
+            r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ln.eps)
+            xhat = h * r
+            gw = (g * ln.w).to(cd)
+            out = gw * xhat  # two per-head temporaries in all: fresh large tensors are costly
+            proj = out.mean(-1, keepdim=True)
+            torch.addcmul(gw, xhat, proj, value=-1, out=out)
+            if type(ln) is LayerNorm:
+                out.sub_(gw.mean(-1, keepdim=True))
+            return out.mul_(r).to(g.dtype)
 
     def attention(
         self,
