@@ -141,3 +141,27 @@ def test_eap_with_per_example_metric_positions():
     sc = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=2)
     ref = naive_first_order(model, g, clean, corr, metric, "noise", "resample", alphas=(0.5, 1.0))
     assert (sc.values - ref).abs().max() <= 1e-9
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMS"])
+@pytest.mark.parametrize("norm_dtype", [None, torch.float32])
+def test_norm_vjp_closed_form_equals_autograd(norm, norm_dtype):
+    from pypattern.circuits import ModelView
+
+    model = tiny(seed=3, norm=norm, norm_dtype=norm_dtype)
+    view = ModelView(model)
+    gen = torch.Generator().manual_seed(4)
+    x = 3 * torch.randn(2, 5, 16, generator=gen, dtype=torch.float64) + 1
+    g = torch.randn(4, 2, 5, 16, generator=gen, dtype=torch.float64)
+    ln = model.blocks[1].ln1
+    ref = torch.stack(
+        [torch.autograd.functional.vjp(ln, x, g[h])[1] for h in range(4)]
+    )  # one autograd VJP per head, on the module itself
+    tol = 1e-12 if norm_dtype is None else 1e-5
+    assert (view.norm_vjp(1, x, g) - ref).abs().max() <= tol * ref.abs().max()
+    # a hook on the norm makes the view fall back to autograd; the result is the same
+    remove = ln.hook_normalized.add_hook(lambda act, hook: None)
+    try:
+        assert (view.norm_vjp(1, x, g) - ref).abs().max() <= tol * ref.abs().max()
+    finally:
+        remove()

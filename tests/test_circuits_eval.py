@@ -79,13 +79,16 @@ def test_pruning_curve_points_are_faithfulness_of_top_edges(setup):
     assert c2.counts[0] == 0 and c2.counts[-1] == 110
 
 
-def _acdc_reference(model, clean, corr, metric, threshold):
-    """One patched run per test, no batching, no shortcuts for dead nodes."""
-    g = edges(model)
+def _acdc_reference(model, clean, corr, metric, threshold, mode="noise", graph=None):
+    """The greedy rule with one patched run per test through :func:`patch_edges`: no batching, no shortcut for
+    inputs that cannot change the metric. Returns the kept mask, the final metric and each tested edge's drop."""
+    g = edges(model) if graph is None else graph
     keep = torch.ones(len(g), dtype=torch.bool)
+    drops = {}
 
     def m(k):
-        return float(patch_edges(model, ~k, clean, corr, metric=metric).mean())
+        patched = ~k if mode == "noise" else k
+        return float(patch_edges(model, patched, clean, corr, metric=metric, mode=mode, graph=g).mean())
 
     cur = m(keep)
     for d in reversed(range(g.n_dst)):
@@ -93,29 +96,125 @@ def _acdc_reference(model, clean, corr, metric, threshold):
             trial = keep.clone()
             trial[e] = False
             new = m(trial)
+            drops[e] = cur - new
             if cur - new < threshold:
                 keep, cur = trial, new
-    return keep, cur
+    return keep, cur, drops
 
 
-def test_acdc_equals_one_edge_at_a_time_reference(setup):
-    model, clean, corr, metric = setup
-    full = float(patch_edges(model, [], clean, corr, metric=metric).mean())
-    empty = float(patch_edges(model, list(edges(model)), clean, corr, metric=metric).mean())
-    thr = 0.02 * abs(full - empty)
-    circ = acdc(model, clean, corr, metric=metric, threshold=thr)
-    keep_ref, m_ref = _acdc_reference(model, clean, corr, metric, thr)
-    # dead-node shortcuts remove edges that cannot matter: compare the metric, and the kept edges that reach the logits
+def assert_same_as_reference(circ, ref, min_untested=1):
+    """Same kept edges and final metric; every edge ``acdc`` tested got the reference's drop; edges it removed
+    untested were removed by the reference too (which tested them)."""
+    keep_ref, m_ref, drops = ref
+    assert torch.equal(circ.mask, keep_ref)
     assert circ.info["m_circuit"] == pytest.approx(m_ref, abs=1e-9)
-    assert bool((circ.mask & ~keep_ref).sum() == 0)
+    tested = circ.scores != 0
+    idx = tested.nonzero().flatten().tolist()
+    assert max(abs(float(circ.scores[i]) - drops[i]) for i in idx) <= 1e-9
+    assert circ.info["num_untested"] >= min_untested
+    assert circ.info["num_runs"] >= 2 + len(circ.graph) - circ.info["num_untested"]
+
+
+@pytest.mark.parametrize("mode", ["noise", "denoise"])
+def test_acdc_equals_one_edge_at_a_time_reference(setup, mode):
+    model, clean, corr, metric = setup
+    full = float(
+        patch_edges(
+            model, [] if mode == "noise" else list(edges(model)), clean, corr, metric=metric, mode=mode
+        ).mean()
+    )
+    empty = float(
+        patch_edges(
+            model, list(edges(model)) if mode == "noise" else [], clean, corr, metric=metric, mode=mode
+        ).mean()
+    )
+    thr = 0.02 * abs(full - empty)
+    circ = acdc(model, clean, corr, metric=metric, threshold=thr, mode=mode, max_batch=7)
+    assert_same_as_reference(
+        circ, _acdc_reference(model, clean, corr, metric, thr, mode), min_untested=int(mode == "noise")
+    )
     assert 0 < len(circ) < 110
     assert circ.faithfulness == pytest.approx(
-        faithfulness(model, circ.mask, clean, corr, metric=metric), abs=1e-9
+        faithfulness(model, circ.mask, clean, corr, metric=metric, mode=mode), abs=1e-9
     )
-    everything = acdc(model, clean, corr, metric=metric, threshold=-1e9)
+    everything = acdc(model, clean, corr, metric=metric, threshold=-1e9, mode=mode)
     assert len(everything) == 110 and everything.faithfulness == pytest.approx(1.0)
-    nothing = acdc(model, clean, corr, metric=metric, threshold=1e9)
+    nothing = acdc(model, clean, corr, metric=metric, threshold=1e9, mode=mode)
     assert len(nothing) == 0
+
+
+def _ends(model, g, clean, corr, metric, mode):
+    """Batch-mean metric of the full circuit and of the empty one."""
+    everything = torch.ones(len(g), dtype=torch.bool)
+    full = patch_edges(
+        model, ~everything if mode == "noise" else everything, clean, corr, metric=metric, mode=mode
+    )
+    empty = patch_edges(
+        model, everything if mode == "noise" else ~everything, clean, corr, metric=metric, mode=mode
+    )
+    return float(full.mean()), float(empty.mean())
+
+
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+@pytest.mark.parametrize("mode", ["noise", "denoise"])
+def test_acdc_per_position_equals_one_edge_at_a_time_reference(arch, mode):
+    """Per-position edges: the same decisions and kept set as testing every edge alone, and the shortcuts fire at
+    positions that cannot reach the metric (logits before the last position, and what only they read)."""
+    opts = {"heads": 2} if arch == "mha" else {"heads": 4, "n_key_value_heads": 2, "attn_only": True}
+    model = tiny(seed=41, layers=2, n_ctx=4, **opts)
+    clean, corr, ans, wrong = prompts(model, B=4, seed=42)
+    clean, corr = clean[:, [0, 1, 3]], corr[:, [0, 1, 3]]  # the corrupted positions 1 and 3
+    metric = LogitDiff(ans, wrong)
+    g = edges(model, per_position=True, seq_len=3)
+    full, empty = _ends(model, g, clean, corr, metric, mode)
+    thr = 0.01 * abs(full - empty)
+    circ = acdc(model, clean, corr, metric=metric, threshold=thr, mode=mode, per_position=True, max_batch=16)
+    assert circ.graph.per_position and len(circ.graph) == len(g)
+    ref = _acdc_reference(model, clean, corr, metric, thr, mode, graph=g)
+    # at least the logits' edges at the two earlier positions need no test
+    n_logit_edges = int((g.dst_idx == g.n_dst - 1).sum()) // 3
+    assert_same_as_reference(circ, ref, min_untested=2 * n_logit_edges)
+    assert 0 < len(circ) < len(g)
+    kept_at = g.pos_idx[circ.mask]
+    assert bool((kept_at[g.dst_idx[circ.mask] == g.n_dst - 1] == 2).all())
+    assert circ.faithfulness == pytest.approx(
+        faithfulness(model, circ.mask, clean, corr, metric=metric, mode=mode), abs=1e-9
+    )
+
+
+def test_acdc_per_position_with_per_example_positions():
+    model = tiny(seed=43, layers=2, heads=2, n_ctx=4)
+    clean, corr, ans, wrong = prompts(model, B=4, seed=44)
+    clean, corr = clean[:, 1:], corr[:, 1:]
+    metric = LogitDiff(ans, wrong, position=torch.tensor([1, 2, 1, 1]))
+    g = edges(model, per_position=True, seq_len=3)
+    full, empty = _ends(model, g, clean, corr, metric, "noise")
+    thr = 0.01 * abs(full - empty)
+    circ = acdc(model, clean, corr, metric=metric, threshold=thr, graph=g)
+    assert_same_as_reference(circ, _acdc_reference(model, clean, corr, metric, thr, graph=g))
+    kept_logits = g.pos_idx[circ.mask & (g.dst_idx == g.n_dst - 1)]
+    assert set(kept_logits.tolist()) <= {1, 2} and circ.info["num_untested"] > 0
+
+
+@pytest.mark.parametrize("mode", ["noise", "denoise"])
+def test_acdc_one_position_is_the_position_free_acdc(mode):
+    """Prompts of one token: the per-position graph has the same edges (each at position 0) and ACDC makes the same
+    decisions on both."""
+    model = tiny(seed=45, heads=4, n_key_value_heads=2)
+    clean, corr, ans, wrong = prompts(model, B=6, seed=46)
+    clean, corr = clean[:, 3:4], corr[:, 3:4]  # position 3 differs between the prompts
+    metric = LogitDiff(ans, wrong)
+    g0, g1 = edges(model), edges(model, per_position=True, seq_len=1)
+    assert [e.name + "@0" for e in g0] == [e.name for e in g1]
+    full, empty = _ends(model, g0, clean, corr, metric, mode)
+    thr = 0.02 * abs(full - empty)
+    free = acdc(model, clean, corr, metric=metric, threshold=thr, mode=mode)
+    per = acdc(model, clean, corr, metric=metric, threshold=thr, mode=mode, per_position=True)
+    assert 0 < len(free) < len(g0)
+    assert torch.equal(free.mask, per.mask) and (free.scores - per.scores).abs().max() <= 1e-12
+    assert per.info["num_runs"] == free.info["num_runs"]
+    assert per.info["num_untested"] == free.info["num_untested"]
+    assert per.faithfulness == pytest.approx(free.faithfulness, abs=1e-12)
 
 
 def test_results_drawing_and_io(setup, tmp_path):

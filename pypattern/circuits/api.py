@@ -159,8 +159,12 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
             ok = e_col >= 0
             vals = torch.zeros(B, int(sel.sum()), dtype=D.dtype)
             vals[:, ok] = S[:, src_pos[e_src[ok]], dst_pos[e_dst[ok]], e_col[ok]]
-        else:
-            S = torch.einsum("ubtd,vbtd->buv", Ds, G)
+        else:  # (B, n, V): one batched matmul over the prompts on strided views (einsum would copy both)
+            R = Ds.shape[2]
+            S = torch.bmm(
+                Ds.transpose(0, 1).reshape(B, n, R * Ds.shape[3]),
+                G.transpose(0, 1).reshape(B, G.shape[0], R * G.shape[3]).transpose(1, 2),
+            )
             vals = S[:, src_pos[e_src], dst_pos[e_dst]]
         out[:, sel] = vals
     return out
@@ -438,6 +442,63 @@ def pruning_curve(
 # ----------------------------------------------------------------------------------------------- ACDC
 
 
+def _metric_rows(engine: EdgeEngine) -> torch.Tensor:
+    """The positions at which the metric reads the logits (any example)."""
+    return torch.tensor([engine.pos]) if engine.uniform else torch.unique(engine.pos)
+
+
+class _Reach:
+    """Which destination inputs (at which positions) can still change the metric, given the edges decided so far.
+
+    An edge ``u -> v`` carries ``u``'s output in the run being evaluated when it is not patched (noising: a kept
+    edge; denoising: an edge left out of the circuit) and the fixed value ``A_u`` when patched. A source ``u`` (at
+    position ``t``) reaches the metric when one of its outgoing edges (at ``t``) carries its output into a
+    destination input that reaches the metric. A head's query input and an MLP's input at ``t`` reach it through
+    their own node at ``t``; a key or value input at ``t`` through the query heads of its group at every position
+    ``>= t`` (causal attention); the logits at the metric's positions. Without positions everything is at one
+    position. This over-approximates (a sliding window reaches fewer positions): a destination said to reach the
+    metric is tested as usual.
+    """
+
+    def __init__(self, graph: EdgeGraph, engine: EdgeEngine, mode: str) -> None:
+        self.g, self.mode = graph, mode
+        P = graph.n_pos or 1
+        self.epos = graph.pos_idx if graph.per_position else torch.zeros(len(graph), dtype=torch.long)
+        self.live = torch.zeros(graph.n_dst, P, dtype=torch.bool)  # (destination input, position)
+        logits = graph.dst_names.index("logits")
+        if graph.per_position:
+            self.live[logits, _metric_rows(engine)] = True
+        else:
+            self.live[logits] = True
+        src_of = {n: i for i, n in enumerate(graph.src_names)}
+        G = graph.n_heads // graph.n_kv_heads
+        self.writers = []
+        for node in graph.dst_node:
+            if node == "logits":
+                self.writers.append(None)
+            elif node in src_of:
+                self.writers.append(torch.tensor([src_of[node]]))
+            else:  # a shared key/value head: the query heads of its group
+                layer, kv = node[1:].split("KV")
+                hs = range(int(kv) * G, (int(kv) + 1) * G)
+                self.writers.append(torch.tensor([src_of[f"L{layer}H{h}"] for h in hs]))
+
+    def update(self, d: int, keep: torch.Tensor) -> torch.Tensor:
+        """Positions ``(P,)`` at which destination input ``d`` reaches the metric; every destination read after
+        ``d`` must be decided."""
+        g = self.g
+        w = self.writers[d]
+        if w is not None:
+            carries = keep if self.mode == "noise" else ~keep
+            out = carries & self.live[g.dst_idx, self.epos] & torch.isin(g.src_idx, w)
+            at = torch.zeros(self.live.shape[1], dtype=torch.bool)
+            at[self.epos[out]] = True
+            if g.per_position and g.dst_qkv[d] in ("k", "v"):  # read by the queries at t and after
+                at = at.flip(0).cummax(0).values.flip(0)
+            self.live[d] = at
+        return self.live[d]
+
+
 def acdc(
     model,
     clean: torch.Tensor,
@@ -447,6 +508,7 @@ def acdc(
     threshold: float,
     mode: str = "noise",
     ablation: str = "resample",
+    per_position: bool = False,
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
@@ -455,32 +517,45 @@ def acdc(
 
     Start from the full circuit (every edge). Visit the destination inputs in reverse topological order (the
     logits, then the last layer's MLP input, then its heads' query, key and value inputs, ... down to layer 0);
-    for each, try its incoming edges one at a time, sources in reverse topological order: remove the edge if the
-    batch-mean metric of the circuit without it is lower than the current circuit's by less than ``threshold``
-    (``M_current - M_without < threshold``; an edge whose removal raises the metric is removed too), and keep the
-    new circuit. A node none of whose outgoing edges is left cannot reach the output: its incoming edges are
-    removed without a test.
+    for each, try its incoming edges one at a time in reverse graph order (sources in reverse topological order;
+    on a per-position graph, positions from the last to the first and sources in reverse order within each):
+    remove the edge if the batch-mean metric of the circuit without it is lower than the current circuit's by less
+    than ``threshold`` (``M_current - M_without < threshold``; an edge whose removal raises the metric is removed
+    too), and keep the new circuit.
+
+    With ``threshold > 0``, the edges into a destination input that can no longer change the metric are removed
+    without a test (their removal changes nothing, so the test would remove them): noising, a node none of whose
+    outgoing edges is kept into an input that still matters; denoising, a node all of whose outgoing edges into
+    inputs that still matter are in the circuit (the circuit's edges read its clean value; the others read its
+    output in the patched run). On a per-position graph this holds per position: a node's output at position ``t``
+    is read at ``t`` only, a key or value input at ``t`` matters through its heads' queries at ``t`` and after, and
+    the logits only at the metric's positions.
 
     Each test is one patched forward starting at the destination's layer (causal reuse); the tests for the
-    remaining inputs of one destination are batched speculatively (all evaluated against the current circuit;
-    the first removal invalidates the rest, which are re-evaluated), which gives the same decisions as testing
+    remaining inputs of one destination are batched speculatively (a batch evaluated against the current circuit;
+    the first removal invalidates the rest of it, which is re-evaluated), which gives the same decisions as testing
     one at a time.
 
     Parameters
     ----------
     threshold : float
         In units of the metric (e.g. logit difference).
+    mode : {"noise", "denoise"}
+        Noising: a circuit is evaluated on the clean run with every edge outside it ablated; denoising: on the
+        corrupted run with its edges restored from the clean run.
+    per_position : bool
+        Prune a per-position graph over the prompts' length (or give ``graph=edges(model, per_position=True,
+        seq_len=T)``).
 
     Returns
     -------
     Circuit
         The kept edges, with ``scores`` = the metric drop measured when each edge was tested (0 for edges removed
-        without a test) and ``faithfulness`` of the result; ``info`` holds the number of patched runs.
+        without a test) and ``faithfulness`` of the result; ``info`` holds the number of patched runs
+        (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
     T = clean.shape[-1]
-    graph = _graph_for(model, graph, False, T)
-    if graph.per_position:
-        raise ValueError("acdc works on a graph without positions; give graph=None or edges(model)")
+    graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
     engine, info = prepare_runs(
         model,
@@ -503,33 +578,25 @@ def acdc(
     m_full, m_empty = float(ends[0]), float(ends[1])
     m_cur = m_full
     drop = torch.zeros(E, dtype=torch.float64)
-    runs = 2
-    src_of_node = {n: i for i, n in enumerate(graph.src_names)}
-    G = graph.n_heads // graph.n_kv_heads
-
-    def writers(node: str) -> torch.Tensor:
-        """The source nodes through which ``node``'s input reaches the output (a shared key/value head: the query
-        heads of its group)."""
-        if node in src_of_node:
-            return torch.tensor([src_of_node[node]])
-        layer, kv = node[1:].split("KV")
-        return torch.tensor([src_of_node[f"L{layer}H{h}"] for h in range(int(kv) * G, (int(kv) + 1) * G)])
-
+    runs, untested = 2, 0
+    reach = _Reach(graph, engine, mode)
+    window = engine.chunk_size()
     for d in reversed(range(graph.n_dst)):
-        node = graph.dst_node[d]
-        cand = (graph.dst_idx == d).nonzero().flatten().flip(0)  # sources in reverse topological order
-        if node != "logits":
-            if not bool(keep[torch.isin(graph.src_idx, writers(node))].any()):
-                keep[cand] = False
-                continue
-        remaining = [int(e) for e in cand]
+        cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
+        if threshold > 0:
+            live = reach.update(d, keep)[reach.epos[cand]]
+            keep[cand[~live]] = False
+            untested += int((~live).sum())
+            cand = cand[live]
+        remaining = cand.tolist()
         while remaining:
-            trial = keep[None].repeat(len(remaining), 1)
-            trial[torch.arange(len(remaining)), torch.tensor(remaining)] = False
+            batch = remaining[:window]
+            trial = keep[None].repeat(len(batch), 1)
+            trial[torch.arange(len(batch)), torch.tensor(batch)] = False
             vals = evaluate(trial)
-            runs += len(remaining)
+            runs += len(batch)
             removed_at = None
-            for i, e in enumerate(remaining):
+            for i, e in enumerate(batch):
                 delta = m_cur - float(vals[i])
                 drop[e] = delta
                 if delta < threshold:
@@ -537,7 +604,7 @@ def acdc(
                     m_cur = float(vals[i])
                     removed_at = i
                     break
-            remaining = [] if removed_at is None else remaining[removed_at + 1 :]
+            remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
     f = (m_cur - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
     return Circuit(
         graph=graph,
@@ -548,6 +615,7 @@ def acdc(
         info={
             "threshold": threshold,
             "num_runs": runs,
+            "num_untested": untested,
             "seconds": time.perf_counter() - t0,
             "metric": _metric_name(metric),
             "m_circuit": m_cur,

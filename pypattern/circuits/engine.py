@@ -122,7 +122,8 @@ class EdgeEngine:
         self.memory_budget = memory_budget
 
     # ----- sizes ----------------------------------------------------------------------------------------------
-    def _chunk(self) -> int:
+    def chunk_size(self) -> int:
+        """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows."""
         if self.max_batch is not None:
             return max(1, int(self.max_batch))
         g = self.graph
@@ -207,7 +208,7 @@ class EdgeEngine:
             else:
                 key = (s0, ())
             groups.setdefault(key, []).append(c)
-        chunk = self._chunk()
+        chunk = self.chunk_size()
         for (s0, heads), idx in groups.items():
             if s0 >= big:
                 out[idx] = self.base_metric().to(self.dtype)
@@ -246,6 +247,8 @@ class EdgeEngine:
         if not bool(Mv.any()):
             return None
         sub = len(rows) != self.T
+        if not self.graph.per_position:
+            return self._corr_flat(blocks, Mv, rows, sub)
         total = None
         for src_idx, tensor, shared, is_full in blocks:
             m = Mv[:, src_idx]
@@ -262,11 +265,38 @@ class EdgeEngine:
             total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
         return total
 
+    def _corr_flat(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
+        """:meth:`_corr` without positions: every block multiply-added into one ``(V, C, B*R*d)`` output by a
+        matmul (shared blocks) or a batched matmul over the masks (own blocks), without a tensor per block."""
+        C, V = Mv.shape[0], Mv.shape[2]
+        R = len(rows)
+        N = self.B * R * self.d
+        out = torch.empty(V, C, N, dtype=self.dtype)
+        beta = 0.0  # the first product overwrites the uninitialised output
+        for src_idx, tensor, shared, is_full in blocks:
+            m = Mv[:, src_idx]  # (C, u, V)
+            if not bool(m.any()):
+                continue
+            if is_full and sub:
+                tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
+            u = m.shape[1]
+            if shared:  # (u, B, R, d): out[v, c] += sum_u m[c, u, v] tensor[u]
+                out.view(V * C, N).addmm_(
+                    m.permute(2, 0, 1).reshape(V * C, u), tensor.reshape(u, N), beta=beta
+                )
+            else:  # (u, C, B, R, d): out[v, c] += sum_u m[c, u, v] tensor[u, c]
+                rhs = tensor.reshape(u, C, N).transpose(0, 1)
+                out.transpose(0, 1).baddbmm_(m.transpose(1, 2), rhs, beta=beta)
+            beta = 1.0
+        if beta == 0.0:
+            return None
+        return out.view(V, C, self.B, R, self.d)
+
     def _mlp_block(self, layer: int, out: torch.Tensor, rows: torch.Tensor):
         """The correction block ``A_u - out_u`` of MLP ``layer`` whose patched-run output ``out (C, B, R, d)`` is
         at ``rows``."""
         u = self.mlp_src[layer]
-        A_new = self.A[u][:, rows]
+        A_new = _rows(self.A[u], rows, 1)
         return (torch.tensor([u]), (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T)
 
     def _patched(self, M: torch.Tensor, s0: int, heads) -> torch.Tensor:
@@ -275,8 +305,8 @@ class EdgeEngine:
         C = M.shape[0]
         base, v = self.base, self.view
         H, Hk, nA = self.H, self.Hk, self.nA
-        before = (self.src_stage < s0).nonzero().flatten()
-        blocks = [(before, self.D[before], True, True)] if len(before) else []
+        before = (self.src_stage < s0).nonzero().flatten()  # a prefix: sources are in topological order
+        blocks = [(before, self.D[: len(before)], True, True)] if len(before) else []
         rows = torch.arange(self.T)
         if self.uniform and s0 > 2 * (self.L - 1):  # past the last attention: only the metric row matters
             rows = torch.tensor([self.T - 1])
@@ -328,7 +358,9 @@ class EdgeEngine:
                     O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
                 Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                 R = v.add_attn_bias(layer, Rq + O.sum(0))
-                blocks.append((srcs, O.neg_().add_(self.A[srcs][:, :, qrows].unsqueeze(1)), False, full))
+                # a layer's heads are adjacent sources: a view, not a gather
+                A_heads = _rows(self.A[int(srcs[0]) : int(srcs[-1]) + 1], qrows, 2)
+                blocks.append((srcs, O.neg_().add_(A_heads.unsqueeze(1)), False, full))
             if self.parallel:
                 x = R_pre if corr_m is None else corr_m[0].add_(R_pre)
                 if len(qrows) != len(rows):
@@ -388,23 +420,38 @@ class EdgeEngine:
                 tensors += list(h[3]) if h[0] == "attn" else [h[3]]
             grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
         out, i = [], 0
-        for kind, dsts, info, t in handles:
-            if kind == "attn":
-                qrows, rows_kv, layer, Rq, Rkv = info
-                gq, gk, gv = (
-                    gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
-                )
-                i += 3
-                gqi, gki, gvi = v.qkv_input_vjp(layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv)
-                H, Hk = self.H, self.Hk
-                out.append((dsts[:H], qrows, gqi.sum(1)))
-                out.append((dsts[H : H + Hk], rows_kv, gki.sum(1)))
-                out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, gvi.sum(1)))
-            else:
-                gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
-                i += 1
-                out.append((dsts, info, gr.sum(0).unsqueeze(0)))
+
+        def over_runs(x, dim):  # sum over the N runs (a view for one run)
+            return x.select(dim, 0) if x.shape[dim] == 1 else x.sum(dim)
+
+        with torch.no_grad():  # the input cotangents are values: no graph through the weights
+            for kind, dsts, info, t in handles:
+                if kind == "attn":
+                    qrows, rows_kv, layer, Rq, Rkv = info
+                    gq, gk, gv = (
+                        gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
+                    )
+                    i += 3
+                    gqi, gki, gvi = v.qkv_input_vjp(
+                        layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv
+                    )
+                    H, Hk = self.H, self.Hk
+                    out.append((dsts[:H], qrows, over_runs(gqi, 1)))
+                    out.append((dsts[H : H + Hk], rows_kv, over_runs(gki, 1)))
+                    out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, over_runs(gvi, 1)))
+                else:
+                    gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
+                    i += 1
+                    out.append((dsts, info, over_runs(gr, 0).unsqueeze(0)))
         return out, val.detach()
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` at the positions ``rows`` along ``dim``: a view when they are consecutive (all rows, or the last)."""
+    n = len(rows)
+    if n and int(rows[-1]) - int(rows[0]) == n - 1:
+        return t.narrow(dim, int(rows[0]), n)
+    return t.index_select(dim, rows)
 
 
 def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:

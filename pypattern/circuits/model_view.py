@@ -30,6 +30,7 @@ reads.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 __all__ = ["ModelView"]
 
@@ -212,16 +213,47 @@ class ModelView:
             h = g.shape[0]
             return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
 
-        def norm_vjp(x, g):  # the norm's VJP at x applied to each head's cotangent g (h, ..., T, d)
+        gq_in = self.norm_vjp(layer, xq, back(unrotate(gq, q_pos), a.W_Q))
+        gk_in = self.norm_vjp(layer, xkv, back(unrotate(gk, k_pos), a.W_K))
+        gv_in = self.norm_vjp(layer, xkv, back(gv, a.W_V))
+        return gq_in, gk_in, gv_in
+
+    def norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The attention norm's VJP at ``x (..., T, d)`` applied to each head's cotangent ``g (h, ..., T, d)``.
+
+        pypattern's LayerNorm and RMSNorm (without hooks) in closed form from ``x``'s statistics, computed once:
+        with ``x_hat`` the normalised input, ``r`` the reciprocal scale and ``g_w = g * w``, LayerNorm gives
+        ``r (g_w - mean(g_w) - x_hat mean(g_w x_hat))`` and RMSNorm ``r (g_w - x_hat mean(g_w x_hat))`` (in the
+        norm's compute dtype); any other norm through autograd on a copy of ``x`` per head."""
+        from ..models.transformer import LayerNorm, RMSNorm
+
+        ln = self.model.blocks[layer].ln1
+        if isinstance(ln, nn.Identity):
+            return g
+        plain = (
+            type(ln) in (LayerNorm, RMSNorm)
+            and not (ln.hook_scale.active or ln.hook_normalized.active)
+            and not (ln._forward_hooks or ln._forward_pre_hooks)
+        )
+        if not plain:
             with torch.enable_grad():
                 xr = x.detach().unsqueeze(0).expand(g.shape[0], *x.shape).clone().requires_grad_(True)
                 (out,) = torch.autograd.grad(self.attn_norm(layer, xr), xr, g)
             return out
-
-        gq_in = norm_vjp(xq, back(unrotate(gq, q_pos), a.W_Q))
-        gk_in = norm_vjp(xkv, back(unrotate(gk, k_pos), a.W_K))
-        gv_in = norm_vjp(xkv, back(gv, a.W_V))
-        return gq_in, gk_in, gv_in
+        cd = ln.compute_dtype or x.dtype
+        with torch.no_grad():
+            h = x.to(cd)
+            if type(ln) is LayerNorm:
+                h = h - h.mean(-1, keepdim=True)
+            r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ln.eps)
+            xhat = h * r
+            gw = (g * ln.w).to(cd)
+            out = gw * xhat  # two per-head temporaries in all: fresh large tensors are costly
+            proj = out.mean(-1, keepdim=True)
+            torch.addcmul(gw, xhat, proj, value=-1, out=out)
+            if type(ln) is LayerNorm:
+                out.sub_(gw.mean(-1, keepdim=True))
+            return out.mul_(r).to(g.dtype)
 
     def attention(
         self,

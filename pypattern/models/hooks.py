@@ -46,6 +46,11 @@ class HookPoint(nn.Module):
     def remove_hooks(self) -> None:
         self._fns.clear()
 
+    @property
+    def active(self) -> bool:
+        """Whether any function is attached (an inactive hook point is the identity)."""
+        return bool(self._fns)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for fn in self._fns:
             out = fn(x, self)
