@@ -428,6 +428,77 @@ def test_v2_unsupported_options_are_named():
             di.llc(model, ids, {}, device="cuda", **base)
 
 
+def test_v2_results_read_as_devinterp_xarray_results():
+    """The reads a devinterp 2.0.1 script makes on its xarray results work unchanged: ``.values``,
+    ``.to_numpy()``, ``.item()``, ``float()``, ``.dims``; ``sample(...).dataset`` and its ``metadata``; the
+    susceptibilities' ``/susceptibilities`` and ``/context`` subtrees (devinterp's ``_build_output``) with their
+    coordinates and ``attrs["dataset_id_to_name"]``."""
+    model, ids = _transformer(), _tokens()
+    base = dict(lr=1e-3, n_beta=5.0, localization=50.0, batches_per_draw=1, **SET2)
+    s = di.sample(model, ids, {"probe": ids[:16]}, **base)
+    assert type(s.dataset.init_loss.values) is np.ndarray and s.dataset.init_loss.dims == (
+        "chain",
+        "token_pos",
+    )
+    assert s.dataset.metadata["config"]["sampler"]["n_beta"] == 5.0
+    np.testing.assert_array_equal(s["loss_probe"].values, dict.__getitem__(s, "loss_probe"))
+    r = di.compute_llc(s)
+    assert float(r["llc_mean"]) == r["llc_mean"].item() == pytest.approx(r["llc_per_chain"].values.mean())
+    assert r["llc_per_chain"].dims == ("chain",) and r["loss_trace"].to_numpy().shape == (2, 13)
+    assert type(r.llc_per_chain * 2) is np.ndarray  # arithmetic gives plain arrays
+    obs = {"train": ids[:16], "probe": {"input_ids": _tokens(16, seed=9)}, "probe2": _tokens(8, seed=4)}
+    wr = {"full": None, "attn": {"blocks.0.attn.W_Q": None}, "mlp": {"blocks.0.mlp.W_in": None}}
+    res = di.susceptibilities(model, ids, obs, wr, sampling_task="train", **base)
+    tree, ctx = res["susceptibilities"], res["context"]
+    assert tree["sus"].dims == ("sus_flat", "wr") and list(tree["wr"].values) == ["attn", "mlp"]
+    np.testing.assert_array_equal(tree["sus"].values, res.sus)
+    assert tree.attrs["dataset_id_to_name"] == ctx.attrs["dataset_id_to_name"] == ["probe", "probe2"]
+    # coordinates: sus row k is (dataset_id, batch, target_position) of observable dataset_id
+    n = 8 * 7
+    assert tree["sus"].shape == (2 * n, 2)
+    np.testing.assert_array_equal(tree["dataset_id"].values, np.repeat([0, 1], n))
+    np.testing.assert_array_equal(tree["batch"].values[:n], np.repeat(np.arange(8), 7))
+    np.testing.assert_array_equal(tree["target_position"].values[:n], np.tile(np.arange(1, 8), 8))
+    # the context is the probes' tokens, flattened, with their own coordinates
+    full = res.samples["full"]
+    want = np.concatenate([full.input_ids_probe.reshape(-1), full.input_ids_probe2.reshape(-1)])
+    np.testing.assert_array_equal(ctx["input_ids"].values, want)
+    np.testing.assert_array_equal(ctx["position"].values[:64], np.tile(np.arange(8), 8))
+    np.testing.assert_array_equal(ctx["batch"].values[:64], np.repeat(np.arange(8), 8))
+
+
+@pytest.mark.parametrize("method", ["sequence", "token"])
+def test_v2_compute_bif_index_ranges(method):
+    """devinterp 2.0.1's compute_bif(batch_index_range_1=, batch_index_range_2=, batch_size=, device=): the
+    influence of the selected sequences on the selected ones, computed here directly from the losses over draws
+    (chains and draws pooled)."""
+    model, ids = _transformer(), _tokens()
+    s = di.sample(model, ids, {"probe": ids[:16]}, lr=1e-3, n_beta=5.0, batches_per_draw=1, **SET2)
+    r1, r2 = [5, 0, 2], [1, 7]
+    b = di.compute_bif(
+        s,
+        correlation_method=method,
+        batch_index_range_1=r1,
+        batch_index_range_2=r2,
+        batch_size=2,
+        device="cpu",
+    )
+    loss = np.asarray(s.loss_probe, dtype=np.float64).reshape(-1, 8, 7)  # (chain * draw, batch, token_pos)
+    if method == "sequence":
+        c = np.corrcoef(loss.mean(2).T)
+        want = c[np.ix_(r1, r2)]
+    else:
+        c = np.corrcoef(loss.reshape(len(loss), -1).T).reshape(8, 7, 8, 7)
+        want = np.stack([np.stack([c[i, :, j, :] for j in r2]) for i in r1])
+    assert b.influences.shape == want.shape
+    np.testing.assert_allclose(b.influences.values, want, rtol=1e-4, atol=1e-5)
+    assert b.influences.dims[:2] == ("batch_1", "batch_2")
+    full = di.compute_bif(s, correlation_method=method)
+    np.testing.assert_array_equal(b.influences.values, full.influences.values[r1][:, r2])
+    with pytest.raises(ValueError, match="batch_index_range_2"):
+        di.compute_bif(s, batch_index_range_2=[8])
+
+
 def test_devinterp_import_paths_mirrored():
     """devinterp's module paths under pypattern.devinterp: users change only the package name."""
     from pypattern.devinterp.optim import SGLD as SGLD_a

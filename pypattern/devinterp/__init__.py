@@ -58,6 +58,7 @@ from ..sampling.runner import sample as _native_sample
 __all__ = [
     "SGLD",
     "DevinterpResult",
+    "Variable",
     "bif",
     "compute_bif",
     "compute_llc",
@@ -74,11 +75,51 @@ __all__ = [
 ParamMasks = Mapping[str, "torch.Tensor | None"]
 
 
+class Variable(np.ndarray):
+    """A numpy array that also answers the xarray calls devinterp users make on a result variable:
+    ``.values`` and ``.to_numpy()`` (the plain array), ``.dims`` (the axis names), besides ``float()``,
+    ``.item()`` and numpy arithmetic. Arithmetic results are plain numpy arrays."""
+
+    dims: tuple[str, ...]
+
+    def __new__(cls, data, dims: Sequence[str] = ()) -> Variable:
+        obj = np.asarray(data).view(cls)
+        obj.dims = tuple(dims)
+        return obj
+
+    def __array_finalize__(self, obj) -> None:
+        self.dims = getattr(obj, "dims", ()) if getattr(obj, "shape", None) == self.shape else ()
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        arr = np.asarray(arr)
+        return arr[()] if return_scalar else arr
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+    def to_numpy(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+
 class DevinterpResult(dict):
     """devinterp 2.x's result variables as numpy arrays: a dict whose keys read as attributes too
-    (``res.llc_mean`` is ``res["llc_mean"]``); ``dims`` names each array's axes as devinterp does."""
+    (``res.llc_mean`` is ``res["llc_mean"]``). A variable read from it is a :class:`Variable` (a numpy array
+    with xarray's ``.values``, ``.to_numpy()`` and ``.dims``), so ``float(res["llc_mean"])``,
+    ``res["llc_per_chain"].values`` and ``res.init_loss.item()`` read as they do on devinterp's xarray results.
+    ``dims`` names each array's axes as devinterp does; ``attrs`` holds devinterp's attributes; ``dataset`` is
+    the result itself (devinterp's ``DataTree.dataset``)."""
+
+    def __getitem__(self, key):
+        v = super().__getitem__(key)
+        plain = isinstance(v, np.ndarray | float | int | np.number) and not isinstance(v, bool)
+        if plain and isinstance(key, str) and not key.startswith("_"):
+            return Variable(v, self.get("_dims", {}).get(key, ()))
+        return v
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
         try:
             return self[name]
         except KeyError:
@@ -87,6 +128,14 @@ class DevinterpResult(dict):
     @property
     def dims(self) -> dict[str, tuple[str, ...]]:
         return dict(self.get("_dims", {}))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.get("_attrs", {}))
+
+    @property
+    def dataset(self) -> DevinterpResult:
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ data and losses
@@ -581,12 +630,33 @@ def compute_susceptibilities(
         ctx["ctx_dataset_id"].append(np.full(ids.size, i))
         ctx["ctx_batch"].append(np.repeat(np.arange(ids.shape[0]), ids.shape[1]))
         ctx["position"].append(np.tile(np.arange(ids.shape[1]), ids.shape[0]))
+    sus = np.concatenate(cols, axis=0)
+    coords = {k: np.concatenate(v) for k, v in coords.items()}
+    ctx = {k: np.concatenate(v) for k, v in ctx.items()}
+    # devinterp's DataTree: /susceptibilities (sus and its coordinates) and /context (the probe tokens)
+    tree_sus = DevinterpResult(
+        sus=sus,
+        wr=np.asarray(wrs, dtype=object),
+        **coords,
+        _dims={"sus": ("sus_flat", "wr"), "wr": ("wr",), **{k: ("sus_flat",) for k in coords}},
+        _attrs={"dataset_id_to_name": list(obs_ids)},
+    )
+    tree_ctx = DevinterpResult(
+        input_ids=ctx["input_ids"],
+        dataset_id=ctx["ctx_dataset_id"],
+        batch=ctx["ctx_batch"],
+        position=ctx["position"],
+        _dims={k: ("ctx_flat",) for k in ("input_ids", "dataset_id", "batch", "position")},
+        _attrs={"dataset_id_to_name": list(obs_ids)},
+    )
     return DevinterpResult(
-        sus=np.concatenate(cols, axis=0),
+        sus=sus,
         wr=wrs,
         dataset_id_to_name=obs_ids,
-        **{k: np.concatenate(v) for k, v in coords.items()},
-        **{k: np.concatenate(v) for k, v in ctx.items()},
+        **coords,
+        **ctx,
+        susceptibilities=tree_sus,
+        context=tree_ctx,
         _dims={"sus": ("sus_flat", "wr"), "input_ids": ("ctx_flat",)},
     )
 
@@ -600,20 +670,30 @@ def compute_bif(
     correlation_method: str = "token",
     reduce_chain_dimension_method: str = "stack",
     loss_keys: str | Sequence[str] = "all",
+    batch_index_range_1: str | Sequence[int] = "all",
+    batch_index_range_2: str | Sequence[int] = "all",
     average_tokenwise_bif: bool = False,
     compute_covariance: bool = False,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
 ) -> DevinterpResult:
     """devinterp 2.x's ``compute_bif`` on a :func:`sample` result: the correlation (or covariance, ddof=1) of
     the observables' losses over draws, between sequences (``"sequence"``: token-mean losses) or token pairs
     (``"token"``: ``influences[i, j, s, t]`` between token ``s`` of sequence ``i`` and token ``t`` of sequence
     ``j``). ``"stack"`` pools chains and draws; ``"mean"`` averages over chains first.
 
+    ``batch_index_range_1`` / ``batch_index_range_2`` (``"all"`` or indices into the concatenated sequences)
+    keep those rows / columns of the influence matrix. ``batch_size`` and ``device`` only block devinterp's
+    computation and do not change the result.
+
     Returns
     -------
     DevinterpResult
         ``influences`` (batch_1, batch_2[, target_position, target_position_T]) and ``input_ids`` (batch,
-        position), sequences of the observables concatenated in sorted order of their ids.
+        position), sequences of the observables concatenated in sorted order of their ids (``loss_keys="all"``)
+        or in the order of ``loss_keys``.
     """
+    del batch_size, device
     if correlation_method not in ("token", "sequence"):
         raise ValueError(f"correlation_method must be 'token' or 'sequence', got {correlation_method!r}")
     if reduce_chain_dimension_method not in ("stack", "mean"):
@@ -650,7 +730,23 @@ def compute_bif(
         )  # (batch_1, batch_2, target_position, target_position_T)
         if average_tokenwise_bif:
             m = m.mean(axis=(2, 3))
-    return DevinterpResult(influences=m.astype(np.float32), input_ids=ids)
+    sel = []
+    for name, r in (
+        ("batch_index_range_1", batch_index_range_1),
+        ("batch_index_range_2", batch_index_range_2),
+    ):
+        if isinstance(r, str):
+            if r != "all":
+                raise ValueError(f"{name} must be 'all' or a sequence of sequence indices, got {r!r}")
+            sel.append(np.arange(b))
+            continue
+        idx = np.asarray(list(r))
+        if idx.ndim != 1 or (idx.size and (idx.dtype.kind not in "iu" or idx.min() < -b or idx.max() >= b)):
+            raise ValueError(f"{name}={r!r} must hold sequence indices in 0..{b - 1}")
+        sel.append(idx.astype(np.int64))
+    m = m[sel[0]][:, sel[1]]
+    dims = ("batch_1", "batch_2") + (("target_position", "target_position_T") if m.ndim == 4 else ())
+    return DevinterpResult(influences=m.astype(np.float32), input_ids=ids, _dims={"influences": dims})
 
 
 def bif(
