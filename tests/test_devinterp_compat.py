@@ -526,3 +526,112 @@ def test_devinterp_import_paths_mirrored():
     assert float(loss.detach()) == pytest.approx(float(nn.functional.cross_entropy(model(x), y).detach()))
     a = _v1(model, loader, evaluate=make_evaluate(nn.functional.cross_entropy))
     assert a["llc/mean"] == pytest.approx(_v1(model, loader, evaluate=_ce)["llc/mean"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ weight restrictions
+
+
+def _rows(n, sl):
+    m = torch.zeros(n, dtype=torch.bool)
+    m[sl] = True
+    return m
+
+
+def test_v2_create_param_masks_on_a_transformer():
+    """devinterp 2.0.1's rule for a TransformerLens-named model ('l{L}h{H}': index H along dim 0 of W_Q, W_K,
+    W_V, W_O, b_Q, b_K, b_V; b_O in no head), written out here entry by entry."""
+    model = Transformer(
+        TransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, d_vocab=11, n_ctx=8, seed=0)
+    )
+    from pypattern.devinterp.slt.weight_restrictions import create_param_masks
+
+    got = create_param_masks(model, "l1h2")
+    names = ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"]
+    assert sorted(got) == sorted(f"blocks.1.attn.{n}" for n in names)
+    params = dict(model.named_parameters())
+    for k, m in got.items():
+        want = torch.zeros(params[k].shape, dtype=torch.bool)
+        want[2] = True
+        assert torch.equal(m, want), k
+    assert create_param_masks(model, "l1g2").keys() == got.keys()  # MHA: a group is a head
+    mlp = create_param_masks(model, "L0 mlp")
+    assert set(mlp) == {n for n in params if n.startswith("blocks.0.mlp.")} and set(mlp.values()) == {None}
+    assert set(create_param_masks(model, "l0")) == {n for n in params if n.startswith("blocks.0.")}
+    assert create_param_masks(model, "embed") == {"embed.W_E": None}
+    assert create_param_masks(model, "full") == {n: None for n in params}
+    both = create_param_masks(model, ["l1h2", "l1h0", "l0 attn"])
+    assert torch.equal(both["blocks.1.attn.W_Q"][:, 0, 0], torch.tensor([True, False, True, False]))
+    assert both["blocks.0.attn.W_Q"] is None
+    assert create_param_masks(model, "unembed.b_U") == {"unembed.b_U": None}
+    for bad, msg in [("l2h0", "layer 2 is out of range"), ("l0h4", "4 is out of range"), ("l0x", "unknown")]:
+        with pytest.raises(ValueError, match=msg):
+            create_param_masks(model, bad)
+    with pytest.raises(ValueError, match="'full' cannot be combined"):
+        create_param_masks(model, ["full", "l0"])
+
+
+def test_v2_create_param_masks_on_hf_models():
+    """devinterp 2.0.1's layouts (its _model_structures and _head_masks, written out here): GPT-2's fused c_attn
+    (Q | K | V along the output dimension) and c_proj rows; GPT-NeoX's query_key_value rows grouped
+    (head, q/k/v, d_head) and dense columns; Llama's q/k/v_proj rows (K/V by the head's key/value head
+    ``head * n_kv // n_heads``) and o_proj columns; a group is its query heads with their shared key/value head."""
+    transformers = pytest.importorskip("transformers")
+    from pypattern.devinterp import create_param_masks
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=2, n_head=4)
+    )
+    got = create_param_masks(gpt2, "l1h2")
+    cols = _rows(48, slice(8, 12)) | _rows(48, slice(24, 28)) | _rows(48, slice(40, 44))
+    want = {
+        "transformer.h.1.attn.c_attn.weight": cols[None].expand(16, 48),
+        "transformer.h.1.attn.c_attn.bias": cols,
+        "transformer.h.1.attn.c_proj.weight": _rows(16, slice(8, 12))[:, None].expand(16, 16),
+    }
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    neox = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=20
+        )
+    )
+    got = create_param_masks(neox, "l0h3")
+    rows = torch.zeros(4, 3, 4, dtype=torch.bool)
+    rows[3] = True
+    rows = rows.reshape(-1)
+    want = {
+        "gpt_neox.layers.0.attention.query_key_value.weight": rows[:, None].expand(48, 16),
+        "gpt_neox.layers.0.attention.query_key_value.bias": rows,
+        "gpt_neox.layers.0.attention.dense.weight": _rows(16, slice(12, 16))[None].expand(16, 16),
+    }
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=11,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    p = "model.layers.1.self_attn."
+    for restriction, q, kv in [("l1h3", slice(12, 16), slice(4, 8)), ("l1g0", slice(0, 8), slice(0, 4))]:
+        got = create_param_masks(llama, restriction)
+        want = {
+            p + "q_proj.weight": _rows(16, q)[:, None].expand(16, 16),
+            p + "k_proj.weight": _rows(8, kv)[:, None].expand(8, 16),
+            p + "v_proj.weight": _rows(8, kv)[:, None].expand(8, 16),
+            p + "o_proj.weight": _rows(16, q)[None].expand(16, 16),
+        }
+        assert sorted(got) == sorted(want), restriction
+        for k in want:
+            assert torch.equal(got[k], want[k]), (restriction, k)
+    attn = create_param_masks(llama, "l0 attn")
+    assert set(attn) == {f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkvo"} and set(
+        attn.values()
+    ) == {None}

@@ -7,6 +7,7 @@ devinterp                                            pypattern
 ``from devinterp.slt.sampling import sample``        ``from pypattern.devinterp.slt.sampling import sample``
 ``from devinterp.slt.susceptibilities import ...``   ``from pypattern.devinterp.slt.susceptibilities import ...``
 ``from devinterp.slt.bif import bif``                ``from pypattern.devinterp.slt.bif import bif``
+``from devinterp.slt.weight_restrictions import *``  ``from pypattern.devinterp.slt.weight_restrictions import *``
 ``from devinterp.slt.sampler import estimate_...``   ``from pypattern.devinterp.slt.sampler import estimate_...``
 ``from devinterp.optim.sgld import SGLD``            ``from pypattern.devinterp.optim.sgld import SGLD``
 ``from devinterp.utils import default_nbeta``        ``from pypattern.devinterp.utils import default_nbeta``
@@ -63,6 +64,7 @@ __all__ = [
     "compute_bif",
     "compute_llc",
     "compute_susceptibilities",
+    "create_param_masks",
     "default_nbeta",
     "estimate_learning_coeff",
     "estimate_learning_coeff_with_summary",
@@ -242,6 +244,111 @@ _UNSUPPORTED = {
     "rmsprop_eps": (None, "RMSprop-preconditioned SGLD"),
     "rmsprop_alpha": (None, "RMSprop-preconditioned SGLD"),
 }
+
+
+# ------------------------------------------------------------------------------------------------ restrictions
+
+
+def _n_heads(model: nn.Module) -> tuple[int, int, int]:
+    """``(n_layers, n_heads, n_kv_heads)`` of a pypattern Transformer or a Hugging Face model."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "n_heads"):
+        return cfg.n_layers, cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "num_attention_heads"):
+        raise ValueError(
+            f"create_param_masks needs a pypattern Transformer (converted or native) or a Hugging Face causal LM; "
+            f"got {type(model).__name__}"
+        )
+    return (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        getattr(cfg, "num_key_value_heads", None) or (cfg.num_attention_heads),
+    )
+
+
+def _whole(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    return {n: None if bool(m.all()) else m for n, m in masks.items()}
+
+
+def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> dict[str, torch.Tensor | None]:
+    """devinterp 2.0.1's ``create_param_masks``: the ``param_masks`` of a weight restriction, on a pypattern
+    Transformer (native or converted with :func:`pypattern.from_hf`) or an unconverted Hugging Face model of a
+    family :func:`pypattern.component_masks` supports.
+
+    Parameters
+    ----------
+    restriction : str or list of str
+        ``"full"`` (every parameter, no masks); ``"l{L}h{H}"`` (head ``H`` of layer ``L``: its slices of the
+        query, key, value and output weights and the query/key/value biases; under grouped-query attention the
+        key/value slices are those of its group's shared key/value head, as in devinterp); ``"l{L}g{G}"`` (the
+        query heads of key/value group ``G`` with their shared key/value head); ``"l{L} attn"``, ``"l{L} mlp"``,
+        ``"l{L}"`` (every parameter of the layer); ``"embed"``; ``"unembed"``; a parameter name; or a list of
+        these (their union; ``"full"`` cannot be combined).
+
+    Returns
+    -------
+    dict name -> bool mask of the parameter's shape, or None (the whole parameter)
+        Heads and groups give masks; other restrictions None for every parameter they select whole.
+    """
+    if isinstance(restriction, list | tuple):
+        if "full" in restriction:
+            raise ValueError("create_param_masks: 'full' cannot be combined with other restrictions")
+        if not restriction:
+            raise ValueError("create_param_masks: the list of restrictions is empty")
+        merged: dict[str, torch.Tensor | None] = {}
+        for r in restriction:
+            for n, m in create_param_masks(model, r).items():
+                if n in merged and (merged[n] is None or m is None):
+                    merged[n] = None
+                else:
+                    merged[n] = m if n not in merged else merged[n] | m
+        return merged
+    if not isinstance(restriction, str):
+        raise TypeError(f"restriction must be a str or a list of str, got {type(restriction).__name__}")
+    from ..models.transformer import component_masks
+
+    params = dict(model.named_parameters())
+    r = restriction.strip()
+    if r == "full":
+        return {n: None for n in params}
+    low = r.lower()
+    if low in ("embed", "unembed"):
+        return _whole(component_masks(model, low))
+    m = re.fullmatch(r"l(\d+)\s*([hg])(\d+)", low)
+    layers, n_heads, n_kv = _n_heads(model)
+    if m:
+        layer, kind, i = int(m[1]), m[2], int(m[3])
+        if layer >= layers:
+            raise ValueError(
+                f"restriction {r!r}: layer {layer} is out of range (the model has {layers} layers)"
+            )
+        count = n_heads if kind == "h" else n_kv
+        if i >= count:
+            what = "heads" if kind == "h" else "key/value heads (groups)"
+            raise ValueError(f"restriction {r!r}: {i} is out of range (the model has {count} {what})")
+        heads = [i] if kind == "h" else list(range(i * (n_heads // n_kv), (i + 1) * (n_heads // n_kv)))
+        out: dict[str, torch.Tensor] = {}
+        for h in heads:
+            for n, mk in component_masks(
+                model, f"blocks.{layer}.attn.head.{h}", include_shared_kv=True
+            ).items():
+                out[n] = out[n] | mk if n in out else mk
+        return dict(out)
+    m = re.fullmatch(r"l(\d+)(?:\s+(attn|mlp))?", low)
+    if m:
+        layer = int(m[1])
+        if layer >= layers:
+            raise ValueError(
+                f"restriction {r!r}: layer {layer} is out of range (the model has {layers} layers)"
+            )
+        return _whole(component_masks(model, f"blocks.{layer}" + (f".{m[2]}" if m[2] else "")))
+    if r in params:
+        return {r: None}
+    raise ValueError(
+        f"unknown restriction {r!r}; valid: 'full', 'l0', 'l0h1', 'l0g0', 'l0 attn', 'l0 mlp', 'embed', 'unembed', "
+        "a parameter name, or a list of these"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sample
