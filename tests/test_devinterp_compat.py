@@ -239,8 +239,12 @@ def _lm_loss(m, ids):
 
 
 def _init_loss(model, ids, bs, k, seed, loss):
-    """devinterp 2.x's L_n(w*): the first k batches of a seed-keyed permutation, computed directly."""
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    """devinterp 2.x's L_n(w*): the first k batches of its init-loss DataLoader(shuffle=True, generator seeded
+    by init_seed), computed directly: torch's DataLoader iterator draws one int64 base seed from the generator,
+    then its RandomSampler takes randperm from the same generator."""
+    g = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    order = torch.randperm(len(ids), generator=g)
     with torch.no_grad():
         return float(
             np.mean([loss(model, ids[order[i * bs : (i + 1) * bs]]).double().mean() for i in range(k)])

@@ -479,9 +479,17 @@ def sample(
                 f"observables[{name!r}] has sequences of length {obs[_obs_id(name)].shape[1]}, not {T + 1}"
             )
 
-    # L_n(w*) per token: the first batches of an init_seed-seeded order (devinterp's init loss)
+    # L_n(w*) per token: the first batches of devinterp's init-loss loader, a DataLoader over the dataset with a
+    # generator seeded by init_seed (its iterator draws a base seed from the generator before the shuffle's
+    # permutation: the order is read from such a loader, not from randperm of a fresh generator)
     gen = torch.Generator().manual_seed(int(init_seed))
-    order = torch.randperm(len(ids), generator=gen) if shuffle else torch.arange(len(ids))
+    order = torch.cat(
+        list(
+            torch.utils.data.DataLoader(
+                torch.arange(len(ids)), batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=True
+            )
+        )
+    )
     nb = len(ids) // batch_size
     k = num_init_loss_batches * gradient_accumulation_steps
     with torch.no_grad():
