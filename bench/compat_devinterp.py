@@ -191,13 +191,22 @@ def main():
     ap.add_argument("--what", default="llc,sus,bif", help="comma-separated subset of llc, sus, bif")
     args = ap.parse_args()
     model, train_loss = trained_model()
-    common = dict(lr=1e-3, n_beta=10.0, localization=100.0, batch_size=32, init_seed=3)
+    # every chain reads its own shuffle on both sides (pypattern always does): with devinterp's default the chains
+    # share one data order, and the spread over chains would leave out the data-order noise
+    common = dict(
+        lr=1e-3,
+        n_beta=10.0,
+        localization=100.0,
+        batch_size=32,
+        init_seed=3,
+        match_sampling_input_ids_across_chains=False,
+    )
     settings = {
         "llc": dict(
             common, num_chains=args.chains, num_draws=args.draws, num_burnin_steps=50, num_init_loss_batches=8
         ),
-        "sus": dict(common, num_chains=4, num_draws=100, num_burnin_steps=50, batches_per_draw=1),
-        "bif": dict(common, num_chains=4, num_draws=100, num_burnin_steps=50, batches_per_draw=2),
+        "sus": dict(common, num_chains=8, num_draws=100, num_burnin_steps=50, batches_per_draw=1),
+        "bif": dict(common, num_chains=8, num_draws=100, num_burnin_steps=50, batches_per_draw=2),
     }
     impls = ["pypattern", "devinterp"] if args.impl == "both" else [args.impl]
     what = set(args.what.split(","))
