@@ -6,15 +6,18 @@ stacked chains of every run, no sampler), and against devinterp 2.0.1 run head b
 Run (one thread)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_refined_llc.py                          # pypattern only
-    OMP_NUM_THREADS=1 .bench-venvs/devinterp20/bin/python bench/bench_refined_llc.py --devinterp --rounds 3
+    OMP_NUM_THREADS=1 .bench-venvs/devinterp20/bin/python bench/bench_refined_llc.py --devinterp --rounds 3 --chains 4
+    OMP_NUM_THREADS=1 .bench-venvs/devinterp20/bin/python bench/bench_refined_llc.py --devinterp --rounds 2 \
+        --chains 4 --train-steps 150 --step 1e-3
 
 (the bench venv: ``PYPATTERN_LINK=1 bash bench/envs/devinterp.sh 20``). With ``--devinterp`` each round runs
-ours batched, devinterp head by head and the floor one after another (interleaved, so that a change in the
-machine's load hits all three), and the per-head estimates of the last round are compared.
+ours batched, devinterp head by head and the floor one after another (interleaved, so that a change in
+load hits all three), and the per-head estimates of the last round are compared.
 
 Work: d_model 64, 8 heads of 8, d_vocab 32, n_ctx 16, 64 token sequences in batches of 16; per head
-``--chains`` chains (default 2) x 50 draws, no burn-in, step 1e-4, localization 100, nbeta 10; ``L_n(w*)`` over
-the 4 batches (all the data) on both sides. devinterp restricts a head with its own
+``--chains`` chains (default 2) x 50 draws, no burn-in, step ``--step`` (default 1e-4), localization 100,
+nbeta 10, at random weights or (``--train-steps``) after Adam steps on the data, where the heads' LLCs are
+clearly above zero; ``L_n(w*)`` over the 4 batches (all the data) on both sides. devinterp restricts a head with its own
 ``create_param_masks(model, "l{layer}h{head}")`` (the model has TransformerLens names and a ``cfg``, so devinterp
 reads it as a HookedTransformer): boolean masks selecting the head's slices of W_Q, W_K, W_V, W_O, b_Q, b_K, b_V,
 the same entries as pypattern's ``component_masks(model, "blocks.{layer}.attn.head.{head}")`` (checked before
@@ -54,16 +57,26 @@ class TLNamed(Transformer):
         return super().to(*args, **kwargs)
 
 
-def setup():
+def setup(train_steps: int = 0):
+    """The model (random weights, or trained ``train_steps`` Adam steps on the bench's 64 sequences, which it
+    then partly memorises), the data in 4 batches, and the 16 head names."""
     cfg = TransformerConfig(
         n_layers=2, d_model=64, n_heads=8, d_head=8, d_mlp=None, d_vocab=32, n_ctx=16, seed=0
     )
-    model = TLNamed(cfg).eval()
+    model = TLNamed(cfg)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, 32, (64, 16), generator=g)
     loader = [data[i : i + BATCH] for i in range(0, 64, BATCH)]
+    if train_steps:
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for i in range(train_steps):
+            loss = lm_loss(model, loader[i % len(loader)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     heads = [f"blocks.{layer}.attn.head.{h}" for layer in range(2) for h in range(8)]
-    return model, loader, heads
+    return model.eval(), loader, heads
 
 
 def floor_seconds(model, loader, heads, steps: int) -> float:
@@ -187,10 +200,15 @@ def _se(per_chain: np.ndarray) -> np.ndarray:
     return per_chain.std(axis=-1, ddof=1) / math.sqrt(per_chain.shape[-1])
 
 
-def compare(rounds: int) -> None:
+def compare(rounds: int, train_steps: int = 0) -> None:
     torch.set_num_threads(1)
-    model, loader, heads = setup()
+    model, loader, heads = setup(train_steps)
     check_masks(model, heads)
+    with torch.no_grad():
+        loss = float(np.mean([float(lm_loss(model, b)) for b in loader]))
+    print(
+        f"model: {'trained ' + str(train_steps) + ' steps' if train_steps else 'random weights'}, loss {loss:.3f}"
+    )
     print(
         f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; CPU {_cpu()}; torch threads {torch.get_num_threads()}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
@@ -237,10 +255,12 @@ if __name__ == "__main__":
     ap.add_argument("--devinterp", action="store_true", help="compare with devinterp 2.0.1 head by head")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chains", type=int, default=KW["num_chains"])
+    ap.add_argument("--step", type=float, default=KW["step_size"])
+    ap.add_argument("--train-steps", type=int, default=0, help="Adam steps on the data before sampling")
     args = ap.parse_args()
-    KW["num_chains"] = args.chains
+    KW["num_chains"], KW["step_size"] = args.chains, args.step
     if args.devinterp:
-        compare(args.rounds)
+        compare(args.rounds, args.train_steps)
     else:
         out = run()
         print(
