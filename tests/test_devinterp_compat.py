@@ -291,6 +291,21 @@ def test_v2_llc_transformer_equals_native():
     assert res.llc_std == pytest.approx(np.std(ref.llc_per_chain), rel=1e-4, abs=1e-6)  # xarray's ddof=0
 
 
+def test_v2_init_loss_per_chain_when_chains_read_their_own_order():
+    """devinterp 2.0.1 with match_sampling_input_ids_across_chains=False seeds chain c's init-loss loader with
+    init_seed + c: init_loss (chain, token_pos) holds each chain's own batches, and the LLC subtracts their mean."""
+    model, ids = _transformer(), _tokens()
+    kw = dict(lr=1e-3, n_beta=5.0, localization=50.0, num_init_loss_batches=2, **SET2)
+    s = di.sample(model, ids, {}, match_sampling_input_ids_across_chains=False, **kw)
+    per_chain = [_init_loss(model, ids, 8, 2, 7 + c, _lm_loss) for c in range(2)]
+    np.testing.assert_allclose(s.init_loss.values.mean(axis=1), per_chain, rtol=1e-5)
+    assert per_chain[0] != pytest.approx(per_chain[1], rel=1e-6)
+    r = di.compute_llc(s)
+    assert r.init_loss == pytest.approx(np.mean(per_chain), rel=1e-5)
+    matched = di.sample(model, ids, {}, **kw)
+    np.testing.assert_allclose(matched.init_loss.values.mean(axis=1), per_chain[0], rtol=1e-5)
+
+
 def test_v2_llc_mlp_with_index_loss_equals_native():
     """An MLP through devinterp 2.x's token interface: each row holds a sample index, the loss looks it up."""
     model, (x, y) = _mlp(), _mlp_data()

@@ -29,8 +29,9 @@ Data: ``dataset`` is anything with an ``"input_ids"`` column of equal-length tok
 logits (``model(input_ids)``, its ``.logits``, or the first element of a tuple).
 
 What differs from devinterp 2.0.1, by design: with ``shuffle=True`` each chain reads its own keyed order of the
-sampling data (``match_sampling_input_ids_across_chains`` has no effect; ``shuffle=False`` gives every chain the
-dataset order); observables are evaluated at a draw's weights before its SGLD step; ``output_path``,
+sampling data (``match_sampling_input_ids_across_chains`` only chooses, as in devinterp, whether every chain's
+``L_n(w*)`` reads the batches of ``init_seed`` or of ``init_seed + chain``; ``shuffle=False`` gives every chain
+the dataset order); observables are evaluated at a draw's weights before its SGLD step; ``output_path``,
 ``save_metrics=True``, ``init_noise``, ``sampling_method="rmsprop_sgld"`` and its options raise
 ``NotImplementedError`` naming the argument.
 """
@@ -479,29 +480,35 @@ def sample(
                 f"observables[{name!r}] has sequences of length {obs[_obs_id(name)].shape[1]}, not {T + 1}"
             )
 
-    # L_n(w*) per token: the first batches of devinterp's init-loss loader, a DataLoader over the dataset with a
-    # generator seeded by init_seed (its iterator draws a base seed from the generator before the shuffle's
-    # permutation: the order is read from such a loader, not from randperm of a fresh generator)
-    gen = torch.Generator().manual_seed(int(init_seed))
-    order = torch.cat(
-        list(
-            torch.utils.data.DataLoader(
-                torch.arange(len(ids)), batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=True
-            )
-        )
-    )
+    # L_n(w*) per token and chain: the first batches of devinterp's init-loss loader, a DataLoader over the dataset
+    # with a generator seeded by init_seed (init_seed + chain when match_sampling_input_ids_across_chains is
+    # False). Its iterator draws a base seed from the generator before the shuffle's permutation, so the order is
+    # read from such a loader, not from randperm of a fresh generator.
     nb = len(ids) // batch_size
     k = num_init_loss_batches * gradient_accumulation_steps
-    with torch.no_grad():
-        per_tok = [
-            _checked_loss(
-                loss_fn, model, ids[order[(i % nb) * batch_size : (i % nb + 1) * batch_size]].to(dev)
-            )
-            .double()
-            .mean(0)
-            for i in range(k)
-        ]
-    init_tok = torch.stack(per_tok).mean(0).cpu().numpy()  # (token_pos,)
+    seeds = [int(init_seed) + (0 if match_sampling_input_ids_across_chains else c) for c in range(num_chains)]
+    init_of: dict[int, np.ndarray] = {}
+    for sd in dict.fromkeys(seeds):
+        loader = torch.utils.data.DataLoader(
+            torch.arange(len(ids)),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(sd),
+            drop_last=True,
+        )
+        order = torch.cat(list(loader))
+        with torch.no_grad():
+            per_tok = [
+                _checked_loss(
+                    loss_fn, model, ids[order[(i % nb) * batch_size : (i % nb + 1) * batch_size]].to(dev)
+                )
+                .double()
+                .mean(0)
+                for i in range(k)
+            ]
+        init_of[sd] = torch.stack(per_tok).mean(0).cpu().numpy()  # (token_pos,)
+    init_chain_tok = np.stack([init_of[sd] for sd in seeds])  # (chain, token_pos)
+    init_tok = init_chain_tok.mean(0)
 
     total = num_draws * num_steps_bw_draws + num_burnin_steps
     loader = torch.utils.data.DataLoader(
@@ -569,7 +576,7 @@ def sample(
         match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
     )
     out = DevinterpResult(
-        init_loss=np.broadcast_to(init_tok.astype(np.float32), (num_chains, T)).copy(),
+        init_loss=init_chain_tok.astype(np.float32),
         sampling_loss=micro[:, draw_steps, :batch_size],
         sampling_loss_micro=micro,
         sampling_input_ids_micro=micro_ids,
