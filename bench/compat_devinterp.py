@@ -189,6 +189,7 @@ def main():
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--what", default="llc,sus,bif", help="comma-separated subset of llc, sus, bif")
+    ap.add_argument("--seed", type=int, default=3, help="init_seed of every run (the model is the same)")
     args = ap.parse_args()
     model, train_loss = trained_model()
     # every chain reads its own shuffle on both sides (pypattern always does): with devinterp's default the chains
@@ -198,7 +199,7 @@ def main():
         n_beta=10.0,
         localization=100.0,
         batch_size=32,
-        init_seed=3,
+        init_seed=args.seed,
         match_sampling_input_ids_across_chains=False,
     )
     settings = {
