@@ -1,20 +1,39 @@
 """Refined LLCs of every head of a 2-layer, 8-head attention-only transformer: pypattern batched (all 16
 restricted runs in one ``sample(runs=)`` call, one ``vmap``-ed forward and backward per step) against the same
-runs one after another, and against the forward + backward floor of all restricted runs (``vmap(grad)`` over the
-stacked chains of every run, no sampler).
+runs one after another, against the forward + backward floor of all restricted runs (``vmap(grad)`` over the
+stacked chains of every run, no sampler), and against devinterp 2.0.1 run head by head with the same settings.
 
 Run (one thread)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_refined_llc.py
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_refined_llc.py                          # pypattern only
+    OMP_NUM_THREADS=1 .bench-venvs/devinterp20/bin/python bench/bench_refined_llc.py --devinterp --rounds 3 --chains 4
+    OMP_NUM_THREADS=1 .bench-venvs/devinterp20/bin/python bench/bench_refined_llc.py --devinterp --rounds 2 \
+        --chains 4 --train-steps 150 --step 1e-3
 
-Work: d_model 64, 8 heads of 8, d_vocab 32, n_ctx 16, batch 16 token sequences; 2 chains per head x 50 draws,
-step 1e-4, localization 100, nbeta 10. Estimates must agree between the two ways (same seeds: same numbers).
-The comparison with devinterp 2.0.1 head by head needs its bench venv (``bash bench/envs/devinterp.sh``).
+(the bench venv: ``PYPATTERN_LINK=1 bash bench/envs/devinterp.sh 20``). With ``--devinterp`` each round runs
+ours batched, devinterp head by head and the floor one after another (interleaved, so that a change in
+load hits all three), and the per-head estimates of the last round are compared.
+
+Work: d_model 64, 8 heads of 8, d_vocab 32, n_ctx 16, 64 token sequences in batches of 16; per head
+``--chains`` chains (default 2) x 50 draws, no burn-in, step ``--step`` (default 1e-4), localization 100,
+nbeta 10, at random weights or (``--train-steps``) after Adam steps on the data, where the heads' LLCs are
+clearly above zero; ``L_n(w*)`` over the 4 batches (all the data) on both sides. devinterp restricts a head with its own
+``create_param_masks(model, "l{layer}h{head}")`` (the model has TransformerLens names and a ``cfg``, so devinterp
+reads it as a HookedTransformer): boolean masks selecting the head's slices of W_Q, W_K, W_V, W_O, b_Q, b_K, b_V,
+the same entries as pypattern's ``component_masks(model, "blocks.{layer}.attn.head.{head}")`` (checked before
+the run). devinterp's LLC averages the loss of every step, as pypattern's does here (no burn-in): both record
+the loss at a step before its update.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
+import platform
+import subprocess
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -23,22 +42,41 @@ from pypattern.models.transformer import Transformer, TransformerConfig, compone
 from pypattern.sampling import estimate_llc, refined_llc
 
 KW = dict(num_chains=2, num_draws=50, step_size=1e-4, localization=100.0, nbeta=10.0, seed=0)
+BATCH = 16
 
 
 def lm_loss(m, batch):
     return m(batch, return_type="loss")
 
 
-def setup():
+class TLNamed(Transformer):
+    """pypattern's Transformer as devinterp 2.0.1 handles a TransformerLens model: it calls
+    ``model.to(device, print_details=False)`` and ``model(input_ids, return_type="logits")``."""
+
+    def to(self, *args, print_details: bool | None = None, **kwargs):
+        return super().to(*args, **kwargs)
+
+
+def setup(train_steps: int = 0):
+    """The model (random weights, or trained ``train_steps`` Adam steps on the bench's 64 sequences, which it
+    then partly memorises), the data in 4 batches, and the 16 head names."""
     cfg = TransformerConfig(
         n_layers=2, d_model=64, n_heads=8, d_head=8, d_mlp=None, d_vocab=32, n_ctx=16, seed=0
     )
-    model = Transformer(cfg).eval()
+    model = TLNamed(cfg)
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, 32, (64, 16), generator=g)
-    loader = [data[i : i + 16] for i in range(0, 64, 16)]
+    loader = [data[i : i + BATCH] for i in range(0, 64, BATCH)]
+    if train_steps:
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for i in range(train_steps):
+            loss = lm_loss(model, loader[i % len(loader)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     heads = [f"blocks.{layer}.attn.head.{h}" for layer in range(2) for h in range(8)]
-    return model, loader, heads
+    return model.eval(), loader, heads
 
 
 def floor_seconds(model, loader, heads, steps: int) -> float:
@@ -63,28 +101,84 @@ def floor_seconds(model, loader, heads, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def run() -> dict:
-    torch.set_num_threads(1)
-    model, loader, heads = setup()
+def ours_batched(model, loader, heads):
     t0 = time.perf_counter()
     res = refined_llc(
         model, loader, components=heads, include_full=False, loss_fn=lm_loss, batched=True, **KW
     )
-    t_batched = time.perf_counter() - t0
+    return time.perf_counter() - t0, np.asarray(res.llc_per_chain)
+
+
+def ours_one_by_one(model, loader, heads):
     t0 = time.perf_counter()
-    alone = []
+    per_chain = []
     for h in heads:
         m = component_masks(model, h)
         r = estimate_llc(model, loader, loss_fn=lm_loss, restrict_to=list(m), masks=m, quiet=True, **KW)
-        alone.append(r.llc_mean)
-    t_alone = time.perf_counter() - t0
+        per_chain.append(r.llc_per_chain)
+    return time.perf_counter() - t0, np.asarray(per_chain)
+
+
+def devinterp_masks(model, head: str):
+    from devinterp.slt.weight_restrictions import create_param_masks
+
+    layer, h = int(head.split(".")[1]), int(head.split(".")[-1])
+    return create_param_masks(model, f"l{layer}h{h}")
+
+
+def check_masks(model, heads) -> None:
+    """devinterp's head masks select exactly the entries of pypattern's."""
+    for head in heads:
+        theirs = {k: v for k, v in devinterp_masks(model, head).items()}
+        ours = component_masks(model, head)
+        assert set(theirs) == set(ours), (head, sorted(theirs), sorted(ours))
+        for k, v in ours.items():
+            assert torch.equal(theirs[k].bool(), v.bool()), (head, k)
+
+
+def devinterp_head_by_head(model, loader, heads):
+    from datasets import Dataset
+    from devinterp.slt.llc import llc
+
+    ids = torch.cat(loader)
+    ds = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+    t0 = time.perf_counter()
+    per_chain = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for head in heads:
+            r = llc(
+                model,
+                ds,
+                {},
+                lr=KW["step_size"],
+                n_beta=KW["nbeta"],
+                localization=KW["localization"],
+                param_masks=devinterp_masks(model, head),
+                num_chains=KW["num_chains"],
+                num_draws=KW["num_draws"],
+                num_burnin_steps=0,
+                batch_size=BATCH,
+                num_init_loss_batches=len(loader),
+                init_seed=KW["seed"],
+                device="cpu",
+            )
+            per_chain.append(np.asarray(r["llc_per_chain"], dtype=np.float64))
+    return time.perf_counter() - t0, np.asarray(per_chain)
+
+
+def run() -> dict:
+    torch.set_num_threads(1)
+    model, loader, heads = setup()
+    t_batched, res = ours_batched(model, loader, heads)
+    t_alone, alone = ours_one_by_one(model, loader, heads)
     t_floor = floor_seconds(model, loader, heads, KW["num_draws"])
     return dict(
         batched_s=t_batched,
         one_by_one_s=t_alone,
         floor_s=t_floor,
-        max_abs_diff=float(np.max(np.abs(res.llc_mean - np.array(alone)))),
-        llc_range=(float(res.llc_mean.min()), float(res.llc_mean.max())),
+        max_abs_diff=float(np.max(np.abs(res.mean(1) - alone.mean(1)))),
+        llc_range=(float(res.mean(1).min()), float(res.mean(1).max())),
     )
 
 
@@ -94,11 +188,85 @@ def test_refined_llc_bench_runs():
     assert out["max_abs_diff"] < 1e-3 * max(1.0, abs(out["llc_range"][1]))
 
 
-if __name__ == "__main__":
-    out = run()
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def _se(per_chain: np.ndarray) -> np.ndarray:
+    return per_chain.std(axis=-1, ddof=1) / math.sqrt(per_chain.shape[-1])
+
+
+def compare(rounds: int, train_steps: int = 0) -> None:
+    torch.set_num_threads(1)
+    model, loader, heads = setup(train_steps)
+    check_masks(model, heads)
+    with torch.no_grad():
+        loss = float(np.mean([float(lm_loss(model, b)) for b in loader]))
     print(
-        f"16 heads x {KW['num_chains']} chains x {KW['num_draws']} steps, 1 thread: batched {out['batched_s']:.2f} s, "
-        f"one by one {out['one_by_one_s']:.2f} s ({out['one_by_one_s'] / out['batched_s']:.1f}x), "
-        f"vmap(grad) floor {out['floor_s']:.2f} s (batched / floor {out['batched_s'] / out['floor_s']:.2f}); "
-        f"max |diff| {out['max_abs_diff']:.2e}, LLC range {out['llc_range']}"
+        f"model: {'trained ' + str(train_steps) + ' steps' if train_steps else 'random weights'}, loss {loss:.3f}"
     )
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; CPU {_cpu()}; torch threads {torch.get_num_threads()}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    )
+    print(
+        f"16 heads x {KW['num_chains']} chains x {KW['num_draws']} steps, batch {BATCH}, step {KW['step_size']}, "
+        f"localization {KW['localization']}, nbeta {KW['nbeta']}"
+    )
+    times = {"ours": [], "devinterp": [], "floor": []}
+    for r in range(rounds):
+        t_ours, ours = ours_batched(model, loader, heads)
+        t_di, di = devinterp_head_by_head(model, loader, heads)
+        t_floor = floor_seconds(model, loader, heads, KW["num_draws"])
+        times["ours"].append(t_ours)
+        times["devinterp"].append(t_di)
+        times["floor"].append(t_floor)
+        print(
+            f"round {r + 1}: ours batched {t_ours:.2f} s, devinterp head by head {t_di:.2f} s "
+            f"({t_di / t_ours:.1f}x), floor {t_floor:.2f} s (ours / floor {t_ours / t_floor:.2f})",
+            flush=True,
+        )
+    a, b = ours.mean(1), di.mean(1)
+    sa, sb = _se(ours), _se(di)
+    z = np.abs(a - b) / np.sqrt(sa**2 + sb**2)
+    print("head                   ours LLC (se)        devinterp LLC (se)   z")
+    for i, h in enumerate(heads):
+        print(f"{h:22s} {a[i]:8.3f} ({sa[i]:.3f})   {b[i]:8.3f} ({sb[i]:.3f})   {z[i]:.2f}")
+    print(
+        f"mean over heads: ours {a.mean():.3f}, devinterp {b.mean():.3f}; |z| < 2 for {int((z < 2).sum())}/16 heads; "
+        f"mean difference {np.mean(a - b):+.3f} +- {np.sqrt(np.sum(sa**2 + sb**2)) / 16:.3f} (se)"
+    )
+    ratio = np.array(times["devinterp"]) / np.array(times["ours"])
+    over = np.array(times["ours"]) / np.array(times["floor"])
+    print(
+        f"ranges over {rounds} rounds: ours {min(times['ours']):.2f}-{max(times['ours']):.2f} s, devinterp "
+        f"{min(times['devinterp']):.2f}-{max(times['devinterp']):.2f} s, floor {min(times['floor']):.2f}-"
+        f"{max(times['floor']):.2f} s; devinterp / ours {ratio.min():.1f}-{ratio.max():.1f}x; ours / floor "
+        f"{over.min():.2f}-{over.max():.2f}"
+    )
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devinterp", action="store_true", help="compare with devinterp 2.0.1 head by head")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chains", type=int, default=KW["num_chains"])
+    ap.add_argument("--step", type=float, default=KW["step_size"])
+    ap.add_argument("--train-steps", type=int, default=0, help="Adam steps on the data before sampling")
+    args = ap.parse_args()
+    KW["num_chains"], KW["step_size"] = args.chains, args.step
+    if args.devinterp:
+        compare(args.rounds, args.train_steps)
+    else:
+        out = run()
+        print(
+            f"16 heads x {KW['num_chains']} chains x {KW['num_draws']} steps, 1 thread: batched "
+            f"{out['batched_s']:.2f} s, one by one {out['one_by_one_s']:.2f} s "
+            f"({out['one_by_one_s'] / out['batched_s']:.1f}x), vmap(grad) floor {out['floor_s']:.2f} s "
+            f"(batched / floor {out['batched_s'] / out['floor_s']:.2f}); max |diff| {out['max_abs_diff']:.2e}, "
+            f"LLC range {out['llc_range']}"
+        )

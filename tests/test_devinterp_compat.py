@@ -282,8 +282,12 @@ def _lm_loss(m, ids):
 
 
 def _init_loss(model, ids, bs, k, seed, loss):
-    """devinterp 2.x's L_n(w*): the first k batches of a seed-keyed permutation, computed directly."""
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    """devinterp 2.x's L_n(w*): the first k batches of its init-loss DataLoader(shuffle=True, generator seeded
+    by init_seed), computed directly: torch's DataLoader iterator draws one int64 base seed from the generator,
+    then its RandomSampler takes randperm from the same generator."""
+    g = torch.Generator().manual_seed(seed)
+    torch.empty((), dtype=torch.int64).random_(generator=g)
+    order = torch.randperm(len(ids), generator=g)
     with torch.no_grad():
         return float(
             np.mean([loss(model, ids[order[i * bs : (i + 1) * bs]]).double().mean() for i in range(k)])
@@ -351,6 +355,21 @@ def test_v2_llc_transformer_equals_native(method, extra, sampler, own):
     np.testing.assert_allclose(res.llc_per_chain, ref.llc_per_chain, rtol=1e-4, atol=1e-6)
     assert res.llc_mean == pytest.approx(ref.llc_mean, rel=1e-4, abs=1e-6)
     assert res.llc_std == pytest.approx(np.std(ref.llc_per_chain), rel=1e-4, abs=1e-6)  # xarray's ddof=0
+
+
+def test_v2_init_loss_per_chain_when_chains_read_their_own_order():
+    """devinterp 2.0.1 with match_sampling_input_ids_across_chains=False seeds chain c's init-loss loader with
+    init_seed + c: init_loss (chain, token_pos) holds each chain's own batches, and the LLC subtracts their mean."""
+    model, ids = _transformer(), _tokens()
+    kw = dict(lr=1e-3, n_beta=5.0, localization=50.0, num_init_loss_batches=2, **SET2)
+    s = di.sample(model, ids, {}, match_sampling_input_ids_across_chains=False, **kw)
+    per_chain = [_init_loss(model, ids, 8, 2, 7 + c, _lm_loss) for c in range(2)]
+    np.testing.assert_allclose(s.init_loss.values.mean(axis=1), per_chain, rtol=1e-5)
+    assert per_chain[0] != pytest.approx(per_chain[1], rel=1e-6)
+    r = di.compute_llc(s)
+    assert r.init_loss == pytest.approx(np.mean(per_chain), rel=1e-5)
+    matched = di.sample(model, ids, {}, **kw)
+    np.testing.assert_allclose(matched.init_loss.values.mean(axis=1), per_chain[0], rtol=1e-5)
 
 
 def test_v2_llc_mlp_with_index_loss_equals_native():
@@ -516,6 +535,77 @@ def test_v2_unsupported_options_are_named():
             di.llc(model, ids, {}, device="cuda", **base)
 
 
+def test_v2_results_read_as_devinterp_xarray_results():
+    """The reads a devinterp 2.0.1 script makes on its xarray results work unchanged: ``.values``,
+    ``.to_numpy()``, ``.item()``, ``float()``, ``.dims``; ``sample(...).dataset`` and its ``metadata``; the
+    susceptibilities' ``/susceptibilities`` and ``/context`` subtrees (devinterp's ``_build_output``) with their
+    coordinates and ``attrs["dataset_id_to_name"]``."""
+    model, ids = _transformer(), _tokens()
+    base = dict(lr=1e-3, n_beta=5.0, localization=50.0, batches_per_draw=1, **SET2)
+    s = di.sample(model, ids, {"probe": ids[:16]}, **base)
+    assert type(s.dataset.init_loss.values) is np.ndarray and s.dataset.init_loss.dims == (
+        "chain",
+        "token_pos",
+    )
+    assert s.dataset.metadata["config"]["sampler"]["n_beta"] == 5.0
+    np.testing.assert_array_equal(s["loss_probe"].values, dict.__getitem__(s, "loss_probe"))
+    r = di.compute_llc(s)
+    assert float(r["llc_mean"]) == r["llc_mean"].item() == pytest.approx(r["llc_per_chain"].values.mean())
+    assert r["llc_per_chain"].dims == ("chain",) and r["loss_trace"].to_numpy().shape == (2, 13)
+    assert type(r.llc_per_chain * 2) is np.ndarray  # arithmetic gives plain arrays
+    obs = {"train": ids[:16], "probe": {"input_ids": _tokens(16, seed=9)}, "probe2": _tokens(8, seed=4)}
+    wr = {"full": None, "attn": {"blocks.0.attn.W_Q": None}, "mlp": {"blocks.0.mlp.W_in": None}}
+    res = di.susceptibilities(model, ids, obs, wr, sampling_task="train", **base)
+    tree, ctx = res["susceptibilities"], res["context"]
+    assert tree["sus"].dims == ("sus_flat", "wr") and list(tree["wr"].values) == ["attn", "mlp"]
+    np.testing.assert_array_equal(tree["sus"].values, res.sus)
+    assert tree.attrs["dataset_id_to_name"] == ctx.attrs["dataset_id_to_name"] == ["probe", "probe2"]
+    # coordinates: sus row k is (dataset_id, batch, target_position) of observable dataset_id
+    n = 8 * 7
+    assert tree["sus"].shape == (2 * n, 2)
+    np.testing.assert_array_equal(tree["dataset_id"].values, np.repeat([0, 1], n))
+    np.testing.assert_array_equal(tree["batch"].values[:n], np.repeat(np.arange(8), 7))
+    np.testing.assert_array_equal(tree["target_position"].values[:n], np.tile(np.arange(1, 8), 8))
+    # the context is the probes' tokens, flattened, with their own coordinates
+    full = res.samples["full"]
+    want = np.concatenate([full.input_ids_probe.reshape(-1), full.input_ids_probe2.reshape(-1)])
+    np.testing.assert_array_equal(ctx["input_ids"].values, want)
+    np.testing.assert_array_equal(ctx["position"].values[:64], np.tile(np.arange(8), 8))
+    np.testing.assert_array_equal(ctx["batch"].values[:64], np.repeat(np.arange(8), 8))
+
+
+@pytest.mark.parametrize("method", ["sequence", "token"])
+def test_v2_compute_bif_index_ranges(method):
+    """devinterp 2.0.1's compute_bif(batch_index_range_1=, batch_index_range_2=, batch_size=, device=): the
+    influence of the selected sequences on the selected ones, computed here directly from the losses over draws
+    (chains and draws pooled)."""
+    model, ids = _transformer(), _tokens()
+    s = di.sample(model, ids, {"probe": ids[:16]}, lr=1e-3, n_beta=5.0, batches_per_draw=1, **SET2)
+    r1, r2 = [5, 0, 2], [1, 7]
+    b = di.compute_bif(
+        s,
+        correlation_method=method,
+        batch_index_range_1=r1,
+        batch_index_range_2=r2,
+        batch_size=2,
+        device="cpu",
+    )
+    loss = np.asarray(s.loss_probe, dtype=np.float64).reshape(-1, 8, 7)  # (chain * draw, batch, token_pos)
+    if method == "sequence":
+        c = np.corrcoef(loss.mean(2).T)
+        want = c[np.ix_(r1, r2)]
+    else:
+        c = np.corrcoef(loss.reshape(len(loss), -1).T).reshape(8, 7, 8, 7)
+        want = np.stack([np.stack([c[i, :, j, :] for j in r2]) for i in r1])
+    assert b.influences.shape == want.shape
+    np.testing.assert_allclose(b.influences.values, want, rtol=1e-4, atol=1e-5)
+    assert b.influences.dims[:2] == ("batch_1", "batch_2")
+    full = di.compute_bif(s, correlation_method=method)
+    np.testing.assert_array_equal(b.influences.values, full.influences.values[r1][:, r2])
+    with pytest.raises(ValueError, match="batch_index_range_2"):
+        di.compute_bif(s, batch_index_range_2=[8])
+
+
 def test_devinterp_import_paths_mirrored():
     """devinterp's module paths under pypattern.devinterp: users change only the package name."""
     from pypattern.devinterp.optim import SGLD as SGLD_a
@@ -547,3 +637,112 @@ def test_devinterp_import_paths_mirrored():
     assert float(loss.detach()) == pytest.approx(float(nn.functional.cross_entropy(model(x), y).detach()))
     a = _v1(model, loader, evaluate=make_evaluate(nn.functional.cross_entropy))
     assert a["llc/mean"] == pytest.approx(_v1(model, loader, evaluate=_ce)["llc/mean"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ weight restrictions
+
+
+def _rows(n, sl):
+    m = torch.zeros(n, dtype=torch.bool)
+    m[sl] = True
+    return m
+
+
+def test_v2_create_param_masks_on_a_transformer():
+    """devinterp 2.0.1's rule for a TransformerLens-named model ('l{L}h{H}': index H along dim 0 of W_Q, W_K,
+    W_V, W_O, b_Q, b_K, b_V; b_O in no head), written out here entry by entry."""
+    model = Transformer(
+        TransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, d_vocab=11, n_ctx=8, seed=0)
+    )
+    from pypattern.devinterp.slt.weight_restrictions import create_param_masks
+
+    got = create_param_masks(model, "l1h2")
+    names = ["W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"]
+    assert sorted(got) == sorted(f"blocks.1.attn.{n}" for n in names)
+    params = dict(model.named_parameters())
+    for k, m in got.items():
+        want = torch.zeros(params[k].shape, dtype=torch.bool)
+        want[2] = True
+        assert torch.equal(m, want), k
+    assert create_param_masks(model, "l1g2").keys() == got.keys()  # MHA: a group is a head
+    mlp = create_param_masks(model, "L0 mlp")
+    assert set(mlp) == {n for n in params if n.startswith("blocks.0.mlp.")} and set(mlp.values()) == {None}
+    assert set(create_param_masks(model, "l0")) == {n for n in params if n.startswith("blocks.0.")}
+    assert create_param_masks(model, "embed") == {"embed.W_E": None}
+    assert create_param_masks(model, "full") == {n: None for n in params}
+    both = create_param_masks(model, ["l1h2", "l1h0", "l0 attn"])
+    assert torch.equal(both["blocks.1.attn.W_Q"][:, 0, 0], torch.tensor([True, False, True, False]))
+    assert both["blocks.0.attn.W_Q"] is None
+    assert create_param_masks(model, "unembed.b_U") == {"unembed.b_U": None}
+    for bad, msg in [("l2h0", "layer 2 is out of range"), ("l0h4", "4 is out of range"), ("l0x", "unknown")]:
+        with pytest.raises(ValueError, match=msg):
+            create_param_masks(model, bad)
+    with pytest.raises(ValueError, match="'full' cannot be combined"):
+        create_param_masks(model, ["full", "l0"])
+
+
+def test_v2_create_param_masks_on_hf_models():
+    """devinterp 2.0.1's layouts (its _model_structures and _head_masks, written out here): GPT-2's fused c_attn
+    (Q | K | V along the output dimension) and c_proj rows; GPT-NeoX's query_key_value rows grouped
+    (head, q/k/v, d_head) and dense columns; Llama's q/k/v_proj rows (K/V by the head's key/value head
+    ``head * n_kv // n_heads``) and o_proj columns; a group is its query heads with their shared key/value head."""
+    transformers = pytest.importorskip("transformers")
+    from pypattern.devinterp import create_param_masks
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=2, n_head=4)
+    )
+    got = create_param_masks(gpt2, "l1h2")
+    cols = _rows(48, slice(8, 12)) | _rows(48, slice(24, 28)) | _rows(48, slice(40, 44))
+    want = {
+        "transformer.h.1.attn.c_attn.weight": cols[None].expand(16, 48),
+        "transformer.h.1.attn.c_attn.bias": cols,
+        "transformer.h.1.attn.c_proj.weight": _rows(16, slice(8, 12))[:, None].expand(16, 16),
+    }
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    neox = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=11, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=20
+        )
+    )
+    got = create_param_masks(neox, "l0h3")
+    rows = torch.zeros(4, 3, 4, dtype=torch.bool)
+    rows[3] = True
+    rows = rows.reshape(-1)
+    want = {
+        "gpt_neox.layers.0.attention.query_key_value.weight": rows[:, None].expand(48, 16),
+        "gpt_neox.layers.0.attention.query_key_value.bias": rows,
+        "gpt_neox.layers.0.attention.dense.weight": _rows(16, slice(12, 16))[None].expand(16, 16),
+    }
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=11,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    p = "model.layers.1.self_attn."
+    for restriction, q, kv in [("l1h3", slice(12, 16), slice(4, 8)), ("l1g0", slice(0, 8), slice(0, 4))]:
+        got = create_param_masks(llama, restriction)
+        want = {
+            p + "q_proj.weight": _rows(16, q)[:, None].expand(16, 16),
+            p + "k_proj.weight": _rows(8, kv)[:, None].expand(8, 16),
+            p + "v_proj.weight": _rows(8, kv)[:, None].expand(8, 16),
+            p + "o_proj.weight": _rows(16, q)[None].expand(16, 16),
+        }
+        assert sorted(got) == sorted(want), restriction
+        for k in want:
+            assert torch.equal(got[k], want[k]), (restriction, k)
+    attn = create_param_masks(llama, "l0 attn")
+    assert set(attn) == {f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkvo"} and set(
+        attn.values()
+    ) == {None}

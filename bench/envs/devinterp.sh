@@ -3,7 +3,8 @@
 #   .bench-venvs/devinterp13: devinterp==1.3.2 (estimate_learning_coeff_with_summary)
 #   .bench-venvs/devinterp20: devinterp==2.0.1 (llc / sample)
 # Each pins torch==2.13.0 (the CPU build on local disk; anything else pulls a multi-GB CUDA build) and installs
-# pypattern from this checkout with --no-build-isolation. Usage: bash bench/envs/devinterp.sh [13|20 ...]
+# pypattern from this checkout with --no-build-isolation (PYPATTERN_LINK=1: no build, the checkout and its already
+# built pypattern/_C*.so go on the venv's path instead). Usage: bash bench/envs/devinterp.sh [13|20 ...]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${PY:-python3}"
@@ -22,8 +23,15 @@ for tag in "${WANT[@]}"; do
   "$V/bin/pip" install -q torch==2.13.0 numpy scipy tqdm matplotlib pytest pytest-benchmark ninja
   # the pin again in the same resolve, so that devinterp's requirements cannot replace torch
   "$V/bin/pip" install -q "$pkg" torch==2.13.0
-  # same lock as `make build`: the editable build writes pypattern/_C*.so into the source tree
-  flock /tmp/pypattern-build.lock env MAX_JOBS=2 "$V/bin/pip" install -q --no-build-isolation -e "$ROOT"
+  if [ "${PYPATTERN_LINK:-0}" = "1" ]; then
+    # no build: put this checkout on the venv's path (its pypattern/_C*.so must exist, built against torch 2.13.0)
+    ls "$ROOT"/pypattern/_C*.so >/dev/null
+    site="$("$V/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    echo "$ROOT" >"$site/pypattern-checkout.pth"
+  else
+    # same lock as `make build`: the editable build writes pypattern/_C*.so into the source tree
+    flock /tmp/pypattern-build.lock env MAX_JOBS=2 "$V/bin/pip" install -q --no-build-isolation -e "$ROOT"
+  fi
   got="$("$V/bin/python" -c 'import torch; print(torch.__version__)')"
   case "$got" in
     2.13.0*) ;;

@@ -7,6 +7,7 @@ devinterp                                            pypattern
 ``from devinterp.slt.sampling import sample``        ``from pypattern.devinterp.slt.sampling import sample``
 ``from devinterp.slt.susceptibilities import ...``   ``from pypattern.devinterp.slt.susceptibilities import ...``
 ``from devinterp.slt.bif import bif``                ``from pypattern.devinterp.slt.bif import bif``
+``from devinterp.slt.weight_restrictions import *``  ``from pypattern.devinterp.slt.weight_restrictions import *``
 ``from devinterp.slt.sampler import estimate_...``   ``from pypattern.devinterp.slt.sampler import estimate_...``
 ``from devinterp.optim.sgld import SGLD``            ``from pypattern.devinterp.optim.sgld import SGLD``
 ``from devinterp.optim.sgnht import SGNHT``          ``from pypattern.devinterp.optim.sgnht import SGNHT``
@@ -29,8 +30,9 @@ Data: ``dataset`` is anything with an ``"input_ids"`` column of equal-length tok
 logits (``model(input_ids)``, its ``.logits``, or the first element of a tuple).
 
 What differs from devinterp 2.0.1, by design: with ``shuffle=True`` each chain reads its own keyed order of the
-sampling data (``match_sampling_input_ids_across_chains`` has no effect; ``shuffle=False`` gives every chain the
-dataset order); observables are evaluated at a draw's weights before its step; ``output_path``,
+sampling data (``match_sampling_input_ids_across_chains`` only chooses, as in devinterp, whether every chain's
+``L_n(w*)`` reads the batches of ``init_seed`` or of ``init_seed + chain``; ``shuffle=False`` gives every chain
+the dataset order); observables are evaluated at a draw's weights before its step; ``output_path``,
 ``save_metrics=True``, ``init_noise`` and RMSprop-SGLD's ``add_grad_correction=True`` raise
 ``NotImplementedError`` naming the argument. ``sampling_method`` takes devinterp 2.x's ``"sgmcmc_sgld"`` and
 ``"rmsprop_sgld"`` (with ``sampling_method_kwargs`` ``alpha`` / ``eps``, or ``rmsprop_alpha`` / ``rmsprop_eps``),
@@ -72,10 +74,12 @@ __all__ = [
     "SGNHT",
     "RMSpropSGLD",
     "DevinterpResult",
+    "Variable",
     "bif",
     "compute_bif",
     "compute_llc",
     "compute_susceptibilities",
+    "create_param_masks",
     "default_nbeta",
     "estimate_learning_coeff",
     "estimate_learning_coeff_with_summary",
@@ -88,11 +92,51 @@ __all__ = [
 ParamMasks = Mapping[str, "torch.Tensor | None"]
 
 
+class Variable(np.ndarray):
+    """A numpy array that also answers the xarray calls devinterp users make on a result variable:
+    ``.values`` and ``.to_numpy()`` (the plain array), ``.dims`` (the axis names), besides ``float()``,
+    ``.item()`` and numpy arithmetic. Arithmetic results are plain numpy arrays."""
+
+    dims: tuple[str, ...]
+
+    def __new__(cls, data, dims: Sequence[str] = ()) -> Variable:
+        obj = np.asarray(data).view(cls)
+        obj.dims = tuple(dims)
+        return obj
+
+    def __array_finalize__(self, obj) -> None:
+        self.dims = getattr(obj, "dims", ()) if getattr(obj, "shape", None) == self.shape else ()
+
+    def __array_wrap__(self, arr, context=None, return_scalar=False):
+        arr = np.asarray(arr)
+        return arr[()] if return_scalar else arr
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+    def to_numpy(self) -> np.ndarray:
+        return self.view(np.ndarray)
+
+
 class DevinterpResult(dict):
     """devinterp 2.x's result variables as numpy arrays: a dict whose keys read as attributes too
-    (``res.llc_mean`` is ``res["llc_mean"]``); ``dims`` names each array's axes as devinterp does."""
+    (``res.llc_mean`` is ``res["llc_mean"]``). A variable read from it is a :class:`Variable` (a numpy array
+    with xarray's ``.values``, ``.to_numpy()`` and ``.dims``), so ``float(res["llc_mean"])``,
+    ``res["llc_per_chain"].values`` and ``res.init_loss.item()`` read as they do on devinterp's xarray results.
+    ``dims`` names each array's axes as devinterp does; ``attrs`` holds devinterp's attributes; ``dataset`` is
+    the result itself (devinterp's ``DataTree.dataset``)."""
+
+    def __getitem__(self, key):
+        v = super().__getitem__(key)
+        plain = isinstance(v, np.ndarray | float | int | np.number) and not isinstance(v, bool)
+        if plain and isinstance(key, str) and not key.startswith("_"):
+            return Variable(v, self.get("_dims", {}).get(key, ()))
+        return v
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
         try:
             return self[name]
         except KeyError:
@@ -101,6 +145,14 @@ class DevinterpResult(dict):
     @property
     def dims(self) -> dict[str, tuple[str, ...]]:
         return dict(self.get("_dims", {}))
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.get("_attrs", {}))
+
+    @property
+    def dataset(self) -> DevinterpResult:
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ data and losses
@@ -205,6 +257,111 @@ _UNSUPPORTED = {
     "save_metrics": (False, "per-step optimizer metrics"),
     "output_path": (None, "Zarr output: results are returned in memory (save them with numpy)"),
 }
+
+
+# ------------------------------------------------------------------------------------------------ restrictions
+
+
+def _n_heads(model: nn.Module) -> tuple[int, int, int]:
+    """``(n_layers, n_heads, n_kv_heads)`` of a pypattern Transformer or a Hugging Face model."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "n_heads"):
+        return cfg.n_layers, cfg.n_heads, getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "num_attention_heads"):
+        raise ValueError(
+            f"create_param_masks needs a pypattern Transformer (converted or native) or a Hugging Face causal LM; "
+            f"got {type(model).__name__}"
+        )
+    return (
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        getattr(cfg, "num_key_value_heads", None) or (cfg.num_attention_heads),
+    )
+
+
+def _whole(masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    return {n: None if bool(m.all()) else m for n, m in masks.items()}
+
+
+def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> dict[str, torch.Tensor | None]:
+    """devinterp 2.0.1's ``create_param_masks``: the ``param_masks`` of a weight restriction, on a pypattern
+    Transformer (native or converted with :func:`pypattern.from_hf`) or an unconverted Hugging Face model of a
+    family :func:`pypattern.component_masks` supports.
+
+    Parameters
+    ----------
+    restriction : str or list of str
+        ``"full"`` (every parameter, no masks); ``"l{L}h{H}"`` (head ``H`` of layer ``L``: its slices of the
+        query, key, value and output weights and the query/key/value biases; under grouped-query attention the
+        key/value slices are those of its group's shared key/value head, as in devinterp); ``"l{L}g{G}"`` (the
+        query heads of key/value group ``G`` with their shared key/value head); ``"l{L} attn"``, ``"l{L} mlp"``,
+        ``"l{L}"`` (every parameter of the layer); ``"embed"``; ``"unembed"``; a parameter name; or a list of
+        these (their union; ``"full"`` cannot be combined).
+
+    Returns
+    -------
+    dict name -> bool mask of the parameter's shape, or None (the whole parameter)
+        Heads and groups give masks; other restrictions None for every parameter they select whole.
+    """
+    if isinstance(restriction, list | tuple):
+        if "full" in restriction:
+            raise ValueError("create_param_masks: 'full' cannot be combined with other restrictions")
+        if not restriction:
+            raise ValueError("create_param_masks: the list of restrictions is empty")
+        merged: dict[str, torch.Tensor | None] = {}
+        for r in restriction:
+            for n, m in create_param_masks(model, r).items():
+                if n in merged and (merged[n] is None or m is None):
+                    merged[n] = None
+                else:
+                    merged[n] = m if n not in merged else merged[n] | m
+        return merged
+    if not isinstance(restriction, str):
+        raise TypeError(f"restriction must be a str or a list of str, got {type(restriction).__name__}")
+    from ..models.transformer import component_masks
+
+    params = dict(model.named_parameters())
+    r = restriction.strip()
+    if r == "full":
+        return {n: None for n in params}
+    low = r.lower()
+    if low in ("embed", "unembed"):
+        return _whole(component_masks(model, low))
+    m = re.fullmatch(r"l(\d+)\s*([hg])(\d+)", low)
+    layers, n_heads, n_kv = _n_heads(model)
+    if m:
+        layer, kind, i = int(m[1]), m[2], int(m[3])
+        if layer >= layers:
+            raise ValueError(
+                f"restriction {r!r}: layer {layer} is out of range (the model has {layers} layers)"
+            )
+        count = n_heads if kind == "h" else n_kv
+        if i >= count:
+            what = "heads" if kind == "h" else "key/value heads (groups)"
+            raise ValueError(f"restriction {r!r}: {i} is out of range (the model has {count} {what})")
+        heads = [i] if kind == "h" else list(range(i * (n_heads // n_kv), (i + 1) * (n_heads // n_kv)))
+        out: dict[str, torch.Tensor] = {}
+        for h in heads:
+            for n, mk in component_masks(
+                model, f"blocks.{layer}.attn.head.{h}", include_shared_kv=True
+            ).items():
+                out[n] = out[n] | mk if n in out else mk
+        return dict(out)
+    m = re.fullmatch(r"l(\d+)(?:\s+(attn|mlp))?", low)
+    if m:
+        layer = int(m[1])
+        if layer >= layers:
+            raise ValueError(
+                f"restriction {r!r}: layer {layer} is out of range (the model has {layers} layers)"
+            )
+        return _whole(component_masks(model, f"blocks.{layer}" + (f".{m[2]}" if m[2] else "")))
+    if r in params:
+        return {r: None}
+    raise ValueError(
+        f"unknown restriction {r!r}; valid: 'full', 'l0', 'l0h1', 'l0g0', 'l0 attn', 'l0 mlp', 'embed', 'unembed', "
+        "a parameter name, or a list of these"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ sample
@@ -374,21 +531,35 @@ def sample(
                 f"observables[{name!r}] has sequences of length {obs[_obs_id(name)].shape[1]}, not {T + 1}"
             )
 
-    # L_n(w*) per token: the first batches of an init_seed-seeded order (devinterp's init loss)
-    gen = torch.Generator().manual_seed(int(init_seed))
-    order = torch.randperm(len(ids), generator=gen) if shuffle else torch.arange(len(ids))
+    # L_n(w*) per token and chain: the first batches of devinterp's init-loss loader, a DataLoader over the dataset
+    # with a generator seeded by init_seed (init_seed + chain when match_sampling_input_ids_across_chains is
+    # False). Its iterator draws a base seed from the generator before the shuffle's permutation, so the order is
+    # read from such a loader, not from randperm of a fresh generator.
     nb = len(ids) // batch_size
     k = num_init_loss_batches * gradient_accumulation_steps
-    with torch.no_grad():
-        per_tok = [
-            _checked_loss(
-                loss_fn, model, ids[order[(i % nb) * batch_size : (i % nb + 1) * batch_size]].to(dev)
-            )
-            .double()
-            .mean(0)
-            for i in range(k)
-        ]
-    init_tok = torch.stack(per_tok).mean(0).cpu().numpy()  # (token_pos,)
+    seeds = [int(init_seed) + (0 if match_sampling_input_ids_across_chains else c) for c in range(num_chains)]
+    init_of: dict[int, np.ndarray] = {}
+    for sd in dict.fromkeys(seeds):
+        loader = torch.utils.data.DataLoader(
+            torch.arange(len(ids)),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(sd),
+            drop_last=True,
+        )
+        order = torch.cat(list(loader))
+        with torch.no_grad():
+            per_tok = [
+                _checked_loss(
+                    loss_fn, model, ids[order[(i % nb) * batch_size : (i % nb + 1) * batch_size]].to(dev)
+                )
+                .double()
+                .mean(0)
+                for i in range(k)
+            ]
+        init_of[sd] = torch.stack(per_tok).mean(0).cpu().numpy()  # (token_pos,)
+    init_chain_tok = np.stack([init_of[sd] for sd in seeds])  # (chain, token_pos)
+    init_tok = init_chain_tok.mean(0)
 
     total = num_draws * num_steps_bw_draws + num_burnin_steps
     loader = torch.utils.data.DataLoader(
@@ -459,7 +630,7 @@ def sample(
         match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
     )
     out = DevinterpResult(
-        init_loss=np.broadcast_to(init_tok.astype(np.float32), (num_chains, T)).copy(),
+        init_loss=init_chain_tok.astype(np.float32),
         sampling_loss=micro[:, draw_steps, :batch_size],
         sampling_loss_micro=micro,
         sampling_input_ids_micro=micro_ids,
@@ -635,12 +806,33 @@ def compute_susceptibilities(
         ctx["ctx_dataset_id"].append(np.full(ids.size, i))
         ctx["ctx_batch"].append(np.repeat(np.arange(ids.shape[0]), ids.shape[1]))
         ctx["position"].append(np.tile(np.arange(ids.shape[1]), ids.shape[0]))
+    sus = np.concatenate(cols, axis=0)
+    coords = {k: np.concatenate(v) for k, v in coords.items()}
+    ctx = {k: np.concatenate(v) for k, v in ctx.items()}
+    # devinterp's DataTree: /susceptibilities (sus and its coordinates) and /context (the probe tokens)
+    tree_sus = DevinterpResult(
+        sus=sus,
+        wr=np.asarray(wrs, dtype=object),
+        **coords,
+        _dims={"sus": ("sus_flat", "wr"), "wr": ("wr",), **{k: ("sus_flat",) for k in coords}},
+        _attrs={"dataset_id_to_name": list(obs_ids)},
+    )
+    tree_ctx = DevinterpResult(
+        input_ids=ctx["input_ids"],
+        dataset_id=ctx["ctx_dataset_id"],
+        batch=ctx["ctx_batch"],
+        position=ctx["position"],
+        _dims={k: ("ctx_flat",) for k in ("input_ids", "dataset_id", "batch", "position")},
+        _attrs={"dataset_id_to_name": list(obs_ids)},
+    )
     return DevinterpResult(
-        sus=np.concatenate(cols, axis=0),
+        sus=sus,
         wr=wrs,
         dataset_id_to_name=obs_ids,
-        **{k: np.concatenate(v) for k, v in coords.items()},
-        **{k: np.concatenate(v) for k, v in ctx.items()},
+        **coords,
+        **ctx,
+        susceptibilities=tree_sus,
+        context=tree_ctx,
         _dims={"sus": ("sus_flat", "wr"), "input_ids": ("ctx_flat",)},
     )
 
@@ -654,20 +846,30 @@ def compute_bif(
     correlation_method: str = "token",
     reduce_chain_dimension_method: str = "stack",
     loss_keys: str | Sequence[str] = "all",
+    batch_index_range_1: str | Sequence[int] = "all",
+    batch_index_range_2: str | Sequence[int] = "all",
     average_tokenwise_bif: bool = False,
     compute_covariance: bool = False,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
 ) -> DevinterpResult:
     """devinterp 2.x's ``compute_bif`` on a :func:`sample` result: the correlation (or covariance, ddof=1) of
     the observables' losses over draws, between sequences (``"sequence"``: token-mean losses) or token pairs
     (``"token"``: ``influences[i, j, s, t]`` between token ``s`` of sequence ``i`` and token ``t`` of sequence
     ``j``). ``"stack"`` pools chains and draws; ``"mean"`` averages over chains first.
 
+    ``batch_index_range_1`` / ``batch_index_range_2`` (``"all"`` or indices into the concatenated sequences)
+    keep those rows / columns of the influence matrix. ``batch_size`` and ``device`` only block devinterp's
+    computation and do not change the result.
+
     Returns
     -------
     DevinterpResult
         ``influences`` (batch_1, batch_2[, target_position, target_position_T]) and ``input_ids`` (batch,
-        position), sequences of the observables concatenated in sorted order of their ids.
+        position), sequences of the observables concatenated in sorted order of their ids (``loss_keys="all"``)
+        or in the order of ``loss_keys``.
     """
+    del batch_size, device
     if correlation_method not in ("token", "sequence"):
         raise ValueError(f"correlation_method must be 'token' or 'sequence', got {correlation_method!r}")
     if reduce_chain_dimension_method not in ("stack", "mean"):
@@ -704,7 +906,23 @@ def compute_bif(
         )  # (batch_1, batch_2, target_position, target_position_T)
         if average_tokenwise_bif:
             m = m.mean(axis=(2, 3))
-    return DevinterpResult(influences=m.astype(np.float32), input_ids=ids)
+    sel = []
+    for name, r in (
+        ("batch_index_range_1", batch_index_range_1),
+        ("batch_index_range_2", batch_index_range_2),
+    ):
+        if isinstance(r, str):
+            if r != "all":
+                raise ValueError(f"{name} must be 'all' or a sequence of sequence indices, got {r!r}")
+            sel.append(np.arange(b))
+            continue
+        idx = np.asarray(list(r))
+        if idx.ndim != 1 or (idx.size and (idx.dtype.kind not in "iu" or idx.min() < -b or idx.max() >= b)):
+            raise ValueError(f"{name}={r!r} must hold sequence indices in 0..{b - 1}")
+        sel.append(idx.astype(np.int64))
+    m = m[sel[0]][:, sel[1]]
+    dims = ("batch_1", "batch_2") + (("target_position", "target_position_T") if m.ndim == 4 else ())
+    return DevinterpResult(influences=m.astype(np.float32), input_ids=ids, _dims={"influences": dims})
 
 
 def bif(
