@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from ..ops.sgld import FLAG_GRAD_NONFINITE
 from .context import LossContractError, RunContext
 from .data import ChainData, to_device
 from .samplers import StackedSamplerState
@@ -200,12 +201,18 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                         validate=t == start,
                     )
                     if f is not None:
-                        flags.append(f.any())
+                        flags.append(f.max() if f.numel() else f.new_zeros(()))
                 except FloatingPointError as e:
-                    raise ctx.diverged(g, t, f"a gradient is not finite ({e})") from None
+                    raise ctx.diverged(g, t, f"a gradient or its update is not finite ({e})") from None
             if flags and bool(torch.stack(flags).any()):
-                i = int(torch.nonzero(torch.stack(flags))[0])
-                raise ctx.diverged(chains[i], t, "a gradient is not finite")
+                bits = torch.stack(flags)
+                i = int(torch.nonzero(bits)[0])
+                why = (
+                    "a gradient is not finite"
+                    if int(bits[i]) & FLAG_GRAD_NONFINITE
+                    else "a finite gradient gave a non-finite update (the step size is too large)"
+                )
+                raise ctx.diverged(chains[i], t, why)
         ctx.finish_step(
             chains,
             d,

@@ -60,8 +60,8 @@ def resolve_step_fn(device: torch.device, backend: str | None = None):
     """The step for tensors on ``device``, with the backend chosen once: ``fn(params, grads, anchors, *,
     check=True, **op_kwargs)`` is :func:`sgld_step_` with ``validate=False`` (its fast path, for tensors
     validated once by a first call of :func:`sgld_step_`) and ``check_finite=check``. With ``check=False`` it
-    returns the per-tensor flags (1 = a non-finite gradient, whose entries were left unchanged) instead of
-    raising."""
+    returns the per-tensor flags (bit 1: a non-finite gradient; bit 2: a finite gradient whose update
+    overflowed; flagged entries were left unchanged) instead of raising."""
     name = _backends.choose("sgld_step_", device, backend)
 
     def step_fn(params, grads, anchors, *, check=True, **kw):

@@ -650,8 +650,8 @@ class StackedSamplerState:
     ) -> torch.Tensor | None:
         """One step of chain ``i`` on its parameter rows ``params`` (its tensors ``names[i]``). ``validate``:
         check every argument and raise ``FloatingPointError`` on a non-finite gradient (returns None); else the
-        unchecked fast path, returning the per-tensor flags (1 = a non-finite gradient, entries left as they
-        were)."""
+        unchecked fast path, returning the per-tensor flags (bit 1: a non-finite gradient, bit 2: an update that
+        overflowed; flagged entries left as they were)."""
         kw = dict(seed=seed, step=step, masks=masks, **self.hyper)
         if self.sampler == "sgld":
             if validate:
