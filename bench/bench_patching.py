@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
 import time
 
 import pytest
@@ -576,8 +577,11 @@ def test_scale_gpt2_small_cpu_time():
     also counts the two runs every grid needs (the source and the target run: blocks at every row, the
     unembedding of the metric row), which ``scale_macs`` leaves out.
 
+    AtP and AtP* (QK fix, GradDrop) are bounded as in :func:`test_scale_gpt2_small` (3 and 3 + n_layers
+    forwards, which include their own clean and corrupted runs).
+
     Run (minutes): ``PYPATTERN_BENCH_SCALE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -s
-    bench/bench_patching.py -k cpu_time``.
+    bench/bench_patching.py -k cpu_time`` (``PYPATTERN_BENCH_GRIDS=atp,atp*`` runs only the grids named).
     """
     import datetime
 
@@ -614,14 +618,23 @@ def test_scale_gpt2_small_cpu_time():
         activation_patching(
             ours, "resid_pre", clean, corr, metric=LogitDiff(ans, wrong), layers=[L - 1], positions=[Ts - 1]
         )
+        fwd = Bs * _forward_macs(c, Ts)
+        grids["atp"] = (dict(sites=["z"]), 3 * fwd)
+        grids["atp*"] = (dict(sites=["z", "q", "k", "v"], qk_fix=True, grad_drop=True), (3 + L) * fwd)
+        only = os.environ.get("PYPATTERN_BENCH_GRIDS")
         lines = [f"date {datetime.date.today()}, cpu {_cpu_model()}, one thread, torch {torch.__version__}"]
         for name, (kw, macs) in grids.items():
-            macs = macs * Bs + runs
+            if only and name not in only.split(","):
+                continue
+            macs = macs * Bs + runs if not name.startswith("atp") else macs
             r0 = _cpu_gemm_rate()
             t, w = time.process_time(), time.perf_counter()
-            activation_patching(
-                ours, clean_tokens=clean, corrupted_tokens=corr, metric=LogitDiff(ans, wrong), **kw
-            )
+            if name.startswith("atp"):
+                attribution_patching(ours, clean, corr, metric=LogitDiff(ans, wrong), **kw)
+            else:
+                activation_patching(
+                    ours, clean_tokens=clean, corrupted_tokens=corr, metric=LogitDiff(ans, wrong), **kw
+                )
             cpu, wall = time.process_time() - t, time.perf_counter() - w
             rate = max(r0, _cpu_gemm_rate())
             lines.append(
