@@ -26,9 +26,9 @@ too and the two estimates differ by at most ``z`` (default 2) combined standard 
 ``llc(eps/2)``. A change below 2% of the estimate always counts as unchanged (long trials of a large model can
 have standard errors of a fraction of a percent, far below what matters for the estimate).
 
-**Resolution.** A pair whose combined standard error is too wide to see a change of ``rtol``
-(``z * sqrt(se(eps)^2 + se(eps/2)^2) > rtol * llc(eps/2)``) is not judged on it: both trials run again twice as
-long, until the pair resolves ``rtol`` or the trials reach ``max_trial_factor`` (default 8) times
+**Resolution.** A pair whose change is within ``rtol`` but whose combined standard error is too wide to see a
+change of ``rtol`` (``z * sqrt(se(eps)^2 + se(eps/2)^2) > rtol * llc(eps/2)``) is not judged on it: both trials
+run again twice as long, until the pair resolves ``rtol`` or the trials reach ``max_trial_factor`` (default 8) times
 ``calibration_steps``; later (smaller) steps keep the longer trials. Without it a wide pair passed any change
 below ``rtol`` by chance: on the tiny models of the tests a trial's standard error is 10-15% of the estimate.
 
@@ -230,8 +230,9 @@ def resolve_step_size(
     atol_rel : float
         A relative change below this counts as unchanged whatever the standard errors.
     max_trial_factor : int
-        Longest trial, in units of ``calibration_steps``: a halving pair whose standard errors are too wide to
-        resolve ``rtol`` is rerun with both trials twice as long until it resolves or reaches this length.
+        Longest trial, in units of ``calibration_steps``: a halving pair whose change is within ``rtol`` but whose
+        standard errors are too wide to resolve ``rtol`` is rerun with both trials twice as long until it resolves
+        or reaches this length.
     quiet : bool
         No progress bar (by default one bar counts the trials and shows the step being tried).
     **sample_kwargs
@@ -387,9 +388,11 @@ def resolve_step_size(
                 rep.verdict[row["k"]] = "ok; halved step not healthy"
                 continue
             diffs, sds, cs = compare(row, half)
-            # too wide to resolve rtol: both trials again, twice as long (up to max_trial_factor)
+            # within rtol but too wide to resolve it: both trials again, twice as long (up to max_trial_factor);
+            # a change beyond rtol fails whatever the standard errors, so it is not rerun
             while (
-                any(z * sd > rtol * abs(c) for sd, c in zip(sds, cs, strict=True))
+                all(abs(d) <= rtol * abs(c) for d, c in zip(diffs, cs, strict=True))
+                and any(z * sd > rtol * abs(c) for sd, c in zip(sds, cs, strict=True))
                 and factor(i + 1) < max_factor
             ):
                 ext *= 2
