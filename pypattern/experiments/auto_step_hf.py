@@ -119,7 +119,7 @@ def _train(model: torch.nn.Module, tokens: torch.Tensor, s: HFAutoSettings) -> l
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
@@ -171,10 +171,12 @@ def measure_family(family: str, s: HFAutoSettings | None = None, *, fixed: bool 
         t = time.perf_counter()
         res = estimate_llc(model, loader, step_size=s.fixed_step_size, seed=s.seeds[0], **common)
         rows.append(_row(res, time.perf_counter() - t, "fixed", s.seeds[0]))
+        print(family, rows[-1], flush=True)
     for seed in s.seeds:
         t = time.perf_counter()
         res = estimate_llc(model, loader, seed=seed, **common)  # no step: the default "auto"
         rows.append(_row(res, time.perf_counter() - t, "auto", seed))
+        print(family, rows[-1], flush=True)
     return {
         "family": family,
         "num_params": sum(p.numel() for p in model.parameters()),
