@@ -422,6 +422,20 @@ def susceptibilities(
 
     else:
         lf = loss_fn
+    # the runs (checked before the step is calibrated): the unrestricted one first (devinterp convention), then one per component
+    names_all = (["unrestricted"] if convention == "devinterp" else []) + [
+        f"component_{k}" for k in range(len(specs))
+    ]
+    run_specs = {"unrestricted": (None, None)}
+    for k, spec in enumerate(specs):
+        run_specs[f"component_{k}"] = _component_spec(model, spec)
+        masks_k = run_specs[f"component_{k}"][1]
+        if masks_k is not None and not any(bool(m.any()) for m in masks_k.values()):
+            raise ValueError(
+                f"components: component {names[k]!r} has an all-False mask over {list(masks_k)}: SGLD would "
+                "move no weight and chi would be 0; give a mask that selects at least one weight"
+            )
+
     auto_step = None
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):  # one calibration (unrestricted chains)
         kw["step_size"], auto_step = resolve_step_size(model, loader, **auto_arguments(dict(kw, loss_fn=lf)))
@@ -551,20 +565,6 @@ def susceptibilities(
         dup = sorted({x for x in names if names.count(x) > 1})
         if dup:
             raise ValueError(f"components has repeated names {dup}: checkpoint rows are stored by name")
-
-    # the runs: the unrestricted one first (devinterp convention), then one per component
-    names_all = (["unrestricted"] if convention == "devinterp" else []) + [
-        f"component_{k}" for k in range(len(specs))
-    ]
-    run_specs = {"unrestricted": (None, None)}
-    for k, spec in enumerate(specs):
-        run_specs[f"component_{k}"] = _component_spec(model, spec)
-        masks_k = run_specs[f"component_{k}"][1]
-        if masks_k is not None and not any(bool(m.any()) for m in masks_k.values()):
-            raise ValueError(
-                f"components: component {names[k]!r} has an all-False mask over {list(masks_k)}: SGLD would "
-                "move no weight and chi would be 0; give a mask that selects at least one weight"
-            )
 
     def file_of(run: str) -> str:
         if run == "unrestricted":
