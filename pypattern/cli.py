@@ -117,6 +117,19 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--float64", action="store_true", help="with --model: run the model in float64")
 
 
+def _step_size(text: str) -> float | str:
+    """``--step-size``: a number > 0 or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'auto', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'auto', got {text!r}")
+    return value
+
+
 def _sampler_args(p: argparse.ArgumentParser, draws: int) -> None:
     p.add_argument(
         "--batch-size", type=int, default=8, help="with --model: sequences per SGLD batch (default: 8)"
@@ -126,7 +139,10 @@ def _sampler_args(p: argparse.ArgumentParser, draws: int) -> None:
         "--num-draws", type=int, default=draws, help=f"with --model: draws per chain (default: {draws})"
     )
     p.add_argument(
-        "--step-size", type=float, default=1e-4, help="with --model: SGLD step size (default: 1e-4)"
+        "--step-size",
+        type=_step_size,
+        default="auto",
+        help="with --model: SGLD step size, or 'auto' (the default): chosen by a short calibration, printed",
     )
     p.add_argument(
         "--localization", type=float, default=100.0, help="with --model: pull towards w* (default: 100)"
@@ -180,11 +196,18 @@ def _user_run(args) -> int:
         print(
             f"  llc: {res['llc_mean']:.4g} +- {res['llc_std']:.2g} (over {len(res['llc_per_chain'])} chains)"
         )
+        print(
+            f"  step_size: {res['step_size']:.3g}"
+            + (f" (auto: {res['auto_step']})" if res["auto_step"] else "")
+        )
         print(f"  result: {res['result']}; plot: {res['plot']}; summary: {res['summary']}")
         return 0
     res = mod.run_user_chi(args.model, args.data, args.out, num_probe=args.num_probe, **kw)
     print(
         f"susceptibilities of {args.model}: chi {res['chi_shape'][0]} components x {res['chi_shape'][1]} tokens"
+    )
+    print(
+        f"  step_size: {res['step_size']:.3g}" + (f" (auto: {res['auto_step']})" if res["auto_step"] else "")
     )
     print(
         f"  explained variance ratio of the first directions: {[round(v, 3) for v in res['explained_variance_ratio']]}"

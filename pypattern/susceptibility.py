@@ -55,7 +55,7 @@ from . import io
 from .io import Saveable, register
 from .losses import batch_size, check_batch, probe_losses
 from .ops.covariance import CrossCovariance
-from .sampling.auto import is_auto, resolve_step_size
+from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import load_checkpoint_state
 from .sampling.data import ChainData
 from .sampling.optim import chain_seed
@@ -474,8 +474,23 @@ def susceptibilities(
 
     else:
         lf = loss_fn
-    if is_auto(kw.get("step_size")):  # one calibration, unrestricted chains, for every component's run
-        kw["step_size"] = resolve_step_size(model, loader, loss_fn=lf, **kw)[0]
+    # the runs (checked before the step is calibrated): the unrestricted one first (devinterp convention), then one per component
+    names_all = (["unrestricted"] if convention == "devinterp" else []) + [
+        f"component_{k}" for k in range(len(specs))
+    ]
+    run_specs = {"unrestricted": (None, None)}
+    for k, spec in enumerate(specs):
+        run_specs[f"component_{k}"] = _component_spec(model, spec)
+        masks_k = run_specs[f"component_{k}"][1]
+        if masks_k is not None and not any(bool(m.any()) for m in masks_k.values()):
+            raise ValueError(
+                f"components: component {names[k]!r} has an all-False mask over {list(masks_k)}: SGLD would "
+                "move no weight and chi would be 0; give a mask that selects at least one weight"
+            )
+
+    auto_step = None
+    if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):  # one calibration (unrestricted chains)
+        kw["step_size"], auto_step = resolve_step_size(model, loader, **auto_arguments(dict(kw, loss_fn=lf)))
     only = _only_batch(loader)
     fuse_probe = loss_fn is None and only is not None and _same_batch(only, probe)
     fuse_phi = fuse_probe and observable is None and _same_batch(sampling_batch, only)
@@ -602,20 +617,6 @@ def susceptibilities(
         if dup:
             raise ValueError(f"components has repeated names {dup}: checkpoint rows are stored by name")
 
-    # the runs: the unrestricted one first (devinterp convention), then one per component
-    names_all = (["unrestricted"] if convention == "devinterp" else []) + [
-        f"component_{k}" for k in range(len(specs))
-    ]
-    run_specs = {"unrestricted": (None, None)}
-    for k, spec in enumerate(specs):
-        run_specs[f"component_{k}"] = _component_spec(model, spec)
-        masks_k = run_specs[f"component_{k}"][1]
-        if masks_k is not None and not any(bool(m.any()) for m in masks_k.values()):
-            raise ValueError(
-                f"components: component {names[k]!r} has an all-False mask over {list(masks_k)}: SGLD would "
-                "move no weight and chi would be 0; give a mask that selects at least one weight"
-            )
-
     def file_of(run: str) -> str:
         if run == "unrestricted":
             return "unrestricted"
@@ -719,7 +720,7 @@ def susceptibilities(
         nbeta=float(nbeta_used),
         num_chains=C,
         num_draws=int(kw["num_draws"]),
-        settings={k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        settings=_settings_of(kw, auto_step),
     )
 
 
@@ -760,6 +761,15 @@ def executing(execution: Execution):
         yield
     finally:
         _EXECUTION.reset(token)
+
+
+def _settings_of(kw: dict, auto_step) -> dict:
+    """A result's ``settings``: the sampler settings' plain values, and ``auto_step`` (the calibration's report,
+    :class:`pypattern.sampling.AutoStepReport` as plain values) when the step was chosen by it."""
+    out = {k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    if auto_step is not None:
+        out["auto_step"] = auto_step.to_dict()
+    return out
 
 
 def _sampler_settings_defaults(kw: dict) -> dict:
@@ -805,8 +815,13 @@ def bif(
     posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws).
     ``**sampler_settings`` are those of :func:`susceptibilities` (``sampler=`` included)."""
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
-    if is_auto(kw.get("step_size")):  # calibrated before the run (pypattern.sampling.auto)
-        kw["step_size"] = resolve_step_size(model, loader, loss_fn=loss_fn, **kw)[0]
+    auto_step = None
+    if wants_auto(
+        kw.get("step_size"), kw.get("optimizer_kwargs")
+    ):  # calibrated before the run (sampling.auto)
+        kw["step_size"], auto_step = resolve_step_size(
+            model, loader, **auto_arguments(dict(kw, loss_fn=loss_fn))
+        )
 
     def losses_of(m) -> torch.Tensor:
         v = per_sample_loss_fn(m, probe)
@@ -841,5 +856,5 @@ def bif(
         probe_token=meta[2],
         num_chains=int(kw["num_chains"]),
         num_draws=int(kw["num_draws"]),
-        settings={k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        settings=_settings_of(kw, auto_step),
     )

@@ -24,12 +24,12 @@ def _regular():
 
 
 def test_regular_model_with_auto_step_and_report():
-    # tests/test_llc.py's regular model (d = 6, lambda = 3) with the step chosen by the calibration
+    # tests/test_llc.py's regular model (d = 6, lambda = 3) with the step chosen by the calibration: the default
+    # when no step is given
     model, loader = _regular()
     r = estimate_llc(
         model,
         loader,
-        step_size="auto",
         nbeta=1000.0,
         localization=1.0,
         num_chains=8,
@@ -51,6 +51,8 @@ def test_regular_model_with_auto_step_and_report():
     assert trials[-2]["verdict"] == "ok" and trials[-2]["step_size"] == 2 * rep["chosen"]
     assert any(t["verdict"].startswith("diverged") for t in trials)  # the top of the grid runs away here
     assert "largest healthy step" in rep["reason"]
+    # the estimated bias of the chosen step is the pair's difference
+    assert rep["bias"] == pytest.approx(trials[-2]["llc"] - trials[-1]["llc"])
     assert r.r_hat < 1.1
     assert abs(r.llc_mean - 3.0) / 3.0 < 0.15, (r, rep)
 
@@ -125,7 +127,9 @@ def _normal_crossing_auto(chains, draws):
 
 
 @pytest.mark.xfail(
-    reason="held-out case the rule misses: measured 0.222 against the exact target 0.191 (+16%, limit 15%)",
+    reason="held-out case the rule misses: seeds 1, 2, 3 gave +16.3%, +17.8%, +11.3% against the exact target 0.191 "
+    "(limit 15%): rare excursions along the arms at the chosen step and the run's Monte Carlo error at a fixed "
+    "number of draws (docs/llc_results.md)",
     strict=False,
 )
 def test_normal_crossing_auto_fast():
@@ -147,8 +151,109 @@ def test_bif_and_susceptibilities_take_auto():
     x, y = next(iter(loader))
     probe = (x[:4], y[:4])
     kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0)
-    chosen, _ = resolve_step_size(model, loader, nbeta=10.0, localization=1.0, seed=0)
-    res = bif(model, loader, probe, step_size="auto", **kw)
-    assert res.settings["step_size"] == chosen
+    # calls with 2 chains calibrate with 4 (as many as the run, between 4 and 8)
+    chosen, _ = resolve_step_size(model, loader, nbeta=10.0, localization=1.0, seed=0, calibration_chains=4)
+    res = bif(model, loader, probe, **kw)  # no step: "auto"
+    assert res.settings["step_size"] == chosen and res.settings["auto_step"]["chosen"] == chosen
     chi = susceptibilities(model, loader, probe, [["layers.0.weight"]], step_size="auto", **kw)
     assert chi.settings["step_size"] == chosen
+    # a given step turns the calibration off, also through optimizer_kwargs (devinterp's lr)
+    res = bif(model, loader, probe, optimizer_kwargs={"lr": 1e-3}, **kw)
+    assert "auto_step" not in res.settings
+
+
+def test_auto_is_the_default_only_when_no_step_is_given(monkeypatch):
+    import pypattern.sampling.runner as runner
+    from pypattern import estimate_learning_coeff_with_summary, sample
+    from pypattern.sampling.auto import wants_auto
+
+    assert wants_auto(None) and wants_auto("auto") and wants_auto(None, {"nbeta": 3.0})
+    assert (
+        not wants_auto(1e-3) and not wants_auto(None, {"lr": 1e-3}) and not wants_auto(None, {"step_size": 1})
+    )
+    with pytest.raises(ValueError, match="'auto'"):
+        wants_auto("fast")
+    model, loader = _regular()
+    r = sample(model, loader, optimizer_kwargs={"lr": 1e-4}, nbeta=1000.0, num_draws=4, quiet=True)
+    assert r.config["step_size"] == 1e-4 and "auto_step" not in r.config
+    # devinterp's entry point keeps devinterp's default step (lr = 0.01) and never calibrates
+    seen = []
+
+    def no_calibration(*a, **k):
+        raise AssertionError("estimate_learning_coeff_with_summary calibrated")
+
+    def plan(*a, **k):
+        p = make_plan(*a, **k)
+        seen.append(p.hyper["step_size"])
+        return p
+
+    make_plan = runner.make_plan
+    monkeypatch.setattr(runner, "resolve_step_size", no_calibration)
+    monkeypatch.setattr(runner, "make_plan", plan)
+    estimate_learning_coeff_with_summary(model, loader, num_chains=2, num_draws=4, verbose=False)
+    assert seen == [0.01]
+
+
+def test_hf_gpt2_auto_step_stationary_and_repeatable():
+    # a tiny GPT-2 (transformers, random config weights) trained briefly on induction sequences; the calibration
+    # with short trials picks a step whose chains are stationary, and two runs with different seeds agree within
+    # their standard errors (the full-size comparison: pypattern.experiments.auto_step_hf, docs/llc_results.md)
+    pytest.importorskip("transformers")
+    from pypattern.experiments.auto_step_hf import HFAutoSettings, _data, _train, build_model, compare
+    from pypattern.losses import batch_loss
+
+    s = HFAutoSettings(
+        d_model=8, n_layers=1, n_heads=2, d_vocab=8, seq_len=7, num_sequences=32, train_steps=100
+    )
+    torch.set_num_threads(1)
+    tokens = _data(s)
+    model = build_model("gpt2", s)
+    _train(model, tokens, s)
+    loader = torch.utils.data.DataLoader(tokens, batch_size=s.batch_size, shuffle=True)
+    kw = dict(loss_fn=batch_loss, localization=100.0, seed=0)
+    eps, rep = resolve_step_size(
+        model, loader, calibration_chains=4, calibration_steps=40, max_trial_factor=2, **kw
+    )
+    assert rep.chosen == eps and eps in rep.step_size
+    rows = []
+    for seed in (1, 2):
+        r = estimate_llc(
+            model, loader, step_size=eps, num_chains=4, num_draws=60, num_burnin_steps=40, quiet=True,
+            **dict(kw, seed=seed),
+        )  # fmt: skip
+        assert r.r_hat < 1.1, (seed, r.r_hat, rep)
+        pc = np.asarray(r.llc_per_chain).ravel()
+        rows.append({"llc": r.llc_mean, "se": pc.std(ddof=1) / np.sqrt(len(pc))})
+    assert compare(rows)["agree"], rows
+
+
+def test_trials_run_the_runs_sampler(monkeypatch):
+    """With ``sampler=`` and the sampler's own hyperparameters in ``optimizer_kwargs``, every calibration trial
+    samples with that sampler and those hyperparameters (the chosen step is a step of that sampler)."""
+    import pypattern.sampling.runner as runner
+
+    seen = []
+    real = runner.sample
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("sampler"), dict(kwargs.get("optimizer_kwargs") or {})))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "sample", spy)
+    model, loader = _regular()
+    r = runner.sample(
+        model,
+        loader,
+        sampler="rmsprop_sgld",
+        optimizer_kwargs={"alpha": 0.9},
+        nbeta=10.0,
+        localization=1.0,
+        num_chains=2,
+        num_draws=10,
+        seed=0,
+        quiet=True,
+    )
+    assert r.config["sampler"] == "rmsprop_sgld" and r.config["alpha"] == 0.9
+    trials = seen[1:]  # the first call is the run itself
+    assert trials and all(s == "rmsprop_sgld" and o == {"alpha": 0.9} for s, o in trials), trials
+    assert "auto_step" in r.config and r.config["step_size"] > 0

@@ -66,10 +66,18 @@ def test_llc_on_user_model(model_dir, data, tmp_path, capsys):
     d, _ = data
     out = tmp_path / "llc"
     args = ["llc", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--out", str(out)]
-    assert main(args + ["--num-chains", "2", "--num-draws", "5", "--batch-size", "4"]) == 0
+    # a given step (the default "auto" calibrates first: tests/test_auto_step.py covers it)
+    assert (
+        main(args + ["--num-chains", "2", "--num-draws", "5", "--batch-size", "4", "--step-size", "1e-4"])
+        == 0
+    )
     summary = json.loads((out / "llc_summary.json").read_text())
     assert np.isfinite(summary["llc_mean"]) and len(summary["llc_per_chain"]) == 2
-    assert "LLC of" in capsys.readouterr().out
+    assert summary["step_size"] == 1e-4 and summary["auto_step"] is None
+    printed = capsys.readouterr().out
+    assert "LLC of" in printed and "step_size: 0.0001" in printed
+    with pytest.raises(SystemExit):
+        main(args + ["--step-size", "fast"])
     from pypattern import LLCResult
 
     assert LLCResult.load(out / "llc.npz").llc_mean == pytest.approx(summary["llc_mean"])
@@ -100,7 +108,22 @@ def test_chi_on_user_model(model_dir, data, tmp_path):
     out = tmp_path / "chi"
     args = ["chi", "--model", str(model_dir), "--data", str(d / "tokens.txt"), "--out", str(out)]
     assert (
-        main(args + ["--num-chains", "2", "--num-draws", "4", "--num-probe", "2", "--batch-size", "4"]) == 0
+        main(
+            args
+            + [
+                "--num-chains",
+                "2",
+                "--num-draws",
+                "4",
+                "--num-probe",
+                "2",
+                "--batch-size",
+                "4",
+                "--step-size",
+                "1e-4",
+            ]
+        )
+        == 0
     )
     summary = json.loads((out / "chi_summary.json").read_text())
     # 2 layers x (4 heads + 2 shared kv heads + mlp) + embed

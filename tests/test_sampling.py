@@ -579,7 +579,12 @@ def test_devinterp_compatible_names():
     np.testing.assert_allclose(on["llc/means"], on["llc/trace"].mean(0), rtol=1e-5)
     assert default_nbeta(loader) == pytest.approx(16 / math.log(16))
     # sample() and estimate_llc() default to it too (nbeta not given, or given as None in optimizer_kwargs)
-    for kw in ({}, {"optimizer_kwargs": {"nbeta": None}}, {"optimizer_kwargs": {"lr": 1e-3}}):
+    # (a step is given: without one the step is calibrated first, which this test is not about)
+    for kw in (
+        {"step_size": 1e-3},
+        {"step_size": 1e-3, "optimizer_kwargs": {"nbeta": None}},
+        {"optimizer_kwargs": {"lr": 1e-3}},
+    ):
         res = sample(model, loader, num_chains=1, num_draws=2, quiet=True, warn_nonstationary=False, **kw)
         assert res.config["nbeta"] == pytest.approx(16 / math.log(16))
     assert (

@@ -97,6 +97,12 @@ def _write(out: str, name: str, obj: dict) -> str:
     return path
 
 
+def _step_summary(config: dict) -> dict:
+    """The step used and, when ``step_size="auto"`` chose it, the calibration's reason (for the summary)."""
+    rep = config.get("auto_step")
+    return {"step_size": float(config["step_size"]), "auto_step": rep["reason"] if rep else None}
+
+
 def run_user_llc(
     model_dir: str,
     data: str,
@@ -106,7 +112,7 @@ def run_user_llc(
     num_chains: int = 4,
     num_draws: int = 100,
     num_burnin_steps: int = 0,
-    step_size: float = 1e-4,
+    step_size: float | str = "auto",
     localization: float = 100.0,
     nbeta: float | None = None,
     seed: int = 0,
@@ -155,6 +161,7 @@ def run_user_llc(
         "llc_mean": float(res.llc_mean),
         "llc_std": float(res.llc_std),
         "llc_per_chain": [float(v) for v in np.asarray(res.llc_per_chain).ravel()],
+        **_step_summary(res.sample.config),
         "result": os.path.join(out, "llc.npz"),
         "plot": plot,
     }
@@ -217,7 +224,7 @@ def run_user_chi(
     num_probe: int = 8,
     num_chains: int = 4,
     num_draws: int = 50,
-    step_size: float = 1e-4,
+    step_size: float | str = "auto",
     localization: float = 100.0,
     nbeta: float | None = None,
     seed: int = 0,
@@ -256,6 +263,7 @@ def run_user_chi(
         "components": list(res.components),
         "chi_shape": list(chi.shape),
         "explained_variance_ratio": [float(v) for v in np.asarray(pca.explained_variance_ratio).ravel()],
+        **_step_summary(res.settings),
         "result": os.path.join(out, "chi.npz"),
         "table": os.path.join(out, "chi.csv"),
     }

@@ -1,11 +1,19 @@
 """``step_size="auto"``: a short calibration before a run that picks the SGLD step size.
 
+It is the default of :func:`pypattern.sample`, :func:`pypattern.estimate_llc`, :func:`pypattern.susceptibilities`,
+:func:`pypattern.bif` (and what builds on them: :func:`pypattern.refined_llc`, :class:`pypattern.OnlineLLC`, the
+``pypattern llc|chi`` commands) when no step is given; a given step (``step_size=``, or ``lr``/``step_size`` in
+``optimizer_kwargs``) turns it off. devinterp's entry points (:func:`pypattern.estimate_learning_coeff`,
+:func:`pypattern.estimate_learning_coeff_with_summary`, :mod:`pypattern.devinterp`) keep devinterp's own default
+step (``lr=0.01``) and never calibrate.
+
 The rule
 --------
 Candidate step sizes form a geometric grid with ratio 2, from ``max_step_size`` (default ``0.1``) down to
 ``min_step_size`` (default ``1e-7``): at most 21 candidates, tried from the largest down. For each candidate
-``eps`` a *trial* runs ``calibration_chains`` chains (default 8) of ``calibration_steps`` steps (default 200): the
-first half is burn-in, the second half gives the draws. A trial is **healthy** when
+``eps`` a *trial* runs ``calibration_chains`` chains (default 8; 4-8 as many as the run when called through
+:func:`pypattern.sample`) of ``calibration_steps`` steps (default 200): the first half is burn-in, the second half
+gives the draws. A trial is **healthy** when
 
 * no chain diverged or ran away (:class:`SamplingDivergedError`, see :func:`pypattern.sample`),
 * the LLC estimate is positive (the chains sit above ``L_n(w*)``), and
@@ -15,26 +23,50 @@ The scan stops at the largest healthy ``eps`` whose estimate is **unchanged when
 at ``eps / 2`` (run for twice as many steps, so that both cover the same stretch of Langevin time) is healthy
 too and the two estimates differ by at most ``z`` (default 2) combined standard errors,
 ``|llc(eps) - llc(eps/2)| <= z * sqrt(se(eps)^2 + se(eps/2)^2)``, and by at most ``rtol`` (default 10%) of
-``llc(eps/2)`` (short trials have wide standard errors; the relative bound keeps their width from passing a
-biased step). A change below 2% of the estimate always counts as unchanged (long trials of a large model can
-have standard errors of a fraction of a percent, far below what matters for the estimate). The run then uses ``eps / 2``: the
-discretisation bias grows about linearly with the step, so the bias at ``eps / 2`` is about the measured
-difference (within the allowed standard errors) while at ``eps`` it would be twice that; on the
-deep-linear-network truths the larger step was measured 14% high, the halved one within 5%. Each trial's standard error is
-``nbeta * std(loss draws) / sqrt(ESS)`` (pooled over the trial's chains). Trial lengths double with each halving
-below the first healthy candidate, up to 8 times ``calibration_steps``; the scan gives up 4 candidates below the first healthy one.
+``llc(eps/2)``. A change below 2% of the estimate always counts as unchanged (long trials of a large model can
+have standard errors of a fraction of a percent, far below what matters for the estimate).
+
+**Resolution** (``resolve=True``, off by default). A pair whose change is within ``rtol`` but whose combined
+standard error is too wide to see a change of ``rtol`` (``z * sqrt(se(eps)^2 + se(eps/2)^2) > rtol * llc(eps/2)``)
+is not judged on it: both trials run again twice as long, until the pair resolves ``rtol`` or the trials reach
+``max_trial_factor`` times ``calibration_steps``; later (smaller) steps keep the longer trials. It is off by
+default because it was measured to hurt: it picks smaller steps, and a run of a fixed number of draws then
+covers less Langevin time and is not at equilibrium (the deep linear network (3,3,3,2) with the tests' run
+went from +1.1% to -19%; the normal crossing's seed 1 from +16% to +21%).
+
+The run then uses ``eps / 2``. The discretisation bias grows about linearly with the step (Richardson:
+``llc(eps) = llc + b eps``), so the measured difference ``llc(eps) - llc(eps / 2) = b eps / 2`` *is* the bias of
+the chosen step, within the pair's standard error; the report keeps it (``bias``) and the reason prints it. On
+the deep-linear-network truths the accepted step itself was measured 14% high, its half within 5%.
+Each trial's standard error is ``nbeta * std(loss draws) / sqrt(ESS)`` (pooled over the trial's chains). Trial
+lengths double with each halving below the first healthy candidate, up to ``max_trial_factor`` times
+``calibration_steps``; the scan gives up 4 candidates below the first healthy one.
 
 A too-large step diverges, drifts (R-hat) or inflates the estimate (the halving test catches the discretisation
 bias); a too-small step is never reached, since the scan stops at the first step that passes. When no candidate
 passes, :class:`AutoStepError` is raised with the table of every trial (step, steps, R-hat, estimate, SE, verdict).
 
+What a trial cannot see: a rare excursion that a run of many more chain-steps meets. On the normal crossing
+``K = w1^2 w2^4`` the curvature across an arm grows as ``w2^4``, so a step that is stable in every trial can
+become unstable far out on an arm: 0.0125, healthy in 8 chains x 3,200 steps, ran away in 64 chains x 9,600 steps;
+its half (the chosen step) is stable but has heavy-tailed excursions (docs/llc_results.md).
+
+``nbeta`` and ``localization``
+-------------------------------
+``nbeta`` keeps its rule: the default ``m / ln m`` for batch size ``m`` (devinterp's, the inverse temperature
+of the tempered posterior of a batch). ``localization`` is not calibrated: it sets the prior the estimate is
+defined by (a different localization is a different quantity, not a more or less accurate one), and no rule
+from the data is established; the calibration uses the run's ``localization`` and ``nbeta`` as given and picks
+only the step.
+
 Budget
 ------
-A trial at the top of the grid that runs away stops after a few draws. A full trial costs
+A trial at the top of the grid that runs away stops at the first non-finite or runaway draw. A full trial costs
 ``calibration_chains * calibration_steps`` chain-steps (times its length factor), so the calibration costs a few
-such trials: typically 3-6 (for example 8 x 200 x (1 + 1 + 2 + 4) = 12,800 chain-steps, against 16 chains x 3,000 steps =
-48,000 for the deep-linear-network run of the tests). The trials are keyed by ``seed + 1`` (different noise from
-the run's), and they never modify the model.
+such trials: typically 4-10 (for example 8 x 200 x (1 + 2 + 4 + 8) = 24,000 chain-steps). Every trial reuses the
+first trial's ``L_n(w*)``. The trials are keyed by ``seed + 1`` (different noise from the run's), and they never
+modify the model. A progress bar counts the trials (``quiet=True`` silences it). Measured costs are in
+docs/llc_results.md.
 """
 
 from __future__ import annotations
@@ -51,7 +83,7 @@ from torch import nn
 from ..io import Saveable, register
 from .diagnostics import NonStationaryWarning, SamplingDivergedError, ess, r_hat
 
-__all__ = ["AutoStepError", "AutoStepReport", "resolve_step_size", "step_size_grid"]
+__all__ = ["AutoStepError", "AutoStepReport", "resolve_step_size", "step_size_grid", "wants_auto"]
 
 _PASSED_TO_TRIALS = (
     "weight_decay",
@@ -66,6 +98,9 @@ _PASSED_TO_TRIALS = (
     "num_init_loss_batches",
     "init_loss",
     "cores",
+    "sampler",
+    "sampling_method",
+    "optimizer_kwargs",
 )
 
 
@@ -91,6 +126,9 @@ class AutoStepReport(Saveable):
         ``"ok"`` (healthy), ``"diverged ..."``, ``"negative LLC"``, ``"not stationary ..."``.
     chosen : float or None
         The chosen step size (None when the calibration refused).
+    bias : float or None
+        The estimate at twice the chosen step minus the estimate at the chosen step: about the discretisation
+        bias of the chosen step (the bias grows about linearly with the step).
     reason : str
         Why it was chosen (or why none was).
     settings : dict
@@ -106,6 +144,7 @@ class AutoStepReport(Saveable):
     r_hat: list = field(default_factory=list)
     verdict: list = field(default_factory=list)
     chosen: float | None = None
+    bias: float | None = None
     reason: str = ""
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -118,6 +157,7 @@ class AutoStepReport(Saveable):
         """Plain values (for a result's ``config``)."""
         return {
             "chosen": self.chosen,
+            "bias": self.bias,
             "reason": self.reason,
             "trials": self.rows(),
             "settings": dict(self.settings),
@@ -168,6 +208,9 @@ def resolve_step_size(
     z: float = 2.0,
     rtol: float = 0.1,
     atol_rel: float = 0.02,
+    max_trial_factor: int = 8,
+    resolve: bool = False,
+    quiet: bool = True,
     **sample_kwargs,
 ) -> tuple[float, AutoStepReport]:
     """Pick the SGLD step size by the rule of :mod:`pypattern.sampling.auto`.
@@ -192,10 +235,20 @@ def resolve_step_size(
         Largest relative change of the estimate when the step is halved.
     atol_rel : float
         A relative change below this counts as unchanged whatever the standard errors.
+    max_trial_factor : int
+        Longest trial, in units of ``calibration_steps``.
+    resolve : bool
+        Rerun a halving pair whose change is within ``rtol`` but whose standard errors are too wide to resolve
+        ``rtol`` with both trials twice as long, until it resolves or reaches ``max_trial_factor``. Off by
+        default: it picks smaller steps, and a run of a fixed number of draws then covers less Langevin time
+        (measured: the deep linear network (3,3,3,2) went from +1.1% to -19%).
+    quiet : bool
+        No progress bar (by default one bar counts the trials and shows the step being tried).
     **sample_kwargs
         ``weight_decay``, ``noise_scale``, ``bounding_box``, ``restrict_to``, ``masks``, ``runs`` (every run must
-        pass), ``grad_accum_steps``, ``batched``, ``backend``, ``init_loss``, ``num_init_loss_batches``, ``cores``;
-        other keywords of :func:`pypattern.sample` (callbacks, observables, checkpoints) do not apply to trials
+        pass), ``grad_accum_steps``, ``batched``, ``backend``, ``init_loss``, ``num_init_loss_batches``, ``cores``,
+        ``sampler`` / ``sampling_method`` and ``optimizer_kwargs`` (the sampler's own hyperparameters: trials run
+        the sampler the run will use); other keywords of :func:`pypattern.sample` (callbacks, observables, checkpoints) do not apply to trials
         and are ignored.
 
     Returns
@@ -245,12 +298,22 @@ def resolve_step_size(
         )
     )
     t0 = time.perf_counter()
-    cache: dict[int, dict] = {}
+    cache: dict[tuple[int, int], dict] = {}
+    pbar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(desc="SGLD step_size=auto", unit="trial", mininterval=0.5, leave=False)
 
     def trial(i: int, factor: int) -> dict:
-        if i in cache:
-            return cache[i]
+        longer = [f for (j, f) in cache if j == i and f >= factor]
+        if longer:  # a trial of this step at least as long already ran: reuse the longest
+            return cache[(i, max(longer))]
         eps = grid[i]
+        if pbar is not None:
+            pbar.set_postfix_str(
+                f"trying {eps:.3g} for {int(calibration_steps) * factor} steps", refresh=True
+            )
         steps = int(calibration_steps) * factor
         half = steps // 2
         draws = max(4, half // thin)
@@ -277,10 +340,10 @@ def resolve_step_size(
         except SamplingDivergedError as e:
             row["verdict"] = f"diverged (chain {e.chain}, draw {e.draw})"
             row["ok"] = False
-            cache[i] = row
-            _add(rep, row)
-            return row
+            return done(i, factor, row)
         outs = out if isinstance(out, list) else [out]
+        # every trial judges against the same L_n(w*): computed by the first trial that finishes, then reused
+        extra.setdefault("init_loss", float(outs[0].init_loss))
         llcs, ses, rhs = [], [], []
         for o in outs:
             r = llc_from_sample(o)
@@ -297,41 +360,78 @@ def resolve_step_size(
             row["verdict"], row["ok"] = f"not stationary (R-hat {max(rhs):.2f} >= {max_r_hat})", False
         else:
             row["verdict"], row["ok"] = "ok", True
-        cache[i] = row
+        return done(i, factor, row)
+
+    def done(i: int, factor: int, row: dict) -> dict:
+        cache[(i, factor)] = row
+        row["k"] = len(rep.step_size)  # its row in the report
         _add(rep, row)
+        if pbar is not None:
+            pbar.update(1)
         return row
 
+    def compare(row: dict, half: dict) -> tuple[list, list, list]:
+        diffs = [a - b for a, b in zip(row["llcs"], half["llcs"], strict=True)]
+        sds = [math.hypot(a, b) for a, b in zip(row["ses"], half["ses"], strict=True)]
+        return diffs, sds, half["llcs"]
+
+    max_factor = max(1, int(max_trial_factor))
     first_ok = None
-    for i in range(len(grid)):
-        if first_ok is not None and i > first_ok + 4:
-            break
-        factor = 1 if first_ok is None else min(8, 2 ** (i - first_ok))
-        row = trial(i, factor)
-        if not row["ok"]:
-            continue
-        if first_ok is None:
-            first_ok = i
-        if i + 1 >= len(grid):
-            break
-        half = trial(i + 1, min(8, 2 ** (i + 1 - first_ok)))
-        if not half["ok"]:
-            rep.verdict[rep.step_size.index(grid[i])] = "ok; halved step not healthy"
-            continue
-        diffs = [abs(a - b) for a, b in zip(row["llcs"], half["llcs"], strict=True)]
-        tols = [
-            min(max(z * math.hypot(a, b), atol_rel * abs(c)), rtol * abs(c))
-            for a, b, c in zip(row["ses"], half["ses"], half["llcs"], strict=True)
-        ]
-        if all(d <= t for d, t in zip(diffs, tols, strict=True)):
-            rep.chosen = float(grid[i + 1])
-            rep.reason = (
-                f"{grid[i]:.3g} is the largest healthy step (R-hat {row['r_hat']:.3f} < {max_r_hat}, no runaway, "
-                f"LLC > 0) whose estimate {row['llc']:.4g} agrees with {half['llc']:.4g} at half the step within "
-                f"{z:g} standard errors and {rtol:.0%} ({max(diffs):.3g} <= {min(tols):.3g}); the run uses the half step"
-            )
-            break
-        k = rep.step_size.index(grid[i])
-        rep.verdict[k] = f"ok; changes when halved ({max(diffs):.3g} > {min(tols):.3g})"
+    ext = 1  # doubled while a halving pair cannot resolve rtol; kept for the smaller steps after it
+
+    def factor(i: int) -> int:
+        return 1 if first_ok is None else min(max_factor, ext * 2 ** (i - first_ok))
+
+    try:
+        for i in range(len(grid)):
+            if first_ok is not None and i > first_ok + 4:
+                break
+            row = trial(i, factor(i))
+            if not row["ok"]:
+                continue
+            if first_ok is None:
+                first_ok = i
+            if i + 1 >= len(grid):
+                break
+            half = trial(i + 1, factor(i + 1))
+            if not half["ok"]:
+                rep.verdict[row["k"]] = "ok; halved step not healthy"
+                continue
+            diffs, sds, cs = compare(row, half)
+            # within rtol but too wide to resolve it: both trials again, twice as long (up to max_trial_factor);
+            # a change beyond rtol fails whatever the standard errors, so it is not rerun
+            while (
+                resolve
+                and all(abs(d) <= rtol * abs(c) for d, c in zip(diffs, cs, strict=True))
+                and any(z * sd > rtol * abs(c) for sd, c in zip(sds, cs, strict=True))
+                and factor(i + 1) < max_factor
+            ):
+                ext *= 2
+                row, half = trial(i, factor(i)), trial(i + 1, factor(i + 1))
+                if not (row["ok"] and half["ok"]):
+                    break  # a longer trial ran away or drifted: the pair fails
+                diffs, sds, cs = compare(row, half)
+            if not (row["ok"] and half["ok"]):
+                continue
+            tols = [min(max(z * sd, atol_rel * abs(c)), rtol * abs(c)) for sd, c in zip(sds, cs, strict=True)]
+            if all(abs(d) <= t for d, t in zip(diffs, tols, strict=True)):
+                w = int(np.argmax([abs(d) for d in diffs]))
+                bias = diffs[w]
+                rep.chosen = float(grid[i + 1])
+                rep.bias = float(bias)
+                rep.reason = (
+                    f"{grid[i]:.3g} is the largest healthy step (R-hat {row['r_hat']:.3f} < {max_r_hat}, no runaway, "
+                    f"LLC > 0) whose estimate {row['llc']:.4g} agrees with {half['llc']:.4g} at half the step within "
+                    f"{z:g} standard errors and {rtol:.0%} ({abs(bias):.3g} <= {tols[w]:.3g}); the run uses the half "
+                    f"step, whose discretisation bias is about the difference, {bias:+.3g} "
+                    f"({bias / abs(cs[w]):+.1%}, standard error {sds[w]:.2g})"
+                )
+                break
+            w = int(np.argmax([abs(d) / t for d, t in zip(diffs, tols, strict=True)]))
+            rep.verdict[row["k"]] = f"ok; changes when halved ({abs(diffs[w]):.3g} > {tols[w]:.3g})"
+    finally:
+        if pbar is not None:
+            pbar.close()
     rep.seconds = time.perf_counter() - t0
     if rep.chosen is None:
         rep.reason = "no step size in the grid passed"
@@ -356,14 +456,34 @@ def _add(rep: AutoStepReport, row: dict) -> None:
 
 
 def is_auto(step_size) -> bool:
-    """Whether a ``step_size`` argument asks for the calibration."""
+    """Whether a ``step_size`` argument asks for the calibration explicitly (``"auto"``)."""
     return isinstance(step_size, str) and step_size == "auto"
+
+
+def wants_auto(step_size, optimizer_kwargs=None) -> bool:
+    """Whether a call calibrates its step: ``step_size="auto"``, or no step given at all (``step_size=None`` and
+    no ``step_size``/``lr`` in ``optimizer_kwargs``). A given step turns the calibration off.
+
+    Raises
+    ------
+    ValueError
+        ``step_size`` is a string other than ``"auto"``.
+    """
+    if isinstance(step_size, str):
+        if step_size != "auto":
+            raise ValueError(f"step_size must be a number > 0, 'auto' or None (= 'auto'), got {step_size!r}")
+        return True
+    if step_size is not None:
+        return False
+    okw = optimizer_kwargs or {}
+    return all(okw.get(k) is None for k in ("step_size", "lr"))
 
 
 def auto_arguments(call: dict) -> dict:
     """The keyword arguments of :func:`resolve_step_size` from the arguments of a :func:`pypattern.sample` call
     (its ``locals()``): devinterp's names and ``optimizer_kwargs`` translated, settings trials do not use
     dropped."""
+    from .samplers import SAMPLER_HYPERPARAMETERS
     from .vocabulary import translate
 
     hyper = translate(
@@ -377,10 +497,16 @@ def auto_arguments(call: dict) -> dict:
     )
     okw = translate(dict(call.get("optimizer_kwargs") or {}), where="optimizer_kwargs")
     okw.pop("step_size", None)
+    own_names = {k for names in SAMPLER_HYPERPARAMETERS.values() for k in names}
+    own = {k: okw.pop(k) for k in list(okw) if k in own_names}
     hyper.update(okw)
     out = {k: call[k] for k in ("loss_fn", "num_steps_bw_draws", "seed") if call.get(k) is not None}
+    out["quiet"] = bool(call.get("quiet", True))
     out.update({k: call[k] for k in _PASSED_TO_TRIALS if call.get(k) is not None})
     out.update(hyper)
+    out.pop("optimizer_kwargs", None)
+    if own:  # the sampler's own hyperparameters (SGNHT, RMSprop-SGLD) reach the trials' sampler
+        out["optimizer_kwargs"] = own
     if out.get("runs") is not None:
         out.pop("restrict_to", None)
         out.pop("masks", None)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..io import Saveable, register
+from .auto import wants_auto
 from .llc import estimate_llc
 
 __all__ = ["OnlineLLC", "OnlineLLCResult", "preserved_training_state"]
@@ -140,9 +141,9 @@ class OnlineLLC:
         full run.
     **sample_kwargs
         :func:`pypattern.estimate_llc`'s keywords (``loss_fn``, ``num_chains``, ``num_draws``, ``step_size``,
-        ``nbeta``, ``localization``, ``seed``, ...). ``step_size="auto"`` calibrates at the first estimate and
-        keeps that step for the rest of the run (one step for the whole curve; calibrating anew at each estimate
-        would mix different biases into it).
+        ``nbeta``, ``localization``, ``seed``, ...). ``step_size="auto"`` (the default when no step is given)
+        calibrates at the first estimate and keeps that step for the rest of the run (one step for the whole
+        curve; calibrating anew at each estimate would mix different biases into it).
 
     Examples
     --------
@@ -216,7 +217,8 @@ class OnlineLLC:
                 init_loss=float(res.init_loss[0]),
                 refined={c: float(v) for c, v in zip(res.component[1:], res.llc_mean[1:], strict=True)},
             )
-        if self.sample_kwargs.get("step_size") == "auto":  # keep the calibrated step for the whole curve
+        if wants_auto(self.sample_kwargs.get("step_size"), self.sample_kwargs.get("optimizer_kwargs")):
+            # "auto" (or no step, its default): keep the step calibrated at the first estimate for the whole curve
             self.sample_kwargs["step_size"] = float(config["step_size"])
             self.auto_step = config.get("auto_step")
         return row

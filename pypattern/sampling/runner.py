@@ -22,7 +22,7 @@ from torch import nn
 
 from .._threads import pinned_threads
 from ..losses import batch_loss, check_batch
-from .auto import auto_arguments, is_auto, resolve_step_size, with_auto_report
+from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import LossContractError, RunContext, Stopped
@@ -144,10 +144,12 @@ def sample(
         ``batch = (x, y)``.
     num_chains, num_draws, num_burnin_steps, num_steps_bw_draws : int
         Chain layout (devinterp's names and meanings).
-    step_size : float or "auto"
-        SGLD step size ``eps`` (devinterp's ``lr``); default ``1e-4``. ``"auto"``: chosen by a short calibration
-        before the run (:mod:`pypattern.sampling.auto`); the result's ``config["step_size"]`` is the chosen
-        step and ``config["auto_step"]`` the calibration's trials and reason.
+    step_size : float or "auto", optional
+        SGLD step size ``eps`` (devinterp's ``lr``). Default (None, and no ``lr``/``step_size`` in
+        ``optimizer_kwargs``): ``"auto"``, chosen by a short calibration before the run
+        (:mod:`pypattern.sampling.auto`, with its own progress bar unless ``quiet``); the result's
+        ``config["step_size"]`` is the chosen step and ``config["auto_step"]`` the calibration's trials, the
+        estimated discretisation bias and the reason. A given step turns the calibration off.
     nbeta : float, optional
         ``n * beta``; default ``batch_size / ln(batch_size)`` (devinterp's default). ``temperature`` is devinterp's
         older name for it.
@@ -258,7 +260,7 @@ def sample(
     warning: dropout would make the draws random beyond the seed and a resume inexact.
     """
     auto_step = None
-    if is_auto(step_size):  # step_size="auto": calibrate first (pypattern.sampling.auto)
+    if wants_auto(step_size, optimizer_kwargs):  # "auto" or no step given: calibrate first (sampling.auto)
         step_size, auto_step = resolve_step_size(model, loader, **auto_arguments(locals()))
     plan = make_plan(
         model,
