@@ -200,9 +200,9 @@ def test_stage_cache_shares_identical_stages_and_patching_by_hand(tmp_path):
     b = ChainImplementations(ALGORITHMS["sort_sum"], pool, x, x_cf, cache)
     for i in range(len(a)):
         a[i]
-    n = cache.forwards
+    n = cache.forwards["stages"]
     b[0]  # the sort stage on x is sort_diff's: only the sum_next stage runs (clean and counterfactual)
-    assert cache.forwards == n + 2
+    assert cache.forwards["stages"] == n + 2
     assert b._stage(b.members(0)[:1]) is a._stage(a.members(0)[:1])
 
     # patching by hand: chain 3, its 2 most important heads, each hook_z replaced by the value on the

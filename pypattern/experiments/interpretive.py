@@ -302,7 +302,9 @@ class StageCache:
     def __init__(self) -> None:
         self.stages: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict]] = {}
         self.importance: dict[tuple, np.ndarray] = {}
-        self.forwards = 0
+        self.forwards = {"stages": 0, "importance": 0, "patched": 0}
+        """Forward passes run, by purpose (clean and counterfactual stage runs, head importance, patched
+        chains)."""
 
 
 class ChainImplementations:
@@ -359,7 +361,7 @@ class ChainImplementations:
             cfd["in"] = inp
             val = (rep, decode(logits), cfd)
             self.cache.stages[ckey] = val
-            self.cache.forwards += 2
+            self.cache.forwards["stages"] += 2
         self._prefix[key] = val
         return val
 
@@ -381,7 +383,7 @@ class ChainImplementations:
                     self.cache.importance[ikey] = head_importance(
                         model, inp, run_routine(self.routines[s], inp), perm
                     )
-                    self.cache.forwards += 2 + model.cfg.n_layers * model.cfg.n_heads
+                    self.cache.forwards["importance"] += 2 + model.cfg.n_layers * model.cfg.n_heads
                 self._importance[(s, m)] = self.cache.importance[ikey]
             imp = self._importance[(s, m)]
             scored += [(-imp[la, h], s, la, h) for la in range(imp.shape[0]) for h in range(imp.shape[1])]
@@ -410,7 +412,7 @@ class ChainImplementations:
             else:
                 rep, logits = accumulated_residual(model, encode(inp), fwd_hooks=fwd)
                 out = decode(logits)
-                self.cache.forwards += 1
+                self.cache.forwards["patched"] += 1
             reps.append(rep.double())
             inp = out
         return torch.cat(reps, 1)
@@ -491,7 +493,8 @@ def run_pipeline_seed(pool: dict, s: InterpretiveSettings, seed: int, log=print)
         )
         + f" ({rec['selectivity_cpu_seconds']:.0f} s CPU)"
     )
-    rec["forwards"] = cache.forwards
+    rec["forwards"] = dict(cache.forwards)
+    log(f"pipeline seed {seed}: forward passes {rec['forwards']}")
     rec["seconds"] = time.perf_counter() - t0
     rec["cpu_seconds"] = time.process_time() - c0
     return rec
