@@ -595,7 +595,8 @@ def _plot(report: dict, out: Path, name: str) -> list[str]:
     names = s["algorithms"]
     measures = s["measures"]
     per = report["per_seed"]
-    fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(measures), figsize=(6.0 * len(measures), 4.6), squeeze=False)
+    fig.subplots_adjust(wspace=0.75)
     for ax, m in zip(axes[0], measures):
         g = np.mean([r["grid"][m]["fraction_positive"] for r in per], 0)
         im = ax.imshow(g, vmin=0, vmax=1, cmap="viridis")
