@@ -5,8 +5,10 @@
                               (heatmap PNG + CSV)
   pypattern demo patterning   the patterning experiments (induction onset, parentheses algorithm selection)
   pypattern demo flags        concept flags: train them into a small transformer, steer with them, against a control
-  pypattern demo equivalence  layer-by-layer similarity of induction models with and without an induction head
-  pypattern demo interpretive interpretive equivalence of algorithmic pipelines (pool of small models, grid)
+  pypattern demo equivalence  interpretive equivalence of algorithmic pipelines: a cached pool of small models,
+                              the distinguishability grid (ridge, CKA, Procrustes) and the selectivity curve
+                              (grid PNG); `demo interpretive` is the same demo
+  pypattern demo cka          layer-by-layer similarity of induction models with and without an induction head
   pypattern llc               train a small model on a teacher task and estimate its LLC;
                               with --model DIR --data FILE: the LLC of your own model on your token file
   pypattern patch             exact and attribution patching on the built-in model and task (heatmap + table);
@@ -224,18 +226,19 @@ def _parser() -> argparse.ArgumentParser:
     quick_help = "tiny sizes: checks that the demo runs in seconds to a minute; its figures mean nothing"
     d = sub.add_parser(
         "demo",
-        help="run a demo on built-in defaults (main, patterning, flags or equivalence)",
+        help="run a demo on built-in defaults (main, patterning, flags, equivalence or cka)",
         description="Run a demo on built-in defaults and print a short summary; full results go to --out.",
     )
     d.add_argument(
         "what",
         nargs="?",
         default="main",
-        choices=["main", "patterning", "flags", "equivalence", "interpretive"],
+        choices=["main", "patterning", "flags", "equivalence", "interpretive", "cka"],
         help="which demo: main (backends, SGLD step speed, LLC, patching; the default), patterning "
         "(induction onset and parentheses algorithm selection; minutes), flags (concept flags against a "
-        "control), equivalence (CKA between induction models), interpretive (interpretive equivalence of "
-        "algorithmic pipelines: a pool of small models, the win-counting grid and the selectivity curve)",
+        "control), equivalence (interpretive equivalence of algorithmic pipelines: a pool of small models, the "
+        "win-counting grid and the selectivity curve; minutes; 'interpretive' is the same demo), cka (CKA "
+        "between induction models with and without an induction head)",
     )
     d.add_argument(
         "--out", default="out/demo", help="folder for plots, tables and reports (default: out/demo)"
@@ -244,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--full",
         action="store_true",
-        help="patterning and interpretive only: full sizes (more seeds and draws) instead of reduced",
+        help="patterning and equivalence only: full sizes (more seeds and draws) instead of reduced",
     )
     size.add_argument("--quick", action="store_true", help=quick_help)
     llc = sub.add_parser(
@@ -329,27 +332,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "patch":
         _patch_demo("activation patching on the built-in model and task:", args.out, args.quick)
         return 0
-    if args.full and args.what not in ("patterning", "interpretive"):
-        raise SystemExit(
-            f"pypattern demo {args.what}: --full applies to 'patterning' and 'interpretive' only"
-        )
-    if args.what == "interpretive":
+    if args.full and args.what not in ("patterning", "equivalence", "interpretive"):
+        raise SystemExit(f"pypattern demo {args.what}: --full applies to 'patterning' and 'equivalence' only")
+    if args.what in ("equivalence", "interpretive"):
         _print(
-            "interpretive equivalence of algorithmic pipelines (the win-counting test and selectivity):",
+            "interpretive equivalence of algorithmic pipelines (the win-counting grid and selectivity):",
             _call(
                 "pypattern.experiments.interpretive",
                 "run_interpretive_demo",
-                f"{args.out}/interpretive",
+                f"{args.out}/equivalence",
                 full=args.full,
+                quick=args.quick,
             ),
         )
         return 0
-    if args.what == "equivalence":
+    if args.what == "cka":
         mod = importlib.import_module("pypattern.experiments.equivalence_demo")
         s = mod.EquivalenceDemoSettings.quick() if args.quick else None
         _print(
             "representation similarity of induction models (debiased CKA on induction-predictable tokens):",
-            mod.run_equivalence_demo(f"{args.out}/equivalence", s),
+            mod.run_equivalence_demo(f"{args.out}/cka", s),
         )
         return 0
     if args.what == "flags":

@@ -52,6 +52,7 @@ __all__ = [
     "distinguishability_grid",
     "SelectivityResult",
     "selectivity_curve",
+    "selectivity_curves",
 ]
 
 MEASURES = ("ridge", "cka", "procrustes")
@@ -265,18 +266,65 @@ def selectivity_curve(
     heads patched (``patched_a(i, 0)`` must equal ``impl_a[i]``). For each ``k``, ``num_trials`` trials per other
     algorithm, each drawing ``a`` and ``b``; ``s(a -> b)`` and ``s(patched a -> b)`` use independent splits.
     """
+    return selectivity_curves(
+        impl_a,
+        patched_a,
+        others,
+        budgets,
+        measures=(measure,),
+        num_trials=num_trials,
+        seed=seed,
+        **similarity_kw,
+    )[measure]
+
+
+def selectivity_curves(
+    impl_a: ImplementationSet,
+    patched_a: Callable[[int, int], torch.Tensor],
+    others: Sequence[ImplementationSet],
+    budgets: Sequence[int],
+    *,
+    measures: Sequence[str] = MEASURES,
+    num_trials: int = 20,
+    seed: int = 0,
+    **similarity_kw,
+) -> dict[str, SelectivityResult]:
+    """:func:`selectivity_curve` for several measures at once: ``{measure: SelectivityResult}``.
+
+    The draws (``a``, ``b`` and the two splits of each trial) come from ``seed`` alone, so every measure sees the
+    same trials, and each measure's result equals its own :func:`selectivity_curve` call with that ``seed``; each
+    patched representation is computed once for all measures. ``similarity_kw`` goes to :func:`similarity`.
+    """
+    measures = list(measures)
+    for m in measures:
+        if m not in MEASURES:
+            raise ValueError(f"measures must be a subset of {MEASURES}, got {m!r}")
     rng = np.random.default_rng(seed)
-    wins, counts, rate = {}, {}, {}
+    wins = {m: {} for m in measures}
+    counts: dict = {}
     for k in budgets:
-        w = c = 0
+        w = dict.fromkeys(measures, 0)
+        c = 0
         for other in others:
             for _ in range(num_trials):
                 ia = int(rng.integers(len(impl_a)))
                 b = other[int(rng.integers(len(other)))]
                 s1, s2 = (int(v) for v in rng.integers(2**31, size=2))
-                clean = similarity(measure, impl_a[ia], [b], seed=s1, **similarity_kw)[0]
-                patched = similarity(measure, patched_a(ia, k), [b], seed=s2, **similarity_kw)[0]
-                w += int(clean > patched)
+                clean_rep, patched_rep = impl_a[ia], patched_a(ia, k)
+                for m in measures:
+                    clean = similarity(m, clean_rep, [b], seed=s1, **similarity_kw)[0]
+                    patched = similarity(m, patched_rep, [b], seed=s2, **similarity_kw)[0]
+                    w[m] += int(clean > patched)
                 c += 1
-        wins[k], counts[k], rate[k] = w, c, w / c
-    return SelectivityResult(budgets=list(budgets), win_rate=rate, num_wins=wins, num_comparisons=counts)
+        counts[k] = c
+        for m in measures:
+            wins[m][k] = w[m]
+    return {
+        m: SelectivityResult(
+            budgets=list(budgets),
+            win_rate={k: wins[m][k] / counts[k] for k in budgets},
+            num_wins=dict(wins[m]),
+            num_comparisons=dict(counts),
+        )
+        for m in measures
+    }

@@ -71,9 +71,9 @@ def test_demo_patterning_quick_prints_a_headline_not_the_report(tmp_path, capsys
     assert len(out) < 2500 < report.stat().st_size
 
 
-def test_full_and_quick_exclude_each_other_and_full_is_for_patterning_and_interpretive(capsys):
+def test_full_and_quick_exclude_each_other_and_full_is_for_patterning_and_equivalence(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "patterning", "--full", "--quick"])
     assert e.value.code != 0
-    with pytest.raises(SystemExit, match="--full applies to 'patterning' and 'interpretive' only"):
+    with pytest.raises(SystemExit, match="--full applies to 'patterning' and 'equivalence' only"):
         cli.main(["demo", "flags", "--full"])

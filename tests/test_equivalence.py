@@ -476,12 +476,12 @@ def test_float32_products_agree_with_float64():
 
 
 def test_equivalence_demo_runs_small(tmp_path):
-    """`pypattern demo equivalence` end to end at test size: report, plot, and self-consistent numbers."""
+    """`pypattern demo cka` end to end at test size: report, plot, and self-consistent numbers."""
     import json
 
     from pypattern.experiments.equivalence_demo import EquivalenceDemoSettings, run_equivalence_demo
 
-    out = run_equivalence_demo(tmp_path, EquivalenceDemoSettings.quick())  # `demo equivalence --quick`
+    out = run_equivalence_demo(tmp_path, EquivalenceDemoSettings.quick())  # `demo cka --quick`
     rep = json.loads((tmp_path / "equivalence.json").read_text())
     assert (tmp_path / "equivalence_cka.png").stat().st_size > 0
     assert set(rep["pairs"]) == {"0-1", "0-2", "1-2"} and rep["num_induction_tokens"] > 0

@@ -11,6 +11,7 @@ from pypattern.interpretive import (
     accumulated_residual,
     distinguishability_grid,
     selectivity_curve,
+    selectivity_curves,
     similarity,
     win_test,
 )
@@ -95,6 +96,13 @@ def test_selectivity_control_and_budget(planted):
     assert 0.3 < res.win_rate[0] < 0.7  # control: independent splits, a coin flip
     assert res.win_rate[8] > 0.9
     assert res.num_comparisons[0] == 60
+    # several measures at once: the same trials, each equal to its own call
+    both = selectivity_curves(a, patched, [near], [0, 8], measures=("ridge", "cka"), num_trials=15, seed=2)
+    for m in ("ridge", "cka"):
+        one = selectivity_curve(a, patched, [near], [0, 8], measure=m, num_trials=15, seed=2)
+        assert both[m].num_wins == one.num_wins and both[m].win_rate == one.win_rate
+    with pytest.raises(ValueError, match="measures"):
+        selectivity_curves(a, patched, [near], [0], measures=("cosine",))
 
 
 def test_similarity_measures_are_the_library_ones():
@@ -159,3 +167,105 @@ def test_pool_cache_chains_and_patching(tmp_path):
     # patching every head of stage 0 with its counterfactual values = running stage 0's attention on x_cf
     one = impl.patched(1, 1)
     assert not torch.equal(one, impl[1])
+
+
+def test_stage_cache_shares_identical_stages_and_patching_by_hand(tmp_path):
+    from pypattern.experiments.interpretive import (
+        ChainImplementations,
+        InterpretiveSettings,
+        StageCache,
+        pool_members,
+        train_pools,
+    )
+    from pypattern.tasks.algorithmic import ALGORITHMS, decode, encode
+
+    s = InterpretiveSettings(
+        algorithms=("sort_diff", "sort_sum"),
+        members=(("L1d48h4", 0), ("L2d32h4", 1)),
+        steps=3,
+        num_workers=1,
+        pipeline_seeds=(0, 2),
+    )
+    assert pool_members(s, 2) == (("L1d48h4", 2000), ("L2d32h4", 2001))
+    pools, info = train_pools(s, tmp_path, log=lambda *a: None)
+    assert info["trained_now"] == 3 * 4 and sorted(pools) == [0, 2]
+    x = torch.randint(0, 11, (48, 10), generator=torch.Generator().manual_seed(0))
+    # independently trained pools: other weights
+    assert not torch.equal(pools[0]["sort"][0](encode(x)), pools[2]["sort"][0](encode(x)))
+
+    pool = pools[0]
+    x_cf = torch.randint(0, 11, (48, 10), generator=torch.Generator().manual_seed(1))
+    cache = StageCache()
+    a = ChainImplementations(ALGORITHMS["sort_diff"], pool, x, x_cf, cache)
+    b = ChainImplementations(ALGORITHMS["sort_sum"], pool, x, x_cf, cache)
+    for i in range(len(a)):
+        a[i]
+    n = cache.forwards["stages"]
+    b[0]  # the sort stage on x is sort_diff's: only the sum_next stage runs (clean and counterfactual)
+    assert cache.forwards["stages"] == n + 2
+    assert b._stage(b.members(0)[:1]) is a._stage(a.members(0)[:1])
+
+    # patching by hand: chain 3, its 2 most important heads, each hook_z replaced by the value on the
+    # counterfactual stream of the same chain
+    i, k = 3, 2
+    heads = a.ranked_heads(i)[:k]
+    key = a.members(i)
+    inp, inp_cf, reps = x, x_cf, []
+    for st, m in enumerate(key):
+        model = pool[a.routines[st]][m]
+        z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+        _, cf = model.run_with_cache(encode(inp_cf), names_filter=z_names)
+        hooks = []
+        for layer in range(model.cfg.n_layers):
+            hs = [h for (ss, la, h) in heads if ss == st and la == layer]
+            if hs:
+                name = f"blocks.{layer}.attn.hook_z"
+
+                def fn(z, hook, src=cf[name], hs=hs):
+                    z = z.clone()
+                    z[:, :, hs] = src[:, :, hs]
+                    return z
+
+                hooks.append((name, fn))
+        rep, logits = accumulated_residual(model, encode(inp), fwd_hooks=hooks)
+        reps.append(rep.double())
+        with torch.no_grad():
+            inp_cf = decode(model(encode(inp_cf)))
+        inp = decode(logits)
+    torch.testing.assert_close(a.patched(i, k), torch.cat(reps, 1), rtol=0, atol=0)
+
+
+def test_demo_equivalence_quick_writes_the_grid_plot(tmp_path, capsys):
+    """`pypattern demo equivalence --quick` end to end: report, plots, and numbers consistent with each other."""
+    import json
+
+    from pypattern import cli
+    from pypattern.interpretive import _criterion
+
+    assert cli.main(["demo", "equivalence", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    d = tmp_path / "equivalence"
+    grid_png = d / "interpretive_grid.png"
+    assert str(grid_png) in out and len(out) < 3000
+    for p in (grid_png, d / "interpretive_selectivity.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    rep = json.loads((d / "interpretive.json").read_text())
+    st = rep["settings"]
+    k = len(st["algorithms"])
+    (seed,) = rep["per_seed"]
+    for m in ("ridge", "cka", "procrustes"):
+        g = seed["grid"][m]
+        p = np.array(g["p"])  # (k, k, repeats): win fractions, multiples of 1 / trials
+        assert p.shape == (k, k, st["num_repeats"])
+        np.testing.assert_allclose(p * st["num_trials"], np.round(p * st["num_trials"]), atol=1e-9)
+        np.testing.assert_array_equal(np.array(g["positive"]), _criterion(p, st["num_trials"], st["z"]))
+        np.testing.assert_allclose(np.array(g["fraction_positive"]), np.array(g["positive"]).mean(-1))
+        np.testing.assert_allclose(np.array(g["win_rate"]), p.mean(-1))
+        for own, other in zip(g["mean_own"], g["mean_other"]):
+            assert all(-1 <= v <= 1 for v in own + other)
+        for a in st["algorithms"]:
+            for b in st["budgets"]:
+                w, c = seed["selectivity_counts"][m][a][str(b)]
+                assert c == st["selectivity_trials"] * (k - 1) and 0 <= w <= c
+                assert seed["selectivity"][m][a][str(b)] == w / c
+    assert rep["pool"]["trained_now"] == 5 * 2  # 5 routines, 2 members each (the cache: test above)

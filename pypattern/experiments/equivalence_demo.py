@@ -1,4 +1,4 @@
-"""``pypattern demo equivalence``: compare the representations of induction models that did and did not form a
+"""``pypattern demo cka``: compare the representations of induction models that did and did not form a
 canonical induction head (layer by layer CKA and Procrustes on the tokens predictable by induction, with
 permutation p-values)."""
 
@@ -44,9 +44,7 @@ class EquivalenceDemoSettings:
         return cls(d_vocab=16, seq_len=13, d_model=16, steps=30, num_inputs=40, num_permutations=20)
 
 
-def run_equivalence_demo(
-    out_dir: str | Path = "out/demo/equivalence", s: EquivalenceDemoSettings | None = None
-):
+def run_equivalence_demo(out_dir: str | Path = "out/demo/cka", s: EquivalenceDemoSettings | None = None):
     """Train one model per seed, then compare every pair layer by layer. Writes ``equivalence.json`` and
     ``equivalence_cka.png``; returns the headline numbers."""
     s = s or EquivalenceDemoSettings()

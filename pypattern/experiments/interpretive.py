@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..interpretive import MEASURES, accumulated_residual, distinguishability_grid, selectivity_curve
+from ..interpretive import MEASURES, accumulated_residual, distinguishability_grid, selectivity_curves
 from ..models.transformer import Transformer, TransformerConfig
 from ..tasks.algorithmic import (
     ALGORITHMS,
@@ -45,8 +45,12 @@ __all__ = [
     "ARCHS",
     "InterpretiveSettings",
     "reduced_interpretive_settings",
+    "quick_interpretive_settings",
+    "pool_members",
     "train_pool",
+    "train_pools",
     "load_member",
+    "StageCache",
     "ChainImplementations",
     "head_importance",
     "run_pipeline_seed",
@@ -68,8 +72,9 @@ class InterpretiveSettings:
     """Settings of :func:`run_interpretive` (defaults: the full run).
 
     ``members``: the pool of every routine, as ``(architecture, seed)``; ``algorithms``: keys of
-    :data:`~pypattern.tasks.algorithmic.ALGORITHMS`; ``pipeline_seeds``: seeds of the whole pipeline after the pool
-    (inputs, implementation draws, splits, counterfactuals).
+    :data:`~pypattern.tasks.algorithmic.ALGORITHMS`; ``pipeline_seeds``: seeds of the whole pipeline (inputs,
+    implementation draws, splits, counterfactuals and, with ``independent_pools``, the pool itself: pipeline seed
+    ``p`` trains its own members, ``(architecture, seed + 1000 p)``; see :func:`pool_members`).
     """
 
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
@@ -85,6 +90,7 @@ class InterpretiveSettings:
     budgets: tuple[int, ...] = (0, 1, 2, 4, 8)
     measures: tuple[str, ...] = MEASURES
     pipeline_seeds: tuple[int, ...] = (0, 1, 2)
+    independent_pools: bool = True
     train_fraction: float = 0.9
     alphas: tuple[float, ...] = (0.1, 1.0, 10.0)
     z: float = 1.96
@@ -92,16 +98,34 @@ class InterpretiveSettings:
 
 
 def reduced_interpretive_settings() -> InterpretiveSettings:
-    """The demo's settings (about 5 minutes on 2 idle cores when the pool is not cached yet): 3 pool members per
-    routine trained for 600 steps, 5 algorithms, 1000 inputs, fewer repeats and one pipeline seed."""
+    """The demo's settings (``pypattern demo equivalence``; within 5 minutes on 2 cores with the pool not cached
+    yet): 2 pool members per routine trained for 600 steps, the first 5 algorithms (4 to 8 implementations each),
+    600 inputs, 2 repeats of 20 trials, budgets 0, 2 and 8 with 3 selectivity trials, one pipeline seed."""
     return InterpretiveSettings(
         algorithms=tuple(ALGORITHMS)[:5],
-        members=(("L2d32h4", 0), ("L1d48h4", 1), ("L2d32h4", 2)),
+        members=(("L2d32h4", 0), ("L1d48h4", 1)),
         steps=600,
-        num_inputs=1000,
-        num_repeats=3,
-        selectivity_trials=5,
+        num_inputs=600,
+        num_repeats=2,
+        selectivity_trials=3,
         budgets=(0, 2, 8),
+        pipeline_seeds=(0,),
+    )
+
+
+def quick_interpretive_settings() -> InterpretiveSettings:
+    """Tiny sizes (``--quick``: 2 one-layer members per routine trained for 40 steps, 3 algorithms, 120 inputs):
+    checks that the demo runs, in seconds; the figures mean nothing."""
+    return InterpretiveSettings(
+        algorithms=("sort_diff", "sort_sum", "index_count"),
+        members=(("L1d48h4", 0), ("L1d48h4", 1)),
+        steps=40,
+        num_workers=1,
+        num_inputs=120,
+        num_trials=6,
+        num_repeats=1,
+        selectivity_trials=2,
+        budgets=(0, 1),
         pipeline_seeds=(0,),
     )
 
@@ -158,16 +182,30 @@ def load_member(path: str | Path) -> tuple[Transformer, dict]:
     return model, meta
 
 
-def train_pool(s: InterpretiveSettings, cache_dir: str | Path, log=print) -> tuple[dict, dict]:
-    """Every routine's pool, trained where not cached (``s.num_workers`` processes, ``s.num_threads`` threads
-    each). Returns ``({routine: [model per member]}, info)`` with per-member metrics and the wall and CPU time of
-    the training done now."""
+def pool_members(s: InterpretiveSettings, pipeline_seed: int) -> tuple[tuple[str, int], ...]:
+    """The pool members of a pipeline seed: ``s.members``, their seeds shifted by ``1000 * pipeline_seed`` when
+    ``s.independent_pools`` (pipeline seed 0 is ``s.members`` itself)."""
+    if not s.independent_pools:
+        return tuple(s.members)
+    return tuple((arch, seed + 1000 * pipeline_seed) for arch, seed in s.members)
+
+
+def train_pool(
+    s: InterpretiveSettings,
+    cache_dir: str | Path,
+    log=print,
+    members: tuple[tuple[str, int], ...] | None = None,
+) -> tuple[dict, dict]:
+    """Every routine's pool (``members``, default ``s.members``), trained where not cached (``s.num_workers``
+    processes, ``s.num_threads`` threads each). Returns ``({routine: [model per member]}, info)`` with per-member
+    metrics and the wall and CPU time of the training done now."""
+    members = tuple(s.members if members is None else members)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     routines = sorted({r for a in s.algorithms for r in ALGORITHMS[a]})
     jobs, paths = [], {}
     for r in routines:
-        for arch, seed in s.members:
+        for arch, seed in members:
             p = str(cache / _member_key(r, arch, seed, s))
             paths[(r, arch, seed)] = p
             if not (Path(p + ".npz").exists() and Path(p + ".json").exists()):
@@ -191,7 +229,7 @@ def train_pool(s: InterpretiveSettings, cache_dir: str | Path, log=print) -> tup
     pool, metas = {}, {}
     for r in routines:
         pool[r] = []
-        for arch, seed in s.members:
+        for arch, seed in members:
             m, meta = load_member(paths[(r, arch, seed)])
             pool[r].append(m)
             metas[f"{r}/{arch}/seed{seed}"] = {
@@ -205,6 +243,19 @@ def train_pool(s: InterpretiveSettings, cache_dir: str | Path, log=print) -> tup
         "train_cpu_seconds": sum(m["cpu_seconds"] for m in trained),
     }
     return pool, info
+
+
+def train_pools(s: InterpretiveSettings, cache_dir: str | Path, log=print) -> tuple[dict, dict]:
+    """The pools of every pipeline seed (:func:`pool_members`), trained together where not cached. Returns
+    ``({pipeline seed: {routine: [model per member]}}, info)``."""
+    per_seed = {ps: pool_members(s, ps) for ps in s.pipeline_seeds}
+    union = tuple(dict.fromkeys(m for ms in per_seed.values() for m in ms))
+    pool, info = train_pool(s, cache_dir, log=log, members=union)
+    index = {m: j for j, m in enumerate(union)}
+    pools = {
+        ps: {r: [models[index[m]] for m in ms] for r, models in pool.items()} for ps, ms in per_seed.items()
+    }
+    return pools, info
 
 
 # ------------------------------------------------------------------------------------------------ implementations
@@ -237,22 +288,45 @@ def _patch_fn(src: torch.Tensor, heads: list[int]):
     return fn
 
 
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+class StageCache:
+    """Stage results shared by the :class:`ChainImplementations` of one set of inputs, keyed by what determines
+    them: the routine, the pool member, and the *content* of the stage's clean and counterfactual inputs. Chains
+    whose earlier stages give identical outputs (the routines most members compute exactly) share every later
+    stage's forward passes and head importances; the values are those of the computation itself, not
+    approximations."""
+
+    def __init__(self) -> None:
+        self.stages: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict]] = {}
+        self.importance: dict[tuple, np.ndarray] = {}
+        self.forwards = {"stages": 0, "importance": 0, "patched": 0}
+        """Forward passes run, by purpose (clean and counterfactual stage runs, head importance, patched
+        chains)."""
+
+
 class ChainImplementations:
     """Every implementation of one algorithm: the chains of one pool member per routine, on inputs ``x``.
 
     ``impl[i]`` is the ``(n, features)`` float64 representation of chain ``i`` (members in row-major order over the
     stages): each stage's :func:`~pypattern.interpretive.accumulated_residual`, concatenated. Stage outputs are the
-    argmax (over the 11 tokens) at positions 10..19 and feed the next stage. Prefixes are cached, so chains that
-    share their first stages run them once. ``patched(i, k)``: the same chain with its ``k`` most important heads
-    (by :func:`head_importance` on each stage's clean input, over all stages) patched with their values on the
-    counterfactual inputs ``x_cf`` run through the same chain.
+    argmax (over the 11 tokens) at positions 10..19 and feed the next stage. Stage results are cached by
+    member and input content (``cache``, a :class:`StageCache`, may be shared by the algorithms on the same
+    inputs), so chains and algorithms that feed a member the same inputs run it once. ``patched(i, k)``: the same
+    chain with its ``k`` most important heads (by :func:`head_importance` on each stage's clean input, over all
+    stages) patched with their values on the counterfactual inputs ``x_cf`` run through the same chain.
     """
 
-    def __init__(self, routines, pool: dict, x: torch.Tensor, x_cf: torch.Tensor) -> None:
+    def __init__(
+        self, routines, pool: dict, x: torch.Tensor, x_cf: torch.Tensor, cache: StageCache | None = None
+    ) -> None:
         self.routines = list(routines)
         self.models = [pool[r] for r in self.routines]
         self.sizes = [len(m) for m in self.models]
         self.x, self.x_cf = x, x_cf
+        self.cache = cache if cache is not None else StageCache()
         self._prefix: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict]] = {}
         self._importance: dict[tuple, np.ndarray] = {}
 
@@ -269,25 +343,30 @@ class ChainImplementations:
         if key in self._prefix:
             return self._prefix[key]
         s = len(key) - 1
-        inp, inp_cf = (
-            (self.x, self.x_cf) if s == 0 else (self._stage(key[:-1])[1], self._stage(key[:-1])[2]["out"])
-        )
-        model = self.models[s][key[-1]]
-        rep, logits = accumulated_residual(model, encode(inp))
-        hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
-        with torch.no_grad():
-            logits_cf, cf = model.run_with_cache(encode(inp_cf), names_filter=hooks)
-        cfd = dict(cf)
-        cfd["out"] = decode(logits_cf)
-        cfd["in"] = inp
-        val = (rep, decode(logits), cfd)
+        if s == 0:
+            inp, inp_cf = self.x, self.x_cf
+        else:
+            prev = self._stage(key[:-1])
+            inp, inp_cf = prev[1], prev[2]["out"]
+        ckey = (self.routines[s], id(self.models[s][key[-1]]), _digest(inp), _digest(inp_cf))
+        val = self.cache.stages.get(ckey)
+        if val is None:
+            model = self.models[s][key[-1]]
+            rep, logits = accumulated_residual(model, encode(inp))
+            hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+            with torch.no_grad():
+                logits_cf, cf = model.run_with_cache(encode(inp_cf), names_filter=hooks)
+            cfd = dict(cf)
+            cfd["out"] = decode(logits_cf)
+            cfd["in"] = inp
+            val = (rep, decode(logits), cfd)
+            self.cache.stages[ckey] = val
+            self.cache.forwards["stages"] += 2
         self._prefix[key] = val
         return val
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        key = self.members(
-            i
-        )  # stage prefixes are cached; the concatenation is not (it is cheap, and memory is not)
+        key = self.members(i)  # stages are cached; the concatenation is not (it is cheap, and memory is not)
         return torch.cat([self._stage(key[: s + 1])[0] for s in range(len(key))], 1).double()
 
     def ranked_heads(self, i: int) -> list[tuple[int, int, int]]:
@@ -297,16 +376,22 @@ class ChainImplementations:
         for s, m in enumerate(key):
             if (s, m) not in self._importance:
                 inp = self._stage(key[: s + 1])[2]["in"]
-                perm = torch.randperm(inp.shape[0], generator=torch.Generator().manual_seed(17))
-                self._importance[(s, m)] = head_importance(
-                    self.models[s][m], inp, run_routine(self.routines[s], inp), perm
-                )
+                model = self.models[s][m]
+                ikey = (self.routines[s], id(model), _digest(inp))
+                if ikey not in self.cache.importance:
+                    perm = torch.randperm(inp.shape[0], generator=torch.Generator().manual_seed(17))
+                    self.cache.importance[ikey] = head_importance(
+                        model, inp, run_routine(self.routines[s], inp), perm
+                    )
+                    self.cache.forwards["importance"] += 2 + model.cfg.n_layers * model.cfg.n_heads
+                self._importance[(s, m)] = self.cache.importance[ikey]
             imp = self._importance[(s, m)]
             scored += [(-imp[la, h], s, la, h) for la in range(imp.shape[0]) for h in range(imp.shape[1])]
         return [(s, la, h) for _, s, la, h in sorted(scored)]
 
     def patched(self, i: int, k: int) -> torch.Tensor:
-        """Representation of chain ``i`` with its ``k`` most important heads patched (``k = 0``: ``self[i]``)."""
+        """Representation of chain ``i`` with its ``k`` most important heads patched (``k = 0``: ``self[i]``).
+        A stage without patched heads whose input equals the clean chain's is the clean chain's stage."""
         if k == 0:
             return self[i]
         key = self.members(i)
@@ -314,16 +399,22 @@ class ChainImplementations:
         inp, reps = self.x, []
         for s, m in enumerate(key):
             model = self.models[s][m]
-            cf = self._stage(key[: s + 1])[2]
+            clean = self._stage(key[: s + 1])
+            cf = clean[2]
             fwd = []
             for layer in range(model.cfg.n_layers):
                 hs = [h for (ss, la, h) in heads if ss == s and la == layer]
                 if hs:
                     name = f"blocks.{layer}.attn.hook_z"
                     fwd.append((name, _patch_fn(cf[name], hs)))
-            rep, logits = accumulated_residual(model, encode(inp), fwd_hooks=fwd)
+            if not fwd and torch.equal(inp, clean[2]["in"]):  # nothing patched upstream reached this stage
+                rep, out = clean[0], clean[1]
+            else:
+                rep, logits = accumulated_residual(model, encode(inp), fwd_hooks=fwd)
+                out = decode(logits)
+                self.cache.forwards["patched"] += 1
             reps.append(rep.double())
-            inp = decode(logits)
+            inp = out
         return torch.cat(reps, 1)
 
 
@@ -338,50 +429,74 @@ def _chain_accuracy(impl: ChainImplementations, algorithm: str) -> float:
 
 
 def run_pipeline_seed(pool: dict, s: InterpretiveSettings, seed: int, log=print) -> dict:
-    """One seed of the pipeline after the pool: inputs, counterfactual inputs, implementation draws and splits
-    come from ``seed``. Returns the grid and the selectivity curve of every measure."""
-    t0 = time.perf_counter()
+    """One seed of the pipeline on its pool: inputs, counterfactual inputs, implementation draws and splits come
+    from ``seed``. Returns the grid and the selectivity curve of every measure, with CPU and wall seconds."""
+    t0, c0 = time.perf_counter(), time.process_time()
     g = torch.Generator().manual_seed(1000 + seed)
     x = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
     x_cf = torch.randint(0, VOCAB, (s.num_inputs, SEQ_LEN), generator=g)
-    impls = {a: ChainImplementations(ALGORITHMS[a], pool, x, x_cf) for a in s.algorithms}
+    cache = StageCache()
+    impls = {a: ChainImplementations(ALGORITHMS[a], pool, x, x_cf, cache) for a in s.algorithms}
     rec = {
         "pipeline_seed": seed,
+        "pool_members": [list(m) for m in pool_members(s, seed)],
         "chain0_sequence_accuracy": {a: _chain_accuracy(impls[a], a) for a in s.algorithms},
         "grid": {},
         "selectivity": {},
         "seconds_per_measure": {},
+        "cpu_seconds_per_measure": {},
     }
+    kw = {"train_fraction": s.train_fraction, "alphas": s.alphas}
+    names = s.algorithms
     for measure in s.measures:
-        tm = time.perf_counter()
-        kw = {"train_fraction": s.train_fraction}
-        if measure == "ridge":
-            kw["alphas"] = s.alphas
+        tm, cm = time.perf_counter(), time.process_time()
         grid = distinguishability_grid(
             impls, measure=measure, num_trials=s.num_trials, num_repeats=s.num_repeats, z=s.z, seed=seed, **kw
         )
-        sel = {}
-        for ai, a in enumerate(s.algorithms):
-            others = [impls[b] for b in s.algorithms if b != a]
-            res = selectivity_curve(
-                impls[a], impls[a].patched, others, s.budgets, measure=measure,
-                num_trials=s.selectivity_trials, seed=seed * 7919 + ai, **kw,
-            )  # fmt: skip
-            sel[a] = {str(k): res.win_rate[k] for k in s.budgets}
-        names = s.algorithms
+        tests = [[grid.tests[(a, b)] for b in names] for a in names]
         rec["grid"][measure] = {
             "fraction_positive": grid.fraction.tolist(),
             "win_rate": grid.win_rate.tolist(),
-            "mean_own": [[float(grid.tests[(a, b)].own.mean()) for b in names] for a in names],
-            "mean_other": [[float(grid.tests[(a, b)].other.mean()) for b in names] for a in names],
+            "p": [[t.p.tolist() for t in row] for row in tests],
+            "positive": [[t.positive.tolist() for t in row] for row in tests],
+            "mean_own": [[float(t.own.mean()) for t in row] for row in tests],
+            "mean_other": [[float(t.other.mean()) for t in row] for row in tests],
         }
-        rec["selectivity"][measure] = sel
         rec["seconds_per_measure"][measure] = time.perf_counter() - tm
+        rec["cpu_seconds_per_measure"][measure] = time.process_time() - cm
         log(
             f"pipeline seed {seed}, {measure}: diagonal {np.diag(grid.fraction).mean():.2f}, off-diagonal "
-            f"{grid.off_diagonal().mean():.2f} ({time.perf_counter() - tm:.0f} s)"
+            f"{grid.off_diagonal().mean():.2f} ({time.process_time() - cm:.0f} s CPU)"
         )
+    tm, cm = time.perf_counter(), time.process_time()
+    sel: dict = {m: {} for m in s.measures}
+    num: dict = {m: {} for m in s.measures}
+    for ai, a in enumerate(names):
+        others = [impls[b] for b in names if b != a]
+        res = selectivity_curves(
+            impls[a], impls[a].patched, others, s.budgets, measures=s.measures,
+            num_trials=s.selectivity_trials, seed=seed * 7919 + ai, **kw,
+        )  # fmt: skip
+        for m in s.measures:
+            sel[m][a] = {str(k): res[m].win_rate[k] for k in s.budgets}
+            num[m][a] = {str(k): [res[m].num_wins[k], res[m].num_comparisons[k]] for k in s.budgets}
+    rec["selectivity"] = sel
+    rec["selectivity_counts"] = num
+    rec["selectivity_seconds"] = time.perf_counter() - tm
+    rec["selectivity_cpu_seconds"] = time.process_time() - cm
+    log(
+        f"pipeline seed {seed}, selectivity: "
+        + "; ".join(
+            f"{m} "
+            + ", ".join(f"k={k}: {np.mean([sel[m][a][str(k)] for a in names]):.2f}" for k in s.budgets)
+            for m in s.measures
+        )
+        + f" ({rec['selectivity_cpu_seconds']:.0f} s CPU)"
+    )
+    rec["forwards"] = dict(cache.forwards)
+    log(f"pipeline seed {seed}: forward passes {rec['forwards']}")
     rec["seconds"] = time.perf_counter() - t0
+    rec["cpu_seconds"] = time.process_time() - c0
     return rec
 
 
@@ -401,11 +516,11 @@ def run_interpretive(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    pool, pool_info = train_pool(s, cache_dir or out / "pool", log=log)
+    pools, pool_info = train_pools(s, cache_dir or out / "pool", log=log)
     old = torch.get_num_threads()
     torch.set_num_threads(s.num_threads)
     try:
-        per_seed = [run_pipeline_seed(pool, s, ps, log=log) for ps in s.pipeline_seeds]
+        per_seed = [run_pipeline_seed(pools[ps], s, ps, log=log) for ps in s.pipeline_seeds]
     finally:
         torch.set_num_threads(old)
     report = {
@@ -422,6 +537,9 @@ def run_interpretive(
     return report
 
 
+_PER_MEASURE = ("grid", "selectivity", "selectivity_counts", "seconds_per_measure", "cpu_seconds_per_measure")
+
+
 def merge_reports(paths: list[str | Path], out_dir: str | Path, name: str = "interpretive") -> dict:
     """Combine reports of the same settings run for different pipeline seeds or measures (e.g. in parallel
     processes) into one report with its summary and plots."""
@@ -430,11 +548,10 @@ def merge_reports(paths: list[str | Path], out_dir: str | Path, name: str = "int
     by_seed: dict[int, dict] = {}
     for rep in reps:  # reports may split the seeds, the measures, or both
         for r in rep["per_seed"]:
-            cur = by_seed.setdefault(
-                r["pipeline_seed"], {**r, "grid": {}, "selectivity": {}, "seconds_per_measure": {}}
-            )
-            for k in ("grid", "selectivity", "seconds_per_measure"):
-                cur[k].update(r[k])
+            cur = by_seed.setdefault(r["pipeline_seed"], {**r, **{k: {} for k in _PER_MEASURE if k in r}})
+            for k in _PER_MEASURE:
+                if k in r:
+                    cur.setdefault(k, {}).update(r[k])
     base["per_seed"] = [by_seed[k] for k in sorted(by_seed)]
     st = base["settings"]
     st["pipeline_seeds"] = sorted(by_seed)
@@ -478,7 +595,8 @@ def _plot(report: dict, out: Path, name: str) -> list[str]:
     names = s["algorithms"]
     measures = s["measures"]
     per = report["per_seed"]
-    fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(measures), figsize=(6.0 * len(measures), 4.6), squeeze=False)
+    fig.subplots_adjust(wspace=0.75)
     for ax, m in zip(axes[0], measures):
         g = np.mean([r["grid"][m]["fraction_positive"] for r in per], 0)
         im = ax.imshow(g, vmin=0, vmax=1, cmap="viridis")
@@ -520,12 +638,21 @@ def _plot(report: dict, out: Path, name: str) -> list[str]:
 
 
 def run_interpretive_demo(
-    out_dir: str | Path = "out/demo/interpretive", full: bool = False, log=print
+    out_dir: str | Path = "out/demo/equivalence", full: bool = False, quick: bool = False, log=print
 ) -> dict:
-    """``pypattern demo interpretive``: the reduced run (:func:`reduced_interpretive_settings`; the full run with
-    ``full=True``), pool cached in ``out_dir/pool``. Returns the headline numbers; writes
-    ``interpretive.json``, ``interpretive_grid.png`` and ``interpretive_selectivity.png``."""
-    s = InterpretiveSettings() if full else reduced_interpretive_settings()
+    """``pypattern demo equivalence``: the reduced run (:func:`reduced_interpretive_settings`; the full run with
+    ``full=True``, tiny sizes with ``quick=True``), pool cached in ``out_dir/pool``. Returns the headline numbers;
+    writes ``interpretive.json``, ``interpretive_grid.png`` and ``interpretive_selectivity.png``."""
+    if full and quick:
+        raise ValueError("full and quick exclude each other")
+    s = (
+        InterpretiveSettings()
+        if full
+        else quick_interpretive_settings()
+        if quick
+        else reduced_interpretive_settings()
+    )
+    c0 = time.process_time()
     rep = run_interpretive(out_dir, s, log=log)
     out = {}
     for m, v in rep["summary"].items():
@@ -541,6 +668,8 @@ def run_interpretive_demo(
         + (f"{rep['pool']['cached']} cached")
     )
     out["seconds"] = round(rep["seconds"], 1)
+    out["cpu_seconds_main_process"] = round(time.process_time() - c0, 1)
+    out["report"] = str(Path(out_dir) / "interpretive.json")
     out["plots"] = rep["plots"]
     return out
 
@@ -560,6 +689,16 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--selectivity-trials", type=int, default=None, help="trials per other algorithm and budget"
     )
+    ap.add_argument("--trials", type=int, default=None, help="trials per repeat of the win test")
+    ap.add_argument(
+        "--shared-pool", action="store_true", help="every pipeline seed uses the same pool (seed 0's)"
+    )
+    ap.add_argument(
+        "--members",
+        default=None,
+        help="pool members of every routine as ARCH:SEED, comma-separated (default: the settings'), e.g. "
+        "L2d32h4:0,L2d32h4:1,L1d48h4:2",
+    )
     ap.add_argument("--measures", default=None, help="comma-separated subset of ridge,cka,procrustes")
     ap.add_argument("--name", default="interpretive", help="report and plot file stem")
     ap.add_argument("--workers", type=int, default=None, help="processes training the pool (default 2)")
@@ -577,6 +716,18 @@ def main(argv=None) -> int:
         s.budgets = tuple(int(v) for v in a.budgets.split(","))
     if a.repeats is not None:
         s.num_repeats = a.repeats
+    if a.members is not None:
+        members = [m.split(":") for m in a.members.split(",")]
+        bad = [m for m in members if len(m) != 2 or m[0] not in ARCHS or not m[1].lstrip("-").isdigit()]
+        if bad:
+            raise SystemExit(
+                f"--members: each entry is ARCH:SEED with ARCH in {sorted(ARCHS)}, got {a.members!r}"
+            )
+        s.members = tuple((arch, int(seed)) for arch, seed in members)
+    if a.trials is not None:
+        s.num_trials = a.trials
+    if a.shared_pool:
+        s.independent_pools = False
     if a.selectivity_trials is not None:
         s.selectivity_trials = a.selectivity_trials
     if a.measures is not None:
@@ -584,7 +735,7 @@ def main(argv=None) -> int:
     if a.seeds is not None:
         s.pipeline_seeds = tuple(int(v) for v in a.seeds.split(","))
     if a.pool_only:
-        _, info = train_pool(s, a.cache or Path(a.out_dir) / "pool", log=lambda *m: print(*m, flush=True))
+        _, info = train_pools(s, a.cache or Path(a.out_dir) / "pool", log=lambda *m: print(*m, flush=True))
         print(json.dumps({k: v for k, v in info.items() if k != "members"}, indent=1))
         return 0
     rep = run_interpretive(a.out_dir, s, cache_dir=a.cache, name=a.name, log=lambda *m: print(*m, flush=True))
