@@ -129,11 +129,17 @@ def test_pool_cache_chains_and_patching(tmp_path):
         algorithms=("sort_diff", "sort_sum"), members=(("L1d48h4", 0), ("L2d32h4", 1)), steps=3, num_workers=1
     )
     logs = []
-    pool, info = train_pool(s, tmp_path, log=logs.append)
+    with pytest.warns(UserWarning, match="did not learn their routine") as rec:  # 3 steps teach nothing
+        pool, info = train_pool(s, tmp_path, log=logs.append)
     assert info["trained_now"] == 6 and info["cached"] == 0
     assert len(list(tmp_path.glob("*.npz"))) == 6
-    pool2, info2 = train_pool(s, tmp_path, log=logs.append)  # a rerun loads, does not retrain
-    assert info2["trained_now"] == 0 and info2["cached"] == 6
+    accs = {k: m["sequence_accuracy"] for k, m in info["members"].items()}
+    assert info["failed_members"] == {k: v for k, v in accs.items() if v < 0.9} and info["failed_members"]
+    assert all(k in str(rec[0].message) for k in info["failed_members"])
+    pool2, info2 = train_pool(
+        s, tmp_path, log=logs.append, min_sequence_accuracy=0.0
+    )  # loads, does not retrain
+    assert info2["trained_now"] == 0 and info2["cached"] == 6 and info2["failed_members"] == {}
     x = torch.randint(0, 11, (64, 10), generator=torch.Generator().manual_seed(0))
     for m1, m2 in zip(pool["sort"], pool2["sort"]):
         torch.testing.assert_close(m1(encode(x)), m2(encode(x)), rtol=0, atol=0)

@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -195,10 +196,16 @@ def train_pool(
     cache_dir: str | Path,
     log=print,
     members: tuple[tuple[str, int], ...] | None = None,
+    min_sequence_accuracy: float = 0.9,
 ) -> tuple[dict, dict]:
     """Every routine's pool (``members``, default ``s.members``), trained where not cached (``s.num_workers``
     processes, ``s.num_threads`` threads each). Returns ``({routine: [model per member]}, info)`` with per-member
-    metrics and the wall and CPU time of the training done now."""
+    metrics and the wall and CPU time of the training done now.
+
+    A member whose held-out sequence accuracy is below ``min_sequence_accuracy`` has not learnt its routine: an
+    implementation that chains it computes another algorithm. Such members (trained now or cached) are named in a
+    ``UserWarning`` and listed in ``info["failed_members"]``; they stay in the pool (dropping or retraining them
+    would change the protocol), so results that use them should be read with that in mind."""
     members = tuple(s.members if members is None else members)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -235,8 +242,19 @@ def train_pool(
             metas[f"{r}/{arch}/seed{seed}"] = {
                 k: meta[k] for k in ("token_accuracy", "sequence_accuracy", "cpu_seconds", "seconds")
             }
+    failed = {
+        k: m["sequence_accuracy"] for k, m in metas.items() if m["sequence_accuracy"] < min_sequence_accuracy
+    }
+    if failed:
+        warnings.warn(
+            f"{len(failed)} pool member(s) did not learn their routine (held-out sequence accuracy below "
+            f"min_sequence_accuracy={min_sequence_accuracy}): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(failed.items())),
+            stacklevel=2,
+        )
     info = {
         "members": metas,
+        "failed_members": failed,
         "trained_now": len(trained),
         "cached": len(paths) - len(jobs),
         "train_wall_seconds": wall,
