@@ -333,7 +333,7 @@ def _defaults(where: str, names: Mapping[str, Any], **rest) -> dict:
     """The group defaults from the constructor's keywords in either vocabulary (translated; two names of one
     hyperparameter that disagree are refused), with devinterp's defaults for those not given."""
     hyper = translate(names, where=where)
-    return {"step_size": 0.01, "noise_scale": 1.0, "bounding_box": None, **hyper, **rest}
+    return {"step_size": 0.01, "nbeta": 1.0, "noise_scale": 1.0, "bounding_box": None, **hyper, **rest}
 
 
 class SGNHT(_FusedSampler):
@@ -399,10 +399,11 @@ class SGNHT(_FusedSampler):
             weight_decay=weight_decay,
             diffusion_factor=diffusion_factor,
         )
-        defaults.setdefault("nbeta", 1.0)
         super().__init__(params, defaults, restrict_to=restrict_to, masks=masks, seed=seed, backend=backend)
         for k, group in enumerate(self.param_groups):
-            group["diffusion_factor"] = _number("diffusion_factor", group["diffusion_factor"], positive=False)
+            group.update(
+                check_sampler_hyperparameters("sgnht", {"diffusion_factor": group["diffusion_factor"]})
+            )
             dev = group["params"][0].device if group["params"] else torch.device("cpu")
             group["thermostat"] = torch.full((1,), group["diffusion_factor"], dtype=torch.float64, device=dev)
             momenta = initial_momenta(
@@ -492,7 +493,6 @@ class RMSpropSGLD(_FusedSampler):
             alpha=alpha,
             eps=eps,
         )
-        defaults.setdefault("nbeta", 1.0)
         super().__init__(params, defaults, restrict_to=restrict_to, masks=masks, seed=seed, backend=backend)
         for group in self.param_groups:
             own = check_sampler_hyperparameters(
