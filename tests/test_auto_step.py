@@ -127,9 +127,9 @@ def _normal_crossing_auto(chains, draws):
 
 
 @pytest.mark.xfail(
-    reason="held-out case the rule misses: seeds 1, 2, 3 gave +16.3%, +17.8%, +11.3% against the exact target 0.191 "
-    "(limit 15%): rare excursions along the arms at the chosen step and the run's Monte Carlo error at a fixed "
-    "number of draws (docs/llc_results.md)",
+    reason="held-out case the rule misses at 16 chains x 1000 draws: seeds 1-8 gave +16.3, +17.8, +11.3, +8.1, +1.7, "
+    "+1.4, +10.4, +17.1% against the exact target 0.191 (limit 15%): the halving pair cannot resolve the "
+    "excursion-driven bias of steps 0.0125 / 6.25e-3 in short trials (docs/llc_results.md)",
     strict=False,
 )
 def test_normal_crossing_auto_fast():
@@ -138,8 +138,9 @@ def test_normal_crossing_auto_fast():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="held-out case the rule misses (see test_normal_crossing_auto_fast)", strict=False)
 def test_normal_crossing_auto():
+    # 32 chains x 2000 draws (tests/test_llc.py's run), seeds 1-8: +7.3, +7.1 (its run at 0.0125 ran away and was
+    # run again at 6.25e-3), +7.7, +13.3, +9.2, +7.5, +13.1, +15.4%: 7 of 8 within 15% (docs/llc_results.md)
     r, target = _normal_crossing_auto(32, 2000)
     assert abs(r.llc_mean - target) / target < 0.15, (r, target)
 
@@ -257,3 +258,70 @@ def test_trials_run_the_runs_sampler(monkeypatch):
     trials = seen[1:]  # the first call is the run itself
     assert trials and all(s == "rmsprop_sgld" and o == {"alpha": 0.9} for s, o in trials), trials
     assert "auto_step" in r.config and r.config["step_size"] > 0
+
+
+class _Quadratic(torch.nn.Module):
+    """L(w) = 50 w^2 (curvature 100): SGLD at nbeta 1 diverges for step sizes above 0.04."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x):
+        return 50.0 * (self.w**2).sum() + 0.0 * x.sum()
+
+
+def _calibrated_at(monkeypatch, step):
+    """resolve_step_size replaced by one that picks ``step`` (a calibration that missed an instability)."""
+    import pypattern.sampling.runner as runner
+    from pypattern.sampling.auto import AutoStepReport
+
+    def fake(*args, **kwargs):
+        return step, AutoStepReport(chosen=step, reason="test")
+
+    monkeypatch.setattr(runner, "resolve_step_size", fake)
+
+
+def test_auto_run_that_runs_away_is_run_again_at_half_the_step(monkeypatch, tmp_path):
+    from pypattern import sample
+    from pypattern.sampling.diagnostics import SamplingDivergedError
+
+    loader = torch.utils.data.DataLoader(torch.zeros(8, 1, dtype=torch.float64), batch_size=8)
+    kw = dict(loss_fn=lambda m, b: m(b), nbeta=1.0, num_chains=2, num_draws=50, seed=0, quiet=True)
+    _calibrated_at(monkeypatch, 0.1)
+    with pytest.warns(UserWarning, match="running it again at 0.05"):
+        res = sample(_Quadratic(), loader, **kw)
+    rep = res.config["auto_step"]
+    # 0.1 and 0.05 run away (|1 - step * 100 / 2| > 1), 0.025 is stable
+    assert [r["step_size"] for r in rep["reruns"]] == [0.1, 0.05]
+    assert (
+        rep["chosen"] == res.config["step_size"] == 0.025
+        and "run again from the start at 0.025" in rep["reason"]
+    )
+    assert np.isfinite(res.loss_trace).all() and res.loss_trace.shape == (2, 50)
+    # the rerun equals a run given that step from the start
+    assert np.array_equal(res.loss_trace, sample(_Quadratic(), loader, step_size=0.025, **kw).loss_trace)
+
+    # callbacks that can start over are reset before each rerun; the run's draws reach them once
+    class Counter:
+        def __init__(self):
+            self.n, self.resets = 0, 0
+
+        def __call__(self, loss):
+            self.n += 1
+
+        def reset(self):
+            self.n, self.resets = 0, self.resets + 1
+
+    cb = Counter()
+    with pytest.warns(UserWarning, match="running it again"):
+        sample(_Quadratic(), loader, callbacks=[cb], **kw)
+    assert cb.resets == 2 and cb.n == 2 * 50
+    # not rerun: a callback without reset(), or a checkpoint (its file holds the diverged run's draws)
+    with pytest.raises(SamplingDivergedError, match="step_size=0.1"):
+        sample(_Quadratic(), loader, callbacks=[lambda loss: None], **kw)
+    with pytest.raises(SamplingDivergedError, match="step_size=0.1"):
+        sample(_Quadratic(), loader, checkpoint=str(tmp_path / "run.npz"), **kw)
+    # a given step is never changed
+    with pytest.raises(SamplingDivergedError, match="step_size=0.1"):
+        sample(_Quadratic(), loader, step_size=0.1, **kw)

@@ -157,3 +157,88 @@ def test_demo_writes_plot_and_summary(tmp_path, capsys):
     from pypattern.sampling import LLCResult
 
     assert LLCResult.load(out["result"]).llc_mean == out["llc_mean"]
+
+
+def _noisy_regression(n=256, batch_size=16):
+    """Least-squares fit of a linear model to noisy targets: the loss at w* differs between batches."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(3, 2, generator=g, dtype=torch.float64) + torch.randn(
+        n, 2, generator=g, dtype=torch.float64
+    )
+    model = torch.nn.Linear(3, 2, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return model, torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True), x, y
+
+
+def test_init_loss_over_the_epoch_and_standard_error_of_the_estimate():
+    # L_n(w*) is shared by every chain, so its error is not in the spread over chains. The default reads the
+    # whole epoch (exact L_n(w*), init_loss_se 0); from 4 of 16 batches the spread of llc_mean over seeds is
+    # several times llc_std / sqrt(chains), and llc_se (which adds nbeta * init_loss_se) predicts it.
+    model, loader, x, y = _noisy_regression()
+    kw = dict(step_size=1e-3, nbeta=20.0, localization=10.0, num_chains=4, num_draws=100, num_burnin_steps=50)
+    kw |= dict(quiet=True, warn_nonstationary=False)
+    full = float(((x @ model.weight.detach().T - y) ** 2).mean())
+    for k in (4, None):
+        runs = [estimate_llc(model, loader, seed=s, num_init_loss_batches=k, **kw) for s in range(12)]
+        spread = np.std([r.llc_mean for r in runs], ddof=1)
+        se = np.mean([r.llc_se for r in runs])
+        chain_se = np.mean([r.llc_std / 2 for r in runs])
+        assert 0.5 < spread / se < 2.0, (k, spread, se)
+        if k is None:
+            for r in runs:
+                assert len(r.sample.init_losses) == 16 and r.init_loss_se == 0.0
+                assert r.init_loss == pytest.approx(full, rel=1e-12)
+                assert r.llc_se == pytest.approx(r.llc_std / 2, rel=1e-12)
+        else:
+            assert spread > 3 * chain_se, (spread, chain_se)
+            for r in runs:
+                v = r.sample.init_losses
+                expect = v.std(ddof=1) / 2 * np.sqrt(12 / 15)  # 4 of 16 batches, without replacement
+                assert len(v) == 4 and r.init_loss_se == pytest.approx(expect, rel=1e-12)
+                assert r.llc_se == pytest.approx(np.hypot(r.llc_std / 2, 20.0 * expect), rel=1e-12)
+
+
+def test_init_loss_batches_default_is_bounded_by_the_run():
+    # an epoch longer than half the run's chain-steps is not read whole: the default stops there
+    from pypattern.sampling.runner import init_loss_standard_error
+
+    model, loader, _, _ = _noisy_regression(n=1200, batch_size=2)  # 600 batches
+    r = estimate_llc(
+        model,
+        loader,
+        step_size=1e-3,
+        nbeta=20.0,
+        localization=10.0,
+        num_chains=2,
+        num_draws=20,
+        num_burnin_steps=10,
+        seed=0,
+        quiet=True,
+        warn_nonstationary=False,
+    )
+    steps = 2 * (10 + 20) // 2
+    assert len(r.sample.init_losses) == steps and r.init_loss_se > 0
+    assert r.init_loss_se == pytest.approx(init_loss_standard_error(r.sample.init_losses, 600), rel=1e-12)
+    assert init_loss_standard_error([1.0, 2.0], None) == pytest.approx(
+        np.std([1.0, 2.0], ddof=1) / np.sqrt(2)
+    )
+    assert np.isnan(init_loss_standard_error([1.0], 5)) and init_loss_standard_error([1.0], 1) == 0.0
+    # a given L_n(w*) is taken as exact
+    r = estimate_llc(
+        model,
+        loader,
+        step_size=1e-3,
+        nbeta=20.0,
+        localization=10.0,
+        num_chains=2,
+        num_draws=5,
+        num_burnin_steps=0,
+        seed=0,
+        quiet=True,
+        init_loss=0.5,
+        warn_nonstationary=False,
+    )
+    assert r.init_loss_se == 0.0 and r.llc_se == pytest.approx(r.llc_std / np.sqrt(2))

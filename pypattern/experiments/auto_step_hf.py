@@ -8,7 +8,8 @@ sequences (next-token loss, :func:`pypattern.losses.batch_loss`) twice:
 * **fixed**: ``step_size=1e-4``, ``localization=100``, the default ``nbeta`` (``m / ln m``), as in the README;
 * **auto**: the same call without a step (the default ``step_size="auto"``), repeated with ``seeds``.
 
-Each row reports the estimate, its standard error (``std over chains / sqrt(chains)``), the split R-hat of the
+Each row reports the estimate, its standard error (``LLCResult.llc_se``: the spread over chains and the error of
+``L_n(w*)``, which is read over the whole epoch by default), the split R-hat of the
 loss trace, whether the chains are stationary (R-hat < 1.1), the step used and the seconds (calibration
 included). The repeated auto runs agree when every pair differs by at most two combined standard errors.
 
@@ -134,7 +135,8 @@ def _row(res, seconds: float, kind: str, seed: int) -> dict:
         "step_size": float(cfg["step_size"]),
         "nbeta": float(res.nbeta),
         "llc": float(res.llc_mean),
-        "se": float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))),
+        "se": float(res.llc_se),  # over chains, with the error of L_n(w*) (zero: the whole epoch is read)
+        "se_chains": float(per_chain.std(ddof=1) / math.sqrt(len(per_chain))),
         "r_hat": float(res.r_hat),
         "stationary": bool(res.r_hat < 1.1),
         "seconds": float(seconds),

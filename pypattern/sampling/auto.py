@@ -135,6 +135,9 @@ class AutoStepReport(Saveable):
         The calibration's settings (grid range, chains, steps, thresholds, nbeta, localization).
     seconds : float
         Wall time of the calibration.
+    reruns : list of dict
+        Runs at a calibrated step that diverged or ran away and were run again at half the step (``step_size``,
+        ``chain``, ``draw``, ``step``, ``message``); ``chosen`` is then the step of the run that finished.
     """
 
     step_size: list = field(default_factory=list)
@@ -148,6 +151,7 @@ class AutoStepReport(Saveable):
     reason: str = ""
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
+    reruns: list = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         keys = ("step_size", "num_steps", "llc", "se", "r_hat", "verdict")
@@ -162,6 +166,7 @@ class AutoStepReport(Saveable):
             "trials": self.rows(),
             "settings": dict(self.settings),
             "seconds": self.seconds,
+            "reruns": [dict(r) for r in self.reruns],
         }
 
     def to_pandas(self):

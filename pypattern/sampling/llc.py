@@ -36,6 +36,8 @@ def llc_from_sample(res: SampleResult) -> LLCResult:
     llc_trace = nbeta * (res.loss_trace - res.init_loss)
     per_chain = llc_trace.mean(axis=1)
     std = float(per_chain.std(ddof=1)) if len(per_chain) > 1 else float("nan")
+    init_se = float(getattr(res, "init_loss_se", float("nan")))
+    se = float(np.hypot(std / np.sqrt(len(per_chain)), nbeta * init_se))
     return LLCResult(
         llc_mean=float(per_chain.mean()),
         llc_std=std,
@@ -47,6 +49,8 @@ def llc_from_sample(res: SampleResult) -> LLCResult:
         r_hat=r_hat(res.loss_trace),
         ess=ess(res.loss_trace),
         sample=res,
+        llc_se=se,
+        init_loss_se=init_se,
     )
 
 
@@ -60,7 +64,8 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
     Returns
     -------
     LLCResult
-        ``llc_mean``, ``llc_std`` (over chains, ddof=1), ``llc_per_chain`` ``(num_chains,)``, ``llc_trace`` and
+        ``llc_mean``, ``llc_std`` (over chains, ddof=1), ``llc_se`` (standard error of ``llc_mean``, the error
+        of ``L_n(w*)`` included), ``llc_per_chain`` ``(num_chains,)``, ``llc_trace`` and
         ``loss_trace`` ``(num_chains, num_draws)``, ``init_loss`` (``L_n(w*)`` over several batches), R-hat and
         ESS of the loss trace; ``.save()``, ``.load()``, ``.plot()``, ``.to_devinterp()``.
 

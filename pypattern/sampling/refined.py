@@ -43,8 +43,9 @@ class RefinedLLCResult(Saveable):
         ``"data"``).
     num_params : ndarray of int, ``(num_rows,)``
         Weights the run moves.
-    llc_mean, llc_std, r_hat, ess : ndarray, ``(num_rows,)``
-        Estimate, standard deviation over chains (ddof=1), split R-hat and ESS of the loss trace.
+    llc_mean, llc_std, llc_se, r_hat, ess : ndarray, ``(num_rows,)``
+        Estimate, standard deviation over chains (ddof=1), standard error of the estimate (with the error of
+        ``L_n(w*)``, see :class:`~pypattern.sampling.results.LLCResult`), split R-hat and ESS of the loss trace.
     llc_per_chain : ndarray, ``(num_rows, num_chains)``
     init_loss : ndarray, ``(num_rows,)``
         ``L_n(w*)`` on the row's data set.
@@ -61,6 +62,7 @@ class RefinedLLCResult(Saveable):
     llc_std: np.ndarray = field(default_factory=lambda: np.zeros(0))
     r_hat: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ess: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    llc_se: np.ndarray = field(default_factory=lambda: np.zeros(0))
     llc_per_chain: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     init_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     config: dict = field(default_factory=dict)
@@ -74,6 +76,7 @@ class RefinedLLCResult(Saveable):
                 "num_params": int(self.num_params[i]),
                 "llc_mean": float(self.llc_mean[i]),
                 "llc_std": float(self.llc_std[i]),
+                "llc_se": float(self.llc_se[i]) if len(self.llc_se) else float("nan"),
                 "r_hat": float(self.r_hat[i]),
                 "ess": float(self.ess[i]),
                 "init_loss": float(self.init_loss[i]),
@@ -221,7 +224,9 @@ def refined_llc(
     if data is not None:
         sets.append(("data", data, data_loss_fn or loss_fn))
     out = RefinedLLCResult()
-    rows: dict[str, list] = {k: [] for k in ("llc_mean", "llc_std", "r_hat", "ess", "per_chain", "init", "n")}
+    rows: dict[str, list] = {
+        k: [] for k in ("llc_mean", "llc_std", "llc_se", "r_hat", "ess", "per_chain", "init", "n")
+    }
     seconds = 0.0
     for label, ld, lf in sets:
         results = sample(model, ld, loss_fn=lf, runs=runs, **sample_kwargs)
@@ -236,6 +241,7 @@ def refined_llc(
             rows["n"].append(n)
             rows["llc_mean"].append(r.llc_mean)
             rows["llc_std"].append(r.llc_std)
+            rows["llc_se"].append(r.llc_se)
             rows["r_hat"].append(r.r_hat)
             rows["ess"].append(r.ess)
             rows["per_chain"].append(r.llc_per_chain)
@@ -243,6 +249,7 @@ def refined_llc(
     out.num_params = np.asarray(rows["n"], dtype=np.int64)
     out.llc_mean = np.asarray(rows["llc_mean"], dtype=np.float64)
     out.llc_std = np.asarray(rows["llc_std"], dtype=np.float64)
+    out.llc_se = np.asarray(rows["llc_se"], dtype=np.float64)
     out.r_hat = np.asarray(rows["r_hat"], dtype=np.float64)
     out.ess = np.asarray(rows["ess"], dtype=np.float64)
     out.llc_per_chain = np.stack(rows["per_chain"]).astype(np.float64)

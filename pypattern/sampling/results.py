@@ -38,6 +38,9 @@ class SampleResult(Saveable):
         ``L_n(w*)``: the mean of ``init_losses``.
     init_losses : ndarray, ``(num_init_loss_batches,)``
         The loss at ``w*`` on each of the batches averaged into ``init_loss``.
+    init_loss_se : float
+        Standard error of ``init_loss`` as the loss over one epoch of the loader: ``0`` when the whole epoch was
+        read or ``init_loss`` was given, ``nan`` when it cannot be estimated (one batch of several).
     observables : dict of str to ndarray ``(num_chains, num_draws, *shape)``
         Traces of the observables.
     config : dict
@@ -53,6 +56,7 @@ class SampleResult(Saveable):
     loss_trace: np.ndarray
     init_loss: float
     init_losses: np.ndarray
+    init_loss_se: float = float("nan")
     observables: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     r_hat: float = float("nan")
@@ -81,6 +85,10 @@ class LLCResult(Saveable):
 
     ``llc_per_chain[c] = nbeta * (mean(loss_trace[c]) - init_loss)``; ``llc_mean`` and ``llc_std`` (ddof=1, as
     devinterp) are over chains; ``llc_trace = nbeta * (loss_trace - init_loss)``, ``(num_chains, num_draws)``.
+
+    ``llc_se`` is the standard error of ``llc_mean``: the spread over chains (``llc_std / sqrt(num_chains)``)
+    combined with the error of ``L_n(w*)``, which every chain shares (``nbeta * init_loss_se``, zero when it was
+    computed over the whole epoch). Compare two estimates by their ``llc_se``, not their ``llc_std``.
     """
 
     llc_mean: float
@@ -93,6 +101,8 @@ class LLCResult(Saveable):
     r_hat: float = float("nan")
     ess: float = float("nan")
     sample: SampleResult | None = None
+    llc_se: float = float("nan")
+    init_loss_se: float = float("nan")
 
     def to_devinterp(self) -> dict[str, Any]:
         """devinterp 1.x's summary dict: ``llc/mean``, ``llc/std``, ``llc-chain/<i>``, ``loss/trace``,
@@ -126,7 +136,7 @@ class LLCResult(Saveable):
 
     def __repr__(self) -> str:
         return (
-            f"LLCResult(llc_mean={self.llc_mean:.6g}, llc_std={self.llc_std:.3g}, "
+            f"LLCResult(llc_mean={self.llc_mean:.6g}, llc_std={self.llc_std:.3g}, llc_se={self.llc_se:.3g}, "
             f"num_chains={len(self.llc_per_chain)}, num_draws={self.loss_trace.shape[1]}, "
             f"r_hat={self.r_hat:.3f}, ess={self.ess:.1f})"
         )

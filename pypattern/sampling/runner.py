@@ -9,6 +9,7 @@ divergence checks); :mod:`.data` is each chain's keyed stream of batches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -181,14 +182,17 @@ def sample(
         ``outputs`` (the tensors ``loss_fn`` returned after the loss, detached: a loss function returning
         ``(loss, per_sample_losses)`` hands the per-sample losses of the draw's forward to the callbacks without
         a second forward). Stream values into accumulators here. An exception raised by a callback stops the
-        run (a checkpoint keeps finished draws).
+        run (a checkpoint keeps finished draws). A callback with a ``reset()`` method lets a run at a calibrated
+        step (``step_size="auto"``) that ran away start over at half the step (``reset()`` is called first).
     seed : int or sequence of ``num_chains`` ints
         Keys every noise value (through :func:`chain_seed`) and the data order; a sequence gives each chain its
         own (chain ``c`` is keyed by ``chain_seed(seed[c], c)``, devinterp's per-chain seeds).
     init_loss : float, optional
         ``L_n(w*)``; default: the mean loss at ``w*`` over ``num_init_loss_batches`` batches.
     num_init_loss_batches : int, optional
-        Default ``max(4, num_chains)``, at most one epoch.
+        Default: one epoch of ``loader``, unless that is more forwards than half the run's chain-steps (then that
+        many, at least ``max(4, num_chains)``); ``max(4, num_chains)`` for a loader without a length. The
+        standard error of ``L_n(w*)`` from fewer batches than an epoch is ``init_loss_se`` of the result.
     batched : bool, optional
         ``True``: run the chains together (parameters stacked along a chain axis, one ``vmap``-ed forward and
         one backward per step); ``False``: one chain after another; ``None`` (default): batched, if the model
@@ -305,7 +309,49 @@ def sample(
         sampling_method=sampling_method,
     )
     with _eval_mode_for_dropout(model):
-        return with_auto_report(_sample(plan, model, loader), auto_step)
+        if auto_step is None:
+            return _sample(plan, model, loader)
+        return with_auto_report(_sample_auto(plan, model, loader, auto_step), auto_step)
+
+
+AUTO_RUN_HALVINGS = 3  # reruns of a run whose calibrated step ran away, each at half the step
+
+
+def _sample_auto(plan: RunPlan, model: nn.Module, loader, report):
+    """The run at a calibrated step; a run that diverges or runs away is run again from the start at half the
+    step (at most ``AUTO_RUN_HALVINGS`` times), with a warning, and the report says so.
+
+    A trial cannot see a rare instability that a run of many more chain-steps meets (the module docstring of
+    :mod:`pypattern.sampling.auto`): the run itself is the longest trial. Not rerun (the error propagates as with
+    a given step): a run with a checkpoint (its file holds the diverged run's draws) or with callbacks that
+    cannot start over (every callback must have a ``reset()`` method, called before the rerun)."""
+    callbacks = list(plan.callbacks or ())
+    can_rerun = plan.checkpoint is None and all(callable(getattr(cb, "reset", None)) for cb in callbacks)
+    for k in range(AUTO_RUN_HALVINGS + 1):
+        try:
+            return _sample(plan, model, loader)
+        except SamplingDivergedError as e:
+            if not can_rerun or k == AUTO_RUN_HALVINGS:
+                raise
+            old = float(plan.hyper["step_size"])
+            new = old / 2
+            report.reruns.append(
+                dict(step_size=old, chain=int(e.chain), draw=int(e.draw), step=int(e.step), message=str(e))
+            )
+            report.chosen = new
+            report.reason += (
+                f"; the run at {old:.3g} diverged or ran away (chain {e.chain}, step {e.step}: an excursion the "
+                f"trials did not meet) and was run again from the start at {new:.3g}"
+            )
+            warnings.warn(
+                f"step_size='auto': the run at the calibrated step {old:.3g} diverged or ran away (chain {e.chain}, "
+                f"step {e.step}), an instability too rare for the calibration trials; running it again at {new:.3g}",
+                stacklevel=3,
+            )
+            for cb in callbacks:
+                cb.reset()
+            plan = dataclasses.replace(plan, hyper={**plan.hyper, "step_size": new})
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -345,6 +391,9 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         st = State(plan.num_total_chains, plan.num_draws)
     if st.init_losses is None:
         st.init_losses = _init_losses(plan, model, loader, device, data_cache)
+    init_se = (
+        0.0 if plan.init_loss is not None else init_loss_standard_error(st.init_losses, _num_batches(loader))
+    )
 
     mine = plan.mine()
     total = plan.total_steps
@@ -383,7 +432,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
             pbar.close()
     if plan.checkpoint is not None:
         st.save(plan.checkpoint, fingerprint, plan.checkpoint_state)
-    results = [_result(plan, st, r, ran_batched) for r in range(len(plan.runs))]
+    results = [_result(plan, st, r, ran_batched, init_se) for r in range(len(plan.runs))]
     if plan.warn_nonstationary:
         for r, res in enumerate(results):
             ran = res.loss_trace[_ran_rows(plan, r)]
@@ -392,16 +441,53 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     return results if plan.several_runs else results[0]
 
 
+def _num_batches(loader) -> int | None:
+    """Batches in one epoch of ``loader`` (``None`` when it has no length)."""
+    try:
+        return int(len(loader))
+    except TypeError:
+        return None
+
+
+def default_init_loss_batches(plan: RunPlan, num_batches: int | None) -> int:
+    """How many batches ``L_n(w*)`` is averaged over by default: the whole epoch, unless its forwards would cost
+    more than half the run's chain-steps (then that many, at least ``max(4, num_chains)``); ``max(4,
+    num_chains)`` for a loader without a length.
+
+    ``L_n(w*)`` is shared by every chain, so its error is not in the spread over chains: over a few batches of a
+    small data set it was the largest error of the estimate (see :func:`init_loss_standard_error`)."""
+    floor = max(4, plan.num_chains)
+    if num_batches is None:
+        return floor
+    return min(num_batches, max(floor, plan.num_total_chains * plan.total_steps // 2))
+
+
+def init_loss_standard_error(init_losses, num_batches: int | None) -> float:
+    """Standard error of ``L_n(w*)`` (the mean of ``init_losses``, ``k`` batches of an epoch of ``num_batches``)
+    as an estimate of the loss over the whole epoch: ``sd / sqrt(k) * sqrt((N - k) / (N - 1))`` (sampling
+    without replacement; ``0`` when the whole epoch was read), ``sd / sqrt(k)`` when ``N`` is unknown, ``nan``
+    when it cannot be estimated (one batch of several)."""
+    v = np.asarray(init_losses, dtype=np.float64)
+    k = len(v)
+    if num_batches is not None and k >= num_batches:
+        return 0.0
+    if k < 2:
+        return float("nan")
+    se = float(v.std(ddof=1)) / np.sqrt(k)
+    if num_batches is not None:
+        se *= np.sqrt((num_batches - k) / (num_batches - 1))
+    return float(se)
+
+
 def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: dict) -> np.ndarray:
     """``L_n(w*)`` on each of its batches: ``init_loss`` if given, else the loss at ``w*`` over
-    ``num_init_loss_batches`` batches (default ``max(4, num_chains)``, at most one epoch)."""
+    ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch)."""
     if plan.init_loss is not None:
         return np.array([plan.init_loss])
-    k = plan.num_init_loss_batches or max(4, plan.num_chains)
-    try:
-        k = min(k, len(loader))
-    except TypeError:
-        pass
+    n = _num_batches(loader)
+    k = plan.num_init_loss_batches or default_init_loss_batches(plan, n)
+    if n is not None:
+        k = min(k, n)
     if k < 1:
         raise ValueError("loader yielded no batch (it has length 0): give a loader with at least one batch")
     stream = ChainData(loader, plan.key(0, stream=2), data_cache)
@@ -432,7 +518,7 @@ def _ran_rows(plan: RunPlan, r: int) -> list[int]:
     return [g - r * C for g in plan.mine() if r * C <= g < (r + 1) * C]
 
 
-def _result(plan: RunPlan, st: State, r: int, ran_batched: bool) -> SampleResult:
+def _result(plan: RunPlan, st: State, r: int, ran_batched: bool, init_se: float) -> SampleResult:
     C = plan.num_chains
     rows = slice(r * C, (r + 1) * C)
     loss = st.loss[rows].copy()
@@ -441,6 +527,7 @@ def _result(plan: RunPlan, st: State, r: int, ran_batched: bool) -> SampleResult
         loss_trace=loss,
         init_loss=float(np.mean(st.init_losses)),
         init_losses=np.asarray(st.init_losses, dtype=np.float64),
+        init_loss_se=float(init_se),
         observables={k: v[rows].copy() for k, v in st.obs.items()},
         config=dict(
             num_chains=C,
