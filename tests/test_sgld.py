@@ -481,6 +481,36 @@ def test_overflowing_update_from_a_finite_gradient_is_reported(backend, dtype):
 
 
 @pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.filterwarnings(
+    "ignore:(overflow|invalid value) encountered:RuntimeWarning"
+)  # Triton's interpreter
+def test_parameters_already_non_finite_are_named_as_such(backend, device):
+    # a weight that is NaN/inf before the step is the model's fault, not an overflow of the update
+    w, ok, g, a = to(
+        device, torch.tensor([0.0, float("nan"), 1.0]), torch.zeros(3), torch.ones(3), torch.zeros(3)
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"already held inf/NaN .*params\[1\].*Give finite weights"
+    ) as e:
+        sgld_step_(
+            [ok, w],
+            [g, g.clone()],
+            [a, a.clone()],
+            step_size=1e-3,
+            nbeta=1.0,
+            localization=0.0,
+            seed=0,
+            step=0,
+            backend=backend,
+        )
+    assert "overflowed" not in str(e.value) and "params[0]" not in str(e.value)
+    with pytest.raises(TypeError, match="string '0.1'"):
+        sgld_step_(
+            [ok], [g], [a], step_size="0.1", nbeta=1.0, localization=0.0, seed=0, step=0, backend=backend
+        )
+
+
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("extras", ["plain", "mask", "box"])
 @pytest.mark.filterwarnings(

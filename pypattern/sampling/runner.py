@@ -314,6 +314,7 @@ def sample(
         return with_auto_report(_sample_auto(plan, model, loader, auto_step), auto_step)
 
 
+_SAMPLER_LABEL = {"sgld": "SGLD", "sgnht": "SGNHT", "rmsprop_sgld": "RMSprop-SGLD"}  # progress bars
 AUTO_RUN_HALVINGS = 3  # reruns of a run whose calibrated step ran away, each at half the step
 
 
@@ -402,7 +403,13 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     if not plan.quiet and remaining:
         from tqdm.auto import tqdm
 
-        pbar = tqdm(total=remaining, desc="SGLD", unit="step", mininterval=0.5, leave=False)
+        pbar = tqdm(
+            total=remaining,
+            desc=_SAMPLER_LABEL.get(plan.sampler, plan.sampler),
+            unit="step",
+            mininterval=0.5,
+            leave=False,
+        )
     ctx = RunContext(
         plan=plan,
         model=model,

@@ -15,6 +15,8 @@ from .reference import sgld_step_reference_
 
 
 def check_scalar(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, str | bytes):  # float("0.1") would parse: a string here is a mistake
+        raise TypeError(f"{name} must be a real number, got the string {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -194,6 +196,15 @@ def raise_on_flags(
             "non-finite gradient in "
             + ", ".join(f"grads[{i}] (shape {tuple(params[i].shape)})" for i in grads)
         )
+    # a parameter that already held inf/NaN (the step leaves it as it was) is not an overflow of the update
+    held = [i for i in over if not bool(torch.isfinite(params[i]).all())]
+    over = [i for i in over if i not in held]
+    if held:
+        parts.append(
+            "the parameters already held inf/NaN before the step in "
+            + ", ".join(f"params[{i}] (shape {tuple(params[i].shape)})" for i in held)
+            + " (check the model's weights at w*)"
+        )
     if over:
         names = ", ".join(
             f"params[{i}]{'' if state is None else f'/{state}[{i}]'} (shape {tuple(params[i].shape)})"
@@ -208,6 +219,8 @@ def raise_on_flags(
     advice = (
         "Use a smaller step_size (or a smaller nbeta)."
         if over
+        else "Give finite weights."
+        if held and not grads
         else "A diverging chain usually needs a smaller step_size or a larger localization."
     )
     kept = "" if not over or state is None else f" (params and {state} keep their values)"
