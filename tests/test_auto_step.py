@@ -152,8 +152,11 @@ def test_bif_and_susceptibilities_take_auto():
     x, y = next(iter(loader))
     probe = (x[:4], y[:4])
     kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0)
-    # calls with 2 chains calibrate with 4 (as many as the run, between 4 and 8)
-    chosen, _ = resolve_step_size(model, loader, nbeta=10.0, localization=1.0, seed=0, calibration_chains=4)
+    # calls with 2 chains calibrate with 4 (as many as the run, between 4 and 8), trials no longer than the run
+    # (2 x 10 chain-steps: one unit)
+    chosen, _ = resolve_step_size(
+        model, loader, nbeta=10.0, localization=1.0, seed=0, calibration_chains=4, max_trial_factor=1
+    )
     res = bif(model, loader, probe, **kw)  # no step: "auto"
     assert res.settings["step_size"] == chosen and res.settings["auto_step"]["chosen"] == chosen
     chi = susceptibilities(model, loader, probe, [["layers.0.weight"]], step_size="auto", **kw)
@@ -325,3 +328,33 @@ def test_auto_run_that_runs_away_is_run_again_at_half_the_step(monkeypatch, tmp_
     # a given step is never changed
     with pytest.raises(SamplingDivergedError, match="step_size=0.1"):
         sample(_Quadratic(), loader, step_size=0.1, **kw)
+
+
+def test_trials_are_no_longer_than_the_run():
+    from pypattern.sampling.auto import trial_factor_for_run
+
+    # in chain-steps: 2 chains x 80 steps < one unit of 4 x 200; 4 x 300 is 1.5 units; long runs stop at 8
+    assert trial_factor_for_run(4, num_chains=2, num_draws=40, num_burnin_steps=39, num_steps_bw_draws=1) == 1
+    assert (
+        trial_factor_for_run(4, num_chains=4, num_draws=200, num_burnin_steps=100, num_steps_bw_draws=1) == 2
+    )
+    assert (
+        trial_factor_for_run(8, num_chains=32, num_draws=2000, num_burnin_steps=1000, num_steps_bw_draws=1)
+        == 8
+    )
+    model, loader = _regular()
+    r = estimate_llc(
+        model,
+        loader,
+        nbeta=1000.0,
+        localization=1.0,
+        num_chains=2,
+        num_draws=40,
+        num_burnin_steps=40,
+        seed=0,
+        quiet=True,
+        warn_nonstationary=False,
+    )
+    trials = r.sample.config["auto_step"]["trials"]
+    assert trials and all(t["num_steps"] == 200 for t in trials), trials
+    assert r.sample.config["step_size"] == r.sample.config["auto_step"]["chosen"]

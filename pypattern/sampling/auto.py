@@ -40,7 +40,10 @@ the chosen step, within the pair's standard error; the report keeps it (``bias``
 the deep-linear-network truths the accepted step itself was measured 14% high, its half within 5%.
 Each trial's standard error is ``nbeta * std(loss draws) / sqrt(ESS)`` (pooled over the trial's chains). Trial
 lengths double with each halving below the first healthy candidate, up to ``max_trial_factor`` times
-``calibration_steps``; the scan gives up 4 candidates below the first healthy one.
+``calibration_steps``; the scan gives up 4 candidates below the first healthy one. Called through
+:func:`pypattern.sample` (and what builds on it), ``max_trial_factor`` is at most 8 and no larger than makes a
+trial as long as the run in chain-steps (:func:`trial_factor_for_run`): a short run is not calibrated with trials
+many times its own length.
 
 A too-large step diverges, drifts (R-hat) or inflates the estimate (the halving test catches the discretisation
 bias); a too-small step is never reached, since the scan stops at the first step that passes. When no candidate
@@ -519,7 +522,36 @@ def auto_arguments(call: dict) -> dict:
         out.pop("cores", None)
     # trials with as many chains as the run, between 4 and 8: the calibration stays cheap relative to small runs
     out["calibration_chains"] = min(8, max(4, int(call.get("num_chains") or 4)))
+    out["max_trial_factor"] = trial_factor_for_run(
+        out["calibration_chains"],
+        num_chains=call.get("num_chains") or 4,
+        num_draws=call.get("num_draws") or 200,
+        num_burnin_steps=call.get("num_burnin_steps") or 0,
+        num_steps_bw_draws=call.get("num_steps_bw_draws") or 1,
+    )
     return out
+
+
+def trial_factor_for_run(
+    calibration_chains: int,
+    *,
+    num_chains: int,
+    num_draws: int,
+    num_burnin_steps: int,
+    num_steps_bw_draws: int,
+    calibration_steps: int = 200,
+    longest: int = 8,
+) -> int:
+    """The longest trial (in units of ``calibration_steps``) for a run: no trial has more chain-steps than the run
+    (at least one unit, at most ``longest``).
+
+    A longer trial resolves a smaller discretisation bias, but a bias below the run's own Monte Carlo error does
+    not change what the run can tell; for a short run the long trials were nearly all of the calibration's cost
+    (measured: 11.8 CPU-s of calibration for a 0.15 s run, docs/llc_results.md)."""
+    steps = int(num_burnin_steps) + (int(num_draws) - 1) * int(num_steps_bw_draws) + 1
+    run = int(num_chains) * max(steps, 1)
+    unit = int(calibration_chains) * int(calibration_steps)
+    return int(min(longest, max(1, math.ceil(run / unit))))
 
 
 def with_auto_report(result, report: AutoStepReport | None):
