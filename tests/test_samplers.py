@@ -529,6 +529,37 @@ def test_triton_kernels_compile_for_gpus():
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
+@pytest.mark.parametrize("name", ["SGNHT", "RMSpropSGLD"])
+def test_lr_schedulers_drive_the_step_size_of_every_sampler(name):
+    # torch's schedulers write group["lr"]: for SGNHT and RMSprop-SGLD too it is the step size, also after a
+    # state_dict round trip; the halved step equals a sampler built with it (same noise key, same state)
+    from pypattern.sampling import samplers
+
+    cls = getattr(samplers, name)
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, generator=gen)
+    grads = [torch.randn(6, generator=gen) for _ in range(2)]
+
+    def run(step_sizes, schedule):
+        w = w0.clone().requires_grad_()
+        opt = cls([w], step_size=step_sizes[0], nbeta=10.0, seed=3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: [1.0, 0.5][min(e, 1)]) if schedule else None
+        for t, g in enumerate(grads):
+            if not schedule and t:
+                opt.param_groups[0]["step_size"] = step_sizes[t]
+            w.grad = g.clone()
+            opt.step()
+            if sched is not None:
+                sched.step()
+                opt.load_state_dict(opt.state_dict())
+        return w.detach(), opt.param_groups[0]
+
+    w, group = run([1e-2], True)
+    assert group["step_size"] == group["lr"] == 5e-3
+    ref, _ = run([1e-2, 5e-3], False)
+    torch.testing.assert_close(w, ref, rtol=0, atol=0)
+
+
 def test_sgnht_optimizer_is_the_op_with_its_state():
     """Two steps of the optimizer equal two op calls on copies of its initial momenta and thermostat; the
     initial momentum is sqrt(step_size) * noise_scale times the keyed noise at the reserved step."""

@@ -29,7 +29,7 @@ from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
 from ..ops.sgld import philox_normals, sgld_step_
 from ..ops.sgnht import sgnht_step_
-from .optim import SGLD, chain_seed, matches, resolve_step_fn
+from .optim import SGLD, ParamGroup, chain_seed, matches, resolve_step_fn
 from .vocabulary import translate
 
 __all__ = [
@@ -220,7 +220,7 @@ class _FusedSampler(torch.optim.Optimizer):
             options = translate(
                 {k: v for k, v in g.items() if k != "params"}, where=f"params[{gi}]", drop_none=False
             )
-            groups.append({**options, "params": tensors})
+            groups.append(ParamGroup({**options, "params": tensors}))  # group["lr"] is step_size
             self.param_names.append(names)
         if not any(g["params"] for g in groups):
             raise ValueError(f"restrict_to={patterns!r} leaves no parameter that requires grad")
@@ -322,6 +322,7 @@ class _FusedSampler(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         extra = state_dict.get("fused_sampler")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "fused_sampler"})
+        self.param_groups = [ParamGroup(g) for g in self.param_groups]
         if extra is not None:
             self.num_steps, self.seed = int(extra["num_steps"]), int(extra["seed"])
             for mine, theirs in zip(self.anchors, extra["anchors"]):
