@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._threads import pinned_threads
-from ..losses import batch_loss, check_batch
+from ..losses import batch_loss, check_batch, read_loss
 from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
@@ -51,18 +51,10 @@ def split_loss(out) -> torch.Tensor:
     """The loss from what a loss function returned: a tensor, a tuple (loss first), a dict with ``"loss"`` or an
     object with ``.loss`` (devinterp's rules). The loss must be one number (a tensor of one element): a
     per-sample loss ``(batch,)`` or ``(batch, 1)`` is refused, naming ``loss_fn`` and the shape."""
-    if isinstance(out, torch.Tensor):
-        loss = out
-    elif isinstance(out, tuple | list) and out:
-        loss = out[0]
-    elif isinstance(out, Mapping) and "loss" in out:
-        loss = out["loss"]
-    elif hasattr(out, "loss"):
-        loss = out.loss
-    else:
-        raise TypeError(
-            f"loss_fn must return a tensor, a tuple, a dict with 'loss' or an object with .loss, got {out!r}"
-        )
+    try:
+        loss = read_loss(out)
+    except TypeError as e:
+        raise TypeError(f"loss_fn: {e}") from None
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
             f"loss_fn returned a loss of type {type(loss).__name__}; it must be a tensor of one element (the "
