@@ -196,7 +196,8 @@ def _user_run(args) -> int:
         res = mod.run_user_llc(args.model, args.data, args.out, **kw)
         print(f"LLC of {args.model} on {res['sequences']} sequences of {res['seq_len']} tokens:")
         print(
-            f"  llc: {res['llc_mean']:.4g} +- {res['llc_std']:.2g} (over {len(res['llc_per_chain'])} chains)"
+            f"  llc: {res['llc_mean']:.4g} +- {res['llc_se']:.2g} (standard error; {len(res['llc_per_chain'])} "
+            f"chains, std over chains {res['llc_std']:.2g})"
         )
         print(
             f"  step_size: {res['step_size']:.3g}"

@@ -80,7 +80,11 @@ def test_llc_on_user_model(model_dir, data, tmp_path, capsys):
         main(args + ["--step-size", "fast"])
     from pypattern import LLCResult
 
-    assert LLCResult.load(out / "llc.npz").llc_mean == pytest.approx(summary["llc_mean"])
+    saved = LLCResult.load(out / "llc.npz")
+    assert saved.llc_mean == pytest.approx(summary["llc_mean"]) and saved.llc_se == pytest.approx(
+        summary["llc_se"]
+    )
+    assert f"+- {summary['llc_se']:.2g} (standard error" in printed
 
 
 def test_patch_on_user_model_equals_patching_the_converted_model(model_dir, data, tmp_path):

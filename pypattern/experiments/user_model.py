@@ -160,6 +160,7 @@ def run_user_llc(
         "seq_len": int(tokens.shape[1]),
         "llc_mean": float(res.llc_mean),
         "llc_std": float(res.llc_std),
+        "llc_se": float(res.llc_se),
         "llc_per_chain": [float(v) for v in np.asarray(res.llc_per_chain).ravel()],
         **_step_summary(res.sample.config),
         "result": os.path.join(out, "llc.npz"),
