@@ -58,8 +58,9 @@ from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import load_checkpoint_state
 from .sampling.data import ChainData
+from .sampling.diagnostics import SamplingDivergedError
 from .sampling.optim import chain_seed
-from .sampling.runner import sample, split_loss
+from .sampling.runner import AUTO_RUN_HALVINGS, halve_auto_step, sample, split_loss
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
@@ -670,32 +671,38 @@ def susceptibilities(
             kind=ROW_KIND,
         )
 
-    rows = {name: load_row(name) for name in names_all}
-    todo = [name for name in names_all if rows[name] is None]
-    size = group_size or max(len(todo), 1)
-    full_means = None if rows.get("unrestricted") is None else rows["unrestricted"]["full_means"]
-    for i in range(0, len(todo), size):
-        group = todo[i : i + size]
-        gpath = path_of(f"sampling.{file_of(group[0])}.{len(group)}")  # the group's draws so far
-        group_fp = {**fp, "group": [row_fp(r) for r in group]} if fp else None
-        accs_by_run, nbeta = run_group([run_specs[name] for name in group], gpath, group_fp)
-        for name, accs in zip(group, accs_by_run):
-            if name == "unrestricted":
-                full_means = _pool(accs).mean_b.numpy()  # E_full[l_t], E_full[Lbar]
-                rows[name] = {"full_means": full_means}
-            else:
-                pooled = _pool(accs)
-                rows[name] = {
-                    "chi": _chi_from(pooled, convention, nbeta, full_means),
-                    "chi_chains": np.stack([_chi_from(acc, convention, nbeta, full_means) for acc in accs]),
-                    "phi_mean": float(pooled.mean_a[0]) + float(phi0),
-                    "loss_mean": pooled.mean_b[:n].numpy(),
-                    "nbeta": nbeta,
-                }
-            save_row(name, rows[name])
-        local = None if gpath is None else local_of(gpath)
-        if local is not None and os.path.exists(local):
-            os.remove(local)  # its rows are saved
+    def sample_rows() -> dict:
+        rows = {name: load_row(name) for name in names_all}
+        todo = [name for name in names_all if rows[name] is None]
+        size = group_size or max(len(todo), 1)
+        full_means = None if rows.get("unrestricted") is None else rows["unrestricted"]["full_means"]
+        for i in range(0, len(todo), size):
+            group = todo[i : i + size]
+            gpath = path_of(f"sampling.{file_of(group[0])}.{len(group)}")  # the group's draws so far
+            group_fp = {**fp, "group": [row_fp(r) for r in group]} if fp else None
+            accs_by_run, nbeta = run_group([run_specs[name] for name in group], gpath, group_fp)
+            for name, accs in zip(group, accs_by_run):
+                if name == "unrestricted":
+                    full_means = _pool(accs).mean_b.numpy()  # E_full[l_t], E_full[Lbar]
+                    rows[name] = {"full_means": full_means}
+                else:
+                    pooled = _pool(accs)
+                    rows[name] = {
+                        "chi": _chi_from(pooled, convention, nbeta, full_means),
+                        "chi_chains": np.stack(
+                            [_chi_from(acc, convention, nbeta, full_means) for acc in accs]
+                        ),
+                        "phi_mean": float(pooled.mean_a[0]) + float(phi0),
+                        "loss_mean": pooled.mean_b[:n].numpy(),
+                        "nbeta": nbeta,
+                    }
+                save_row(name, rows[name])
+            local = None if gpath is None else local_of(gpath)
+            if local is not None and os.path.exists(local):
+                os.remove(local)  # its rows are saved
+        return rows
+
+    rows = _with_auto_reruns(sample_rows, kw, auto_step, checkpoint)
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
     phi_mean = np.zeros(len(specs))
@@ -801,6 +808,20 @@ def _chi_from(acc: CrossCovariance, convention: str, nbeta: float, full_means) -
     return e_phi_x[-1] - e_phi_x[:-1] - ma * (full_means[-1] - full_means[:-1])
 
 
+def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint):
+    """``run()``; when the step was calibrated (``auto_step``) and there is no checkpoint, a run that diverges or
+    runs away is run again from the start at half the step (as :func:`pypattern.sample` does), ``kw["step_size"]``
+    updated."""
+    for k in range(AUTO_RUN_HALVINGS + 1):
+        try:
+            return run()
+        except SamplingDivergedError as e:
+            if auto_step is None or checkpoint is not None or k == AUTO_RUN_HALVINGS:
+                raise
+            kw["step_size"] = halve_auto_step(auto_step, float(kw["step_size"]), e)
+    raise AssertionError("unreachable")
+
+
 def bif(
     model: nn.Module,
     loader,
@@ -831,21 +852,26 @@ def bif(
 
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     n = l0.numel()
-    acc = CrossCovariance(n, n, track_auto="var")
 
-    def cb(observables):
-        lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn").reshape(1, -1)
-        acc.update(lz, lz)
+    def run() -> CrossCovariance:
+        acc = CrossCovariance(n, n, track_auto="var")
 
-    sample(
-        model,
-        loader,
-        loss_fn=loss_fn,
-        observables={"probe_losses": lambda m, batch: losses_of(m).reshape(-1)},
-        record_observables=False,
-        callbacks=[cb],
-        **kw,
-    )
+        def cb(observables):
+            lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn").reshape(1, -1)
+            acc.update(lz, lz)
+
+        sample(
+            model,
+            loader,
+            loss_fn=loss_fn,
+            observables={"probe_losses": lambda m, batch: losses_of(m).reshape(-1)},
+            record_observables=False,
+            callbacks=[cb],
+            **kw,
+        )
+        return acc
+
+    acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"))
     meta = _probe_meta(probe, l0)
     return BIFResult(
         bif=-acc.cov(ddof=1).numpy(),

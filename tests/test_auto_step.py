@@ -360,3 +360,35 @@ def test_trials_are_no_longer_than_the_run():
     trials = r.sample.config["auto_step"]["trials"]
     assert trials and all(t["num_steps"] == 200 for t in trials), trials
     assert r.sample.config["step_size"] == r.sample.config["auto_step"]["chosen"]
+
+
+def test_bif_and_susceptibilities_rerun_a_calibrated_step_that_runs_away(monkeypatch):
+    import pypattern.susceptibility as sus
+    from pypattern.sampling.auto import AutoStepReport
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(3, 1, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(3, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    probe = (x[:4], y[:4])
+    # nbeta 50: curvature about 100 * E[x^2], so 0.1 and 0.05 run away and 0.025 does not
+    monkeypatch.setattr(
+        sus, "resolve_step_size", lambda *a, **k: (0.1, AutoStepReport(chosen=0.1, reason="test"))
+    )
+    kw = dict(nbeta=50.0, localization=1.0, num_chains=2, num_draws=30, seed=0, quiet=True)
+    with pytest.warns(UserWarning, match="running it again"):
+        res = sus.bif(model, loader, probe, **kw)
+    rep = res.settings["auto_step"]
+    assert res.settings["step_size"] == rep["chosen"] < 0.1 and rep["reruns"][0]["step_size"] == 0.1
+    ref = sus.bif(model, loader, probe, **dict(kw, step_size=res.settings["step_size"]))
+    np.testing.assert_array_equal(res.bif, ref.bif)  # the rerun equals a run given that step
+    with pytest.warns(UserWarning, match="running it again"):
+        chi = sus.susceptibilities(model, loader, probe, [["weight"]], **kw)
+    assert chi.settings["step_size"] == res.settings["step_size"]
+    ref = sus.susceptibilities(
+        model, loader, probe, [["weight"]], **dict(kw, step_size=chi.settings["step_size"])
+    )
+    np.testing.assert_array_equal(chi.chi, ref.chi)

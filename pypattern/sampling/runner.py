@@ -326,25 +326,32 @@ def _sample_auto(plan: RunPlan, model: nn.Module, loader, report):
         except SamplingDivergedError as e:
             if not can_rerun or k == AUTO_RUN_HALVINGS:
                 raise
-            old = float(plan.hyper["step_size"])
-            new = old / 2
-            report.reruns.append(
-                dict(step_size=old, chain=int(e.chain), draw=int(e.draw), step=int(e.step), message=str(e))
-            )
-            report.chosen = new
-            report.reason += (
-                f"; the run at {old:.3g} diverged or ran away (chain {e.chain}, step {e.step}: an excursion the "
-                f"trials did not meet) and was run again from the start at {new:.3g}"
-            )
-            warnings.warn(
-                f"step_size='auto': the run at the calibrated step {old:.3g} diverged or ran away (chain {e.chain}, "
-                f"step {e.step}), an instability too rare for the calibration trials; running it again at {new:.3g}",
-                stacklevel=3,
-            )
+            new = halve_auto_step(report, float(plan.hyper["step_size"]), e)
             for cb in callbacks:
                 cb.reset()
             plan = dataclasses.replace(plan, hyper={**plan.hyper, "step_size": new})
     raise AssertionError("unreachable")
+
+
+def halve_auto_step(report, old: float, err: SamplingDivergedError) -> float:
+    """Half of ``old``, the calibrated step of a run that diverged or ran away with ``err``: recorded in the
+    calibration's ``report`` (``reruns``, ``chosen``, ``reason``) and warned about. Callers run again from the
+    start at the returned step."""
+    new = old / 2
+    report.reruns.append(
+        dict(step_size=old, chain=int(err.chain), draw=int(err.draw), step=int(err.step), message=str(err))
+    )
+    report.chosen = new
+    report.reason += (
+        f"; the run at {old:.3g} diverged or ran away (chain {err.chain}, step {err.step}: an excursion the "
+        f"trials did not meet) and was run again from the start at {new:.3g}"
+    )
+    warnings.warn(
+        f"step_size='auto': the run at the calibrated step {old:.3g} diverged or ran away (chain {err.chain}, "
+        f"step {err.step}), an instability too rare for the calibration trials; running it again at {new:.3g}",
+        stacklevel=4,
+    )
+    return new
 
 
 @contextlib.contextmanager
