@@ -52,7 +52,11 @@ passes, :class:`AutoStepError` is raised with the table of every trial (step, st
 What a trial cannot see: a rare excursion that a run of many more chain-steps meets. On the normal crossing
 ``K = w1^2 w2^4`` the curvature across an arm grows as ``w2^4``, so a step that is stable in every trial can
 become unstable far out on an arm: 0.0125, healthy in 8 chains x 3,200 steps, ran away in 64 chains x 9,600 steps;
-its half (the chosen step) is stable but has heavy-tailed excursions (docs/llc_results.md).
+its half (the chosen step) is stable but has heavy-tailed excursions (docs/llc_results.md). The run itself is the
+longest trial: a run at the calibrated step that diverges or runs away is run again from the start at half the
+step (at most three times, with a warning; ``reruns`` in the report), in :func:`pypattern.sample`,
+:func:`pypattern.susceptibilities` and :func:`pypattern.bif`, unless the run writes a checkpoint or has callbacks
+without ``reset()``.
 
 ``nbeta`` and ``localization``
 -------------------------------
