@@ -206,20 +206,9 @@ def test_init_loss_batches_default_is_bounded_by_the_run():
     from pypattern.sampling.runner import init_loss_standard_error
 
     model, loader, _, _ = _noisy_regression(n=1200, batch_size=2)  # 600 batches
-    r = estimate_llc(
-        model,
-        loader,
-        step_size=1e-3,
-        nbeta=20.0,
-        localization=10.0,
-        num_chains=2,
-        num_draws=20,
-        num_burnin_steps=10,
-        seed=0,
-        quiet=True,
-        warn_nonstationary=False,
-    )
-    steps = 2 * (10 + 20) // 2
+    kw = dict(step_size=1e-3, nbeta=20.0, localization=10.0, num_chains=2, seed=0, quiet=True)
+    r = estimate_llc(model, loader, num_draws=20, num_burnin_steps=10, warn_nonstationary=False, **kw)
+    steps = 2 * (10 + 20) // 2  # chains x steps per chain (10 burn-in + 20 draws) / 2
     assert len(r.sample.init_losses) == steps and r.init_loss_se > 0
     assert r.init_loss_se == pytest.approx(init_loss_standard_error(r.sample.init_losses, 600), rel=1e-12)
     assert init_loss_standard_error([1.0, 2.0], None) == pytest.approx(
@@ -227,18 +216,5 @@ def test_init_loss_batches_default_is_bounded_by_the_run():
     )
     assert np.isnan(init_loss_standard_error([1.0], 5)) and init_loss_standard_error([1.0], 1) == 0.0
     # a given L_n(w*) is taken as exact
-    r = estimate_llc(
-        model,
-        loader,
-        step_size=1e-3,
-        nbeta=20.0,
-        localization=10.0,
-        num_chains=2,
-        num_draws=5,
-        num_burnin_steps=0,
-        seed=0,
-        quiet=True,
-        init_loss=0.5,
-        warn_nonstationary=False,
-    )
+    r = estimate_llc(model, loader, num_draws=5, init_loss=0.5, warn_nonstationary=False, **kw)
     assert r.init_loss_se == 0.0 and r.llc_se == pytest.approx(r.llc_std / np.sqrt(2))
