@@ -45,7 +45,9 @@ class _Run:
     """One unpatched run: ``resid[s]`` the residual entering stage ``s`` ``(B, T, d)``, ``after_attn[l]``
     the residual after layer ``l``'s attention (parallel blocks: the block's input plus the attention output, without
     the MLP's), ``outs (n_src, B, T, d)`` node outputs, ``logits`` at the metric
-    positions ``(B, vocab)``."""
+    positions ``(B, vocab)``. A run recorded by :meth:`EdgeEngine.gradients` has no ``resid`` or ``after_attn``
+    (None), and in the uniform case its last layer's outputs only at the metric row (zero elsewhere: the rows no
+    edge score reads)."""
 
     resid: dict
     after_attn: list
@@ -74,21 +76,29 @@ class EdgeEngine:
         self,
         view: ModelView,
         graph: EdgeGraph,
-        base: _Run,
-        source: torch.Tensor,
+        base: _Run | None,
+        source,
         base_embed: torch.Tensor,
         metric,
         pos,
         T: int,
         max_batch: int | None = None,
         memory_budget: float = 1e9,
+        src_embed: torch.Tensor | None = None,
     ) -> None:
-        self.view, self.graph, self.base, self.metric = view, graph, base, metric
-        self.A = source  # (n_src, B, T, d)
-        self.D = source - base.outs  # ablated minus base value, (n_src, B, T, d)
+        self.view, self.graph, self.metric = view, graph, metric
         self.base_embed = base_embed
         self.pos, self.T = pos, T
-        self.B = base.outs.shape[1]
+        self.B = base_embed.shape[0]
+        self.dtype = base_embed.dtype
+        # the source values: a tensor, or "zero" / "mean" when they follow from a base run still to be recorded
+        self.A = source if isinstance(source, torch.Tensor) else None
+        self._pending_source = None if isinstance(source, torch.Tensor) else source
+        self.src_embed = source[0] if isinstance(source, torch.Tensor) else src_embed  # the embedding's A
+        self.base, self.D = None, None
+        self.bound = True  # the metric has been bound to the clean logits (prepare_runs says when not yet)
+        if base is not None:
+            self._set_base(base)
         self.uniform = isinstance(pos, int)
         if self.uniform and pos != T - 1:
             raise ValueError(f"position {pos}: truncate the prompts so the metric position is the last")
@@ -107,7 +117,6 @@ class EdgeEngine:
                 f"the model (n_layers={self.L}, n_heads={self.H}, n_kv_heads={self.Hk}, parallel={self.parallel}); "
                 "build it with edges(model)"
             )
-        self.dtype = base.outs.dtype
         g = graph
         # destination inputs of each stage, in graph order: q (H), k (Hk), v (Hk) of a layer's attention, then
         # (parallel blocks) the MLP of the same layer; or one MLP; or the logits
@@ -121,14 +130,25 @@ class EdgeEngine:
         self.max_batch = max_batch
         self.memory_budget = memory_budget
 
+    def _set_base(self, base: _Run) -> None:
+        """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``."""
+        self.base = base
+        if self._pending_source == "zero":
+            self.A = torch.zeros_like(base.outs)
+        elif self._pending_source == "mean":
+            self.A = base.outs.mean(1, keepdim=True).expand_as(base.outs)
+        self._pending_source = None
+        self.D = self.A - base.outs  # ablated minus base value, (n_src, B, T, d)
+
     # ----- sizes ----------------------------------------------------------------------------------------------
     def chunk_size(self) -> int:
         """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows."""
         if self.max_batch is not None:
             return max(1, int(self.max_batch))
         g = self.graph
-        per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * self.A.element_size()
-        per += g.n_src * g.n_dst * (g.n_pos or 1) * self.A.element_size()
+        item = self.base_embed.element_size()
+        per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * item
+        per += g.n_src * g.n_dst * (g.n_pos or 1) * item
         return max(1, int(self.memory_budget // per))
 
     def _rows_after(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
@@ -158,14 +178,19 @@ class EdgeEngine:
         q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
         return v.head_out(layer, v.attention(layer, q, k, vv, qrows, rows))
 
-    def _final(self, x: torch.Tensor) -> torch.Tensor:
-        """Metric from the final residual ``x (N, B, R, d)`` (R = 1 in the uniform case, else all rows)."""
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the metric positions ``(N, B, vocab)`` from the final residual ``x (N, B, R, d)`` (R = 1 in
+        the uniform case, else all rows)."""
         if self.uniform:
             x = x[:, :, -1]
         else:
             idx = self.pos.view(1, -1, 1, 1).expand(x.shape[0], -1, 1, x.shape[-1])
             x = x.gather(2, idx).squeeze(2)
-        return self.metric(self.view.unembed(x))
+        return self.view.unembed(x)
+
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
+        """Metric from the final residual ``x (N, B, R, d)``."""
+        return self.metric(self._logits(x))
 
     # ----- unpatched forward ----------------------------------------------------------------------------------
     def base_metric(self) -> torch.Tensor:
@@ -176,6 +201,8 @@ class EdgeEngine:
     @torch.no_grad()
     def run(self, masks: torch.Tensor) -> torch.Tensor:
         """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``."""
+        if self.base is None or self.base.resid is None:
+            raise RuntimeError("this engine has no recorded base run to patch: build it with prepare_runs")
         masks = self.graph.mask(masks)
         if masks.dim() == 1:
             masks = masks[None]
@@ -372,9 +399,13 @@ class EdgeEngine:
         raise AssertionError("the graph has no logits stage")
 
     # ----- gradients ------------------------------------------------------------------------------------------
-    def gradients(self, embeds: torch.Tensor) -> tuple[list, torch.Tensor]:
+    def gradients(self, embeds: torch.Tensor, record: int | None = None) -> tuple[list, torch.Tensor]:
         """``dM/d(input)`` of every destination input for runs started from ``embeds (N, B, T, d)``, summed over
         the ``N`` runs.
+
+        ``record``: the index of the run (of the ``N``) that is the base run; its node outputs and logits are
+        recorded and become the engine's base run (an engine built with ``prepare_runs(..., defer_base=True)``),
+        so the base prompts are run once, with the gradient, rather than once more without it.
 
         Returns
         -------
@@ -386,6 +417,17 @@ class EdgeEngine:
         v, g = self.view, self.graph
         rows = torch.arange(self.T)
         handles, val = [], None
+        outs = None
+        if record is not None:  # node outputs of the recorded run; rows that are not computed stay zero
+            outs = embeds.new_zeros(g.n_src, *embeds.shape[1:])
+            outs[0] = embeds[record]
+
+        def keep(src: int, rows_: torch.Tensor, value: torch.Tensor) -> None:  # value (u, B, R, d)
+            if len(rows_) == self.T:
+                outs[src : src + value.shape[0]] = value
+            else:
+                outs[src : src + value.shape[0]].index_copy_(2, rows_, value)
+
         with torch.enable_grad():
             R = embeds.detach().requires_grad_(True)
             for s in g.stages:
@@ -393,7 +435,14 @@ class EdgeEngine:
                 if s == 2 * self.L:
                     x = R.clone()
                     handles.append(("logits", dsts, rows, x))
-                    val = self._final(x)
+                    logits = self._logits(x)
+                    if outs is not None:
+                        base_logits = logits[record].detach()
+                        if not self.bound:
+                            bind_metric(self.metric, base_logits)
+                            check_metric_output(self.metric(base_logits), self.B)
+                            self.bound = True
+                    val = self.metric(logits)
                     break
                 layer = s // 2
                 if s % 2 == 0:
@@ -401,20 +450,32 @@ class EdgeEngine:
                     hn = v.attn_norm(layer, R)
                     hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
                     q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
-                    attn = v.head_out_sum(layer, v.attention(layer, q, k, vv, qrows, rows))
+                    z = v.attention(layer, q, k, vv, qrows, rows)
+                    if outs is None:
+                        attn = v.head_out_sum(layer, z)
+                    else:  # each head's write, as in the plain run (the same multiply-adds as their sum)
+                        O = v.head_out(layer, z)
+                        keep(int(self.head_srcs[layer][0]), qrows, O[:, record].detach())
+                        attn = O.sum(0)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                     handles.append(("attn", dsts[: self.nA], (qrows, rows, layer, Rq, R), (q, k, vv)))
                     R_new = v.add_attn_bias(layer, Rq + attn)
                     if self.parallel:  # the MLP reads the block's input (at the rows that matter after it)
                         x = Rq.clone()
                         handles.append(("mlp", dsts[self.nA :], qrows, x))
-                        R_new = R_new + v.mlp(layer, x)
+                        out = v.mlp(layer, x)
+                        if outs is not None:
+                            keep(self.mlp_src[layer], qrows, out[record].detach()[None])
+                        R_new = R_new + out
                     R = R_new
                     rows = qrows
                 else:
                     x = R.clone()
                     handles.append(("mlp", dsts, rows, x))
-                    R = R + v.mlp(layer, x)
+                    out = v.mlp(layer, x)
+                    if outs is not None:
+                        keep(self.mlp_src[layer], rows, out[record].detach()[None])
+                    R = R + out
             tensors = []
             for h in handles:
                 tensors += list(h[3]) if h[0] == "attn" else [h[3]]
@@ -443,6 +504,8 @@ class EdgeEngine:
                     gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                     i += 1
                     out.append((dsts, info, over_runs(gr, 0).unsqueeze(0)))
+        if outs is not None:
+            self._set_base(_Run(None, None, outs, base_logits))
         return out, val.detach()
 
 
@@ -502,11 +565,17 @@ def prepare_runs(
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     view: ModelView | None = None,
+    defer_base: bool = False,
 ) -> tuple[EdgeEngine, dict]:
     """Run the clean, corrupted and source prompts and build the :class:`EdgeEngine`.
 
-    Returns the engine and a dict with ``clean`` and ``corrupted`` metric values ``(batch,)`` (``corrupted`` is
-    the fully ablated run's metric, i.e. with every edge patched in noising mode) and the truncated prompts.
+    Returns the engine and a dict with ``m_clean`` and ``m_base`` metric values ``(batch,)`` (the clean run's and
+    the base run's: clean for noising, corrupted for denoising), ``T`` and ``pos``.
+
+    ``defer_base``: do not run the base prompts; the engine's base run is recorded by its first
+    :meth:`EdgeEngine.gradients` call with ``record`` set (edge attribution: the base prompts run once, with the
+    gradient). ``m_base`` (and in noising mode ``m_clean``) are then None; read :meth:`EdgeEngine.base_metric`
+    after that call.
     """
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
@@ -538,21 +607,32 @@ def prepare_runs(
     else:
         base_tokens, src_tokens = corrupted, clean
     x_clean = view.embed(clean)
-    clean_run = _node_run(view, graph, x_clean, pos)
-    bind_metric(metric, clean_run.logits.detach())
-    m_clean = check_metric_output(metric(clean_run.logits), B)
-    if mode == "noise":
-        base, x_base = clean_run, x_clean
+    x_base = x_clean if mode == "noise" else view.embed(base_tokens)
+    clean_run, m_clean = None, None
+    if not (defer_base and mode == "noise"):  # the clean run is the base run, recorded later
+        clean_run = _node_run(view, graph, x_clean, pos)
+        bind_metric(metric, clean_run.logits.detach())
+        m_clean = check_metric_output(metric(clean_run.logits), B)
+    if defer_base:
+        base = None
     else:
-        x_base = view.embed(base_tokens)
-        base = _node_run(view, graph, x_base, pos)
+        base = clean_run if mode == "noise" else _node_run(view, graph, x_base, pos)
+    src_embed = None
     if ablation == "zero":
-        A = torch.zeros_like(base.outs)
+        A = torch.zeros_like(base.outs) if base is not None else "zero"
+        src_embed = torch.zeros_like(x_base)
+    elif src_tokens is clean and clean_run is None:  # the source run is the base run, still to be recorded
+        A = ablation  # "resample" cannot reach here: it needs corrupted prompts, the source in noising mode
+        src_embed = x_clean.mean(0, keepdim=True).expand_as(x_clean)
     else:
         src_run = clean_run if src_tokens is clean else _node_run(view, graph, view.embed(src_tokens), pos)
         A = src_run.outs
         if ablation == "mean":
             A = A.mean(1, keepdim=True).expand_as(A)
-    engine = EdgeEngine(view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget)
-    info = {"m_clean": m_clean, "m_base": engine.base_metric(), "T": T, "pos": pos}
+    engine = EdgeEngine(
+        view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
+    )
+    engine.bound = clean_run is not None
+    m_base = engine.base_metric() if base is not None else None
+    info = {"m_clean": m_clean, "m_base": m_base, "T": T, "pos": pos}
     return engine, info

@@ -29,10 +29,14 @@ reads.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 __all__ = ["ModelView"]
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> signature of its passed check
 
 
 class ModelView:
@@ -76,7 +80,10 @@ class ModelView:
         self.dtype = model.embed.W_E.dtype
         self.attn_scale = float(getattr(cfg, "attn_scale", None) or cfg.d_head**0.5)
         if check:
-            self._check()
+            sig = self._signature()
+            if _CHECKED.get(model) != sig:
+                self._check()
+                _CHECKED[model] = sig
 
     # ----- heads ---------------------------------------------------------------------------------------------
     def kv_heads_of(self, heads: list[int] | None) -> list[int] | None:
@@ -353,6 +360,24 @@ class ModelView:
             else:
                 x = x + attn
         return self.unembed(x)
+
+    def _signature(self) -> tuple:
+        """What the self-check depends on besides the weights' values: the configuration, the weights' dtype and
+        device, and every module's type and hooks. A model checked with the same signature is not checked again."""
+        from ..models.hooks import HookPoint
+
+        mods = tuple(
+            (
+                name,
+                type(m),
+                tuple(m._forward_hooks),
+                tuple(m._forward_pre_hooks),
+                tuple(map(id, m._fns)) if isinstance(m, HookPoint) else None,
+            )
+            for name, m in self.model.named_modules()
+        )
+        W = self.model.embed.W_E
+        return (repr(self.cfg), W.dtype, W.device, mods)
 
     @torch.no_grad()
     def _check(self) -> None:
