@@ -37,6 +37,9 @@ from .model_view import ModelView
 __all__ = ["EdgeEngine", "prepare_runs"]
 
 _ABLATIONS = ("resample", "mean", "zero")
+# the patched-source sums go term by term (each a B x R x d multiply-add) when the terms from the cheaper side of
+# each destination input are at most this fraction of a dense sum (a matmul) over every source
+_SPARSE = 0.2
 _MODES = ("noise", "denoise")
 
 
@@ -129,6 +132,7 @@ class EdgeEngine:
         self.mlp_src = [src_pos.get(f"MLP{layer}") for layer in range(self.L)]
         self.max_batch = max_batch
         self.memory_budget = memory_budget
+        self._ablated: dict = {}
 
     def _set_base(self, base: _Run) -> None:
         """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``."""
@@ -265,9 +269,12 @@ class EdgeEngine:
                 out[i, j * G : (j + 1) * G] = True
         return out
 
-    def _corr(self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor):
-        """Sum over patched sources of ``A_u - out_u`` into the destinations ``dsts`` at ``rows``:
-        ``(V, C, B, R, d)``, or None when no mask patches any of them."""
+    def _inputs(
+        self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor, R: torch.Tensor, s: int
+    ):
+        """Inputs of the destinations ``dsts`` of stage ``s`` at ``rows`` in the patched runs whose residual is ``R
+        (C, B, R, d)``: ``R + sum over patched sources of (A_u - out_u)``, ``(V, C, B, R, d)``, or None when no mask
+        patches any of them (every input is ``R``)."""
         Mv = M[:, :, dsts]
         if self.graph.per_position:
             Mv = Mv[..., rows]
@@ -275,7 +282,17 @@ class EdgeEngine:
             return None
         sub = len(rows) != self.T
         if not self.graph.per_position:
-            return self._corr_flat(blocks, Mv, rows, sub)
+            n = int((self.src_stage < s).sum())  # the sources read at stage s (a prefix)
+            k = Mv.sum(1)  # (C, V) patched edges into each destination input
+            comp = k > n - k
+            terms = float(torch.where(comp, n - k, k).sum())
+            if terms <= _SPARSE * Mv.shape[0] * Mv.shape[2] * n:
+                return self._inputs_sparse(blocks, Mv, rows, sub, R, s, comp)
+            return self._corr_flat(blocks, Mv, rows, sub).add_(R)
+        return self._corr_pos(blocks, Mv, rows, sub).add_(R)
+
+    def _corr_pos(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
+        """The patched-source sum ``(V, C, B, R, d)`` of a per-position graph (``Mv (C, n_src, V, R)``)."""
         total = None
         for src_idx, tensor, shared, is_full in blocks:
             m = Mv[:, src_idx]
@@ -284,16 +301,40 @@ class EdgeEngine:
             # shared blocks are (u, B, T, d), own blocks (u, C, B, T, d)
             if is_full and sub:
                 tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
-            if self.graph.per_position:
-                expr = "cuvt,ubtd->vcbtd" if shared else "cuvt,ucbtd->vcbtd"
-            else:
-                expr = "cuv,ubtd->vcbtd" if shared else "cuv,ucbtd->vcbtd"
-            term = torch.einsum(expr, m, tensor)
+            term = torch.einsum("cuvt,ubtd->vcbtd" if shared else "cuvt,ucbtd->vcbtd", m, tensor)
             total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
         return total
 
+    def _ablated_input(self, s: int, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, R, d)``: the input of a destination at stage ``s`` with every incoming edge patched, ``sum_{u read
+        at s} A_u`` plus the attention output biases before ``s``; the same in every patched run (cached)."""
+        if s not in self._ablated:
+            n = int((self.src_stage < s).sum())
+            self._ablated[s] = self.base.resid[s] + self.D[:n].sum(0)
+        return _rows(self._ablated[s], rows, 1)
+
+    def _inputs_sparse(self, blocks, Mv, rows, sub, R, s, comp):
+        """:meth:`_inputs` from the cheaper side of each (mask, destination input): ``R`` plus its patched
+        sources' ``A_u - out_u``, or, when more than half of its sources are patched, the ablated input (the same in
+        every patched run, :meth:`_ablated_input`) minus its unpatched sources' ``A_u - out_u``: ``min(k, n - k)``
+        multiply-adds of ``B x R x d`` each (``k`` of the ``n`` sources patched), term by term."""
+        C, V = Mv.shape[0], Mv.shape[2]
+        out = R.new_empty(V, C, self.B, len(rows), self.d)
+        abl = self._ablated_input(s, rows) if bool(comp.any()) else None
+        for c, row in enumerate(comp.tolist()):
+            for v, cv in enumerate(row):
+                out[v, c].copy_(abl if cv else R[c])
+        for src_idx, tensor, shared, is_full in blocks:
+            mb = Mv[:, src_idx].bool()  # (C, u, V)
+            if is_full and sub:
+                tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
+            for sign, pick in ((1, mb & ~comp[:, None, :]), (-1, ~mb & comp[:, None, :])):
+                for c, u, v in pick.nonzero().tolist():
+                    out[v, c].add_(tensor[u] if shared else tensor[u, c], alpha=sign)
+        return out
+
     def _corr_flat(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
-        """:meth:`_corr` without positions: every block multiply-added into one ``(V, C, B*R*d)`` output by a
+        """The patched-source sum ``(V, C, B, R, d)`` without positions, dense: every block multiply-added into one ``(V, C, B*R*d)`` output by a
         matmul (shared blocks) or a batched matmul over the masks (own blocks), without a tensor per block."""
         C, V = Mv.shape[0], Mv.shape[2]
         R = len(rows)
@@ -343,18 +384,18 @@ class EdgeEngine:
                 continue
             dsts = self.stage_dsts[s]
             if s == 2 * self.L:  # logits
-                corr = self._corr(blocks, M, dsts, rows)
-                return self._final(R if corr is None else corr[0].add_(R))
+                x = self._inputs(blocks, M, dsts, rows, R, s)
+                return self._final(R if x is None else x[0])
             layer = s // 2
             if s % 2 == 1:  # the MLP of a sequential block
-                corr = self._corr(blocks, M, dsts, rows)
-                out = v.mlp(layer, R if corr is None else corr[0].add_(R))
+                x = self._inputs(blocks, M, dsts, rows, R, s)
+                out = v.mlp(layer, R if x is None else x[0])
                 R = R + out
                 blocks.append(self._mlp_block(layer, out, rows))
                 continue
             # attention of `layer` (and, in a parallel block, its MLP, reading the same residual)
-            corr = self._corr(blocks, M, dsts[:nA], rows)
-            corr_m = self._corr(blocks, M, dsts[nA:], rows) if self.parallel else None
+            X = self._inputs(blocks, M, dsts[:nA], rows, R, s)
+            X_m = self._inputs(blocks, M, dsts[nA:], rows, R, s) if self.parallel else None
             qrows = self._rows_after(layer, rows)
             full = len(qrows) == self.T
             srcs = self.head_srcs[layer]
@@ -364,9 +405,7 @@ class EdgeEngine:
                 if len(heads):
                     kv = torch.tensor(v.kv_heads_of(heads), dtype=torch.long)
                     sel = torch.cat([hs, H + kv, H + Hk + kv])
-                    O = self._attn(
-                        layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, list(heads)
-                    )  # (h, C, B, Tq, d)
+                    O = self._attn(layer, X[sel], qrows, rows, list(heads))  # (h, C, B, Tq, d)
                     O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
                     R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
                     # A_u - out_u, in O's storage (O is not needed any more)
@@ -379,17 +418,17 @@ class EdgeEngine:
                 if len(others):
                     blocks.append((others, self.D[others], True, True))
             else:
-                if corr is None:
+                if X is None:
                     O = self._attn_shared(layer, R, qrows, rows)
                 else:
-                    O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
+                    O = self._attn(layer, X, qrows, rows)
                 Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                 R = v.add_attn_bias(layer, Rq + O.sum(0))
                 # a layer's heads are adjacent sources: a view, not a gather
                 A_heads = _rows(self.A[int(srcs[0]) : int(srcs[-1]) + 1], qrows, 2)
                 blocks.append((srcs, O.neg_().add_(A_heads.unsqueeze(1)), False, full))
             if self.parallel:
-                x = R_pre if corr_m is None else corr_m[0].add_(R_pre)
+                x = R_pre if X_m is None else X_m[0]
                 if len(qrows) != len(rows):
                     x = x[:, :, qrows]
                 out = v.mlp(layer, x)
