@@ -106,8 +106,26 @@ class ModelView:
 
     # ----- attention (head-first layout: per-head tensors are (heads, ..., pos, features)) ------------------
     def attn_norm(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The norm in front of attention, on any ``(..., d_model)`` (each head input normalised on its own)."""
-        return self.model.blocks[layer].ln1(x)
+        """The norm in front of attention, on any ``(..., d_model)`` (each head input normalised on its own).
+
+        pypattern's LayerNorm without hooks or ``compute_dtype`` runs as torch's fused ``layer_norm`` with its
+        weight and bias in the kernel (one pass over the per-head inputs; the module adds them in a second pass),
+        equal to float rounding; any other norm is the model's module."""
+        ln = self.model.blocks[layer].ln1
+        if self._fused_ln(ln):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], ln.w, ln.b, ln.eps)
+        return ln(x)
+
+    @staticmethod
+    def _fused_ln(ln) -> bool:
+        from ..models.transformer import LayerNorm
+
+        return (
+            type(ln) is LayerNorm
+            and ln.compute_dtype is None
+            and not (ln.hook_scale.active or ln.hook_normalized.active)
+            and not (ln._forward_hooks or ln._forward_pre_hooks)
+        )
 
     def _rotate(self, layer: int, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """The model's rotary embedding of head-first ``x (h, ..., T, d_head)`` at absolute positions ``pos (T,)``
