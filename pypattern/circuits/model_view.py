@@ -268,10 +268,24 @@ class ModelView:
         cd = ln.compute_dtype or x.dtype
         with torch.no_grad():
             h = x.to(cd)
-            if type(ln) is LayerNorm:
+            is_ln = type(ln) is LayerNorm
+            if is_ln:
                 h = h - h.mean(-1, keepdim=True)
             r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ln.eps)
             xhat = h * r
+            if g.dtype == cd and ln.w.dtype == cd:
+                # r (g w - mean(g w) - x_hat mean(g w x_hat)) = g (w r) - r mean(g w) - (x_hat r) mean(g (w x_hat)):
+                # the two means are row dot products of g (a matrix-vector product and one product-sum) and the
+                # result two fused passes over g's size, with no per-head copy of g w
+                d = g.shape[-1]
+                w = ln.w
+                proj = (g * (xhat * w)).sum(-1, keepdim=True).div_(d)  # (h, ..., T, 1)
+                if is_ln:
+                    mean_gw = (g.reshape(-1, d) @ w).view(*g.shape[:-1], 1).div_(d)
+                    out = torch.addcmul(-(r * mean_gw), g, w * r)
+                else:
+                    out = g * (w * r)
+                return out.addcmul_(xhat * r, proj, value=-1)
             gw = (g * ln.w).to(cd)
             out = gw * xhat  # two per-head temporaries in all: fresh large tensors are costly
             proj = out.mean(-1, keepdim=True)
