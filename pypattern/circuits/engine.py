@@ -48,9 +48,10 @@ class _Run:
     """One unpatched run: ``resid[s]`` the residual entering stage ``s`` ``(B, T, d)``, ``after_attn[l]``
     the residual after layer ``l``'s attention (parallel blocks: the block's input plus the attention output, without
     the MLP's), ``outs (n_src, B, T, d)`` node outputs, ``logits`` at the metric
-    positions ``(B, vocab)``. A run recorded by :meth:`EdgeEngine.gradients` has no ``resid`` or ``after_attn``
-    (None), and in the uniform case its last layer's outputs only at the metric row (zero elsewhere: the rows no
-    edge score reads)."""
+    positions ``(B, vocab)``. A run for edge attribution (recorded by :meth:`EdgeEngine.gradients`, or
+    :func:`_outputs_run`) has no ``resid`` or ``after_attn`` (None), and in the uniform case its last layer's outputs
+    only at the metric row (zero elsewhere: the rows no edge score reads); a recorded base run's ``outs`` become
+    the engine's ``D`` (then None)."""
 
     resid: dict
     after_attn: list
@@ -142,7 +143,11 @@ class EdgeEngine:
         elif self._pending_source == "mean":
             self.A = base.outs.mean(1, keepdim=True).expand_as(base.outs)
         self._pending_source = None
-        self.D = self.A - base.outs  # ablated minus base value, (n_src, B, T, d)
+        if base.resid is None:  # a recorded run: its outputs are needed only as D, which takes their storage
+            self.D = base.outs.neg_().add_(self.A)
+            base.outs = None
+        else:
+            self.D = self.A - base.outs  # ablated minus base value, (n_src, B, T, d)
 
     # ----- sizes ----------------------------------------------------------------------------------------------
     def chunk_size(self) -> int:
@@ -592,6 +597,43 @@ def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
     return _Run(resid, after_attn, torch.stack(outs), view.unembed(x))
 
 
+def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
+    """A plain forward from embeddings ``x0 (B, T, d)`` recording only every node's output and the logits at the
+    metric positions (no residuals: a run for edge attribution, not for patching). With one metric position (the
+    last), the last layer runs at that row only, but for its keys and values, and its nodes' outputs are zero at the
+    other rows (no edge score reads them)."""
+    B, T, d = x0.shape
+    H, L = view.n_heads, view.n_layers
+    outs = x0.new_empty(graph.n_src, B, T, d)
+    outs[0] = x0
+    i, R, rows = 1, x0, torch.arange(T)
+
+    def put(k: int, value: torch.Tensor) -> None:  # value (k, B, Tq, d) at the rows computed
+        if value.shape[2] == T:
+            outs[i : i + k] = value
+        else:
+            outs[i : i + k, :, : T - 1].zero_()
+            outs[i : i + k, :, T - 1 :] = value
+
+    for layer in range(L):
+        qrows = torch.tensor([T - 1]) if isinstance(pos, int) and layer == L - 1 else rows
+        part = len(qrows) != T
+        hn = view.attn_norm(layer, R)
+        q, k, v = view.qkv_shared(layer, hn[:, qrows] if part else hn, hn, qrows, rows)
+        O = view.head_out(layer, view.attention(layer, q, k, v, qrows, rows))  # (H, B, Tq, d)
+        pre = R[:, qrows] if part else R
+        R = view.add_attn_bias(layer, pre + O.sum(0))
+        put(H, O)
+        i += H
+        if view.has_mlp:
+            out = view.mlp(layer, pre if view.parallel else R)
+            R = R + out
+            put(1, out[None])
+            i += 1
+    x = R[:, -1] if isinstance(pos, int) else R[torch.arange(B), pos]
+    return _Run(None, None, outs, view.unembed(x))
+
+
 @torch.no_grad()
 def prepare_runs(
     model,
@@ -648,8 +690,10 @@ def prepare_runs(
     x_clean = view.embed(clean)
     x_base = x_clean if mode == "noise" else view.embed(base_tokens)
     clean_run, m_clean = None, None
+    # without a base run to patch, the clean and source runs need only their node outputs (and logits)
+    node_run = _outputs_run if defer_base else _node_run
     if not (defer_base and mode == "noise"):  # the clean run is the base run, recorded later
-        clean_run = _node_run(view, graph, x_clean, pos)
+        clean_run = node_run(view, graph, x_clean, pos)
         bind_metric(metric, clean_run.logits.detach())
         m_clean = check_metric_output(metric(clean_run.logits), B)
     if defer_base:
@@ -664,7 +708,7 @@ def prepare_runs(
         A = ablation  # "resample" cannot reach here: it needs corrupted prompts, the source in noising mode
         src_embed = x_clean.mean(0, keepdim=True).expand_as(x_clean)
     else:
-        src_run = clean_run if src_tokens is clean else _node_run(view, graph, view.embed(src_tokens), pos)
+        src_run = clean_run if src_tokens is clean else node_run(view, graph, view.embed(src_tokens), pos)
         A = src_run.outs
         if ablation == "mean":
             A = A.mean(1, keepdim=True).expand_as(A)
