@@ -40,6 +40,8 @@ _ABLATIONS = ("resample", "mean", "zero")
 # the patched-source sums go term by term (each a B x R x d multiply-add) when the terms from the cheaper side of
 # each destination input are at most this fraction of a dense sum (a matmul) over every source
 _SPARSE = 0.2
+# the batch of masks keeps one stage's destination inputs within this size (see EdgeEngine.chunk_size)
+_STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
 
 
@@ -151,14 +153,19 @@ class EdgeEngine:
 
     # ----- sizes ----------------------------------------------------------------------------------------------
     def chunk_size(self) -> int:
-        """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows."""
+        """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows and at most
+        as many as keep one stage's destination inputs ``(3H, C, B, T, d)`` within ``_STAGE_BYTES`` (larger
+        tensors are mapped fresh from the system on every allocation by glibc's allocator, and their first writes
+        fault in every page: ten 5% circuits of the bench model in one batch took 1.4x as long per circuit as in
+        batches of five)."""
         if self.max_batch is not None:
             return max(1, int(self.max_batch))
         g = self.graph
         item = self.base_embed.element_size()
         per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * item
         per += g.n_src * g.n_dst * (g.n_pos or 1) * item
-        return max(1, int(self.memory_budget // per))
+        stage = self.nA * self.B * self.T * self.d * item
+        return max(1, min(int(self.memory_budget // per), int(_STAGE_BYTES // stage)))
 
     def _rows_after(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         if self.uniform and layer == self.L - 1:
