@@ -4,24 +4,38 @@ piece of work, and against auto-circuit 1.0.1 (bench-only peer in .bench-venvs/a
 Setup: a random-weight model (n_layers=4, d_model=256, n_heads=8, d_head=32, d_mlp=1024, d_vocab=1000,
 n_ctx=64, gelu, LayerNorm), batch 8 x 32 tokens, logit difference at the last position; 1519 edges.
 
-Bounds (``madds`` in the table; measured as the plain model doing that arithmetic, role ``bound``):
+Bounds (``madds``; measured as the plain model doing that arithmetic, :func:`plain_forward`: every layer at every
+position except the last layer, which computes keys and values at every position and the rest at the metric row
+only, and the unembedding at that row):
 
 - EAP: one forward per prompt set and one backward: the corrupted forward (no grad), the clean forward with
   gradients and its backward to the embeddings (about twice a forward).
 - EAP-IG (k = 5): the corrupted forward plus k forwards and backwards (interpolated inputs, batched).
 - A pruning-curve point: one patched forward. A circuit's complement includes edges into layer 0, so causal reuse
-  skips nothing but the last layer's rows other than the metric's: the bound is one forward (logits at the
-  metric row only).
+  skips nothing but the last layer's rows other than the metric's: the bound is one forward.
 - Exact scores of all edges: for each edge, the layers from its destination on (the edge's destination head
   alone at its entry layer); ``madds_exact_all`` counts them. The naive loop is one full forward per edge.
 
-Our runs do more arithmetic than the plain model in one place the bound does not count: each destination input
-is formed separately (per-head query/key/value inputs, 3 H layer-norms per layer) and, in a patched run, the
-patched sources are summed into it (``n_src x n_dst x B x T x d`` multiply-adds at most).
+Work that edge-level results need and the plain model does not do, stated as separate named terms
+(:func:`edge_terms`) and reported beside the plain bound ("bound + terms": the plain bound's time scaled by
+``(bound + term) / bound`` multiply-adds, i.e. the term at the plain forward's rate):
+
+- ``contraction`` (EAP, EAP-IG): every edge's score is a dot product, per prompt, of its source's difference and
+  its destination input's gradient over the rows where that gradient can be non-zero: ``sum over edges of B x R x
+  d`` (R = T, or 1 for the last layer's query inputs, its MLP and the logits).
+- ``input sums`` (a pruning point): each destination input is formed from the residual and its own patched
+  sources, ``R + sum_{u patched} (A_u - out_u)``, or from the all-ablated input (the same in every run) and its
+  unpatched sources when fewer: ``sum over destination inputs of min(k, n - k) x B x R x d`` (``k`` of its ``n``
+  sources patched; R as above).
+
+Not counted anywhere (elementwise work, no multiply-adds): each destination input normalised on its own (3H + 1
+norms per layer where the plain model has 2) and, for EAP, each head input's norm VJP.
 
 Run: ``.venv/bin/python -m pytest -q bench/bench_circuits.py --benchmark-only -s`` (ours and the bounds), or
-after ``bash bench/envs/autocircuit.sh`` with ``.bench-venvs/autocircuit/bin/python`` (adds auto-circuit). At
-scale: ``python bench/bench_circuits.py --gpt2`` (EAP-IG, k = 5, on a GPT-2-small-shaped model, time and peak RSS).
+after ``bash bench/envs/autocircuit.sh`` with ``.bench-venvs/autocircuit/bin/python`` (adds auto-circuit). The
+table of the docs, in CPU time with interleaved rounds: ``OMP_NUM_THREADS=1 python bench/bench_circuits.py --table
+--rounds 7``. At scale: ``python bench/bench_circuits.py --gpt2`` (EAP-IG, k = 5, on a GPT-2-small-shaped model,
+time and peak RSS).
 """
 
 from __future__ import annotations
@@ -100,10 +114,55 @@ def macs_exact_all(c, T, graph):
     return total
 
 
+def _rows_of(graph, T: int) -> torch.Tensor:
+    """Rows at which each destination input can change the metric (last position): 1 for the last layer's query
+    inputs, its MLP and the logits, T otherwise ``(n_dst,)``."""
+    L = graph.n_layers
+    out = torch.full((graph.n_dst,), T)
+    for i, (s, qkv) in enumerate(zip(graph.dst_stage.tolist(), graph.dst_qkv)):
+        if s >= 2 * L - 1 or (s == 2 * (L - 1) and qkv == "q"):
+            out[i] = 1
+    return out
+
+
+def edge_terms(graph, c, B: int, T: int, patched: torch.Tensor | None = None) -> dict:
+    """The named terms of edge-level work the plain model does not do (see the module docstring), in
+    multiply-adds: ``contraction`` (every edge's score) and, for a patched mask ``(num_edges,)``, ``input sums``
+    (each destination input from the cheaper side)."""
+    d = c["d_model"]
+    R = _rows_of(graph, T)
+    out = {"contraction": int((R[graph.dst_idx] * B * d).sum())}
+    if patched is not None:
+        n = graph.valid.sum(0)  # sources read by each destination input
+        k = torch.bincount(graph.dst_idx[patched], minlength=graph.n_dst)
+        out["input sums"] = int((torch.minimum(k, n - k) * R * B * d).sum())
+    return out
+
+
+def plain_forward(model, x: torch.Tensor) -> torch.Tensor:
+    """The plain model's forward doing exactly the arithmetic :func:`macs_forward` counts, from embeddings ``x
+    (..., T, d)``: every layer at every row except the last, whose queries, attention output and MLP run at the last
+    row only (its keys and values at every row); logits at the last row ``(..., vocab)``. Sequential blocks."""
+    from pypattern.circuits.model_view import ModelView
+
+    view = ModelView(model, check=False)  # the arithmetic only
+    T = x.shape[-2]
+    rows, last = torch.arange(T), torch.tensor([T - 1])
+    for layer in range(view.n_layers):
+        qrows = last if layer == view.n_layers - 1 else rows
+        hn = view.attn_norm(layer, x)
+        hq = hn if len(qrows) == T else hn[..., qrows, :]
+        q, k, v = view.qkv_shared(layer, hq, hn, qrows, rows)
+        attn = view.head_out_sum(layer, view.attention(layer, q, k, v, qrows, rows))
+        xq = x if len(qrows) == T else x[..., qrows, :]
+        mid = view.add_attn_bias(layer, xq + attn)
+        x = mid + view.mlp(layer, mid)
+    return view.unembed(x[..., -1, :])
+
+
 # ----- fixtures ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def setup():
-    model = Transformer(TransformerConfig(**CFG, seed=0))
+def make_setup(dtype=torch.float32):
+    model = Transformer(TransformerConfig(**CFG, seed=0, dtype=dtype))
     g = torch.Generator().manual_seed(0)
     clean = torch.randint(0, CFG["d_vocab"], (B, T), generator=g)
     corr = clean.clone()
@@ -113,8 +172,35 @@ def setup():
     return model, clean, corr, LogitDiff(ans, wrong)
 
 
+@pytest.fixture(scope="module")
+def setup():
+    return make_setup()
+
+
 def _info(benchmark, role, madds):
     benchmark.extra_info.update(role=role, madds=int(madds))
+
+
+def bound_eap(model, clean, corr, k: int = 1):
+    """The EAP (k = 1) or EAP-IG bound's arithmetic: the corrupted forward, k forwards with gradients and their
+    backward to the embeddings."""
+    with torch.no_grad():
+        plain_forward(model, model.embed_tokens(corr))
+    emb = model.embed_tokens(clean)
+    emb = (emb[None].expand(k, *emb.shape) if k > 1 else emb).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(plain_forward(model, emb)[..., 0].sum(), emb)
+    return g
+
+
+@torch.no_grad()
+def bound_point(model, clean):
+    """One plain forward (the pruning point's bound)."""
+    return plain_forward(model, model.embed_tokens(clean))
+
+
+def point_circuit(graph) -> torch.Tensor:
+    """The bench's pruning point: a random 5% circuit (its complement patched)."""
+    return torch.rand(len(graph), generator=torch.Generator().manual_seed(0)) < 0.05
 
 
 # ----- EAP ---------------------------------------------------------------------------------------------------
@@ -124,32 +210,16 @@ def test_eap_ours(benchmark, setup):
     _info(benchmark, "ours", 4 * macs_forward(CFG, T))
     sc = benchmark(lambda: edge_attribution(model, clean, corr, metric=metric, method="eap"))
     REPORT["edges"] = len(sc.graph)
-
-
-def _fwd_bwd(model, tokens, k=1, alpha_src=None):
-    emb = model.embed_tokens(tokens)
-    if k > 1:
-        emb = emb.repeat(k, 1, 1)
-    emb = emb.detach().requires_grad_(True)
-    x = emb
-    for blk in model.blocks:
-        x = blk(x)
-    logits = model.unembed(model.ln_final(x[:, -1]))
-    (g,) = torch.autograd.grad(logits[:, 0].sum(), emb)
-    return g
+    REPORT["contraction/forward"] = round(
+        edge_terms(sc.graph, CFG, B, T)["contraction"] / macs_forward(CFG, T), 2
+    )
 
 
 @pytest.mark.benchmark(group="circuits-eap")
 def test_eap_bound(benchmark, setup):
     model, clean, corr, metric = setup
     _info(benchmark, "bound", 4 * macs_forward(CFG, T))
-
-    def work():
-        with torch.no_grad():
-            model(corr)
-        return _fwd_bwd(model, clean)
-
-    benchmark(work)
+    benchmark(lambda: bound_eap(model, clean, corr))
 
 
 # ----- EAP-IG ------------------------------------------------------------------------------------------------
@@ -164,13 +234,7 @@ def test_eap_ig_ours(benchmark, setup):
 def test_eap_ig_bound(benchmark, setup):
     model, clean, corr, metric = setup
     _info(benchmark, "bound", (1 + 3 * 5) * macs_forward(CFG, T))
-
-    def work():
-        with torch.no_grad():
-            model(corr)
-        return _fwd_bwd(model, clean, k=5)
-
-    benchmark(work)
+    benchmark(lambda: bound_eap(model, clean, corr, 5))
 
 
 # ----- a pruning-curve point ---------------------------------------------------------------------------------
@@ -183,10 +247,12 @@ def engine(setup):
 
 @pytest.mark.benchmark(group="circuits-point")
 def test_point_ours(benchmark, setup, engine):
-    gen = torch.Generator().manual_seed(0)
-    circuit = torch.rand(len(engine.graph), generator=gen) < 0.05
+    circuit = point_circuit(engine.graph)
     _info(benchmark, "ours", macs_forward(CFG, T))
     benchmark(lambda: engine.run(~circuit[None]))
+    REPORT["input_sums/forward"] = round(
+        edge_terms(engine.graph, CFG, B, T, ~circuit)["input sums"] / macs_forward(CFG, T), 3
+    )
 
 
 @pytest.mark.benchmark(group="circuits-point")
@@ -202,15 +268,7 @@ def test_point_ours_batched_10(benchmark, setup, engine):
 def test_point_bound(benchmark, setup):
     model, clean, corr, metric = setup
     _info(benchmark, "bound", macs_forward(CFG, T))
-
-    @torch.no_grad()
-    def work():
-        x = model.embed_tokens(clean)
-        for blk in model.blocks:
-            x = blk(x)
-        return model.unembed(model.ln_final(x[:, -1]))
-
-    benchmark(work)
+    benchmark(lambda: bound_point(model, clean))
 
 
 # ----- exact scores of every edge ----------------------------------------------------------------------------
@@ -290,20 +348,19 @@ def _ac_name(edge) -> str:
     return f"{node(edge.src.name, False)}->{node(edge.dest.name, True)}"
 
 
-@pytest.fixture(scope="module")
-def ac(setup):
-    if not HAS_AC:
-        pytest.skip("auto-circuit is not installed (bash bench/envs/autocircuit.sh)")
-    from auto_circuit.types import AblationType
-    from auto_circuit.utils.ablation_activations import src_ablations
+def ac_model(model, dtype=torch.float32):
+    """auto-circuit's patchable model of the same weights (separate q/k/v inputs, output at the last position)."""
     from auto_circuit.utils.graph_utils import patchable_model
 
-    model, clean, corr, metric = setup
-    acm = patchable_model(_tl_model(model), factorized=True, slice_output="last_seq", separate_qkv=True)
-    return acm, AblationType, src_ablations
+    return patchable_model(
+        _tl_model(model, dtype), factorized=True, slice_output="last_seq", separate_qkv=True
+    )
 
 
-def _ac_eap(acm, AblationType, src_ablations, clean, corr, metric):
+def ac_eap(acm, clean, corr, metric):
+    """auto-circuit's EAP: mask gradients with every edge reading the corrupted values, by our edge names."""
+    from auto_circuit.types import AblationType
+    from auto_circuit.utils.ablation_activations import src_ablations
     from auto_circuit.utils.graph_utils import patch_mode, set_all_masks, train_mask_mode
 
     src = src_ablations(acm, corr, AblationType.RESAMPLE)
@@ -315,74 +372,182 @@ def _ac_eap(acm, AblationType, src_ablations, clean, corr, metric):
     return {_ac_name(e): float(e.patch_mask(acm).grad[e.patch_idx]) for e in acm.edges}
 
 
+def ac_patcher(acm, graph, clean, corr, metric):
+    """``patch(mask)``: the metric of auto-circuit's run with the edges of ``mask (num_edges,)`` patched (the
+    corrupted values computed once, outside)."""
+    from auto_circuit.types import AblationType
+    from auto_circuit.utils.ablation_activations import src_ablations
+    from auto_circuit.utils.graph_utils import patch_mode
+
+    src = src_ablations(acm, corr, AblationType.RESAMPLE)
+    by_name = {_ac_name(e): e for e in acm.edges}
+    assert len(by_name) == len(graph)
+
+    @torch.no_grad()
+    def patch(mask):
+        names = [by_name[graph[i].name] for i in mask.nonzero().flatten().tolist()]
+        with patch_mode(acm, src, edges=names):
+            return metric(acm(clean)[acm.out_slice])
+
+    return patch
+
+
+def eap_rel_diff(ours, theirs: dict) -> float:
+    a = torch.tensor([theirs[e.name] for e in ours.graph]) / B  # their gradient is of the batch sum
+    return float((a - ours.scores).abs().max() / ours.scores.abs().max())
+
+
+def exact_agreement_fp64() -> float:
+    """Six edge sets (0.1% .. 95% of the edges) patched by both libraries in float64: the largest difference."""
+    m64, clean, corr, metric = make_setup(torch.float64)
+    g = edges(m64)
+    patch = ac_patcher(ac_model(m64, torch.float64), g, clean, corr, metric)
+    gen = torch.Generator().manual_seed(1)
+    sets = torch.rand(6, len(g), generator=gen) < torch.tensor([0.001, 0.01, 0.05, 0.2, 0.5, 0.95])[:, None]
+    eng, _ = prepare_runs(m64, g, clean, corr, metric)
+    ours = eng.run(sets)
+    return max(float((patch(m) - ours[i]).abs().max()) for i, m in enumerate(sets))
+
+
+@pytest.fixture(scope="module")
+def ac(setup):
+    if not HAS_AC:
+        pytest.skip("auto-circuit is not installed (bash bench/envs/autocircuit.sh)")
+    return ac_model(setup[0])
+
+
 @pytest.mark.benchmark(group="circuits-eap")
 def test_eap_autocircuit(benchmark, setup, ac):
     model, clean, corr, metric = setup
-    acm, AblationType, src_ablations = ac
     _info(benchmark, "peer", 4 * macs_forward(CFG, T))
-    theirs = benchmark(lambda: _ac_eap(acm, AblationType, src_ablations, clean, corr, metric))
+    theirs = benchmark(lambda: ac_eap(ac, clean, corr, metric))
     ours = edge_attribution(model, clean, corr, metric=metric, method="eap")
-    g = ours.graph
-    assert len(theirs) == len(g)
-    a = torch.tensor([theirs[e.name] for e in g]) / B  # their gradient is of the batch sum
-    err = float((a - ours.scores).abs().max() / ours.scores.abs().max())
+    assert len(theirs) == len(ours.graph)
+    err = eap_rel_diff(ours, theirs)
     REPORT["eap_rel_diff_vs_autocircuit"] = f"{err:.1e}"
     assert err < 1e-3
 
 
 @pytest.mark.benchmark(group="circuits-point")
 def test_point_autocircuit(benchmark, setup, ac, engine):
-    from auto_circuit.utils.graph_utils import patch_mode
-
     model, clean, corr, metric = setup
-    acm, AblationType, src_ablations = ac
-    gen = torch.Generator().manual_seed(0)
-    circuit = torch.rand(len(engine.graph), generator=gen) < 0.05
-    patched = {engine.graph[i].name for i in (~circuit).nonzero().flatten().tolist()}
-    names = [e for e in acm.edges if _ac_name(e) in patched]
-    assert len(names) == len(patched)
-    src = src_ablations(acm, corr, AblationType.RESAMPLE)
+    circuit = point_circuit(engine.graph)
+    patch = ac_patcher(ac, engine.graph, clean, corr, metric)
     _info(benchmark, "peer", macs_forward(CFG, T))
-
-    @torch.no_grad()
-    def work():
-        with patch_mode(acm, src, edges=names):
-            return metric(acm(clean)[acm.out_slice])
-
-    theirs = benchmark(work)
+    theirs = benchmark(lambda: patch(~circuit))
     ours = engine.run(~circuit[None])[0]
     err = float((theirs - ours).abs().max())
     REPORT["point_abs_diff_vs_autocircuit_fp32"] = f"{err:.1e}"
     assert err < 1e-3
 
 
-def test_exact_agreement_autocircuit_float64(setup):
+def test_exact_agreement_autocircuit_float64():
     """The same edge sets patched by both libraries in float64: equal to 1e-6."""
     if not HAS_AC:
         pytest.skip("auto-circuit is not installed")
-    from auto_circuit.types import AblationType
-    from auto_circuit.utils.ablation_activations import src_ablations
-    from auto_circuit.utils.graph_utils import patch_mode, patchable_model
-
-    model, clean, corr, metric = setup
-    m64 = Transformer(TransformerConfig(**CFG, seed=0, dtype=torch.float64))
-    acm = patchable_model(
-        _tl_model(m64, torch.float64), factorized=True, slice_output="last_seq", separate_qkv=True
-    )
-    src = src_ablations(acm, corr, AblationType.RESAMPLE)
-    g = edges(m64)
-    gen = torch.Generator().manual_seed(1)
-    sets = torch.rand(6, len(g), generator=gen) < torch.tensor([0.001, 0.01, 0.05, 0.2, 0.5, 0.95])[:, None]
-    eng, _ = prepare_runs(m64, g, clean, corr, metric)
-    ours = eng.run(sets)
-    worst = 0.0
-    for i, m in enumerate(sets):
-        names = {g[j].name for j in m.nonzero().flatten().tolist()}
-        with torch.no_grad(), patch_mode(acm, src, edges=[e for e in acm.edges if _ac_name(e) in names]):
-            theirs = metric(acm(clean)[acm.out_slice])
-        worst = max(worst, float((theirs - ours[i]).abs().max()))
+    worst = exact_agreement_fp64()
     REPORT["exact_abs_diff_vs_autocircuit_fp64"] = f"{worst:.1e}"
     assert worst < 1e-6
+
+
+# ----- the speed table: CPU time, interleaved rounds ------------------------------------------------------------
+def speed_table(rounds: int = 7, reps: int = 3) -> None:
+    """Each round times, in turn, ours, the bound and auto-circuit (when installed) on every piece in this process
+    (CPU time, ``time.process_time``, the minimum of ``reps`` calls after a warm-up call); prints every round and,
+    per piece, the median and range over rounds of ours / bound, ours / (bound + term) and auto-circuit / ours."""
+    import statistics
+
+    torch.set_num_threads(1)
+    model, clean, corr, metric = make_setup()
+    eng, _ = prepare_runs(model, edges(model), clean, corr, metric)
+    g = eng.graph
+    circuit = point_circuit(g)
+    F = macs_forward(CFG, T)
+    contraction = edge_terms(g, CFG, B, T)["contraction"]
+    sums = edge_terms(g, CFG, B, T, ~circuit)["input sums"]
+    circuits10 = torch.rand(10, len(g), generator=torch.Generator().manual_seed(0)) < 0.05
+    sums10 = sum(edge_terms(g, CFG, B, T, ~c)["input sums"] for c in circuits10)
+    pieces = {
+        "EAP": dict(
+            ours=lambda: edge_attribution(model, clean, corr, metric=metric, method="eap"),
+            bound=lambda: bound_eap(model, clean, corr),
+            madds=4 * F,
+            term=("contraction", contraction),
+        ),
+        "EAP-IG, k = 5": dict(
+            ours=lambda: edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=5),
+            bound=lambda: bound_eap(model, clean, corr, 5),
+            madds=16 * F,
+            term=("contraction", contraction),
+        ),
+        "one pruning point": dict(
+            ours=lambda: eng.run(~circuit[None]),
+            bound=lambda: bound_point(model, clean),
+            madds=F,
+            term=("input sums", sums),
+        ),
+        "ten pruning points, one call": dict(
+            ours=lambda: eng.run(~circuits10),
+            bound=lambda: [bound_point(model, clean) for _ in range(10)],
+            madds=10 * F,
+            term=("input sums", sums10),
+        ),
+    }
+    if HAS_AC:
+        acm = ac_model(model)
+        patch = ac_patcher(acm, g, clean, corr, metric)
+        pieces["EAP"]["ac"] = lambda: ac_eap(acm, clean, corr, metric)
+        pieces["one pruning point"]["ac"] = lambda: patch(~circuit)
+        pieces["ten pruning points, one call"]["ac"] = lambda: [patch(~c) for c in circuits10]
+
+    def cpu_ms(f) -> float:
+        f()
+        ts = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            f()
+            ts.append(time.process_time() - t0)
+        return min(ts) * 1e3
+
+    runs = {name: [] for name in pieces}
+    for r in range(rounds):
+        for name, p in pieces.items():
+            row = {role: cpu_ms(p[role]) for role in ("ours", "bound", "ac") if role in p}
+            runs[name].append(row)
+            print(f"round {r} {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row.items()), flush=True)
+
+    def med(xs):
+        return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+
+    print(f"\nCPU time, one thread, {rounds} rounds; median (range) over rounds of same-round ratios")
+    for name, p in pieces.items():
+        rs = runs[name]
+        tname, tm = p["term"]
+        scale = (p["madds"] + tm) / p["madds"]
+        line = (
+            f"{name}: ours {min(x['ours'] for x in rs):.1f}-{max(x['ours'] for x in rs):.1f} ms, "
+            f"bound {min(x['bound'] for x in rs):.1f}-{max(x['bound'] for x in rs):.1f} ms; "
+            f"ours/bound {med([x['ours'] / x['bound'] for x in rs])}; "
+            f"{tname} = {tm / 1e6:.1f}M madds = {tm / p['madds']:.3f} x bound; "
+            f"ours/(bound + {tname}) {med([x['ours'] / (x['bound'] * scale) for x in rs])}"
+        )
+        if "ac" in p:
+            line += (
+                f"; auto-circuit {min(x['ac'] for x in rs):.1f}-{max(x['ac'] for x in rs):.1f} ms, "
+                f"auto-circuit/ours {med([x['ac'] / x['ours'] for x in rs])}"
+            )
+        print(line)
+    if HAS_AC:
+        ours = edge_attribution(model, clean, corr, metric=metric, method="eap")
+        print(
+            f"EAP scores, relative difference to auto-circuit (float32): {eap_rel_diff(ours, ac_eap(acm, clean, corr, metric)):.1e}"
+        )
+        print(
+            f"one pruning point, absolute difference (float32): {float((patch(~circuit) - eng.run(~circuit[None])[0]).abs().max()):.1e}"
+        )
+        print(
+            f"exact patching of 6 edge sets, largest absolute difference (float64): {exact_agreement_fp64():.1e}"
+        )
 
 
 # ----- at scale ----------------------------------------------------------------------------------------------
@@ -422,6 +587,9 @@ def gpt2_scale(steps: int = 5, memory_budget: float = 2e9) -> dict:
 
 
 if __name__ == "__main__":
+    if "--table" in sys.argv:
+        n = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 7
+        speed_table(rounds=n)
     if "--gpt2" in sys.argv:
         budget = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 2e9
         print(gpt2_scale(memory_budget=budget))

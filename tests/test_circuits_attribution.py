@@ -165,3 +165,29 @@ def test_norm_vjp_closed_form_equals_autograd(norm, norm_dtype):
         assert (view.norm_vjp(1, x, g) - ref).abs().max() <= tol * ref.abs().max()
     finally:
         remove()
+
+
+@pytest.mark.parametrize("mode", ["noise", "denoise"])
+def test_eap_runs_each_prompt_set_once(monkeypatch, mode):
+    """EAP: one forward of the source prompts, one forward of the base prompts (with the gradient), one backward;
+    EAP-IG: the source forward and the k interpolated runs, the base run among them."""
+    from pypattern.circuits.model_view import ModelView
+
+    model = tiny(seed=21, layers=2)
+    clean, corr, ans, wrong = prompts(model, seed=22)
+    metric = LogitDiff(ans, wrong)
+    edge_attribution(model, clean, corr, metric=metric, method="eap", mode=mode)  # the view's one-off check
+    rows = []
+    orig = ModelView.mlp
+
+    def counted(self, layer, x):
+        if layer == 0:
+            rows.append(x.shape[:-2].numel())  # prompts (times interpolated runs) through MLP 0
+        return orig(self, layer, x)
+
+    monkeypatch.setattr(ModelView, "mlp", counted)
+    B = clean.shape[0]
+    for method, steps, expect in (("eap", 1, [B, B]), ("eap-ig", 4, [B, 4 * B])):
+        rows.clear()
+        edge_attribution(model, clean, corr, metric=metric, method=method, steps=steps, mode=mode)
+        assert rows == expect

@@ -225,6 +225,7 @@ def edge_attribution(
         ablation,
         max_batch=max_batch,
         memory_budget=memory_budget,
+        defer_base=method != "exact",  # the gradient run of the base prompts records the base run
     )
     passes = 0
     if method == "exact":
@@ -235,20 +236,28 @@ def edge_attribution(
     else:
         e_base = engine.base_embed
         if method == "eap":
-            grads, _ = engine.gradients(e_base[None])
+            grads, _ = engine.gradients(e_base[None], record=0)
             passes = 1
         else:
-            e_abl = engine.A[0]
+            e_abl = engine.src_embed
             chunk = _ig_chunk(engine, steps)
             grads = None
-            for j0 in range(1, steps + 1, chunk):
+            # the pass holding the base run (j = steps) first: it records the base run and binds the metric
+            for j0 in reversed(range(1, steps + 1, chunk)):
                 js = torch.arange(j0, min(steps, j0 + chunk - 1) + 1, dtype=e_base.dtype)
                 alpha = (js / steps).view(-1, 1, 1, 1)
                 emb = e_abl[None] + alpha * (e_base - e_abl)[None]
-                gj, _ = engine.gradients(emb)
+                record = None
+                if int(js[-1]) == steps:  # the last run is the base run itself: exactly its embedding
+                    emb[-1] = e_base
+                    record = len(js) - 1
+                gj, _ = engine.gradients(emb, record=record)
                 grads = gj if grads is None else [(d, r, G + Gj) for (d, r, G), (_, _, Gj) in zip(grads, gj)]
                 passes += 1
             grads = [(d, r, G / steps) for d, r, G in grads]
+        info["m_base"] = engine.base_metric()
+        if info["m_clean"] is None:  # noising: the base run is the clean run
+            info["m_clean"] = info["m_base"]
         values = _gradient_scores(engine, grads)
     return EdgeScores(
         graph=graph,
@@ -272,7 +281,7 @@ def _ig_chunk(engine: EdgeEngine, steps: int) -> int:
         return max(1, min(steps, int(engine.max_batch)))
     g = engine.graph
     # forward activations kept for the backward: per-destination inputs and a few per-head tensors per stage
-    per = (g.n_dst + 8 * engine.H + 8) * engine.B * engine.T * engine.d * engine.A.element_size()
+    per = (g.n_dst + 8 * engine.H + 8) * engine.B * engine.T * engine.d * engine.base_embed.element_size()
     return max(1, min(steps, int(engine.memory_budget // per)))
 
 

@@ -37,6 +37,11 @@ from .model_view import ModelView
 __all__ = ["EdgeEngine", "prepare_runs"]
 
 _ABLATIONS = ("resample", "mean", "zero")
+# the patched-source sums go term by term (each a B x R x d multiply-add) when the terms from the cheaper side of
+# each destination input are at most this fraction of a dense sum (a matmul) over every source
+_SPARSE = 0.2
+# the batch of masks keeps one stage's destination inputs within this size (see EdgeEngine.chunk_size)
+_STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
 
 
@@ -45,7 +50,10 @@ class _Run:
     """One unpatched run: ``resid[s]`` the residual entering stage ``s`` ``(B, T, d)``, ``after_attn[l]``
     the residual after layer ``l``'s attention (parallel blocks: the block's input plus the attention output, without
     the MLP's), ``outs (n_src, B, T, d)`` node outputs, ``logits`` at the metric
-    positions ``(B, vocab)``."""
+    positions ``(B, vocab)``. A run for edge attribution (recorded by :meth:`EdgeEngine.gradients`, or
+    :func:`_outputs_run`) has no ``resid`` or ``after_attn`` (None), and in the uniform case its last layer's outputs
+    only at the metric row (zero elsewhere: the rows no edge score reads); a recorded base run's ``outs`` become
+    the engine's ``D`` (then None)."""
 
     resid: dict
     after_attn: list
@@ -74,21 +82,29 @@ class EdgeEngine:
         self,
         view: ModelView,
         graph: EdgeGraph,
-        base: _Run,
-        source: torch.Tensor,
+        base: _Run | None,
+        source,
         base_embed: torch.Tensor,
         metric,
         pos,
         T: int,
         max_batch: int | None = None,
         memory_budget: float = 1e9,
+        src_embed: torch.Tensor | None = None,
     ) -> None:
-        self.view, self.graph, self.base, self.metric = view, graph, base, metric
-        self.A = source  # (n_src, B, T, d)
-        self.D = source - base.outs  # ablated minus base value, (n_src, B, T, d)
+        self.view, self.graph, self.metric = view, graph, metric
         self.base_embed = base_embed
         self.pos, self.T = pos, T
-        self.B = base.outs.shape[1]
+        self.B = base_embed.shape[0]
+        self.dtype = base_embed.dtype
+        # the source values: a tensor, or "zero" / "mean" when they follow from a base run still to be recorded
+        self.A = source if isinstance(source, torch.Tensor) else None
+        self._pending_source = None if isinstance(source, torch.Tensor) else source
+        self.src_embed = source[0] if isinstance(source, torch.Tensor) else src_embed  # the embedding's A
+        self.base, self.D = None, None
+        self.bound = True  # the metric has been bound to the clean logits (prepare_runs says when not yet)
+        if base is not None:
+            self._set_base(base)
         self.uniform = isinstance(pos, int)
         if self.uniform and pos != T - 1:
             raise ValueError(f"position {pos}: truncate the prompts so the metric position is the last")
@@ -107,7 +123,6 @@ class EdgeEngine:
                 f"the model (n_layers={self.L}, n_heads={self.H}, n_kv_heads={self.Hk}, parallel={self.parallel}); "
                 "build it with edges(model)"
             )
-        self.dtype = base.outs.dtype
         g = graph
         # destination inputs of each stage, in graph order: q (H), k (Hk), v (Hk) of a layer's attention, then
         # (parallel blocks) the MLP of the same layer; or one MLP; or the logits
@@ -120,16 +135,37 @@ class EdgeEngine:
         self.mlp_src = [src_pos.get(f"MLP{layer}") for layer in range(self.L)]
         self.max_batch = max_batch
         self.memory_budget = memory_budget
+        self._ablated: dict = {}
+
+    def _set_base(self, base: _Run) -> None:
+        """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``."""
+        self.base = base
+        if self._pending_source == "zero":
+            self.A = torch.zeros_like(base.outs)
+        elif self._pending_source == "mean":
+            self.A = base.outs.mean(1, keepdim=True).expand_as(base.outs)
+        self._pending_source = None
+        if base.resid is None:  # a recorded run: its outputs are needed only as D, which takes their storage
+            self.D = base.outs.neg_().add_(self.A)
+            base.outs = None
+        else:
+            self.D = self.A - base.outs  # ablated minus base value, (n_src, B, T, d)
 
     # ----- sizes ----------------------------------------------------------------------------------------------
     def chunk_size(self) -> int:
-        """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows."""
+        """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows and at most
+        as many as keep one stage's destination inputs ``(3H, C, B, T, d)`` within ``_STAGE_BYTES`` (larger
+        tensors are mapped fresh from the system on every allocation by glibc's allocator, and their first writes
+        fault in every page: ten 5% circuits of the bench model in one batch took 1.4x as long per circuit as in
+        batches of five)."""
         if self.max_batch is not None:
             return max(1, int(self.max_batch))
         g = self.graph
-        per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * self.A.element_size()
-        per += g.n_src * g.n_dst * (g.n_pos or 1) * self.A.element_size()
-        return max(1, int(self.memory_budget // per))
+        item = self.base_embed.element_size()
+        per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * item
+        per += g.n_src * g.n_dst * (g.n_pos or 1) * item
+        stage = self.nA * self.B * self.T * self.d * item
+        return max(1, min(int(self.memory_budget // per), int(_STAGE_BYTES // stage)))
 
     def _rows_after(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         if self.uniform and layer == self.L - 1:
@@ -158,14 +194,19 @@ class EdgeEngine:
         q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
         return v.head_out(layer, v.attention(layer, q, k, vv, qrows, rows))
 
-    def _final(self, x: torch.Tensor) -> torch.Tensor:
-        """Metric from the final residual ``x (N, B, R, d)`` (R = 1 in the uniform case, else all rows)."""
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the metric positions ``(N, B, vocab)`` from the final residual ``x (N, B, R, d)`` (R = 1 in
+        the uniform case, else all rows)."""
         if self.uniform:
             x = x[:, :, -1]
         else:
             idx = self.pos.view(1, -1, 1, 1).expand(x.shape[0], -1, 1, x.shape[-1])
             x = x.gather(2, idx).squeeze(2)
-        return self.metric(self.view.unembed(x))
+        return self.view.unembed(x)
+
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
+        """Metric from the final residual ``x (N, B, R, d)``."""
+        return self.metric(self._logits(x))
 
     # ----- unpatched forward ----------------------------------------------------------------------------------
     def base_metric(self) -> torch.Tensor:
@@ -176,6 +217,8 @@ class EdgeEngine:
     @torch.no_grad()
     def run(self, masks: torch.Tensor) -> torch.Tensor:
         """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``."""
+        if self.base is None or self.base.resid is None:
+            raise RuntimeError("this engine has no recorded base run to patch: build it with prepare_runs")
         masks = self.graph.mask(masks)
         if masks.dim() == 1:
             masks = masks[None]
@@ -238,9 +281,12 @@ class EdgeEngine:
                 out[i, j * G : (j + 1) * G] = True
         return out
 
-    def _corr(self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor):
-        """Sum over patched sources of ``A_u - out_u`` into the destinations ``dsts`` at ``rows``:
-        ``(V, C, B, R, d)``, or None when no mask patches any of them."""
+    def _inputs(
+        self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor, R: torch.Tensor, s: int
+    ):
+        """Inputs of the destinations ``dsts`` of stage ``s`` at ``rows`` in the patched runs whose residual is ``R
+        (C, B, R, d)``: ``R + sum over patched sources of (A_u - out_u)``, ``(V, C, B, R, d)``, or None when no mask
+        patches any of them (every input is ``R``)."""
         Mv = M[:, :, dsts]
         if self.graph.per_position:
             Mv = Mv[..., rows]
@@ -248,7 +294,17 @@ class EdgeEngine:
             return None
         sub = len(rows) != self.T
         if not self.graph.per_position:
-            return self._corr_flat(blocks, Mv, rows, sub)
+            n = int((self.src_stage < s).sum())  # the sources read at stage s (a prefix)
+            k = Mv.sum(1)  # (C, V) patched edges into each destination input
+            comp = k > n - k
+            terms = float(torch.where(comp, n - k, k).sum())
+            if terms <= _SPARSE * Mv.shape[0] * Mv.shape[2] * n:
+                return self._inputs_sparse(blocks, Mv, rows, sub, R, s, comp)
+            return self._corr_flat(blocks, Mv, rows, sub).add_(R)
+        return self._corr_pos(blocks, Mv, rows, sub).add_(R)
+
+    def _corr_pos(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
+        """The patched-source sum ``(V, C, B, R, d)`` of a per-position graph (``Mv (C, n_src, V, R)``)."""
         total = None
         for src_idx, tensor, shared, is_full in blocks:
             m = Mv[:, src_idx]
@@ -257,16 +313,40 @@ class EdgeEngine:
             # shared blocks are (u, B, T, d), own blocks (u, C, B, T, d)
             if is_full and sub:
                 tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
-            if self.graph.per_position:
-                expr = "cuvt,ubtd->vcbtd" if shared else "cuvt,ucbtd->vcbtd"
-            else:
-                expr = "cuv,ubtd->vcbtd" if shared else "cuv,ucbtd->vcbtd"
-            term = torch.einsum(expr, m, tensor)
+            term = torch.einsum("cuvt,ubtd->vcbtd" if shared else "cuvt,ucbtd->vcbtd", m, tensor)
             total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
         return total
 
+    def _ablated_input(self, s: int, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, R, d)``: the input of a destination at stage ``s`` with every incoming edge patched, ``sum_{u read
+        at s} A_u`` plus the attention output biases before ``s``; the same in every patched run (cached)."""
+        if s not in self._ablated:
+            n = int((self.src_stage < s).sum())
+            self._ablated[s] = self.base.resid[s] + self.D[:n].sum(0)
+        return _rows(self._ablated[s], rows, 1)
+
+    def _inputs_sparse(self, blocks, Mv, rows, sub, R, s, comp):
+        """:meth:`_inputs` from the cheaper side of each (mask, destination input): ``R`` plus its patched
+        sources' ``A_u - out_u``, or, when more than half of its sources are patched, the ablated input (the same in
+        every patched run, :meth:`_ablated_input`) minus its unpatched sources' ``A_u - out_u``: ``min(k, n - k)``
+        multiply-adds of ``B x R x d`` each (``k`` of the ``n`` sources patched), term by term."""
+        C, V = Mv.shape[0], Mv.shape[2]
+        out = R.new_empty(V, C, self.B, len(rows), self.d)
+        abl = self._ablated_input(s, rows) if bool(comp.any()) else None
+        for c, row in enumerate(comp.tolist()):
+            for v, cv in enumerate(row):
+                out[v, c].copy_(abl if cv else R[c])
+        for src_idx, tensor, shared, is_full in blocks:
+            mb = Mv[:, src_idx].bool()  # (C, u, V)
+            if is_full and sub:
+                tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
+            for sign, pick in ((1, mb & ~comp[:, None, :]), (-1, ~mb & comp[:, None, :])):
+                for c, u, v in pick.nonzero().tolist():
+                    out[v, c].add_(tensor[u] if shared else tensor[u, c], alpha=sign)
+        return out
+
     def _corr_flat(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
-        """:meth:`_corr` without positions: every block multiply-added into one ``(V, C, B*R*d)`` output by a
+        """The patched-source sum ``(V, C, B, R, d)`` without positions, dense: every block multiply-added into one ``(V, C, B*R*d)`` output by a
         matmul (shared blocks) or a batched matmul over the masks (own blocks), without a tensor per block."""
         C, V = Mv.shape[0], Mv.shape[2]
         R = len(rows)
@@ -316,18 +396,18 @@ class EdgeEngine:
                 continue
             dsts = self.stage_dsts[s]
             if s == 2 * self.L:  # logits
-                corr = self._corr(blocks, M, dsts, rows)
-                return self._final(R if corr is None else corr[0].add_(R))
+                x = self._inputs(blocks, M, dsts, rows, R, s)
+                return self._final(R if x is None else x[0])
             layer = s // 2
             if s % 2 == 1:  # the MLP of a sequential block
-                corr = self._corr(blocks, M, dsts, rows)
-                out = v.mlp(layer, R if corr is None else corr[0].add_(R))
+                x = self._inputs(blocks, M, dsts, rows, R, s)
+                out = v.mlp(layer, R if x is None else x[0])
                 R = R + out
                 blocks.append(self._mlp_block(layer, out, rows))
                 continue
             # attention of `layer` (and, in a parallel block, its MLP, reading the same residual)
-            corr = self._corr(blocks, M, dsts[:nA], rows)
-            corr_m = self._corr(blocks, M, dsts[nA:], rows) if self.parallel else None
+            X = self._inputs(blocks, M, dsts[:nA], rows, R, s)
+            X_m = self._inputs(blocks, M, dsts[nA:], rows, R, s) if self.parallel else None
             qrows = self._rows_after(layer, rows)
             full = len(qrows) == self.T
             srcs = self.head_srcs[layer]
@@ -337,9 +417,7 @@ class EdgeEngine:
                 if len(heads):
                     kv = torch.tensor(v.kv_heads_of(heads), dtype=torch.long)
                     sel = torch.cat([hs, H + kv, H + Hk + kv])
-                    O = self._attn(
-                        layer, corr[sel].add_(R.unsqueeze(0)), qrows, rows, list(heads)
-                    )  # (h, C, B, Tq, d)
+                    O = self._attn(layer, X[sel], qrows, rows, list(heads))  # (h, C, B, Tq, d)
                     O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
                     R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
                     # A_u - out_u, in O's storage (O is not needed any more)
@@ -352,17 +430,17 @@ class EdgeEngine:
                 if len(others):
                     blocks.append((others, self.D[others], True, True))
             else:
-                if corr is None:
+                if X is None:
                     O = self._attn_shared(layer, R, qrows, rows)
                 else:
-                    O = self._attn(layer, corr.add_(R.unsqueeze(0)), qrows, rows)
+                    O = self._attn(layer, X, qrows, rows)
                 Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                 R = v.add_attn_bias(layer, Rq + O.sum(0))
                 # a layer's heads are adjacent sources: a view, not a gather
                 A_heads = _rows(self.A[int(srcs[0]) : int(srcs[-1]) + 1], qrows, 2)
                 blocks.append((srcs, O.neg_().add_(A_heads.unsqueeze(1)), False, full))
             if self.parallel:
-                x = R_pre if corr_m is None else corr_m[0].add_(R_pre)
+                x = R_pre if X_m is None else X_m[0]
                 if len(qrows) != len(rows):
                     x = x[:, :, qrows]
                 out = v.mlp(layer, x)
@@ -372,9 +450,13 @@ class EdgeEngine:
         raise AssertionError("the graph has no logits stage")
 
     # ----- gradients ------------------------------------------------------------------------------------------
-    def gradients(self, embeds: torch.Tensor) -> tuple[list, torch.Tensor]:
+    def gradients(self, embeds: torch.Tensor, record: int | None = None) -> tuple[list, torch.Tensor]:
         """``dM/d(input)`` of every destination input for runs started from ``embeds (N, B, T, d)``, summed over
         the ``N`` runs.
+
+        ``record``: the index of the run (of the ``N``) that is the base run; its node outputs and logits are
+        recorded and become the engine's base run (an engine built with ``prepare_runs(..., defer_base=True)``),
+        so the base prompts are run once, with the gradient, rather than once more without it.
 
         Returns
         -------
@@ -386,6 +468,17 @@ class EdgeEngine:
         v, g = self.view, self.graph
         rows = torch.arange(self.T)
         handles, val = [], None
+        outs = None
+        if record is not None:  # node outputs of the recorded run; rows that are not computed stay zero
+            outs = embeds.new_zeros(g.n_src, *embeds.shape[1:])
+            outs[0] = embeds[record]
+
+        def keep(src: int, rows_: torch.Tensor, value: torch.Tensor) -> None:  # value (u, B, R, d)
+            if len(rows_) == self.T:
+                outs[src : src + value.shape[0]] = value
+            else:
+                outs[src : src + value.shape[0]].index_copy_(2, rows_, value)
+
         with torch.enable_grad():
             R = embeds.detach().requires_grad_(True)
             for s in g.stages:
@@ -393,7 +486,14 @@ class EdgeEngine:
                 if s == 2 * self.L:
                     x = R.clone()
                     handles.append(("logits", dsts, rows, x))
-                    val = self._final(x)
+                    logits = self._logits(x)
+                    if outs is not None:
+                        base_logits = logits[record].detach()
+                        if not self.bound:
+                            bind_metric(self.metric, base_logits)
+                            check_metric_output(self.metric(base_logits), self.B)
+                            self.bound = True
+                    val = self.metric(logits)
                     break
                 layer = s // 2
                 if s % 2 == 0:
@@ -401,20 +501,32 @@ class EdgeEngine:
                     hn = v.attn_norm(layer, R)
                     hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
                     q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
-                    attn = v.head_out_sum(layer, v.attention(layer, q, k, vv, qrows, rows))
+                    z = v.attention(layer, q, k, vv, qrows, rows)
+                    if outs is None:
+                        attn = v.head_out_sum(layer, z)
+                    else:  # each head's write, as in the plain run (the same multiply-adds as their sum)
+                        O = v.head_out(layer, z)
+                        keep(int(self.head_srcs[layer][0]), qrows, O[:, record].detach())
+                        attn = O.sum(0)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                     handles.append(("attn", dsts[: self.nA], (qrows, rows, layer, Rq, R), (q, k, vv)))
                     R_new = v.add_attn_bias(layer, Rq + attn)
                     if self.parallel:  # the MLP reads the block's input (at the rows that matter after it)
                         x = Rq.clone()
                         handles.append(("mlp", dsts[self.nA :], qrows, x))
-                        R_new = R_new + v.mlp(layer, x)
+                        out = v.mlp(layer, x)
+                        if outs is not None:
+                            keep(self.mlp_src[layer], qrows, out[record].detach()[None])
+                        R_new = R_new + out
                     R = R_new
                     rows = qrows
                 else:
                     x = R.clone()
                     handles.append(("mlp", dsts, rows, x))
-                    R = R + v.mlp(layer, x)
+                    out = v.mlp(layer, x)
+                    if outs is not None:
+                        keep(self.mlp_src[layer], rows, out[record].detach()[None])
+                    R = R + out
             tensors = []
             for h in handles:
                 tensors += list(h[3]) if h[0] == "attn" else [h[3]]
@@ -443,6 +555,8 @@ class EdgeEngine:
                     gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                     i += 1
                     out.append((dsts, info, over_runs(gr, 0).unsqueeze(0)))
+        if outs is not None:
+            self._set_base(_Run(None, None, outs, base_logits))
         return out, val.detach()
 
 
@@ -490,6 +604,43 @@ def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
     return _Run(resid, after_attn, torch.stack(outs), view.unembed(x))
 
 
+def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
+    """A plain forward from embeddings ``x0 (B, T, d)`` recording only every node's output and the logits at the
+    metric positions (no residuals: a run for edge attribution, not for patching). With one metric position (the
+    last), the last layer runs at that row only, but for its keys and values, and its nodes' outputs are zero at the
+    other rows (no edge score reads them)."""
+    B, T, d = x0.shape
+    H, L = view.n_heads, view.n_layers
+    outs = x0.new_empty(graph.n_src, B, T, d)
+    outs[0] = x0
+    i, R, rows = 1, x0, torch.arange(T)
+
+    def put(k: int, value: torch.Tensor) -> None:  # value (k, B, Tq, d) at the rows computed
+        if value.shape[2] == T:
+            outs[i : i + k] = value
+        else:
+            outs[i : i + k, :, : T - 1].zero_()
+            outs[i : i + k, :, T - 1 :] = value
+
+    for layer in range(L):
+        qrows = torch.tensor([T - 1]) if isinstance(pos, int) and layer == L - 1 else rows
+        part = len(qrows) != T
+        hn = view.attn_norm(layer, R)
+        q, k, v = view.qkv_shared(layer, hn[:, qrows] if part else hn, hn, qrows, rows)
+        O = view.head_out(layer, view.attention(layer, q, k, v, qrows, rows))  # (H, B, Tq, d)
+        pre = R[:, qrows] if part else R
+        R = view.add_attn_bias(layer, pre + O.sum(0))
+        put(H, O)
+        i += H
+        if view.has_mlp:
+            out = view.mlp(layer, pre if view.parallel else R)
+            R = R + out
+            put(1, out[None])
+            i += 1
+    x = R[:, -1] if isinstance(pos, int) else R[torch.arange(B), pos]
+    return _Run(None, None, outs, view.unembed(x))
+
+
 @torch.no_grad()
 def prepare_runs(
     model,
@@ -502,11 +653,17 @@ def prepare_runs(
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     view: ModelView | None = None,
+    defer_base: bool = False,
 ) -> tuple[EdgeEngine, dict]:
     """Run the clean, corrupted and source prompts and build the :class:`EdgeEngine`.
 
-    Returns the engine and a dict with ``clean`` and ``corrupted`` metric values ``(batch,)`` (``corrupted`` is
-    the fully ablated run's metric, i.e. with every edge patched in noising mode) and the truncated prompts.
+    Returns the engine and a dict with ``m_clean`` and ``m_base`` metric values ``(batch,)`` (the clean run's and
+    the base run's: clean for noising, corrupted for denoising), ``T`` and ``pos``.
+
+    ``defer_base``: do not run the base prompts; the engine's base run is recorded by its first
+    :meth:`EdgeEngine.gradients` call with ``record`` set (edge attribution: the base prompts run once, with the
+    gradient). ``m_base`` (and in noising mode ``m_clean``) are then None; read :meth:`EdgeEngine.base_metric`
+    after that call.
     """
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
@@ -538,21 +695,34 @@ def prepare_runs(
     else:
         base_tokens, src_tokens = corrupted, clean
     x_clean = view.embed(clean)
-    clean_run = _node_run(view, graph, x_clean, pos)
-    bind_metric(metric, clean_run.logits.detach())
-    m_clean = check_metric_output(metric(clean_run.logits), B)
-    if mode == "noise":
-        base, x_base = clean_run, x_clean
+    x_base = x_clean if mode == "noise" else view.embed(base_tokens)
+    clean_run, m_clean = None, None
+    # without a base run to patch, the clean and source runs need only their node outputs (and logits)
+    node_run = _outputs_run if defer_base else _node_run
+    if not (defer_base and mode == "noise"):  # the clean run is the base run, recorded later
+        clean_run = node_run(view, graph, x_clean, pos)
+        bind_metric(metric, clean_run.logits.detach())
+        m_clean = check_metric_output(metric(clean_run.logits), B)
+    if defer_base:
+        base = None
     else:
-        x_base = view.embed(base_tokens)
-        base = _node_run(view, graph, x_base, pos)
+        base = clean_run if mode == "noise" else _node_run(view, graph, x_base, pos)
+    src_embed = None
     if ablation == "zero":
-        A = torch.zeros_like(base.outs)
+        A = torch.zeros_like(base.outs) if base is not None else "zero"
+        src_embed = torch.zeros_like(x_base)
+    elif src_tokens is clean and clean_run is None:  # the source run is the base run, still to be recorded
+        A = ablation  # "resample" cannot reach here: it needs corrupted prompts, the source in noising mode
+        src_embed = x_clean.mean(0, keepdim=True).expand_as(x_clean)
     else:
-        src_run = clean_run if src_tokens is clean else _node_run(view, graph, view.embed(src_tokens), pos)
+        src_run = clean_run if src_tokens is clean else node_run(view, graph, view.embed(src_tokens), pos)
         A = src_run.outs
         if ablation == "mean":
             A = A.mean(1, keepdim=True).expand_as(A)
-    engine = EdgeEngine(view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget)
-    info = {"m_clean": m_clean, "m_base": engine.base_metric(), "T": T, "pos": pos}
+    engine = EdgeEngine(
+        view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
+    )
+    engine.bound = clean_run is not None
+    m_base = engine.base_metric() if base is not None else None
+    info = {"m_clean": m_clean, "m_base": m_base, "T": T, "pos": pos}
     return engine, info

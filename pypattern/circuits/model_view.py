@@ -29,10 +29,14 @@ reads.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 __all__ = ["ModelView"]
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> signature of its passed check
 
 
 class ModelView:
@@ -76,7 +80,10 @@ class ModelView:
         self.dtype = model.embed.W_E.dtype
         self.attn_scale = float(getattr(cfg, "attn_scale", None) or cfg.d_head**0.5)
         if check:
-            self._check()
+            sig = self._signature()
+            if _CHECKED.get(model) != sig:
+                self._check()
+                _CHECKED[model] = sig
 
     # ----- heads ---------------------------------------------------------------------------------------------
     def kv_heads_of(self, heads: list[int] | None) -> list[int] | None:
@@ -99,8 +106,26 @@ class ModelView:
 
     # ----- attention (head-first layout: per-head tensors are (heads, ..., pos, features)) ------------------
     def attn_norm(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The norm in front of attention, on any ``(..., d_model)`` (each head input normalised on its own)."""
-        return self.model.blocks[layer].ln1(x)
+        """The norm in front of attention, on any ``(..., d_model)`` (each head input normalised on its own).
+
+        pypattern's LayerNorm without hooks or ``compute_dtype`` runs as torch's fused ``layer_norm`` with its
+        weight and bias in the kernel (one pass over the per-head inputs; the module adds them in a second pass),
+        equal to float rounding; any other norm is the model's module."""
+        ln = self.model.blocks[layer].ln1
+        if self._fused_ln(ln):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], ln.w, ln.b, ln.eps)
+        return ln(x)
+
+    @staticmethod
+    def _fused_ln(ln) -> bool:
+        from ..models.transformer import LayerNorm
+
+        return (
+            type(ln) is LayerNorm
+            and ln.compute_dtype is None
+            and not (ln.hook_scale.active or ln.hook_normalized.active)
+            and not (ln._forward_hooks or ln._forward_pre_hooks)
+        )
 
     def _rotate(self, layer: int, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """The model's rotary embedding of head-first ``x (h, ..., T, d_head)`` at absolute positions ``pos (T,)``
@@ -243,10 +268,24 @@ class ModelView:
         cd = ln.compute_dtype or x.dtype
         with torch.no_grad():
             h = x.to(cd)
-            if type(ln) is LayerNorm:
+            is_ln = type(ln) is LayerNorm
+            if is_ln:
                 h = h - h.mean(-1, keepdim=True)
             r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ln.eps)
             xhat = h * r
+            if g.dtype == cd and ln.w.dtype == cd:
+                # r (g w - mean(g w) - x_hat mean(g w x_hat)) = g (w r) - r mean(g w) - (x_hat r) mean(g (w x_hat)):
+                # the two means are row dot products of g (a matrix-vector product and one product-sum) and the
+                # result two fused passes over g's size, with no per-head copy of g w
+                d = g.shape[-1]
+                w = ln.w
+                proj = (g * (xhat * w)).sum(-1, keepdim=True).div_(d)  # (h, ..., T, 1)
+                if is_ln:
+                    mean_gw = (g.reshape(-1, d) @ w).view(*g.shape[:-1], 1).div_(d)
+                    out = torch.addcmul(-(r * mean_gw), g, w * r)
+                else:
+                    out = g * (w * r)
+                return out.addcmul_(xhat * r, proj, value=-1)
             gw = (g * ln.w).to(cd)
             out = gw * xhat  # two per-head temporaries in all: fresh large tensors are costly
             proj = out.mean(-1, keepdim=True)
@@ -353,6 +392,24 @@ class ModelView:
             else:
                 x = x + attn
         return self.unembed(x)
+
+    def _signature(self) -> tuple:
+        """What the self-check depends on besides the weights' values: the configuration, the weights' dtype and
+        device, and every module's type and hooks. A model checked with the same signature is not checked again."""
+        from ..models.hooks import HookPoint
+
+        mods = tuple(
+            (
+                name,
+                type(m),
+                tuple(m._forward_hooks),
+                tuple(m._forward_pre_hooks),
+                tuple(map(id, m._fns)) if isinstance(m, HookPoint) else None,
+            )
+            for name, m in self.model.named_modules()
+        )
+        W = self.model.embed.W_E
+        return (repr(self.cfg), W.dtype, W.device, mods)
 
     @torch.no_grad()
     def _check(self) -> None:
