@@ -11,8 +11,15 @@ Run (one thread)::
         --chains 4 --train-steps 150 --step 1e-3
 
 (the bench venv: ``PYPATTERN_LINK=1 bash bench/envs/devinterp.sh 20``). With ``--devinterp`` each round runs
-ours batched, devinterp head by head and the floor one after another (interleaved, so that a change in
-load hits all three), and the per-head estimates of the last round are compared.
+ours batched, devinterp head by head, the floor and the moving floor one after another (interleaved, so that a
+change in load hits all of them), and the per-head estimates of each round are compared (the last round's per
+head). The moving floor stacks only the tensors the restricted runs move (the attention weights) and gives each
+chain its own batch, as the batched sampler does; the floor stacks every parameter (``vmap(grad)``), so it also
+pays the weight gradients of the embedding and unembedding, which no restricted run needs.
+
+Each of the three is timed in CPU time of the process (``time.process_time``) and in wall time; the ratios are
+taken from CPU time, on one thread (``torch.set_num_threads(1)``; set ``OMP_NUM_THREADS=1`` too), which other
+processes on the same cores do not inflate as they do wall time.
 
 Work: d_model 64, 8 heads of 8, d_vocab 32, n_ctx 16, 64 token sequences in batches of 16; per head
 ``--chains`` chains (default 2) x 50 draws, no burn-in, step ``--step`` (default 1e-4), localization 100,
@@ -40,6 +47,20 @@ import torch
 
 from pypattern.models.transformer import Transformer, TransformerConfig, component_masks
 from pypattern.sampling import estimate_llc, refined_llc
+
+
+class Timer:
+    """CPU time of the process (``time.process_time``) and wall time of a ``with`` block, in seconds."""
+
+    def __enter__(self):
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu = time.process_time() - self._cpu
+        self.wall = time.perf_counter() - self._wall
+        return False
+
 
 KW = dict(num_chains=2, num_draws=50, step_size=1e-4, localization=100.0, nbeta=10.0, seed=0)
 BATCH = 16
@@ -79,7 +100,7 @@ def setup(train_steps: int = 0):
     return model.eval(), loader, heads
 
 
-def floor_seconds(model, loader, heads, steps: int) -> float:
+def floor_seconds(model, loader, heads, steps: int) -> Timer:
     """vmap(grad) of the loss over R x C stacked copies of the weights: one forward + backward per step."""
     from torch.func import functional_call, grad, vmap
 
@@ -95,28 +116,57 @@ def floor_seconds(model, loader, heads, steps: int) -> float:
 
     g = vmap(grad(loss))
     g(stacked)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        g(stacked)
-    return time.perf_counter() - t0
+    with Timer() as t:
+        for _ in range(steps):
+            g(stacked)
+    return t
+
+
+def moving_floor_seconds(model, loader, heads, steps: int) -> Timer:
+    """The floor with only the tensors the restricted runs move stacked (the attention weights; the rest shared)
+    and every chain on its own batch, as the batched sampler runs: a ``vmap``-ed forward and one
+    ``autograd.grad`` of the summed losses per step."""
+    from torch.func import functional_call, vmap
+
+    moving = sorted({n for h in heads for n in component_masks(model, h)})
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    frozen = {k: v for k, v in params.items() if k not in moving}
+    n = len(heads) * KW["num_chains"]
+    stacked = {k: params[k].unsqueeze(0).expand(n, *params[k].shape).clone() for k in moving}
+    batches = [torch.stack([loader[(i + t) % len(loader)] for i in range(n)]) for t in range(len(loader))]
+
+    def loss(p, b):
+        return functional_call(model, {**p, **frozen}, (b,), {"return_type": "loss"})
+
+    vloss = vmap(loss)
+
+    def step(t):
+        leaves = {k: v.requires_grad_(True) for k, v in stacked.items()}
+        torch.autograd.grad(vloss(leaves, batches[t % len(batches)]).sum(), list(leaves.values()))
+
+    step(0)
+    with Timer() as t:
+        for i in range(steps):
+            step(i)
+    return t
 
 
 def ours_batched(model, loader, heads):
-    t0 = time.perf_counter()
-    res = refined_llc(
-        model, loader, components=heads, include_full=False, loss_fn=lm_loss, batched=True, **KW
-    )
-    return time.perf_counter() - t0, np.asarray(res.llc_per_chain)
+    with Timer() as t:
+        res = refined_llc(
+            model, loader, components=heads, include_full=False, loss_fn=lm_loss, batched=True, **KW
+        )
+    return t, np.asarray(res.llc_per_chain)
 
 
 def ours_one_by_one(model, loader, heads):
-    t0 = time.perf_counter()
     per_chain = []
-    for h in heads:
-        m = component_masks(model, h)
-        r = estimate_llc(model, loader, loss_fn=lm_loss, restrict_to=list(m), masks=m, quiet=True, **KW)
-        per_chain.append(r.llc_per_chain)
-    return time.perf_counter() - t0, np.asarray(per_chain)
+    with Timer() as t:
+        for h in heads:
+            m = component_masks(model, h)
+            r = estimate_llc(model, loader, loss_fn=lm_loss, restrict_to=list(m), masks=m, quiet=True, **KW)
+            per_chain.append(r.llc_per_chain)
+    return t, np.asarray(per_chain)
 
 
 def devinterp_masks(model, head: str):
@@ -142,9 +192,8 @@ def devinterp_head_by_head(model, loader, heads):
 
     ids = torch.cat(loader)
     ds = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
-    t0 = time.perf_counter()
     per_chain = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), Timer() as t:
         warnings.simplefilter("ignore")
         for head in heads:
             r = llc(
@@ -164,7 +213,7 @@ def devinterp_head_by_head(model, loader, heads):
                 device="cpu",
             )
             per_chain.append(np.asarray(r["llc_per_chain"], dtype=np.float64))
-    return time.perf_counter() - t0, np.asarray(per_chain)
+    return t, np.asarray(per_chain)
 
 
 def run() -> dict:
@@ -174,9 +223,9 @@ def run() -> dict:
     t_alone, alone = ours_one_by_one(model, loader, heads)
     t_floor = floor_seconds(model, loader, heads, KW["num_draws"])
     return dict(
-        batched_s=t_batched,
-        one_by_one_s=t_alone,
-        floor_s=t_floor,
+        batched=t_batched,
+        one_by_one=t_alone,
+        floor=t_floor,
         max_abs_diff=float(np.max(np.abs(res.mean(1) - alone.mean(1)))),
         llc_range=(float(res.mean(1).min()), float(res.mean(1).max())),
     )
@@ -213,26 +262,41 @@ def compare(rounds: int, train_steps: int = 0) -> None:
         f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; CPU {_cpu()}; torch threads {torch.get_num_threads()}; "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     )
+    import importlib.metadata
+
+    import pypattern
+
+    print(f"pypattern from {pypattern.__file__}; devinterp {importlib.metadata.version('devinterp')}")
     print(
         f"16 heads x {KW['num_chains']} chains x {KW['num_draws']} steps, batch {BATCH}, step {KW['step_size']}, "
         f"localization {KW['localization']}, nbeta {KW['nbeta']}"
     )
-    times = {"ours": [], "devinterp": [], "floor": []}
+    names = ("ours", "devinterp", "floor", "moving floor")
+    cpu = {k: [] for k in names}
+    wall = {k: [] for k in names}
     for r in range(rounds):
         t_ours, ours = ours_batched(model, loader, heads)
         t_di, di = devinterp_head_by_head(model, loader, heads)
         t_floor = floor_seconds(model, loader, heads, KW["num_draws"])
-        times["ours"].append(t_ours)
-        times["devinterp"].append(t_di)
-        times["floor"].append(t_floor)
+        t_mfloor = moving_floor_seconds(model, loader, heads, KW["num_draws"])
+        for k, t in zip(names, (t_ours, t_di, t_floor, t_mfloor)):
+            cpu[k].append(t.cpu)
+            wall[k].append(t.wall)
+        a, b = ours.mean(1), di.mean(1)
+        z = np.abs(a - b) / np.sqrt(_se(ours) ** 2 + _se(di) ** 2)
         print(
-            f"round {r + 1}: ours batched {t_ours:.2f} s, devinterp head by head {t_di:.2f} s "
-            f"({t_di / t_ours:.1f}x), floor {t_floor:.2f} s (ours / floor {t_ours / t_floor:.2f})",
+            f"round {r + 1}: CPU s: ours batched {t_ours.cpu:.2f}, devinterp head by head {t_di.cpu:.2f}, "
+            f"floor {t_floor.cpu:.2f}; devinterp / ours {t_di.cpu / t_ours.cpu:.2f}x, ours / floor "
+            f"{t_ours.cpu / t_floor.cpu:.2f}; moving floor {t_mfloor.cpu:.2f} (ours / it "
+            f"{t_ours.cpu / t_mfloor.cpu:.2f}); |z| < 2 for {int((z < 2).sum())}/16 heads | wall s: ours "
+            f"{t_ours.wall:.2f}, devinterp {t_di.wall:.2f}, floor {t_floor.wall:.2f} "
+            f"({t_di.wall / t_ours.wall:.2f}x, {t_ours.wall / t_floor.wall:.2f}), moving floor {t_mfloor.wall:.2f}",
             flush=True,
         )
     a, b = ours.mean(1), di.mean(1)
     sa, sb = _se(ours), _se(di)
     z = np.abs(a - b) / np.sqrt(sa**2 + sb**2)
+    print("last round:")
     print("head                   ours LLC (se)        devinterp LLC (se)   z")
     for i, h in enumerate(heads):
         print(f"{h:22s} {a[i]:8.3f} ({sa[i]:.3f})   {b[i]:8.3f} ({sb[i]:.3f})   {z[i]:.2f}")
@@ -240,14 +304,17 @@ def compare(rounds: int, train_steps: int = 0) -> None:
         f"mean over heads: ours {a.mean():.3f}, devinterp {b.mean():.3f}; |z| < 2 for {int((z < 2).sum())}/16 heads; "
         f"mean difference {np.mean(a - b):+.3f} +- {np.sqrt(np.sum(sa**2 + sb**2)) / 16:.3f} (se)"
     )
-    ratio = np.array(times["devinterp"]) / np.array(times["ours"])
-    over = np.array(times["ours"]) / np.array(times["floor"])
-    print(
-        f"ranges over {rounds} rounds: ours {min(times['ours']):.2f}-{max(times['ours']):.2f} s, devinterp "
-        f"{min(times['devinterp']):.2f}-{max(times['devinterp']):.2f} s, floor {min(times['floor']):.2f}-"
-        f"{max(times['floor']):.2f} s; devinterp / ours {ratio.min():.1f}-{ratio.max():.1f}x; ours / floor "
-        f"{over.min():.2f}-{over.max():.2f}"
-    )
+    for label, t in (("CPU", cpu), ("wall", wall)):
+        ratio = np.array(t["devinterp"]) / np.array(t["ours"])
+        over = np.array(t["ours"]) / np.array(t["floor"])
+        mover = np.array(t["ours"]) / np.array(t["moving floor"])
+        print(
+            f"{label} time, ranges over {rounds} rounds: ours {min(t['ours']):.2f}-{max(t['ours']):.2f} s, "
+            f"devinterp {min(t['devinterp']):.2f}-{max(t['devinterp']):.2f} s, floor {min(t['floor']):.2f}-"
+            f"{max(t['floor']):.2f} s; devinterp / ours {ratio.min():.2f}-{ratio.max():.2f}x; ours / floor "
+            f"{over.min():.2f}-{over.max():.2f}; moving floor {min(t['moving floor']):.2f}-"
+            f"{max(t['moving floor']):.2f} s, ours / it {mover.min():.2f}-{mover.max():.2f}"
+        )
 
 
 if __name__ == "__main__":
@@ -263,10 +330,10 @@ if __name__ == "__main__":
         compare(args.rounds, args.train_steps)
     else:
         out = run()
+        tb, to, tf = out["batched"], out["one_by_one"], out["floor"]
         print(
-            f"16 heads x {KW['num_chains']} chains x {KW['num_draws']} steps, 1 thread: batched "
-            f"{out['batched_s']:.2f} s, one by one {out['one_by_one_s']:.2f} s "
-            f"({out['one_by_one_s'] / out['batched_s']:.1f}x), vmap(grad) floor {out['floor_s']:.2f} s "
-            f"(batched / floor {out['batched_s'] / out['floor_s']:.2f}); max |diff| {out['max_abs_diff']:.2e}, "
-            f"LLC range {out['llc_range']}"
+            f"16 heads x {KW['num_chains']} chains x {KW['num_draws']} steps, 1 thread, CPU s (wall s): batched "
+            f"{tb.cpu:.2f} ({tb.wall:.2f}), one by one {to.cpu:.2f} ({to.wall:.2f}; {to.cpu / tb.cpu:.2f}x), "
+            f"vmap(grad) floor {tf.cpu:.2f} ({tf.wall:.2f}; batched / floor {tb.cpu / tf.cpu:.2f}); max |diff| "
+            f"{out['max_abs_diff']:.2e}, LLC range {out['llc_range']}"
         )
