@@ -565,12 +565,53 @@ def _cpu_gemm_rate(reps: int = 10, rounds: int = 5) -> float:
     return reps * 256 * 768 * 3072 / best
 
 
+def _peak_reset() -> int:
+    """Reset the process's peak resident set (``/proc/self/clear_refs``); returns the resident set now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def _peak() -> int:
+    """Peak resident set of the process since the last :func:`_peak_reset` (``VmHWM``), in bytes."""
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _tl_cells_cpu(bridge, clean, corr, ans, wrong, act, setter, cells):
+    """TransformerLens' exact patching of ``cells``: values and CPU seconds per cell (one full forward each)."""
+    import pandas as pd
+    import transformer_lens.patching as P
+
+    _, cache = bridge.run_with_cache(clean)
+
+    def metric(logits):
+        last = logits[:, -1]
+        return (last.gather(-1, ans[:, None]) - last.gather(-1, wrong[:, None])).mean()
+
+    cols = {2: ["layer", "pos"], "z_all": ["layer", "head_index"], 3: ["layer", "pos", "head_index"]}
+    df = pd.DataFrame(cells, columns=cols[setter[0]])
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        t = time.process_time()
+        vals = P.generic_activation_patch(bridge, corr, cache, metric, setter[1], act, index_df=df)
+        return vals, (time.process_time() - t) / len(cells)
+
+
 @pytest.mark.skipif(not RUN_SCALE, reason="set PYPATTERN_BENCH_SCALE=1 to run the GPT-2-small-sized bench")
 @pytest.mark.skipif(not HAS_HF, reason="needs transformers")
-def test_scale_gpt2_small_cpu_time():
-    """The GPT-2-small-shaped grids of :func:`test_scale_gpt2_small` (ours only; no peer needed), measured in
-    CPU time of the process on one thread, against the bound in CPU time of the same multiply-adds at the rate
-    of the reference matmul (also in CPU time, measured before and after each grid; the faster rate is used).
+def test_scale_gpt2_small_cpu_time(tmp_path):
+    """The GPT-2-small-shaped grids of :func:`test_scale_gpt2_small`, measured in CPU time of the process on one
+    thread, against the bound in CPU time of the same multiply-adds at the rate of the reference matmul (also in
+    CPU time, measured before and after each grid; the faster rate is used), and, when TransformerLens is
+    installed, against TransformerLens 4.3.0 on the same weights (interleaved: each grid of ours, then
+    TransformerLens on a few cells of it, in CPU time, extrapolated per cell to the whole grid).
 
     CPU time is what a shared machine does not distort much: wall time under other load stretches both our run
     and the bound's matmul, but not by the same factor when they are timed at different moments. The bound here
@@ -578,17 +619,26 @@ def test_scale_gpt2_small_cpu_time():
     unembedding of the metric row), which ``scale_macs`` leaves out.
 
     AtP and AtP* (QK fix, GradDrop) are bounded as in :func:`test_scale_gpt2_small` (3 and 3 + n_layers
-    forwards, which include their own clean and corrupted runs).
+    forwards, which include their own clean and corrupted runs) and compared with TransformerLens' exact grid
+    of every head at every position (``z``, 144 x 32 cells, extrapolated from 8 cells).
 
-    Run (minutes): ``PYPATTERN_BENCH_SCALE=1 OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -s
-    bench/bench_patching.py -k cpu_time`` (``PYPATTERN_BENCH_GRIDS=atp,atp*`` runs only the grids named).
+    Peak memory: the process's peak resident set while the grid runs (``VmHWM`` after resetting it through
+    ``/proc/self/clear_refs``), and its increase over the resident set before the run (the models and, with
+    TransformerLens, its bridge are resident throughout). The engine's batch is the largest number of cells
+    whose working-memory estimate fits ``max_memory`` (default 1 GiB; ``PYPATTERN_BENCH_MAX_MEMORY`` sets it).
+
+    Run (minutes; with TransformerLens tens of minutes): ``PYPATTERN_BENCH_SCALE=1 OMP_NUM_THREADS=1
+    .bench-venvs/tl/bin/python -m pytest -q -s bench/bench_patching.py -k cpu_time`` (or ``.venv/bin/python``
+    for ours alone; ``PYPATTERN_BENCH_GRIDS=atp,atp*`` runs only the grids named, ``PYPATTERN_BENCH_ROUNDS``
+    sets the rounds, default 2).
     """
     import datetime
 
     n0 = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, ours = _scale_models()
+        hf, ours = _scale_models()
+        bridge = _tl_bridge(hf, tmp_path) if HAS_TL else None
         c, Bs, Ts, L, H = SCALE, SCALE_B, SCALE_T, SCALE["n_layers"], SCALE["n_heads"]
         g = torch.Generator().manual_seed(0)
         clean = torch.randint(0, c["d_vocab"], (Bs, Ts), generator=g)
@@ -601,6 +651,7 @@ def test_scale_gpt2_small_cpu_time():
             2 * Bs * (_forward_macs(c, Ts) - c["d_model"] * c["d_vocab"])
             + 2 * Bs * c["d_model"] * c["d_vocab"]
         )
+        max_memory = int(float(os.environ.get("PYPATTERN_BENCH_MAX_MEMORY", 2**30)))
         grids = {
             "resid_pre": (
                 dict(site="resid_pre"),
@@ -622,27 +673,121 @@ def test_scale_gpt2_small_cpu_time():
         grids["atp"] = (dict(sites=["z"]), 3 * fwd)
         grids["atp*"] = (dict(sites=["z", "q", "k", "v"], qk_fix=True, grad_drop=True), (3 + L) * fwd)
         only = os.environ.get("PYPATTERN_BENCH_GRIDS")
-        lines = [f"date {datetime.date.today()}, cpu {_cpu_model()}, one thread, torch {torch.__version__}"]
-        for name, (kw, macs) in grids.items():
-            if only and name not in only.split(","):
-                continue
-            macs = macs * Bs + runs if not name.startswith("atp") else macs
-            r0 = _cpu_gemm_rate()
-            t, w = time.process_time(), time.perf_counter()
-            if name.startswith("atp"):
-                attribution_patching(ours, clean, corr, metric=LogitDiff(ans, wrong), **kw)
-            else:
-                activation_patching(
-                    ours, clean_tokens=clean, corrupted_tokens=corr, metric=LogitDiff(ans, wrong), **kw
+        names = [n for n in grids if not only or n in only.split(",")]
+        rounds = int(os.environ.get("PYPATTERN_BENCH_ROUNDS", 2))
+        tl_cases, n_cells = {}, {"resid_pre": L * Ts, "attn_out": L * Ts, "z_all_pos": L * H}
+        n_cells["z_by_pos"] = L * H * Ts
+        if bridge is not None:
+            import transformer_lens.patching as P
+
+            lay, pos, hs = [0, L // 2, L - 1], [5, 20], [0, H - 1]
+            tl_cases = {
+                "resid_pre": ("resid_pre", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
+                "attn_out": ("attn_out", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
+                "z_all_pos": (
+                    "z",
+                    ("z_all", P.layer_head_vector_patch_setter),
+                    [(a, h) for a in lay for h in hs],
+                ),
+                "z_by_pos": (
+                    "z",
+                    (3, P.layer_pos_head_vector_patch_setter),
+                    [(a, b, h) for a in [0, L - 1] for b in pos for h in hs],
+                ),
+            }
+            _tl_cells_cpu(bridge, clean, corr, ans, wrong, *tl_cases["resid_pre"][:2], [(L - 1, Ts - 1)])
+        res = {
+            n: dict(cpu=[], wall=[], bound=[], mem=[], batch=None, tl=[], err=0.0)
+            for n in [*names, "z_by_pos"]
+        }
+        for _ in range(
+            rounds
+        ):  # interleaved: a grid of ours, TransformerLens on cells of it, the next grid, ...
+            for name in names:
+                kw, macs = grids[name]
+                macs = macs * Bs + runs if not name.startswith("atp") else macs
+                r0 = _cpu_gemm_rate()
+                rss0 = _peak_reset()
+                t, w = time.process_time(), time.perf_counter()
+                if name.startswith("atp"):
+                    attribution_patching(ours, clean, corr, metric=LogitDiff(ans, wrong), **kw)
+                else:
+                    r = activation_patching(
+                        ours,
+                        clean_tokens=clean,
+                        corrupted_tokens=corr,
+                        metric=LogitDiff(ans, wrong),
+                        max_memory=max_memory,
+                        **kw,
+                    )
+                    res[name]["batch"] = r.info.get("max_batch")
+                cpu, wall = time.process_time() - t, time.perf_counter() - w
+                res[name]["mem"].append((_peak(), _peak() - rss0))
+                rate = max(r0, _cpu_gemm_rate())
+                res[name]["cpu"].append(cpu)
+                res[name]["wall"].append(wall)
+                res[name]["bound"].append(macs / rate)
+                _log(
+                    f"{name}: CPU {cpu:.1f} s (wall {wall:.1f} s), bound {macs / rate:.1f} s ({macs / 1e9:.0f} GMAC)"
                 )
-            cpu, wall = time.process_time() - t, time.perf_counter() - w
-            rate = max(r0, _cpu_gemm_rate())
-            lines.append(
-                f"{name}: CPU {cpu:.1f} s (wall {wall:.1f} s), bound {macs / rate:.1f} s ({macs / 1e9:.0f} GMAC at"
-                f" {rate / 1e9:.1f} GMAC per CPU-second), {cpu / (macs / rate):.2f}x of bound"
+                tl_name = "z_by_pos" if name == "atp*" else name
+                if tl_name in tl_cases:
+                    act, setter, cells = tl_cases[tl_name]
+                    ref, per_cell = _tl_cells_cpu(bridge, clean, corr, ans, wrong, act, setter, cells)
+                    res[tl_name]["tl"].append(per_cell * n_cells[tl_name])
+                    _log(f"{tl_name} TransformerLens {per_cell:.2f} CPU-s per cell")
+                    if tl_name == "z_by_pos":
+                        sub = activation_patching(
+                            ours,
+                            "z",
+                            clean,
+                            corr,
+                            metric=LogitDiff(ans, wrong),
+                            layers=[0, L - 1],
+                            heads=[0, H - 1],
+                            positions=[5, 20],
+                        ).values.mean(0)
+                        mine = torch.stack(
+                            [
+                                sub[[0, L - 1].index(a), [0, H - 1].index(h), [5, 20].index(b)]
+                                for a, b, h in cells
+                            ]
+                        )
+                    else:
+                        mine = torch.stack([r.values.mean(0)[cell] for cell in cells])
+                    err = (mine.double() - ref.double()).abs().max().item()
+                    res[tl_name]["err"] = max(res[tl_name]["err"], err)
+        rng = lambda xs, f="{:.1f}": f"{f.format(min(xs))}-{f.format(max(xs))}"
+        lines = [
+            f"date {datetime.date.today()}, cpu {_cpu_model()}, one thread, torch {torch.__version__}, {rounds} rounds,"
+            f" max_memory {max_memory}"
+        ]
+        for name in names:
+            d = res[name]
+            ratio = [a / b for a, b in zip(d["cpu"], d["bound"])]
+            line = (
+                f"{name}: CPU {rng(d['cpu'])} s (wall {rng(d['wall'])} s), bound {rng(d['bound'])} s,"
+                f" {rng(ratio, '{:.2f}')}x of bound, peak RSS {max(m[0] for m in d['mem']) / 2**30:.2f} GiB"
+                f" (+{max(m[1] for m in d['mem']) / 2**30:.2f} GiB)"
             )
-            _log(lines[-1])
+            if d["batch"] is not None:
+                line += f", engine batch {d['batch']} cells"
+            tl_name = "z_by_pos" if name.startswith("atp") else name
+            tl = res[tl_name]["tl"] if tl_name in res else []
+            if tl:
+                sp = [a / b for a, b in zip(tl, d["cpu"])]
+                what = "exact heads x positions grid" if tl_name == "z_by_pos" else "grid"
+                line += (
+                    f"; TransformerLens {what} {rng(tl, '{:.0f}')} CPU-s (extrapolated from"
+                    f" {len(tl_cases[tl_name][2])} cells x {n_cells[tl_name]}), ours {rng(sp)}x faster,"
+                    f" max |diff| {res[tl_name]['err']:.1e}"
+                )
+            lines.append(line)
         print("\n[bench_patching scale, CPU time]\n" + "\n".join(lines))
+        for name in res:
+            assert res[name]["err"] <= 1e-3, (
+                f"{name}: pypattern and TransformerLens differ by {res[name]['err']}"
+            )
     finally:
         torch.set_num_threads(n0)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pypattern.models import Transformer, TransformerConfig
-from pypattern.patching import KL, LogitDiff, LogProb, activation_patching, attribution_patching
+from pypattern.patching import KL, ExactEngine, LogitDiff, LogProb, activation_patching, attribution_patching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +110,10 @@ def reference_grid(model, site, clean, corr, ans, wrong, per_position):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("per_position", [True, False])
-def test_every_site_equals_one_forward_per_cell(arch, per_position):
+@pytest.mark.parametrize("chunk_rows", [None, 1, 40])
+def test_every_site_equals_one_forward_per_cell(arch, per_position, chunk_rows, monkeypatch):
+    if chunk_rows is not None:  # blocks over one cell at a time, or uneven chunks of cells
+        monkeypatch.setattr(ExactEngine, "CHUNK_ROWS", chunk_rows)
     model, clean, corr, ans, wrong = build(arch)
     for site in sites_of(model):
         res = activation_patching(
@@ -135,7 +138,10 @@ def test_naive_method_equals_reference(arch):
 
 
 @pytest.mark.parametrize("arch", ["neox", "mistral_window", "mqa_gptj"])
-def test_windows_noising_and_metric_positions(arch):
+@pytest.mark.parametrize("chunk_rows", [None, 1, 40])
+def test_windows_noising_and_metric_positions(arch, chunk_rows, monkeypatch):
+    if chunk_rows is not None:
+        monkeypatch.setattr(ExactEngine, "CHUNK_ROWS", chunk_rows)
     model, clean, corr, ans, wrong = build(arch, n_layers=3)
     cases = [
         (["resid_pre", "k", "pattern"], dict(metric=KL(), window=2)),

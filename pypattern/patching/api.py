@@ -14,7 +14,7 @@ from .corruptions import (
     ZeroAblation,
     embedding_noise_hook,
 )
-from .engine import ExactEngine, bytes_per_cell, truncate_cache
+from .engine import ExactEngine, bytes_per_cell, truncate_cache, unembed_rows
 from .metrics import Metric, bind_metric, check_metric_output, logits_at, metric_positions
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, apply_patch, check_site, hook_name, make_cells, site_heads
@@ -162,14 +162,31 @@ def prepare_runs(
         with model.hooks(hooks):
             return model.run_with_cache(tokens, names_filter=names)
 
+    from ..models.transformer import Transformer
+
+    final = None
+    if full_cache and isinstance(model, Transformer):  # the cache holds the final norm's output
+        final = "ln_final.hook_normalized" if model.cfg.normalization_type else None
+        final = final or f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+    def run_at(tokens, noise, names):
+        """Logits at the metric position(s) ``(batch, vocab)`` and the cache; with a full cache of pypattern's
+        Transformer only the metric position's row is unembedded."""
+        if final is None:
+            logits, cache = run(tokens, noise, names)
+            return logits_at(logits, pos), cache
+        with model.hooks([("hook_embed", embedding_noise_hook(noise))] if noise is not None else []):
+            _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
+        return unembed_rows(model, logits_at(cache[final], pos)), cache
+
     names = (lambda n: True) if full_cache else set(site_hooks)
-    clean_logits, clean_cache = run(clean, None, names)
-    bind_metric(metric, logits_at(clean_logits, pos).detach())
-    m_clean = check_metric_output(metric(logits_at(clean_logits, pos)), B).detach()
+    clean_logits, clean_cache = run_at(clean, None, names)
+    bind_metric(metric, clean_logits.detach())
+    m_clean = check_metric_output(metric(clean_logits), B).detach()
     m_corr, corr_cache = None, None
     if corr_tokens is not None:
-        corr_logits, corr_cache = run(corr_tokens, corr_noise, names)
-        m_corr = metric(logits_at(corr_logits, pos)).detach()
+        corr_logits, corr_cache = run_at(corr_tokens, corr_noise, names)
+        m_corr = metric(corr_logits).detach()
     if direction == "denoising":
         tgt = (corr_tokens, corr_noise, corr_cache)
         source = {n: clean_cache[n] for n in site_hooks}
