@@ -372,7 +372,8 @@ def _tl_bridge(hf, tmp_path):
     return bridge
 
 
-def _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells):
+def _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells, clock=time.perf_counter):
+    """TransformerLens' exact patching of ``cells``: values and seconds of ``clock`` per cell."""
     import pandas as pd
     import transformer_lens.patching as P
 
@@ -385,9 +386,9 @@ def _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells):
     cols = {2: ["layer", "pos"], "z_all": ["layer", "head_index"], 3: ["layer", "pos", "head_index"]}
     df = pd.DataFrame(cells, columns=cols[setter[0]])
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        t = time.perf_counter()
+        t = clock()
         vals = P.generic_activation_patch(bridge, corr, cache, metric, setter[1], act, index_df=df)
-        return vals, (time.perf_counter() - t) / len(cells)
+        return vals, (clock() - t) / len(cells)
 
 
 @pytest.mark.skipif(not RUN_SCALE, reason="set PYPATTERN_BENCH_SCALE=1 to run the GPT-2-small-sized bench")
@@ -587,21 +588,7 @@ def _status_kb(key: str) -> int:
 
 def _tl_cells_cpu(bridge, clean, corr, ans, wrong, act, setter, cells):
     """TransformerLens' exact patching of ``cells``: values and CPU seconds per cell (one full forward each)."""
-    import pandas as pd
-    import transformer_lens.patching as P
-
-    _, cache = bridge.run_with_cache(clean)
-
-    def metric(logits):
-        last = logits[:, -1]
-        return (last.gather(-1, ans[:, None]) - last.gather(-1, wrong[:, None])).mean()
-
-    cols = {2: ["layer", "pos"], "z_all": ["layer", "head_index"], 3: ["layer", "pos", "head_index"]}
-    df = pd.DataFrame(cells, columns=cols[setter[0]])
-    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        t = time.process_time()
-        vals = P.generic_activation_patch(bridge, corr, cache, metric, setter[1], act, index_df=df)
-        return vals, (time.process_time() - t) / len(cells)
+    return _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells, clock=time.process_time)
 
 
 @pytest.mark.skipif(not RUN_SCALE, reason="set PYPATTERN_BENCH_SCALE=1 to run the GPT-2-small-sized bench")
