@@ -372,6 +372,24 @@ def _tl_bridge(hf, tmp_path):
     return bridge
 
 
+def _tl_cases(L, H):
+    """The cells TransformerLens is timed on per grid (extrapolated per cell) and compared with ours:
+    ``{grid: (activation, (index kind, setter), cells)}``."""
+    import transformer_lens.patching as P
+
+    lay, pos, hs = [0, L // 2, L - 1], [5, 20], [0, H - 1]
+    return {
+        "resid_pre": ("resid_pre", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
+        "attn_out": ("attn_out", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
+        "z_all_pos": ("z", ("z_all", P.layer_head_vector_patch_setter), [(a, h) for a in lay for h in hs]),
+        "z_by_pos": (
+            "z",
+            (3, P.layer_pos_head_vector_patch_setter),
+            [(a, b, h) for a in [0, L - 1] for b in pos for h in hs],
+        ),
+    }
+
+
 def _tl_cells(bridge, clean, corr, ans, wrong, act, setter, cells, clock=time.perf_counter):
     """TransformerLens' exact patching of ``cells``: values and seconds of ``clock`` per cell."""
     import pandas as pd
@@ -464,21 +482,9 @@ def test_scale_gpt2_small(tmp_path):
         for k in ("resid_pre", "attn_out", "z_all_pos"):
             macs[k] *= B
         # the same cells for TransformerLens (timed, extrapolated per cell) and for equality with ours
-        lay, pos, hs = [0, L // 2, L - 1], [5, 20], [0, H - 1]
-        tl_cases = {
-            "resid_pre": ("resid_pre", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
-            "attn_out": ("attn_out", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
-            "z_all_pos": (
-                "z",
-                ("z_all", P.layer_head_vector_patch_setter),
-                [(a, h) for a in lay for h in hs],
-            ),
-            "z_by_pos": (
-                "z",
-                (3, P.layer_pos_head_vector_patch_setter),
-                [(a, b, h) for a in [0, L - 1] for b in pos for h in hs],
-            ),
-        }
+        tl_cases = _tl_cases(L, H)
+        z_cells = tl_cases["z_by_pos"][2]  # (layer, position, head): ours at the same positions and heads
+        pos, hs = sorted({b for _, b, _ in z_cells}), sorted({h for *_, h in z_cells})
         times = {k: [] for k in [*grids, "atp", "atp*"]}
         tl_cell = {k: [] for k in tl_cases}
         mem, errs, batch = {}, {}, {}
@@ -665,23 +671,7 @@ def test_scale_gpt2_small_cpu_time(tmp_path):
         tl_cases, n_cells = {}, {"resid_pre": L * Ts, "attn_out": L * Ts, "z_all_pos": L * H}
         n_cells["z_by_pos"] = L * H * Ts
         if bridge is not None:
-            import transformer_lens.patching as P
-
-            lay, pos, hs = [0, L // 2, L - 1], [5, 20], [0, H - 1]
-            tl_cases = {
-                "resid_pre": ("resid_pre", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
-                "attn_out": ("attn_out", (2, P.layer_pos_patch_setter), [(a, b) for a in lay for b in pos]),
-                "z_all_pos": (
-                    "z",
-                    ("z_all", P.layer_head_vector_patch_setter),
-                    [(a, h) for a in lay for h in hs],
-                ),
-                "z_by_pos": (
-                    "z",
-                    (3, P.layer_pos_head_vector_patch_setter),
-                    [(a, b, h) for a in [0, L - 1] for b in pos for h in hs],
-                ),
-            }
+            tl_cases = _tl_cases(L, H)
             _tl_cells_cpu(bridge, clean, corr, ans, wrong, *tl_cases["resid_pre"][:2], [(L - 1, Ts - 1)])
         res = {
             n: dict(cpu=[], wall=[], bound=[], mem=[], batch=None, tl=[], err=0.0)
