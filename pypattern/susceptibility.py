@@ -58,9 +58,8 @@ from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import load_checkpoint_state
 from .sampling.data import ChainData
-from .sampling.diagnostics import SamplingDivergedError
 from .sampling.optim import chain_seed
-from .sampling.runner import AUTO_RUN_HALVINGS, halve_auto_step, sample, split_loss
+from .sampling.runner import rerun_at_half_step, sample, split_loss
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
@@ -810,16 +809,16 @@ def _chi_from(acc: CrossCovariance, convention: str, nbeta: float, full_means) -
 
 def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint):
     """``run()``; when the step was calibrated (``auto_step``) and there is no checkpoint, a run that diverges or
-    runs away is run again from the start at half the step (as :func:`pypattern.sample` does), ``kw["step_size"]``
-    updated."""
-    for k in range(AUTO_RUN_HALVINGS + 1):
-        try:
-            return run()
-        except SamplingDivergedError as e:
-            if auto_step is None or checkpoint is not None or k == AUTO_RUN_HALVINGS:
-                raise
-            kw["step_size"] = halve_auto_step(auto_step, float(kw["step_size"]), e)
-    raise AssertionError("unreachable")
+    runs away is run again from the start at half the step (:func:`~pypattern.sampling.runner.rerun_at_half_step`,
+    as :func:`pypattern.sample` does), ``kw["step_size"]`` updated."""
+    if auto_step is None:
+        return run()
+
+    def at(step: float):
+        kw["step_size"] = step
+        return run()
+
+    return rerun_at_half_step(at, float(kw["step_size"]), auto_step, can_rerun=checkpoint is None)
 
 
 def bif(

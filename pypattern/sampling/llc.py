@@ -36,7 +36,7 @@ def llc_from_sample(res: SampleResult) -> LLCResult:
     llc_trace = nbeta * (res.loss_trace - res.init_loss)
     per_chain = llc_trace.mean(axis=1)
     std = float(per_chain.std(ddof=1)) if len(per_chain) > 1 else float("nan")
-    init_se = float(getattr(res, "init_loss_se", float("nan")))
+    init_se = float(res.init_loss_se)
     se = float(np.hypot(std / np.sqrt(len(per_chain)), nbeta * init_se))
     return LLCResult(
         llc_mean=float(per_chain.mean()),

@@ -311,47 +311,51 @@ AUTO_RUN_HALVINGS = 3  # reruns of a run whose calibrated step ran away, each at
 
 
 def _sample_auto(plan: RunPlan, model: nn.Module, loader, report):
-    """The run at a calibrated step; a run that diverges or runs away is run again from the start at half the
-    step (at most ``AUTO_RUN_HALVINGS`` times), with a warning, and the report says so.
+    """The run at a calibrated step, run again at half the step when it runs away (:func:`rerun_at_half_step`).
 
     A trial cannot see a rare instability that a run of many more chain-steps meets (the module docstring of
     :mod:`pypattern.sampling.auto`): the run itself is the longest trial. Not rerun (the error propagates as with
     a given step): a run with a checkpoint (its file holds the diverged run's draws) or with callbacks that
     cannot start over (every callback must have a ``reset()`` method, called before the rerun)."""
     callbacks = list(plan.callbacks or ())
+    first = float(plan.hyper["step_size"])
+
+    def run(step: float):
+        if step != first:
+            for cb in callbacks:
+                cb.reset()
+        return _sample(dataclasses.replace(plan, hyper={**plan.hyper, "step_size": step}), model, loader)
+
     can_rerun = plan.checkpoint is None and all(callable(getattr(cb, "reset", None)) for cb in callbacks)
+    return rerun_at_half_step(run, first, report, can_rerun=can_rerun)
+
+
+def rerun_at_half_step(run: Callable[[float], Any], step: float, report, *, can_rerun: bool = True):
+    """``run(step)``; a run that diverges or runs away (:class:`SamplingDivergedError`) is run again from the
+    start at half the step, at most ``AUTO_RUN_HALVINGS`` times, each recorded in the calibration's ``report``
+    (``reruns``, ``chosen``, ``reason``) and warned about. With ``can_rerun=False`` the error propagates."""
     for k in range(AUTO_RUN_HALVINGS + 1):
         try:
-            return _sample(plan, model, loader)
+            return run(step)
         except SamplingDivergedError as e:
             if not can_rerun or k == AUTO_RUN_HALVINGS:
                 raise
-            new = halve_auto_step(report, float(plan.hyper["step_size"]), e)
-            for cb in callbacks:
-                cb.reset()
-            plan = dataclasses.replace(plan, hyper={**plan.hyper, "step_size": new})
+            old, step = step, step / 2
+            report.reruns.append(
+                dict(step_size=old, chain=int(e.chain), draw=int(e.draw), step=int(e.step), message=str(e))
+            )
+            report.chosen = step
+            report.reason += (
+                f"; the run at {old:.3g} diverged or ran away (chain {e.chain}, step {e.step}: an excursion the "
+                f"trials did not meet) and was run again from the start at {step:.3g}"
+            )
+            warnings.warn(
+                f"step_size='auto': the run at the calibrated step {old:.3g} diverged or ran away (chain "
+                f"{e.chain}, step {e.step}), an instability too rare for the calibration trials; running it "
+                f"again at {step:.3g}",
+                stacklevel=4,
+            )
     raise AssertionError("unreachable")
-
-
-def halve_auto_step(report, old: float, err: SamplingDivergedError) -> float:
-    """Half of ``old``, the calibrated step of a run that diverged or ran away with ``err``: recorded in the
-    calibration's ``report`` (``reruns``, ``chosen``, ``reason``) and warned about. Callers run again from the
-    start at the returned step."""
-    new = old / 2
-    report.reruns.append(
-        dict(step_size=old, chain=int(err.chain), draw=int(err.draw), step=int(err.step), message=str(err))
-    )
-    report.chosen = new
-    report.reason += (
-        f"; the run at {old:.3g} diverged or ran away (chain {err.chain}, step {err.step}: an excursion the "
-        f"trials did not meet) and was run again from the start at {new:.3g}"
-    )
-    warnings.warn(
-        f"step_size='auto': the run at the calibrated step {old:.3g} diverged or ran away (chain {err.chain}, "
-        f"step {err.step}), an instability too rare for the calibration trials; running it again at {new:.3g}",
-        stacklevel=4,
-    )
-    return new
 
 
 @contextlib.contextmanager
