@@ -98,8 +98,9 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     seeds = [plan.key(c) for c in locs]
     start = int(st.next_step[chains[0]])
     datas = [ChainData(ctx.loader, plan.key(c, stream=1), ctx.data_cache) for c in locs]
+    m = plan.noise_coupling  # > 1: step t reads the batches of step m t of the chain it is coupled to
     for dd in datas:
-        dd.skip(start * accum)
+        dd.skip(start * accum * m)
     shared_data = datas[0].single is not None
     loss_fn, split_loss = plan.loss_fn, ctx.split_loss
 
@@ -132,6 +133,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
         hyper=hyper,
         own=plan.sampler_hyper,
         backend=plan.backend,
+        noise_coupling=m,
     )
     shared_batch = to_device(datas[0].single, ctx.device) if shared_data else None
     for t in range(start, total):
@@ -166,6 +168,10 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 losses.sum() / accum if accum > 1 else losses.sum(), list(leaves.values())
             )
             grads = gj if grads is None else [a + b for a, b in zip(grads, gj)]
+        if m > 1 and not shared_data:
+            for dd in datas:
+                for _ in range((m - 1) * accum):
+                    dd.next()
         lv = lvs[0] if accum == 1 else np.mean(lvs, axis=0)
         d = plan.is_draw(t)
         if d >= 0:

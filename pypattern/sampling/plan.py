@@ -126,6 +126,9 @@ class RunPlan:
     warn_nonstationary: bool
     sampler: str = "sgld"  # "sgld", "sgnht" or "rmsprop_sgld" (samplers.SAMPLER_NAMES)
     sampler_hyper: Mapping[str, float] = field(default_factory=dict)  # the sampler's own
+    # m > 1: step t takes the summed noise of steps m t .. m t + m - 1 (over sqrt(m)) and the batches of step m t,
+    # coupling the run to one at step_size / m with the same seed (the step-size calibration's halving pairs)
+    noise_coupling: int = 1
 
     @property
     def total_steps(self) -> int:

@@ -604,8 +604,15 @@ class StackedSamplerState:
         hyper: Mapping[str, Any],
         own: Mapping[str, float],
         backend: str | None,
+        noise_coupling: int = 1,
     ):
         self.sampler, self.names, self.hyper, self.own = sampler, [list(n) for n in names], dict(hyper), own
+        self.coupling = int(noise_coupling)
+        if self.coupling > 1 and (sampler != "sgld" or self.hyper.get("bounding_box") is not None):
+            raise ValueError(
+                f"noise_coupling={noise_coupling} couples SGLD steps without a bounding box; got sampler={sampler!r}, "
+                f"bounding_box={self.hyper.get('bounding_box')!r}"
+            )
         self.kind = self._KIND[sampler]
         device = next(iter(stacked.values())).device
         self.backend = backend
@@ -654,6 +661,8 @@ class StackedSamplerState:
         unchecked fast path, returning the per-tensor flags (bit 1: a non-finite gradient, bit 2: an update that
         overflowed; flagged entries left as they were)."""
         kw = dict(seed=seed, step=step, masks=masks, **self.hyper)
+        if self.coupling > 1:
+            return self._coupled_step(params, grads, anchors, kw, validate)
         if self.sampler == "sgld":
             if validate:
                 sgld_step_(params, grads, anchors, backend=self.backend, **kw)
@@ -681,6 +690,41 @@ class StackedSamplerState:
                 params, grads, anchors, state, alpha=self.own["alpha"], eps=self.own["eps"], **common
             )
         return None if validate else flags
+
+    def _coupled_step(self, params, grads, anchors, kw: dict, validate: bool) -> torch.Tensor | None:
+        """SGLD step ``t`` at step size ``eps`` whose noise is the sum of the noises of steps ``m t ... m t + m - 1``
+        of a chain with the same seed, over ``sqrt(m)``: the Euler step of the Brownian path that a chain at step
+        ``eps / m`` follows in ``m`` steps. The drift step runs in the op without noise; the noise is read from the
+        op's own stream (the op stepping zeros with unit step, no drift) and added on the unmasked entries."""
+        m, step, noise_scale = self.coupling, kw["step"], kw["noise_scale"]
+        drift = dict(kw, noise_scale=0.0)
+        if validate:
+            sgld_step_(params, grads, anchors, backend=self.backend, **drift)
+            flags = None
+        else:
+            flags = self._fast(params, grads, anchors, check=False, **drift)
+        if noise_scale == 0.0:
+            return flags
+        xi = [torch.zeros_like(p) for p in params]
+        unit = dict(
+            step_size=1.0,
+            nbeta=1.0,
+            localization=0.0,
+            weight_decay=0.0,
+            noise_scale=1.0,
+            bounding_box=None,
+            masks=None,
+            seed=kw["seed"],
+        )
+        zero_grads = [torch.zeros_like(p) for p in params]
+        for j in range(m):
+            self._fast(xi, zero_grads, zero_grads, check=False, step=m * step + j, **unit)
+        c = math.sqrt(kw["step_size"] / m) * noise_scale
+        masks = kw["masks"]
+        for t, (p, z) in enumerate(zip(params, xi, strict=True)):
+            mask = None if masks is None else masks[t]
+            p.add_(z if mask is None else z * mask.to(z.dtype), alpha=c)
+        return flags
 
     def state_of(self, i: int) -> dict[str, torch.Tensor]:
         """Chain ``i``'s state (copies), keyed as :meth:`SGNHT.chain_state` keys it; ``{}`` for SGLD."""
