@@ -320,6 +320,46 @@ def test_gpt2_reorder_and_upcast_attn():
         from_hf(eager64)
 
 
+@pytest.mark.parametrize("case", ["llama-gqa2-biases-tied-headdim", "neox-parallel-rot0.25"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_rotary_frequencies_rounded_by_a_cast_convert_exactly(case, half):
+    """``.to(torch.bfloat16)`` / ``.half()`` rounds the rotary ``inv_freq`` buffer, and the Hugging Face forward
+    turns by the rounded frequencies (cast back or not): the converted model rounds them the same way."""
+    x = tokens()
+    hf = hf_model(case)
+    rotary = hf.gpt_neox.rotary_emb if case.startswith("neox") else hf.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.to(half)  # what model.to(half) does to the buffer
+    with torch.no_grad():
+        ref = hf(x).logits
+        conv = from_hf(hf)
+        assert conv.cfg.rotary_freq_dtype == half
+        assert rel(conv(x), ref) <= 1e-10
+        # cast back to float64, the buffer keeps the rounded values
+        assert rel(from_hf(hf.double())(x), ref) <= 1e-10
+    # the whole model in half precision converts (logits equal up to half-precision rounding)
+    cast = hf_model(case).to(half)
+    with torch.no_grad():
+        assert from_hf(cast).cfg.rotary_freq_dtype == half
+        assert rel(from_hf(cast)(x), cast(x).logits) <= 5e-2
+
+
+def test_neox_rotary_pct_leaving_no_dimension_converts_without_positions():
+    """head_size * rotary_pct < 1 rotates nothing: the model has no positional information, and converts so."""
+    hf = hf_model("neox-parallel-rot0.25", rotary_pct=0.1)
+    assert hf.gpt_neox.layers[0].attention.rotary_ndims == 0
+    conv = from_hf(hf)
+    assert conv.cfg.positional_embedding_type == "none"
+    x = tokens()
+    with torch.no_grad():
+        assert rel(conv(x), hf(x).logits) <= 1e-10
+
+
+def test_neox_odd_rotary_dimensions_are_refused_by_name():
+    hf = hf_model("neox-parallel-rot0.25", rotary_pct=0.375)  # 8 * 0.375 = 3 dimensions per head
+    with pytest.raises(UnsupportedModelError, match=r"rotary_pct=0.375 .* 3 dimensions, an odd number"):
+        from_hf(hf)
+
+
 def test_unknown_model_class_is_refused():
     base = transformers.GPT2Model(transformers.GPT2Config(n_embd=40, n_layer=1, n_head=5, **COMMON))
     with pytest.raises(UnsupportedModelError, match="GPT2Model"):

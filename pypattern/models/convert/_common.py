@@ -32,11 +32,15 @@ def act_fn(name: Any, option: str) -> str:
     return act
 
 
-def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, int]:
-    """``(rotary_base, rotary_dim)`` of a model's default RoPE, checked against its ``inv_freq`` buffer.
+def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, int, torch.dtype | None]:
+    """``(rotary_base, rotary_dim, rotary_freq_dtype)`` of a model's default RoPE, checked against its ``inv_freq``
+    buffer.
 
-    Refuses any ``rope_type`` other than ``"default"`` (linear, dynamic, YaRN, LongRoPE, Llama 3 scaling change
-    the frequencies or the magnitudes) and any ``attention_scaling`` other than 1.
+    Hugging Face computes the frequencies in float32 and reads the buffer in float32; a model cast with
+    ``.to(torch.bfloat16)`` or ``.half()`` holds them rounded to that dtype (and keeps them rounded when cast back),
+    which ``rotary_freq_dtype`` reproduces (None when they are not rounded). Refuses any ``rope_type`` other than
+    ``"default"`` (linear, dynamic, YaRN, LongRoPE, Llama 3 scaling change the frequencies or the magnitudes) and
+    any ``attention_scaling`` other than 1.
     """
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
@@ -52,18 +56,26 @@ def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, i
     if "rope_theta" not in params:
         refuse("rope_parameters", params, "it has no 'rope_theta'")
     base = float(params["rope_theta"])
-    inv_freq = rotary_module.inv_freq.detach().float().cpu()
+    buf = rotary_module.inv_freq.detach().cpu()
+    inv_freq = buf.float()
     rotary_dim = 2 * inv_freq.numel()
     if rotary_dim > head_dim:
         refuse("rotary dimensions", rotary_dim, f"more than the head dimension {head_dim}")
     mine = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-    if not torch.equal(mine, inv_freq):
+    # frequencies rounded by a cast of the model (.to(torch.bfloat16), .half(), possibly cast back since)
+    candidates = [buf.dtype] if buf.dtype not in (torch.float32, torch.float64) else [None]
+    candidates += [d for d in (None, torch.bfloat16, torch.float16) if d not in candidates]
+    freq_dtype = next(
+        (d for d in candidates if torch.equal(mine if d is None else mine.to(d).float(), inv_freq)), False
+    )
+    if freq_dtype is False:
         refuse(
             "rotary inv_freq",
             "(buffer)",
-            f"the model's frequencies are not 1 / {base} ** (2 i / {rotary_dim}) as a default rotary embedding's",
+            f"the model's frequencies are not 1 / {base} ** (2 i / {rotary_dim}) as a default rotary "
+            "embedding's (in float32, or rounded to bfloat16 or float16)",
         )
-    return base, rotary_dim
+    return base, rotary_dim, freq_dtype
 
 
 def linear_heads(weight: torch.Tensor, n: int, d_head: int) -> torch.Tensor:

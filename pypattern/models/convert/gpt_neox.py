@@ -27,7 +27,16 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     dh = att0.head_size
     if att0.scaling != dh**-0.5:
         refuse("attention scaling", att0.scaling, f"expected head_size ** -0.5 = {dh**-0.5}")
-    base, rotary_dim = rope(c, base_model.rotary_emb, dh)
+    if att0.rotary_ndims % 2:
+        params = getattr(c, "rope_parameters", None) or {}
+        refuse(
+            "rotary_pct",
+            params.get("partial_rotary_factor", getattr(c, "rotary_pct", None)),
+            f"it rotates head_size * rotary_pct = {att0.rotary_ndims} dimensions, an odd number (the Hugging Face "
+            f"model then turns {att0.rotary_ndims + 1} dimensions at the frequencies of a {att0.rotary_ndims}-"
+            "dimensional embedding); give a rotary_pct that makes it even",
+        )
+    base, rotary_dim, freq_dtype = rope(c, base_model.rotary_emb, dh)
     if rotary_dim != att0.rotary_ndims:
         refuse(
             "rotary_ndims", att0.rotary_ndims, f"differs from the rotary embedding's {rotary_dim} dimensions"
@@ -54,10 +63,18 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         n_ctx=c.max_position_embeddings,
         act_fn=act_fn(c.hidden_act, "hidden_act"),
         normalization_type="LN",
-        positional_embedding_type="rotary",
-        rotary_dim=rotary_dim,
-        rotary_base=base,
-        rotary_dtype=torch.float32,
+        **(
+            # rotary_pct * head_size < 2 leaves no dimension to rotate: the model has no positional information
+            dict(positional_embedding_type="none")
+            if rotary_dim == 0
+            else dict(
+                positional_embedding_type="rotary",
+                rotary_dim=rotary_dim,
+                rotary_base=base,
+                rotary_dtype=torch.float32,
+                rotary_freq_dtype=freq_dtype,
+            )
+        ),
         parallel_attn_mlp=bool(c.use_parallel_residual),
         attn_bias=attn_bias,
         attn_out_bias=attn_bias,
