@@ -8,6 +8,7 @@ GPT-NeoX blocks) built from a ``transformers.<Family>Config`` with random weight
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -358,6 +359,22 @@ def test_neox_odd_rotary_dimensions_are_refused_by_name():
     hf = hf_model("neox-parallel-rot0.25", rotary_pct=0.375)  # 8 * 0.375 = 3 dimensions per head
     with pytest.raises(UnsupportedModelError, match=r"rotary_pct=0.375 .* 3 dimensions, an odd number"):
         from_hf(hf)
+
+
+@pytest.mark.parametrize("case", ["gpt2-tied", "llama-mqa"])
+def test_model_in_train_mode_with_dropout_warns(case):
+    """A model in train() mode with dropout has a random forward; the converted model is its eval() forward."""
+    names = ("attn_pdrop", "resid_pdrop", "embd_pdrop") if case.startswith("gpt2") else ("attention_dropout",)
+    hf = hf_model(case, **dict.fromkeys(names, 0.1)).train()
+    with pytest.warns(UserWarning, match=r"train\(\) mode with dropout .*eval\(\) forward"):
+        conv = from_hf(hf)
+    x = tokens()
+    with torch.no_grad():
+        assert rel(conv(x), hf.eval()(x).logits) <= 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_hf(hf)  # eval() mode: no warning
+        from_hf(hf_model(case, **dict.fromkeys(names, 0.0)).train())  # no dropout: no warning
 
 
 def test_unknown_model_class_is_refused():

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..transformer import Transformer
 from . import gpt2, gpt_neox, llama, mistral, qwen2
-from ._common import UnsupportedModelError, build, model_dtype
+from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
@@ -53,7 +53,9 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     -------
     Transformer
         A new model (the weights are copied) with TransformerLens names and hooks; tied embeddings stay one
-        parameter. ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``.
+        parameter. ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``. A model in
+        ``train()`` mode with dropout is converted as its ``eval()`` forward (the converted model has no dropout),
+        with a warning.
 
     Raises
     ------
@@ -72,6 +74,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
             "*LMHeadModel class)"
         )
     src_dtype = model_dtype(model)
+    warn_if_training(model)
     out_dtype = src_dtype if dtype is None else dtype
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")

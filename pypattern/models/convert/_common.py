@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -108,6 +109,28 @@ def all_or_none(biases: list[torch.Tensor | None], option: str) -> bool:
     if len(present) > 1:
         refuse(option, "mixed", "some of these projections have a bias and others do not")
     return present == {True}
+
+
+def warn_if_training(model: nn.Module) -> None:
+    """Warn when ``model`` is in ``train()`` mode with active dropout: its own forward is then random, and the
+    converted model (which has no dropout) computes its ``eval()`` forward."""
+    if not model.training:
+        return
+    active = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            active.append(f"{n}.p={m.p}")
+        p = getattr(m, "attention_dropout", None)  # Llama-family attention: a float passed to the kernel
+        if isinstance(p, float) and p > 0:
+            active.append(f"{n}.attention_dropout={p}")
+    if active:
+        warnings.warn(
+            f"the model is in train() mode with dropout ({', '.join(active[:3])}"
+            f"{', ...' if len(active) > 3 else ''}): the converted model has no dropout and equals the model's "
+            "eval() forward; call model.eval() before converting to compare them",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
