@@ -180,6 +180,27 @@ def test_left_padding_with_position_ids_equals_unpadded_sequences(kind):
         torch.testing.assert_close(got, _naive(model, seqs))
 
 
+def test_left_padding_is_refused_for_a_model_that_takes_no_mask():
+    """pypattern's Transformer takes no attention_mask: with left padding its real tokens would attend to the
+    padding (losses silently unlike a masked model's), so the entry points refuse the batch; right padding is exact
+    for a causal model and passes, and a model that takes the mask gets left padding too."""
+    import pypattern as pp
+
+    ids, am = _padded(_seqs(3), side="left")
+    left = {"input_ids": ids, "attention_mask": am}
+    with pytest.raises(ValueError, match=r"probe: attention_mask row 1 has padding before real tokens"):
+        losses.check_batch(_model("tf"), left, "probe")
+    with pytest.raises(
+        ValueError, match=r"loader: .*left padding.*Transformer\.forward takes no attention_mask"
+    ):
+        pp.estimate_llc(
+            _model("tf"), [left], num_chains=1, num_draws=1, num_burnin_steps=0, step_size=1e-6, quiet=True
+        )
+    ids_r, am_r = _padded(_seqs(3))
+    losses.check_batch(_model("tf"), {"input_ids": ids_r, "attention_mask": am_r}, "probe")
+    losses.check_batch(_model("tl"), left, "probe")
+
+
 @needs_hf
 @pytest.mark.parametrize("kind", ["gpt2", "neox", "llama"])
 def test_mean_equals_hugging_face_loss(kind):
