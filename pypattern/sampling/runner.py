@@ -300,6 +300,7 @@ def sample(
         sampler=sampler,
         sampling_method=sampling_method,
     )
+    _check_param_dtypes(model)
     with _eval_mode_for_dropout(model):
         if auto_step is None:
             return _sample(plan, model, loader)
@@ -358,11 +359,32 @@ def rerun_at_half_step(run: Callable[[float], Any], step: float, report, *, can_
     raise AssertionError("unreachable")
 
 
+def _check_param_dtypes(model: nn.Module) -> None:
+    """Refuse a model whose moving parameters are not float32 or float64 (the samplers' kernels), naming the
+    first such parameter, before anything runs."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"model parameter {name!r} has dtype {p.dtype}; the samplers move float32 and float64 parameters "
+                "only: sample a float32 copy (model.float(), or pypattern.from_hf(model, dtype=torch.float32) for "
+                "a Hugging Face model)"
+            )
+
+
+def _has_dropout(m: nn.Module) -> bool:
+    """A dropout module, or an attention module that passes a float ``attention_dropout`` to its kernel in training
+    mode (Hugging Face's Llama, Mistral, Qwen2, GPT-NeoX attention)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return True
+    p = getattr(m, "attention_dropout", None)
+    return isinstance(p, float) and p > 0
+
+
 @contextlib.contextmanager
 def _eval_mode_for_dropout(model: nn.Module):
     """Eval mode for the run when the model is in training mode with dropout (restored afterwards, with a
     warning): dropout would make the draws random beyond the seed and a resume inexact."""
-    switch = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training for m in model.modules())
+    switch = any(m.training and _has_dropout(m) for m in model.modules())
     if not switch:
         yield
         return
