@@ -191,9 +191,9 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     and the token ids of a token batch checked against ``model``'s vocabulary (:func:`vocab_size`): an id out of
     range would otherwise fail inside the embedding (or, negative, be read from the end of it).
 
-    A mapping batch whose ``attention_mask`` has padding before real tokens (left padding) is refused when
-    ``model``'s forward takes no ``attention_mask`` (pypattern's ``Transformer``): its real tokens would attend to
-    the padding.
+    The ``labels`` that are scored are checked the same way (ids in the vocabulary, or -100). A mapping batch whose ``attention_mask``
+    has padding before real tokens (left padding) is refused when ``model``'s forward takes no ``attention_mask``
+    (pypattern's ``Transformer``): its real tokens would attend to the padding.
 
     Raises
     ------
@@ -219,9 +219,21 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     if pb.is_lm and pb.inputs.numel():
         v = vocab_size(model)
         lo, hi = int(pb.inputs.min()), int(pb.inputs.max())
+        valid = f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
         if lo < 0 or (v is not None and hi >= v):
-            valid = f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
             raise ValueError(f"{argument} contains token id {lo if lo < 0 else hi}; valid ids are {valid}")
+        if pb.target is not None and pb.target.numel():
+            counts = pb.target[:, 1:] != IGNORE_INDEX  # the targets that are scored (see _lm_token_terms)
+            if pb.attention_mask is not None:
+                am = pb.attention_mask.bool()
+                counts = counts & am[:, 1:] & am[:, :-1]
+            t = pb.target[:, 1:][counts]
+            if t.numel() and (int(t.min()) < 0 or (v is not None and int(t.max()) >= v)):
+                bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+                raise ValueError(
+                    f"{argument}: batch['labels'] contains {bad}; labels are token ids {valid} or "
+                    f"{IGNORE_INDEX} for positions that do not count"
+                )
     return pb
 
 

@@ -411,6 +411,27 @@ def test_bad_batches_say_what_was_expected_and_what_arrived(batch, exc, pattern)
             fn(model, batch)
 
 
+def test_labels_out_of_the_vocabulary_are_named():
+    """A scored label that is neither a token id nor -100 (e.g. -1 as the ignore value) is refused naming
+    batch['labels'], instead of an index error inside the loss; labels that are not scored are not checked."""
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[1, 3:] = 0
+    for bad in (-1, V):
+        labels = ids.clone()
+        labels[0, 2] = bad
+        with pytest.raises(
+            ValueError, match=rf"probe: batch\['labels'\] contains {bad}; .*0 \.\. {V - 1}.* or -100"
+        ):
+            losses.check_batch(_model("tf"), {"input_ids": ids, "labels": labels}, "probe")
+    labels = ids.clone()
+    labels[:, 0] = -1  # position 0 is never a target
+    labels[1, 4] = V  # behind the padding
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    losses.check_batch(_model("tf"), batch, "probe")
+    assert torch.isfinite(batch_loss(_model("tf"), batch))
+
+
 def test_batch_size_of_other_batches():
     assert batch_size({"input_ids": torch.zeros(5, 3, dtype=torch.long)}) == 5
     assert batch_size((torch.zeros(7, 2), torch.zeros(7))) == 7
