@@ -344,12 +344,15 @@ def test_rotary_frequencies_rounded_by_a_cast_convert_exactly(case, half):
         assert rel(from_hf(cast)(x), cast(x).logits) <= 5e-2
 
 
-def test_neox_rotary_pct_leaving_no_dimension_converts_without_positions():
-    """head_size * rotary_pct < 1 rotates nothing: the model has no positional information, and converts so."""
-    hf = hf_model("neox-parallel-rot0.25", rotary_pct=0.1)
-    assert hf.gpt_neox.layers[0].attention.rotary_ndims == 0
+@pytest.mark.parametrize("pct,pos_type,rotary_dim", [(0.1, "none", None), (0.125, "rotary", 2)])
+def test_neox_rotary_pct_of_under_two_dimensions_converts(pct, pos_type, rotary_dim):
+    """head_size * rotary_pct = 0 rotates nothing: the model has no positional information, and converts so. = 1:
+    the model turns 2 dimensions at frequency 1, which is a 2-dimensional rotary embedding."""
+    hf = hf_model("neox-parallel-rot0.25", rotary_pct=pct)  # head_size 8
+    assert hf.gpt_neox.layers[0].attention.rotary_ndims == int(8 * pct)
     conv = from_hf(hf)
-    assert conv.cfg.positional_embedding_type == "none"
+    assert conv.cfg.positional_embedding_type == pos_type
+    assert (conv.cfg.rotary_dim if pos_type == "rotary" else None) == rotary_dim
     x = tokens()
     with torch.no_grad():
         assert rel(conv(x), hf(x).logits) <= 1e-10

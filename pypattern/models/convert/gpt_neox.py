@@ -27,20 +27,20 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     dh = att0.head_size
     if att0.scaling != dh**-0.5:
         refuse("attention scaling", att0.scaling, f"expected head_size ** -0.5 = {dh**-0.5}")
-    if att0.rotary_ndims % 2:
+    ndims = att0.rotary_ndims
+    if ndims % 2 and ndims > 1:
         params = getattr(c, "rope_parameters", None) or {}
         refuse(
             "rotary_pct",
             params.get("partial_rotary_factor", getattr(c, "rotary_pct", None)),
-            f"it rotates head_size * rotary_pct = {att0.rotary_ndims} dimensions, an odd number (the Hugging Face "
-            f"model then turns {att0.rotary_ndims + 1} dimensions at the frequencies of a {att0.rotary_ndims}-"
-            "dimensional embedding); give a rotary_pct that makes it even",
+            f"it rotates head_size * rotary_pct = {ndims} dimensions, an odd number (the Hugging Face model then "
+            f"turns {ndims + 1} dimensions at the frequencies of a {ndims}-dimensional embedding); give a "
+            "rotary_pct that makes it even",
         )
     base, rotary_dim, freq_dtype = rope(c, base_model.rotary_emb, dh)
-    if rotary_dim != att0.rotary_ndims:
-        refuse(
-            "rotary_ndims", att0.rotary_ndims, f"differs from the rotary embedding's {rotary_dim} dimensions"
-        )
+    # one dimension (head_size * rotary_pct = 1): the model turns 2 dimensions at frequency 1, as rotary_dim=2 does
+    if rotary_dim != ndims + ndims % 2:
+        refuse("rotary_ndims", ndims, f"differs from the rotary embedding's {rotary_dim} dimensions")
     attn_bias = all_or_none(
         [m.attention.query_key_value.bias for m in layers] + [m.attention.dense.bias for m in layers],
         "attention_bias",
