@@ -193,7 +193,8 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
 
     The ``labels`` that are scored are checked the same way (ids in the vocabulary, or -100). A mapping batch whose ``attention_mask``
     has padding before real tokens (left padding) is refused when ``model``'s forward takes no ``attention_mask``
-    (pypattern's ``Transformer``): its real tokens would attend to the padding.
+    (pypattern's ``Transformer``): its real tokens would attend to the padding. Likewise ``position_ids`` other
+    than ``0 .. pos - 1`` for a model whose forward takes none.
 
     Raises
     ------
@@ -215,6 +216,17 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                 f"{type(model).__name__}.forward takes no attention_mask, so its real tokens would attend to the "
                 "padding and their losses would differ from a masked model's; pad on the right (the model is "
                 "causal, so right padding is exact) or pass a model whose forward takes attention_mask"
+            )
+    pos = pb.extra.get("position_ids")
+    if pos is not None and not _takes(model, "position_ids"):
+        plain = torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)
+        if not torch.equal(pos, plain):
+            row = int((pos != plain).any(-1).nonzero()[0, 0])
+            raise ValueError(
+                f"{argument}: batch['position_ids'] row {row} is not 0 .. {pos.shape[-1] - 1}, but "
+                f"{type(model).__name__}.forward takes no position_ids: the model would read every row at positions "
+                "0, 1, 2, ...; give batches whose sequences start at position 0 (right-padded), or a model whose "
+                "forward takes position_ids"
             )
     if pb.is_lm and pb.inputs.numel():
         v = vocab_size(model)
@@ -284,6 +296,12 @@ def _takes_mask(model: nn.Module) -> bool:
     """True when :func:`model_output` passes a batch's ``attention_mask`` on to ``model``."""
     names = _forward_params(model)
     return "input_ids" in names or "attention_mask" in names
+
+
+def _takes(model: nn.Module, key: str) -> bool:
+    """True when :func:`model_output` passes a batch's ``key`` (``position_ids``, ``token_type_ids``) on."""
+    names = _forward_params(model)
+    return key in names or ("input_ids" in names and "**" in names)
 
 
 def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:

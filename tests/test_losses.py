@@ -201,6 +201,17 @@ def test_left_padding_is_refused_for_a_model_that_takes_no_mask():
     losses.check_batch(_model("tl"), left, "probe")
 
 
+def test_position_ids_are_refused_for_a_model_that_takes_none():
+    """Packed sequences (position_ids restarting inside a row) would be read at positions 0, 1, 2, ... by a model
+    whose forward takes no position_ids: refused naming the row; plain positions pass."""
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]])
+    with pytest.raises(ValueError, match=r"probe: batch\['position_ids'\] row 1 is not 0 \.\. 5.*takes no"):
+        losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": packed}, "probe")
+    plain = torch.arange(6).expand(2, 6)
+    losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": plain}, "probe")
+
+
 @needs_hf
 @pytest.mark.parametrize("kind", ["gpt2", "neox", "llama"])
 def test_mean_equals_hugging_face_loss(kind):
