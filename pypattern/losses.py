@@ -228,6 +228,12 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                 "0, 1, 2, ...; give batches whose sequences start at position 0 (right-padded), or a model whose "
                 "forward takes position_ids"
             )
+    if "token_type_ids" in pb.extra and not _takes(model, "token_type_ids"):
+        raise ValueError(
+            f"{argument}: the batch has 'token_type_ids', but {type(model).__name__}.forward takes none and would "
+            "ignore them (Hugging Face's GPT-2 adds their embeddings, even all-zero ones): drop the key from the "
+            "batch to compute without them"
+        )
     if pb.is_lm and pb.inputs.numel():
         v = vocab_size(model)
         lo, hi = int(pb.inputs.min()), int(pb.inputs.max())

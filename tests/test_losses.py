@@ -201,15 +201,18 @@ def test_left_padding_is_refused_for_a_model_that_takes_no_mask():
     losses.check_batch(_model("tl"), left, "probe")
 
 
-def test_position_ids_are_refused_for_a_model_that_takes_none():
+def test_position_and_token_type_ids_are_refused_for_a_model_that_takes_none():
     """Packed sequences (position_ids restarting inside a row) would be read at positions 0, 1, 2, ... by a model
-    whose forward takes no position_ids: refused naming the row; plain positions pass."""
+    whose forward takes no position_ids: refused naming the row; plain positions pass. token_type_ids likewise."""
     ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
     packed = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]])
     with pytest.raises(ValueError, match=r"probe: batch\['position_ids'\] row 1 is not 0 \.\. 5.*takes no"):
         losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": packed}, "probe")
     plain = torch.arange(6).expand(2, 6)
     losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": plain}, "probe")
+    # token_type_ids change a Hugging Face GPT-2's output (their embeddings are added) and would be ignored
+    with pytest.raises(ValueError, match=r"probe: the batch has 'token_type_ids'.*drop the key"):
+        losses.check_batch(_model("tf"), {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, "probe")
 
 
 @needs_hf
