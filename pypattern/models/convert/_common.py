@@ -112,12 +112,12 @@ def all_or_none(biases: list[torch.Tensor | None], option: str) -> bool:
 
 
 def warn_if_training(model: nn.Module) -> None:
-    """Warn when ``model`` is in ``train()`` mode with active dropout: its own forward is then random, and the
-    converted model (which has no dropout) computes its ``eval()`` forward."""
-    if not model.training:
-        return
+    """Warn when a module of ``model`` is in ``train()`` mode with active dropout: the model's own forward is then
+    random, and the converted model (which has no dropout) computes its ``eval()`` forward."""
     active = []
     for n, m in model.named_modules():
+        if not m.training:
+            continue
         if isinstance(m, nn.Dropout) and m.p > 0:
             active.append(f"{n}.p={m.p}")
         p = getattr(m, "attention_dropout", None)  # Llama-family attention: a float passed to the kernel
