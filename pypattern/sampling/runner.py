@@ -525,9 +525,9 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
     stream = ChainData(loader, plan.key(0, stream=2), data_cache)
 
     def loss_at_w_star(batch) -> float:
-        if (
-            plan.loss_fn is default_loss_fn
-        ):  # the default loss reads the batch: say which argument it came from
+        # the library's loss (the default, or batch_loss passed by name) reads the batch: check it, errors naming
+        # the argument it came from
+        if plan.loss_fn is default_loss_fn or plan.loss_fn is batch_loss:
             check_batch(model, batch, "loader")
         return float(split_loss(plan.loss_fn(model, batch)))
 
