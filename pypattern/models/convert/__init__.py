@@ -64,6 +64,8 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     UnsupportedModelError
         For an unknown class or a configuration option the conversion would not reproduce exactly.
     """
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
     if is_transformer_lens(model):
         model = unwrap_bridge(model, SUPPORTED_CLASSES)
     if not isinstance(model, nn.Module):
