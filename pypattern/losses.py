@@ -24,10 +24,10 @@ Models
 Called as ``model(input_ids=..., attention_mask=..., use_cache=False)`` when ``forward`` takes ``input_ids``
 (Hugging Face causal LMs and :func:`pypattern.models.hf.hooked_hf` adapters), otherwise ``model(tokens)`` with
 ``attention_mask=`` only when ``forward`` takes it (pypattern's ``Transformer``, TransformerLens models, any
-module returning logits; a causal model without a mask is exact on right-padded batches). Outputs are read as a
-tensor of logits, an object or mapping with ``.logits`` / ``["logits"]`` (a Hugging Face ``ModelOutput``), or a
-tuple whose first element is the logits; a 0-dim tensor (or an output with only ``.loss``) is taken as the loss
-itself (then only :func:`batch_loss` applies).
+module returning logits; a causal model without a mask is exact on right-padded batches, and :func:`check_batch`
+refuses left-padded ones for it). Outputs are read as a tensor of logits, an object or mapping with ``.logits`` /
+``["logits"]`` (a Hugging Face ``ModelOutput``), or a tuple whose first element is the logits; a 0-dim tensor (or
+an output with only ``.loss``) is taken as the loss itself (then only :func:`batch_loss` applies).
 
 Everything here is free of ``.item()`` and of branching on tensor values, so it runs under
 ``torch.func.functional_call`` and ``torch.vmap`` (over parameters, e.g. many chains at once).
@@ -191,6 +191,11 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     and the token ids of a token batch checked against ``model``'s vocabulary (:func:`vocab_size`): an id out of
     range would otherwise fail inside the embedding (or, negative, be read from the end of it).
 
+    The ``labels`` that are scored are checked the same way (ids in the vocabulary, or -100). A mapping batch whose ``attention_mask``
+    has padding before real tokens (left padding) is refused when ``model``'s forward takes no ``attention_mask``
+    (pypattern's ``Transformer``): its real tokens would attend to the padding. Likewise ``position_ids`` other
+    than ``0 .. pos - 1`` for a model whose forward takes none.
+
     Raises
     ------
     TypeError, ValueError
@@ -200,12 +205,53 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
         pb = parse_batch(batch)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{argument}: {e}") from None
+    if pb.attention_mask is not None and not _takes_mask(model):
+        am = pb.attention_mask.bool()
+        # a real token after a padding position: without a mask, the model's real tokens would attend to padding
+        inner = am[:, 1:] & ~am[:, :-1]
+        if bool(inner.any()):
+            row = int(inner.any(-1).nonzero()[0, 0])
+            raise ValueError(
+                f"{argument}: attention_mask row {row} has padding before real tokens (left padding), but "
+                f"{type(model).__name__}.forward takes no attention_mask, so its real tokens would attend to the "
+                "padding and their losses would differ from a masked model's; pad on the right (the model is "
+                "causal, so right padding is exact) or pass a model whose forward takes attention_mask"
+            )
+    pos = pb.extra.get("position_ids")
+    if pos is not None and not _takes(model, "position_ids"):
+        plain = torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)
+        if not torch.equal(pos, plain):
+            row = int((pos != plain).any(-1).nonzero()[0, 0])
+            raise ValueError(
+                f"{argument}: batch['position_ids'] row {row} is not 0 .. {pos.shape[-1] - 1}, but "
+                f"{type(model).__name__}.forward takes no position_ids: the model would read every row at positions "
+                "0, 1, 2, ...; give batches whose sequences start at position 0 (right-padded), or a model whose "
+                "forward takes position_ids"
+            )
+    if "token_type_ids" in pb.extra and not _takes(model, "token_type_ids"):
+        raise ValueError(
+            f"{argument}: the batch has 'token_type_ids', but {type(model).__name__}.forward takes none and would "
+            "ignore them (Hugging Face's GPT-2 adds their embeddings, even all-zero ones): drop the key from the "
+            "batch to compute without them"
+        )
     if pb.is_lm and pb.inputs.numel():
         v = vocab_size(model)
         lo, hi = int(pb.inputs.min()), int(pb.inputs.max())
+        valid = f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
         if lo < 0 or (v is not None and hi >= v):
-            valid = f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
             raise ValueError(f"{argument} contains token id {lo if lo < 0 else hi}; valid ids are {valid}")
+        if pb.target is not None and pb.target.numel():
+            counts = pb.target[:, 1:] != IGNORE_INDEX  # the targets that are scored (see _lm_token_terms)
+            if pb.attention_mask is not None:
+                am = pb.attention_mask.bool()
+                counts = counts & am[:, 1:] & am[:, :-1]
+            t = pb.target[:, 1:][counts]
+            if t.numel() and (int(t.min()) < 0 or (v is not None and int(t.max()) >= v)):
+                bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+                raise ValueError(
+                    f"{argument}: batch['labels'] contains {bad}; labels are token ids {valid} or "
+                    f"{IGNORE_INDEX} for positions that do not count"
+                )
     return pb
 
 
@@ -250,6 +296,18 @@ def _forward_params(model: nn.Module) -> frozenset[str]:
         names = frozenset()
     _SIG_CACHE[fwd] = names
     return names
+
+
+def _takes_mask(model: nn.Module) -> bool:
+    """True when :func:`model_output` passes a batch's ``attention_mask`` on to ``model``."""
+    names = _forward_params(model)
+    return "input_ids" in names or "attention_mask" in names
+
+
+def _takes(model: nn.Module, key: str) -> bool:
+    """True when :func:`model_output` passes a batch's ``key`` (``position_ids``, ``token_type_ids``) on."""
+    names = _forward_params(model)
+    return key in names or ("input_ids" in names and "**" in names)
 
 
 def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:

@@ -53,7 +53,7 @@ from torch import nn
 
 from . import io
 from .io import Saveable, register
-from .losses import batch_size, check_batch, probe_losses
+from .losses import batch_size, check_batch, probe_losses, sample_losses
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import load_checkpoint_state
@@ -321,7 +321,7 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
     """The probe's per-sample (or per-token) losses at ``w*``, ``losses_of(model)``, with the probe and what
     ``per_sample_loss_fn`` returned checked first, errors naming them: a probe the default loss cannot read (a float,
     3-D or out-of-vocabulary token tensor), and fewer values than probe samples (a batch mean or sum)."""
-    if per_sample_loss_fn is per_sample_losses or per_sample_loss_fn is probe_losses:
+    if per_sample_loss_fn in (per_sample_losses, probe_losses, sample_losses):
         check_batch(model, probe, "probe")
     with torch.no_grad():
         l0 = losses_of(model)

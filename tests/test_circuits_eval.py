@@ -296,3 +296,28 @@ def test_circuit_inputs_follow_the_patching_contract():
         patch_edges(model, [g.edges[0]], clean, corrupted + 11, metric=metric)
     with pytest.raises(ValueError, match="metric"):
         patch_edges(model, [g.edges[0]], clean, corrupted, metric=lambda logits: metric(logits).mean(-1))
+
+
+def test_bfloat16_model_scores_curve_save_and_plot(tmp_path):
+    """A bfloat16 model (a converted bfloat16 checkpoint): the adapter's check allows bfloat16 rounding, edge
+    scores and metric values are averaged and normalised in float32, and scores and curves save and plot (numpy has
+    no bfloat16)."""
+    from pypattern.circuits import EdgeScores
+    from pypattern.patching import LogitDiff
+
+    model = tiny(seed=21, dtype=torch.bfloat16)
+    clean, corr, ans, wrong = prompts(model, seed=22)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    assert sc.values.dtype == torch.float32
+    sc.save(tmp_path / "scores.npz")
+    assert torch.equal(EdgeScores.load(tmp_path / "scores.npz").scores, sc.scores)
+    curve = pruning_curve(model, sc, clean, corr, metric=metric, counts=[0, 5, len(g)])
+    f = curve.faithfulness["eap"]
+    assert f.dtype == torch.float32
+    assert float(f[0]) == pytest.approx(0.0, abs=1e-6) and float(f[-1]) == pytest.approx(1.0, abs=1e-6)
+    curve.plot(path=str(tmp_path / "curve.png"))
+    assert os.path.getsize(tmp_path / "curve.png") > 0
+    f_mid = faithfulness(model, sc.circuit(n=5).edges, clean, corr, metric=metric)
+    assert isinstance(f_mid, float) and f_mid == pytest.approx(float(f[1]), abs=1e-6)

@@ -136,6 +136,29 @@ def test_chi_on_user_model(model_dir, data, tmp_path):
     assert np.isfinite(chi).all() and np.abs(chi).max() > 0
 
 
+def test_llc_on_a_bfloat16_checkpoint_samples_its_float32_copy(model_dir, data, tmp_path):
+    """Checkpoints are mostly saved in bfloat16, and the samplers move float32 / float64 parameters: the command
+    samples the exactly upcast float32 copy (with a warning) instead of failing inside the sampler."""
+    d, _ = data
+    bf16 = tmp_path / "bf16"
+    transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    out = tmp_path / "llc"
+    args = [
+        "llc",
+        "--model",
+        str(bf16),
+        "--data",
+        str(d / "tokens.npy"),
+        "--out",
+        str(out),
+        "--num-chains",
+        "1",
+    ]
+    with pytest.warns(UserWarning, match=r"torch\.bfloat16 weights .* sampling its float32 copy"):
+        assert main(args + ["--num-draws", "3", "--step-size", "1e-4"]) == 0
+    assert np.isfinite(json.loads((out / "llc_summary.json").read_text())["llc_mean"])
+
+
 def test_user_commands_need_both_model_and_data(data):
     d, _ = data
     with pytest.raises(SystemExit, match="--model DIR and --data FILE"):

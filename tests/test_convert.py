@@ -8,6 +8,7 @@ GPT-NeoX blocks) built from a ``transformers.<Family>Config`` with random weight
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -318,6 +319,65 @@ def test_gpt2_reorder_and_upcast_attn():
     eager64 = hf_model("gpt2-tied", reorder_and_upcast_attn=True, attn_implementation="eager")
     with pytest.raises(UnsupportedModelError, match="reorder_and_upcast_attn"):
         from_hf(eager64)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa2-biases-tied-headdim", "neox-parallel-rot0.25"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_rotary_frequencies_rounded_by_a_cast_convert_exactly(case, half):
+    """``.to(torch.bfloat16)`` / ``.half()`` rounds the rotary ``inv_freq`` buffer, and the Hugging Face forward
+    turns by the rounded frequencies (cast back or not): the converted model rounds them the same way."""
+    x = tokens()
+    hf = hf_model(case)
+    rotary = hf.gpt_neox.rotary_emb if case.startswith("neox") else hf.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.to(half)  # what model.to(half) does to the buffer
+    with torch.no_grad():
+        ref = hf(x).logits
+        conv = from_hf(hf)
+        assert conv.cfg.rotary_freq_dtype == half
+        assert rel(conv(x), ref) <= 1e-10
+        # cast back to float64, the buffer keeps the rounded values
+        assert rel(from_hf(hf.double())(x), ref) <= 1e-10
+    # the whole model in half precision converts (logits equal up to half-precision rounding)
+    cast = hf_model(case).to(half)
+    with torch.no_grad():
+        assert from_hf(cast).cfg.rotary_freq_dtype == half
+        assert rel(from_hf(cast)(x), cast(x).logits) <= 5e-2
+
+
+@pytest.mark.parametrize("pct,pos_type,rotary_dim", [(0.1, "none", None), (0.125, "rotary", 2)])
+def test_neox_rotary_pct_of_under_two_dimensions_converts(pct, pos_type, rotary_dim):
+    """head_size * rotary_pct = 0 rotates nothing: the model has no positional information, and converts so. = 1:
+    the model turns 2 dimensions at frequency 1, which is a 2-dimensional rotary embedding."""
+    hf = hf_model("neox-parallel-rot0.25", rotary_pct=pct)  # head_size 8
+    assert hf.gpt_neox.layers[0].attention.rotary_ndims == int(8 * pct)
+    conv = from_hf(hf)
+    assert conv.cfg.positional_embedding_type == pos_type
+    assert (conv.cfg.rotary_dim if pos_type == "rotary" else None) == rotary_dim
+    x = tokens()
+    with torch.no_grad():
+        assert rel(conv(x), hf(x).logits) <= 1e-10
+
+
+def test_neox_odd_rotary_dimensions_are_refused_by_name():
+    hf = hf_model("neox-parallel-rot0.25", rotary_pct=0.375)  # 8 * 0.375 = 3 dimensions per head
+    with pytest.raises(UnsupportedModelError, match=r"rotary_pct=0.375 .* 3 dimensions, an odd number"):
+        from_hf(hf)
+
+
+@pytest.mark.parametrize("case", ["gpt2-tied", "llama-mqa"])
+def test_model_in_train_mode_with_dropout_warns(case):
+    """A model in train() mode with dropout has a random forward; the converted model is its eval() forward."""
+    names = ("attn_pdrop", "resid_pdrop", "embd_pdrop") if case.startswith("gpt2") else ("attention_dropout",)
+    hf = hf_model(case, **dict.fromkeys(names, 0.1)).train()
+    with pytest.warns(UserWarning, match=r"train\(\) mode with dropout .*eval\(\) forward"):
+        conv = from_hf(hf)
+    x = tokens()
+    with torch.no_grad():
+        assert rel(conv(x), hf.eval()(x).logits) <= 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_hf(hf)  # eval() mode: no warning
+        from_hf(hf_model(case, **dict.fromkeys(names, 0.0)).train())  # no dropout: no warning
 
 
 def test_unknown_model_class_is_refused():

@@ -476,3 +476,36 @@ def test_embeddings_tied_and_untied_and_names_through_the_adapter():
         hf_component_masks(llama, "blocks.2.mlp")
     with pytest.raises(ValueError, match="matches no parameter"):
         hf_component_masks(llama, "blocks.0.attention")
+
+
+def test_torch_compiled_model_masks_and_conversion():
+    """``torch.compile`` wraps the model (parameters named ``_orig_mod.*``): masks follow those names (they were
+    silently empty), and from_hf converts the compiled model (it was refused as class 'OptimizedModule')."""
+    from pypattern import from_hf
+
+    class OptimizedModule(torch.nn.Module):
+        """The layout of torch.compile's wrapper (the model under ``_orig_mod``), without importing dynamo (which
+        costs seconds)."""
+
+        def __init__(self, mod):
+            super().__init__()
+            self._orig_mod = mod
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._orig_mod, name)
+
+    m = _model("llama")
+    compiled = OptimizedModule(m)
+    names = {n for n, _ in compiled.named_parameters()}
+    for comp in ("blocks.1.attn.head.3", "blocks.0.attn.kv_head.1", "blocks.1.mlp", "unembed"):
+        got = hf_component_masks(compiled, comp)
+        want = hf_component_masks(m, comp)
+        assert got and set(got) <= names
+        assert {k.removeprefix("_orig_mod."): v for k, v in got.items()}.keys() == want.keys()
+        assert all(torch.equal(got["_orig_mod." + k], v) for k, v in want.items())
+    x = _tokens()
+    with torch.no_grad():
+        assert torch.equal(from_hf(compiled)(x), from_hf(m)(x))

@@ -180,6 +180,51 @@ def test_left_padding_with_position_ids_equals_unpadded_sequences(kind):
         torch.testing.assert_close(got, _naive(model, seqs))
 
 
+def test_left_padding_is_refused_for_a_model_that_takes_no_mask():
+    """pypattern's Transformer takes no attention_mask: with left padding its real tokens would attend to the
+    padding (losses silently unlike a masked model's), so the entry points refuse the batch; right padding is exact
+    for a causal model and passes, and a model that takes the mask gets left padding too."""
+    import pypattern as pp
+
+    ids, am = _padded(_seqs(3), side="left")
+    left = {"input_ids": ids, "attention_mask": am}
+    with pytest.raises(ValueError, match=r"probe: attention_mask row 1 has padding before real tokens"):
+        losses.check_batch(_model("tf"), left, "probe")
+    with pytest.raises(
+        ValueError, match=r"loader: .*left padding.*Transformer\.forward takes no attention_mask"
+    ):
+        pp.estimate_llc(
+            _model("tf"), [left], num_chains=1, num_draws=1, num_burnin_steps=0, step_size=1e-6, quiet=True
+        )
+    with pytest.raises(ValueError, match=r"loader: .*left padding"):  # the library's loss passed by name
+        pp.estimate_llc(
+            _model("tf"), [left], loss_fn=batch_loss, num_chains=1, num_draws=1, num_burnin_steps=0,
+            step_size=1e-6, quiet=True,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"probe: .*left padding"):
+        pp.susceptibilities(
+            _model("tf"), [ids], left, ["blocks.0.mlp"], per_sample_loss_fn=sample_losses, num_chains=1,
+            num_draws=1, num_burnin_steps=0, step_size=1e-6, quiet=True,
+        )  # fmt: skip
+    ids_r, am_r = _padded(_seqs(3))
+    losses.check_batch(_model("tf"), {"input_ids": ids_r, "attention_mask": am_r}, "probe")
+    losses.check_batch(_model("tl"), left, "probe")
+
+
+def test_position_and_token_type_ids_are_refused_for_a_model_that_takes_none():
+    """Packed sequences (position_ids restarting inside a row) would be read at positions 0, 1, 2, ... by a model
+    whose forward takes no position_ids: refused naming the row; plain positions pass. token_type_ids likewise."""
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]])
+    with pytest.raises(ValueError, match=r"probe: batch\['position_ids'\] row 1 is not 0 \.\. 5.*takes no"):
+        losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": packed}, "probe")
+    plain = torch.arange(6).expand(2, 6)
+    losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": plain}, "probe")
+    # token_type_ids change a Hugging Face GPT-2's output (their embeddings are added) and would be ignored
+    with pytest.raises(ValueError, match=r"probe: the batch has 'token_type_ids'.*drop the key"):
+        losses.check_batch(_model("tf"), {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, "probe")
+
+
 @needs_hf
 @pytest.mark.parametrize("kind", ["gpt2", "neox", "llama"])
 def test_mean_equals_hugging_face_loss(kind):
@@ -388,6 +433,27 @@ def test_bad_batches_say_what_was_expected_and_what_arrived(batch, exc, pattern)
     for fn in (batch_loss, sample_losses, lambda m, b: token_losses(m, b)):
         with pytest.raises(exc, match=pattern):
             fn(model, batch)
+
+
+def test_labels_out_of_the_vocabulary_are_named():
+    """A scored label that is neither a token id nor -100 (e.g. -1 as the ignore value) is refused naming
+    batch['labels'], instead of an index error inside the loss; labels that are not scored are not checked."""
+    ids = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[1, 3:] = 0
+    for bad in (-1, V):
+        labels = ids.clone()
+        labels[0, 2] = bad
+        with pytest.raises(
+            ValueError, match=rf"probe: batch\['labels'\] contains {bad}; .*0 \.\. {V - 1}.* or -100"
+        ):
+            losses.check_batch(_model("tf"), {"input_ids": ids, "labels": labels}, "probe")
+    labels = ids.clone()
+    labels[:, 0] = -1  # position 0 is never a target
+    labels[1, 4] = V  # behind the padding
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    losses.check_batch(_model("tf"), batch, "probe")
+    assert torch.isfinite(batch_loss(_model("tf"), batch))
 
 
 def test_batch_size_of_other_batches():

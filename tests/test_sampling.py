@@ -737,6 +737,35 @@ def test_dropout_model_in_train_mode_runs_in_eval_mode(tmp_path):
     np.testing.assert_array_equal(resumed.loss_trace, a.loss_trace)
 
 
+def test_attention_dropout_of_hugging_face_attention_runs_in_eval_mode():
+    """Hugging Face's Llama-family attention holds its dropout as a float ``attention_dropout`` (no Dropout module)
+    applied in training mode: the sampler switches such a model to eval mode too, so the draws are deterministic."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=11, hidden_size=8, num_attention_heads=2, num_hidden_layers=1, intermediate_size=8,
+        max_position_embeddings=8, attention_dropout=0.5,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).train()
+    tokens = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_chains=1, num_draws=3, num_burnin_steps=0, step_size=1e-5, localization=10.0, quiet=True)
+    with pytest.warns(UserWarning, match="training mode and has dropout"):
+        a = sample(model, [tokens], **kw)
+    with pytest.warns(UserWarning, match="training mode and has dropout"):
+        b = sample(model, [tokens], **kw)
+    assert model.training
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_are_refused_by_name(dtype):
+    """The samplers' kernels move float32 and float64: a half-precision parameter is named before anything runs."""
+    model, loader = _mlp_task()
+    model[2].to(dtype)
+    with pytest.raises(TypeError, match=rf"model parameter '2.weight' has dtype {dtype}.*float32 copy"):
+        _run(model, loader)
+
+
 def test_empty_or_exhausted_data_is_a_clear_error():
     """An empty loader or a generator that is exhausted after one pass: a ValueError naming the loader, never a
     bare StopIteration (which would silently end a caller's loop)."""

@@ -261,13 +261,13 @@ def edge_attribution(
         values = _gradient_scores(engine, grads)
     return EdgeScores(
         graph=graph,
-        values=values.detach(),
+        values=_widen(values.detach()),
         method=method,
         mode=mode,
         ablation=ablation,
         metric=_metric_name(metric),
-        m_base=info["m_base"].detach(),
-        m_clean=info["m_clean"].detach(),
+        m_base=_widen(info["m_base"].detach()),
+        m_clean=_widen(info["m_clean"].detach()),
         info={
             "steps": steps if method == "eap-ig" else None,
             "seconds": time.perf_counter() - t0,
@@ -292,6 +292,12 @@ def _circuit_to_patch(circuits: torch.Tensor, mode: str) -> torch.Tensor:
     """Circuit masks (edges kept) -> patched-edge masks: noising ablates the complement, denoising restores the
     circuit."""
     return ~circuits if mode == "noise" else circuits
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """Metric values of a half-precision model in float32: averaged, normalised and saved (numpy has no
+    bfloat16) without further rounding."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
@@ -340,7 +346,7 @@ def faithfulness(
     )
     E = len(graph)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
-    vals = engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode)).mean(1)
+    vals = _widen(engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode))).mean(1)
     f = _faith(vals[:-2], vals[-2], vals[-1])
     return float(f[0]) if single else f
 
@@ -425,7 +431,7 @@ def pruning_curve(
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
     allm = torch.cat(masks + [ends])
     t0 = time.perf_counter()
-    vals = engine.run(_circuit_to_patch(allm, mode)).mean(1)
+    vals = _widen(engine.run(_circuit_to_patch(allm, mode))).mean(1)
     seconds = time.perf_counter() - t0
     full, empty = vals[-2], vals[-1]
     n = len(cnt)

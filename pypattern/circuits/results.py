@@ -26,7 +26,12 @@ def _graph_meta(g: EdgeGraph) -> dict:
 
 def _save(path, arrays: dict, meta: dict, kind: str) -> None:
     """Write through :mod:`pypattern.io` (``.npz`` with a JSON header, atomic)."""
-    io.save(path, {k: np.asarray(v) for k, v in arrays.items()}, meta, kind=kind)
+    io.save(path, {k: np.asarray(_numpy_dtype(v)) for k, v in arrays.items()}, meta, kind=kind)
+
+
+def _numpy_dtype(v):
+    """A bfloat16 tensor (a bfloat16 model's scores) as float32, which numpy holds; anything else unchanged."""
+    return v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v
 
 
 def _load(path, kind: str):
@@ -271,7 +276,7 @@ class PruningCurve:
         for name, f in self.faithfulness.items():
             x = self.counts.numpy()
             keep = x > 0 if log_x else np.ones_like(x, dtype=bool)
-            ax.plot(x[keep], f.numpy()[keep], marker="o", ms=3, label=name)
+            ax.plot(x[keep], _numpy_dtype(f).numpy()[keep], marker="o", ms=3, label=name)
         if log_x:
             ax.set_xscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,20 @@ def load_tokens(
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def _model_and_tokens(model_dir, data, dtype):
+def _model_and_tokens(model_dir, data, dtype, sampling: bool = False):
+    """The converted model and the tokens; ``sampling``: a half-precision checkpoint (most are saved in bfloat16)
+    is loaded in float32, since the samplers move float32 and float64 parameters only (with a warning)."""
     from ..models.convert import from_pretrained
 
     model = from_pretrained(model_dir, dtype=dtype)
+    if sampling and model.cfg.dtype not in (torch.float32, torch.float64):
+        warnings.warn(
+            f"model={str(model_dir)!r} holds {model.cfg.dtype} weights and the samplers move float32 and float64 "
+            "parameters only: sampling its float32 copy (the weights upcast exactly; --float64 for float64)",
+            UserWarning,
+            stacklevel=3,
+        )
+        model = from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     tokens = load_tokens(data, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
     return model, tokens
@@ -126,7 +137,7 @@ def run_user_llc(
     from ..losses import batch_loss
     from ..sampling import estimate_llc
 
-    model, tokens = _model_and_tokens(model_dir, data, dtype)
+    model, tokens = _model_and_tokens(model_dir, data, dtype, sampling=True)
     res = estimate_llc(
         model,
         _batches(tokens, batch_size),
@@ -236,7 +247,7 @@ def run_user_chi(
     (:class:`~pypattern.SusceptibilityResult`), ``chi.csv`` and ``chi_summary.json`` into ``out``."""
     from ..susceptibility import susceptibilities
 
-    model, tokens = _model_and_tokens(model_dir, data, dtype)
+    model, tokens = _model_and_tokens(model_dir, data, dtype, sampling=True)
     components = [c for c in model.components() if c != "unembed"]
     res = susceptibilities(
         model,

@@ -53,7 +53,12 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """The Hugging Face model and the prefix of its parameter names inside ``model``."""
+    """The Hugging Face model and the prefix of its parameter names inside ``model`` (a :class:`HookedHF`, or a
+    ``torch.compile`` wrapper, whose parameters are named ``_orig_mod.*``)."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        hf, prefix = _unwrap(inner)
+        return hf, "_orig_mod." + prefix
     if isinstance(model, HookedHF):
         return model.hf_model, "module.model."
     return model, ""
@@ -210,6 +215,11 @@ def hf_component_masks(
             mask = torch.zeros_like(params[name], dtype=torch.bool)
             mask.index_fill_(axis, _as_index(idx, mask.device), True)
             masks[name] = mask
+        if not masks:  # never a silent empty mask (a sampler would then move nothing)
+            raise ValueError(
+                f"component={component!r}: none of its parameters is in the model (its parameters start "
+                f"{list(params)[:2]})"
+            )
     else:
         if component == "unembed":
             return _finish(_unembed_masks(hf, params), params, all_params, prefix)

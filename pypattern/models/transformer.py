@@ -153,6 +153,10 @@ class TransformerConfig:
         Dtype in which the rotation angles and their cosines and sines are computed before they are cast to the
         activations' dtype; None: the model's dtype. Hugging Face computes them in float32 for every model dtype,
         and converted models set float32 to be exact.
+    rotary_freq_dtype : torch.dtype or None
+        Dtype the rotary frequencies ``1 / rotary_base ** (2 i / rotary_dim)`` are rounded to before the angles are
+        computed (in ``rotary_dtype``); None: no rounding. A Hugging Face model cast with ``.to(torch.bfloat16)``
+        or ``.half()`` holds its frequencies in that dtype, and its converted model sets it to be exact.
     n_key_value_heads : int or None
         Number of key/value heads (grouped-query attention; 1 is multi-query attention); default ``n_heads``.
         Query head ``h`` reads key/value head ``h // (n_heads // n_key_value_heads)``.
@@ -201,6 +205,7 @@ class TransformerConfig:
     rotary_base: float = 10000.0
     rotary_adjacent_pairs: bool = False
     rotary_dtype: torch.dtype | None = None
+    rotary_freq_dtype: torch.dtype | None = None
     n_key_value_heads: int | None = None
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
@@ -218,6 +223,7 @@ class TransformerConfig:
         if self.dtype is None:
             raise ValueError("dtype=None is not valid; give a torch.dtype such as torch.float32")
         self.rotary_dtype = _as_dtype(self.rotary_dtype, "rotary_dtype")
+        self.rotary_freq_dtype = _as_dtype(self.rotary_freq_dtype, "rotary_freq_dtype")
         self.norm_dtype = _as_dtype(self.norm_dtype, "norm_dtype")
         if self.d_head is None:
             self.d_head = self.d_model // self.n_heads
@@ -296,7 +302,7 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         """The fields as plain Python values (dtypes as names); ``TransformerConfig(**d)`` rebuilds it."""
         d = asdict(self)
-        for k in ("dtype", "rotary_dtype", "norm_dtype"):
+        for k in ("dtype", "rotary_dtype", "rotary_freq_dtype", "norm_dtype"):
             if d[k] is not None:
                 d[k] = str(d[k]).replace("torch.", "")
         return d
@@ -499,6 +505,8 @@ class Attention(nn.Module):
         cd = cfg.rotary_dtype or dtype
         r = cfg.rotary_dim
         inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, r, 2, dtype=cd, device=positions.device) / r))
+        if cfg.rotary_freq_dtype is not None:
+            inv_freq = inv_freq.to(cfg.rotary_freq_dtype).to(cd)
         freqs = positions[:, None].to(cd) * inv_freq[None, :]
         if cfg.rotary_adjacent_pairs:
             emb = freqs.repeat_interleave(2, dim=-1)

@@ -287,6 +287,7 @@ def sample(
                 f"noise_coupling={noise_coupling} needs batched SGLD at a given step, without a bounding box or a "
                 f"checkpoint; got {', '.join(why)}"
             )
+    _check_param_dtypes(model)
     auto_step = None
     if wants_auto(step_size, optimizer_kwargs):  # "auto" or no step given: calibrate first (sampling.auto)
         step_size, auto_step = resolve_step_size(model, loader, **auto_arguments(locals()))
@@ -392,11 +393,32 @@ def rerun_at_half_step(run: Callable[[float], Any], step: float, report, *, can_
     raise AssertionError("unreachable")
 
 
+def _check_param_dtypes(model: nn.Module) -> None:
+    """Refuse a model whose moving parameters are not float32 or float64 (the samplers' kernels), naming the
+    first such parameter, before anything runs."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"model parameter {name!r} has dtype {p.dtype}; the samplers move float32 and float64 parameters "
+                "only: sample a float32 copy (model.float(), or pypattern.from_hf(model, dtype=torch.float32) for "
+                "a Hugging Face model)"
+            )
+
+
+def _has_dropout(m: nn.Module) -> bool:
+    """A dropout module, or an attention module that passes a float ``attention_dropout`` to its kernel in training
+    mode (Hugging Face's Llama, Mistral, Qwen2, GPT-NeoX attention)."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return True
+    p = getattr(m, "attention_dropout", None)
+    return isinstance(p, float) and p > 0
+
+
 @contextlib.contextmanager
 def _eval_mode_for_dropout(model: nn.Module):
     """Eval mode for the run when the model is in training mode with dropout (restored afterwards, with a
     warning): dropout would make the draws random beyond the seed and a resume inexact."""
-    switch = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training for m in model.modules())
+    switch = any(m.training and _has_dropout(m) for m in model.modules())
     if not switch:
         yield
         return
@@ -537,9 +559,9 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
     stream = ChainData(loader, plan.key(0, stream=2), data_cache)
 
     def loss_at_w_star(batch) -> float:
-        if (
-            plan.loss_fn is default_loss_fn
-        ):  # the default loss reads the batch: say which argument it came from
+        # the library's loss (the default, or batch_loss passed by name) reads the batch: check it, errors naming
+        # the argument it came from
+        if plan.loss_fn is default_loss_fn or plan.loss_fn is batch_loss:
             check_batch(model, batch, "loader")
         return float(split_loss(plan.loss_fn(model, batch)))
 

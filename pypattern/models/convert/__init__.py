@@ -11,10 +11,12 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 
 The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
 (tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with Hugging Face's default ``sdpa`` attention;
-its ``eager`` attention takes the softmax in float32 even for float64 weights, so it is only that close). Every
-option a converter does not reproduce exactly (scaled rotary embeddings, per-layer attention scales,
-cross-attention, mixed sliding/full attention layers, an unknown model class, ...) raises
-:class:`UnsupportedModelError` naming the option and its value: no approximate model is ever returned.
+its ``eager`` attention takes the softmax in float32 even for float64 weights, so it is only that close). A model
+cast with ``.to(torch.bfloat16)`` or ``.half()`` holds rounded rotary frequencies, and the converted model rounds
+them the same way (``TransformerConfig.rotary_freq_dtype``). Every option a converter does not reproduce exactly
+(scaled rotary embeddings, per-layer attention scales, cross-attention, mixed sliding/full attention layers, an
+unknown model class, ...) raises :class:`UnsupportedModelError` naming the option and its value: no approximate
+model is ever returned.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..transformer import Transformer
 from . import gpt2, gpt_neox, llama, mistral, qwen2
-from ._common import UnsupportedModelError, build, model_dtype
+from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
@@ -53,13 +55,17 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     -------
     Transformer
         A new model (the weights are copied) with TransformerLens names and hooks; tied embeddings stay one
-        parameter. ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``.
+        parameter. ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``. A model in
+        ``train()`` mode with dropout is converted as its ``eval()`` forward (the converted model has no dropout),
+        with a warning.
 
     Raises
     ------
     UnsupportedModelError
         For an unknown class or a configuration option the conversion would not reproduce exactly.
     """
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
     if is_transformer_lens(model):
         model = unwrap_bridge(model, SUPPORTED_CLASSES)
     if not isinstance(model, nn.Module):
@@ -72,6 +78,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
             "*LMHeadModel class)"
         )
     src_dtype = model_dtype(model)
+    warn_if_training(model)
     out_dtype = src_dtype if dtype is None else dtype
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -32,11 +33,15 @@ def act_fn(name: Any, option: str) -> str:
     return act
 
 
-def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, int]:
-    """``(rotary_base, rotary_dim)`` of a model's default RoPE, checked against its ``inv_freq`` buffer.
+def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, int, torch.dtype | None]:
+    """``(rotary_base, rotary_dim, rotary_freq_dtype)`` of a model's default RoPE, checked against its ``inv_freq``
+    buffer.
 
-    Refuses any ``rope_type`` other than ``"default"`` (linear, dynamic, YaRN, LongRoPE, Llama 3 scaling change
-    the frequencies or the magnitudes) and any ``attention_scaling`` other than 1.
+    Hugging Face computes the frequencies in float32 and reads the buffer in float32; a model cast with
+    ``.to(torch.bfloat16)`` or ``.half()`` holds them rounded to that dtype (and keeps them rounded when cast back),
+    which ``rotary_freq_dtype`` reproduces (None when they are not rounded). Refuses any ``rope_type`` other than
+    ``"default"`` (linear, dynamic, YaRN, LongRoPE, Llama 3 scaling change the frequencies or the magnitudes) and
+    any ``attention_scaling`` other than 1.
     """
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
@@ -52,18 +57,26 @@ def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, i
     if "rope_theta" not in params:
         refuse("rope_parameters", params, "it has no 'rope_theta'")
     base = float(params["rope_theta"])
-    inv_freq = rotary_module.inv_freq.detach().float().cpu()
+    buf = rotary_module.inv_freq.detach().cpu()
+    inv_freq = buf.float()
     rotary_dim = 2 * inv_freq.numel()
     if rotary_dim > head_dim:
         refuse("rotary dimensions", rotary_dim, f"more than the head dimension {head_dim}")
     mine = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-    if not torch.equal(mine, inv_freq):
+    # frequencies rounded by a cast of the model (.to(torch.bfloat16), .half(), possibly cast back since)
+    candidates = [buf.dtype] if buf.dtype not in (torch.float32, torch.float64) else [None]
+    candidates += [d for d in (None, torch.bfloat16, torch.float16) if d not in candidates]
+    freq_dtype = next(
+        (d for d in candidates if torch.equal(mine if d is None else mine.to(d).float(), inv_freq)), False
+    )
+    if freq_dtype is False:
         refuse(
             "rotary inv_freq",
             "(buffer)",
-            f"the model's frequencies are not 1 / {base} ** (2 i / {rotary_dim}) as a default rotary embedding's",
+            f"the model's frequencies are not 1 / {base} ** (2 i / {rotary_dim}) as a default rotary "
+            "embedding's (in float32, or rounded to bfloat16 or float16)",
         )
-    return base, rotary_dim
+    return base, rotary_dim, freq_dtype
 
 
 def linear_heads(weight: torch.Tensor, n: int, d_head: int) -> torch.Tensor:
@@ -96,6 +109,28 @@ def all_or_none(biases: list[torch.Tensor | None], option: str) -> bool:
     if len(present) > 1:
         refuse(option, "mixed", "some of these projections have a bias and others do not")
     return present == {True}
+
+
+def warn_if_training(model: nn.Module) -> None:
+    """Warn when a module of ``model`` is in ``train()`` mode with active dropout: the model's own forward is then
+    random, and the converted model (which has no dropout) computes its ``eval()`` forward."""
+    active = []
+    for n, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            active.append(f"{n}.p={m.p}")
+        p = getattr(m, "attention_dropout", None)  # Llama-family attention: a float passed to the kernel
+        if isinstance(p, float) and p > 0:
+            active.append(f"{n}.attention_dropout={p}")
+    if active:
+        warnings.warn(
+            f"the model is in train() mode with dropout ({', '.join(active[:3])}"
+            f"{', ...' if len(active) > 3 else ''}): the converted model has no dropout and equals the model's "
+            "eval() forward; call model.eval() before converting to compare them",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

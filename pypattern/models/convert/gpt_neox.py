@@ -27,11 +27,20 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     dh = att0.head_size
     if att0.scaling != dh**-0.5:
         refuse("attention scaling", att0.scaling, f"expected head_size ** -0.5 = {dh**-0.5}")
-    base, rotary_dim = rope(c, base_model.rotary_emb, dh)
-    if rotary_dim != att0.rotary_ndims:
+    ndims = att0.rotary_ndims
+    if ndims % 2 and ndims > 1:
+        params = getattr(c, "rope_parameters", None) or {}
         refuse(
-            "rotary_ndims", att0.rotary_ndims, f"differs from the rotary embedding's {rotary_dim} dimensions"
+            "rotary_pct",
+            params.get("partial_rotary_factor", getattr(c, "rotary_pct", None)),
+            f"it rotates head_size * rotary_pct = {ndims} dimensions, an odd number (the Hugging Face model then "
+            f"turns {ndims + 1} dimensions at the frequencies of a {ndims}-dimensional embedding); give a "
+            "rotary_pct that makes it even",
         )
+    base, rotary_dim, freq_dtype = rope(c, base_model.rotary_emb, dh)
+    # one dimension (head_size * rotary_pct = 1): the model turns 2 dimensions at frequency 1, as rotary_dim=2 does
+    if rotary_dim != ndims + ndims % 2:
+        refuse("rotary_ndims", ndims, f"differs from the rotary embedding's {rotary_dim} dimensions")
     attn_bias = all_or_none(
         [m.attention.query_key_value.bias for m in layers] + [m.attention.dense.bias for m in layers],
         "attention_bias",
@@ -54,10 +63,18 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         n_ctx=c.max_position_embeddings,
         act_fn=act_fn(c.hidden_act, "hidden_act"),
         normalization_type="LN",
-        positional_embedding_type="rotary",
-        rotary_dim=rotary_dim,
-        rotary_base=base,
-        rotary_dtype=torch.float32,
+        **(
+            # rotary_pct * head_size < 2 leaves no dimension to rotate: the model has no positional information
+            dict(positional_embedding_type="none")
+            if rotary_dim == 0
+            else dict(
+                positional_embedding_type="rotary",
+                rotary_dim=rotary_dim,
+                rotary_base=base,
+                rotary_dtype=torch.float32,
+                rotary_freq_dtype=freq_dtype,
+            )
+        ),
         parallel_attn_mlp=bool(c.use_parallel_residual),
         attn_bias=attn_bias,
         attn_out_bias=attn_bias,
