@@ -197,6 +197,88 @@ class ModelView:
         v = a.compute_v(xkv).movedim(-2, 0)
         return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v
 
+    def qkv_grouped(
+        self,
+        layer: int,
+        shared: list,
+        own,
+        n_runs: int,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        heads: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``n_runs`` runs in which many head inputs are the same tensor: each shared
+        input is normalised once and projected for all the heads reading it in one matmul; the other inputs are
+        normalised and projected one by one.
+
+        Parameters
+        ----------
+        shared : list of ``(x, members)``
+            ``x (..., Tk, d_model)`` an un-normalised input read by each ``(i, c)`` of ``members``: input ``i`` (the
+            query inputs of ``heads``, then the key inputs and the value inputs of :meth:`kv_heads_of` them) of run
+            ``c``.
+        own : ``(x, members)`` or None
+            ``x (P, ..., Tk, d_model)``, row ``p`` read by ``members[p]`` alone.
+        q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``
+            Positions of the queries and keys; query inputs are read at their last ``Tq`` rows.
+
+        Returns
+        -------
+        q ``(h, n_runs, ..., Tq, d_head)``, k, v ``(hk, n_runs, ..., Tk, d_head)`` (q and k rotated), equal to
+        :meth:`qkv` on the inputs stacked per head.
+        """
+        a = self.model.blocks[layer].attn
+        kv = list(range(self.n_kv_heads)) if heads is None else self.kv_heads_of(heads)
+        hq = list(range(self.n_heads)) if heads is None else list(heads)
+        h, hk = len(hq), len(kv)
+        Ws = ((a.W_Q, a.b_Q, hq), (a.W_K, a.b_K, kv), (a.W_V, a.b_V, kv))
+        first = (0, h, h + hk)
+        x0 = shared[0][0] if shared else own[0][0]
+        Tq, Tk = len(q_pos), len(k_pos)
+        part = Tq != Tk
+        dh = self.d_head
+
+        def kind(i):
+            return 0 if i < h else (1 if i < h + hk else 2)
+
+        def rows_of(x, t):  # the query inputs at their rows only
+            return x.narrow(-2, Tk - Tq, Tq) if (t == 0 and part) else x
+
+        base_shape = (shared[0][0].shape[:-2]) if shared else own[0].shape[1:-2]
+        outs = [x0.new_empty(n, n_runs, *base_shape, T, dh) for n, T in ((h, Tq), (hk, Tk), (hk, Tk))]
+        for x, members in shared:
+            xn = self.attn_norm(layer, x)
+            for t, (W, b, idx) in enumerate(Ws):
+                mine = [(i, c) for i, c in members if kind(i) == t]
+                if not mine:
+                    continue
+                slots = sorted({i - first[t] for i, _ in mine})
+                heads_t = [idx[j] for j in slots]
+                xt = rows_of(xn, t)
+                y = (xt @ self._sel(W, heads_t).permute(1, 0, 2).reshape(W.shape[1], len(slots) * dh)).view(
+                    *xt.shape[:-1], len(slots), dh
+                )
+                if b is not None:
+                    y += self._sel(b, heads_t)
+                y = y.movedim(-2, 0)  # (slots, ..., T, dh)
+                pos = {j: n for n, j in enumerate(slots)}
+                for i, c in mine:
+                    outs[t][i - first[t], c].copy_(y[pos[i - first[t]]])
+        if own is not None:
+            x, members = own
+            for t, (W, b, idx) in enumerate(Ws):
+                rows_p = [p for p, (i, _) in enumerate(members) if kind(i) == t]
+                if not rows_p:
+                    continue
+                r0, n = rows_p[0], len(rows_p)
+                xt = x[r0 : r0 + n] if rows_p == list(range(r0, r0 + n)) else x[torch.tensor(rows_p)]
+                xn = self.attn_norm(layer, rows_of(xt, t))
+                heads_t = [idx[members[p][0] - first[t]] for p in rows_p]
+                y = self._bproj(xn, self._sel(W, heads_t), None if b is None else self._sel(b, heads_t))
+                for n_, p in enumerate(rows_p):
+                    outs[t][members[p][0] - first[t], members[p][1]].copy_(y[n_])
+        return self._rotate(layer, outs[0], q_pos), self._rotate(layer, outs[1], k_pos), outs[2]
+
     def qkv_input_vjp(
         self,
         layer: int,
