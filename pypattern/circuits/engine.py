@@ -50,11 +50,12 @@ _HEAP_SET = False
 
 def _keep_freed_heap() -> None:
     """Once per process, on glibc (unless its ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set):
-    serve allocations up to 32 MiB from the heap and keep up to 64 MiB of freed memory at its top, glibc's own
-    upper limits for its dynamic thresholds. By default glibc raises those thresholds only as far as the largest
-    block freed so far, so the tens of MiB of per-destination inputs a patched run or a backward allocates and frees
-    are returned to the system after every call and faulted in again, page by page, on the next (about 7,600 page
-    faults per pruning point of the bench model, as much system time as a third of the plain forward)."""
+    serve allocations up to 32 MiB from the heap (glibc's own upper limit for its dynamic threshold) and keep up to
+    256 MiB of freed memory at its top instead of returning it to the system. By default glibc raises those
+    thresholds only as far as the largest block freed so far, so the tens to hundreds of MiB of per-destination
+    inputs that a patched run or a backward allocates and frees are returned to the system after every call and
+    faulted in again, page by page, on the next (on the bench model about 7,600 page faults per pruning point and
+    21,000 per EAP-IG call, as much system time as a third of the plain forward, and a tenth of EAP-IG's time)."""
     global _HEAP_SET
     if _HEAP_SET:
         return
@@ -67,7 +68,7 @@ def _keep_freed_heap() -> None:
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return
     libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD
+    libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD
 
 
 @dataclass
@@ -599,7 +600,7 @@ class EdgeEngine:
                 outs[src : src + value.shape[0]].index_copy_(2, rows_, value)
 
         with torch.enable_grad():
-            R = embeds.detach().requires_grad_(True)
+            R = R0 = embeds.detach().requires_grad_(True)
             for s in g.stages:
                 dsts = self.stage_dsts[s]
                 if s == 2 * self.L:
@@ -617,9 +618,8 @@ class EdgeEngine:
                 layer = s // 2
                 if s % 2 == 0:
                     qrows = self._rows_after(layer, rows)
-                    hn = v.attn_norm(layer, R)
-                    hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
-                    q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
+                    store: list = []  # the head inputs' cotangents, filled by the backward
+                    q, k, vv = _QKV.apply(R, v, layer, qrows, rows, store)
                     z = v.attention(layer, q, k, vv, qrows, rows)
                     if outs is None:
                         attn = v.head_out_sum(layer, z)
@@ -628,7 +628,7 @@ class EdgeEngine:
                         keep(int(self.head_srcs[layer][0]), qrows, O[:, record].detach())
                         attn = O.sum(0)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
-                    handles.append(("attn", dsts[: self.nA], (qrows, rows, layer, Rq, R), (q, k, vv)))
+                    handles.append(("attn", dsts[: self.nA], (qrows, rows), store))
                     R_new = v.add_attn_bias(layer, Rq + attn)
                     if self.parallel:  # the MLP reads the block's input (at the rows that matter after it)
                         x = Rq.clone()
@@ -646,9 +646,8 @@ class EdgeEngine:
                     if outs is not None:
                         keep(self.mlp_src[layer], rows, out[record].detach()[None])
                     R = R + out
-            tensors = []
-            for h in handles:
-                tensors += list(h[3]) if h[0] == "attn" else [h[3]]
+            # the embeddings last: every attention's backward (_QKV) runs on the way to them
+            tensors = [h[3] for h in handles if h[0] != "attn"] + [R0]
             grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
         out, i = [], 0
 
@@ -658,14 +657,8 @@ class EdgeEngine:
         with torch.no_grad():  # the input cotangents are values: no graph through the weights
             for kind, dsts, info, t in handles:
                 if kind == "attn":
-                    qrows, rows_kv, layer, Rq, Rkv = info
-                    gq, gk, gv = (
-                        gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
-                    )
-                    i += 3
-                    gqi, gki, gvi = v.qkv_input_vjp(
-                        layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv
-                    )
+                    qrows, rows_kv = info
+                    gqi, gki, gvi = t
                     H, Hk = self.H, self.Hk
                     out.append((dsts[:H], qrows, over_runs(gqi, 1)))
                     out.append((dsts[H : H + Hk], rows_kv, over_runs(gki, 1)))
@@ -677,6 +670,36 @@ class EdgeEngine:
         if outs is not None:
             self._set_base(_Run(None, None, outs, base_logits))
         return out, val.detach()
+
+
+class _QKV(torch.autograd.Function):
+    """Queries, keys and values of one attention from the residual ``R (N, B, T, d)`` it reads (every head reads
+    it). The backward forms each head's own input cotangent (:meth:`ModelView.qkv_input_vjp`, the edge scores need
+    them), puts them in ``store`` and returns their sum as ``R``'s: the projections' backward is done once, per
+    head, instead of once more for the residual."""
+
+    @staticmethod
+    def forward(ctx, R, view, layer, qrows, rows, store):
+        hn = view.attn_norm(layer, R)
+        part = len(qrows) != len(rows)
+        q, k, v = view.qkv_shared(layer, hn[:, :, qrows] if part else hn, hn, qrows, rows)
+        ctx.save_for_backward(R)
+        ctx.args = (view, layer, qrows, rows, store, part)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        (R,) = ctx.saved_tensors
+        view, layer, qrows, rows, store, part = ctx.args
+        Rq = R[:, :, qrows] if part else R
+        gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows)
+        store.extend((gqi, gki, gvi))
+        dR = gki.sum(0).add_(gvi.sum(0))
+        if part:
+            dR.index_add_(2, qrows, gqi.sum(0))
+        else:
+            dR.add_(gqi.sum(0))
+        return dR, None, None, None, None, None
 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
