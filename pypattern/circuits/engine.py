@@ -682,17 +682,17 @@ class _QKV(torch.autograd.Function):
     def forward(ctx, R, view, layer, qrows, rows, store):
         hn = view.attn_norm(layer, R)
         part = len(qrows) != len(rows)
-        q, k, v = view.qkv_shared(layer, hn[:, :, qrows] if part else hn, hn, qrows, rows)
-        ctx.save_for_backward(R)
+        q, k, v, lin = view.qkv_shared(layer, hn[:, :, qrows] if part else hn, hn, qrows, rows, linear=True)
+        ctx.save_for_backward(R, *lin)
         ctx.args = (view, layer, qrows, rows, store, part)
         return q, k, v
 
     @staticmethod
     def backward(ctx, gq, gk, gv):
-        (R,) = ctx.saved_tensors
+        R, *lin = ctx.saved_tensors
         view, layer, qrows, rows, store, part = ctx.args
         Rq = R[:, :, qrows] if part else R
-        gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows)
+        gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows, linear=lin)
         store.extend((gqi, gki, gvi))
         dR = gki.sum(0).add_(gvi.sum(0))
         if part:

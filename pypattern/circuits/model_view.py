@@ -186,15 +186,19 @@ class ModelView:
         xkv: torch.Tensor,
         q_pos: torch.Tensor | None = None,
         k_pos: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        linear: bool = False,
+    ) -> tuple:
         """Queries from one normalised input ``xq (..., Tq, d)`` shared by every head, keys and values from
         ``xkv (..., Tk, d)``: the same values as :meth:`qkv` with every head reading the same input, in one matmul
         each (the model's :meth:`Attention.compute_q` / ``compute_k`` / ``compute_v``). Returns head-first ``q
-        (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``; ``q`` and ``k`` rotated at ``q_pos``, ``k_pos``."""
+        (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``; ``q`` and ``k`` rotated at ``q_pos``, ``k_pos``. With
+        ``linear``, a fourth item: the projections before rotation ``(q, k, v)`` (for :meth:`qkv_input_vjp`)."""
         a = self.model.blocks[layer].attn
         q = a.compute_q(xq).movedim(-2, 0)
         k = a.compute_k(xkv).movedim(-2, 0)
         v = a.compute_v(xkv).movedim(-2, 0)
+        if linear:
+            return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v, (q, k, v)
         return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v
 
     def qkv_grouped(
@@ -289,6 +293,7 @@ class ModelView:
         gv: torch.Tensor,
         q_pos: torch.Tensor | None = None,
         k_pos: torch.Tensor | None = None,
+        linear: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cotangents of each head's own (un-normalised, un-rotated) query, key and value input.
 
@@ -300,6 +305,10 @@ class ModelView:
             Cotangents of :meth:`qkv_shared`'s outputs (the rotated queries and keys).
         q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``, optional
             Positions of the rows (default ``arange``): the rotation is undone at them.
+        linear : tuple, optional
+            The projections before rotation at these inputs (:meth:`qkv_shared` with ``linear``); with them,
+            pypattern's LayerNorm and RMSNorm take :meth:`_proj_norm_vjp` (the projection's and the norm's VJP in one
+            batched matmul and one pass).
 
         Returns
         -------
@@ -320,10 +329,60 @@ class ModelView:
             h = g.shape[0]
             return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
 
-        gq_in = self.norm_vjp(layer, xq, back(unrotate(gq, q_pos), a.W_Q))
-        gk_in = self.norm_vjp(layer, xkv, back(unrotate(gk, k_pos), a.W_K))
+        gq, gk = unrotate(gq, q_pos), unrotate(gk, k_pos)
+        if linear is not None and self._fast_norm_vjp(layer, xq, gq):
+            return (
+                self._proj_norm_vjp(layer, xq, gq, a.W_Q, a.b_Q, linear[0]),
+                self._proj_norm_vjp(layer, xkv, gk, a.W_K, a.b_K, linear[1]),
+                self._proj_norm_vjp(layer, xkv, gv, a.W_V, a.b_V, linear[2]),
+            )
+        gq_in = self.norm_vjp(layer, xq, back(gq, a.W_Q))
+        gk_in = self.norm_vjp(layer, xkv, back(gk, a.W_K))
         gv_in = self.norm_vjp(layer, xkv, back(gv, a.W_V))
         return gq_in, gk_in, gv_in
+
+    def _fast_norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """pypattern's LayerNorm or RMSNorm without hooks, computing in the dtype of ``x``, ``g`` and its weight."""
+        from ..models.transformer import LayerNorm, RMSNorm
+
+        ln = self.model.blocks[layer].ln1
+        return (
+            type(ln) in (LayerNorm, RMSNorm)
+            and not (ln.hook_scale.active or ln.hook_normalized.active)
+            and not (ln._forward_hooks or ln._forward_pre_hooks)
+            and (ln.compute_dtype or x.dtype) == x.dtype == g.dtype == ln.w.dtype
+        )
+
+    def _proj_norm_vjp(self, layer, x, g, W, b, lin) -> torch.Tensor:
+        """Each head's input cotangent ``norm_vjp(x, g_h @ W_h^T)`` from the cotangent ``g (h, ..., T, dh)`` of
+        its projection ``lin = norm(x) @ W_h + b_h`` (``lin (h, ..., T, dh)`` from the forward, ``W (h, d, dh)``).
+
+        With ``x_hat`` the normalised input, ``r`` the reciprocal scale, ``w`` (and ``beta``) the norm's weight
+        (and bias), ``W'_h = diag(w) W_h`` and ``g' = r g``: LayerNorm's VJP is ``g' W'_h^T - g'.(1^T W'_h) / d -
+        x_hat (g'.P_h) / d`` with ``P_h = x_hat W'_h = lin_h - b_h - beta W_h`` (from the forward: no projection
+        of ``x_hat``); RMSNorm's the same without the middle term (and ``beta``). The first two terms are one
+        batched matmul (the second as one more column of ``g'``), the third one pass over its output."""
+        from ..models.transformer import LayerNorm
+
+        ln = self.model.blocks[layer].ln1
+        is_ln = type(ln) is LayerNorm
+        d, h, dh = x.shape[-1], W.shape[0], W.shape[-1]
+        hx = x - x.mean(-1, keepdim=True) if is_ln else x
+        r = torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + ln.eps)  # (..., T, 1)
+        xhat = hx * r
+        Ww = W * ln.w.view(1, d, 1)
+        shape = (h,) + (1,) * (g.dim() - 2) + (dh,)
+        P = lin if b is None else lin - b.view(shape)
+        if is_ln:
+            P = P - torch.einsum("d,hdk->hk", ln.b, W).view(shape)
+        gs = g * r
+        c2 = (gs * P).sum(-1, keepdim=True).div_(d)  # (h, ..., T, 1)
+        if is_ln:
+            c1 = (gs * Ww.sum(1).view(shape)).sum(-1, keepdim=True).div_(-d)
+            gs = torch.cat([gs, c1], -1)
+            Ww = torch.cat([Ww, Ww.new_ones(h, d, 1)], -1)
+        out = torch.bmm(gs.reshape(h, -1, gs.shape[-1]), Ww.transpose(1, 2)).view(*g.shape[:-1], d)
+        return out.addcmul_(xhat, c2, value=-1)
 
     def norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The attention norm's VJP at ``x (..., T, d)`` applied to each head's cotangent ``g (h, ..., T, d)``.
