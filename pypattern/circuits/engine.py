@@ -660,9 +660,9 @@ class EdgeEngine:
                     qrows, rows_kv = info
                     gqi, gki, gvi = t
                     H, Hk = self.H, self.Hk
-                    out.append((dsts[:H], qrows, over_runs(gqi, 1)))
-                    out.append((dsts[H : H + Hk], rows_kv, over_runs(gki, 1)))
-                    out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, over_runs(gvi, 1)))
+                    out.append((dsts[:H], qrows, gqi))
+                    out.append((dsts[H : H + Hk], rows_kv, gki))
+                    out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, gvi))
                 else:
                     gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                     i += 1
@@ -675,8 +675,8 @@ class EdgeEngine:
 class _QKV(torch.autograd.Function):
     """Queries, keys and values of one attention from the residual ``R (N, B, T, d)`` it reads (every head reads
     it). The backward forms each head's own input cotangent (:meth:`ModelView.qkv_input_vjp`, the edge scores need
-    them), puts them in ``store`` and returns their sum as ``R``'s: the projections' backward is done once, per
-    head, instead of once more for the residual."""
+    them), puts them in ``store`` summed over the ``N`` runs and returns their sum over heads as ``R``'s: the
+    projections' backward is done once, per head, instead of once more for the residual."""
 
     @staticmethod
     def forward(ctx, R, view, layer, qrows, rows, store):
@@ -693,7 +693,8 @@ class _QKV(torch.autograd.Function):
         view, layer, qrows, rows, store, part = ctx.args
         Rq = R[:, :, qrows] if part else R
         gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows, linear=lin)
-        store.extend((gqi, gki, gvi))
+        # summed over the runs here: the per-run cotangents of every layer are never held at once
+        store.extend(g.select(1, 0) if g.shape[1] == 1 else g.sum(1) for g in (gqi, gki, gvi))
         dR = gki.sum(0).add_(gvi.sum(0))
         if part:
             dR.index_add_(2, qrows, gqi.sum(0))
