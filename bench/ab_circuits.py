@@ -10,6 +10,8 @@ warm-up call and reports the minimum. The summary is, per piece, the median (ran
 
     git archive <commit> pypattern | tar -x -C /tmp/before && cp pypattern/_C*.so /tmp/before/pypattern/
     OMP_NUM_THREADS=1 python bench/ab_circuits.py --trees /tmp/before . --rounds 5
+
+``--pieces point`` (or any comma-separated subset) times only those pieces and their bounds.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ pieces = {
     "point_bound": lambda: bound_point(model, clean),
 }
 reps = int(sys.argv[2])
+wanted = sys.argv[4].split(",")
 out = {}
 for name, f in pieces.items():
+    if name.removesuffix("_bound") not in wanted:
+        continue
     f()
     ts = []
     for _ in range(reps):
@@ -64,14 +69,16 @@ def main() -> None:
     ap.add_argument("--trees", nargs="+", required=True, help="directories holding a pypattern package")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--pieces", default=",".join(PIECES), help=f"comma-separated, of {PIECES}")
     args = ap.parse_args()
+    pieces = args.pieces.split(",")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     here = os.path.dirname(os.path.abspath(__file__))
     runs: dict[str, list[dict]] = {t: [] for t in args.trees}
     for r in range(args.rounds):
         for t in args.trees:
             p = subprocess.run(
-                [sys.executable, "-c", CHILD, os.path.abspath(t), str(args.reps), here],
+                [sys.executable, "-c", CHILD, os.path.abspath(t), str(args.reps), here, args.pieces],
                 capture_output=True,
                 text=True,
                 env=env,
@@ -88,11 +95,11 @@ def main() -> None:
     )
     for t, rs in runs.items():
         best = {k: round(min(x[k] for x in rs), 1) for k in rs[0]}
-        ratios = {f"{p}/bound": med([x[p] / x[f"{p}_bound"] for x in rs]) for p in PIECES}
+        ratios = {f"{p}/bound": med([x[p] / x[f"{p}_bound"] for x in rs]) for p in pieces}
         print(t, json.dumps(best), json.dumps(ratios))
     if len(args.trees) == 2:
         a, b = (runs[t] for t in args.trees)
-        speed = {p: med([x[p] / y[p] for x, y in zip(a, b)]) for p in PIECES}
+        speed = {p: med([x[p] / y[p] for x, y in zip(a, b)]) for p in pieces}
         print(f"{args.trees[0]} / {args.trees[1]}, median (range) over rounds:", json.dumps(speed))
 
 

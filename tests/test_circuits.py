@@ -235,7 +235,7 @@ def test_causal_reuse_recomputes_only_from_the_first_patched_layer():
     engine, _ = prepare_runs(model, g, clean, corr, metric)
     calls = []
     view = engine.view
-    for name in ("qkv", "qkv_shared", "mlp"):
+    for name in ("qkv", "qkv_shared", "qkv_grouped", "mlp"):
         orig = getattr(view, name)
 
         def wrapped(layer, *a, _orig=orig, _name=name, **k):
@@ -248,7 +248,7 @@ def test_causal_reuse_recomputes_only_from_the_first_patched_layer():
     assert calls and all(layer == 2 for _, layer, _ in calls)
     calls.clear()
     engine.run(g.mask(["MLP0->L2H1.k"])[None])  # one head recomputed at its layer, then MLP2 and the logits
-    assert calls == [("qkv", 2, [1]), ("mlp", 2, None)]
+    assert calls == [("qkv_grouped", 2, [1]), ("mlp", 2, None)]
     calls.clear()
     engine.run(g.mask(["L1H0->logits"])[None])  # only the unembedding
     assert calls == []

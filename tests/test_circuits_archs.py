@@ -148,7 +148,7 @@ def test_shared_key_value_edge_recomputes_its_group_only():
     engine, _ = prepare_runs(model, g, clean, corr, metric)
     calls = []
     view = engine.view
-    for name in ("qkv", "qkv_shared", "mlp"):
+    for name in ("qkv", "qkv_shared", "qkv_grouped", "mlp"):
         orig = getattr(view, name)
 
         def wrapped(layer, *a, _orig=orig, _name=name, **k):
@@ -159,7 +159,7 @@ def test_shared_key_value_edge_recomputes_its_group_only():
     for edge, heads in (("MLP0->L2KV1.k", [2, 3]), ("L0H1->L2KV0.v", [0, 1]), ("embed->L2H2.q", [2])):
         calls.clear()
         val = engine.run(g.mask([edge])[None])[0]
-        assert calls == [("qkv", 2, heads), ("mlp", 2, None)]
+        assert calls == [("qkv_grouped", 2, heads), ("mlp", 2, None)]
         ref = naive_patch(model, [g[g.index(edge)]], clean, corr, metric, "noise", "resample")
         assert (val - ref).abs().max() <= 1e-9
 

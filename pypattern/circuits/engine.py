@@ -24,6 +24,8 @@ unembedding). Masks are grouped by their first stage (and first heads) and evalu
 
 from __future__ import annotations
 
+import ctypes
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +45,31 @@ _SPARSE = 0.2
 # the batch of masks keeps one stage's destination inputs within this size (see EdgeEngine.chunk_size)
 _STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
+_HEAP_SET = False
+
+
+def _keep_freed_heap() -> None:
+    """Once per process, on glibc (unless its ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set):
+    serve allocations up to 32 MiB from the heap (glibc's own upper limit for its dynamic threshold) and keep up to
+    256 MiB of freed memory at its top instead of returning it to the system. By default glibc raises those
+    thresholds only as far as the largest block freed so far, so the tens to hundreds of MiB of per-destination
+    inputs that a patched run or a backward allocates and frees are returned to the system after every call and
+    faulted in again, page by page, on the next (on the bench model about 7,600 page faults per pruning point and
+    21,000 per EAP-IG call: 18 ms of system time per point, two thirds of the plain forward's CPU time, and a
+    tenth of EAP-IG's time)."""
+    global _HEAP_SET
+    if _HEAP_SET:
+        return
+    _HEAP_SET = True
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD
 
 
 @dataclass
@@ -59,6 +86,20 @@ class _Run:
     after_attn: list
     outs: torch.Tensor
     logits: torch.Tensor
+
+
+@dataclass
+class _Grouped:
+    """The inputs of one stage's destinations in ``C`` patched runs, grouped by what they equal: ``cls (C, V)`` is
+    0 where the input is the run's residual ``R[c]``, 1 where it is the all-ablated input ``abl (B, R, d)``, 2
+    where it is formed here, ``own[at[c, v]]`` (``own (P, B, R, d)``, one per pair of ``pairs (P, 2)`` as ``(v,
+    c)``, ordered by ``v``)."""
+
+    cls: torch.Tensor
+    own: torch.Tensor
+    pairs: torch.Tensor
+    at: torch.Tensor
+    abl: torch.Tensor | None
 
 
 def metric_positions(metric, batch: int, seq_len: int):
@@ -92,6 +133,7 @@ class EdgeEngine:
         memory_budget: float = 1e9,
         src_embed: torch.Tensor | None = None,
     ) -> None:
+        _keep_freed_heap()
         self.view, self.graph, self.metric = view, graph, metric
         self.base_embed = base_embed
         self.pos, self.T = pos, T
@@ -136,6 +178,7 @@ class EdgeEngine:
         self.max_batch = max_batch
         self.memory_budget = memory_budget
         self._ablated: dict = {}
+        self._e_heads = None  # the query heads each edge changes directly (E, H), built once
 
     def _set_base(self, base: _Run) -> None:
         """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``."""
@@ -185,6 +228,38 @@ class EdgeEngine:
         xkv = v.attn_norm(layer, X[h:])
         q, k, vv = v.qkv(layer, xq, xkv[:hk], xkv[hk:], qrows, rows, heads=heads)
         return v.head_out(layer, v.attention(layer, q, k, vv, qrows, rows, heads=heads), heads=heads)
+
+    def _attn_grouped(self, layer: int, X: _Grouped, R: torch.Tensor, qrows, rows, heads=None):
+        """:meth:`_attn` from grouped inputs (:meth:`_inputs_sparse`): the inputs that equal the run's residual
+        ``R (C, B, R, d)`` or the all-ablated input are normalised once per run (once in all) and projected for all
+        the heads reading them in one matmul (:meth:`ModelView.qkv_grouped`); only the others one by one."""
+        v = self.view
+        H, Hk = self.H, self.Hk
+        kv = list(range(Hk)) if heads is None else v.kv_heads_of(heads)
+        hq = list(range(H)) if heads is None else list(heads)
+        sel = hq + [H + g for g in kv] + [H + Hk + g for g in kv]  # stage indices of the inputs computed
+        C = X.cls.shape[0]
+        cls = X.cls[:, sel].tolist()
+        shared, own = [], []
+        abl = [(i, c) for c in range(C) for i in range(len(sel)) if cls[c][i] == 1]
+        if abl:
+            shared.append((X.abl, abl))
+        for c in range(C):
+            mine = [(i, c) for i in range(len(sel)) if cls[c][i] == 0]
+            if mine:
+                shared.append((R[c], mine))
+        at = X.at[:, sel].tolist()
+        own = sorted((at[c][i], i, c) for c in range(C) for i in range(len(sel)) if cls[c][i] == 2)
+        own_x = None
+        if own:
+            ats = [a for a, _, _ in own]
+            if ats == list(range(ats[0], ats[0] + len(ats))):  # pairs are ordered: usually a view
+                own_x = (X.own[ats[0] : ats[0] + len(ats)], [(i, c) for _, i, c in own])
+            else:
+                own_x = (X.own[torch.tensor(ats)], [(i, c) for _, i, c in own])
+        q, k, vv = v.qkv_grouped(layer, shared, own_x, C, qrows, rows, heads=heads)
+        z = v.attention(layer, q, k, vv, qrows, rows, heads=heads)
+        return v.head_out(layer, z, heads=heads)
 
     def _attn_shared(self, layer: int, R: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor):
         """Head outputs ``(H, N, B, len(qrows), d)`` when every head reads the residual ``R (N, B, R, d)``."""
@@ -236,7 +311,9 @@ class EdgeEngine:
         big = 2 * self.L + 1
         first = torch.where(live, e_stage[None], torch.full_like(e_stage, big)[None]).min(1).values
         # the query heads each mask changes at its first stage (a patched key/value input changes its whole group)
-        e_heads = self._dst_qheads()[g.dst_idx].float()  # (E, H)
+        if self._e_heads is None:
+            self._e_heads = self._dst_qheads()[g.dst_idx].float()  # (E, H)
+        e_heads = self._e_heads
         hit = torch.empty(C, self.H, dtype=torch.bool)
         for i in range(0, C, 1024):
             at_first = live[i : i + 1024] & (e_stage[None] == first[i : i + 1024, None])
@@ -282,11 +359,19 @@ class EdgeEngine:
         return out
 
     def _inputs(
-        self, blocks, M: torch.Tensor, dsts: torch.Tensor, rows: torch.Tensor, R: torch.Tensor, s: int
+        self,
+        blocks,
+        M: torch.Tensor,
+        dsts: torch.Tensor,
+        rows: torch.Tensor,
+        R: torch.Tensor,
+        s: int,
+        grouped: bool = False,
     ):
         """Inputs of the destinations ``dsts`` of stage ``s`` at ``rows`` in the patched runs whose residual is ``R
         (C, B, R, d)``: ``R + sum over patched sources of (A_u - out_u)``, ``(V, C, B, R, d)``, or None when no mask
-        patches any of them (every input is ``R``)."""
+        patches any of them (every input is ``R``). ``grouped``: when the sums go term by term, a :class:`_Grouped`
+        instead, which materialises only the inputs that equal neither ``R`` nor the all-ablated input."""
         Mv = M[:, :, dsts]
         if self.graph.per_position:
             Mv = Mv[..., rows]
@@ -299,7 +384,7 @@ class EdgeEngine:
             comp = k > n - k
             terms = float(torch.where(comp, n - k, k).sum())
             if terms <= _SPARSE * Mv.shape[0] * Mv.shape[2] * n:
-                return self._inputs_sparse(blocks, Mv, rows, sub, R, s, comp)
+                return self._inputs_sparse(blocks, Mv, rows, sub, R, s, comp, n, k if grouped else None)
             return self._corr_flat(blocks, Mv, rows, sub).add_(R)
         return self._corr_pos(blocks, Mv, rows, sub).add_(R)
 
@@ -325,25 +410,51 @@ class EdgeEngine:
             self._ablated[s] = self.base.resid[s] + self.D[:n].sum(0)
         return _rows(self._ablated[s], rows, 1)
 
-    def _inputs_sparse(self, blocks, Mv, rows, sub, R, s, comp):
+    def _inputs_sparse(self, blocks, Mv, rows, sub, R, s, comp, n, k=None):
         """:meth:`_inputs` from the cheaper side of each (mask, destination input): ``R`` plus its patched
         sources' ``A_u - out_u``, or, when more than half of its sources are patched, the ablated input (the same in
         every patched run, :meth:`_ablated_input`) minus its unpatched sources' ``A_u - out_u``: ``min(k, n - k)``
-        multiply-adds of ``B x R x d`` each (``k`` of the ``n`` sources patched), term by term."""
+        multiply-adds of ``B x R x d`` each (``k`` of the ``n`` sources patched), term by term. With ``k`` given
+        (patched sources per mask and input ``(C, V)``), a :class:`_Grouped`: the inputs with no source patched
+        are ``R`` and those with every source patched the ablated input, and only the others are formed."""
         C, V = Mv.shape[0], Mv.shape[2]
-        out = R.new_empty(V, C, self.B, len(rows), self.d)
         abl = self._ablated_input(s, rows) if bool(comp.any()) else None
-        for c, row in enumerate(comp.tolist()):
-            for v, cv in enumerate(row):
-                out[v, c].copy_(abl if cv else R[c])
-        for src_idx, tensor, shared, is_full in blocks:
-            mb = Mv[:, src_idx].bool()  # (C, u, V)
-            if is_full and sub:
-                tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
-            for sign, pick in ((1, mb & ~comp[:, None, :]), (-1, ~mb & comp[:, None, :])):
-                for c, u, v in pick.nonzero().tolist():
-                    out[v, c].add_(tensor[u] if shared else tensor[u, c], alpha=sign)
-        return out
+        if k is None:
+            at = torch.arange(V * C).view(V, C).T  # (c, v) -> row of out viewed (V * C, ...)
+            cs, cv = torch.arange(C).repeat(V), comp.T.reshape(-1)
+        else:
+            cls = torch.where(k == 0, 0, torch.where(k == n, 1, 2))  # (C, V): R, ablated, formed here
+            pairs = (cls == 2).T.nonzero()  # (P, 2) as (v, c), by destination input first
+            at = torch.full((C, V), -1, dtype=torch.long)
+            at[pairs[:, 1], pairs[:, 0]] = torch.arange(len(pairs))
+            cs, cv = pairs[:, 1], comp[pairs[:, 1], pairs[:, 0]]
+        flat = R.new_empty(len(cs), self.B, len(rows), self.d)
+        # every term of every block at once: (c, u, v) with u patched into a cheap-side input, or unpatched into a
+        # complement-side one (u < n: the sources read at s)
+        mb, cc = Mv[:, :n].bool(), comp[:, None, :]
+        owner = {u: (i, j) for i, blk in enumerate(blocks) for j, u in enumerate(blk[0])}
+        views = []
+        for _, tensor, shared, is_full in blocks:
+            views.append(_rows(tensor, rows, 2 if shared else 3) if (is_full and sub) else tensor)
+        atl = at.tolist()
+        terms: list[list] = [[] for _ in range(len(cs))]
+        for sign, pick in ((1, mb & ~cc), (-1, ~mb & cc)):
+            for c, u, v in pick.nonzero().tolist():
+                i, j = owner[u]
+                terms[atl[c][v]].append((views[i][j] if blocks[i][2] else views[i][j, c], sign))
+        # each input: its base (R or the ablated input) plus its first term in one pass, then the other terms
+        for p, (c, cvp) in enumerate(zip(cs.tolist(), cv.tolist())):
+            base = abl if cvp else R[c]
+            if terms[p]:
+                t0, sign = terms[p][0]
+                torch.add(base, t0, alpha=sign, out=flat[p])
+                for t, sign in terms[p][1:]:
+                    flat[p].add_(t, alpha=sign)
+            else:
+                flat[p].copy_(base)
+        if k is None:
+            return flat.view(V, C, self.B, len(rows), self.d)
+        return _Grouped(cls, flat, pairs, at, abl)
 
     def _corr_flat(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
         """The patched-source sum ``(V, C, B, R, d)`` without positions, dense: every block multiply-added into one ``(V, C, B*R*d)`` output by a
@@ -377,7 +488,7 @@ class EdgeEngine:
         at ``rows``."""
         u = self.mlp_src[layer]
         A_new = _rows(self.A[u], rows, 1)
-        return (torch.tensor([u]), (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T)
+        return ([u], (A_new.unsqueeze(0) - out).unsqueeze(0), False, len(rows) == self.T)
 
     def _patched(self, M: torch.Tensor, s0: int, heads) -> torch.Tensor:
         """Metric ``(C, B)`` of the masks ``M (C, n_src, n_dst[, T])`` that all start at stage ``s0``; ``heads``:
@@ -386,7 +497,7 @@ class EdgeEngine:
         base, v = self.base, self.view
         H, Hk, nA = self.H, self.Hk, self.nA
         before = (self.src_stage < s0).nonzero().flatten()  # a prefix: sources are in topological order
-        blocks = [(before, self.D[: len(before)], True, True)] if len(before) else []
+        blocks = [(before.tolist(), self.D[: len(before)], True, True)] if len(before) else []
         rows = torch.arange(self.T)
         if self.uniform and s0 > 2 * (self.L - 1):  # past the last attention: only the metric row matters
             rows = torch.tensor([self.T - 1])
@@ -406,7 +517,7 @@ class EdgeEngine:
                 blocks.append(self._mlp_block(layer, out, rows))
                 continue
             # attention of `layer` (and, in a parallel block, its MLP, reading the same residual)
-            X = self._inputs(blocks, M, dsts[:nA], rows, R, s)
+            X = self._inputs(blocks, M, dsts[:nA], rows, R, s, grouped=True)
             X_m = self._inputs(blocks, M, dsts[nA:], rows, R, s) if self.parallel else None
             qrows = self._rows_after(layer, rows)
             full = len(qrows) == self.T
@@ -417,28 +528,38 @@ class EdgeEngine:
                 if len(heads):
                     kv = torch.tensor(v.kv_heads_of(heads), dtype=torch.long)
                     sel = torch.cat([hs, H + kv, H + Hk + kv])
-                    O = self._attn(layer, X[sel], qrows, rows, list(heads))  # (h, C, B, Tq, d)
+                    if isinstance(X, _Grouped):
+                        O = self._attn_grouped(layer, X, R, qrows, rows, list(heads))
+                    else:
+                        O = self._attn(layer, X[sel], qrows, rows, list(heads))  # (h, C, B, Tq, d)
                     O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
                     R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
                     # A_u - out_u, in O's storage (O is not needed any more)
                     blocks.append(
-                        (srcs[hs], O.neg_().add_(self.A[srcs[hs]][:, :, qrows].unsqueeze(1)), False, full)
+                        (
+                            srcs[hs].tolist(),
+                            O.neg_().add_(self.A[srcs[hs]][:, :, qrows].unsqueeze(1)),
+                            False,
+                            full,
+                        )
                     )
                 else:  # no head input patched (a parallel block's MLP only): the attention is the base run's
                     R = base.after_attn[layer][:, qrows].unsqueeze(0).expand(C, -1, -1, -1)
-                others = srcs[[h for h in range(H) if h not in heads]]
+                others = srcs[[h for h in range(H) if h not in heads]].tolist()
                 if len(others):
                     blocks.append((others, self.D[others], True, True))
             else:
                 if X is None:
                     O = self._attn_shared(layer, R, qrows, rows)
+                elif isinstance(X, _Grouped):
+                    O = self._attn_grouped(layer, X, R, qrows, rows)
                 else:
                     O = self._attn(layer, X, qrows, rows)
                 Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                 R = v.add_attn_bias(layer, Rq + O.sum(0))
                 # a layer's heads are adjacent sources: a view, not a gather
                 A_heads = _rows(self.A[int(srcs[0]) : int(srcs[-1]) + 1], qrows, 2)
-                blocks.append((srcs, O.neg_().add_(A_heads.unsqueeze(1)), False, full))
+                blocks.append((srcs.tolist(), O.neg_().add_(A_heads.unsqueeze(1)), False, full))
             if self.parallel:
                 x = R_pre if X_m is None else X_m[0]
                 if len(qrows) != len(rows):
@@ -480,7 +601,7 @@ class EdgeEngine:
                 outs[src : src + value.shape[0]].index_copy_(2, rows_, value)
 
         with torch.enable_grad():
-            R = embeds.detach().requires_grad_(True)
+            R = R0 = embeds.detach().requires_grad_(True)
             for s in g.stages:
                 dsts = self.stage_dsts[s]
                 if s == 2 * self.L:
@@ -498,9 +619,8 @@ class EdgeEngine:
                 layer = s // 2
                 if s % 2 == 0:
                     qrows = self._rows_after(layer, rows)
-                    hn = v.attn_norm(layer, R)
-                    hq = hn if len(qrows) == len(rows) else hn[:, :, qrows]
-                    q, k, vv = v.qkv_shared(layer, hq, hn, qrows, rows)
+                    store: list = []  # the head inputs' cotangents, filled by the backward
+                    q, k, vv = _QKV.apply(R, v, layer, qrows, rows, store)
                     z = v.attention(layer, q, k, vv, qrows, rows)
                     if outs is None:
                         attn = v.head_out_sum(layer, z)
@@ -509,7 +629,7 @@ class EdgeEngine:
                         keep(int(self.head_srcs[layer][0]), qrows, O[:, record].detach())
                         attn = O.sum(0)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
-                    handles.append(("attn", dsts[: self.nA], (qrows, rows, layer, Rq, R), (q, k, vv)))
+                    handles.append(("attn", dsts[: self.nA], (qrows, rows), store))
                     R_new = v.add_attn_bias(layer, Rq + attn)
                     if self.parallel:  # the MLP reads the block's input (at the rows that matter after it)
                         x = Rq.clone()
@@ -527,9 +647,8 @@ class EdgeEngine:
                     if outs is not None:
                         keep(self.mlp_src[layer], rows, out[record].detach()[None])
                     R = R + out
-            tensors = []
-            for h in handles:
-                tensors += list(h[3]) if h[0] == "attn" else [h[3]]
+            # the embeddings last: every attention's backward (_QKV) runs on the way to them
+            tensors = [h[3] for h in handles if h[0] != "attn"] + [R0]
             grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
         out, i = [], 0
 
@@ -539,18 +658,12 @@ class EdgeEngine:
         with torch.no_grad():  # the input cotangents are values: no graph through the weights
             for kind, dsts, info, t in handles:
                 if kind == "attn":
-                    qrows, rows_kv, layer, Rq, Rkv = info
-                    gq, gk, gv = (
-                        gr if gr is not None else torch.zeros_like(x) for gr, x in zip(grads[i : i + 3], t)
-                    )
-                    i += 3
-                    gqi, gki, gvi = v.qkv_input_vjp(
-                        layer, Rq.detach(), Rkv.detach(), gq, gk, gv, qrows, rows_kv
-                    )
+                    qrows, rows_kv = info
+                    gqi, gki, gvi = t
                     H, Hk = self.H, self.Hk
-                    out.append((dsts[:H], qrows, over_runs(gqi, 1)))
-                    out.append((dsts[H : H + Hk], rows_kv, over_runs(gki, 1)))
-                    out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, over_runs(gvi, 1)))
+                    out.append((dsts[:H], qrows, gqi))
+                    out.append((dsts[H : H + Hk], rows_kv, gki))
+                    out.append((dsts[H + Hk : H + 2 * Hk], rows_kv, gvi))
                 else:
                     gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                     i += 1
@@ -560,11 +673,44 @@ class EdgeEngine:
         return out, val.detach()
 
 
+class _QKV(torch.autograd.Function):
+    """Queries, keys and values of one attention from the residual ``R (N, B, T, d)`` it reads (every head reads
+    it). The backward forms each head's own input cotangent (:meth:`ModelView.qkv_input_vjp`, the edge scores need
+    them), puts them in ``store`` summed over the ``N`` runs and returns their sum over heads as ``R``'s: the
+    projections' backward is done once, per head, instead of once more for the residual."""
+
+    @staticmethod
+    def forward(ctx, R, view, layer, qrows, rows, store):
+        hn = view.attn_norm(layer, R)
+        part = len(qrows) != len(rows)
+        q, k, v, lin = view.qkv_shared(layer, hn[:, :, qrows] if part else hn, hn, qrows, rows, linear=True)
+        ctx.save_for_backward(R, *lin)
+        ctx.args = (view, layer, qrows, rows, store, part)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        R, *lin = ctx.saved_tensors
+        view, layer, qrows, rows, store, part = ctx.args
+        Rq = R[:, :, qrows] if part else R
+        gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows, linear=lin)
+        # summed over the runs here: the per-run cotangents of every layer are never held at once
+        store.extend(g.select(1, 0) if g.shape[1] == 1 else g.sum(1) for g in (gqi, gki, gvi))
+        dR = gki.sum(0).add_(gvi.sum(0))
+        if part:
+            dR.index_add_(2, qrows, gqi.sum(0))
+        else:
+            dR.add_(gqi.sum(0))
+        return dR, None, None, None, None, None
+
+
 def _rows(t: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` at the positions ``rows`` along ``dim``: a view when they are consecutive (all rows, or the last)."""
     n = len(rows)
-    if n and int(rows[-1]) - int(rows[0]) == n - 1:
-        return t.narrow(dim, int(rows[0]), n)
+    if n:
+        r0, r1 = rows[[0, -1]].tolist()
+        if r1 - r0 == n - 1:
+            return t.narrow(dim, r0, n)
     return t.index_select(dim, rows)
 
 

@@ -186,16 +186,102 @@ class ModelView:
         xkv: torch.Tensor,
         q_pos: torch.Tensor | None = None,
         k_pos: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        linear: bool = False,
+    ) -> tuple:
         """Queries from one normalised input ``xq (..., Tq, d)`` shared by every head, keys and values from
         ``xkv (..., Tk, d)``: the same values as :meth:`qkv` with every head reading the same input, in one matmul
         each (the model's :meth:`Attention.compute_q` / ``compute_k`` / ``compute_v``). Returns head-first ``q
-        (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``; ``q`` and ``k`` rotated at ``q_pos``, ``k_pos``."""
+        (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``; ``q`` and ``k`` rotated at ``q_pos``, ``k_pos``. With
+        ``linear``, a fourth item: the projections before rotation ``(q, k, v)`` (for :meth:`qkv_input_vjp`)."""
         a = self.model.blocks[layer].attn
         q = a.compute_q(xq).movedim(-2, 0)
         k = a.compute_k(xkv).movedim(-2, 0)
         v = a.compute_v(xkv).movedim(-2, 0)
+        if linear:
+            return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v, (q, k, v)
         return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v
+
+    def qkv_grouped(
+        self,
+        layer: int,
+        shared: list,
+        own,
+        n_runs: int,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        heads: list[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``n_runs`` runs in which many head inputs are the same tensor: each shared
+        input is normalised once and projected for all the heads reading it in one matmul; the other inputs are
+        normalised and projected one by one.
+
+        Parameters
+        ----------
+        shared : list of ``(x, members)``
+            ``x (..., Tk, d_model)`` an un-normalised input read by each ``(i, c)`` of ``members``: input ``i`` (the
+            query inputs of ``heads``, then the key inputs and the value inputs of :meth:`kv_heads_of` them) of run
+            ``c``.
+        own : ``(x, members)`` or None
+            ``x (P, ..., Tk, d_model)``, row ``p`` read by ``members[p]`` alone.
+        q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``
+            Positions of the queries and keys; query inputs are read at their last ``Tq`` rows.
+
+        Returns
+        -------
+        q ``(h, n_runs, ..., Tq, d_head)``, k, v ``(hk, n_runs, ..., Tk, d_head)`` (q and k rotated), equal to
+        :meth:`qkv` on the inputs stacked per head.
+        """
+        a = self.model.blocks[layer].attn
+        kv = list(range(self.n_kv_heads)) if heads is None else self.kv_heads_of(heads)
+        hq = list(range(self.n_heads)) if heads is None else list(heads)
+        h, hk = len(hq), len(kv)
+        Ws = ((a.W_Q, a.b_Q, hq), (a.W_K, a.b_K, kv), (a.W_V, a.b_V, kv))
+        first = (0, h, h + hk)
+        x0 = shared[0][0] if shared else own[0][0]
+        Tq, Tk = len(q_pos), len(k_pos)
+        part = Tq != Tk
+        dh = self.d_head
+
+        def kind(i):
+            return 0 if i < h else (1 if i < h + hk else 2)
+
+        def rows_of(x, t):  # the query inputs at their rows only
+            return x.narrow(-2, Tk - Tq, Tq) if (t == 0 and part) else x
+
+        base_shape = (shared[0][0].shape[:-2]) if shared else own[0].shape[1:-2]
+        outs = [x0.new_empty(n, n_runs, *base_shape, T, dh) for n, T in ((h, Tq), (hk, Tk), (hk, Tk))]
+        for x, members in shared:
+            xn = self.attn_norm(layer, x)
+            for t, (W, b, idx) in enumerate(Ws):
+                mine = [(i, c) for i, c in members if kind(i) == t]
+                if not mine:
+                    continue
+                slots = sorted({i - first[t] for i, _ in mine})
+                heads_t = [idx[j] for j in slots]
+                xt = rows_of(xn, t)
+                y = (xt @ self._sel(W, heads_t).permute(1, 0, 2).reshape(W.shape[1], len(slots) * dh)).view(
+                    *xt.shape[:-1], len(slots), dh
+                )
+                if b is not None:
+                    y += self._sel(b, heads_t)
+                y = y.movedim(-2, 0)  # (slots, ..., T, dh)
+                pos = {j: n for n, j in enumerate(slots)}
+                for i, c in mine:
+                    outs[t][i - first[t], c].copy_(y[pos[i - first[t]]])
+        if own is not None:
+            x, members = own
+            for t, (W, b, idx) in enumerate(Ws):
+                rows_p = [p for p, (i, _) in enumerate(members) if kind(i) == t]
+                if not rows_p:
+                    continue
+                r0, n = rows_p[0], len(rows_p)
+                xt = x[r0 : r0 + n] if rows_p == list(range(r0, r0 + n)) else x[torch.tensor(rows_p)]
+                xn = self.attn_norm(layer, rows_of(xt, t))
+                heads_t = [idx[members[p][0] - first[t]] for p in rows_p]
+                y = self._bproj(xn, self._sel(W, heads_t), None if b is None else self._sel(b, heads_t))
+                for n_, p in enumerate(rows_p):
+                    outs[t][members[p][0] - first[t], members[p][1]].copy_(y[n_])
+        return self._rotate(layer, outs[0], q_pos), self._rotate(layer, outs[1], k_pos), outs[2]
 
     def qkv_input_vjp(
         self,
@@ -207,6 +293,7 @@ class ModelView:
         gv: torch.Tensor,
         q_pos: torch.Tensor | None = None,
         k_pos: torch.Tensor | None = None,
+        linear: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cotangents of each head's own (un-normalised, un-rotated) query, key and value input.
 
@@ -218,6 +305,10 @@ class ModelView:
             Cotangents of :meth:`qkv_shared`'s outputs (the rotated queries and keys).
         q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``, optional
             Positions of the rows (default ``arange``): the rotation is undone at them.
+        linear : tuple, optional
+            The projections before rotation at these inputs (:meth:`qkv_shared` with ``linear``); with them,
+            pypattern's LayerNorm and RMSNorm take :meth:`_proj_norm_vjp` (the projection's and the norm's VJP in one
+            batched matmul and one pass).
 
         Returns
         -------
@@ -238,10 +329,60 @@ class ModelView:
             h = g.shape[0]
             return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
 
-        gq_in = self.norm_vjp(layer, xq, back(unrotate(gq, q_pos), a.W_Q))
-        gk_in = self.norm_vjp(layer, xkv, back(unrotate(gk, k_pos), a.W_K))
+        gq, gk = unrotate(gq, q_pos), unrotate(gk, k_pos)
+        if linear is not None and self._fast_norm_vjp(layer, xq, gq):
+            return (
+                self._proj_norm_vjp(layer, xq, gq, a.W_Q, a.b_Q, linear[0]),
+                self._proj_norm_vjp(layer, xkv, gk, a.W_K, a.b_K, linear[1]),
+                self._proj_norm_vjp(layer, xkv, gv, a.W_V, a.b_V, linear[2]),
+            )
+        gq_in = self.norm_vjp(layer, xq, back(gq, a.W_Q))
+        gk_in = self.norm_vjp(layer, xkv, back(gk, a.W_K))
         gv_in = self.norm_vjp(layer, xkv, back(gv, a.W_V))
         return gq_in, gk_in, gv_in
+
+    def _fast_norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> bool:
+        """pypattern's LayerNorm or RMSNorm without hooks, computing in the dtype of ``x``, ``g`` and its weight."""
+        from ..models.transformer import LayerNorm, RMSNorm
+
+        ln = self.model.blocks[layer].ln1
+        return (
+            type(ln) in (LayerNorm, RMSNorm)
+            and not (ln.hook_scale.active or ln.hook_normalized.active)
+            and not (ln._forward_hooks or ln._forward_pre_hooks)
+            and (ln.compute_dtype or x.dtype) == x.dtype == g.dtype == ln.w.dtype
+        )
+
+    def _proj_norm_vjp(self, layer, x, g, W, b, lin) -> torch.Tensor:
+        """Each head's input cotangent ``norm_vjp(x, g_h @ W_h^T)`` from the cotangent ``g (h, ..., T, dh)`` of
+        its projection ``lin = norm(x) @ W_h + b_h`` (``lin (h, ..., T, dh)`` from the forward, ``W (h, d, dh)``).
+
+        With ``x_hat`` the normalised input, ``r`` the reciprocal scale, ``w`` (and ``beta``) the norm's weight
+        (and bias), ``W'_h = diag(w) W_h`` and ``g' = r g``: LayerNorm's VJP is ``g' W'_h^T - g'.(1^T W'_h) / d -
+        x_hat (g'.P_h) / d`` with ``P_h = x_hat W'_h = lin_h - b_h - beta W_h`` (from the forward: no projection
+        of ``x_hat``); RMSNorm's the same without the middle term (and ``beta``). The first two terms are one
+        batched matmul (the second as one more column of ``g'``), the third one pass over its output."""
+        from ..models.transformer import LayerNorm
+
+        ln = self.model.blocks[layer].ln1
+        is_ln = type(ln) is LayerNorm
+        d, h, dh = x.shape[-1], W.shape[0], W.shape[-1]
+        hx = x - x.mean(-1, keepdim=True) if is_ln else x
+        r = torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + ln.eps)  # (..., T, 1)
+        xhat = hx * r
+        Ww = W * ln.w.view(1, d, 1)
+        shape = (h,) + (1,) * (g.dim() - 2) + (dh,)
+        P = lin if b is None else lin - b.view(shape)
+        if is_ln:
+            P = P - torch.einsum("d,hdk->hk", ln.b, W).view(shape)
+        gs = g * r
+        c2 = (gs * P).sum(-1, keepdim=True).div_(d)  # (h, ..., T, 1)
+        if is_ln:
+            c1 = (gs * Ww.sum(1).view(shape)).sum(-1, keepdim=True).div_(-d)
+            gs = torch.cat([gs, c1], -1)
+            Ww = torch.cat([Ww, Ww.new_ones(h, d, 1)], -1)
+        out = torch.bmm(gs.reshape(h, -1, gs.shape[-1]), Ww.transpose(1, 2)).view(*g.shape[:-1], d)
+        return out.addcmul_(xhat, c2, value=-1)
 
     def norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The attention norm's VJP at ``x (..., T, d)`` applied to each head's cotangent ``g (h, ..., T, d)``.
