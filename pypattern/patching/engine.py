@@ -389,6 +389,9 @@ class ExactEngine:
                 "cbre,ced->cbrd", z_new - z_old, attn.W_O[heads]
             )
             new = self._finish(layer, x, attn_out, mlp_out=mlp_cached)
+        elif not all_pos and layer in self._entry:  # attn_out, resid_mid: rows computed for the whole layer
+            where, rows = self._entry[layer][:2]
+            new = rows[:, :, where[p] : where[p] + 1].expand(C, -1, -1, -1)
         else:
             s = src[:, prow].to(dt).unsqueeze(0)
             if site == "attn_out":
@@ -411,16 +414,29 @@ class ExactEngine:
         return out
 
     def _entry_rows(self, cells: list[Cell]) -> None:
-        """For ``resid_pre`` cells at single positions: the source rows' rotated queries, keys and values at
-        every (layer, position) of ``cells`` (one projection per layer over all its positions)."""
+        """What the patched row of a cell at a single position computes at its own layer, for every (layer,
+        position) of ``cells`` at once (one matmul per layer over all its positions): for ``resid_pre`` the source
+        rows' rotated queries, keys and values; for ``attn_out`` and ``resid_mid`` (sequential blocks with an MLP)
+        the residual after the block."""
         want: dict[int, set[int]] = {}
         for c in cells:
-            if c.pos >= 0 and (not self.uniform or c.pos <= self.m):
+            # in the last block a row-local patch reaches the metric only at the metric's row
+            skip = c.layer == self.L - 1 and self.uniform and c.pos != self.m and self.site != "resid_pre"
+            if c.pos >= 0 and (not self.uniform or c.pos <= self.m) and not skip:
                 want.setdefault(c.layer, set()).add(c.pos)
         self._entry = {}
         for layer, ps in want.items():
             pos = sorted(ps)
             blk = self.model.blocks[layer]
+            if self.site != "resid_pre":
+                tg, prow = self.tgt[layer], torch.tensor(pos)
+                s = self.src[hook_name(self.site, layer)][:, prow].to(self.dtype).unsqueeze(0)
+                if self.site == "attn_out":
+                    rows = self._finish(layer, tg["resid_pre"][:, prow], s)
+                else:
+                    rows = s + blk.mlp(blk.ln2(s))
+                self._entry[layer] = ({p: i for i, p in enumerate(pos)}, rows)
+                continue
             h = blk.ln1(self.src[hook_name("resid_pre", layer)][:, pos].to(self.dtype))  # (B,P,d)
             pt = torch.tensor(pos)
             q = blk.attn.rotate(self._proj(layer, "Q", h), pt)
@@ -440,7 +456,8 @@ class ExactEngine:
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cells):
             groups.setdefault(c.pos, []).append(i)
-        if self.site == "resid_pre":
+        seq_mlp = not self.attn_only and not self.parallel
+        if self.site == "resid_pre" or (self.site in ("attn_out", "resid_mid") and seq_mlp):
             self._entry_rows(cells)
         tgt_metric = None
         step = self.max_batch or len(cells)
