@@ -31,8 +31,10 @@ once, :meth:`Attention.rotate`, :meth:`Attention.attn_mask`, the norms, :meth:`M
 Cells that start at the same position are batched together (at most ``max_batch`` cells per batch): they share
 the row range and run as one batch through the blocks (cells join the batch at their own layer). Each block runs
 over chunks of about ``CHUNK_ROWS`` rows of the batch, so that its temporaries stay in cache, and writes the
-residual into one of two buffers per batch. The metric position's logits are computed as ``(W_U^T x^T)^T``
-(:func:`unembed_rows`).
+residual into one of two buffers per batch. What a single-position cell computes at its own layer from the
+patched row alone (``resid_pre``: that row's query, key and value; ``attn_out``/``resid_mid``: the row's MLP) is
+computed for all positions of a layer in one pass before the batches run. The final rows of several batches
+(about :attr:`ExactEngine.UNEMBED_ROWS`) are unembedded together, as ``(W_U^T x^T)^T`` (:func:`unembed_rows`).
 """
 
 from __future__ import annotations
