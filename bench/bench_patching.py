@@ -303,6 +303,14 @@ def _forward_macs(c, T):
     return c["n_layers"] * sum(_row(c, t + 1) for t in range(T)) + c["d_model"] * c["d_vocab"]
 
 
+def _graddrop_macs(c, T):
+    """GradDrop's backwards, per example: the pass that drops layer l's outputs changes no gradient after layer
+    l and none flows into layer l's attention or MLP, so it is a backward through layers 0 .. l - 1 (an activation
+    gradient through a block costs about the block's forward multiply-adds): ``sum_l l`` blocks at every row."""
+    L = c["n_layers"]
+    return sum(range(L)) * sum(_row(c, t + 1) for t in range(T))
+
+
 class _PeakRSS:
     """Peak resident set of this process while the block runs (sampled every 2 ms from /proc/self/statm)."""
 
@@ -427,8 +435,9 @@ def test_scale_gpt2_small(tmp_path):
     counted. A grid's bound in seconds is its multiply-adds over the rate of one large float32 matmul measured in the
     same run on the same threads (``(256, 768) @ (768, 3072)``), so "x of bound" is time / (MACs / GEMM rate).
     AtP: two forwards of the blocks (every row) and one backward for activation gradients only (about one forward's
-    multiply-adds), each with the metric row's unembedding: about 3 forwards. AtP* adds one backward per layer
-    (GradDrop): about 3 + n_layers forwards (the QK fix's score recomputation is small and not counted).
+    multiply-adds), each with the metric row's unembedding: about 3 forwards. AtP* adds GradDrop's backward per
+    layer l, which has to run through layers 0 .. l - 1 only (:func:`_graddrop_macs`; the QK fix's score
+    recomputation is small and not counted).
 
     TransformerLens runs one full forward of the batch per cell whatever the cell, so its per-cell time is measured
     on a subset of cells (the same cells are compared with ours for equality) and extrapolated to the full grid:
@@ -478,7 +487,7 @@ def test_scale_gpt2_small(tmp_path):
         }
         n_cells = {"resid_pre": L * T, "attn_out": L * T, "z_all_pos": L * H, "z_by_pos": L * H * T}
         macs["atp"] = 3 * B * _forward_macs(c, T)
-        macs["atp*"] = (3 + L) * B * _forward_macs(c, T)
+        macs["atp*"] = 3 * B * _forward_macs(c, T) + B * _graddrop_macs(c, T)
         for k in ("resid_pre", "attn_out", "z_all_pos"):
             macs[k] *= B
         # the same cells for TransformerLens (timed, extrapolated per cell) and for equality with ours
@@ -611,8 +620,8 @@ def test_scale_gpt2_small_cpu_time(tmp_path):
     also counts the two runs every grid needs (the source and the target run: blocks at every row, the
     unembedding of the metric row), which ``scale_macs`` leaves out.
 
-    AtP and AtP* (QK fix, GradDrop) are bounded as in :func:`test_scale_gpt2_small` (3 and 3 + n_layers
-    forwards, which include their own clean and corrupted runs) and compared with TransformerLens' exact grid
+    AtP and AtP* (QK fix, GradDrop) are bounded as in :func:`test_scale_gpt2_small` (3 forwards, which include
+    their own clean and corrupted runs; AtP* plus :func:`_graddrop_macs`) and compared with TransformerLens' exact grid
     of every head at every position (``z``, 144 x 32 cells, extrapolated from 8 cells).
 
     Peak memory: the process's peak resident set while the grid runs (``VmHWM`` after resetting it through
@@ -664,7 +673,10 @@ def test_scale_gpt2_small_cpu_time(tmp_path):
         )
         fwd = Bs * _forward_macs(c, Ts)
         grids["atp"] = (dict(sites=["z"]), 3 * fwd)
-        grids["atp*"] = (dict(sites=["z", "q", "k", "v"], qk_fix=True, grad_drop=True), (3 + L) * fwd)
+        grids["atp*"] = (
+            dict(sites=["z", "q", "k", "v"], qk_fix=True, grad_drop=True),
+            3 * fwd + Bs * _graddrop_macs(c, Ts),
+        )
         only = os.environ.get("PYPATTERN_BENCH_GRIDS")
         names = [n for n in grids if not only or n in only.split(",")]
         rounds = int(os.environ.get("PYPATTERN_BENCH_ROUNDS", 2))

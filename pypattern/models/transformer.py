@@ -759,11 +759,12 @@ class Transformer(HookedRootModule):
         x = self.embed_tokens(tokens)
         for block in self.blocks:
             x = block(x)
-        logits = self.unembed(self.ln_final(x))
+        x = self.ln_final(x)
+        if return_type is None:  # the unembedding has no hook point: nothing observable is skipped
+            return None
+        logits = self.unembed(x)
         if return_type == "logits":
             return logits
-        if return_type is None:
-            return None
         per_tok = lm_cross_entropy(logits, tokens)
         if return_type == "per_token_loss":
             return per_tok

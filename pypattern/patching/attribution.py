@@ -10,6 +10,9 @@ AtP* (Kramar et al. 2024) adds two fixes:
   closed form), and only the step from the attention pattern on is linearised;
 - *GradDrop*: for each layer l, a backward pass with the gradient through layer l's outputs (``attn_out``,
   ``mlp_out``) set to zero; the score ``sum_l |AtP_l| / (L - 1)`` exposes effects that cancel in plain AtP.
+  Such a pass changes no gradient after layer l, zeroes those inside layer l's attention and MLP, and passes
+  the residual gradient after layer l unchanged to layer l's input; so it is computed as a backward from layer
+  l's input (with the full pass's gradient after layer l) through layers ``0 .. l - 1`` only.
 
 Use AtP to shortlist cells and exact patching to confirm them: :func:`shortlist_and_confirm`.
 """
@@ -92,6 +95,40 @@ def _scored(site: str, layer: int, cfg) -> str:
     return f"blocks.{layer}.attn.hook_rot_{site}" if cfg.rotary else hook_name(site, layer)
 
 
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def _drop_pass(layer: int, gnames: list[str], full: dict, captured: dict) -> dict[str, torch.Tensor]:
+    """The gradients of GradDrop's pass at ``layer`` (no gradient through that layer's ``attn_out`` and
+    ``mlp_out``) from the full pass's gradients ``full``: unchanged after the layer; at the layer, zero inside
+    the attention and MLP and the residual gradient after the layer at ``resid_pre``/``resid_mid``/
+    ``resid_post``; before the layer, a backward from the layer's input with that residual gradient."""
+    g_post = full[hook_name("resid_post", layer)]
+    out = {}
+    below = []
+    for n in gnames:
+        at = _layer_of(n)
+        if at > layer:
+            out[n] = full[n]
+        elif at == layer:
+            resid = n.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post"))
+            out[n] = g_post if resid else torch.zeros_like(captured[n])
+        else:
+            below.append(n)
+    if below:
+        gs = torch.autograd.grad(
+            captured[hook_name("resid_pre", layer)],
+            [captured[n] for n in below],
+            grad_outputs=g_post,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for n, g in zip(below, gs):
+            out[n] = g if g is not None else torch.zeros_like(captured[n])
+    return out
+
+
 def _final_logits(model, tokens: torch.Tensor, pos) -> torch.Tensor:
     """The model's forward with the unembedding only at the metric position(s): ``(batch, vocab)``."""
     x = model.embed_tokens(tokens)
@@ -161,6 +198,13 @@ def attribution_patching(
     grad_names = {hook_name(s, layer) for s in sites for layer in range(L)}
     if need_qk:
         grad_names |= {hook_name("pattern", layer) for layer in range(L) if "q" in sites or "k" in sites}
+    # GradDrop starts the backward of layer l's pass at layer l's input, with the full gradient after layer l
+    resid = (
+        {hook_name(s, layer) for s in ("resid_pre", "resid_post") for layer in range(L)}
+        if grad_drop
+        else set()
+    )
+    tnames = names | resid
 
     def cache_run(tokens, nz):
         """``(logits at the metric position (B, vocab), cache of names)``, without gradients."""
@@ -180,7 +224,6 @@ def attribution_patching(
         tgt_tokens, tgt_noise = clean_tokens, None
     # forward 2: the target run with gradients at every site
     captured: dict[str, torch.Tensor] = {}
-    drop = {"layer": -1}
 
     def capture(x, hook):
         if not x.requires_grad:
@@ -188,25 +231,9 @@ def attribution_patching(
         captured[hook.name] = x
         return x
 
-    def dropper(layer):
-        def fn(x, hook):
-            if not x.requires_grad:
-                return x
-            x = x * 1.0
-            x.register_hook(lambda g: torch.zeros_like(g) if drop["layer"] == layer else g)
-            return x
-
-        return fn
-
-    hooks = [(lambda n: n in names, capture)]
+    hooks = [(lambda n: n in tnames, capture)]
     if tgt_noise is not None:
         hooks.insert(0, ("hook_embed", embedding_noise_hook(tgt_noise)))
-    if grad_drop:
-        for layer in range(L):
-            for s in ("attn_out", "mlp_out"):
-                if s == "mlp_out" and cfg.attn_only:
-                    continue
-                hooks.append((hook_name(s, layer), dropper(layer)))
     with torch.enable_grad():
         for prm in model.parameters():
             prm.requires_grad_(False)
@@ -223,19 +250,15 @@ def attribution_patching(
         m_tgt_full = metric(logits)
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
-        passes = [-1] + (list(range(L)) if grad_drop else [])
-        grads_per_pass = []
-        for i, layer in enumerate(passes):
-            drop["layer"] = layer
-            gs = torch.autograd.grad(
-                m_tgt_full.sum(),
-                [captured[n] for n in gnames],
-                retain_graph=i < len(passes) - 1,
-                allow_unused=True,
-            )
-            grads_per_pass.append(
-                {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(gnames, gs)}
-            )
+        post = [hook_name("resid_post", layer) for layer in range(L)] if grad_drop else []
+        wanted = gnames + [n for n in post if n not in grad_names]
+        gs = torch.autograd.grad(
+            m_tgt_full.sum(), [captured[n] for n in wanted], retain_graph=grad_drop, allow_unused=True
+        )
+        full = {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(wanted, gs)}
+        grads_per_pass = [{n: full[n] for n in gnames}]
+        for layer in range(L) if grad_drop else []:
+            grads_per_pass.append(_drop_pass(layer, gnames, full, captured))
     tgt_cache = {n: x.detach() for n, x in captured.items()}
     m_corr = None
     if direction == "noising":

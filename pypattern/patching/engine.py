@@ -31,8 +31,10 @@ once, :meth:`Attention.rotate`, :meth:`Attention.attn_mask`, the norms, :meth:`M
 Cells that start at the same position are batched together (at most ``max_batch`` cells per batch): they share
 the row range and run as one batch through the blocks (cells join the batch at their own layer). Each block runs
 over chunks of about ``CHUNK_ROWS`` rows of the batch, so that its temporaries stay in cache, and writes the
-residual into one of two buffers per batch. The metric position's logits are computed as ``(W_U^T x^T)^T``
-(:func:`unembed_rows`).
+residual into one of two buffers per batch. What a single-position cell computes at its own layer from the
+patched row alone (``resid_pre``: that row's query, key and value; ``attn_out``/``resid_mid``: the row's MLP) is
+computed for all positions of a layer in one pass before the batches run. The final rows of several batches
+(about :attr:`ExactEngine.UNEMBED_ROWS`) are unembedded together, as ``(W_U^T x^T)^T`` (:func:`unembed_rows`).
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ class ExactEngine:
         self.scale = cfg.attn_scale
         self.tgt = [self._layer_cache(i) for i in range(self.L)]
         self._flat: dict[tuple[int, str], torch.Tensor] = {}
+        # resid_pre cells: the patched row's (rotated) query, key and value at each layer, computed for all the
+        # run's positions of a layer at once (one matmul of many rows instead of one of ``batch`` rows per cell)
+        self._entry: dict[int, tuple[dict[int, int], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _proj(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
         """:meth:`Attention.compute_q`/``compute_k``/``compute_v`` (``which`` in ``"QKV"``) of ``x (..., d_model)``:
@@ -325,11 +330,9 @@ class ExactEngine:
                 return self._block_rows(layer, X, 0, None, out_rows)
             # only row p's q, k, v change; later rows keep their cached queries, keys and values
             x0 = src[:, p : p + 1].to(dt)  # (B,1,d)
-            h0 = blk.ln1(x0)
-            p0 = torch.tensor([p])
-            q0 = attn.rotate(self._proj(layer, "Q", h0), p0)
-            k0 = attn.rotate(self._proj(layer, "K", h0), p0)
-            v0 = self._proj(layer, "V", h0)
+            where, qe, ke, ve = self._entry[layer]
+            i = where[p]
+            q0, k0, v0 = qe[:, i : i + 1], ke[:, i : i + 1], ve[:, i : i + 1]
             sel = out_rows - p
             k = torch.cat([k0, tg["kr"][:, p + 1 :]], 1).unsqueeze(0)
             v = torch.cat([v0, tg["v"][:, p + 1 :]], 1).unsqueeze(0)
@@ -388,6 +391,9 @@ class ExactEngine:
                 "cbre,ced->cbrd", z_new - z_old, attn.W_O[heads]
             )
             new = self._finish(layer, x, attn_out, mlp_out=mlp_cached)
+        elif not all_pos and layer in self._entry:  # attn_out, resid_mid: rows computed for the whole layer
+            where, rows = self._entry[layer][:2]
+            new = rows[:, :, where[p] : where[p] + 1].expand(C, -1, -1, -1)
         else:
             s = src[:, prow].to(dt).unsqueeze(0)
             if site == "attn_out":
@@ -409,6 +415,41 @@ class ExactEngine:
         out[:, :, (out_rows == p).nonzero().flatten()] = new
         return out
 
+    def _entry_rows(self, cells: list[Cell]) -> None:
+        """What the patched row of a cell at a single position computes at its own layer, for every (layer,
+        position) of ``cells`` at once (one matmul per layer over all its positions): for ``resid_pre`` the source
+        rows' rotated queries, keys and values; for ``attn_out`` and ``resid_mid`` (sequential blocks with an MLP)
+        the residual after the block."""
+        want: dict[int, set[int]] = {}
+        for c in cells:
+            # in the last block a row-local patch reaches the metric only at the metric's row
+            skip = c.layer == self.L - 1 and self.uniform and c.pos != self.m and self.site != "resid_pre"
+            if c.pos >= 0 and (not self.uniform or c.pos <= self.m) and not skip:
+                want.setdefault(c.layer, set()).add(c.pos)
+        self._entry = {}
+        for layer, ps in want.items():
+            pos = sorted(ps)
+            blk = self.model.blocks[layer]
+            if self.site != "resid_pre":
+                tg, prow = self.tgt[layer], torch.tensor(pos)
+                s = self.src[hook_name(self.site, layer)][:, prow].to(self.dtype).unsqueeze(0)
+                if self.site == "attn_out":
+                    rows = self._finish(layer, tg["resid_pre"][:, prow], s)
+                else:
+                    rows = s + blk.mlp(blk.ln2(s))
+                self._entry[layer] = ({p: i for i, p in enumerate(pos)}, rows)
+                continue
+            h = blk.ln1(self.src[hook_name("resid_pre", layer)][:, pos].to(self.dtype))  # (B,P,d)
+            pt = torch.tensor(pos)
+            q = blk.attn.rotate(self._proj(layer, "Q", h), pt)
+            k = blk.attn.rotate(self._proj(layer, "K", h), pt)
+            v = self._proj(layer, "V", h)
+            self._entry[layer] = ({p: i for i, p in enumerate(pos)}, q, k, v)
+
+    #: final-norm rows of finished cells that are unembedded together (one matmul over the vocabulary for
+    #: several batches, which runs near the full matmul rate where one of ``batch`` x a few cells does not)
+    UNEMBED_ROWS = 256
+
     # ----- driver ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, cells: list[Cell]) -> torch.Tensor:
@@ -417,8 +458,23 @@ class ExactEngine:
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cells):
             groups.setdefault(c.pos, []).append(i)
+        seq_mlp = not self.attn_only and not self.parallel
+        if self.site == "resid_pre" or (self.site in ("attn_out", "resid_mid") and seq_mlp):
+            self._entry_rows(cells)
         tgt_metric = None
         step = self.max_batch or len(cells)
+        pending: list[tuple[list[int], torch.Tensor]] = []  # (cell indices, final-norm rows (C, B, d))
+
+        def flush() -> None:
+            if pending:
+                x = torch.cat([h for _, h in pending]) if len(pending) > 1 else pending[0][1]
+                vals = self.metric(unembed_rows(self.model, x, self.metric))
+                n = 0
+                for idx, _ in pending:
+                    out[idx] = vals[n : n + len(idx)]
+                    n += len(idx)
+                pending.clear()
+
         for pos, idx in groups.items():
             all_pos = pos < 0
             p = 0 if all_pos else pos
@@ -429,17 +485,22 @@ class ExactEngine:
             idx = sorted(idx, key=lambda i: cells[i].layer)  # a batch of late cells skips the early layers
             for s in range(0, len(idx), step):
                 chunk = idx[s : s + step]
-                out[chunk] = self._run_group(p, [cells[i] for i in chunk], all_pos)
+                pending.append((chunk, self._run_group(p, [cells[i] for i in chunk], all_pos)))
+                if sum(len(i) for i, _ in pending) * self.B >= self.UNEMBED_ROWS:
+                    flush()
+        flush()
+        self._entry = {}
         return out
 
     @torch.no_grad()
     def target_metric(self) -> torch.Tensor:
         """Metric of the unpatched target run ``(batch,)``."""
-        return self._metric_from_final(self.tgt[-1]["resid_post"].unsqueeze(0), 0)[0]
+        x = self._final_rows(self.tgt[-1]["resid_post"].unsqueeze(0), 0)
+        return self.metric(unembed_rows(self.model, x, self.metric))[0]
 
-    def _metric_from_final(self, X: torch.Tensor, p: int) -> torch.Tensor:
-        """Metric from the final residual rows ``X (C,B,R,d)`` that end at the last position (``T - 1``) and
-        start at ``p`` (or hold only the metric row, in the uniform case)."""
+    def _final_rows(self, X: torch.Tensor, p: int) -> torch.Tensor:
+        """The final norm of the metric rows ``(C,B,d)`` from the final residual rows ``X (C,B,R,d)`` that end at
+        the last position (``T - 1``) and start at ``p`` (or hold only the metric row, in the uniform case)."""
         model = self.model
         if self.uniform:  # prompts are truncated so that the metric position is the last one
             x = X[:, :, -1]
@@ -449,7 +510,7 @@ class ExactEngine:
             full = torch.cat([tgt_final[:, :p].unsqueeze(0).expand(C, -1, -1, -1), X], 2)
             idx = self.m.view(1, -1, 1, 1).expand(C, -1, 1, self.d)
             x = full.gather(2, idx).squeeze(2)
-        return self.metric(unembed_rows(model, model.ln_final(x), self.metric))
+        return model.ln_final(x)
 
     def _chunks(self, n_cells: int, rows: int) -> list[tuple[int, int]]:
         """Consecutive cell ranges of about :attr:`CHUNK_ROWS` rows (``rows`` per example and cell) each."""
@@ -493,8 +554,7 @@ class ExactEngine:
             X = Y
         assert X is not None and X.shape[2] in (1, R)
         order = {c: i for i, c in enumerate(active)}
-        vals = self._metric_from_final(X, p)
-        return vals[[order[c] for c in cells]]
+        return self._final_rows(X, p)[[order[c] for c in cells]]
 
 
 def truncate_cache(cache: dict, T: int) -> dict:

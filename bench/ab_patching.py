@@ -1,0 +1,116 @@
+"""Two source trees of pypattern timed against each other in one process: the five GPT-2-small-shaped patching
+grids of ``bench_patching.test_scale_gpt2_small_cpu_time`` (resid_pre, attn_out, z per head over all positions,
+AtP over z, AtP* over z/q/k/v with the QK fix and GradDrop), each beside its multiply-add bound from that bench.
+
+The first tree is imported under another package name (its modules import each other relatively), so both run in
+the same process on models of the same weights, alternating grid by grid (the order flips every round); each grid
+is timed in CPU time (``time.process_time``) between two measurements of the reference matmul's rate (the faster
+is used for the bound), as in the bench. Printed per grid and tree: CPU seconds and x of bound per round, and the
+second tree's CPU time over the first's in the same round.
+
+    git archive <commit> pypattern | tar -x -C /tmp/before && cp pypattern/_C*.so /tmp/before/pypattern/
+    PYTHONPATH=. OMP_NUM_THREADS=1 python bench/ab_patching.py /tmp/before --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_patching as bp  # noqa: E402
+
+
+def _load_as(tree: str, name: str):
+    """The ``pypattern`` package of ``tree`` imported as ``name`` (through a symbolic link)."""
+    d = tempfile.mkdtemp()
+    os.symlink(os.path.join(os.path.abspath(tree), "pypattern"), os.path.join(d, name))
+    sys.path.insert(0, d)
+    return importlib.import_module(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("before", help="a source tree whose pypattern/ is timed against this checkout's")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--grids", default="resid_pre,attn_out,z_all_pos,atp,atp*")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import pypattern
+
+    old = _load_as(args.before, "pypattern_before")
+    importlib.import_module("pypattern_before.patching.attribution")
+    c, Bs, Ts, L, H = bp.SCALE, bp.SCALE_B, bp.SCALE_T, bp.SCALE["n_layers"], bp.SCALE["n_heads"]
+    hf, ours = bp._scale_models()
+    models = {"before": old.from_hf(hf), "after": ours}
+    pkgs = {"before": old, "after": pypattern}
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, c["d_vocab"], (Bs, Ts), generator=g)
+    corr = clean.clone()
+    corr[:, 5] = (clean[:, 5] + 1) % c["d_vocab"]
+    corr[:, 20] = (clean[:, 20] + 7) % c["d_vocab"]
+    ans = torch.randint(0, c["d_vocab"], (Bs,), generator=g)
+    wrong = torch.randint(0, c["d_vocab"], (Bs,), generator=g)
+    fwd = Bs * bp._forward_macs(c, Ts)
+    runs = (
+        2 * Bs * (bp._forward_macs(c, Ts) - c["d_model"] * c["d_vocab"])
+        + 2 * Bs * c["d_model"] * c["d_vocab"]
+    )
+    rows = [(l_, p) for l_ in range(L) for p in range(Ts)]
+    macs = {
+        "resid_pre": Bs * sum(bp.scale_macs(c, "resid_pre", l_, p, Ts) for l_, p in rows) + runs,
+        "attn_out": Bs * sum(bp.scale_macs(c, "attn_out", l_, p, Ts) for l_, p in rows) + runs,
+        "z_all_pos": Bs * H * sum(bp.scale_macs(c, "z", l_, 0, Ts, all_pos=True) for l_ in range(L)) + runs,
+        "atp": 3 * fwd,
+        "atp*": 3 * fwd + Bs * bp._graddrop_macs(c, Ts),
+    }
+
+    def run(name: str, tree: str) -> None:
+        P, m = pkgs[tree].patching, models[tree]
+        met = P.LogitDiff(ans, wrong)
+        if name == "atp":
+            P.attribution.attribution_patching(m, clean, corr, metric=met, sites=["z"])
+        elif name == "atp*":
+            sites = ["z", "q", "k", "v"]
+            P.attribution.attribution_patching(
+                m, clean, corr, metric=met, sites=sites, qk_fix=True, grad_drop=True
+            )
+        elif name == "z_all_pos":
+            P.activation_patching(m, "z", clean, corr, metric=met, per_position=False)
+        else:
+            P.activation_patching(m, name, clean, corr, metric=met)
+
+    names = args.grids.split(",")
+    res: dict = {(n, t): [] for n in names for t in ("before", "after")}
+    for r in range(args.rounds):
+        for n in names:
+            for t in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                r0 = bp._cpu_gemm_rate()
+                t0 = time.process_time()
+                run(n, t)
+                cpu = time.process_time() - t0
+                rate = max(r0, bp._cpu_gemm_rate())
+                res[(n, t)].append((cpu, cpu / (macs[n] / rate)))
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] round {r} {n} {t}: CPU {cpu:.2f} s, bound"
+                    f" {macs[n] / rate:.2f} s ({macs[n] / 1e9:.0f} GMAC), {cpu / (macs[n] / rate):.3f}x of bound",
+                    flush=True,
+                )
+    print("summary (before: " + args.before + ")")
+    for n in names:
+        b, a = res[(n, "before")], res[(n, "after")]
+        fmt = lambda xs, i: f"{min(x[i] for x in xs):.2f}-{max(x[i] for x in xs):.2f}"
+        print(
+            f"{n}: before CPU {fmt(b, 0)} s, {fmt(b, 1)}x of bound; after CPU {fmt(a, 0)} s, {fmt(a, 1)}x of bound;"
+            f" after / before " + ", ".join(f"{x[0] / y[0]:.3f}" for x, y in zip(a, b))
+        )
+
+
+if __name__ == "__main__":
+    main()
