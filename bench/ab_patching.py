@@ -46,30 +46,12 @@ def main() -> None:
 
     old = _load_as(args.before, "pypattern_before")
     importlib.import_module("pypattern_before.patching.attribution")
-    c, Bs, Ts, L, H = bp.SCALE, bp.SCALE_B, bp.SCALE_T, bp.SCALE["n_layers"], bp.SCALE["n_heads"]
+    c, Bs, Ts = bp.SCALE, bp.SCALE_B, bp.SCALE_T
     hf, ours = bp._scale_models()
     models = {"before": old.from_hf(hf), "after": ours}
     pkgs = {"before": old, "after": pypattern}
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, c["d_vocab"], (Bs, Ts), generator=g)
-    corr = clean.clone()
-    corr[:, 5] = (clean[:, 5] + 1) % c["d_vocab"]
-    corr[:, 20] = (clean[:, 20] + 7) % c["d_vocab"]
-    ans = torch.randint(0, c["d_vocab"], (Bs,), generator=g)
-    wrong = torch.randint(0, c["d_vocab"], (Bs,), generator=g)
-    fwd = Bs * bp._forward_macs(c, Ts)
-    runs = (
-        2 * Bs * (bp._forward_macs(c, Ts) - c["d_model"] * c["d_vocab"])
-        + 2 * Bs * c["d_model"] * c["d_vocab"]
-    )
-    rows = [(l_, p) for l_ in range(L) for p in range(Ts)]
-    macs = {
-        "resid_pre": Bs * sum(bp.scale_macs(c, "resid_pre", l_, p, Ts) for l_, p in rows) + runs,
-        "attn_out": Bs * sum(bp.scale_macs(c, "attn_out", l_, p, Ts) for l_, p in rows) + runs,
-        "z_all_pos": Bs * H * sum(bp.scale_macs(c, "z", l_, 0, Ts, all_pos=True) for l_ in range(L)) + runs,
-        "atp": 3 * fwd,
-        "atp*": 3 * fwd + Bs * bp._graddrop_macs(c, Ts),
-    }
+    clean, corr, ans, wrong = bp._prompts(c["d_vocab"], Bs, Ts)
+    macs = bp.scale_bounds(c, Bs, Ts)
 
     def run(name: str, tree: str) -> None:
         P, m = pkgs[tree].patching, models[tree]

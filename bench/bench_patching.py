@@ -97,15 +97,35 @@ def bound(site):
 
 
 # ----- models ------------------------------------------------------------------------------------------------
-def _prompts():
+def _prompts(d_vocab=None, b=None, t=None):
+    """Clean prompts ``(b, t)``, corrupted at positions 5 and 20, and the answer / wrong tokens of each example
+    (defaults: the small bench model's vocabulary and batch)."""
+    d_vocab, b, t = d_vocab or CFG["d_vocab"], b or B, t or T
     g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, CFG["d_vocab"], (B, T), generator=g)
+    clean = torch.randint(0, d_vocab, (b, t), generator=g)
     corr = clean.clone()
-    corr[:, 5] = (clean[:, 5] + 1) % CFG["d_vocab"]
-    corr[:, 20] = (clean[:, 20] + 7) % CFG["d_vocab"]
-    ans = torch.randint(0, CFG["d_vocab"], (B,), generator=g)
-    wrong = torch.randint(0, CFG["d_vocab"], (B,), generator=g)
+    corr[:, 5] = (clean[:, 5] + 1) % d_vocab
+    corr[:, 20] = (clean[:, 20] + 7) % d_vocab
+    ans = torch.randint(0, d_vocab, (b,), generator=g)
+    wrong = torch.randint(0, d_vocab, (b,), generator=g)
     return clean, corr, ans, wrong
+
+
+def scale_bounds(c: dict, b: int, t: int) -> dict:
+    """Multiply-adds each GPT-2-small-shaped grid must do on a batch of ``b`` x ``t`` (see ``test_scale_cpu_time``):
+    the exact grids' cells after causal reuse plus the two runs every exact grid needs, AtP's three forwards, AtP*'s
+    plus its GradDrop backwards."""
+    L, H = c["n_layers"], c["n_heads"]
+    runs = 2 * b * (_forward_macs(c, t) - c["d_model"] * c["d_vocab"]) + 2 * b * c["d_model"] * c["d_vocab"]
+    rows = [(l_, p) for l_ in range(L) for p in range(t)]
+    fwd = b * _forward_macs(c, t)
+    return {
+        "resid_pre": b * sum(scale_macs(c, "resid_pre", l_, p, t) for l_, p in rows) + runs,
+        "attn_out": b * sum(scale_macs(c, "attn_out", l_, p, t) for l_, p in rows) + runs,
+        "z_all_pos": b * H * sum(scale_macs(c, "z", l_, 0, t, all_pos=True) for l_ in range(L)) + runs,
+        "atp": 3 * fwd,
+        "atp*": 3 * fwd + b * _graddrop_macs(c, t),
+    }
 
 
 def _tl_model(dtype=torch.float32):
@@ -458,13 +478,7 @@ def test_scale_gpt2_small(tmp_path):
         hf, ours = _scale_models()
         bridge = _tl_bridge(hf, tmp_path)
         c, B, T, L, H = SCALE, SCALE_B, SCALE_T, SCALE["n_layers"], SCALE["n_heads"]
-        g = torch.Generator().manual_seed(0)
-        clean = torch.randint(0, c["d_vocab"], (B, T), generator=g)
-        corr = clean.clone()
-        corr[:, 5] = (clean[:, 5] + 1) % c["d_vocab"]
-        corr[:, 20] = (clean[:, 20] + 7) % c["d_vocab"]
-        ans = torch.randint(0, c["d_vocab"], (B,), generator=g)
-        wrong = torch.randint(0, c["d_vocab"], (B,), generator=g)
+        clean, corr, ans, wrong = _prompts(c["d_vocab"], B, T)
         met = lambda: LogitDiff(ans, wrong)
         with torch.no_grad():
             d_logits = (ours(clean) - bridge(clean)).abs().max().item()
@@ -642,41 +656,19 @@ def test_scale_gpt2_small_cpu_time(tmp_path):
         hf, ours = _scale_models()
         bridge = _tl_bridge(hf, tmp_path) if HAS_TL else None
         c, Bs, Ts, L, H = SCALE, SCALE_B, SCALE_T, SCALE["n_layers"], SCALE["n_heads"]
-        g = torch.Generator().manual_seed(0)
-        clean = torch.randint(0, c["d_vocab"], (Bs, Ts), generator=g)
-        corr = clean.clone()
-        corr[:, 5] = (clean[:, 5] + 1) % c["d_vocab"]
-        corr[:, 20] = (clean[:, 20] + 7) % c["d_vocab"]
-        ans = torch.randint(0, c["d_vocab"], (Bs,), generator=g)
-        wrong = torch.randint(0, c["d_vocab"], (Bs,), generator=g)
-        runs = (
-            2 * Bs * (_forward_macs(c, Ts) - c["d_model"] * c["d_vocab"])
-            + 2 * Bs * c["d_model"] * c["d_vocab"]
-        )
+        clean, corr, ans, wrong = _prompts(c["d_vocab"], Bs, Ts)
         max_memory = int(float(os.environ.get("PYPATTERN_BENCH_MAX_MEMORY", 2**30)))
+        bounds = scale_bounds(c, Bs, Ts)
         grids = {
-            "resid_pre": (
-                dict(site="resid_pre"),
-                sum(scale_macs(c, "resid_pre", l_, p, Ts) for l_ in range(L) for p in range(Ts)),
-            ),
-            "attn_out": (
-                dict(site="attn_out"),
-                sum(scale_macs(c, "attn_out", l_, p, Ts) for l_ in range(L) for p in range(Ts)),
-            ),
-            "z_all_pos": (
-                dict(site="z", per_position=False),
-                H * sum(scale_macs(c, "z", l_, 0, Ts, all_pos=True) for l_ in range(L)),
-            ),
+            "resid_pre": (dict(site="resid_pre"), bounds["resid_pre"]),
+            "attn_out": (dict(site="attn_out"), bounds["attn_out"]),
+            "z_all_pos": (dict(site="z", per_position=False), bounds["z_all_pos"]),
         }
         activation_patching(
             ours, "resid_pre", clean, corr, metric=LogitDiff(ans, wrong), layers=[L - 1], positions=[Ts - 1]
         )
-        fwd = Bs * _forward_macs(c, Ts)
-        grids["atp"] = (dict(sites=["z"]), 3 * fwd)
-        grids["atp*"] = (
-            dict(sites=["z", "q", "k", "v"], qk_fix=True, grad_drop=True),
-            3 * fwd + Bs * _graddrop_macs(c, Ts),
-        )
+        grids["atp"] = (dict(sites=["z"]), bounds["atp"])
+        grids["atp*"] = (dict(sites=["z", "q", "k", "v"], qk_fix=True, grad_drop=True), bounds["atp*"])
         only = os.environ.get("PYPATTERN_BENCH_GRIDS")
         names = [n for n in grids if not only or n in only.split(",")]
         rounds = int(os.environ.get("PYPATTERN_BENCH_ROUNDS", 2))
@@ -694,7 +686,6 @@ def test_scale_gpt2_small_cpu_time(tmp_path):
         ):  # interleaved: a grid of ours, TransformerLens on cells of it, the next grid, ...
             for name in names:
                 kw, macs = grids[name]
-                macs = macs * Bs + runs if not name.startswith("atp") else macs
                 r0 = _cpu_gemm_rate()
                 rss0 = _peak_reset()
                 t, w = time.process_time(), time.perf_counter()
