@@ -100,6 +100,23 @@ def test_exact_patching_matches_reference(arch):
         assert (ours - ref).abs().max() <= 1e-9, (mode, ablation)
 
 
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_exact_patching_takes_the_models_softmax(arch):
+    """A model taking its attention softmax in another dtype (``attn_softmax_dtype``; bfloat16 here, far from
+    float64): the view's forward and exact edge patching equal the model and the per-edge-hook reference."""
+    model = _model(arch, seed=2, attn_softmax_dtype=torch.bfloat16)
+    clean, corr, ans, wrong = prompts(model, seed=3)
+    with torch.no_grad():
+        for per_head in (False, True):
+            assert (ModelView(model).forward(clean, per_head=per_head) - model(clean)).abs().max() <= 1e-12
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    E = len(g)
+    masks = torch.cat([torch.eye(E, dtype=torch.bool)[::3], _random_sets(E, 4, 4)])
+    ours = patch_edges(model, masks, clean, corr, metric=metric)
+    assert (ours - _reference(model, g, masks, clean, corr, metric)).abs().max() <= 1e-9
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_eap_matches_autograd_through_edge_hooks(arch):
     model = _model(arch, seed=5)
@@ -188,7 +205,7 @@ def test_parallel_mlp_edge_skips_the_attention():
     assert (val - ref).abs().max() <= 1e-9
 
 
-def _hf_llama():
+def _hf_llama(**kw):
     transformers = pytest.importorskip("transformers")
     from pypattern.models import from_hf
 
@@ -203,6 +220,7 @@ def _hf_llama():
         initializer_range=0.3,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
+        **kw,
     )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).to(torch.float64).eval()
@@ -249,6 +267,29 @@ def test_converted_hf_llama_end_to_end():
     m_full = naive_patch(model, [], clean, corr, metric, "noise", "resample").mean()
     m_empty = naive_patch(model, list(g), clean, corr, metric, "noise", "resample").mean()
     assert f == pytest.approx(float((m_c - m_empty) / (m_full - m_empty)), abs=1e-9)
+
+
+def test_converted_hf_llama_with_eager_attention():
+    """Eager attention takes its softmax in float32 in a float64 model; the converted model, activation patching
+    and edge patching take it there too, so each equals its reference to float64 rounding."""
+    from pypattern.patching import activation_patching
+
+    hf, model = _hf_llama(attn_implementation="eager")
+    assert model.cfg.attn_softmax_dtype == torch.float32
+    clean, corr, ans, wrong = prompts(model, seed=13)
+    clean, corr = clean[:, :6], corr[:, :6]
+    with torch.no_grad():
+        ref = hf(clean).logits
+        assert (model(clean) - ref).abs().max() <= 1e-10 * ref.abs().max()
+    metric = LogitDiff(ans, wrong)
+    for site in ("q", "k", "pattern", "resid_pre"):
+        exact = activation_patching(model, site, clean, corr, metric=metric, method="exact")
+        naive = activation_patching(model, site, clean, corr, metric=metric, method="naive")
+        assert (exact.values - naive.values).abs().max() <= 1e-10
+    g = edges(model)
+    masks = torch.cat([torch.eye(len(g), dtype=torch.bool)[::4], _random_sets(len(g), 3, 14)])
+    ours = patch_edges(model, masks, clean, corr, metric=metric)
+    assert (ours - _reference(model, g, masks, clean, corr, metric)).abs().max() <= 1e-10
 
 
 def test_grouped_query_results_save_load_and_draw(tmp_path):

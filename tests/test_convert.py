@@ -246,6 +246,40 @@ def test_eager_attention_float32_and_dtype_argument():
         from_hf(hf, dtype=torch.int64)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_implementations_equal_hf_in_float64(case, impl):
+    """Eager attention of GPT-NeoX and the Llama family takes its softmax in float32 for a float64 model (GPT-2's
+    in the model's dtype); sdpa in the model's dtype. The converted model does the same, to 1e-10."""
+    hf = hf_model(case, attn_implementation=impl)
+    assert hf.config._attn_implementation == impl
+    model = from_hf(hf)
+    upcasts = impl == "eager" and CASES[case][0] != "GPT2"
+    assert model.cfg.attn_softmax_dtype == (torch.float32 if upcasts else None)
+    x = tokens()
+    with torch.no_grad():
+        assert rel(model(x), hf(x).logits) <= 1e-10
+
+
+def test_eager_softmax_dtype_saved_and_loaded_with_the_config(tmp_path):
+    """The converted model's config (JSON, dtypes by name) and safetensors weights load back as the same model."""
+    from safetensors.torch import save_file
+
+    from pypattern.circuits.cli import load_model_dir
+
+    hf = hf_model("mistral-gqa4-window", attn_implementation="eager")
+    model = from_hf(hf)
+    d = model.cfg.to_dict()
+    assert d["attn_softmax_dtype"] == "float32"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    loaded = load_model_dir(str(tmp_path))
+    assert loaded.cfg.attn_softmax_dtype == torch.float32 and loaded.cfg == model.cfg
+    x = tokens()
+    with torch.no_grad():
+        assert rel(loaded(x), hf(x).logits) <= 1e-10
+
+
 @pytest.mark.parametrize(
     "case", ["gpt2-tied", "neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim", "qwen2-gqa4-tied"]
 )
@@ -501,10 +535,14 @@ def _local_tokenizer(tmp_path):
     return transformers.AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True, local_files_only=True)
 
 
-@pytest.mark.parametrize("case", ["gpt2-tied", "neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim"])
+@pytest.mark.parametrize(
+    "case", ["gpt2-tied", "neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim", "qwen2-gqa4-tied"]
+)
 def test_transformer_lens_bridge_converts(case, tmp_path):
-    """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts to the same function (run in
-    the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not installed)."""
+    """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts to the function of the bridge's
+    forward, whose attention components take the softmax in float32 for the Llama family, in the model's dtype for
+    GPT-2 and GPT-NeoX (run in the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not
+    installed)."""
     pytest.importorskip("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -514,10 +552,13 @@ def test_transformer_lens_bridge_converts(case, tmp_path):
     model = from_hf(bridge)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
     x = tokens()
+    upcasts = CASES[case][0] not in ("GPT2", "GPTNeoX")
+    assert model.cfg.attn_softmax_dtype == (torch.float32 if upcasts else None)
     with torch.no_grad():
         got = model(x)
-        assert rel(got, reference(x).logits) <= 1e-10
-        assert rel(got, bridge(x)) <= 1e-6  # the bridge runs eager attention (softmax in float32)
+        assert rel(got, bridge(x)) <= 1e-10
+        # the Hugging Face model before wrapping (sdpa: softmax in float64)
+        assert rel(got, reference(x).logits) <= (1e-6 if upcasts else 1e-10)
     bridge.enable_compatibility_mode(disable_warnings=True)  # folds and centres the weights
     with pytest.raises(UnsupportedModelError, match="processed"):
         from_hf(bridge)

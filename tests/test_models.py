@@ -608,3 +608,8 @@ def test_new_config_validation():
     c = TransformerConfig(positional_embedding_type="rotary", rotary_dtype=torch.float32)
     assert c.positional_embedding is False and c.rotary_dim == c.d_head and c.n_key_value_heads == c.n_heads
     assert TransformerConfig(**c.to_dict()) == c
+    c = TransformerConfig(dtype=torch.float64, attn_softmax_dtype="float32")
+    assert c.attn_softmax_dtype == torch.float32 and c.to_dict()["attn_softmax_dtype"] == "float32"
+    assert TransformerConfig(**c.to_dict()) == c
+    with pytest.raises(ValueError, match="attn_softmax_dtype"):
+        TransformerConfig(attn_softmax_dtype="float99")

@@ -128,6 +128,22 @@ def test_every_site_equals_one_forward_per_cell(arch, per_position, chunk_rows, 
         assert moved > 1e-3, f"{arch} {site}: no cell changed the metric"
 
 
+@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window"])
+@pytest.mark.parametrize("per_position", [True, False])
+def test_attention_softmax_dtype_is_the_models(arch, per_position):
+    """A model taking its attention softmax in another dtype (``attn_softmax_dtype``, as a converted Hugging Face
+    eager model does in float32; bfloat16 here, so that a softmax in float64 would differ far beyond the tolerance):
+    the engine's recomputed patterns equal the model's own forward."""
+    model, clean, corr, ans, wrong = build(arch, attn_softmax_dtype=torch.bfloat16)
+    for site in sites_of(model):
+        res = activation_patching(
+            model, site, clean, corr, metric=LogitDiff(ans, wrong), per_position=per_position, method="exact"
+        )
+        ref = reference_grid(model, site, clean, corr, ans, wrong, per_position)
+        err = (res.values - ref).abs().max().item()
+        assert err <= 1e-9, f"{arch} {site} per_position={per_position}: engine and reference differ by {err}"
+
+
 @pytest.mark.parametrize("arch", ["neox", "mistral_window"])
 def test_naive_method_equals_reference(arch):
     model, clean, corr, ans, wrong = build(arch)
@@ -244,3 +260,24 @@ def test_atp_star_qk_fix_exact_where_the_rest_is_linear(arch, per_position):
     for site in ["q", "k"]:
         exact = activation_patching(model, site, clean, corr, metric=met, per_position=per_position)
         assert (plain[site].values[:, 1] - exact.values[:, 1]).abs().max() > 1e-5  # plain AtP: first order
+
+
+@pytest.mark.parametrize("arch", ["neox", "llama"])
+def test_atp_star_qk_fix_takes_the_models_softmax(arch):
+    """The QK fix recomputes the softmax as the model takes it (``attn_softmax_dtype``; bfloat16 here, far from
+    float64): exact where the rest is linear, for whole-sequence query and key patches."""
+    model, clean, corr, ans, wrong = build(
+        arch, d_mlp=None, gated_mlp=False, normalization_type=None, attn_softmax_dtype=torch.bfloat16
+    )
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.W_Q.mul_(4.0)
+            blk.attn.W_K.mul_(4.0)
+    met = LogitDiff(ans, wrong)
+    star = attribution_patching(
+        model, clean, corr, metric=met, sites=["q", "k"], per_position=False, qk_fix=True
+    )
+    for site in ["q", "k"]:
+        exact = activation_patching(model, site, clean, corr, metric=met, per_position=False)
+        torch.testing.assert_close(star[site].values[:, 1], exact.values[:, 1], rtol=0, atol=1e-9)
+        assert exact.effect[:, 1].abs().max() > 1e-5

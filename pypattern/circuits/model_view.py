@@ -456,7 +456,8 @@ class ModelView:
 
         Returns
         -------
-        z ``(H, ..., Tq, dh)``: ``softmax(q . k / attn_scale, masked by the model's attn_mask) @ v``.
+        z ``(H, ..., Tq, dh)``: ``softmax(q . k / attn_scale, masked by the model's attn_mask) @ v`` (the softmax
+        taken as the model takes it: :meth:`~pypattern.models.transformer.Attention.softmax`).
         """
         a = self.model.blocks[layer].attn
         if k_pos is None:
@@ -474,10 +475,10 @@ class ModelView:
             Hk = k.shape[0]
             qg = q.reshape(Hk, G, *q.shape[1:])
             scores = (qg @ k.unsqueeze(1).transpose(-1, -2)) / self.attn_scale
-            pattern = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+            pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
             return (pattern @ v.unsqueeze(1)).reshape(q.shape)
         scores = (q @ k.transpose(-1, -2)) / self.attn_scale
-        pattern = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+        pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
         return pattern @ v
 
     def head_out(self, layer: int, z: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:

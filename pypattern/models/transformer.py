@@ -111,6 +111,17 @@ def _as_dtype(v, name: str) -> torch.dtype | None:
     raise ValueError(f"{name}={v!r} is not valid; give a torch.dtype such as torch.float32 (or its name)")
 
 
+_DTYPE_FIELDS = ("dtype", "rotary_dtype", "rotary_freq_dtype", "norm_dtype", "attn_softmax_dtype")
+
+
+def attn_softmax(scores: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Attention pattern from masked scores: softmax over the last axis, taken in ``dtype`` (None: the scores'
+    dtype) and cast back to the scores' dtype (Hugging Face's ``softmax(scores, dim=-1, dtype=dtype).to(...)``)."""
+    if dtype is None or dtype == scores.dtype:
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=dtype).to(scores.dtype)
+
+
 @dataclass
 class TransformerConfig:
     """Shape and options of :class:`Transformer` (TransformerLens' option names where it has them).
@@ -183,6 +194,11 @@ class TransformerConfig:
     norm_dtype : torch.dtype or None
         Dtype in which norms compute their statistics and normalise (the result is cast back before the weight);
         None: the input's dtype. Hugging Face's Llama-family RMSNorm computes in float32, and converters set it.
+    attn_softmax_dtype : torch.dtype or None
+        Dtype in which the attention softmax is taken: the scores are cast to it, normalised, and the pattern is
+        cast back to the scores' dtype (:func:`attn_softmax`); None: the scores' dtype. Hugging Face's ``eager``
+        attention of GPT-NeoX and the Llama family takes it in float32 for every model dtype, and converters set
+        float32 for such a model.
     """
 
     n_layers: int = 2
@@ -217,6 +233,7 @@ class TransformerConfig:
     attn_scale: float | None = None
     sliding_window: int | None = None
     norm_dtype: torch.dtype | None = None
+    attn_softmax_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         self.dtype = _as_dtype(self.dtype, "dtype")
@@ -225,6 +242,7 @@ class TransformerConfig:
         self.rotary_dtype = _as_dtype(self.rotary_dtype, "rotary_dtype")
         self.rotary_freq_dtype = _as_dtype(self.rotary_freq_dtype, "rotary_freq_dtype")
         self.norm_dtype = _as_dtype(self.norm_dtype, "norm_dtype")
+        self.attn_softmax_dtype = _as_dtype(self.attn_softmax_dtype, "attn_softmax_dtype")
         if self.d_head is None:
             self.d_head = self.d_model // self.n_heads
         if self.act_fn not in _ACT_FNS:
@@ -302,7 +320,7 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         """The fields as plain Python values (dtypes as names); ``TransformerConfig(**d)`` rebuilds it."""
         d = asdict(self)
-        for k in ("dtype", "rotary_dtype", "rotary_freq_dtype", "norm_dtype"):
+        for k in _DTYPE_FIELDS:
             if d[k] is not None:
                 d[k] = str(d[k]).replace("torch.", "")
         return d
@@ -574,6 +592,10 @@ class Attention(nn.Module):
             mask = self.attn_mask(qp, kp)
         return scores.masked_fill(mask, float("-inf"))
 
+    def softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """The pattern from masked scores ``(..., k_pos)``: :func:`attn_softmax` in ``cfg.attn_softmax_dtype``."""
+        return attn_softmax(scores, self.cfg.attn_softmax_dtype)
+
     def mix(self, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``z``: ``pattern (batch, n_heads, q_pos, k_pos)``, ``v (batch, k_pos, n_key_value_heads, d_head)`` ->
         ``(batch, q_pos, n_heads, d_head)``."""
@@ -596,7 +618,7 @@ class Attention(nn.Module):
             q = self.hook_rot_q(self.rotate(q))
             k = self.hook_rot_k(self.rotate(k))
         scores = self.hook_attn_scores(self.scores(q, k))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
+        pattern = self.hook_pattern(self.softmax(scores))
         z = self.hook_z(self.mix(pattern, v))
         return self.output(z)
 

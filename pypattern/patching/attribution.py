@@ -73,7 +73,7 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
     if site == "q" or not per_position:
         q = q_s if site == "q" else q_t
         k = k_s if site == "k" else k_t
-        new = torch.softmax(attn.scores(q, k, pos, pos), -1)
+        new = attn.softmax(attn.scores(q, k, pos, pos))
         est = ((new - pat_t) * g_pat).sum(-1)  # (B, H, Tq)
         if site == "k":  # one cell per key/value head: the sum over the query heads that read it
             est = _group_sum(est, G)

@@ -239,7 +239,7 @@ class ExactEngine:
             parts = [t.reshape(C, B, self.H, Rq, t.shape[-1]) for t in parts]
         scores = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]) / self.scale
         mask = self._mask(layer, qpos, p + k_new.shape[2])
-        return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+        return self.model.blocks[layer].attn.softmax(scores.masked_fill(mask, float("-inf")))
 
     def _mix(self, layer: int, pattern: torch.Tensor, v_new: torch.Tensor, p: int) -> torch.Tensor:
         """``z (C,B,Rq,H,dh)`` from ``pattern (C,B,H,Rq,p+Rk)``, cached values 0..p-1 and ``v_new
@@ -264,7 +264,9 @@ class ExactEngine:
         grouped = q_h.dim() == 5
         qh = q_h if grouped else q_h.unsqueeze(3)
         s = torch.einsum("cbrne,cbke->cbnrk", qh, K_h) / self.scale
-        pat = torch.softmax(s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf")), -1)
+        pat = self.model.blocks[layer].attn.softmax(
+            s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf"))
+        )
         z = torch.einsum("cbnrk,cbke->cbrne", pat, V_h)
         return z if grouped else z.squeeze(3)
 

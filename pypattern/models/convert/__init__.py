@@ -10,8 +10,9 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.qwen2`: ``Qwen2ForCausalLM``
 
 The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
-(tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with Hugging Face's default ``sdpa`` attention;
-its ``eager`` attention takes the softmax in float32 even for float64 weights, so it is only that close). A model
+(tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with ``sdpa`` and with ``eager`` attention: the
+eager attention of GPT-NeoX and the Llama family takes its softmax in float32 for every model dtype, and the
+converted model does the same, ``TransformerConfig.attn_softmax_dtype``). A model
 cast with ``.to(torch.bfloat16)`` or ``.half()`` holds rounded rotary frequencies, and the converted model rounds
 them the same way (``TransformerConfig.rotary_freq_dtype``). Every option a converter does not reproduce exactly
 (scaled rotary embeddings, per-layer attention scales, cross-attention, mixed sliding/full attention layers, an

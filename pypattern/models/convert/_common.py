@@ -23,6 +23,20 @@ def refuse(option: str, value: Any, why: str) -> None:
     raise UnsupportedModelError(f"{option}={value!r} is not supported: {why}")
 
 
+def attn_softmax_dtype(model: nn.Module, eager_upcasts: bool) -> torch.dtype | None:
+    """``TransformerConfig.attn_softmax_dtype`` that reproduces the model's attention implementation
+    (``config._attn_implementation``): float32 for ``eager`` (and None, which Hugging Face dispatches to eager)
+    when the family's eager attention takes its softmax in float32 (``eager_upcasts``), and for ``paged|eager``,
+    which always does; None (the model's dtype) for ``sdpa`` and the rest, which take it in the model's dtype. A
+    model unwrapped from a TransformerLens bridge carries the dtype the bridge's own attention takes it in."""
+    if hasattr(model, "bridge_attn_softmax_dtype"):
+        return model.bridge_attn_softmax_dtype
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "paged|eager" or (impl in (None, "eager") and eager_upcasts):
+        return torch.float32
+    return None
+
+
 def act_fn(name: Any, option: str) -> str:
     """The pypattern name of the Hugging Face activation ``name`` (config field ``option``), or refuse."""
     if not isinstance(name, str):

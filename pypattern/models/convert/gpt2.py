@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, refuse, same_parameter
+from ._common import act_fn, attn_softmax_dtype, refuse, same_parameter
 
 CLASSES = ("GPT2LMHeadModel",)
 
@@ -58,6 +58,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         attn_scale=None if c.scale_attn_weights else 1.0,
         tie_word_embeddings=tied,
         unembed_bias=lm_b is not None,
+        # GPT-2's eager_attention_forward takes the softmax in the model's dtype
+        attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=False),
     )
     w: dict[str, torch.Tensor | None] = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, all_or_none, refuse, rope, same_parameter
+from ._common import act_fn, all_or_none, attn_softmax_dtype, refuse, rope, same_parameter
 
 CLASSES = ("GPTNeoXForCausalLM",)
 
@@ -82,6 +82,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         unembed_bias=lm_b is not None,
         tie_word_embeddings=tied,
         ln_eps=eps,
+        # eager_attention_forward: softmax(..., dtype=torch.float32).to(query.dtype)
+        attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=True),
     )
     w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
 

@@ -15,6 +15,7 @@ from torch import nn
 from ._common import (
     act_fn,
     all_or_none,
+    attn_softmax_dtype,
     bias_heads,
     linear_heads,
     linear_out_heads,
@@ -86,6 +87,8 @@ def llama_like(model: nn.Module, sliding_window: int | None = None) -> tuple[dic
         tie_word_embeddings=tied,
         ln_eps=eps,
         sliding_window=sliding_window,
+        # eager_attention_forward: softmax(..., dtype=torch.float32).to(query.dtype)
+        attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=True),
     )
     w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
 

@@ -16,6 +16,35 @@ from torch import nn
 
 from ._common import UnsupportedModelError
 
+# A TransformerBridge's attention components compute the attention themselves (its forward does not run the Hugging
+# Face attention code): the dtype each TransformerLens 4.x component takes its softmax in (None: the model's dtype)
+_BRIDGE_SOFTMAX_DTYPE: dict[str, torch.dtype | None] = {
+    "PositionEmbeddingsAttentionBridge": torch.float32,  # Llama, Mistral, Qwen2: softmax(..., dtype=float32)
+    "JointQKVPositionEmbeddingsAttentionBridge": None,  # GPT-NeoX
+    "JointQKVAttentionBridge": None,  # GPT-2
+}
+
+
+def _bridge_softmax_dtype(bridge: nn.Module) -> torch.dtype | None:
+    """The dtype the bridge's attention components take their softmax in, or refuse for an unknown component."""
+    kinds = {
+        type(m).__name__
+        for m in bridge.modules()
+        if any(c.__name__ == "AttentionBridge" for c in type(m).__mro__)
+    }
+    unknown = sorted(kinds - set(_BRIDGE_SOFTMAX_DTYPE))
+    if unknown or not kinds:
+        raise UnsupportedModelError(
+            f"TransformerBridge attention components {unknown or 'none found'} are not supported: the bridge computes "
+            f"the attention itself, and pypattern knows the softmax dtype of {sorted(_BRIDGE_SOFTMAX_DTYPE)} only"
+        )
+    dts = {_BRIDGE_SOFTMAX_DTYPE[k] for k in kinds}
+    if len(dts) > 1:
+        raise UnsupportedModelError(
+            f"TransformerBridge attention components {sorted(kinds)} take their softmax in different dtypes"
+        )
+    return dts.pop()
+
 
 def is_transformer_lens(model: Any) -> bool:
     """True for objects defined by the ``transformer_lens`` package."""
@@ -46,7 +75,8 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     UnsupportedModelError
         When ``bridge`` is no ``TransformerBridge`` around a supported class, or its weights were processed
         (``enable_compatibility_mode`` / ``process_weights`` fold and centre them, so they no longer are the Hugging
-        Face model's weights).
+        Face model's weights), or its attention components are not known (the bridge computes the attention itself,
+        and the converted model takes the softmax in the dtype the bridge does: ``bridge_attn_softmax_dtype``).
     """
     name = type(bridge).__name__
     try:
@@ -87,4 +117,6 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
             mod._buffers[leaf] = t
     # tied embeddings stay tied: both names resolve to the bridged model's one tensor
     clean.config._attn_implementation = getattr(inner.config, "_attn_implementation", None)
+    # the converted model computes what the bridge's forward computes (read by _common.attn_softmax_dtype)
+    clean.bridge_attn_softmax_dtype = _bridge_softmax_dtype(bridge)
     return clean
