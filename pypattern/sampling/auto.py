@@ -107,7 +107,7 @@ import numpy as np
 from torch import nn
 
 from ..io import Saveable, register
-from .diagnostics import NonStationaryWarning, SamplingDivergedError, ess, r_hat
+from .diagnostics import NonStationaryWarning, SamplingDivergedError
 
 __all__ = ["AutoStepError", "AutoStepReport", "resolve_step_size", "step_size_grid", "wants_auto"]
 
@@ -393,12 +393,11 @@ def resolve_step_size(
         extra.setdefault("init_loss", float(outs[0].init_loss))
         llcs, ses, rhs, chains = [], [], [], []
         for o in outs:
-            r = llc_from_sample(o)
-            e = ess(r.loss_trace)
-            chains.append(r.nbeta * (np.asarray(r.loss_trace).mean(axis=1) - r.init_loss))
+            r = llc_from_sample(o)  # its ess and r_hat are those of the loss trace
+            chains.append(r.llc_per_chain)
             llcs.append(r.llc_mean)
-            ses.append(float(r.nbeta * np.std(r.loss_trace, ddof=1) / math.sqrt(max(e, 1.0))))
-            rhs.append(r_hat(r.loss_trace))
+            ses.append(float(r.nbeta * np.std(r.loss_trace, ddof=1) / math.sqrt(max(r.ess, 1.0))))
+            rhs.append(r.r_hat)
         # several runs: judged by the worst of them; the table shows the run with the largest R-hat
         w = int(np.nanargmax(rhs)) if np.any(np.isfinite(rhs)) else 0
         row.update(
