@@ -20,7 +20,7 @@ $(STAMP_DEPS): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=70" wheel
 	# torch==2.13.0 is the CPU build on local disk; any other version downloads a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark "hypothesis>=6.170.17" ninja ruff transformers pandas
+	$(PIP) install -q torch==2.13.0 numpy scipy tqdm matplotlib triton==3.7.1 pytest pytest-benchmark pytest-xdist "hypothesis>=6.170.17" ninja ruff transformers pandas
 	touch $@
 
 $(STAMP_BUILD): $(STAMP_DEPS) $(CSRC)
@@ -33,8 +33,11 @@ lint: $(STAMP_DEPS)
 	$(VENV)/bin/ruff check $(PYFILES)
 	$(VENV)/bin/ruff format --check $(PYFILES)
 
+# The tests run in TEST_WORKERS processes (pytest-xdist; a test file stays in one process), one thread each.
+TEST_WORKERS ?= 2
+
 test: setup lint
-	$(VPY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: setup
 	$(VPY) -m pypattern.cli demo

@@ -362,7 +362,7 @@ def generate(
     ----------
     prompt : LongTensor ``(batch, prompt_len)`` or ``(prompt_len,)``
     steps : int
-        ``prompt_len + steps`` must not exceed the model's ``n_ctx``.
+        ``prompt_len + steps`` must not exceed the model's ``n_ctx`` when it has learned positions.
     spec, concept : optional
         Both or neither; with them every forward runs under :func:`steer`.
     positions : see :func:`steer`
@@ -380,7 +380,8 @@ def generate(
         raise ValueError("give both spec and concept to steer, or neither")
     if steps < 0:
         raise ValueError(f"steps={steps} is not valid; give >= 0")
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    cfg = getattr(model, "cfg", None)
+    n_ctx = getattr(cfg, "max_positions", getattr(cfg, "n_ctx", None))
     if n_ctx is not None and tokens.shape[1] + steps > n_ctx:
         raise ValueError(f"prompt length {tokens.shape[1]} + steps={steps} exceeds the model's n_ctx={n_ctx}")
     if not greedy and temperature <= 0:

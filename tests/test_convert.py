@@ -214,6 +214,35 @@ def test_logits_and_residual_stream_equal_hf(case, dtype, tol):
     assert rel(cache["blocks.0.hook_resid_post"], out.hidden_states[1]) <= tol
 
 
+@pytest.mark.parametrize(
+    "case", ["neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim", "mistral-gqa4-window"]
+)
+def test_rotary_models_read_past_max_position_embeddings(case):
+    """Hugging Face's rotary models compute every position, past ``max_position_embeddings`` too; the converted
+    model does the same (and an exact patching grid runs there). GPT-2's learned positions end at ``n_positions``:
+    a longer input is refused by name."""
+    hf = hf_model(case)
+    model = from_hf(hf)
+    assert model.cfg.max_positions is None
+    x = tokens(2, CTX + 5)
+    with torch.no_grad():
+        assert rel(model(x), hf(x).logits) <= 1e-10
+    from pypattern import activation_patching
+    from pypattern.patching import LogitDiff
+
+    corr = x.clone()
+    corr[:, 1] = (corr[:, 1] + 1) % V
+    metric = LogitDiff(x[:, -1], (x[:, -1] + 1) % V)
+    kw = dict(metric=metric, layers=[0, 1], positions=[1, CTX + 2])
+    exact = activation_patching(model, "resid_pre", x, corr, method="exact", **kw).values
+    naive = activation_patching(model, "resid_pre", x, corr, method="naive", **kw).values
+    assert torch.allclose(exact, naive, atol=1e-10, rtol=0) and exact[:, :, 0].abs().max() > 1e-3
+    gpt2 = from_hf(hf_model("gpt2-tied"))
+    assert gpt2.cfg.max_positions == CTX
+    with pytest.raises(ValueError, match="n_ctx"):
+        gpt2(tokens(1, CTX + 1))
+
+
 def test_family_options_land_in_the_config():
     neox = from_hf(hf_model("neox-parallel-rot0.25")).cfg
     assert neox.parallel_attn_mlp and neox.rotary_dim == 2 and neox.d_head == 8 and neox.attn_bias

@@ -90,7 +90,7 @@ def _model_and_tokens(model_dir, data, dtype, sampling: bool = False):
         )
         model = from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    tokens = load_tokens(data, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
+    tokens = load_tokens(data, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions)
     return model, tokens
 
 
@@ -205,7 +205,9 @@ def run_user_patch(
     clean = clean[:max_prompts]
     corr = None
     if corrupted is not None:
-        corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)[:max_prompts]
+        corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions)[
+            :max_prompts
+        ]
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match data's {tuple(clean.shape)}"

@@ -130,7 +130,8 @@ class TransformerConfig:
     ----------
     n_layers, d_model, n_heads, d_head, d_vocab, n_ctx : int
         Sizes; ``d_head`` defaults to ``d_model // n_heads`` (it may differ: ``n_heads * d_head != d_model`` is
-        allowed, as in some Llama-family models).
+        allowed, as in some Llama-family models). ``n_ctx`` bounds the sequence length only with learned
+        positions (:attr:`max_positions`); rotary models read longer sequences, as Hugging Face's do.
     d_mlp : int or None
         Hidden width of the MLP; ``None`` or 0 makes an attention-only model.
     act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu"}
@@ -306,6 +307,13 @@ class TransformerConfig:
     @property
     def attn_only(self) -> bool:
         return not self.d_mlp
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model reads: ``n_ctx`` with learned positions (``W_pos`` has ``n_ctx`` rows);
+        None (no limit) with rotary or no positional embeddings, which compute every position (as Hugging Face's
+        rotary models do past ``max_position_embeddings``)."""
+        return self.n_ctx if self.positional_embedding_type == "standard" else None
 
     @property
     def rotary(self) -> bool:
@@ -774,9 +782,10 @@ class Transformer(HookedRootModule):
         """
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
-        if tokens.shape[-1] > self.cfg.n_ctx:
+        limit = self.cfg.max_positions
+        if limit is not None and tokens.shape[-1] > limit:
             raise ValueError(
-                f"tokens has {tokens.shape[-1]} positions; the model's n_ctx is {self.cfg.n_ctx}"
+                f"tokens has {tokens.shape[-1]} positions; the model's n_ctx (learned positions) is {limit}"
             )
         x = self.embed_tokens(tokens)
         for block in self.blocks:
