@@ -149,6 +149,7 @@ def attribution_patching(
     per_position: bool = True,
     qk_fix: bool = False,
     grad_drop: bool = False,
+    max_batch: int | None = None,
 ) -> dict[str, PatchResult]:
     """AtP (or AtP* with ``qk_fix=True, grad_drop=True``) for every cell of every site in ``sites``.
 
@@ -159,6 +160,13 @@ def attribution_patching(
     rotary positions the QK fix recomputes the scores from the rotated source queries/keys (a query or key patched
     at a position is rotated there) with the model's scale and (sliding-window) mask. The forwards unembed only
     the metric position(s).
+
+    max_batch : int, optional
+        At most this many prompts per forward and backward (bounds the memory, which grows with the prompts: the
+        backward keeps every activation of the target run). The estimates are per example, so the result equals
+        the one of a single pass over all prompts; needs a :class:`~pypattern.patching.metrics.Metric` (its
+        per-example answers are split with the prompts). A ``MeanAblation`` without ``reference_tokens`` keeps
+        averaging over all the clean prompts (each part runs them as its reference, without gradients).
 
     Returns
     -------
@@ -171,6 +179,88 @@ def attribution_patching(
 
     if not isinstance(model, Transformer):
         raise TypeError(f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}")
+    kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
+    if max_batch is not None:
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
+        B = check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0]
+        if B > max_batch:
+            return _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
+    return _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
+
+
+def _atp_in_parts(
+    model, clean_tokens, corrupted_tokens, metric, corruption, max_batch: int, kw: dict
+) -> dict:
+    """:func:`attribution_patching` over consecutive parts of at most ``max_batch`` prompts, joined."""
+    import dataclasses
+
+    if not isinstance(metric, Metric):
+        raise ValueError(
+            f"max_batch needs a Metric (LogitDiff, Prob, LogProb, KL), whose per-example answers are split with "
+            f"the prompts; got metric of type {type(metric).__name__} (give max_batch=None)"
+        )
+    cfg = model.cfg
+    corruption = resolve_corruption(corrupted_tokens, corruption)
+    B, T = check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab).shape
+    check_corruption_tokens(corruption, cfg.d_vocab, (B, T))
+    metric_positions(metric, B, T)
+    noise = None
+    if isinstance(corruption, GaussianNoise):  # drawn once for all the prompts, as a single pass draws it
+        noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
+    if isinstance(corruption, MeanAblation) and corruption.reference_tokens is None:
+        corruption = MeanAblation(reference_tokens=clean_tokens)
+    parts = []
+    for s in range(0, B, max_batch):
+        idx = slice(s, min(s + max_batch, B))
+        if isinstance(corruption, TokenReplacement):
+            part = TokenReplacement(corruption.corrupted_tokens[idx])
+        elif noise is not None:
+            part = _FixedNoise(fixed=noise[idx])
+        else:
+            part = corruption
+        parts.append(_atp(model, clean_tokens[idx], None, metric=metric.select(idx), corruption=part, **kw))
+    out = {}
+    for site, first in parts[0].items():
+        rs = [p[site] for p in parts]
+        info = dict(first.info)
+        if "graddrop" in info:
+            info["graddrop"] = torch.cat([r.info["graddrop"] for r in rs])
+        out[site] = dataclasses.replace(
+            first,
+            values=torch.cat([r.values for r in rs]),
+            clean=torch.cat([r.clean for r in rs]),
+            corrupted=None if first.corrupted is None else torch.cat([r.corrupted for r in rs]),
+            info=info,
+        )
+    return out
+
+
+class _FixedNoise(GaussianNoise):
+    """Gaussian noise already drawn: ``noise()`` returns ``fixed`` (a part of the prompts of a larger draw)."""
+
+    def __init__(self, fixed: torch.Tensor) -> None:
+        super().__init__()
+        self.fixed = fixed
+
+    def noise(self, model, batch: int, seq_len: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.fixed.to(dtype)
+
+
+def _atp(
+    model,
+    clean_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor | None = None,
+    *,
+    metric: Metric,
+    sites,
+    corruption: Corruption | None,
+    direction: str,
+    per_position: bool,
+    qk_fix: bool,
+    grad_drop: bool,
+) -> dict[str, PatchResult]:
+    """:func:`attribution_patching` in one pass over all the prompts."""
     cfg = model.cfg
     sites = [sites] if isinstance(sites, str) else list(sites)
     for s in sites:

@@ -7,6 +7,8 @@ fully restores the clean behaviour and 0 at the corrupted level.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 __all__ = [
@@ -44,11 +46,24 @@ class Metric:
     def __init__(self, position: int | torch.Tensor = -1) -> None:
         self.position = position
 
+    #: attributes that hold one entry per example (first dimension ``batch``); :meth:`select` indexes them
+    per_example: tuple[str, ...] = ()
+
     def bind(self, clean_logits: torch.Tensor) -> None:
         """Called with the clean run's logits at ``position`` ``(batch, vocab)`` before patching."""
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def select(self, index: torch.Tensor | slice) -> Metric:
+        """A copy of the metric for the examples ``index`` of its batch (per-example answers, positions and a
+        bound clean run indexed; values shared by every example kept as they are)."""
+        new = copy.copy(self)
+        for name in ("position", *self.per_example):
+            v = getattr(self, name, None)
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                setattr(new, name, v[index])
+        return new
 
 
 class LogitDiff(Metric):
@@ -56,6 +71,7 @@ class LogitDiff(Metric):
     The recommended metric for patching."""
 
     name = "logit_diff"
+    per_example = ("answer", "wrong")
 
     def __init__(self, answer: torch.Tensor, wrong: torch.Tensor, position: int | torch.Tensor = -1) -> None:
         super().__init__(position)
@@ -69,6 +85,7 @@ class Prob(Metric):
     """Probability of ``answer`` (its floor at 0 hides negative effects: prefer :class:`LogitDiff`)."""
 
     name = "prob"
+    per_example = ("answer",)
 
     def __init__(self, answer: torch.Tensor, position: int | torch.Tensor = -1) -> None:
         super().__init__(position)
@@ -82,6 +99,7 @@ class LogProb(Metric):
     """Log-probability of ``answer``."""
 
     name = "logprob"
+    per_example = ("answer",)
 
     def __init__(self, answer: torch.Tensor, position: int | torch.Tensor = -1) -> None:
         super().__init__(position)
@@ -96,6 +114,7 @@ class KL(Metric):
     ``D(P_cl||P_*) - D(P_cl||P_pt)``."""
 
     name = "neg_kl"
+    per_example = ("clean_logp",)
 
     def __init__(self, position: int | torch.Tensor = -1) -> None:
         super().__init__(position)
