@@ -11,6 +11,7 @@ from pypattern.patching import (
     LogitDiff,
     LogProb,
     MeanAblation,
+    Metric,
     ZeroAblation,
 )
 from pypattern.patching.attribution import attribution_patching
@@ -124,3 +125,24 @@ def test_bad_max_batch_and_plain_callable_metric_are_refused():
     # a plain callable works in one pass, and max_batch >= the prompts is one pass
     one = attribution_patching(model, clean, corr, metric=fn, sites=["z"], max_batch=B)
     _equal(one, attribution_patching(model, clean, corr, metric=fn, sites=["z"]))
+
+
+def test_a_metric_with_an_undeclared_per_example_tensor_is_refused():
+    class Target(Metric):
+        def __init__(self, target):
+            super().__init__()
+            self.target = target
+
+        def __call__(self, logits):
+            return logits.gather(-1, self.target.expand(*logits.shape[:-2], -1).unsqueeze(-1)).squeeze(-1)
+
+    model = _model()
+    clean, corr, ans, _ = _data()
+    with pytest.raises(ValueError, match=r"metric.target has 7 entries.*per_example"):
+        attribution_patching(model, clean, corr, metric=Target(ans), sites=["z"], max_batch=3)
+
+    class Declared(Target):
+        per_example = ("target",)
+
+    whole = attribution_patching(model, clean, corr, metric=Declared(ans), sites=["z"])
+    _equal(attribution_patching(model, clean, corr, metric=Declared(ans), sites=["z"], max_batch=3), whole)

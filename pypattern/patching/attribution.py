@@ -165,7 +165,8 @@ def attribution_patching(
         At most this many prompts per forward and backward (bounds the memory, which grows with the prompts: the
         backward keeps every activation of the target run). The estimates are per example, so the result equals
         the one of a single pass over all prompts; needs a :class:`~pypattern.patching.metrics.Metric` (its
-        per-example answers are split with the prompts). A ``MeanAblation`` without ``reference_tokens`` keeps
+        per-example answers are split with the prompts; a subclass lists its per-example tensors in
+        ``per_example``, and one that holds an undeclared tensor with an entry per prompt is refused). A ``MeanAblation`` without ``reference_tokens`` keeps
         averaging over all the clean prompts (each part runs them as its reference, without gradients).
 
     Returns
@@ -205,6 +206,15 @@ def _atp_in_parts(
     B, T = check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab).shape
     check_corruption_tokens(corruption, cfg.d_vocab, (B, T))
     metric_positions(metric, B, T)
+    split = ("position", *metric.per_example)
+    for name, v in vars(
+        metric
+    ).items():  # a per-example tensor the metric does not declare would not be split
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B and name not in split:
+            raise ValueError(
+                f"metric.{name} has {B} entries, one per prompt: list it in {type(metric).__name__}.per_example "
+                f"so that max_batch splits it with the prompts, or give max_batch=None"
+            )
     noise = None
     if isinstance(corruption, GaussianNoise):  # drawn once for all the prompts, as a single pass draws it
         noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
