@@ -97,7 +97,14 @@ def test_parts_equal_one_pass_atp_star(arch, direction):
 def test_parts_equal_one_pass_for_each_corruption(corruption, direction):
     model = _model()
     clean, _, ans, _ = _data()
-    kw = dict(metric=LogProb(ans), sites=["resid_pre", "z"], corruption=corruption, direction=direction)
+    # with GradDrop the target run also holds the residual stream, which ablations must not read as sources
+    kw = dict(
+        metric=LogProb(ans),
+        sites=["resid_pre", "z"],
+        corruption=corruption,
+        direction=direction,
+        grad_drop=True,
+    )
     whole = attribution_patching(model, clean, **kw)
     parts = attribution_patching(model, clean, max_batch=2, **kw)
     _equal(parts, whole)

@@ -95,6 +95,18 @@ def _scored(site: str, layer: int, cfg) -> str:
     return f"blocks.{layer}.attn.hook_rot_{site}" if cfg.rotary else hook_name(site, layer)
 
 
+def _source_names(cfg, sites: list[str], qk_fix: bool) -> set[str]:
+    """The hooks whose source-run activations the estimates read: every site at every layer, and with the QK fix
+    for ``q``/``k`` the patterns and the queries and keys as the scores read them (rotated, with rotary
+    positions)."""
+    L = cfg.n_layers
+    names = {hook_name(s, layer) for s in sites for layer in range(L)}
+    if qk_fix and any(s in ("q", "k") for s in sites):
+        names |= {hook_name("pattern", layer) for layer in range(L)}
+        names |= {_scored(s, layer, cfg) for s in ("q", "k") for layer in range(L)}
+    return names
+
+
 def _layer_of(name: str) -> int:
     return int(name.split(".")[1])
 
@@ -161,13 +173,13 @@ def attribution_patching(
     at a position is rotated there) with the model's scale and (sliding-window) mask. The forwards unembed only
     the metric position(s).
 
-    max_batch : int, optional
-        At most this many prompts per forward and backward (bounds the memory, which grows with the prompts: the
-        backward keeps every activation of the target run). The estimates are per example, so the result equals
-        the one of a single pass over all prompts; needs a :class:`~pypattern.patching.metrics.Metric` (its
-        per-example answers are split with the prompts; a subclass lists its per-example tensors in
-        ``per_example``, and one that holds an undeclared tensor with an entry per prompt is refused). A ``MeanAblation`` without ``reference_tokens`` keeps
-        averaging over all the clean prompts (each part runs them as its reference, without gradients).
+    ``max_batch`` here counts prompts (exact patching's counts cells): at most this many per forward and backward,
+    which bounds the memory (the backward keeps every activation of the target run). The estimates are per
+    example, so the result equals the one of a single pass over all prompts. It needs a
+    :class:`~pypattern.patching.metrics.Metric`, whose per-example answers are split with the prompts (a subclass
+    lists its per-example tensors in ``per_example``; one that holds an undeclared tensor with an entry per prompt
+    is refused). A ``MeanAblation`` averages over all its reference prompts (``reference_tokens``, or all the clean
+    prompts), computed once, in parts of ``max_batch``, before the parts run.
 
     Returns
     -------
@@ -180,12 +192,12 @@ def attribution_patching(
 
     if not isinstance(model, Transformer):
         raise TypeError(f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}")
+    sites = [sites] if isinstance(sites, str) else list(sites)
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
     if max_batch is not None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
-        B = check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0]
-        if B > max_batch:
+        if check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0] > max_batch:
             return _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
     return _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
 
@@ -193,7 +205,8 @@ def attribution_patching(
 def _atp_in_parts(
     model, clean_tokens, corrupted_tokens, metric, corruption, max_batch: int, kw: dict
 ) -> dict:
-    """:func:`attribution_patching` over consecutive parts of at most ``max_batch`` prompts, joined."""
+    """:func:`attribution_patching` over consecutive parts of at most ``max_batch`` prompts (``clean_tokens``
+    already checked), joined."""
     import dataclasses
 
     if not isinstance(metric, Metric):
@@ -203,13 +216,12 @@ def _atp_in_parts(
         )
     cfg = model.cfg
     corruption = resolve_corruption(corrupted_tokens, corruption)
-    B, T = check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab).shape
+    B, T = clean_tokens.shape
     check_corruption_tokens(corruption, cfg.d_vocab, (B, T))
     metric_positions(metric, B, T)
     split = ("position", *metric.per_example)
-    for name, v in vars(
-        metric
-    ).items():  # a per-example tensor the metric does not declare would not be split
+    # a per-example tensor the metric does not declare would not be split
+    for name, v in vars(metric).items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B and name not in split:
             raise ValueError(
                 f"metric.{name} has {B} entries, one per prompt: list it in {type(metric).__name__}.per_example "
@@ -218,8 +230,8 @@ def _atp_in_parts(
     noise = None
     if isinstance(corruption, GaussianNoise):  # drawn once for all the prompts, as a single pass draws it
         noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
-    if isinstance(corruption, MeanAblation) and corruption.reference_tokens is None:
-        corruption = MeanAblation(reference_tokens=clean_tokens)
+    if isinstance(corruption, MeanAblation):  # the mean over all the reference prompts, computed once
+        corruption = _Means(_mean_activations(model, corruption, clean_tokens, max_batch, kw))
     parts = []
     for s in range(0, B, max_batch):
         idx = slice(s, min(s + max_batch, B))
@@ -244,6 +256,32 @@ def _atp_in_parts(
             info=info,
         )
     return out
+
+
+@torch.no_grad()
+def _mean_activations(model, corruption, clean_tokens, max_batch: int, kw: dict) -> dict[str, torch.Tensor]:
+    """Mean ablation's source activations: each hook of :func:`_source_names` averaged over the reference prompts
+    (``corruption.reference_tokens``, or the clean prompts), run in parts of at most ``max_batch``: ``(1, ...)``."""
+    ref = clean_tokens if corruption.reference_tokens is None else corruption.reference_tokens
+    names = _source_names(model.cfg, kw["sites"], kw["qk_fix"])
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(x, hook):
+        s = x.sum(0, keepdim=True)
+        sums[hook.name] = s if hook.name not in sums else sums[hook.name] + s
+
+    for s in range(0, ref.shape[0], max_batch):
+        with model.hooks([(lambda n: n in names, add)]):
+            model(ref[s : s + max_batch], return_type=None)
+    return {n: t / ref.shape[0] for n, t in sums.items()}
+
+
+class _Means(MeanAblation):
+    """Mean ablation with its means already computed (``means``: hook name -> ``(1, ...)``)."""
+
+    def __init__(self, means: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.means = means
 
 
 class _FixedNoise(GaussianNoise):
@@ -291,10 +329,7 @@ def _atp(
         noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
     corr_tokens = corruption.corrupted_tokens if isinstance(corruption, TokenReplacement) else clean_tokens
     need_qk = qk_fix and any(s in ("q", "k") for s in sites)
-    names = {hook_name(s, layer) for s in sites for layer in range(L)}
-    if need_qk:  # the QK fix reads the queries and keys as the scores do (rotated, with rotary positions)
-        names |= {hook_name("pattern", layer) for layer in range(L)}
-        names |= {_scored(s, layer, cfg) for s in ("q", "k") for layer in range(L)}
+    names = _source_names(cfg, sites, qk_fix)
     grad_names = {hook_name(s, layer) for s in sites for layer in range(L)}
     if need_qk:
         grad_names |= {hook_name("pattern", layer) for layer in range(L) if "q" in sites or "k" in sites}
@@ -363,12 +398,15 @@ def _atp(
     m_corr = None
     if direction == "noising":
         if isinstance(corruption, ZeroAblation):
-            src_cache = {n: torch.zeros_like(x) for n, x in tgt_cache.items()}
+            src_cache = {n: torch.zeros_like(tgt_cache[n]) for n in names}
         elif isinstance(corruption, MeanAblation):
-            ref = tgt_cache
-            if corruption.reference_tokens is not None:
-                _, ref = cache_run(corruption.reference_tokens, None)
-            src_cache = {n: ref[n].mean(0, keepdim=True).expand_as(x) for n, x in tgt_cache.items()}
+            means = getattr(corruption, "means", None)  # given by _atp_in_parts
+            if means is None:
+                ref = tgt_cache
+                if corruption.reference_tokens is not None:
+                    _, ref = cache_run(corruption.reference_tokens, None)
+                means = {n: ref[n].mean(0, keepdim=True) for n in names}
+            src_cache = {n: means[n].expand_as(tgt_cache[n]) for n in names}
         else:  # forward 1 of noising: the corrupted run
             corr_logits, src_cache = cache_run(corr_tokens, noise)
             m_corr = metric(corr_logits).detach()
