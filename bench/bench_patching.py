@@ -111,12 +111,12 @@ def _prompts(d_vocab=None, b=None, t=None):
     return clean, corr, ans, wrong
 
 
-def scale_bounds(c: dict, b: int, t: int) -> dict:
+def scale_bounds(c: dict, b: int, t: int, with_runs: bool = True) -> dict:
     """Multiply-adds each GPT-2-small-shaped grid must do on a batch of ``b`` x ``t`` (see ``test_scale_cpu_time``):
-    the exact grids' cells after causal reuse plus the two runs every exact grid needs, AtP's three forwards, AtP*'s
-    plus its GradDrop backwards."""
+    the exact grids' cells after causal reuse plus (``with_runs``) the two runs every exact grid needs, AtP's three
+    forwards, AtP*'s plus its GradDrop backwards."""
     L, H = c["n_layers"], c["n_heads"]
-    runs = 2 * b * (_forward_macs(c, t) - c["d_model"] * c["d_vocab"]) + 2 * b * c["d_model"] * c["d_vocab"]
+    runs = 2 * b * _forward_macs(c, t) if with_runs else 0
     rows = [(l_, p) for l_ in range(L) for p in range(t)]
     fwd = b * _forward_macs(c, t)
     return {
@@ -494,16 +494,8 @@ def test_scale_gpt2_small(tmp_path):
             "attn_out": dict(site="attn_out"),
             "z_all_pos": dict(site="z", per_position=False),
         }
-        macs = {
-            "resid_pre": sum(scale_macs(c, "resid_pre", l_, p, T) for l_ in range(L) for p in range(T)),
-            "attn_out": sum(scale_macs(c, "attn_out", l_, p, T) for l_ in range(L) for p in range(T)),
-            "z_all_pos": H * sum(scale_macs(c, "z", l_, 0, T, all_pos=True) for l_ in range(L)),
-        }
+        macs = scale_bounds(c, B, T, with_runs=False)
         n_cells = {"resid_pre": L * T, "attn_out": L * T, "z_all_pos": L * H, "z_by_pos": L * H * T}
-        macs["atp"] = 3 * B * _forward_macs(c, T)
-        macs["atp*"] = 3 * B * _forward_macs(c, T) + B * _graddrop_macs(c, T)
-        for k in ("resid_pre", "attn_out", "z_all_pos"):
-            macs[k] *= B
         # the same cells for TransformerLens (timed, extrapolated per cell) and for equality with ours
         tl_cases = _tl_cases(L, H)
         z_cells = tl_cases["z_by_pos"][2]  # (layer, position, head): ours at the same positions and heads
