@@ -356,3 +356,21 @@ def test_cli_on_a_hugging_face_llama_directory(tmp_path):
     want = faithfulness(model, sc.circuit(fraction=0.2).mask, clean, corr, metric=metric)
     assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9)
     assert res["circuit_edges"] == round(0.2 * len(edges(model)))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_summed_runs_vjp_equals_per_head_vjp(arch, monkeypatch):
+    """The head inputs' cotangents summed over runs before the per-head matmuls (EAP-IG's path with several runs
+    in a pass) equal the per-run, per-head ones summed afterwards, in one run (EAP) and in several."""
+    from pypattern.circuits import engine
+
+    model = _model(arch, seed=7)
+    clean, corr, ans, wrong = prompts(model, seed=8)
+    metric = LogitDiff(ans, wrong)
+    for method, steps in (("eap", 1), ("eap-ig", 3)):
+        got = {}
+        for mode in (False, True):
+            monkeypatch.setattr(engine, "_VJP_RUNS", mode)
+            got[mode] = edge_attribution(model, clean, corr, metric=metric, method=method, steps=steps).values
+        assert (got[True] - got[False]).abs().max() <= 1e-12 * max(1.0, float(got[False].abs().max()))
+        assert got[False].abs().max() > 1e-3

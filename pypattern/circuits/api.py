@@ -136,37 +136,52 @@ def patch_edges(
 
 def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     """Per-example scores ``(batch, num_edges)``: ``(A_u - out_u) . G_v`` summed over positions (or at the edge's
-    position) and features, from the per-stage gradients of :meth:`EdgeEngine.gradients`."""
+    position) and features, from the per-stage gradients of :meth:`EdgeEngine.gradients`.
+
+    Each stage's products of every source read there with every destination input of it are one batched matmul
+    over the prompts (per position, one einsum); every edge then reads its product from their concatenation by
+    one gather, its index computed for all edges at once."""
     g = engine.graph
     D = engine.D  # (n_src, B, T, d)
     B = D.shape[1]
-    out = torch.zeros(B, len(g), dtype=D.dtype)
-    src_pos = torch.empty(g.n_src, dtype=torch.long)
-    dst_pos = torch.empty(g.n_dst, dtype=torch.long)
-    for dsts, rows, G in grads:  # G (V, B, R, d)
-        s = int(g.dst_stage[dsts[0]])
-        n = int((g.src_stage < s).sum())  # sources are in topological order: the valid ones are a prefix
-        sel = torch.isin(g.dst_idx, dsts)
-        e_src, e_dst = g.src_idx[sel], g.dst_idx[sel]
-        src_pos[:n] = torch.arange(n)
+    n_pos = g.n_pos or 1
+    entry = torch.full((g.n_dst,), -1, dtype=torch.long)  # which stage entry holds each destination input
+    dst_pos = torch.zeros(g.n_dst, dtype=torch.long)  # its place among that entry's destinations
+    cols = torch.full((len(grads), n_pos), -1, dtype=torch.long)  # per entry: position -> its row, or -1
+    V = torch.empty(len(grads), dtype=torch.long)
+    Rn = torch.ones(len(grads), dtype=torch.long)
+    offset = torch.zeros(len(grads), dtype=torch.long)
+    flat, at = [], 0
+    for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
+        n = engine.n_read[
+            int(g.dst_stage[dsts[0]])
+        ]  # sources are in topological order: those read are a prefix
+        entry[dsts] = i
         dst_pos[dsts] = torch.arange(len(dsts))
         Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
         if g.per_position:
-            S = torch.einsum("ubtd,vbtd->buvt", Ds, G)
-            col = torch.full((g.n_pos,), -1, dtype=torch.long)
-            col[rows] = torch.arange(len(rows))
-            e_col = col[g.pos_idx[sel]]
-            ok = e_col >= 0
-            vals = torch.zeros(B, int(sel.sum()), dtype=D.dtype)
-            vals[:, ok] = S[:, src_pos[e_src[ok]], dst_pos[e_dst[ok]], e_col[ok]]
+            S = torch.einsum("ubtd,vbtd->buvt", Ds, G)  # (B, n, V, R)
+            cols[i, rows] = torch.arange(len(rows))
+            Rn[i] = len(rows)
         else:  # (B, n, V): one batched matmul over the prompts on strided views (einsum would copy both)
             R = Ds.shape[2]
             S = torch.bmm(
                 Ds.transpose(0, 1).reshape(B, n, R * Ds.shape[3]),
                 G.transpose(0, 1).reshape(B, G.shape[0], R * G.shape[3]).transpose(1, 2),
             )
-            vals = S[:, src_pos[e_src], dst_pos[e_dst]]
-        out[:, sel] = vals
+            cols[i] = 0
+        V[i], offset[i] = len(dsts), at
+        flat.append(S.reshape(B, -1))
+        at += flat[-1].shape[1]
+    e = entry[g.dst_idx]
+    none = e < 0  # a destination input without a gradient entry (none in the engine's graphs): score 0
+    e = e.clamp(min=0)
+    col = cols[e, g.pos_idx] if g.per_position else cols[e, 0]
+    idx = offset[e] + (g.src_idx * V[e] + dst_pos[g.dst_idx]) * Rn[e] + col.clamp(min=0)
+    out = torch.cat(flat, 1)[:, idx]
+    zero = none | (col < 0)  # or at a position where its destination's gradient is zero
+    if bool(zero.any()):
+        out[:, zero] = 0
     return out
 
 

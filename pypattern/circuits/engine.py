@@ -170,6 +170,7 @@ class EdgeEngine:
         # (parallel blocks) the MLP of the same layer; or one MLP; or the logits
         self.stage_dsts = {s: (g.dst_stage == s).nonzero().flatten() for s in g.stages}
         self.src_stage = g.src_stage
+        self.n_read = {s: int((g.src_stage < s).sum()) for s in g.stages}  # sources read at each stage
         src_pos = {n: i for i, n in enumerate(g.src_names)}
         self.head_srcs = [
             torch.tensor([src_pos[f"L{layer}H{h}"] for h in range(self.H)]) for layer in range(self.L)
@@ -379,7 +380,7 @@ class EdgeEngine:
             return None
         sub = len(rows) != self.T
         if not self.graph.per_position:
-            n = int((self.src_stage < s).sum())  # the sources read at stage s (a prefix)
+            n = self.n_read[s]  # the sources read at stage s (a prefix)
             k = Mv.sum(1)  # (C, V) patched edges into each destination input
             comp = k > n - k
             terms = float(torch.where(comp, n - k, k).sum())
@@ -406,7 +407,7 @@ class EdgeEngine:
         """``(B, R, d)``: the input of a destination at stage ``s`` with every incoming edge patched, ``sum_{u read
         at s} A_u`` plus the attention output biases before ``s``; the same in every patched run (cached)."""
         if s not in self._ablated:
-            n = int((self.src_stage < s).sum())
+            n = self.n_read[s]
             self._ablated[s] = self.base.resid[s] + self.D[:n].sum(0)
         return _rows(self._ablated[s], rows, 1)
 
@@ -433,25 +434,29 @@ class EdgeEngine:
         # complement-side one (u < n: the sources read at s)
         mb, cc = Mv[:, :n].bool(), comp[:, None, :]
         owner = {u: (i, j) for i, blk in enumerate(blocks) for j, u in enumerate(blk[0])}
+        # each block as a tuple of per-source views (shared blocks) or per-(source, mask) views (own blocks, row
+        # u * C + c): one call per block rather than one indexing per term
         views = []
         for _, tensor, shared, is_full in blocks:
-            views.append(_rows(tensor, rows, 2 if shared else 3) if (is_full and sub) else tensor)
+            t = _rows(tensor, rows, 2 if shared else 3) if (is_full and sub) else tensor
+            views.append(t.unbind(0) if shared else t.flatten(0, 1).unbind(0))
         atl = at.tolist()
         terms: list[list] = [[] for _ in range(len(cs))]
         for sign, pick in ((1, mb & ~cc), (-1, ~mb & cc)):
             for c, u, v in pick.nonzero().tolist():
                 i, j = owner[u]
-                terms[atl[c][v]].append((views[i][j] if blocks[i][2] else views[i][j, c], sign))
+                terms[atl[c][v]].append((views[i][j] if blocks[i][2] else views[i][j * C + c], sign))
         # each input: its base (R or the ablated input) plus its first term in one pass, then the other terms
+        R_c, flat_p = R.unbind(0), flat.unbind(0)
         for p, (c, cvp) in enumerate(zip(cs.tolist(), cv.tolist())):
-            base = abl if cvp else R[c]
+            base, fp = (abl if cvp else R_c[c]), flat_p[p]
             if terms[p]:
                 t0, sign = terms[p][0]
-                torch.add(base, t0, alpha=sign, out=flat[p])
+                torch.add(base, t0, alpha=sign, out=fp)
                 for t, sign in terms[p][1:]:
-                    flat[p].add_(t, alpha=sign)
+                    fp.add_(t, alpha=sign)
             else:
-                flat[p].copy_(base)
+                fp.copy_(base)
         if k is None:
             return flat.view(V, C, self.B, len(rows), self.d)
         return _Grouped(cls, flat, pairs, at, abl)
@@ -590,15 +595,19 @@ class EdgeEngine:
         rows = torch.arange(self.T)
         handles, val = [], None
         outs = None
-        if record is not None:  # node outputs of the recorded run; rows that are not computed stay zero
-            outs = embeds.new_zeros(g.n_src, *embeds.shape[1:])
+        kept = torch.zeros(g.n_src, dtype=torch.bool)
+        if record is not None:  # node outputs of the recorded run; rows that are not computed are zero
+            outs = embeds.new_empty(g.n_src, *embeds.shape[1:])
             outs[0] = embeds[record]
+            kept[0] = True
 
         def keep(src: int, rows_: torch.Tensor, value: torch.Tensor) -> None:  # value (u, B, R, d)
+            part = outs[src : src + value.shape[0]]
             if len(rows_) == self.T:
-                outs[src : src + value.shape[0]] = value
+                part.copy_(value)
             else:
-                outs[src : src + value.shape[0]].index_copy_(2, rows_, value)
+                part.zero_().index_copy_(2, rows_, value)
+            kept[src : src + value.shape[0]] = True
 
         with torch.enable_grad():
             R = R0 = embeds.detach().requires_grad_(True)
@@ -624,10 +633,20 @@ class EdgeEngine:
                     z = v.attention(layer, q, k, vv, qrows, rows)
                     if outs is None:
                         attn = v.head_out_sum(layer, z)
-                    else:  # each head's write, as in the plain run (the same multiply-adds as their sum)
+                    elif (
+                        z.shape[1] == 1
+                    ):  # each head's write, as in the plain run (the same multiply-adds as their sum)
                         O = v.head_out(layer, z)
                         keep(int(self.head_srcs[layer][0]), qrows, O[:, record].detach())
                         attn = O.sum(0)
+                    else:  # the heads' sum in every run, each head's write in the recorded one only
+                        with torch.no_grad():
+                            keep(
+                                int(self.head_srcs[layer][0]),
+                                qrows,
+                                v.head_out(layer, z[:, record : record + 1])[:, 0],
+                            )
+                        attn = v.head_out_sum(layer, z)
                     Rq = R if len(qrows) == len(rows) else R[:, :, qrows]
                     handles.append(("attn", dsts[: self.nA], (qrows, rows), store))
                     R_new = v.add_attn_bias(layer, Rq + attn)
@@ -669,8 +688,13 @@ class EdgeEngine:
                     i += 1
                     out.append((dsts, info, over_runs(gr, 0).unsqueeze(0)))
         if outs is not None:
+            if not bool(kept.all()):
+                outs[~kept] = 0
             self._set_base(_Run(None, None, outs, base_logits))
         return out, val.detach()
+
+
+_VJP_RUNS = None  # None: with several runs; True / False: always / never (tests compare the two)
 
 
 class _QKV(torch.autograd.Function):
@@ -692,6 +716,13 @@ class _QKV(torch.autograd.Function):
     def backward(ctx, gq, gk, gv):
         R, *lin = ctx.saved_tensors
         view, layer, qrows, rows, store, part = ctx.args
+        if _VJP_RUNS is not False and (
+            R.shape[0] > 1 or _VJP_RUNS
+        ):  # several runs: summed over them before the per-head matmuls
+            got = view.qkv_input_vjp_runs(layer, R, gq, gk, gv, qrows, rows, lin)
+            if got is not None:
+                store.extend(got[:3])
+                return got[3], None, None, None, None, None
         Rq = R[:, :, qrows] if part else R
         gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows, linear=lin)
         # summed over the runs here: the per-run cotangents of every layer are never held at once
@@ -707,6 +738,8 @@ class _QKV(torch.autograd.Function):
 def _rows(t: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` at the positions ``rows`` along ``dim``: a view when they are consecutive (all rows, or the last)."""
     n = len(rows)
+    if n == 1:
+        return t.narrow(dim, int(rows), 1)
     if n:
         r0, r1 = rows[[0, -1]].tolist()
         if r1 - r0 == n - 1:

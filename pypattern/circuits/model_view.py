@@ -93,7 +93,13 @@ class ModelView:
         return sorted({h // self.n_groups for h in heads})
 
     def _sel(self, W: torch.Tensor, idx: list[int] | None) -> torch.Tensor:
-        return W if idx is None else W[torch.as_tensor(idx, dtype=torch.long, device=W.device)]
+        """``W`` at the heads ``idx`` along its first dimension: a view when they are consecutive."""
+        if idx is None:
+            return W
+        idx = list(idx)
+        if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+            return W if len(idx) == W.shape[0] else W.narrow(0, idx[0], len(idx))
+        return W[torch.as_tensor(idx, dtype=torch.long, device=W.device)]
 
     # ----- embedding and unembedding -------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -266,8 +272,9 @@ class ModelView:
                     y += self._sel(b, heads_t)
                 y = y.movedim(-2, 0)  # (slots, ..., T, dh)
                 pos = {j: n for n, j in enumerate(slots)}
-                for i, c in mine:
-                    outs[t][i - first[t], c].copy_(y[pos[i - first[t]]])
+                src = [pos[i - first[t]] for i, _ in mine]
+                dst = [(i - first[t]) * n_runs + c for i, c in mine]
+                _put(outs[t], dst, y, src)
         if own is not None:
             x, members = own
             for t, (W, b, idx) in enumerate(Ws):
@@ -279,8 +286,8 @@ class ModelView:
                 xn = self.attn_norm(layer, rows_of(xt, t))
                 heads_t = [idx[members[p][0] - first[t]] for p in rows_p]
                 y = self._bproj(xn, self._sel(W, heads_t), None if b is None else self._sel(b, heads_t))
-                for n_, p in enumerate(rows_p):
-                    outs[t][members[p][0] - first[t], members[p][1]].copy_(y[n_])
+                dst = [(members[p][0] - first[t]) * n_runs + members[p][1] for p in rows_p]
+                _put(outs[t], dst, y, list(range(len(rows_p))))
         return self._rotate(layer, outs[0], q_pos), self._rotate(layer, outs[1], k_pos), outs[2]
 
     def qkv_input_vjp(
@@ -317,19 +324,12 @@ class ModelView:
         """
         a = self.model.blocks[layer].attn
 
-        def unrotate(g, pos):  # the rotation's VJP (it is linear: the same at every point)
-            if not self.rotary:
-                return g
-            with torch.enable_grad():
-                y = torch.zeros_like(g, requires_grad=True)
-                (out,) = torch.autograd.grad(self._rotate(layer, y, pos), y, g)
-            return out
-
         def back(g, W):  # (h, ..., T, dh) x (h, d, dh) -> (h, ..., T, d)
             h = g.shape[0]
             return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
 
-        gq, gk = unrotate(gq, q_pos), unrotate(gk, k_pos)
+        if self.rotary:
+            gq, gk = self._unrotate(layer, gq, q_pos), self._unrotate(layer, gk, k_pos)
         if linear is not None and self._fast_norm_vjp(layer, xq, gq):
             return (
                 self._proj_norm_vjp(layer, xq, gq, a.W_Q, a.b_Q, linear[0]),
@@ -340,6 +340,122 @@ class ModelView:
         gk_in = self.norm_vjp(layer, xkv, back(gk, a.W_K))
         gv_in = self.norm_vjp(layer, xkv, back(gv, a.W_V))
         return gq_in, gk_in, gv_in
+
+    def qkv_input_vjp_runs(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        gq: torch.Tensor,
+        gk: torch.Tensor,
+        gv: torch.Tensor,
+        qrows: torch.Tensor,
+        rows: torch.Tensor,
+        linear: tuple,
+    ):
+        """For ``N`` runs in which every head reads the residual ``x (N, ..., T, d)``: each head input's cotangent
+        summed over the runs and the residual's cotangent in each run, without the per-run, per-head cotangents
+        that :meth:`qkv_input_vjp` forms. None where that closed form does not apply (see :meth:`_fast_norm_vjp`).
+
+        With :meth:`_proj_norm_vjp`'s notation, a head's input cotangent is ``g'_h W'_h^T - x_hat c2_h`` (``g'_h``
+        its scaled projection cotangent and its mean column). Its sum over runs is ``(sum_n g'_hn) W'_h^T - sum_n
+        x_hat_n c2_hn``: one batched matmul over the heads at one run's rows. The residual's cotangent in run ``n``
+        is the sum over heads, ``[g'_1n .. g'_Hn] [W'_1; ..; W'_H]^T - x_hat_n sum_h c2_hn``: one matmul with
+        every head's columns stacked (the plain backward's shape) instead of a matmul per head and a sum.
+
+        Parameters
+        ----------
+        x : the residual ``(N, ..., T, d)`` at the key rows ``rows``; queries are read at ``qrows`` (a subset)
+        gq, gk, gv, linear : as in :meth:`qkv_input_vjp`
+
+        Returns
+        -------
+        ``(gq_in (H, ..., Tq, d), gk_in, gv_in (H_kv, ..., T, d), dx (N, ..., T, d))`` or None
+        """
+        a = self.model.blocks[layer].attn
+        part = len(qrows) != len(rows)
+        xq = x[..., qrows, :] if part else x
+        if not self._fast_norm_vjp(layer, x, gq) or not (gq.dtype == gk.dtype == gv.dtype):
+            return None
+        if self.rotary:
+            gq, gk = self._unrotate(layer, gq, qrows), self._unrotate(layer, gk, rows)
+        parts = [
+            self._proj_norm_parts(layer, xin, g, W, b, lin, heads_last=True)
+            for xin, g, W, b, lin in (
+                (xq, gq, a.W_Q, a.b_Q, linear[0]),
+                (x, gk, a.W_K, a.b_K, linear[1]),
+                (x, gv, a.W_V, a.b_V, linear[2]),
+            )
+        ]
+        summed = []
+        # gs (h, N, ..., T, k), Ww (h, d, k), xhat (N, ..., T, d), c2 (h, N, ..., T)
+        for gs, Ww, xhat, c2 in parts:
+            h, k = gs.shape[0], gs.shape[-1]
+            out = torch.bmm(gs.sum(1).reshape(h, -1, k), Ww.transpose(1, 2)).view(
+                *gs.shape[:1], *gs.shape[2:-1], -1
+            )
+            for n in range(gs.shape[1]):  # minus sum_n x_hat_n c2_hn, a pass per run
+                out.addcmul_(xhat[n], c2[:, n].unsqueeze(-1), value=-1)
+            summed.append(out)
+
+        # the residual's cotangent in every run: one matmul per input kind (queries only at their rows)
+        def stacked(gs, Ww):  # (N * rows, h * k) x (h * k, d)
+            h, k = gs.shape[0], gs.shape[-1]
+            lhs = gs.movedim(0, -2).reshape(-1, h * k)
+            return lhs @ Ww.transpose(1, 2).reshape(h * k, -1)
+
+        def xc2(xhat, c2):  # x_hat_n sum_h c2_hn
+            return xhat * c2.sum(0).unsqueeze(-1)
+
+        (gsq, Wq, xhq, c2q), (gsk, Wk, xhk, c2k), (gsv, Wv, _, c2v) = parts  # keys and values read the same x
+        dx = (stacked(gsk, Wk) + stacked(gsv, Wv)).view(x.shape)
+        dx.sub_(xc2(xhk, c2k + c2v))
+        dq = stacked(gsq, Wq).view(xq.shape).sub_(xc2(xhq, c2q))
+        if part:
+            dx.index_add_(x.dim() - 2, qrows, dq)
+        else:
+            dx.add_(dq)
+        return (*summed, dx)
+
+    def _unrotate(self, layer: int, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding's VJP at positions ``pos`` (it is linear: the same at every point)."""
+        with torch.enable_grad():
+            y = torch.zeros_like(g, requires_grad=True)
+            (out,) = torch.autograd.grad(self._rotate(layer, y, pos), y, g)
+        return out
+
+    def _proj_norm_parts(self, layer, x, g, W, b, lin, heads_last: bool = False):
+        """The pieces of :meth:`_proj_norm_vjp`: ``(g', W', x_hat, c2)`` with the head input cotangent ``g'_h
+        W'_h^T - x_hat c2_h``: ``g' (h, ..., T, k)``, ``W' (h, d, k)`` (``k = d_head + 1`` for LayerNorm, its mean
+        column; ``d_head`` for RMSNorm), ``x_hat (..., T, d)``, ``c2 (h, ..., T)``. ``heads_last``: ``g'`` is a
+        view of a tensor laid out ``(..., T, h, k)`` (every head's columns of a row together)."""
+        from ..models.transformer import LayerNorm
+
+        ln = self.model.blocks[layer].ln1
+        is_ln = type(ln) is LayerNorm
+        d, h, dh = x.shape[-1], W.shape[0], W.shape[-1]
+        hx = x - x.mean(-1, keepdim=True) if is_ln else x
+        r = torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + ln.eps)  # (..., T, 1)
+        xhat = hx * r
+        Ww = W * ln.w.view(1, d, 1)
+        shape = (h,) + (1,) * (g.dim() - 2) + (dh,)
+        P = lin if b is None else lin - b.view(shape)
+        if is_ln:
+            P = P - torch.einsum("d,hdk->hk", ln.b, W).view(shape)
+        k = dh + 1 if is_ln else dh
+        if heads_last or is_ln:
+            buf = (
+                g.new_empty(*g.shape[1:-1], h, k).movedim(-2, 0)
+                if heads_last
+                else g.new_empty(*g.shape[:-1], k)
+            )
+            gs = torch.mul(g, r, out=buf[..., :dh])
+        else:
+            buf = gs = g * r
+        c2 = (gs * P).sum(-1).div_(d)  # (h, ..., T)
+        if is_ln:
+            torch.sum(gs * Ww.sum(1).view(shape), -1, keepdim=True, out=buf[..., dh:]).div_(-d)
+            Ww = torch.cat([Ww, Ww.new_ones(h, d, 1)], -1)
+        return buf, Ww, xhat, c2
 
     def _fast_norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> bool:
         """pypattern's LayerNorm or RMSNorm without hooks, computing in the dtype of ``x``, ``g`` and its weight."""
@@ -362,27 +478,10 @@ class ModelView:
         x_hat (g'.P_h) / d`` with ``P_h = x_hat W'_h = lin_h - b_h - beta W_h`` (from the forward: no projection
         of ``x_hat``); RMSNorm's the same without the middle term (and ``beta``). The first two terms are one
         batched matmul (the second as one more column of ``g'``), the third one pass over its output."""
-        from ..models.transformer import LayerNorm
-
-        ln = self.model.blocks[layer].ln1
-        is_ln = type(ln) is LayerNorm
-        d, h, dh = x.shape[-1], W.shape[0], W.shape[-1]
-        hx = x - x.mean(-1, keepdim=True) if is_ln else x
-        r = torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + ln.eps)  # (..., T, 1)
-        xhat = hx * r
-        Ww = W * ln.w.view(1, d, 1)
-        shape = (h,) + (1,) * (g.dim() - 2) + (dh,)
-        P = lin if b is None else lin - b.view(shape)
-        if is_ln:
-            P = P - torch.einsum("d,hdk->hk", ln.b, W).view(shape)
-        gs = g * r
-        c2 = (gs * P).sum(-1, keepdim=True).div_(d)  # (h, ..., T, 1)
-        if is_ln:
-            c1 = (gs * Ww.sum(1).view(shape)).sum(-1, keepdim=True).div_(-d)
-            gs = torch.cat([gs, c1], -1)
-            Ww = torch.cat([Ww, Ww.new_ones(h, d, 1)], -1)
+        gs, Ww, xhat, c2 = self._proj_norm_parts(layer, x, g, W, b, lin)
+        h, d = W.shape[0], x.shape[-1]
         out = torch.bmm(gs.reshape(h, -1, gs.shape[-1]), Ww.transpose(1, 2)).view(*g.shape[:-1], d)
-        return out.addcmul_(xhat, c2, value=-1)
+        return out.addcmul_(xhat, c2.unsqueeze(-1), value=-1)
 
     def norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The attention norm's VJP at ``x (..., T, d)`` applied to each head's cotangent ``g (h, ..., T, d)``.
@@ -571,3 +670,16 @@ class ModelView:
                 f"the circuits adapter's forward differs from the model's by {err:.3g} (logits up to {scale:.3g}, "
                 f"{self.dtype}): this architecture is not covered by pypattern.circuits.model_view"
             )
+
+
+def _put(out: torch.Tensor, dst: list[int], y: torch.Tensor, src: list[int]) -> None:
+    """``out (n, C, ...)`` viewed ``(n * C, ...)`` takes ``y[src[j]]`` at row ``dst[j]``, in one indexed copy."""
+    flat = out.view(-1, *out.shape[2:])
+    if src != list(range(len(src))):
+        y = y.index_select(0, torch.tensor(src, dtype=torch.long, device=y.device))
+    elif len(src) != y.shape[0]:
+        y = y.narrow(0, 0, len(src))
+    if dst == list(range(dst[0], dst[0] + len(dst))):
+        flat.narrow(0, dst[0], len(dst)).copy_(y)
+    else:
+        flat.index_copy_(0, torch.tensor(dst, dtype=torch.long, device=y.device), y)
