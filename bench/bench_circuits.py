@@ -452,9 +452,10 @@ def test_exact_agreement_autocircuit_float64():
 
 # ----- the speed table: CPU time, interleaved rounds ------------------------------------------------------------
 def speed_table(rounds: int = 7, reps: int = 3) -> None:
-    """Each round times, in turn, ours, the bound and auto-circuit (when installed) on every piece in this process
-    (CPU time, ``time.process_time``, the minimum of ``reps`` calls after a warm-up call); prints every round and,
-    per piece, the median and range over rounds of ours / bound, ours / (bound + term) and auto-circuit / ours."""
+    """Each round times ours, the bound and auto-circuit (when installed) on every piece in this process, ``reps``
+    calls of each interleaved call by call (CPU time, ``time.process_time``, after a warm-up call); a round's ratio
+    is the median over its calls of the ratio within a call triple. Prints every round and, per piece, the median
+    and range over rounds of ours / bound, ours / (bound + term) and auto-circuit / ours."""
     import statistics
 
     torch.set_num_threads(1)
@@ -500,21 +501,38 @@ def speed_table(rounds: int = 7, reps: int = 3) -> None:
         pieces["one pruning point"]["ac"] = lambda: patch(~circuit)
         pieces["ten pruning points, one call"]["ac"] = lambda: [patch(~c) for c in circuits10]
 
-    def cpu_ms(f) -> float:
+    def cpu_s(f) -> float:
+        t0 = time.process_time()
         f()
-        ts = []
+        return time.process_time() - t0
+
+    def timed(p) -> dict:
+        """``reps`` calls of every role, interleaved call by call after a warm-up call of each: the minimum time
+        of each role and, per role, the median over calls of its time over ours in the same call (drifts of the
+        CPU's speed over seconds cancel in those)."""
+        roles = [r for r in ("ours", "bound", "ac") if r in p]
+        for r in roles:
+            p[r]()
+        ts = {r: [] for r in roles}
         for _ in range(reps):
-            t0 = time.process_time()
-            f()
-            ts.append(time.process_time() - t0)
-        return min(ts) * 1e3
+            for r in roles:
+                ts[r].append(cpu_s(p[r]))
+        row = {r: min(v) * 1e3 for r, v in ts.items()}
+        for r in roles[1:]:
+            row[r + "/ours"] = statistics.median(b / a for a, b in zip(ts["ours"], ts[r]))
+        return row
 
     runs = {name: [] for name in pieces}
     for r in range(rounds):
         for name, p in pieces.items():
-            row = {role: cpu_ms(p[role]) for role in ("ours", "bound", "ac") if role in p}
+            row = timed(p)
             runs[name].append(row)
-            print(f"round {r} {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in row.items()), flush=True)
+            print(
+                f"round {r} {name}: "
+                + ", ".join(f"{k} {v:.1f} ms" for k, v in row.items() if "/" not in k)
+                + f"; ours/bound {1 / row['bound/ours']:.2f}",
+                flush=True,
+            )
 
     def med(xs):
         return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
@@ -527,14 +545,14 @@ def speed_table(rounds: int = 7, reps: int = 3) -> None:
         line = (
             f"{name}: ours {min(x['ours'] for x in rs):.1f}-{max(x['ours'] for x in rs):.1f} ms, "
             f"bound {min(x['bound'] for x in rs):.1f}-{max(x['bound'] for x in rs):.1f} ms; "
-            f"ours/bound {med([x['ours'] / x['bound'] for x in rs])}; "
+            f"ours/bound {med([1 / x['bound/ours'] for x in rs])}; "
             f"{tname} = {tm / 1e6:.1f}M madds = {tm / p['madds']:.3f} x bound; "
-            f"ours/(bound + {tname}) {med([x['ours'] / (x['bound'] * scale) for x in rs])}"
+            f"ours/(bound + {tname}) {med([1 / (x['bound/ours'] * scale) for x in rs])}"
         )
         if "ac" in p:
             line += (
                 f"; auto-circuit {min(x['ac'] for x in rs):.1f}-{max(x['ac'] for x in rs):.1f} ms, "
-                f"auto-circuit/ours {med([x['ac'] / x['ours'] for x in rs])}"
+                f"auto-circuit/ours {med([x['ac/ours'] for x in rs])}"
             )
         print(line)
     if HAS_AC:
@@ -589,7 +607,8 @@ def gpt2_scale(steps: int = 5, memory_budget: float = 2e9) -> dict:
 if __name__ == "__main__":
     if "--table" in sys.argv:
         n = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 7
-        speed_table(rounds=n)
+        reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
+        speed_table(rounds=n, reps=reps)
     if "--gpt2" in sys.argv:
         budget = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 2e9
         print(gpt2_scale(memory_budget=budget))

@@ -352,9 +352,9 @@ def test_unknown_architecture_in_directory_is_refused(tmp_path):
     [
         ("gpt2-tied", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
         ("gpt2-tied", dict(add_cross_attention=True), "add_cross_attention"),
-        ("llama-mqa", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type"),
         ("llama-mqa", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
-        ("neox-parallel-rot0.25", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type"),
+        ("llama-mqa", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
+        ("neox-parallel-rot0.25", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
         (
             "qwen2-gqa4-tied",
             dict(use_sliding_window=True, sliding_window=3, max_window_layers=1),
@@ -367,6 +367,58 @@ def test_unsupported_options_are_refused_by_name(case, overrides, option):
     hf = hf_model(case, **overrides)
     with pytest.raises(UnsupportedModelError, match=option):
         from_hf(hf)
+
+
+_LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize(
+    "scaling", [{"rope_type": "linear", "factor": 2.5}, _LLAMA3], ids=["linear", "llama3"]
+)
+@pytest.mark.parametrize(
+    "case", ["llama-mqa", "neox-parallel-rot0.25", "qwen2-gqa4-tied", "mistral-gqa4-window"]
+)
+def test_scaled_rotary_embeddings_convert_exactly(case, scaling, dtype, tol):
+    """Linear and Llama 3 rotary scaling (Llama 3.1 / 3.2 checkpoints use the latter): fixed frequencies, the
+    converted model computes them itself (``TransformerConfig.rotary_scaling``) and its logits equal HF's, also
+    past the configured context. Llama 3's frequencies of the Llama case fall in all three of its bands (kept,
+    interpolated, divided by the factor)."""
+    from pypattern.models.transformer import rotary_inv_freq
+
+    hf = hf_model(case, dtype, rope_scaling=dict(scaling), max_position_embeddings=128)
+    model = from_hf(hf)
+    assert model.cfg.rotary_scaling == scaling
+    inv = rotary_inv_freq(10000.0, model.cfg.rotary_dim, None, torch.float32)
+    got = rotary_inv_freq(10000.0, model.cfg.rotary_dim, model.cfg.rotary_scaling, torch.float32)
+    if scaling["rope_type"] == "llama3" and case == "llama-mqa":
+        ratio = inv / got
+        assert (ratio == 1).any() and (ratio == 8).any() and ((ratio > 1) & (ratio < 8)).any()
+    x = tokens(t=T + 5)
+    with torch.no_grad():
+        assert rel(model(x), hf(x).logits) <= tol
+    again = type(model.cfg)(**model.cfg.to_dict())  # the scaling survives a round trip of the config
+    assert again.rotary_scaling == scaling
+
+
+def test_rotary_scaling_config_is_checked():
+    from pypattern.models import TransformerConfig
+
+    base = dict(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, positional_embedding_type="rotary")
+    with pytest.raises(ValueError, match="rope_type one of"):
+        TransformerConfig(**base, rotary_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="low_freq_factor"):
+        TransformerConfig(**base, rotary_scaling={**_LLAMA3, "low_freq_factor": None})
+    with pytest.raises(ValueError, match="must exceed"):
+        TransformerConfig(**base, rotary_scaling={**_LLAMA3, "high_freq_factor": 0.5})
+    with pytest.raises(ValueError, match="needs positional_embedding_type='rotary'"):
+        TransformerConfig(**{**base, "positional_embedding_type": "standard"}, rotary_scaling=_LLAMA3)
 
 
 def test_gpt2_reorder_and_upcast_attn():

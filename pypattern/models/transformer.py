@@ -169,6 +169,13 @@ class TransformerConfig:
         Dtype the rotary frequencies ``1 / rotary_base ** (2 i / rotary_dim)`` are rounded to before the angles are
         computed (in ``rotary_dtype``); None: no rounding. A Hugging Face model cast with ``.to(torch.bfloat16)``
         or ``.half()`` holds its frequencies in that dtype, and its converted model sets it to be exact.
+    rotary_scaling : dict or None
+        Scaled rotary frequencies, in Hugging Face's ``rope_parameters`` terms: ``{"rope_type": "linear",
+        "factor": f}`` divides every frequency by ``f``; ``{"rope_type": "llama3", "factor": f, "low_freq_factor":
+        lo, "high_freq_factor": hi, "original_max_position_embeddings": n}`` is Llama 3's (frequencies whose
+        wavelength exceeds ``n / lo`` divided by ``f``, those under ``n / hi`` kept, the ones between
+        interpolated). None: unscaled. Both fix the frequencies once (no dependence on the sequence length) and
+        leave the cosines and sines unscaled.
     n_key_value_heads : int or None
         Number of key/value heads (grouped-query attention; 1 is multi-query attention); default ``n_heads``.
         Query head ``h`` reads key/value head ``h // (n_heads // n_key_value_heads)``.
@@ -223,6 +230,7 @@ class TransformerConfig:
     rotary_adjacent_pairs: bool = False
     rotary_dtype: torch.dtype | None = None
     rotary_freq_dtype: torch.dtype | None = None
+    rotary_scaling: dict | None = None
     n_key_value_heads: int | None = None
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
@@ -280,6 +288,8 @@ class TransformerConfig:
                 )
             if not self.rotary_base > 0:
                 raise ValueError(f"rotary_base={self.rotary_base!r} is not valid; give a positive number")
+        if self.rotary_scaling is not None:
+            self.rotary_scaling = _check_rotary_scaling(self.rotary_scaling, pe_type)
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads
         kv = self.n_key_value_heads
@@ -332,6 +342,64 @@ class TransformerConfig:
             if d[k] is not None:
                 d[k] = str(d[k]).replace("torch.", "")
         return d
+
+
+_ROTARY_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rotary_scaling(scaling, pe_type: str) -> dict:
+    """``TransformerConfig.rotary_scaling`` checked: the keys its ``rope_type`` reads, as numbers."""
+    if pe_type != "rotary":
+        raise ValueError(
+            f"rotary_scaling={scaling!r} needs positional_embedding_type='rotary' (got {pe_type!r})"
+        )
+    if not isinstance(scaling, dict) or scaling.get("rope_type") not in _ROTARY_SCALING_KEYS:
+        raise ValueError(
+            f"rotary_scaling={scaling!r} is not valid; give a dict with rope_type one of "
+            f"{tuple(_ROTARY_SCALING_KEYS)} (or None)"
+        )
+    kind = scaling["rope_type"]
+    out = {"rope_type": kind}
+    for k in _ROTARY_SCALING_KEYS[kind]:
+        v = scaling.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(
+                f"rotary_scaling[{k!r}]={v!r} is not valid for rope_type {kind!r}; give a positive number"
+            )
+        out[k] = v
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError(
+            f"rotary_scaling: high_freq_factor={out['high_freq_factor']!r} must exceed "
+            f"low_freq_factor={out['low_freq_factor']!r}"
+        )
+    return out
+
+
+def rotary_inv_freq(
+    base: float, dim: int, scaling: dict | None, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:
+    """The ``dim / 2`` rotary frequencies ``1 / base ** (2 i / dim)``, scaled per ``scaling`` (see
+    :class:`TransformerConfig`), computed in ``dtype`` in Hugging Face's order of operations."""
+    import math
+
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 class LayerNorm(nn.Module):
@@ -530,7 +598,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         cd = cfg.rotary_dtype or dtype
         r = cfg.rotary_dim
-        inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, r, 2, dtype=cd, device=positions.device) / r))
+        inv_freq = rotary_inv_freq(cfg.rotary_base, r, cfg.rotary_scaling, cd, positions.device)
         if cfg.rotary_freq_dtype is not None:
             inv_freq = inv_freq.to(cfg.rotary_freq_dtype).to(cd)
         freqs = positions[:, None].to(cd) * inv_freq[None, :]

@@ -47,27 +47,39 @@ def act_fn(name: Any, option: str) -> str:
     return act
 
 
-def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, int, torch.dtype | None]:
-    """``(rotary_base, rotary_dim, rotary_freq_dtype)`` of a model's default RoPE, checked against its ``inv_freq``
-    buffer.
+def rope(
+    config: Any, rotary_module: nn.Module, head_dim: int
+) -> tuple[float, int, torch.dtype | None, dict | None]:
+    """``(rotary_base, rotary_dim, rotary_freq_dtype, rotary_scaling)`` of a model's RoPE, checked against its
+    ``inv_freq`` buffer.
 
     Hugging Face computes the frequencies in float32 and reads the buffer in float32; a model cast with
     ``.to(torch.bfloat16)`` or ``.half()`` holds them rounded to that dtype (and keeps them rounded when cast back),
-    which ``rotary_freq_dtype`` reproduces (None when they are not rounded). Refuses any ``rope_type`` other than
-    ``"default"`` (linear, dynamic, YaRN, LongRoPE, Llama 3 scaling change the frequencies or the magnitudes) and
+    which ``rotary_freq_dtype`` reproduces (None when they are not rounded). Converts the ``"default"``,
+    ``"linear"`` and ``"llama3"`` rope types (frequencies fixed once, cosines and sines unscaled;
+    ``rotary_scaling`` is None for the default); refuses the others (dynamic NTK changes the frequencies with
+    the sequence length, YaRN and LongRoPE scale the cosines and sines or switch frequencies past a length) and
     any ``attention_scaling`` other than 1.
     """
+    from ..transformer import _ROTARY_SCALING_KEYS, rotary_inv_freq
+
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
+    if rope_type != "default" and rope_type not in _ROTARY_SCALING_KEYS:
         refuse(
             "rope_parameters['rope_type']",
             rope_type,
-            "only the default (unscaled) rotary embedding is converted",
+            f"the rotary embeddings converted exactly are {('default',) + tuple(_ROTARY_SCALING_KEYS)}",
         )
-    scaling = getattr(rotary_module, "attention_scaling", 1.0)
-    if scaling != 1.0:
-        refuse("attention_scaling of the rotary embedding", scaling, "only 1.0 is converted")
+    scaling = None
+    if rope_type != "default":
+        missing = [k for k in _ROTARY_SCALING_KEYS[rope_type] if k not in params]
+        if missing:
+            refuse("rope_parameters", params, f"rope_type {rope_type!r} needs {missing}")
+        scaling = {"rope_type": rope_type, **{k: params[k] for k in _ROTARY_SCALING_KEYS[rope_type]}}
+    att = getattr(rotary_module, "attention_scaling", 1.0)
+    if att != 1.0:
+        refuse("attention_scaling of the rotary embedding", att, "only 1.0 is converted")
     if "rope_theta" not in params:
         refuse("rope_parameters", params, "it has no 'rope_theta'")
     base = float(params["rope_theta"])
@@ -76,7 +88,10 @@ def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, i
     rotary_dim = 2 * inv_freq.numel()
     if rotary_dim > head_dim:
         refuse("rotary dimensions", rotary_dim, f"more than the head dimension {head_dim}")
-    mine = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    try:
+        mine = rotary_inv_freq(base, rotary_dim, scaling, torch.float32)
+    except (ValueError, TypeError, KeyError) as e:
+        refuse("rope_parameters", params, f"its values cannot be read ({e})")
     # frequencies rounded by a cast of the model (.to(torch.bfloat16), .half(), possibly cast back since)
     candidates = [buf.dtype] if buf.dtype not in (torch.float32, torch.float64) else [None]
     candidates += [d for d in (None, torch.bfloat16, torch.float16) if d not in candidates]
@@ -84,13 +99,18 @@ def rope(config: Any, rotary_module: nn.Module, head_dim: int) -> tuple[float, i
         (d for d in candidates if torch.equal(mine if d is None else mine.to(d).float(), inv_freq)), False
     )
     if freq_dtype is False:
+        what = (
+            "a default rotary embedding's"
+            if scaling is None
+            else f"a {rope_type!r}-scaled rotary embedding's"
+        )
         refuse(
             "rotary inv_freq",
             "(buffer)",
-            f"the model's frequencies are not 1 / {base} ** (2 i / {rotary_dim}) as a default rotary "
-            "embedding's (in float32, or rounded to bfloat16 or float16)",
+            f"the model's frequencies are not 1 / {base} ** (2 i / {rotary_dim}) as {what} "
+            "(in float32, or rounded to bfloat16 or float16)",
         )
-    return base, rotary_dim, freq_dtype
+    return base, rotary_dim, freq_dtype, scaling
 
 
 def linear_heads(weight: torch.Tensor, n: int, d_head: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             f"turns {ndims + 1} dimensions at the frequencies of a {ndims}-dimensional embedding); give a "
             "rotary_pct that makes it even",
         )
-    base, rotary_dim, freq_dtype = rope(c, base_model.rotary_emb, dh)
+    base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
     # one dimension (head_size * rotary_pct = 1): the model turns 2 dimensions at frequency 1, as rotary_dim=2 does
     if rotary_dim != ndims + ndims % 2:
         refuse("rotary_ndims", ndims, f"differs from the rotary embedding's {rotary_dim} dimensions")
@@ -73,6 +73,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
                 rotary_base=base,
                 rotary_dtype=torch.float32,
                 rotary_freq_dtype=freq_dtype,
+                rotary_scaling=rot_scaling,
             )
         ),
         parallel_attn_mlp=bool(c.use_parallel_residual),

@@ -43,7 +43,7 @@ def llama_like(model: nn.Module, sliding_window: int | None = None) -> tuple[dic
     Hkv = a0.k_proj.weight.shape[0] // dh
     if a0.scaling != dh**-0.5:
         refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
-    base, rotary_dim, freq_dtype = rope(c, base_model.rotary_emb, dh)
+    base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
     if rotary_dim != dh:
         refuse(
             "rotary dimensions",
@@ -79,6 +79,7 @@ def llama_like(model: nn.Module, sliding_window: int | None = None) -> tuple[dic
         rotary_base=base,
         rotary_dtype=torch.float32,
         rotary_freq_dtype=freq_dtype,
+        rotary_scaling=rot_scaling,
         gated_mlp=True,
         attn_bias=attn_in_bias,
         attn_out_bias=attn_out_bias,
