@@ -35,7 +35,7 @@ Run: ``.venv/bin/python -m pytest -q bench/bench_circuits.py --benchmark-only -s
 after ``bash bench/envs/autocircuit.sh`` with ``.bench-venvs/autocircuit/bin/python`` (adds auto-circuit). The
 table of the docs, in CPU time with interleaved rounds: ``OMP_NUM_THREADS=1 python bench/bench_circuits.py --table
 --rounds 7``. At scale: ``python bench/bench_circuits.py --gpt2`` (EAP-IG, k = 5, on a GPT-2-small-shaped model,
-time and peak RSS).
+time and peak RSS). Per-call overhead apart from the arithmetic: ``python bench/bench_circuits.py --overhead``.
 """
 
 from __future__ import annotations
@@ -568,6 +568,42 @@ def speed_table(rounds: int = 7, reps: int = 3) -> None:
         )
 
 
+def overhead(n: int = 100) -> dict:
+    """The per-call cost of a pruning point and of EAP apart from their arithmetic: the bench's graph (4 layers, 8
+    heads, 1519 edges, the same 5% circuit) on a model with d_model 16 (d_head 2, d_mlp 16) and one prompt of 32
+    tokens, where the arithmetic is negligible; median CPU time of ``n`` calls, ms, beside the plain forward's and
+    EAP's bound's."""
+    import statistics
+
+    torch.set_num_threads(1)
+    cfg = dict(CFG, d_model=16, d_head=2, d_mlp=16)
+    model = Transformer(TransformerConfig(**cfg, seed=0))
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, cfg["d_vocab"], (1, T), generator=g)
+    corr = clean.clone()
+    corr[:, : T // 2] = torch.randint(0, cfg["d_vocab"], (1, T // 2), generator=g)
+    ans = torch.randint(0, cfg["d_vocab"], (1,), generator=g)
+    metric = LogitDiff(ans, (ans + 1) % cfg["d_vocab"])
+    eng, _ = prepare_runs(model, edges(model), clean, corr, metric)
+    circuit = point_circuit(eng.graph)
+    fns = {
+        "point": lambda: eng.run(~circuit[None]),
+        "point_bound": lambda: bound_point(model, clean),
+        "eap": lambda: edge_attribution(model, clean, corr, metric=metric, method="eap"),
+        "eap_bound": lambda: bound_eap(model, clean, corr),
+    }
+    out = {}
+    for name, f in fns.items():
+        f()
+        ts = []
+        for _ in range(n):
+            t0 = time.process_time()
+            f()
+            ts.append(time.process_time() - t0)
+        out[name] = round(statistics.median(ts) * 1e3, 2)
+    return out
+
+
 # ----- at scale ----------------------------------------------------------------------------------------------
 def gpt2_scale(steps: int = 5, memory_budget: float = 2e9) -> dict:
     """EAP-IG over every edge of a GPT-2-small-shaped model (12 layers, d 768, 12 heads, random weights), batch
@@ -609,6 +645,8 @@ if __name__ == "__main__":
         n = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 7
         reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
         speed_table(rounds=n, reps=reps)
+    if "--overhead" in sys.argv:
+        print(overhead())
     if "--gpt2" in sys.argv:
         budget = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 2e9
         print(gpt2_scale(memory_budget=budget))
