@@ -358,6 +358,49 @@ def test_cli_on_a_hugging_face_llama_directory(tmp_path):
     assert res["circuit_edges"] == round(0.2 * len(edges(model)))
 
 
+def test_cli_with_plain_token_files(tmp_path):
+    """``pypattern circuit --model DIR --data FILE [--corrupted FILE]``, as ``patch`` and ``llc`` take them: the
+    metric is the log-probability of the model's own top prediction; mean ablation without corrupted prompts,
+    resample ablation with them. The circuit and its faithfulness equal the API's on the same choices."""
+    import numpy as np
+
+    from pypattern.circuits.cli import main, run_circuit_demo
+    from pypattern.patching import LogProb
+
+    hf, model = _hf_llama()
+    d = tmp_path / "llama"
+    hf.save_pretrained(d, safe_serialization=True)
+    clean, corr, _, _ = prompts(model, seed=21)
+    np.save(tmp_path / "clean.npy", clean.numpy())
+    (tmp_path / "corr.txt").write_text("\n".join(" ".join(map(str, r)) for r in corr.tolist()))
+    with torch.no_grad():
+        metric = LogProb(model(clean)[:, -1].argmax(-1))
+    for corrupted, ablation in ((None, "mean"), (corr, "resample")):
+        out = tmp_path / f"out_{ablation}"
+        res = run_circuit_demo(
+            str(out),
+            model_dir=str(d),
+            tokens=str(tmp_path / "clean.npy"),
+            corrupted=None if corrupted is None else str(tmp_path / "corr.txt"),
+            methods=("eap",),
+            fraction=0.2,
+        )
+        assert res["ablation"] == ablation
+        sc = edge_attribution(model, clean, corrupted, metric=metric, method="eap", ablation=ablation)
+        got = sc.circuit(fraction=0.2)
+        want = faithfulness(model, got.mask, clean, corrupted, metric=metric, ablation=ablation)
+        assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9)
+        assert res["top_edges"] == [str(r) for r in got.to_pandas()["name"][:8]]
+        assert res["circuit_edges"] == round(0.2 * len(edges(model)))
+    argv = ["--model", str(d), "--data", str(tmp_path / "clean.npy"), "--out", str(tmp_path / "cli")]
+    assert main([*argv, "--methods", "eap", "--corrupted", str(tmp_path / "corr.txt")]) == 0
+    assert os.path.getsize(tmp_path / "cli" / "circuit.png") > 100
+    bad = tmp_path / "short.npy"
+    np.save(bad, clean[:, :-1].numpy())
+    with pytest.raises(ValueError, match="must match"):
+        main([*argv, "--corrupted", str(bad)])
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_summed_runs_vjp_equals_per_head_vjp(arch, monkeypatch):
     """The head inputs' cotangents summed over runs before the per-head matmuls (EAP-IG's path with several runs

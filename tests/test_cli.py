@@ -77,3 +77,16 @@ def test_full_and_quick_exclude_each_other_and_full_is_for_patterning_and_equiva
     assert e.value.code != 0
     with pytest.raises(SystemExit, match="--full applies to 'patterning' and 'equivalence' only"):
         cli.main(["demo", "flags", "--full"])
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pypattern", "backends"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "reference" in json.loads(r.stdout[r.stdout.index("{") :])
+    r = subprocess.run([sys.executable, "-m", "pypattern", "no-such-command"], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr

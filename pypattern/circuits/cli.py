@@ -5,9 +5,14 @@ circuit), ``pruning_curve.png``, ``pruning_curve.csv`` and ``circuit.png`` (grap
 
 A local model directory holds ``config.json`` (the fields of :class:`~pypattern.models.TransformerConfig`,
 ``dtype`` as a string such as ``"float32"``) and ``weights.npz`` (or ``model.safetensors``) with the model's
-``state_dict`` names. A prompt file is an ``.npz`` with ``clean`` and ``corrupted`` ``(batch, pos)`` token ids and
-``answer`` ``(batch,)`` (optionally ``wrong`` ``(batch,)``: the metric is then the logit difference, else the
-answer's log-probability), read at the last position.
+``state_dict`` names, or is a Hugging Face ``save_pretrained`` directory. The prompts are either an ``.npz`` with
+``clean`` and ``corrupted`` ``(batch, pos)`` token ids and ``answer`` ``(batch,)`` (optionally ``wrong``
+``(batch,)``: the metric is then the logit difference, else the answer's log-probability), read at the last
+position; or a plain token file (``.npy``, ``.npz`` with one array or ``tokens``, or text: one sequence of ids per
+line, as ``pypattern patch --data`` reads), with an optional ``--corrupted`` token file of the same shape. With a
+plain token file the metric is the log-probability of the model's own top prediction on each clean prompt at its
+last position, and an edge carries the corrupted prompts' value (resample ablation) or, without them, the mean over
+the prompts (mean ablation).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "main"]
+__all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "user_prompts", "main"]
 
 
 def load_model_dir(path: str):
@@ -78,10 +83,42 @@ def load_prompts(path: str):
     return clean, corr, metric
 
 
+def user_prompts(model, tokens: str, corrupted: str | None = None):
+    """``(clean, corrupted, metric, ablation)`` for ``model`` from a prompt file (see the module docstring): an
+    ``.npz`` with ``clean``, ``corrupted`` and ``answer`` as :func:`load_prompts` reads, or a plain token file with
+    an optional corrupted token file."""
+    from ..experiments.user_model import load_tokens
+    from ..patching import LogProb
+
+    if tokens.lower().endswith(".npz"):
+        with np.load(tokens, allow_pickle=False) as z:
+            full = "clean" in z.files
+        if full:
+            if corrupted is not None:
+                raise ValueError(
+                    f"tokens={tokens!r} holds its own corrupted prompts; corrupted={corrupted!r} is not read with it"
+                )
+            clean, corr, metric = load_prompts(tokens)
+            return clean, corr, metric, "resample"
+    n_ctx = model.cfg.max_positions
+    clean = load_tokens(tokens, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
+    corr = None
+    if corrupted is not None:
+        corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
+        if corr.shape != clean.shape:
+            raise ValueError(
+                f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match tokens' {tuple(clean.shape)}"
+            )
+    with torch.no_grad():
+        answer = model(clean)[:, -1].argmax(-1)
+    return clean, corr, LogProb(answer), ("resample" if corr is not None else "mean")
+
+
 def run_circuit_demo(
     out_dir: str = "out/circuit",
     model_dir: str | None = None,
     tokens: str | None = None,
+    corrupted: str | None = None,
     methods=("eap", "eap-ig", "exact"),
     fraction: float = 0.05,
     per_position: bool | None = None,
@@ -107,6 +144,8 @@ def run_circuit_demo(
 
     if (model_dir is None) != (tokens is None):
         raise ValueError("give both model_dir=... and tokens=..., or neither (the built-in induction task)")
+    if corrupted is not None and tokens is None:
+        raise ValueError("corrupted=... needs model_dir=... and tokens=...")
     os.makedirs(out_dir, exist_ok=True)
     with pinned_threads(threads):
         t0 = time.perf_counter()
@@ -128,19 +167,28 @@ def run_circuit_demo(
             }
         else:
             model = load_model_dir(model_dir)
-            clean, corr, metric = load_prompts(tokens)
+            clean, corr, metric, ablation = user_prompts(model, tokens, corrupted)
             pp = False if per_position is None else per_position
             scores = {
                 m: edge_attribution(
-                    model, clean, corr, metric=metric, method=m, steps=ig_steps, per_position=pp
+                    model,
+                    clean,
+                    corr,
+                    metric=metric,
+                    method=m,
+                    steps=ig_steps,
+                    per_position=pp,
+                    ablation=ablation,
                 )
                 for m in methods
             }
-            curve = pruning_curve(model, scores, clean, corr, metric=metric)
-            extra = {"task": f"{model_dir} on {tokens}"}
+            curve = pruning_curve(model, scores, clean, corr, metric=metric, ablation=ablation)
+            extra = {"task": f"{model_dir} on {tokens}", "ablation": ablation}
         chosen = methods[-1]
         circuit = scores[chosen].circuit(fraction=fraction)
-        circuit.faithfulness = faithfulness(model, circuit.mask, clean, corr, metric=metric)
+        circuit.faithfulness = faithfulness(
+            model, circuit.mask, clean, corr, metric=metric, ablation=extra.get("ablation", "resample")
+        )
         seconds = time.perf_counter() - t0
     paths = {
         "edge_scores": os.path.join(out_dir, "edge_scores.csv"),
@@ -184,11 +232,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/circuit", help="folder for the tables and plots")
     p.add_argument(
         "--model-dir",
+        "--model",
+        dest="model_dir",
         default=None,
         help="a Hugging Face save_pretrained directory (converted exactly), or config.json + weights.npz of a "
         "pypattern Transformer; default: the built-in induction task",
     )
-    p.add_argument("--tokens", default=None, help=".npz with clean, corrupted, answer[, wrong]")
+    p.add_argument(
+        "--tokens",
+        "--data",
+        dest="tokens",
+        default=None,
+        help=".npz with clean, corrupted, answer[, wrong]; or a token file (.npy, .npz, text) of clean prompts",
+    )
+    p.add_argument(
+        "--corrupted",
+        default=None,
+        help="with a token file: corrupted prompts of the same shape (default: mean ablation over the prompts)",
+    )
     p.add_argument("--methods", default="eap,eap-ig,exact", help="comma-separated: eap, eap-ig, exact")
     p.add_argument("--fraction", type=float, default=0.05, help="fraction of edges in the drawn circuit")
     p.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of EAP-IG (default: 5)")
@@ -208,6 +269,7 @@ def run_from_args(args) -> dict:
         args.out,
         model_dir=args.model_dir,
         tokens=args.tokens,
+        corrupted=args.corrupted,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         fraction=args.fraction,
         per_position=pp,
