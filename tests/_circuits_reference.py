@@ -45,6 +45,19 @@ ARCHS = {
         unembed_bias=False,
         act_fn="silu",
     ),
+    "qwen3": dict(  # as Llama, with an RMSNorm over each head's query and key before rotation
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        n_key_value_heads=2,
+        qk_norm=True,
+        attn_bias=False,
+        attn_out_bias=False,
+        mlp_bias=False,
+        unembed_bias=False,
+        act_fn="silu",
+    ),
+    "qk_norm_ln": dict(qk_norm=True),  # per-head query/key norms behind LayerNorm, learned positions, biases
     "mqa": dict(  # one key/value head, sliding window, a custom attention scale
         normalization_type="RMS",
         positional_embedding_type="rotary",

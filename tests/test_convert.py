@@ -149,6 +149,30 @@ CASES = {
             tie_word_embeddings=True,
         ),
     ),
+    "qwen3-gqa2-tied": (
+        "Qwen3",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=60,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3-mqa-bias-headdim": (
+        "Qwen3",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            head_dim=6,
+            intermediate_size=48,
+            attention_bias=True,
+            tie_word_embeddings=False,
+        ),
+    ),
     "qwen2-mqa-window-untied": (
         "Qwen2",
         dict(
@@ -310,7 +334,14 @@ def test_eager_softmax_dtype_saved_and_loaded_with_the_config(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["gpt2-tied", "neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim", "qwen2-gqa4-tied"]
+    "case",
+    [
+        "gpt2-tied",
+        "neox-parallel-rot0.25",
+        "llama-gqa2-biases-tied-headdim",
+        "qwen2-gqa4-tied",
+        "qwen3-gqa2-tied",
+    ],
 )
 def test_round_trip_through_save_pretrained(case, tmp_path):
     hf = hf_model(case)
@@ -505,12 +536,16 @@ def test_unknown_model_class_is_refused():
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
     }
 
 
 def _expected_shape(name, cfg, b, t):
     H, Hkv, dh, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
     leaf = name.rsplit(".", 1)[-1]
+    if ".attn.q_norm." in name or ".attn.k_norm." in name:  # per-head query / key norms (qk_norm)
+        heads = H if ".q_norm." in name else Hkv
+        return (b, t, heads, 1) if leaf == "hook_scale" else (b, t, heads, dh)
     if leaf in ("hook_q", "hook_rot_q", "hook_z"):
         return (b, t, H, dh)
     if leaf in ("hook_k", "hook_v", "hook_rot_k"):
@@ -533,6 +568,7 @@ def _expected_shape(name, cfg, b, t):
         "llama-mqa",
         "mistral-gqa4-window",
         "qwen2-gqa4-tied",
+        "qwen3-mqa-bias-headdim",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -547,6 +583,7 @@ def test_every_hook_point_has_its_shape(case):
     assert ("blocks.0.attn.hook_rot_q" in cache) == rot and ("hook_pos_embed" in cache) == (not rot)
     assert ("blocks.0.hook_resid_mid" in cache) == (not cfg.parallel_attn_mlp)
     assert ("blocks.0.mlp.hook_pre_linear" in cache) == cfg.gated_mlp
+    assert ("blocks.0.attn.q_norm.hook_scale" in cache) == cfg.qk_norm
     torch.testing.assert_close(logits, model(x))
 
 

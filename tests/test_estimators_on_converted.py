@@ -45,6 +45,22 @@ def _hf(arch: str):
             attention_dropout=0.0,
         )
         m = transformers.GPTNeoXForCausalLM(cfg)
+    elif arch == "qwen3":  # per-head query and key norms
+        cfg = transformers.Qwen3Config(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=6,
+            max_position_embeddings=16,
+        )
+        m = transformers.Qwen3ForCausalLM(cfg)
+        with torch.no_grad():  # norm weights start at one: make the query/key norms' weights matter
+            for layer in m.model.layers:
+                layer.self_attn.q_norm.weight.add_(0.3 * torch.randn(6))
+                layer.self_attn.k_norm.weight.add_(0.3 * torch.randn(6))
     else:
         cfg = transformers.LlamaConfig(
             vocab_size=V,
@@ -71,7 +87,7 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3"])
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
@@ -88,13 +104,13 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
     assert np.abs(ba.bif).max() > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3"])
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
     loader = _loader()
     comps = ["blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
-    if arch == "llama":
+    if arch in ("llama", "qwen3"):
         comps.append("blocks.1.attn.kv_head.1")
     probe = loader.dataset[4:6]
     ours = pp.susceptibilities(tf, loader, probe, comps, **KW)

@@ -50,10 +50,15 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=40, **common,
         )  # fmt: skip
+    if arch == "qwen3":  # per-head query/key norms, GQA, q/k/v/o biases
+        return tr.Qwen3Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            intermediate_size=40, attention_bias=True, **common,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2"]
+ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3"]
 _CACHE: dict = {}
 
 
@@ -280,15 +285,16 @@ def _head_results(m, layer, args, kwargs) -> torch.Tensor:
     return torch.einsum("bthe,hed->hbtd", zz, Wh)
 
 
-def _perturb(m, masks: dict, complement: bool = False, seed: int = 0):
-    """Add noise to the selected entries (or to every entry outside them); returns the saved parameters."""
+def _perturb(m, masks: dict, complement: bool = False, seed: int = 0, keep: tuple = ()):
+    """Add noise to the selected entries (or to every entry outside them, except parameters whose name contains
+    one of ``keep``); returns the saved parameters."""
     g = torch.Generator().manual_seed(seed)
     saved = {n: p.detach().clone() for n, p in m.named_parameters()}
     with torch.no_grad():
         for n, p in m.named_parameters():
             sel = masks.get(n, torch.zeros_like(p, dtype=torch.bool))
             if complement:
-                sel = ~sel
+                sel = ~sel if not any(k in n for k in keep) else sel
             p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * sel)
     return saved
 
@@ -335,7 +341,9 @@ def test_head_mask_moves_exactly_that_head(arch):
             assert set(whole) == set(masks) and all(torch.equal(whole[n], masks[n]) for n in masks)
         else:
             assert set(whole) > set(masks)
-        saved = _perturb(m, whole, complement=True, seed=1)
+        # Qwen3's per-head query and key norms have one weight shared by every head: part of no head's component,
+        # they feed every head, so they stay out of the complement too
+        saved = _perturb(m, whole, complement=True, seed=1, keep=(".q_norm.", ".k_norm."))
         try:
             rest = _head_results(m, layer, args, kwargs)
         finally:

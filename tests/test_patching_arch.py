@@ -27,6 +27,7 @@ ARCHS = {
     "neox": dict(parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),
     "llama": LLAMA,
     "qwen2": {**LLAMA, "attn_bias": True, "tie_word_embeddings": True},
+    "qwen3": {**LLAMA, "qk_norm": True},
     "mqa_gptj": {**LLAMA, "n_key_value_heads": 1, "rotary_adjacent_pairs": True, "rotary_base": 50.0},
     "mistral_window": {**LLAMA, "sliding_window": 3},
     "tied": dict(tie_word_embeddings=True, unembed_bias=False, attn_scale=3.0),
@@ -128,7 +129,7 @@ def test_every_site_equals_one_forward_per_cell(arch, per_position, chunk_rows, 
         assert moved > 1e-3, f"{arch} {site}: no cell changed the metric"
 
 
-@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window"])
+@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "qwen3"])
 @pytest.mark.parametrize("per_position", [True, False])
 def test_attention_softmax_dtype_is_the_models(arch, per_position):
     """A model taking its attention softmax in another dtype (``attn_softmax_dtype``, as a converted Hugging Face
@@ -221,7 +222,7 @@ def first_order(model, site, clean, corr, ans, wrong, layer, head, pos):
     return g
 
 
-@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2"])
+@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2", "qwen3"])
 def test_atp_equals_autograd_directional_derivative(arch):
     model, clean, corr, ans, wrong = build(arch)
     sites = [s for s in sites_of(model)]

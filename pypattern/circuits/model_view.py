@@ -180,8 +180,8 @@ class ModelView:
         a = self.model.blocks[layer].attn
         kv = self.kv_heads_of(heads)
         sb = lambda b, idx: None if b is None else self._sel(b, idx)  # noqa: E731
-        q = self._bproj(xq, self._sel(a.W_Q, heads), sb(a.b_Q, heads))
-        k = self._bproj(xk, self._sel(a.W_K, kv), sb(a.b_K, kv))
+        q = a.qk_normed("q", self._bproj(xq, self._sel(a.W_Q, heads), sb(a.b_Q, heads)))
+        k = a.qk_normed("k", self._bproj(xk, self._sel(a.W_K, kv), sb(a.b_K, kv)))
         v = self._bproj(xv, self._sel(a.W_V, kv), sb(a.b_V, kv))
         return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v
 
@@ -198,14 +198,16 @@ class ModelView:
         ``xkv (..., Tk, d)``: the same values as :meth:`qkv` with every head reading the same input, in one matmul
         each (the model's :meth:`Attention.compute_q` / ``compute_k`` / ``compute_v``). Returns head-first ``q
         (H, ..., Tq, dh)``, ``k, v (H_kv, ..., Tk, dh)``; ``q`` and ``k`` rotated at ``q_pos``, ``k_pos``. With
-        ``linear``, a fourth item: the projections before rotation ``(q, k, v)`` (for :meth:`qkv_input_vjp`)."""
+        ``linear``, a fourth item: the projections before rotation (and before the per-head query and key norms of
+        a ``qk_norm`` model) ``(q, k, v)``, linear in the inputs (for :meth:`qkv_input_vjp`)."""
         a = self.model.blocks[layer].attn
-        q = a.compute_q(xq).movedim(-2, 0)
-        k = a.compute_k(xkv).movedim(-2, 0)
+        q = a.proj(xq, a.W_Q, a.b_Q).movedim(-2, 0)
+        k = a.proj(xkv, a.W_K, a.b_K).movedim(-2, 0)
         v = a.compute_v(xkv).movedim(-2, 0)
+        qn, kn = a.qk_normed("q", q), a.qk_normed("k", k)
         if linear:
-            return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v, (q, k, v)
-        return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), v
+            return self._rotate(layer, qn, q_pos), self._rotate(layer, kn, k_pos), v, (q, k, v)
+        return self._rotate(layer, qn, q_pos), self._rotate(layer, kn, k_pos), v
 
     def qkv_grouped(
         self,
@@ -288,7 +290,8 @@ class ModelView:
                 y = self._bproj(xn, self._sel(W, heads_t), None if b is None else self._sel(b, heads_t))
                 dst = [(members[p][0] - first[t]) * n_runs + members[p][1] for p in rows_p]
                 _put(outs[t], dst, y, list(range(len(rows_p))))
-        return self._rotate(layer, outs[0], q_pos), self._rotate(layer, outs[1], k_pos), outs[2]
+        q, k = a.qk_normed("q", outs[0]), a.qk_normed("k", outs[1])
+        return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), outs[2]
 
     def qkv_input_vjp(
         self,
@@ -330,6 +333,9 @@ class ModelView:
 
         if self.rotary:
             gq, gk = self._unrotate(layer, gq, q_pos), self._unrotate(layer, gk, k_pos)
+        if a.cfg.qk_norm:
+            lin = linear if linear is not None else self._linear_qk(layer, xq, xkv)
+            gq, gk = self._qk_norm_vjp(layer, lin[0], gq, lin[1], gk)
         if linear is not None and self._fast_norm_vjp(layer, xq, gq):
             return (
                 self._proj_norm_vjp(layer, xq, gq, a.W_Q, a.b_Q, linear[0]),
@@ -378,6 +384,8 @@ class ModelView:
             return None
         if self.rotary:
             gq, gk = self._unrotate(layer, gq, qrows), self._unrotate(layer, gk, rows)
+        if a.cfg.qk_norm:
+            gq, gk = self._qk_norm_vjp(layer, linear[0], gq, linear[1], gk)
         parts = [
             self._proj_norm_parts(layer, xin, g, W, b, lin, heads_last=True)
             for xin, g, W, b, lin in (
@@ -415,6 +423,22 @@ class ModelView:
         else:
             dx.add_(dq)
         return (*summed, dx)
+
+    def _qk_norm_vjp(self, layer: int, q: torch.Tensor, gq: torch.Tensor, k: torch.Tensor, gk: torch.Tensor):
+        """The per-head query and key norms' VJP (``qk_norm``) at the projections ``q``, ``k`` (before the norms)
+        applied to the cotangents ``gq``, ``gk`` of their outputs (through autograd: ``d_head``-sized rows)."""
+        a = self.model.blocks[layer].attn
+        with torch.enable_grad():
+            xq, xk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+            return torch.autograd.grad((a.qk_normed("q", xq), a.qk_normed("k", xk)), (xq, xk), (gq, gk))
+
+    def _linear_qk(self, layer: int, xq: torch.Tensor, xkv: torch.Tensor) -> tuple:
+        """The projections ``(q, k, None)`` before the per-head norms at the un-normalised inputs ``xq``, ``xkv``."""
+        a = self.model.blocks[layer].attn
+        with torch.no_grad():
+            q = a.proj(self.attn_norm(layer, xq), a.W_Q, a.b_Q).movedim(-2, 0)
+            k = a.proj(self.attn_norm(layer, xkv), a.W_K, a.b_K).movedim(-2, 0)
+        return q, k, None
 
     def _unrotate(self, layer: int, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The rotary embedding's VJP at positions ``pos`` (it is linear: the same at every point)."""

@@ -1,6 +1,6 @@
 """Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
 
-:func:`hooked_hf` wraps a GPT-2, GPT-NeoX/Pythia, Llama, Mistral or Qwen2 model (chosen by
+:func:`hooked_hf` wraps a GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2 or Qwen3 model (chosen by
 ``config.model_type``) so that ``forward`` returns logits and the residual-stream hook points of TransformerLens
 exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
 over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
@@ -170,6 +170,7 @@ HF_ARCHS: dict[str, HFArch] = {
     "llama": HFArch("llama", **_LLAMA_LIKE),
     "mistral": HFArch("mistral", **_LLAMA_LIKE),
     "qwen2": HFArch("qwen2", **_LLAMA_LIKE),
+    "qwen3": HFArch("qwen3", **_LLAMA_LIKE),  # per-head query/key norms: shared weights, part of no head
 }
 
 
@@ -280,7 +281,7 @@ class _HFLogits(nn.Module):
 
 
 class HookedHF(HookedModule):
-    """A Hugging Face causal LM (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2) with TransformerLens hook names.
+    """A Hugging Face causal LM (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Qwen3) with TransformerLens hook names.
 
     Built by :func:`hooked_hf`. ``forward(tokens)``, ``forward(batch_mapping)`` and
     ``forward(input_ids=..., attention_mask=...)`` return logits ``(batch, pos, d_vocab)``. The wrapped model is
@@ -354,7 +355,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neox`` (Pythia), ``llama``,
-    ``mistral``, ``qwen2``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``mistral``, ``qwen2``, ``qwen3``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

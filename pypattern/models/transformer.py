@@ -186,6 +186,10 @@ class TransformerConfig:
         are added to it (GPT-NeoX's ``use_parallel_residual``); there is no ``hook_resid_mid``.
     attn_bias : bool
         Biases ``b_Q``, ``b_K``, ``b_V``.
+    qk_norm : bool
+        Queries and keys pass, per head, through an RMSNorm over ``d_head`` (weights ``attn.q_norm.w``,
+        ``attn.k_norm.w``, shared by the heads; computed in ``norm_dtype``) after their projection and bias and
+        before rotation (Qwen3). ``hook_q`` / ``hook_k`` see the normalised values.
     attn_out_bias : bool
         Bias ``b_O``.
     mlp_bias : bool
@@ -241,6 +245,7 @@ class TransformerConfig:
     tie_word_embeddings: bool = False
     attn_scale: float | None = None
     sliding_window: int | None = None
+    qk_norm: bool = False
     norm_dtype: torch.dtype | None = None
     attn_softmax_dtype: torch.dtype | None = None
 
@@ -554,6 +559,9 @@ class Attention(nn.Module):
         self.b_K = _maybe_bias(cfg.attn_bias, Hkv, dh, dtype=dt)
         self.b_V = _maybe_bias(cfg.attn_bias, Hkv, dh, dtype=dt)
         self.b_O = _maybe_bias(cfg.attn_out_bias, d, dtype=dt)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype)
+            self.k_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype)
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -574,12 +582,21 @@ class Attention(nn.Module):
         return out if b is None else out + b
 
     def compute_q(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries before rotation: ``x (..., d_model) -> (..., n_heads, d_head)``."""
-        return self.proj(x, self.W_Q, self.b_Q)
+        """Queries before rotation: ``x (..., d_model) -> (..., n_heads, d_head)`` (normalised per head with
+        ``qk_norm``)."""
+        return self.qk_normed("q", self.proj(x, self.W_Q, self.b_Q))
 
     def compute_k(self, x: torch.Tensor) -> torch.Tensor:
-        """Keys before rotation: ``x (..., d_model) -> (..., n_key_value_heads, d_head)``."""
-        return self.proj(x, self.W_K, self.b_K)
+        """Keys before rotation: ``x (..., d_model) -> (..., n_key_value_heads, d_head)`` (normalised per head
+        with ``qk_norm``)."""
+        return self.qk_normed("k", self.proj(x, self.W_K, self.b_K))
+
+    def qk_normed(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., d_head)``, projected queries (``which="q"``) or keys (``"k"``), through their per-head norm
+        when the model has ``qk_norm`` (else ``x`` itself)."""
+        if not self.cfg.qk_norm:
+            return x
+        return (self.q_norm if which == "q" else self.k_norm)(x)
 
     def compute_v(self, x: torch.Tensor) -> torch.Tensor:
         """Values: ``x (..., d_model) -> (..., n_key_value_heads, d_head)``."""
@@ -925,7 +942,7 @@ def component_masks(
     Parameters
     ----------
     model : Transformer, any module with TransformerLens parameter names, or an unconverted Hugging Face model
-        (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2; then :func:`~pypattern.models.hf_masks.hf_component_masks`)
+        (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3; then :func:`~pypattern.models.hf_masks.hf_component_masks`)
     component : str
         ``"blocks.{l}.attn.head.{h}"``: that head's slices of ``W_Q``, ``W_O``, ``b_Q``, and of ``W_K``, ``W_V``,
         ``b_K``, ``b_V`` when the head has a key/value head of its own. With grouped-query attention a key/value

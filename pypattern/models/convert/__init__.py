@@ -8,6 +8,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.qwen2`: ``Qwen2ForCausalLM``
+- :mod:`.qwen3`: ``Qwen3ForCausalLM``
 
 The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
 (tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with ``sdpa`` and with ``eager`` attention: the
@@ -30,13 +31,13 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
-from . import gpt2, gpt_neox, llama, mistral, qwen2
+from . import gpt2, gpt_neox, llama, mistral, qwen2, qwen3
 from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
 
-_FAMILIES = (gpt2, gpt_neox, llama, mistral, qwen2)
+_FAMILIES = (gpt2, gpt_neox, llama, mistral, qwen2, qwen3)
 _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 
@@ -48,7 +49,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     ----------
     model : transformers.PreTrainedModel
         One of ``GPT2LMHeadModel``, ``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
-        ``Qwen2ForCausalLM`` (see :data:`SUPPORTED_CLASSES`), or a ``TransformerBridge`` around one.
+        ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (see :data:`SUPPORTED_CLASSES`), or a ``TransformerBridge`` around one.
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
 

@@ -17,6 +17,11 @@ CLASSES = ("Qwen2ForCausalLM",)
 
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``Qwen2ForCausalLM``."""
+    return llama_like(model, sliding_window=uniform_window(model))
+
+
+def uniform_window(model: nn.Module) -> int | None:
+    """The sliding window of every layer of a Qwen-style model (None: full attention), or refuse a mixture."""
     c = model.config
     types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
     kinds = set(types)
@@ -31,4 +36,4 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         got = getattr(layer.self_attn, "sliding_window", sw)
         if got != sw:
             refuse(f"layers[{i}].self_attn.sliding_window", got, f"the config implies {sw}")
-    return llama_like(model, sliding_window=sw)
+    return sw
