@@ -58,6 +58,8 @@ ARCHS = {
         act_fn="silu",
     ),
     "qk_norm_ln": dict(qk_norm=True),  # per-head query/key norms behind LayerNorm, learned positions, biases
+    # GPT-Neo: a global and a local layer (per-layer windows), unscaled scores, no query/key/value biases
+    "neo": dict(sliding_window=(None, 3), attn_scale=1.0, attn_bias=False, act_fn="gelu_new"),
     "mqa": dict(  # one key/value head, sliding window, a custom attention scale
         normalization_type="RMS",
         positional_embedding_type="rotary",

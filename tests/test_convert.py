@@ -149,6 +149,30 @@ CASES = {
             tie_word_embeddings=True,
         ),
     ),
+    "gptneo-global-local-tied": (
+        "GPTNeo",
+        dict(
+            hidden_size=40,
+            num_layers=2,
+            num_heads=5,
+            intermediate_size=52,
+            attention_types=[[["global", "local"], 1]],
+            window_size=3,
+        ),
+    ),
+    "gptneo-local-untied-relu": (
+        "GPTNeo",
+        dict(
+            hidden_size=24,
+            num_layers=3,
+            num_heads=3,
+            intermediate_size=None,
+            attention_types=[[["local"], 3]],
+            window_size=4,
+            activation_function="relu",
+            tie_word_embeddings=False,
+        ),
+    ),
     "qwen3-gqa2-tied": (
         "Qwen3",
         dict(
@@ -303,12 +327,21 @@ def test_eager_attention_float32_and_dtype_argument():
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_implementations_equal_hf_in_float64(case, impl):
     """Eager attention of GPT-NeoX and the Llama family takes its softmax in float32 for a float64 model (GPT-2's
-    in the model's dtype); sdpa in the model's dtype. The converted model does the same, to 1e-10."""
+    in the model's dtype); sdpa in the model's dtype. GPT-Neo (eager only) multiplies queries and keys in float32
+    and adds its float64 causal mask, which takes the softmax back to float64. The converted model does the same,
+    to 1e-10."""
+    family = CASES[case][0]
+    if family == "GPTNeo" and impl != "eager":
+        with pytest.raises(ValueError, match="does not support"):
+            hf_model(case, attn_implementation=impl)
+        return
     hf = hf_model(case, attn_implementation=impl)
     assert hf.config._attn_implementation == impl
     model = from_hf(hf)
-    upcasts = impl == "eager" and CASES[case][0] != "GPT2"
-    assert model.cfg.attn_softmax_dtype == (torch.float32 if upcasts else None)
+    upcasts = impl == "eager" and family not in ("GPT2", "GPTNeo")
+    want = torch.float64 if family == "GPTNeo" else (torch.float32 if upcasts else None)
+    assert model.cfg.attn_softmax_dtype == want
+    assert model.cfg.attn_scores_dtype == (torch.float32 if family == "GPTNeo" else None)
     x = tokens()
     with torch.no_grad():
         assert rel(model(x), hf(x).logits) <= 1e-10
@@ -532,6 +565,7 @@ def test_unknown_model_class_is_refused():
         from_hf(base)
     assert set(SUPPORTED_CLASSES) == {
         "GPT2LMHeadModel",
+        "GPTNeoForCausalLM",
         "GPTNeoXForCausalLM",
         "LlamaForCausalLM",
         "MistralForCausalLM",
@@ -569,6 +603,7 @@ def _expected_shape(name, cfg, b, t):
         "mistral-gqa4-window",
         "qwen2-gqa4-tied",
         "qwen3-mqa-bias-headdim",
+        "gptneo-global-local-tied",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -680,3 +715,20 @@ def test_transformer_lens_bridge_converts(case, tmp_path):
     bridge.enable_compatibility_mode(disable_warnings=True)  # folds and centres the weights
     with pytest.raises(UnsupportedModelError, match="processed"):
         from_hf(bridge)
+
+
+def test_per_layer_windows_and_score_dtype_in_the_config():
+    """``sliding_window`` per layer (kept as a tuple, read by ``window``) and ``attn_scores_dtype`` survive the
+    config's JSON round trip; bad windows are refused by name."""
+    from pypattern.models import TransformerConfig
+
+    base = dict(n_layers=2, d_model=8, n_heads=2, d_vocab=5, n_ctx=6)
+    cfg = TransformerConfig(**base, sliding_window=[None, 3], attn_scores_dtype="float32")
+    assert cfg.sliding_window == (None, 3) and (cfg.window(0), cfg.window(1)) == (None, 3)
+    assert cfg.attn_scores_dtype == torch.float32
+    again = TransformerConfig(**json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert TransformerConfig(**base, sliding_window=4).window(1) == 4
+    for bad in ((3,), (None, 0), (None, 2.5), "3"):
+        with pytest.raises(ValueError, match="sliding_window"):
+            TransformerConfig(**base, sliding_window=bad)

@@ -28,6 +28,15 @@ ARCHS = {
     "llama": LLAMA,
     "qwen2": {**LLAMA, "attn_bias": True, "tie_word_embeddings": True},
     "qwen3": {**LLAMA, "qk_norm": True},
+    "neo": dict(sliding_window=(None, 3), attn_scale=1.0, attn_bias=False, act_fn="gelu_new"),
+    # GPT-Neo's float32 query-key products in a float64 model, the softmax in float64
+    "neo_scores32": dict(
+        sliding_window=(3, None),
+        attn_scale=1.0,
+        attn_bias=False,
+        attn_scores_dtype=torch.float32,
+        attn_softmax_dtype=torch.float64,
+    ),
     "mqa_gptj": {**LLAMA, "n_key_value_heads": 1, "rotary_adjacent_pairs": True, "rotary_base": 50.0},
     "mistral_window": {**LLAMA, "sliding_window": 3},
     "tied": dict(tie_word_embeddings=True, unembed_bias=False, attn_scale=3.0),

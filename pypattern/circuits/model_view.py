@@ -594,6 +594,7 @@ class ModelView:
                 idx = torch.tensor([at[h // G] for h in heads], device=k.device)
                 k, v = k[idx], v[idx]
             G = 1
+        q, k = a.qk_cast(q, k)
         if G > 1:  # each key/value head serves G consecutive query heads
             Hk = k.shape[0]
             qg = q.reshape(Hk, G, *q.shape[1:])

@@ -111,7 +111,14 @@ def _as_dtype(v, name: str) -> torch.dtype | None:
     raise ValueError(f"{name}={v!r} is not valid; give a torch.dtype such as torch.float32 (or its name)")
 
 
-_DTYPE_FIELDS = ("dtype", "rotary_dtype", "rotary_freq_dtype", "norm_dtype", "attn_softmax_dtype")
+_DTYPE_FIELDS = (
+    "dtype",
+    "rotary_dtype",
+    "rotary_freq_dtype",
+    "norm_dtype",
+    "attn_softmax_dtype",
+    "attn_scores_dtype",
+)
 
 
 def attn_softmax(scores: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -200,9 +207,10 @@ class TransformerConfig:
         The unembedding is ``embed.W_E`` transposed: one parameter, no ``unembed.W_U``.
     attn_scale : float or None
         Attention scores are ``q . k / attn_scale``; default ``sqrt(d_head)``.
-    sliding_window : int or None
+    sliding_window : int, None, or a sequence of them (one per layer)
         Query at position ``i`` attends to keys ``j`` with ``i - sliding_window < j <= i`` (Mistral's window);
-        None: every earlier key.
+        None: every earlier key. A sequence gives each layer its own (GPT-Neo's local and global layers); it is
+        kept as a tuple. :meth:`window` reads a layer's.
     norm_dtype : torch.dtype or None
         Dtype in which norms compute their statistics and normalise (the result is cast back before the weight);
         None: the input's dtype. Hugging Face's Llama-family RMSNorm computes in float32, and converters set it.
@@ -211,6 +219,10 @@ class TransformerConfig:
         cast back to the scores' dtype (:func:`attn_softmax`); None: the scores' dtype. Hugging Face's ``eager``
         attention of GPT-NeoX and the Llama family takes it in float32 for every model dtype, and converters set
         float32 for such a model.
+    attn_scores_dtype : torch.dtype or None
+        Dtype in which queries and keys are multiplied (both cast to it first; the pattern is cast to the values'
+        dtype before it mixes them); None: the model's. GPT-Neo computes its scores in float32 for every model
+        dtype, and its converter sets float32.
     """
 
     n_layers: int = 2
@@ -248,6 +260,7 @@ class TransformerConfig:
     qk_norm: bool = False
     norm_dtype: torch.dtype | None = None
     attn_softmax_dtype: torch.dtype | None = None
+    attn_scores_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         self.dtype = _as_dtype(self.dtype, "dtype")
@@ -257,6 +270,7 @@ class TransformerConfig:
         self.rotary_freq_dtype = _as_dtype(self.rotary_freq_dtype, "rotary_freq_dtype")
         self.norm_dtype = _as_dtype(self.norm_dtype, "norm_dtype")
         self.attn_softmax_dtype = _as_dtype(self.attn_softmax_dtype, "attn_softmax_dtype")
+        self.attn_scores_dtype = _as_dtype(self.attn_scores_dtype, "attn_scores_dtype")
         if self.d_head is None:
             self.d_head = self.d_model // self.n_heads
         if self.act_fn not in _ACT_FNS:
@@ -304,13 +318,20 @@ class TransformerConfig:
             )
         if self.gated_mlp and self.attn_only:
             raise ValueError(f"gated_mlp=True needs an MLP; d_mlp={self.d_mlp!r}")
-        if self.sliding_window is not None and (
-            not isinstance(self.sliding_window, int)
-            or isinstance(self.sliding_window, bool)
-            or self.sliding_window < 1
-        ):
+
+        def bad_window(w) -> bool:
+            return w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1)
+
+        if isinstance(self.sliding_window, (list, tuple)):
+            self.sliding_window = tuple(self.sliding_window)
+            if len(self.sliding_window) != self.n_layers or any(map(bad_window, self.sliding_window)):
+                raise ValueError(
+                    f"sliding_window={self.sliding_window!r} is not valid; give a positive int or None per layer "
+                    f"({self.n_layers} layers)"
+                )
+        elif bad_window(self.sliding_window):
             raise ValueError(
-                f"sliding_window={self.sliding_window!r} is not valid; give a positive int or None"
+                f"sliding_window={self.sliding_window!r} is not valid; give a positive int or None (or one per layer)"
             )
         if self.attn_scale is None:
             self.attn_scale = math.sqrt(self.d_head)
@@ -339,6 +360,11 @@ class TransformerConfig:
     def n_groups(self) -> int:
         """Query heads per key/value head: ``n_heads // n_key_value_heads``."""
         return self.n_heads // self.n_key_value_heads
+
+    def window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (None: every earlier key)."""
+        w = self.sliding_window
+        return w[layer] if isinstance(w, tuple) else w
 
     def to_dict(self) -> dict:
         """The fields as plain Python values (dtypes as names); ``TransformerConfig(**d)`` rebuilds it."""
@@ -547,10 +573,11 @@ class Attention(nn.Module):
     ``(batch, pos, d_model)``. Missing biases (``attn_bias``/``attn_out_bias`` False) are None attributes.
     """
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         H, Hkv, d, dh, dt = cfg.n_heads, cfg.n_key_value_heads, cfg.d_model, cfg.d_head, cfg.dtype
         self.cfg = cfg
+        self.layer = layer
         self.W_Q = nn.Parameter(torch.empty(H, d, dh, dtype=dt))
         self.W_K = nn.Parameter(torch.empty(Hkv, d, dh, dtype=dt))
         self.W_V = nn.Parameter(torch.empty(Hkv, d, dh, dtype=dt))
@@ -652,9 +679,16 @@ class Attention(nn.Module):
         """Boolean ``(query_pos, key_pos)``, True where a query may NOT attend: later keys, and keys at least
         ``sliding_window`` positions back."""
         later = k_positions[None, :] > q_positions[:, None]
-        if self.cfg.sliding_window is None:
+        window = self.cfg.window(self.layer)
+        if window is None:
             return later
-        return later | (q_positions[:, None] - k_positions[None, :] >= self.cfg.sliding_window)
+        return later | (q_positions[:, None] - k_positions[None, :] >= window)
+
+    def qk_cast(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys in the dtype their product is taken in (``cfg.attn_scores_dtype``; unchanged when
+        None)."""
+        dt = self.cfg.attn_scores_dtype
+        return (q, k) if dt is None else (q.to(dt), k.to(dt))
 
     def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """Key/value heads repeated for their query heads: ``(..., n_key_value_heads, d_head) -> (..., n_heads,
@@ -674,9 +708,9 @@ class Attention(nn.Module):
         """Masked attention scores ``q . k / attn_scale``: ``q (batch, q_pos, n_heads, d_head)``, ``k (batch, k_pos,
         n_key_value_heads, d_head)`` (both already rotated) -> ``(batch, n_heads, q_pos, k_pos)`` with ``-inf``
         where :meth:`attn_mask` is True. Positions default to ``arange``."""
-        k = self.expand_kv(k)
+        q, k = self.qk_cast(q, self.expand_kv(k))
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.cfg.attn_scale
-        if q_positions is None and k_positions is None and self.cfg.sliding_window is None:
+        if q_positions is None and k_positions is None and self.cfg.window(self.layer) is None:
             T, S = q.shape[1], k.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
         else:
@@ -686,8 +720,14 @@ class Attention(nn.Module):
         return scores.masked_fill(mask, float("-inf"))
 
     def softmax(self, scores: torch.Tensor) -> torch.Tensor:
-        """The pattern from masked scores ``(..., k_pos)``: :func:`attn_softmax` in ``cfg.attn_softmax_dtype``."""
-        return attn_softmax(scores, self.cfg.attn_softmax_dtype)
+        """The pattern from masked scores ``(..., k_pos)``: :func:`attn_softmax` in ``cfg.attn_softmax_dtype``, in
+        the values' dtype (the scores' unless ``cfg.attn_scores_dtype`` differs from the model's)."""
+        if self.cfg.attn_scores_dtype is None:
+            return attn_softmax(scores, self.cfg.attn_softmax_dtype)
+        # scores in their own dtype: the softmax in attn_softmax_dtype, the pattern straight to the values' dtype
+        return torch.softmax(scores, dim=-1, dtype=self.cfg.attn_softmax_dtype or scores.dtype).to(
+            self.W_V.dtype
+        )
 
     def mix(self, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``z``: ``pattern (batch, n_heads, q_pos, k_pos)``, ``v (batch, k_pos, n_key_value_heads, d_head)`` ->
@@ -763,11 +803,11 @@ class TransformerBlock(nn.Module):
     (``parallel_attn_mlp``): ``post = pre + (attn(ln1(pre)) + mlp(ln2(pre)))``. Attention-only: ``post = pre +
     attn(ln1(pre))``. ``ln1``/``ln2`` are ``nn.Identity`` without normalization."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.ln1 = _make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_post = HookPoint()
@@ -830,7 +870,7 @@ class Transformer(HookedRootModule):
         if cfg.positional_embedding:
             self.pos_embed = PosEmbed(cfg)
             self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         self.ln_final = _make_norm(cfg)
         self.unembed = TiedUnembed(cfg, self.embed) if cfg.tie_word_embeddings else Unembed(cfg)
         self.init_weights(cfg.seed)

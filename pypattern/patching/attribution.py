@@ -79,7 +79,8 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
             est = _group_sum(est, G)
         return est if per_position else est.sum(-1)
     # one key s replaced (per position): closed form for every (query t, key s) pair
-    delta = torch.einsum("bthe,bshe->bhts", q_t, attn.expand_kv(k_s - k_t)) / attn.cfg.attn_scale
+    qc, kc = attn.qk_cast(q_t, attn.expand_kv(k_s - k_t))
+    delta = torch.einsum("bthe,bshe->bhts", qc, kc).to(pat_t.dtype) / attn.cfg.attn_scale
     p = pat_t
     logp = torch.log(p)
     logD = torch.logaddexp(torch.log1p(-p.clamp(max=1.0)), logp + delta)

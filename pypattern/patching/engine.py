@@ -229,7 +229,9 @@ class ExactEngine:
         head ``h // n_groups`` (the model's :meth:`~Attention.expand_kv`)."""
         C, B, Rq = q.shape[:3]
         G, Hkv = self.G, self.Hkv
-        K_old = self.tgt[layer]["kr"][:, :p] if p > 0 else None
+        attn = self.model.blocks[layer].attn
+        K_old = attn.qk_cast(q, self.tgt[layer]["kr"][:, :p])[1] if p > 0 else None
+        q, k_new = attn.qk_cast(q, k_new)
         if G == 1:
             parts = [] if K_old is None else [torch.einsum("cbrhe,bkhe->cbhrk", q, K_old)]
             parts.append(torch.einsum("cbrhe,cbkhe->cbhrk", q, k_new))
@@ -264,7 +266,8 @@ class ExactEngine:
         (rotated), keys ``K_h``/``V_h (C,B,Tk,dh)`` at 0..Tk-1 -> z of the same shape as ``q_h``."""
         grouped = q_h.dim() == 5
         qh = q_h if grouped else q_h.unsqueeze(3)
-        s = torch.einsum("cbrne,cbke->cbnrk", qh, K_h) / self.scale
+        qh, Kc = self.model.blocks[layer].attn.qk_cast(qh, K_h)
+        s = torch.einsum("cbrne,cbke->cbnrk", qh, Kc) / self.scale
         pat = self.model.blocks[layer].attn.softmax(
             s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf"))
         )

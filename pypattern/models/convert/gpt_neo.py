@@ -1,0 +1,99 @@
+"""GPT-Neo (``GPTNeoForCausalLM``: GPT-Neo 125M-2.7B, the TinyStories models) -> pypattern ``Transformer``.
+
+Separate ``q_proj``/``k_proj``/``v_proj`` without biases and ``out_proj`` with one (``nn.Linear``, ``(out, in)``),
+LayerNorm, learned absolute positions, an MLP ``c_fc``/``c_proj`` with biases. Its attention does not scale the
+scores (``attn_scale=1``) and multiplies queries and keys in float32 for every model dtype (``attn_scores_dtype``);
+adding its causal mask, held in the model's dtype, takes the softmax to float32 or the model's dtype, whichever is
+wider (``attn_softmax_dtype``). Layers are ``"global"`` or ``"local"`` (``attention_layers``); a
+local layer attends to the ``window_size`` latest positions (a per-layer ``sliding_window``). Embeddings are tied
+unless the checkpoint says otherwise; no unembedding bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import act_fn, linear_heads, linear_out_heads, model_dtype, refuse, same_parameter
+
+CLASSES = ("GPTNeoForCausalLM",)
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a ``GPTNeoForCausalLM``."""
+    c = model.config
+    tr = model.transformer
+    blocks = tr.h
+    kinds = list(getattr(c, "attention_layers", None) or [])
+    if len(kinds) != len(blocks) or not set(kinds) <= {"global", "local"}:
+        refuse(
+            "attention_layers", kinds, f"expected 'global' or 'local' for each of the {len(blocks)} layers"
+        )
+    windows = [None if kind == "global" else int(c.window_size) for kind in kinds]
+    d = c.hidden_size
+    a0 = blocks[0].attn.attention
+    H, dh = a0.num_heads, a0.head_dim
+    if H * dh != d:
+        refuse("num_heads", H, f"does not divide hidden_size={d} into heads")
+    lm = model.lm_head
+    tied = same_parameter(lm.weight, tr.wte.weight)
+    lm_b = getattr(lm, "bias", None)
+    eps = blocks[0].ln_1.eps
+    cfg = dict(
+        n_layers=len(blocks),
+        d_model=d,
+        n_heads=H,
+        d_head=dh,
+        d_mlp=blocks[0].mlp.c_fc.weight.shape[0],
+        d_vocab=tr.wte.weight.shape[0],
+        n_ctx=tr.wpe.weight.shape[0],
+        act_fn=act_fn(c.activation_function, "activation_function"),
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        ln_eps=eps,
+        attn_scale=1.0,
+        attn_bias=False,
+        attn_out_bias=True,
+        mlp_bias=True,
+        unembed_bias=lm_b is not None,
+        tie_word_embeddings=tied,
+        sliding_window=tuple(windows) if any(w is not None for w in windows) else None,
+        # GPTNeoSelfAttention._attn: query/key .to(float32), matmul, + the causal mask in the model's dtype (which
+        # promotes a float64 model's scores to float64), softmax, .to(value.dtype)
+        attn_scores_dtype=torch.float32,
+        attn_softmax_dtype=torch.promote_types(torch.float32, model_dtype(model)),
+    )
+    w: dict[str, torch.Tensor | None] = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
+
+    def ln(dst: str, mod: nn.LayerNorm) -> None:
+        if mod.eps != eps:
+            refuse("layer_norm_epsilon", mod.eps, f"differs between norms ({eps} elsewhere)")
+        w[f"{dst}.w"] = mod.weight
+        w[f"{dst}.b"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight)
+
+    for i, blk in enumerate(blocks):
+        p = f"blocks.{i}"
+        a = blk.attn.attention
+        if (a.num_heads, a.head_dim) != (H, dh):
+            refuse("num_heads", a.num_heads, f"differs between layers ({H} in layer 0)")
+        if getattr(a, "attention_type", kinds[i]) != kinds[i]:
+            refuse(f"h[{i}].attn.attention.attention_type", a.attention_type, f"the config says {kinds[i]!r}")
+        for x in ("q", "k", "v"):
+            if getattr(a, f"{x}_proj").bias is not None:
+                refuse(f"h[{i}].attn.attention.{x}_proj.bias", "(present)", "GPT-Neo's projections have none")
+        ln(f"{p}.ln1", blk.ln_1)
+        ln(f"{p}.ln2", blk.ln_2)
+        w[f"{p}.attn.W_Q"] = linear_heads(a.q_proj.weight, H, dh)
+        w[f"{p}.attn.W_K"] = linear_heads(a.k_proj.weight, H, dh)
+        w[f"{p}.attn.W_V"] = linear_heads(a.v_proj.weight, H, dh)
+        w[f"{p}.attn.W_O"] = linear_out_heads(a.out_proj.weight, H, dh)
+        w[f"{p}.attn.b_O"] = a.out_proj.bias
+        w[f"{p}.mlp.W_in"] = blk.mlp.c_fc.weight.T
+        w[f"{p}.mlp.b_in"] = blk.mlp.c_fc.bias
+        w[f"{p}.mlp.W_out"] = blk.mlp.c_proj.weight.T
+        w[f"{p}.mlp.b_out"] = blk.mlp.c_proj.bias
+    ln("ln_final", tr.ln_f)
+    if not tied:
+        w["unembed.W_U"] = lm.weight.T
+    w["unembed.b_U"] = lm_b
+    return cfg, w
