@@ -419,12 +419,8 @@ def test_unknown_architecture_in_directory_is_refused(tmp_path):
         ("llama-mqa", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
         ("llama-mqa", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
         ("neox-parallel-rot0.25", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
-        (
-            "qwen2-gqa4-tied",
-            dict(use_sliding_window=True, sliding_window=3, max_window_layers=1),
-            "layer_types",
-        ),
         ("llama-mqa", dict(hidden_act="gelu_10"), "hidden_act"),
+        ("mistral-gqa4-window", dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(case, overrides, option):
@@ -732,3 +728,23 @@ def test_per_layer_windows_and_score_dtype_in_the_config():
     for bad in ((3,), (None, 0), (None, 2.5), "3"):
         with pytest.raises(ValueError, match="sliding_window"):
             TransformerConfig(**base, sliding_window=bad)
+
+
+@pytest.mark.parametrize("case", ["qwen2-gqa4-tied", "qwen3-gqa2-tied"])
+def test_mixed_sliding_and_full_layers_convert_exactly(case):
+    """Qwen's ``use_sliding_window`` with ``max_window_layers``: full attention below it, a window above (a
+    per-layer ``sliding_window``); logits equal HF's past the window in float64 and float32."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        hf = hf_model(case, dtype, use_sliding_window=True, sliding_window=3, max_window_layers=1)
+        assert list(hf.config.layer_types) == ["full_attention", "sliding_attention"]
+        model = from_hf(hf)
+        assert model.cfg.sliding_window == (None, 3)
+        x = tokens()
+        with torch.no_grad():
+            assert rel(model(x), hf(x).logits) <= tol
+            narrow = from_hf(
+                hf_model(case, dtype, use_sliding_window=True, sliding_window=3, max_window_layers=0)
+            )
+            assert (
+                narrow.cfg.sliding_window == 3 and rel(narrow(x), model(x)) > 1e-6
+            )  # the full layer mattered

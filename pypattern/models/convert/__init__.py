@@ -17,7 +17,7 @@ eager attention of GPT-NeoX and the Llama family takes its softmax in float32 fo
 converted model does the same, ``TransformerConfig.attn_softmax_dtype``). A model
 cast with ``.to(torch.bfloat16)`` or ``.half()`` holds rounded rotary frequencies, and the converted model rounds
 them the same way (``TransformerConfig.rotary_freq_dtype``). Every option a converter does not reproduce exactly
-(rotary embeddings scaled other than linearly or as Llama 3's, per-layer attention scales, cross-attention, mixed sliding/full attention layers, an
+(rotary embeddings scaled other than linearly or as Llama 3's, per-layer attention scales, cross-attention, an
 unknown model class, ...) raises :class:`UnsupportedModelError` naming the option and its value: no approximate
 model is ever returned.
 """

@@ -27,10 +27,10 @@ from ._common import (
 CLASSES = ("LlamaForCausalLM",)
 
 
-def llama_like(model: nn.Module, sliding_window: int | None = None) -> tuple[dict, dict]:
+def llama_like(model: nn.Module, sliding_window: int | tuple | None = None) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a Llama-style causal LM (``model.model.layers[i]`` with
     ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``/``post_attention_layernorm``
-    RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, or None."""
+    RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, one per layer, or None."""
     c = model.config
     base_model = model.model
     layers = base_model.layers

@@ -1,8 +1,8 @@
 """Qwen2 (``Qwen2ForCausalLM``) -> pypattern ``Transformer``.
 
 Llama's arithmetic (see :mod:`.llama`) with biases on the query, key and value projections only (none on
-``o_proj`` or the MLP). Sliding-window attention is converted when every layer uses it (``layer_types`` all
-``"sliding_attention"``); a mixture of sliding and full layers is refused.
+``o_proj`` or the MLP). Sliding-window attention per layer (``layer_types``, from ``use_sliding_window`` and
+``max_window_layers``): a per-layer ``sliding_window`` when the layers differ.
 """
 
 from __future__ import annotations
@@ -17,23 +17,25 @@ CLASSES = ("Qwen2ForCausalLM",)
 
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``Qwen2ForCausalLM``."""
-    return llama_like(model, sliding_window=uniform_window(model))
+    return llama_like(model, sliding_window=layer_windows(model))
 
 
-def uniform_window(model: nn.Module) -> int | None:
-    """The sliding window of every layer of a Qwen-style model (None: full attention), or refuse a mixture."""
+def layer_windows(model: nn.Module) -> int | tuple | None:
+    """The sliding window of a Qwen-style model's layers (``layer_types``: ``"sliding_attention"`` layers read
+    ``config.sliding_window``, ``"full_attention"`` ones every earlier key): one int or None when every layer has
+    the same, else one per layer (``TransformerConfig.sliding_window``). Checked against each layer's attention."""
     c = model.config
     types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
-    kinds = set(types)
-    if not kinds <= {"full_attention", "sliding_attention"}:
+    if not set(types) <= {"full_attention", "sliding_attention"}:
         refuse("layer_types", types, "only 'full_attention' and 'sliding_attention' layers are converted")
-    if len(kinds) > 1:
-        refuse("layer_types", types, "a mixture of sliding-window and full attention layers is not converted")
-    sw = c.sliding_window if kinds == {"sliding_attention"} else None
-    if kinds == {"sliding_attention"} and sw is None:
-        refuse("sliding_window", sw, "layer_types ask for sliding-window attention without a window")
+    if len(types) != len(model.model.layers):
+        refuse("layer_types", types, f"the model holds {len(model.model.layers)} layers")
+    sw = c.sliding_window
+    if "sliding_attention" in types and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):
+        refuse("sliding_window", sw, "layer_types ask for sliding-window attention without a positive window")
+    windows = [sw if t == "sliding_attention" else None for t in types]
     for i, layer in enumerate(model.model.layers):
-        got = getattr(layer.self_attn, "sliding_window", sw)
-        if got != sw:
-            refuse(f"layers[{i}].self_attn.sliding_window", got, f"the config implies {sw}")
-    return sw
+        got = getattr(layer.self_attn, "sliding_window", windows[i])
+        if got != windows[i]:
+            refuse(f"layers[{i}].self_attn.sliding_window", got, f"the config implies {windows[i]}")
+    return windows[0] if len(set(windows)) == 1 else tuple(windows)
