@@ -685,7 +685,14 @@ def _local_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["gpt2-tied", "neox-parallel-rot0.25", "llama-gqa2-biases-tied-headdim", "qwen2-gqa4-tied"]
+    "case",
+    [
+        "gpt2-tied",
+        "neox-parallel-rot0.25",
+        "llama-gqa2-biases-tied-headdim",
+        "qwen2-gqa4-tied",
+        "qwen3-gqa2-tied",
+    ],
 )
 def test_transformer_lens_bridge_converts(case, tmp_path):
     """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts to the function of the bridge's
