@@ -107,7 +107,7 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--model",
         required=required,
-        help="a local Hugging Face save_pretrained directory (GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3; safetensors; "
+        help="a local Hugging Face save_pretrained directory (GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Phi-3, Qwen2, Qwen3; safetensors; "
         "nothing is downloaded), converted exactly into pypattern's Transformer",
     )
     p.add_argument(

@@ -173,6 +173,29 @@ CASES = {
             tie_word_embeddings=False,
         ),
     ),
+    "phi3-gqa2-partial0.5": (
+        "Phi3",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            intermediate_size=52,
+            partial_rotary_factor=0.5,
+        ),
+    ),
+    "phi3-mqa-window-tied": (
+        "Phi3",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=44,
+            sliding_window=4,
+            tie_word_embeddings=True,
+        ),
+    ),
     "qwen3-gqa2-tied": (
         "Qwen3",
         dict(
@@ -565,6 +588,7 @@ def test_unknown_model_class_is_refused():
         "GPTNeoXForCausalLM",
         "LlamaForCausalLM",
         "MistralForCausalLM",
+        "Phi3ForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
     }
@@ -600,6 +624,7 @@ def _expected_shape(name, cfg, b, t):
         "qwen2-gqa4-tied",
         "qwen3-mqa-bias-headdim",
         "gptneo-global-local-tied",
+        "phi3-gqa2-partial0.5",
     ],
 )
 def test_every_hook_point_has_its_shape(case):

@@ -8,6 +8,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gpt_neox`: ``GPTNeoXForCausalLM`` (GPT-NeoX, Pythia)
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
+- :mod:`.phi3`: ``Phi3ForCausalLM``
 - :mod:`.qwen2`: ``Qwen2ForCausalLM``
 - :mod:`.qwen3`: ``Qwen3ForCausalLM``
 
@@ -32,13 +33,13 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
-from . import gpt2, gpt_neo, gpt_neox, llama, mistral, qwen2, qwen3
+from . import gpt2, gpt_neo, gpt_neox, llama, mistral, phi3, qwen2, qwen3
 from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
 
-_FAMILIES = (gpt2, gpt_neo, gpt_neox, llama, mistral, qwen2, qwen3)
+_FAMILIES = (gpt2, gpt_neo, gpt_neox, llama, mistral, phi3, qwen2, qwen3)
 _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 
@@ -50,7 +51,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     ----------
     model : transformers.PreTrainedModel
         One of ``GPT2LMHeadModel``, ``GPTNeoForCausalLM``, ``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
-        ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (see :data:`SUPPORTED_CLASSES`), or a ``TransformerBridge`` around one.
+        ``Phi3ForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (see :data:`SUPPORTED_CLASSES`), or a ``TransformerBridge`` around one.
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
 

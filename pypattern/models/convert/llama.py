@@ -1,5 +1,5 @@
-"""Llama (``LlamaForCausalLM``) -> pypattern ``Transformer``; the shared Llama-style conversion Mistral and Qwen2
-use too.
+"""Llama (``LlamaForCausalLM``) -> pypattern ``Transformer``; the shared Llama-style conversion Mistral, Phi-3,
+Qwen2 and Qwen3 use too.
 
 Separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (``nn.Linear``, ``(out, in)``), grouped-query attention,
 rotary embeddings on the whole head (``rotate_half`` pairing; angles and their cosines computed in float32),
@@ -27,10 +27,42 @@ from ._common import (
 CLASSES = ("LlamaForCausalLM",)
 
 
-def llama_like(model: nn.Module, sliding_window: int | tuple | None = None) -> tuple[dict, dict]:
+def _split_qkv(a: nn.Module) -> tuple:
+    """``(W_q, W_k, W_v, b_q, b_k, b_v)`` of a Llama-style attention (``nn.Linear`` weights ``(out, in)``)."""
+    return (
+        a.q_proj.weight,
+        a.k_proj.weight,
+        a.v_proj.weight,
+        a.q_proj.bias,
+        a.k_proj.bias,
+        a.v_proj.bias,
+    )
+
+
+def _split_mlp(m: nn.Module) -> tuple:
+    """``(W_gate, W_up, W_down, b_gate, b_up, b_down)`` of a Llama-style gated MLP (``(out, in)``)."""
+    return (
+        m.gate_proj.weight,
+        m.up_proj.weight,
+        m.down_proj.weight,
+        m.gate_proj.bias,
+        m.up_proj.bias,
+        m.down_proj.bias,
+    )
+
+
+def llama_like(
+    model: nn.Module,
+    sliding_window: int | tuple | None = None,
+    qkv=_split_qkv,
+    mlp=_split_mlp,
+    partial_rotary: bool = False,
+) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a Llama-style causal LM (``model.model.layers[i]`` with
-    ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``/``post_attention_layernorm``
-    RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, one per layer, or None."""
+    ``self_attn`` (``o_proj``), ``mlp`` (``down_proj``), ``input_layernorm``/``post_attention_layernorm``
+    RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, one per layer, or None.
+    ``qkv`` / ``mlp`` read a layer's projections (separate ``q/k/v_proj`` and ``gate/up/down_proj`` by default;
+    Phi-3 fuses them); ``partial_rotary``: the model rotates only the first dimensions of each head."""
     c = model.config
     base_model = model.model
     layers = base_model.layers
@@ -39,24 +71,22 @@ def llama_like(model: nn.Module, sliding_window: int | tuple | None = None) -> t
     d = c.hidden_size
     a0 = layers[0].self_attn
     dh = a0.head_dim
-    H = a0.q_proj.weight.shape[0] // dh
-    Hkv = a0.k_proj.weight.shape[0] // dh
+    Wq0, Wk0 = qkv(a0)[:2]
+    H = Wq0.shape[0] // dh
+    Hkv = Wk0.shape[0] // dh
     if a0.scaling != dh**-0.5:
         refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
     base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
-    if rotary_dim != dh:
+    if rotary_dim != dh and not partial_rotary:
         refuse(
             "rotary dimensions",
             rotary_dim,
             f"this model rotates the whole head (head_dim={dh}); a partial rotary factor is not applied by it",
         )
-    attn_in_bias = all_or_none(
-        [getattr(m.self_attn, f"{x}_proj").bias for m in layers for x in "qkv"], "q/k/v projection biases"
-    )
+    splits = [(qkv(m.self_attn), mlp(m.mlp)) for m in layers]
+    attn_in_bias = all_or_none([b for q, _ in splits for b in q[3:]], "q/k/v projection biases")
     attn_out_bias = all_or_none([m.self_attn.o_proj.bias for m in layers], "o_proj biases")
-    mlp_bias = all_or_none(
-        [getattr(m.mlp, f"{x}_proj").bias for m in layers for x in ("gate", "up", "down")], "mlp_bias"
-    )
+    mlp_bias = all_or_none([b for _, f in splits for b in f[3:]], "mlp_bias")
     emb = model.get_input_embeddings().weight
     lm = model.get_output_embeddings()
     tied = same_parameter(lm.weight, emb)
@@ -68,7 +98,7 @@ def llama_like(model: nn.Module, sliding_window: int | tuple | None = None) -> t
         n_heads=H,
         d_head=dh,
         n_key_value_heads=Hkv,
-        d_mlp=layers[0].mlp.up_proj.weight.shape[0],
+        d_mlp=splits[0][1][1].shape[0],
         d_vocab=emb.shape[0],
         n_ctx=c.max_position_embeddings,
         act_fn=act_fn(c.hidden_act, "hidden_act"),
@@ -105,21 +135,21 @@ def llama_like(model: nn.Module, sliding_window: int | tuple | None = None) -> t
             refuse("head_dim", a.head_dim, f"differs between layers ({dh} in layer 0)")
         norm(f"{p}.ln1", layer.input_layernorm)
         norm(f"{p}.ln2", layer.post_attention_layernorm)
-        w[f"{p}.attn.W_Q"] = linear_heads(a.q_proj.weight, H, dh)
-        w[f"{p}.attn.W_K"] = linear_heads(a.k_proj.weight, Hkv, dh)
-        w[f"{p}.attn.W_V"] = linear_heads(a.v_proj.weight, Hkv, dh)
-        w[f"{p}.attn.b_Q"] = bias_heads(a.q_proj.bias, H, dh)
-        w[f"{p}.attn.b_K"] = bias_heads(a.k_proj.bias, Hkv, dh)
-        w[f"{p}.attn.b_V"] = bias_heads(a.v_proj.bias, Hkv, dh)
+        (Wq, Wk, Wv, bq, bk, bv), (Wg, Wu, Wd, bg, bu, bd) = splits[i]
+        w[f"{p}.attn.W_Q"] = linear_heads(Wq, H, dh)
+        w[f"{p}.attn.W_K"] = linear_heads(Wk, Hkv, dh)
+        w[f"{p}.attn.W_V"] = linear_heads(Wv, Hkv, dh)
+        w[f"{p}.attn.b_Q"] = bias_heads(bq, H, dh)
+        w[f"{p}.attn.b_K"] = bias_heads(bk, Hkv, dh)
+        w[f"{p}.attn.b_V"] = bias_heads(bv, Hkv, dh)
         w[f"{p}.attn.W_O"] = linear_out_heads(a.o_proj.weight, H, dh)
         w[f"{p}.attn.b_O"] = a.o_proj.bias
-        m = layer.mlp
-        w[f"{p}.mlp.W_gate"] = m.gate_proj.weight.T
-        w[f"{p}.mlp.b_gate"] = m.gate_proj.bias
-        w[f"{p}.mlp.W_in"] = m.up_proj.weight.T
-        w[f"{p}.mlp.b_in"] = m.up_proj.bias
-        w[f"{p}.mlp.W_out"] = m.down_proj.weight.T
-        w[f"{p}.mlp.b_out"] = m.down_proj.bias
+        w[f"{p}.mlp.W_gate"] = Wg.T
+        w[f"{p}.mlp.b_gate"] = bg
+        w[f"{p}.mlp.W_in"] = Wu.T
+        w[f"{p}.mlp.b_in"] = bu
+        w[f"{p}.mlp.W_out"] = Wd.T
+        w[f"{p}.mlp.b_out"] = bd
     norm("ln_final", base_model.norm)
     if not tied:
         w["unembed.W_U"] = lm.weight.T
