@@ -100,10 +100,9 @@ def test_exact_patching_matches_reference(arch):
         assert (ours - ref).abs().max() <= 1e-9, (mode, ablation)
 
 
-def test_edges_with_float32_query_key_products():
-    """GPT-Neo multiplies queries and keys in float32 in a float64 model (``attn_scores_dtype``): the view's
-    forward, exact edge patching and EAP equal the model and the per-edge-hook references."""
-    model = _model("neo", seed=2, attn_scores_dtype=torch.float32, attn_softmax_dtype=torch.float64)
+def _view_and_patching_equal_references(model):
+    """The view's forward equals the model's, and exact edge patching of single edges and random sets equals the
+    per-edge-hook reference; returns ``(clean, corr, metric, graph)``."""
     clean, corr, ans, wrong = prompts(model, seed=3)
     with torch.no_grad():
         for per_head in (False, True):
@@ -114,6 +113,14 @@ def test_edges_with_float32_query_key_products():
     masks = torch.cat([torch.eye(E, dtype=torch.bool)[::3], _random_sets(E, 4, 4)])
     ours = patch_edges(model, masks, clean, corr, metric=metric)
     assert (ours - _reference(model, g, masks, clean, corr, metric)).abs().max() <= 1e-9
+    return clean, corr, metric, g
+
+
+def test_edges_with_float32_query_key_products():
+    """GPT-Neo multiplies queries and keys in float32 in a float64 model (``attn_scores_dtype``): the view's
+    forward, exact edge patching and EAP equal the model and the per-edge-hook references."""
+    model = _model("neo", seed=2, attn_scores_dtype=torch.float32, attn_softmax_dtype=torch.float64)
+    clean, corr, metric, g = _view_and_patching_equal_references(model)
     sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
     assert (
         sc.values - naive_first_order(model, g, clean, corr, metric, "noise", "resample")
@@ -124,17 +131,7 @@ def test_edges_with_float32_query_key_products():
 def test_exact_patching_takes_the_models_softmax(arch):
     """A model taking its attention softmax in another dtype (``attn_softmax_dtype``; bfloat16 here, far from
     float64): the view's forward and exact edge patching equal the model and the per-edge-hook reference."""
-    model = _model(arch, seed=2, attn_softmax_dtype=torch.bfloat16)
-    clean, corr, ans, wrong = prompts(model, seed=3)
-    with torch.no_grad():
-        for per_head in (False, True):
-            assert (ModelView(model).forward(clean, per_head=per_head) - model(clean)).abs().max() <= 1e-12
-    metric = LogitDiff(ans, wrong)
-    g = edges(model)
-    E = len(g)
-    masks = torch.cat([torch.eye(E, dtype=torch.bool)[::3], _random_sets(E, 4, 4)])
-    ours = patch_edges(model, masks, clean, corr, metric=metric)
-    assert (ours - _reference(model, g, masks, clean, corr, metric)).abs().max() <= 1e-9
+    _view_and_patching_equal_references(_model(arch, seed=2, attn_softmax_dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

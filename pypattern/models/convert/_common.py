@@ -113,6 +113,15 @@ def rope(
     return base, rotary_dim, freq_dtype, scaling
 
 
+def layer_norm(w: dict, dst: str, mod: nn.Module, eps: float, option: str) -> None:
+    """Put a LayerNorm's weight and bias (zeros when it has none) into ``w`` as ``{dst}.w`` / ``{dst}.b``; refuse an
+    epsilon other than the model's ``eps`` (config field ``option``)."""
+    if mod.eps != eps:
+        refuse(option, mod.eps, f"differs between norms ({eps} elsewhere)")
+    w[f"{dst}.w"] = mod.weight
+    w[f"{dst}.b"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight)
+
+
 def linear_heads(weight: torch.Tensor, n: int, d_head: int) -> torch.Tensor:
     """``nn.Linear`` weight ``(n * d_head, d_model)`` -> TransformerLens ``(n, d_model, d_head)``."""
     return weight.reshape(n, d_head, weight.shape[-1]).permute(0, 2, 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, linear_heads, linear_out_heads, model_dtype, refuse, same_parameter
+from ._common import act_fn, layer_norm, linear_heads, linear_out_heads, model_dtype, refuse, same_parameter
 
 CLASSES = ("GPTNeoForCausalLM",)
 
@@ -66,10 +66,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     w: dict[str, torch.Tensor | None] = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
 
     def ln(dst: str, mod: nn.LayerNorm) -> None:
-        if mod.eps != eps:
-            refuse("layer_norm_epsilon", mod.eps, f"differs between norms ({eps} elsewhere)")
-        w[f"{dst}.w"] = mod.weight
-        w[f"{dst}.b"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight)
+        layer_norm(w, dst, mod, eps, "layer_norm_epsilon")
 
     for i, blk in enumerate(blocks):
         p = f"blocks.{i}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, all_or_none, attn_softmax_dtype, refuse, rope, same_parameter
+from ._common import act_fn, all_or_none, attn_softmax_dtype, layer_norm, refuse, rope, same_parameter
 
 CLASSES = ("GPTNeoXForCausalLM",)
 
@@ -89,10 +89,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
 
     def ln(dst: str, mod: nn.LayerNorm) -> None:
-        if mod.eps != eps:
-            refuse("layer_norm_eps", mod.eps, f"differs between norms ({eps} elsewhere)")
-        w[f"{dst}.w"] = mod.weight
-        w[f"{dst}.b"] = mod.bias if mod.bias is not None else torch.zeros_like(mod.weight)
+        layer_norm(w, dst, mod, eps, "layer_norm_eps")
 
     for i, layer in enumerate(layers):
         p = f"blocks.{i}"
