@@ -61,6 +61,19 @@ def _hf(arch: str):
             for layer in m.model.layers:
                 layer.self_attn.q_norm.weight.add_(0.3 * torch.randn(6))
                 layer.self_attn.k_norm.weight.add_(0.3 * torch.randn(6))
+    elif arch == "phi3":  # fused qkv_proj / gate_up_proj, partial rotary
+        cfg = transformers.Phi3Config(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            partial_rotary_factor=0.5,
+            max_position_embeddings=16,
+            pad_token_id=0,
+        )
+        m = transformers.Phi3ForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(
             vocab_size=V,
@@ -104,13 +117,13 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
     assert np.abs(ba.bif).max() > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "phi3"])
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
     loader = _loader()
     comps = ["blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
-    if arch in ("llama", "qwen3"):
+    if arch in ("llama", "qwen3", "phi3"):
         comps.append("blocks.1.attn.kv_head.1")
     probe = loader.dataset[4:6]
     ours = pp.susceptibilities(tf, loader, probe, comps, **KW)

@@ -55,10 +55,15 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
             intermediate_size=40, attention_bias=True, **common,
         )  # fmt: skip
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj, GQA, partial rotary
+        return tr.Phi3Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=40, partial_rotary_factor=0.5, pad_token_id=0, **common,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3"]
+ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3"]
 _CACHE: dict = {}
 
 
@@ -339,8 +344,9 @@ def test_head_mask_moves_exactly_that_head(arch):
         whole = hf_component_masks(m, f"blocks.{layer}.attn.head.{h}", include_shared_kv=True)
         if n_kv == n_heads:
             assert set(whole) == set(masks) and all(torch.equal(whole[n], masks[n]) for n in masks)
-        else:
-            assert set(whole) > set(masks)
+        else:  # more entries (in more parameters, or, with a fused q/k/v projection, more rows of the same one)
+            assert set(whole) >= set(masks) and all(bool((whole[n] >= masks[n]).all()) for n in masks)
+            assert sum(int(t.sum()) for t in whole.values()) > sum(int(t.sum()) for t in masks.values())
         # Qwen3's per-head query and key norms have one weight shared by every head: part of no head's component,
         # they feed every head, so they stay out of the complement too
         saved = _perturb(m, whole, complement=True, seed=1, keep=(".q_norm.", ".k_norm."))
@@ -352,7 +358,7 @@ def test_head_mask_moves_exactly_that_head(arch):
         assert (rest - base).abs().max() > 1e-3  # the complement did move something
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_shared_kv_heads_under_grouped_query_attention(arch):
     m = _model(arch)
     layer = 0
@@ -374,7 +380,8 @@ def test_shared_kv_heads_under_grouped_query_attention(arch):
             assert (diff[group] > 1e-4).all()
             outside = [h for h in range(n_heads) if h not in group]
             assert diff[outside].max() < 1e-12
-    # heads, kv heads and the rest (the output bias) partition the attention's parameters
+    # heads, kv heads and the rest (the output bias, Qwen3's shared query/key norms) partition the attention's
+    # parameters
     attn = hf_component_masks(m, f"blocks.{layer}.attn")
     total = {n: torch.zeros_like(v, dtype=torch.int64) for n, v in attn.items()}
     for c in hf_components(m):
@@ -383,7 +390,7 @@ def test_shared_kv_heads_under_grouped_query_attention(arch):
                 total[n] += v
     for n, v in total.items():
         assert v.max() <= 1, n  # no entry in two components
-        if not n.endswith("o_proj.bias"):
+        if not n.endswith(("o_proj.bias", "q_norm.weight", "k_norm.weight")):  # shared: part of no head
             assert bool((v == 1).all()), n  # every entry in one
     with pytest.raises(ValueError, match="kv_head"):
         hf_component_masks(_model("llama_mha"), "blocks.0.attn.kv_head.0")

@@ -1,6 +1,6 @@
 """Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
 
-:func:`hooked_hf` wraps a GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2 or Qwen3 model (chosen by
+:func:`hooked_hf` wraps a GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2 or Qwen3 model (chosen by
 ``config.model_type``) so that ``forward`` returns logits and the residual-stream hook points of TransformerLens
 exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
 over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
@@ -118,7 +118,7 @@ class HFArch:
         The norms before attention and before the MLP, relative to a layer.
     ln_final : str
         The final norm, relative to ``base``.
-    qkv : {"gpt2", "neox", "split"}
+    qkv : {"gpt2", "neox", "split", "phi3"}
         Layout of the attention weights (see :func:`hf_component_masks`).
     """
 
@@ -171,6 +171,9 @@ HF_ARCHS: dict[str, HFArch] = {
     "mistral": HFArch("mistral", **_LLAMA_LIKE),
     "qwen2": HFArch("qwen2", **_LLAMA_LIKE),
     "qwen3": HFArch("qwen3", **_LLAMA_LIKE),  # per-head query/key norms: shared weights, part of no head
+    "phi3": HFArch(
+        "phi3", **{**_LLAMA_LIKE, "qkv": "phi3"}
+    ),  # fused qkv_proj: query, key, value rows in blocks
 }
 
 
@@ -281,7 +284,8 @@ class _HFLogits(nn.Module):
 
 
 class HookedHF(HookedModule):
-    """A Hugging Face causal LM (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Qwen3) with TransformerLens hook names.
+    """A Hugging Face causal LM (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2, Qwen3) with TransformerLens hook
+    names.
 
     Built by :func:`hooked_hf`. ``forward(tokens)``, ``forward(batch_mapping)`` and
     ``forward(input_ids=..., attention_mask=...)`` return logits ``(batch, pos, d_vocab)``. The wrapped model is
@@ -355,7 +359,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neox`` (Pythia), ``llama``,
-    ``mistral``, ``qwen2``, ``qwen3``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``mistral``, ``phi3``, ``qwen2``, ``qwen3``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

@@ -16,6 +16,9 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   present: Qwen2, Llama with ``attention_bias``), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
   ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
   Qwen3's ``q_norm`` / ``k_norm`` weights are shared by every head and belong to no head.
+* **Phi-3** (fused ``qkv_proj``, rows: all query heads, then all key heads, then all value heads): the query rows
+  ``h*d_head : (h+1)*d_head``, the key and value rows of its key/value head ``g`` at ``n_heads*d_head +
+  g*d_head`` and ``(n_heads + n_kv_heads)*d_head + g*d_head``, ``o_proj`` columns as Llama's.
 
 What a head owns under grouped-query attention
 ----------------------------------------------
@@ -77,6 +80,8 @@ def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]
     if arch.qkv == "neox":
         return n_heads, n_heads, int(attn.head_size)
     d_head = int(attn.head_dim)
+    if arch.qkv == "phi3":
+        return n_heads, int(attn.num_key_value_heads), d_head
     n_kv = int(attn.k_proj.out_features) // d_head
     return n_heads, n_kv, d_head
 
@@ -146,6 +151,17 @@ def _head_slices(
         out[f"{a}.query_key_value.weight"] = (0, rows)
         out[f"{a}.query_key_value.bias"] = (0, rows)
         out[f"{a}.dense.weight"] = (1, own)
+    elif arch.qkv == "phi3":  # qkv_proj rows: every query head, then every key head, then every value head
+        group = n_heads // n_kv
+        kv = head // group if kind == "head" else head
+        parts = [torch.arange(own.start, own.stop)] if kind == "head" else []
+        if kind == "kv" or n_kv == n_heads or include_shared_kv:
+            k0 = n_heads * dh + kv * dh
+            parts += [torch.arange(k0, k0 + dh), torch.arange(k0 + n_kv * dh, k0 + n_kv * dh + dh)]
+        out[f"{a}.qkv_proj.weight"] = (0, torch.cat(parts))
+        out[f"{a}.qkv_proj.bias"] = (0, torch.cat(parts))
+        if kind == "head":
+            out[f"{a}.o_proj.weight"] = (1, own)
     else:
         group = n_heads // n_kv
         if kind == "head":
@@ -171,7 +187,7 @@ def hf_component_masks(
     Parameters
     ----------
     model : nn.Module
-        A supported Hugging Face causal LM (``gpt2``, ``gpt_neox``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``), or the
+        A supported Hugging Face causal LM (``gpt2``, ``gpt_neox``, ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``), or the
         :class:`~pypattern.models.hf.HookedHF` wrapping one (names then start with ``module.model.``).
     component : str
         ``"blocks.{l}.attn.head.{h}"`` (one head's slices, see the module docstring for each layout and for
