@@ -61,6 +61,23 @@ def _hf(arch: str):
             for layer in m.model.layers:
                 layer.self_attn.q_norm.weight.add_(0.3 * torch.randn(6))
                 layer.self_attn.k_norm.weight.add_(0.3 * torch.randn(6))
+    elif arch == "gpt_neo":  # a global and a local layer, float32 query-key products
+        cfg = transformers.GPTNeoConfig(
+            vocab_size=V,
+            hidden_size=12,
+            num_layers=2,
+            num_heads=3,
+            intermediate_size=20,
+            attention_types=[[["global", "local"], 1]],
+            window_size=3,
+            max_position_embeddings=16,
+            embed_dropout=0.0,
+            attention_dropout=0.0,
+            resid_dropout=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        m = transformers.GPTNeoForCausalLM(cfg)
     elif arch == "phi3":  # fused qkv_proj / gate_up_proj, partial rotary
         cfg = transformers.Phi3Config(
             vocab_size=V,
@@ -117,7 +134,7 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
     assert np.abs(ba.bif).max() > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo"])
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)

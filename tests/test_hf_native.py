@@ -60,10 +60,15 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=40, partial_rotary_factor=0.5, pad_token_id=0, **common,
         )  # fmt: skip
+    if arch == "gpt_neo":  # a global and a local layer, split projections under attn.attention
+        return tr.GPTNeoConfig(
+            hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40, attention_types=[[["global", "local"], 1]],
+            window_size=3, max_position_embeddings=16, vocab_size=V, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3"]
+ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo"]
 _CACHE: dict = {}
 
 
@@ -87,7 +92,7 @@ def _tokens(seed: int = 0, batch: int = 2) -> torch.Tensor:
 def _parts(m):
     """(layers, attention module name, mlp module name, final norm) of the HF model, written out per family."""
     mt = m.config.model_type
-    if mt == "gpt2":
+    if mt in ("gpt2", "gpt_neo"):
         return m.transformer.h, "attn", "mlp", m.transformer.ln_f
     if mt == "gpt_neox":
         return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
@@ -252,7 +257,8 @@ def test_gpt2_names_kept():
 def _out_proj(m, layer):
     layers, attn_name, _, _ = _parts(m)
     attn = getattr(layers[layer], attn_name)
-    return attn, {"gpt2": "c_proj", "gpt_neox": "dense"}.get(m.config.model_type, "o_proj")
+    names = {"gpt2": "c_proj", "gpt_neox": "dense", "gpt_neo": "attention.out_proj"}
+    return attn, names.get(m.config.model_type, "o_proj")
 
 
 def _capture_attn_input(m, layer, toks):
@@ -274,7 +280,7 @@ def _head_results(m, layer, args, kwargs) -> torch.Tensor:
     run on a fixed input, its per-head output ``z`` read at the output projection's input (independent hook), times
     that head's slice of the output projection (bias excluded: it belongs to no head)."""
     attn, proj_name = _out_proj(m, layer)
-    proj = getattr(attn, proj_name)
+    proj = attn.get_submodule(proj_name)
     z = {}
     h = proj.register_forward_pre_hook(lambda mod, a: z.__setitem__("z", a[0]))
     with torch.no_grad():

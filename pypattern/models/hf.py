@@ -1,6 +1,6 @@
 """Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
 
-:func:`hooked_hf` wraps a GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2 or Qwen3 model (chosen by
+:func:`hooked_hf` wraps a GPT-2, GPT-Neo, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2 or Qwen3 model (chosen by
 ``config.model_type``) so that ``forward`` returns logits and the residual-stream hook points of TransformerLens
 exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
 over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
@@ -120,6 +120,11 @@ class HFArch:
         The final norm, relative to ``base``.
     qkv : {"gpt2", "neox", "split", "phi3"}
         Layout of the attention weights (see :func:`hf_component_masks`).
+    proj : str
+        The module holding the attention's projections, relative to ``attn`` (``""``: ``attn`` itself; GPT-Neo's
+        ``attention``).
+    out_proj : str
+        The output projection of a ``"split"`` or ``"phi3"`` layout (``o_proj``; GPT-Neo's ``out_proj``).
     """
 
     model_type: str
@@ -133,6 +138,8 @@ class HFArch:
     ln2: str
     ln_final: str
     qkv: str
+    proj: str = ""
+    out_proj: str = "o_proj"
 
     def parallel(self, config: Any) -> bool:
         """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``)."""
@@ -171,9 +178,23 @@ HF_ARCHS: dict[str, HFArch] = {
     "mistral": HFArch("mistral", **_LLAMA_LIKE),
     "qwen2": HFArch("qwen2", **_LLAMA_LIKE),
     "qwen3": HFArch("qwen3", **_LLAMA_LIKE),  # per-head query/key norms: shared weights, part of no head
-    "phi3": HFArch(
-        "phi3", **{**_LLAMA_LIKE, "qkv": "phi3"}
-    ),  # fused qkv_proj: query, key, value rows in blocks
+    # Phi-3: a fused qkv_proj, its rows every query head, then every key head, then every value head
+    "phi3": HFArch("phi3", **{**_LLAMA_LIKE, "qkv": "phi3"}),
+    "gpt_neo": HFArch(
+        "gpt_neo",
+        "transformer",
+        "wte",
+        "wpe",
+        "h",
+        "attn",
+        "mlp",
+        "ln_1",
+        "ln_2",
+        "ln_f",
+        "split",
+        "attention",
+        "out_proj",
+    ),  # fmt: skip
 }
 
 
@@ -284,8 +305,8 @@ class _HFLogits(nn.Module):
 
 
 class HookedHF(HookedModule):
-    """A Hugging Face causal LM (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2, Qwen3) with TransformerLens hook
-    names.
+    """A Hugging Face causal LM (GPT-2, GPT-Neo, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2, Qwen3) with
+    TransformerLens hook names.
 
     Built by :func:`hooked_hf`. ``forward(tokens)``, ``forward(batch_mapping)`` and
     ``forward(input_ids=..., attention_mask=...)`` return logits ``(batch, pos, d_vocab)``. The wrapped model is
@@ -358,8 +379,8 @@ class HookedHF(HookedModule):
 def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 
-    The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neox`` (Pythia), ``llama``,
-    ``mistral``, ``phi3``, ``qwen2``, ``qwen3``. Nothing is converted or copied: hooks sit on the model's own modules.
+    The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia),
+    ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

@@ -16,6 +16,7 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   present: Qwen2, Llama with ``attention_bias``), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
   ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
   Qwen3's ``q_norm`` / ``k_norm`` weights are shared by every head and belong to no head.
+* **GPT-Neo**: Llama's split projections under ``attn.attention``, ``out_proj`` for ``o_proj`` (no q/k/v biases).
 * **Phi-3** (fused ``qkv_proj``, rows: all query heads, then all key heads, then all value heads): the query rows
   ``h*d_head : (h+1)*d_head``, the key and value rows of its key/value head ``g`` at ``n_heads*d_head +
   g*d_head`` and ``(n_heads + n_kv_heads)*d_head + g*d_head``, ``o_proj`` columns as Llama's.
@@ -68,12 +69,18 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     return model, ""
 
 
+def _attn_path(arch, layer: int) -> str:
+    """Path (in the Hugging Face model) of the module holding layer ``layer``'s attention projections."""
+    a = f"{arch.base}.{arch.layers}.{layer}.{arch.attn}"
+    return f"{a}.{arch.proj}" if arch.proj else a
+
+
 def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]:
     """``(n_heads, n_kv_heads, d_head)`` of layer ``layer``'s attention, read from its modules."""
     hf, _ = _unwrap(model)
     arch = hf_arch(hf)
     cfg = hf.config
-    attn = hf.get_submodule(f"{arch.base}.{arch.layers}.{layer}.{arch.attn}")
+    attn = hf.get_submodule(_attn_path(arch, layer))
     n_heads = int(cfg.num_attention_heads)
     if arch.qkv == "gpt2":
         return n_heads, n_heads, int(attn.head_dim)
@@ -125,7 +132,7 @@ def _head_slices(
 ) -> dict[str, tuple[int, slice]]:
     """Parameter name (in ``hf``) -> (axis, index range) of one head (``kind="head"``) or kv head (``"kv"``)."""
     n_heads, n_kv, dh = hf_attention_shape(hf, layer)
-    a = f"{arch.base}.{arch.layers}.{layer}.{arch.attn}"
+    a, o = _attn_path(arch, layer), arch.out_proj
     limit = n_heads if kind == "head" else n_kv
     if not 0 <= head < limit:
         what = "heads" if kind == "head" else "key/value heads"
@@ -161,13 +168,13 @@ def _head_slices(
         out[f"{a}.qkv_proj.weight"] = (0, torch.cat(parts))
         out[f"{a}.qkv_proj.bias"] = (0, torch.cat(parts))
         if kind == "head":
-            out[f"{a}.o_proj.weight"] = (1, own)
+            out[f"{a}.{o}.weight"] = (1, own)
     else:
         group = n_heads // n_kv
         if kind == "head":
             out[f"{a}.q_proj.weight"] = (0, own)
             out[f"{a}.q_proj.bias"] = (0, own)
-            out[f"{a}.o_proj.weight"] = (1, own)
+            out[f"{a}.{o}.weight"] = (1, own)
             kv = head // group
         else:
             kv = head
@@ -187,7 +194,8 @@ def hf_component_masks(
     Parameters
     ----------
     model : nn.Module
-        A supported Hugging Face causal LM (``gpt2``, ``gpt_neox``, ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``), or the
+        A supported Hugging Face causal LM (``gpt2``, ``gpt_neo``, ``gpt_neox``, ``llama``, ``mistral``, ``phi3``, ``qwen2``,
+        ``qwen3``), or the
         :class:`~pypattern.models.hf.HookedHF` wrapping one (names then start with ``module.model.``).
     component : str
         ``"blocks.{l}.attn.head.{h}"`` (one head's slices, see the module docstring for each layout and for
