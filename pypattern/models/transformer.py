@@ -414,8 +414,6 @@ def rotary_inv_freq(
 ) -> torch.Tensor:
     """The ``dim / 2`` rotary frequencies ``1 / base ** (2 i / dim)``, scaled per ``scaling`` (see
     :class:`TransformerConfig`), computed in ``dtype`` in Hugging Face's order of operations."""
-    import math
-
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
     if scaling is None:
         return inv_freq
