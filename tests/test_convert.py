@@ -443,7 +443,6 @@ def test_unknown_architecture_in_directory_is_refused(tmp_path):
         ("llama-mqa", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
         ("neox-parallel-rot0.25", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
         ("llama-mqa", dict(hidden_act="gelu_10"), "hidden_act"),
-        ("mistral-gqa4-window", dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(case, overrides, option):
@@ -780,3 +779,14 @@ def test_mixed_sliding_and_full_layers_convert_exactly(case):
             assert (
                 narrow.cfg.sliding_window == 3 and rel(narrow(x), model(x)) > 1e-6
             )  # the full layer mattered
+
+
+def test_mistral_ignores_layer_types_as_hf_does():
+    """Hugging Face's Mistral applies ``sliding_window`` in every layer whatever ``layer_types`` says; the converted
+    model is the function the Hugging Face model computes."""
+    hf = hf_model("mistral-gqa4-window", layer_types=["sliding_attention", "full_attention"])
+    model = from_hf(hf)
+    assert model.cfg.sliding_window == hf.config.sliding_window == 4
+    x = tokens()
+    with torch.no_grad():
+        assert rel(model(x), hf(x).logits) <= 1e-10

@@ -17,7 +17,11 @@ CLASSES = ("MistralForCausalLM",)
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``MistralForCausalLM``."""
     c = model.config
-    if getattr(c, "layer_types", None) is not None:
-        refuse("layer_types", c.layer_types, "per-layer attention types are not converted for Mistral")
+    # Hugging Face's Mistral attention reads config.sliding_window in every layer and ignores layer_types (it warns
+    # and points to Ministral): the converted model does the same, checked against each layer's attention
     sw = getattr(c, "sliding_window", None)
+    for i, layer in enumerate(model.model.layers):
+        got = getattr(layer.self_attn, "sliding_window", sw)
+        if got != sw:
+            refuse(f"layers[{i}].self_attn.sliding_window", got, f"the config implies {sw} for every layer")
     return llama_like(model, sliding_window=sw)
