@@ -161,14 +161,15 @@ def plain_forward(model, x: torch.Tensor) -> torch.Tensor:
 
 
 # ----- fixtures ----------------------------------------------------------------------------------------------
-def make_setup(dtype=torch.float32):
-    model = Transformer(TransformerConfig(**CFG, seed=0, dtype=dtype))
+def make_setup(dtype=torch.float32, cfg: dict = CFG, batch: int = B):
+    """The bench model (``cfg``) and ``batch`` prompts of ``T`` tokens, corrupted in their first half."""
+    model = Transformer(TransformerConfig(**cfg, seed=0, dtype=dtype))
     g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, CFG["d_vocab"], (B, T), generator=g)
+    clean = torch.randint(0, cfg["d_vocab"], (batch, T), generator=g)
     corr = clean.clone()
-    corr[:, : T // 2] = torch.randint(0, CFG["d_vocab"], (B, T // 2), generator=g)
-    ans = torch.randint(0, CFG["d_vocab"], (B,), generator=g)
-    wrong = (ans + 1) % CFG["d_vocab"]
+    corr[:, : T // 2] = torch.randint(0, cfg["d_vocab"], (batch, T // 2), generator=g)
+    ans = torch.randint(0, cfg["d_vocab"], (batch,), generator=g)
+    wrong = (ans + 1) % cfg["d_vocab"]
     return model, clean, corr, LogitDiff(ans, wrong)
 
 
@@ -576,14 +577,7 @@ def overhead(n: int = 100) -> dict:
     import statistics
 
     torch.set_num_threads(1)
-    cfg = dict(CFG, d_model=16, d_head=2, d_mlp=16)
-    model = Transformer(TransformerConfig(**cfg, seed=0))
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, cfg["d_vocab"], (1, T), generator=g)
-    corr = clean.clone()
-    corr[:, : T // 2] = torch.randint(0, cfg["d_vocab"], (1, T // 2), generator=g)
-    ans = torch.randint(0, cfg["d_vocab"], (1,), generator=g)
-    metric = LogitDiff(ans, (ans + 1) % cfg["d_vocab"])
+    model, clean, corr, metric = make_setup(cfg=dict(CFG, d_model=16, d_head=2, d_mlp=16), batch=1)
     eng, _ = prepare_runs(model, edges(model), clean, corr, metric)
     circuit = point_circuit(eng.graph)
     fns = {

@@ -153,9 +153,8 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     offset = torch.zeros(len(grads), dtype=torch.long)
     flat, at = [], 0
     for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
-        n = engine.n_read[
-            int(g.dst_stage[dsts[0]])
-        ]  # sources are in topological order: those read are a prefix
+        # sources are in topological order: those read at the stage are a prefix
+        n = engine.n_read[int(g.dst_stage[dsts[0]])]
         entry[dsts] = i
         dst_pos[dsts] = torch.arange(len(dsts))
         Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]

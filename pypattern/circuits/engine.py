@@ -595,8 +595,8 @@ class EdgeEngine:
         rows = torch.arange(self.T)
         handles, val = [], None
         outs = None
-        kept = torch.zeros(g.n_src, dtype=torch.bool)
         if record is not None:  # node outputs of the recorded run; rows that are not computed are zero
+            kept = torch.zeros(g.n_src, dtype=torch.bool)
             outs = embeds.new_empty(g.n_src, *embeds.shape[1:])
             outs[0] = embeds[record]
             kept[0] = True
@@ -633,9 +633,8 @@ class EdgeEngine:
                     z = v.attention(layer, q, k, vv, qrows, rows)
                     if outs is None:
                         attn = v.head_out_sum(layer, z)
-                    elif (
-                        z.shape[1] == 1
-                    ):  # each head's write, as in the plain run (the same multiply-adds as their sum)
+                    elif z.shape[1] == 1:
+                        # each head's write, as in the plain run (the same multiply-adds as their sum)
                         O = v.head_out(layer, z)
                         keep(int(self.head_srcs[layer][0]), qrows, O[:, record].detach())
                         attn = O.sum(0)
@@ -716,9 +715,8 @@ class _QKV(torch.autograd.Function):
     def backward(ctx, gq, gk, gv):
         R, *lin = ctx.saved_tensors
         view, layer, qrows, rows, store, part = ctx.args
-        if _VJP_RUNS is not False and (
-            R.shape[0] > 1 or _VJP_RUNS
-        ):  # several runs: summed over them before the per-head matmuls
+        # several runs: the head inputs' cotangents summed over them before the per-head matmuls
+        if _VJP_RUNS is not False and (R.shape[0] > 1 or _VJP_RUNS):
             got = view.qkv_input_vjp_runs(layer, R, gq, gk, gv, qrows, rows, lin)
             if got is not None:
                 store.extend(got[:3])

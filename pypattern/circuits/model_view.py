@@ -331,11 +331,7 @@ class ModelView:
             h = g.shape[0]
             return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
 
-        if self.rotary:
-            gq, gk = self._unrotate(layer, gq, q_pos), self._unrotate(layer, gk, k_pos)
-        if a.cfg.qk_norm:
-            lin = linear if linear is not None else self._linear_qk(layer, xq, xkv)
-            gq, gk = self._qk_norm_vjp(layer, lin[0], gq, lin[1], gk)
+        gq, gk = self._projection_cotangents(layer, gq, gk, q_pos, k_pos, linear, xq, xkv)
         if linear is not None and self._fast_norm_vjp(layer, xq, gq):
             return (
                 self._proj_norm_vjp(layer, xq, gq, a.W_Q, a.b_Q, linear[0]),
@@ -382,10 +378,7 @@ class ModelView:
         xq = x[..., qrows, :] if part else x
         if not self._fast_norm_vjp(layer, x, gq) or not (gq.dtype == gk.dtype == gv.dtype):
             return None
-        if self.rotary:
-            gq, gk = self._unrotate(layer, gq, qrows), self._unrotate(layer, gk, rows)
-        if a.cfg.qk_norm:
-            gq, gk = self._qk_norm_vjp(layer, linear[0], gq, linear[1], gk)
+        gq, gk = self._projection_cotangents(layer, gq, gk, qrows, rows, linear)
         parts = [
             self._proj_norm_parts(layer, xin, g, W, b, lin, heads_last=True)
             for xin, g, W, b, lin in (
@@ -424,21 +417,24 @@ class ModelView:
             dx.add_(dq)
         return (*summed, dx)
 
-    def _qk_norm_vjp(self, layer: int, q: torch.Tensor, gq: torch.Tensor, k: torch.Tensor, gk: torch.Tensor):
-        """The per-head query and key norms' VJP (``qk_norm``) at the projections ``q``, ``k`` (before the norms)
-        applied to the cotangents ``gq``, ``gk`` of their outputs (through autograd: ``d_head``-sized rows)."""
+    def _projection_cotangents(self, layer, gq, gk, q_pos, k_pos, linear, xq=None, xkv=None):
+        """The cotangents of the queries' and keys' projections (before rotation and the per-head norms) from those
+        of :meth:`qkv_shared`'s outputs: the rotation's VJP, then (``qk_norm``) the norms' VJP at the projections
+        ``linear`` (from the forward), or at the projections of the un-normalised inputs ``xq``, ``xkv``."""
         a = self.model.blocks[layer].attn
-        with torch.enable_grad():
-            xq, xk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
-            return torch.autograd.grad((a.qk_normed("q", xq), a.qk_normed("k", xk)), (xq, xk), (gq, gk))
-
-    def _linear_qk(self, layer: int, xq: torch.Tensor, xkv: torch.Tensor) -> tuple:
-        """The projections ``(q, k, None)`` before the per-head norms at the un-normalised inputs ``xq``, ``xkv``."""
-        a = self.model.blocks[layer].attn
+        if self.rotary:
+            gq, gk = self._unrotate(layer, gq, q_pos), self._unrotate(layer, gk, k_pos)
+        if not a.cfg.qk_norm:
+            return gq, gk
         with torch.no_grad():
-            q = a.proj(self.attn_norm(layer, xq), a.W_Q, a.b_Q).movedim(-2, 0)
-            k = a.proj(self.attn_norm(layer, xkv), a.W_K, a.b_K).movedim(-2, 0)
-        return q, k, None
+            if linear is None:
+                q = a.proj(self.attn_norm(layer, xq), a.W_Q, a.b_Q).movedim(-2, 0)
+                k = a.proj(self.attn_norm(layer, xkv), a.W_K, a.b_K).movedim(-2, 0)
+            else:
+                q, k = linear[0], linear[1]
+        with torch.enable_grad():  # autograd through the norms: d_head-sized rows
+            q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+            return torch.autograd.grad((a.qk_normed("q", q), a.qk_normed("k", k)), (q, k), (gq, gk))
 
     def _unrotate(self, layer: int, g: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The rotary embedding's VJP at positions ``pos`` (it is linear: the same at every point)."""

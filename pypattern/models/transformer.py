@@ -121,12 +121,16 @@ _DTYPE_FIELDS = (
 )
 
 
-def attn_softmax(scores: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def attn_softmax(
+    scores: torch.Tensor, dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Attention pattern from masked scores: softmax over the last axis, taken in ``dtype`` (None: the scores'
-    dtype) and cast back to the scores' dtype (Hugging Face's ``softmax(scores, dim=-1, dtype=dtype).to(...)``)."""
-    if dtype is None or dtype == scores.dtype:
+    dtype) and cast to ``out_dtype`` (None: back to the scores' dtype; Hugging Face's ``softmax(scores, dim=-1,
+    dtype=dtype).to(...)``)."""
+    out_dtype = out_dtype or scores.dtype
+    if (dtype is None or dtype == scores.dtype) and out_dtype == scores.dtype:
         return torch.softmax(scores, dim=-1)
-    return torch.softmax(scores, dim=-1, dtype=dtype).to(scores.dtype)
+    return torch.softmax(scores, dim=-1, dtype=dtype or scores.dtype).to(out_dtype)
 
 
 @dataclass
@@ -720,12 +724,8 @@ class Attention(nn.Module):
     def softmax(self, scores: torch.Tensor) -> torch.Tensor:
         """The pattern from masked scores ``(..., k_pos)``: :func:`attn_softmax` in ``cfg.attn_softmax_dtype``, in
         the values' dtype (the scores' unless ``cfg.attn_scores_dtype`` differs from the model's)."""
-        if self.cfg.attn_scores_dtype is None:
-            return attn_softmax(scores, self.cfg.attn_softmax_dtype)
-        # scores in their own dtype: the softmax in attn_softmax_dtype, the pattern straight to the values' dtype
-        return torch.softmax(scores, dim=-1, dtype=self.cfg.attn_softmax_dtype or scores.dtype).to(
-            self.W_V.dtype
-        )
+        out = None if self.cfg.attn_scores_dtype is None else self.W_V.dtype
+        return attn_softmax(scores, self.cfg.attn_softmax_dtype, out)
 
     def mix(self, pattern: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``z``: ``pattern (batch, n_heads, q_pos, k_pos)``, ``v (batch, k_pos, n_key_value_heads, d_head)`` ->

@@ -229,9 +229,8 @@ class ExactEngine:
         head ``h // n_groups`` (the model's :meth:`~Attention.expand_kv`)."""
         C, B, Rq = q.shape[:3]
         G, Hkv = self.G, self.Hkv
-        attn = self.model.blocks[layer].attn
-        K_old = attn.qk_cast(q, self.tgt[layer]["kr"][:, :p])[1] if p > 0 else None
-        q, k_new = attn.qk_cast(q, k_new)
+        q, k_new = self.model.blocks[layer].attn.qk_cast(q, k_new)
+        K_old = self.tgt[layer]["kr"][:, :p].to(k_new.dtype) if p > 0 else None
         if G == 1:
             parts = [] if K_old is None else [torch.einsum("cbrhe,bkhe->cbhrk", q, K_old)]
             parts.append(torch.einsum("cbrhe,cbkhe->cbhrk", q, k_new))

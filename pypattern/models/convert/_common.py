@@ -113,6 +113,12 @@ def rope(
     return base, rotary_dim, freq_dtype, scaling
 
 
+def window_setting(windows: list) -> int | tuple | None:
+    """``TransformerConfig.sliding_window`` from one window (or None) per layer: the window itself when every layer
+    has the same, else the tuple."""
+    return windows[0] if len(set(windows)) == 1 else tuple(windows)
+
+
 def layer_norm(w: dict, dst: str, mod: nn.Module, eps: float, option: str) -> None:
     """Put a LayerNorm's weight and bias (zeros when it has none) into ``w`` as ``{dst}.w`` / ``{dst}.b``; refuse an
     epsilon other than the model's ``eps`` (config field ``option``)."""

@@ -14,7 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, layer_norm, linear_heads, linear_out_heads, model_dtype, refuse, same_parameter
+from ._common import (
+    act_fn,
+    layer_norm,
+    linear_heads,
+    linear_out_heads,
+    model_dtype,
+    refuse,
+    same_parameter,
+    window_setting,
+)
 
 CLASSES = ("GPTNeoForCausalLM",)
 
@@ -57,7 +66,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         mlp_bias=True,
         unembed_bias=lm_b is not None,
         tie_word_embeddings=tied,
-        sliding_window=tuple(windows) if any(w is not None for w in windows) else None,
+        sliding_window=window_setting(windows),
         # GPTNeoSelfAttention._attn: query/key .to(float32), matmul, + the causal mask in the model's dtype (which
         # promotes a float64 model's scores to float64), softmax, .to(value.dtype)
         attn_scores_dtype=torch.float32,

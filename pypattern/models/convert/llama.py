@@ -22,6 +22,7 @@ from ._common import (
     refuse,
     rope,
     same_parameter,
+    window_setting,
 )
 
 CLASSES = ("LlamaForCausalLM",)
@@ -53,14 +54,15 @@ def _split_mlp(m: nn.Module) -> tuple:
 
 def llama_like(
     model: nn.Module,
-    sliding_window: int | tuple | None = None,
+    sliding_window: int | list | None = None,
     qkv=_split_qkv,
     mlp=_split_mlp,
     partial_rotary: bool = False,
 ) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a Llama-style causal LM (``model.model.layers[i]`` with
     ``self_attn`` (``o_proj``), ``mlp`` (``down_proj``), ``input_layernorm``/``post_attention_layernorm``
-    RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, one per layer, or None.
+    RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, one per layer, or None,
+    checked against each layer's attention.
     ``qkv`` / ``mlp`` read a layer's projections (separate ``q/k/v_proj`` and ``gate/up/down_proj`` by default;
     Phi-3 fuses them); ``partial_rotary``: the model rotates only the first dimensions of each head."""
     c = model.config
@@ -68,6 +70,7 @@ def llama_like(
     layers = base_model.layers
     if len(layers) != c.num_hidden_layers:
         refuse("num_hidden_layers", c.num_hidden_layers, f"the model holds {len(layers)} layers")
+    windows = list(sliding_window) if isinstance(sliding_window, list) else [sliding_window] * len(layers)
     d = c.hidden_size
     a0 = layers[0].self_attn
     dh = a0.head_dim
@@ -117,7 +120,7 @@ def llama_like(
         unembed_bias=lm_b is not None,
         tie_word_embeddings=tied,
         ln_eps=eps,
-        sliding_window=sliding_window,
+        sliding_window=window_setting(windows),
         # eager_attention_forward: softmax(..., dtype=torch.float32).to(query.dtype)
         attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=True),
     )
@@ -133,6 +136,10 @@ def llama_like(
         a = layer.self_attn
         if a.head_dim != dh:
             refuse("head_dim", a.head_dim, f"differs between layers ({dh} in layer 0)")
+        if getattr(a, "sliding_window", windows[i]) != windows[i]:
+            refuse(
+                f"layers[{i}].self_attn.sliding_window", a.sliding_window, f"the config implies {windows[i]}"
+            )
         norm(f"{p}.ln1", layer.input_layernorm)
         norm(f"{p}.ln2", layer.post_attention_layernorm)
         (Wq, Wk, Wv, bq, bk, bv), (Wg, Wu, Wd, bg, bu, bd) = splits[i]

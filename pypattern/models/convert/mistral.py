@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import refuse
 from .llama import llama_like
 
 CLASSES = ("MistralForCausalLM",)
@@ -18,10 +17,5 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``MistralForCausalLM``."""
     c = model.config
     # Hugging Face's Mistral attention reads config.sliding_window in every layer and ignores layer_types (it warns
-    # and points to Ministral): the converted model does the same, checked against each layer's attention
-    sw = getattr(c, "sliding_window", None)
-    for i, layer in enumerate(model.model.layers):
-        got = getattr(layer.self_attn, "sliding_window", sw)
-        if got != sw:
-            refuse(f"layers[{i}].self_attn.sliding_window", got, f"the config implies {sw} for every layer")
-    return llama_like(model, sliding_window=sw)
+    # and points to Ministral): the converted model does the same (llama_like checks each layer's attention)
+    return llama_like(model, sliding_window=getattr(c, "sliding_window", None))
