@@ -155,6 +155,10 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         "mlp_bias": (False,),
         "unembed_bias": (False,),
     }
+    # Gemma's options (any value but the default changes what the sites' hooks see)
+    for opt in ("embed_scale", "output_logits_soft_cap"):
+        unsupported[opt] = (getattr(cfg, opt, None),) if getattr(cfg, opt, None) is not None else ()
+    unsupported["use_normalization_before_and_after"] = (True,)
     for opt, bad in unsupported.items():
         v = getattr(cfg, opt, None)
         if v is not None and v in bad:

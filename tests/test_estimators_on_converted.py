@@ -91,6 +91,30 @@ def _hf(arch: str):
             pad_token_id=0,
         )
         m = transformers.Phi3ForCausalLM(cfg)
+    elif arch in ("gemma2", "gemma3"):  # sandwich norms, 1 + w norms, scaled embeddings (Gemma 3: q/k norms)
+        kw = dict(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=6,
+            max_position_embeddings=16,
+            sliding_window=3,
+        )
+        if arch == "gemma2":
+            m = transformers.Gemma2ForCausalLM(
+                transformers.Gemma2Config(**kw, attn_logit_softcapping=4.0, final_logit_softcapping=6.0)
+            )
+        else:
+            m = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**kw, sliding_window_pattern=2))
+        with torch.no_grad():  # norm weights start at zero (1 + w): make them matter
+            for n, p in m.named_parameters():
+                if "norm" in n:
+                    p.add_(0.3 * torch.randn(p.shape))
+            # the padding row (pad_token_id 0) starts at zero, where the first norm's slope is 1 / sqrt(eps)
+            m.model.embed_tokens.weight[0].normal_(0.0, 0.02)
     else:
         cfg = transformers.LlamaConfig(
             vocab_size=V,
@@ -117,7 +141,7 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2"])
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
@@ -134,13 +158,13 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
     assert np.abs(ba.bif).max() > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3"])
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
     loader = _loader()
     comps = ["blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
-    if arch in ("llama", "qwen3", "phi3"):
+    if arch in ("llama", "qwen3", "phi3", "gemma2", "gemma3"):
         comps.append("blocks.1.attn.kv_head.1")
     probe = loader.dataset[4:6]
     ours = pp.susceptibilities(tf, loader, probe, comps, **KW)

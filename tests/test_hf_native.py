@@ -65,10 +65,29 @@ def _config(arch: str):
             hidden_size=24, num_layers=2, num_heads=4, intermediate_size=40, attention_types=[[["global", "local"], 1]],
             window_size=3, max_position_embeddings=16, vocab_size=V, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
+    if arch == "gemma":  # multi-query attention, scaled embeddings, 1 + w norms
+        return tr.GemmaConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+            intermediate_size=40, **common,
+        )  # fmt: skip
+    if arch == "gemma2":  # sandwich norms, soft caps, a local and a global layer
+        return tr.Gemma2Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            intermediate_size=40, sliding_window=3, query_pre_attn_scalar=10, attn_logit_softcapping=3.0,
+            final_logit_softcapping=5.0, **common,
+        )  # fmt: skip
+    if arch == "gemma3":  # sandwich norms, per-head query/key norms, per-layer rotary bases
+        return tr.Gemma3TextConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            intermediate_size=40, sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=8, **common,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-ARCHS = ["gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo"]
+ARCHS = [
+    "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
+    "gemma2", "gemma3",
+]  # fmt: skip
 _CACHE: dict = {}
 
 
@@ -89,13 +108,17 @@ def _tokens(seed: int = 0, batch: int = 2) -> torch.Tensor:
     return torch.randint(0, V, (batch, T), generator=torch.Generator().manual_seed(seed))
 
 
-def _parts(m):
-    """(layers, attention module name, mlp module name, final norm) of the HF model, written out per family."""
+def _parts(m, writes: bool = False):
+    """(layers, attention module name, mlp module name, final norm) of the HF model, written out per family; with
+    ``writes``, the modules whose outputs are added to the residual stream (Gemma 2 / 3: the sandwich norms after
+    the attention and the MLP)."""
     mt = m.config.model_type
     if mt in ("gpt2", "gpt_neo"):
         return m.transformer.h, "attn", "mlp", m.transformer.ln_f
     if mt == "gpt_neox":
         return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
+    if writes and mt in ("gemma2", "gemma3_text"):
+        return m.model.layers, "post_attention_layernorm", "post_feedforward_layernorm", m.model.norm
     return m.model.layers, "self_attn", "mlp", m.model.norm
 
 
@@ -111,7 +134,7 @@ def test_residual_hooks_equal_hf_hidden_states_and_module_outputs(arch):
     m = _model(arch)
     hm = hooked_hf(m)
     toks = _tokens()
-    layers, attn_name, mlp_name, ln_f = _parts(m)
+    layers, attn_name, mlp_name, ln_f = _parts(m, writes=True)
     L = len(layers)
     seen: dict = {}
     handles = []
@@ -155,7 +178,7 @@ def test_residual_hooks_equal_hf_hidden_states_and_module_outputs(arch):
 
 def _hand_patch(m, site: str, layer: int, delta: torch.Tensor):
     """The same additive patch written with plain HF forward hooks on the model's own modules."""
-    layers, attn_name, mlp_name, _ = _parts(m)
+    layers, attn_name, mlp_name, _ = _parts(m, writes=True)
     block = layers[layer]
 
     def add_out(mod, args, out):

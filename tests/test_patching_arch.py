@@ -40,6 +40,30 @@ ARCHS = {
     "mqa_gptj": {**LLAMA, "n_key_value_heads": 1, "rotary_adjacent_pairs": True, "rotary_base": 50.0},
     "mistral_window": {**LLAMA, "sliding_window": 3},
     "tied": dict(tie_word_embeddings=True, unembed_bias=False, attn_scale=3.0),
+    # Gemma 2: scaled embeddings, 1 + w norms, sandwich norms, soft-capped scores and logits, local layers
+    "gemma2": {
+        **LLAMA,
+        "act_fn": "gelu_pytorch_tanh",
+        "embed_scale": 4.0,
+        "norm_weight_offset": 1.0,
+        "use_normalization_before_and_after": True,
+        "attn_scores_soft_cap": 1.5,
+        "output_logits_soft_cap": 4.0,
+        "sliding_window": (3, None),
+        "attn_scale": 3.0,
+        "tie_word_embeddings": True,
+    },
+    # Gemma 3: query/key norms, local and global layers with their own rotary bases and scalings
+    "gemma3": {
+        **LLAMA,
+        "embed_scale": 4.0,
+        "norm_weight_offset": 1.0,
+        "use_normalization_before_and_after": True,
+        "qk_norm": True,
+        "sliding_window": (3, None),
+        "rotary_base": (100.0, 1e4),
+        "rotary_scaling": (None, {"rope_type": "linear", "factor": 2.0}),
+    },
 }
 # TransformerLens hook names, written out here so that the reference does not use the library's site table
 HOOKS = {
@@ -231,7 +255,9 @@ def first_order(model, site, clean, corr, ans, wrong, layer, head, pos):
     return g
 
 
-@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2", "qwen3", "gemma2", "gemma3"]
+)
 def test_atp_equals_autograd_directional_derivative(arch):
     model, clean, corr, ans, wrong = build(arch)
     sites = [s for s in sites_of(model)]
@@ -247,12 +273,19 @@ def test_atp_equals_autograd_directional_derivative(arch):
         assert eff.abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "mqa_gptj", "tied"])
+@pytest.mark.parametrize("arch", ["neox", "llama", "mistral_window", "mqa_gptj", "tied", "gemma2"])
 @pytest.mark.parametrize("per_position", [True, False])
 def test_atp_star_qk_fix_exact_where_the_rest_is_linear(arch, per_position):
     """Attention-only and without norms, the last layer is linear from its pattern on: AtP with the QK fix
-    (softmax recomputed from the rotated source queries/keys, key/value heads of their group) is exact there."""
-    model, clean, corr, ans, wrong = build(arch, d_mlp=None, gated_mlp=False, normalization_type=None)
+    (softmax recomputed from the rotated source queries/keys, key/value heads of their group; soft-capped scores
+    capped, for a key patched at one position too) is exact there."""
+    linear = dict(
+        norm_weight_offset=0.0, use_normalization_before_and_after=False, output_logits_soft_cap=None
+    )
+    extra = linear if arch == "gemma2" else {}
+    model, clean, corr, ans, wrong = build(
+        arch, d_mlp=None, gated_mlp=False, normalization_type=None, **extra
+    )
     with torch.no_grad():  # sharper attention: the softmax is far from linear in the patched queries and keys
         for blk in model.blocks:
             blk.attn.W_Q.mul_(4.0)

@@ -68,6 +68,13 @@ class ModelView:
                 "(convert other models with pypattern.models first)"
             )
         cfg = model.cfg
+        if getattr(cfg, "use_normalization_before_and_after", False):
+            raise NotImplementedError(
+                "use_normalization_before_and_after=True (sandwich norms, as in Gemma 2 and 3): each attention's "
+                "output is normalised as a whole before it enters the residual stream, so a head's write is not "
+                "its own term of the stream and head-level edges are not defined; node-level patching and "
+                "attribution (pypattern.patching) cover these models"
+            )
         self.model, self.cfg = model, cfg
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
@@ -456,7 +463,7 @@ class ModelView:
         hx = x - x.mean(-1, keepdim=True) if is_ln else x
         r = torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + ln.eps)  # (..., T, 1)
         xhat = hx * r
-        Ww = W * ln.w.view(1, d, 1)
+        Ww = W * ln.gain.view(1, d, 1)
         shape = (h,) + (1,) * (g.dim() - 2) + (dh,)
         P = lin if b is None else lin - b.view(shape)
         if is_ln:
@@ -538,7 +545,7 @@ class ModelView:
                 # the two means are row dot products of g (a matrix-vector product and one product-sum) and the
                 # result two fused passes over g's size, with no per-head copy of g w
                 d = g.shape[-1]
-                w = ln.w
+                w = ln.gain
                 proj = (g * (xhat * w)).sum(-1, keepdim=True).div_(d)  # (h, ..., T, 1)
                 if is_ln:
                     mean_gw = (g.reshape(-1, d) @ w).view(*g.shape[:-1], 1).div_(d)
@@ -546,7 +553,7 @@ class ModelView:
                 else:
                     out = g * (w * r)
                 return out.addcmul_(xhat * r, proj, value=-1)
-            gw = (g * ln.w).to(cd)
+            gw = (g * ln.gain).to(cd)
             out = gw * xhat  # two per-head temporaries in all: fresh large tensors are costly
             proj = out.mean(-1, keepdim=True)
             torch.addcmul(gw, xhat, proj, value=-1, out=out)
@@ -575,7 +582,8 @@ class ModelView:
 
         Returns
         -------
-        z ``(H, ..., Tq, dh)``: ``softmax(q . k / attn_scale, masked by the model's attn_mask) @ v`` (the softmax
+        z ``(H, ..., Tq, dh)``: ``softmax(q . k / attn_scale, soft-capped as the model caps it, masked by the
+        model's attn_mask) @ v`` (the softmax
         taken as the model takes it: :meth:`~pypattern.models.transformer.Attention.softmax`).
         """
         a = self.model.blocks[layer].attn
@@ -594,10 +602,10 @@ class ModelView:
         if G > 1:  # each key/value head serves G consecutive query heads
             Hk = k.shape[0]
             qg = q.reshape(Hk, G, *q.shape[1:])
-            scores = (qg @ k.unsqueeze(1).transpose(-1, -2)) / self.attn_scale
+            scores = a.cap((qg @ k.unsqueeze(1).transpose(-1, -2)) / self.attn_scale)
             pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
             return (pattern @ v.unsqueeze(1)).reshape(q.shape)
-        scores = (q @ k.transpose(-1, -2)) / self.attn_scale
+        scores = a.cap((q @ k.transpose(-1, -2)) / self.attn_scale)
         pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
         return pattern @ v
 

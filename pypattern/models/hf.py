@@ -125,6 +125,9 @@ class HFArch:
         ``attention``).
     out_proj : str
         The output projection of a ``"split"`` or ``"phi3"`` layout (``o_proj``; GPT-Neo's ``out_proj``).
+    attn_write, mlp_write : str or None
+        The module whose output is the attention's / MLP's write to the residual stream, relative to a layer
+        (Gemma 2 and 3: their post-norms); None: ``attn`` / ``mlp`` themselves.
     """
 
     model_type: str
@@ -140,6 +143,8 @@ class HFArch:
     qkv: str
     proj: str = ""
     out_proj: str = "o_proj"
+    attn_write: str | None = None
+    mlp_write: str | None = None
 
     def parallel(self, config: Any) -> bool:
         """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``)."""
@@ -178,6 +183,20 @@ HF_ARCHS: dict[str, HFArch] = {
     "mistral": HFArch("mistral", **_LLAMA_LIKE),
     "qwen2": HFArch("qwen2", **_LLAMA_LIKE),
     "qwen3": HFArch("qwen3", **_LLAMA_LIKE),  # per-head query/key norms: shared weights, part of no head
+    "gemma": HFArch("gemma", **_LLAMA_LIKE),  # scaled embeddings (hook_embed sees them), 1 + w norms
+    # Gemma 2 / 3: sandwich norms; the writes to the residual stream are the post-norms' outputs
+    **{
+        mt: HFArch(
+            mt,
+            **{
+                **_LLAMA_LIKE,
+                "ln2": "pre_feedforward_layernorm",
+                "attn_write": "post_attention_layernorm",
+                "mlp_write": "post_feedforward_layernorm",
+            },
+        )
+        for mt in ("gemma2", "gemma3_text")
+    },
     # Phi-3: a fused qkv_proj, its rows every query head, then every key head, then every value head
     "phi3": HFArch("phi3", **{**_LLAMA_LIKE, "qkv": "phi3"}),
     "gpt_neo": HFArch(
@@ -246,7 +265,7 @@ def hf_hook_points(model: nn.Module) -> dict[str, str]:
     ``hook_embed`` (and ``hook_pos_embed`` for GPT-2) are the embedding modules' outputs;
     ``blocks.{l}.hook_resid_pre`` is the input of layer ``l``, ``hook_resid_post`` its output,
     ``hook_attn_out`` / ``hook_mlp_out`` the outputs of its attention / MLP module (before they are added to the
-    residual stream), ``ln_final.hook_normalized`` the output of the final norm. ``hook_resid_mid`` is not a
+    residual stream; with Gemma 2 and 3 the outputs of the norms after them, which are what is added), ``ln_final.hook_normalized`` the output of the final norm. ``hook_resid_mid`` is not a
     module's input or output; :func:`hooked_hf` adds it (see there).
     """
     arch = hf_arch(model)
@@ -257,8 +276,8 @@ def hf_hook_points(model: nn.Module) -> dict[str, str]:
     for layer in range(_n_layers(model, arch)):
         h = f"{b}.{arch.layers}.{layer}"
         pts[f"blocks.{layer}.hook_resid_pre"] = f"{h}:input"
-        pts[f"blocks.{layer}.hook_attn_out"] = f"{h}.{arch.attn}"
-        pts[f"blocks.{layer}.hook_mlp_out"] = f"{h}.{arch.mlp}"
+        pts[f"blocks.{layer}.hook_attn_out"] = f"{h}.{arch.attn_write or arch.attn}"
+        pts[f"blocks.{layer}.hook_mlp_out"] = f"{h}.{arch.mlp_write or arch.mlp}"
         pts[f"blocks.{layer}.hook_resid_post"] = h
     pts["ln_final.hook_normalized"] = f"{b}.{arch.ln_final}"
     return pts
@@ -348,7 +367,7 @@ class HookedHF(HookedModule):
     def _add_resid_mid(self, model: nn.Module, layer: int) -> None:
         arch = self.arch
         block = _get(model, f"{arch.base}.{arch.layers}.{layer}")
-        attn = block.get_submodule(arch.attn)
+        attn = block.get_submodule(arch.attn_write or arch.attn)
         name = f"blocks.{layer}.hook_resid_mid"
         hp = HookPoint()
         hp.name = name
@@ -380,7 +399,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia),
-    ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

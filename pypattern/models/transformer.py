@@ -2,8 +2,9 @@
 
 The defaults make the small GPT-2-style model pypattern trains itself (LayerNorm, learned absolute positions,
 GELU MLP, every bias, a separate unembedding). Options reach the architectures of real language models: RMSNorm,
-rotary position embeddings (partial, GPT-NeoX or GPT-J pairing), grouped-query attention, gated MLPs, attention
-and MLP in parallel, per-family biases, tied embeddings and sliding-window attention, so that Hugging Face models
+rotary position embeddings (partial, GPT-NeoX or GPT-J pairing, per-layer bases), grouped-query attention, gated
+MLPs, attention and MLP in parallel, per-family biases, tied embeddings, sliding-window attention, query/key norms
+and Gemma's scaled embeddings, offset norm weights, sandwich norms and soft-capping, so that Hugging Face models
 of those families convert into it exactly (:mod:`pypattern.models.convert`).
 
 Weights (TransformerLens layout; parameters an option turns off do not exist):
@@ -14,7 +15,8 @@ Weights (TransformerLens layout; parameters an option turns off do not exist):
   (``attn_bias``); ``b_O (d_model,)`` (``attn_out_bias``)
 - ``blocks.{l}.mlp.W_in (d_model, d_mlp)``, ``W_gate (d_model, d_mlp)`` (``gated_mlp``), ``W_out (d_mlp,
   d_model)``; ``b_in``, ``b_gate``, ``b_out`` (``mlp_bias``)
-- ``blocks.{l}.ln1/ln2.w`` and, for LayerNorm, ``.b``; ``ln_final.w/b``
+- ``blocks.{l}.ln1/ln2.w`` and, for LayerNorm, ``.b``; ``ln_final.w/b``; with sandwich norms
+  (``use_normalization_before_and_after``) also ``blocks.{l}.ln1_post/ln2_post.w`` (``.b``)
 - ``unembed.W_U (d_model, d_vocab)``, or with ``tie_word_embeddings`` no parameter of its own: the unembedding
   is ``embed.W_E`` transposed (one parameter; ``model.unembed.W_U`` is then that transposed view);
   ``unembed.b_U (d_vocab,)`` (``unembed_bias``)
@@ -167,8 +169,9 @@ class TransformerConfig:
     rotary_dim : int or None
         Rotary models: how many leading dimensions of each head rotate (even, <= ``d_head``; default ``d_head``).
         The rest pass through unchanged (GPT-NeoX's partial rotary).
-    rotary_base : float
-        Rotary base ``theta``: dimension pair ``i`` turns by ``position / rotary_base ** (2 i / rotary_dim)``.
+    rotary_base : float or a sequence of floats (one per layer)
+        Rotary base ``theta``: dimension pair ``i`` turns by ``position / rotary_base ** (2 i / rotary_dim)``. A
+        sequence gives each layer its own (Gemma 3's local and global layers); :meth:`rope_base` reads a layer's.
     rotary_adjacent_pairs : bool
         False (default): GPT-NeoX / Llama pairing, dimension ``i`` with ``i + rotary_dim / 2`` (``rotate_half``).
         True: GPT-J pairing, dimension ``2 i`` with ``2 i + 1``.
@@ -186,7 +189,8 @@ class TransformerConfig:
         lo, "high_freq_factor": hi, "original_max_position_embeddings": n}`` is Llama 3's (frequencies whose
         wavelength exceeds ``n / lo`` divided by ``f``, those under ``n / hi`` kept, the ones between
         interpolated). None: unscaled. Both fix the frequencies once (no dependence on the sequence length) and
-        leave the cosines and sines unscaled.
+        leave the cosines and sines unscaled. A sequence (one dict or None per layer) scales each layer's own;
+        :meth:`rope_scaling` reads a layer's.
     n_key_value_heads : int or None
         Number of key/value heads (grouped-query attention; 1 is multi-query attention); default ``n_heads``.
         Query head ``h`` reads key/value head ``h // (n_heads // n_key_value_heads)``.
@@ -227,6 +231,27 @@ class TransformerConfig:
         Dtype in which queries and keys are multiplied (both cast to it first; the pattern is cast to the values'
         dtype before it mixes them); None: the model's. GPT-Neo computes its scores in float32 for every model
         dtype, and its converter sets float32.
+    embed_scale : float or None
+        The token embedding is multiplied by this number (cast to the weights' dtype) before it enters the residual
+        stream and ``hook_embed`` (Gemma's ``sqrt(d_model)``); the unembedding, tied or not, is not scaled.
+    norm_weight_offset : float
+        RMSNorm models only: every RMSNorm (``qk_norm``'s too) multiplies by ``norm_weight_offset + w`` in its
+        compute dtype and casts the product back (Gemma's ``x * (1 + w)``, with 1.0); 0 (default): ``w`` times the
+        normalised input after the cast (Llama's order). Fresh weights start at ``1 - norm_weight_offset``.
+    use_normalization_before_and_after : bool
+        Sandwich norms (Gemma 2 and 3): the attention's and the MLP's outputs each pass through a norm of their own
+        (``ln1_post``, ``ln2_post``) before they are added to the residual stream; ``hook_attn_out`` and
+        ``hook_mlp_out`` see the normalised writes. TransformerLens' name.
+    attn_scores_soft_cap : float or None
+        Attention scores are capped as ``cap * tanh(scores / cap)`` after the scale and before the mask (Gemma
+        2); ``hook_attn_scores`` sees the capped scores. None: uncapped.
+    output_logits_soft_cap : float or None
+        Logits are capped as ``cap * tanh(logits / cap)`` (Gemma 2's final soft-capping), by the unembedding
+        module. None: uncapped.
+    padding_idx : int or None
+        A token whose embedding row receives no gradient from the lookup (``torch.nn.Embedding``'s
+        ``padding_idx``; a tied unembedding still trains it). The forward is unchanged. Converted models take it
+        from the Hugging Face embedding, so that gradients (and every sampler's trajectory) equal the original's.
     """
 
     n_layers: int = 2
@@ -265,6 +290,12 @@ class TransformerConfig:
     norm_dtype: torch.dtype | None = None
     attn_softmax_dtype: torch.dtype | None = None
     attn_scores_dtype: torch.dtype | None = None
+    embed_scale: float | None = None
+    norm_weight_offset: float = 0.0
+    use_normalization_before_and_after: bool = False
+    attn_scores_soft_cap: float | None = None
+    output_logits_soft_cap: float | None = None
+    padding_idx: int | None = None
 
     def __post_init__(self) -> None:
         self.dtype = _as_dtype(self.dtype, "dtype")
@@ -309,9 +340,28 @@ class TransformerConfig:
                 raise ValueError(
                     f"rotary_dim={r!r} is not valid; give an even int between 2 and d_head={self.d_head}"
                 )
-            if not self.rotary_base > 0:
-                raise ValueError(f"rotary_base={self.rotary_base!r} is not valid; give a positive number")
-        if self.rotary_scaling is not None:
+        if isinstance(self.rotary_base, (list, tuple)):
+            self.rotary_base = tuple(self.rotary_base)
+            if len(self.rotary_base) != self.n_layers:
+                raise ValueError(
+                    f"rotary_base={self.rotary_base!r} is not valid; give one number, or one per layer "
+                    f"({self.n_layers} layers)"
+                )
+        for b in self.rotary_base if isinstance(self.rotary_base, tuple) else (self.rotary_base,):
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+                raise ValueError(
+                    f"rotary_base={self.rotary_base!r} is not valid; give a positive number (or one per layer)"
+                )
+        if isinstance(self.rotary_scaling, (list, tuple)):
+            if len(self.rotary_scaling) != self.n_layers:
+                raise ValueError(
+                    f"rotary_scaling={self.rotary_scaling!r} is not valid; give one dict or None, or one per layer "
+                    f"({self.n_layers} layers)"
+                )
+            self.rotary_scaling = tuple(
+                None if sc is None else _check_rotary_scaling(sc, pe_type) for sc in self.rotary_scaling
+            )
+        elif self.rotary_scaling is not None:
             self.rotary_scaling = _check_rotary_scaling(self.rotary_scaling, pe_type)
         if self.n_key_value_heads is None:
             self.n_key_value_heads = self.n_heads
@@ -343,6 +393,23 @@ class TransformerConfig:
             raise ValueError(f"attn_scale={self.attn_scale!r} is not valid; give a positive number or None")
         if self.init_range is None:
             self.init_range = 0.8 / math.sqrt(self.d_model)
+        for name in ("embed_scale", "attn_scores_soft_cap", "output_logits_soft_cap"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ValueError(f"{name}={v!r} is not valid; give a positive number or None")
+        pi = self.padding_idx
+        if pi is not None and (isinstance(pi, bool) or not isinstance(pi, int) or not 0 <= pi < self.d_vocab):
+            raise ValueError(
+                f"padding_idx={pi!r} is not valid; give a token id in [0, d_vocab={self.d_vocab}) or None"
+            )
+        off = self.norm_weight_offset
+        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+            raise ValueError(f"norm_weight_offset={off!r} is not valid; give a finite number (0 for none)")
+        if off != 0 and self.normalization_type != "RMS":
+            raise ValueError(
+                f"norm_weight_offset={off!r} applies to RMSNorm only; normalization_type is "
+                f"{self.normalization_type!r}"
+            )
 
     @property
     def attn_only(self) -> bool:
@@ -369,6 +436,16 @@ class TransformerConfig:
         """Layer ``layer``'s sliding window (None: every earlier key)."""
         w = self.sliding_window
         return w[layer] if isinstance(w, tuple) else w
+
+    def rope_base(self, layer: int) -> float:
+        """Layer ``layer``'s rotary base."""
+        b = self.rotary_base
+        return b[layer] if isinstance(b, tuple) else b
+
+    def rope_scaling(self, layer: int) -> dict | None:
+        """Layer ``layer``'s rotary scaling (None: unscaled)."""
+        sc = self.rotary_scaling
+        return sc[layer] if isinstance(sc, tuple) else sc
 
     def to_dict(self) -> dict:
         """The fields as plain Python values (dtypes as names); ``TransformerConfig(**d)`` rebuilds it."""
@@ -455,6 +532,11 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
+    @property
+    def gain(self) -> torch.Tensor:
+        """The factor the normalised input is multiplied by: ``w``."""
+        return self.w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.compute_dtype is None else x.to(self.compute_dtype)
         if not self.hook_scale._fns:  # nothing reads or edits the scale: torch's fused kernel, then w and b
@@ -472,17 +554,29 @@ class RMSNorm(nn.Module):
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``; ``hook_normalized`` is the
     output (after ``w``; TransformerLens places it before ``w``). Without a hook on ``hook_scale`` it computes as
     Hugging Face's Llama-family RMSNorm does (``x * rsqrt(mean(x^2) + eps)`` in ``compute_dtype``, cast back,
-    times ``w``); a hook that replaces the scale makes it ``x / scale``."""
+    times ``w``); a hook that replaces the scale makes it ``x / scale``. With a non-zero ``offset`` it computes as
+    Gemma's: ``x_hat * (offset + w)`` in ``compute_dtype``, then cast back."""
 
     def __init__(
-        self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+        self,
+        d: int,
+        eps: float,
+        dtype: torch.dtype,
+        compute_dtype: torch.dtype | None = None,
+        offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.compute_dtype = compute_dtype
-        self.w = nn.Parameter(torch.ones(d, dtype=dtype))
+        self.offset = offset
+        self.w = nn.Parameter(torch.full((d,), 1.0 - offset, dtype=dtype))
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """The factor the normalised input is multiplied by: ``offset + w`` (``w`` itself without an offset)."""
+        return self.offset + self.w if self.offset else self.w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.compute_dtype is None else x.to(self.compute_dtype)
@@ -494,6 +588,8 @@ class RMSNorm(nn.Module):
             seen = self.hook_scale(scale)
             # a hook that only reads returns the same tensor: keep the rsqrt form, so a cached run is bit-identical
             h = h * torch.rsqrt(ms) if seen is scale else h / seen
+        if self.offset:  # Gemma's order: (x_hat * (offset + w)) in the compute dtype, then the cast
+            return self.hook_normalized((h * (self.offset + self.w.to(h.dtype))).to(x.dtype))
         return self.hook_normalized(self.w * h.to(x.dtype))
 
 
@@ -501,17 +597,28 @@ def _make_norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.normalization_type == "LN":
         return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
     if cfg.normalization_type == "RMS":
-        return RMSNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
+        return RMSNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype, cfg.norm_weight_offset)
     return nn.Identity()
 
 
 class Embed(nn.Module):
+    """``tokens -> W_E[tokens]`` (times ``cfg.embed_scale`` in the weights' dtype, when set; no gradient into the
+    ``cfg.padding_idx`` row from the lookup)."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
+        self.scale = cfg.embed_scale
+        self.padding_idx = cfg.padding_idx
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.W_E[tokens]
+        if self.padding_idx is None:
+            x = self.W_E[tokens]
+        else:  # the padding row gets no gradient from the lookup (torch.nn.Embedding's padding_idx)
+            x = F.embedding(tokens, self.W_E, padding_idx=self.padding_idx)
+        if self.scale is None:
+            return x
+        return x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
 
 
 class PosEmbed(nn.Module):
@@ -523,8 +630,17 @@ class PosEmbed(nn.Module):
         return self.W_pos[: tokens.shape[-1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
 
 
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping, in its order of operations); ``x`` itself when ``cap`` is
+    None."""
+    if cap is None:
+        return x
+    return torch.tanh(x / cap) * cap
+
+
 class Unembed(nn.Module):
-    """``x (..., d_model) -> logits (..., d_vocab)``: ``x @ W_U (+ b_U)``."""
+    """``x (..., d_model) -> logits (..., d_vocab)``: ``x @ W_U (+ b_U)`` (soft-capped per
+    ``cfg.output_logits_soft_cap``: :meth:`cap`)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -533,10 +649,15 @@ class Unembed(nn.Module):
             self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
         else:
             self.b_U = None
+        self.logit_cap = cfg.output_logits_soft_cap
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The final soft-capping of ``x @ W_U + b_U`` (identity without ``output_logits_soft_cap``)."""
+        return soft_cap(logits, self.logit_cap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x @ self.W_U
-        return out if self.b_U is None else out + self.b_U
+        return self.cap(out if self.b_U is None else out + self.b_U)
 
 
 class TiedUnembed(nn.Module):
@@ -553,6 +674,11 @@ class TiedUnembed(nn.Module):
             self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
         else:
             self.b_U = None
+        self.logit_cap = cfg.output_logits_soft_cap
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The final soft-capping (identity without ``output_logits_soft_cap``)."""
+        return soft_cap(logits, self.logit_cap)
 
     @property
     def W_U(self) -> torch.Tensor:
@@ -560,7 +686,7 @@ class TiedUnembed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x @ self._embed.W_E.T
-        return out if self.b_U is None else out + self.b_U
+        return self.cap(out if self.b_U is None else out + self.b_U)
 
 
 def _maybe_bias(cond: bool, *shape: int, dtype: torch.dtype) -> nn.Parameter | None:
@@ -589,8 +715,8 @@ class Attention(nn.Module):
         self.b_V = _maybe_bias(cfg.attn_bias, Hkv, dh, dtype=dt)
         self.b_O = _maybe_bias(cfg.attn_out_bias, d, dtype=dt)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype)
-            self.k_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype)
+            self.q_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset)
+            self.k_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset)
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -644,7 +770,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         cd = cfg.rotary_dtype or dtype
         r = cfg.rotary_dim
-        inv_freq = rotary_inv_freq(cfg.rotary_base, r, cfg.rotary_scaling, cd, positions.device)
+        inv_freq = rotary_inv_freq(
+            cfg.rope_base(self.layer), r, cfg.rope_scaling(self.layer), cd, positions.device
+        )
         if cfg.rotary_freq_dtype is not None:
             inv_freq = inv_freq.to(cfg.rotary_freq_dtype).to(cd)
         freqs = positions[:, None].to(cd) * inv_freq[None, :]
@@ -711,7 +839,7 @@ class Attention(nn.Module):
         n_key_value_heads, d_head)`` (both already rotated) -> ``(batch, n_heads, q_pos, k_pos)`` with ``-inf``
         where :meth:`attn_mask` is True. Positions default to ``arange``."""
         q, k = self.qk_cast(q, self.expand_kv(k))
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.cfg.attn_scale
+        scores = self.cap(torch.einsum("bqhe,bkhe->bhqk", q, k) / self.cfg.attn_scale)
         if q_positions is None and k_positions is None and self.cfg.window(self.layer) is None:
             T, S = q.shape[1], k.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
@@ -720,6 +848,10 @@ class Attention(nn.Module):
             kp = self.positions(k.shape[1], q.device) if k_positions is None else k_positions
             mask = self.attn_mask(qp, kp)
         return scores.masked_fill(mask, float("-inf"))
+
+    def cap(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scaled scores soft-capped per ``cfg.attn_scores_soft_cap`` (identity when None), before the mask."""
+        return soft_cap(scores, self.cfg.attn_scores_soft_cap)
 
     def softmax(self, scores: torch.Tensor) -> torch.Tensor:
         """The pattern from masked scores ``(..., k_pos)``: :func:`attn_softmax` in ``cfg.attn_softmax_dtype``, in
@@ -799,31 +931,54 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """One block. Sequential: ``mid = pre + attn(ln1(pre))``, ``post = mid + mlp(ln2(mid))``. Parallel
     (``parallel_attn_mlp``): ``post = pre + (attn(ln1(pre)) + mlp(ln2(pre)))``. Attention-only: ``post = pre +
-    attn(ln1(pre))``. ``ln1``/``ln2`` are ``nn.Identity`` without normalization."""
+    attn(ln1(pre))``. ``ln1``/``ln2`` are ``nn.Identity`` without normalization. With
+    ``use_normalization_before_and_after`` the attention's and the MLP's outputs pass through ``ln1_post`` /
+    ``ln2_post`` before they are added."""
 
     def __init__(self, cfg: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.ln1 = _make_norm(cfg)
         self.attn = Attention(cfg, layer)
+        post = cfg.use_normalization_before_and_after
+        if post:
+            self.ln1_post = _make_norm(cfg)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_post = HookPoint()
         if not cfg.attn_only:
             self.ln2 = _make_norm(cfg)
             self.mlp = MLP(cfg)
+            if post:
+                self.ln2_post = _make_norm(cfg)
             if not cfg.parallel_attn_mlp:
                 self.hook_resid_mid = HookPoint()
             self.hook_mlp_out = HookPoint()
 
+    def attn_post(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention's write to the residual stream from its output projection ``out`` (``ln1_post(out)`` with
+        ``use_normalization_before_and_after``, else ``out`` itself)."""
+        return self.ln1_post(out) if self.cfg.use_normalization_before_and_after else out
+
+    def mlp_post(self, out: torch.Tensor) -> torch.Tensor:
+        """The MLP's write to the residual stream from its output ``out`` (``ln2_post(out)`` with
+        ``use_normalization_before_and_after``, else ``out`` itself)."""
+        return self.ln2_post(out) if self.cfg.use_normalization_before_and_after else out
+
+    def mlp_write(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's write to the residual stream from its (un-normalised) input ``x``: ``mlp_post(mlp(ln2(x)))``
+        (no hook)."""
+        return self.mlp_post(self.mlp(self.ln2(x)))
+
     def attn_block(self, x: torch.Tensor) -> torch.Tensor:
-        """``attn(ln1(x))`` through ``hook_attn_out``: ``(batch, pos, d_model)``."""
-        return self.hook_attn_out(self.attn(self.ln1(x)))
+        """``attn(ln1(x))`` (through ``ln1_post`` with sandwich norms) through ``hook_attn_out``: ``(batch, pos,
+        d_model)``."""
+        return self.hook_attn_out(self.attn_post(self.attn(self.ln1(x))))
 
     def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
-        """``mlp(ln2(x))`` through ``hook_mlp_out``: ``(batch, pos, d_model)``; ``x`` is ``resid_mid`` in a
-        sequential block and ``resid_pre`` in a parallel one."""
-        return self.hook_mlp_out(self.mlp(self.ln2(x)))
+        """``mlp(ln2(x))`` (through ``ln2_post`` with sandwich norms) through ``hook_mlp_out``: ``(batch, pos,
+        d_model)``; ``x`` is ``resid_mid`` in a sequential block and ``resid_pre`` in a parallel one."""
+        return self.hook_mlp_out(self.mlp_write(x))
 
     @staticmethod
     def combine(resid_pre: torch.Tensor, attn_out: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:

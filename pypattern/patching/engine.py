@@ -61,6 +61,8 @@ def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
     out = (W_U.T @ h.T).T
     if getattr(un, "b_U", None) is not None:
         out = out + un.b_U
+    if getattr(un, "logit_cap", None) is not None:  # the final soft-capping (output_logits_soft_cap)
+        out = un.cap(out)
     if not isinstance(metric, Metric):
         out = out.contiguous()
     return out.reshape(*x.shape[:-1], W_U.shape[-1])  # a view: splits the row axis only
@@ -176,6 +178,9 @@ class ExactEngine:
     def _layer_cache(self, layer: int) -> dict:
         g = lambda s: self.tc[hook_name(s, layer)]
         c = {s: g(s) for s in ("resid_pre", "resid_post", "attn_out", "q", "k", "v", "z")}
+        # the attention's output projection before a sandwich norm (its heads add up there); else attn_out
+        post = self.cfg.use_normalization_before_and_after
+        c["attn_lin"] = self.model.blocks[layer].attn.output(c["z"]) if post else c["attn_out"]
         if self.cfg.rotary:  # queries and keys as the scores read them: rotated at their own positions
             c["qr"] = self.tc[f"blocks.{layer}.attn.hook_rot_q"]
             c["kr"] = self.tc[f"blocks.{layer}.attn.hook_rot_k"]
@@ -239,9 +244,10 @@ class ExactEngine:
             parts = [] if K_old is None else [torch.einsum("cbrgne,bkge->cbgnrk", qg, K_old)]
             parts.append(torch.einsum("cbrgne,cbkge->cbgnrk", qg, k_new))
             parts = [t.reshape(C, B, self.H, Rq, t.shape[-1]) for t in parts]
-        scores = (torch.cat(parts, -1) if len(parts) > 1 else parts[0]) / self.scale
+        attn = self.model.blocks[layer].attn
+        scores = attn.cap((torch.cat(parts, -1) if len(parts) > 1 else parts[0]) / self.scale)
         mask = self._mask(layer, qpos, p + k_new.shape[2])
-        return self.model.blocks[layer].attn.softmax(scores.masked_fill(mask, float("-inf")))
+        return attn.softmax(scores.masked_fill(mask, float("-inf")))
 
     def _mix(self, layer: int, pattern: torch.Tensor, v_new: torch.Tensor, p: int) -> torch.Tensor:
         """``z (C,B,Rq,H,dh)`` from ``pattern (C,B,H,Rq,p+Rk)``, cached values 0..p-1 and ``v_new
@@ -265,11 +271,10 @@ class ExactEngine:
         (rotated), keys ``K_h``/``V_h (C,B,Tk,dh)`` at 0..Tk-1 -> z of the same shape as ``q_h``."""
         grouped = q_h.dim() == 5
         qh = q_h if grouped else q_h.unsqueeze(3)
-        qh, Kc = self.model.blocks[layer].attn.qk_cast(qh, K_h)
-        s = torch.einsum("cbrne,cbke->cbnrk", qh, Kc) / self.scale
-        pat = self.model.blocks[layer].attn.softmax(
-            s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf"))
-        )
+        attn = self.model.blocks[layer].attn
+        qh, Kc = attn.qk_cast(qh, K_h)
+        s = attn.cap(torch.einsum("cbrne,cbke->cbnrk", qh, Kc) / self.scale)
+        pat = attn.softmax(s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf")))
         z = torch.einsum("cbnrk,cbke->cbrne", pat, V_h)
         return z if grouped else z.squeeze(3)
 
@@ -294,18 +299,19 @@ class ExactEngine:
             return self._apply(x + attn_out, patch, "resid_post", rows)
         if self.parallel:
             if mlp_out is None:
-                mlp_out = blk.mlp(blk.ln2(x))
+                mlp_out = blk.mlp_write(x)
             mlp_out = self._apply(mlp_out, patch, "mlp_out", rows)
             return self._apply(blk.combine(x, attn_out, mlp_out), patch, "resid_post", rows)
         mid = self._apply(x + attn_out, patch, "resid_mid", rows)
-        out = self._apply(blk.mlp(blk.ln2(mid)), patch, "mlp_out", rows)
+        out = self._apply(blk.mlp_write(mid), patch, "mlp_out", rows)
         return self._apply(mid + out, patch, "resid_post", rows)
 
     # ----- one block on changed rows ------------------------------------------------------------------------
     def _block_rows(self, layer: int, X: torch.Tensor, p: int, patch: _Patch | None, out_rows: torch.Tensor):
         """Block ``layer`` for cells whose residual rows ``p..`` (``X (C,B,R,d)``) changed; returns the
         residual after the block at ``out_rows`` (absolute positions): ``(C,B,len(out_rows),d)``."""
-        attn = self.model.blocks[layer].attn
+        blk = self.model.blocks[layer]
+        attn = blk.attn
         R = X.shape[2]
         rows = torch.arange(p, p + R)
         X = self._apply(X, patch, "resid_pre", rows)
@@ -318,7 +324,7 @@ class ExactEngine:
         q, k = attn.rotate(q, out_rows), attn.rotate(k, rows)  # identity without rotary positions
         pat = self._apply(self._pattern(layer, q, out_rows, k, p), patch, "pattern", out_rows)
         z = self._apply(self._mix(layer, pat, v, p), patch, "z", out_rows)
-        attn_out = self._apply(attn.output(z), patch, "attn_out", out_rows)
+        attn_out = self._apply(blk.attn_post(attn.output(z)), patch, "attn_out", out_rows)
         return self._finish(layer, X if full else X[:, :, sel], attn_out, patch, out_rows)
 
     # ----- entering layer: the optimised first block of a cell ----------------------------------------------
@@ -346,9 +352,9 @@ class ExactEngine:
             x = torch.cat([x0, tg["resid_pre"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
             mlp_out = None
             if self.parallel:  # the MLP reads resid_pre: only row p's output changes
-                m0 = blk.mlp(blk.ln2(x0))
+                m0 = blk.mlp_write(x0)
                 mlp_out = torch.cat([m0, tg["mlp_out"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
-            out = self._finish(layer, x, attn.output(z), mlp_out=mlp_out)
+            out = self._finish(layer, x, blk.attn_post(attn.output(z)), mlp_out=mlp_out)
             return out.expand(C, -1, -1, -1)
         if site in KV_SITES:  # a key/value head: recompute the attention of the query heads that read it
             G, B = self.G, self.B
@@ -367,8 +373,8 @@ class ExactEngine:
             grp = lambda t: t[:, out_rows].reshape(B, Rq, self.Hkv, G, self.dh).permute(2, 0, 1, 3, 4)[heads]
             z_new = self._head_attn(layer, grp(tg["qr"]), out_rows, K, V)  # (C,B,Rq,G,dh)
             W_O = attn.W_O.reshape(self.Hkv, G, self.dh, self.d)[heads]  # (C,G,dh,d)
-            attn_out = tg["attn_out"][:, out_rows] + torch.einsum(
-                "cbrne,cned->cbrd", z_new - grp(tg["z"]), W_O
+            attn_out = blk.attn_post(
+                tg["attn_lin"][:, out_rows] + torch.einsum("cbrne,cned->cbrd", z_new - grp(tg["z"]), W_O)
             )
             mlp_out = tg["mlp_out"][:, out_rows] if self.parallel else None
             return self._finish(layer, tg["resid_pre"][:, out_rows], attn_out, mlp_out=mlp_out)
@@ -392,8 +398,8 @@ class ExactEngine:
                 pat = src[:, :, prow].transpose(0, 1)[heads].to(dt)  # (C,B,R,Tk)
                 z_new = torch.einsum("cbrk,cbke->cbre", pat, self._heads(tg["v"], kvh))
             z_old = self._heads(tg["z"], heads)[:, :, prow]
-            attn_out = tg["attn_out"][:, prow] + torch.einsum(
-                "cbre,ced->cbrd", z_new - z_old, attn.W_O[heads]
+            attn_out = blk.attn_post(
+                tg["attn_lin"][:, prow] + torch.einsum("cbre,ced->cbrd", z_new - z_old, attn.W_O[heads])
             )
             new = self._finish(layer, x, attn_out, mlp_out=mlp_cached)
         elif not all_pos and layer in self._entry:  # attn_out, resid_mid: rows computed for the whole layer
@@ -404,7 +410,7 @@ class ExactEngine:
             if site == "attn_out":
                 new = self._finish(layer, x, s, mlp_out=mlp_cached)
             elif site == "resid_mid":  # sequential blocks only
-                new = s + blk.mlp(blk.ln2(s))
+                new = s + blk.mlp_write(s)
             elif site == "mlp_out":
                 new = (
                     blk.combine(x, tg["attn_out"][:, prow], s)
@@ -441,7 +447,7 @@ class ExactEngine:
                 if self.site == "attn_out":
                     rows = self._finish(layer, tg["resid_pre"][:, prow], s)
                 else:
-                    rows = s + blk.mlp(blk.ln2(s))
+                    rows = s + blk.mlp_write(s)
                 self._entry[layer] = ({p: i for i, p in enumerate(pos)}, rows)
                 continue
             h = blk.ln1(self.src[hook_name("resid_pre", layer)][:, pos].to(self.dtype))  # (B,P,d)

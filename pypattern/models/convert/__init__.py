@@ -4,6 +4,7 @@
 only; nothing is downloaded and nothing is unpickled). One module per family holds the weight layout:
 
 - :mod:`.gpt2`: ``GPT2LMHeadModel``
+- :mod:`.gemma`: ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (text)
 - :mod:`.gpt_neo`: ``GPTNeoForCausalLM`` (GPT-Neo, the TinyStories models)
 - :mod:`.gpt_neox`: ``GPTNeoXForCausalLM`` (GPT-NeoX, Pythia)
 - :mod:`.llama`: ``LlamaForCausalLM``
@@ -33,13 +34,13 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
-from . import gpt2, gpt_neo, gpt_neox, llama, mistral, phi3, qwen2, qwen3
+from . import gemma, gpt2, gpt_neo, gpt_neox, llama, mistral, phi3, qwen2, qwen3
 from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
 
-_FAMILIES = (gpt2, gpt_neo, gpt_neox, llama, mistral, phi3, qwen2, qwen3)
+_FAMILIES = (gpt2, gemma, gpt_neo, gpt_neox, llama, mistral, phi3, qwen2, qwen3)
 _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 
@@ -51,7 +52,8 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     ----------
     model : transformers.PreTrainedModel
         One of ``GPT2LMHeadModel``, ``GPTNeoForCausalLM``, ``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
-        ``Phi3ForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (see :data:`SUPPORTED_CLASSES`), or a ``TransformerBridge`` around one.
+        ``Phi3ForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
+        ``Gemma3ForCausalLM`` (see :data:`SUPPORTED_CLASSES`), or a ``TransformerBridge`` around one.
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
 
@@ -88,6 +90,9 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
         raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
     with torch.no_grad():
         cfg, weights = _CONVERTERS[name](model)
+        # nn.Embedding's padding_idx: no gradient into that row from the lookup (the forward is unchanged)
+        pad = getattr(model.get_input_embeddings(), "padding_idx", None)
+        cfg["padding_idx"] = None if pad is None else int(pad)
         source = {"class": name, "model_type": getattr(model.config, "model_type", None)}
         out = build(cfg, weights, out_dtype, source)
     dev = next(model.parameters()).device

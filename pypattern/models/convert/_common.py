@@ -48,7 +48,7 @@ def act_fn(name: Any, option: str) -> str:
 
 
 def rope(
-    config: Any, rotary_module: nn.Module, head_dim: int
+    config: Any, rotary_module: nn.Module, head_dim: int, layer_type: str | None = None
 ) -> tuple[float, int, torch.dtype | None, dict | None]:
     """``(rotary_base, rotary_dim, rotary_freq_dtype, rotary_scaling)`` of a model's RoPE, checked against its
     ``inv_freq`` buffer.
@@ -59,11 +59,14 @@ def rope(
     ``"linear"`` and ``"llama3"`` rope types (frequencies fixed once, cosines and sines unscaled;
     ``rotary_scaling`` is None for the default); refuses the others (dynamic NTK changes the frequencies with
     the sequence length, YaRN and LongRoPE scale the cosines and sines or switch frequencies past a length) and
-    any ``attention_scaling`` other than 1.
+    any ``attention_scaling`` other than 1. With ``layer_type`` (Gemma 3: one rotary embedding per kind of layer),
+    the parameters ``rope_parameters[layer_type]`` and the buffer ``{layer_type}_inv_freq``.
     """
     from ..transformer import _ROTARY_SCALING_KEYS, rotary_inv_freq
 
     params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params.get(layer_type) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type != "default" and rope_type not in _ROTARY_SCALING_KEYS:
         refuse(
@@ -77,13 +80,14 @@ def rope(
         if missing:
             refuse("rope_parameters", params, f"rope_type {rope_type!r} needs {missing}")
         scaling = {"rope_type": rope_type, **{k: params[k] for k in _ROTARY_SCALING_KEYS[rope_type]}}
-    att = getattr(rotary_module, "attention_scaling", 1.0)
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    att = getattr(rotary_module, f"{prefix}attention_scaling", 1.0)
     if att != 1.0:
         refuse("attention_scaling of the rotary embedding", att, "only 1.0 is converted")
     if "rope_theta" not in params:
         refuse("rope_parameters", params, "it has no 'rope_theta'")
     base = float(params["rope_theta"])
-    buf = rotary_module.inv_freq.detach().cpu()
+    buf = getattr(rotary_module, f"{prefix}inv_freq").detach().cpu()
     inv_freq = buf.float()
     rotary_dim = 2 * inv_freq.numel()
     if rotary_dim > head_dim:

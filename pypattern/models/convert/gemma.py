@@ -1,0 +1,201 @@
+"""Gemma, Gemma 2 and Gemma 3 (``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``) -> pypattern
+``Transformer``.
+
+What the three share: separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` without biases (``attention_bias``
+adds them), grouped- or multi-query attention with an explicit ``head_dim``, rotary embeddings on the whole head,
+a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``; tanh GELU), tied embeddings, the token embedding scaled by
+``sqrt(hidden_size)`` (the model's ``embed_scale`` buffer, in the weights' dtype: ``TransformerConfig.embed_scale``)
+and RMSNorms that compute ``x_hat * (1 + w)`` in float32 before casting back (``norm_weight_offset=1``).
+
+Gemma 2 adds sandwich norms (``post_attention_layernorm`` after the attention, ``pre_feedforward_layernorm`` /
+``post_feedforward_layernorm`` around the MLP: ``use_normalization_before_and_after``), the attention scale
+``query_pre_attn_scalar ** -0.5``, soft-capped attention scores and logits, and sliding-window attention on the
+layers ``layer_types`` names. Gemma 3 drops the score capping (unless configured), adds per-head query/key norms
+(``qk_norm``, with the same ``1 + w`` weights) and gives local and global layers their own rotary base and scaling.
+The eager attention takes its softmax in float32 (as the Llama family's).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._common import (
+    act_fn,
+    all_or_none,
+    attn_softmax_dtype,
+    bias_heads,
+    linear_heads,
+    linear_out_heads,
+    refuse,
+    rope,
+    same_parameter,
+    window_setting,
+)
+
+CLASSES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
+def _layer_types(c, n: int) -> list[str]:
+    types = list(getattr(c, "layer_types", None) or ["full_attention"] * n)
+    if len(types) != n:
+        refuse("layer_types", types, f"expected one per layer ({n} layers)")
+    for t in types:
+        if t not in ("full_attention", "sliding_attention"):
+            refuse("layer_types", t, "only 'full_attention' and 'sliding_attention' layers are converted")
+    return types
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a Gemma, Gemma 2 or Gemma 3 causal LM."""
+    name = type(model).__name__
+    gen = 1 if name == "GemmaForCausalLM" else (2 if name == "Gemma2ForCausalLM" else 3)
+    c = model.config
+    base_model = model.model
+    layers = base_model.layers
+    L = len(layers)
+    if L != c.num_hidden_layers:
+        refuse("num_hidden_layers", c.num_hidden_layers, f"the model holds {L} layers")
+    if getattr(c, "use_bidirectional_attention", False):
+        refuse("use_bidirectional_attention", True, "only causal attention is converted")
+    a0 = layers[0].self_attn
+    dh = a0.head_dim
+    H = a0.q_proj.weight.shape[0] // dh
+    Hkv = a0.k_proj.weight.shape[0] // dh
+    d = c.hidden_size
+    types = _layer_types(c, L) if gen > 1 else ["full_attention"] * L
+    windows = [c.sliding_window if t == "sliding_attention" else None for t in types]
+
+    # rotary embeddings: one for the model, or (Gemma 3) one per kind of layer
+    rot = base_model.rotary_emb
+    if gen == 3:
+        per_type = {t: rope(c, rot, dh, layer_type=t) for t in sorted(set(types))}
+        ropes = [per_type[t] for t in types]
+    else:
+        ropes = [rope(c, rot, dh)] * L
+    if any(r[1] != dh for r in ropes):
+        refuse(
+            "rotary dimensions", [r[1] for r in ropes], f"this model rotates the whole head (head_dim={dh})"
+        )
+    freq_dtypes = {r[2] for r in ropes}
+    if len(freq_dtypes) != 1:
+        refuse("rotary inv_freq", "(buffers)", "the layers' frequencies are rounded to different dtypes")
+    bases = [r[0] for r in ropes]
+    scalings = [r[3] for r in ropes]
+
+    # the embedding's scale as the model holds it (a buffer in the weights' dtype, not saved with the weights)
+    emb_mod = model.get_input_embeddings()
+    emb = emb_mod.weight
+    scale_buf = getattr(emb_mod, "embed_scale", None)
+    if scale_buf is None:
+        refuse("embed_tokens", type(emb_mod).__name__, "expected Gemma's scaled word embedding (embed_scale)")
+    embed_scale = float(scale_buf.to(emb.dtype))
+    if not math.isclose(embed_scale, math.sqrt(d), rel_tol=1e-2):
+        refuse("embed_scale", embed_scale, f"expected sqrt(hidden_size) = {math.sqrt(d)}")
+    lm = model.get_output_embeddings()
+    tied = same_parameter(lm.weight, emb)
+    lm_b = getattr(lm, "bias", None)
+
+    attn_bias = all_or_none(
+        [getattr(m.self_attn, f"{x}_proj").bias for m in layers for x in "qkv"], "q/k/v projection biases"
+    )
+    attn_out_bias = all_or_none([m.self_attn.o_proj.bias for m in layers], "o_proj biases")
+    mlp_bias = all_or_none(
+        [getattr(m.mlp, f"{x}_proj").bias for m in layers for x in ("gate", "up", "down")], "MLP biases"
+    )
+    scaling = a0.scaling
+    for i, m in enumerate(layers):
+        a = m.self_attn
+        if a.head_dim != dh or a.scaling != scaling:
+            refuse(
+                f"layers[{i}].self_attn", (a.head_dim, a.scaling), f"differs from layer 0 ({dh}, {scaling})"
+            )
+        if getattr(a, "sliding_window", None) != windows[i]:
+            refuse(
+                f"layers[{i}].self_attn.sliding_window", a.sliding_window, f"layer_types implies {windows[i]}"
+            )
+    attn_cap = getattr(c, "attn_logit_softcapping", None) if gen > 1 else None
+    if gen > 1 and getattr(a0, "attn_logit_softcapping", attn_cap) != attn_cap:
+        refuse("attn_logit_softcapping", a0.attn_logit_softcapping, f"the config says {attn_cap}")
+    logit_cap = getattr(c, "final_logit_softcapping", None) if gen > 1 else None
+    act_name = c.hidden_act if gen == 1 else c.hidden_activation
+    eps = layers[0].input_layernorm.eps
+    cfg = dict(
+        n_layers=L,
+        d_model=d,
+        n_heads=H,
+        d_head=dh,
+        n_key_value_heads=Hkv,
+        d_mlp=layers[0].mlp.up_proj.weight.shape[0],
+        d_vocab=emb.shape[0],
+        n_ctx=c.max_position_embeddings,
+        act_fn=act_fn(act_name, "hidden_act" if gen == 1 else "hidden_activation"),
+        normalization_type="RMS",
+        norm_dtype=torch.float32,
+        norm_weight_offset=1.0,
+        embed_scale=embed_scale,
+        positional_embedding_type="rotary",
+        rotary_dim=dh,
+        rotary_base=bases[0] if len(set(bases)) == 1 else tuple(bases),
+        rotary_dtype=torch.float32,
+        rotary_freq_dtype=freq_dtypes.pop(),
+        rotary_scaling=scalings[0] if len({repr(s) for s in scalings}) == 1 else tuple(scalings),
+        gated_mlp=True,
+        attn_bias=attn_bias,
+        attn_out_bias=attn_out_bias,
+        mlp_bias=mlp_bias,
+        unembed_bias=lm_b is not None,
+        tie_word_embeddings=tied,
+        ln_eps=eps,
+        attn_scale=1.0 / scaling,
+        sliding_window=window_setting(windows),
+        qk_norm=gen == 3,
+        use_normalization_before_and_after=gen > 1,
+        attn_scores_soft_cap=attn_cap,
+        output_logits_soft_cap=logit_cap,
+        attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=True),
+    )
+    w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
+
+    def norm(dst: str, mod: nn.Module) -> None:
+        if mod.eps != eps:
+            refuse("rms_norm_eps", mod.eps, f"differs between norms ({eps} elsewhere)")
+        w[f"{dst}.w"] = mod.weight
+
+    for i, layer in enumerate(layers):
+        p = f"blocks.{i}"
+        a, f = layer.self_attn, layer.mlp
+        norm(f"{p}.ln1", layer.input_layernorm)
+        if gen == 1:
+            norm(f"{p}.ln2", layer.post_attention_layernorm)
+        else:
+            norm(f"{p}.ln1_post", layer.post_attention_layernorm)
+            norm(f"{p}.ln2", layer.pre_feedforward_layernorm)
+            norm(f"{p}.ln2_post", layer.post_feedforward_layernorm)
+        if gen == 3:
+            for which in ("q", "k"):
+                qk = getattr(a, f"{which}_norm")
+                if tuple(qk.weight.shape) != (dh,):
+                    refuse(f"layers[{i}].self_attn.{which}_norm", tuple(qk.weight.shape), f"expected ({dh},)")
+                norm(f"{p}.attn.{which}_norm", qk)
+        w[f"{p}.attn.W_Q"] = linear_heads(a.q_proj.weight, H, dh)
+        w[f"{p}.attn.W_K"] = linear_heads(a.k_proj.weight, Hkv, dh)
+        w[f"{p}.attn.W_V"] = linear_heads(a.v_proj.weight, Hkv, dh)
+        w[f"{p}.attn.b_Q"] = bias_heads(a.q_proj.bias, H, dh)
+        w[f"{p}.attn.b_K"] = bias_heads(a.k_proj.bias, Hkv, dh)
+        w[f"{p}.attn.b_V"] = bias_heads(a.v_proj.bias, Hkv, dh)
+        w[f"{p}.attn.W_O"] = linear_out_heads(a.o_proj.weight, H, dh)
+        w[f"{p}.attn.b_O"] = a.o_proj.bias
+        w[f"{p}.mlp.W_gate"] = f.gate_proj.weight.T
+        w[f"{p}.mlp.b_gate"] = f.gate_proj.bias
+        w[f"{p}.mlp.W_in"] = f.up_proj.weight.T
+        w[f"{p}.mlp.b_in"] = f.up_proj.bias
+        w[f"{p}.mlp.W_out"] = f.down_proj.weight.T
+        w[f"{p}.mlp.b_out"] = f.down_proj.bias
+    norm("ln_final", base_model.norm)
+    if not tied:
+        w["unembed.W_U"] = lm.weight.T
+    w["unembed.b_U"] = lm_b
+    return cfg, w
