@@ -434,3 +434,14 @@ def test_summed_runs_vjp_equals_per_head_vjp(arch, monkeypatch):
             got[mode] = edge_attribution(model, clean, corr, metric=metric, method=method, steps=steps).values
         assert (got[True] - got[False]).abs().max() <= 1e-12 * max(1.0, float(got[False].abs().max()))
         assert got[False].abs().max() > 1e-3
+
+
+def test_sandwich_norms_are_refused_by_name():
+    """Gemma 2 / 3's norm after the attention mixes every head's write before the residual stream: head-level
+    edges are not defined there, and the circuits module says so instead of computing something else."""
+    model = _model("gemma", use_normalization_before_and_after=True)
+    with pytest.raises(NotImplementedError, match="use_normalization_before_and_after"):
+        ModelView(model)
+    clean, corr, ans, wrong = prompts(model)
+    with pytest.raises(NotImplementedError, match="use_normalization_before_and_after"):
+        edge_attribution(model, clean, corr, metric=LogitDiff(ans, wrong), method="eap")

@@ -285,6 +285,8 @@ CASES = {
             sliding_window=3,
             sliding_window_pattern=2,
             query_pre_attn_scalar=24,
+            attn_logit_softcapping=1.0,  # configured, but Gemma 3's attention does not apply it
+            final_logit_softcapping=9.0,
             rope_parameters={
                 "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
@@ -898,6 +900,7 @@ def test_gemma_options_land_in_the_config_and_hooks_see_the_writes():
     g3 = from_hf(hf_model("gemma3-local-global-rope")).cfg
     assert g3.qk_norm and g3.rotary_base == (1e4, 1e6, 1e4, 1e6) and g3.sliding_window == (3, None, 3, None)
     assert g3.rope_scaling(1) == {"rope_type": "linear", "factor": 4.0} and g3.rope_scaling(0) is None
+    assert g3.attn_scores_soft_cap is None and g3.output_logits_soft_cap == 9.0  # as Hugging Face computes
 
 
 @pytest.mark.parametrize("case", ["gemma-gqa2-headdim-untied-bias", "gemma2-gqa2-capped-window"])

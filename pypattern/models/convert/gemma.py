@@ -10,7 +10,8 @@ and RMSNorms that compute ``x_hat * (1 + w)`` in float32 before casting back (``
 Gemma 2 adds sandwich norms (``post_attention_layernorm`` after the attention, ``pre_feedforward_layernorm`` /
 ``post_feedforward_layernorm`` around the MLP: ``use_normalization_before_and_after``), the attention scale
 ``query_pre_attn_scalar ** -0.5``, soft-capped attention scores and logits, and sliding-window attention on the
-layers ``layer_types`` names. Gemma 3 drops the score capping (unless configured), adds per-head query/key norms
+layers ``layer_types`` names. Gemma 3 drops the score capping (its attention applies none, whatever
+``attn_logit_softcapping`` says), adds per-head query/key norms
 (``qk_norm``, with the same ``1 + w`` weights) and gives local and global layers their own rotary base and scaling.
 The eager attention takes its softmax in float32 (as the Llama family's).
 """
@@ -116,8 +117,10 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             refuse(
                 f"layers[{i}].self_attn.sliding_window", a.sliding_window, f"layer_types implies {windows[i]}"
             )
-    attn_cap = getattr(c, "attn_logit_softcapping", None) if gen > 1 else None
-    if gen > 1 and getattr(a0, "attn_logit_softcapping", attn_cap) != attn_cap:
+    # Gemma 2's attention passes its cap to the attention function; Gemma 3's passes none (a configured
+    # attn_logit_softcapping is not applied by its forward), and the converted model computes what it computes
+    attn_cap = getattr(c, "attn_logit_softcapping", None) if gen == 2 else None
+    if gen == 2 and getattr(a0, "attn_logit_softcapping", attn_cap) != attn_cap:
         refuse("attn_logit_softcapping", a0.attn_logit_softcapping, f"the config says {attn_cap}")
     logit_cap = getattr(c, "final_logit_softcapping", None) if gen > 1 else None
     act_name = c.hidden_act if gen == 1 else c.hidden_activation
