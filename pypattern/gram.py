@@ -159,6 +159,8 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     for opt in ("embed_scale", "output_logits_soft_cap"):
         unsupported[opt] = (getattr(cfg, opt, None),) if getattr(cfg, opt, None) is not None else ()
     unsupported["use_normalization_before_and_after"] = (True,)
+    unsupported["pre_norms"] = (False,)
+    unsupported["qk_norm"] = (True, "all")
     for opt, bad in unsupported.items():
         v = getattr(cfg, opt, None)
         if v is not None and v in bad:

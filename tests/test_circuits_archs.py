@@ -445,3 +445,11 @@ def test_sandwich_norms_are_refused_by_name():
     clean, corr, ans, wrong = prompts(model)
     with pytest.raises(NotImplementedError, match="use_normalization_before_and_after"):
         edge_attribution(model, clean, corr, metric=LogitDiff(ans, wrong), method="eap")
+
+
+def test_query_key_norm_across_heads_is_refused_by_name():
+    """OLMo 2's one query norm over every head's projection: a head's query depends on the other heads' inputs,
+    so head-level edges are not defined."""
+    model = _model("qwen3", qk_norm="all")
+    with pytest.raises(NotImplementedError, match="qk_norm='all'"):
+        ModelView(model)

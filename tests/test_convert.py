@@ -293,6 +293,30 @@ CASES = {
             },
         ),
     ),
+    "olmo2-gqa2": (
+        "Olmo2",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=44,
+        ),
+    ),
+    "olmo3-window-headdim-tied": (
+        "Olmo3",
+        dict(
+            hidden_size=36,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=10,
+            intermediate_size=40,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 _CLASS = {"GPT2": "GPT2LMHeadModel", "GPTNeoX": "GPTNeoXForCausalLM", "Gemma3Text": "Gemma3ForCausalLM"}
@@ -458,6 +482,7 @@ def test_eager_softmax_dtype_saved_and_loaded_with_the_config(tmp_path):
         "qwen3-gqa2-tied",
         "gemma2-gqa2-capped-window",
         "gemma3-local-global-rope",
+        "olmo3-window-headdim-tied",
     ],
 )
 def test_round_trip_through_save_pretrained(case, tmp_path):
@@ -661,14 +686,18 @@ def test_unknown_model_class_is_refused():
         "GemmaForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
+        "Olmo2ForCausalLM",
+        "Olmo3ForCausalLM",
     }
 
 
 def _expected_shape(name, cfg, b, t):
     H, Hkv, dh, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
     leaf = name.rsplit(".", 1)[-1]
-    if ".attn.q_norm." in name or ".attn.k_norm." in name:  # per-head query / key norms (qk_norm)
+    if ".attn.q_norm." in name or ".attn.k_norm." in name:  # query / key norms (qk_norm)
         heads = H if ".q_norm." in name else Hkv
+        if cfg.qk_norm == "all":  # one norm over every head's projection
+            return (b, t, 1) if leaf == "hook_scale" else (b, t, heads * dh)
         return (b, t, heads, 1) if leaf == "hook_scale" else (b, t, heads, dh)
     if leaf in ("hook_q", "hook_rot_q", "hook_z"):
         return (b, t, H, dh)
@@ -697,6 +726,7 @@ def _expected_shape(name, cfg, b, t):
         "phi3-gqa2-partial0.5",
         "gemma-mqa-tied",
         "gemma3-local-global-rope",
+        "olmo2-gqa2",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -711,7 +741,7 @@ def test_every_hook_point_has_its_shape(case):
     assert ("blocks.0.attn.hook_rot_q" in cache) == rot and ("hook_pos_embed" in cache) == (not rot)
     assert ("blocks.0.hook_resid_mid" in cache) == (not cfg.parallel_attn_mlp)
     assert ("blocks.0.mlp.hook_pre_linear" in cache) == cfg.gated_mlp
-    assert ("blocks.0.attn.q_norm.hook_scale" in cache) == cfg.qk_norm
+    assert ("blocks.0.attn.q_norm.hook_scale" in cache) == bool(cfg.qk_norm)
     assert ("blocks.0.ln1_post.hook_normalized" in cache) == cfg.use_normalization_before_and_after
     torch.testing.assert_close(logits, model(x))
 
@@ -954,3 +984,26 @@ def test_padding_row_gradient_equals_hf(case):
     if not model.cfg.tie_word_embeddings:
         assert float(g_ours[0].abs().max()) == 0.0
     assert from_hf(hf_model(case, pad_token_id=None)).cfg.padding_idx is None
+
+
+def test_olmo2_options_land_in_the_config():
+    """OLMo 2: no norms in front of the sublayers, norms after them (what hook_attn_out / hook_mlp_out see), one
+    query and one key norm across all heads; OLMo 3 adds local layers with their own rotary frequencies."""
+    m = from_hf(hf_model("olmo2-gqa2"))
+    cfg = m.cfg
+    assert not cfg.pre_norms and cfg.use_normalization_before_and_after and cfg.qk_norm == "all"
+    assert tuple(m.blocks[0].attn.q_norm.w.shape) == (4 * 10,) and tuple(m.blocks[0].attn.k_norm.w.shape) == (
+        20,
+    )
+    assert isinstance(m.blocks[0].ln1, torch.nn.Identity) and isinstance(m.blocks[0].ln2, torch.nn.Identity)
+    x = tokens()
+    with torch.no_grad():
+        _, cache = m.run_with_cache(x)
+    torch.testing.assert_close(cache["blocks.1.hook_attn_out"], cache["blocks.1.ln1_post.hook_normalized"])
+    assert "blocks.0.ln1.hook_normalized" not in cache
+    # one norm across the heads: a head's parameters are not a component of their own
+    assert "blocks.0.attn.head.0" not in m.components() and "blocks.0.attn" in m.components()
+    with pytest.raises(ValueError, match="qk_norm='all'"):
+        m.component_masks("blocks.0.attn.head.1")
+    o3 = from_hf(hf_model("olmo3-window-headdim-tied")).cfg
+    assert o3.sliding_window == (3, None, 3) and o3.tie_word_embeddings

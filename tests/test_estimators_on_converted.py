@@ -115,6 +115,21 @@ def _hf(arch: str):
                     p.add_(0.3 * torch.randn(p.shape))
             # the padding row (pad_token_id 0) starts at zero, where the first norm's slope is 1 / sqrt(eps)
             m.model.embed_tokens.weight[0].normal_(0.0, 0.02)
+    elif arch == "olmo2":  # norms after the sublayers only, query/key norms across all heads
+        cfg = transformers.Olmo2Config(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+        )
+        m = transformers.Olmo2ForCausalLM(cfg)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "norm" in n:
+                    p.add_(0.3 * torch.randn(p.shape))
     else:
         cfg = transformers.LlamaConfig(
             vocab_size=V,
@@ -141,7 +156,7 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo2"])
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
@@ -158,12 +173,15 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
     assert np.abs(ba.bif).max() > 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo2"]
+)
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
     loader = _loader()
-    comps = ["blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
+    # OLMo 2's heads share one query/key norm: its attention is one component
+    comps = ["blocks.1.attn" if arch == "olmo2" else "blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
     if arch in ("llama", "qwen3", "phi3", "gemma2", "gemma3"):
         comps.append("blocks.1.attn.kv_head.1")
     probe = loader.dataset[4:6]

@@ -81,12 +81,17 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
             intermediate_size=40, sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=8, **common,
         )  # fmt: skip
+    if arch == "olmo2":  # norms after the sublayers only, query/key norms across all heads
+        return tr.Olmo2Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            **common,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
-    "gemma2", "gemma3",
+    "gemma2", "gemma3", "olmo2",
 ]  # fmt: skip
 _CACHE: dict = {}
 
@@ -117,7 +122,7 @@ def _parts(m, writes: bool = False):
         return m.transformer.h, "attn", "mlp", m.transformer.ln_f
     if mt == "gpt_neox":
         return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
-    if writes and mt in ("gemma2", "gemma3_text"):
+    if writes and mt in ("gemma2", "gemma3_text", "olmo2"):
         return m.model.layers, "post_attention_layernorm", "post_feedforward_layernorm", m.model.norm
     return m.model.layers, "self_attn", "mlp", m.model.norm
 
@@ -354,6 +359,13 @@ def test_head_mask_moves_exactly_that_head(arch):
     test_shared_kv_heads_under_grouped_query_attention)."""
     m = _model(arch)
     layer = 1
+    if arch == "olmo2":  # one query/key norm across the heads: no head's parameters act on it alone
+        with pytest.raises(ValueError, match="across all heads"):
+            hf_component_masks(m, f"blocks.{layer}.attn.head.0")
+        assert f"blocks.{layer}.attn.head.0" not in hf_components(
+            m
+        ) and f"blocks.{layer}.attn" in hf_components(m)
+        return
     n_heads, n_kv, _ = hf_attention_shape(m, layer)
     args, kwargs = _capture_attn_input(m, layer, _tokens(3))
     base = _head_results(m, layer, args, kwargs)

@@ -53,6 +53,14 @@ ARCHS = {
         "attn_scale": 3.0,
         "tie_word_embeddings": True,
     },
+    # OLMo 2 / 3: no pre-norms, norms after the sublayers, one query/key norm across all heads, a local layer
+    "olmo2": {
+        **LLAMA,
+        "pre_norms": False,
+        "use_normalization_before_and_after": True,
+        "qk_norm": "all",
+        "sliding_window": (3, None),
+    },
     # Gemma 3: query/key norms, local and global layers with their own rotary bases and scalings
     "gemma3": {
         **LLAMA,
@@ -256,7 +264,7 @@ def first_order(model, site, clean, corr, ans, wrong, layer, head, pos):
 
 
 @pytest.mark.parametrize(
-    "arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2", "qwen3", "gemma2", "gemma3"]
+    "arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"]
 )
 def test_atp_equals_autograd_directional_derivative(arch):
     model, clean, corr, ans, wrong = build(arch)

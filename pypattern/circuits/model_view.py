@@ -75,6 +75,12 @@ class ModelView:
                 "its own term of the stream and head-level edges are not defined; node-level patching and "
                 "attribution (pypattern.patching) cover these models"
             )
+        if getattr(cfg, "qk_norm", False) == "all":
+            raise NotImplementedError(
+                "qk_norm='all' (OLMo 2): one norm over every head's query projection couples the heads, so a "
+                "head's query cannot be computed from its own input alone and head-level edges are not defined; "
+                "node-level patching and attribution (pypattern.patching) cover these models"
+            )
         self.model, self.cfg = model, cfg
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads

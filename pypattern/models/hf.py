@@ -128,6 +128,9 @@ class HFArch:
     attn_write, mlp_write : str or None
         The module whose output is the attention's / MLP's write to the residual stream, relative to a layer
         (Gemma 2 and 3: their post-norms); None: ``attn`` / ``mlp`` themselves.
+    heads_coupled : bool
+        The query and key projections are normalised across all heads at once (OLMo 2 and 3): no head's
+        parameters act on that head alone, and per-head components are refused.
     """
 
     model_type: str
@@ -145,6 +148,7 @@ class HFArch:
     out_proj: str = "o_proj"
     attn_write: str | None = None
     mlp_write: str | None = None
+    heads_coupled: bool = False
 
     def parallel(self, config: Any) -> bool:
         """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``)."""
@@ -196,6 +200,22 @@ HF_ARCHS: dict[str, HFArch] = {
             },
         )
         for mt in ("gemma2", "gemma3_text")
+    },
+    # OLMo 2 / 3: no norms in front of the attention and the MLP (ln1 / ln2 name the norms after them, the
+    # only ones a layer has), the writes are those norms' outputs, one query/key norm across all heads
+    **{
+        mt: HFArch(
+            mt,
+            **{
+                **_LLAMA_LIKE,
+                "ln1": "post_attention_layernorm",
+                "ln2": "post_feedforward_layernorm",
+                "attn_write": "post_attention_layernorm",
+                "mlp_write": "post_feedforward_layernorm",
+                "heads_coupled": True,
+            },
+        )
+        for mt in ("olmo2", "olmo3")
     },
     # Phi-3: a fused qkv_proj, its rows every query head, then every key head, then every value head
     "phi3": HFArch("phi3", **{**_LLAMA_LIKE, "qkv": "phi3"}),
@@ -399,7 +419,8 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia),
-    ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``, ``olmo2``,
+    ``olmo3``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

@@ -98,6 +98,7 @@ def hf_components(model: nn.Module, heads: bool = True) -> list[str]:
     hf, _ = _unwrap(model)
     arch = hf_arch(hf)
     out = ["embed"] + (["pos_embed"] if arch.pos_embed else [])
+    heads = heads and not arch.heads_coupled  # heads coupled by one query/key norm: no per-head components
     n_layers = len(hf.get_submodule(f"{arch.base}.{arch.layers}"))
     for layer in range(n_layers):
         if heads:
@@ -230,6 +231,12 @@ def hf_component_masks(
         if layer >= n_layers:
             raise ValueError(
                 f"component={component!r}: layer {layer} is out of range; the model has {n_layers}"
+            )
+        if arch.heads_coupled:
+            raise ValueError(
+                f"component={component!r}: {arch.model_type} normalises the query and key projections across all "
+                "heads (one norm over every head's projection), so a head's parameters move the other heads' "
+                f"queries and keys too and no per-head component exists; use 'blocks.{layer}.attn'"
             )
         kind = "head" if m.group(2) == "head" else "kv"
         for name, (axis, idx) in _head_slices(

@@ -201,10 +201,12 @@ class TransformerConfig:
         are added to it (GPT-NeoX's ``use_parallel_residual``); there is no ``hook_resid_mid``.
     attn_bias : bool
         Biases ``b_Q``, ``b_K``, ``b_V``.
-    qk_norm : bool
+    qk_norm : bool or "all"
         Queries and keys pass, per head, through an RMSNorm over ``d_head`` (weights ``attn.q_norm.w``,
         ``attn.k_norm.w``, shared by the heads; computed in ``norm_dtype``) after their projection and bias and
-        before rotation (Qwen3). ``hook_q`` / ``hook_k`` see the normalised values.
+        before rotation (Qwen3, Gemma 3). ``"all"``: one RMSNorm over every head's projection at once (weights of
+        ``n_heads * d_head`` and ``n_key_value_heads * d_head``; OLMo 2), which couples the heads' queries (and
+        keys) through the norm's statistic. ``hook_q`` / ``hook_k`` see the normalised values.
     attn_out_bias : bool
         Bias ``b_O``.
     mlp_bias : bool
@@ -238,6 +240,10 @@ class TransformerConfig:
         RMSNorm models only: every RMSNorm (``qk_norm``'s too) multiplies by ``norm_weight_offset + w`` in its
         compute dtype and casts the product back (Gemma's ``x * (1 + w)``, with 1.0); 0 (default): ``w`` times the
         normalised input after the cast (Llama's order). Fresh weights start at ``1 - norm_weight_offset``.
+    pre_norms : bool
+        The norms in front of the attention and the MLP (``ln1``, ``ln2``); False: none, the sublayers read the
+        residual stream itself (OLMo 2 normalises only their outputs: give ``use_normalization_before_and_after``
+        with it). ``normalization_type`` still sets the other norms.
     use_normalization_before_and_after : bool
         Sandwich norms (Gemma 2 and 3): the attention's and the MLP's outputs each pass through a norm of their own
         (``ln1_post``, ``ln2_post``) before they are added to the residual stream; ``hook_attn_out`` and
@@ -292,6 +298,7 @@ class TransformerConfig:
     attn_scores_dtype: torch.dtype | None = None
     embed_scale: float | None = None
     norm_weight_offset: float = 0.0
+    pre_norms: bool = True
     use_normalization_before_and_after: bool = False
     attn_scores_soft_cap: float | None = None
     output_logits_soft_cap: float | None = None
@@ -397,6 +404,8 @@ class TransformerConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
                 raise ValueError(f"{name}={v!r} is not valid; give a positive number or None")
+        if self.qk_norm not in (False, True, "all"):
+            raise ValueError(f"qk_norm={self.qk_norm!r} is not valid; give False, True (per head) or 'all'")
         pi = self.padding_idx
         if pi is not None and (isinstance(pi, bool) or not isinstance(pi, int) or not 0 <= pi < self.d_vocab):
             raise ValueError(
@@ -715,8 +724,13 @@ class Attention(nn.Module):
         self.b_V = _maybe_bias(cfg.attn_bias, Hkv, dh, dtype=dt)
         self.b_O = _maybe_bias(cfg.attn_out_bias, d, dtype=dt)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset)
-            self.k_norm = RMSNorm(dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset)
+            wide = cfg.qk_norm == "all"  # one norm over every head's projection (OLMo 2)
+            self.q_norm = RMSNorm(
+                H * dh if wide else dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset
+            )
+            self.k_norm = RMSNorm(
+                Hkv * dh if wide else dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset
+            )
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -747,11 +761,15 @@ class Attention(nn.Module):
         return self.qk_normed("k", self.proj(x, self.W_K, self.b_K))
 
     def qk_normed(self, which: str, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., d_head)``, projected queries (``which="q"``) or keys (``"k"``), through their per-head norm
-        when the model has ``qk_norm`` (else ``x`` itself)."""
+        """``x (..., heads, d_head)``, projected queries (``which="q"``) or keys (``"k"``), through their norm when
+        the model has ``qk_norm`` (else ``x`` itself): per head, or with ``qk_norm="all"`` over every head's
+        projection at once (``x`` then holds all the heads on its second-to-last axis)."""
         if not self.cfg.qk_norm:
             return x
-        return (self.q_norm if which == "q" else self.k_norm)(x)
+        norm = self.q_norm if which == "q" else self.k_norm
+        if self.cfg.qk_norm == "all":
+            return norm(x.flatten(-2)).view(x.shape)
+        return norm(x)
 
     def compute_v(self, x: torch.Tensor) -> torch.Tensor:
         """Values: ``x (..., d_model) -> (..., n_key_value_heads, d_head)``."""
@@ -938,7 +956,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.ln1 = _make_norm(cfg)
+        self.ln1 = _make_norm(cfg) if cfg.pre_norms else nn.Identity()
         self.attn = Attention(cfg, layer)
         post = cfg.use_normalization_before_and_after
         if post:
@@ -947,7 +965,7 @@ class TransformerBlock(nn.Module):
         self.hook_attn_out = HookPoint()
         self.hook_resid_post = HookPoint()
         if not cfg.attn_only:
-            self.ln2 = _make_norm(cfg)
+            self.ln2 = _make_norm(cfg) if cfg.pre_norms else nn.Identity()
             self.mlp = MLP(cfg)
             if post:
                 self.ln2_post = _make_norm(cfg)
@@ -1111,9 +1129,11 @@ def list_components(model: Transformer, heads: bool = True) -> list[str]:
     """Component names of ``model``: ``embed``, ``pos_embed`` (learned positions only), ``blocks.{l}.attn`` (or
     ``blocks.{l}.attn.head.{h}`` for every head when ``heads``, and ``blocks.{l}.attn.kv_head.{g}`` for shared
     key/value heads under grouped-query attention), ``blocks.{l}.mlp``, ``unembed`` (only when the
-    unembedding has a weight of its own: with tied embeddings ``embed`` is both)."""
+    unembedding has a weight of its own: with tied embeddings ``embed`` is both). With ``qk_norm="all"`` the heads
+    share one query/key norm and are listed as ``blocks.{l}.attn`` only."""
     cfg = model.cfg
     out = ["embed"] + (["pos_embed"] if cfg.positional_embedding else [])
+    heads = heads and getattr(cfg, "qk_norm", False) != "all"  # heads coupled by one norm: no per-head parts
     for layer in range(cfg.n_layers):
         if heads:
             out += [f"blocks.{layer}.attn.head.{h}" for h in range(cfg.n_heads)]
@@ -1167,6 +1187,12 @@ def component_masks(
     m = re.fullmatch(r"(blocks\.\d+\.attn)\.(head|kv_head)\.(\d+)", component)
     if m:
         prefix, kind, h = m.group(1), m.group(2), int(m.group(3))
+        if getattr(getattr(model, "cfg", None), "qk_norm", False) == "all":
+            raise ValueError(
+                f"component={component!r}: qk_norm='all' normalises the query and key projections across all "
+                "heads, so a head's parameters move the other heads' queries and keys too and no per-head "
+                f"component exists; use '{prefix}'"
+            )
         n_heads = params[f"{prefix}.W_Q"].shape[0] if f"{prefix}.W_Q" in params else None
         if n_heads is None:
             raise ValueError(f"component={component!r}: the model has no parameter {prefix}.W_Q")

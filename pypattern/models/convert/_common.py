@@ -117,6 +117,29 @@ def rope(
     return base, rotary_dim, freq_dtype, scaling
 
 
+def layer_ropes(config: Any, rotary_module: nn.Module, head_dim: int, types: list[str]) -> dict:
+    """``rotary_base``, ``rotary_scaling`` (each one value, or one per layer when the layers differ) and
+    ``rotary_dim`` / ``rotary_freq_dtype`` of a model whose rotary embedding may hold one set of frequencies per
+    kind of layer (``{layer_type}_inv_freq`` buffers: Gemma 3, OLMo 3), as :class:`TransformerConfig` fields."""
+    if all(hasattr(rotary_module, f"{t}_inv_freq") for t in types):
+        per_type = {t: rope(config, rotary_module, head_dim, layer_type=t) for t in sorted(set(types))}
+        ropes = [per_type[t] for t in types]
+    else:
+        ropes = [rope(config, rotary_module, head_dim)] * len(types)
+    dims, freq_dtypes = {r[1] for r in ropes}, {r[2] for r in ropes}
+    if len(dims) != 1:
+        refuse("rotary dimensions", sorted(dims), "they differ between layers")
+    if len(freq_dtypes) != 1:
+        refuse("rotary inv_freq", "(buffers)", "the layers' frequencies are rounded to different dtypes")
+    bases, scalings = [r[0] for r in ropes], [r[3] for r in ropes]
+    return dict(
+        rotary_dim=dims.pop(),
+        rotary_base=bases[0] if len(set(bases)) == 1 else tuple(bases),
+        rotary_freq_dtype=freq_dtypes.pop(),
+        rotary_scaling=scalings[0] if len({repr(x) for x in scalings}) == 1 else tuple(scalings),
+    )
+
+
 def window_setting(windows: list) -> int | tuple | None:
     """``TransformerConfig.sliding_window`` from one window (or None) per layer: the window itself when every layer
     has the same, else the tuple."""
