@@ -184,6 +184,7 @@ class EdgeEngine:
     def _set_base(self, base: _Run) -> None:
         """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``."""
         self.base = base
+        self._ablated = {}  # what follows from the base run (all-ablated inputs, their projections and MLPs)
         if self._pending_source == "zero":
             self.A = torch.zeros_like(base.outs)
         elif self._pending_source == "mean":
@@ -243,8 +244,7 @@ class EdgeEngine:
         cls = X.cls[:, sel].tolist()
         shared, own = [], []
         abl = [(i, c) for c in range(C) for i in range(len(sel)) if cls[c][i] == 1]
-        if abl:
-            shared.append((X.abl, abl))
+        cached = (self._ablated_projections(layer, rows), abl) if abl else None
         for c in range(C):
             mine = [(i, c) for i in range(len(sel)) if cls[c][i] == 0]
             if mine:
@@ -258,7 +258,7 @@ class EdgeEngine:
                 own_x = (X.own[ats[0] : ats[0] + len(ats)], [(i, c) for _, i, c in own])
             else:
                 own_x = (X.own[torch.tensor(ats)], [(i, c) for _, i, c in own])
-        q, k, vv = v.qkv_grouped(layer, shared, own_x, C, qrows, rows, heads=heads)
+        q, k, vv = v.qkv_grouped(layer, shared, own_x, C, qrows, rows, heads=heads, cached=cached)
         z = v.attention(layer, q, k, vv, qrows, rows, heads=heads)
         return v.head_out(layer, z, heads=heads)
 
@@ -411,6 +411,58 @@ class EdgeEngine:
             self._ablated[s] = self.base.resid[s] + self.D[:n].sum(0)
         return _rows(self._ablated[s], rows, 1)
 
+    def _ablated_projections(self, layer: int, rows: torch.Tensor) -> tuple:
+        """Every head's query, key and value projections (:meth:`ModelView.projections`) of the all-ablated input
+        of ``layer``'s attention at ``rows``: the same in every patched run, computed once (cached) and read by
+        each destination input whose every incoming edge is patched."""
+        key = ("proj", layer, int(rows[0]), len(rows))
+        if key not in self._ablated:
+            self._ablated[key] = self.view.projections(layer, self._ablated_input(2 * layer, rows))
+        return self._ablated[key]
+
+    def _ablated_mlp(self, s: int, rows: torch.Tensor) -> torch.Tensor:
+        """``(B, R, d)``: the MLP's output on the all-ablated input of stage ``s`` at ``rows`` (cached)."""
+        key = ("mlp", s, int(rows[0]), len(rows))
+        if key not in self._ablated:
+            self._ablated[key] = self.view.mlp(s // 2, self._ablated_input(s, rows))
+        return self._ablated[key]
+
+    def _mlp_out(self, s: int, x, R: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The MLP output ``(C, B, R, d)`` of stage ``s`` from its inputs ``x`` (:meth:`_inputs` with
+        ``grouped``: None when every run reads ``R``, a dense ``(1, C, ...)`` tensor or a :class:`_Grouped`): the
+        runs whose MLP input is the all-ablated one take its cached output instead of running the MLP."""
+        v, layer = self.view, s // 2
+        if x is None:
+            return v.mlp(layer, R)
+        if not isinstance(x, _Grouped):
+            return v.mlp(layer, x[0])
+        cls = x.cls[:, 0]
+        C = cls.shape[0]
+        abl = cls == 1
+        n_abl = int(abl.sum())
+        if n_abl == C:
+            return self._ablated_mlp(s, rows).unsqueeze(0).expand(C, -1, -1, -1)
+        inp = self._materialize(x, R)
+        if n_abl == 0:
+            return v.mlp(layer, inp)
+        keep = (~abl).nonzero().flatten()
+        out = R.new_empty(C, *R.shape[1:])
+        out[keep] = v.mlp(layer, inp[keep])
+        out[abl] = self._ablated_mlp(s, rows)
+        return out
+
+    @staticmethod
+    def _materialize(x: _Grouped, R: torch.Tensor) -> torch.Tensor:
+        """The first destination input of every run, ``(C, B, R, d)``, from grouped inputs: ``R[c]``, the
+        all-ablated input or the formed one, as ``x.cls`` says."""
+        cls = x.cls[:, 0]
+        C = cls.shape[0]
+        inp = torch.where((cls == 0).view(C, 1, 1, 1), R, x.abl if x.abl is not None else R.new_zeros(()))
+        formed = (cls == 2).nonzero().flatten()
+        if len(formed):
+            inp[formed] = x.own[x.at[formed, 0]]
+        return inp
+
     def _inputs_sparse(self, blocks, Mv, rows, sub, R, s, comp, n, k=None):
         """:meth:`_inputs` from the cheaper side of each (mask, destination input): ``R`` plus its patched
         sources' ``A_u - out_u``, or, when more than half of its sources are patched, the ablated input (the same in
@@ -516,14 +568,14 @@ class EdgeEngine:
                 return self._final(R if x is None else x[0])
             layer = s // 2
             if s % 2 == 1:  # the MLP of a sequential block
-                x = self._inputs(blocks, M, dsts, rows, R, s)
-                out = v.mlp(layer, R if x is None else x[0])
+                x = self._inputs(blocks, M, dsts, rows, R, s, grouped=True)
+                out = self._mlp_out(s, x, R, rows)
                 R = R + out
                 blocks.append(self._mlp_block(layer, out, rows))
                 continue
             # attention of `layer` (and, in a parallel block, its MLP, reading the same residual)
             X = self._inputs(blocks, M, dsts[:nA], rows, R, s, grouped=True)
-            X_m = self._inputs(blocks, M, dsts[nA:], rows, R, s) if self.parallel else None
+            X_m = self._inputs(blocks, M, dsts[nA:], rows, R, s, grouped=True) if self.parallel else None
             qrows = self._rows_after(layer, rows)
             full = len(qrows) == self.T
             srcs = self.head_srcs[layer]
@@ -566,10 +618,15 @@ class EdgeEngine:
                 A_heads = _rows(self.A[int(srcs[0]) : int(srcs[-1]) + 1], qrows, 2)
                 blocks.append((srcs.tolist(), O.neg_().add_(A_heads.unsqueeze(1)), False, full))
             if self.parallel:
-                x = R_pre if X_m is None else X_m[0]
-                if len(qrows) != len(rows):
-                    x = x[:, :, qrows]
-                out = v.mlp(layer, x)
+                if len(qrows) == len(rows):
+                    out = self._mlp_out(s, X_m, R_pre, rows)
+                else:  # the metric row only
+                    x = (
+                        R_pre
+                        if X_m is None
+                        else (self._materialize(X_m, R_pre) if isinstance(X_m, _Grouped) else X_m[0])
+                    )
+                    out = v.mlp(layer, x[:, :, qrows])
                 R = R + out
                 blocks.append(self._mlp_block(layer, out, qrows))
             rows = qrows

@@ -231,6 +231,7 @@ class ModelView:
         q_pos: torch.Tensor,
         k_pos: torch.Tensor,
         heads: list[int] | None = None,
+        cached: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of ``n_runs`` runs in which many head inputs are the same tensor: each shared
         input is normalised once and projected for all the heads reading it in one matmul; the other inputs are
@@ -244,6 +245,10 @@ class ModelView:
             ``c``.
         own : ``(x, members)`` or None
             ``x (P, ..., Tk, d_model)``, row ``p`` read by ``members[p]`` alone.
+        cached : ``((yq, yk, yv), members)`` or None
+            Inputs whose projections are known: ``yq (n_heads, ..., Tk, d_head)``, ``yk``, ``yv (n_kv_heads, ...,
+            Tk, d_head)`` are every head's projections (with bias, before query/key norms and rotation,
+            :meth:`projections`) of the one input the ``(i, c)`` of ``members`` read.
         q_pos, k_pos : LongTensor ``(Tq,)``, ``(Tk,)``
             Positions of the queries and keys; query inputs are read at their last ``Tq`` rows.
 
@@ -258,7 +263,7 @@ class ModelView:
         h, hk = len(hq), len(kv)
         Ws = ((a.W_Q, a.b_Q, hq), (a.W_K, a.b_K, kv), (a.W_V, a.b_V, kv))
         first = (0, h, h + hk)
-        x0 = shared[0][0] if shared else own[0][0]
+        x0 = shared[0][0] if shared else (own[0][0] if own is not None else cached[0][0])
         Tq, Tk = len(q_pos), len(k_pos)
         part = Tq != Tk
         dh = self.d_head
@@ -269,8 +274,21 @@ class ModelView:
         def rows_of(x, t):  # the query inputs at their rows only
             return x.narrow(-2, Tk - Tq, Tq) if (t == 0 and part) else x
 
-        base_shape = (shared[0][0].shape[:-2]) if shared else own[0].shape[1:-2]
+        if not shared and own is None:
+            base_shape = x0.shape[1:-2]
+        else:
+            base_shape = (shared[0][0].shape[:-2]) if shared else own[0].shape[1:-2]
         outs = [x0.new_empty(n, n_runs, *base_shape, T, dh) for n, T in ((h, Tq), (hk, Tk), (hk, Tk))]
+        if cached is not None:  # projections known already: copied to their places
+            ys, members = cached
+            for t, (_, _, idx) in enumerate(Ws):
+                mine = [(i, c) for i, c in members if kind(i) == t]
+                if not mine:
+                    continue
+                y = rows_of(ys[t], t)
+                src = [idx[i - first[t]] for i, _ in mine]  # the model's head index of each member
+                dst = [(i - first[t]) * n_runs + c for i, c in mine]
+                _put(outs[t], dst, y, src)
         for x, members in shared:
             xn = self.attn_norm(layer, x)
             for t, (W, b, idx) in enumerate(Ws):
@@ -305,6 +323,16 @@ class ModelView:
                 _put(outs[t], dst, y, list(range(len(rows_p))))
         q, k = a.qk_normed("q", outs[0]), a.qk_normed("k", outs[1])
         return self._rotate(layer, q, q_pos), self._rotate(layer, k, k_pos), outs[2]
+
+    def projections(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every head's query, key and value projections of one un-normalised input ``x (..., T, d_model)``, with
+        their biases and before the query/key norms and rotation: ``(H, ..., T, dh)``, ``(H_kv, ..., T, dh)`` twice
+        (the pieces :meth:`qkv_grouped` puts together)."""
+        a = self.model.blocks[layer].attn
+        xn = self.attn_norm(layer, x)
+        return tuple(
+            a.proj(xn, W, b).movedim(-2, 0) for W, b in ((a.W_Q, a.b_Q), (a.W_K, a.b_K), (a.W_V, a.b_V))
+        )
 
     def qkv_input_vjp(
         self,
