@@ -1007,3 +1007,14 @@ def test_olmo2_options_land_in_the_config():
         m.component_masks("blocks.0.attn.head.1")
     o3 = from_hf(hf_model("olmo3-window-headdim-tied")).cfg
     assert o3.sliding_window == (3, None, 3) and o3.tie_word_embeddings
+
+
+def test_odd_partial_rotary_count_is_refused_by_name():
+    """Phi-3 with ``head_dim * partial_rotary_factor`` odd: Hugging Face turns one dimension more than that count,
+    at frequencies of the odd count; refused naming the factor rather than approximated."""
+    hf = hf_model("phi3-gqa2-partial0.5", hidden_size=36, num_attention_heads=6, num_key_value_heads=2)
+    assert hf.model.layers[0].self_attn.head_dim == 6
+    with pytest.raises(
+        UnsupportedModelError, match="partial_rotary_factor=0.5 .* = 3 dimensions, an odd number"
+    ):
+        from_hf(hf)

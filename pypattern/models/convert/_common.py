@@ -102,6 +102,15 @@ def rope(
     freq_dtype = next(
         (d for d in candidates if torch.equal(mine if d is None else mine.to(d).float(), inv_freq)), False
     )
+    pf = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if freq_dtype is False and pf is not None and int(head_dim * pf) % 2:
+        refuse(
+            "partial_rotary_factor",
+            pf,
+            f"it rotates int(head_dim * partial_rotary_factor) = int({head_dim} * {pf}) = {int(head_dim * pf)} "
+            "dimensions, an odd number (the Hugging Face model then turns one more dimension than that, at "
+            "frequencies of the odd count); give a factor that makes the count even",
+        )
     if freq_dtype is False:
         what = (
             "a default rotary embedding's"
