@@ -25,6 +25,7 @@ Every run ends with a short summary; full results go to files under --out, whose
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -313,6 +314,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _model_errors(cmd: str):
+    """A model the command does not cover (an architecture not converted, or a method that does not apply to it)
+    ends the command with its one-line reason instead of a traceback."""
+    from .models.convert import UnsupportedModelError
+
+    try:
+        yield
+    except (UnsupportedModelError, NotImplementedError) as e:
+        raise SystemExit(f"pypattern {cmd}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -322,10 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(backends(), indent=2))
         return 0
     if args.cmd == "circuit":
-        _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))
+        with _model_errors(args.cmd):
+            _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))
         return 0
     if args.cmd == "chi" or (args.cmd in ("llc", "patch") and (args.model or args.data)):
-        return _user_run(args)
+        with _model_errors(args.cmd):
+            return _user_run(args)
     if args.cmd == "llc":
         print("LLC of a small MLP trained on a teacher task:")
         _llc_demo(args.out, args.quick)

@@ -163,3 +163,30 @@ def test_user_commands_need_both_model_and_data(data):
     d, _ = data
     with pytest.raises(SystemExit, match="--model DIR and --data FILE"):
         main(["llc", "--data", str(d / "tokens.npy")])
+
+
+def test_patch_on_gemma2_and_circuit_refused_in_one_line(data, tmp_path, capsys):
+    """A Gemma 2 directory: `patch` runs (exact grids through the sandwich norms); `circuit` ends with the reason
+    edges are not defined there, as a one-line message rather than a traceback."""
+    d, _ = data
+    cfg = transformers.Gemma2Config(
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=16,
+        sliding_window=3,
+    )
+    torch.manual_seed(0)
+    model_dir = tmp_path / "gemma2"
+    transformers.Gemma2ForCausalLM(cfg).save_pretrained(model_dir, safe_serialization=True)
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--data", str(d / "tokens.npy"), "--out", str(out)]
+    assert main(["patch", *argv, "--sites", "resid_pre,z"]) == 0
+    summary = json.loads((out / "patch_summary.json").read_text())
+    assert set(summary["sites"]) == {"resid_pre", "z"}
+    with pytest.raises(SystemExit, match="pypattern circuit: use_normalization_before_and_after=True"):
+        main(["circuit", *argv])
