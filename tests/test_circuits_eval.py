@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -321,3 +322,25 @@ def test_bfloat16_model_scores_curve_save_and_plot(tmp_path):
     assert os.path.getsize(tmp_path / "curve.png") > 0
     f_mid = faithfulness(model, sc.circuit(n=5).edges, clean, corr, metric=metric)
     assert isinstance(f_mid, float) and f_mid == pytest.approx(float(f[1]), abs=1e-6)
+
+
+def test_faithfulness_undefined_warns_and_is_nan():
+    """Clean and corrupted prompts that give the same metric leave faithfulness undefined (0 / 0): NaN, with a
+    warning that says why, never a number."""
+    import warnings
+
+    from pypattern.circuits import edges, faithfulness
+    from pypattern.models import Transformer, TransformerConfig
+    from pypattern.patching import LogitDiff
+
+    model = Transformer(
+        TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=9, n_ctx=5, dtype=torch.float64)
+    )
+    x = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        f = faithfulness(
+            model, torch.ones(len(edges(model)), dtype=torch.bool), x, x, metric=LogitDiff([1, 2], [3, 4])
+        )
+    assert math.isnan(float(f))
+    assert any("faithfulness is undefined" in str(w.message) for w in seen)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -316,7 +317,16 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 
 def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     den = full - empty
-    return (vals - empty) / den if float(abs(den)) > 0 else torch.full_like(vals, float("nan"))
+    if float(abs(den)) > 0:
+        return (vals - empty) / den
+    warnings.warn(
+        f"faithfulness is undefined here: the metric's batch mean is the same ({float(full):.6g}) with every edge "
+        "patched and with none (the clean and corrupted prompts, or the ablation, leave it unchanged); NaN is "
+        "returned",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return torch.full_like(vals, float("nan"))
 
 
 def faithfulness(
