@@ -820,12 +820,15 @@ def _local_tokenizer(tmp_path):
         "llama-gqa2-biases-tied-headdim",
         "qwen2-gqa4-tied",
         "qwen3-gqa2-tied",
+        "phi3-gqa2-partial0.5",
+        "gemma-mqa-tied",
+        "gemma2-gqa2-capped-window",
     ],
 )
 def test_transformer_lens_bridge_converts(case, tmp_path):
     """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts to the function of the bridge's
-    forward, whose attention components take the softmax in float32 for the Llama family, in the model's dtype for
-    GPT-2 and GPT-NeoX (run in the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not
+    forward, whose attention components take the softmax in float32 for the Llama family and Gemma, in the model's
+    dtype for GPT-2, GPT-NeoX and Phi-3 (run in the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not
     installed)."""
     pytest.importorskip("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
@@ -836,7 +839,7 @@ def test_transformer_lens_bridge_converts(case, tmp_path):
     model = from_hf(bridge)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
     x = tokens()
-    upcasts = CASES[case][0] not in ("GPT2", "GPTNeoX")
+    upcasts = CASES[case][0] not in ("GPT2", "GPTNeoX", "Phi3")  # Phi-3's fused q/k/v: a joint-QKV component
     assert model.cfg.attn_softmax_dtype == (torch.float32 if upcasts else None)
     with torch.no_grad():
         got = model(x)
