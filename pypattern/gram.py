@@ -160,6 +160,7 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         unsupported[opt] = (getattr(cfg, opt, None),) if getattr(cfg, opt, None) is not None else ()
     unsupported["use_normalization_before_and_after"] = (True,)
     unsupported["pre_norms"] = (False,)
+    unsupported["parallel_shared_norm"] = (True,)
     unsupported["qk_norm"] = (True, "all")
     for opt, bad in unsupported.items():
         v = getattr(cfg, opt, None)

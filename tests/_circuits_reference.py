@@ -86,6 +86,13 @@ ARCHS = {
         mlp_bias=False,
         unembed_bias=False,
     ),
+    "phi": dict(  # parallel attention + MLP reading one LayerNorm (Phi-2), partial rotary
+        parallel_attn_mlp=True,
+        parallel_shared_norm=True,
+        positional_embedding_type="rotary",
+        rotary_dim=2,
+        act_fn="gelu_new",
+    ),
     "tied": dict(  # tied embeddings, GPT-J rotary pairing (partial), parallel block, no positions learned
         tie_word_embeddings=True,
         positional_embedding_type="rotary",
@@ -249,7 +256,14 @@ def naive_run(model, patched, base_tokens, src, coef=None, fixed_delta=None, emb
                 read = cur[f"pre{layer}"] if parallel else cur[f"mid{layer}"]
                 return (corrected(read, f"MLP{layer}"),)
 
-            handles.append(blk.ln2.register_forward_pre_hook(ln2_pre))
+            if getattr(cfg, "parallel_shared_norm", False):
+                # one norm read by attention and MLP: the MLP's own input, normalised without the norm's hooks
+                def mlp_pre(mod, args, layer=layer, blk=blk):
+                    return (blk.ln1.forward(corrected(cur[f"pre{layer}"], f"MLP{layer}")),)
+
+                handles.append(blk.mlp.register_forward_pre_hook(mlp_pre))
+            else:
+                handles.append(blk.ln2.register_forward_pre_hook(ln2_pre))
     try:
         return model.run_with_hooks(base_tokens, fwd_hooks=hooks)
     finally:

@@ -293,6 +293,32 @@ CASES = {
             },
         ),
     ),
+    "phi-partial0.5": (
+        "Phi",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            intermediate_size=44,
+            partial_rotary_factor=0.5,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        ),
+    ),
+    "phi-gqa2-tied-rot1": (
+        "Phi",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            partial_rotary_factor=1.0,
+            tie_word_embeddings=True,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        ),
+    ),
     "olmo2-gqa2": (
         "Olmo2",
         dict(
@@ -483,6 +509,7 @@ def test_eager_softmax_dtype_saved_and_loaded_with_the_config(tmp_path):
         "gemma2-gqa2-capped-window",
         "gemma3-local-global-rope",
         "olmo3-window-headdim-tied",
+        "phi-partial0.5",
     ],
 )
 def test_round_trip_through_save_pretrained(case, tmp_path):
@@ -688,6 +715,7 @@ def test_unknown_model_class_is_refused():
         "Gemma3ForCausalLM",
         "Olmo2ForCausalLM",
         "Olmo3ForCausalLM",
+        "PhiForCausalLM",
     }
 
 
@@ -727,6 +755,7 @@ def _expected_shape(name, cfg, b, t):
         "gemma-mqa-tied",
         "gemma3-local-global-rope",
         "olmo2-gqa2",
+        "phi-gqa2-tied-rot1",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -823,6 +852,7 @@ def _local_tokenizer(tmp_path):
         "phi3-gqa2-partial0.5",
         "gemma-mqa-tied",
         "gemma2-gqa2-capped-window",
+        "phi-partial0.5",
     ],
 )
 def test_transformer_lens_bridge_converts(case, tmp_path):
@@ -1021,3 +1051,22 @@ def test_odd_partial_rotary_count_is_refused_by_name():
         UnsupportedModelError, match="partial_rotary_factor=0.5 .* = 3 dimensions, an odd number"
     ):
         from_hf(hf)
+
+
+def test_phi_attention_and_mlp_read_one_norm():
+    """Phi-1/1.5/2: one LayerNorm per block read by the attention and the MLP (``parallel_shared_norm``): listed
+    and hooked once, ``ln2`` is that module, and patching its output moves both sublayers."""
+    hf = hf_model("phi-partial0.5")
+    m = from_hf(hf)
+    cfg = m.cfg
+    assert cfg.parallel_attn_mlp and cfg.parallel_shared_norm and cfg.rotary_dim == 4 and cfg.unembed_bias
+    names = [n for n, _ in m.named_parameters()]
+    assert "blocks.0.ln1.w" in names and not any(".ln2." in n for n in names)
+    assert m.blocks[0].ln2 is m.blocks[0].ln1
+    x = tokens()
+    calls = []
+    m.blocks[0].ln1.hook_normalized.add_hook(lambda t, hook: calls.append(1))
+    with torch.no_grad():
+        m(x)
+    m.reset_hooks()
+    assert len(calls) == 1  # computed once for both sublayers

@@ -115,6 +115,18 @@ def _hf(arch: str):
                     p.add_(0.3 * torch.randn(p.shape))
             # the padding row (pad_token_id 0) starts at zero, where the first norm's slope is 1 / sqrt(eps)
             m.model.embed_tokens.weight[0].normal_(0.0, 0.02)
+    elif arch == "phi":  # attention and MLP in parallel reading one LayerNorm
+        cfg = transformers.PhiConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        )
+        m = transformers.PhiForCausalLM(cfg)
     elif arch == "olmo2":  # norms after the sublayers only, query/key norms across all heads
         cfg = transformers.Olmo2Config(
             vocab_size=V,
@@ -156,7 +168,7 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo2"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo2", "phi"])
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
@@ -174,7 +186,7 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo2"]
+    "arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo2", "phi"]
 )
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)

@@ -81,6 +81,13 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
             intermediate_size=40, sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=8, **common,
         )  # fmt: skip
+    if (
+        arch == "phi"
+    ):  # attention and MLP in parallel reading one LayerNorm, partial rotary, biases everywhere
+        return tr.PhiConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40, resid_pdrop=0.0,
+            embd_pdrop=0.0, **common,
+        )  # fmt: skip
     if arch == "olmo2":  # norms after the sublayers only, query/key norms across all heads
         return tr.Olmo2Config(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
@@ -91,7 +98,7 @@ def _config(arch: str):
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
-    "gemma2", "gemma3", "olmo2",
+    "gemma2", "gemma3", "olmo2", "phi",
 ]  # fmt: skip
 _CACHE: dict = {}
 
@@ -122,6 +129,8 @@ def _parts(m, writes: bool = False):
         return m.transformer.h, "attn", "mlp", m.transformer.ln_f
     if mt == "gpt_neox":
         return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
+    if mt == "phi":
+        return m.model.layers, "self_attn", "mlp", m.model.final_layernorm
     if writes and mt in ("gemma2", "gemma3_text", "olmo2"):
         return m.model.layers, "post_attention_layernorm", "post_feedforward_layernorm", m.model.norm
     return m.model.layers, "self_attn", "mlp", m.model.norm
@@ -171,7 +180,7 @@ def test_residual_hooks_equal_hf_hidden_states_and_module_outputs(arch):
             torch.testing.assert_close(post, hs[layer + 1], rtol=0, atol=0)
         else:  # HF's last hidden state is after the final norm; resid_post of the last layer is before it
             torch.testing.assert_close(ln_f(post), hs[-1], rtol=0, atol=0)
-        if arch == "neox":  # parallel attention and MLP: no resid_mid
+        if arch in ("neox", "phi"):  # parallel attention and MLP: no resid_mid
             assert f"blocks.{layer}.hook_resid_mid" not in cache
             torch.testing.assert_close(post, pre + a + f, rtol=1e-12, atol=1e-12)
         else:
@@ -210,7 +219,7 @@ def _hand_patch(m, site: str, layer: int, delta: torch.Tensor):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"])
 def test_patching_a_residual_site_equals_a_hand_written_hf_hook(arch, site):
-    if arch == "neox" and site == "resid_mid":
+    if arch in ("neox", "phi") and site == "resid_mid":
         pytest.skip("parallel attention has no resid_mid")
     m = _model(arch)
     hm = hooked_hf(m)
@@ -285,7 +294,7 @@ def test_gpt2_names_kept():
 def _out_proj(m, layer):
     layers, attn_name, _, _ = _parts(m)
     attn = getattr(layers[layer], attn_name)
-    names = {"gpt2": "c_proj", "gpt_neox": "dense", "gpt_neo": "attention.out_proj"}
+    names = {"gpt2": "c_proj", "gpt_neox": "dense", "gpt_neo": "attention.out_proj", "phi": "dense"}
     return attn, names.get(m.config.model_type, "o_proj")
 
 

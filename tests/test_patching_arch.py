@@ -61,6 +61,14 @@ ARCHS = {
         "qk_norm": "all",
         "sliding_window": (3, None),
     },
+    # Phi-2: attention and MLP in parallel reading one LayerNorm, partial rotary, biases everywhere
+    "phi": dict(
+        parallel_attn_mlp=True,
+        parallel_shared_norm=True,
+        positional_embedding_type="rotary",
+        rotary_dim=2,
+        act_fn="gelu_new",
+    ),
     # Gemma 3: query/key norms, local and global layers with their own rotary bases and scalings
     "gemma3": {
         **LLAMA,
@@ -264,7 +272,8 @@ def first_order(model, site, clean, corr, ans, wrong, layer, head, pos):
 
 
 @pytest.mark.parametrize(
-    "arch", ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2"]
+    "arch",
+    ["neox", "llama", "mistral_window", "mqa_gptj", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "phi"],
 )
 def test_atp_equals_autograd_directional_derivative(arch):
     model, clean, corr, ans, wrong = build(arch)

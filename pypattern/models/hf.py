@@ -151,7 +151,10 @@ class HFArch:
     heads_coupled: bool = False
 
     def parallel(self, config: Any) -> bool:
-        """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``)."""
+        """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``; Phi's
+        blocks always)."""
+        if self.model_type == "phi":
+            return True
         return self.model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", False))
 
 
@@ -217,6 +220,10 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("olmo2", "olmo3")
     },
+    # Phi-1/1.5/2: attention and MLP in parallel reading one LayerNorm (ln1 and ln2 are that norm), output "dense"
+    "phi": HFArch(
+        "phi", **{**_LLAMA_LIKE, "ln2": "input_layernorm", "ln_final": "final_layernorm", "out_proj": "dense"}
+    ),
     # Phi-3: a fused qkv_proj, its rows every query head, then every key head, then every value head
     "phi3": HFArch("phi3", **{**_LLAMA_LIKE, "qkv": "phi3"}),
     "gpt_neo": HFArch(
@@ -419,8 +426,8 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia),
-    ``llama``, ``mistral``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``, ``olmo2``,
-    ``olmo3``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
+    ``olmo2``, ``olmo3``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

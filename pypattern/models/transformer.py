@@ -199,6 +199,9 @@ class TransformerConfig:
     parallel_attn_mlp : bool
         Attention and MLP both read the block's input through their own norms (``ln1``, ``ln2``) and both outputs
         are added to it (GPT-NeoX's ``use_parallel_residual``); there is no ``hook_resid_mid``.
+    parallel_shared_norm : bool
+        With ``parallel_attn_mlp``: attention and MLP read one norm's output (``ln1``; the block has no ``ln2`` of
+        its own and ``blocks.{l}.ln2`` is ``ln1``), as in Phi-1/1.5/2 and GPT-J; False: each its own (GPT-NeoX).
     attn_bias : bool
         Biases ``b_Q``, ``b_K``, ``b_V``.
     qk_norm : bool or "all"
@@ -285,6 +288,7 @@ class TransformerConfig:
     n_key_value_heads: int | None = None
     gated_mlp: bool = False
     parallel_attn_mlp: bool = False
+    parallel_shared_norm: bool = False
     attn_bias: bool = True
     attn_out_bias: bool = True
     mlp_bias: bool = True
@@ -377,6 +381,8 @@ class TransformerConfig:
             raise ValueError(
                 f"n_key_value_heads={kv!r} is not valid; give a positive divisor of n_heads={self.n_heads}"
             )
+        if self.parallel_shared_norm and (not self.parallel_attn_mlp or self.attn_only):
+            raise ValueError("parallel_shared_norm=True needs parallel_attn_mlp=True and an MLP")
         if self.gated_mlp and self.attn_only:
             raise ValueError(f"gated_mlp=True needs an MLP; d_mlp={self.d_mlp!r}")
 
@@ -965,7 +971,10 @@ class TransformerBlock(nn.Module):
         self.hook_attn_out = HookPoint()
         self.hook_resid_post = HookPoint()
         if not cfg.attn_only:
-            self.ln2 = _make_norm(cfg) if cfg.pre_norms else nn.Identity()
+            if cfg.parallel_shared_norm:  # the MLP reads ln1's output: one module, listed (and hooked) once
+                object.__setattr__(self, "ln2", self.ln1)
+            else:
+                self.ln2 = _make_norm(cfg) if cfg.pre_norms else nn.Identity()
             self.mlp = MLP(cfg)
             if post:
                 self.ln2_post = _make_norm(cfg)
@@ -1007,6 +1016,11 @@ class TransformerBlock(nn.Module):
         resid = self.hook_resid_pre(resid)
         if self.cfg.attn_only:
             return self.hook_resid_post(resid + self.attn_block(resid))
+        if self.cfg.parallel_shared_norm:  # one norm, computed (and hooked) once, read by both
+            h = self.ln1(resid)
+            attn_out = self.hook_attn_out(self.attn_post(self.attn(h)))
+            mlp_out = self.hook_mlp_out(self.mlp_post(self.mlp(h)))
+            return self.hook_resid_post(self.combine(resid, attn_out, mlp_out))
         if self.cfg.parallel_attn_mlp:
             return self.hook_resid_post(self.combine(resid, self.attn_block(resid), self.mlp_block(resid)))
         resid = self.hook_resid_mid(resid + self.attn_block(resid))
