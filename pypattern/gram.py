@@ -161,6 +161,9 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     unsupported["use_normalization_before_and_after"] = (True,)
     unsupported["pre_norms"] = (False,)
     unsupported["parallel_shared_norm"] = (True,)
+    unsupported["normalization_type"] = ("RMS", "LNPre")
+    if getattr(cfg, "clip_qkv", None) is not None:
+        unsupported["clip_qkv"] = (cfg.clip_qkv,)
     unsupported["qk_norm"] = (True, "all")
     for opt, bad in unsupported.items():
         v = getattr(cfg, opt, None)

@@ -486,3 +486,11 @@ def test_complements_of_small_circuits_match_reference(arch):
     torch.testing.assert_close(eng.run(masks.flip(0)), first.flip(0), rtol=0, atol=1e-12)
     assert any(k[0] == "mlp" for k in eng._ablated if isinstance(k, tuple)) or model.cfg.attn_only
     assert any(k[0] == "proj" for k in eng._ablated if isinstance(k, tuple))
+
+
+def test_clamped_projections_are_refused_by_name():
+    """OLMo's ``clip_qkv``: the clamp makes the projections non-linear in the head inputs, which EAP's closed-form
+    backward assumes; refused by name."""
+    model = _model("llama", clip_qkv=0.5)
+    with pytest.raises(NotImplementedError, match="clip_qkv=0.5"):
+        ModelView(model)

@@ -319,6 +319,28 @@ CASES = {
             embd_pdrop=0.0,
         ),
     ),
+    "olmo-clip-gqa2": (
+        "Olmo",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=44,
+            clip_qkv=0.4,
+        ),
+    ),
+    "olmo-tied-bias": (
+        "Olmo",
+        dict(
+            hidden_size=36,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=40,
+            attention_bias=True,
+            tie_word_embeddings=True,
+        ),
+    ),
     "olmo2-gqa2": (
         "Olmo2",
         dict(
@@ -713,6 +735,7 @@ def test_unknown_model_class_is_refused():
         "GemmaForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
+        "OlmoForCausalLM",
         "Olmo2ForCausalLM",
         "Olmo3ForCausalLM",
         "PhiForCausalLM",
@@ -756,6 +779,7 @@ def _expected_shape(name, cfg, b, t):
         "gemma3-local-global-rope",
         "olmo2-gqa2",
         "phi-gqa2-tied-rot1",
+        "olmo-clip-gqa2",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -1070,3 +1094,17 @@ def test_phi_attention_and_mlp_read_one_norm():
         m(x)
     m.reset_hooks()
     assert len(calls) == 1  # computed once for both sublayers
+
+
+def test_olmo_norms_without_parameters_and_clamped_projections():
+    """OLMo: LayerNorms with no weight or bias (``normalization_type="LNPre"``, no norm parameters at all) and the
+    query, key and value projections clamped (``clip_qkv``): ``hook_q`` / ``hook_v`` never leave the clamp, and
+    the clamp does act on this model."""
+    m = from_hf(hf_model("olmo-clip-gqa2"))
+    assert m.cfg.normalization_type == "LNPre" and m.cfg.clip_qkv == 0.4 and m.cfg.ln_eps == 1e-5
+    assert not any("ln" in n for n, _ in m.named_parameters())
+    with torch.no_grad():
+        _, cache = m.run_with_cache(tokens())
+    for name in ("blocks.0.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v"):
+        assert float(cache[name].abs().max()) <= 0.4
+    assert float((cache["blocks.0.attn.hook_q"].abs() == 0.4).float().mean()) > 0.01

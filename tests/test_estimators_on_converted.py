@@ -115,6 +115,21 @@ def _hf(arch: str):
                     p.add_(0.3 * torch.randn(p.shape))
             # the padding row (pad_token_id 0) starts at zero, where the first norm's slope is 1 / sqrt(eps)
             m.model.embed_tokens.weight[0].normal_(0.0, 0.02)
+    elif arch == "olmo":  # LayerNorms without parameters, clamped projections
+        cfg = transformers.OlmoConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+            clip_qkv=0.5,
+            pad_token_id=0,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        m = transformers.OlmoForCausalLM(cfg)
     elif arch == "phi":  # attention and MLP in parallel reading one LayerNorm
         cfg = transformers.PhiConfig(
             vocab_size=V,
@@ -168,7 +183,7 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo2", "phi"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi"])
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
@@ -186,7 +201,7 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo2", "phi"]
+    "arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo", "olmo2", "phi"]
 )
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
@@ -194,7 +209,7 @@ def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     loader = _loader()
     # OLMo 2's heads share one query/key norm: its attention is one component
     comps = ["blocks.1.attn" if arch == "olmo2" else "blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
-    if arch in ("llama", "qwen3", "phi3", "gemma2", "gemma3"):
+    if arch in ("llama", "qwen3", "phi3", "gemma2", "gemma3", "olmo"):
         comps.append("blocks.1.attn.kv_head.1")
     probe = loader.dataset[4:6]
     ours = pp.susceptibilities(tf, loader, probe, comps, **KW)

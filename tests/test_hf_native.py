@@ -88,6 +88,11 @@ def _config(arch: str):
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40, resid_pdrop=0.0,
             embd_pdrop=0.0, **common,
         )  # fmt: skip
+    if arch == "olmo":  # LayerNorms without parameters, clamped q/k/v projections
+        return tr.OlmoConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            clip_qkv=0.5, pad_token_id=0, bos_token_id=None, eos_token_id=None, **common,
+        )  # fmt: skip
     if arch == "olmo2":  # norms after the sublayers only, query/key norms across all heads
         return tr.Olmo2Config(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
@@ -98,7 +103,7 @@ def _config(arch: str):
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
-    "gemma2", "gemma3", "olmo2", "phi",
+    "gemma2", "gemma3", "olmo", "olmo2", "phi",
 ]  # fmt: skip
 _CACHE: dict = {}
 

@@ -134,7 +134,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="act_fn"):
         TransformerConfig(act_fn="swish")
     with pytest.raises(ValueError, match="normalization_type"):
-        TransformerConfig(normalization_type="LNPre")
+        TransformerConfig(normalization_type="BatchNorm")
     assert TransformerConfig(d_model=64, n_heads=4).d_head == 16
 
 
@@ -261,23 +261,37 @@ def test_generic_module_with_keyword_inputs_and_tuple_outputs():
     torch.testing.assert_close(out, net.h[1].lin.bias.detach().expand_as(out))
 
 
-def test_layernorm_fused_path_equals_explicit_one():
-    """Without a hook on hook_scale LayerNorm runs torch's fused kernel; with one, the explicit form."""
-    from pypattern.models.transformer import LayerNorm
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32])
+def test_layernorm_fused_path_equals_explicit_one(affine, compute_dtype):
+    """LayerNorm (and the parameter-free LNPre) runs torch's fused kernel; a hook that only reads hook_scale leaves
+    the output bit-identical (a cached run equals the plain one), and one that replaces the scale switches to the
+    explicit form ``(x - mean) / scale``."""
+    from pypattern.models.transformer import LayerNorm, LayerNormPre
 
     torch.manual_seed(0)
-    ln = LayerNorm(16, 1e-5, torch.float64)
-    with torch.no_grad():
-        ln.w.normal_()
-        ln.b.normal_()
+    ln = (LayerNorm if affine else LayerNormPre)(16, 1e-5, torch.float64, compute_dtype)
+    if affine:
+        with torch.no_grad():
+            ln.w.normal_()
+            ln.b.normal_()
     x = torch.randn(3, 5, 16, dtype=torch.float64) * 4 + 2
     fused = ln(x)
     seen = []
     remove = ln.hook_scale.add_hook(lambda t, hook: seen.append(t))
-    explicit = ln(x)
+    read = ln(x)
     remove()
     assert len(seen) == 1 and seen[0].shape == (3, 5, 1)
-    torch.testing.assert_close(fused, explicit, rtol=1e-12, atol=1e-12)
+    assert torch.equal(fused, read)
+    remove = ln.hook_scale.add_hook(lambda t, hook: t * 2)  # halves the normalised input
+    doubled = ln(x)
+    remove()
+    tol = 1e-12 if compute_dtype is None else 1e-6
+    w = ln.w.detach() if affine else 1.0
+    b = ln.b.detach() if affine else 0.0
+    torch.testing.assert_close((doubled - b) * 2 + b, fused, rtol=tol, atol=tol)
+    xhat = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(fused, xhat * w + b, rtol=tol, atol=tol)
 
 
 # ----- architecture options (RMSNorm, rotary, GQA, gated MLP, parallel blocks, biases, tied embeddings) ---------

@@ -61,6 +61,8 @@ ARCHS = {
         "qk_norm": "all",
         "sliding_window": (3, None),
     },
+    # OLMo: LayerNorms without parameters, clamped query/key/value projections
+    "olmo": {**LLAMA, "normalization_type": "LNPre", "clip_qkv": 0.5},
     # Phi-2: attention and MLP in parallel reading one LayerNorm, partial rotary, biases everywhere
     "phi": dict(
         parallel_attn_mlp=True,

@@ -75,6 +75,12 @@ class ModelView:
                 "its own term of the stream and head-level edges are not defined; node-level patching and "
                 "attribution (pypattern.patching) cover these models"
             )
+        if getattr(cfg, "clip_qkv", None) is not None:
+            raise NotImplementedError(
+                f"clip_qkv={cfg.clip_qkv!r} (OLMo): the clamped query, key and value projections are not linear in "
+                "the head inputs, which the edge attribution's closed-form backward needs; node-level patching and "
+                "attribution (pypattern.patching) cover these models"
+            )
         if getattr(cfg, "qk_norm", False) == "all":
             raise NotImplementedError(
                 "qk_norm='all' (OLMo 2): one norm over every head's query projection couples the heads, so a "

@@ -204,6 +204,7 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("gemma2", "gemma3_text")
     },
+    "olmo": HFArch("olmo", **_LLAMA_LIKE),  # LayerNorms without parameters, clamped q/k/v projections
     # OLMo 2 / 3: no norms in front of the attention and the MLP (ln1 / ln2 name the norms after them, the
     # only ones a layer has), the writes are those norms' outputs, one query/key norm across all heads
     **{
@@ -427,7 +428,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia),
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
-    ``olmo2``, ``olmo3``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``olmo``, ``olmo2``, ``olmo3``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

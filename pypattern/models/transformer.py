@@ -68,11 +68,12 @@ __all__ = [
     "gelu_new",
     "apply_act",
     "LayerNorm",
+    "LayerNormPre",
     "RMSNorm",
 ]
 
 _ACT_FNS = ("gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu")
-_NORMS = ("LN", "RMS", None)
+_NORMS = ("LN", "LNPre", "RMS", None)
 _POS_TYPES = ("standard", "rotary", "none")
 
 
@@ -149,8 +150,9 @@ class TransformerConfig:
         Hidden width of the MLP; ``None`` or 0 makes an attention-only model.
     act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu"}
         See :func:`apply_act`.
-    normalization_type : {"LN", "RMS", None}
-        LayerNorm (weight ``w`` and bias ``b``), RMSNorm (weight ``w`` only), or none.
+    normalization_type : {"LN", "LNPre", "RMS", None}
+        LayerNorm (weight ``w`` and bias ``b``), LayerNorm without weight or bias (``"LNPre"``, TransformerLens'
+        name; OLMo's norms), RMSNorm (weight ``w`` only), or none.
     positional_embedding : bool or None
         Older spelling of ``positional_embedding_type``: True means ``"standard"``, False ``"none"``. When
         ``positional_embedding_type`` is given it decides (False together with ``"standard"`` is refused); after
@@ -204,6 +206,10 @@ class TransformerConfig:
         its own and ``blocks.{l}.ln2`` is ``ln1``), as in Phi-1/1.5/2 and GPT-J; False: each its own (GPT-NeoX).
     attn_bias : bool
         Biases ``b_Q``, ``b_K``, ``b_V``.
+    clip_qkv : float or None
+        Queries, keys and values are clamped to ``[-clip_qkv, clip_qkv]`` right after their projection (and bias),
+        before any query/key norm and rotation (OLMo's ``clip_qkv``); ``hook_q`` / ``hook_k`` / ``hook_v`` see the
+        clamped values. None: no clamp.
     qk_norm : bool or "all"
         Queries and keys pass, per head, through an RMSNorm over ``d_head`` (weights ``attn.q_norm.w``,
         ``attn.k_norm.w``, shared by the heads; computed in ``norm_dtype``) after their projection and bias and
@@ -297,6 +303,7 @@ class TransformerConfig:
     attn_scale: float | None = None
     sliding_window: int | None = None
     qk_norm: bool = False
+    clip_qkv: float | None = None
     norm_dtype: torch.dtype | None = None
     attn_softmax_dtype: torch.dtype | None = None
     attn_scores_dtype: torch.dtype | None = None
@@ -323,7 +330,7 @@ class TransformerConfig:
             raise ValueError(f"act_fn={self.act_fn!r} is not valid; choose one of {_ACT_FNS}")
         if self.normalization_type not in _NORMS:
             raise ValueError(
-                f"normalization_type={self.normalization_type!r} is not valid; choose 'LN', 'RMS' or None"
+                f"normalization_type={self.normalization_type!r} is not valid; choose 'LN', 'LNPre', 'RMS' or None"
             )
         for k in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
             v = getattr(self, k)
@@ -406,7 +413,7 @@ class TransformerConfig:
             raise ValueError(f"attn_scale={self.attn_scale!r} is not valid; give a positive number or None")
         if self.init_range is None:
             self.init_range = 0.8 / math.sqrt(self.d_model)
-        for name in ("embed_scale", "attn_scores_soft_cap", "output_logits_soft_cap"):
+        for name in ("embed_scale", "attn_scores_soft_cap", "output_logits_soft_cap", "clip_qkv"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
                 raise ValueError(f"{name}={v!r} is not valid; give a positive number or None")
@@ -531,9 +538,9 @@ class LayerNorm(nn.Module):
     """LayerNorm with TransformerLens' names (``w``, ``b``, ``hook_scale``, ``hook_normalized``).
 
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(var + eps)``; ``hook_normalized`` is the
-    output (after ``w`` and ``b``). Without a hook on ``hook_scale`` it runs torch's fused ``layer_norm`` (about 25%
-    faster fwd+bwd of the whole model under ``vmap``); with one, the explicit form that computes the scale, to float
-    rounding the same. With ``compute_dtype`` the statistics and the normalisation run in that dtype and the result
+    output (after ``w`` and ``b``). It runs torch's fused ``layer_norm`` (about 25% faster fwd+bwd of the whole model
+    under ``vmap``); a hook on ``hook_scale`` sees the scale computed explicitly, and only a hook that replaces it
+    switches the output to the explicit form ``(x - mean) / scale`` (to float rounding the same). With ``compute_dtype`` the statistics and the normalisation run in that dtype and the result
     is cast back to the input's dtype before ``w`` and ``b``."""
 
     def __init__(
@@ -554,12 +561,41 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.compute_dtype is None else x.to(self.compute_dtype)
-        if not self.hook_scale._fns:  # nothing reads or edits the scale: torch's fused kernel, then w and b
-            n = F.layer_norm(h, h.shape[-1:], eps=self.eps).to(x.dtype)
-            return self.hook_normalized(torch.addcmul(self.b, n, self.w))
-        h = h - h.mean(-1, keepdim=True)
-        scale = self.hook_scale((h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized((h / scale).to(x.dtype) * self.w + self.b)
+        if self.hook_scale._fns:
+            c = h - h.mean(-1, keepdim=True)
+            scale = (c.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            seen = self.hook_scale(scale)
+            if seen is not scale:  # a hook replaced the scale
+                return self.hook_normalized((c / seen).to(x.dtype) * self.w + self.b)
+        # torch's fused kernel, then w and b (also when a hook only read the scale: a cached run is bit-identical)
+        n = F.layer_norm(h, h.shape[-1:], eps=self.eps).to(x.dtype)
+        return self.hook_normalized(torch.addcmul(self.b, n, self.w))
+
+
+class LayerNormPre(nn.Module):
+    """LayerNorm without weight or bias (TransformerLens' ``LNPre``; OLMo's norms): ``(x - mean) / sqrt(var +
+    eps)``, in ``compute_dtype`` when set and cast back. ``hook_scale (..., 1)`` is ``sqrt(var + eps)``,
+    ``hook_normalized`` the output."""
+
+    def __init__(
+        self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        if self.hook_scale._fns:
+            c = h - h.mean(-1, keepdim=True)
+            scale = (c.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            seen = self.hook_scale(scale)
+            if seen is not scale:  # a hook replaced the scale
+                return self.hook_normalized((c / seen).to(x.dtype))
+        # torch's fused kernel (also when a hook only read the scale: a cached run is bit-identical)
+        return self.hook_normalized(F.layer_norm(h, h.shape[-1:], eps=self.eps).to(x.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -613,6 +649,8 @@ def _make_norm(cfg: TransformerConfig) -> nn.Module:
         return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
     if cfg.normalization_type == "RMS":
         return RMSNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype, cfg.norm_weight_offset)
+    if cfg.normalization_type == "LNPre":
+        return LayerNormPre(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
     return nn.Identity()
 
 
@@ -759,12 +797,12 @@ class Attention(nn.Module):
     def compute_q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries before rotation: ``x (..., d_model) -> (..., n_heads, d_head)`` (normalised per head with
         ``qk_norm``)."""
-        return self.qk_normed("q", self.proj(x, self.W_Q, self.b_Q))
+        return self.qk_normed("q", self.clip(self.proj(x, self.W_Q, self.b_Q)))
 
     def compute_k(self, x: torch.Tensor) -> torch.Tensor:
         """Keys before rotation: ``x (..., d_model) -> (..., n_key_value_heads, d_head)`` (normalised per head
         with ``qk_norm``)."""
-        return self.qk_normed("k", self.proj(x, self.W_K, self.b_K))
+        return self.qk_normed("k", self.clip(self.proj(x, self.W_K, self.b_K)))
 
     def qk_normed(self, which: str, x: torch.Tensor) -> torch.Tensor:
         """``x (..., heads, d_head)``, projected queries (``which="q"``) or keys (``"k"``), through their norm when
@@ -779,7 +817,12 @@ class Attention(nn.Module):
 
     def compute_v(self, x: torch.Tensor) -> torch.Tensor:
         """Values: ``x (..., d_model) -> (..., n_key_value_heads, d_head)``."""
-        return self.proj(x, self.W_V, self.b_V)
+        return self.clip(self.proj(x, self.W_V, self.b_V))
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        """A projection clamped to ``[-clip_qkv, clip_qkv]`` (``x`` itself without ``clip_qkv``)."""
+        c = self.cfg.clip_qkv
+        return x if c is None else x.clamp(-c, c)
 
     @staticmethod
     def positions(n: int, device: torch.device | None = None) -> torch.Tensor:

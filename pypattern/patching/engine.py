@@ -171,7 +171,7 @@ class ExactEngine:
             H, d, dh = W.shape
             self._flat[key] = W.detach().permute(1, 0, 2).reshape(d, H * dh)
         out = (x @ self._flat[key]).view(*x.shape[:-1], W.shape[0], W.shape[2])
-        out = out if b is None else out + b
+        out = attn.clip(out if b is None else out + b)
         return out if which == "V" else attn.qk_normed(which.lower(), out)
 
     # ----- setup ---------------------------------------------------------------------------------------------
