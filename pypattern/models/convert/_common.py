@@ -178,6 +178,96 @@ def bias_heads(bias: torch.Tensor | None, n: int, d_head: int) -> torch.Tensor |
     return None if bias is None else bias.reshape(n, d_head)
 
 
+def split_qkv(a: nn.Module) -> tuple:
+    """``(W_q, W_k, W_v, b_q, b_k, b_v)`` of an attention with separate ``q_proj``/``k_proj``/``v_proj``
+    (``nn.Linear`` weights ``(out, in)``)."""
+    return (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+
+
+def split_gated_mlp(m: nn.Module) -> tuple:
+    """``(W_gate, W_up, W_down, b_gate, b_up, b_down)`` of a gated MLP with ``gate_proj``/``up_proj``/``down_proj``."""
+    return (
+        m.gate_proj.weight,
+        m.up_proj.weight,
+        m.down_proj.weight,
+        m.gate_proj.bias,
+        m.up_proj.bias,
+        m.down_proj.bias,
+    )
+
+
+def head_shape(model: nn.Module, qkv=split_qkv) -> tuple[nn.Module, int, int, int]:
+    """``(layer 0's attention, d_head, n_heads, n_kv_heads)`` of a ``model.model.layers[i].self_attn`` decoder,
+    after checking the number of layers against the config; ``qkv`` reads an attention's projections."""
+    layers = model.model.layers
+    if len(layers) != model.config.num_hidden_layers:
+        refuse("num_hidden_layers", model.config.num_hidden_layers, f"the model holds {len(layers)} layers")
+    a0 = layers[0].self_attn
+    dh = a0.head_dim
+    Wq, Wk = qkv(a0)[:2]
+    return a0, dh, Wq.shape[0] // dh, Wk.shape[0] // dh
+
+
+def put_attention(w: dict, p: str, qkv: tuple, W_o: torch.Tensor, b_o, H: int, Hkv: int, dh: int) -> None:
+    """Layer ``p``'s attention weights in TransformerLens layout from split projections ``qkv`` (:func:`split_qkv`'s
+    tuple) and the output projection's ``nn.Linear`` weight and bias."""
+    Wq, Wk, Wv, bq, bk, bv = qkv
+    w[f"{p}.attn.W_Q"] = linear_heads(Wq, H, dh)
+    w[f"{p}.attn.W_K"] = linear_heads(Wk, Hkv, dh)
+    w[f"{p}.attn.W_V"] = linear_heads(Wv, Hkv, dh)
+    w[f"{p}.attn.b_Q"] = bias_heads(bq, H, dh)
+    w[f"{p}.attn.b_K"] = bias_heads(bk, Hkv, dh)
+    w[f"{p}.attn.b_V"] = bias_heads(bv, Hkv, dh)
+    w[f"{p}.attn.W_O"] = linear_out_heads(W_o, H, dh)
+    w[f"{p}.attn.b_O"] = b_o
+
+
+def put_gated_mlp(w: dict, p: str, mlp: tuple) -> None:
+    """Layer ``p``'s gated MLP from :func:`split_gated_mlp`'s tuple (gate -> ``W_gate``, up -> ``W_in``, down ->
+    ``W_out``)."""
+    Wg, Wu, Wd, bg, bu, bd = mlp
+    w[f"{p}.mlp.W_gate"], w[f"{p}.mlp.b_gate"] = Wg.T, bg
+    w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = Wu.T, bu
+    w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.T, bd
+
+
+def split_biases(layers, out: str = "o_proj", mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")):
+    """``(attn_bias, attn_out_bias, mlp_bias)`` flags of decoder layers with separate q/k/v projections, the
+    output projection ``out`` and the MLP projections ``mlp`` (each all present or all absent, else refused)."""
+    attn = all_or_none([b for m in layers for b in split_qkv(m.self_attn)[3:]], "q/k/v projection biases")
+    attn_out = all_or_none([getattr(m.self_attn, out).bias for m in layers], f"{out} biases")
+    mlp_b = all_or_none([getattr(m.mlp, x).bias for m in layers for x in mlp], "MLP biases")
+    return attn, attn_out, mlp_b
+
+
+def sizes(c: Any, n_layers: int, H: int, Hkv: int, dh: int, d_mlp: int, emb: torch.Tensor) -> dict:
+    """The size fields of a :class:`TransformerConfig` from a Hugging Face config ``c`` and the model's shapes."""
+    return dict(
+        n_layers=n_layers,
+        d_model=c.hidden_size,
+        n_heads=H,
+        d_head=dh,
+        n_key_value_heads=Hkv,
+        d_mlp=d_mlp,
+        d_vocab=emb.shape[0],
+        n_ctx=c.max_position_embeddings,
+    )
+
+
+def unembedding(model: nn.Module) -> tuple[torch.Tensor, nn.Module, bool, torch.Tensor | None]:
+    """``(embedding weight, output head, tied, head bias)`` of a causal LM."""
+    emb = model.get_input_embeddings().weight
+    lm = model.get_output_embeddings()
+    return emb, lm, same_parameter(lm.weight, emb), getattr(lm, "bias", None)
+
+
+def put_unembedding(w: dict, lm: nn.Module, tied: bool, lm_b: torch.Tensor | None) -> None:
+    """``unembed.W_U`` (untied models only) and ``unembed.b_U``."""
+    if not tied:
+        w["unembed.W_U"] = lm.weight.T
+    w["unembed.b_U"] = lm_b
+
+
 def same_parameter(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when ``a`` and ``b`` are one tensor (tied weights)."""
     return a is b or (

@@ -25,14 +25,18 @@ from torch import nn
 
 from ._common import (
     act_fn,
-    all_or_none,
     attn_softmax_dtype,
-    bias_heads,
-    linear_heads,
-    linear_out_heads,
+    head_shape,
+    layer_ropes,
+    put_attention,
+    put_gated_mlp,
+    put_unembedding,
     refuse,
-    rope,
-    same_parameter,
+    sizes,
+    split_biases,
+    split_gated_mlp,
+    split_qkv,
+    unembedding,
     window_setting,
 )
 
@@ -57,34 +61,17 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     base_model = model.model
     layers = base_model.layers
     L = len(layers)
-    if L != c.num_hidden_layers:
-        refuse("num_hidden_layers", c.num_hidden_layers, f"the model holds {L} layers")
     if getattr(c, "use_bidirectional_attention", False):
         refuse("use_bidirectional_attention", True, "only causal attention is converted")
-    a0 = layers[0].self_attn
-    dh = a0.head_dim
-    H = a0.q_proj.weight.shape[0] // dh
-    Hkv = a0.k_proj.weight.shape[0] // dh
+    a0, dh, H, Hkv = head_shape(model)
     d = c.hidden_size
     types = _layer_types(c, L) if gen > 1 else ["full_attention"] * L
     windows = [c.sliding_window if t == "sliding_attention" else None for t in types]
 
     # rotary embeddings: one for the model, or (Gemma 3) one per kind of layer
-    rot = base_model.rotary_emb
-    if gen == 3:
-        per_type = {t: rope(c, rot, dh, layer_type=t) for t in sorted(set(types))}
-        ropes = [per_type[t] for t in types]
-    else:
-        ropes = [rope(c, rot, dh)] * L
-    if any(r[1] != dh for r in ropes):
-        refuse(
-            "rotary dimensions", [r[1] for r in ropes], f"this model rotates the whole head (head_dim={dh})"
-        )
-    freq_dtypes = {r[2] for r in ropes}
-    if len(freq_dtypes) != 1:
-        refuse("rotary inv_freq", "(buffers)", "the layers' frequencies are rounded to different dtypes")
-    bases = [r[0] for r in ropes]
-    scalings = [r[3] for r in ropes]
+    ropes = layer_ropes(c, base_model.rotary_emb, dh, types)
+    if ropes["rotary_dim"] != dh:
+        refuse("rotary dimensions", ropes["rotary_dim"], f"this model rotates the whole head (head_dim={dh})")
 
     # the embedding's scale as the model holds it (a buffer in the weights' dtype, not saved with the weights)
     emb_mod = model.get_input_embeddings()
@@ -95,17 +82,9 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     embed_scale = float(scale_buf.to(emb.dtype))
     if not math.isclose(embed_scale, math.sqrt(d), rel_tol=1e-2):
         refuse("embed_scale", embed_scale, f"expected sqrt(hidden_size) = {math.sqrt(d)}")
-    lm = model.get_output_embeddings()
-    tied = same_parameter(lm.weight, emb)
-    lm_b = getattr(lm, "bias", None)
+    _, lm, tied, lm_b = unembedding(model)
 
-    attn_bias = all_or_none(
-        [getattr(m.self_attn, f"{x}_proj").bias for m in layers for x in "qkv"], "q/k/v projection biases"
-    )
-    attn_out_bias = all_or_none([m.self_attn.o_proj.bias for m in layers], "o_proj biases")
-    mlp_bias = all_or_none(
-        [getattr(m.mlp, f"{x}_proj").bias for m in layers for x in ("gate", "up", "down")], "MLP biases"
-    )
+    attn_bias, attn_out_bias, mlp_bias = split_biases(layers)
     scaling = a0.scaling
     for i, m in enumerate(layers):
         a = m.self_attn
@@ -126,25 +105,15 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     act_name = c.hidden_act if gen == 1 else c.hidden_activation
     eps = layers[0].input_layernorm.eps
     cfg = dict(
-        n_layers=L,
-        d_model=d,
-        n_heads=H,
-        d_head=dh,
-        n_key_value_heads=Hkv,
-        d_mlp=layers[0].mlp.up_proj.weight.shape[0],
-        d_vocab=emb.shape[0],
-        n_ctx=c.max_position_embeddings,
+        **sizes(c, L, H, Hkv, dh, layers[0].mlp.up_proj.weight.shape[0], emb),
         act_fn=act_fn(act_name, "hidden_act" if gen == 1 else "hidden_activation"),
         normalization_type="RMS",
         norm_dtype=torch.float32,
         norm_weight_offset=1.0,
         embed_scale=embed_scale,
         positional_embedding_type="rotary",
-        rotary_dim=dh,
-        rotary_base=bases[0] if len(set(bases)) == 1 else tuple(bases),
+        **ropes,
         rotary_dtype=torch.float32,
-        rotary_freq_dtype=freq_dtypes.pop(),
-        rotary_scaling=scalings[0] if len({repr(s) for s in scalings}) == 1 else tuple(scalings),
         gated_mlp=True,
         attn_bias=attn_bias,
         attn_out_bias=attn_out_bias,
@@ -183,22 +152,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
                 if tuple(qk.weight.shape) != (dh,):
                     refuse(f"layers[{i}].self_attn.{which}_norm", tuple(qk.weight.shape), f"expected ({dh},)")
                 norm(f"{p}.attn.{which}_norm", qk)
-        w[f"{p}.attn.W_Q"] = linear_heads(a.q_proj.weight, H, dh)
-        w[f"{p}.attn.W_K"] = linear_heads(a.k_proj.weight, Hkv, dh)
-        w[f"{p}.attn.W_V"] = linear_heads(a.v_proj.weight, Hkv, dh)
-        w[f"{p}.attn.b_Q"] = bias_heads(a.q_proj.bias, H, dh)
-        w[f"{p}.attn.b_K"] = bias_heads(a.k_proj.bias, Hkv, dh)
-        w[f"{p}.attn.b_V"] = bias_heads(a.v_proj.bias, Hkv, dh)
-        w[f"{p}.attn.W_O"] = linear_out_heads(a.o_proj.weight, H, dh)
-        w[f"{p}.attn.b_O"] = a.o_proj.bias
-        w[f"{p}.mlp.W_gate"] = f.gate_proj.weight.T
-        w[f"{p}.mlp.b_gate"] = f.gate_proj.bias
-        w[f"{p}.mlp.W_in"] = f.up_proj.weight.T
-        w[f"{p}.mlp.b_in"] = f.up_proj.bias
-        w[f"{p}.mlp.W_out"] = f.down_proj.weight.T
-        w[f"{p}.mlp.b_out"] = f.down_proj.bias
+        put_attention(w, p, split_qkv(a), a.o_proj.weight, a.o_proj.bias, H, Hkv, dh)
+        put_gated_mlp(w, p, split_gated_mlp(f))
     norm("ln_final", base_model.norm)
-    if not tied:
-        w["unembed.W_U"] = lm.weight.T
-    w["unembed.b_U"] = lm_b
+    put_unembedding(w, lm, tied, lm_b)
     return cfg, w

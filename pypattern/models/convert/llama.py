@@ -16,47 +16,26 @@ from ._common import (
     act_fn,
     all_or_none,
     attn_softmax_dtype,
-    bias_heads,
-    linear_heads,
-    linear_out_heads,
+    head_shape,
+    put_attention,
+    put_gated_mlp,
+    put_unembedding,
     refuse,
     rope,
-    same_parameter,
+    split_gated_mlp,
+    split_qkv,
+    unembedding,
     window_setting,
 )
 
 CLASSES = ("LlamaForCausalLM",)
 
 
-def _split_qkv(a: nn.Module) -> tuple:
-    """``(W_q, W_k, W_v, b_q, b_k, b_v)`` of a Llama-style attention (``nn.Linear`` weights ``(out, in)``)."""
-    return (
-        a.q_proj.weight,
-        a.k_proj.weight,
-        a.v_proj.weight,
-        a.q_proj.bias,
-        a.k_proj.bias,
-        a.v_proj.bias,
-    )
-
-
-def _split_mlp(m: nn.Module) -> tuple:
-    """``(W_gate, W_up, W_down, b_gate, b_up, b_down)`` of a Llama-style gated MLP (``(out, in)``)."""
-    return (
-        m.gate_proj.weight,
-        m.up_proj.weight,
-        m.down_proj.weight,
-        m.gate_proj.bias,
-        m.up_proj.bias,
-        m.down_proj.bias,
-    )
-
-
 def llama_like(
     model: nn.Module,
     sliding_window: int | list | None = None,
-    qkv=_split_qkv,
-    mlp=_split_mlp,
+    qkv=split_qkv,
+    mlp=split_gated_mlp,
     partial_rotary: bool = False,
 ) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a Llama-style causal LM (``model.model.layers[i]`` with
@@ -68,15 +47,9 @@ def llama_like(
     c = model.config
     base_model = model.model
     layers = base_model.layers
-    if len(layers) != c.num_hidden_layers:
-        refuse("num_hidden_layers", c.num_hidden_layers, f"the model holds {len(layers)} layers")
+    a0, dh, H, Hkv = head_shape(model, qkv)
     windows = list(sliding_window) if isinstance(sliding_window, list) else [sliding_window] * len(layers)
     d = c.hidden_size
-    a0 = layers[0].self_attn
-    dh = a0.head_dim
-    Wq0, Wk0 = qkv(a0)[:2]
-    H = Wq0.shape[0] // dh
-    Hkv = Wk0.shape[0] // dh
     if a0.scaling != dh**-0.5:
         refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
     base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
@@ -90,10 +63,7 @@ def llama_like(
     attn_in_bias = all_or_none([b for q, _ in splits for b in q[3:]], "q/k/v projection biases")
     attn_out_bias = all_or_none([m.self_attn.o_proj.bias for m in layers], "o_proj biases")
     mlp_bias = all_or_none([b for _, f in splits for b in f[3:]], "mlp_bias")
-    emb = model.get_input_embeddings().weight
-    lm = model.get_output_embeddings()
-    tied = same_parameter(lm.weight, emb)
-    lm_b = getattr(lm, "bias", None)
+    emb, lm, tied, lm_b = unembedding(model)
     eps = layers[0].input_layernorm.variance_epsilon
     cfg = dict(
         n_layers=len(layers),
@@ -142,25 +112,10 @@ def llama_like(
             )
         norm(f"{p}.ln1", layer.input_layernorm)
         norm(f"{p}.ln2", layer.post_attention_layernorm)
-        (Wq, Wk, Wv, bq, bk, bv), (Wg, Wu, Wd, bg, bu, bd) = splits[i]
-        w[f"{p}.attn.W_Q"] = linear_heads(Wq, H, dh)
-        w[f"{p}.attn.W_K"] = linear_heads(Wk, Hkv, dh)
-        w[f"{p}.attn.W_V"] = linear_heads(Wv, Hkv, dh)
-        w[f"{p}.attn.b_Q"] = bias_heads(bq, H, dh)
-        w[f"{p}.attn.b_K"] = bias_heads(bk, Hkv, dh)
-        w[f"{p}.attn.b_V"] = bias_heads(bv, Hkv, dh)
-        w[f"{p}.attn.W_O"] = linear_out_heads(a.o_proj.weight, H, dh)
-        w[f"{p}.attn.b_O"] = a.o_proj.bias
-        w[f"{p}.mlp.W_gate"] = Wg.T
-        w[f"{p}.mlp.b_gate"] = bg
-        w[f"{p}.mlp.W_in"] = Wu.T
-        w[f"{p}.mlp.b_in"] = bu
-        w[f"{p}.mlp.W_out"] = Wd.T
-        w[f"{p}.mlp.b_out"] = bd
+        put_attention(w, p, splits[i][0], a.o_proj.weight, a.o_proj.bias, H, Hkv, dh)
+        put_gated_mlp(w, p, splits[i][1])
     norm("ln_final", base_model.norm)
-    if not tied:
-        w["unembed.W_U"] = lm.weight.T
-    w["unembed.b_U"] = lm_b
+    put_unembedding(w, lm, tied, lm_b)
     return cfg, w
 
 

@@ -17,14 +17,18 @@ from torch import nn
 
 from ._common import (
     act_fn,
-    all_or_none,
     attn_softmax_dtype,
-    bias_heads,
+    head_shape,
     layer_ropes,
-    linear_heads,
-    linear_out_heads,
+    put_attention,
+    put_gated_mlp,
+    put_unembedding,
     refuse,
-    same_parameter,
+    sizes,
+    split_biases,
+    split_gated_mlp,
+    split_qkv,
+    unembedding,
     window_setting,
 )
 
@@ -37,12 +41,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     base_model = model.model
     layers = base_model.layers
     L = len(layers)
-    if L != c.num_hidden_layers:
-        refuse("num_hidden_layers", c.num_hidden_layers, f"the model holds {L} layers")
-    a0 = layers[0].self_attn
-    dh = a0.head_dim
-    H = a0.q_proj.weight.shape[0] // dh
-    Hkv = a0.k_proj.weight.shape[0] // dh
+    a0, dh, H, Hkv = head_shape(model)
     if a0.scaling != dh**-0.5:
         refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
     types = list(getattr(c, "layer_types", None) or ["full_attention"] * L)
@@ -53,27 +52,11 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     ropes = layer_ropes(c, base_model.rotary_emb, dh, types)  # OLMo 3: one rotary embedding per kind of layer
     if ropes["rotary_dim"] != dh:
         refuse("rotary dimensions", ropes["rotary_dim"], f"this model rotates the whole head (head_dim={dh})")
-    emb = model.get_input_embeddings().weight
-    lm = model.get_output_embeddings()
-    tied = same_parameter(lm.weight, emb)
-    lm_b = getattr(lm, "bias", None)
-    attn_bias = all_or_none(
-        [getattr(m.self_attn, f"{x}_proj").bias for m in layers for x in "qkv"], "q/k/v projection biases"
-    )
-    attn_out_bias = all_or_none([m.self_attn.o_proj.bias for m in layers], "o_proj biases")
-    mlp_bias = all_or_none(
-        [getattr(m.mlp, f"{x}_proj").bias for m in layers for x in ("gate", "up", "down")], "MLP biases"
-    )
+    emb, lm, tied, lm_b = unembedding(model)
+    attn_bias, attn_out_bias, mlp_bias = split_biases(layers)
     eps = layers[0].post_attention_layernorm.variance_epsilon
     cfg = dict(
-        n_layers=L,
-        d_model=c.hidden_size,
-        n_heads=H,
-        d_head=dh,
-        n_key_value_heads=Hkv,
-        d_mlp=layers[0].mlp.up_proj.weight.shape[0],
-        d_vocab=emb.shape[0],
-        n_ctx=c.max_position_embeddings,
+        **sizes(c, L, H, Hkv, dh, layers[0].mlp.up_proj.weight.shape[0], emb),
         act_fn=act_fn(c.hidden_act, "hidden_act"),
         normalization_type="RMS",
         norm_dtype=torch.float32,
@@ -122,22 +105,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         norm(f"{p}.ln2_post", layer.post_feedforward_layernorm, c.hidden_size)
         norm(f"{p}.attn.q_norm", a.q_norm, H * dh)
         norm(f"{p}.attn.k_norm", a.k_norm, Hkv * dh)
-        w[f"{p}.attn.W_Q"] = linear_heads(a.q_proj.weight, H, dh)
-        w[f"{p}.attn.W_K"] = linear_heads(a.k_proj.weight, Hkv, dh)
-        w[f"{p}.attn.W_V"] = linear_heads(a.v_proj.weight, Hkv, dh)
-        w[f"{p}.attn.b_Q"] = bias_heads(a.q_proj.bias, H, dh)
-        w[f"{p}.attn.b_K"] = bias_heads(a.k_proj.bias, Hkv, dh)
-        w[f"{p}.attn.b_V"] = bias_heads(a.v_proj.bias, Hkv, dh)
-        w[f"{p}.attn.W_O"] = linear_out_heads(a.o_proj.weight, H, dh)
-        w[f"{p}.attn.b_O"] = a.o_proj.bias
-        w[f"{p}.mlp.W_gate"] = f.gate_proj.weight.T
-        w[f"{p}.mlp.b_gate"] = f.gate_proj.bias
-        w[f"{p}.mlp.W_in"] = f.up_proj.weight.T
-        w[f"{p}.mlp.b_in"] = f.up_proj.bias
-        w[f"{p}.mlp.W_out"] = f.down_proj.weight.T
-        w[f"{p}.mlp.b_out"] = f.down_proj.bias
+        put_attention(w, p, split_qkv(a), a.o_proj.weight, a.o_proj.bias, H, Hkv, dh)
+        put_gated_mlp(w, p, split_gated_mlp(f))
     norm("ln_final", base_model.norm, c.hidden_size)
-    if not tied:
-        w["unembed.W_U"] = lm.weight.T
-    w["unembed.b_U"] = lm_b
+    put_unembedding(w, lm, tied, lm_b)
     return cfg, w
