@@ -93,6 +93,18 @@ ARCHS = {
         rotary_dim=2,
         act_fn="gelu_new",
     ),
+    "gptj": dict(  # GPT-J: one LayerNorm for attention and MLP, float32 scores multiplied by the scale
+        parallel_attn_mlp=True,
+        parallel_shared_norm=True,
+        positional_embedding_type="rotary",
+        rotary_dim=2,
+        rotary_adjacent_pairs=True,
+        attn_bias=False,
+        attn_out_bias=False,
+        attn_scores_dtype=torch.float32,
+        attn_scores_multiplier=0.3,
+        attn_softmax_dtype=torch.float64,
+    ),
     "tied": dict(  # tied embeddings, GPT-J rotary pairing (partial), parallel block, no positions learned
         tie_word_embeddings=True,
         positional_embedding_type="rotary",

@@ -293,6 +293,25 @@ CASES = {
             },
         ),
     ),
+    "gptj-rot4": (
+        "GPTJ",
+        dict(n_embd=40, n_layer=2, n_head=5, rotary_dim=4, n_positions=CTX, resid_pdrop=0.0, embd_pdrop=0.0),
+    ),
+    "gptj-rot2-tied-relu": (
+        "GPTJ",
+        dict(
+            n_embd=36,
+            n_layer=3,
+            n_head=3,
+            rotary_dim=2,
+            n_inner=20,
+            n_positions=CTX,
+            activation_function="relu",
+            tie_word_embeddings=True,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+        ),
+    ),
     "phi-partial0.5": (
         "Phi",
         dict(
@@ -367,14 +386,19 @@ CASES = {
     ),
 }
 
-_CLASS = {"GPT2": "GPT2LMHeadModel", "GPTNeoX": "GPTNeoXForCausalLM", "Gemma3Text": "Gemma3ForCausalLM"}
+_CLASS = {
+    "GPT2": "GPT2LMHeadModel",
+    "GPTNeoX": "GPTNeoXForCausalLM",
+    "Gemma3Text": "Gemma3ForCausalLM",
+    "GPTJ": "GPTJForCausalLM",
+}
 
 
 def hf_model(case: str, dtype=torch.float64, **overrides):
     """A random Hugging Face model of ``case`` (weights perturbed so biases and norm weights are not trivial)."""
     family, kw = CASES[case]
     kw = {**COMMON, **kw, **overrides}
-    if family != "GPT2":
+    if family not in ("GPT2", "GPTJ"):
         kw.setdefault("max_position_embeddings", CTX)
     cfg = getattr(transformers, f"{family}Config")(**kw)
     cls = getattr(transformers, _CLASS.get(family, f"{family}ForCausalLM"))
@@ -492,10 +516,11 @@ def test_attention_implementations_equal_hf_in_float64(case, impl):
     hf = hf_model(case, attn_implementation=impl)
     assert hf.config._attn_implementation == impl
     model = from_hf(hf)
-    upcasts = impl == "eager" and family not in ("GPT2", "GPTNeo")
-    want = torch.float64 if family == "GPTNeo" else (torch.float32 if upcasts else None)
+    upcasts = impl == "eager" and family not in ("GPT2", "GPTNeo", "GPTJ")
+    f32_scores = family == "GPTNeo" or (family == "GPTJ" and impl == "eager")
+    want = torch.float64 if f32_scores else (torch.float32 if upcasts else None)
     assert model.cfg.attn_softmax_dtype == want
-    assert model.cfg.attn_scores_dtype == (torch.float32 if family == "GPTNeo" else None)
+    assert model.cfg.attn_scores_dtype == (torch.float32 if f32_scores else None)
     x = tokens()
     with torch.no_grad():
         assert rel(model(x), hf(x).logits) <= 1e-10
@@ -532,6 +557,7 @@ def test_eager_softmax_dtype_saved_and_loaded_with_the_config(tmp_path):
         "gemma3-local-global-rope",
         "olmo3-window-headdim-tied",
         "phi-partial0.5",
+        "gptj-rot4",
     ],
 )
 def test_round_trip_through_save_pretrained(case, tmp_path):
@@ -739,6 +765,7 @@ def test_unknown_model_class_is_refused():
         "Olmo2ForCausalLM",
         "Olmo3ForCausalLM",
         "PhiForCausalLM",
+        "GPTJForCausalLM",
     }
 
 
@@ -780,6 +807,7 @@ def _expected_shape(name, cfg, b, t):
         "olmo2-gqa2",
         "phi-gqa2-tied-rot1",
         "olmo-clip-gqa2",
+        "gptj-rot2-tied-relu",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -1108,3 +1136,26 @@ def test_olmo_norms_without_parameters_and_clamped_projections():
     for name in ("blocks.0.attn.hook_q", "blocks.1.attn.hook_k", "blocks.1.attn.hook_v"):
         assert float(cache[name].abs().max()) <= 0.4
     assert float((cache["blocks.0.attn.hook_q"].abs() == 0.4).float().mean()) > 0.01
+
+
+def test_gptj_eager_scores_are_multiplied_in_float32():
+    """GPT-J's eager attention multiplies float32 query-key products by ``head_dim ** -0.5`` (a division rounds
+    them differently): ``attn_scores_multiplier`` reproduces it, to 1e-10 in a float64 model whose head size makes
+    the scale inexact; dividing instead would differ by float32 rounding."""
+    hf = hf_model("gptj-rot4", attn_implementation="eager")  # head_dim 8: 8 ** -0.5 is not a power of two
+    m = from_hf(hf)
+    assert m.cfg.attn_scores_multiplier == 8**-0.5 and m.cfg.attn_scores_dtype == torch.float32
+    assert m.cfg.parallel_shared_norm and m.cfg.rotary_adjacent_pairs and m.cfg.rotary_dim == 4
+    x = tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert rel(m(x), ref) <= 1e-10
+        from pypattern.models import Transformer, TransformerConfig
+
+        d = m.cfg.to_dict()
+        d["attn_scores_multiplier"], d["attn_scale"] = None, 8**0.5
+        divided = Transformer(TransformerConfig(**d))
+        divided.load_state_dict(m.state_dict())
+        assert rel(divided(x), ref) > 1e-10
+    sdpa = from_hf(hf_model("gptj-rot4", attn_implementation="sdpa"))
+    assert sdpa.cfg.attn_scores_multiplier is None and sdpa.cfg.attn_scores_dtype is None

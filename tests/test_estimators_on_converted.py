@@ -130,6 +130,21 @@ def _hf(arch: str):
             eos_token_id=None,
         )
         m = transformers.OlmoForCausalLM(cfg)
+    elif arch == "gptj":  # one LayerNorm for attention and MLP, float32 scores (eager)
+        cfg = transformers.GPTJConfig(
+            vocab_size=V,
+            n_embd=12,
+            n_layer=2,
+            n_head=3,
+            rotary_dim=2,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        m = transformers.GPTJForCausalLM(cfg)
     elif arch == "phi":  # attention and MLP in parallel reading one LayerNorm
         cfg = transformers.PhiConfig(
             vocab_size=V,
@@ -183,7 +198,7 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi", "gptj"])
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)
@@ -201,7 +216,8 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo", "olmo2", "phi"]
+    "arch",
+    ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj"],
 )
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)

@@ -81,9 +81,12 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
             intermediate_size=40, sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=8, **common,
         )  # fmt: skip
-    if (
-        arch == "phi"
-    ):  # attention and MLP in parallel reading one LayerNorm, partial rotary, biases everywhere
+    if arch == "gptj":  # attention and MLP in parallel reading one LayerNorm, adjacent rotary pairs
+        return tr.GPTJConfig(
+            vocab_size=V, n_embd=24, n_layer=2, n_head=4, rotary_dim=4, n_positions=16, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+    if arch == "phi":  # parallel attention and MLP on one LayerNorm, partial rotary, biases everywhere
         return tr.PhiConfig(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40, resid_pdrop=0.0,
             embd_pdrop=0.0, **common,
@@ -103,7 +106,7 @@ def _config(arch: str):
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
-    "gemma2", "gemma3", "olmo", "olmo2", "phi",
+    "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj",
 ]  # fmt: skip
 _CACHE: dict = {}
 
@@ -130,7 +133,7 @@ def _parts(m, writes: bool = False):
     ``writes``, the modules whose outputs are added to the residual stream (Gemma 2 / 3: the sandwich norms after
     the attention and the MLP)."""
     mt = m.config.model_type
-    if mt in ("gpt2", "gpt_neo"):
+    if mt in ("gpt2", "gpt_neo", "gptj"):
         return m.transformer.h, "attn", "mlp", m.transformer.ln_f
     if mt == "gpt_neox":
         return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
@@ -185,7 +188,7 @@ def test_residual_hooks_equal_hf_hidden_states_and_module_outputs(arch):
             torch.testing.assert_close(post, hs[layer + 1], rtol=0, atol=0)
         else:  # HF's last hidden state is after the final norm; resid_post of the last layer is before it
             torch.testing.assert_close(ln_f(post), hs[-1], rtol=0, atol=0)
-        if arch in ("neox", "phi"):  # parallel attention and MLP: no resid_mid
+        if arch in ("neox", "phi", "gptj"):  # parallel attention and MLP: no resid_mid
             assert f"blocks.{layer}.hook_resid_mid" not in cache
             torch.testing.assert_close(post, pre + a + f, rtol=1e-12, atol=1e-12)
         else:
@@ -224,7 +227,7 @@ def _hand_patch(m, site: str, layer: int, delta: torch.Tensor):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"])
 def test_patching_a_residual_site_equals_a_hand_written_hf_hook(arch, site):
-    if arch in ("neox", "phi") and site == "resid_mid":
+    if arch in ("neox", "phi", "gptj") and site == "resid_mid":
         pytest.skip("parallel attention has no resid_mid")
     m = _model(arch)
     hm = hooked_hf(m)
@@ -299,7 +302,13 @@ def test_gpt2_names_kept():
 def _out_proj(m, layer):
     layers, attn_name, _, _ = _parts(m)
     attn = getattr(layers[layer], attn_name)
-    names = {"gpt2": "c_proj", "gpt_neox": "dense", "gpt_neo": "attention.out_proj", "phi": "dense"}
+    names = {
+        "gpt2": "c_proj",
+        "gpt_neox": "dense",
+        "gpt_neo": "attention.out_proj",
+        "phi": "dense",
+        "gptj": "out_proj",
+    }
     return attn, names.get(m.config.model_type, "o_proj")
 
 

@@ -61,6 +61,19 @@ ARCHS = {
         "qk_norm": "all",
         "sliding_window": (3, None),
     },
+    # GPT-J (eager): one LayerNorm for attention and MLP, adjacent rotary pairs, float32 scores multiplied
+    "gptj": dict(
+        parallel_attn_mlp=True,
+        parallel_shared_norm=True,
+        positional_embedding_type="rotary",
+        rotary_dim=2,
+        rotary_adjacent_pairs=True,
+        attn_bias=False,
+        attn_out_bias=False,
+        attn_scores_dtype=torch.float32,
+        attn_scores_multiplier=0.3,
+        attn_softmax_dtype=torch.float64,
+    ),
     # OLMo: LayerNorms without parameters, clamped query/key/value projections
     "olmo": {**LLAMA, "normalization_type": "LNPre", "clip_qkv": 0.5},
     # Phi-2: attention and MLP in parallel reading one LayerNorm, partial rotary, biases everywhere

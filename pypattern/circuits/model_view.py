@@ -97,7 +97,6 @@ class ModelView:
         self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False)) and self.has_mlp
         self.rotary = bool(getattr(cfg, "rotary", False))
         self.dtype = model.embed.W_E.dtype
-        self.attn_scale = float(getattr(cfg, "attn_scale", None) or cfg.d_head**0.5)
         if check:
             sig = self._signature()
             if _CHECKED.get(model) != sig:
@@ -642,10 +641,10 @@ class ModelView:
         if G > 1:  # each key/value head serves G consecutive query heads
             Hk = k.shape[0]
             qg = q.reshape(Hk, G, *q.shape[1:])
-            scores = a.cap((qg @ k.unsqueeze(1).transpose(-1, -2)) / self.attn_scale)
+            scores = a.cap(a.scale_scores(qg @ k.unsqueeze(1).transpose(-1, -2)))
             pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
             return (pattern @ v.unsqueeze(1)).reshape(q.shape)
-        scores = a.cap((q @ k.transpose(-1, -2)) / self.attn_scale)
+        scores = a.cap(a.scale_scores(q @ k.transpose(-1, -2)))
         pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
         return pattern @ v
 

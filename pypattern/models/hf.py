@@ -153,7 +153,7 @@ class HFArch:
     def parallel(self, config: Any) -> bool:
         """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``; Phi's
         blocks always)."""
-        if self.model_type == "phi":
+        if self.model_type in ("phi", "gptj"):
             return True
         return self.model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", False))
 
@@ -221,6 +221,22 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("olmo2", "olmo3")
     },
+    # GPT-J: attention and MLP in parallel reading one LayerNorm (ln_1), split projections, "out_proj"
+    "gptj": HFArch(
+        "gptj",
+        "transformer",
+        "wte",
+        None,
+        "h",
+        "attn",
+        "mlp",
+        "ln_1",
+        "ln_1",
+        "ln_f",
+        "split",
+        "",
+        "out_proj",
+    ),
     # Phi-1/1.5/2: attention and MLP in parallel reading one LayerNorm (ln1 and ln2 are that norm), output "dense"
     "phi": HFArch(
         "phi", **{**_LLAMA_LIKE, "ln2": "input_layernorm", "ln_final": "final_layernorm", "out_proj": "dense"}
@@ -426,7 +442,7 @@ class HookedHF(HookedModule):
 def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 
-    The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia),
+    The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
     ``olmo``, ``olmo2``, ``olmo3``. Nothing is converted or copied: hooks sit on the model's own modules.
 

@@ -226,6 +226,10 @@ class TransformerConfig:
         The unembedding is ``embed.W_E`` transposed: one parameter, no ``unembed.W_U``.
     attn_scale : float or None
         Attention scores are ``q . k / attn_scale``; default ``sqrt(d_head)``.
+    attn_scores_multiplier : float or None
+        When set, the scores are ``q . k * attn_scores_multiplier`` (a multiplication in the scores' dtype) in place of
+        the division by ``attn_scale``, which is then ``1 / attn_scores_multiplier``: GPT-J's eager attention
+        multiplies float32 scores by ``d_head ** -0.5``, and a division rounds them differently.
     sliding_window : int, None, or a sequence of them (one per layer)
         Query at position ``i`` attends to keys ``j`` with ``i - sliding_window < j <= i`` (Mistral's window);
         None: every earlier key. A sequence gives each layer its own (GPT-Neo's local and global layers); it is
@@ -301,6 +305,7 @@ class TransformerConfig:
     unembed_bias: bool = True
     tie_word_embeddings: bool = False
     attn_scale: float | None = None
+    attn_scores_multiplier: float | None = None
     sliding_window: int | None = None
     qk_norm: bool = False
     clip_qkv: float | None = None
@@ -407,6 +412,12 @@ class TransformerConfig:
             raise ValueError(
                 f"sliding_window={self.sliding_window!r} is not valid; give a positive int or None (or one per layer)"
             )
+        m = self.attn_scores_multiplier
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+                raise ValueError(f"attn_scores_multiplier={m!r} is not valid; give a positive number or None")
+            if self.attn_scale is None:
+                self.attn_scale = 1.0 / m
         if self.attn_scale is None:
             self.attn_scale = math.sqrt(self.d_head)
         elif not self.attn_scale > 0:
@@ -906,7 +917,7 @@ class Attention(nn.Module):
         n_key_value_heads, d_head)`` (both already rotated) -> ``(batch, n_heads, q_pos, k_pos)`` with ``-inf``
         where :meth:`attn_mask` is True. Positions default to ``arange``."""
         q, k = self.qk_cast(q, self.expand_kv(k))
-        scores = self.cap(torch.einsum("bqhe,bkhe->bhqk", q, k) / self.cfg.attn_scale)
+        scores = self.cap(self.scale_scores(torch.einsum("bqhe,bkhe->bhqk", q, k)))
         if q_positions is None and k_positions is None and self.cfg.window(self.layer) is None:
             T, S = q.shape[1], k.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
@@ -915,6 +926,11 @@ class Attention(nn.Module):
             kp = self.positions(k.shape[1], q.device) if k_positions is None else k_positions
             mask = self.attn_mask(qp, kp)
         return scores.masked_fill(mask, float("-inf"))
+
+    def scale_scores(self, qk: torch.Tensor) -> torch.Tensor:
+        """``q . k`` products scaled: ``qk * attn_scores_multiplier`` when set, else ``qk / attn_scale``."""
+        m = self.cfg.attn_scores_multiplier
+        return qk / self.cfg.attn_scale if m is None else qk * m
 
     def cap(self, scores: torch.Tensor) -> torch.Tensor:
         """Scaled scores soft-capped per ``cfg.attn_scores_soft_cap`` (identity when None), before the mask."""

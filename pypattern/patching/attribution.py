@@ -80,10 +80,10 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
         return est if per_position else est.sum(-1)
     # one key s replaced (per position): closed form for every (query t, key s) pair
     qc, kc = attn.qk_cast(q_t, attn.expand_kv(k_s - k_t))
-    delta = torch.einsum("bthe,bshe->bhts", qc, kc).to(pat_t.dtype) / attn.cfg.attn_scale
+    delta = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qc, kc)).to(pat_t.dtype)
     if attn.cfg.attn_scores_soft_cap is not None:  # capped scores: the change of the capped score
         qt, kt = attn.qk_cast(q_t, attn.expand_kv(k_t))
-        raw = torch.einsum("bthe,bshe->bhts", qt, kt).to(pat_t.dtype) / attn.cfg.attn_scale
+        raw = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qt, kt)).to(pat_t.dtype)
         delta = attn.cap(raw + delta) - attn.cap(raw)
     p = pat_t
     logp = torch.log(p)

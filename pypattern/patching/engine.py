@@ -153,7 +153,6 @@ class ExactEngine:
             raise ValueError(
                 f"position={position}: truncate the prompts so that the metric position is the last"
             )
-        self.scale = cfg.attn_scale
         self.tgt = [self._layer_cache(i) for i in range(self.L)]
         self._flat: dict[tuple[int, str], torch.Tensor] = {}
         # resid_pre cells: the patched row's (rotated) query, key and value at each layer, computed for all the
@@ -245,7 +244,7 @@ class ExactEngine:
             parts.append(torch.einsum("cbrgne,cbkge->cbgnrk", qg, k_new))
             parts = [t.reshape(C, B, self.H, Rq, t.shape[-1]) for t in parts]
         attn = self.model.blocks[layer].attn
-        scores = attn.cap((torch.cat(parts, -1) if len(parts) > 1 else parts[0]) / self.scale)
+        scores = attn.cap(attn.scale_scores(torch.cat(parts, -1) if len(parts) > 1 else parts[0]))
         mask = self._mask(layer, qpos, p + k_new.shape[2])
         return attn.softmax(scores.masked_fill(mask, float("-inf")))
 
@@ -273,7 +272,7 @@ class ExactEngine:
         qh = q_h if grouped else q_h.unsqueeze(3)
         attn = self.model.blocks[layer].attn
         qh, Kc = attn.qk_cast(qh, K_h)
-        s = attn.cap(torch.einsum("cbrne,cbke->cbnrk", qh, Kc) / self.scale)
+        s = attn.cap(attn.scale_scores(torch.einsum("cbrne,cbke->cbnrk", qh, Kc)))
         pat = attn.softmax(s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf")))
         z = torch.einsum("cbnrk,cbke->cbrne", pat, V_h)
         return z if grouped else z.squeeze(3)
