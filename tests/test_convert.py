@@ -312,6 +312,33 @@ CASES = {
             embd_pdrop=0.0,
         ),
     ),
+    "opt-relu": (
+        "OPT",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            ffn_dim=52,
+            word_embed_proj_dim=40,
+            dropout=0.0,
+            pad_token_id=1,
+        ),
+    ),
+    "opt-lnpre-nobias-gelu": (
+        "OPT",
+        dict(
+            hidden_size=36,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            ffn_dim=40,
+            word_embed_proj_dim=36,
+            layer_norm_elementwise_affine=False,
+            enable_bias=False,
+            activation_function="gelu",
+            dropout=0.0,
+            pad_token_id=1,
+        ),
+    ),
     "phi-partial0.5": (
         "Phi",
         dict(
@@ -424,8 +451,10 @@ def test_logits_and_residual_stream_equal_hf(case, dtype, tol):
     hf = hf_model(case, dtype)
     model = from_hf(hf)
     assert next(model.parameters()).dtype == dtype
-    # the same parameter count (tied embeddings are one parameter in both)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+    # the same parameter count (tied embeddings are one parameter in both; OPT's position table has two offset
+    # rows that no unpadded sequence reads, which the converted W_pos leaves out)
+    extra = 2 * model.cfg.d_model if CASES[case][0] == "OPT" else 0
+    assert sum(p.numel() for p in model.parameters()) + extra == sum(p.numel() for p in hf.parameters())
     x = tokens()
     with torch.no_grad():
         out = hf(x, output_hidden_states=True)
@@ -558,6 +587,7 @@ def test_eager_softmax_dtype_saved_and_loaded_with_the_config(tmp_path):
         "olmo3-window-headdim-tied",
         "phi-partial0.5",
         "gptj-rot4",
+        "opt-relu",
     ],
 )
 def test_round_trip_through_save_pretrained(case, tmp_path):
@@ -766,6 +796,7 @@ def test_unknown_model_class_is_refused():
         "Olmo3ForCausalLM",
         "PhiForCausalLM",
         "GPTJForCausalLM",
+        "OPTForCausalLM",
     }
 
 
@@ -808,6 +839,7 @@ def _expected_shape(name, cfg, b, t):
         "phi-gqa2-tied-rot1",
         "olmo-clip-gqa2",
         "gptj-rot2-tied-relu",
+        "opt-lnpre-nobias-gelu",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -1159,3 +1191,16 @@ def test_gptj_eager_scores_are_multiplied_in_float32():
         assert rel(divided(x), ref) > 1e-10
     sdpa = from_hf(hf_model("gptj-rot4", attn_implementation="sdpa"))
     assert sdpa.cfg.attn_scores_multiplier is None and sdpa.cfg.attn_scores_dtype is None
+
+
+def test_opt_refuses_what_it_does_not_reproduce():
+    """OPT-350m's post-LayerNorm blocks and projected embedding are refused by name; the position table's offset
+    rows are left out of ``W_pos``."""
+    with pytest.raises(UnsupportedModelError, match="do_layer_norm_before"):
+        from_hf(hf_model("opt-relu", do_layer_norm_before=False))
+    with pytest.raises(UnsupportedModelError, match="word_embed_proj_dim"):
+        from_hf(hf_model("opt-relu", word_embed_proj_dim=20))
+    hf = hf_model("opt-relu")
+    m = from_hf(hf)
+    assert torch.equal(m.pos_embed.W_pos, hf.model.decoder.embed_positions.weight[2:])
+    assert m.cfg.n_ctx == hf.config.max_position_embeddings and m.cfg.padding_idx == 1

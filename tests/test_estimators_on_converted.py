@@ -130,6 +130,19 @@ def _hf(arch: str):
             eos_token_id=None,
         )
         m = transformers.OlmoForCausalLM(cfg)
+    elif arch == "opt":  # learned positions with an offset, ReLU, every bias
+        cfg = transformers.OPTConfig(
+            vocab_size=V,
+            hidden_size=12,
+            ffn_dim=20,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            max_position_embeddings=16,
+            word_embed_proj_dim=12,
+            dropout=0.0,
+            pad_token_id=1,
+        )
+        m = transformers.OPTForCausalLM(cfg)
     elif arch == "gptj":  # one LayerNorm for attention and MLP, float32 scores (eager)
         cfg = transformers.GPTJConfig(
             vocab_size=V,
@@ -198,7 +211,9 @@ KW = dict(
 )
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi", "gptj"])
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi", "gptj", "opt"]
+)
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
     tf = pp.from_hf(hf)

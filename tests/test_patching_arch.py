@@ -74,6 +74,10 @@ ARCHS = {
         attn_scores_multiplier=0.3,
         attn_softmax_dtype=torch.float64,
     ),
+    # OPT with parameter-free LayerNorms: learned positions, no biases
+    "opt_lnpre": dict(
+        normalization_type="LNPre", attn_bias=False, attn_out_bias=False, mlp_bias=False, act_fn="relu"
+    ),
     # OLMo: LayerNorms without parameters, clamped query/key/value projections
     "olmo": {**LLAMA, "normalization_type": "LNPre", "clip_qkv": 0.5},
     # Phi-2: attention and MLP in parallel reading one LayerNorm, partial rotary, biases everywhere

@@ -11,6 +11,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.olmo`: ``OlmoForCausalLM``
+- :mod:`.opt`: ``OPTForCausalLM``
 - :mod:`.olmo2`: ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``
 - :mod:`.phi`: ``PhiForCausalLM`` (Phi-1, Phi-1.5, Phi-2)
 - :mod:`.phi3`: ``Phi3ForCausalLM``
@@ -38,13 +39,13 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
-from . import gemma, gpt2, gpt_neo, gpt_neox, gptj, llama, mistral, olmo, olmo2, phi, phi3, qwen2, qwen3
+from . import gemma, gpt2, gpt_neo, gpt_neox, gptj, llama, mistral, olmo, olmo2, opt, phi, phi3, qwen2, qwen3
 from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
 
-_FAMILIES = (gpt2, gemma, gpt_neo, gpt_neox, gptj, llama, mistral, olmo, olmo2, phi, phi3, qwen2, qwen3)
+_FAMILIES = (gpt2, gemma, gpt_neo, gpt_neox, gptj, llama, mistral, olmo, olmo2, opt, phi, phi3, qwen2, qwen3)
 _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 
@@ -58,7 +59,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
         One of ``GPT2LMHeadModel``, ``GPTNeoForCausalLM``, ``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
         ``Phi3ForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
         ``Gemma3ForCausalLM``, ``OlmoForCausalLM``, ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``, ``PhiForCausalLM``,
-        ``GPTJForCausalLM`` (see
+        ``GPTJForCausalLM``, ``OPTForCausalLM`` (see
         :data:`SUPPORTED_CLASSES`), or a
         ``TransformerBridge`` around one.
     dtype : torch.dtype, optional
