@@ -797,6 +797,7 @@ def test_unknown_model_class_is_refused():
         "PhiForCausalLM",
         "GPTJForCausalLM",
         "OPTForCausalLM",
+        "Gemma3ForConditionalGeneration",
     }
 
 
@@ -1204,3 +1205,58 @@ def test_opt_refuses_what_it_does_not_reproduce():
     m = from_hf(hf)
     assert torch.equal(m.pos_embed.W_pos, hf.model.decoder.embed_positions.weight[2:])
     assert m.cfg.n_ctx == hf.config.max_position_embeddings and m.cfg.padding_idx == 1
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_multimodal_gemma3_converts_its_language_model(dtype, tol, tmp_path):
+    """Gemma 3's larger checkpoints are ``Gemma3ForConditionalGeneration`` (a vision tower beside the language
+    model): the converted model is its language model, equal to the multimodal model's forward on tokens, also
+    loaded from a saved directory."""
+    text = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=4,
+        sliding_window_pattern=2,
+    )
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=290,
+        eoi_token_index=291,
+        image_token_index=292,
+    )
+    gen = torch.Generator().manual_seed(5)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    hf = hf.to(dtype).eval()
+    model = from_hf(hf)
+    lm = hf.model.language_model
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in lm.parameters())
+    assert model.cfg.qk_norm and model.cfg.sliding_window == (4, None)
+    x = torch.randint(0, 280, (2, 9), generator=gen)
+    with torch.no_grad():
+        assert rel(model(x), hf(input_ids=x).logits) <= tol
+    if dtype == torch.float64:  # the reloaded model computes its (unsaved) embedding scale in float64
+        hf.save_pretrained(tmp_path, safe_serialization=True)
+        reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+            tmp_path, dtype=torch.float64
+        ).eval()
+        with torch.no_grad():
+            assert rel(from_pretrained(tmp_path)(x), reloaded(input_ids=x).logits) <= tol

@@ -4,7 +4,8 @@
 only; nothing is downloaded and nothing is unpickled). One module per family holds the weight layout:
 
 - :mod:`.gpt2`: ``GPT2LMHeadModel``
-- :mod:`.gemma`: ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (text)
+- :mod:`.gemma`: ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``, ``Gemma3ForConditionalGeneration``
+  (its language model)
 - :mod:`.gpt_neo`: ``GPTNeoForCausalLM`` (GPT-Neo, the TinyStories models)
 - :mod:`.gpt_neox`: ``GPTNeoXForCausalLM`` (GPT-NeoX, Pythia)
 - :mod:`.gptj`: ``GPTJForCausalLM``

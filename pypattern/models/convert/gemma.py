@@ -40,7 +40,23 @@ from ._common import (
     window_setting,
 )
 
-CLASSES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+CLASSES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+
+
+class _LanguageModel:
+    """The language model of a multimodal ``Gemma3ForConditionalGeneration`` seen as a text causal LM (its config is
+    the text config, ``model`` the text decoder, the output head the model's ``lm_head``): what the converter reads."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config = model.config.get_text_config()
+        self.model = model.model.language_model
+        self._head = model.get_output_embeddings()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._head
 
 
 def _layer_types(c, n: int) -> list[str]:
@@ -54,9 +70,13 @@ def _layer_types(c, n: int) -> list[str]:
 
 
 def convert(model: nn.Module) -> tuple[dict, dict]:
-    """``(config kwargs, weights by pypattern name)`` of a Gemma, Gemma 2 or Gemma 3 causal LM."""
+    """``(config kwargs, weights by pypattern name)`` of a Gemma, Gemma 2 or Gemma 3 causal LM; of a multimodal
+    ``Gemma3ForConditionalGeneration``, its language model (the converted model reads tokens; the vision tower and
+    its projector are not part of it)."""
     name = type(model).__name__
     gen = 1 if name == "GemmaForCausalLM" else (2 if name == "Gemma2ForCausalLM" else 3)
+    if name == "Gemma3ForConditionalGeneration":
+        model = _LanguageModel(model)
     c = model.config
     base_model = model.model
     layers = base_model.layers
