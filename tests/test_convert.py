@@ -339,6 +339,31 @@ CASES = {
             pad_token_id=1,
         ),
     ),
+    "stablelm-partial0.25": (
+        "StableLm",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=5,
+            intermediate_size=44,
+            partial_rotary_factor=0.25,
+        ),
+    ),
+    "stablelm-parallel-gqa2-qkvbias-tied": (
+        "StableLm",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            use_parallel_residual=True,
+            use_qkv_bias=True,
+            tie_word_embeddings=True,
+            partial_rotary_factor=0.5,
+        ),
+    ),
     "phi-partial0.5": (
         "Phi",
         dict(
@@ -798,6 +823,7 @@ def test_unknown_model_class_is_refused():
         "GPTJForCausalLM",
         "OPTForCausalLM",
         "Gemma3ForConditionalGeneration",
+        "StableLmForCausalLM",
     }
 
 
@@ -841,6 +867,7 @@ def _expected_shape(name, cfg, b, t):
         "olmo-clip-gqa2",
         "gptj-rot2-tied-relu",
         "opt-lnpre-nobias-gelu",
+        "stablelm-parallel-gqa2-qkvbias-tied",
     ],
 )
 def test_every_hook_point_has_its_shape(case):

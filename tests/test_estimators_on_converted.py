@@ -130,6 +130,20 @@ def _hf(arch: str):
             eos_token_id=None,
         )
         m = transformers.OlmoForCausalLM(cfg)
+    elif (
+        arch == "stablelm"
+    ):  # LayerNorms, partial rotary, gated MLP, attention and MLP in parallel on one norm
+        cfg = transformers.StableLmConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+            use_parallel_residual=True,
+        )
+        m = transformers.StableLmForCausalLM(cfg)
     elif arch == "opt":  # learned positions with an offset, ReLU, every bias
         cfg = transformers.OPTConfig(
             vocab_size=V,
@@ -212,7 +226,7 @@ KW = dict(
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi", "gptj", "opt"]
+    "arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi", "gptj", "opt", "stablelm"]
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)

@@ -81,6 +81,11 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
             intermediate_size=40, sliding_window=3, sliding_window_pattern=2, query_pre_attn_scalar=8, **common,
         )  # fmt: skip
+    if arch == "stablelm":  # LayerNorms with biases, partial rotary, gated MLP, q/k/v biases
+        return tr.StableLmConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            use_qkv_bias=True, **common,
+        )  # fmt: skip
     if arch == "gptj":  # attention and MLP in parallel reading one LayerNorm, adjacent rotary pairs
         return tr.GPTJConfig(
             vocab_size=V, n_embd=24, n_layer=2, n_head=4, rotary_dim=4, n_positions=16, resid_pdrop=0.0,
@@ -106,7 +111,7 @@ def _config(arch: str):
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
-    "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj",
+    "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm",
 ]  # fmt: skip
 _CACHE: dict = {}
 

@@ -155,7 +155,9 @@ class HFArch:
         blocks always)."""
         if self.model_type in ("phi", "gptj"):
             return True
-        return self.model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", False))
+        return self.model_type in ("gpt_neox", "stablelm") and bool(
+            getattr(config, "use_parallel_residual", False)
+        )
 
 
 _LLAMA_LIKE = dict(
@@ -204,6 +206,7 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("gemma2", "gemma3_text")
     },
+    "stablelm": HFArch("stablelm", **_LLAMA_LIKE),  # LayerNorms; with use_parallel_residual one norm for both
     "olmo": HFArch("olmo", **_LLAMA_LIKE),  # LayerNorms without parameters, clamped q/k/v projections
     # OLMo 2 / 3: no norms in front of the attention and the MLP (ln1 / ln2 name the norms after them, the
     # only ones a layer has), the writes are those norms' outputs, one query/key norm across all heads
@@ -444,7 +447,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
-    ``olmo``, ``olmo2``, ``olmo3``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``. Nothing is converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

@@ -18,6 +18,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.phi3`: ``Phi3ForCausalLM``
 - :mod:`.qwen2`: ``Qwen2ForCausalLM``
 - :mod:`.qwen3`: ``Qwen3ForCausalLM``
+- :mod:`.stablelm`: ``StableLmForCausalLM``
 
 The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
 (tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with ``sdpa`` and with ``eager`` attention: the
@@ -40,13 +41,45 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
-from . import gemma, gpt2, gpt_neo, gpt_neox, gptj, llama, mistral, olmo, olmo2, opt, phi, phi3, qwen2, qwen3
+from . import (
+    gemma,
+    gpt2,
+    gpt_neo,
+    gpt_neox,
+    gptj,
+    llama,
+    mistral,
+    olmo,
+    olmo2,
+    opt,
+    phi,
+    phi3,
+    qwen2,
+    qwen3,
+    stablelm,
+)
 from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
 
-_FAMILIES = (gpt2, gemma, gpt_neo, gpt_neox, gptj, llama, mistral, olmo, olmo2, opt, phi, phi3, qwen2, qwen3)
+_FAMILIES = (
+    gpt2,
+    gemma,
+    gpt_neo,
+    gpt_neox,
+    gptj,
+    llama,
+    mistral,
+    olmo,
+    olmo2,
+    opt,
+    phi,
+    phi3,
+    qwen2,
+    qwen3,
+    stablelm,
+)
 _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 
@@ -60,7 +93,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
         One of ``GPT2LMHeadModel``, ``GPTNeoForCausalLM``, ``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
         ``Phi3ForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
         ``Gemma3ForCausalLM``, ``OlmoForCausalLM``, ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``, ``PhiForCausalLM``,
-        ``GPTJForCausalLM``, ``OPTForCausalLM`` (see
+        ``GPTJForCausalLM``, ``OPTForCausalLM``, ``StableLmForCausalLM`` (see
         :data:`SUPPORTED_CLASSES`), or a
         ``TransformerBridge`` around one.
     dtype : torch.dtype, optional
