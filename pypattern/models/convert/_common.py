@@ -149,6 +149,19 @@ def layer_ropes(config: Any, rotary_module: nn.Module, head_dim: int, types: lis
     )
 
 
+def rotary_fields(base: float, rotary_dim: int, freq_dtype: torch.dtype | None, scaling: dict | None) -> dict:
+    """The :class:`TransformerConfig` fields of a rotary embedding read by :func:`rope` (angles and their cosines
+    in float32, as Hugging Face computes them); no rotary positions when ``rotary_dim`` is 0."""
+    return dict(
+        positional_embedding_type="rotary" if rotary_dim else "none",
+        rotary_dim=rotary_dim or None,
+        rotary_base=base,
+        rotary_dtype=torch.float32,
+        rotary_freq_dtype=freq_dtype,
+        rotary_scaling=scaling,
+    )
+
+
 def window_setting(windows: list) -> int | tuple | None:
     """``TransformerConfig.sliding_window`` from one window (or None) per layer: the window itself when every layer
     has the same, else the tuple."""
