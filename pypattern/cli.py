@@ -108,7 +108,8 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--model",
         required=required,
-        help="a local Hugging Face save_pretrained directory (GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Phi-3, Qwen2, Qwen3; safetensors; "
+        help="a local Hugging Face save_pretrained directory of a class in pypattern.models.convert.SUPPORTED_CLASSES "
+        "(GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Phi, Qwen, Gemma, OLMo, OPT, StableLM; safetensors; "
         "nothing is downloaded), converted exactly into pypattern's Transformer",
     )
     p.add_argument(

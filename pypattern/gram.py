@@ -147,24 +147,22 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     """
     cfg = getattr(model, "cfg", None)
     unsupported = {
-        "normalization_type": ("RMS",),
+        "normalization_type": ("RMS", "LNPre"),
         "gated_mlp": (True,),
         "tie_word_embeddings": (True,),
         "attn_bias": (False,),
         "attn_out_bias": (False,),
         "mlp_bias": (False,),
         "unembed_bias": (False,),
+        "use_normalization_before_and_after": (True,),
+        "pre_norms": (False,),
+        "parallel_shared_norm": (True,),
+        "qk_norm": (True, "all"),
     }
-    # Gemma's options (any value but the default changes what the sites' hooks see)
-    for opt in ("embed_scale", "output_logits_soft_cap"):
-        unsupported[opt] = (getattr(cfg, opt, None),) if getattr(cfg, opt, None) is not None else ()
-    unsupported["use_normalization_before_and_after"] = (True,)
-    unsupported["pre_norms"] = (False,)
-    unsupported["parallel_shared_norm"] = (True,)
-    unsupported["normalization_type"] = ("RMS", "LNPre")
-    if getattr(cfg, "clip_qkv", None) is not None:
-        unsupported["clip_qkv"] = (cfg.clip_qkv,)
-    unsupported["qk_norm"] = (True, "all")
+    # options whose every value changes what the sites' hooks see (a scaled embedding, capped logits, clamps)
+    for opt in ("embed_scale", "output_logits_soft_cap", "clip_qkv"):
+        if getattr(cfg, opt, None) is not None:
+            unsupported[opt] = (getattr(cfg, opt),)
     for opt, bad in unsupported.items():
         v = getattr(cfg, opt, None)
         if v is not None and v in bad:

@@ -6,9 +6,11 @@ edge graph (:func:`edges`), exact edge patching with causal reuse (:func:`patch_
 (:func:`edge_attribution`: EAP, EAP-IG, exact), circuit evaluation (:func:`faithfulness`, :func:`pruning_curve`)
 and greedy search (:func:`acdc`). All model arithmetic goes through :class:`ModelView`, which calls the model's own
 norms, rotary embedding, attention mask and MLP: every architecture pypattern's Transformer represents is covered
-(converted GPT-2, GPT-Neo, GPT-NeoX, Llama, Mistral, Phi-3, Qwen2 and Qwen3 models included: RMSNorm, rotary positions, grouped- and
-multi-query attention, whose key/value heads have one key and one value input each, gated MLPs, parallel attention
-and MLP, missing biases, tied embeddings, sliding windows). To evaluate many edge sets
+(converted models included: RMSNorm, rotary positions, grouped- and multi-query attention, whose key/value heads
+have one key and one value input each, gated MLPs, parallel attention and MLP, missing biases, tied embeddings,
+sliding windows, scaled embeddings and soft caps). Models whose heads' writes or queries are normalised together
+(sandwich norms, ``qk_norm="all"``) or whose projections are clamped (``clip_qkv``) are refused by
+:class:`ModelView`, naming the option. To evaluate many edge sets
 on the same prompts without re-running them, build the engine once: ``engine, info = prepare_runs(model, graph,
 clean, corrupted, metric)`` and call ``engine.run(masks)``.
 

@@ -432,17 +432,15 @@ class EdgeEngine:
         ``grouped``: None when every run reads ``R``, a dense ``(1, C, ...)`` tensor or a :class:`_Grouped`): the
         runs whose MLP input is the all-ablated one take its cached output instead of running the MLP."""
         v, layer = self.view, s // 2
-        if x is None:
-            return v.mlp(layer, R)
         if not isinstance(x, _Grouped):
-            return v.mlp(layer, x[0])
+            return v.mlp(layer, self._first_input(x, R))
         cls = x.cls[:, 0]
         C = cls.shape[0]
         abl = cls == 1
         n_abl = int(abl.sum())
         if n_abl == C:
             return self._ablated_mlp(s, rows).unsqueeze(0).expand(C, -1, -1, -1)
-        inp = self._materialize(x, R)
+        inp = self._first_input(x, R)
         if n_abl == 0:
             return v.mlp(layer, inp)
         keep = (~abl).nonzero().flatten()
@@ -452,9 +450,14 @@ class EdgeEngine:
         return out
 
     @staticmethod
-    def _materialize(x: _Grouped, R: torch.Tensor) -> torch.Tensor:
-        """The first destination input of every run, ``(C, B, R, d)``, from grouped inputs: ``R[c]``, the
-        all-ablated input or the formed one, as ``x.cls`` says."""
+    def _first_input(x, R: torch.Tensor) -> torch.Tensor:
+        """The first destination input of every run, ``(C, B, R, d)``, from :meth:`_inputs`' result ``x``: ``R``
+        itself when ``x`` is None, the first input of a dense ``(V, C, ...)`` tensor, or, from grouped inputs,
+        ``R[c]``, the all-ablated input or the formed one, as ``x.cls`` says."""
+        if x is None:
+            return R
+        if not isinstance(x, _Grouped):
+            return x[0]
         cls = x.cls[:, 0]
         C = cls.shape[0]
         inp = torch.where((cls == 0).view(C, 1, 1, 1), R, x.abl if x.abl is not None else R.new_zeros(()))
@@ -621,12 +624,7 @@ class EdgeEngine:
                 if len(qrows) == len(rows):
                     out = self._mlp_out(s, X_m, R_pre, rows)
                 else:  # the metric row only
-                    x = (
-                        R_pre
-                        if X_m is None
-                        else (self._materialize(X_m, R_pre) if isinstance(X_m, _Grouped) else X_m[0])
-                    )
-                    out = v.mlp(layer, x[:, :, qrows])
+                    out = v.mlp(layer, self._first_input(X_m, R_pre)[:, :, qrows])
                 R = R + out
                 blocks.append(self._mlp_block(layer, out, qrows))
             rows = qrows

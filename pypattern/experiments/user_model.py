@@ -1,7 +1,7 @@
 """The command line on a user's own model and data: ``pypattern llc|patch|chi --model DIR --data FILE``.
 
-``DIR`` is a local Hugging Face ``save_pretrained`` directory (safetensors; nothing is downloaded) of a supported
-architecture (GPT-2, GPT-Neo, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2, Qwen3); it is converted exactly into pypattern's
+``DIR`` is a local Hugging Face ``save_pretrained`` directory (safetensors; nothing is downloaded) of an architecture
+in :data:`pypattern.models.convert.SUPPORTED_CLASSES`; it is converted exactly into pypattern's
 :class:`~pypattern.models.Transformer` with :func:`pypattern.from_pretrained`. ``FILE`` holds token ids
 ``(num_sequences, seq_len)``: ``.npy``, ``.npz`` (the array ``tokens``, or its only array; never unpickled), or a
 text file with one sequence of whitespace- or comma-separated ids per line (all of one length).

@@ -1,8 +1,8 @@
 """Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
 
-:func:`hooked_hf` wraps a GPT-2, GPT-Neo, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2 or Qwen3 model (chosen by
-``config.model_type``) so that ``forward`` returns logits and the residual-stream hook points of TransformerLens
-exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
+:func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2,
+GPT-Neo, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, StableLM) so
+that ``forward`` returns logits and the residual-stream hook points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
 over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
 
 ``transformers`` is optional: :func:`gpt2_from_config` raises ``ImportError`` (with the reason) when it is not
@@ -131,6 +131,9 @@ class HFArch:
     heads_coupled : bool
         The query and key projections are normalised across all heads at once (OLMo 2 and 3): no head's
         parameters act on that head alone, and per-head components are refused.
+    parallel_residual : bool or str
+        Attention and MLP both read the layer input: always (True), never (False), or as the config attribute of
+        that name says (``"use_parallel_residual"``).
     """
 
     model_type: str
@@ -149,15 +152,13 @@ class HFArch:
     attn_write: str | None = None
     mlp_write: str | None = None
     heads_coupled: bool = False
+    parallel_residual: bool | str = False
 
     def parallel(self, config: Any) -> bool:
-        """True when attention and MLP both read the layer input (GPT-NeoX's ``use_parallel_residual``; Phi's
-        blocks always)."""
-        if self.model_type in ("phi", "gptj"):
-            return True
-        return self.model_type in ("gpt_neox", "stablelm") and bool(
-            getattr(config, "use_parallel_residual", False)
-        )
+        """True when attention and MLP both read the layer input (:attr:`parallel_residual`)."""
+        if isinstance(self.parallel_residual, str):
+            return bool(getattr(config, self.parallel_residual, False))
+        return self.parallel_residual
 
 
 _LLAMA_LIKE = dict(
@@ -187,6 +188,7 @@ HF_ARCHS: dict[str, HFArch] = {
         "post_attention_layernorm",
         "final_layer_norm",
         "neox",
+        parallel_residual="use_parallel_residual",
     ),
     "llama": HFArch("llama", **_LLAMA_LIKE),
     "mistral": HFArch("mistral", **_LLAMA_LIKE),
@@ -206,7 +208,8 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("gemma2", "gemma3_text")
     },
-    "stablelm": HFArch("stablelm", **_LLAMA_LIKE),  # LayerNorms; with use_parallel_residual one norm for both
+    # StableLM: LayerNorms; with use_parallel_residual one norm for both
+    "stablelm": HFArch("stablelm", **_LLAMA_LIKE, parallel_residual="use_parallel_residual"),
     "olmo": HFArch("olmo", **_LLAMA_LIKE),  # LayerNorms without parameters, clamped q/k/v projections
     # OLMo 2 / 3: no norms in front of the attention and the MLP (ln1 / ln2 name the norms after them, the
     # only ones a layer has), the writes are those norms' outputs, one query/key norm across all heads
@@ -239,10 +242,13 @@ HF_ARCHS: dict[str, HFArch] = {
         "split",
         "",
         "out_proj",
+        parallel_residual=True,
     ),
     # Phi-1/1.5/2: attention and MLP in parallel reading one LayerNorm (ln1 and ln2 are that norm), output "dense"
     "phi": HFArch(
-        "phi", **{**_LLAMA_LIKE, "ln2": "input_layernorm", "ln_final": "final_layernorm", "out_proj": "dense"}
+        "phi",
+        **{**_LLAMA_LIKE, "ln2": "input_layernorm", "ln_final": "final_layernorm", "out_proj": "dense"},
+        parallel_residual=True,
     ),
     # Phi-3: a fused qkv_proj, its rows every query head, then every key head, then every value head
     "phi3": HFArch("phi3", **{**_LLAMA_LIKE, "qkv": "phi3"}),
@@ -312,7 +318,8 @@ def hf_hook_points(model: nn.Module) -> dict[str, str]:
     ``hook_embed`` (and ``hook_pos_embed`` for GPT-2) are the embedding modules' outputs;
     ``blocks.{l}.hook_resid_pre`` is the input of layer ``l``, ``hook_resid_post`` its output,
     ``hook_attn_out`` / ``hook_mlp_out`` the outputs of its attention / MLP module (before they are added to the
-    residual stream; with Gemma 2 and 3 the outputs of the norms after them, which are what is added), ``ln_final.hook_normalized`` the output of the final norm. ``hook_resid_mid`` is not a
+    residual stream; with Gemma 2 and 3 and OLMo 2 and 3 the outputs of the norms after them, which are what is
+    added), ``ln_final.hook_normalized`` the output of the final norm. ``hook_resid_mid`` is not a
     module's input or output; :func:`hooked_hf` adds it (see there).
     """
     arch = hf_arch(model)
@@ -371,8 +378,7 @@ class _HFLogits(nn.Module):
 
 
 class HookedHF(HookedModule):
-    """A Hugging Face causal LM (GPT-2, GPT-Neo, GPT-NeoX/Pythia, Llama, Mistral, Phi-3, Qwen2, Qwen3) with
-    TransformerLens hook names.
+    """A Hugging Face causal LM of a family in :data:`HF_ARCHS` with TransformerLens hook names.
 
     Built by :func:`hooked_hf`. ``forward(tokens)``, ``forward(batch_mapping)`` and
     ``forward(input_ids=..., attention_mask=...)`` return logits ``(batch, pos, d_vocab)``. The wrapped model is

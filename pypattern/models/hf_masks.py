@@ -12,10 +12,11 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   ``(3 d_model, d_model)`` is reshaped to ``(n_heads, 3 d_head)`` per position, so head ``h`` owns the rows
   ``3 h d_head : 3 (h+1) d_head`` (its ``q``, ``k``, ``v`` one after the other), bias likewise;
   ``attention.dense.weight`` ``(d_model, d_model)``: the columns ``h*d_head : (h+1)*d_head``.
-* **Llama, Mistral, Qwen2, Qwen3** (split ``nn.Linear``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where
-  present: Qwen2, Llama with ``attention_bias``), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
+* **Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo, StableLM, Phi, GPT-J** (split ``nn.Linear``; Phi's output projection
+  is ``dense``, GPT-J's ``out_proj``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where present), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
   ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
-  Qwen3's ``q_norm`` / ``k_norm`` weights are shared by every head and belong to no head.
+  Qwen3's and Gemma 3's ``q_norm`` / ``k_norm`` weights are shared by every head and belong to no head; OLMo 2
+  and 3 normalise the projections across all heads, and have no per-head components.
 * **GPT-Neo**: Llama's split projections under ``attn.attention``, ``out_proj`` for ``o_proj`` (no q/k/v biases).
 * **Phi-3** (fused ``qkv_proj``, rows: all query heads, then all key heads, then all value heads): the query rows
   ``h*d_head : (h+1)*d_head``, the key and value rows of its key/value head ``g`` at ``n_heads*d_head +
@@ -195,8 +196,7 @@ def hf_component_masks(
     Parameters
     ----------
     model : nn.Module
-        A supported Hugging Face causal LM (``gpt2``, ``gpt_neo``, ``gpt_neox``, ``llama``, ``mistral``, ``phi3``, ``qwen2``,
-        ``qwen3``), or the
+        A Hugging Face causal LM of a ``model_type`` in :data:`~pypattern.models.hf.HF_ARCHS`, or the
         :class:`~pypattern.models.hf.HookedHF` wrapping one (names then start with ``module.model.``).
     component : str
         ``"blocks.{l}.attn.head.{h}"`` (one head's slices, see the module docstring for each layout and for

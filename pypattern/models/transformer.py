@@ -551,8 +551,9 @@ class LayerNorm(nn.Module):
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(var + eps)``; ``hook_normalized`` is the
     output (after ``w`` and ``b``). It runs torch's fused ``layer_norm`` (about 25% faster fwd+bwd of the whole model
     under ``vmap``); a hook on ``hook_scale`` sees the scale computed explicitly, and only a hook that replaces it
-    switches the output to the explicit form ``(x - mean) / scale`` (to float rounding the same). With ``compute_dtype`` the statistics and the normalisation run in that dtype and the result
-    is cast back to the input's dtype before ``w`` and ``b``."""
+    switches the output to the explicit form ``(x - mean) / scale`` (to float rounding the same). With
+    ``compute_dtype`` the statistics and the normalisation run in that dtype and the result is cast back to the
+    input's dtype before ``w`` and ``b``."""
 
     def __init__(
         self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
@@ -571,16 +572,22 @@ class LayerNorm(nn.Module):
         return self.w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x if self.compute_dtype is None else x.to(self.compute_dtype)
-        if self.hook_scale._fns:
-            c = h - h.mean(-1, keepdim=True)
-            scale = (c.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-            seen = self.hook_scale(scale)
-            if seen is not scale:  # a hook replaced the scale
-                return self.hook_normalized((c / seen).to(x.dtype) * self.w + self.b)
-        # torch's fused kernel, then w and b (also when a hook only read the scale: a cached run is bit-identical)
-        n = F.layer_norm(h, h.shape[-1:], eps=self.eps).to(x.dtype)
-        return self.hook_normalized(torch.addcmul(self.b, n, self.w))
+        return self.hook_normalized(torch.addcmul(self.b, _layer_normalize(self, x), self.w))
+
+
+def _layer_normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` of a :class:`LayerNorm` / :class:`LayerNormPre` ``norm`` (in its
+    ``compute_dtype``, cast back to ``x``'s), through its ``hook_scale``: torch's fused kernel, also when a hook only
+    reads the scale (a cached run is bit-identical to a plain one); the explicit ``(x - mean) / scale`` when a hook
+    replaces it."""
+    h = x if norm.compute_dtype is None else x.to(norm.compute_dtype)
+    if norm.hook_scale._fns:
+        c = h - h.mean(-1, keepdim=True)
+        scale = (c.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        seen = norm.hook_scale(scale)
+        if seen is not scale:  # a hook replaced the scale
+            return (c / seen).to(x.dtype)
+    return F.layer_norm(h, h.shape[-1:], eps=norm.eps).to(x.dtype)
 
 
 class LayerNormPre(nn.Module):
@@ -598,15 +605,7 @@ class LayerNormPre(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x if self.compute_dtype is None else x.to(self.compute_dtype)
-        if self.hook_scale._fns:
-            c = h - h.mean(-1, keepdim=True)
-            scale = (c.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-            seen = self.hook_scale(scale)
-            if seen is not scale:  # a hook replaced the scale
-                return self.hook_normalized((c / seen).to(x.dtype))
-        # torch's fused kernel (also when a hook only read the scale: a cached run is bit-identical)
-        return self.hook_normalized(F.layer_norm(h, h.shape[-1:], eps=self.eps).to(x.dtype))
+        return self.hook_normalized(_layer_normalize(self, x))
 
 
 class RMSNorm(nn.Module):
@@ -702,13 +701,10 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-class Unembed(nn.Module):
-    """``x (..., d_model) -> logits (..., d_vocab)``: ``x @ W_U (+ b_U)`` (soft-capped per
-    ``cfg.output_logits_soft_cap``: :meth:`cap`)."""
+class _Unembedding(nn.Module):
+    """What both unembeddings share: the bias ``b_U`` (``cfg.unembed_bias``, else None) and the final soft cap."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
+    def _add_bias_and_cap(self, cfg: TransformerConfig) -> None:
         if cfg.unembed_bias:
             self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
         else:
@@ -724,7 +720,17 @@ class Unembed(nn.Module):
         return self.cap(out if self.b_U is None else out + self.b_U)
 
 
-class TiedUnembed(nn.Module):
+class Unembed(_Unembedding):
+    """``x (..., d_model) -> logits (..., d_vocab)``: ``x @ W_U (+ b_U)`` (soft-capped per
+    ``cfg.output_logits_soft_cap``: :meth:`cap`)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab, dtype=cfg.dtype))
+        self._add_bias_and_cap(cfg)
+
+
+class TiedUnembed(_Unembedding):
     """Unembedding tied to the token embedding: ``x @ embed.W_E.T (+ b_U)``, no weight of its own.
 
     The embedding module is held outside the module tree, so ``named_parameters`` lists the weight once (as
@@ -734,23 +740,11 @@ class TiedUnembed(nn.Module):
     def __init__(self, cfg: TransformerConfig, embed: Embed) -> None:
         super().__init__()
         object.__setattr__(self, "_embed", embed)  # not a submodule: the parameter stays listed once
-        if cfg.unembed_bias:
-            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab, dtype=cfg.dtype))
-        else:
-            self.b_U = None
-        self.logit_cap = cfg.output_logits_soft_cap
-
-    def cap(self, logits: torch.Tensor) -> torch.Tensor:
-        """The final soft-capping (identity without ``output_logits_soft_cap``)."""
-        return soft_cap(logits, self.logit_cap)
+        self._add_bias_and_cap(cfg)
 
     @property
     def W_U(self) -> torch.Tensor:
         return self._embed.W_E.T
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x @ self._embed.W_E.T
-        return self.cap(out if self.b_U is None else out + self.b_U)
 
 
 def _maybe_bias(cond: bool, *shape: int, dtype: torch.dtype) -> nn.Parameter | None:
@@ -1228,7 +1222,8 @@ def component_masks(
     Parameters
     ----------
     model : Transformer, any module with TransformerLens parameter names, or an unconverted Hugging Face model
-        (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2, Qwen3; then :func:`~pypattern.models.hf_masks.hf_component_masks`)
+        (a ``model_type`` in :data:`~pypattern.models.hf.HF_ARCHS`; then
+        :func:`~pypattern.models.hf_masks.hf_component_masks`)
     component : str
         ``"blocks.{l}.attn.head.{h}"``: that head's slices of ``W_Q``, ``W_O``, ``b_Q``, and of ``W_K``, ``W_V``,
         ``b_K``, ``b_V`` when the head has a key/value head of its own. With grouped-query attention a key/value

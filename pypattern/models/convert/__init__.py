@@ -12,8 +12,8 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.olmo`: ``OlmoForCausalLM``
-- :mod:`.opt`: ``OPTForCausalLM``
 - :mod:`.olmo2`: ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``
+- :mod:`.opt`: ``OPTForCausalLM``
 - :mod:`.phi`: ``PhiForCausalLM`` (Phi-1, Phi-1.5, Phi-2)
 - :mod:`.phi3`: ``Phi3ForCausalLM``
 - :mod:`.qwen2`: ``Qwen2ForCausalLM``
@@ -90,12 +90,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        One of ``GPT2LMHeadModel``, ``GPTNeoForCausalLM``, ``GPTNeoXForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``,
-        ``Phi3ForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``GemmaForCausalLM``, ``Gemma2ForCausalLM``,
-        ``Gemma3ForCausalLM``, ``OlmoForCausalLM``, ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``, ``PhiForCausalLM``,
-        ``GPTJForCausalLM``, ``OPTForCausalLM``, ``StableLmForCausalLM`` (see
-        :data:`SUPPORTED_CLASSES`), or a
-        ``TransformerBridge`` around one.
+        A class in :data:`SUPPORTED_CLASSES` (the module's list above), or a ``TransformerBridge`` around one.
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
 

@@ -127,9 +127,9 @@ def rope(
 
 
 def layer_ropes(config: Any, rotary_module: nn.Module, head_dim: int, types: list[str]) -> dict:
-    """``rotary_base``, ``rotary_scaling`` (each one value, or one per layer when the layers differ) and
-    ``rotary_dim`` / ``rotary_freq_dtype`` of a model whose rotary embedding may hold one set of frequencies per
-    kind of layer (``{layer_type}_inv_freq`` buffers: Gemma 3, OLMo 3), as :class:`TransformerConfig` fields."""
+    """:func:`rotary_fields` of a model whose rotary embedding may hold one set of frequencies per kind of layer
+    (``{layer_type}_inv_freq`` buffers: Gemma 3, OLMo 3): ``rotary_base`` and ``rotary_scaling`` one value, or one
+    per layer when the layers differ."""
     if all(hasattr(rotary_module, f"{t}_inv_freq") for t in types):
         per_type = {t: rope(config, rotary_module, head_dim, layer_type=t) for t in sorted(set(types))}
         ropes = [per_type[t] for t in types]
@@ -141,15 +141,15 @@ def layer_ropes(config: Any, rotary_module: nn.Module, head_dim: int, types: lis
     if len(freq_dtypes) != 1:
         refuse("rotary inv_freq", "(buffers)", "the layers' frequencies are rounded to different dtypes")
     bases, scalings = [r[0] for r in ropes], [r[3] for r in ropes]
-    return dict(
-        rotary_dim=dims.pop(),
-        rotary_base=bases[0] if len(set(bases)) == 1 else tuple(bases),
-        rotary_freq_dtype=freq_dtypes.pop(),
-        rotary_scaling=scalings[0] if len({repr(x) for x in scalings}) == 1 else tuple(scalings),
+    return rotary_fields(
+        bases[0] if len(set(bases)) == 1 else tuple(bases),
+        dims.pop(),
+        freq_dtypes.pop(),
+        scalings[0] if len({repr(x) for x in scalings}) == 1 else tuple(scalings),
     )
 
 
-def rotary_fields(base: float, rotary_dim: int, freq_dtype: torch.dtype | None, scaling: dict | None) -> dict:
+def rotary_fields(base, rotary_dim: int, freq_dtype: torch.dtype | None, scaling) -> dict:
     """The :class:`TransformerConfig` fields of a rotary embedding read by :func:`rope` (angles and their cosines
     in float32, as Hugging Face computes them); no rotary positions when ``rotary_dim`` is 0."""
     return dict(
@@ -242,6 +242,12 @@ def put_gated_mlp(w: dict, p: str, mlp: tuple) -> None:
     w[f"{p}.mlp.W_gate"], w[f"{p}.mlp.b_gate"] = Wg.T, bg
     w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = Wu.T, bu
     w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.T, bd
+
+
+def put_mlp(w: dict, p: str, fc_in: nn.Module, fc_out: nn.Module) -> None:
+    """Layer ``p``'s plain MLP from its two ``nn.Linear`` layers (``(out, in)`` weights, biases or None)."""
+    w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = fc_in.weight.T, fc_in.bias
+    w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = fc_out.weight.T, fc_out.bias
 
 
 def split_biases(layers, out: str = "o_proj", mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")):

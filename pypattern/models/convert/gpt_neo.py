@@ -20,6 +20,8 @@ from ._common import (
     linear_heads,
     linear_out_heads,
     model_dtype,
+    put_mlp,
+    put_unembedding,
     refuse,
     same_parameter,
     window_setting,
@@ -94,12 +96,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         w[f"{p}.attn.W_V"] = linear_heads(a.v_proj.weight, H, dh)
         w[f"{p}.attn.W_O"] = linear_out_heads(a.out_proj.weight, H, dh)
         w[f"{p}.attn.b_O"] = a.out_proj.bias
-        w[f"{p}.mlp.W_in"] = blk.mlp.c_fc.weight.T
-        w[f"{p}.mlp.b_in"] = blk.mlp.c_fc.bias
-        w[f"{p}.mlp.W_out"] = blk.mlp.c_proj.weight.T
-        w[f"{p}.mlp.b_out"] = blk.mlp.c_proj.bias
+        put_mlp(w, p, blk.mlp.c_fc, blk.mlp.c_proj)
     ln("ln_final", tr.ln_f)
-    if not tied:
-        w["unembed.W_U"] = lm.weight.T
-    w["unembed.b_U"] = lm_b
+    put_unembedding(w, lm, tied, lm_b)
     return cfg, w

@@ -12,7 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, all_or_none, attn_softmax_dtype, layer_norm, refuse, rope, same_parameter
+from ._common import (
+    act_fn,
+    all_or_none,
+    attn_softmax_dtype,
+    layer_norm,
+    put_mlp,
+    put_unembedding,
+    refuse,
+    rope,
+    unembedding,
+)
 
 CLASSES = ("GPTNeoXForCausalLM",)
 
@@ -48,10 +58,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     mlp_bias = all_or_none(
         [m.mlp.dense_h_to_4h.bias for m in layers] + [m.mlp.dense_4h_to_h.bias for m in layers], "mlp biases"
     )
-    emb = model.get_input_embeddings().weight
-    lm = model.get_output_embeddings()
-    tied = same_parameter(lm.weight, emb)
-    lm_b = getattr(lm, "bias", None)
+    emb, lm, tied, lm_b = unembedding(model)
     eps = layers[0].input_layernorm.eps
     cfg = dict(
         n_layers=len(layers),
@@ -103,12 +110,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             w[f"{p}.attn.b_{x}"] = None if b is None else b[:, j]
         w[f"{p}.attn.W_O"] = a.dense.weight.T.reshape(H, dh, d)
         w[f"{p}.attn.b_O"] = a.dense.bias
-        w[f"{p}.mlp.W_in"] = layer.mlp.dense_h_to_4h.weight.T
-        w[f"{p}.mlp.b_in"] = layer.mlp.dense_h_to_4h.bias
-        w[f"{p}.mlp.W_out"] = layer.mlp.dense_4h_to_h.weight.T
-        w[f"{p}.mlp.b_out"] = layer.mlp.dense_4h_to_h.bias
+        put_mlp(w, p, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h)
     ln("ln_final", base_model.final_layer_norm)
-    if not tied:
-        w["unembed.W_U"] = lm.weight.T
-    w["unembed.b_U"] = lm_b
+    put_unembedding(w, lm, tied, lm_b)
     return cfg, w

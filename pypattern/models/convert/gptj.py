@@ -20,6 +20,7 @@ from ._common import (
     layer_norm,
     model_dtype,
     put_attention,
+    put_mlp,
     put_unembedding,
     refuse,
     split_qkv,
@@ -97,8 +98,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             refuse(f"h[{i}].attn", (a.head_dim, a.rotary_dim), f"differs from layer 0 ({dh}, {c.rotary_dim})")
         layer_norm(w, f"{p}.ln1", layer.ln_1, eps, "layer_norm_epsilon")
         put_attention(w, p, split_qkv(a), a.out_proj.weight, a.out_proj.bias, H, H, dh)
-        w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = f.fc_in.weight.T, f.fc_in.bias
-        w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = f.fc_out.weight.T, f.fc_out.bias
+        put_mlp(w, p, f.fc_in, f.fc_out)
     layer_norm(w, "ln_final", tr.ln_f, eps, "layer_norm_epsilon")
     put_unembedding(w, lm, tied, lm_b)
     return cfg, w

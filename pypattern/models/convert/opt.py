@@ -22,6 +22,7 @@ from ._common import (
     attn_softmax_dtype,
     layer_norm,
     put_attention,
+    put_mlp,
     put_unembedding,
     refuse,
     split_qkv,
@@ -100,8 +101,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         norm(f"{p}.ln1", layer.self_attn_layer_norm)
         norm(f"{p}.ln2", layer.final_layer_norm)
         put_attention(w, p, split_qkv(a), a.out_proj.weight, a.out_proj.bias, H, H, dh)
-        w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = layer.fc1.weight.T, layer.fc1.bias
-        w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = layer.fc2.weight.T, layer.fc2.bias
+        put_mlp(w, p, layer.fc1, layer.fc2)
     norm("ln_final", dec.final_layer_norm)
     put_unembedding(w, lm, tied, lm_b)
     return cfg, w

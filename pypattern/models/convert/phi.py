@@ -19,6 +19,7 @@ from ._common import (
     head_shape,
     layer_norm,
     put_attention,
+    put_mlp,
     put_unembedding,
     refuse,
     rope,
@@ -72,10 +73,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             refuse(f"layers[{i}].self_attn", (a.head_dim, a.rotary_ndims), "differs from layer 0")
         layer_norm(w, f"{p}.ln1", layer.input_layernorm, eps, "layer_norm_eps")
         put_attention(w, p, split_qkv(a), a.dense.weight, a.dense.bias, H, Hkv, dh)
-        w[f"{p}.mlp.W_in"] = f.fc1.weight.T
-        w[f"{p}.mlp.b_in"] = f.fc1.bias
-        w[f"{p}.mlp.W_out"] = f.fc2.weight.T
-        w[f"{p}.mlp.b_out"] = f.fc2.bias
+        put_mlp(w, p, f.fc1, f.fc2)
     layer_norm(w, "ln_final", base_model.final_layernorm, eps, "layer_norm_eps")
     put_unembedding(w, lm, tied, lm_b)
     return cfg, w
