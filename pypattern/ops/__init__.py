@@ -8,6 +8,7 @@ the tensors given.
 * :mod:`~pypattern.ops.rmsprop_sgld`: the fused RMSprop-preconditioned SGLD step :func:`rmsprop_sgld_step_`.
 * :mod:`~pypattern.ops.covariance`: the streaming cross-covariance :class:`CrossCovariance`.
 * :mod:`~pypattern.ops.grad_gram`: per-sample gradient Gram kernels of one layer.
+* :mod:`~pypattern.ops.activations`: the tanh GELU :func:`gelu_tanh` of GPT-2-style models (CPU kernel).
 """
 
 from .covariance import CrossCovariance, cross_covariance_update_, cross_covariance_update_reference_

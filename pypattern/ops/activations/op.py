@@ -1,0 +1,146 @@
+"""The public op :func:`gelu_tanh`: validation, the backend's choice and the autograd rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import _backends
+from .reference import SQRT_2_OVER_PI, gelu_tanh_backward_reference, gelu_tanh_reference
+
+_OP = "gelu_tanh"
+_C_DTYPES = (torch.float32, torch.float64)
+
+
+def _gelu_tanh_torch(x: torch.Tensor, c: float) -> torch.Tensor:
+    """torch's fused tanh GELU when ``c`` is its constant, else the written-out formula."""
+    if c == SQRT_2_OVER_PI:
+        return F.gelu(x, approximate="tanh")
+    return gelu_tanh_reference(x, c)
+
+
+def _gelu_tanh_backward_torch(grad: torch.Tensor, x: torch.Tensor, c: float) -> torch.Tensor:
+    if c == SQRT_2_OVER_PI:
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+    return gelu_tanh_backward_reference(grad, x, c)
+
+
+def _gelu_tanh_c(x: torch.Tensor, c: float) -> torch.Tensor:
+    return torch.ops.pypattern.gelu_tanh(x, float(c))
+
+
+def _gelu_tanh_backward_c(grad: torch.Tensor, x: torch.Tensor, c: float) -> torch.Tensor:
+    return torch.ops.pypattern.gelu_tanh_backward(grad, x, float(c))
+
+
+_backends.register(_OP, "reference", _gelu_tanh_torch)
+_backends.register(_OP, "cpp", _gelu_tanh_c)
+_BACKWARD = {"reference": _gelu_tanh_backward_torch, "cpp": _gelu_tanh_backward_c}
+
+
+class _GeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, c: float, backend: str) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.c, ctx.backend = c, backend
+        return _backends.implementation(_OP, backend)(x, c)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the backward is wanted (higher derivatives): the formula
+            return gelu_tanh_backward_reference(grad, x, ctx.c), None, None
+        return _BACKWARD[ctx.backend](grad.to(x.dtype), x, ctx.c), None, None
+
+
+def _choose(x: torch.Tensor, backend: str | None) -> str:
+    name = _backends.choose(_OP, x.device, backend)
+    if name == "cpp" and x.dtype not in _C_DTYPES:
+        forced, source = _backends._forced(backend)
+        if forced == "cpp":
+            raise ValueError(
+                f"gelu_tanh: x has dtype {x.dtype}; the 'cpp' backend (forced by {source}) takes float32 or "
+                "float64 (leave the backend to the automatic choice for others)"
+            )
+        return "reference"
+    return name
+
+
+def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None = None) -> torch.Tensor:
+    """The tanh GELU ``0.5 x (1 + tanh(c (x + 0.044715 x^3)))`` of ``x`` (any shape and strides; the result is
+    contiguous), differentiable (higher derivatives through the written-out formula).
+
+    Parameters
+    ----------
+    x : Tensor
+        Floating-point input.
+    c : float
+        The constant inside the tanh: ``sqrt(2 / pi)`` (GPT-2's ``gelu_new``, torch's ``approximate="tanh"``) or
+        Hugging Face's ``gelu_fast`` constant ``0.7978845608``.
+    backend : str, optional
+        ``"cpp"`` (CPU tensors of float32 or float64) or ``"reference"`` (torch); default: the automatic choice
+        (see :mod:`pypattern._backends`), which takes ``"reference"`` for the dtypes the C++ kernel does not
+        handle.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a tensor of dtype {x.dtype}"
+        raise TypeError(f"gelu_tanh: x must be a floating-point tensor, got {got}")
+    c = float(c)
+    name = _choose(x, backend)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GeluTanh.apply(x, c, name)
+    return _backends.implementation(_OP, name)(x, c)
+
+
+def gelu_tanh_unchecked(x: torch.Tensor, c: float = SQRT_2_OVER_PI) -> torch.Tensor:
+    """:func:`gelu_tanh` without validation or ``backend``, for a model's forward: the C++ kernel on a plain CPU
+    tensor of float32 or float64 (not one of ``torch.func``'s wrapped tensors under ``vmap`` or ``grad``, for
+    which the op has no batching rule) when it is built and ``PYPATTERN_BACKEND`` forces nothing; else torch's
+    fused tanh GELU (``c = sqrt(2 / pi)``) or the written-out formula."""
+    if (
+        x.device.type == "cpu"
+        and x.dtype in _C_DTYPES
+        and x.layout == torch.strided
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and _backends._forced(None)[0] is None
+        and _c_ready()
+    ):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _GeluTanh.apply(x, c, "cpp")
+        return torch.ops.pypattern.gelu_tanh(x, c)
+    return _gelu_tanh_torch(x, c)
+
+
+def _c_ready() -> bool:
+    global _C_READY
+    if _C_READY is None:
+        _C_READY = bool(_backends.backends(_OP)["cpp"]["available"])
+    return _C_READY
+
+
+_C_READY: bool | None = None
+
+
+def _register_fake() -> None:
+    """Shape functions of the C++ ops, so that ``torch.compile`` and meta tensors can trace through them."""
+    mod, _ = _backends._load_c()
+    if mod is None:  # pragma: no cover - broken install
+        return
+    for name in ("pypattern::gelu_tanh", "pypattern::gelu_tanh_backward"):
+        try:
+            torch.library.register_fake(name)(
+                _fake_like_last if name.endswith("backward") else _fake_like_first
+            )
+        except RuntimeError:  # already registered (a reload)
+            pass
+
+
+def _fake_like_first(x, c):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_like_last(grad, x, c):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_register_fake()

@@ -1,0 +1,195 @@
+"""The tanh GELU op (pypattern.ops.activations): every backend against the float64 formula on random and
+adversarial inputs (scales, dtypes, shapes, strides, empty and zero-dimensional tensors, infinities and NaN), its
+derivative, the automatic choice, and the model's use of it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pypattern
+from pypattern.models.transformer import GELU_FAST_C, apply_act
+from pypattern.ops.activations import (
+    SQRT_2_OVER_PI,
+    gelu_tanh,
+    gelu_tanh_backward_reference,
+    gelu_tanh_reference,
+    gelu_tanh_unchecked,
+)
+
+HAS_CPP = pypattern.backends("gelu_tanh")["cpp"]["available"]
+
+
+def _cases():
+    cases = [pytest.param("reference", "cpu", id="reference-cpu")]
+    why = pypattern.backends("gelu_tanh")["cpp"]["reason"]
+    cases.append(
+        pytest.param("cpp", "cpu", id="cpp-cpu", marks=() if HAS_CPP else pytest.mark.skip(reason=why))
+    )
+    gpu = torch.cuda.is_available()
+    # on CUDA tensors the automatic choice is torch's fused kernel (the reference backend)
+    cases.append(
+        pytest.param(
+            None, "cuda", id="auto-cuda", marks=() if gpu else pytest.mark.skip(reason="no CUDA device")
+        )
+    )
+    return cases
+
+
+CASES = _cases()
+TOL = {torch.float32: 1e-6, torch.float64: 4e-15}
+
+
+def _ref64(x: torch.Tensor, c: float) -> torch.Tensor:
+    return gelu_tanh_reference(x.double().cpu(), c)
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, c: float):
+    """y against the float64 formula: absolute error within the dtype's rounding of |x| (at least 1)."""
+    ref = _ref64(x, c)
+    scale = x.double().cpu().abs().clamp_min(1.0)
+    err = ((y.double().cpu() - ref).abs() / scale).max().item() if x.numel() else 0.0
+    assert err <= TOL[x.dtype], f"{x.dtype}: error {err}"
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-3, 0.5, 3.0, 30.0, 1e4])
+@pytest.mark.parametrize("c", [SQRT_2_OVER_PI, GELU_FAST_C])
+def test_forward_matches_formula(backend, device, dtype, scale, c):
+    g = torch.Generator().manual_seed(int(scale * 1000) % 9973)
+    x = (torch.randn(3, 70001, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+    _check(gelu_tanh(x, c, backend=backend), x, c)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shapes_strides_and_empty(backend, device, dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 40, 9, generator=g, dtype=dtype).to(device) * 4
+    views = [
+        base,
+        base.transpose(0, 2),  # non-contiguous
+        base[:, ::3, 1:],  # strided slice
+        base[2, 5, 4],  # zero-dimensional
+        base[:0],  # empty
+        torch.empty(0, 7, dtype=dtype, device=device),
+        base.expand(2, *base.shape),  # zero stride
+    ]
+    for v in views:
+        y = gelu_tanh(v, backend=backend)
+        assert y.shape == v.shape and y.dtype == v.dtype and y.device == v.device
+        _check(y, v, SQRT_2_OVER_PI)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_special_values(backend, device, dtype):
+    big = torch.finfo(dtype).max
+    x = torch.tensor(
+        [0.0, -0.0, math.inf, -math.inf, math.nan, big, -big, 1e-40, -1e-40, -9.3, -25.0, 9.3, 88.0],
+        dtype=dtype,
+    ).to(device)
+    y = gelu_tanh(x, backend=backend).cpu()
+    ref = F.gelu(x.cpu().double(), approximate="tanh").to(dtype)  # torch's values, in the same dtype
+    assert torch.isnan(y[4]) and torch.isnan(ref[4])
+    assert torch.isnan(y[3]) == torch.isnan(ref[3])  # -inf: 0 * inf in the formula
+    keep = [i for i in range(len(x)) if i not in (3, 4, 5, 6)]
+    assert torch.allclose(y[keep].double(), ref[keep].double(), rtol=1e-6, atol=1e-30)
+    assert y[2] == math.inf and not torch.isnan(y[keep]).any()
+    if backend == "cpp":  # at +-max the C++ kernel gives the limits (torch's formula overflows to inf or NaN)
+        assert y[5] == big and y[6] == 0.0
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [SQRT_2_OVER_PI, GELU_FAST_C])
+def test_backward_matches_formula(backend, device, dtype, c):
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.cat([torch.randn(40000, generator=g, dtype=torch.float64) * s for s in (0.3, 2.0, 12.0)])
+    gr = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x = x0.to(dtype).to(device).requires_grad_()
+    gelu_tanh(x, c, backend=backend).backward(gr.to(dtype).to(device))
+    ref = gelu_tanh_backward_reference(gr, x0.to(dtype).double(), c)
+    tol = 3e-6 if dtype == torch.float32 else 1e-14
+    err = ((x.grad.double().cpu() - ref).abs() / gr.abs().clamp_min(1.0)).max().item()
+    assert err <= tol, err
+
+
+@pytest.mark.parametrize("backend, device", CASES[:2])
+def test_gradcheck_and_second_derivative(backend, device):
+    x = (torch.randn(4, 9, dtype=torch.float64) * 2).requires_grad_()
+    f = lambda t: gelu_tanh(t, backend=backend)
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ kernel not built")
+def test_cpp_independent_of_threads():
+    x = torch.randn(8, 32, 3072) * 5
+    n0 = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = gelu_tanh(x, backend="cpp")
+        da = torch.ops.pypattern.gelu_tanh_backward(x, x, SQRT_2_OVER_PI)
+        torch.set_num_threads(2)
+        b = gelu_tanh(x, backend="cpp")
+        db = torch.ops.pypattern.gelu_tanh_backward(x, x, SQRT_2_OVER_PI)
+    finally:
+        torch.set_num_threads(n0)
+    assert torch.equal(a, b) and torch.equal(da, db)
+
+
+def test_automatic_choice_and_errors(monkeypatch):
+    x16 = torch.randn(5, 6, dtype=torch.bfloat16)
+    y = gelu_tanh(x16)  # the C++ kernel takes float32/float64 only: torch's kernel
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.gelu(x16, approximate="tanh"))
+    if HAS_CPP:
+        with pytest.raises(ValueError, match="x has dtype torch.bfloat16.*'cpp'"):
+            gelu_tanh(x16, backend="cpp")
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        gelu_tanh(torch.arange(3))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got list"):
+        gelu_tanh([1.0])
+    with pytest.raises(ValueError, match="not one of"):
+        gelu_tanh(torch.randn(3), backend="fast")
+    monkeypatch.setenv("PYPATTERN_BACKEND", "reference")  # forcing a backend: the model's path follows it
+    x = torch.randn(7, 5) * 20
+    assert torch.equal(gelu_tanh_unchecked(x), F.gelu(x, approximate="tanh"))
+
+
+def test_unchecked_paths():
+    """The model's entry point: the C++ kernel on plain CPU float tensors (with and without gradients), torch's
+    kernel or the formula under vmap, and on other dtypes; all equal to the formula."""
+    x = torch.randn(3, 11, dtype=torch.float64) * 3
+    for c in (SQRT_2_OVER_PI, GELU_FAST_C):
+        assert torch.allclose(gelu_tanh_unchecked(x, c), gelu_tanh_reference(x, c), rtol=0, atol=1e-14)
+        xv = x.clone().requires_grad_()
+        y = torch.func.vmap(lambda r, c=c: gelu_tanh_unchecked(r, c))(xv)
+        assert torch.allclose(y, gelu_tanh_reference(x, c), rtol=0, atol=1e-14)
+        gv = torch.func.vmap(torch.func.grad(lambda r, c=c: gelu_tanh_unchecked(r, c).sum()))(x)
+        assert torch.allclose(gv, gelu_tanh_backward_reference(torch.ones_like(x), x, c), rtol=0, atol=1e-13)
+    h = torch.randn(4, 4, dtype=torch.float16)
+    assert torch.equal(gelu_tanh_unchecked(h), F.gelu(h, approximate="tanh"))
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_fast", "gelu_pytorch_tanh"])
+def test_apply_act_equals_hf_formulas(act):
+    """The model's activations against Hugging Face's written-out formulas (float64)."""
+    x = torch.randn(2, 5, 300, dtype=torch.float64) * 4
+    if act == "gelu_fast":
+        ref = 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    else:
+        ref = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    assert torch.allclose(apply_act(x, act), ref, rtol=1e-14, atol=1e-14)
+
+
+def test_compile_traces_the_op():
+    f = torch.compile(lambda t: gelu_tanh(t) * 2.0, backend="eager")
+    x = torch.randn(33)
+    assert torch.allclose(f(x), 2.0 * gelu_tanh_reference(x), atol=1e-6)
+    assert gelu_tanh(torch.randn(3, 4, device="meta")).shape == (3, 4)
