@@ -105,6 +105,20 @@ ARCHS = {
         attn_scores_multiplier=0.3,
         attn_softmax_dtype=torch.float64,
     ),
+    # GPT-2 with scale_attn_by_inverse_layer_idx (a score multiplier per layer) and YaRN rotary embeddings
+    "inverse_layer_yarn": dict(
+        attn_scores_multiplier=(0.6, 0.3),
+        positional_embedding_type="rotary",
+        rotary_base=100.0,
+        rotary_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 8.0,
+            "beta_slow": 1.0,
+            "attention_factor": 1.2,
+        },
+    ),
     "tied": dict(  # tied embeddings, GPT-J rotary pairing (partial), parallel block, no positions learned
         tie_word_embeddings=True,
         positional_embedding_type="rotary",

@@ -25,6 +25,10 @@ COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=None)
 
 CASES = {
     "gpt2-tied": ("GPT2", dict(n_embd=40, n_layer=2, n_head=5, n_inner=56, n_positions=CTX)),
+    "gpt2-inverse-layer-scaled": (  # the Stanford CRFM models' per-layer score scale d_head ** -0.5 / (layer + 1)
+        "GPT2",
+        dict(n_embd=40, n_layer=3, n_head=5, n_positions=CTX, scale_attn_by_inverse_layer_idx=True),
+    ),
     "gpt2-untied-relu-unscaled": (
         "GPT2",
         dict(
@@ -101,6 +105,42 @@ CASES = {
             num_attention_heads=5,
             num_key_value_heads=1,
             intermediate_size=44,
+        ),
+    ),
+    "llama-yarn-mscale": (  # YaRN with mscale / mscale_all_dim; the 12-token inputs pass its original 8 positions
+        "Llama",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=44,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 8,
+                "mscale": 0.707,
+                "mscale_all_dim": 1.0,
+            },
+        ),
+    ),
+    "qwen2-yarn-attention-factor-untruncated": (
+        "Qwen2",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=40,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 3.0,
+                "original_max_position_embeddings": 4096,
+                "attention_factor": 1.3,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+                "truncate": False,
+            },
         ),
     ),
     "llama-partial-factor-in-config": (  # Llama's rotary ignores partial_rotary_factor: the whole head turns
@@ -182,6 +222,25 @@ CASES = {
             num_key_value_heads=2,
             intermediate_size=52,
             partial_rotary_factor=0.5,
+        ),
+    ),
+    "phi3-longrope-partial0.75": (  # Phi-3.5 / Phi-4-mini: LongRoPE's short factors, a scaled cosine and sine
+        "Phi3",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            partial_rotary_factor=0.75,
+            max_position_embeddings=128,
+            original_max_position_embeddings=32,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.05, 1.1, 1.3, 1.6, 2.0],
+                "long_factor": [2.0, 2.5, 3.0, 4.0, 5.0, 6.0],
+                "original_max_position_embeddings": 32,
+            },
         ),
     ),
     "phi3-mqa-window-tied": (
@@ -660,11 +719,9 @@ def test_unknown_architecture_in_directory_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "case,overrides,option",
     [
-        ("gpt2-tied", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
         ("gpt2-tied", dict(add_cross_attention=True), "add_cross_attention"),
         ("llama-mqa", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
-        ("llama-mqa", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
-        ("neox-parallel-rot0.25", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type"),
+        ("qwen2-gqa4-tied", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
         ("llama-mqa", dict(hidden_act="gelu_10"), "hidden_act"),
     ],
 )
@@ -712,12 +769,78 @@ def test_scaled_rotary_embeddings_convert_exactly(case, scaling, dtype, tol):
     assert again.rotary_scaling == scaling
 
 
+_YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 8,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "attention_factor": 1.1386,
+}
+
+
+@pytest.mark.parametrize("case", ["llama-yarn-mscale", "qwen2-yarn-attention-factor-untruncated"])
+def test_yarn_frequencies_and_attention_factor(case):
+    """YaRN: the converted config holds the factor of the cosines and sines the HF rotary embedding computed
+    (from mscale / mscale_all_dim, or given) and frequencies equal to the HF buffer, some of them blended (neither
+    the unscaled frequency nor the one divided by the factor)."""
+    from pypattern.models.transformer import rotary_inv_freq
+
+    hf = hf_model(case)
+    model = from_hf(hf)
+    sc = model.cfg.rotary_scaling
+    assert sc["rope_type"] == "yarn" and sc["attention_factor"] == pytest.approx(
+        hf.model.rotary_emb.attention_scaling
+    )
+    assert sc["attention_factor"] != 1.0
+    mine = rotary_inv_freq(model.cfg.rotary_base, model.cfg.rotary_dim, sc, torch.float32)
+    assert torch.equal(mine, hf.model.rotary_emb.inv_freq.float())
+    plain = rotary_inv_freq(model.cfg.rotary_base, model.cfg.rotary_dim, None, torch.float32)
+    ratio = plain / mine
+    assert ((ratio - 1).abs() > 1e-3).any() and ((ratio - sc["factor"]).abs() > 1e-3).any()
+    again = type(model.cfg)(**model.cfg.to_dict())
+    assert again.rotary_scaling == sc
+
+
+def test_longrope_short_factors_and_the_long_regime_refused():
+    """LongRoPE converts with its short factors and the HF embedding's cosine/sine factor; a sequence reaching the
+    original length, where HF switches to the long factors, raises instead of giving other logits."""
+    hf = hf_model("phi3-longrope-partial0.75")
+    model = from_hf(hf)
+    sc = model.cfg.rotary_scaling
+    assert sc["rope_type"] == "longrope" and sc["short_factor"] == [1.0, 1.05, 1.1, 1.3, 1.6, 2.0]
+    assert (
+        sc["attention_factor"] == pytest.approx(hf.model.rotary_emb.attention_scaling)
+        and sc["attention_factor"] > 1
+    )
+    x = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel(model(x), hf(x).logits) <= 1e-10
+        with pytest.raises(ValueError, match="position 32 is past the 32 positions of this model's LongRoPE"):
+            model(torch.randint(0, V, (1, 33)))
+
+
+def test_gpt2_inverse_layer_scaling_is_per_layer():
+    hf = hf_model("gpt2-inverse-layer-scaled")
+    cfg = from_hf(hf).cfg
+    assert cfg.attn_scores_multiplier == tuple(blk.attn.scaling for blk in hf.transformer.h)
+    assert [cfg.scores_multiplier(i) for i in range(3)] == pytest.approx(
+        [8**-0.5 / (i + 1) for i in range(3)]
+    )
+
+
 def test_rotary_scaling_config_is_checked():
     from pypattern.models import TransformerConfig
 
     base = dict(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, positional_embedding_type="rotary")
     with pytest.raises(ValueError, match="rope_type one of"):
-        TransformerConfig(**base, rotary_scaling={"rope_type": "yarn", "factor": 2.0})
+        TransformerConfig(**base, rotary_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="beta_fast"):
+        TransformerConfig(**base, rotary_scaling={**_YARN, "beta_fast": 0})
+    with pytest.raises(ValueError, match="truncate"):
+        TransformerConfig(**base, rotary_scaling={**_YARN, "truncate": "yes"})
+    with pytest.raises(ValueError, match="one positive number per layer"):
+        TransformerConfig(**base, attn_scores_multiplier=(0.5, 0.25))
     with pytest.raises(ValueError, match="low_freq_factor"):
         TransformerConfig(**base, rotary_scaling={**_LLAMA3, "low_freq_factor": None})
     with pytest.raises(ValueError, match="must exceed"):

@@ -99,6 +99,21 @@ ARCHS = {
         "rotary_base": (100.0, 1e4),
         "rotary_scaling": (None, {"rope_type": "linear", "factor": 2.0}),
     },
+    # GPT-2 with scale_attn_by_inverse_layer_idx: a score multiplier per layer
+    "gpt2_inverse_layer": dict(act_fn="gelu_new", attn_scores_multiplier=(0.5, 0.25)),
+    # YaRN: blended frequencies, cosines and sines scaled by the attention factor
+    "yarn": {
+        **LLAMA,
+        "rotary_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 8.0,
+            "beta_slow": 1.0,
+            "attention_factor": 1.2,
+        },
+        "rotary_base": 100.0,
+    },
 }
 # TransformerLens hook names, written out here so that the reference does not use the library's site table
 HOOKS = {

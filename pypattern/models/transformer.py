@@ -193,8 +193,15 @@ class TransformerConfig:
         "factor": f}`` divides every frequency by ``f``; ``{"rope_type": "llama3", "factor": f, "low_freq_factor":
         lo, "high_freq_factor": hi, "original_max_position_embeddings": n}`` is Llama 3's (frequencies whose
         wavelength exceeds ``n / lo`` divided by ``f``, those under ``n / hi`` kept, the ones between
-        interpolated). None: unscaled. Both fix the frequencies once (no dependence on the sequence length) and
-        leave the cosines and sines unscaled. A sequence (one dict or None per layer) scales each layer's own;
+        interpolated); ``{"rope_type": "yarn", "factor": f, "original_max_position_embeddings": n, "beta_fast": bf,
+        "beta_slow": bs, "attention_factor": a}`` (optional ``"truncate"``, default True) is YaRN's: frequencies
+        blended between ``1 / (f base^(2i/d))`` and the unscaled ones by a linear ramp over the dimensions whose
+        number of turns in ``n`` positions lies between ``bs`` and ``bf``, and cosines and sines multiplied by
+        ``a``; ``{"rope_type": "longrope", "short_factor": [...], "original_max_position_embeddings": n,
+        "attention_factor": a}`` is Phi-3's LongRoPE on sequences of at most ``n`` positions (frequencies divided
+        by the short factors, cosines and sines multiplied by ``a``); a position at or past ``n``, where the
+        Hugging Face model switches to its long factors, raises ``ValueError``. None: unscaled. All fix the
+        frequencies once. A sequence (one dict or None per layer) scales each layer's own;
         :meth:`rope_scaling` reads a layer's.
     n_key_value_heads : int or None
         Number of key/value heads (grouped-query attention; 1 is multi-query attention); default ``n_heads``.
@@ -229,10 +236,12 @@ class TransformerConfig:
         The unembedding is ``embed.W_E`` transposed: one parameter, no ``unembed.W_U``.
     attn_scale : float or None
         Attention scores are ``q . k / attn_scale``; default ``sqrt(d_head)``.
-    attn_scores_multiplier : float or None
+    attn_scores_multiplier : float, None, or a sequence of floats (one per layer)
         When set, the scores are ``q . k * attn_scores_multiplier`` (a multiplication in the scores' dtype) in place of
-        the division by ``attn_scale``, which is then ``1 / attn_scores_multiplier``: GPT-J's eager attention
-        multiplies float32 scores by ``d_head ** -0.5``, and a division rounds them differently.
+        the division by ``attn_scale``, which is then ``1 / attn_scores_multiplier`` (of layer 0 for a sequence):
+        GPT-J's eager attention multiplies float32 scores by ``d_head ** -0.5``, and a division rounds them
+        differently. A sequence gives each layer its own (GPT-2's ``scale_attn_by_inverse_layer_idx``:
+        ``d_head ** -0.5 / (layer + 1)``); :meth:`scores_multiplier` reads a layer's.
     sliding_window : int, None, or a sequence of them (one per layer)
         Query at position ``i`` attends to keys ``j`` with ``i - sliding_window < j <= i`` (Mistral's window);
         None: every earlier key. A sequence gives each layer its own (GPT-Neo's local and global layers); it is
@@ -417,10 +426,18 @@ class TransformerConfig:
             )
         m = self.attn_scores_multiplier
         if m is not None:
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+            bad = lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+            if isinstance(m, (list, tuple)):
+                if len(m) != self.n_layers or any(bad(v) for v in m):
+                    raise ValueError(
+                        f"attn_scores_multiplier={m!r} is not valid; give a positive number, None, or one positive "
+                        f"number per layer ({self.n_layers} layers)"
+                    )
+                m = self.attn_scores_multiplier = tuple(float(v) for v in m)
+            elif bad(m):
                 raise ValueError(f"attn_scores_multiplier={m!r} is not valid; give a positive number or None")
             if self.attn_scale is None:
-                self.attn_scale = 1.0 / m
+                self.attn_scale = 1.0 / (m[0] if isinstance(m, tuple) else m)
         if self.attn_scale is None:
             self.attn_scale = math.sqrt(self.d_head)
         elif not self.attn_scale > 0:
@@ -473,6 +490,11 @@ class TransformerConfig:
         w = self.sliding_window
         return w[layer] if isinstance(w, tuple) else w
 
+    def scores_multiplier(self, layer: int) -> float | None:
+        """Layer ``layer``'s ``attn_scores_multiplier`` (None: scores divided by ``attn_scale``)."""
+        m = self.attn_scores_multiplier
+        return m[layer] if isinstance(m, tuple) else m
+
     def rope_base(self, layer: int) -> float:
         """Layer ``layer``'s rotary base."""
         b = self.rotary_base
@@ -495,6 +517,8 @@ class TransformerConfig:
 _ROTARY_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"),
+    "longrope": ("original_max_position_embeddings", "attention_factor"),
 }
 
 
@@ -518,6 +542,25 @@ def _check_rotary_scaling(scaling, pe_type: str) -> dict:
                 f"rotary_scaling[{k!r}]={v!r} is not valid for rope_type {kind!r}; give a positive number"
             )
         out[k] = v
+    if kind == "longrope":
+        f = scaling.get("short_factor")
+        if (
+            not isinstance(f, (list, tuple))
+            or not f
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in f)
+        ):
+            raise ValueError(
+                f"rotary_scaling['short_factor']={f!r} is not valid for rope_type 'longrope'; give a list of "
+                "positive numbers, one per rotary frequency"
+            )
+        out["short_factor"] = [float(v) for v in f]
+    if kind == "yarn":
+        t = scaling.get("truncate", True)
+        if not isinstance(t, bool):
+            raise ValueError(
+                f"rotary_scaling['truncate']={t!r} is not valid for rope_type 'yarn'; give a bool"
+            )
+        out["truncate"] = t
     if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
         raise ValueError(
             f"rotary_scaling: high_freq_factor={out['high_freq_factor']!r} must exceed "
@@ -534,9 +577,20 @@ def rotary_inv_freq(
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
     if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "longrope":
+        short = torch.tensor(scaling["short_factor"], dtype=dtype, device=device)
+        if short.numel() != dim // 2:
+            raise ValueError(
+                f"rotary_scaling['short_factor'] has {short.numel()} entries; the rotary embedding has {dim // 2} "
+                f"frequencies (rotary_dim {dim})"
+            )
+        shape = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(dtype) / dim
+        return 1.0 / (short * base**shape)
     factor = scaling["factor"]
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
+    if scaling["rope_type"] == "yarn":
+        return _yarn_inv_freq(base, dim, scaling, dtype, device)
     lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old = scaling["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old / lo, old / hi
@@ -546,6 +600,34 @@ def rotary_inv_freq(
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(base: float, dim: int, scaling: dict, dtype: torch.dtype, device) -> torch.Tensor:
+    """YaRN's frequencies (Peng et al. 2023), in Hugging Face's order of operations."""
+    factor, n = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def turns_dim(
+        turns: float,
+    ) -> float:  # the dimension whose frequency makes ``turns`` turns in n positions
+        return (dim * math.log(n / (turns * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = turns_dim(scaling["beta_fast"]), turns_dim(scaling["beta_slow"])
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device).to(dtype) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=dtype, device=device) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def rotary_attention_factor(scaling: dict | None) -> float:
+    """The factor the cosines and sines of a rotary embedding scaled per ``scaling`` are multiplied by (YaRN's
+    ``attention_factor``; 1 otherwise)."""
+    return 1.0 if scaling is None else float(scaling.get("attention_factor", 1.0))
 
 
 class LayerNorm(nn.Module):
@@ -845,9 +927,16 @@ class Attention(nn.Module):
         cfg = self.cfg
         cd = cfg.rotary_dtype or dtype
         r = cfg.rotary_dim
-        inv_freq = rotary_inv_freq(
-            cfg.rope_base(self.layer), r, cfg.rope_scaling(self.layer), cd, positions.device
-        )
+        scaling = cfg.rope_scaling(self.layer)
+        if scaling is not None and scaling["rope_type"] == "longrope" and positions.numel():
+            n = scaling["original_max_position_embeddings"]
+            if int(positions.max()) >= n:
+                raise ValueError(
+                    f"position {int(positions.max())} is past the {n} positions of this model's LongRoPE short "
+                    f"factors (rotary_scaling original_max_position_embeddings={n}); longer sequences, where the "
+                    "Hugging Face model switches to its long factors, are not supported"
+                )
+        inv_freq = rotary_inv_freq(cfg.rope_base(self.layer), r, scaling, cd, positions.device)
         if cfg.rotary_freq_dtype is not None:
             inv_freq = inv_freq.to(cfg.rotary_freq_dtype).to(cd)
         freqs = positions[:, None].to(cd) * inv_freq[None, :]
@@ -855,6 +944,9 @@ class Attention(nn.Module):
             emb = freqs.repeat_interleave(2, dim=-1)
         else:
             emb = torch.cat((freqs, freqs), dim=-1)
+        att = rotary_attention_factor(cfg.rope_scaling(self.layer))
+        if att != 1.0:
+            return (emb.cos() * att).to(dtype), (emb.sin() * att).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -926,7 +1018,7 @@ class Attention(nn.Module):
 
     def scale_scores(self, qk: torch.Tensor) -> torch.Tensor:
         """``q . k`` products scaled: ``qk * attn_scores_multiplier`` when set, else ``qk / attn_scale``."""
-        m = self.cfg.attn_scores_multiplier
+        m = self.cfg.scores_multiplier(self.layer)
         return qk / self.cfg.attn_scale if m is None else qk * m
 
     def cap(self, scores: torch.Tensor) -> torch.Tensor:

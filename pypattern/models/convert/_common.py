@@ -56,10 +56,10 @@ def rope(
     Hugging Face computes the frequencies in float32 and reads the buffer in float32; a model cast with
     ``.to(torch.bfloat16)`` or ``.half()`` holds them rounded to that dtype (and keeps them rounded when cast back),
     which ``rotary_freq_dtype`` reproduces (None when they are not rounded). Converts the ``"default"``,
-    ``"linear"`` and ``"llama3"`` rope types (frequencies fixed once, cosines and sines unscaled;
-    ``rotary_scaling`` is None for the default); refuses the others (dynamic NTK changes the frequencies with
-    the sequence length, YaRN and LongRoPE scale the cosines and sines or switch frequencies past a length) and
-    any ``attention_scaling`` other than 1. With ``layer_type`` (Gemma 3: one rotary embedding per kind of layer),
+    ``"linear"``, ``"llama3"``, ``"yarn"`` and ``"longrope"`` rope types (frequencies fixed once; YaRN's and
+    LongRoPE's cosines and sines multiplied by the embedding's ``attention_scaling``; LongRoPE with its short
+    factors, on sequences up to its original length; ``rotary_scaling`` is None for the default); refuses dynamic
+    NTK (its frequencies change with the sequence length) and any ``attention_scaling`` other than 1 elsewhere. With ``layer_type`` (Gemma 3: one rotary embedding per kind of layer),
     the parameters ``rope_parameters[layer_type]`` and the buffer ``{layer_type}_inv_freq``.
     """
     from ..transformer import _ROTARY_SCALING_KEYS, rotary_inv_freq
@@ -75,15 +75,29 @@ def rope(
             f"the rotary embeddings converted exactly are {('default',) + tuple(_ROTARY_SCALING_KEYS)}",
         )
     scaling = None
+    prefix = "" if layer_type is None else f"{layer_type}_"
+    att = getattr(rotary_module, f"{prefix}attention_scaling", 1.0)
+    if rope_type == "yarn":
+        params = _yarn_params(config, params, att)
+    if rope_type == "longrope":
+        params = {**params, "attention_factor": _number(att)}
     if rope_type != "default":
         missing = [k for k in _ROTARY_SCALING_KEYS[rope_type] if k not in params]
         if missing:
             refuse("rope_parameters", params, f"rope_type {rope_type!r} needs {missing}")
         scaling = {"rope_type": rope_type, **{k: params[k] for k in _ROTARY_SCALING_KEYS[rope_type]}}
-    prefix = "" if layer_type is None else f"{layer_type}_"
-    att = getattr(rotary_module, f"{prefix}attention_scaling", 1.0)
-    if att != 1.0:
-        refuse("attention_scaling of the rotary embedding", att, "only 1.0 is converted")
+        if rope_type == "yarn":
+            scaling["truncate"] = params["truncate"]
+        if rope_type == "longrope":
+            if "short_factor" not in params:
+                refuse("rope_parameters", params, "rope_type 'longrope' needs ['short_factor']")
+            scaling["short_factor"] = params["short_factor"]
+    if att != 1.0 and rope_type not in ("yarn", "longrope"):
+        refuse(
+            "attention_scaling of the rotary embedding",
+            att,
+            f"only 1.0 is converted for rope_type {rope_type!r}",
+        )
     if "rope_theta" not in params:
         refuse("rope_parameters", params, "it has no 'rope_theta'")
     base = float(params["rope_theta"])
@@ -124,6 +138,32 @@ def rope(
             "(in float32, or rounded to bfloat16 or float16)",
         )
     return base, rotary_dim, freq_dtype, scaling
+
+
+def _yarn_params(config: Any, params: dict, attention_scaling: Any) -> dict:
+    """YaRN's parameters as Hugging Face's rotary embedding reads them: ``factor`` (default
+    ``max_position_embeddings / original_max_position_embeddings``), ``beta_fast`` / ``beta_slow`` (defaults 32 and
+    1), ``truncate`` (read from the top level of ``rope_parameters``, default True) and the cosines' and sines'
+    factor the embedding computed (``attention_scaling``, from ``mscale`` / ``mscale_all_dim`` or given)."""
+    out = dict(params)
+    n = params.get("original_max_position_embeddings")
+    if params.get("factor") is None and n:
+        out["factor"] = config.max_position_embeddings / n
+    out["beta_fast"] = params.get("beta_fast") or 32
+    out["beta_slow"] = params.get("beta_slow") or 1
+    top = getattr(config, "rope_parameters", None) or {}
+    out["truncate"] = top.get("truncate", True)
+    out["attention_factor"] = _number(attention_scaling)
+    return out
+
+
+def _number(attention_scaling: Any) -> float:
+    """The rotary embedding's ``attention_scaling`` as a float (refused when it is not a number)."""
+    if isinstance(attention_scaling, torch.Tensor) and attention_scaling.numel() == 1:
+        attention_scaling = attention_scaling.item()
+    if isinstance(attention_scaling, bool) or not isinstance(attention_scaling, (int, float)):
+        refuse("attention_scaling of the rotary embedding", attention_scaling, "a number is converted")
+    return float(attention_scaling)
 
 
 def layer_ropes(config: Any, rotary_module: nn.Module, head_dim: int, types: list[str]) -> dict:

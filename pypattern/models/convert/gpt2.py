@@ -3,6 +3,7 @@
 GPT-2's ``Conv1D`` weights are stored ``(in, out)`` (``y = x @ W + b``); ``c_attn`` is the fused query/key/value
 projection whose output splits into three ``d_model`` blocks (queries, keys, values), each ``(n_heads, d_head)``
 head-major. LayerNorm, learned absolute positions, every bias, no unembedding bias; embeddings usually tied.
+``scale_attn_by_inverse_layer_idx`` gives each layer its own score multiplier (``attn_scores_multiplier``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,26 @@ from ._common import act_fn, attn_softmax_dtype, layer_norm, refuse, same_parame
 CLASSES = ("GPT2LMHeadModel",)
 
 
+def _inverse_layer_multipliers(c, blocks, dh: int) -> tuple[float, ...] | None:
+    """With ``scale_attn_by_inverse_layer_idx`` (the Stanford CRFM GPT-2 models), each layer's scores are
+    ``q . k * scaling`` with ``scaling = d_head ** -0.5 / (layer + 1)`` (without ``scale_attn_weights``: ``1 /
+    (layer + 1)``), the attention module's own ``scaling``; None otherwise."""
+    if not getattr(c, "scale_attn_by_inverse_layer_idx", False):
+        return None
+    out = []
+    for i, blk in enumerate(blocks):
+        s = getattr(blk.attn, "scaling", None)
+        if not isinstance(s, float):
+            s = (dh**-0.5 if c.scale_attn_weights else 1.0) / float(i + 1)
+        out.append(s)
+    return tuple(out)
+
+
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``GPT2LMHeadModel``."""
     c = model.config
     if getattr(c, "add_cross_attention", False):
         refuse("add_cross_attention", c.add_cross_attention, "cross-attention layers are not converted")
-    if getattr(c, "scale_attn_by_inverse_layer_idx", False):
-        refuse(
-            "scale_attn_by_inverse_layer_idx",
-            True,
-            "a per-layer attention scale 1 / (layer + 1) is not part of pypattern's Transformer",
-        )
     tr = model.transformer
     blocks = tr.h
     d, H = c.n_embd, c.n_head
@@ -56,6 +66,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         positional_embedding_type="standard",
         ln_eps=eps,
         attn_scale=None if c.scale_attn_weights else 1.0,
+        attn_scores_multiplier=_inverse_layer_multipliers(c, blocks, c.n_embd // c.n_head),
         tie_word_embeddings=tied,
         unembed_bias=lm_b is not None,
         # GPT-2's eager_attention_forward takes the softmax in the model's dtype
