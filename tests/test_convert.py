@@ -255,6 +255,44 @@ CASES = {
             tie_word_embeddings=True,
         ),
     ),
+    "bigcode-mqa-tied": ("GPTBigCode", dict(n_embd=40, n_layer=2, n_head=5, n_inner=44, n_positions=CTX)),
+    "bigcode-mha-untied-unscaled-gelu": (
+        "GPTBigCode",
+        dict(
+            n_embd=42,
+            n_layer=2,
+            n_head=7,
+            n_positions=CTX,
+            multi_query=False,
+            tie_word_embeddings=False,
+            scale_attn_weights=False,
+            activation_function="gelu",
+        ),
+    ),
+    "starcoder2-gqa2-window-biases": (
+        "Starcoder2",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=44,
+            sliding_window=5,
+        ),
+    ),
+    "starcoder2-mqa-untied-nobias-gelu": (
+        "Starcoder2",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=36,
+            use_bias=False,
+            tie_word_embeddings=False,
+            hidden_act="gelu",
+        ),
+    ),
     "qwen3-gqa2-tied": (
         "Qwen3",
         dict(
@@ -509,7 +547,7 @@ def hf_model(case: str, dtype=torch.float64, **overrides):
     """A random Hugging Face model of ``case`` (weights perturbed so biases and norm weights are not trivial)."""
     family, kw = CASES[case]
     kw = {**COMMON, **kw, **overrides}
-    if family not in ("GPT2", "GPTJ"):
+    if family not in ("GPT2", "GPTJ", "GPTBigCode"):
         kw.setdefault("max_position_embeddings", CTX)
     cfg = getattr(transformers, f"{family}Config")(**kw)
     cls = getattr(transformers, _CLASS.get(family, f"{family}ForCausalLM"))
@@ -947,6 +985,8 @@ def test_unknown_model_class_is_refused():
         "OPTForCausalLM",
         "Gemma3ForConditionalGeneration",
         "StableLmForCausalLM",
+        "Starcoder2ForCausalLM",
+        "GPTBigCodeForCausalLM",
     }
 
 
@@ -991,6 +1031,8 @@ def _expected_shape(name, cfg, b, t):
         "gptj-rot2-tied-relu",
         "opt-lnpre-nobias-gelu",
         "stablelm-parallel-gqa2-qkvbias-tied",
+        "starcoder2-gqa2-window-biases",
+        "bigcode-mqa-tied",
     ],
 )
 def test_every_hook_point_has_its_shape(case):

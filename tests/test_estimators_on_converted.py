@@ -144,6 +144,36 @@ def _hf(arch: str):
             use_parallel_residual=True,
         )
         m = transformers.StableLmForCausalLM(cfg)
+    elif arch == "bigcode":  # GPT-BigCode: multi-query attention in a fused c_attn, learned positions
+        cfg = transformers.GPTBigCodeConfig(
+            vocab_size=V,
+            n_embd=16,
+            n_inner=20,
+            n_layer=2,
+            n_head=4,
+            n_positions=16,
+            multi_query=True,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        m = transformers.GPTBigCodeForCausalLM(cfg)
+    elif arch == "starcoder2":  # LayerNorms, a plain MLP with biases, GQA, a sliding window
+        cfg = transformers.Starcoder2Config(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+            sliding_window=5,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        m = transformers.Starcoder2ForCausalLM(cfg)
     elif arch == "opt":  # learned positions with an offset, ReLU, every bias
         cfg = transformers.OPTConfig(
             vocab_size=V,
@@ -226,7 +256,22 @@ KW = dict(
 
 
 @pytest.mark.parametrize(
-    "arch", ["gpt2", "neox", "llama", "qwen3", "gemma2", "olmo", "olmo2", "phi", "gptj", "opt", "stablelm"]
+    "arch",
+    [
+        "gpt2",
+        "neox",
+        "llama",
+        "qwen3",
+        "gemma2",
+        "olmo",
+        "olmo2",
+        "phi",
+        "gptj",
+        "opt",
+        "stablelm",
+        "starcoder2",
+        "bigcode",
+    ],
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
     hf = _hf(arch)
@@ -246,7 +291,22 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
 
 @pytest.mark.parametrize(
     "arch",
-    ["gpt2", "neox", "llama", "qwen3", "phi3", "gpt_neo", "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj"],
+    [
+        "gpt2",
+        "neox",
+        "llama",
+        "qwen3",
+        "phi3",
+        "gpt_neo",
+        "gemma2",
+        "gemma3",
+        "olmo",
+        "olmo2",
+        "phi",
+        "gptj",
+        "starcoder2",
+        "bigcode",
+    ],  # fmt: skip
 )
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     hf = _hf(arch)

@@ -106,12 +106,23 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
             **common,
         )  # fmt: skip
+    if arch == "starcoder2":  # LayerNorms with biases, a plain MLP (c_fc, c_proj), GQA, a sliding window
+        return tr.Starcoder2Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            sliding_window=4, bos_token_id=0, eos_token_id=0, **common,
+        )  # fmt: skip
+    if arch in ("bigcode", "bigcode_mha"):  # GPT-BigCode: multi-query or per-head [q, k, v] blocks in c_attn
+        return tr.GPTBigCodeConfig(
+            vocab_size=V, n_embd=24, n_layer=2, n_head=4, n_inner=40, n_positions=16, multi_query=arch == "bigcode",
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
-    "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm",
+    "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "starcoder2",
+    "bigcode", "bigcode_mha",
 ]  # fmt: skip
 _CACHE: dict = {}
 
@@ -138,7 +149,7 @@ def _parts(m, writes: bool = False):
     ``writes``, the modules whose outputs are added to the residual stream (Gemma 2 / 3: the sandwich norms after
     the attention and the MLP)."""
     mt = m.config.model_type
-    if mt in ("gpt2", "gpt_neo", "gptj"):
+    if mt in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode"):
         return m.transformer.h, "attn", "mlp", m.transformer.ln_f
     if mt == "gpt_neox":
         return m.gpt_neox.layers, "attention", "mlp", m.gpt_neox.final_layer_norm
@@ -309,6 +320,7 @@ def _out_proj(m, layer):
     attn = getattr(layers[layer], attn_name)
     names = {
         "gpt2": "c_proj",
+        "gpt_bigcode": "c_proj",
         "gpt_neox": "dense",
         "gpt_neo": "attention.out_proj",
         "phi": "dense",

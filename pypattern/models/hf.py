@@ -176,6 +176,10 @@ _LLAMA_LIKE = dict(
 
 HF_ARCHS: dict[str, HFArch] = {
     "gpt2": HFArch("gpt2", "transformer", "wte", "wpe", "h", "attn", "mlp", "ln_1", "ln_2", "ln_f", "gpt2"),
+    # GPT-BigCode (SantaCoder, StarCoder 1): GPT-2's module names, nn.Linear c_attn (multi-query or per-head blocks)
+    "gpt_bigcode": HFArch(
+        "gpt_bigcode", "transformer", "wte", "wpe", "h", "attn", "mlp", "ln_1", "ln_2", "ln_f", "bigcode"
+    ),
     "gpt_neox": HFArch(
         "gpt_neox",
         "gpt_neox",
@@ -211,6 +215,7 @@ HF_ARCHS: dict[str, HFArch] = {
     # StableLM: LayerNorms; with use_parallel_residual one norm for both
     "stablelm": HFArch("stablelm", **_LLAMA_LIKE, parallel_residual="use_parallel_residual"),
     "olmo": HFArch("olmo", **_LLAMA_LIKE),  # LayerNorms without parameters, clamped q/k/v projections
+    "starcoder2": HFArch("starcoder2", **_LLAMA_LIKE),  # LayerNorms, a plain MLP (c_fc, c_proj)
     # OLMo 2 / 3: no norms in front of the attention and the MLP (ln1 / ln2 name the norms after them, the
     # only ones a layer has), the writes are those norms' outputs, one query/key norm across all heads
     **{

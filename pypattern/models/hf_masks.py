@@ -21,6 +21,10 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
 * **Phi-3** (fused ``qkv_proj``, rows: all query heads, then all key heads, then all value heads): the query rows
   ``h*d_head : (h+1)*d_head``, the key and value rows of its key/value head ``g`` at ``n_heads*d_head +
   g*d_head`` and ``(n_heads + n_kv_heads)*d_head + g*d_head``, ``o_proj`` columns as Llama's.
+* **GPT-BigCode** (``nn.Linear`` ``attn.c_attn``): multi-query, the rows ``[every query head | the key head | the
+  value head]`` (head ``h``: rows ``h*d_head : (h+1)*d_head``; the key and value rows are the one key/value head);
+  otherwise GPT-NeoX's per-head blocks ``3 h d_head : 3 (h+1) d_head``; ``attn.c_proj`` columns
+  ``h*d_head : (h+1)*d_head``.
 
 What a head owns under grouped-query attention
 ----------------------------------------------
@@ -87,6 +91,8 @@ def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]
         return n_heads, n_heads, int(attn.head_dim)
     if arch.qkv == "neox":
         return n_heads, n_heads, int(attn.head_size)
+    if arch.qkv == "bigcode":
+        return n_heads, int(attn.kv_heads), int(attn.head_dim)
     d_head = int(attn.head_dim)
     if arch.qkv == "phi3":
         return n_heads, int(attn.num_key_value_heads), d_head
@@ -160,6 +166,20 @@ def _head_slices(
         out[f"{a}.query_key_value.weight"] = (0, rows)
         out[f"{a}.query_key_value.bias"] = (0, rows)
         out[f"{a}.dense.weight"] = (1, own)
+    elif arch.qkv == "bigcode" and n_kv == n_heads:  # c_attn rows: head h's [q_h, k_h, v_h], head after head
+        rows = slice(3 * head * dh, 3 * (head + 1) * dh)
+        out[f"{a}.c_attn.weight"] = (0, rows)
+        out[f"{a}.c_attn.bias"] = (0, rows)
+        out[f"{a}.c_proj.weight"] = (1, own)
+    elif arch.qkv == "bigcode":  # multi-query: c_attn rows [every query head, the key head, the value head]
+        parts = [torch.arange(own.start, own.stop)] if kind == "head" else []
+        if kind == "kv" or include_shared_kv:
+            k0 = n_heads * dh
+            parts += [torch.arange(k0, k0 + 2 * dh)]
+        out[f"{a}.c_attn.weight"] = (0, torch.cat(parts))
+        out[f"{a}.c_attn.bias"] = (0, torch.cat(parts))
+        if kind == "head":
+            out[f"{a}.c_proj.weight"] = (1, own)
     elif arch.qkv == "phi3":  # qkv_proj rows: every query head, then every key head, then every value head
         group = n_heads // n_kv
         kv = head // group if kind == "head" else head

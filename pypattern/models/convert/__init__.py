@@ -6,6 +6,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gpt2`: ``GPT2LMHeadModel``
 - :mod:`.gemma`: ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``, ``Gemma3ForConditionalGeneration``
   (its language model)
+- :mod:`.gpt_bigcode`: ``GPTBigCodeForCausalLM`` (SantaCoder, StarCoder 1)
 - :mod:`.gpt_neo`: ``GPTNeoForCausalLM`` (GPT-Neo, the TinyStories models)
 - :mod:`.gpt_neox`: ``GPTNeoXForCausalLM`` (GPT-NeoX, Pythia)
 - :mod:`.gptj`: ``GPTJForCausalLM``
@@ -19,6 +20,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.qwen2`: ``Qwen2ForCausalLM``
 - :mod:`.qwen3`: ``Qwen3ForCausalLM``
 - :mod:`.stablelm`: ``StableLmForCausalLM``
+- :mod:`.starcoder2`: ``Starcoder2ForCausalLM``
 
 The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
 (tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with ``sdpa`` and with ``eager`` attention: the
@@ -44,6 +46,7 @@ from ..transformer import Transformer
 from . import (
     gemma,
     gpt2,
+    gpt_bigcode,
     gpt_neo,
     gpt_neox,
     gptj,
@@ -57,6 +60,7 @@ from . import (
     qwen2,
     qwen3,
     stablelm,
+    starcoder2,
 )
 from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
@@ -66,6 +70,7 @@ __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLA
 _FAMILIES = (
     gpt2,
     gemma,
+    gpt_bigcode,
     gpt_neo,
     gpt_neox,
     gptj,
@@ -79,6 +84,7 @@ _FAMILIES = (
     qwen2,
     qwen3,
     stablelm,
+    starcoder2,
 )
 _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)

@@ -1,0 +1,91 @@
+"""GPT-BigCode (``GPTBigCodeForCausalLM``: SantaCoder, StarCoder 1) -> pypattern ``Transformer``.
+
+GPT-2's block (LayerNorms, learned absolute positions, every bias, a plain MLP ``c_proj(act(c_fc(x)))``; embeddings
+usually tied) with ``nn.Linear`` weights ``(out, in)`` and its own fused ``c_attn``: with ``multi_query`` the
+output is ``[queries (n_heads * d_head), the one key head (d_head), the one value head (d_head)]``; without it,
+head ``h``'s block ``[q_h, k_h, v_h]`` of ``3 * d_head`` entries, head after head. The scores are ``q . k *
+scaling`` (``d_head ** -0.5``, or 1 without ``scale_attn_weights``: ``attn_scores_multiplier``) and the eager
+attention takes its softmax in float32. Cross-attention is refused by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import act_fn, attn_softmax_dtype, layer_norm, refuse, same_parameter
+
+CLASSES = ("GPTBigCodeForCausalLM",)
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a ``GPTBigCodeForCausalLM``."""
+    c = model.config
+    if getattr(c, "add_cross_attention", False):
+        refuse("add_cross_attention", c.add_cross_attention, "cross-attention layers are not converted")
+    tr = model.transformer
+    blocks = tr.h
+    d, H = c.n_embd, c.n_head
+    dh = d // H
+    mq = bool(c.multi_query)
+    Hkv = 1 if mq else H
+    a0 = blocks[0].attn
+    scaling = float(a0.scaling)
+    if any(float(b.attn.scaling) != scaling for b in blocks):
+        refuse("attention scaling", [b.attn.scaling for b in blocks], "differs between layers")
+    lm_w = model.lm_head.weight
+    tied = same_parameter(lm_w, tr.wte.weight)
+    eps = blocks[0].ln_1.eps
+    cfg = dict(
+        n_layers=len(blocks),
+        d_model=d,
+        n_heads=H,
+        d_head=dh,
+        n_key_value_heads=Hkv,
+        d_mlp=blocks[0].mlp.c_fc.weight.shape[0],
+        d_vocab=tr.wte.weight.shape[0],
+        n_ctx=tr.wpe.weight.shape[0],
+        act_fn=act_fn(c.activation_function, "activation_function"),
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        ln_eps=eps,
+        attn_scores_multiplier=scaling,
+        tie_word_embeddings=tied,
+        unembed_bias=False,
+        attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=True),
+    )
+    w: dict[str, torch.Tensor | None] = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
+
+    def ln(dst: str, mod: nn.LayerNorm) -> None:
+        layer_norm(w, dst, mod, eps, "layer_norm_epsilon")
+
+    for i, blk in enumerate(blocks):
+        p = f"blocks.{i}"
+        ln(f"{p}.ln1", blk.ln_1)
+        ln(f"{p}.ln2", blk.ln_2)
+        W, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # (out, d), (out,)
+        if mq:  # [q (H * dh), k (dh), v (dh)]
+            parts = {
+                "Q": (W[:d], b[:d], H),
+                "K": (W[d : d + dh], b[d : d + dh], 1),
+                "V": (W[d + dh :], b[d + dh :], 1),
+            }
+        else:  # head h: rows [h * 3 dh, (h + 1) * 3 dh) = [q_h, k_h, v_h]
+            Wh, bh = W.reshape(H, 3, dh, d), b.reshape(H, 3, dh)
+            parts = {
+                x: (Wh[:, j].reshape(H * dh, d), bh[:, j].reshape(H * dh), H) for j, x in enumerate("QKV")
+            }
+        for x, (Wx, bx, n) in parts.items():
+            w[f"{p}.attn.W_{x}"] = Wx.reshape(n, dh, d).permute(0, 2, 1)
+            w[f"{p}.attn.b_{x}"] = bx.reshape(n, dh)
+        w[f"{p}.attn.W_O"] = blk.attn.c_proj.weight.T.reshape(H, dh, d)
+        w[f"{p}.attn.b_O"] = blk.attn.c_proj.bias
+        w[f"{p}.mlp.W_in"] = blk.mlp.c_fc.weight.T
+        w[f"{p}.mlp.b_in"] = blk.mlp.c_fc.bias
+        w[f"{p}.mlp.W_out"] = blk.mlp.c_proj.weight.T
+        w[f"{p}.mlp.b_out"] = blk.mlp.c_proj.bias
+    ln("ln_final", tr.ln_f)
+    if not tied:
+        w["unembed.W_U"] = lm_w.T
+    w["unembed.b_U"] = None
+    return cfg, w
