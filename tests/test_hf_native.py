@@ -116,14 +116,40 @@ def _config(arch: str):
             vocab_size=V, n_embd=24, n_layer=2, n_head=4, n_inner=40, n_positions=16, multi_query=arch == "bigcode",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
+    if arch == "mixtral":  # a sparse block of 4 experts, 2 per token, GQA
+        return tr.MixtralConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=20,
+            num_local_experts=4, num_experts_per_tok=2, **common,
+        )  # fmt: skip
+    if (
+        arch == "olmoe"
+    ):  # one query/key norm across all heads, clamped projections, experts without renormalising
+        return tr.OlmoeConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=20,
+            num_experts=4, num_experts_per_tok=2, clip_qkv=2.0, pad_token_id=0, bos_token_id=None,
+            eos_token_id=None, **common,
+        )  # fmt: skip
+    if arch == "qwen2_moe":  # q/k/v biases, a gated shared expert; layer 0 dense (mlp_only_layers)
+        return tr.Qwen2MoeConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=28,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=20, shared_expert_intermediate_size=16,
+            mlp_only_layers=[0], **common,
+        )  # fmt: skip
+    if arch == "qwen3_moe":  # per-head query/key norms, experts renormalised over the chosen ones
+        return tr.Qwen3MoeConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            intermediate_size=28, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=20,
+            norm_topk_prob=True, **common,
+        )  # fmt: skip
     raise ValueError(arch)
 
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "starcoder2",
-    "bigcode", "bigcode_mha",
+    "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
 ]  # fmt: skip
+MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}
 
 
@@ -132,7 +158,13 @@ def _model(arch: str):
         import transformers as tr
 
         torch.manual_seed(ARCHS.index(arch))
-        m = tr.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="eager").double().eval()
+        # the experts of a mixture run one matmul per expert ("eager"): the grouped matmul has no float64 kernel
+        kw = dict(experts_implementation="eager") if arch in MOE else {}
+        m = (
+            tr.AutoModelForCausalLM.from_config(_config(arch), attn_implementation="eager", **kw)
+            .double()
+            .eval()
+        )
         with torch.no_grad():  # biases and norms are zero / one at init: make every parameter matter
             for p in m.parameters():
                 p.add_(0.05 * torch.randn_like(p))
@@ -399,7 +431,10 @@ def test_head_mask_moves_exactly_that_head(arch):
     test_shared_kv_heads_under_grouped_query_attention)."""
     m = _model(arch)
     layer = 1
-    if arch == "olmo2":  # one query/key norm across the heads: no head's parameters act on it alone
+    if arch in (
+        "olmo2",
+        "olmoe",
+    ):  # one query/key norm across the heads: no head's parameters act on it alone
         with pytest.raises(ValueError, match="across all heads"):
             hf_component_masks(m, f"blocks.{layer}.attn.head.0")
         assert f"blocks.{layer}.attn.head.0" not in hf_components(
@@ -605,3 +640,82 @@ def test_torch_compiled_model_masks_and_conversion():
     x = _tokens()
     with torch.no_grad():
         assert torch.equal(from_hf(compiled)(x), from_hf(m)(x))
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_expert_mask_moves_only_that_expert(arch):
+    """An expert's mask selects its slice of the stacked expert weights and nothing else (not the router, nor a
+    shared expert). The router does not read the experts' weights, so moving the masked entries changes the sparse
+    block's output at exactly the tokens whose top-k experts include that expert."""
+    m = _model(arch)
+    layer = 1
+    block = m.model.layers[layer].mlp
+    masks = hf_component_masks(m, f"blocks.{layer}.mlp.expert.2")
+    prefix = f"model.layers.{layer}.mlp.experts."
+    assert masks and all(n.startswith(prefix) for n in masks)
+    for mk in masks.values():
+        assert mk[2].all() and int(mk.sum()) == mk[2].numel()
+    x = torch.randn(1, 9, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        router = block.gate(x.reshape(-1, 24))
+        if isinstance(router, tuple):  # (logits, routing weights, chosen experts)
+            chosen = router[2]
+        else:  # logits: the top-k of their softmax
+            chosen = router.topk(m.config.num_experts_per_tok, dim=-1).indices
+        uses = (chosen == 2).any(-1)
+        before = block(x).reshape(-1, 24)
+        saved = _perturb(m, masks, seed=3)
+        after = block(x).reshape(-1, 24)
+        for n, p in m.named_parameters():
+            p.copy_(saved[n])
+    moved = (after - before).abs().amax(-1) > 1e-12
+    assert uses.any() and (~uses).any()
+    assert torch.equal(moved, uses)
+    with pytest.raises(ValueError, match="out of range; layer 1 has 4 experts"):
+        hf_component_masks(m, f"blocks.{layer}.mlp.expert.4")
+    with pytest.raises(ValueError, match="has no mixture of experts"):
+        hf_component_masks(_model("llama"), "blocks.0.mlp.expert.0")
+    if arch == "qwen2_moe":  # layer 0 is dense (mlp_only_layers)
+        with pytest.raises(ValueError, match="is dense"):
+            hf_component_masks(m, "blocks.0.mlp.expert.0")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral", "bigcode"])
+def test_activation_patching_wraps_a_raw_hf_model(arch):
+    """A Hugging Face model given to activation_patching as it is runs through hooked_hf: the same grid as the
+    wrapped model's (residual sites), and one hand-patched cell agrees with a hand-written HF hook."""
+    from pypattern.patching import LogitDiff, activation_patching, attribution_patching
+
+    m = _model(arch)
+    clean, corr = _tokens(2), _tokens(2).roll(1, dims=1)
+    metric = LogitDiff(clean[:, -1], (clean[:, -1] + 1) % V)
+    kw = dict(metric=metric, layers=[0, 1], positions=[2, T - 1])
+    raw = activation_patching(m, "resid_pre", clean, corr, **kw).values
+    wrapped = activation_patching(hooked_hf(m), "resid_pre", clean, corr, **kw).values
+    torch.testing.assert_close(raw, wrapped, rtol=0, atol=0)
+    assert raw.abs().max() > 0
+    with pytest.raises(ValueError, match="needs pypattern's Transformer"):
+        activation_patching(m, "z", clean, corr, metric=metric)
+    with pytest.raises(TypeError, match="pypattern.from_hf"):
+        attribution_patching(m, clean, corr, metric=metric)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_llc_and_expert_susceptibilities_on_an_unconverted_mixture_of_experts(arch):
+    """The estimators on a mixture of experts as it is: LLC chains move, and susceptibilities take one expert as a
+    component (finite, nonzero, and not the whole sparse block's)."""
+    import numpy as np
+
+    import pypattern as pp
+
+    m = _model(arch)
+    toks = torch.randint(0, V, (12, T), generator=torch.Generator().manual_seed(2))
+    loader = torch.utils.data.DataLoader(toks, batch_size=4, shuffle=False)
+    kw = dict(num_chains=2, num_draws=4, num_burnin_steps=1, step_size=1e-3, localization=10.0, seed=4)
+    r = pp.estimate_llc(m, loader, **kw)
+    assert np.isfinite(r.llc_per_chain).all() and np.ptp(r.loss_trace) > 0
+    expert = "blocks.1.mlp.expert.1"
+    res = pp.susceptibilities(m, loader, toks[:3], components=[expert, "blocks.1.mlp"], **kw)
+    chi = np.asarray(res.chi)
+    assert chi.shape[0] == 2 and np.isfinite(chi).all() and np.abs(chi[0]).max() > 0
+    assert not np.allclose(chi[0], chi[1])

@@ -1,7 +1,8 @@
 """Hugging Face causal LMs used natively (no conversion), seen through TransformerLens hook names.
 
 :func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2,
-GPT-Neo, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, StableLM) so
+GPT-Neo, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, StableLM,
+StarCoder2, GPT-BigCode, and the mixtures of experts Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so
 that ``forward`` returns logits and the residual-stream hook points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
 over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
 
@@ -153,6 +154,7 @@ class HFArch:
     mlp_write: str | None = None
     heads_coupled: bool = False
     parallel_residual: bool | str = False
+    experts: str | None = None
 
     def parallel(self, config: Any) -> bool:
         """True when attention and MLP both read the layer input (:attr:`parallel_residual`)."""
@@ -232,6 +234,13 @@ HF_ARCHS: dict[str, HFArch] = {
         )
         for mt in ("olmo2", "olmo3")
     },
+    # mixtures of experts: Llama's attention, the MLP a sparse block of experts ("mlp.experts", whose stacked
+    # gate_up_proj / down_proj hold one expert per entry of their first axis; "blocks.{l}.mlp.expert.{e}" masks one)
+    "mixtral": HFArch("mixtral", **_LLAMA_LIKE, experts="experts"),
+    "qwen2_moe": HFArch("qwen2_moe", **_LLAMA_LIKE, experts="experts"),  # plus a gated shared expert
+    "qwen3_moe": HFArch("qwen3_moe", **_LLAMA_LIKE, experts="experts"),  # per-head query/key norms
+    # OLMoE: one query/key norm across all heads (no per-head components), clamped q/k/v projections
+    "olmoe": HFArch("olmoe", **_LLAMA_LIKE, experts="experts", heads_coupled=True),
     # GPT-J: attention and MLP in parallel reading one LayerNorm (ln_1), split projections, "out_proj"
     "gptj": HFArch(
         "gptj",
@@ -458,7 +467,9 @@ def hooked_hf(model: nn.Module) -> HookedHF:
 
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
-    ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``. Nothing is converted or copied: hooks sit on the model's own modules.
+    ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``gpt_bigcode`` and the mixtures of experts
+    ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe`` (``hook_mlp_out`` is the sparse block's output). Nothing is
+    converted or copied: hooks sit on the model's own modules.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),

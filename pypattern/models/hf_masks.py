@@ -26,6 +26,11 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   otherwise GPT-NeoX's per-head blocks ``3 h d_head : 3 (h+1) d_head``; ``attn.c_proj`` columns
   ``h*d_head : (h+1)*d_head``.
 
+* **Mixtures of experts** (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): the attention as Llama's (OLMoE normalises
+  queries and keys across all heads, as OLMo 2, and has no per-head components); ``blocks.{l}.mlp`` is the whole
+  sparse block (router, experts, any shared expert) and ``blocks.{l}.mlp.expert.{e}`` entry ``e`` of the first axis
+  of the stacked expert weights (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``).
+
 What a head owns under grouped-query attention
 ----------------------------------------------
 With ``n_kv_heads == n_heads`` (GPT-2, GPT-NeoX, multi-head Llama) a head owns its query, key and value slices and
@@ -222,8 +227,10 @@ def hf_component_masks(
         ``"blocks.{l}.attn.head.{h}"`` (one head's slices, see the module docstring for each layout and for
         grouped-query attention), ``"blocks.{l}.attn.kv_head.{g}"`` (a shared key/value head),
         ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"``, ``"blocks.{l}"``, ``"blocks.{l}.ln1"`` / ``"ln2"``,
-        ``"embed"``, ``"pos_embed"`` (GPT-2), ``"unembed"``, ``"ln_final"``, or any prefix of the model's own
-        parameter names (e.g. ``"transformer.h.0.attn.c_attn"``).
+        ``"embed"``, ``"pos_embed"`` (GPT-2), ``"unembed"``, ``"ln_final"``, ``"blocks.{l}.mlp.expert.{e}"`` (one
+        expert of a mixture of experts: its slices of the stacked expert weights; the router and any shared expert
+        belong to ``"blocks.{l}.mlp"`` only), or any prefix of the model's own parameter names (e.g.
+        ``"transformer.h.0.attn.c_attn"``).
     all_params : bool
         If True, every parameter is in the dict (all-False masks outside the component); otherwise only those
         with a selected entry.
@@ -246,6 +253,14 @@ def hf_component_masks(
     masks: dict[str, torch.Tensor] = {}
     m = re.fullmatch(r"blocks\.(\d+)\.attn\.(head|kv_head)\.(\d+)", component)
     n_layers = len(hf.get_submodule(f"{arch.base}.{arch.layers}"))
+    e = re.fullmatch(r"blocks\.(\d+)\.mlp\.expert\.(\d+)", component)
+    if e:
+        return _finish(
+            _expert_masks(hf, arch, int(e.group(1)), int(e.group(2)), n_layers, params),
+            params,
+            all_params,
+            prefix,
+        )
     if m:
         layer = int(m.group(1))
         if layer >= n_layers:
@@ -292,6 +307,31 @@ def hf_component_masks(
             )
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in sel}
     return _finish(masks, params, all_params, prefix)
+
+
+def _expert_masks(hf: nn.Module, arch: HFArch, layer: int, expert: int, n_layers: int, params: dict) -> dict:
+    """Expert ``expert`` of layer ``layer``'s sparse MLP block: entry ``expert`` of the first axis of every
+    parameter of its stacked experts module (``gate_up_proj``, ``down_proj``)."""
+    comp = f"blocks.{layer}.mlp.expert.{expert}"
+    if arch.experts is None:
+        raise ValueError(f"component={comp!r}: {arch.model_type} has no mixture of experts")
+    if layer >= n_layers:
+        raise ValueError(f"component={comp!r}: layer {layer} is out of range; the model has {n_layers}")
+    path = f"{arch.base}.{arch.layers}.{layer}.{arch.mlp}.{arch.experts}"
+    try:
+        mod = hf.get_submodule(path)
+    except AttributeError:  # a dense layer of a model that mixes dense and sparse ones
+        raise ValueError(f"component={comp!r}: layer {layer}'s MLP is dense (it has no experts)") from None
+    own = [(f"{path}.{n}", p) for n, p in mod.named_parameters() if p.dim() >= 2]
+    n_exp = own[0][1].shape[0] if own else 0
+    if not 0 <= expert < n_exp:
+        raise ValueError(f"component={comp!r}: out of range; layer {layer} has {n_exp} experts")
+    masks = {}
+    for name, p in own:
+        mask = torch.zeros_like(p, dtype=torch.bool)
+        mask[expert] = True
+        masks[name] = mask
+    return masks
 
 
 def _finish(masks: dict, params: dict, all_params: bool, prefix: str) -> dict[str, torch.Tensor]:

@@ -55,6 +55,20 @@ class PatchingRuns:
     B: int
 
 
+def _hooked_if_hf(model):
+    """A Hugging Face causal LM (an object with ``config.model_type`` and input embeddings) wrapped by
+    :func:`~pypattern.models.hooked_hf` (which refuses, by name, a family it has no adapter for); any other model
+    as it is."""
+    from ..models.hf import HookedHF, hooked_hf
+    from ..models.transformer import Transformer
+
+    if isinstance(model, (Transformer, HookedHF)) or hasattr(model, "hook_dict"):
+        return model
+    if getattr(getattr(model, "config", None), "model_type", None) and hasattr(model, "get_input_embeddings"):
+        return hooked_hf(model)
+    return model
+
+
 def _layers(model) -> int:
     n = model.cfg.n_layers if hasattr(model, "cfg") else getattr(model, "n_layers", None)
     if not isinstance(n, int):
@@ -268,9 +282,11 @@ def activation_patching(
 
     Parameters
     ----------
-    model : Transformer or HookedModule
+    model : Transformer, HookedModule or a Hugging Face causal LM
         Head sites (``z``, ``q``, ``k``, ``v``, ``pattern``) need pypattern's :class:`~pypattern.models.Transformer`;
-        a :class:`~pypattern.models.HookedModule` supports the residual sites it has hook points for.
+        a :class:`~pypattern.models.HookedModule` supports the residual sites it has hook points for; a Hugging
+        Face model of a family :func:`~pypattern.models.hooked_hf` adapts is wrapped by it (residual sites, one
+        forward per cell; convert it with :func:`~pypattern.from_hf` for head sites and the exact engine).
     site : str
         ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``, ``q``, ``k``, ``v``,
         ``pattern`` (per position: the query position). ``q`` and ``k`` are the queries and keys before the
@@ -309,6 +325,7 @@ def activation_patching(
     """
     from ..models.transformer import Transformer
 
+    model = _hooked_if_hf(model)
     is_tf = isinstance(model, Transformer)
     check_site(model.cfg if is_tf else None, site)
     if method not in ("auto", "exact", "naive"):

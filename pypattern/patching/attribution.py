@@ -196,7 +196,14 @@ def attribution_patching(
     from ..models.transformer import Transformer
 
     if not isinstance(model, Transformer):
-        raise TypeError(f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}")
+        hint = (
+            "; convert a Hugging Face model with pypattern.from_hf(model)"
+            if getattr(getattr(model, "config", None), "model_type", None)
+            else ""
+        )
+        raise TypeError(
+            f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}{hint}"
+        )
     sites = [sites] if isinstance(sites, str) else list(sites)
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
     if max_batch is not None:
