@@ -105,6 +105,15 @@ ARCHS = {
         attn_scores_multiplier=0.3,
         attn_softmax_dtype=torch.float64,
     ),
+    "moe": dict(  # a mixture of experts (OLMoE / Qwen3-MoE routing): 3 gated experts, 2 per token
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        act_fn="silu",
+        mlp_bias=False,
+        n_experts=3,
+        experts_per_token=2,
+    ),
     # GPT-2 with scale_attn_by_inverse_layer_idx (a score multiplier per layer) and YaRN rotary embeddings
     "inverse_layer_yarn": dict(
         attn_scores_multiplier=(0.6, 0.3),

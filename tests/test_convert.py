@@ -269,6 +269,52 @@ CASES = {
             activation_function="gelu",
         ),
     ),
+    # mixtures of experts (their experts run one matmul each, "eager": the grouped matmul has no float64 kernel)
+    "mixtral-gqa2-window": (
+        "Mixtral",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=28,
+            num_local_experts=5,
+            num_experts_per_tok=2,
+            sliding_window=6,
+            experts_implementation="eager",
+        ),
+    ),
+    "olmoe-coupled-heads-tied": (
+        "Olmoe",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            intermediate_size=20,
+            num_experts=6,
+            num_experts_per_tok=3,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+            experts_implementation="eager",
+        ),
+    ),
+    "qwen3moe-gqa2-renormalised": (
+        "Qwen3Moe",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            intermediate_size=40,
+            moe_intermediate_size=20,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            experts_implementation="eager",
+        ),
+    ),
     "starcoder2-gqa2-window-biases": (
         "Starcoder2",
         dict(
@@ -987,6 +1033,9 @@ def test_unknown_model_class_is_refused():
         "StableLmForCausalLM",
         "Starcoder2ForCausalLM",
         "GPTBigCodeForCausalLM",
+        "MixtralForCausalLM",
+        "OlmoeForCausalLM",
+        "Qwen3MoeForCausalLM",
     }
 
 
@@ -1006,6 +1055,10 @@ def _expected_shape(name, cfg, b, t):
         return (b, H, t, t)
     if leaf in ("hook_pre", "hook_pre_linear", "hook_post"):
         return (b, t, cfg.d_mlp)
+    if leaf in ("hook_router_logits", "hook_expert_weights"):
+        return (b, t, cfg.n_experts)
+    if leaf == "hook_expert_indices":
+        return (b, t, cfg.experts_per_token)
     if leaf == "hook_scale":
         return (b, t, 1)
     return (b, t, d)
@@ -1033,6 +1086,8 @@ def _expected_shape(name, cfg, b, t):
         "stablelm-parallel-gqa2-qkvbias-tied",
         "starcoder2-gqa2-window-biases",
         "bigcode-mqa-tied",
+        "mixtral-gqa2-window",
+        "olmoe-coupled-heads-tied",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -1046,7 +1101,9 @@ def test_every_hook_point_has_its_shape(case):
     rot = cfg.positional_embedding_type == "rotary"
     assert ("blocks.0.attn.hook_rot_q" in cache) == rot and ("hook_pos_embed" in cache) == (not rot)
     assert ("blocks.0.hook_resid_mid" in cache) == (not cfg.parallel_attn_mlp)
-    assert ("blocks.0.mlp.hook_pre_linear" in cache) == cfg.gated_mlp
+    moe = cfg.n_experts is not None
+    assert ("blocks.0.mlp.hook_pre_linear" in cache) == (cfg.gated_mlp and not moe)
+    assert ("blocks.0.mlp.hook_expert_weights" in cache) == moe
     assert ("blocks.0.attn.q_norm.hook_scale" in cache) == bool(cfg.qk_norm)
     assert ("blocks.0.ln1_post.hook_normalized" in cache) == cfg.use_normalization_before_and_after
     torch.testing.assert_close(logits, model(x))

@@ -144,6 +144,20 @@ def _hf(arch: str):
             use_parallel_residual=True,
         )
         m = transformers.StableLmForCausalLM(cfg)
+    elif arch == "mixtral":  # a mixture of 4 experts, 2 per token (one matmul per expert: float64 runs)
+        cfg = transformers.MixtralConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            experts_implementation="eager",
+        )
+        m = transformers.MixtralForCausalLM(cfg)
     elif arch == "bigcode":  # GPT-BigCode: multi-query attention in a fused c_attn, learned positions
         cfg = transformers.GPTBigCodeConfig(
             vocab_size=V,
@@ -271,6 +285,7 @@ KW = dict(
         "stablelm",
         "starcoder2",
         "bigcode",
+        "mixtral",
     ],
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):
@@ -306,6 +321,7 @@ def test_llc_and_bif_on_converted_equal_unconverted(arch):
         "gptj",
         "starcoder2",
         "bigcode",
+        "mixtral",
     ],  # fmt: skip
 )
 def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
@@ -314,8 +330,10 @@ def test_per_head_susceptibilities_on_converted_equal_unconverted(arch):
     loader = _loader()
     # OLMo 2's heads share one query/key norm: its attention is one component
     comps = ["blocks.1.attn" if arch == "olmo2" else "blocks.1.attn.head.1", "blocks.0.mlp", "embed"]
-    if arch in ("llama", "qwen3", "phi3", "gemma2", "gemma3", "olmo"):
+    if arch in ("llama", "qwen3", "phi3", "gemma2", "gemma3", "olmo", "mixtral"):
         comps.append("blocks.1.attn.kv_head.1")
+    if arch == "mixtral":  # one expert of the mixture, on both layouts
+        comps.append("blocks.1.mlp.expert.2")
     probe = loader.dataset[4:6]
     ours = pp.susceptibilities(tf, loader, probe, comps, **KW)
     native = {c: pp.component_masks(hf, c) for c in comps}  # masks over HF's own layout

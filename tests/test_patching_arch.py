@@ -99,6 +99,14 @@ ARCHS = {
         "rotary_base": (100.0, 1e4),
         "rotary_scaling": (None, {"rope_type": "linear", "factor": 2.0}),
     },
+    # a mixture of experts (Mixtral): 4 gated experts, 2 per token, renormalised, float32 routing weights
+    "moe": {
+        **LLAMA,
+        "n_experts": 4,
+        "experts_per_token": 2,
+        "moe_renormalize": True,
+        "moe_float32_weights": True,
+    },
     # GPT-2 with scale_attn_by_inverse_layer_idx: a score multiplier per layer
     "gpt2_inverse_layer": dict(act_fn="gelu_new", attn_scores_multiplier=(0.5, 0.25)),
     # YaRN: blended frequencies, cosines and sines scaled by the attention factor

@@ -119,7 +119,7 @@ class HFArch:
         The norms before attention and before the MLP, relative to a layer.
     ln_final : str
         The final norm, relative to ``base``.
-    qkv : {"gpt2", "neox", "split", "phi3"}
+    qkv : {"gpt2", "neox", "split", "phi3", "bigcode"}
         Layout of the attention weights (see :func:`hf_component_masks`).
     proj : str
         The module holding the attention's projections, relative to ``attn`` (``""``: ``attn`` itself; GPT-Neo's
@@ -135,6 +135,9 @@ class HFArch:
     parallel_residual : bool or str
         Attention and MLP both read the layer input: always (True), never (False), or as the config attribute of
         that name says (``"use_parallel_residual"``).
+    experts : str or None
+        A mixture of experts' stacked experts module, relative to ``mlp`` (``"experts"``); its parameters' first
+        axis indexes the experts (``blocks.{l}.mlp.expert.{e}`` components). None: dense MLPs.
     """
 
     model_type: str

@@ -208,6 +208,23 @@ class TransformerConfig:
         Query head ``h`` reads key/value head ``h // (n_heads // n_key_value_heads)``.
     gated_mlp : bool
         MLP ``(act(x W_gate + b_gate) * (x W_in + b_in)) W_out + b_out`` (Llama's gate / up / down projections).
+    n_experts : int or None
+        A sparse mixture of ``n_experts`` gated MLPs in every layer (Mixtral, OLMoE, Qwen3-MoE; needs
+        ``gated_mlp`` and no MLP biases): the router's logits ``x W_router`` (``(d_model, n_experts)``), their
+        softmax in float32, its ``experts_per_token`` largest entries as the routing weights (divided by their sum
+        with ``moe_renormalize``; cast to the model's dtype unless ``moe_float32_weights``, Mixtral's, which keeps
+        them in float32 for the product), and the output ``sum_e w_e (act(x W_gate[e]) * (x W_in[e])) W_out[e]``
+        over the chosen experts (``W_gate``, ``W_in`` ``(n_experts, d_model, d_mlp)``, ``W_out`` ``(n_experts,
+        d_mlp, d_model)``). Hooks ``mlp.hook_router_logits``, ``mlp.hook_expert_weights`` (``(..., n_experts)``,
+        zero for experts not chosen) and ``mlp.hook_expert_indices`` (``(..., experts_per_token)``). None: a
+        dense MLP.
+    experts_per_token : int or None
+        Experts chosen per token (``n_experts``' top-k).
+    moe_renormalize : bool
+        The chosen experts' weights are divided by their sum (Mixtral, Qwen3-MoE's ``norm_topk_prob``).
+    moe_float32_weights : bool
+        The routing weights stay float32 in the product with the experts' outputs (Mixtral); False: cast to the
+        model's dtype first (OLMoE, Qwen3-MoE).
     parallel_attn_mlp : bool
         Attention and MLP both read the block's input through their own norms (``ln1``, ``ln2``) and both outputs
         are added to it (GPT-NeoX's ``use_parallel_residual``); there is no ``hook_resid_mid``.
@@ -309,6 +326,10 @@ class TransformerConfig:
     rotary_scaling: dict | None = None
     n_key_value_heads: int | None = None
     gated_mlp: bool = False
+    n_experts: int | None = None
+    experts_per_token: int | None = None
+    moe_renormalize: bool = False
+    moe_float32_weights: bool = False
     parallel_attn_mlp: bool = False
     parallel_shared_norm: bool = False
     attn_bias: bool = True
@@ -409,6 +430,21 @@ class TransformerConfig:
             raise ValueError("parallel_shared_norm=True needs parallel_attn_mlp=True and an MLP")
         if self.gated_mlp and self.attn_only:
             raise ValueError(f"gated_mlp=True needs an MLP; d_mlp={self.d_mlp!r}")
+        if self.n_experts is not None:
+            E, k = self.n_experts, self.experts_per_token
+            if isinstance(E, bool) or not isinstance(E, int) or E < 1:
+                raise ValueError(f"n_experts={E!r} is not valid; give a positive int or None")
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
+                raise ValueError(
+                    f"experts_per_token={k!r} is not valid; give an int between 1 and n_experts={E}"
+                )
+            if not self.gated_mlp or self.mlp_bias or self.attn_only:
+                raise ValueError(
+                    "n_experts needs gated_mlp=True, mlp_bias=False and an MLP (the experts are gated MLPs "
+                    f"without biases); got gated_mlp={self.gated_mlp}, mlp_bias={self.mlp_bias}, d_mlp={self.d_mlp}"
+                )
+        elif self.experts_per_token is not None:
+            raise ValueError(f"experts_per_token={self.experts_per_token!r} needs n_experts")
 
         def bad_window(w) -> bool:
             return w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1)
@@ -1066,6 +1102,17 @@ class MLP(nn.Module):
         super().__init__()
         self.cfg = cfg
         dt = cfg.dtype
+        if cfg.n_experts is not None:  # a sparse mixture of gated experts (see TransformerConfig.n_experts)
+            E, d, m = cfg.n_experts, cfg.d_model, cfg.d_mlp
+            self.W_router = nn.Parameter(torch.empty(d, E, dtype=dt))
+            self.W_gate = nn.Parameter(torch.empty(E, d, m, dtype=dt))
+            self.W_in = nn.Parameter(torch.empty(E, d, m, dtype=dt))
+            self.W_out = nn.Parameter(torch.empty(E, m, d, dtype=dt))
+            self.b_in = self.b_out = self.b_gate = None
+            self.hook_router_logits = HookPoint()
+            self.hook_expert_weights = HookPoint()
+            self.hook_expert_indices = HookPoint()
+            return
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=dt))
         self.b_in = _maybe_bias(cfg.mlp_bias, cfg.d_mlp, dtype=dt)
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=dt))
@@ -1097,7 +1144,49 @@ class MLP(nn.Module):
         return self._lin(post, self.W_out, self.b_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.n_experts is not None:
+            return self.experts(x)
         return self.output(self.hidden(x))
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Routing weights ``(..., n_experts)`` of a mixture of experts for ``x (..., d_model)`` (zero for the experts
+        not chosen), through the router hooks (Hugging Face's order: softmax in float32, top-k, renormalised)."""
+        cfg = self.cfg
+        logits = self.hook_router_logits(x @ self.W_router)
+        probs = torch.softmax(logits.float(), dim=-1)
+        w, idx = torch.topk(probs, cfg.experts_per_token, dim=-1)
+        idx = self.hook_expert_indices(idx)
+        if cfg.moe_renormalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        if not cfg.moe_float32_weights:
+            w = w.to(logits.dtype)
+        return self.hook_expert_weights(torch.zeros_like(probs, dtype=w.dtype).scatter(-1, idx, w))
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e``'s gated MLP on rows ``x (..., d_model)``."""
+        h = apply_act(x @ self.W_gate[e], self.cfg.act_fn) * (x @ self.W_in[e])
+        return h @ self.W_out[e]
+
+    def experts(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixture's output for ``x (..., d_model)``: each chosen expert on its tokens only, weighted and added
+        up in expert order (under ``torch.func`` transforms, which cannot index by data, every expert on every token
+        with the weight zero where it is not chosen: the same sums)."""
+        shape = x.shape
+        weights = self.route(x).reshape(-1, self.cfg.n_experts)  # (N, E)
+        flat = x.reshape(-1, shape[-1])
+        out = torch.zeros_like(flat)
+        if torch._C._functorch.is_functorch_wrapped_tensor(
+            flat
+        ) or torch._C._functorch.is_functorch_wrapped_tensor(self.W_in):
+            for e in range(self.cfg.n_experts):
+                out = out + (self.expert(flat, e) * weights[:, e : e + 1]).to(out.dtype)
+            return out.view(shape)
+        chosen = weights != 0
+        for e in chosen.any(0).nonzero().flatten().tolist():
+            rows = chosen[:, e].nonzero().flatten()
+            y = self.expert(flat[rows], e) * weights[rows, e, None]
+            out = out.index_add(0, rows, y.to(out.dtype))
+        return out.view(shape)
 
 
 class TransformerBlock(nn.Module):
@@ -1327,7 +1416,8 @@ def component_masks(
         and the heads, key/value heads and ``b_O`` (shared by all heads, in no head) partition the attention's
         parameters (the same rule as :func:`pypattern.models.hf_masks.hf_component_masks` on unconverted models).
         ``include_shared_kv=True`` adds the group's key/value slices to a head. ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"`` (with ``W_gate``/``b_gate``
-        when gated), ``"blocks.{l}"``, ``"blocks.{l}.ln1"``/``"ln2"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``
+        when gated; a mixture of experts' router and every expert), ``"blocks.{l}.mlp.expert.{e}"`` (expert ``e``'s
+        slices of ``W_gate``, ``W_in``, ``W_out``), ``"blocks.{l}"``, ``"blocks.{l}.ln1"``/``"ln2"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``
         (with tied embeddings: ``embed.W_E``, the one parameter both use, and ``unembed.b_U`` if present),
         ``"ln_final"``, or any parameter-name prefix.
     all_params : bool
@@ -1347,6 +1437,23 @@ def component_masks(
         )
     params = dict(model.named_parameters())
     masks: dict[str, torch.Tensor] = {}
+    ex = re.fullmatch(r"(blocks\.\d+\.mlp)\.expert\.(\d+)", component)
+    if ex:
+        prefix, e = ex.group(1), int(ex.group(2))
+        if f"{prefix}.W_router" not in params:
+            raise ValueError(
+                f"component={component!r}: {prefix} is not a mixture of experts (no {prefix}.W_router)"
+            )
+        n_exp = params[f"{prefix}.W_router"].shape[-1]
+        if not 0 <= e < n_exp:
+            raise ValueError(f"component={component!r}: expert {e} is out of range; the layer has {n_exp}")
+        for pn in ("W_gate", "W_in", "W_out"):
+            mask = torch.zeros_like(params[f"{prefix}.{pn}"], dtype=torch.bool)
+            mask[e] = True
+            masks[f"{prefix}.{pn}"] = mask
+        if all_params:
+            return {n: masks.get(n, torch.zeros_like(p, dtype=torch.bool)) for n, p in params.items()}
+        return masks
     m = re.fullmatch(r"(blocks\.\d+\.attn)\.(head|kv_head)\.(\d+)", component)
     if m:
         prefix, kind, h = m.group(1), m.group(2), int(m.group(3))

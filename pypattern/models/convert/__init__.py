@@ -12,6 +12,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gptj`: ``GPTJForCausalLM``
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
+- :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of experts)
 - :mod:`.olmo`: ``OlmoForCausalLM``
 - :mod:`.olmo2`: ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``
 - :mod:`.opt`: ``OPTForCausalLM``
@@ -52,6 +53,7 @@ from . import (
     gptj,
     llama,
     mistral,
+    moe,
     olmo,
     olmo2,
     opt,
@@ -76,6 +78,7 @@ _FAMILIES = (
     gptj,
     llama,
     mistral,
+    moe,
     olmo,
     olmo2,
     opt,

@@ -277,11 +277,11 @@ def put_attention(w: dict, p: str, qkv: tuple, W_o: torch.Tensor, b_o, H: int, H
 
 def put_gated_mlp(w: dict, p: str, mlp: tuple) -> None:
     """Layer ``p``'s gated MLP from :func:`split_gated_mlp`'s tuple (gate -> ``W_gate``, up -> ``W_in``, down ->
-    ``W_out``)."""
+    ``W_out``; ``nn.Linear`` layouts ``(out, in)``, or stacked ``(experts, out, in)`` for a mixture of experts)."""
     Wg, Wu, Wd, bg, bu, bd = mlp
-    w[f"{p}.mlp.W_gate"], w[f"{p}.mlp.b_gate"] = Wg.T, bg
-    w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = Wu.T, bu
-    w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.T, bd
+    w[f"{p}.mlp.W_gate"], w[f"{p}.mlp.b_gate"] = Wg.transpose(-2, -1), bg
+    w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = Wu.transpose(-2, -1), bu
+    w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.transpose(-2, -1), bd
 
 
 def put_mlp(w: dict, p: str, fc_in: nn.Module, fc_out: nn.Module) -> None:

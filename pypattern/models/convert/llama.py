@@ -72,7 +72,7 @@ def llama_like(
         n_heads=H,
         d_head=dh,
         n_key_value_heads=Hkv,
-        d_mlp=splits[0][1][1].shape[0],
+        d_mlp=splits[0][1][1].shape[-2],
         d_vocab=emb.shape[0],
         n_ctx=c.max_position_embeddings,
         act_fn=act_fn(c.hidden_act, "hidden_act"),

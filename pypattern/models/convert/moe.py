@@ -1,0 +1,107 @@
+"""Mixtures of experts (``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen3MoeForCausalLM``) -> pypattern
+``Transformer`` with ``TransformerConfig.n_experts``.
+
+Llama's attention and norms (see :mod:`.llama`; Qwen3-MoE with Qwen3's per-head query/key norms and per-layer
+windows, OLMoE with one query/key norm across all heads, ``qk_norm="all"``; its ``clip_qkv``, applied after the
+norms, is refused) and, in every layer,
+a sparse block: the router ``mlp.gate.weight`` ``(n_experts, d_model)`` becomes ``mlp.W_router`` (transposed), the
+experts' stacked ``gate_up_proj`` ``(n_experts, 2 d_mlp, d_model)`` (gate rows first) and ``down_proj``
+``(n_experts, d_model, d_mlp)`` become ``W_gate``, ``W_in`` and ``W_out``. The routing follows each family's
+router: softmax of the logits in float32, top ``num_experts_per_tok``, renormalised (Mixtral always; OLMoE and
+Qwen3-MoE per ``norm_topk_prob``), the weights kept in float32 for the product (Mixtral) or cast to the model's
+dtype. Layers that are dense in a model mixing dense and sparse MLPs (``mlp_only_layers``,
+``decoder_sparse_step``) and Qwen2-MoE's shared experts are refused by name.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._common import refuse
+from .llama import llama_like
+from .qwen2 import layer_windows
+
+CLASSES = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def _experts(m: nn.Module) -> tuple:
+    """:func:`~._common.split_gated_mlp`'s tuple for a sparse block: ``(W_gate, W_up, W_down)`` stacked over the
+    experts (``(n_experts, out, in)``), no biases."""
+    ex = getattr(m, "experts", None)
+    gu, down = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+    if not isinstance(gu, nn.Parameter) or not isinstance(down, nn.Parameter) or gu.dim() != 3:
+        refuse(
+            "mlp",
+            type(m).__name__,
+            "a sparse block with stacked experts (experts.gate_up_proj, experts.down_proj)",
+        )
+    if getattr(ex, "has_bias", False) or getattr(ex, "gate_up_proj_bias", None) is not None:
+        refuse("experts' biases", True, "experts without biases are converted")
+    d_mlp = gu.shape[1] // 2
+    return gu[:, :d_mlp], gu[:, d_mlp:], down, None, None, None
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a Mixtral, OLMoE or Qwen3-MoE causal LM."""
+    c = model.config
+    kind = type(model).__name__
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if not hasattr(getattr(layer.mlp, "experts", None), "gate_up_proj"):
+            refuse(
+                f"layers[{i}].mlp",
+                type(layer.mlp).__name__,
+                "a dense MLP among sparse ones (mlp_only_layers / decoder_sparse_step) is not converted",
+            )
+        if getattr(layer.mlp, "shared_expert", None) is not None:
+            refuse(f"layers[{i}].mlp.shared_expert", True, "shared experts are not converted")
+    if kind == "MixtralForCausalLM":
+        cfg, w = llama_like(model, sliding_window=getattr(c, "sliding_window", None), mlp=_experts)
+        k, renorm, f32 = c.num_experts_per_tok, True, True
+    elif kind == "Qwen3MoeForCausalLM":
+        cfg, w = llama_like(model, sliding_window=layer_windows(model), mlp=_experts)
+        _qk_norms(model, cfg, w, per_head=True)
+        k, renorm, f32 = c.num_experts_per_tok, bool(c.norm_topk_prob), False
+    else:  # OLMoE
+        cfg, w = llama_like(model, mlp=_experts)
+        _qk_norms(model, cfg, w, per_head=False)
+        if getattr(c, "clip_qkv", None) is not None:
+            refuse(
+                "clip_qkv",
+                c.clip_qkv,
+                "OLMoE clamps queries and keys after their norms (pypattern's clip_qkv clamps the projections "
+                "before them); the released OLMoE checkpoints set none",
+            )
+        k, renorm, f32 = c.num_experts_per_tok, bool(c.norm_topk_prob), False
+    E = None
+    for i, layer in enumerate(layers):
+        gate = layer.mlp.gate
+        if getattr(gate, "top_k", k) != k:
+            refuse(f"layers[{i}].mlp.gate.top_k", gate.top_k, f"the config says num_experts_per_tok={k}")
+        if getattr(layer.mlp, "jitter_noise", 0) and model.training:
+            refuse("router_jitter_noise", layer.mlp.jitter_noise, "converted in eval() only")
+        E = gate.weight.shape[0] if E is None else E
+        w[f"blocks.{i}.mlp.W_router"] = gate.weight.T
+    cfg.update(n_experts=E, experts_per_token=int(k), moe_renormalize=renorm, moe_float32_weights=f32)
+    return cfg, w
+
+
+def _qk_norms(model: nn.Module, cfg: dict, w: dict, per_head: bool) -> None:
+    """Query/key RMSNorms: one ``d_head`` weight shared by the heads (``per_head``, Qwen3-MoE) or one over every
+    head's projection (OLMoE: ``qk_norm="all"``)."""
+    eps, dh, H, Hkv = cfg["ln_eps"], cfg["d_head"], cfg["n_heads"], cfg["n_key_value_heads"]
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        for which, n in (("q", H), ("k", Hkv)):
+            norm = getattr(a, f"{which}_norm", None)
+            size = dh if per_head else n * dh
+            if norm is None or tuple(norm.weight.shape) != (size,):
+                refuse(
+                    f"layers[{i}].self_attn.{which}_norm",
+                    None if norm is None else tuple(norm.weight.shape),
+                    f"expected an RMSNorm over {size} features",
+                )
+            if norm.variance_epsilon != eps:
+                refuse("rms_norm_eps", norm.variance_epsilon, f"differs between norms ({eps} elsewhere)")
+            w[f"blocks.{i}.attn.{which}_norm.w"] = norm.weight
+    cfg["qk_norm"] = True if per_head else "all"
