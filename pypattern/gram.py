@@ -160,7 +160,14 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         "qk_norm": (True, "all"),
     }
     # options whose every value changes what the sites' hooks see (a scaled embedding, capped logits, clamps)
-    for opt in ("embed_scale", "output_logits_soft_cap", "clip_qkv", "n_experts"):
+    for opt in (
+        "embed_scale",
+        "output_logits_soft_cap",
+        "clip_qkv",
+        "n_experts",
+        "residual_multiplier",
+        "logits_scaling",
+    ):
         if getattr(cfg, opt, None) is not None:
             unsupported[opt] = (getattr(cfg, opt),)
     for opt, bad in unsupported.items():

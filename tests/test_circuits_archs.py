@@ -494,3 +494,11 @@ def test_clamped_projections_are_refused_by_name():
     model = _model("llama", clip_qkv=0.5)
     with pytest.raises(NotImplementedError, match="clip_qkv=0.5"):
         ModelView(model)
+
+
+def test_residual_multiplier_is_refused_by_name():
+    """Granite's ``residual_multiplier`` scales every write before the residual stream; the edge graph's node
+    outputs are the unscaled ones, so circuits refuse it by name (node-level patching covers the model)."""
+    model = _model("llama", residual_multiplier=0.5)
+    with pytest.raises(NotImplementedError, match="residual_multiplier=0.5"):
+        ModelView(model)

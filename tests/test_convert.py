@@ -315,6 +315,37 @@ CASES = {
             experts_implementation="eager",
         ),
     ),
+    "granite-gqa2-multipliers": (  # Granite's embedding, attention, residual and logits multipliers
+        "Granite",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=36,
+            embedding_multiplier=12.0,
+            attention_multiplier=0.0078125,
+            residual_multiplier=0.22,
+            logits_scaling=8.0,
+        ),
+    ),
+    "granite-biases-tied": (
+        "Granite",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            embedding_multiplier=2.5,
+            attention_multiplier=0.3,
+            residual_multiplier=0.5,
+            logits_scaling=3.0,
+        ),
+    ),
     "starcoder2-gqa2-window-biases": (
         "Starcoder2",
         dict(
@@ -1036,6 +1067,7 @@ def test_unknown_model_class_is_refused():
         "MixtralForCausalLM",
         "OlmoeForCausalLM",
         "Qwen3MoeForCausalLM",
+        "GraniteForCausalLM",
     }
 
 
@@ -1088,6 +1120,7 @@ def _expected_shape(name, cfg, b, t):
         "bigcode-mqa-tied",
         "mixtral-gqa2-window",
         "olmoe-coupled-heads-tied",
+        "granite-gqa2-multipliers",
     ],
 )
 def test_every_hook_point_has_its_shape(case):

@@ -144,6 +144,21 @@ def _hf(arch: str):
             use_parallel_residual=True,
         )
         m = transformers.StableLmForCausalLM(cfg)
+    elif arch == "granite":  # embedding, attention, residual and logits multipliers
+        cfg = transformers.GraniteConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.2,
+            residual_multiplier=0.4,
+            logits_scaling=2.0,
+        )
+        m = transformers.GraniteForCausalLM(cfg)
     elif arch == "mixtral":  # a mixture of 4 experts, 2 per token (one matmul per expert: float64 runs)
         cfg = transformers.MixtralConfig(
             vocab_size=V,
@@ -286,6 +301,7 @@ KW = dict(
         "starcoder2",
         "bigcode",
         "mixtral",
+        "granite",
     ],
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):

@@ -107,6 +107,14 @@ ARCHS = {
         "moe_renormalize": True,
         "moe_float32_weights": True,
     },
+    # Granite: scaled embedding, score multiplier, writes scaled before the residual, logits divided
+    "granite": {
+        **LLAMA,
+        "embed_scale": 3.0,
+        "attn_scores_multiplier": 0.2,
+        "residual_multiplier": 0.3,
+        "logits_scaling": 4.0,
+    },
     # GPT-2 with scale_attn_by_inverse_layer_idx: a score multiplier per layer
     "gpt2_inverse_layer": dict(act_fn="gelu_new", attn_scores_multiplier=(0.5, 0.25)),
     # YaRN: blended frequencies, cosines and sines scaled by the attention factor

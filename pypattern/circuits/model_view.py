@@ -75,6 +75,12 @@ class ModelView:
                 "its own term of the stream and head-level edges are not defined; node-level patching and "
                 "attribution (pypattern.patching) cover these models"
             )
+        if getattr(cfg, "residual_multiplier", None) is not None:
+            raise NotImplementedError(
+                f"residual_multiplier={cfg.residual_multiplier!r} (Granite): the edge graph's node outputs are the "
+                "unscaled head and MLP outputs; node-level patching and attribution (pypattern.patching) cover these "
+                "models"
+            )
         if getattr(cfg, "clip_qkv", None) is not None:
             raise NotImplementedError(
                 f"clip_qkv={cfg.clip_qkv!r} (OLMo): the clamped query, key and value projections are not linear in "

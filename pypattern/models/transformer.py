@@ -277,7 +277,15 @@ class TransformerConfig:
         dtype, and its converter sets float32.
     embed_scale : float or None
         The token embedding is multiplied by this number (cast to the weights' dtype) before it enters the residual
-        stream and ``hook_embed`` (Gemma's ``sqrt(d_model)``); the unembedding, tied or not, is not scaled.
+        stream and ``hook_embed`` (Gemma's ``sqrt(d_model)``, Granite's ``embedding_multiplier``); the unembedding,
+        tied or not, is not scaled.
+    residual_multiplier : float or None
+        The attention's and the MLP's writes are multiplied by this number before they are added to the residual
+        stream (Granite's ``residual_multiplier``); ``hook_attn_out`` / ``hook_mlp_out`` see the scaled writes.
+        None: unscaled.
+    logits_scaling : float or None
+        The logits are divided by this number (Granite's ``logits_scaling``; before ``output_logits_soft_cap``).
+        None: not divided.
     norm_weight_offset : float
         RMSNorm models only: every RMSNorm (``qk_norm``'s too) multiplies by ``norm_weight_offset + w`` in its
         compute dtype and casts the product back (Gemma's ``x * (1 + w)``, with 1.0); 0 (default): ``w`` times the
@@ -346,6 +354,8 @@ class TransformerConfig:
     attn_softmax_dtype: torch.dtype | None = None
     attn_scores_dtype: torch.dtype | None = None
     embed_scale: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
     norm_weight_offset: float = 0.0
     pre_norms: bool = True
     use_normalization_before_and_after: bool = False
@@ -480,7 +490,14 @@ class TransformerConfig:
             raise ValueError(f"attn_scale={self.attn_scale!r} is not valid; give a positive number or None")
         if self.init_range is None:
             self.init_range = 0.8 / math.sqrt(self.d_model)
-        for name in ("embed_scale", "attn_scores_soft_cap", "output_logits_soft_cap", "clip_qkv"):
+        for name in (
+            "embed_scale",
+            "attn_scores_soft_cap",
+            "output_logits_soft_cap",
+            "clip_qkv",
+            "residual_multiplier",
+            "logits_scaling",
+        ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
                 raise ValueError(f"{name}={v!r} is not valid; give a positive number or None")
@@ -823,7 +840,8 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 class _Unembedding(nn.Module):
-    """What both unembeddings share: the bias ``b_U`` (``cfg.unembed_bias``, else None) and the final soft cap."""
+    """What both unembeddings share: the bias ``b_U`` (``cfg.unembed_bias``, else None), the division by
+    ``logits_scaling`` and the final soft cap."""
 
     def _add_bias_and_cap(self, cfg: TransformerConfig) -> None:
         if cfg.unembed_bias:
@@ -831,9 +849,13 @@ class _Unembedding(nn.Module):
         else:
             self.b_U = None
         self.logit_cap = cfg.output_logits_soft_cap
+        self.logits_scaling = cfg.logits_scaling
 
     def cap(self, logits: torch.Tensor) -> torch.Tensor:
-        """The final soft-capping of ``x @ W_U + b_U`` (identity without ``output_logits_soft_cap``)."""
+        """The last steps on ``x @ W_U + b_U``: the division by ``logits_scaling`` and the soft cap
+        ``output_logits_soft_cap`` (identity without either)."""
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
         return soft_cap(logits, self.logit_cap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1221,13 +1243,17 @@ class TransformerBlock(nn.Module):
 
     def attn_post(self, out: torch.Tensor) -> torch.Tensor:
         """The attention's write to the residual stream from its output projection ``out`` (``ln1_post(out)`` with
-        ``use_normalization_before_and_after``, else ``out`` itself)."""
-        return self.ln1_post(out) if self.cfg.use_normalization_before_and_after else out
+        ``use_normalization_before_and_after``, else ``out`` itself; times ``residual_multiplier`` when set)."""
+        out = self.ln1_post(out) if self.cfg.use_normalization_before_and_after else out
+        m = self.cfg.residual_multiplier
+        return out if m is None else out * m
 
     def mlp_post(self, out: torch.Tensor) -> torch.Tensor:
         """The MLP's write to the residual stream from its output ``out`` (``ln2_post(out)`` with
-        ``use_normalization_before_and_after``, else ``out`` itself)."""
-        return self.ln2_post(out) if self.cfg.use_normalization_before_and_after else out
+        ``use_normalization_before_and_after``, else ``out`` itself; times ``residual_multiplier`` when set)."""
+        out = self.ln2_post(out) if self.cfg.use_normalization_before_and_after else out
+        m = self.cfg.residual_multiplier
+        return out if m is None else out * m
 
     def mlp_write(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP's write to the residual stream from its (un-normalised) input ``x``: ``mlp_post(mlp(ln2(x)))``

@@ -61,8 +61,8 @@ def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
     out = (W_U.T @ h.T).T
     if getattr(un, "b_U", None) is not None:
         out = out + un.b_U
-    if getattr(un, "logit_cap", None) is not None:  # the final soft-capping (output_logits_soft_cap)
-        out = un.cap(out)
+    if getattr(un, "logit_cap", None) is not None or getattr(un, "logits_scaling", None) is not None:
+        out = un.cap(out)  # the division by logits_scaling and the final soft cap
     if not isinstance(metric, Metric):
         out = out.contiguous()
     return out.reshape(*x.shape[:-1], W_U.shape[-1])  # a view: splits the row axis only
@@ -177,8 +177,9 @@ class ExactEngine:
     def _layer_cache(self, layer: int) -> dict:
         g = lambda s: self.tc[hook_name(s, layer)]
         c = {s: g(s) for s in ("resid_pre", "resid_post", "attn_out", "q", "k", "v", "z")}
-        # the attention's output projection before a sandwich norm (its heads add up there); else attn_out
-        post = self.cfg.use_normalization_before_and_after
+        # the attention's output projection before a sandwich norm or the residual multiplier (its heads add up
+        # there); else attn_out
+        post = self.cfg.use_normalization_before_and_after or self.cfg.residual_multiplier is not None
         c["attn_lin"] = self.model.blocks[layer].attn.output(c["z"]) if post else c["attn_out"]
         if self.cfg.rotary:  # queries and keys as the scores read them: rotated at their own positions
             c["qr"] = self.tc[f"blocks.{layer}.attn.hook_rot_q"]

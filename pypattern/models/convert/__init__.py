@@ -10,6 +10,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gpt_neo`: ``GPTNeoForCausalLM`` (GPT-Neo, the TinyStories models)
 - :mod:`.gpt_neox`: ``GPTNeoXForCausalLM`` (GPT-NeoX, Pythia)
 - :mod:`.gptj`: ``GPTJForCausalLM``
+- :mod:`.granite`: ``GraniteForCausalLM``
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of experts)
@@ -51,6 +52,7 @@ from . import (
     gpt_neo,
     gpt_neox,
     gptj,
+    granite,
     llama,
     mistral,
     moe,
@@ -76,6 +78,7 @@ _FAMILIES = (
     gpt_neo,
     gpt_neox,
     gptj,
+    granite,
     llama,
     mistral,
     moe,

@@ -38,21 +38,26 @@ def llama_like(
     qkv=split_qkv,
     mlp=split_gated_mlp,
     partial_rotary: bool = False,
+    any_scaling: bool = False,
 ) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a Llama-style causal LM (``model.model.layers[i]`` with
     ``self_attn`` (``o_proj``), ``mlp`` (``down_proj``), ``input_layernorm``/``post_attention_layernorm``
     RMSNorms, ``model.norm``, ``model.rotary_emb``); ``sliding_window`` for every layer, one per layer, or None,
     checked against each layer's attention.
     ``qkv`` / ``mlp`` read a layer's projections (separate ``q/k/v_proj`` and ``gate/up/down_proj`` by default;
-    Phi-3 fuses them); ``partial_rotary``: the model rotates only the first dimensions of each head."""
+    Phi-3 fuses them); ``partial_rotary``: the model rotates only the first dimensions of each head;
+    ``any_scaling``: the scores' multiplier may differ from ``head_dim ** -0.5`` (it is then
+    ``attn_scores_multiplier``)."""
     c = model.config
     base_model = model.model
     layers = base_model.layers
     a0, dh, H, Hkv = head_shape(model, qkv)
     windows = list(sliding_window) if isinstance(sliding_window, list) else [sliding_window] * len(layers)
     d = c.hidden_size
-    if a0.scaling != dh**-0.5:
+    if a0.scaling != dh**-0.5 and not any_scaling:
         refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    if any(m.self_attn.scaling != a0.scaling for m in layers):
+        refuse("attention scaling", [m.self_attn.scaling for m in layers], "differs between layers")
     base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
     if rotary_dim != dh and not partial_rotary:
         refuse(
@@ -90,6 +95,8 @@ def llama_like(
         # eager_attention_forward: softmax(..., dtype=torch.float32).to(query.dtype)
         attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=True),
     )
+    if a0.scaling != dh**-0.5:
+        cfg["attn_scores_multiplier"] = float(a0.scaling)
     w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
 
     def norm(dst: str, mod: nn.Module) -> None:
