@@ -105,6 +105,13 @@ ARCHS = {
         attn_scores_multiplier=0.3,
         attn_softmax_dtype=torch.float64,
     ),
+    "nope": dict(  # SmolLM3: a layer without rotary positions (NoPE), then a rotating one
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_layers=(False, True),
+        gated_mlp=True,
+        act_fn="silu",
+    ),
     "moe": dict(  # a mixture of experts (OLMoE / Qwen3-MoE routing): 3 gated experts, 2 per token
         normalization_type="RMS",
         positional_embedding_type="rotary",

@@ -315,6 +315,45 @@ CASES = {
             experts_implementation="eager",
         ),
     ),
+    "smollm3-nope-layers": (  # NoPE layers (no_rope_layers: every fourth by default; here layers 1 and 2)
+        "SmolLM3",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=4,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=36,
+            no_rope_layers=[1, 0, 0, 1],
+            pad_token_id=None,
+        ),
+    ),
+    "smollm3-window-tied": (
+        "SmolLM3",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            use_sliding_window=True,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            tie_word_embeddings=True,
+            pad_token_id=None,
+        ),
+    ),
+    "seedoss-biases": (
+        "SeedOss",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            attention_bias=True,
+            attention_out_bias=True,
+        ),
+    ),
     "granite-gqa2-multipliers": (  # Granite's embedding, attention, residual and logits multipliers
         "Granite",
         dict(
@@ -935,6 +974,18 @@ def test_longrope_short_factors_and_the_long_regime_refused():
             model(torch.randint(0, V, (1, 33)))
 
 
+def test_smollm3_nope_layers_turn_no_positions():
+    """SmolLM3's layers without rotary positions: the converted model's rotation is the identity there (queries
+    equal their rotated selves) and not elsewhere."""
+    model = from_hf(hf_model("smollm3-nope-layers"))
+    assert model.cfg.rotary_layers == (True, False, False, True)
+    _, cache = model.run_with_cache(tokens(2, 9))
+    for layer, turns in enumerate(model.cfg.rotary_layers):
+        q, rq = cache[f"blocks.{layer}.attn.hook_q"], cache[f"blocks.{layer}.attn.hook_rot_q"]
+        assert torch.equal(q, rq) != turns
+    assert from_hf(hf_model("smollm3-window-tied")).cfg.rotary_layers == (True, True, True, False)
+
+
 def test_gpt2_inverse_layer_scaling_is_per_layer():
     hf = hf_model("gpt2-inverse-layer-scaled")
     cfg = from_hf(hf).cfg
@@ -956,6 +1007,10 @@ def test_rotary_scaling_config_is_checked():
         TransformerConfig(**base, rotary_scaling={**_YARN, "truncate": "yes"})
     with pytest.raises(ValueError, match="one positive number per layer"):
         TransformerConfig(**base, attn_scores_multiplier=(0.5, 0.25))
+    with pytest.raises(ValueError, match="rotary_layers"):
+        TransformerConfig(**base, rotary_layers=(True, False))
+    with pytest.raises(ValueError, match="rotary_layers"):
+        TransformerConfig(**{**base, "positional_embedding_type": "standard"}, rotary_layers=(False,))
     with pytest.raises(ValueError, match="low_freq_factor"):
         TransformerConfig(**base, rotary_scaling={**_LLAMA3, "low_freq_factor": None})
     with pytest.raises(ValueError, match="must exceed"):
@@ -1068,6 +1123,8 @@ def test_unknown_model_class_is_refused():
         "OlmoeForCausalLM",
         "Qwen3MoeForCausalLM",
         "GraniteForCausalLM",
+        "SmolLM3ForCausalLM",
+        "SeedOssForCausalLM",
     }
 
 
@@ -1121,6 +1178,7 @@ def _expected_shape(name, cfg, b, t):
         "mixtral-gqa2-window",
         "olmoe-coupled-heads-tied",
         "granite-gqa2-multipliers",
+        "smollm3-nope-layers",
     ],
 )
 def test_every_hook_point_has_its_shape(case):

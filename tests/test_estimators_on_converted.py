@@ -144,6 +144,19 @@ def _hf(arch: str):
             use_parallel_residual=True,
         )
         m = transformers.StableLmForCausalLM(cfg)
+    elif arch == "smollm3":  # NoPE layers
+        cfg = transformers.SmolLM3Config(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+            no_rope_layers=[0, 1],
+            pad_token_id=None,
+        )
+        m = transformers.SmolLM3ForCausalLM(cfg)
     elif arch == "granite":  # embedding, attention, residual and logits multipliers
         cfg = transformers.GraniteConfig(
             vocab_size=V,
@@ -302,6 +315,7 @@ KW = dict(
         "bigcode",
         "mixtral",
         "granite",
+        "smollm3",
     ],
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):

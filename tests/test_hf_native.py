@@ -116,6 +116,16 @@ def _config(arch: str):
             vocab_size=V, n_embd=24, n_layer=2, n_head=4, n_inner=40, n_positions=16, multi_query=arch == "bigcode",
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
         )  # fmt: skip
+    if arch == "smollm3":  # a layer without rotary positions (NoPE)
+        return tr.SmolLM3Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            no_rope_layers=[1, 0], pad_token_id=None, **common,
+        )  # fmt: skip
+    if arch == "seed_oss":  # q/k/v and output biases
+        return tr.SeedOssConfig(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            attention_bias=True, attention_out_bias=True, **common,
+        )  # fmt: skip
     if arch == "mixtral":  # a sparse block of 4 experts, 2 per token, GQA
         return tr.MixtralConfig(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=20,
@@ -147,7 +157,7 @@ def _config(arch: str):
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "starcoder2",
-    "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
+    "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
 ]  # fmt: skip
 MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}

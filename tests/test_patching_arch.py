@@ -115,6 +115,8 @@ ARCHS = {
         "residual_multiplier": 0.3,
         "logits_scaling": 4.0,
     },
+    # SmolLM3: a layer without rotary positions (NoPE) and a rotating one
+    "nope": {**LLAMA, "rotary_layers": (False, True)},
     # GPT-2 with scale_attn_by_inverse_layer_idx: a score multiplier per layer
     "gpt2_inverse_layer": dict(act_fn="gelu_new", attn_scores_multiplier=(0.5, 0.25)),
     # YaRN: blended frequencies, cosines and sines scaled by the attention factor

@@ -203,6 +203,10 @@ class TransformerConfig:
         Hugging Face model switches to its long factors, raises ``ValueError``. None: unscaled. All fix the
         frequencies once. A sequence (one dict or None per layer) scales each layer's own;
         :meth:`rope_scaling` reads a layer's.
+    rotary_layers : sequence of bool or None
+        With rotary positions: which layers rotate their queries and keys (one flag per layer; a layer without
+        rotation sees no position at all, SmolLM3's NoPE layers); :meth:`rotates` reads a layer's. None: every
+        layer.
     n_key_value_heads : int or None
         Number of key/value heads (grouped-query attention; 1 is multi-query attention); default ``n_heads``.
         Query head ``h`` reads key/value head ``h // (n_heads // n_key_value_heads)``.
@@ -332,6 +336,7 @@ class TransformerConfig:
     rotary_dtype: torch.dtype | None = None
     rotary_freq_dtype: torch.dtype | None = None
     rotary_scaling: dict | None = None
+    rotary_layers: tuple | None = None
     n_key_value_heads: int | None = None
     gated_mlp: bool = False
     n_experts: int | None = None
@@ -470,6 +475,19 @@ class TransformerConfig:
             raise ValueError(
                 f"sliding_window={self.sliding_window!r} is not valid; give a positive int or None (or one per layer)"
             )
+        rl = self.rotary_layers
+        if rl is not None:
+            if (
+                self.positional_embedding_type != "rotary"
+                or not isinstance(rl, (list, tuple))
+                or len(rl) != self.n_layers
+                or any(not isinstance(v, bool) for v in rl)
+            ):
+                raise ValueError(
+                    f"rotary_layers={rl!r} is not valid; give one bool per layer ({self.n_layers} layers) with "
+                    f"positional_embedding_type='rotary' (got {self.positional_embedding_type!r}), or None"
+                )
+            self.rotary_layers = tuple(rl)
         m = self.attn_scores_multiplier
         if m is not None:
             bad = lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
@@ -542,6 +560,10 @@ class TransformerConfig:
         """Layer ``layer``'s sliding window (None: every earlier key)."""
         w = self.sliding_window
         return w[layer] if isinstance(w, tuple) else w
+
+    def rotates(self, layer: int) -> bool:
+        """Whether layer ``layer`` rotates its queries and keys (rotary positions, and ``rotary_layers`` says so)."""
+        return self.rotary and (self.rotary_layers is None or self.rotary_layers[layer])
 
     def scores_multiplier(self, layer: int) -> float | None:
         """Layer ``layer``'s ``attn_scores_multiplier`` (None: scores divided by ``attn_scale``)."""
@@ -1009,9 +1031,10 @@ class Attention(nn.Module):
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Rotary position embedding of queries or keys ``x (batch, pos, heads, d_head)`` at ``positions (pos,)``
-        (default ``arange(pos)``); identity unless ``positional_embedding_type == "rotary"``. Only the first
+        (default ``arange(pos)``); identity unless ``positional_embedding_type == "rotary"`` (and, with
+        ``rotary_layers``, the layer rotates). Only the first
         ``rotary_dim`` dimensions of each head turn."""
-        if not self.cfg.rotary:
+        if not self.cfg.rotates(self.layer):
             return x
         if positions is None:
             positions = self.positions(x.shape[-3], x.device)

@@ -12,6 +12,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gptj`: ``GPTJForCausalLM``
 - :mod:`.granite`: ``GraniteForCausalLM``
 - :mod:`.llama`: ``LlamaForCausalLM``
+- :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of experts)
 - :mod:`.olmo`: ``OlmoForCausalLM``
@@ -54,6 +55,7 @@ from . import (
     gptj,
     granite,
     llama,
+    llama_family,
     mistral,
     moe,
     olmo,
@@ -80,6 +82,7 @@ _FAMILIES = (
     gptj,
     granite,
     llama,
+    llama_family,
     mistral,
     moe,
     olmo,

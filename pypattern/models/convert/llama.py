@@ -9,6 +9,8 @@ RMSNorm computed in float32, gated SiLU MLP (``gate_proj`` -> ``W_gate``, ``up_p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -46,15 +48,16 @@ def llama_like(
     checked against each layer's attention.
     ``qkv`` / ``mlp`` read a layer's projections (separate ``q/k/v_proj`` and ``gate/up/down_proj`` by default;
     Phi-3 fuses them); ``partial_rotary``: the model rotates only the first dimensions of each head;
-    ``any_scaling``: the scores' multiplier may differ from ``head_dim ** -0.5`` (it is then
-    ``attn_scores_multiplier``)."""
+    ``any_scaling``: the scores' multiplier may differ from ``head_dim ** -0.5``. A multiplier other than
+    ``head_dim ** -0.5`` (``1 / sqrt(head_dim)``, one ulp away, or any with ``any_scaling``) becomes
+    ``attn_scores_multiplier``: the scores are multiplied by it as the eager attention does."""
     c = model.config
     base_model = model.model
     layers = base_model.layers
     a0, dh, H, Hkv = head_shape(model, qkv)
     windows = list(sliding_window) if isinstance(sliding_window, list) else [sliding_window] * len(layers)
     d = c.hidden_size
-    if a0.scaling != dh**-0.5 and not any_scaling:
+    if a0.scaling != dh**-0.5 and not any_scaling and not math.isclose(a0.scaling, dh**-0.5, rel_tol=1e-12):
         refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
     if any(m.self_attn.scaling != a0.scaling for m in layers):
         refuse("attention scaling", [m.self_attn.scaling for m in layers], "differs between layers")

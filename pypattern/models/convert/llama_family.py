@@ -1,0 +1,40 @@
+"""Llama-style families whose arithmetic is Llama's (see :mod:`.llama`) up to one option each.
+
+* **SmolLM3** (``SmolLM3ForCausalLM``): layers without rotary positions (``no_rope_layers``: 0 marks a NoPE
+  layer, by default every fourth) become ``TransformerConfig.rotary_layers``; sliding windows per ``layer_types``
+  when ``use_sliding_window`` is set.
+* **Seed-OSS** (``SeedOssForCausalLM``): biases on the q/k/v projections and, per ``attention_out_bias``, the
+  output projection.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._common import refuse
+from .llama import llama_like
+
+CLASSES = ("SmolLM3ForCausalLM", "SeedOssForCausalLM")
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a SmolLM3 or Seed-OSS causal LM."""
+    if type(model).__name__ != "SmolLM3ForCausalLM":
+        return llama_like(model)
+    c = model.config
+    layers = model.model.layers
+    L = len(layers)
+    types = list(getattr(c, "layer_types", None) or ["full_attention"] * L)
+    if not set(types) <= {"full_attention", "sliding_attention"}:
+        refuse("layer_types", types, "only 'full_attention' and 'sliding_attention' layers are converted")
+    sliding = bool(getattr(c, "use_sliding_window", False))
+    if "sliding_attention" in types and not sliding:
+        refuse("layer_types", types, "sliding layers with use_sliding_window=False are not converted")
+    windows = [c.sliding_window if sliding and t == "sliding_attention" else None for t in types]
+    cfg, w = llama_like(model, sliding_window=windows)
+    rope = [bool(layer.self_attn.use_rope) for layer in layers]
+    if list(map(bool, c.no_rope_layers)) != rope:
+        refuse("no_rope_layers", c.no_rope_layers, f"the layers' attention modules say {rope}")
+    if not all(rope):
+        cfg["rotary_layers"] = tuple(rope)
+    return cfg, w
