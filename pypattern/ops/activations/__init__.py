@@ -10,9 +10,12 @@ On CPU tensors of float32 or float64 the C++ kernel computes it, and its derivat
 ``x sigmoid(2u)`` (the same function, without the cancellation of ``1 + tanh(u)`` for negative ``u``), with its
 own branch-free ``exp``: within 1 ulp or so of the float64 formula (tested: 5e-7 absolute in float32, 1e-15 in
 float64 on inputs up to 30 standard deviations). torch's own CPU kernel of the tanh GELU is several times slower
-and slows down as its arguments grow (``bench/bench_activations.py``; figures in docs/benchmarks.md). Everywhere else (GPUs, half precision) it is torch's ``F.gelu(x,
-approximate="tanh")`` (the ``reference`` backend), a single fused pass there; no Triton kernel is registered,
-since a second fused elementwise pass could not beat it.
+and slows down as its arguments grow (``bench/bench_activations.py``; figures in docs/benchmarks.md). On CUDA tensors of those dtypes
+a CUDA kernel of the same arithmetic is registered (``csrc/activations/activations.cu``; compiled in CUDA builds,
+not measured here), and everywhere else (half precision) torch's ``F.gelu(x, approximate="tanh")`` (the
+``reference`` backend). Inside a model's forward (:func:`gelu_tanh_unchecked`) the C++ kernel runs on CPU tensors
+and torch's fused kernel on every other device. No Triton kernel is registered: an elementwise pass gains nothing
+over the CUDA one.
 """
 
 from .op import gelu_tanh, gelu_tanh_unchecked

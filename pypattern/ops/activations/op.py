@@ -34,8 +34,12 @@ def _gelu_tanh_backward_c(grad: torch.Tensor, x: torch.Tensor, c: float) -> torc
 
 
 _backends.register(_OP, "reference", _gelu_tanh_torch)
-_backends.register(_OP, "cpp", _gelu_tanh_c)
-_BACKWARD = {"reference": _gelu_tanh_backward_torch, "cpp": _gelu_tanh_backward_c}
+_backends.register(_OP, ("cpp", "cuda"), _gelu_tanh_c)
+_BACKWARD = {
+    "reference": _gelu_tanh_backward_torch,
+    "cpp": _gelu_tanh_backward_c,
+    "cuda": _gelu_tanh_backward_c,
+}
 
 
 class _GeluTanh(torch.autograd.Function):
@@ -55,11 +59,11 @@ class _GeluTanh(torch.autograd.Function):
 
 def _choose(x: torch.Tensor, backend: str | None) -> str:
     name = _backends.choose(_OP, x.device, backend)
-    if name == "cpp" and x.dtype not in _C_DTYPES:
+    if name in ("cpp", "cuda") and x.dtype not in _C_DTYPES:
         forced, source = _backends._forced(backend)
-        if forced == "cpp":
+        if forced == name:
             raise ValueError(
-                f"gelu_tanh: x has dtype {x.dtype}; the 'cpp' backend (forced by {source}) takes float32 or "
+                f"gelu_tanh: x has dtype {x.dtype}; the {name!r} backend (forced by {source}) takes float32 or "
                 "float64 (leave the backend to the automatic choice for others)"
             )
         return "reference"
@@ -78,9 +82,9 @@ def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None
         The constant inside the tanh: ``sqrt(2 / pi)`` (GPT-2's ``gelu_new``, torch's ``approximate="tanh"``) or
         Hugging Face's ``gelu_fast`` constant ``0.7978845608``.
     backend : str, optional
-        ``"cpp"`` (CPU tensors of float32 or float64) or ``"reference"`` (torch); default: the automatic choice
-        (see :mod:`pypattern._backends`), which takes ``"reference"`` for the dtypes the C++ kernel does not
-        handle.
+        ``"cpp"`` (CPU tensors of float32 or float64), ``"cuda"`` (CUDA tensors of float32 or float64) or
+        ``"reference"`` (torch); default: the automatic choice (see :mod:`pypattern._backends`), which takes
+        ``"reference"`` for the dtypes the kernels do not handle.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a tensor of dtype {x.dtype}"
