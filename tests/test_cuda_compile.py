@@ -17,7 +17,7 @@ NVCC = shutil.which("nvcc")
 def test_there_are_cuda_sources():
     assert SOURCES, "csrc/ holds no .cu files"
     families = {os.path.basename(os.path.dirname(s)) for s in SOURCES}
-    assert families == {"sgld", "covariance", "grad_gram", "samplers"}, families
+    assert families == {"sgld", "covariance", "grad_gram", "samplers", "activations"}, families
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: CUDA sources cannot be compile-checked here")
