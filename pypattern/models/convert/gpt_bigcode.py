@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, attn_softmax_dtype, layer_norm, refuse, same_parameter
+from ._common import act_fn, attn_softmax_dtype, layer_norm, put_mlp, put_unembedding, refuse, same_parameter
 
 CLASSES = ("GPTBigCodeForCausalLM",)
 
@@ -80,12 +80,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             w[f"{p}.attn.b_{x}"] = bx.reshape(n, dh)
         w[f"{p}.attn.W_O"] = blk.attn.c_proj.weight.T.reshape(H, dh, d)
         w[f"{p}.attn.b_O"] = blk.attn.c_proj.bias
-        w[f"{p}.mlp.W_in"] = blk.mlp.c_fc.weight.T
-        w[f"{p}.mlp.b_in"] = blk.mlp.c_fc.bias
-        w[f"{p}.mlp.W_out"] = blk.mlp.c_proj.weight.T
-        w[f"{p}.mlp.b_out"] = blk.mlp.c_proj.bias
+        put_mlp(w, p, blk.mlp.c_fc, blk.mlp.c_proj)
     ln("ln_final", tr.ln_f)
-    if not tied:
-        w["unembed.W_U"] = lm_w.T
-    w["unembed.b_U"] = None
+    put_unembedding(w, model.lm_head, tied, None)
     return cfg, w
