@@ -299,6 +299,21 @@ CASES = {
             experts_implementation="eager",
         ),
     ),
+    "qwen2moe-shared-expert": (  # a gated shared expert beside 4 routed ones
+        "Qwen2Moe",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            num_key_value_heads=1,
+            intermediate_size=28,
+            moe_intermediate_size=20,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            experts_implementation="eager",
+        ),
+    ),
     "qwen3moe-gqa2-renormalised": (
         "Qwen3Moe",
         dict(
@@ -876,6 +891,7 @@ def test_unknown_architecture_in_directory_is_refused(tmp_path):
         ("gpt2-tied", dict(add_cross_attention=True), "add_cross_attention"),
         ("llama-mqa", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
         ("qwen2-gqa4-tied", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
+        ("qwen2moe-shared-expert", dict(mlp_only_layers=[0]), "a dense MLP among sparse ones"),
         ("llama-mqa", dict(hidden_act="gelu_10"), "hidden_act"),
     ],
 )
@@ -1122,6 +1138,7 @@ def test_unknown_model_class_is_refused():
         "MixtralForCausalLM",
         "OlmoeForCausalLM",
         "Qwen3MoeForCausalLM",
+        "Qwen2MoeForCausalLM",
         "GraniteForCausalLM",
         "SmolLM3ForCausalLM",
         "SeedOssForCausalLM",
@@ -1177,6 +1194,7 @@ def _expected_shape(name, cfg, b, t):
         "bigcode-mqa-tied",
         "mixtral-gqa2-window",
         "olmoe-coupled-heads-tied",
+        "qwen2moe-shared-expert",
         "granite-gqa2-multipliers",
         "smollm3-nope-layers",
     ],

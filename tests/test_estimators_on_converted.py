@@ -186,6 +186,22 @@ def _hf(arch: str):
             experts_implementation="eager",
         )
         m = transformers.MixtralForCausalLM(cfg)
+    elif arch == "qwen2_moe":  # routed experts and a gated shared expert
+        cfg = transformers.Qwen2MoeConfig(
+            vocab_size=V,
+            hidden_size=16,
+            intermediate_size=20,
+            moe_intermediate_size=12,
+            shared_expert_intermediate_size=10,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            experts_implementation="eager",
+        )
+        m = transformers.Qwen2MoeForCausalLM(cfg)
     elif arch == "bigcode":  # GPT-BigCode: multi-query attention in a fused c_attn, learned positions
         cfg = transformers.GPTBigCodeConfig(
             vocab_size=V,
@@ -316,6 +332,7 @@ KW = dict(
         "mixtral",
         "granite",
         "smollm3",
+        "qwen2_moe",
     ],
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):

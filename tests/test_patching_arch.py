@@ -117,6 +117,8 @@ ARCHS = {
     },
     # SmolLM3: a layer without rotary positions (NoPE) and a rotating one
     "nope": {**LLAMA, "rotary_layers": (False, True)},
+    # Qwen2-MoE: routed experts plus a gated shared expert
+    "moe_shared": {**LLAMA, "n_experts": 3, "experts_per_token": 1, "moe_shared_d_mlp": 8},
     # GPT-2 with scale_attn_by_inverse_layer_idx: a score multiplier per layer
     "gpt2_inverse_layer": dict(act_fn="gelu_new", attn_scores_multiplier=(0.5, 0.25)),
     # YaRN: blended frequencies, cosines and sines scaled by the attention factor

@@ -229,6 +229,10 @@ class TransformerConfig:
     moe_float32_weights : bool
         The routing weights stay float32 in the product with the experts' outputs (Mixtral); False: cast to the
         model's dtype first (OLMoE, Qwen3-MoE).
+    moe_shared_d_mlp : int or None
+        A shared expert beside the routed ones (Qwen2-MoE): a gated MLP of this width (``W_shared_gate``,
+        ``W_shared_in``, ``W_shared_out``) on every token, its output times ``sigmoid(x W_shared_router)``
+        (``(d_model, 1)``) added to the routed experts' sum. None: none.
     parallel_attn_mlp : bool
         Attention and MLP both read the block's input through their own norms (``ln1``, ``ln2``) and both outputs
         are added to it (GPT-NeoX's ``use_parallel_residual``); there is no ``hook_resid_mid``.
@@ -343,6 +347,7 @@ class TransformerConfig:
     experts_per_token: int | None = None
     moe_renormalize: bool = False
     moe_float32_weights: bool = False
+    moe_shared_d_mlp: int | None = None
     parallel_attn_mlp: bool = False
     parallel_shared_norm: bool = False
     attn_bias: bool = True
@@ -460,6 +465,13 @@ class TransformerConfig:
                 )
         elif self.experts_per_token is not None:
             raise ValueError(f"experts_per_token={self.experts_per_token!r} needs n_experts")
+        sm = self.moe_shared_d_mlp
+        if sm is not None and (
+            self.n_experts is None or isinstance(sm, bool) or not isinstance(sm, int) or sm < 1
+        ):
+            raise ValueError(
+                f"moe_shared_d_mlp={sm!r} is not valid; give a positive int with n_experts, or None"
+            )
 
         def bad_window(w) -> bool:
             return w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1)
@@ -1154,6 +1166,12 @@ class MLP(nn.Module):
             self.W_in = nn.Parameter(torch.empty(E, d, m, dtype=dt))
             self.W_out = nn.Parameter(torch.empty(E, m, d, dtype=dt))
             self.b_in = self.b_out = self.b_gate = None
+            if cfg.moe_shared_d_mlp is not None:
+                ms = cfg.moe_shared_d_mlp
+                self.W_shared_gate = nn.Parameter(torch.empty(d, ms, dtype=dt))
+                self.W_shared_in = nn.Parameter(torch.empty(d, ms, dtype=dt))
+                self.W_shared_out = nn.Parameter(torch.empty(ms, d, dtype=dt))
+                self.W_shared_router = nn.Parameter(torch.empty(d, 1, dtype=dt))
             self.hook_router_logits = HookPoint()
             self.hook_expert_weights = HookPoint()
             self.hook_expert_indices = HookPoint()
@@ -1225,12 +1243,15 @@ class MLP(nn.Module):
         ) or torch._C._functorch.is_functorch_wrapped_tensor(self.W_in):
             for e in range(self.cfg.n_experts):
                 out = out + (self.expert(flat, e) * weights[:, e : e + 1]).to(out.dtype)
-            return out.view(shape)
-        chosen = weights != 0
-        for e in chosen.any(0).nonzero().flatten().tolist():
-            rows = chosen[:, e].nonzero().flatten()
-            y = self.expert(flat[rows], e) * weights[rows, e, None]
-            out = out.index_add(0, rows, y.to(out.dtype))
+        else:
+            chosen = weights != 0
+            for e in chosen.any(0).nonzero().flatten().tolist():
+                rows = chosen[:, e].nonzero().flatten()
+                y = self.expert(flat[rows], e) * weights[rows, e, None]
+                out = out.index_add(0, rows, y.to(out.dtype))
+        if self.cfg.moe_shared_d_mlp is not None:  # the shared expert, gated per token
+            h = apply_act(flat @ self.W_shared_gate, self.cfg.act_fn) * (flat @ self.W_shared_in)
+            out = out + torch.sigmoid(flat @ self.W_shared_router) * (h @ self.W_shared_out)
         return out.view(shape)
 
 

@@ -14,7 +14,8 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.llama`: ``LlamaForCausalLM``
 - :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
-- :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of experts)
+- :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of
+  experts)
 - :mod:`.olmo`: ``OlmoForCausalLM``
 - :mod:`.olmo2`: ``Olmo2ForCausalLM``, ``Olmo3ForCausalLM``
 - :mod:`.opt`: ``OPTForCausalLM``

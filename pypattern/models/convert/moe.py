@@ -1,8 +1,9 @@
-"""Mixtures of experts (``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen3MoeForCausalLM``) -> pypattern
-``Transformer`` with ``TransformerConfig.n_experts``.
+"""Mixtures of experts (``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``,
+``Qwen3MoeForCausalLM``) -> pypattern ``Transformer`` with ``TransformerConfig.n_experts``.
 
 Llama's attention and norms (see :mod:`.llama`; Qwen3-MoE with Qwen3's per-head query/key norms and per-layer
-windows, OLMoE with one query/key norm across all heads, ``qk_norm="all"``; its ``clip_qkv``, applied after the
+windows, Qwen2-MoE with Qwen2's q/k/v biases and a gated shared expert (``moe_shared_d_mlp``), OLMoE with one
+query/key norm across all heads, ``qk_norm="all"``; its ``clip_qkv``, applied after the
 norms, is refused) and, in every layer,
 a sparse block: the router ``mlp.gate.weight`` ``(n_experts, d_model)`` becomes ``mlp.W_router`` (transposed), the
 experts' stacked ``gate_up_proj`` ``(n_experts, 2 d_mlp, d_model)`` (gate rows first) and ``down_proj``
@@ -10,7 +11,7 @@ experts' stacked ``gate_up_proj`` ``(n_experts, 2 d_mlp, d_model)`` (gate rows f
 router: softmax of the logits in float32, top ``num_experts_per_tok``, renormalised (Mixtral always; OLMoE and
 Qwen3-MoE per ``norm_topk_prob``), the weights kept in float32 for the product (Mixtral) or cast to the model's
 dtype. Layers that are dense in a model mixing dense and sparse MLPs (``mlp_only_layers``,
-``decoder_sparse_step``) and Qwen2-MoE's shared experts are refused by name.
+``decoder_sparse_step``) are refused by name.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ._common import refuse
 from .llama import llama_like
 from .qwen2 import layer_windows
 
-CLASSES = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen3MoeForCausalLM")
+CLASSES = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 
 
 def _experts(m: nn.Module) -> tuple:
@@ -42,7 +43,7 @@ def _experts(m: nn.Module) -> tuple:
 
 
 def convert(model: nn.Module) -> tuple[dict, dict]:
-    """``(config kwargs, weights by pypattern name)`` of a Mixtral, OLMoE or Qwen3-MoE causal LM."""
+    """``(config kwargs, weights by pypattern name)`` of a Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE causal LM."""
     c = model.config
     kind = type(model).__name__
     layers = model.model.layers
@@ -53,11 +54,13 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
                 type(layer.mlp).__name__,
                 "a dense MLP among sparse ones (mlp_only_layers / decoder_sparse_step) is not converted",
             )
-        if getattr(layer.mlp, "shared_expert", None) is not None:
-            refuse(f"layers[{i}].mlp.shared_expert", True, "shared experts are not converted")
     if kind == "MixtralForCausalLM":
         cfg, w = llama_like(model, sliding_window=getattr(c, "sliding_window", None), mlp=_experts)
         k, renorm, f32 = c.num_experts_per_tok, True, True
+    elif kind == "Qwen2MoeForCausalLM":  # Qwen2's attention (q/k/v biases), a gated shared expert
+        cfg, w = llama_like(model, sliding_window=layer_windows(model), mlp=_experts)
+        k, renorm, f32 = c.num_experts_per_tok, bool(c.norm_topk_prob), False
+        _shared_experts(model, cfg, w)
     elif kind == "Qwen3MoeForCausalLM":
         cfg, w = llama_like(model, sliding_window=layer_windows(model), mlp=_experts)
         _qk_norms(model, cfg, w, per_head=True)
@@ -84,6 +87,31 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         w[f"blocks.{i}.mlp.W_router"] = gate.weight.T
     cfg.update(n_experts=E, experts_per_token=int(k), moe_renormalize=renorm, moe_float32_weights=f32)
     return cfg, w
+
+
+def _shared_experts(model: nn.Module, cfg: dict, w: dict) -> None:
+    """Qwen2-MoE's shared expert of every layer (``mlp.shared_expert``, a gated MLP without biases) and its
+    per-token gate ``sigmoid(mlp.shared_expert_gate(x))``."""
+    width = None
+    for i, layer in enumerate(model.model.layers):
+        sh, gate = getattr(layer.mlp, "shared_expert", None), getattr(layer.mlp, "shared_expert_gate", None)
+        if sh is None or gate is None:
+            refuse(f"layers[{i}].mlp.shared_expert", None, "Qwen2-MoE's blocks have a gated shared expert")
+        if (
+            any(getattr(sh, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj"))
+            or gate.bias is not None
+        ):
+            refuse(f"layers[{i}].mlp.shared_expert", "biases", "a shared expert without biases is converted")
+        m = sh.up_proj.weight.shape[0]
+        if width not in (None, m):
+            refuse("shared_expert_intermediate_size", m, f"differs between layers ({width} in layer 0)")
+        width = m
+        p = f"blocks.{i}.mlp"
+        w[f"{p}.W_shared_gate"] = sh.gate_proj.weight.T
+        w[f"{p}.W_shared_in"] = sh.up_proj.weight.T
+        w[f"{p}.W_shared_out"] = sh.down_proj.weight.T
+        w[f"{p}.W_shared_router"] = gate.weight.T
+    cfg["moe_shared_d_mlp"] = width
 
 
 def _qk_norms(model: nn.Module, cfg: dict, w: dict, per_head: bool) -> None:
