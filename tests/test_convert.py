@@ -357,6 +357,18 @@ CASES = {
             pad_token_id=None,
         ),
     ),
+    "helium-adjacent-pairs": (  # rotary pairs (2i, 2i + 1), RMSNorm weights multiplied before the cast
+        "Helium",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            intermediate_size=40,
+            pad_token_id=None,
+        ),
+    ),
     "seedoss-biases": (
         "SeedOss",
         dict(
@@ -1025,6 +1037,8 @@ def test_rotary_scaling_config_is_checked():
         TransformerConfig(**base, attn_scores_multiplier=(0.5, 0.25))
     with pytest.raises(ValueError, match="rotary_layers"):
         TransformerConfig(**base, rotary_layers=(True, False))
+    with pytest.raises(ValueError, match="norm_weight_before_cast=True is not valid"):
+        TransformerConfig(**base, norm_weight_before_cast=True)  # LayerNorm
     with pytest.raises(ValueError, match="rotary_layers"):
         TransformerConfig(**{**base, "positional_embedding_type": "standard"}, rotary_layers=(False,))
     with pytest.raises(ValueError, match="low_freq_factor"):
@@ -1142,6 +1156,7 @@ def test_unknown_model_class_is_refused():
         "GraniteForCausalLM",
         "SmolLM3ForCausalLM",
         "SeedOssForCausalLM",
+        "HeliumForCausalLM",
     }
 
 

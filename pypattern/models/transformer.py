@@ -298,6 +298,9 @@ class TransformerConfig:
         RMSNorm models only: every RMSNorm (``qk_norm``'s too) multiplies by ``norm_weight_offset + w`` in its
         compute dtype and casts the product back (Gemma's ``x * (1 + w)``, with 1.0); 0 (default): ``w`` times the
         normalised input after the cast (Llama's order). Fresh weights start at ``1 - norm_weight_offset``.
+    norm_weight_before_cast : bool
+        RMSNorm models only: every RMSNorm multiplies by ``w`` in its compute dtype before casting back, as Helium's
+        does (and as a non-zero ``norm_weight_offset`` implies); False: Llama's order (cast, then ``w``).
     pre_norms : bool
         The norms in front of the attention and the MLP (``ln1``, ``ln2``); False: none, the sublayers read the
         residual stream itself (OLMo 2 normalises only their outputs: give ``use_normalization_before_and_after``
@@ -367,6 +370,7 @@ class TransformerConfig:
     residual_multiplier: float | None = None
     logits_scaling: float | None = None
     norm_weight_offset: float = 0.0
+    norm_weight_before_cast: bool = False
     pre_norms: bool = True
     use_normalization_before_and_after: bool = False
     attn_scores_soft_cap: float | None = None
@@ -545,6 +549,12 @@ class TransformerConfig:
             raise ValueError(
                 f"norm_weight_offset={off!r} applies to RMSNorm only; normalization_type is "
                 f"{self.normalization_type!r}"
+            )
+        wb = self.norm_weight_before_cast
+        if not isinstance(wb, bool) or (wb and self.normalization_type != "RMS"):
+            raise ValueError(
+                f"norm_weight_before_cast={wb!r} is not valid; give a bool (True applies to RMSNorm only; "
+                f"normalization_type is {self.normalization_type!r})"
             )
 
     @property
@@ -787,8 +797,9 @@ class RMSNorm(nn.Module):
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``; ``hook_normalized`` is the
     output (after ``w``; TransformerLens places it before ``w``). Without a hook on ``hook_scale`` it computes as
     Hugging Face's Llama-family RMSNorm does (``x * rsqrt(mean(x^2) + eps)`` in ``compute_dtype``, cast back,
-    times ``w``); a hook that replaces the scale makes it ``x / scale``. With a non-zero ``offset`` it computes as
-    Gemma's: ``x_hat * (offset + w)`` in ``compute_dtype``, then cast back."""
+    times ``w``); a hook that replaces the scale makes it ``x / scale``. With a non-zero ``offset`` (or
+    ``weight_before_cast``, Helium's order) it computes as Gemma's: ``x_hat * (offset + w)`` in ``compute_dtype``,
+    then cast back."""
 
     def __init__(
         self,
@@ -797,11 +808,13 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype,
         compute_dtype: torch.dtype | None = None,
         offset: float = 0.0,
+        weight_before_cast: bool = False,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.compute_dtype = compute_dtype
         self.offset = offset
+        self.weight_before_cast = weight_before_cast
         self.w = nn.Parameter(torch.full((d,), 1.0 - offset, dtype=dtype))
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
@@ -821,7 +834,7 @@ class RMSNorm(nn.Module):
             seen = self.hook_scale(scale)
             # a hook that only reads returns the same tensor: keep the rsqrt form, so a cached run is bit-identical
             h = h * torch.rsqrt(ms) if seen is scale else h / seen
-        if self.offset:  # Gemma's order: (x_hat * (offset + w)) in the compute dtype, then the cast
+        if self.offset or self.weight_before_cast:  # Gemma's order: (x_hat * (offset + w)), then the cast
             return self.hook_normalized((h * (self.offset + self.w.to(h.dtype))).to(x.dtype))
         return self.hook_normalized(self.w * h.to(x.dtype))
 
@@ -830,7 +843,14 @@ def _make_norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.normalization_type == "LN":
         return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
     if cfg.normalization_type == "RMS":
-        return RMSNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype, cfg.norm_weight_offset)
+        return RMSNorm(
+            cfg.d_model,
+            cfg.ln_eps,
+            cfg.dtype,
+            cfg.norm_dtype,
+            cfg.norm_weight_offset,
+            cfg.norm_weight_before_cast,
+        )
     if cfg.normalization_type == "LNPre":
         return LayerNormPre(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
     return nn.Identity()
@@ -952,10 +972,20 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             wide = cfg.qk_norm == "all"  # one norm over every head's projection (OLMo 2)
             self.q_norm = RMSNorm(
-                H * dh if wide else dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset
+                H * dh if wide else dh,
+                cfg.ln_eps,
+                dt,
+                cfg.norm_dtype,
+                cfg.norm_weight_offset,
+                cfg.norm_weight_before_cast,
             )
             self.k_norm = RMSNorm(
-                Hkv * dh if wide else dh, cfg.ln_eps, dt, cfg.norm_dtype, cfg.norm_weight_offset
+                Hkv * dh if wide else dh,
+                cfg.ln_eps,
+                dt,
+                cfg.norm_dtype,
+                cfg.norm_weight_offset,
+                cfg.norm_weight_before_cast,
             )
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()

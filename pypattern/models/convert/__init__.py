@@ -12,7 +12,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gptj`: ``GPTJForCausalLM``
 - :mod:`.granite`: ``GraniteForCausalLM``
 - :mod:`.llama`: ``LlamaForCausalLM``
-- :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``
+- :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``, ``HeliumForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of
   experts)

@@ -5,6 +5,9 @@
   when ``use_sliding_window`` is set.
 * **Seed-OSS** (``SeedOssForCausalLM``): biases on the q/k/v projections and, per ``attention_out_bias``, the
   output projection.
+* **Helium** (``HeliumForCausalLM``): rotary pairs ``(2i, 2i + 1)`` (``rotary_adjacent_pairs``), RMSNorm weights
+  multiplied in float32 before the cast (``norm_weight_before_cast``), and its scores' multiplier ``1 /
+  sqrt(head_dim)``, one ulp from ``head_dim ** -0.5``, kept exactly (``attn_scores_multiplier``).
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ from torch import nn
 from ._common import refuse
 from .llama import llama_like
 
-CLASSES = ("SmolLM3ForCausalLM", "SeedOssForCausalLM")
+CLASSES = ("SmolLM3ForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM")
 
 
 def convert(model: nn.Module) -> tuple[dict, dict]:
-    """``(config kwargs, weights by pypattern name)`` of a SmolLM3 or Seed-OSS causal LM."""
-    if type(model).__name__ != "SmolLM3ForCausalLM":
+    """``(config kwargs, weights by pypattern name)`` of a SmolLM3, Seed-OSS or Helium causal LM."""
+    name = type(model).__name__
+    if name == "HeliumForCausalLM":  # rotary pairs (2i, 2i + 1); RMSNorm weights multiplied before the cast
+        cfg, w = llama_like(model)
+        cfg["rotary_adjacent_pairs"] = True
+        cfg["norm_weight_before_cast"] = True
+        return cfg, w
+    if name != "SmolLM3ForCausalLM":
         return llama_like(model)
     c = model.config
     layers = model.model.layers
