@@ -369,6 +369,18 @@ CASES = {
             pad_token_id=None,
         ),
     ),
+    "ernie45-float32-rotation": (  # rotary pairs (2i, 2i + 1) turned in float32, biases
+        "Ernie4_5",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            intermediate_size=40,
+            use_bias=True,
+        ),
+    ),
     "seedoss-biases": (
         "SeedOss",
         dict(
@@ -1157,6 +1169,7 @@ def test_unknown_model_class_is_refused():
         "SmolLM3ForCausalLM",
         "SeedOssForCausalLM",
         "HeliumForCausalLM",
+        "Ernie4_5ForCausalLM",
     }
 
 

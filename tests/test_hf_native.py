@@ -126,6 +126,11 @@ def _config(arch: str):
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
             intermediate_size=40, pad_token_id=None, **common,
         )  # fmt: skip
+    if arch == "ernie4_5":  # rotary pairs (2i, 2i + 1) turned in float32
+        return tr.Ernie4_5Config(
+            hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=6,
+            intermediate_size=40, use_bias=True, **common,
+        )  # fmt: skip
     if arch == "seed_oss":  # q/k/v and output biases
         return tr.SeedOssConfig(
             hidden_size=24, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
@@ -163,7 +168,7 @@ ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
     "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "starcoder2",
     "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
-    "helium",
+    "helium", "ernie4_5",
 ]  # fmt: skip
 MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _CACHE: dict = {}

@@ -117,6 +117,8 @@ ARCHS = {
     },
     # SmolLM3: a layer without rotary positions (NoPE) and a rotating one
     "nope": {**LLAMA, "rotary_layers": (False, True)},
+    # ERNIE 4.5: rotary pairs (2i, 2i + 1) turned in float32 in a float64 model
+    "ernie": {**LLAMA, "rotary_adjacent_pairs": True, "rotary_input_dtype": torch.float32},
     # Qwen2-MoE: routed experts plus a gated shared expert
     "moe_shared": {**LLAMA, "n_experts": 3, "experts_per_token": 1, "moe_shared_d_mlp": 8},
     # GPT-2 with scale_attn_by_inverse_layer_idx: a score multiplier per layer

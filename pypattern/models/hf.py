@@ -2,7 +2,7 @@
 
 :func:`hooked_hf` wraps a causal LM of a family in :data:`HF_ARCHS` (chosen by ``config.model_type``: GPT-2,
 GPT-Neo, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Phi, Phi-3, Qwen2, Qwen3, Gemma 1-3 (text), OLMo 1-3, StableLM,
-StarCoder2, SmolLM3, Seed-OSS, Helium, GPT-BigCode, and the mixtures of experts Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so
+StarCoder2, SmolLM3, Seed-OSS, Helium, ERNIE 4.5, GPT-BigCode, and the mixtures of experts Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE) so
 that ``forward`` returns logits and the residual-stream hook points of TransformerLens exist; :func:`~pypattern.models.hf_masks.hf_component_masks` gives per-head, per-MLP and embedding parameter masks
 over the model's own parameter names. :func:`gpt2_from_config` builds a random GPT-2 for tests and demos.
 
@@ -224,6 +224,7 @@ HF_ARCHS: dict[str, HFArch] = {
     "smollm3": HFArch("smollm3", **_LLAMA_LIKE),  # layers without rotary positions (NoPE)
     "seed_oss": HFArch("seed_oss", **_LLAMA_LIKE),
     "helium": HFArch("helium", **_LLAMA_LIKE),
+    "ernie4_5": HFArch("ernie4_5", **_LLAMA_LIKE),
     # OLMo 2 / 3: no norms in front of the attention and the MLP (ln1 / ln2 name the norms after them, the
     # only ones a layer has), the writes are those norms' outputs, one query/key norm across all heads
     **{
@@ -474,7 +475,7 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     The architecture is picked from ``model.config.model_type``: ``gpt2``, ``gpt_neo``, ``gpt_neox`` (Pythia), ``gptj``,
     ``llama``, ``mistral``, ``phi``, ``phi3``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
     ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``smollm3``, ``seed_oss``, ``helium``,
-    ``gpt_bigcode`` and the mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
+    ``ernie4_5``, ``gpt_bigcode`` and the mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
     (``hook_mlp_out`` is the sparse block's output). Nothing is
     converted or copied: hooks sit on the model's own modules.
 

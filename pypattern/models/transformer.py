@@ -121,6 +121,7 @@ _DTYPE_FIELDS = (
     "dtype",
     "rotary_dtype",
     "rotary_freq_dtype",
+    "rotary_input_dtype",
     "norm_dtype",
     "attn_softmax_dtype",
     "attn_scores_dtype",
@@ -188,6 +189,9 @@ class TransformerConfig:
         Dtype the rotary frequencies ``1 / rotary_base ** (2 i / rotary_dim)`` are rounded to before the angles are
         computed (in ``rotary_dtype``); None: no rounding. A Hugging Face model cast with ``.to(torch.bfloat16)``
         or ``.half()`` holds its frequencies in that dtype, and its converted model sets it to be exact.
+    rotary_input_dtype : torch.dtype or None
+        Queries and keys turn in this dtype, with cosines and sines in it (ERNIE 4.5 rotates ``q.float()`` by float32
+        cosines), and the result is cast back to the model's dtype; None: the model's dtype.
     rotary_scaling : dict or None
         Scaled rotary frequencies, in Hugging Face's ``rope_parameters`` terms: ``{"rope_type": "linear",
         "factor": f}`` divides every frequency by ``f``; ``{"rope_type": "llama3", "factor": f, "low_freq_factor":
@@ -342,6 +346,7 @@ class TransformerConfig:
     rotary_adjacent_pairs: bool = False
     rotary_dtype: torch.dtype | None = None
     rotary_freq_dtype: torch.dtype | None = None
+    rotary_input_dtype: torch.dtype | None = None
     rotary_scaling: dict | None = None
     rotary_layers: tuple | None = None
     n_key_value_heads: int | None = None
@@ -383,6 +388,7 @@ class TransformerConfig:
             raise ValueError("dtype=None is not valid; give a torch.dtype such as torch.float32")
         self.rotary_dtype = _as_dtype(self.rotary_dtype, "rotary_dtype")
         self.rotary_freq_dtype = _as_dtype(self.rotary_freq_dtype, "rotary_freq_dtype")
+        self.rotary_input_dtype = _as_dtype(self.rotary_input_dtype, "rotary_input_dtype")
         self.norm_dtype = _as_dtype(self.norm_dtype, "norm_dtype")
         self.attn_softmax_dtype = _as_dtype(self.attn_softmax_dtype, "attn_softmax_dtype")
         self.attn_scores_dtype = _as_dtype(self.attn_scores_dtype, "attn_scores_dtype")
@@ -1080,17 +1086,20 @@ class Attention(nn.Module):
             return x
         if positions is None:
             positions = self.positions(x.shape[-3], x.device)
-        cos, sin = self.rotary_cos_sin(positions, x.dtype)
+        rd = self.cfg.rotary_input_dtype
+        cos, sin = self.rotary_cos_sin(positions, x.dtype if rd is None else rd)
         cos, sin = cos[:, None, :], sin[:, None, :]
         r = self.cfg.rotary_dim
         x_rot = x[..., :r]
+        if rd is not None:  # turned in rd (the cosines and sines too), cast back below
+            x_rot = x_rot.to(rd)
         if self.cfg.rotary_adjacent_pairs:
             x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
             turned = torch.stack((-x2, x1), dim=-1).flatten(-2)
         else:
             x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
             turned = torch.cat((-x2, x1), dim=-1)
-        out = (x_rot * cos) + (turned * sin)
+        out = ((x_rot * cos) + (turned * sin)).to(x.dtype)
         if r == x.shape[-1]:
             return out
         return torch.cat((out, x[..., r:]), dim=-1)

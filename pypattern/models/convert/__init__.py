@@ -12,7 +12,8 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.gptj`: ``GPTJForCausalLM``
 - :mod:`.granite`: ``GraniteForCausalLM``
 - :mod:`.llama`: ``LlamaForCausalLM``
-- :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``, ``HeliumForCausalLM``
+- :mod:`.llama_family`: ``SmolLM3ForCausalLM``, ``SeedOssForCausalLM``, ``HeliumForCausalLM``,
+  ``Ernie4_5ForCausalLM``
 - :mod:`.mistral`: ``MistralForCausalLM``
 - :mod:`.moe`: ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM`` (mixtures of
   experts)

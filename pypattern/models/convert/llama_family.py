@@ -8,25 +8,33 @@
 * **Helium** (``HeliumForCausalLM``): rotary pairs ``(2i, 2i + 1)`` (``rotary_adjacent_pairs``), RMSNorm weights
   multiplied in float32 before the cast (``norm_weight_before_cast``), and its scores' multiplier ``1 /
   sqrt(head_dim)``, one ulp from ``head_dim ** -0.5``, kept exactly (``attn_scores_multiplier``).
+* **ERNIE 4.5** (``Ernie4_5ForCausalLM``, the dense models): rotary pairs ``(2i, 2i + 1)``, queries and keys cast to
+  float32 before they turn (``rotary_input_dtype``); biases per ``use_bias``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ._common import refuse
 from .llama import llama_like
 
-CLASSES = ("SmolLM3ForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM")
+CLASSES = ("SmolLM3ForCausalLM", "SeedOssForCausalLM", "HeliumForCausalLM", "Ernie4_5ForCausalLM")
 
 
 def convert(model: nn.Module) -> tuple[dict, dict]:
-    """``(config kwargs, weights by pypattern name)`` of a SmolLM3, Seed-OSS or Helium causal LM."""
+    """``(config kwargs, weights by pypattern name)`` of a SmolLM3, Seed-OSS, Helium or ERNIE 4.5 causal LM."""
     name = type(model).__name__
     if name == "HeliumForCausalLM":  # rotary pairs (2i, 2i + 1); RMSNorm weights multiplied before the cast
         cfg, w = llama_like(model)
         cfg["rotary_adjacent_pairs"] = True
         cfg["norm_weight_before_cast"] = True
+        return cfg, w
+    if name == "Ernie4_5ForCausalLM":  # rotary pairs (2i, 2i + 1), queries and keys turned from float32
+        cfg, w = llama_like(model)
+        cfg["rotary_adjacent_pairs"] = True
+        cfg["rotary_input_dtype"] = torch.float32
         return cfg, w
     if name != "SmolLM3ForCausalLM":
         return llama_like(model)
