@@ -469,6 +469,14 @@ class HookedHF(HookedModule):
         self._handles.append(attn.register_forward_hook(mid))
 
 
+def is_hf_causal_lm(model: Any) -> bool:
+    """True for an object that looks like a Hugging Face model (a ``config.model_type`` and input embeddings),
+    whether or not :data:`HF_ARCHS` adapts its family."""
+    return bool(getattr(getattr(model, "config", None), "model_type", None)) and hasattr(
+        model, "get_input_embeddings"
+    )
+
+
 def hooked_hf(model: nn.Module) -> HookedHF:
     """Wrap a Hugging Face causal LM so that TransformerLens hook names and pypattern's patching work on it.
 

@@ -59,14 +59,12 @@ def _hooked_if_hf(model):
     """A Hugging Face causal LM (an object with ``config.model_type`` and input embeddings) wrapped by
     :func:`~pypattern.models.hooked_hf` (which refuses, by name, a family it has no adapter for); any other model
     as it is."""
-    from ..models.hf import HookedHF, hooked_hf
+    from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm
     from ..models.transformer import Transformer
 
     if isinstance(model, (Transformer, HookedHF)) or hasattr(model, "hook_dict"):
         return model
-    if getattr(getattr(model, "config", None), "model_type", None) and hasattr(model, "get_input_embeddings"):
-        return hooked_hf(model)
-    return model
+    return hooked_hf(model) if is_hf_causal_lm(model) else model
 
 
 def _layers(model) -> int:

@@ -196,10 +196,10 @@ def attribution_patching(
     from ..models.transformer import Transformer
 
     if not isinstance(model, Transformer):
+        from ..models.hf import is_hf_causal_lm
+
         hint = (
-            "; convert a Hugging Face model with pypattern.from_hf(model)"
-            if getattr(getattr(model, "config", None), "model_type", None)
-            else ""
+            "; convert a Hugging Face model with pypattern.from_hf(model)" if is_hf_causal_lm(model) else ""
         )
         raise TypeError(
             f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}{hint}"

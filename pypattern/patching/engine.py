@@ -61,8 +61,8 @@ def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
     out = (W_U.T @ h.T).T
     if getattr(un, "b_U", None) is not None:
         out = out + un.b_U
-    if getattr(un, "logit_cap", None) is not None or getattr(un, "logits_scaling", None) is not None:
-        out = un.cap(out)  # the division by logits_scaling and the final soft cap
+    if hasattr(un, "cap"):
+        out = un.cap(out)  # the division by logits_scaling and the final soft cap (identity without them)
     if not isinstance(metric, Metric):
         out = out.contiguous()
     return out.reshape(*x.shape[:-1], W_U.shape[-1])  # a view: splits the row axis only

@@ -40,6 +40,7 @@ model is ever returned.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any
@@ -48,55 +49,35 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
-from . import (
-    gemma,
-    gpt2,
-    gpt_bigcode,
-    gpt_neo,
-    gpt_neox,
-    gptj,
-    granite,
-    llama,
-    llama_family,
-    mistral,
-    moe,
-    olmo,
-    olmo2,
-    opt,
-    phi,
-    phi3,
-    qwen2,
-    qwen3,
-    stablelm,
-    starcoder2,
-)
 from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
 
-_FAMILIES = (
-    gpt2,
-    gemma,
-    gpt_bigcode,
-    gpt_neo,
-    gpt_neox,
-    gptj,
-    granite,
-    llama,
-    llama_family,
-    mistral,
-    moe,
-    olmo,
-    olmo2,
-    opt,
-    phi,
-    phi3,
-    qwen2,
-    qwen3,
-    stablelm,
-    starcoder2,
+# one module per family, each with CLASSES (the Hugging Face classes it converts) and convert(model)
+_FAMILY_MODULES = (
+    "gpt2",
+    "gemma",
+    "gpt_bigcode",
+    "gpt_neo",
+    "gpt_neox",
+    "gptj",
+    "granite",
+    "llama",
+    "llama_family",
+    "mistral",
+    "moe",
+    "olmo",
+    "olmo2",
+    "opt",
+    "phi",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "stablelm",
+    "starcoder2",
 )
+_FAMILIES = tuple(importlib.import_module(f".{n}", __name__) for n in _FAMILY_MODULES)
 _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -259,6 +260,37 @@ def head_shape(model: nn.Module, qkv=split_qkv) -> tuple[nn.Module, int, int, in
     dh = a0.head_dim
     Wq, Wk = qkv(a0)[:2]
     return a0, dh, Wq.shape[0] // dh, Wk.shape[0] // dh
+
+
+def standard_scaling(a0: nn.Module, dh: int, rel_tol: float = 0.0) -> None:
+    """Refuse an attention whose scores' multiplier ``a0.scaling`` is not ``head_dim ** -0.5`` (within ``rel_tol``
+    relative): pypattern's default ``q . k / sqrt(d_head)``."""
+    if a0.scaling != dh**-0.5 and not math.isclose(a0.scaling, dh**-0.5, rel_tol=rel_tol):
+        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+
+
+def put_qk_norms(model: nn.Module, cfg: dict, w: dict, per_head: bool) -> None:
+    """Query/key RMSNorms of ``model.model.layers[i].self_attn`` (``q_norm``, ``k_norm``) into ``w``: one weight of
+    ``d_head`` shared by the heads (``per_head``: Qwen3, Qwen3-MoE; ``qk_norm=True``) or one over every head's
+    projection (OLMoE: ``qk_norm="all"``), each with the model's ``ln_eps``."""
+    eps, dh, H, Hkv = cfg["ln_eps"], cfg["d_head"], cfg["n_heads"], cfg["n_key_value_heads"]
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        for which, n in (("q", H), ("k", Hkv)):
+            norm = getattr(a, f"{which}_norm", None)
+            size = dh if per_head else n * dh
+            if norm is None or tuple(norm.weight.shape) != (size,):
+                refuse(
+                    f"layers[{i}].self_attn.{which}_norm",
+                    None if norm is None else tuple(norm.weight.shape),
+                    f"expected an RMSNorm over head_dim={dh}"
+                    if per_head
+                    else f"expected an RMSNorm over {size} features",
+                )
+            if norm.variance_epsilon != eps:
+                refuse("rms_norm_eps", norm.variance_epsilon, f"differs between norms ({eps} elsewhere)")
+            w[f"blocks.{i}.attn.{which}_norm.w"] = norm.weight
+    cfg["qk_norm"] = True if per_head else "all"
 
 
 def put_attention(w: dict, p: str, qkv: tuple, W_o: torch.Tensor, b_o, H: int, Hkv: int, dh: int) -> None:

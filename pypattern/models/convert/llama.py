@@ -9,8 +9,6 @@ RMSNorm computed in float32, gated SiLU MLP (``gate_proj`` -> ``W_gate``, ``up_p
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -27,6 +25,7 @@ from ._common import (
     rotary_fields,
     split_gated_mlp,
     split_qkv,
+    standard_scaling,
     unembedding,
     window_setting,
 )
@@ -57,8 +56,8 @@ def llama_like(
     a0, dh, H, Hkv = head_shape(model, qkv)
     windows = list(sliding_window) if isinstance(sliding_window, list) else [sliding_window] * len(layers)
     d = c.hidden_size
-    if a0.scaling != dh**-0.5 and not any_scaling and not math.isclose(a0.scaling, dh**-0.5, rel_tol=1e-12):
-        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    if not any_scaling:
+        standard_scaling(a0, dh, rel_tol=1e-12)
     if any(m.self_attn.scaling != a0.scaling for m in layers):
         refuse("attention scaling", [m.self_attn.scaling for m in layers], "differs between layers")
     base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import refuse
+from ._common import put_qk_norms, refuse
 from .llama import llama_like
 from .qwen2 import layer_windows
 
@@ -63,11 +63,11 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         _shared_experts(model, cfg, w)
     elif kind == "Qwen3MoeForCausalLM":
         cfg, w = llama_like(model, sliding_window=layer_windows(model), mlp=_experts)
-        _qk_norms(model, cfg, w, per_head=True)
+        put_qk_norms(model, cfg, w, per_head=True)
         k, renorm, f32 = c.num_experts_per_tok, bool(c.norm_topk_prob), False
     else:  # OLMoE
         cfg, w = llama_like(model, mlp=_experts)
-        _qk_norms(model, cfg, w, per_head=False)
+        put_qk_norms(model, cfg, w, per_head=False)
         if getattr(c, "clip_qkv", None) is not None:
             refuse(
                 "clip_qkv",
@@ -112,24 +112,3 @@ def _shared_experts(model: nn.Module, cfg: dict, w: dict) -> None:
         w[f"{p}.W_shared_out"] = sh.down_proj.weight.T
         w[f"{p}.W_shared_router"] = gate.weight.T
     cfg["moe_shared_d_mlp"] = width
-
-
-def _qk_norms(model: nn.Module, cfg: dict, w: dict, per_head: bool) -> None:
-    """Query/key RMSNorms: one ``d_head`` weight shared by the heads (``per_head``, Qwen3-MoE) or one over every
-    head's projection (OLMoE: ``qk_norm="all"``)."""
-    eps, dh, H, Hkv = cfg["ln_eps"], cfg["d_head"], cfg["n_heads"], cfg["n_key_value_heads"]
-    for i, layer in enumerate(model.model.layers):
-        a = layer.self_attn
-        for which, n in (("q", H), ("k", Hkv)):
-            norm = getattr(a, f"{which}_norm", None)
-            size = dh if per_head else n * dh
-            if norm is None or tuple(norm.weight.shape) != (size,):
-                refuse(
-                    f"layers[{i}].self_attn.{which}_norm",
-                    None if norm is None else tuple(norm.weight.shape),
-                    f"expected an RMSNorm over {size} features",
-                )
-            if norm.variance_epsilon != eps:
-                refuse("rms_norm_eps", norm.variance_epsilon, f"differs between norms ({eps} elsewhere)")
-            w[f"blocks.{i}.attn.{which}_norm.w"] = norm.weight
-    cfg["qk_norm"] = True if per_head else "all"

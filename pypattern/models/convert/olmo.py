@@ -25,6 +25,7 @@ from ._common import (
     split_biases,
     split_gated_mlp,
     split_qkv,
+    standard_scaling,
     unembedding,
 )
 
@@ -40,8 +41,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     layers = base_model.layers
     L = len(layers)
     a0, dh, H, Hkv = head_shape(model)
-    if a0.scaling != dh**-0.5:
-        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    standard_scaling(a0, dh)
     for i, layer in enumerate(layers):
         for name in ("input_layernorm", "post_attention_layernorm"):
             norm = getattr(layer, name)

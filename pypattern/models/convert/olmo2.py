@@ -28,6 +28,7 @@ from ._common import (
     split_biases,
     split_gated_mlp,
     split_qkv,
+    standard_scaling,
     unembedding,
     window_setting,
 )
@@ -42,8 +43,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     layers = base_model.layers
     L = len(layers)
     a0, dh, H, Hkv = head_shape(model)
-    if a0.scaling != dh**-0.5:
-        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    standard_scaling(a0, dh)
     types = list(getattr(c, "layer_types", None) or ["full_attention"] * L)
     for t in types:
         if t not in ("full_attention", "sliding_attention"):

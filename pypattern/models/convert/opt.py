@@ -26,6 +26,7 @@ from ._common import (
     put_unembedding,
     refuse,
     split_qkv,
+    standard_scaling,
     unembedding,
 )
 
@@ -53,8 +54,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     a0 = layers[0].self_attn
     dh = a0.head_dim
     H = a0.num_heads
-    if a0.scaling != dh**-0.5:
-        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    standard_scaling(a0, dh)
     offset = getattr(dec.embed_positions, "offset", 2)
     pos = dec.embed_positions.weight[offset:]
     emb, lm, tied, lm_b = unembedding(model)

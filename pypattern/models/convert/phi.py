@@ -27,6 +27,7 @@ from ._common import (
     sizes,
     split_biases,
     split_qkv,
+    standard_scaling,
     unembedding,
 )
 
@@ -42,8 +43,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     if getattr(c, "qk_layernorm", False):
         refuse("qk_layernorm", True, "per-head query/key LayerNorms are not converted")
     a0, dh, H, Hkv = head_shape(model)
-    if a0.scaling != dh**-0.5:
-        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    standard_scaling(a0, dh)
     base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
     if rotary_dim != a0.rotary_ndims:
         refuse("rotary dimensions", a0.rotary_ndims, f"the rotary embedding has {rotary_dim} frequencies x 2")

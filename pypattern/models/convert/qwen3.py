@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import refuse
+from ._common import put_qk_norms
 from .llama import llama_like
 from .qwen2 import layer_windows
 
@@ -20,20 +20,5 @@ CLASSES = ("Qwen3ForCausalLM",)
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``Qwen3ForCausalLM``."""
     cfg, w = llama_like(model, sliding_window=layer_windows(model))
-    eps = cfg["ln_eps"]
-    dh = cfg["d_head"]
-    for i, layer in enumerate(model.model.layers):
-        a = layer.self_attn
-        for which in ("q", "k"):
-            norm = getattr(a, f"{which}_norm", None)
-            if norm is None or tuple(norm.weight.shape) != (dh,):
-                refuse(
-                    f"layers[{i}].self_attn.{which}_norm",
-                    None if norm is None else tuple(norm.weight.shape),
-                    f"expected an RMSNorm over head_dim={dh}",
-                )
-            if norm.variance_epsilon != eps:
-                refuse("rms_norm_eps", norm.variance_epsilon, f"differs between norms ({eps} elsewhere)")
-            w[f"blocks.{i}.attn.{which}_norm.w"] = norm.weight
-    cfg["qk_norm"] = True
+    put_qk_norms(model, cfg, w, per_head=True)
     return cfg, w

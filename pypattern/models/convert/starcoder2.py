@@ -26,6 +26,7 @@ from ._common import (
     sizes,
     split_biases,
     split_qkv,
+    standard_scaling,
     unembedding,
 )
 
@@ -39,8 +40,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     layers = base_model.layers
     L = len(layers)
     a0, dh, H, Hkv = head_shape(model)
-    if a0.scaling != dh**-0.5:
-        refuse("attention scaling", a0.scaling, f"expected head_dim ** -0.5 = {dh**-0.5}")
+    standard_scaling(a0, dh)
     base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
     if rotary_dim != dh:
         refuse("rotary dimensions", rotary_dim, f"this model rotates the whole head (head_dim={dh})")
