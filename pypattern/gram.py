@@ -158,6 +158,7 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         "pre_norms": (False,),
         "parallel_shared_norm": (True,),
         "qk_norm": (True, "all"),
+        "post_embedding_ln": (True,),
     }
     # options whose every value changes what the sites' hooks see (a scaled embedding, capped logits, clamps)
     for opt in (

@@ -135,6 +135,21 @@ ARCHS = {
             "attention_factor": 1.2,
         },
     ),
+    # BLOOM: ALiBi score biases, a LayerNorm on the embedding, BLOOM's GELU, float32 softmax
+    "bloom": dict(
+        positional_embedding_type="alibi",
+        post_embedding_ln=True,
+        act_fn="bloom_gelu",
+        attn_softmax_dtype=torch.float32,
+    ),
+    # ALiBi with grouped-query attention and RMSNorm (no such family, every grouped ALiBi path)
+    "alibi_gqa": dict(
+        normalization_type="RMS",
+        positional_embedding_type="alibi",
+        n_key_value_heads=2,
+        gated_mlp=True,
+        act_fn="silu",
+    ),
     "tied": dict(  # tied embeddings, GPT-J rotary pairing (partial), parallel block, no positions learned
         tie_word_embeddings=True,
         positional_embedding_type="rotary",

@@ -435,6 +435,11 @@ CASES = {
             sliding_window=5,
         ),
     ),
+    "bloom-alibi-6heads-tied": ("Bloom", dict(hidden_size=48, n_layer=2, n_head=6)),  # 6: two slope series
+    "bloom-alibi-5heads-untied": (
+        "Bloom",
+        dict(hidden_size=40, n_layer=3, n_head=5, tie_word_embeddings=False),
+    ),
     "starcoder2-mqa-untied-nobias-gelu": (
         "Starcoder2",
         dict(
@@ -815,14 +820,16 @@ def test_attention_implementations_equal_hf_in_float64(case, impl):
     and adds its float64 causal mask, which takes the softmax back to float64. The converted model does the same,
     to 1e-10."""
     family = CASES[case][0]
-    if family in ("GPTNeo", "Gemma2") and impl != "eager":  # soft-capped scores (Gemma 2): eager only
+    if (
+        family in ("GPTNeo", "Gemma2", "Bloom") and impl != "eager"
+    ):  # soft-capped scores (Gemma 2): eager only
         with pytest.raises(ValueError, match="does not support"):
             hf_model(case, attn_implementation=impl)
         return
     hf = hf_model(case, attn_implementation=impl)
     assert hf.config._attn_implementation == impl
     model = from_hf(hf)
-    upcasts = impl == "eager" and family not in ("GPT2", "GPTNeo", "GPTJ")
+    upcasts = family == "Bloom" or (impl == "eager" and family not in ("GPT2", "GPTNeo", "GPTJ"))
     f32_scores = family == "GPTNeo" or (family == "GPTJ" and impl == "eager")
     want = torch.float64 if f32_scores else (torch.float32 if upcasts else None)
     assert model.cfg.attn_softmax_dtype == want
@@ -1119,10 +1126,13 @@ def test_neox_odd_rotary_dimensions_are_refused_by_name():
         from_hf(hf)
 
 
-@pytest.mark.parametrize("case", ["gpt2-tied", "llama-mqa"])
+@pytest.mark.parametrize("case", ["gpt2-tied", "llama-mqa", "bloom-alibi-6heads-tied"])
 def test_model_in_train_mode_with_dropout_warns(case):
-    """A model in train() mode with dropout has a random forward; the converted model is its eval() forward."""
-    names = ("attn_pdrop", "resid_pdrop", "embd_pdrop") if case.startswith("gpt2") else ("attention_dropout",)
+    """A model in train() mode with dropout has a random forward; the converted model is its eval() forward
+    (BLOOM: its residual dropout is a float passed to ``F.dropout``, no ``nn.Dropout`` module)."""
+    names = {"gpt2": ("attn_pdrop", "resid_pdrop", "embd_pdrop"), "bloom": ("hidden_dropout",)}.get(
+        case.split("-")[0], ("attention_dropout",)
+    )
     hf = hf_model(case, **dict.fromkeys(names, 0.1)).train()
     with pytest.warns(UserWarning, match=r"train\(\) mode with dropout .*eval\(\) forward"):
         conv = from_hf(hf)
@@ -1167,6 +1177,7 @@ def test_unknown_model_class_is_refused():
         "Qwen2MoeForCausalLM",
         "GraniteForCausalLM",
         "SmolLM3ForCausalLM",
+        "BloomForCausalLM",
         "SeedOssForCausalLM",
         "HeliumForCausalLM",
         "Ernie4_5ForCausalLM",
@@ -1225,6 +1236,7 @@ def _expected_shape(name, cfg, b, t):
         "qwen2moe-shared-expert",
         "granite-gqa2-multipliers",
         "smollm3-nope-layers",
+        "bloom-alibi-6heads-tied",
     ],
 )
 def test_every_hook_point_has_its_shape(case):
@@ -1236,7 +1248,9 @@ def test_every_hook_point_has_its_shape(case):
     for name, act in cache.items():
         assert tuple(act.shape) == _expected_shape(name, cfg, 2, 9), name
     rot = cfg.positional_embedding_type == "rotary"
-    assert ("blocks.0.attn.hook_rot_q" in cache) == rot and ("hook_pos_embed" in cache) == (not rot)
+    learned = cfg.positional_embedding_type == "standard"
+    assert ("blocks.0.attn.hook_rot_q" in cache) == rot and ("hook_pos_embed" in cache) == learned
+    assert ("embed.ln.hook_normalized" in cache) == cfg.post_embedding_ln
     assert ("blocks.0.hook_resid_mid" in cache) == (not cfg.parallel_attn_mlp)
     moe = cfg.n_experts is not None
     assert ("blocks.0.mlp.hook_pre_linear" in cache) == (cfg.gated_mlp and not moe)

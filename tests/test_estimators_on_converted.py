@@ -218,6 +218,9 @@ def _hf(arch: str):
             eos_token_id=0,
         )
         m = transformers.GPTBigCodeForCausalLM(cfg)
+    elif arch == "bloom":  # ALiBi, a LayerNorm on the embedding, fused per-head query/key/value
+        cfg = transformers.BloomConfig(vocab_size=V, hidden_size=16, n_layer=2, n_head=4)
+        m = transformers.BloomForCausalLM(cfg)
     elif arch == "starcoder2":  # LayerNorms, a plain MLP with biases, GQA, a sliding window
         cfg = transformers.Starcoder2Config(
             vocab_size=V,
@@ -333,6 +336,7 @@ KW = dict(
         "granite",
         "smollm3",
         "qwen2_moe",
+        "bloom",
     ],
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):

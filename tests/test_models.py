@@ -610,7 +610,7 @@ def test_new_config_validation():
     with pytest.raises(ValueError, match="rotary_dim"):
         TransformerConfig(d_model=64, n_heads=4, positional_embedding_type="rotary", rotary_dim=18)
     with pytest.raises(ValueError, match="positional_embedding_type"):
-        TransformerConfig(positional_embedding_type="alibi")
+        TransformerConfig(positional_embedding_type="relative")
     with pytest.raises(ValueError, match="contradicts"):
         TransformerConfig(positional_embedding=False, positional_embedding_type="standard")
     with pytest.raises(ValueError, match="gated_mlp"):

@@ -644,14 +644,21 @@ class ModelView:
                 k, v = k[idx], v[idx]
             G = 1
         q, k = a.qk_cast(q, k)
+        bias = a.position_bias(k_pos.to(q.device), q.dtype)  # (n_heads, Tk) or None
+        if bias is not None and heads is not None:
+            bias = bias[torch.tensor(heads, device=q.device)]
         if G > 1:  # each key/value head serves G consecutive query heads
             Hk = k.shape[0]
             qg = q.reshape(Hk, G, *q.shape[1:])
-            scores = a.cap(a.scale_scores(qg @ k.unsqueeze(1).transpose(-1, -2)))
-            pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
+            scores = a.scale_scores(qg @ k.unsqueeze(1).transpose(-1, -2))
+            if bias is not None:  # (Hk, G, ..., 1, Tk)
+                scores = scores + bias.reshape(Hk, G, *[1] * (scores.dim() - 3), bias.shape[-1])
+            pattern = a.softmax(a.cap(scores).masked_fill(mask, float("-inf")))
             return (pattern @ v.unsqueeze(1)).reshape(q.shape)
-        scores = a.cap(a.scale_scores(q @ k.transpose(-1, -2)))
-        pattern = a.softmax(scores.masked_fill(mask, float("-inf")))
+        scores = a.scale_scores(q @ k.transpose(-1, -2))
+        if bias is not None:  # (H, ..., 1, Tk)
+            scores = scores + bias.reshape(bias.shape[0], *[1] * (scores.dim() - 2), bias.shape[-1])
+        pattern = a.softmax(a.cap(scores).masked_fill(mask, float("-inf")))
         return pattern @ v
 
     def head_out(self, layer: int, z: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:

@@ -308,9 +308,16 @@ def hf_arch(model: nn.Module) -> HFArch:
             f"({', '.join(sorted(HF_ARCHS))})"
         )
     if mt not in HF_ARCHS:
+        from .convert import SUPPORTED_CLASSES
+
+        hint = (
+            f"; {type(model).__name__} converts exactly: use pypattern.from_hf(model), which every estimator takes"
+            if type(model).__name__ in SUPPORTED_CLASSES
+            else ""
+        )
         raise ValueError(
             f"model_type={mt!r} ({type(model).__name__}) is not supported by the native adapter; supported: "
-            f"{', '.join(sorted(HF_ARCHS))}"
+            f"{', '.join(sorted(HF_ARCHS))}{hint}"
         )
     arch = HF_ARCHS[mt]
     if not hasattr(model, arch.base):

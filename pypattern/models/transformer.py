@@ -74,9 +74,19 @@ __all__ = [
 ]
 
 GELU_FAST_C = 0.7978845608  # Hugging Face's gelu_fast constant (sqrt(2 / pi) rounded)
-_ACT_FNS = ("gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu")
+BLOOM_GELU_C = 0.79788456  # BLOOM's tanh-GELU constant (sqrt(2 / pi) rounded to 8 digits)
+_ACT_FNS = (
+    "gelu",
+    "relu",
+    "gelu_new",
+    "silu",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "bloom_gelu",
+)
 _NORMS = ("LN", "LNPre", "RMS", None)
-_POS_TYPES = ("standard", "rotary", "none")
+_POS_TYPES = ("standard", "rotary", "alibi", "none")
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +102,8 @@ def apply_act(x: torch.Tensor, act_fn: str) -> torch.Tensor:
     """The activation ``act_fn`` (Hugging Face's ``ACT2FN`` formula of the same name) applied to ``x``.
 
     ``"gelu"`` is the exact (erf) GELU, ``"gelu_new"`` GPT-2's tanh form, ``"gelu_fast"`` the other tanh form,
-    ``"gelu_pytorch_tanh"`` torch's tanh GELU, ``"quick_gelu"`` ``x * sigmoid(1.702 x)``, ``"silu"`` ``x * sigmoid(x)``.
+    ``"gelu_pytorch_tanh"`` torch's tanh GELU, ``"quick_gelu"`` ``x * sigmoid(1.702 x)``, ``"silu"`` ``x * sigmoid(x)``,
+    ``"bloom_gelu"`` BLOOM's tanh form (its constant ``0.79788456`` for ``sqrt(2 / pi)``).
     """
     if act_fn == "gelu":
         return F.gelu(x)
@@ -106,6 +117,8 @@ def apply_act(x: torch.Tensor, act_fn: str) -> torch.Tensor:
         return gelu_tanh_unchecked(x, SQRT_2_OVER_PI)
     if act_fn == "quick_gelu":
         return x * torch.sigmoid(1.702 * x)
+    if act_fn == "bloom_gelu":
+        return gelu_tanh_unchecked(x, BLOOM_GELU_C)
     return gelu_new(x)
 
 
@@ -152,7 +165,7 @@ class TransformerConfig:
         positions (:attr:`max_positions`); rotary models read longer sequences, as Hugging Face's do.
     d_mlp : int or None
         Hidden width of the MLP; ``None`` or 0 makes an attention-only model.
-    act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu"}
+    act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "bloom_gelu"}
         See :func:`apply_act`.
     normalization_type : {"LN", "LNPre", "RMS", None}
         LayerNorm (weight ``w`` and bias ``b``), LayerNorm without weight or bias (``"LNPre"``, TransformerLens'
@@ -170,8 +183,10 @@ class TransformerConfig:
         Epsilon of every LayerNorm / RMSNorm.
     extra : dict
         Free-form metadata (for example where a converted model came from).
-    positional_embedding_type : {"standard", "rotary", "none"} or None
-        Learned absolute positions (``pos_embed.W_pos``), rotary embeddings on queries and keys, or none.
+    positional_embedding_type : {"standard", "rotary", "alibi", "none"} or None
+        Learned absolute positions (``pos_embed.W_pos``), rotary embeddings on queries and keys, ALiBi (BLOOM's
+        linear biases: head ``h`` adds ``slope_h * key_position`` to its scaled scores, before the mask; see
+        :meth:`Attention.position_bias`), or none.
     rotary_dim : int or None
         Rotary models: how many leading dimensions of each head rotate (even, <= ``d_head``; default ``d_head``).
         The rest pass through unchanged (GPT-NeoX's partial rotary).
@@ -319,6 +334,9 @@ class TransformerConfig:
     output_logits_soft_cap : float or None
         Logits are capped as ``cap * tanh(logits / cap)`` (Gemma 2's final soft-capping), by the unembedding
         module. None: uncapped.
+    post_embedding_ln : bool
+        A LayerNorm (``embed.ln``, TransformerLens' name) on the token embedding, inside ``embed``: ``hook_embed``
+        sees its output (BLOOM's ``word_embeddings_layernorm``).
     padding_idx : int or None
         A token whose embedding row receives no gradient from the lookup (``torch.nn.Embedding``'s
         ``padding_idx``; a tied unembedding still trains it). The forward is unchanged. Converted models take it
@@ -381,6 +399,7 @@ class TransformerConfig:
     attn_scores_soft_cap: float | None = None
     output_logits_soft_cap: float | None = None
     padding_idx: int | None = None
+    post_embedding_ln: bool = False
 
     def __post_init__(self) -> None:
         self.dtype = _as_dtype(self.dtype, "dtype")
@@ -543,6 +562,8 @@ class TransformerConfig:
                 raise ValueError(f"{name}={v!r} is not valid; give a positive number or None")
         if self.qk_norm not in (False, True, "all"):
             raise ValueError(f"qk_norm={self.qk_norm!r} is not valid; give False, True (per head) or 'all'")
+        if not isinstance(self.post_embedding_ln, bool):
+            raise ValueError(f"post_embedding_ln={self.post_embedding_ln!r} is not valid; give a bool")
         pi = self.padding_idx
         if pi is not None and (isinstance(pi, bool) or not isinstance(pi, int) or not 0 <= pi < self.d_vocab):
             raise ValueError(
@@ -864,22 +885,24 @@ def _make_norm(cfg: TransformerConfig) -> nn.Module:
 
 class Embed(nn.Module):
     """``tokens -> W_E[tokens]`` (times ``cfg.embed_scale`` in the weights' dtype, when set; no gradient into the
-    ``cfg.padding_idx`` row from the lookup)."""
+    ``cfg.padding_idx`` row from the lookup; then through the LayerNorm ``ln`` with ``cfg.post_embedding_ln``)."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
         self.scale = cfg.embed_scale
         self.padding_idx = cfg.padding_idx
+        if cfg.post_embedding_ln:
+            self.ln = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.padding_idx is None:
             x = self.W_E[tokens]
         else:  # the padding row gets no gradient from the lookup (torch.nn.Embedding's padding_idx)
             x = F.embedding(tokens, self.W_E, padding_idx=self.padding_idx)
-        if self.scale is None:
-            return x
-        return x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+        if self.scale is not None:
+            x = x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
+        return self.ln(x) if hasattr(self, "ln") else x
 
 
 class PosEmbed(nn.Module):
@@ -889,6 +912,20 @@ class PosEmbed(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.W_pos[: tokens.shape[-1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's head slopes (float32, ``(n_heads,)``): ``2 ** (-8 i / n)`` for the ``n`` = largest power of two
+    <= ``n_heads`` (``i = 1 .. n``), then the odd powers of the ``2 n`` sequence for the remaining heads (Press et
+    al.'s rule; BLOOM's float32 arithmetic)."""
+    n = 2 ** math.floor(math.log2(n_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(n) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + n, dtype=torch.int32))
+    if n != n_heads:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * n) - 3))), dtype=torch.float32)
+        rest = min(n, n_heads - n)
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * rest, 2, dtype=torch.int32))])
+    return slopes
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -1138,7 +1175,9 @@ class Attention(nn.Module):
         n_key_value_heads, d_head)`` (both already rotated) -> ``(batch, n_heads, q_pos, k_pos)`` with ``-inf``
         where :meth:`attn_mask` is True. Positions default to ``arange``."""
         q, k = self.qk_cast(q, self.expand_kv(k))
-        scores = self.cap(self.scale_scores(torch.einsum("bqhe,bkhe->bhqk", q, k)))
+        scaled = self.scale_scores(torch.einsum("bqhe,bkhe->bhqk", q, k))
+        bias = self.position_bias(k.shape[1] if k_positions is None else k_positions, scaled.dtype, q.device)
+        scores = self.cap(scaled if bias is None else scaled + bias[:, None, :])
         if q_positions is None and k_positions is None and self.cfg.window(self.layer) is None:
             T, S = q.shape[1], k.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
@@ -1147,6 +1186,21 @@ class Attention(nn.Module):
             kp = self.positions(k.shape[1], q.device) if k_positions is None else k_positions
             mask = self.attn_mask(qp, kp)
         return scores.masked_fill(mask, float("-inf"))
+
+    def position_bias(
+        self, k_positions: torch.Tensor | int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> torch.Tensor | None:
+        """ALiBi's additive score bias ``(n_heads, len(k_positions))``: ``slope_h * key_position`` (an int
+        ``k_positions`` means ``arange`` of it), added to the scaled scores before the cap and the mask; None
+        unless ``positional_embedding_type == "alibi"``. Slopes and products are taken in float32 and cast to
+        ``dtype``, as BLOOM takes them (the bias of a key depends on its position only: softmax removes the
+        query's own offset)."""
+        if self.cfg.positional_embedding_type != "alibi":
+            return None
+        if isinstance(k_positions, int):
+            k_positions = torch.arange(k_positions, device=device)
+        slopes = alibi_slopes(self.cfg.n_heads).to(k_positions.device)
+        return (slopes[:, None] * k_positions[None, :].to(torch.float32)).to(dtype)
 
     def scale_scores(self, qk: torch.Tensor) -> torch.Tensor:
         """``q . k`` products scaled: ``qk * attn_scores_multiplier`` when set, else ``qk / attn_scale``."""
@@ -1574,7 +1628,15 @@ def component_masks(
             )
         n_heads = params[f"{prefix}.W_Q"].shape[0] if f"{prefix}.W_Q" in params else None
         if n_heads is None:
-            raise ValueError(f"component={component!r}: the model has no parameter {prefix}.W_Q")
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            hint = (
+                f" ({type(model).__name__}, model_type={mt!r}: per-head masks over an unconverted Hugging Face "
+                "model need its layout, known for the native adapter's families; convert the model with "
+                "pypattern.from_hf and use the converted model's components)"
+                if mt is not None
+                else ""
+            )
+            raise ValueError(f"component={component!r}: the model has no parameter {prefix}.W_Q{hint}")
         n_kv = params[f"{prefix}.W_K"].shape[0] if f"{prefix}.W_K" in params else n_heads
         if kind == "kv_head" and n_kv == n_heads:
             raise ValueError(

@@ -78,15 +78,19 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
         if site == "k":  # one cell per key/value head: the sum over the query heads that read it
             est = _group_sum(est, G)
         return est if per_position else est.sum(-1)
-    # one key s replaced (per position): closed form for every (query t, key s) pair
+    # one key s replaced (per position): closed form for every (query t, key s) pair, in log space from the
+    # target scores (a pattern rounded to the softmax's dtype underflows to 0 where a raised score matters)
     qc, kc = attn.qk_cast(q_t, attn.expand_kv(k_s - k_t))
     delta = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qc, kc)).to(pat_t.dtype)
+    qt, kt = attn.qk_cast(q_t, attn.expand_kv(k_t))
+    raw = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qt, kt)).to(pat_t.dtype)
+    bias = attn.position_bias(T, raw.dtype, raw.device)
+    raw = raw if bias is None else raw + bias[:, None, :]
+    capped = attn.cap(raw)
     if attn.cfg.attn_scores_soft_cap is not None:  # capped scores: the change of the capped score
-        qt, kt = attn.qk_cast(q_t, attn.expand_kv(k_t))
-        raw = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qt, kt)).to(pat_t.dtype)
-        delta = attn.cap(raw + delta) - attn.cap(raw)
-    p = pat_t
-    logp = torch.log(p)
+        delta = attn.cap(raw + delta) - capped
+    logp = torch.log_softmax(capped.masked_fill(mask, float("-inf")), -1)
+    p = logp.exp()
     logD = torch.logaddexp(torch.log1p(-p.clamp(max=1.0)), logp + delta)
     p_new_s = torch.exp(logp + delta - logD)
     Gp = (p * g_pat).sum(-1, keepdim=True)  # (B,H,T,1): sum_j p_tj g_tj

@@ -245,7 +245,9 @@ class ExactEngine:
             parts.append(torch.einsum("cbrgne,cbkge->cbgnrk", qg, k_new))
             parts = [t.reshape(C, B, self.H, Rq, t.shape[-1]) for t in parts]
         attn = self.model.blocks[layer].attn
-        scores = attn.cap(attn.scale_scores(torch.cat(parts, -1) if len(parts) > 1 else parts[0]))
+        scores = attn.scale_scores(torch.cat(parts, -1) if len(parts) > 1 else parts[0])
+        bias = attn.position_bias(scores.shape[-1], scores.dtype)
+        scores = attn.cap(scores if bias is None else scores + bias[:, None, :])
         mask = self._mask(layer, qpos, p + k_new.shape[2])
         return attn.softmax(scores.masked_fill(mask, float("-inf")))
 
@@ -265,15 +267,26 @@ class ExactEngine:
         return z.reshape(C, B, Rq, H, self.dh)
 
     def _head_attn(
-        self, layer: int, q_h: torch.Tensor, qpos: torch.Tensor, K_h: torch.Tensor, V_h: torch.Tensor
+        self,
+        layer: int,
+        q_h: torch.Tensor,
+        qpos: torch.Tensor,
+        K_h: torch.Tensor,
+        V_h: torch.Tensor,
+        qheads: torch.Tensor,
     ) -> torch.Tensor:
         """One query head per cell (a group of them when ``q_h`` has a head axis): ``q_h (C,B,Rq,[n,]dh)``
-        (rotated), keys ``K_h``/``V_h (C,B,Tk,dh)`` at 0..Tk-1 -> z of the same shape as ``q_h``."""
+        (rotated), keys ``K_h``/``V_h (C,B,Tk,dh)`` at 0..Tk-1 -> z of the same shape as ``q_h``. ``qheads
+        (C,[n])``: the query heads ``q_h`` holds (for a position bias)."""
         grouped = q_h.dim() == 5
         qh = q_h if grouped else q_h.unsqueeze(3)
         attn = self.model.blocks[layer].attn
         qh, Kc = attn.qk_cast(qh, K_h)
-        s = attn.cap(attn.scale_scores(torch.einsum("cbrne,cbke->cbnrk", qh, Kc)))
+        s = attn.scale_scores(torch.einsum("cbrne,cbke->cbnrk", qh, Kc))
+        bias = attn.position_bias(K_h.shape[2], s.dtype)
+        if bias is not None:  # (C, n, Tk) -> (C, 1, n, 1, Tk)
+            s = s + bias[qheads.reshape(len(qheads), -1)][:, None, :, None, :]
+        s = attn.cap(s)
         pat = attn.softmax(s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf")))
         z = torch.einsum("cbnrk,cbke->cbrne", pat, V_h)
         return z if grouped else z.squeeze(3)
@@ -371,7 +384,10 @@ class ExactEngine:
                 V[:, :, rsel] = self._heads(s, heads)
             Rq = len(out_rows)
             grp = lambda t: t[:, out_rows].reshape(B, Rq, self.Hkv, G, self.dh).permute(2, 0, 1, 3, 4)[heads]
-            z_new = self._head_attn(layer, grp(tg["qr"]), out_rows, K, V)  # (C,B,Rq,G,dh)
+            qheads = heads[:, None] * G + torch.arange(
+                G
+            )  # the query heads reading each cell's key/value head
+            z_new = self._head_attn(layer, grp(tg["qr"]), out_rows, K, V, qheads)  # (C,B,Rq,G,dh)
             W_O = attn.W_O.reshape(self.Hkv, G, self.dh, self.d)[heads]  # (C,G,dh,d)
             attn_out = blk.attn_post(
                 tg["attn_lin"][:, out_rows] + torch.einsum("cbrne,cned->cbrd", z_new - grp(tg["z"]), W_O)
@@ -392,7 +408,7 @@ class ExactEngine:
             elif site == "q":  # a patched query is rotated at its own position
                 q_h = self._heads(attn.rotate(src[:, prow].to(dt), prow), heads)
                 z_new = self._head_attn(
-                    layer, q_h, prow, self._heads(tg["kr"], kvh), self._heads(tg["v"], kvh)
+                    layer, q_h, prow, self._heads(tg["kr"], kvh), self._heads(tg["v"], kvh), heads
                 )
             else:
                 pat = src[:, :, prow].transpose(0, 1)[heads].to(dt)  # (C,B,R,Tk)

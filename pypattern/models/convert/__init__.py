@@ -57,6 +57,7 @@ __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLA
 # one module per family, each with CLASSES (the Hugging Face classes it converts) and convert(model)
 _FAMILY_MODULES = (
     "gpt2",
+    "bloom",
     "gemma",
     "gpt_bigcode",
     "gpt_neo",

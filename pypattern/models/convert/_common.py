@@ -386,9 +386,10 @@ def warn_if_training(model: nn.Module) -> None:
             continue
         if isinstance(m, nn.Dropout) and m.p > 0:
             active.append(f"{n}.p={m.p}")
-        p = getattr(m, "attention_dropout", None)  # Llama-family attention: a float passed to the kernel
-        if isinstance(p, float) and p > 0:
-            active.append(f"{n}.attention_dropout={p}")
+        for attr in ("attention_dropout", "hidden_dropout"):  # floats passed to the kernel or F.dropout
+            p = getattr(m, attr, None)
+            if isinstance(p, float) and p > 0:
+                active.append(f"{n}.{attr}={p}")
     if active:
         warnings.warn(
             f"the model is in train() mode with dropout ({', '.join(active[:3])}"
