@@ -150,12 +150,22 @@ def _drop_pass(layer: int, gnames: list[str], full: dict, captured: dict) -> dic
     return out
 
 
-def _final_logits(model, tokens: torch.Tensor, pos) -> torch.Tensor:
-    """The model's forward with the unembedding only at the metric position(s): ``(batch, vocab)``."""
+def _final_rows(model, tokens: torch.Tensor, pos) -> torch.Tensor:
+    """The model's forward up to the unembedding, at the metric position(s) only: the normalised final residual
+    rows ``(batch, [k,] d_model)`` that :meth:`unembed` turns into the metric's logits."""
     x = model.embed_tokens(tokens)
     for block in model.blocks:
         x = block(x)
-    return model.unembed(model.ln_final(logits_at(x, pos)))  # the residual rows at pos
+    return model.ln_final(logits_at(x, pos))  # the residual rows at pos
+
+
+def _unembed_together(model, *rows: torch.Tensor) -> list[torch.Tensor]:
+    """The logits of several runs' final rows from one matmul over the unembedding (at a few rows per run the
+    product is bound by reading ``W_U``, which one pass then reads once)."""
+    if len(rows) == 1:
+        return [model.unembed(rows[0])]
+    logits = model.unembed(torch.cat(rows, 0))
+    return list(logits.split([r.shape[0] for r in rows], 0))
 
 
 def attribution_patching(
@@ -358,20 +368,22 @@ def _atp(
     tnames = names | resid
 
     def cache_run(tokens, nz):
-        """``(logits at the metric position (B, vocab), cache of names)``, without gradients."""
+        """``(final rows at the metric position (B, d_model), cache of names)``, without gradients."""
         cache = {}
         hooks = [("hook_embed", embedding_noise_hook(nz))] if nz is not None else []
         hooks.append((lambda n: n in names, lambda x, hook: cache.__setitem__(hook.name, x.detach())))
         with torch.no_grad(), model.hooks(hooks):
-            return _final_logits(model, tokens, pos), cache
+            return _final_rows(model, tokens, pos), cache
 
-    # forward 1: the source run (no gradient); for noising the clean run must come first to bind the metric
+    # forward 1: the source run (no gradient): the clean run (denoising) or the corrupted one (noising with
+    # corrupted tokens or noise; ablations have none). Its rows are unembedded with the target's, after forward 2.
+    src_rows = None
     if direction == "denoising":
-        clean_logits, src_cache = cache_run(clean_tokens, None)
-        bind_metric(metric, clean_logits)
-        m_clean = check_metric_output(metric(clean_logits), B).detach()
+        src_rows, src_cache = cache_run(clean_tokens, None)
         tgt_tokens, tgt_noise = corr_tokens, noise
     else:
+        if not isinstance(corruption, (ZeroAblation, MeanAblation)):
+            src_rows, src_cache = cache_run(corr_tokens, noise)
         tgt_tokens, tgt_noise = clean_tokens, None
     # forward 2: the target run with gradients at every site
     captured: dict[str, torch.Tensor] = {}
@@ -391,13 +403,19 @@ def _atp(
         try:
             emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
             with model.hooks(emb_req + hooks):
-                logits = _final_logits(model, tgt_tokens, pos)  # (B, vocab) at the metric position
+                rows = _final_rows(model, tgt_tokens, pos)
+            if src_rows is None:
+                (logits,) = _unembed_together(model, rows)  # (B, vocab) at the metric position
+            else:
+                src_logits, logits = _unembed_together(model, src_rows, rows)
+                src_logits = src_logits.detach()
         finally:
             for prm in model.parameters():
                 prm.requires_grad_(True)
-        if direction == "noising":
-            bind_metric(metric, logits.detach())
-            m_clean = check_metric_output(metric(logits), B).detach()
+        # the metric binds to the clean run's logits before it reads any run
+        clean_logits = src_logits if direction == "denoising" else logits.detach()
+        bind_metric(metric, clean_logits)
+        m_clean = check_metric_output(metric(clean_logits), B).detach()
         m_tgt_full = metric(logits)
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
@@ -423,9 +441,8 @@ def _atp(
                     _, ref = cache_run(corruption.reference_tokens, None)
                 means = {n: ref[n].mean(0, keepdim=True) for n in names}
             src_cache = {n: means[n].expand_as(tgt_cache[n]) for n in names}
-        else:  # forward 1 of noising: the corrupted run
-            corr_logits, src_cache = cache_run(corr_tokens, noise)
-            m_corr = metric(corr_logits).detach()
+        else:  # the corrupted run (forward 1 of noising)
+            m_corr = metric(src_logits).detach()
     else:
         m_corr = m_tgt
     out = {}
