@@ -53,7 +53,7 @@ from torch import nn
 
 from . import io
 from .io import Saveable, register
-from .losses import batch_size, check_batch, probe_losses, sample_losses
+from .losses import batch_size, check_batch, probe_losses, sample_losses, token_losses
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import load_checkpoint_state
@@ -344,6 +344,57 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
     return l0
 
 
+_DEFAULT_TOKEN_LOSSES = (per_sample_losses, probe_losses)
+
+
+class _ProbeEntries:
+    """Which probe entries count, and how per-token losses become per-sample ones (``per_token=False``).
+
+    With the default per-token losses the mask of counted tokens (padding and ``-100`` labels excluded) is read
+    once from the probe: a sample's loss is the mean over its counted tokens, the mean probe loss ``Lbar`` is the
+    mean over counted entries, and entries that do not count get no susceptibility (0). With a custom
+    ``per_sample_loss_fn`` every entry counts and a sample's loss is the mean over its positions."""
+
+    def __init__(self, model: nn.Module, probe, per_sample_loss_fn: Callable, per_token: bool) -> None:
+        self.per_token = per_token
+        self.tokens = None  # (batch, pos - 1) bool, or None
+        if per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
+            check_batch(model, probe, "probe")
+            with torch.no_grad():
+                _, mask = token_losses(model, probe, fill=0.0)
+            if mask.dim() == 2:
+                self.tokens = mask
+                if not per_token and not bool(mask.any(1).all()):
+                    bad = [int(i) for i in torch.nonzero(~mask.any(1)).flatten()[:5]]
+                    raise ValueError(
+                        f"probe samples {bad} have no counted token (all padding or -100 labels): with "
+                        "per_token=False each sample's loss is the mean over its counted tokens; drop them from "
+                        "the probe"
+                    )
+            elif not bool(mask.all()):
+                self.tokens = mask  # pairs with -100 targets: those samples do not count
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-token losses ``v`` as the estimator reads them (per sample when ``per_token=False``)."""
+        if self.per_token or v.dim() != 2:
+            return v
+        m = self.tokens
+        if m is not None and m.shape == v.shape:
+            return torch.where(m, v, torch.zeros_like(v)).sum(1) / m.sum(1)
+        return v.mean(1)
+
+    def counted(self, n: int) -> torch.Tensor | None:
+        """Bool ``(n,)`` over the flattened entries (None: all count)."""
+        m = self.tokens
+        if m is None:
+            return None
+        if not self.per_token and m.dim() == 2:
+            return None  # every sample has a counted token (checked)
+        if m.numel() != n:
+            return None
+        return m.reshape(-1).cpu()
+
+
 def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if losses.dim() == 2 and isinstance(probe, torch.Tensor) and probe.dim() == 2:
         b, t = losses.shape
@@ -426,7 +477,9 @@ def susceptibilities(
     convention : {"physics", "devinterp"}
         See the module docstring.
     per_token : bool
-        Keep one column per token (True) or average each probe sample's token losses (False).
+        Keep one column per token (True) or average each probe sample's token losses (False), over its counted
+        tokens with the default losses (padding and ``-100`` labels left out). Entries that do not count (padded
+        positions) stay out of the mean probe loss ``Lbar`` and get chi 0.
     checkpoint : path, optional
         A folder: each finished component's row (and the unrestricted run of the devinterp convention) is written
         there as ``.npz`` (no pickle) as soon as its group is done, and the same call reloads finished ones
@@ -469,8 +522,11 @@ def susceptibilities(
     if loss_fn is None:
 
         def lf(m, batch):
+            if per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:  # the mean over counted tokens (batch_loss's)
+                v, mask = token_losses(m, batch, fill=0.0)
+                return v.sum() / mask.sum(), v  # the per-sample losses reach the callback as outputs[0]
             v = per_sample_loss_fn(m, batch)
-            return v.mean(), v  # the per-sample losses reach the callback as outputs[0]
+            return v.mean(), v
 
     else:
         lf = loss_fn
@@ -495,11 +551,10 @@ def susceptibilities(
     fuse_probe = loss_fn is None and only is not None and _same_batch(only, probe)
     fuse_phi = fuse_probe and observable is None and _same_batch(sampling_batch, only)
 
+    entries = _ProbeEntries(model, probe, per_sample_loss_fn, per_token)
+
     def losses_of(m) -> torch.Tensor:
-        v = per_sample_loss_fn(m, probe)
-        if not per_token and v.dim() == 2:
-            v = v.mean(1)
-        return v
+        return entries.reduce(per_sample_loss_fn(m, probe))
 
     def phi_of(m) -> torch.Tensor:
         if observable is not None:
@@ -511,6 +566,7 @@ def susceptibilities(
         phi0 = phi_of(model).reshape(())
     n = l0.numel()
     meta = _probe_meta(probe, l0)
+    counted = entries.counted(n)  # entries outside it (padding) are left out of Lbar and get chi 0
     C = int(kw["num_chains"])
     if group_size is not None and (
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
@@ -560,10 +616,10 @@ def susceptibilities(
 
         def cb(chain, loss, observables, outputs):
             if fuse_probe:  # the sampler's forward was on the probe: its per-sample losses are the probe's
-                v = outputs[0]
-                lz = _flat(v.mean(1) if not per_token and v.dim() == 2 else v, n, "per_sample_loss_fn")
+                lz = _flat(entries.reduce(outputs[0]), n, "per_sample_loss_fn")
             else:
                 lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn")
+            lbar = lz.mean() if counted is None else lz[counted].mean()
             ph = (
                 torch.tensor([loss], dtype=torch.float64)
                 if fuse_phi
@@ -571,7 +627,7 @@ def susceptibilities(
             )
             accs[chain].update(
                 (ph - phi0.to(torch.float64)).reshape(1, 1),
-                torch.cat([lz, lz.mean().reshape(1)]).reshape(1, -1),
+                torch.cat([lz, lbar.reshape(1)]).reshape(1, -1),
             )
 
         observables = {}
@@ -687,9 +743,9 @@ def susceptibilities(
                 else:
                     pooled = _pool(accs)
                     rows[name] = {
-                        "chi": _chi_from(pooled, convention, nbeta, full_means),
+                        "chi": _chi_from(pooled, convention, nbeta, full_means, counted),
                         "chi_chains": np.stack(
-                            [_chi_from(acc, convention, nbeta, full_means) for acc in accs]
+                            [_chi_from(acc, convention, nbeta, full_means, counted) for acc in accs]
                         ),
                         "phi_mean": float(pooled.mean_a[0]) + float(phi0),
                         "loss_mean": pooled.mean_b[:n].numpy(),
@@ -792,8 +848,17 @@ def _pool(accs: Sequence[CrossCovariance]) -> CrossCovariance:
     return out
 
 
-def _chi_from(acc: CrossCovariance, convention: str, nbeta: float, full_means) -> np.ndarray:
-    """One row of chi from an accumulator over (phi) x (l_1..l_N, Lbar)."""
+def _chi_from(
+    acc: CrossCovariance, convention: str, nbeta: float, full_means, counted: torch.Tensor | None = None
+) -> np.ndarray:
+    """One row of chi from an accumulator over (phi) x (l_1..l_N, Lbar); 0 at entries outside ``counted``."""
+    chi = _chi_all(acc, convention, nbeta, full_means)
+    if counted is not None:
+        chi[~counted.numpy()] = 0.0
+    return chi
+
+
+def _chi_all(acc: CrossCovariance, convention: str, nbeta: float, full_means) -> np.ndarray:
     cov = acc.cov(ddof=1)[0].numpy()  # Cov(phi, l_z) for z = 1..N, then Cov(phi, Lbar)
     if convention == "physics":
         return -nbeta * (cov[:-1] - cov[-1])
@@ -843,11 +908,10 @@ def bif(
             model, loader, **auto_arguments(dict(kw, loss_fn=loss_fn))
         )
 
+    entries = _ProbeEntries(model, probe, per_sample_loss_fn, per_token)
+
     def losses_of(m) -> torch.Tensor:
-        v = per_sample_loss_fn(m, probe)
-        if not per_token and v.dim() == 2:
-            v = v.mean(1)
-        return v
+        return entries.reduce(per_sample_loss_fn(m, probe))
 
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     n = l0.numel()
