@@ -757,6 +757,38 @@ def test_attention_dropout_of_hugging_face_attention_runs_in_eval_mode():
     np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
 
 
+@pytest.mark.parametrize("family", ["opt", "mixtral"])
+def test_dropout_rates_held_as_numbers_and_router_jitter_run_in_eval_mode(family):
+    """OPT keeps its dropout and layer drop as numbers on its modules, Mixtral its router jitter: random in training
+    mode without a Dropout module. The sampler finds them, warns naming them, and samples deterministically."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "opt":
+        cfg = transformers.OPTConfig(
+            vocab_size=11, hidden_size=8, num_attention_heads=2, num_hidden_layers=1, ffn_dim=8,
+            word_embed_proj_dim=8, max_position_embeddings=8, dropout=0.3, attention_dropout=0.0,
+        )  # fmt: skip
+        model, names = transformers.OPTForCausalLM(cfg).train(), r"\.dropout=0\.3"
+    else:
+        cfg = transformers.MixtralConfig(
+            vocab_size=11, hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+            intermediate_size=8, num_local_experts=3, num_experts_per_tok=2, router_jitter_noise=0.3,
+            max_position_embeddings=8,
+        )  # fmt: skip
+        model, names = transformers.MixtralForCausalLM(cfg).train(), r"jitter_noise=0\.3"
+    tokens = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.equal(model(tokens).logits, model(tokens).logits)  # random in training mode
+    kw = dict(num_chains=1, num_draws=3, num_burnin_steps=0, step_size=1e-4, localization=10.0, quiet=True)
+    kw["noise_scale"] = 0.0
+    with pytest.warns(UserWarning, match="training mode and has dropout .*" + names):
+        a = sample(model, [tokens], **kw)
+    with pytest.warns(UserWarning, match="training mode and has dropout"):
+        b = sample(model, [tokens], **kw)
+    assert model.training
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_parameters_are_refused_by_name(dtype):
     """The samplers' kernels move float32 and float64: a half-precision parameter is named before anything runs."""
@@ -1025,3 +1057,39 @@ def test_masks_that_freeze_everything_or_hold_nan_are_refused():
     nan[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"masks\['0.weight'\] has NaN"):
         _run(model, loader, masks={"0.weight": nan})
+
+
+def test_devinterp_lr_is_the_step_size_at_every_entry_point():
+    """``lr`` (devinterp's name) works as a keyword of sample() and estimate_llc(), gives the same run as
+    ``step_size``, and the two disagreeing is refused; an unknown keyword of estimate_llc() is named as its own."""
+    from pypattern import estimate_llc
+
+    model, loader = _mlp_task()
+    kw = dict(num_chains=2, num_draws=5, nbeta=20.0, localization=10.0, quiet=True, warn_nonstationary=False)
+    a = sample(model, loader, lr=1e-3, **kw)
+    b = sample(model, loader, step_size=1e-3, **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    assert a.config["step_size"] == 1e-3
+    np.testing.assert_array_equal(estimate_llc(model, loader, lr=1e-3, **kw).loss_trace, b.loss_trace)
+    with pytest.raises(ValueError, match="step_size=0.0001 and lr=0.001"):
+        sample(model, loader, lr=1e-3, step_size=1e-4, **kw)
+    with pytest.raises(TypeError, match=r"estimate_llc\(\) got unexpected keyword arguments \['step_sise'\]"):
+        estimate_llc(model, loader, step_sise=1e-3)
+
+
+def test_a_tensor_given_as_the_loader_is_refused_and_1d_sequences_count_as_one():
+    """Iterating a token tensor would make each row a batch of one 1-D sequence: refused by name. A 1-D token
+    sequence is one sample (the loss rule's count), so the default nbeta refuses it as a batch of 1."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=11, n_embd=8, n_layer=1, n_head=2, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    tokens = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_chains=1, num_draws=3, step_size=1e-4, localization=10.0, quiet=True)
+    with pytest.raises(TypeError, match=r"loader is a tensor of shape \(4, 8\).*\[tokens\]"):
+        sample(model, tokens, **kw)
+    with pytest.raises(ValueError, match="default nbeta needs batch_size .* >= 2, got 1"):
+        sample(model, [tokens[0]], **kw)
+    with pytest.raises(ValueError, match="got 1"):
+        sample(model, [{"input_ids": tokens[0]}], **kw)
+    res = sample(model, [tokens], **kw, warn_nonstationary=False)
+    assert res.config["nbeta"] == pytest.approx(4 / np.log(4))

@@ -15,11 +15,14 @@ GLOBAL_RNG_LOCK = threading.Lock()  # torch's global RNG, seeded per epoch of a 
 
 
 def batch_size_of(batch) -> int:
-    leaves = []
-    tree_map(lambda x: leaves.append(x) if isinstance(x, torch.Tensor) else None, batch)
-    if not leaves:
-        raise ValueError("cannot infer the batch size: the batch holds no tensor")
-    return int(leaves[0].shape[0])
+    """Samples in ``batch`` by the library's one rule (:func:`pypattern.losses.batch_size`: a 1-D token tensor is
+    one sequence; a batch the defaults do not read counts the leading axis of its first tensor)."""
+    from ..losses import batch_size
+
+    try:
+        return batch_size(batch)
+    except ValueError:
+        raise ValueError("cannot infer the batch size: the batch holds no tensor with a batch axis") from None
 
 
 def to_device(batch, device):

@@ -7,6 +7,7 @@ deviation over chains.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -74,7 +75,16 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
     >>> res = estimate_llc(model, loader, step_size=1e-4, localization=100.0, num_chains=4, num_draws=200)
     >>> res.llc_mean, res.llc_std
     """
+    unknown = sorted(set(kwargs) - _SAMPLE_ARGUMENTS)
+    if unknown:
+        raise TypeError(
+            f"estimate_llc() got unexpected keyword arguments {unknown}; it takes pypattern.sample()'s: "
+            f"{', '.join(sorted(_SAMPLE_ARGUMENTS))}"
+        )
     return llc_from_sample(sample(model, loader, **kwargs))
+
+
+_SAMPLE_ARGUMENTS = frozenset(inspect.signature(sample).parameters) - {"model", "loader"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

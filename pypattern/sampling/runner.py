@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .._threads import pinned_threads
+from .._training import random_in_training
 from ..losses import batch_loss, check_batch, read_loss
 from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
 from .batched import VmapUnsupported, run_batched
@@ -33,6 +34,7 @@ from .plan import RunPlan, default_nbeta, make_plan
 from .results import SampleResult
 from .samplers import sampler_name
 from .sequential import run_sequential
+from .vocabulary import translate
 
 __all__ = [
     "SamplingDivergedError",
@@ -94,6 +96,7 @@ def sample(
     noise_level: float | None = None,
     bounding_box_size: float | None = None,
     temperature: float | None = None,
+    lr: float | str | None = None,
     restrict_to: str | Sequence[str] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
@@ -147,7 +150,7 @@ def sample(
         estimated discretisation bias and the reason. A given step turns the calibration off.
     nbeta : float, optional
         ``n * beta``; default ``batch_size / ln(batch_size)`` (devinterp's default). ``temperature`` is devinterp's
-        older name for it.
+        older name for it, ``lr`` devinterp's name for ``step_size``.
     localization, weight_decay, noise_scale, bounding_box, restrict_to, masks
         See :class:`SGLD`. ``noise_level`` and ``bounding_box_size`` are devinterp's names for ``noise_scale``
         (default 1) and ``bounding_box``; two names of one hyperparameter must not disagree (ValueError).
@@ -288,6 +291,14 @@ def sample(
                 f"checkpoint; got {', '.join(why)}"
             )
     _check_param_dtypes(model)
+    if isinstance(loader, torch.Tensor):
+        raise TypeError(
+            f"loader is a tensor of shape {tuple(loader.shape)}: give an iterable of batches, e.g. [tokens] for one "
+            "batch, or a DataLoader (iterating a tensor would make each of its rows a batch)"
+        )
+    if lr is not None:  # devinterp's name for the step size
+        step_size = translate({"step_size": step_size, "lr": lr}, where="sample()")["step_size"]
+        lr = None
     auto_step = None
     if wants_auto(step_size, optimizer_kwargs):  # "auto" or no step given: calibrate first (sampling.auto)
         step_size, auto_step = resolve_step_size(model, loader, **auto_arguments(locals()))
@@ -301,6 +312,7 @@ def sample(
         num_steps_bw_draws=num_steps_bw_draws,
         hyperparameters=dict(
             step_size=step_size,
+            lr=lr,
             nbeta=nbeta,
             temperature=temperature,
             localization=localization,
@@ -405,26 +417,19 @@ def _check_param_dtypes(model: nn.Module) -> None:
             )
 
 
-def _has_dropout(m: nn.Module) -> bool:
-    """A dropout module, or an attention module that passes a float ``attention_dropout`` to its kernel in training
-    mode (Hugging Face's Llama, Mistral, Qwen2, GPT-NeoX attention)."""
-    if isinstance(m, nn.modules.dropout._DropoutNd):
-        return True
-    p = getattr(m, "attention_dropout", None)
-    return isinstance(p, float) and p > 0
-
-
 @contextlib.contextmanager
 def _eval_mode_for_dropout(model: nn.Module):
-    """Eval mode for the run when the model is in training mode with dropout (restored afterwards, with a
-    warning): dropout would make the draws random beyond the seed and a resume inexact."""
-    switch = any(m.training and _has_dropout(m) for m in model.modules())
-    if not switch:
+    """Eval mode for the run when the model is in training mode with dropout (or another random part: layer drop,
+    router jitter; restored afterwards, with a warning): it would make the draws random beyond the seed and a resume
+    inexact."""
+    active = random_in_training(model)
+    if not active:
         yield
         return
     warnings.warn(
-        "the model is in training mode and has dropout: the sampler runs it in eval mode (deterministic draws, "
-        "exact resume) and restores its mode afterwards; call model.eval() before sampling to silence this",
+        f"the model is in training mode and has dropout ({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}): "
+        "the sampler runs it in eval mode (deterministic draws, exact resume) and restores its mode afterwards; "
+        "call model.eval() before sampling to silence this",
         UserWarning,
         stacklevel=4,
     )

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._training import random_in_training
 from ..transformer import _ACT_FNS, Transformer, TransformerConfig
 
 # Hugging Face activation names that are the same function under another name
@@ -380,16 +381,7 @@ def all_or_none(biases: list[torch.Tensor | None], option: str) -> bool:
 def warn_if_training(model: nn.Module) -> None:
     """Warn when a module of ``model`` is in ``train()`` mode with active dropout: the model's own forward is then
     random, and the converted model (which has no dropout) computes its ``eval()`` forward."""
-    active = []
-    for n, m in model.named_modules():
-        if not m.training:
-            continue
-        if isinstance(m, nn.Dropout) and m.p > 0:
-            active.append(f"{n}.p={m.p}")
-        for attr in ("attention_dropout", "hidden_dropout"):  # floats passed to the kernel or F.dropout
-            p = getattr(m, attr, None)
-            if isinstance(p, float) and p > 0:
-                active.append(f"{n}.{attr}={p}")
+    active = random_in_training(model)
     if active:
         warnings.warn(
             f"the model is in train() mode with dropout ({', '.join(active[:3])}"

@@ -1,0 +1,30 @@
+"""What makes a model's forward random in ``train()`` mode: dropout modules, and the dropout rates, layer drops and
+router jitter that Hugging Face modules keep as plain numbers and apply only while training."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# instance attributes holding a probability or noise scale that a module applies in training mode only
+_RANDOM_ATTRS = ("dropout", "layerdrop", "jitter")
+
+
+def random_in_training(model: nn.Module) -> list[str]:
+    """The parts of ``model`` (modules in ``train()`` mode) that make its forward random, as ``"name.attr=value"``
+    strings (empty when its forward is deterministic): ``nn.Dropout`` modules with ``p > 0``, and number-valued
+    attributes whose name mentions dropout, layer drop or jitter (``attention_dropout``, OPT's ``dropout`` and
+    ``layerdrop``, BLOOM's ``hidden_dropout``, Mixtral's ``jitter_noise``) that are positive."""
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            if m.p > 0:
+                found.append(f"{name}.p={m.p}")
+            continue
+        for attr, v in vars(m).items():
+            if attr.startswith("_") or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if v > 0 and any(k in attr.lower() for k in _RANDOM_ATTRS):
+                found.append(f"{name}.{attr}={v}" if name else f"{attr}={v}")
+    return found
