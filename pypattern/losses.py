@@ -234,6 +234,21 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
             "ignore them (Hugging Face's GPT-2 adds their embeddings, even all-zero ones): drop the key from the "
             "batch to compute without them"
         )
+    if not pb.is_lm:
+        x, y = pb.inputs, pb.target
+        if x.dim() and y.dim() and x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"{argument}: the pair (x, y) has {x.shape[0]} rows in x {tuple(x.shape)} but {y.shape[0]} in y "
+                f"{tuple(y.shape)}; give one target per sample"
+            )
+    if pb.is_lm:
+        counted = _counted(pb)
+        if not bool(counted.any()):
+            raise ValueError(
+                f"{argument}: the batch {_describe(batch)} has no counted token: every next-token target is padding "
+                f"(attention_mask 0) or labelled {IGNORE_INDEX}, or the sequences have one token; its loss is "
+                "undefined"
+            )
     if pb.is_lm and pb.inputs.numel():
         v = vocab_size(model)
         lo, hi = int(pb.inputs.min()), int(pb.inputs.max())
@@ -397,6 +412,16 @@ def _output_loss(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _counted(pb: ParsedBatch) -> torch.Tensor:
+    """The mask ``(batch, pos - 1)`` of next-token targets that count (not -100, both positions unpadded)."""
+    targets = (pb.target if pb.target is not None else pb.inputs)[:, 1:]
+    mask = targets != IGNORE_INDEX
+    if pb.attention_mask is not None:
+        am = pb.attention_mask.bool()
+        mask = mask & am[:, 1:] & am[:, :-1]
+    return mask
+
+
 def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token losses ``(batch, pos - 1)`` (0 where masked) and the mask of counted positions."""
     if logits.dim() != 3 or logits.shape[:2] != pb.inputs.shape:
@@ -408,10 +433,7 @@ def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor
     if lg.dtype in (torch.float16, torch.bfloat16):
         lg = lg.float()
     targets = (pb.target if pb.target is not None else pb.inputs)[:, 1:]
-    mask = targets != IGNORE_INDEX
-    if pb.attention_mask is not None:
-        am = pb.attention_mask.bool()
-        mask = mask & am[:, 1:] & am[:, :-1]
+    mask = _counted(pb)
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     nll = -torch.log_softmax(lg, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, nll, torch.zeros_like(nll)), mask

@@ -508,6 +508,10 @@ def susceptibilities(
     if convention not in ("physics", "devinterp"):
         raise ValueError(f"convention must be 'physics' or 'devinterp', got {convention!r}")
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    if isinstance(components, str):
+        raise TypeError(
+            f"components={components!r} is one string; give a list of component names, e.g. [{components!r}]"
+        )
     if isinstance(components, Mapping):
         names, specs = list(components), list(components.values())
     else:

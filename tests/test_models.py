@@ -164,8 +164,10 @@ def test_component_masks_select_exactly_one_head():
     assert "blocks.0.attn.head.3" in model.components() and "blocks.1.mlp" in model.components()
     with pytest.raises(ValueError, match="head 7"):
         component_masks(model, "blocks.0.attn.head.7")
-    with pytest.raises(ValueError, match="matches no parameter"):
+    with pytest.raises(ValueError, match="layer 5 is out of range; the model has 2 layers"):
         component_masks(model, "blocks.5.mlp")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        component_masks(model, "blocks.1.nothing")
 
 
 def test_generic_module_paths_match_native_hooks():

@@ -1600,6 +1600,12 @@ def component_masks(
         )
     params = dict(model.named_parameters())
     masks: dict[str, torch.Tensor] = {}
+    layer = re.match(r"blocks\.(\d+)(\.|$)", component)
+    n_layers = len(getattr(model, "blocks", ()))
+    if layer and n_layers and int(layer.group(1)) >= n_layers:
+        raise ValueError(
+            f"component={component!r}: layer {layer.group(1)} is out of range; the model has {n_layers} layers"
+        )
     ex = re.fullmatch(r"(blocks\.\d+\.mlp)\.expert\.(\d+)", component)
     if ex:
         prefix, e = ex.group(1), int(ex.group(2))
@@ -1667,9 +1673,14 @@ def component_masks(
         if component == "unembed" and tied:
             sel = ["embed.W_E"] + sel
         if not sel:
+            try:
+                valid = list_components(model)
+            except Exception:  # a model without pypattern's layout: its parameter names
+                valid = list(params)
+            shown = ", ".join(repr(v) for v in valid[:8]) + (", ..." if len(valid) > 8 else "")
             raise ValueError(
-                f"component={component!r} matches no parameter; valid examples: 'blocks.0.attn.head.0', "
-                f"'blocks.0.mlp', 'embed', 'unembed' (the model's parameters start {list(params)[:4]})"
+                f"component={component!r} matches no parameter; valid components: {shown} (or any parameter-name "
+                "prefix)"
             )
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in sel}
     if all_params:

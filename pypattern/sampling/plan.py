@@ -26,6 +26,7 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
     """devinterp's default ``nbeta = m / ln m``, ``m = batch_size * grad_accum_steps`` (the batch size is read
     from ``loader.batch_size`` or from the first batch)."""
     bs = getattr(loader, "batch_size", None)
+    first = None
     if bs is None:
         it = iter(loader)
         try:
@@ -35,7 +36,17 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
         bs = batch_size_of(first)
     m = int(bs) * int(grad_accum_steps)
     if m < 2:
-        raise ValueError(f"default nbeta needs batch_size * grad_accum_steps >= 2, got {m}; pass nbeta")
+        why = ""
+        if first is not None:  # say what the first batch was, and why the default loss could not read it
+            from ..losses import _describe, parse_batch
+
+            why = f" (the first batch: {_describe(first)}"
+            try:
+                parse_batch(first)
+                why += ")"
+            except (TypeError, ValueError) as e:
+                why += f"; {e})"
+        raise ValueError(f"default nbeta needs batch_size * grad_accum_steps >= 2, got {m}{why}; pass nbeta")
     return m / math.log(m)
 
 

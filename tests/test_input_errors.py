@@ -1,0 +1,62 @@
+"""Batches and components the estimators cannot use are refused with errors that name the argument and say what
+arrived and what was expected."""
+
+import pytest
+import torch
+
+import pypattern as pp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KW = dict(num_chains=1, num_draws=2, step_size=1e-4, localization=10.0, quiet=True)
+
+
+def _model(**kw):
+    return pp.Transformer(n_layers=2, d_model=16, n_heads=4, d_mlp=24, d_vocab=11, n_ctx=8, seed=0, **kw)
+
+
+def _tokens():
+    return torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        {"input_ids": _tokens(), "attention_mask": torch.zeros(4, 8, dtype=torch.long)},
+        {"input_ids": _tokens(), "labels": torch.full((4, 8), -100)},
+        _tokens()[:, :1],  # one token per sequence: no next-token target
+    ],
+    ids=["all-padding", "all-ignored", "one-token"],
+)
+def test_a_batch_without_counted_tokens_is_refused_by_name(batch):
+    with pytest.raises(ValueError, match="loader: the batch .* has no counted token"):
+        pp.estimate_llc(_model(), [batch], nbeta=2.0, **KW)
+
+
+def test_a_pair_with_a_target_per_sample_missing_is_refused():
+    net = torch.nn.Linear(3, 2)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(ValueError, match=r"loader: the pair \(x, y\) has 6 rows in x \(6, 3\) but 5 in y"):
+        pp.estimate_llc(net, [(x, y)], **KW)
+
+
+def test_default_nbeta_says_why_a_batch_counts_one_sample():
+    with pytest.raises(
+        ValueError, match=r"got 1 \(the first batch: .*\(1, 4, 8\); a tensor batch must have shape"
+    ):
+        pp.estimate_llc(_model(), [_tokens()[None]], **KW)
+
+
+def test_components_given_as_one_string_are_refused():
+    model, t = _model(), _tokens()
+    with pytest.raises(TypeError, match=r"components='blocks.0.mlp' is one string.*\['blocks.0.mlp'\]"):
+        pp.susceptibilities(model, [t], t[:2], "blocks.0.mlp", **KW)
+
+
+def test_component_of_a_layer_out_of_range_and_valid_names_listed():
+    with pytest.raises(ValueError, match="layer 5 is out of range; the model has 2 layers"):
+        pp.component_masks(_model(), "blocks.5.attn.head.0")
+    attn_only = pp.Transformer(n_layers=2, d_model=16, n_heads=4, d_mlp=None, d_vocab=11, n_ctx=8, seed=0)
+    with pytest.raises(ValueError, match="matches no parameter; valid components: 'embed'") as e:
+        pp.component_masks(attn_only, "blocks.1.mlp")
+    assert "mlp" not in str(e.value).split("valid components:")[1]
