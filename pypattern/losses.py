@@ -36,6 +36,7 @@ Everything here is free of ``.item()`` and of branching on tensor values, so it 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +187,10 @@ def vocab_size(model: nn.Module) -> int | None:
     return v if isinstance(v, int) else None
 
 
+# Hugging Face families with learned absolute positions that do not derive them from the attention mask
+_LEARNED_POSITION_TYPES = frozenset({"gpt2", "gpt_neo", "gpt_bigcode"})
+
+
 def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     """:func:`parse_batch` for the batch a caller passed as ``argument`` (e.g. ``"probe"``), with errors naming it,
     and the token ids of a token batch checked against ``model``'s vocabulary (:func:`vocab_size`): an id out of
@@ -218,6 +223,18 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                 "causal, so right padding is exact) or pass a model whose forward takes attention_mask"
             )
     pos = pb.extra.get("position_ids")
+    if pb.attention_mask is not None and pos is None and _takes_mask(model):
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        am = pb.attention_mask.bool()
+        if mt in _LEARNED_POSITION_TYPES and bool((am[:, 1:] & ~am[:, :-1]).any()):
+            warnings.warn(
+                f"{argument}: left padding without position_ids: {type(model).__name__} ({mt}) reads learned "
+                "absolute positions 0, 1, 2, ... from the first column, so each padded row's real tokens sit at "
+                "positions shifted by its padding and their losses differ from the unpadded sequence's; give "
+                "batch['position_ids'] = (attention_mask.cumsum(-1) - 1).clamp(min=0), or pad on the right",
+                UserWarning,
+                stacklevel=3,
+            )
     if pos is not None and not _takes(model, "position_ids"):
         plain = torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)
         if not torch.equal(pos, plain):

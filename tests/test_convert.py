@@ -1019,6 +1019,12 @@ def test_longrope_short_factors_and_the_long_regime_refused():
         assert rel(model(x), hf(x).logits) <= 1e-10
         with pytest.raises(ValueError, match="position 32 is past the 32 positions of this model's LongRoPE"):
             model(torch.randint(0, V, (1, 33)))
+        # the HF model, once it has read a long sequence, holds its long factors: refused with the reason
+        hf(torch.randint(0, V, (1, 40)))
+        with pytest.raises(UnsupportedModelError, match="holds its long factors.*run the model on a short"):
+            from_hf(hf)
+        hf(x)  # a short sequence switches it back
+        assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
 
 
 def test_smollm3_nope_layers_turn_no_positions():
@@ -1660,3 +1666,19 @@ def test_multimodal_gemma3_converts_its_language_model(dtype, tol, tmp_path):
         ).eval()
         with torch.no_grad():
             assert rel(from_pretrained(tmp_path)(x), reloaded(input_ids=x).logits) <= tol
+
+
+def test_from_pretrained_takes_the_attention_implementation(tmp_path):
+    """A float64 Llama checkpoint loaded with eager attention converts with the float32 softmax of HF's eager
+    attention, and matches the eager model to 1e-10 (the sdpa default matches the sdpa model)."""
+    hf = hf_model("llama-gqa2-biases-tied-headdim", attn_implementation="eager")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    x = tokens()
+    eager = from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.cfg.attn_softmax_dtype == torch.float32
+    sdpa = from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert sdpa.cfg.attn_softmax_dtype is None
+    with torch.no_grad():
+        assert rel(eager(x), hf(x).logits) <= 1e-10
+    with pytest.raises(TypeError, match="attn_implementation=1 is not valid"):
+        from_pretrained(tmp_path, attn_implementation=1)

@@ -60,3 +60,28 @@ def test_component_of_a_layer_out_of_range_and_valid_names_listed():
     with pytest.raises(ValueError, match="matches no parameter; valid components: 'embed'") as e:
         pp.component_masks(attn_only, "blocks.1.mlp")
     assert "mlp" not in str(e.value).split("valid components:")[1]
+
+
+def test_left_padding_without_positions_on_learned_positions_warns():
+    """GPT-2 reads positions 0, 1, ... from the first column: left padding without position_ids shifts the real
+    tokens' positions (their losses change). A warning says so and how to give the positions; with them, or with
+    right padding, none."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=11, n_embd=8, n_layer=1, n_head=2, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    t = _tokens()
+    am = torch.ones(4, 8, dtype=torch.long)
+    am[1, :3] = 0
+    left = {"input_ids": t, "attention_mask": am}
+    with pytest.warns(
+        UserWarning, match=r"loader: left padding without position_ids: GPT2LMHeadModel \(gpt2\)"
+    ):
+        pp.estimate_llc(model, [left], **KW)
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    right = {"input_ids": t, "attention_mask": am.flip(-1)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for b in ({**left, "position_ids": pos}, right):
+            pp.estimate_llc(model, [b], **KW, warn_nonstationary=False)

@@ -139,7 +139,9 @@ def _weight_files(path: str) -> list[str]:
     return sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Transformer:
+def from_pretrained(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> Transformer:
     """Load a local ``save_pretrained`` directory and convert it with :func:`from_hf`.
 
     Nothing is downloaded (``local_files_only=True``) and only safetensors weights are read: a directory with
@@ -152,6 +154,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         safe_serialization=True)``).
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the dtype the checkpoint was saved in.
+    attn_implementation : str, optional
+        The Hugging Face attention implementation whose arithmetic the converted model reproduces (``"eager"``,
+        ``"sdpa"``; default: what ``transformers`` picks on loading, usually ``"sdpa"``). The Llama family's and
+        GPT-NeoX's eager attention takes its softmax in float32 even in float64, sdpa in the model's dtype.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -188,6 +194,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     cls = getattr(transformers, known[0]) if known else transformers.AutoModelForCausalLM
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
     kwargs["dtype"] = dtype if dtype is not None else "auto"
+    if attn_implementation is not None:
+        if not isinstance(attn_implementation, str):
+            raise TypeError(
+                f"attn_implementation={attn_implementation!r} is not valid; give a string such as 'eager' or 'sdpa'"
+            )
+        kwargs["attn_implementation"] = attn_implementation
     hf = cls.from_pretrained(path, **kwargs)
     hf.eval()
     return from_hf(hf, dtype=dtype)

@@ -127,6 +127,18 @@ def rope(
             "dimensions, an odd number (the Hugging Face model then turns one more dimension than that, at "
             "frequencies of the odd count); give a factor that makes the count even",
         )
+    if freq_dtype is False and rope_type == "longrope" and "long_factor" in params:
+        long = rotary_inv_freq(
+            base, rotary_dim, {**scaling, "short_factor": params["long_factor"]}, torch.float32
+        )
+        if torch.equal(long, inv_freq):
+            refuse(
+                "rotary inv_freq",
+                "(LongRoPE long factors)",
+                "the model's rotary embedding holds its long factors: Hugging Face switches to them once it has "
+                "read a sequence past original_max_position_embeddings, and only the short ones are converted; "
+                "run the model on a short sequence (it switches back) before converting",
+            )
     if freq_dtype is False:
         what = (
             "a default rotary embedding's"
