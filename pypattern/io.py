@@ -231,8 +231,10 @@ def _decode(v, arrays: dict[str, np.ndarray], path: str):
         if "__array__" in v:
             return arrays[v["__array__"]]
         if "__tensor__" in v:
-            t = torch.from_numpy(np.array(arrays[v["__tensor__"]]))
-            return t.to(getattr(torch, v["dtype"]))
+            dt = getattr(torch, str(v.get("dtype")), None)
+            if not isinstance(dt, torch.dtype):
+                raise FormatError(f"{path!r} is corrupt: a tensor's dtype {v.get('dtype')!r} is not a torch dtype")
+            return torch.from_numpy(np.array(arrays[v["__tensor__"]])).to(dt)
         if "__tuple__" in v:
             return tuple(_decode(x, arrays, path) for x in v["__tuple__"])
         if "__items__" in v:
@@ -241,7 +243,7 @@ def _decode(v, arrays: dict[str, np.ndarray], path: str):
             cls = _RESULTS.get(v["__result__"])
             if cls is None:
                 raise FormatError(f"{path!r} holds an unknown result class {v['__result__']!r}")
-            return cls(**{k: _decode(x, arrays, path) for k, x in v["fields"].items()})
+            return _construct(cls, {k: _decode(x, arrays, path) for k, x in v["fields"].items()}, path)
     except KeyError as e:
         raise FormatError(
             f"{path!r} is corrupt: its header names array {e} that the file does not hold"
@@ -273,7 +275,15 @@ def load_result(cls: type, path: str | os.PathLike):
         raise FormatError(
             f"{os.fspath(path)!r} has fields {sorted(unknown)} that a {cls.__name__} does not have"
         )
-    return cls(**{k: _decode(v, arrays, os.fspath(path)) for k, v in fields.items()})
+    return _construct(cls, {k: _decode(v, arrays, os.fspath(path)) for k, v in fields.items()}, os.fspath(path))
+
+
+def _construct(cls: type, fields: dict, path: str):
+    """``cls(**fields)``; a header whose fields do not build one (missing or ill-typed) is a :class:`FormatError`."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{path!r} is corrupt: its fields do not make a {cls.__name__} ({e})") from None
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint

@@ -1,6 +1,7 @@
 """pypattern.io: every result round-trips through one format; pickles, truncated files and other results are refused
 with an error naming the file, and nothing in a crafted file is executed."""
 
+import json
 import os
 import pathlib
 import pickle
@@ -191,6 +192,25 @@ def test_another_result_type_is_refused(tmp_path):
     llc.save(tmp_path / "l.npz")
     with pytest.raises(io.FormatError, match="PatchResult"):
         PatchResult.load(tmp_path / "l.npz")
+
+
+@pytest.mark.parametrize(
+    "fields,arrays,match",
+    [
+        ({}, {}, "its fields do not make a LLCResult"),
+        ({"llc_mean": {"__tensor__": "a", "dtype": "load"}}, {"a": np.zeros(3)}, "dtype 'load' is not a torch"),
+        ({"llc_mean": {"__tensor__": "a", "dtype": "float64"}, "nbeta": 1.0}, {"a": np.zeros(3)}, "fields do not"),
+    ],
+    ids=["no-fields", "dtype-names-a-function", "fields-missing"],
+)
+def test_damaged_headers_are_format_errors(fields, arrays, match, tmp_path):
+    """A well-formed file whose header does not describe a result (fields missing, a dtype that names a torch
+    function) is a FormatError naming the file, never a TypeError from inside the loader."""
+    header = {"format": io.FORMAT, "version": io.VERSION, "kind": "LLCResult", "fields": fields}
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays, __meta_json__=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
+    with pytest.raises(io.FormatError, match=rf"d.npz.*{match}"):
+        LLCResult.load(path)
 
 
 def test_plain_npz_and_object_arrays_are_refused(tmp_path):
