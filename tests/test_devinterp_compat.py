@@ -746,3 +746,18 @@ def test_v2_create_param_masks_on_hf_models():
     assert set(attn) == {f"model.layers.0.self_attn.{n}_proj.weight" for n in "qkvo"} and set(
         attn.values()
     ) == {None}
+
+
+def test_evaluate_that_is_not_callable_and_devinterp2_step_settings_are_named():
+    """devinterp 1.x ``evaluate=3`` and devinterp 2.x ``lr="1e-4"`` / ``n_beta=-1`` are refused naming the
+    argument as the caller spelled it."""
+    from pypattern.devinterp.slt.llc import llc
+
+    with pytest.raises(TypeError, match="evaluate=3 is not callable"):
+        _v1(_mlp(), _mlp_loader(), evaluate=3)
+    model, ids = _transformer(), _tokens()
+    kw = dict(num_chains=1, num_draws=2, batch_size=4, num_init_loss_batches=1, quiet=True)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got '1e-4'"):
+        llc(model, ids, lr="1e-4", n_beta=2.0, **kw)
+    with pytest.raises(ValueError, match="n_beta must be a finite number > 0, got -1.0"):
+        llc(model, ids, lr=1e-4, n_beta=-1.0, **kw)

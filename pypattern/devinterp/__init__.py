@@ -42,6 +42,7 @@ and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -512,6 +513,9 @@ def sample(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    for name, v in (("lr", lr), ("n_beta", n_beta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     dev = resolve_device(device, model)
     model = on_device(model, dev)
     loss_fn = loss_fn or per_token_loss

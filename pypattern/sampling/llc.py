@@ -233,6 +233,10 @@ def _devinterp_kwargs(
             "evaluate= and criterion= are both given: pass one (criterion(outputs, targets) is turned into "
             "evaluate(model, (x, y)) = criterion(model(x), y))"
         )
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(
+            f"evaluate={evaluate!r} is not callable; give a function (model, batch) -> loss or (loss, outputs)"
+        )
     if criterion is not None:
         evaluate = criterion_evaluate(criterion)
     dev = resolve_device(device, model)
