@@ -623,7 +623,7 @@ def susceptibilities(
                 lz = _flat(entries.reduce(outputs[0]), n, "per_sample_loss_fn")
             else:
                 lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn")
-            lbar = lz.mean() if counted is None else lz[counted].mean()
+            lbar = lz.mean() if counted is None else lz[counted.to(lz.device)].mean()
             ph = (
                 torch.tensor([loss], dtype=torch.float64)
                 if fuse_phi

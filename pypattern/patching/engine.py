@@ -246,7 +246,7 @@ class ExactEngine:
             parts = [t.reshape(C, B, self.H, Rq, t.shape[-1]) for t in parts]
         attn = self.model.blocks[layer].attn
         scores = attn.scale_scores(torch.cat(parts, -1) if len(parts) > 1 else parts[0])
-        bias = attn.position_bias(scores.shape[-1], scores.dtype)
+        bias = attn.position_bias(scores.shape[-1], scores.dtype, scores.device)
         scores = attn.cap(scores if bias is None else scores + bias[:, None, :])
         mask = self._mask(layer, qpos, p + k_new.shape[2])
         return attn.softmax(scores.masked_fill(mask, float("-inf")))
@@ -283,9 +283,9 @@ class ExactEngine:
         attn = self.model.blocks[layer].attn
         qh, Kc = attn.qk_cast(qh, K_h)
         s = attn.scale_scores(torch.einsum("cbrne,cbke->cbnrk", qh, Kc))
-        bias = attn.position_bias(K_h.shape[2], s.dtype)
+        bias = attn.position_bias(K_h.shape[2], s.dtype, s.device)
         if bias is not None:  # (C, n, Tk) -> (C, 1, n, 1, Tk)
-            s = s + bias[qheads.reshape(len(qheads), -1)][:, None, :, None, :]
+            s = s + bias[qheads.reshape(len(qheads), -1).to(s.device)][:, None, :, None, :]
         s = attn.cap(s)
         pat = attn.softmax(s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf")))
         z = torch.einsum("cbnrk,cbke->cbrne", pat, V_h)
