@@ -1093,3 +1093,37 @@ def test_a_tensor_given_as_the_loader_is_refused_and_1d_sequences_count_as_one()
         sample(model, [{"input_ids": tokens[0]}], **kw)
     res = sample(model, [tokens], **kw, warn_nonstationary=False)
     assert res.config["nbeta"] == pytest.approx(4 / np.log(4))
+
+
+def test_batched_chains_show_their_own_weights_to_losses_observables_and_callbacks():
+    """With chains batched (vmap), a loss with a weight penalty, an observable reading a submodule's weight and a
+    callback reading ``model.parameters()`` see the chain's weights, exactly as in the sequential loop."""
+    model, loader = _mlp_task(dtype=torch.float64)
+    w_star = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def penalised(m, batch):
+        x, y = batch
+        pen = sum(p.pow(2).sum() for p in m.parameters())
+        return nn.functional.cross_entropy(m(x), y) + 0.1 * pen
+
+    obs = {
+        "w0": lambda m, batch: m[0].weight.norm(),
+        "n": lambda m, b: dict(m.named_parameters())["2.bias"].sum(),
+    }
+    out = {}
+    for batched in (False, True):
+        seen = []
+
+        def cb(model, chain, draw, seen=seen):
+            seen.append(
+                float((torch.cat([p.detach().flatten() for p in model.parameters()]) - w_star).norm())
+            )
+
+        r = _run(model, loader, loss_fn=penalised, batched=batched, observables=obs, callbacks=[cb])
+        out[batched] = (r, np.array(seen))
+    (a, sa), (b, sb) = out[False], out[True]
+    np.testing.assert_allclose(b.loss_trace, a.loss_trace, rtol=1e-9)
+    for k in obs:
+        np.testing.assert_allclose(b.observables[k], a.observables[k], rtol=1e-9)
+    np.testing.assert_allclose(np.sort(sb), np.sort(sa), rtol=1e-9)
+    assert sb.max() > 1e-3  # the chains moved, and the callback saw it

@@ -41,6 +41,30 @@ class FunctionalModel:
         return getattr(self._m, name)
 
 
+class _Apply(nn.Module):
+    """``fn(module, *args)`` as a forward, so that :func:`torch.func.functional_call` runs a whole loss function or
+    observable with ``module``'s tensors replaced: calls, submodules, ``parameters()`` and ``state_dict()`` all see
+    the chain's weights (a loss with a weight penalty, an observable of a weight norm)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.m = module
+
+    def forward(self, fn: Callable, *args):
+        return fn(self.m, *args)
+
+
+def _applier(module: nn.Module, fixed: dict[str, torch.Tensor]) -> Callable:
+    """``apply(fn, p, *args)``: ``fn(module, *args)`` with ``module``'s tensors ``{**p, **fixed}``."""
+    wrapper = _Apply(module)
+
+    def apply(fn: Callable, p: dict[str, torch.Tensor], *args):
+        tensors = {f"m.{k}": v for k, v in {**p, **fixed}.items()}
+        return torch.func.functional_call(wrapper, tensors, (fn, *args), strict=False, tie_weights=True)
+
+    return apply
+
+
 def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
     """(losses, other outputs) from the vmap-ed loss: a tensor, or a tuple with the losses first."""
     losses, extra = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())  # extras come detached
@@ -50,7 +74,7 @@ def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
 
 
 def _batched_observables(
-    ctx: RunContext, fmodel: Callable, stacked: dict, vb, shared_data: bool, n: int
+    ctx: RunContext, apply: Callable, stacked: dict, vb, shared_data: bool, n: int
 ) -> dict[str, torch.Tensor]:
     """The observables of all ``n`` chains in one ``vmap``-ed call each; an observable that does not run under
     vmap is left out (and evaluated chain by chain from then on)."""
@@ -61,7 +85,7 @@ def _batched_observables(
             continue
 
         def one(p, b, fn=fn):
-            v = fn(fmodel(p), b)
+            v = apply(fn, p, b)
             return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
 
         try:
@@ -104,13 +128,24 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     shared_data = datas[0].single is not None
     loss_fn, split_loss = plan.loss_fn, ctx.split_loss
 
-    def fmodel(p):
-        return FunctionalModel(base, {**p, **frozen, **buffers})
+    apply = _applier(base, {**frozen, **buffers})
+    view: dict = {}
+
+    def chain_view(i: int) -> nn.Module:
+        """A module holding chain ``i``'s weights now, for its observables and callbacks at a draw (one copy of
+        the model per group, refilled per chain): a plain module, as the sequential loop gives."""
+        if not view:
+            view["m"] = copy.deepcopy(base)
+            view["p"] = dict(view["m"].named_parameters())
+        with torch.no_grad():
+            for n, s in stacked.items():
+                view["p"][n].copy_(s[i])
+        return view["m"]
 
     want_outputs = any(keys is None or "outputs" in keys for _, keys in ctx.cb_keys)
 
     def chain_loss(p, batch):
-        out = loss_fn(fmodel(p), batch)
+        out = apply(loss_fn, p, batch)
         loss = split_loss(out)
         return (loss, *extra_outputs(out)) if want_outputs else loss
 
@@ -175,14 +210,14 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
         lv = lvs[0] if accum == 1 else np.mean(lvs, axis=0)
         d = plan.is_draw(t)
         if d >= 0:
-            vobs = _batched_observables(ctx, fmodel, stacked, vb, shared_data, C) if plan.observables else {}
+            vobs = _batched_observables(ctx, apply, stacked, vb, shared_data, C) if plan.observables else {}
             for i, g in enumerate(chains):
                 ctx.at_draw(
                     g,
                     d,
                     t,
                     float(lv[i]),
-                    lambda i=i: fmodel({n: s[i] for n, s in stacked.items()}),
+                    lambda i=i: chain_view(i),
                     batches[i],
                     {k: v[i] for k, v in vobs.items()},
                     tuple(x[i] for x in extra),
