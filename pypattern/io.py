@@ -233,7 +233,9 @@ def _decode(v, arrays: dict[str, np.ndarray], path: str):
         if "__tensor__" in v:
             dt = getattr(torch, str(v.get("dtype")), None)
             if not isinstance(dt, torch.dtype):
-                raise FormatError(f"{path!r} is corrupt: a tensor's dtype {v.get('dtype')!r} is not a torch dtype")
+                raise FormatError(
+                    f"{path!r} is corrupt: a tensor's dtype {v.get('dtype')!r} is not a torch dtype"
+                )
             return torch.from_numpy(np.array(arrays[v["__tensor__"]])).to(dt)
         if "__tuple__" in v:
             return tuple(_decode(x, arrays, path) for x in v["__tuple__"])
@@ -275,7 +277,9 @@ def load_result(cls: type, path: str | os.PathLike):
         raise FormatError(
             f"{os.fspath(path)!r} has fields {sorted(unknown)} that a {cls.__name__} does not have"
         )
-    return _construct(cls, {k: _decode(v, arrays, os.fspath(path)) for k, v in fields.items()}, os.fspath(path))
+    return _construct(
+        cls, {k: _decode(v, arrays, os.fspath(path)) for k, v in fields.items()}, os.fspath(path)
+    )
 
 
 def _construct(cls: type, fields: dict, path: str):

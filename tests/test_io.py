@@ -198,8 +198,16 @@ def test_another_result_type_is_refused(tmp_path):
     "fields,arrays,match",
     [
         ({}, {}, "its fields do not make a LLCResult"),
-        ({"llc_mean": {"__tensor__": "a", "dtype": "load"}}, {"a": np.zeros(3)}, "dtype 'load' is not a torch"),
-        ({"llc_mean": {"__tensor__": "a", "dtype": "float64"}, "nbeta": 1.0}, {"a": np.zeros(3)}, "fields do not"),
+        (
+            {"llc_mean": {"__tensor__": "a", "dtype": "load"}},
+            {"a": np.zeros(3)},
+            "dtype 'load' is not a torch",
+        ),
+        (
+            {"llc_mean": {"__tensor__": "a", "dtype": "float64"}, "nbeta": 1.0},
+            {"a": np.zeros(3)},
+            "fields do not",
+        ),
     ],
     ids=["no-fields", "dtype-names-a-function", "fields-missing"],
 )
