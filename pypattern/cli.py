@@ -25,7 +25,6 @@ Every run ends with a short summary; full results go to files under --out, whose
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import sys
@@ -92,10 +91,10 @@ def _print(title: str, res: dict) -> None:
         print(f"  {k}: {v}")
 
 
-def _llc_demo(out: str, quick: bool) -> None:
+def _llc_demo(out: str, quick: bool, quiet: bool = False) -> None:
     # run_llc_demo prints its own summary; only where the full result went is added
     kw = importlib.import_module("pypattern.experiments.llc_demo").QUICK if quick else {}
-    res = _call("pypattern.experiments.llc_demo", "run_llc_demo", out, **kw)
+    res = _call("pypattern.experiments.llc_demo", "run_llc_demo", out, quiet=quiet, **kw)
     print(f"  full result (LLCResult.load): {res['result']}; loss-trace plot: {res['plot']}")
 
 
@@ -104,21 +103,51 @@ def _patch_demo(title: str, out: str, quick: bool) -> None:
     _print(title, _call("pypattern.experiments.patching_demo", "run_patch_demo", out, **kw))
 
 
-def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument(
-        "--model",
-        required=required,
-        help="a local Hugging Face save_pretrained directory of a class in pypattern.models.convert.SUPPORTED_CLASSES "
-        "(GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Phi, Qwen, Gemma, OLMo, OPT, StableLM; safetensors; "
-        "nothing is downloaded), converted exactly into pypattern's Transformer",
-    )
-    p.add_argument(
-        "--data",
-        required=required,
-        help="token ids (num_sequences, seq_len): .npy, .npz (array 'tokens') or a text file with one sequence "
-        "of whitespace- or comma-separated ids per line",
-    )
-    p.add_argument("--float64", action="store_true", help="with --model: run the model in float64")
+# ----------------------------------------------------------------------------------------------------------------
+# argument types: every count, rate and list is checked when it is parsed, so errors name the flag
+# ----------------------------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """An ``int >= 1`` (argparse type of every count flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An ``int >= 0``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number ``> 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in ``(0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
 
 
 def _step_size(text: str) -> float | str:
@@ -126,36 +155,177 @@ def _step_size(text: str) -> float | str:
     if text == "auto":
         return text
     try:
-        value = float(text)
-    except ValueError:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be a number > 0 or 'auto', got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'auto', got {text!r}")
-    return value
 
 
-def _sampler_args(p: argparse.ArgumentParser, draws: int) -> None:
+def _sites(text: str) -> tuple[str, ...]:
+    """``--sites``: a non-empty comma-separated list of patching sites."""
+    from .patching import SITES
+
+    sites = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    if not sites:
+        raise argparse.ArgumentTypeError(
+            f"give one or more of {', '.join(SITES)} (comma-separated), got {text!r}"
+        )
+    bad = [s for s in sites if s not in SITES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown site(s) {', '.join(bad)}; choose from {', '.join(SITES)}")
+    return sites
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flags that apply with --model/--data only (or without them only): their defaults are filled in after parsing,
+# so that a flag given where it does not apply is refused instead of ignored
+# ----------------------------------------------------------------------------------------------------------------
+MODEL_ONLY, DEMO_ONLY = "model", "demo"
+
+
+def _flag(p: argparse.ArgumentParser, *names: str, default=None, applies: str | None = None, **kw):
+    """``p.add_argument`` with the default filled in after parsing (see :func:`_resolve`); ``applies``: "model"
+    (with --model/--data only) or "demo" (the built-in demo or task only)."""
+    action = p.add_argument(*names, default=None, **kw)
+    if not hasattr(p, "deferred"):
+        p.deferred = {}
+    p.deferred[action.dest] = (names[0], default, applies)
+    return action
+
+
+def _apply(flags: list) -> str:
+    return "applies" if len(flags) == 1 else "apply"
+
+
+def _resolve(p: argparse.ArgumentParser, args) -> None:
+    """Refuse flags given where they do not apply, then fill in the defaults of the flags not given."""
+    deferred = getattr(p, "deferred", {})
+    model = getattr(args, "model", None) or getattr(args, "model_dir", None)
+    data = getattr(args, "data", None) or getattr(args, "tokens", None)
+    if "model" in vars(args) or "model_dir" in vars(args):
+        if model and not data:
+            p.error("--model needs --data FILE (the token or prompt file to run the model on)")
+        if data and not model:
+            p.error("--data needs --model DIR (the model to run on it)")
+    given = {dest for dest in deferred if getattr(args, dest) is not None}
+    args.given = given
+    if not model:
+        wrong = [deferred[d][0] for d in deferred if d in given and deferred[d][2] == MODEL_ONLY]
+        if wrong:
+            p.error(
+                f"{', '.join(wrong)} {_apply(wrong)} only with --model DIR --data FILE (not to the built-in demo)"
+            )
+    else:
+        wrong = [deferred[d][0] for d in deferred if d in given and deferred[d][2] == DEMO_ONLY]
+        if wrong:
+            p.error(
+                f"{', '.join(wrong)} {_apply(wrong)} only to the built-in demo, not with --model DIR --data FILE"
+            )
+    for dest, (_, default, _) in deferred.items():
+        if dest not in given:
+            setattr(args, dest, default)
+
+
+def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
-        "--batch-size", type=int, default=8, help="with --model: sequences per SGLD batch (default: 8)"
+        "--model",
+        required=required,
+        help="a local Hugging Face save_pretrained directory of a class in pypattern.models.convert.SUPPORTED_CLASSES "
+        "(GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Phi, Qwen, Gemma, OLMo, OPT, StableLM; safetensors; "
+        "nothing is downloaded), converted exactly into pypattern's Transformer; a bfloat16 or float16 checkpoint "
+        "runs as its exact float32 copy (with a warning)",
     )
-    p.add_argument("--num-chains", type=int, default=4, help="with --model: SGLD chains (default: 4)")
     p.add_argument(
-        "--num-draws", type=int, default=draws, help=f"with --model: draws per chain (default: {draws})"
+        "--data",
+        required=required,
+        help="token ids (num_sequences, seq_len): .npy, .npz (array 'tokens') or a text file (.txt, .csv, .tsv) "
+        "with one sequence of whitespace- or comma-separated ids per line; other formats are refused",
     )
-    p.add_argument(
+    _flag(
+        p, "--float64", action="store_true", applies=MODEL_ONLY, help="with --model: run the model in float64"
+    )
+
+
+def _sampler_args(p: argparse.ArgumentParser, draws: int, quiet_help: str) -> None:
+    m = MODEL_ONLY
+    _flag(
+        p,
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        applies=m,
+        help="with --model: sequences per SGLD batch (default: 8)",
+    )
+    _flag(
+        p,
+        "--num-chains",
+        type=positive_int,
+        default=4,
+        applies=m,
+        help="with --model: SGLD chains (default: 4)",
+    )
+    _flag(
+        p,
+        "--num-draws",
+        type=positive_int,
+        default=draws,
+        applies=m,
+        help=f"with --model: draws per chain (default: {draws})",
+    )
+    _flag(
+        p,
+        "--num-burnin-steps",
+        type=nonnegative_int,
+        default=draws,
+        applies=m,
+        help=f"with --model: SGLD steps per chain before the first draw, not recorded (default: {draws})",
+    )
+    _flag(
+        p,
         "--step-size",
         type=_step_size,
         default="auto",
+        applies=m,
         help="with --model: SGLD step size, or 'auto' (the default): chosen by a short calibration, printed",
     )
-    p.add_argument(
-        "--localization", type=float, default=100.0, help="with --model: pull towards w* (default: 100)"
+    _flag(
+        p,
+        "--localization",
+        type=positive_float,
+        default=100.0,
+        applies=m,
+        help="with --model: pull towards w* (default: 100)",
     )
-    p.add_argument(
-        "--nbeta", type=float, default=None, help="with --model: inverse temperature (default: m / ln m)"
+    _flag(
+        p,
+        "--nbeta",
+        type=positive_float,
+        applies=m,
+        help="with --model: inverse temperature (default: m / ln m)",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="with --model: seed of noise and data order (default: 0)"
+    _flag(
+        p,
+        "--seed",
+        type=int,
+        default=0,
+        applies=m,
+        help="with --model: seed of noise and data order (default: 0)",
+    )
+    _flag(
+        p,
+        "--checkpoint",
+        metavar="DIR",
+        applies=m,
+        help="with --model: a folder keeping the sampler's state as the run goes; the same command with the same "
+        "folder resumes a killed run, and a run with other settings, model or data is refused",
+    )
+    p.add_argument("--quiet", action="store_true", help=quiet_help)
+
+
+def _warn_larger(flag: str, value: int, n: int, what: str) -> None:
+    import warnings
+
+    warnings.warn(
+        f"{flag} {value} is more than the {n} sequences in --data: {what} all {n}", UserWarning, stacklevel=2
     )
 
 
@@ -163,17 +333,20 @@ def _user_run(args) -> int:
     """``llc``, ``patch`` or ``chi`` on a user's model directory and token file."""
     import torch
 
-    if not (args.model and args.data):
-        raise SystemExit(f"pypattern {args.cmd}: give both --model DIR and --data FILE")
     mod = importlib.import_module("pypattern.experiments.user_model")
+    n = len(mod.load_tokens(args.data))  # the file is checked before the model is converted
+    if "batch_size" in args.given and args.batch_size > n:
+        _warn_larger("--batch-size", args.batch_size, n, "one batch of")
     dtype = torch.float64 if args.float64 else None
     if args.cmd == "patch":
+        if "max_prompts" in args.given and args.max_prompts > n:
+            _warn_larger("--max-prompts", args.max_prompts, n, "patching")
         res = mod.run_user_patch(
             args.model,
             args.data,
             args.out,
             corrupted=args.corrupted,
-            sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
+            sites=args.sites,
             max_prompts=args.max_prompts,
             dtype=dtype,
         )
@@ -181,38 +354,47 @@ def _user_run(args) -> int:
             f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
         )
         for site, r in res["sites"].items():
-            print(f"  {site}: largest effects {[[c, round(v, 6)] for c, v in r['top']]}; table {r['table']}")
+            kind = "normalised: 1 = clean run restored" if r["normalized"] else "raw change in KL"
+            print(
+                f"  {site}: largest effects ({kind}, as in the table) {[[c, round(v, 6)] for c, v in r['top']]}; "
+                f"table {r['table']}"
+            )
         print(f"  summary: {res['summary']}")
         return 0
     kw = dict(
         num_chains=args.num_chains,
         num_draws=args.num_draws,
+        num_burnin_steps=args.num_burnin_steps,
         step_size=args.step_size,
         localization=args.localization,
         nbeta=args.nbeta,
         seed=args.seed,
         dtype=dtype,
         batch_size=args.batch_size,
+        checkpoint=args.checkpoint,
+        quiet=args.quiet,
     )
     if args.cmd == "llc":
         res = mod.run_user_llc(args.model, args.data, args.out, **kw)
         print(f"LLC of {args.model} on {res['sequences']} sequences of {res['seq_len']} tokens:")
-        print(
-            f"  llc: {res['llc_mean']:.4g} +- {res['llc_se']:.2g} (standard error; {len(res['llc_per_chain'])} "
-            f"chains, std over chains {res['llc_std']:.2g})"
-        )
+        print(f"  llc: {res['llc_text']}")
         print(
             f"  step_size: {res['step_size']:.3g}"
             + (f" (auto: {res['auto_step']})" if res["auto_step"] else "")
+            + f"; burn-in {res['num_burnin_steps']} steps"
         )
         print(f"  result: {res['result']}; plot: {res['plot']}; summary: {res['summary']}")
         return 0
+    if "num_probe" in args.given and args.num_probe > n:
+        _warn_larger("--num-probe", args.num_probe, n, "probing")
     res = mod.run_user_chi(args.model, args.data, args.out, num_probe=args.num_probe, **kw)
     print(
         f"susceptibilities of {args.model}: chi {res['chi_shape'][0]} components x {res['chi_shape'][1]} tokens"
     )
     print(
-        f"  step_size: {res['step_size']:.3g}" + (f" (auto: {res['auto_step']})" if res["auto_step"] else "")
+        f"  step_size: {res['step_size']:.3g}"
+        + (f" (auto: {res['auto_step']})" if res["auto_step"] else "")
+        + f"; burn-in {res['num_burnin_steps']} steps"
     )
     print(
         f"  explained variance ratio of the first directions: {[round(v, 3) for v in res['explained_variance_ratio']]}"
@@ -255,37 +437,49 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help=quick_help)
     llc = sub.add_parser(
         "llc",
-        help="estimate the LLC of a small MLP trained on a teacher task",
+        help="estimate the LLC of a small MLP trained on a teacher task, or of your model (--model, --data)",
         description="Train a small MLP on a random teacher's labels, estimate its LLC with SGLD, and save the "
-        "result (npz) and a loss-trace plot.",
+        "result (npz) and a loss-trace plot; with --model DIR --data FILE: the LLC of your own model on your "
+        "token file (the flags marked 'with --model' apply only then).",
     )
     llc.add_argument("--out", default="out/llc", help="folder for the result and the plot (default: out/llc)")
-    llc.add_argument("--quick", action="store_true", help=quick_help)
+    _flag(llc, "--quick", action="store_true", applies=DEMO_ONLY, help=f"built-in demo only: {quick_help}")
     _user_args(llc)
-    _sampler_args(llc, draws=100)
+    _sampler_args(llc, draws=100, quiet_help="no progress bars")
     patch = sub.add_parser(
         "patch",
-        help="activation and attribution patching on the built-in model and task",
+        help="activation and attribution patching on the built-in model and task, or on your model",
         description="Train the built-in transformer on an IOI-like task, patch resid_pre and every head "
-        "exactly and with AtP*, and write a heatmap (PNG) and a table (CSV).",
+        "exactly and with AtP*, and write a heatmap (PNG) and a table (CSV); with --model DIR --data FILE: exact "
+        "patching grids of your own model (the flags marked 'with --model' apply only then).",
     )
     patch.add_argument(
         "--out", default="out/patch", help="folder for the heatmap and table (default: out/patch)"
     )
-    patch.add_argument("--quick", action="store_true", help=quick_help)
+    _flag(patch, "--quick", action="store_true", applies=DEMO_ONLY, help=f"built-in demo only: {quick_help}")
     _user_args(patch)
-    patch.add_argument(
+    _flag(
+        patch,
         "--corrupted",
+        applies=MODEL_ONLY,
         help="with --model: a token file of the same shape as --data holding the corrupted prompts (symmetric "
         "token replacement, recommended); without it the corrupted run adds Gaussian noise to the embeddings",
     )
-    patch.add_argument(
+    _flag(
+        patch,
         "--sites",
-        default="resid_pre,attn_out,mlp_out,z",
+        type=_sites,
+        default=("resid_pre", "attn_out", "mlp_out", "z"),
+        applies=MODEL_ONLY,
         help="with --model: comma-separated sites to patch (default: resid_pre,attn_out,mlp_out,z)",
     )
-    patch.add_argument(
-        "--max-prompts", type=int, default=8, help="with --model: patch the first N prompts (default: 8)"
+    _flag(
+        patch,
+        "--max-prompts",
+        type=positive_int,
+        default=8,
+        applies=MODEL_ONLY,
+        help="with --model: patch the first N prompts (default: 8; more than --data holds: all, with a warning)",
     )
     circ = sub.add_parser(
         "circuit",
@@ -299,58 +493,61 @@ def _parser() -> argparse.ArgumentParser:
         help="per-token susceptibilities of your own model's components (--model DIR --data FILE)",
         description="Susceptibilities (components x probe tokens) of every head, MLP and the embedding of a "
         "local Hugging Face model, sampled on the token file and probed on its first sequences; writes the "
-        "result (npz), a table (CSV) and a summary (JSON).",
+        "result (npz), a table (CSV, one row per component) and a summary (JSON).",
     )
     chi.add_argument("--out", default="out/chi", help="folder for the result and table (default: out/chi)")
     _user_args(chi, required=True)
-    chi.add_argument(
-        "--num-probe", type=int, default=8, help="probe on the first N sequences of --data (default: 8)"
+    _flag(
+        chi,
+        "--num-probe",
+        type=positive_int,
+        default=8,
+        help="probe on the first N sequences of --data (default: 8; more than --data holds: all, with a warning)",
     )
-    _sampler_args(chi, draws=50)
+    _sampler_args(chi, draws=50, quiet_help="no progress bars")
     sub.add_parser(
         "backends",
         help="list the kernel backends and why any is unavailable",
         description="Print, as JSON, each kernel backend (cuda, triton, cpp, reference): available or why not.",
     )
+    parser.commands = sub.choices
     return parser
 
 
-@contextlib.contextmanager
-def _model_errors(cmd: str):
-    """A model the command does not cover (an architecture not converted, or a method that does not apply to it)
-    ends the command with its one-line reason instead of a traceback."""
-    from .models.convert import UnsupportedModelError
-
-    try:
-        yield
-    except (UnsupportedModelError, NotImplementedError) as e:
-        raise SystemExit(f"pypattern {cmd}: {e}") from None
+#: errors that end a command with one line (``pypattern <command>: error: <message>``, exit status 2) instead of a
+#: traceback; PYPATTERN_DEBUG=1 shows the traceback. The library's own errors derive from these (UnsupportedModelError,
+#: io.FormatError and io.FingerprintMismatch from ValueError, SamplingDivergedError from FloatingPointError).
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _check_paths(p: argparse.ArgumentParser, args) -> None:
+    """Output folders that are existing regular files are refused before any work."""
+    import os
 
+    for flag, dest in (("--out", "out"), ("--checkpoint", "checkpoint")):
+        path = getattr(args, dest, None)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            p.error(f"{flag} {path!r} is an existing file; give a folder (new or existing)")
+
+
+def _run(args) -> int:
     if args.cmd == "backends":
         from . import backends
 
         print(json.dumps(backends(), indent=2))
         return 0
     if args.cmd == "circuit":
-        with _model_errors(args.cmd):
-            _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))
+        _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))
         return 0
-    if args.cmd == "chi" or (args.cmd in ("llc", "patch") and (args.model or args.data)):
-        with _model_errors(args.cmd):
-            return _user_run(args)
+    if args.cmd in ("chi", "llc", "patch") and args.model:
+        return _user_run(args)
     if args.cmd == "llc":
         print("LLC of a small MLP trained on a teacher task:")
-        _llc_demo(args.out, args.quick)
+        _llc_demo(args.out, args.quick, args.quiet)
         return 0
     if args.cmd == "patch":
         _patch_demo("activation patching on the built-in model and task:", args.out, args.quick)
         return 0
-    if args.full and args.what not in ("patterning", "equivalence", "interpretive"):
-        raise SystemExit(f"pypattern demo {args.what}: --full applies to 'patterning' and 'equivalence' only")
     if args.what in ("equivalence", "interpretive"):
         _print(
             "interpretive equivalence of algorithmic pipelines (the win-counting grid and selectivity):",
@@ -394,6 +591,66 @@ def main(argv: list[str] | None = None) -> int:
     _patch_demo("3. activation patching on the built-in model and task:", f"{args.out}/patch", args.quick)
     print(f"plots and tables are in {args.out}/")
     return 0
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``pypattern backends | head -3``): end quietly, as other commands do."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush then has nowhere to fail
+    except (OSError, ValueError):
+        pass
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``pypattern`` command. Errors in the flags end with argparse's usage message; errors met while running
+    (a file that cannot be read, a model not covered, a checkpoint of another run, ...) with one line
+    ``pypattern <command>: error: <message>`` on stderr; both with exit status 2 (``SystemExit(2)``). Set
+    PYPATTERN_DEBUG=1 for the traceback instead."""
+    import os
+    import warnings
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    sub = parser.commands[args.cmd]
+    if args.cmd == "demo" and args.full and args.what not in ("patterning", "equivalence", "interpretive"):
+        sub.error(f"--full applies to 'patterning' and 'equivalence' only, not to {args.what!r}")
+    _resolve(sub, args)
+    _check_paths(sub, args)
+    if args.cmd == "circuit":
+        importlib.import_module("pypattern.circuits.cli").check_args(sub, args)
+
+    def one_line(message, category, filename, lineno, line=None):
+        return f"pypattern {args.cmd}: warning: {message}\n"
+
+    debug = os.environ.get("PYPATTERN_DEBUG", "") not in ("", "0")
+    formatwarning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = one_line
+    try:
+        code = _run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"pypattern {args.cmd}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if getattr(args, "checkpoint", None) and not debug:
+            print(
+                f"pypattern {args.cmd}: interrupted; the same command with --checkpoint {args.checkpoint} resumes",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
+        raise
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

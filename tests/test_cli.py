@@ -75,8 +75,13 @@ def test_full_and_quick_exclude_each_other_and_full_is_for_patterning_and_equiva
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "patterning", "--full", "--quick"])
     assert e.value.code != 0
-    with pytest.raises(SystemExit, match="--full applies to 'patterning' and 'equivalence' only"):
+    with pytest.raises(SystemExit) as e:
         cli.main(["demo", "flags", "--full"])
+    assert e.value.code == 2
+    assert (
+        "pypattern demo: error: --full applies to 'patterning' and 'equivalence' only"
+        in capsys.readouterr().err
+    )
 
 
 def test_python_dash_m_runs_the_command_line():

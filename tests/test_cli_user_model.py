@@ -87,7 +87,7 @@ def test_llc_on_user_model(model_dir, data, tmp_path, capsys):
     assert f"+- {summary['llc_se']:.2g} (standard error" in printed
 
 
-def test_patch_on_user_model_equals_patching_the_converted_model(model_dir, data, tmp_path):
+def test_patch_on_user_model_equals_patching_the_converted_model(model_dir, data, tmp_path, capsys):
     d, tokens = data
     out = tmp_path / "patch"
     args = ["patch", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--out", str(out)]
@@ -102,8 +102,13 @@ def test_patch_on_user_model_equals_patching_the_converted_model(model_dir, data
     ref = pypattern.activation_patching(model, "resid_pre", clean, corr, metric=KL())
     rows = (out / "patch_resid_pre.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + ref.values[0].numel()  # header + one row per cell
+    # the largest effects are the table's: normalised (1 = the clean run restored), and said to be
+    assert summary["sites"]["resid_pre"]["normalized"]
     top = summary["sites"]["resid_pre"]["top"][0][1]
-    assert top == pytest.approx(float(ref.top(1)[0][1]), rel=1e-5, abs=1e-7)
+    assert top == pytest.approx(float(ref.top(1, normalized=True)[0][1]), rel=1e-5, abs=1e-7)
+    means = [float(r.split(",")[rows[0].split(",").index("mean")]) for r in rows[1:]]
+    assert top == pytest.approx(max(means, key=abs), rel=1e-5, abs=1e-7)
+    assert "largest effects (normalised: 1 = clean run restored, as in the table)" in capsys.readouterr().out
     assert float(ref.values.abs().max()) > 0  # the patch acted
 
 
@@ -132,7 +137,12 @@ def test_chi_on_user_model(model_dir, data, tmp_path):
     summary = json.loads((out / "chi_summary.json").read_text())
     # 2 layers x (4 heads + 2 shared kv heads + mlp) + embed
     assert summary["chi_shape"] == [1 + 2 * (4 + 2 + 1), 2 * 6]
-    chi = np.loadtxt(out / "chi.csv", delimiter=",")
+    # one row per component, named in the first column; one column per probe token
+    lines = (out / "chi.csv").read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["component", "s0p1", "s0p2"] and len(lines) == 1 + 15
+    assert [r.split(",")[0] for r in lines[1:]] == summary["components"]
+    chi = np.array([[float(v) for v in r.split(",")[1:]] for r in lines[1:]])
+    assert chi.shape == tuple(summary["chi_shape"])
     assert np.isfinite(chi).all() and np.abs(chi).max() > 0
 
 
@@ -159,10 +169,18 @@ def test_llc_on_a_bfloat16_checkpoint_samples_its_float32_copy(model_dir, data, 
     assert np.isfinite(json.loads((out / "llc_summary.json").read_text())["llc_mean"])
 
 
-def test_user_commands_need_both_model_and_data(data):
+def test_user_commands_need_both_model_and_data(data, model_dir, capsys):
     d, _ = data
-    with pytest.raises(SystemExit, match="--model DIR and --data FILE"):
-        main(["llc", "--data", str(d / "tokens.npy")])
+    for argv, need in [
+        (["llc", "--data", str(d / "tokens.npy")], "--data needs --model DIR"),
+        (["patch", "--model", str(model_dir)], "--model needs --data FILE"),
+        (["circuit", "--model", str(model_dir)], "--model needs --data FILE"),
+        (["circuit", "--data", str(d / "tokens.npy")], "--data needs --model DIR"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert f"pypattern {argv[0]}: error: {need}" in capsys.readouterr().err
 
 
 def test_patch_on_gemma2_and_circuit_refused_in_one_line(data, tmp_path, capsys):
@@ -188,5 +206,237 @@ def test_patch_on_gemma2_and_circuit_refused_in_one_line(data, tmp_path, capsys)
     assert main(["patch", *argv, "--sites", "resid_pre,z"]) == 0
     summary = json.loads((out / "patch_summary.json").read_text())
     assert set(summary["sites"]) == {"resid_pre", "z"}
-    with pytest.raises(SystemExit, match="pypattern circuit: use_normalization_before_and_after=True"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         main(["circuit", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "pypattern circuit: error: use_normalization_before_and_after=True" in err
+    assert "Traceback" not in err
+
+
+def test_token_file_formats_refused_with_a_clear_message(data, tmp_path):
+    """Only .npy, .npz and text are read; a zip archive named .npy (torch.save output) is refused; nothing is
+    unpickled."""
+    d, tokens = data
+    np.savetxt(tmp_path / "t.csv", tokens, fmt="%d", delimiter=",")
+    assert torch.equal(load_tokens(tmp_path / "t.csv"), torch.from_numpy(tokens))
+    for suffix in (".pt", ".json", ".safetensors"):
+        (tmp_path / f"t{suffix}").write_bytes(b"\x80\x02 anything")
+        with pytest.raises(
+            ValueError, match=f"unsupported token file format '\\{suffix}': give .npy, .npz or a text"
+        ):
+            load_tokens(tmp_path / f"t{suffix}")
+    torch.save(torch.from_numpy(tokens), tmp_path / "saved.npy")  # a zip archive holding a pickle
+    with pytest.raises(ValueError, match=r"saved\.npy.*a zip archive but not NumPy's \.npy or \.npz"):
+        load_tokens(tmp_path / "saved.npy")
+    torch.save(torch.from_numpy(tokens), tmp_path / "saved.npz")
+    with pytest.raises(ValueError, match="a zip archive but not NumPy's"):
+        load_tokens(tmp_path / "saved.npz")
+    np.savez(tmp_path / "renamed.npy", tokens=tokens)  # np.savez adds .npz: rename it .npy
+    (tmp_path / "renamed.npy.npz").rename(tmp_path / "renamed.npy")
+    assert torch.equal(load_tokens(tmp_path / "renamed.npy"), torch.from_numpy(tokens))
+    (tmp_path / "f.txt").write_text("1 2 3\n4 5.5 6\n")
+    with pytest.raises(ValueError, match=r"line 2: '5\.5' is not an integer token id"):
+        load_tokens(tmp_path / "f.txt")
+
+
+def test_patch_and_circuit_run_a_bfloat16_checkpoint_as_its_float32_copy(model_dir, data, tmp_path):
+    """Effects computed in bfloat16 are mostly rounding noise: `patch` and `circuit` upcast (with a warning) as
+    `llc` and `chi` do, and give the float32 copy's results."""
+    d, tokens = data
+    bf16 = tmp_path / "bf16"
+    transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    out = tmp_path / "patch"
+    argv = ["patch", "--model", str(bf16), "--data", str(d / "tokens.npy"), "--out", str(out)]
+    with pytest.warns(UserWarning, match=r"torch\.bfloat16 weights .* patching its float32 copy"):
+        assert main([*argv, "--corrupted", str(d / "corrupted.npy"), "--sites", "resid_pre"]) == 0
+    import pypattern
+    from pypattern.patching import KL
+
+    model = pypattern.from_pretrained(bf16, dtype=torch.float32)
+    clean, corr = torch.from_numpy(tokens), torch.from_numpy(np.load(d / "corrupted.npy"))
+    ref = pypattern.activation_patching(model, "resid_pre", clean, corr, metric=KL())
+    top = json.loads((out / "patch_summary.json").read_text())["sites"]["resid_pre"]["top"][0][1]
+    assert top == pytest.approx(float(ref.top(1, normalized=True)[0][1]), rel=1e-5, abs=1e-7)
+    out = tmp_path / "circuit"
+    argv = ["circuit", "--model", str(bf16), "--data", str(d / "tokens.npy"), "--out", str(out), "--quiet"]
+    with pytest.warns(UserWarning, match=r"torch\.bfloat16 weights .* scoring its float32 copy"):
+        assert main([*argv, "--methods", "eap"]) == 0
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A GPT-2 of context 8 (learned positions: prompts longer than 8 do not fit)."""
+    d = tmp_path_factory.mktemp("gpt2")
+    cfg = transformers.GPT2Config(vocab_size=23, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def test_circuit_prompt_files_are_checked(gpt2_dir, tmp_path, capsys):
+    """An .npz of prompts: integer arrays only (never truncated), answers in the vocabulary and one per prompt,
+    clean and corrupted of one shape, prompts within the context; each refused in one line naming the array."""
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 23, size=(4, 6))
+    corr = clean.copy()
+    corr[:, 2] = (corr[:, 2] + 1) % 23
+    ans = rng.integers(0, 23, size=4)
+    good = dict(clean=clean, corrupted=corr, answer=ans, wrong=(ans + 1) % 23)
+    cases = {
+        "float": (
+            dict(good, clean=clean + 0.5),
+            "'clean' holds float64 values; token ids must be an integer",
+        ),
+        "float_answer": (dict(good, answer=ans.astype(np.float32)), "'answer' holds float32 values"),
+        "oov_answer": (dict(good, answer=ans + 30), r"answer ids must lie in \[0, 23\) for this model"),
+        "negative_wrong": (dict(good, wrong=ans - 30), r"wrong ids must lie in \[0, 23\)"),
+        "oov_clean": (dict(good, clean=clean + 20), r"clean ids must lie in \[0, 23\)"),
+        "short_answer": (
+            dict(good, answer=ans[:3]),
+            r"answer has shape \(3,\); it needs one id per prompt \(4,\)",
+        ),
+        "2d_answer": (dict(good, answer=ans[:, None]), r"'answer' must be a non-empty \(batch,\) array"),
+        "shape": (dict(good, corrupted=corr[:, :5]), r"corrupted has shape \(4, 5\); it must match clean's"),
+        "long": (
+            dict(good, clean=rng.integers(0, 23, (4, 9)), corrupted=rng.integers(0, 23, (4, 9))),
+            "prompts have 9 tokens; the model's n_ctx is 8",
+        ),
+    }
+    from pypattern.circuits.cli import load_prompts
+
+    for name, (arrays, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=message):
+            load_prompts(str(path), vocab_size=23, n_ctx=8)
+        argv = [
+            "circuit",
+            "--model",
+            str(gpt2_dir),
+            "--data",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "\npypattern circuit: error: tokens=" in "\n" + err and "Traceback" not in err, name
+    np.savez(tmp_path / "good.npz", **good)
+    clean_t, corr_t, _ = load_prompts(str(tmp_path / "good.npz"), vocab_size=23, n_ctx=8)
+    assert torch.equal(clean_t, torch.from_numpy(clean)) and torch.equal(corr_t, torch.from_numpy(corr))
+
+
+def test_circuit_on_user_model_shows_progress_unless_quiet(model_dir, data, tmp_path, capsys):
+    d, _ = data
+    argv = ["circuit", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--methods", "eap,exact"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "circuit: eap: scored" in err and "circuit: exact: scored" in err and "pruning curve" in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "circuit:" not in capsys.readouterr().err
+
+
+def test_counts_larger_than_the_data_are_warned_of_and_use_all(model_dir, data, tmp_path):
+    d, tokens = data  # 8 sequences
+    out = tmp_path / "patch"
+    argv = ["patch", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--out", str(out)]
+    with pytest.warns(
+        UserWarning, match="--max-prompts 100 is more than the 8 sequences in --data: patching all 8"
+    ):
+        assert main([*argv, "--sites", "resid_pre", "--max-prompts", "100"]) == 0
+    assert json.loads((out / "patch_summary.json").read_text())["prompts"] == 8
+    # on the command line the warning is one line, as the command's own
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pypattern", *argv, "--sites", "z", "--max-prompts", "100"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "\npypattern patch: warning: --max-prompts 100 is more than the 8 sequences" in "\n" + r.stderr
+    assert "UserWarning" not in r.stderr
+
+
+def test_llc_one_chain_progress_burn_in_and_checkpoint(model_dir, data, tmp_path, capsys, monkeypatch):
+    """Progress bars by default (--quiet silences them); burn-in steps by default and settable; with one chain
+    the estimate alone (no '+- nan'); --checkpoint resumes a killed run to the uninterrupted run's result and
+    refuses a run with other settings."""
+    d, _ = data
+    argv = ["llc", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--step-size", "1e-4"]
+    argv += ["--num-chains", "1", "--num-draws", "6"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    out, err = capsys.readouterr()
+    assert "SGLD" in err  # the sampler's progress bar
+    assert "nan" not in out and "1 chain: no standard error" in out and "burn-in 100 steps" in out
+    plain = json.loads((tmp_path / "plain" / "llc_summary.json").read_text())
+    assert plain["num_burnin_steps"] == 100
+    from pypattern import LLCResult
+
+    assert LLCResult.load(tmp_path / "plain" / "llc.npz").sample.config["num_burnin_steps"] == 100
+
+    # killed after a few steps: the same command resumes from the checkpoint, to the same result
+    import pypattern.sampling as sampling
+
+    real = sampling.estimate_llc
+
+    class Killed(KeyboardInterrupt):
+        pass
+
+    def killed_after(*a, **kw):
+        n = {"calls": 0}
+
+        def cb(*_, **__):
+            n["calls"] += 1
+            if n["calls"] == 3:  # after 3 of the 6 draws
+                raise Killed()
+
+        return real(*a, callbacks=[cb], **kw)
+
+    ck = tmp_path / "ck"
+    monkeypatch.setattr(sampling, "estimate_llc", killed_after)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "ck_out"), "--checkpoint", str(ck), "--quiet"])
+    assert e.value.code == 130
+    assert f"the same command with --checkpoint {ck} resumes" in capsys.readouterr().err
+    assert (ck / "llc_checkpoint.npz").exists()
+    monkeypatch.setattr(sampling, "estimate_llc", real)
+    assert main([*argv, "--out", str(tmp_path / "ck_out"), "--checkpoint", str(ck), "--quiet"]) == 0
+    assert "SGLD" not in capsys.readouterr().err
+    resumed = json.loads((tmp_path / "ck_out" / "llc_summary.json").read_text())
+    assert resumed["llc_per_chain"] == pytest.approx(plain["llc_per_chain"], rel=1e-6)
+    # another run with this checkpoint is refused, in one line
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--num-burnin-steps", "5", "--out", str(tmp_path / "o2"), "--checkpoint", str(ck)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "pypattern llc: error: checkpoint" in err and "different run" in err and "Traceback" not in err
+
+
+def test_chi_burn_in_checkpoint_and_probe_count(model_dir, data, tmp_path, capsys):
+    d, _ = data
+    argv = ["chi", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--step-size", "1e-4"]
+    argv += ["--num-chains", "2", "--num-draws", "3", "--num-burnin-steps", "7", "--num-probe", "100"]
+    ck = tmp_path / "ck"
+    with pytest.warns(
+        UserWarning, match="--num-probe 100 is more than the 8 sequences in --data: probing all 8"
+    ):
+        assert main([*argv, "--out", str(tmp_path / "a"), "--checkpoint", str(ck)]) == 0
+    a = json.loads((tmp_path / "a" / "chi_summary.json").read_text())
+    assert a["num_burnin_steps"] == 7 and a["chi_shape"][1] == 8 * 6
+    assert "SGLD" in capsys.readouterr().err
+    assert any(f.name.startswith("component.") for f in ck.iterdir())
+    assert main([*argv, "--out", str(tmp_path / "b"), "--checkpoint", str(ck), "--quiet"]) == 0  # reloaded
+    assert (tmp_path / "a" / "chi.csv").read_text() == (tmp_path / "b" / "chi.csv").read_text()
+    with pytest.raises(SystemExit) as e:
+        main([*argv[:-4], "--num-burnin-steps", "8", "--out", str(tmp_path / "c"), "--checkpoint", str(ck)])
+    assert e.value.code == 2
+    assert "different run" in capsys.readouterr().err

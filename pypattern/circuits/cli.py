@@ -18,9 +18,12 @@ the prompts (mean ablation).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -28,10 +31,11 @@ import torch
 __all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "user_prompts", "main"]
 
 
-def load_model_dir(path: str):
+def load_model_dir(path: str, dtype: torch.dtype | None = None):
     """A :class:`~pypattern.models.Transformer` from ``path/config.json`` and ``path/weights.npz`` (or
     ``path/model.safetensors``), or a Hugging Face ``save_pretrained`` directory (its ``config.json`` names a
-    ``model_type``), converted with :func:`pypattern.from_pretrained`. Nothing is unpickled."""
+    ``model_type``), converted with :func:`pypattern.from_pretrained`. Nothing is unpickled. ``dtype``: load in
+    that dtype instead of the saved one."""
     from ..models.transformer import Transformer, TransformerConfig
 
     cfg_path = os.path.join(path, "config.json")
@@ -44,11 +48,13 @@ def load_model_dir(path: str):
     if "model_type" in cfg:
         from ..models.convert import from_pretrained
 
-        model = from_pretrained(path)
+        model = from_pretrained(path, dtype=dtype)
         model.eval()
         return model
     if isinstance(cfg.get("dtype"), str):
         cfg["dtype"] = getattr(torch, cfg["dtype"].replace("torch.", ""))
+    if dtype is not None:
+        cfg["dtype"] = dtype
     model = Transformer(TransformerConfig(**cfg))
     npz, st = os.path.join(path, "weights.npz"), os.path.join(path, "model.safetensors")
     if os.path.exists(npz):
@@ -65,20 +71,77 @@ def load_model_dir(path: str):
     return model
 
 
-def load_prompts(path: str):
-    """``(clean, corrupted, metric)`` from a prompt file (see the module docstring)."""
+def _ids(z, key: str, path: str, ndim: int) -> torch.Tensor:
+    """The integer array ``key`` of an opened prompt file as a LongTensor (never truncated from floats)."""
+    arr = z[key]
+    if arr.ndim != ndim or arr.size == 0:
+        want = "(batch, pos)" if ndim == 2 else "(batch,)"
+        raise ValueError(f"tokens={path!r}: {key!r} must be a non-empty {want} array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(
+            f"tokens={path!r}: {key!r} holds {arr.dtype} values; token ids must be an integer array (ids are not "
+            "rounded or truncated)"
+        )
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def load_prompts(path: str, *, vocab_size: int | None = None, n_ctx: int | None = None):
+    """``(clean, corrupted, metric)`` from a prompt file (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        Naming the file and the array when an array is missing, not an integer array, of the wrong shape (clean
+        and corrupted ``(batch, pos)`` of one shape, answer and wrong ``(batch,)``), when ids are negative or not
+        below ``vocab_size``, or when prompts are longer than ``n_ctx``.
+    """
     from ..patching import LogitDiff, LogProb
 
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"tokens={path!r}: cannot read the prompt file ({e})") from None
+    if isinstance(z, np.ndarray):
+        raise ValueError(
+            f"tokens={path!r} holds one array; a prompt file is an .npz with clean, corrupted, answer"
+        )
+    with z:
         missing = [k for k in ("clean", "corrupted", "answer") if k not in z.files]
         if missing:
             raise ValueError(
                 f"tokens={path!r} lacks {missing}; it needs clean, corrupted, answer (and wrong)"
             )
-        clean = torch.from_numpy(z["clean"]).long()
-        corr = torch.from_numpy(z["corrupted"]).long()
-        ans = torch.from_numpy(z["answer"]).long()
-        wrong = torch.from_numpy(z["wrong"]).long() if "wrong" in z.files else None
+        try:
+            clean = _ids(z, "clean", path, 2)
+            corr = _ids(z, "corrupted", path, 2)
+            ans = _ids(z, "answer", path, 1)
+            wrong = _ids(z, "wrong", path, 1) if "wrong" in z.files else None
+        except ValueError as e:
+            if str(e).startswith("tokens="):
+                raise
+            raise ValueError(f"tokens={path!r}: cannot read the prompt file ({e})") from None
+    if corr.shape != clean.shape:
+        raise ValueError(
+            f"tokens={path!r}: corrupted has shape {tuple(corr.shape)}; it must match clean's {tuple(clean.shape)}"
+        )
+    for key, t in (("answer", ans), ("wrong", wrong)):
+        if t is not None and t.shape != (clean.shape[0],):
+            raise ValueError(
+                f"tokens={path!r}: {key} has shape {tuple(t.shape)}; it needs one id per prompt ({clean.shape[0]},)"
+            )
+    for key, t in (("clean", clean), ("corrupted", corr), ("answer", ans), ("wrong", wrong)):
+        if t is None:
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+            raise ValueError(
+                f"tokens={path!r}: {key} ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}) "
+                f"for this model; found {lo}..{hi}"
+            )
+    if n_ctx is not None and clean.shape[1] > n_ctx:
+        raise ValueError(
+            f"tokens={path!r}: prompts have {clean.shape[1]} tokens; the model's n_ctx is {n_ctx}"
+        )
     metric = LogitDiff(ans, wrong) if wrong is not None else LogProb(ans)
     return clean, corr, metric
 
@@ -90,17 +153,21 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     from ..experiments.user_model import load_tokens
     from ..patching import LogProb
 
+    n_ctx = model.cfg.max_positions
     if tokens.lower().endswith(".npz"):
-        with np.load(tokens, allow_pickle=False) as z:
-            full = "clean" in z.files
+        full = False  # a file that cannot be read as prompts: load_tokens says why
+        with contextlib.suppress(ValueError, OSError, EOFError, zipfile.BadZipFile):
+            z = np.load(tokens, allow_pickle=False)
+            if not isinstance(z, np.ndarray):
+                with z:
+                    full = "clean" in z.files
         if full:
             if corrupted is not None:
                 raise ValueError(
                     f"tokens={tokens!r} holds its own corrupted prompts; corrupted={corrupted!r} is not read with it"
                 )
-            clean, corr, metric = load_prompts(tokens)
+            clean, corr, metric = load_prompts(tokens, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
             return clean, corr, metric, "resample"
-    n_ctx = model.cfg.max_positions
     clean = load_tokens(tokens, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
     corr = None
     if corrupted is not None:
@@ -112,6 +179,22 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     with torch.no_grad():
         answer = model(clean)[:, -1].argmax(-1)
     return clean, corr, LogProb(answer), ("resample" if corr is not None else "mean")
+
+
+def _upcast(model_dir: str, model):
+    """A half-precision model (most checkpoints are saved in bfloat16) as its exact float32 copy, with a warning:
+    edge scores and patched metrics computed in half precision are mostly rounding noise."""
+    if model.cfg.dtype in (torch.float32, torch.float64):
+        return model
+    import warnings
+
+    warnings.warn(
+        f"model_dir={model_dir!r} holds {model.cfg.dtype} weights and edge scores computed in half precision are "
+        "mostly rounding noise: scoring its float32 copy (the weights upcast exactly)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return load_model_dir(model_dir, dtype=torch.float32)
 
 
 def run_circuit_demo(
@@ -126,12 +209,15 @@ def run_circuit_demo(
     seed: int = 0,
     steps: int = 800,
     threads: int | None = 1,
+    quiet: bool = True,
 ) -> dict:
     """Score every edge, draw the pruning curves and the circuit of the top ``fraction`` of edges.
 
     With neither ``model_dir`` nor ``tokens``: a 2-layer attention-only model trained on the built-in induction
     task (per-position edges; see :func:`~pypattern.circuits.experiments.run_induction_circuit`). The circuit
-    drawn is the top ``fraction`` by the last method in ``methods``.
+    drawn is the top ``fraction`` by the last method in ``methods``. A half-precision model is scored as its float32
+    copy (with a warning). ``quiet=False`` reports each stage (training, each method's scores, the pruning curve)
+    on stderr as it finishes.
 
     Returns
     -------
@@ -139,22 +225,46 @@ def run_circuit_demo(
         Faithfulness of each method at ``fraction``, the circuit's top edges, timings and the written paths.
     """
     from .._threads import pinned_threads
-    from .api import edge_attribution, faithfulness, pruning_curve
+    from .api import _METHODS, edge_attribution, faithfulness, pruning_curve
     from .experiments import run_induction_circuit
 
     if (model_dir is None) != (tokens is None):
         raise ValueError("give both model_dir=... and tokens=..., or neither (the built-in induction task)")
     if corrupted is not None and tokens is None:
         raise ValueError("corrupted=... needs model_dir=... and tokens=...")
+    methods = tuple(methods)
+    bad = [m for m in methods if m not in _METHODS]
+    if not methods or bad:
+        raise ValueError(f"methods={list(methods)!r} is not valid; choose one or more of {list(_METHODS)}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction!r} is not valid; give a number in (0, 1]")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"out_dir={out_dir!r} is a file, not a folder")
+    t_last = [time.perf_counter()]
+
+    def say(msg: str) -> None:
+        if not quiet:
+            now = time.perf_counter()
+            print(f"circuit: {msg} ({now - t_last[0]:.1f} s)", file=sys.stderr, flush=True)
+            t_last[0] = now
+
     os.makedirs(out_dir, exist_ok=True)
     with pinned_threads(threads):
         t0 = time.perf_counter()
         extra = {}
         if model_dir is None:
             pp = True if per_position is None else per_position
+            if not quiet:
+                print(
+                    f"circuit: training the built-in induction model ({steps} steps) and scoring its edges with "
+                    f"{', '.join(methods)} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
             res = run_induction_circuit(
                 seed=seed, steps=steps, per_position=pp, methods=methods, ig_steps=ig_steps
             )
+            say("trained, edges scored and pruning curve done")
             model, (clean, corr, metric) = res["model"], res["prompts"]
             scores, curve = res["scores"], res["curve"]
             extra = {
@@ -166,11 +276,13 @@ def run_circuit_demo(
                 "key_composition_in_top_5pct": res["key_composition_in_top_5pct"],
             }
         else:
-            model = load_model_dir(model_dir)
+            model = _upcast(model_dir, load_model_dir(model_dir))
             clean, corr, metric, ablation = user_prompts(model, tokens, corrupted)
+            say(f"loaded {model_dir} and {clean.shape[0]} prompts of {clean.shape[1]} tokens")
             pp = False if per_position is None else per_position
-            scores = {
-                m: edge_attribution(
+            scores = {}
+            for m in methods:
+                scores[m] = edge_attribution(
                     model,
                     clean,
                     corr,
@@ -180,9 +292,9 @@ def run_circuit_demo(
                     per_position=pp,
                     ablation=ablation,
                 )
-                for m in methods
-            }
+                say(f"{m}: scored {len(scores[m].graph)} edges")
             curve = pruning_curve(model, scores, clean, corr, metric=metric, ablation=ablation)
+            say("pruning curve done")
             extra = {"task": f"{model_dir} on {tokens}", "ablation": ablation}
         chosen = methods[-1]
         circuit = scores[chosen].circuit(fraction=fraction)
@@ -222,45 +334,113 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pypattern circuit", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
+    check_args(p, args)
     res = run_from_args(args)
     print(json.dumps(res, indent=2, default=str))
     return 0
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    """``--methods``: a non-empty comma-separated list of eap, eap-ig, exact."""
+    from .api import _METHODS
+
+    methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in methods if m not in _METHODS]
+    if not methods or bad:
+        raise argparse.ArgumentTypeError(
+            f"give one or more of {', '.join(_METHODS)} (comma-separated), got {text!r}"
+        )
+    return methods
+
+
+#: flags that apply to the built-in task only (seed, steps) and with --model only (corrupted): name -> default
+_BUILTIN_ONLY = {"seed": ("--seed", 0), "steps": ("--steps", 800)}
+_MODEL_ONLY = {"corrupted": ("--corrupted", None)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``pypattern circuit`` (for the main command line's sub-parser)."""
-    p.add_argument("--out", default="out/circuit", help="folder for the tables and plots")
+    from ..cli import fraction, positive_int
+
+    p.add_argument(
+        "--out", default="out/circuit", help="folder for the tables and plots (default: out/circuit)"
+    )
     p.add_argument(
         "--model-dir",
         "--model",
         dest="model_dir",
         default=None,
-        help="a Hugging Face save_pretrained directory (converted exactly), or config.json + weights.npz of a "
-        "pypattern Transformer; default: the built-in induction task",
+        help="a Hugging Face save_pretrained directory (converted exactly; a bfloat16 or float16 checkpoint is "
+        "scored as its exact float32 copy, with a warning), or config.json + weights.npz of a pypattern "
+        "Transformer; needs --data; default: the built-in induction task",
     )
     p.add_argument(
         "--tokens",
         "--data",
         dest="tokens",
         default=None,
-        help=".npz with clean, corrupted, answer[, wrong]; or a token file (.npy, .npz, text) of clean prompts",
+        help="with --model: .npz with integer arrays clean, corrupted, answer[, wrong]; or a token file (.npy, "
+        ".npz, text) of clean prompts",
     )
     p.add_argument(
         "--corrupted",
         default=None,
-        help="with a token file: corrupted prompts of the same shape (default: mean ablation over the prompts)",
+        help="with --model and a token file: corrupted prompts of the same shape (default: mean ablation over "
+        "the prompts)",
     )
-    p.add_argument("--methods", default="eap,eap-ig,exact", help="comma-separated: eap, eap-ig, exact")
-    p.add_argument("--fraction", type=float, default=0.05, help="fraction of edges in the drawn circuit")
-    p.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of EAP-IG (default: 5)")
+    p.add_argument(
+        "--methods",
+        type=_methods,
+        default=("eap", "eap-ig", "exact"),
+        help="comma-separated: eap, eap-ig, exact (default: all three; the circuit drawn is the last one's)",
+    )
+    p.add_argument(
+        "--fraction",
+        type=fraction,
+        default=0.05,
+        help="fraction of edges in the drawn circuit, in (0, 1] (default: 0.05)",
+    )
+    p.add_argument(
+        "--ig-steps", type=positive_int, default=5, help="interpolation steps of EAP-IG (default: 5)"
+    )
     p.add_argument(
         "--per-position",
         choices=["auto", "yes", "no"],
         default="auto",
         help="one edge per position (yes), one per node pair (no), or the task's choice (auto)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in model's training (default: 0)")
-    p.add_argument("--steps", type=int, default=800, help="training steps of the built-in model")
+    p.add_argument(
+        "--seed", type=int, default=None, help="built-in task only: seed of the model's training (default: 0)"
+    )
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="built-in task only: training steps of the model (default: 800)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse flags given where they do not apply (through ``p.error``), then fill in their defaults."""
+    if args.model_dir and not args.tokens:
+        p.error("--model needs --data FILE (a prompt .npz or a token file)")
+    if args.tokens and not args.model_dir:
+        p.error("--data needs --model DIR (the model to score on it)")
+    table, where = (
+        (_BUILTIN_ONLY, "only to the built-in task, not with --model")
+        if args.model_dir
+        else (
+            _MODEL_ONLY,
+            "only with --model DIR --data FILE",
+        )
+    )
+    wrong = [flag for dest, (flag, _) in table.items() if getattr(args, dest) is not None]
+    if wrong:
+        p.error(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} {where}")
+    for dest, (_, default) in _BUILTIN_ONLY.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
 
 
 def run_from_args(args) -> dict:
@@ -270,12 +450,13 @@ def run_from_args(args) -> dict:
         model_dir=args.model_dir,
         tokens=args.tokens,
         corrupted=args.corrupted,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=args.methods,
         fraction=args.fraction,
         per_position=pp,
         ig_steps=args.ig_steps,
-        seed=args.seed,
-        steps=args.steps,
+        seed=0 if args.seed is None else args.seed,
+        steps=800 if args.steps is None else args.steps,
+        quiet=getattr(args, "quiet", False),
     )
 
 

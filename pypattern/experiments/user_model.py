@@ -4,7 +4,8 @@
 in :data:`pypattern.models.convert.SUPPORTED_CLASSES`; it is converted exactly into pypattern's
 :class:`~pypattern.models.Transformer` with :func:`pypattern.from_pretrained`. ``FILE`` holds token ids
 ``(num_sequences, seq_len)``: ``.npy``, ``.npz`` (the array ``tokens``, or its only array; never unpickled), or a
-text file with one sequence of whitespace- or comma-separated ids per line (all of one length).
+text file (``.txt``, ``.csv``, ``.tsv`` or no suffix) with one sequence of whitespace- or comma-separated ids per
+line (all of one length); other formats are refused.
 """
 
 from __future__ import annotations
@@ -12,49 +13,82 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["load_tokens", "run_user_chi", "run_user_llc", "run_user_patch"]
+__all__ = ["llc_error_text", "load_tokens", "run_user_chi", "run_user_llc", "run_user_patch"]
+
+
+#: suffixes read as text (one sequence of whitespace- or comma-separated ids per line); no suffix is text too
+TEXT_SUFFIXES = ("", ".txt", ".csv", ".tsv")
+_FORMATS = "give .npy, .npz or a text file (.txt, .csv, .tsv: one sequence of integer ids per line)"
+
+
+def _npz_array(z) -> np.ndarray:
+    """The token array of an opened ``.npz``: ``tokens``, or its only array. A zip archive whose members are not
+    NumPy arrays (``torch.save`` writes such files) is refused, and nothing in it is read."""
+    members = z.zip.namelist()
+    if not members or not all(m.endswith(".npy") for m in members):
+        more = " ..." if len(members) > 3 else ""
+        raise ValueError(
+            f"it is a zip archive but not NumPy's .npy or .npz (members {members[:3]}{more}; torch.save writes such "
+            "files): save the ids with numpy.save or numpy.savez"
+        )
+    keys = list(z.files)
+    key = "tokens" if "tokens" in keys else (keys[0] if len(keys) == 1 else None)
+    if key is None:
+        raise ValueError(f"it holds {keys}: name the array 'tokens' or keep only one")
+    return z[key]
+
+
+def _text_ids(p: Path) -> np.ndarray:
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        row = []
+        for t in line.replace(",", " ").split():
+            try:
+                row.append(int(t))
+            except ValueError:
+                raise ValueError(f"line {n}: {t[:20]!r} is not an integer token id") from None
+        if row:
+            rows.append(row)
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError("its lines have different numbers of tokens; give sequences of one length")
+    return np.asarray(rows, dtype=np.int64)
 
 
 def load_tokens(
     path: str | os.PathLike, *, vocab_size: int | None = None, n_ctx: int | None = None
 ) -> torch.Tensor:
-    """Token ids ``(num_sequences, seq_len)`` as a LongTensor from ``.npy``, ``.npz`` or a text file.
+    """Token ids ``(num_sequences, seq_len)`` as a LongTensor from ``.npy``, ``.npz`` or a text file (``.txt``,
+    ``.csv``, ``.tsv`` or no suffix). Nothing is unpickled.
 
     Raises
     ------
     ValueError
-        Naming the file when it cannot be read as such an array, when ids are negative or not below
-        ``vocab_size``, or when sequences are longer than ``n_ctx``.
+        Naming the file when its format is not one of these, when it cannot be read as such an array, when ids
+        are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``.
     """
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"data={str(p)!r} is not a file; give a .npy, .npz or text file of token ids")
+        raise ValueError(f"data={str(p)!r} is not a file; {_FORMATS}")
     suffix = p.suffix.lower()
+    if suffix not in (".npy", ".npz", *TEXT_SUFFIXES):
+        raise ValueError(f"data={str(p)!r}: unsupported token file format {p.suffix!r}: {_FORMATS}")
     try:
-        if suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                keys = list(z.keys())
-                key = "tokens" if "tokens" in keys else (keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise ValueError(f"it holds {keys}: name the array 'tokens' or keep only one")
-                arr = z[key]
+        if suffix in (".npy", ".npz"):
+            loaded = np.load(p, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                arr = loaded
+            else:  # np.load opens any zip archive as an NpzFile, whatever the suffix
+                with loaded as z:
+                    arr = _npz_array(z)
         else:
-            rows = [
-                [int(t) for t in line.replace(",", " ").split()]
-                for line in p.read_text().splitlines()
-                if line.strip()
-            ]
-            if len({len(r) for r in rows}) > 1:
-                raise ValueError("its lines have different numbers of tokens; give sequences of one length")
-            arr = np.asarray(rows, dtype=np.int64)
-    except ValueError as e:
+            arr = _text_ids(p)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"data={str(p)!r}: cannot read token ids ({e})") from None
     if arr.ndim == 1:
         arr = arr[None]
@@ -65,7 +99,8 @@ def load_tokens(
         )
     if arr.min() < 0 or (vocab_size is not None and arr.max() >= vocab_size):
         raise ValueError(
-            f"data={str(p)!r}: token ids must lie in [0, {vocab_size}) for this model; found "
+            f"data={str(p)!r}: token ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}) "
+            f"for this model; found "
             f"{int(arr.min())}..{int(arr.max())}"
         )
     if n_ctx is not None and arr.shape[1] > n_ctx:
@@ -75,16 +110,23 @@ def load_tokens(
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def _model_and_tokens(model_dir, data, dtype, sampling: bool = False):
-    """The converted model and the tokens; ``sampling``: a half-precision checkpoint (most are saved in bfloat16)
-    is loaded in float32, since the samplers move float32 and float64 parameters only (with a warning)."""
+#: why a half-precision checkpoint is run as its float32 copy, by command
+_UPCAST_REASON = {
+    "sampling": "the samplers move float32 and float64 parameters only: sampling its float32 copy",
+    "patching": "patching effects computed in half precision are mostly rounding noise: patching its float32 copy",
+}
+
+
+def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
+    """The converted model and the tokens. ``upcast`` (``"sampling"`` or ``"patching"``): a half-precision
+    checkpoint (most are saved in bfloat16) is loaded in float32, with a warning saying why."""
     from ..models.convert import from_pretrained
 
     model = from_pretrained(model_dir, dtype=dtype)
-    if sampling and model.cfg.dtype not in (torch.float32, torch.float64):
+    if upcast is not None and model.cfg.dtype not in (torch.float32, torch.float64):
         warnings.warn(
-            f"model={str(model_dir)!r} holds {model.cfg.dtype} weights and the samplers move float32 and float64 "
-            "parameters only: sampling its float32 copy (the weights upcast exactly; --float64 for float64)",
+            f"model={str(model_dir)!r} holds {model.cfg.dtype} weights and {_UPCAST_REASON[upcast]} (the weights "
+            "upcast exactly; --float64 for float64)",
             UserWarning,
             stacklevel=3,
         )
@@ -94,9 +136,14 @@ def _model_and_tokens(model_dir, data, dtype, sampling: bool = False):
     return model, tokens
 
 
+def _count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is not valid; give an int >= 1")
+    return value
+
+
 def _batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is not valid; give an int >= 1")
+    _count("batch_size", batch_size)
     return [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
 
 
@@ -114,6 +161,16 @@ def _step_summary(config: dict) -> dict:
     return {"step_size": float(config["step_size"]), "auto_step": rep["reason"] if rep else None}
 
 
+def llc_error_text(mean: float, se: float, std: float, num_chains: int) -> str:
+    """``LLC = mean +- standard error`` as the command prints it and titles its plot; with one chain (no standard
+    error) the estimate alone."""
+    if num_chains < 2:
+        return f"{mean:.4g} (1 chain: no standard error; run 2 or more chains for one)"
+    if not np.isfinite(se):
+        return f"{mean:.4g} (standard error over {num_chains} chains undefined: {se})"
+    return f"{mean:.4g} +- {se:.2g} (standard error over {num_chains} chains; std over chains {std:.2g})"
+
+
 def run_user_llc(
     model_dir: str,
     data: str,
@@ -122,22 +179,30 @@ def run_user_llc(
     batch_size: int = 8,
     num_chains: int = 4,
     num_draws: int = 100,
-    num_burnin_steps: int = 0,
+    num_burnin_steps: int = 100,
     step_size: float | str = "auto",
     localization: float = 100.0,
     nbeta: float | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    quiet: bool = True,
 ) -> dict:
     """Estimate the LLC of the model in ``model_dir`` on the token sequences in ``data`` (next-token loss).
 
     Writes ``llc.npz`` (:class:`~pypattern.LLCResult`), ``llc_trace.png`` and ``llc_summary.json`` into ``out``
-    and returns the summary.
+    and returns the summary. ``checkpoint``: a folder; the sampler's checkpoint ``llc_checkpoint.npz`` there is
+    written as the run goes and resumed from by the same run (a run with other settings, model or data is
+    refused). ``quiet=False`` shows the sampler's progress bars.
     """
     from ..losses import batch_loss
     from ..sampling import estimate_llc
 
-    model, tokens = _model_and_tokens(model_dir, data, dtype, sampling=True)
+    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
+    ck = None
+    if checkpoint is not None:
+        Path(checkpoint).mkdir(parents=True, exist_ok=True)
+        ck = os.path.join(checkpoint, "llc_checkpoint.npz")
     res = estimate_llc(
         model,
         _batches(tokens, batch_size),
@@ -149,19 +214,25 @@ def run_user_llc(
         localization=localization,
         nbeta=nbeta,
         seed=seed,
-        quiet=True,
+        checkpoint=ck,
+        quiet=quiet,
     )
     Path(out).mkdir(parents=True, exist_ok=True)
     res.save(os.path.join(out, "llc.npz"))
+    n_chains = len(np.asarray(res.llc_per_chain).ravel())
+    text = llc_error_text(float(res.llc_mean), float(res.llc_se), float(res.llc_std), n_chains)
     plot = None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        fig = res.plot()
+        fig = res.plot(title=f"LLC = {text}")
         fig = getattr(fig, "figure", fig)
         plot = os.path.join(out, "llc_trace.png")
         fig.savefig(plot, dpi=100)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     except ImportError:  # pragma: no cover - matplotlib is optional
         pass
     summary = {
@@ -173,7 +244,10 @@ def run_user_llc(
         "llc_std": float(res.llc_std),
         "llc_se": float(res.llc_se),
         "llc_per_chain": [float(v) for v in np.asarray(res.llc_per_chain).ravel()],
+        "llc_text": text,
+        "num_burnin_steps": int(num_burnin_steps),
         **_step_summary(res.sample.config),
+        "checkpoint": ck,
         "result": os.path.join(out, "llc.npz"),
         "plot": plot,
     }
@@ -196,12 +270,17 @@ def run_user_patch(
     positions for ``z``), denoising, with the metric KL(P_clean || P_run) at the last position.
 
     ``corrupted`` is a token file of the same shape (symmetric token replacement, recommended); without it the
-    corrupted run adds Gaussian noise (3x the embeddings' std) to every token embedding. Writes one CSV per site
-    and ``patch_summary.json`` into ``out``.
+    corrupted run adds Gaussian noise (3x the embeddings' std) to every token embedding. A half-precision
+    checkpoint is patched as its float32 copy (with a warning). Writes one CSV per site (normalised means: 1 =
+    the clean run restored, 0 = no change from the corrupted run) and ``patch_summary.json`` into ``out``; the
+    summary's ``top`` are the largest normalised effects, as in the CSV.
     """
     from ..patching import KL, GaussianNoise, activation_patching
 
-    model, clean = _model_and_tokens(model_dir, data, dtype)
+    _count("max_prompts", max_prompts)
+    if not sites:
+        raise ValueError("sites is empty: give at least one site")
+    model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching")
     clean = clean[:max_prompts]
     corr = None
     if corrupted is not None:
@@ -223,8 +302,13 @@ def run_user_patch(
         res = activation_patching(model, site, clean, corr, metric=KL(), corruption=corruption)
         path = os.path.join(out, f"patch_{site}.csv")
         res.to_csv(path)
-        top = res.top(3)
-        summary["sites"][site] = {"table": path, "top": [[c, float(v)] for c, v in top]}
+        normalized = res.corrupted is not None  # what to_csv writes
+        top = res.top(3, normalized=normalized)
+        summary["sites"][site] = {
+            "table": path,
+            "top": [[c, float(v)] for c, v in top],
+            "normalized": normalized,
+        }
     summary["summary"] = _write(out, "patch_summary.json", summary)
     return summary
 
@@ -238,18 +322,25 @@ def run_user_chi(
     num_probe: int = 8,
     num_chains: int = 4,
     num_draws: int = 50,
+    num_burnin_steps: int = 50,
     step_size: float | str = "auto",
     localization: float = 100.0,
     nbeta: float | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    quiet: bool = True,
 ) -> dict:
     """Per-token susceptibilities of every head, MLP and the embedding of the model in ``model_dir``, probed on
     the first ``num_probe`` sequences of ``data`` and sampled on all of them. Writes ``chi.npz``
-    (:class:`~pypattern.SusceptibilityResult`), ``chi.csv`` and ``chi_summary.json`` into ``out``."""
+    (:class:`~pypattern.SusceptibilityResult`), ``chi.csv`` (one row per component, named in the first column;
+    one column per probe token, ``s<sequence>p<position>``) and ``chi_summary.json`` into ``out``.
+    ``checkpoint``: a folder where finished components and the running one are kept, and from which the same run
+    resumes (a run with other settings, model or data is refused). ``quiet=False`` shows progress bars."""
     from ..susceptibility import susceptibilities
 
-    model, tokens = _model_and_tokens(model_dir, data, dtype, sampling=True)
+    _count("num_probe", num_probe)
+    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
     components = [c for c in model.components() if c != "unembed"]
     res = susceptibilities(
         model,
@@ -258,26 +349,35 @@ def run_user_chi(
         components,
         num_chains=num_chains,
         num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps,
         step_size=step_size,
         localization=localization,
         nbeta=nbeta,
         seed=seed,
-        quiet=True,
+        checkpoint=checkpoint,
+        quiet=quiet,
     )
     Path(out).mkdir(parents=True, exist_ok=True)
     res.save(os.path.join(out, "chi.npz"))
     chi = np.asarray(res.chi)
-    np.savetxt(
-        os.path.join(out, "chi.csv"), chi, delimiter=",", header=",".join(map(str, range(chi.shape[1])))
-    )
+    columns = [f"s{int(i)}p{int(j)}" for i, j in zip(res.probe_sample, res.probe_position)]
+    import csv
+
+    with open(os.path.join(out, "chi.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["component", *columns])
+        for name, row in zip(res.components, chi):
+            w.writerow([name, *(repr(float(v)) for v in row)])
     pca = res.pca(n_components=min(3, *chi.shape))
     summary = {
         "model": str(model_dir),
         "data": str(data),
         "components": list(res.components),
         "chi_shape": list(chi.shape),
+        "num_burnin_steps": int(num_burnin_steps),
         "explained_variance_ratio": [float(v) for v in np.asarray(pca.explained_variance_ratio).ravel()],
         **_step_summary(res.settings),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
         "result": os.path.join(out, "chi.npz"),
         "table": os.path.join(out, "chi.csv"),
     }

@@ -1,0 +1,179 @@
+"""The command line's errors: flags checked when parsed (naming the flag), flags refused where they do not apply,
+and errors met while running ending in one line `pypattern <command>: error: ...` (exit status 2), not a
+traceback. None of these runs a model: each ends before any work."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pypattern import cli
+
+
+def _fails(argv, capsys) -> str:
+    """Run the command, check it exits with status 2 and return stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+M = ["--model", "m", "--data", "d.npy"]  # never read: every case below fails first
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "2.5", "x"])
+@pytest.mark.parametrize(
+    "cmd, flag",
+    [
+        (["patch", *M], "--max-prompts"),
+        (["chi", *M], "--num-probe"),
+        (["chi", *M], "--batch-size"),
+        (["llc", *M], "--batch-size"),
+        (["llc", *M], "--num-chains"),
+        (["chi", *M], "--num-draws"),
+        (["circuit"], "--steps"),
+        (["circuit"], "--ig-steps"),
+    ],
+)
+def test_counts_are_positive_integers(cmd, flag, value, capsys):
+    err = _fails([*cmd, flag, value], capsys)
+    assert f"argument {flag}: must be an integer >= 1, got '{value}'" in err
+
+
+def test_burn_in_may_be_zero_but_not_negative(capsys):
+    err = _fails(["llc", *M, "--num-burnin-steps", "-1"], capsys)
+    assert "argument --num-burnin-steps: must be an integer >= 0" in err
+    args = cli._parser().parse_args(["llc", *M, "--num-burnin-steps", "0"])
+    assert args.num_burnin_steps == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["patch", *M, "--sites", ""], "argument --sites: give one or more of resid_pre"),
+        (["patch", *M, "--sites", " , "], "argument --sites: give one or more of"),
+        (["patch", *M, "--sites", "z,resid"], "argument --sites: unknown site(s) resid"),
+        (["circuit", "--fraction", "2"], "argument --fraction: must be a number in (0, 1]"),
+        (["circuit", "--fraction", "0"], "argument --fraction: must be a number in (0, 1]"),
+        (["circuit", "--methods", ""], "argument --methods: give one or more of eap, eap-ig, exact"),
+        (["circuit", "--methods", "eap,acdc"], "argument --methods: give one or more of"),
+        (["llc", *M, "--step-size", "-1"], "argument --step-size: must be a number > 0 or 'auto'"),
+        (["llc", *M, "--localization", "0"], "argument --localization: must be a number > 0"),
+        (["chi", *M, "--nbeta", "-3"], "argument --nbeta: must be a number > 0"),
+    ],
+)
+def test_values_are_checked_when_parsed(argv, message, capsys):
+    assert message in _fails(argv, capsys)
+
+
+def test_parsed_lists_and_defaults():
+    args = cli._parser().parse_args(["patch", *M, "--sites", "z, resid_pre,z"])
+    cli._resolve(cli._parser().commands["patch"], args)
+    assert args.sites == ("z", "resid_pre") and args.max_prompts == 8 and args.corrupted is None
+    args = cli._parser().parse_args(["llc", *M])
+    cli._resolve(cli._parser().commands["llc"], args)
+    assert (args.num_chains, args.num_draws, args.num_burnin_steps, args.step_size) == (4, 100, 100, "auto")
+    assert args.checkpoint is None and not args.quiet and not args.float64
+    args = cli._parser().parse_args(["chi", *M])
+    cli._resolve(cli._parser().commands["chi"], args)
+    assert (args.num_probe, args.num_draws, args.num_burnin_steps) == (8, 50, 50)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["llc", "--num-chains", "2", "--nbeta", "3"],
+            "--num-chains, --nbeta apply only with --model DIR --data FILE",
+        ),
+        (["llc", "--num-draws", "5"], "--num-draws applies only with --model DIR --data FILE"),
+        (
+            ["llc", "--step-size", "1e-4", "--localization", "10", "--seed", "1"],
+            "--step-size, --localization, --seed",
+        ),
+        (
+            ["llc", "--batch-size", "4", "--num-burnin-steps", "3"],
+            "--batch-size, --num-burnin-steps apply only",
+        ),
+        (["llc", "--checkpoint", "ck", "--float64"], "--float64, --checkpoint apply only with --model"),
+        (["patch", "--sites", "z", "--max-prompts", "3"], "--sites, --max-prompts apply only with --model"),
+        (["patch", "--corrupted", "c.npy"], "--corrupted applies only with --model DIR --data FILE"),
+        (["circuit", "--corrupted", "c.npy"], "--corrupted applies only with --model DIR --data FILE"),
+        (["patch", *M, "--quick"], "--quick applies only to the built-in demo"),
+        (["llc", *M, "--quick"], "--quick applies only to the built-in demo"),
+        (["circuit", *M, "--steps", "3", "--seed", "2"], "--seed, --steps apply only to the built-in task"),
+    ],
+)
+def test_flags_given_where_they_do_not_apply_are_refused(argv, message, capsys):
+    err = _fails(argv, capsys)
+    assert f"pypattern {argv[0]}: error: {message}" in err
+
+
+def test_an_existing_file_as_out_or_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for argv in (["llc", "--quick"], ["patch", "--quick"], ["circuit"], ["demo", "cka", "--quick"]):
+        err = _fails([*argv, "--out", str(f)], capsys)
+        assert f"pypattern {argv[0]}: error: --out {str(f)!r} is an existing file; give a folder" in err
+    err = _fails(["llc", *M, "--checkpoint", str(f)], capsys)
+    assert "--checkpoint" in err and "is an existing file" in err
+    assert f.read_text() == "x"
+
+
+def test_errors_while_running_end_in_one_line_or_a_traceback_with_pypattern_debug(
+    tmp_path, capsys, monkeypatch
+):
+    np.save(tmp_path / "t.npy", np.zeros((2, 3), dtype=np.int64))
+    argv = ["patch", "--model", str(tmp_path / "no-such-model"), "--data", str(tmp_path / "t.npy")]
+    argv += ["--out", str(tmp_path / "out")]
+    err = _fails(argv, capsys)
+    assert err.startswith("pypattern patch: error: ") and err.count("\n") == 1
+    assert "no-such-model" in err
+    # a token file of an unsupported format: refused before the model is read, in one line
+    (tmp_path / "t.pt").write_bytes(b"\x80\x02not a token file")
+    err = _fails([*argv[:3], "--data", str(tmp_path / "t.pt")], capsys)
+    assert err.startswith("pypattern patch: error: ") and "unsupported token file format '.pt'" in err
+    monkeypatch.setenv("PYPATTERN_DEBUG", "1")
+    with pytest.raises((ValueError, OSError)):
+        cli.main(argv)
+
+
+def test_circuit_library_errors_end_in_one_line(tmp_path, capsys):
+    """A ValueError raised inside the run (here: a prompt file that is not one) is printed in one line."""
+    (tmp_path / "cfg").mkdir()
+    argv = ["circuit", "--model", str(tmp_path / "cfg"), "--data", str(tmp_path / "p.npz")]
+    err = _fails([*argv, "--quiet", "--out", str(tmp_path / "out")], capsys)
+    assert err.startswith("pypattern circuit: error: ") and "config.json" in err
+
+
+def test_llc_demo_shows_progress_unless_quiet(monkeypatch, tmp_path):
+    import pypattern.experiments.llc_demo as demo
+
+    seen = []
+
+    def fake(out, **kw):
+        seen.append(kw)
+        return {"result": "r", "plot": "p"}
+
+    monkeypatch.setattr(demo, "run_llc_demo", fake)
+    assert cli.main(["llc", "--out", str(tmp_path)]) == 0
+    assert cli.main(["llc", "--quiet", "--out", str(tmp_path)]) == 0
+    assert [kw["quiet"] for kw in seen] == [False, True]
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`pypattern backends | head -3`: the reader closes the pipe before the output is written."""
+    r = subprocess.Popen(
+        [sys.executable, "-m", "pypattern", "backends"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    r.stdout.close()  # before the interpreter has even imported pypattern
+    err = r.stderr.read().decode()
+    r.wait(timeout=300)
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+    assert r.returncode in (0, 1)
