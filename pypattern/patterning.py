@@ -12,8 +12,11 @@ Re-weighting the data with per-point weights ``w`` (mean 1; weight 1 is the orig
 perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` finds the intervention that moves
 ``mu`` by a target ``d mu``:
 
-* ``"pinv"``: the minimum-norm ``h = chi^+ d mu`` (exact when the target is reachable);
-* ``"ridge"``: ``h = chi^T (chi chi^T + alpha I)^-1 d mu`` (shrinks noisy directions of ``chi``);
+* ``"pinv"``: the minimum-norm ``h = chi_c^+ d mu`` (exact when the target is reachable);
+* ``"ridge"``: ``h = chi_c^T (chi_c chi_c^T + alpha I)^-1 d mu`` (shrinks noisy directions of ``chi``);
+
+  with ``chi_c = chi (I - 1 1^T / N)``, each row centred: ``h`` then sums to 0, so the weights have mean 1 and the
+  response predicted is the one a re-weighting applies (a uniform part of ``h`` is no re-weighting at all);
 * ``"constrained"``: weights ``w >= min_weight`` with ``mean(w) = 1`` exactly, minimising
   ``|chi (w - 1)/N - d mu|^2 + alpha |w - 1|^2 / N`` (scipy's SLSQP), i.e. a real re-weighting of the data with
   minimal deviation from uniform. When the columns are groups of unequal size, ``fractions`` (each group's share
@@ -43,9 +46,10 @@ class Intervention:
     Attributes
     ----------
     h : ndarray (N,)
-        Data perturbation (mixing weights towards each point; sums to 0 for ``"constrained"``).
+        Data perturbation (mixing weights towards each point; sums to 0).
     weights : ndarray (N,)
-        Per-point data weights ``1 + N h`` (mean 1). Only ``"constrained"`` guarantees them non-negative.
+        Per-point data weights ``1 + N h`` (mean 1). Only ``"constrained"`` guarantees them non-negative
+        (``>= min_weight``).
     predicted : ndarray (K,)
         The predicted response ``chi @ h``.
     target : ndarray (K,)
@@ -91,7 +95,7 @@ def invert(
     *,
     method: str = "pinv",
     alpha: float = 0.0,
-    min_weight: float = 0.0,
+    min_weight: float | None = None,
     max_weight: float | None = None,
     rcond: float | None = None,
     fractions=None,
@@ -107,8 +111,9 @@ def invert(
     method : {"pinv", "ridge", "constrained"}
     alpha : float
         Ridge strength (``"ridge"``, must be > 0) or the penalty on ``|w - 1|^2 / N`` (``"constrained"``).
-    min_weight, max_weight : float
-        Bounds on the weights for ``"constrained"`` (default: non-negative, unbounded above).
+    min_weight, max_weight : float, optional
+        Bounds on the weights for ``"constrained"`` only (default: non-negative, unbounded above; ``min_weight``
+        must be >= 0: a weight is a multiplicity of data).
     rcond : float, optional
         Cut-off for small singular values in ``"pinv"``.
     fractions : array (N,), optional
@@ -125,16 +130,30 @@ def invert(
     for arg, val in (("min_weight", min_weight), ("max_weight", max_weight)):
         if val is not None and (not isinstance(val, int | float | np.number) or np.isnan(val)):
             raise ValueError(f"{arg}={val!r} is not valid; give a number (or None for max_weight)")
-    if not np.isfinite(alpha) or alpha < 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.number) or not np.isfinite(alpha):
+        raise ValueError(f"alpha={alpha!r} is not valid; give a finite number >= 0")
+    if alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if method in ("pinv", "ridge") and (min_weight is not None or max_weight is not None):
+        raise ValueError(
+            f"min_weight/max_weight bound the weights of method='constrained' only; method={method!r} does not "
+            "bound them (its weights may be negative): use method='constrained'"
+        )
+    if min_weight is None:
+        min_weight = 0.0
+    if min_weight < 0:
+        raise ValueError(
+            f"min_weight={min_weight!r} is not valid; weights are data multiplicities, give >= 0"
+        )
     if fractions is not None and method != "constrained":
         raise ValueError(f"fractions apply to method='constrained' only, got method={method!r}")
+    chi_c = chi - chi.mean(1, keepdims=True)  # chi on sum-zero perturbations (mean-1 weights)
     if method == "pinv":
-        h = np.linalg.pinv(chi, rcond=rcond if rcond is not None else 1e-12) @ tgt
+        h = np.linalg.pinv(chi_c, rcond=rcond if rcond is not None else 1e-12) @ tgt
     elif method == "ridge":
         if alpha <= 0:
             raise ValueError(f"method='ridge' needs alpha > 0, got {alpha}")
-        h = chi.T @ np.linalg.solve(chi @ chi.T + alpha * np.eye(k), tgt)
+        h = chi_c.T @ np.linalg.solve(chi_c @ chi_c.T + alpha * np.eye(k), tgt)
     elif method == "constrained":
         c = np.ones(n) if fractions is None else np.asarray(fractions, dtype=np.float64).reshape(-1)
         if c.shape != (n,) or not np.isfinite(c).all() or (c <= 0).any():
@@ -144,6 +163,8 @@ def invert(
         h = _constrained(chi, tgt, alpha, min_weight, max_weight, c * (n / c.sum()))
     else:
         raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {method!r}")
+    if method != "constrained":
+        h = h - h.mean()  # exactly sum-zero (it is, to rounding)
     pred = chi @ h
     norm = np.linalg.norm(tgt)
     resid = float(np.linalg.norm(pred - tgt) / norm) if norm > 0 else float(np.linalg.norm(pred))
@@ -284,8 +305,8 @@ class OnlinePatterner:
         every: int = 100,
         invert_kwargs: dict | None = None,
     ):
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
         self.estimate_chi, self.target, self.measure, self.every = estimate_chi, target, measure, every
         self.invert_kwargs = {"method": "constrained", **(invert_kwargs or {})}
         self.history: list[tuple[int, Intervention]] = []

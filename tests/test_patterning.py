@@ -15,6 +15,7 @@ def _system(k, n, seed=0):
 def test_pinv_recovers_planted_intervention_overdetermined():
     chi, rng = _system(12, 5)
     h_true = rng.normal(size=5) * 0.01
+    h_true -= h_true.mean()  # a re-weighting: mean-1 weights
     iv = invert(chi, chi @ h_true, method="pinv")
     np.testing.assert_allclose(iv.h, h_true, rtol=1e-10, atol=1e-14)
     assert iv.residual < 1e-10
@@ -24,12 +25,41 @@ def test_pinv_recovers_planted_intervention_overdetermined():
 def test_pinv_minimum_norm_underdetermined():
     chi, rng = _system(3, 40)
     h_true = rng.normal(size=40) * 0.01
+    h_true -= h_true.mean()
     iv = invert(chi, chi @ h_true)
     np.testing.assert_allclose(chi @ iv.h, chi @ h_true, atol=1e-12)  # target reached exactly
     assert np.linalg.norm(iv.h) <= np.linalg.norm(h_true) + 1e-15  # with the smallest intervention
-    # the minimum-norm solution lies in the row space of chi
-    proj = chi.T @ np.linalg.lstsq(chi.T, iv.h, rcond=None)[0]
+    # the minimum-norm sum-zero solution lies in the row space of the row-centred chi
+    chi_c = chi - chi.mean(1, keepdims=True)
+    proj = chi_c.T @ np.linalg.lstsq(chi_c.T, iv.h, rcond=None)[0]
     np.testing.assert_allclose(proj, iv.h, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["pinv", "ridge"])
+def test_unconstrained_weights_have_mean_one_and_their_response_is_the_predicted_one(method):
+    """Rows of an estimated chi do not sum to 0: h is still sum-zero, so the weights have mean 1, and the
+    response of the re-weighting they describe (renormalised or not) is ``predicted``."""
+    chi, rng = _system(2, 30)
+    chi += 0.5  # rows far from summing to 0
+    tgt = rng.normal(size=2) * 0.01
+    iv = invert(chi, tgt, method=method, **({"alpha": 1e-8} if method == "ridge" else {}))
+    assert abs(iv.weights.mean() - 1) < 1e-12 and abs(iv.h.sum()) < 1e-14
+    applied = (iv.weights / iv.weights.mean() - 1) / 30
+    np.testing.assert_allclose(chi @ applied, iv.predicted, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(iv.predicted, tgt, rtol=1e-5)
+
+
+def test_weight_bounds_and_settings_are_checked():
+    chi, rng = _system(2, 6)
+    tgt = rng.normal(size=2) * 0.01
+    with pytest.raises(
+        ValueError, match="min_weight/max_weight bound the weights of method='constrained' only"
+    ):
+        invert(chi, tgt, method="pinv", min_weight=0.0)
+    with pytest.raises(ValueError, match="min_weight=-1 is not valid; weights are data multiplicities"):
+        invert(chi, tgt, method="constrained", min_weight=-1)
+    with pytest.raises(ValueError, match="alpha='1' is not valid"):
+        invert(chi, tgt, method="ridge", alpha="1")
 
 
 def test_ridge_tends_to_pinv_and_shrinks():
