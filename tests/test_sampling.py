@@ -1127,3 +1127,27 @@ def test_batched_chains_show_their_own_weights_to_losses_observables_and_callbac
         np.testing.assert_allclose(b.observables[k], a.observables[k], rtol=1e-9)
     np.testing.assert_allclose(np.sort(sb), np.sort(sa), rtol=1e-9)
     assert sb.max() > 1e-3  # the chains moved, and the callback saw it
+
+
+def test_loss_callbacks_restrictions_and_masks_of_the_wrong_kind_are_named():
+    model, loader = _mlp_task()
+    with pytest.raises(TypeError, match="loss_fn=3 is not callable"):
+        _run(model, loader, loss_fn=3)
+    with pytest.raises(TypeError, match=r"callbacks\[0\]=3 is not callable"):
+        _run(model, loader, callbacks=[3])
+    with pytest.raises(TypeError, match="restrict_to=3 is not valid"):
+        _run(model, loader, restrict_to=3)
+    with pytest.raises(
+        ValueError, match=r"masks\['0.weight'\] has shape \(3,\); the parameter's is \(8, 6\)"
+    ):
+        _run(model, loader, masks={"0.weight": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(TypeError, match=r"masks\['0.weight'\] has dtype torch.int64"):
+        _run(model, loader, masks={"0.weight": torch.ones(8, 6, dtype=torch.long)})
+    for batched in (False, True):
+        with pytest.raises(ValueError, match="loss_fn returned a loss with no gradient"):
+            _run(
+                model,
+                loader,
+                batched=batched,
+                loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]).detach(),
+            )

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..ops.sgld import FLAG_GRAD_NONFINITE
-from .context import LossContractError, RunContext
+from .context import NO_GRADIENT, LossContractError, RunContext
 from .data import ChainData, to_device
 from .samplers import StackedSamplerState
 from .sequential import extra_outputs
@@ -199,6 +199,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             bad = np.flatnonzero(~np.isfinite(lvs[-1]))
             if bad.size:
                 raise ctx.diverged(chains[bad[0]], t, f"the loss is {lvs[-1][bad[0]]}")
+            if not losses.requires_grad:
+                raise LossContractError(NO_GRADIENT)
             gj = torch.autograd.grad(
                 losses.sum() / accum if accum > 1 else losses.sum(), list(leaves.values())
             )

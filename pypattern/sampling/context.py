@@ -36,6 +36,12 @@ class Stopped(Exception):
     """Another group of chains failed (cores > 1): this one stops."""
 
 
+NO_GRADIENT = (
+    "loss_fn returned a loss with no gradient (a constant, or computed from detached tensors or under no_grad): "
+    "the sampler needs the loss as a differentiable function of the model's parameters"
+)
+
+
 class LossContractError(ValueError):
     """``loss_fn`` returned something other than one number: the caller's error, raised as it is by the batched
     loop too (not taken for a model that does not run under vmap)."""

@@ -223,6 +223,16 @@ def make_plan(
 ) -> RunPlan:
     """Check the arguments of :func:`pypattern.sample` and resolve them into a :class:`RunPlan`; errors name the
     argument, the value and what would be valid."""
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn={loss_fn!r} is not callable; give a function (model, batch) -> loss, or None"
+        )
+    if callable(callbacks) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks={callbacks!r} is not valid; give a list of functions")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}]={cb!r} is not callable")
     # numpy integers and floats are numbers: converted here, so a run fingerprints the same either way
     C = _int_at_least("num_chains", num_chains, 1)
     D = _int_at_least("num_draws", num_draws, 1)
@@ -271,6 +281,12 @@ def make_plan(
             raise TypeError(f"runs[{r}] must be a (restrict_to, masks) pair, got {spec!r}")
         r_restrict, r_masks = spec
         where = f"runs[{r}]: " if runs is not None else ""
+        if r_restrict is not None and not isinstance(r_restrict, str):
+            if not isinstance(r_restrict, Iterable) or not all(isinstance(x, str) for x in r_restrict):
+                raise TypeError(
+                    f"{where}restrict_to={r_restrict!r} is not valid; give a parameter-name pattern (str), a list of "
+                    "them, or None"
+                )
         patterns = [r_restrict] if isinstance(r_restrict, str) else list(r_restrict or [])
         moving = [n for n in named if not patterns or matches(n, patterns)]
         if not moving:
@@ -279,9 +295,16 @@ def make_plan(
         unknown = set(r_masks) - set(moving)
         if unknown:
             raise ValueError(f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}")
+        shapes = dict(model.named_parameters())
         for n, m in r_masks.items():
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"{where}masks[{n!r}] must be a tensor, got {type(m).__name__}")
+            if tuple(m.shape) != tuple(shapes[n].shape):
+                raise ValueError(
+                    f"{where}masks[{n!r}] has shape {tuple(m.shape)}; the parameter's is {tuple(shapes[n].shape)}"
+                )
+            if not (m.dtype == torch.bool or m.is_floating_point()):
+                raise TypeError(f"{where}masks[{n!r}] has dtype {m.dtype}; give a bool or float (0/1) mask")
             if m.is_floating_point() and not bool(torch.isfinite(m).all()):
                 raise ValueError(f"{where}masks[{n!r}] has NaN or Inf entries: give 0/1 (or finite) values")
         if r_masks and all(n in r_masks and not bool(r_masks[n].any()) for n in moving):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .context import RunContext
+from .context import NO_GRADIENT, LossContractError, RunContext
 from .data import ChainData, to_device
 from .optim import SGLD
 from .samplers import chain_sampler
@@ -81,6 +81,8 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                     raise ctx.diverged(g, t, f"the loss is {vals[-1]}")
                 if j == 0:
                     batch, out = b, o
+                if not loss.requires_grad:
+                    raise LossContractError(NO_GRADIENT)
                 (loss / accum if accum > 1 else loss).backward()
             lv = vals[0] if accum == 1 else float(np.mean(vals))
             d = plan.is_draw(t)
