@@ -520,3 +520,19 @@ def test_overflowing_update_is_not_written_and_names_the_tensor(backend, device,
     """A huge finite gradient (1e38 in float32, 1e308 in float64) whose update overflows, NaN/Inf gradients
     elsewhere, a non-contiguous view and an empty tensor: see tests/_overflow_case.py."""
     check_step("sgld_step_", backend, device, dtype, extras)
+
+
+def test_a_tensor_listed_twice_or_a_gradient_aliasing_its_parameter_is_refused():
+    from pypattern import sgld_step_
+
+    w = torch.randn(5, 4)
+    g, a = torch.randn(5, 4), w.clone()
+    kw = dict(step_size=1e-3, nbeta=10.0, localization=1.0, seed=0, step=0)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        sgld_step_([w, w], [g, g.clone()], [a, a.clone()], **kw)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        sgld_step_([w[:3], w[2:]], [g[:3], g[2:]], [a[:3], a[2:]], **kw)
+    with pytest.raises(ValueError, match=r"grads\[0\] shares memory with params\[0\]"):
+        sgld_step_([w], [w], [a], **kw)
+    # disjoint views of one tensor are fine
+    sgld_step_([w[:2], w[2:]], [g[:2], g[2:]], [a[:2], a[2:]], **kw)

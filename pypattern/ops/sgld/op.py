@@ -115,7 +115,33 @@ def validate_inputs(params, grads, anchors, masks):
                 f"anchors[{i}] shares memory with params[{i}]: the anchors must be a copy of the trained weights "
                 "(e.g. [p.detach().clone() for p in params]), else the pull towards them is always 0"
             )
+        if _overlap(w, g):
+            raise ValueError(
+                f"grads[{i}] shares memory with params[{i}]: the step would read a gradient it is overwriting; give "
+                "the gradient in its own tensor"
+            )
+    _check_distinct(params)
     return params, grads, anchors, masks, device
+
+
+def _check_distinct(params) -> None:
+    """No two params share memory: each would be stepped once per appearance (tied weights are one tensor, listed
+    once)."""
+    by_storage: dict = {}
+    for i, w in enumerate(params):
+        if w.numel() == 0:
+            continue
+        try:
+            key = (w.device, w.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):
+            key = (w.device, w.data_ptr())
+        for j in by_storage.get(key, ()):
+            if _overlap(params[j], w):
+                raise ValueError(
+                    f"params[{j}] and params[{i}] share memory: each would be stepped once per appearance; list "
+                    "every tensor once (tied weights as one tensor)"
+                )
+        by_storage.setdefault(key, []).append(i)
 
 
 def _overlap(x: torch.Tensor, y: torch.Tensor) -> bool:
