@@ -178,13 +178,22 @@ def _zero_constant(self_hsic: torch.Tensor, reps: Sequence[torch.Tensor]) -> tor
 
 def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
     den = xx * yy
-    if bool((den <= 0).any()):
+    ok = (xx > 0) & (yy > 0)  # each self-HSIC positive (two negative ones make a positive product)
+    if not bool(ok.all()):
         # a constant representation (or, debiased, a self-HSIC estimated at <= 0 from too few samples): undefined
+        ok, den = torch.broadcast_tensors(ok, den)
         out = torch.full_like(xy, math.nan)
-        ok = den > 0
-        out[ok] = xy[ok] / den[ok].sqrt()
+        ok = ok.expand_as(xy) if ok.shape != xy.shape else ok
+        out[ok] = xy[ok] / den.expand_as(xy)[ok].sqrt()
         return out
     return xy / den.sqrt()
+
+
+def _unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """``x`` divided by its largest magnitude: CKA does not change, and the fourth powers its sums hold stay in
+    range (inputs of scale 1e-20 or 1e20 in float32)."""
+    m = x.abs().max() if x.numel() else x.new_zeros(())
+    return x / m if bool(m > 0) and bool(torch.isfinite(m)) else x
 
 
 def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float64) -> float:
@@ -197,7 +206,8 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     x = _as_features(x, "x", _min_samples(debiased), dtype)
     y = _as_features(y, "y", _min_samples(debiased), dtype)
     _check_pair(x, y)
-    xy, xx, yy = _hsic_features_all([x], [y], debiased)
+    # the form with fewer multiply-adds (the n x n Grams when there are fewer samples than features)
+    xy, xx, yy = _hsic_all([_unit_scale(x)], [_unit_scale(y)], debiased, "auto")
     xx, yy = _zero_constant(xx, [x]), _zero_constant(yy, [y])
     return float(_cka_from_hsic(xy[0, 0], xx[0], yy[0]))
 
@@ -251,24 +261,24 @@ def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, de
         cur.append(j)
         width += y.shape[1]
     chunks.append(cur)
-    cross = cy[0].new_zeros(len(cx), len(cy))
+    cross = torch.zeros(len(cx), len(cy), dtype=torch.float64, device=cy[0].device)
     for idx in chunks:
         zy = torch.cat([cy[j] for j in idx], 1)
         widths = [cy[j].shape[1] for j in idx]
         for a, x in enumerate(cx):
-            prod = x.T @ zy
+            prod = (x.T @ zy).double()  # a float32 product's squares summed in float64
             cross[a, idx] = torch.stack([c.sum() for c in (prod * prod).sum(0).split(widths)])
-    cross = cross.double()  # the products may be float32; every sum below is float64
+    cross = cross.double()
     if ys is None:
         self_x = self_y = torch.diagonal(cross).clone()
     else:
-        self_x = torch.stack([torch.linalg.matrix_norm(x.T @ x) ** 2 for x in cx]).double()
-        self_y = torch.stack([torch.linalg.matrix_norm(y.T @ y) ** 2 for y in cy]).double()
+        self_x = torch.stack([(x.T @ x).double().square().sum() for x in cx])
+        self_y = torch.stack([(y.T @ y).double().square().sum() for y in cy])
     if not debiased:
         norm = (n - 1) ** 2
         return cross / norm, self_x / norm, self_y / norm
-    qx = torch.stack([(x * x).sum(1) for x in cx], 1).double()  # (n, A)
-    qy = qx if ys is None else torch.stack([(y * y).sum(1) for y in cy], 1).double()
+    qx = torch.stack([x.double().square().sum(1) for x in cx], 1)  # (n, A)
+    qy = qx if ys is None else torch.stack([y.double().square().sum(1) for y in cy], 1)
 
     def unbiased(tr_full, q, p, qp):  # tr_full = ||X^T Y||_F^2, q, p = sums of row norms, qp = sum q_i p_i
         tr = tr_full - qp
@@ -333,7 +343,8 @@ def cka_matrix(
         _check_pair(xs[0], x, "xs[0]", f"xs[{i}]")
     for j, y in enumerate(ys):
         _check_pair(xs[0], y, "xs[0]", f"ys[{j}]")
-    num, sx, sy = _hsic_all(xs, None if same else ys, debiased, method)
+    sxs = [_unit_scale(x) for x in xs]
+    num, sx, sy = _hsic_all(sxs, None if same else [_unit_scale(y) for y in ys], debiased, method)
     sx, sy = _zero_constant(sx, xs), _zero_constant(sy, ys)
     return _cka_from_hsic(num, sx[:, None], sy[None, :])
 

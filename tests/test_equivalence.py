@@ -491,3 +491,20 @@ def test_equivalence_demo_runs_small(tmp_path):
             0 <= d <= math.sqrt(2) + 1e-9 for d in p["procrustes"]
         )
     assert out["report"].endswith("equivalence.json")
+
+
+@pytest.mark.parametrize("n,d,scale", [(8, 20000, 1.0), (6, 2000, 1.0), (20, 30, 1e-20), (20, 30, 1e12)])
+def test_linear_cka_in_float32_equals_float64_for_wide_and_extreme_scale_inputs(n, d, scale):
+    """Wide representations (fewer samples than features) and inputs of extreme scale: float32 CKA is float64's
+    to float32 rounding (its fourth-power sums stay in range and are taken in float64)."""
+    from pypattern.equivalence import linear_cka
+
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x[:, : min(d, 40)] @ torch.randn(min(d, 40), 25, generator=g, dtype=torch.float64)
+    y = y + torch.randn(n, 25, generator=g, dtype=torch.float64) + 50.0
+    for debiased in (True, False):
+        want = linear_cka(x, y, debiased=debiased)
+        got = linear_cka(x * scale, y, debiased=debiased, dtype=torch.float32)
+        assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (debiased, got, want)
+        assert got <= 1.0 + 1e-6
