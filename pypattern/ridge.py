@@ -13,6 +13,11 @@ of ``Xc Xc^T`` when ``n <= p``, of ``Xc^T Xc`` when ``n > p``). Then, for each p
 * leverages ``h_i = 1 / n + sum_j U_ij^2 f_j``,
 * LOO residuals ``R_i / (1 - h_i)`` (exact: the LOO fit refits the intercept too).
 
+Both are taken as sums of positive terms in ``g = 1 - f = a / (w + a)``: with ``n <= p`` ``U`` is a complete
+orthonormal basis of the (centred) samples' space, so ``R = U diag(g) U^T Yc`` and ``1 - h_i = sum_j U_ij^2 g_j``;
+with ``n > p`` the parts outside the column space are added. Differences of nearly equal numbers (a penalty small
+against the features' scale) would otherwise lose every digit.
+
 Cost: the decomposition (``min(n, p)^2 max(n, p)`` for the Gram plus its eigendecomposition), ``n r t`` for
 ``U^T Yc``, ``n r t`` per penalty, and the coefficients of the chosen penalty. The criterion is the mean squared
 LOO residual over all samples and targets (one penalty for all targets), or per target (``alpha_per_target``):
@@ -86,6 +91,15 @@ class RidgeCVResult:
         return x @ self.coef + self.intercept
 
 
+def _centred_basis(n: int) -> torch.Tensor:
+    """An orthonormal basis ``(n, n - 1)`` of the vectors summing to 0: the last ``n - 1`` columns of the
+    Householder reflection that maps ``e_1`` to ``1 / sqrt(n)``."""
+    v = torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64)
+    v[0] -= 1.0
+    h = torch.eye(n, dtype=torch.float64) - 2.0 * torch.outer(v, v) / (v @ v)
+    return h[:, 1:]
+
+
 class RidgeLOO:
     """The decomposition of one design matrix ``x (n, p)``, reused by every :meth:`fit` (any targets, any
     penalties).
@@ -109,7 +123,16 @@ class RidgeLOO:
         xc = x - self.x_mean if fit_intercept else x
         self.gram_mode = n <= p
         if self.gram_mode:
-            w, u = torch.linalg.eigh(xc @ xc.T)  # (n,), (n, n)
+            # a complete orthonormal basis of the samples' space (with an intercept: of the centred space, the
+            # constant direction left out), so that residuals and 1 - leverages are sums of positive terms
+            # a / (w + a), never differences of nearly equal numbers
+            gram = xc @ xc.T
+            if fit_intercept:
+                q = _centred_basis(n)  # (n, n - 1)
+                w, v = torch.linalg.eigh(q.T @ gram @ q)
+                u = q @ v
+            else:
+                w, u = torch.linalg.eigh(gram)  # (n,), (n, n)
             self._xc = xc  # coefficients are xc^T times the dual solution
         else:
             w, v = torch.linalg.eigh(xc.T @ xc)  # (p,), (p, p)
@@ -120,6 +143,11 @@ class RidgeLOO:
         self.w = w.clamp_min(0)
         self.u = u
         self._u2 = u * u
+        # leverage outside the basis (primal form: the rest of the samples' space), 0 for a complete basis
+        base = 1.0 / n if fit_intercept else 0.0
+        # (a basis of all of the centred space leaves nothing outside: exactly 0, not a difference of ones)
+        self.complete = self.gram_mode or u.shape[1] == n - (1 if fit_intercept else 0)
+        self._outside = None if self.complete else (1.0 - base - self._u2.sum(1)).clamp_min(0)
 
     def fit(
         self, y, alphas: Sequence[float] = DEFAULT_ALPHAS, *, alpha_per_target: bool = False
@@ -133,13 +161,16 @@ class RidgeLOO:
         y_mean = y.mean(0) if self.fit_intercept else torch.zeros(y.shape[1], dtype=torch.float64)
         yc = y - y_mean if self.fit_intercept else y
         b = self.u.T @ yc  # (r, t), shared by every penalty
-        base = 1.0 / self.n if self.fit_intercept else 0.0
+        rest = None if self.complete else yc - self.u @ b  # the targets outside the column space
         mse = torch.empty(len(a), y.shape[1], dtype=torch.float64)
         for i, alpha in enumerate(a.tolist()):
-            f = self.w / (self.w + alpha)
-            resid = yc - self.u @ (f[:, None] * b)
-            h = base + self._u2 @ f
-            mse[i] = ((resid / (1.0 - h)[:, None]) ** 2).mean(0)
+            g = alpha / (self.w + alpha)  # 1 - w / (w + a), without the subtraction
+            resid = self.u @ (g[:, None] * b)
+            one_minus_h = self._u2 @ g
+            if rest is not None:
+                resid = resid + rest
+                one_minus_h = one_minus_h + self._outside
+            mse[i] = ((resid / one_minus_h[:, None]) ** 2).mean(0)
         if alpha_per_target:
             best = mse.argmin(0)  # (t,), first minimum
             d = 1.0 / (self.w[:, None] + a[best][None, :])  # (r, t)

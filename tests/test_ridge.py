@@ -99,3 +99,29 @@ def test_ridge_similarity_cv_against_numpy():
         ridge_similarity_cv(x, y, train_fraction=1.0)
     with pytest.raises(ValueError, match="same inputs"):
         ridge_similarity_cv(x, [y[:50]])
+
+
+@pytest.mark.parametrize("n,p", [(10, 12), (10, 9), (36, 416)])
+@pytest.mark.parametrize("scale", [1.0, 1e4, 1e6])
+def test_loo_is_exact_when_the_penalty_is_small_against_the_features(n, p, scale):
+    """Against explicit leave-one-out refits (each fit by a direct solve, intercept refitted): the fast LOO keeps
+    its digits when the features' scale makes every penalty tiny (there the naive residual and 1 - leverage are
+    differences of nearly equal numbers)."""
+    from pypattern.ridge import RidgeLOO
+
+    g = torch.Generator().manual_seed(n * p)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64) * scale
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    alphas = [0.1, 1.0, 10.0]
+    res = RidgeLOO(x).fit(y, alphas)
+    for k, a in enumerate(alphas):
+        errs = []
+        for i in range(n):
+            keep = torch.arange(n) != i
+            xm, ym = x[keep].mean(0), y[keep].mean(0)
+            xc, yc = x[keep] - xm, y[keep] - ym
+            dual = torch.linalg.solve(xc @ xc.T + a * torch.eye(n - 1, dtype=torch.float64), yc)
+            pred = (x[i] - xm) @ (xc.T @ dual) + ym
+            errs.append(((y[i] - pred) ** 2).mean())
+        want = torch.stack(errs).mean()
+        assert abs(float(res.loo_mse[k]) - float(want)) <= 1e-6 * float(want), (a, res.loo_mse[k], want)
