@@ -392,32 +392,60 @@ def per_sample_grad_gram(
         sites = default_sites(model, modules)
     params = _check_sites(model, sites)
     sites = [st for st in sites if any(pn in params for pn in st.params if pn is not None)]
+    if not sites:
+        hint = (
+            "; for pypattern's Transformer give sites=transformer_lens_sites(model)"
+            if hasattr(model, "blocks") and hasattr(model, "cfg")
+            else ""
+        )
+        raise ValueError(
+            "no site covers a parameter that requires grad (the default sites are the model's nn.Linear, "
+            "nn.Embedding and nn.LayerNorm modules), so the Gram would be all zeros: give sites= or modules= for "
+            f"the trainable parameters{hint}"
+        )
     caps = {c for st in sites for c in (st.out, st.inp) if c is not None}
-    records: dict[tuple[str, str], list] = {c: [] for c in caps}
-    need = {}
+    need: dict[str, set] = {}
     for mod_name, what in caps:
         need.setdefault(mod_name, set()).add(what)
     mods = dict(model.named_modules())
-    handles = []
 
-    def make_hook(mod_name, whats):
-        def hook(mod, args, out):
-            if "input" in whats:
-                records[(mod_name, "input")].append(
-                    [args[0].detach() if torch.is_tensor(args[0]) else args[0], None]
-                )
-            if "output" in whats:
-                records[(mod_name, "output")].append([out, None])
+    def capture(clone: bool):
+        """Run ``loss_fn`` with every needed module's input and output recorded (``[tensor, grad, version]``).
+        With ``clone`` each recorded output is handed on as a copy, so that an in-place op after the module (a
+        ``ReLU(inplace=True)``) changes the copy, not the tensor whose gradient is taken."""
+        records: dict[tuple[str, str], list] = {c: [] for c in caps}
 
-        return hook
+        def make_hook(mod_name, whats):
+            def hook(mod, args, out):
+                if "input" in whats:
+                    records[(mod_name, "input")].append(
+                        [args[0].detach() if torch.is_tensor(args[0]) else args[0], None, None]
+                    )
+                if "output" in whats:
+                    version = out._version if torch.is_tensor(out) else None
+                    records[(mod_name, "output")].append([out, None, version])
+                    if clone and torch.is_tensor(out):
+                        return out.clone()
+                return None
 
-    try:
-        for mod_name, whats in need.items():
-            handles.append(mods[mod_name].register_forward_hook(make_hook(mod_name, whats)))
-        losses = loss_fn(model, *inputs)
-    finally:
-        for h in handles:
-            h.remove()
+            return hook
+
+        handles = []
+        try:
+            for mod_name, whats in need.items():
+                handles.append(mods[mod_name].register_forward_hook(make_hook(mod_name, whats)))
+            losses = loss_fn(model, *inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return records, losses
+
+    records, losses = capture(clone=False)
+    changed = any(
+        rec[2] is not None and rec[0]._version != rec[2] for recs in records.values() for rec in recs
+    )
+    if changed:  # an output was overwritten in place after it was recorded: run again on copies
+        records, losses = capture(clone=True)
     if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
         raise ValueError(
             "loss_fn must return per-sample losses of shape (B,) or (B, ...) (reduction='none'), got a "

@@ -307,3 +307,36 @@ def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
     )
     with pytest.raises(NotImplementedError, match=next(iter(option))):
         transformer_lens_sites(model)
+
+
+def test_an_in_place_op_after_a_module_does_not_change_its_gradient():
+    """``ReLU(inplace=True)`` overwrites the first Linear's output after the hook recorded it: the Gram is still
+    the per-sample gradient Gram (equal to the reference and to the out-of-place model's)."""
+    from pypattern.gram import per_sample_grad_gram, per_sample_grad_gram_reference
+
+    torch.manual_seed(0)
+    grams = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=inplace), nn.Linear(7, 3)).double()
+        x = torch.randn(6, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (6,))
+
+        def loss(m, x, y):
+            return nn.functional.cross_entropy(m(x), y, reduction="none")
+
+        g = per_sample_grad_gram(net, loss, x, y)
+        torch.testing.assert_close(g, per_sample_grad_gram_reference(net, loss, x, y), rtol=1e-10, atol=1e-12)
+        grams.append(g)
+    torch.testing.assert_close(grams[1], grams[0], rtol=1e-12, atol=1e-14)
+
+
+def test_no_site_over_a_trainable_parameter_is_refused():
+    from pypattern.gram import per_sample_grad_gram
+
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no site covers a parameter that requires grad"):
+        per_sample_grad_gram(net, lambda m, x: m(x).sum(1), x)
