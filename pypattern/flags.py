@@ -231,8 +231,34 @@ def read_flags(acts: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
 
 
 # ----- overwriting ------------------------------------------------------------------------------------------
+def _check_concept_task(task, spec) -> None:
+    """The task labels concepts (``sample(..., switch_prob=)`` with ``extra['concept_pos']``) and has as many as
+    ``spec.num_concepts``."""
+    import inspect
+
+    try:
+        takes = "switch_prob" in inspect.signature(task.sample).parameters
+    except (TypeError, ValueError, AttributeError):
+        takes = False
+    if not takes:
+        raise ValueError(
+            f"task {type(task).__name__} has no concepts to flag: concept flags need a task whose sample() takes "
+            "switch_prob and labels extra['concept_pos'] (e.g. pypattern.TopicTask)"
+        )
+    n = getattr(task, "num_topics", None)
+    if isinstance(n, int) and n != spec.num_concepts:
+        raise ValueError(
+            f"spec.num_concepts={spec.num_concepts} but the task has {n} concepts (num_topics={n}); give a FlagSpec "
+            "with one concept per topic"
+        )
+
+
 def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
     """``(batch, pos)`` bool mask from None (all), an int ``p`` (positions >= p), or a bool tensor."""
+    if isinstance(positions, bool):
+        raise ValueError(
+            f"positions={positions!r} is not valid; give None (every position), an int start position or a bool mask"
+        )
     if positions is None:
         return torch.ones(b, t, dtype=torch.bool, device=device)
     if isinstance(positions, int):
@@ -467,10 +493,17 @@ def train_flags(
     ):
         if not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
             raise ValueError(f"{name}={v!r} is not valid; give a non-negative int (batch_size >= 1)")
-    if aux_weight < 0:
-        raise ValueError(f"aux_weight={aux_weight} is not valid; give >= 0")
-    if not 0.0 <= switch_prob <= 1.0:
-        raise ValueError(f"switch_prob={switch_prob} is not valid; give a value in [0, 1]")
+    if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or not aux_weight >= 0:
+        raise ValueError(f"aux_weight={aux_weight!r} is not valid; give a finite number >= 0")
+    if not math.isfinite(aux_weight):
+        raise ValueError(f"aux_weight={aux_weight!r} is not valid; give a finite number >= 0")
+    if (
+        isinstance(switch_prob, bool)
+        or not isinstance(switch_prob, int | float)
+        or not 0.0 <= switch_prob <= 1.0
+    ):
+        raise ValueError(f"switch_prob={switch_prob!r} is not valid; give a value in [0, 1]")
+    _check_concept_task(task, spec)
     g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     code = spec.code()
@@ -695,6 +728,14 @@ def flag_report(
     spec.check(model)
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'mean' or 'zero'")
+    _check_concept_task(task, spec)
+    seq_len = getattr(task, "n_ctx", None)
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 2:
+        raise ValueError(
+            f"prompt_len={prompt_len!r} is not valid; give an int >= 2 (a prompt whose last position has a concept)"
+        )
+    if seq_len is not None and prompt_len > seq_len:
+        raise ValueError(f"prompt_len={prompt_len} is longer than the task's sequences ({seq_len} tokens)")
     model.eval()
     data = task.sample(num_samples, seed=seed, switch_prob=0.0)
     acts = _hook_acts(model, data.tokens, spec)

@@ -257,3 +257,29 @@ def test_train_flags_stops_on_a_non_finite_loss():
 def test_flagspec_refuses_non_finite_values(arg, bad):
     with pytest.raises(ValueError, match=f"{arg}={bad!r} is not valid; give a finite number"):
         FlagSpec(**{arg: bad})
+
+
+def test_training_and_report_settings_are_checked():
+    """A NaN flag weight, a task without concepts or with another number of them, a bool position and prompt
+    lengths outside the sequence are refused by name (they trained or reported silently before)."""
+    from pypattern.tasks import InductionTask
+
+    model = _model()
+    with pytest.raises(ValueError, match="aux_weight=nan is not valid"):
+        train_flags(model, TASK, SPEC, stage1_steps=1, stage2_steps=0, aux_weight=float("nan"))
+    three = FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2, 3, 4, 5), num_concepts=3)
+    with pytest.raises(ValueError, match="spec.num_concepts=3 but the task has 2 concepts"):
+        train_flags(model, TASK, three, stage1_steps=1, stage2_steps=0)
+    with pytest.raises(ValueError, match="task InductionTask has no concepts to flag"):
+        train_flags(model, InductionTask(), SPEC, stage1_steps=1, stage2_steps=0)
+    x = TASK.sample(2, seed=0).tokens
+    with pytest.raises(ValueError, match="positions=True is not valid"):
+        with steer(model, SPEC, 1, positions=True):
+            model(x)
+    for bad, match in (
+        (1, "prompt_len=1 is not valid"),
+        (0, "prompt_len=0 is not valid"),
+        (20, "longer than"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            flag_report(model, TASK, SPEC, prompt_len=bad)
