@@ -202,3 +202,25 @@ def test_compile_traces_the_op():
     x = torch.randn(33)
     assert torch.allclose(f(x), 2.0 * gelu_tanh_reference(x), atol=1e-6)
     assert gelu_tanh(torch.randn(3, 4, device="meta")).shape == (3, 4)
+
+
+def test_compiled_whole_graph_and_contiguous_results():
+    """``torch.compile(fullgraph=True)`` traces both entry points (torch's ops while compiling); every backend
+    returns a contiguous result, as documented, for a transposed input too."""
+    from pypattern.ops.activations import gelu_tanh, gelu_tanh_unchecked
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    for fn in (gelu_tanh, gelu_tanh_unchecked):
+        torch._dynamo.reset()
+        f = torch.compile(lambda t, fn=fn: fn(t) * 2, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(f(x), 2 * want, rtol=1e-12, atol=1e-14)
+    xt = torch.randn(4, 6, dtype=torch.float64).T
+    for backend in ("reference", "cpp"):
+        if backend == "cpp" and not HAS_CPP:
+            continue
+        out = gelu_tanh(xt, backend=backend)
+        assert out.is_contiguous()
+        torch.testing.assert_close(
+            out, torch.nn.functional.gelu(xt, approximate="tanh"), rtol=1e-12, atol=1e-14
+        )

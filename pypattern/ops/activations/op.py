@@ -90,17 +90,22 @@ def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None
         got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a tensor of dtype {x.dtype}"
         raise TypeError(f"gelu_tanh: x must be a floating-point tensor, got {got}")
     c = float(c)
+    if torch.compiler.is_compiling() and backend is None:  # traced: torch's ops, which the compiler fuses
+        return _gelu_tanh_torch(x, c).contiguous()
     name = _choose(x, backend)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _GeluTanh.apply(x, c, name)
-    return _backends.implementation(_OP, name)(x, c)
+        return _GeluTanh.apply(x, c, name).contiguous()
+    return _backends.implementation(_OP, name)(x, c).contiguous()
 
 
 def gelu_tanh_unchecked(x: torch.Tensor, c: float = SQRT_2_OVER_PI) -> torch.Tensor:
     """:func:`gelu_tanh` without validation or ``backend``, for a model's forward: the C++ kernel on a plain CPU
     tensor of float32 or float64 (not one of ``torch.func``'s wrapped tensors under ``vmap`` or ``grad``, for
     which the op has no batching rule) when it is built and ``PYPATTERN_BACKEND`` forces nothing; else torch's
-    fused tanh GELU (``c = sqrt(2 / pi)``) or the written-out formula."""
+    fused tanh GELU (``c = sqrt(2 / pi)``) or the written-out formula (also while ``torch.compile`` traces the
+    model, whose compiler fuses those ops itself)."""
+    if torch.compiler.is_compiling():
+        return _gelu_tanh_torch(x, c)
     if (
         x.device.type == "cpu"
         and x.dtype in _C_DTYPES
