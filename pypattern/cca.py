@@ -43,7 +43,7 @@ __all__ = ["cca", "svcca", "pwcca"]
 
 def _features(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = torch.from_numpy(np.ascontiguousarray(x))  # numpy views with negative strides too
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"

@@ -65,7 +65,7 @@ def _as_features(x, name: str, min_samples: int = 1, dtype: torch.dtype = torch.
     """``(n, ...)`` -> ``(n, d)`` of ``dtype`` (float64 unless asked), with clear errors for the inputs no
     measure can use."""
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = torch.from_numpy(np.ascontiguousarray(x))  # numpy views with negative strides too
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"

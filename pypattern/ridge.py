@@ -40,7 +40,7 @@ DEFAULT_ALPHAS = (0.1, 1.0, 10.0)
 
 def _as_2d(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = torch.from_numpy(np.ascontiguousarray(x))  # numpy views with negative strides too
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"

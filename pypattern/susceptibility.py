@@ -160,7 +160,15 @@ class SusceptibilityResult(Saveable):
     def pca(self, n_components: int | None = None, *, whiten: bool = False) -> PCAResult:
         """PCA of the probe points in component space (``chi.T``: one row per probe point, one feature per
         component), centred over probe points; ``whiten=True`` first scales each component to unit variance."""
+        if n_components is not None and (
+            isinstance(n_components, bool)
+            or not isinstance(n_components, numbers.Integral)
+            or n_components < 1
+        ):
+            raise ValueError(f"n_components={n_components!r} is not valid; give an int >= 1 or None (all)")
         x = self.chi.T.astype(np.float64)
+        if not np.isfinite(x).all():
+            raise ValueError("chi holds NaN or Inf entries (a diverged chain?): PCA needs finite values")
         mean = x.mean(0)
         xc = x - mean
         scale = xc.std(0, ddof=1) if whiten and x.shape[0] > 1 else np.ones(x.shape[1])

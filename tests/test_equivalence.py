@@ -508,3 +508,17 @@ def test_linear_cka_in_float32_equals_float64_for_wide_and_extreme_scale_inputs(
         got = linear_cka(x * scale, y, debiased=debiased, dtype=torch.float32)
         assert abs(got - want) < 1e-4 * max(1.0, abs(want)), (debiased, got, want)
         assert got <= 1.0 + 1e-6
+
+
+def test_numpy_views_with_negative_strides_are_read():
+    from pypattern.cca import cca
+    from pypattern.equivalence import linear_cka, procrustes
+    from pypattern.ridge import ridge_cv
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 5)), rng.normal(size=(12, 4))
+    xr, yr = x[::-1], y[::-1]
+    assert linear_cka(xr, yr) == pytest.approx(linear_cka(x[::-1].copy(), y[::-1].copy()), rel=1e-12)
+    assert procrustes(xr, yr) == pytest.approx(procrustes(xr.copy(), yr.copy()), rel=1e-12)
+    np.testing.assert_allclose(np.asarray(cca(xr, yr)), np.asarray(cca(xr.copy(), yr.copy())), rtol=1e-12)
+    assert ridge_cv(xr, yr).alpha == ridge_cv(xr.copy(), yr.copy()).alpha

@@ -571,3 +571,26 @@ def test_damaged_checkpoint_rows_are_refused_naming_the_file(tmp_path, monkeypat
     io.save(path, arrays, meta, kind=kind)
     with pytest.raises(io.FormatError, match=rf"{path}.* is damaged: .*{key.split('/')[-1]}"):
         susceptibilities(model, [(x, y)], probe, {"b": ["weight"]}, checkpoint=ck, **kw)
+
+
+def test_pca_settings_and_covariance_state_are_checked():
+    import numpy as np
+
+    from pypattern.ops.covariance import CrossCovariance
+    from pypattern.susceptibility import SusceptibilityResult
+
+    rng = np.random.default_rng(0)
+    chi = rng.normal(size=(3, 10))
+    res = SusceptibilityResult.__new__(SusceptibilityResult)
+    res.chi = chi
+    assert res.pca(2).directions.shape == (2, 3)
+    with pytest.raises(ValueError, match="n_components=-1 is not valid"):
+        res.pca(-1)
+    res.chi = np.where(np.arange(10) == 3, np.nan, chi)
+    with pytest.raises(ValueError, match="chi holds NaN or Inf"):
+        res.pca()
+    acc = CrossCovariance(2, 3)
+    state = acc.state_dict()
+    del state["count"]
+    with pytest.raises(ValueError, match=r"state lacks \['count'\]"):
+        CrossCovariance(2, 3).load_state_dict(state)

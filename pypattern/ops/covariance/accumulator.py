@@ -289,8 +289,13 @@ class CrossCovariance:
                 raise ValueError(
                     f"state has {key}={state.get(key)!r} but this accumulator has {getattr(self, key)!r}"
                 )
+        missing = [key for key in (*self._tensors(), "count") if key not in state]
+        if missing:
+            raise ValueError(f"state lacks {missing}: give a dict saved by CrossCovariance.state_dict()")
         for key, t in self._tensors().items():
             v = state[key]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"state[{key!r}] must be a tensor, got {type(v).__name__}")
             if tuple(v.shape) != tuple(t.shape):
                 raise ValueError(f"state[{key!r}] has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
             t.copy_(v.to(device=self.device, dtype=torch.float64))
