@@ -104,6 +104,8 @@ class _Side:
                 raise ValueError(f"{name} is constant over the samples: CCA is undefined")
             self.scale = (e + lam).rsqrt()
         self.e, self.v = e, v
+        # directions of nonzero variance (with a ridge the null ones are kept, each with correlation 0)
+        self.rank = int((e > (e[0] if e.numel() else 0.0) * p * torch.finfo(torch.float64).eps).sum())
 
 
 def _cca_svd(x, y, ridge: float, threshold: float | None):
@@ -112,7 +114,7 @@ def _cca_svd(x, y, ridge: float, threshold: float | None):
     cross = sx.xc.T @ sy.xc  # (p, q)
     m = (sx.v * sx.scale).T @ cross @ (sy.v * sy.scale)  # (kx, ky)
     left, rho, _ = torch.linalg.svd(m, full_matrices=False)
-    return sx, left, rho.clamp(0.0, 1.0)
+    return sx, sy, left, rho.clamp(0.0, 1.0)
 
 
 def _pair(x, y):
@@ -140,7 +142,8 @@ def cca(x, y, *, ridge: float = 0.0) -> torch.Tensor:
     Tensor ``(min(rank x, rank y),)``, float64, in ``[0, 1]``.
     """
     x, y = _pair(x, y)
-    return _cca_svd(x, y, _check_ridge(ridge), None)[2]
+    sx, sy, _, rho = _cca_svd(x, y, _check_ridge(ridge), None)
+    return rho[: min(sx.rank, sy.rank)]
 
 
 def svcca(x, y, *, threshold: float = 0.99, ridge: float = 0.0, reduce: str = "mean") -> float | torch.Tensor:
@@ -161,7 +164,7 @@ def svcca(x, y, *, threshold: float = 0.99, ridge: float = 0.0, reduce: str = "m
     if reduce not in ("mean", "none"):
         raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
     x, y = _pair(x, y)
-    rho = _cca_svd(x, y, _check_ridge(ridge), float(threshold))[2]
+    rho = _cca_svd(x, y, _check_ridge(ridge), float(threshold))[3]
     return float(rho.mean()) if reduce == "mean" else rho
 
 
@@ -170,7 +173,7 @@ def pwcca(x, y, *, ridge: float = 0.0) -> float:
     neurons each canonical variate of ``x`` accounts for, ``sum_i alpha_i rho_i / sum_i alpha_i`` with
     ``alpha_i = sum_j |<h_i, x_j>|`` (see the module docstring). Weights come from ``x``: not symmetric."""
     x, y = _pair(x, y)
-    sx, left, rho = _cca_svd(x, y, _check_ridge(ridge), None)
+    sx, _, left, rho = _cca_svd(x, y, _check_ridge(ridge), None)
     r = rho.numel()
     # H^T Xc with H = Xc V diag(scale) L (canonical variates of x; unit norm without ridge): L^T diag(scale e) V^T
     proj = left[:, :r].T @ (sx.v * (sx.scale * sx.e)).T  # (r, p)

@@ -133,3 +133,18 @@ def test_pwcca_against_numpy():
     assert pwcca(x, y) != pytest.approx(pwcca(y, x), abs=1e-4)  # weights come from the first argument
     # weighting favours the directions x's neurons use: pwcca >= the plain mean here
     assert pwcca(x, y) > float(cca(x, y).mean())
+
+
+def test_ridge_cca_returns_the_defined_correlations_only():
+    """With a ridge and more features than samples, the directions without variance (correlation 0) are not
+    returned: ``min(rank x, rank y)`` values, as documented, so their mean is not diluted."""
+    from pypattern.cca import cca
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(10, 12, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        6, 12, generator=g, dtype=torch.float64
+    )
+    rho = cca(x, y, ridge=0.1)
+    assert rho.shape == (5,)  # centred rank n - 1
+    assert float(rho.min()) > 1e-3
