@@ -762,7 +762,8 @@ def resample_implementations(
     in layer 0, or ``("blocks.1.hook_attn_out", None)``); these are the components the interpretation says do not
     matter. ``sampler(seed)`` runs ``model`` on ``tokens`` with every site's activation replaced, input by input,
     by its activation on a random other input (drawn with ``seed`` from ``counterfactual``, default ``tokens``
-    itself) and returns :func:`representations` at ``hooks``.
+    itself, input ``i`` then drawing among the inputs other than ``i``) and returns :func:`representations` at
+    ``hooks``.
     """
     if not sites:
         raise ValueError("sites is empty: give the (hook name, head or None) components to resample")
@@ -791,8 +792,15 @@ def resample_implementations(
     rep_hooks = list(hooks) if hooks is not None else _default_rep_hooks(model)
     n, m = tokens.shape[0], cf.shape[0]
 
+    own = counterfactual is None and m > 1  # from the inputs themselves: input i draws one of the others
+
     def sample(seed: int) -> torch.Tensor:
-        idx = torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        if own:
+            idx = torch.randint(0, m - 1, (n,), generator=gen)
+            idx = idx + (idx >= torch.arange(n)).long()  # skip i itself
+        else:
+            idx = torch.randint(0, m, (n,), generator=gen)
 
         def make(heads):
             def fn(x, hook):

@@ -396,7 +396,10 @@ def test_resample_implementations_patch_what_they_say():
     assert torch.equal(r1, r1b) and not torch.equal(r1, r2)  # keyed by the seed
     assert not torch.allclose(r1, clean)  # the patch changed something
     # the same patch written out by hand: head 1 of layer 0 takes input idx[i]'s activation, head 0 keeps its own
-    idx = torch.randint(0, 24, (24,), generator=torch.Generator().manual_seed(5))
+    # input i draws among the 23 others: j in 0..22, shifted past i
+    j = torch.randint(0, 23, (24,), generator=torch.Generator().manual_seed(5))
+    idx = torch.where(j >= torch.arange(24), j + 1, j)
+    assert not bool((idx == torch.arange(24)).any())
     _, cf = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_z")
     z = cf["blocks.0.attn.hook_z"].clone()
     z[:, :, 1] = cf["blocks.0.attn.hook_z"][idx][:, :, 1]

@@ -173,7 +173,9 @@ def hf_resampler(hf, tokens, layer, head, d_head, hooks_at=(1, 2)):
         return torch.cat([res[i].reshape(len(tokens), -1) for i in hooks_at], 1)
 
     def sample(seed):
-        idx = torch.randint(0, len(tokens), (len(tokens),), generator=torch.Generator().manual_seed(seed))
+        n = len(tokens)  # each input draws one of the others
+        j = torch.randint(0, n - 1, (n,), generator=torch.Generator().manual_seed(seed))
+        idx = torch.where(j >= torch.arange(n), j + 1, j)
 
         def patch(module, args):
             x = args[0].clone()
