@@ -106,26 +106,24 @@ def _patch_demo(title: str, out: str, quick: bool) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # argument types: every count, rate and list is checked when it is parsed, so errors name the flag
 # ----------------------------------------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """An ``int >= 1`` (argparse type of every count flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _int_at_least(lo: int):
+    """An argparse type: an ``int >= lo``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}")
+        return value
+
+    parse.__name__ = "positive_int" if lo == 1 else "nonnegative_int"
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """An ``int >= 0``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+positive_int = _int_at_least(1)  # every count flag
+nonnegative_int = _int_at_least(0)
 
 
 def positive_float(text: str) -> float:

@@ -329,6 +329,19 @@ def put_gated_mlp(w: dict, p: str, mlp: tuple) -> None:
     w[f"{p}.mlp.W_out"], w[f"{p}.mlp.b_out"] = Wd.transpose(-2, -1), bd
 
 
+def put_per_head_qkv(w: dict, p: str, qkv: nn.Module, out: nn.Module, H: int, dh: int) -> None:
+    """Layer ``p``'s attention from one ``nn.Linear`` ``qkv`` whose output is laid out per head, ``[h0: q k v, h1:
+    q k v, ...]`` (GPT-NeoX's and BLOOM's ``query_key_value``), and the output projection ``out``."""
+    d = qkv.weight.shape[-1]
+    W = qkv.weight.reshape(H, 3, dh, d)  # per head: q, k, v rows
+    b = None if qkv.bias is None else qkv.bias.reshape(H, 3, dh)
+    for j, x in enumerate("QKV"):
+        w[f"{p}.attn.W_{x}"] = W[:, j].transpose(1, 2)
+        w[f"{p}.attn.b_{x}"] = None if b is None else b[:, j]
+    w[f"{p}.attn.W_O"] = out.weight.T.reshape(H, dh, out.weight.shape[0])
+    w[f"{p}.attn.b_O"] = out.bias
+
+
 def put_mlp(w: dict, p: str, fc_in: nn.Module, fc_out: nn.Module) -> None:
     """Layer ``p``'s plain MLP from its two ``nn.Linear`` layers (``(out, in)`` weights, biases or None)."""
     w[f"{p}.mlp.W_in"], w[f"{p}.mlp.b_in"] = fc_in.weight.T, fc_in.bias

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import all_or_none, layer_norm, put_mlp, put_unembedding, refuse, unembedding
+from ._common import all_or_none, layer_norm, put_mlp, put_per_head_qkv, put_unembedding, refuse, unembedding
 
 CLASSES = ("BloomForCausalLM",)
 
@@ -80,16 +80,9 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     ln("embed.ln", tr.word_embeddings_layernorm)
     for i, layer in enumerate(layers):
         p = f"blocks.{i}"
-        a = layer.self_attention
         ln(f"{p}.ln1", layer.input_layernorm)
         ln(f"{p}.ln2", layer.post_attention_layernorm)
-        W = a.query_key_value.weight.reshape(H, 3, dh, d)  # per head: q, k, v rows
-        b = None if a.query_key_value.bias is None else a.query_key_value.bias.reshape(H, 3, dh)
-        for j, x in enumerate("QKV"):
-            w[f"{p}.attn.W_{x}"] = W[:, j].transpose(1, 2)
-            w[f"{p}.attn.b_{x}"] = None if b is None else b[:, j]
-        w[f"{p}.attn.W_O"] = a.dense.weight.T.reshape(H, dh, d)
-        w[f"{p}.attn.b_O"] = a.dense.bias
+        put_per_head_qkv(w, p, layer.self_attention.query_key_value, layer.self_attention.dense, H, dh)
         put_mlp(w, p, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h)
     ln("ln_final", tr.ln_f)
     put_unembedding(w, lm, tied, lm_b)
