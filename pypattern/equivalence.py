@@ -682,7 +682,9 @@ def interpretive_equivalence(
     each model and asks, in both directions, whether the model is closer to its own implementation than to the
     other model (a *win*). With ``s`` wins in ``2 num_trials`` comparisons the score is ``1 - |s / num_trials -
     1|``: 1 when wins are a coin flip (equivalent), 0 when the model is always closer to its own implementation
-    (or always farther).
+    (or always farther). The second case includes a model compared with an exact copy of itself (the copy is
+    closer than any implementation): the estimator, as published, compares models whose implementations vary, and
+    the score of identical models is 0, not 1.
 
     Parameters
     ----------
