@@ -203,3 +203,15 @@ def test_sample_weights_equal_subset_gradient():
     per = task.per_sample_loss(model(data.tokens[idx]), data[idx])
     expected = (per * (w / w.mean())[idx]).mean()
     assert res.losses[0] == pytest.approx(float(expected.detach()), rel=1e-9)
+
+
+def test_ioi_extra_positions_point_at_the_names():
+    from pypattern.tasks import IOITask
+
+    b = IOITask().sample(64, seed=0)
+    rows = torch.arange(64)
+    assert torch.equal(
+        b.tokens[rows, b.extra["subject_pos"]], b.extra["wrong"]
+    )  # the subject's first mention
+    assert torch.equal(b.tokens[rows, b.extra["name_pos"]], b.extra["answer"])  # the indirect object
+    assert torch.equal(b.tokens[:, -1], b.extra["wrong"])

@@ -20,7 +20,8 @@ class IOITask(Task):
 
     Token ids: names ``0 .. n_names-1``, fillers ``n_names .. n_names+n_fillers-1``, then ``BOS``.
     ``extra``: ``answer``, ``wrong`` (the clean answer and the name that would be the answer after the
-    corruption), ``subject_pos`` and ``name_pos`` positions.
+    corruption), ``subject_pos`` (the earlier mention of the subject: 1 when it is ``A``, else 3) and ``name_pos``
+    (the mention of the indirect object, the answer: the other of 1 and 3), each ``(num_samples,)``.
     """
 
     name = "ioi"
@@ -46,7 +47,9 @@ class IOITask(Task):
         tokens = torch.stack([torch.full((n,), self.bos), a, f[:, 0], b, f[:, 1], f[:, 2], s], 1)
         targets = torch.full_like(tokens, IGNORE)
         targets[:, -1] = ans
-        return TaskBatch(tokens, targets, {"answer": ans, "wrong": s})
+        subject_pos = torch.where(subj_is_a, 1, 3)
+        extra = {"answer": ans, "wrong": s, "subject_pos": subject_pos, "name_pos": 4 - subject_pos}
+        return TaskBatch(tokens, targets, extra)
 
     def patching_pairs(self, num_samples: int, seed: int | None = 0, corruption: str = "subject"):
         """Clean and corrupted prompts for patching.
