@@ -85,9 +85,13 @@ def check_same_arguments(group, **items) -> None:
 
     hi, lo = spread([_hash64(names)])
     if hi[0] != lo[0]:
+        every: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, names, group=group)
+        odd = sorted(set().union(*map(set, every)) - set.intersection(*map(set, every)))
+        given = [r for r, ns in enumerate(every) if odd and odd[0] in ns]
         raise ValueError(
-            f"the ranks were given different arguments: this rank (rank {dist.get_rank(group)}) has {names}; every "
-            "rank must make the same call"
+            f"the ranks were given different arguments: {odd[0]!r} is given on rank(s) {given} only (this is rank "
+            f"{dist.get_rank(group)}); every rank must make the same call"
         )
     hi, lo = spread([_hash64(fp[k]) for k in names])
     differ = [k for k, a, b in zip(names, hi.tolist(), lo.tolist()) if a != b]
@@ -102,8 +106,22 @@ def check_same_arguments(group, **items) -> None:
 
 def _sample_items(model, loader, kwargs: dict) -> dict:
     """What the ranks of a distributed call must agree on: the keyword arguments (callbacks aside: they run on
-    the rank that owns the chain), the model's weights and buffers, and the first batch the data gives."""
+    the rank that owns the chain) under pypattern's names and without those equal to their defaults (``lr=`` on
+    one rank and ``step_size=`` on another, or a default given on one rank only, are the same call), the model's
+    weights and buffers, and the first batch the data gives."""
+    import inspect
+
+    from .sampling.vocabulary import translate
+
     items = {k: v for k, v in kwargs.items() if k not in ("callbacks", "checkpoint_state", "quiet")}
+    items = translate(items, where="the arguments")
+    defaults = {k: p.default for k, p in inspect.signature(_sample).parameters.items()}
+    for k in list(items):
+        d = defaults.get(k, inspect.Parameter.empty)
+        v = items[k]
+        if d is not inspect.Parameter.empty and type(v) is type(d) and isinstance(v, (int, float, str, bool)):
+            if v == d:
+                del items[k]
     items["data"] = _first_batch_hash(loader, kwargs.get("seed", 0))
     items.update({f"weights[{n}]": t for n, t in model.state_dict().items()})
     return items
@@ -144,10 +162,17 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     runs = kwargs.get("runs")
     R = 1 if runs is None else len(runs)
-    C = int(kwargs.get("num_chains", 4))
-    if kwargs.get("chains") is not None:
-        raise ValueError("pypattern.distributed.sample assigns the chains itself: do not pass chains")
-    check_same_arguments(group, **_sample_items(model, loader, kwargs))
+
+    def preflight():  # every rank raises if any rank's arguments cannot be read (none waits in a collective)
+        if kwargs.get("chains") is not None:
+            raise ValueError("pypattern.distributed.sample assigns the chains itself: do not pass chains")
+        c = kwargs.get("num_chains", 4)
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+            raise ValueError(f"num_chains must be an int >= 1, got {c!r}")
+        return int(c), _sample_items(model, loader, kwargs)
+
+    C, items = _agree(preflight, group)
+    check_same_arguments(group, **items)
     mine = owned_chains(R * C, rank, world)
     warn = kwargs.pop("warn_nonstationary", True)
     ckpt = kwargs.pop("checkpoint", None)

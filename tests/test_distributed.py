@@ -67,6 +67,19 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 distributed.estimate_llc(model, loader, warn_nonstationary=False, **kw)
             except ValueError as e:
                 out[f"mismatch_{name}"] = str(e)
+        # the same call in other words: devinterp's lr on one rank, a default given explicitly on the other
+        same = {**{k: v for k, v in KW.items() if k != "step_size"}, "lr": KW["step_size"]} if rank else KW
+        same = {**same, "weight_decay": 0.0} if not rank else same
+        out["same_call_llc"] = distributed.estimate_llc(
+            model, loader, warn_nonstationary=False, **same
+        ).llc_mean
+        # an argument one rank cannot read: every rank raises at once (none waits in a collective)
+        try:
+            distributed.estimate_llc(
+                model, loader, **{**KW, "num_chains": "three" if rank else KW["num_chains"]}
+            )
+        except (ValueError, RuntimeError) as e:
+            out["unreadable"] = f"{type(e).__name__}: {e}"
         if rank == 1:
             with torch.no_grad():
                 model[0].weight.neg_()
@@ -90,8 +103,9 @@ def test_two_ranks_equal_one_process():
         mp.spawn(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
         outs = [json.load(open(os.path.join(d, f"rank{r}.json"))) for r in range(2)]
     for o in outs:  # every rank has the whole result, equal to the single-process one
-        np.testing.assert_allclose(o["loss_trace"], llc.loss_trace, rtol=1e-6, atol=1e-7)
-        assert o["llc_mean"] == pytest.approx(llc.llc_mean, rel=1e-5)
+        # bit for bit: chains batched or not as the whole run decides, whichever rank holds them
+        np.testing.assert_array_equal(o["loss_trace"], llc.loss_trace)
+        assert o["llc_mean"] == llc.llc_mean and o["same_call_llc"] == llc.llc_mean
         np.testing.assert_allclose(o["chi"], sus.chi, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max())
         np.testing.assert_allclose(
             o["chi_chains"], sus.chi_chains, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max()
@@ -104,10 +118,12 @@ def test_two_ranks_equal_one_process():
     # chain 1 runs on rank 1: it raises its own error there, and rank 0 stops instead of waiting
     assert outs[1]["error"] == "KeyError: 'boom'"
     assert outs[0]["error"].startswith("RuntimeError: rank 1 failed")
+    assert outs[1]["unreadable"] == "ValueError: num_chains must be an int >= 1, got 'three'"
+    assert outs[0]["unreadable"].startswith("RuntimeError: rank 1 failed")
     for o in outs:
         assert "different values of 'step_size'" in o["mismatch_step_size"]
         assert "different values of 'num_draws'" in o["mismatch_num_draws"]
-        assert "different arguments" in o["mismatch_extra"]
+        assert "different arguments: 'num_burnin_steps' is given on rank(s) [1] only" in o["mismatch_extra"]
         assert "different values of 'weights[0.weight]'" in o["mismatch_weights"]
 
 

@@ -1151,3 +1151,12 @@ def test_loss_callbacks_restrictions_and_masks_of_the_wrong_kind_are_named():
                 batched=batched,
                 loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]).detach(),
             )
+
+
+def test_cores_give_the_same_draws_with_the_default_batching():
+    """batched=None is decided for the whole run, so splitting 3 chains over 2 cores (groups of 2 and 1) draws
+    exactly what one core does."""
+    model, loader = _mlp_task()
+    a = _run(model, loader, cores=1)
+    b = _run(model, loader, cores=2)
+    np.testing.assert_array_equal(b.loss_trace, a.loss_trace)

@@ -639,8 +639,8 @@ def _run_part(ctx: RunContext, chains: list[int]) -> bool:
     plan, st = ctx.plan, ctx.state
     same_step = len({int(st.next_step[g]) for g in chains}) <= 1
     use_batched = plan.batched
-    if use_batched is None:
-        use_batched = same_step and batches_by_default(ctx.model, len(chains))
+    if use_batched is None:  # decided for the whole run (not the group): cores and ranks give the same draws
+        use_batched = same_step and batches_by_default(ctx.model, plan.num_chains * len(plan.runs))
     if use_batched and same_step and chains:
         try:
             run_batched(ctx, chains)
