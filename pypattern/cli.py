@@ -228,7 +228,8 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         "--model",
         required=required,
         help="a local Hugging Face save_pretrained directory of a class in pypattern.models.convert.SUPPORTED_CLASSES "
-        "(GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Phi, Qwen, Gemma, OLMo, OPT, StableLM; safetensors; "
+        "(GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Mixtral, Phi, Qwen, Gemma, OLMo, OPT, StableLM, "
+        "StarCoder2, GPT-BigCode, Granite, BLOOM and more; safetensors; "
         "nothing is downloaded), converted exactly into pypattern's Transformer; a bfloat16 or float16 checkpoint "
         "runs as its exact float32 copy (with a warning)",
     )

@@ -506,6 +506,16 @@ def per_sample_grad_gram_reference(
     from torch.func import functional_call, grad, vmap
 
     params = {k: v.detach() for k, v in gram_parameters(model, modules, sites).items()}
+    if not params:
+        hint = (
+            "; for pypattern's Transformer give sites=transformer_lens_sites(model)"
+            if hasattr(model, "blocks") and hasattr(model, "cfg")
+            else ""
+        )
+        raise ValueError(
+            "no site covers a parameter that requires grad (the default sites are the model's nn.Linear, "
+            f"nn.Embedding and nn.LayerNorm modules): give sites= or modules= for the trainable parameters{hint}"
+        )
 
     class _Wrap(nn.Module):
         def __init__(self):

@@ -340,3 +340,12 @@ def test_no_site_over_a_trainable_parameter_is_refused():
     x = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="no site covers a parameter that requires grad"):
         per_sample_grad_gram(net, lambda m, x: m(x).sum(1), x)
+
+
+def test_reference_gram_without_sites_on_pypattern_transformer_is_refused_by_name():
+    from pypattern.gram import per_sample_grad_gram_reference
+
+    m = pypattern.Transformer(n_layers=1, d_model=8, n_heads=2, d_mlp=8, d_vocab=7, n_ctx=5)
+    t = torch.randint(0, 7, (3, 5))
+    with pytest.raises(ValueError, match="sites=transformer_lens_sites"):
+        per_sample_grad_gram_reference(m, lambda mod, x: mod(x, return_type="per_token_loss").mean(1), t)

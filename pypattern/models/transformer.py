@@ -1678,9 +1678,16 @@ def component_masks(
             except Exception:  # a model without pypattern's layout: its parameter names
                 valid = list(params)
             shown = ", ".join(repr(v) for v in valid[:8]) + (", ..." if len(valid) > 8 else "")
+            mt = getattr(getattr(model, "config", None), "model_type", None)
+            hf = (
+                f"; {type(model).__name__} (model_type={mt!r}) is an unconverted Hugging Face model whose layout "
+                "pypattern does not know: convert it with pypattern.from_hf and use the converted model's components"
+                if mt is not None and not hasattr(model, "cfg")
+                else ""
+            )
             raise ValueError(
-                f"component={component!r} matches no parameter; valid components: {shown} (or any parameter-name "
-                "prefix)"
+                f"component={component!r} matches no parameter; valid components: {shown} (or any dotted "
+                f"parameter-name prefix){hf}"
             )
         masks = {n: torch.ones_like(params[n], dtype=torch.bool) for n in sel}
     if all_params:

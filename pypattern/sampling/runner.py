@@ -239,6 +239,9 @@ def sample(
         Run the chains in ``cores`` groups at once, one Python thread each, with torch pinned to one intra-op
         thread (each op runs on its calling thread, so the groups use ``cores`` cores; torch releases the GIL
         inside its ops). Each group is sequential or batched as ``batched`` says. The draws do not depend on it.
+        Callbacks and checkpoint writes are serialised under a lock; a chain's draws reach the callbacks in
+        order. Use it for models whose steps are large enough to outweigh the GIL; small ops are faster in one
+        thread.
     noise_coupling : int
         ``m > 1`` couples this run to a run with the same arguments, the same seed and ``step_size / m``: step ``t``
         takes the noise of steps ``m t, ..., m t + m - 1`` of that run, summed and divided by ``sqrt(m)`` (the
@@ -246,9 +249,6 @@ def sample(
         their discretisation, not by their noise: the difference of their estimates has a far smaller variance
         than that of independent runs (the ``step_size="auto"`` calibration compares halved steps this way).
         SGLD only, run batched, at a given step, without ``bounding_box`` or ``checkpoint``.
-        Callbacks and checkpoint writes are serialised under a lock; a chain's draws reach the callbacks in
-        order. Use it for models whose steps are large enough to outweigh the GIL (measured: see the README);
-        small ops are faster in one thread.
 
     Returns
     -------
