@@ -107,7 +107,8 @@ def run_llc_demo(
         print(
             f"MLP {'-'.join(map(str, sizes))} ({num_params:,} parameters) trained {train_steps} steps on a teacher task: "
             f"loss {losses[-1]:.4f}, accuracy {acc:.3f} ({t1 - t0:.1f} s)\n"
-            f"LLC = {res.llc_mean:.2f} +- {res.llc_std:.2f} over {num_chains} chains x {num_draws} draws "
+            f"LLC = {res.llc_mean:.2f} +- {res.llc_se:.2f} (standard error; std over chains {res.llc_std:.2f}) "
+            f"over {num_chains} chains x {num_draws} draws "
             f"after {num_burnin_steps} burn-in steps (step_size {step_size:g}, localization {localization:g}, nbeta {res.nbeta:.1f}; "
             f"per chain {', '.join(f'{v:.2f}' for v in res.llc_per_chain)})\n"
             f"L_n(w*) = {res.init_loss:.4f}; loss-trace R-hat {res.r_hat:.3f}, ESS {res.ess:.0f}; "
