@@ -129,7 +129,11 @@ class LLCResult(Saveable):
         ax.axhline(self.init_loss, color="k", ls="--", lw=1, label="L_n(w*)")
         ax.set_xlabel("draw")
         ax.set_ylabel("batch loss")
-        ax.set_title(title or f"LLC = {self.llc_mean:.3g} +- {self.llc_std:.2g} (R-hat {self.r_hat:.3f})")
+        ax.set_title(
+            title
+            or f"LLC = {self.llc_mean:.3g} +- {self.llc_se:.2g} (s.e.; chain std {self.llc_std:.2g}; "
+            f"R-hat {self.r_hat:.3f})"
+        )
         if len(self.loss_trace) <= 10:
             ax.legend(fontsize=7)
         return ax
