@@ -208,6 +208,10 @@ def ridge_cv(
 def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    if n < 5:
+        raise ValueError(
+            f"the representations have {n} inputs; a train/test split needs at least 5 (3 to fit, 2 held out)"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = min(max(int(round(train_fraction * n)), 3), n - 2)
     return perm[:k], perm[k:]

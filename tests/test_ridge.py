@@ -125,3 +125,12 @@ def test_loo_is_exact_when_the_penalty_is_small_against_the_features(n, p, scale
             errs.append(((y[i] - pred) ** 2).mean())
         want = torch.stack(errs).mean()
         assert abs(float(res.loo_mse[k]) - float(want)) <= 1e-6 * float(want), (a, res.loo_mse[k], want)
+
+
+def test_split_measures_need_five_inputs_and_say_so():
+    from pypattern.interpretive import similarity
+
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    for measure in ("ridge", "cka", "procrustes"):
+        with pytest.raises(ValueError, match="have 4 inputs; a train/test split needs at least 5"):
+            similarity(measure, x, [y], seed=0)
