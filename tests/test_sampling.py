@@ -1160,3 +1160,10 @@ def test_cores_give_the_same_draws_with_the_default_batching():
     a = _run(model, loader, cores=1)
     b = _run(model, loader, cores=2)
     np.testing.assert_array_equal(b.loss_trace, a.loss_trace)
+
+
+def test_restrict_to_takes_a_module_name_as_components_do():
+    model, loader = _mlp_task()
+    a = _run(model, loader, restrict_to="0")
+    b = _run(model, loader, restrict_to=["0.weight", "0.bias"])
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)

@@ -118,9 +118,10 @@ def _compile_patterns(patterns) -> list:
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
-    """True when ``name`` matches any pattern: a glob (``blocks.0.attn.*``) or a regex (``re.fullmatch``)."""
+    """True when ``name`` matches any pattern: a glob (``blocks.0.attn.*``), a regex (``re.fullmatch``) or a
+    module's dotted name (``blocks.0.attn`` covers ``blocks.0.attn.W_Q``, as component names do)."""
     for p in patterns:
-        if fnmatch.fnmatchcase(name, p):
+        if fnmatch.fnmatchcase(name, p) or name.startswith(p + "."):
             return True
         try:
             if re.fullmatch(p, name):
@@ -188,8 +189,8 @@ class SGLD(torch.optim.Optimizer):
     bounding_box_size, bounding_box : float, optional
         Half-width of the box around ``w*``.
     restrict_to : str or list of str, optional
-        Only parameters whose name matches one of these globs or regexes move (e.g. ``"blocks.0.attn.*"``);
-        needs named parameters.
+        Only parameters whose name matches one of these globs, regexes or module names move (e.g.
+        ``"blocks.0.attn.*"`` or ``"blocks.0.attn"``); needs named parameters.
     masks : mapping of str to Tensor, optional
         Per-element masks by parameter name (devinterp's ``optimize_over_per_model_param``): 0 freezes an entry.
     seed : int
