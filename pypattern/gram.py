@@ -342,6 +342,20 @@ def _site_gram(st, params, cap, batch, method, backend):
     return grad_gram_linear(a, d, bias=b_on, weight=w_on, method=method, backend=backend)
 
 
+def _no_site(model: nn.Module) -> ValueError:
+    """The error for site lists that cover no trainable parameter (the Gram would be all zeros)."""
+    hint = (
+        "; for pypattern's Transformer give sites=transformer_lens_sites(model)"
+        if hasattr(model, "blocks") and hasattr(model, "cfg")
+        else ""
+    )
+    return ValueError(
+        "no site covers a parameter that requires grad (the default sites are the model's nn.Linear, nn.Embedding "
+        f"and nn.LayerNorm modules), so the Gram would be all zeros: give sites= or modules= for the trainable "
+        f"parameters{hint}"
+    )
+
+
 def per_sample_grad_gram(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -393,16 +407,7 @@ def per_sample_grad_gram(
     params = _check_sites(model, sites)
     sites = [st for st in sites if any(pn in params for pn in st.params if pn is not None)]
     if not sites:
-        hint = (
-            "; for pypattern's Transformer give sites=transformer_lens_sites(model)"
-            if hasattr(model, "blocks") and hasattr(model, "cfg")
-            else ""
-        )
-        raise ValueError(
-            "no site covers a parameter that requires grad (the default sites are the model's nn.Linear, "
-            "nn.Embedding and nn.LayerNorm modules), so the Gram would be all zeros: give sites= or modules= for "
-            f"the trainable parameters{hint}"
-        )
+        raise _no_site(model)
     caps = {c for st in sites for c in (st.out, st.inp) if c is not None}
     need: dict[str, set] = {}
     for mod_name, what in caps:
@@ -507,15 +512,7 @@ def per_sample_grad_gram_reference(
 
     params = {k: v.detach() for k, v in gram_parameters(model, modules, sites).items()}
     if not params:
-        hint = (
-            "; for pypattern's Transformer give sites=transformer_lens_sites(model)"
-            if hasattr(model, "blocks") and hasattr(model, "cfg")
-            else ""
-        )
-        raise ValueError(
-            "no site covers a parameter that requires grad (the default sites are the model's nn.Linear, "
-            f"nn.Embedding and nn.LayerNorm modules): give sites= or modules= for the trainable parameters{hint}"
-        )
+        raise _no_site(model)
 
     class _Wrap(nn.Module):
         def __init__(self):
