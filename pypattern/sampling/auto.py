@@ -385,7 +385,8 @@ def resolve_step_size(
                     **extra,
                 )
         except SamplingDivergedError as e:
-            row["verdict"] = f"diverged (chain {e.chain}, draw {e.draw})"
+            at = f"draw {e.draw}" if e.draw is not None and e.draw >= 0 else f"step {e.step}"
+            row["verdict"] = f"diverged (chain {e.chain}, {at})"
             row["ok"] = False
             return done(i, factor, coupling, row)
         outs = out if isinstance(out, list) else [out]

@@ -115,7 +115,9 @@ class OnlineLLCResult(Saveable):
         ax.set_ylabel("LLC")
         ax2 = ax.twinx()
         loss = np.where(np.isfinite(self.train_loss), self.train_loss, self.init_loss)
-        ax2.plot(self.step, loss, "s-", color="C1", ms=3, label="training loss")
+        given = bool(np.isfinite(self.train_loss).all())
+        what = "training loss" if given else ("L_n(w*)" if not np.isfinite(self.train_loss).any() else "loss")
+        ax2.plot(self.step, loss, "s-", color="C1", ms=3, label=what)
         for i, (k, v) in enumerate((extra or {}).items()):
             ax2.plot(self.step, np.asarray(v), "^-", color=f"C{2 + i}", ms=3, label=k)
         ax2.set_ylabel("loss" + (" / " + ", ".join(extra) if extra else ""))
