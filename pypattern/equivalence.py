@@ -177,16 +177,11 @@ def _zero_constant(self_hsic: torch.Tensor, reps: Sequence[torch.Tensor]) -> tor
 
 
 def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-    den = xx * yy
     ok = (xx > 0) & (yy > 0)  # each self-HSIC positive (two negative ones make a positive product)
-    if not bool(ok.all()):
-        # a constant representation (or, debiased, a self-HSIC estimated at <= 0 from too few samples): undefined
-        ok, den = torch.broadcast_tensors(ok, den)
-        out = torch.full_like(xy, math.nan)
-        ok = ok.expand_as(xy) if ok.shape != xy.shape else ok
-        out[ok] = xy[ok] / den.expand_as(xy)[ok].sqrt()
-        return out
-    return xy / den.sqrt()
+    if bool(ok.all()):
+        return xy / (xx * yy).sqrt()
+    # a constant representation (or, debiased, a self-HSIC estimated at <= 0 from too few samples): undefined
+    return torch.where(ok, xy / (xx * yy).abs().sqrt(), torch.full_like(xy, math.nan))
 
 
 def _unit_scale(x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +263,6 @@ def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, de
         for a, x in enumerate(cx):
             prod = (x.T @ zy).double()  # a float32 product's squares summed in float64
             cross[a, idx] = torch.stack([c.sum() for c in (prod * prod).sum(0).split(widths)])
-    cross = cross.double()
     if ys is None:
         self_x = self_y = torch.diagonal(cross).clone()
     else:

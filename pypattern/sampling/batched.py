@@ -19,26 +19,11 @@ from .data import ChainData, to_device
 from .samplers import StackedSamplerState
 from .sequential import extra_outputs
 
-__all__ = ["FunctionalModel", "VmapUnsupported", "run_batched"]
+__all__ = ["VmapUnsupported", "run_batched"]
 
 
 class VmapUnsupported(Exception):
     """The model or loss function does not run under ``torch.func.vmap`` (found at the first step)."""
-
-
-class FunctionalModel:
-    """Calls ``module`` with the given parameter/buffer tensors (``torch.func.functional_call``); other
-    attributes come from the module."""
-
-    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor]):
-        self.__dict__["_m"] = module
-        self.__dict__["_t"] = tensors
-
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self._m, self._t, args, kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
 
 
 class _Apply(nn.Module):

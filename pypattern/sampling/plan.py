@@ -275,6 +275,7 @@ def make_plan(
         specs = list(runs)
         if not specs:
             raise ValueError("runs is empty: give at least one (restrict_to, masks) pair")
+    shapes = dict(model.named_parameters())
     run_specs = []
     for r, spec in enumerate(specs):
         if not (isinstance(spec, tuple | list) and len(spec) == 2):
@@ -295,7 +296,6 @@ def make_plan(
         unknown = set(r_masks) - set(moving)
         if unknown:
             raise ValueError(f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}")
-        shapes = dict(model.named_parameters())
         for n, m in r_masks.items():
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"{where}masks[{n!r}] must be a tensor, got {type(m).__name__}")

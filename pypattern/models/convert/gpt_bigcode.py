@@ -13,7 +13,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, attn_softmax_dtype, layer_norm, put_mlp, put_unembedding, refuse, same_parameter
+from ._common import (
+    act_fn,
+    attn_softmax_dtype,
+    layer_norm,
+    put_mlp,
+    put_per_head_qkv,
+    put_unembedding,
+    refuse,
+    same_parameter,
+)
 
 CLASSES = ("GPTBigCodeForCausalLM",)
 
@@ -63,23 +72,20 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         p = f"blocks.{i}"
         ln(f"{p}.ln1", blk.ln_1)
         ln(f"{p}.ln2", blk.ln_2)
-        W, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # (out, d), (out,)
         if mq:  # [q (H * dh), k (dh), v (dh)]
+            W, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # (out, d), (out,)
             parts = {
                 "Q": (W[:d], b[:d], H),
                 "K": (W[d : d + dh], b[d : d + dh], 1),
                 "V": (W[d + dh :], b[d + dh :], 1),
             }
-        else:  # head h: rows [h * 3 dh, (h + 1) * 3 dh) = [q_h, k_h, v_h]
-            Wh, bh = W.reshape(H, 3, dh, d), b.reshape(H, 3, dh)
-            parts = {
-                x: (Wh[:, j].reshape(H * dh, d), bh[:, j].reshape(H * dh), H) for j, x in enumerate("QKV")
-            }
-        for x, (Wx, bx, n) in parts.items():
-            w[f"{p}.attn.W_{x}"] = Wx.reshape(n, dh, d).permute(0, 2, 1)
-            w[f"{p}.attn.b_{x}"] = bx.reshape(n, dh)
-        w[f"{p}.attn.W_O"] = blk.attn.c_proj.weight.T.reshape(H, dh, d)
-        w[f"{p}.attn.b_O"] = blk.attn.c_proj.bias
+            for x, (Wx, bx, n) in parts.items():
+                w[f"{p}.attn.W_{x}"] = Wx.reshape(n, dh, d).permute(0, 2, 1)
+                w[f"{p}.attn.b_{x}"] = bx.reshape(n, dh)
+            w[f"{p}.attn.W_O"] = blk.attn.c_proj.weight.T.reshape(H, dh, d)
+            w[f"{p}.attn.b_O"] = blk.attn.c_proj.bias
+        else:  # head h: rows [h * 3 dh, (h + 1) * 3 dh) = [q_h, k_h, v_h], GPT-NeoX's layout
+            put_per_head_qkv(w, p, blk.attn.c_attn, blk.attn.c_proj, H, dh)
         put_mlp(w, p, blk.mlp.c_fc, blk.mlp.c_proj)
     ln("ln_final", tr.ln_f)
     put_unembedding(w, model.lm_head, tied, None)
