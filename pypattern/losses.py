@@ -439,6 +439,17 @@ def _counted(pb: ParsedBatch) -> torch.Tensor:
     return mask
 
 
+def counted_mask(pb: ParsedBatch) -> torch.Tensor | None:
+    """The mask :func:`token_losses` returns, read from the batch alone (no forward): counted next-token targets
+    of a token batch, ``y != -100`` for a pair with integer targets; None for float targets (every entry
+    counts)."""
+    if pb.is_lm:
+        return _counted(pb)
+    if not pb.target.is_floating_point():
+        return pb.target != IGNORE_INDEX
+    return None
+
+
 def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token losses ``(batch, pos - 1)`` (0 where masked) and the mask of counted positions."""
     if logits.dim() != 3 or logits.shape[:2] != pb.inputs.shape:

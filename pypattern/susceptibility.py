@@ -53,7 +53,7 @@ from torch import nn
 
 from . import io
 from .io import Saveable, register
-from .losses import batch_size, check_batch, probe_losses, sample_losses, token_losses
+from .losses import batch_size, check_batch, counted_mask, probe_losses, sample_losses, token_losses
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import load_checkpoint_state
@@ -367,9 +367,9 @@ class _ProbeEntries:
         self.per_token = per_token
         self.tokens = None  # (batch, pos - 1) bool, or None
         if per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
-            check_batch(model, probe, "probe")
-            with torch.no_grad():
-                _, mask = token_losses(model, probe, fill=0.0)
+            mask = counted_mask(check_batch(model, probe, "probe"))  # from the batch: no forward
+            if mask is None:
+                return
             if mask.dim() == 2:
                 self.tokens = mask
                 if not per_token and not bool(mask.any(1).all()):
