@@ -611,6 +611,8 @@ def test_new_config_validation():
         TransformerConfig(d_model=64, n_heads=4, positional_embedding_type="rotary", rotary_dim=5)
     with pytest.raises(ValueError, match="rotary_dim"):
         TransformerConfig(d_model=64, n_heads=4, positional_embedding_type="rotary", rotary_dim=18)
+    with pytest.raises(ValueError, match="rotary_dim=4 is given but positional_embedding_type='standard'"):
+        TransformerConfig(d_model=64, n_heads=4, rotary_dim=4)
     with pytest.raises(ValueError, match="positional_embedding_type"):
         TransformerConfig(positional_embedding_type="relative")
     with pytest.raises(ValueError, match="contradicts"):

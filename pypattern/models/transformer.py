@@ -445,6 +445,11 @@ class TransformerConfig:
                 raise ValueError(
                     f"rotary_dim={r!r} is not valid; give an even int between 2 and d_head={self.d_head}"
                 )
+        elif self.rotary_dim is not None:
+            raise ValueError(
+                f"rotary_dim={self.rotary_dim!r} is given but positional_embedding_type={pe_type!r} has no rotary "
+                "positions; give positional_embedding_type='rotary' or leave rotary_dim at None"
+            )
         if isinstance(self.rotary_base, (list, tuple)):
             self.rotary_base = tuple(self.rotary_base)
             if len(self.rotary_base) != self.n_layers:
