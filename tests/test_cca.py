@@ -148,3 +148,19 @@ def test_ridge_cca_returns_the_defined_correlations_only():
     rho = cca(x, y, ridge=0.1)
     assert rho.shape == (5,)  # centred rank n - 1
     assert float(rho.min()) > 1e-3
+
+
+def test_cca_keeps_invariance_to_invertible_maps_on_ill_conditioned_data():
+    """The canonical correlations come from orthonormal bases of the data (its SVD), not from the scatter
+    matrices, whose condition number is the square of the data's: a map of condition 1e10 leaves them unchanged."""
+    rho = [0.9, 0.6, 0.2]
+    x, y = _planted(400, rho, extra_x=1, extra_y=0)
+    got = cca(x, y).numpy()
+    np.testing.assert_allclose(got[:3], rho, atol=1e-10)
+    r = _rng(11)
+    q, _ = np.linalg.qr(r.standard_normal((4, 4)))
+    a = q * np.logspace(0, -10, 4)[None, :] @ np.linalg.qr(r.standard_normal((4, 4)))[0]  # condition 1e10
+    assert np.linalg.cond(a) > 1e9
+    np.testing.assert_allclose(cca(x @ a, y).numpy(), got, atol=1e-5)
+    # float32 data of the same rank: the rounding level of float32 decides what is a direction
+    np.testing.assert_allclose(cca(x.astype(np.float32), y).numpy(), got, atol=1e-5)
