@@ -920,8 +920,7 @@ def test_unknown_architecture_in_directory_is_refused(tmp_path):
     "case,overrides,option",
     [
         ("gpt2-tied", dict(add_cross_attention=True), "add_cross_attention"),
-        ("llama-mqa", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
-        ("qwen2-gqa4-tied", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type"),
+        ("llama-mqa", dict(rope_scaling={"rope_type": "proportional", "factor": 2.0}), "rope_type"),
         ("qwen2moe-shared-expert", dict(mlp_only_layers=[0]), "a dense MLP among sparse ones"),
         ("llama-mqa", dict(hidden_act="gelu_10"), "hidden_act"),
     ],
@@ -1027,6 +1026,36 @@ def test_longrope_short_factors_and_the_long_regime_refused():
         assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
 
 
+@pytest.mark.parametrize("case", ["llama-mqa", "qwen2-gqa4-tied"])
+def test_dynamic_ntk_converts_up_to_its_length_and_refuses_longer(case):
+    """Dynamic NTK scaling leaves the frequencies unscaled up to max_position_embeddings: the converted model equals
+    HF there; a longer sequence (HF recomputes the frequencies from its length) raises; an HF model that has read
+    one holds scaled frequencies and is refused with the reason until a short sequence switches it back."""
+    hf = hf_model(
+        case, torch.float64, rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=24
+    )
+    model = from_hf(hf)
+    sc = model.cfg.rotary_scaling
+    assert sc == {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 24}
+    x = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert rel(model(x), hf(x).logits) <= 1e-10
+        with pytest.raises(
+            ValueError, match="position 24 is past the 24 positions of this model's dynamic NTK"
+        ):
+            model(torch.randint(0, V, (1, 25)))
+        long = torch.randint(0, V, (1, 40))
+        scaled = hf(long).logits  # HF's frequencies now scaled for 40 positions
+        with pytest.raises(UnsupportedModelError, match="scaled for a sequence past max_position_embeddings"):
+            from_hf(hf)
+        unscaled = model.cfg.__class__(**{**model.cfg.to_dict(), "rotary_scaling": None})
+        plain = type(model)(unscaled)
+        plain.load_state_dict(model.state_dict())
+        assert rel(plain(long), scaled) > 1e-6  # the scaling did change HF's long-sequence logits
+        hf(x[:, :12])  # a sequence shorter than max_position_embeddings switches it back
+        assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
+
+
 def test_smollm3_nope_layers_turn_no_positions():
     """SmolLM3's layers without rotary positions: the converted model's rotation is the identity there (queries
     equal their rotated selves) and not elsewhere."""
@@ -1053,6 +1082,8 @@ def test_rotary_scaling_config_is_checked():
 
     base = dict(n_layers=1, d_model=8, n_heads=2, d_vocab=5, n_ctx=4, positional_embedding_type="rotary")
     with pytest.raises(ValueError, match="rope_type one of"):
+        TransformerConfig(**base, rotary_scaling={"rope_type": "ntk", "factor": 2.0})
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
         TransformerConfig(**base, rotary_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ValueError, match="beta_fast"):
         TransformerConfig(**base, rotary_scaling={**_YARN, "beta_fast": 0})

@@ -219,7 +219,10 @@ class TransformerConfig:
         ``a``; ``{"rope_type": "longrope", "short_factor": [...], "original_max_position_embeddings": n,
         "attention_factor": a}`` is Phi-3's LongRoPE on sequences of at most ``n`` positions (frequencies divided
         by the short factors, cosines and sines multiplied by ``a``); a position at or past ``n``, where the
-        Hugging Face model switches to its long factors, raises ``ValueError``. None: unscaled. All fix the
+        Hugging Face model switches to its long factors, raises ``ValueError``; ``{"rope_type": "dynamic",
+        "factor": f, "original_max_position_embeddings": n}`` is dynamic NTK scaling on sequences of at most ``n``
+        positions, where its frequencies are the unscaled ones (a position at or past ``n``, where the Hugging Face
+        model recomputes them from the sequence length, raises ``ValueError``). None: unscaled. All fix the
         frequencies once. A sequence (one dict or None per layer) scales each layer's own;
         :meth:`rope_scaling` reads a layer's.
     rotary_layers : sequence of bool or None
@@ -648,6 +651,7 @@ _ROTARY_SCALING_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"),
     "longrope": ("original_max_position_embeddings", "attention_factor"),
+    "dynamic": ("factor", "original_max_position_embeddings"),
 }
 
 
@@ -704,7 +708,7 @@ def rotary_inv_freq(
     """The ``dim / 2`` rotary frequencies ``1 / base ** (2 i / dim)``, scaled per ``scaling`` (see
     :class:`TransformerConfig`), computed in ``dtype`` in Hugging Face's order of operations."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
-    if scaling is None:
+    if scaling is None or scaling["rope_type"] == "dynamic":  # dynamic NTK: unscaled up to its length
         return inv_freq
     if scaling["rope_type"] == "longrope":
         short = torch.tensor(scaling["short_factor"], dtype=dtype, device=device)
@@ -1098,13 +1102,21 @@ class Attention(nn.Module):
         cd = cfg.rotary_dtype or dtype
         r = cfg.rotary_dim
         scaling = cfg.rope_scaling(self.layer)
-        if scaling is not None and scaling["rope_type"] == "longrope" and positions.numel():
+        if scaling is not None and scaling["rope_type"] in ("longrope", "dynamic") and positions.numel():
             n = scaling["original_max_position_embeddings"]
             if int(positions.max()) >= n:
+                what, there = (
+                    ("LongRoPE short factors", "switches to its long factors")
+                    if scaling["rope_type"] == "longrope"
+                    else (
+                        "dynamic NTK scaling's unscaled frequencies",
+                        "recomputes them from the sequence length",
+                    )
+                )
                 raise ValueError(
-                    f"position {int(positions.max())} is past the {n} positions of this model's LongRoPE short "
-                    f"factors (rotary_scaling original_max_position_embeddings={n}); longer sequences, where the "
-                    "Hugging Face model switches to its long factors, are not supported"
+                    f"position {int(positions.max())} is past the {n} positions of this model's {what} "
+                    f"(rotary_scaling original_max_position_embeddings={n}); longer sequences, where the "
+                    f"Hugging Face model {there}, are not supported"
                 )
         inv_freq = rotary_inv_freq(cfg.rope_base(self.layer), r, scaling, cd, positions.device)
         if cfg.rotary_freq_dtype is not None:

@@ -58,10 +58,10 @@ def rope(
     Hugging Face computes the frequencies in float32 and reads the buffer in float32; a model cast with
     ``.to(torch.bfloat16)`` or ``.half()`` holds them rounded to that dtype (and keeps them rounded when cast back),
     which ``rotary_freq_dtype`` reproduces (None when they are not rounded). Converts the ``"default"``,
-    ``"linear"``, ``"llama3"``, ``"yarn"`` and ``"longrope"`` rope types (frequencies fixed once; YaRN's and
+    ``"linear"``, ``"llama3"``, ``"yarn"``, ``"longrope"`` and ``"dynamic"`` rope types (YaRN's and
     LongRoPE's cosines and sines multiplied by the embedding's ``attention_scaling``; LongRoPE with its short
-    factors, on sequences up to its original length; ``rotary_scaling`` is None for the default); refuses dynamic
-    NTK (its frequencies change with the sequence length) and any ``attention_scaling`` other than 1 elsewhere. With ``layer_type`` (Gemma 3: one rotary embedding per kind of layer),
+    factors and dynamic NTK with its unscaled frequencies, on sequences up to their original length;
+    ``rotary_scaling`` is None for the default); refuses any ``attention_scaling`` other than 1 elsewhere. With ``layer_type`` (Gemma 3: one rotary embedding per kind of layer),
     the parameters ``rope_parameters[layer_type]`` and the buffer ``{layer_type}_inv_freq``.
     """
     from ..transformer import _ROTARY_SCALING_KEYS, rotary_inv_freq
@@ -83,6 +83,11 @@ def rope(
         params = _yarn_params(config, params, att)
     if rope_type == "longrope":
         params = {**params, "attention_factor": _number(att)}
+    if rope_type == "dynamic":  # Hugging Face scales past the config's max_position_embeddings
+        n_orig = getattr(config, "max_position_embeddings", None)
+        if isinstance(n_orig, bool) or not isinstance(n_orig, int) or n_orig < 1:
+            refuse("max_position_embeddings", n_orig, "dynamic NTK scaling needs a positive int")
+        params = {**params, "original_max_position_embeddings": n_orig}
     if rope_type != "default":
         missing = [k for k in _ROTARY_SCALING_KEYS[rope_type] if k not in params]
         if missing:
@@ -139,6 +144,15 @@ def rope(
                 "read a sequence past original_max_position_embeddings, and only the short ones are converted; "
                 "run the model on a short sequence (it switches back) before converting",
             )
+    if freq_dtype is False and rope_type == "dynamic":
+        refuse(
+            "rotary inv_freq",
+            "(dynamic NTK frequencies)",
+            "the model's rotary embedding holds frequencies scaled for a sequence past max_position_embeddings "
+            f"({params['original_max_position_embeddings']}): Hugging Face recomputes them from the longest "
+            "sequence it has read, and only the unscaled ones are converted; run the model on a short sequence "
+            "(it switches back) before converting",
+        )
     if freq_dtype is False:
         what = (
             "a default rotary embedding's"
