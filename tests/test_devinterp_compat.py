@@ -272,6 +272,75 @@ def test_v1_callbacks_get_results_merged():
     assert out["count"] == 2 * 12 and out["finalized"] is True
 
 
+def test_v1_sample_with_estimator_callbacks_equals_the_summary():
+    """devinterp 1.x's callback interface: ``sample(model, loader, callbacks=[LLCEstimator(...)])`` fills the
+    estimator with the same draws as ``estimate_learning_coeff_with_summary`` (same seed), and devinterp-style
+    callbacks get its keywords (the loss a 0-d tensor, the chain's model, the batch as ``data``)."""
+    from pypattern.devinterp.slt.callback import SamplerCallback
+    from pypattern.devinterp.slt.llc import LLCEstimator, OnlineLLCEstimator
+    from pypattern.devinterp.slt.sampler import sample as sample_v1
+
+    model, loader = _mlp(), _mlp_loader()
+    summary = _v1(model, loader, evaluate=_ce)
+    online = _v1(model, loader, evaluate=_ce, online=True)
+    init = summary["init_loss"]
+
+    class Seen(SamplerCallback):
+        def __init__(self):
+            super().__init__()
+            self.items, self.finalized = [], False
+
+        def __call__(self, chain, draw, **kwargs):
+            assert kwargs["loss"].dim() == 0 and isinstance(kwargs["model"], nn.Module)
+            x, y = kwargs["data"]
+            self.items.append((chain, draw, kwargs["loss"].item(), x.shape[0]))
+
+        def finalize(self):
+            self.finalized = True
+
+    est = LLCEstimator(num_chains=2, num_draws=12, init_loss=init, nbeta=10.0)
+    on = OnlineLLCEstimator(2, 12, init_loss=torch.tensor(init), nbeta=10.0)
+    seen = Seen()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = sample_v1(
+            model, loader, [est, on, seen], evaluate=_ce, sampling_method=SGLD, seed=3, verbose=False,
+            optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0), init_loss=init,
+            warn_nonstationary=False, **FAST,
+        )  # fmt: skip
+    assert out is None and seen.finalized and len(seen.items) == 24
+    r = est.get_results()
+    np.testing.assert_allclose(r["loss/trace"], summary["loss/trace"], rtol=1e-6)
+    assert r["llc/mean"] == pytest.approx(summary["llc/mean"], rel=1e-5)
+    assert r["llc/std"] == pytest.approx(summary["llc/std"], rel=1e-4)
+    assert [r[f"llc-chain/{i}"] for i in range(2)] == pytest.approx(
+        [summary[f"llc-chain/{i}"] for i in range(2)], rel=1e-5
+    )
+    o = on.get_results()
+    for k in ("llc/means", "llc/stds", "llc/trace", "loss/trace"):
+        np.testing.assert_allclose(o[k], online[k], rtol=1e-4, atol=1e-6)
+    # a loss traced by a callback is the draw's loss
+    traced = {(c, d): v for c, d, v, _ in seen.items}
+    assert traced[(1, 5)] == pytest.approx(float(summary["loss/trace"][1, 5]), rel=1e-6)
+
+
+def test_v1_estimators_refuse_what_does_not_fit():
+    from pypattern.devinterp.slt.llc import LLCEstimator
+
+    with pytest.raises(ValueError, match="nbeta is not given"):
+        LLCEstimator(2, 3, init_loss=0.5)
+    with pytest.raises(ValueError, match="num_draws=0"):
+        LLCEstimator(2, 0, init_loss=0.5, nbeta=1.0)
+    est = LLCEstimator(2, 3, init_loss=0.5, nbeta=1.0)
+    with pytest.raises(IndexError, match="chain 2, draw 0 is outside"):
+        est(2, 0, loss=torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="NaN detected in loss at chain 0, draw 1"):
+        est(0, 1, loss=torch.tensor(float("nan")))
+    est(0, 0, loss=torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="never recorded"):
+        est.finalize()
+
+
 # ------------------------------------------------------------------------------------------------ devinterp 2.x
 
 from pypattern import devinterp as di  # noqa: E402 - grouped with its tests
@@ -458,6 +527,18 @@ def test_v2_sample_layout_and_bif_equals_native(batched):
         assert b.influences.shape == ((16, 16) if method == "sequence" else (16, 16, T, T))
         np.testing.assert_allclose(b.influences, want, rtol=1e-3, atol=1e-4)
         np.testing.assert_array_equal(b.input_ids, s.input_ids_probe_set)
+
+
+def test_v2_sampling_loss_averages_the_gradient_accumulation_micro_batches():
+    """devinterp 2.x's ``sampling_loss`` of a draw is the element-wise mean over its step's micro-batches."""
+    model, ids = _transformer(), _tokens()
+    kw = {**SET2, "gradient_accumulation_steps": 2, "batch_size": 4}
+    s = di.sample(model, ids, {}, lr=1e-3, n_beta=5.0, localization=50.0, **kw)
+    C, D, T = s.sampling_loss.shape[0], s.sampling_loss.shape[1], s.sampling_loss.shape[3]
+    assert s.sampling_loss.shape == (C, D, 4, T) and s.sampling_loss_micro.shape[2] == 8
+    steps = kw["num_burnin_steps"] + kw["num_steps_bw_draws"] * np.arange(D)
+    micro = s.sampling_loss_micro[:, steps]
+    np.testing.assert_allclose(s.sampling_loss, (micro[:, :, :4] + micro[:, :, 4:]) / 2, rtol=1e-6)
 
 
 def test_v2_susceptibilities_formula():

@@ -9,6 +9,9 @@ devinterp                                            pypattern
 ``from devinterp.slt.bif import bif``                ``from pypattern.devinterp.slt.bif import bif``
 ``from devinterp.slt.weight_restrictions import *``  ``from pypattern.devinterp.slt.weight_restrictions import *``
 ``from devinterp.slt.sampler import estimate_...``   ``from pypattern.devinterp.slt.sampler import estimate_...``
+``from devinterp.slt.sampler import sample`` (1.x)   ``from pypattern.devinterp.slt.sampler import sample``
+``from devinterp.slt.llc import LLCEstimator``       ``from pypattern.devinterp.slt.llc import LLCEstimator``
+``from devinterp.slt.callback import ...``           ``from pypattern.devinterp.slt.callback import ...``
 ``from devinterp.optim.sgld import SGLD``            ``from pypattern.devinterp.optim.sgld import SGLD``
 ``from devinterp.optim.sgnht import SGNHT``          ``from pypattern.devinterp.optim.sgnht import SGNHT``
 ``from devinterp.utils import default_nbeta``        ``from pypattern.devinterp.utils import default_nbeta``
@@ -19,7 +22,8 @@ and all of them from ``pypattern.devinterp`` itself. devinterp 2.0.1's calls (:f
 ``param_masks``, ``batch_size``, ``init_seed``, ``llc_weight_decay``, ``noise_level``, ``bounding_box_size``, ...)
 and return its result names and shapes, as numpy arrays in a :class:`DevinterpResult` (a dict whose keys also
 read as attributes: ``res.llc_mean``, ``res["loss_trace"]``) instead of xarray / Zarr objects. devinterp 1.x's
-``estimate_learning_coeff(_with_summary)`` are :mod:`pypattern.sampling.llc`'s. The chains are pypattern's
+``estimate_learning_coeff(_with_summary)`` are :mod:`pypattern.sampling.llc`'s, its callback interface
+(``sample(model, loader, callbacks)``, ``LLCEstimator``, ``OnlineLLCEstimator``) :mod:`pypattern.devinterp.v1`'s. The chains are pypattern's
 (:func:`pypattern.sample`, the fused SGLD step): noise and data order are keyed by ``init_seed`` (1.x: ``seed``)
 and the chain, so the numbers equal pypattern's native calls with the same settings, and agree with devinterp's
 within their standard errors (not draw for draw).
@@ -635,7 +639,10 @@ def sample(
     )
     out = DevinterpResult(
         init_loss=init_chain_tok.astype(np.float32),
-        sampling_loss=micro[:, draw_steps, :batch_size],
+        # each draw's loss: the element-wise mean over the step's gradient-accumulation micro-batches
+        sampling_loss=micro[:, draw_steps]
+        .reshape(num_chains, num_draws, gradient_accumulation_steps, batch_size, T)
+        .mean(2),
         sampling_loss_micro=micro,
         sampling_input_ids_micro=micro_ids,
         metadata={"config": {"sampler": config}},

@@ -349,8 +349,9 @@ def estimate_learning_coeff_with_summary(
     model, loader
         The model at ``w*`` (not modified) and a ``DataLoader`` (or any re-iterable of batches).
     callbacks : sequence of callable
-        Called at every draw (see :func:`pypattern.sample`); a callback with ``finalize()`` is finalized after the
-        run, and one with ``get_results()`` adds its dict to the summary (devinterp's contract).
+        Called at every draw with devinterp's keywords (``chain``, ``draw``, ``loss`` as a 0-d tensor, ``model``,
+        ``data``; see :mod:`pypattern.devinterp.v1`); a callback with ``finalize()`` is finalized after the run,
+        and one with ``get_results()`` adds its dict to the summary (devinterp's contract).
     evaluate : callable(model, batch) -> loss, optional
         The loss, or a tuple (loss first), a dict with ``"loss"`` or an object with ``.loss``. Default (as in
         devinterp 1.3): ``model(batch)``; ``(x, y)`` batches get cross-entropy (integer ``y``) or MSE.
@@ -398,10 +399,11 @@ def estimate_learning_coeff_with_summary(
         per-draw ``nbeta * (loss - init_loss)`` of each chain, and its mean and standard deviation (ddof=1)
         over chains at each draw.
     """
+    wrapped = kwargs.pop("_wrapped_callbacks", False)  # from pypattern.devinterp.v1.sample
     if evaluate is None and criterion is None:
         warnings.warn(
             "evaluate not given: using model(batch) as the loss, or cross-entropy/MSE on (x, y) batches",
-            stacklevel=2,
+            stacklevel=2 + wrapped,
         )
     model, kw = _devinterp_kwargs(
         model,
@@ -421,7 +423,10 @@ def estimate_learning_coeff_with_summary(
         verbose,
         kwargs,
     )
-    callbacks = list(callbacks)
+    from ..devinterp.v1 import devinterp_callbacks
+
+    # called with devinterp's keywords (the loss a 0-d tensor, ``data``), unless sample() already wrapped them
+    callbacks = list(callbacks) if wrapped else devinterp_callbacks(callbacks)
     res = estimate_llc(
         model,
         loader,
@@ -444,9 +449,9 @@ def estimate_learning_coeff_with_summary(
             "loss/trace": res.loss_trace.astype(np.float32),
         }
     for cb in callbacks:
-        if hasattr(cb, "finalize"):
+        if callable(getattr(cb, "finalize", None)):
             cb.finalize()
-        if hasattr(cb, "get_results"):
+        if not wrapped and callable(getattr(cb, "get_results", None)):  # devinterp 1.x's sample() merges none
             out.update(cb.get_results())
     return out
 

@@ -1,0 +1,295 @@
+"""devinterp 1.x's callback interface on pypattern: ``sample(model, loader, callbacks, ...)``, the
+``SamplerCallback`` base class and the ``LLCEstimator`` / ``OnlineLLCEstimator`` callbacks, with devinterp's
+constructor arguments and result keys.
+
+A devinterp 1.x script that builds its own estimator and hands it to ``sample`` changes only the import::
+
+    from pypattern.devinterp.slt.llc import LLCEstimator        # was: from devinterp.slt.llc import ...
+    from pypattern.devinterp.slt.sampler import sample          # was: from devinterp.slt.sampler import ...
+
+    est = LLCEstimator(num_chains=4, num_draws=100, init_loss=init_loss, nbeta=nbeta)
+    sample(model, loader, callbacks=[est], evaluate=evaluate, num_chains=4, num_draws=100,
+           optimizer_kwargs=dict(lr=1e-4, nbeta=nbeta, localization=100.0))
+    est.get_results()["llc/mean"]
+
+Callbacks are called at every draw (after burn-in, every ``num_steps_bw_draws`` steps) with devinterp's keywords:
+``chain``, ``draw``, ``loss`` (the draw's loss as a 0-d float32 tensor), ``model`` (the chain's weights) and
+``data`` (the batch), plus pypattern's ``step``, ``run``, ``batch``, ``observables`` and ``outputs``; a callback
+that declares only some of them gets those. devinterp's optimizer internals (``optimizer``, its MALA and noise
+metrics) are not passed. ``finalize()`` is called after the run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["LLCEstimator", "OnlineLLCEstimator", "SamplerCallback", "devinterp_callbacks", "sample"]
+
+
+class SamplerCallback:
+    """devinterp 1.x's callback base class: ``__call__`` at every draw, ``finalize()`` after the run,
+    ``get_results()`` for what it computed."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = device
+
+    def share_memory_(self) -> SamplerCallback:
+        """devinterp shares its tensors across processes; pypattern's chains run in one process: a no-op."""
+        return self
+
+    def __call__(self, *args, **kwargs) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(chain, draw, **kwargs)")
+
+    def finalize(self, *args, **kwargs) -> None:
+        pass
+
+    def get_results(self, *args, **kwargs) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must define get_results()")
+
+
+def _nbeta(nbeta, temperature) -> float:
+    if nbeta is None and temperature is None:
+        raise ValueError(
+            "nbeta is not given: pass nbeta= (the inverse temperature the chains were sampled at)"
+        )
+    if nbeta is None:
+        warnings.warn(
+            "temperature= is devinterp's old name of nbeta; pass nbeta=", DeprecationWarning, stacklevel=3
+        )
+        nbeta = temperature
+    nbeta = float(nbeta)
+    if not (math.isfinite(nbeta) and nbeta > 0):
+        raise ValueError(f"nbeta={nbeta!r} is not valid; give a positive number")
+    return nbeta
+
+
+def _counts(num_chains, num_draws) -> tuple[int, int]:
+    for name, v in (("num_chains", num_chains), ("num_draws", num_draws)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} is not valid; give a positive int")
+    return num_chains, num_draws
+
+
+def _scalar_loss(loss, chain: int, draw: int) -> float:
+    v = float(torch.as_tensor(loss).detach().float().mean())
+    if math.isnan(v):
+        raise RuntimeError(f"NaN detected in loss at chain {chain}, draw {draw}")
+    return v
+
+
+class LLCEstimator(SamplerCallback):
+    """devinterp 1.x's ``LLCEstimator``: each chain's mean loss over its draws, ``llc = nbeta * (mean loss -
+    init_loss)`` per chain, its mean and standard deviation (ddof=1) over chains.
+
+    Parameters
+    ----------
+    num_chains, num_draws : int
+        As given to :func:`sample` (chain ``c``'s draw ``d`` is recorded at ``[c, d]``).
+    init_loss : float or Tensor
+        ``L_n(w*)``.
+    device : str or torch.device
+        Accepted for devinterp's signature; the losses are kept on the CPU.
+    eval_field : str
+        The keyword whose value is the draw's loss (default ``"loss"``).
+    nbeta : float
+        The inverse temperature the chains were sampled at (``temperature``: devinterp's old name).
+    """
+
+    def __init__(
+        self,
+        num_chains: int,
+        num_draws: int,
+        init_loss,
+        device: torch.device | str = "cpu",
+        eval_field: str = "loss",
+        nbeta: float | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        super().__init__(device)
+        self.num_chains, self.num_draws = _counts(num_chains, num_draws)
+        self.init_loss = init_loss
+        self.nbeta = _nbeta(nbeta, temperature)
+        self.temperature = temperature
+        self.eval_field = eval_field
+        self.losses = np.full((self.num_chains, self.num_draws), np.nan, dtype=np.float32)
+
+    def update(self, chain: int, draw: int, loss) -> None:
+        if not (0 <= chain < self.num_chains and 0 <= draw < self.num_draws):
+            raise IndexError(
+                f"chain {chain}, draw {draw} is outside this estimator's {self.num_chains} chains x "
+                f"{self.num_draws} draws: give it the num_chains and num_draws of the sample() call"
+            )
+        self.losses[chain, draw] = _scalar_loss(loss, chain, draw)
+
+    def __call__(self, chain: int, draw: int, **kwargs) -> None:
+        if self.eval_field not in kwargs:
+            raise KeyError(
+                f"eval_field={self.eval_field!r} is not among the callback's keywords {sorted(kwargs)}"
+            )
+        self.update(chain, draw, kwargs[self.eval_field])
+
+    def _missing(self) -> None:
+        if np.isnan(self.losses).any():
+            n = int(np.isnan(self.losses).sum())
+            raise RuntimeError(
+                f"{n} of the {self.losses.size} (chain, draw) losses were never recorded: the sample() call ran "
+                "fewer chains or draws than this estimator was built for"
+            )
+
+    def finalize(self) -> None:
+        self._missing()
+        init = float(torch.as_tensor(self.init_loss, dtype=torch.float64))
+        self.llc_per_chain = self.nbeta * (self.losses.astype(np.float64).mean(1) - init)
+        self.llc_mean = float(self.llc_per_chain.mean())
+        self.llc_std = float(self.llc_per_chain.std(ddof=1)) if self.num_chains > 1 else float("nan")
+
+    def get_results(self) -> dict:
+        """``{"llc/mean", "llc/std", "llc-chain/<i>", "loss/trace" (num_chains, num_draws)}`` (after the run)."""
+        if not hasattr(self, "llc_per_chain"):
+            self.finalize()
+        return {
+            "llc/mean": self.llc_mean,
+            "llc/std": self.llc_std,
+            **{f"llc-chain/{i}": float(v) for i, v in enumerate(self.llc_per_chain)},
+            "loss/trace": self.losses.copy(),
+        }
+
+
+class OnlineLLCEstimator(LLCEstimator):
+    """devinterp 1.x's ``OnlineLLCEstimator``: the per-draw ``nbeta * (loss - init_loss)`` of every chain, and its
+    mean and standard deviation (ddof=1) over chains at each draw. Same arguments as :class:`LLCEstimator`."""
+
+    def finalize(self) -> None:
+        self._missing()
+        init = float(torch.as_tensor(self.init_loss, dtype=torch.float64))
+        self.llcs = self.nbeta * (self.losses.astype(np.float64) - init)
+        self.llc_means = self.llcs.mean(0)
+        self.llc_stds = self.llcs.std(0, ddof=1) if self.num_chains > 1 else np.full(self.num_draws, np.nan)
+
+    def get_results(self) -> dict:
+        """``{"init_loss", "llc/means" (num_draws,), "llc/stds" (num_draws,), "llc/trace" (num_chains,
+        num_draws), "loss/trace"}`` (after the run)."""
+        if not hasattr(self, "llcs"):
+            self.finalize()
+        return {
+            "init_loss": self.init_loss,
+            "llc/means": self.llc_means.astype(np.float32),
+            "llc/stds": self.llc_stds.astype(np.float32),
+            "llc/trace": self.llcs.astype(np.float32),
+            "loss/trace": self.losses.copy(),
+        }
+
+
+_PASSED = ("chain", "run", "draw", "step", "loss", "batch", "observables", "outputs", "model")
+
+
+def _as_devinterp_callback(cb: Callable) -> Callable:
+    """``cb`` called with devinterp 1.x's keywords (``loss`` a 0-d tensor, ``data`` the batch); it receives the
+    keywords it declares (all of them when it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(cb).parameters.values()
+    except (TypeError, ValueError):
+        params = None
+    takes_all = params is None or any(p.kind == p.VAR_KEYWORD for p in params)
+    wanted = None if takes_all else {p.name for p in params}
+
+    def call(**kw):
+        kw = dict(kw)
+        kw["loss"] = torch.tensor(kw["loss"], dtype=torch.float32)
+        kw["data"] = kw.get("batch")
+        cb(**(kw if wanted is None else {k: v for k, v in kw.items() if k in wanted}))
+
+    # the keywords the sampler must provide (it builds the chain's model only for callbacks that read it)
+    need = set(_PASSED) if wanted is None else {k for k in _PASSED if k in wanted} | {"loss"}
+    if wanted is not None and "data" in wanted:
+        need.add("batch")
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in sorted(need)]
+    )
+    call.finalize = getattr(cb, "finalize", None)
+    call.get_results = getattr(cb, "get_results", None)
+    call.inner = cb
+    return call
+
+
+def devinterp_callbacks(callbacks: Sequence[Callable] | None) -> list[Callable]:
+    """devinterp 1.x callbacks wrapped for pypattern's sampler (see the module docstring)."""
+    if callbacks is None:
+        return []
+    if callable(callbacks):
+        callbacks = [callbacks]
+    out = []
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(
+                f"callbacks[{i}] is a {type(cb).__name__}, not callable; give SamplerCallback objects"
+            )
+        out.append(_as_devinterp_callback(cb))
+    return out
+
+
+def sample(
+    model: nn.Module,
+    loader,
+    callbacks: Sequence[Callable],
+    evaluate: Callable | None = None,
+    sampling_method=None,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    num_draws: int = 100,
+    num_chains: int = 10,
+    num_burnin_steps: int = 0,
+    num_steps_bw_draws: int = 1,
+    init_loss: float | None = None,
+    grad_accum_steps: int = 1,
+    cores: int = 1,
+    seed: int | Sequence[int] | None = None,
+    device: str | torch.device | None = None,
+    verbose: bool = True,
+    optimize_over_per_model_param: Mapping[str, torch.Tensor] | None = None,
+    gpu_idxs: Sequence[int] | None = None,
+    batch_size: int = 1,
+    use_amp: bool = False,
+    criterion: Callable | None = None,
+    **kwargs,
+) -> None:
+    """devinterp 1.x's ``sample``: runs the chains and hands every draw to ``callbacks`` (finalized after the
+    run); returns None, the results live in the callbacks (``get_results()``). Arguments as
+    :func:`pypattern.sampling.llc.estimate_learning_coeff_with_summary` (``batch_size`` is accepted and unused, as
+    in devinterp)."""
+    from ..sampling.llc import estimate_learning_coeff_with_summary
+
+    if callbacks is None or (not callable(callbacks) and len(callbacks) == 0):
+        warnings.warn("sample() got no callbacks: the draws are computed and dropped", stacklevel=2)
+    wrapped = devinterp_callbacks(callbacks)
+    estimate_learning_coeff_with_summary(
+        model,
+        loader,
+        callbacks=wrapped,
+        evaluate=evaluate,
+        criterion=criterion,
+        sampling_method=sampling_method,
+        optimizer_kwargs=optimizer_kwargs,
+        num_draws=num_draws,
+        num_chains=num_chains,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+        init_loss=init_loss,
+        grad_accum_steps=grad_accum_steps,
+        cores=cores,
+        seed=seed,
+        device=device,
+        gpu_idxs=gpu_idxs,
+        verbose=verbose,
+        optimize_over_per_model_param=optimize_over_per_model_param,
+        use_amp=use_amp,
+        _wrapped_callbacks=True,
+        **kwargs,
+    )
