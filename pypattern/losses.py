@@ -9,6 +9,8 @@ Batches
   by the user: the logits at position ``t`` are scored against ``labels[t + 1]``). Without ``labels`` the targets
   are the ``input_ids``. ``position_ids`` and ``token_type_ids`` are passed on to models whose ``forward`` takes
   them;
+* a **one-element** ``(tokens,)`` / ``[tokens]`` (what a ``DataLoader`` over ``TensorDataset(tokens)`` yields):
+  the token tensor it holds;
 * a **pair** ``(x, y)`` / ``[x, y]`` (more elements are ignored): ``model(x)`` scored against ``y``;
   cross-entropy for integer ``y`` (class index per sample, or per position when the logits have a sequence axis;
   ``y == -100`` is ignored), mean squared error for floating ``y``.
@@ -112,8 +114,9 @@ def _describe(batch: Any) -> str:
 
 
 _EXPECTED = (
-    "a token tensor (batch, pos) of integer ids, a mapping with 'input_ids' (optional 'attention_mask', "
-    "'labels'), or a pair (x, y) of tensors; for other batches pass your own loss function"
+    "a token tensor (batch, pos) of integer ids (or a one-element tuple/list holding it), a mapping with "
+    "'input_ids' (optional 'attention_mask', 'labels'), or a pair (x, y) of tensors; for other batches pass your "
+    "own loss function"
 )
 
 
@@ -158,6 +161,9 @@ def parse_batch(batch: Any) -> ParsedBatch:
             fields[key] = v
         extra = {k: fields[k] for k in _PASS_KEYS if fields[k] is not None}
         return ParsedBatch("hf", ids, fields["labels"], fields["attention_mask"], extra)
+    if isinstance(batch, tuple | list) and len(batch) == 1 and isinstance(batch[0], torch.Tensor):
+        # DataLoader(TensorDataset(tokens)) yields [tokens]
+        return ParsedBatch("tokens", _ids(batch[0], "a one-element batch's tensor", batch))
     if isinstance(batch, tuple | list) and len(batch) >= 2:
         x, y = batch[0], batch[1]
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -300,13 +306,13 @@ def batch_size(batch: Any) -> int:
     """
     try:
         return int(parse_batch(batch).inputs.shape[0])
-    except (TypeError, ValueError):
-        pass
+    except (TypeError, ValueError) as e:
+        why = str(e)
     leaves: list[torch.Tensor] = []
     torch.utils._pytree.tree_map(lambda v: leaves.append(v) if isinstance(v, torch.Tensor) else None, batch)
     if not leaves or leaves[0].dim() == 0:
         raise ValueError(
-            f"cannot count the samples of {_describe(batch)}: it holds no tensor with a batch axis"
+            f"cannot count the samples of {_describe(batch)}: it holds no tensor with a batch axis ({why})"
         )
     return int(leaves[0].shape[0])
 

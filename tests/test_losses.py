@@ -423,7 +423,8 @@ def test_token_tensor_defaults_agree_with_the_previous_probe_default():
             r"batch\['attention_mask'\].*\(2, 3\).*'attention_mask': \(2, 4\)",
         ),
         ({"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": [1, 2]}, TypeError, r"'labels': list"),
-        ((torch.zeros(2, 3),), TypeError, r"tuple of 1 element"),
+        ((torch.zeros(2, 3),), TypeError, r"one-element batch's tensor.*integer token ids"),
+        (("text",), TypeError, r"cannot read a tuple of 1 element"),
         ((torch.zeros(2, 3), [1, 2]), TypeError, r"two tensors.*tuple of 2 element\(s\) \(a torch\.float32"),
         ("some text", TypeError, r"cannot read a str.*token tensor"),
     ],
@@ -460,6 +461,27 @@ def test_batch_size_of_other_batches():
     assert batch_size({"input_ids": torch.zeros(5, 3, dtype=torch.long)}) == 5
     assert batch_size((torch.zeros(7, 2), torch.zeros(7))) == 7
     assert batch_size({"pixels": torch.zeros(4, 3, 2)}) == 4  # read by a custom loss: first tensor's length
-    with pytest.raises(ValueError, match="no tensor"):
+    with pytest.raises(
+        ValueError, match=r"no tensor with a batch axis \(a mapping batch needs a tensor 'input_ids'"
+    ):
         batch_size({"text": "abc"})
     assert parse_batch({"input_ids": torch.zeros(3, dtype=torch.long)}).inputs.shape == (1, 3)
+
+
+def test_a_tensor_dataset_of_tokens_reads_as_its_tokens():
+    """``DataLoader(TensorDataset(tokens))`` yields one-element lists: the default losses read the tokens."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pypattern.sampling.data import batch_size_of
+
+    model = _tf()
+    ids = torch.randint(0, V, (6, 5), generator=torch.Generator().manual_seed(2))
+    (batch,) = DataLoader(TensorDataset(ids), batch_size=6)
+    assert isinstance(batch, list) and len(batch) == 1
+    torch.testing.assert_close(batch_loss(model, batch), batch_loss(model, ids), rtol=0, atol=0)
+    torch.testing.assert_close(token_losses(model, (ids,)), token_losses(model, ids), rtol=0, atol=0)
+    assert batch_size(batch) == 6 and batch_size_of(batch) == 6
+    with pytest.raises(
+        ValueError, match=r"loader: cannot count the samples of a list.*expected a token tensor"
+    ):
+        batch_size_of([{"input_ids": [1, 2, 3]}])

@@ -21,8 +21,8 @@ def batch_size_of(batch) -> int:
 
     try:
         return batch_size(batch)
-    except ValueError:
-        raise ValueError("cannot infer the batch size: the batch holds no tensor with a batch axis") from None
+    except ValueError as e:
+        raise ValueError(f"loader: {e}") from None
 
 
 def to_device(batch, device):
