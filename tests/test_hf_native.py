@@ -86,6 +86,11 @@ def _config(arch: str):
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
             use_qkv_bias=True, **common,
         )  # fmt: skip
+    if arch == "stablelm_qkln":  # and per-head query / key LayerNorms (one module per head)
+        return tr.StableLmConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+            use_qkv_bias=True, qk_layernorm=True, **common,
+        )  # fmt: skip
     if arch == "gptj":  # attention and MLP in parallel reading one LayerNorm, adjacent rotary pairs
         return tr.GPTJConfig(
             vocab_size=V, n_embd=24, n_layer=2, n_head=4, rotary_dim=4, n_positions=16, resid_pdrop=0.0,
@@ -166,7 +171,7 @@ def _config(arch: str):
 
 ARCHS = [
     "gpt2", "neox", "neox_seq", "llama", "llama_mha", "mistral", "qwen2", "qwen3", "phi3", "gpt_neo", "gemma",
-    "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "starcoder2",
+    "gemma2", "gemma3", "olmo", "olmo2", "phi", "gptj", "stablelm", "stablelm_qkln", "starcoder2",
     "bigcode", "bigcode_mha", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "smollm3", "seed_oss",
     "helium", "ernie4_5",
 ]  # fmt: skip
@@ -495,7 +500,7 @@ def test_head_mask_moves_exactly_that_head(arch):
         assert (rest - base).abs().max() > 1e-3  # the complement did move something
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "stablelm_qkln"])
 def test_shared_kv_heads_under_grouped_query_attention(arch):
     m = _model(arch)
     layer = 0

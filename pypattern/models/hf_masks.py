@@ -15,7 +15,9 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
 * **Llama, Mistral, Qwen2, Qwen3, Gemma, OLMo, StableLM, Phi, GPT-J** (split ``nn.Linear``; Phi's output projection
   is ``dense``, GPT-J's ``out_proj``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where present), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
   ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
-  Qwen3's and Gemma 3's ``q_norm`` / ``k_norm`` weights are shared by every head and belong to no head; OLMo 2
+  StableLM's per-head norms (``qk_layernorm``: ``q_layernorm.norms.{h}``, ``k_layernorm.norms.{g}``) belong to
+  their head and key/value head. Qwen3's and Gemma 3's ``q_norm`` / ``k_norm`` weights are shared by every head
+  and belong to no head; OLMo 2
   and 3 normalise the projections across all heads, and have no per-head components.
 * **GPT-Neo**: Llama's split projections under ``attn.attention``, ``out_proj`` for ``o_proj`` (no q/k/v biases).
 * **Phi-3** (fused ``qkv_proj``, rows: all query heads, then all key heads, then all value heads): the query rows
@@ -205,11 +207,16 @@ def _head_slices(
             kv = head // group
         else:
             kv = head
+        if kind == "head":  # StableLM's per-head query norms (qk_layernorm): head h's own LayerNorm
+            for p in ("weight", "bias"):
+                out[f"{a}.q_layernorm.norms.{head}.{p}"] = (0, None)
         if kind == "kv" or n_kv == n_heads or include_shared_kv:
             kv_rows = slice(kv * dh, (kv + 1) * dh)
             for p in ("k_proj", "v_proj"):
                 out[f"{a}.{p}.weight"] = (0, kv_rows)
                 out[f"{a}.{p}.bias"] = (0, kv_rows)
+            for p in ("weight", "bias"):  # and the key/value head's own key norm
+                out[f"{a}.k_layernorm.norms.{kv}.{p}"] = (0, None)
     return out
 
 
@@ -280,7 +287,10 @@ def hf_component_masks(
             if name not in params:  # a bias the configuration leaves out
                 continue
             mask = torch.zeros_like(params[name], dtype=torch.bool)
-            mask.index_fill_(axis, _as_index(idx, mask.device), True)
+            if idx is None:  # the whole parameter belongs to the head (a per-head norm)
+                mask.fill_(True)
+            else:
+                mask.index_fill_(axis, _as_index(idx, mask.device), True)
             masks[name] = mask
         if not masks:  # never a silent empty mask (a sampler would then move nothing)
             raise ValueError(
