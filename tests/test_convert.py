@@ -8,6 +8,7 @@ GPT-NeoX blocks) built from a ``transformers.<Family>Config`` with random weight
 import copy
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -1713,3 +1714,84 @@ def test_from_pretrained_takes_the_attention_implementation(tmp_path):
         assert rel(eager(x), hf(x).logits) <= 1e-10
     with pytest.raises(TypeError, match="attn_implementation=1 is not valid"):
         from_pretrained(tmp_path, attn_implementation=1)
+
+
+class _LowRankAdapter(torch.nn.Linear):
+    """A linear layer whose forward adds a low-rank update of its own (as a LoRA adapter layer does)."""
+
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__(
+            base.in_features, base.out_features, bias=base.bias is not None, dtype=base.weight.dtype
+        )
+        self.load_state_dict(base.state_dict())
+        self.a = torch.nn.Parameter(torch.randn(2, base.in_features, dtype=base.weight.dtype))
+        self.b = torch.nn.Parameter(torch.randn(base.out_features, 2, dtype=base.weight.dtype))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.a.T @ self.b.T
+
+
+def test_modules_that_compute_more_than_their_weights_are_refused():
+    """An adapter layer (a class from outside torch.nn / transformers) or a forward hook changes what the model
+    computes without changing the weights the converter reads: refused by module name, never converted to the
+    model without them."""
+    hf = hf_model("llama-mqa")
+    x = tokens()
+    attn = hf.model.layers[0].self_attn
+    plain = attn.q_proj
+    attn.q_proj = _LowRankAdapter(plain)
+    with pytest.raises(
+        UnsupportedModelError, match=r"module model\.layers\.0\.self_attn\.q_proj.*_LowRankAdapter"
+    ):
+        from_hf(hf)
+    attn.q_proj = plain
+    h = hf.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o + 1)
+    with pytest.raises(UnsupportedModelError, match=r"module model\.layers\.1\.mlp.*forward hook"):
+        from_hf(hf)
+    h.remove()
+    h = hf.model.norm.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    with pytest.raises(UnsupportedModelError, match=r"module model\.norm.*forward pre hook"):
+        from_hf(hf)
+    h.remove()
+    with torch.no_grad():
+        assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
+
+
+def test_paged_attention_is_refused():
+    hf = hf_model("llama-mqa")
+    hf.config._attn_implementation = "paged|eager"
+    with pytest.raises(UnsupportedModelError, match=r"attn_implementation='paged\|eager'.*paged cache"):
+        from_hf(hf)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    """transformers fills a tensor the checkpoint lacks with random values and only logs it: refused."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model("llama-mqa")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    (f,) = [p for p in tmp_path.iterdir() if p.suffix == ".safetensors"]
+    state = load_file(f)
+    name = "model.layers.1.mlp.down_proj.weight"
+    del state[name]
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(
+        UnsupportedModelError, match=rf"lacks 1 of the model's tensors \(\['{re.escape(name)}'\]\)"
+    ):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("slow_but_exact", [False, True])
+def test_bloom_sliced_projections_of_pretraining_tp(slow_but_exact):
+    """BLOOM with pretraining_tp > 1 and slow_but_exact sums its output projections over weight slices without
+    their biases (Hugging Face's code): converted exactly, with those biases left out (and kept otherwise)."""
+    hf = hf_model("bloom-alibi-6heads-tied", pretraining_tp=3, slow_but_exact=slow_but_exact)
+    assert float(hf.transformer.h[0].self_attention.dense.bias.abs().max()) > 0
+    with torch.no_grad():
+        assert rel(from_hf(hf)(tokens()), hf(tokens()).logits) <= 1e-10
+
+
+def test_llama3_scaling_the_converter_cannot_represent_is_refused_by_the_hf_option():
+    hf = hf_model("llama-mqa", rope_scaling={**_LLAMA3, "low_freq_factor": 2.0, "high_freq_factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match=r"rope_parameters=.*high_freq_factor=2.0 must exceed"):
+        from_hf(hf)

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
-from ._common import UnsupportedModelError, build, model_dtype, warn_if_training
+from ._common import UnsupportedModelError, build, check_plain_modules, model_dtype, warn_if_training
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
 __all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
@@ -119,6 +119,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
             "(base models without their language-model head are not converted: load the *ForCausalLM / "
             "*LMHeadModel class)"
         )
+    check_plain_modules(model)
     src_dtype = model_dtype(model)
     warn_if_training(model)
     out_dtype = src_dtype if dtype is None else dtype
@@ -200,6 +201,13 @@ def from_pretrained(
                 f"attn_implementation={attn_implementation!r} is not valid; give a string such as 'eager' or 'sdpa'"
             )
         kwargs["attn_implementation"] = attn_implementation
-    hf = cls.from_pretrained(path, **kwargs)
+    hf, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers initialises them at random and only logs it
+        raise UnsupportedModelError(
+            f"path={path!r}: the checkpoint lacks {len(missing)} of the model's tensors ({missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}); transformers would fill them with random values. Give a "
+            "complete save_pretrained directory"
+        )
     hf.eval()
     return from_hf(hf, dtype=dtype)

@@ -34,9 +34,57 @@ def attn_softmax_dtype(model: nn.Module, eager_upcasts: bool) -> torch.dtype | N
     if hasattr(model, "bridge_attn_softmax_dtype"):
         return model.bridge_attn_softmax_dtype
     impl = getattr(model.config, "_attn_implementation", None)
-    if impl == "paged|eager" or (impl in (None, "eager") and eager_upcasts):
+    if isinstance(impl, str) and impl.startswith("paged"):
+        # outside a paged cache its forward is not the causal model (a later token moves earlier logits)
+        refuse(
+            "attn_implementation",
+            impl,
+            "the paged attention implementations compute a causal model only inside their paged cache; load "
+            "the model with attn_implementation='eager' or 'sdpa'",
+        )
+    if impl in (None, "eager") and eager_upcasts:
         return torch.float32
     return None
+
+
+# where the classes of a convertible model's modules come from: a module of another library (a LoRA layer, a
+# quantized linear) computes something other than the weights the converters read
+_MODULE_SOURCES = ("torch.nn.", "transformers.")
+
+
+def check_plain_modules(model: nn.Module) -> None:
+    """Refuse a model whose forward is not the function of the parameters the converters read: a module of
+    a class from outside ``torch.nn`` and ``transformers`` (a LoRA adapter layer that adds its own low-rank
+    update, a quantized linear layer), or a forward hook or pre-hook on any module."""
+    from torch.nn.modules import module as _module
+
+    glob = [k for k in ("_global_forward_hooks", "_global_forward_pre_hooks") if getattr(_module, k, None)]
+    if glob:
+        refuse(
+            "global module hooks",
+            glob,
+            "torch.nn.modules.module.register_module_forward_hook / _pre_hook change every module's output; "
+            "remove them before converting",
+        )
+    for name, m in model.named_modules():
+        where = name or "(the model)"
+        src = type(m).__module__ + "."
+        if not src.startswith(_MODULE_SOURCES):
+            refuse(
+                f"module {where}",
+                type(m).__module__ + "." + type(m).__qualname__,
+                "its class is not torch.nn's or transformers' (an adapter such as LoRA, or a quantized layer, "
+                "computes more than the weights pypattern reads); merge adapters into the weights first "
+                "(peft: merge_and_unload()) and convert an unquantized model",
+            )
+        hooks = [k for k in ("_forward_hooks", "_forward_pre_hooks") if getattr(m, k, None)]
+        if hooks:
+            refuse(
+                f"module {where}",
+                f"{len(getattr(m, hooks[0]))} {hooks[0][1:-1].replace('_', ' ')}(s)",
+                "a forward hook changes what the module computes, and the conversion reads only its weights; "
+                "remove the hooks (handle.remove()) before converting",
+            )
 
 
 def act_fn(name: Any, option: str) -> str:
@@ -64,7 +112,7 @@ def rope(
     ``rotary_scaling`` is None for the default); refuses any ``attention_scaling`` other than 1 elsewhere. With ``layer_type`` (Gemma 3: one rotary embedding per kind of layer),
     the parameters ``rope_parameters[layer_type]`` and the buffer ``{layer_type}_inv_freq``.
     """
-    from ..transformer import _ROTARY_SCALING_KEYS, rotary_inv_freq
+    from ..transformer import _ROTARY_SCALING_KEYS, _check_rotary_scaling, rotary_inv_freq
 
     params = getattr(config, "rope_parameters", None) or {}
     if layer_type is not None:
@@ -114,9 +162,11 @@ def rope(
     if rotary_dim > head_dim:
         refuse("rotary dimensions", rotary_dim, f"more than the head dimension {head_dim}")
     try:
+        if scaling is not None:
+            _check_rotary_scaling(scaling, "rotary")
         mine = rotary_inv_freq(base, rotary_dim, scaling, torch.float32)
     except (ValueError, TypeError, KeyError) as e:
-        refuse("rope_parameters", params, f"its values cannot be read ({e})")
+        refuse("rope_parameters", params, f"its values are not converted ({e})")
     # frequencies rounded by a cast of the model (.to(torch.bfloat16), .half(), possibly cast back since)
     candidates = [buf.dtype] if buf.dtype not in (torch.float32, torch.float64) else [None]
     candidates += [d for d in (None, torch.bfloat16, torch.float16) if d not in candidates]

@@ -30,6 +30,9 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             "the residual stream then carries each layer's normalised input, which the converted model's blocks "
             "(x + attn(ln(x))) do not compute",
         )
+    # pretraining_tp > 1 with slow_but_exact: Hugging Face sums the output projections over weight slices
+    # (F.linear without the bias): the same products, and no dense / dense_4h_to_h bias
+    sliced = getattr(c, "pretraining_tp", 1) > 1 and bool(getattr(c, "slow_but_exact", False))
     tr = model.transformer
     layers = tr.h
     d, H = c.hidden_size, c.n_head
@@ -84,6 +87,10 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         ln(f"{p}.ln2", layer.post_attention_layernorm)
         put_per_head_qkv(w, p, layer.self_attention.query_key_value, layer.self_attention.dense, H, dh)
         put_mlp(w, p, layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h)
+        if sliced:  # Hugging Face's sliced projections leave out dense's and dense_4h_to_h's biases
+            for k in (f"{p}.attn.b_O", f"{p}.mlp.b_out"):
+                if w[k] is not None:
+                    w[k] = torch.zeros_like(w[k])
     ln("ln_final", tr.ln_f)
     put_unembedding(w, lm, tied, lm_b)
     return cfg, w
