@@ -424,3 +424,32 @@ def test_atp_star_qk_fix_takes_the_models_softmax(arch):
         exact = activation_patching(model, site, clean, corr, metric=met, per_position=False)
         torch.testing.assert_close(star[site].values[:, 1], exact.values[:, 1], rtol=0, atol=1e-9)
         assert exact.effect[:, 1].abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox", "alibi_gqa"])
+@pytest.mark.parametrize("sharpness", [40.0, 100.0])
+def test_atp_star_key_fix_on_saturated_attention(arch, sharpness):
+    """The per-position key fix where attention weights round to 1 (sharp queries and keys): computed from
+    log-sums over the other keys, it is exact where the rest is linear in float64 and equals the float64 value
+    in float32 (the form with 1 - p and "all but one" differences gave NaN in float32 and lost every digit in
+    float64)."""
+    model, clean, corr, ans, wrong = build(arch, d_mlp=None, gated_mlp=False, normalization_type=None)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.W_Q.mul_(sharpness)
+            blk.attn.W_K.mul_(sharpness)
+    _, cache = model.run_with_cache(clean)
+    pat = cache["blocks.1.attn.hook_pattern"][:, :, 1:]
+    assert int((pat == 1).sum()) > 0  # saturated rows: weights that round to 1
+    met = LogitDiff(ans, wrong)
+    star = attribution_patching(model, clean, corr, metric=met, sites=["k"], qk_fix=True)["k"]
+    exact = activation_patching(model, "k", clean, corr, metric=met)
+    tol = 1e-6 if model.cfg.attn_softmax_dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(star.values[:, 1], exact.values[:, 1], rtol=0, atol=tol)
+    m32 = Transformer(TransformerConfig(**{**model.cfg.to_dict(), "dtype": "float32"}))
+    m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    s32 = attribution_patching(m32, clean, corr, metric=met, sites=["k"], qk_fix=True)["k"].effect
+    assert torch.isfinite(s32).all()
+    scale = float(star.effect.abs().max())
+    # float32 scores of size ~1e4 round at ~1e-3: the estimate keeps about five digits of the float64 one
+    assert (s32.double() - star.effect).abs().max() <= 1e-4 * max(scale, 1.0)

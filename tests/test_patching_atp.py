@@ -128,3 +128,21 @@ def test_patch_demo_writes_heatmap_and_table(tmp_path):
     assert rows[0] == "method,site,layer,head,pos,mean,se,ci_low,ci_high"
     assert len(rows) == 1 + 2 * (2 * 7 + 2 * 4)  # exact and AtP: resid_pre (2 x 7) and heads (2 x 4)
     assert {"accuracy", "spearman_atp_exact_resid_pre", "top_heads", "heatmap"} <= set(s)
+
+
+def test_atp_leaves_the_parameters_requires_grad_as_it_found_them():
+    """AtP differentiates with respect to activations only; parameters the caller froze stay frozen (and the
+    others trainable), also after an error inside the call."""
+    model, clean, corr, met = linear_last_layer_model()
+    frozen = {n for i, (n, _) in enumerate(model.named_parameters()) if i % 2 == 0}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    attribution_patching(model, clean, corr, metric=met, sites=["z"], qk_fix=True, grad_drop=True)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+    def bad(logits):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        attribution_patching(model, clean, corr, metric=bad, sites=["z"])
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen

@@ -89,14 +89,39 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
     capped = attn.cap(raw)
     if attn.cfg.attn_scores_soft_cap is not None:  # capped scores: the change of the capped score
         delta = attn.cap(raw + delta) - capped
-    logp = torch.log_softmax(capped.masked_fill(mask, float("-inf")), -1)
-    p = logp.exp()
-    logD = torch.logaddexp(torch.log1p(-p.clamp(max=1.0)), logp + delta)
-    p_new_s = torch.exp(logp + delta - logD)
-    Gp = (p * g_pat).sum(-1, keepdim=True)  # (B,H,T,1): sum_j p_tj g_tj
-    est_ts = (torch.exp(-logD) - 1) * (Gp - p * g_pat) + (p_new_s - p) * g_pat
+    z = capped.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    p = torch.exp(z - lse)
+    # Replacing key s's score z_s by z_s + delta: the new normaliser is lse'_s = log(sum_{j != s} e^{z_j} +
+    # e^{z_s + delta}), p'_s = e^{z_s + delta - lse'_s}, and every other key's weight is rescaled, which moves the
+    # metric by A_s (e^{-lse'_s} - e^{-lse}) with A_s = sum_{j != s} e^{z_j} g_j. Everything is computed from
+    # log-sums over the keys other than s (prefix and suffix sums: 1 - p_s, or "all but s" as a difference, lose
+    # every digit where p_s is near 1), and A_s from the positive and negative parts of g separately, so that no
+    # exponential overflows however sharp the attention.
+    log_other = _log_sum_but_one(z)  # log sum_{j != s} e^{z_j}
+    lse_new = torch.logaddexp(log_other, z + delta)
+    p_new_s = torch.exp(z + delta - lse_new)
+    pos = _log_sum_but_one(z + torch.log(g_pat.clamp(min=0)))  # log sum_{j != s} e^{z_j} max(g_j, 0)
+    neg = _log_sum_but_one(z + torch.log((-g_pat).clamp(min=0)))
+    other_pg = torch.exp(pos - lse) - torch.exp(neg - lse)  # sum_{j != s} p_j g_j
+    shift = lse - lse_new
+    small = shift.abs() < 1.0  # a small change of the normaliser: expm1 keeps its digits
+    rescale = torch.where(
+        small,
+        other_pg * torch.expm1(torch.where(small, shift, 0.0)),
+        torch.exp(pos - lse_new) - torch.exp(neg - lse_new) - other_pg,
+    )
+    est_ts = rescale + (p_new_s - p) * g_pat
     est_ts = est_ts.masked_fill(mask, 0.0)
     return _group_sum(est_ts.sum(-2), G)  # over queries t -> (B, Hkv, S)
+
+
+def _log_sum_but_one(v: torch.Tensor) -> torch.Tensor:
+    """``log sum_{j != s} exp(v_j)`` over the last axis, for every ``s`` (-inf where no other term)."""
+    ninf = torch.full_like(v[..., :1], float("-inf"))
+    before = torch.cat([ninf, torch.logcumsumexp(v, -1)[..., :-1]], -1)  # j < s
+    after = torch.cat([torch.logcumsumexp(v.flip(-1), -1).flip(-1)[..., 1:], ninf], -1)  # j > s
+    return torch.logaddexp(before, after)
 
 
 def _scored(site: str, layer: int, cfg) -> str:
@@ -398,7 +423,8 @@ def _atp(
     if tgt_noise is not None:
         hooks.insert(0, ("hook_embed", embedding_noise_hook(tgt_noise)))
     with torch.enable_grad():
-        for prm in model.parameters():
+        frozen = [(prm, prm.requires_grad) for prm in model.parameters()]
+        for prm, _ in frozen:
             prm.requires_grad_(False)
         try:
             emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
@@ -410,8 +436,8 @@ def _atp(
                 src_logits, logits = _unembed_together(model, src_rows, rows)
                 src_logits = src_logits.detach()
         finally:
-            for prm in model.parameters():
-                prm.requires_grad_(True)
+            for prm, flag in frozen:  # as the caller had them (a frozen parameter stays frozen)
+                prm.requires_grad_(flag)
         # the metric binds to the clean run's logits before it reads any run
         clean_logits = src_logits if direction == "denoising" else logits.detach()
         bind_metric(metric, clean_logits)
