@@ -233,3 +233,73 @@ def test_1d_tokens_are_refused_naming_the_argument(argument, which):
             circuits.patch_edges(model, [], toks["clean"], toks["corrupted"], metric=m)
         else:
             circuits.edge_attribution(model, toks["clean"], toks["corrupted"], metric=m)
+
+
+def test_grid_selections_that_would_be_ignored_are_refused():
+    """positions= without per_position, heads= on a site without heads, non-integer selections: errors naming the
+    argument, where they were ignored or truncated."""
+    model, clean, corr, m = small()
+    with pytest.raises(ValueError, match=r"positions=\[1\] is given with per_position=False"):
+        activation_patching(model, "resid_pre", clean, corr, metric=m, positions=[1], per_position=False)
+    with pytest.raises(ValueError, match=r"heads=\[1\] is given, but site 'resid_pre' has no heads"):
+        activation_patching(model, "resid_pre", clean, corr, metric=m, heads=[1])
+    with pytest.raises(TypeError, match=r"positions contains 1.5"):
+        activation_patching(model, "resid_pre", clean, corr, metric=m, positions=[1.5])
+    with pytest.raises(TypeError, match=r"layers must hold integers"):
+        activation_patching(model, "resid_pre", clean, corr, metric=m, layers=torch.tensor([0.0]))
+    with pytest.raises(TypeError, match=r"metric.position must be an int or integer positions"):
+        activation_patching(
+            model,
+            "resid_pre",
+            clean,
+            corr,
+            metric=LogitDiff(m.answer, m.wrong, position=torch.tensor([1.7] * 4)),
+        )
+    # an int, a tensor or numpy array of ints select as a list does
+    import numpy as np
+
+    want = activation_patching(model, "z", clean, corr, metric=m, layers=[1], heads=[0], positions=[2]).values
+    for sel in (
+        dict(layers=1, heads=0, positions=2),
+        dict(layers=torch.tensor([1]), heads=np.array([0]), positions=[np.int64(2)]),
+    ):
+        got = activation_patching(model, "z", clean, corr, metric=m, **sel).values
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["exact", "atp"])
+def test_metric_answers_are_checked_by_name(which):
+    model, clean, corr, m = small()
+
+    def call(metric):
+        if which == "atp":
+            return attribution_patching(model, clean, corr, metric=metric, sites=["z"])["z"].values
+        return activation_patching(model, "z", clean, corr, metric=metric).values
+
+    with pytest.raises(ValueError, match=r"answer has shape \(3,\); give one token id per example \(4,\)"):
+        call(LogitDiff(m.answer[:3], m.wrong[:3]))
+    with pytest.raises(ValueError, match=r"wrong contains the token id 12; the logits have 12 entries"):
+        call(LogitDiff(m.answer, torch.tensor([5, 6, 7, 12])))
+    with pytest.raises(ValueError, match=r"answer contains the token id -1"):
+        call(LogitDiff(torch.tensor([1, 2, 3, -1]), m.wrong))
+    with pytest.raises(TypeError, match=r"answer must hold integer token ids"):
+        call(LogitDiff(m.answer.double(), m.wrong))
+    # one id for every example: the same as repeating it
+    torch.testing.assert_close(
+        call(LogitDiff(3, 5)), call(LogitDiff(torch.full((4,), 3), torch.full((4,), 5)))
+    )
+
+
+def test_metrics_that_do_not_map_runs_to_runs_are_refused_by_the_exact_engine():
+    """The exact engine calls the metric on stacks of runs (cells, batch, vocab): a metric that indexes the
+    batch axis as the first axis, or couples the runs, is refused with the reason instead of failing inside."""
+    model, clean, corr, _ = small()
+    ans = torch.tensor([1, 2, 3, 4])
+    first_axis = lambda lg: lg[torch.arange(4), ans]  # noqa: E731 - (batch, vocab) only
+    coupled = lambda lg: lg[..., 1] - lg[..., 1].mean()  # noqa: E731 - a mean over every run
+    with pytest.raises(ValueError, match=r"metric fails on a stack of runs \(2, 4, vocab\)"):
+        activation_patching(model, "z", clean, corr, metric=first_axis)
+    with pytest.raises(ValueError, match=r"couples the runs"):
+        activation_patching(model, "z", clean, corr, metric=coupled)
+    ok = lambda lg: lg[..., 1] - lg[..., 1].mean(-1, keepdim=True)  # noqa: E731 - within a run: allowed
+    activation_patching(model, "z", clean, corr, metric=ok)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..patching.api import check_tokens
-from ..patching.metrics import bind_metric, check_metric_output
+from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
 from .graph import EdgeGraph
 from .model_view import ModelView
@@ -935,6 +935,7 @@ def prepare_runs(
         clean_run = node_run(view, graph, x_clean, pos)
         bind_metric(metric, clean_run.logits.detach())
         m_clean = check_metric_output(metric(clean_run.logits), B)
+        check_metric_on_stacks(metric, clean_run.logits.detach(), m_clean)
     if defer_base:
         base = None
     else:

@@ -15,7 +15,14 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .engine import ExactEngine, bytes_per_cell, truncate_cache, unembed_rows
-from .metrics import Metric, bind_metric, check_metric_output, logits_at, metric_positions
+from .metrics import (
+    Metric,
+    bind_metric,
+    check_metric_on_stacks,
+    check_metric_output,
+    logits_at,
+    metric_positions,
+)
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, apply_patch, check_site, hook_name, make_cells, site_heads
 
@@ -195,6 +202,7 @@ def prepare_runs(
     clean_logits, clean_cache = run_at(clean, None, names)
     bind_metric(metric, clean_logits.detach())
     m_clean = check_metric_output(metric(clean_logits), B).detach()
+    check_metric_on_stacks(metric, clean_logits.detach(), m_clean)
     m_corr, corr_cache = None, None
     if corr_tokens is not None:
         corr_logits, corr_cache = run_at(corr_tokens, corr_noise, names)

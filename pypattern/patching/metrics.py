@@ -24,12 +24,27 @@ __all__ = [
     "logits_at",
     "metric_positions",
     "check_metric_output",
+    "check_metric_on_stacks",
     "bind_metric",
 ]
 
 
-def _pick(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``logits (..., batch, vocab)``, ``idx (batch,)`` or ``(batch, k)`` -> ``(..., batch)`` (mean over k)."""
+def _pick(logits: torch.Tensor, idx: torch.Tensor, name: str = "answer") -> torch.Tensor:
+    """``logits (..., batch, vocab)``, ``idx`` ``()`` (the same token for every example), ``(batch,)`` or
+    ``(batch, k)`` -> ``(..., batch)`` (mean over k). ``name`` names the argument in errors."""
+    B, V = logits.shape[-2], logits.shape[-1]
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got a {idx.dtype} tensor")
+    if idx.dim() == 0:
+        idx = idx.expand(B)
+    if idx.dim() > 2 or idx.shape[0] != B:
+        raise ValueError(
+            f"{name} has shape {tuple(idx.shape)}; give one token id per example ({B},), several ({B}, k), or one "
+            f"id for every example (a scalar)"
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise ValueError(f"{name} contains the token id {bad}; the logits have {V} entries (ids 0..{V - 1})")
     idx = idx.to(logits.device)
     if idx.dim() == 1:
         idx = idx[:, None]
@@ -61,6 +76,8 @@ class Metric:
         new = copy.copy(self)
         for name in ("position", *self.per_example):
             v = getattr(self, name, None)
+            if isinstance(v, (list, tuple)):  # per-example positions given as a list
+                v = torch.as_tensor(v)
             if isinstance(v, torch.Tensor) and v.dim() >= 1:
                 setattr(new, name, v[index])
         return new
@@ -78,7 +95,7 @@ class LogitDiff(Metric):
         self.answer, self.wrong = torch.as_tensor(answer), torch.as_tensor(wrong)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return _pick(logits, self.answer) - _pick(logits, self.wrong)
+        return _pick(logits, self.answer, "answer") - _pick(logits, self.wrong, "wrong")
 
 
 class Prob(Metric):
@@ -142,7 +159,12 @@ def metric_positions(metric: Metric, batch: int, seq_len: int):
         if not -seq_len <= pos < seq_len:
             raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
         return pos % seq_len
-    pos = torch.as_tensor(pos).long()
+    pos = torch.as_tensor(pos)
+    if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+        raise TypeError(
+            f"metric.position must be an int or integer positions, got {pos.dtype} values (they would be truncated)"
+        )
+    pos = pos.long()
     if pos.shape != (batch,):
         raise ValueError(
             f"metric.position has shape {tuple(pos.shape)}; give an int or a LongTensor ({batch},)"
@@ -177,6 +199,34 @@ def check_metric_output(values, batch: int) -> torch.Tensor:
             "not a batch mean or sum"
         )
     return values
+
+
+def check_metric_on_stacks(metric, clean_logits: torch.Tensor, values: torch.Tensor) -> None:
+    """The exact engines call the metric on stacks of runs ``(cells, batch, vocab)``: check, on the clean logits
+    ``(batch, vocab)`` stacked with another run (the examples reversed, the vocabulary shifted), that it returns ``(2, batch)`` and
+    that each run's values are its own (``values``: the metric of the clean logits alone), not coupled across the
+    stack (a mean over every axis, say)."""
+    B = clean_logits.shape[0]
+    other = torch.roll(clean_logits.flip(0), 1, -1)  # another run: other values in every example
+    try:
+        stacked = metric(torch.stack([clean_logits, other]))
+    except Exception as e:
+        raise ValueError(
+            f"metric fails on a stack of runs (2, {B}, vocab) ({type(e).__name__}: {e}); it must map logits "
+            f"(..., batch, vocab) to (..., batch): index the last two axes (logits[..., i, token]), not the first"
+        ) from e
+    if not isinstance(stacked, torch.Tensor) or tuple(stacked.shape) != (2, B):
+        got = tuple(stacked.shape) if isinstance(stacked, torch.Tensor) else type(stacked).__name__
+        raise ValueError(
+            f"metric returned {got} on a stack of runs (2, {B}, vocab); it must map logits (..., batch, vocab) to "
+            f"(..., batch)"
+        )
+    a, b = stacked[0].detach().double(), values.detach().double()
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-6 * (1.0 + float(b.abs().max())), equal_nan=True):
+        raise ValueError(
+            "metric gives other values for the same logits when they are stacked with another run's (it couples "
+            "the runs, e.g. a mean over every axis); it must compute each run and example from its own logits"
+        )
 
 
 def bind_metric(metric, clean_logits: torch.Tensor) -> None:

@@ -103,6 +103,35 @@ def apply_patch(x: torch.Tensor, src: torch.Tensor, site: str, head: int, pos: i
     return x
 
 
+def _ints(v, name: str) -> list[int]:
+    """``v`` (an int, or a sequence / tensor / array of ints) as a list of Python ints; anything else is named."""
+    if isinstance(v, torch.Tensor):
+        if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got a {v.dtype} tensor")
+        v = v.reshape(-1).tolist()
+    elif hasattr(v, "dtype") and hasattr(v, "tolist"):  # numpy
+        if v.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integers, got an array of dtype {v.dtype}")
+        v = v.reshape(-1).tolist()
+    elif isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    try:
+        out = list(v)
+    except TypeError:
+        raise TypeError(f"{name}={v!r} is not valid; give an int or a sequence of ints") from None
+    for x in out:
+        if isinstance(x, bool) or not isinstance(x, int):
+            if isinstance(x, torch.Tensor):
+                if x.dim() == 0 and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+                    continue
+            elif (
+                getattr(getattr(x, "dtype", None), "kind", None) in ("i", "u") and getattr(x, "ndim", 1) == 0
+            ):
+                continue  # a numpy integer
+            raise TypeError(f"{name} contains {x!r}; give ints")
+    return [int(x) for x in out]
+
+
 def make_cells(
     site: str,
     n_layers: int,
@@ -117,18 +146,28 @@ def make_cells(
     """The grid of cells: returns ``(cells, axes, coords, shape)``; cells are in row-major grid order.
 
     ``n_heads`` is the number of heads of the site (:func:`site_heads`: key/value heads for ``k``/``v``)."""
-    if window < 1:
-        raise ValueError(f"window={window} is not valid; give an int >= 1")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} is not valid; give an int >= 1")
     if window > n_layers:
         raise ValueError(f"window={window} is longer than the model's {n_layers} layers; give 1..{n_layers}")
-    layers = list(range(n_layers - window + 1)) if layers is None else list(layers)
+    layers = list(range(n_layers - window + 1)) if layers is None else _ints(layers, "layers")
     for layer in layers:
         if not 0 <= layer <= n_layers - window:
             raise ValueError(f"layers contains {layer}; valid are 0..{n_layers - window} (window={window})")
     axes, coords = ["layer"], {"layer": layers}
     is_head = site in HEAD_SITES
+    if heads is not None and not is_head:
+        raise ValueError(
+            f"heads={heads!r} is given, but site {site!r} has no heads; heads= selects cells of the per-head sites "
+            f"{sorted(HEAD_SITES)}"
+        )
+    if positions is not None and not per_position:
+        raise ValueError(
+            f"positions={positions!r} is given with per_position=False, which patches every position at once; "
+            "give per_position=True to patch the chosen positions one at a time, or leave positions at None"
+        )
     if is_head:
-        heads = list(range(n_heads)) if heads is None else list(heads)
+        heads = list(range(n_heads)) if heads is None else _ints(heads, "heads")
         if any(not 0 <= h < n_heads for h in heads):
             kind = "key/value heads" if site in KV_SITES else "heads"
             raise ValueError(f"heads={heads} is not valid; site {site!r} has {kind} 0..{n_heads - 1}")
@@ -136,7 +175,7 @@ def make_cells(
         coords["head"] = heads
     if per_position:
         if positions is not None:
-            positions = list(positions)
+            positions = _ints(positions, "positions")
             bad = [p for p in positions if not -seq_len <= p < seq_len]
             if bad:
                 raise ValueError(
