@@ -255,3 +255,56 @@ def test_causal_reuse_recomputes_only_from_the_first_patched_layer():
     calls.clear()
     ref = naive_patch(model, [g[g.index("MLP0->L2H1.k")]], clean, corr, metric, "noise", "resample")
     assert (engine.run(g.mask(["MLP0->L2H1.k"])[None])[0] - ref).abs().max() <= 1e-9
+
+
+def test_hooks_on_the_model_and_prompts_past_the_context_are_refused():
+    """The circuits compute from the weights and never run the model's hooks: a model with hooks attached is
+    refused naming them (a hook that changed later positions passed the logits self-check and was ignored);
+    prompts longer than the learned positions get the model's own error."""
+    from pypattern.circuits import edge_attribution
+
+    model = tiny()
+    clean, corr, ans, wrong = prompts(model)
+    met = LogitDiff(ans, wrong)
+    base = patch_edges(model, [], clean, corr, metric=met)
+    remove = model.blocks[1].hook_resid_pre.add_hook(lambda x, hook: x)
+    with pytest.raises(ValueError, match=r"hooks attached at \['blocks.1.hook_resid_pre'\]"):
+        patch_edges(model, [], clean, corr, metric=met)
+    remove()
+    h = model.blocks[0].mlp.register_forward_hook(lambda m, i, o: o)
+    with pytest.raises(ValueError, match=r"hooks attached at \['blocks.0.mlp'\]"):
+        edge_attribution(model, clean, corr, metric=met, method="eap")
+    h.remove()
+    torch.testing.assert_close(patch_edges(model, [], clean, corr, metric=met), base, rtol=0, atol=0)
+    long = torch.randint(0, 12, (2, 8))
+    for call in (
+        lambda: patch_edges(model, [], long, long, metric=LogitDiff(ans[:2], wrong[:2])),
+        lambda: edge_attribution(model, long, long, metric=LogitDiff(ans[:2], wrong[:2])),
+    ):
+        with pytest.raises(ValueError, match=r"8 positions; the model's n_ctx \(learned positions\) is 6"):
+            call()
+
+
+def test_edge_selections_and_acdc_thresholds_are_checked():
+    from pypattern.circuits import acdc
+
+    model = tiny()
+    clean, corr, ans, wrong = prompts(model)
+    met = LogitDiff(ans, wrong)
+    g = edges(model)
+    with pytest.raises(
+        ValueError, match=r"must be boolean \(or hold only 0 and 1\); got torch.float32 values such as 0.4"
+    ):
+        g.mask(torch.full((len(g),), 0.4))
+    with pytest.raises(ValueError, match=r"values other than 0 and 1 \(to select edges by index"):
+        g.mask(torch.arange(len(g)))
+    with pytest.raises(TypeError, match=r"edges contains 3 \(int\); give Edge objects or names"):
+        patch_edges(model, [3], clean, corr, metric=met)
+    assert torch.equal(g.mask(g[5].name), g.mask([g[5]]))  # one name is one edge
+    assert torch.equal(g.mask(torch.ones(len(g))), torch.ones(len(g), dtype=torch.bool))
+    for bad in (float("nan"), "0.1", True, float("inf")):
+        with pytest.raises(ValueError, match=r"threshold=.* is not valid; give a finite number"):
+            acdc(model, clean, corr, metric=met, threshold=bad)
+    with pytest.warns(RuntimeWarning, match="faithfulness is undefined"):
+        c = acdc(model, clean, clean, metric=met, threshold=0.1)
+    assert c.faithfulness != c.faithfulness  # NaN

@@ -106,6 +106,8 @@ def test_parsed_lists_and_defaults():
         (["patch", *M, "--quick"], "--quick applies only to the built-in demo"),
         (["llc", *M, "--quick"], "--quick applies only to the built-in demo"),
         (["circuit", *M, "--steps", "3", "--seed", "2"], "--seed, --steps apply only to the built-in task"),
+        (["circuit", *M, "--quick"], "--quick applies only to the built-in task"),
+        (["circuit", "--quick", "--steps", "5"], "--quick sets the training steps; give --quick or --steps"),
     ],
 )
 def test_flags_given_where_they_do_not_apply_are_refused(argv, message, capsys):
@@ -177,3 +179,11 @@ def test_a_closed_stdout_ends_quietly():
     r.wait(timeout=300)
     assert "BrokenPipeError" not in err and "Traceback" not in err, err
     assert r.returncode in (0, 1)
+
+
+def test_circuit_quick_runs_the_built_in_task(tmp_path, capsys):
+    from pypattern.cli import main
+
+    assert main(["circuit", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    for f in ("edge_scores.csv", "circuit.csv", "pruning_curve.png", "circuit.png"):
+        assert (tmp_path / f).stat().st_size > 0

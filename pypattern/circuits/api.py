@@ -63,11 +63,24 @@ def _infer_per_position(edges, model, T: int) -> bool:
         raise ValueError(
             f"edges is a mask over {n} edges; the model has {flat} edges ({flat * T} per position over {T})"
         )
-    for e in edges:
+    if isinstance(edges, (Edge, str)):
+        edges = [edges]
+    try:
+        items = iter(edges)
+    except TypeError:
+        raise TypeError(
+            f"edges={edges!r} is not valid; give edges or edge names, a boolean mask, or a list of such sets"
+        ) from None
+    for e in items:
         if isinstance(e, Edge):
             return e.pos is not None
         if isinstance(e, str):
             return "@" in e
+        if not isinstance(e, (torch.Tensor, list, tuple, set, frozenset)):
+            raise TypeError(
+                f"edges contains {e!r} ({type(e).__name__}); give Edge objects or names such as 'L0H1->L1H2.k' "
+                "(graph.edges[i] for an index i), a boolean mask, or a list of such sets"
+            )
         return _infer_per_position(e, model, T)
     return False
 
@@ -593,6 +606,9 @@ def acdc(
         without a test) and ``faithfulness`` of the result; ``info`` holds the number of patched runs
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
+    threshold = float(threshold)
     T = clean.shape[-1]
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
@@ -644,7 +660,8 @@ def acdc(
                     removed_at = i
                     break
             remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
-    f = (m_cur - m_empty) / (m_full - m_empty) if m_full != m_empty else math.nan
+    m3 = torch.tensor([m_cur, m_full, m_empty], dtype=torch.float64)
+    f = float(_faith(m3[0], m3[1], m3[2]))  # NaN, with a warning, where undefined
     return Circuit(
         graph=graph,
         mask=keep,

@@ -418,7 +418,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="built-in task only: training steps of the model (default: 800)",
     )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"built-in task only: a model trained for {QUICK_STEPS} steps (a check that it runs in seconds; its "
+        "circuit means little)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
+#: training steps of the built-in task's model with --quick
+QUICK_STEPS = 60
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
@@ -436,11 +446,17 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         )
     )
     wrong = [flag for dest, (flag, _) in table.items() if getattr(args, dest) is not None]
+    if args.model_dir and getattr(args, "quick", False):
+        wrong.append("--quick")
+    if getattr(args, "quick", False) and args.steps is not None:
+        p.error("--quick sets the training steps; give --quick or --steps, not both")
     if wrong:
         p.error(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} {where}")
     for dest, (_, default) in _BUILTIN_ONLY.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
+    if getattr(args, "quick", False):
+        args.steps = QUICK_STEPS
 
 
 def run_from_args(args) -> dict:

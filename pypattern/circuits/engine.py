@@ -919,6 +919,12 @@ def prepare_runs(
         )
     if graph.per_position and graph.n_pos != T_full:
         raise ValueError(f"the graph has n_pos={graph.n_pos} positions; the prompts have {T_full}")
+    limit = model.cfg.max_positions
+    if limit is not None and T_full > limit:
+        raise ValueError(
+            f"clean has {T_full} positions; the model's n_ctx (learned positions) is {limit}: give prompts of at "
+            f"most {limit} tokens"
+        )
     pos = metric_positions(metric, B, T_full)
     T = (pos if isinstance(pos, int) else int(pos.max())) + 1
     clean, corrupted = clean[:, :T], (corrupted[:, :T] if corrupted is not None else None)

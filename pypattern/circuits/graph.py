@@ -251,12 +251,37 @@ class EdgeGraph:
     def mask(self, edges: Iterable[Edge | str] | torch.Tensor) -> torch.Tensor:
         """A boolean mask ``(num_edges,)`` of ``edges`` (an iterable of edges or names, or a mask already)."""
         if isinstance(edges, torch.Tensor):
+            if edges.dtype != torch.bool and (edges.is_floating_point() or edges.is_complex()):
+                if not bool(((edges == 0) | (edges == 1)).all()):
+                    raise ValueError(
+                        f"a mask over edges must be boolean (or hold only 0 and 1); got {edges.dtype} values such as "
+                        f"{float(edges[(edges != 0) & (edges != 1)][0])!r} (give edges.bool() of a threshold)"
+                    )
+            elif edges.dtype != torch.bool and not bool(((edges == 0) | (edges == 1)).all()):
+                raise ValueError(
+                    f"a mask over edges must be boolean (or hold only 0 and 1); got {edges.dtype} values other than "
+                    "0 and 1 (to select edges by index, give graph.edges[i] or their names)"
+                )
             m = edges.bool()
             if m.shape[-1] != len(self):
                 raise ValueError(f"a mask over edges has {len(self)} entries; got shape {tuple(m.shape)}")
             return m
+        if isinstance(edges, (Edge, str)):
+            edges = [edges]
+        try:
+            items = list(edges)
+        except TypeError:
+            raise TypeError(
+                f"edges={edges!r} is not valid; give an iterable of edges or edge names, or a boolean mask "
+                f"({len(self)},)"
+            ) from None
         m = torch.zeros(len(self), dtype=torch.bool)
-        for e in edges:
+        for e in items:
+            if not isinstance(e, (Edge, str)):
+                raise TypeError(
+                    f"edges contains {e!r} ({type(e).__name__}); give Edge objects or names such as "
+                    f"{self.edges[0].name!r} (graph.edges[i] for an index i)"
+                )
             m[self.index(e)] = True
         return m
 

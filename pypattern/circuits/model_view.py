@@ -735,6 +735,20 @@ class ModelView:
 
     @torch.no_grad()
     def _check(self) -> None:
+        from ..models.hooks import HookPoint
+
+        # the circuits compute from the weights and never run the model's hooks: a hook would be ignored
+        hooked = [
+            name or "(the model)"
+            for name, m in self.model.named_modules()
+            if (isinstance(m, HookPoint) and m.active) or m._forward_hooks or m._forward_pre_hooks
+        ]
+        if hooked:
+            raise ValueError(
+                f"model has hooks attached at {hooked[:6]}{' ...' if len(hooked) > 6 else ''}: pypattern.circuits "
+                "computes from the model's weights and does not run its hooks, so their effect would be ignored; "
+                "remove them (model.reset_hooks() / remove_hooks(), handle.remove()) before calling it"
+            )
         T = min(6, self.cfg.n_ctx)
         g = torch.Generator().manual_seed(0)
         dev = self.model.embed.W_E.device

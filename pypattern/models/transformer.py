@@ -1490,7 +1490,13 @@ class Transformer(HookedRootModule):
                 )
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token plus positional embedding (through ``hook_embed``/``hook_pos_embed``): ``(batch, pos, d_model)``."""
+        """Token plus positional embedding (through ``hook_embed``/``hook_pos_embed``): ``(batch, pos, d_model)``.
+        Prompts longer than the learned positions (:attr:`TransformerConfig.max_positions`) raise ValueError."""
+        limit = self.cfg.max_positions
+        if limit is not None and tokens.shape[-1] > limit:
+            raise ValueError(
+                f"tokens has {tokens.shape[-1]} positions; the model's n_ctx (learned positions) is {limit}"
+            )
         x = self.hook_embed(self.embed(tokens))
         if self.cfg.positional_embedding:
             x = x + self.hook_pos_embed(self.pos_embed(tokens))
@@ -1509,11 +1515,6 @@ class Transformer(HookedRootModule):
         """
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
-        limit = self.cfg.max_positions
-        if limit is not None and tokens.shape[-1] > limit:
-            raise ValueError(
-                f"tokens has {tokens.shape[-1]} positions; the model's n_ctx (learned positions) is {limit}"
-            )
         x = self.embed_tokens(tokens)
         for block in self.blocks:
             x = block(x)
