@@ -198,3 +198,35 @@ def test_errors_name_the_argument():
         activation_patching(model_and_prompts(d_mlp=None)[0], "mlp_out", clean, corr, metric=met)
     with pytest.raises(ValueError, match="layers contains"):
         activation_patching(model, "z", clean, corr, metric=met, layers=[5])
+
+
+@pytest.mark.parametrize("kind", ["embed_scale", "embed_ln"])
+def test_gaussian_noise_is_three_times_the_embedding_the_model_reads(kind):
+    """With an embedding scale (Gemma) or an embedding LayerNorm (BLOOM), hook_embed is not W_E's rows: the noise
+    is 3x the standard deviation of what hook_embed reads (it was 3x W_E's: 3/sqrt(d) of it, or 0.06x)."""
+    from pypattern.models import Transformer, TransformerConfig
+
+    extra = dict(embed_scale=8.0) if kind == "embed_scale" else dict(post_embedding_ln=True)
+    cfg = TransformerConfig(
+        n_layers=1,
+        d_model=64,
+        n_heads=2,
+        d_mlp=None,
+        d_vocab=50,
+        n_ctx=6,
+        dtype=torch.float64,
+        seed=0,
+        **extra,
+    )
+    model = Transformer(cfg)
+    with torch.no_grad():
+        read = model.embed(torch.arange(50))
+    n = GaussianNoise(seed=1).noise(model, 400, 6, 64, torch.float64)
+    assert abs(n.std().item() / (3.0 * read.std().item()) - 1) < 0.02
+    assert abs(read.std().item() / model.embed.W_E.std().item() - 1) > 0.5  # the two really differ here
+    with pytest.raises(
+        ValueError, match=r"GaussianNoise.positions contains \[7\]: out of range for prompts of 6"
+    ):
+        GaussianNoise(positions=[7]).noise(model, 2, 6, 64, torch.float64)
+    with pytest.raises(TypeError, match=r"GaussianNoise.positions contains 1.5"):
+        GaussianNoise(positions=[1.5]).noise(model, 2, 6, 64, torch.float64)

@@ -146,3 +146,14 @@ def test_atp_leaves_the_parameters_requires_grad_as_it_found_them():
     with pytest.raises(RuntimeError, match="metric failed"):
         attribution_patching(model, clean, corr, metric=bad, sites=["z"])
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_graddrop_on_a_one_layer_model_is_refused():
+    from pypattern.models import Transformer, TransformerConfig
+
+    model = Transformer(TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_vocab=10, n_ctx=5, seed=0))
+    clean = torch.randint(0, 10, (2, 5))
+    met = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="grad_drop=True needs a model of at least 2 layers"):
+        attribution_patching(model, clean, clean.flip(1), metric=met, sites=["z"], grad_drop=True)
+    attribution_patching(model, clean, clean.flip(1), metric=met, sites=["z"], qk_fix=True)

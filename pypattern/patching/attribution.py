@@ -244,6 +244,12 @@ def attribution_patching(
             f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}{hint}"
         )
     sites = [sites] if isinstance(sites, str) else list(sites)
+    if grad_drop and model.cfg.n_layers < 2:
+        raise ValueError(
+            "grad_drop=True needs a model of at least 2 layers: GradDrop averages the estimates with the gradient "
+            "dropped through each layer other than a node's own, and a 1-layer model has none (its scores would "
+            "all be 0); use grad_drop=False"
+        )
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
     if max_batch is not None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:

@@ -3,7 +3,8 @@
 - :class:`TokenReplacement`: user-given corrupted prompts (symmetric token replacement, recommended); see
   :func:`pypattern.tasks.symmetric_pairs` to build them.
 - :class:`GaussianNoise`: the clean prompt with Gaussian noise added to the token embeddings of chosen
-  positions, standard deviation ``3 x`` the standard deviation of the token embeddings, seeded.
+  positions, standard deviation ``3 x`` the standard deviation of the token embeddings as the model reads them
+  (``hook_embed``: after an embedding scale or an embedding LayerNorm), seeded.
 - :class:`ZeroAblation`, :class:`MeanAblation`: replace activations by zeros or by their mean over a
   reference batch (noising only).
 """
@@ -41,8 +42,10 @@ class TokenReplacement(Corruption):
 class GaussianNoise(Corruption):
     """Noise on the token embeddings (``hook_embed``) of ``positions`` (None: all positions).
 
-    ``std = std_multiplier * W_E.std()`` unless ``std`` is given; the noise is drawn once from ``seed`` with
-    shape ``(batch, pos, d_model)`` (zero outside ``positions``) and reused for every cell.
+    ``std = std_multiplier *`` the standard deviation of the embedded tokens over the vocabulary as
+    ``hook_embed`` sees them (``W_E.std()`` for a plain lookup; with Gemma's ``embed_scale`` or BLOOM's embedding
+    LayerNorm, of their output) unless ``std`` is given; the noise is drawn once from ``seed`` with shape
+    ``(batch, pos, d_model)`` (zero outside ``positions``) and reused for every cell.
     """
 
     positions: list | int | None = None
@@ -51,21 +54,46 @@ class GaussianNoise(Corruption):
     std: float | None = None
 
     def noise(self, model, batch: int, seq_len: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
+        pos = None
+        if self.positions is not None:
+            from .sites import _ints
+
+            pos = _ints(self.positions, "GaussianNoise.positions")
+            bad = [p for p in pos if not -seq_len <= p < seq_len]
+            if bad:
+                raise ValueError(
+                    f"GaussianNoise.positions contains {bad}: out of range for prompts of {seq_len} positions"
+                )
         if self.std is not None:
             std = self.std
         else:
-            W_E = getattr(getattr(model, "embed", None), "W_E", None)
+            emb = getattr(model, "embed", None)
+            W_E = getattr(emb, "W_E", None)
             if W_E is None:
                 raise ValueError("GaussianNoise needs std=... for a model without embed.W_E")
-            std = self.std_multiplier * float(W_E.detach().double().std())
+            std = self.std_multiplier * _embedded_std(emb, W_E)
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(batch, seq_len, d_model, generator=g, dtype=torch.float64) * std
-        if self.positions is not None:
-            pos = [self.positions] if isinstance(self.positions, int) else list(self.positions)
+        if pos is not None:
             keep = torch.zeros(seq_len, dtype=torch.bool)
             keep[pos] = True
             noise = noise * keep[None, :, None]
         return noise.to(dtype)
+
+
+@torch.no_grad()
+def _embedded_std(emb, W_E: torch.Tensor) -> float:
+    """Standard deviation (over every token and dimension) of the embedding as ``hook_embed`` reads it: of
+    ``W_E`` itself for a plain lookup, else of ``emb(token)`` over the vocabulary (in chunks, float64 sums)."""
+    if getattr(emb, "scale", None) is None and not hasattr(emb, "ln"):
+        return float(W_E.detach().double().std())
+    V = W_E.shape[0]
+    n, s1, s2 = 0, 0.0, 0.0
+    for a in range(0, V, 8192):
+        x = emb(torch.arange(a, min(a + 8192, V), device=W_E.device)).double()
+        n, s1, s2 = n + x.numel(), s1 + float(x.sum()), s2 + float((x * x).sum())
+    mean = s1 / n
+    return max(s2 / n - mean * mean, 0.0) ** 0.5 * (n / max(n - 1, 1)) ** 0.5
 
 
 @dataclass
