@@ -1755,6 +1755,21 @@ def test_modules_that_compute_more_than_their_weights_are_refused():
     h.remove()
     with torch.no_grad():
         assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
+    # pypattern's own adapter leaves identity hooks on the modules: converted while its hook points are empty
+    from pypattern.models.hf import hooked_hf
+
+    hm = hooked_hf(hf)
+    with torch.no_grad():
+        assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
+    remove = hm.hook_dict["blocks.1.hook_resid_mid"].add_hook(lambda a, hook: a * 2)
+    with pytest.raises(UnsupportedModelError, match=r"forward (pre )?hook"):
+        from_hf(hf)
+    remove()
+    remove = hm.hook_dict["blocks.0.hook_mlp_out"].add_hook(lambda a, hook: a * 2)
+    with pytest.raises(UnsupportedModelError, match=r"module model\.layers\.0\.mlp.*forward hook"):
+        from_hf(hf)
+    remove()
+    assert rel(from_hf(hf)(x), hf(x).logits) <= 1e-10
 
 
 def test_paged_attention_is_refused():

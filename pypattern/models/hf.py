@@ -472,6 +472,7 @@ class HookedHF(HookedModule):
             a = new - pre
             return (a, *out[1:]) if isinstance(out, tuple) else a
 
+        grab.hook_point = mid.hook_point = hp  # the identity while hp has no function attached
         self._handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
         self._handles.append(attn.register_forward_hook(mid))
 

@@ -202,6 +202,7 @@ class HookedModule(HookedRootModule):
                 return args, {**kwargs, "hidden_states": hp(kwargs["hidden_states"])}
             raise RuntimeError(f"hook point {hp.name!r}: the module got no positional input to hook")
 
+        fn.hook_point = hp  # the identity while hp has no function attached (read by the converters)
         return fn
 
     @staticmethod
@@ -213,6 +214,7 @@ class HookedModule(HookedRootModule):
                 return (hp(out[0]), *out[1:])
             return hp(out)
 
+        fn.hook_point = hp
         return fn
 
     def setup_hooks(self) -> None:  # names are given, nothing to discover

@@ -52,6 +52,15 @@ def attn_softmax_dtype(model: nn.Module, eager_upcasts: bool) -> torch.dtype | N
 _MODULE_SOURCES = ("torch.nn.", "transformers.")
 
 
+def _changes_output(fn) -> bool:
+    """False for a hook that leaves the output as it is: one of pypattern's adapters (hooked_hf) whose hook point
+    has nothing attached, or transformers' own (it records outputs for output_hidden_states / attentions)."""
+    if (getattr(fn, "__module__", None) or "").startswith("transformers."):
+        return False
+    hp = getattr(fn, "hook_point", None)
+    return hp is None or bool(getattr(hp, "active", True))
+
+
 def check_plain_modules(model: nn.Module) -> None:
     """Refuse a model whose forward is not the function of the parameters the converters read: a module of
     a class from outside ``torch.nn`` and ``transformers`` (a LoRA adapter layer that adds its own low-rank
@@ -77,7 +86,12 @@ def check_plain_modules(model: nn.Module) -> None:
                 "computes more than the weights pypattern reads); merge adapters into the weights first "
                 "(peft: merge_and_unload()) and convert an unquantized model",
             )
-        hooks = [k for k in ("_forward_hooks", "_forward_pre_hooks") if getattr(m, k, None)]
+        # pypattern's own adapters (hooked_hf) leave identity hooks while their hook points are empty
+        hooks = [
+            k
+            for k in ("_forward_hooks", "_forward_pre_hooks")
+            if any(_changes_output(fn) for fn in (getattr(m, k, None) or {}).values())
+        ]
         if hooks:
             refuse(
                 f"module {where}",
