@@ -116,13 +116,15 @@ def scale_bounds(c: dict, b: int, t: int, with_runs: bool = True) -> dict:
     the exact grids' cells after causal reuse plus (``with_runs``) the two runs every exact grid needs, AtP's three
     forwards, AtP*'s plus its GradDrop backwards."""
     L, H = c["n_layers"], c["n_heads"]
-    runs = 2 * b * _forward_macs(c, t) if with_runs else 0
+    k = METRIC_COLS
+    runs = 2 * b * _forward_macs(c, t, cols=k) if with_runs else 0
     rows = [(l_, p) for l_ in range(L) for p in range(t)]
     fwd = b * _forward_macs(c, t)
     return {
-        "resid_pre": b * sum(scale_macs(c, "resid_pre", l_, p, t) for l_, p in rows) + runs,
-        "attn_out": b * sum(scale_macs(c, "attn_out", l_, p, t) for l_, p in rows) + runs,
-        "z_all_pos": b * H * sum(scale_macs(c, "z", l_, 0, t, all_pos=True) for l_ in range(L)) + runs,
+        "resid_pre": b * sum(scale_macs(c, "resid_pre", l_, p, t, cols=k) for l_, p in rows) + runs,
+        "attn_out": b * sum(scale_macs(c, "attn_out", l_, p, t, cols=k) for l_, p in rows) + runs,
+        "z_all_pos": b * H * sum(scale_macs(c, "z", l_, 0, t, all_pos=True, cols=k) for l_ in range(L))
+        + runs,
         "atp": 3 * fwd,
         "atp*": 3 * fwd + b * _graddrop_macs(c, t),
     }
@@ -299,9 +301,17 @@ def _later(c, layer, p, m):
     return total
 
 
-def scale_macs(c, site, layer, p, T, all_pos=False):
-    """Minimum multiply-adds of one cell, per example (see the section's docstring)."""
-    H, dh, d, dm, L, V = c["n_heads"], c["d_head"], c["d_model"], c["d_mlp"], c["n_layers"], c["d_vocab"]
+#: unembedding columns the exact grids' metric reads: a logit difference needs the answer's and the wrong token's
+#: (the exact engine computes only those); AtP's backward needs the logits it differentiates, also only those two,
+#: but its bound keeps the full unembedding it computes
+METRIC_COLS = 2
+
+
+def scale_macs(c, site, layer, p, T, all_pos=False, cols=None):
+    """Minimum multiply-adds of one cell, per example (see the section's docstring); the metric row's unembedding
+    counts ``cols`` columns (default: the whole vocabulary)."""
+    H, dh, d, dm, L = c["n_heads"], c["d_head"], c["d_model"], c["d_mlp"], c["n_layers"]
+    V = c["d_vocab"] if cols is None else cols
     m = T - 1
     last = layer == L - 1
     p0 = 0 if all_pos else p
@@ -319,8 +329,9 @@ def scale_macs(c, site, layer, p, T, all_pos=False):
     return total + _later(c, layer, p0, m) + d * V
 
 
-def _forward_macs(c, T):
-    return c["n_layers"] * sum(_row(c, t + 1) for t in range(T)) + c["d_model"] * c["d_vocab"]
+def _forward_macs(c, T, cols=None):
+    """A forward at every row, with the metric row's unembedding over ``cols`` columns (default all)."""
+    return c["n_layers"] * sum(_row(c, t + 1) for t in range(T)) + c["d_model"] * (cols or c["d_vocab"])
 
 
 def _graddrop_macs(c, T):
@@ -451,7 +462,8 @@ def test_scale_gpt2_small(tmp_path):
     keys/values of rows p..m and the metric row's query, attention, output and MLP), plus at layer L what the site
     feeds: ``resid_pre`` row p's q/k/v and the attention, W_O and MLP of rows p..m (rows > p keep their q/k/v);
     ``attn_out`` the MLP of row p; a head's ``z`` over all positions its W_O slice and the MLP at every row (rows
-    from 0); then the metric row's unembedding. Norms, activations and softmax are not multiply-adds and are not
+    from 0); then the metric row's unembedding, over the columns the metric reads (:data:`METRIC_COLS`: the logit
+    difference's two, all the exact engine computes). Norms, activations and softmax are not multiply-adds and are not
     counted. A grid's bound in seconds is its multiply-adds over the rate of one large float32 matmul measured in the
     same run on the same threads (``(256, 768) @ (768, 3072)``), so "x of bound" is time / (MACs / GEMM rate).
     AtP: two forwards of the blocks (every row) and one backward for activation gradients only (about one forward's

@@ -202,7 +202,8 @@ def test_plain_callable_metric_equals_the_metric_object():
     fn = lambda logits: m(logits)
     a = activation_patching(model, "resid_pre", clean, corr, metric=m)
     b = activation_patching(model, "resid_pre", clean, corr, metric=fn)
-    torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    # LogitDiff itself reads only its two columns of the unembedding (another order of the same sums)
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-12)
     a = attribution_patching(model, clean, corr, metric=m, sites=["z"])["z"]
     b = attribution_patching(model, clean, corr, metric=fn, sites=["z"])["z"]
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
@@ -303,3 +304,38 @@ def test_metrics_that_do_not_map_runs_to_runs_are_refused_by_the_exact_engine():
         activation_patching(model, "z", clean, corr, metric=coupled)
     ok = lambda lg: lg[..., 1] - lg[..., 1].mean(-1, keepdim=True)  # noqa: E731 - within a run: allowed
     activation_patching(model, "z", clean, corr, metric=ok)
+
+
+@pytest.mark.parametrize(
+    "opts", [{}, dict(unembed_bias=True, logits_scaling=2.5, output_logits_soft_cap=4.0)]
+)
+def test_logit_difference_from_its_columns_equals_the_full_logits(opts):
+    """The exact engine computes a LogitDiff from the answer and wrong columns of the unembedding only (with its
+    bias, logits scaling and soft cap per logit): equal to the metric of the full logits."""
+    from pypattern.patching.engine import unembed_rows
+    from pypattern.patching.metrics import metric_of_rows
+
+    cfg = TransformerConfig(
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        d_mlp=None,
+        d_vocab=40,
+        n_ctx=6,
+        dtype=torch.float64,
+        seed=3,
+        **opts,
+    )
+    model = Transformer(cfg)
+    if opts:
+        with torch.no_grad():
+            model.unembed.b_U.normal_()
+    x = torch.randn(3, 4, 16, dtype=torch.float64)
+    for m in (
+        LogitDiff(torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])),
+        LogitDiff(torch.tensor([[1, 9], [2, 3], [3, 3], [0, 39]]), 7),
+    ):
+        got = metric_of_rows(model, x, m, unembed_rows)
+        want = m(unembed_rows(model, x))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        assert got.shape == (3, 4)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from .metrics import metric_of_rows
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
 __all__ = ["ExactEngine", "bytes_per_cell", "truncate_cache", "unembed_rows"]
@@ -495,7 +496,7 @@ class ExactEngine:
         def flush() -> None:
             if pending:
                 x = torch.cat([h for _, h in pending]) if len(pending) > 1 else pending[0][1]
-                vals = self.metric(unembed_rows(self.model, x, self.metric))
+                vals = metric_of_rows(self.model, x, self.metric, unembed_rows)
                 n = 0
                 for idx, _ in pending:
                     out[idx] = vals[n : n + len(idx)]
@@ -523,7 +524,7 @@ class ExactEngine:
     def target_metric(self) -> torch.Tensor:
         """Metric of the unpatched target run ``(batch,)``."""
         x = self._final_rows(self.tgt[-1]["resid_post"].unsqueeze(0), 0)
-        return self.metric(unembed_rows(self.model, x, self.metric))[0]
+        return metric_of_rows(self.model, x, self.metric, unembed_rows)[0]
 
     def _final_rows(self, X: torch.Tensor, p: int) -> torch.Tensor:
         """The final norm of the metric rows ``(C,B,d)`` from the final residual rows ``X (C,B,R,d)`` that end at

@@ -25,6 +25,8 @@ __all__ = [
     "metric_positions",
     "check_metric_output",
     "check_metric_on_stacks",
+    "metric_of_rows",
+    "token_ids",
     "bind_metric",
 ]
 
@@ -32,7 +34,13 @@ __all__ = [
 def _pick(logits: torch.Tensor, idx: torch.Tensor, name: str = "answer") -> torch.Tensor:
     """``logits (..., batch, vocab)``, ``idx`` ``()`` (the same token for every example), ``(batch,)`` or
     ``(batch, k)`` -> ``(..., batch)`` (mean over k). ``name`` names the argument in errors."""
-    B, V = logits.shape[-2], logits.shape[-1]
+    idx = token_ids(idx, logits.shape[-2], logits.shape[-1], name).to(logits.device)
+    g = torch.gather(logits, -1, idx.expand(*logits.shape[:-1], idx.shape[-1]))
+    return g.mean(-1)
+
+
+def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.Tensor:
+    """A metric's token ids for a batch of ``B`` examples over a vocabulary of ``V``, checked: ``(B, k)``."""
     if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got a {idx.dtype} tensor")
     if idx.dim() == 0:
@@ -45,11 +53,7 @@ def _pick(logits: torch.Tensor, idx: torch.Tensor, name: str = "answer") -> torc
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
         bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
         raise ValueError(f"{name} contains the token id {bad}; the logits have {V} entries (ids 0..{V - 1})")
-    idx = idx.to(logits.device)
-    if idx.dim() == 1:
-        idx = idx[:, None]
-    g = torch.gather(logits, -1, idx.expand(*logits.shape[:-1], idx.shape[-1]))
-    return g.mean(-1)
+    return idx[:, None] if idx.dim() == 1 else idx
 
 
 class Metric:
@@ -96,6 +100,30 @@ class LogitDiff(Metric):
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return _pick(logits, self.answer, "answer") - _pick(logits, self.wrong, "wrong")
+
+    def of_rows(self, model, x: torch.Tensor) -> torch.Tensor | None:
+        """The metric from the final-norm rows ``x (..., batch, d_model)`` directly: only the answer and wrong
+        columns of the unembedding (``2 k d_model`` multiply-adds per row instead of ``d_vocab d_model``); None
+        when the model's unembedding has no weight matrix (then the logits are computed in full)."""
+        if type(self).__call__ is not LogitDiff.__call__:  # a subclass with its own formula
+            return None
+        un = model.unembed
+        W_U = getattr(un, "W_U", None)
+        if not isinstance(W_U, torch.Tensor):
+            return None
+        B, V = x.shape[-2], W_U.shape[-1]
+
+        def mean_logit(idx: torch.Tensor, name: str) -> torch.Tensor:
+            ids = token_ids(idx, B, V, name).to(x.device)  # (B, k)
+            W = W_U[:, ids.reshape(-1)].reshape(W_U.shape[0], B, ids.shape[1])  # (d, B, k)
+            lg = torch.einsum("...bd,dbk->...bk", x, W)
+            if getattr(un, "b_U", None) is not None:
+                lg = lg + un.b_U[ids]
+            if hasattr(un, "cap"):
+                lg = un.cap(lg)  # the division by logits_scaling and the final soft cap: per logit
+            return lg.mean(-1)
+
+        return mean_logit(self.answer, "answer") - mean_logit(self.wrong, "wrong")
 
 
 class Prob(Metric):
@@ -227,6 +255,14 @@ def check_metric_on_stacks(metric, clean_logits: torch.Tensor, values: torch.Ten
             "metric gives other values for the same logits when they are stacked with another run's (it couples "
             "the runs, e.g. a mean over every axis); it must compute each run and example from its own logits"
         )
+
+
+def metric_of_rows(model, x: torch.Tensor, metric, unembed) -> torch.Tensor:
+    """The metric of final-norm rows ``x (..., batch, d_model)``: from the columns it reads when it can
+    (:meth:`LogitDiff.of_rows`), else ``metric(unembed(model, x, metric))`` on the full logits."""
+    of_rows = getattr(metric, "of_rows", None)
+    out = of_rows(model, x) if callable(of_rows) else None
+    return metric(unembed(model, x, metric)) if out is None else out
 
 
 def bind_metric(metric, clean_logits: torch.Tensor) -> None:
