@@ -119,7 +119,7 @@ def scale_bounds(c: dict, b: int, t: int, with_runs: bool = True) -> dict:
     k = METRIC_COLS
     runs = 2 * b * _forward_macs(c, t, cols=k) if with_runs else 0
     rows = [(l_, p) for l_ in range(L) for p in range(t)]
-    fwd = b * _forward_macs(c, t)
+    fwd = b * _forward_macs(c, t, cols=k)
     return {
         "resid_pre": b * sum(scale_macs(c, "resid_pre", l_, p, t, cols=k) for l_, p in rows) + runs,
         "attn_out": b * sum(scale_macs(c, "attn_out", l_, p, t, cols=k) for l_, p in rows) + runs,
@@ -301,9 +301,8 @@ def _later(c, layer, p, m):
     return total
 
 
-#: unembedding columns the exact grids' metric reads: a logit difference needs the answer's and the wrong token's
-#: (the exact engine computes only those); AtP's backward needs the logits it differentiates, also only those two,
-#: but its bound keeps the full unembedding it computes
+#: unembedding columns the grids' metric reads: a logit difference needs the answer's and the wrong token's (the
+#: exact engine and AtP compute only those, forward and backward)
 METRIC_COLS = 2
 
 

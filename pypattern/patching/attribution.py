@@ -58,28 +58,57 @@ def _group_sum(x: torch.Tensor, n_groups: int) -> torch.Tensor:
     return x.reshape(B, H // n_groups, n_groups, *x.shape[2:]).sum(2)
 
 
-def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
+def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache: dict | None = None):
     """Exact softmax for a query or key patch, linear from the pattern on: ``(B, heads, T)`` or ``(B, heads)``
     (query heads for ``q``, key/value heads for ``k``).
 
     ``q_t``/``q_s (B, T, n_heads, d_head)`` and ``k_t``/``k_s (B, T, n_key_value_heads, d_head)`` are the target
     and source queries and keys as the scores read them (rotated, with rotary positions: a query or key patched at
     a position is rotated there, so its rotated value is the source run's); ``pat_t (B, H, T, T)`` the target
-    pattern and ``g_pat`` the metric's gradient at it. Scores, scale and mask are the model's (``attn``)."""
-    T = pat_t.shape[-1]
+    pattern and ``g_pat`` the metric's gradient at it. Scores, scale and mask are the model's (``attn``). What
+    does not depend on ``g_pat`` is kept in ``cache`` (one dict per layer and site: GradDrop's passes reuse it)."""
     G = attn.cfg.n_groups
-    pos = torch.arange(T)
-    mask = attn.attn_mask(pos, pos)
+    cache = {} if cache is None else cache
     if site == "q" or not per_position:
-        q = q_s if site == "q" else q_t
-        k = k_s if site == "k" else k_t
-        new = attn.softmax(attn.scores(q, k, pos, pos))
-        est = ((new - pat_t) * g_pat).sum(-1)  # (B, H, Tq)
+        if "moved" not in cache:
+            T = pat_t.shape[-1]
+            pos = torch.arange(T)
+            q = q_s if site == "q" else q_t
+            k = k_s if site == "k" else k_t
+            cache["moved"] = attn.softmax(attn.scores(q, k, pos, pos)) - pat_t
+        est = (cache["moved"] * g_pat).sum(-1)  # (B, H, Tq)
         if site == "k":  # one cell per key/value head: the sum over the query heads that read it
             est = _group_sum(est, G)
         return est if per_position else est.sum(-1)
-    # one key s replaced (per position): closed form for every (query t, key s) pair, in log space from the
-    # target scores (a pattern rounded to the softmax's dtype underflows to 0 where a raised score matters)
+    # one key s replaced (per position): closed form for every (query t, key s) pair, from the target scores (a
+    # pattern rounded to the softmax's dtype underflows to 0 where a raised score matters)
+    if "key" not in cache:
+        cache["key"] = _key_fix_terms(attn, q_t, k_t, k_s, pat_t)
+    c = cache["key"]
+    g = g_pat
+    w_other = torch.where(  # sum_{j != s} e^{z_j - ref_s} g_j
+        c["is_max"], (c["e2"] * g).sum(-1, keepdim=True), (c["e1"] * g).sum(-1, keepdim=True) - c["e1"] * g
+    )
+    other_pg = c["to_old"] * w_other  # sum_{j != s} p_j g_j
+    other_new = torch.where(w_other == 0, 0.0, c["to_new"] * w_other)  # sum_{j != s} p'_j g_j
+    rescale = torch.where(c["small"], other_pg * c["expm1"], other_new - other_pg)
+    est_ts = (rescale + c["dp"] * g).masked_fill(c["mask"], 0.0)
+    return _group_sum(est_ts.sum(-2), G)  # over queries t -> (B, Hkv, S)
+
+
+def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
+    """The part of the per-position key fix that does not depend on the metric's gradient (see
+    :func:`_qk_fixed`), every tensor ``(B, H, T, T)`` (queries t, keys s) or ``(B, H, T, 1)``.
+
+    Replacing key s's score z_s by z_s + delta: the new normaliser is lse'_s = log(sum_{j != s} e^{z_j} +
+    e^{z_s + delta}), p'_s = e^{z_s + delta - lse'_s}, every other key's weight is rescaled by e^{lse - lse'_s},
+    and the metric moves by sum_{j != s} (p'_j - p_j) g_j + (p'_s - p_s) g_s. The sums over the keys other than s
+    are taken relative to the row's largest score m1, or, for the key that holds it, to the second largest m2: then
+    each sum has a term equal to 1 and none overflows, and nothing is a difference of nearly equal numbers where a
+    weight is near 1 (1 - p_s, or "all but s" from the full sum, lose every digit there)."""
+    T = pat_t.shape[-1]
+    pos = torch.arange(T)
+    mask = attn.attn_mask(pos, pos)
     qc, kc = attn.qk_cast(q_t, attn.expand_kv(k_s - k_t))
     delta = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qc, kc)).to(pat_t.dtype)
     qt, kt = attn.qk_cast(q_t, attn.expand_kv(k_t))
@@ -90,38 +119,37 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position):
     if attn.cfg.attn_scores_soft_cap is not None:  # capped scores: the change of the capped score
         delta = attn.cap(raw + delta) - capped
     z = capped.masked_fill(mask, float("-inf"))
-    lse = torch.logsumexp(z, -1, keepdim=True)
-    p = torch.exp(z - lse)
-    # Replacing key s's score z_s by z_s + delta: the new normaliser is lse'_s = log(sum_{j != s} e^{z_j} +
-    # e^{z_s + delta}), p'_s = e^{z_s + delta - lse'_s}, and every other key's weight is rescaled, which moves the
-    # metric by A_s (e^{-lse'_s} - e^{-lse}) with A_s = sum_{j != s} e^{z_j} g_j. Everything is computed from
-    # log-sums over the keys other than s (prefix and suffix sums: 1 - p_s, or "all but s" as a difference, lose
-    # every digit where p_s is near 1), and A_s from the positive and negative parts of g separately, so that no
-    # exponential overflows however sharp the attention.
-    log_other = _log_sum_but_one(z)  # log sum_{j != s} e^{z_j}
+    m1, arg = z.max(-1, keepdim=True)  # every query row reads at least one key
+    is_max = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, arg, True)
+    e1 = torch.exp(z - m1)
+    s1 = e1.sum(-1, keepdim=True)
+    lse = m1 + torch.log(s1)
+    z2 = z.masked_fill(is_max, float("-inf"))
+    m2 = z2.max(-1, keepdim=True).values
+    m2 = torch.where(
+        torch.isfinite(m2), m2, m1
+    )  # a row of one key: no second score (the sums over j != s are 0)
+    e2 = torch.exp(z2 - m2)
+    ref = torch.where(is_max, m2, m1)  # the reference of the sums over j != s
+    log_other = ref + torch.log(
+        torch.where(is_max, e2.sum(-1, keepdim=True), s1 - e1)
+    )  # log sum_{j != s} e^{z_j}
     lse_new = torch.logaddexp(log_other, z + delta)
-    p_new_s = torch.exp(z + delta - lse_new)
-    pos = _log_sum_but_one(z + torch.log(g_pat.clamp(min=0)))  # log sum_{j != s} e^{z_j} max(g_j, 0)
-    neg = _log_sum_but_one(z + torch.log((-g_pat).clamp(min=0)))
-    other_pg = torch.exp(pos - lse) - torch.exp(neg - lse)  # sum_{j != s} p_j g_j
     shift = lse - lse_new
     small = shift.abs() < 1.0  # a small change of the normaliser: expm1 keeps its digits
-    rescale = torch.where(
-        small,
-        other_pg * torch.expm1(torch.where(small, shift, 0.0)),
-        torch.exp(pos - lse_new) - torch.exp(neg - lse_new) - other_pg,
-    )
-    est_ts = rescale + (p_new_s - p) * g_pat
-    est_ts = est_ts.masked_fill(mask, 0.0)
-    return _group_sum(est_ts.sum(-2), G)  # over queries t -> (B, Hkv, S)
-
-
-def _log_sum_but_one(v: torch.Tensor) -> torch.Tensor:
-    """``log sum_{j != s} exp(v_j)`` over the last axis, for every ``s`` (-inf where no other term)."""
-    ninf = torch.full_like(v[..., :1], float("-inf"))
-    before = torch.cat([ninf, torch.logcumsumexp(v, -1)[..., :-1]], -1)  # j < s
-    after = torch.cat([torch.logcumsumexp(v.flip(-1), -1).flip(-1)[..., 1:], ninf], -1)  # j > s
-    return torch.logaddexp(before, after)
+    return {
+        "mask": mask,
+        "is_max": is_max,
+        "e1": e1,
+        "e2": e2,
+        "to_old": torch.exp(ref - lse),
+        # e^{ref - lse'_s} <= 1 wherever another key exists (lse'_s >= log_other >= ref); where none does, the
+        # sum it scales is 0 (and the factor is not used)
+        "to_new": torch.exp(ref - lse_new),
+        "small": small,
+        "expm1": torch.expm1(torch.where(small, shift, 0.0)),
+        "dp": torch.exp(z + delta - lse_new) - torch.exp(z - lse),  # p'_s - p_s
+    }
 
 
 def _scored(site: str, layer: int, cfg) -> str:
@@ -436,19 +464,29 @@ def _atp(
             emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
             with model.hooks(emb_req + hooks):
                 rows = _final_rows(model, tgt_tokens, pos)
-            if src_rows is None:
-                (logits,) = _unembed_together(model, rows)  # (B, vocab) at the metric position
-            else:
-                src_logits, logits = _unembed_together(model, src_rows, rows)
-                src_logits = src_logits.detach()
+            # a metric that reads a few logit columns (LogitDiff) and binds to nothing is computed from them
+            vals = None
+            if isinstance(metric, Metric) and type(metric).bind is Metric.bind:
+                vals = metric.of_rows(model, torch.stack([rows if src_rows is None else src_rows, rows]))
+            if vals is None:
+                if src_rows is None:
+                    (logits,) = _unembed_together(model, rows)  # (B, vocab) at the metric position
+                else:
+                    src_logits, logits = _unembed_together(model, src_rows, rows)
+                    src_logits = src_logits.detach()
         finally:
             for prm, flag in frozen:  # as the caller had them (a frozen parameter stays frozen)
                 prm.requires_grad_(flag)
-        # the metric binds to the clean run's logits before it reads any run
-        clean_logits = src_logits if direction == "denoising" else logits.detach()
-        bind_metric(metric, clean_logits)
-        m_clean = check_metric_output(metric(clean_logits), B).detach()
-        m_tgt_full = metric(logits)
+        if vals is not None:  # (source run, target run)
+            m_tgt_full = vals[1]
+            clean_vals = vals[0] if direction == "denoising" else m_tgt_full
+            m_clean = check_metric_output(clean_vals.detach(), B)
+        else:
+            # the metric binds to the clean run's logits before it reads any run
+            clean_logits = src_logits if direction == "denoising" else logits.detach()
+            bind_metric(metric, clean_logits)
+            m_clean = check_metric_output(metric(clean_logits), B).detach()
+            m_tgt_full = metric(logits)
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
         post = [hook_name("resid_post", layer) for layer in range(L)] if grad_drop else []
@@ -474,17 +512,17 @@ def _atp(
                 means = {n: ref[n].mean(0, keepdim=True) for n in names}
             src_cache = {n: means[n].expand_as(tgt_cache[n]) for n in names}
         else:  # the corrupted run (forward 1 of noising)
-            m_corr = metric(src_logits).detach()
+            m_corr = (vals[0] if vals is not None else metric(src_logits)).detach()
     else:
         m_corr = m_tgt
     out = {}
     for site in sites:
         _, axes, coords, shape = make_cells(site, L, site_heads(cfg, site), T, per_position)
-        per_pass = []
-        for grads in grads_per_pass:
-            layers_est = []
-            for layer in range(L):
-                n = hook_name(site, layer)
+        by_pass: list[list[torch.Tensor]] = [[] for _ in grads_per_pass]
+        for layer in range(L):  # the passes of a layer share the QK fix's softmax terms
+            n = hook_name(site, layer)
+            fixed: dict = {}
+            for k, grads in enumerate(grads_per_pass):
                 if qk_fix and site in ("q", "k"):
                     pn = hook_name("pattern", layer)
                     qn, kn = _scored("q", layer, cfg), _scored("k", layer, cfg)
@@ -498,11 +536,12 @@ def _atp(
                         tgt_cache[pn],
                         grads[pn],
                         per_position,
+                        cache=fixed,
                     )
                 else:
                     est = _reduce(site, (src_cache[n] - tgt_cache[n]) * grads[n], per_position)
-                layers_est.append(est)
-            per_pass.append(torch.stack(layers_est, 1))  # (B, L, ...)
+                by_pass[k].append(est)
+        per_pass = [torch.stack(layers_est, 1) for layers_est in by_pass]  # each (B, L, ...)
         est = per_pass[0]
         values = m_tgt.view(-1, *([1] * (est.dim() - 1))) + est
         info = {"per_position": per_position}

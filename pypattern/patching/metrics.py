@@ -74,6 +74,11 @@ class Metric:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def of_rows(self, model, x: torch.Tensor) -> torch.Tensor | None:
+        """The metric computed from the final-norm rows ``x (..., batch, d_model)`` without the full logits, or None
+        when it needs them (the default)."""
+        return None
+
     def select(self, index: torch.Tensor | slice) -> Metric:
         """A copy of the metric for the examples ``index`` of its batch (per-example answers, positions and a
         bound clean run indexed; values shared by every example kept as they are)."""
