@@ -206,7 +206,7 @@ def test_plain_callable_metric_equals_the_metric_object():
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-12)
     a = attribution_patching(model, clean, corr, metric=m, sites=["z"])["z"]
     b = attribution_patching(model, clean, corr, metric=fn, sites=["z"])["z"]
-    torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=1e-12)
     a = circuits.edge_attribution(model, clean, corr, metric=m)
     b = circuits.edge_attribution(model, clean, corr, metric=fn)
     torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
