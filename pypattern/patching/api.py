@@ -21,6 +21,7 @@ from .metrics import (
     check_metric_on_stacks,
     check_metric_output,
     logits_at,
+    metric_of_rows,
     metric_positions,
 )
 from .results import PatchResult
@@ -189,24 +190,31 @@ def prepare_runs(
         final = final or f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
     def run_at(tokens, noise, names):
-        """Logits at the metric position(s) ``(batch, vocab)`` and the cache; with a full cache of pypattern's
-        Transformer only the metric position's row is unembedded."""
+        """Logits at the metric position(s) ``(batch, vocab)``, the final-norm rows there (None unless the cache
+        holds them) and the cache; with a full cache of pypattern's Transformer only the metric position's row is
+        unembedded."""
         if final is None:
             logits, cache = run(tokens, noise, names)
-            return logits_at(logits, pos), cache
+            return logits_at(logits, pos), None, cache
         with model.hooks([("hook_embed", embedding_noise_hook(noise))] if noise is not None else []):
             _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
-        return unembed_rows(model, logits_at(cache[final], pos)), cache
+        rows = logits_at(cache[final], pos)
+        return unembed_rows(model, rows), rows, cache
+
+    def metric_of(logits, rows):
+        """The metric as the exact engine computes it for its cells (from the rows where it can)."""
+        return metric(logits) if rows is None else metric_of_rows(model, rows, metric, unembed_rows)
 
     names = (lambda n: True) if full_cache else set(site_hooks)
-    clean_logits, clean_cache = run_at(clean, None, names)
+    clean_logits, clean_rows, clean_cache = run_at(clean, None, names)
     bind_metric(metric, clean_logits.detach())
     m_clean = check_metric_output(metric(clean_logits), B).detach()
     check_metric_on_stacks(metric, clean_logits.detach(), m_clean)
+    m_clean = metric_of(clean_logits, clean_rows).detach()
     m_corr, corr_cache = None, None
     if corr_tokens is not None:
-        corr_logits, corr_cache = run_at(corr_tokens, corr_noise, names)
-        m_corr = metric(corr_logits).detach()
+        corr_logits, corr_rows, corr_cache = run_at(corr_tokens, corr_noise, names)
+        m_corr = metric_of(corr_logits, corr_rows).detach()
     if direction == "denoising":
         tgt = (corr_tokens, corr_noise, corr_cache)
         source = {n: clean_cache[n] for n in site_hooks}
