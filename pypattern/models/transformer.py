@@ -937,6 +937,17 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return slopes
 
 
+def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x (..., n) @ W (n, m) (+ b (m,))``; with a bias, one ``addmm`` over the rows of ``x`` (the bias is the
+    product's starting value: one pass over the output instead of a matmul and an add)."""
+    if b is None:
+        return x @ W
+    if x.dim() < 2 or b.dim() != 1 or W.dim() != 2:
+        return x @ W + b
+    out = torch.addmm(b, x.reshape(-1, x.shape[-1]), W)
+    return out.view(*x.shape[:-1], W.shape[-1])
+
+
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """``cap * tanh(x / cap)`` (Gemma 2's soft-capping, in its order of operations); ``x`` itself when ``cap`` is
     None."""
@@ -1242,8 +1253,7 @@ class Attention(nn.Module):
     def output(self, z: torch.Tensor) -> torch.Tensor:
         """Output projection: ``z (..., n_heads, d_head) -> (..., d_model)`` (plus ``b_O`` when present)."""
         H, dh, d = self.W_O.shape
-        out = z.reshape(*z.shape[:-2], H * dh) @ self.W_O.reshape(H * dh, d)
-        return out if self.b_O is None else out + self.b_O
+        return affine(z.reshape(*z.shape[:-2], H * dh), self.W_O.reshape(H * dh, d), self.b_O)
 
     def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor | None = None) -> torch.Tensor:
         """``q_in (batch, pos, d_model)`` (and ``kv_in``, default ``q_in``) -> attention output ``(batch, pos,
@@ -1299,8 +1309,7 @@ class MLP(nn.Module):
 
     @staticmethod
     def _lin(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        out = x @ W
-        return out if b is None else out + b
+        return affine(x, W, b)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The activation ``post (..., d_mlp)`` of ``x (..., d_model)``, through ``hook_pre`` (and

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.transformer import affine
 from .metrics import metric_of_rows
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
@@ -170,8 +171,8 @@ class ExactEngine:
         if key not in self._flat:
             H, d, dh = W.shape
             self._flat[key] = W.detach().permute(1, 0, 2).reshape(d, H * dh)
-        out = (x @ self._flat[key]).view(*x.shape[:-1], W.shape[0], W.shape[2])
-        out = attn.clip(out if b is None else out + b)
+        out = affine(x, self._flat[key], None if b is None else b.reshape(-1))
+        out = attn.clip(out.view(*x.shape[:-1], W.shape[0], W.shape[2]))
         return out if which == "V" else attn.qk_normed(which.lower(), out)
 
     # ----- setup ---------------------------------------------------------------------------------------------
