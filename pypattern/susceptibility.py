@@ -245,7 +245,9 @@ class BIFResult(Saveable):
     ----------
     bif : ndarray (num_probe, num_probe)
     corr : ndarray (num_probe, num_probe)
-        Pearson correlation of the losses (devinterp's default reports this one, with the minus sign).
+        Pearson correlation of the losses (devinterp's default reports this one, with the minus sign). NaN in the
+        rows and columns of padded probe entries (their loss is a constant 0: no correlation is defined; ``bif``
+        is 0 there).
     """
 
     bif: np.ndarray
