@@ -1810,3 +1810,19 @@ def test_llama3_scaling_the_converter_cannot_represent_is_refused_by_the_hf_opti
     hf = hf_model("llama-mqa", rope_scaling={**_LLAMA3, "low_freq_factor": 2.0, "high_freq_factor": 2.0})
     with pytest.raises(UnsupportedModelError, match=r"rope_parameters=.*high_freq_factor=2.0 must exceed"):
         from_hf(hf)
+
+
+def test_from_pretrained_checks_dtype_first_and_ignores_an_adapter_file(tmp_path):
+    """A bad dtype is refused before anything is loaded; a directory whose only safetensors file is a PEFT
+    adapter's has no model weights (pickle-only: refused without unpickling)."""
+    with pytest.raises(ValueError, match=r"dtype='bfloat16' is not valid"):
+        from_pretrained(tmp_path / "anything", dtype="bfloat16")
+    hf = hf_model("llama-mqa")
+    hf.config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"no \.safetensors weights \(only pickle-based files \['pytorch_model.bin'\]",
+    ):
+        from_pretrained(tmp_path)

@@ -137,7 +137,10 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
 
 
 def _weight_files(path: str) -> list[str]:
-    return sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    """The model's safetensors files (a PEFT adapter's ``adapter_model.safetensors`` is not the model)."""
+    return sorted(
+        f for f in os.listdir(path) if f.endswith(".safetensors") and not f.startswith("adapter_model")
+    )
 
 
 def from_pretrained(
@@ -160,6 +163,8 @@ def from_pretrained(
         ``"sdpa"``; default: what ``transformers`` picks on loading, usually ``"sdpa"``). The Llama family's and
         GPT-NeoX's eager attention takes its softmax in float32 even in float64, sdpa in the model's dtype.
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
