@@ -1826,3 +1826,16 @@ def test_from_pretrained_checks_dtype_first_and_ignores_an_adapter_file(tmp_path
         match=r"no \.safetensors weights \(only pickle-based files \['pytorch_model.bin'\]",
     ):
         from_pretrained(tmp_path)
+
+
+def test_smollm3_no_rope_layers_longer_than_the_model_converts():
+    """no_rope_layers is read per layer index: entries past the last layer are unused by Hugging Face."""
+    hf = hf_model("smollm3-nope-layers")
+    hf.config.no_rope_layers = list(hf.config.no_rope_layers) + [1, 0, 1]
+    model = from_hf(hf)
+    assert model.cfg.rotary_layers == (True, False, False, True)
+    with torch.no_grad():
+        assert rel(model(tokens()), hf(tokens()).logits) <= 1e-10
+    hf.config.no_rope_layers = [1, 1, 1, 1]  # the modules say otherwise: refused
+    with pytest.raises(UnsupportedModelError, match="no_rope_layers"):
+        from_hf(hf)

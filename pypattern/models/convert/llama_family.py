@@ -50,7 +50,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     windows = [c.sliding_window if sliding and t == "sliding_attention" else None for t in types]
     cfg, w = llama_like(model, sliding_window=windows)
     rope = [bool(layer.self_attn.use_rope) for layer in layers]
-    if list(map(bool, c.no_rope_layers)) != rope:
+    # Hugging Face reads entry i for layer i: entries past the last layer are unused
+    if list(map(bool, c.no_rope_layers))[: len(rope)] != rope:
         refuse("no_rope_layers", c.no_rope_layers, f"the layers' attention modules say {rope}")
     if not all(rope):
         cfg["rotary_layers"] = tuple(rope)
