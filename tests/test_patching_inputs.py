@@ -312,8 +312,7 @@ def test_metrics_that_do_not_map_runs_to_runs_are_refused_by_the_exact_engine():
 def test_logit_difference_from_its_columns_equals_the_full_logits(opts):
     """The exact engine computes a LogitDiff from the answer and wrong columns of the unembedding only (with its
     bias, logits scaling and soft cap per logit): equal to the metric of the full logits."""
-    from pypattern.patching.engine import unembed_rows
-    from pypattern.patching.metrics import metric_of_rows
+    from pypattern.patching.engine import metric_of_rows, unembed_rows
 
     cfg = TransformerConfig(
         n_layers=1,
@@ -335,7 +334,7 @@ def test_logit_difference_from_its_columns_equals_the_full_logits(opts):
         LogitDiff(torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])),
         LogitDiff(torch.tensor([[1, 9], [2, 3], [3, 3], [0, 39]]), 7),
     ):
-        got = metric_of_rows(model, x, m, unembed_rows)
+        got = metric_of_rows(model, x, m)
         want = m(unembed_rows(model, x))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         assert got.shape == (3, 4)

@@ -251,16 +251,15 @@ class EdgeGraph:
     def mask(self, edges: Iterable[Edge | str] | torch.Tensor) -> torch.Tensor:
         """A boolean mask ``(num_edges,)`` of ``edges`` (an iterable of edges or names, or a mask already)."""
         if isinstance(edges, torch.Tensor):
-            if edges.dtype != torch.bool and (edges.is_floating_point() or edges.is_complex()):
-                if not bool(((edges == 0) | (edges == 1)).all()):
-                    raise ValueError(
-                        f"a mask over edges must be boolean (or hold only 0 and 1); got {edges.dtype} values such as "
-                        f"{float(edges[(edges != 0) & (edges != 1)][0])!r} (give edges.bool() of a threshold)"
-                    )
-            elif edges.dtype != torch.bool and not bool(((edges == 0) | (edges == 1)).all()):
+            bad = (edges != 0) & (edges != 1) if edges.dtype != torch.bool else None
+            if bad is not None and bool(bad.any()):
+                what = (
+                    f"values such as {edges[bad][0].item()!r} (give edges.bool() of a threshold)"
+                    if edges.is_floating_point() or edges.is_complex()
+                    else "values other than 0 and 1 (to select edges by index, give graph.edges[i] or their names)"
+                )
                 raise ValueError(
-                    f"a mask over edges must be boolean (or hold only 0 and 1); got {edges.dtype} values other than "
-                    "0 and 1 (to select edges by index, give graph.edges[i] or their names)"
+                    f"a mask over edges must be boolean (or hold only 0 and 1); got {edges.dtype} {what}"
                 )
             m = edges.bool()
             if m.shape[-1] != len(self):

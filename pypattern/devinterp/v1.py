@@ -136,18 +136,20 @@ class LLCEstimator(SamplerCallback):
             )
         self.update(chain, draw, kwargs[self.eval_field])
 
-    def _missing(self) -> None:
+    def _recorded(self) -> tuple[np.ndarray, float]:
+        """The recorded losses ``(num_chains, num_draws)`` in float64 and ``init_loss`` as a float; every entry
+        must have been recorded."""
         if np.isnan(self.losses).any():
             n = int(np.isnan(self.losses).sum())
             raise RuntimeError(
                 f"{n} of the {self.losses.size} (chain, draw) losses were never recorded: the sample() call ran "
                 "fewer chains or draws than this estimator was built for"
             )
+        return self.losses.astype(np.float64), float(torch.as_tensor(self.init_loss, dtype=torch.float64))
 
     def finalize(self) -> None:
-        self._missing()
-        init = float(torch.as_tensor(self.init_loss, dtype=torch.float64))
-        self.llc_per_chain = self.nbeta * (self.losses.astype(np.float64).mean(1) - init)
+        losses, init = self._recorded()
+        self.llc_per_chain = self.nbeta * (losses.mean(1) - init)
         self.llc_mean = float(self.llc_per_chain.mean())
         self.llc_std = float(self.llc_per_chain.std(ddof=1)) if self.num_chains > 1 else float("nan")
 
@@ -168,9 +170,8 @@ class OnlineLLCEstimator(LLCEstimator):
     mean and standard deviation (ddof=1) over chains at each draw. Same arguments as :class:`LLCEstimator`."""
 
     def finalize(self) -> None:
-        self._missing()
-        init = float(torch.as_tensor(self.init_loss, dtype=torch.float64))
-        self.llcs = self.nbeta * (self.losses.astype(np.float64) - init)
+        losses, init = self._recorded()
+        self.llcs = self.nbeta * (losses - init)
         self.llc_means = self.llcs.mean(0)
         self.llc_stds = self.llcs.std(0, ddof=1) if self.num_chains > 1 else np.full(self.num_draws, np.nan)
 

@@ -14,14 +14,13 @@ from .corruptions import (
     ZeroAblation,
     embedding_noise_hook,
 )
-from .engine import ExactEngine, bytes_per_cell, truncate_cache, unembed_rows
+from .engine import ExactEngine, bytes_per_cell, metric_of_rows, truncate_cache, unembed_rows
 from .metrics import (
     Metric,
     bind_metric,
     check_metric_on_stacks,
     check_metric_output,
     logits_at,
-    metric_of_rows,
     metric_positions,
 )
 from .results import PatchResult
@@ -203,13 +202,13 @@ def prepare_runs(
 
     def metric_of(logits, rows):
         """The metric as the exact engine computes it for its cells (from the rows where it can)."""
-        return metric(logits) if rows is None else metric_of_rows(model, rows, metric, unembed_rows)
+        return metric(logits) if rows is None else metric_of_rows(model, rows, metric)
 
     names = (lambda n: True) if full_cache else set(site_hooks)
     clean_logits, clean_rows, clean_cache = run_at(clean, None, names)
     bind_metric(metric, clean_logits.detach())
-    m_clean = check_metric_output(metric(clean_logits), B).detach()
-    check_metric_on_stacks(metric, clean_logits.detach(), m_clean)
+    on_logits = check_metric_output(metric(clean_logits), B).detach()  # the metric's contract, on full logits
+    check_metric_on_stacks(metric, clean_logits.detach(), on_logits)
     m_clean = metric_of(clean_logits, clean_rows).detach()
     m_corr, corr_cache = None, None
     if corr_tokens is not None:

@@ -126,14 +126,12 @@ def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
     lse = m1 + torch.log(s1)
     z2 = z.masked_fill(is_max, float("-inf"))
     m2 = z2.max(-1, keepdim=True).values
-    m2 = torch.where(
-        torch.isfinite(m2), m2, m1
-    )  # a row of one key: no second score (the sums over j != s are 0)
+    # a row of one key has no second score (its sums over j != s are 0)
+    m2 = torch.where(torch.isfinite(m2), m2, m1)
     e2 = torch.exp(z2 - m2)
     ref = torch.where(is_max, m2, m1)  # the reference of the sums over j != s
-    log_other = ref + torch.log(
-        torch.where(is_max, e2.sum(-1, keepdim=True), s1 - e1)
-    )  # log sum_{j != s} e^{z_j}
+    # log sum_{j != s} e^{z_j}
+    log_other = ref + torch.log(torch.where(is_max, e2.sum(-1, keepdim=True), s1 - e1))
     lse_new = torch.logaddexp(log_other, z + delta)
     shift = lse - lse_new
     small = shift.abs() < 1.0  # a small change of the normaliser: expm1 keeps its digits

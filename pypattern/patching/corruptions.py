@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sites import _ints
+
 __all__ = [
     "TokenReplacement",
     "GaussianNoise",
@@ -56,8 +58,6 @@ class GaussianNoise(Corruption):
     def noise(self, model, batch: int, seq_len: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
         pos = None
         if self.positions is not None:
-            from .sites import _ints
-
             pos = _ints(self.positions, "GaussianNoise.positions")
             bad = [p for p in pos if not -seq_len <= p < seq_len]
             if bad:

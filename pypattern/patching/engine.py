@@ -42,10 +42,9 @@ from __future__ import annotations
 import torch
 
 from ..models.transformer import affine
-from .metrics import metric_of_rows
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
-__all__ = ["ExactEngine", "bytes_per_cell", "truncate_cache", "unembed_rows"]
+__all__ = ["ExactEngine", "bytes_per_cell", "metric_of_rows", "truncate_cache", "unembed_rows"]
 
 
 def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
@@ -68,6 +67,14 @@ def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
     if not isinstance(metric, Metric):
         out = out.contiguous()
     return out.reshape(*x.shape[:-1], W_U.shape[-1])  # a view: splits the row axis only
+
+
+def metric_of_rows(model, x: torch.Tensor, metric) -> torch.Tensor:
+    """The metric of final-norm rows ``x (..., batch, d_model)``: from the columns it reads when it can
+    (:meth:`~pypattern.patching.LogitDiff.of_rows`), else from the full logits (:func:`unembed_rows`)."""
+    of_rows = getattr(metric, "of_rows", None)
+    out = of_rows(model, x) if callable(of_rows) else None
+    return metric(unembed_rows(model, x, metric)) if out is None else out
 
 
 def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
@@ -497,7 +504,7 @@ class ExactEngine:
         def flush() -> None:
             if pending:
                 x = torch.cat([h for _, h in pending]) if len(pending) > 1 else pending[0][1]
-                vals = metric_of_rows(self.model, x, self.metric, unembed_rows)
+                vals = metric_of_rows(self.model, x, self.metric)
                 n = 0
                 for idx, _ in pending:
                     out[idx] = vals[n : n + len(idx)]
@@ -525,7 +532,7 @@ class ExactEngine:
     def target_metric(self) -> torch.Tensor:
         """Metric of the unpatched target run ``(batch,)``."""
         x = self._final_rows(self.tgt[-1]["resid_post"].unsqueeze(0), 0)
-        return metric_of_rows(self.model, x, self.metric, unembed_rows)[0]
+        return metric_of_rows(self.model, x, self.metric)[0]
 
     def _final_rows(self, X: torch.Tensor, p: int) -> torch.Tensor:
         """The final norm of the metric rows ``(C,B,d)`` from the final residual rows ``X (C,B,R,d)`` that end at

@@ -25,7 +25,6 @@ __all__ = [
     "metric_positions",
     "check_metric_output",
     "check_metric_on_stacks",
-    "metric_of_rows",
     "token_ids",
     "bind_metric",
 ]
@@ -50,9 +49,13 @@ def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.
             f"{name} has shape {tuple(idx.shape)}; give one token id per example ({B},), several ({B}, k), or one "
             f"id for every example (a scalar)"
         )
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
-        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
-        raise ValueError(f"{name} contains the token id {bad}; the logits have {V} entries (ids 0..{V - 1})")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name} contains the token id {bad}; the logits have {V} entries (ids 0..{V - 1})"
+            )
     return idx[:, None] if idx.dim() == 1 else idx
 
 
@@ -260,14 +263,6 @@ def check_metric_on_stacks(metric, clean_logits: torch.Tensor, values: torch.Ten
             "metric gives other values for the same logits when they are stacked with another run's (it couples "
             "the runs, e.g. a mean over every axis); it must compute each run and example from its own logits"
         )
-
-
-def metric_of_rows(model, x: torch.Tensor, metric, unembed) -> torch.Tensor:
-    """The metric of final-norm rows ``x (..., batch, d_model)``: from the columns it reads when it can
-    (:meth:`LogitDiff.of_rows`), else ``metric(unembed(model, x, metric))`` on the full logits."""
-    of_rows = getattr(metric, "of_rows", None)
-    out = of_rows(model, x) if callable(of_rows) else None
-    return metric(unembed(model, x, metric)) if out is None else out
 
 
 def bind_metric(metric, clean_logits: torch.Tensor) -> None:
