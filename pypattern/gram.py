@@ -147,7 +147,7 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     """
     cfg = getattr(model, "cfg", None)
     unsupported = {
-        "normalization_type": ("RMS", "LNPre"),
+        "normalization_type": ("RMS", "LNPre", "RMSPre"),
         "gated_mlp": (True,),
         "tie_word_embeddings": (True,),
         "attn_bias": (False,),

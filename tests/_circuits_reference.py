@@ -33,6 +33,9 @@ ARCHS = {
         unembed_bias=False,
         act_fn="silu",
     ),
+    "rmspre": dict(  # a TransformerLens Llama after fold_ln: RMSNorms without weights
+        normalization_type="RMSPre", positional_embedding_type="rotary", gated_mlp=True, act_fn="silu"
+    ),
     "qwen2": dict(  # as Llama, with q/k/v biases only
         normalization_type="RMS",
         positional_embedding_type="rotary",

@@ -296,6 +296,35 @@ def test_layernorm_fused_path_equals_explicit_one(affine, compute_dtype):
     torch.testing.assert_close(fused, xhat * w + b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32])
+def test_rms_norm_pre_is_rmsnorm_without_weight(compute_dtype):
+    """RMSPre (TransformerLens' name for an RMSNorm whose weight was folded away): ``x / sqrt(mean(x^2) + eps)`` in
+    its compute dtype, cast back; a hook replacing ``hook_scale`` replaces the divisor; the model has no norm
+    parameters and its forward equals an RMS model's with unit weights."""
+    from pypattern.models.transformer import RMSNormPre
+
+    torch.manual_seed(0)
+    norm = RMSNormPre(16, 1e-5, torch.float64, compute_dtype)
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * 4 + 2
+    h = x if compute_dtype is None else x.to(compute_dtype)
+    want = (h / (h.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()).to(torch.float64)
+    torch.testing.assert_close(norm(x), want, rtol=0, atol=0)
+    remove = norm.hook_scale.add_hook(lambda t, hook: t * 2)
+    torch.testing.assert_close(norm(x), want / 2, rtol=1e-15, atol=0)
+    remove()
+    assert list(norm.parameters()) == []
+    kw = dict(n_layers=2, d_model=16, n_heads=4, d_mlp=24, d_vocab=11, dtype=torch.float64, seed=1)
+    pre = Transformer(TransformerConfig(normalization_type="RMSPre", **kw))
+    rms = Transformer(TransformerConfig(normalization_type="RMS", **kw))
+    assert not any(".ln" in n for n, _ in pre.named_parameters())
+    state = {k: v for k, v in rms.state_dict().items() if ".w" not in k or "ln" not in k}
+    pre.load_state_dict(state, strict=True)
+    tokens = torch.randint(0, 11, (2, 7))
+    torch.testing.assert_close(pre(tokens), rms(tokens), rtol=1e-13, atol=1e-13)
+    with pytest.raises(ValueError, match="norm_weight_offset"):
+        TransformerConfig(normalization_type="RMSPre", norm_weight_offset=1.0)
+
+
 # ----- architecture options (RMSNorm, rotary, GQA, gated MLP, parallel blocks, biases, tied embeddings) ---------
 
 

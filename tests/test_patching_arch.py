@@ -78,6 +78,8 @@ ARCHS = {
     "opt_lnpre": dict(
         normalization_type="LNPre", attn_bias=False, attn_out_bias=False, mlp_bias=False, act_fn="relu"
     ),
+    # a TransformerLens Llama after fold_ln: RMSNorms without weights
+    "rmspre": {**LLAMA, "normalization_type": "RMSPre"},
     # OLMo: LayerNorms without parameters, clamped query/key/value projections
     "olmo": {**LLAMA, "normalization_type": "LNPre", "clip_qkv": 0.5},
     # Phi-2: attention and MLP in parallel reading one LayerNorm, partial rotary, biases everywhere
@@ -351,6 +353,7 @@ def first_order(model, site, clean, corr, ans, wrong, layer, head, pos):
         "phi",
         "bloom",
         "alibi_gqa",
+        "rmspre",
     ],
 )
 def test_atp_equals_autograd_directional_derivative(arch):

@@ -70,6 +70,7 @@ __all__ = [
     "apply_act",
     "LayerNorm",
     "LayerNormPre",
+    "RMSNormPre",
     "RMSNorm",
 ]
 
@@ -85,7 +86,7 @@ _ACT_FNS = (
     "quick_gelu",
     "bloom_gelu",
 )
-_NORMS = ("LN", "LNPre", "RMS", None)
+_NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 _POS_TYPES = ("standard", "rotary", "alibi", "none")
 
 
@@ -167,9 +168,10 @@ class TransformerConfig:
         Hidden width of the MLP; ``None`` or 0 makes an attention-only model.
     act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "bloom_gelu"}
         See :func:`apply_act`.
-    normalization_type : {"LN", "LNPre", "RMS", None}
+    normalization_type : {"LN", "LNPre", "RMS", "RMSPre", None}
         LayerNorm (weight ``w`` and bias ``b``), LayerNorm without weight or bias (``"LNPre"``, TransformerLens'
-        name; OLMo's norms), RMSNorm (weight ``w`` only), or none.
+        name; OLMo's norms), RMSNorm (weight ``w`` only), RMSNorm without weight (``"RMSPre"``, TransformerLens'
+        name: an RMS model whose norm weights were folded into the next layer), or none.
     positional_embedding : bool or None
         Older spelling of ``positional_embedding_type``: True means ``"standard"``, False ``"none"``. When
         ``positional_embedding_type`` is given it decides (False together with ``"standard"`` is refused); after
@@ -420,7 +422,7 @@ class TransformerConfig:
             raise ValueError(f"act_fn={self.act_fn!r} is not valid; choose one of {_ACT_FNS}")
         if self.normalization_type not in _NORMS:
             raise ValueError(
-                f"normalization_type={self.normalization_type!r} is not valid; choose 'LN', 'LNPre', 'RMS' or None"
+                f"normalization_type={self.normalization_type!r} is not valid; choose 'LN', 'LNPre', 'RMS', 'RMSPre' or None"
             )
         for k in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab", "n_ctx"):
             v = getattr(self, k)
@@ -875,6 +877,26 @@ class RMSNorm(nn.Module):
         return self.hook_normalized(self.w * h.to(x.dtype))
 
 
+class RMSNormPre(nn.Module):
+    """RMSNorm without weight (TransformerLens' ``RMSPre``): ``x / sqrt(mean(x^2) + eps)``, in ``compute_dtype``
+    when set and cast back. ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``, ``hook_normalized`` the
+    output."""
+
+    def __init__(
+        self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        scale = self.hook_scale((h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized((h / scale).to(x.dtype))
+
+
 def _make_norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.normalization_type == "LN":
         return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
@@ -889,6 +911,8 @@ def _make_norm(cfg: TransformerConfig) -> nn.Module:
         )
     if cfg.normalization_type == "LNPre":
         return LayerNormPre(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
+    if cfg.normalization_type == "RMSPre":
+        return RMSNormPre(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
     return nn.Identity()
 
 

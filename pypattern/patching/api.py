@@ -64,11 +64,19 @@ class PatchingRuns:
 
 def _hooked_if_hf(model):
     """A Hugging Face causal LM (an object with ``config.model_type`` and input embeddings) wrapped by
-    :func:`~pypattern.models.hooked_hf` (which refuses, by name, a family it has no adapter for); any other model
-    as it is."""
+    :func:`~pypattern.models.hooked_hf` (which refuses, by name, a family it has no adapter for); a TransformerLens
+    ``HookedTransformer`` converted with :func:`~pypattern.from_hf` where it converts (else run through its own
+    hooks); any other model as it is."""
+    from ..models.convert import UnsupportedModelError, from_hf
+    from ..models.convert.hooked_transformer import is_hooked_transformer
     from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm
     from ..models.transformer import Transformer
 
+    if is_hooked_transformer(model):
+        try:  # the same function in pypattern's model: head sites and the exact engine
+            return from_hf(model)
+        except UnsupportedModelError:
+            return model  # TransformerLens' own hooks, one forward per cell
     if isinstance(model, (Transformer, HookedHF)) or hasattr(model, "hook_dict"):
         return model
     return hooked_hf(model) if is_hf_causal_lm(model) else model

@@ -26,6 +26,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.qwen3`: ``Qwen3ForCausalLM``
 - :mod:`.stablelm`: ``StableLmForCausalLM``
 - :mod:`.starcoder2`: ``Starcoder2ForCausalLM``
+- :mod:`.hooked_transformer`: TransformerLens' ``HookedTransformer`` (TransformerLens 2.x and 3.x)
 
 The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
 (tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with ``sdpa`` and with ``eager`` attention: the
@@ -49,10 +50,18 @@ import torch
 from torch import nn
 
 from ..transformer import Transformer
+from . import hooked_transformer
 from ._common import UnsupportedModelError, build, check_plain_modules, model_dtype, warn_if_training
+from .hooked_transformer import is_hooked_transformer
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
-__all__ = ["from_hf", "from_pretrained", "UnsupportedModelError", "SUPPORTED_CLASSES"]
+__all__ = [
+    "from_hf",
+    "from_pretrained",
+    "UnsupportedModelError",
+    "SUPPORTED_CLASSES",
+    "converted_if_hooked_transformer",
+]
 
 # one module per family, each with CLASSES (the Hugging Face classes it converts) and convert(model)
 _FAMILY_MODULES = (
@@ -84,12 +93,14 @@ SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 
 
 def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transformer:
-    """Convert a Hugging Face causal LM (or a TransformerLens 4.x ``TransformerBridge`` wrapping one) exactly.
+    """Convert a Hugging Face causal LM (or a TransformerLens model) exactly.
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel
-        A class in :data:`SUPPORTED_CLASSES` (the module's list above), or a ``TransformerBridge`` around one.
+    model : transformers.PreTrainedModel or a TransformerLens model
+        A class in :data:`SUPPORTED_CLASSES` (the module's list above), a TransformerLens 4.x
+        ``TransformerBridge`` around one, or a TransformerLens 2.x / 3.x ``HookedTransformer`` (converted as it
+        is, processed weights and all; see :mod:`.hooked_transformer` for what is refused).
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
 
@@ -108,6 +119,8 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     """
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
+    if is_hooked_transformer(model):
+        return _from_hooked_transformer(model, dtype)
     if is_transformer_lens(model):
         model = unwrap_bridge(model, SUPPORTED_CLASSES)
     if not isinstance(model, nn.Module):
@@ -131,6 +144,29 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
         pad = getattr(model.get_input_embeddings(), "padding_idx", None)
         cfg["padding_idx"] = None if pad is None else int(pad)
         source = {"class": name, "model_type": getattr(model.config, "model_type", None)}
+        out = build(cfg, weights, out_dtype, source)
+    dev = next(model.parameters()).device
+    return out.to(dev)
+
+
+def converted_if_hooked_transformer(model: Any) -> Any:
+    """A TransformerLens ``HookedTransformer`` converted with :func:`from_hf` (the same function, so the estimators
+    that need pypattern's model take one directly); any other model unchanged."""
+    return from_hf(model) if is_hooked_transformer(model) else model
+
+
+def _from_hooked_transformer(model: nn.Module, dtype: torch.dtype | None) -> Transformer:
+    """A TransformerLens ``HookedTransformer`` converted as it is (see :mod:`.hooked_transformer`)."""
+    out_dtype = model.cfg.dtype if dtype is None else dtype
+    if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
+    warn_if_training(model)
+    with torch.no_grad():
+        cfg, weights = hooked_transformer.convert(model)
+        source = {
+            "class": "HookedTransformer",
+            "model_type": getattr(model.cfg, "original_architecture", None),
+        }
         out = build(cfg, weights, out_dtype, source)
     dev = next(model.parameters()).device
     return out.to(dev)

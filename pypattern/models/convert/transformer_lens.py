@@ -86,8 +86,8 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     if not isinstance(inner, nn.Module):
         raise UnsupportedModelError(
             f"model={name} (from {type(bridge).__module__}) is not supported: pypattern converts TransformerLens "
-            f"4.x TransformerBridge models that wrap a local Hugging Face model of {supported}; a HookedTransformer "
-            "is already in TransformerLens' processed layout: convert the Hugging Face model it came from instead"
+            f"4.x TransformerBridge models that wrap a local Hugging Face model of {supported}, and "
+            "TransformerLens 2.x / 3.x HookedTransformer models"
         )
     cls_name = type(inner).__name__
     if cls_name not in supported:

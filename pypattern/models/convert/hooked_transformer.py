@@ -1,0 +1,205 @@
+"""TransformerLens ``HookedTransformer`` (TransformerLens 2.x and 3.x) -> pypattern ``Transformer``.
+
+pypattern's model keeps TransformerLens' parameter and hook names, so a ``HookedTransformer`` maps over almost one
+to one: its ``cfg`` gives the options, its parameters the weights (grouped-query attention's ``_W_K`` / ``_W_V`` /
+``_b_K`` / ``_b_V`` are the key/value heads). The model is converted as it is, processed or not: after
+``fold_ln`` its norms are ``LNPre`` / ``RMSPre`` and the converted model's are the same. TransformerLens' gated MLP
+adds ``b_in`` after the product ``act(x W_gate) * (x W_in)``, where pypattern's adds it to ``x W_in``: such a model
+converts when ``b_in`` is zero (every model TransformerLens loads from Hugging Face), else it is refused. Every
+option TransformerLens has and pypattern does not reproduce exactly (shortformer or T5 positions, SoLU, a final
+RMSNorm under LayerNorms, mixtures of experts, 16-bit models whose norms TransformerLens computes in float32, an
+output vocabulary other than the input one, ...) is refused by name. TransformerLens itself is never imported.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._common import UnsupportedModelError, refuse
+
+CLASSES = ("HookedTransformer",)
+
+_NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
+_ACTS = ("gelu", "relu", "silu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+
+
+def is_hooked_transformer(model: Any) -> bool:
+    """True for a TransformerLens ``HookedTransformer`` (or a subclass of it)."""
+    return any(
+        c.__name__ == "HookedTransformer" and (c.__module__ or "").startswith("transformer_lens")
+        for c in type(model).__mro__
+    )
+
+
+def _get(c: Any, name: str, default: Any = None) -> Any:
+    return getattr(c, name, default)
+
+
+def _check_hooks(model: nn.Module) -> None:
+    """Hooks attached to the model (``add_hook``, ``add_perma_hook``) would change its output; the converted model
+    would not have them."""
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+            raise UnsupportedModelError(
+                f"the HookedTransformer has hooks attached at {name or 'the model'!r}: the converted model would "
+                "not run them; remove them first (model.reset_hooks(including_permanent=True))"
+            )
+
+
+def _alibi_matches(n_heads: int) -> None:
+    """TransformerLens' ALiBi slopes (``2 ** (-8 (h + 1) / n_heads)``) against pypattern's (BLOOM's)."""
+    from ..transformer import alibi_slopes
+
+    tl = torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)], dtype=torch.float64)
+    ours = alibi_slopes(n_heads).to(torch.float64)
+    if not torch.allclose(tl, ours, rtol=1e-6, atol=0.0):
+        refuse(
+            "positional_embedding_type",
+            "alibi",
+            f"TransformerLens' ALiBi slopes with n_heads={n_heads} (not a power of two) differ from BLOOM's, "
+            "which pypattern uses",
+        )
+
+
+def _config(model: nn.Module) -> dict:
+    c = model.cfg
+    for opt, bad, why in (
+        ("attention_dir", lambda v: v != "causal", "only causal attention is converted"),
+        (
+            "num_experts",
+            lambda v: v not in (None, 0),
+            "TransformerLens mixtures of experts are not converted",
+        ),
+        ("load_in_4bit", bool, "quantized weights are not converted"),
+        ("final_rms", bool, "a final RMSNorm under LayerNorm blocks is not converted"),
+    ):
+        v = _get(c, opt)
+        if v is not None and bad(v):
+            refuse(opt, v, why)
+    d_vocab_out = _get(c, "d_vocab_out", c.d_vocab)
+    if d_vocab_out not in (None, -1, c.d_vocab):
+        refuse(
+            "d_vocab_out",
+            d_vocab_out,
+            f"pypattern's model unembeds into its input vocabulary (d_vocab={c.d_vocab})",
+        )
+    norm = c.normalization_type
+    if norm not in _NORMS:
+        refuse("normalization_type", norm, f"the norms converted are {_NORMS}")
+    attn_only = bool(_get(c, "attn_only", False))
+    act = _get(c, "act_fn")
+    if not attn_only and act not in _ACTS:
+        refuse("act_fn", act, f"the activations converted are {_ACTS}")
+    dtype = c.dtype
+    if dtype not in (torch.float32, torch.float64):
+        refuse(
+            "dtype",
+            dtype,
+            "TransformerLens computes a 16-bit model's norms and attention scores in float32, which the conversion "
+            "does not reproduce; convert a float32 copy (model.to(torch.float32), with its cfg.dtype)",
+        )
+    pos = c.positional_embedding_type
+    if pos not in ("standard", "rotary", "alibi"):
+        refuse(
+            "positional_embedding_type", pos, "the positions converted are 'standard', 'rotary' and 'alibi'"
+        )
+    if pos == "alibi":
+        _alibi_matches(c.n_heads)
+    out: dict = dict(
+        n_layers=c.n_layers,
+        d_model=c.d_model,
+        n_heads=c.n_heads,
+        d_head=c.d_head,
+        d_mlp=None if attn_only else c.d_mlp,
+        d_vocab=c.d_vocab,
+        n_ctx=c.n_ctx,
+        act_fn="gelu" if attn_only else act,
+        normalization_type=norm,
+        positional_embedding_type=pos,
+        ln_eps=float(c.eps),
+        n_key_value_heads=_get(c, "n_key_value_heads"),
+        gated_mlp=bool(_get(c, "gated_mlp", False)) and not attn_only,
+        parallel_attn_mlp=bool(_get(c, "parallel_attn_mlp", False)) and not attn_only,
+        attn_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        unembed_bias=True,
+        tie_word_embeddings=False,
+        post_embedding_ln=bool(_get(c, "post_embedding_ln", False)),
+        use_normalization_before_and_after=bool(_get(c, "use_normalization_before_and_after", False)),
+        qk_norm=bool(_get(c, "use_qk_norm", False)),
+    )
+    if out["post_embedding_ln"] and norm != "LN":
+        refuse("post_embedding_ln", True, f"with normalization_type={norm!r} (a LayerNorm on the embedding)")
+    if pos == "rotary":
+        rd = _get(c, "rotary_dim") or c.d_head
+        out["rotary_dim"] = int(rd)
+        out["rotary_base"] = float(_get(c, "rotary_base", 10000))
+        out["rotary_adjacent_pairs"] = bool(_get(c, "rotary_adjacent_pairs", False))
+        if _get(c, "use_NTK_by_parts_rope", False):
+            if dtype == torch.float64:
+                refuse(
+                    "use_NTK_by_parts_rope",
+                    True,
+                    "in a float64 model: TransformerLens computes these frequencies in float32 and inverts them "
+                    "there, which the conversion reproduces to float32 rounding only; convert a float32 model",
+                )
+            out["rotary_scaling"] = {
+                "rope_type": "llama3",
+                "factor": float(c.NTK_by_parts_factor),
+                "low_freq_factor": float(c.NTK_by_parts_low_freq_factor),
+                "high_freq_factor": float(c.NTK_by_parts_high_freq_factor),
+                "original_max_position_embeddings": int(c.NTK_original_ctx_len),
+            }
+            out["rotary_freq_dtype"] = torch.float32  # TransformerLens computes these frequencies in float32
+    scale = float(c.attn_scale) if _get(c, "use_attn_scale", True) else 1.0
+    if _get(c, "scale_attn_by_inverse_layer_idx", False):
+        out["attn_scores_multiplier"] = tuple(1.0 / (scale * (i + 1)) for i in range(c.n_layers))
+    else:
+        out["attn_scale"] = scale
+    if _get(c, "use_local_attn", False):
+        types = list(_get(c, "attn_types") or [])
+        if len(types) != c.n_layers or set(types) - {"global", "local"}:
+            refuse("attn_types", types, f"give 'global' or 'local' for each of the {c.n_layers} layers")
+        out["sliding_window"] = tuple(int(c.window_size) if t == "local" else None for t in types)
+    cap = _get(c, "attn_scores_soft_cap", -1.0)
+    if cap is not None and cap > 0:
+        out["attn_scores_soft_cap"] = float(cap)
+    cap = _get(c, "output_logits_soft_cap", -1.0)
+    if cap is not None and cap > 0:
+        out["output_logits_soft_cap"] = float(cap)
+    return out
+
+
+def convert(model: nn.Module) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a ``HookedTransformer``."""
+    _check_hooks(model)
+    cfg = _config(model)
+    params = dict(model.named_parameters())
+    w: dict[str, torch.Tensor | None] = {}
+    for name, p in params.items():
+        parts = name.split(".")
+        if parts[-1] in ("_W_K", "_W_V", "_b_K", "_b_V"):  # grouped-query attention: the key/value heads
+            parts[-1] = parts[-1][1:]
+        w[".".join(parts)] = p
+    if cfg["positional_embedding_type"] != "standard":
+        w.pop("pos_embed.W_pos", None)  # TransformerLens keeps an unused table with ALiBi
+    if cfg["gated_mlp"]:
+        for i in range(cfg["n_layers"]):
+            p = f"blocks.{i}.mlp"
+            b_in = w[f"{p}.b_in"]
+            if b_in is not None and bool((b_in != 0).any()):
+                refuse(
+                    f"{p}.b_in",
+                    "non-zero",
+                    "TransformerLens' gated MLP adds b_in after act(x W_gate) * (x W_in); pypattern's adds it to "
+                    "x W_in, so only a zero b_in converts exactly",
+                )
+            w[f"{p}.b_gate"] = torch.zeros_like(b_in)
+    if not math.isfinite(cfg["ln_eps"]):
+        refuse("eps", cfg["ln_eps"], "give a finite epsilon")
+    return cfg, w

@@ -1,0 +1,261 @@
+"""TransformerLens 2.x / 3.x ``HookedTransformer`` models converted with ``pypattern.from_hf``: logits and hooks
+equal TransformerLens' own forward on random configurations of every option the converter maps, refusals by name
+for the rest, and the patching and circuit estimators taking a ``HookedTransformer`` directly, against naive loops
+written with TransformerLens' own hooks.
+
+Runs where TransformerLens with ``HookedTransformer`` is installed (the bench venv of ``bench/envs/autocircuit.sh``,
+TransformerLens 2.16.1): ``OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/autocircuit/bin/python -m pytest -q
+tests/test_hooked_transformer.py -p no:cacheprovider``; skipped elsewhere (TransformerLens 4.x has no
+``HookedTransformer``)."""
+
+import pytest
+import torch
+
+import pypattern
+from pypattern.models import Transformer, UnsupportedModelError
+
+tl = pytest.importorskip("transformer_lens")
+if not hasattr(tl, "HookedTransformer"):
+    pytest.skip("this TransformerLens has no HookedTransformer", allow_module_level=True)
+HookedTransformer, HookedTransformerConfig = tl.HookedTransformer, tl.HookedTransformerConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = dict(n_layers=2, d_model=24, n_ctx=16, d_head=6, n_heads=4, d_vocab=37, act_fn="gelu", seed=0)
+ROPE = dict(positional_embedding_type="rotary", rotary_dim=4)
+CONFIGS = {
+    "ln": {},
+    "ln_pre": dict(normalization_type="LNPre", act_fn="gelu_new"),
+    "rms": dict(normalization_type="RMS", **ROPE),
+    "rms_pre": dict(normalization_type="RMSPre", **ROPE),
+    "no_norm": dict(normalization_type=None, act_fn="relu"),
+    "rotary_adjacent": dict(positional_embedding_type="rotary", rotary_dim=6, rotary_adjacent_pairs=True),
+    "llama": dict(
+        gated_mlp=True, act_fn="silu", n_key_value_heads=2, normalization_type="RMS", rotary_base=500, **ROPE
+    ),
+    "mqa": dict(n_key_value_heads=1, d_head=8, n_heads=3, **ROPE),
+    "attn_only": dict(attn_only=True),
+    "parallel": dict(parallel_attn_mlp=True, act_fn="gelu_fast", **ROPE),
+    "local": dict(use_local_attn=True, window_size=3, attn_types=["local", "global"]),
+    "alibi": dict(positional_embedding_type="alibi"),
+    "inverse_layer": dict(scale_attn_by_inverse_layer_idx=True, act_fn="relu"),
+    "unscaled": dict(use_attn_scale=False, act_fn="gelu_pytorch_tanh"),
+    "custom_scale": dict(attn_scale=2.5),
+    "gemma2": dict(
+        attn_scores_soft_cap=5.0,
+        output_logits_soft_cap=3.0,
+        use_normalization_before_and_after=True,
+        normalization_type="RMS",
+        act_fn="gelu_pytorch_tanh",
+        gated_mlp=True,
+        **ROPE,
+    ),
+    "qk_norm": dict(use_qk_norm=True, normalization_type="RMS", **ROPE),
+    "post_embedding_ln": dict(post_embedding_ln=True),
+    "odd_sizes": dict(d_model=30, d_head=7, n_heads=5, d_mlp=41, d_vocab=53, eps=1e-3),
+}
+# hooks whose meaning differs from TransformerLens' (README, "hook meaning"): RMSNorm's hook_normalized is taken
+# after the weight, hook_q / hook_k after the query/key norm
+DIFFERENT_HOOKS = ("hook_normalized", "attn.hook_q", "attn.hook_k")
+
+
+def hooked(name, dtype=torch.float64, scale=0.3, **kw):
+    cfg = HookedTransformerConfig(**{**BASE, **CONFIGS.get(name, {}), **kw, "dtype": dtype})
+    model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # every weight random, norms and biases too
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+        if cfg.gated_mlp:
+            for blk in model.blocks:
+                blk.mlp.b_in.zero_()
+    return model.eval()
+
+
+def tokens(model, batch=3, seq=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cfg.d_vocab, (batch, seq), generator=g)
+
+
+def rel(a, b):
+    """Largest difference relative to the largest magnitude, over the finite entries (masked scores are -inf in
+    both)."""
+    finite = torch.isfinite(b)
+    assert torch.equal(finite, torch.isfinite(a)) and torch.equal(a[~finite], b[~finite])
+    a, b = a[finite], b[finite]
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_logits_and_hooks_equal_transformer_lens(name, dtype):
+    model = hooked(name, dtype)
+    ours = pypattern.from_hf(model)
+    assert isinstance(ours, Transformer) and ours.cfg.dtype == dtype
+    assert ours.cfg.extra["converted_from"]["class"] == "HookedTransformer"
+    x = tokens(model)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel(ours(x), model(x)) <= tol
+    _, want = model.run_with_cache(x)
+    _, got = ours.run_with_cache(x)
+    compared = 0
+    for k, v in want.items():
+        if k not in got or got[k].shape != v.shape or k.endswith(DIFFERENT_HOOKS) or "_norm." in k:
+            continue
+        if name == "alibi" and k.endswith("hook_attn_scores"):
+            # TransformerLens adds slope * (key - query) position, pypattern slope * key position: each query's
+            # scores differ by one constant, and the pattern is the same
+            d = (got[k] - v).masked_fill(torch.isinf(v), 0.0)
+            torch.testing.assert_close(d, d[..., :1].expand_as(d).tril(), rtol=0, atol=tol * 10)
+            continue
+        assert rel(got[k], v) <= tol, k
+        compared += 1
+    for k in ("hook_embed", "blocks.1.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.1.attn.hook_pattern"):
+        assert k in got and k in want and got[k].shape == want[k].shape, k
+    assert compared >= 12
+    # the converted model's parameters are the HookedTransformer's (plus zero gate biases of a gated MLP)
+    theirs = {n.replace("._W_", ".W_").replace("._b_", ".b_") for n, _ in model.named_parameters()}
+    if model.cfg.positional_embedding_type != "standard":
+        theirs.discard("pos_embed.W_pos")  # TransformerLens keeps an unused table with ALiBi
+    mine = {n for n, _ in ours.named_parameters()}
+    assert theirs <= mine and all(".b_gate" in n for n in mine - theirs)
+
+
+def test_processed_weights_convert_as_they_are():
+    """``fold_ln`` / centring / folded value biases: the converted model is the processed HookedTransformer, whose
+    norms are then LNPre (RMSPre for an RMS model)."""
+    for name, norm in (("ln", "LNPre"), ("rms", "RMSPre")):
+        model = hooked(name)
+        x = tokens(model)
+        before = model(x)
+        model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+        assert model.cfg.normalization_type == norm
+        ours = pypattern.from_hf(model)
+        assert ours.cfg.normalization_type == norm
+        assert rel(ours(x), model(x)) <= 1e-10
+        # centring the unembedding shifts each position's logits by a constant: log-probabilities are unchanged
+        torch.testing.assert_close(ours(x).log_softmax(-1), before.log_softmax(-1), rtol=1e-9, atol=1e-9)
+
+
+def test_llama3_frequencies_in_float32():
+    model = hooked(
+        "llama",
+        torch.float32,
+        use_NTK_by_parts_rope=True,
+        NTK_by_parts_factor=8.0,
+        NTK_by_parts_low_freq_factor=1.0,
+        NTK_by_parts_high_freq_factor=4.0,
+        NTK_original_ctx_len=8,
+    )
+    ours = pypattern.from_hf(model)
+    assert ours.cfg.rotary_scaling["rope_type"] == "llama3"
+    x = tokens(model, seq=16)
+    assert rel(ours(x), model(x)) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(d_vocab_out=30), "d_vocab_out=30"),
+        (dict(act_fn="solu_ln", d_mlp=16), "act_fn='solu_ln'"),
+        (dict(positional_embedding_type="shortformer"), "positional_embedding_type='shortformer'"),
+        (dict(final_rms=True), "final_rms=True"),
+        (dict(dtype=torch.bfloat16), "dtype=torch.bfloat16"),
+        (dict(positional_embedding_type="alibi", n_heads=3, d_head=8), "ALiBi slopes with n_heads=3"),
+        (
+            dict(
+                use_NTK_by_parts_rope=True,
+                NTK_by_parts_factor=8.0,
+                NTK_by_parts_low_freq_factor=1.0,
+                NTK_by_parts_high_freq_factor=4.0,
+                NTK_original_ctx_len=8,
+                **ROPE,
+            ),
+            "use_NTK_by_parts_rope=True",
+        ),
+    ],
+)
+def test_unsupported_options_are_refused_by_name(kw, match):
+    model = hooked("ln", **kw)
+    with pytest.raises(UnsupportedModelError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        pypattern.from_hf(model)
+
+
+def test_gated_mlp_with_a_bias_after_the_product_and_attached_hooks_are_refused():
+    model = hooked("llama")
+    with torch.no_grad():
+        model.blocks[1].mlp.b_in.add_(0.1)
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.1\.mlp\.b_in"):
+        pypattern.from_hf(model)
+    model = hooked("ln")
+    model.add_perma_hook("blocks.0.hook_resid_mid", lambda t, hook: t * 2)
+    with pytest.raises(UnsupportedModelError, match="hooks attached at 'blocks.0.hook_resid_mid'"):
+        pypattern.from_hf(model)
+
+
+def _ld(logits, ans, wrong):
+    last = logits[:, -1]
+    return last.gather(-1, ans[:, None])[:, 0] - last.gather(-1, wrong[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("name", ["ln", "llama", "parallel"])
+def test_patching_takes_a_hooked_transformer(name):
+    """``activation_patching`` and ``attribution_patching`` on a HookedTransformer: resid_pre and per-head z equal a
+    naive loop of TransformerLens' own hooked forwards (denoising: the corrupted run with one clean activation)."""
+    from pypattern.patching import LogitDiff, activation_patching, attribution_patching
+
+    model = hooked(name)
+    clean, corr = tokens(model, seq=6, seed=0), tokens(model, seq=6, seed=1)
+    ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    metric = LogitDiff(ans, wrong)
+    _, cache = model.run_with_cache(clean)
+    grids = {
+        s: activation_patching(model, s, clean, corr, metric=metric, per_position=True)
+        for s in ("resid_pre", "z")
+    }
+    for layer in range(2):
+        for pos in (0, 3, 5):
+            name_r = f"blocks.{layer}.hook_resid_pre"
+
+            def put(t, hook, pos=pos, name_r=name_r):
+                t = t.clone()
+                t[:, pos] = cache[name_r][:, pos]
+                return t
+
+            want = _ld(model.run_with_hooks(corr, fwd_hooks=[(name_r, put)]), ans, wrong)
+            torch.testing.assert_close(grids["resid_pre"].values[:, layer, pos], want, rtol=1e-9, atol=1e-9)
+            for head in (0, 3):
+                name_z = f"blocks.{layer}.attn.hook_z"
+
+                def put_z(t, hook, pos=pos, head=head, name_z=name_z):
+                    t = t.clone()
+                    t[:, pos, head] = cache[name_z][:, pos, head]
+                    return t
+
+                want = _ld(model.run_with_hooks(corr, fwd_hooks=[(name_z, put_z)]), ans, wrong)
+                got = grids["z"].values[:, layer, head, pos]
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    atp = attribution_patching(model, clean, corr, metric=metric, sites=["z"])
+    ref = attribution_patching(pypattern.from_hf(model), clean, corr, metric=metric, sites=["z"])
+    torch.testing.assert_close(atp["z"].values, ref["z"].values, rtol=0, atol=0)
+
+
+def test_circuits_take_a_hooked_transformer():
+    """Edge attribution and edge patching on a HookedTransformer equal those of its converted model, and patching
+    every edge from the corrupted run reproduces TransformerLens' corrupted forward."""
+    from pypattern import circuits
+    from pypattern.patching import LogitDiff
+
+    model = hooked("llama")
+    clean, corr = tokens(model, seq=6, seed=0), tokens(model, seq=6, seed=1)
+    ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    metric = LogitDiff(ans, wrong)
+    graph = circuits.edges(model)
+    assert len(graph) == len(circuits.edges(pypattern.from_hf(model)))
+    eap = circuits.edge_attribution(model, clean, corr, metric=metric, method="eap")
+    ref = circuits.edge_attribution(pypattern.from_hf(model), clean, corr, metric=metric, method="eap")
+    torch.testing.assert_close(eap.values, ref.values, rtol=0, atol=0)
+    every = torch.ones(len(graph), dtype=torch.bool)
+    got = circuits.patch_edges(model, every, clean, corr, metric=metric)
+    torch.testing.assert_close(got, _ld(model(corr), ans, wrong), rtol=1e-9, atol=1e-9)
+    assert (got - _ld(model(clean), ans, wrong)).abs().max() > 1e-3  # the patch moved the metric
