@@ -338,3 +338,28 @@ def test_logit_difference_from_its_columns_equals_the_full_logits(opts):
         want = m(unembed_rows(model, x))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         assert got.shape == (3, 4)
+
+
+def test_a_site_an_unconverted_model_has_no_hook_for_is_refused_by_name():
+    """GPT-NeoX (attention and MLP in parallel) has no resid_mid: the unconverted model's patching says so, as the
+    converted model's does."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTNeoXConfig(
+        vocab_size=61,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        rotary_pct=0.5,
+    )
+    hf = transformers.GPTNeoXForCausalLM(cfg).eval()
+    clean = torch.randint(0, 61, (2, 5))
+    corr = torch.randint(0, 61, (2, 5))
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    with pytest.raises(
+        ValueError, match="site='resid_mid' does not exist in this model.*blocks.0.hook_resid_mid"
+    ):
+        activation_patching(hf, "resid_mid", clean, corr, metric=metric)
+    grid = activation_patching(hf, "resid_post", clean, corr, metric=metric)
+    assert grid.values.shape[:2] == (2, 2)

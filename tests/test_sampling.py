@@ -1167,3 +1167,62 @@ def test_restrict_to_takes_a_module_name_as_components_do():
     a = _run(model, loader, restrict_to="0")
     b = _run(model, loader, restrict_to=["0.weight", "0.bias"])
     np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+
+
+class _WithUnused(nn.Module):
+    """A linear model with a parameter its forward never reads (and an empty one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 1)
+        self.extra = nn.Parameter(torch.randn(3))
+        self.empty = nn.Parameter(torch.zeros(0))
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def _regression_loader():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 5, generator=g)
+    y = X @ torch.randn(5, 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16)
+
+
+def test_a_parameter_the_loss_does_not_read_has_gradient_zero_in_batched_chains():
+    """Batched chains (vmap) treat a parameter outside the graph as the sequential chains do: gradient zero, so it
+    moves by noise and localization only, and both layouts give the same draws."""
+    torch.manual_seed(0)
+    model = _WithUnused()
+    kw = dict(num_chains=2, num_draws=4, step_size=1e-3, localization=10.0, quiet=True, seed=5)
+    out = {b: sample(model, _regression_loader(), batched=b, **kw) for b in (True, False)}
+    assert out[True].batched and not out[False].batched
+    np.testing.assert_allclose(out[True].loss_trace, out[False].loss_trace, rtol=1e-5)
+    llc = estimate_llc(model, _regression_loader(), **kw)
+    assert np.isfinite(llc.llc_mean)
+
+
+def test_resume_with_another_number_of_init_loss_batches_is_refused(tmp_path):
+    from pypattern.io import FingerprintMismatch
+
+    kw = dict(num_chains=1, num_draws=3, step_size=1e-3, localization=10.0, quiet=True, seed=3)
+    path = tmp_path / "run.npz"
+    model = nn.Linear(5, 1)
+    estimate_llc(model, _regression_loader(), checkpoint=path, **kw)
+    with pytest.raises(FingerprintMismatch, match="num_init_loss_batches"):
+        estimate_llc(model, _regression_loader(), checkpoint=path, num_init_loss_batches=2, **kw)
+    again = estimate_llc(model, _regression_loader(), checkpoint=path, **kw)  # the same run still resumes
+    assert np.isfinite(again.llc_mean)
+
+
+def test_observables_with_one_name_and_non_bool_flags_are_refused():
+    kw = dict(num_chains=1, num_draws=2, step_size=1e-3, localization=10.0, quiet=True)
+    model, loader = nn.Linear(5, 1), _regression_loader()
+    same = [lambda m, b: torch.tensor(1.0), lambda m, b: torch.tensor(2.0)]
+    with pytest.raises(ValueError, match="two observables are named '<lambda>'"):
+        sample(model, loader, observables=same, **kw)
+    named = sample(model, loader, observables={"one": same[0], "two": same[1]}, **kw)
+    assert set(named.observables) == {"one", "two"}
+    for flag in ("batched", "quiet", "warn_nonstationary", "record_observables"):
+        with pytest.raises(TypeError, match=f"{flag}='no' is not valid"):
+            sample(model, loader, **{**kw, flag: "no"})

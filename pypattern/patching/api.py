@@ -363,6 +363,14 @@ def activation_patching(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
     )
     site_hooks = sorted({hook_name(site, layer) for c in cells for layer in c.layers})
+    available = None if is_tf else getattr(model, "hook_dict", None)
+    if available is not None:
+        missing = [h for h in site_hooks if h not in available]
+        if missing:
+            raise ValueError(
+                f"site={site!r} does not exist in this model: it has no hook point {missing[0]!r} (a model with "
+                "attention and MLP in parallel has no resid_mid)"
+            )
     runs = prepare_runs(
         model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, method == "exact"
     )

@@ -187,8 +187,12 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             if not losses.requires_grad:
                 raise LossContractError(NO_GRADIENT)
             gj = torch.autograd.grad(
-                losses.sum() / accum if accum > 1 else losses.sum(), list(leaves.values())
+                losses.sum() / accum if accum > 1 else losses.sum(),
+                list(leaves.values()),
+                allow_unused=True,
             )
+            # a parameter the loss does not read has gradient zero (as in the sequential chains)
+            gj = [torch.zeros_like(v) if g is None else g for g, v in zip(gj, leaves.values())]
             grads = gj if grads is None else [a + b for a, b in zip(grads, gj)]
         if m > 1 and not shared_data:
             for dd in datas:

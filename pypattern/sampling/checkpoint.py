@@ -195,6 +195,12 @@ def run_fingerprint(
         **({} if plan.sampler == "sgld" else {"sampler": plan.sampler, **plan.sampler_hyper}),
         grad_accum_steps=plan.grad_accum_steps,
         init_loss=plan.init_loss,
+        # L_n(w*) from the first k batches (None, the whole epoch, adds no item)
+        **(
+            {}
+            if plan.num_init_loss_batches is None
+            else {"num_init_loss_batches": plan.num_init_loss_batches}
+        ),
         chains=plan.chains,
         moving=[list(r.moving) for r in plan.runs],
         masks=[{n: m.to(torch.float64) for n, m in (r.masks or {}).items()} for r in plan.runs],

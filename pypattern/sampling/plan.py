@@ -88,7 +88,18 @@ def observable_items(observables) -> tuple[tuple[str, Callable], ...]:
         items = list(observables.items())
     else:
         items = [(getattr(fn, "__name__", None) or f"observable_{i}", fn) for i, fn in enumerate(observables)]
+    seen = set()
     for name, fn in items:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"observables: the name {name!r} is not a str; give a dict {{name: fn}} with str names"
+            )
+        if name in seen:
+            raise ValueError(
+                f"observables: two observables are named {name!r} (callables are named by __name__); give a dict "
+                "{name: fn} with a name for each"
+            )
+        seen.add(name)
         if not callable(fn):
             raise TypeError(f"observable {name!r} must be callable(model, batch), got {type(fn).__name__}")
     return tuple(items)
@@ -233,6 +244,20 @@ def make_plan(
     for i, cb in enumerate(callbacks):
         if not callable(cb):
             raise TypeError(f"callbacks[{i}]={cb!r} is not callable")
+    flags = dict(quiet=quiet, warn_nonstationary=warn_nonstationary, record_observables=record_observables)
+    flags["batched"] = batched if batched is not None else False
+    for name, v in flags.items():
+        if not isinstance(v, bool | np.bool_):
+            raise TypeError(
+                f"{name}={v!r} is not valid; give True or False"
+                + (" (or None: decide)" if name == "batched" else "")
+            )
+    quiet, warn_nonstationary, record_observables = (
+        bool(quiet),
+        bool(warn_nonstationary),
+        bool(record_observables),
+    )
+    batched = None if batched is None else bool(batched)
     # numpy integers and floats are numbers: converted here, so a run fingerprints the same either way
     C = _int_at_least("num_chains", num_chains, 1)
     D = _int_at_least("num_draws", num_draws, 1)
