@@ -408,6 +408,13 @@ def per_sample_grad_gram(
     sites = [st for st in sites if any(pn in params for pn in st.params if pn is not None)]
     if not sites:
         raise _no_site(model)
+    for st in sites:
+        for pn in st.params:
+            if pn is not None and pn in params and params[pn].dtype not in (torch.float32, torch.float64):
+                raise TypeError(
+                    f"parameter {pn!r} has dtype {params[pn].dtype}; the per-sample gradient Gram is computed for "
+                    "float32 and float64 models (cast a copy with .float())"
+                )
     caps = {c for st in sites for c in (st.out, st.inp) if c is not None}
     need: dict[str, set] = {}
     for mod_name, what in caps:

@@ -67,7 +67,10 @@ class Intervention:
 
     def per_sample(self, groups: Sequence[int] | np.ndarray) -> np.ndarray:
         """Expand group weights to samples: ``groups[i]`` is the group of sample ``i``."""
-        groups = np.asarray(groups, dtype=np.int64)
+        raw = np.asarray(groups)
+        if raw.size and not (np.issubdtype(raw.dtype, np.integer) and raw.dtype != np.bool_):
+            raise ValueError(f"groups must be integer group indices, got dtype {raw.dtype}")
+        groups = raw.astype(np.int64)
         if groups.size and (groups.min() < 0 or groups.max() >= len(self.weights)):
             raise ValueError(
                 f"groups must index the {len(self.weights)} weights, got range "
@@ -128,7 +131,9 @@ def invert(
     if not np.isfinite(tgt).all():
         raise ValueError("target holds NaN or Inf")
     for arg, val in (("min_weight", min_weight), ("max_weight", max_weight)):
-        if val is not None and (not isinstance(val, int | float | np.number) or np.isnan(val)):
+        if val is not None and (
+            isinstance(val, bool | np.bool_) or not isinstance(val, int | float | np.number) or np.isnan(val)
+        ):
             raise ValueError(f"{arg}={val!r} is not valid; give a number (or None for max_weight)")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float | np.number) or not np.isfinite(alpha):
         raise ValueError(f"alpha={alpha!r} is not valid; give a finite number >= 0")
@@ -171,6 +176,28 @@ def invert(
     return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
 
 
+def _within(w: np.ndarray, lo: float, hi: float | None) -> bool:
+    return bool((w >= lo - 1e-12).all() and (hi is None or (w <= hi + 1e-12).all()))
+
+
+def _exact_total(w: np.ndarray, c: np.ndarray, lo: float, hi: float | None) -> np.ndarray:
+    """``w`` clipped to ``[lo, hi]`` with ``c @ w = c.sum()`` made exact by moving the tiny surplus onto the weights
+    with room."""
+    total = float(c.sum())
+    n = w.shape[0]
+    w = np.clip(w, lo, np.inf if hi is None else hi)
+    # make the equality exact without leaving the bounds: move the tiny surplus onto the weights with room
+    surplus = float(c @ w) - total
+    if surplus > 0:
+        room = w - lo
+    else:
+        room = np.full(n, np.inf) if hi is None else hi - w
+        room = np.where(np.isfinite(room), room, 1.0)
+    if abs(surplus) > 0 and float(c @ room) > 0:
+        w = w - surplus * room / float(c @ room)
+    return w
+
+
 def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     """Weights in ``[lo, hi]`` with ``c @ w = c.sum()`` (``c`` scaled to sum N); returns ``h = (w - 1) / N``."""
     from scipy.optimize import Bounds, LinearConstraint, minimize
@@ -196,6 +223,13 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     bounds = Bounds(np.full(n, lo), np.full(n, np.inf if hi is None else hi))
     total = float(c.sum())
     eq = LinearConstraint(c[None, :], total, total)
+    if alpha == 0:
+        # where the bounds do not bind, the answer is closed-form: the minimum-norm d with a @ d = tgt and c @ d = 0
+        d = np.linalg.pinv(np.vstack([a, c[None, :]])) @ np.concatenate([tgt, [0.0]])
+        cand = 1 + d
+        exact = np.allclose(a @ d, tgt, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(tgt).max(initial=0.0))))
+        if exact and abs(float(c @ d)) <= 1e-9 * n and _within(cand, lo, hi):
+            return (_exact_total(cand, c, lo, hi) - 1) / n
     w0 = np.ones(n)  # the uniform weights are feasible
     method = "SLSQP" if n <= 2000 else "trust-constr"
     res = minimize(
@@ -208,17 +242,18 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
         method=method,
         options={"maxiter": 1000, "ftol": 1e-14} if method == "SLSQP" else {"gtol": 1e-12},
     )
-    w = np.clip(res.x, lo, np.inf if hi is None else hi)
-    # make the equality exact without leaving the bounds: move the tiny surplus onto the weights with room
-    surplus = float(c @ w) - total
-    if surplus > 0:
-        room = w - lo
-    else:
-        room = np.full(n, np.inf) if hi is None else hi - w
-        room = np.where(np.isfinite(room), room, 1.0)
-    if abs(surplus) > 0 and float(c @ room) > 0:
-        w = w - surplus * room / float(c @ room)
-    return (w - 1) / n
+    w = res.x
+    if alpha == 0:
+        # the response a @ (w - 1) nearest the target is unique (the objective is strictly convex in it), the
+        # weights reaching it are not: among them, the ones nearest uniform (the smallest |w - 1|). Without the
+        # bounds that is the minimum-norm solution of a @ d = reached, c @ d = 0; it is taken when it keeps them.
+        reached = a @ (w - 1)
+        M = np.vstack([a, c[None, :]])
+        d = np.linalg.pinv(M) @ np.concatenate([reached, [0.0]])
+        cand = 1 + d
+        if _within(cand, lo, hi) and f(cand) <= f(w) * (1 + 1e-9) + 1e-15 and d @ d < (w - 1) @ (w - 1):
+            w = cand
+    return (_exact_total(w, c, lo, hi) - 1) / n
 
 
 def direction_target(direction, amount: float) -> np.ndarray:
@@ -270,8 +305,17 @@ def reweight(
         raise ValueError(f"mode must be 'sampler' or 'loss', got {mode!r}")
     if isinstance(dataset, torch.Tensor):
         dataset = torch.utils.data.TensorDataset(dataset)
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) or num_samples < 1
+    ):
+        raise ValueError(
+            f"num_samples={num_samples!r} is not valid; give an int >= 1 (or None: the data's size)"
+        )
     sampler = torch.utils.data.WeightedRandomSampler(
-        w, num_samples=num_samples or size, replacement=True, generator=generator
+        w,
+        num_samples=size if num_samples is None else int(num_samples),
+        replacement=True,
+        generator=generator,
     )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
 

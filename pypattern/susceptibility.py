@@ -265,7 +265,16 @@ class BIFResult(Saveable):
 
 
 def _only_batch(loader):
-    """The loader's batch if it has exactly one (a list of one batch, a one-batch DataLoader), else None."""
+    """The loader's batch if it has exactly one and reads it the same way every time (a list or tuple of one batch,
+    a one-batch DataLoader without shuffling), else None: a shuffling loader's one batch comes in another order at
+    each read, so the sampler's read need not be the probe's."""
+    if isinstance(loader, torch.utils.data.DataLoader):
+        if not isinstance(loader.sampler, torch.utils.data.SequentialSampler) or not isinstance(
+            loader.batch_sampler, torch.utils.data.BatchSampler
+        ):
+            return None
+    elif not isinstance(loader, list | tuple):
+        return None
     try:
         if len(loader) != 1:
             return None
@@ -285,12 +294,40 @@ def _same_batch(a, b) -> bool:
     return False
 
 
+def _exact(name: str) -> str:
+    """A parameter name as a sampler pattern that matches that parameter alone (an escaped regex: ``.`` in a
+    name is no wildcard, and the pattern is no glob or module prefix of another name)."""
+    return re.escape(name)
+
+
 def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.Tensor] | None]:
     """(restrict_to names, masks) for one component: a name known to ``model.component_masks``, a mapping
     ``{param_name: mask}``, or a list of parameter names (whole tensors)."""
+    params = dict(model.named_parameters())
     if isinstance(comp, Mapping):
-        masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in comp.items()}
-        return list(masks), masks
+        masks = {}
+        for k, v in comp.items():
+            if not isinstance(k, str) or k not in params:
+                raise ValueError(
+                    f"component mask key {k!r} is not a parameter name of the model (e.g. {next(iter(params))!r})"
+                )
+            m = torch.as_tensor(v)
+            if m.dtype != torch.bool:
+                if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+                    raise ValueError(
+                        f"component mask for {k!r} must be boolean (or 0/1 values); it has other values"
+                    )
+                m = m != 0
+            if tuple(m.shape) != tuple(params[k].shape):
+                raise ValueError(
+                    f"component mask for {k!r} has shape {tuple(m.shape)}, the parameter {tuple(params[k].shape)}"
+                )
+            masks[k] = m
+        if not masks:
+            raise ValueError(
+                "a component given as a dict of masks is empty: give at least one {param_name: mask}"
+            )
+        return [_exact(k) for k in masks], masks
     if isinstance(comp, str):
         if hasattr(model, "component_masks"):
             masks = model.component_masks(comp)
@@ -299,14 +336,16 @@ def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.
 
             masks = component_masks(model, comp)
         whole = all(bool(m.all()) for m in masks.values())
-        return list(masks), None if whole else masks
+        return [_exact(k) for k in masks], None if whole else masks
     if isinstance(comp, Sequence):
-        names = [str(n) for n in comp]
-        params = dict(model.named_parameters())
-        bad = [n for n in names if n not in params]
+        bad = [n for n in comp if not isinstance(n, str) or n not in params]
         if bad:
             raise ValueError(f"component parameter names {bad} are not parameters of the model")
-        return names, None
+        if not comp:
+            raise ValueError(
+                "a component given as a list of parameter names is empty: name at least one parameter"
+            )
+        return [_exact(n) for n in comp], None
     raise TypeError(f"a component must be a name, a list of parameter names or a dict of masks, got {comp!r}")
 
 
@@ -405,13 +444,35 @@ class _ProbeEntries:
         return m.reshape(-1).cpu()
 
 
+def _probe_token_ids(probe) -> torch.Tensor | None:
+    """The ``(batch, pos)`` token ids whose next tokens a language-model probe predicts: a token tensor (1-D: one
+    sample), or a Hugging Face dict's ``labels`` (else its ``input_ids``); None for other probes."""
+    if isinstance(probe, Mapping):
+        ids = probe.get("labels", probe.get("input_ids"))
+    elif isinstance(probe, torch.Tensor):
+        ids = probe
+    else:
+        return None
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        return None
+    ids = ids[None] if ids.dim() == 1 else ids
+    return ids if ids.dim() == 2 else None
+
+
 def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if losses.dim() == 2 and isinstance(probe, torch.Tensor) and probe.dim() == 2:
+    ids = _probe_token_ids(probe)
+    if (
+        losses.dim() == 2
+        and ids is not None
+        and ids.shape[0] == losses.shape[0]
+        and ids.shape[1] > losses.shape[1]
+    ):
         b, t = losses.shape
         sample_idx = np.repeat(np.arange(b), t)
         pos = np.tile(np.arange(1, t + 1), b)  # the predicted position
-        tok = probe[:, 1 : t + 1].reshape(-1).cpu().numpy()
-        return sample_idx, pos, tok.astype(np.int64)
+        tok = ids[:, 1 : t + 1].reshape(-1).cpu().numpy().astype(np.int64)
+        tok[tok < 0] = -1  # an ignored label (-100) predicts no token
+        return sample_idx, pos, tok
     if losses.dim() == 2:
         b, t = losses.shape
         return np.repeat(np.arange(b), t), np.tile(np.arange(t), b), -np.ones(b * t, dtype=np.int64)
@@ -524,6 +585,11 @@ def susceptibilities(
         )
     if isinstance(components, Mapping):
         names, specs = list(components), list(components.values())
+        bad = [k for k in names if not isinstance(k, str) or not k]
+        if bad:
+            raise TypeError(
+                f"components: the names {bad!r} are not non-empty strings; name each component by a str"
+            )
     else:
         specs = list(components)
         names = [c if isinstance(c, str) else f"component_{i}" for i, c in enumerate(specs)]

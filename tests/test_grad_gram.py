@@ -349,3 +349,21 @@ def test_reference_gram_without_sites_on_pypattern_transformer_is_refused_by_nam
     t = torch.randint(0, 7, (3, 5))
     with pytest.raises(ValueError, match="sites=transformer_lens_sites"):
         per_sample_grad_gram_reference(m, lambda mod, x: mod(x, return_type="per_token_loss").mean(1), t)
+
+
+def test_gram_inputs_negative_ids_and_half_precision_refused_by_name():
+    from pypattern.ops.grad_gram import grad_gram_embedding, grad_gram_linear
+
+    with pytest.raises(ValueError, match="ids must be token ids >= 0, got -1"):
+        grad_gram_embedding(torch.tensor([[-1, 2]]), torch.ones(1, 2, 3))
+    a, d = torch.randn(4, 3, dtype=torch.float16), torch.randn(4, 2, dtype=torch.float16)
+    for method in ("auto", "outer", "pairwise"):
+        with pytest.raises(TypeError, match="a has dtype torch.float16"):
+            grad_gram_linear(a, d, method=method)
+    with pytest.raises(TypeError, match="d has dtype torch.bfloat16"):
+        grad_gram_embedding(torch.tensor([[1, 2]]), torch.ones(1, 2, 3, dtype=torch.bfloat16))
+    from pypattern.gram import per_sample_grad_gram
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="parameter '0.weight' has dtype torch.bfloat16"):
+        per_sample_grad_gram(model, torch.randn(4, 3, dtype=torch.bfloat16), lambda out: out.float().sum(-1))

@@ -187,3 +187,31 @@ def test_invert_refuses_nan_bounds(arg):
     chi = np.eye(2, 3)
     with pytest.raises(ValueError, match=f"{arg}=nan is not valid"):
         invert(chi, np.ones(2), method="constrained", **{arg: float("nan")})
+
+
+def test_constrained_without_penalty_is_the_smallest_change_reaching_the_target():
+    """alpha=0: where the minimum-norm weights reaching the target respect the bounds, method='constrained' returns
+    them (the same as pinv), not any other exact re-weighting farther from uniform."""
+    rng = np.random.default_rng(0)
+    for k, n in ((3, 20), (2, 100), (1, 10)):
+        chi = rng.normal(size=(k, n))
+        t = rng.normal(size=k) * 0.002
+        c, p = invert(chi, t, method="constrained"), invert(chi, t, method="pinv")
+        assert p.weights.min() >= 0
+        np.testing.assert_allclose(c.weights, p.weights, rtol=0, atol=1e-10)
+        assert c.residual <= 1e-12
+        assert abs(c.weights.mean() - 1) <= 1e-14
+
+
+def test_patterning_refuses_bool_bounds_float_groups_and_zero_samples():
+    chi = np.random.default_rng(0).normal(size=(2, 6))
+    with pytest.raises(ValueError, match="max_weight=True is not valid"):
+        invert(chi, [0.05, 0.05], method="constrained", max_weight=True)
+    iv = invert(chi, [0.01, 0.01], method="constrained")
+    with pytest.raises(ValueError, match="integer group indices"):
+        iv.per_sample([0.5, 1.7, 2])
+    np.testing.assert_array_equal(iv.per_sample(np.array([0, 5])), iv.weights[[0, 5]])
+    data = torch.utils.data.TensorDataset(torch.arange(6.0))
+    with pytest.raises(ValueError, match="num_samples=0 is not valid"):
+        reweight(data, np.ones(6), num_samples=0)
+    assert len(reweight(data, np.ones(6), num_samples=4).sampler) == 4

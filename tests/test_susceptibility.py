@@ -594,3 +594,90 @@ def test_pca_settings_and_covariance_state_are_checked():
     del state["count"]
     with pytest.raises(ValueError, match=r"state lacks \['count'\]"):
         CrossCovariance(2, 3).load_state_dict(state)
+
+
+class _TwoNames(nn.Module):
+    """Parameters ``ln.weight`` and ``ln_weight``: a regex reading of the first name would match the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.Linear(3, 3)
+        self.ln_weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return (self.ln(x) * self.ln_weight).sum(-1, keepdim=True)
+
+
+def test_components_by_parameter_name_move_exactly_those_parameters():
+    """A component named by parameter names (or a dict of masks) restricts SGLD to those tensors alone: the chi of
+    ``["ln.weight"]`` equals that of a mask selecting all of ``ln.weight``, and differs from ``ln.weight`` with
+    ``ln_weight``; empty components, non-0/1 masks, unknown names and non-str component names are refused."""
+    torch.manual_seed(0)
+    m = _TwoNames()
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    kw = dict(num_chains=1, num_draws=4, step_size=1e-3, nbeta=10.0, localization=100.0, quiet=True, seed=0)
+    probe = (x[:4], y[:4])
+    comps = {
+        "names": ["ln.weight"],
+        "mask": {"ln.weight": torch.ones(3, 3, dtype=torch.bool)},
+        "mask01": {"ln.weight": torch.ones(3, 3)},
+        "both": ["ln.weight", "ln_weight"],
+    }
+    r = susceptibilities(m, [(x, y)], probe, comps, **kw)
+    np.testing.assert_allclose(r.chi[0], r.chi[1], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(r.chi[0], r.chi[2], rtol=1e-12, atol=1e-15)
+    assert np.abs(r.chi[0] - r.chi[3]).max() > 1e-6
+    for bad, match in (
+        ({"e": []}, "is empty"),
+        ({"e": {}}, "is empty"),
+        ({"e": {"ln.weight": torch.full((3, 3), 0.5)}}, "must be boolean"),
+        ({"e": {"ln.weight": torch.full((3, 3), float("nan"))}}, "must be boolean"),
+        ({"e": {"ln.weight": torch.ones(3, dtype=torch.bool)}}, "has shape"),
+        ({"e": {"nope": torch.ones(3, dtype=torch.bool)}}, "not a parameter name"),
+        ({"e": ["nope"]}, "not parameters of the model"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            susceptibilities(m, [(x, y)], probe, bad, **kw)
+    with pytest.raises(TypeError, match="not non-empty strings"):
+        susceptibilities(m, [(x, y)], probe, {0: ["ln.weight"]}, **kw)
+
+
+def test_a_shuffling_one_batch_loader_gives_the_probe_columns_in_the_probe_order():
+    """The one batch of a shuffling DataLoader equal to the probe: chi and the mean probe losses are those of the
+    probe's own order, whatever torch's global random state (the sampler's read of the batch may be permuted)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 1).double()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3, shuffle=True)
+    kw = dict(num_chains=2, num_draws=10, step_size=1e-3, nbeta=10.0, localization=100.0, seed=0, quiet=True)
+    ref = susceptibilities(model, [(x, y)], (x, y), [["weight"]], **kw)
+    for s in range(4):
+        torch.manual_seed(s)
+        r = susceptibilities(model, loader, (x, y), [["weight"]], **kw)
+        np.testing.assert_allclose(r.loss_mean, ref.loss_mean, rtol=1e-9)
+        np.testing.assert_allclose(r.chi, ref.chi, rtol=1e-9, atol=1e-12)
+
+
+def test_probe_positions_and_tokens_read_every_form_of_a_token_probe():
+    """The same tokens as a (B, T) tensor, a Hugging Face dict (labels, else input_ids) or one 1-D sequence give the
+    predicted positions 1..T-1 and the predicted tokens; an ignored label (-100) predicts no token (-1)."""
+    from pypattern.susceptibility import _probe_meta
+
+    ids = torch.tensor([[3, 5, 7, 9], [2, 4, 6, 8]])
+    losses = torch.zeros(2, 3)
+    want_pos, want_tok = np.tile([1, 2, 3], 2), np.array([5, 7, 9, 4, 6, 8])
+    for probe in (
+        ids,
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        {"input_ids": ids, "labels": ids},
+    ):
+        _, pos, tok = _probe_meta(probe, losses)
+        np.testing.assert_array_equal(pos, want_pos)
+        np.testing.assert_array_equal(tok, want_tok)
+    _, pos, tok = _probe_meta(ids[0], torch.zeros(1, 3))
+    np.testing.assert_array_equal(tok, [5, 7, 9])
+    labels = ids.clone()
+    labels[0, 2] = -100
+    _, _, tok = _probe_meta({"input_ids": ids, "labels": labels}, losses)
+    np.testing.assert_array_equal(tok, [5, -1, 9, 4, 6, 8])

@@ -171,6 +171,9 @@ def grad_gram_linear(
         )
     if method not in ("auto", "pairwise", "outer"):
         raise ValueError(f"method must be 'auto', 'pairwise' or 'outer', got {method!r}")
+    for name, x in (("a", a3), ("d", d3)):
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} has dtype {x.dtype}; supported are torch.float32 and torch.float64")
     if a3.dtype != d3.dtype:
         d3 = d3.to(a3.dtype)
     b, t, d_in = a3.shape
@@ -227,6 +230,12 @@ def grad_gram_embedding(
     if d.dim() < 2 or d.shape[:-1] != ids.shape:
         raise ValueError(
             f"d must have shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), got {tuple(d.shape)}"
+        )
+    if d.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"d has dtype {d.dtype}; supported are torch.float32 and torch.float64")
+    if flat.numel() and int(flat.min()) < 0:
+        raise ValueError(
+            f"ids must be token ids >= 0, got {int(flat.min())} (padding is given by padding_idx)"
         )
     dim = d.shape[-1]
     d3 = d.reshape(b, t, dim)
