@@ -121,12 +121,13 @@ class _Side:
             if not bool(keep.any()):
                 raise ValueError(f"{name} is constant over the samples: CCA is undefined")
             sv, e, v, u = sv[keep], e[keep], v[:, keep], None if u is None else u[:, keep]
-            dims = p if threshold is None else e.numel()
+            dims = e.numel()  # the directions of nonzero variance: wide data of low rank is fine
             if dims >= n - 1:
                 raise ValueError(
-                    f"{name} has {dims} dimensions{'' if threshold is None else ' (after the SVD reduction)'} "
-                    f"for {n} samples: after centring, canonical correlations are all 1 when dimensions >= "
-                    f"samples - 1; give more samples, fewer features, or ridge > 0"
+                    f"{name} has {dims} directions of nonzero variance"
+                    f"{'' if threshold is None else ' (after the SVD reduction)'} for {n} samples: after centring, "
+                    "canonical correlations are all 1 when they reach samples - 1; give more samples, fewer "
+                    "features, or ridge > 0"
                 )
             self.scale = 1.0 / sv
             self.shrink = torch.ones_like(sv)  # S * scale: 1 without a ridge

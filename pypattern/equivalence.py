@@ -467,7 +467,7 @@ class MinibatchCKA:
 def _shape_normalise(x: torch.Tensor, name: str) -> torch.Tensor:
     """Centred columns, unit Frobenius norm, and, when features outnumber samples, the equivalent ``(n, n)``
     factor ``U S`` of the thin SVD (same Gram ``X X^T``, so the same nuclear norms)."""
-    x = _center_columns(x)
+    x = _center_columns(_unit_scale(x))  # the Frobenius norm of data of scale 1e160 would overflow
     nrm = torch.linalg.matrix_norm(x)
     if not nrm > 0:
         raise ValueError(f"{name} is constant over the samples: its shape is undefined")
@@ -549,6 +549,7 @@ def permutation_test(
         xf = _as_features(x, "x", _min_samples(debiased))
         yf = _as_features(y, "y", _min_samples(debiased))
         _check_pair(xf, yf)
+        xf, yf = _unit_scale(xf), _unit_scale(yf)  # CKA is scale-free; the Grams' squares stay in range
         kx, ky = _gram_stack([xf, yf], debiased)
         n = xf.shape[0]
         kx, ky = kx.reshape(n, n), ky.reshape(n, n)
@@ -610,8 +611,12 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     _check_pair(x, y)
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, int | float | np.number)
+        or not (0 <= alpha < math.inf)
+    ):
+        raise ValueError(f"alpha={alpha!r} is not valid; give a finite number >= 0")
     n = x.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
     k = min(max(int(round(train_fraction * n)), 2), n - 2)

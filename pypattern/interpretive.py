@@ -116,6 +116,12 @@ def similarity(
         return list(ridge_similarity_cv(x, list(ys), alphas=alphas, train_fraction=train_fraction, seed=seed))
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    for i, y in enumerate(ys):
+        if getattr(y, "shape", (None,))[0] != x.shape[0]:
+            raise ValueError(
+                f"ys[{i}] has {getattr(y, 'shape', (None,))[0]} samples (rows) but x has {x.shape[0]}: the "
+                "representations must hold the same samples in the same order"
+            )
     tr, _ = train_test_split(x.shape[0], train_fraction, seed)
     xs = x[tr]
     if measure == "cka":
@@ -299,6 +305,15 @@ def selectivity_curves(
     for m in measures:
         if m not in MEASURES:
             raise ValueError(f"measures must be a subset of {MEASURES}, got {m!r}")
+    if isinstance(num_trials, bool) or not isinstance(num_trials, int | np.integer) or num_trials < 1:
+        raise ValueError(f"num_trials={num_trials!r} is not valid; give an int >= 1")
+    others = list(others)
+    if not others:
+        raise ValueError(
+            "others is empty: give at least one other algorithm's implementations to compare with"
+        )
+    if any(len(o) == 0 for o in others) or len(impl_a) == 0:
+        raise ValueError("impl_a and every entry of others must hold at least one implementation")
     rng = np.random.default_rng(seed)
     wins = {m: {} for m in measures}
     counts: dict = {}

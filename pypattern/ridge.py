@@ -47,7 +47,11 @@ def _as_2d(x, name: str) -> torch.Tensor:
         )
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape (num_samples, ...), got a scalar")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {x.dtype}; give real-valued features")
     x = x.reshape(x.shape[0], -1).to(torch.float64)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values")
     return x

@@ -1,6 +1,7 @@
 """`pypattern llc|patch|chi --model DIR --data FILE` on a local save_pretrained directory and a token file."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -440,3 +441,51 @@ def test_chi_burn_in_checkpoint_and_probe_count(model_dir, data, tmp_path, capsy
         main([*argv[:-4], "--num-burnin-steps", "8", "--out", str(tmp_path / "c"), "--checkpoint", str(ck)])
     assert e.value.code == 2
     assert "different run" in capsys.readouterr().err
+
+
+def test_corrupted_files_are_named_and_checked_before_the_prompt_cut(model_dir, data, tmp_path, capsys):
+    """Errors in the --corrupted file name corrupted=; its shape is compared with the data's whole file, before
+    --max-prompts cuts both; a text file with an id past int64 or a byte-order mark is read or refused cleanly; a
+    site the model does not have (resid_mid with attention and MLP in parallel) is refused, not skipped."""
+    d, tokens = data
+    bad = tokens.copy()
+    bad[0, 0] = 99
+    np.save(tmp_path / "bad.npy", bad)
+    np.save(tmp_path / "long.npy", np.concatenate([tokens, tokens]))
+    argv = ["--model", str(model_dir), "--data", str(d / "tokens.npy"), "--out", str(tmp_path / "o")]
+    for corr, match in (("bad.npy", "corrupted='.*bad.npy': token ids must lie"), ("long.npy", r"\(16, 7\)")):
+        for cmd in ("patch", "circuit"):
+            with pytest.raises(SystemExit) as e:
+                main(
+                    [
+                        cmd,
+                        *argv,
+                        "--corrupted",
+                        str(tmp_path / corr),
+                        *(["--max-prompts", "4"] if cmd == "patch" else []),
+                    ]
+                )
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"pypattern {cmd}: error:" in err and "Traceback" not in err
+            assert re.search(match, err), err
+    (tmp_path / "big.txt").write_text("1 2 99999999999999999999999\n")
+    with pytest.raises(ValueError, match="data='.*big.txt': cannot read token ids"):
+        load_tokens(tmp_path / "big.txt")
+    (tmp_path / "bom.txt").write_text("\ufeff1 2 3\n4 5 6\n", encoding="utf-8")
+    assert load_tokens(tmp_path / "bom.txt").tolist() == [[1, 2, 3], [4, 5, 6]]
+    neox = tmp_path / "neox"
+    cfg = transformers.GPTNeoXConfig(
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+    )
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(neox, safe_serialization=True)
+    with pytest.raises(SystemExit) as e:
+        main(["patch", "--model", str(neox), "--data", str(d / "tokens.npy"), "--out", str(tmp_path / "n"),
+              "--sites", "resid_pre,resid_mid"])  # fmt: skip
+    assert e.value.code == 2
+    assert "'resid_mid' does not exist in this model" in capsys.readouterr().err

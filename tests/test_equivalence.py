@@ -525,3 +525,35 @@ def test_numpy_views_with_negative_strides_are_read():
     assert procrustes(xr, yr) == pytest.approx(procrustes(xr.copy(), yr.copy()), rel=1e-12)
     np.testing.assert_allclose(np.asarray(cca(xr, yr)), np.asarray(cca(xr.copy(), yr.copy())), rtol=1e-12)
     assert ridge_cv(xr, yr).alpha == ridge_cv(xr.copy(), yr.copy()).alpha
+
+
+def test_measures_refuse_bad_inputs_and_keep_extreme_scales():
+    """Ridge similarity: complex inputs, zero features and a non-finite alpha refused by name; CCA of wide data
+    of low rank is defined (it equals SVCCA keeping all variance); the CKA permutation test and Procrustes do not
+    depend on the data's scale, at 1e-45 or 1e160 too."""
+    from pypattern.cca import cca, svcca
+    from pypattern.equivalence import permutation_test, procrustes, ridge_similarity, ridge_similarity_cv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(5, 4, generator=g, dtype=torch.float64) + 0.5 * torch.randn(30, 4, generator=g)
+    with pytest.raises(TypeError, match="x has dtype torch.complex128"):
+        ridge_similarity_cv(x + 1j * x, y)
+    with pytest.raises(ValueError, match="has no features"):
+        ridge_similarity_cv(np.zeros((30, 0)), y)
+    for alpha in (float("nan"), float("inf"), -1.0, True):
+        with pytest.raises(ValueError, match="alpha=.* is not valid"):
+            ridge_similarity(x, y, alpha=alpha)
+    wide = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 30, generator=g, dtype=torch.float64
+    )
+    other = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    rho = cca(wide, other)
+    assert rho.numel() == 3 and bool((rho < 1 - 1e-6).all())
+    torch.testing.assert_close(rho, svcca(wide, other, threshold=1.0, reduce="none"), rtol=1e-8, atol=1e-10)
+    ref_t = permutation_test(x, y, "cka", num_permutations=20, seed=1)
+    ref_p = procrustes(x, y)
+    for scale in (1e-45, 1e80, 1e160):
+        t = permutation_test(x * scale, y * scale, "cka", num_permutations=20, seed=1)
+        assert math.isclose(t.statistic, ref_t.statistic, rel_tol=1e-9) and t.p_value == ref_t.p_value
+        assert math.isclose(procrustes(x * scale, y * scale), ref_p, rel_tol=1e-9)

@@ -275,3 +275,18 @@ def test_demo_equivalence_quick_writes_the_grid_plot(tmp_path, capsys):
                 assert c == st["selectivity_trials"] * (k - 1) and 0 <= w <= c
                 assert seed["selectivity"][m][a][str(b)] == w / c
     assert rep["pool"]["trained_now"] == 5 * 2  # 5 routines, 2 members each (the cache: test above)
+
+
+def test_similarity_and_selectivity_refuse_mismatched_or_empty_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    for measure in ("cka", "procrustes", "ridge"):
+        for rows in (40, 20):
+            y = torch.randn(rows, 8, generator=g, dtype=torch.float64)
+            with pytest.raises(ValueError, match="samples"):
+                similarity(measure, x, [y], seed=0)
+    impl = [x, x + 0.1]
+    with pytest.raises(ValueError, match="others is empty"):
+        selectivity_curve(impl, lambda i, k: impl[i], [], [0, 1], measure="cka")
+    with pytest.raises(ValueError, match="num_trials=0 is not valid"):
+        selectivity_curve(impl, lambda i, k: impl[i], [impl], [0, 1], measure="cka", num_trials=0)

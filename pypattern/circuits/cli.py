@@ -171,7 +171,7 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     clean = load_tokens(tokens, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
     corr = None
     if corrupted is not None:
-        corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
+        corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx, argument="corrupted")
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match tokens' {tuple(clean.shape)}"

@@ -46,7 +46,9 @@ def _npz_array(z) -> np.ndarray:
 
 def _text_ids(p: Path) -> np.ndarray:
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(
+        p.read_text(encoding="utf-8-sig").splitlines(), 1
+    ):  # a byte-order mark is no token
         row = []
         for t in line.replace(",", " ").split():
             try:
@@ -61,7 +63,11 @@ def _text_ids(p: Path) -> np.ndarray:
 
 
 def load_tokens(
-    path: str | os.PathLike, *, vocab_size: int | None = None, n_ctx: int | None = None
+    path: str | os.PathLike,
+    *,
+    vocab_size: int | None = None,
+    n_ctx: int | None = None,
+    argument: str = "data",
 ) -> torch.Tensor:
     """Token ids ``(num_sequences, seq_len)`` as a LongTensor from ``.npy``, ``.npz`` or a text file (``.txt``,
     ``.csv``, ``.tsv`` or no suffix). Nothing is unpickled.
@@ -70,14 +76,15 @@ def load_tokens(
     ------
     ValueError
         Naming the file when its format is not one of these, when it cannot be read as such an array, when ids
-        are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``.
+        are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``; the
+        message names the file as ``argument`` (the command-line option it came from).
     """
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"data={str(p)!r} is not a file; {_FORMATS}")
+        raise ValueError(f"{argument}={str(p)!r} is not a file; {_FORMATS}")
     suffix = p.suffix.lower()
     if suffix not in (".npy", ".npz", *TEXT_SUFFIXES):
-        raise ValueError(f"data={str(p)!r}: unsupported token file format {p.suffix!r}: {_FORMATS}")
+        raise ValueError(f"{argument}={str(p)!r}: unsupported token file format {p.suffix!r}: {_FORMATS}")
     try:
         if suffix in (".npy", ".npz"):
             loaded = np.load(p, allow_pickle=False)
@@ -88,24 +95,24 @@ def load_tokens(
                     arr = _npz_array(z)
         else:
             arr = _text_ids(p)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"data={str(p)!r}: cannot read token ids ({e})") from None
+    except (ValueError, OverflowError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{argument}={str(p)!r}: cannot read token ids ({e})") from None
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(
-            f"data={str(p)!r}: expected a non-empty integer array (num_sequences, seq_len), got shape "
+            f"{argument}={str(p)!r}: expected a non-empty integer array (num_sequences, seq_len), got shape "
             f"{arr.shape} of {arr.dtype}"
         )
     if arr.min() < 0 or (vocab_size is not None and arr.max() >= vocab_size):
         raise ValueError(
-            f"data={str(p)!r}: token ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}) "
+            f"{argument}={str(p)!r}: token ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}) "
             f"for this model; found "
             f"{int(arr.min())}..{int(arr.max())}"
         )
     if n_ctx is not None and arr.shape[1] > n_ctx:
         raise ValueError(
-            f"data={str(p)!r}: sequences have {arr.shape[1]} tokens; the model's n_ctx is {n_ctx}"
+            f"{argument}={str(p)!r}: sequences have {arr.shape[1]} tokens; the model's n_ctx is {n_ctx}"
         )
     return torch.from_numpy(arr.astype(np.int64))
 
@@ -281,24 +288,31 @@ def run_user_patch(
     if not sites:
         raise ValueError("sites is empty: give at least one site")
     model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching")
-    clean = clean[:max_prompts]
     corr = None
     if corrupted is not None:
-        corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions)[
-            :max_prompts
-        ]
+        corr = load_tokens(
+            corrupted, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions, argument="corrupted"
+        )
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match data's {tuple(clean.shape)}"
             )
+        corr = corr[:max_prompts]
+    clean = clean[:max_prompts]
+    for site in sites:
+        if (model.cfg.parallel_attn_mlp and site == "resid_mid") or (
+            model.cfg.attn_only and site in ("resid_mid", "mlp_out")
+        ):
+            why = (
+                "attention and MLP run in parallel"
+                if site == "resid_mid" and model.cfg.parallel_attn_mlp
+                else ("the model has no MLPs")
+            )
+            raise ValueError(f"sites: {site!r} does not exist in this model ({why}); leave it out")
     corruption = None if corr is not None else GaussianNoise(seed=seed)
     summary = {"model": str(model_dir), "data": str(data), "prompts": int(clean.shape[0]), "sites": {}}
     Path(out).mkdir(parents=True, exist_ok=True)
     for site in sites:
-        if model.cfg.parallel_attn_mlp and site == "resid_mid":
-            continue
-        if model.cfg.attn_only and site in ("resid_mid", "mlp_out"):
-            continue
         res = activation_patching(model, site, clean, corr, metric=KL(), corruption=corruption)
         path = os.path.join(out, f"patch_{site}.csv")
         res.to_csv(path)
