@@ -306,7 +306,9 @@ class TransformerConfig:
     attn_scores_dtype : torch.dtype or None
         Dtype in which queries and keys are multiplied (both cast to it first; the pattern is cast to the values'
         dtype before it mixes them); None: the model's. GPT-Neo computes its scores in float32 for every model
-        dtype, and its converter sets float32.
+        dtype, and its converter sets float32. The exact patching engine and AtP* take these products over other
+        row subsets than the forward does, so in a float64 model with float32 scores they agree with one forward per
+        cell to the float32 rounding of the scores (about 1e-7 relative), not to float64 rounding.
     embed_scale : float or None
         The token embedding is multiplied by this number (cast to the weights' dtype) before it enters the residual
         stream and ``hook_embed`` (Gemma's ``sqrt(d_model)``, Granite's ``embedding_multiplier``); the unembedding,
