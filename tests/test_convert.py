@@ -436,6 +436,39 @@ CASES = {
             sliding_window=5,
         ),
     ),
+    # Falcon-7B's layout: multi-query, attention and MLP in parallel on one LayerNorm, no biases
+    "falcon-mqa-parallel-tied": (
+        "Falcon",
+        dict(
+            hidden_size=40, num_hidden_layers=2, num_attention_heads=5, multi_query=True, parallel_attn=True
+        ),
+    ),
+    # Falcon-40B/180B's: grouped query/key/value rows per key/value head, two LayerNorms, biases
+    "falcon-new-gqa-two-norms-bias": (
+        "Falcon",
+        dict(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            bias=True,
+            tie_word_embeddings=False,
+            rope_theta=500.0,
+        ),
+    ),
+    # per-head q/k/v rows, sequential blocks, biases
+    "falcon-sequential-per-head-bias": (
+        "Falcon",
+        dict(
+            hidden_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=5,
+            multi_query=False,
+            parallel_attn=False,
+            bias=True,
+        ),
+    ),
     "bloom-alibi-6heads-tied": ("Bloom", dict(hidden_size=48, n_layer=2, n_head=6)),  # 6: two slope series
     "bloom-alibi-5heads-untied": (
         "Bloom",
@@ -1189,6 +1222,7 @@ def test_unknown_model_class_is_refused():
         from_hf(base)
     assert set(SUPPORTED_CLASSES) == {
         "GPT2LMHeadModel",
+        "FalconForCausalLM",
         "GPTNeoForCausalLM",
         "GPTNeoXForCausalLM",
         "LlamaForCausalLM",
@@ -1839,3 +1873,35 @@ def test_smollm3_no_rope_layers_longer_than_the_model_converts():
     hf.config.no_rope_layers = [1, 1, 1, 1]  # the modules say otherwise: refused
     with pytest.raises(UnsupportedModelError, match="no_rope_layers"):
         from_hf(hf)
+
+
+def test_falcon_layouts_patch_exactly_and_alibi_is_refused():
+    """Each Falcon query/key/value layout: exact per-head patching equals one forward per cell; the ALiBi
+    checkpoints (bias scaled with the scores) are refused by name."""
+    from pypattern import activation_patching
+    from pypattern.patching import LogitDiff
+
+    x = tokens()
+    corr = x.clone()
+    corr[:, 3] = (corr[:, 3] + 1) % V
+    metric = LogitDiff(x[:, -1], (x[:, -1] + 1) % V)
+    for case in (
+        "falcon-mqa-parallel-tied",
+        "falcon-new-gqa-two-norms-bias",
+        "falcon-sequential-per-head-bias",
+    ):
+        model = from_hf(hf_model(case))
+        for site in ("z", "resid_pre"):
+            kw = dict(metric=metric, positions=[3, T - 1])
+            exact = activation_patching(model, site, x, corr, method="exact", **kw).values
+            naive = activation_patching(model, site, x, corr, method="naive", **kw).values
+            torch.testing.assert_close(exact, naive, rtol=0, atol=1e-10)
+            assert exact.abs().max() > 1e-3
+    # activation_patching given the unconverted model converts it (no native adapter covers Falcon)
+    hf = hf_model("falcon-mqa-parallel-tied")
+    direct = activation_patching(hf, "z", x, corr, metric=metric, positions=[3]).values
+    torch.testing.assert_close(
+        direct, activation_patching(from_hf(hf), "z", x, corr, metric=metric, positions=[3]).values
+    )
+    with pytest.raises(UnsupportedModelError, match="alibi=True"):
+        from_hf(hf_model("falcon-sequential-per-head-bias", alibi=True))

@@ -218,6 +218,22 @@ def _hf(arch: str):
             eos_token_id=0,
         )
         m = transformers.GPTBigCodeForCausalLM(cfg)
+    elif (
+        arch == "falcon"
+    ):  # Falcon-40B's layout: grouped query/key/value rows, two LayerNorms, parallel block
+        cfg = transformers.FalconConfig(
+            vocab_size=V,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            bias=True,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        m = transformers.FalconForCausalLM(cfg)
     elif arch == "bloom":  # ALiBi, a LayerNorm on the embedding, fused per-head query/key/value
         cfg = transformers.BloomConfig(vocab_size=V, hidden_size=16, n_layer=2, n_head=4)
         m = transformers.BloomForCausalLM(cfg)
@@ -337,6 +353,7 @@ KW = dict(
         "smollm3",
         "qwen2_moe",
         "bloom",
+        "falcon",
     ],
 )
 def test_llc_and_bif_on_converted_equal_unconverted(arch):

@@ -709,7 +709,8 @@ def test_expert_mask_moves_only_that_expert(arch):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral", "bigcode"])
 def test_activation_patching_wraps_a_raw_hf_model(arch):
     """A Hugging Face model given to activation_patching as it is runs through hooked_hf: the same grid as the
-    wrapped model's (residual sites), and one hand-patched cell agrees with a hand-written HF hook."""
+    wrapped model's (residual sites); head sites, the exact engine and AtP convert it first (the same grids as the
+    converted model's)."""
     from pypattern.patching import LogitDiff, activation_patching, attribution_patching
 
     m = _model(arch)
@@ -720,10 +721,17 @@ def test_activation_patching_wraps_a_raw_hf_model(arch):
     wrapped = activation_patching(hooked_hf(m), "resid_pre", clean, corr, **kw).values
     torch.testing.assert_close(raw, wrapped, rtol=0, atol=0)
     assert raw.abs().max() > 0
-    with pytest.raises(ValueError, match="needs pypattern's Transformer"):
-        activation_patching(m, "z", clean, corr, metric=metric)
-    with pytest.raises(TypeError, match="pypattern.from_hf"):
-        attribution_patching(m, clean, corr, metric=metric)
+    # head sites, the exact engine and AtP need pypattern's model: the raw model is converted on the way in
+    from pypattern import from_hf
+
+    conv = from_hf(m)
+    z = activation_patching(m, "z", clean, corr, **kw).values
+    torch.testing.assert_close(z, activation_patching(conv, "z", clean, corr, **kw).values, rtol=0, atol=0)
+    exact = activation_patching(m, "resid_pre", clean, corr, method="exact", **kw).values
+    torch.testing.assert_close(exact, raw, rtol=1e-9, atol=1e-9)
+    atp = attribution_patching(m, clean, corr, metric=metric)
+    ref = attribution_patching(conv, clean, corr, metric=metric)
+    torch.testing.assert_close(atp["z"].values, ref["z"].values, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])

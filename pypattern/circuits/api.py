@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..models.convert import converted_if_hooked_transformer
+from ..models.convert import converted_if_convertible
 from .engine import EdgeEngine, prepare_runs
 from .graph import Edge, EdgeGraph
 from .results import Circuit, EdgeScores, PruningCurve
@@ -127,7 +127,7 @@ def patch_edges(
     -------
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets.
     """
-    model = converted_if_hooked_transformer(model)
+    model = converted_if_convertible(model)
     T = clean.shape[-1]
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
@@ -238,7 +238,7 @@ def edge_attribution(
     EdgeScores
         ``values (batch, num_edges)``; ``scores`` is their batch mean.
     """
-    model = converted_if_hooked_transformer(model)
+    model = converted_if_convertible(model)
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {_METHODS}")
     if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
@@ -369,7 +369,7 @@ def faithfulness(
     -------
     float for one circuit, Tensor ``(C,)`` for a batch (same forms of ``edges`` as :func:`patch_edges`).
     """
-    model = converted_if_hooked_transformer(model)
+    model = converted_if_convertible(model)
     T = clean.shape[-1]
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
@@ -440,7 +440,7 @@ def pruning_curve(
     PruningCurve
         Every point of every curve is one patched run, all evaluated in batches.
     """
-    model = converted_if_hooked_transformer(model)
+    model = converted_if_convertible(model)
     if not isinstance(scores, dict):
         name = scores.method if isinstance(scores, EdgeScores) else "scores"
         scores = {name: scores}
@@ -611,7 +611,7 @@ def acdc(
         without a test) and ``faithfulness`` of the result; ``info`` holds the number of patched runs
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
-    model = converted_if_hooked_transformer(model)
+    model = converted_if_convertible(model)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
     threshold = float(threshold)

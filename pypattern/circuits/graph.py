@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.convert import converted_if_hooked_transformer
+from ..models.convert import converted_if_convertible
 
 __all__ = ["Edge", "EdgeGraph", "edges"]
 
@@ -336,5 +336,5 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
     >>> len(edges(Transformer(TransformerConfig(n_layers=2, n_heads=4, d_model=16, d_mlp=32))))
     110
     """
-    model = converted_if_hooked_transformer(model)
+    model = converted_if_convertible(model)
     return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len)

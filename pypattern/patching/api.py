@@ -65,7 +65,8 @@ class PatchingRuns:
 def _hooked_if_hf(model):
     """A Hugging Face causal LM (an object with ``config.model_type`` and input embeddings) wrapped by
     :func:`~pypattern.models.hooked_hf` (which refuses, by name, a family it has no adapter for); a TransformerLens
-    ``HookedTransformer`` converted with :func:`~pypattern.from_hf` where it converts (else run through its own
+    ``HookedTransformer``, or a Hugging Face model of a family the adapter does not cover but the converters do,
+    converted with :func:`~pypattern.from_hf` (a HookedTransformer that does not convert runs through its own
     hooks); any other model as it is."""
     from ..models.convert import UnsupportedModelError, from_hf
     from ..models.convert.hooked_transformer import is_hooked_transformer
@@ -79,7 +80,17 @@ def _hooked_if_hf(model):
             return model  # TransformerLens' own hooks, one forward per cell
     if isinstance(model, (Transformer, HookedHF)) or hasattr(model, "hook_dict"):
         return model
-    return hooked_hf(model) if is_hf_causal_lm(model) else model
+    if not is_hf_causal_lm(model):
+        return model
+    from ..models.convert import SUPPORTED_CLASSES
+    from ..models.hf import HF_ARCHS
+
+    if (
+        getattr(model.config, "model_type", None) not in HF_ARCHS
+        and type(model).__name__ in SUPPORTED_CLASSES
+    ):
+        return from_hf(model)  # no native adapter (OPT, Granite, BLOOM, Falcon): the same function, converted
+    return hooked_hf(model)
 
 
 def _layers(model) -> int:
@@ -346,6 +357,12 @@ def activation_patching(
     """
     from ..models.transformer import Transformer
 
+    if method == "exact" or (isinstance(site, str) and site in HEAD_SITES):
+        from ..models.convert import converted_if_convertible
+
+        model = converted_if_convertible(
+            model
+        )  # per-head hook points and the exact engine: pypattern's model
     model = _hooked_if_hf(model)
     is_tf = isinstance(model, Transformer)
     check_site(model.cfg if is_tf else None, site)

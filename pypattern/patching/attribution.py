@@ -258,10 +258,10 @@ def attribution_patching(
         so that ``.effect``, ``.normalized`` and ``.mean()`` read as for exact patching. With ``grad_drop``,
         ``info["graddrop"]`` holds the unsigned GradDrop scores ``(batch, *grid)``.
     """
-    from ..models.convert import converted_if_hooked_transformer
+    from ..models.convert import converted_if_convertible
     from ..models.transformer import Transformer
 
-    model = converted_if_hooked_transformer(model)
+    model = converted_if_convertible(model)
     if not isinstance(model, Transformer):
         from ..models.hf import is_hf_causal_lm
 

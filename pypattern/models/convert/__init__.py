@@ -4,6 +4,7 @@
 only; nothing is downloaded and nothing is unpickled). One module per family holds the weight layout:
 
 - :mod:`.gpt2`: ``GPT2LMHeadModel``
+- :mod:`.falcon`: ``FalconForCausalLM`` (rotary Falcon models: Falcon-7B/40B/180B layouts)
 - :mod:`.gemma`: ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``, ``Gemma3ForConditionalGeneration``
   (its language model)
 - :mod:`.gpt_bigcode`: ``GPTBigCodeForCausalLM`` (SantaCoder, StarCoder 1)
@@ -61,12 +62,14 @@ __all__ = [
     "UnsupportedModelError",
     "SUPPORTED_CLASSES",
     "converted_if_hooked_transformer",
+    "converted_if_convertible",
 ]
 
 # one module per family, each with CLASSES (the Hugging Face classes it converts) and convert(model)
 _FAMILY_MODULES = (
     "gpt2",
     "bloom",
+    "falcon",
     "gemma",
     "gpt_bigcode",
     "gpt_neo",
@@ -153,6 +156,20 @@ def converted_if_hooked_transformer(model: Any) -> Any:
     """A TransformerLens ``HookedTransformer`` converted with :func:`from_hf` (the same function, so the estimators
     that need pypattern's model take one directly); any other model unchanged."""
     return from_hf(model) if is_hooked_transformer(model) else model
+
+
+def converted_if_convertible(model: Any) -> Any:
+    """For the estimators that need pypattern's model (per-head patching, AtP, circuits): a TransformerLens
+    ``HookedTransformer`` or bridge, or a Hugging Face causal LM of a class in :data:`SUPPORTED_CLASSES`, converted
+    with :func:`from_hf` (the same function); any other model unchanged (the estimator then says what it needs)."""
+    if isinstance(model, Transformer):
+        return model
+    if is_hooked_transformer(model) or is_transformer_lens(model):
+        return from_hf(model)
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if type(inner).__name__ in _CONVERTERS and isinstance(inner, nn.Module):
+        return from_hf(inner)
+    return model
 
 
 def _from_hooked_transformer(model: nn.Module, dtype: torch.dtype | None) -> Transformer:
