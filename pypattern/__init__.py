@@ -31,7 +31,18 @@ from .equivalence import (
     permutation_test,
     procrustes,
 )
-from .flags import FlagReport, FlagSpec, flag_loss, flag_report, generate, steer, train_flags
+from .flags import (
+    FlagReport,
+    FlagSpec,
+    ablate_flags,
+    flag_loss,
+    flag_report,
+    generate,
+    probe_accuracy,
+    read_flags,
+    steer,
+    train_flags,
+)
 from .gram import GramSite, per_sample_grad_gram, transformer_lens_sites
 from .models import Transformer, TransformerConfig, component_masks
 from .models.convert import from_hf, from_pretrained
@@ -120,9 +131,12 @@ __all__ += [
 # Concept flags: the spec, the loss, training, steering, generation and the report.
 __all__ += [
     "FlagSpec",
+    "ablate_flags",
     "flag_loss",
     "flag_report",
     "generate",
+    "probe_accuracy",
+    "read_flags",
     "steer",
     "train_flags",
 ]

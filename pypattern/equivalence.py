@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .io import Saveable, register
 from .patching.sites import HEAD_SITES, apply_patch
 
 __all__ = [
@@ -502,8 +503,9 @@ def _procrustes_normalised(x: torch.Tensor, y: torch.Tensor, angular: bool) -> f
 # ------------------------------------------------------------------------------------------------ statistics
 
 
+@register
 @dataclass
-class SimilarityTest:
+class SimilarityTest(Saveable):
     """Result of :func:`permutation_test`.
 
     ``statistic``: the measure on the paired data; ``null``: ``(num_permutations,)`` the measure with the rows of

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from .io import Saveable, register
 from .tasks.base import IGNORE, Task, generator
 
 __all__ = [
@@ -261,8 +263,12 @@ def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
         )
     if positions is None:
         return torch.ones(b, t, dtype=torch.bool, device=device)
-    if isinstance(positions, int):
-        return (torch.arange(t, device=device) >= positions)[None].expand(b, t)
+    if isinstance(positions, numbers.Integral):
+        if positions < 0:
+            raise ValueError(
+                f"positions={positions!r} is not valid; give a start position >= 0 (or a bool mask)"
+            )
+        return (torch.arange(t, device=device) >= int(positions))[None].expand(b, t)
     m = torch.as_tensor(positions, device=device)
     if m.dtype != torch.bool:
         raise ValueError(f"positions has dtype {m.dtype}; give None, an int start position or a bool mask")
@@ -312,8 +318,10 @@ def overwrite_flags(
 
 
 def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
+    if isinstance(concept, bool):
+        raise ValueError(f"concept={concept!r} is not valid; give an int or a LongTensor (batch,)")
     c = torch.as_tensor(concept)
-    if c.dtype.is_floating_point:
+    if c.dtype.is_floating_point or c.dtype.is_complex or c.dtype == torch.bool:
         raise ValueError(f"concept={concept!r} is not valid; give an int or a LongTensor (batch,)")
     if c.dim() == 0:
         c = c.expand(b)
@@ -404,8 +412,9 @@ def generate(
         raise ValueError(f"prompt has shape {tuple(prompt.shape)}; give (batch, prompt_len) or (prompt_len,)")
     if (spec is None) != (concept is None):
         raise ValueError("give both spec and concept to steer, or neither")
-    if steps < 0:
-        raise ValueError(f"steps={steps} is not valid; give >= 0")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps={steps!r} is not valid; give an int >= 0")
+    steps = int(steps)
     cfg = getattr(model, "cfg", None)
     n_ctx = getattr(cfg, "max_positions", getattr(cfg, "n_ctx", None))
     if n_ctx is not None and tokens.shape[1] + steps > n_ctx:
@@ -432,8 +441,9 @@ def generate(
 
 
 # ----- training ---------------------------------------------------------------------------------------------
+@register
 @dataclass
-class FlagTrainResult:
+class FlagTrainResult(Saveable):
     """Losses logged by :func:`train_flags`: per logged step its ``stage`` (1 or 2), LM loss, flag loss."""
 
     steps: list = field(default_factory=list)
@@ -491,8 +501,10 @@ def train_flags(
         ("stage2_steps", stage2_steps),
         ("batch_size", batch_size),
     ):
-        if not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
             raise ValueError(f"{name}={v!r} is not valid; give a non-negative int (batch_size >= 1)")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
+        raise ValueError(f"log_every={log_every!r} is not valid; give an int >= 1 (or 0: record no losses)")
     if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or not aux_weight >= 0:
         raise ValueError(f"aux_weight={aux_weight!r} is not valid; give a finite number >= 0")
     if not math.isfinite(aux_weight):
@@ -639,8 +651,9 @@ def _probe(
     return _ridge_probe(xf[:, cols], yf, xe[:, cols], ye, spec.num_concepts, ridge)
 
 
+@register
 @dataclass
-class FlagReport:
+class FlagReport(Saveable):
     """Measurements of :func:`flag_report` (fractions in [0, 1], losses in nats per token).
 
     Attributes
@@ -736,6 +749,9 @@ def flag_report(
         )
     if seq_len is not None and prompt_len > seq_len:
         raise ValueError(f"prompt_len={prompt_len} is longer than the task's sequences ({seq_len} tokens)")
+    for name, v, least in (("num_samples", num_samples, 2), ("gen_steps", gen_steps, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{name}={v!r} is not valid; give an int >= {least}")
     model.eval()
     data = task.sample(num_samples, seed=seed, switch_prob=0.0)
     acts = _hook_acts(model, data.tokens, spec)

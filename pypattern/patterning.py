@@ -36,11 +36,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .io import Saveable, register
+
 __all__ = ["invert", "Intervention", "reweight", "direction_target", "OnlinePatterner"]
 
 
+@register
 @dataclasses.dataclass
-class Intervention:
+class Intervention(Saveable):
     """The result of :func:`invert`.
 
     Attributes

@@ -344,3 +344,36 @@ def test_faithfulness_undefined_warns_and_is_nan():
         )
     assert math.isnan(float(f))
     assert any("faithfulness is undefined" in str(w.message) for w in seen)
+
+
+def test_results_round_trip_and_damaged_files_are_refused(tmp_path):
+    """Pruning curves save and load like every result; an EdgeScores or Circuit file whose arrays do not fit its
+    graph (a mask of 3 entries for a graph of 110 edges, a missing array) is a FormatError naming the file."""
+    import numpy as np
+
+    from pypattern import io
+    from pypattern.circuits import Circuit, EdgeScores, PruningCurve
+
+    model = tiny(seed=3)
+    clean, corr, ans, wrong = prompts(model, seed=4)
+    metric = LogitDiff(ans, wrong)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    curve = pruning_curve(model, sc, clean, corr, metric=metric, counts=[0, 5, len(sc.graph)])
+    curve.save(tmp_path / "curve.npz")
+    back = PruningCurve.load(tmp_path / "curve.npz")
+    assert torch.equal(back.counts, curve.counts) and back.m_full == curve.m_full
+    assert all(torch.equal(back.faithfulness[k], curve.faithfulness[k]) for k in curve.faithfulness)
+    circuit = sc.circuit(n=5)
+    circuit.save(tmp_path / "c.npz")
+    assert torch.equal(Circuit.load(tmp_path / "c.npz").mask, circuit.mask)
+    arrays, meta = io.load(tmp_path / "c.npz", kind="Circuit")
+    io.save(tmp_path / "short.npz", {"mask": np.ones(3, dtype=bool)}, meta, kind="Circuit")
+    with pytest.raises(io.FormatError, match="short.npz"):
+        Circuit.load(tmp_path / "short.npz")
+    sc.save(tmp_path / "s.npz")
+    arrays, meta = io.load(tmp_path / "s.npz", kind="EdgeScores")
+    io.save(
+        tmp_path / "noval.npz", {k: v for k, v in arrays.items() if k != "values"}, meta, kind="EdgeScores"
+    )
+    with pytest.raises(io.FormatError, match="noval.npz"):
+        EdgeScores.load(tmp_path / "noval.npz")

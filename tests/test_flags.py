@@ -283,3 +283,40 @@ def test_training_and_report_settings_are_checked():
     ):
         with pytest.raises(ValueError, match=match):
             flag_report(model, TASK, SPEC, prompt_len=bad)
+
+
+def test_concepts_positions_and_counts_are_checked():
+    """A bool concept (a mask in disguise), negative start positions and non-int or non-positive counts are
+    refused by name; a numpy integer position works as an int; the flags functions are importable from the
+    package."""
+    import numpy as np
+
+    import pypattern as pp
+
+    assert pp.ablate_flags is ablate_flags and pp.read_flags is read_flags
+    model = _model().eval()
+    x = TASK.sample(2, seed=0).tokens
+    for bad in (True, torch.tensor([True, False]), 0.5):
+        with pytest.raises(ValueError, match="concept=.* is not valid"):
+            with steer(model, SPEC, bad):
+                model(x)
+    with pytest.raises(ValueError, match="positions=-3 is not valid"):
+        with steer(model, SPEC, 1, positions=-3):
+            model(x)
+    with steer(model, SPEC, 1, positions=np.int64(3)):
+        _, a = model.run_with_cache(x, names_filter=SPEC.hook)
+    with steer(model, SPEC, 1, positions=3):
+        _, b = model.run_with_cache(x, names_filter=SPEC.hook)
+    assert torch.equal(a[SPEC.hook], b[SPEC.hook])
+    for steps in (True, 2.5, -1):
+        with pytest.raises(ValueError, match="steps=.* is not valid"):
+            generate(model, x[:, :4], steps)
+    for kw, match in (
+        (dict(num_samples=0), "num_samples=0 is not valid"),
+        (dict(gen_steps=0), "gen_steps=0 is not valid"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            flag_report(model, TASK, SPEC, **kw)
+    for kw, match in ((dict(stage1_steps=True), "stage1_steps=True"), (dict(log_every=-1), "log_every=-1")):
+        with pytest.raises(ValueError, match=match):
+            train_flags(model, TASK, SPEC, **{"stage1_steps": 1, "stage2_steps": 0, **kw})

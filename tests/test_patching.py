@@ -230,3 +230,17 @@ def test_gaussian_noise_is_three_times_the_embedding_the_model_reads(kind):
         GaussianNoise(positions=[7]).noise(model, 2, 6, 64, torch.float64)
     with pytest.raises(TypeError, match=r"GaussianNoise.positions contains 1.5"):
         GaussianNoise(positions=[1.5]).noise(model, 2, 6, 64, torch.float64)
+
+
+def test_one_example_has_no_standard_error_and_a_string_corruption_is_refused():
+    """With one example the standard error and the bootstrap interval are undefined (NaN), not a false zero; a
+    corruption given by name is refused naming the classes to use."""
+    model, clean, corr, ans, wrong = model_and_prompts()
+    r = activation_patching(model, "resid_pre", clean[:1], corr[:1], metric=LogitDiff(ans[:1], wrong[:1]))
+    assert torch.isnan(r.se()).all() and torch.isnan(r.se(normalized=False)).all()
+    lo, hi = r.ci()
+    assert torch.isnan(lo).all() and torch.isnan(hi).all()
+    with pytest.raises(TypeError, match="corruption='zero' is not a corruption"):
+        activation_patching(
+            model, "z", clean, metric=LogitDiff(ans, wrong), corruption="zero", direction="noising"
+        )

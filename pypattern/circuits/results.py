@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +34,15 @@ def _save(path, arrays: dict, meta: dict, kind: str) -> None:
 def _numpy_dtype(v):
     """A bfloat16 tensor (a bfloat16 model's scores) as float32, which numpy holds; anything else unchanged."""
     return v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v
+
+
+@contextlib.contextmanager
+def _damaged(path, kind: str):
+    """A file of the right kind whose arrays or header do not make a ``kind`` is a ``FormatError`` naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise io.FormatError(f"{os.fspath(path)!r} is corrupt: it does not make a {kind} ({e!r})") from None
 
 
 def _load(path, kind: str):
@@ -130,17 +141,24 @@ class EdgeScores:
     @classmethod
     def load(cls, path) -> EdgeScores:
         a, m = _load(path, "EdgeScores")
-        return cls(
-            EdgeGraph(**m["graph"]),
-            torch.from_numpy(a["values"]),
-            m["method"],
-            m["mode"],
-            m["ablation"],
-            m["metric"],
-            torch.from_numpy(a["m_base"]),
-            torch.from_numpy(a["m_clean"]),
-            m.get("info", {}),
-        )
+        with _damaged(path, "EdgeScores"):
+            graph = EdgeGraph(**m["graph"])
+            out = cls(
+                graph,
+                torch.from_numpy(a["values"]),
+                m["method"],
+                m["mode"],
+                m["ablation"],
+                m["metric"],
+                torch.from_numpy(a["m_base"]),
+                torch.from_numpy(a["m_clean"]),
+                m.get("info", {}),
+            )
+            if out.values.dim() != 2 or out.values.shape[1] != len(graph):
+                raise ValueError(
+                    f"values has shape {tuple(out.values.shape)} for a graph of {len(graph)} edges"
+                )
+        return out
 
 
 @dataclass
@@ -199,19 +217,24 @@ class Circuit:
     @classmethod
     def load(cls, path) -> Circuit:
         a, m = _load(path, "Circuit")
-        sc = torch.from_numpy(a["scores"]) if "scores" in a else None
-        return cls(
-            EdgeGraph(**m["graph"]),
-            torch.from_numpy(a["mask"]),
-            sc,
-            m["faithfulness"],
-            m["method"],
-            m.get("info", {}),
-        )
+        with _damaged(path, "Circuit"):
+            graph = EdgeGraph(**m["graph"])
+            sc = torch.from_numpy(a["scores"]) if "scores" in a else None
+            out = cls(
+                graph, torch.from_numpy(a["mask"]), sc, m["faithfulness"], m["method"], m.get("info", {})
+            )
+            if tuple(out.mask.shape) != (len(graph),) or out.mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask is {out.mask.dtype} of shape {tuple(out.mask.shape)}; expected bool ({len(graph)},)"
+                )
+            if sc is not None and tuple(sc.shape) != (len(graph),):
+                raise ValueError(f"scores has shape {tuple(sc.shape)}; expected ({len(graph)},)")
+        return out
 
 
+@io.register
 @dataclass
-class PruningCurve:
+class PruningCurve(io.Saveable):
     """Faithfulness against the number of top-scored edges kept, one curve per scoring method.
 
     Attributes

@@ -114,6 +114,11 @@ def resolve_corruption(corrupted_tokens, corruption):
         raise ValueError(
             "give corrupted_tokens=... or corruption=GaussianNoise()/ZeroAblation()/MeanAblation()"
         )
+    if not isinstance(corruption, Corruption):
+        raise TypeError(
+            f"corruption={corruption!r} is not a corruption; give GaussianNoise(), ZeroAblation() or MeanAblation() "
+            "(or corrupted_tokens=... for token replacement)"
+        )
     return corruption
 
 

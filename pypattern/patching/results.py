@@ -86,10 +86,10 @@ class PatchResult(Saveable):
         return self._stat(normalized).mean(0)
 
     def se(self, normalized: bool = True) -> torch.Tensor:
-        """Standard error of the mean over examples ``(*grid)``."""
+        """Standard error of the mean over examples ``(*grid)``; NaN with one example (undefined)."""
         v = self._stat(normalized)
         n = v.shape[0]
-        return v.std(0, unbiased=True) / np.sqrt(n) if n > 1 else torch.zeros_like(v[0])
+        return v.std(0, unbiased=True) / np.sqrt(n) if n > 1 else torch.full_like(v[0], float("nan"))
 
     def ci(
         self, level: float = 0.95, num_resamples: int = 1000, seed: int = 0, normalized: bool = True
@@ -100,6 +100,9 @@ class PatchResult(Saveable):
             raise ValueError(f"level={level} is not valid; give a number in (0, 1)")
         g = torch.Generator().manual_seed(seed)
         n = self.values.shape[0]
+        if n < 2:  # one example: every resample is that example, and the interval would be a false point
+            nan = torch.full_like(self.values[0].double(), float("nan"))
+            return nan, nan.clone()
         idx = torch.randint(0, n, (num_resamples, n), generator=g)
         v = self.values.double()[idx].mean(1)  # (R, *grid)
         if normalized:
