@@ -189,7 +189,20 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     for r, res in enumerate(results):
         rows = [g - r * C for g in mine if r * C <= g < (r + 1) * C]
         res.loss_trace = _combine_rows(res.loss_trace, rows, group)
-        res.observables = {k: _combine_rows(v, rows, group) for k, v in sorted(res.observables.items())}
+        # a rank that owns none of this run's chains recorded no observable: every rank combines the same names
+        shapes: list = [None] * world
+        dist.all_gather_object(shapes, {k: tuple(v.shape) for k, v in res.observables.items()}, group=group)
+        names = sorted({k for sh in shapes for k in sh})
+        res.observables = {
+            k: _combine_rows(
+                res.observables[k]
+                if k in res.observables
+                else np.zeros(next(sh[k] for sh in shapes if k in sh), dtype=np.float64),
+                rows,
+                group,
+            )
+            for k in names
+        }
         res.r_hat, res.ess = r_hat(res.loss_trace), ess(res.loss_trace)
         res.seconds = float(seconds)
         if warn and rank == 0:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
 import json
 import numbers
 import os
@@ -56,7 +57,7 @@ from .io import Saveable, register
 from .losses import batch_size, check_batch, counted_mask, probe_losses, sample_losses, token_losses
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
-from .sampling.checkpoint import load_checkpoint_state
+from .sampling.checkpoint import CHECKPOINT_KIND, load_checkpoint_state, model_architecture
 from .sampling.data import ChainData
 from .sampling.optim import chain_seed
 from .sampling.runner import rerun_at_half_step, sample, split_loss
@@ -480,6 +481,10 @@ def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np
     return np.arange(n), -np.ones(n, dtype=np.int64), -np.ones(n, dtype=np.int64)
 
 
+# sampler settings that change how the draws are computed or shown, not their values
+_NOT_IN_FINGERPRINT = ("quiet", "cores", "checkpoint_every", "warn_nonstationary", "batched", "backend")
+
+
 def _sampler_kwargs(kw: dict) -> dict:
     """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated)."""
     allowed = {
@@ -686,13 +691,19 @@ def susceptibilities(
             saved = load_checkpoint_state(local)
             # the accumulators were filled by this susceptibility run (the sampler checks its own settings)
             io.check_fingerprint(json.loads(bytes(saved.get("fingerprint", b"{}")).decode()), group_fp, local)
+            done = io.load(local, kind=CHECKPOINT_KIND)[0].get("done")
             for i, a in enumerate(accs):
                 pre = f"acc{i}/"
                 state = {k[len(pre) :]: torch.from_numpy(v) for k, v in saved.items() if k.startswith(pre)}
-                if state:
-                    _check_acc_state(state, a, f"{pre}", local)
-                    state["count"] = int(state["count"][0])
-                    a.load_state_dict({**state, "k": a.k, "n": a.n, "track_auto": a.track_auto})
+                # the file holds every chain's accumulator, as many draws in it as the chain has done
+                _check_acc_state(state, a, f"{pre}", local)
+                state["count"] = int(state["count"][0])
+                if done is not None and i < len(done) and state["count"] != int(done[i]):
+                    raise io.FormatError(
+                        f"checkpoint {local!r} is damaged: {pre}count is {state['count']} but chain {i} has "
+                        f"{int(done[i])} draws done; delete it to start the group afresh"
+                    )
+                a.load_state_dict({**state, "k": a.k, "n": a.n, "track_auto": a.track_auto})
 
         def cb(chain, loss, observables, outputs):
             if fuse_probe:  # the sampler's forward was on the probe: its per-sample losses are the probe's
@@ -739,7 +750,8 @@ def susceptibilities(
             convention=convention,
             per_token=per_token,
             n=n,
-            **{k: v for k, v in kw.items() if k != "quiet"},
+            # what the draws depend on: not how they are computed or shown (as pypattern.sample's checkpoints)
+            **{k: v for k, v in kw.items() if k not in _NOT_IN_FINGERPRINT},
             loss_fn=loss_fn,
             per_sample_loss_fn=per_sample_loss_fn,
             observable=observable,
@@ -747,6 +759,7 @@ def susceptibilities(
             sampling_batch=io.hash_batch(sampling_batch),
             data=io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next()),
             **{f"weights[{k}]": v for k, v in model.state_dict().items()},
+            architecture=model_architecture(model),
             phi0=float(phi0),
         )
         dup = sorted({x for x in names if names.count(x) > 1})
@@ -756,7 +769,12 @@ def susceptibilities(
     def file_of(run: str) -> str:
         if run == "unrestricted":
             return "unrestricted"
-        return "component." + re.sub(r"[^A-Za-z0-9_.-]", "_", names[int(run.split("_")[1])])
+        name = names[int(run.split("_")[1])]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        # a name with other characters gets a hash of itself: "layer 0" and "layer_0" are two files
+        return "component." + (
+            safe if safe == name else f"{safe}.{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+        )
 
     def row_fp(run: str) -> dict:
         restrict, masks = run_specs[run]
@@ -917,7 +935,7 @@ def _settings_of(kw: dict, auto_step) -> dict:
 def _sampler_settings_defaults(kw: dict) -> dict:
     kw.setdefault("num_chains", 4)
     kw.setdefault("num_draws", 200)
-    kw.setdefault("quiet", True)
+    kw.setdefault("quiet", False)  # a long run shows its progress, as pypattern.sample does
     return kw
 
 

@@ -489,3 +489,23 @@ def test_corrupted_files_are_named_and_checked_before_the_prompt_cut(model_dir, 
               "--sites", "resid_pre,resid_mid"])  # fmt: skip
     assert e.value.code == 2
     assert "'resid_mid' does not exist in this model" in capsys.readouterr().err
+
+
+def test_checkpoint_folder_resumes_only_the_same_token_sequences(model_dir, data, tmp_path, capsys):
+    """The sampler's fingerprint reads the first batch; the folder also records a hash of every sequence, so a
+    file that differs past the first batch is refused."""
+    d, tokens = data
+    other = tokens.copy()
+    other[-1, -1] = (other[-1, -1] + 1) % 23
+    np.save(tmp_path / "other.npy", other)
+    ck = tmp_path / "ck"
+    argv = ["llc", "--model", str(model_dir), "--num-chains", "1", "--num-draws", "3", "--step-size", "1e-4",
+            "--checkpoint", str(ck), "--quiet"]  # fmt: skip
+    assert main([*argv, "--data", str(d / "tokens.npy"), "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main([*argv, "--data", str(d / "tokens.txt"), "--out", str(tmp_path / "b")]) == 0
+    )  # the same tokens
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--data", str(tmp_path / "other.npy"), "--out", str(tmp_path / "c")])
+    assert e.value.code == 2
+    assert "was written for other token sequences" in capsys.readouterr().err

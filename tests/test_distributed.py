@@ -49,6 +49,13 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
         out["ck_files"] = sorted(os.listdir(ck))
 
+        # one chain on two ranks: rank 1 owns none, and still returns the observables (the same collectives)
+        obs = {"w": lambda m, b: m[0].weight.sum()}
+        one = distributed.sample(
+            model, loader, observables=obs, warn_nonstationary=False, **{**KW, "num_chains": 1}
+        )
+        out["one_chain_obs"] = {k: v.tolist() for k, v in one.observables.items()}
+
         def fails_on_rank1(chain):
             if chain == 1:
                 raise KeyError("boom")
@@ -99,10 +106,16 @@ def test_two_ranks_equal_one_process():
     sus = pypattern.susceptibilities(
         model, loader, probe, ["0.weight", "2.weight"], warn_nonstationary=False, **KW
     )
+    obs = {"w": lambda m, b: m[0].weight.sum()}
+    one = pypattern.sample(
+        model, loader, observables=obs, warn_nonstationary=False, **{**KW, "num_chains": 1}
+    )
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
         outs = [json.load(open(os.path.join(d, f"rank{r}.json"))) for r in range(2)]
     for o in outs:  # every rank has the whole result, equal to the single-process one
+        assert list(o["one_chain_obs"]) == ["w"]
+        np.testing.assert_array_equal(o["one_chain_obs"]["w"], one.observables["w"])
         # bit for bit: chains batched or not as the whole run decides, whichever rank holds them
         np.testing.assert_array_equal(o["loss_trace"], llc.loss_trace)
         assert o["llc_mean"] == llc.llc_mean and o["same_call_llc"] == llc.llc_mean

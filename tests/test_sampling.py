@@ -1226,3 +1226,85 @@ def test_observables_with_one_name_and_non_bool_flags_are_refused():
     for flag in ("batched", "quiet", "warn_nonstationary", "record_observables"):
         with pytest.raises(TypeError, match=f"{flag}='no' is not valid"):
             sample(model, loader, **{**kw, flag: "no"})
+
+
+def test_damaged_checkpoints_are_refused_not_resumed(tmp_path):
+    """A checkpoint whose unfinished chain lacks its weights, whose resume step disagrees with its draws, or whose
+    header is not a mapping is a FormatError naming the file (it resumed to other numbers before)."""
+    from pypattern import io
+
+    kw = dict(num_chains=2, num_draws=5, step_size=1e-3, localization=10.0, quiet=True, seed=1, batched=False)
+    model = nn.Linear(5, 1)
+    path = tmp_path / "run.npz"
+
+    def stop_at(chain, draw):
+        if chain == 1 and draw == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(model, _regression_loader(), checkpoint=path, callbacks=[stop_at], **kw)
+    arrays, meta = io.load(path, kind="sample-checkpoint")
+    cases = {
+        "noparams": ({k: v for k, v in arrays.items() if not k.startswith("params/")}, meta, "weights"),
+        "step": ({**arrays, "next_step": np.zeros_like(arrays["next_step"])}, meta, "resumes at step 0"),
+        "header": (arrays, {**meta, "checkpoint": []}, "header is not a mapping"),
+    }
+    for name, (a, m, match) in cases.items():
+        io.save(tmp_path / f"{name}.npz", a, m, kind="sample-checkpoint")
+        with pytest.raises(io.FormatError, match=match):
+            sample(model, _regression_loader(), checkpoint=tmp_path / f"{name}.npz", **kw)
+    full = sample(model, _regression_loader(), **kw)
+    resumed = sample(model, _regression_loader(), checkpoint=path, **kw)
+    np.testing.assert_array_equal(resumed.loss_trace, full.loss_trace)
+
+
+def test_resume_refuses_another_architecture_or_recording_and_sub_runs_have_their_own_files(tmp_path):
+    """Same weights, another activation: refused (the fingerprint hashes the module tree and config); observables
+    recorded or not: refused; refined_llc with a second data set, calibrate_step_size and OnlineLLC keep one
+    checkpoint file per sampler run (each ran into the previous one's file before)."""
+    from pypattern.io import FingerprintMismatch
+    from pypattern.sampling import OnlineLLC, refined_llc
+
+    kw = dict(num_chains=1, num_draws=3, step_size=1e-3, localization=10.0, quiet=True, seed=2)
+    torch.manual_seed(0)
+    tanh = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 1))
+    relu = nn.Sequential(tanh[0], nn.ReLU(), tanh[2])
+    sample(tanh, _regression_loader(), checkpoint=tmp_path / "a.npz", **kw)
+    with pytest.raises(FingerprintMismatch, match="architecture"):
+        sample(relu, _regression_loader(), checkpoint=tmp_path / "a.npz", **kw)
+    obs = {"o": lambda m, b: m[0].weight.sum()}
+    sample(
+        tanh,
+        _regression_loader(),
+        checkpoint=tmp_path / "o.npz",
+        observables=obs,
+        record_observables=False,
+        **kw,
+    )
+    with pytest.raises(FingerprintMismatch, match="record_observables"):
+        sample(tanh, _regression_loader(), checkpoint=tmp_path / "o.npz", observables=obs, **kw)
+    r1 = refined_llc(
+        tanh,
+        _regression_loader(),
+        components=["0"],
+        data=_regression_loader(),
+        checkpoint=tmp_path / "r.npz",
+        **kw,
+    )
+    r2 = refined_llc(
+        tanh,
+        _regression_loader(),
+        components=["0"],
+        data=_regression_loader(),
+        checkpoint=tmp_path / "r.npz",
+        **kw,
+    )
+    np.testing.assert_array_equal(r1.llc_mean, r2.llc_mean)
+    assert (tmp_path / "r.npz").exists() and (tmp_path / "r.data.npz").exists()
+    cal = calibrate_step_size(tanh, _regression_loader(), step_sizes=[1e-4, 1e-3], checkpoint=tmp_path / "c.npz",
+                              **{k: v for k, v in kw.items() if k != "step_size"})  # fmt: skip
+    assert len(cal.step_sizes) == 2 and (tmp_path / "c.step1.npz").exists()
+    online = OnlineLLC(_regression_loader(), every=1, checkpoint=tmp_path / "on.npz", **kw)
+    online(tanh, 0)
+    online(tanh, 1)
+    assert (tmp_path / "on.step0.npz").exists() and (tmp_path / "on.step1.npz").exists()

@@ -681,3 +681,29 @@ def test_probe_positions_and_tokens_read_every_form_of_a_token_probe():
     labels[0, 2] = -100
     _, _, tok = _probe_meta({"input_ids": ids, "labels": labels}, losses)
     np.testing.assert_array_equal(tok, [5, -1, 9, 4, 6, 8])
+
+
+def test_checkpoint_rows_of_similar_names_and_settings_that_do_not_change_the_draws(tmp_path):
+    """Component names that sanitise to one file name ("layer 0", "layer_0") keep two rows; resuming with other
+    cores, checkpoint_every or warn_nonstationary (how the draws are computed or shown, not their values) is the
+    same run."""
+    torch.manual_seed(0)
+    m = _TwoNames()
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    kw = dict(num_chains=2, num_draws=4, step_size=1e-3, nbeta=10.0, localization=100.0, quiet=True, seed=0)
+    comps = {"layer 0": ["ln.weight"], "layer_0": ["ln_weight"]}
+    a = susceptibilities(m, [(x, y)], (x[:4], y[:4]), comps, checkpoint=tmp_path, **kw)
+    assert len([f for f in tmp_path.iterdir() if f.name.startswith("component.")]) == 2
+    b = susceptibilities(
+        m,
+        [(x, y)],
+        (x[:4], y[:4]),
+        comps,
+        checkpoint=tmp_path,
+        cores=2,
+        checkpoint_every=2,
+        warn_nonstationary=False,
+        **kw,
+    )
+    np.testing.assert_array_equal(a.chi, b.chi)
+    assert np.abs(a.chi[0] - a.chi[1]).max() > 0

@@ -62,6 +62,27 @@ def _text_ids(p: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
+def _same_tokens(folder, tokens: torch.Tensor, data) -> None:
+    """A checkpoint folder resumes only the run on the same token sequences, all of them (the sampler's own
+    fingerprint reads the first batch): ``tokens.json`` there holds their hash; other tokens are refused."""
+    from .. import io
+
+    path = Path(folder) / "tokens.json"
+    digest = io.hash_tensor(tokens)
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text()).get("tokens")
+        except (ValueError, AttributeError):
+            stored = None
+        if stored != digest:
+            raise ValueError(
+                f"checkpoint={str(folder)!r} was written for other token sequences than data={str(data)!r} "
+                f"({tuple(tokens.shape)}); use another checkpoint folder, or delete this one to start afresh"
+            )
+    else:
+        path.write_text(json.dumps({"tokens": digest, "shape": list(tokens.shape)}))
+
+
 def load_tokens(
     path: str | os.PathLike,
     *,
@@ -209,6 +230,7 @@ def run_user_llc(
     ck = None
     if checkpoint is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
+        _same_tokens(checkpoint, tokens, data)
         ck = os.path.join(checkpoint, "llc_checkpoint.npz")
     res = estimate_llc(
         model,
@@ -355,6 +377,9 @@ def run_user_chi(
 
     _count("num_probe", num_probe)
     model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
+    if checkpoint is not None:
+        Path(checkpoint).mkdir(parents=True, exist_ok=True)
+        _same_tokens(checkpoint, tokens, data)
     components = [c for c in model.components() if c != "unembed"]
     res = susceptibilities(
         model,

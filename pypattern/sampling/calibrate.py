@@ -17,6 +17,7 @@ import numpy as np
 from torch import nn
 
 from ..io import Saveable, register
+from .checkpoint import sub_run_path
 from .diagnostics import NonStationaryWarning
 from .llc import estimate_llc
 from .runner import SamplingDivergedError
@@ -100,7 +101,8 @@ def calibrate_step_size(
         Relative agreement with the next smaller healthy step size for the recommendation.
     **sample_kwargs
         Passed to :func:`pypattern.sampling.estimate_llc` (``num_chains``, ``num_draws``, ``nbeta``,
-        ``localization``, ``seed``, ...). ``quiet`` defaults to True.
+        ``localization``, ``seed``, ...). ``quiet`` defaults to True; with ``checkpoint``, each step size's run
+        has its own file (``run.npz`` -> ``run.step0.npz``, ...).
     """
     sizes = sorted(float(s) for s in step_sizes)
     if not sizes or any(s <= 0 for s in sizes):
@@ -109,6 +111,7 @@ def calibrate_step_size(
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is set by the sweep; pass the other hyperparameters as keywords")
     sample_kwargs.setdefault("quiet", True)
+    ckpt = sample_kwargs.pop("checkpoint", None)
     n = len(sizes)
     out = {k: np.full(n, np.nan) for k in ("llc_mean", "llc_std", "r_hat", "ess")}
     diverged = np.zeros(n, dtype=bool)
@@ -118,7 +121,9 @@ def calibrate_step_size(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NonStationaryWarning)
-                r = estimate_llc(model, loader, step_size=eps, **sample_kwargs)
+                # one checkpoint file per step size
+                path = sub_run_path(ckpt, f"step{i}")
+                r = estimate_llc(model, loader, step_size=eps, checkpoint=path, **sample_kwargs)
         except SamplingDivergedError as e:
             diverged[i] = True
             reasons.append(f"diverged (chain {e.chain}, draw {e.draw})")

@@ -3,6 +3,7 @@ that ties a checkpoint to the run that wrote it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 
@@ -91,6 +92,8 @@ class State:
         ``like`` maps each parameter name to a tensor of its shape and dtype (the trained weights)."""
         arrays, meta = io.load(path, kind=CHECKPOINT_KIND)
         meta = meta.get("checkpoint", {})
+        if not isinstance(meta, Mapping):
+            raise io.FormatError(f"checkpoint {path!r} is damaged: its header is not a mapping; delete it")
         if meta.get("version") != VERSION:
             raise io.FormatError(
                 f"checkpoint {path!r} has version {meta.get('version')}, this pypattern writes version {VERSION}: "
@@ -168,7 +171,49 @@ class State:
                 dtype = torch.float64 if key == "thermostat" else like[pname].dtype
                 t = torch.from_numpy(v).to(device=device, dtype=dtype)
                 st.sampler_state.setdefault(int(g), {})[key] = t
+        # each chain's bookkeeping agrees with itself: draw d is recorded at step burn-in + d * thinning, and a
+        # chain stopped between its first and last draw has its moving weights (and its sampler's state) saved
+        for g in range(G):
+            d = int(st.done[g])
+            want = 0 if d == 0 else plan.num_burnin_steps + (d - 1) * plan.num_steps_bw_draws + 1
+            if int(st.next_step[g]) != want:
+                raise bad(
+                    f"chain {g} has {d} draws done but resumes at step {int(st.next_step[g])} (expected {want})"
+                )
+            if 0 < d < D:
+                missing = [n for n in plan.run_of(g).moving if n not in st.params.get(g, {})]
+                if missing:
+                    raise bad(
+                        f"chain {g} stopped after {d} of {D} draws, but its weights {missing[:3]} are missing"
+                    )
+                if plan.sampler != "sgld" and not st.sampler_state.get(g):
+                    raise bad(
+                        f"chain {g} stopped after {d} of {D} draws, but its {plan.sampler} state is missing"
+                    )
         return st
+
+
+def model_architecture(model: nn.Module) -> str:
+    """A hash of what the weights do not say about a model: its module tree (``repr``: layer types, activation
+    modules, sizes) and its configuration (pypattern's ``cfg``, a Hugging Face ``config``), so that a checkpoint
+    does not resume on another architecture with the same weights."""
+    parts = [type(model).__qualname__, repr(model)]
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        parts.append(repr(cfg))
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_json_string"):
+        parts.append(config.to_json_string())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def sub_run_path(path: str | os.PathLike | None, tag: str) -> str | None:
+    """The checkpoint file of one of several sampler runs a call makes (``run.npz`` -> ``run.<tag>.npz``), so that
+    each resumes from its own file; None stays None."""
+    if path is None:
+        return None
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.{tag}{ext or '.npz'}"
 
 
 def load_checkpoint_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -206,7 +251,10 @@ def run_fingerprint(
         masks=[{n: m.to(torch.float64) for n, m in (r.masks or {}).items()} for r in plan.runs],
         loss_fn=plan.loss_fn,
         observables=dict(plan.observables),
+        # observables computed but not recorded (their traces would be missing from the draws before a resume)
+        **({} if plan.record_observables or not plan.observables else {"record_observables": False}),
         data=io.hash_batch(first_batch),
+        architecture=model_architecture(model),
         **{f"weights[{n}]": t for n, t in w_star.items()},
         **{f"buffers[{n}]": b for n, b in model.named_buffers()},
     )

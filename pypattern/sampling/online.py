@@ -22,6 +22,7 @@ from torch import nn
 
 from ..io import Saveable, register
 from .auto import wants_auto
+from .checkpoint import sub_run_path
 from .llc import estimate_llc
 
 __all__ = ["OnlineLLC", "OnlineLLCResult", "preserved_training_state"]
@@ -202,6 +203,7 @@ class OnlineLLC:
 
     def _estimate(self, model: nn.Module, step: int, loss) -> dict:
         kw = dict(self.sample_kwargs)
+        kw["checkpoint"] = sub_run_path(kw.get("checkpoint"), f"step{step}")  # one file per estimate
         row: dict = {"step": step, "train_loss": float("nan") if loss is None else float(loss)}
         if self.components is None:
             r = estimate_llc(model, self.loader, **kw)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..io import Saveable, register
+from .checkpoint import sub_run_path
 from .llc import llc_from_sample
 from .runner import sample
 
@@ -219,7 +220,7 @@ def refined_llc(
             counts.append(sum(p.numel() for p in moving.values()))
         else:
             counts.append(int(sum(int(masks[k].sum()) for k in restrict)))
-    sample_kwargs.setdefault("quiet", True)
+    ckpt = sample_kwargs.pop("checkpoint", None)
     sets = [("train", loader, loss_fn)]
     if data is not None:
         sets.append(("data", data, data_loss_fn or loss_fn))
@@ -229,7 +230,9 @@ def refined_llc(
     }
     seconds = 0.0
     for label, ld, lf in sets:
-        results = sample(model, ld, loss_fn=lf, runs=runs, **sample_kwargs)
+        # one checkpoint file per data set (the two runs read other data)
+        path = ckpt if label == "train" else sub_run_path(ckpt, label)
+        results = sample(model, ld, loss_fn=lf, runs=runs, checkpoint=path, **sample_kwargs)
         seconds += float(results[0].seconds)
         if not out.config:
             out.config = dict(results[0].config)
