@@ -224,3 +224,17 @@ def test_compiled_whole_graph_and_contiguous_results():
         torch.testing.assert_close(
             out, torch.nn.functional.gelu(xt, approximate="tanh"), rtol=1e-12, atol=1e-14
         )
+
+
+def test_gelu_tanh_constant_checked_and_torch_func_grad_works():
+    from pypattern.ops.activations import gelu_tanh
+
+    x = torch.randn(5, dtype=torch.float64)
+    for bad in (float("nan"), -0.5, 0.0, True):
+        with pytest.raises(ValueError, match="c=.* is not valid"):
+            gelu_tanh(x, bad)
+    g = torch.func.grad(lambda t: gelu_tanh(t).sum())(x)
+    want = torch.func.grad(lambda t: torch.nn.functional.gelu(t, approximate="tanh").sum())(x)
+    torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
+    v = torch.func.vmap(gelu_tanh)(x.reshape(5, 1))
+    torch.testing.assert_close(v.reshape(-1), gelu_tanh(x), rtol=1e-12, atol=1e-12)

@@ -256,3 +256,15 @@ def test_triton_kernel_compiles_for_gpus():
     """The interpreter accepts more than the GPU compiler: compile the kernel to sm_80/sm_90 cubin (no GPU needed;
     a separate process, since the interpreter patches triton.language)."""
     assert_compiles_for_gpus(_AOT)
+
+
+def test_chunks_that_require_grad_leave_no_graph_in_the_state():
+    from pypattern.ops.covariance import CrossCovariance
+
+    for backend in ("reference", "cpp"):
+        acc = CrossCovariance(2, 3, backend=backend)
+        a = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        acc.update(a * 2, b)
+        acc.flush()
+        assert all(not v.requires_grad for v in acc.state_dict().values() if isinstance(v, torch.Tensor))

@@ -367,3 +367,16 @@ def test_gram_inputs_negative_ids_and_half_precision_refused_by_name():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2)).to(torch.bfloat16)
     with pytest.raises(TypeError, match="parameter '0.weight' has dtype torch.bfloat16"):
         per_sample_grad_gram(model, torch.randn(4, 3, dtype=torch.bfloat16), lambda out: out.float().sum(-1))
+
+
+def test_linear_gram_pairs_positions_and_dtypes_as_given():
+    from pypattern.ops.grad_gram import grad_gram_embedding, grad_gram_linear
+
+    a, d = torch.randn(4, 2, 3, 5), torch.randn(4, 3, 2, 6)  # 6 positions each, in other layouts
+    with pytest.raises(ValueError, match="must agree in batch and positions"):
+        grad_gram_linear(a, d)
+    with pytest.raises(TypeError, match="a has dtype torch.float32 but d has torch.float64"):
+        grad_gram_linear(torch.randn(4, 3), torch.randn(4, 2, dtype=torch.float64))
+    for bad in (2.5, True, -1, 10**30):
+        with pytest.raises(ValueError, match="padding_idx=.* is not valid"):
+            grad_gram_embedding(torch.tensor([[1, 2]]), torch.ones(1, 2, 3), padding_idx=bad)

@@ -536,3 +536,51 @@ def test_a_tensor_listed_twice_or_a_gradient_aliasing_its_parameter_is_refused()
         sgld_step_([w], [w], [a], **kw)
     # disjoint views of one tensor are fine
     sgld_step_([w[:2], w[2:]], [g[:2], g[2:]], [a[:2], a[2:]], **kw)
+
+
+@pytest.mark.parametrize("backend, device", CASES)
+def test_every_backend_tells_autograd_and_refuses_aliased_or_expanded_state(backend, device):
+    """A step bumps the version of what it writes on every backend (a graph that saved the old weights then
+    refuses to backpropagate, as after any in-place op), refuses params that require grad in grad mode, and
+    refuses expanded params and momenta / running means that alias another tensor; interleaved strided views
+    that share no element are distinct tensors."""
+    from pypattern.ops.rmsprop_sgld import rmsprop_sgld_step_
+    from pypattern.ops.sgnht import sgnht_step_
+
+    kw = dict(step_size=1e-2, nbeta=1.0, localization=1.0, seed=1, step=0, backend=backend)
+    w = torch.randn(6, device=device, requires_grad=True)
+    y = (w * w).sum()
+    with torch.no_grad():
+        v0 = w._version
+        sgld_step_([w], [torch.ones_like(w)], [w.detach().clone()], **kw)
+    assert w._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with pytest.raises(RuntimeError, match=r"params\[0\] requires grad and grad mode is on"):
+        sgld_step_([w], [torch.ones_like(w)], [w.detach().clone()], **kw)
+    p = torch.randn(3, device=device)
+    with pytest.raises(ValueError, match=r"params\[1\] has elements that share memory"):
+        sgld_step_(
+            [p, torch.zeros(3, device=device).expand(2, 3)],
+            [torch.ones(3, device=device), torch.ones(2, 3, device=device)],
+            [p.clone(), torch.zeros(2, 3, device=device)],
+            **kw,
+        )
+    x, g, a = torch.randn(4, device=device), torch.randn(4, device=device), torch.randn(4, device=device)
+    th = torch.zeros(1, dtype=torch.float64, device=device)
+    with pytest.raises(ValueError, match=r"momenta\[0\] shares memory with params\[0\]"):
+        sgnht_step_([x], [g], [a], [x], th, **kw)
+    m = torch.zeros(4, device=device)
+    with pytest.raises(ValueError, match=r"momenta\[0\] and momenta\[1\] share memory"):
+        sgnht_step_([x, a], [g, g.clone()], [a.clone(), x.clone()], [m, m], th, **kw)
+    with pytest.raises(ValueError, match=r"square_avgs\[0\] shares memory with grads\[0\]"):
+        rmsprop_sgld_step_([x], [g], [a], [g], **kw)
+    W = torch.randn(4, 6, device=device)
+    left, right = W[:, ::2], W[:, 1::2]  # interleaved, no common element
+    before = W.clone()
+    sgld_step_(
+        [left, right], [torch.ones_like(left), torch.ones_like(right)], [left.clone(), right.clone()], **kw
+    )
+    assert not torch.equal(W, before)
+    with pytest.raises(TypeError, match="step_size must be a real number, got True"):
+        sgld_step_([x], [g], [a], **{**kw, "step_size": True})

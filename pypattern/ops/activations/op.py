@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -89,8 +92,18 @@ def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a tensor of dtype {x.dtype}"
         raise TypeError(f"gelu_tanh: x must be a floating-point tensor, got {got}")
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (math.isfinite(c) and c > 0):
+        raise ValueError(
+            f"gelu_tanh: c={c!r} is not valid; give a finite number > 0 (sqrt(2 / pi) by default)"
+        )
     c = float(c)
     if torch.compiler.is_compiling() and backend is None:  # traced: torch's ops, which the compiler fuses
+        return _gelu_tanh_torch(x, c).contiguous()
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under torch.func (grad, vmap): torch's ops
+        if backend not in (None, "reference"):
+            raise ValueError(
+                f"gelu_tanh: backend={backend!r} cannot run under torch.func transforms; give backend=None"
+            )
         return _gelu_tanh_torch(x, c).contiguous()
     name = _choose(x, backend)
     if torch.is_grad_enabled() and x.requires_grad:

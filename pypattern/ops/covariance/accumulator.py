@@ -102,6 +102,7 @@ class CrossCovariance:
         if isinstance(b, torch.Tensor) and b.dim() == 1:
             b = b.unsqueeze(0)
         check_chunk(a, b, self.k, self.n, self.device)
+        a, b = a.detach(), b.detach()  # draws are data: the running sums never join an autograd graph
         m = int(a.shape[0])
         if m == 0:
             return self

@@ -21,7 +21,7 @@ def cross_covariance_update_reference_(
     m = a.shape[0]
     if m == 0:
         return
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
     if count == 0:
         shift_a.copy_(a64.mean(0))
         shift_b.copy_(b64.mean(0))

@@ -4,6 +4,7 @@ backend chosen by :mod:`pypattern._backends`. The maths is in :mod:`pypattern.op
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -165,7 +166,7 @@ def grad_gram_linear(
     Tensor, shape ``(B, B)``, float64 (products in the input dtype, sums in float64).
     """
     a3, d3 = _as_btd("a", a), _as_btd("d", d)
-    if a3.shape[:2] != d3.shape[:2]:
+    if a.shape[:-1] != d.shape[:-1]:
         raise ValueError(
             f"a and d must agree in batch and positions, got {tuple(a.shape)} and {tuple(d.shape)}"
         )
@@ -175,7 +176,7 @@ def grad_gram_linear(
         if x.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{name} has dtype {x.dtype}; supported are torch.float32 and torch.float64")
     if a3.dtype != d3.dtype:
-        d3 = d3.to(a3.dtype)
+        raise TypeError(f"a has dtype {a3.dtype} but d has {d3.dtype}; give both in one dtype")
     b, t, d_in = a3.shape
     g = torch.zeros(b, b, dtype=torch.float64, device=a3.device)
     if weight:
@@ -241,7 +242,15 @@ def grad_gram_embedding(
     d3 = d.reshape(b, t, dim)
     r = flat.reshape(-1).to(torch.int64)
     if padding_idx is not None:
-        r = torch.where(r == padding_idx, torch.full_like(r, -1), r)
+        if (
+            isinstance(padding_idx, bool)
+            or not isinstance(padding_idx, numbers.Integral)
+            or not 0 <= padding_idx < 2**63
+        ):
+            raise ValueError(
+                f"padding_idx={padding_idx!r} is not valid; give a token id (an int >= 0) or None"
+            )
+        r = torch.where(r == int(padding_idx), torch.full_like(r, -1), r)
     if method == "auto" or method == "outer":
         uniq, inv = torch.unique(r, return_inverse=True)
         n_valid = int((uniq >= 0).sum())

@@ -118,6 +118,9 @@ def rmsprop_sgld_step_(
     if validate:
         params, grads, anchors, masks, _ = sgld_op.validate_inputs(params, grads, anchors, masks)
         square_avgs = validate_state("square_avgs", square_avgs, params)
+        sgld_op.check_states(
+            "square_avgs", square_avgs, {"params": params, "grads": grads, "anchors": anchors}
+        )
         step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
             sgld_op.check_hyperparameters(
                 step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step
@@ -146,6 +149,7 @@ def rmsprop_sgld_step_(
         seed=seed,
         step=step,
     )
+    torch.autograd.graph.increment_version([*params, *square_avgs])
     if check_finite and bool(flags.any()):
         sgld_op.raise_on_flags(
             "rmsprop_sgld_step_",

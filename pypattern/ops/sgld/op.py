@@ -17,6 +17,8 @@ from .reference import sgld_step_reference_
 def check_scalar(name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, str | bytes):  # float("0.1") would parse: a string here is a mistake
         raise TypeError(f"{name} must be a real number, got the string {value!r}")
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # True is 1.0 to float(): a mistake here
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -70,6 +72,7 @@ def validate_inputs(params, grads, anchors, masks):
             raise ValueError(f"masks must have one entry (or None) per tensor: {len(masks)} != {len(params)}")
     device = params[0].device if params else torch.device("cpu")
     tensor, floats = torch.Tensor, (torch.float32, torch.float64)
+    grad_mode = torch.is_grad_enabled()
     for i, (w, g, a) in enumerate(zip(params, grads, anchors)):
         # One cheap test per tensor; the detailed diagnosis runs only when it fails.
         if not (type(w) is tensor or isinstance(w, tensor)) or not (
@@ -110,6 +113,17 @@ def validate_inputs(params, grads, anchors, masks):
                 f"anchors[{i}] holds {int((~torch.isfinite(a)).sum())} NaN or Inf entries; give the finite "
                 "trained weights w*"
             )
+        if grad_mode and w.requires_grad:
+            raise RuntimeError(
+                f"params[{i}] requires grad and grad mode is on: an in-place step on it would corrupt autograd; "
+                "step under torch.no_grad() (as torch's optimizers do)"
+            )
+        if _internal_overlap(w):
+            raise ValueError(
+                f"params[{i}] has elements that share memory (an expanded or zero-stride view of shape "
+                f"{tuple(w.shape)}, strides {w.stride()}): each would be stepped several times; give a tensor of "
+                "its own (e.g. .clone())"
+            )
         if _overlap(w, a):
             raise ValueError(
                 f"anchors[{i}] shares memory with params[{i}]: the anchors must be a copy of the trained weights "
@@ -124,7 +138,37 @@ def validate_inputs(params, grads, anchors, masks):
     return params, grads, anchors, masks, device
 
 
-def _check_distinct(params) -> None:
+def _internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` are one memory location (an expanded view)."""
+    if t.numel() <= 1:
+        return False
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        return True
+    try:
+        return torch._debug_has_internal_overlap(t) == 1
+    except (AttributeError, RuntimeError):  # pragma: no cover - private helper missing
+        return False
+
+
+def check_states(name: str, states, others: dict) -> None:
+    """State tensors updated in place beside the params (SGNHT's momenta, RMSprop's running means): none shares
+    memory with another state or with any tensor of ``others`` (``{"params": [...], "grads": [...], ...}``)."""
+    for i, s in enumerate(states):
+        if _internal_overlap(s):
+            raise ValueError(
+                f"{name}[{i}] has elements that share memory (an expanded view); give its own tensor"
+            )
+        for other, ts in others.items():
+            for j, t in enumerate(ts):
+                if _overlap(s, t):
+                    raise ValueError(
+                        f"{name}[{i}] shares memory with {other}[{j}]: the step would overwrite one with the other; "
+                        f"give each {name} entry its own tensor"
+                    )
+    _check_distinct(states, name)
+
+
+def _check_distinct(params, name: str = "params") -> None:
     """No two params share memory: each would be stepped once per appearance (tied weights are one tensor, listed
     once)."""
     by_storage: dict = {}
@@ -138,7 +182,7 @@ def _check_distinct(params) -> None:
         for j in by_storage.get(key, ()):
             if _overlap(params[j], w):
                 raise ValueError(
-                    f"params[{j}] and params[{i}] share memory: each would be stepped once per appearance; list "
+                    f"{name}[{j}] and {name}[{i}] share memory: each would be stepped once per appearance; list "
                     "every tensor once (tied weights as one tensor)"
                 )
         by_storage.setdefault(key, []).append(i)
@@ -159,7 +203,25 @@ def _overlap(x: torch.Tensor, y: torch.Tensor) -> bool:
         return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
     (a0, a1), (b0, b1) = span(x), span(y)
-    return a0 < b1 and b0 < a1
+    if not (a0 < b1 and b0 < a1):
+        return False
+    if x.is_contiguous() and y.is_contiguous():
+        return True
+    # interleaved strided views (the two halves of W[:, ::2] and W[:, 1::2]): compare their element offsets
+    if x.numel() + y.numel() > 1 << 24:
+        return True  # too large to list: conservative
+    size = x.element_size()
+    if y.element_size() != size or (x.data_ptr() - y.data_ptr()) % size:
+        return True
+    return bool(torch.isin(_offsets(x, x.data_ptr() // size), _offsets(y, y.data_ptr() // size)).any())
+
+
+def _offsets(t: torch.Tensor, base: int) -> torch.Tensor:
+    """The memory offsets (in elements, from ``base``) of every element of ``t``, as a flat int64 CPU tensor."""
+    off = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        off = off.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return off.reshape(-1) + base
 
 
 def _diagnose(i, w, g, a, device):
@@ -384,6 +446,8 @@ def sgld_step_(
         seed=seed,
         step=step,
     )
+    # every backend writes through the tensors' memory: autograd learns of it, as of any in-place op
+    torch.autograd.graph.increment_version(params)
     if check_finite and bool(flags.any()):
         raise_on_flags("sgld_step_", flags, params, step=step, step_size=step_size, nbeta=nbeta)
     return flags

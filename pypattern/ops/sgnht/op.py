@@ -142,6 +142,7 @@ def sgnht_step_(
     if validate:
         params, grads, anchors, masks, device = sgld_op.validate_inputs(params, grads, anchors, masks)
         momenta = validate_state("momenta", momenta, params)
+        sgld_op.check_states("momenta", momenta, {"params": params, "grads": grads, "anchors": anchors})
         if not isinstance(thermostat, torch.Tensor):
             raise TypeError(
                 f"thermostat must be a float64 tensor with one element, got {type(thermostat).__name__}"
@@ -153,6 +154,8 @@ def sgnht_step_(
             )
         if params and thermostat.device != device:
             raise ValueError(f"thermostat is on {thermostat.device} but params are on {device}")
+        if torch.is_grad_enabled() and thermostat.requires_grad:
+            raise RuntimeError("thermostat requires grad and grad mode is on: step under torch.no_grad()")
         if not bool(torch.isfinite(thermostat).all()):
             raise ValueError(f"thermostat must be finite, got {float(thermostat.reshape(()))}")
         step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
@@ -180,6 +183,7 @@ def sgnht_step_(
         seed=seed,
         step=step,
     )
+    torch.autograd.graph.increment_version([*params, *momenta, thermostat])
     if check_finite and bool(flags.any()):
         sgld_op.raise_on_flags(
             "sgnht_step_", flags, params, step=step, step_size=step_size, nbeta=nbeta, state="momenta"
