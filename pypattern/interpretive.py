@@ -111,11 +111,23 @@ def similarity(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
 ) -> list[float]:
     """``s(x -> y)`` for each ``y`` in ``ys`` with one random split drawn from ``seed`` (see the module
-    docstring); larger is closer."""
-    if measure == "ridge":
-        return list(ridge_similarity_cv(x, list(ys), alphas=alphas, train_fraction=train_fraction, seed=seed))
+    docstring); larger is closer. A similarity that is not finite (a constant representation) raises
+    ``ValueError``: a test would count it as a loss."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    out = _similarity(measure, x, ys, seed=seed, train_fraction=train_fraction, alphas=alphas)
+    bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(
+            f"the {measure} similarity of x to ys[{bad[0]}] is {out[bad[0]]} (a representation constant over the "
+            "samples?): a test would count it as a loss; give representations that vary"
+        )
+    return out
+
+
+def _similarity(measure, x, ys, *, seed, train_fraction, alphas) -> list[float]:
+    if measure == "ridge":
+        return list(ridge_similarity_cv(x, list(ys), alphas=alphas, train_fraction=train_fraction, seed=seed))
     for i, y in enumerate(ys):
         if getattr(y, "shape", (None,))[0] != x.shape[0]:
             raise ValueError(
@@ -178,6 +190,10 @@ def win_test(
     third implementation of ``A``). See the module docstring."""
     if num_trials < 1 or num_repeats < 1:
         raise ValueError(f"num_trials and num_repeats must be >= 1, got {num_trials}, {num_repeats}")
+    if isinstance(z, bool) or not isinstance(z, int | float | np.number) or not (math.isfinite(z) and z >= 0):
+        raise ValueError(f"z={z!r} is not valid; give a finite number >= 0 (1.96: a one-sided 97.5% bound)")
+    if impl_b is not None and len(impl_b) == 0:
+        raise ValueError("impl_b holds no implementation; give at least one")
     rng = np.random.default_rng(seed)
     own = np.empty((num_repeats, num_trials))
     other = np.empty((num_repeats, num_trials))
@@ -305,6 +321,10 @@ def selectivity_curves(
     for m in measures:
         if m not in MEASURES:
             raise ValueError(f"measures must be a subset of {MEASURES}, got {m!r}")
+    budgets = list(budgets)
+    bad = [k for k in budgets if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0]
+    if not budgets or bad:
+        raise ValueError(f"budgets={budgets!r} is not valid; give ints >= 0 (0: the unpatched control)")
     if isinstance(num_trials, bool) or not isinstance(num_trials, int | np.integer) or num_trials < 1:
         raise ValueError(f"num_trials={num_trials!r} is not valid; give an int >= 1")
     others = list(others)

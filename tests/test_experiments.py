@@ -294,3 +294,28 @@ def test_quick_settings_are_the_tiny_test_sizes():
     assert ik["seeds"] == (0,) and pk["seeds"] == (0,)
     with pytest.raises(ValueError, match="full=True and quick=True"):
         demo_cli.run_patterning_demo("unused", full=True, quick=True)
+
+
+def test_online_patterning_starts_from_the_single_shot_weights(monkeypatch):
+    """The first online estimate inverts the same chi with the same group fractions as the single-shot path: the
+    same weights, inside the bounds."""
+    import numpy as np
+
+    import pypattern.experiments.parens as P
+    from pypattern.experiments.patterning_demo import quick_settings
+
+    _, _, _, s = quick_settings()
+    s.online_every, s.online_until = 5, 10
+    rng = np.random.default_rng(0)
+    names = list(P.ALGORITHMS)
+    groups = rng.integers(0, P.NUM_GROUPS, 200)
+    chi = rng.normal(size=(len(names), 200))
+    monkeypatch.setattr(
+        P, "estimate_solution_chi", lambda model, s, seed=0: (chi, chi * 0, groups, names, 1.0)
+    )
+    fr = P.GroupWeightedParentheses(s.length).group_fractions.numpy()
+    single, _, _ = P.select_weights(chi, groups, names, names[0], s, fr)
+    _, history = P._online_callback(None, P.GroupWeightedParentheses(s.length), names[0], s, 0)
+    online = np.array(history[0][1])
+    np.testing.assert_allclose(online, single, atol=1e-3)
+    assert online.min() >= s.min_weight - 1e-9 and online.max() <= s.max_weight + 1e-9

@@ -290,3 +290,44 @@ def test_similarity_and_selectivity_refuse_mismatched_or_empty_inputs():
         selectivity_curve(impl, lambda i, k: impl[i], [], [0, 1], measure="cka")
     with pytest.raises(ValueError, match="num_trials=0 is not valid"):
         selectivity_curve(impl, lambda i, k: impl[i], [impl], [0, 1], measure="cka", num_trials=0)
+
+
+def test_head_ranking_of_a_chain_is_its_own_whatever_the_call_order():
+    """A chain's stage input depends on every member before it: its head importances (and so its patched
+    representations) are the same whether another chain sharing a later member was ranked first or not."""
+    from pypattern.experiments.interpretive import ARCHS, ChainImplementations
+    from pypattern.models.transformer import Transformer
+    from pypattern.tasks.algorithmic import ALGORITHMS, SEQ_LEN, VOCAB, RoutineTask
+
+    routines = ALGORITHMS["sort_diff"]
+    pool = {
+        r: [
+            Transformer(RoutineTask(r).model_config(**ARCHS["L1d48h4"], seed=10 * j + i)).eval()
+            for j in range(3)
+        ]
+        for i, r in enumerate(routines)
+    }
+    g = torch.Generator().manual_seed(1)
+    x, x_cf = (torch.randint(0, VOCAB, (40, SEQ_LEN), generator=g) for _ in range(2))
+    first = ChainImplementations(routines, pool, x, x_cf)
+    first.ranked_heads(0)  # a chain with another stage-0 member and the same stage-1 member
+    alone = ChainImplementations(routines, pool, x, x_cf)
+    assert first.ranked_heads(3) == alone.ranked_heads(3)
+    assert torch.equal(first.patched(3, 2), alone.patched(3, 2))
+    with pytest.raises(ValueError, match="k=-1 is not valid"):
+        alone.patched(3, -1)
+
+
+def test_tests_refuse_non_finite_similarities_and_bad_settings():
+    g = torch.Generator().manual_seed(0)
+    impl = [torch.randn(30, 6, generator=g, dtype=torch.float64) for _ in range(4)]
+    const = [torch.ones(30, 6, dtype=torch.float64) for _ in range(2)]
+    for measure in ("ridge", "cka"):
+        with pytest.raises(ValueError, match="similarity of x to ys"):
+            win_test(impl, const, measure=measure, num_trials=2, num_repeats=1)
+    with pytest.raises(ValueError, match="z=-3.0 is not valid"):
+        win_test(impl, impl, z=-3.0, num_trials=2, num_repeats=1)
+    with pytest.raises(ValueError, match="impl_b holds no implementation"):
+        win_test(impl, [], num_trials=2, num_repeats=1)
+    with pytest.raises(ValueError, match="budgets=.* is not valid"):
+        selectivity_curve(impl, lambda i, k: impl[i], [impl], [0, -1], measure="cka")

@@ -392,7 +392,8 @@ class ChainImplementations:
         key = self.members(i)
         scored = []
         for s, m in enumerate(key):
-            if (s, m) not in self._importance:
+            # a stage's input depends on every member before it: importances are the chain prefix's own
+            if key[: s + 1] not in self._importance:
                 inp = self._stage(key[: s + 1])[2]["in"]
                 model = self.models[s][m]
                 ikey = (self.routines[s], id(model), _digest(inp))
@@ -402,14 +403,16 @@ class ChainImplementations:
                         model, inp, run_routine(self.routines[s], inp), perm
                     )
                     self.cache.forwards["importance"] += 2 + model.cfg.n_layers * model.cfg.n_heads
-                self._importance[(s, m)] = self.cache.importance[ikey]
-            imp = self._importance[(s, m)]
+                self._importance[key[: s + 1]] = self.cache.importance[ikey]
+            imp = self._importance[key[: s + 1]]
             scored += [(-imp[la, h], s, la, h) for la in range(imp.shape[0]) for h in range(imp.shape[1])]
         return [(s, la, h) for _, s, la, h in sorted(scored)]
 
     def patched(self, i: int, k: int) -> torch.Tensor:
         """Representation of chain ``i`` with its ``k`` most important heads patched (``k = 0``: ``self[i]``).
         A stage without patched heads whose input equals the clean chain's is the clean chain's stage."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            raise ValueError(f"k={k!r} is not valid; give the number of heads to patch, an int >= 0")
         if k == 0:
             return self[i]
         key = self.members(i)

@@ -336,7 +336,13 @@ def _online_callback(model, task, target: str, s: ParensSettings, seed: int):
         estimate,
         tgt,
         every=s.online_every,
-        invert_kwargs={"method": "constrained", "min_weight": s.min_weight, "max_weight": s.max_weight},
+        # the groups' data fractions, as the single-shot inversion takes them (invert_unequal_groups)
+        invert_kwargs={
+            "method": "constrained",
+            "min_weight": s.min_weight,
+            "max_weight": s.max_weight,
+            "fractions": np.asarray(fr, dtype=np.float64)[1:],
+        },
     )
     # the first estimate (at the checkpoint, same SGLD seed) reproduces the single-shot chi and weights
     w0 = full_weights(pat.weights_for(0), fr)
