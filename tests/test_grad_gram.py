@@ -380,3 +380,14 @@ def test_linear_gram_pairs_positions_and_dtypes_as_given():
     for bad in (2.5, True, -1, 10**30):
         with pytest.raises(ValueError, match="padding_idx=.* is not valid"):
             grad_gram_embedding(torch.tensor([[1, 2]]), torch.ones(1, 2, 3), padding_idx=bad)
+
+
+def test_float32_products_that_overflow_are_an_error_not_nan():
+    from pypattern.ops import grad_gram_pairwise
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, generator=g) * 1e20, torch.randn(6, 3, generator=g)
+    want = grad_gram_pairwise(x.double(), y.double(), batch=2, backend="reference")
+    assert torch.isfinite(want).all()
+    with pytest.raises(FloatingPointError, match="products overflow"):
+        grad_gram_pairwise(x, y, batch=2, backend="cpp")
