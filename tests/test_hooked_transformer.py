@@ -53,6 +53,10 @@ CONFIGS = {
     "qk_norm": dict(use_qk_norm=True, normalization_type="RMS", **ROPE),
     "post_embedding_ln": dict(post_embedding_ln=True),
     "odd_sizes": dict(d_model=30, d_head=7, n_heads=5, d_mlp=41, d_vocab=53, eps=1e-3),
+    # every Llama-family TransformerLens config sets final_rms (its final norm is an RMSNorm anyway)
+    "llama_final_rms": dict(
+        gated_mlp=True, act_fn="silu", n_key_value_heads=2, normalization_type="RMS", final_rms=True, **ROPE
+    ),
 }
 # hooks whose meaning differs from TransformerLens' (README, "hook meaning"): RMSNorm's hook_normalized is taken
 # after the weight, hook_q / hook_k after the query/key norm
@@ -135,6 +139,49 @@ def test_processed_weights_convert_as_they_are():
         assert rel(ours(x), model(x)) <= 1e-10
         # centring the unembedding shifts each position's logits by a constant: log-probabilities are unchanged
         torch.testing.assert_close(ours(x).log_softmax(-1), before.log_softmax(-1), rtol=1e-9, atol=1e-9)
+
+
+def test_folded_sandwich_norms_alibi_slopes_and_moved_rotary_tables():
+    """Gemma 2-style sandwich norms after fold_ln (pre-norms RMSPre, post-norms with weights) convert exactly;
+    ALiBi with 16 heads (TransformerLens' slopes one float32 ulp from BLOOM's) converts in float32 and is refused in
+    float64; a float32 rotary model moved to float64 keeps float32 tables and is refused by name."""
+    model = hooked("gemma2")
+    x = tokens(model)
+    model.process_weights_(fold_ln=True)
+    assert model.cfg.normalization_type == "RMSPre"
+    assert rel(pypattern.from_hf(model)(x), model(x)) <= 1e-10
+    wide = dict(positional_embedding_type="alibi", n_heads=16, d_head=3, d_model=48)
+    m32 = hooked("ln", torch.float32, **wide)
+    assert rel(pypattern.from_hf(m32)(x), m32(x)) <= 1e-4
+    with pytest.raises(UnsupportedModelError, match="ALiBi slopes with n_heads=16"):
+        pypattern.from_hf(hooked("ln", **wide))
+    moved = hooked("rms", torch.float32).to(torch.float64)
+    assert moved.cfg.dtype == torch.float64
+    with pytest.raises(UnsupportedModelError, match="rotary tables"):
+        pypattern.from_hf(moved)
+
+
+def test_patching_runs_through_transformer_lens_hooks_when_a_model_does_not_convert():
+    """A HookedTransformer refused by the converter (an output vocabulary of its own) is patched through its own
+    hook points: residual sites equal a naive loop of TransformerLens' hooked forwards."""
+    from pypattern.patching import LogitDiff, activation_patching
+
+    model = hooked("ln", d_vocab_out=30)
+    clean, corr = tokens(model, seq=6, seed=0), tokens(model, seq=6, seed=1)
+    ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    grid = activation_patching(
+        model, "resid_pre", clean, corr, metric=LogitDiff(ans, wrong), positions=[2, 5]
+    )
+    _, cache = model.run_with_cache(clean)
+    name = "blocks.1.hook_resid_pre"
+
+    def put(t, hook):
+        t = t.clone()
+        t[:, 5] = cache[name][:, 5]
+        return t
+
+    want = _ld(model.run_with_hooks(corr, fwd_hooks=[(name, put)]), ans, wrong)
+    torch.testing.assert_close(grid.values[:, 1, 1], want, rtol=1e-9, atol=1e-9)
 
 
 def test_llama3_frequencies_in_float32():

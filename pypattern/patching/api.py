@@ -228,7 +228,7 @@ def prepare_runs(
         """The metric as the exact engine computes it for its cells (from the rows where it can)."""
         return metric(logits) if rows is None else metric_of_rows(model, rows, metric)
 
-    names = (lambda n: True) if full_cache else set(site_hooks)
+    names = (lambda n: True) if full_cache else sorted(set(site_hooks))  # TransformerLens takes a list
     clean_logits, clean_rows, clean_cache = run_at(clean, None, names)
     bind_metric(metric, clean_logits.detach())
     on_logits = check_metric_output(metric(clean_logits), B).detach()  # the metric's contract, on full logits
@@ -250,7 +250,7 @@ def prepare_runs(
             if corruption.reference_tokens is not None:
                 if corruption.reference_tokens.shape[1] != T:
                     raise ValueError("MeanAblation.reference_tokens must have the prompts' length")
-                _, ref = run(corruption.reference_tokens, None, set(site_hooks))
+                _, ref = run(corruption.reference_tokens, None, sorted(set(site_hooks)))
             source = {n: ref[n].mean(0, keepdim=True).expand_as(clean_cache[n]) for n in site_hooks}
         else:
             source = {n: corr_cache[n] for n in site_hooks}

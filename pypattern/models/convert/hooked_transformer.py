@@ -50,19 +50,25 @@ def _check_hooks(model: nn.Module) -> None:
             )
 
 
-def _alibi_matches(n_heads: int) -> None:
-    """TransformerLens' ALiBi slopes (``2 ** (-8 (h + 1) / n_heads)``) against pypattern's (BLOOM's)."""
+def _alibi_matches(n_heads: int, dtype: torch.dtype) -> None:
+    """TransformerLens' ALiBi slopes (float32 ``start * start ** h``, ``start = 2 ** (-8 / n_heads)``) against
+    pypattern's (BLOOM's float32 powers): equal bit for bit, or (a float32 model) within one float32 rounding."""
     from ..transformer import alibi_slopes
 
-    tl = torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)], dtype=torch.float64)
-    ours = alibi_slopes(n_heads).to(torch.float64)
-    if not torch.allclose(tl, ours, rtol=1e-6, atol=0.0):
-        refuse(
-            "positional_embedding_type",
-            "alibi",
-            f"TransformerLens' ALiBi slopes with n_heads={n_heads} (not a power of two) differ from BLOOM's, "
-            "which pypattern uses",
-        )
+    start = 2 ** (-8 / n_heads)
+    tl = start * (start ** torch.arange(n_heads))  # TransformerLens' create_alibi_multipliers, float32
+    ours = alibi_slopes(n_heads)
+    if torch.equal(tl, ours):
+        return
+    if dtype == torch.float32 and torch.allclose(tl, ours, rtol=2.4e-7, atol=0.0):
+        return  # one float32 ulp in a slope: below the model's own rounding
+    refuse(
+        "positional_embedding_type",
+        "alibi",
+        f"TransformerLens' ALiBi slopes with n_heads={n_heads} differ from BLOOM's, which pypattern uses "
+        f"(largest relative difference {float(((tl - ours) / ours).abs().max()):.1e})"
+        + ("; a float32 copy converts" if dtype == torch.float64 else ""),
+    )
 
 
 def _config(model: nn.Module) -> dict:
@@ -75,11 +81,13 @@ def _config(model: nn.Module) -> dict:
             "TransformerLens mixtures of experts are not converted",
         ),
         ("load_in_4bit", bool, "quantized weights are not converted"),
-        ("final_rms", bool, "a final RMSNorm under LayerNorm blocks is not converted"),
     ):
         v = _get(c, opt)
         if v is not None and bad(v):
             refuse(opt, v, why)
+    if _get(c, "final_rms", False) and c.normalization_type in ("LN", "LNPre"):
+        # with RMS blocks the final norm is an RMSNorm anyway (every Llama-family TransformerLens config sets it)
+        refuse("final_rms", True, f"a final RMSNorm under {c.normalization_type} blocks is not converted")
     d_vocab_out = _get(c, "d_vocab_out", c.d_vocab)
     if d_vocab_out not in (None, -1, c.d_vocab):
         refuse(
@@ -108,7 +116,7 @@ def _config(model: nn.Module) -> dict:
             "positional_embedding_type", pos, "the positions converted are 'standard', 'rotary' and 'alibi'"
         )
     if pos == "alibi":
-        _alibi_matches(c.n_heads)
+        _alibi_matches(c.n_heads, dtype)
     out: dict = dict(
         n_layers=c.n_layers,
         d_model=c.d_model,
@@ -175,10 +183,54 @@ def _config(model: nn.Module) -> dict:
     return out
 
 
+def _check_rotary_tables(model: nn.Module, cfg: dict) -> None:
+    """A float64 model's rotary tables as TransformerLens computes them for a float64 model: one built in float32
+    and moved with ``.to(torch.float64)`` keeps its float32 tables (rounded at 1e-7), which pypattern's float64
+    model would not reproduce."""
+    if model.cfg.dtype != torch.float64 or cfg["positional_embedding_type"] != "rotary":
+        return
+    attn = model.blocks[0].attn
+    sin = getattr(attn, "rotary_sin", None)
+    if not isinstance(sin, torch.Tensor) or cfg.get("rotary_scaling") is not None:
+        return
+    rd = cfg["rotary_dim"]
+    pos = torch.arange(sin.shape[0], dtype=torch.float64)
+    freq = cfg["rotary_base"] ** (torch.arange(rd // 2, dtype=torch.float64) / (rd / 2))
+    freq = freq.repeat_interleave(2) if cfg["rotary_adjacent_pairs"] else freq.repeat(2)
+    want = torch.sin(pos[:, None] / freq[None, :])
+    if not torch.allclose(sin.detach().cpu().to(torch.float64), want, rtol=0, atol=1e-12):
+        refuse(
+            "dtype",
+            torch.float64,
+            "the model's rotary tables (blocks.0.attn.rotary_sin) were computed in float32 (a float32 model moved "
+            "to float64?), which the converted float64 model would not reproduce; convert the float32 model, or "
+            "build the HookedTransformer with dtype=torch.float64",
+        )
+
+
+def _post_norm_weights(cfg: dict, w: dict) -> None:
+    """Sandwich norms after folding (TransformerLens keeps ``ln1_post`` / ``ln2_post`` with their weights while
+    the pre-norms become RMSPre / LNPre): pypattern's model has one norm type, so every norm keeps a weight, the
+    folded ones a weight of 1 (and a bias of 0), which multiplies exactly."""
+    norm = cfg["normalization_type"]
+    if not cfg["use_normalization_before_and_after"] or norm not in ("RMSPre", "LNPre"):
+        return
+    if "blocks.0.ln1_post.w" not in w:
+        return
+    cfg["normalization_type"] = "RMS" if norm == "RMSPre" else "LN"
+    like = w["blocks.0.ln1_post.w"]
+    names = [f"blocks.{i}.{n}" for i in range(cfg["n_layers"]) for n in ("ln1", "ln2")] + ["ln_final"]
+    for n in names:
+        w.setdefault(f"{n}.w", torch.ones_like(like))
+        if cfg["normalization_type"] == "LN":
+            w.setdefault(f"{n}.b", torch.zeros_like(like))
+
+
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``HookedTransformer``."""
     _check_hooks(model)
     cfg = _config(model)
+    _check_rotary_tables(model, cfg)
     params = dict(model.named_parameters())
     w: dict[str, torch.Tensor | None] = {}
     for name, p in params.items():
@@ -200,6 +252,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
                     "x W_in, so only a zero b_in converts exactly",
                 )
             w[f"{p}.b_gate"] = torch.zeros_like(b_in)
+    _post_norm_weights(cfg, w)
     if not math.isfinite(cfg["ln_eps"]):
         refuse("eps", cfg["ln_eps"], "give a finite epsilon")
     return cfg, w
