@@ -12,7 +12,7 @@ PYFILES := pypattern tests bench setup.py
 # keep timings and tests steady when other processes share the CPU.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup build test lint demo bench bench-peers check-cuda clean
+.PHONY: setup build test lint demo bench bench-peers test-peers check-cuda clean
 
 setup: $(STAMP_BUILD)
 
@@ -61,6 +61,14 @@ bench-peers: setup
 	.bench-venvs/repsim/bin/python -m pytest -q bench/bench_cca.py bench/bench_ridge.py -s --benchmark-columns=min,median,rounds
 	bash bench/envs/autocircuit.sh
 	.bench-venvs/autocircuit/bin/python -m pytest -q bench/bench_circuits.py -s --benchmark-columns=min,median,rounds
+
+# The tests that need a peer library, each in the bench venv that has it: the TransformerLens 4.3.0 bridge
+# conversions, and TransformerLens 2.16.1's HookedTransformer conversions (skipped in .venv).
+test-peers: setup
+	bash bench/envs/tl.sh
+	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/tl/bin/python -m pytest -q tests/test_convert.py -k transformer_lens -p no:cacheprovider
+	bash bench/envs/autocircuit.sh
+	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/autocircuit/bin/python -m pytest -q tests/test_hooked_transformer.py -p no:cacheprovider
 
 check-cuda:
 	bash .ci/check_cuda.sh
