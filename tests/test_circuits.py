@@ -308,3 +308,43 @@ def test_edge_selections_and_acdc_thresholds_are_checked():
     with pytest.warns(RuntimeWarning, match="faithfulness is undefined"):
         c = acdc(model, clean, clean, metric=met, threshold=0.1)
     assert c.faithfulness != c.faithfulness  # NaN
+
+
+def test_generators_stack_unsafe_metrics_mismatched_graphs_and_settings():
+    """Edges given as a generator are read whole (its first edge was lost); EAP in the default noising mode checks
+    the metric on stacked logits as the other paths do; a graph of a model with other MLPs is refused; batch,
+    memory, step, position and count settings are checked by name."""
+    from pypattern.circuits import edge_attribution, faithfulness, pruning_curve
+
+    model = tiny(seed=3)
+    clean, corr, ans, wrong = prompts(model, seed=4)
+    metric = LogitDiff(ans, wrong)
+    chosen = [e for e in edges(model) if e.dst == "logits"]
+    want = patch_edges(model, chosen, clean, corr, metric=metric)
+    torch.testing.assert_close(patch_edges(model, (e for e in chosen), clean, corr, metric=metric), want)
+    assert faithfulness(model, iter(chosen), clean, corr, metric=metric) == faithfulness(
+        model, chosen, clean, corr, metric=metric
+    )
+
+    def first_axis(lg):  # right on (batch, vocab), wrong on a stack (runs, batch, vocab)
+        return lg[:, 1] - lg[:, 2]
+
+    for method in ("eap", "eap-ig"):
+        with pytest.raises(ValueError, match="on a stack of runs"):
+            edge_attribution(model, clean, corr, metric=first_axis, method=method)
+    with pytest.raises(ValueError, match="has_mlp"):
+        patch_edges(model, [], clean, corr, metric=metric, graph=edges(tiny(attn_only=True, seed=3)))
+    for kw, match in (
+        (dict(max_batch=0), "max_batch=0"),
+        (dict(max_batch=2.5), "max_batch=2.5"),
+        (dict(memory_budget=float("nan")), "memory_budget=nan"),
+        (dict(per_position="no"), "per_position='no'"),
+        (dict(method="eap-ig", steps=True), "steps=True"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            edge_attribution(model, clean, corr, metric=metric, **kw)
+    sc = edge_attribution(model, clean, corr, metric=metric)
+    with pytest.raises(ValueError, match="fractions must lie in"):
+        pruning_curve(model, sc, clean, corr, metric=metric, fractions=[float("nan")])
+    with pytest.raises(ValueError, match="counts must be ints"):
+        pruning_curve(model, sc, clean, corr, metric=metric, counts=[2.7])

@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..models.convert import converted_if_convertible
@@ -51,6 +52,19 @@ def _as_masks(graph: EdgeGraph, edges) -> tuple[torch.Tensor, bool]:
     if edges and not isinstance(edges[0], (Edge, str)):
         return torch.stack([graph.mask(e) for e in edges]), False
     return graph.mask(edges)[None], True
+
+
+def _materialised(edges):
+    """``edges`` read once into a list when it is an iterator or generator (the per-position test and the masks
+    both read it: a generator would lose its first item to the first)."""
+    if isinstance(edges, (torch.Tensor, Edge, str, list, tuple)):
+        return edges
+    try:
+        return list(edges)
+    except TypeError:
+        raise TypeError(
+            f"edges={edges!r} is not valid; give edges or edge names, a boolean mask, or a list of such sets"
+        ) from None
 
 
 def _infer_per_position(edges, model, T: int) -> bool:
@@ -128,6 +142,7 @@ def patch_edges(
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets.
     """
     model = converted_if_convertible(model)
+    edges = _materialised(edges)
     T = clean.shape[-1]
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
@@ -241,8 +256,10 @@ def edge_attribution(
     model = converted_if_convertible(model)
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {_METHODS}")
-    if method == "eap-ig" and (not isinstance(steps, int) or steps < 1):
+    if method == "eap-ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
+    if not isinstance(per_position, bool):
+        raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
     T = clean.shape[-1]
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
@@ -370,6 +387,7 @@ def faithfulness(
     float for one circuit, Tensor ``(C,)`` for a batch (same forms of ``edges`` as :func:`patch_edges`).
     """
     model = converted_if_convertible(model)
+    edges = _materialised(edges)
     T = clean.shape[-1]
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
@@ -399,12 +417,16 @@ def _ranking(scores: torch.Tensor) -> torch.Tensor:
 
 def _counts(E: int, fractions, counts) -> torch.Tensor:
     if counts is not None:
-        c = torch.as_tensor(list(counts), dtype=torch.long)
+        counts = list(counts)
+        bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int | np.integer)]
+        if bad:
+            raise ValueError(f"counts must be ints (numbers of edges kept); got {bad[:3]}")
+        c = torch.as_tensor(counts, dtype=torch.long)
         if bool(((c < 0) | (c > E)).any()):
             raise ValueError(f"counts must lie in 0..{E}; got {c.tolist()}")
         return c
     fr = torch.as_tensor(list(fractions), dtype=torch.float64)
-    if bool(((fr < 0) | (fr > 1)).any()):
+    if not bool(((fr >= 0) & (fr <= 1)).all()):  # NaN fails both
         raise ValueError(f"fractions must lie in [0, 1]; got {fr.tolist()}")
     return torch.unique(torch.round(fr * E).long())
 

@@ -25,6 +25,7 @@ unembedding). Masks are grouped by their first stage (and first heads) and evalu
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from dataclasses import dataclass
 
@@ -154,16 +155,29 @@ class EdgeEngine:
         self.Hk = view.n_kv_heads
         self.nA = self.H + 2 * self.Hk  # destination inputs of one layer's attention: q, k, v
         self.parallel = view.parallel
-        if (graph.n_heads, graph.n_kv_heads, graph.n_layers, graph.parallel) != (
+        if (graph.n_heads, graph.n_kv_heads, graph.n_layers, graph.parallel, graph.has_mlp) != (
             self.H,
             self.Hk,
             self.L,
             self.parallel,
+            view.has_mlp,
         ):
             raise ValueError(
-                f"the graph ({graph!r}, n_kv_heads={graph.n_kv_heads}, parallel={graph.parallel}) does not match "
-                f"the model (n_layers={self.L}, n_heads={self.H}, n_kv_heads={self.Hk}, parallel={self.parallel}); "
-                "build it with edges(model)"
+                f"the graph ({graph!r}, n_kv_heads={graph.n_kv_heads}, parallel={graph.parallel}, has_mlp="
+                f"{graph.has_mlp}) does not match the model (n_layers={self.L}, n_heads={self.H}, n_kv_heads="
+                f"{self.Hk}, parallel={self.parallel}, has_mlp={view.has_mlp}); build it with edges(model)"
+            )
+        if max_batch is not None and (
+            isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+        ):
+            raise ValueError(f"max_batch={max_batch!r} is not valid; give an int >= 1 or None")
+        if (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, int | float)
+            or not (math.isfinite(memory_budget) and memory_budget > 0)
+        ):
+            raise ValueError(
+                f"memory_budget={memory_budget!r} is not valid; give a finite number of bytes > 0"
             )
         g = graph
         # destination inputs of each stage, in graph order: q (H), k (Hk), v (Hk) of a layer's attention, then
@@ -676,7 +690,9 @@ class EdgeEngine:
                         base_logits = logits[record].detach()
                         if not self.bound:
                             bind_metric(self.metric, base_logits)
-                            check_metric_output(self.metric(base_logits), self.B)
+                            on_base = check_metric_output(self.metric(base_logits), self.B).detach()
+                            # the runs below read the metric on stacks of logits: it must give each run's values
+                            check_metric_on_stacks(self.metric, base_logits, on_base)
                             self.bound = True
                     val = self.metric(logits)
                     break
