@@ -363,3 +363,64 @@ def test_a_site_an_unconverted_model_has_no_hook_for_is_refused_by_name():
         activation_patching(hf, "resid_mid", clean, corr, metric=metric)
     grid = activation_patching(hf, "resid_post", clean, corr, metric=metric)
     assert grid.values.shape[:2] == (2, 2)
+
+
+def test_corruption_metric_and_size_settings_are_checked():
+    """Empty reference prompts, non-finite or negative noise scales, a bool metric position, non-bool
+    per_position, unusable memory limits, empty site lists and empty batches are refused by name."""
+    from pypattern.patching import GaussianNoise, LogProb, MeanAblation
+
+    model, clean, corr, metric = small()
+    with pytest.raises(ValueError, match="MeanAblation.reference_tokens"):
+        MeanAblation(torch.zeros(0, 6, dtype=torch.long))
+    for kw in (dict(std=float("nan")), dict(std=-1.0), dict(std_multiplier=float("inf"))):
+        with pytest.raises(ValueError, match="GaussianNoise"):
+            GaussianNoise(**kw)
+    with pytest.raises(ValueError, match="position=True is not valid"):
+        LogProb(torch.tensor([1, 2, 3, 4]), position=True)
+    with pytest.raises(TypeError, match="per_position='no'"):
+        activation_patching(model, "resid_pre", clean, corr, metric=metric, per_position="no")
+    with pytest.raises(TypeError, match="per_position='no'"):
+        attribution_patching(model, clean, corr, metric=metric, per_position="no")
+    for mm in (True, float("inf"), "1GB"):
+        with pytest.raises(ValueError, match="max_memory=.* is not valid"):
+            activation_patching(model, "resid_pre", clean, corr, metric=metric, max_memory=mm)
+    with pytest.raises(ValueError, match="sites is empty"):
+        attribution_patching(model, clean, corr, metric=metric, sites=[])
+    with pytest.raises(ValueError, match="clean_tokens has shape"):
+        activation_patching(model, "resid_pre", clean[:0], corr[:0], metric=metric)
+
+
+def test_mean_ablation_reference_with_per_example_positions_and_shortlist_on_hf_models():
+    """AtP of a mean ablation over other reference prompts with per-example metric positions runs (it crashed)
+    and equals the same AtP in parts of two prompts (a path that worked); a Hugging
+    Face model in train() mode is patched with its eval() forward (warned, deterministic); shortlist_and_confirm
+    takes a Hugging Face model."""
+    transformers = pytest.importorskip("transformers")
+    from pypattern.patching import LogProb, MeanAblation
+    from pypattern.patching.attribution import shortlist_and_confirm
+
+    model, clean, corr, _ = small()
+    ref = torch.randint(0, 12, (3, 6), generator=torch.Generator().manual_seed(5))
+    m = LogProb(torch.tensor([1, 2, 3, 4]), position=torch.tensor([1, 5, 2, 4]))
+    kw = dict(metric=m, corruption=MeanAblation(ref), direction="noising", sites=["z", "resid_pre"])
+    atp = attribution_patching(model, clean, **kw)
+    parts = attribution_patching(model, clean, max_batch=2, **kw)
+    for site in atp:
+        torch.testing.assert_close(atp[site].values, parts[site].values, rtol=1e-9, atol=1e-9)
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=12, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+    )
+    assert hf.training
+    x, y = clean[:2], corr[:2]
+    metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    with pytest.warns(UserWarning, match="train\\(\\) mode with dropout"):
+        a = activation_patching(hf, "resid_pre", x, y, metric=metric)
+    with pytest.warns(UserWarning, match="train\\(\\) mode with dropout"):
+        b = activation_patching(hf, "resid_pre", x, y, metric=metric)
+    torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
+    assert hf.training  # its mode is put back
+    rows = shortlist_and_confirm(hf.eval(), "z", x, y, metric=metric, k=3)
+    assert len(rows) == 3 and all("exact" in r for r in rows)
+    with pytest.raises(ValueError, match="k=-1 is not valid"):
+        shortlist_and_confirm(hf, "z", x, y, metric=metric, k=-1)

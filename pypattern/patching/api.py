@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +146,8 @@ def check_tokens(tokens, argument: str, d_vocab: int | None, shape: tuple | None
         raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
     if tokens.dim() != 2:
         raise ValueError(f"{argument} has shape {tuple(tokens.shape)}; give (batch, pos)")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{argument} has shape {tuple(tokens.shape)}: give at least one prompt of one token")
     if shape is not None and tuple(tokens.shape) != tuple(shape):
         raise ValueError(
             f"{argument} has shape {tuple(tokens.shape)}; it must equal the clean shape {tuple(shape)}"
@@ -160,7 +164,10 @@ def check_tokens(tokens, argument: str, d_vocab: int | None, shape: tuple | None
 def _vocab(model) -> int | None:
     cfg = getattr(model, "cfg", None)
     v = getattr(cfg, "d_vocab", None) if cfg is not None else getattr(model, "d_vocab", None)
-    return v if isinstance(v, int) else None
+    if not isinstance(v, int):  # a wrapped Hugging Face model (hooked_hf): its config's vocabulary
+        inner = getattr(model, "model", None)
+        v = getattr(getattr(inner, "config", getattr(model, "config", None)), "vocab_size", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def prepare_runs(
@@ -291,8 +298,14 @@ def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memor
         raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
     if max_memory is None:
         return max_batch
-    if not max_memory > 0:
-        raise ValueError(f"max_memory={max_memory!r} is not valid; give a positive number of bytes or None")
+    if (
+        isinstance(max_memory, bool)
+        or not isinstance(max_memory, int | float)
+        or not (max_memory > 0 and max_memory < float("inf"))
+    ):
+        raise ValueError(
+            f"max_memory={max_memory!r} is not valid; give a finite positive number of bytes or None"
+        )
     fit = max(1, int(max_memory // bytes_per_cell(cfg, batch, seq_len)))
     return fit if max_batch is None else min(fit, max_batch)
 
@@ -362,6 +375,47 @@ def activation_patching(
     """
     from ..models.transformer import Transformer
 
+    with _deterministic(model):
+        return _activation_patching(
+            model, site, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption,
+            direction=direction, per_position=per_position, layers=layers, heads=heads, positions=positions,
+            window=window, method=method, max_batch=max_batch, max_memory=max_memory, Transformer=Transformer,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _deterministic(model):
+    """A model whose forward is random in ``train()`` mode (dropout) is patched with its ``eval()`` forward, with a
+    warning, and put back in its mode afterwards (as the converted model, which has no dropout, would be)."""
+    import torch.nn as nn
+
+    from .._training import random_in_training
+
+    active = random_in_training(model) if isinstance(model, nn.Module) else []
+    if not active:
+        yield
+        return
+    warnings.warn(
+        f"the model is in train() mode with dropout ({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}): "
+        "it is patched with its eval() forward; call model.eval() first to silence this",
+        UserWarning,
+        stacklevel=4,
+    )
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def _activation_patching(
+    model, site, clean_tokens, corrupted_tokens, *, metric, corruption, direction, per_position, layers, heads,
+    positions, window, method, max_batch, max_memory, Transformer,
+) -> PatchResult:  # fmt: skip
+    if not isinstance(per_position, bool):
+        raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
     if method == "exact" or (isinstance(site, str) and site in HEAD_SITES):
         from ..models.convert import converted_if_convertible
 

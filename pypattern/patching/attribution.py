@@ -272,6 +272,10 @@ def attribution_patching(
             f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}{hint}"
         )
     sites = [sites] if isinstance(sites, str) else list(sites)
+    if not sites:
+        raise ValueError("sites is empty: give at least one site (e.g. sites=['z'])")
+    if not isinstance(per_position, bool):
+        raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
     if grad_drop and model.cfg.n_layers < 2:
         raise ValueError(
             "grad_drop=True needs a model of at least 2 layers: GradDrop averages the estimates with the gradient "
@@ -426,12 +430,16 @@ def _atp(
     )
     tnames = names | resid
 
-    def cache_run(tokens, nz):
-        """``(final rows at the metric position (B, d_model), cache of names)``, without gradients."""
+    def cache_run(tokens, nz, rows: bool = True):
+        """``(final rows at the metric position (B, d_model), cache of names)``, without gradients; ``rows=False``
+        (reference prompts of another batch, whose metric positions are not the clean batch's): no rows."""
         cache = {}
         hooks = [("hook_embed", embedding_noise_hook(nz))] if nz is not None else []
         hooks.append((lambda n: n in names, lambda x, hook: cache.__setitem__(hook.name, x.detach())))
         with torch.no_grad(), model.hooks(hooks):
+            if not rows:
+                model(tokens, return_type=None)
+                return None, cache
             return _final_rows(model, tokens, pos), cache
 
     # forward 1: the source run (no gradient): the clean run (denoising) or the corrupted one (noising with
@@ -508,7 +516,7 @@ def _atp(
             if means is None:
                 ref = tgt_cache
                 if corruption.reference_tokens is not None:
-                    _, ref = cache_run(corruption.reference_tokens, None)
+                    _, ref = cache_run(corruption.reference_tokens, None, rows=False)
                 means = {n: ref[n].mean(0, keepdim=True) for n in names}
             src_cache = {n: means[n].expand_as(tgt_cache[n]) for n in names}
         else:  # the corrupted run (forward 1 of noising)
@@ -582,8 +590,12 @@ def shortlist_and_confirm(
         ``{"layer", ["head",] "pos", "atp": mean estimated effect, "exact": mean exact effect}`` sorted by
         ``|atp|`` (effects on the raw metric scale: ``m_patched - m_target``).
     """
+    from ..models.convert import converted_if_convertible
     from .api import prepare_runs
 
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
+    model = converted_if_convertible(model)  # the exact stage needs pypattern's model too
     atp = attribution_patching(
         model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], direction=direction, qk_fix=qk_fix
     )[site]

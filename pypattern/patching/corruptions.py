@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,13 @@ class GaussianNoise(Corruption):
     std_multiplier: float = 3.0
     seed: int = 0
     std: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, v in (("std_multiplier", self.std_multiplier), ("std", self.std)):
+            if v is None and name == "std":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"GaussianNoise.{name}={v!r} is not valid; give a finite number >= 0")
 
     def noise(self, model, batch: int, seq_len: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
         pos = None
@@ -109,6 +117,14 @@ class MeanAblation(Corruption):
 
     reference_tokens: torch.Tensor | None = None
     is_ablation = True
+
+    def __post_init__(self) -> None:
+        r = self.reference_tokens
+        if r is not None and (not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[0] == 0):
+            raise ValueError(
+                "MeanAblation.reference_tokens must be a (batch, pos) tensor of at least one prompt (a mean over "
+                f"no prompt is undefined), got {getattr(r, 'shape', r)!r}"
+            )
 
 
 def embedding_noise_hook(noise: torch.Tensor):

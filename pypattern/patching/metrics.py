@@ -66,6 +66,10 @@ class Metric:
     name = "metric"
 
     def __init__(self, position: int | torch.Tensor = -1) -> None:
+        if isinstance(position, bool) or (
+            isinstance(position, torch.Tensor) and position.dtype == torch.bool
+        ):
+            raise ValueError(f"position={position!r} is not valid; give an int or per-example int positions")
         self.position = position
 
     #: attributes that hold one entry per example (first dimension ``batch``); :meth:`select` indexes them

@@ -132,6 +132,8 @@ class PatchResult(Saveable):
 
     def top(self, k: int = 10, normalized: bool = False) -> list[tuple[dict, float]]:
         """The ``k`` cells with the largest mean absolute effect: ``[(coords, mean effect), ...]``."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k={k!r} is not valid; give an int >= 0")
         m = (
             self.effect.mean(0)
             if not normalized
