@@ -753,3 +753,52 @@ def test_llc_and_expert_susceptibilities_on_an_unconverted_mixture_of_experts(ar
     chi = np.asarray(res.chi)
     assert chi.shape[0] == 2 and np.isfinite(chi).all() and np.abs(chi[0]).max() > 0
     assert not np.allclose(chi[0], chi[1])
+
+
+def test_the_adapter_unwraps_compiled_models_leaves_no_hooks_and_refuses_what_it_would_misread():
+    """hooked_hf takes torch.compile's wrapper (the layout stood in without dynamo); activation_patching takes its
+    temporary hooks off the user's model (they piled up, one set per call); GPT-2's token_type_ids (embedded by
+    the token embedding, so hook_embed would see them) and a model without its LM head are refused; an estimator
+    whose model has a __len__ that raises (as torch.compile's wrapper does) still samples."""
+    import numpy as np
+
+    import pypattern as pp
+    from pypattern.patching import LogitDiff, activation_patching
+
+    class OptimizedModule(torch.nn.Module):
+        def __init__(self, mod):
+            super().__init__()
+            self._orig_mod = mod
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self._orig_mod, name)
+
+        def forward(self, *a, **k):
+            return self._orig_mod(*a, **k)
+
+        def __len__(self):
+            raise TypeError(f"{type(self._orig_mod).__name__} does not support len()")
+
+    m = _model("llama")
+    x = _tokens()
+    torch.testing.assert_close(hooked_hf(OptimizedModule(m))(x), hooked_hf(m)(x), rtol=0, atol=0)
+    before = sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+    metric = LogitDiff(x[:, -1], (x[:, -1] + 1) % V)
+    for _ in range(2):
+        activation_patching(m, "resid_pre", x, x.roll(1, dims=1), metric=metric)
+    assert sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules()) == before
+    gpt2 = _model("gpt2")
+    with pytest.raises(ValueError, match="token_type_ids"):
+        hooked_hf(gpt2)({"input_ids": x, "token_type_ids": torch.zeros_like(x)})
+    import transformers as tr
+
+    head = tr.LlamaForSequenceClassification(m.config)
+    with pytest.raises(ValueError, match="has no language-model head"):
+        hooked_hf(head)
+    loader = [x]
+    kw = dict(num_chains=1, num_draws=2, step_size=1e-4, localization=10.0, seed=0, quiet=True)
+    chi = pp.susceptibilities(OptimizedModule(m), loader, x, ["blocks.0.attn.head.0"], **kw).chi
+    assert np.isfinite(chi).all()

@@ -302,6 +302,11 @@ def hf_arch(model: nn.Module) -> HFArch:
         For an unsupported ``model_type`` (named, with the supported ones), or a base model without its LM head.
     """
     mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt is not None and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is None:
+        raise ValueError(
+            f"{type(model).__name__} has no language-model head (a base model, or one with another head): give the "
+            "causal LM (e.g. AutoModelForCausalLM), whose forward returns next-token logits"
+        )
     if mt is None:
         raise TypeError(
             f"model={type(model).__name__} has no config.model_type: give a Hugging Face causal LM "
@@ -372,6 +377,11 @@ class _HFLogits(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def shares_token_type_embedding(self) -> bool:
+        """GPT-2, GPT-Neo, GPT-J and GPT-BigCode embed ``token_type_ids`` with their token embedding module."""
+        return getattr(self.model.config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "gpt_bigcode")
+
     def forward(
         self,
         input_ids: torch.Tensor | Mapping | None = None,
@@ -391,6 +401,11 @@ class _HFLogits(nn.Module):
             for k in ("position_ids", "token_type_ids"):
                 if batch.get(k) is not None:
                     kwargs.setdefault(k, batch[k])
+        if kwargs.get("token_type_ids") is not None and self.shares_token_type_embedding:  # noqa: SIM102
+            raise ValueError(
+                f"token_type_ids: {type(self.model).__name__} embeds them with its token embedding, so hook_embed "
+                "would see them too (and a patch there would rewrite them); drop them from the batch"
+            )
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(
                 f"input_ids={type(input_ids).__name__}: give token ids (batch, pos), or a mapping with 'input_ids'"
@@ -418,6 +433,10 @@ class HookedHF(HookedModule):
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod  # torch.compile's wrapper: hook the model it compiles
         arch = hf_arch(model)
         n_layers = _n_layers(model, arch)
         pts = {k: "model." + v for k, v in hf_hook_points(model).items()}

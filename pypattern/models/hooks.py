@@ -191,6 +191,13 @@ class HookedModule(HookedRootModule):
             else:
                 self._handles.append(mods[mpath].register_forward_hook(self._post(hp)))
 
+    def remove_hooks(self) -> None:
+        """Take this wrapper's hooks off the wrapped module (it then runs as before it was wrapped); the wrapper's
+        hook points no longer fire."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
     @staticmethod
     def _pre(hp: HookPoint) -> Callable:
         def fn(mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:

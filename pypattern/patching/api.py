@@ -376,11 +376,32 @@ def activation_patching(
     from ..models.transformer import Transformer
 
     with _deterministic(model):
-        return _activation_patching(
-            model, site, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption,
-            direction=direction, per_position=per_position, layers=layers, heads=heads, positions=positions,
-            window=window, method=method, max_batch=max_batch, max_memory=max_memory, Transformer=Transformer,
-        )  # fmt: skip
+        if method == "exact" or (isinstance(site, str) and site in HEAD_SITES):
+            from ..models.convert import converted_if_convertible
+
+            # per-head hook points and the exact engine: pypattern's model
+            model = converted_if_convertible(model)
+        with _own_wrapper(model) as run:
+            return _activation_patching(
+                run, site, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption,
+                direction=direction, per_position=per_position, layers=layers, heads=heads, positions=positions,
+                window=window, method=method, max_batch=max_batch, max_memory=max_memory, Transformer=Transformer,
+            )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _own_wrapper(model):
+    """``model`` as patching runs it (:func:`_hooked_if_hf`); a wrapper made here takes its hooks off the user's
+    model when patching ends (they stayed on it, one set per call)."""
+    from ..models.hooks import HookedModule
+
+    run = _hooked_if_hf(model)
+    made = run is not model and isinstance(run, HookedModule)
+    try:
+        yield run
+    finally:
+        if made:
+            run.remove_hooks()
 
 
 @contextlib.contextmanager
@@ -416,13 +437,6 @@ def _activation_patching(
 ) -> PatchResult:  # fmt: skip
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
-    if method == "exact" or (isinstance(site, str) and site in HEAD_SITES):
-        from ..models.convert import converted_if_convertible
-
-        model = converted_if_convertible(
-            model
-        )  # per-head hook points and the exact engine: pypattern's model
-    model = _hooked_if_hf(model)
     is_tf = isinstance(model, Transformer)
     check_site(model.cfg if is_tf else None, site)
     if method not in ("auto", "exact", "naive"):

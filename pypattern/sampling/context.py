@@ -190,7 +190,7 @@ class RunContext:
             with torch.no_grad():
                 for name, fn in plan.observables:
                     if name not in obs_vals:
-                        view = view or model_view()
+                        view = model_view() if view is None else view
                         obs_vals[name] = fn(view, batch)
             if plan.record_observables:
                 with self.lock:
@@ -208,7 +208,7 @@ class RunContext:
         )
         for cb, keys in self.cb_keys:
             if keys is None or "model" in keys:
-                view = view or model_view()
+                view = model_view() if view is None else view
                 args["model"] = view
             with self.lock:
                 cb(**(args if keys is None else {k: v for k, v in args.items() if k in keys}))
