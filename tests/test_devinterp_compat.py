@@ -308,8 +308,10 @@ def test_v1_sample_with_estimator_callbacks_equals_the_summary():
             optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0), init_loss=init,
             warn_nonstationary=False, **FAST,
         )  # fmt: skip
-    assert out is None and seen.finalized and len(seen.items) == 24
+    assert seen.finalized and len(seen.items) == 24
     r = est.get_results()
+    # devinterp 1.x's sample returns its callbacks' results merged (those that keep none are left out)
+    assert out["llc/mean"] == r["llc/mean"] and "llc/means" in out
     np.testing.assert_allclose(r["loss/trace"], summary["loss/trace"], rtol=1e-6)
     assert r["llc/mean"] == pytest.approx(summary["llc/mean"], rel=1e-5)
     assert r["llc/std"] == pytest.approx(summary["llc/std"], rel=1e-4)
@@ -842,3 +844,53 @@ def test_evaluate_that_is_not_callable_and_devinterp2_step_settings_are_named():
         llc(model, ids, lr="1e-4", n_beta=2.0, **kw)
     with pytest.raises(ValueError, match="n_beta must be a finite number > 0, got -1.0"):
         llc(model, ids, lr=1e-4, n_beta=-1.0, **kw)
+
+
+class _DropoutLM(nn.Module):
+    """pypattern's Transformer with dropout on its logits: its train() forward is random."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _transformer()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, ids, **kw):
+        return self.drop(self.inner(ids, **kw))
+
+
+def test_v2_dropout_model_data_order_numpy_numbers_and_v1_init_loss():
+    """devinterp 2.x's sample: a model in train() mode with dropout gives the same L_n(w*) and chains as in eval()
+    (both read its eval() forward; L_n(w*) read the dropout forward before); shuffle=False with gradient
+    accumulation cycles through every batch of batch_size as devinterp does (the remainder of one big batch was
+    never read); numpy scalars are numbers. devinterp 1.x's sample gives its estimators the run's L_n(w*), and
+    default_nbeta takes devinterp 2.x's keyword."""
+    from pypattern.devinterp.slt.llc import LLCEstimator
+    from pypattern.devinterp.slt.sampler import sample as sample_v1
+
+    model, ids = _DropoutLM(), _tokens(40)
+    kw = dict(lr=1e-3, n_beta=5.0, num_chains=2, num_draws=4, batch_size=8, quiet=True, init_seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = di.sample(model.train(), ids, {}, **kw)
+        ev = di.sample(model.eval(), ids, {}, **kw)
+    np.testing.assert_array_equal(train.init_loss.values, ev.init_loss.values)
+    np.testing.assert_array_equal(train.sampling_loss.values, ev.sampling_loss.values)
+    s = di.sample(
+        _transformer(), ids, {}, **{**kw, "lr": np.float32(1e-3), "n_beta": np.float64(5.0)},
+        gradient_accumulation_steps=3, shuffle=False, num_burnin_steps=5,
+    )  # fmt: skip
+    seen = {tuple(r) for r in s.sampling_input_ids_micro.values.reshape(-1, ids.shape[1]).tolist()}
+    assert seen == {tuple(r) for r in ids.tolist()}  # 40 sequences, steps of 3 x 8: every one is read
+    assert pypattern.default_nbeta(16, gradient_accumulation_steps=2) == pytest.approx(32 / math.log(32))
+    tmodel = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+    est = LLCEstimator(num_chains=2, num_draws=5, init_loss=None, nbeta=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = sample_v1(
+            tmodel, loader, [est], evaluate=_ce, sampling_method=SGLD, seed=1, verbose=False, num_chains=2,
+            num_draws=5, optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0), init_loss=0.7,
+        )  # fmt: skip
+    assert est.init_loss == 0.7 and np.isfinite(out["llc/mean"])

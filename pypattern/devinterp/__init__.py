@@ -38,7 +38,10 @@ sampling data (``match_sampling_input_ids_across_chains`` only chooses, as in de
 ``L_n(w*)`` reads the batches of ``init_seed`` or of ``init_seed + chain``; ``shuffle=False`` gives every chain
 the dataset order); observables are evaluated at a draw's weights before its step; ``output_path``,
 ``save_metrics=True``, ``init_noise`` and RMSprop-SGLD's ``add_grad_correction=True`` raise
-``NotImplementedError`` naming the argument. ``sampling_method`` takes devinterp 2.x's ``"sgmcmc_sgld"`` and
+``NotImplementedError`` naming the argument; devinterp calls ``model.train()`` for ``L_n(w*)`` and the chains (a
+model with dropout is sampled with its dropout on), where pypattern samples such a model in ``eval()`` mode, for
+both, with a warning (deterministic draws, exact resume: call ``model.eval()`` first to silence it).
+``sampling_method`` takes devinterp 2.x's ``"sgmcmc_sgld"`` and
 ``"rmsprop_sgld"`` (with ``sampling_method_kwargs`` ``alpha`` / ``eps``, or ``rmsprop_alpha`` / ``rmsprop_eps``),
 and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the fused samplers of
 :func:`pypattern.sample`'s ``sampler``.
@@ -47,6 +50,7 @@ and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the 
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +68,7 @@ from ..sampling.llc import (
     resolve_device,
 )
 from ..sampling.optim import SGLD
+from ..sampling.runner import _eval_mode_for_dropout
 from ..sampling.runner import sample as _native_sample
 from ..sampling.samplers import (
     SAMPLER_HYPERPARAMETERS,
@@ -518,8 +523,9 @@ def sample(
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     for name, v in (("lr", lr), ("n_beta", n_beta)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    lr, n_beta = float(lr), float(n_beta)
     dev = resolve_device(device, model)
     model = on_device(model, dev)
     loss_fn = loss_fn or per_token_loss
@@ -539,83 +545,94 @@ def sample(
                 f"observables[{name!r}] has sequences of length {obs[_obs_id(name)].shape[1]}, not {T + 1}"
             )
 
-    # L_n(w*) per token and chain: the first batches of devinterp's init-loss loader, a DataLoader over the dataset
-    # with a generator seeded by init_seed (init_seed + chain when match_sampling_input_ids_across_chains is
-    # False). Its iterator draws a base seed from the generator before the shuffle's permutation, so the order is
-    # read from such a loader, not from randperm of a fresh generator.
-    nb = len(ids) // batch_size
-    k = num_init_loss_batches * gradient_accumulation_steps
-    seeds = [int(init_seed) + (0 if match_sampling_input_ids_across_chains else c) for c in range(num_chains)]
-    init_of: dict[int, np.ndarray] = {}
-    for sd in dict.fromkeys(seeds):
-        loader = torch.utils.data.DataLoader(
-            torch.arange(len(ids)),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(sd),
-            drop_last=True,
-        )
-        order = torch.cat(list(loader))
-        with torch.no_grad():
-            per_tok = [
-                _checked_loss(
-                    loss_fn, model, ids[order[(i % nb) * batch_size : (i % nb + 1) * batch_size]].to(dev)
-                )
-                .double()
-                .mean(0)
-                for i in range(k)
-            ]
-        init_of[sd] = torch.stack(per_tok).mean(0).cpu().numpy()  # (token_pos,)
-    init_chain_tok = np.stack([init_of[sd] for sd in seeds])  # (chain, token_pos)
-    init_tok = init_chain_tok.mean(0)
-
-    total = num_draws * num_steps_bw_draws + num_burnin_steps
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(ids), batch_size=big, shuffle=shuffle, drop_last=True
-    )
-    micro = np.full((num_chains, total, big, T), np.nan, dtype=np.float32)
-    micro_ids = np.zeros((num_chains, total, big, T + 1), dtype=np.int64)
-    obs_loss = {
-        o: np.full((num_chains, num_draws, len(v), T), np.nan, dtype=np.float32) for o, v in obs.items()
-    }
-
-    def lf(m, batch):
-        v = _checked_loss(loss_fn, m, batch[0])
-        return v.float().mean(), v, batch[0]
-
-    def cb(chain, step, model, outputs):
-        micro[chain, step] = outputs[0].detach().float().cpu().numpy()
-        micro_ids[chain, step] = outputs[1].cpu().numpy()
-        d, r = divmod(step - num_burnin_steps, num_steps_bw_draws)
-        if d >= 0 and r == 0:
+    # a model in train() mode with dropout: L_n(w*) and the chains both read its eval() forward (warned)
+    with _eval_mode_for_dropout(model):
+        # L_n(w*) per token and chain: the first batches of devinterp's init-loss loader, a DataLoader over the dataset
+        # with a generator seeded by init_seed (init_seed + chain when match_sampling_input_ids_across_chains is
+        # False). Its iterator draws a base seed from the generator before the shuffle's permutation, so the order is
+        # read from such a loader, not from randperm of a fresh generator.
+        nb = len(ids) // batch_size
+        k = num_init_loss_batches * gradient_accumulation_steps
+        seeds = [
+            int(init_seed) + (0 if match_sampling_input_ids_across_chains else c) for c in range(num_chains)
+        ]
+        init_of: dict[int, np.ndarray] = {}
+        for sd in dict.fromkeys(seeds):
+            loader = torch.utils.data.DataLoader(
+                torch.arange(len(ids)),
+                batch_size=batch_size,
+                shuffle=shuffle,
+                generator=torch.Generator().manual_seed(sd),
+                drop_last=True,
+            )
+            order = torch.cat(list(loader))
             with torch.no_grad():
-                for o, v in obs.items():
-                    obs_loss[o][chain, d] = _checked_loss(loss_fn, model, v).detach().float().cpu().numpy()
+                per_tok = [
+                    _checked_loss(
+                        loss_fn, model, ids[order[(i % nb) * batch_size : (i % nb + 1) * batch_size]].to(dev)
+                    )
+                    .double()
+                    .mean(0)
+                    for i in range(k)
+                ]
+            init_of[sd] = torch.stack(per_tok).mean(0).cpu().numpy()  # (token_pos,)
+        init_chain_tok = np.stack([init_of[sd] for sd in seeds])  # (chain, token_pos)
+        init_tok = init_chain_tok.mean(0)
 
-    restrict, masks = _runs_spec(model, param_masks)
-    _native_sample(
-        model,
-        loader,
-        loss_fn=lf,
-        num_chains=num_chains,
-        num_draws=total,  # every step is recorded: devinterp's LLC averages all of them
-        step_size=lr,
-        nbeta=n_beta,
-        localization=localization,
-        weight_decay=llc_weight_decay,
-        noise_scale=noise_level,
-        bounding_box=bounding_box_size,
-        restrict_to=restrict,
-        masks=masks,
-        seed=int(init_seed),
-        init_loss=float(init_tok.mean()),
-        callbacks=[cb],
-        quiet=quiet,
-        batched=batched,
-        warn_nonstationary=False,
-        sampler=sampler,
-        optimizer_kwargs=own,
-    )
+        total = num_draws * num_steps_bw_draws + num_burnin_steps
+        if shuffle or gradient_accumulation_steps == 1:
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(ids), batch_size=big, shuffle=shuffle, drop_last=True
+            )
+        else:  # devinterp's order: consecutive batches of batch_size, cycled, gradient_accumulation_steps per step
+            gas, period = gradient_accumulation_steps, nb // math.gcd(nb, gradient_accumulation_steps)
+            micro_of = [ids[i * batch_size : (i + 1) * batch_size] for i in range(nb)]
+            loader = [(torch.cat([micro_of[(j * gas + r) % nb] for r in range(gas)]),) for j in range(period)]
+        micro = np.full((num_chains, total, big, T), np.nan, dtype=np.float32)
+        micro_ids = np.zeros((num_chains, total, big, T + 1), dtype=np.int64)
+        obs_loss = {
+            o: np.full((num_chains, num_draws, len(v), T), np.nan, dtype=np.float32) for o, v in obs.items()
+        }
+
+        def lf(m, batch):
+            v = _checked_loss(loss_fn, m, batch[0])
+            return v.float().mean(), v, batch[0]
+
+        def cb(chain, step, model, outputs):
+            micro[chain, step] = outputs[0].detach().float().cpu().numpy()
+            micro_ids[chain, step] = outputs[1].cpu().numpy()
+            d, r = divmod(step - num_burnin_steps, num_steps_bw_draws)
+            if d >= 0 and r == 0:
+                with torch.no_grad():
+                    for o, v in obs.items():
+                        obs_loss[o][chain, d] = (
+                            _checked_loss(loss_fn, model, v).detach().float().cpu().numpy()
+                        )
+
+        restrict, masks = _runs_spec(model, param_masks)
+        _native_sample(
+            model,
+            loader,
+            loss_fn=lf,
+            num_chains=num_chains,
+            num_draws=total,  # every step is recorded: devinterp's LLC averages all of them
+            step_size=lr,
+            nbeta=n_beta,
+            localization=localization,
+            weight_decay=llc_weight_decay,
+            noise_scale=noise_level,
+            bounding_box=bounding_box_size,
+            restrict_to=restrict,
+            masks=masks,
+            seed=int(init_seed),
+            init_loss=float(init_tok.mean()),
+            callbacks=[cb],
+            quiet=quiet,
+            batched=batched,
+            warn_nonstationary=False,
+            sampler=sampler,
+            optimizer_kwargs=own,
+        )
     draw_steps = num_burnin_steps + num_steps_bw_draws * np.arange(num_draws)
     config = dict(
         lr=float(lr),

@@ -260,9 +260,10 @@ def sample(
     use_amp: bool = False,
     criterion: Callable | None = None,
     **kwargs,
-) -> None:
+) -> dict:
     """devinterp 1.x's ``sample``: runs the chains and hands every draw to ``callbacks`` (finalized after the
-    run); returns None, the results live in the callbacks (``get_results()``). Arguments as
+    run; its LLC estimators get the run's ``L_n(w*)``, given or computed, as devinterp sets it); returns the
+    callbacks' ``get_results()`` merged into one dict, as devinterp does. Arguments as
     :func:`pypattern.sampling.llc.estimate_learning_coeff_with_summary` (``batch_size`` is accepted and unused, as
     in devinterp)."""
     from ..sampling.llc import estimate_learning_coeff_with_summary
@@ -294,3 +295,11 @@ def sample(
         _wrapped_callbacks=True,
         **kwargs,
     )
+    results: dict = {}
+    for cb in wrapped:
+        if callable(getattr(cb, "get_results", None)):
+            try:
+                results.update(cb.get_results())
+            except NotImplementedError:  # a callback that keeps no results (SamplerCallback's default)
+                continue
+    return results

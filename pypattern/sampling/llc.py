@@ -90,7 +90,9 @@ _SAMPLE_ARGUMENTS = frozenset(inspect.signature(sample).parameters) - {"model", 
 # ----------------------------------------------------------------------------------------------------------------
 # devinterp 1.x compatibility
 # ----------------------------------------------------------------------------------------------------------------
-def default_nbeta(dataloader, grad_accum_steps: int = 1) -> float:
+def default_nbeta(
+    dataloader, grad_accum_steps: int = 1, *, gradient_accumulation_steps: int | None = None
+) -> float:
     """devinterp's default inverse temperature ``nbeta = m / ln m``, ``m = batch_size * grad_accum_steps``.
 
     Parameters
@@ -99,14 +101,23 @@ def default_nbeta(dataloader, grad_accum_steps: int = 1) -> float:
         A ``DataLoader`` (its ``batch_size``), the batch size itself, or any loader (the batch size of its first
         batch).
     grad_accum_steps : int
-        Batches per step.
+        Batches per step (devinterp 1.x's name; ``gradient_accumulation_steps``, devinterp 2.x's, also works).
 
     Returns
     -------
     float
         ``m / ln m``; ``1.0`` with a warning when ``m <= 1`` (devinterp's fallback: ``ln 1 = 0``).
     """
-    if isinstance(dataloader, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    if gradient_accumulation_steps is not None:
+        if grad_accum_steps != 1:
+            raise ValueError("give grad_accum_steps or gradient_accumulation_steps (one name), not both")
+        grad_accum_steps = gradient_accumulation_steps
+    if (
+        isinstance(dataloader, bool)
+        or isinstance(grad_accum_steps, bool)
+        or not isinstance(grad_accum_steps, int)
+        or grad_accum_steps < 1
+    ):
         raise ValueError(
             f"default_nbeta(dataloader={dataloader!r}, grad_accum_steps={grad_accum_steps!r}): give a DataLoader "
             "or a batch size (int >= 1) and grad_accum_steps an int >= 1"
@@ -448,6 +459,13 @@ def estimate_learning_coeff_with_summary(
             "llc/trace": res.llc_trace.astype(np.float32),
             "loss/trace": res.loss_trace.astype(np.float32),
         }
+    if wrapped:  # devinterp 1.x's sample() gives its L_n(w*) (given or computed) to its LLC estimators
+        from ..devinterp.v1 import LLCEstimator, OnlineLLCEstimator
+
+        for cb in callbacks:
+            inner = getattr(cb, "inner", cb)
+            if isinstance(inner, (LLCEstimator, OnlineLLCEstimator)):
+                inner.init_loss = float(res.init_loss)
     for cb in callbacks:
         if callable(getattr(cb, "finalize", None)):
             cb.finalize()
