@@ -3,6 +3,10 @@ router jitter that Hugging Face modules keep as plain numbers and apply only whi
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 from torch import nn
 
 # instance attributes holding a probability or noise scale that a module applies in training mode only
@@ -28,3 +32,27 @@ def random_in_training(model: nn.Module) -> list[str]:
             if v > 0 and any(k in attr.lower() for k in _RANDOM_ATTRS):
                 found.append(f"{name}.{attr}={v}" if name else f"{attr}={v}")
     return found
+
+
+@contextlib.contextmanager
+def eval_mode_if_random(model: nn.Module, what: str, stacklevel: int = 4) -> Iterator[None]:
+    """``model`` in ``eval()`` mode for the block when its ``train()`` forward is random (:func:`random_in_training`),
+    with a warning that says what runs it so (``what``, e.g. "the sampler runs it"), and every module's mode restored
+    afterwards; nothing happens for a deterministic model."""
+    active = random_in_training(model) if isinstance(model, nn.Module) else []
+    if not active:
+        yield
+        return
+    warnings.warn(
+        f"the model is in training mode and has dropout ({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}): "
+        f"{what} in eval mode and restores its mode afterwards; call model.eval() first to silence this",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)

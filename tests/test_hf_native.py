@@ -635,24 +635,31 @@ def test_embeddings_tied_and_untied_and_names_through_the_adapter():
         hf_component_masks(llama, "blocks.0.attention")
 
 
+class OptimizedModule(torch.nn.Module):
+    """The layout of torch.compile's wrapper (the model under ``_orig_mod``; ``len()`` raises, as dynamo's does),
+    without importing dynamo (which costs seconds)."""
+
+    def __init__(self, mod):
+        super().__init__()
+        self._orig_mod = mod
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._orig_mod, name)
+
+    def forward(self, *a, **k):
+        return self._orig_mod(*a, **k)
+
+    def __len__(self):
+        raise TypeError(f"{type(self._orig_mod).__name__} does not support len()")
+
+
 def test_torch_compiled_model_masks_and_conversion():
     """``torch.compile`` wraps the model (parameters named ``_orig_mod.*``): masks follow those names (they were
     silently empty), and from_hf converts the compiled model (it was refused as class 'OptimizedModule')."""
     from pypattern import from_hf
-
-    class OptimizedModule(torch.nn.Module):
-        """The layout of torch.compile's wrapper (the model under ``_orig_mod``), without importing dynamo (which
-        costs seconds)."""
-
-        def __init__(self, mod):
-            super().__init__()
-            self._orig_mod = mod
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self._orig_mod, name)
 
     m = _model("llama")
     compiled = OptimizedModule(m)
@@ -764,23 +771,6 @@ def test_the_adapter_unwraps_compiled_models_leaves_no_hooks_and_refuses_what_it
 
     import pypattern as pp
     from pypattern.patching import LogitDiff, activation_patching
-
-    class OptimizedModule(torch.nn.Module):
-        def __init__(self, mod):
-            super().__init__()
-            self._orig_mod = mod
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                return getattr(self._orig_mod, name)
-
-        def forward(self, *a, **k):
-            return self._orig_mod(*a, **k)
-
-        def __len__(self):
-            raise TypeError(f"{type(self._orig_mod).__name__} does not support len()")
 
     m = _model("llama")
     x = _tokens()

@@ -414,9 +414,9 @@ def test_mean_ablation_reference_with_per_example_positions_and_shortlist_on_hf_
     assert hf.training
     x, y = clean[:2], corr[:2]
     metric = LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
-    with pytest.warns(UserWarning, match="train\\(\\) mode with dropout"):
+    with pytest.warns(UserWarning, match="training mode and has dropout"):
         a = activation_patching(hf, "resid_pre", x, y, metric=metric)
-    with pytest.warns(UserWarning, match="train\\(\\) mode with dropout"):
+    with pytest.warns(UserWarning, match="training mode and has dropout"):
         b = activation_patching(hf, "resid_pre", x, y, metric=metric)
     torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
     assert hf.training  # its mode is put back

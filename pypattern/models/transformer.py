@@ -879,19 +879,10 @@ class RMSNorm(nn.Module):
         return self.hook_normalized(self.w * h.to(x.dtype))
 
 
-class RMSNormPre(nn.Module):
+class RMSNormPre(LayerNormPre):
     """RMSNorm without weight (TransformerLens' ``RMSPre``): ``x / sqrt(mean(x^2) + eps)``, in ``compute_dtype``
     when set and cast back. ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``, ``hook_normalized`` the
-    output."""
-
-    def __init__(
-        self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
-    ) -> None:
-        super().__init__()
-        self.eps = eps
-        self.compute_dtype = compute_dtype
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
+    output (:class:`LayerNormPre`'s attributes, without the centring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.compute_dtype is None else x.to(self.compute_dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -404,31 +403,12 @@ def _own_wrapper(model):
             run.remove_hooks()
 
 
-@contextlib.contextmanager
 def _deterministic(model):
     """A model whose forward is random in ``train()`` mode (dropout) is patched with its ``eval()`` forward, with a
     warning, and put back in its mode afterwards (as the converted model, which has no dropout, would be)."""
-    import torch.nn as nn
+    from .._training import eval_mode_if_random
 
-    from .._training import random_in_training
-
-    active = random_in_training(model) if isinstance(model, nn.Module) else []
-    if not active:
-        yield
-        return
-    warnings.warn(
-        f"the model is in train() mode with dropout ({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}): "
-        "it is patched with its eval() forward; call model.eval() first to silence this",
-        UserWarning,
-        stacklevel=4,
-    )
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in modes.items():
-            m.training = t
+    return eval_mode_if_random(model, "patching runs it", stacklevel=5)
 
 
 def _activation_patching(

@@ -8,7 +8,6 @@ divergence checks); :mod:`.data` is each chain's keyed stream of batches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from .._threads import pinned_threads
-from .._training import random_in_training
+from .._training import eval_mode_if_random
 from ..losses import batch_loss, check_batch, read_loss
 from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
 from .batched import VmapUnsupported, run_batched
@@ -417,29 +416,11 @@ def _check_param_dtypes(model: nn.Module) -> None:
             )
 
 
-@contextlib.contextmanager
 def _eval_mode_for_dropout(model: nn.Module):
     """Eval mode for the run when the model is in training mode with dropout (or another random part: layer drop,
     router jitter; restored afterwards, with a warning): it would make the draws random beyond the seed and a resume
     inexact."""
-    active = random_in_training(model)
-    if not active:
-        yield
-        return
-    warnings.warn(
-        f"the model is in training mode and has dropout ({', '.join(active[:3])}{', ...' if len(active) > 3 else ''}): "
-        "the sampler runs it in eval mode (deterministic draws, exact resume) and restores its mode afterwards; "
-        "call model.eval() before sampling to silence this",
-        UserWarning,
-        stacklevel=4,
-    )
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    return eval_mode_if_random(model, "the sampler runs it (deterministic draws, exact resume)", stacklevel=5)
 
 
 def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult | list[SampleResult]:
