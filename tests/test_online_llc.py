@@ -71,3 +71,13 @@ def test_schedule_is_required():
         OnlineLLC(_loader())
     with pytest.raises(ValueError, match="every must be"):
         OnlineLLC(_loader(), every=0)
+
+
+def test_schedule_steps_are_checked_by_name():
+    import pypattern as pp
+
+    loader = [torch.randn(4, 3)]
+    for bad, err in (([2.5], ValueError), ([-1], ValueError), (["x"], ValueError), (5, TypeError)):
+        with pytest.raises(err, match="steps"):
+            pp.OnlineLLC(loader, steps=bad)
+    assert pp.OnlineLLC(loader, steps=[0, 3]).steps == {0, 3}

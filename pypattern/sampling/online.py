@@ -10,6 +10,7 @@ the callback therefore ends with the same weights, bit for bit, as one without.
 
 from __future__ import annotations
 
+import numbers
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -172,6 +173,15 @@ class OnlineLLC:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         self.loader = loader
         self.every = every
+        if steps is not None:
+            if isinstance(steps, str) or not hasattr(steps, "__iter__"):
+                raise TypeError(
+                    f"steps={steps!r} is not valid; give a sequence of training steps (ints >= 0)"
+                )
+            steps = list(steps)
+            bad = [v for v in steps if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+            if bad:
+                raise ValueError(f"steps contains {bad[:3]}; give training steps as ints >= 0")
         self.steps = None if steps is None else {int(s) for s in steps}
         self.components = components
         sample_kwargs.setdefault("quiet", True)
