@@ -306,7 +306,7 @@ def batch_size(batch: Any) -> int:
     """
     try:
         return int(parse_batch(batch).inputs.shape[0])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, IndexError) as e:  # IndexError: a 0-d tensor has no batch axis
         why = str(e)
     leaves: list[torch.Tensor] = []
     torch.utils._pytree.tree_map(lambda v: leaves.append(v) if isinstance(v, torch.Tensor) else None, batch)
@@ -339,7 +339,7 @@ def _forward_params(model: nn.Module) -> frozenset[str]:
 def _takes_mask(model: nn.Module) -> bool:
     """True when :func:`model_output` passes a batch's ``attention_mask`` on to ``model``."""
     names = _forward_params(model)
-    return "input_ids" in names or "attention_mask" in names
+    return "attention_mask" in names or ("input_ids" in names and "**" in names)
 
 
 def _takes(model: nn.Module, key: str) -> bool:
@@ -356,7 +356,7 @@ def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
     names = _forward_params(model)
     if "input_ids" in names:
         kw: dict[str, Any] = {"input_ids": pb.inputs}
-        if pb.attention_mask is not None:
+        if pb.attention_mask is not None and ("attention_mask" in names or "**" in names):
             kw["attention_mask"] = pb.attention_mask
         if "use_cache" in names or "**" in names:
             kw["use_cache"] = False
@@ -481,9 +481,26 @@ def _pair_terms(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
         else:
             terms = F.cross_entropy(out, y, reduction="none")
         return terms, y != IGNORE_INDEX
+    out, y = _same_shape(out, y)
     err = (out - y) ** 2
     err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 0 else err
     return err, torch.ones_like(err, dtype=torch.bool)
+
+
+def _same_shape(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A regression output and its targets in one shape: equal, or one with a trailing axis of size 1 the other
+    lacks (``(batch, 1)`` against ``(batch,)``); any other pair is refused (it would broadcast to a
+    ``(batch, batch)`` error and a wrong loss)."""
+    if out.shape == y.shape:
+        return out, y
+    if out.dim() == y.dim() + 1 and out.shape[-1] == 1 and out.shape[:-1] == y.shape:
+        return out.squeeze(-1), y
+    if y.dim() == out.dim() + 1 and y.shape[-1] == 1 and y.shape[:-1] == out.shape:
+        return out, y.squeeze(-1)
+    raise ValueError(
+        f"the model's output has shape {tuple(out.shape)} and the batch's float targets y {tuple(y.shape)}: a "
+        "regression loss needs one shape (they would broadcast to another); reshape y or the output"
+    )
 
 
 def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -507,7 +524,7 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         if logits.dim() == 3:
             return F.cross_entropy(logits.transpose(1, 2), pb.target)
         return F.cross_entropy(logits, pb.target)
-    return F.mse_loss(logits, pb.target)
+    return F.mse_loss(*_same_shape(logits, pb.target))
 
 
 def token_losses(

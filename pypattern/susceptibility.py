@@ -448,6 +448,10 @@ class _ProbeEntries:
 def _probe_token_ids(probe) -> torch.Tensor | None:
     """The ``(batch, pos)`` token ids whose next tokens a language-model probe predicts: a token tensor (1-D: one
     sample), or a Hugging Face dict's ``labels`` (else its ``input_ids``); None for other probes."""
+    if (
+        isinstance(probe, tuple | list) and len(probe) == 1
+    ):  # (tokens,): what DataLoader(TensorDataset) yields
+        probe = probe[0]
     if isinstance(probe, Mapping):
         ids = probe.get("labels", probe.get("input_ids"))
     elif isinstance(probe, torch.Tensor):

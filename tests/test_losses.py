@@ -485,3 +485,36 @@ def test_a_tensor_dataset_of_tokens_reads_as_its_tokens():
         ValueError, match=r"loader: cannot count the samples of a list.*expected a token tensor"
     ):
         batch_size_of([{"input_ids": [1, 2, 3]}])
+
+
+def test_regression_shapes_mask_keyword_and_scalar_batches():
+    """A (batch, 1) output against (batch,) float targets is one shape (the losses equal the hand computation;
+    they broadcast to (batch, batch) before), other mismatches are refused; a model whose forward takes input_ids
+    but no attention_mask is called without one; a pair of 0-d tensors has no batch axis (a named ValueError)."""
+    from pypattern import losses as L
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 1)
+    x, y = torch.randn(5, 3), torch.randn(5)
+    with torch.no_grad():
+        want = (lin(x).squeeze(1) - y) ** 2
+        torch.testing.assert_close(L.batch_loss(lin, (x, y)), want.mean())
+        torch.testing.assert_close(L.sample_losses(lin, (x, y)), want)
+    with pytest.raises(ValueError, match="one shape"):
+        L.batch_loss(lin, (x, torch.randn(5, 2)))
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(7, 7)
+
+        def forward(self, input_ids):
+            return self.emb(input_ids)
+
+    ids = torch.randint(0, 7, (2, 4))
+    mask = torch.ones_like(ids)
+    mask[1, -1] = 0
+    v = L.batch_loss(LM(), {"input_ids": ids, "attention_mask": mask})
+    assert torch.isfinite(v)
+    with pytest.raises(ValueError, match="no tensor with a batch axis"):
+        L.batch_size((torch.tensor(1.0), torch.tensor(2.0)))
