@@ -707,3 +707,12 @@ def test_checkpoint_rows_of_similar_names_and_settings_that_do_not_change_the_dr
     )
     np.testing.assert_array_equal(a.chi, b.chi)
     assert np.abs(a.chi[0] - a.chi[1]).max() > 0
+
+
+def test_a_one_element_tuple_probe_reads_like_its_tokens():
+    from pypattern.susceptibility import _probe_meta
+
+    ids = torch.tensor([[3, 5, 7, 9], [2, 4, 6, 8]])
+    a, b = _probe_meta(ids, torch.zeros(2, 3)), _probe_meta((ids,), torch.zeros(2, 3))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
