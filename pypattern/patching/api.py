@@ -372,8 +372,6 @@ def activation_patching(
     PatchResult
         ``values (batch, layer[, head][, pos])``.
     """
-    from ..models.transformer import Transformer
-
     with _deterministic(model):
         if method == "exact" or (isinstance(site, str) and site in HEAD_SITES):
             from ..models.convert import converted_if_convertible
@@ -384,7 +382,7 @@ def activation_patching(
             return _activation_patching(
                 run, site, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption,
                 direction=direction, per_position=per_position, layers=layers, heads=heads, positions=positions,
-                window=window, method=method, max_batch=max_batch, max_memory=max_memory, Transformer=Transformer,
+                window=window, method=method, max_batch=max_batch, max_memory=max_memory,
             )  # fmt: skip
 
 
@@ -413,8 +411,10 @@ def _deterministic(model):
 
 def _activation_patching(
     model, site, clean_tokens, corrupted_tokens, *, metric, corruption, direction, per_position, layers, heads,
-    positions, window, method, max_batch, max_memory, Transformer,
+    positions, window, method, max_batch, max_memory,
 ) -> PatchResult:  # fmt: skip
+    from ..models.transformer import Transformer
+
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
     is_tf = isinstance(model, Transformer)

@@ -61,7 +61,6 @@ __all__ = [
     "from_pretrained",
     "UnsupportedModelError",
     "SUPPORTED_CLASSES",
-    "converted_if_hooked_transformer",
     "converted_if_convertible",
 ]
 
@@ -150,12 +149,6 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
         out = build(cfg, weights, out_dtype, source)
     dev = next(model.parameters()).device
     return out.to(dev)
-
-
-def converted_if_hooked_transformer(model: Any) -> Any:
-    """A TransformerLens ``HookedTransformer`` converted with :func:`from_hf` (the same function, so the estimators
-    that need pypattern's model take one directly); any other model unchanged."""
-    return from_hf(model) if is_hooked_transformer(model) else model
 
 
 def converted_if_convertible(model: Any) -> Any:

@@ -21,8 +21,6 @@ from torch import nn
 
 from ._common import UnsupportedModelError, refuse
 
-CLASSES = ("HookedTransformer",)
-
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 _ACTS = ("gelu", "relu", "silu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 
