@@ -660,3 +660,65 @@ def test_new_config_validation():
     assert TransformerConfig(**c.to_dict()) == c
     with pytest.raises(ValueError, match="attn_softmax_dtype"):
         TransformerConfig(attn_softmax_dtype="float99")
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, dict(n_key_value_heads=2, positional_embedding_type="rotary"), dict(attn_bias=False)]
+)
+def test_fixed_weights_reuses_layouts_and_keeps_results_and_gradients(kw):
+    torch.manual_seed(0)
+    m = Transformer(
+        n_layers=2, d_model=24, n_heads=4, d_head=6, d_mlp=32, d_vocab=17, n_ctx=8, dtype=torch.float64, **kw
+    )
+    tok = torch.randint(0, 17, (3, 8))
+    with torch.no_grad():
+        ref = m(tok)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), m.fixed_weights():
+        out = m(tok)
+        layouts = [dict(blk.attn._layouts) for blk in m.blocks]
+        again = m(tok)
+        assert all(set(lay) == {"Q", "K", "V"} for lay in layouts)
+        # the second forward reads the same laid-out tensors, not new copies
+        assert all(blk.attn._layouts[k] is lay[k] for blk, lay in zip(m.blocks, layouts) for k in lay)
+        with m.fixed_weights():  # nested: shares the outer block's layouts
+            assert m.blocks[0].attn._layouts is not None and m.blocks[0].attn._layouts["Q"] is layouts[0]["Q"]
+        assert m.blocks[0].attn._layouts is not None  # the outer block is still on
+    assert all(blk.attn._layouts is None for blk in m.blocks)  # dropped when the block ends
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(again, ref, rtol=0, atol=1e-12)
+    # a gradient into the weights bypasses the layouts: equal to the gradient outside the block
+    for p in m.parameters():
+        p.requires_grad_(True)
+    m.zero_grad()
+    m(tok).square().mean().backward()
+    g_ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    with m.fixed_weights():
+        m(tok).square().mean().backward()
+        assert all(not blk.attn._layouts for blk in m.blocks)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[n], rtol=0, atol=1e-12, msg=n)
+
+
+def test_affine_adds_the_bias_in_place_and_under_vmap():
+    from pypattern.models.transformer import affine
+
+    torch.manual_seed(0)
+    x, W, b = (
+        torch.randn(2, 5, 7, dtype=torch.float64),
+        torch.randn(7, 3, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+    )
+    ref = torch.einsum("bti,io->bto", x, W) + b
+    torch.testing.assert_close(affine(x, W, b), ref, rtol=0, atol=1e-12)
+    Ws = torch.randn(4, 7, 3, dtype=torch.float64)
+    bs = torch.randn(4, 3, dtype=torch.float64)
+    got = torch.func.vmap(lambda w, bb: affine(x, w, bb))(Ws, bs)
+    torch.testing.assert_close(
+        got, torch.einsum("bti,kio->kbto", x, Ws) + bs[:, None, None], rtol=0, atol=1e-12
+    )
+    xs = torch.randn(4, 2, 5, 7, dtype=torch.float64)
+    got = torch.func.vmap(lambda xx: affine(xx, W, b))(xs)
+    torch.testing.assert_close(got, torch.einsum("kbti,io->kbto", xs, W) + b, rtol=0, atol=1e-12)

@@ -24,13 +24,12 @@ unembedding). Masks are grouped by their first stage (and first heads) and evalu
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .._memory import keep_freed_heap
 from ..patching.api import check_tokens
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
@@ -46,31 +45,6 @@ _SPARSE = 0.2
 # the batch of masks keeps one stage's destination inputs within this size (see EdgeEngine.chunk_size)
 _STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
-_HEAP_SET = False
-
-
-def _keep_freed_heap() -> None:
-    """Once per process, on glibc (unless its ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` are set):
-    serve allocations up to 32 MiB from the heap (glibc's own upper limit for its dynamic threshold) and keep up to
-    256 MiB of freed memory at its top instead of returning it to the system. By default glibc raises those
-    thresholds only as far as the largest block freed so far, so the tens to hundreds of MiB of per-destination
-    inputs that a patched run or a backward allocates and frees are returned to the system after every call and
-    faulted in again, page by page, on the next (on the bench model about 7,600 page faults per pruning point and
-    21,000 per EAP-IG call: 18 ms of system time per point, two thirds of the plain forward's CPU time, and a
-    tenth of EAP-IG's time)."""
-    global _HEAP_SET
-    if _HEAP_SET:
-        return
-    _HEAP_SET = True
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 (glibc only)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return
-    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD
 
 
 @dataclass
@@ -134,7 +108,7 @@ class EdgeEngine:
         memory_budget: float = 1e9,
         src_embed: torch.Tensor | None = None,
     ) -> None:
-        _keep_freed_heap()
+        keep_freed_heap()
         self.view, self.graph, self.metric = view, graph, metric
         self.base_embed = base_embed
         self.pos, self.T = pos, T

@@ -50,8 +50,10 @@ writes into parameters, so the model runs under ``torch.func.functional_call`` a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -954,14 +956,25 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return slopes
 
 
+def _functorch_wrapped(*ts: torch.Tensor) -> bool:
+    """Whether any of ``ts`` is a ``torch.func`` transform's wrapper (a vmapped or functionalised tensor)."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
+
+
 def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``x (..., n) @ W (n, m) (+ b (m,))``; with a bias, one ``addmm`` over the rows of ``x`` (the bias is the
-    product's starting value: one pass over the output instead of a matmul and an add)."""
+    """``x (..., n) @ W (n, m) (+ b (m,))``: with a bias, the product over the rows of ``x`` and the bias added in
+    place (one ``mm`` and one pass over its output; ``addmm`` with a vector bias first writes the bias into a
+    fresh output, and on CPU its large outputs were measured to fault their pages in anew on every call); under a
+    ``torch.func`` transform, ``addmm``."""
     if b is None:
         return x @ W
     if x.dim() < 2 or b.dim() != 1 or W.dim() != 2:
         return x @ W + b
-    out = torch.addmm(b, x.reshape(-1, x.shape[-1]), W)
+    x2 = x.reshape(-1, x.shape[-1])
+    if _functorch_wrapped(x2, W, b):  # an in-place add on a vmapped product may be refused
+        out = torch.addmm(b, x2, W)
+    else:
+        out = torch.mm(x2, W).add_(b)
     return out.view(*x.shape[:-1], W.shape[-1])
 
 
@@ -1078,13 +1091,27 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()
 
     # ----- pieces -----------------------------------------------------------------------------------------
-    @staticmethod
-    def proj(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    # the (d_model, heads * d_head) layouts of W_Q / W_K / W_V while the model's weights are held fixed
+    # (Transformer.fixed_weights); None otherwise
+    _layouts: dict[str, torch.Tensor] | None = None
+
+    def proj(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """``x (..., d_model)``, ``W (heads, d_model, d_head)``, ``b (heads, d_head)`` or None ->
-        ``(..., heads, d_head)`` with one matmul."""
+        ``(..., heads, d_head)`` with one matmul over the weight laid out as ``(d_model, heads * d_head)`` (a copy
+        of the weight, made on every call; inside :meth:`Transformer.fixed_weights` once per weight, for this
+        module's own ``W_Q``/``W_K``/``W_V`` when no gradient flows into them)."""
         H, d, dh = W.shape
-        out = (x @ W.permute(1, 0, 2).reshape(d, H * dh)).view(*x.shape[:-1], H, dh)
-        return out if b is None else out + b
+        flat = None
+        if self._layouts is not None and not (W.requires_grad and torch.is_grad_enabled()):
+            name = "Q" if W is self.W_Q else "K" if W is self.W_K else "V" if W is self.W_V else None
+            if name is not None:
+                flat = self._layouts.get(name)
+                if flat is None:
+                    flat = self._layouts[name] = W.detach().permute(1, 0, 2).reshape(d, H * dh)
+        if flat is None:
+            flat = W.permute(1, 0, 2).reshape(d, H * dh)
+        out = affine(x, flat, None if b is None else b.reshape(H * dh))
+        return out.view(*x.shape[:-1], H, dh)
 
     def compute_q(self, x: torch.Tensor) -> torch.Tensor:
         """Queries before rotation: ``x (..., d_model) -> (..., n_heads, d_head)`` (normalised per head with
@@ -1514,6 +1541,24 @@ class Transformer(HookedRootModule):
                 p.copy_(
                     torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * self.cfg.init_range
                 )
+
+    @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[Transformer]:
+        """A block in which the caller does not change the model's weights: each attention lays out its query,
+        key and value weights for the projection's matmul once (a copy of the weight per call otherwise) and
+        reuses them while no gradient flows into the weights. The layouts are dropped when the block ends."""
+        attns = [blk.attn for blk in self.blocks if getattr(blk, "attn", None) is not None]
+        outer = [a.__dict__.get("_layouts") for a in attns]
+        for a, o in zip(attns, outer):
+            a._layouts = {} if o is None else o  # a nested block shares the outer one's layouts
+        try:
+            yield self
+        finally:
+            for a, o in zip(attns, outer):
+                if o is None:
+                    a.__dict__.pop("_layouts", None)
+                else:
+                    a._layouts = o
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token plus positional embedding (through ``hook_embed``/``hook_pos_embed``): ``(batch, pos, d_model)``.

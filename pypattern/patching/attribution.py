@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .._memory import keep_freed_heap
 from .api import check_corruption_tokens, check_tokens, engine_batch, resolve_corruption
 from .corruptions import (
     Corruption,
@@ -261,6 +262,7 @@ def attribution_patching(
     from ..models.convert import converted_if_convertible
     from ..models.transformer import Transformer
 
+    keep_freed_heap()
     model = converted_if_convertible(model)
     if not isinstance(model, Transformer):
         from ..models.hf import is_hf_causal_lm
@@ -287,8 +289,10 @@ def attribution_patching(
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
         if check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0] > max_batch:
-            return _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
-    return _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
+            with model.fixed_weights():
+                return _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
+    with model.fixed_weights():
+        return _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
 
 
 def _atp_in_parts(

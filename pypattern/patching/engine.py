@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from .._memory import keep_freed_heap
 from ..models.transformer import affine
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
@@ -150,6 +151,7 @@ class ExactEngine:
         self.attn_only = cfg.attn_only
         self.parallel = cfg.parallel_attn_mlp and not cfg.attn_only
         check_site(cfg, site)
+        keep_freed_heap()
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
             raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
         self.max_batch = max_batch
