@@ -5,6 +5,8 @@ Developed on the regular model and the deep linear networks (4,3,8) and (3,3,3,2
 (5,3,5) (Aoyagi: 6.5), the normal crossing w1^2 w2^4 at nbeta 30 against its exact finite-nbeta target, and the
 HF models."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -459,3 +461,34 @@ def test_noise_coupling_masks_and_refusals():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="noise_coupling must be an int >= 1"):
             sample(model, loader, step_size=1e-3, noise_coupling=bad, **kw)
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_short_run_reruns_a_drifting_trial_over_the_first_healthy_ones_time(seed):
+    # 4 chains x 200 draws: the run is one unit of trial steps long, so trials are capped at that unit; a trial of a
+    # smaller step is then too short to reach stationarity, and the scan raised AutoStepError for these data
+    # orders. A drifting trial below the first healthy one now runs again over that trial's Langevin time.
+    import warnings
+
+    from pypattern import truth
+
+    m = truth.DeepLinearNetwork((3, 2)).set_teacher(2)  # regular: lambda = 6 / 2
+    ds = truth.make_regression_data(m, 3, 300)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = estimate_llc(m, loader, num_chains=4, num_draws=200, quiet=True, seed=seed)
+    assert abs(r.llc_mean - 3.0) < 0.75, r
+    trials = r.sample.config["auto_step"]["trials"]
+    coupled = [t for t in trials if "noise of the half step" in t["verdict"]]
+    first = next(t for t in coupled if t["verdict"].startswith("ok"))
+    reruns = 0
+    for a, b in zip(coupled, coupled[1:]):
+        if a["step_size"] == b["step_size"]:  # a drifting trial, then the same step over the matched time
+            assert a["verdict"].startswith("not stationary") and a["num_steps"] < b["num_steps"]
+            halvings = round(math.log2(first["step_size"] / b["step_size"]))
+            assert b["num_steps"] == min(first["num_steps"] * 2**halvings, 8 * 200 // 2)
+            reruns += 1
+    assert reruns >= 1, trials

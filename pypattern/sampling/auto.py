@@ -60,9 +60,13 @@ the deep-linear-network truths the accepted step itself was measured 14% high, i
 Each trial's standard error is ``nbeta * std(loss draws) / sqrt(ESS)`` (pooled over the trial's chains). Trial
 lengths double with each halving below the first healthy candidate, up to ``max_trial_factor`` times
 ``calibration_steps``; the scan gives up 4 candidates below the first healthy one. Called through
-:func:`pypattern.sample` (and what builds on it), ``max_trial_factor`` is at most 8 and no larger than makes a
-trial as long as the run in chain-steps (:func:`trial_factor_for_run`): a short run is not calibrated with trials
-many times its own length.
+:func:`pypattern.sample` (and what builds on it), trials are no longer than the run in chain-steps
+(:func:`trial_factor_for_run`, ``run_trial_factor``): a short run is not calibrated with trials many times its own
+length, except that a trial ``k`` halvings below the first healthy one that is not stationary runs again for ``2 **
+k`` times that trial's steps (up to ``max_trial_factor``), the same Langevin time, before it is judged. Without that
+second run a short run's trials at smaller steps were too short to reach stationarity, and the scan failed (the deep
+linear network (3, 2) with 4 chains x 200 draws raised :class:`AutoStepError` for 3 of 6 data orders; see
+``tests/test_auto_step.py``).
 
 A too-large step diverges, drifts (R-hat) or inflates the estimate (the halving test catches the discretisation
 bias); a too-small step is never reached, since the scan stops at the first step that passes. When no candidate
@@ -240,6 +244,7 @@ def resolve_step_size(
     rtol: float = 0.1,
     atol_rel: float = 0.02,
     max_trial_factor: int = 8,
+    run_trial_factor: int | None = None,
     resolve: bool = False,
     coupled: bool = True,
     pair_factor: int = 4,
@@ -271,6 +276,12 @@ def resolve_step_size(
         A relative change below this counts as unchanged whatever the standard errors.
     max_trial_factor : int
         Longest trial, in units of ``calibration_steps``.
+    run_trial_factor : int, optional
+        A softer limit for a short run (:func:`trial_factor_for_run`): trials are no longer than this, except that
+        a trial ``k`` halvings below the first healthy one that is not stationary runs again for ``2 ** k`` times
+        the first healthy trial's steps (at most ``max_trial_factor``), the same Langevin time, before it is
+        judged: a shorter trial at a smaller step may not have reached its stationary distribution yet. None: no
+        softer limit.
     resolve : bool
         Rerun a halving pair whose change is within ``rtol`` but whose standard errors are too wide to resolve
         ``rtol`` with both trials twice as long, until it resolves or reaches ``max_trial_factor``. Off by
@@ -408,6 +419,7 @@ def resolve_step_size(
             row["verdict"], row["ok"] = "negative LLC", False
         elif not all(v < max_r_hat for v in rhs):
             row["verdict"], row["ok"] = f"not stationary (R-hat {max(rhs):.2f} >= {max_r_hat})", False
+            row["drift"] = True
         else:
             row["verdict"], row["ok"] = "ok", True
         return done(i, factor, coupling, row)
@@ -428,30 +440,51 @@ def resolve_step_size(
         return diffs, sds, half["llcs"]
 
     max_factor = max(1, int(max_trial_factor))
+    # the soft limit of a short run (run_trial_factor); the Langevin time of the first healthy trial is kept below it
+    soft = max_factor if run_trial_factor is None else max(1, min(max_factor, int(run_trial_factor)))
     first_ok = None
     ext = 1  # doubled while a halving pair cannot resolve rtol; kept for the smaller steps after it
 
     def factor(i: int) -> int:
-        return 1 if first_ok is None else min(max_factor, ext * 2 ** (i - first_ok))
+        return 1 if first_ok is None else min(soft, ext * 2 ** (i - first_ok))
+
+    def matched(f: int, base: int, k: int) -> int:
+        """The length of a trial ``k`` halvings below the first healthy one (of ``base`` units) that covers the same
+        Langevin time: ``base * 2 ** k`` units (at least ``f``, at most ``max_factor``)."""
+        return min(max_factor, max(f, base * 2**k))
+
+    def drifted(row: dict) -> bool:
+        return not row["ok"] and row.get("drift", False)
 
     def scan_coupled() -> bool | None:
         """The scan on coupled pairs: whether a step was chosen; None when the trials cannot be coupled."""
         first = None  # the first candidate whose trial was healthy
+        f_first = 1  # the length of its half-step trial
         for i in range(len(grid) - 1):
             if first is not None and i > first + 4:
                 break
-            f = min(max_factor, max(1, int(pair_factor)) * 2 ** (0 if first is None else i - first))
+            k = 0 if first is None else i - first
+            f = min(soft, max(1, int(pair_factor)) * 2**k)
+            fm = f if first is None else matched(f, f_first, k)
             try:
                 row = trial(i, f, coupling=2)
             except (ValueError, RuntimeError):  # noise_coupling refused, or the model does not run under vmap
                 if cache or rep.step_size:
                     raise
                 return None
+            if drifted(row) and fm > f:  # too short for its step: again over the first healthy one's time
+                f = fm
+                row = trial(i, f, coupling=2)
             if not row["ok"]:
                 continue
             if first is None:
-                first = i
+                first, f_first = i, f
             half = trial(i + 1, f)
+            if drifted(half) and fm > f:
+                f = fm
+                row, half = trial(i, f, coupling=2), trial(i + 1, f)
+                if not row["ok"]:
+                    continue
             if not half["ok"]:
                 rep.verdict[row["k"]] = f"{rep.verdict[row['k']]}; halved step not healthy"
                 continue
@@ -505,6 +538,8 @@ def resolve_step_size(
             if first_ok is not None and i > first_ok + 4:
                 break
             row = trial(i, factor(i))
+            if first_ok is not None and drifted(row) and matched(factor(i), 1, i - first_ok) > factor(i):
+                row = trial(i, matched(factor(i), 1, i - first_ok))  # again over the first healthy one's time
             if not row["ok"]:
                 continue
             if first_ok is None:
@@ -512,6 +547,8 @@ def resolve_step_size(
             if i + 1 >= len(grid):
                 break
             half = trial(i + 1, factor(i + 1))
+            if drifted(half) and matched(factor(i + 1), 1, i + 1 - first_ok) > factor(i + 1):
+                half = trial(i + 1, matched(factor(i + 1), 1, i + 1 - first_ok))
             if not half["ok"]:
                 rep.verdict[row["k"]] = "ok; halved step not healthy"
                 continue
@@ -522,7 +559,7 @@ def resolve_step_size(
                 resolve
                 and all(abs(d) <= rtol * abs(c) for d, c in zip(diffs, cs, strict=True))
                 and any(z * sd > rtol * abs(c) for sd, c in zip(sds, cs, strict=True))
-                and factor(i + 1) < max_factor
+                and factor(i + 1) < soft
             ):
                 ext *= 2
                 row, half = trial(i, factor(i)), trial(i + 1, factor(i + 1))
@@ -649,7 +686,7 @@ def auto_arguments(call: dict) -> dict:
         * int(call.get("num_draws") or 200)
         * int(call.get("num_steps_bw_draws") or 1)
     )
-    out["max_trial_factor"] = trial_factor_for_run(
+    out["run_trial_factor"] = trial_factor_for_run(
         out["calibration_chains"],
         num_chains=call.get("num_chains") or 4,
         num_draws=call.get("num_draws") or 200,
