@@ -1308,3 +1308,127 @@ def test_resume_refuses_another_architecture_or_recording_and_sub_runs_have_thei
     online(tanh, 0)
     online(tanh, 1)
     assert (tmp_path / "on.step0.npz").exists() and (tmp_path / "on.step1.npz").exists()
+
+
+def _moved(model, run) -> set:
+    """The parameters of ``model`` a sampling call ``run(callback)`` moved at any draw."""
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    moved = set()
+
+    def cb(model, **_):
+        moved.update(k for k, v in model.named_parameters() if not torch.equal(v.detach(), w0[k]))
+
+    run(cb)
+    return moved
+
+
+def test_masks_without_restrict_to_move_only_the_masked_parameters():
+    import pypattern as pp
+    from pypattern import truth
+
+    mlp, data = truth.make_teacher_task((8, 16, 4), n=128, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    mask = torch.zeros_like(mlp[0].weight, dtype=torch.bool)
+    mask[:4] = True
+    kw = dict(num_chains=1, num_draws=3, step_size=1e-3, localization=100.0, nbeta=10.0, quiet=True)
+    # masks alone: only 0.weight moves, and only its masked rows
+    last = {}
+
+    def keep_last(model, **_):
+        last["w"] = model[0].weight.detach().clone()
+
+    moved = _moved(
+        mlp,
+        lambda cb: pp.estimate_llc(mlp, loader, masks={"0.weight": mask}, callbacks=[cb, keep_last], **kw),
+    )
+    assert moved == {"0.weight"}
+    assert torch.equal(last["w"][~mask], mlp[0].weight.detach()[~mask])
+    # with restrict_to, a listed parameter without a mask moves entirely
+    moved = _moved(
+        mlp,
+        lambda cb: pp.estimate_llc(
+            mlp, loader, restrict_to=["0.weight", "2.bias"], masks={"0.weight": mask}, callbacks=[cb], **kw
+        ),
+    )
+    assert moved == {"0.weight", "2.bias"}
+    # devinterp 1.x: optimize_over_per_model_param names what moves
+    moved = _moved(
+        mlp,
+        lambda cb: pp.estimate_learning_coeff_with_summary(
+            mlp,
+            loader,
+            callbacks=[cb],
+            num_chains=1,
+            num_draws=3,
+            verbose=False,
+            optimize_over_per_model_param={"0.weight": mask},
+            optimizer_kwargs=dict(lr=1e-3, localization=100.0),
+        ),
+    )
+    assert moved == {"0.weight"}
+    with pytest.raises(ValueError, match="not parameters"):
+        pp.estimate_llc(mlp, loader, masks={"nope": torch.ones(1)}, **kw)
+
+
+def test_component_masks_as_masks_sample_that_component_alone():
+    import pypattern as pp
+
+    m = pp.Transformer(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, d_vocab=20, n_ctx=8)
+    tokens = [torch.randint(0, 20, (4, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    head = pp.component_masks(m, "blocks.1.attn.head.2")
+    moved = _moved(
+        m,
+        lambda cb: pp.estimate_llc(
+            m,
+            tokens,
+            masks=head,
+            callbacks=[cb],
+            num_chains=1,
+            num_draws=3,
+            step_size=1e-4,
+            nbeta=10.0,
+            quiet=True,
+        ),
+    )
+    assert moved and moved <= set(head), moved
+
+
+def test_a_ragged_last_batch_is_not_read_by_the_chains():
+    import pypattern as pp
+    from pypattern import truth
+    from pypattern.sampling.data import ChainData, batches_per_epoch, ragged_last_batch
+
+    torch.manual_seed(0)
+    mlp, data = truth.make_teacher_task((8, 16, 4), n=512, seed=0)
+    truth.train(mlp, data, steps=100, batch_size=64, lr=3e-3)
+    ragged = torch.utils.data.DataLoader(data, batch_size=500, shuffle=True)
+    assert ragged_last_batch(ragged) and batches_per_epoch(ragged) == 1
+    even = torch.utils.data.DataLoader(data, batch_size=256, shuffle=True)
+    assert not ragged_last_batch(even) and batches_per_epoch(even) == 2
+    assert not ragged_last_batch(torch.utils.data.DataLoader(data, batch_size=500, drop_last=True))
+    # the stream never yields the 12-sample batch, on the fast path and through the loader's own iterator
+    for loader in (
+        ragged,
+        torch.utils.data.DataLoader(list(zip(*data.tensors)), batch_size=500, shuffle=True),
+    ):
+        stream = ChainData(loader, 7, {})
+        assert all(pp.sampling.data.batch_size_of(stream.next()) == 500 for _ in range(6))
+        # resuming mid-stream reads what the uninterrupted stream reads
+        a, b = ChainData(loader, 3, {}), ChainData(loader, 3, {})
+        for _ in range(5):
+            a.next()
+        b.skip(5)
+        torch.testing.assert_close(a.next(), b.next())
+    kw = dict(
+        num_chains=4,
+        num_draws=60,
+        num_burnin_steps=60,
+        step_size=1e-3,
+        localization=100.0,
+        nbeta=50.0,
+        quiet=True,
+    )
+    r_ragged = pp.estimate_llc(mlp, ragged, **kw)
+    r_even = pp.estimate_llc(mlp, even, **kw)
+    # a 12-sample batch counted like a 500-sample one gave 2.6 times the LLC
+    assert abs(r_ragged.llc_mean - r_even.llc_mean) < 4 * math.hypot(r_ragged.llc_se, r_even.llc_se)

@@ -247,8 +247,9 @@ def run_fingerprint(
             else {"num_init_loss_batches": plan.num_init_loss_batches}
         ),
         chains=plan.chains,
-        moving=[list(r.moving) for r in plan.runs],
+        # masks before the moving parameters they choose when restrict_to is not given (a refusal names masks)
         masks=[{n: m.to(torch.float64) for n, m in (r.masks or {}).items()} for r in plan.runs],
+        moving=[list(r.moving) for r in plan.runs],
         loss_fn=plan.loss_fn,
         observables=dict(plan.observables),
         # observables computed but not recorded (their traces would be missing from the draws before a resume)

@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_map
 
 from .optim import splitmix64
 
-__all__ = ["ChainData", "batch_size_of", "to_device"]
+__all__ = ["ChainData", "batch_size_of", "batches_per_epoch", "ragged_last_batch", "to_device"]
 
 GLOBAL_RNG_LOCK = threading.Lock()  # torch's global RNG, seeded per epoch of a chain's data (cores > 1)
 
@@ -23,6 +23,31 @@ def batch_size_of(batch) -> int:
         return batch_size(batch)
     except ValueError as e:
         raise ValueError(f"loader: {e}") from None
+
+
+def ragged_last_batch(loader) -> bool:
+    """Whether ``loader`` is a ``DataLoader`` whose last batch of an epoch is smaller than the others (its
+    ``batch_size`` does not divide the data set and ``drop_last`` is off). Chains never read that batch: each batch's
+    mean loss counts alike in SGLD's steps and draws, so a batch of a few samples would weigh as much as a full one
+    and the chains would sample another loss than ``L_n`` (measured: 512 samples in batches of 500 and 12 gave an
+    LLC 2.6 times the one of any even split)."""
+    dl = loader if isinstance(loader, torch.utils.data.DataLoader) else None
+    if dl is None or dl.batch_size is None or dl.drop_last:
+        return False
+    try:
+        n = len(dl.dataset)
+    except TypeError:
+        return False
+    return n > dl.batch_size and n % dl.batch_size != 0
+
+
+def batches_per_epoch(loader) -> int | None:
+    """The batches of one epoch a chain reads (``len(loader)``, less a ragged last batch; None without a length)."""
+    try:
+        n = int(len(loader))
+    except TypeError:
+        return None
+    return n - 1 if ragged_last_batch(loader) else n
 
 
 def to_device(batch, device):
@@ -39,12 +64,13 @@ class ChainData:
     Each epoch starts ``iter(loader)`` with torch's RNG (and the loader's own generator, if it has one) seeded
     from the key, so shuffling is reproducible, differs between chains and does not depend on the order in which
     chains run. A ``DataLoader`` over a ``TensorDataset`` with the default collate is read by indexing the tensors
-    with a keyed permutation (same batch sizes, no per-sample collate). A loader with one batch is read once.
+    with a keyed permutation (same batch sizes, no per-sample collate). A loader with one batch is read once. A
+    ``DataLoader``'s ragged last batch (:func:`ragged_last_batch`) is not read: an epoch ends before it.
     """
 
     def __init__(self, loader, key: int, cache: dict):
         self.loader, self.key, self.cache = loader, key, cache
-        self.epoch, self.it, self.single = 0, None, None
+        self.epoch, self.it, self.single, self.pos = 0, None, None, 0
         dl = loader if isinstance(loader, torch.utils.data.DataLoader) else None
         self.fast = (
             dl is not None
@@ -54,11 +80,14 @@ class ChainData:
             and dl.batch_sampler is not None
         )
         self.sequential = dl is not None and isinstance(dl.sampler, torch.utils.data.SequentialSampler)
+        self.length = batches_per_epoch(loader)
         try:
-            self.length = len(loader)
+            whole = (
+                len(loader) == 1
+            )  # one batch: the whole data set, read once (not a ragged split's first batch)
         except TypeError:
-            self.length = None
-        if self.length == 1:
+            whole = False
+        if whole:
             if "single" not in cache:
                 self.it = iter(loader)
                 cache["single"] = self._first()
@@ -98,6 +127,7 @@ class ChainData:
         return iter(self.loader)
 
     def _new_epoch(self):
+        self.pos = 1
         if self.sequential:
             self.it = self._iter()
             return self._first()
@@ -133,11 +163,18 @@ class ChainData:
             return self.single
         if self.it is None:
             return self._new_epoch()
+        if (
+            self.length is not None and self.pos >= self.length
+        ):  # the epoch's batches are read (a ragged one is not)
+            self.epoch += 1
+            return self._new_epoch()
         try:
-            return next(self.it)
+            batch = next(self.it)
         except StopIteration:
             self.epoch += 1
             return self._new_epoch()
+        self.pos += 1
+        return batch
 
     def skip(self, n: int) -> None:
         if self.single is not None or n == 0:

@@ -193,6 +193,9 @@ class SGLD(torch.optim.Optimizer):
         ``"blocks.0.attn.*"`` or ``"blocks.0.attn"``); needs named parameters.
     masks : mapping of str to Tensor, optional
         Per-element masks by parameter name (devinterp's ``optimize_over_per_model_param``): 0 freezes an entry.
+        The optimizer moves every parameter it is given (or that ``restrict_to`` selects); one without a mask
+        moves entirely. (:func:`pypattern.sample` and the estimators built on it, given ``masks`` without
+        ``restrict_to``, move only the masked parameters, as devinterp does.)
     seed : int
         Noise seed in ``[0, 2**64)``; use :func:`chain_seed` for chain ``c`` of a run with seed ``s``.
     backend : str, optional

@@ -27,7 +27,7 @@ from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_repor
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import LossContractError, RunContext, Stopped
-from .data import ChainData, to_device
+from .data import ChainData, batches_per_epoch, to_device
 from .diagnostics import SamplingDivergedError, check_stationarity, ess, r_hat
 from .plan import RunPlan, default_nbeta, make_plan
 from .results import SampleResult
@@ -494,11 +494,9 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
 
 
 def _num_batches(loader) -> int | None:
-    """Batches in one epoch of ``loader`` (``None`` when it has no length)."""
-    try:
-        return int(len(loader))
-    except TypeError:
-        return None
+    """Batches in one epoch of ``loader`` that the chains read (``None`` when it has no length; a ragged last batch
+    is not read, :func:`~pypattern.sampling.data.ragged_last_batch`)."""
+    return batches_per_epoch(loader)
 
 
 def default_init_loss_batches(plan: RunPlan, num_batches: int | None) -> int:
