@@ -348,3 +348,18 @@ def test_generators_stack_unsafe_metrics_mismatched_graphs_and_settings():
         pruning_curve(model, sc, clean, corr, metric=metric, fractions=[float("nan")])
     with pytest.raises(ValueError, match="counts must be ints"):
         pruning_curve(model, sc, clean, corr, metric=metric, counts=[2.7])
+
+
+def test_a_batch_of_sets_whose_first_set_is_empty_reads_per_position_names():
+    from pypattern.circuits import faithfulness
+
+    cfg_model = tiny()
+    clean, corr, ans, wrong = prompts(cfg_model, seed=3)
+    metric = LogitDiff(ans, wrong)
+    T = clean.shape[1]
+    named = [f"embed->logits@{T - 1}", f"L1H0->logits@{T - 1}"]
+    got = patch_edges(cfg_model, [[], named], clean, corr, metric=metric)
+    want = patch_edges(cfg_model, [named, []], clean, corr, metric=metric)
+    torch.testing.assert_close(got, want.flip(0), rtol=0, atol=0)
+    f = faithfulness(cfg_model, [[], named], clean, corr, metric=metric)
+    assert f.shape == (2,)

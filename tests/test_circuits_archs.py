@@ -365,15 +365,18 @@ def test_cli_on_a_hugging_face_llama_directory(tmp_path):
     tok = tmp_path / "prompts.npz"
     np.savez(tok, clean=clean.numpy(), corrupted=corr.numpy(), answer=ans.numpy(), wrong=wrong.numpy())
     res = run_circuit_demo(
-        str(tmp_path / "out"), model_dir=str(d), tokens=str(tok), methods=("eap",), fraction=0.2
+        str(tmp_path / "out"), model_dir=str(d), tokens=str(tok), methods=("exact", "eap"), fraction=0.13
     )
     for key in ("edge_scores", "circuit_table", "pruning_curve", "circuit_drawing"):
         assert os.path.getsize(res[key]) > 100
     metric = LogitDiff(ans, wrong)
-    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
-    want = faithfulness(model, sc.circuit(fraction=0.2).mask, clean, corr, metric=metric)
+    for method in ("exact", "eap"):
+        sc = edge_attribution(model, clean, corr, metric=metric, method=method)
+        want = faithfulness(model, sc.circuit(fraction=0.13).mask, clean, corr, metric=metric)
+        # at the fraction asked for, not at the nearest point of the pruning grid
+        assert res["faithfulness_at_fraction"][method] == pytest.approx(want, abs=1e-9)
     assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9)
-    assert res["circuit_edges"] == round(0.2 * len(edges(model)))
+    assert res["circuit_edges"] == round(0.13 * len(edges(model)))
 
 
 def test_cli_with_plain_token_files(tmp_path):

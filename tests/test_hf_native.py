@@ -792,3 +792,20 @@ def test_the_adapter_unwraps_compiled_models_leaves_no_hooks_and_refuses_what_it
     kw = dict(num_chains=1, num_draws=2, step_size=1e-4, localization=10.0, seed=0, quiet=True)
     chi = pp.susceptibilities(OptimizedModule(m), loader, x, ["blocks.0.attn.head.0"], **kw).chi
     assert np.isfinite(chi).all()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
+def test_default_gaussian_noise_on_a_raw_hf_model_equals_the_converted_models(arch):
+    """GaussianNoise() takes its default std from the embeddings as hook_embed sees them: on a raw Hugging Face
+    model from its input embedding module (Gemma's scaled by sqrt(d_model)), the same as on the converted model."""
+    from pypattern import from_hf
+    from pypattern.patching import GaussianNoise, LogitDiff, activation_patching
+
+    m = _model(arch)
+    clean = _tokens(3)
+    metric = LogitDiff(clean[:, -1], (clean[:, -1] + 1) % V)
+    kw = dict(metric=metric, corruption=GaussianNoise(), layers=[0, 1], positions=[1, T - 1])
+    raw = activation_patching(m, "resid_pre", clean, **kw).values
+    conv = activation_patching(from_hf(m), "resid_pre", clean, **kw).values
+    torch.testing.assert_close(raw, conv, rtol=1e-9, atol=1e-9)
+    assert raw.abs().max() > 0

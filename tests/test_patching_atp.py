@@ -157,3 +157,26 @@ def test_graddrop_on_a_one_layer_model_is_refused():
     with pytest.raises(ValueError, match="grad_drop=True needs a model of at least 2 layers"):
         attribution_patching(model, clean, clean.flip(1), metric=met, sites=["z"], grad_drop=True)
     attribution_patching(model, clean, clean.flip(1), metric=met, sites=["z"], qk_fix=True)
+
+
+def test_gradient_methods_refuse_inference_mode_by_name_and_run_under_no_grad():
+    import pypattern as pp
+    from pypattern.circuits import edge_attribution
+
+    m = pp.Transformer(
+        n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=16, d_vocab=11, n_ctx=6, dtype=torch.float64
+    )
+    g = torch.Generator().manual_seed(0)
+    clean, corr = torch.randint(0, 11, (2, 6), generator=g), torch.randint(0, 11, (2, 6), generator=g)
+    metric = pp.LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            pp.attribution_patching(m, clean, corr, metric=metric)
+        for method in ("eap", "eap-ig"):
+            with pytest.raises(RuntimeError, match="inference_mode"):
+                edge_attribution(m, clean, corr, metric=metric, method=method)
+    with torch.no_grad():
+        got = pp.attribution_patching(m, clean, corr, metric=metric)["z"].values
+        eap = edge_attribution(m, clean, corr, metric=metric, method="eap").values
+    torch.testing.assert_close(got, pp.attribution_patching(m, clean, corr, metric=metric)["z"].values)
+    torch.testing.assert_close(eap, edge_attribution(m, clean, corr, metric=metric, method="eap").values)

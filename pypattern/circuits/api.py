@@ -96,6 +96,8 @@ def _infer_per_position(edges, model, T: int) -> bool:
                 f"edges contains {e!r} ({type(e).__name__}); give Edge objects or names such as 'L0H1->L1H2.k' "
                 "(graph.edges[i] for an index i), a boolean mask, or a list of such sets"
             )
+        if not isinstance(e, torch.Tensor) and len(e) == 0:
+            continue  # an empty set says nothing: the next set decides
         return _infer_per_position(e, model, T)
     return False
 
@@ -256,6 +258,12 @@ def edge_attribution(
     model = converted_if_convertible(model)
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {_METHODS}")
+    if method != "exact" and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"edge_attribution(method={method!r}) takes gradients, which torch.inference_mode() does not allow "
+            "(torch.enable_grad() cannot lift it); call it outside inference mode (inside torch.no_grad() is fine), "
+            "or use method='exact'"
+        )
     if method == "eap-ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
     if not isinstance(per_position, bool):

@@ -298,9 +298,24 @@ def run_circuit_demo(
             extra = {"task": f"{model_dir} on {tokens}", "ablation": ablation}
         chosen = methods[-1]
         circuit = scores[chosen].circuit(fraction=fraction)
+        ablation_used = extra.get("ablation", "resample")
         circuit.faithfulness = faithfulness(
-            model, circuit.mask, clean, corr, metric=metric, ablation=extra.get("ablation", "resample")
+            model, circuit.mask, clean, corr, metric=metric, ablation=ablation_used
         )
+        # each method's circuit of the same fraction (the pruning grid need not hold it)
+        at_fraction = {
+            m: circuit.faithfulness
+            if m == chosen
+            else faithfulness(
+                model,
+                scores[m].circuit(fraction=fraction).mask,
+                clean,
+                corr,
+                metric=metric,
+                ablation=ablation_used,
+            )
+            for m in methods
+        }
         seconds = time.perf_counter() - t0
     paths = {
         "edge_scores": os.path.join(out_dir, "edge_scores.csv"),
@@ -323,7 +338,7 @@ def run_circuit_demo(
         "circuit_method": chosen,
         "circuit_edges": len(circuit),
         "circuit_faithfulness": circuit.faithfulness,
-        "faithfulness_at_fraction": curve.at(fraction),
+        "faithfulness_at_fraction": {m: float(v) for m, v in at_fraction.items()},
         "top_edges": [str(r) for r in circuit.to_pandas()["name"][:8]],
         "seconds": round(seconds, 2),
         **paths,

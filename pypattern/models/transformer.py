@@ -774,7 +774,8 @@ class LayerNorm(nn.Module):
 
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(var + eps)``; ``hook_normalized`` is the
     output (after ``w`` and ``b``). It runs torch's fused ``layer_norm`` (about 25% faster fwd+bwd of the whole model
-    under ``vmap``); a hook on ``hook_scale`` sees the scale computed explicitly, and only a hook that replaces it
+    under ``vmap``; with ``w`` and ``b`` in the same pass unless ``compute_dtype`` differs from the input's or
+    ``hook_scale`` has a hook); a hook on ``hook_scale`` sees the scale computed explicitly, and only a hook that replaces it
     switches the output to the explicit form ``(x - mean) / scale`` (to float rounding the same). With
     ``compute_dtype`` the statistics and the normalisation run in that dtype and the result is cast back to the
     input's dtype before ``w`` and ``b``."""
@@ -796,6 +797,8 @@ class LayerNorm(nn.Module):
         return self.w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype in (None, x.dtype) and not self.hook_scale._fns:  # one fused pass with w and b
+            return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps))
         return self.hook_normalized(torch.addcmul(self.b, _layer_normalize(self, x), self.w))
 
 

@@ -262,6 +262,11 @@ def attribution_patching(
     from ..models.convert import converted_if_convertible
     from ..models.transformer import Transformer
 
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "attribution_patching takes gradients, which torch.inference_mode() does not allow (torch.enable_grad() "
+            "cannot lift it); call it outside inference mode (inside torch.no_grad() is fine)"
+        )
     keep_freed_heap()
     model = converted_if_convertible(model)
     if not isinstance(model, Transformer):

@@ -77,9 +77,20 @@ class GaussianNoise(Corruption):
         else:
             emb = getattr(model, "embed", None)
             W_E = getattr(emb, "W_E", None)
-            if W_E is None:
-                raise ValueError("GaussianNoise needs std=... for a model without embed.W_E")
-            std = self.std_multiplier * _embedded_std(emb, W_E)
+            if W_E is None:  # a Hugging Face model (wrapped for its hooks): its input embedding module
+                inner = getattr(model, "hf_model", model)
+                get = getattr(inner, "get_input_embeddings", None)
+                emb = get() if callable(get) else None
+                W_E = getattr(emb, "weight", None)
+                if not isinstance(W_E, torch.Tensor) or W_E.dim() != 2:
+                    raise ValueError(
+                        "GaussianNoise needs std=... for this model: it has neither pypattern's embed.W_E nor a "
+                        "Hugging Face input embedding (get_input_embeddings()) to take the default from"
+                    )
+                # a plain lookup reads W_E; another module (Gemma's scaled embedding) is run over the vocabulary
+                std = self.std_multiplier * _embedded_std(emb, W_E, plain=type(emb) is torch.nn.Embedding)
+            else:
+                std = self.std_multiplier * _embedded_std(emb, W_E)
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(batch, seq_len, d_model, generator=g, dtype=torch.float64) * std
         if pos is not None:
@@ -90,10 +101,13 @@ class GaussianNoise(Corruption):
 
 
 @torch.no_grad()
-def _embedded_std(emb, W_E: torch.Tensor) -> float:
+def _embedded_std(emb, W_E: torch.Tensor, plain: bool | None = None) -> float:
     """Standard deviation (over every token and dimension) of the embedding as ``hook_embed`` reads it: of
-    ``W_E`` itself for a plain lookup, else of ``emb(token)`` over the vocabulary (in chunks, float64 sums)."""
-    if getattr(emb, "scale", None) is None and not hasattr(emb, "ln"):
+    ``W_E`` itself for a plain lookup, else of ``emb(token)`` over the vocabulary (in chunks, float64 sums).
+    ``plain``: whether ``emb`` is a plain lookup (default: pypattern's embedding without a scale or a norm)."""
+    if plain is None:
+        plain = getattr(emb, "scale", None) is None and not hasattr(emb, "ln")
+    if plain:
         return float(W_E.detach().double().std())
     V = W_E.shape[0]
     n, s1, s2 = 0, 0.0, 0.0
