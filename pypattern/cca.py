@@ -59,6 +59,10 @@ def _features(x, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be real, got dtype {x.dtype} (the imaginary part would be dropped)")
     # the input's rounding level (integers are exact: float64's), for the rank cutoff
     eps = max(torch.finfo(x.dtype).eps if x.dtype.is_floating_point else 0.0, torch.finfo(torch.float64).eps)
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
+    if math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
     x = x.reshape(x.shape[0], -1).to(torch.float64)
     if x.shape[0] < 3:
         raise ValueError(f"{name} has {x.shape[0]} samples; CCA needs at least 3")
@@ -103,9 +107,21 @@ class _Side:
             e, v = sv.square(), vh.T
         else:
             sv = e.sqrt()
-        # below the rounding level of the input (or of the SVD itself) a direction is noise, not data
+        # below the rounding level of the input (or of the SVD itself) a direction is noise, not data. The input's
+        # rounding is relative to each entry, so the count of real directions is read with every column scaled to
+        # unit norm (a feature 1e-6 times smaller than the others is as well determined as they are); the
+        # spectrum of the data keeps that many leading directions, down to the float64 SVD's own floor
         big = max(n, p)
-        tol = max(big * eps_in * float(x.abs().max()), big * torch.finfo(torch.float64).eps * float(sv[0]))
+        norms = self.xc.norm(dim=0)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        sv_eq = torch.linalg.svdvals(self.xc / norms)
+        tol_eq = max(
+            big * eps_in * float((x.abs() / norms).max()),
+            big * torch.finfo(torch.float64).eps * float(sv_eq[0]),
+        )
+        real = min(
+            int((sv_eq > tol_eq).sum()), int((sv > big * torch.finfo(torch.float64).eps * sv[0]).sum())
+        )
         if threshold is not None:  # SVCCA: the fewest leading directions with >= threshold of the variance
             total = float(e.sum())
             if not total > 0:
@@ -115,9 +131,9 @@ class _Side:
                 int(torch.searchsorted(frac, torch.tensor([threshold], dtype=frac.dtype))[0]) + 1, len(sv)
             )
             sv, e, v, u = sv[:k], e[:k], v[:, :k], None if u is None else u[:, :k]
-        self.rank = int((sv > tol).sum())  # directions of nonzero variance
+        keep = torch.arange(len(sv)) < real
+        self.rank = int(keep.sum())  # directions of nonzero variance
         if ridge == 0.0:
-            keep = sv > tol
             if not bool(keep.any()):
                 raise ValueError(f"{name} is constant over the samples: CCA is undefined")
             sv, e, v, u = sv[keep], e[keep], v[:, keep], None if u is None else u[:, keep]

@@ -33,6 +33,7 @@ build and U-centre its Gram once, then *all* pairs are one matrix product of the
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,6 +76,10 @@ def _as_features(x, name: str, min_samples: int = 1, dtype: torch.dtype = torch.
         raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
     if x.is_complex():
         raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
+    if math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
     x = x.reshape(x.shape[0], -1).to(dtype)
     if x.shape[0] < min_samples:
         raise ValueError(f"{name} has {x.shape[0]} samples; this measure needs at least {min_samples}")
@@ -183,6 +188,12 @@ def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torc
         return xy / (xx * yy).sqrt()
     # a constant representation (or, debiased, a self-HSIC estimated at <= 0 from too few samples): undefined
     return torch.where(ok, xy / (xx * yy).abs().sqrt(), torch.full_like(xy, math.nan))
+
+
+def _max_magnitude(x: torch.Tensor) -> float:
+    """The largest magnitude of ``x`` (1 when it is 0 or not finite): a scale to divide by."""
+    m = float(x.abs().max()) if x.numel() else 0.0
+    return m if m > 0 and math.isfinite(m) else 1.0
 
 
 def _unit_scale(x: torch.Tensor) -> torch.Tensor:
@@ -406,6 +417,7 @@ class MinibatchCKA:
         # the sums without one batch the jackknife
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._widths: tuple[list[int], list[int]] | None = None  # feature widths of batch 0 (xs, ys)
+        self._scales: list[float] | None = None  # each representation's scale, from batch 0
 
     @property
     def num_batches(self) -> int:
@@ -440,7 +452,15 @@ class MinibatchCKA:
                             f"batch {self.num_batches}: {name}[{i}] has {a} features, but batch 0 had {b}; "
                             "every batch must give each representation the same feature width"
                         )
-        self._batches.append(_hsic_all(xs, None if ys is xs else ys, True, self.method))
+        # one scale per representation, fixed by its first batch (CKA does not change; the fourth powers the HSIC
+        # sums hold stay in range for inputs of scale 1e-20 or 1e20 in float32)
+        same = ys is xs
+        if self._scales is None:
+            self._scales = [_max_magnitude(z) for z in list(xs) + ([] if same else list(ys))]
+        sx = self._scales[: len(xs)]
+        xs = [x / s for x, s in zip(xs, sx)]
+        ys = xs if same else [y / s for y, s in zip(ys, self._scales[len(sx) :])]
+        self._batches.append(_hsic_all(xs, None if same else ys, True, self.method))
         return self
 
     def compute(self) -> torch.Tensor:
@@ -647,16 +667,18 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
 class EquivalenceResult:
     """Result of :func:`interpretive_equivalence`.
 
-    ``score`` in ``[0, 1]``: ``1 - |wins / num_trials - 1|`` with ``wins`` out of ``2 num_trials`` comparisons;
+    ``score`` in ``[0, 1]``: ``1 - |wins / num_trials - 1|`` with ``wins`` out of ``2 num_trials`` comparisons
+    (a tie counts half: the similarity cannot tell the two apart); ``ties``: how many comparisons tied;
     ``own``, ``other``: ``(num_trials, 2)`` similarities of model A (column 0) and model B (column 1) to an
     implementation of its own and to the other model.
     """
 
     score: float
-    wins: int
+    wins: float
     num_trials: int
     own: np.ndarray
     other: np.ndarray
+    ties: int = 0
 
     @property
     def win_rate(self) -> float:
@@ -683,7 +705,9 @@ def interpretive_equivalence(
     each model and asks, in both directions, whether the model is closer to its own implementation than to the
     other model (a *win*). With ``s`` wins in ``2 num_trials`` comparisons the score is ``1 - |s / num_trials -
     1|``: 1 when wins are a coin flip (equivalent), 0 when the model is always closer to its own implementation
-    (or always farther). The second case includes a model compared with an exact copy of itself (the copy is
+    (or always farther). A tie (equal similarities, e.g. both held-out R^2 clamped at 0) counts as half a win: the
+    similarity cannot tell the two apart; when every comparison ties the score carries no information and a
+    warning says so. The second case includes a model compared with an exact copy of itself (the copy is
     closer than any implementation): the estimator, as published, compares models whose implementations vary, and
     the score of identical models is 0, not 1.
 
@@ -694,13 +718,15 @@ def interpretive_equivalence(
         :func:`representations`).
     sample_a, sample_b : callables ``seed -> Tensor (num_inputs, ...)``
         Representations of a random implementation of each model, on the same inputs.
-    similarity : ``"ridge"`` (:func:`ridge_similarity` of the candidate from the model, the closeness used in the
-        authors' released code), ``"cka"`` (debiased linear CKA) or a callable ``(x, y) -> float``, larger = closer.
+    similarity : ``"ridge"`` (:func:`ridge_similarity_cv` of the candidate from the model: ridge with an intercept,
+        the penalty from ``{0.1, 1, 10}`` by leave-one-out on a random 90% of the inputs, ``sqrt(max(R^2, 0))`` of
+        the held-out R^2 averaged over the candidate's features; the closeness of the authors' released code),
+        ``"cka"`` (debiased linear CKA) or a callable ``(x, y) -> float``, larger = closer.
     """
     if num_trials < 1:
         raise ValueError(f"num_trials must be >= 1, got {num_trials}")
     if similarity == "ridge":
-        sim = lambda x, y, t: ridge_similarity(x, y, seed=t)  # noqa: E731
+        sim = lambda x, y, t: ridge_similarity_cv(x, y, seed=t)  # noqa: E731
     elif similarity == "cka":
         sim = lambda x, y, t: linear_cka(x, y)  # noqa: E731
     elif callable(similarity):
@@ -721,9 +747,22 @@ def interpretive_equivalence(
         other[t] = sim(ra, rb, key), sim(rb, ra, key)
     if not (np.isfinite(own).all() and np.isfinite(other).all()):
         raise ValueError("a similarity was not finite (a constant representation?)")
-    wins = int((own > other).sum())
+    ties = int((own == other).sum())
+    wins = float((own > other).sum()) + 0.5 * ties
+    if ties == own.size:
+        warnings.warn(
+            f"interpretive_equivalence: all {own.size} comparisons tied (every similarity equal, e.g. held-out R^2 "
+            "<= 0 everywhere): the similarity cannot tell the representations apart, and the score carries no "
+            "information; give more inputs than features, or another similarity",
+            stacklevel=2,
+        )
     return EquivalenceResult(
-        score=1.0 - abs(wins / num_trials - 1.0), wins=wins, num_trials=num_trials, own=own, other=other
+        score=1.0 - abs(wins / num_trials - 1.0),
+        wins=wins,
+        num_trials=num_trials,
+        own=own,
+        other=other,
+        ties=ties,
     )
 
 

@@ -49,6 +49,10 @@ def _as_2d(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (num_samples, ...), got a scalar")
     if x.is_complex() or x.dtype == torch.bool:
         raise TypeError(f"{name} has dtype {x.dtype}; give real-valued features")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
+    if math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
     x = x.reshape(x.shape[0], -1).to(torch.float64)
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")

@@ -557,3 +557,86 @@ def test_measures_refuse_bad_inputs_and_keep_extreme_scales():
         t = permutation_test(x * scale, y * scale, "cka", num_permutations=20, seed=1)
         assert math.isclose(t.statistic, ref_t.statistic, rel_tol=1e-9) and t.p_value == ref_t.p_value
         assert math.isclose(procrustes(x * scale, y * scale), ref_p, rel_tol=1e-9)
+
+
+def test_cca_keeps_a_small_scale_feature_of_float32_input():
+    from pypattern.equivalence import cca, pwcca, svcca
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = x @ torch.randn(6, 5, generator=g) + 0.5 * torch.randn(200, 5, generator=g)
+    x[:, 0] *= 1e-6  # CCA does not depend on a feature's scale
+    x32 = x.float()
+    x64 = x32.double()  # the same values
+    torch.testing.assert_close(
+        torch.as_tensor(cca(x32, y)), torch.as_tensor(cca(x64, y)), rtol=1e-6, atol=1e-6
+    )
+    assert svcca(x32, y, threshold=1.0) == pytest.approx(svcca(x64, y, threshold=1.0), abs=1e-6)
+    assert pwcca(x32, y) == pytest.approx(pwcca(x64, y), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["linear_cka", "procrustes", "cca", "svcca", "pwcca", "ridge_similarity", "ridge_similarity_cv"]
+)
+def test_empty_inputs_are_refused_by_name(name):
+    import pypattern.equivalence as eq
+
+    fn = getattr(eq, name)
+    with pytest.raises(ValueError, match="x has 0 samples"):
+        fn(np.zeros((0, 8)), np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="no features"):
+        fn(np.zeros((10, 0)), np.ones((10, 4)))
+
+
+def test_minibatch_cka_at_extreme_scales_equals_cka_matrix():
+    from pypattern.equivalence import MinibatchCKA, cka_matrix
+
+    g = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(40, 6, generator=g, dtype=torch.float64),
+        torch.randn(40, 5, generator=g, dtype=torch.float64),
+    )
+    y = y + x[:, :5]
+    want = float(cka_matrix([x.double()], [y.double()])[0, 0])
+    for scale, dtype in (
+        (1e20, torch.float32),
+        (1e-20, torch.float32),
+        (1e150, torch.float64),
+        (1e-150, torch.float64),
+    ):
+        for method in ("gram", "features"):
+            acc = MinibatchCKA(1, 1, dtype=dtype, method=method)
+            acc.update([(x * scale).to(dtype)], [y.to(dtype)])
+            assert float(acc.compute()[0, 0]) == pytest.approx(want, rel=1e-4), (scale, dtype, method)
+
+
+def test_interpretive_equivalence_counts_ties_half_and_ridge_is_the_authors_measure():
+    from pypattern.equivalence import interpretive_equivalence, ridge_similarity_cv
+
+    g = torch.Generator().manual_seed(2)
+    ra, rb = (
+        torch.randn(60, 4, generator=g, dtype=torch.float64),
+        torch.randn(60, 4, generator=g, dtype=torch.float64),
+    )
+
+    def sampler(r):
+        return lambda seed: (
+            r + 0.1 * torch.randn(r.shape, generator=torch.Generator().manual_seed(seed), dtype=r.dtype)
+        )
+
+    with pytest.warns(UserWarning, match="tied"):
+        flat = interpretive_equivalence(
+            ra, rb, sampler(ra), sampler(rb), num_trials=4, similarity=lambda x, y: 0.0
+        )
+    assert (flat.ties, flat.wins, flat.score) == (
+        8,
+        4.0,
+        1.0,
+    )  # no information: a coin flip, not "always closer"
+    res = interpretive_equivalence(ra, rb, sampler(ra), sampler(rb), num_trials=2, seed=3)
+    for t in range(2):
+        key = 3 * 100_003 + t
+        ia, ib = sampler(ra)(2 * key), sampler(rb)(2 * key + 1)
+        assert res.own[t, 0] == pytest.approx(ridge_similarity_cv(ra, ia, seed=key), abs=1e-12)
+        assert res.own[t, 1] == pytest.approx(ridge_similarity_cv(rb, ib, seed=key), abs=1e-12)
+        assert res.other[t, 0] == pytest.approx(ridge_similarity_cv(ra, rb, seed=key), abs=1e-12)
