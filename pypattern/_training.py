@@ -7,6 +7,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 # instance attributes holding a probability or noise scale that a module applies in training mode only
@@ -56,3 +57,17 @@ def eval_mode_if_random(model: nn.Module, what: str, stacklevel: int = 4) -> Ite
     finally:
         for m, training in modes.items():
             m.train(training)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """The block may run ``model`` in ``train()`` mode (BatchNorm updates its running statistics there); every buffer
+    holds its value from before the block again afterwards, also when the block raises."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, nn.Module) else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                if b.shape == v.shape:
+                    b.copy_(v)

@@ -489,6 +489,23 @@ def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np
 _NOT_IN_FINGERPRINT = ("quiet", "cores", "checkpoint_every", "warn_nonstationary", "batched", "backend")
 
 
+def _is_sample_default(name: str, value) -> bool:
+    """Whether ``value`` is :func:`pypattern.sample`'s default for its argument ``name`` (a number, string, bool or
+    None): a checkpoint's fingerprint leaves it out, so that a run giving a default explicitly is the same run as
+    one leaving it out."""
+    import inspect
+
+    p = inspect.signature(sample).parameters.get(name)
+    if p is None or p.default is inspect.Parameter.empty:
+        return False
+    simple = (numbers.Number, str, type(None))
+    if not (isinstance(value, simple) and isinstance(p.default, simple)):
+        return False
+    if isinstance(value, bool) != isinstance(p.default, bool):
+        return False
+    return value == p.default
+
+
 def _sampler_kwargs(kw: dict) -> dict:
     """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated)."""
     allowed = {
@@ -755,7 +772,7 @@ def susceptibilities(
             per_token=per_token,
             n=n,
             # what the draws depend on: not how they are computed or shown (as pypattern.sample's checkpoints)
-            **{k: v for k, v in kw.items() if k not in _NOT_IN_FINGERPRINT},
+            **{k: v for k, v in kw.items() if k not in _NOT_IN_FINGERPRINT and not _is_sample_default(k, v)},
             loss_fn=loss_fn,
             per_sample_loss_fn=per_sample_loss_fn,
             observable=observable,

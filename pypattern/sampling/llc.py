@@ -249,6 +249,11 @@ def _devinterp_kwargs(
             f"evaluate={evaluate!r} is not callable; give a function (model, batch) -> loss or (loss, outputs)"
         )
     if criterion is not None:
+        if not callable(criterion):
+            raise TypeError(
+                f"criterion={criterion!r} is not callable; give a function (outputs, targets) -> loss, e.g. "
+                "torch.nn.functional.cross_entropy"
+            )
         evaluate = criterion_evaluate(criterion)
     dev = resolve_device(device, model)
     if gpu_idxs:
@@ -278,6 +283,15 @@ def _devinterp_kwargs(
     # devinterp's switches for its own metrics, and the correction it leaves out by default: nothing to do
     okw = {k: v for k, v in okw.items() if k not in ("save_noise", "save_mala_vars", "add_grad_correction")}
     okw = translate(okw, where="optimizer_kwargs", drop_none=False)
+    # hyperparameters given as keywords (pypattern.sample's names, or devinterp's) count as optimizer_kwargs
+    top = {k: extra.pop(k) for k in list(extra) if k in _HYPER_KEYWORDS and extra[k] is not None}
+    for k, v in translate(top, where="the keyword arguments").items():
+        if okw.get(k) is not None and okw[k] != v:
+            raise ValueError(
+                f"{k} is given twice with different values: {v!r} as a keyword argument and {okw[k]!r} in "
+                "optimizer_kwargs; give it once"
+            )
+        okw[k] = v
     okw.setdefault("step_size", 0.01)  # devinterp's SGLD default
     if okw.get("nbeta") is None:
         okw["nbeta"] = default_nbeta(loader, grad_accum_steps)
@@ -299,6 +313,22 @@ def _devinterp_kwargs(
     _check_extra(extra)
     kw.update(extra)
     return on_device(model, dev), kw
+
+
+_HYPER_KEYWORDS = frozenset(
+    {
+        "lr",
+        "step_size",
+        "nbeta",
+        "temperature",
+        "localization",
+        "weight_decay",
+        "noise_level",
+        "noise_scale",
+        "bounding_box",
+        "bounding_box_size",
+    }
+)
 
 
 def _check_extra(extra: Mapping[str, Any]) -> None:
@@ -459,13 +489,20 @@ def estimate_learning_coeff_with_summary(
             "llc/trace": res.llc_trace.astype(np.float32),
             "loss/trace": res.loss_trace.astype(np.float32),
         }
-    if wrapped:  # devinterp 1.x's sample() gives its L_n(w*) (given or computed) to its LLC estimators
-        from ..devinterp.v1 import LLCEstimator, OnlineLLCEstimator
+    from ..devinterp.v1 import LLCEstimator
 
-        for cb in callbacks:
-            inner = getattr(cb, "inner", cb)
-            if isinstance(inner, (LLCEstimator, OnlineLLCEstimator)):
-                inner.init_loss = float(res.init_loss)
+    trace = np.asarray(res.loss_trace, dtype=np.float32)
+    for cb in callbacks:
+        inner = getattr(cb, "inner", cb)
+        if not isinstance(inner, LLCEstimator):
+            continue
+        if wrapped:  # devinterp 1.x's sample() gives its L_n(w*) (given or computed) to its LLC estimators
+            inner.init_loss = float(res.init_loss)
+        # a resumed run hands callbacks only the draws it takes itself: the library's own estimators get the
+        # checkpoint's draws from the run's trace
+        if inner.eval_field == "loss" and inner.losses.shape == trace.shape:
+            missing = np.isnan(inner.losses)
+            inner.losses[missing] = trace[missing]
     for cb in callbacks:
         if callable(getattr(cb, "finalize", None)):
             cb.finalize()

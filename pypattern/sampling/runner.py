@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._threads import pinned_threads
-from .._training import eval_mode_if_random
+from .._training import buffers_kept, eval_mode_if_random
 from ..losses import batch_loss, check_batch, read_loss
 from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
 from .batched import VmapUnsupported, run_batched
@@ -346,7 +346,7 @@ def sample(
     )
     if noise_coupling != 1:
         plan = dataclasses.replace(plan, noise_coupling=noise_coupling, batched=True)
-    with _eval_mode_for_dropout(model):
+    with _eval_mode_for_dropout(model), buffers_kept(model):
         if auto_step is None:
             return _sample(plan, model, loader)
         return with_auto_report(_sample_auto(plan, model, loader, auto_step), auto_step)
