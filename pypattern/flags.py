@@ -97,8 +97,10 @@ class FlagSpec:
         if any(isinstance(d, bool) or int(d) != d for d in self.dims):
             raise ValueError(f"dims={self.dims!r} is not valid; give a sequence of ints")
         object.__setattr__(self, "dims", dims)
-        if not isinstance(self.num_concepts, int) or self.num_concepts < 2:
-            raise ValueError(f"num_concepts={self.num_concepts!r} is not valid; give an int >= 2")
+        nc = self.num_concepts
+        if isinstance(nc, bool) or not isinstance(nc, numbers.Integral) or nc < 2:
+            raise ValueError(f"num_concepts={nc!r} is not valid; give an int >= 2")
+        object.__setattr__(self, "num_concepts", int(nc))  # a numpy integer too
         if len(dims) < self.num_concepts:
             raise ValueError(
                 f"dims={dims} has {len(dims)} entries; give at least num_concepts={self.num_concepts}"
@@ -110,8 +112,9 @@ class FlagSpec:
             raise ValueError(f"dims={dims} has negative entries; give dimensions in 0..d_model-1")
         for arg in ("on_value", "off_value"):
             v = getattr(self, arg)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"{arg}={v!r} is not valid; give a finite number")
+            object.__setattr__(self, arg, float(v))  # a numpy scalar too
         if float(self.on_value) == float(self.off_value):
             raise ValueError(
                 f"on_value={self.on_value!r} equals off_value={self.off_value!r}; give two values"

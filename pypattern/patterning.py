@@ -179,6 +179,18 @@ def invert(
     return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
 
 
+def _ridge_sum_zero(a: np.ndarray, t: np.ndarray, mu: float, c: np.ndarray) -> np.ndarray:
+    """``argmin_d |a d - t|^2 + mu |d|^2`` subject to ``c @ d = 0`` (``a (k, n)``, ``mu > 0``), in ``O(n k^2)``:
+    ``(a^T a + mu I) d = a^T t - lam c`` by Woodbury, ``lam`` from the constraint."""
+    inner = np.linalg.inv(mu * np.eye(a.shape[0]) + a @ a.T)  # (k, k)
+
+    def solve(v: np.ndarray) -> np.ndarray:  # (a^T a + mu I)^-1 v
+        return (v - a.T @ (inner @ (a @ v))) / mu
+
+    d0, dc = solve(a.T @ t), solve(c.astype(np.float64))
+    return d0 - (float(c @ d0) / float(c @ dc)) * dc
+
+
 def _within(w: np.ndarray, lo: float, hi: float | None) -> bool:
     return bool((w >= lo - 1e-12).all() and (hi is None or (w <= hi + 1e-12).all()))
 
@@ -223,9 +235,6 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     def hess(w):
         return scale * (2 * a.T @ a + (2 * alpha / n) * np.eye(n))
 
-    bounds = Bounds(np.full(n, lo), np.full(n, np.inf if hi is None else hi))
-    total = float(c.sum())
-    eq = LinearConstraint(c[None, :], total, total)
     if alpha == 0:
         # where the bounds do not bind, the answer is closed-form: the minimum-norm d with a @ d = tgt and c @ d = 0
         d = np.linalg.pinv(np.vstack([a, c[None, :]])) @ np.concatenate([tgt, [0.0]])
@@ -233,19 +242,30 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
         exact = np.allclose(a @ d, tgt, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(tgt).max(initial=0.0))))
         if exact and abs(float(c @ d)) <= 1e-9 * n and _within(cand, lo, hi):
             return (_exact_total(cand, c, lo, hi) - 1) / n
-    w0 = np.ones(n)  # the uniform weights are feasible
-    method = "SLSQP" if n <= 2000 else "trust-constr"
+    if alpha > 0:
+        # where the bounds do not bind, the answer is closed-form (the objective is strictly convex)
+        d = _ridge_sum_zero(a, tgt, alpha / n, c)
+        if _within(1 + d, lo, hi):
+            return (_exact_total(1 + d, c, lo, hi) - 1) / n
+        size = float(np.abs(d).max())
+    else:
+        size = float(np.abs(np.linalg.pinv(np.vstack([a, c[None, :]])) @ np.concatenate([tgt, [0.0]])).max())
+    if not size > 0:
+        return np.zeros(n)  # a zero target: the uniform weights
+    # the solver's step tolerances are absolute: it works on u = (w - 1) / size, of order 1 (a target whose answer
+    # moves the weights by 1e-6 was otherwise left far from its optimum, reported as converged)
+    hi_u = np.inf if hi is None else (hi - 1) / size
     res = minimize(
-        f,
-        w0,
-        jac=g,
-        hess=hess if method == "trust-constr" else None,
-        bounds=bounds,
-        constraints=[eq],
-        method=method,
-        options={"maxiter": 1000, "ftol": 1e-14} if method == "SLSQP" else {"gtol": 1e-12},
+        lambda u: f(1 + size * u),
+        np.zeros(n),  # the uniform weights are feasible
+        jac=lambda u: size * g(1 + size * u),
+        hess=(lambda u: size * size * hess(1 + size * u)) if n > 2000 else None,
+        bounds=Bounds(np.full(n, (lo - 1) / size), np.full(n, hi_u)),
+        constraints=[LinearConstraint(c[None, :], 0.0, 0.0)],
+        method="SLSQP" if n <= 2000 else "trust-constr",
+        options={"maxiter": 1000, "ftol": 1e-14} if n <= 2000 else {"gtol": 1e-12},
     )
-    w = res.x
+    w = 1 + size * res.x
     if alpha == 0:
         # the response a @ (w - 1) nearest the target is unique (the objective is strictly convex in it), the
         # weights reaching it are not: among them, the ones nearest uniform (the smallest |w - 1|). Without the

@@ -15,7 +15,7 @@ uniform re-weighting of the probe set has zero response). This is the **physics*
 
 Component observables (structural inference): for a component ``C`` (an attention head, an MLP, the embedding,
 any set of weights given by masks) SGLD moves only ``C``'s weights, and ``phi_C`` is the loss on a fixed sampling
-batch minus its value at ``w*`` (or any callable of the model). One row of ``chi`` per component, one column per
+batch (or any callable of the model; a constant shift such as its value at ``w*`` changes no susceptibility). One row of ``chi`` per component, one column per
 probe sample or token.
 
 The **devinterp** convention (``convention="devinterp"``, what devinterp 2.0.1 reports) has no ``nβ`` factor, and
@@ -140,7 +140,8 @@ class SusceptibilityResult(Saveable):
         Which probe sample (and, for per-token losses, which predicted position and token) each column is;
         position and token are -1 for per-sample losses.
     phi_mean, loss_mean : ndarray (num_components,), (num_components, num_probe)
-        Posterior means of the observable and of the probe losses under each component's run.
+        Posterior means of the observable (as it is, not shifted by its value at ``w*``) and of the probe losses
+        under each component's run.
     """
 
     chi: np.ndarray
@@ -568,7 +569,9 @@ def susceptibilities(
     per_sample_loss_fn : callable(model, probe) -> Tensor
         Per-sample ``(B,)`` or per-token ``(B, T)`` losses on the probe.
     observable : callable(model) -> scalar, optional
-        ``phi``; default: ``loss_fn`` on ``sampling_batch`` minus its value at ``w*``. The default sampling batch
+        ``phi``; default: ``loss_fn`` on ``sampling_batch`` (its value at ``w*`` is subtracted from every draw
+        inside the covariance, for precision, and changes no susceptibility; ``phi_mean`` is the posterior mean of
+        ``phi`` itself, without that shift). The default sampling batch
         is the first batch of the loader in an order keyed by ``seed`` (the same batch in every call with that
         seed, whatever torch's global random state; the loader's first batch when it does not shuffle).
     convention : {"physics", "devinterp"}

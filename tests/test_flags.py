@@ -320,3 +320,17 @@ def test_concepts_positions_and_counts_are_checked():
     for kw, match in ((dict(stage1_steps=True), "stage1_steps=True"), (dict(log_every=-1), "log_every=-1")):
         with pytest.raises(ValueError, match=match):
             train_flags(model, TASK, SPEC, **{"stage1_steps": 1, "stage2_steps": 0, **kw})
+
+
+def test_flag_spec_takes_numpy_scalars():
+    import numpy as np
+
+    a = FlagSpec(
+        "blocks.1.hook_resid_pre", dims=np.arange(6), num_concepts=np.int64(3), on_value=np.float32(2.0)
+    )
+    b = FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2, 3, 4, 5), num_concepts=3, on_value=2.0)
+    assert a == b and type(a.num_concepts) is int and type(a.on_value) is float
+    with pytest.raises(ValueError, match="num_concepts"):
+        FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2), num_concepts=np.float64(2.5))
+    with pytest.raises(ValueError, match="on_value"):
+        FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2), num_concepts=2, on_value=np.float32("nan"))

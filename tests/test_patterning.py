@@ -215,3 +215,23 @@ def test_patterning_refuses_bool_bounds_float_groups_and_zero_samples():
     with pytest.raises(ValueError, match="num_samples=0 is not valid"):
         reweight(data, np.ones(6), num_samples=0)
     assert len(reweight(data, np.ones(6), num_samples=4).sampler) == 4
+
+
+@pytest.mark.parametrize("scale", [1e-1, 1e-3, 1e-5, 1e-6, 1e-8])
+@pytest.mark.parametrize("alpha", [0.01, 1.0])
+def test_constrained_inversion_of_a_small_target_reaches_the_closed_form_optimum(scale, alpha):
+    # bounds that do not bind: the optimum is the sum-zero ridge solution, linear in the target (it used to stop
+    # far from it, or at the uniform weights, once the weights moved by about 1e-5)
+    rng = np.random.default_rng(0)
+    chi = 40 * rng.standard_normal((3, 8))
+    tgt = scale * np.array([1.0, -0.5, 0.3])
+    n = chi.shape[1]
+    a = chi / n
+    # the KKT system of min |a d - t|^2 + (alpha / n) |d|^2, sum(d) = 0, solved densely
+    kkt = np.block(
+        [[2 * (a.T @ a + alpha / n * np.eye(n)), np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]]
+    )
+    d = np.linalg.solve(kkt, np.concatenate([2 * a.T @ tgt, [0.0]]))[:n]
+    iv = invert(chi, tgt, method="constrained", alpha=alpha)
+    np.testing.assert_allclose(iv.weights - 1, d, rtol=1e-6, atol=1e-9 * scale)
+    assert abs(iv.weights.sum() - n) < 1e-9
