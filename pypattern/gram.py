@@ -428,11 +428,11 @@ def per_sample_grad_gram(
         records: dict[tuple[str, str], list] = {c: [] for c in caps}
 
         def make_hook(mod_name, whats):
-            def hook(mod, args, out):
+            def hook(mod, args, kwargs, out):
                 if "input" in whats:
-                    records[(mod_name, "input")].append(
-                        [args[0].detach() if torch.is_tensor(args[0]) else args[0], None, None]
-                    )
+                    # the layer's input, positional or by keyword (nn.Linear's and nn.Embedding's is "input")
+                    x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+                    records[(mod_name, "input")].append([x.detach() if torch.is_tensor(x) else x, None, None])
                 if "output" in whats:
                     version = out._version if torch.is_tensor(out) else None
                     records[(mod_name, "output")].append([out, None, version])
@@ -445,7 +445,9 @@ def per_sample_grad_gram(
         handles = []
         try:
             for mod_name, whats in need.items():
-                handles.append(mods[mod_name].register_forward_hook(make_hook(mod_name, whats)))
+                handles.append(
+                    mods[mod_name].register_forward_hook(make_hook(mod_name, whats), with_kwargs=True)
+                )
             losses = loss_fn(model, *inputs)
         finally:
             for h in handles:

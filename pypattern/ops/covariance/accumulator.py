@@ -262,7 +262,10 @@ class CrossCovariance:
         self.flush()
         va = self.m2_a if self.m2_a.dim() == 1 else torch.diagonal(self.m2_a)
         vb = self.m2_b if self.m2_b.dim() == 1 else torch.diagonal(self.m2_b)
-        return self.comoment / torch.sqrt(torch.outer(va, vb))
+        denom = torch.sqrt(torch.outer(va, vb))
+        # a zero-variance column is NaN whatever rounding residue its co-moment holds (the fused kernel's
+        # centring on the running mean can leave one of order 1e-47)
+        return torch.where(denom > 0, self.comoment / denom, torch.full_like(denom, float("nan")))
 
     # ------------------------------------------------------------------ checkpoints
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -201,7 +201,20 @@ def grad_gram_linear(
     if bias:
         s = d3.sum(1, dtype=torch.float64)
         g += s @ s.T
+    _refuse_overflow("grad_gram_linear", g, a3, d3)
     return g
+
+
+def _refuse_overflow(op: str, g: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """A Gram that is not finite from finite inputs below float64: its products, taken in the inputs' dtype,
+    overflowed (where float64 would not): refused, as :func:`grad_gram_pairwise` does."""
+    if all(t.dtype == torch.float64 for t in inputs) or bool(torch.isfinite(g).all()):
+        return
+    if all(bool(torch.isfinite(t).all()) for t in inputs):
+        big = ", ".join(f"{float(t.abs().max()):.3g}" for t in inputs if t.numel())
+        raise FloatingPointError(
+            f"{op}: the {inputs[-1].dtype} products overflow (largest magnitudes {big}); give float64 inputs"
+        )
 
 
 def grad_gram_embedding(
@@ -280,6 +293,7 @@ def grad_gram_embedding(
         w = torch.zeros(b, v1 - v0 + 1, dim, dtype=d.dtype, device=d.device)
         w.scatter_add_(1, idx.unsqueeze(-1).expand(b, t, dim), d3)
         _sym_gram_add_(g, w[:, : v1 - v0].reshape(b, -1))
+    _refuse_overflow("grad_gram_embedding", g, d)
     return g
 
 

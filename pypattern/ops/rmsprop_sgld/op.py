@@ -159,5 +159,7 @@ def rmsprop_sgld_step_(
             step_size=step_size,
             nbeta=nbeta,
             state="square_avgs",
+            states=square_avgs,
+            nonnegative=True,
         )
     return flags

@@ -270,10 +270,14 @@ def raise_on_flags(
     step_size: float,
     nbeta: float,
     state: str | None = None,
+    states=None,
+    nonnegative: bool = False,
 ) -> None:
     """Raise ``FloatingPointError`` naming every tensor the step's ``flags`` mark (call it when ``flags.any()``).
 
-    ``state`` names the op's per-tensor state (``"momenta"``, ``"square_avgs"``) for the message.
+    ``state`` names the op's per-tensor state (``"momenta"``, ``"square_avgs"``) for the message; ``states``, those
+    tensors (a flagged entry keeps its value, so a state that held inf/NaN, or a negative value where
+    ``nonnegative``, before the step is named as such, not blamed on the step size).
     """
     values = flags.cpu().tolist()
     grads = [i for i, f in enumerate(values) if f & FLAG_GRAD_NONFINITE]
@@ -293,6 +297,19 @@ def raise_on_flags(
             + ", ".join(f"params[{i}] (shape {tuple(params[i].shape)})" for i in held)
             + " (check the model's weights at w*)"
         )
+    bad_state = []
+    if states is not None:
+        for i in over:
+            t = states[i]
+            if not bool(torch.isfinite(t).all()) or (nonnegative and bool((t < 0).any())):
+                bad_state.append(i)
+        over = [i for i in over if i not in bad_state]
+    if bad_state:
+        held = held + bad_state
+        parts.append(
+            f"the sampler state already held {'negative or ' if nonnegative else ''}inf/NaN values before the step "
+            f"in " + ", ".join(f"{state}[{i}] (shape {tuple(states[i].shape)})" for i in bad_state)
+        )
     if over:
         names = ", ".join(
             f"params[{i}]{'' if state is None else f'/{state}[{i}]'} (shape {tuple(params[i].shape)})"
@@ -307,7 +324,11 @@ def raise_on_flags(
     advice = (
         "Use a smaller step_size (or a smaller nbeta)."
         if over
-        else "Give finite weights."
+        else (
+            "Give finite weights."
+            if not bad_state
+            else f"Give valid {state} (finite{', >= 0' if nonnegative else ''})."
+        )
         if held and not grads
         else "A diverging chain usually needs a smaller step_size or a larger localization."
     )

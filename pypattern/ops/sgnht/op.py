@@ -166,6 +166,9 @@ def sgnht_step_(
         diffusion_factor = sgld_op.check_scalar("diffusion_factor", diffusion_factor)
     if not params:
         return torch.zeros(0, dtype=torch.int32)
+    thermostat0 = (
+        thermostat.detach().clone() if check_finite else None
+    )  # kept if the step turns it non-finite
     flags = _backends.dispatch("sgnht_step_", params[0].device, backend)(
         params,
         grads,
@@ -185,7 +188,17 @@ def sgnht_step_(
     )
     torch.autograd.graph.increment_version([*params, *momenta, thermostat])
     if check_finite and bool(flags.any()):
+        if not bool(torch.isfinite(thermostat).all()):
+            with torch.no_grad():
+                thermostat.copy_(thermostat0)
         sgld_op.raise_on_flags(
-            "sgnht_step_", flags, params, step=step, step_size=step_size, nbeta=nbeta, state="momenta"
+            "sgnht_step_",
+            flags,
+            params,
+            step=step,
+            step_size=step_size,
+            nbeta=nbeta,
+            state="momenta",
+            states=momenta,
         )
     return flags
