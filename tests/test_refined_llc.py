@@ -109,3 +109,28 @@ def test_independent_regular_blocks_have_llc_count_over_2():
     assert list(res.num_params) == [6, 3, 3]
     for name, lam in [("full", 3.0), ("row0", 1.5), ("row1", 1.5)]:
         assert abs(res.llc(name) - lam) / lam < 0.15, (name, res.llc(name))
+
+
+def test_frozen_parameters_are_left_out_of_components_as_in_estimate_llc():
+    import warnings
+
+    import pypattern as pp
+    from pypattern import truth
+
+    mlp, data = truth.make_teacher_task((6, 12, 3), n=96, seed=0)
+    mlp[2].bias.requires_grad_(False)
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    kw = dict(num_chains=2, num_draws=20, step_size=1e-3, localization=100.0, nbeta=10.0, seed=3, quiet=True)
+    r = pp.refined_llc(mlp, loader, components={"last": ["2.weight", "2.bias"]}, include_full=False, **kw)
+    want = pp.estimate_llc(mlp, loader, restrict_to=["2.weight"], **kw)
+    assert r.llc("last") == pytest.approx(want.llc_mean, rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="all frozen"):
+        pp.refined_llc(mlp, loader, components={"bias": ["2.bias"]}, **kw)
+    model = pp.Transformer(n_layers=1, d_model=8, n_heads=2, d_head=4, d_mlp=8, d_vocab=11, n_ctx=6)
+    model.embed.W_E.requires_grad_(False)
+    toks = [torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = pp.refined_llc(model, toks, components="heads", **kw)
+    assert any("only frozen parameters" in str(x.message) for x in w)
+    assert "embed" not in res.component and "blocks.0.attn.head.0" in res.component

@@ -1430,5 +1430,12 @@ def test_a_ragged_last_batch_is_not_read_by_the_chains():
     )
     r_ragged = pp.estimate_llc(mlp, ragged, **kw)
     r_even = pp.estimate_llc(mlp, even, **kw)
+    # L_n(w*) over the whole epoch counts the ragged batch by its samples: the loss over every sample, any order
+    x, y = data.tensors
+    with torch.no_grad():
+        full = float(torch.nn.functional.cross_entropy(mlp(x), y))
+    for seed in (0, 1, 2):
+        r = pp.estimate_llc(mlp, ragged, **{**kw, "num_draws": 2, "num_burnin_steps": 0}, seed=seed)
+        assert r.init_loss == pytest.approx(full, rel=1e-6) and r.init_loss_se == 0.0
     # a 12-sample batch counted like a 500-sample one gave 2.6 times the LLC
     assert abs(r_ragged.llc_mean - r_even.llc_mean) < 4 * math.hypot(r_ragged.llc_se, r_even.llc_se)

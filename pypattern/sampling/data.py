@@ -27,7 +27,8 @@ def batch_size_of(batch) -> int:
 
 def ragged_last_batch(loader) -> bool:
     """Whether ``loader`` is a ``DataLoader`` whose last batch of an epoch is smaller than the others (its
-    ``batch_size`` does not divide the data set and ``drop_last`` is off). Chains never read that batch: each batch's
+    ``batch_size`` does not divide the data set and ``drop_last`` is off). Chains never read that batch (``L_n(w*)``
+    over a whole epoch counts it by its samples): each batch's
     mean loss counts alike in SGLD's steps and draws, so a batch of a few samples would weigh as much as a full one
     and the chains would sample another loss than ``L_n`` (measured: 512 samples in batches of 500 and 12 gave an
     LLC 2.6 times the one of any even split)."""

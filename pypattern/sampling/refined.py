@@ -14,6 +14,7 @@ data of chain ``c`` of a separate call with that run's masks, so the numbers equ
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +140,9 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
                 "models); for other models give a list of parameter-name prefixes or a dict of masks"
             )
         components = list_components(model, heads=components == "heads")
+        listed = True
+    else:
+        listed = False
     if isinstance(components, Mapping):
         names, specs = [str(k) for k in components], list(components.values())
     else:
@@ -150,6 +154,7 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
         raise ValueError(f"components must have distinct names other than {FULL!r}, got {names}")
     runs = []
     params = dict(model.named_parameters())
+    kept_names = []
     for name, spec in zip(names, specs, strict=True):
         if isinstance(spec, str):
             masks = component_masks(model, spec)
@@ -161,8 +166,24 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
             raise TypeError(
                 f"component {name!r}: expected a name, a list of parameter names or masks, got {spec!r}"
             )
+        # frozen parameters (requires_grad=False) do not move, as in estimate_llc: left out of the component
+        frozen = sorted(k for k in masks if k in params and not params[k].requires_grad)
+        masks = {k: v for k, v in masks.items() if k not in frozen}
+        if not masks:
+            if listed:  # a component of the model's own list whose weights are all frozen: nothing to sample
+                warnings.warn(
+                    f"component {name!r} has only frozen parameters ({', '.join(frozen)}): left out",
+                    stacklevel=3,
+                )
+                continue
+            raise ValueError(
+                f"component {name!r}: its parameters {frozen} are all frozen (requires_grad=False): nothing moves"
+            )
+        kept_names.append(name)
         runs.append((list(masks), masks))
-    return names, runs
+    if not runs:
+        raise ValueError("every component has only frozen parameters: nothing to sample")
+    return kept_names, runs
 
 
 def refined_llc(

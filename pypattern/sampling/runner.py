@@ -27,7 +27,7 @@ from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_repor
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import LossContractError, RunContext, Stopped
-from .data import ChainData, batches_per_epoch, to_device
+from .data import ChainData, batch_size_of, batches_per_epoch, ragged_last_batch, to_device
 from .diagnostics import SamplingDivergedError, check_stationarity, ess, r_hat
 from .plan import RunPlan, default_nbeta, make_plan
 from .results import SampleResult
@@ -551,6 +551,15 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
 
     with torch.no_grad():
         vals = np.array([loss_at_w_star(to_device(stream.next(), device)) for _ in range(k)])
+        if n is not None and k >= n and ragged_last_batch(loader) and stream.it is not None:
+            # the whole epoch: the ragged last batch (which chains do not read) joins L_n(w*), weighted by its
+            # samples, so that it is the loss over every sample whatever the order (each value below is shifted
+            # so that their mean is that weighted mean)
+            last = next(stream.it, None)
+            if last is not None:
+                r, b = batch_size_of(last), int(loader.batch_size)
+                l_r = loss_at_w_star(to_device(last, device))
+                vals = vals * (k * b / (k * b + r)) + l_r * (r / (k * b + r))
     if not np.all(np.isfinite(vals)):
         raise SamplingDivergedError(
             f"the loss at w* is not finite ({vals}): check the model and loss_fn",
