@@ -199,8 +199,8 @@ def _max_magnitude(x: torch.Tensor) -> float:
 def _unit_scale(x: torch.Tensor) -> torch.Tensor:
     """``x`` divided by its largest magnitude: CKA does not change, and the fourth powers its sums hold stay in
     range (inputs of scale 1e-20 or 1e20 in float32)."""
-    m = x.abs().max() if x.numel() else x.new_zeros(())
-    return x / m if bool(m > 0) and bool(torch.isfinite(m)) else x
+    m = _max_magnitude(x)
+    return x if m == 1.0 else x / m
 
 
 def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float64) -> float:

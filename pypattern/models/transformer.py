@@ -1404,9 +1404,7 @@ class MLP(nn.Module):
         weights = self.route(x).reshape(-1, self.cfg.n_experts)  # (N, E)
         flat = x.reshape(-1, shape[-1])
         out = torch.zeros_like(flat)
-        if torch._C._functorch.is_functorch_wrapped_tensor(
-            flat
-        ) or torch._C._functorch.is_functorch_wrapped_tensor(self.W_in):
+        if _functorch_wrapped(flat, self.W_in):
             for e in range(self.cfg.n_experts):
                 out = out + (self.expert(flat, e) * weights[:, e : e + 1]).to(out.dtype)
         else:

@@ -12,8 +12,8 @@ recomputes only what the patch can change:
   computes q, k, v of one row;
 - keys and values of positions < p come from the cache.
 
-Every piece of arithmetic is the model's own (:meth:`Attention.proj`'s projection with the weight laid out
-once, :meth:`Attention.rotate`, :meth:`Attention.attn_mask`, the norms, :meth:`MLP.hidden`/:meth:`MLP.output`,
+Every piece of arithmetic is the model's own (:meth:`Attention.compute_q` and its kin, with the weights laid out
+once per call by :meth:`Transformer.fixed_weights`, :meth:`Attention.rotate`, :meth:`Attention.attn_mask`, the norms, :meth:`MLP.hidden`/:meth:`MLP.output`,
 :meth:`TransformerBlock.combine`, the unembedding), applied to the rows that change:
 
 - **Rotary positions**: the cache holds the *rotated* keys (``hook_rot_k``) and queries (``hook_rot_q``) at their
@@ -42,7 +42,6 @@ from __future__ import annotations
 import torch
 
 from .._memory import keep_freed_heap
-from ..models.transformer import affine
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
 __all__ = ["ExactEngine", "bytes_per_cell", "metric_of_rows", "truncate_cache", "unembed_rows"]
@@ -165,24 +164,16 @@ class ExactEngine:
                 f"position={position}: truncate the prompts so that the metric position is the last"
             )
         self.tgt = [self._layer_cache(i) for i in range(self.L)]
-        self._flat: dict[tuple[int, str], torch.Tensor] = {}
         # resid_pre cells: the patched row's (rotated) query, key and value at each layer, computed for all the
         # run's positions of a layer at once (one matmul of many rows instead of one of ``batch`` rows per cell)
         self._entry: dict[int, tuple[dict[int, int], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _proj(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`Attention.compute_q`/``compute_k``/``compute_v`` (``which`` in ``"QKV"``) of ``x (..., d_model)``:
-        the arithmetic of :meth:`Attention.proj` with the ``(d_model, heads * d_head)`` weight laid out once per
-        layer (``proj`` lays it out on every call, a copy of the weight that costs as much as a one-row matmul)."""
+        """:meth:`Attention.compute_q`/``compute_k``/``compute_v`` (``which`` in ``"QKV"``) of ``x (..., d_model)``.
+        :meth:`run` holds the weights fixed (:meth:`Transformer.fixed_weights`), so each weight is laid out for
+        its matmul once per call, not on every projection."""
         attn = self.model.blocks[layer].attn
-        W, b = getattr(attn, f"W_{which}"), getattr(attn, f"b_{which}")
-        key = (layer, which)
-        if key not in self._flat:
-            H, d, dh = W.shape
-            self._flat[key] = W.detach().permute(1, 0, 2).reshape(d, H * dh)
-        out = affine(x, self._flat[key], None if b is None else b.reshape(-1))
-        out = attn.clip(out.view(*x.shape[:-1], W.shape[0], W.shape[2]))
-        return out if which == "V" else attn.qk_normed(which.lower(), out)
+        return {"Q": attn.compute_q, "K": attn.compute_k, "V": attn.compute_v}[which](x)
 
     # ----- setup ---------------------------------------------------------------------------------------------
     def _layer_cache(self, layer: int) -> dict:
@@ -492,6 +483,10 @@ class ExactEngine:
     @torch.no_grad()
     def run(self, cells: list[Cell]) -> torch.Tensor:
         """Metric of every cell's patched run: ``(len(cells), batch)``."""
+        with self.model.fixed_weights():
+            return self._run(cells)
+
+    def _run(self, cells: list[Cell]) -> torch.Tensor:
         out = torch.empty(len(cells), self.B, dtype=self.dtype)
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cells):

@@ -438,7 +438,9 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     if st.init_losses is None:
         st.init_losses = _init_losses(plan, model, loader, device, data_cache)
     init_se = (
-        0.0 if plan.init_loss is not None else init_loss_standard_error(st.init_losses, _num_batches(loader))
+        0.0
+        if plan.init_loss is not None
+        else init_loss_standard_error(st.init_losses, batches_per_epoch(loader))
     )
 
     mine = plan.mine()
@@ -493,12 +495,6 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     return results if plan.several_runs else results[0]
 
 
-def _num_batches(loader) -> int | None:
-    """Batches in one epoch of ``loader`` that the chains read (``None`` when it has no length; a ragged last batch
-    is not read, :func:`~pypattern.sampling.data.ragged_last_batch`)."""
-    return batches_per_epoch(loader)
-
-
 def default_init_loss_batches(plan: RunPlan, num_batches: int | None) -> int:
     """How many batches ``L_n(w*)`` is averaged over by default: the whole epoch, unless its forwards would cost
     more than half the run's chain-steps (then that many, at least ``max(4, num_chains)``); ``max(4,
@@ -534,7 +530,7 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
     ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch)."""
     if plan.init_loss is not None:
         return np.array([plan.init_loss])
-    n = _num_batches(loader)
+    n = batches_per_epoch(loader)
     k = plan.num_init_loss_batches or default_init_loss_batches(plan, n)
     if n is not None:
         k = min(k, n)

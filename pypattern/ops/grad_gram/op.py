@@ -78,15 +78,8 @@ def grad_gram_pairwise(
     if batch == 0:
         return torch.zeros(0, 0, dtype=torch.float64, device=y.device)
     g = _backends.dispatch("grad_gram_pairwise", y.device, backend)(x, y, ids, batch)
-    if y.dtype != torch.float64 and not bool(torch.isfinite(g).all()):
-        # the kernels take the products in the inputs' dtype: a float32 product can overflow where float64 would not
-        inputs = [y] if ids is not None else [x, y]
-        if all(bool(torch.isfinite(t).all()) for t in inputs):
-            raise FloatingPointError(
-                f"grad_gram_pairwise: the {y.dtype} products overflow (largest |y| {float(y.abs().max()):.3g}"
-                + ("" if ids is not None else f", |x| {float(x.abs().max()):.3g}")
-                + "); give float64 inputs"
-            )
+    # the kernels take the products in the inputs' dtype: a float32 product can overflow where float64 would not
+    _refuse_overflow("grad_gram_pairwise", g, *([y] if ids is not None else [x, y]))
     return g
 
 
