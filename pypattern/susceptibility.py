@@ -15,8 +15,8 @@ uniform re-weighting of the probe set has zero response). This is the **physics*
 
 Component observables (structural inference): for a component ``C`` (an attention head, an MLP, the embedding,
 any set of weights given by masks) SGLD moves only ``C``'s weights, and ``phi_C`` is the loss on a fixed sampling
-batch (or any callable of the model; a constant shift such as its value at ``w*`` changes no susceptibility). One row of ``chi`` per component, one column per
-probe sample or token.
+batch (or any callable of the model; a constant shift such as its value at ``w*`` changes no susceptibility). One
+row of ``chi`` per component, one column per probe sample or token.
 
 The **devinterp** convention (``convention="devinterp"``, what devinterp 2.0.1 reports) has no ``nβ`` factor, and
 takes the baseline means from an additional unrestricted run ("full")::
@@ -41,6 +41,7 @@ import contextlib
 import contextvars
 import dataclasses
 import hashlib
+import inspect
 import json
 import numbers
 import os
@@ -490,13 +491,14 @@ def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np
 _NOT_IN_FINGERPRINT = ("quiet", "cores", "checkpoint_every", "warn_nonstationary", "batched", "backend")
 
 
+_SAMPLE_PARAMETERS = inspect.signature(sample).parameters
+
+
 def _is_sample_default(name: str, value) -> bool:
     """Whether ``value`` is :func:`pypattern.sample`'s default for its argument ``name`` (a number, string, bool or
     None): a checkpoint's fingerprint leaves it out, so that a run giving a default explicitly is the same run as
     one leaving it out."""
-    import inspect
-
-    p = inspect.signature(sample).parameters.get(name)
+    p = _SAMPLE_PARAMETERS.get(name)
     if p is None or p.default is inspect.Parameter.empty:
         return False
     simple = (numbers.Number, str, type(None))

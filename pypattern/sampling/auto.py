@@ -537,18 +537,20 @@ def resolve_step_size(
         for i in range(len(grid)):
             if first_ok is not None and i > first_ok + 4:
                 break
-            row = trial(i, factor(i))
-            if first_ok is not None and drifted(row) and matched(factor(i), 1, i - first_ok) > factor(i):
-                row = trial(i, matched(factor(i), 1, i - first_ok))  # again over the first healthy one's time
+            f = factor(i)
+            row = trial(i, f)
+            if first_ok is not None and drifted(row) and matched(f, 1, i - first_ok) > f:
+                row = trial(i, matched(f, 1, i - first_ok))  # again over the first healthy one's time
             if not row["ok"]:
                 continue
             if first_ok is None:
                 first_ok = i
             if i + 1 >= len(grid):
                 break
-            half = trial(i + 1, factor(i + 1))
-            if drifted(half) and matched(factor(i + 1), 1, i + 1 - first_ok) > factor(i + 1):
-                half = trial(i + 1, matched(factor(i + 1), 1, i + 1 - first_ok))
+            f = factor(i + 1)
+            half = trial(i + 1, f)
+            if drifted(half) and matched(f, 1, i + 1 - first_ok) > f:
+                half = trial(i + 1, matched(f, 1, i + 1 - first_ok))
             if not half["ok"]:
                 rep.verdict[row["k"]] = "ok; halved step not healthy"
                 continue

@@ -82,10 +82,9 @@ class ChainData:
         )
         self.sequential = dl is not None and isinstance(dl.sampler, torch.utils.data.SequentialSampler)
         self.length = batches_per_epoch(loader)
+        # one batch: the whole data set, read once (not the first batch of a ragged split, whose length is 1 too)
         try:
-            whole = (
-                len(loader) == 1
-            )  # one batch: the whole data set, read once (not a ragged split's first batch)
+            whole = len(loader) == 1
         except TypeError:
             whole = False
         if whole:
@@ -164,9 +163,8 @@ class ChainData:
             return self.single
         if self.it is None:
             return self._new_epoch()
-        if (
-            self.length is not None and self.pos >= self.length
-        ):  # the epoch's batches are read (a ragged one is not)
+        # the epoch's batches are read (a ragged last one is not)
+        if self.length is not None and self.pos >= self.length:
             self.epoch += 1
             return self._new_epoch()
         try:

@@ -20,7 +20,7 @@ from .diagnostics import ess, r_hat
 from .results import LLCResult, SampleResult
 from .runner import sample
 from .samplers import sampler_name
-from .vocabulary import translate
+from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
 
 __all__ = [
     "default_nbeta",
@@ -315,20 +315,8 @@ def _devinterp_kwargs(
     return on_device(model, dev), kw
 
 
-_HYPER_KEYWORDS = frozenset(
-    {
-        "lr",
-        "step_size",
-        "nbeta",
-        "temperature",
-        "localization",
-        "weight_decay",
-        "noise_level",
-        "noise_scale",
-        "bounding_box",
-        "bounding_box_size",
-    }
-)
+# the SGLD hyperparameters by either vocabulary (pypattern's and devinterp's names)
+_HYPER_KEYWORDS = frozenset(HYPERPARAMETERS) | frozenset(DEVINTERP_NAMES)
 
 
 def _check_extra(extra: Mapping[str, Any]) -> None:

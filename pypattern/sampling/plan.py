@@ -314,19 +314,19 @@ def make_plan(
                     "them, or None"
                 )
         patterns = [r_restrict] if isinstance(r_restrict, str) else list(r_restrict or [])
+        r_masks = dict(r_masks or {})
         moving = [n for n in named if not patterns or matches(n, patterns)]
         if not patterns and r_masks:
             # masks without restrict_to: the masked parameters move (devinterp's optimize_over_per_model_param
             # optimises only the parameters it names); every other parameter stays at w*
-            unknown = [n for n in dict(r_masks) if n not in named]
+            unknown = [n for n in r_masks if n not in named]
             if unknown:
                 raise ValueError(
                     f"{where}masks has names that are not parameters: {sorted(unknown)}; names are {named}"
                 )
-            moving = [n for n in named if n in dict(r_masks)]
+            moving = [n for n in named if n in r_masks]
         if not moving:
             raise ValueError(f"{where}restrict_to={r_restrict!r} matches no parameter; names are {named}")
-        r_masks = dict(r_masks or {})
         unknown = set(r_masks) - set(moving)
         if unknown:
             raise ValueError(f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}")
