@@ -70,12 +70,24 @@ def _first_batch_hash(loader, seed) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
+def _named_callables(v):
+    """``v`` with every callable in its dicts, lists and tuples replaced by :func:`pypattern.io.callable_name`."""
+    if isinstance(v, dict):
+        return {k: _named_callables(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return type(v)(_named_callables(x) for x in v)
+    if callable(v) and not isinstance(v, type | torch.nn.Module):
+        return io.callable_name(v)
+    return v
+
+
 def check_same_arguments(group, **items) -> None:
     """Raise ``ValueError`` on every rank when the ranks of ``group`` were given different ``items`` (compared by
     :func:`pypattern.io.fingerprint`: tensors by a hash of their bytes, callables by name), naming the first
     differing one; nothing when all agree. Every rank runs the same collectives either way."""
     dist = _dist()
-    fp = io.fingerprint(**items)
+    # callables by name: what a rank's closures capture (its device, its loader) may differ between ranks
+    fp = io.fingerprint(**{k: _named_callables(v) for k, v in items.items()})
     names = sorted(fp)
 
     def spread(values: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

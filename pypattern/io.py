@@ -29,7 +29,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
+import types
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,6 +44,7 @@ __all__ = [
     "FormatError",
     "Saveable",
     "callable_id",
+    "callable_name",
     "check_fingerprint",
     "fingerprint",
     "hash_batch",
@@ -96,7 +99,8 @@ def save(
     os.makedirs(folder, exist_ok=True)
     payload = {}
     for k, v in arrays.items():
-        a = np.ascontiguousarray(v)
+        # asarray keeps a 0-d array 0-d (ascontiguousarray would make it 1-d); savez writes any strides
+        a = np.asarray(v)
         if a.dtype.hasobject:
             raise TypeError(f"array {k!r} has dtype object, which cannot be saved without pickle")
         payload[k] = a
@@ -179,8 +183,13 @@ class _Encoder:
         self.arrays: dict[str, np.ndarray] = {}
 
     def array(self, key: str, a: np.ndarray) -> str:
-        self.arrays[key] = a
-        return key
+        # names are paths ("info/blocks/0"); a mapping key holding "/" can spell another value's path: the
+        # member gets a name of its own (the JSON records whichever name it got)
+        name, i = key, 1
+        while name in self.arrays:
+            name, i = f"{key}#{i}", i + 1
+        self.arrays[name] = a
+        return name
 
     def __call__(self, v, key: str):
         if v is None or isinstance(v, bool | str):
@@ -301,7 +310,7 @@ def hash_tensor(t: torch.Tensor | np.ndarray) -> str:
             t = t.view(torch.int16)
         a = t.cpu().contiguous().numpy()
     else:
-        a = np.ascontiguousarray(t)
+        a = np.asarray(t)
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())
     return h.hexdigest()[:16]
@@ -333,19 +342,82 @@ def hash_batch(batch) -> str:
 
 
 def callable_id(fn: Callable | None) -> str | None:
-    """A callable's identity where it can be named: ``module.qualname`` (of its class for callable objects; with
-    the wrapped function for ``functools.partial``)."""
+    """A callable's identity: ``module.qualname`` (of its class for callable objects), with what makes two
+    callables of one name compute different things: a ``functools.partial``'s arguments, a function's code,
+    constants, defaults and closure values, a callable object's attributes (a module's also its parameters and
+    buffers). Values are canonicalised as in :func:`fingerprint` (tensors hashed; other objects by ``repr``)."""
+    return None if fn is None else json.dumps(_callable_canon(fn, 0), sort_keys=True)
+
+
+def callable_name(fn: Callable | None) -> str | None:
+    """A callable's name only: ``module.qualname`` (of its class for callable objects; with the wrapped function
+    for ``functools.partial``), the same in every process that defines it (unlike :func:`callable_id`, which also
+    holds what the callable captured)."""
     if fn is None:
         return None
-    inner = getattr(fn, "func", None)  # functools.partial
+    inner = getattr(fn, "func", None)
     if inner is not None and hasattr(fn, "args"):
-        return f"partial({callable_id(inner)}, {len(fn.args)} args, {sorted(getattr(fn, 'keywords', {}))})"
+        return f"partial({callable_name(inner)})"
     target = fn if hasattr(fn, "__qualname__") else type(fn)
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(fn).__name__)}"
 
 
-def _canon(v):
-    """A JSON value for ``v``: tuples and lists alike, numbers as Python numbers, tensors and arrays hashed."""
+def _callable_canon(fn, depth: int):
+    inner = getattr(fn, "func", None)  # functools.partial
+    if inner is not None and hasattr(fn, "args"):
+        return {
+            "partial": _callable_canon(inner, depth + 1),
+            "args": _canon(fn.args, depth + 1),
+            "keywords": _canon(getattr(fn, "keywords", None) or {}, depth + 1),
+        }
+    name = callable_name(fn)
+    if depth > 3:
+        return name
+    bound = getattr(fn, "__self__", None)
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is not None:  # a Python function (or a method of an object, whose attributes count too)
+        f = getattr(fn, "__func__", fn)
+        closure = [c.cell_contents for c in (f.__closure__ or ()) if _has_contents(c)]
+        out = {
+            "name": name,
+            "code": _code_hash(code),
+            "defaults": _canon(f.__defaults__ or (), depth + 1),
+            "kwdefaults": _canon(f.__kwdefaults__ or {}, depth + 1),
+            "closure": _canon(closure, depth + 1),
+        }
+        if bound is not None and not isinstance(bound, type | types.ModuleType):
+            out["self"] = _object_canon(bound, depth + 1)
+        return out
+    if not hasattr(fn, "__qualname__"):  # a callable object (an nn.Module loss, a class with __call__)
+        return {"name": name, "state": _object_canon(fn, depth + 1)}
+    return name  # a builtin
+
+
+def _has_contents(cell) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # an empty cell (a name assigned after the function was made)
+        return False
+    return True
+
+
+def _object_canon(obj, depth: int):
+    """An object's attributes (a module's: its plain attributes, parameters and buffers), canonicalised."""
+    state = {}
+    if isinstance(obj, torch.nn.Module):
+        state["tensors"] = {n: hash_tensor(t) for n, t in obj.state_dict(keep_vars=True).items()}
+        attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
+    else:
+        attrs = {k: v for k, v in getattr(obj, "__dict__", {}).items() if not k.startswith("__")}
+    state["attrs"] = {
+        k: _canon(v, depth + 1) if depth < 3 else type(v).__name__ for k, v in sorted(attrs.items())
+    }
+    return state
+
+
+def _canon(v, depth: int = 0):
+    """A JSON value for ``v``: tuples and lists alike, numbers as Python numbers, tensors and arrays hashed,
+    callables as in :func:`callable_id`; anything else by ``repr`` (without a default repr's memory address)."""
     if v is None or isinstance(v, bool | str):
         return v
     if isinstance(v, np.generic):
@@ -357,12 +429,25 @@ def _canon(v):
     if isinstance(v, torch.Tensor | np.ndarray):
         return hash_tensor(v)
     if isinstance(v, Mapping):
-        return {str(k): _canon(x) for k, x in v.items()}
+        return {str(k): _canon(x, depth) for k, x in v.items()}
     if isinstance(v, tuple | list | range):
-        return [_canon(x) for x in v]
-    if callable(v):
-        return callable_id(v)
-    return repr(v)
+        return [_canon(x, depth) for x in v]
+    if callable(v) and not isinstance(v, type):
+        return _callable_canon(v, depth)
+    return _ADDRESS.sub(">", repr(v))
+
+
+#: the " at 0x7f..." of a default repr, which differs between processes
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+
+
+def _code_hash(code) -> str:
+    """A hash of a code object's byte code and constants (nested code objects by their own hash)."""
+    h = hashlib.sha256(code.co_code)
+    for c in code.co_consts:
+        h.update(_code_hash(c).encode() if isinstance(c, types.CodeType) else repr(c).encode())
+    h.update(repr(code.co_names).encode())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(**items) -> dict[str, Any]:
@@ -381,6 +466,21 @@ def _short(v, n: int = 120) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def _first_difference(where: str, a, b) -> tuple[str, Any, Any]:
+    """The path and values of the first place where two canonical values differ (``loss_fn.keywords.alpha``)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in [*b, *(k for k in a if k not in b)]:
+            if k not in a or k not in b or a[k] != b[k]:
+                if k in a and k in b:
+                    return _first_difference(f"{where}.{k}", a[k], b[k])
+                return f"{where}.{k}", a.get(k, _NotSet()), b.get(k, _NotSet())
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(f"{where}[{i}]", x, y)
+    return where, a, b
+
+
 def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Raise :class:`FingerprintMismatch` naming the first item (in the current fingerprint's order, then the
     stored one's) whose values differ; nothing when they are equal."""
@@ -391,8 +491,13 @@ def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], pat
     for k in [*current, *(k for k in stored if k not in current)]:
         a, b = stored.get(k, missing), current.get(k, missing)
         if a != b:
+            where, x, y = _first_difference(k, a, b)
+            detail = (
+                "" if where == k else f" (first difference: {where} = {_short(x)} there, {_short(y)} now)"
+            )
             raise FingerprintMismatch(
-                f"checkpoint {path!r} was written by a different run: {k} = {_short(a)} there, {_short(b)} now. "
+                f"checkpoint {path!r} was written by a different run: {k} = {_short(a)} there, {_short(b)} now"
+                f"{detail}. "
                 "Use another checkpoint path, or delete this one to start afresh.",
                 path=path,
                 item=k,

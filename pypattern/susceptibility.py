@@ -59,7 +59,7 @@ from .losses import batch_size, check_batch, counted_mask, probe_losses, sample_
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import CHECKPOINT_KIND, load_checkpoint_state, model_architecture
-from .sampling.data import ChainData
+from .sampling.data import ChainData, hash_data
 from .sampling.optim import chain_seed
 from .sampling.runner import rerun_at_half_step, sample, split_loss
 from .sampling.samplers import sampler_name
@@ -783,7 +783,7 @@ def susceptibilities(
             observable=observable,
             probe=io.hash_batch(probe),
             sampling_batch=io.hash_batch(sampling_batch),
-            data=io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next()),
+            data=hash_data(loader, chain_seed(seed0, 0, stream=1), {}),
             **{f"weights[{k}]": v for k, v in model.state_dict().items()},
             architecture=model_architecture(model),
             phi0=float(phi0),

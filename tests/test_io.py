@@ -283,3 +283,87 @@ def test_circuit_results_refuse_pickles_and_truncated_files(name, tmp_path):
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
     with pytest.raises(io.FormatError, match="cut.npz.*truncated or corrupt"):
         cls.load(tmp_path / "cut.npz")
+
+
+def test_zero_d_values_and_colliding_member_names_round_trip(tmp_path):
+    """A 0-d tensor or array keeps its shape; a mapping key that spells another value's member path ("blocks/0"
+    beside "blocks": [...]) does not overwrite it."""
+    r = PatchResult(
+        values=torch.randn(2, 3),
+        clean=torch.zeros(2),
+        corrupted=None,
+        axes=("layer",),
+        coords={"layer": [0, 1, 2]},
+        info={
+            "gap": torch.tensor(0.5, dtype=torch.float64),
+            "thr": np.array(3.0),
+            "blocks": [np.arange(3)],
+            "blocks/0": np.arange(10, 15),
+        },
+    )
+    r.save(tmp_path / "r.npz")
+    q = PatchResult.load(tmp_path / "r.npz")
+    assert q.info["gap"].shape == () and q.info["gap"].dtype == torch.float64 and float(q.info["gap"]) == 0.5
+    assert q.info["thr"].shape == () and float(q.info["thr"]) == 3.0
+    np.testing.assert_array_equal(q.info["blocks"][0], np.arange(3))
+    np.testing.assert_array_equal(q.info["blocks/0"], np.arange(10, 15))
+
+
+@pytest.mark.parametrize("name", ["EdgeScores", "Circuit"])
+def test_circuit_results_keep_bfloat16(name, tmp_path):
+    """Scores of a bfloat16 model come back in bfloat16 (stored as float32, exactly)."""
+    from pypattern.circuits import Circuit, EdgeGraph, EdgeScores
+
+    g = EdgeGraph(2, 2)
+    s = torch.randn(3, len(g)).bfloat16()
+    if name == "Circuit":
+        r = Circuit(g, torch.ones(len(g), dtype=torch.bool), s[0], 0.5, "acdc")
+    else:
+        r = EdgeScores(g, s, "eap", "denoising", "resample", "logit_diff", s[:, 0], s[:, 1])
+    r.save(tmp_path / "r.npz")
+    q = type(r).load(tmp_path / "r.npz")
+    for field in ("scores",) if name == "Circuit" else ("values", "m_base", "m_clean"):
+        a, b = getattr(r, field), getattr(q, field)
+        assert b.dtype == torch.bfloat16 and torch.equal(a, b), field
+
+
+def _loss_a(x, y, scale=1.0):
+    return (x - y).pow(2).mean() * scale
+
+
+def test_callable_identity_holds_what_changes_the_result():
+    """Two callables of one name that compute different things differ: a partial's keyword values, a
+    function's constants, defaults and closure, a loss module's settings and weights. The same callable made
+    twice is the same (no memory address enters)."""
+    import functools
+
+    cid = io.callable_id
+    assert cid(functools.partial(_loss_a, scale=1.0)) == cid(functools.partial(_loss_a, scale=1.0))
+    assert cid(functools.partial(_loss_a, scale=1.0)) != cid(functools.partial(_loss_a, scale=2.0))
+    assert cid(functools.partial(_loss_a, 1.0)) != cid(functools.partial(_loss_a, 2.0))
+    assert cid(lambda x: x * 2) != cid(lambda x: x * 3)
+
+    def make(k, obj=None):
+        return lambda x: x * k
+
+    assert cid(make(2)) == cid(make(2)) and cid(make(2)) != cid(make(3))
+    assert cid(make(2, object())) == cid(make(2, object()))
+
+    def with_default(x, k=2):
+        return x * k
+
+    def with_default_3(x, k=3):
+        return x * k
+
+    with_default_3.__qualname__ = with_default.__qualname__
+    assert cid(with_default) != cid(with_default_3)
+    ce = torch.nn.CrossEntropyLoss
+    assert cid(ce()) == cid(ce()) and cid(ce()) != cid(ce(label_smoothing=0.1))
+    assert cid(ce(weight=torch.ones(3))) != cid(ce(weight=2 * torch.ones(3)))
+    # a mismatch names where the two differ
+    a = io.fingerprint(loss_fn=functools.partial(_loss_a, scale=1.0))
+    b = io.fingerprint(loss_fn=functools.partial(_loss_a, scale=2.0))
+    with pytest.raises(
+        io.FingerprintMismatch, match=r"first difference: loss_fn.keywords.scale = 1.0 there, 2.0 now"
+    ):
+        io.check_fingerprint(a, b, "ck.npz")

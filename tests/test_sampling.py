@@ -1439,3 +1439,38 @@ def test_a_ragged_last_batch_is_not_read_by_the_chains():
         assert r.init_loss == pytest.approx(full, rel=1e-6) and r.init_loss_se == 0.0
     # a 12-sample batch counted like a 500-sample one gave 2.6 times the LLC
     assert abs(r_ragged.llc_mean - r_even.llc_mean) < 4 * math.hypot(r_ragged.llc_se, r_even.llc_se)
+
+
+def _later_batches_changed(kind: str):
+    """The task's data with the labels of the last 16 samples flipped: chain 0's first batch is unchanged."""
+    model, loader = _mlp_task()
+    x, y = loader.dataset.tensors
+    y2 = y.clone()
+    y2[-16:] = 1 - y2[-16:]
+    if kind == "tensor-dataset":
+        make = lambda yy: torch.utils.data.DataLoader(  # noqa: E731
+            torch.utils.data.TensorDataset(x, yy), batch_size=16, shuffle=False
+        )
+    elif kind == "list":
+        make = lambda yy: [(x[i : i + 16], yy[i : i + 16]) for i in range(0, len(x), 16)]  # noqa: E731
+    else:  # a DataLoader over a plain list of samples (read through the collate)
+        make = lambda yy: torch.utils.data.DataLoader(  # noqa: E731
+            list(zip(x, yy)), batch_size=16, shuffle=True
+        )
+    return model, make(y), make(y2)
+
+
+@pytest.mark.parametrize("kind", ["tensor-dataset", "list", "dataloader"])
+def test_checkpoint_refuses_data_that_differs_after_the_first_batch(tmp_path, kind):
+    """The data fingerprint covers all of the data, not the first batch chain 0 reads."""
+    from pypattern.io import FingerprintMismatch
+
+    model, loader, other = _later_batches_changed(kind)
+    path = tmp_path / "run.npz"
+    kw = dict(num_chains=2, num_draws=3, num_burnin_steps=0, num_steps_bw_draws=1, checkpoint=path)
+    first = _run(model, loader, **kw)
+    again = _run(model, loader, **kw)  # the same data: the stored run
+    np.testing.assert_array_equal(first.loss_trace, again.loss_trace)
+    with pytest.raises(FingerprintMismatch, match="data = ") as e:
+        _run(model, other, **kw)
+    assert e.value.item == "data"

@@ -716,3 +716,23 @@ def test_a_one_element_tuple_probe_reads_like_its_tokens():
     a, b = _probe_meta(ids, torch.zeros(2, 3)), _probe_meta((ids,), torch.zeros(2, 3))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoint_rows_are_refused_for_data_that_differs_after_the_first_batch(tmp_path):
+    """A stored row is not reused for other training data whose first batch is the same."""
+    from pypattern.io import FingerprintMismatch
+
+    model, x, y = _problem()
+    probe = (x[:5], y[:5])
+    kw = dict(num_chains=2, num_draws=6, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=3,
+              warn_nonstationary=False)  # fmt: skip
+    half = len(x) // 2
+    data = [(x[:half], y[:half]), (x[half:], y[half:])]
+    other = [(x[:half], y[:half]), (x[half:], y[half:] + 1)]
+    ck = tmp_path / "ck"
+    first = susceptibilities(model, data, probe, {"b": ["weight"]}, checkpoint=ck, **kw)
+    again = susceptibilities(model, data, probe, {"b": ["weight"]}, checkpoint=ck, **kw)
+    np.testing.assert_array_equal(first.chi, again.chi)
+    with pytest.raises(FingerprintMismatch, match="data = ") as e:
+        susceptibilities(model, other, probe, {"b": ["weight"]}, checkpoint=ck, **kw)
+    assert e.value.item == "data"

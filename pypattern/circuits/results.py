@@ -27,7 +27,10 @@ def _graph_meta(g: EdgeGraph) -> dict:
 
 
 def _save(path, arrays: dict, meta: dict, kind: str) -> None:
-    """Write through :mod:`pypattern.io` (``.npz`` with a JSON header, atomic)."""
+    """Write through :mod:`pypattern.io` (``.npz`` with a JSON header, atomic). bfloat16 tensors, which numpy
+    does not hold, are stored as float32 (exactly) and named in the header, so :func:`_load` restores them."""
+    bf16 = sorted(k for k, v in arrays.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16)
+    meta = {**meta, "bfloat16": bf16} if bf16 else meta
     io.save(path, {k: np.asarray(_numpy_dtype(v)) for k, v in arrays.items()}, meta, kind=kind)
 
 
@@ -46,8 +49,14 @@ def _damaged(path, kind: str):
 
 
 def _load(path, kind: str):
-    """Read through :mod:`pypattern.io`: a pickle, a truncated file or another kind is a ``FormatError``."""
-    return io.load(path, kind=kind)
+    """Read through :mod:`pypattern.io`: a pickle, a truncated file or another kind is a ``FormatError``. Arrays
+    come back as tensors, in bfloat16 where :func:`_save` recorded it."""
+    a, m = io.load(path, kind=kind)
+    bf16 = set(m.get("bfloat16", ()))
+    out = {
+        k: torch.from_numpy(v).to(torch.bfloat16) if k in bf16 else torch.from_numpy(v) for k, v in a.items()
+    }
+    return out, m
 
 
 @dataclass
@@ -145,13 +154,13 @@ class EdgeScores:
             graph = EdgeGraph(**m["graph"])
             out = cls(
                 graph,
-                torch.from_numpy(a["values"]),
+                a["values"],
                 m["method"],
                 m["mode"],
                 m["ablation"],
                 m["metric"],
-                torch.from_numpy(a["m_base"]),
-                torch.from_numpy(a["m_clean"]),
+                a["m_base"],
+                a["m_clean"],
                 m.get("info", {}),
             )
             if out.values.dim() != 2 or out.values.shape[1] != len(graph):
@@ -219,10 +228,8 @@ class Circuit:
         a, m = _load(path, "Circuit")
         with _damaged(path, "Circuit"):
             graph = EdgeGraph(**m["graph"])
-            sc = torch.from_numpy(a["scores"]) if "scores" in a else None
-            out = cls(
-                graph, torch.from_numpy(a["mask"]), sc, m["faithfulness"], m["method"], m.get("info", {})
-            )
+            sc = a.get("scores")
+            out = cls(graph, a["mask"], sc, m["faithfulness"], m["method"], m.get("info", {}))
             if tuple(out.mask.shape) != (len(graph),) or out.mask.dtype != torch.bool:
                 raise ValueError(
                     f"mask is {out.mask.dtype} of shape {tuple(out.mask.shape)}; expected bool ({len(graph)},)"

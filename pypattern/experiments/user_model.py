@@ -64,7 +64,7 @@ def _text_ids(p: Path) -> np.ndarray:
 
 def _same_tokens(folder, tokens: torch.Tensor, data) -> None:
     """A checkpoint folder resumes only the run on the same token sequences, all of them (the sampler's own
-    fingerprint reads the first batch): ``tokens.json`` there holds their hash; other tokens are refused."""
+    fingerprint holds the data too): ``tokens.json`` there holds their hash; other tokens are refused."""
     from .. import io
 
     path = Path(folder) / "tokens.json"

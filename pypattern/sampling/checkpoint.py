@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import io
-from .data import ChainData
+from .data import hash_data
 from .plan import RunPlan
 
 __all__ = ["CHECKPOINT_KIND", "State", "load_checkpoint_state", "run_fingerprint"]
@@ -227,8 +227,7 @@ def run_fingerprint(
 ) -> dict:
     """What identifies a sampler run (see :func:`pypattern.io.fingerprint`): the chain layout, seed and
     hyperparameters (with the sampler and its own hyperparameters, for SGNHT and RMSprop-SGLD), the loss function and observables by name, the moving parameters and masks, a hash of every
-    weight and buffer of ``model``, and a hash of the first batch chain 0 reads."""
-    first_batch = ChainData(loader, plan.key(0, stream=1), data_cache).next()
+    weight and buffer of ``model``, and a hash of the data (:func:`~pypattern.sampling.data.hash_data`)."""
     return io.fingerprint(
         num_chains=plan.num_chains,
         num_draws=plan.num_draws,
@@ -254,7 +253,7 @@ def run_fingerprint(
         observables=dict(plan.observables),
         # observables computed but not recorded (their traces would be missing from the draws before a resume)
         **({} if plan.record_observables or not plan.observables else {"record_observables": False}),
-        data=io.hash_batch(first_batch),
+        data=hash_data(loader, plan.key(0, stream=1), data_cache),
         architecture=model_architecture(model),
         **{f"weights[{n}]": t for n, t in w_star.items()},
         **{f"buffers[{n}]": b for n, b in model.named_buffers()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import torch
@@ -183,3 +184,31 @@ class ChainData:
             self.it = None
         for _ in range(n):
             self.next()
+
+
+def hash_data(loader, key: int, cache: dict) -> str:
+    """A hash of the data a chain reads, for a checkpoint's fingerprint: a ``DataLoader`` over a ``TensorDataset``
+    by its tensors and its batching (no batch is read); any other loader by every batch of the first epoch of the
+    stream keyed by ``key``, read through once in order (a loader without a length: by its first batch only, as
+    its epochs cannot be told apart)."""
+    from .. import io
+
+    d = ChainData(loader, key, cache)
+    if d.fast:
+        bs = loader.batch_sampler
+        return io.hash_batch(
+            {
+                "tensors": list(loader.dataset.tensors),
+                "batching": [
+                    type(bs).__name__,
+                    type(getattr(bs, "sampler", None)).__name__,
+                    getattr(bs, "batch_size", None),
+                    getattr(bs, "drop_last", None),
+                ],
+            }
+        )
+    n = 1 if d.single is not None or d.length is None else d.length
+    h = hashlib.sha256()
+    for _ in range(n):
+        h.update(io.hash_batch(d.next()).encode())
+    return h.hexdigest()[:16]

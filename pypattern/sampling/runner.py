@@ -203,8 +203,10 @@ def sample(
         ``.npz`` file (:mod:`pypattern.io`, no pickle) rewritten atomically every ``checkpoint_every`` draws with
         the finished draws and the state of unfinished chains. If it exists, the run resumes from it and ends with
         the same result as an uninterrupted run. It must have been written by the same run: the file holds a
-        fingerprint of the chain layout, seed, hyperparameters, loss function and observables (by name), moving
-        parameters and masks, a hash of every weight and buffer and of the first batch chain 0 reads; a file of
+        fingerprint of the chain layout, seed, hyperparameters, loss function and observables (by name and what
+        they capture: a partial's arguments, a function's code, defaults and closure, a loss module's settings),
+        moving parameters and masks, a hash of every weight and buffer and of the data (a ``TensorDataset``
+        loader's tensors; any other loader's batches of one epoch, read through once); a file of
         any other run is refused with :class:`pypattern.io.FingerprintMismatch` naming the first differing item.
     quiet : bool
         No progress bar.
