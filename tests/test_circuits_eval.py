@@ -377,3 +377,52 @@ def test_results_round_trip_and_damaged_files_are_refused(tmp_path):
     )
     with pytest.raises(io.FormatError, match="noval.npz"):
         EdgeScores.load(tmp_path / "noval.npz")
+
+
+def test_edge_sets_given_as_one_edge_a_name_or_a_circuit(setup):
+    """One Edge, one edge name and a Circuit (as acdc returns) are edge sets like a list of them."""
+    model, clean, corr, metric = setup
+    g = edges(model)
+    e = g[7]
+    want = patch_edges(model, [e], clean, corr, metric=metric)
+    torch.testing.assert_close(patch_edges(model, e, clean, corr, metric=metric), want, rtol=0, atol=0)
+    torch.testing.assert_close(patch_edges(model, e.name, clean, corr, metric=metric), want, rtol=0, atol=0)
+    circ = circuit_from_edges(g, [g[i] for i in range(0, len(g), 3)])
+    f = faithfulness(model, circ, clean, corr, metric=metric)
+    assert f == pytest.approx(faithfulness(model, circ.edges, clean, corr, metric=metric), abs=1e-12)
+
+
+def test_metrics_of_other_dtypes_nan_values_and_no_gradient():
+    """A metric computed in float64 (or returning bool) on a float32 model is cast; a NaN for one example is
+    kept, not a crash; EAP with a metric that has no gradient is refused naming the metric and the exact method."""
+    model = tiny(seed=5, dtype=torch.float32)
+    clean, corr, ans, wrong = prompts(model, B=4, seed=6)
+    ld = LogitDiff(ans, wrong)
+    g = edges(model)
+    sets = [[g[i] for i in range(j, len(g), 5)] for j in range(3)]
+    want = patch_edges(model, sets, clean, corr, metric=ld)
+
+    def ld64(logits):
+        return ld(logits.double())
+
+    got = patch_edges(model, sets, clean, corr, metric=ld64)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    f = faithfulness(model, sets[0], clean, corr, metric=ld64)
+    assert f == pytest.approx(faithfulness(model, sets[0], clean, corr, metric=ld), rel=1e-4)
+    won = patch_edges(model, sets, clean, corr, metric=lambda x: ld(x) > 0)
+    assert torch.equal(won, (want > 0).float())
+
+    def with_nan(logits):
+        v = ld(logits)
+        return torch.cat([v[..., :1] * float("nan"), v[..., 1:]], -1)
+
+    got = patch_edges(model, sets, clean, corr, metric=with_nan)
+    assert torch.isnan(got[:, 0]).all()
+    torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="metric has no gradient.*method='exact'"):
+        edge_attribution(model, clean, corr, metric=lambda x: ld(x).detach(), method="eap")
+    with pytest.raises(TypeError, match="clean is a list"):
+        patch_edges(model, sets[0], clean.tolist(), corr, metric=ld)
+    with pytest.raises(TypeError, match=r"clean is a dict.*input_ids"):
+        edge_attribution(model, {"input_ids": clean}, corr, metric=ld)

@@ -43,11 +43,23 @@ def _graph_for(model, graph: EdgeGraph | None, per_position: bool, seq_len: int)
     return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len if per_position else None)
 
 
+def _seq_len(clean) -> int:
+    """The prompts' length, read before :func:`~pypattern.patching.api.check_tokens` checks them in full: a list
+    or a dict of prompts is refused here with the same message."""
+    if not isinstance(clean, torch.Tensor):
+        hint = " (its input_ids)" if isinstance(clean, dict) else ""
+        raise TypeError(f"clean is a {type(clean).__name__}; give a LongTensor (batch, pos){hint}")
+    return clean.shape[-1]
+
+
 def _as_masks(graph: EdgeGraph, edges) -> tuple[torch.Tensor, bool]:
-    """``edges`` -> boolean masks ``(C, num_edges)`` and whether a single set was given."""
+    """``edges`` -> boolean masks ``(C, num_edges)`` and whether a single set was given (one edge or edge name
+    is a set of one)."""
     if isinstance(edges, torch.Tensor):
         m = graph.mask(edges)
         return (m[None], True) if m.dim() == 1 else (m, False)
+    if isinstance(edges, (Edge, str)):
+        edges = [edges]
     edges = list(edges)
     if edges and not isinstance(edges[0], (Edge, str)):
         return torch.stack([graph.mask(e) for e in edges]), False
@@ -120,8 +132,8 @@ def patch_edges(
     Parameters
     ----------
     model : Transformer
-    edges : iterable of Edge or edge names, BoolTensor ``(num_edges,)``, or a batch of sets: a list of such
-        iterables or a BoolTensor ``(C, num_edges)``.
+    edges : Edge, edge name, iterable of Edge or edge names, BoolTensor ``(num_edges,)``, a :class:`Circuit`, or
+        a batch of sets: a list of such iterables or a BoolTensor ``(C, num_edges)``.
     clean, corrupted : LongTensor ``(batch, pos)``
         ``corrupted`` may be None for ``mode="noise"`` with ``ablation="mean"`` (mean over the clean batch) or
         ``"zero"``.
@@ -144,8 +156,11 @@ def patch_edges(
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets.
     """
     model = converted_if_convertible(model)
+    if isinstance(edges, Circuit):  # a found circuit (acdc, EdgeScores.circuit): its mask on its graph
+        graph = edges.graph if graph is None else graph
+        edges = edges.mask
     edges = _materialised(edges)
-    T = clean.shape[-1]
+    T = _seq_len(clean)
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
     masks, single = _as_masks(graph, edges)
@@ -268,7 +283,7 @@ def edge_attribution(
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
-    T = clean.shape[-1]
+    T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
     engine, info = prepare_runs(
@@ -395,8 +410,11 @@ def faithfulness(
     float for one circuit, Tensor ``(C,)`` for a batch (same forms of ``edges`` as :func:`patch_edges`).
     """
     model = converted_if_convertible(model)
+    if isinstance(edges, Circuit):  # a found circuit (acdc, EdgeScores.circuit): its mask on its graph
+        graph = edges.graph if graph is None else graph
+        edges = edges.mask
     edges = _materialised(edges)
-    T = clean.shape[-1]
+    T = _seq_len(clean)
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
     masks, single = _as_masks(graph, edges)
@@ -645,7 +663,7 @@ def acdc(
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
     threshold = float(threshold)
-    T = clean.shape[-1]
+    T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
     engine, info = prepare_runs(

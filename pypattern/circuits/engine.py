@@ -328,7 +328,8 @@ class EdgeEngine:
                 dense = g.dense(live[part], self.dtype)
                 if g.per_position:
                     dense = dense[..., : self.T]
-                out[part] = self._patched(dense, s0, hsel)
+                # a metric computed in another dtype (float64 on a float32 model, a bool accuracy) is cast
+                out[part] = self._patched(dense, s0, hsel).to(self.dtype)
         return out
 
     def _dst_qheads(self) -> torch.Tensor:
@@ -712,6 +713,11 @@ class EdgeEngine:
                     R = R + out
             # the embeddings last: every attention's backward (_QKV) runs on the way to them
             tensors = [h[3] for h in handles if h[0] != "attn"] + [R0]
+            if not val.requires_grad:
+                raise ValueError(
+                    "metric has no gradient with respect to the logits (it returned values without a grad_fn: "
+                    "detached, or an accuracy); EAP and EAP-IG need a differentiable metric, use method='exact'"
+                )
             grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
         out, i = [], 0
 
