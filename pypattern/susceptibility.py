@@ -111,7 +111,7 @@ class PCAResult(Saveable):
     explained_variance, explained_variance_ratio : ndarray (n_pcs,)
     scores : ndarray (num_probe, n_pcs)
         Per-sample/per-token coordinates: the centred (and, with whitening, scaled) columns of chi projected on
-        the directions.
+        the directions (NaN rows at probe columns that do not count).
     scale : ndarray (num_components,)
         The per-component scale divided out before the SVD (ones without whitening).
     """
@@ -139,7 +139,9 @@ class SusceptibilityResult(Saveable):
     components : list of str
     probe_sample, probe_position, probe_token : ndarray (num_probe,)
         Which probe sample (and, for per-token losses, which predicted position and token) each column is;
-        position and token are -1 for per-sample losses.
+        position and token are -1 for per-sample losses, the token -1 at a column that does not count.
+    probe_counted : ndarray (num_probe,) of bool, or None
+        Which columns count (False at padding and ``-100`` labels, whose chi is 0); None when all do.
     phi_mean, loss_mean : ndarray (num_components,), (num_components, num_probe)
         Posterior means of the observable (as it is, not shifted by its value at ``w*``) and of the probe losses
         under each component's run.
@@ -159,17 +161,27 @@ class SusceptibilityResult(Saveable):
     num_chains: int
     num_draws: int
     settings: dict
+    probe_counted: np.ndarray | None = None
 
     def pca(self, n_components: int | None = None, *, whiten: bool = False) -> PCAResult:
         """PCA of the probe points in component space (``chi.T``: one row per probe point, one feature per
-        component), centred over probe points; ``whiten=True`` first scales each component to unit variance."""
+        component), centred over probe points; ``whiten=True`` first scales each component to unit variance.
+        Probe points that do not count (``probe_counted`` False: padding, ``-100`` labels) are left out; their
+        rows of ``scores`` are NaN."""
         if n_components is not None and (
             isinstance(n_components, bool)
             or not isinstance(n_components, numbers.Integral)
             or n_components < 1
         ):
             raise ValueError(f"n_components={n_components!r} is not valid; give an int >= 1 or None (all)")
+        keep = None if self.probe_counted is None else np.asarray(self.probe_counted, dtype=bool)
         x = self.chi.T.astype(np.float64)
+        if keep is not None:
+            if keep.shape != (x.shape[0],):
+                raise ValueError(
+                    f"probe_counted has shape {keep.shape}; expected ({x.shape[0]},), one per column"
+                )
+            x = x[keep]
         if not np.isfinite(x).all():
             raise ValueError("chi holds NaN or Inf entries (a diverged chain?): PCA needs finite values")
         mean = x.mean(0)
@@ -185,11 +197,16 @@ class SusceptibilityResult(Saveable):
         signs = np.sign(vt[np.arange(len(s)), np.abs(vt).argmax(1)])
         signs[signs == 0] = 1
         vt, u = vt * signs[:, None], u * signs[None, :]
+        scores = (u * s)[:, :k]
+        if keep is not None:  # one row per probe column, NaN where it does not count
+            full = np.full((len(keep), scores.shape[1]), np.nan)
+            full[keep] = scores
+            scores = full
         return PCAResult(
             directions=vt[:k],
             explained_variance=var[:k],
             explained_variance_ratio=var[:k] / total if total > 0 else np.zeros(k),
-            scores=(u * s)[:, :k],
+            scores=scores,
             scale=scale,
             mean=mean,
         )
@@ -466,7 +483,16 @@ def _probe_token_ids(probe) -> torch.Tensor | None:
     return ids if ids.dim() == 2 else None
 
 
-def _probe_meta(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _probe_meta(probe, losses: torch.Tensor, counted: torch.Tensor | None = None) -> tuple[np.ndarray, ...]:
+    """Sample, predicted position and token of each probe column; the token is -1 where the column does not
+    count (``counted``, flattened: padding or a ``-100`` label), however the padding was marked."""
+    sample_idx, pos, tok = _probe_columns(probe, losses)
+    if counted is not None and counted.numel() == tok.size:
+        tok = np.where(counted.reshape(-1).cpu().numpy(), tok, -1)
+    return sample_idx, pos, tok
+
+
+def _probe_columns(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids = _probe_token_ids(probe)
     if (
         losses.dim() == 2
@@ -676,8 +702,8 @@ def susceptibilities(
     with torch.no_grad():
         phi0 = phi_of(model).reshape(())
     n = l0.numel()
-    meta = _probe_meta(probe, l0)
     counted = entries.counted(n)  # entries outside it (padding) are left out of Lbar and get chi 0
+    meta = _probe_meta(probe, l0, counted)
     C = int(kw["num_chains"])
     if group_size is not None and (
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
@@ -907,6 +933,7 @@ def susceptibilities(
         num_chains=C,
         num_draws=int(kw["num_draws"]),
         settings=_settings_of(kw, auto_step),
+        probe_counted=None if counted is None else counted.numpy().astype(bool),
     )
 
 
@@ -1059,7 +1086,7 @@ def bif(
         return acc
 
     acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"))
-    meta = _probe_meta(probe, l0)
+    meta = _probe_meta(probe, l0, entries.counted(n))
     return BIFResult(
         bif=-acc.cov(ddof=1).numpy(),
         corr=acc.corr().numpy(),

@@ -124,3 +124,30 @@ def test_probe_sample_without_counted_tokens_is_refused_per_sample():
     probe["labels"] = torch.where(probe["attention_mask"].bool(), probe["input_ids"], -100)
     with pytest.raises(ValueError, match=r"probe samples \[1\] have no counted token"):
         pp.bif(model, _loader(0), probe, per_token=False, **KW)
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["labels", "mask-only"])
+def test_uncounted_probe_columns_have_no_token_and_stay_out_of_the_pca(labels):
+    """Columns that do not count (padding marked by the attention mask alone, or -100 labels) report token -1 in
+    both estimators and are named by ``probe_counted``; the PCA leaves them out (NaN scores there), so extra
+    padding changes none of it."""
+    model = _model()
+    loader = _loader(0)
+    p0, p1 = _probe(0), _probe(5)
+    if not labels:
+        p0, p1 = ({k: v for k, v in p.items() if k != "labels"} for p in (p0, p1))
+    a = pp.susceptibilities(model, loader, p0, COMPS, **KW)
+    b = pp.susceptibilities(model, loader, p1, COMPS, **KW)
+    k0, k1 = _counted(p0), _counted(p1)
+    assert (b.probe_counted == k1).all() and (a.probe_counted == k0).all()
+    assert (b.probe_token[~k1] == -1).all() and (b.probe_token[k1] >= 0).all()
+    np.testing.assert_array_equal(b.probe_token[k1], a.probe_token[k0])
+    pa, pb = a.pca(), b.pca()
+    np.testing.assert_allclose(pb.explained_variance, pa.explained_variance, rtol=1e-5)
+    np.testing.assert_allclose(
+        pb.scores[k1], pa.scores[k0], rtol=1e-4, atol=1e-9 * np.abs(pa.scores[k0]).max()
+    )
+    assert np.isnan(pb.scores[~k1]).all() and np.isfinite(pb.scores[k1]).all()
+    bif = pp.bif(model, loader, p1, **KW)
+    assert (bif.probe_token[~k1] == -1).all()
+    np.testing.assert_array_equal(bif.probe_token, b.probe_token)
