@@ -635,6 +635,11 @@ def susceptibilities(
     """
     if convention not in ("physics", "devinterp"):
         raise ValueError(f"convention must be 'physics' or 'devinterp', got {convention!r}")
+    if checkpoint is not None and os.path.exists(os.fspath(checkpoint)) and not os.path.isdir(checkpoint):
+        raise ValueError(
+            f"checkpoint={os.fspath(checkpoint)!r} is a file; susceptibilities keeps one file per component in a "
+            "folder: give a folder path"
+        )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     if isinstance(components, str):
         raise TypeError(

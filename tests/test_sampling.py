@@ -1474,3 +1474,22 @@ def test_checkpoint_refuses_data_that_differs_after_the_first_batch(tmp_path, ki
     with pytest.raises(FingerprintMismatch, match="data = ") as e:
         _run(model, other, **kw)
     assert e.value.item == "data"
+
+
+def test_checkpoint_that_cannot_be_a_file_is_refused_before_sampling(tmp_path):
+    """A folder, a path ending in a separator or a path under a file is refused naming checkpoint, before any
+    draw (no callback runs)."""
+    model, loader = _mlp_task()
+    (tmp_path / "afile").write_text("x")
+    seen = []
+    kw = dict(num_chains=1, num_draws=2, callbacks=[lambda *a: seen.append(a)])
+    for bad, match in [
+        (tmp_path, "is a folder"),
+        (f"{tmp_path}/sub/", "is a folder"),
+        (tmp_path / "afile" / "run.npz", "which is a file"),
+    ]:
+        with pytest.raises(ValueError, match=f"checkpoint=.*{match}"):
+            _run(model, loader, checkpoint=bad, **kw)
+    with pytest.raises(TypeError, match="checkpoint must be a file path"):
+        _run(model, loader, checkpoint=3, **kw)
+    assert not seen

@@ -736,3 +736,12 @@ def test_checkpoint_rows_are_refused_for_data_that_differs_after_the_first_batch
     with pytest.raises(FingerprintMismatch, match="data = ") as e:
         susceptibilities(model, other, probe, {"b": ["weight"]}, checkpoint=ck, **kw)
     assert e.value.item == "data"
+
+
+def test_checkpoint_folder_that_is_a_file_is_refused(tmp_path):
+    model, x, y = _problem()
+    (tmp_path / "ck").write_text("x")
+    with pytest.raises(ValueError, match="checkpoint=.*is a file.*folder"):
+        susceptibilities(
+            model, [(x, y)], (x[:4], y[:4]), {"b": ["weight"]}, num_draws=2, checkpoint=tmp_path / "ck"
+        )

@@ -264,6 +264,8 @@ def make_plan(
     num_burnin_steps = _int_at_least("num_burnin_steps", num_burnin_steps, 0)
     num_steps_bw_draws = _int_at_least("num_steps_bw_draws", num_steps_bw_draws, 1)
     checkpoint_every = _int_at_least("checkpoint_every", checkpoint_every, 1)
+    if checkpoint is not None:
+        check_checkpoint_file(checkpoint)
     cores = _int_at_least("cores", cores, 1)
     grad_accum_steps = _int_at_least("grad_accum_steps", grad_accum_steps, 1)
     if num_init_loss_batches is not None:
@@ -381,3 +383,25 @@ def make_plan(
         sampler=name,
         sampler_hyper=own,
     )
+
+
+def check_checkpoint_file(checkpoint) -> None:
+    """Refuse, before any work, a ``checkpoint`` that cannot be a file: not a path, a folder, a path ending in a
+    separator, or a file under something that is not a folder."""
+    try:
+        path = os.fspath(checkpoint)
+    except TypeError:
+        raise TypeError(
+            f"checkpoint must be a file path (str or os.PathLike), got {type(checkpoint).__name__}"
+        ) from None
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"checkpoint={checkpoint!r} is not valid; give a file path such as 'run.npz'")
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        raise ValueError(
+            f"checkpoint={path!r} is a folder; give a file path such as {os.path.join(path, 'run.npz')!r}"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"checkpoint={path!r} lies under {parent!r}, which is a file, not a folder")

@@ -29,7 +29,7 @@ from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import LossContractError, RunContext, Stopped
 from .data import ChainData, batch_size_of, batches_per_epoch, ragged_last_batch, to_device
 from .diagnostics import SamplingDivergedError, check_stationarity, ess, r_hat
-from .plan import RunPlan, default_nbeta, make_plan
+from .plan import RunPlan, check_checkpoint_file, default_nbeta, make_plan
 from .results import SampleResult
 from .samplers import sampler_name
 from .sequential import run_sequential
@@ -292,6 +292,8 @@ def sample(
                 f"checkpoint; got {', '.join(why)}"
             )
     _check_param_dtypes(model)
+    if checkpoint is not None:  # before a step-size search or L_n(w*)
+        check_checkpoint_file(checkpoint)
     if isinstance(loader, torch.Tensor):
         raise TypeError(
             f"loader is a tensor of shape {tuple(loader.shape)}: give an iterable of batches, e.g. [tokens] for one "
