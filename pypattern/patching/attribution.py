@@ -172,11 +172,14 @@ def _layer_of(name: str) -> int:
     return int(name.split(".")[1])
 
 
-def _drop_pass(layer: int, gnames: list[str], full: dict, captured: dict) -> dict[str, torch.Tensor]:
+def _drop_pass(
+    layer: int, gnames: list[str], full: dict, captured: dict, zeros: dict
+) -> dict[str, torch.Tensor]:
     """The gradients of GradDrop's pass at ``layer`` (no gradient through that layer's ``attn_out`` and
-    ``mlp_out``) from the full pass's gradients ``full``: unchanged after the layer; at the layer, zero inside
-    the attention and MLP and the residual gradient after the layer at ``resid_pre``/``resid_mid``/
-    ``resid_post``; before the layer, a backward from the layer's input with that residual gradient."""
+    ``mlp_out``) from the full pass's gradients ``full``: unchanged after the layer (the same tensors: the
+    scores computed from them are reused); at the layer, zero inside the attention and MLP (one tensor per name,
+    ``zeros``) and the residual gradient after the layer at ``resid_pre``/``resid_mid``/``resid_post``; before
+    the layer, a backward from the layer's input with that residual gradient."""
     g_post = full[hook_name("resid_post", layer)]
     out = {}
     below = []
@@ -186,7 +189,12 @@ def _drop_pass(layer: int, gnames: list[str], full: dict, captured: dict) -> dic
             out[n] = full[n]
         elif at == layer:
             resid = n.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post"))
-            out[n] = g_post if resid else torch.zeros_like(captured[n])
+            if resid:
+                out[n] = g_post
+            else:
+                if n not in zeros:
+                    zeros[n] = torch.zeros_like(captured[n])
+                out[n] = zeros[n]
         else:
             below.append(n)
     if below:
@@ -513,8 +521,9 @@ def _atp(
         )
         full = {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(wanted, gs)}
         grads_per_pass = [{n: full[n] for n in gnames}]
+        zeros: dict = {}
         for layer in range(L) if grad_drop else []:
-            grads_per_pass.append(_drop_pass(layer, gnames, full, captured))
+            grads_per_pass.append(_drop_pass(layer, gnames, full, captured, zeros))
     tgt_cache = {n: x.detach() for n, x in captured.items()}
     m_corr = None
     if direction == "noising":
@@ -539,8 +548,17 @@ def _atp(
         for layer in range(L):  # the passes of a layer share the QK fix's softmax terms
             n = hook_name(site, layer)
             fixed: dict = {}
+            diff = None
+            # GradDrop's passes hand the same gradient tensor to the layers they leave alone (and one zero
+            # tensor to the dropped layer): a score is computed once per gradient tensor
+            done: dict[int, torch.Tensor] = {}
             for k, grads in enumerate(grads_per_pass):
-                if qk_fix and site in ("q", "k"):
+                fixes = qk_fix and site in ("q", "k")
+                g = grads[hook_name("pattern", layer) if fixes else n]
+                if id(g) in done:
+                    by_pass[k].append(done[id(g)])
+                    continue
+                if fixes:
                     pn = hook_name("pattern", layer)
                     qn, kn = _scored("q", layer, cfg), _scored("k", layer, cfg)
                     est = _qk_fixed(
@@ -556,7 +574,10 @@ def _atp(
                         cache=fixed,
                     )
                 else:
-                    est = _reduce(site, (src_cache[n] - tgt_cache[n]) * grads[n], per_position)
+                    if diff is None:  # the activation's change, once per layer
+                        diff = src_cache[n] - tgt_cache[n]
+                    est = _reduce(site, diff * g, per_position)
+                done[id(g)] = est
                 by_pass[k].append(est)
         per_pass = [torch.stack(layers_est, 1) for layers_est in by_pass]  # each (B, L, ...)
         est = per_pass[0]
