@@ -492,8 +492,8 @@ def test_corrupted_files_are_named_and_checked_before_the_prompt_cut(model_dir, 
 
 
 def test_checkpoint_folder_resumes_only_the_same_token_sequences(model_dir, data, tmp_path, capsys):
-    """The sampler's fingerprint reads the first batch; the folder also records a hash of every sequence, so a
-    file that differs past the first batch is refused."""
+    """The checkpoint's fingerprint holds every sequence: a file that differs in its last sequence is refused; the
+    same tokens from another file format resume."""
     d, tokens = data
     other = tokens.copy()
     other[-1, -1] = (other[-1, -1] + 1) % 23
@@ -508,4 +508,32 @@ def test_checkpoint_folder_resumes_only_the_same_token_sequences(model_dir, data
     with pytest.raises(SystemExit) as e:
         main([*argv, "--data", str(tmp_path / "other.npy"), "--out", str(tmp_path / "c")])
     assert e.value.code == 2
-    assert "was written for other token sequences" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pypattern llc: error: checkpoint" in err and "data = " in err and "Traceback" not in err
+
+
+def test_llc_data_is_a_shuffled_loader_whose_short_batch_chains_skip(model_dir, tmp_path):
+    """Nine sequences in batches of 8: L_n(w*) is the loss over all nine (the short batch weighted by its one
+    sequence), as estimate_llc gives on a shuffled DataLoader of the same tokens and seed."""
+    import pypattern as pp
+    from pypattern import LLCResult
+    from pypattern.losses import batch_loss
+
+    tokens = np.random.default_rng(3).integers(0, 23, size=(9, 7))
+    np.save(tmp_path / "nine.npy", tokens)
+    argv = ["llc", "--model", str(model_dir), "--data", str(tmp_path / "nine.npy"), "--num-chains", "2",
+            "--num-draws", "3", "--num-burnin-steps", "2", "--step-size", "1e-4", "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    res = LLCResult.load(tmp_path / "a" / "llc.npz")
+    model = pp.from_pretrained(model_dir).float()
+    t = torch.from_numpy(tokens)
+    with torch.no_grad():
+        naive = float(batch_loss(model, t))  # equal lengths: every sequence weighs the same
+    assert res.init_loss == pytest.approx(naive, rel=1e-5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(t), batch_size=8, shuffle=True)
+    cfg = res.sample.config  # the command's own localization and nbeta
+    api = pp.estimate_llc(
+        model, loader, loss_fn=batch_loss, num_chains=2, num_draws=3, num_burnin_steps=2, step_size=1e-4,
+        localization=cfg["localization"], nbeta=cfg["nbeta"], seed=0, quiet=True, warn_nonstationary=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(res.llc_per_chain), np.asarray(api.llc_per_chain), rtol=1e-5)

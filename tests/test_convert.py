@@ -1905,3 +1905,51 @@ def test_falcon_layouts_patch_exactly_and_alibi_is_refused():
     )
     with pytest.raises(UnsupportedModelError, match="alibi=True"):
         from_hf(hf_model("falcon-sequential-per-head-bias", alibi=True))
+
+
+def test_from_pretrained_refuses_damaged_extra_or_adapter_checkpoints_naming_them(tmp_path):
+    """A config.json that is not JSON, a truncated weights file, weights the config has no place for (a config
+    of fewer layers) and a merged-in-name-only PEFT adapter are each refused with a ValueError naming the
+    directory, never loaded approximately."""
+    hf = hf_model("llama-mqa")
+    good = tmp_path / "good"
+    hf.save_pretrained(good)
+    model = from_pretrained(good)
+    with torch.no_grad():
+        assert rel(model(tokens()), hf(tokens()).logits) <= 1e-4
+    bad_json = tmp_path / "json"
+    hf.save_pretrained(bad_json)
+    (bad_json / "config.json").write_text("{model_type: llama")
+    with pytest.raises(ValueError, match=r"path=.*json.*config.json is not valid JSON"):
+        from_pretrained(bad_json)
+    cut = tmp_path / "cut"
+    hf.save_pretrained(cut)
+    w = cut / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"path=.*cut.*could not be loaded"):
+        from_pretrained(cut)
+    fewer = tmp_path / "fewer"
+    hf.save_pretrained(fewer)
+    cfg = json.loads((fewer / "config.json").read_text())
+    cfg["num_hidden_layers"] -= 1
+    (fewer / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"tensors its config.json has no place for"):
+        from_pretrained(fewer)
+    adapter = tmp_path / "adapter"
+    hf.save_pretrained(adapter)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(UnsupportedModelError, match=r"PEFT adapter.*merge_and_unload"):
+        from_pretrained(adapter)
+
+
+def test_bfloat16_loss_is_taken_in_float32():
+    """return_type='loss' of a bfloat16 model: the log-softmax in float32, as Hugging Face takes it."""
+    hf = hf_model("llama-mqa").to(torch.bfloat16)
+    model = from_hf(hf)
+    x = tokens()
+    with torch.no_grad():
+        logits = model(x)
+        want = torch.nn.functional.cross_entropy(logits[:, :-1].double().flatten(0, 1), x[:, 1:].flatten())
+        got = model(x, return_type="loss")
+    assert got.dtype == torch.float32
+    assert abs(float(got) - float(want)) <= 1e-6 * float(want)

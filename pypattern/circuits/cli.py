@@ -43,8 +43,9 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None):
         raise FileNotFoundError(
             f"model_dir={path!r} has no config.json (fields of TransformerConfig, or a Hugging Face config)"
         )
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    from ..models.convert import read_config
+
+    cfg = read_config(path, "model_dir")
     if "model_type" in cfg:
         from ..models.convert import from_pretrained
 

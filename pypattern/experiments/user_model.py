@@ -62,27 +62,6 @@ def _text_ids(p: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
-def _same_tokens(folder, tokens: torch.Tensor, data) -> None:
-    """A checkpoint folder resumes only the run on the same token sequences, all of them (the sampler's own
-    fingerprint holds the data too): ``tokens.json`` there holds their hash; other tokens are refused."""
-    from .. import io
-
-    path = Path(folder) / "tokens.json"
-    digest = io.hash_tensor(tokens)
-    if path.exists():
-        try:
-            stored = json.loads(path.read_text()).get("tokens")
-        except (ValueError, AttributeError):
-            stored = None
-        if stored != digest:
-            raise ValueError(
-                f"checkpoint={str(folder)!r} was written for other token sequences than data={str(data)!r} "
-                f"({tuple(tokens.shape)}); use another checkpoint folder, or delete this one to start afresh"
-            )
-    else:
-        path.write_text(json.dumps({"tokens": digest, "shape": list(tokens.shape)}))
-
-
 def load_tokens(
     path: str | os.PathLike,
     *,
@@ -170,9 +149,14 @@ def _count(name: str, value: int) -> int:
     return value
 
 
-def _batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def _batches(tokens: torch.Tensor, batch_size: int) -> torch.utils.data.DataLoader:
+    """The sequences in shuffled batches of ``batch_size``: each chain reads them in an order keyed by the seed
+    and its index, a short last batch is not read by the chains and L_n(w*) weights every sequence equally (the
+    sampler's rules for a ``DataLoader``), and a checkpoint's fingerprint holds every sequence."""
     _count("batch_size", batch_size)
-    return [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(tokens), batch_size=batch_size, shuffle=True
+    )
 
 
 def _write(out: str, name: str, obj: dict) -> str:
@@ -230,7 +214,6 @@ def run_user_llc(
     ck = None
     if checkpoint is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
-        _same_tokens(checkpoint, tokens, data)
         ck = os.path.join(checkpoint, "llc_checkpoint.npz")
     res = estimate_llc(
         model,
@@ -379,7 +362,6 @@ def run_user_chi(
     model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
     if checkpoint is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
-        _same_tokens(checkpoint, tokens, data)
     components = [c for c in model.components() if c != "unembed"]
     res = susceptibilities(
         model,

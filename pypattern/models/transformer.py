@@ -1620,7 +1620,7 @@ class Transformer(HookedRootModule):
 def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy per position: ``(batch, pos - 1)``."""
     lp = torch.log_softmax(
-        logits[:, :-1].float() if logits.dtype == torch.float16 else logits[:, :-1], dim=-1
+        logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1], dim=-1
     )
     return -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 

@@ -189,6 +189,20 @@ def _weight_files(path: str) -> list[str]:
     )
 
 
+def read_config(path: str, argument: str) -> dict:
+    """``path/config.json`` as a dict; a file that is not a JSON object is a ``ValueError`` naming it and the
+    argument that gave ``path``."""
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{argument}={path!r}: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{argument}={path!r}: {cfg_path} holds a {type(cfg).__name__}, not a JSON object")
+    return cfg
+
+
 def from_pretrained(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> Transformer:
@@ -203,7 +217,8 @@ def from_pretrained(
         Directory with ``config.json`` and ``*.safetensors`` weights (from ``save_pretrained(...,
         safe_serialization=True)``).
     dtype : torch.dtype, optional
-        Dtype of the converted weights; default: the dtype the checkpoint was saved in.
+        Dtype of the converted weights; default: the dtype ``config.json`` names (``dtype`` or ``torch_dtype``,
+        which ``save_pretrained`` writes as the dtype the model was saved in; transformers' ``dtype="auto"``).
     attn_implementation : str, optional
         The Hugging Face attention implementation whose arithmetic the converted model reproduces (``"eager"``,
         ``"sdpa"``; default: what ``transformers`` picks on loading, usually ``"sdpa"``). The Llama family's and
@@ -236,8 +251,13 @@ def from_pretrained(
         import transformers
     except ImportError as e:  # pragma: no cover - transformers is a test dependency
         raise ImportError("from_pretrained needs the transformers package (pip install transformers)") from e
-    with open(os.path.join(path, "config.json")) as f:
-        archs = json.load(f).get("architectures") or []
+    archs = read_config(path, "path").get("architectures") or []
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise UnsupportedModelError(
+            f"path={path!r} holds a PEFT adapter (adapter_config.json): its weights would be left out (or, with peft "
+            "installed, wrapped around the model's layers); merge it first (model.merge_and_unload()) and "
+            "save_pretrained the merged model"
+        )
     known = [a for a in archs if a in _CONVERTERS]
     if archs and not known:
         raise UnsupportedModelError(
@@ -252,8 +272,26 @@ def from_pretrained(
                 f"attn_implementation={attn_implementation!r} is not valid; give a string such as 'eager' or 'sdpa'"
             )
         kwargs["attn_implementation"] = attn_implementation
-    hf, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    try:
+        hf, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    except Exception as e:  # a damaged or truncated weights file: transformers' or safetensors' own error
+        if isinstance(e, UnsupportedModelError | ImportError):
+            raise
+        raise ValueError(
+            f"path={path!r}: its checkpoint could not be loaded ({type(e).__name__}: {e}); give a complete, "
+            "undamaged save_pretrained directory"
+        ) from e
     missing = sorted(info.get("missing_keys") or [])
+    # tensors the config has no place for (a config of fewer layers than the weights): dropped silently otherwise;
+    # legacy buffers (GPT-2's attention masks, rotary frequencies) are not weights
+    legacy = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith(legacy))
+    if unexpected:
+        raise UnsupportedModelError(
+            f"path={path!r}: the checkpoint has {len(unexpected)} tensors its config.json has no place for "
+            f"({unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}); config.json does not describe these "
+            "weights"
+        )
     if missing:  # transformers initialises them at random and only logs it
         raise UnsupportedModelError(
             f"path={path!r}: the checkpoint lacks {len(missing)} of the model's tensors ({missing[:5]}"
