@@ -1493,3 +1493,101 @@ def test_checkpoint_that_cannot_be_a_file_is_refused_before_sampling(tmp_path):
     with pytest.raises(TypeError, match="checkpoint must be a file path"):
         _run(model, loader, checkpoint=3, **kw)
     assert not seen
+
+
+def test_one_shuffled_batch_is_read_in_a_keyed_order():
+    """A shuffling DataLoader with one batch gives the same draws in every call of one seed, whatever torch's
+    global random state (its rows are permuted in a fixed order, so float32 sums do not change)."""
+    model, loader = _mlp_task(n=16)
+    one = torch.utils.data.DataLoader(loader.dataset, batch_size=16, shuffle=True)
+    runs = []
+    for g in (1, 2):
+        torch.manual_seed(g)
+        runs.append(_run(model, one, num_chains=2, num_draws=4))
+    np.testing.assert_array_equal(runs[0].loss_trace, runs[1].loss_trace)
+    assert runs[0].init_loss == runs[1].init_loss
+
+
+def test_default_nbeta_reads_a_data_set_smaller_than_the_batch_size():
+    """A DataLoader over fewer samples than its batch_size yields one batch of them all: the sampler's default
+    nbeta counts those samples (pypattern.default_nbeta stays devinterp's, from batch_size)."""
+    import math
+
+    from pypattern.sampling.plan import default_nbeta
+
+    ds = torch.utils.data.TensorDataset(torch.randn(5, 2))
+    assert default_nbeta(torch.utils.data.DataLoader(ds, batch_size=8)) == pytest.approx(5 / math.log(5))
+    assert default_nbeta(torch.utils.data.DataLoader(ds, batch_size=4)) == pytest.approx(4 / math.log(4))
+    with pytest.raises(ValueError, match="batch_size \\* grad_accum_steps >= 2, got 1"):
+        default_nbeta(
+            torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(1, 2)), batch_size=8)
+        )
+
+
+def test_an_unshuffled_ragged_last_batch_is_left_out_of_the_reference_loss():
+    """Without shuffling the ragged batch holds the same samples in every epoch and no chain reads them:
+    L_n(w*) is the loss over the samples the chains read (with shuffling: over every sample)."""
+    import pypattern as pp
+    from pypattern import truth
+
+    mlp, data = truth.make_teacher_task((8, 16, 4), n=512, seed=0)
+    x, y = data.tensors
+    kw = dict(num_chains=1, num_draws=2, num_burnin_steps=0, step_size=1e-4, localization=100.0, nbeta=50.0)
+    with torch.no_grad():
+        read = float(torch.nn.functional.cross_entropy(mlp(x[:500]), y[:500]))
+        every = float(torch.nn.functional.cross_entropy(mlp(x), y))
+    for loader in (
+        torch.utils.data.DataLoader(data, batch_size=250, shuffle=False),
+        torch.utils.data.DataLoader(list(zip(x, y)), batch_size=250, shuffle=False),
+    ):
+        r = pp.estimate_llc(mlp, loader, quiet=True, warn_nonstationary=False, **kw)
+        assert r.init_loss == pytest.approx(read, rel=1e-6)
+    shuffled = torch.utils.data.DataLoader(data, batch_size=250, shuffle=True)
+    r = pp.estimate_llc(mlp, shuffled, quiet=True, warn_nonstationary=False, **kw)
+    assert r.init_loss == pytest.approx(every, rel=1e-6)
+
+
+def test_masks_other_than_zero_and_one_are_refused():
+    model, loader = _mlp_task()
+    with pytest.raises(ValueError, match=r"masks\['0.weight'\] has values other than 0 and 1 \(\[0.5"):
+        _run(model, loader, masks={"0.weight": torch.full((8, 6), 0.5)}, num_draws=2)
+    ok = _run(model, loader, masks={"0.weight": torch.ones(8, 6)}, num_chains=1, num_draws=2)
+    assert np.isfinite(ok.loss_trace).all()
+
+
+def test_numpy_scalars_are_sampler_hyperparameters():
+    model, loader = _mlp_task()
+    kw = dict(num_chains=1, num_draws=3)
+    a = _run(model, loader, sampler="sgnht", optimizer_kwargs={"diffusion_factor": np.float32(0.25)}, **kw)
+    b = _run(model, loader, sampler="sgnht", optimizer_kwargs={"diffusion_factor": 0.25}, **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    a = _run(model, loader, sampler="rmsprop_sgld", optimizer_kwargs={"alpha": np.float64(0.9)}, **kw)
+    b = _run(model, loader, sampler="rmsprop_sgld", optimizer_kwargs={"alpha": 0.9}, **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+
+
+class _Counting(nn.Module):
+    """A layer whose forward updates a buffer it reads (a running mean of its input, as BatchNorm keeps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 2)
+        self.register_buffer("running", torch.zeros(6))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.running.mul_(0.5).add_(0.5 * x.mean(0))
+        return self.lin(x - self.running)
+
+
+def test_sequential_chains_start_from_the_callers_buffers():
+    """Each sequential chain starts from the buffers as the call found them: a chain's draws do not depend on
+    which chains ran before it (chains= alone, or in another order)."""
+    _, loader = _mlp_task()
+    torch.manual_seed(0)
+    model = _Counting().train()
+    full = _run(model, loader, num_chains=3, num_draws=4, batched=False)
+    alone = _run(model, loader, num_chains=3, num_draws=4, batched=False, chains=[2])
+    np.testing.assert_array_equal(full.loss_trace[2], alone.loss_trace[2])
+    assert torch.equal(model.running, torch.zeros(6))  # the caller's buffers are kept

@@ -90,9 +90,13 @@ class ChainData:
             whole = False
         if whole:
             if "single" not in cache:
-                self.it = iter(loader)
-                cache["single"] = self._first()
-                self.it = None
+                # read once, in an order keyed like an epoch's but by no chain (a shuffling loader's one batch has
+                # its rows permuted: unkeyed, the loss's float sums would differ between calls of one seed)
+                key, self.key = self.key, 0
+                try:
+                    cache["single"] = self._new_epoch()
+                finally:
+                    self.key, self.it, self.pos = key, None, 0
             self.single = cache["single"]
 
     def _iter(self):

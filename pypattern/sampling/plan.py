@@ -27,6 +27,11 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
     from ``loader.batch_size`` or from the first batch)."""
     bs = getattr(loader, "batch_size", None)
     first = None
+    if bs is not None and not getattr(loader, "drop_last", False):
+        try:  # a data set smaller than the batch size is one batch of all of it (an empty one is refused later)
+            bs = min(int(bs), len(loader.dataset) or int(bs))
+        except (TypeError, AttributeError):
+            pass
     if bs is None:
         it = iter(loader)
         try:
@@ -342,7 +347,14 @@ def make_plan(
             if not (m.dtype == torch.bool or m.is_floating_point()):
                 raise TypeError(f"{where}masks[{n!r}] has dtype {m.dtype}; give a bool or float (0/1) mask")
             if m.is_floating_point() and not bool(torch.isfinite(m).all()):
-                raise ValueError(f"{where}masks[{n!r}] has NaN or Inf entries: give 0/1 (or finite) values")
+                raise ValueError(f"{where}masks[{n!r}] has NaN or Inf entries: give 0/1 values")
+            if m.is_floating_point() and not bool(((m == 0) | (m == 1)).all()):
+                bad = m[(m != 0) & (m != 1)].flatten()[:3].tolist()
+                raise ValueError(
+                    f"{where}masks[{n!r}] has values other than 0 and 1 ({bad}): a mask says which entries move "
+                    "(1) and which stay (0); a fractional value would scale that entry's drift and noise, "
+                    "sampling it at another temperature"
+                )
         if r_masks and all(n in r_masks and not bool(r_masks[n].any()) for n in moving):
             raise ValueError(
                 f"{where}masks are zero everywhere on the moving parameters {moving}: nothing would move"

@@ -551,10 +551,18 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
 
     with torch.no_grad():
         vals = np.array([loss_at_w_star(to_device(stream.next(), device)) for _ in range(k)])
-        if n is not None and k >= n and ragged_last_batch(loader) and stream.it is not None:
-            # the whole epoch: the ragged last batch (which chains do not read) joins L_n(w*), weighted by its
-            # samples, so that it is the loss over every sample whatever the order (each value below is shifted
-            # so that their mean is that weighted mean)
+        if (
+            n is not None
+            and k >= n
+            and ragged_last_batch(loader)
+            and stream.it is not None
+            and not stream.sequential
+        ):
+            # the whole epoch of a shuffling loader: the ragged last batch (which chains do not read, but whose
+            # samples other epochs' orders put in their read batches) joins L_n(w*), weighted by its samples, so
+            # that it is the loss over every sample whatever the order (each value below is shifted so that their
+            # mean is that weighted mean). An unshuffled loader's ragged batch holds the same samples in every
+            # epoch, which the chains never read: L_n(w*) leaves them out too
             last = next(stream.it, None)
             if last is not None:
                 r, b = batch_size_of(last), int(loader.batch_size)

@@ -20,6 +20,7 @@ the noise of that key at step ``2**64 - 1`` (a step no run reaches).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -77,7 +78,7 @@ def group_seed(seed: int, group: int) -> int:
 def _number(name: str, v, *, positive: bool) -> float:
     if (
         isinstance(v, bool)
-        or not isinstance(v, (int, float))
+        or not isinstance(v, numbers.Real)
         or not math.isfinite(v)
         or v < 0
         or (positive and v == 0)

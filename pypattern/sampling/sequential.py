@@ -32,11 +32,18 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
     accum, total = plan.grad_accum_steps, plan.total_steps
     work = copy.deepcopy(ctx.model)
     wparams = dict(work.named_parameters())
+    # the buffers as the call found them: every chain starts from them (a buffer its forwards update, such as a
+    # running statistic or spectral norm's power-iteration vector, would otherwise carry over from the chain
+    # before, and a chain's draws would depend on which chains ran before it in this process)
+    wbuffers = dict(work.named_buffers())
+    buffers0 = {n: b.detach().clone() for n, b in wbuffers.items()}
     trainable = {n for n, p in wparams.items() if p.requires_grad}
     for g in chains:
         c, run = g % plan.num_chains, plan.run_of(g)
         moving = run.moving
         with torch.no_grad():
+            for n, b in wbuffers.items():
+                b.copy_(buffers0[n])
             for n, p in wparams.items():
                 p.copy_(ctx.w_star[n])
                 # no gradient for weights this run does not move: the backward skips their weight grads
