@@ -424,3 +424,38 @@ def test_mean_ablation_reference_with_per_example_positions_and_shortlist_on_hf_
     assert len(rows) == 3 and all("exact" in r for r in rows)
     with pytest.raises(ValueError, match="k=-1 is not valid"):
         shortlist_and_confirm(hf, "z", x, y, metric=metric, k=-1)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z", "attn_out"])
+def test_metrics_of_another_dtype_are_cast_and_undifferentiable_ones_refused_by_atp(site):
+    """A float32 metric on a float64 model, or a bool accuracy, gives the exact grid (equal to the naive loop's,
+    in the metric's dtype); attribution patching refuses a metric without a gradient, naming it."""
+    model, clean, corr, m = small()
+    want = activation_patching(model, site, clean, corr, metric=m).values
+    f32 = activation_patching(model, site, clean, corr, metric=lambda x: m(x).float()).values
+    torch.testing.assert_close(f32.double(), want, rtol=1e-5, atol=1e-5)
+    won = activation_patching(model, site, clean, corr, metric=lambda x: m(x) > 0)
+    naive = activation_patching(model, site, clean, corr, metric=lambda x: m(x) > 0, method="naive")
+    torch.testing.assert_close(won.values, naive.values.to(won.values.dtype), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="metric returned values without a gradient"):
+        attribution_patching(model, clean, corr, metric=lambda x: m(x) > 0, sites=[site])
+
+
+def test_token_dtypes_and_flags_are_checked_naming_the_argument():
+    model, clean, corr, m = small()
+    torch.testing.assert_close(
+        activation_patching(model, "resid_pre", clean.int(), corr.int(), metric=m).values,
+        activation_patching(model, "resid_pre", clean, corr, metric=m).values,
+    )
+    with pytest.raises(TypeError, match="clean_tokens has dtype torch.uint8"):
+        activation_patching(model, "resid_pre", clean.to(torch.uint8), corr, metric=m)
+    with pytest.raises(TypeError, match="clean_tokens has dtype torch.uint8"):
+        attribution_patching(model, clean.to(torch.uint8), corr, metric=m, sites=["z"])
+    with pytest.raises(TypeError, match=r"site=\['z'\] is not valid"):
+        activation_patching(model, ["z"], clean, corr, metric=m)
+    for bad in (None, [["z"]], [1]):
+        with pytest.raises(TypeError, match="sites=.* is not valid"):
+            attribution_patching(model, clean, corr, metric=m, sites=bad)
+    for flag in ("qk_fix", "grad_drop"):
+        with pytest.raises(TypeError, match=f"{flag}='no' is not valid; give True or False"):
+            attribution_patching(model, clean, corr, metric=m, sites=["z"], **{flag: "no"})

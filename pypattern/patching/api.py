@@ -141,7 +141,8 @@ def check_tokens(tokens, argument: str, d_vocab: int | None, shape: tuple | None
     id would otherwise be read from the end of the vocabulary)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos)")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+    if tokens.dtype not in (torch.long, torch.int32):
+        # uint8 would index as a boolean mask, other types are not token ids
         raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
     if tokens.dim() != 2:
         raise ValueError(f"{argument} has shape {tuple(tokens.shape)}; give (batch, pos)")

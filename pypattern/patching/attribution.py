@@ -286,11 +286,17 @@ def attribution_patching(
         raise TypeError(
             f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}{hint}"
         )
-    sites = [sites] if isinstance(sites, str) else list(sites)
+    if isinstance(sites, str):
+        sites = [sites]
+    elif isinstance(sites, list | tuple) and all(isinstance(s, str) for s in sites):
+        sites = list(sites)
+    else:
+        raise TypeError(f"sites={sites!r} is not valid; give a site name or a list of them (e.g. ['z', 'q'])")
     if not sites:
         raise ValueError("sites is empty: give at least one site (e.g. sites=['z'])")
-    if not isinstance(per_position, bool):
-        raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
+    for name, flag in (("per_position", per_position), ("qk_fix", qk_fix), ("grad_drop", grad_drop)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}={flag!r} is not valid; give True or False")
     if grad_drop and model.cfg.n_layers < 2:
         raise ValueError(
             "grad_drop=True needs a model of at least 2 layers: GradDrop averages the estimates with the gradient "
@@ -512,6 +518,12 @@ def _atp(
             bind_metric(metric, clean_logits)
             m_clean = check_metric_output(metric(clean_logits), B).detach()
             m_tgt_full = metric(logits)
+        if not m_tgt_full.requires_grad:
+            raise ValueError(
+                f"metric returned values without a gradient ({m_tgt_full.dtype}: detached, or an accuracy); "
+                "attribution patching differentiates the metric: give a differentiable one, or use "
+                "activation_patching for exact effects"
+            )
         m_tgt = m_tgt_full.detach()
         gnames = sorted(grad_names)
         post = [hook_name("resid_post", layer) for layer in range(L)] if grad_drop else []

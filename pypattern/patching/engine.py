@@ -504,7 +504,8 @@ class ExactEngine:
                 vals = metric_of_rows(self.model, x, self.metric)
                 n = 0
                 for idx, _ in pending:
-                    out[idx] = vals[n : n + len(idx)]
+                    # a metric computed in another dtype (float64 on a float32 model, a bool accuracy) is cast
+                    out[idx] = vals[n : n + len(idx)].to(out.dtype)
                     n += len(idx)
                 pending.clear()
 

@@ -56,6 +56,8 @@ def site_heads(cfg, site: str) -> int:
 def check_site(cfg, site: str, argument: str = "site") -> None:
     """Raise a ValueError when ``site`` does not exist in a model of config ``cfg``: ``resid_mid``/``mlp_out``
     in an attention-only model, ``resid_mid`` with parallel attention and MLP."""
+    if not isinstance(site, str):
+        raise TypeError(f"{argument}={site!r} is not valid; give one site name, one of {list(SITES)}")
     if site not in SITES:
         raise ValueError(f"{argument}={site!r} is not valid; choose one of {list(SITES)}")
     if cfg is None:
