@@ -459,3 +459,17 @@ def test_token_dtypes_and_flags_are_checked_naming_the_argument():
     for flag in ("qk_fix", "grad_drop"):
         with pytest.raises(TypeError, match=f"{flag}='no' is not valid; give True or False"):
             attribution_patching(model, clean, corr, metric=m, sites=["z"], **{flag: "no"})
+
+
+def test_one_metric_position_as_a_numpy_or_0d_tensor_integer():
+    import numpy as np
+
+    model, clean, corr, m = small()
+    want = activation_patching(
+        model, "resid_pre", clean, corr, metric=LogitDiff(m.answer, m.wrong, position=3)
+    )
+    for pos in (np.int64(3), torch.tensor(3)):
+        got = activation_patching(
+            model, "resid_pre", clean, corr, metric=LogitDiff(m.answer, m.wrong, position=pos)
+        )
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)

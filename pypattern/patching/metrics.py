@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -70,6 +71,11 @@ class Metric:
             isinstance(position, torch.Tensor) and position.dtype == torch.bool
         ):
             raise ValueError(f"position={position!r} is not valid; give an int or per-example int positions")
+        # one position given as a numpy integer or a 0-d integer tensor is the int it holds
+        if isinstance(position, np.integer) or (
+            isinstance(position, torch.Tensor) and position.dim() == 0 and not position.is_floating_point()
+        ):
+            position = int(position)
         self.position = position
 
     #: attributes that hold one entry per example (first dimension ``batch``); :meth:`select` indexes them
