@@ -449,7 +449,8 @@ def _parser() -> argparse.ArgumentParser:
         "patch",
         help="activation and attribution patching on the built-in model and task, or on your model",
         description="Train the built-in transformer on an IOI-like task, patch resid_pre and every head "
-        "exactly and with AtP*, and write a heatmap (PNG) and a table (CSV); with --model DIR --data FILE: exact "
+        "exactly and with attribution patching (AtP), and write a heatmap (PNG) and a table (CSV); with --model DIR "
+        "--data FILE: exact "
         "patching grids of your own model (the flags marked 'with --model' apply only then).",
     )
     patch.add_argument(

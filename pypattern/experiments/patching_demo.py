@@ -20,8 +20,8 @@ def run_patch_demo(
     """Train the built-in transformer on the IOI-like task, then patch it.
 
     Runs exact denoising patching of ``resid_pre`` (layer x position) and of every head's output ``z`` (layer x
-    head, all positions) with the symmetric "ABC" corruption and the logit-difference metric, plus AtP* over
-    the same grids, and writes ``patching_heatmap.png`` and ``patching_table.csv`` into ``out_dir``.
+    head, all positions) with the symmetric "ABC" corruption and the logit-difference metric, plus attribution
+    patching (AtP) over the same grids, and writes ``patching_heatmap.png`` and ``patching_table.csv`` into ``out_dir``.
 
     Returns
     -------
@@ -52,9 +52,7 @@ def run_patch_demo(
         heads = activation_patching(model, "z", clean, corr, metric=met, per_position=False)
         t_exact = time.perf_counter() - t1
         t2 = time.perf_counter()
-        atp_r = attribution_patching(model, clean, corr, metric=met, sites=["resid_pre"], qk_fix=True)[
-            "resid_pre"
-        ]
+        atp_r = attribution_patching(model, clean, corr, metric=met, sites=["resid_pre"])["resid_pre"]
         atp_h = attribution_patching(model, clean, corr, metric=met, sites=["z"], per_position=False)["z"]
         t_atp = time.perf_counter() - t2
         rho_r = float(spearmanr(resid.effect.mean(0).flatten(), atp_r.effect.mean(0).flatten())[0])
@@ -96,7 +94,7 @@ def _plot(resid, heads, atp_r, task, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     panels = [
         (resid.mean(), "exact: resid_pre (normalised)", "position", labels),
-        (atp_r.mean(), "AtP*: resid_pre (normalised)", "position", labels),
+        (atp_r.mean(), "AtP: resid_pre (normalised)", "position", labels),
         (heads.mean(), "exact: head outputs z, all positions", "head", None),
     ]
     for ax, (m, title, xlab, xt) in zip(axes, panels):
