@@ -810,6 +810,11 @@ def resample_implementations(
     if not sites:
         raise ValueError("sites is empty: give the (hook name, head or None) components to resample")
     cf = tokens if counterfactual is None else counterfactual
+    if counterfactual is None and tokens.shape[0] < 2:
+        raise ValueError(
+            f"tokens holds {tokens.shape[0]} input: each input is resampled from another one, so give at least 2 "
+            "inputs, or counterfactual inputs to draw from"
+        )
     if cf.shape[1:] != tokens.shape[1:]:
         raise ValueError(
             f"counterfactual inputs must have shape (m, {tuple(tokens.shape[1:])}), got {tuple(cf.shape)}"

@@ -142,6 +142,13 @@ def invert(
         raise ValueError(f"alpha={alpha!r} is not valid; give a finite number >= 0")
     if alpha < 0:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if rcond is not None and (
+        isinstance(rcond, bool | np.bool_)
+        or not isinstance(rcond, int | float | np.number)
+        or not np.isfinite(rcond)
+        or rcond < 0
+    ):
+        raise ValueError(f"rcond={rcond!r} is not valid; give a finite number >= 0 (or None for the default)")
     if method in ("pinv", "ridge") and (min_weight is not None or max_weight is not None):
         raise ValueError(
             f"min_weight/max_weight bound the weights of method='constrained' only; method={method!r} does not "

@@ -640,3 +640,19 @@ def test_interpretive_equivalence_counts_ties_half_and_ridge_is_the_authors_meas
         assert res.own[t, 0] == pytest.approx(ridge_similarity_cv(ra, ia, seed=key), abs=1e-12)
         assert res.own[t, 1] == pytest.approx(ridge_similarity_cv(rb, ib, seed=key), abs=1e-12)
         assert res.other[t, 0] == pytest.approx(ridge_similarity_cv(ra, rb, seed=key), abs=1e-12)
+
+
+def test_resample_implementations_of_one_input_need_counterfactuals():
+    """One input has no other input to draw from: refused, unless counterfactual inputs are given."""
+    from pypattern import InductionTask, Transformer
+    from pypattern.equivalence import resample_implementations
+
+    task = InductionTask(d_vocab=16, seq_len=13)
+    model = Transformer(task.model_config(d_model=16, n_heads=2, seed=0))
+    tokens = task.sample(3, seed=1).tokens
+    with pytest.raises(ValueError, match="tokens holds 1 input.*counterfactual"):
+        resample_implementations(model, tokens[:1], [("blocks.0.attn.hook_z", 1)])
+    sample = resample_implementations(
+        model, tokens[:1], [("blocks.0.attn.hook_z", 1)], counterfactual=tokens[1:]
+    )
+    assert sample(0).shape[0] == 1

@@ -189,6 +189,14 @@ def test_invert_refuses_nan_bounds(arg):
         invert(chi, np.ones(2), method="constrained", **{arg: float("nan")})
 
 
+@pytest.mark.parametrize("rcond", [float("nan"), float("inf"), -1.0, "0.1"])
+def test_invert_refuses_bad_rcond(rcond):
+    chi = np.eye(2, 3)
+    with pytest.raises(ValueError, match="rcond=.* is not valid; give a finite number >= 0"):
+        invert(chi, np.ones(2), rcond=rcond)
+    assert invert(chi, np.ones(2), rcond=1e-12).weights.shape == (3,)
+
+
 def test_constrained_without_penalty_is_the_smallest_change_reaching_the_target():
     """alpha=0: where the minimum-norm weights reaching the target respect the bounds, method='constrained' returns
     them (the same as pinv), not any other exact re-weighting farther from uniform."""
