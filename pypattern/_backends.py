@@ -106,6 +106,12 @@ def backends(op: str = "sgld_step_") -> dict[str, dict[str, object]]:
     """
     out: dict[str, dict[str, object]] = {}
     mod, err = _load_c()
+    if mod is not None:  # a misspelt name would read as "no kernel" for every backend
+        known = sorted(
+            n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pypattern::")
+        )
+        if op not in known:
+            raise ValueError(f"op={op!r} is not an operator of pypattern; valid: {known}")
     if mod is None:
         out["cuda"] = {"available": False, "reason": err}
         out["cpp"] = {"available": False, "reason": err}

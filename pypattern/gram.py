@@ -153,7 +153,6 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         "attn_bias": (False,),
         "attn_out_bias": (False,),
         "mlp_bias": (False,),
-        "unembed_bias": (False,),
         "use_normalization_before_and_after": (True,),
         "pre_norms": (False,),
         "parallel_shared_norm": (True,),
@@ -402,12 +401,25 @@ def per_sample_grad_gram(
     -------
     Tensor ``(B, B)`` float64, or a dict of them.
     """
+    defaults = sites is None and modules is None
     if sites is None:
         sites = default_sites(model, modules)
     params = _check_sites(model, sites)
     sites = [st for st in sites if any(pn in params for pn in st.params if pn is not None)]
     if not sites:
         raise _no_site(model)
+    if defaults:  # the Gram over "the model's parameters" must not leave trainable ones out without a word
+        covered = {id(p) for p in params.values()}
+        left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if left:
+            raise ValueError(
+                f"the default sites (nn.Linear, nn.Embedding and affine nn.LayerNorm modules) leave out "
+                f"{len(left)} trainable parameters ({left[:4]}{' ...' if len(left) > 4 else ''}; e.g. a Hugging "
+                "Face Conv1D or RMSNorm weight), so the Gram would not be over all of them. Name the modules to "
+                "cover (modules=), give sites= (transformer_lens_sites of a converted model: pypattern.from_hf), "
+                "freeze the parameters to leave out (requires_grad_(False)), or use "
+                "per_sample_grad_gram_reference with sites covering them"
+            )
     for st in sites:
         for pn in st.params:
             if pn is not None and pn in params and params[pn].dtype not in (torch.float32, torch.float64):

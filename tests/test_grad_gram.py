@@ -391,3 +391,78 @@ def test_float32_products_that_overflow_are_an_error_not_nan():
     assert torch.isfinite(want).all()
     with pytest.raises(FloatingPointError, match="products overflow"):
         grad_gram_pairwise(x, y, batch=2, backend="cpp")
+
+
+def _naive_gram(model, loss_fn, x):
+    """Per-sample gradients over every trainable parameter, one backward per sample, and their Gram."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        gs = torch.autograd.grad(loss_fn(model, x[i : i + 1]).sum(), ps, allow_unused=True)
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, ps)])
+        )
+    r = torch.stack(rows).double()
+    return r @ r.T
+
+
+def test_default_sites_that_leave_out_trainable_weights_are_refused_and_converted_models_are_covered():
+    """Hugging Face models hold weights the default sites do not know (Conv1D, RMSNorm): the Gram over them is
+    refused naming those parameters, not computed over the rest. A converted GPT-NeoX (no unembedding bias,
+    untied) is covered whole by transformer_lens_sites, equal to one backward per sample."""
+    transformers = pytest.importorskip("transformers")
+    from pypattern.gram import transformer_lens_sites
+
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    ).double()  # fmt: skip
+    x = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(0))
+
+    def hf_loss(model, t):
+        logits = model(t).logits[:, :-1]
+        return (
+            F.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="none")
+            .view(len(t), -1)
+            .sum(1)
+        )
+
+    with pytest.raises(ValueError, match=r"leave out 3 trainable parameters.*input_layernorm.weight"):
+        per_sample_grad_gram(llama, hf_loss, x)
+    for p in llama.parameters():
+        p.requires_grad_(isinstance(p, nn.Parameter) and p.dim() == 2)  # the norms frozen: covered as asked
+    torch.testing.assert_close(per_sample_grad_gram(llama, hf_loss, x), _naive_gram(llama, hf_loss, x))
+    torch.manual_seed(0)
+    neox = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=16, rotary_pct=0.5)
+    ).eval()  # fmt: skip
+    model = pypattern.from_hf(neox).double()
+    assert model.cfg.unembed_bias is False
+
+    def lf(m, t):
+        return m(t, return_type="per_token_loss").sum(-1)
+
+    g = per_sample_grad_gram(model, lf, x, sites=transformer_lens_sites(model))
+    torch.testing.assert_close(g, _naive_gram(model, lf, x), rtol=1e-12, atol=1e-12)
+
+
+def test_gram_ops_and_accumulator_state_refuse_what_they_cannot_hold():
+    from pypattern.ops.covariance import CrossCovariance
+    from pypattern.ops.grad_gram import center_gram, grad_gram_dense, grad_gram_embedding
+
+    with pytest.raises(TypeError, match="floating-point"):
+        grad_gram_dense(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="square"):
+        center_gram(torch.ones(3, 4))
+    with pytest.raises(TypeError, match="ids must be an integer tensor"):
+        grad_gram_embedding(torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 3, 4))
+    acc = CrossCovariance(2, 3)
+    acc.update(torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    state = acc.state_dict()
+    before = acc.cov().clone()
+    with pytest.raises(ValueError, match="count"):
+        acc.load_state_dict({**state, "count": -5})
+    torch.testing.assert_close(acc.cov(), before)
+    with pytest.raises(ValueError, match="op='covariance' is not an operator of pypattern"):
+        pypattern.backends("covariance")

@@ -296,6 +296,10 @@ class CrossCovariance:
         missing = [key for key in (*self._tensors(), "count") if key not in state]
         if missing:
             raise ValueError(f"state lacks {missing}: give a dict saved by CrossCovariance.state_dict()")
+        count = state["count"]
+        count = int(count.item()) if isinstance(count, torch.Tensor) else int(count)
+        if count < 0:  # checked before anything is copied: a refused state leaves the accumulator as it was
+            raise ValueError(f"state['count'] is {count}; a count of updates is an int >= 0")
         for key, t in self._tensors().items():
             v = state[key]
             if not isinstance(v, torch.Tensor):
@@ -304,7 +308,7 @@ class CrossCovariance:
                 raise ValueError(f"state[{key!r}] has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
             t.copy_(v.to(device=self.device, dtype=torch.float64))
         self._nbuf = 0
-        self._count = int(state["count"])
+        self._count = count
         return self
 
     def __repr__(self) -> str:

@@ -120,6 +120,8 @@ def grad_gram_dense(g: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(g, torch.Tensor) or g.dim() != 2:
         raise ValueError(f"g must be a 2-D tensor (B, P), got {getattr(g, 'shape', g)}")
+    if not g.is_floating_point():  # integer products would wrap around
+        raise TypeError(f"g must be a floating-point tensor, got {g.dtype}")
     out = torch.zeros(g.shape[0], g.shape[0], dtype=torch.float64, device=g.device)
     _sym_gram_add_(out, g)
     return out
@@ -237,7 +239,13 @@ def grad_gram_embedding(
     -------
     Tensor, shape ``(B, B)``, float64.
     """
-    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() < 1:
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.dtype.is_floating_point
+        or ids.dtype.is_complex
+        or ids.dtype == torch.bool
+        or ids.dim() < 1
+    ):
         raise TypeError(f"ids must be an integer tensor of shape (B, ...), got {getattr(ids, 'dtype', ids)}")
     if method not in ("auto", "pairwise", "outer"):
         raise ValueError(f"method must be 'auto', 'pairwise' or 'outer', got {method!r}")
@@ -292,4 +300,6 @@ def grad_gram_embedding(
 
 def center_gram(g: torch.Tensor) -> torch.Tensor:
     """``H G H`` with ``H = I - 11^T / B``: the Gram of the centred per-sample gradients, ``(B, B)``."""
+    if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"g must be a square Gram matrix (B, B), got {tuple(getattr(g, 'shape', ()))}")
     return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
