@@ -894,3 +894,17 @@ def test_v2_dropout_model_data_order_numpy_numbers_and_v1_init_loss():
             num_draws=5, optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0), init_loss=0.7,
         )  # fmt: skip
     assert est.init_loss == 0.7 and np.isfinite(out["llc/mean"])
+
+
+def test_v1_summary_hands_its_init_loss_to_estimator_callbacks():
+    """As devinterp 1.x's sample() does: an LLCEstimator or OnlineLLCEstimator among the callbacks gets the run's
+    L_n(w*) (a placeholder init_loss, even None, is replaced), so its keys, merged last, agree with the run's."""
+    from pypattern.devinterp.slt.llc import OnlineLLCEstimator
+
+    model, loader = _mlp(), _mlp_loader()
+    plain = _v1(model, loader, evaluate=_ce, online=True)
+    for placeholder in (0.0, None):
+        est = OnlineLLCEstimator(2, 12, init_loss=placeholder, nbeta=10.0)
+        out = _v1(model, loader, evaluate=_ce, online=True, callbacks=[est])
+        assert out["init_loss"] == pytest.approx(plain["init_loss"], rel=1e-12)
+        np.testing.assert_allclose(out["llc/means"], plain["llc/means"], rtol=1e-5, atol=1e-6)

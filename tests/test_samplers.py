@@ -1020,3 +1020,15 @@ def test_truth_sample_rmsprop_sgld_gaussian():
     assert np.ptp(g) > 0.1 * g.mean()  # a preconditioner that is not a multiple of the identity
     z_exact = _assert_matches(means, second, mu, torch.from_numpy(s), torch.linalg.inv(h))
     assert z_exact > 4  # the discretisation bias is resolved
+
+
+def test_sgnht_positional_arguments_are_devinterps():
+    """devinterp's SGNHT(params, lr, diffusion_factor, bounding_box_size): the same positions mean the same."""
+    from pypattern.sampling import SGNHT
+
+    w = [torch.nn.Parameter(torch.zeros(3))]
+    opt = SGNHT(w, 1e-4, 0.05, 2.0)
+    g = opt.param_groups[0]
+    assert (g["step_size"], g["diffusion_factor"], g["bounding_box"], g["nbeta"]) == (1e-4, 0.05, 2.0, 1.0)
+    with pytest.raises(TypeError):
+        SGNHT(w, 1e-4, 0.05, 2.0, 10.0)  # nbeta is keyword-only

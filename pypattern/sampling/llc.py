@@ -484,8 +484,9 @@ def estimate_learning_coeff_with_summary(
         inner = getattr(cb, "inner", cb)
         if not isinstance(inner, LLCEstimator):
             continue
-        if wrapped:  # devinterp 1.x's sample() gives its L_n(w*) (given or computed) to its LLC estimators
-            inner.init_loss = float(res.init_loss)
+        # devinterp 1.x's sample(), which its estimate_learning_coeff_with_summary calls too, gives its L_n(w*)
+        # (given or computed) to every LLC estimator among the callbacks
+        inner.init_loss = float(res.init_loss)
         # a resumed run hands callbacks only the draws it takes itself: the library's own estimators get the
         # checkpoint's draws from the run's trace
         if inner.eval_field == "loss" and inner.losses.shape == trace.shape:

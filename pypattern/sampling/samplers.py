@@ -363,19 +363,22 @@ class SGNHT(_FusedSampler):
         and its momentum reversed.
     restrict_to, masks, seed, backend
         As in :class:`pypattern.sampling.SGLD`.
+
+    Positional arguments after ``params`` are devinterp's: ``(lr, diffusion_factor, bounding_box_size)``; the
+    rest are keyword-only.
     """
 
     def __init__(
         self,
         params: Iterable,
         step_size: float | None = None,
+        diffusion_factor: float = 0.01,
+        bounding_box: float | None = None,
+        *,
         nbeta: float | None = None,
         localization: float = 0.0,
         weight_decay: float = 0.0,
-        diffusion_factor: float = 0.01,
         noise_scale: float | None = None,
-        bounding_box: float | None = None,
-        *,
         lr: float | None = None,
         noise_level: float | None = None,
         bounding_box_size: float | None = None,
