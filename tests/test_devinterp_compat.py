@@ -908,3 +908,24 @@ def test_v1_summary_hands_its_init_loss_to_estimator_callbacks():
         out = _v1(model, loader, evaluate=_ce, online=True, callbacks=[est])
         assert out["init_loss"] == pytest.approx(plain["init_loss"], rel=1e-12)
         np.testing.assert_allclose(out["llc/means"], plain["llc/means"], rtol=1e-5, atol=1e-6)
+
+
+def test_v2_datasets_of_items_holding_input_ids():
+    """A torch Dataset or a list whose items are {"input_ids": ...} (devinterp 2.0.1 reads both) gives the same
+    run as the token tensor."""
+    model, ids = _transformer(), _tokens()
+    kw = dict(lr=1e-3, n_beta=5.0, localization=50.0, num_init_loss_batches=2, **SET2)
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i]}
+
+    want = di.sample(model, ids, {}, **kw)
+    for data in (Items(), [{"input_ids": r} for r in ids]):
+        got = di.sample(model, data, {}, **kw)
+        np.testing.assert_array_equal(got.init_loss.values, want.init_loss.values)
+    with pytest.raises(TypeError, match="items holding 'input_ids'"):
+        di.sample(model, [{"tokens": r} for r in ids], {}, **kw)

@@ -168,18 +168,35 @@ class DevinterpResult(dict):
 # ------------------------------------------------------------------------------------------------ data and losses
 
 
+def _item_column(dataset):
+    """The ``input_ids`` of a sized dataset whose items are mappings holding them (a torch ``Dataset`` or a list
+    of ``{"input_ids": ...}``), as devinterp reads them; None for anything else."""
+    try:
+        n = len(dataset)
+        first = dataset[0] if n else None
+    except (TypeError, KeyError, IndexError, AttributeError):
+        return None
+    if not isinstance(first, Mapping) or "input_ids" not in first:
+        return None
+    return [dataset[i]["input_ids"] for i in range(n)]
+
+
 def _input_ids(dataset, what: str = "dataset") -> torch.Tensor:
-    """The token tensor ``(num_sequences, seq_len)`` of a dataset with an ``"input_ids"`` column."""
+    """The token tensor ``(num_sequences, seq_len)`` of a dataset with an ``"input_ids"`` column, or whose items
+    hold ``"input_ids"``."""
     if isinstance(dataset, torch.Tensor):
         ids = dataset
     else:
         try:
             col = dataset["input_ids"]
         except (KeyError, TypeError, IndexError):
+            col = _item_column(dataset)
+        if col is None:
             raise TypeError(
-                f"{what} must have an 'input_ids' column (a Hugging Face Dataset or a dict) or be a token tensor "
-                f"(num_sequences, seq_len); got {type(dataset).__name__}"
-            ) from None
+                f"{what} must have an 'input_ids' column (a Hugging Face Dataset or a dict), items holding "
+                f"'input_ids' (a torch Dataset or a list of dicts) or be a token tensor (num_sequences, seq_len); "
+                f"got {type(dataset).__name__}"
+            )
         if isinstance(col, torch.Tensor):
             ids = col
         else:
