@@ -426,3 +426,12 @@ def test_metrics_of_other_dtypes_nan_values_and_no_gradient():
         patch_edges(model, sets[0], clean.tolist(), corr, metric=ld)
     with pytest.raises(TypeError, match=r"clean is a dict.*input_ids"):
         edge_attribution(model, {"input_ids": clean}, corr, metric=ld)
+
+
+def test_edges_refuse_a_seq_len_without_positions(setup):
+    model = setup[0]
+    assert len(edges(model, per_position=True, seq_len=3)) == 3 * len(edges(model))
+    with pytest.raises(ValueError, match="seq_len=5 counts the positions of per-position edges"):
+        edges(model, seq_len=5)
+    with pytest.raises(TypeError, match="per_position='yes' is not valid"):
+        edges(model, per_position="yes")

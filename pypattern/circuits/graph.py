@@ -324,6 +324,8 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
     model : Transformer
     per_position : bool
         One edge per position (``seq_len`` of them; default the model's ``n_ctx``).
+    seq_len : int, optional
+        The positions of per-position edges (only with ``per_position=True``).
 
     Returns
     -------
@@ -336,5 +338,12 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
     >>> len(edges(Transformer(TransformerConfig(n_layers=2, n_heads=4, d_model=16, d_mlp=32))))
     110
     """
+    if not isinstance(per_position, bool):
+        raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
+    if seq_len is not None and not per_position:
+        raise ValueError(
+            f"seq_len={seq_len!r} counts the positions of per-position edges; with per_position=False the edges "
+            "have no position: give per_position=True, or leave seq_len out"
+        )
     model = converted_if_convertible(model)
     return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len)
