@@ -298,7 +298,7 @@ def test_metrics_that_do_not_map_runs_to_runs_are_refused_by_the_exact_engine():
     ans = torch.tensor([1, 2, 3, 4])
     first_axis = lambda lg: lg[torch.arange(4), ans]  # noqa: E731 - (batch, vocab) only
     coupled = lambda lg: lg[..., 1] - lg[..., 1].mean()  # noqa: E731 - a mean over every run
-    with pytest.raises(ValueError, match=r"metric fails on a stack of runs \(2, 4, vocab\)"):
+    with pytest.raises(ValueError, match=r"metric fails on a stack of runs \(3, 4, vocab\)"):
         activation_patching(model, "z", clean, corr, metric=first_axis)
     with pytest.raises(ValueError, match=r"couples the runs"):
         activation_patching(model, "z", clean, corr, metric=coupled)
@@ -473,3 +473,26 @@ def test_one_metric_position_as_a_numpy_or_0d_tensor_integer():
             model, "resid_pre", clean, corr, metric=LogitDiff(m.answer, m.wrong, position=pos)
         )
         torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
+
+
+def test_metric_coupling_the_examples_is_refused_everywhere():
+    """A metric that subtracts the batch mean computes no example from its own logits: the gradient methods (AtP,
+    EAP), which differentiate the sum over examples, refuse it (EAP returned zero scores); exact patching reads
+    whole runs and keeps it, equal to the naive loop."""
+    from pypattern.circuits import edge_attribution, patch_edges
+
+    model, clean, corr, m = small()
+
+    def centred(x):
+        v = m(x)
+        return v - v.mean(-1, keepdim=True)
+
+    with pytest.raises(ValueError, match="couples the examples"):
+        attribution_patching(model, clean, corr, metric=centred, sites=["z"])
+    for mode in ("noise", "denoise"):
+        with pytest.raises(ValueError, match="couples the examples"):
+            edge_attribution(model, clean, corr, metric=centred, method="eap", mode=mode)
+    exact = activation_patching(model, "resid_pre", clean, corr, metric=centred)
+    naive = activation_patching(model, "resid_pre", clean, corr, metric=centred, method="naive")
+    torch.testing.assert_close(exact.values, naive.values)
+    patch_edges(model, [], clean, corr, metric=centred)

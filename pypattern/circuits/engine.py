@@ -120,6 +120,7 @@ class EdgeEngine:
         self.src_embed = source[0] if isinstance(source, torch.Tensor) else src_embed  # the embedding's A
         self.base, self.D = None, None
         self.bound = True  # the metric has been bound to the clean logits (prepare_runs says when not yet)
+        self._examples_checked = False  # the gradient methods' check that the metric reads each example alone
         if base is not None:
             self._set_base(base)
         self.uniform = isinstance(pos, int)
@@ -669,6 +670,14 @@ class EdgeEngine:
                             # the runs below read the metric on stacks of logits: it must give each run's values
                             check_metric_on_stacks(self.metric, base_logits, on_base)
                             self.bound = True
+                    if not self._examples_checked:
+                        # the backward differentiates the sum over examples: each must be computed from its own
+                        # logits (a metric centred over the batch would give every edge a zero score)
+                        first = logits.reshape(-1, self.B, logits.shape[-1])[0].detach()
+                        check_metric_on_stacks(
+                            self.metric, first, self.metric(first).detach(), per_example=True
+                        )
+                        self._examples_checked = True
                     val = self.metric(logits)
                     break
                 layer = s // 2

@@ -32,7 +32,14 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .engine import ExactEngine, truncate_cache
-from .metrics import Metric, bind_metric, check_metric_output, logits_at, metric_positions
+from .metrics import (
+    Metric,
+    bind_metric,
+    check_metric_on_stacks,
+    check_metric_output,
+    logits_at,
+    metric_positions,
+)
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_heads
 
@@ -517,6 +524,8 @@ def _atp(
             clean_logits = src_logits if direction == "denoising" else logits.detach()
             bind_metric(metric, clean_logits)
             m_clean = check_metric_output(metric(clean_logits), B).detach()
+            # a metric coupling the examples (or the runs) would hand the backward the gradient of its sum
+            check_metric_on_stacks(metric, clean_logits.detach(), m_clean, per_example=True)
             m_tgt_full = metric(logits)
         if not m_tgt_full.requires_grad:
             raise ValueError(

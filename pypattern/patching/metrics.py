@@ -247,24 +247,32 @@ def check_metric_output(values, batch: int) -> torch.Tensor:
     return values
 
 
-def check_metric_on_stacks(metric, clean_logits: torch.Tensor, values: torch.Tensor) -> None:
+def check_metric_on_stacks(
+    metric, clean_logits: torch.Tensor, values: torch.Tensor, *, per_example: bool = False
+) -> None:
     """The exact engines call the metric on stacks of runs ``(cells, batch, vocab)``: check, on the clean logits
-    ``(batch, vocab)`` stacked with another run (the examples reversed, the vocabulary shifted), that it returns ``(2, batch)`` and
-    that each run's values are its own (``values``: the metric of the clean logits alone), not coupled across the
-    stack (a mean over every axis, say)."""
+    ``(batch, vocab)`` stacked with another run (the examples reversed, the vocabulary shifted) and with the clean
+    run with example 0's logits changed, that it returns ``(3, batch)``, that each run's values are its own
+    (``values``: the metric of the clean logits alone), not coupled across the stack (a mean over every axis, say),
+    and, with ``per_example`` (the gradient methods, which differentiate the sum over examples), that each
+    example's value is its own (a change of example 0 leaves the others alone). Exact patching reads whole runs:
+    a metric relating a run's examples (centred over the batch, say) is allowed there."""
     B = clean_logits.shape[0]
     other = torch.roll(clean_logits.flip(0), 1, -1)  # another run: other values in every example
+    # a third run: the clean logits with example 0's changed, which must leave every other example's value alone
+    one = clean_logits.clone()
+    one[0] = torch.roll(one[0], 1, -1)
     try:
-        stacked = metric(torch.stack([clean_logits, other]))
+        stacked = metric(torch.stack([clean_logits, other, one]))
     except Exception as e:
         raise ValueError(
-            f"metric fails on a stack of runs (2, {B}, vocab) ({type(e).__name__}: {e}); it must map logits "
+            f"metric fails on a stack of runs (3, {B}, vocab) ({type(e).__name__}: {e}); it must map logits "
             f"(..., batch, vocab) to (..., batch): index the last two axes (logits[..., i, token]), not the first"
         ) from e
-    if not isinstance(stacked, torch.Tensor) or tuple(stacked.shape) != (2, B):
+    if not isinstance(stacked, torch.Tensor) or tuple(stacked.shape) != (3, B):
         got = tuple(stacked.shape) if isinstance(stacked, torch.Tensor) else type(stacked).__name__
         raise ValueError(
-            f"metric returned {got} on a stack of runs (2, {B}, vocab); it must map logits (..., batch, vocab) to "
+            f"metric returned {got} on a stack of runs (3, {B}, vocab); it must map logits (..., batch, vocab) to "
             f"(..., batch)"
         )
     a, b = stacked[0].detach().double(), values.detach().double()
@@ -274,6 +282,17 @@ def check_metric_on_stacks(metric, clean_logits: torch.Tensor, values: torch.Ten
         raise ValueError(
             "metric gives other values for the same logits when they are stacked with another run's (it couples "
             "the runs, e.g. a mean over every axis); it must compute each run and example from its own logits"
+        )
+    c = stacked[2, 1:].detach().double()
+    if (
+        per_example
+        and B > 1
+        and not torch.allclose(c, b[1:], rtol=1e-4, atol=1e-6 * (1.0 + scale), equal_nan=True)
+    ):
+        raise ValueError(
+            "metric gives other values for an example when another example's logits change (it couples the "
+            "examples, e.g. subtracts the batch mean); it must compute each example from its own logits (a "
+            "gradient method would see the coupling's sum, not the examples)"
         )
 
 
