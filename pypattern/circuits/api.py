@@ -52,6 +52,14 @@ def _seq_len(clean) -> int:
     return clean.shape[-1]
 
 
+def _circuit_mask(edges, graph: EdgeGraph | None):
+    """A found :class:`Circuit` (acdc, ``EdgeScores.circuit``) as its mask on its graph (``graph`` when given);
+    any other ``edges`` unchanged."""
+    if isinstance(edges, Circuit):
+        return edges.mask, edges.graph if graph is None else graph
+    return edges, graph
+
+
 def _as_masks(graph: EdgeGraph, edges) -> tuple[torch.Tensor, bool]:
     """``edges`` -> boolean masks ``(C, num_edges)`` and whether a single set was given (one edge or edge name
     is a set of one)."""
@@ -156,9 +164,7 @@ def patch_edges(
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets.
     """
     model = converted_if_convertible(model)
-    if isinstance(edges, Circuit):  # a found circuit (acdc, EdgeScores.circuit): its mask on its graph
-        graph = edges.graph if graph is None else graph
-        edges = edges.mask
+    edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
     T = _seq_len(clean)
     if graph is None:
@@ -410,9 +416,7 @@ def faithfulness(
     float for one circuit, Tensor ``(C,)`` for a batch (same forms of ``edges`` as :func:`patch_edges`).
     """
     model = converted_if_convertible(model)
-    if isinstance(edges, Circuit):  # a found circuit (acdc, EdgeScores.circuit): its mask on its graph
-        graph = edges.graph if graph is None else graph
-        edges = edges.mask
+    edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
     T = _seq_len(clean)
     if graph is None:

@@ -667,9 +667,10 @@ class EdgeEngine:
                         if not self.bound:
                             bind_metric(self.metric, base_logits)
                             on_base = check_metric_output(self.metric(base_logits), self.B).detach()
-                            # the runs below read the metric on stacks of logits: it must give each run's values
-                            check_metric_on_stacks(self.metric, base_logits, on_base)
-                            self.bound = True
+                            # the runs below read the metric on stacks of logits: it must give each run's values,
+                            # and the backward differentiates the sum over examples: each example's own
+                            check_metric_on_stacks(self.metric, base_logits, on_base, per_example=True)
+                            self.bound = self._examples_checked = True
                     if not self._examples_checked:
                         # the backward differentiates the sum over examples: each must be computed from its own
                         # logits (a metric centred over the batch would give every edge a zero score)

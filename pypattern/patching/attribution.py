@@ -573,14 +573,14 @@ def _atp(
             # GradDrop's passes hand the same gradient tensor to the layers they leave alone (and one zero
             # tensor to the dropped layer): a score is computed once per gradient tensor
             done: dict[int, torch.Tensor] = {}
+            fixes = qk_fix and site in ("q", "k")
+            pn = hook_name("pattern", layer)  # the QK fix reads the gradient at the pattern
             for k, grads in enumerate(grads_per_pass):
-                fixes = qk_fix and site in ("q", "k")
-                g = grads[hook_name("pattern", layer) if fixes else n]
+                g = grads[pn if fixes else n]
                 if id(g) in done:
                     by_pass[k].append(done[id(g)])
                     continue
                 if fixes:
-                    pn = hook_name("pattern", layer)
                     qn, kn = _scored("q", layer, cfg), _scored("k", layer, cfg)
                     est = _qk_fixed(
                         site,
@@ -590,7 +590,7 @@ def _atp(
                         src_cache[qn],
                         src_cache[kn],
                         tgt_cache[pn],
-                        grads[pn],
+                        g,
                         per_position,
                         cache=fixed,
                     )

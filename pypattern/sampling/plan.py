@@ -269,8 +269,6 @@ def make_plan(
     num_burnin_steps = _int_at_least("num_burnin_steps", num_burnin_steps, 0)
     num_steps_bw_draws = _int_at_least("num_steps_bw_draws", num_steps_bw_draws, 1)
     checkpoint_every = _int_at_least("checkpoint_every", checkpoint_every, 1)
-    if checkpoint is not None:
-        check_checkpoint_file(checkpoint)
     cores = _int_at_least("cores", cores, 1)
     grad_accum_steps = _int_at_least("grad_accum_steps", grad_accum_steps, 1)
     if num_init_loss_batches is not None:
@@ -413,7 +411,7 @@ def check_checkpoint_file(checkpoint) -> None:
             f"checkpoint={path!r} is a folder; give a file path such as {os.path.join(path, 'run.npz')!r}"
         )
     parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
-    if parent and not os.path.isdir(parent):
+    while not os.path.exists(parent):  # the nearest existing ancestor (the root always exists)
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
         raise ValueError(f"checkpoint={path!r} lies under {parent!r}, which is a file, not a folder")
