@@ -62,6 +62,7 @@ from torch import nn
 
 from ..ops.activations import SQRT_2_OVER_PI, gelu_tanh_unchecked
 from .hooks import HookedRootModule, HookPoint
+from .packed import PackedWeights
 
 __all__ = [
     "TransformerConfig",
@@ -964,11 +965,21 @@ def _functorch_wrapped(*ts: torch.Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
 
 
+#: the packed weights of the innermost :meth:`Transformer.fixed_weights` block, or None outside one
+_PACKS: list[PackedWeights | None] = [None]
+
+
 def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x (..., n) @ W (n, m) (+ b (m,))``: with a bias, the product over the rows of ``x`` and the bias added in
     place (one ``mm`` and one pass over its output; ``addmm`` with a vector bias first writes the bias into a
     fresh output, and on CPU its large outputs were measured to fault their pages in anew on every call); under a
-    ``torch.func`` transform, ``addmm``."""
+    ``torch.func`` transform, ``addmm``. Inside :meth:`Transformer.fixed_weights`, float32 CPU products go through
+    the weight packed once for oneDNN's matmul where that was measured faster (:mod:`pypattern.models.packed`)."""
+    packs = _PACKS[0]
+    if packs is not None and packs.applies(x, W, b):
+        out = packs.affine(x, W, b)
+        if out is not None:
+            return out
     if b is None:
         return x @ W
     if x.dim() < 2 or b.dim() != 1 or W.dim() != 2:
@@ -1552,9 +1563,13 @@ class Transformer(HookedRootModule):
         outer = [a.__dict__.get("_layouts") for a in attns]
         for a, o in zip(attns, outer):
             a._layouts = {} if o is None else o  # a nested block shares the outer one's layouts
+        outer_packs = _PACKS[0]
+        if outer_packs is None:
+            _PACKS[0] = PackedWeights()
         try:
             yield self
         finally:
+            _PACKS[0] = outer_packs
             for a, o in zip(attns, outer):
                 if o is None:
                     a.__dict__.pop("_layouts", None)

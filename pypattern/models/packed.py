@@ -1,0 +1,174 @@
+"""Matmuls against weights held fixed, through oneDNN's pre-packed weights on the CPU.
+
+Inside :meth:`Transformer.fixed_weights <pypattern.models.Transformer.fixed_weights>` the caller promises not to
+change the model's weights, so each weight can be laid out once in the blocked format of oneDNN's matmul kernels
+(``torch.ops.mkldnn._reorder_linear_weight``) and every later product against it skips the operand packing that a
+BLAS ``sgemm`` repeats on each call. Whether that is faster than the BLAS ``mm`` depends on the CPU and its BLAS (on
+AMD CPUs MKL does not use its fastest kernels; oneDNN picks its kernel by instruction set), so the choice is made
+once per process by timing both on one product (:func:`packed_gemm_enabled`); ``PYPATTERN_GEMM=onednn`` or
+``PYPATTERN_GEMM=blas`` fixes it.
+
+The packed path applies to float32 CPU tensors only, with no gradient flowing into the weight or bias; a gradient
+flowing into the input is taken through a second packed copy of the weight (its transpose), so attribution
+patching's backward uses the same kernels. Everything else (float64, GPUs, ``torch.func`` transforms, weights that
+take gradients) goes through ``torch.mm``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["PackedWeights", "packed_gemm_enabled"]
+
+_CHOICE: bool | None = None
+
+
+def _ops_present() -> bool:
+    ops = getattr(torch.ops, "mkldnn", None)
+    return (
+        torch.backends.mkldnn.is_available()
+        and ops is not None
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops, "_reorder_linear_weight")
+    )
+
+
+def _time_best(f, reps: int = 3, rounds: int = 5) -> float:
+    f()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _calibrate() -> bool:
+    """Whether oneDNN's packed matmul beats ``torch.mm`` by at least 5% on a ``(256, 768) @ (768, 3072)`` product
+    (the two timed in turn, the fastest of five rounds each)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 768, generator=gen)
+    W = torch.randn(768, 3072, generator=gen)
+    packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous())
+    blas = _time_best(lambda: torch.mm(a, W))
+    onednn = _time_best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    return onednn < 0.95 * blas
+
+
+def packed_gemm_enabled() -> bool:
+    """Whether products against fixed weights go through oneDNN's packed matmul in this process: ``PYPATTERN_GEMM``
+    (``onednn`` or ``blas``) if set, else the faster of the two on this CPU, timed once per process."""
+    global _CHOICE
+    if _CHOICE is None:
+        want = os.environ.get("PYPATTERN_GEMM", "auto").strip().lower()
+        if want not in ("auto", "onednn", "blas"):
+            raise ValueError(f"PYPATTERN_GEMM={want!r} is not valid; give 'auto', 'onednn' or 'blas'")
+        if want == "blas" or not _ops_present():
+            _CHOICE = False
+        elif want == "onednn":
+            _CHOICE = True
+        else:
+            with torch.no_grad():
+                _CHOICE = _calibrate()
+    return _CHOICE
+
+
+class _PackedLinear(torch.autograd.Function):
+    """``x @ W (+ b)`` with ``W`` packed; the input's gradient ``dy @ W^T`` through the packed transpose. No
+    gradient for ``W`` or ``b`` (the caller checks that none is asked for)."""
+
+    @staticmethod
+    def forward(ctx, x, b, cache, W, packed):  # noqa: D401 - autograd signature
+        ctx.cache, ctx.W = cache, W
+        return cache.product(x, packed, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        W = ctx.W
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        packed = ctx.cache.packed(W, dy2.shape[0], transpose=True)
+        if packed is None:
+            dx = (dy2 @ W.t()).view(*dy.shape[:-1], W.shape[0])
+        else:
+            dx = ctx.cache.product(dy, packed, None)
+        return dx, None, None, None, None
+
+
+class PackedWeights:
+    """Packed copies of the weights met while the model's weights are held fixed: ``W (n, m)`` packed for
+    ``x @ W`` (and its transpose for gradients into ``x``), keyed by storage, shape and strides, and checked
+    against the weight's version counter on every use (a weight changed in place is packed anew).
+
+    A weight is packed only once it has been multiplied by :attr:`PACK_AFTER_ROWS` rows in the block: a pack
+    costs about a 100-row product and saves 10-20% of each later one, so a weight used for a few hundred rows
+    (attribution patching's two runs and one backward) stays with ``torch.mm``."""
+
+    PACK_AFTER_ROWS = 1024
+
+    def __init__(self) -> None:
+        self._packs: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict[tuple, int] = {}
+
+    @staticmethod
+    def applies(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> bool:
+        """Whether ``affine(x, W, b)`` may take the packed path: float32 CPU operands, a 2-d weight, a 1-d bias or
+        none, no gradient into ``W``/``b``, no ``torch.func`` wrapper, and the packed path chosen for this
+        process."""
+        if W.dim() != 2 or x.dim() < 1 or x.device.type != "cpu" or W.device.type != "cpu":
+            return False
+        if x.dtype != torch.float32 or W.dtype != torch.float32:
+            return False
+        if b is not None and (b.dim() != 1 or b.dtype != torch.float32 or b.device.type != "cpu"):
+            return False
+        if torch.is_grad_enabled() and (W.requires_grad or (b is not None and b.requires_grad)):
+            return False
+        if x.shape[-1] != W.shape[0] or x.numel() == 0 or W.numel() == 0:
+            return False
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if wrapped(x) or wrapped(W) or (b is not None and wrapped(b)):
+            return False
+        return packed_gemm_enabled()
+
+    def packed(self, W: torch.Tensor, rows: int, transpose: bool = False) -> torch.Tensor | None:
+        """``W`` packed (as ``W^T`` for ``x @ W``, as ``W`` itself with ``transpose`` for ``dy @ W^T``), or None
+        while fewer than :attr:`PACK_AFTER_ROWS` rows, these ``rows`` included, have been multiplied by it."""
+        key = (W.data_ptr(), tuple(W.shape), tuple(W.stride()), transpose)
+        hit = self._packs.get(key)
+        if hit is not None and hit[0] == W._version:
+            return hit[1]
+        seen = self._rows.get(key, 0) + rows
+        self._rows[key] = seen
+        if seen < self.PACK_AFTER_ROWS:
+            return None
+        with torch.no_grad():
+            w = W.detach()
+            # oneDNN's linear takes the weight as (out, in): W^T for x @ W, W itself for dy @ W^T
+            packed = torch.ops.mkldnn._reorder_linear_weight((w if transpose else w.t()).contiguous())
+        # the entry holds W, so its storage (and data_ptr) cannot be reused by another tensor while cached
+        self._packs[key] = (W._version, packed, W)
+        return packed
+
+    @staticmethod
+    def product(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``x (..., n)`` times the packed weight (plus ``b``)."""
+        # oneDNN reads its operands as dense row-major buffers: strided views are copied first
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        b = None if b is None else b.detach().contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def affine(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
+        """``x (..., n) @ W (n, m) (+ b (m,))`` through the packed weight (call only where :meth:`applies`), or
+        None while ``W`` is not packed yet (the caller then multiplies with ``torch.mm``)."""
+        packed = self.packed(W, x.numel() // x.shape[-1])
+        if packed is None:
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedLinear.apply(x, b, self, W, packed)
+        return self.product(x, packed, b)

@@ -1,0 +1,192 @@
+"""Products against fixed weights through oneDNN's packed matmul (pypattern.models.packed): equal to torch.mm on
+every input the model's affine maps meet, gradients into the input included, and the patching grids built on
+them equal to their naive loops with the packed path forced on and off."""
+
+import pytest
+import torch
+
+import pypattern.models.packed as pk
+from pypattern.models import Transformer, TransformerConfig
+from pypattern.patching import LogitDiff, activation_patching
+from pypattern.patching.attribution import attribution_patching
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+needs_ops = pytest.mark.skipif(not pk._ops_present(), reason="this torch has no oneDNN linear ops")
+
+
+@pytest.fixture
+def packed_on(monkeypatch):
+    """The packed path chosen for this process, and every weight packed from its first use."""
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+
+
+def _inputs(shape, n, m, gen):
+    return (
+        torch.randn(*shape, n, generator=gen),
+        torch.randn(n, m, generator=gen),
+        torch.randn(m, generator=gen),
+    )
+
+
+@needs_ops
+@pytest.mark.parametrize(
+    "shape,n,m",
+    [((5,), 7, 3), ((2, 9), 16, 33), ((1,), 1, 1), ((3, 4, 2), 24, 5), ((257,), 64, 96), ((1, 1), 13, 2)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_affine_equals_mm(packed_on, shape, n, m, bias):
+    gen = torch.Generator().manual_seed(0)
+    x, W, b = _inputs(shape, n, m, gen)
+    b = b if bias else None
+    ref = (x.double() @ W.double() + (0 if b is None else b.double())).float()
+    packs = pk.PackedWeights()
+    assert packs.applies(x, W, b)
+    got = packs.affine(x, W, b)
+    assert got is not None and got.shape == ref.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # the weight is packed once and reused
+    assert len(packs._packs) == 1
+    torch.testing.assert_close(packs.affine(x, W, b), ref, rtol=1e-5, atol=1e-5)
+    assert len(packs._packs) == 1
+
+
+@needs_ops
+def test_packed_affine_on_strided_views(packed_on):
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(11, 6, 20, generator=gen)
+    x = base.transpose(0, 1)[:, ::2]  # (6, 6, 20), neither contiguous nor dense
+    x_expand = torch.randn(1, 20, generator=gen).expand(7, 20)  # stride 0 over the rows
+    Wbase = torch.randn(30, 20, generator=gen)
+    W = Wbase.t()[:, ::3]  # (20, 10), a strided view of another tensor
+    b = torch.randn(40, generator=gen)[::4]  # (10,), strided
+    packs = pk.PackedWeights()
+    for xx in (x, x_expand):
+        ref = xx.double() @ W.double() + b.double()
+        torch.testing.assert_close(packs.affine(xx, W, b).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_ops
+def test_packed_affine_gradient_into_the_input(packed_on):
+    gen = torch.Generator().manual_seed(2)
+    x, W, b = _inputs((4, 5), 12, 7, gen)
+    up = torch.randn(4, 5, 7, generator=gen)
+    xr = x.clone().requires_grad_(True)
+    ((xr @ W + b) * up).sum().backward()
+    for pack_after in (0, 10**9):  # the backward through the packed transpose, and through mm before a pack
+        pk.PackedWeights.PACK_AFTER_ROWS = pack_after
+        packs = pk.PackedWeights()
+        xg = x.clone().requires_grad_(True)
+        out = packs.affine(xg, W, b) if pack_after == 0 else None
+        if out is None:  # not packed yet: the forward goes through mm, as affine() then does
+            out = xg @ W + b
+        (out * up).sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_ops
+def test_packed_affine_repacks_a_weight_changed_in_place(packed_on):
+    gen = torch.Generator().manual_seed(3)
+    x, W, b = _inputs((6,), 8, 5, gen)
+    packs = pk.PackedWeights()
+    packs.affine(x, W, b)
+    W.mul_(-2.0)
+    torch.testing.assert_close(packs.affine(x, W, b), x @ W + b, rtol=1e-5, atol=1e-5)
+
+
+@needs_ops
+def test_packed_path_is_not_taken_where_it_does_not_apply(packed_on):
+    gen = torch.Generator().manual_seed(4)
+    x, W, b = _inputs((3,), 4, 2, gen)
+    packs = pk.PackedWeights()
+    assert not packs.applies(x.double(), W.double(), b.double())  # float64
+    assert not packs.applies(x.bfloat16(), W.bfloat16(), None)
+    assert not packs.applies(x, W.clone().requires_grad_(True), b)  # a gradient into the weight
+    assert not packs.applies(x, W, b.clone().requires_grad_(True))
+    with torch.no_grad():  # no gradient flows: a weight that requires grad may be packed
+        assert packs.applies(x, W.clone().requires_grad_(True), b)
+    assert not packs.applies(x[:0], W, b)  # no rows
+    assert not packs.applies(x, torch.randn(4, 0), None)
+    assert not packs.applies(x, torch.randn(2, 4, 2), None)  # a stack of weights
+    assert not packs.applies(x, W, b[None])  # a bias that is not a vector
+    seen = []
+    torch.func.vmap(lambda xx: seen.append(packs.applies(xx, W, b)) or xx)(x[None].expand(2, 3, 4))
+    assert seen == [False]
+
+
+@needs_ops
+def test_weights_are_packed_after_enough_rows(monkeypatch):
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 100)
+    gen = torch.Generator().manual_seed(5)
+    x, W, b = _inputs((60,), 8, 4, gen)
+    packs = pk.PackedWeights()
+    assert packs.affine(x, W, b) is None  # 60 rows so far
+    out = packs.affine(x, W, b)  # 120: packed from here on
+    assert out is not None
+    torch.testing.assert_close(out, x @ W + b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_choice_follows_pypattern_gemm(monkeypatch):
+    for value, want in (("blas", False), ("BLAS ", False), ("onednn", pk._ops_present())):
+        monkeypatch.setattr(pk, "_CHOICE", None)
+        monkeypatch.setenv("PYPATTERN_GEMM", value)
+        assert pk.packed_gemm_enabled() is want
+    monkeypatch.setattr(pk, "_CHOICE", None)
+    monkeypatch.setenv("PYPATTERN_GEMM", "mkl")
+    with pytest.raises(ValueError, match="PYPATTERN_GEMM='mkl'"):
+        pk.packed_gemm_enabled()
+    monkeypatch.setattr(pk, "_CHOICE", None)
+    monkeypatch.setenv("PYPATTERN_GEMM", "auto")
+    assert isinstance(pk.packed_gemm_enabled(), bool)
+    assert pk._CHOICE is pk.packed_gemm_enabled()  # timed once, then kept
+
+
+def _model(**kw):
+    cfg = dict(n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=12, n_ctx=8, dtype=torch.float32, seed=5)
+    cfg.update(kw)
+    model = Transformer(TransformerConfig(**cfg))
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 12, (3, 6), generator=g)
+    corr = (clean + 1 + torch.randint(0, 10, clean.shape, generator=g)) % 12
+    return model, clean, corr, LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+
+
+@pytest.mark.parametrize("choice", [True, False])
+@pytest.mark.parametrize(
+    "kw", [{}, dict(n_key_value_heads=1, positional_embedding_type="rotary", gated_mlp=True)]
+)
+def test_grids_equal_naive_loop_with_the_packed_path_on_and_off(monkeypatch, choice, kw):
+    if choice and not pk._ops_present():
+        pytest.skip("this torch has no oneDNN linear ops")
+    monkeypatch.setattr(pk, "_CHOICE", choice)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+    model, clean, corr, metric = _model(**kw)
+    calls = []
+    product = pk.PackedWeights.product
+    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: calls.append(1) or product(*a)))
+    for site in ("resid_pre", "z", "mlp_out"):
+        a = activation_patching(model, site, clean, corr, metric=metric, method="exact")
+        assert bool(calls) == choice  # the packed path is taken exactly when chosen
+        b = activation_patching(model, site, clean, corr, metric=metric, method="naive")
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
+        assert a.effect.abs().max() > 1e-3
+
+
+@needs_ops
+def test_attribution_patching_equal_with_the_packed_path_on_and_off(monkeypatch):
+    model, clean, corr, metric = _model()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out = {}
+    for choice in (False, True):
+        monkeypatch.setattr(pk, "_CHOICE", choice)
+        monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+        out[choice] = attribution_patching(
+            model, clean, corr, metric=metric, sites=["z", "q"], qk_fix=True, grad_drop=True
+        )
+    for site in ("z", "q"):
+        torch.testing.assert_close(out[True][site].values, out[False][site].values, rtol=1e-4, atol=1e-5)
+        assert out[True][site].values.abs().max() > 1e-3
+    assert all(p.requires_grad for p in model.parameters())  # attribution patching restores them
