@@ -68,21 +68,48 @@ def test_packed_affine_on_strided_views(packed_on):
 
 
 @needs_ops
-def test_packed_affine_gradient_into_the_input(packed_on):
+@pytest.mark.parametrize(
+    "pack_after", [0, 10**9]
+)  # through the packed weights, and read in place before a pack
+def test_packed_affine_gradient_into_the_input(monkeypatch, pack_after):
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", pack_after)
     gen = torch.Generator().manual_seed(2)
     x, W, b = _inputs((4, 5), 12, 7, gen)
     up = torch.randn(4, 5, 7, generator=gen)
     xr = x.clone().requires_grad_(True)
     ((xr @ W + b) * up).sum().backward()
-    for pack_after in (0, 10**9):  # the backward through the packed transpose, and through mm before a pack
-        pk.PackedWeights.PACK_AFTER_ROWS = pack_after
-        packs = pk.PackedWeights()
+    packs = pk.PackedWeights()
+    xg = x.clone().requires_grad_(True)
+    out = packs.affine(xg, W, b)
+    assert out is not None and out.requires_grad
+    (out * up).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    assert len(packs._packs) == (2 if pack_after == 0 else 0)  # W for the product, W^T for the gradient
+
+
+@needs_ops
+def test_unpacked_weights_read_in_place_or_left_to_mm(monkeypatch):
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 10**9)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 20, generator=gen)
+    b = torch.randn(10, generator=gen)
+    packs = pk.PackedWeights()
+    # (in, out) dense, and the transpose of an (out, in) dense tensor: read in place
+    for W in (torch.randn(20, 10, generator=gen), torch.randn(10, 20, generator=gen).t()):
+        got = packs.affine(x, W, b)
+        torch.testing.assert_close(got, x @ W + b, rtol=1e-5, atol=1e-5)
         xg = x.clone().requires_grad_(True)
-        out = packs.affine(xg, W, b) if pack_after == 0 else None
-        if out is None:  # not packed yet: the forward goes through mm, as affine() then does
-            out = xg @ W + b
-        (out * up).sum().backward()
-        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-5)
+        packs.affine(xg, W, None).sum().backward()
+        torch.testing.assert_close(xg.grad, W.sum(1).expand(9, 20), rtol=1e-5, atol=1e-5)
+    # neither axis dense: left to mm (affine() then multiplies itself), never read wrongly
+    W = torch.randn(40, 30, generator=gen)[::2, ::3]
+    assert packs.affine(x, W, b) is None
+    assert not packs._packs
+    packs_mm = pk.PackedWeights()
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+    torch.testing.assert_close(packs_mm.affine(x, W, b), x @ W + b, rtol=1e-5, atol=1e-5)  # packed: a copy
 
 
 @needs_ops
@@ -122,9 +149,10 @@ def test_weights_are_packed_after_enough_rows(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     x, W, b = _inputs((60,), 8, 4, gen)
     packs = pk.PackedWeights()
-    assert packs.affine(x, W, b) is None  # 60 rows so far
+    torch.testing.assert_close(packs.affine(x, W, b), x @ W + b, rtol=1e-5, atol=1e-5)
+    assert not packs._packs  # 60 rows so far: read in place
     out = packs.affine(x, W, b)  # 120: packed from here on
-    assert out is not None
+    assert len(packs._packs) == 1
     torch.testing.assert_close(out, x @ W + b, rtol=1e-5, atol=1e-5)
 
 

@@ -1,17 +1,18 @@
 """Matmuls against weights held fixed, through oneDNN's pre-packed weights on the CPU.
 
 Inside :meth:`Transformer.fixed_weights <pypattern.models.Transformer.fixed_weights>` the caller promises not to
-change the model's weights, so each weight can be laid out once in the blocked format of oneDNN's matmul kernels
-(``torch.ops.mkldnn._reorder_linear_weight``) and every later product against it skips the operand packing that a
-BLAS ``sgemm`` repeats on each call. Whether that is faster than the BLAS ``mm`` depends on the CPU and its BLAS (on
-AMD CPUs MKL does not use its fastest kernels; oneDNN picks its kernel by instruction set), so the choice is made
-once per process by timing both on one product (:func:`packed_gemm_enabled`); ``PYPATTERN_GEMM=onednn`` or
-``PYPATTERN_GEMM=blas`` fixes it.
+change the model's weights, so their products can go through oneDNN's matmul
+(``torch.ops.mkldnn._linear_pointwise``): a weight used for few rows is read in place, and one used for many is
+laid out once in the blocked format of oneDNN's kernels (``torch.ops.mkldnn._reorder_linear_weight``), so every
+later product against it skips the operand packing that a BLAS ``sgemm`` repeats on each call. Whether oneDNN is
+faster than the BLAS ``mm`` depends on the CPU and its BLAS (on AMD CPUs MKL does not use its fastest kernels;
+oneDNN picks its kernel by instruction set), so the choice is made once per process by timing both on one product
+(:func:`packed_gemm_enabled`); ``PYPATTERN_GEMM=onednn`` or ``PYPATTERN_GEMM=blas`` fixes it.
 
-The packed path applies to float32 CPU tensors only, with no gradient flowing into the weight or bias; a gradient
-flowing into the input is taken through a second packed copy of the weight (its transpose), so attribution
-patching's backward uses the same kernels. Everything else (float64, GPUs, ``torch.func`` transforms, weights that
-take gradients) goes through ``torch.mm``.
+The path applies to float32 CPU tensors only, with no gradient flowing into the weight or bias; a gradient flowing
+into the input is taken through the weight's transpose the same way, so attribution patching's backward uses the
+same kernels. Everything else (float64, GPUs, ``torch.func`` transforms, weights that take gradients) goes through
+``torch.mm``.
 """
 
 from __future__ import annotations
@@ -83,20 +84,20 @@ class _PackedLinear(torch.autograd.Function):
     gradient for ``W`` or ``b`` (the caller checks that none is asked for)."""
 
     @staticmethod
-    def forward(ctx, x, b, cache, W, packed):  # noqa: D401 - autograd signature
+    def forward(ctx, x, b, cache, W, w):  # noqa: D401 - autograd signature
         ctx.cache, ctx.W = cache, W
-        return cache.product(x, packed, b)
+        return cache.product(x, w, b)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         W = ctx.W
         dy2 = dy.reshape(-1, dy.shape[-1])
-        packed = ctx.cache.packed(W, dy2.shape[0], transpose=True)
-        if packed is None:
+        w = ctx.cache.operand(W, dy2.shape[0], transpose=True)
+        if w is None:
             dx = (dy2 @ W.t()).view(*dy.shape[:-1], W.shape[0])
         else:
-            dx = ctx.cache.product(dy, packed, None)
+            dx = ctx.cache.product(dy, w, None)
         return dx, None, None, None, None
 
 
@@ -105,9 +106,10 @@ class PackedWeights:
     ``x @ W`` (and its transpose for gradients into ``x``), keyed by storage, shape and strides, and checked
     against the weight's version counter on every use (a weight changed in place is packed anew).
 
-    A weight is packed only once it has been multiplied by :attr:`PACK_AFTER_ROWS` rows in the block: a pack
-    costs about a 100-row product and saves 10-20% of each later one, so a weight used for a few hundred rows
-    (attribution patching's two runs and one backward) stays with ``torch.mm``."""
+    A weight is packed only once it has been multiplied by :attr:`PACK_AFTER_ROWS` rows in the block (before that,
+    oneDNN reads it in place): a pack costs about a 100-row product and saves 5-15% of each later one against the
+    in-place read, so a weight used for a few hundred rows (attribution patching's two runs and one backward) is
+    not packed."""
 
     PACK_AFTER_ROWS = 1024
 
@@ -155,20 +157,30 @@ class PackedWeights:
         return packed
 
     @staticmethod
-    def product(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """``x (..., n)`` times the packed weight (plus ``b``)."""
+    def product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``x (..., n)`` times oneDNN's weight operand ``w`` (packed, or an ``(out, in)`` view) plus ``b``."""
         # oneDNN reads its operands as dense row-major buffers: strided views are copied first
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         b = None if b is None else b.detach().contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def operand(self, W: torch.Tensor, rows: int, transpose: bool = False) -> torch.Tensor | None:
+        """oneDNN's weight operand for ``x @ W`` (``dy @ W^T`` with ``transpose``) over ``rows`` more rows: the
+        packed weight (:meth:`packed`); before it is packed, ``W`` itself as an ``(out, in)`` view, which oneDNN
+        reads in place when one of its two axes is dense (else None: the caller uses ``torch.mm``)."""
+        packed = self.packed(W, rows, transpose)
+        if packed is not None:
+            return packed
+        w = W if transpose else W.t()
+        return w if (w.stride(-1) == 1 or w.stride(-2) == 1) else None
+
     def affine(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
-        """``x (..., n) @ W (n, m) (+ b (m,))`` through the packed weight (call only where :meth:`applies`), or
-        None while ``W`` is not packed yet (the caller then multiplies with ``torch.mm``)."""
-        packed = self.packed(W, x.numel() // x.shape[-1])
-        if packed is None:
+        """``x (..., n) @ W (n, m) (+ b (m,))`` through oneDNN (call only where :meth:`applies`), or None for a
+        weight it cannot read in place before it is packed (the caller then multiplies with ``torch.mm``)."""
+        w = self.operand(W, x.numel() // x.shape[-1])
+        if w is None:
             return None
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedLinear.apply(x, b, self, W, packed)
-        return self.product(x, packed, b)
+            return _PackedLinear.apply(x, b, self, W, w)
+        return self.product(x, w, b)

@@ -974,7 +974,8 @@ def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     place (one ``mm`` and one pass over its output; ``addmm`` with a vector bias first writes the bias into a
     fresh output, and on CPU its large outputs were measured to fault their pages in anew on every call); under a
     ``torch.func`` transform, ``addmm``. Inside :meth:`Transformer.fixed_weights`, float32 CPU products go through
-    the weight packed once for oneDNN's matmul where that was measured faster (:mod:`pypattern.models.packed`)."""
+    oneDNN's matmul (the weight packed once when it is used for many rows) where that was measured faster
+    (:mod:`pypattern.models.packed`)."""
     packs = _PACKS[0]
     if packs is not None and packs.applies(x, W, b):
         out = packs.affine(x, W, b)
