@@ -218,3 +218,85 @@ def test_attribution_patching_equal_with_the_packed_path_on_and_off(monkeypatch)
         torch.testing.assert_close(out[True][site].values, out[False][site].values, rtol=1e-4, atol=1e-5)
         assert out[True][site].values.abs().max() > 1e-3
     assert all(p.requires_grad for p in model.parameters())  # attribution patching restores them
+
+
+@needs_ops
+def test_packs_stay_within_their_byte_bound(monkeypatch):
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 16, generator=gen)
+    Ws = [torch.randn(16, 16, generator=gen) for _ in range(3)]  # 1 KiB each
+    packs = pk.PackedWeights(max_bytes=2 * 1024)
+    for W in Ws:
+        torch.testing.assert_close(packs.affine(x, W, None), x @ W, rtol=1e-5, atol=1e-5)
+    assert len(packs._packs) == 2 and packs._bytes == 2048  # the third is read in place
+    Ws[0].add_(1.0)  # repacked in place of its old copy: still within the bound
+    torch.testing.assert_close(packs.affine(x, Ws[0], None), x @ Ws[0], rtol=1e-5, atol=1e-5)
+    assert packs._bytes == 2048
+
+
+def test_fixed_weights_checks_its_pack_bound_and_packs_nothing_by_default(monkeypatch):
+    monkeypatch.setattr(pk, "_CHOICE", pk._ops_present())
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+    model, clean, _, _ = _model()
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="max_pack_bytes"):
+            with model.fixed_weights(max_pack_bytes=bad):
+                pass
+    from pypattern.models import transformer as tr
+
+    with torch.no_grad(), model.fixed_weights():
+        model(clean)
+        assert tr._PACKS[0] is not None and not tr._PACKS[0]._packs
+        with model.fixed_weights(max_pack_bytes=None):  # nested: the outer block's packs and bound
+            assert tr._PACKS[0].max_bytes == 0
+    assert tr._PACKS[0] is None
+    if pk._ops_present():
+        with torch.no_grad(), model.fixed_weights(max_pack_bytes=None):
+            model(clean)
+            assert tr._PACKS[0]._packs
+
+
+def test_pack_budget(monkeypatch):
+    model, *_ = _model()
+    w = pk.block_weight_bytes(model)
+    blocks = [p for b in model.blocks for p in b.parameters() if p.dim() >= 2]
+    assert w == 4 * sum(p.numel() for p in blocks) > 0
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    assert pk.pack_budget(model, None) is None
+    assert pk.pack_budget(model, 2 * w) == w
+    assert pk.pack_budget(model, 2 * w - 1) == 0  # more than half of the budget: none
+    monkeypatch.setattr(pk, "_CHOICE", False)
+    assert pk.pack_budget(model, 10 * w) == 0
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    model64, *_ = _model(dtype=torch.float64)
+    assert pk.block_weight_bytes(model64) == 0 and pk.pack_budget(model64, 10**12) == 0
+
+
+@needs_ops
+@pytest.mark.parametrize("room", [3, 1])  # max_memory in units of the block weights' bytes
+def test_exact_patching_packs_within_max_memory(monkeypatch, room):
+    from pypattern.patching import api as papi
+
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+    model, clean, corr, metric = _model()
+    w = pk.block_weight_bytes(model)
+    made, batches = [], []
+    init = pk.PackedWeights.__init__
+    monkeypatch.setattr(pk.PackedWeights, "__init__", lambda self, *a: made.append(self) or init(self, *a))
+    engine_batch = papi.engine_batch
+    monkeypatch.setattr(
+        papi, "engine_batch", lambda *a: batches.append(a[-1]) or engine_batch(*a)
+    )  # the memory each call is given
+    got = activation_patching(model, "resid_pre", clean, corr, metric=metric, max_memory=room * w)
+    ref = activation_patching(model, "resid_pre", clean, corr, metric=metric, method="naive")
+    torch.testing.assert_close(got.values, ref.values, rtol=1e-4, atol=1e-4)
+    packs = made[0]
+    if room == 3:  # the weights fit in half: packed, and the engine's batch gets the rest
+        assert packs.max_bytes == w and 0 < packs._bytes <= w
+        assert batches == [3 * w, 2 * w]
+    else:
+        assert packs.max_bytes == 0 and not packs._packs
+        assert batches == [w]

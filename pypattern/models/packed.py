@@ -23,7 +23,7 @@ import time
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["PackedWeights", "packed_gemm_enabled"]
+__all__ = ["PackedWeights", "block_weight_bytes", "pack_budget", "packed_gemm_enabled"]
 
 _CHOICE: bool | None = None
 
@@ -113,9 +113,13 @@ class PackedWeights:
 
     PACK_AFTER_ROWS = 1024
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
+        #: at most this many bytes of packed copies at once (None: no bound); a weight that would exceed it is
+        #: read in place instead
+        self.max_bytes = max_bytes
         self._packs: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._rows: dict[tuple, int] = {}
+        self._bytes = 0
 
     @staticmethod
     def applies(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> bool:
@@ -148,12 +152,17 @@ class PackedWeights:
         self._rows[key] = seen
         if seen < self.PACK_AFTER_ROWS:
             return None
+        size = W.numel() * W.element_size()
+        held = self._bytes - (0 if hit is None else hit[1].numel() * W.element_size())
+        if self.max_bytes is not None and held + size > self.max_bytes:
+            return None
         with torch.no_grad():
             w = W.detach()
             # oneDNN's linear takes the weight as (out, in): W^T for x @ W, W itself for dy @ W^T
             packed = torch.ops.mkldnn._reorder_linear_weight((w if transpose else w.t()).contiguous())
         # the entry holds W, so its storage (and data_ptr) cannot be reused by another tensor while cached
         self._packs[key] = (W._version, packed, W)
+        self._bytes = held + size
         return packed
 
     @staticmethod
@@ -184,3 +193,25 @@ class PackedWeights:
         if torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinear.apply(x, b, self, W, w)
         return self.product(x, w, b)
+
+
+def block_weight_bytes(model) -> int:
+    """Bytes of ``model``'s block weights that products may pack: every float32 CPU parameter of two or more axes
+    under ``model.blocks`` (0 when any of them is of another dtype or device: packing then never applies)."""
+    params = [p for blk in getattr(model, "blocks", []) for p in blk.parameters() if p.dim() >= 2]
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        return 0
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def pack_budget(model, max_memory: int | float | None) -> int | None:
+    """Bytes of packed weight copies a patching run on ``model`` may hold within ``max_memory`` bytes: the model's
+    block weights (:func:`block_weight_bytes`) when packing applies (the packed path chosen for this process) and
+    they take at most half of ``max_memory``, else 0 (weights are then read in place, with no copy). None when
+    ``max_memory`` is None (no bound)."""
+    if max_memory is None:
+        return None
+    need = block_weight_bytes(model)
+    if need == 0 or need > max_memory // 2 or not packed_gemm_enabled():
+        return 0
+    return int(need)

@@ -1556,17 +1556,26 @@ class Transformer(HookedRootModule):
                 )
 
     @contextlib.contextmanager
-    def fixed_weights(self) -> Iterator[Transformer]:
+    def fixed_weights(self, max_pack_bytes: int | None = 0) -> Iterator[Transformer]:
         """A block in which the caller does not change the model's weights: each attention lays out its query,
         key and value weights for the projection's matmul once (a copy of the weight per call otherwise) and
-        reuses them while no gradient flows into the weights. The layouts are dropped when the block ends."""
+        reuses them while no gradient flows into the weights. The layouts are dropped when the block ends.
+
+        On a CPU, float32 products go through oneDNN's matmul where that was timed faster than ``mm``
+        (:mod:`pypattern.models.packed`), and weights used for many rows are packed for it, holding at most
+        ``max_pack_bytes`` bytes of packed copies (None: no bound; 0, the default: none, weights read in place). A
+        nested block shares the outer block's packs and bound."""
+        if max_pack_bytes is not None and (
+            isinstance(max_pack_bytes, bool) or not isinstance(max_pack_bytes, int) or max_pack_bytes < 0
+        ):
+            raise ValueError(f"max_pack_bytes={max_pack_bytes!r} is not valid; give an int >= 0 or None")
         attns = [blk.attn for blk in self.blocks if getattr(blk, "attn", None) is not None]
         outer = [a.__dict__.get("_layouts") for a in attns]
         for a, o in zip(attns, outer):
             a._layouts = {} if o is None else o  # a nested block shares the outer one's layouts
         outer_packs = _PACKS[0]
         if outer_packs is None:
-            _PACKS[0] = PackedWeights()
+            _PACKS[0] = PackedWeights(max_pack_bytes)
         try:
             yield self
         finally:

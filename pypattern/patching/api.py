@@ -365,8 +365,10 @@ def activation_patching(
         Exact engine: at most this many cells per batch.
     max_memory : int, optional
         Exact engine: bytes of working memory per batch (default 1 GiB); the batch is the largest number of
-        cells whose estimate (:func:`~pypattern.patching.engine.bytes_per_cell`) fits, at least one cell. The
-        caches of the clean and corrupted runs come on top. None: no bound beyond ``max_batch``.
+        cells whose estimate (:func:`~pypattern.patching.engine.bytes_per_cell`) fits, at least one cell. Weights
+        packed for oneDNN's matmul (a copy of the blocks' float32 weights, where that matmul is the faster on the
+        CPU) come out of the same budget when they take at most half of it, else none are packed. The caches of
+        the clean and corrupted runs come on top. None: no bound beyond ``max_batch``.
 
     Returns
     -------
@@ -414,6 +416,7 @@ def _activation_patching(
     model, site, clean_tokens, corrupted_tokens, *, metric, corruption, direction, per_position, layers, heads,
     positions, window, method, max_batch, max_memory,
 ) -> PatchResult:  # fmt: skip
+    from ..models.packed import pack_budget
     from ..models.transformer import Transformer
 
     if not isinstance(per_position, bool):
@@ -450,7 +453,11 @@ def _activation_patching(
     else:
         pos = runs.pos
         T_eff = (pos if isinstance(pos, int) else int(pos.max())) + 1
-        batch = engine_batch(model.cfg, B, T_eff, max_batch, max_memory)
+        batch = engine_batch(model.cfg, B, T_eff, max_batch, max_memory)  # checks both arguments
+        # weights packed for oneDNN's matmul come out of the same memory budget as the engine's batch
+        packs = pack_budget(model, max_memory)
+        if packs:
+            batch = engine_batch(model.cfg, B, T_eff, max_batch, max_memory - packs)
         engine = ExactEngine(
             model,
             truncate_cache(runs.cache, T_eff),
@@ -459,6 +466,7 @@ def _activation_patching(
             metric,
             pos,
             max_batch=batch,
+            max_pack_bytes=packs,
         )
         vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
         live = [i for i, c in enumerate(cells) if c.pos < T_eff]

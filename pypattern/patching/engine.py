@@ -125,6 +125,10 @@ class ExactEngine:
     max_batch : int, optional
         At most this many cells per batch (bounds the working memory: see :func:`bytes_per_cell`); default all
         cells that start at the same position.
+    max_pack_bytes : int, optional
+        Bytes of weights packed for oneDNN's matmul that :meth:`run` may hold
+        (:meth:`Transformer.fixed_weights <pypattern.models.Transformer.fixed_weights>`); 0 (default): none, None:
+        no bound.
     """
 
     #: rows (cells x examples x positions) that one block processes at a time: the activations of a chunk stay
@@ -140,8 +144,10 @@ class ExactEngine:
         metric,
         position,
         max_batch: int | None = None,
+        max_pack_bytes: int | None = 0,
     ) -> None:
         self.model, self.cfg = model, model.cfg
+        self.max_pack_bytes = max_pack_bytes
         self.tc, self.src, self.site, self.metric = target_cache, source, site, metric
         cfg = self.cfg
         self.H, self.Hkv, self.G = cfg.n_heads, cfg.n_key_value_heads, cfg.n_groups
@@ -483,7 +489,7 @@ class ExactEngine:
     @torch.no_grad()
     def run(self, cells: list[Cell]) -> torch.Tensor:
         """Metric of every cell's patched run: ``(len(cells), batch)``."""
-        with self.model.fixed_weights():
+        with self.model.fixed_weights(max_pack_bytes=self.max_pack_bytes):
             return self._run(cells)
 
     def _run(self, cells: list[Cell]) -> torch.Tensor:
