@@ -40,6 +40,7 @@ time and peak RSS). Per-call overhead apart from the arithmetic: ``python bench/
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import time
@@ -50,6 +51,7 @@ import torch
 from pypattern.circuits import edge_attribution, edges
 from pypattern.circuits.engine import prepare_runs
 from pypattern.models import Transformer, TransformerConfig
+from pypattern.models.packed import block_weight_bytes
 from pypattern.patching import LogitDiff
 
 HAS_AC = importlib.util.find_spec("auto_circuit") is not None
@@ -182,21 +184,39 @@ def _info(benchmark, role, madds):
     benchmark.extra_info.update(role=role, madds=int(madds))
 
 
+@contextlib.contextmanager
+def same_gemm(model):
+    """The bounds' products through the same GEMM path as ours: the circuits engine computes with the weights held
+    fixed and frozen (``EdgeEngine.fixed_weights``: oneDNN's matmul for the MLPs where it is the faster on the
+    CPU), so the plain model doing the bound's arithmetic runs under the same block."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def bound_eap(model, clean, corr, k: int = 1):
     """The EAP (k = 1) or EAP-IG bound's arithmetic: the corrupted forward, k forwards with gradients and their
     backward to the embeddings."""
-    with torch.no_grad():
-        plain_forward(model, model.embed_tokens(corr))
-    emb = model.embed_tokens(clean)
-    emb = (emb[None].expand(k, *emb.shape) if k > 1 else emb).detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(plain_forward(model, emb)[..., 0].sum(), emb)
+    with same_gemm(model):
+        with torch.no_grad():
+            plain_forward(model, model.embed_tokens(corr))
+        emb = model.embed_tokens(clean)
+        emb = (emb[None].expand(k, *emb.shape) if k > 1 else emb).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(plain_forward(model, emb)[..., 0].sum(), emb)
     return g
 
 
 @torch.no_grad()
 def bound_point(model, clean):
     """One plain forward (the pruning point's bound)."""
-    return plain_forward(model, model.embed_tokens(clean))
+    with same_gemm(model):
+        return plain_forward(model, model.embed_tokens(clean))
 
 
 def point_circuit(graph) -> torch.Tensor:

@@ -300,3 +300,25 @@ def test_exact_patching_packs_within_max_memory(monkeypatch, room):
     else:
         assert packs.max_bytes == 0 and not packs._packs
         assert batches == [w]
+
+
+@pytest.mark.parametrize("method", ["eap", "exact"])
+def test_circuits_equal_with_the_packed_path_on_and_off_and_keep_requires_grad(monkeypatch, method):
+    from pypattern.circuits import edge_attribution, edges, patch_edges
+
+    model, clean, corr, metric = _model()
+    model.blocks[1].mlp.W_in.requires_grad_(False)  # a mix: each parameter's flag comes back as it was
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    graph = edges(model)
+    out = {}
+    for choice in (False, True) if pk._ops_present() else (False,):
+        monkeypatch.setattr(pk, "_CHOICE", choice)
+        monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+        sc = edge_attribution(model, clean, corr, metric=metric, method=method)
+        pe = patch_edges(model, graph.edges[:7], clean, corr, metric=metric)
+        out[choice] = (sc.scores, pe)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    if len(out) == 2:
+        torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-5)
+    assert out[False][0].abs().max() > 1e-4

@@ -24,12 +24,15 @@ unembedding). Masks are grouped by their first stage (and first heads) and evalu
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .._memory import keep_freed_heap
+from ..models.packed import block_weight_bytes
 from ..patching.api import check_tokens
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
@@ -279,9 +282,30 @@ class EdgeEngine:
         return self.metric(self.base.logits)
 
     # ----- patched forward ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """The model's weights held fixed while the engine computes (:meth:`Transformer.fixed_weights
+        <pypattern.models.Transformer.fixed_weights>`: on a CPU where oneDNN's matmul is the faster, the MLPs' products
+        go through it, with at most one packed copy of the block weights), and no gradient taken for them: the
+        engine's gradients are with respect to its inputs only. Each parameter's ``requires_grad`` is put back."""
+        model = self.view.model
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
+                yield
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
     @torch.no_grad()
     def run(self, masks: torch.Tensor) -> torch.Tensor:
         """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``."""
+        with self.fixed_weights():
+            return self._run(masks)
+
+    def _run(self, masks: torch.Tensor) -> torch.Tensor:
         if self.base is None or self.base.resid is None:
             raise RuntimeError("this engine has no recorded base run to patch: build it with prepare_runs")
         masks = self.graph.mask(masks)
@@ -636,6 +660,10 @@ class EdgeEngine:
             only at the metric's row in the uniform case: elsewhere their gradient is zero).
         metric : ``(N, B)``
         """
+        with self.fixed_weights():
+            return self._gradients(embeds, record)
+
+    def _gradients(self, embeds: torch.Tensor, record: int | None = None) -> tuple[list, torch.Tensor]:
         v, g = self.view, self.graph
         rows = torch.arange(self.T)
         handles, val = [], None
