@@ -15,6 +15,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 needs_ops = pytest.mark.skipif(not pk._ops_present(), reason="this torch has no oneDNN linear ops")
 
 
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    """The tests' products are small: the oneDNN path is taken for products of any size."""
+    monkeypatch.setattr(pk.PackedWeights, "MIN_MACS", 0)
+
+
 @pytest.fixture
 def packed_on(monkeypatch):
     """The packed path chosen for this process, and every weight packed from its first use."""
@@ -322,3 +328,15 @@ def test_circuits_equal_with_the_packed_path_on_and_off_and_keep_requires_grad(m
         torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-5)
     assert out[False][0].abs().max() > 1e-4
+
+
+def test_small_products_stay_with_mm_and_are_not_timed(monkeypatch):
+    monkeypatch.setattr(pk.PackedWeights, "MIN_MACS", 1 << 24)
+    monkeypatch.setattr(pk, "_CHOICE", None)
+    monkeypatch.delenv("PYPATTERN_GEMM", raising=False)
+    x, W = torch.randn(64, 64), torch.randn(64, 64)
+    packs = pk.PackedWeights()
+    assert not packs.applies(x, W, None)
+    assert pk._CHOICE is None  # no timing for a product that would not use it
+    big = torch.randn(4096, 64)  # 4096 x 64 x 64 = 2^24 multiply-adds
+    assert packs.applies(big, W, None) is pk.packed_gemm_enabled()

@@ -50,14 +50,14 @@ def _time_best(f, reps: int = 3, rounds: int = 5) -> float:
 
 
 def _calibrate() -> bool:
-    """Whether oneDNN's packed matmul beats ``torch.mm`` by at least 5% on a ``(256, 768) @ (768, 3072)`` product
-    (the two timed in turn, the fastest of five rounds each)."""
+    """Whether oneDNN's packed matmul beats ``torch.mm`` by at least 5% on a ``(256, 768) @ (768, 768)`` product
+    (the two timed in turn, the fastest of five rounds of two calls each; about 0.1 s on one core)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(256, 768, generator=gen)
-    W = torch.randn(768, 3072, generator=gen)
+    W = torch.randn(768, 768, generator=gen)
     packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous())
-    blas = _time_best(lambda: torch.mm(a, W))
-    onednn = _time_best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    blas = _time_best(lambda: torch.mm(a, W), reps=2)
+    onednn = _time_best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), reps=2)
     return onednn < 0.95 * blas
 
 
@@ -113,6 +113,10 @@ class PackedWeights:
 
     PACK_AFTER_ROWS = 1024
 
+    #: products of fewer multiply-adds stay with ``torch.mm``: a oneDNN call costs about 13 us more than an ``mm``
+    #: call, which its faster kernels make up only from about 10 million multiply-adds
+    MIN_MACS = 1 << 24
+
     def __init__(self, max_bytes: int | None = None) -> None:
         #: at most this many bytes of packed copies at once (None: no bound); a weight that would exceed it is
         #: read in place instead
@@ -123,9 +127,9 @@ class PackedWeights:
 
     @staticmethod
     def applies(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> bool:
-        """Whether ``affine(x, W, b)`` may take the packed path: float32 CPU operands, a 2-d weight, a 1-d bias or
-        none, no gradient into ``W``/``b``, no ``torch.func`` wrapper, and the packed path chosen for this
-        process."""
+        """Whether ``affine(x, W, b)`` may take the oneDNN path: float32 CPU operands, a 2-d weight, a 1-d bias or
+        none, no gradient into ``W``/``b``, no ``torch.func`` wrapper, at least :attr:`MIN_MACS` multiply-adds,
+        and the path chosen for this process (timed on the first product that gets this far)."""
         if W.dim() != 2 or x.dim() < 1 or x.device.type != "cpu" or W.device.type != "cpu":
             return False
         if x.dtype != torch.float32 or W.dtype != torch.float32:
@@ -135,6 +139,8 @@ class PackedWeights:
         if torch.is_grad_enabled() and (W.requires_grad or (b is not None and b.requires_grad)):
             return False
         if x.shape[-1] != W.shape[0] or x.numel() == 0 or W.numel() == 0:
+            return False
+        if x.numel() * W.shape[1] < PackedWeights.MIN_MACS:  # rows x n x m
             return False
         wrapped = torch._C._functorch.is_functorch_wrapped_tensor
         if wrapped(x) or wrapped(W) or (b is not None and wrapped(b)):
