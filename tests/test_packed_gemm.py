@@ -232,14 +232,16 @@ def test_packs_stay_within_their_byte_bound(monkeypatch):
     monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(5, 16, generator=gen)
-    Ws = [torch.randn(16, 16, generator=gen) for _ in range(3)]  # 1 KiB each
-    packs = pk.PackedWeights(max_bytes=2 * 1024)
+    Ws = [
+        torch.randn(16, 16, generator=gen) for _ in range(3)
+    ]  # 1 KiB each, charged padded to 64 x 64: 16 KiB
+    packs = pk.PackedWeights(max_bytes=2 * 16384)
     for W in Ws:
         torch.testing.assert_close(packs.affine(x, W, None), x @ W, rtol=1e-5, atol=1e-5)
-    assert len(packs._packs) == 2 and packs._bytes == 2048  # the third is read in place
+    assert len(packs._packs) == 2 and packs._bytes == 2 * 16384  # the third is read in place
     Ws[0].add_(1.0)  # repacked in place of its old copy: still within the bound
     torch.testing.assert_close(packs.affine(x, Ws[0], None), x @ Ws[0], rtol=1e-5, atol=1e-5)
-    assert packs._bytes == 2048
+    assert packs._bytes == 2 * 16384
 
 
 def test_fixed_weights_checks_its_pack_bound_and_packs_nothing_by_default(monkeypatch):
@@ -254,14 +256,14 @@ def test_fixed_weights_checks_its_pack_bound_and_packs_nothing_by_default(monkey
 
     with torch.no_grad(), model.fixed_weights():
         model(clean)
-        assert tr._PACKS[0] is not None and not tr._PACKS[0]._packs
+        assert tr._active_packs() is not None and not tr._active_packs()._packs
         with model.fixed_weights(max_pack_bytes=None):  # nested: the outer block's packs and bound
-            assert tr._PACKS[0].max_bytes == 0
-    assert tr._PACKS[0] is None
+            assert tr._active_packs().max_bytes == 0
+    assert tr._active_packs() is None
     if pk._ops_present():
         with torch.no_grad(), model.fixed_weights(max_pack_bytes=None):
             model(clean)
-            assert tr._PACKS[0]._packs
+            assert tr._active_packs()._packs
 
 
 def test_pack_budget(monkeypatch):
@@ -340,3 +342,160 @@ def test_small_products_stay_with_mm_and_are_not_timed(monkeypatch):
     assert pk._CHOICE is None  # no timing for a product that would not use it
     big = torch.randn(4096, 64)  # 4096 x 64 x 64 = 2^24 multiply-adds
     assert packs.applies(big, W, None) is pk.packed_gemm_enabled()
+
+
+def _block_model(**kw):
+    cfg = dict(n_layers=1, d_model=16, n_heads=2, d_mlp=32, d_vocab=10, n_ctx=8, dtype=torch.float32, seed=3)
+    cfg.update(kw)
+    m = Transformer(TransformerConfig(**cfg))
+    m.requires_grad_(False)
+    return m
+
+
+@needs_ops
+@pytest.mark.parametrize("pack_after", [0, 1024])
+def test_inference_mode_reads_weights_in_place(packed_on, monkeypatch, pack_after):
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", pack_after)
+    model, clean, corr, metric = _model()
+    with torch.no_grad():
+        ref = model(clean)
+    with torch.inference_mode(), model.fixed_weights(max_pack_bytes=None):
+        got = model(clean)  # the attention layouts made here are inference tensors: no version counter
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        a = activation_patching(model, "resid_pre", clean, corr, metric=metric)
+    b = activation_patching(model, "resid_pre", clean, corr, metric=metric, method="naive")
+    torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
+
+
+@needs_ops
+@pytest.mark.parametrize("pack_after", [0, 10**9])
+def test_in_place_hook_edits_with_a_gradient_into_the_input(monkeypatch, pack_after):
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", pack_after)
+    m = _block_model()
+    tok = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def zero_first(mod, inp, out):
+        out[..., 0] = 0.0
+
+    grads = {}
+    for choice in (False, True):
+        monkeypatch.setattr(pk, "_CHOICE", choice)
+        emb = m.embed_tokens(tok).detach().requires_grad_(True)
+        h = m.blocks[0].mlp.hook_pre.register_forward_hook(zero_first)
+        try:
+            with m.fixed_weights():
+                (grads[choice],) = torch.autograd.grad(m.blocks[0](emb).pow(2).sum(), emb)
+        finally:
+            h.remove()
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-5)
+
+
+@needs_ops
+@pytest.mark.parametrize("pack_after", [0, 10**9])
+def test_second_derivatives_through_the_path(monkeypatch, pack_after):
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", pack_after)
+    m = _block_model()
+    gen = torch.Generator().manual_seed(1)
+    x0, v = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    hvps = {}
+    for choice in (False, True):
+        monkeypatch.setattr(pk, "_CHOICE", choice)
+        x = x0.clone().requires_grad_(True)
+        with m.fixed_weights():
+            (g,) = torch.autograd.grad(m.blocks[0](x).pow(2).sum(), x, create_graph=True)
+            (hvps[choice],) = torch.autograd.grad((g * v).sum(), x)
+    assert hvps[False].abs().max() > 1e-3
+    torch.testing.assert_close(hvps[True], hvps[False], rtol=1e-4, atol=1e-4)
+
+
+@needs_ops
+def test_forward_mode_tangents_and_autocast_keep_mm(packed_on):
+    import torch.autograd.forward_ad as fwAD
+
+    from pypattern.models.transformer import affine
+
+    gen = torch.Generator().manual_seed(2)
+    x, W, b = _inputs((6,), 8, 5, gen)
+    t = torch.randn(6, 8, generator=gen)
+    m = _block_model()
+    with m.fixed_weights(), fwAD.dual_level():
+        y = affine(fwAD.make_dual(x, t), W, b)
+        tangent = fwAD.unpack_dual(y).tangent
+    torch.testing.assert_close(tangent, t @ W, rtol=1e-5, atol=1e-5)
+    with m.fixed_weights(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert affine(x, W, b).dtype == torch.bfloat16  # autocast's cast, as outside the block
+
+
+@needs_ops
+def test_weight_changed_before_the_backward_is_an_error(packed_on):
+    from pypattern.models.transformer import affine
+
+    gen = torch.Generator().manual_seed(3)
+    x, W, b = _inputs((6,), 8, 5, gen)
+    m = _block_model()
+    with m.fixed_weights():
+        y = affine(x.clone().requires_grad_(True), W, b)
+        W.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+@needs_ops
+def test_biases_of_another_width_keep_mm_behaviour(packed_on):
+    from pypattern.models.transformer import affine
+
+    gen = torch.Generator().manual_seed(4)
+    x, W, _ = _inputs((6,), 8, 5, gen)
+    m = _block_model()
+    with m.fixed_weights():
+        one = torch.randn(1, generator=gen)
+        torch.testing.assert_close(affine(x, W, one), x @ W + one, rtol=1e-5, atol=1e-5)  # broadcasts, as mm
+        with pytest.raises(RuntimeError, match="must match"):
+            affine(x, W, torch.randn(4, generator=gen))
+
+
+def test_blocks_in_two_threads_keep_their_own_packs(packed_on):
+    import threading
+
+    from pypattern.models import transformer as tr
+
+    m = _block_model()
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with m.fixed_weights():
+            seen.append(tr._active_packs() is not None)
+            inside.set()
+            release.wait(10)
+        seen.append(tr._active_packs() is None)
+
+    th = threading.Thread(target=other)
+    with m.fixed_weights():
+        th.start()
+        inside.wait(10)
+    assert tr._active_packs() is None  # this thread's block ended first; the other thread's is still open
+    release.set()
+    th.join(10)
+    assert seen == [True, True] and tr._active_packs() is None
+
+
+@needs_ops
+def test_nested_blocks_of_another_model_do_not_grow_the_outer_packs(packed_on):
+    outer, _, _, _ = _model()
+    model, clean, corr, metric = _model(seed=6)
+    from pypattern.models import transformer as tr
+
+    with outer.fixed_weights(max_pack_bytes=None):
+        sizes = []
+        for _ in range(4):
+            activation_patching(model, "resid_pre", clean, corr, metric=metric)
+            sizes.append((len(tr._active_packs()._packs), tr._active_packs()._bytes))
+    assert sizes[1:] == sizes[:-1]  # the inner model's per-call attention layouts are forgotten on exit
+    assert sizes[0][0] > 0  # the inner model's own weights are packed in the outer block's cache
+
+
+def test_narrow_weights_are_charged_at_their_padded_size():
+    assert pk._padded_bytes(torch.empty(2048, 3)) == 2048 * 64 * 4
+    assert pk._padded_bytes(torch.empty(768, 3072)) == 768 * 3072 * 4
+    assert pk._padded_bytes(torch.empty(16, 16)) == 64 * 64 * 4

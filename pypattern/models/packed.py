@@ -21,7 +21,7 @@ import os
 import time
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 
 __all__ = ["PackedWeights", "block_weight_bytes", "pack_budget", "packed_gemm_enabled"]
 
@@ -80,36 +80,51 @@ def packed_gemm_enabled() -> bool:
 
 
 class _PackedLinear(torch.autograd.Function):
-    """``x @ W (+ b)`` with ``W`` packed; the input's gradient ``dy @ W^T`` through the packed transpose. No
-    gradient for ``W`` or ``b`` (the caller checks that none is asked for)."""
+    """``x (rows, n) @ W (+ b)`` through oneDNN; the input's gradient ``dy @ W^T`` through oneDNN too (through
+    ``torch.mm`` when a graph of the backward is asked for, ``create_graph=True``, so that higher derivatives are
+    right). No gradient for ``W`` or ``b`` (the caller checks that none is asked for); ``W`` is saved for the
+    backward, so changing it in place before the backward raises autograd's error, as ``mm`` does."""
 
     @staticmethod
     def forward(ctx, x, b, cache, W, w):  # noqa: D401 - autograd signature
-        ctx.cache, ctx.W = cache, W
+        ctx.cache = cache
+        ctx.save_for_backward(W)
         return cache.product(x, w, b)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        W = ctx.W
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        w = ctx.cache.operand(W, dy2.shape[0], transpose=True)
-        if w is None:
-            dx = (dy2 @ W.t()).view(*dy.shape[:-1], W.shape[0])
-        else:
-            dx = ctx.cache.product(dy, w, None)
+        (W,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiable in dy
+            return dy @ W.t(), None, None, None, None
+        w = ctx.cache.operand(W, dy.shape[0], transpose=True)
+        dx = dy @ W.t() if w is None else ctx.cache.product(dy, w, None)
         return dx, None, None, None, None
+
+
+def _padded_bytes(W: torch.Tensor) -> int:
+    """Bytes of ``W``'s packed copy, charged with both axes rounded up to 64 (oneDNN pads the blocked layout)."""
+    n, m = W.shape
+    return -(-n // 64) * 64 * (-(-m // 64) * 64) * W.element_size()
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # an older signature
+        return torch.is_autocast_cpu_enabled()
 
 
 class PackedWeights:
     """Packed copies of the weights met while the model's weights are held fixed: ``W (n, m)`` packed for
     ``x @ W`` (and its transpose for gradients into ``x``), keyed by storage, shape and strides, and checked
-    against the weight's version counter on every use (a weight changed in place is packed anew).
+    against the weight's version counter on every use (a weight changed in place through autograd-visible ops is
+    packed anew; changes through ``.data`` are not seen, and the block's contract excludes them).
 
     A weight is packed only once it has been multiplied by :attr:`PACK_AFTER_ROWS` rows in the block (before that,
     oneDNN reads it in place): a pack costs about a 100-row product and saves 5-15% of each later one against the
     in-place read, so a weight used for a few hundred rows (attribution patching's two runs and one backward) is
-    not packed."""
+    not packed. Inference tensors (made under ``torch.inference_mode``) have no version counter and are always
+    read in place."""
 
     PACK_AFTER_ROWS = 1024
 
@@ -118,23 +133,26 @@ class PackedWeights:
     MIN_MACS = 1 << 24
 
     def __init__(self, max_bytes: int | None = None) -> None:
-        #: at most this many bytes of packed copies at once (None: no bound); a weight that would exceed it is
-        #: read in place instead
+        #: at most this many bytes of packed copies at once (None: no bound), each charged at its padded size; a
+        #: weight that would exceed it is read in place instead
         self.max_bytes = max_bytes
-        self._packs: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._packs: dict[tuple, tuple[int, torch.Tensor, torch.Tensor, int]] = {}
         self._rows: dict[tuple, int] = {}
         self._bytes = 0
 
     @staticmethod
     def applies(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> bool:
-        """Whether ``affine(x, W, b)`` may take the oneDNN path: float32 CPU operands, a 2-d weight, a 1-d bias or
-        none, no gradient into ``W``/``b``, no ``torch.func`` wrapper, at least :attr:`MIN_MACS` multiply-adds,
-        and the path chosen for this process (timed on the first product that gets this far)."""
+        """Whether ``affine(x, W, b)`` may take the oneDNN path: float32 CPU operands, a 2-d weight, a bias of
+        its width or none, no gradient into ``W``/``b``, no ``torch.func`` wrapper, forward-mode AD or CPU
+        autocast, at least :attr:`MIN_MACS` multiply-adds, and the path chosen for this process (timed on the
+        first product that gets this far)."""
         if W.dim() != 2 or x.dim() < 1 or x.device.type != "cpu" or W.device.type != "cpu":
             return False
         if x.dtype != torch.float32 or W.dtype != torch.float32:
             return False
-        if b is not None and (b.dim() != 1 or b.dtype != torch.float32 or b.device.type != "cpu"):
+        if b is not None and (
+            b.dim() != 1 or b.shape[0] != W.shape[1] or b.dtype != torch.float32 or b.device.type != "cpu"
+        ):
             return False
         if torch.is_grad_enabled() and (W.requires_grad or (b is not None and b.requires_grad)):
             return False
@@ -145,11 +163,18 @@ class PackedWeights:
         wrapped = torch._C._functorch.is_functorch_wrapped_tensor
         if wrapped(x) or wrapped(W) or (b is not None and wrapped(b)):
             return False
+        if (
+            forward_ad._current_level >= 0 or _autocast_on()
+        ):  # dual tensors may flow; autocast casts mm's inputs
+            return False
         return packed_gemm_enabled()
 
     def packed(self, W: torch.Tensor, rows: int, transpose: bool = False) -> torch.Tensor | None:
         """``W`` packed (as ``W^T`` for ``x @ W``, as ``W`` itself with ``transpose`` for ``dy @ W^T``), or None
-        while fewer than :attr:`PACK_AFTER_ROWS` rows, these ``rows`` included, have been multiplied by it."""
+        while fewer than :attr:`PACK_AFTER_ROWS` rows, these ``rows`` included, have been multiplied by it, when
+        the copy would exceed :attr:`max_bytes`, or for an inference tensor."""
+        if W.is_inference():
+            return None
         key = (W.data_ptr(), tuple(W.shape), tuple(W.stride()), transpose)
         hit = self._packs.get(key)
         if hit is not None and hit[0] == W._version:
@@ -158,8 +183,8 @@ class PackedWeights:
         self._rows[key] = seen
         if seen < self.PACK_AFTER_ROWS:
             return None
-        size = W.numel() * W.element_size()
-        held = self._bytes - (0 if hit is None else hit[1].numel() * W.element_size())
+        size = _padded_bytes(W)
+        held = self._bytes - (0 if hit is None else hit[3])
         if self.max_bytes is not None and held + size > self.max_bytes:
             return None
         with torch.no_grad():
@@ -167,18 +192,25 @@ class PackedWeights:
             # oneDNN's linear takes the weight as (out, in): W^T for x @ W, W itself for dy @ W^T
             packed = torch.ops.mkldnn._reorder_linear_weight((w if transpose else w.t()).contiguous())
         # the entry holds W, so its storage (and data_ptr) cannot be reused by another tensor while cached
-        self._packs[key] = (W._version, packed, W)
+        self._packs[key] = (W._version, packed, W, size)
         self._bytes = held + size
         return packed
 
+    def forget(self, tensors) -> None:
+        """Drop the packed copies of ``tensors`` (weights that are about to be released, e.g. the attention
+        layouts of a nested :meth:`Transformer.fixed_weights` block that ends)."""
+        ids = {id(t) for t in tensors}
+        for key in [k for k, e in self._packs.items() if id(e[2]) in ids]:
+            self._bytes -= self._packs.pop(key)[3]
+            self._rows.pop(key, None)
+
     @staticmethod
-    def product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """``x (..., n)`` times oneDNN's weight operand ``w`` (packed, or an ``(out, in)`` view) plus ``b``."""
+    def product(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``x2 (rows, n)`` times oneDNN's weight operand ``w`` (packed, or an ``(out, in)`` view) plus ``b``:
+        ``(rows, m)``, a tensor of its own (not a view)."""
         # oneDNN reads its operands as dense row-major buffers: strided views are copied first
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
         b = None if b is None else b.detach().contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(x2, w, b, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), w, b, "none", [], "")
 
     def operand(self, W: torch.Tensor, rows: int, transpose: bool = False) -> torch.Tensor | None:
         """oneDNN's weight operand for ``x @ W`` (``dy @ W^T`` with ``transpose``) over ``rows`` more rows: the
@@ -193,12 +225,16 @@ class PackedWeights:
     def affine(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor | None:
         """``x (..., n) @ W (n, m) (+ b (m,))`` through oneDNN (call only where :meth:`applies`), or None for a
         weight it cannot read in place before it is packed (the caller then multiplies with ``torch.mm``)."""
-        w = self.operand(W, x.numel() // x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        w = self.operand(W, x2.shape[0])
         if w is None:
             return None
         if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedLinear.apply(x, b, self, W, w)
-        return self.product(x, w, b)
+            out = _PackedLinear.apply(x2, b, self, W, w)
+        else:
+            out = self.product(x2, w, b)
+        # the view is taken outside the autograd function: in-place edits of it (a hook's) stay allowed
+        return out.view(*x.shape[:-1], W.shape[1])
 
 
 def block_weight_bytes(model) -> int:

@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -966,7 +967,12 @@ def _functorch_wrapped(*ts: torch.Tensor) -> bool:
 
 
 #: the packed weights of the innermost :meth:`Transformer.fixed_weights` block, or None outside one
-_PACKS: list[PackedWeights | None] = [None]
+#: (per thread: a block in one thread does not reach products computed in another)
+_PACKS_LOCAL = threading.local()
+
+
+def _active_packs() -> PackedWeights | None:
+    return getattr(_PACKS_LOCAL, "packs", None)
 
 
 def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -976,7 +982,7 @@ def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     ``torch.func`` transform, ``addmm``. Inside :meth:`Transformer.fixed_weights`, float32 CPU products go through
     oneDNN's matmul (the weight packed once when it is used for many rows) where that was measured faster
     (:mod:`pypattern.models.packed`)."""
-    packs = _PACKS[0]
+    packs = _active_packs()
     if packs is not None and packs.applies(x, W, b):
         out = packs.affine(x, W, b)
         if out is not None:
@@ -1573,16 +1579,18 @@ class Transformer(HookedRootModule):
         outer = [a.__dict__.get("_layouts") for a in attns]
         for a, o in zip(attns, outer):
             a._layouts = {} if o is None else o  # a nested block shares the outer one's layouts
-        outer_packs = _PACKS[0]
+        outer_packs = _active_packs()
         if outer_packs is None:
-            _PACKS[0] = PackedWeights(max_pack_bytes)
+            _PACKS_LOCAL.packs = PackedWeights(max_pack_bytes)
         try:
             yield self
         finally:
-            _PACKS[0] = outer_packs
+            _PACKS_LOCAL.packs = outer_packs
             for a, o in zip(attns, outer):
                 if o is None:
-                    a.__dict__.pop("_layouts", None)
+                    dropped = a.__dict__.pop("_layouts", None)
+                    if outer_packs is not None and dropped:  # the outer block's packs must not keep them
+                        outer_packs.forget(dropped.values())
                 else:
                     a._layouts = o
 
