@@ -40,7 +40,6 @@ time and peak RSS). Per-call overhead apart from the arithmetic: ``python bench/
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 import time
@@ -51,7 +50,7 @@ import torch
 from pypattern.circuits import edge_attribution, edges
 from pypattern.circuits.engine import prepare_runs
 from pypattern.models import Transformer, TransformerConfig
-from pypattern.models.packed import block_weight_bytes
+from pypattern.models.packed import frozen_fixed_weights
 from pypattern.patching import LogitDiff
 
 HAS_AC = importlib.util.find_spec("auto_circuit") is not None
@@ -184,20 +183,11 @@ def _info(benchmark, role, madds):
     benchmark.extra_info.update(role=role, madds=int(madds))
 
 
-@contextlib.contextmanager
 def same_gemm(model):
     """The bounds' products through the same GEMM path as ours: the circuits engine computes with the weights held
     fixed and frozen (``EdgeEngine.fixed_weights``: oneDNN's matmul for the MLPs where it is the faster on the
     CPU), so the plain model doing the bound's arithmetic runs under the same block."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    return frozen_fixed_weights(model)
 
 
 def bound_eap(model, clean, corr, k: int = 1):

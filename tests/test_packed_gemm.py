@@ -499,3 +499,15 @@ def test_narrow_weights_are_charged_at_their_padded_size():
     assert pk._padded_bytes(torch.empty(2048, 3)) == 2048 * 64 * 4
     assert pk._padded_bytes(torch.empty(768, 3072)) == 768 * 3072 * 4
     assert pk._padded_bytes(torch.empty(16, 16)) == 64 * 64 * 4
+
+
+def test_frozen_fixed_weights_puts_the_flags_back_after_an_error():
+    m = _block_model()
+    m.requires_grad_(True)
+    m.blocks[0].mlp.W_out.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    with pytest.raises(KeyError):
+        with pk.frozen_fixed_weights(m):
+            assert not any(p.requires_grad for p in m.parameters())
+            raise KeyError("boom")
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags

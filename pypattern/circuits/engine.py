@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .._memory import keep_freed_heap
-from ..models.packed import block_weight_bytes
+from ..models.packed import frozen_fixed_weights
 from ..patching.api import check_tokens
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
@@ -287,17 +287,10 @@ class EdgeEngine:
         """The model's weights held fixed while the engine computes (:meth:`Transformer.fixed_weights
         <pypattern.models.Transformer.fixed_weights>`: on a CPU where oneDNN's matmul is the faster, the MLPs' products
         go through it, with at most one packed copy of the block weights), and no gradient taken for them: the
-        engine's gradients are with respect to its inputs only. Each parameter's ``requires_grad`` is put back."""
-        model = self.view.model
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        try:
-            for p in frozen:
-                p.requires_grad_(False)
-            with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
-                yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        engine's gradients are with respect to its inputs only (:func:`~pypattern.models.packed.frozen_fixed_weights`:
+        each parameter's ``requires_grad`` is put back)."""
+        with frozen_fixed_weights(self.view.model):
+            yield
 
     @torch.no_grad()
     def run(self, masks: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,21 @@ same kernels. Everything else (float64, GPUs, ``torch.func`` transforms, weights
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 from torch.autograd import forward_ad
 
-__all__ = ["PackedWeights", "block_weight_bytes", "pack_budget", "packed_gemm_enabled"]
+__all__ = [
+    "PackedWeights",
+    "block_weight_bytes",
+    "frozen_fixed_weights",
+    "pack_budget",
+    "packed_gemm_enabled",
+]
 
 _CHOICE: bool | None = None
 
@@ -257,3 +265,20 @@ def pack_budget(model, max_memory: int | float | None) -> int | None:
     if need == 0 or need > max_memory // 2 or not packed_gemm_enabled():
         return 0
     return int(need)
+
+
+@contextlib.contextmanager
+def frozen_fixed_weights(model) -> Iterator[None]:
+    """``model.fixed_weights`` with at most one packed copy of its block weights (:func:`block_weight_bytes`),
+    and no gradient taken for the weights: every parameter's ``requires_grad`` is turned off for the block and the
+    ones that had it are put back, so products with a gradient into their input only take the oneDNN path too.
+    For computations whose gradients are with respect to inputs (the circuits engine, and its bench bounds)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
