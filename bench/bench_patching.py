@@ -373,9 +373,11 @@ def _gemm_products(a: torch.Tensor, b: torch.Tensor) -> list:
     oneDNN's matmul against ``b`` packed once (what pypattern's grids use inside ``fixed_weights`` where it is
     faster). A bound is taken at the faster of the two, so a grid is never charged less than the CPU's best GEMM
     rate."""
+    from pypattern.models.packed import _ops_present
+
     ways = [lambda: a @ b]
-    ops = getattr(torch.ops, "mkldnn", None)
-    if torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight"):
+    if _ops_present():
+        ops = torch.ops.mkldnn
         packed = ops._reorder_linear_weight(b.t().contiguous())
         ways.append(lambda: ops._linear_pointwise(a, packed, None, "none", [], ""))
     return ways

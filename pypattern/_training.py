@@ -71,3 +71,18 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
             for b, v in saved:
                 if b.shape == v.shape:
                     b.copy_(v)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No gradient taken for ``model``'s parameters in the block: each one's ``requires_grad`` is turned off and,
+    for those that had it, turned back on afterwards, also when the block raises (a frozen parameter stays
+    frozen)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

@@ -9,10 +9,11 @@ faster than the BLAS ``mm`` depends on the CPU and its BLAS (on AMD CPUs MKL doe
 oneDNN picks its kernel by instruction set), so the choice is made once per process by timing both on one product
 (:func:`packed_gemm_enabled`); ``PYPATTERN_GEMM=onednn`` or ``PYPATTERN_GEMM=blas`` fixes it.
 
-The path applies to float32 CPU tensors only, with no gradient flowing into the weight or bias; a gradient flowing
-into the input is taken through the weight's transpose the same way, so attribution patching's backward uses the
-same kernels. Everything else (float64, GPUs, ``torch.func`` transforms, weights that take gradients) goes through
-``torch.mm``.
+The path applies to float32 CPU products of at least :attr:`PackedWeights.MIN_MACS` multiply-adds, with no
+gradient flowing into the weight or bias; a gradient flowing into the input is taken through the weight's
+transpose the same way, so attribution patching's backward uses the same kernels. Everything else (float64, GPUs,
+small products, ``torch.func`` transforms, forward-mode AD, CPU autocast, weights that take gradients) goes
+through ``torch.mm``; inference tensors are read in place, never packed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.autograd import forward_ad
+
+from .._training import frozen_parameters
 
 __all__ = [
     "PackedWeights",
@@ -109,6 +112,11 @@ class _PackedLinear(torch.autograd.Function):
         return dx, None, None, None, None
 
 
+def functorch_wrapped(*ts: torch.Tensor) -> bool:
+    """Whether any of ``ts`` is a ``torch.func`` transform's wrapper (a vmapped or functionalised tensor)."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
+
+
 def _padded_bytes(W: torch.Tensor) -> int:
     """Bytes of ``W``'s packed copy, charged with both axes rounded up to 64 (oneDNN pads the blocked layout)."""
     n, m = W.shape
@@ -168,12 +176,10 @@ class PackedWeights:
             return False
         if x.numel() * W.shape[1] < PackedWeights.MIN_MACS:  # rows x n x m
             return False
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-        if wrapped(x) or wrapped(W) or (b is not None and wrapped(b)):
+        if functorch_wrapped(x, W) or (b is not None and functorch_wrapped(b)):
             return False
-        if (
-            forward_ad._current_level >= 0 or _autocast_on()
-        ):  # dual tensors may flow; autocast casts mm's inputs
+        # dual tensors may flow (no forward-mode formula); autocast would cast mm's inputs
+        if forward_ad._current_level >= 0 or _autocast_on():
             return False
         return packed_gemm_enabled()
 
@@ -273,12 +279,5 @@ def frozen_fixed_weights(model) -> Iterator[None]:
     and no gradient taken for the weights: every parameter's ``requires_grad`` is turned off for the block and the
     ones that had it are put back, so products with a gradient into their input only take the oneDNN path too.
     For computations whose gradients are with respect to inputs (the circuits engine, and its bench bounds)."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in frozen:
-            p.requires_grad_(False)
-        with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
-            yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+    with frozen_parameters(model), model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
+        yield

@@ -63,7 +63,7 @@ from torch import nn
 
 from ..ops.activations import SQRT_2_OVER_PI, gelu_tanh_unchecked
 from .hooks import HookedRootModule, HookPoint
-from .packed import PackedWeights
+from .packed import PackedWeights, functorch_wrapped
 
 __all__ = [
     "TransformerConfig",
@@ -961,11 +961,6 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return slopes
 
 
-def _functorch_wrapped(*ts: torch.Tensor) -> bool:
-    """Whether any of ``ts`` is a ``torch.func`` transform's wrapper (a vmapped or functionalised tensor)."""
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts)
-
-
 #: the packed weights of the innermost :meth:`Transformer.fixed_weights` block, or None outside one
 #: (per thread: a block in one thread does not reach products computed in another)
 _PACKS_LOCAL = threading.local()
@@ -992,7 +987,7 @@ def affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     if x.dim() < 2 or b.dim() != 1 or W.dim() != 2:
         return x @ W + b
     x2 = x.reshape(-1, x.shape[-1])
-    if _functorch_wrapped(x2, W, b):  # an in-place add on a vmapped product may be refused
+    if functorch_wrapped(x2, W, b):  # an in-place add on a vmapped product may be refused
         out = torch.addmm(b, x2, W)
     else:
         out = torch.mm(x2, W).add_(b)
@@ -1422,7 +1417,7 @@ class MLP(nn.Module):
         weights = self.route(x).reshape(-1, self.cfg.n_experts)  # (N, E)
         flat = x.reshape(-1, shape[-1])
         out = torch.zeros_like(flat)
-        if _functorch_wrapped(flat, self.W_in):
+        if functorch_wrapped(flat, self.W_in):
             for e in range(self.cfg.n_experts):
                 out = out + (self.expert(flat, e) * weights[:, e : e + 1]).to(out.dtype)
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .._memory import keep_freed_heap
+from .._training import frozen_parameters
 from ..models.packed import block_weight_bytes
 from .api import check_corruption_tokens, check_tokens, engine_batch, resolve_corruption
 from .corruptions import (
@@ -499,10 +500,7 @@ def _atp(
     if tgt_noise is not None:
         hooks.insert(0, ("hook_embed", embedding_noise_hook(tgt_noise)))
     with torch.enable_grad():
-        frozen = [(prm, prm.requires_grad) for prm in model.parameters()]
-        for prm, _ in frozen:
-            prm.requires_grad_(False)
-        try:
+        with frozen_parameters(model):  # as the caller had them afterwards (a frozen parameter stays frozen)
             emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
             with model.hooks(emb_req + hooks):
                 rows = _final_rows(model, tgt_tokens, pos)
@@ -516,9 +514,6 @@ def _atp(
                 else:
                     src_logits, logits = _unembed_together(model, src_rows, rows)
                     src_logits = src_logits.detach()
-        finally:
-            for prm, flag in frozen:  # as the caller had them (a frozen parameter stays frozen)
-                prm.requires_grad_(flag)
         if vals is not None:  # (source run, target run)
             m_tgt_full = vals[1]
             clean_vals = vals[0] if direction == "denoising" else m_tgt_full
