@@ -301,7 +301,7 @@ def test_exact_patching_packs_within_max_memory(monkeypatch, room):
     got = activation_patching(model, "resid_pre", clean, corr, metric=metric, max_memory=room * w)
     ref = activation_patching(model, "resid_pre", clean, corr, metric=metric, method="naive")
     torch.testing.assert_close(got.values, ref.values, rtol=1e-4, atol=1e-4)
-    packs = made[0]
+    packs = made[-1]  # the engine's (the base runs hold none)
     if room == 3:  # the weights fit in half: packed, and the engine's batch gets the rest
         assert packs.max_bytes == w and 0 < packs._bytes <= w
         assert batches == [3 * w, 2 * w]
@@ -511,3 +511,90 @@ def test_frozen_fixed_weights_puts_the_flags_back_after_an_error():
             assert not any(p.requires_grad for p in m.parameters())
             raise KeyError("boom")
     assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+
+
+def test_calibration_times_the_two_products_in_turn():
+    """The choice's timing alternates the two products within each round, so a slow moment of the CPU falls on
+    both rather than on one of them."""
+    calls = []
+    best = pk._best_of_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], reps=2, rounds=3)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert len(best) == 2 and all(0 <= t < 1 for t in best)
+
+
+@pytest.mark.parametrize("choice", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 40])
+@pytest.mark.parametrize("tied", [False, True])
+def test_unembed_product_equals_the_plain_product(monkeypatch, choice, rows, tied):
+    """Every form the unembedding's product takes (oneDNN reading W_U in place, h @ W_U, (W_U^T h^T)^T) equals
+    h @ W_U, for a weight of its own and for a tied one (the embedding transposed); oneDNN only where chosen."""
+    from pypattern.patching.engine import unembed_product
+
+    if choice and not pk._ops_present():
+        pytest.skip("this torch has no oneDNN linear ops")
+    monkeypatch.setattr(pk, "_CHOICE", choice)
+    seen = []
+    real = pk.PackedWeights.product
+    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: seen.append(1) or real(*a)))
+    gen = torch.Generator().manual_seed(rows)
+    W = torch.randn(300, 24, generator=gen).t() if tied else torch.randn(24, 300, generator=gen)
+    h = torch.randn(rows, 24, generator=gen)
+    got = unembed_product(h, W)
+    torch.testing.assert_close(got, (h.double() @ W.double()).float(), rtol=1e-5, atol=1e-5)
+    assert bool(seen) == (choice and rows >= 2)
+    # float64, and a gradient into h: never oneDNN, and the gradient flows
+    seen.clear()
+    h64 = h.double().requires_grad_(True)
+    got64 = unembed_product(h64, W.double())
+    torch.testing.assert_close(got64, h64.detach() @ W.double(), rtol=1e-12, atol=1e-12)
+    hg = h.clone().requires_grad_(True)
+    unembed_product(hg, W).sum().backward()
+    torch.testing.assert_close(hg.grad, W.sum(1).expand(rows, -1), rtol=1e-5, atol=1e-5)
+    assert not seen
+
+
+@needs_ops
+def test_exact_patching_runs_its_base_runs_through_the_chosen_product(monkeypatch):
+    """The exact engine's clean and corrupted runs take the same oneDNN products as its patched runs (no gradient
+    recorded, the weights held fixed), and the grid is unchanged by it."""
+    from pypattern.patching import api
+
+    model, clean, corr, metric = _model()
+    monkeypatch.setattr(pk, "_CHOICE", False)
+    want = activation_patching(model, "resid_pre", clean, corr, metric=metric, method="naive").values
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    seen = []
+    real = pk.PackedWeights.product
+    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: seen.append(1) or real(*a)))
+    api.prepare_runs(model, ["blocks.0.hook_resid_pre"], clean, corr, metric, None, "denoising", True)
+    assert seen
+    got = activation_patching(model, "resid_pre", clean, corr, metric=metric).values
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_ops
+@pytest.mark.parametrize("defer_base", [False, True])
+def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
+    """The circuits engine's recorded runs (clean, corrupted, source) go through the same oneDNN products as its
+    patched runs and gradients, and EAP and an edge patch are unchanged by the path."""
+    from pypattern.circuits import edge_attribution, edges, patch_edges
+    from pypattern.circuits.engine import prepare_runs
+
+    model, clean, corr, metric = _model()
+    graph = edges(model)
+    some = graph.edges[::7]
+    monkeypatch.setattr(pk, "_CHOICE", False)
+    want_eap = edge_attribution(model, clean, corr, metric=metric, method="eap").scores
+    want_patch = patch_edges(model, some, clean, corr, metric=metric)
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    seen = []
+    real = pk.PackedWeights.product
+    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: seen.append(1) or real(*a)))
+    prepare_runs(model, graph, clean, corr, metric, defer_base=defer_base)
+    assert seen
+    assert all(p.requires_grad for p in model.parameters())  # the freeze is undone
+    got_eap = edge_attribution(model, clean, corr, metric=metric, method="eap").scores
+    torch.testing.assert_close(got_eap, want_eap, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        patch_edges(model, some, clean, corr, metric=metric), want_patch, rtol=1e-4, atol=1e-5
+    )

@@ -959,6 +959,19 @@ def prepare_runs(
         base_tokens, src_tokens = clean, (corrupted if corrupted is not None else clean)
     else:
         base_tokens, src_tokens = corrupted, clean
+    # the runs' products as the engine's patched runs and gradients compute them (EdgeEngine.fixed_weights)
+    with frozen_fixed_weights(model):
+        return _record_runs(
+            view, graph, clean, metric, mode, ablation, max_batch, memory_budget, defer_base, pos, T, B,
+            base_tokens, src_tokens,
+        )  # fmt: skip
+
+
+def _record_runs(
+    view, graph, clean, metric, mode, ablation, max_batch, memory_budget, defer_base, pos, T, B, base_tokens,
+    src_tokens,
+) -> tuple[EdgeEngine, dict]:  # fmt: skip
+    """:func:`prepare_runs` after its checks: the runs, and the engine built on them."""
     x_clean = view.embed(clean)
     x_base = x_clean if mode == "noise" else view.embed(base_tokens)
     clean_run, m_clean = None, None

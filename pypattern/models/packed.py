@@ -49,26 +49,32 @@ def _ops_present() -> bool:
     )
 
 
-def _time_best(f, reps: int = 3, rounds: int = 5) -> float:
-    f()
-    best = float("inf")
+def _best_of_interleaved(fs: list, reps: int = 2, rounds: int = 7) -> list[float]:
+    """The fastest of ``rounds`` timings of ``reps`` calls of each of ``fs``, the functions timed in turn within
+    each round (so that a slow moment of the CPU falls on all of them, not on one), after one call of each."""
+    for f in fs:
+        f()
+    best = [float("inf")] * len(fs)
     for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            f()
-        best = min(best, time.perf_counter() - t)
+        for i, f in enumerate(fs):
+            t = time.perf_counter()
+            for _ in range(reps):
+                f()
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
 
 
 def _calibrate() -> bool:
     """Whether oneDNN's packed matmul beats ``torch.mm`` by at least 5% on a ``(256, 768) @ (768, 768)`` product
-    (the two timed in turn, the fastest of five rounds of two calls each; about 0.1 s on one core)."""
+    (the fastest of seven rounds of two calls each, the two timed in turn within each round; about 0.1 s on one
+    core)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(256, 768, generator=gen)
     W = torch.randn(768, 768, generator=gen)
     packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous())
-    blas = _time_best(lambda: torch.mm(a, W), reps=2)
-    onednn = _time_best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), reps=2)
+    blas, onednn = _best_of_interleaved(
+        [lambda: torch.mm(a, W), lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")]
+    )
     return onednn < 0.95 * blas
 
 

@@ -226,8 +226,10 @@ def prepare_runs(
         if final is None:
             logits, cache = run(tokens, noise, names)
             return logits_at(logits, pos), None, cache
-        with model.hooks([("hook_embed", embedding_noise_hook(noise))] if noise is not None else []):
-            _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
+        # the exact engine's runs: no gradient, and the weights' products as the engine computes them
+        with torch.no_grad(), model.fixed_weights():
+            with model.hooks([("hook_embed", embedding_noise_hook(noise))] if noise is not None else []):
+                _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
         rows = logits_at(cache[final], pos)
         return unembed_rows(model, rows), rows, cache
 

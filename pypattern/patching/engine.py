@@ -34,7 +34,7 @@ over chunks of about ``CHUNK_ROWS`` rows of the batch, so that its temporaries s
 residual into one of two buffers per batch. What a single-position cell computes at its own layer from the
 patched row alone (``resid_pre``: that row's query, key and value; ``attn_out``/``resid_mid``: the row's MLP) is
 computed for all positions of a layer in one pass before the batches run. The final rows of several batches
-(about :attr:`ExactEngine.UNEMBED_ROWS`) are unembedded together, as ``(W_U^T x^T)^T`` (:func:`unembed_rows`).
+(about :attr:`ExactEngine.UNEMBED_ROWS`) are unembedded together (:func:`unembed_rows`).
 """
 
 from __future__ import annotations
@@ -44,22 +44,27 @@ import torch
 from .._memory import keep_freed_heap
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
-__all__ = ["ExactEngine", "bytes_per_cell", "metric_of_rows", "truncate_cache", "unembed_rows"]
+__all__ = [
+    "ExactEngine",
+    "bytes_per_cell",
+    "metric_of_rows",
+    "truncate_cache",
+    "unembed_product",
+    "unembed_rows",
+]
 
 
 def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
-    """The model's unembedding of ``x (..., d_model)`` (after the final norm): ``(..., d_vocab)``, computed as
-    ``(W_U^T x^T)^T``. With few rows this product runs at the full matmul rate where ``x @ W_U`` over a
-    vocabulary of 50,257 runs about 1.5x slower; the result is a transposed view, made contiguous unless
-    ``metric`` is one of the library's metrics (which read any layout)."""
+    """The model's unembedding of ``x (..., d_model)`` (after the final norm): ``(..., d_vocab)``, by
+    :func:`unembed_product`; the result is made contiguous unless ``metric`` is one of the library's metrics (which
+    read any layout)."""
     from .metrics import Metric
 
     un = model.unembed
     W_U = getattr(un, "W_U", None)
     if W_U is None or not isinstance(W_U, torch.Tensor):  # an unembedding without a weight matrix
         return un(x)
-    h = x.reshape(-1, x.shape[-1])
-    out = (W_U.T @ h.T).T
+    out = unembed_product(x.reshape(-1, x.shape[-1]), W_U)
     if getattr(un, "b_U", None) is not None:
         out = out + un.b_U
     if hasattr(un, "cap"):
@@ -67,6 +72,30 @@ def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
     if not isinstance(metric, Metric):
         out = out.contiguous()
     return out.reshape(*x.shape[:-1], W_U.shape[-1])  # a view: splits the row axis only
+
+
+#: at most this many rows are unembedded as ``h @ W_U``; more as ``(W_U^T h^T)^T``
+_FEW_ROWS = 8
+
+
+def unembed_product(h: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
+    """``h (rows, d_model) @ W_U (d_model, d_vocab)`` in the form that is fast for its shape: oneDNN's matmul
+    reading ``W_U`` in place for two rows or more, where the process uses oneDNN for fixed weights
+    (:func:`~pypattern.models.packed.packed_gemm_enabled`; float32 CPU operands, no gradient into ``W_U``); else
+    ``h @ W_U`` for a few rows and ``(W_U^T h^T)^T`` (a transposed view) for more. Over a vocabulary of 50,257
+    on one AMD EPYC core, MKL's ``(W_U^T h^T)^T`` took 150-270 ms for 2-8 rows against 14-27 ms for ``h @ W_U``
+    and 17-20 ms for oneDNN, and from about 16 rows ``h @ W_U`` is the slowest of the three (docs/benchmarks.md)."""
+    from ..models.packed import PackedWeights
+
+    rows = h.shape[0]
+    grad_in = torch.is_grad_enabled() and h.requires_grad  # oneDNN's product has no backward
+    if rows >= 2 and not grad_in and PackedWeights.applies(h, W_U, None):
+        w = W_U.t()  # oneDNN's (out, in) operand, read in place
+        if w.stride(-1) == 1 or w.stride(-2) == 1:
+            return PackedWeights.product(h, w, None)
+    if rows <= _FEW_ROWS:
+        return h @ W_U
+    return (W_U.T @ h.T).T
 
 
 def metric_of_rows(model, x: torch.Tensor, metric) -> torch.Tensor:
