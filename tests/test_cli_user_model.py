@@ -55,6 +55,9 @@ def test_token_files(data, tmp_path):
         load_tokens(d / "tokens.npy", vocab_size=20)
     with pytest.raises(ValueError, match="n_ctx"):
         load_tokens(d / "tokens.npy", n_ctx=5)
+    (tmp_path / "neg.txt").write_text("1 2 3\n4 5 -1\n")  # checked before the model's vocabulary is known
+    with pytest.raises(ValueError, match=r"token ids must be >= 0; found -1\.\.5"):
+        load_tokens(tmp_path / "neg.txt")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="obj.npy"):  # never unpickled
         load_tokens(tmp_path / "obj.npy")

@@ -105,10 +105,9 @@ def load_tokens(
             f"{arr.shape} of {arr.dtype}"
         )
     if arr.min() < 0 or (vocab_size is not None and arr.max() >= vocab_size):
+        want = "be >= 0" if vocab_size is None else f"lie in [0, {vocab_size}) for this model"
         raise ValueError(
-            f"{argument}={str(p)!r}: token ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}) "
-            f"for this model; found "
-            f"{int(arr.min())}..{int(arr.max())}"
+            f"{argument}={str(p)!r}: token ids must {want}; found {int(arr.min())}..{int(arr.max())}"
         )
     if n_ctx is not None and arr.shape[1] > n_ctx:
         raise ValueError(
