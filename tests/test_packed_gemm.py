@@ -576,7 +576,7 @@ def test_exact_patching_runs_its_base_runs_through_the_chosen_product(monkeypatc
 @pytest.mark.parametrize("defer_base", [False, True])
 def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
     """The circuits engine's recorded runs (clean, corrupted, source) go through the same oneDNN products as its
-    patched runs and gradients, and EAP and an edge patch are unchanged by the path."""
+    patched runs and gradients, and EAP, EAP-IG and an edge patch are unchanged by the path."""
     from pypattern.circuits import edge_attribution, edges, patch_edges
     from pypattern.circuits.engine import prepare_runs
 
@@ -585,6 +585,7 @@ def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
     some = graph.edges[::7]
     monkeypatch.setattr(pk, "_CHOICE", False)
     want_eap = edge_attribution(model, clean, corr, metric=metric, method="eap").scores
+    want_ig = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=3).scores
     want_patch = patch_edges(model, some, clean, corr, metric=metric)
     monkeypatch.setattr(pk, "_CHOICE", True)
     seen = []
@@ -595,6 +596,8 @@ def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
     assert all(p.requires_grad for p in model.parameters())  # the freeze is undone
     got_eap = edge_attribution(model, clean, corr, metric=metric, method="eap").scores
     torch.testing.assert_close(got_eap, want_eap, rtol=1e-4, atol=1e-5)
+    got_ig = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=3).scores
+    torch.testing.assert_close(got_ig, want_ig, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(
         patch_edges(model, some, clean, corr, metric=metric), want_patch, rtol=1e-4, atol=1e-5
     )
