@@ -74,11 +74,11 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """No gradient taken for ``model``'s parameters in the block: each one's ``requires_grad`` is turned off and,
-    for those that had it, turned back on afterwards, also when the block raises (a frozen parameter stays
-    frozen)."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
+def frozen_parameters(model: nn.Module, params: list | None = None) -> Iterator[None]:
+    """No gradient taken for ``model``'s parameters (or the list ``params`` of them, when the caller holds it) in
+    the block: each one's ``requires_grad`` is turned off and, for those that had it, turned back on afterwards,
+    also when the block raises (a frozen parameter stays frozen)."""
+    frozen = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     try:
         for p in frozen:
             p.requires_grad_(False)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .._memory import keep_freed_heap
-from ..models.packed import frozen_fixed_weights
+from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..patching.api import check_tokens
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
@@ -172,6 +172,7 @@ class EdgeEngine:
         self.memory_budget = memory_budget
         self._ablated: dict = {}
         self._e_heads = None  # the query heads each edge changes directly (E, H), built once
+        self._weights = None  # the model's parameters and block weights' bytes (fixed_weights), found once
 
     def _set_base(self, base: _Run) -> None:
         """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``."""
@@ -289,7 +290,10 @@ class EdgeEngine:
         go through it, with at most one packed copy of the block weights), and no gradient taken for them: the
         engine's gradients are with respect to its inputs only (:func:`~pypattern.models.packed.frozen_fixed_weights`:
         each parameter's ``requires_grad`` is put back)."""
-        with frozen_fixed_weights(self.view.model):
+        if self._weights is None:  # the walk over the model's modules, once per engine
+            model = self.view.model
+            self._weights = (list(model.parameters()), block_weight_bytes(model))
+        with frozen_fixed_weights(self.view.model, *self._weights):
             yield
 
     @torch.no_grad()

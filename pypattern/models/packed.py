@@ -280,10 +280,13 @@ def pack_budget(model, max_memory: int | float | None) -> int | None:
 
 
 @contextlib.contextmanager
-def frozen_fixed_weights(model) -> Iterator[None]:
+def frozen_fixed_weights(model, params: list | None = None, pack_bytes: int | None = None) -> Iterator[None]:
     """``model.fixed_weights`` with at most one packed copy of its block weights (:func:`block_weight_bytes`),
     and no gradient taken for the weights: every parameter's ``requires_grad`` is turned off for the block and the
     ones that had it are put back, so products with a gradient into their input only take the oneDNN path too.
-    For computations whose gradients are with respect to inputs (the circuits engine, and its bench bounds)."""
-    with frozen_parameters(model), model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
+    For computations whose gradients are with respect to inputs (the circuits engine, and its bench bounds).
+    ``params`` (the model's parameters) and ``pack_bytes`` (its block weights' bytes), when the caller has them,
+    spare the walk over the model's modules."""
+    nbytes = block_weight_bytes(model) if pack_bytes is None else pack_bytes
+    with frozen_parameters(model, params), model.fixed_weights(max_pack_bytes=nbytes):
         yield
