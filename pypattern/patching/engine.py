@@ -76,20 +76,23 @@ def unembed_rows(model, x: torch.Tensor, metric=None) -> torch.Tensor:
 
 #: at most this many rows are unembedded as ``h @ W_U``; more as ``(W_U^T h^T)^T``
 _FEW_ROWS = 8
+#: from this many rows on, oneDNN's matmul where the process uses it for fixed weights
+_ONEDNN_ROWS = 4
 
 
 def unembed_product(h: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
     """``h (rows, d_model) @ W_U (d_model, d_vocab)`` in the form that is fast for its shape: oneDNN's matmul
-    reading ``W_U`` in place for two rows or more, where the process uses oneDNN for fixed weights
+    reading ``W_U`` in place for four rows or more, where the process uses oneDNN for fixed weights
     (:func:`~pypattern.models.packed.packed_gemm_enabled`; float32 CPU operands, no gradient into ``W_U``); else
     ``h @ W_U`` for a few rows and ``(W_U^T h^T)^T`` (a transposed view) for more. Over a vocabulary of 50,257
-    on one AMD EPYC core, MKL's ``(W_U^T h^T)^T`` took 150-270 ms for 2-8 rows against 14-27 ms for ``h @ W_U``
-    and 17-20 ms for oneDNN, and from about 16 rows ``h @ W_U`` is the slowest of the three (docs/benchmarks.md)."""
+    on one AMD EPYC core, MKL's ``(W_U^T h^T)^T`` took 166-262 ms for 2-8 rows against 15-27 ms for ``h @ W_U``
+    and 17-19 ms for oneDNN, and from about 16 rows ``h @ W_U`` is the slowest of the three (``bench/
+    bench_unembed.py``, docs/benchmarks.md)."""
     from ..models.packed import PackedWeights
 
     rows = h.shape[0]
     grad_in = torch.is_grad_enabled() and h.requires_grad  # oneDNN's product has no backward
-    if rows >= 2 and not grad_in and PackedWeights.applies(h, W_U, None):
+    if rows >= _ONEDNN_ROWS and not grad_in and PackedWeights.applies(h, W_U, None):
         w = W_U.t()  # oneDNN's (out, in) operand, read in place
         if w.stride(-1) == 1 or w.stride(-2) == 1:
             return PackedWeights.product(h, w, None)
