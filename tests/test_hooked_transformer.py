@@ -15,9 +15,10 @@ import pypattern
 from pypattern.models import Transformer, UnsupportedModelError
 
 tl = pytest.importorskip("transformer_lens")
-if not hasattr(tl, "HookedTransformer"):
+try:  # TransformerLens 4.x raises ImportError (not AttributeError) for the removed class
+    HookedTransformer, HookedTransformerConfig = tl.HookedTransformer, tl.HookedTransformerConfig
+except (AttributeError, ImportError):
     pytest.skip("this TransformerLens has no HookedTransformer", allow_module_level=True)
-HookedTransformer, HookedTransformerConfig = tl.HookedTransformer, tl.HookedTransformerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
