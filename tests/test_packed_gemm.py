@@ -297,17 +297,18 @@ def test_exact_patching_packs_within_max_memory(monkeypatch, room):
     engine_batch = papi.engine_batch
     monkeypatch.setattr(
         papi, "engine_batch", lambda *a: batches.append(a[-1]) or engine_batch(*a)
-    )  # the memory each call is given
+    )  # the memory each call is given: the arguments' check, then the engine's batch
     got = activation_patching(model, "resid_pre", clean, corr, metric=metric, max_memory=room * w)
     ref = activation_patching(model, "resid_pre", clean, corr, metric=metric, method="naive")
     torch.testing.assert_close(got.values, ref.values, rtol=1e-4, atol=1e-4)
-    packs = made[-1]  # the engine's (the base runs hold none)
+    assert len(made) == 1  # one block for the recorded runs and the engine: layouts and packs made once
+    packs = made[0]
     if room == 3:  # the weights fit in half: packed, and the engine's batch gets the rest
         assert packs.max_bytes == w and 0 < packs._bytes <= w
         assert batches == [3 * w, 2 * w]
     else:
         assert packs.max_bytes == 0 and not packs._packs
-        assert batches == [w]
+        assert batches == [w, w]
 
 
 @pytest.mark.parametrize("method", ["eap", "exact"])

@@ -447,36 +447,42 @@ def _activation_patching(
                 f"site={site!r} does not exist in this model: it has no hook point {missing[0]!r} (a model with "
                 "attention and MLP in parallel has no resid_mid)"
             )
-    runs = prepare_runs(
-        model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, method == "exact"
-    )
     if method == "naive":
+        runs = prepare_runs(
+            model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
+        )
         vals = _naive(model, site, cells, runs, metric)
     else:
-        pos = runs.pos
-        T_eff = (pos if isinstance(pos, int) else int(pos.max())) + 1
-        batch = engine_batch(model.cfg, B, T_eff, max_batch, max_memory)  # checks both arguments
+        engine_batch(model.cfg, B, T, max_batch, max_memory)  # checks both arguments before any run
         # weights packed for oneDNN's matmul come out of the same memory budget as the engine's batch
         packs = pack_budget(model, max_memory)
-        if packs:
-            batch = engine_batch(model.cfg, B, T_eff, max_batch, max_memory - packs)
-        engine = ExactEngine(
-            model,
-            truncate_cache(runs.cache, T_eff),
-            truncate_cache(runs.source, T_eff),
-            site,
-            metric,
-            pos,
-            max_batch=batch,
-            max_pack_bytes=packs,
-        )
-        vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
-        live = [i for i, c in enumerate(cells) if c.pos < T_eff]
-        dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
-        if live:
-            vals[live] = engine.run([cells[i] for i in live]).to(vals.dtype)
-        if dead:
-            vals[dead] = engine.target_metric().to(vals.dtype)
+        # one block for the recorded runs and the engine: the attention layouts and packs are made once
+        with model.fixed_weights(max_pack_bytes=packs):
+            runs = prepare_runs(
+                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True
+            )
+            pos = runs.pos
+            T_eff = (pos if isinstance(pos, int) else int(pos.max())) + 1
+            batch = engine_batch(
+                model.cfg, B, T_eff, max_batch, max_memory if not packs else max_memory - packs
+            )
+            engine = ExactEngine(
+                model,
+                truncate_cache(runs.cache, T_eff),
+                truncate_cache(runs.source, T_eff),
+                site,
+                metric,
+                pos,
+                max_batch=batch,
+                max_pack_bytes=packs,
+            )
+            vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
+            live = [i for i, c in enumerate(cells) if c.pos < T_eff]
+            dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
+            if live:
+                vals[live] = engine.run([cells[i] for i in live]).to(vals.dtype)
+            if dead:
+                vals[dead] = engine.target_metric().to(vals.dtype)
     values = vals.T.reshape(B, *shape)
     return PatchResult(
         values=values,
