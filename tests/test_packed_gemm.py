@@ -602,3 +602,20 @@ def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
     torch.testing.assert_close(
         patch_edges(model, some, clean, corr, metric=metric), want_patch, rtol=1e-4, atol=1e-5
     )
+
+
+def test_shortlist_and_confirm_makes_its_layouts_once(monkeypatch):
+    """The confirming stage's recorded runs and engine share one fixed-weights block (one set of attention
+    layouts and packs), and its exact effects equal exact patching's."""
+    from pypattern.patching.attribution import shortlist_and_confirm
+
+    model, clean, corr, metric = _model()
+    made = []
+    init = pk.PackedWeights.__init__
+    monkeypatch.setattr(pk.PackedWeights, "__init__", lambda self, *a: made.append(self) or init(self, *a))
+    rows = shortlist_and_confirm(model, "z", clean, corr, metric=metric, k=3)
+    assert len(made) == 2  # attribution patching's block, then the confirming stage's
+    grid = activation_patching(model, "z", clean, corr, metric=metric)
+    for r in rows:
+        want = (grid.values[:, r["layer"], r["head"], r["pos"]] - grid.corrupted).mean()
+        assert abs(r["exact"] - float(want)) < 1e-5

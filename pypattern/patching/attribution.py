@@ -658,20 +658,21 @@ def shortlist_and_confirm(
         cells.append(Cell(c["layer"], c.get("head", -1), c.get("pos", -1)))
         picked.append((c, float(m.flatten()[i])))
     site_hooks = sorted({hook_name(site, c.layer) for c in cells})
-    runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True)
-    T_eff = (runs.pos if isinstance(runs.pos, int) else int(runs.pos.max())) + 1
-    live = [c for c in cells if c.pos < T_eff]
-    eng = ExactEngine(
-        model,
-        truncate_cache(runs.cache, T_eff),
-        truncate_cache(runs.source, T_eff),
-        site,
-        metric,
-        runs.pos,
-        max_batch=engine_batch(model.cfg, runs.B, T_eff, None, 2**30),
-    )
-    tgt = eng.target_metric()
-    vals = dict(zip(live, eng.run(live))) if live else {}
+    with model.fixed_weights():  # one block for the recorded runs and the engine: the layouts made once
+        runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True)
+        T_eff = (runs.pos if isinstance(runs.pos, int) else int(runs.pos.max())) + 1
+        live = [c for c in cells if c.pos < T_eff]
+        eng = ExactEngine(
+            model,
+            truncate_cache(runs.cache, T_eff),
+            truncate_cache(runs.source, T_eff),
+            site,
+            metric,
+            runs.pos,
+            max_batch=engine_batch(model.cfg, runs.B, T_eff, None, 2**30),
+        )
+        tgt = eng.target_metric()
+        vals = dict(zip(live, eng.run(live))) if live else {}
     out = []
     for c, (coord, a) in zip(cells, picked):
         exact = float((vals[c] - tgt).mean().detach()) if c in vals else 0.0
