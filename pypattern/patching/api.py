@@ -291,6 +291,29 @@ def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metr
     return torch.stack(out)
 
 
+def engine_on_runs(
+    model,
+    runs: PatchingRuns,
+    site: str,
+    metric,
+    T_eff: int,
+    max_batch: int | None,
+    max_pack_bytes: int | None = 0,
+) -> ExactEngine:
+    """The exact engine on the recorded ``runs`` (:func:`prepare_runs` with ``full_cache``), their caches cut
+    after row ``T_eff - 1`` (the last metric position)."""
+    return ExactEngine(
+        model,
+        truncate_cache(runs.cache, T_eff),
+        truncate_cache(runs.source, T_eff),
+        site,
+        metric,
+        runs.pos,
+        max_batch=max_batch,
+        max_pack_bytes=max_pack_bytes,
+    )
+
+
 def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memory: int | None) -> int | None:
     """Cells per exact-engine batch: ``max_batch``, lowered so that the batch's working memory estimate
     (:func:`~pypattern.patching.engine.bytes_per_cell`) stays within ``max_memory`` bytes (at least 1 cell)."""
@@ -466,16 +489,7 @@ def _activation_patching(
             batch = engine_batch(
                 model.cfg, B, T_eff, max_batch, max_memory if not packs else max_memory - packs
             )
-            engine = ExactEngine(
-                model,
-                truncate_cache(runs.cache, T_eff),
-                truncate_cache(runs.source, T_eff),
-                site,
-                metric,
-                pos,
-                max_batch=batch,
-                max_pack_bytes=packs,
-            )
+            engine = engine_on_runs(model, runs, site, metric, T_eff, batch, packs)
             vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
             live = [i for i, c in enumerate(cells) if c.pos < T_eff]
             dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]

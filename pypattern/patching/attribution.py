@@ -33,7 +33,6 @@ from .corruptions import (
     ZeroAblation,
     embedding_noise_hook,
 )
-from .engine import ExactEngine, truncate_cache
 from .metrics import (
     Metric,
     bind_metric,
@@ -641,7 +640,7 @@ def shortlist_and_confirm(
         ``|atp|`` (effects on the raw metric scale: ``m_patched - m_target``).
     """
     from ..models.convert import converted_if_convertible
-    from .api import prepare_runs
+    from .api import engine_on_runs, prepare_runs
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
@@ -662,14 +661,8 @@ def shortlist_and_confirm(
         runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True)
         T_eff = (runs.pos if isinstance(runs.pos, int) else int(runs.pos.max())) + 1
         live = [c for c in cells if c.pos < T_eff]
-        eng = ExactEngine(
-            model,
-            truncate_cache(runs.cache, T_eff),
-            truncate_cache(runs.source, T_eff),
-            site,
-            metric,
-            runs.pos,
-            max_batch=engine_batch(model.cfg, runs.B, T_eff, None, 2**30),
+        eng = engine_on_runs(
+            model, runs, site, metric, T_eff, engine_batch(model.cfg, runs.B, T_eff, None, 2**30)
         )
         tgt = eng.target_metric()
         vals = dict(zip(live, eng.run(live))) if live else {}
