@@ -62,6 +62,11 @@ class PatchingRuns:
     T: int
     B: int
 
+    @property
+    def metric_rows(self) -> int:
+        """Rows up to the last metric position, the only ones a patched run needs: ``max(pos) + 1``."""
+        return (self.pos if isinstance(self.pos, int) else int(self.pos.max())) + 1
+
 
 def _hooked_if_hf(model):
     """A Hugging Face causal LM (an object with ``config.model_type`` and input embeddings) wrapped by
@@ -296,16 +301,15 @@ def engine_on_runs(
     runs: PatchingRuns,
     site: str,
     metric,
-    T_eff: int,
     max_batch: int | None,
     max_pack_bytes: int | None = 0,
 ) -> ExactEngine:
     """The exact engine on the recorded ``runs`` (:func:`prepare_runs` with ``full_cache``), their caches cut
-    after row ``T_eff - 1`` (the last metric position)."""
+    after the last metric position (:attr:`PatchingRuns.metric_rows`)."""
     return ExactEngine(
         model,
-        truncate_cache(runs.cache, T_eff),
-        truncate_cache(runs.source, T_eff),
+        truncate_cache(runs.cache, runs.metric_rows),
+        truncate_cache(runs.source, runs.metric_rows),
         site,
         metric,
         runs.pos,
@@ -484,12 +488,11 @@ def _activation_patching(
             runs = prepare_runs(
                 model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True
             )
-            pos = runs.pos
-            T_eff = (pos if isinstance(pos, int) else int(pos.max())) + 1
+            T_eff = runs.metric_rows
             batch = engine_batch(
                 model.cfg, B, T_eff, max_batch, max_memory if not packs else max_memory - packs
             )
-            engine = engine_on_runs(model, runs, site, metric, T_eff, batch, packs)
+            engine = engine_on_runs(model, runs, site, metric, batch, packs)
             vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
             live = [i for i, c in enumerate(cells) if c.pos < T_eff]
             dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]

@@ -659,11 +659,9 @@ def shortlist_and_confirm(
     site_hooks = sorted({hook_name(site, c.layer) for c in cells})
     with model.fixed_weights():  # one block for the recorded runs and the engine: the layouts made once
         runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True)
-        T_eff = (runs.pos if isinstance(runs.pos, int) else int(runs.pos.max())) + 1
+        T_eff = runs.metric_rows
         live = [c for c in cells if c.pos < T_eff]
-        eng = engine_on_runs(
-            model, runs, site, metric, T_eff, engine_batch(model.cfg, runs.B, T_eff, None, 2**30)
-        )
+        eng = engine_on_runs(model, runs, site, metric, engine_batch(model.cfg, runs.B, T_eff, None, 2**30))
         tgt = eng.target_metric()
         vals = dict(zip(live, eng.run(live))) if live else {}
     out = []
