@@ -28,6 +28,24 @@ def packed_on(monkeypatch):
     monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
 
 
+@pytest.fixture
+def products(monkeypatch) -> list:
+    """One entry per product taken through oneDNN (``PackedWeights.product``) while the test runs."""
+    seen: list = []
+    real = pk.PackedWeights.product
+    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: seen.append(1) or real(*a)))
+    return seen
+
+
+@pytest.fixture
+def blocks_made(monkeypatch) -> list:
+    """Every ``PackedWeights`` made while the test runs: one per outermost ``fixed_weights`` block."""
+    made: list = []
+    init = pk.PackedWeights.__init__
+    monkeypatch.setattr(pk.PackedWeights, "__init__", lambda self, *a: made.append(self) or init(self, *a))
+    return made
+
+
 def _inputs(shape, n, m, gen):
     return (
         torch.randn(*shape, n, generator=gen),
@@ -284,16 +302,14 @@ def test_pack_budget(monkeypatch):
 
 @needs_ops
 @pytest.mark.parametrize("room", [3, 1])  # max_memory in units of the block weights' bytes
-def test_exact_patching_packs_within_max_memory(monkeypatch, room):
+def test_exact_patching_packs_within_max_memory(monkeypatch, blocks_made, room):
     from pypattern.patching import api as papi
 
     monkeypatch.setattr(pk, "_CHOICE", True)
     monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
     model, clean, corr, metric = _model()
     w = pk.block_weight_bytes(model)
-    made, batches = [], []
-    init = pk.PackedWeights.__init__
-    monkeypatch.setattr(pk.PackedWeights, "__init__", lambda self, *a: made.append(self) or init(self, *a))
+    made, batches = blocks_made, []
     engine_batch = papi.engine_batch
     monkeypatch.setattr(
         papi, "engine_batch", lambda *a: batches.append(a[-1]) or engine_batch(*a)
@@ -526,7 +542,7 @@ def test_calibration_times_the_two_products_in_turn():
 @pytest.mark.parametrize("choice", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 40])
 @pytest.mark.parametrize("tied", [False, True])
-def test_unembed_product_equals_the_plain_product(monkeypatch, choice, rows, tied):
+def test_unembed_product_equals_the_plain_product(monkeypatch, products, choice, rows, tied):
     """Every form the unembedding's product takes (oneDNN reading W_U in place, h @ W_U, (W_U^T h^T)^T) equals
     h @ W_U, for a weight of its own and for a tied one (the embedding transposed); oneDNN only where chosen."""
     from pypattern.patching.engine import unembed_product
@@ -534,9 +550,7 @@ def test_unembed_product_equals_the_plain_product(monkeypatch, choice, rows, tie
     if choice and not pk._ops_present():
         pytest.skip("this torch has no oneDNN linear ops")
     monkeypatch.setattr(pk, "_CHOICE", choice)
-    seen = []
-    real = pk.PackedWeights.product
-    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: seen.append(1) or real(*a)))
+    seen = products
     gen = torch.Generator().manual_seed(rows)
     W = torch.randn(300, 24, generator=gen).t() if tied else torch.randn(24, 300, generator=gen)
     h = torch.randn(rows, 24, generator=gen)
@@ -555,7 +569,7 @@ def test_unembed_product_equals_the_plain_product(monkeypatch, choice, rows, tie
 
 
 @needs_ops
-def test_exact_patching_runs_its_base_runs_through_the_chosen_product(monkeypatch):
+def test_exact_patching_runs_its_base_runs_through_the_chosen_product(monkeypatch, products):
     """The exact engine's clean and corrupted runs take the same oneDNN products as its patched runs (no gradient
     recorded, the weights held fixed), and the grid is unchanged by it."""
     from pypattern.patching import api
@@ -564,9 +578,8 @@ def test_exact_patching_runs_its_base_runs_through_the_chosen_product(monkeypatc
     monkeypatch.setattr(pk, "_CHOICE", False)
     want = activation_patching(model, "resid_pre", clean, corr, metric=metric, method="naive").values
     monkeypatch.setattr(pk, "_CHOICE", True)
-    seen = []
-    real = pk.PackedWeights.product
-    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: seen.append(1) or real(*a)))
+    seen = products
+    seen.clear()
     api.prepare_runs(model, ["blocks.0.hook_resid_pre"], clean, corr, metric, None, "denoising", True)
     assert seen
     got = activation_patching(model, "resid_pre", clean, corr, metric=metric).values
@@ -575,7 +588,7 @@ def test_exact_patching_runs_its_base_runs_through_the_chosen_product(monkeypatc
 
 @needs_ops
 @pytest.mark.parametrize("defer_base", [False, True])
-def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
+def test_circuit_runs_take_the_engines_products(monkeypatch, products, defer_base):
     """The circuits engine's recorded runs (clean, corrupted, source) go through the same oneDNN products as its
     patched runs and gradients, and EAP, EAP-IG and an edge patch are unchanged by the path."""
     from pypattern.circuits import edge_attribution, edges, patch_edges
@@ -589,9 +602,8 @@ def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
     want_ig = edge_attribution(model, clean, corr, metric=metric, method="eap-ig", steps=3).scores
     want_patch = patch_edges(model, some, clean, corr, metric=metric)
     monkeypatch.setattr(pk, "_CHOICE", True)
-    seen = []
-    real = pk.PackedWeights.product
-    monkeypatch.setattr(pk.PackedWeights, "product", staticmethod(lambda *a: seen.append(1) or real(*a)))
+    seen = products
+    seen.clear()
     prepare_runs(model, graph, clean, corr, metric, defer_base=defer_base)
     assert seen
     assert all(p.requires_grad for p in model.parameters())  # the freeze is undone
@@ -604,15 +616,13 @@ def test_circuit_runs_take_the_engines_products(monkeypatch, defer_base):
     )
 
 
-def test_shortlist_and_confirm_makes_its_layouts_once(monkeypatch):
+def test_shortlist_and_confirm_makes_its_layouts_once(blocks_made):
     """The confirming stage's recorded runs and engine share one fixed-weights block (one set of attention
     layouts and packs), and its exact effects equal exact patching's."""
     from pypattern.patching.attribution import shortlist_and_confirm
 
     model, clean, corr, metric = _model()
-    made = []
-    init = pk.PackedWeights.__init__
-    monkeypatch.setattr(pk.PackedWeights, "__init__", lambda self, *a: made.append(self) or init(self, *a))
+    made = blocks_made
     rows = shortlist_and_confirm(model, "z", clean, corr, metric=metric, k=3)
     assert len(made) == 2  # attribution patching's block, then the confirming stage's
     grid = activation_patching(model, "z", clean, corr, metric=metric)
