@@ -9,7 +9,8 @@ gradient with ``torch.func.vmap(grad)``.
 
 A site (:class:`GramSite`) is one place where parameters act linearly. :func:`default_sites` gives every
 ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm``; :func:`transformer_lens_sites` covers every
-parameter of a TransformerLens-layout transformer (``pypattern.models.Transformer``).
+parameter of a TransformerLens-layout transformer (``pypattern.models.Transformer`` and the models converted into
+it), the default for that model.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ class GramSite:
     * ``"positional"``: ``y[:, t] = W[t]`` for every sample (ids are the positions); ``params = (weight name,)``.
     * ``"layernorm"``: ``y = xhat * w + b`` with ``xhat = layer_norm(x, eps)`` over the last dimension; ``x`` from
       ``inp``, ``params = (w name, b name or None)``.
+    * ``"rmsnorm"``: ``y = xhat * w`` (or ``xhat * (offset + w)``: the gradient is the same) with ``xhat = x /
+      sqrt(mean(x^2) + eps)`` over the last dimension; ``x`` from ``inp``, ``params = (w name,)``.
+
+    ``compute_dtype`` (norms only): ``xhat`` is computed in this dtype and cast back to the input's, as the norm
+    module does (a converted Llama-family model normalises in float32 also when cast to float64).
+
+    ``tied`` (embeddings only): the ``(output, input)`` captures of the weight's second use, as the linear map ``y =
+    x W^T`` (an unembedding tied to the embedding). The site's Gram is then that of the sum of both uses' gradients,
+    their cross terms included.
 
     The weight may have any layout that is a reshape or permutation of the ``(d_in, d_out)`` map (e.g.
     ``W_Q (n_heads, d_model, d_head)``): Gram matrices do not depend on the order of the parameter entries.
@@ -73,6 +83,8 @@ class GramSite:
     out_dims: int = 1
     padding_idx: int | None = None
     eps: float = 1e-5
+    tied: tuple[tuple[str, str], tuple[str, str]] | None = None
+    compute_dtype: torch.dtype | None = None
 
 
 def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
@@ -138,24 +150,22 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
 
 
 def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
-    """Every parameter of a TransformerLens-layout model (``pypattern.models.Transformer``) as sites.
+    """Every parameter of a TransformerLens-layout model (``pypattern.models.Transformer``, converted models
+    included) as sites.
 
     Uses the TransformerLens names (``embed.W_E``, ``blocks.{l}.attn.W_Q``/``hook_q``, ``hook_z``,
-    ``hook_attn_out``, ``mlp.hook_pre``/``hook_post``, ``hook_mlp_out``, ``ln1``/``ln2``/``ln_final`` with ``w``,
-    ``b``, ``eps``, ``unembed.W_U``/``b_U``); parts the model lacks (positional embedding, MLPs, LayerNorms) are
-    skipped.
+    ``hook_attn_out``, ``mlp.hook_pre``/``hook_pre_linear``/``hook_post``, ``hook_mlp_out``, ``ln1``/``ln2``/
+    ``ln_final`` with ``w``, ``b``, ``eps``, ``unembed.W_U``/``b_U``). Covered: LayerNorm and RMSNorm (with or
+    without a weight offset), plain and gated MLPs, grouped-query attention, parallel attention and MLP (one shared
+    norm or two), missing biases and an unembedding tied to the embedding (one site for both uses, cross terms
+    included). Parts the model lacks (positional embedding, MLPs, norm weights) are skipped; options that change
+    what the hooks see (query/key norms, clamps, sandwich norms, scaled embeddings, capped logits, experts) are
+    refused by name.
     """
     cfg = getattr(model, "cfg", None)
     unsupported = {
-        "normalization_type": ("RMS", "LNPre", "RMSPre"),
-        "gated_mlp": (True,),
-        "tie_word_embeddings": (True,),
-        "attn_bias": (False,),
-        "attn_out_bias": (False,),
-        "mlp_bias": (False,),
         "use_normalization_before_and_after": (True,),
         "pre_norms": (False,),
-        "parallel_shared_norm": (True,),
         "qk_norm": (True, "all"),
         "post_embedding_ln": (True,),
     }
@@ -175,8 +185,8 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         if v is not None and v in bad:
             raise NotImplementedError(
                 f"transformer_lens_sites: the model's config has {opt}={v!r}, which these sites do not cover "
-                "(they know LayerNorm, the plain MLP, untied embeddings and every bias present); give the sites "
-                "of the parts you need with GramSite, or use per_sample_grad_gram_reference for an exact Gram"
+                "(their hooks would not see the output of a linear map of the parameters); give the sites of the "
+                "parts you need with GramSite, or use per_sample_grad_gram_reference for an exact Gram"
             )
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -185,69 +195,91 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     def has(*names):
         return all(n in params for n in names)
 
-    def add_ln(ln):
-        m = mods.get(ln)
-        if m is not None and has(f"{ln}.w"):
-            b = f"{ln}.b" if has(f"{ln}.b") else None
-            sites.append(GramSite(ln, "layernorm", (f"{ln}.w", b), (ln, "output"), (ln, "input"), eps=m.eps))
+    def opt(name):
+        return name if has(name) else None
 
+    def add_norm(ln):
+        m = mods.get(ln)
+        if m is None or not has(f"{ln}.w"):
+            return
+        kind = "rmsnorm" if type(m).__name__ == "RMSNorm" else "layernorm"
+        if kind == "layernorm" and type(m).__name__ != "LayerNorm":
+            raise NotImplementedError(
+                f"transformer_lens_sites: {ln} is a {type(m).__name__}, not a known norm"
+            )
+        ps = (f"{ln}.w",) if kind == "rmsnorm" else (f"{ln}.w", opt(f"{ln}.b"))
+        cd = getattr(m, "compute_dtype", None)
+        sites.append(GramSite(ln, kind, ps, (ln, "output"), (ln, "input"), eps=m.eps, compute_dtype=cd))
+
+    def linear(name, weight, bias, out, inp, **kw):
+        sites.append(GramSite(name, "linear", (opt(weight), opt(bias)), out, inp, **kw))
+
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
     if has("embed.W_E"):
+        pad = getattr(cfg, "padding_idx", None)
         sites.append(
-            GramSite("embed", "embedding", ("embed.W_E",), ("hook_embed", "output"), ("embed", "input"))
+            GramSite(
+                "embed",
+                "embedding",
+                ("embed.W_E",),
+                ("hook_embed", "output"),
+                ("embed", "input"),
+                padding_idx=pad,
+                tied=(("unembed", "output"), ("ln_final", "output")) if tied else None,
+            )
         )
     if has("pos_embed.W_pos"):
         sites.append(GramSite("pos_embed", "positional", ("pos_embed.W_pos",), ("hook_pos_embed", "output")))
     n_layers = len(getattr(model, "blocks", []))
+    shared = bool(getattr(cfg, "parallel_shared_norm", False))
     for layer in range(n_layers):
         p = f"blocks.{layer}"
-        add_ln(f"{p}.ln1")
+        add_norm(f"{p}.ln1")
         for x in "QKV":
-            sites.append(
-                GramSite(
-                    f"{p}.attn.W_{x}",
-                    "linear",
-                    (f"{p}.attn.W_{x}", f"{p}.attn.b_{x}"),
-                    (f"{p}.attn.hook_{x.lower()}", "output"),
-                    (f"{p}.ln1", "output"),
-                    out_dims=2,
-                )
+            linear(
+                f"{p}.attn.W_{x}",
+                f"{p}.attn.W_{x}",
+                f"{p}.attn.b_{x}",
+                (f"{p}.attn.hook_{x.lower()}", "output"),
+                (f"{p}.ln1", "output"),
+                out_dims=2,
             )
-        sites.append(
-            GramSite(
-                f"{p}.attn.W_O",
-                "linear",
-                (f"{p}.attn.W_O", f"{p}.attn.b_O"),
-                (f"{p}.hook_attn_out", "output"),
-                (f"{p}.attn.hook_z", "output"),
-                in_dims=2,
-            )
+        linear(
+            f"{p}.attn.W_O",
+            f"{p}.attn.W_O",
+            f"{p}.attn.b_O",
+            (f"{p}.hook_attn_out", "output"),
+            (f"{p}.attn.hook_z", "output"),
+            in_dims=2,
         )
         if has(f"{p}.mlp.W_in"):
-            add_ln(f"{p}.ln2")
-            sites.append(
-                GramSite(
-                    f"{p}.mlp.W_in",
-                    "linear",
-                    (f"{p}.mlp.W_in", f"{p}.mlp.b_in"),
+            if not shared:
+                add_norm(f"{p}.ln2")
+            mlp_in = (f"{p}.ln1" if shared else f"{p}.ln2", "output")
+            if has(f"{p}.mlp.W_gate"):
+                linear(
+                    f"{p}.mlp.W_gate",
+                    f"{p}.mlp.W_gate",
+                    f"{p}.mlp.b_gate",
                     (f"{p}.mlp.hook_pre", "output"),
-                    (f"{p}.ln2", "output"),
+                    mlp_in,
                 )
+                pre_in = (f"{p}.mlp.hook_pre_linear", "output")
+            else:
+                pre_in = (f"{p}.mlp.hook_pre", "output")
+            linear(f"{p}.mlp.W_in", f"{p}.mlp.W_in", f"{p}.mlp.b_in", pre_in, mlp_in)
+            linear(
+                f"{p}.mlp.W_out",
+                f"{p}.mlp.W_out",
+                f"{p}.mlp.b_out",
+                (f"{p}.hook_mlp_out", "output"),
+                (f"{p}.mlp.hook_post", "output"),
             )
-            sites.append(
-                GramSite(
-                    f"{p}.mlp.W_out",
-                    "linear",
-                    (f"{p}.mlp.W_out", f"{p}.mlp.b_out"),
-                    (f"{p}.hook_mlp_out", "output"),
-                    (f"{p}.mlp.hook_post", "output"),
-                )
-            )
-    add_ln("ln_final")
-    if has("unembed.W_U"):
-        b = "unembed.b_U" if has("unembed.b_U") else None
-        sites.append(
-            GramSite("unembed", "linear", ("unembed.W_U", b), ("unembed", "output"), ("ln_final", "output"))
-        )
+    add_norm("ln_final")
+    if has("unembed.W_U") or has(
+        "unembed.b_U"
+    ):  # tied: the weight is the embedding's site; the bias alone here
+        linear("unembed", "unembed.W_U", "unembed.b_U", ("unembed", "output"), ("ln_final", "output"))
     return sites
 
 
@@ -258,11 +290,14 @@ def _check_sites(model: nn.Module, sites: Sequence[GramSite]) -> dict[str, torch
     seen: dict[int, str] = {}
     out = {}
     for st in sites:
-        if st.kind not in ("linear", "embedding", "positional", "layernorm"):
+        if st.kind not in ("linear", "embedding", "positional", "layernorm", "rmsnorm"):
             raise ValueError(
-                f"site {st.name!r}: kind {st.kind!r} is not one of linear, embedding, positional, layernorm"
+                f"site {st.name!r}: kind {st.kind!r} is not one of linear, embedding, positional, layernorm, "
+                "rmsnorm"
             )
-        for cap in (st.out, st.inp):
+        if st.tied is not None and st.kind != "embedding":
+            raise ValueError(f"site {st.name!r}: tied= is for embedding sites, not {st.kind!r}")
+        for cap in (st.out, st.inp, *(st.tied or ())):
             if cap is not None and (cap[0] not in mods or cap[1] not in ("input", "output")):
                 raise ValueError(
                     f"site {st.name!r}: capture {cap!r} needs a submodule name and 'input' or 'output'"
@@ -286,9 +321,21 @@ def _check_sites(model: nn.Module, sites: Sequence[GramSite]) -> dict[str, torch
     return out
 
 
+def _sites_of(model: nn.Module, modules, sites) -> Sequence[GramSite]:
+    """The sites asked for: ``sites``; else pypattern's Transformer (converted models included) whole by
+    :func:`transformer_lens_sites` when no ``modules`` are named; else :func:`default_sites`."""
+    if sites is not None:
+        return sites
+    from .models.transformer import Transformer
+
+    if modules is None and isinstance(model, Transformer):
+        return transformer_lens_sites(model)
+    return default_sites(model, modules)
+
+
 def gram_parameters(model: nn.Module, modules=None, sites: Sequence[GramSite] | None = None):
     """The parameters (by full name) whose gradients :func:`per_sample_grad_gram` covers."""
-    return _check_sites(model, default_sites(model, modules) if sites is None else sites)
+    return _check_sites(model, _sites_of(model, modules, sites))
 
 
 def _site_gram(st, params, cap, batch, method, backend):
@@ -310,17 +357,18 @@ def _site_gram(st, params, cap, batch, method, backend):
     if st.kind == "embedding":
         ids = torch.cat([ins[k][0].reshape(batch, -1) for k in live], 1)
         d = torch.cat([_as_btd("grad", grads[k]) for k in live], 1)
-        return grad_gram_embedding(ids, d, padding_idx=st.padding_idx, method=method, backend=backend)
-    if st.kind == "layernorm":
+        g = grad_gram_embedding(ids, d, padding_idx=st.padding_idx, method=method, backend=backend)
+        if st.tied is not None:
+            g = g + _tied_terms(st, cap, batch, ids, d, method, backend)
+        return g
+    if st.kind in ("layernorm", "rmsnorm"):
         parts = []
         xs = [ins[k][0] for k in live]
         ds = [grads[k] for k in live]
         if w_on:
             parts.append(
                 sum(
-                    (F.layer_norm(x, x.shape[-1:], eps=st.eps) * d)
-                    .reshape(batch, -1, d.shape[-1])
-                    .sum(1, dtype=torch.float64)
+                    (_normalized(st, x) * d).reshape(batch, -1, d.shape[-1]).sum(1, dtype=torch.float64)
                     for x, d in zip(xs, ds)
                 )
             )
@@ -339,6 +387,57 @@ def _site_gram(st, params, cap, batch, method, backend):
     if not (w_on or b_on):
         return None
     return grad_gram_linear(a, d, bias=b_on, weight=w_on, method=method, backend=backend)
+
+
+def _normalized(st: GramSite, x: torch.Tensor) -> torch.Tensor:
+    """``xhat`` of a norm site: ``layer_norm(x)`` or ``x / sqrt(mean(x^2) + eps)`` over the last dimension."""
+    h = x if st.compute_dtype is None else x.to(st.compute_dtype)
+    if st.kind == "rmsnorm":
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + st.eps)
+    else:
+        h = F.layer_norm(h, h.shape[-1:], eps=st.eps)
+    return h.to(x.dtype)
+
+
+#: workspace of the tied-weight cross terms (bytes; :func:`_tied_terms` takes slices of the batch under it)
+TIED_WORKSPACE_BYTES = 64 * 2**20
+
+
+def _tied_terms(st, cap, batch, ids, dE, method, backend) -> torch.Tensor:
+    """What a weight tied to an embedding adds to the embedding's Gram: the Gram of its second use ``y = x W^T``
+    and the cross terms ``<g_E_i, g_U_j> + <g_U_i, g_E_j>`` of the two uses' per-sample gradients.
+
+    ``g_E_i[v] = sum_{t: ids_it = v} dE_it`` (no padding rows) and ``g_U_j[v] = sum_s dU_js[v] x_js``, so
+    ``<g_E_i, g_U_j> = sum_{t, s} dU_js[ids_it] (dE_it . x_js)``: products of ``(B T, d) x (d, B S)``, in float64,
+    over slices of ``j`` of at most :data:`TIED_WORKSPACE_BYTES` (one sample at least). ``ids (B, T)``, ``dE (B,
+    T, d)``."""
+    out_cap, in_cap = st.tied
+    outs, ins = cap[out_cap], cap[in_cap]
+    if len(ins) != len(outs):
+        raise ValueError(f"site {st.name!r}: {len(ins)} calls of {in_cap[0]} but {len(outs)} of {out_cap[0]}")
+    live = [k for k, (_, g) in enumerate(outs) if g is not None]
+    if not live:
+        return torch.zeros(batch, batch, dtype=torch.float64, device=dE.device)
+    x = torch.cat([_as_btd("input", ins[k][0]) for k in live], 1)  # (B, S, d)
+    dU = torch.cat([_as_btd("grad", outs[k][1]) for k in live], 1)  # (B, S, V)
+    g = grad_gram_linear(x, dU, bias=False, weight=True, method=method, backend=backend)
+    B, T, d = dE.shape
+    S = x.shape[1]
+    e = dE.to(torch.float64)
+    if st.padding_idx is not None:  # the lookup gives the padding row no gradient
+        e = e * (ids != st.padding_idx).unsqueeze(-1)
+    e = e.reshape(B * T, d)
+    flat_ids = ids.reshape(-1).to(dU.device)
+    cross = torch.zeros(batch, batch, dtype=torch.float64, device=dE.device)
+    step = max(1, TIED_WORKSPACE_BYTES // max(1, 2 * 8 * B * T * S))
+    for j0 in range(0, B, step):
+        j1 = min(B, j0 + step)
+        xs = x[j0:j1].to(torch.float64).reshape(-1, d)  # (J S, d)
+        P = (e @ xs.T).view(B, T, j1 - j0, S)  # dE_it . x_js
+        Q = dU[j0:j1].index_select(-1, flat_ids).to(torch.float64)  # (J, S, B T): dU_js[ids_it]
+        Q = Q.permute(2, 0, 1).reshape(B, T, j1 - j0, S)
+        cross[:, j0:j1] = (P * Q).sum((1, 3))
+    return g + cross + cross.T
 
 
 def _no_site(model: nn.Module) -> ValueError:
@@ -368,8 +467,9 @@ def per_sample_grad_gram(
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """``G_ij = <grad l_i, grad l_j>`` over the parameters of every site, from one forward and one backward pass.
 
-    Default sites: every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm`` (see :func:`default_sites`);
-    :func:`transformer_lens_sites` covers a TransformerLens-layout model whole. Forward hooks record each site's
+    Default sites: for pypattern's ``Transformer`` (and every model converted into it) the whole model by
+    :func:`transformer_lens_sites`; for other models every ``nn.Linear``, ``nn.Embedding`` and affine
+    ``nn.LayerNorm`` (see :func:`default_sites`). Forward hooks record each site's
     input and output; one ``torch.autograd.grad`` of ``sum_i l_i`` gives the output gradients; the Gram of each
     site comes from :func:`grad_gram_linear` / :func:`grad_gram_embedding` (LayerNorm: its ``2 d`` per-sample
     gradients directly) and they are summed. A module called several times in one forward counts all its calls
@@ -402,8 +502,7 @@ def per_sample_grad_gram(
     Tensor ``(B, B)`` float64, or a dict of them.
     """
     defaults = sites is None and modules is None
-    if sites is None:
-        sites = default_sites(model, modules)
+    sites = _sites_of(model, modules, sites)
     params = _check_sites(model, sites)
     sites = [st for st in sites if any(pn in params for pn in st.params if pn is not None)]
     if not sites:
@@ -427,7 +526,7 @@ def per_sample_grad_gram(
                     f"parameter {pn!r} has dtype {params[pn].dtype}; the per-sample gradient Gram is computed for "
                     "float32 and float64 models (cast a copy with .float())"
                 )
-    caps = {c for st in sites for c in (st.out, st.inp) if c is not None}
+    caps = {c for st in sites for c in (st.out, st.inp, *(st.tied or ())) if c is not None}
     need: dict[str, set] = {}
     for mod_name, what in caps:
         need.setdefault(mod_name, set()).add(what)
@@ -479,7 +578,7 @@ def per_sample_grad_gram(
             "scale every per-sample gradient by 1/B"
         )
     batch = losses.shape[0]
-    out_caps = {st.out for st in sites}
+    out_caps = {st.out for st in sites} | {st.tied[0] for st in sites if st.tied is not None}
     targets = []
     for c, recs in records.items():
         for rec in recs:
@@ -525,13 +624,20 @@ def per_sample_grad_gram_reference(
 ) -> torch.Tensor:
     """Specification of :func:`per_sample_grad_gram`: ``torch.func.vmap(grad)`` per-sample gradients, flattened.
 
-    Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
+    Without ``sites`` or ``modules``, pypattern's Transformer is covered whole (every trainable parameter, also
+    under options :func:`transformer_lens_sites` refuses). Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
     Memory ``B x (number of covered parameters)``, twice (the gradients and their flattened copy). The Gram is
     taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)``.
     """
     from torch.func import functional_call, grad, vmap
 
-    params = {k: v.detach() for k, v in gram_parameters(model, modules, sites).items()}
+    from .models.transformer import Transformer
+
+    if sites is None and modules is None and isinstance(model, Transformer):  # every trainable parameter
+        covered = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    else:
+        covered = gram_parameters(model, modules, sites)
+    params = {k: v.detach() for k, v in covered.items()}
     if not params:
         raise _no_site(model)
 

@@ -296,10 +296,17 @@ def test_triton_kernel_compiles_for_gpus():
 
 @pytest.mark.parametrize(
     "option",
-    [dict(normalization_type="RMS"), dict(gated_mlp=True, act_fn="silu"), dict(tie_word_embeddings=True)],
+    [
+        dict(qk_norm=True, normalization_type="RMS"),
+        dict(use_normalization_before_and_after=True),
+        dict(post_embedding_ln=True),
+        dict(clip_qkv=2.0),
+        dict(embed_scale=2.0),
+    ],
 )
 def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
-    from pypattern.gram import transformer_lens_sites
+    """Options under which a hook no longer sees a linear map's output are refused by name, by the sites and by
+    the Gram's default (never a Gram over the wrong tensors); the vmap reference covers such a model whole."""
     from pypattern.models import Transformer, TransformerConfig
 
     model = Transformer(
@@ -307,6 +314,92 @@ def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
     )
     with pytest.raises(NotImplementedError, match=next(iter(option))):
         transformer_lens_sites(model)
+    t = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def lf(m, x):
+        return m(x, return_type="per_token_loss").sum(-1)
+
+    with pytest.raises(NotImplementedError, match=next(iter(option))):
+        per_sample_grad_gram(model, lf, t)
+    model = model.double()  # the reference covers the whole model there
+    assert _rel(per_sample_grad_gram_reference(model, lf, t), _naive_gram(model, lf, t)) < 1e-12
+
+
+_NATIVE_ARCHS = {
+    # Llama-like: RMSNorm (computed in float32), gated MLP, grouped-query attention, rotary, no biases, tied
+    "rms_gated_gqa_tied": dict(
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        n_key_value_heads=1,
+        positional_embedding_type="rotary",
+        attn_bias=False,
+        attn_out_bias=False,
+        mlp_bias=False,
+        unembed_bias=False,
+        tie_word_embeddings=True,
+        norm_dtype=torch.float32,
+    ),
+    # a tied unembedding with its own bias, a padding row the lookup gives no gradient, Gemma's weight offset
+    "tied_bias_padding_offset": dict(
+        normalization_type="RMS",
+        norm_weight_offset=1.0,
+        tie_word_embeddings=True,
+        unembed_bias=True,
+        padding_idx=3,
+    ),
+    # GPT-J / Phi: one norm read by parallel attention and MLP
+    "parallel_shared_norm": dict(parallel_attn_mlp=True, parallel_shared_norm=True),
+    # GPT-NeoX: parallel attention and MLP, each with its own norm
+    "parallel_two_norms": dict(parallel_attn_mlp=True),
+    # norms without weights; attention only
+    "lnpre_attn_only": dict(normalization_type="LNPre", d_mlp=None),
+}
+
+
+@pytest.mark.parametrize(
+    "arch, workspace",
+    [(a, None) for a in sorted(_NATIVE_ARCHS)]
+    + [(a, 1) for a in sorted(_NATIVE_ARCHS) if _NATIVE_ARCHS[a].get("tie_word_embeddings")],
+)
+def test_gram_of_every_architecture_covers_the_whole_model(arch, workspace, monkeypatch):
+    """The Gram's default on pypattern's Transformer covers every trainable parameter (tied weights once, their
+    two uses' cross terms included, also one sample at a time) and equals one backward per sample and the vmap
+    reference, in float64."""
+    import pypattern.gram as gram_mod
+    from pypattern.models import Transformer, TransformerConfig
+
+    if workspace is not None:  # the tied weights' cross terms one sample at a time
+        monkeypatch.setattr(gram_mod, "TIED_WORKSPACE_BYTES", workspace)
+
+    opts = dict(_NATIVE_ARCHS[arch])
+    d_mlp = opts.pop("d_mlp", 20)
+    model = Transformer(
+        TransformerConfig(
+            n_layers=2, d_model=12, n_heads=3, d_head=4, d_mlp=d_mlp, d_vocab=13, n_ctx=8, seed=1, **opts
+        )
+    ).double()
+    with torch.no_grad():  # weights away from their initial values (norm gains of 1, zero biases)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tokens = torch.randint(0, 13, (5, 7), generator=torch.Generator().manual_seed(0))
+    tokens[1, 2] = tokens[3, 0] = 3  # the padding id where there is one
+
+    def lf(m, t):
+        return m(t, return_type="per_token_loss").sum(-1)
+
+    assert set(gram_parameters(model)) == {n for n, _ in model.named_parameters()}
+    naive = _naive_gram(model, lf, tokens)
+    got = per_sample_grad_gram(model, lf, tokens)
+    assert _rel(got, naive) < 1e-12
+    assert _rel(per_sample_grad_gram_reference(model, lf, tokens), naive) < 1e-12
+    parts = per_sample_grad_gram(model, lf, tokens, per_module=True)
+    assert _rel(sum(parts.values()), naive) < 1e-12
+    if (
+        model.cfg.tie_word_embeddings
+    ):  # the cross terms are there: the embedding alone is not the sum of its uses
+        assert "unembed.W_U" not in dict(model.named_parameters())
+        assert _rel(parts["embed"], naive) > 1e-6
 
 
 def test_an_in_place_op_after_a_module_does_not_change_its_gradient():
@@ -342,13 +435,20 @@ def test_no_site_over_a_trainable_parameter_is_refused():
         per_sample_grad_gram(net, lambda m, x: m(x).sum(1), x)
 
 
-def test_reference_gram_without_sites_on_pypattern_transformer_is_refused_by_name():
-    from pypattern.gram import per_sample_grad_gram_reference
+def test_gram_without_sites_on_pypattern_transformer_covers_it_whole():
+    """No sites and no modules on pypattern's Transformer: both the Gram and its reference cover every parameter
+    (the TransformerLens-layout sites), where nn.Linear-based default sites would cover none."""
+    m = pypattern.Transformer(
+        n_layers=1, d_model=8, n_heads=2, d_mlp=8, d_vocab=7, n_ctx=5, dtype=torch.float64
+    )
+    t = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(0))
 
-    m = pypattern.Transformer(n_layers=1, d_model=8, n_heads=2, d_mlp=8, d_vocab=7, n_ctx=5)
-    t = torch.randint(0, 7, (3, 5))
-    with pytest.raises(ValueError, match="sites=transformer_lens_sites"):
-        per_sample_grad_gram_reference(m, lambda mod, x: mod(x, return_type="per_token_loss").mean(1), t)
+    def lf(mod, x):
+        return mod(x, return_type="per_token_loss").mean(1)
+
+    naive = _naive_gram(m, lf, t)
+    assert _rel(per_sample_grad_gram_reference(m, lf, t), naive) < 1e-12
+    assert _rel(per_sample_grad_gram(m, lf, t), naive) < 1e-12
 
 
 def test_gram_inputs_negative_ids_and_half_precision_refused_by_name():
@@ -466,3 +566,40 @@ def test_gram_ops_and_accumulator_state_refuse_what_they_cannot_hold():
     torch.testing.assert_close(acc.cov(), before)
     with pytest.raises(ValueError, match="op='covariance' is not an operator of pypattern"):
         pypattern.backends("covariance")
+
+
+def _hf_model(arch: str):
+    transformers = pytest.importorskip("transformers")
+    T = transformers
+    small = dict(
+        vocab_size=29, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16
+    )
+    if arch == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=29, n_embd=16, n_layer=2, n_head=4, n_positions=16))
+    if arch == "llama_tied":
+        return T.LlamaForCausalLM(
+            T.LlamaConfig(**small, intermediate_size=24, num_key_value_heads=2, tie_word_embeddings=True)
+        )
+    if arch == "qwen2_tied":
+        return T.Qwen2ForCausalLM(
+            T.Qwen2Config(**small, intermediate_size=24, num_key_value_heads=1, tie_word_embeddings=True)
+        )
+    if arch == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**small, intermediate_size=24, num_key_value_heads=2))
+    raise ValueError(arch)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_tied", "qwen2_tied", "mistral"])
+def test_gram_on_converted_hugging_face_models_without_sites(arch):
+    """Converted GPT-2 (tied), Llama and Qwen2 (tied, grouped-query, biases on q/k/v for Qwen2) and Mistral: the
+    default Gram covers every parameter and equals one backward per sample (float64; the Llama family's norms
+    normalise in float32 as the Hugging Face models do)."""
+    torch.manual_seed(0)
+    model = pypattern.from_hf(_hf_model(arch).eval()).double()
+    x = torch.randint(0, 29, (4, 6), generator=torch.Generator().manual_seed(1))
+
+    def lf(m, t):
+        return m(t, return_type="per_token_loss").sum(-1)
+
+    assert set(gram_parameters(model)) == {n for n, _ in model.named_parameters()}
+    assert _rel(per_sample_grad_gram(model, lf, x), _naive_gram(model, lf, x)) < 1e-12

@@ -138,3 +138,7 @@ def test_own_model_example(env):
     o = mask["model.layers.0.self_attn.o_proj.weight"]
     assert o[:, 8:16].all() and o.sum() == o[:, 8:16].numel()
     assert set(mask) == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"}
+    from pypattern.gram import per_sample_grad_gram_reference
+
+    ref = per_sample_grad_gram_reference(env["llama"], env["per_token"], env["tokens"])
+    torch.testing.assert_close(env["gram"], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
