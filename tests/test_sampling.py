@@ -130,6 +130,76 @@ def test_sgld_deterministic_update_and_restrictions():
         SGLD(model.named_parameters(), restrict_to="nothing.*")
 
 
+def test_sgld_param_groups_step_with_their_own_hyperparameters_and_noise():
+    """devinterp's SGLD is a torch optimizer and takes param-group dicts: each group steps with its own
+    hyperparameters (either library's names, over the constructor's), group k with noise seed group_seed(seed, k),
+    equal to one op call per group; a scheduler drives each group's step size; state_dict resumes; a bad value in a
+    group is refused naming the group."""
+    from pypattern.sampling.optim import group_seed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    groups = [
+        {"params": model[0].parameters()},
+        {"params": model[1].parameters(), "lr": 1e-3, "noise_level": 0.5, "localization": 7.0},
+    ]
+    opt = SGLD(groups, lr=1e-2, nbeta=3.0, localization=2.0, seed=11)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    ref0, ref1 = [w.clone() for w in w0[:2]], [w.clone() for w in w0[2:]]
+    x = torch.randn(5, 3)
+    for step in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        lr0, lr1 = opt.param_groups[0]["lr"], opt.param_groups[1]["lr"]
+        assert (lr0, lr1) == pytest.approx((1e-2 * 0.5**step, 1e-3 * 0.5**step))
+        opt.step()
+        sched.step()
+        sgld_step_(ref0, grads[:2], w0[:2], step_size=lr0, nbeta=3.0, localization=2.0, seed=11, step=step)
+        sgld_step_(
+            ref1, grads[2:], w0[2:], step_size=lr1, nbeta=3.0, localization=7.0, noise_scale=0.5,
+            seed=group_seed(11, 1), step=step,
+        )  # fmt: skip
+        for a, b in zip(model.parameters(), ref0 + ref1):
+            torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    assert group_seed(11, 1) != 11  # the second group's noise is its own stream
+    # one dict group is the same optimizer as the tensors themselves
+    m1, m2 = (nn.Linear(3, 2) for _ in range(2))
+    m2.load_state_dict(m1.state_dict())
+    o1, o2 = SGLD(m1.parameters(), lr=0.1, seed=3), SGLD([{"params": list(m2.parameters())}], lr=0.1, seed=3)
+    for m, o in ((m1, o1), (m2, o2)):
+        m(x).sum().backward()
+        o.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # resume: a fresh optimizer loaded from state_dict continues the same trajectory
+    state = {k: v for k, v in opt.state_dict().items()}
+    after = [p.detach().clone() for p in model.parameters()]
+    model(x).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    expect = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, a in zip(model.parameters(), after):
+            p.copy_(a)
+    fresh = SGLD(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 1.0}], lr=1.0, seed=0
+    )
+    fresh.load_state_dict(state)
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    fresh.step()
+    for a, b in zip(model.parameters(), expect):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"params\[1\]: step_size \(lr\) must be"):
+        SGLD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": -1.0}])
+    with pytest.raises(ValueError, match=r"params\[1\].*foo"):
+        SGLD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "foo": 1.0}])
+    with pytest.raises(TypeError, match=r"params\[1\] must be a param-group dict"):
+        SGLD([{"params": model[0].parameters()}, list(model[1].parameters())])
+
+
 def test_chain_seed():
     seeds = {chain_seed(0, c) for c in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**64 for s in seeds)

@@ -43,6 +43,11 @@ def chain_seed(seed: int, chain: int, stream: int = 0) -> int:
     return splitmix64(splitmix64(splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
 
 
+def group_seed(seed: int, group: int) -> int:
+    """The noise seed of parameter group ``group``: ``seed`` for group 0, else ``chain_seed(seed, group, 2)``."""
+    return seed if group == 0 else chain_seed(seed, group, stream=2)
+
+
 def op_kwargs(hyper: dict) -> dict:
     """The fused op's hyperparameter keywords from the optimizer's names (``lr``, ``noise_level``,
     ``bounding_box_size``, as devinterp names them): one mapping for the optimizer and the batched runner."""
@@ -117,6 +122,12 @@ def _compile_patterns(patterns) -> list:
     return out
 
 
+def _named_items(group: dict) -> list:
+    """``(name, tensor)`` of a param-group dict's named entries."""
+    items = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+    return [p for p in items if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)]
+
+
 def matches(name: str, patterns: Sequence[str]) -> bool:
     """True when ``name`` matches any pattern: a glob (``blocks.0.attn.*``), a regex (``re.fullmatch``) or a
     module's dotted name (``blocks.0.attn`` covers ``blocks.0.attn.W_Q``, as component names do)."""
@@ -174,7 +185,9 @@ class SGLD(torch.optim.Optimizer):
     Parameters
     ----------
     params : iterable of Tensor, of (name, Tensor) pairs, or of param-group dicts
-        Pass ``model.named_parameters()`` to use ``restrict_to`` and ``masks``.
+        Pass ``model.named_parameters()`` to use ``restrict_to`` and ``masks``. A param-group dict may set its
+        own hyperparameters (either library's names) over the constructor's; group ``k`` draws its noise with
+        seed ``group_seed(seed, k)`` (``seed`` itself for the first group), one fused-op call per group.
     lr, step_size : float
         Step size ``eps`` > 0 (devinterp's name, pypattern's); default 0.01.
     noise_level, noise_scale : float
@@ -238,46 +251,72 @@ class SGLD(torch.optim.Optimizer):
         )
         hyper = check_hyperparameters({**SGLD_DEFAULTS, **hyper})
         params = list(params)
-        names: list[str | None] = []
-        tensors: list[torch.Tensor] = []
-        if params and isinstance(params[0], dict):
-            raise TypeError("SGLD takes one parameter group: pass tensors or (name, tensor) pairs")
-        for i, p in enumerate(params):
-            if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
-                names.append(p[0])
-                tensors.append(p[1])
-            elif isinstance(p, torch.Tensor):
-                names.append(None)
-                tensors.append(p)
-            else:
-                raise TypeError(
-                    f"params[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}"
-                )
+        if not params:
+            raise ValueError("SGLD: params is empty")
+        dicts = isinstance(params[0], dict)
+        raw_groups = params if dicts else [{"params": params}]
         patterns = _compile_patterns(restrict_to)
         masks = dict(masks or {})
-        if (patterns or masks) and any(n is None for n in names):
-            raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
-        if patterns:
-            keep = [matches(n, patterns) for n in names]
-            if not any(keep):
-                raise ValueError(f"restrict_to={patterns!r} matches no parameter; names are {names}")
+        groups, all_names, matched = [], [], False
+        for gi, g in enumerate(raw_groups):
+            if not isinstance(g, dict) or "params" not in g:
+                raise TypeError(f"params[{gi}] must be a param-group dict with 'params' (as params[0] is)")
+            where = f"params[{gi}]" if dicts else "params"
+            items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+            names: list[str | None] = []
+            tensors: list[torch.Tensor] = []
+            for i, p in enumerate(items):
+                if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+                    names.append(p[0])
+                    tensors.append(p[1])
+                elif isinstance(p, torch.Tensor):
+                    names.append(None)
+                    tensors.append(p)
+                else:
+                    raise TypeError(
+                        f"{where}[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}"
+                    )
+            if (patterns or masks) and any(n is None for n in names):
+                raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
+            named = [not patterns or matches(n, patterns) for n in names]
+            matched = matched or any(named)
+            keep = [t.requires_grad and k for t, k in zip(tensors, named)]
             names = [n for n, k in zip(names, keep) if k]
             tensors = [t for t, k in zip(tensors, keep) if k]
-        keep = [t.requires_grad for t in tensors]
-        names = [n for n, k in zip(names, keep) if k]
-        tensors = [t for t, k in zip(tensors, keep) if k]
-        unknown = set(masks) - set(names)
+            # a group's own hyperparameters, by either library's names, over the constructor's
+            options = translate({k: v for k, v in g.items() if k != "params"}, where=where, drop_none=False)
+            group = ParamGroup(params=tensors)
+            if options:
+                try:
+                    group.update(check_hyperparameters({**hyper, **options}))
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+            groups.append(group)
+            all_names.append(names)
+        if patterns and not matched:
+            raise ValueError(
+                f"restrict_to={patterns!r} matches no parameter; names are "
+                f"{[n for g in raw_groups for n, _ in _named_items(g)]}"
+            )
+        flat = [n for ns in all_names for n in ns]
+        unknown = set(masks) - set(flat)
         if unknown:
             raise ValueError(f"masks has names that are not (moving) parameters: {sorted(unknown)}")
-        super().__init__([ParamGroup(params=tensors)], hyper)
-        self._checked = tuple(hyper[k] for k in HYPERPARAMETERS)  # the values last checked
-        self.param_names = names
+        super().__init__(groups, hyper)
+        self._checked = [tuple(g[k] for k in HYPERPARAMETERS) for g in self.param_groups]  # last checked
+        # the first group's names, anchors and masks (the chain runners' one group); any further group's below
+        self.param_names = all_names[0]
         self.seed = int(seed)
         self.backend = backend
-        self.anchors = [t.detach().clone() for t in tensors]
-        self.masks = None
-        if masks:
-            self.masks = [None if n not in masks else masks[n].to(t.device) for n, t in zip(names, tensors)]
+        anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
+        group_masks = [
+            [None if n not in masks else masks[n].to(t.device) for n, t in zip(ns, g["params"])]
+            if masks
+            else None
+            for ns, g in zip(all_names, self.param_groups)
+        ]
+        self.anchors, self.masks = anchors[0], group_masks[0]
+        self.group_names, self._more_anchors, self._more_masks = all_names[1:], anchors[1:], group_masks[1:]
         self.num_steps = 0
         self._validated = False
         self._step_fn = None
@@ -295,23 +334,30 @@ class SGLD(torch.optim.Optimizer):
     @torch.no_grad()
     def sgld_step(self) -> None:
         """The step itself, without ``torch.optim.Optimizer.step``'s hooks and profiler wrapper (the runner
-        calls this directly: about 0.15 ms less per step)."""
-        group = self.param_groups[0]
-        params = group["params"]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        kw = {k: group[k] for k in HYPERPARAMETERS}
-        values = tuple(kw.values())
-        if values != self._checked:  # changed since the last step (a scheduler, or by hand): check them again
-            check_hyperparameters(kw)
-            self._checked = values
-        kw.update(masks=self.masks, seed=self.seed, step=self.num_steps)
-        if self._validated:
-            if self._step_fn is None:
-                self._step_fn = resolve_step_fn(params[0].device, self.backend)
-            self._step_fn(params, grads, self.anchors, **kw)
-        else:
-            sgld_step_(params, grads, self.anchors, backend=self.backend, **kw)
-            self._validated = True
+        calls this directly: about 0.15 ms less per step). One fused-op call per parameter group; group ``k``
+        draws its noise with seed :func:`group_seed` ``(seed, k)``."""
+        for k, group in enumerate(self.param_groups):
+            params = group["params"]
+            if not params:
+                continue
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            kw = {n: group[n] for n in HYPERPARAMETERS}
+            values = tuple(kw.values())
+            if (
+                values != self._checked[k]
+            ):  # changed since the last step (a scheduler, or by hand): check again
+                check_hyperparameters(kw)
+                self._checked[k] = values
+            anchors = self.anchors if k == 0 else self._more_anchors[k - 1]
+            masks = self.masks if k == 0 else self._more_masks[k - 1]
+            kw.update(masks=masks, seed=group_seed(self.seed, k), step=self.num_steps)
+            if self._validated:
+                if self._step_fn is None:
+                    self._step_fn = resolve_step_fn(params[0].device, self.backend)
+                self._step_fn(params, grads, anchors, **kw)
+            else:
+                sgld_step_(params, grads, anchors, backend=self.backend, **kw)
+        self._validated = True
         self.num_steps += 1
 
     def resume_at(self, step: int) -> None:
@@ -323,7 +369,12 @@ class SGLD(torch.optim.Optimizer):
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["sgld"] = {"num_steps": self.num_steps, "seed": self.seed, "anchors": self.anchors}
+        sd["sgld"] = {
+            "num_steps": self.num_steps,
+            "seed": self.seed,
+            "anchors": self.anchors,
+            "more_anchors": self._more_anchors,
+        }
         return sd
 
     def load_state_dict(self, state_dict):
@@ -336,3 +387,7 @@ class SGLD(torch.optim.Optimizer):
             self.seed = int(extra["seed"])
             for a, b in zip(self.anchors, extra["anchors"]):
                 a.copy_(b)
+            for mine, theirs in zip(self._more_anchors, extra.get("more_anchors", [])):
+                for a, b in zip(mine, theirs):
+                    a.copy_(b)
+            self._checked = [None] * len(self.param_groups)  # the loaded values are checked at the next step

@@ -30,7 +30,7 @@ from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
 from ..ops.sgld import philox_normals, sgld_step_
 from ..ops.sgnht import sgnht_step_
-from .optim import SGLD, ParamGroup, chain_seed, matches, resolve_step_fn
+from .optim import SGLD, ParamGroup, group_seed, matches, resolve_step_fn
 from .vocabulary import translate
 
 __all__ = [
@@ -68,11 +68,6 @@ _ALIASES = {
     "rmspropsgld": "rmsprop_sgld",
     "sgmcmcrmspropsgld": "rmsprop_sgld",
 }
-
-
-def group_seed(seed: int, group: int) -> int:
-    """The noise seed of parameter group ``group``: ``seed`` for group 0, else ``chain_seed(seed, group, 2)``."""
-    return seed if group == 0 else chain_seed(seed, group, stream=2)
 
 
 def _number(name: str, v, *, positive: bool) -> float:
