@@ -543,6 +543,41 @@ def test_v2_sampling_loss_averages_the_gradient_accumulation_micro_batches():
     np.testing.assert_allclose(s.sampling_loss, (micro[:, :, :4] + micro[:, :, 4:]) / 2, rtol=1e-6)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_v2_gradient_accumulation_runs_one_batch_per_forward(batched, shuffle):
+    """devinterp 2.x's gradient_accumulation_steps: every forward reads batch_size sequences (the memory of one
+    batch), and every micro-batch's per-token losses are recorded (the averaging over micro-batches is checked in
+    the test above).
+    Without shuffling, step j reads the batches 3j, 3j + 1, 3j + 2 of the dataset, cycled."""
+    per_token_loss = di.per_token_loss
+    model, ids = _transformer(), _tokens(40)
+    seen = []
+
+    def lf(m, x):
+        seen.append(x.shape[0])
+        return per_token_loss(m, x)
+
+    kw = dict(num_chains=2, num_draws=3, num_burnin_steps=1, batch_size=4, init_seed=5, quiet=True)
+    s = di.sample(
+        model, ids, {}, lr=1e-3, n_beta=5.0, localization=50.0, gradient_accumulation_steps=3,
+        shuffle=shuffle, batched=batched, loss_fn=lf, **kw,
+    )  # fmt: skip
+    assert s.sampling_loss_micro.shape == (2, 4, 12, ids.shape[1] - 1)
+    # vmap-ed forwards see one chain's batch of 4 as well
+    assert max(seen) == 4
+    got = s.sampling_input_ids_micro.values
+    if not shuffle:
+        for j in range(4):
+            want = torch.cat([ids[((3 * j + r) % 10) * 4 : ((3 * j + r) % 10 + 1) * 4] for r in range(3)])
+            np.testing.assert_array_equal(got[0, j], want.numpy())
+    # every recorded micro-batch's losses are its forward's, at the chain's weights of that step: the first step's
+    # (at w*) recomputed directly
+    with torch.no_grad():
+        first = per_token_loss(model, torch.as_tensor(got[0, 0])).numpy()
+    np.testing.assert_allclose(s.sampling_loss_micro.values[0, 0], first, rtol=1e-5, atol=1e-6)
+
+
 def test_v2_susceptibilities_formula():
     model, ids = _transformer(), _tokens()
     obs = {"train": ids[:16], "probe": {"input_ids": _tokens(16, seed=9)}}

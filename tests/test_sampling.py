@@ -429,6 +429,39 @@ def test_checkpoint_resumes_with_equal_inputs_in_other_containers(tmp_path):
 
 
 @pytest.mark.parametrize("batched", [False, True])
+def test_callback_outputs_join_the_gradient_accumulation_micro_batches(batched):
+    """With grad_accum_steps = 2 a callback's ``outputs`` hold both micro-batches: per-sample losses concatenated
+    (the first half is the draw's ``batch``, recomputed on the chain's model), a number per micro-batch stacked."""
+    model, loader = _mlp_task()
+    got = []
+
+    def lf(m, b):
+        per = nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+        return per.mean(), per, per.mean()
+
+    def cb(model, batch, outputs):
+        with torch.no_grad():
+            first = nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+        got.append((outputs[0].shape, outputs[1].shape, first, outputs[0], outputs[1]))
+
+    _run(
+        model,
+        loader,
+        loss_fn=lf,
+        grad_accum_steps=2,
+        batched=batched,
+        num_chains=2,
+        num_draws=3,
+        callbacks=[cb],
+    )
+    assert len(got) == 2 * 3
+    for per_shape, mean_shape, first, per, means in got:
+        assert per_shape == (32,) and mean_shape == (2,)
+        torch.testing.assert_close(per[:16], first, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(means, per.view(2, 16).mean(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batched", [False, True])
 def test_cores_same_draws_callbacks_in_order_checkpoint_and_errors(tmp_path, batched):
     """cores=2 runs the chains in two threads: same draws as one group, every draw reaches the callbacks once and
     in order per chain, a checkpointed run killed in one thread resumes to the same result, and a diverging chain

@@ -500,7 +500,8 @@ def sample(
         Only these parameters move (a mask restricts within one); None moves every parameter.
     num_chains, num_draws, num_burnin_steps, num_steps_bw_draws, gradient_accumulation_steps, batch_size : int
         devinterp's chain layout: ``num_draws * num_steps_bw_draws + num_burnin_steps`` steps per chain, each on
-        ``gradient_accumulation_steps`` batches of ``batch_size`` sequences (drop_last).
+        ``gradient_accumulation_steps`` batches of ``batch_size`` sequences (drop_last), one forward and backward
+        each (the memory of one batch).
     num_init_loss_batches, init_seed
         ``L_n(w*)`` per token over ``num_init_loss_batches * gradient_accumulation_steps`` batches of a
         ``init_seed``-seeded order; ``init_seed`` also keys the chains' noise and data.
@@ -597,14 +598,14 @@ def sample(
         init_tok = init_chain_tok.mean(0)
 
         total = num_draws * num_steps_bw_draws + num_burnin_steps
-        if shuffle or gradient_accumulation_steps == 1:
+        # batches of batch_size, gradient_accumulation_steps of them per step (one forward and backward each, so
+        # memory is that of one batch); without shuffling, devinterp's order: consecutive batches, cycled
+        if shuffle:
             loader = torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(ids), batch_size=big, shuffle=shuffle, drop_last=True
+                torch.utils.data.TensorDataset(ids), batch_size=batch_size, shuffle=True, drop_last=True
             )
-        else:  # devinterp's order: consecutive batches of batch_size, cycled, gradient_accumulation_steps per step
-            gas, period = gradient_accumulation_steps, nb // math.gcd(nb, gradient_accumulation_steps)
-            micro_of = [ids[i * batch_size : (i + 1) * batch_size] for i in range(nb)]
-            loader = [(torch.cat([micro_of[(j * gas + r) % nb] for r in range(gas)]),) for j in range(period)]
+        else:
+            loader = [(ids[i * batch_size : (i + 1) * batch_size],) for i in range(nb)]
         micro = np.full((num_chains, total, big, T), np.nan, dtype=np.float32)
         micro_ids = np.zeros((num_chains, total, big, T + 1), dtype=np.int64)
         obs_loss = {
@@ -643,6 +644,7 @@ def sample(
             masks=masks,
             seed=int(init_seed),
             init_loss=float(init_tok.mean()),
+            grad_accum_steps=gradient_accumulation_steps,
             callbacks=[cb],
             quiet=quiet,
             batched=batched,

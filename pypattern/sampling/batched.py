@@ -17,7 +17,7 @@ from ..ops.sgld import FLAG_GRAD_NONFINITE
 from .context import NO_GRADIENT, LossContractError, RunContext
 from .data import ChainData, to_device
 from .samplers import StackedSamplerState
-from .sequential import extra_outputs
+from .sequential import extra_outputs, join_outputs
 
 __all__ = ["VmapUnsupported", "run_batched"]
 
@@ -158,7 +158,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     shared_batch = to_device(datas[0].single, ctx.device) if shared_data else None
     for t in range(start, total):
         leaves = {n: s.detach().requires_grad_(True) for n, s in stacked.items()}
-        grads, lvs = None, []
+        grads, lvs, exs = None, [], []
         for j in range(accum):  # the weights do not change until the step
             if shared_data:
                 bj, vbj = [shared_batch] * C, shared_batch
@@ -179,7 +179,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             else:
                 losses, ex = _split_vloss(vloss(leaves, vbj))
             if j == 0:
-                batches, vb, extra = bj, vbj, ex
+                batches, vb = bj, vbj
+            exs.append(ex)
             lvs.append(losses.detach().double().cpu().numpy())
             bad = np.flatnonzero(~np.isfinite(lvs[-1]))
             if bad.size:
@@ -199,6 +200,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 for _ in range((m - 1) * accum):
                     dd.next()
         lv = lvs[0] if accum == 1 else np.mean(lvs, axis=0)
+        extra = join_outputs(exs, 1)  # (chain, ...): each chain's micro-batches joined
         d = plan.is_draw(t)
         if d >= 0:
             vobs = _batched_observables(ctx, apply, stacked, vb, shared_data, C) if plan.observables else {}

@@ -15,7 +15,7 @@ from .data import ChainData, to_device
 from .optim import SGLD
 from .samplers import chain_sampler
 
-__all__ = ["extra_outputs", "run_sequential"]
+__all__ = ["extra_outputs", "join_outputs", "run_sequential"]
 
 
 def extra_outputs(out) -> tuple:
@@ -23,6 +23,21 @@ def extra_outputs(out) -> tuple:
     if isinstance(out, tuple | list):
         return tuple(x.detach() for x in out[1:] if isinstance(x, torch.Tensor))
     return ()
+
+
+def join_outputs(parts: list[tuple], dim: int = 0) -> tuple:
+    """The loss function's other outputs over a step's gradient-accumulation micro-batches ``parts`` (one tuple
+    each): each output concatenated along the batch dimension ``dim`` (stacked along a new ``dim`` where it has
+    no such dimension: a number per micro-batch); the one tuple itself without accumulation."""
+    if len(parts) == 1:
+        return parts[0]
+    out = []
+    for xs in zip(*parts):
+        if all(x.dim() > dim for x in xs):
+            out.append(torch.cat(xs, dim))
+        else:
+            out.append(torch.stack(xs, dim))
+    return tuple(out)
 
 
 def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
@@ -78,7 +93,7 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
         for t in range(start, total):
             for p in params:
                 p.grad = None
-            vals = []
+            vals, extras = [], []
             for j in range(accum):  # the weights do not change until the step
                 b = to_device(data.next(), ctx.device)
                 o = plan.loss_fn(work, b)
@@ -87,14 +102,15 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                 if not math.isfinite(vals[-1]):
                     raise ctx.diverged(g, t, f"the loss is {vals[-1]}")
                 if j == 0:
-                    batch, out = b, o
+                    batch = b
+                extras.append(extra_outputs(o))
                 if not loss.requires_grad:
                     raise LossContractError(NO_GRADIENT)
                 (loss / accum if accum > 1 else loss).backward()
             lv = vals[0] if accum == 1 else float(np.mean(vals))
             d = plan.is_draw(t)
             if d >= 0:
-                ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=extra_outputs(out))
+                ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=join_outputs(extras))
             try:
                 take_step()
             except FloatingPointError as e:
