@@ -687,37 +687,38 @@ def acdc(
     def evaluate(circ: torch.Tensor) -> torch.Tensor:
         return engine.run(_circuit_to_patch(circ, mode)).mean(1)
 
-    ends = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
-    m_full, m_empty = float(ends[0]), float(ends[1])
-    m_cur = m_full
-    drop = torch.zeros(E, dtype=torch.float64)
-    runs, untested = 2, 0
-    reach = _Reach(graph, engine, mode)
-    window = engine.chunk_size()
-    for d in reversed(range(graph.n_dst)):
-        cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
-        if threshold > 0:
-            live = reach.update(d, keep)[reach.epos[cand]]
-            keep[cand[~live]] = False
-            untested += int((~live).sum())
-            cand = cand[live]
-        remaining = cand.tolist()
-        while remaining:
-            batch = remaining[:window]
-            trial = keep[None].repeat(len(batch), 1)
-            trial[torch.arange(len(batch)), torch.tensor(batch)] = False
-            vals = evaluate(trial)
-            runs += len(batch)
-            removed_at = None
-            for i, e in enumerate(batch):
-                delta = m_cur - float(vals[i])
-                drop[e] = delta
-                if delta < threshold:
-                    keep[e] = False
-                    m_cur = float(vals[i])
-                    removed_at = i
-                    break
-            remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
+    with engine.fixed_weights():  # one block for every test: layouts and packed weights made once
+        ends = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
+        m_full, m_empty = float(ends[0]), float(ends[1])
+        m_cur = m_full
+        drop = torch.zeros(E, dtype=torch.float64)
+        runs, untested = 2, 0
+        reach = _Reach(graph, engine, mode)
+        window = engine.chunk_size()
+        for d in reversed(range(graph.n_dst)):
+            cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
+            if threshold > 0:
+                live = reach.update(d, keep)[reach.epos[cand]]
+                keep[cand[~live]] = False
+                untested += int((~live).sum())
+                cand = cand[live]
+            remaining = cand.tolist()
+            while remaining:
+                batch = remaining[:window]
+                trial = keep[None].repeat(len(batch), 1)
+                trial[torch.arange(len(batch)), torch.tensor(batch)] = False
+                vals = evaluate(trial)
+                runs += len(batch)
+                removed_at = None
+                for i, e in enumerate(batch):
+                    delta = m_cur - float(vals[i])
+                    drop[e] = delta
+                    if delta < threshold:
+                        keep[e] = False
+                        m_cur = float(vals[i])
+                        removed_at = i
+                        break
+                remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
     m3 = torch.tensor([m_cur, m_full, m_empty], dtype=torch.float64)
     f = float(_faith(m3[0], m3[1], m3[2]))  # NaN, with a warning, where undefined
     return Circuit(
