@@ -64,7 +64,9 @@ class GramSite:
       sqrt(mean(x^2) + eps)`` over the last dimension; ``x`` from ``inp``, ``params = (w name,)``.
 
     ``compute_dtype`` (norms only): ``xhat`` is computed in this dtype and cast back to the input's, as the norm
-    module does (a converted Llama-family model normalises in float32 also when cast to float64).
+    module does (a converted Llama-family model normalises in float32 also when cast to float64). A norm that also
+    applies its weight in that dtype (Gemma's order) takes its own weight gradient there too; the site's agrees
+    with it to that dtype's rounding (about 1e-9 relative for float32 in a float64 model).
 
     ``tied`` (embeddings only): the ``(output, input)`` captures of the weight's second use, as the linear map ``y =
     x W^T`` (an unembedding tied to the embedding). The site's Gram is then that of the sum of both uses' gradients,
