@@ -49,7 +49,11 @@ class GramSite:
     """One place where parameters act linearly, for :func:`per_sample_grad_gram`.
 
     A capture ``(module name, "input" | "output")`` names a tensor seen by a forward hook on that submodule
-    (its first positional input, or its output); the first dimension of every captured tensor is the batch.
+    (its first positional input, or its output); the first dimension of every captured tensor is the batch. A
+    site's output captured at a :class:`~pypattern.models.hooks.HookPoint` is the value arriving there, before any
+    function attached to it (a hook that scales or replaces an activation changes what the model computes next,
+    not the map's own output); a site's input at a hook point is the value after its functions (what the map
+    read).
 
     Kinds:
 
@@ -211,7 +215,9 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
             )
         ps = (f"{ln}.w",) if kind == "rmsnorm" else (f"{ln}.w", opt(f"{ln}.b"))
         cd = getattr(m, "compute_dtype", None)
-        sites.append(GramSite(ln, kind, ps, (ln, "output"), (ln, "input"), eps=m.eps, compute_dtype=cd))
+        # the norm's own output: what arrives at its hook_normalized (before a user's function there)
+        out = (f"{ln}.hook_normalized", "output") if f"{ln}.hook_normalized" in mods else (ln, "output")
+        sites.append(GramSite(ln, kind, ps, out, (ln, "input"), eps=m.eps, compute_dtype=cd))
 
     def linear(name, weight, bias, out, inp, **kw):
         sites.append(GramSite(name, "linear", (opt(weight), opt(bias)), out, inp, **kw))
@@ -342,7 +348,7 @@ def gram_parameters(model: nn.Module, modules=None, sites: Sequence[GramSite] | 
 
 def _site_gram(st, params, cap, batch, method, backend):
     """Gram of one site from the captured tensors (lists over calls), or None when nothing flowed."""
-    outs = cap[st.out]
+    outs = cap[("out", st.out)]
     grads = [g for _, g in outs]
     if not grads or all(g is None for g in grads):
         return None
@@ -353,7 +359,7 @@ def _site_gram(st, params, cap, batch, method, backend):
     if st.kind == "positional":  # the per-sample gradient of W[:T] is the output gradient itself
         d = sum(_as_btd("grad", grads[k]) for k in live)
         return grad_gram_dense(d.reshape(batch, -1))
-    ins = cap[st.inp]
+    ins = cap[("in", st.inp)]
     if len(ins) != len(outs):
         raise ValueError(f"site {st.name!r}: {len(ins)} calls of {st.inp[0]} but {len(outs)} of {st.out[0]}")
     if st.kind == "embedding":
@@ -414,7 +420,7 @@ def _tied_terms(st, cap, batch, ids, dE, method, backend) -> torch.Tensor:
     over slices of ``j`` of at most :data:`TIED_WORKSPACE_BYTES` (one sample at least). ``ids (B, T)``, ``dE (B,
     T, d)``."""
     out_cap, in_cap = st.tied
-    outs, ins = cap[out_cap], cap[in_cap]
+    outs, ins = cap[("out", out_cap)], cap[("in", in_cap)]
     if len(ins) != len(outs):
         raise ValueError(f"site {st.name!r}: {len(ins)} calls of {in_cap[0]} but {len(outs)} of {out_cap[0]}")
     live = [k for k, (_, g) in enumerate(outs) if g is not None]
@@ -444,15 +450,16 @@ def _tied_terms(st, cap, batch, ids, dE, method, backend) -> torch.Tensor:
 
 def _no_site(model: nn.Module) -> ValueError:
     """The error for site lists that cover no trainable parameter (the Gram would be all zeros)."""
-    hint = (
-        "; for pypattern's Transformer give sites=transformer_lens_sites(model)"
-        if hasattr(model, "blocks") and hasattr(model, "cfg")
-        else ""
-    )
+    from .models.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        default = "the default sites cover the whole model (transformer_lens_sites)"
+        hint = "unfreeze the parameters to cover (requires_grad_(True))"
+    else:
+        default = "the default sites are the model's nn.Linear, nn.Embedding and nn.LayerNorm modules"
+        hint = "give sites= or modules= for the trainable parameters"
     return ValueError(
-        "no site covers a parameter that requires grad (the default sites are the model's nn.Linear, nn.Embedding "
-        f"and nn.LayerNorm modules), so the Gram would be all zeros: give sites= or modules= for the trainable "
-        f"parameters{hint}"
+        f"no site covers a parameter that requires grad ({default}), so the Gram would be all zeros: {hint}"
     )
 
 
@@ -513,13 +520,26 @@ def per_sample_grad_gram(
         covered = {id(p) for p in params.values()}
         left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
         if left:
+            from .models.transformer import Transformer
+
+            if isinstance(model, Transformer):
+                what, example, fix = (
+                    "transformer_lens_sites, pypattern's Transformer's",
+                    "a module added to the model",
+                    "give sites= with a GramSite for each (transformer_lens_sites(model) plus yours)",
+                )
+            else:
+                what, example, fix = (
+                    "nn.Linear, nn.Embedding and affine nn.LayerNorm modules",
+                    "a Hugging Face Conv1D or RMSNorm weight",
+                    "name the modules to cover (modules=), give sites= (for a Hugging Face model, convert it "
+                    "with pypattern.from_hf: its default sites cover it whole)",
+                )
             raise ValueError(
-                f"the default sites (nn.Linear, nn.Embedding and affine nn.LayerNorm modules) leave out "
-                f"{len(left)} trainable parameters ({left[:4]}{' ...' if len(left) > 4 else ''}; e.g. a Hugging "
-                "Face Conv1D or RMSNorm weight), so the Gram would not be over all of them. Name the modules to "
-                "cover (modules=), give sites= (transformer_lens_sites of a converted model: pypattern.from_hf), "
-                "freeze the parameters to leave out (requires_grad_(False)), or use "
-                "per_sample_grad_gram_reference with sites covering them"
+                f"the default sites ({what}) leave out {len(left)} trainable parameters "
+                f"({left[:4]}{' ...' if len(left) > 4 else ''}; e.g. {example}), so the Gram would not "
+                f"be over all of them: {fix}, freeze the parameters to leave out (requires_grad_(False)), or use "
+                "per_sample_grad_gram_reference"
             )
     for st in sites:
         for pn in st.params:
@@ -528,17 +548,32 @@ def per_sample_grad_gram(
                     f"parameter {pn!r} has dtype {params[pn].dtype}; the per-sample gradient Gram is computed for "
                     "float32 and float64 models (cast a copy with .float())"
                 )
-    caps = {c for st in sites for c in (st.out, st.inp, *(st.tied or ())) if c is not None}
-    need: dict[str, set] = {}
-    for mod_name, what in caps:
-        need.setdefault(mod_name, set()).add(what)
+    from .models.hooks import HookPoint
+
+    # a site's output is the value its map produced: at a hook point, what arrives there, before any function
+    # attached to it (a user's hook may scale or replace it); a site's input is what the map read: a hook point's
+    # value after its functions
+    roles = {("out", st.out) for st in sites} | {("out", st.tied[0]) for st in sites if st.tied is not None}
+    roles |= {("in", c) for st in sites for c in (st.inp, st.tied[1] if st.tied is not None else None) if c}
     mods = dict(model.named_modules())
+    need: dict[str, set] = {}
+    for role, (mod_name, what) in roles:
+        arriving = role == "out" and what == "output" and isinstance(mods[mod_name], HookPoint)
+        need.setdefault(mod_name, set()).add("arriving" if arriving else what)
+    scales = [
+        mods[f"{st.name}.hook_scale"]
+        for st in sites
+        if st.kind in ("layernorm", "rmsnorm") and isinstance(mods.get(f"{st.name}.hook_scale"), HookPoint)
+    ]
 
     def capture(clone: bool):
         """Run ``loss_fn`` with every needed module's input and output recorded (``[tensor, grad, version]``).
         With ``clone`` each recorded output is handed on as a copy, so that an in-place op after the module (a
-        ``ReLU(inplace=True)``) changes the copy, not the tensor whose gradient is taken."""
-        records: dict[tuple[str, str], list] = {c: [] for c in caps}
+        ``ReLU(inplace=True)``, a hook function editing its activation) changes the copy, not the tensor whose
+        gradient is taken."""
+        records: dict[tuple[str, str], list] = {
+            (mod_name, w): [] for mod_name, ws in need.items() for w in ws
+        }
 
         def make_hook(mod_name, whats):
             def hook(mod, args, kwargs, out):
@@ -555,23 +590,52 @@ def per_sample_grad_gram(
 
             return hook
 
+        def make_pre_hook(mod_name):
+            def pre_hook(mod, args):
+                x = args[0]
+                records[(mod_name, "arriving")].append([x, None, x._version if torch.is_tensor(x) else None])
+                if clone and torch.is_tensor(x):  # the hook point's functions act on a copy
+                    return (x.clone(), *args[1:])
+                return None
+
+            return pre_hook
+
+        def scale_check(mod, args, out):
+            x = args[0]
+            if out is not x or mod._scale_version != x._version:
+                raise NotImplementedError(
+                    f"a function on {mod.name or 'a norm hook_scale'} replaced or edited the norm's scale: the "
+                    "Gram's norm sites recompute it from the norm's input; remove that hook, or use "
+                    "per_sample_grad_gram_reference"
+                )
+
+        def scale_version(mod, args):
+            mod._scale_version = args[0]._version
+
         handles = []
         try:
             for mod_name, whats in need.items():
-                handles.append(
-                    mods[mod_name].register_forward_hook(make_hook(mod_name, whats), with_kwargs=True)
-                )
+                m = mods[mod_name]
+                if "arriving" in whats:
+                    handles.append(m.register_forward_pre_hook(make_pre_hook(mod_name)))
+                if whats - {"arriving"}:
+                    handles.append(m.register_forward_hook(make_hook(mod_name, whats), with_kwargs=True))
+            for m in scales:
+                handles.append(m.register_forward_pre_hook(scale_version))
+                handles.append(m.register_forward_hook(scale_check))
             losses = loss_fn(model, *inputs)
         finally:
             for h in handles:
                 h.remove()
+            for m in scales:
+                m.__dict__.pop("_scale_version", None)
         return records, losses
 
     records, losses = capture(clone=False)
     changed = any(
         rec[2] is not None and rec[0]._version != rec[2] for recs in records.values() for rec in recs
     )
-    if changed:  # an output was overwritten in place after it was recorded: run again on copies
+    if changed:  # a recorded tensor was overwritten in place after it was recorded: run again on copies
         records, losses = capture(clone=True)
     if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
         raise ValueError(
@@ -580,7 +644,14 @@ def per_sample_grad_gram(
             "scale every per-sample gradient by 1/B"
         )
     batch = losses.shape[0]
-    out_caps = {st.out for st in sites} | {st.tied[0] for st in sites if st.tied is not None}
+
+    def key(role, c):  # the record that serves capture c in that role
+        mod_name, what = c
+        if role == "out" and what == "output" and isinstance(mods[mod_name], HookPoint):
+            return (mod_name, "arriving")
+        return c
+
+    out_keys = {key(r, c) for r, c in roles if r == "out"}
     targets = []
     for c, recs in records.items():
         for rec in recs:
@@ -590,14 +661,14 @@ def per_sample_grad_gram(
                     f"{c[0]}: its {c[1]} has leading size {t.shape[0]} but the losses have batch {batch}; "
                     "the first dimension of every captured tensor must be the batch"
                 )
-            if c in out_caps and t.requires_grad:
+            if c in out_keys and torch.is_tensor(t) and t.requires_grad:
                 targets.append(rec)
     grads = torch.autograd.grad(losses.sum(), [r[0] for r in targets], allow_unused=True) if targets else []
     for rec, g in zip(targets, grads):
         rec[1] = g
     cap = {
-        c: [(r[0].detach() if torch.is_tensor(r[0]) else r[0], r[1]) for r in recs]
-        for c, recs in records.items()
+        (r, c): [(x[0].detach() if torch.is_tensor(x[0]) else x[0], x[1]) for x in records[key(r, c)]]
+        for r, c in roles
     }
     result: dict[str, torch.Tensor] = {}
     for st in sites:

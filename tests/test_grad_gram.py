@@ -603,3 +603,74 @@ def test_gram_on_converted_hugging_face_models_without_sites(arch):
 
     assert set(gram_parameters(model)) == {n for n, _ in model.named_parameters()}
     assert _rel(per_sample_grad_gram(model, lf, x), _naive_gram(model, lf, x)) < 1e-12
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMS"])
+def test_gram_with_hook_functions_editing_the_sites_activations(norm):
+    """Hook functions that scale, zero or replace activations at the sites' own hook points (in place or by a
+    returned tensor) change what the model computes next: the Gram is still the per-sample gradient Gram of the
+    hooked model, equal to one backward per sample; a function replacing a norm's scale is refused by name."""
+    model = pypattern.Transformer(
+        n_layers=2, d_model=12, n_heads=3, d_head=4, d_mlp=20, d_vocab=13, n_ctx=8, normalization_type=norm,
+        gated_mlp=norm == "RMS", act_fn="silu" if norm == "RMS" else "gelu", dtype=torch.float64, seed=2,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def zero_head_1(x, hook):
+        x[:, :, 1] = 0.0  # in place
+
+    hooks = [
+        ("blocks.0.attn.hook_q", zero_head_1),
+        ("blocks.1.hook_attn_out", lambda x, hook: 0.5 * x),
+        ("blocks.0.mlp.hook_pre", lambda x, hook: x.mul_(0.7)),
+        ("hook_embed", lambda x, hook: 2.0 * x),
+        ("blocks.1.ln2.hook_normalized", lambda x, hook: x.mul_(1.5)),
+        ("ln_final.hook_normalized", lambda x, hook: x - 0.1),
+        ("blocks.0.attn.hook_v", lambda x, hook: x.flip(1)),
+    ]
+
+    def lf(m, t):
+        with m.hooks(hooks):
+            return m(t, return_type="per_token_loss").sum(-1)
+
+    tokens = torch.randint(0, 13, (4, 6), generator=torch.Generator().manual_seed(0))
+    naive = _naive_gram(model, lf, tokens)
+    assert _rel(per_sample_grad_gram(model, lf, tokens), naive) < 1e-12
+    assert _rel(per_sample_grad_gram_reference(model, lf, tokens), naive) < 1e-12
+
+    def scaled(m, t):
+        with m.hooks([("blocks.0.ln1.hook_scale", lambda x, hook: 2.0 * x)]):
+            return m(t, return_type="per_token_loss").sum(-1)
+
+    with pytest.raises(NotImplementedError, match=r"blocks\.0\.ln1\.hook_scale"):
+        per_sample_grad_gram(model, scaled, tokens)
+
+    def reads(m, t):  # a function that only reads the scale changes nothing
+        with m.hooks([("blocks.0.ln1.hook_scale", lambda x, hook: None)]):
+            return m(t, return_type="per_token_loss").sum(-1)
+
+    assert _rel(per_sample_grad_gram(model, reads, tokens), _naive_gram(model, reads, tokens)) < 1e-12
+
+
+def test_gram_errors_on_pypattern_transformer_describe_its_default():
+    """Every parameter frozen, or a trainable module added to the model: the errors name the default that applies
+    to pypattern's Transformer (transformer_lens_sites) and what to do."""
+    model = pypattern.Transformer(
+        n_layers=1, d_model=8, n_heads=2, d_mlp=8, d_vocab=7, n_ctx=5, dtype=torch.float64
+    )
+    t = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(0))
+
+    def lf(m, x):
+        return m(x, return_type="per_token_loss").sum(-1)
+
+    model.probe = nn.Linear(8, 2).double()
+    with pytest.raises(
+        ValueError, match=r"transformer_lens_sites.*leave out 2 trainable parameters.*probe\.weight"
+    ):
+        per_sample_grad_gram(model, lf, t)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no site covers.*transformer_lens_sites.*unfreeze"):
+        per_sample_grad_gram(model, lf, t)
