@@ -200,6 +200,45 @@ def test_sgld_param_groups_step_with_their_own_hyperparameters_and_noise():
         SGLD([{"params": model[0].parameters()}, list(model[1].parameters())])
 
 
+def test_sgld_add_param_group_steps_the_new_group_and_step_errors_name_the_group():
+    """torch's add_param_group: the added group steps from its value when added, with its own hyperparameters and
+    noise seed group_seed(seed, 1), equal to one op call; a group's step size set to 0 by hand is refused at the
+    next step naming the group."""
+    from pypattern.sampling.optim import group_seed
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = SGLD(net[0].parameters(), lr=1e-2, nbeta=10.0, seed=4)
+    opt.add_param_group({"params": net[1].parameters(), "lr": 1e-3, "noise_level": 0.5})
+    assert opt.param_groups[1]["lr"] == 1e-3 and opt.param_groups[1]["nbeta"] == 10.0
+    w1 = [p.detach().clone() for p in net[1].parameters()]
+    ref = [w.clone() for w in w1]
+    x = torch.randn(5, 4)
+    for step in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        grads = [p.grad.clone() for p in net[1].parameters()]
+        opt.step()
+        sgld_step_(
+            ref,
+            grads,
+            w1,
+            step_size=1e-3,
+            nbeta=10.0,
+            localization=0.0,
+            noise_scale=0.5,
+            seed=group_seed(4, 1),
+            step=step,
+        )
+        for a, b in zip(net[1].parameters(), ref):
+            torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    opt.param_groups[1]["lr"] = 0.0
+    with pytest.raises(ValueError, match=r"param group 1: step_size \(lr\) must be a finite number > 0"):
+        opt.step()
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": net[0].parameters()})
+
+
 def test_chain_seed():
     seeds = {chain_seed(0, c) for c in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**64 for s in seeds)
@@ -459,6 +498,32 @@ def test_callback_outputs_join_the_gradient_accumulation_micro_batches(batched):
         assert per_shape == (32,) and mean_shape == (2,)
         torch.testing.assert_close(per[:16], first, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(means, per.view(2, 16).mean(1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_callback_outputs_of_micro_batches_of_different_lengths_are_a_list(batched):
+    """Batches padded to their own lengths: a per-token output cannot be concatenated over the micro-batches, so a
+    callback gets the list of them (in order, each the micro-batch's own); without callbacks nothing is joined."""
+    from pypattern.models.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, d_vocab=20, n_ctx=16))
+    loader = [torch.randint(0, 20, (4, n)) for n in (6, 9, 7, 10)]
+
+    def lf(m, toks):
+        per_tok = m(toks, return_type="per_token_loss")
+        return per_tok.mean(), per_tok
+
+    kw = dict(num_chains=2, num_draws=3, step_size=1e-4, nbeta=10.0, grad_accum_steps=2, batched=batched)
+    kw.update(quiet=True, warn_nonstationary=False, loss_fn=lf)
+    sample(model, loader, **kw)
+    got = []
+    sample(model, loader, callbacks=[lambda outputs, batch: got.append((outputs[0], batch))], **kw)
+    assert len(got) == 2 * 3
+    for out, batch in got:
+        assert isinstance(out, list) and len(out) == 2
+        assert out[0].shape == (4, batch.shape[1] - 1)  # the first micro-batch is the draw's batch
+        assert {o.shape[1] + 1 for o in out} in ({6, 9}, {7, 10})
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -180,7 +180,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 losses, ex = _split_vloss(vloss(leaves, vbj))
             if j == 0:
                 batches, vb = bj, vbj
-            exs.append(ex)
+            if ctx.cb_keys:  # what the callbacks read of this micro-batch
+                exs.append(ex)
             lvs.append(losses.detach().double().cpu().numpy())
             bad = np.flatnonzero(~np.isfinite(lvs[-1]))
             if bad.size:
@@ -200,7 +201,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 for _ in range((m - 1) * accum):
                     dd.next()
         lv = lvs[0] if accum == 1 else np.mean(lvs, axis=0)
-        extra = join_outputs(exs, 1)  # (chain, ...): each chain's micro-batches joined
+        extra = join_outputs(exs, 1) if exs else ()  # (chain, ...): each chain's micro-batches joined
         d = plan.is_draw(t)
         if d >= 0:
             vobs = _batched_observables(ctx, apply, stacked, vb, shared_data, C) if plan.observables else {}
@@ -213,7 +214,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                     lambda i=i: chain_view(i),
                     batches[i],
                     {k: v[i] for k, v in vobs.items()},
-                    tuple(x[i] for x in extra),
+                    tuple(x[i] if torch.is_tensor(x) else [y[i] for y in x] for x in extra),
                 )
         per_tensor = [gr.unbind(0) for gr in grads]
         with torch.no_grad():

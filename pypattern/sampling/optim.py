@@ -122,6 +122,38 @@ def _compile_patterns(patterns) -> list:
     return out
 
 
+def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) -> tuple:
+    """One param-group dict of :class:`SGLD`: ``(ParamGroup of the moving tensors with the group's own
+    hyperparameters, their names, whether restrict_to matched any name)``."""
+    items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+    names: list[str | None] = []
+    tensors: list[torch.Tensor] = []
+    for i, p in enumerate(items):
+        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+            names.append(p[0])
+            tensors.append(p[1])
+        elif isinstance(p, torch.Tensor):
+            names.append(None)
+            tensors.append(p)
+        else:
+            raise TypeError(f"{where}[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}")
+    if (patterns or masks) and any(n is None for n in names):
+        raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
+    named = [not patterns or matches(n, patterns) for n in names]
+    keep = [t.requires_grad and k for t, k in zip(tensors, named)]
+    names = [n for n, k in zip(names, keep) if k]
+    tensors = [t for t, k in zip(tensors, keep) if k]
+    # a group's own hyperparameters, by either library's names, over the constructor's
+    options = translate({k: v for k, v in g.items() if k != "params"}, where=where, drop_none=False)
+    group = ParamGroup(params=tensors)
+    if options:
+        try:
+            group.update(check_hyperparameters({**hyper, **options}))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    return group, names, any(named)
+
+
 def _named_items(group: dict) -> list:
     """``(name, tensor)`` of a param-group dict's named entries."""
     items = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
@@ -261,36 +293,10 @@ class SGLD(torch.optim.Optimizer):
         for gi, g in enumerate(raw_groups):
             if not isinstance(g, dict) or "params" not in g:
                 raise TypeError(f"params[{gi}] must be a param-group dict with 'params' (as params[0] is)")
-            where = f"params[{gi}]" if dicts else "params"
-            items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
-            names: list[str | None] = []
-            tensors: list[torch.Tensor] = []
-            for i, p in enumerate(items):
-                if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
-                    names.append(p[0])
-                    tensors.append(p[1])
-                elif isinstance(p, torch.Tensor):
-                    names.append(None)
-                    tensors.append(p)
-                else:
-                    raise TypeError(
-                        f"{where}[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}"
-                    )
-            if (patterns or masks) and any(n is None for n in names):
-                raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
-            named = [not patterns or matches(n, patterns) for n in names]
-            matched = matched or any(named)
-            keep = [t.requires_grad and k for t, k in zip(tensors, named)]
-            names = [n for n, k in zip(names, keep) if k]
-            tensors = [t for t, k in zip(tensors, keep) if k]
-            # a group's own hyperparameters, by either library's names, over the constructor's
-            options = translate({k: v for k, v in g.items() if k != "params"}, where=where, drop_none=False)
-            group = ParamGroup(params=tensors)
-            if options:
-                try:
-                    group.update(check_hyperparameters({**hyper, **options}))
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
+            group, names, hit = _parse_group(
+                g, f"params[{gi}]" if dicts else "params", hyper, patterns, masks
+            )
+            matched = matched or hit
             groups.append(group)
             all_names.append(names)
         if patterns and not matched:
@@ -317,9 +323,36 @@ class SGLD(torch.optim.Optimizer):
         ]
         self.anchors, self.masks = anchors[0], group_masks[0]
         self.group_names, self._more_anchors, self._more_masks = all_names[1:], anchors[1:], group_masks[1:]
+        self._group_spec = (hyper, patterns, masks)  # what add_param_group reads a new group with
         self.num_steps = 0
         self._validated = False
         self._step_fn = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group as torch optimizers do (``params`` tensors or ``(name, tensor)`` pairs, and hyperparameters
+        by either library's names over the constructor's). Its anchors ``w*`` are its values now; it draws its
+        noise with seed :func:`group_seed` ``(seed, k)`` for its index ``k``; ``restrict_to`` and ``masks``
+        given to the constructor apply to its named tensors."""
+        if (
+            "_group_spec" not in self.__dict__
+        ):  # torch.optim.Optimizer.__init__ adding the constructor's groups
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError("param_group must be a param-group dict with 'params'")
+        hyper, patterns, masks = self._group_spec
+        k = len(self.param_groups)
+        group, names, _ = _parse_group(param_group, f"param_group (group {k})", hyper, patterns, masks)
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        self._checked.append(tuple(group[n] for n in HYPERPARAMETERS))
+        self.group_names.append(names)
+        self._more_anchors.append([t.detach().clone() for t in group["params"]])
+        self._more_masks.append(
+            [None if n not in masks else masks[n].to(t.device) for n, t in zip(names, group["params"])]
+            if masks
+            else None
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -343,10 +376,14 @@ class SGLD(torch.optim.Optimizer):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             kw = {n: group[n] for n in HYPERPARAMETERS}
             values = tuple(kw.values())
-            if (
-                values != self._checked[k]
-            ):  # changed since the last step (a scheduler, or by hand): check again
-                check_hyperparameters(kw)
+            # changed since the last step (a scheduler, or by hand): checked again
+            if values != self._checked[k]:
+                try:
+                    check_hyperparameters(kw)
+                except ValueError as e:
+                    if len(self.param_groups) == 1:
+                        raise
+                    raise ValueError(f"param group {k}: {e}") from None
                 self._checked[k] = values
             anchors = self.anchors if k == 0 else self._more_anchors[k - 1]
             masks = self.masks if k == 0 else self._more_masks[k - 1]

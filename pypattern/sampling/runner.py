@@ -178,7 +178,8 @@ def sample(
         ``outputs`` (the tensors ``loss_fn`` returned after the loss, detached: a loss function returning
         ``(loss, per_sample_losses)`` hands the per-sample losses of the draw's forward to the callbacks without
         a second forward; with ``grad_accum_steps > 1`` each is joined over the step's micro-batches, concatenated
-        along its first dimension, or stacked when it has none). ``batch`` is the step's first micro-batch.
+        along its first dimension, stacked when it has none, or a list of the micro-batches' tensors when their
+        other dimensions differ). ``batch`` is the step's first micro-batch.
         Stream values into accumulators here. An exception raised by a callback stops the
         run (a checkpoint keeps finished draws). A callback with a ``reset()`` method lets a run at a calibrated
         step (``step_size="auto"``) that ran away start over at half the step (``reset()`` is called first).

@@ -28,15 +28,18 @@ def extra_outputs(out) -> tuple:
 def join_outputs(parts: list[tuple], dim: int = 0) -> tuple:
     """The loss function's other outputs over a step's gradient-accumulation micro-batches ``parts`` (one tuple
     each): each output concatenated along the batch dimension ``dim`` (stacked along a new ``dim`` where it has
-    no such dimension: a number per micro-batch); the one tuple itself without accumulation."""
+    no such dimension: a number per micro-batch; a list of the micro-batches' tensors where their other
+    dimensions differ, e.g. batches padded to their own lengths); the one tuple itself without accumulation."""
     if len(parts) == 1:
         return parts[0]
     out = []
     for xs in zip(*parts):
-        if all(x.dim() > dim for x in xs):
+        if all(x.dim() > dim for x in xs) and len({x.shape[:dim] + x.shape[dim + 1 :] for x in xs}) == 1:
             out.append(torch.cat(xs, dim))
-        else:
+        elif all(x.dim() <= dim for x in xs) and len({x.shape for x in xs}) == 1:
             out.append(torch.stack(xs, dim))
+        else:
+            out.append(list(xs))
     return tuple(out)
 
 
@@ -103,14 +106,15 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                     raise ctx.diverged(g, t, f"the loss is {vals[-1]}")
                 if j == 0:
                     batch = b
-                extras.append(extra_outputs(o))
+                if ctx.cb_keys:  # what the callbacks read of this micro-batch
+                    extras.append(extra_outputs(o))
                 if not loss.requires_grad:
                     raise LossContractError(NO_GRADIENT)
                 (loss / accum if accum > 1 else loss).backward()
             lv = vals[0] if accum == 1 else float(np.mean(vals))
             d = plan.is_draw(t)
             if d >= 0:
-                ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=join_outputs(extras))
+                ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=join_outputs(extras) if extras else ())
             try:
                 take_step()
             except FloatingPointError as e:
