@@ -239,6 +239,35 @@ def test_sgld_add_param_group_steps_the_new_group_and_step_errors_name_the_group
         opt.add_param_group({"params": net[0].parameters()})
 
 
+def test_sgld_group_masks_as_devinterp_passes_them():
+    """devinterp's sampler builds one group per parameter with a "mask" key: the same steps as masks= by name
+    (one group) after the first group's seed, bit for bit per group; a mask of the wrong shape, or a tensor masked
+    both ways, is refused naming it."""
+    from pypattern.sampling.optim import group_seed
+
+    torch.manual_seed(0)
+    net = nn.Linear(3, 4)
+    m_w = (torch.rand(4, 3) > 0.5).float()
+    x = torch.randn(6, 3)
+    w0 = [p.detach().clone() for p in net.parameters()]
+    groups = [{"params": net.weight, "mask": m_w}, {"params": net.bias, "mask": None}]
+    opt = SGLD(groups, lr=1e-2, nbeta=5.0, localization=1.0, seed=9)
+    net(x).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    opt.step()
+    ref_w, ref_b = [w0[0].clone()], [w0[1].clone()]
+    kw = dict(step_size=1e-2, nbeta=5.0, localization=1.0, step=0)
+    sgld_step_(ref_w, grads[:1], w0[:1], masks=[m_w], seed=9, **kw)
+    sgld_step_(ref_b, grads[1:], w0[1:], seed=group_seed(9, 1), **kw)
+    torch.testing.assert_close(net.weight.detach(), ref_w[0], rtol=0, atol=0)
+    torch.testing.assert_close(net.bias.detach(), ref_b[0], rtol=0, atol=0)
+    assert torch.equal(net.weight.detach()[m_w == 0], w0[0][m_w == 0])  # masked entries stay
+    with pytest.raises(ValueError, match=r"params\[0\]\['mask'\] for tensor 0 must have its shape \(4, 3\)"):
+        SGLD([{"params": net.weight, "mask": torch.ones(3, 4)}])
+    with pytest.raises(ValueError, match="weight has a mask in masks= and in its group's 'mask'"):
+        SGLD([{"params": [("weight", net.weight)], "mask": m_w}], masks={"weight": m_w})
+
+
 def test_chain_seed():
     seeds = {chain_seed(0, c) for c in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**64 for s in seeds)

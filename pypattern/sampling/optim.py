@@ -124,7 +124,9 @@ def _compile_patterns(patterns) -> list:
 
 def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) -> tuple:
     """One param-group dict of :class:`SGLD`: ``(ParamGroup of the moving tensors with the group's own
-    hyperparameters, their names, whether restrict_to matched any name)``."""
+    hyperparameters, their names, whether restrict_to matched any name, their masks or None)``. A group's
+    ``"mask"`` (devinterp's per-group mask: one tensor for every tensor of the group, or a list with one per
+    tensor, None for none) and ``masks`` by name combine; one tensor masked both ways is an error."""
     items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
     names: list[str | None] = []
     tensors: list[torch.Tensor] = []
@@ -139,19 +141,46 @@ def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) 
             raise TypeError(f"{where}[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}")
     if (patterns or masks) and any(n is None for n in names):
         raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
+    own = g.get("mask")
+    if own is None:
+        own = [None] * len(tensors)
+    elif isinstance(own, torch.Tensor):
+        own = [own] * len(tensors)
+    elif isinstance(own, (list, tuple)) and len(own) == len(tensors):
+        own = list(own)
+    else:
+        raise TypeError(
+            f"{where}['mask'] must be None, a tensor (for every tensor of the group) or a list of "
+            f"{len(tensors)} (one per tensor), got {type(own).__name__}"
+        )
+    for i, (m, t) in enumerate(zip(own, tensors)):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(t.shape):
+            got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(
+                f"{where}['mask'] for tensor {i} must have its shape {tuple(t.shape)}, got {got}"
+            )
+        if names[i] is not None and names[i] in masks:
+            raise ValueError(f"{names[i]} has a mask in masks= and in its group's 'mask': give one")
     named = [not patterns or matches(n, patterns) for n in names]
     keep = [t.requires_grad and k for t, k in zip(tensors, named)]
     names = [n for n, k in zip(names, keep) if k]
     tensors = [t for t, k in zip(tensors, keep) if k]
+    own = [m for m, k in zip(own, keep) if k]
+    merged = [masks[n] if n is not None and n in masks else m for n, m in zip(names, own)]
+    merged = [None if m is None else m.to(t.device) for m, t in zip(merged, tensors)]
     # a group's own hyperparameters, by either library's names, over the constructor's
-    options = translate({k: v for k, v in g.items() if k != "params"}, where=where, drop_none=False)
+    options = translate(
+        {k: v for k, v in g.items() if k not in ("params", "mask")}, where=where, drop_none=False
+    )
     group = ParamGroup(params=tensors)
     if options:
         try:
             group.update(check_hyperparameters({**hyper, **options}))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    return group, names, any(named)
+    return group, names, any(named), (merged if any(m is not None for m in merged) else None)
 
 
 def _named_items(group: dict) -> list:
@@ -219,7 +248,9 @@ class SGLD(torch.optim.Optimizer):
     params : iterable of Tensor, of (name, Tensor) pairs, or of param-group dicts
         Pass ``model.named_parameters()`` to use ``restrict_to`` and ``masks``. A param-group dict may set its
         own hyperparameters (either library's names) over the constructor's; group ``k`` draws its noise with
-        seed ``group_seed(seed, k)`` (``seed`` itself for the first group), one fused-op call per group.
+        seed ``group_seed(seed, k)`` (``seed`` itself for the first group), one fused-op call per group. A group's
+        ``"mask"`` (as devinterp's sampler passes it: one tensor for every tensor of the group, or a list with one
+        per tensor) masks its tensors as ``masks`` does by name.
     lr, step_size : float
         Step size ``eps`` > 0 (devinterp's name, pypattern's); default 0.01.
     noise_level, noise_scale : float
@@ -289,16 +320,17 @@ class SGLD(torch.optim.Optimizer):
         raw_groups = params if dicts else [{"params": params}]
         patterns = _compile_patterns(restrict_to)
         masks = dict(masks or {})
-        groups, all_names, matched = [], [], False
+        groups, all_names, group_masks, matched = [], [], [], False
         for gi, g in enumerate(raw_groups):
             if not isinstance(g, dict) or "params" not in g:
                 raise TypeError(f"params[{gi}] must be a param-group dict with 'params' (as params[0] is)")
-            group, names, hit = _parse_group(
+            group, names, hit, gmask = _parse_group(
                 g, f"params[{gi}]" if dicts else "params", hyper, patterns, masks
             )
             matched = matched or hit
             groups.append(group)
             all_names.append(names)
+            group_masks.append(gmask)
         if patterns and not matched:
             raise ValueError(
                 f"restrict_to={patterns!r} matches no parameter; names are "
@@ -315,12 +347,6 @@ class SGLD(torch.optim.Optimizer):
         self.seed = int(seed)
         self.backend = backend
         anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
-        group_masks = [
-            [None if n not in masks else masks[n].to(t.device) for n, t in zip(ns, g["params"])]
-            if masks
-            else None
-            for ns, g in zip(all_names, self.param_groups)
-        ]
         self.anchors, self.masks = anchors[0], group_masks[0]
         self.group_names, self._more_anchors, self._more_masks = all_names[1:], anchors[1:], group_masks[1:]
         self._group_spec = (hyper, patterns, masks)  # what add_param_group reads a new group with
@@ -342,17 +368,13 @@ class SGLD(torch.optim.Optimizer):
             raise TypeError("param_group must be a param-group dict with 'params'")
         hyper, patterns, masks = self._group_spec
         k = len(self.param_groups)
-        group, names, _ = _parse_group(param_group, f"param_group (group {k})", hyper, patterns, masks)
+        group, names, _, gmask = _parse_group(param_group, f"param_group (group {k})", hyper, patterns, masks)
         super().add_param_group(group)
         group = self.param_groups[-1]
         self._checked.append(tuple(group[n] for n in HYPERPARAMETERS))
         self.group_names.append(names)
         self._more_anchors.append([t.detach().clone() for t in group["params"]])
-        self._more_masks.append(
-            [None if n not in masks else masks[n].to(t.device) for n, t in zip(names, group["params"])]
-            if masks
-            else None
-        )
+        self._more_masks.append(gmask)
 
     @torch.no_grad()
     def step(self, closure=None):
