@@ -262,6 +262,20 @@ def test_sgld_group_masks_as_devinterp_passes_them():
     torch.testing.assert_close(net.weight.detach(), ref_w[0], rtol=0, atol=0)
     torch.testing.assert_close(net.bias.detach(), ref_b[0], rtol=0, atol=0)
     assert torch.equal(net.weight.detach()[m_w == 0], w0[0][m_w == 0])  # masked entries stay
+    # devinterp 1.x's name for the group mask, and its constructor argument: the same step
+    for make in (
+        lambda ps: SGLD([{"params": ps[0], "optimize_over": m_w}, {"params": ps[1]}], lr=1e-2, nbeta=5.0,
+                        localization=1.0, seed=9),
+        lambda ps: SGLD([{"params": ps[0]}, {"params": ps[1], "optimize_over": None}], lr=1e-2, nbeta=5.0,
+                        localization=1.0, seed=9, optimize_over=m_w),
+    ):  # fmt: skip
+        ps = [w.clone().requires_grad_(True) for w in w0]
+        for p_, g_ in zip(ps, grads):
+            p_.grad = g_
+        make(ps).step()
+        torch.testing.assert_close(ps[0].detach(), ref_w[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gives 'mask' and 'optimize_over'"):
+        SGLD([{"params": net.weight, "mask": m_w, "optimize_over": m_w}])
     with pytest.raises(ValueError, match=r"params\[0\]\['mask'\] for tensor 0 must have its shape \(4, 3\)"):
         SGLD([{"params": net.weight, "mask": torch.ones(3, 4)}])
     with pytest.raises(ValueError, match="weight has a mask in masks= and in its group's 'mask'"):

@@ -141,7 +141,9 @@ def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) 
             raise TypeError(f"{where}[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}")
     if (patterns or masks) and any(n is None for n in names):
         raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
-    own = g.get("mask")
+    if g.get("mask") is not None and g.get("optimize_over") is not None:
+        raise ValueError(f"{where} gives 'mask' and 'optimize_over' (devinterp 1.x's name for it): give one")
+    own = g.get("mask") if g.get("mask") is not None else g.get("optimize_over")
     if own is None:
         own = [None] * len(tensors)
     elif isinstance(own, torch.Tensor):
@@ -172,7 +174,9 @@ def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) 
     merged = [None if m is None else m.to(t.device) for m, t in zip(merged, tensors)]
     # a group's own hyperparameters, by either library's names, over the constructor's
     options = translate(
-        {k: v for k, v in g.items() if k not in ("params", "mask")}, where=where, drop_none=False
+        {k: v for k, v in g.items() if k not in ("params", "mask", "optimize_over")},
+        where=where,
+        drop_none=False,
     )
     group = ParamGroup(params=tensors)
     if options:
@@ -250,7 +254,10 @@ class SGLD(torch.optim.Optimizer):
         own hyperparameters (either library's names) over the constructor's; group ``k`` draws its noise with
         seed ``group_seed(seed, k)`` (``seed`` itself for the first group), one fused-op call per group. A group's
         ``"mask"`` (as devinterp's sampler passes it: one tensor for every tensor of the group, or a list with one
-        per tensor) masks its tensors as ``masks`` does by name.
+        per tensor; ``"optimize_over"``, devinterp 1.x's name, is the same) masks its tensors as ``masks`` does by
+        name.
+    optimize_over : Tensor, optional
+        devinterp 1.x's mask of every group that does not name one (a group's ``"mask": None`` has none).
     lr, step_size : float
         Step size ``eps`` > 0 (devinterp's name, pypattern's); default 0.01.
     noise_level, noise_scale : float
@@ -296,6 +303,7 @@ class SGLD(torch.optim.Optimizer):
         step_size: float | None = None,
         noise_scale: float | None = None,
         bounding_box: float | None = None,
+        optimize_over: torch.Tensor | None = None,
     ):
         hyper = translate(
             dict(
@@ -318,6 +326,13 @@ class SGLD(torch.optim.Optimizer):
             raise ValueError("SGLD: params is empty")
         dicts = isinstance(params[0], dict)
         raw_groups = params if dicts else [{"params": params}]
+        if optimize_over is not None:  # devinterp 1.x: the mask of every group that does not name one
+            raw_groups = [
+                g
+                if not isinstance(g, dict) or "mask" in g or "optimize_over" in g
+                else {**g, "mask": optimize_over}
+                for g in raw_groups
+            ]
         patterns = _compile_patterns(restrict_to)
         masks = dict(masks or {})
         groups, all_names, group_masks, matched = [], [], [], False
