@@ -274,6 +274,13 @@ def test_sgld_group_masks_as_devinterp_passes_them():
             p_.grad = g_
         make(ps).step()
         torch.testing.assert_close(ps[0].detach(), ref_w[0], rtol=0, atol=0)
+    SGLD(
+        net.parameters(), lr=1e-2, save_noise=False, save_mala_vars=False, metrics=None
+    )  # devinterp 1.x's, off
+    with pytest.raises(NotImplementedError, match=r"save_mala_vars=True.*not recorded"):
+        SGLD(net.parameters(), lr=1e-2, save_mala_vars=True)
+    with pytest.raises(NotImplementedError, match=r"metrics=\['grad_norm'\]"):
+        SGLD(net.parameters(), lr=1e-2, metrics=["grad_norm"])
     with pytest.raises(ValueError, match="gives 'mask' and 'optimize_over'"):
         SGLD([{"params": net.weight, "mask": m_w, "optimize_over": m_w}])
     with pytest.raises(ValueError, match=r"params\[0\]\['mask'\] for tensor 0 must have its shape \(4, 3\)"):

@@ -258,6 +258,8 @@ class SGLD(torch.optim.Optimizer):
         name.
     optimize_over : Tensor, optional
         devinterp 1.x's mask of every group that does not name one (a group's ``"mask": None`` has none).
+    save_noise, save_mala_vars, noise_norm, grad_norm, weight_norm, distance, metrics
+        devinterp 1.x's switches for the optimizer's own per-step metrics: accepted off; on, NotImplementedError.
     lr, step_size : float
         Step size ``eps`` > 0 (devinterp's name, pypattern's); default 0.01.
     noise_level, noise_scale : float
@@ -304,7 +306,30 @@ class SGLD(torch.optim.Optimizer):
         noise_scale: float | None = None,
         bounding_box: float | None = None,
         optimize_over: torch.Tensor | None = None,
+        save_noise: bool = False,
+        save_mala_vars: bool = False,
+        noise_norm: bool = False,
+        grad_norm: bool = False,
+        weight_norm: bool = False,
+        distance: bool = False,
+        metrics: Sequence[str] | None = None,
     ):
+        switches = dict(
+            save_noise=save_noise,
+            save_mala_vars=save_mala_vars,
+            noise_norm=noise_norm,
+            grad_norm=grad_norm,
+            weight_norm=weight_norm,
+            distance=distance,
+            metrics=metrics,
+        )
+        on = sorted(k for k, v in switches.items() if v)
+        if on:
+            raise NotImplementedError(
+                f"SGLD({', '.join(f'{k}={switches[k]!r}' for k in on)}): devinterp's per-step optimizer metrics "
+                "(the noise, MALA terms and norms) are not recorded; leave them off (False), and read losses and "
+                "draws through pypattern.sample's callbacks"
+            )
         hyper = translate(
             dict(
                 step_size=step_size,
