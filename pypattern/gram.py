@@ -50,8 +50,8 @@ class GramSite:
 
     A capture ``(module name, "input" | "output")`` names a tensor seen by a forward hook on that submodule
     (its first positional input, or its output); the first dimension of every captured tensor is the batch. A
-    site's output captured at a :class:`~pypattern.models.hooks.HookPoint` is the value arriving there, before any
-    function attached to it (a hook that scales or replaces an activation changes what the model computes next,
+    site's output captured as a module's ``"input"``, or as a :class:`~pypattern.models.hooks.HookPoint`'s
+    ``"output"``, is the value arriving there (at a hook point before any function attached to it (a hook that scales or replaces an activation changes what the model computes next,
     not the map's own output); a site's input at a hook point is the value after its functions (what the map
     read).
 
@@ -66,6 +66,8 @@ class GramSite:
       ``inp``, ``params = (w name, b name or None)``.
     * ``"rmsnorm"``: ``y = xhat * w`` (or ``xhat * (offset + w)``: the gradient is the same) with ``xhat = x /
       sqrt(mean(x^2) + eps)`` over the last dimension; ``x`` from ``inp``, ``params = (w name,)``.
+
+    ``scale`` (embeddings only): the lookup's output is ``W[ids] * scale`` (Gemma's scaled embedding).
 
     ``compute_dtype`` (norms only): ``xhat`` is computed in this dtype and cast back to the input's, as the norm
     module does (a converted Llama-family model normalises in float32 also when cast to float64). A norm that also
@@ -91,6 +93,7 @@ class GramSite:
     eps: float = 1e-5
     tied: tuple[tuple[str, str], tuple[str, str]] | None = None
     compute_dtype: torch.dtype | None = None
+    scale: float | None = None
 
 
 def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
@@ -159,31 +162,22 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     """Every parameter of a TransformerLens-layout model (``pypattern.models.Transformer``, converted models
     included) as sites.
 
-    Uses the TransformerLens names (``embed.W_E``, ``blocks.{l}.attn.W_Q``/``hook_q``, ``hook_z``,
-    ``hook_attn_out``, ``mlp.hook_pre``/``hook_pre_linear``/``hook_post``, ``hook_mlp_out``, ``ln1``/``ln2``/
-    ``ln_final`` with ``w``, ``b``, ``eps``, ``unembed.W_U``/``b_U``). Covered: LayerNorm and RMSNorm (with or
-    without a weight offset), plain and gated MLPs, grouped-query attention, parallel attention and MLP (one shared
-    norm or two), missing biases and an unembedding tied to the embedding (one site for both uses, cross terms
-    included). Parts the model lacks (positional embedding, MLPs, norm weights) are skipped; options that change
-    what the hooks see (query/key norms, clamps, sandwich norms, scaled embeddings, capped logits, experts) are
-    refused by name.
+    Each linear map's output is read where the map hands it on: the query and key projections at ``hook_q`` /
+    ``hook_k`` (at the input of ``q_norm`` / ``k_norm`` with query/key norms), values at ``hook_v``, the attention's
+    output projection and the MLP's ``W_out`` as the attention and MLP modules' outputs (before sandwich norms and
+    residual multipliers), ``mlp.hook_pre`` / ``hook_pre_linear``, ``hook_embed`` (``embed.ln``'s input with an
+    embedding LayerNorm), ``hook_pos_embed`` and the unembedding's output; norms at their ``hook_normalized``.
+    Covered: LayerNorm and RMSNorm (with or without a weight offset, pre- or post-sublayer and sandwich norms,
+    per-head or all-head query/key norms, an embedding LayerNorm), plain and gated MLPs, grouped-query attention,
+    parallel attention and MLP (one shared norm or two), missing biases, residual multipliers, a scaled embedding
+    and an unembedding tied to the embedding (one site for both uses, cross terms included). Parts the model
+    lacks (positional embedding, MLPs, norm weights) are skipped. Refused by name: clamped projections
+    (``clip_qkv``), scaled or capped logits and mixtures of experts.
     """
     cfg = getattr(model, "cfg", None)
-    unsupported = {
-        "use_normalization_before_and_after": (True,),
-        "pre_norms": (False,),
-        "qk_norm": (True, "all"),
-        "post_embedding_ln": (True,),
-    }
-    # options whose every value changes what the sites' hooks see (a scaled embedding, capped logits, clamps)
-    for opt in (
-        "embed_scale",
-        "output_logits_soft_cap",
-        "clip_qkv",
-        "n_experts",
-        "residual_multiplier",
-        "logits_scaling",
-    ):
+    unsupported = {}
+    # options whose every value puts a non-linear step or a scale between a map and the tensor the sites read
+    for opt in ("output_logits_soft_cap", "clip_qkv", "n_experts", "logits_scaling"):
         if getattr(cfg, opt, None) is not None:
             unsupported[opt] = (getattr(cfg, opt),)
     for opt, bad in unsupported.items():
@@ -191,8 +185,8 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         if v is not None and v in bad:
             raise NotImplementedError(
                 f"transformer_lens_sites: the model's config has {opt}={v!r}, which these sites do not cover "
-                "(their hooks would not see the output of a linear map of the parameters); give the sites of the "
-                "parts you need with GramSite, or use per_sample_grad_gram_reference for an exact Gram"
+                "(no tensor the sites can read is the output of a linear map of the parameters there); give the "
+                "sites of the parts you need with GramSite, or use per_sample_grad_gram_reference for an exact Gram"
             )
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -223,43 +217,52 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
         sites.append(GramSite(name, "linear", (opt(weight), opt(bias)), out, inp, **kw))
 
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    post_ln = "embed.ln" in mods
     if has("embed.W_E"):
         pad = getattr(cfg, "padding_idx", None)
+        scale = getattr(cfg, "embed_scale", None)
+        if scale is not None:  # the factor as the model multiplies by it: a number of the weights' dtype
+            scale = float(torch.tensor(scale, dtype=params["embed.W_E"].dtype))
         sites.append(
             GramSite(
                 "embed",
                 "embedding",
                 ("embed.W_E",),
-                ("hook_embed", "output"),
+                ("embed.ln", "input") if post_ln else ("hook_embed", "output"),
                 ("embed", "input"),
                 padding_idx=pad,
                 tied=(("unembed", "output"), ("ln_final", "output")) if tied else None,
+                scale=scale,
             )
         )
+    if post_ln:
+        add_norm("embed.ln")
     if has("pos_embed.W_pos"):
         sites.append(GramSite("pos_embed", "positional", ("pos_embed.W_pos",), ("hook_pos_embed", "output")))
     n_layers = len(getattr(model, "blocks", []))
     shared = bool(getattr(cfg, "parallel_shared_norm", False))
+    qk_norm = getattr(cfg, "qk_norm", None)
     for layer in range(n_layers):
         p = f"blocks.{layer}"
         add_norm(f"{p}.ln1")
         for x in "QKV":
-            linear(
-                f"{p}.attn.W_{x}",
-                f"{p}.attn.W_{x}",
-                f"{p}.attn.b_{x}",
-                (f"{p}.attn.hook_{x.lower()}", "output"),
-                (f"{p}.ln1", "output"),
-                out_dims=2,
-            )
+            out, out_dims = (f"{p}.attn.hook_{x.lower()}", "output"), 2
+            if qk_norm and x in "QK":  # the projection as it enters its norm (all heads flattened with "all")
+                out, out_dims = (f"{p}.attn.{x.lower()}_norm", "input"), (1 if qk_norm == "all" else 2)
+            linear(f"{p}.attn.W_{x}", f"{p}.attn.W_{x}", f"{p}.attn.b_{x}", out, (f"{p}.ln1", "output"),
+                   out_dims=out_dims)  # fmt: skip
+        if qk_norm:
+            add_norm(f"{p}.attn.q_norm")
+            add_norm(f"{p}.attn.k_norm")
         linear(
             f"{p}.attn.W_O",
             f"{p}.attn.W_O",
             f"{p}.attn.b_O",
-            (f"{p}.hook_attn_out", "output"),
+            (f"{p}.attn", "output"),
             (f"{p}.attn.hook_z", "output"),
             in_dims=2,
         )
+        add_norm(f"{p}.ln1_post")
         if has(f"{p}.mlp.W_in"):
             if not shared:
                 add_norm(f"{p}.ln2")
@@ -280,9 +283,10 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
                 f"{p}.mlp.W_out",
                 f"{p}.mlp.W_out",
                 f"{p}.mlp.b_out",
-                (f"{p}.hook_mlp_out", "output"),
+                (f"{p}.mlp", "output"),
                 (f"{p}.mlp.hook_post", "output"),
             )
+            add_norm(f"{p}.ln2_post")
     add_norm("ln_final")
     if has("unembed.W_U") or has(
         "unembed.b_U"
@@ -365,6 +369,8 @@ def _site_gram(st, params, cap, batch, method, backend):
     if st.kind == "embedding":
         ids = torch.cat([ins[k][0].reshape(batch, -1) for k in live], 1)
         d = torch.cat([_as_btd("grad", grads[k]) for k in live], 1)
+        if st.scale is not None:  # y = W[ids] * scale: the lookup's gradient is the scaled output gradient
+            d = d * st.scale
         g = grad_gram_embedding(ids, d, padding_idx=st.padding_idx, method=method, backend=backend)
         if st.tied is not None:
             g = g + _tied_terms(st, cap, batch, ids, d, method, backend)
@@ -558,7 +564,7 @@ def per_sample_grad_gram(
     mods = dict(model.named_modules())
     need: dict[str, set] = {}
     for role, (mod_name, what) in roles:
-        arriving = role == "out" and what == "output" and isinstance(mods[mod_name], HookPoint)
+        arriving = role == "out" and (what == "input" or isinstance(mods[mod_name], HookPoint))
         need.setdefault(mod_name, set()).add("arriving" if arriving else what)
     scales = [
         mods[f"{st.name}.hook_scale"]
@@ -647,7 +653,7 @@ def per_sample_grad_gram(
 
     def key(role, c):  # the record that serves capture c in that role
         mod_name, what = c
-        if role == "out" and what == "output" and isinstance(mods[mod_name], HookPoint):
+        if role == "out" and (what == "input" or isinstance(mods[mod_name], HookPoint)):
             return (mod_name, "arriving")
         return c
 

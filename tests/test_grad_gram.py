@@ -297,16 +297,16 @@ def test_triton_kernel_compiles_for_gpus():
 @pytest.mark.parametrize(
     "option",
     [
-        dict(qk_norm=True, normalization_type="RMS"),
-        dict(use_normalization_before_and_after=True),
-        dict(post_embedding_ln=True),
         dict(clip_qkv=2.0),
-        dict(embed_scale=2.0),
+        dict(output_logits_soft_cap=30.0),
+        dict(logits_scaling=4.0),
+        dict(n_experts=2, experts_per_token=1, gated_mlp=True, act_fn="silu", mlp_bias=False),
     ],
 )
 def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
-    """Options under which a hook no longer sees a linear map's output are refused by name, by the sites and by
-    the Gram's default (never a Gram over the wrong tensors); the vmap reference covers such a model whole."""
+    """Options that put a non-linear step or a scale between a map and every tensor the sites can read (clamped
+    projections, capped or scaled logits) and mixtures of experts are refused by name, by the sites and by the
+    Gram's default (never a Gram over the wrong tensors); the vmap reference covers such a model whole."""
     from pypattern.models import Transformer, TransformerConfig
 
     model = Transformer(
@@ -354,6 +354,21 @@ _NATIVE_ARCHS = {
     "parallel_two_norms": dict(parallel_attn_mlp=True),
     # norms without weights; attention only
     "lnpre_attn_only": dict(normalization_type="LNPre", d_mlp=None),
+    # Qwen3: per-head query/key norms; OLMo 2: all-head query/key norms, norms after the sublayers only
+    "qk_norm_per_head": dict(normalization_type="RMS", qk_norm=True, n_key_value_heads=1),
+    "qk_norm_all_post_norms": dict(
+        normalization_type="RMS", qk_norm="all", pre_norms=False, use_normalization_before_and_after=True
+    ),
+    # Gemma 3: sandwich norms, a scaled tied embedding; Granite: residual multipliers; BLOOM: an embedding norm
+    "sandwich_scaled_tied": dict(
+        normalization_type="RMS",
+        norm_weight_offset=1.0,
+        use_normalization_before_and_after=True,
+        embed_scale=3.5,
+        tie_word_embeddings=True,
+    ),
+    "residual_multiplier": dict(residual_multiplier=0.6, embed_scale=2.0),
+    "embedding_layernorm_tied": dict(post_embedding_ln=True, tie_word_embeddings=True, padding_idx=3),
 }
 
 
@@ -586,14 +601,43 @@ def _hf_model(arch: str):
         )
     if arch == "mistral":
         return T.MistralForCausalLM(T.MistralConfig(**small, intermediate_size=24, num_key_value_heads=2))
+    if arch == "qwen3":
+        return T.Qwen3ForCausalLM(
+            T.Qwen3Config(**small, intermediate_size=24, num_key_value_heads=2, head_dim=4)
+        )
+    if arch == "olmo2":
+        return T.Olmo2ForCausalLM(T.Olmo2Config(**small, intermediate_size=24, num_key_value_heads=2))
+    if arch == "bloom":
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=29, hidden_size=16, n_layer=2, n_head=4))
+    if arch == "gemma":
+        return T.GemmaForCausalLM(
+            T.GemmaConfig(**small, intermediate_size=24, num_key_value_heads=1, head_dim=4)
+        )
+    if arch == "gemma3":
+        return T.Gemma3ForCausalLM(
+            T.Gemma3TextConfig(
+                **small, intermediate_size=24, num_key_value_heads=1, head_dim=4, sliding_window=4
+            )
+        )
+    if arch == "granite":
+        return T.GraniteForCausalLM(
+            T.GraniteConfig(**small, intermediate_size=24, num_key_value_heads=2, embedding_multiplier=3.0,
+                            residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.0)
+        )  # fmt: skip
     raise ValueError(arch)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama_tied", "qwen2_tied", "mistral"])
+@pytest.mark.parametrize(
+    "arch",
+    ["gpt2", "llama_tied", "qwen2_tied", "mistral", "qwen3", "olmo2", "bloom", "gemma", "gemma3", "granite"],
+)
 def test_gram_on_converted_hugging_face_models_without_sites(arch):
-    """Converted GPT-2 (tied), Llama and Qwen2 (tied, grouped-query, biases on q/k/v for Qwen2) and Mistral: the
-    default Gram covers every parameter and equals one backward per sample (float64; the Llama family's norms
-    normalise in float32 as the Hugging Face models do)."""
+    """Converted GPT-2 (tied), Llama and Qwen2 (tied, grouped-query, biases on q/k/v for Qwen2), Mistral, Qwen3
+    (per-head query/key norms), OLMo 2 (all-head query/key norms, norms after the sublayers), BLOOM (an embedding
+    LayerNorm), Gemma and Gemma 3 (scaled tied embeddings, weight offsets, Gemma 3's sandwich norms) and Granite
+    (multipliers): the default Gram covers every parameter and equals one backward per sample (float64; the Llama
+    family's norms normalise in float32 as the Hugging Face models do, and Gemma's also apply their weight there,
+    so their weight gradients carry float32 rounding)."""
     torch.manual_seed(0)
     model = pypattern.from_hf(_hf_model(arch).eval()).double()
     x = torch.randint(0, 29, (4, 6), generator=torch.Generator().manual_seed(1))
@@ -602,7 +646,8 @@ def test_gram_on_converted_hugging_face_models_without_sites(arch):
         return m(t, return_type="per_token_loss").sum(-1)
 
     assert set(gram_parameters(model)) == {n for n, _ in model.named_parameters()}
-    assert _rel(per_sample_grad_gram(model, lf, x), _naive_gram(model, lf, x)) < 1e-12
+    tol = 1e-9 if arch.startswith("gemma") else 1e-12
+    assert _rel(per_sample_grad_gram(model, lf, x), _naive_gram(model, lf, x)) < tol
 
 
 @pytest.mark.parametrize("norm", ["LN", "RMS"])
