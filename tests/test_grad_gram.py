@@ -674,6 +674,8 @@ def test_gram_with_hook_functions_editing_the_sites_activations(norm):
         ("blocks.1.ln2.hook_normalized", lambda x, hook: x.mul_(1.5)),
         ("ln_final.hook_normalized", lambda x, hook: x - 0.1),
         ("blocks.0.attn.hook_v", lambda x, hook: x.flip(1)),
+        ("blocks.0.hook_attn_out", lambda x, hook: x.mul_(0.8)),
+        ("blocks.1.hook_mlp_out", lambda x, hook: x.mul_(1.3)),
     ]
 
     def lf(m, t):
