@@ -69,6 +69,10 @@ class GramSite:
 
     ``scale`` (embeddings only): the lookup's output is ``W[ids] * scale`` (Gemma's scaled embedding).
 
+    ``logits = (scaling, cap)`` (linear sites, and the second use of a tied embedding): the captured output is
+    ``y = cap * tanh(z / scaling / cap)`` of the map's output ``z`` (an unembedding's ``logits_scaling`` and
+    soft cap; either may be None), so its gradient is ``dy * (1 - (y / cap)^2) / scaling``.
+
     ``compute_dtype`` (norms only): ``xhat`` is computed in this dtype and cast back to the input's, as the norm
     module does (a converted Llama-family model normalises in float32 also when cast to float64). A norm that also
     applies its weight in that dtype (Gemma's order) takes its own weight gradient there too; the site's agrees
@@ -94,6 +98,7 @@ class GramSite:
     tied: tuple[tuple[str, str], tuple[str, str]] | None = None
     compute_dtype: torch.dtype | None = None
     scale: float | None = None
+    logits: tuple[float | None, float | None] | None = None
 
 
 def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
@@ -171,13 +176,14 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     per-head or all-head query/key norms, an embedding LayerNorm), plain and gated MLPs, grouped-query attention,
     parallel attention and MLP (one shared norm or two), missing biases, residual multipliers, a scaled embedding
     and an unembedding tied to the embedding (one site for both uses, cross terms included). Parts the model
-    lacks (positional embedding, MLPs, norm weights) are skipped. Refused by name: clamped projections
-    (``clip_qkv``), scaled or capped logits and mixtures of experts.
+    lacks (positional embedding, MLPs, norm weights) are skipped. The unembedding's ``logits_scaling`` and soft cap
+    are undone on its gradient (``GramSite.logits``). Refused by name: clamped projections (``clip_qkv``) and
+    mixtures of experts.
     """
     cfg = getattr(model, "cfg", None)
     unsupported = {}
     # options whose every value puts a non-linear step or a scale between a map and the tensor the sites read
-    for opt in ("output_logits_soft_cap", "clip_qkv", "n_experts", "logits_scaling"):
+    for opt in ("clip_qkv", "n_experts"):
         if getattr(cfg, opt, None) is not None:
             unsupported[opt] = (getattr(cfg, opt),)
     for opt, bad in unsupported.items():
@@ -218,6 +224,9 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
 
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     post_ln = "embed.ln" in mods
+    # the unembedding's division and soft cap after its product
+    logits = (getattr(cfg, "logits_scaling", None), getattr(cfg, "output_logits_soft_cap", None))
+    logits = None if logits == (None, None) else logits
     if has("embed.W_E"):
         pad = getattr(cfg, "padding_idx", None)
         scale = getattr(cfg, "embed_scale", None)
@@ -233,6 +242,7 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
                 padding_idx=pad,
                 tied=(("unembed", "output"), ("ln_final", "output")) if tied else None,
                 scale=scale,
+                logits=logits if tied else None,
             )
         )
     if post_ln:
@@ -291,7 +301,14 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     if has("unembed.W_U") or has(
         "unembed.b_U"
     ):  # tied: the weight is the embedding's site; the bias alone here
-        linear("unembed", "unembed.W_U", "unembed.b_U", ("unembed", "output"), ("ln_final", "output"))
+        linear(
+            "unembed",
+            "unembed.W_U",
+            "unembed.b_U",
+            ("unembed", "output"),
+            ("ln_final", "output"),
+            logits=logits,
+        )
     return sites
 
 
@@ -396,11 +413,26 @@ def _site_gram(st, params, cap, batch, method, backend):
         [_as_btd("input", ins[k][0].flatten(-st.in_dims) if st.in_dims > 1 else ins[k][0]) for k in live], 1
     )
     d = torch.cat(
-        [_as_btd("grad", grads[k].flatten(-st.out_dims) if st.out_dims > 1 else grads[k]) for k in live], 1
+        [
+            _as_btd("grad", g.flatten(-st.out_dims) if st.out_dims > 1 else g)
+            for g in (_map_grad(st, outs[k][0], grads[k]) for k in live)
+        ],
+        1,
     )
     if not (w_on or b_on):
         return None
     return grad_gram_linear(a, d, bias=b_on, weight=w_on, method=method, backend=backend)
+
+
+def _map_grad(st: GramSite, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The gradient at the map's own output ``z`` from the captured output ``y`` and its gradient ``dy`` (see
+    ``GramSite.logits``); ``dy`` itself without ``logits``."""
+    if st.logits is None:
+        return dy
+    scaling, cap = st.logits
+    if cap is not None:
+        dy = dy * (1 - (y.to(dy.dtype) / cap) ** 2)
+    return dy if scaling is None else dy / scaling
 
 
 def _normalized(st: GramSite, x: torch.Tensor) -> torch.Tensor:
@@ -433,7 +465,7 @@ def _tied_terms(st, cap, batch, ids, dE, method, backend) -> torch.Tensor:
     if not live:
         return torch.zeros(batch, batch, dtype=torch.float64, device=dE.device)
     x = torch.cat([_as_btd("input", ins[k][0]) for k in live], 1)  # (B, S, d)
-    dU = torch.cat([_as_btd("grad", outs[k][1]) for k in live], 1)  # (B, S, V)
+    dU = torch.cat([_as_btd("grad", _map_grad(st, outs[k][0], outs[k][1])) for k in live], 1)  # (B, S, V)
     g = grad_gram_linear(x, dU, bias=False, weight=True, method=method, backend=backend)
     B, T, d = dE.shape
     S = x.shape[1]

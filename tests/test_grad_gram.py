@@ -298,14 +298,12 @@ def test_triton_kernel_compiles_for_gpus():
     "option",
     [
         dict(clip_qkv=2.0),
-        dict(output_logits_soft_cap=30.0),
-        dict(logits_scaling=4.0),
         dict(n_experts=2, experts_per_token=1, gated_mlp=True, act_fn="silu", mlp_bias=False),
     ],
 )
 def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
-    """Options that put a non-linear step or a scale between a map and every tensor the sites can read (clamped
-    projections, capped or scaled logits) and mixtures of experts are refused by name, by the sites and by the
+    """Clamped projections (a non-linear step between a map and every tensor the sites can read) and mixtures of
+    experts are refused by name, by the sites and by the
     Gram's default (never a Gram over the wrong tensors); the vmap reference covers such a model whole."""
     from pypattern.models import Transformer, TransformerConfig
 
@@ -369,6 +367,10 @@ _NATIVE_ARCHS = {
     ),
     "residual_multiplier": dict(residual_multiplier=0.6, embed_scale=2.0),
     "embedding_layernorm_tied": dict(post_embedding_ln=True, tie_word_embeddings=True, padding_idx=3),
+    # Gemma 2: capped logits of a tied unembedding; Granite: scaled logits, with and without a cap
+    "capped_tied": dict(output_logits_soft_cap=2.0, tie_word_embeddings=True),
+    "scaled_capped": dict(output_logits_soft_cap=1.5, logits_scaling=3.0, unembed_bias=True),
+    "scaled_tied": dict(logits_scaling=0.5, tie_word_embeddings=True),
 }
 
 
@@ -613,6 +615,12 @@ def _hf_model(arch: str):
         return T.GemmaForCausalLM(
             T.GemmaConfig(**small, intermediate_size=24, num_key_value_heads=1, head_dim=4)
         )
+    if arch == "gemma2":
+        return T.Gemma2ForCausalLM(
+            T.Gemma2Config(
+                **small, intermediate_size=24, num_key_value_heads=1, head_dim=4, final_logit_softcapping=3.0
+            )
+        )
     if arch == "gemma3":
         return T.Gemma3ForCausalLM(
             T.Gemma3TextConfig(
@@ -622,20 +630,32 @@ def _hf_model(arch: str):
     if arch == "granite":
         return T.GraniteForCausalLM(
             T.GraniteConfig(**small, intermediate_size=24, num_key_value_heads=2, embedding_multiplier=3.0,
-                            residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.0)
+                            residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.5)
         )  # fmt: skip
     raise ValueError(arch)
 
 
 @pytest.mark.parametrize(
     "arch",
-    ["gpt2", "llama_tied", "qwen2_tied", "mistral", "qwen3", "olmo2", "bloom", "gemma", "gemma3", "granite"],
+    [
+        "gpt2",
+        "llama_tied",
+        "qwen2_tied",
+        "mistral",
+        "qwen3",
+        "olmo2",
+        "bloom",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "granite",
+    ],
 )
 def test_gram_on_converted_hugging_face_models_without_sites(arch):
     """Converted GPT-2 (tied), Llama and Qwen2 (tied, grouped-query, biases on q/k/v for Qwen2), Mistral, Qwen3
     (per-head query/key norms), OLMo 2 (all-head query/key norms, norms after the sublayers), BLOOM (an embedding
-    LayerNorm), Gemma and Gemma 3 (scaled tied embeddings, weight offsets, Gemma 3's sandwich norms) and Granite
-    (multipliers): the default Gram covers every parameter and equals one backward per sample (float64; the Llama
+    LayerNorm), Gemma, Gemma 2 and Gemma 3 (scaled tied embeddings, weight offsets, sandwich norms, Gemma 2's capped
+    logits) and Granite (multipliers, scaled logits): the default Gram covers every parameter and equals one backward per sample (float64; the Llama
     family's norms normalise in float32 as the Hugging Face models do, and Gemma's also apply their weight there,
     so their weight gradients carry float32 rounding)."""
     torch.manual_seed(0)
