@@ -73,6 +73,9 @@ class GramSite:
     ``y = cap * tanh(z / scaling / cap)`` of the map's output ``z`` (an unembedding's ``logits_scaling`` and
     soft cap; either may be None), so its gradient is ``dy * (1 - (y / cap)^2) / scaling``.
 
+    ``clip`` (linear sites): the captured output is ``z`` clamped to ``[-clip, clip]`` (OLMo's ``clip_qkv``), so
+    the gradient passes where ``|y| < clip`` (a value exactly at the bound counts as clamped).
+
     ``compute_dtype`` (norms only): ``xhat`` is computed in this dtype and cast back to the input's, as the norm
     module does (a converted Llama-family model normalises in float32 also when cast to float64). A norm that also
     applies its weight in that dtype (Gemma's order) takes its own weight gradient there too; the site's agrees
@@ -99,6 +102,7 @@ class GramSite:
     compute_dtype: torch.dtype | None = None
     scale: float | None = None
     logits: tuple[float | None, float | None] | None = None
+    clip: float | None = None
 
 
 def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
@@ -177,13 +181,13 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     parallel attention and MLP (one shared norm or two), missing biases, residual multipliers, a scaled embedding
     and an unembedding tied to the embedding (one site for both uses, cross terms included). Parts the model
     lacks (positional embedding, MLPs, norm weights) are skipped. The unembedding's ``logits_scaling`` and soft cap
-    are undone on its gradient (``GramSite.logits``). Refused by name: clamped projections (``clip_qkv``) and
-    mixtures of experts.
+    are undone on its gradient (``GramSite.logits``), and so is ``clip_qkv``'s clamp (``GramSite.clip``). Mixtures
+    of experts are refused by name.
     """
     cfg = getattr(model, "cfg", None)
     unsupported = {}
     # options whose every value puts a non-linear step or a scale between a map and the tensor the sites read
-    for opt in ("clip_qkv", "n_experts"):
+    for opt in ("n_experts",):
         if getattr(cfg, opt, None) is not None:
             unsupported[opt] = (getattr(cfg, opt),)
     for opt, bad in unsupported.items():
@@ -252,6 +256,7 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     n_layers = len(getattr(model, "blocks", []))
     shared = bool(getattr(cfg, "parallel_shared_norm", False))
     qk_norm = getattr(cfg, "qk_norm", None)
+    clip = getattr(cfg, "clip_qkv", None)  # projections clamped before their hooks (and query/key norms)
     for layer in range(n_layers):
         p = f"blocks.{layer}"
         add_norm(f"{p}.ln1")
@@ -260,7 +265,7 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
             if qk_norm and x in "QK":  # the projection as it enters its norm (all heads flattened with "all")
                 out, out_dims = (f"{p}.attn.{x.lower()}_norm", "input"), (1 if qk_norm == "all" else 2)
             linear(f"{p}.attn.W_{x}", f"{p}.attn.W_{x}", f"{p}.attn.b_{x}", out, (f"{p}.ln1", "output"),
-                   out_dims=out_dims)  # fmt: skip
+                   out_dims=out_dims, clip=clip)  # fmt: skip
         if qk_norm:
             add_norm(f"{p}.attn.q_norm")
             add_norm(f"{p}.attn.k_norm")
@@ -427,6 +432,8 @@ def _site_gram(st, params, cap, batch, method, backend):
 def _map_grad(st: GramSite, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """The gradient at the map's own output ``z`` from the captured output ``y`` and its gradient ``dy`` (see
     ``GramSite.logits``); ``dy`` itself without ``logits``."""
+    if st.clip is not None:
+        return dy * (y.abs() < st.clip).to(dy.dtype)
     if st.logits is None:
         return dy
     scaling, cap = st.logits

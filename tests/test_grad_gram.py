@@ -297,13 +297,11 @@ def test_triton_kernel_compiles_for_gpus():
 @pytest.mark.parametrize(
     "option",
     [
-        dict(clip_qkv=2.0),
         dict(n_experts=2, experts_per_token=1, gated_mlp=True, act_fn="silu", mlp_bias=False),
     ],
 )
 def test_transformer_lens_sites_refuse_parts_they_do_not_cover(option):
-    """Clamped projections (a non-linear step between a map and every tensor the sites can read) and mixtures of
-    experts are refused by name, by the sites and by the
+    """Mixtures of experts (whose expert weights no hook sees apart) are refused by name, by the sites and by the
     Gram's default (never a Gram over the wrong tensors); the vmap reference covers such a model whole."""
     from pypattern.models import Transformer, TransformerConfig
 
@@ -371,6 +369,9 @@ _NATIVE_ARCHS = {
     "capped_tied": dict(output_logits_soft_cap=2.0, tie_word_embeddings=True),
     "scaled_capped": dict(output_logits_soft_cap=1.5, logits_scaling=3.0, unembed_bias=True),
     "scaled_tied": dict(logits_scaling=0.5, tie_word_embeddings=True),
+    # OLMo: clamped query, key and value projections (here with query/key norms too)
+    "clipped": dict(clip_qkv=0.2),
+    "clipped_qk_norm": dict(clip_qkv=0.2, qk_norm=True, normalization_type="RMS"),
 }
 
 
@@ -406,6 +407,10 @@ def test_gram_of_every_architecture_covers_the_whole_model(arch, workspace, monk
         return m(t, return_type="per_token_loss").sum(-1)
 
     assert set(gram_parameters(model)) == {n for n, _ in model.named_parameters()}
+    if model.cfg.clip_qkv is not None:  # the clamp holds some entries and passes others
+        _, cache = model.run_with_cache(tokens)
+        v = cache["blocks.0.attn.hook_v"].abs()
+        assert bool((v == model.cfg.clip_qkv).any()) and bool((v < model.cfg.clip_qkv).any())
     naive = _naive_gram(model, lf, tokens)
     got = per_sample_grad_gram(model, lf, tokens)
     assert _rel(got, naive) < 1e-12
@@ -615,6 +620,10 @@ def _hf_model(arch: str):
         return T.GemmaForCausalLM(
             T.GemmaConfig(**small, intermediate_size=24, num_key_value_heads=1, head_dim=4)
         )
+    if arch == "olmo":
+        return T.OlmoForCausalLM(
+            T.OlmoConfig(**small, intermediate_size=24, num_key_value_heads=2, clip_qkv=0.2)
+        )
     if arch == "gemma2":
         return T.Gemma2ForCausalLM(
             T.Gemma2Config(
@@ -649,6 +658,7 @@ def _hf_model(arch: str):
         "gemma2",
         "gemma3",
         "granite",
+        "olmo",
     ],
 )
 def test_gram_on_converted_hugging_face_models_without_sites(arch):
