@@ -122,12 +122,10 @@ def _compile_patterns(patterns) -> list:
     return out
 
 
-def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) -> tuple:
-    """One param-group dict of :class:`SGLD`: ``(ParamGroup of the moving tensors with the group's own
-    hyperparameters, their names, whether restrict_to matched any name, their masks or None)``. A group's
-    ``"mask"`` (devinterp's per-group mask: one tensor for every tensor of the group, or a list with one per
-    tensor, None for none) and ``masks`` by name combine; one tensor masked both ways is an error."""
-    items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+def split_named(params, where: str) -> tuple[list[str | None], list[torch.Tensor]]:
+    """A param group's ``params`` (a tensor, or an iterable of tensors and ``(name, tensor)`` pairs) as ``(names,
+    tensors)``, None for an unnamed tensor; anything else is a TypeError naming ``where[i]``."""
+    items = [params] if isinstance(params, torch.Tensor) else list(params)
     names: list[str | None] = []
     tensors: list[torch.Tensor] = []
     for i, p in enumerate(items):
@@ -139,6 +137,15 @@ def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) 
             tensors.append(p)
         else:
             raise TypeError(f"{where}[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}")
+    return names, tensors
+
+
+def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) -> tuple:
+    """One param-group dict of :class:`SGLD`: ``(ParamGroup of the moving tensors with the group's own
+    hyperparameters, their names, whether restrict_to matched any name, their masks or None)``. A group's
+    ``"mask"`` (devinterp's per-group mask: one tensor for every tensor of the group, or a list with one per
+    tensor, None for none) and ``masks`` by name combine; one tensor masked both ways is an error."""
+    names, tensors = split_named(g["params"], where)
     if (patterns or masks) and any(n is None for n in names):
         raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
     if g.get("mask") is not None and g.get("optimize_over") is not None:

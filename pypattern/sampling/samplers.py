@@ -30,7 +30,7 @@ from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
 from ..ops.sgld import philox_normals, sgld_step_
 from ..ops.sgnht import sgnht_step_
-from .optim import SGLD, ParamGroup, group_seed, matches, resolve_step_fn
+from .optim import SGLD, ParamGroup, group_seed, matches, resolve_step_fn, split_named
 from .vocabulary import translate
 
 __all__ = [
@@ -194,17 +194,7 @@ class _FusedSampler(torch.optim.Optimizer):
         for gi, g in enumerate(raw_groups):
             if not isinstance(g, dict) or "params" not in g:
                 raise TypeError(f"params[{gi}] must be a param-group dict with 'params' (as params[0] is)")
-            names, tensors = [], []
-            items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
-            for i, p in enumerate(items):
-                if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
-                    names.append(p[0]), tensors.append(p[1])
-                elif isinstance(p, torch.Tensor):
-                    names.append(None), tensors.append(p)
-                else:
-                    raise TypeError(
-                        f"params[{i}] must be a Tensor or a (name, Tensor) pair, got {type(p).__name__}"
-                    )
+            names, tensors = split_named(g["params"], "params")
             if (patterns or masks) and any(n is None for n in names):
                 raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
             keep = [
