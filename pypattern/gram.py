@@ -244,7 +244,7 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
                 ("embed.ln", "input") if post_ln else ("hook_embed", "output"),
                 ("embed", "input"),
                 padding_idx=pad,
-                tied=(("unembed", "output"), ("ln_final", "output")) if tied else None,
+                tied=(("unembed", "output"), ("unembed", "input")) if tied else None,
                 scale=scale,
                 logits=logits if tied else None,
             )
@@ -303,15 +303,15 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
             )
             add_norm(f"{p}.ln2_post")
     add_norm("ln_final")
-    if has("unembed.W_U") or has(
-        "unembed.b_U"
-    ):  # tied: the weight is the embedding's site; the bias alone here
+    # tied: the weight is the embedding's site; the bias alone here. The unembedding's input is its own (what it
+    # multiplied): ln_final may run where the unembedding does not (a forward with return_type=None)
+    if has("unembed.W_U") or has("unembed.b_U"):
         linear(
             "unembed",
             "unembed.W_U",
             "unembed.b_U",
             ("unembed", "output"),
-            ("ln_final", "output"),
+            ("unembed", "input"),
             logits=logits,
         )
     return sites
@@ -376,19 +376,24 @@ def _site_gram(st, params, cap, batch, method, backend):
     """Gram of one site from the captured tensors (lists over calls), or None when nothing flowed."""
     outs = cap[("out", st.out)]
     grads = [g for _, g in outs]
-    if not grads or all(g is None for g in grads):
-        return None
     live = [k for k, g in enumerate(grads) if g is not None]
+    if not live and st.tied is None:
+        return None
     w_name, b_name = st.params[0], (st.params[1] if len(st.params) > 1 else None)
     w_on = params.get(w_name) is not None
     b_on = b_name is not None and params.get(b_name) is not None
-    if st.kind == "positional":  # the per-sample gradient of W[:T] is the output gradient itself
-        d = sum(_as_btd("grad", grads[k]) for k in live)
+    if st.kind == "positional":  # the per-sample gradient of W[:T] is the output gradient itself (each call's
+        # at its own first positions)
+        ds = [_as_btd("grad", grads[k]) for k in live]
+        T = max(x.shape[1] for x in ds)
+        d = sum(torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1])) for x in ds)
         return grad_gram_dense(d.reshape(batch, -1))
     ins = cap[("in", st.inp)]
     if len(ins) != len(outs):
         raise ValueError(f"site {st.name!r}: {len(ins)} calls of {st.inp[0]} but {len(outs)} of {st.out[0]}")
     if st.kind == "embedding":
+        if not live:  # the lookup gave nothing a gradient (its output replaced): the tied use alone
+            return _tied_terms(st, cap, batch, None, None, method, backend)
         ids = torch.cat([ins[k][0].reshape(batch, -1) for k in live], 1)
         d = torch.cat([_as_btd("grad", grads[k]) for k in live], 1)
         if st.scale is not None:  # y = W[ids] * scale: the lookup's gradient is the scaled output gradient
@@ -470,10 +475,12 @@ def _tied_terms(st, cap, batch, ids, dE, method, backend) -> torch.Tensor:
         raise ValueError(f"site {st.name!r}: {len(ins)} calls of {in_cap[0]} but {len(outs)} of {out_cap[0]}")
     live = [k for k, (_, g) in enumerate(outs) if g is not None]
     if not live:
-        return torch.zeros(batch, batch, dtype=torch.float64, device=dE.device)
+        return None if dE is None else torch.zeros(batch, batch, dtype=torch.float64, device=dE.device)
     x = torch.cat([_as_btd("input", ins[k][0]) for k in live], 1)  # (B, S, d)
     dU = torch.cat([_as_btd("grad", _map_grad(st, outs[k][0], outs[k][1])) for k in live], 1)  # (B, S, V)
     g = grad_gram_linear(x, dU, bias=False, weight=True, method=method, backend=backend)
+    if dE is None:  # no gradient through the lookup: no cross terms
+        return g
     B, T, d = dE.shape
     S = x.shape[1]
     e = dE.to(torch.float64)

@@ -751,3 +751,36 @@ def test_gram_errors_on_pypattern_transformer_describe_its_default():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"no site covers.*transformer_lens_sites.*unfreeze"):
         per_sample_grad_gram(model, lf, t)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gram_of_losses_that_call_the_model_in_several_ways(tied):
+    """One loss calling the model twice at different lengths (learned positions: each call's gradient at its own
+    positions), a forward with return_type=None (the final norm runs, the unembedding does not), and a tied model
+    whose lookup gets no gradient (its output detached by a hook: the unembedding's use of the weight alone): each
+    equal to one backward per sample."""
+    model = pypattern.Transformer(
+        n_layers=2, d_model=8, n_heads=2, d_mlp=10, d_vocab=11, n_ctx=8, tie_word_embeddings=tied,
+        dtype=torch.float64, seed=3,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    toks = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def lengths(m, t):
+        return m(t, return_type="per_token_loss").sum(-1) + m(t[:, :3]).logsumexp(-1).sum(-1)
+
+    def probe_and_logits(m, t):
+        store = {}
+        with m.hooks([("blocks.1.hook_resid_mid", lambda x, hook: store.__setitem__("r", x))]):
+            m(t, return_type=None)
+        return m(t, return_type="per_token_loss").sum(-1) + ((store["r"] @ probe) ** 2).sum(-1)
+
+    def detached_lookup(m, t):
+        with m.hooks([("hook_embed", lambda x, hook: x.detach())]):
+            return m(t, return_type="per_token_loss").sum(-1)
+
+    for lf in (lengths, probe_and_logits, detached_lookup):
+        assert _rel(per_sample_grad_gram(model, lf, toks), _naive_gram(model, lf, toks)) < 1e-12, lf.__name__
