@@ -289,6 +289,48 @@ def test_sgld_group_masks_as_devinterp_passes_them():
         SGLD([{"params": [("weight", net.weight)], "mask": m_w}], masks={"weight": m_w})
 
 
+def test_group_masks_of_every_fused_sampler_added_groups_and_resume():
+    """SGNHT and RMSprop-SGLD honour a group's mask as masks= by name does (their masked entries stay); a key that
+    is no hyperparameter of theirs is refused; a group added to SGLD takes the constructor's optimize_over; a
+    state saved with other masks is refused on load."""
+    from pypattern.sampling import SGNHT, RMSpropSGLD
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+    m = (torch.rand(4, 3) > 0.5).float()
+    for cls in (SGNHT, RMSpropSGLD):
+        a, b = nn.Linear(3, 4), nn.Linear(3, 4)
+        b.load_state_dict(a.state_dict())
+        w0 = a.weight.detach().clone()
+        oa = cls([{"params": [("weight", a.weight), ("bias", a.bias)]}], lr=1e-2, masks={"weight": m}, seed=2)
+        ob = cls([{"params": [b.weight, b.bias], "mask": [m, None]}], lr=1e-2, seed=2)
+        for net, opt in ((a, oa), (b, ob)):
+            net(x).pow(2).sum().backward()
+            opt.step()
+        torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=0)
+        assert torch.equal(b.weight.detach()[m == 0], w0[m == 0]) and not torch.equal(b.weight.detach(), w0)
+        with pytest.raises(ValueError, match=r"params\[0\] has \['foo'\], not hyperparameters of"):
+            cls([{"params": [b.weight], "foo": 1}], lr=1e-2)
+        with pytest.raises(ValueError, match="saved by .* with other masks"):
+            cls([{"params": [b.weight, b.bias]}], lr=1e-2).load_state_dict(ob.state_dict())
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(3, 4))
+    opt = SGLD([{"params": [net[0].weight]}], lr=1e-2, optimize_over=m)
+    opt.add_param_group({"params": [net[1].weight]})
+    w1 = net[1].weight.detach().clone()
+    net[1](x).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(net[1].weight.detach()[m == 0], w1[m == 0]) and not torch.equal(
+        net[1].weight.detach(), w1
+    )
+    with pytest.raises(ValueError, match="saved by an SGLD with other masks"):
+        SGLD([{"params": [net[0].weight]}, {"params": [net[1].weight]}], lr=1e-2).load_state_dict(
+            opt.state_dict()
+        )
+    again = SGLD([{"params": [net[0].weight]}], lr=1e-2, optimize_over=m)
+    again.add_param_group({"params": [net[1].weight]})
+    again.load_state_dict(opt.state_dict())  # the same masks: resumes
+
+
 def test_chain_seed():
     seeds = {chain_seed(0, c) for c in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**64 for s in seeds)

@@ -122,6 +122,22 @@ def _compile_patterns(patterns) -> list:
     return out
 
 
+def same_masks(ours: list, theirs: list) -> bool:
+    """Whether two optimizers' per-group masks (a list per group of a tensor or None per tensor, or None) are
+    equal, entry for entry."""
+    if len(ours) != len(theirs):
+        return False
+    for a, b in zip(ours, theirs):
+        a = [None] * (len(b) if b is not None else 0) if a is None else a
+        b = [None] * len(a) if b is None else b
+        if len(a) != len(b):
+            return False
+        for x, y in zip(a, b):
+            if (x is None) != (y is None) or (x is not None and not torch.equal(x.cpu(), y.cpu())):
+                return False
+    return True
+
+
 def split_named(params, where: str) -> tuple[list[str | None], list[torch.Tensor]]:
     """A param group's ``params`` (a tensor, or an iterable of tensors and ``(name, tensor)`` pairs) as ``(names,
     tensors)``, None for an unnamed tensor; anything else is a TypeError naming ``where[i]``."""
@@ -140,11 +156,12 @@ def split_named(params, where: str) -> tuple[list[str | None], list[torch.Tensor
     return names, tensors
 
 
-def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) -> tuple:
-    """One param-group dict of :class:`SGLD`: ``(ParamGroup of the moving tensors with the group's own
-    hyperparameters, their names, whether restrict_to matched any name, their masks or None)``. A group's
-    ``"mask"`` (devinterp's per-group mask: one tensor for every tensor of the group, or a list with one per
-    tensor, None for none) and ``masks`` by name combine; one tensor masked both ways is an error."""
+def select_group(g: dict, where: str, patterns: list, masks: dict) -> tuple:
+    """A param-group dict's moving tensors: ``(names, tensors, whether restrict_to matched any name, their masks or
+    None)``. A group's ``"mask"`` (devinterp's per-group mask: one tensor for every tensor of the group, or a list
+    with one per tensor, None for none; ``"optimize_over"`` is devinterp 1.x's name) and ``masks`` by name combine;
+    one tensor masked both ways is an error. Tensors that do not require grad, or that ``restrict_to`` leaves out,
+    do not move."""
     names, tensors = split_named(g["params"], where)
     if (patterns or masks) and any(n is None for n in names):
         raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
@@ -179,19 +196,32 @@ def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) 
     own = [m for m, k in zip(own, keep) if k]
     merged = [masks[n] if n is not None and n in masks else m for n, m in zip(names, own)]
     merged = [None if m is None else m.to(t.device) for m, t in zip(merged, tensors)]
-    # a group's own hyperparameters, by either library's names, over the constructor's
-    options = translate(
+    return names, tensors, any(named), (merged if any(m is not None for m in merged) else None)
+
+
+def group_options(g: dict, where: str) -> dict:
+    """A param-group dict's own hyperparameters (its keys but ``params`` and the masks), devinterp's names
+    translated."""
+    return translate(
         {k: v for k, v in g.items() if k not in ("params", "mask", "optimize_over")},
         where=where,
         drop_none=False,
     )
+
+
+def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) -> tuple:
+    """One param-group dict of :class:`SGLD`: ``(ParamGroup of the moving tensors with the group's own
+    hyperparameters, their names, whether restrict_to matched any name, their masks or None)``
+    (:func:`select_group`)."""
+    names, tensors, matched, merged = select_group(g, where, patterns, masks)
+    options = group_options(g, where)  # over the constructor's
     group = ParamGroup(params=tensors)
     if options:
         try:
             group.update(check_hyperparameters({**hyper, **options}))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    return group, names, any(named), (merged if any(m is not None for m in merged) else None)
+    return group, names, matched, merged
 
 
 def _named_items(group: dict) -> list:
@@ -396,7 +426,12 @@ class SGLD(torch.optim.Optimizer):
         anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
         self.anchors, self.masks = anchors[0], group_masks[0]
         self.group_names, self._more_anchors, self._more_masks = all_names[1:], anchors[1:], group_masks[1:]
-        self._group_spec = (hyper, patterns, masks)  # what add_param_group reads a new group with
+        self._group_spec = (
+            hyper,
+            patterns,
+            masks,
+            optimize_over,
+        )  # what add_param_group reads a new group with
         self.num_steps = 0
         self._validated = False
         self._step_fn = None
@@ -413,7 +448,9 @@ class SGLD(torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict) or "params" not in param_group:
             raise TypeError("param_group must be a param-group dict with 'params'")
-        hyper, patterns, masks = self._group_spec
+        hyper, patterns, masks, optimize_over = self._group_spec
+        if optimize_over is not None and "mask" not in param_group and "optimize_over" not in param_group:
+            param_group = {**param_group, "mask": optimize_over}
         k = len(self.param_groups)
         group, names, _, gmask = _parse_group(param_group, f"param_group (group {k})", hyper, patterns, masks)
         super().add_param_group(group)
@@ -480,11 +517,21 @@ class SGLD(torch.optim.Optimizer):
             "seed": self.seed,
             "anchors": self.anchors,
             "more_anchors": self._more_anchors,
+            "masks": [self.masks, *self._more_masks],
         }
         return sd
 
     def load_state_dict(self, state_dict):
         extra = state_dict.get("sgld")
+        if (
+            extra is not None
+            and "masks" in extra
+            and not same_masks([self.masks, *self._more_masks], extra["masks"])
+        ):
+            raise ValueError(
+                "state_dict was saved by an SGLD with other masks (masks=, a group's 'mask' or optimize_over): "
+                "build this optimizer with the same masks to resume that run"
+            )
         sd = {k: v for k, v in state_dict.items() if k != "sgld"}
         super().load_state_dict(sd)
         self.param_groups = [ParamGroup(g) for g in self.param_groups]

@@ -30,7 +30,7 @@ from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
 from ..ops.sgld import philox_normals, sgld_step_
 from ..ops.sgnht import sgnht_step_
-from .optim import SGLD, ParamGroup, group_seed, matches, resolve_step_fn, split_named
+from .optim import SGLD, ParamGroup, group_options, group_seed, resolve_step_fn, same_masks, select_group
 from .vocabulary import translate
 
 __all__ = [
@@ -190,24 +190,23 @@ class _FusedSampler(torch.optim.Optimizer):
         raw_groups = params if isinstance(params[0], dict) else [{"params": params}]
         patterns = [restrict_to] if isinstance(restrict_to, str) else list(restrict_to or [])
         masks = dict(masks or {})
-        groups, self.param_names = [], []
+        groups, self.param_names, group_masks = [], [], []
         for gi, g in enumerate(raw_groups):
             if not isinstance(g, dict) or "params" not in g:
                 raise TypeError(f"params[{gi}] must be a param-group dict with 'params' (as params[0] is)")
-            names, tensors = split_named(g["params"], "params")
-            if (patterns or masks) and any(n is None for n in names):
-                raise ValueError("restrict_to and masks need named parameters: pass model.named_parameters()")
-            keep = [
-                t.requires_grad and (not patterns or matches(n, patterns)) for n, t in zip(names, tensors)
-            ]
-            names = [n for n, k in zip(names, keep) if k]
-            tensors = [t for t, k in zip(tensors, keep) if k]
+            where = f"params[{gi}]"
+            names, tensors, _, gmask = select_group(g, where, patterns, masks)
             # devinterp's names in a group dict, translated (two names of one hyperparameter must agree)
-            options = translate(
-                {k: v for k, v in g.items() if k != "params"}, where=f"params[{gi}]", drop_none=False
-            )
+            options = group_options(g, where)
+            unknown_keys = sorted(set(options) - set(defaults))
+            if unknown_keys:
+                raise ValueError(
+                    f"{where} has {unknown_keys}, not hyperparameters of {type(self).__name__}; valid are "
+                    f"{sorted(defaults)} (and 'mask' / 'optimize_over')"
+                )
             groups.append(ParamGroup({**options, "params": tensors}))  # group["lr"] is step_size
             self.param_names.append(names)
+            group_masks.append(gmask)
         if not any(g["params"] for g in groups):
             raise ValueError(f"restrict_to={patterns!r} leaves no parameter that requires grad")
         all_names = {n for ns in self.param_names for n in ns}
@@ -220,12 +219,7 @@ class _FusedSampler(torch.optim.Optimizer):
         self.seed = seed
         self.backend = backend
         self.anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
-        self.masks = [
-            None
-            if not masks
-            else [masks[n].to(t.device) if n in masks else None for n, t in zip(ns, g["params"])]
-            for ns, g in zip(self.param_names, self.param_groups)
-        ]
+        self.masks = group_masks
         self.num_steps = 0
         self._validated = False
 
@@ -302,11 +296,21 @@ class _FusedSampler(torch.optim.Optimizer):
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["fused_sampler"] = {"num_steps": self.num_steps, "seed": self.seed, "anchors": self.anchors}
+        sd["fused_sampler"] = {
+            "num_steps": self.num_steps,
+            "seed": self.seed,
+            "anchors": self.anchors,
+            "masks": self.masks,
+        }
         return sd
 
     def load_state_dict(self, state_dict):
         extra = state_dict.get("fused_sampler")
+        if extra is not None and "masks" in extra and not same_masks(self.masks, extra["masks"]):
+            raise ValueError(
+                f"state_dict was saved by a {type(self).__name__} with other masks (masks= or a group's 'mask'): "
+                "build this optimizer with the same masks to resume that run"
+            )
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "fused_sampler"})
         self.param_groups = [ParamGroup(g) for g in self.param_groups]
         if extra is not None:
