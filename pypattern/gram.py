@@ -51,9 +51,9 @@ class GramSite:
     A capture ``(module name, "input" | "output")`` names a tensor seen by a forward hook on that submodule
     (its first positional input, or its output); the first dimension of every captured tensor is the batch. A
     site's output captured as a module's ``"input"``, or as a :class:`~pypattern.models.hooks.HookPoint`'s
-    ``"output"``, is the value arriving there (at a hook point before any function attached to it (a hook that scales or replaces an activation changes what the model computes next,
-    not the map's own output); a site's input at a hook point is the value after its functions (what the map
-    read).
+    ``"output"``, is the value arriving there; at a hook point that is before any function attached to it, since
+    a hook that scales or replaces an activation changes what the model computes next, not the map's own output.
+    A site's input at a hook point is the value after its functions (what the map read).
 
     Kinds:
 
@@ -185,19 +185,13 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     of experts are refused by name.
     """
     cfg = getattr(model, "cfg", None)
-    unsupported = {}
-    # options whose every value puts a non-linear step or a scale between a map and the tensor the sites read
-    for opt in ("n_experts",):
-        if getattr(cfg, opt, None) is not None:
-            unsupported[opt] = (getattr(cfg, opt),)
-    for opt, bad in unsupported.items():
-        v = getattr(cfg, opt, None)
-        if v is not None and v in bad:
-            raise NotImplementedError(
-                f"transformer_lens_sites: the model's config has {opt}={v!r}, which these sites do not cover "
-                "(no tensor the sites can read is the output of a linear map of the parameters there); give the "
-                "sites of the parts you need with GramSite, or use per_sample_grad_gram_reference for an exact Gram"
-            )
+    experts = getattr(cfg, "n_experts", None)
+    if experts is not None:
+        raise NotImplementedError(
+            f"transformer_lens_sites: the model's config has n_experts={experts!r}, which these sites do not cover "
+            "(no hook sees an expert's own input and output); give the sites of the parts you need with GramSite, "
+            "or use per_sample_grad_gram_reference for an exact Gram"
+        )
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
     sites: list[GramSite] = []
@@ -608,10 +602,17 @@ def per_sample_grad_gram(
     roles = {("out", st.out) for st in sites} | {("out", st.tied[0]) for st in sites if st.tied is not None}
     roles |= {("in", c) for st in sites for c in (st.inp, st.tied[1] if st.tied is not None else None) if c}
     mods = dict(model.named_modules())
+
+    def key(role, c):  # the record that serves capture c in that role: a site output's arriving value
+        mod_name, what = c
+        if role == "out" and (what == "input" or isinstance(mods[mod_name], HookPoint)):
+            return (mod_name, "arriving")
+        return c
+
     need: dict[str, set] = {}
-    for role, (mod_name, what) in roles:
-        arriving = role == "out" and (what == "input" or isinstance(mods[mod_name], HookPoint))
-        need.setdefault(mod_name, set()).add("arriving" if arriving else what)
+    for role, c in roles:
+        mod_name, what = key(role, c)
+        need.setdefault(mod_name, set()).add(what)
     scales = [
         mods[f"{st.name}.hook_scale"]
         for st in sites
@@ -652,9 +653,11 @@ def per_sample_grad_gram(
 
             return pre_hook
 
+        scale_versions: dict[int, int] = {}
+
         def scale_check(mod, args, out):
             x = args[0]
-            if out is not x or mod._scale_version != x._version:
+            if out is not x or scale_versions[id(mod)] != x._version:
                 raise NotImplementedError(
                     f"a function on {mod.name or 'a norm hook_scale'} replaced or edited the norm's scale: the "
                     "Gram's norm sites recompute it from the norm's input; remove that hook, or use "
@@ -662,7 +665,7 @@ def per_sample_grad_gram(
                 )
 
         def scale_version(mod, args):
-            mod._scale_version = args[0]._version
+            scale_versions[id(mod)] = args[0]._version
 
         handles = []
         try:
@@ -679,8 +682,6 @@ def per_sample_grad_gram(
         finally:
             for h in handles:
                 h.remove()
-            for m in scales:
-                m.__dict__.pop("_scale_version", None)
         return records, losses
 
     records, losses = capture(clone=False)
@@ -696,13 +697,6 @@ def per_sample_grad_gram(
             "scale every per-sample gradient by 1/B"
         )
     batch = losses.shape[0]
-
-    def key(role, c):  # the record that serves capture c in that role
-        mod_name, what = c
-        if role == "out" and (what == "input" or isinstance(mods[mod_name], HookPoint)):
-            return (mod_name, "arriving")
-        return c
-
     out_keys = {key(r, c) for r, c in roles if r == "out"}
     targets = []
     for c, recs in records.items():
