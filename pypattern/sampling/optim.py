@@ -157,8 +157,7 @@ def split_named(params, where: str) -> tuple[list[str | None], list[torch.Tensor
 
 
 def select_group(g: dict, where: str, patterns: list, masks: dict) -> tuple:
-    """A param-group dict's moving tensors: ``(names, tensors, whether restrict_to matched any name, their masks or
-    None)``. A group's ``"mask"`` (devinterp's per-group mask: one tensor for every tensor of the group, or a list
+    """A param-group dict's moving tensors: ``(names, tensors, every name the group gives, their masks or None)``. A group's ``"mask"`` (devinterp's per-group mask: one tensor for every tensor of the group, or a list
     with one per tensor, None for none; ``"optimize_over"`` is devinterp 1.x's name) and ``masks`` by name combine;
     one tensor masked both ways is an error. Tensors that do not require grad, or that ``restrict_to`` leaves out,
     do not move."""
@@ -189,14 +188,14 @@ def select_group(g: dict, where: str, patterns: list, masks: dict) -> tuple:
             )
         if names[i] is not None and names[i] in masks:
             raise ValueError(f"{names[i]} has a mask in masks= and in its group's 'mask': give one")
-    named = [not patterns or matches(n, patterns) for n in names]
-    keep = [t.requires_grad and k for t, k in zip(tensors, named)]
+    given = names
+    keep = [t.requires_grad and (not patterns or matches(n, patterns)) for n, t in zip(names, tensors)]
     names = [n for n, k in zip(names, keep) if k]
     tensors = [t for t, k in zip(tensors, keep) if k]
     own = [m for m, k in zip(own, keep) if k]
     merged = [masks[n] if n is not None and n in masks else m for n, m in zip(names, own)]
     merged = [None if m is None else m.to(t.device) for m, t in zip(merged, tensors)]
-    return names, tensors, any(named), (merged if any(m is not None for m in merged) else None)
+    return names, tensors, given, (merged if any(m is not None for m in merged) else None)
 
 
 def group_options(g: dict, where: str) -> dict:
@@ -211,9 +210,8 @@ def group_options(g: dict, where: str) -> dict:
 
 def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) -> tuple:
     """One param-group dict of :class:`SGLD`: ``(ParamGroup of the moving tensors with the group's own
-    hyperparameters, their names, whether restrict_to matched any name, their masks or None)``
-    (:func:`select_group`)."""
-    names, tensors, matched, merged = select_group(g, where, patterns, masks)
+    hyperparameters, their names, every name the group gives, their masks or None)`` (:func:`select_group`)."""
+    names, tensors, given, merged = select_group(g, where, patterns, masks)
     options = group_options(g, where)  # over the constructor's
     group = ParamGroup(params=tensors)
     if options:
@@ -221,13 +219,7 @@ def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) 
             group.update(check_hyperparameters({**hyper, **options}))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    return group, names, matched, merged
-
-
-def _named_items(group: dict) -> list:
-    """``(name, tensor)`` of a param-group dict's named entries."""
-    items = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
-    return [p for p in items if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)]
+    return group, names, given, merged
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -397,53 +389,61 @@ class SGLD(torch.optim.Optimizer):
             ]
         patterns = _compile_patterns(restrict_to)
         masks = dict(masks or {})
-        groups, all_names, group_masks, matched = [], [], [], False
+        groups, all_names, group_masks, given = [], [], [], []
         for gi, g in enumerate(raw_groups):
             if not isinstance(g, dict) or "params" not in g:
                 raise TypeError(f"params[{gi}] must be a param-group dict with 'params' (as params[0] is)")
-            group, names, hit, gmask = _parse_group(
+            group, names, seen, gmask = _parse_group(
                 g, f"params[{gi}]" if dicts else "params", hyper, patterns, masks
             )
-            matched = matched or hit
+            given += seen
             groups.append(group)
             all_names.append(names)
             group_masks.append(gmask)
-        if patterns and not matched:
-            raise ValueError(
-                f"restrict_to={patterns!r} matches no parameter; names are "
-                f"{[n for g in raw_groups for n, _ in _named_items(g)]}"
-            )
+        if patterns and not any(matches(n, patterns) for n in given):
+            raise ValueError(f"restrict_to={patterns!r} matches no parameter; names are {given}")
         flat = [n for ns in all_names for n in ns]
         unknown = set(masks) - set(flat)
         if unknown:
             raise ValueError(f"masks has names that are not (moving) parameters: {sorted(unknown)}")
         super().__init__(groups, hyper)
         self._checked = [tuple(g[k] for k in HYPERPARAMETERS) for g in self.param_groups]  # last checked
-        # the first group's names, anchors and masks (the chain runners' one group); any further group's below
-        self.param_names = all_names[0]
         self.seed = int(seed)
         self.backend = backend
-        anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
-        self.anchors, self.masks = anchors[0], group_masks[0]
-        self.group_names, self._more_anchors, self._more_masks = all_names[1:], anchors[1:], group_masks[1:]
-        self._group_spec = (
-            hyper,
-            patterns,
-            masks,
-            optimize_over,
-        )  # what add_param_group reads a new group with
+        # per group: the moving tensors' names, anchors w* and masks (None: no mask in that group)
+        self.group_names = all_names
+        self.group_anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
+        self.group_masks = group_masks
+        # what add_param_group reads a new group with
+        self._group_spec = (hyper, patterns, masks, optimize_over)
         self.num_steps = 0
         self._validated = False
         self._step_fn = None
+
+    # the first group's names, anchors and masks: the one group of the chain runners, which set its anchors
+    @property
+    def param_names(self) -> list[str | None]:
+        return self.group_names[0]
+
+    @property
+    def anchors(self) -> list[torch.Tensor]:
+        return self.group_anchors[0]
+
+    @anchors.setter
+    def anchors(self, value: list[torch.Tensor]) -> None:
+        self.group_anchors[0] = value
+
+    @property
+    def masks(self) -> list | None:
+        return self.group_masks[0]
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group as torch optimizers do (``params`` tensors or ``(name, tensor)`` pairs, and hyperparameters
         by either library's names over the constructor's). Its anchors ``w*`` are its values now; it draws its
         noise with seed :func:`group_seed` ``(seed, k)`` for its index ``k``; ``restrict_to`` and ``masks``
         given to the constructor apply to its named tensors."""
-        if (
-            "_group_spec" not in self.__dict__
-        ):  # torch.optim.Optimizer.__init__ adding the constructor's groups
+        # torch.optim.Optimizer.__init__ adds the constructor's groups, already read, before _group_spec is set
+        if "_group_spec" not in self.__dict__:
             super().add_param_group(param_group)
             return
         if not isinstance(param_group, dict) or "params" not in param_group:
@@ -457,8 +457,8 @@ class SGLD(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._checked.append(tuple(group[n] for n in HYPERPARAMETERS))
         self.group_names.append(names)
-        self._more_anchors.append([t.detach().clone() for t in group["params"]])
-        self._more_masks.append(gmask)
+        self.group_anchors.append([t.detach().clone() for t in group["params"]])
+        self.group_masks.append(gmask)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -491,9 +491,8 @@ class SGLD(torch.optim.Optimizer):
                         raise
                     raise ValueError(f"param group {k}: {e}") from None
                 self._checked[k] = values
-            anchors = self.anchors if k == 0 else self._more_anchors[k - 1]
-            masks = self.masks if k == 0 else self._more_masks[k - 1]
-            kw.update(masks=masks, seed=group_seed(self.seed, k), step=self.num_steps)
+            anchors = self.group_anchors[k]
+            kw.update(masks=self.group_masks[k], seed=group_seed(self.seed, k), step=self.num_steps)
             if self._validated:
                 if self._step_fn is None:
                     self._step_fn = resolve_step_fn(params[0].device, self.backend)
@@ -515,19 +514,15 @@ class SGLD(torch.optim.Optimizer):
         sd["sgld"] = {
             "num_steps": self.num_steps,
             "seed": self.seed,
-            "anchors": self.anchors,
-            "more_anchors": self._more_anchors,
-            "masks": [self.masks, *self._more_masks],
+            "anchors": self.group_anchors[0],
+            "more_anchors": self.group_anchors[1:],
+            "masks": self.group_masks,
         }
         return sd
 
     def load_state_dict(self, state_dict):
         extra = state_dict.get("sgld")
-        if (
-            extra is not None
-            and "masks" in extra
-            and not same_masks([self.masks, *self._more_masks], extra["masks"])
-        ):
+        if extra is not None and "masks" in extra and not same_masks(self.group_masks, extra["masks"]):
             raise ValueError(
                 "state_dict was saved by an SGLD with other masks (masks=, a group's 'mask' or optimize_over): "
                 "build this optimizer with the same masks to resume that run"
@@ -538,9 +533,7 @@ class SGLD(torch.optim.Optimizer):
         if extra is not None:
             self.num_steps = int(extra["num_steps"])
             self.seed = int(extra["seed"])
-            for a, b in zip(self.anchors, extra["anchors"]):
-                a.copy_(b)
-            for mine, theirs in zip(self._more_anchors, extra.get("more_anchors", [])):
+            for mine, theirs in zip(self.group_anchors, [extra["anchors"], *extra.get("more_anchors", [])]):
                 for a, b in zip(mine, theirs):
                     a.copy_(b)
             self._checked = [None] * len(self.param_groups)  # the loaded values are checked at the next step
