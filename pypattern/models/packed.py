@@ -239,6 +239,12 @@ class PackedWeights:
         packed = self.packed(W, rows, transpose)
         if packed is not None:
             return packed
+        return self.in_place(W, transpose)
+
+    @staticmethod
+    def in_place(W: torch.Tensor, transpose: bool = False) -> torch.Tensor | None:
+        """``W`` as oneDNN's ``(out, in)`` operand for ``x @ W`` (``W^T``; ``W`` itself for ``dy @ W^T`` with
+        ``transpose``), a view that oneDNN reads in place when one of its two axes is dense; else None."""
         w = W if transpose else W.t()
         return w if (w.stride(-1) == 1 or w.stride(-2) == 1) else None
 

@@ -93,8 +93,8 @@ def unembed_product(h: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
     rows = h.shape[0]
     grad_in = torch.is_grad_enabled() and h.requires_grad  # oneDNN's product has no backward
     if rows >= _ONEDNN_ROWS and not grad_in and PackedWeights.applies(h, W_U, None):
-        w = W_U.t()  # oneDNN's (out, in) operand, read in place
-        if w.stride(-1) == 1 or w.stride(-2) == 1:
+        w = PackedWeights.in_place(W_U)
+        if w is not None:
             return PackedWeights.product(h, w, None)
     if rows <= _FEW_ROWS:
         return h @ W_U
