@@ -629,3 +629,66 @@ def test_shortlist_and_confirm_makes_its_layouts_once(blocks_made):
     for r in rows:
         want = (grid.values[:, r["layer"], r["head"], r["pos"]] - grid.corrupted).mean()
         assert abs(r["exact"] - float(want)) < 1e-5
+
+
+@pytest.mark.parametrize("choice", [True, False])
+@pytest.mark.parametrize("change", ["optimiser step", "in-place edit", "new parameter"])
+def test_weights_changed_inside_a_block_are_laid_out_and_packed_anew(monkeypatch, choice, change):
+    """A user's block around many calls that trains between them: the attention's query/key/value layouts and
+    the packed copies follow the weights (each forward equals the same model's forward outside any block)."""
+    if choice and not pk._ops_present():
+        pytest.skip("this torch has no oneDNN linear ops")
+    monkeypatch.setattr(pk, "_CHOICE", choice)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 0)
+    model, clean, _, _ = _model(n_key_value_heads=1, positional_embedding_type="rotary")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    outside = []
+    with model.fixed_weights(max_pack_bytes=None):
+        for step in range(3):
+            with torch.no_grad():
+                inside = model(clean)
+            with model.fixed_weights(max_pack_bytes=None):  # a call's own (nested) block shares the outer one
+                with torch.no_grad():
+                    nested = model(clean)
+            outside.append((inside, nested))
+            attn = model.blocks[step % 2].attn
+            if change == "optimiser step":
+                opt.zero_grad()
+                model(clean, return_type="loss").backward()
+                opt.step()
+            elif change == "in-place edit":
+                with torch.no_grad():
+                    attn.W_Q.mul_(-1.5)
+                    attn.W_V.add_(0.3)
+            else:
+                attn.W_K = torch.nn.Parameter(torch.randn_like(attn.W_K))
+            with torch.no_grad():
+                after = model(clean)
+            # the reference: the same weights in a fresh model, no block
+            fresh = Transformer(model.cfg)
+            fresh.load_state_dict(model.state_dict())
+            with torch.no_grad():
+                want = fresh(clean)
+            torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)
+            assert (after - inside).abs().max() > 1e-3  # the change moved the logits
+    for inside, nested in outside:
+        torch.testing.assert_close(nested, inside, rtol=0, atol=0)
+
+
+@needs_ops
+def test_attribution_patching_in_a_users_block_reuses_its_packs(monkeypatch, blocks_made):
+    """Many attribution calls in one block held by the caller: one PackedWeights for all of them, the weights
+    packed once they have met enough rows, and every call's result equal to a call outside the block."""
+    monkeypatch.setattr(pk, "_CHOICE", True)
+    monkeypatch.setattr(pk.PackedWeights, "PACK_AFTER_ROWS", 40)  # each weight meets 18 rows per pass here
+    model, clean, corr, metric = _model()
+    alone = attribution_patching(model, clean, corr, metric=metric, sites=["z", "v"])
+    n_alone = len(blocks_made)
+    with model.fixed_weights(max_pack_bytes=None):
+        packs = blocks_made[-1]
+        for _ in range(4):
+            got = attribution_patching(model, clean, corr, metric=metric, sites=["z", "v"])
+            for site in ("z", "v"):
+                torch.testing.assert_close(got[site].values, alone[site].values, rtol=1e-5, atol=1e-6)
+        assert len(blocks_made) == n_alone + 1  # the calls' own blocks are nested in the caller's
+        assert packs._packs  # weights met over several calls were packed

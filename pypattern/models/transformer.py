@@ -1108,8 +1108,8 @@ class Attention(nn.Module):
 
     # ----- pieces -----------------------------------------------------------------------------------------
     # the (d_model, heads * d_head) layouts of W_Q / W_K / W_V while the model's weights are held fixed
-    # (Transformer.fixed_weights); None otherwise
-    _layouts: dict[str, torch.Tensor] | None = None
+    # (Transformer.fixed_weights), each as (weight, its version when laid out, layout); None otherwise
+    _layouts: dict[str, tuple] | None = None
 
     def proj(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """``x (..., d_model)``, ``W (heads, d_model, d_head)``, ``b (heads, d_head)`` or None ->
@@ -1121,9 +1121,18 @@ class Attention(nn.Module):
         if self._layouts is not None and not (W.requires_grad and torch.is_grad_enabled()):
             name = "Q" if W is self.W_Q else "K" if W is self.W_K else "V" if W is self.W_V else None
             if name is not None:
-                flat = self._layouts.get(name)
-                if flat is None:
-                    flat = self._layouts[name] = W.detach().permute(1, 0, 2).reshape(d, H * dh)
+                # a layout serves the weight it was made from, at the version it was made at: a weight
+                # replaced or changed in place inside the block (an optimiser's step) is laid out anew
+                version = None if W.is_inference() else W._version
+                made = self._layouts.get(name)
+                if made is not None and made[0] is W and made[1] == version:
+                    flat = made[2]
+                else:
+                    flat = W.detach().permute(1, 0, 2).reshape(d, H * dh)
+                    self._layouts[name] = (W, version, flat)
+                    packs = _active_packs()
+                    if made is not None and packs is not None:  # the stale layout's packed copy goes with it
+                        packs.forget([made[2]])
         if flat is None:
             flat = W.permute(1, 0, 2).reshape(d, H * dh)
         out = affine(x, flat, None if b is None else b.reshape(H * dh))
@@ -1558,9 +1567,11 @@ class Transformer(HookedRootModule):
 
     @contextlib.contextmanager
     def fixed_weights(self, max_pack_bytes: int | None = 0) -> Iterator[Transformer]:
-        """A block in which the caller does not change the model's weights: each attention lays out its query,
-        key and value weights for the projection's matmul once (a copy of the weight per call otherwise) and
-        reuses them while no gradient flows into the weights. The layouts are dropped when the block ends.
+        """A block in which the model's weights are meant to stay fixed: each attention lays out its query, key
+        and value weights for the projection's matmul once (a copy of the weight per call otherwise) and reuses
+        them while no gradient flows into the weights. The layouts are dropped when the block ends. A weight
+        replaced, or changed in place by torch operations (an optimiser's step), inside the block is laid out and
+        packed anew; changes written through ``.data`` are not seen.
 
         On a CPU, float32 products go through oneDNN's matmul where that was timed faster than ``mm``
         (:mod:`pypattern.models.packed`), and weights used for many rows are packed for it, holding at most
@@ -1585,7 +1596,7 @@ class Transformer(HookedRootModule):
                 if o is None:
                     dropped = a.__dict__.pop("_layouts", None)
                     if outer_packs is not None and dropped:  # the outer block's packs must not keep them
-                        outer_packs.forget(dropped.values())
+                        outer_packs.forget(made[2] for made in dropped.values())
                 else:
                     a._layouts = o
 
