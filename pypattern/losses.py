@@ -120,9 +120,21 @@ _EXPECTED = (
 )
 
 
+#: integer types other than int64 (token ids of these are read as int64; int32 ids stay as they are)
+_NARROW_INTS = tuple(
+    getattr(torch, n)
+    for n in ("int8", "int16", "int32", "uint8", "uint16", "uint32", "uint64")
+    if hasattr(torch, n)
+)
+
+
 def _ids(t: torch.Tensor, what: str, batch: Any) -> torch.Tensor:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{what} must hold integer token ids, got {_describe(batch)}; expected {_EXPECTED}")
+    if t.dtype in _NARROW_INTS and t.dtype != torch.int32:
+        # ids of a narrow or unsigned type (uint16 from a memory-mapped token file, int8, ...): an embedding
+        # reads int32 or int64 only
+        t = t.long()
     if t.dim() == 1:
         return t.unsqueeze(0)
     if t.dim() != 2:
@@ -158,6 +170,8 @@ def parse_batch(batch: Any) -> ParsedBatch:
                     raise ValueError(
                         f"batch[{key!r}] must have the shape of input_ids {tuple(ids.shape)}, got {_describe(batch)}"
                     )
+                if key == "labels" and v.dtype in _NARROW_INTS:
+                    v = v.long()  # cross-entropy reads int64 targets
             fields[key] = v
         extra = {k: fields[k] for k in _PASS_KEYS if fields[k] is not None}
         return ParsedBatch("hf", ids, fields["labels"], fields["attention_mask"], extra)

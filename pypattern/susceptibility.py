@@ -322,7 +322,25 @@ def _exact(name: str) -> str:
 
 def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.Tensor] | None]:
     """(restrict_to names, masks) for one component: a name known to ``model.component_masks``, a mapping
-    ``{param_name: mask}``, or a list of parameter names (whole tensors)."""
+    ``{param_name: mask}``, or a list of parameter names (whole tensors). A component over a frozen parameter
+    (``requires_grad=False``) is refused, naming both: sampling moves only parameters that require grad."""
+    names, masks = _component_parts(model, comp)
+    covered = (
+        set(masks) if masks is not None else {n for n, _ in model.named_parameters() if _exact(n) in names}
+    )
+    frozen = sorted(n for n, p in model.named_parameters() if n in covered and not p.requires_grad)
+    if frozen:
+        what = repr(comp) if isinstance(comp, str) else "given as " + type(comp).__name__
+        raise ValueError(
+            f"components: component {what} covers parameters that are frozen (requires_grad=False): {frozen}; "
+            "sampling moves only parameters that require grad: unfreeze them with requires_grad_(True) or "
+            "choose a component without them"
+        )
+    return names, masks
+
+
+def _component_parts(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.Tensor] | None]:
+    """:func:`_component_spec` before its check of frozen parameters."""
     params = dict(model.named_parameters())
     if isinstance(comp, Mapping):
         masks = {}
@@ -661,6 +679,9 @@ def susceptibilities(
     seed0 = int(seed0) if isinstance(seed0, numbers.Integral) else int(list(seed0)[0])
     if sampling_batch is None:  # the first batch of a stream keyed by the seed: the same in every call
         sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
+    elif loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
+        # the default losses read it: checked as probe is, errors naming it
+        check_batch(model, sampling_batch, "sampling_batch")
     if loss_fn is None:
 
         def lf(m, batch):

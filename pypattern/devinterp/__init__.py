@@ -211,7 +211,58 @@ def _input_ids(dataset, what: str = "dataset") -> torch.Tensor:
         )
     if ids.shape[1] < 2:
         raise ValueError(f"{what}: sequences must have length >= 2 for next-token loss (got {ids.shape[1]})")
+    if not isinstance(dataset, torch.Tensor):
+        _refuse_padding(dataset, ids, what)
     return ids.long()
+
+
+def _column(dataset, key: str):
+    """Column ``key`` of a dataset as a tensor (a column, or the items' entries), or None where it has none."""
+    try:
+        col = dataset[key]
+    except (KeyError, TypeError, IndexError):
+        try:
+            n = len(dataset)
+            first = dataset[0] if n else None
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return None
+        if not isinstance(first, Mapping) or key not in first:
+            return None
+        col = [dataset[i][key] for i in range(n)]
+    if isinstance(col, str):
+        return None
+    try:
+        return (
+            col
+            if isinstance(col, torch.Tensor)
+            else torch.as_tensor(np.asarray([np.asarray(r) for r in col]))
+        )
+    except (ValueError, TypeError):
+        return None
+
+
+def _refuse_padding(dataset, ids: torch.Tensor, what: str) -> None:
+    """devinterp 2.x scores the next-token loss of every token of ``input_ids``: a dataset whose
+    ``attention_mask`` marks padding, or whose ``labels`` differ from ``input_ids`` (``-100`` on padding), would
+    have tokens scored that its owner left out. Refused, naming the estimators that read those columns."""
+    mask = _column(dataset, "attention_mask")
+    if mask is not None and tuple(mask.shape) == tuple(ids.shape) and bool((mask == 0).any()):
+        row = int((mask == 0).any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"{what}: attention_mask marks padding (row {row} has zeros), but devinterp's sample, llc, "
+            "susceptibilities and bif score the next-token loss of every token of input_ids, padding included; "
+            "give sequences without padding (packed to one length), or use pypattern.estimate_llc, "
+            "pypattern.susceptibilities or pypattern.bif, which leave padding and labels of -100 out"
+        )
+    labels = _column(dataset, "labels")
+    if labels is not None and not (
+        tuple(labels.shape) == tuple(ids.shape) and torch.equal(labels.long(), ids.long())
+    ):
+        raise ValueError(
+            f"{what}: labels differ from input_ids (e.g. -100 on padding), but devinterp's sample, llc, "
+            "susceptibilities and bif score the next-token loss of input_ids and read no labels; drop the labels "
+            "column, or use pypattern.estimate_llc, pypattern.susceptibilities or pypattern.bif, which score labels"
+        )
 
 
 def per_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -201,9 +201,19 @@ def criterion_evaluate(criterion: Callable) -> Callable:
 
 
 def _default_evaluate(model, data):
-    """devinterp 1.3's default ``evaluate``: ``model(data)`` (a model that returns its loss, or an object with
-    ``.loss``); ``(x, y)`` pairs get cross-entropy for integer ``y``, else the mean squared error."""
-    if isinstance(data, tuple | list) and len(data) == 2:
+    """devinterp 1.3's default ``evaluate``, ``model(data)`` (a model that returns its loss, or an object with
+    ``.loss``), for batches the library's one rule does not read; the batches it reads (token tensors, a
+    ``DataLoader(TensorDataset(tokens))``'s one-element batches, Hugging Face dicts with ``input_ids``, ``(x, y)``
+    pairs) get its loss (:func:`pypattern.losses.batch_loss`: next-token cross-entropy over the counted tokens;
+    cross-entropy for integer ``y``, else the mean squared error)."""
+    tokens = isinstance(data, torch.Tensor) and not (data.is_floating_point() or data.is_complex())
+    one = isinstance(data, tuple | list) and len(data) == 1 and isinstance(data[0], torch.Tensor)
+    if (
+        tokens
+        or one
+        or (isinstance(data, tuple | list) and len(data) == 2)
+        or (isinstance(data, Mapping) and "input_ids" in data)
+    ):
         from .runner import default_loss_fn
 
         return default_loss_fn(model, data)
@@ -431,7 +441,9 @@ def estimate_learning_coeff_with_summary(
     wrapped = kwargs.pop("_wrapped_callbacks", False)  # from pypattern.devinterp.v1.sample
     if evaluate is None and criterion is None:
         warnings.warn(
-            "evaluate not given: using model(batch) as the loss, or cross-entropy/MSE on (x, y) batches",
+            "evaluate not given: token batches and dicts with input_ids get the next-token cross-entropy over "
+            "their counted tokens, (x, y) batches cross-entropy (integer y) or MSE, other batches model(batch) "
+            "as the loss (devinterp's default)",
             stacklevel=2 + wrapped,
         )
     model, kw = _devinterp_kwargs(

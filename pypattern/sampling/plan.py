@@ -204,6 +204,22 @@ def _int_at_least(name: str, v, lo: int) -> int:
     return v
 
 
+def _component_hint(model, patterns: list[str]) -> str:
+    """A pointer to ``masks=`` for restrict_to patterns that are component names of ``model`` (a head, an MLP)."""
+    from ..models.transformer import component_masks
+
+    for pat in patterns:
+        try:
+            component_masks(model, pat)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError):
+            continue
+        return (
+            f"; {pat!r} is a component name, not a parameter-name pattern: pass "
+            f"masks=pypattern.component_masks(model, {pat!r}) to move that component"
+        )
+    return ""
+
+
 def make_plan(
     model: nn.Module,
     loader: Iterable,
@@ -297,6 +313,18 @@ def make_plan(
     named = [n for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model has no parameter with requires_grad=True")
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+
+    def frozen_note(names) -> str:
+        """A sentence naming the frozen parameters among ``names`` (empty when none is)."""
+        hit = sorted(n for n in names if n in frozen)
+        if not hit:
+            return ""
+        return (
+            f" ({hit} {'is' if len(hit) == 1 else 'are'} frozen, requires_grad=False: sampling moves only "
+            "parameters that require grad; unfreeze them with requires_grad_(True) or leave them out)"
+        )
+
     if runs is None:
         specs = [(restrict_to, masks)]
     else:
@@ -326,15 +354,23 @@ def make_plan(
             # optimises only the parameters it names); every other parameter stays at w*
             unknown = [n for n in r_masks if n not in named]
             if unknown:
+                what = "moving parameters" if frozen_note(unknown) else "parameters"
                 raise ValueError(
-                    f"{where}masks has names that are not parameters: {sorted(unknown)}; names are {named}"
+                    f"{where}masks has names that are not {what}: {sorted(unknown)}{frozen_note(unknown)}; "
+                    f"names are {named}"
                 )
             moving = [n for n in named if n in r_masks]
         if not moving:
-            raise ValueError(f"{where}restrict_to={r_restrict!r} matches no parameter; names are {named}")
+            hit = [n for n in frozen if patterns and matches(n, patterns)]
+            raise ValueError(
+                f"{where}restrict_to={r_restrict!r} matches no parameter{frozen_note(hit)}"
+                f"{_component_hint(model, patterns)}; names are {named}"
+            )
         unknown = set(r_masks) - set(moving)
         if unknown:
-            raise ValueError(f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}")
+            raise ValueError(
+                f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}{frozen_note(unknown)}"
+            )
         for n, m in r_masks.items():
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"{where}masks[{n!r}] must be a tensor, got {type(m).__name__}")
