@@ -462,23 +462,30 @@ def test_exact_agreement_autocircuit_float64():
 
 
 # ----- the speed table: CPU time, interleaved rounds ------------------------------------------------------------
-def speed_table(rounds: int = 7, reps: int = 3) -> None:
+#: the GPT-2-small shape (random weights) for ``--table --shape gpt2``: the same pieces where the per-call work
+#: outside the products is a smaller share than on the bench model
+GPT2_CFG = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=64)
+
+
+def speed_table(rounds: int = 7, reps: int = 3, cfg: dict = CFG) -> None:
     """Each round times ours, the bound and auto-circuit (when installed) on every piece in this process, ``reps``
     calls of each interleaved call by call (CPU time, ``time.process_time``, after a warm-up call); a round's ratio
     is the median over its calls of the ratio within a call triple. Prints every round and, per piece, the median
-    and range over rounds of ours / bound, ours / (bound + term) and auto-circuit / ours."""
+    and range over rounds of ours / bound, ours / (bound + term) and auto-circuit / ours. ``cfg``: the model's
+    shape (default the bench model; auto-circuit runs on the bench model only)."""
     import statistics
 
+    with_ac = HAS_AC and cfg is CFG
     torch.set_num_threads(1)
-    model, clean, corr, metric = make_setup()
+    model, clean, corr, metric = make_setup(cfg=cfg)
     eng, _ = prepare_runs(model, edges(model), clean, corr, metric)
     g = eng.graph
     circuit = point_circuit(g)
-    F = macs_forward(CFG, T)
-    contraction = edge_terms(g, CFG, B, T)["contraction"]
-    sums = edge_terms(g, CFG, B, T, ~circuit)["input sums"]
+    F = macs_forward(cfg, T)
+    contraction = edge_terms(g, cfg, B, T)["contraction"]
+    sums = edge_terms(g, cfg, B, T, ~circuit)["input sums"]
     circuits10 = torch.rand(10, len(g), generator=torch.Generator().manual_seed(0)) < 0.05
-    sums10 = sum(edge_terms(g, CFG, B, T, ~c)["input sums"] for c in circuits10)
+    sums10 = sum(edge_terms(g, cfg, B, T, ~c)["input sums"] for c in circuits10)
     pieces = {
         "EAP": dict(
             ours=lambda: edge_attribution(model, clean, corr, metric=metric, method="eap"),
@@ -505,7 +512,7 @@ def speed_table(rounds: int = 7, reps: int = 3) -> None:
             term=("input sums", sums10),
         ),
     }
-    if HAS_AC:
+    if with_ac:
         acm = ac_model(model)
         patch = ac_patcher(acm, g, clean, corr, metric)
         pieces["EAP"]["ac"] = lambda: ac_eap(acm, clean, corr, metric)
@@ -566,7 +573,7 @@ def speed_table(rounds: int = 7, reps: int = 3) -> None:
                 f"auto-circuit/ours {med([x['ac/ours'] for x in rs])}"
             )
         print(line)
-    if HAS_AC:
+    if with_ac:
         ours = edge_attribution(model, clean, corr, metric=metric, method="eap")
         print(
             f"EAP scores, relative difference to auto-circuit (float32): {eap_rel_diff(ours, ac_eap(acm, clean, corr, metric)):.1e}"
@@ -648,7 +655,10 @@ if __name__ == "__main__":
     if "--table" in sys.argv:
         n = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 7
         reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
-        speed_table(rounds=n, reps=reps)
+        shape = sys.argv[sys.argv.index("--shape") + 1] if "--shape" in sys.argv else "bench"
+        if shape not in ("bench", "gpt2"):
+            raise SystemExit(f"--shape {shape!r} is not valid; choose 'bench' or 'gpt2'")
+        speed_table(rounds=n, reps=reps, cfg=GPT2_CFG if shape == "gpt2" else CFG)
     if "--overhead" in sys.argv:
         print(overhead())
     if "--gpt2" in sys.argv:
