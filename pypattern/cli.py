@@ -221,6 +221,17 @@ def _resolve(p: argparse.ArgumentParser, args) -> None:
     for dest, (_, default, _) in deferred.items():
         if dest not in given:
             setattr(args, dest, default)
+    chains, draws = getattr(args, "num_chains", None), getattr(args, "num_draws", None)
+    if (
+        getattr(args, "cmd", None) == "chi"
+        and chains is not None
+        and draws is not None
+        and chains * draws < 2
+    ):
+        p.error(
+            f"--num-chains {chains} x --num-draws {draws} gives {chains * draws} draw: chi is a covariance over "
+            "draws and needs at least 2 in all; raise --num-draws or --num-chains"
+        )
 
 
 def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -231,13 +242,14 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         "(GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Mixtral, Phi, Qwen, Gemma, OLMo, OPT, StableLM, "
         "StarCoder2, GPT-BigCode, Granite, BLOOM and more; safetensors; "
         "nothing is downloaded), converted exactly into pypattern's Transformer; a bfloat16 or float16 checkpoint "
-        "runs as its exact float32 copy (with a warning)",
+        "runs as its exact float32 copy (with a warning); or a folder of a pypattern Transformer (config.json "
+        "with TransformerConfig's fields, and weights.npz or model.safetensors)",
     )
     p.add_argument(
         "--data",
         required=required,
-        help="token ids (num_sequences, seq_len): .npy, .npz (array 'tokens') or a text file (.txt, .csv, .tsv) "
-        "with one sequence of whitespace- or comma-separated ids per line; other formats are refused",
+        help="token ids (num_sequences, seq_len): .npy, .npz (array 'tokens', and no other) or a text file (.txt, "
+        ".csv, .tsv) with one sequence of whitespace- or comma-separated ids per line; other formats are refused",
     )
     _flag(
         p, "--float64", action="store_true", applies=MODEL_ONLY, help="with --model: run the model in float64"
@@ -345,7 +357,7 @@ def _user_run(args) -> int:
             args.data,
             args.out,
             corrupted=args.corrupted,
-            sites=args.sites,
+            sites=args.sites if "sites" in args.given else None,  # the default: those the model has
             max_prompts=args.max_prompts,
             dtype=dtype,
         )

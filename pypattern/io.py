@@ -457,8 +457,10 @@ def fingerprint(**items) -> dict[str, Any]:
 
 
 class _NotSet:
+    """An item one fingerprint lacks: runs leave items at their defaults out of their fingerprints."""
+
     def __repr__(self) -> str:
-        return "(not set)"
+        return "(not set: the default)"
 
 
 def _short(v, n: int = 120) -> str:

@@ -540,3 +540,128 @@ def test_llc_data_is_a_shuffled_loader_whose_short_batch_chains_skip(model_dir, 
         localization=cfg["localization"], nbeta=cfg["nbeta"], seed=0, quiet=True, warn_nonstationary=False,
     )  # fmt: skip
     np.testing.assert_allclose(np.asarray(res.llc_per_chain), np.asarray(api.llc_per_chain), rtol=1e-5)
+
+
+def _err(argv, capsys) -> str:
+    """The one-line error of a refused command (exit status 2)."""
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_patch_refuses_corrupted_prompts_equal_to_the_clean_ones(model_dir, data, tmp_path, capsys):
+    d, _ = data
+    err = _err(["patch", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--corrupted",
+                str(d / "tokens.npy"), "--out", str(tmp_path)], capsys)  # fmt: skip
+    assert "equals data on the 8 prompts patched" in err
+    assert not (tmp_path / "patch_summary.json").exists()
+
+
+def _native_folder(path, model) -> str:
+    """A pypattern model folder (config.json + weights.npz), as ``circuit --model`` reads."""
+    import dataclasses
+
+    path.mkdir()
+    cfg = {
+        k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
+        for k, v in dataclasses.asdict(model.cfg).items()
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    np.savez(path / "weights.npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    return str(path)
+
+
+def test_patch_writes_raw_changes_where_the_corrupted_run_moves_no_metric(data, tmp_path):
+    """A model blind to which token it reads (every embedding row the same): the corrupted prompts differ, but
+    the clean and corrupted metrics coincide, so the normalisation would be 0/0; the raw changes are written
+    and the summary is strict JSON (no NaN)."""
+    import pypattern as pp
+
+    d, tokens = data
+    m = pp.Transformer(pp.TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=23, n_ctx=16))
+    with torch.no_grad():
+        m.embed.W_E.copy_(m.embed.W_E[:1].expand_as(m.embed.W_E))
+    folder = _native_folder(tmp_path / "blind", m)
+    assert main(["patch", "--model", folder, "--data", str(d / "tokens.npy"), "--corrupted",
+                 str(d / "corrupted.npy"), "--sites", "resid_pre", "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    text = (tmp_path / "p" / "patch_summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the summary"))
+    assert summary["sites"]["resid_pre"]["normalized"] is False
+    assert all(abs(v) < 1e-6 for _, v in summary["sites"]["resid_pre"]["top"])
+    assert "nan" not in (tmp_path / "p" / "patch_resid_pre.csv").read_text().split("\n", 2)[1]
+
+
+def test_a_pypattern_model_folder_runs_every_command(data, tmp_path, capsys):
+    """The folder circuit reads (config.json + weights.npz of a pypattern Transformer) serves llc, patch and chi
+    too; patch's default sites leave out those an attention-only model lacks."""
+    import pypattern as pp
+
+    d, _ = data
+    m = pp.Transformer(
+        pp.TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=None, d_vocab=23, n_ctx=16)
+    )
+    folder = _native_folder(tmp_path / "native", m)
+    assert (
+        main(["patch", "--model", str(folder), "--data", str(d / "tokens.npy"), "--out", str(tmp_path / "p")])
+        == 0
+    )
+    summary = json.loads((tmp_path / "p" / "patch_summary.json").read_text())
+    assert set(summary["sites"]) == {"resid_pre", "attn_out", "z"}
+    argv = ["--model", str(folder), "--data", str(d / "tokens.npy"), "--num-draws", "3", "--num-chains", "2",
+            "--step-size", "1e-4", "--num-burnin-steps", "0", "--quiet"]  # fmt: skip
+    assert main(["llc", *argv, "--out", str(tmp_path / "l")]) == 0
+    assert main(["chi", *argv, "--num-probe", "2", "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+
+
+def test_small_data_and_counts_are_refused_naming_the_options(model_dir, data, tmp_path, capsys):
+    d, tokens = data
+    np.save(tmp_path / "one_seq.npy", tokens[:1])
+    np.save(tmp_path / "one_tok.npy", tokens[:, :1])
+    base = [
+        "--model",
+        str(model_dir),
+        "--step-size",
+        "1e-4",
+        "--num-draws",
+        "3",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    err = _err(["llc", *base, "--data", str(tmp_path / "one_seq.npy")], capsys)
+    assert "holds 1 sequence: the default --nbeta" in err and "give --nbeta" in err
+    err = _err(["chi", *base, "--data", str(d / "tokens.npy"), "--batch-size", "1"], capsys)
+    assert "--batch-size is 1: the default --nbeta" in err
+    for cmd in ("llc", "chi"):
+        err = _err([cmd, *base, "--data", str(tmp_path / "one_tok.npy")], capsys)
+        assert "its sequences have 1 token; the next-token loss" in err
+    err = _err(
+        ["chi", *base, "--data", str(d / "tokens.npy"), "--num-chains", "1", "--num-draws", "1"], capsys
+    )
+    assert "--num-chains 1 x --num-draws 1 gives 1 draw" in err
+
+
+def test_npz_token_files_with_other_arrays_are_refused(data, tmp_path):
+    d, tokens = data
+    np.savez(tmp_path / "padded.npz", tokens=tokens, attention_mask=np.ones_like(tokens))
+    with pytest.raises(
+        ValueError, match=r"holds \['attention_mask'\] besides 'tokens'.*padding would be scored"
+    ):
+        load_tokens(tmp_path / "padded.npz")
+    np.savez(tmp_path / "extra.npz", tokens=tokens, answer=tokens[:, 0])
+    with pytest.raises(
+        ValueError, match=r"holds \['answer'\] besides 'tokens', which the command line does not read;"
+    ):
+        load_tokens(tmp_path / "extra.npz")
+
+
+def test_circuit_ig_steps_without_eap_ig_is_refused(model_dir, data, tmp_path, capsys):
+    d, _ = data
+    err = _err(["circuit", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--methods", "eap",
+                "--ig-steps", "7", "--out", str(tmp_path)], capsys)  # fmt: skip
+    assert "--ig-steps applies only with eap-ig among --methods (given: eap)" in err

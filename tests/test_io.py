@@ -254,7 +254,7 @@ def test_fingerprint_canonical_and_first_difference():
     with pytest.raises(io.FingerprintMismatch, match="ck.npz.*: w = ") as e:
         io.check_fingerprint(a, c, "ck.npz")
     assert e.value.item == "w"  # the first differing item, in the current call's order
-    with pytest.raises(io.FingerprintMismatch, match="extra = 1 there, \\(not set\\) now"):
+    with pytest.raises(io.FingerprintMismatch, match="extra = 1 there, \\(not set: the default\\) now"):
         io.check_fingerprint({**b, "extra": 1}, b, "ck.npz")
     # hashes see every bit: -0.0 and 0.0, a negated tensor, another dtype
     assert io.hash_tensor(torch.zeros(2)) != io.hash_tensor(-torch.zeros(2))

@@ -417,7 +417,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="fraction of edges in the drawn circuit, in (0, 1] (default: 0.05)",
     )
     p.add_argument(
-        "--ig-steps", type=positive_int, default=5, help="interpolation steps of EAP-IG (default: 5)"
+        "--ig-steps",
+        type=positive_int,
+        default=None,
+        help="interpolation steps of EAP-IG, with eap-ig among --methods (default: 5)",
     )
     p.add_argument(
         "--per-position",
@@ -473,6 +476,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             setattr(args, dest, default)
     if getattr(args, "quick", False):
         args.steps = QUICK_STEPS
+    if getattr(args, "ig_steps", None) is not None and "eap-ig" not in args.methods:
+        p.error(f"--ig-steps applies only with eap-ig among --methods (given: {','.join(args.methods)})")
 
 
 def run_from_args(args) -> dict:
@@ -485,7 +490,7 @@ def run_from_args(args) -> dict:
         methods=args.methods,
         fraction=args.fraction,
         per_position=pp,
-        ig_steps=args.ig_steps,
+        ig_steps=5 if args.ig_steps is None else args.ig_steps,
         seed=0 if args.seed is None else args.seed,
         steps=800 if args.steps is None else args.steps,
         quiet=getattr(args, "quiet", False),

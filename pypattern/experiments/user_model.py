@@ -1,9 +1,11 @@
 """The command line on a user's own model and data: ``pypattern llc|patch|chi --model DIR --data FILE``.
 
 ``DIR`` is a local Hugging Face ``save_pretrained`` directory (safetensors; nothing is downloaded) of an architecture
-in :data:`pypattern.models.convert.SUPPORTED_CLASSES`; it is converted exactly into pypattern's
-:class:`~pypattern.models.Transformer` with :func:`pypattern.from_pretrained`. ``FILE`` holds token ids
-``(num_sequences, seq_len)``: ``.npy``, ``.npz`` (the array ``tokens``, or its only array; never unpickled), or a
+in :data:`pypattern.models.convert.SUPPORTED_CLASSES`, converted exactly into pypattern's
+:class:`~pypattern.models.Transformer` with :func:`pypattern.from_pretrained`, or the folder of a pypattern
+``Transformer`` (:func:`pypattern.circuits.cli.load_model_dir`). ``FILE`` holds token ids
+``(num_sequences, seq_len)``: ``.npy``, ``.npz`` (the array ``tokens`` and no other, or its only array; never
+unpickled), or a
 text file (``.txt``, ``.csv``, ``.tsv`` or no suffix) with one sequence of whitespace- or comma-separated ids per
 line (all of one length); other formats are refused.
 """
@@ -41,6 +43,18 @@ def _npz_array(z) -> np.ndarray:
     key = "tokens" if "tokens" in keys else (keys[0] if len(keys) == 1 else None)
     if key is None:
         raise ValueError(f"it holds {keys}: name the array 'tokens' or keep only one")
+    others = [k for k in keys if k != key]
+    if others:
+        why = (
+            ": padding would be scored as text"
+            if any(k in ("attention_mask", "labels") for k in others)
+            else ""
+        )
+        raise ValueError(
+            f"it holds {others} besides {key!r}, which the command line does not read{why}; keep only the token "
+            "array (unpadded sequences of one length), or use the Python API, whose estimators read "
+            "{'input_ids', 'attention_mask', 'labels'} batches and leave padding out"
+        )
     return z[key]
 
 
@@ -125,10 +139,11 @@ _UPCAST_REASON = {
 
 def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
     """The converted model and the tokens. ``upcast`` (``"sampling"`` or ``"patching"``): a half-precision
-    checkpoint (most are saved in bfloat16) is loaded in float32, with a warning saying why."""
-    from ..models.convert import from_pretrained
+    checkpoint (most are saved in bfloat16) is loaded in float32, with a warning saying why. For sampling, whose
+    loss is the next-token loss, sequences of one token are refused."""
+    from ..circuits.cli import load_model_dir
 
-    model = from_pretrained(model_dir, dtype=dtype)
+    model = load_model_dir(model_dir, dtype=dtype)
     if upcast is not None and model.cfg.dtype not in (torch.float32, torch.float64):
         warnings.warn(
             f"model={str(model_dir)!r} holds {model.cfg.dtype} weights and {_UPCAST_REASON[upcast]} (the weights "
@@ -136,10 +151,27 @@ def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
             UserWarning,
             stacklevel=3,
         )
-        model = from_pretrained(model_dir, dtype=torch.float32)
+        model = load_model_dir(model_dir, dtype=torch.float32)
     model.eval()
     tokens = load_tokens(data, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions)
+    if upcast == "sampling" and tokens.shape[1] < 2:
+        raise ValueError(
+            f"data={str(data)!r}: its sequences have {tokens.shape[1]} token; the next-token loss that llc and chi "
+            "sample needs sequences of at least 2 tokens"
+        )
     return model, tokens
+
+
+def _check_default_nbeta(data, tokens: torch.Tensor, batch_size: int, nbeta) -> None:
+    """The default nbeta, batch / log(batch), needs batches of at least 2 sequences: refused naming the options."""
+    n = tokens.shape[0]
+    if nbeta is None and min(batch_size, n) < 2:
+        what = f"data={str(data)!r} holds 1 sequence" if n < 2 else "--batch-size is 1"
+        fix = "give at least 2 sequences" if n < 2 else "give a --batch-size of at least 2"
+        raise ValueError(
+            f"{what}: the default --nbeta (batch / log(batch)) needs batches of at least 2 sequences; {fix}, or "
+            "give --nbeta"
+        )
 
 
 def _count(name: str, value: int) -> int:
@@ -210,6 +242,7 @@ def run_user_llc(
     from ..sampling import estimate_llc
 
     model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
+    _check_default_nbeta(data, tokens, batch_size, nbeta)
     ck = None
     if checkpoint is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
@@ -266,13 +299,17 @@ def run_user_llc(
     return summary
 
 
+#: the sites ``patch`` runs by default
+DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+
+
 def run_user_patch(
     model_dir: str,
     data: str,
     out: str,
     *,
     corrupted: str | None = None,
-    sites: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "z"),
+    sites: tuple[str, ...] | None = None,
     max_prompts: int = 8,
     dtype: torch.dtype | None = None,
     seed: int = 0,
@@ -280,7 +317,9 @@ def run_user_patch(
     """Exact activation patching of the model in ``model_dir`` at each site over layers x positions (heads x
     positions for ``z``), denoising, with the metric KL(P_clean || P_run) at the last position.
 
-    ``corrupted`` is a token file of the same shape (symmetric token replacement, recommended); without it the
+    ``sites``: default :data:`DEFAULT_SITES` less those the model does not have (``mlp_out`` of an
+    attention-only model); sites given that the model does not have are refused. ``corrupted`` is a token file of
+    the same shape (symmetric token replacement, recommended); without it the
     corrupted run adds Gaussian noise (3x the embeddings' std) to every token embedding. A half-precision
     checkpoint is patched as its float32 copy (with a warning). Writes one CSV per site (normalised means: 1 =
     the clean run restored, 0 = no change from the corrupted run) and ``patch_summary.json`` into ``out``; the
@@ -289,9 +328,11 @@ def run_user_patch(
     from ..patching import KL, GaussianNoise, activation_patching
 
     _count("max_prompts", max_prompts)
-    if not sites:
+    if sites is not None and not sites:
         raise ValueError("sites is empty: give at least one site")
     model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching")
+    if sites is None:
+        sites = tuple(s for s in DEFAULT_SITES if not (model.cfg.attn_only and s == "mlp_out"))
     corr = None
     if corrupted is not None:
         corr = load_tokens(
@@ -303,6 +344,12 @@ def run_user_patch(
             )
         corr = corr[:max_prompts]
     clean = clean[:max_prompts]
+    if corr is not None and torch.equal(corr, clean):
+        raise ValueError(
+            f"corrupted={corrupted!r} equals data on the {clean.shape[0]} prompts patched: the corrupted run is the "
+            "clean run, so there is no effect to patch back; give corrupted prompts that differ from the clean "
+            "ones (e.g. a few tokens replaced)"
+        )
     for site in sites:
         if (model.cfg.parallel_attn_mlp and site == "resid_mid") or (
             model.cfg.attn_only and site in ("resid_mid", "mlp_out")
@@ -319,8 +366,10 @@ def run_user_patch(
     for site in sites:
         res = activation_patching(model, site, clean, corr, metric=KL(), corruption=corruption)
         path = os.path.join(out, f"patch_{site}.csv")
-        res.to_csv(path)
-        normalized = res.corrupted is not None  # what to_csv writes
+        # normalised (1 = clean run restored) where the corrupted run moved the metric; else the raw change
+        gap = None if res.corrupted is None else (res.clean - res.corrupted).mean()
+        normalized = gap is not None and bool(torch.isfinite(gap)) and float(gap) != 0.0
+        res.to_csv(path, normalized=normalized)
         top = res.top(3, normalized=normalized)
         summary["sites"][site] = {
             "table": path,
@@ -359,6 +408,7 @@ def run_user_chi(
 
     _count("num_probe", num_probe)
     model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
+    _check_default_nbeta(data, tokens, batch_size, nbeta)
     if checkpoint is not None:
         Path(checkpoint).mkdir(parents=True, exist_ok=True)
     components = [c for c in model.components() if c != "unembed"]
