@@ -39,6 +39,11 @@ def _metric_name(metric) -> str:
 
 def _graph_for(model, graph: EdgeGraph | None, per_position: bool, seq_len: int) -> EdgeGraph:
     if graph is not None:
+        if per_position and not graph.per_position:
+            raise ValueError(
+                "per_position=True and graph= a graph of one edge per node pair: give a per-position graph "
+                "(edges(model, per_position=True, seq_len=...)) or leave per_position out"
+            )
         return graph
     return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len if per_position else None)
 
@@ -265,7 +270,8 @@ def edge_attribution(
         interpolated runs are batched (as many per pass as ``memory_budget`` allows). ``"exact"``: each edge
         patched alone (:func:`patch_edges`, batched with causal reuse).
     steps : int
-        Interpolation steps of EAP-IG.
+        Interpolation steps of EAP-IG, a positive int (checked with every method); ``"eap"`` is EAP-IG with one
+        step and ``"exact"`` interpolates nothing, so those read no steps (``info["steps"]`` is None).
     mode, ablation :
         As in :func:`patch_edges`; the score estimates ``M(patched) - M(base)``.
     per_position : bool
@@ -285,7 +291,7 @@ def edge_attribution(
             "(torch.enable_grad() cannot lift it); call it outside inference mode (inside torch.no_grad() is fine), "
             "or use method='exact'"
         )
-    if method == "eap-ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
@@ -496,6 +502,8 @@ def pruning_curve(
     if not isinstance(scores, dict):
         name = scores.method if isinstance(scores, EdgeScores) else "scores"
         scores = {name: scores}
+    if not scores:
+        raise ValueError("scores is an empty dict: give at least one set of edge scores ({name: EdgeScores})")
     first = next(iter(scores.values()))
     if graph is None:
         graph = first.graph if isinstance(first, EdgeScores) else EdgeGraph.from_model(model)

@@ -133,18 +133,7 @@ class EdgeEngine:
         self.Hk = view.n_kv_heads
         self.nA = self.H + 2 * self.Hk  # destination inputs of one layer's attention: q, k, v
         self.parallel = view.parallel
-        if (graph.n_heads, graph.n_kv_heads, graph.n_layers, graph.parallel, graph.has_mlp) != (
-            self.H,
-            self.Hk,
-            self.L,
-            self.parallel,
-            view.has_mlp,
-        ):
-            raise ValueError(
-                f"the graph ({graph!r}, n_kv_heads={graph.n_kv_heads}, parallel={graph.parallel}, has_mlp="
-                f"{graph.has_mlp}) does not match the model (n_layers={self.L}, n_heads={self.H}, n_kv_heads="
-                f"{self.Hk}, parallel={self.parallel}, has_mlp={view.has_mlp}); build it with edges(model)"
-            )
+        check_graph(view, graph)
         if max_batch is not None and (
             isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
         ):
@@ -905,6 +894,24 @@ def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _R
 
 
 @torch.no_grad()
+def check_graph(view: ModelView, graph: EdgeGraph) -> None:
+    """Refuse a graph built for another model (other layer, head or key/value-head counts, block layout or
+    MLPs), naming both."""
+    if (graph.n_heads, graph.n_kv_heads, graph.n_layers, graph.parallel, graph.has_mlp) != (
+        view.n_heads,
+        view.n_kv_heads,
+        view.n_layers,
+        view.parallel,
+        view.has_mlp,
+    ):
+        raise ValueError(
+            f"the graph ({graph!r}, n_kv_heads={graph.n_kv_heads}, parallel={graph.parallel}, has_mlp="
+            f"{graph.has_mlp}) does not match the model (n_layers={view.n_layers}, n_heads={view.n_heads}, "
+            f"n_kv_heads={view.n_kv_heads}, parallel={view.parallel}, has_mlp={view.has_mlp}); build it with "
+            "edges(model)"
+        )
+
+
 def prepare_runs(
     model,
     graph: EdgeGraph | None,
@@ -934,6 +941,7 @@ def prepare_runs(
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'resample', 'mean' or 'zero'")
     view = ModelView(model) if view is None else view
     graph = EdgeGraph.from_model(model) if graph is None else graph
+    check_graph(view, graph)  # before any run is sized by the graph
     d_vocab = model.cfg.d_vocab
     clean = check_tokens(clean, "clean", d_vocab)
     if corrupted is not None:
