@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,15 +63,20 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------ input checks
 
 
-def _as_features(x, name: str, min_samples: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def _as_features(
+    x, name: str, min_samples: int = 1, dtype: torch.dtype = torch.float64, center: bool = False
+) -> torch.Tensor:
     """``(n, ...)`` -> ``(n, d)`` of ``dtype`` (float64 unless asked), with clear errors for the inputs no
-    measure can use."""
+    measure can use. The measures are statistics of the values: a tensor that tracks gradients is read detached.
+    ``center``: for measures that centre the columns anyway, a cast to a narrower ``dtype`` happens after the
+    columns are centred in float64 (a common offset would otherwise take the narrower type's precision)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))  # numpy views with negative strides too
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
         )
+    x = x.detach()
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
     if x.is_complex():
@@ -80,14 +85,26 @@ def _as_features(x, name: str, min_samples: int = 1, dtype: torch.dtype = torch.
         raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
     if math.prod(x.shape[1:]) == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
-    x = x.reshape(x.shape[0], -1).to(dtype)
+    x = x.reshape(x.shape[0], -1)
     if x.shape[0] < min_samples:
         raise ValueError(f"{name} has {x.shape[0]} samples; this measure needs at least {min_samples}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).sum())
+    # an input of another type is checked (and, for a narrower dtype, centred) in float64, then cast
+    wide = x if x.dtype == dtype else x.to(torch.float64)
+    if not torch.isfinite(wide).all():
+        bad = int((~torch.isfinite(wide)).sum())
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
+    if wide.dtype == dtype:
+        return wide
+    if center:
+        wide = wide - wide.mean(0, keepdim=True)
+    x = wide.to(dtype)
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"{name} holds values up to {float(wide.abs().max()):.3g}, beyond {dtype}'s range: give "
+            "dtype=torch.float64"
+        )
     return x
 
 
@@ -210,8 +227,8 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     is constant over the samples (its self-HSIC is 0), or, debiased, if a self-HSIC is estimated at or below 0.
     """
     _check_dtype(dtype)
-    x = _as_features(x, "x", _min_samples(debiased), dtype)
-    y = _as_features(y, "y", _min_samples(debiased), dtype)
+    x = _as_features(x, "x", _min_samples(debiased), dtype, center=True)
+    y = _as_features(y, "y", _min_samples(debiased), dtype, center=True)
     _check_pair(x, y)
     # the form with fewer multiply-adds (the n x n Grams when there are fewer samples than features)
     xy, xx, yy = _hsic_all([_unit_scale(x)], [_unit_scale(y)], debiased, "auto")
@@ -339,9 +356,13 @@ def cka_matrix(
         raise TypeError(
             "xs and ys must be sequences of representations (e.g. a list of tensors), not one tensor"
         )
-    xs = [_as_features(x, f"xs[{i}]", _min_samples(debiased), dtype) for i, x in enumerate(xs)]
+    xs = [_as_features(x, f"xs[{i}]", _min_samples(debiased), dtype, center=True) for i, x in enumerate(xs)]
     ys = (
-        xs if same else [_as_features(y, f"ys[{j}]", _min_samples(debiased), dtype) for j, y in enumerate(ys)]
+        xs
+        if same
+        else [
+            _as_features(y, f"ys[{j}]", _min_samples(debiased), dtype, center=True) for j, y in enumerate(ys)
+        ]
     )
     if not xs or not ys:
         raise ValueError("xs and ys must each hold at least one representation")
@@ -437,8 +458,12 @@ class MinibatchCKA:
                 f"expected {self.num_x} representations in xs and {self.num_y} in ys, got {len(xs)} and "
                 f"{None if ys is None else len(ys)}"
             )
-        xs = [_as_features(x, f"xs[{i}]", 4, self.dtype) for i, x in enumerate(xs)]
-        ys = xs if ys is None else [_as_features(y, f"ys[{j}]", 4, self.dtype) for j, y in enumerate(ys)]
+        xs = [_as_features(x, f"xs[{i}]", 4, self.dtype, center=True) for i, x in enumerate(xs)]
+        ys = (
+            xs
+            if ys is None
+            else [_as_features(y, f"ys[{j}]", 4, self.dtype, center=True) for j, y in enumerate(ys)]
+        )
         for j, z in enumerate(list(xs) + list(ys)):
             _check_pair(xs[0], z, "xs[0]", f"representation {j} of this batch")
         widths = ([x.shape[1] for x in xs], [y.shape[1] for y in ys])
@@ -774,11 +799,29 @@ def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | None = N
     """``(num_inputs, D)``: the activations at ``hooks`` (default: every block's ``hook_resid_post``), each
     input's positions and hooks flattened and concatenated. ``model`` is a hooked model
     (:class:`~pypattern.models.Transformer` or :class:`~pypattern.models.hooks.HookedModule`)."""
+    if not hasattr(model, "run_with_cache"):
+        raise TypeError(
+            f"model is a {type(model).__name__}; representations reads a hooked model's activations: convert a "
+            "Hugging Face model with pypattern.from_hf(model) (or wrap it with pypattern.hooked_hf)"
+        )
+    if not isinstance(tokens, torch.Tensor):
+        hint = (
+            " (representations flattens every position, so padding would enter the features: give unpadded "
+            "sequences of one length, or pool over the real tokens with accumulated_residual(..., "
+            "attention_mask=))"
+            if isinstance(tokens, Mapping)
+            else ""
+        )
+        raise TypeError(f"tokens is a {type(tokens).__name__}; give a token tensor (num_inputs, pos){hint}")
     hooks = list(hooks) if hooks is not None else _default_rep_hooks(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
     missing = [h for h in hooks if h not in cache]
     if missing:
+        known = getattr(model, "hook_dict", None)
+        absent = [h for h in missing if known is not None and h not in known]
+        if absent:
+            raise KeyError(f"hooks {absent} are not hook points of the model (e.g. {sorted(known)[:3]})")
         raise KeyError(f"hooks {missing} were not reached in the forward pass")
     return _flat_cache(cache, hooks)
 
@@ -822,7 +865,10 @@ def resample_implementations(
     hook_names = sorted({h for h, _ in sites})
     with torch.no_grad():
         _, cf_cache = model.run_with_cache(cf, names_filter=hook_names)
+    known = getattr(model, "hook_dict", None)
     for h in hook_names:
+        if known is not None and h not in known:
+            raise KeyError(f"site hook {h!r} is not a hook point of the model (e.g. {sorted(known)[:3]})")
         if h not in cf_cache:
             raise KeyError(f"site hook {h!r} was not reached in the forward pass")
     head_site = {}  # hook name -> its patching site ("z", "pattern", ...) when a head of it is resampled

@@ -258,6 +258,25 @@ def _check_concept_task(task, spec) -> None:
         )
 
 
+def _check_vocab(model, task) -> None:
+    """The model reads every token the task samples: its vocabulary is at least the task's (a larger one, as a
+    converted checkpoint has, is fine: tokens beyond the task's carry no concept)."""
+    tv = len(task.token_concepts) if hasattr(task, "token_concepts") else getattr(task, "d_vocab", None)
+    mv = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if isinstance(tv, int) and isinstance(mv, int) and mv < tv:
+        raise ValueError(
+            f"the model's vocabulary has {mv} tokens, fewer than the task's {tv}: the task's tokens "
+            f"{mv}..{tv - 1} have no embedding; give a model with at least {tv} tokens"
+        )
+
+
+def _concepts_of(task, tokens: torch.Tensor) -> torch.Tensor:
+    """The concept of each token (-1: none), tokens beyond the task's vocabulary (a larger model's) included."""
+    tc = task.token_concepts
+    inside = tokens < len(tc)
+    return torch.where(inside, tc[tokens.clamp(max=len(tc) - 1)], torch.full_like(tokens, -1))
+
+
 def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
     """``(batch, pos)`` bool mask from None (all), an int ``p`` (positions >= p), or a bool tensor."""
     if isinstance(positions, bool):
@@ -413,6 +432,8 @@ def generate(
     tokens = prompt[None] if prompt.dim() == 1 else prompt
     if tokens.dim() != 2:
         raise ValueError(f"prompt has shape {tuple(prompt.shape)}; give (batch, prompt_len) or (prompt_len,)")
+    if tokens.shape[1] == 0:
+        raise ValueError("prompt is empty (0 tokens): give at least one token to continue from")
     if (spec is None) != (concept is None):
         raise ValueError("give both spec and concept to steer, or neither")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
@@ -519,6 +540,7 @@ def train_flags(
     ):
         raise ValueError(f"switch_prob={switch_prob!r} is not valid; give a value in [0, 1]")
     _check_concept_task(task, spec)
+    _check_vocab(model, task)
     g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     code = spec.code()
@@ -745,6 +767,7 @@ def flag_report(
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'mean' or 'zero'")
     _check_concept_task(task, spec)
+    _check_vocab(model, task)
     seq_len = getattr(task, "n_ctx", None)
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 2:
         raise ValueError(
@@ -775,12 +798,11 @@ def flag_report(
     other = (pc + torch.randint(1, spec.num_concepts, pc.shape, generator=g)) % spec.num_concepts
     steered = generate(model, tok, gen_steps, spec, other, seed=seed + 3)[:, prompt_len:]
     free = generate(model, tok, gen_steps, seed=seed + 3)[:, prompt_len:]
-    tc = task.token_concepts
     rep = FlagReport(
         flag_accuracy=flag_acc,
-        steer_success=float((tc[steered] == other[:, None]).double().mean()),
-        steer_baseline=float((tc[free] == other[:, None]).double().mean()),
-        steer_prompt_concept=float((tc[steered] == pc[:, None]).double().mean()),
+        steer_success=float((_concepts_of(task, steered) == other[:, None]).double().mean()),
+        steer_baseline=float((_concepts_of(task, free) == other[:, None]).double().mean()),
+        steer_prompt_concept=float((_concepts_of(task, steered) == pc[:, None]).double().mean()),
         loss_clean=loss_clean,
         loss_ablated=loss_abl,
         reliance=loss_abl - loss_clean,

@@ -31,7 +31,8 @@ features)``, all on the same inputs in the same order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -68,18 +69,27 @@ class ImplementationSet(Protocol):
 
 
 def accumulated_residual(
-    model, tokens: torch.Tensor, *, fwd_hooks: Sequence = (), positions: slice | None = None
+    model,
+    tokens,
+    *,
+    fwd_hooks: Sequence = (),
+    positions: slice | int | Sequence[int] | torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The accumulated residual stream of a hooked :class:`~pypattern.models.Transformer`, mean-pooled.
 
     Parameters
     ----------
     model : Transformer
-    tokens : LongTensor ``(n, pos)``
+    tokens : LongTensor ``(n, pos)``, or a mapping with ``input_ids`` (and ``attention_mask``)
     fwd_hooks : list of ``(hook name, fn)``
         Hooks active during the run (e.g. patches).
-    positions : slice, optional
-        Pool over these positions only (default all).
+    positions : slice, int, list of ints or boolean mask, optional
+        Pool over these positions only (default all; an int such as ``-1`` reads that one position).
+    attention_mask : ``(n, pos)``, optional
+        1 for real tokens, 0 for padding (default: a mapping's own, else every token real): the mean is taken
+        over the real tokens among ``positions``. Padding must come after the real tokens (right padding): the
+        model attends causally and reads no mask, so a real token after padding would attend to it.
 
     Returns
     -------
@@ -88,13 +98,49 @@ def accumulated_residual(
         positions, concatenated in that order.
     logits : Tensor ``(n, pos, d_vocab)``
     """
+    if not hasattr(model, "cfg") or not hasattr(model, "hooks"):
+        raise TypeError(
+            f"model is a {type(model).__name__}; accumulated_residual reads a pypattern Transformer's hook points: "
+            "convert a Hugging Face model with pypattern.from_hf(model) first"
+        )
+    if isinstance(tokens, Mapping):
+        if "input_ids" not in tokens:
+            raise TypeError(f"tokens is a mapping without 'input_ids' (keys {sorted(tokens)})")
+        if attention_mask is None:
+            attention_mask = tokens.get("attention_mask")
+        tokens = tokens["input_ids"]
+    T = tokens.shape[-1]
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        if not -T <= positions < T:
+            raise ValueError(f"positions={positions} is out of range for prompts of {T} tokens")
+        positions = slice(positions, positions + 1 if positions != -1 else None)
+    sl = positions if positions is not None else slice(None)
+    weight = None
+    if attention_mask is not None:
+        am = torch.as_tensor(attention_mask).to(tokens.device)
+        if tuple(am.shape) != tuple(tokens.shape):
+            raise ValueError(f"attention_mask has shape {tuple(am.shape)}; tokens have {tuple(tokens.shape)}")
+        am = am != 0
+        if bool((am[:, 1:] & ~am[:, :-1]).any()):
+            raise ValueError(
+                "attention_mask has padding before real tokens (left padding): the model reads no mask, so real "
+                "tokens would attend to the padding; pad on the right"
+            )
+        weight = am[:, sl].to(torch.float32)
+        counts = weight.sum(1, keepdim=True)
+        if bool((counts == 0).any()):
+            row = int((counts[:, 0] == 0).nonzero()[0, 0])
+            raise ValueError(f"input {row} has no real token among positions={positions!r}")
     n_layers = model.cfg.n_layers
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     store: dict[str, torch.Tensor] = {}
-    sl = positions if positions is not None else slice(None)
 
     def save(x, hook):
-        store[hook.name] = x[:, sl].mean(1)
+        if weight is None:
+            store[hook.name] = x[:, sl].mean(1)
+        else:  # the mean over the real tokens
+            w = weight.to(x.dtype)
+            store[hook.name] = (x[:, sl] * w[..., None]).sum(1) / w.sum(1, keepdim=True)
 
     with torch.no_grad(), model.hooks(list(fwd_hooks) + [(n, save) for n in names]):
         logits = model(tokens)
@@ -209,6 +255,13 @@ def win_test(
             own[r, t], other[r, t] = similarity(
                 measure, impl_a[ia], [impl_a[ia2], b], seed=split, **similarity_kw
             )
+    if bool((own == other).all()):
+        warnings.warn(
+            f"win_test: all {own.size} comparisons tied (every similarity equal, e.g. held-out R^2 <= 0 "
+            "everywhere): a tie counts as a loss, so the test reports 'not distinguishable' without information; "
+            "give more inputs than features, or another measure",
+            stacklevel=2,
+        )
     p = (own > other).mean(1)
     return WinTestResult(own=own, other=other, p=p, positive=_criterion(p, num_trials, z), z=z)
 

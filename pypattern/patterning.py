@@ -162,6 +162,15 @@ def invert(
         )
     if fractions is not None and method != "constrained":
         raise ValueError(f"fractions apply to method='constrained' only, got method={method!r}")
+    if method == "pinv" and alpha != 0:
+        raise ValueError(
+            f"alpha={alpha!r} applies to method='ridge' or 'constrained' only; method='pinv' has no penalty "
+            "(rcond= cuts its small singular values)"
+        )
+    if rcond is not None and method != "pinv":
+        raise ValueError(
+            f"rcond applies to method='pinv' only, got method={method!r} (alpha= sets its penalty)"
+        )
     chi_c = chi - chi.mean(1, keepdims=True)  # chi on sum-zero perturbations (mean-1 weights)
     if method == "pinv":
         h = np.linalg.pinv(chi_c, rcond=rcond if rcond is not None else 1e-12) @ tgt

@@ -226,10 +226,13 @@ def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[torch.Te
 
 
 def _uniform_r2(y_te: torch.Tensor, pred: torch.Tensor) -> float:
-    """R^2 of each column on the held-out rows, averaged uniformly over columns (constant columns skipped)."""
+    """R^2 of each column on the held-out rows, averaged uniformly over columns (constant columns skipped). A
+    column is constant when its spread is rounding of its own magnitude, whatever the other columns' scales: a
+    column's R^2 does not depend on its scale, and neither does which columns count."""
     sst = ((y_te - y_te.mean(0)) ** 2).sum(0)
     sse = ((y_te - pred) ** 2).sum(0)
-    ok = sst > 1e-12 * sst.max().clamp_min(1e-300)
+    eps = torch.finfo(y_te.dtype).eps
+    ok = sst > y_te.shape[0] * (64 * eps * y_te.abs().amax(0)) ** 2
     if not bool(ok.any()):
         return math.nan
     return float((1.0 - sse[ok] / sst[ok]).mean())
