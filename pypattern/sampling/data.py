@@ -60,6 +60,28 @@ def to_device(batch, device):
     return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
+def _one_batch_of_all(loader) -> bool:
+    """Whether ``loader`` is one batch holding every sample (read once): a loader of length 1, unless it is a
+    ``DataLoader`` whose one batch draws from the data (``drop_last`` with a batch smaller than the data set, or a
+    sampler with replacement or of its own number of samples), which gives a new batch each epoch."""
+    try:
+        if len(loader) != 1:
+            return False
+    except TypeError:
+        return False
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return True
+    s = loader.sampler
+    if isinstance(s, torch.utils.data.RandomSampler) and (s.replacement or s._num_samples is not None):
+        return False
+    try:
+        n = len(loader.dataset)
+    except TypeError:
+        return True
+    bs = loader.batch_size
+    return bs is None or bs >= n
+
+
 class ChainData:
     """The batches of one chain: a deterministic stream keyed by ``(seed, chain, epoch)``.
 
@@ -84,10 +106,7 @@ class ChainData:
         self.sequential = dl is not None and isinstance(dl.sampler, torch.utils.data.SequentialSampler)
         self.length = batches_per_epoch(loader)
         # one batch: the whole data set, read once (not the first batch of a ragged split, whose length is 1 too)
-        try:
-            whole = len(loader) == 1
-        except TypeError:
-            whole = False
+        whole = _one_batch_of_all(loader)
         if whole:
             if "single" not in cache:
                 # read once, in an order keyed like an epoch's but by no chain (a shuffling loader's one batch has

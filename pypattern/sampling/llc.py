@@ -8,6 +8,7 @@ deviation over chains.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -81,7 +82,26 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
             f"estimate_llc() got unexpected keyword arguments {unknown}; it takes pypattern.sample()'s: "
             f"{', '.join(sorted(_SAMPLE_ARGUMENTS))}"
         )
-    return llc_from_sample(sample(model, loader, **kwargs))
+    res = llc_from_sample(sample(model, loader, **kwargs))
+    _warn_auto_bias(res)
+    return res
+
+
+def _warn_auto_bias(res: LLCResult) -> None:
+    """Warn when the automatic step's own bias estimate (the estimate at twice the step minus at the step)
+    exceeds the run's standard error, which does not include it."""
+    config = getattr(res.sample, "config", None)
+    auto = config.get("auto_step") if isinstance(config, dict) else None
+    bias = auto.get("bias") if isinstance(auto, dict) else None
+    se = float(res.llc_se)
+    if bias is not None and math.isfinite(bias) and math.isfinite(se) and abs(bias) > se:
+        warnings.warn(
+            f"step_size='auto' chose {auto.get('chosen'):.3g}, whose estimated discretisation bias ({bias:+.3g}: "
+            f"the estimate at twice the step minus at the step) is larger than llc_se ({se:.3g}), which does not "
+            "include it: the estimate may be off by more than its standard error; give a smaller step_size (half "
+            "the chosen one, say) with more draws",
+            stacklevel=3,
+        )
 
 
 _SAMPLE_ARGUMENTS = frozenset(inspect.signature(sample).parameters) - {"model", "loader"}

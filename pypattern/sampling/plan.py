@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,16 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
         except StopIteration:
             raise ValueError("loader yielded no batch: give a loader with at least one batch") from None
         bs = batch_size_of(first)
+        if isinstance(loader, Sequence) and len(loader) > 2:
+            # a list of batches: a ragged last one is usual, other sizes that differ make the first one's arbitrary
+            sizes = sorted({batch_size_of(b) for b in loader[:-1]})
+            if len(sizes) > 1:
+                warnings.warn(
+                    f"loader's batches have {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}); the default nbeta, "
+                    f"m / ln m, reads the first batch's (m = {int(bs) * int(grad_accum_steps)}), so the batches' "
+                    "order sets the LLC's scale: pass nbeta",
+                    stacklevel=3,
+                )
     m = int(bs) * int(grad_accum_steps)
     if m < 2:
         why = ""
