@@ -496,3 +496,35 @@ def test_metric_coupling_the_examples_is_refused_everywhere():
     naive = activation_patching(model, "resid_pre", clean, corr, metric=centred, method="naive")
     torch.testing.assert_close(exact.values, naive.values)
     patch_edges(model, [], clean, corr, metric=centred)
+
+
+def test_the_gemm_choice_is_timed_in_float32_whatever_the_default_dtype(monkeypatch):
+    import pypattern.models.packed as pk
+
+    if not pk._ops_present():
+        pytest.skip("this torch has no oneDNN linear ops")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert isinstance(pk._calibrate(), bool)  # the timing's tensors are float32 (oneDNN refuses float64)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_prompts_longer_than_the_learned_positions_are_refused_by_argument():
+    transformers = pytest.importorskip("transformers")
+    import pypattern as pp
+
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    clean = torch.randint(0, 40, (2, 20))
+    corr = torch.randint(0, 40, (2, 20))
+    metric = pp.LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    for model in (hf, pp.from_hf(hf)):  # the Hugging Face model is wrapped (residual sites), or converted
+        with pytest.raises(
+            ValueError, match="clean_tokens has 20 positions; the model has 16 learned positions"
+        ):
+            pp.activation_patching(model, "resid_pre", clean, corr, metric=metric)
+    with pytest.raises(ValueError, match="clean_tokens has 20 positions; the model has 16 learned positions"):
+        pp.attribution_patching(pp.from_hf(hf), clean, corr, metric=metric, sites=["z"])

@@ -69,8 +69,9 @@ def _calibrate() -> bool:
     (the fastest of seven rounds of two calls each, the two timed in turn within each round; about 0.1 s on one
     core)."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 768, generator=gen)
-    W = torch.randn(768, 768, generator=gen)
+    # float32 whatever torch's default dtype (the path serves float32 products only)
+    a = torch.randn(256, 768, generator=gen, dtype=torch.float32)
+    W = torch.randn(768, 768, generator=gen, dtype=torch.float32)
     packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous())
     blas, onednn = _best_of_interleaved(
         [lambda: torch.mm(a, W), lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")]

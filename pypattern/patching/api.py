@@ -141,9 +141,11 @@ def check_corruption_tokens(corruption, d_vocab: int | None, shape: tuple) -> No
             )
 
 
-def check_tokens(tokens, argument: str, d_vocab: int | None, shape: tuple | None = None) -> torch.Tensor:
+def check_tokens(
+    tokens, argument: str, d_vocab: int | None, shape: tuple | None = None, n_ctx: int | None = None
+) -> torch.Tensor:
     """Refuse prompts that are not an integer ``(batch, pos)`` tensor of ids in ``0 .. d_vocab - 1`` (a negative
-    id would otherwise be read from the end of the vocabulary)."""
+    id would otherwise be read from the end of the vocabulary), or longer than ``n_ctx`` learned positions."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos)")
     if tokens.dtype not in (torch.long, torch.int32):
@@ -157,6 +159,11 @@ def check_tokens(tokens, argument: str, d_vocab: int | None, shape: tuple | None
         raise ValueError(
             f"{argument} has shape {tuple(tokens.shape)}; it must equal the clean shape {tuple(shape)}"
         )
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise ValueError(
+            f"{argument} has {tokens.shape[1]} positions; the model has {n_ctx} learned positions (n_ctx): give "
+            f"prompts of at most {n_ctx} tokens"
+        )
     if tokens.numel():
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or (d_vocab is not None and hi >= d_vocab):
@@ -164,6 +171,29 @@ def check_tokens(tokens, argument: str, d_vocab: int | None, shape: tuple | None
             bad = lo if lo < 0 else hi
             raise ValueError(f"{argument} contains token id {bad}; valid ids are 0{top} (d_vocab={d_vocab})")
     return tokens
+
+
+#: Hugging Face families whose learned absolute positions bound the prompt length, and the config field of it
+_LEARNED_POSITIONS = {
+    "gpt2": "n_positions",
+    "gpt_bigcode": "n_positions",
+    "gpt_neo": "max_position_embeddings",
+    "opt": "max_position_embeddings",
+}
+
+
+def _n_ctx(model) -> int | None:
+    """The number of learned positions of ``model`` (pypattern's ``max_positions``, or a wrapped Hugging Face
+    model's of a family with learned absolute positions); None when positions do not bound the length."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "max_positions"):
+        v = cfg.max_positions
+        return v if isinstance(v, int) else None
+    inner = getattr(model, "model", model)
+    config = getattr(inner, "config", None)
+    field_ = _LEARNED_POSITIONS.get(getattr(config, "model_type", None))
+    v = getattr(config, field_, None) if field_ else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _vocab(model) -> int | None:
@@ -190,7 +220,7 @@ def prepare_runs(
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     corruption = resolve_corruption(corrupted_tokens, corruption)
     d_vocab = _vocab(model)
-    clean = check_tokens(clean_tokens, "clean_tokens", d_vocab)
+    clean = check_tokens(clean_tokens, "clean_tokens", d_vocab, n_ctx=_n_ctx(model))
     B, T = clean.shape
     check_corruption_tokens(corruption, d_vocab, (B, T))
     pos = metric_positions(metric, B, T)
@@ -461,7 +491,7 @@ def _activation_patching(
     n_heads = site_heads(model.cfg, site) if is_tf else 0
     if site in HEAD_SITES and not is_tf:
         raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
-    B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model)).shape
+    B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model), n_ctx=_n_ctx(model)).shape
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
     )

@@ -439,7 +439,7 @@ def _atp(
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     corruption = resolve_corruption(corrupted_tokens, corruption)
-    check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab)
+    check_tokens(clean_tokens, "clean_tokens", cfg.d_vocab, n_ctx=cfg.max_positions)
     check_corruption_tokens(corruption, cfg.d_vocab, tuple(clean_tokens.shape))
     if corruption.is_ablation and direction != "noising":
         raise ValueError(
