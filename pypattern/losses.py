@@ -231,17 +231,7 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     except (TypeError, ValueError) as e:
         raise type(e)(f"{argument}: {e}") from None
     if pb.attention_mask is not None and not _takes_mask(model):
-        am = pb.attention_mask.bool()
-        # a real token after a padding position: without a mask, the model's real tokens would attend to padding
-        inner = am[:, 1:] & ~am[:, :-1]
-        if bool(inner.any()):
-            row = int(inner.any(-1).nonzero()[0, 0])
-            raise ValueError(
-                f"{argument}: attention_mask row {row} has padding before real tokens (left padding), but "
-                f"{type(model).__name__}.forward takes no attention_mask, so its real tokens would attend to the "
-                "padding and their losses would differ from a masked model's; pad on the right (the model is "
-                "causal, so right padding is exact) or pass a model whose forward takes attention_mask"
-            )
+        _refuse_left_padding(model, pb.attention_mask, argument)
     pos = pb.extra.get("position_ids")
     if pb.attention_mask is not None and pos is None and _takes_mask(model):
         mt = getattr(getattr(model, "config", None), "model_type", None)
@@ -362,12 +352,31 @@ def _takes(model: nn.Module, key: str) -> bool:
     return key in names or ("input_ids" in names and "**" in names)
 
 
+def _refuse_left_padding(model: nn.Module, attention_mask: torch.Tensor, argument: str) -> None:
+    """A real token after a padding position, for a model that reads no mask: its real tokens would attend to the
+    padding. Refused, naming ``argument``."""
+    am = attention_mask.bool()
+    inner = am[:, 1:] & ~am[:, :-1]
+    if bool(inner.any()):
+        row = int(inner.any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"{argument}: attention_mask row {row} has padding before real tokens (left padding), but "
+            f"{type(model).__name__}.forward takes no attention_mask, so its real tokens would attend to the "
+            "padding and their losses would differ from a masked model's; pad on the right (the model is "
+            "causal, so right padding is exact) or pass a model whose forward takes attention_mask"
+        )
+
+
 def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
-    """Run ``model`` on the inputs of ``batch`` (see the module docstring for how it is called); the raw output."""
+    """Run ``model`` on the inputs of ``batch`` (see the module docstring for how it is called); the raw output.
+    A left-padded batch for a model whose forward takes no ``attention_mask`` is refused."""
     pb = batch if isinstance(batch, ParsedBatch) else parse_batch(batch)
     if pb.kind == "pair":
         return model(pb.inputs)
     names = _forward_params(model)
+    takes = "attention_mask" in names or ("input_ids" in names and "**" in names)  # as passed below
+    if pb.attention_mask is not None and not takes:
+        _refuse_left_padding(model, pb.attention_mask, "batch")
     if "input_ids" in names:
         kw: dict[str, Any] = {"input_ids": pb.inputs}
         if pb.attention_mask is not None and ("attention_mask" in names or "**" in names):

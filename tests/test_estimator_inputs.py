@@ -155,3 +155,18 @@ def test_restrict_to_a_component_name_points_to_component_masks():
         pp.estimate_llc(model, [toks[:8], toks[8:]], restrict_to="blocks.0.attn.head.1", **KW)
     with pytest.raises(ValueError, match="matches no parameter; names are"):
         pp.estimate_llc(model, [toks[:8], toks[8:]], restrict_to="no_such_weight", **KW)
+
+
+def test_the_losses_refuse_left_padding_for_a_model_without_a_mask():
+    model, toks = _gpt2(), _tokens(4, 8)
+    conv = pp.from_hf(model)
+    am = torch.ones_like(toks)
+    am[1, :3] = 0
+    left = {"input_ids": toks * am, "attention_mask": am}
+    for fn in (pp.losses.batch_loss, pp.losses.token_losses):
+        with pytest.raises(ValueError, match="batch: attention_mask row 1 has padding before real tokens"):
+            fn(conv, left)
+    right = {"input_ids": toks * am.flip(1), "attention_mask": am.flip(1)}
+    torch.testing.assert_close(pp.losses.batch_loss(conv, right), pp.losses.batch_loss(model, right))
+    # the Hugging Face model reads the mask: its left padding is accepted
+    assert torch.isfinite(pp.losses.batch_loss(model, left))
