@@ -34,7 +34,7 @@ norms per layer where the plain model has 2) and, for EAP, each head input's nor
 Run: ``.venv/bin/python -m pytest -q bench/bench_circuits.py --benchmark-only -s`` (ours and the bounds), or
 after ``bash bench/envs/autocircuit.sh`` with ``.bench-venvs/autocircuit/bin/python`` (adds auto-circuit). The
 table of the docs, in CPU time with interleaved rounds: ``OMP_NUM_THREADS=1 python bench/bench_circuits.py --table
---rounds 7``. At scale: ``python bench/bench_circuits.py --gpt2`` (EAP-IG, k = 5, on a GPT-2-small-shaped model,
+--rounds 7`` (``--shape gpt2``: the same table on a GPT-2-small-shaped model). At scale: ``python bench/bench_circuits.py --gpt2`` (EAP-IG, k = 5, on a GPT-2-small-shaped model,
 time and peak RSS). Per-call overhead apart from the arithmetic: ``python bench/bench_circuits.py --overhead``.
 """
 
