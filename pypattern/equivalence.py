@@ -818,12 +818,17 @@ def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | None = N
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
     missing = [h for h in hooks if h not in cache]
     if missing:
-        known = getattr(model, "hook_dict", None)
-        absent = [h for h in missing if known is not None and h not in known]
-        if absent:
-            raise KeyError(f"hooks {absent} are not hook points of the model (e.g. {sorted(known)[:3]})")
+        _refuse_unknown_hooks(model, missing, "hooks")
         raise KeyError(f"hooks {missing} were not reached in the forward pass")
     return _flat_cache(cache, hooks)
+
+
+def _refuse_unknown_hooks(model, names: Sequence[str], what: str) -> None:
+    """KeyError naming those of ``names`` that are no hook point of ``model`` (when it lists its hook points)."""
+    known = getattr(model, "hook_dict", None)
+    absent = [h for h in names if known is not None and h not in known]
+    if absent:
+        raise KeyError(f"{what} {absent} are not hook points of the model (e.g. {sorted(known)[:3]})")
 
 
 def _default_rep_hooks(model) -> list[str]:
@@ -865,10 +870,8 @@ def resample_implementations(
     hook_names = sorted({h for h, _ in sites})
     with torch.no_grad():
         _, cf_cache = model.run_with_cache(cf, names_filter=hook_names)
-    known = getattr(model, "hook_dict", None)
+    _refuse_unknown_hooks(model, hook_names, "site hooks")
     for h in hook_names:
-        if known is not None and h not in known:
-            raise KeyError(f"site hook {h!r} is not a hook point of the model (e.g. {sorted(known)[:3]})")
         if h not in cf_cache:
             raise KeyError(f"site hook {h!r} was not reached in the forward pass")
     head_site = {}  # hook name -> its patching site ("z", "pattern", ...) when a head of it is resampled

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .equivalence import linear_cka, procrustes
+from .losses import _refuse_left_padding
 from .ridge import DEFAULT_ALPHAS, ridge_similarity_cv, train_test_split
 
 __all__ = [
@@ -121,11 +122,7 @@ def accumulated_residual(
         if tuple(am.shape) != tuple(tokens.shape):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}; tokens have {tuple(tokens.shape)}")
         am = am != 0
-        if bool((am[:, 1:] & ~am[:, :-1]).any()):
-            raise ValueError(
-                "attention_mask has padding before real tokens (left padding): the model reads no mask, so real "
-                "tokens would attend to the padding; pad on the right"
-            )
+        _refuse_left_padding(model, am, "attention_mask")  # the model reads no mask
         weight = am[:, sl].to(torch.float32)
         counts = weight.sum(1, keepdim=True)
         if bool((counts == 0).any()):

@@ -120,18 +120,15 @@ _EXPECTED = (
 )
 
 
-#: integer types other than int64 (token ids of these are read as int64; int32 ids stay as they are)
-_NARROW_INTS = tuple(
-    getattr(torch, n)
-    for n in ("int8", "int16", "int32", "uint8", "uint16", "uint32", "uint64")
-    if hasattr(torch, n)
-)
+def _is_int(t: torch.Tensor) -> bool:
+    """An integer tensor (not bool)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
 def _ids(t: torch.Tensor, what: str, batch: Any) -> torch.Tensor:
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+    if not _is_int(t):
         raise TypeError(f"{what} must hold integer token ids, got {_describe(batch)}; expected {_EXPECTED}")
-    if t.dtype in _NARROW_INTS and t.dtype != torch.int32:
+    if t.dtype not in (torch.int32, torch.int64):
         # ids of a narrow or unsigned type (uint16 from a memory-mapped token file, int8, ...): an embedding
         # reads int32 or int64 only
         t = t.long()
@@ -170,7 +167,7 @@ def parse_batch(batch: Any) -> ParsedBatch:
                     raise ValueError(
                         f"batch[{key!r}] must have the shape of input_ids {tuple(ids.shape)}, got {_describe(batch)}"
                     )
-                if key == "labels" and v.dtype in _NARROW_INTS:
+                if key == "labels" and _is_int(v) and v.dtype != torch.int64:
                     v = v.long()  # cross-entropy reads int64 targets
             fields[key] = v
         extra = {k: fields[k] for k in _PASS_KEYS if fields[k] is not None}
@@ -362,8 +359,8 @@ def _refuse_left_padding(model: nn.Module, attention_mask: torch.Tensor, argumen
         raise ValueError(
             f"{argument}: attention_mask row {row} has padding before real tokens (left padding), but "
             f"{type(model).__name__}.forward takes no attention_mask, so its real tokens would attend to the "
-            "padding and their losses would differ from a masked model's; pad on the right (the model is "
-            "causal, so right padding is exact) or pass a model whose forward takes attention_mask"
+            "padding and their losses and activations would differ from a masked model's; pad on the right (the "
+            "model is causal, so right padding is exact) or pass a model whose forward takes attention_mask"
         )
 
 
@@ -374,8 +371,7 @@ def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
     if pb.kind == "pair":
         return model(pb.inputs)
     names = _forward_params(model)
-    takes = "attention_mask" in names or ("input_ids" in names and "**" in names)  # as passed below
-    if pb.attention_mask is not None and not takes:
+    if pb.attention_mask is not None and not _takes_mask(model):
         _refuse_left_padding(model, pb.attention_mask, "batch")
     if "input_ids" in names:
         kw: dict[str, Any] = {"input_ids": pb.inputs}

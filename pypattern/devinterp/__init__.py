@@ -168,17 +168,17 @@ class DevinterpResult(dict):
 # ------------------------------------------------------------------------------------------------ data and losses
 
 
-def _item_column(dataset):
-    """The ``input_ids`` of a sized dataset whose items are mappings holding them (a torch ``Dataset`` or a list
-    of ``{"input_ids": ...}``), as devinterp reads them; None for anything else."""
+def _item_column(dataset, key: str = "input_ids"):
+    """The ``key`` entries (``input_ids`` by default) of a sized dataset whose items are mappings holding them (a
+    torch ``Dataset`` or a list of ``{"input_ids": ...}``), as devinterp reads them; None for anything else."""
     try:
         n = len(dataset)
         first = dataset[0] if n else None
     except (TypeError, KeyError, IndexError, AttributeError):
         return None
-    if not isinstance(first, Mapping) or "input_ids" not in first:
+    if not isinstance(first, Mapping) or key not in first:
         return None
-    return [dataset[i]["input_ids"] for i in range(n)]
+    return [dataset[i][key] for i in range(n)]
 
 
 def _input_ids(dataset, what: str = "dataset") -> torch.Tensor:
@@ -221,15 +221,8 @@ def _column(dataset, key: str):
     try:
         col = dataset[key]
     except (KeyError, TypeError, IndexError):
-        try:
-            n = len(dataset)
-            first = dataset[0] if n else None
-        except (TypeError, KeyError, IndexError, AttributeError):
-            return None
-        if not isinstance(first, Mapping) or key not in first:
-            return None
-        col = [dataset[i][key] for i in range(n)]
-    if isinstance(col, str):
+        col = _item_column(dataset, key)
+    if col is None or isinstance(col, str):
         return None
     try:
         return (
