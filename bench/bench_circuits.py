@@ -77,7 +77,8 @@ def _row(c, keys, heads=None):
 
 
 def macs_forward(c, T, last_row_only=True):
-    """One forward; the last layer only at the metric row (plus its keys/values), logits at that row."""
+    """One forward of one prompt of ``T`` tokens (multiply by the batch for a batch's): the last layer only at the
+    metric row (plus its keys/values), logits at that row."""
     L, H, dh, d, V = c["n_layers"], c["n_heads"], c["d_head"], c["d_model"], c["d_vocab"]
     total = 0
     for layer in range(L):
@@ -128,8 +129,8 @@ def _rows_of(graph, T: int) -> torch.Tensor:
 
 def edge_terms(graph, c, B: int, T: int, patched: torch.Tensor | None = None) -> dict:
     """The named terms of edge-level work the plain model does not do (see the module docstring), in
-    multiply-adds: ``contraction`` (every edge's score) and, for a patched mask ``(num_edges,)``, ``input sums``
-    (each destination input from the cheaper side)."""
+    multiply-adds for the whole batch of ``B`` prompts: ``contraction`` (every edge's score) and, for a patched
+    mask ``(num_edges,)``, ``input sums`` (each destination input from the cheaper side)."""
     d = c["d_model"]
     R = _rows_of(graph, T)
     out = {"contraction": int((R[graph.dst_idx] * B * d).sum())}
@@ -180,7 +181,8 @@ def setup():
 
 
 def _info(benchmark, role, madds):
-    benchmark.extra_info.update(role=role, madds=int(madds))
+    """``madds``: per prompt (as :func:`macs_forward` counts); recorded for the batch of ``B`` prompts."""
+    benchmark.extra_info.update(role=role, madds=int(madds) * B)
 
 
 def same_gemm(model):
@@ -222,7 +224,7 @@ def test_eap_ours(benchmark, setup):
     sc = benchmark(lambda: edge_attribution(model, clean, corr, metric=metric, method="eap"))
     REPORT["edges"] = len(sc.graph)
     REPORT["contraction/forward"] = round(
-        edge_terms(sc.graph, CFG, B, T)["contraction"] / macs_forward(CFG, T), 2
+        edge_terms(sc.graph, CFG, B, T)["contraction"] / (B * macs_forward(CFG, T)), 3
     )
 
 
@@ -262,7 +264,7 @@ def test_point_ours(benchmark, setup, engine):
     _info(benchmark, "ours", macs_forward(CFG, T))
     benchmark(lambda: engine.run(~circuit[None]))
     REPORT["input_sums/forward"] = round(
-        edge_terms(engine.graph, CFG, B, T, ~circuit)["input sums"] / macs_forward(CFG, T), 3
+        edge_terms(engine.graph, CFG, B, T, ~circuit)["input sums"] / (B * macs_forward(CFG, T)), 4
     )
 
 
@@ -481,7 +483,7 @@ def speed_table(rounds: int = 7, reps: int = 3, cfg: dict = CFG) -> None:
     eng, _ = prepare_runs(model, edges(model), clean, corr, metric)
     g = eng.graph
     circuit = point_circuit(g)
-    F = macs_forward(cfg, T)
+    F = B * macs_forward(cfg, T)  # the batch's, as the terms count
     contraction = edge_terms(g, cfg, B, T)["contraction"]
     sums = edge_terms(g, cfg, B, T, ~circuit)["input sums"]
     circuits10 = torch.rand(10, len(g), generator=torch.Generator().manual_seed(0)) < 0.05
