@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..models.convert import converted_if_convertible
+from ..ops.dots import row_dots
 from .engine import EdgeEngine, prepare_runs
 from .graph import Edge, EdgeGraph
 from .results import Circuit, EdgeScores, PruningCurve
@@ -193,6 +194,47 @@ def patch_edges(
 # ----------------------------------------------------------------------------------------------- attribution
 
 
+class _ScoreSink:
+    """Edge scores of a flat graph from the destination inputs' gradients as :meth:`EdgeEngine.gradients` hands
+    them over (its ``sink``), summed over the gradient passes: each destination input's products with every source
+    it reads, ``(A_u - out_u) . G_v`` summed over positions and features per prompt, accumulate in one ``(B, n_src,
+    n_dst)`` table, from which :meth:`scores` reads each edge's. The entries of one call that read the same
+    sources at the same rows (an attention's query, key and value inputs) are one :func:`row_dots` product."""
+
+    def __init__(self, engine: EdgeEngine):
+        self.engine = engine
+        self.table = None
+
+    def __call__(self, entries: list) -> None:
+        eng = self.engine
+        g, D = eng.graph, eng.D  # D (n_src, B, T, d)
+        B = D.shape[1]
+        if self.table is None:
+            self.table = D.new_zeros(B, g.n_src, g.n_dst)
+        n_of = [eng.n_read[int(g.dst_stage[dsts[0]])] for dsts, _, _ in entries]
+        groups: list[list[int]] = []
+        for i, (_, rows, _) in enumerate(entries):
+            j = groups[-1][0] if groups else None
+            if j is not None and n_of[j] == n_of[i] and torch.equal(entries[j][1], rows):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        for members in groups:
+            n, rows = n_of[members[0]], entries[members[0]][1]
+            Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]  # (n, B, R, d)
+            K = Ds.shape[2] * Ds.shape[3]
+            Gs = [entries[i][2].transpose(0, 1).reshape(B, entries[i][2].shape[0], K) for i in members]
+            S = row_dots(Ds.transpose(0, 1).reshape(B, n, K), Gs)  # (B, n, V_1 + V_2 + ...)
+            dsts = torch.cat([entries[i][0] for i in members])
+            self.table[:, :n].index_add_(2, dsts, S)
+
+    def scores(self, scale: float = 1.0) -> torch.Tensor:
+        """Per-example scores ``(batch, num_edges)``, times ``scale``."""
+        g = self.engine.graph
+        out = self.table[:, g.src_idx, g.dst_idx]
+        return out.mul_(scale) if scale != 1 else out
+
+
 def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     """Per-example scores ``(batch, num_edges)``: ``(A_u - out_u) . G_v`` summed over positions (or at the edge's
     position) and features, from the per-stage gradients of :meth:`EdgeEngine.gradients`.
@@ -211,26 +253,46 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     Rn = torch.ones(len(grads), dtype=torch.long)
     offset = torch.zeros(len(grads), dtype=torch.long)
     flat, at = [], 0
-    for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
-        # sources are in topological order: those read at the stage are a prefix
-        n = engine.n_read[int(g.dst_stage[dsts[0]])]
-        entry[dsts] = i
-        dst_pos[dsts] = torch.arange(len(dsts))
-        Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
-        if g.per_position:
+    # sources are in topological order: those read at a stage are a prefix, n_read of them
+    n_of = [engine.n_read[int(g.dst_stage[dsts[0]])] for dsts, _, _ in grads]
+    if g.per_position:
+        for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
+            n = n_of[i]
+            entry[dsts] = i
+            dst_pos[dsts] = torch.arange(len(dsts))
+            Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
             S = torch.einsum("ubtd,vbtd->buvt", Ds, G)  # (B, n, V, R)
             cols[i, rows] = torch.arange(len(rows))
             Rn[i] = len(rows)
-        else:  # (B, n, V): one batched matmul over the prompts on strided views (einsum would copy both)
-            R = Ds.shape[2]
-            S = torch.bmm(
-                Ds.transpose(0, 1).reshape(B, n, R * Ds.shape[3]),
-                G.transpose(0, 1).reshape(B, G.shape[0], R * G.shape[3]).transpose(1, 2),
-            )
-            cols[i] = 0
-        V[i], offset[i] = len(dsts), at
-        flat.append(S.reshape(B, -1))
-        at += flat[-1].shape[1]
+            V[i], offset[i] = len(dsts), at
+            flat.append(S.reshape(B, -1))
+            at += flat[-1].shape[1]
+    else:
+        # entries reading the same sources at the same rows (a layer's query, key and value inputs) are one
+        # product: (B, n, V_1 + V_2 + ...) from the rows in place (row_dots: no concatenation, no packing)
+        groups: list[list[int]] = []
+        for i, (_, rows, _) in enumerate(grads):
+            j = groups[-1][0] if groups else None
+            if j is not None and n_of[j] == n_of[i] and torch.equal(grads[j][1], rows):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        for members in groups:
+            n, rows = n_of[members[0]], grads[members[0]][1]
+            Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]  # (n, B, R, d)
+            K = Ds.shape[2] * Ds.shape[3]
+            Gs = [grads[i][2].transpose(0, 1).reshape(B, grads[i][2].shape[0], K) for i in members]
+            S = row_dots(Ds.transpose(0, 1).reshape(B, n, K), Gs)  # (B, n, V_total)
+            c = 0
+            for i in members:
+                dsts = grads[i][0]
+                entry[dsts] = i
+                dst_pos[dsts] = c + torch.arange(len(dsts))
+                c += len(dsts)
+                cols[i] = 0
+                V[i], offset[i] = S.shape[2], at
+            flat.append(S.reshape(B, -1))
+            at += flat[-1].shape[1]
     e = entry[g.dst_idx]
     none = e < 0  # a destination input without a gradient entry (none in the engine's graphs): score 0
     e = e.clamp(min=0)
@@ -318,8 +380,10 @@ def edge_attribution(
         passes = None
     else:
         e_base = engine.base_embed
+        # flat graphs: scores formed as the backward goes (each layer's head-input cotangents used and freed)
+        sink = None if graph.per_position else _ScoreSink(engine)
         if method == "eap":
-            grads, _ = engine.gradients(e_base[None], record=0)
+            grads, _ = engine.gradients(e_base[None], record=0, sink=sink)
             passes = 1
         else:
             e_abl = engine.src_embed
@@ -334,14 +398,17 @@ def edge_attribution(
                 if int(js[-1]) == steps:  # the last run is the base run itself: exactly its embedding
                     emb[-1] = e_base
                     record = len(js) - 1
-                gj, _ = engine.gradients(emb, record=record)
+                gj, _ = engine.gradients(emb, record=record, sink=sink)
                 grads = gj if grads is None else [(d, r, G + Gj) for (d, r, G), (_, _, Gj) in zip(grads, gj)]
                 passes += 1
             grads = [(d, r, G / steps) for d, r, G in grads]
         info["m_base"] = engine.base_metric()
         if info["m_clean"] is None:  # noising: the base run is the clean run
             info["m_clean"] = info["m_base"]
-        values = _gradient_scores(engine, grads)
+        if sink is None:
+            values = _gradient_scores(engine, grads)
+        else:
+            values = sink.scores(1.0 / steps if method == "eap-ig" else 1.0)
     return EdgeScores(
         graph=graph,
         values=_widen(values.detach()),

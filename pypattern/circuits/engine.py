@@ -631,7 +631,9 @@ class EdgeEngine:
         raise AssertionError("the graph has no logits stage")
 
     # ----- gradients ------------------------------------------------------------------------------------------
-    def gradients(self, embeds: torch.Tensor, record: int | None = None) -> tuple[list, torch.Tensor]:
+    def gradients(
+        self, embeds: torch.Tensor, record: int | None = None, sink=None
+    ) -> tuple[list, torch.Tensor]:
         """``dM/d(input)`` of every destination input for runs started from ``embeds (N, B, T, d)``, summed over
         the ``N`` runs.
 
@@ -645,11 +647,19 @@ class EdgeEngine:
             ``(R,)`` where the metric can depend on them, and ``G (V, B, R, d)`` (query inputs of the last layer
             only at the metric's row in the uniform case: elsewhere their gradient is zero).
         metric : ``(N, B)``
+
+        ``sink``: a callable that takes each list of ``(dsts, rows, G)`` entries as soon as they are final (an
+        attention's query, key and value inputs together, inside the backward, then every other input) instead of
+        their being returned (``grads`` is then empty): each layer's per-head cotangents are used and freed while
+        the backward goes on, never all held at once. The base run (``record``) is set before the backward, so
+        ``D`` is there for the sink.
         """
         with self.fixed_weights():
-            return self._gradients(embeds, record)
+            return self._gradients(embeds, record, sink)
 
-    def _gradients(self, embeds: torch.Tensor, record: int | None = None) -> tuple[list, torch.Tensor]:
+    def _gradients(
+        self, embeds: torch.Tensor, record: int | None = None, sink=None
+    ) -> tuple[list, torch.Tensor]:
         v, g = self.view, self.graph
         rows = torch.arange(self.T)
         handles, val = [], None
@@ -699,7 +709,10 @@ class EdgeEngine:
                 if s % 2 == 0:
                     qrows = self._rows_after(layer, rows)
                     store: list = []  # the head inputs' cotangents, filled by the backward
-                    q, k, vv = _QKV.apply(R, v, layer, qrows, rows, store)
+                    put = (
+                        store.extend if sink is None else self._attn_sink(sink, dsts[: self.nA], qrows, rows)
+                    )
+                    q, k, vv = _QKV.apply(R, v, layer, qrows, rows, put)
                     z = v.attention(layer, q, k, vv, qrows, rows)
                     if outs is None:
                         attn = v.head_out_sum(layer, z)
@@ -742,6 +755,12 @@ class EdgeEngine:
                     "metric has no gradient with respect to the logits (it returned values without a grad_fn: "
                     "detached, or an accuracy); EAP and EAP-IG need a differentiable metric, use method='exact'"
                 )
+            if outs is not None:  # the base run is complete: D = A - out before the backward (for a sink)
+                if not bool(kept.all()):
+                    outs[~kept] = 0
+                self._set_base(_Run(None, None, outs, base_logits))
+            elif sink is not None and self.D is None:
+                raise RuntimeError("EdgeEngine.gradients: a sink needs the base run (record it in this pass)")
             grads = torch.autograd.grad(val.sum(), tensors, allow_unused=True)
         out, i = [], 0
 
@@ -750,6 +769,8 @@ class EdgeEngine:
 
         with torch.no_grad():  # the input cotangents are values: no graph through the weights
             for kind, dsts, info, t in handles:
+                if kind == "attn" and sink is not None:
+                    continue  # taken by the sink in the backward
                 if kind == "attn":
                     qrows, rows_kv = info
                     gqi, gki, gvi = t
@@ -760,12 +781,30 @@ class EdgeEngine:
                 else:
                     gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                     i += 1
-                    out.append((dsts, info, over_runs(gr, 0).unsqueeze(0)))
-        if outs is not None:
-            if not bool(kept.all()):
-                outs[~kept] = 0
-            self._set_base(_Run(None, None, outs, base_logits))
+                    entry = (dsts, info, over_runs(gr, 0).unsqueeze(0))
+                    if sink is None:
+                        out.append(entry)
+                    else:
+                        sink([entry])
         return out, val.detach()
+
+    def _attn_sink(self, sink, dsts: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor):
+        """What :class:`_QKV`'s backward calls with an attention's head input cotangents ``(gq, gk, gv)``: hands
+        them to ``sink`` as the query, key and value entries of :meth:`gradients`."""
+        H, Hk = self.H, self.Hk
+
+        def put(items) -> None:
+            gq, gk, gv = items
+            with torch.no_grad():
+                sink(
+                    [
+                        (dsts[:H], qrows, gq),
+                        (dsts[H : H + Hk], rows, gk),
+                        (dsts[H + Hk : H + 2 * Hk], rows, gv),
+                    ]
+                )
+
+        return put
 
 
 _VJP_RUNS = None  # None: with several runs; True / False: always / never (tests compare the two)
@@ -774,7 +813,8 @@ _VJP_RUNS = None  # None: with several runs; True / False: always / never (tests
 class _QKV(torch.autograd.Function):
     """Queries, keys and values of one attention from the residual ``R (N, B, T, d)`` it reads (every head reads
     it). The backward forms each head's own input cotangent (:meth:`ModelView.qkv_input_vjp`, the edge scores need
-    them), puts them in ``store`` summed over the ``N`` runs and returns their sum over heads as ``R``'s: the
+    them), hands them to ``store`` (a callable taking the three) summed over the ``N`` runs and returns their sum over
+    heads as ``R``'s: the
     projections' backward is done once, per head, instead of once more for the residual."""
 
     @staticmethod
@@ -794,17 +834,17 @@ class _QKV(torch.autograd.Function):
         if _VJP_RUNS is not False and (R.shape[0] > 1 or _VJP_RUNS):
             got = view.qkv_input_vjp_runs(layer, R, gq, gk, gv, qrows, rows, lin)
             if got is not None:
-                store.extend(got[:3])
+                store(list(got[:3]))
                 return got[3], None, None, None, None, None
         Rq = R[:, :, qrows] if part else R
         gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows, linear=lin)
         # summed over the runs here: the per-run cotangents of every layer are never held at once
-        store.extend(g.select(1, 0) if g.shape[1] == 1 else g.sum(1) for g in (gqi, gki, gvi))
         dR = gki.sum(0).add_(gvi.sum(0))
         if part:
             dR.index_add_(2, qrows, gqi.sum(0))
         else:
             dR.add_(gqi.sum(0))
+        store([g.select(1, 0) if g.shape[1] == 1 else g.sum(1) for g in (gqi, gki, gvi)])
         return dR, None, None, None, None, None
 
 

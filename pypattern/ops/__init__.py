@@ -9,9 +9,11 @@ the tensors given.
 * :mod:`~pypattern.ops.covariance`: the streaming cross-covariance :class:`CrossCovariance`.
 * :mod:`~pypattern.ops.grad_gram`: per-sample gradient Gram kernels of one layer.
 * :mod:`~pypattern.ops.activations`: the tanh GELU :func:`gelu_tanh` of GPT-2-style models (CPU kernel).
+* :mod:`~pypattern.ops.dots`: row dot products :func:`row_dots`, the edge-score contraction (CPU kernel).
 """
 
 from .covariance import CrossCovariance, cross_covariance_update_, cross_covariance_update_reference_
+from .dots import row_dots, row_dots_reference
 from .grad_gram import (
     MOVED_TO_GRAM,
     center_gram,
@@ -45,6 +47,8 @@ __all__ = [
     "philox_normals",
     "rmsprop_sgld_step_",
     "rmsprop_sgld_step_reference_",
+    "row_dots",
+    "row_dots_reference",
     "sgld_step_",
     "sgld_step_reference_",
     "sgnht_step_",

@@ -1,0 +1,161 @@
+// Row dot products C[m, n] = sum_k a_m[k] g_n[k] of two sets of long rows: the products of many-term dot products
+// with few rows on each side (an edge score contraction has a hundred or so source rows, a few dozen gradient rows
+// and tens of thousands of terms), where a GEMM library packs the long operand first and runs at half its rate.
+// Compiled on its own (see setup.py) with -O3 and no torch headers.
+//
+// Register blocking: an MR x NR block of C is accumulated in MR * NR vector registers over a chunk of KC terms (MR
+// loads of a and NR loads of g for MR * NR fused multiply-adds per vector of terms); the chunk's a rows stay in L1
+// while the block walks across every g row, and the chunk's g rows (N x KC) stay in L2 across the a blocks. Each
+// accumulator is summed across its lanes at the end of a chunk and added to C. Row tails (M % MR, N % NR) take
+// smaller instances of the same block; the term tail (K % lanes) is summed in scalars.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "dots/dots_cpu.h"
+
+#pragma GCC optimize("fp-contract=fast")
+
+namespace pypattern {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+constexpr int kMR = 4, kNR = 6;  // 24 accumulators + 4 rows of a + 1 of g in 32 registers
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kMR = 3, kNR = 4;  // 12 + 3 + 1 in 16 registers
+#else
+constexpr int kVecBytes = 16;
+constexpr int kMR = 3, kNR = 4;
+#endif
+constexpr int64_t kChunkBytes = 16384;  // one row's share of a chunk: KC = 16 KiB of terms
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float v __attribute__((vector_size(kVecBytes)));
+  typedef float u __attribute__((vector_size(kVecBytes), aligned(4)));  // unaligned loads
+};
+template <>
+struct Vec<double> {
+  typedef double v __attribute__((vector_size(kVecBytes)));
+  typedef double u __attribute__((vector_size(kVecBytes), aligned(8)));
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PYPATTERN_VREG "+v"
+#elif defined(__aarch64__)
+#define PYPATTERN_VREG "+w"
+#endif
+
+template <typename V>
+inline void keep_in_register(V& v) {
+#ifdef PYPATTERN_VREG
+  __asm__("" : PYPATTERN_VREG(v));
+#else
+  (void)v;
+#endif
+}
+
+// out[i * ldo + j] += sum_{k0 <= k < k0 + kn} a[i][k] g[j][k] for i < MR, j < NR
+template <typename T, int MR, int NR>
+void block(const T* const* a, const T* const* g, int64_t k0, int64_t kn, T* out, int64_t ldo) {
+  using V = typename Vec<T>::v;
+  using U = typename Vec<T>::u;
+  constexpr int L = kVecBytes / sizeof(T);
+  const T* ar[MR];
+  const T* gr[NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) ar[i] = a[i] + k0;
+#pragma GCC unroll 8
+  for (int j = 0; j < NR; ++j) gr[j] = g[j] + k0;
+  V acc[MR][NR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = V{} ;
+  const int64_t kv = kn - kn % L;
+  for (int64_t k = 0; k < kv; k += L) {
+    V av[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) av[i] = *reinterpret_cast<const U*>(ar[i] + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      V gv = *reinterpret_cast<const U*>(gr[j] + k);
+      // one load of each g vector into a register (gcc would otherwise fold it into each of the MR
+      // multiply-adds as a memory operand: MR loads where one does, and the loop becomes load-bound)
+      keep_in_register(gv);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[i][j] += av[i] * gv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      alignas(kVecBytes) T lanes[L];
+      std::memcpy(lanes, &acc[i][j], sizeof(lanes));
+#pragma GCC unroll 8
+      for (int w = L / 2; w > 0; w /= 2)  // pairwise: log2(L) vector adds
+#pragma GCC unroll 16
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+      T s = lanes[0];
+      for (int64_t k = kv; k < kn; ++k) s += ar[i][k] * gr[j][k];
+      out[i * ldo + j] += s;
+    }
+  }
+}
+
+template <typename T>
+using BlockFn = void (*)(const T* const*, const T* const*, int64_t, int64_t, T*, int64_t);
+
+template <typename T, int MR, int... NRs>
+constexpr void fill_row(BlockFn<T> (&row)[kNR], std::integer_sequence<int, NRs...>) {
+  ((row[NRs] = &block<T, MR, NRs + 1>), ...);
+}
+
+template <typename T, int... MRs>
+struct Table {
+  BlockFn<T> fn[kMR][kNR];
+  Table() { (fill_row<T, MRs + 1>(fn[MRs], std::make_integer_sequence<int, kNR>{}), ...); }
+};
+
+template <typename T, int... MRs>
+const Table<T, MRs...>& table(std::integer_sequence<int, MRs...>) {
+  static const Table<T, MRs...> t;
+  return t;
+}
+
+template <typename T>
+void row_dots(const T* const* a, int64_t M, const T* const* g, int64_t N, int64_t K, T* out, int64_t ldo) {
+  for (int64_t i = 0; i < M; ++i) std::fill(out + i * ldo, out + i * ldo + N, T(0));
+  if (M == 0 || N == 0 || K == 0) return;
+  const auto& fns = table<T>(std::make_integer_sequence<int, kMR>{}).fn;
+  const int64_t kc = std::max<int64_t>(kChunkBytes / static_cast<int64_t>(sizeof(T)), 1);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t kn = std::min(kc, K - k0);
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+      for (int64_t n0 = 0; n0 < N; n0 += kNR) {
+        const int nr = static_cast<int>(std::min<int64_t>(kNR, N - n0));
+        fns[mr - 1][nr - 1](a + m0, g + n0, k0, kn, out + m0 * ldo + n0, ldo);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void row_dots_cpu_f32(const float* const* a, int64_t M, const float* const* g, int64_t N, int64_t K, float* out,
+                      int64_t ldo) {
+  row_dots<float>(a, M, g, N, K, out, ldo);
+}
+
+void row_dots_cpu_f64(const double* const* a, int64_t M, const double* const* g, int64_t N, int64_t K,
+                      double* out, int64_t ldo) {
+  row_dots<double>(a, M, g, N, K, out, ldo);
+}
+
+}  // namespace pypattern

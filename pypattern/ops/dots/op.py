@@ -1,0 +1,83 @@
+"""The public op :func:`row_dots`: validation and the backend's choice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ... import _backends
+from .reference import row_dots_reference
+
+_OP = "row_dots"
+_C_DTYPES = (torch.float32, torch.float64)
+
+
+def _row_dots_c(a: torch.Tensor, g: list[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.pypattern.row_dots(a, g)
+
+
+_backends.register(_OP, "reference", row_dots_reference)
+_backends.register(_OP, "cpp", _row_dots_c)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has unit stride (or at most one element), else a contiguous copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
+    """Dot products of every row of ``a`` with every row of each ``g_i``, per batch element:
+    ``out[b, m, n] = sum_k a[b, m, k] * G[b, n, k]`` with ``G`` the rows of ``g`` one after the other.
+
+    The products of ``torch.bmm(a, torch.cat(g, 1).transpose(1, 2))`` without forming the concatenation. The C++
+    kernel (CPU tensors of float32 or float64) is written for few rows on each side and many terms (an edge-score
+    contraction: a hundred or so rows of ``a``, a few dozen of ``g``, tens of thousands of terms), where a GEMM
+    library packs the long operand and runs well below its rate; it reads the rows in place (any strides, unit
+    stride along ``k``; other tensors are copied once) and sums each product in the input dtype with vector
+    accumulators over chunks of 16 KiB of terms. Elsewhere (CUDA, other dtypes) the reference, ``torch.bmm``.
+    Not differentiable.
+
+    Parameters
+    ----------
+    a : Tensor ``(B, M, K)``
+    g : sequence of Tensors ``(B, N_i, K)``
+        At least one, of ``a``'s dtype and device.
+    backend : {"cpp", "reference"}, optional
+        Forces a backend (default: the C++ kernel on CPU tensors of float32 or float64, else the reference).
+
+    Returns
+    -------
+    Tensor ``(B, M, sum_i N_i)``, contiguous.
+    """
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"row_dots: a must be a Tensor, got {type(a).__name__}")
+    if isinstance(g, torch.Tensor):
+        raise TypeError("row_dots: g must be a sequence of Tensors (a list of one tensor for one)")
+    g = list(g)
+    if not g:
+        raise ValueError("row_dots: g is empty; give at least one tensor (B, N, K)")
+    if a.dim() != 3:
+        raise ValueError(f"row_dots: a must be 3-D (batch, rows, terms), got shape {tuple(a.shape)}")
+    B, _, K = a.shape
+    for i, t in enumerate(g):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"row_dots: g[{i}] must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 3 or t.shape[0] != B or t.shape[2] != K:
+            raise ValueError(f"row_dots: g[{i}] has shape {tuple(t.shape)}; expected ({B}, rows, {K}) as a's")
+        if t.dtype != a.dtype or t.device != a.device:
+            raise ValueError(
+                f"row_dots: g[{i}] is {t.dtype} on {t.device}, a is {a.dtype} on {a.device}; they must match"
+            )
+    name = _backends.choose(_OP, a.device, backend)
+    if name == "cpp" and a.dtype not in _C_DTYPES:
+        forced, source = _backends._forced(backend)
+        if forced == "cpp":
+            raise ValueError(
+                f"row_dots: a has dtype {a.dtype}; the 'cpp' backend (forced by {source}) takes float32 or "
+                "float64 (leave the backend to the automatic choice for others)"
+            )
+        name = "reference"
+    if name == "cpp":
+        return _row_dots_c(_unit_last(a.detach()), [_unit_last(t.detach()) for t in g])
+    return row_dots_reference(a, g)

@@ -1,0 +1,178 @@
+"""Row dot products (pypattern.ops.dots.row_dots): every backend against a float64 computation on random and
+adversarial inputs (shapes around the kernel's 4 x 6 register block and its vector width, chunks of terms, dtypes,
+strided and non-contiguous views, several right-hand tensors, empty sizes, large and non-finite values), the
+automatic choice, bad input, and its use in the edge scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pypattern
+from pypattern.ops.dots import row_dots, row_dots_reference
+
+HAS_CPP = pypattern.backends("row_dots")["cpp"]["available"]
+
+
+def _cases():
+    why = pypattern.backends("row_dots")["cpp"]["reason"]
+    cases = [
+        pytest.param("reference", "cpu", id="reference-cpu"),
+        pytest.param("cpp", "cpu", id="cpp-cpu", marks=() if HAS_CPP else pytest.mark.skip(reason=why)),
+        # on CUDA tensors the automatic choice is the reference (cuBLAS): no CUDA kernel is registered
+        pytest.param(
+            None,
+            "cuda",
+            id="auto-cuda",
+            marks=() if torch.cuda.is_available() else pytest.mark.skip(reason="no CUDA device"),
+        ),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def _naive(a: torch.Tensor, gs) -> torch.Tensor:
+    """Float64 products, one dot product at a time over the flattened rows (independent of bmm)."""
+    a64 = a.double().cpu()
+    G = torch.cat([g.double().cpu() for g in gs], 1)
+    out = torch.zeros(a.shape[0], a.shape[1], G.shape[1], dtype=torch.float64)
+    for b in range(a.shape[0]):
+        out[b] = (a64[b][:, None, :] * G[b][None, :, :]).sum(-1)
+    return out
+
+
+def _check(out, a, gs):
+    ref = _naive(a, gs)
+    assert out.shape == ref.shape
+    assert out.dtype == a.dtype
+    K = a.shape[-1]
+    # the rounding of a sum of K products: relative to the sum of |products|
+    scale = (
+        a.double().cpu().abs() @ torch.cat([g.double().cpu() for g in gs], 1).abs().transpose(1, 2)
+    ).clamp_min(1e-300)
+    eps = torch.finfo(a.dtype).eps
+    err = ((out.double().cpu() - ref).abs() / scale).max().item() if ref.numel() else 0.0
+    assert err <= 8 * eps * max(1.0, K**0.5), f"{a.dtype} K={K}: relative error {err}"
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "B,M,Ns,K",
+    [
+        (1, 1, (1,), 1),
+        (2, 3, (5,), 17),  # tails of rows, columns and terms
+        (3, 4, (6,), 16),  # exactly one register block and one vector
+        (2, 9, (7, 13), 33),
+        (1, 5, (1, 1, 1), 100),
+        (2, 17, (12, 12, 12, 1), 515),
+        (1, 8, (6,), 20000),  # several 16 KiB chunks of terms with a tail
+    ],
+)
+def test_random(backend, device, dtype, B, M, Ns, K):
+    gen = torch.Generator().manual_seed(B * 1000 + M * 10 + K)
+    a = torch.randn(B, M, K, generator=gen, dtype=dtype).to(device)
+    gs = [torch.randn(B, n, K, generator=gen, dtype=dtype).to(device) for n in Ns]
+    _check(row_dots(a, gs, backend=backend), a, gs)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strided_views(backend, device, dtype):
+    """Rows read in place from views: a slice of the rows, batch and rows transposed (the engine's (n, B, T*d)
+    layout), a gap between rows, and a non-unit stride along the terms (copied)."""
+    gen = torch.Generator().manual_seed(1)
+    K = 70
+    big = torch.randn(11, 4, K + 6, generator=gen, dtype=dtype).to(device)
+    a = big[:9, :, 3 : 3 + K].transpose(0, 1)  # (4, 9, K), rows 4*(K+6) apart, a gap after each
+    assert a.stride(-1) == 1 and not a.is_contiguous()
+    g1 = torch.randn(5, 4, K, generator=gen, dtype=dtype).to(device).transpose(0, 1)  # (4, 5, K)
+    g2 = (
+        torch.randn(4, 2 * K, 3, generator=gen, dtype=dtype).to(device)[:, ::2, :].transpose(1, 2)
+    )  # stride 6
+    assert g2.stride(-1) != 1
+    g3 = torch.randn(4, K, 2, generator=gen, dtype=dtype).to(device).transpose(1, 2)  # (4, 2, K), stride 2
+    _check(row_dots(a, [g1, g2, g3], backend=backend), a, [g1, g2, g3])
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_empty_sizes(backend, device):
+    for B, M, N, K in [(0, 3, 4, 5), (2, 0, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0)]:
+        a = torch.randn(B, M, K, device=device)
+        g = torch.randn(B, N, K, device=device)
+        out = row_dots(a, [g], backend=backend)
+        assert out.shape == (B, M, N)
+        assert bool((out == 0).all())  # K = 0: empty sums
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_large_and_nonfinite(backend, device):
+    """Values near float32's range keep their relative accuracy; an infinity or NaN in a row reaches exactly the
+    products that read it."""
+    gen = torch.Generator().manual_seed(2)
+    a = (torch.randn(2, 7, 40, generator=gen) * 1e18).to(device)
+    g = (torch.randn(2, 8, 40, generator=gen) * 1e18).to(device)
+    _check(row_dots(a, [g], backend=backend), a, [g])
+    a = torch.randn(1, 6, 35, generator=gen).to(device)
+    g = torch.randn(1, 7, 35, generator=gen).to(device)
+    a[0, 2, 34] = float("nan")  # in the term tail
+    g[0, 5, 3] = float("inf")  # in the vector part
+    out = row_dots(a, [g], backend=backend).cpu()
+    assert bool(out[0, 2].isnan().all())
+    others = [m for m in range(6) if m != 2]
+    assert bool(out[0, others, 5].isinf().all())
+    finite = out[0][torch.tensor(others)][:, [j for j in range(7) if j != 5]]
+    assert bool(finite.isfinite().all())
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ kernel not built")
+def test_automatic_choice_and_threads():
+    """On CPU float tensors the kernel is chosen; other dtypes take the reference; the result does not depend on
+    the number of threads (each output is one thread's sum)."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 37, 3000, generator=gen)
+    g = [torch.randn(3, 12, 3000, generator=gen), torch.randn(3, 25, 3000, generator=gen)]
+    assert pypattern._backends.choose("row_dots", a.device, None) == "cpp"
+    out = row_dots(a, g)
+    assert torch.equal(out, torch.ops.pypattern.row_dots(a, g))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = row_dots(a, g)
+        torch.set_num_threads(2)
+        two = row_dots(a, g)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)
+    h = row_dots(a.half(), [t.half() for t in g])  # the reference (bmm) for half precision
+    assert h.dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype torch.float16; the 'cpp' backend"):
+        row_dots(a.half(), [t.half() for t in g], backend="cpp")
+
+
+def test_bad_input():
+    a = torch.randn(2, 3, 5)
+    with pytest.raises(TypeError, match="g must be a sequence"):
+        row_dots(a, torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="g is empty"):
+        row_dots(a, [])
+    with pytest.raises(ValueError, match="a must be 3-D"):
+        row_dots(a[0], [torch.randn(2, 4, 5)])
+    with pytest.raises(ValueError, match=r"g\[1\] has shape \(2, 4, 6\); expected \(2, rows, 5\)"):
+        row_dots(a, [torch.randn(2, 4, 5), torch.randn(2, 4, 6)])
+    with pytest.raises(ValueError, match=r"g\[0\] is torch.float64 on cpu, a is torch.float32"):
+        row_dots(a, [torch.randn(2, 4, 5, dtype=torch.float64)])
+    with pytest.raises(TypeError, match=r"g\[0\] must be a Tensor"):
+        row_dots(a, [[1.0]])
+
+
+def test_reference_is_bmm_of_the_concatenation():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 3, 9, generator=gen, dtype=torch.float64)
+    g = [
+        torch.randn(2, 2, 9, generator=gen, dtype=torch.float64),
+        torch.randn(2, 4, 9, generator=gen, dtype=torch.float64),
+    ]
+    assert torch.allclose(row_dots_reference(a, g), _naive(a, g), rtol=0, atol=1e-13)
