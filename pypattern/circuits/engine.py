@@ -122,6 +122,9 @@ class EdgeEngine:
         self._pending_source = None if isinstance(source, torch.Tensor) else source
         self.src_embed = source[0] if isinstance(source, torch.Tensor) else src_embed  # the embedding's A
         self.base, self.D = None, None
+        # the source values belong to this engine alone (a resample run of prepare_runs, src_embed then a copy):
+        # a recorded base run may form D = A - out in their storage (see _gradients)
+        self.source_owned = False
         self.bound = True  # the metric has been bound to the clean logits (prepare_runs says when not yet)
         self._examples_checked = False  # the gradient methods' check that the metric reads each example alone
         if base is not None:
@@ -163,10 +166,15 @@ class EdgeEngine:
         self._e_heads = None  # the query heads each edge changes directly (E, H), built once
         self._weights = None  # the model's parameters and block weights' bytes (fixed_weights), found once
 
-    def _set_base(self, base: _Run) -> None:
-        """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``."""
+    def _set_base(self, base: _Run, D: torch.Tensor | None = None) -> None:
+        """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``; or, given
+        ``D`` (formed in the source values' storage by a recorded run), that ``D``, the source values then
+        gone."""
         self.base = base
         self._ablated = {}  # what follows from the base run (all-ablated inputs, their projections and MLPs)
+        if D is not None:
+            self.D, self.A = D, None
+            return
         if self._pending_source == "zero":
             self.A = torch.zeros_like(base.outs)
         elif self._pending_source == "mean":
@@ -664,15 +672,29 @@ class EdgeEngine:
         rows = torch.arange(self.T)
         handles, val = [], None
         outs = None
+        # a recorded run whose source values are this engine's own: D = A - out formed in A's storage as the
+        # outputs come (no buffer of outputs, no pass over it afterwards)
+        in_place = (
+            record is not None and self.source_owned and self.A is not None and self._pending_source is None
+        )
         if record is not None:  # node outputs of the recorded run; rows that are not computed are zero
             kept = torch.zeros(g.n_src, dtype=torch.bool)
-            outs = embeds.new_empty(g.n_src, *embeds.shape[1:])
-            outs[0] = embeds[record]
+            if in_place:
+                outs = self.A
+                outs[0].sub_(embeds[record])
+            else:
+                outs = embeds.new_empty(g.n_src, *embeds.shape[1:])
+                outs[0] = embeds[record]
             kept[0] = True
 
         def keep(src: int, rows_: torch.Tensor, value: torch.Tensor) -> None:  # value (u, B, R, d)
             part = outs[src : src + value.shape[0]]
-            if len(rows_) == self.T:
+            if in_place:  # A - out; rows not computed keep A (their output is zero)
+                if len(rows_) == self.T:
+                    part.sub_(value)
+                else:
+                    part.index_add_(2, rows_, value, alpha=-1)
+            elif len(rows_) == self.T:
                 part.copy_(value)
             else:
                 part.zero_().index_copy_(2, rows_, value)
@@ -755,7 +777,9 @@ class EdgeEngine:
                     "metric has no gradient with respect to the logits (it returned values without a grad_fn: "
                     "detached, or an accuracy); EAP and EAP-IG need a differentiable metric, use method='exact'"
                 )
-            if outs is not None:  # the base run is complete: D = A - out before the backward (for a sink)
+            if outs is not None and in_place:  # the base run is complete: D before the backward (for a sink)
+                self._set_base(_Run(None, None, None, base_logits), D=outs)
+            elif outs is not None:
                 if not bool(kept.all()):
                     outs[~kept] = 0
                 self._set_base(_Run(None, None, outs, base_logits))
@@ -1054,6 +1078,10 @@ def _record_runs(
         view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
     )
     engine.bound = clean_run is not None
+    # a resample run's outputs are the engine's alone (the clean run, when it is the source, is not the base)
+    engine.source_owned = defer_base and ablation == "resample" and isinstance(A, torch.Tensor)
+    if engine.source_owned:  # the embedding's source values, a view of A[0] (which may become D[0])
+        engine.src_embed = engine.src_embed.clone()
     m_base = engine.base_metric() if base is not None else None
     info = {"m_clean": m_clean, "m_base": m_base, "T": T, "pos": pos}
     return engine, info
