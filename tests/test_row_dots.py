@@ -16,10 +16,17 @@ HAS_CPP = pypattern.backends("row_dots")["cpp"]["available"]
 
 def _cases():
     why = pypattern.backends("row_dots")["cpp"]["reason"]
+    cuda = pypattern.backends("row_dots")["cuda"]
     cases = [
         pytest.param("reference", "cpu", id="reference-cpu"),
         pytest.param("cpp", "cpu", id="cpp-cpu", marks=() if HAS_CPP else pytest.mark.skip(reason=why)),
-        # on CUDA tensors the automatic choice is the reference (cuBLAS): no CUDA kernel is registered
+        # on CUDA tensors: the CUDA registration where built (cuBLAS over the concatenation), and the choice
+        pytest.param(
+            "cuda",
+            "cuda",
+            id="cuda-cuda",
+            marks=() if cuda["available"] else pytest.mark.skip(reason=str(cuda["reason"])),
+        ),
         pytest.param(
             None,
             "cuda",

@@ -10,8 +10,9 @@ product of its source's output difference with its destination input's gradient 
 Per attention layer that is a hundred or so source rows against three dozen gradient rows of tens of thousands of
 terms, a shape on which a GEMM library (MKL's ``bmm``) packs the long operand and runs at a quarter to half of its
 rate; the C++ kernel holds a block of 4 x 6 dot products in vector registers and reads both sides in place
-(``bench/bench_row_dots.py``; figures in docs/benchmarks.md). On CUDA tensors and other dtypes the reference
-(``torch.bmm``) runs: no CUDA kernel is registered, cuBLAS serves that shape.
+(``bench/bench_row_dots.py``; figures in docs/benchmarks.md). On CUDA tensors a CUDA build registers cuBLAS's
+batched GEMM over the concatenated rows (``csrc/dots/dots_cuda.cpp``; compiled, not run here): cuBLAS serves that
+shape on a GPU. Other dtypes take the reference (``torch.bmm``).
 """
 
 from .op import row_dots

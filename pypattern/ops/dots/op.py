@@ -18,7 +18,7 @@ def _row_dots_c(a: torch.Tensor, g: list[torch.Tensor]) -> torch.Tensor:
 
 
 _backends.register(_OP, "reference", row_dots_reference)
-_backends.register(_OP, "cpp", _row_dots_c)
+_backends.register(_OP, ("cpp", "cuda"), _row_dots_c)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -35,16 +35,18 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
     contraction: a hundred or so rows of ``a``, a few dozen of ``g``, tens of thousands of terms), where a GEMM
     library packs the long operand and runs well below its rate; it reads the rows in place (any strides, unit
     stride along ``k``; other tensors are copied once) and sums each product in the input dtype with vector
-    accumulators over chunks of 16 KiB of terms. Elsewhere (CUDA, other dtypes) the reference, ``torch.bmm``.
-    Not differentiable.
+    accumulators over chunks of 16 KiB of terms. On CUDA tensors the CUDA build registers cuBLAS's batched GEMM
+    over the concatenated rows (compiled, not run on the CPU-only machines measured); elsewhere (other dtypes,
+    a CPU-only build) the reference, ``torch.bmm``. Not differentiable.
 
     Parameters
     ----------
     a : Tensor ``(B, M, K)``
     g : sequence of Tensors ``(B, N_i, K)``
         At least one, of ``a``'s dtype and device.
-    backend : {"cpp", "reference"}, optional
-        Forces a backend (default: the C++ kernel on CPU tensors of float32 or float64, else the reference).
+    backend : {"cpp", "cuda", "reference"}, optional
+        Forces a backend (default: the C++ kernel on CPU tensors of float32 or float64, the CUDA registration on
+        CUDA tensors where built, else the reference).
 
     Returns
     -------
@@ -80,4 +82,6 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
         name = "reference"
     if name == "cpp":
         return _row_dots_c(_unit_last(a.detach()), [_unit_last(t.detach()) for t in g])
+    if name == "cuda":
+        return _row_dots_c(a.detach(), [t.detach() for t in g])
     return row_dots_reference(a, g)
