@@ -191,3 +191,36 @@ def test_eap_runs_each_prompt_set_once(monkeypatch, mode):
         rows.clear()
         edge_attribution(model, clean, corr, metric=metric, method=method, steps=steps, mode=mode)
         assert rows == expect
+
+
+def test_eap_ig_runs_per_pass_follow_the_memory_budget():
+    """The interpolated runs per gradient pass are as many as ``memory_budget`` holds by the per-run estimate (the
+    activations kept for the backward: it grows with the MLP's width, a gated MLP's third hidden tensor and the
+    experts per token); the scores do not depend on the split."""
+    from pypattern.circuits.api import _ig_bytes_per_run
+    from pypattern.circuits.engine import prepare_runs
+
+    model = tiny(seed=21)
+    clean, corr, ans, wrong = prompts(model, seed=22)
+    metric = LogitDiff(ans, wrong)
+    engine, _ = prepare_runs(model, edges(model), clean, corr, metric, defer_base=True)
+    per = _ig_bytes_per_run(engine)
+    cfg = model.cfg
+    item = 8  # tiny() is float64
+    B, T = clean.shape
+    expected = cfg.n_layers * B * T * (14 * cfg.d_model + 2 * cfg.d_mlp + 2 * cfg.n_heads * T) * item
+    assert per == expected
+    one = edge_attribution(
+        model, clean, corr, metric=metric, method="eap-ig", steps=5, memory_budget=per * 5.5
+    )
+    two = edge_attribution(
+        model, clean, corr, metric=metric, method="eap-ig", steps=5, memory_budget=per * 2.5
+    )
+    assert one.info["passes"] == 1 and two.info["passes"] == 3
+    assert (one.values - two.values).abs().max() <= 1e-12 * one.values.abs().max()
+    # a gated MLP keeps three hidden tensors per token
+    engine.view.model.cfg.gated_mlp = True
+    try:
+        assert _ig_bytes_per_run(engine) - per == cfg.n_layers * B * T * cfg.d_mlp * item
+    finally:
+        engine.view.model.cfg.gated_mlp = False
