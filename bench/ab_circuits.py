@@ -11,7 +11,8 @@ warm-up call and reports the minimum. The summary is, per piece, the median (ran
     git archive <commit> pypattern | tar -x -C /tmp/before && cp pypattern/_C*.so /tmp/before/pypattern/
     OMP_NUM_THREADS=1 python bench/ab_circuits.py --trees /tmp/before . --rounds 5
 
-``--pieces point`` (or any comma-separated subset) times only those pieces and their bounds.
+``--pieces point`` (or any comma-separated subset) times only those pieces and their bounds; ``--shape gpt2`` runs
+them on the GPT-2-small-shaped model of ``bench_circuits.py --shape gpt2`` instead.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ torch.set_num_threads(1)
 import pypattern
 from pypattern.circuits import edge_attribution, edges
 from pypattern.circuits.engine import prepare_runs
-from bench_circuits import bound_eap, bound_point, make_setup, point_circuit
+from bench_circuits import GPT2_CFG, CFG, bound_eap, bound_point, make_setup, point_circuit
 assert pypattern.__file__.startswith(sys.argv[1].rstrip("/") + "/"), pypattern.__file__
-model, clean, corr, metric = make_setup()
+model, clean, corr, metric = make_setup(cfg=GPT2_CFG if sys.argv[5] == "gpt2" else CFG)
 eng, _ = prepare_runs(model, edges(model), clean, corr, metric)
 circuit = point_circuit(eng.graph)
 pieces = {
@@ -70,6 +71,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--pieces", default=",".join(PIECES), help=f"comma-separated, of {PIECES}")
+    ap.add_argument(
+        "--shape", choices=("bench", "gpt2"), default="bench", help="the model: the bench's or GPT-2-small's"
+    )
     args = ap.parse_args()
     pieces = args.pieces.split(",")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
@@ -78,7 +82,16 @@ def main() -> None:
     for r in range(args.rounds):
         for t in args.trees:
             p = subprocess.run(
-                [sys.executable, "-c", CHILD, os.path.abspath(t), str(args.reps), here, args.pieces],
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    os.path.abspath(t),
+                    str(args.reps),
+                    here,
+                    args.pieces,
+                    args.shape,
+                ],
                 capture_output=True,
                 text=True,
                 env=env,
