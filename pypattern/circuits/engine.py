@@ -837,9 +837,9 @@ _VJP_RUNS = None  # None: with several runs; True / False: always / never (tests
 class _QKV(torch.autograd.Function):
     """Queries, keys and values of one attention from the residual ``R (N, B, T, d)`` it reads (every head reads
     it). The backward forms each head's own input cotangent (:meth:`ModelView.qkv_input_vjp`, the edge scores need
-    them), hands them to ``store`` (a callable taking the three) summed over the ``N`` runs and returns their sum over
-    heads as ``R``'s: the
-    projections' backward is done once, per head, instead of once more for the residual."""
+    them), hands them to ``store`` (a callable taking the three) summed over the ``N`` runs and returns their sum
+    over heads as ``R``'s: the projections' backward is done once, per head, instead of once more for the
+    residual."""
 
     @staticmethod
     def forward(ctx, R, view, layer, qrows, rows, store):
