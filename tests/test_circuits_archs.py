@@ -505,3 +505,38 @@ def test_residual_multiplier_is_refused_by_name():
     model = _model("llama", residual_multiplier=0.5)
     with pytest.raises(NotImplementedError, match="residual_multiplier=0.5"):
         ModelView(model)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_per_head_projections_through_onednn_equal_bmm(arch, monkeypatch):
+    """The formed head inputs' projections through oneDNN's matmul (taken for large float32 products where the
+    process uses oneDNN) give the patched runs of the batched-matmul path and of the per-edge-hook reference."""
+    from pypattern.models.packed import _ops_present, packed_gemm_enabled
+
+    if not (_ops_present() and packed_gemm_enabled()):
+        pytest.skip("oneDNN's matmul is not used for fixed weights in this process")
+    model = _model(arch, seed=4, dtype=torch.float32)
+    clean, corr, ans, wrong = prompts(model, seed=5)
+    metric = LogitDiff(ans, wrong)
+    g = edges(model)
+    E = len(g)
+    masks = torch.cat(
+        [torch.eye(E, dtype=torch.bool)[::2], _random_sets(E, 5, 6), _random_sets(E, 3, 7, p=0.9)]
+    )
+    calls = []
+    real = ModelView._onednn_heads
+
+    def spy(x3, W):
+        got = real(x3, W)
+        calls.append(got)
+        return got
+
+    monkeypatch.setattr(ModelView, "_onednn_heads", staticmethod(spy))
+    monkeypatch.setattr(ModelView, "ONEDNN_HEAD_MACS", 0)
+    fast = patch_edges(model, masks, clean, corr, metric=metric)
+    assert any(calls)  # the oneDNN path ran
+    monkeypatch.setattr(ModelView, "ONEDNN_HEAD_MACS", 2**62)
+    plain = patch_edges(model, masks, clean, corr, metric=metric)
+    assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
+    ref = _reference(model.double(), g, masks, clean, corr, metric)
+    assert (fast.double() - ref).abs().max() <= 1e-4 * ref.abs().max()

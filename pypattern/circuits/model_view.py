@@ -167,12 +167,41 @@ class ModelView:
         pos = pos.to(x.device)
         return self.model.blocks[layer].attn.rotate(x.unsqueeze(-2), pos).squeeze(-2)
 
+    #: per-head products of at least this many multiply-adds go through oneDNN's matmul where the process uses it
+    #: for fixed weights: on the EPYC of docs/benchmarks.md twelve (256, 768) x (768, 64) products took 3.6 ms
+    #: that way against 4.3 ms in MKL's batched matmul (a cold cache); small ones stay with bmm (one call)
+    ONEDNN_HEAD_MACS = 2**23
+
     @staticmethod
     def _bproj(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """Per-head projection ``(h, ..., T, d) x (h, d, dh) (+ b (h, dh))`` -> ``(h, ..., T, dh)``."""
         h, d = x.shape[0], x.shape[-1]
-        y = torch.bmm(x.reshape(h, -1, d), W).view(*x.shape[:-1], W.shape[-1])
+        x3 = x.reshape(h, -1, d)
+        if ModelView._onednn_heads(x3, W):
+            y = x3.new_empty(h, x3.shape[1], W.shape[-1])
+            for i in range(h):  # W[i] (d, dh) read in place as oneDNN's (out, in) operand, its transpose
+                y[i] = torch.ops.mkldnn._linear_pointwise(x3[i], W[i].detach().t(), None, "none", [], "")
+            y = y.view(*x.shape[:-1], W.shape[-1])
+        else:
+            y = torch.bmm(x3, W).view(*x.shape[:-1], W.shape[-1])
         return y if b is None else y + b.view(h, *([1] * (x.dim() - 2)), -1)
+
+    @staticmethod
+    def _onednn_heads(x3: torch.Tensor, W: torch.Tensor) -> bool:
+        """Whether the per-head products ``x3 (h, rows, d) x W (h, d, dh)`` go through oneDNN: float32 CPU
+        tensors, no gradient wanted through them, products of :attr:`ONEDNN_HEAD_MACS` or more, and the process
+        using oneDNN for fixed weights (:func:`~pypattern.models.packed.packed_gemm_enabled`)."""
+        from ..models.packed import packed_gemm_enabled
+
+        return (
+            x3.dtype == W.dtype == torch.float32
+            and x3.device.type == "cpu"
+            and W.device.type == "cpu"
+            and x3.shape[1] * x3.shape[2] * W.shape[-1] >= ModelView.ONEDNN_HEAD_MACS
+            and not (torch.is_grad_enabled() and (x3.requires_grad or W.requires_grad))
+            and not torch.is_inference_mode_enabled()
+            and packed_gemm_enabled()
+        )
 
     def qkv(
         self,
