@@ -196,7 +196,12 @@ def _choose_cached(op: str, device_type: str, forced: str | None, source: str, _
             raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
         return forced
     info = backends(op)
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
+    if device.type == "cuda":
+        order = ("cuda", "triton", "reference")
+    elif device.type == "cpu":
+        order = ("cpp", "reference")
+    else:  # meta, mps, xpu, ...: only plain torch runs there
+        order = ("reference",)
     for name in order:
         if info[name]["available"]:
             return name

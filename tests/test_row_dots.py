@@ -183,3 +183,22 @@ def test_reference_is_bmm_of_the_concatenation():
         torch.randn(2, 4, 9, generator=gen, dtype=torch.float64),
     ]
     assert torch.allclose(row_dots_reference(a, g), _naive(a, g), rtol=0, atol=1e-13)
+
+
+def test_other_devices_and_tracing():
+    """Tensors on a device without a kernel (meta here) take the reference: the result's shape without data; the
+    op's fake implementation gives the shape to tracing; no backend returns a result that carries a gradient."""
+    a = torch.empty(2, 3, 9, device="meta")
+    out = row_dots(a, [torch.empty(2, 4, 9, device="meta"), torch.empty(2, 1, 9, device="meta")])
+    assert out.shape == (2, 3, 5) and out.device.type == "meta"
+    assert pypattern._backends.choose("row_dots", a.device, None) == "reference"
+    if HAS_CPP:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            x, y = torch.empty(2, 3, 9), torch.empty(2, 6, 9)
+            assert torch.ops.pypattern.row_dots(x, [y]).shape == (2, 3, 6)
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(1, 2, 5, dtype=dtype, requires_grad=True)
+        y = torch.randn(1, 3, 5, dtype=dtype, requires_grad=True)
+        assert not row_dots(x, [y]).requires_grad

@@ -21,6 +21,24 @@ _backends.register(_OP, "reference", row_dots_reference)
 _backends.register(_OP, ("cpp", "cuda"), _row_dots_c)
 
 
+def _register_fake() -> None:
+    """The C++ op's shape function, so that ``torch.compile`` and meta tensors can trace through it."""
+    mod, _ = _backends._load_c()
+    if mod is None:  # pragma: no cover - broken install
+        return
+    try:
+        torch.library.register_fake("pypattern::row_dots")(_fake_row_dots)
+    except RuntimeError:  # already registered (a reload)
+        pass
+
+
+def _fake_row_dots(a: torch.Tensor, g: list[torch.Tensor]) -> torch.Tensor:
+    return a.new_empty(a.shape[0], a.shape[1], sum(t.shape[1] for t in g))
+
+
+_register_fake()
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dimension has unit stride (or at most one element), else a contiguous copy."""
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
@@ -37,7 +55,8 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
     stride along ``k``; other tensors are copied once) and sums each product in the input dtype with vector
     accumulators over chunks of 16 KiB of terms. On CUDA tensors the CUDA build registers cuBLAS's batched GEMM
     over the concatenated rows (compiled, not run on the CPU-only machines measured); elsewhere (other dtypes,
-    a CPU-only build) the reference, ``torch.bmm``. Not differentiable.
+    a CPU-only build) the reference, ``torch.bmm``. Not differentiable: no backend returns a result that carries a
+    gradient.
 
     Parameters
     ----------
@@ -84,4 +103,4 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
         return _row_dots_c(_unit_last(a.detach()), [_unit_last(t.detach()) for t in g])
     if name == "cuda":
         return _row_dots_c(a.detach(), [t.detach() for t in g])
-    return row_dots_reference(a, g)
+    return row_dots_reference(a.detach(), [t.detach() for t in g])
