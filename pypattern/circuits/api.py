@@ -236,12 +236,13 @@ class _ScoreSink:
 
 
 def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
-    """Per-example scores ``(batch, num_edges)``: ``(A_u - out_u) . G_v`` summed over positions (or at the edge's
-    position) and features, from the per-stage gradients of :meth:`EdgeEngine.gradients`.
+    """Per-example scores ``(batch, num_edges)`` of a per-position graph: ``(A_u - out_u) . G_v`` at the edge's
+    position, summed over features, from the per-stage gradients of :meth:`EdgeEngine.gradients` (flat graphs
+    take :class:`_ScoreSink` during the backward).
 
-    Each stage's products of every source read there with every destination input of it are one batched matmul
-    over the prompts (per position, one einsum); every edge then reads its product from their concatenation by
-    one gather, its index computed for all edges at once."""
+    Each stage's products of every source read there with every destination input of it are one einsum per
+    position; every edge then reads its product from their concatenation by one gather, its index computed for
+    all edges at once."""
     g = engine.graph
     D = engine.D  # (n_src, B, T, d)
     B = D.shape[1]
@@ -253,46 +254,18 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     Rn = torch.ones(len(grads), dtype=torch.long)
     offset = torch.zeros(len(grads), dtype=torch.long)
     flat, at = [], 0
-    # sources are in topological order: those read at a stage are a prefix, n_read of them
-    n_of = [engine.n_read[int(g.dst_stage[dsts[0]])] for dsts, _, _ in grads]
-    if g.per_position:
-        for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
-            n = n_of[i]
-            entry[dsts] = i
-            dst_pos[dsts] = torch.arange(len(dsts))
-            Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
-            S = torch.einsum("ubtd,vbtd->buvt", Ds, G)  # (B, n, V, R)
-            cols[i, rows] = torch.arange(len(rows))
-            Rn[i] = len(rows)
-            V[i], offset[i] = len(dsts), at
-            flat.append(S.reshape(B, -1))
-            at += flat[-1].shape[1]
-    else:
-        # entries reading the same sources at the same rows (a layer's query, key and value inputs) are one
-        # product: (B, n, V_1 + V_2 + ...) from the rows in place (row_dots: no concatenation, no packing)
-        groups: list[list[int]] = []
-        for i, (_, rows, _) in enumerate(grads):
-            j = groups[-1][0] if groups else None
-            if j is not None and n_of[j] == n_of[i] and torch.equal(grads[j][1], rows):
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        for members in groups:
-            n, rows = n_of[members[0]], grads[members[0]][1]
-            Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]  # (n, B, R, d)
-            K = Ds.shape[2] * Ds.shape[3]
-            Gs = [grads[i][2].transpose(0, 1).reshape(B, grads[i][2].shape[0], K) for i in members]
-            S = row_dots(Ds.transpose(0, 1).reshape(B, n, K), Gs)  # (B, n, V_total)
-            c = 0
-            for i in members:
-                dsts = grads[i][0]
-                entry[dsts] = i
-                dst_pos[dsts] = c + torch.arange(len(dsts))
-                c += len(dsts)
-                cols[i] = 0
-                V[i], offset[i] = S.shape[2], at
-            flat.append(S.reshape(B, -1))
-            at += flat[-1].shape[1]
+    for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
+        # sources are in topological order: those read at the stage are a prefix
+        n = engine.n_read[int(g.dst_stage[dsts[0]])]
+        entry[dsts] = i
+        dst_pos[dsts] = torch.arange(len(dsts))
+        Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
+        S = torch.einsum("ubtd,vbtd->buvt", Ds, G)  # (B, n, V, R)
+        cols[i, rows] = torch.arange(len(rows))
+        Rn[i] = len(rows)
+        V[i], offset[i] = len(dsts), at
+        flat.append(S.reshape(B, -1))
+        at += flat[-1].shape[1]
     e = entry[g.dst_idx]
     none = e < 0  # a destination input without a gradient entry (none in the engine's graphs): score 0
     e = e.clamp(min=0)
