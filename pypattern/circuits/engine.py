@@ -943,10 +943,20 @@ def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _R
         part = len(qrows) != T
         hn = view.attn_norm(layer, R)
         q, k, v = view.qkv_shared(layer, hn[:, qrows] if part else hn, hn, qrows, rows)
-        O = view.head_out(layer, view.attention(layer, q, k, v, qrows, rows))  # (H, B, Tq, d)
+        z = view.attention(layer, q, k, v, qrows, rows)
+        W_O = view.model.blocks[layer].attn.W_O
+        if (
+            part
+            or z.dtype != outs.dtype
+            or W_O.dtype != outs.dtype
+            or (torch.is_grad_enabled() and (z.requires_grad or W_O.requires_grad))
+        ):
+            O = view.head_out(layer, z)  # (H, B, Tq, d)
+            put(H, O)
+        else:  # every row: the writes go straight into the record (no copy)
+            O = view.head_out(layer, z, out=outs[i : i + H])
         pre = R[:, qrows] if part else R
         R = view.add_attn_bias(layer, pre + O.sum(0))
-        put(H, O)
         i += H
         if view.has_mlp:
             out = view.mlp(layer, pre if view.parallel else R)

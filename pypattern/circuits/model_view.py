@@ -691,12 +691,19 @@ class ModelView:
         pattern = a.softmax(a.cap(scores).masked_fill(mask, float("-inf")))
         return pattern @ v
 
-    def head_out(self, layer: int, z: torch.Tensor, heads: list[int] | None = None) -> torch.Tensor:
+    def head_out(
+        self, layer: int, z: torch.Tensor, heads: list[int] | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Each head's write to the residual stream, ``z_h @ W_O[h]``: ``(H, ..., T, dh)`` -> ``(H, ..., T, d)``
-        (only ``heads``, when given)."""
+        (only ``heads``, when given). ``out``: a contiguous tensor of that shape and dtype to write into, when no
+        gradient is wanted through the product (returned)."""
         W_O = self._sel(self.model.blocks[layer].attn.W_O, heads)
         h = z.shape[0]
-        return torch.bmm(z.reshape(h, -1, z.shape[-1]), W_O).view(*z.shape[:-1], W_O.shape[-1])
+        z3 = z.reshape(h, -1, z.shape[-1])
+        if out is not None:
+            torch.bmm(z3, W_O, out=out.view(h, -1, W_O.shape[-1]))
+            return out
+        return torch.bmm(z3, W_O).view(*z.shape[:-1], W_O.shape[-1])
 
     def head_out_sum(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """The sum of every head's write, ``sum_h z_h @ W_O[h]``, in one matmul: ``(H, ..., T, dh)`` ->
