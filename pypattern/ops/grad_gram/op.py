@@ -15,8 +15,10 @@ from .reference import grad_gram_pairwise_reference
 def _grad_gram_pairwise_c(x, y, ids, batch) -> torch.Tensor:
     """The registered ``torch.ops.pypattern.grad_gram_pairwise`` (csrc/grad_gram/): the dispatcher runs the C++
     kernel on CPU tensors and the CUDA kernel on CUDA tensors."""
-    xx = x.contiguous() if ids is None else y.new_zeros(0, 0)
-    return torch.ops.pypattern.grad_gram_pairwise(xx, y.contiguous(), ids, batch)
+    # the kernels register no autograd formula: their result is a value (a gradient through the contraction is
+    # the reference's, chosen automatically when one is wanted)
+    xx = x.detach().contiguous() if ids is None else y.new_zeros(0, 0)
+    return torch.ops.pypattern.grad_gram_pairwise(xx, y.detach().contiguous(), ids, batch)
 
 
 _backends.register("grad_gram_pairwise", "reference", grad_gram_pairwise_reference)
@@ -72,11 +74,16 @@ def grad_gram_pairwise(
     batch : int
         ``B``.
     backend : {"cuda", "triton", "cpp", "reference"}, optional
-        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available).
+        Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available). Only the reference is
+        differentiable: when grad mode is on and ``x`` or ``y`` requires grad, the automatic choice is the
+        reference; a forced kernel returns a value without a gradient.
     """
     _check_pairwise(x, y, ids, batch)
     if batch == 0:
         return torch.zeros(0, 0, dtype=torch.float64, device=y.device)
+    wants_grad = torch.is_grad_enabled() and (y.requires_grad or (ids is None and x.requires_grad))
+    if wants_grad and backend is None and _backends._forced(None)[0] is None:
+        backend = "reference"
     g = _backends.dispatch("grad_gram_pairwise", y.device, backend)(x, y, ids, batch)
     # the kernels take the products in the inputs' dtype: a float32 product can overflow where float64 would not
     _refuse_overflow("grad_gram_pairwise", g, *([y] if ids is not None else [x, y]))
@@ -133,6 +140,8 @@ def _outer_gram(a: torch.Tensor, d: torch.Tensor, max_bytes: int) -> torch.Tenso
     per_feature = max(1, b * d_out * a.element_size())
     step = max(1, min(d_in, max_bytes // per_feature))
     g = torch.zeros(b, b, dtype=torch.float64, device=a.device)
+    if b == 0:
+        return g
     for p0 in range(0, d_in, step):
         w = torch.bmm(a[:, :, p0 : p0 + step].transpose(1, 2), d).reshape(b, -1)
         _sym_gram_add_(g, w)

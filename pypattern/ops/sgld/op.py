@@ -71,8 +71,14 @@ def validate_inputs(params, grads, anchors, masks):
         if len(masks) != len(params):
             raise ValueError(f"masks must have one entry (or None) per tensor: {len(masks)} != {len(params)}")
     device = params[0].device if params else torch.device("cpu")
+    if device.type == "meta":
+        raise ValueError(
+            "params are on the meta device: a step reads and writes their values (and checks the anchors for "
+            "NaN); give tensors with data"
+        )
     tensor, floats = torch.Tensor, (torch.float32, torch.float64)
     grad_mode = torch.is_grad_enabled()
+    inference = torch.is_inference_mode_enabled()
     for i, (w, g, a) in enumerate(zip(params, grads, anchors)):
         # One cheap test per tensor; the detailed diagnosis runs only when it fails.
         if not (type(w) is tensor or isinstance(w, tensor)) or not (
@@ -118,9 +124,11 @@ def validate_inputs(params, grads, anchors, masks):
                 f"params[{i}] requires grad and grad mode is on: an in-place step on it would corrupt autograd; "
                 "step under torch.no_grad() (as torch's optimizers do)"
             )
+        if not inference and w.is_inference():
+            raise RuntimeError(_inference_message(f"params[{i}]"))
         if _internal_overlap(w):
             raise ValueError(
-                f"params[{i}] has elements that share memory (an expanded or zero-stride view of shape "
+                f"params[{i}] has elements that share memory (an expanded, zero-stride or overlapping view of shape "
                 f"{tuple(w.shape)}, strides {w.stride()}): each would be stepped several times; give a tensor of "
                 "its own (e.g. .clone())"
             )
@@ -145,18 +153,42 @@ def _internal_overlap(t: torch.Tensor) -> bool:
     if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
         return True
     try:
-        return torch._debug_has_internal_overlap(t) == 1
+        status = torch._debug_has_internal_overlap(t)  # 0: none, 1: overlap, 2: too hard to tell
     except (AttributeError, RuntimeError):  # pragma: no cover - private helper missing
-        return False
+        status = 2
+    if status != 2:
+        return status == 1
+    # an as_strided view torch cannot judge: list every element's offset (conservative when too many to list)
+    if t.numel() > 1 << 26:
+        return True
+    return bool(torch.unique(_offsets(t, 0)).numel() != t.numel())
+
+
+def _inference_message(what: str) -> str:
+    return (
+        f"{what} is an inference tensor (made under torch.inference_mode()) and the step updates it in place "
+        "outside inference mode, which torch forbids; step inside torch.inference_mode(), or give a normal tensor "
+        "(.clone() it outside inference mode)"
+    )
 
 
 def check_states(name: str, states, others: dict) -> None:
     """State tensors updated in place beside the params (SGNHT's momenta, RMSprop's running means): none shares
-    memory with another state or with any tensor of ``others`` (``{"params": [...], "grads": [...], ...}``)."""
+    memory with another state or with any tensor of ``others`` (``{"params": [...], "grads": [...], ...}``), none
+    takes gradients in grad mode, and none is an inference tensor outside inference mode (the in-place update
+    would corrupt autograd, or torch forbids it)."""
+    grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     for i, s in enumerate(states):
+        if grad_mode and s.requires_grad:
+            raise RuntimeError(
+                f"{name}[{i}] requires grad and grad mode is on: the step updates it in place, which would corrupt "
+                "autograd; step under torch.no_grad() or give a state tensor that does not require grad"
+            )
+        if not inference and s.is_inference():
+            raise RuntimeError(_inference_message(f"{name}[{i}]"))
         if _internal_overlap(s):
             raise ValueError(
-                f"{name}[{i}] has elements that share memory (an expanded view); give its own tensor"
+                f"{name}[{i}] has elements that share memory (an expanded or overlapping view); give its own tensor"
             )
         for other, ts in others.items():
             for j, t in enumerate(ts):

@@ -156,6 +156,15 @@ def sgnht_step_(
             raise ValueError(f"thermostat is on {thermostat.device} but params are on {device}")
         if torch.is_grad_enabled() and thermostat.requires_grad:
             raise RuntimeError("thermostat requires grad and grad mode is on: step under torch.no_grad()")
+        if not torch.is_inference_mode_enabled() and thermostat.is_inference():
+            raise RuntimeError(sgld_op._inference_message("thermostat"))
+        for other, ts in (("params", params), ("momenta", momenta), ("grads", grads), ("anchors", anchors)):
+            for j, t in enumerate(ts):
+                if sgld_op._overlap(thermostat, t):
+                    raise ValueError(
+                        f"thermostat shares memory with {other}[{j}]: the step would overwrite one with the other; "
+                        "give the thermostat its own tensor"
+                    )
         if not bool(torch.isfinite(thermostat).all()):
             raise ValueError(f"thermostat must be finite, got {float(thermostat.reshape(()))}")
         step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
