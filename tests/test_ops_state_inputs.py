@@ -122,3 +122,20 @@ def test_pairwise_gram_gradient_and_empty_outer():
         assert not forced.requires_grad and torch.allclose(forced, G.detach(), rtol=1e-12, atol=1e-12)
     empty = grad_gram_linear(torch.randn(0, 3, 5), torch.randn(0, 3, 6), method="outer")
     assert empty.shape == (0, 0)
+
+
+def test_philox_normals_checks_its_counter():
+    from pypattern.ops import philox_normals
+
+    assert philox_normals(5, seed=3, tensor_index=0, step=1).shape == (5,)
+    for kw, name in (
+        (dict(numel=-1, seed=0, tensor_index=0, step=0), "numel"),
+        (dict(numel=3, seed=-1, tensor_index=0, step=0), "seed"),
+        (dict(numel=3, seed=2**64 + 3, tensor_index=0, step=0), "seed"),
+        (dict(numel=3, seed=0, tensor_index=2**32, step=0), "tensor_index"),
+        (dict(numel=3, seed=0, tensor_index=0, step=2**64), "step"),
+        (dict(numel=3.0, seed=0, tensor_index=0, step=0), "numel"),
+    ):
+        n = kw.pop("numel")
+        with pytest.raises(ValueError, match=f"philox_normals: {name} must be"):
+            philox_normals(n, **kw)

@@ -6,6 +6,7 @@ Written for clarity, not speed: the integer Philox rounds run in int64 tensors, 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -27,7 +28,20 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox_normals(numel: int, *, seed: int, tensor_index: int, step: int, device=None) -> torch.Tensor:
-    """The noise ``xi`` of one tensor with ``numel`` elements, shape ``(numel,)``, float32 (reference form)."""
+    """The noise ``xi`` of one tensor with ``numel`` elements, shape ``(numel,)``, float32 (reference form).
+    ``numel`` >= 0; ``seed`` and ``step`` integers in [0, 2**64), ``tensor_index`` in [0, 2**32) (the widths of
+    Philox's key and counter words: a larger value would alias another stream)."""
+    checks = (
+        ("numel", numel, None),
+        ("seed", seed, 64),
+        ("tensor_index", tensor_index, 32),
+        ("step", step, 64),
+    )
+    for name, v, bits in checks:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 or (bits and v >= 2**bits):
+            valid = "an integer >= 0" if bits is None else f"an integer in [0, 2**{bits})"
+            raise ValueError(f"philox_normals: {name} must be {valid}, got {v!r}")
+    numel, seed, tensor_index, step = int(numel), int(seed), int(tensor_index), int(step)
     n_ctr = (numel + 3) // 4
     c0 = torch.arange(n_ctr, dtype=torch.int64, device=device)
     c1 = torch.full_like(c0, tensor_index & _U32)
