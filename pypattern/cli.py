@@ -517,10 +517,16 @@ def _parser() -> argparse.ArgumentParser:
         help="probe on the first N sequences of --data (default: 8; more than --data holds: all, with a warning)",
     )
     _sampler_args(chi, draws=50, quiet_help="no progress bars")
-    sub.add_parser(
+    be = sub.add_parser(
         "backends",
         help="list the kernel backends and why any is unavailable",
-        description="Print, as JSON, each kernel backend (cuda, triton, cpp, reference): available or why not.",
+        description="Print, as JSON, each kernel backend (cuda, triton, cpp, reference) of an op: available or "
+        "why not.",
+    )
+    be.add_argument(
+        "--op",
+        default="sgld_step_",
+        help="the operator (default: sgld_step_); 'all' for every pypattern operator, keyed by name",
     )
     parser.commands = sub.choices
     return parser
@@ -544,9 +550,19 @@ def _check_paths(p: argparse.ArgumentParser, args) -> None:
 
 def _run(args) -> int:
     if args.cmd == "backends":
+        import torch
+
         from . import backends
 
-        print(json.dumps(backends(), indent=2))
+        if args.op == "all":
+            ops = sorted(
+                str(n).split("::", 1)[1]
+                for n in torch._C._dispatch_get_all_op_names()
+                if str(n).startswith("pypattern::")
+            )
+            print(json.dumps({op: backends(op) for op in ops}, indent=2))
+        else:
+            print(json.dumps(backends(args.op), indent=2))
         return 0
     if args.cmd == "circuit":
         _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))

@@ -11,6 +11,17 @@ def test_backends_command(capsys):
     assert cli.main(["backends"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["cpp"]["available"] and out["reference"]["available"]
+    assert cli.main(["backends", "--op", "row_dots"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cpp"]["available"] and not out["triton"]["available"]
+    assert "no Triton kernel registered" in out["triton"]["reason"]
+    assert cli.main(["backends", "--op", "all"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"sgld_step_", "gelu_tanh", "row_dots", "grad_gram_pairwise"} <= set(out)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["backends", "--op", "nope"])
+    assert e.value.code == 2
+    assert "op='nope' is not an operator of pypattern" in capsys.readouterr().err
 
 
 def test_sgld_demo_part_runs():
