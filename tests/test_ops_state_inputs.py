@@ -139,3 +139,26 @@ def test_philox_normals_checks_its_counter():
         n = kw.pop("numel")
         with pytest.raises(ValueError, match=f"philox_normals: {name} must be"):
             philox_normals(n, **kw)
+
+
+def test_covariance_update_refuses_aliased_state():
+    """A state tensor the update writes may not share memory with another one or with what it reads."""
+    from pypattern.ops import cross_covariance_update_
+
+    def f(*shape):
+        return torch.zeros(*shape, dtype=torch.float64)
+
+    k, n = 3, 4
+    s_a, s_b, m_b, C = f(k), f(n), f(n), f(k, n)
+    a, b = torch.randn(5, k, dtype=torch.float64), torch.randn(5, n, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mean_a shares memory with shift_a"):
+        cross_covariance_update_(s_a, s_b, s_a, m_b, C, f(0), f(0), a, b, count=0)
+    with pytest.raises(ValueError, match="comoment shares memory with mean_b"):
+        cross_covariance_update_(s_a, s_b, f(k), C[0], C, f(0), f(0), a, b, count=0)
+    with pytest.raises(ValueError, match="mean_a shares memory with a"):
+        cross_covariance_update_(s_a, s_b, a[0], m_b, C, f(0), f(0), a, b, count=0)
+    states = [(f(k), f(n), f(k, n)) for _ in range(2)]  # separate tensors: accepted, the backends agree
+    for (m_a, m_b2, C2), be in zip(states, ["reference", None]):
+        cross_covariance_update_(s_a, s_b, m_a, m_b2, C2, f(0), f(0), a, b, count=0, backend=be)
+    assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-12) for x, y in zip(*states))
+    assert bool(states[0][2].abs().sum() > 0)

@@ -102,7 +102,43 @@ def cross_covariance_update_(
         _check_state(name, t, tuple(t.shape), device)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
+    _refuse_aliases(
+        written=(
+            ("comoment", comoment),
+            ("mean_a", mean_a),
+            ("mean_b", mean_b),
+            ("m2_a", m2_a),
+            ("m2_b", m2_b),
+        ),
+        read=(("shift_a", shift_a), ("shift_b", shift_b), ("a", a), ("b", b)),
+    )
     if a.shape[0] == 0:
         return
     impl = _backends.dispatch("covariance_update_", device, backend)
     impl(shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count)
+
+
+def _refuse_aliases(written, read) -> None:
+    """No state tensor the update writes shares memory with another one or with a tensor it reads (the update
+    would read values it is overwriting: a mean that is its own shift, a comoment inside a chunk). Tensors are
+    compared pairwise only where they share a storage."""
+    from ..sgld.op import _overlap
+
+    by_storage: dict = {}
+    for i, (name, t) in enumerate(list(written) + list(read)):
+        if t.numel() == 0:
+            continue
+        try:
+            key = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage
+            key = t.data_ptr()
+        by_storage.setdefault(key, []).append((i < len(written), name, t))
+    for group in by_storage.values():
+        for j, (w, wn, x) in enumerate(group):
+            for w2, rn, y in group[j + 1 :]:
+                if (w or w2) and _overlap(x, y):
+                    first, second = (wn, rn) if w else (rn, wn)
+                    raise ValueError(
+                        f"{first} shares memory with {second}: the update would read values it is overwriting; "
+                        "give each state tensor its own memory"
+                    )
