@@ -335,6 +335,12 @@ def overwrite_flags(
     if mask is None:
         out[..., idx] = v
     else:
+        mask = torch.as_tensor(mask, device=acts.device)
+        if mask.dtype != torch.bool or tuple(mask.shape) != (b, t):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; give a bool tensor (batch, pos) = "
+                f"({b}, {t})"
+            )
         out[..., idx] = torch.where(mask[..., None], v, acts[..., idx])
     return out
 
@@ -392,10 +398,12 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
 def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, positions=None) -> Iterator[None]:
     """Within the block, the flag dimensions are set to ``value`` (a float, or ``(num_flags,)``, e.g. their
     mean over data for a mean ablation)."""
-    v = torch.as_tensor(value, dtype=torch.float32)
+    v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
     v = v.expand(spec.num_flags) if v.dim() == 0 else v
     if v.shape != (spec.num_flags,):
         raise ValueError(f"value has shape {tuple(v.shape)}; give a float or ({spec.num_flags},)")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"value must be finite, got {v.tolist()}")
     with _flag_hook(model, spec, lambda b: v, positions):
         yield
 
@@ -673,6 +681,8 @@ def _probe(
     (xf, yf, sf), (xe, ye, se) = data
     if only_shared_tokens:
         xf, yf, xe, ye = xf[sf], yf[sf], xe[se], ye[se]
+    if len(xf) < 2 or len(xe) == 0:  # nothing to fit or to score (a task without shared tokens): undefined
+        return float("nan"), float("nan")
     return _ridge_probe(xf[:, cols], yf, xe[:, cols], ye, spec.num_concepts, ridge)
 
 

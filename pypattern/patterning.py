@@ -128,7 +128,7 @@ def invert(
     """
     chi = _as_2d(chi)
     k, n = chi.shape
-    tgt = np.asarray(target, dtype=np.float64).reshape(-1)
+    tgt = np.asarray(_values(target), dtype=np.float64).reshape(-1)
     if tgt.shape != (k,):
         raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}")
     if not np.isfinite(tgt).all():
@@ -298,11 +298,20 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
 def direction_target(direction, amount: float) -> np.ndarray:
     """Target ``d mu = amount * direction / |direction|`` (e.g. a principal susceptibility direction: positive
     ``amount`` moves along it, negative against it)."""
-    d = np.asarray(direction, dtype=np.float64).reshape(-1)
+    d = np.asarray(_values(direction), dtype=np.float64).reshape(-1)
+    if not np.isfinite(d).all():
+        raise ValueError(f"direction must be finite, got {d.tolist()}")
+    if not np.isfinite(float(amount)):
+        raise ValueError(f"amount must be finite, got {amount!r}")
     nrm = np.linalg.norm(d)
     if nrm == 0:
         raise ValueError("direction is zero")
     return amount * d / nrm
+
+
+def _values(x):
+    """``x`` without autograd history (a tensor that tracks gradients converts to numpy only detached)."""
+    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
 
 
 def reweight(
@@ -327,7 +336,7 @@ def reweight(
         replacement; ``num_samples`` per epoch, default the data set's size). ``"loss"``: the weights as a float
         tensor normalised to mean 1, to multiply per-sample losses with.
     """
-    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    w = torch.as_tensor(np.asarray(_values(weights), dtype=np.float64))
     if w.dim() != 1:
         raise ValueError(f"weights must be 1-D, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all() or (w < 0).any():
@@ -339,6 +348,7 @@ def reweight(
     if size != w.numel():
         raise ValueError(f"weights has {w.numel()} entries but the data has {size} samples")
     if mode == "loss":
+        w = w / w.max()  # scaled first: the mean of weights near float64's largest overflows
         return (w / w.mean()).to(torch.float32)
     if mode != "sampler":
         raise ValueError(f"mode must be 'sampler' or 'loss', got {mode!r}")

@@ -334,3 +334,31 @@ def test_flag_spec_takes_numpy_scalars():
         FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2), num_concepts=np.float64(2.5))
     with pytest.raises(ValueError, match="on_value"):
         FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2), num_concepts=2, on_value=np.float32("nan"))
+
+
+def test_flag_inputs_checked_and_probe_without_shared_tokens():
+    """A mask must be (batch, pos) bool (a (batch,) mask was broadcast over positions); a non-finite ablation
+    value is refused; the shared-token probe of a task without shared tokens is NaN (it crashed in a singular
+    solve)."""
+    from pypattern.flags import probe_accuracy
+
+    acts = torch.zeros(5, 5, 32)
+    with pytest.raises(ValueError, match=r"mask has shape \(5,\).*\(batch, pos\) = \(5, 5\)"):
+        overwrite_flags(acts, SPEC, torch.ones(4), mask=torch.tensor([1, 0, 0, 0, 0]).bool())
+    with pytest.raises(ValueError, match="give a bool tensor"):
+        overwrite_flags(acts, SPEC, torch.ones(4), mask=torch.ones(5, 5))
+    m = torch.zeros(5, 5, dtype=torch.bool)
+    m[0, 1] = True
+    out = overwrite_flags(acts, SPEC, torch.ones(4), mask=m)
+    assert float(out[..., :4].sum()) == 4.0 and bool(out[0, 1, :4].eq(1).all())
+    model = _model(seed=3)
+    for bad in (float("nan"), float("inf"), torch.tensor([0.0, 1.0, float("nan"), 0.0])):
+        with pytest.raises(ValueError, match="value must be finite"):
+            with ablate_flags(model, SPEC, bad):
+                pass
+    task = TopicTask(num_topics=2, tokens_per_topic=8, num_shared=0, shared_prob=0.0, seq_len=16)
+    lm = Transformer(task.model_config(seed=4))
+    acc, r2 = probe_accuracy(lm, task, SPEC, num_samples=16, only_shared_tokens=True)
+    assert acc != acc and r2 != r2  # NaN: nothing to probe
+    acc, _ = probe_accuracy(lm, task, SPEC, num_samples=16)
+    assert 0.0 <= acc <= 1.0

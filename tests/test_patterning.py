@@ -243,3 +243,23 @@ def test_constrained_inversion_of_a_small_target_reaches_the_closed_form_optimum
     iv = invert(chi, tgt, method="constrained", alpha=alpha)
     np.testing.assert_allclose(iv.weights - 1, d, rtol=1e-6, atol=1e-9 * scale)
     assert abs(iv.weights.sum() - n) < 1e-9
+
+
+def test_inputs_that_track_gradients_huge_weights_and_nan_directions():
+    """Targets and weights held as tensors that track gradients are read as values; loss weights near float64's
+    largest value keep their proportions (their mean overflowed: all zeros); a non-finite direction or amount is
+    refused (it gave a NaN target)."""
+    chi = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0.1, 0.2], dtype=torch.float64, requires_grad=True)
+    res = invert(chi, target)
+    ref = invert(chi.numpy(), [0.1, 0.2])
+    assert np.allclose(res.weights, ref.weights)
+    data = torch.arange(6.0)[:, None]
+    w = reweight(data, torch.ones(6, requires_grad=True), mode="loss")
+    assert torch.equal(w, torch.ones(6))
+    big = reweight(data, [1e308, 1e308, 1, 1, 1, 1], mode="loss")
+    assert torch.allclose(big, torch.tensor([3.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
+    for direction, amount in (([np.nan, 1.0], 1.0), ([1.0, 1.0], np.nan), ([np.inf, 0.0], 1.0)):
+        with pytest.raises(ValueError, match="must be finite"):
+            direction_target(direction, amount)
+    assert np.allclose(direction_target(torch.tensor([3.0, 4.0], requires_grad=True), 5.0), [3.0, 4.0])
