@@ -119,13 +119,7 @@ def validate_inputs(params, grads, anchors, masks):
                 f"anchors[{i}] holds {int((~torch.isfinite(a)).sum())} NaN or Inf entries; give the finite "
                 "trained weights w*"
             )
-        if grad_mode and w.requires_grad:
-            raise RuntimeError(
-                f"params[{i}] requires grad and grad mode is on: an in-place step on it would corrupt autograd; "
-                "step under torch.no_grad() (as torch's optimizers do)"
-            )
-        if not inference and w.is_inference():
-            raise RuntimeError(_inference_message(f"params[{i}]"))
+        _check_updatable(f"params[{i}]", w, grad_mode, inference)
         if _internal_overlap(w):
             raise ValueError(
                 f"params[{i}] has elements that share memory (an expanded, zero-stride or overlapping view of shape "
@@ -172,6 +166,18 @@ def _inference_message(what: str) -> str:
     )
 
 
+def _check_updatable(what: str, t: torch.Tensor, grad_mode: bool, inference: bool) -> None:
+    """``t`` may be updated in place by a step: it takes no gradient in grad mode, and it is not an inference
+    tensor outside inference mode (the C++ kernels write through raw pointers, past torch's own checks)."""
+    if grad_mode and t.requires_grad:
+        raise RuntimeError(
+            f"{what} requires grad and grad mode is on: an in-place step on it would corrupt autograd; step under "
+            "torch.no_grad() (as torch's optimizers do)"
+        )
+    if not inference and t.is_inference():
+        raise RuntimeError(_inference_message(what))
+
+
 def check_states(name: str, states, others: dict) -> None:
     """State tensors updated in place beside the params (SGNHT's momenta, RMSprop's running means): none shares
     memory with another state or with any tensor of ``others`` (``{"params": [...], "grads": [...], ...}``), none
@@ -179,13 +185,7 @@ def check_states(name: str, states, others: dict) -> None:
     would corrupt autograd, or torch forbids it)."""
     grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     for i, s in enumerate(states):
-        if grad_mode and s.requires_grad:
-            raise RuntimeError(
-                f"{name}[{i}] requires grad and grad mode is on: the step updates it in place, which would corrupt "
-                "autograd; step under torch.no_grad() or give a state tensor that does not require grad"
-            )
-        if not inference and s.is_inference():
-            raise RuntimeError(_inference_message(f"{name}[{i}]"))
+        _check_updatable(f"{name}[{i}]", s, grad_mode, inference)
         if _internal_overlap(s):
             raise ValueError(
                 f"{name}[{i}] has elements that share memory (an expanded or overlapping view); give its own tensor"
