@@ -188,19 +188,17 @@ class ModelView:
 
     @staticmethod
     def _onednn_heads(x3: torch.Tensor, W: torch.Tensor) -> bool:
-        """Whether the per-head products ``x3 (h, rows, d) x W (h, d, dh)`` go through oneDNN: float32 CPU
-        tensors, no gradient wanted through them, products of :attr:`ONEDNN_HEAD_MACS` or more, and the process
-        using oneDNN for fixed weights (:func:`~pypattern.models.packed.packed_gemm_enabled`)."""
-        from ..models.packed import packed_gemm_enabled
+        """Whether the per-head products ``x3 (h, rows, d) x W (h, d, dh)`` go through oneDNN: where each head's
+        product may take the fixed-weights path (:meth:`PackedWeights.applies
+        <pypattern.models.packed.PackedWeights.applies>`, with :attr:`ONEDNN_HEAD_MACS` as its threshold), no
+        gradient is wanted into ``x3`` (the loop of products has no backward) and inference mode is off."""
+        from ..models.packed import PackedWeights
 
         return (
-            x3.dtype == W.dtype == torch.float32
-            and x3.device.type == "cpu"
-            and W.device.type == "cpu"
-            and x3.shape[1] * x3.shape[2] * W.shape[-1] >= ModelView.ONEDNN_HEAD_MACS
-            and not (torch.is_grad_enabled() and (x3.requires_grad or W.requires_grad))
+            x3.shape[0] > 0
+            and not (torch.is_grad_enabled() and x3.requires_grad)
             and not torch.is_inference_mode_enabled()
-            and packed_gemm_enabled()
+            and PackedWeights.applies(x3[0], W[0], None, min_macs=ModelView.ONEDNN_HEAD_MACS)
         )
 
     def qkv(

@@ -164,11 +164,13 @@ class PackedWeights:
         self._bytes = 0
 
     @staticmethod
-    def applies(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> bool:
+    def applies(
+        x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, min_macs: int | None = None
+    ) -> bool:
         """Whether ``affine(x, W, b)`` may take the oneDNN path: float32 CPU operands, a 2-d weight, a bias of
         its width or none, no gradient into ``W``/``b``, no ``torch.func`` wrapper, forward-mode AD or CPU
-        autocast, at least :attr:`MIN_MACS` multiply-adds, and the path chosen for this process (timed on the
-        first product that gets this far)."""
+        autocast, at least ``min_macs`` multiply-adds (default :attr:`MIN_MACS`), and the path chosen for this
+        process (timed on the first product that gets this far)."""
         if W.dim() != 2 or x.dim() < 1 or x.device.type != "cpu" or W.device.type != "cpu":
             return False
         if x.dtype != torch.float32 or W.dtype != torch.float32:
@@ -181,7 +183,9 @@ class PackedWeights:
             return False
         if x.shape[-1] != W.shape[0] or x.numel() == 0 or W.numel() == 0:
             return False
-        if x.numel() * W.shape[1] < PackedWeights.MIN_MACS:  # rows x n x m
+        if x.numel() * W.shape[1] < (
+            PackedWeights.MIN_MACS if min_macs is None else min_macs
+        ):  # rows x n x m
             return False
         if functorch_wrapped(x, W) or (b is not None and functorch_wrapped(b)):
             return False
