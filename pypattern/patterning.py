@@ -82,8 +82,14 @@ class Intervention(Saveable):
         return self.weights[groups]
 
 
+def _as_float64(x) -> np.ndarray:
+    """``x`` as a float64 array; a tensor is read as values (detached, on the CPU: one that tracks gradients
+    converts to numpy only so)."""
+    return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+
+
 def _as_2d(chi) -> np.ndarray:
-    chi = np.asarray(chi.detach().cpu() if isinstance(chi, torch.Tensor) else chi, dtype=np.float64)
+    chi = _as_float64(chi)
     if chi.ndim == 1:
         chi = chi[None, :]
     if chi.ndim != 2:
@@ -128,7 +134,7 @@ def invert(
     """
     chi = _as_2d(chi)
     k, n = chi.shape
-    tgt = np.asarray(_values(target), dtype=np.float64).reshape(-1)
+    tgt = _as_float64(target).reshape(-1)
     if tgt.shape != (k,):
         raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}")
     if not np.isfinite(tgt).all():
@@ -298,7 +304,7 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
 def direction_target(direction, amount: float) -> np.ndarray:
     """Target ``d mu = amount * direction / |direction|`` (e.g. a principal susceptibility direction: positive
     ``amount`` moves along it, negative against it)."""
-    d = np.asarray(_values(direction), dtype=np.float64).reshape(-1)
+    d = _as_float64(direction).reshape(-1)
     if not np.isfinite(d).all():
         raise ValueError(f"direction must be finite, got {d.tolist()}")
     if not np.isfinite(float(amount)):
@@ -307,11 +313,6 @@ def direction_target(direction, amount: float) -> np.ndarray:
     if nrm == 0:
         raise ValueError("direction is zero")
     return amount * d / nrm
-
-
-def _values(x):
-    """``x`` without autograd history (a tensor that tracks gradients converts to numpy only detached)."""
-    return x.detach().cpu() if isinstance(x, torch.Tensor) else x
 
 
 def reweight(
@@ -336,7 +337,7 @@ def reweight(
         replacement; ``num_samples`` per epoch, default the data set's size). ``"loss"``: the weights as a float
         tensor normalised to mean 1, to multiply per-sample losses with.
     """
-    w = torch.as_tensor(np.asarray(_values(weights), dtype=np.float64))
+    w = torch.as_tensor(_as_float64(weights))
     if w.dim() != 1:
         raise ValueError(f"weights must be 1-D, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all() or (w < 0).any():

@@ -211,7 +211,7 @@ class _ScoreSink:
         B = D.shape[1]
         if self.table is None:
             self.table = D.new_zeros(B, g.n_src, g.n_dst)
-        n_of = [eng.n_read[int(g.dst_stage[dsts[0]])] for dsts, _, _ in entries]
+        n_of = [_n_sources(eng, dsts) for dsts, _, _ in entries]
         groups: list[list[int]] = []
         for i, (_, rows, _) in enumerate(entries):
             j = groups[-1][0] if groups else None
@@ -221,7 +221,7 @@ class _ScoreSink:
                 groups.append([i])
         for members in groups:
             n, rows = n_of[members[0]], entries[members[0]][1]
-            Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]  # (n, B, R, d)
+            Ds = _source_rows(D, n, rows)  # (n, B, R, d)
             K = Ds.shape[2] * Ds.shape[3]
             Gs = [entries[i][2].transpose(0, 1).reshape(B, entries[i][2].shape[0], K) for i in members]
             S = row_dots(Ds.transpose(0, 1).reshape(B, n, K), Gs)  # (B, n, V_1 + V_2 + ...)
@@ -233,6 +233,17 @@ class _ScoreSink:
         g = self.engine.graph
         out = self.table[:, g.src_idx, g.dst_idx]
         return out.mul_(scale) if scale != 1 else out
+
+
+def _n_sources(engine: EdgeEngine, dsts: torch.Tensor) -> int:
+    """How many sources the destination inputs ``dsts`` (of one stage) read: sources are in topological order,
+    so those read at a stage are a prefix."""
+    return engine.n_read[int(engine.graph.dst_stage[dsts[0]])]
+
+
+def _source_rows(D: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """The first ``n`` sources' differences ``D (n_src, B, T, d)`` at positions ``rows``: ``(n, B, R, d)``."""
+    return D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
 
 
 def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
@@ -255,11 +266,9 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     offset = torch.zeros(len(grads), dtype=torch.long)
     flat, at = [], 0
     for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
-        # sources are in topological order: those read at the stage are a prefix
-        n = engine.n_read[int(g.dst_stage[dsts[0]])]
         entry[dsts] = i
         dst_pos[dsts] = torch.arange(len(dsts))
-        Ds = D[:n, :, rows] if len(rows) != D.shape[2] else D[:n]
+        Ds = _source_rows(D, _n_sources(engine, dsts), rows)
         S = torch.einsum("ubtd,vbtd->buvt", Ds, G)  # (B, n, V, R)
         cols[i, rows] = torch.arange(len(rows))
         Rn[i] = len(rows)
