@@ -120,25 +120,13 @@ def cross_covariance_update_(
 
 def _refuse_aliases(written, read) -> None:
     """No state tensor the update writes shares memory with another one or with a tensor it reads (the update
-    would read values it is overwriting: a mean that is its own shift, a comoment inside a chunk). Tensors are
-    compared pairwise only where they share a storage."""
-    from ..sgld.op import _overlap
+    would read values it is overwriting: a mean that is its own shift, a comoment inside a chunk)."""
+    from ..sgld.op import overlapping_pairs
 
-    by_storage: dict = {}
-    for i, (name, t) in enumerate(list(written) + list(read)):
-        if t.numel() == 0:
-            continue
-        try:
-            key = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # tensors without a storage
-            key = t.data_ptr()
-        by_storage.setdefault(key, []).append((i < len(written), name, t))
-    for group in by_storage.values():
-        for j, (w, wn, x) in enumerate(group):
-            for w2, rn, y in group[j + 1 :]:
-                if (w or w2) and _overlap(x, y):
-                    first, second = (wn, rn) if w else (rn, wn)
-                    raise ValueError(
-                        f"{first} shares memory with {second}: the update would read values it is overwriting; "
-                        "give each state tensor its own memory"
-                    )
+    named = list(written) + list(read)
+    for j, i in overlapping_pairs([t for _, t in named]):
+        if j < len(written):  # j < i: a written tensor whenever either is
+            raise ValueError(
+                f"{named[j][0]} shares memory with {named[i][0]}: the update would read values it is overwriting; "
+                "give each state tensor its own memory"
+            )

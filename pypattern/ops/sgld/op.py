@@ -6,7 +6,7 @@ The update and the noise stream are specified in :mod:`pypattern.ops.sgld` and :
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -203,20 +203,27 @@ def check_states(name: str, states, others: dict) -> None:
 def _check_distinct(params, name: str = "params") -> None:
     """No two params share memory: each would be stepped once per appearance (tied weights are one tensor, listed
     once)."""
+    for j, i in overlapping_pairs(params):
+        raise ValueError(
+            f"{name}[{j}] and {name}[{i}] share memory: each would be stepped once per appearance; list every "
+            "tensor once (tied weights as one tensor)"
+        )
+
+
+def overlapping_pairs(tensors) -> Iterator[tuple[int, int]]:
+    """The index pairs ``(j, i)``, ``j < i``, of ``tensors`` whose memory overlaps (:func:`_overlap`), in order;
+    only tensors in one storage are compared."""
     by_storage: dict = {}
-    for i, w in enumerate(params):
-        if w.numel() == 0:
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
             continue
         try:
-            key = (w.device, w.untyped_storage().data_ptr())
+            key = (t.device, t.untyped_storage().data_ptr())
         except (RuntimeError, NotImplementedError):
-            key = (w.device, w.data_ptr())
+            key = (t.device, t.data_ptr())
         for j in by_storage.get(key, ()):
-            if _overlap(params[j], w):
-                raise ValueError(
-                    f"{name}[{j}] and {name}[{i}] share memory: each would be stepped once per appearance; list "
-                    "every tensor once (tied weights as one tensor)"
-                )
+            if _overlap(tensors[j], t):
+                yield j, i
         by_storage.setdefault(key, []).append(i)
 
 
