@@ -161,6 +161,29 @@ def choose(op: str, device: torch.device, backend: str | None) -> str:
     return _choose_cached(op, device.type, forced, source, os.environ.get("TRITON_INTERPRET"))
 
 
+def choose_for_dtype(
+    op: str,
+    x: torch.Tensor,
+    backend: str | None,
+    dtypes: tuple,
+    kernels: tuple = ("cpp", "cuda"),
+    arg: str = "x",
+) -> str:
+    """:func:`choose` for an op whose ``kernels`` take only ``dtypes``: on other dtypes the reference, unless one
+    of those kernels is forced, which is refused naming ``arg``, its dtype and the dtypes taken."""
+    name = choose(op, x.device, backend)
+    if name in kernels and x.dtype not in dtypes:
+        forced, source = _forced(backend)
+        if forced == name:
+            taken = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(
+                f"{op}: {arg} has dtype {x.dtype}; the {name!r} backend (forced by {source}) takes {taken} (leave "
+                "the backend to the automatic choice for others)"
+            )
+        return "reference"
+    return name
+
+
 def dispatch(op: str, device: torch.device, backend: str | None) -> Callable:
     """The implementation of ``op`` for tensors on ``device``: :func:`choose`, then the registry's entry."""
     forced, source = _forced(backend)

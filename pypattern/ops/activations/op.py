@@ -61,16 +61,7 @@ class _GeluTanh(torch.autograd.Function):
 
 
 def _choose(x: torch.Tensor, backend: str | None) -> str:
-    name = _backends.choose(_OP, x.device, backend)
-    if name in ("cpp", "cuda") and x.dtype not in _C_DTYPES:
-        forced, source = _backends._forced(backend)
-        if forced == name:
-            raise ValueError(
-                f"gelu_tanh: x has dtype {x.dtype}; the {name!r} backend (forced by {source}) takes float32 or "
-                "float64 (leave the backend to the automatic choice for others)"
-            )
-        return "reference"
-    return name
+    return _backends.choose_for_dtype(_OP, x, backend, _C_DTYPES)
 
 
 def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None = None) -> torch.Tensor:

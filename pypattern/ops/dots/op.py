@@ -90,15 +90,8 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
             raise ValueError(
                 f"row_dots: g[{i}] is {t.dtype} on {t.device}, a is {a.dtype} on {a.device}; they must match"
             )
-    name = _backends.choose(_OP, a.device, backend)
-    if name == "cpp" and a.dtype not in _C_DTYPES:
-        forced, source = _backends._forced(backend)
-        if forced == "cpp":
-            raise ValueError(
-                f"row_dots: a has dtype {a.dtype}; the 'cpp' backend (forced by {source}) takes float32 or "
-                "float64 (leave the backend to the automatic choice for others)"
-            )
-        name = "reference"
+    # the CUDA registration (cuBLAS) takes every dtype bmm does; the C++ kernel float32 and float64
+    name = _backends.choose_for_dtype(_OP, a, backend, _C_DTYPES, kernels=("cpp",), arg="a")
     if name == "cpp":
         return _row_dots_c(_unit_last(a.detach()), [_unit_last(t.detach()) for t in g])
     if name == "cuda":
