@@ -18,7 +18,8 @@ perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` f
   with ``chi_c = chi (I - 1 1^T / N)``, each row centred: ``h`` then sums to 0, so the weights have mean 1 and the
   response predicted is the one a re-weighting applies (a uniform part of ``h`` is no re-weighting at all);
 * ``"constrained"``: weights ``w >= min_weight`` with ``mean(w) = 1`` exactly, minimising
-  ``|chi (w - 1)/N - d mu|^2 + alpha |w - 1|^2 / N`` (scipy's SLSQP), i.e. a real re-weighting of the data with
+  ``|chi (w - 1)/N - d mu|^2 + alpha |w - 1|^2 / N`` (solved through its dual in K + 1 variables, so N may be
+  in the millions), i.e. a real re-weighting of the data with
   minimal deviation from uniform. When the columns are groups of unequal size, ``fractions`` (each group's share
   of the data) makes the fixed total the data-weighted one, ``sum_j f_j w_j = sum_j f_j``: the re-weighted data
   then keep mean weight 1 without any rescaling afterwards (a rescaling would change the response from the one
@@ -96,6 +97,8 @@ def _as_2d(chi) -> np.ndarray:
         raise ValueError(f"chi must be (num_observables, num_data), got shape {chi.shape}")
     if chi.shape[1] == 0:
         raise ValueError("chi has no data columns: nothing to re-weight")
+    if chi.shape[0] == 0:
+        raise ValueError("chi has no observables (shape (0, N)): there is no response to move")
     if not np.isfinite(chi).all():
         raise ValueError("chi holds NaN or Inf")
     return chi
@@ -237,25 +240,16 @@ def _exact_total(w: np.ndarray, c: np.ndarray, lo: float, hi: float | None) -> n
 
 def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     """Weights in ``[lo, hi]`` with ``c @ w = c.sum()`` (``c`` scaled to sum N); returns ``h = (w - 1) / N``."""
-    from scipy.optimize import Bounds, LinearConstraint, minimize
-
     k, n = chi.shape
     if lo > 1 or (hi is not None and hi < 1):
         raise ValueError(f"the bounds [{lo}, {hi}] must contain the uniform weight 1")
     a = chi / n  # d mu = a @ (w - 1)
-    scale = 1.0 / max(float(tgt @ tgt), 1e-300)  # the solver's tolerances are absolute: make f of order 1
+    scale = 1.0 / max(float(tgt @ tgt), 1e-300)  # the objective of order 1, for the comparisons below
 
     def f(w):
         r = a @ (w - 1) - tgt
         d = w - 1
         return scale * float(r @ r + alpha * (d @ d) / n)
-
-    def g(w):
-        r = a @ (w - 1) - tgt
-        return scale * (2 * a.T @ r + 2 * alpha * (w - 1) / n)
-
-    def hess(w):
-        return scale * (2 * a.T @ a + (2 * alpha / n) * np.eye(n))
 
     if alpha == 0:
         # where the bounds do not bind, the answer is closed-form: the minimum-norm d with a @ d = tgt and c @ d = 0
@@ -274,20 +268,10 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
         size = float(np.abs(np.linalg.pinv(np.vstack([a, c[None, :]])) @ np.concatenate([tgt, [0.0]])).max())
     if not size > 0:
         return np.zeros(n)  # a zero target: the uniform weights
-    # the solver's step tolerances are absolute: it works on u = (w - 1) / size, of order 1 (a target whose answer
-    # moves the weights by 1e-6 was otherwise left far from its optimum, reported as converged)
-    hi_u = np.inf if hi is None else (hi - 1) / size
-    res = minimize(
-        lambda u: f(1 + size * u),
-        np.zeros(n),  # the uniform weights are feasible
-        jac=lambda u: size * g(1 + size * u),
-        hess=(lambda u: size * size * hess(1 + size * u)) if n > 2000 else None,
-        bounds=Bounds(np.full(n, (lo - 1) / size), np.full(n, hi_u)),
-        constraints=[LinearConstraint(c[None, :], 0.0, 0.0)],
-        method="SLSQP" if n <= 2000 else "trust-constr",
-        options={"maxiter": 1000, "ftol": 1e-14} if n <= 2000 else {"gtol": 1e-12},
+    d = _box_least_squares(
+        a, tgt, alpha / n, c, np.full(n, lo - 1.0), np.full(n, np.inf if hi is None else hi - 1.0)
     )
-    w = 1 + size * res.x
+    w = 1 + d
     if alpha == 0:
         # the response a @ (w - 1) nearest the target is unique (the objective is strictly convex in it), the
         # weights reaching it are not: among them, the ones nearest uniform (the smallest |w - 1|). Without the
@@ -299,6 +283,135 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
         if _within(cand, lo, hi) and f(cand) <= f(w) * (1 + 1e-9) + 1e-15 and d @ d < (w - 1) @ (w - 1):
             w = cand
     return (_exact_total(w, c, lo, hi) - 1) / n
+
+
+def _box_least_squares(a, t, mu, c, lo_d, hi_d) -> np.ndarray:
+    """``argmin_d |a d - t|^2 + mu |d|^2`` subject to ``lo_d <= d <= hi_d`` and ``c @ d = 0`` (``a (k, n)``, ``c``
+    positive, the bounds containing 0), by proximal steps: each adds ``rho |d - d_prev|^2``, with ``mu + rho``
+    large enough that each step's dual (:func:`_box_dual`) keeps its precision; without a penalty (``mu = 0``)
+    the steps converge to a minimiser reached from the uniform weights."""
+    k, n = a.shape
+    reach = float(np.abs(np.concatenate([lo_d, hi_d[np.isfinite(hi_d)]])).max(initial=1.0)) or 1.0
+    rows = np.sqrt(np.einsum("ij,ij->i", a, a))
+    # the dual's values grow like |t| / m: keep |a^T y| within 1e6 of the weights' range
+    need = (
+        1e-7 * float(rows.max(initial=0.0)) ** 2
+        + 1e-6 * float(rows.max(initial=0.0) * np.abs(t).max()) / reach
+    )
+    rho = max(0.0, need - mu)
+    m = mu + rho
+    d = np.zeros(n)
+    y = np.zeros(k)
+    best = np.inf
+    for _ in range(1 if rho == 0 else 500):
+        s = (rho / m) * d  # the step's centre: m |d - s|^2 / 2 is its penalty, up to a constant
+        extent = np.abs(t) + np.abs(a) @ np.abs(s)
+        e, y = _box_dual(a, t - a @ s, m, c, lo_d - s, hi_d - s, y, extent)
+        d_new = e + s
+        r = a @ d_new - t
+        obj = float(r @ r + mu * (d_new @ d_new))
+        d = d_new
+        if obj >= best * (1 - 1e-12):
+            break  # the objective has stopped falling (where the bounds bind, d itself converges more slowly)
+        best = obj
+    return d
+
+
+def _total_root(u, c, lo, hi) -> float:
+    """The ``lam`` with ``c @ clip(-(u + c lam), lo, hi) = 0`` (``c > 0``, ``lo <= 0 <= hi``): the sum falls
+    piecewise linearly in ``lam``; its breakpoints are searched by bisection and the piece holding the root solved
+    exactly."""
+
+    def total(lam):
+        return float(c @ np.clip(-(u + c * lam), lo, hi))
+
+    finite = np.isfinite(hi)
+    points = np.unique(np.concatenate([(-u - lo) / c, (-u[finite] - hi[finite]) / c[finite]]))
+    # the number of breakpoints where the sum is still positive
+    left, right = 0, len(points)
+    while left < right:
+        mid = (left + right) // 2
+        if total(points[mid]) > 0:
+            left = mid + 1
+        else:
+            right = mid
+    below = points[left - 1] if left > 0 else -np.inf
+    above = points[left] if left < len(points) else np.inf
+    if np.isfinite(above):
+        anchor, inside = above, (above - 1.0 if not np.isfinite(below) else 0.5 * (below + above))
+    else:
+        anchor, inside = below, below + 1.0
+    value = total(anchor)
+    if value == 0:
+        return float(anchor)
+    d = -(u + c * inside)
+    free = (d > lo) & (d < hi)
+    slope = -float(c[free] @ c[free])
+    return float(anchor - value / slope) if slope < 0 else float(anchor)
+
+
+def _box_dual(a, t, m, c, lo_d, hi_d, y, extent, max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """``argmin_d |a d - t|^2 + m |d|^2`` subject to ``lo_d <= d <= hi_d`` and ``c @ d = 0`` (``a (k, n)``,
+    ``m > 0``), and the dual variables ``y`` it ends at (``y`` in: the start; ``extent`` (k,): the scale of the
+    whole problem's values, for the tolerances).
+
+    Solved through its dual in ``k`` variables ``y``: ``d(y) = clip(-(a^T y + c lam), lo_d, hi_d)`` with ``lam``
+    the root keeping ``c @ d = 0`` (:func:`_total_root`), and ``y`` maximises the strongly concave, piecewise
+    quadratic ``G(y) = -m |y|^2 / 2 - y @ t + sum_i (d_i^2 / 2 + d_i (a^T y + c lam)_i)``, whose gradient
+    ``a d - t - m y`` is the primal's residual. Newton steps over the weights not at a bound, with a line search on
+    ``G``, stop when that residual is at rounding level: each costs ``O(n k^2 + n log n)``; no ``n x n`` matrix is
+    formed."""
+    k, n = a.shape
+
+    def primal(y):
+        u = a.T @ y
+        lam = _total_root(u, c, lo_d, hi_d)
+        return np.clip(-(u + c * lam), lo_d, hi_d), u + c * lam
+
+    def value(y, d, s):
+        return float(-0.5 * m * (y @ y) - y @ t + 0.5 * (d @ d) + s @ d)
+
+    def tolerance(y, d, s, free, rel):
+        # the residual's own rounding: a free d_i is a difference of terms of size |a|^T |y| + c |lam|
+        noise = (
+            8
+            * np.finfo(np.float64).eps
+            * (np.abs(a[:, free]) @ (np.abs(a[:, free]).T @ np.abs(y) + np.abs(s[free])))
+        )
+        return rel * (extent + np.abs(t) + np.abs(a) @ np.abs(d) + m * np.abs(y)) + noise + 1e-300
+
+    d, s = primal(y)
+    g_now = value(y, d, s)
+    for _ in range(max_iter):
+        grad = a @ d - t - m * y
+        free = (d > lo_d) & (d < hi_d)
+        if (np.abs(grad) <= tolerance(y, d, s, free, 1e-12)).all():
+            return d, y
+        af, cf = a[:, free], c[free]
+        hess = m * np.eye(k) + af @ af.T
+        if cf.size:
+            ac = af @ cf
+            hess -= np.outer(ac, ac) / float(cf @ cf)  # lam follows y, keeping the total
+        step = np.linalg.solve(hess, grad)  # an ascent direction: hess is positive definite
+        slope = float(step @ grad)
+        frac = 1.0
+        while frac > 1e-20:
+            y_new = y + frac * step
+            d_new, s_new = primal(y_new)
+            g_new = value(y_new, d_new, s_new)
+            if g_new >= g_now + 1e-4 * frac * slope:
+                break
+            frac *= 0.25
+        else:
+            break  # no ascent left at rounding level: judged by the residual below
+        y, d, s, g_now = y_new, d_new, s_new, g_new
+    grad = a @ d - t - m * y
+    if (np.abs(grad) <= tolerance(y, d, s, (d > lo_d) & (d < hi_d), 1e-8)).all():
+        return d, y
+    raise RuntimeError(
+        f"method='constrained' did not converge in {max_iter} Newton steps on its dual (n = {n}, residual "
+        f"{np.abs(grad).max():.3g})"
+    )
 
 
 def direction_target(direction, amount: float) -> np.ndarray:

@@ -263,3 +263,80 @@ def test_inputs_that_track_gradients_huge_weights_and_nan_directions():
         with pytest.raises(ValueError, match="must be finite"):
             direction_target(direction, amount)
     assert np.allclose(direction_target(torch.tensor([3.0, 4.0], requires_grad=True), 5.0), [3.0, 4.0])
+
+
+def _kkt_gap(chi, tgt, alpha, lo, hi, w, c=None):
+    """How far weights are from optimal for method='constrained', by the KKT conditions (an independent
+    certificate): some multiplier ``lam`` of the fixed total must make ``grad + lam c`` vanish on the weights
+    inside the bounds and point inward at each bound; the answer is the gap between the largest lower limit on
+    ``lam`` and the smallest upper one, relative to the gradient's size (0: optimal)."""
+    n = chi.shape[1]
+    a = chi / n
+    c = np.ones(n) if c is None else c * n / c.sum()
+    ratio = -(2 * a.T @ (a @ (w - 1) - tgt) + 2 * alpha * (w - 1) / n) / c
+    at_lo = w <= lo + 1e-7
+    at_hi = np.zeros(n, bool) if hi is None else w >= hi - 1e-7
+    free = ~at_lo & ~at_hi
+    lower = max(ratio[at_lo].max(initial=-np.inf), ratio[free].max(initial=-np.inf))  # lam >= these
+    upper = min(ratio[at_hi].min(initial=np.inf), ratio[free].min(initial=np.inf))  # lam <= these
+    return max(0.0, lower - upper) / float(np.abs(ratio).max())
+
+
+def test_constrained_with_binding_bounds_matches_an_independent_solver():
+    """Targets far beyond what the bounds allow, on random systems of every scale: the objective equals scipy's
+    SLSQP on the same problem (to 1e-9), the bounds and the fixed total hold exactly."""
+    from scipy.optimize import Bounds, LinearConstraint, minimize
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        k, n = int(rng.integers(1, 5)), int(rng.integers(3, 50))
+        chi = rng.normal(size=(k, n)) * 10 ** rng.uniform(-3, 3)
+        alpha = [0.0, 1e-3, 1.0][trial % 3]
+        lo, hi = float(rng.choice([0.0, 0.5])), [None, 1.5, 3.0][trial % 3 if trial % 2 else 0]
+        c = rng.uniform(0.5, 2, n) if trial % 4 == 0 else None
+        cw = np.ones(n) if c is None else c * n / c.sum()
+        tgt = chi @ rng.normal(size=n) / n * rng.choice([0.1, 10, 100])
+        w = invert(
+            chi, tgt, method="constrained", alpha=alpha, min_weight=lo, max_weight=hi, fractions=c
+        ).weights
+        a, s = chi / n, 1 / float(tgt @ tgt)
+
+        def f(v, a=a, tgt=tgt, s=s, alpha=alpha, n=n):
+            return s * (np.sum((a @ (v - 1) - tgt) ** 2) + alpha * np.sum((v - 1) ** 2) / n)
+
+        ref = minimize(
+            f,
+            np.ones(n),
+            jac=lambda v, a=a, tgt=tgt, s=s, alpha=alpha, n=n: (
+                s * (2 * a.T @ (a @ (v - 1) - tgt) + 2 * alpha * (v - 1) / n)
+            ),
+            bounds=Bounds(np.full(n, lo), np.full(n, np.inf if hi is None else hi)),
+            constraints=[LinearConstraint(cw[None], n, n)],
+            method="SLSQP",
+            options=dict(maxiter=2000, ftol=1e-15),
+        )
+        assert f(w) <= f(ref.x) + 1e-9, (trial, f(w), f(ref.x))
+        assert w.min() >= lo and (hi is None or w.max() <= hi)
+        assert abs(cw @ w - n) <= 1e-9 * n
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_constrained_on_many_samples_with_a_binding_bound_is_optimal(alpha):
+    """Tens of thousands of samples with a max_weight that binds (the target is far out of reach): the answer is
+    optimal by the KKT conditions, within the bounds, with mean weight 1 (no n x n matrix is formed)."""
+    rng = np.random.default_rng(0)
+    n = 30_000
+    chi = rng.normal(size=(3, n))
+    tgt = np.array([5.0, -3.0, 2.0])
+    iv = invert(chi, tgt, method="constrained", max_weight=2.0, alpha=alpha)
+    w = iv.weights
+    assert w.min() >= 0 and w.max() <= 2.0
+    assert abs(w.mean() - 1) < 1e-12
+    assert (w == 2.0).sum() > n // 10 and (w == 0).sum() > n // 10  # the bounds bind
+    assert _kkt_gap(chi, tgt, alpha, 0.0, 2.0, w) < 1e-6
+    assert 0.5 < iv.residual < 1  # out of reach, but moved toward it
+
+
+def test_invert_refuses_chi_without_observables():
+    with pytest.raises(ValueError, match="no observables"):
+        invert(np.zeros((0, 5)), np.zeros(0))
