@@ -435,3 +435,34 @@ def test_edges_refuse_a_seq_len_without_positions(setup):
         edges(model, seq_len=5)
     with pytest.raises(TypeError, match="per_position='yes' is not valid"):
         edges(model, per_position="yes")
+
+
+def test_faithfulness_with_a_gap_at_rounding_level_warns():
+    """Corrupted prompts that move the metric by a rounding-level amount make every faithfulness value mostly
+    rounding: a warning that says so (the values are still returned)."""
+    import warnings
+
+    from pypattern.circuits import edges, faithfulness
+    from pypattern.models import Transformer, TransformerConfig
+
+    model = Transformer(
+        TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=9, n_ctx=5, dtype=torch.float64)
+    )
+    x = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[0, 0] = (x[0, 0] + 1) % 9  # moves the metric a little
+
+    def metric(logits):  # a large constant plus a tiny multiple of a logit: a gap of about 1e-9 of the metric
+        return 1e3 + 1e-6 * logits[..., 1]
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        f = faithfulness(model, torch.ones(len(edges(model)), dtype=torch.bool), x, y, metric=metric)
+    assert math.isfinite(float(f))
+    assert any("gap at rounding level" in str(w.message) for w in seen)
+    with warnings.catch_warnings(record=True) as seen:  # a real gap: no warning
+        warnings.simplefilter("always")
+        faithfulness(
+            model, torch.ones(len(edges(model)), dtype=torch.bool), x, y, metric=lambda lg: lg[..., 1]
+        )
+    assert not any("rounding level" in str(w.message) for w in seen)

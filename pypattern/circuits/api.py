@@ -447,6 +447,16 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     den = full - empty
     if float(abs(den)) > 0:
+        scale = max(float(abs(full)), float(abs(empty)))
+        if float(abs(den)) <= 1e-6 * scale:
+            warnings.warn(
+                f"faithfulness divides by a gap at rounding level: the metric's batch mean is {float(full):.9g} "
+                f"with no edge patched and {float(empty):.9g} with every edge patched (a difference of "
+                f"{float(abs(den)) / scale:.2g} of its size), so the values returned are mostly rounding; choose "
+                "prompts or an ablation that move the metric",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return (vals - empty) / den
     warnings.warn(
         f"faithfulness is undefined here: the metric's batch mean is the same ({float(full):.6g}) with every edge "
