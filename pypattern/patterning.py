@@ -243,6 +243,12 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     k, n = chi.shape
     if lo > 1 or (hi is not None and hi < 1):
         raise ValueError(f"the bounds [{lo}, {hi}] must contain the uniform weight 1")
+    # in chi's units: chi and the target divided by its size and the penalty by its square give the same weights
+    size = float(np.abs(chi).max())
+    if size > 0:
+        chi, tgt, alpha = chi / size, tgt / size, alpha / size / size
+        if np.isinf(alpha):
+            return np.zeros(n)  # the penalty outweighs any response: the uniform weights
     a = chi / n  # d mu = a @ (w - 1)
     scale = 1.0 / max(float(tgt @ tgt), 1e-300)  # the objective of order 1, for the comparisons below
 
@@ -399,7 +405,8 @@ def _box_dual(a, t, m, c, lo_d, hi_d, y, extent, max_iter: int = 200) -> tuple[n
             y_new = y + frac * step
             d_new, s_new = primal(y_new)
             g_new = value(y_new, d_new, s_new)
-            if g_new >= g_now + 1e-4 * frac * slope:
+            # (a full step whose predicted gain is below G's rounding is taken: its value cannot judge it)
+            if g_new >= g_now + 1e-4 * frac * slope or (frac == 1.0 and slope <= 1e-13 * abs(g_now)):
                 break
             frac *= 0.25
         else:

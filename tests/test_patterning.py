@@ -340,3 +340,20 @@ def test_constrained_on_many_samples_with_a_binding_bound_is_optimal(alpha):
 def test_invert_refuses_chi_without_observables():
     with pytest.raises(ValueError, match="no observables"):
         invert(np.zeros((0, 5)), np.zeros(0))
+
+
+def test_constrained_is_invariant_to_the_units_of_chi_and_handles_more_observables_than_data():
+    """chi in other units (chi and the target times s, the penalty times s^2) gives the same weights, from 1e-150
+    to 1e150; more observables than data points with a tiny penalty converges."""
+    rng = np.random.default_rng(0)
+    chi, t = rng.normal(size=(3, 300)), np.array([3.0, -2.0, 1.0])
+    for alpha in (0.0, 0.3):
+        w = invert(chi, t, method="constrained", alpha=alpha, max_weight=2.0).weights
+        for s in (1e-150, 1e-4, 1e3, 1e150):
+            ws = invert(chi * s, t * s, method="constrained", alpha=alpha * s * s, max_weight=2.0).weights
+            np.testing.assert_allclose(ws, w, atol=1e-9)
+    chi, t = rng.normal(size=(8, 3)), rng.normal(size=8)
+    for alpha in (0.0, 1e-8, 1.0):
+        iv = invert(chi, t, method="constrained", alpha=alpha)
+        assert iv.weights.min() >= 0 and abs(iv.weights.mean() - 1) < 1e-12
+        assert _kkt_gap(chi, t, alpha, 0.0, None, iv.weights) < 1e-6
