@@ -94,7 +94,7 @@ _CONVERTERS = {name: fam.convert for fam in _FAMILIES for name in fam.CLASSES}
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(_CONVERTERS)
 
 
-def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transformer:
+def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool = True) -> Transformer:
     """Convert a Hugging Face causal LM (or a TransformerLens model) exactly.
 
     Parameters
@@ -105,6 +105,12 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
         is, processed weights and all; see :mod:`.hooked_transformer` for what is refused).
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
+    verify : bool
+        Run both models on a few tokens and refuse the conversion when their logits differ by more than rounding
+        (default). The converters read the configuration and the modules the way the Hugging Face classes build
+        them; a model changed after it was built (a module swapped, a module's attribute or ``model.config``
+        edited) can differ from what they read, and the check catches that. ``False`` skips the one forward of
+        each model.
 
     Returns
     -------
@@ -117,8 +123,11 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     Raises
     ------
     UnsupportedModelError
-        For an unknown class or a configuration option the conversion would not reproduce exactly.
+        For an unknown class or a configuration option the conversion would not reproduce exactly, a module
+        that is not the one the class builds, or (``verify``) logits that differ from the model's own.
     """
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify={verify!r} is not valid; give True or False")
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
     if is_hooked_transformer(model):
@@ -141,14 +150,80 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None) -> Transforme
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
     with torch.no_grad():
-        cfg, weights = _CONVERTERS[name](model)
+        try:
+            cfg, weights = _CONVERTERS[name](model)
+        except AttributeError as e:  # a module replaced by one without the attributes the layout reads
+            raise UnsupportedModelError(
+                f"model class {name!r}: a module lacks what this class's layout reads ({e}); a module replaced "
+                "after the model was built is not converted"
+            ) from None
         # nn.Embedding's padding_idx: no gradient into that row from the lookup (the forward is unchanged)
         pad = getattr(model.get_input_embeddings(), "padding_idx", None)
         cfg["padding_idx"] = None if pad is None else int(pad)
         source = {"class": name, "model_type": getattr(model.config, "model_type", None)}
         out = build(cfg, weights, out_dtype, source)
     dev = next(model.parameters()).device
-    return out.to(dev)
+    out = out.to(dev)
+    if verify:
+        _verify(model, out, name)
+    return out
+
+
+# relative logits differences beyond rounding, by the coarser of the two models' dtypes (the conversion is tested
+# to 1e-10 in float64 and 1e-4 in float32; a misread option moves the logits by 1e-3 to 1)
+_VERIFY_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+_VERIFY_TOL_16BIT = 5e-2
+
+
+def _verify(hf: nn.Module, out: Transformer, name: str, n_tokens: int = 8) -> None:
+    """Refuse ``out`` when its logits on a few tokens differ from the Hugging Face model's own forward by more
+    than rounding (:data:`_VERIFY_TOL`). The model runs in ``eval()`` mode (its modes are put back) without
+    gradients; a model whose own forward fails here (an attention implementation this device cannot run) is
+    not checked, with a warning."""
+    import warnings
+
+    vocab = out.cfg.d_vocab
+    T = max(1, min(n_tokens, out.cfg.n_ctx))
+    dev = next(out.parameters()).device
+    tokens = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(dev)
+    modes = {m: m.training for m in hf.modules()}
+    try:
+        hf.eval()
+        with torch.no_grad():
+            try:
+                ref = hf(input_ids=tokens, use_cache=False).logits
+            except Exception as e:  # the model's own forward, not the conversion
+                warnings.warn(
+                    f"from_hf could not run the {name} model's own forward to check the conversion "
+                    f"({type(e).__name__}: {e}); the converted model was not checked against it",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
+            mine = out(tokens)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    ref, mine = ref.detach().to(torch.float64), mine.detach().to(torch.float64)
+    if ref.shape != mine.shape:
+        raise UnsupportedModelError(
+            f"model class {name!r}: the converted model's logits have shape {tuple(mine.shape)}, the model's own "
+            f"{tuple(ref.shape)}"
+        )
+    dts = (model_dtype(hf), next(out.parameters()).dtype)
+    tol = max(_VERIFY_TOL.get(d, _VERIFY_TOL_16BIT) for d in dts)
+    if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        tol = max(tol, 1e-2)  # TF32 products round to 10 bits
+    scale = float(ref.abs().max())
+    err = float((mine - ref).abs().max()) / scale if scale > 0 else float((mine - ref).abs().max())
+    if not err <= tol:  # NaN included
+        raise UnsupportedModelError(
+            f"model class {name!r}: the converted model's logits differ from the model's own by {err:.3g} (relative "
+            f"to their largest; rounding would be below {tol:g}): the model differs from what its configuration "
+            "builds (a module swapped, a module's attribute or model.config edited after it was built?), which the "
+            "converter cannot see. Build the model from its configuration, or pass verify=False to convert it as "
+            "the configuration describes it"
+        )
 
 
 def converted_if_convertible(model: Any) -> Any:
@@ -277,6 +352,11 @@ def from_pretrained(
     except Exception as e:  # a damaged or truncated weights file: transformers' or safetensors' own error
         if isinstance(e, UnsupportedModelError | ImportError):
             raise
+        if attn_implementation is not None and "attn_implementation" in str(e):
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not valid here ({type(e).__name__}: {e}); give "
+                "'eager' or 'sdpa' (or leave it to transformers' choice)"
+            ) from e
         raise ValueError(
             f"path={path!r}: its checkpoint could not be loaded ({type(e).__name__}: {e}); give a complete, "
             "undamaged save_pretrained directory"

@@ -1,0 +1,97 @@
+"""from_hf checks the converted model against the Hugging Face model's own forward: a model changed after it was
+built (a module swapped, a module's attribute or model.config edited) is refused instead of converted as its
+configuration describes it."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from pypattern import from_hf, from_pretrained  # noqa: E402
+from pypattern.models.convert import UnsupportedModelError  # noqa: E402
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=61, n_positions=16)
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+def _neox():
+    cfg = transformers.GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48, vocab_size=61
+    )
+    return transformers.GPTNeoXForCausalLM(cfg).double().eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48, vocab_size=61
+    )
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def _edit_gpt2_scaling(m):
+    for b in m.transformer.h:
+        b.attn.scaling = 0.1
+
+
+def _edit_neox_layer_scaling(m):
+    m.gpt_neox.layers[1].attention.scaling = 0.1
+
+
+def _edit_llama_act(m):
+    for layer in m.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+
+
+def _edit_neox_config(m):
+    m.config.use_parallel_residual = not m.config.use_parallel_residual
+
+
+@pytest.mark.parametrize(
+    "make, edit",
+    [
+        (_gpt2, _edit_gpt2_scaling),
+        (_neox, _edit_neox_layer_scaling),
+        (_llama, _edit_llama_act),
+        (_neox, _edit_neox_config),
+    ],
+    ids=["gpt2-attn-scaling", "neox-one-layer-scaling", "llama-activation-swapped", "neox-config-edited"],
+)
+def test_a_model_changed_after_it_was_built_is_refused(make, edit):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randint(0, 61, (2, 9))
+    assert (from_hf(model)(x) - model(x).logits).abs().max() < 1e-10  # as built: converted exactly
+    edit(model)
+    with pytest.raises(UnsupportedModelError, match="differ from the model's own"):
+        from_hf(model)
+    # verify=False converts it as its configuration describes it (the old behaviour, on request)
+    assert from_hf(model, verify=False).cfg.n_layers == 2
+
+
+def test_the_check_leaves_the_models_modes_and_a_replaced_norm_gets_a_clear_error():
+    model = _gpt2().train()
+    with pytest.warns(UserWarning, match="train\\(\\) mode"):
+        from_hf(model)
+    assert all(m.training for m in model.modules())  # its modes are put back
+    llama = _llama()
+    llama.model.norm = torch.nn.LayerNorm(32).double()
+    with pytest.raises(UnsupportedModelError, match="a module lacks what this class's layout reads"):
+        from_hf(llama)
+    with pytest.raises(TypeError, match="verify="):
+        from_hf(_gpt2(), verify="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_check_passes_conversions_in_other_dtypes(dtype):
+    model = _llama().to(dtype)
+    out = from_hf(model)
+    assert next(out.parameters()).dtype == dtype
+    assert next(from_hf(model, dtype=torch.float64).parameters()).dtype == torch.float64
+
+
+def test_from_pretrained_names_a_bad_attention_implementation(tmp_path):
+    _llama().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attn_implementation='flash' is not valid"):
+        from_pretrained(tmp_path, attn_implementation="flash")
