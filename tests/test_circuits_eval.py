@@ -466,3 +466,74 @@ def test_faithfulness_with_a_gap_at_rounding_level_warns():
             model, torch.ones(len(edges(model)), dtype=torch.bool), x, y, metric=lambda lg: lg[..., 1]
         )
     assert not any("rounding level" in str(w.message) for w in seen)
+
+
+def test_exact_scores_resume_from_a_checkpoint_and_refuse_another_run(tmp_path, monkeypatch):
+    """Exact scoring written to a checkpoint as it goes: a call stopped part-way resumes where it stopped and gives
+    the uninterrupted scores; a finished file returns them without running; a call with other prompts, metric or
+    weights is refused, naming what differs."""
+    from pypattern import io
+    from pypattern.circuits import api, edge_attribution
+    from pypattern.circuits.engine import EdgeEngine
+    from pypattern.models import Transformer, TransformerConfig
+    from pypattern.patching import LogitDiff
+
+    model = Transformer(
+        TransformerConfig(
+            n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=20, n_ctx=8, dtype=torch.float64
+        )
+    )
+    g = torch.Generator().manual_seed(0)
+    clean, corr = torch.randint(0, 20, (3, 6), generator=g), torch.randint(0, 20, (3, 6), generator=g)
+    metric = LogitDiff([1, 2, 3], [4, 5, 6])
+    kw = dict(metric=metric, method="exact", max_batch=7, quiet=True)
+    ref = edge_attribution(model, clean, corr, **kw)
+    path = str(tmp_path / "exact.npz")
+    monkeypatch.setattr(api, "_CHECKPOINT_EVERY_S", 0.0)
+    real_run, calls = EdgeEngine.run, {"n": 0}
+
+    def stopping_run(self, masks):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_run(self, masks)
+
+    monkeypatch.setattr(EdgeEngine, "run", stopping_run)
+    with pytest.raises(KeyboardInterrupt):
+        edge_attribution(model, clean, corr, checkpoint=path, **kw)
+    _, meta = io.load(path, kind="ExactEdgeScoresCheckpoint")
+    assert 0 < meta["done"] < len(ref.graph)
+    calls["n"] = -(10**9)  # no more stops
+    resumed = edge_attribution(model, clean, corr, checkpoint=path, **kw)
+    torch.testing.assert_close(resumed.values, ref.values, rtol=0, atol=1e-12)
+    monkeypatch.setattr(
+        EdgeEngine, "run", lambda self, masks: pytest.fail("a finished checkpoint runs nothing")
+    )
+    again = edge_attribution(model, clean, corr, checkpoint=path, **kw)
+    torch.testing.assert_close(again.values, ref.values, rtol=0, atol=1e-12)
+    monkeypatch.setattr(EdgeEngine, "run", real_run)
+    with pytest.raises(io.FingerprintMismatch, match="corrupted"):
+        edge_attribution(model, clean, corr.flip(0), checkpoint=path, **kw)
+    with pytest.raises(io.FingerprintMismatch, match="metric"):
+        edge_attribution(
+            model, clean, corr, checkpoint=path, **{**kw, "metric": LogitDiff([1, 2, 3], [4, 5, 7])}
+        )
+    with torch.no_grad():
+        model.blocks[0].attn.W_Q.add_(1e-3)
+    with pytest.raises(io.FingerprintMismatch, match="weights"):
+        edge_attribution(model, clean, corr, checkpoint=path, **kw)
+    with pytest.raises(ValueError, match="checkpoint= applies to method='exact' only"):
+        edge_attribution(model, clean, corr, metric=metric, method="eap", checkpoint=path)
+    with pytest.raises(TypeError, match="quiet="):
+        edge_attribution(model, clean, corr, metric=metric, method="exact", quiet=1)
+
+
+def test_acdc_refuses_a_quiet_that_is_not_a_bool():
+    from pypattern.circuits import acdc
+    from pypattern.models import Transformer, TransformerConfig
+    from pypattern.patching import LogitDiff
+
+    model = Transformer(TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_vocab=9, n_ctx=5))
+    x = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="quiet="):
+        acdc(model, x, x.flip(0), metric=LogitDiff([1, 2], [3, 4]), threshold=0.1, quiet="no")

@@ -15,7 +15,10 @@ Conventions (see :mod:`pypattern.circuits.engine` for the definitions):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -301,6 +304,8 @@ def edge_attribution(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    quiet: bool = False,
+    checkpoint: str | None = None,
 ) -> EdgeScores:
     """Score every edge by the change of ``metric`` when that edge alone is patched.
 
@@ -320,6 +325,14 @@ def edge_attribution(
         As in :func:`patch_edges`; the score estimates ``M(patched) - M(base)``.
     per_position : bool
         Score each edge at each position (a per-position graph over the prompts' length).
+    quiet : bool
+        ``"exact"``: no progress bar (by default one counts the edges scored, shown once a call has run for two
+        seconds: all the edges of a GPT-2-small-sized model take hours on a CPU).
+    checkpoint : str, optional
+        ``"exact"`` only: a file the scores so far are written to as they are computed (atomically, no pickle),
+        from which a call with the same model weights, prompts, metric, graph, mode and ablation resumes; a call
+        that differs in any of them is refused (:class:`pypattern.io.FingerprintMismatch` naming what differs).
+        The finished scores stay in it: the same call again returns them at once.
 
     Returns
     -------
@@ -339,6 +352,16 @@ def edge_attribution(
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
+    if not isinstance(quiet, bool):
+        raise TypeError(f"quiet={quiet!r} is not valid; give True or False")
+    if checkpoint is not None:
+        if method != "exact":
+            raise ValueError(
+                f"checkpoint= applies to method='exact' only (method={method!r} is one pass or a few: nothing to "
+                "resume)"
+            )
+        if not isinstance(checkpoint, str | os.PathLike):
+            raise TypeError(f"checkpoint={checkpoint!r} is not valid; give a file path")
     T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
@@ -356,9 +379,9 @@ def edge_attribution(
     )
     passes = 0
     if method == "exact":
-        eye = torch.eye(len(graph), dtype=torch.bool)
-        vals = engine.run(eye) - engine.base_metric()[None]
-        values = vals.T.contiguous()
+        values = _exact_scores(
+            engine, graph, model, clean, corrupted, metric, mode, ablation, quiet, checkpoint
+        )
         passes = None
     else:
         e_base = engine.base_embed
@@ -406,6 +429,78 @@ def edge_attribution(
             "passes": passes,
         },
     )
+
+
+#: seconds between two writes of an exact scoring's checkpoint (and one at the end)
+_CHECKPOINT_EVERY_S = 30.0
+
+
+def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation, quiet, checkpoint):
+    """Each edge patched alone, ``(batch, E)``: the edges in blocks of whole engine batches, with a progress bar
+    and (``checkpoint``) the scores so far written after each block and read back by a call of the same run."""
+    from .. import io
+
+    E = len(graph)
+    base = engine.base_metric()
+    block = max(1, engine.chunk_size())  # one engine batch per run call
+    values = torch.empty(engine.B, E, dtype=base.dtype)
+    done = 0
+    fp = None
+    if checkpoint is not None:
+        fp = io.fingerprint(
+            kind="exact edge scores",
+            mode=mode,
+            ablation=ablation,
+            nodes=hashlib.sha256("\n".join([*graph.src_names, "", *graph.dst_names]).encode()).hexdigest(),
+            edges=[graph.src_idx, graph.dst_idx, graph.pos_idx],
+            clean=clean,
+            corrupted=corrupted,
+            metric=metric,
+            **{f"weights[{n}]": t for n, t in model.state_dict().items()},
+            base_metric=base,  # what the metric gives on the base run: a metric changed in a way its name hides
+        )
+        if os.path.exists(checkpoint):
+            arrays, meta = io.load(checkpoint, kind="ExactEdgeScoresCheckpoint")
+            io.check_fingerprint(meta.get("fingerprint"), fp, checkpoint)
+            done = int(meta.get("done", -1))
+            got = arrays.get("values")
+            if not (0 <= done <= E) or got is None or tuple(got.shape) != (engine.B, done):
+                raise io.FormatError(f"{os.fspath(checkpoint)!r} holds no consistent partial scores")
+            values[:, :done] = torch.from_numpy(got).to(values.dtype)
+    bar = None
+    if not quiet and done < E:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=E, initial=done, desc="exact edge scores", unit="edge", delay=2.0, leave=False)
+    saved = time.perf_counter()
+    with _closing(bar):
+        while done < E:
+            stop = min(E, done + block)
+            masks = torch.zeros(stop - done, E, dtype=torch.bool)
+            masks[torch.arange(stop - done), torch.arange(done, stop)] = True
+            values[:, done:stop] = (engine.run(masks) - base[None]).T
+            done = stop
+            if checkpoint is not None and (done == E or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S):
+                saved = time.perf_counter()
+                io.save(
+                    checkpoint,
+                    {"values": _widen(values[:, :done]).numpy()},
+                    {"fingerprint": fp, "done": done},
+                    kind="ExactEdgeScoresCheckpoint",
+                )
+            if bar is not None:
+                bar.update(stop - bar.n)
+    return values
+
+
+@contextlib.contextmanager
+def _closing(bar):
+    """Close a progress bar (or None) when the block ends, however it ends."""
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _ig_chunk(engine: EdgeEngine, steps: int) -> int:
@@ -700,6 +795,7 @@ def acdc(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    quiet: bool = False,
 ) -> Circuit:
     """ACDC-style greedy pruning (Conmy et al. 2023).
 
@@ -734,6 +830,9 @@ def acdc(
     per_position : bool
         Prune a per-position graph over the prompts' length (or give ``graph=edges(model, per_position=True,
         seq_len=T)``).
+    quiet : bool
+        No progress bar (by default one counts the destination inputs visited, shown once a call has run for
+        two seconds).
 
     Returns
     -------
@@ -746,6 +845,8 @@ def acdc(
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
     threshold = float(threshold)
+    if not isinstance(quiet, bool):
+        raise TypeError(f"quiet={quiet!r} is not valid; give True or False")
     T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
@@ -766,7 +867,15 @@ def acdc(
     def evaluate(circ: torch.Tensor) -> torch.Tensor:
         return engine.run(_circuit_to_patch(circ, mode)).mean(1)
 
-    with engine.fixed_weights():  # one block for every test: layouts and packed weights made once
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=graph.n_dst, desc="ACDC", unit="input", delay=2.0, leave=False)
+    with (
+        engine.fixed_weights(),
+        _closing(bar),
+    ):  # one block for every test: layouts and packed weights made once
         ends = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
         m_full, m_empty = float(ends[0]), float(ends[1])
         m_cur = m_full
@@ -798,6 +907,8 @@ def acdc(
                         removed_at = i
                         break
                 remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
+            if bar is not None:
+                bar.update(1)
     m3 = torch.tensor([m_cur, m_full, m_empty], dtype=torch.float64)
     f = float(_faith(m3[0], m3[1], m3[2]))  # NaN, with a warning, where undefined
     return Circuit(
