@@ -63,11 +63,16 @@ def _features(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
     if math.prod(x.shape[1:]) == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
-    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    x = x.detach().reshape(x.shape[0], -1).to(torch.float64)
     if x.shape[0] < 3:
         raise ValueError(f"{name} has {x.shape[0]} samples; CCA needs at least 3")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf)")
+    size = float(x.abs().max())
+    if (
+        size > 0
+    ):  # the measures are scale-invariant: scaled to 1, scatter matrices neither overflow nor underflow
+        x = x / size
     return x, eps
 
 
@@ -95,6 +100,10 @@ class _Side:
             raise ValueError(f"{name} is constant over the samples: CCA is undefined")
         n, p = x.shape
         self.xc = x - x.mean(0)
+        # a column constant over the samples centres to rounding noise, not zeros: zeroed (it carries no direction)
+        flat = self.xc.norm(dim=0) <= n * eps_in * x.abs().max(0).values
+        if bool(flat.any()):
+            self.xc[:, flat] = 0.0
         u, well = None, False
         if p <= n:  # well-conditioned data (the common case): from the p x p scatter matrix, about 3x faster
             e, v = torch.linalg.eigh(self.xc.T @ self.xc)

@@ -139,10 +139,14 @@ def u_center(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """U-centring of a symmetric Gram matrix ``(n, n)``, ``n >= 4``: zero diagonal, and off the diagonal
     ``K_ij - r_i / (n - 2) - r_j / (n - 2) + s / ((n - 1)(n - 2))`` with ``r`` the row sums and ``s`` the total of
     ``K`` with its diagonal zeroed. ``<u_center(K), u_center(L)> / (n (n - 3))`` is the unbiased HSIC.
-    ``inplace=True`` overwrites ``k``."""
+    ``inplace=True`` overwrites ``k`` (a floating tensor)."""
+    if inplace and not (isinstance(k, torch.Tensor) and k.is_floating_point()):
+        raise TypeError(
+            f"u_center(inplace=True) overwrites k: give a floating torch.Tensor, got {type(k).__name__}"
+            + (f" of dtype {k.dtype}" if isinstance(k, torch.Tensor) else "")
+        )
+    k = _gram(k, "k", keep=inplace)
     n = k.shape[0]
-    if k.dim() != 2 or k.shape[1] != n:
-        raise ValueError(f"k must be a square (n, n) Gram matrix, got shape {tuple(k.shape)}")
     if n < 4:
         raise ValueError(f"U-centring needs n >= 4 samples, got {n}")
     if not inplace:
@@ -157,6 +161,32 @@ def u_center(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     return k
 
 
+def _gram(g, name: str, keep: bool = False) -> torch.Tensor:
+    """A Gram matrix argument checked: a square, real, finite, symmetric (to 1e-6 of its largest entry) tensor or
+    array, read detached; in float64 unless ``keep`` (u_center's in-place form keeps the caller's tensor)."""
+    if isinstance(g, np.ndarray):
+        g = torch.from_numpy(np.ascontiguousarray(g))
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(
+            f"{name} must be an (n, n) Gram matrix (a torch.Tensor or numpy array), got {type(g).__name__}"
+        )
+    if g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"{name} must be a square (n, n) Gram matrix, got shape {tuple(g.shape)}")
+    if g.is_complex() or g.dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {g.dtype}; a Gram matrix is real")
+    if not keep:
+        g = g.detach().to(torch.float64)
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"{name} holds {int((~torch.isfinite(g)).sum())} NaN or Inf entries")
+    size = float(g.abs().max()) if g.numel() else 0.0
+    if g.numel() and float((g - g.T).abs().max()) > 1e-6 * size:
+        raise ValueError(
+            f"{name} is not symmetric (largest |K - K^T| {float((g - g.T).abs().max()):.3g} against entries up to "
+            f"{size:.3g}); a Gram matrix of a kernel is"
+        )
+    return g
+
+
 def _center_columns(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(0, keepdim=True)
 
@@ -167,11 +197,7 @@ def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = True) -> torch.Te
     ``debiased=True``: the unbiased estimator (Song et al. 2012), needs ``n >= 4``; ``False``:
     ``tr(K H L H) / (n - 1)^2``.
     """
-    for name, g in (("k", k), ("l", l)):
-        if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] != g.shape[1]:
-            raise ValueError(
-                f"{name} must be a square (n, n) Gram matrix tensor, got {getattr(g, 'shape', g)}"
-            )
+    k, l = _gram(k, "k"), _gram(l, "l")  # noqa: E741
     if k.shape != l.shape:
         raise ValueError(
             f"k and l must be Gram matrices of the same samples: shapes {tuple(k.shape)} and {tuple(l.shape)}"
@@ -665,6 +691,11 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     ):
         raise ValueError(f"alpha={alpha!r} is not valid; give a finite number >= 0")
     n = x.shape[0]
+    # R^2 is invariant to the scale of y and, with the penalty relative to the features', of x: both scaled to
+    # 1, so that no product overflows or underflows
+    x, y = (
+        t / s if (s := float(t.abs().max())) > 0 else t for t in (x, y)
+    )  # new tensors: the inputs untouched
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
     k = min(max(int(round(train_fraction * n)), 2), n - 2)
     tr, te = perm[:k], perm[k:]
@@ -683,7 +714,9 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     pred = (x[te] - mx) @ w + my
     sse = ((y[te] - pred) ** 2).sum()
     sst = ((y[te] - y[te].mean(0)) ** 2).sum()
-    if not sst > 0:
+    # a target constant over the test samples (up to the rounding its centring leaves) has no variance to explain
+    floor = (len(te) * 64 * torch.finfo(torch.float64).eps * float(y[te].abs().max())) ** 2 * y.shape[1]
+    if not float(sst) > floor:
         return math.nan
     return math.sqrt(max(1.0 - float(sse / sst), 0.0))
 
@@ -748,6 +781,8 @@ def interpretive_equivalence(
         the held-out R^2 averaged over the candidate's features; the closeness of the authors' released code),
         ``"cka"`` (debiased linear CKA) or a callable ``(x, y) -> float``, larger = closer.
     """
+    if isinstance(num_trials, bool) or not isinstance(num_trials, int | np.integer):
+        raise TypeError(f"num_trials={num_trials!r} is not valid; give a positive int")
     if num_trials < 1:
         raise ValueError(f"num_trials must be >= 1, got {num_trials}")
     if similarity == "ridge":

@@ -111,11 +111,7 @@ def accumulated_residual(
             attention_mask = tokens.get("attention_mask")
         tokens = tokens["input_ids"]
     T = tokens.shape[-1]
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        if not -T <= positions < T:
-            raise ValueError(f"positions={positions} is out of range for prompts of {T} tokens")
-        positions = slice(positions, positions + 1 if positions != -1 else None)
-    sl = positions if positions is not None else slice(None)
+    sl = _position_index(positions, T)
     weight = None
     if attention_mask is not None:
         am = torch.as_tensor(attention_mask).to(tokens.device)
@@ -144,6 +140,52 @@ def accumulated_residual(
     return torch.cat([store[n] for n in names], 1), logits
 
 
+def _position_index(positions, T: int) -> torch.Tensor | slice:
+    """``positions`` as an index of the position axis: every position (None), or the positions (a LongTensor)
+    that an int, a slice, a sequence of ints or a boolean mask of length ``T`` selects; none selected, an
+    out-of-range position or another type is refused naming the argument."""
+    if positions is None:
+        return slice(None)
+    if isinstance(positions, bool) or (isinstance(positions, torch.Tensor) and positions.dim() == 0):
+        raise TypeError(
+            f"positions={positions!r} is not valid; give an int, a slice, a sequence of ints or a boolean mask "
+            f"of length {T}"
+        )
+    if isinstance(positions, int):
+        if not -T <= positions < T:
+            raise ValueError(f"positions={positions} is out of range for prompts of {T} tokens")
+        idx = torch.tensor([positions % T])
+    elif isinstance(positions, slice):
+        idx = torch.arange(T)[positions]
+    else:
+        try:
+            idx = torch.as_tensor(positions)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"positions={positions!r} is not valid; give an int, a slice, a sequence of ints or a boolean "
+                f"mask of length {T}"
+            ) from None
+        if idx.numel() == 0:
+            raise ValueError(f"positions={positions!r} selects no position of prompts of {T} tokens")
+        if idx.dim() != 1 or not (idx.dtype == torch.bool or not idx.dtype.is_floating_point):
+            raise TypeError(
+                f"positions must be a 1-d sequence of ints or a boolean mask of length {T}, got "
+                f"{idx.dtype} of shape {tuple(idx.shape)}"
+            )
+        if idx.dtype == torch.bool:
+            if idx.numel() != T:
+                raise ValueError(
+                    f"positions is a boolean mask of length {idx.numel()}; the prompts have {T} tokens"
+                )
+            idx = idx.nonzero().flatten()
+        elif idx.numel() and not bool(((idx >= -T) & (idx < T)).all()):
+            raise ValueError(f"positions {idx.tolist()} are out of range for prompts of {T} tokens")
+        idx = idx.long() % T
+    if idx.numel() == 0:
+        raise ValueError(f"positions={positions!r} selects no position of prompts of {T} tokens")
+    return idx
+
+
 def similarity(
     measure: str,
     x: torch.Tensor,
@@ -158,6 +200,15 @@ def similarity(
     ``ValueError``: a test would count it as a loss."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    if not isinstance(x, torch.Tensor | np.ndarray):
+        raise TypeError(f"x must be a torch.Tensor or numpy array (num_samples, ...), got {type(x).__name__}")
+    if isinstance(ys, torch.Tensor | np.ndarray) or not isinstance(ys, Sequence):
+        raise TypeError(
+            f"ys must be a list of representations (a list of one for one), got {type(ys).__name__}"
+        )
+    for i, y in enumerate(ys):
+        if not isinstance(y, torch.Tensor | np.ndarray):
+            raise TypeError(f"ys[{i}] must be a torch.Tensor or numpy array, got {type(y).__name__}")
     out = _similarity(measure, x, ys, seed=seed, train_fraction=train_fraction, alphas=alphas)
     bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
     if bad:
@@ -231,6 +282,9 @@ def win_test(
 ) -> WinTestResult:
     """Is ``A`` distinguishable from ``B``? ``impl_b=None`` tests ``A`` against itself (the control: ``b`` is a
     third implementation of ``A``). See the module docstring."""
+    for arg, val in (("num_trials", num_trials), ("num_repeats", num_repeats)):
+        if isinstance(val, bool) or not isinstance(val, int | np.integer):
+            raise TypeError(f"{arg}={val!r} is not valid; give a positive int")
     if num_trials < 1 or num_repeats < 1:
         raise ValueError(f"num_trials and num_repeats must be >= 1, got {num_trials}, {num_repeats}")
     if isinstance(z, bool) or not isinstance(z, int | float | np.number) or not (math.isfinite(z) and z >= 0):
