@@ -167,7 +167,12 @@ def parse_batch(batch: Any) -> ParsedBatch:
                     raise ValueError(
                         f"batch[{key!r}] must have the shape of input_ids {tuple(ids.shape)}, got {_describe(batch)}"
                     )
-                if key == "labels" and _is_int(v) and v.dtype != torch.int64:
+                if key == "labels" and not _is_int(v):
+                    raise TypeError(
+                        f"batch['labels'] must hold integer token ids (or {IGNORE_INDEX} where a position does not "
+                        f"count), got {_describe(batch)}"
+                    )
+                if key == "labels" and v.dtype != torch.int64:
                     v = v.long()  # cross-entropy reads int64 targets
             fields[key] = v
         extra = {k: fields[k] for k in _PASS_KEYS if fields[k] is not None}
@@ -264,6 +269,19 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
             raise ValueError(
                 f"{argument}: the pair (x, y) has {x.shape[0]} rows in x {tuple(x.shape)} but {y.shape[0]} in y "
                 f"{tuple(y.shape)}; give one target per sample"
+            )
+        if (
+            x.dim() == 2
+            and _is_int(x)
+            and _is_int(y)
+            and x.shape == y.shape
+            and vocab_size(model) is not None
+            and torch.equal(x, y.to(x.dtype))
+        ):
+            raise ValueError(
+                f"{argument}: a pair (x, y) with y equal to x for a language model: pairs are scored per position "
+                "(the output at t against y[t]), which would score copying the input. For the next-token loss give "
+                "the tokens alone, or {'input_ids': x, 'labels': y} (shifted as Hugging Face does)"
             )
     if pb.is_lm:
         counted = _counted(pb)
@@ -495,6 +513,7 @@ def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor
 def _pair_terms(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (``(batch,)``) or per-position (``(batch, pos)``) terms of a pair and their mask."""
     if not y.is_floating_point():
+        _check_classes(out, y)
         if out.dim() == 3:  # (batch, pos, classes)
             terms = F.cross_entropy(out.transpose(1, 2), y, reduction="none")
         else:
@@ -504,6 +523,28 @@ def _pair_terms(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     err = (out - y) ** 2
     err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 0 else err
     return err, torch.ones_like(err, dtype=torch.bool)
+
+
+def _check_classes(out: torch.Tensor, y: torch.Tensor) -> None:
+    """Integer targets ``y`` of class scores ``out``: one per sample (``out (batch, classes)``, ``y (batch,)``) or
+    per position (``(batch, pos, classes)`` and ``(batch, pos)``), each a class index or -100."""
+    if out.dim() not in (2, 3):
+        return  # other layouts (classes on axis 1 of an image's scores): as torch's cross-entropy reads them
+    want = tuple(out.shape[:-1])
+    if tuple(y.shape) != want:
+        hint = " (squeeze its last dimension)" if tuple(y.shape) == (*want, 1) else ""
+        raise ValueError(
+            f"the pair's integer targets y have shape {tuple(y.shape)}; class scores of shape {tuple(out.shape)} "
+            f"need y of shape {want}{hint}"
+        )
+    counted = y[y != IGNORE_INDEX]
+    n = out.shape[-1]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= n):
+        bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
+        raise ValueError(
+            f"the pair's targets y contain class {bad}; the model scores {n} classes (0 .. {n - 1}), and "
+            f"{IGNORE_INDEX} marks a target that does not count"
+        )
 
 
 def _same_shape(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,6 +581,7 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         terms, mask = _lm_token_terms(logits, pb)
         return terms.sum() / mask.sum()
     if not pb.target.is_floating_point():
+        _check_classes(logits, pb.target)
         if logits.dim() == 3:
             return F.cross_entropy(logits.transpose(1, 2), pb.target)
         return F.cross_entropy(logits, pb.target)

@@ -677,11 +677,12 @@ def susceptibilities(
         raise ValueError("components is empty: give at least one component")
     seed0 = kw.get("seed", 0)
     seed0 = int(seed0) if isinstance(seed0, numbers.Integral) else int(list(seed0)[0])
-    if sampling_batch is None:  # the first batch of a stream keyed by the seed: the same in every call
+    given = sampling_batch is not None
+    if not given:  # the first batch of a stream keyed by the seed: the same in every call
         sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
-    elif loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
-        # the default losses read it: checked as probe is, errors naming it
-        check_batch(model, sampling_batch, "sampling_batch")
+    if loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
+        # the default losses read it: checked as probe is, errors naming where it came from
+        check_batch(model, sampling_batch, "sampling_batch" if given else "loader")
     if loss_fn is None:
 
         def lf(m, batch):
@@ -1075,7 +1076,14 @@ def bif(
 ) -> BIFResult:
     """Bayesian influence function ``BIF(z_i, z_j) = -Cov(l_i, l_j)`` over draws of the (unrestricted) localized
     posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws).
-    ``**sampler_settings`` are those of :func:`susceptibilities` (``sampler=`` included)."""
+    ``**sampler_settings`` are those of :func:`susceptibilities` (``sampler=`` included) but ``checkpoint=`` /
+    ``checkpoint_every=``: a BIF run is not checkpointed."""
+    for key in ("checkpoint", "checkpoint_every"):
+        if key in sampler_settings:
+            raise TypeError(
+                f"bif takes no {key}=: its runs are not checkpointed (susceptibilities and estimate_llc resume from "
+                "a checkpoint; bif starts afresh)"
+            )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     auto_step = None
     if wants_auto(

@@ -227,6 +227,14 @@ def _default_evaluate(model, data):
     pairs) get its loss (:func:`pypattern.losses.batch_loss`: next-token cross-entropy over the counted tokens;
     cross-entropy for integer ``y``, else the mean squared error)."""
     tokens = isinstance(data, torch.Tensor) and not (data.is_floating_point() or data.is_complex())
+    if isinstance(data, torch.Tensor) and not tokens:
+        from ..losses import vocab_size
+
+        if vocab_size(model) is not None:  # a language model: model(data) would fail inside its embedding
+            raise TypeError(
+                f"loader: a {data.dtype} tensor batch of shape {tuple(data.shape)} for a language model, which reads "
+                "integer token ids; give integer ids (or pass evaluate(model, batch))"
+            )
     one = isinstance(data, tuple | list) and len(data) == 1 and isinstance(data[0], torch.Tensor)
     if (
         tokens
