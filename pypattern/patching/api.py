@@ -351,13 +351,20 @@ def engine_on_runs(
 def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memory: int | None) -> int | None:
     """Cells per exact-engine batch: ``max_batch``, lowered so that the batch's working memory estimate
     (:func:`~pypattern.patching.engine.bytes_per_cell`) stays within ``max_memory`` bytes (at least 1 cell)."""
+    check_batch_limits(max_batch, max_memory)
+    if max_memory is None:
+        return max_batch
+    fit = max(1, int(max_memory // bytes_per_cell(cfg, batch, seq_len)))
+    return fit if max_batch is None else min(fit, max_batch)
+
+
+def check_batch_limits(max_batch, max_memory) -> None:
+    """``max_batch`` a positive int or None, ``max_memory`` a finite positive number or None."""
     if max_batch is not None and (
         not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1
     ):
         raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
-    if max_memory is None:
-        return max_batch
-    if (
+    if max_memory is not None and (
         isinstance(max_memory, bool)
         or not isinstance(max_memory, int | float)
         or not (max_memory > 0 and max_memory < float("inf"))
@@ -365,8 +372,6 @@ def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memor
         raise ValueError(
             f"max_memory={max_memory!r} is not valid; give a finite positive number of bytes or None"
         )
-    fit = max(1, int(max_memory // bytes_per_cell(cfg, batch, seq_len)))
-    return fit if max_batch is None else min(fit, max_batch)
 
 
 def activation_patching(
@@ -505,6 +510,7 @@ def _activation_patching(
                 "attention and MLP in parallel has no resid_mid)"
             )
     if method == "naive":
+        check_batch_limits(max_batch, max_memory)  # one forward per cell: neither bounds it, both are checked
         runs = prepare_runs(
             model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
         )

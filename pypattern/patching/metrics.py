@@ -8,6 +8,7 @@ fully restores the clean behaviour and 0 at the corrupted level.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -243,6 +244,21 @@ def check_metric_output(values, batch: int) -> torch.Tensor:
             f"metric returned shape {tuple(values.shape)} on the clean logits ({batch}, vocab); expected "
             f"per-example values of shape ({batch},) (logits (..., batch, vocab) -> (..., batch)), "
             "not a batch mean or sum"
+        )
+    bad = ~torch.isfinite(values.detach())
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        what = (
+            f"metric returned {values.detach()[rows[0]].item()} for example {rows[0]}"
+            f"{f' (and {len(rows) - 1} more)' if len(rows) > 1 else ''} on the clean run"
+        )
+        if len(rows) == batch:  # nothing left to measure
+            raise ValueError(f"{what}: every example; give a metric that is finite on the unpatched model")
+        warnings.warn(
+            f"{what}: the results of {'that example' if len(rows) == 1 else 'those examples'} are not finite "
+            "either (the other examples' are measured as usual)",
+            RuntimeWarning,
+            stacklevel=3,
         )
     return values
 

@@ -131,6 +131,8 @@ def _ints(v, name: str) -> list[int]:
             ):
                 continue  # a numpy integer
             raise TypeError(f"{name} contains {x!r}; give ints")
+    if not out:
+        raise ValueError(f"{name} is empty: it would select nothing; give at least one, or None for all")
     return [int(x) for x in out]
 
 
