@@ -248,7 +248,7 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--data",
         required=required,
-        help="token ids (num_sequences, seq_len): .npy, .npz (array 'tokens', and no other) or a text file (.txt, "
+        help="token ids (num_sequences, seq_len): .npy, .npz (its array 'tokens', or its only array) or a text file (.txt, "
         ".csv, .tsv) with one sequence of whitespace- or comma-separated ids per line; other formats are refused",
     )
     _flag(
@@ -316,7 +316,7 @@ def _sampler_args(p: argparse.ArgumentParser, draws: int, quiet_help: str) -> No
     _flag(
         p,
         "--seed",
-        type=int,
+        type=nonnegative_int,
         default=0,
         applies=m,
         help="with --model: seed of noise and data order (default: 0)",

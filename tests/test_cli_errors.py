@@ -187,3 +187,14 @@ def test_circuit_quick_runs_the_built_in_task(tmp_path, capsys):
     assert main(["circuit", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     for f in ("edge_scores.csv", "circuit.csv", "pruning_curve.png", "circuit.png"):
         assert (tmp_path / f).stat().st_size > 0
+
+
+def test_a_model_path_that_is_not_a_directory_and_a_negative_seed_are_named(tmp_path, capsys):
+    tok = tmp_path / "tok.npy"
+    np.save(tok, np.zeros((2, 4), dtype=np.int64))
+    err = _fails(["llc", "--model", str(tmp_path / "absent"), "--data", str(tok)], capsys)
+    assert "does not exist" in err
+    err = _fails(["circuit", "--model", str(tok), "--data", str(tok)], capsys)
+    assert "is a file, not a directory" in err
+    err = _fails(["llc", "--model", str(tmp_path), "--data", str(tok), "--seed", "-1"], capsys)
+    assert "argument --seed" in err

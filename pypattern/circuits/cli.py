@@ -38,6 +38,12 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None):
     that dtype instead of the saved one."""
     from ..models.transformer import Transformer, TransformerConfig
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"model directory {path!r} "
+            + ("is a file, not a directory" if os.path.exists(path) else "does not exist")
+            + "; give a directory with config.json and the weights (a save_pretrained directory, or pypattern's own)"
+        )
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(
@@ -165,7 +171,8 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
         if full:
             if corrupted is not None:
                 raise ValueError(
-                    f"tokens={tokens!r} holds its own corrupted prompts; corrupted={corrupted!r} is not read with it"
+                    f"the token file {tokens!r} holds its own corrupted prompts; the corrupted file {corrupted!r} is not "
+                    "read with it"
                 )
             clean, corr, metric = load_prompts(tokens, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
             return clean, corr, metric, "resample"
@@ -175,7 +182,8 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
         corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx, argument="corrupted")
         if corr.shape != clean.shape:
             raise ValueError(
-                f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match tokens' {tuple(clean.shape)}"
+                f"the corrupted file {corrupted!r} has shape {tuple(corr.shape)}; it must match the token file's "
+                f"{tuple(clean.shape)}"
             )
     with torch.no_grad():
         answer = model(clean)[:, -1].argmax(-1)
