@@ -198,3 +198,10 @@ def test_a_model_path_that_is_not_a_directory_and_a_negative_seed_are_named(tmp_
     assert "is a file, not a directory" in err
     err = _fails(["llc", "--model", str(tmp_path), "--data", str(tok), "--seed", "-1"], capsys)
     assert "argument --seed" in err
+
+
+def test_an_empty_text_token_file_is_said_to_be_empty(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    err = _fails(["llc", "--model", str(tmp_path), "--data", str(empty)], capsys)
+    assert "holds no token id" in err

@@ -71,6 +71,8 @@ def _text_ids(p: Path) -> np.ndarray:
                 raise ValueError(f"line {n}: {t[:20]!r} is not an integer token id") from None
         if row:
             rows.append(row)
+    if not rows:
+        raise ValueError("it holds no token id (an empty file, or blank lines only)")
     if len({len(r) for r in rows}) > 1:
         raise ValueError("its lines have different numbers of tokens; give sequences of one length")
     return np.asarray(rows, dtype=np.int64)
