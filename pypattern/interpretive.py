@@ -441,6 +441,7 @@ def selectivity_curves(
     rng = np.random.default_rng(seed)
     wins = {m: {} for m in measures}
     counts: dict = {}
+    ties = dict.fromkeys(measures, 0)
     for k in budgets:
         w = dict.fromkeys(measures, 0)
         c = 0
@@ -454,10 +455,20 @@ def selectivity_curves(
                     clean = similarity(m, clean_rep, [b], seed=s1, **similarity_kw)[0]
                     patched = similarity(m, patched_rep, [b], seed=s2, **similarity_kw)[0]
                     w[m] += int(clean > patched)
+                    ties[m] += int(clean == patched)
                 c += 1
         counts[k] = c
         for m in measures:
             wins[m][k] = w[m]
+    total = sum(counts.values())
+    for m in measures:
+        if total and ties[m] == total:
+            warnings.warn(
+                f"selectivity_curves: all {total} comparisons of measure {m!r} tied (every similarity equal, e.g. "
+                "held-out R^2 <= 0 everywhere): a tie counts as a loss, so its win rates are 0 without information; "
+                "give more inputs than features, or another measure",
+                stacklevel=2,
+            )
     return {
         m: SelectivityResult(
             budgets=list(budgets),

@@ -331,3 +331,17 @@ def test_tests_refuse_non_finite_similarities_and_bad_settings():
         win_test(impl, [], num_trials=2, num_repeats=1)
     with pytest.raises(ValueError, match="budgets=.* is not valid"):
         selectivity_curve(impl, lambda i, k: impl[i], [impl], [0, -1], measure="cka")
+
+
+def test_selectivity_warns_when_every_comparison_ties():
+    """Unrelated representations with more features than inputs: held-out R^2 <= 0 everywhere, every similarity 0,
+    every comparison a tie (counted as a loss): a warning says the win rates carry no information."""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(20, 30, generator=g, dtype=torch.float64) for _ in range(2)]
+    other = [torch.randn(20, 30, generator=g, dtype=torch.float64)]
+    noise = torch.randn(20, 30, generator=g, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="all 6 comparisons of measure 'ridge' tied"):
+        res = selectivity_curve(
+            a, lambda i, k: a[i] if k == 0 else noise, [other], [0, 1], num_trials=3, seed=0
+        )
+    assert res.win_rate == {0: 0.0, 1: 0.0}
