@@ -18,8 +18,8 @@ perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` f
   with ``chi_c = chi (I - 1 1^T / N)``, each row centred: ``h`` then sums to 0, so the weights have mean 1 and the
   response predicted is the one a re-weighting applies (a uniform part of ``h`` is no re-weighting at all);
 * ``"constrained"``: weights ``w >= min_weight`` with ``mean(w) = 1`` exactly, minimising
-  ``|chi (w - 1)/N - d mu|^2 + alpha |w - 1|^2 / N`` (solved through its dual in K + 1 variables, so N may be
-  in the millions), i.e. a real re-weighting of the data with
+  ``|chi (w - 1)/N - d mu|^2 + alpha |w - 1|^2 / N`` (solved through its dual in K variables, so N may be in
+  the millions), i.e. a real re-weighting of the data with
   minimal deviation from uniform. When the columns are groups of unequal size, ``fractions`` (each group's share
   of the data) makes the fixed total the data-weighted one, ``sum_j f_j w_j = sum_j f_j``: the re-weighted data
   then keep mean weight 1 without any rescaling afterwards (a rescaling would change the response from the one
@@ -259,20 +259,18 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
 
     if alpha == 0:
         # where the bounds do not bind, the answer is closed-form: the minimum-norm d with a @ d = tgt and c @ d = 0
-        d = np.linalg.pinv(np.vstack([a, c[None, :]])) @ np.concatenate([tgt, [0.0]])
+        M_pinv = np.linalg.pinv(np.vstack([a, c[None, :]]))  # also the polish's, below
+        d = M_pinv @ np.concatenate([tgt, [0.0]])
         cand = 1 + d
         exact = np.allclose(a @ d, tgt, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(tgt).max(initial=0.0))))
         if exact and abs(float(c @ d)) <= 1e-9 * n and _within(cand, lo, hi):
             return (_exact_total(cand, c, lo, hi) - 1) / n
-    if alpha > 0:
+    else:
         # where the bounds do not bind, the answer is closed-form (the objective is strictly convex)
         d = _ridge_sum_zero(a, tgt, alpha / n, c)
         if _within(1 + d, lo, hi):
             return (_exact_total(1 + d, c, lo, hi) - 1) / n
-        size = float(np.abs(d).max())
-    else:
-        size = float(np.abs(np.linalg.pinv(np.vstack([a, c[None, :]])) @ np.concatenate([tgt, [0.0]])).max())
-    if not size > 0:
+    if not float(np.abs(d).max()) > 0:
         return np.zeros(n)  # a zero target: the uniform weights
     d = _box_least_squares(
         a, tgt, alpha / n, c, np.full(n, lo - 1.0), np.full(n, np.inf if hi is None else hi - 1.0)
@@ -282,9 +280,7 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
         # the response a @ (w - 1) nearest the target is unique (the objective is strictly convex in it), the
         # weights reaching it are not: among them, the ones nearest uniform (the smallest |w - 1|). Without the
         # bounds that is the minimum-norm solution of a @ d = reached, c @ d = 0; it is taken when it keeps them.
-        reached = a @ (w - 1)
-        M = np.vstack([a, c[None, :]])
-        d = np.linalg.pinv(M) @ np.concatenate([reached, [0.0]])
+        d = M_pinv @ np.concatenate([a @ (w - 1), [0.0]])
         cand = 1 + d
         if _within(cand, lo, hi) and f(cand) <= f(w) * (1 + 1e-9) + 1e-15 and d @ d < (w - 1) @ (w - 1):
             w = cand
