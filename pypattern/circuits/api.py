@@ -467,13 +467,12 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
             if not (0 <= done <= E) or got is None or tuple(got.shape) != (engine.B, done):
                 raise io.FormatError(f"{os.fspath(checkpoint)!r} holds no consistent partial scores")
             values[:, :done] = torch.from_numpy(got).to(values.dtype)
-    bar = None
-    if not quiet and done < E:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=E, initial=done, desc="exact edge scores", unit="edge", delay=2.0, leave=False)
     saved = time.perf_counter()
-    with _closing(bar):
+    # one fixed-weights block for every run call: layouts and packed weights made once
+    with (
+        engine.fixed_weights(),
+        _progress(quiet or done >= E, total=E, initial=done, desc="exact edge scores", unit="edge") as bar,
+    ):
         while done < E:
             stop = min(E, done + block)
             masks = torch.zeros(stop - done, E, dtype=torch.bool)
@@ -494,13 +493,19 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
 
 
 @contextlib.contextmanager
-def _closing(bar):
-    """Close a progress bar (or None) when the block ends, however it ends."""
+def _progress(quiet: bool, **bar):
+    """A progress bar (tqdm's, with ``bar``'s settings) for the block, shown once it has run for two seconds and
+    closed however it ends; None when ``quiet``."""
+    if quiet:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(delay=2.0, leave=False, **bar)
     try:
-        yield bar
+        yield pbar
     finally:
-        if bar is not None:
-            bar.close()
+        pbar.close()
 
 
 def _ig_chunk(engine: EdgeEngine, steps: int) -> int:
@@ -867,15 +872,8 @@ def acdc(
     def evaluate(circ: torch.Tensor) -> torch.Tensor:
         return engine.run(_circuit_to_patch(circ, mode)).mean(1)
 
-    bar = None
-    if not quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=graph.n_dst, desc="ACDC", unit="input", delay=2.0, leave=False)
-    with (
-        engine.fixed_weights(),
-        _closing(bar),
-    ):  # one block for every test: layouts and packed weights made once
+    # one fixed-weights block for every test: layouts and packed weights made once
+    with engine.fixed_weights(), _progress(quiet, total=graph.n_dst, desc="ACDC", unit="input") as bar:
         ends = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
         m_full, m_empty = float(ends[0]), float(ends[1])
         m_cur = m_full
