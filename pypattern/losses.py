@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.packed import functorch_wrapped
+
 __all__ = [
     "IGNORE_INDEX",
     "ParsedBatch",
@@ -537,9 +539,7 @@ def _check_classes(out: torch.Tensor, y: torch.Tensor) -> None:
             f"the pair's integer targets y have shape {tuple(y.shape)}; class scores of shape {tuple(out.shape)} "
             f"need y of shape {want}{hint}"
         )
-    if torch._C._functorch.is_functorch_wrapped_tensor(y) or torch._C._functorch.is_functorch_wrapped_tensor(
-        out
-    ):
+    if functorch_wrapped(y, out):
         return  # under vmap (batched chains): the values cannot be read; the unbatched calls checked them
     n = out.shape[-1]
     counted = y[y != IGNORE_INDEX]
