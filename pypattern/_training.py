@@ -50,6 +50,13 @@ def eval_mode_if_random(model: nn.Module, what: str, stacklevel: int = 4) -> Ite
         UserWarning,
         stacklevel=stacklevel,
     )
+    with eval_mode(model):
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in ``eval()`` mode for the block, every module's own mode put back afterwards."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._training import eval_mode
 from ..transformer import Transformer
 from . import hooked_transformer
 from ._common import UnsupportedModelError, build, check_plain_modules, model_dtype, warn_if_training
@@ -165,7 +166,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     dev = next(model.parameters()).device
     out = out.to(dev)
     if verify:
-        _verify(model, out, name)
+        _verify(model, out, name, src_dtype)
     return out
 
 
@@ -175,10 +176,10 @@ _VERIFY_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 _VERIFY_TOL_16BIT = 5e-2
 
 
-def _verify(hf: nn.Module, out: Transformer, name: str, n_tokens: int = 8) -> None:
+def _verify(hf: nn.Module, out: Transformer, name: str, src_dtype: torch.dtype, n_tokens: int = 8) -> None:
     """Refuse ``out`` when its logits on a few tokens differ from the Hugging Face model's own forward by more
-    than rounding (:data:`_VERIFY_TOL`). The model runs in ``eval()`` mode (its modes are put back) without
-    gradients; a model whose own forward fails here (an attention implementation this device cannot run) is
+    than rounding (:data:`_VERIFY_TOL`, by the coarser of ``src_dtype``, the model's, and ``out``'s). The model runs
+    in ``eval()`` mode (its modes are put back) without gradients; a model whose own forward fails here (an attention implementation this device cannot run) is
     not checked, with a warning."""
     import warnings
 
@@ -186,31 +187,25 @@ def _verify(hf: nn.Module, out: Transformer, name: str, n_tokens: int = 8) -> No
     T = max(1, min(n_tokens, out.cfg.n_ctx))
     dev = next(out.parameters()).device
     tokens = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(dev)
-    modes = {m: m.training for m in hf.modules()}
-    try:
-        hf.eval()
-        with torch.no_grad():
-            try:
-                ref = hf(input_ids=tokens, use_cache=False).logits
-            except Exception as e:  # the model's own forward, not the conversion
-                warnings.warn(
-                    f"from_hf could not run the {name} model's own forward to check the conversion "
-                    f"({type(e).__name__}: {e}); the converted model was not checked against it",
-                    UserWarning,
-                    stacklevel=3,
-                )
-                return
-            mine = out(tokens)
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    with eval_mode(hf), torch.no_grad():
+        try:
+            ref = hf(input_ids=tokens, use_cache=False).logits
+        except Exception as e:  # the model's own forward, not the conversion
+            warnings.warn(
+                f"from_hf could not run the {name} model's own forward to check the conversion "
+                f"({type(e).__name__}: {e}); the converted model was not checked against it",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        mine = out(tokens)
     ref, mine = ref.detach().to(torch.float64), mine.detach().to(torch.float64)
     if ref.shape != mine.shape:
         raise UnsupportedModelError(
             f"model class {name!r}: the converted model's logits have shape {tuple(mine.shape)}, the model's own "
             f"{tuple(ref.shape)}"
         )
-    dts = (model_dtype(hf), next(out.parameters()).dtype)
+    dts = (src_dtype, next(out.parameters()).dtype)
     tol = max(_VERIFY_TOL.get(d, _VERIFY_TOL_16BIT) for d in dts)
     if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         tol = max(tol, 1e-2)  # TF32 products round to 10 bits
