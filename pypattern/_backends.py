@@ -99,6 +99,15 @@ def _triton_status() -> tuple[bool, str]:
     return False, "no GPU, and TRITON_INTERPRET=1 was not set before triton was imported"
 
 
+def op_names() -> list[str]:
+    """The operators ``pypattern._C`` registers (``torch.ops.pypattern.<name>``), sorted; empty before it loads."""
+    return sorted(
+        str(n).split("::", 1)[1]
+        for n in torch._C._dispatch_get_all_op_names()
+        if str(n).startswith("pypattern::")
+    )
+
+
 def backends(op: str = "sgld_step_") -> dict[str, dict[str, object]]:
     """Report every backend of ``op`` as ``{name: {"available": bool, "reason": str}}``.
 
@@ -107,9 +116,7 @@ def backends(op: str = "sgld_step_") -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
     mod, err = _load_c()
     if mod is not None:  # a misspelt name would read as "no kernel" for every backend
-        known = sorted(
-            n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("pypattern::")
-        )
+        known = op_names()
         if op not in known:
             raise ValueError(f"op={op!r} is not an operator of pypattern; valid: {known}")
     if mod is None:

@@ -550,17 +550,11 @@ def _check_paths(p: argparse.ArgumentParser, args) -> None:
 
 def _run(args) -> int:
     if args.cmd == "backends":
-        import torch
-
         from . import backends
+        from ._backends import op_names
 
         if args.op == "all":
-            ops = sorted(
-                str(n).split("::", 1)[1]
-                for n in torch._C._dispatch_get_all_op_names()
-                if str(n).startswith("pypattern::")
-            )
-            print(json.dumps({op: backends(op) for op in ops}, indent=2))
+            print(json.dumps({op: backends(op) for op in op_names()}, indent=2))
         else:
             print(json.dumps(backends(args.op), indent=2))
         return 0
