@@ -68,10 +68,9 @@ def _features(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} has {x.shape[0]} samples; CCA needs at least 3")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf)")
+    # the measures are scale-invariant: scaled to 1, scatter matrices neither overflow nor underflow
     size = float(x.abs().max())
-    if (
-        size > 0
-    ):  # the measures are scale-invariant: scaled to 1, scatter matrices neither overflow nor underflow
+    if size > 0:
         x = x / size
     return x, eps
 

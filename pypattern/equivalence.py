@@ -693,9 +693,8 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     n = x.shape[0]
     # R^2 is invariant to the scale of y and, with the penalty relative to the features', of x: both scaled to
     # 1, so that no product overflows or underflows
-    x, y = (
-        t / s if (s := float(t.abs().max())) > 0 else t for t in (x, y)
-    )  # new tensors: the inputs untouched
+    # (new tensors: the inputs untouched)
+    x, y = (t / s if (s := float(t.abs().max())) > 0 else t for t in (x, y))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
     k = min(max(int(round(train_fraction * n)), 2), n - 2)
     tr, te = perm[:k], perm[k:]

@@ -178,7 +178,7 @@ def _position_index(positions, T: int) -> torch.Tensor | slice:
                     f"positions is a boolean mask of length {idx.numel()}; the prompts have {T} tokens"
                 )
             idx = idx.nonzero().flatten()
-        elif idx.numel() and not bool(((idx >= -T) & (idx < T)).all()):
+        elif not bool(((idx >= -T) & (idx < T)).all()):
             raise ValueError(f"positions {idx.tolist()} are out of range for prompts of {T} tokens")
         idx = idx.long() % T
     if idx.numel() == 0:
