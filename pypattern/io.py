@@ -31,6 +31,7 @@ import math
 import os
 import re
 import tempfile
+import time
 import types
 import zipfile
 from collections.abc import Callable, Mapping
@@ -106,7 +107,8 @@ def save(
         payload[k] = a
     header = {"format": FORMAT, "version": VERSION, "kind": kind, **meta}
     payload[_META] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    prefix = f".tmp-{os.path.basename(path)}-{os.getpid()}-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **payload)
@@ -117,6 +119,43 @@ def save(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _remove_stale_temporaries(folder, os.path.basename(path))
+
+
+_STALE_AFTER_S = 600.0
+
+
+def _remove_stale_temporaries(folder: str, name: str) -> None:
+    """Delete the temporary files that writes of ``name`` left in ``folder`` when their process was killed before
+    it could remove them (``.tmp-<name>-<pid>-*.npz``): those of a process that no longer runs here, untouched for
+    ten minutes (a write in progress, or one from another host sharing the folder, is left alone)."""
+    start = f".tmp-{name}-"
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(start) and e.name.endswith(".npz")]
+    except OSError:
+        return
+    now = time.time()
+    for e in entries:
+        pid = e.name[len(start) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        try:
+            if now - e.stat().st_mtime >= _STALE_AFTER_S:
+                os.unlink(e.path)
+        except OSError:
+            pass  # gone already, or not ours to delete
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there: treat every pid as running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot be told: keep its files
+    return True
 
 
 def load(

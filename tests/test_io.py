@@ -367,3 +367,33 @@ def test_callable_identity_holds_what_changes_the_result():
         io.FingerprintMismatch, match=r"first difference: loss_fn.keywords.scale = 1.0 there, 2.0 now"
     ):
         io.check_fingerprint(a, b, "ck.npz")
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    """A writer killed outright (no cleanup) leaves its temporary file; the next write of that file removes the
+    temporaries of processes no longer running once they are ten minutes old, and keeps a running writer's, a fresh
+    one and another file's."""
+    import subprocess
+    import sys
+    import time
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(done.stdout)
+    old = time.time() - 3600
+    names = {
+        "stale": f".tmp-r.npz-{dead}-abc.npz",
+        "fresh": f".tmp-r.npz-{dead}-def.npz",
+        "running": f".tmp-r.npz-{os.getppid()}-ghi.npz",
+        "other file": f".tmp-s.npz-{dead}-jkl.npz",
+    }
+    for what, name in names.items():
+        (tmp_path / name).write_bytes(b"partial")
+        if what != "fresh":
+            os.utime(tmp_path / name, (old, old))
+    RESULTS[0].save(tmp_path / "r.npz")
+    left = set(os.listdir(tmp_path))
+    assert names["stale"] not in left
+    assert {names["fresh"], names["running"], names["other file"], "r.npz"} == left
+    assert io.load(tmp_path / "r.npz")[1]["kind"]
