@@ -53,6 +53,10 @@ def _features(x, name: str) -> torch.Tensor:
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
         )
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape without values); give a tensor that holds its values"
+        )
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
     if x.is_complex():

@@ -76,6 +76,10 @@ def _as_features(
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
         )
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape without values); give a tensor that holds its values"
+        )
     x = x.detach()
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
@@ -169,6 +173,10 @@ def _gram(g, name: str, keep: bool = False) -> torch.Tensor:
     if not isinstance(g, torch.Tensor):
         raise TypeError(
             f"{name} must be an (n, n) Gram matrix (a torch.Tensor or numpy array), got {type(g).__name__}"
+        )
+    if g.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape without values); give a tensor that holds its values"
         )
     if g.dim() != 2 or g.shape[0] != g.shape[1]:
         raise ValueError(f"{name} must be a square (n, n) Gram matrix, got shape {tuple(g.shape)}")

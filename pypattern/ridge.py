@@ -45,6 +45,10 @@ def _as_2d(x, name: str) -> torch.Tensor:
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
         )
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape without values); give a tensor that holds its values"
+        )
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape (num_samples, ...), got a scalar")
     if x.is_complex() or x.dtype == torch.bool:

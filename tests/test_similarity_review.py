@@ -97,3 +97,28 @@ def test_similarity_and_tests_refuse_arguments_of_the_wrong_type():
         I.similarity("ridge", x, torch.tensor(y), seed=1)
     with pytest.raises(TypeError, match="num_trials"):
         E.interpretive_equivalence(None, None, None, None, num_trials=2.5)
+
+
+def test_meta_tensors_are_refused_by_name():
+    """A meta tensor (a shape without values) is named as such, not failed on inside torch."""
+    meta, real = torch.empty(20, 5, device="meta"), torch.randn(20, 4, dtype=torch.float64)
+    calls = {
+        "linear_cka": E.linear_cka,
+        "procrustes": E.procrustes,
+        "cca": E.cca,
+        "svcca": E.svcca,
+        "pwcca": E.pwcca,
+        "ridge_similarity": E.ridge_similarity,
+        "ridge_cv": E.ridge_cv,
+    }
+    for f in calls.values():
+        for args, which in (((meta, real), "x"), ((real, meta), "y")):
+            with pytest.raises(ValueError, match=f"{which} is a meta tensor"):
+                f(*args)
+    with pytest.raises(ValueError, match="meta tensor"):
+        E.cka_matrix([meta, real])
+    gm = torch.empty(20, 20, device="meta")
+    with pytest.raises(ValueError, match="meta tensor"):
+        E.hsic(gm, torch.eye(20))
+    with pytest.raises(ValueError, match="meta tensor"):
+        E.u_center(gm)
