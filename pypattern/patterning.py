@@ -32,6 +32,7 @@ re-estimates ``chi`` during training and re-inverts ("online" patterning).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -181,6 +182,12 @@ def invert(
             f"rcond applies to method='pinv' only, got method={method!r} (alpha= sets its penalty)"
         )
     chi_c = chi - chi.mean(1, keepdims=True)  # chi on sum-zero perturbations (mean-1 weights)
+    if float(np.abs(chi_c).max()) <= 1e-12 * float(np.abs(chi).max()) and bool(np.any(tgt)):
+        warnings.warn(
+            "chi is the same for every data point (zero, or constant along each row): re-weighting the data moves "
+            "no observable, so the weights stay uniform and no part of the target is reached (residual 1)",
+            stacklevel=2,
+        )
     if method == "pinv":
         h = np.linalg.pinv(chi_c, rcond=rcond if rcond is not None else 1e-12) @ tgt
     elif method == "ridge":

@@ -1,5 +1,7 @@
 """Patterning inversion on synthetic linear-response systems with a planted chi and a planted intervention."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -357,3 +359,22 @@ def test_constrained_is_invariant_to_the_units_of_chi_and_handles_more_observabl
         iv = invert(chi, t, method="constrained", alpha=alpha)
         assert iv.weights.min() >= 0 and abs(iv.weights.mean() - 1) < 1e-12
         assert _kkt_gap(chi, t, alpha, 0.0, None, iv.weights) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["pinv", "ridge", "constrained"])
+def test_invert_warns_when_no_reweighting_moves_an_observable(method):
+    """chi zero, or constant along each row (every data point moves each observable alike): no re-weighting moves
+    anything; the uniform weights come back with residual 1 and a warning saying why. A chi that responds gives no
+    warning."""
+    alpha = 0.1 if method == "ridge" else 0.0
+    for chi in (np.zeros((2, 10)), np.outer([1.0, -2.0], np.ones(10))):
+        with pytest.warns(UserWarning, match="re-weighting the data moves no observable"):
+            r = invert(chi, np.array([1.0, 0.0]), method=method, alpha=alpha)
+        np.testing.assert_allclose(r.weights, np.ones(10))
+        assert r.residual == pytest.approx(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        invert(
+            np.random.default_rng(0).normal(size=(2, 10)), np.array([1.0, 0.0]), method=method, alpha=alpha
+        )
+        invert(np.zeros((2, 10)), np.zeros(2), method=method, alpha=alpha)  # nothing asked: nothing to say
