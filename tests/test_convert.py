@@ -956,13 +956,51 @@ def test_unknown_architecture_in_directory_is_refused(tmp_path):
         ("gpt2-tied", dict(add_cross_attention=True), "add_cross_attention"),
         ("llama-mqa", dict(rope_scaling={"rope_type": "proportional", "factor": 2.0}), "rope_type"),
         ("qwen2moe-shared-expert", dict(mlp_only_layers=[0]), "a dense MLP among sparse ones"),
-        ("llama-mqa", dict(hidden_act="gelu_10"), "hidden_act"),
+        ("llama-mqa", dict(hidden_act="laplace"), "hidden_act"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(case, overrides, option):
     hf = hf_model(case, **overrides)
     with pytest.raises(UnsupportedModelError, match=option):
         from_hf(hf)
+
+
+_NEW_ACTS = [
+    "gelu_10", "relu2", "relu6", "leaky_relu", "tanh", "sigmoid", "mish", "hardswish", "linear", "gelu_accurate",
+    "gelu_python_tanh",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("act", _NEW_ACTS)
+@pytest.mark.parametrize("case,option", [("gpt2-tied", "activation_function"), ("llama-mqa", "hidden_act")])
+def test_every_parameter_free_activation_converts_exactly(case, option, act):
+    """GPT-2 (plain MLP) and Llama (gated MLP) with each of Hugging Face's parameter-free activations beyond the
+    GELU / ReLU / SiLU family: the converted model's logits equal the model's own in float64."""
+    hf = hf_model(case, **{option: act})
+    model = from_hf(hf)
+    x = tokens()
+    with torch.no_grad():
+        assert rel(model(x), hf(x).logits) <= 1e-10
+
+
+@pytest.mark.parametrize("act", _NEW_ACTS)
+def test_activation_values_and_derivatives_equal_hugging_face(act):
+    """Each activation and its derivative (what gradients, AtP and the samplers read) against Hugging Face's
+    ``ACT2FN`` on random inputs and at its kinks and clip points, in float64."""
+    from pypattern.models.convert._common import act_fn
+    from pypattern.models.transformer import apply_act
+
+    ours = act_fn(act, "act")
+    x = torch.cat(
+        [torch.randn(200, dtype=torch.float64) * 6, torch.tensor([-10.5, -3.0, 0.0, 3.0, 6.0, 10.5])]
+    )
+    x = x.double().requires_grad_(True)
+    xh = x.detach().clone().requires_grad_(True)
+    y, yh = apply_act(x, ours), transformers.activations.ACT2FN[act](xh)
+    torch.testing.assert_close(y, yh, rtol=1e-12, atol=1e-13)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (gh,) = torch.autograd.grad(yh.sum(), xh)
+    torch.testing.assert_close(g, gh, rtol=1e-12, atol=1e-13)
 
 
 _LLAMA3 = {

@@ -89,6 +89,15 @@ _ACT_FNS = (
     "gelu_pytorch_tanh",
     "quick_gelu",
     "bloom_gelu",
+    "gelu_10",
+    "relu2",
+    "relu6",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "mish",
+    "hardswish",
+    "linear",
 )
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 _POS_TYPES = ("standard", "rotary", "alibi", "none")
@@ -108,7 +117,9 @@ def apply_act(x: torch.Tensor, act_fn: str) -> torch.Tensor:
 
     ``"gelu"`` is the exact (erf) GELU, ``"gelu_new"`` GPT-2's tanh form, ``"gelu_fast"`` the other tanh form,
     ``"gelu_pytorch_tanh"`` torch's tanh GELU, ``"quick_gelu"`` ``x * sigmoid(1.702 x)``, ``"silu"`` ``x * sigmoid(x)``,
-    ``"bloom_gelu"`` BLOOM's tanh form (its constant ``0.79788456`` for ``sqrt(2 / pi)``).
+    ``"bloom_gelu"`` BLOOM's tanh form (its constant ``0.79788456`` for ``sqrt(2 / pi)``), ``"gelu_10"`` the exact GELU
+    clipped to ``[-10, 10]``, ``"relu2"`` ``relu(x)^2``, ``"relu6"`` ``min(max(x, 0), 6)``, ``"leaky_relu"`` slope 0.01
+    below 0, ``"tanh"``, ``"sigmoid"``, ``"mish"`` ``x tanh(softplus(x))``, ``"hardswish"``, ``"linear"`` the identity.
     """
     if act_fn == "gelu":
         return F.gelu(x)
@@ -124,7 +135,22 @@ def apply_act(x: torch.Tensor, act_fn: str) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
     if act_fn == "bloom_gelu":
         return gelu_tanh_unchecked(x, BLOOM_GELU_C)
+    if act_fn in _OTHER_ACTS:
+        return _OTHER_ACTS[act_fn](x)
     return gelu_new(x)
+
+
+_OTHER_ACTS = {
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10.0, 10.0),
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "mish": F.mish,
+    "hardswish": F.hardswish,
+    "linear": lambda x: x,
+}
 
 
 def _as_dtype(v, name: str) -> torch.dtype | None:
@@ -170,7 +196,8 @@ class TransformerConfig:
         positions (:attr:`max_positions`); rotary models read longer sequences, as Hugging Face's do.
     d_mlp : int or None
         Hidden width of the MLP; ``None`` or 0 makes an attention-only model.
-    act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "bloom_gelu"}
+    act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "bloom_gelu", \
+            "gelu_10", "relu2", "relu6", "leaky_relu", "tanh", "sigmoid", "mish", "hardswish", "linear"}
         See :func:`apply_act`.
     normalization_type : {"LN", "LNPre", "RMS", "RMSPre", None}
         LayerNorm (weight ``w`` and bias ``b``), LayerNorm without weight or bias (``"LNPre"``, TransformerLens'

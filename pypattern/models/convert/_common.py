@@ -13,7 +13,12 @@ from ..._training import random_in_training
 from ..transformer import _ACT_FNS, Transformer, TransformerConfig
 
 # Hugging Face activation names that are the same function under another name
-_ACT_ALIASES = {"swish": "silu", "gelu_python": "gelu"}
+_ACT_ALIASES = {
+    "swish": "silu",
+    "gelu_python": "gelu",
+    "gelu_accurate": "gelu_new",
+    "gelu_python_tanh": "gelu_pytorch_tanh",
+}
 
 
 class UnsupportedModelError(ValueError):
