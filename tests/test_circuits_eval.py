@@ -537,3 +537,74 @@ def test_acdc_refuses_a_quiet_that_is_not_a_bool():
     x = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="quiet="):
         acdc(model, x, x.flip(0), metric=LogitDiff([1, 2], [3, 4]), threshold=0.1, quiet="no")
+
+
+@pytest.mark.parametrize("threshold,per_position", [(0.05, False), (0.0, False), (0.05, True)])
+def test_acdc_resumes_from_a_checkpoint_and_refuses_another_run(
+    tmp_path, monkeypatch, threshold, per_position
+):
+    """ACDC's state written to a checkpoint as it goes: a search stopped part-way (at several points) resumes and
+    gives the uninterrupted circuit, scores and run count; a finished file returns the circuit without running; a
+    call with another threshold, prompts or weights is refused, naming what differs."""
+    from pypattern import io
+    from pypattern.circuits import acdc, api
+    from pypattern.circuits.engine import EdgeEngine
+    from pypattern.models import Transformer, TransformerConfig
+    from pypattern.patching import LogitDiff
+
+    model = Transformer(
+        TransformerConfig(
+            n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=20, n_ctx=8, dtype=torch.float64, seed=3
+        )
+    )
+    g = torch.Generator().manual_seed(0)
+    clean, corr = torch.randint(0, 20, (3, 5), generator=g), torch.randint(0, 20, (3, 5), generator=g)
+    kw = dict(
+        metric=LogitDiff([1, 2, 3], [4, 5, 6]), threshold=threshold, max_batch=3, quiet=True,
+        per_position=per_position,
+    )  # fmt: skip
+    ref = acdc(model, clean, corr, **kw)
+    assert 0 < int(ref.mask.sum()) < len(ref.graph) or threshold == 0.0
+    monkeypatch.setattr(api, "_CHECKPOINT_EVERY_S", 0.0)
+    real_run = EdgeEngine.run
+    resumes = 0
+    for stop_at in (3, 9, 17):
+        path = str(tmp_path / f"acdc{stop_at}.npz")
+        calls = {"n": 0}
+
+        def stopping_run(self, masks, calls=calls, stop_at=stop_at):
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                raise KeyboardInterrupt
+            return real_run(self, masks)
+
+        monkeypatch.setattr(EdgeEngine, "run", stopping_run)
+        with pytest.raises(KeyboardInterrupt):
+            acdc(model, clean, corr, checkpoint=path, **kw)
+        monkeypatch.setattr(EdgeEngine, "run", real_run)
+        if not os.path.exists(path):  # stopped before the first destination input was done
+            continue
+        _, meta = io.load(path, kind="ACDCCheckpoint")
+        assert 0 < meta["next"] < ref.graph.n_dst
+        resumed = acdc(model, clean, corr, checkpoint=path, **kw)
+        assert torch.equal(resumed.mask, ref.mask)
+        torch.testing.assert_close(resumed.scores, ref.scores, rtol=0, atol=1e-12)
+        assert resumed.info["num_runs"] == ref.info["num_runs"]
+        assert resumed.info["num_untested"] == ref.info["num_untested"]
+        assert resumed.faithfulness == pytest.approx(ref.faithfulness, abs=1e-12)
+        resumes += 1
+    assert resumes >= 2
+    monkeypatch.setattr(EdgeEngine, "run", lambda self, masks: pytest.fail("a finished search runs nothing"))
+    again = acdc(model, clean, corr, checkpoint=path, **kw)
+    assert torch.equal(again.mask, ref.mask)
+    monkeypatch.setattr(EdgeEngine, "run", real_run)
+    with pytest.raises(io.FingerprintMismatch, match="threshold"):
+        acdc(model, clean, corr, checkpoint=path, **{**kw, "threshold": threshold + 0.01})
+    with pytest.raises(io.FingerprintMismatch, match="clean"):
+        acdc(model, clean.flip(0), corr, checkpoint=path, **kw)
+    with torch.no_grad():
+        model.blocks[1].mlp.W_in.add_(1e-3)
+    with pytest.raises(io.FingerprintMismatch, match="weights"):
+        acdc(model, clean, corr, checkpoint=path, **kw)
+    with pytest.raises(TypeError, match="checkpoint="):
+        acdc(model, clean, corr, checkpoint=3, **kw)

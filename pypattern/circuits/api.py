@@ -447,17 +447,8 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
     done = 0
     fp = None
     if checkpoint is not None:
-        fp = io.fingerprint(
-            kind="exact edge scores",
-            mode=mode,
-            ablation=ablation,
-            nodes=hashlib.sha256("\n".join([*graph.src_names, "", *graph.dst_names]).encode()).hexdigest(),
-            edges=[graph.src_idx, graph.dst_idx, graph.pos_idx],
-            clean=clean,
-            corrupted=corrupted,
-            metric=metric,
-            **{f"weights[{n}]": t for n, t in model.state_dict().items()},
-            base_metric=base,  # what the metric gives on the base run: a metric changed in a way its name hides
+        fp = _run_fingerprint(
+            "exact edge scores", engine, graph, model, clean, corrupted, metric, mode, ablation
         )
         if os.path.exists(checkpoint):
             arrays, meta = io.load(checkpoint, kind="ExactEdgeScoresCheckpoint")
@@ -490,6 +481,27 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
             if bar is not None:
                 bar.update(stop - bar.n)
     return values
+
+
+def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode, ablation, **more) -> dict:
+    """What makes a checkpointed circuit computation the same run: its kind, mode and ablation, the graph's nodes
+    and edges, the prompts, the metric (its code and the values it gives on the base run: a change its name hides),
+    the model's weights and ``more``."""
+    from .. import io
+
+    return io.fingerprint(
+        kind=kind,
+        mode=mode,
+        ablation=ablation,
+        nodes=hashlib.sha256("\n".join([*graph.src_names, "", *graph.dst_names]).encode()).hexdigest(),
+        edges=[graph.src_idx, graph.dst_idx, graph.pos_idx],
+        clean=clean,
+        corrupted=corrupted,
+        metric=metric,
+        **{f"weights[{n}]": t for n, t in model.state_dict().items()},
+        base_metric=engine.base_metric(),
+        **more,
+    )
 
 
 @contextlib.contextmanager
@@ -801,6 +813,7 @@ def acdc(
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     quiet: bool = False,
+    checkpoint: str | None = None,
 ) -> Circuit:
     """ACDC-style greedy pruning (Conmy et al. 2023).
 
@@ -838,6 +851,12 @@ def acdc(
     quiet : bool
         No progress bar (by default one counts the destination inputs visited, shown once a call has run for
         two seconds).
+    checkpoint : str, optional
+        A file the search's state is written to (atomically, no pickle) every 30 seconds, after a destination
+        input is done, and at the end; a call with the same model weights, prompts, metric, graph, mode, ablation
+        and threshold resumes from it with the same result as an uninterrupted call. A call that differs in any of
+        them is refused (:class:`pypattern.io.FingerprintMismatch` naming what differs). The finished search stays
+        in it: the same call again returns its circuit at once.
 
     Returns
     -------
@@ -852,6 +871,8 @@ def acdc(
     threshold = float(threshold)
     if not isinstance(quiet, bool):
         raise TypeError(f"quiet={quiet!r} is not valid; give True or False")
+    if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(f"checkpoint={checkpoint!r} is not valid; give a file path")
     T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
@@ -872,16 +893,36 @@ def acdc(
     def evaluate(circ: torch.Tensor) -> torch.Tensor:
         return engine.run(_circuit_to_patch(circ, mode)).mean(1)
 
+    reach = _Reach(graph, engine, mode)
+    state = None
+    fp = None
+    if checkpoint is not None:
+        fp = _run_fingerprint(
+            "acdc", engine, graph, model, clean, corrupted, metric, mode, ablation, threshold=threshold
+        )
+        if os.path.exists(checkpoint):
+            state = _acdc_resume(checkpoint, fp, graph, reach)
     # one fixed-weights block for every test: layouts and packed weights made once
-    with engine.fixed_weights(), _progress(quiet, total=graph.n_dst, desc="ACDC", unit="input") as bar:
-        ends = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
-        m_full, m_empty = float(ends[0]), float(ends[1])
-        m_cur = m_full
-        drop = torch.zeros(E, dtype=torch.float64)
-        runs, untested = 2, 0
-        reach = _Reach(graph, engine, mode)
+    first = graph.n_dst if state is None else state["next"]
+    with (
+        engine.fixed_weights(),
+        _progress(
+            quiet or first == 0, total=graph.n_dst, initial=graph.n_dst - first, desc="ACDC", unit="input"
+        ) as bar,
+    ):
+        if state is None:
+            ends = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
+            m_full, m_empty = float(ends[0]), float(ends[1])
+            m_cur = m_full
+            drop = torch.zeros(E, dtype=torch.float64)
+            runs, untested = 2, 0
+        else:
+            keep, drop = state["keep"], state["drop"]
+            m_full, m_empty, m_cur = state["m_full"], state["m_empty"], state["m_cur"]
+            runs, untested = state["runs"], state["untested"]
         window = engine.chunk_size()
-        for d in reversed(range(graph.n_dst)):
+        saved = time.perf_counter()
+        for d in reversed(range(first)):
             cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
             if threshold > 0:
                 live = reach.update(d, keep)[reach.epos[cand]]
@@ -905,6 +946,9 @@ def acdc(
                         removed_at = i
                         break
                 remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
+            if checkpoint is not None and (d == 0 or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S):
+                saved = time.perf_counter()
+                _acdc_save(checkpoint, fp, d, keep, drop, reach, m_full, m_empty, m_cur, runs, untested)
             if bar is not None:
                 bar.update(1)
     m3 = torch.tensor([m_cur, m_full, m_empty], dtype=torch.float64)
@@ -928,6 +972,60 @@ def acdc(
             "ablation": ablation,
         },
     )
+
+
+def _acdc_save(path, fp, nxt, keep, drop, reach, m_full, m_empty, m_cur, runs, untested) -> None:
+    """ACDC's state once the destination inputs from ``nxt`` on are decided (the next to visit is ``nxt - 1``)."""
+    from .. import io
+
+    io.save(
+        path,
+        {"keep": keep.numpy(), "drop": drop.numpy(), "live": reach.live.numpy()},
+        {
+            "fingerprint": fp,
+            "next": int(nxt),
+            "m_full": m_full,
+            "m_empty": m_empty,
+            "m_cur": m_cur,
+            "runs": int(runs),
+            "untested": int(untested),
+        },
+        kind="ACDCCheckpoint",
+    )
+
+
+def _acdc_resume(path, fp, graph: EdgeGraph, reach: _Reach) -> dict:
+    """The state :func:`_acdc_save` wrote for this run (its fingerprint checked); ``reach`` takes its reach."""
+    from .. import io
+
+    arrays, meta = io.load(path, kind="ACDCCheckpoint")
+    io.check_fingerprint(meta.get("fingerprint"), fp, path)
+    E = len(graph)
+    shapes = {"keep": (E,), "drop": (E,), "live": tuple(reach.live.shape)}
+    dtypes = {"keep": np.bool_, "drop": np.float64, "live": np.bool_}
+    nxt = meta.get("next")
+    scalars = [meta.get(k) for k in ("m_full", "m_empty", "m_cur", "runs", "untested")]
+    if (
+        any(
+            k not in arrays or arrays[k].shape != v or arrays[k].dtype != dtypes[k] for k, v in shapes.items()
+        )
+        or not isinstance(nxt, int)
+        or not 0 <= nxt < graph.n_dst
+        or any(not isinstance(v, int | float) for v in scalars)
+    ):
+        raise io.FormatError(f"{os.fspath(path)!r} holds no consistent ACDC state")
+    reach.live.copy_(torch.from_numpy(arrays["live"]))
+    m_full, m_empty, m_cur, runs, untested = scalars
+    return {
+        "next": nxt,
+        "keep": torch.from_numpy(arrays["keep"].copy()),
+        "drop": torch.from_numpy(arrays["drop"].copy()),
+        "m_full": float(m_full),
+        "m_empty": float(m_empty),
+        "m_cur": float(m_cur),
+        "runs": int(runs),
+        "untested": int(untested),
+    }
 
 
 def circuit_from_edges(graph: EdgeGraph, edges: Iterable[Edge | str], scores=None) -> Circuit:
