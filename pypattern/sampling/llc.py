@@ -98,8 +98,10 @@ def _warn_auto_bias(res: LLCResult) -> None:
         warnings.warn(
             f"step_size='auto' chose {auto.get('chosen'):.3g}, whose estimated discretisation bias ({bias:+.3g}: "
             f"the estimate at twice the step minus at the step) is larger than llc_se ({se:.3g}), which does not "
-            "include it: the estimate may be off by more than its standard error; give a smaller step_size (half "
-            "the chosen one, say) with more draws",
+            "include it: the estimate may be off by more than its standard error. The calibration accepted that "
+            "bias against the larger of its prediction of this run's standard error, a multiple of the change's own "
+            "standard error and a relative floor (config['auto_step']['reason']); the run's llc_se came out "
+            "smaller than that. Give a smaller step_size (half the chosen one, say) with more draws",
             stacklevel=3,
         )
 
