@@ -36,3 +36,30 @@ def test_a_numpy_seq_len_gives_an_int_n_pos():
 
     g = edges(_model(), per_position=True, seq_len=np.int64(6))
     assert g.n_pos == 6 and type(g.n_pos) is int and len(g) == 6 * len(edges(_model()))
+
+
+@pytest.mark.parametrize("call", ["patch_edges", "faithfulness"])
+def test_a_mask_of_another_shape_is_refused_before_the_engine(call):
+    from pypattern import circuits
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    E = len(edges(model))
+    f = getattr(circuits, call)
+    for bad in (torch.ones(2, 2, E, dtype=torch.bool), torch.tensor(True)):
+        with pytest.raises(
+            ValueError, match=r"edges is a tensor of shape .*\(num_edges,\).*\(C, num_edges\)"
+        ):
+            f(model, bad, clean, corr, metric=metric)
+    with pytest.raises(ValueError, match=r"edges\[1\] is a tensor of shape \(1, \d+\); .*\(num_edges,\)"):
+        f(
+            model,
+            [torch.ones(E, dtype=torch.bool), torch.ones(1, E, dtype=torch.bool)],
+            clean,
+            corr,
+            metric=metric,
+        )
+    # the shapes that are masks still work: one set and a batch of two
+    one = f(model, torch.ones(E, dtype=torch.bool), clean, corr, metric=metric)
+    two = f(model, torch.ones(2, E, dtype=torch.bool), clean, corr, metric=metric)
+    assert len(two) == 2 and torch.allclose(two[0].double(), torch.as_tensor(one, dtype=torch.float64))

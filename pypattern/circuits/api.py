@@ -69,6 +69,25 @@ def _circuit_mask(edges, graph: EdgeGraph | None):
     return edges, graph
 
 
+def _check_mask_shapes(edges) -> None:
+    """Refuse a mask tensor that is neither one set ``(num_edges,)`` nor a batch ``(C, num_edges)`` (and, in a list
+    of sets, a tensor that is not one set) before the graph or the engine reads it."""
+    if isinstance(edges, torch.Tensor):
+        if edges.dim() not in (1, 2):
+            raise ValueError(
+                f"edges is a tensor of shape {tuple(edges.shape)}; give a boolean mask (num_edges,) for one set of "
+                "edges or (C, num_edges) for a batch of C sets"
+            )
+        return
+    if isinstance(edges, (list, tuple)):
+        for i, e in enumerate(edges):
+            if isinstance(e, torch.Tensor) and e.dim() != 1:
+                raise ValueError(
+                    f"edges[{i}] is a tensor of shape {tuple(e.shape)}; each set in a list of sets is a boolean "
+                    "mask (num_edges,) (or give the batch as one tensor (C, num_edges))"
+                )
+
+
 def _as_masks(graph: EdgeGraph, edges) -> tuple[torch.Tensor, bool]:
     """``edges`` -> boolean masks ``(C, num_edges)`` and whether a single set was given (one edge or edge name
     is a set of one)."""
@@ -175,6 +194,7 @@ def patch_edges(
     model = converted_if_convertible(model)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
+    _check_mask_shapes(edges)
     T = _seq_len(clean)
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
@@ -607,6 +627,7 @@ def faithfulness(
     model = converted_if_convertible(model)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
+    _check_mask_shapes(edges)
     T = _seq_len(clean)
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
