@@ -63,3 +63,36 @@ def test_a_mask_of_another_shape_is_refused_before_the_engine(call):
     one = f(model, torch.ones(E, dtype=torch.bool), clean, corr, metric=metric)
     two = f(model, torch.ones(2, E, dtype=torch.bool), clean, corr, metric=metric)
     assert len(two) == 2 and torch.allclose(two[0].double(), torch.as_tensor(one, dtype=torch.float64))
+
+
+def test_a_graph_that_is_not_an_edge_graph_is_refused_by_name():
+    from pypattern.circuits import (
+        acdc,
+        circuit_from_edges,
+        draw_circuit,
+        edge_attribution,
+        faithfulness,
+        patch_edges,
+        pruning_curve,
+    )
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    g = edges(model)
+    two = g.edges[:2]
+    sc = torch.ones(len(g))
+    calls = {
+        "patch_edges": lambda: patch_edges(model, two, clean, corr, metric=metric, graph=g.edges),
+        "faithfulness": lambda: faithfulness(model, two, clean, corr, metric=metric, graph=g.edges),
+        "edge_attribution": lambda: edge_attribution(model, clean, corr, metric=metric, graph=g.edges),
+        "pruning_curve": lambda: pruning_curve(model, sc, clean, corr, metric=metric, graph=g.edges),
+        "acdc": lambda: acdc(model, clean, corr, metric=metric, threshold=0.1, graph=g.edges),
+    }
+    for call in calls.values():
+        with pytest.raises(TypeError, match=r"^graph= is a list; give an EdgeGraph"):
+            call()
+    with pytest.raises(TypeError, match=r"^graph is a list; give an EdgeGraph"):
+        circuit_from_edges(g.edges, two)
+    with pytest.raises(TypeError, match=r"^graph is a list; give an EdgeGraph"):
+        draw_circuit(g.edges, torch.ones(len(g), dtype=torch.bool))
+    assert len(circuit_from_edges(g, two)) == 2

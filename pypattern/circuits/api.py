@@ -41,6 +41,15 @@ def _metric_name(metric) -> str:
     return getattr(metric, "name", type(metric).__name__)
 
 
+def _check_graph(graph) -> None:
+    """Refuse a ``graph=`` that is not an :class:`EdgeGraph` (a list of edges, say) before anything reads it."""
+    if graph is not None and not isinstance(graph, EdgeGraph):
+        raise TypeError(
+            f"graph= is a {type(graph).__name__}; give an EdgeGraph (edges(model), or the .graph of scores or a "
+            "circuit), or leave it out"
+        )
+
+
 def _graph_for(model, graph: EdgeGraph | None, per_position: bool, seq_len: int) -> EdgeGraph:
     if graph is not None:
         if per_position and not graph.per_position:
@@ -192,6 +201,7 @@ def patch_edges(
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets.
     """
     model = converted_if_convertible(model)
+    _check_graph(graph)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
     _check_mask_shapes(edges)
@@ -360,6 +370,7 @@ def edge_attribution(
         ``values (batch, num_edges)``; ``scores`` is their batch mean.
     """
     model = converted_if_convertible(model)
+    _check_graph(graph)
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {_METHODS}")
     if method != "exact" and torch.is_inference_mode_enabled():
@@ -625,6 +636,7 @@ def faithfulness(
     float for one circuit, Tensor ``(C,)`` for a batch (same forms of ``edges`` as :func:`patch_edges`).
     """
     model = converted_if_convertible(model)
+    _check_graph(graph)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
     _check_mask_shapes(edges)
@@ -703,6 +715,7 @@ def pruning_curve(
         Every point of every curve is one patched run, all evaluated in batches.
     """
     model = converted_if_convertible(model)
+    _check_graph(graph)
     if not isinstance(scores, dict):
         name = scores.method if isinstance(scores, EdgeScores) else "scores"
         scores = {name: scores}
@@ -887,6 +900,7 @@ def acdc(
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
     model = converted_if_convertible(model)
+    _check_graph(graph)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
     threshold = float(threshold)
@@ -1051,6 +1065,8 @@ def _acdc_resume(path, fp, graph: EdgeGraph, reach: _Reach) -> dict:
 
 def circuit_from_edges(graph: EdgeGraph, edges: Iterable[Edge | str], scores=None) -> Circuit:
     """A :class:`Circuit` holding ``edges`` of ``graph`` (for drawing or saving a hand-made circuit)."""
+    if not isinstance(graph, EdgeGraph):
+        raise TypeError(f"graph is a {type(graph).__name__}; give an EdgeGraph (edges(model))")
     return Circuit(
         graph=graph, mask=graph.mask(edges), scores=scores, faithfulness=None, method="given", info={}
     )

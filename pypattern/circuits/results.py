@@ -371,6 +371,8 @@ def draw_circuit(
     summed over positions. Nodes without a kept edge are drawn faintly. The ``annotate`` edges with the largest
     ``|score|`` are labelled with their score.
     """
+    if not isinstance(graph, EdgeGraph):
+        raise TypeError(f"graph is a {type(graph).__name__}; give an EdgeGraph (edges(model))")
     import matplotlib
 
     if path is not None and ax is None:
