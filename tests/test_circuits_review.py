@@ -96,3 +96,62 @@ def test_a_graph_that_is_not_an_edge_graph_is_refused_by_name():
     with pytest.raises(TypeError, match=r"^graph is a list; give an EdgeGraph"):
         draw_circuit(g.edges, torch.ones(len(g), dtype=torch.bool))
     assert len(circuit_from_edges(g, two)) == 2
+
+
+def _scores(values=None):
+    """EdgeScores of the tiny model's graph with given per-example values (no model run)."""
+    from pypattern.circuits import EdgeScores
+
+    g = edges(_model())
+    if values is None:
+        values = torch.arange(2 * len(g), dtype=torch.float64).view(2, -1) - len(g)
+    z = torch.zeros(values.shape[0], dtype=torch.float64)
+    return EdgeScores(g, values, "eap", "noise", "resample", "LogitDiff", z, z)
+
+
+def test_circuit_and_top_refuse_counts_and_fractions_that_are_not_numbers_of_edges():
+    sc = _scores()
+    E = len(sc.graph)
+    for n in (2.5, True, -1, E + 1, "3"):
+        with pytest.raises(ValueError, match=rf"^n={n!r} is not valid; give an int in 0\.\.{E}"):
+            sc.circuit(n=n)
+    for fraction in (True, float("nan"), 1.5, "0.5"):
+        with pytest.raises(
+            ValueError, match=rf"^fraction={fraction!r} is not valid; give a number in \[0, 1\]"
+        ):
+            sc.circuit(fraction=fraction)
+    for n in (2.5, True, -1):
+        with pytest.raises(ValueError, match=rf"^n={n!r} is not valid; give an int >= 0"):
+            sc.top(n)
+    with pytest.raises(ValueError, match=r"^n=2\.5 is not valid"):
+        sc.draw(2.5)
+    # ints of either kind, fractions as numbers, and more than the graph's edges for top()
+    import numpy as np
+
+    assert len(sc.circuit(n=np.int64(3))) == 3 and len(sc.circuit(fraction=1)) == E
+    assert len(sc.top(E + 5)) == E and sc.top(1)[0][0] == sc.graph[int(sc.ranking()[0])]
+
+
+def _curve(counts, faith):
+    from pypattern.circuits import PruningCurve
+
+    return PruningCurve(counts, 10, {"m": faith}, {}, 1.0, 0.0, "noise", "resample", "LogitDiff")
+
+
+def test_pruning_curve_at_and_draw_circuit_refuse_bad_numbers():
+    from pypattern.circuits import draw_circuit
+
+    pc = _curve(torch.tensor([0, 5, 10]), torch.tensor([0.0, 0.5, 1.0]))
+    assert pc.at(0.4) == {"m": 0.5}
+    for fraction in (True, float("nan"), "0.5", -0.1):
+        with pytest.raises(ValueError, match=rf"^fraction={fraction!r} is not valid"):
+            pc.at(fraction)
+    empty = _curve(torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    with pytest.raises(ValueError, match="the curve has no points"):
+        empty.at(0.1)
+    g = edges(_model())
+    mask = torch.ones(len(g), dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"^max_edges=2\.5 is not valid"):
+        draw_circuit(g, mask, max_edges=2.5)
+    with pytest.raises(ValueError, match=r"^annotate=-1 is not valid"):
+        draw_circuit(g, mask, annotate=-1)

@@ -59,6 +59,29 @@ def _load(path, kind: str):
     return out, m
 
 
+def _check_count(name: str, v, upper: int | None = None) -> int:
+    """``v`` as a number of edges: an int (not a bool) from 0 (to ``upper`` when given), else a ValueError naming
+    ``name``."""
+    ok = (
+        isinstance(v, int | np.integer)
+        and not isinstance(v, bool)
+        and v >= 0
+        and (upper is None or v <= upper)
+    )
+    if not ok:
+        what = "an int >= 0" if upper is None else f"an int in 0..{upper}"
+        raise ValueError(f"{name}={v!r} is not valid; give {what} (a number of edges)")
+    return int(v)
+
+
+def _check_fraction(name: str, v) -> float:
+    """``v`` as a fraction of the edges: a real number in [0, 1] (not a bool), else a ValueError naming ``name``."""
+    ok = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and 0 <= v <= 1
+    if not ok:  # NaN fails the comparison
+        raise ValueError(f"{name}={v!r} is not valid; give a number in [0, 1] (a fraction of the edges)")
+    return float(v)
+
+
 @dataclass
 class EdgeScores:
     """Per-edge scores from :func:`~pypattern.circuits.edge_attribution`.
@@ -94,6 +117,7 @@ class EdgeScores:
 
     def top(self, n: int = 10) -> list[tuple[Edge, float]]:
         """The ``n`` edges with the largest ``|score|`` and their scores."""
+        n = _check_count("n", n)
         s = self.scores
         return [(self.graph[i], float(s[i])) for i in self.ranking()[:n].tolist()]
 
@@ -103,11 +127,8 @@ class EdgeScores:
         if (n is None) == (fraction is None):
             raise ValueError("give exactly one of n=... or fraction=...")
         if fraction is not None:
-            if not 0 <= fraction <= 1:
-                raise ValueError(f"fraction={fraction} is not valid; give a number in [0, 1]")
-            n = int(round(fraction * E))
-        if not 0 <= n <= E:
-            raise ValueError(f"n={n} is not valid; give 0..{E}")
+            n = int(round(_check_fraction("fraction", fraction) * E))
+        n = _check_count("n", n, E)
         mask = torch.zeros(E, dtype=torch.bool)
         mask[self.ranking()[:n]] = True
         return Circuit(self.graph, mask, self.scores, None, self.method, {"n": n})
@@ -271,6 +292,9 @@ class PruningCurve(io.Saveable):
 
     def at(self, fraction: float) -> dict:
         """Faithfulness of each method at the point nearest ``fraction`` of the edges."""
+        fraction = _check_fraction("fraction", fraction)
+        if len(self.counts) == 0:
+            raise ValueError("the curve has no points: nothing is near any fraction")
         i = int((self.fractions - fraction).abs().argmin())
         return {k: float(v[i]) for k, v in self.faithfulness.items()}
 
@@ -373,6 +397,9 @@ def draw_circuit(
     """
     if not isinstance(graph, EdgeGraph):
         raise TypeError(f"graph is a {type(graph).__name__}; give an EdgeGraph (edges(model))")
+    if max_edges is not None:
+        _check_count("max_edges", max_edges)
+    _check_count("annotate", annotate)
     import matplotlib
 
     if path is not None and ax is None:
