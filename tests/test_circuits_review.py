@@ -155,3 +155,30 @@ def test_pruning_curve_at_and_draw_circuit_refuse_bad_numbers():
         draw_circuit(g, mask, max_edges=2.5)
     with pytest.raises(ValueError, match=r"^annotate=-1 is not valid"):
         draw_circuit(g, mask, annotate=-1)
+
+
+def test_pruning_curve_refuses_no_points_and_sorts_counts_like_fractions():
+    from pypattern.circuits import edge_attribution, pruning_curve
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    sc = edge_attribution(model, clean, corr, metric=metric)
+    for kw in (dict(counts=[]), dict(fractions=[]), dict(fractions=())):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"^{name} is empty; give at least one point"):
+            pruning_curve(model, sc, clean, corr, metric=metric, **kw)
+    for kw in (dict(counts=5), dict(counts="5"), dict(fractions=0.5)):
+        with pytest.raises(
+            TypeError, match=rf"^{next(iter(kw))}=.* is not valid; give a sequence of numbers"
+        ):
+            pruning_curve(model, sc, clean, corr, metric=metric, **kw)
+    with pytest.raises(ValueError, match=r"fractions must be numbers .*got \[True\]"):
+        pruning_curve(model, sc, clean, corr, metric=metric, fractions=[True])
+    got = pruning_curve(model, sc, clean, corr, metric=metric, counts=[10, 3, 3])
+    want = pruning_curve(model, sc, clean, corr, metric=metric, counts=[3, 10])
+    assert got.counts.tolist() == [3, 10] and got.info["num_runs"] == want.info["num_runs"]
+    torch.testing.assert_close(got.faithfulness["eap"], want.faithfulness["eap"])
+    E = len(sc.graph)
+    by_fraction = pruning_curve(model, sc, clean, corr, metric=metric, fractions=[1.0, 10 / E, 3 / E, 3 / E])
+    assert by_fraction.counts.tolist() == [3, 10, E]
+    assert got.at(0.0)["eap"] == float(got.faithfulness["eap"][0])

@@ -667,17 +667,46 @@ def _ranking(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(-scores.abs(), stable=True).indices
 
 
+def _listed(name: str, values) -> list:
+    """``values`` (``counts`` or ``fractions``) as a non-empty list, else an error naming ``name``."""
+    if isinstance(values, str | bytes | dict) or (
+        isinstance(values, torch.Tensor | np.ndarray) and values.ndim != 1
+    ):
+        values = None
+    try:
+        out = list(values)
+    except TypeError:
+        out = None
+    if out is None:
+        raise TypeError(
+            f"{name}={values!r} is not valid; give a sequence of numbers (one per point of the curve)"
+        )
+    if not out:
+        raise ValueError(f"{name} is empty; give at least one point of the curve")
+    return out
+
+
 def _counts(E: int, fractions, counts) -> torch.Tensor:
+    """The numbers of edges kept at the curve's points: ``counts``, or ``fractions`` of ``E`` rounded; sorted,
+    each once."""
     if counts is not None:
-        counts = list(counts)
+        counts = _listed("counts", counts)
         bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int | np.integer)]
         if bad:
             raise ValueError(f"counts must be ints (numbers of edges kept); got {bad[:3]}")
-        c = torch.as_tensor(counts, dtype=torch.long)
+        c = torch.as_tensor([int(x) for x in counts], dtype=torch.long)
         if bool(((c < 0) | (c > E)).any()):
             raise ValueError(f"counts must lie in 0..{E}; got {c.tolist()}")
-        return c
-    fr = torch.as_tensor(list(fractions), dtype=torch.float64)
+        return torch.unique(c)
+    fractions = _listed("fractions", fractions)
+    bad = [
+        f
+        for f in fractions
+        if isinstance(f, bool) or not isinstance(f, int | float | np.integer | np.floating)
+    ]
+    if bad:
+        raise ValueError(f"fractions must be numbers (fractions of the edges kept); got {bad[:3]}")
+    fr = torch.as_tensor([float(f) for f in fractions], dtype=torch.float64)
     if not bool(((fr >= 0) & (fr <= 1)).all()):  # NaN fails both
         raise ValueError(f"fractions must lie in [0, 1]; got {fr.tolist()}")
     return torch.unique(torch.round(fr * E).long())
@@ -708,6 +737,11 @@ def pruning_curve(
     scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each)
     fractions : sequence of float
         Fractions of the edges kept (rounded to counts); ignored when ``counts`` is given.
+    counts : sequence of int, optional
+        Numbers of edges kept, each in ``0..num_edges``.
+
+    The points of the curve (``counts`` given or rounded from ``fractions``) are sorted and each is evaluated once
+    (a repeated count or two fractions rounding to the same count make one point); an empty sequence is refused.
 
     Returns
     -------
