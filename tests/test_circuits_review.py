@@ -182,3 +182,26 @@ def test_pruning_curve_refuses_no_points_and_sorts_counts_like_fractions():
     by_fraction = pruning_curve(model, sc, clean, corr, metric=metric, fractions=[1.0, 10 / E, 3 / E, 3 / E])
     assert by_fraction.counts.tolist() == [3, 10, E]
     assert got.at(0.0)["eap"] == float(got.faithfulness["eap"][0])
+
+
+def test_scores_holding_nan_are_refused_wherever_they_are_ranked():
+    from pypattern.circuits import pruning_curve
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    sc = _scores()
+    top = int(sc.ranking()[0])
+    v = sc.values.clone()
+    v[0, top] = float("nan")  # the top edge, NaN on one example: it used to be ranked last
+    bad = _scores(v)
+    name = sc.graph[top].name
+    for call in (bad.ranking, lambda: bad.circuit(n=1), lambda: bad.top(1), bad.to_pandas):
+        with pytest.raises(ValueError, match=rf"^scores holds NaN for 1 of \d+ edges \({name}\)"):
+            call()
+    all_nan = torch.full((len(sc.graph),), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^scores holds NaN for (\d+) of \1 edges"):
+        pruning_curve(model, all_nan, clean, corr, metric=metric, counts=[0, 5])
+    with pytest.raises(ValueError, match=r"^scores\['b'\] holds NaN for 1 of"):
+        pruning_curve(model, {"a": sc, "b": bad}, clean, corr, metric=metric, counts=[0, 5])
+    # finite scores rank as before
+    assert sc.circuit(n=1).mask[top] and sc.top(1)[0][0].name == name

@@ -30,7 +30,7 @@ from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
 from .engine import EdgeEngine, prepare_runs
 from .graph import Edge, EdgeGraph
-from .results import Circuit, EdgeScores, PruningCurve
+from .results import Circuit, EdgeScores, PruningCurve, _check_rankable
 
 __all__ = ["patch_edges", "edge_attribution", "faithfulness", "pruning_curve", "acdc"]
 
@@ -734,7 +734,8 @@ def pruning_curve(
 
     Parameters
     ----------
-    scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each)
+    scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each);
+        scores holding NaN are refused
     fractions : sequence of float
         Fractions of the edges kept (rounded to counts); ignored when ``counts`` is given.
     counts : sequence of int, optional
@@ -750,7 +751,8 @@ def pruning_curve(
     """
     model = converted_if_convertible(model)
     _check_graph(graph)
-    if not isinstance(scores, dict):
+    one = not isinstance(scores, dict)
+    if one:
         name = scores.method if isinstance(scores, EdgeScores) else "scores"
         scores = {name: scores}
     if not scores:
@@ -763,8 +765,10 @@ def pruning_curve(
     masks, names = [], []
     for name, sc in scores.items():
         s = sc.scores if isinstance(sc, EdgeScores) else torch.as_tensor(sc)
+        label = "scores" if one else f"scores[{name!r}]"
         if s.shape != (E,):
-            raise ValueError(f"scores[{name!r}] has shape {tuple(s.shape)}; the graph has {E} edges")
+            raise ValueError(f"{label} has shape {tuple(s.shape)}; the graph has {E} edges")
+        _check_rankable(s, label, graph)
         order = _ranking(s)
         rank = torch.empty(E, dtype=torch.long)
         rank[order] = torch.arange(E)

@@ -82,6 +82,20 @@ def _check_fraction(name: str, v) -> float:
     return float(v)
 
 
+def _check_rankable(scores: torch.Tensor, name: str, graph: EdgeGraph) -> None:
+    """Refuse edge ``scores`` ``(num_edges,)`` holding NaN, naming ``name`` and the edges: ranking by ``|score|``
+    would put them at an arbitrary place."""
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        idx = nan.nonzero().flatten().tolist()
+        some = ", ".join(graph[i].name for i in idx[:3]) + (", ..." if len(idx) > 3 else "")
+        raise ValueError(
+            f"{name} holds NaN for {len(idx)} of {len(scores)} edges ({some}); edges cannot be ranked by |score| "
+            "with NaN among them: recompute the scores (a metric that is NaN on some prompt makes every score it "
+            "reaches NaN) or replace the NaN (e.g. with nan_to_num) before ranking"
+        )
+
+
 @dataclass
 class EdgeScores:
     """Per-edge scores from :func:`~pypattern.circuits.edge_attribution`.
@@ -112,8 +126,10 @@ class EdgeScores:
         return self.values.mean(0)
 
     def ranking(self) -> torch.Tensor:
-        """Edge indices by descending ``|score|`` (ties in graph order)."""
-        return torch.sort(-self.scores.abs(), stable=True).indices
+        """Edge indices by descending ``|score|`` (ties in graph order); scores holding NaN are refused."""
+        s = self.scores
+        _check_rankable(s, "scores", self.graph)
+        return torch.sort(-s.abs(), stable=True).indices
 
     def top(self, n: int = 10) -> list[tuple[Edge, float]]:
         """The ``n`` edges with the largest ``|score|`` and their scores."""
