@@ -205,3 +205,53 @@ def test_scores_holding_nan_are_refused_wherever_they_are_ranked():
         pruning_curve(model, {"a": sc, "b": bad}, clean, corr, metric=metric, counts=[0, 5])
     # finite scores rank as before
     assert sc.circuit(n=1).mask[top] and sc.top(1)[0][0].name == name
+
+
+def _rounding_warnings(*args, **kw):
+    import warnings
+
+    from pypattern.circuits import edge_attribution
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        sc = edge_attribution(*args, **kw)
+    return sc, [str(x.message) for x in w if "rounding level" in str(x.message)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_first_order_scores_of_a_metric_without_gradient_at_the_base_run_warn(dtype):
+    from pypattern.patching import KL
+
+    model = _model(dtype=dtype)
+    clean, corr, _ = _prompts()
+    # KL from the clean run is smallest at the clean run, the base run of noising: its gradient there is zero
+    for method, steps in (("eap", 5), ("eap-ig", 1)):
+        sc, msgs = _rounding_warnings(model, clean, corr, metric=KL(), method=method, steps=steps)
+        assert float(sc.values.abs().max()) < 100 * torch.finfo(dtype).eps
+        assert (
+            len(msgs) == 1
+            and f"edge_attribution(method={method!r}): every edge score is at rounding" in msgs[0]
+        )
+        assert "gradient vanishes at the base run" in msgs[0] and "method='exact'" in msgs[0]
+    assert "method='eap-ig'" in _rounding_warnings(model, clean, corr, metric=KL())[1][0]
+    # along the interpolation, and in the denoising frame, the gradient is not zero: no warning
+    for kw in (dict(method="eap-ig", steps=5), dict(mode="denoise")):
+        sc, msgs = _rounding_warnings(model, clean, corr, metric=KL(), **kw)
+        assert not msgs and float(sc.values.abs().max()) > 1e-3
+
+
+def test_small_scores_that_are_not_rounding_do_not_warn():
+    model = _model()
+    clean, corr, metric = _prompts()
+    ref, msgs = _rounding_warnings(model, clean, corr, metric=metric)
+    assert not msgs
+    # outputs 1e-12 times smaller: scores of about 1e-13, as small as the metric's changes, are not rounding
+    with torch.no_grad():
+        model.unembed.W_U.mul_(1e-12)
+        model.unembed.b_U.mul_(1e-12)
+    sc, msgs = _rounding_warnings(model, clean, corr, metric=metric)
+    assert not msgs and float(sc.values.abs().max()) < 1e-9
+    torch.testing.assert_close(sc.values, ref.values * 1e-12)
+    # identical prompts: every score is zero, and so is every change of the metric: nothing to warn about
+    sc, msgs = _rounding_warnings(model, clean, clean, metric=metric)
+    assert not msgs and not bool(sc.values.any())

@@ -445,6 +445,16 @@ def edge_attribution(
             values = _gradient_scores(engine, grads)
         else:
             values = sink.scores(1.0 / steps if method == "eap-ig" else 1.0)
+        _warn_if_no_gradient(
+            values,
+            info["m_base"],
+            info["m_clean"],
+            method,
+            steps,
+            lambda: _all_patched_metric(
+                model, clean, corrupted, metric, mode, ablation, max_batch, memory_budget
+            ),
+        )
     return EdgeScores(
         graph=graph,
         values=_widen(values.detach()),
@@ -459,6 +469,53 @@ def edge_attribution(
             "seconds": time.perf_counter() - t0,
             "passes": passes,
         },
+    )
+
+
+def _all_patched_metric(model, clean, corrupted, metric, mode, ablation, max_batch, memory_budget):
+    """Metric ``(batch,)`` of the run with every edge patched."""
+    graph = EdgeGraph.from_model(model)
+    engine, _ = prepare_runs(
+        model,
+        graph,
+        clean,
+        corrupted,
+        metric,
+        mode,
+        ablation,
+        max_batch=max_batch,
+        memory_budget=memory_budget,
+    )
+    return engine.run(torch.ones(1, len(graph), dtype=torch.bool))[0]
+
+
+def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) -> None:
+    """Warn when first-order scores ``values (batch, num_edges)`` are all at rounding level while patching every
+    edge changes the metric: the metric's gradient vanishes at the base run (a divergence from the clean run, at
+    the clean run), and the scores say nothing about the edges. Scores are compared with the change of the metric
+    when every edge is patched, so scores that are small because the model's outputs are small do not warn; that
+    run (``all_patched()``) is made only when the scores are at most rounding level of the metric's size or of 1."""
+    tol = min(1e3 * torch.finfo(values.dtype).eps, 1e-4)
+    peak = float(values.abs().max()) if values.numel() else 0.0
+    size = max(float(m_base.abs().max()), float(m_clean.abs().max()))
+    if not peak <= tol * max(1.0, size):  # the usual case, and NaN: no extra run
+        return
+    m_all = all_patched().to(m_base.dtype)
+    change = float((m_all - m_base).abs().max())
+    size = max(size, float(m_all.abs().max()))
+    if not (change > tol * size and peak <= tol * change):
+        return
+    if method == "eap":
+        hint = "method='eap-ig' (its gradients are taken on the way from the ablated run) or method='exact'"
+    else:
+        hint = "method='exact'" + (" or more steps" if steps == 1 else "")
+    warnings.warn(
+        f"edge_attribution(method={method!r}): every edge score is at rounding level (the largest |score| is "
+        f"{peak:.2g}, while patching every edge changes the metric by up to {change:.3g}): the metric's gradient "
+        "vanishes at the base run (as that of a divergence from the clean run does at the clean run, in "
+        f"mode='noise'), so these first-order scores say nothing about the edges; use {hint}",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 
