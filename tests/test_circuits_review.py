@@ -129,6 +129,11 @@ def test_circuit_and_top_refuse_counts_and_fractions_that_are_not_numbers_of_edg
     import numpy as np
 
     assert len(sc.circuit(n=np.int64(3))) == 3 and len(sc.circuit(fraction=1)) == E
+    big = sc.scores.abs() > 10
+    assert len(sc.circuit(n=big.sum())) == int(big.sum()) > 0
+    assert len(sc.circuit(fraction=torch.tensor(0.5))) == round(0.5 * E)
+    with pytest.raises(ValueError, match=r"^n=True is not valid"):
+        sc.circuit(n=torch.tensor(True))
     assert len(sc.top(E + 5)) == E and sc.top(1)[0][0] == sc.graph[int(sc.ranking()[0])]
 
 

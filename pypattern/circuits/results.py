@@ -61,7 +61,9 @@ def _load(path, kind: str):
 
 def _check_count(name: str, v, upper: int | None = None) -> int:
     """``v`` as a number of edges: an int (not a bool) from 0 (to ``upper`` when given), else a ValueError naming
-    ``name``."""
+    ``name``. A one-element integer tensor (a count of edges computed in torch) is read as its int."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and not v.is_complex():
+        v = v.item()
     ok = (
         isinstance(v, int | np.integer)
         and not isinstance(v, bool)
@@ -75,7 +77,10 @@ def _check_count(name: str, v, upper: int | None = None) -> int:
 
 
 def _check_fraction(name: str, v) -> float:
-    """``v`` as a fraction of the edges: a real number in [0, 1] (not a bool), else a ValueError naming ``name``."""
+    """``v`` as a fraction of the edges: a real number in [0, 1] (not a bool; a one-element tensor is read as its
+    number), else a ValueError naming ``name``."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex():
+        v = v.item()
     ok = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and 0 <= v <= 1
     if not ok:  # NaN fails the comparison
         raise ValueError(f"{name}={v!r} is not valid; give a number in [0, 1] (a fraction of the edges)")
