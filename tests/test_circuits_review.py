@@ -260,3 +260,25 @@ def test_small_scores_that_are_not_rounding_do_not_warn():
     # identical prompts: every score is zero, and so is every change of the metric: nothing to warn about
     sc, msgs = _rounding_warnings(model, clean, clean, metric=metric)
     assert not msgs and not bool(sc.values.any())
+
+
+def test_draw_of_a_graph_smaller_than_the_default_count_and_prepare_runs_graph_type():
+    """EdgeScores.draw() on a graph of fewer than 20 edges draws every edge (the default count no longer exceeds
+    the graph); prepare_runs names a graph= that is not an EdgeGraph."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pypattern.circuits import edge_attribution, edges
+    from pypattern.circuits.engine import prepare_runs
+    from pypattern.models import Transformer, TransformerConfig
+    from pypattern.patching import LogitDiff
+
+    model = Transformer(TransformerConfig(n_layers=1, d_model=8, n_heads=1, d_mlp=0, d_vocab=11, n_ctx=6))
+    g = edges(model)
+    assert len(g) < 20
+    x, y = torch.randint(0, 11, (2, 4)), torch.randint(0, 11, (2, 4))
+    metric = LogitDiff([1, 2], [3, 4])
+    sc = edge_attribution(model, x, y, metric=metric)
+    sc.draw()
+    with pytest.raises(TypeError, match="graph=list"):
+        prepare_runs(model, list(g.edges), x, y, metric)

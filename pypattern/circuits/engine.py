@@ -1015,6 +1015,10 @@ def prepare_runs(
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'resample', 'mean' or 'zero'")
     view = ModelView(model) if view is None else view
     graph = EdgeGraph.from_model(model) if graph is None else graph
+    if not isinstance(graph, EdgeGraph):
+        raise TypeError(
+            f"graph={type(graph).__name__} is not valid; give an EdgeGraph (edges(model)) or None"
+        )
     check_graph(view, graph)  # before any run is sized by the graph
     d_vocab = model.cfg.d_vocab
     clean = check_tokens(clean, "clean", d_vocab)

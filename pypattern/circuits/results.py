@@ -169,9 +169,10 @@ class EdgeScores:
         df["method"] = self.method
         return df.sort_values("rank").reset_index(drop=True)
 
-    def draw(self, n: int = 20, **kwargs):
-        """Graph drawing of the top ``n`` edges (see :func:`draw_circuit`)."""
-        return self.circuit(n=n).draw(**kwargs)
+    def draw(self, n: int | None = None, **kwargs):
+        """Graph drawing of the top ``n`` edges (default: 20, or every edge of a smaller graph; see
+        :func:`draw_circuit`)."""
+        return self.circuit(n=min(20, len(self.graph)) if n is None else n).draw(**kwargs)
 
     plot = draw
 
