@@ -959,7 +959,7 @@ def test_runaway_chain_is_an_error_not_a_number(batched, monkeypatch):
         e.value.chain in (0, 1) and e.value.draw >= 4 and e.value.suggested_step_size == pytest.approx(0.01)
     )
     # without the check the same call returns a finite, meaningless estimate: what the check prevents
-    monkeypatch.setattr(context, "RUNAWAY_DRAWS", 10**9)
+    monkeypatch.setattr(context, "runaway_limit", lambda *args: float("inf"))
     res = _run(model, loader, step_size=0.1, num_burnin_steps=0, num_steps_bw_draws=1, **kw)
     assert np.isfinite(res.loss_trace).all() and res.loss_trace.max() > 1e3 * res.init_loss
 

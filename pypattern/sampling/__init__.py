@@ -17,7 +17,7 @@ Modules: ``optim`` (SGLD, noise keys), ``samplers`` (SGNHT, RMSprop-SGLD, the sa
 
 from .auto import AutoStepError, AutoStepReport, resolve_step_size
 from .calibrate import CalibrationResult, calibrate_step_size
-from .diagnostics import NonStationaryWarning, check_stationarity, ess, r_hat
+from .diagnostics import NonFiniteLossError, NonStationaryWarning, check_stationarity, ess, r_hat
 from .llc import (
     default_nbeta,
     estimate_learning_coeff,
@@ -46,6 +46,7 @@ __all__ = [
     "resolve_step_size",
     "CalibrationResult",
     "LLCResult",
+    "NonFiniteLossError",
     "NonStationaryWarning",
     "SampleResult",
     "SamplingDivergedError",

@@ -111,7 +111,7 @@ import numpy as np
 from torch import nn
 
 from ..io import Saveable, register
-from .diagnostics import NonStationaryWarning, SamplingDivergedError
+from .diagnostics import NonFiniteLossError, NonStationaryWarning, SamplingDivergedError
 
 __all__ = ["AutoStepError", "AutoStepReport", "resolve_step_size", "step_size_grid", "wants_auto"]
 
@@ -395,6 +395,8 @@ def resolve_step_size(
                     noise_coupling=coupling,
                     **extra,
                 )
+        except NonFiniteLossError:
+            raise  # the data or the model, not the step: no trial can succeed
         except SamplingDivergedError as e:
             at = f"draw {e.draw}" if e.draw is not None and e.draw >= 0 else f"step {e.step}"
             row["verdict"] = f"diverged (chain {e.chain}, {at})"

@@ -185,7 +185,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             lvs.append(losses.detach().double().cpu().numpy())
             bad = np.flatnonzero(~np.isfinite(lvs[-1]))
             if bad.size:
-                raise ctx.diverged(chains[bad[0]], t, f"the loss is {lvs[-1][bad[0]]}")
+                raise ctx.nonfinite_loss(chains[bad[0]], t, lvs[-1][bad[0]], bj[bad[0]])
             if not losses.requires_grad:
                 raise LossContractError(NO_GRADIENT)
             gj = torch.autograd.grad(
@@ -201,6 +201,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 for _ in range((m - 1) * accum):
                     dd.next()
         lv = lvs[0] if accum == 1 else np.mean(lvs, axis=0)
+        for i, g in enumerate(chains):
+            ctx.check_runaway(g, t, float(lv[i]))
         extra = join_outputs(exs, 1) if exs else ()  # (chain, ...): each chain's micro-batches joined
         d = plan.is_draw(t)
         if d >= 0:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
-from .diagnostics import NonStationaryWarning
+from .diagnostics import NonFiniteLossError, NonStationaryWarning
 from .llc import estimate_llc
 from .runner import SamplingDivergedError
 
@@ -124,6 +124,8 @@ def calibrate_step_size(
                 # one checkpoint file per step size
                 path = sub_run_path(ckpt, f"step{i}")
                 r = estimate_llc(model, loader, step_size=eps, checkpoint=path, **sample_kwargs)
+        except NonFiniteLossError:
+            raise  # the data or the model, not the step: every step size would fail
         except SamplingDivergedError as e:
             diverged[i] = True
             reasons.append(f"diverged (chain {e.chain}, draw {e.draw})")

@@ -4,21 +4,25 @@ callbacks, checkpoint writes, progress, divergence errors; one lock serialises t
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import State
-from .diagnostics import SamplingDivergedError
+from .diagnostics import NonFiniteLossError, SamplingDivergedError
 from .plan import RunPlan
 
-__all__ = ["RUNAWAY_DRAWS", "LossContractError", "RunContext", "Stopped", "runaway_limit"]
+__all__ = ["RUNAWAY_STEPS", "LossContractError", "RunContext", "Stopped", "runaway_limit"]
 
-RUNAWAY_DRAWS = 5  # a chain has run away after this many consecutive draws above its runaway limit
+# a chain has run away after this many consecutive steps (burn-in and steps between draws included) above its
+# runaway limit, or when its mean loss over its draws is above it (a run too short for the count)
+RUNAWAY_STEPS = 5
 
 
 def runaway_limit(init_loss: float, num_moving: int, nbeta: float) -> float:
@@ -87,7 +91,7 @@ class RunContext:
             runaway_limit(self.init_loss, sum(params[n].numel() for n in r.moving), nbeta)
             for r in self.plan.runs
         ]
-        self.above: dict[int, int] = {}  # per chain: consecutive draws above its run's limit
+        self.above: dict[int, int] = {}  # per chain: consecutive steps above its run's limit
 
     def moving(self, g: int) -> tuple[str, ...]:
         return self.plan.run_of(g).moving
@@ -150,21 +154,58 @@ class RunContext:
             msg, chain=g, draw=d, step=t, step_size=eps, suggested_step_size=eps / 10
         )
 
-    def check_runaway(self, g: int, d: int, t: int, loss: float) -> None:
-        """Raise :class:`SamplingDivergedError` when chain ``g``'s loss has run away: above its run's
-        :func:`runaway_limit` at ``RUNAWAY_DRAWS`` consecutive draws."""
+    def check_runaway(self, g: int, t: int, loss: float) -> None:
+        """Raise :class:`SamplingDivergedError` when chain ``g``'s loss at step ``t`` (any step: burn-in and steps
+        between draws count) has run away: above its run's :func:`runaway_limit` at ``RUNAWAY_STEPS``
+        consecutive steps."""
         limit = self.runaway_at[g // self.plan.num_chains]
         if not loss > limit:
             self.above.pop(g, None)
             return
         n = self.above[g] = self.above.get(g, 0) + 1
-        if n >= RUNAWAY_DRAWS:
+        if n >= RUNAWAY_STEPS:
             raise self.diverged(
                 g,
                 t,
-                f"the loss ran away: {loss:.4g} at this draw and above {limit:.4g} (far above L_n(w*) = "
-                f"{self.init_loss:.4g}) at the last {n} draws",
+                f"the loss ran away: {loss:.4g} at this step and above {limit:.4g} (far above L_n(w*) = "
+                f"{self.init_loss:.4g}) at the last {n} steps",
             )
+
+    def check_mean_runaway(self, g: int, t: int) -> None:
+        """At chain ``g``'s last draw: raise :class:`SamplingDivergedError` when the mean of its draws' losses is
+        above its run's :func:`runaway_limit`, an LLC estimate over twenty times the largest possible (a run too
+        short for ``RUNAWAY_STEPS`` consecutive steps above the limit, whose loss grows without bound)."""
+        limit = self.runaway_at[g // self.plan.num_chains]
+        mean = float(np.mean(self.state.loss[g]))
+        if mean > limit:
+            raise self.diverged(
+                g,
+                t,
+                f"the loss ran away: its mean over the chain's {self.plan.num_draws} draws is {mean:.4g}, above "
+                f"{limit:.4g} (far above L_n(w*) = {self.init_loss:.4g}; an LLC over twenty times the largest "
+                "possible)",
+            )
+
+    def nonfinite_loss(self, g: int, t: int, value: float, batch) -> SamplingDivergedError:
+        """The error for chain ``g``'s non-finite loss ``value`` at step ``t`` on ``batch``: when the loss at the
+        initial weights ``w*`` on that batch is not finite either, the data or the model are the cause (a
+        :class:`NonFiniteLossError`), else the chain diverged."""
+        try:
+            with torch.no_grad():
+                at_start = float(self.split_loss(self.plan.loss_fn(self.model, batch)).detach())
+        except Exception:  # noqa: BLE001 - the check only chooses the message: the divergence error stands
+            at_start = 0.0
+        if math.isfinite(at_start):
+            return self.diverged(g, t, f"the loss is {value}")
+        return NonFiniteLossError(
+            f"chain {g}'s loss is {value} at step {t}, and {at_start} at the initial weights w* on the same batch: "
+            "the data or the model give a non-finite loss before any step (look for NaN or Inf in the batch's "
+            "tensors and in the model's weights); a smaller step size would not help",
+            chain=g,
+            draw=self.plan.is_draw(t),
+            step=t,
+            step_size=self.plan.hyper["step_size"],
+        )
 
     def at_draw(
         self,
@@ -180,8 +221,9 @@ class RunContext:
         """Record chain ``g``'s draw ``d``: its loss, its observables (those not already in ``precomputed``,
         evaluated on ``model_view()``) and the callbacks (``outputs``: the loss function's other returned tensors)."""
         plan, st = self.plan, self.state
-        self.check_runaway(g, d, t, loss)
         st.loss[g, d] = loss
+        if d == plan.num_draws - 1:
+            self.check_mean_runaway(g, t)
         if not (plan.observables or self.cb_keys):
             return
         obs_vals = dict(precomputed or {})

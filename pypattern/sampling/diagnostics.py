@@ -7,7 +7,14 @@ import warnings
 
 import numpy as np
 
-__all__ = ["NonStationaryWarning", "SamplingDivergedError", "check_stationarity", "ess", "r_hat"]
+__all__ = [
+    "NonFiniteLossError",
+    "NonStationaryWarning",
+    "SamplingDivergedError",
+    "check_stationarity",
+    "ess",
+    "r_hat",
+]
 
 
 class SamplingDivergedError(FloatingPointError):
@@ -19,6 +26,12 @@ class SamplingDivergedError(FloatingPointError):
         super().__init__(msg)
         self.chain, self.draw, self.step, self.step_size = chain, draw, step, step_size
         self.suggested_step_size = suggested_step_size
+
+
+class NonFiniteLossError(SamplingDivergedError, ValueError):
+    """The loss is not finite at the initial weights ``w*`` (on the data or with the model given): the inputs are
+    the cause, not the step size, so no smaller step is suggested (``suggested_step_size`` is None) and a run at a
+    calibrated step is not run again. A :class:`SamplingDivergedError` and a :class:`ValueError`."""
 
 
 class NonStationaryWarning(UserWarning):

@@ -103,7 +103,7 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                 loss = ctx.split_loss(o)
                 vals.append(float(loss.detach()))
                 if not math.isfinite(vals[-1]):
-                    raise ctx.diverged(g, t, f"the loss is {vals[-1]}")
+                    raise ctx.nonfinite_loss(g, t, vals[-1], b)
                 if j == 0:
                     batch = b
                 if ctx.cb_keys:  # what the callbacks read of this micro-batch
@@ -112,6 +112,7 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                     raise LossContractError(NO_GRADIENT)
                 (loss / accum if accum > 1 else loss).backward()
             lv = vals[0] if accum == 1 else float(np.mean(vals))
+            ctx.check_runaway(g, t, lv)
             d = plan.is_draw(t)
             if d >= 0:
                 ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=join_outputs(extras) if extras else ())
