@@ -11,9 +11,11 @@ Batches
   them;
 * a **one-element** ``(tokens,)`` / ``[tokens]`` (what a ``DataLoader`` over ``TensorDataset(tokens)`` yields):
   the token tensor it holds;
-* a **pair** ``(x, y)`` / ``[x, y]`` (more elements are ignored): ``model(x)`` scored against ``y``;
-  cross-entropy for integer ``y`` (class index per sample, or per position when the logits have a sequence axis;
-  ``y == -100`` is ignored), mean squared error for floating ``y``.
+* a **pair** ``(x, y)`` / ``[x, y]``: ``model(x)`` scored against ``y``; cross-entropy for integer ``y`` (class
+  index per sample, or per position when the logits have a sequence axis; ``y == -100`` is ignored; a model with
+  one output is refused, cross-entropy over one class being 0), mean squared error for floating ``y``. A tuple or
+  list of more elements (``(x, y, weights)``) is refused: the default loss would ignore the rest; a loss function
+  of one's own reads them.
 
 A next-token target at position ``t + 1`` counts when ``labels[t + 1] != -100``, ``attention_mask[t + 1] == 1``
 and ``attention_mask[t] == 1`` (the prediction is made from a real token). With right padding (or none) this
@@ -54,8 +56,10 @@ __all__ = [
     "ParsedBatch",
     "parse_batch",
     "check_batch",
+    "position_limit",
     "vocab_size",
     "batch_size",
+    "forward_error",
     "model_output",
     "read_logits",
     "read_loss",
@@ -182,7 +186,13 @@ def parse_batch(batch: Any) -> ParsedBatch:
     if isinstance(batch, tuple | list) and len(batch) == 1 and isinstance(batch[0], torch.Tensor):
         # DataLoader(TensorDataset(tokens)) yields [tokens]
         return ParsedBatch("tokens", _ids(batch[0], "a one-element batch's tensor", batch))
-    if isinstance(batch, tuple | list) and len(batch) >= 2:
+    if isinstance(batch, tuple | list) and len(batch) > 2:
+        raise ValueError(
+            f"the default loss reads (inputs, targets) and would ignore the other elements of {_describe(batch)}; "
+            "give (x, y) batches, or pass a loss function (model, batch) -> loss (loss_fn=) that uses the others "
+            "(e.g. sample weights)"
+        )
+    if isinstance(batch, tuple | list) and len(batch) == 2:
         x, y = batch[0], batch[1]
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(
@@ -213,6 +223,29 @@ def vocab_size(model: nn.Module) -> int | None:
 
 # Hugging Face families with learned absolute positions that do not derive them from the attention mask
 _LEARNED_POSITION_TYPES = frozenset({"gpt2", "gpt_neo", "gpt_bigcode"})
+
+#: Hugging Face families whose learned absolute positions bound the sequence length, and the config field of it
+LEARNED_POSITIONS = {
+    "gpt2": "n_positions",
+    "gpt_bigcode": "n_positions",
+    "gpt_neo": "max_position_embeddings",
+    "opt": "max_position_embeddings",
+}
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The number of learned positions of ``model`` (pypattern's ``cfg.max_positions``, or a Hugging Face model's,
+    possibly wrapped, of a family with learned absolute positions); None when positions do not bound the length
+    (rotary or no positional embeddings, or a model whose limit cannot be read)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "max_positions"):
+        v = cfg.max_positions
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+    inner = getattr(model, "model", model)
+    config = getattr(inner, "config", None)
+    field_ = LEARNED_POSITIONS.get(getattr(config, "model_type", None))
+    v = getattr(config, field_, None) if field_ else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
@@ -293,6 +326,17 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                 f"(attention_mask 0) or labelled {IGNORE_INDEX}, or the sequences have one token; its loss is "
                 "undefined"
             )
+    if pb.is_lm:
+        limit = position_limit(model)
+        if limit is not None:
+            pos_ids = pb.extra.get("position_ids")
+            last = int(pos_ids.max()) + 1 if pos_ids is not None and pos_ids.numel() else pb.inputs.shape[1]
+            if last > limit:
+                what = "position_ids reach" if pos_ids is not None else "sequences of length"
+                raise ValueError(
+                    f"{argument}: {what} {last}, but {type(model).__name__} has {limit} learned positions "
+                    f"(0 .. {limit - 1}); give sequences of at most {limit} tokens (truncate or split them)"
+                )
     if pb.is_lm and pb.inputs.numel():
         v = vocab_size(model)
         lo, hi = int(pb.inputs.min()), int(pb.inputs.max())
@@ -312,6 +356,30 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                     f"{IGNORE_INDEX} for positions that do not count"
                 )
     return pb
+
+
+def forward_error(model: nn.Module, batch: Any, argument: str, error: Exception) -> TypeError | None:
+    """A clearer error for ``error``, raised by ``model`` (or a loss function) on ``batch`` (passed as
+    ``argument``), when the batch's floating tensors have another dtype than the model's floating parameters (torch
+    says only that two operands differ); None when they agree."""
+    dtypes = (
+        {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if isinstance(model, nn.Module)
+        else set()
+    )
+    if len(dtypes) != 1:
+        return None
+    (want,) = dtypes
+    leaves: list[torch.Tensor] = []
+    torch.utils._pytree.tree_map(lambda v: leaves.append(v) if isinstance(v, torch.Tensor) else None, batch)
+    other = sorted({str(t.dtype) for t in leaves if t.is_floating_point() and t.dtype != want})
+    if not other:
+        return None
+    return TypeError(
+        f"{argument}: the batch holds {' and '.join(other)} tensors but the model's parameters are {want}, and the "
+        f"forward failed ({type(error).__name__}: {error}); convert one to the other's dtype (the batch's tensors "
+        f"with .to({want}), or the model with .to(...))"
+    )
 
 
 def batch_size(batch: Any) -> int:
@@ -533,6 +601,12 @@ def _check_classes(out: torch.Tensor, y: torch.Tensor) -> None:
     if out.dim() not in (2, 3):
         return  # other layouts (classes on axis 1 of an image's scores): as torch's cross-entropy reads them
     want = tuple(out.shape[:-1])
+    if out.shape[-1] == 1:
+        raise ValueError(
+            f"the pair's targets y are integers ({y.dtype}: class indices) but the model's output {tuple(out.shape)} "
+            "scores one class, and cross-entropy over one class is identically 0; give float targets (y.float()) "
+            "for a regression, or a model with one output per class"
+        )
     if tuple(y.shape) != want:
         hint = " (squeeze its last dimension)" if tuple(y.shape) == (*want, 1) else ""
         raise ValueError(

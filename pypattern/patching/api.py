@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..losses import position_limit
 from .corruptions import (
     Corruption,
     GaussianNoise,
@@ -173,27 +174,10 @@ def check_tokens(
     return tokens
 
 
-#: Hugging Face families whose learned absolute positions bound the prompt length, and the config field of it
-_LEARNED_POSITIONS = {
-    "gpt2": "n_positions",
-    "gpt_bigcode": "n_positions",
-    "gpt_neo": "max_position_embeddings",
-    "opt": "max_position_embeddings",
-}
-
-
 def _n_ctx(model) -> int | None:
-    """The number of learned positions of ``model`` (pypattern's ``max_positions``, or a wrapped Hugging Face
-    model's of a family with learned absolute positions); None when positions do not bound the length."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(cfg, "max_positions"):
-        v = cfg.max_positions
-        return v if isinstance(v, int) else None
-    inner = getattr(model, "model", model)
-    config = getattr(inner, "config", None)
-    field_ = _LEARNED_POSITIONS.get(getattr(config, "model_type", None))
-    v = getattr(config, field_, None) if field_ else None
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    """The number of learned positions of ``model`` (:func:`pypattern.losses.position_limit`); None when positions
+    do not bound the length."""
+    return position_limit(model)
 
 
 def _vocab(model) -> int | None:

@@ -20,7 +20,15 @@ from .optim import SGLD_DEFAULTS, chain_seed, check_hyperparameters, matches
 from .samplers import SAMPLER_HYPERPARAMETERS, sampler_hyperparameters, sampler_name
 from .vocabulary import DEVINTERP_NAMES, translate
 
-__all__ = ["RunPlan", "RunSpec", "default_nbeta", "make_plan", "resolve_hyperparameters"]
+__all__ = [
+    "RunPlan",
+    "RunSpec",
+    "check_loader",
+    "check_model",
+    "default_nbeta",
+    "make_plan",
+    "resolve_hyperparameters",
+]
 
 
 def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
@@ -213,6 +221,44 @@ def _int_at_least(name: str, v, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     return v
+
+
+def check_model(model) -> None:
+    """Refuse a ``model`` the samplers cannot move, naming it: not a ``torch.nn.Module``, or with parameters on the
+    meta device (shapes without values)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module at the weights to sample around, got {type(model).__name__}"
+            + (" (a function: wrap it in an nn.Module whose parameters it reads)" if callable(model) else "")
+        )
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"model has parameters on the meta device (shapes without values), e.g. {meta[0]!r}: the sampler "
+            "reads and moves their values; load the weights first (model.to_empty(device='cpu') and "
+            "load_state_dict, or from_pretrained without device_map='meta')"
+        )
+
+
+def check_loader(loader, argument: str = "loader") -> None:
+    """Refuse a ``loader`` (passed as ``argument``) that is not an iterable of batches, or has no batch, naming
+    it."""
+    if isinstance(loader, torch.Tensor):
+        raise TypeError(
+            f"{argument} is a tensor of shape {tuple(loader.shape)}: give an iterable of batches, e.g. [tokens] for "
+            "one batch, or a DataLoader (iterating a tensor would make each of its rows a batch)"
+        )
+    if isinstance(loader, str | bytes) or not isinstance(loader, Iterable):
+        raise TypeError(
+            f"{argument} must be an iterable of batches (a DataLoader, or a list of batches such as [(x, y)]), got "
+            f"{type(loader).__name__}"
+        )
+    try:
+        n = len(loader)
+    except TypeError:
+        return
+    if n == 0:
+        raise ValueError(f"{argument} yielded no batch (it has length 0): give at least one batch")
 
 
 def _component_hint(model, patterns: list[str]) -> str:

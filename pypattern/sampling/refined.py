@@ -26,6 +26,7 @@ from torch import nn
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .llc import llc_from_sample
+from .plan import check_loader, check_model
 from .runner import sample
 
 __all__ = ["RefinedLLCResult", "refined_llc"]
@@ -143,6 +144,13 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
         listed = True
     else:
         listed = False
+    if not isinstance(components, Mapping) and (
+        isinstance(components, bytes | torch.Tensor) or not isinstance(components, Iterable)
+    ):
+        raise TypeError(
+            f"components={components!r} is not valid; give 'heads', 'blocks', a list of component names or "
+            "parameter-name prefixes, or a dict of name -> names or masks"
+        )
     if isinstance(components, Mapping):
         names, specs = [str(k) for k in components], list(components.values())
     else:
@@ -231,6 +239,9 @@ def refined_llc(
     for bad in ("runs", "restrict_to", "masks"):
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is set by refined_llc from components; pass components instead")
+    check_model(model)
+    if data is not None:  # sampled as a loader: errors would name "loader"
+        check_loader(data, "data")
     names, runs = _component_runs(model, components)
     if include_full:
         names, runs = [FULL, *names], [(None, None), *runs]

@@ -22,14 +22,14 @@ from torch import nn
 
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
-from ..losses import batch_loss, check_batch, read_loss
+from ..losses import batch_loss, check_batch, forward_error, read_loss
 from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import LossContractError, RunContext, Stopped
 from .data import ChainData, batch_size_of, batches_per_epoch, ragged_last_batch, to_device
-from .diagnostics import SamplingDivergedError, check_stationarity, ess, r_hat
-from .plan import RunPlan, check_checkpoint_file, default_nbeta, make_plan
+from .diagnostics import NonFiniteLossError, SamplingDivergedError, check_stationarity, ess, r_hat
+from .plan import RunPlan, check_checkpoint_file, check_loader, check_model, default_nbeta, make_plan
 from .results import SampleResult
 from .samplers import sampler_name
 from .sequential import run_sequential
@@ -262,15 +262,25 @@ def sample(
     ------
     SamplingDivergedError
         A loss, gradient or parameter became NaN or Inf, or a chain's loss ran away (above
-        ``L_n(w*) + max(10 |L_n(w*)|, 10 d / nbeta)`` for ``d`` moving parameters at 5 consecutive draws: an LLC
-        twenty times larger than possible); the message names the chain, draw, step and step size, and suggests
-        a tenth of the step size.
+        ``L_n(w*) + max(10 |L_n(w*)|, 10 d / nbeta)`` for ``d`` moving parameters at 5 consecutive steps, burn-in
+        and steps between draws included, or on average over the chain's draws: an LLC twenty times larger than
+        possible); the message names the chain, draw, step and step size, and suggests a tenth of the step size.
+        A loss that is not finite at the initial weights ``w*`` too (on ``L_n(w*)``'s batches, or on the batch
+        where a chain met it) raises :class:`~pypattern.sampling.NonFiniteLossError` instead (also a
+        ``ValueError``): the data or the model, not the step size, are the cause.
+    TypeError, ValueError
+        ``model`` not an ``nn.Module`` (or on the meta device), ``loader`` not an iterable of batches, or a batch
+        the default loss cannot read (a tuple of more than ``(x, y)``, class targets for a model with one output,
+        sequences longer than the model's learned positions, a dtype other than the model's), naming the
+        argument.
 
     Notes
     -----
     A model in training mode with dropout layers is put in eval mode for the run (and back afterwards), with a
     warning: dropout would make the draws random beyond the seed and a resume inexact.
     """
+    check_model(model)
+    check_loader(loader)
     if not (isinstance(noise_coupling, int) and not isinstance(noise_coupling, bool) and noise_coupling >= 1):
         raise ValueError(f"noise_coupling must be an int >= 1, got {noise_coupling!r}")
     if noise_coupling > 1:
@@ -297,11 +307,6 @@ def sample(
     _check_param_dtypes(model)
     if checkpoint is not None:  # before a step-size search or L_n(w*)
         check_checkpoint_file(checkpoint)
-    if isinstance(loader, torch.Tensor):
-        raise TypeError(
-            f"loader is a tensor of shape {tuple(loader.shape)}: give an iterable of batches, e.g. [tokens] for one "
-            "batch, or a DataLoader (iterating a tensor would make each of its rows a batch)"
-        )
     if lr is not None:  # devinterp's name for the step size
         step_size = translate({"step_size": step_size, "lr": lr}, where="sample()")["step_size"]
         lr = None
@@ -391,7 +396,7 @@ def rerun_at_half_step(run: Callable[[float], Any], step: float, report, *, can_
         try:
             return run(step)
         except SamplingDivergedError as e:
-            if not can_rerun or k == AUTO_RUN_HALVINGS:
+            if not can_rerun or k == AUTO_RUN_HALVINGS or isinstance(e, NonFiniteLossError):
                 raise
             old, step = step, step / 2
             report.reruns.append(
@@ -548,9 +553,18 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
     def loss_at_w_star(batch) -> float:
         # the library's loss (the default, or batch_loss passed by name) reads the batch: check it, errors naming
         # the argument it came from
-        if plan.loss_fn is default_loss_fn or plan.loss_fn is batch_loss:
+        library = plan.loss_fn is default_loss_fn or plan.loss_fn is batch_loss
+        if library:
             check_batch(model, batch, "loader")
-        return float(split_loss(plan.loss_fn(model, batch)))
+        try:
+            out = plan.loss_fn(model, batch)
+        except (TypeError, ValueError) as e:
+            if library:  # the library's loss refused the batch (its targets, shapes): name where it came from
+                raise type(e)(f"loader: {e}") from None
+            raise
+        except RuntimeError as e:
+            raise (forward_error(model, batch, "loader", e) or e) from e
+        return float(split_loss(out))
 
     with torch.no_grad():
         vals = np.array([loss_at_w_star(to_device(stream.next(), device)) for _ in range(k)])
@@ -572,8 +586,10 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
                 l_r = loss_at_w_star(to_device(last, device))
                 vals = vals * (k * b / (k * b + r)) + l_r * (r / (k * b + r))
     if not np.all(np.isfinite(vals)):
-        raise SamplingDivergedError(
-            f"the loss at w* is not finite ({vals}): check the model and loss_fn",
+        raise NonFiniteLossError(
+            f"loader: the loss at the initial weights w* is not finite ({vals}, one value per batch read): the data "
+            "or the model give a non-finite loss before any step (look for NaN or Inf in the batches' tensors and "
+            "in the model's weights, and check loss_fn)",
             chain=-1,
             draw=-1,
             step=-1,
