@@ -55,12 +55,22 @@ from torch import nn
 
 from . import io
 from .io import Saveable, register
-from .losses import batch_size, check_batch, counted_mask, probe_losses, sample_losses, token_losses
+from .losses import (
+    _describe,
+    batch_size,
+    check_batch,
+    counted_mask,
+    forward_error,
+    probe_losses,
+    sample_losses,
+    token_losses,
+)
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import CHECKPOINT_KIND, load_checkpoint_state, model_architecture
 from .sampling.data import ChainData, hash_data
 from .sampling.optim import chain_seed
+from .sampling.plan import check_loader, check_model
 from .sampling.runner import rerun_at_half_step, sample, split_loss
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
@@ -408,10 +418,24 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
     """The probe's per-sample (or per-token) losses at ``w*``, ``losses_of(model)``, with the probe and what
     ``per_sample_loss_fn`` returned checked first, errors naming them: a probe the default loss cannot read (a float,
     3-D or out-of-vocabulary token tensor), and fewer values than probe samples (a batch mean or sum)."""
-    if per_sample_loss_fn in (per_sample_losses, probe_losses, sample_losses):
+    library = per_sample_loss_fn in (per_sample_losses, probe_losses, sample_losses)
+    if library:
         check_batch(model, probe, "probe")
-    with torch.no_grad():
-        l0 = losses_of(model)
+    try:
+        b = batch_size(probe)
+    except (TypeError, ValueError):
+        b = None
+    if b == 0:
+        raise ValueError(f"probe has no samples ({_describe(probe)}): give at least one probe sample")
+    try:
+        with torch.no_grad():
+            l0 = losses_of(model)
+    except (TypeError, ValueError) as e:
+        if library:  # the library's losses refused the probe (its targets, shapes): name it
+            raise type(e)(f"probe: {e}") from None
+        raise
+    except RuntimeError as e:
+        raise (forward_error(model, probe, "probe", e) or e) from e
     if not isinstance(l0, torch.Tensor):
         raise TypeError(
             f"per_sample_loss_fn returned {type(l0).__name__}; it must return a tensor of losses, (batch,) per "
@@ -419,14 +443,18 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
         )
     if l0.numel() == 0:
         raise ValueError("the probe has no samples (per_sample_loss_fn returned an empty tensor)")
-    try:
-        b = batch_size(probe)
-    except (TypeError, ValueError):
-        b = None
     if l0.dim() == 0 or (b is not None and l0.numel() < b):
         raise ValueError(
             f"per_sample_loss_fn returned shape {tuple(l0.shape)} on a probe of {b} samples; it must return one "
             "loss per sample (batch,) or per token (batch, pos), not a batch mean or sum"
+        )
+    bad = ~torch.isfinite(l0.detach())
+    if bool(bad.any()):
+        where = torch.nonzero(bad.reshape(bad.shape[0], -1).any(1) if bad.dim() else bad.reshape(1)).flatten()
+        raise ValueError(
+            f"probe: per_sample_loss_fn gives a non-finite loss at the initial weights w*, before any step, for "
+            f"probe samples {where[:5].tolist()}: the probe data or the model give a non-finite loss (look for NaN "
+            "or Inf in the probe's tensors and in the model's weights)"
         )
     return l0
 
@@ -529,6 +557,22 @@ def _probe_columns(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray,
         return np.repeat(np.arange(b), t), np.tile(np.arange(t), b), -np.ones(b * t, dtype=np.int64)
     n = losses.numel()
     return np.arange(n), -np.ones(n, dtype=np.int64), -np.ones(n, dtype=np.int64)
+
+
+def _check_common(model, loader, per_token, kw: dict) -> None:
+    """The arguments :func:`susceptibilities` and :func:`bif` share, checked before any forward: ``model`` and
+    ``loader`` (as :func:`pypattern.sample` checks them), ``per_token`` a bool, and at least 2 draws per chain (both
+    estimate covariances over each chain's draws)."""
+    check_model(model)
+    check_loader(loader)
+    if not isinstance(per_token, bool | np.bool_):
+        raise TypeError(f"per_token={per_token!r} is not valid; give True or False")
+    d = kw.get("num_draws")
+    if isinstance(d, numbers.Integral) and not isinstance(d, bool | np.bool_) and int(d) < 2:
+        raise ValueError(
+            f"num_draws={d!r} is too few: the estimate is a covariance over each chain's draws, which needs at "
+            "least 2 draws per chain; give num_draws >= 2"
+        )
 
 
 # sampler settings that change how the draws are computed or shown, not their values
@@ -659,6 +703,7 @@ def susceptibilities(
             "folder: give a folder path"
         )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    _check_common(model, loader, per_token, kw)
     if isinstance(components, str):
         raise TypeError(
             f"components={components!r} is one string; give a list of component names, e.g. [{components!r}]"
@@ -727,7 +772,19 @@ def susceptibilities(
 
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     with torch.no_grad():
-        phi0 = phi_of(model).reshape(())
+        phi0 = phi_of(model)
+    if phi0.numel() != 1:
+        raise ValueError(
+            f"observable returned shape {tuple(phi0.shape)} at w*; it must return one number (phi, a scalar): "
+            "reduce it, e.g. with .sum(), or estimate one susceptibility per entry with one observable each"
+        )
+    phi0 = phi0.reshape(())
+    if not bool(torch.isfinite(phi0)):
+        what = "observable" if observable is not None else ("sampling_batch" if given else "loader")
+        raise ValueError(
+            f"{what}: phi is {float(phi0)} at the initial weights w*, before any step: the data or the model give "
+            "a non-finite value (look for NaN or Inf in the batch's tensors and in the model's weights)"
+        )
     n = l0.numel()
     counted = entries.counted(n)  # entries outside it (padding) are left out of Lbar and get chi 0
     meta = _probe_meta(probe, l0, counted)
@@ -1085,6 +1142,7 @@ def bif(
                 "a checkpoint; bif starts afresh)"
             )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    _check_common(model, loader, per_token, kw)
     auto_step = None
     if wants_auto(
         kw.get("step_size"), kw.get("optimizer_kwargs")

@@ -1,0 +1,242 @@
+"""Sampling, susceptibility and BIF inputs: runaway chains in short runs and in burn-in, non-finite losses at the
+initial weights, and arguments refused by name instead of failing inside torch or returning a wrong number."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pypattern as pp
+from pypattern.sampling import SamplingDivergedError
+
+KW = dict(num_chains=2, num_draws=5, step_size=1e-4, quiet=True)
+
+
+def _task(seed=0):
+    torch.manual_seed(seed)
+    X = torch.randn(256, 4)
+    y = X @ torch.randn(4, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    return model, loader, X, y
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_short_run_that_blows_up_is_an_error(batched):
+    """Five draws whose loss grows a thousandfold per step never stay above the runaway limit at five
+    consecutive steps (the first is at w*): the mean of the chain's draws, far above the limit, stops it."""
+    model, loader, _, _ = _task()
+    with pytest.raises(SamplingDivergedError, match=r"ran away: its mean over the chain's 5 draws") as e:
+        pp.estimate_llc(
+            model,
+            loader,
+            num_chains=4,
+            num_draws=5,
+            step_size=1.0,
+            localization=10.0,
+            quiet=True,
+            batched=batched,
+        )
+    assert e.value.suggested_step_size == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_runaway_in_burn_in_is_an_error(batched):
+    """Burn-in steps count towards the runaway check: three burn-in steps and four draws that run away."""
+    model, loader, _, _ = _task()
+    with pytest.raises(SamplingDivergedError, match=r"ran away") as e:
+        pp.estimate_llc(
+            model,
+            loader,
+            num_chains=4,
+            num_burnin_steps=3,
+            num_draws=4,
+            step_size=0.3,
+            localization=10.0,
+            quiet=True,
+            batched=batched,
+        )
+    assert e.value.step >= 4
+
+
+def test_runaway_during_burn_in_is_caught_before_any_draw():
+    """A run whose burn-in alone is long enough: the chain stops in burn-in, at the fifth step above the limit."""
+    model, loader, _, _ = _task()
+    with pytest.raises(SamplingDivergedError, match=r"during burn-in .*ran away.* at the last 5 steps") as e:
+        pp.estimate_llc(
+            model,
+            loader,
+            num_chains=2,
+            num_burnin_steps=40,
+            num_draws=3,
+            step_size=0.3,
+            localization=10.0,
+            quiet=True,
+        )
+    assert e.value.draw == -1 and e.value.step < 40
+
+
+def test_short_healthy_runs_are_not_flagged():
+    model, loader, _, _ = _task()
+    for draws in (1, 2, 5):
+        res = pp.estimate_llc(model, loader, num_chains=2, num_draws=draws, step_size=1e-4, quiet=True)
+        assert np.isfinite(res.llc_mean) and abs(res.llc_mean) < 50
+
+
+def test_nan_in_training_data_blames_the_data_not_the_step():
+    from pypattern.sampling import NonFiniteLossError
+
+    model, _, X, y = _task()
+    Xn = X.clone()
+    Xn[3, 0] = float("nan")
+    # L_n(w*) over a few batches does not meet the bad row; a chain does, and the loss at w* on its batch is NaN
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xn, y), batch_size=32, shuffle=True)
+    for batched in (False, True):
+        with pytest.raises(
+            NonFiniteLossError, match=r"at the initial weights w\* on the same batch.*before any step"
+        ):
+            pp.estimate_llc(model, loader, num_init_loss_batches=1, seed=0, batched=batched, **KW)
+    with pytest.raises(
+        NonFiniteLossError, match=r"loader: the loss at the initial weights w\* is not finite"
+    ) as e:
+        pp.estimate_llc(model, [(Xn[:32], y[:32])], **KW)
+    assert isinstance(e.value, ValueError) and e.value.suggested_step_size is None
+    # a step size that is the cause still gets the divergence message and a smaller step
+    with pytest.raises(SamplingDivergedError, match="smaller step_size") as e:
+        pp.estimate_llc(
+            model, [(X[:32], y[:32])], num_chains=2, num_draws=50, step_size=1e6, nbeta=1e6, quiet=True
+        )
+    assert not isinstance(e.value, NonFiniteLossError)
+
+
+def test_nan_in_probe_is_named_at_the_initial_weights():
+    model, loader, X, y = _task()
+    Xn = X[:8].clone()
+    Xn[5, 1] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"probe: .*non-finite loss at the initial weights w\*.*samples \[5\]"
+    ):
+        pp.susceptibilities(model, loader, (Xn, y[:8]), ["0"], **KW)
+    with pytest.raises(
+        ValueError, match=r"probe: .*non-finite loss at the initial weights w\*.*samples \[5\]"
+    ):
+        pp.bif(model, loader, (Xn, y[:8]), **KW)
+
+
+def test_empty_probe_is_refused_by_name():
+    model, loader, X, y = _task()
+    with pytest.raises(ValueError, match=r"probe has no samples .*shape \(0, 4\)"):
+        pp.susceptibilities(model, loader, (X[:0], y[:0]), ["0"], **KW)
+    with pytest.raises(ValueError, match=r"probe has no samples"):
+        pp.bif(model, loader, (X[:0], y[:0]), **KW)
+
+
+def test_model_and_loader_that_are_not_are_refused_by_name():
+    model, loader, X, y = _task()
+    for bad in (None, lambda x: x):
+        with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
+            pp.estimate_llc(bad, loader, **KW)
+        with pytest.raises(TypeError, match=r"model must be a torch.nn.Module"):
+            pp.susceptibilities(bad, loader, (X[:8], y[:8]), ["0"], **KW)
+    for bad in (None, 5):
+        with pytest.raises(
+            TypeError, match=rf"loader must be an iterable of batches .*got {type(bad).__name__}"
+        ):
+            pp.estimate_llc(model, bad, **KW)
+        with pytest.raises(TypeError, match=r"loader must be an iterable of batches"):
+            pp.bif(model, bad, (X[:8], y[:8]), **KW)
+    meta = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to("meta")
+    with pytest.raises(ValueError, match=r"model has parameters on the meta device.*'0.weight'"):
+        pp.estimate_llc(meta, loader, **KW)
+
+
+def test_refined_llc_components_and_data_are_named():
+    model, loader, X, y = _task()
+    with pytest.raises(TypeError, match=r"components=3 is not valid"):
+        pp.refined_llc(model, loader, components=3, **KW)
+    with pytest.raises(ValueError, match=r"^data yielded no batch"):
+        pp.refined_llc(model, loader, components=["0"], data=[], **KW)
+    with pytest.raises(TypeError, match=r"^data must be an iterable of batches"):
+        pp.refined_llc(model, loader, components=["0"], data=5, **KW)
+
+
+def test_vector_observable_is_refused():
+    model, loader, X, y = _task()
+    with pytest.raises(
+        ValueError, match=r"observable returned shape \(4,\) at w\*; it must return one number"
+    ):
+        pp.susceptibilities(
+            model, loader, (X[:8], y[:8]), ["0"], observable=lambda m: m[0].weight.sum(0), **KW
+        )
+
+
+def test_dtype_mismatch_names_both_dtypes():
+    model, loader, X, y = _task()
+    with pytest.raises(
+        TypeError, match=r"loader: the batch holds torch.float32 .* parameters are torch.float64"
+    ):
+        pp.estimate_llc(model.double(), loader, **KW)
+    model.float()
+    with pytest.raises(
+        TypeError, match=r"probe: the batch holds torch.float64 .* parameters are torch.float32"
+    ):
+        pp.susceptibilities(model, loader, (X[:8].double(), y[:8].double()), ["0"], **KW)
+
+
+def test_sequence_longer_than_learned_positions_is_refused():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_positions=32, n_embd=16, n_layer=1, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    tokens = torch.randint(0, 50, (2, 40))
+    with pytest.raises(
+        ValueError, match=r"loader: sequences of length 40, but GPT2LMHeadModel has 32 learned"
+    ):
+        pp.estimate_llc(model, [tokens], **KW)
+    with pytest.raises(ValueError, match=r"probe: sequences of length 40"):
+        pp.bif(model, [tokens[:, :16]], tokens, **KW)
+    positions = torch.arange(16).expand(2, 16) + 20  # position ids beyond the table
+    with pytest.raises(ValueError, match=r"loader: position_ids reach 36"):
+        pp.estimate_llc(model, [{"input_ids": tokens[:, :16], "position_ids": positions}], **KW)
+
+
+def test_batches_of_more_than_two_elements_are_refused_with_the_default_loss():
+    model, _, X, y = _task()
+    w = torch.ones(32)
+    with pytest.raises(ValueError, match=r"loader: the default loss reads \(inputs, targets\).*loss_fn"):
+        pp.estimate_llc(model, [(X[:32], y[:32], w)], **KW)
+
+    def weighted(m, batch):
+        x, t, wt = batch
+        return (wt * (m(x).squeeze(-1) - t.squeeze(-1)) ** 2).mean()
+
+    res = pp.estimate_llc(model, [(X[:32], y[:32], w)], loss_fn=weighted, warn_nonstationary=False, **KW)
+    assert np.isfinite(res.llc_mean)
+
+
+def test_class_targets_for_one_output_are_refused():
+    model, _, X, y = _task()
+    with pytest.raises(ValueError, match=r"loader: .*integers .*one class.*identically 0.*float targets"):
+        pp.estimate_llc(model, [(X[:32], torch.zeros(32, dtype=torch.long))], **KW)
+    with pytest.raises(ValueError, match=r"probe: .*one class"):
+        pp.bif(model, [(X[:32], y[:32])], (X[:8], torch.zeros(8, dtype=torch.long)), **KW)
+
+
+@pytest.mark.parametrize("chains", [1, 2])
+def test_one_draw_is_refused_by_covariance_estimators(chains):
+    model, loader, X, y = _task()
+    kw = dict(KW, num_draws=1, num_chains=chains)
+    with pytest.raises(ValueError, match=r"num_draws=1 is too few.*at least 2 draws"):
+        pp.susceptibilities(model, loader, (X[:8], y[:8]), ["0"], **kw)
+    with pytest.raises(ValueError, match=r"num_draws=1 is too few"):
+        pp.bif(model, loader, (X[:8], y[:8]), **kw)
+
+
+def test_per_token_must_be_a_bool():
+    model, loader, X, y = _task()
+    with pytest.raises(TypeError, match=r"per_token='yes' is not valid; give True or False"):
+        pp.susceptibilities(model, loader, (X[:8], y[:8]), ["0"], per_token="yes", **KW)
+    with pytest.raises(TypeError, match=r"per_token=1 is not valid"):
+        pp.bif(model, loader, (X[:8], y[:8]), per_token=1, **KW)
