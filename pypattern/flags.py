@@ -547,6 +547,9 @@ def train_flags(
         or not 0.0 <= switch_prob <= 1.0
     ):
         raise ValueError(f"switch_prob={switch_prob!r} is not valid; give a value in [0, 1]")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}={v!r} is not valid; give a finite number >= 0 (AdamW's {name})")
     _check_concept_task(task, spec)
     _check_vocab(model, task)
     g = generator(seed)

@@ -362,3 +362,11 @@ def test_flag_inputs_checked_and_probe_without_shared_tokens():
     assert acc != acc and r2 != r2  # NaN: nothing to probe
     acc, _ = probe_accuracy(lm, task, SPEC, num_samples=16)
     assert 0.0 <= acc <= 1.0
+
+
+def test_learning_rate_is_checked_by_name():
+    """A negative or non-finite lr is refused naming lr (not torch's "Invalid learning rate")."""
+    model = _model()
+    for lr in (-1, float("nan"), "fast"):
+        with pytest.raises(ValueError, match=rf"lr={lr!r} is not valid; give a finite number >= 0"):
+            train_flags(model, TASK, SPEC, 1, 1, lr=lr)
