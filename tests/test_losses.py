@@ -204,7 +204,7 @@ def test_left_padding_is_refused_for_a_model_that_takes_no_mask():
     with pytest.raises(ValueError, match=r"probe: .*left padding"):
         pp.susceptibilities(
             _model("tf"), [ids], left, ["blocks.0.mlp"], per_sample_loss_fn=sample_losses, num_chains=1,
-            num_draws=1, num_burnin_steps=0, step_size=1e-6, quiet=True,
+            num_draws=2, num_burnin_steps=0, step_size=1e-6, quiet=True,
         )  # fmt: skip
     ids_r, am_r = _padded(_seqs(3))
     losses.check_batch(_model("tf"), {"input_ids": ids_r, "attention_mask": am_r}, "probe")
