@@ -10,7 +10,14 @@ principal susceptibility coordinate) respond linearly to small shifts of the dat
 
 Re-weighting the data with per-point weights ``w`` (mean 1; weight 1 is the original distribution) is the
 perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` finds the intervention that moves
-``mu`` by a target ``d mu``:
+``mu`` by a target ``d mu``.
+
+Columns that are groups of data points (``G`` groups, group ``g`` holding the share ``f_g`` of the ``N_data``
+points) follow the same rule with one weight ``W_g`` per group, ``d mu = chi (W - 1) / G``, when group ``g``'s
+column is ``chi[:, g] = (G / N_data) sum_{z in g} chi_z``, which equals ``G f_g`` times the derivative of ``mu``
+with respect to mixing in the group's distribution (``q + h (q_g - q)``). For groups of equal size ``G f_g = 1``
+and the column is that mixing derivative itself; for unequal groups multiply each group's mixing derivative by
+``G f_g`` before inverting (and give ``fractions``, below):
 
 * ``"pinv"``: the minimum-norm ``h = chi_c^+ d mu`` (exact when the target is reachable);
 * ``"ridge"``: ``h = chi_c^T (chi_c chi_c^T + alpha I)^-1 d mu`` (shrinks noisy directions of ``chi``);
@@ -121,7 +128,8 @@ def invert(
     Parameters
     ----------
     chi : array (K, N)
-        Susceptibilities of K observables to N data points or groups (physics convention).
+        Susceptibilities of K observables to N data points or groups (physics convention; a group's column as the
+        module docstring says: ``G f_g`` times the derivative for mixing in the group's distribution).
     target : array (K,)
         Desired change ``d mu`` of the observables.
     method : {"pinv", "ridge", "constrained"}

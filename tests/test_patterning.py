@@ -378,3 +378,24 @@ def test_invert_warns_when_no_reweighting_moves_an_observable(method):
             np.random.default_rng(0).normal(size=(2, 10)), np.array([1.0, 0.0]), method=method, alpha=alpha
         )
         invert(np.zeros((2, 10)), np.zeros(2), method=method, alpha=alpha)  # nothing asked: nothing to say
+
+
+def test_group_columns_in_the_documented_convention_predict_the_per_point_response():
+    """Unequal groups: columns built as the module docstring says (``G / N_data`` times the sum of the group's
+    per-point susceptibilities, or ``G f_g`` times the mixing derivative) and ``fractions`` give an intervention
+    whose predicted response is the response of the per-point weights it means (each point weighted by its group's
+    weight), which keep mean weight 1."""
+    rng = np.random.default_rng(0)
+    n_data, sizes = 40, [25, 10, 5]
+    groups = np.repeat(np.arange(3), sizes)
+    chi_z = rng.normal(size=(2, n_data))
+    G, f = 3, np.array(sizes) / n_data
+    cols = np.stack([chi_z[:, groups == g].sum(1) for g in range(G)], 1) * G / n_data
+    mixing = np.stack(
+        [chi_z[:, groups == g].sum(1) / sizes[g] for g in range(G)], 1
+    )  # d mu / d h, q + h (q_g - q)
+    np.testing.assert_allclose(cols, mixing * G * f, rtol=1e-12)
+    r = invert(cols, np.array([0.3, -0.1]), method="constrained", fractions=f)
+    w = r.weights[groups]  # per-point weights
+    assert w.mean() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(chi_z @ (w - 1) / n_data, r.predicted, rtol=1e-9, atol=1e-12)
