@@ -95,3 +95,69 @@ def test_from_pretrained_names_a_bad_attention_implementation(tmp_path):
     _llama().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="attn_implementation='flash' is not valid"):
         from_pretrained(tmp_path, attn_implementation="flash")
+
+
+def test_settings_read_from_the_modules_not_a_config_edited_afterwards():
+    """A config edited after the model was built does not change what its modules compute: GPT-Neo's local window
+    (its mask, built from window_size), BLOOM's and GPT-BigCode's head layout (n_head, multi_query). The converted
+    model computes what the modules do (also past the few tokens from_hf's check runs)."""
+    T = transformers
+    torch.manual_seed(0)
+    t = torch.randint(0, 64, (2, 40))
+    neo = T.GPTNeoConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["local", "global"], 1]],
+        window_size=12, max_position_embeddings=64,
+    )  # fmt: skip
+    cases = [
+        (T.GPTNeoForCausalLM(neo), dict(window_size=9)),
+        (
+            T.BloomForCausalLM(T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)),
+            dict(n_head=2),
+        ),
+    ]
+    for edit in (dict(multi_query=False), dict(n_head=2)):
+        cfg = T.GPTBigCodeConfig(
+            vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True
+        )
+        cases.append((T.GPTBigCodeForCausalLM(cfg), edit))
+    for hf, edit in cases:
+        hf = hf.double().eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        for k, v in edit.items():
+            setattr(hf.config, k, v)
+        model = from_hf(hf)
+        with torch.no_grad():
+            want = hf(t).logits
+        assert ((model(t) - want).abs().max() / want.abs().max()) <= 1e-10, (type(hf).__name__, edit)
+
+
+def test_gptj_built_under_a_float64_default_dtype_converts_exactly():
+    """GPT-J's rotary table holds float64 angles when the model was built with float64 as torch's default dtype
+    (Hugging Face divides in the default dtype); the converted model computes its angles in the table's precision.
+    A table in neither precision is refused."""
+    T = transformers
+    torch.manual_seed(0)
+    before = torch.get_default_dtype()
+    t = torch.randint(0, 64, (2, 64))
+    for default in (torch.float64, torch.float32):
+        torch.set_default_dtype(default)
+        try:
+            cfg = T.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=8, n_positions=64)
+            hf = T.GPTJForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(before)
+        hf = hf.double()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        model = from_hf(hf)
+        assert model.cfg.rotary_dtype == default
+        with torch.no_grad():
+            want = hf(t).logits
+        assert ((model(t) - want).abs().max() / want.abs().max()) <= 1e-10
+    with torch.no_grad():
+        hf.transformer.rotary_emb.embed_positions.mul_(1.001)
+    with pytest.raises(UnsupportedModelError, match="rotary table"):
+        from_hf(hf)

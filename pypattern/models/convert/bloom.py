@@ -35,9 +35,13 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     sliced = getattr(c, "pretraining_tp", 1) > 1 and bool(getattr(c, "slow_but_exact", False))
     tr = model.transformer
     layers = tr.h
-    d, H = c.hidden_size, c.n_head
     a0 = layers[0].self_attention
-    dh = a0.head_dim
+    # the head layout the modules were built with (a config edited afterwards does not change them)
+    d, H, dh = c.hidden_size, int(a0.num_heads), int(a0.head_dim)
+    if any((int(m.self_attention.num_heads), int(m.self_attention.head_dim)) != (H, dh) for m in layers):
+        refuse("n_head", [int(m.self_attention.num_heads) for m in layers], "differs between layers")
+    if H * dh != d:
+        refuse("n_head", H, f"does not divide hidden_size={d} into heads of {dh}")
     if not math.isclose(a0.inv_norm_factor, dh**-0.5, rel_tol=1e-15) or getattr(a0, "beta", 1.0) != 1.0:
         refuse(
             "attention scaling",

@@ -34,11 +34,15 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         refuse("add_cross_attention", c.add_cross_attention, "cross-attention layers are not converted")
     tr = model.transformer
     blocks = tr.h
-    d, H = c.n_embd, c.n_head
-    dh = d // H
-    mq = bool(c.multi_query)
-    Hkv = 1 if mq else H
     a0 = blocks[0].attn
+    # the head layout the modules were built with (a config edited afterwards does not change them)
+    d, H, dh, mq = c.n_embd, int(a0.num_heads), int(a0.head_dim), bool(a0.multi_query)
+    layout = [(int(b.attn.num_heads), int(b.attn.head_dim), bool(b.attn.multi_query)) for b in blocks]
+    if any(x != (H, dh, mq) for x in layout):
+        refuse("n_head / multi_query", layout, "differ between layers")
+    if H * dh != d:
+        refuse("n_head", H, f"does not divide n_embd={d} into heads of {dh}")
+    Hkv = 1 if mq else H
     scaling = float(a0.scaling)
     if any(float(b.attn.scaling) != scaling for b in blocks):
         refuse("attention scaling", [b.attn.scaling for b in blocks], "differs between layers")

@@ -30,6 +30,35 @@ from ._common import (
 CLASSES = ("GPTNeoForCausalLM",)
 
 
+def _window(i: int, kind: str, attn: nn.Module, c) -> int | None:
+    """Layer ``i``'s window as its attention computes it: read from the mask the module holds (built from the
+    config when the model was, so a ``window_size`` edited on the config afterwards does not change it), which
+    must be causal and banded; the config's ``window_size`` when the module holds none."""
+    mask = getattr(attn, "bias", None)
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[-1] < 2
+    ):
+        return None if kind == "global" else int(c.window_size)
+    m = mask[0, 0].cpu()
+    n = m.shape[-1]
+    width = int(m[n - 1].sum())  # the last row: the window, or every position for a global layer
+    band = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    if width < n:
+        band = band ^ torch.tril(band, -width)
+    if width < 1 or not torch.equal(m, band):
+        refuse(f"layer {i}'s attention mask", "not causal with a window", "the converter reads causal masks")
+    if kind == "global" and width < n:
+        refuse(
+            f"attention_layers[{i}]",
+            "global",
+            f"the layer's mask holds a window of {width} positions (a local layer's)",
+        )
+    return None if width >= n else width
+
+
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``GPTNeoForCausalLM``."""
     c = model.config
@@ -40,7 +69,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         refuse(
             "attention_layers", kinds, f"expected 'global' or 'local' for each of the {len(blocks)} layers"
         )
-    windows = [None if kind == "global" else int(c.window_size) for kind in kinds]
+    windows = [_window(i, kind, blk.attn.attention, c) for i, (kind, blk) in enumerate(zip(kinds, blocks))]
     d = c.hidden_size
     a0 = blocks[0].attn.attention
     H, dh = a0.num_heads, a0.head_dim

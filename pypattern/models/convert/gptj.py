@@ -30,6 +30,28 @@ from ._common import (
 CLASSES = ("GPTJForCausalLM",)
 
 
+def _sincos(n: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """GPT-J's rotary table ``[sin | cos]`` of ``n`` positions with its angles computed in ``dtype``."""
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
+    ang = torch.arange(n, dtype=torch.int64).to(torch.float32).to(dtype)[:, None] * inv
+    return torch.cat((torch.sin(ang), torch.cos(ang)), dim=1)
+
+
+def _table_dtype(buf: torch.Tensor | None, dim: int) -> torch.dtype:
+    """The dtype the model's rotary table was computed in: float32 (Hugging Face's, under the default dtype
+    float32), or float64 for a float64 table that holds float64 angles (a model built with float64 as torch's
+    default dtype); a table that is neither is refused."""
+    if buf is None or buf.dtype != torch.float64:
+        return torch.float32
+    table = buf.detach().cpu()
+    if torch.equal(table, _sincos(table.shape[0], dim, torch.float32).to(torch.float64)):
+        return torch.float32
+    if torch.allclose(table, _sincos(table.shape[0], dim, torch.float64), rtol=0, atol=1e-13):
+        return torch.float64
+    refuse("rotary table", "float64", "its values are GPT-J's table in neither float32 nor float64 angles")
+    return torch.float32
+
+
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``GPTJForCausalLM``."""
     c = model.config
@@ -52,6 +74,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
             buf.dtype,
             "a table rounded to half precision is not reproduced; cast it to float32",
         )
+    rot_dtype = _table_dtype(buf, c.rotary_dim)
     impl = getattr(c, "_attn_implementation", None)
     if impl not in (None, "eager", "sdpa"):
         refuse("attn_implementation", impl, "the converted attention reproduces 'eager' and 'sdpa'")
@@ -76,7 +99,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         positional_embedding_type="rotary",
         rotary_dim=c.rotary_dim,
         rotary_adjacent_pairs=True,
-        rotary_dtype=torch.float32,
+        rotary_dtype=rot_dtype,
         attn_bias=attn_bias,
         attn_out_bias=attn_out_bias,
         mlp_bias=mlp_bias,
