@@ -1050,11 +1050,14 @@ def prepare_runs(
     else:
         base_tokens, src_tokens = corrupted, clean
     # the runs' products as the engine's patched runs and gradients compute them (EdgeEngine.fixed_weights)
-    with frozen_fixed_weights(model):
-        return _record_runs(
+    weights = (list(model.parameters()), block_weight_bytes(model))  # found once, for the engine too
+    with frozen_fixed_weights(model, *weights):
+        engine, info = _record_runs(
             view, graph, clean, metric, mode, ablation, max_batch, memory_budget, defer_base, pos, T, B,
             base_tokens, src_tokens,
         )  # fmt: skip
+    engine._weights = weights
+    return engine, info
 
 
 def _record_runs(
