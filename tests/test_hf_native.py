@@ -809,3 +809,50 @@ def test_default_gaussian_noise_on_a_raw_hf_model_equals_the_converted_models(ar
     conv = activation_patching(from_hf(m), "resid_pre", clean, **kw).values
     torch.testing.assert_close(raw, conv, rtol=1e-9, atol=1e-9)
     assert raw.abs().max() > 0
+
+
+def test_head_masks_refuse_a_renamed_projection_weight_and_read_head_counts_from_the_modules():
+    """A wrapper that renames a projection's weight (torch's parametrize, as LoRA's base_layer does) would leave
+    the head's slice of it out of the mask: refused, naming the parameter. A config whose head count was edited after
+    the model was built does not change the masks: they follow the modules (the forward does too). A component that
+    is not a string is named."""
+    import torch.nn.utils.parametrize as P
+    import transformers as tr
+
+    from pypattern.models import component_masks
+
+    m = tr.LlamaForCausalLM(
+        tr.LlamaConfig(
+            vocab_size=41, hidden_size=24, num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3,
+            intermediate_size=30,
+        )
+    )  # fmt: skip
+
+    class Same(torch.nn.Module):
+        def forward(self, w):
+            return w
+
+    P.register_parametrization(m.model.layers[0].self_attn.q_proj, "weight", Same())
+    with pytest.raises(ValueError, match="q_proj.weight"):
+        component_masks(m, "blocks.0.attn.head.1")
+    for edit in (2, 8):
+        g = tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=41, n_embd=24, n_layer=1, n_head=4))
+        want = component_masks(g, "blocks.0.attn.head.1")
+        g.config.num_attention_heads = edit
+        got = component_masks(g, "blocks.0.attn.head.1")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        cols = got["transformer.h.0.attn.c_attn.weight"].nonzero()[:, 1].unique().tolist()
+        assert cols == [*range(6, 12), *range(30, 36), *range(54, 60)]  # head 1's q, k, v columns
+    lm = tr.LlamaForCausalLM(
+        tr.LlamaConfig(
+            vocab_size=41, hidden_size=24, num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3,
+            intermediate_size=30,
+        )
+    )  # fmt: skip
+    want = component_masks(lm, "blocks.0.attn.head.5")
+    lm.config.num_attention_heads = 3
+    got = component_masks(lm, "blocks.0.attn.head.5")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    for bad in (3, None):
+        with pytest.raises(TypeError, match="component="):
+            component_masks(lm, bad)

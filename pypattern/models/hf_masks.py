@@ -93,18 +93,39 @@ def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]
     arch = hf_arch(hf)
     cfg = hf.config
     attn = hf.get_submodule(_attn_path(arch, layer))
-    n_heads = int(cfg.num_attention_heads)
-    if arch.qkv == "gpt2":
-        return n_heads, n_heads, int(attn.head_dim)
-    if arch.qkv == "neox":
-        return n_heads, n_heads, int(attn.head_size)
-    if arch.qkv == "bigcode":
-        return n_heads, int(attn.kv_heads), int(attn.head_dim)
+    # head counts from the projections' shapes (a config edited after the model was built does not change them)
+    if arch.qkv == "gpt2":  # Conv1D c_attn (d_model, 3 n_heads d_head)
+        dh = int(attn.head_dim)
+        return (
+            _heads(attn.c_attn.weight.shape[1], 3 * dh, cfg),
+            _heads(attn.c_attn.weight.shape[1], 3 * dh, cfg),
+            dh,
+        )
+    if arch.qkv == "neox":  # query_key_value (3 n_heads d_head, d_model)
+        dh = int(attn.head_size)
+        n = _heads(attn.query_key_value.weight.shape[0], 3 * dh, cfg)
+        return n, n, dh
+    if arch.qkv == "bigcode":  # c_attn rows: (n_heads + 2 n_kv) d_head
+        dh, n_kv = int(attn.head_dim), int(attn.kv_heads)
+        rows = attn.c_attn.weight.shape[0]
+        n = _heads(rows, 3 * dh, cfg) if not attn.multi_query else _heads(rows - 2 * dh, dh, cfg)
+        return n, (n if not attn.multi_query else n_kv), dh
     d_head = int(attn.head_dim)
-    if arch.qkv == "phi3":
-        return n_heads, int(attn.num_key_value_heads), d_head
+    if arch.qkv == "phi3":  # qkv_proj rows: (n_heads + 2 n_kv) d_head
+        n_kv = int(attn.num_key_value_heads)
+        return _heads(attn.qkv_proj.weight.shape[0] - 2 * n_kv * d_head, d_head, cfg), n_kv, d_head
     n_kv = int(attn.k_proj.out_features) // d_head
-    return n_heads, n_kv, d_head
+    return _heads(attn.q_proj.out_features, d_head, cfg), n_kv, d_head
+
+
+def _heads(width: int, per_head: int, cfg) -> int:
+    """The number of heads whose projections fill ``width`` rows or columns of ``per_head`` each."""
+    if per_head <= 0 or width % per_head:
+        raise ValueError(
+            f"the attention's projections ({width} wide) do not split into heads of {per_head} "
+            f"(config num_attention_heads={getattr(cfg, 'num_attention_heads', None)})"
+        )
+    return int(width) // per_head
 
 
 def hf_components(model: nn.Module, heads: bool = True) -> list[str]:
@@ -284,7 +305,17 @@ def hf_component_masks(
         for name, (axis, idx) in _head_slices(
             hf, arch, layer, int(m.group(3)), kind, include_shared_kv
         ).items():
-            if name not in params:  # a bias the configuration leaves out
+            if name not in params:
+                # a bias the configuration leaves out, or a per-head norm the model does not have; a projection's
+                # weight must be there: a wrapper that renames it (parametrize, LoRA's base_layer) would otherwise
+                # leave it out of the mask without a word
+                if name.endswith(".weight") and ".norms." not in name:
+                    raise ValueError(
+                        f"component={component!r}: the model has no parameter {name!r} (the head's slice of it "
+                        "would be left out of the mask): a wrapper that renames the projection's weight "
+                        "(torch.nn.utils.parametrize, weight norm, a LoRA layer's base_layer) is not read; give "
+                        "the masks of the unwrapped model, or masks of your own"
+                    )
                 continue
             mask = torch.zeros_like(params[name], dtype=torch.bool)
             if idx is None:  # the whole parameter belongs to the head (a per-head norm)

@@ -1750,6 +1750,11 @@ def component_masks(
     """
     from .hf_masks import hf_component_masks, is_hf_model
 
+    if not isinstance(component, str):
+        raise TypeError(
+            f"component={component!r} is not valid; give a component name such as 'blocks.0.attn.head.1'"
+        )
+
     if is_hf_model(model):  # an unconverted Hugging Face model: masks over its own (fused or split) layout
         return hf_component_masks(
             model, component, all_params=all_params, include_shared_kv=include_shared_kv
