@@ -134,3 +134,20 @@ def test_frozen_parameters_are_left_out_of_components_as_in_estimate_llc():
         res = pp.refined_llc(model, toks, components="heads", **kw)
     assert any("only frozen parameters" in str(x.message) for x in w)
     assert "embed" not in res.component and "blocks.0.attn.head.0" in res.component
+
+
+def test_heads_on_an_unconverted_hugging_face_model():
+    """components='heads' / 'blocks' on an unconverted Hugging Face model: its own component names (the masks of
+    hf_component_masks), as on pypattern's Transformer."""
+    tr = pytest.importorskip("transformers")
+    from pypattern.models.hf_masks import hf_components
+
+    torch.manual_seed(0)
+    m = tr.GPT2LMHeadModel(
+        tr.GPT2Config(vocab_size=41, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    ).eval()
+    x = torch.randint(0, 41, (8, 6))
+    for kind in ("heads", "blocks"):
+        r = refined_llc(m, [x], components=kind, num_chains=2, num_draws=4, step_size=1e-4, quiet=True)
+        names = hf_components(m, heads=kind == "heads")
+        assert set(names) <= set(r.to_pandas()["component"]), kind

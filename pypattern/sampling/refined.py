@@ -135,12 +135,18 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
                 f"components={components!r}: give 'heads' (every head, MLP and embedding), 'blocks' (attention "
                 "layers whole), a list of component names, or a dict of name -> names or masks"
             )
-        if not hasattr(model, "cfg"):
+        from ..models.hf_masks import hf_components, is_hf_model
+
+        if hasattr(model, "cfg"):
+            components = list_components(model, heads=components == "heads")
+        elif is_hf_model(model):  # an unconverted Hugging Face model: its own components (hf_component_masks)
+            components = hf_components(model, heads=components == "heads")
+        else:
             raise ValueError(
-                f"components={components!r} needs pypattern's Transformer (pypattern.from_hf converts HF "
-                "models); for other models give a list of parameter-name prefixes or a dict of masks"
+                f"components={components!r} needs pypattern's Transformer or a supported Hugging Face causal LM "
+                "(pypattern.from_hf converts others); for other models give a list of parameter-name prefixes or "
+                "a dict of masks"
             )
-        components = list_components(model, heads=components == "heads")
         listed = True
     else:
         listed = False
@@ -215,7 +221,8 @@ def refined_llc(
         The training data (rows ``data="train"``).
     components : "heads", "blocks", list or dict
         ``"heads"``: every attention head, MLP, the embeddings and unembedding of pypattern's Transformer
-        (:func:`pypattern.models.list_components`); ``"blocks"``: attention layers whole instead of heads; a list
+        (:func:`pypattern.models.list_components`) or of a supported unconverted Hugging Face model
+        (:func:`pypattern.models.hf_masks.hf_components`); ``"blocks"``: attention layers whole instead of heads; a list
         of component names (``"blocks.0.attn.head.1"``, ``"blocks.1.mlp"``, ``"embed"``, or a parameter-name
         prefix) or a dict of display name -> component name, list of parameter names, or ``{param_name: mask}``.
     data : iterable of batches, optional
