@@ -856,3 +856,22 @@ def test_head_masks_refuse_a_renamed_projection_weight_and_read_head_counts_from
     for bad in (3, None):
         with pytest.raises(TypeError, match="component="):
             component_masks(lm, bad)
+
+
+def test_a_norm_without_parameters_is_named_as_such():
+    """OLMo's LayerNorms have no weights: their components are said to have no parameters (the generic message
+    listed the refused name among the valid ones)."""
+    import transformers as tr
+
+    from pypattern.models import component_masks
+
+    m = tr.OlmoForCausalLM(
+        tr.OlmoConfig(
+            vocab_size=41, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20
+        )
+    )
+    for c in ("ln_final", "blocks.0.ln1"):
+        with pytest.raises(ValueError, match="has no parameters in this model"):
+            component_masks(m, c)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        component_masks(m, "nonsense")

@@ -341,6 +341,10 @@ def hf_component_masks(
         pre = component if pre is None else pre
         sel = [n for n in params if n == pre or n.startswith(pre + ".")]
         if not sel:
+            if pre != component and any(n == pre or n.startswith(pre + ".") for n, _ in hf.named_modules()):
+                raise ValueError(  # the module is there: a norm without weights (OLMo's), say
+                    f"component={component!r} ({pre}) has no parameters in this model: nothing to sample"
+                )
             raise ValueError(
                 f"component={component!r} matches no parameter; valid: 'blocks.0.attn.head.0', 'blocks.0.attn', "
                 f"'blocks.0.mlp', 'embed', 'unembed', 'ln_final' or a parameter-name prefix such as "
