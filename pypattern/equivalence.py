@@ -732,8 +732,9 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
 class EquivalenceResult:
     """Result of :func:`interpretive_equivalence`.
 
-    ``score`` in ``[0, 1]``: ``1 - |wins / num_trials - 1|`` with ``wins`` out of ``2 num_trials`` comparisons
-    (a tie counts half: the similarity cannot tell the two apart); ``ties``: how many comparisons tied;
+    ``score`` in ``[0, 1]`` (NaN when every comparison tied): ``1 - |wins / num_trials - 1|`` with ``wins`` out of
+    ``2 num_trials`` comparisons (a tie counts half: the similarity cannot tell the two apart); ``ties``: how many
+    comparisons tied;
     ``own``, ``other``: ``(num_trials, 2)`` similarities of model A (column 0) and model B (column 1) to an
     implementation of its own and to the other model.
     """
@@ -771,8 +772,8 @@ def interpretive_equivalence(
     other model (a *win*). With ``s`` wins in ``2 num_trials`` comparisons the score is ``1 - |s / num_trials -
     1|``: 1 when wins are a coin flip (equivalent), 0 when the model is always closer to its own implementation
     (or always farther). A tie (equal similarities, e.g. both held-out R^2 clamped at 0) counts as half a win: the
-    similarity cannot tell the two apart; when every comparison ties the score carries no information and a
-    warning says so. The second case includes a model compared with an exact copy of itself (the copy is
+    similarity cannot tell the two apart; when every comparison ties the score carries no information: it is NaN,
+    with a warning (a coin flip's 1 would read as "equivalent" for any two models). The second case includes a model compared with an exact copy of itself (the copy is
     closer than any implementation): the estimator, as published, compares models whose implementations vary, and
     the score of identical models is 0, not 1.
 
@@ -820,11 +821,11 @@ def interpretive_equivalence(
         warnings.warn(
             f"interpretive_equivalence: all {own.size} comparisons tied (every similarity equal, e.g. held-out R^2 "
             "<= 0 everywhere): the similarity cannot tell the representations apart, and the score carries no "
-            "information; give more inputs than features, or another similarity",
+            "information (score NaN); give more inputs than features, or another similarity",
             stacklevel=2,
         )
     return EquivalenceResult(
-        score=1.0 - abs(wins / num_trials - 1.0),
+        score=float("nan") if ties == own.size else 1.0 - abs(wins / num_trials - 1.0),
         wins=wins,
         num_trials=num_trials,
         own=own,
