@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .io import Saveable, register
+from .patching.api import _n_ctx, _vocab, check_tokens
 from .patching.sites import HEAD_SITES, apply_patch
 
 __all__ = [
@@ -838,15 +839,19 @@ def _flat_cache(cache, hooks: Sequence[str]) -> torch.Tensor:
     return torch.cat([cache[h].reshape(cache[h].shape[0], -1) for h in hooks], 1)
 
 
-def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | None = None) -> torch.Tensor:
-    """``(num_inputs, D)``: the activations at ``hooks`` (default: every block's ``hook_resid_post``), each
-    input's positions and hooks flattened and concatenated. ``model`` is a hooked model
-    (:class:`~pypattern.models.Transformer` or :class:`~pypattern.models.hooks.HookedModule`)."""
+def _check_hooked(model, fn: str) -> None:
+    """A model whose activations ``fn`` reads (it has ``run_with_cache``), or a TypeError pointing to the
+    conversion of a Hugging Face model."""
     if not hasattr(model, "run_with_cache"):
         raise TypeError(
-            f"model is a {type(model).__name__}; representations reads a hooked model's activations: convert a "
+            f"model is a {type(model).__name__}; {fn} reads a hooked model's activations: convert a "
             "Hugging Face model with pypattern.from_hf(model) (or wrap it with pypattern.hooked_hf)"
         )
+
+
+def _check_rep_tokens(model, tokens, argument: str) -> torch.Tensor:
+    """``tokens`` (passed as ``argument``) checked: an integer ``(num_inputs, pos)`` tensor of ids in ``model``'s
+    vocabulary (a negative id would be read from the end of it) and no longer than its learned positions."""
     if not isinstance(tokens, torch.Tensor):
         hint = (
             " (representations flattens every position, so padding would enter the features: give unpadded "
@@ -855,8 +860,43 @@ def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | None = N
             if isinstance(tokens, Mapping)
             else ""
         )
-        raise TypeError(f"tokens is a {type(tokens).__name__}; give a token tensor (num_inputs, pos){hint}")
-    hooks = list(hooks) if hooks is not None else _default_rep_hooks(model)
+        raise TypeError(
+            f"{argument} is a {type(tokens).__name__}; give a token tensor (num_inputs, pos){hint}"
+        )
+    return check_tokens(tokens, argument, _vocab(model), n_ctx=_n_ctx(model))
+
+
+def _rep_hooks(model, hooks, argument: str = "hooks") -> list[str]:
+    """``hooks`` as a list of hook names: the default (every ``hook_resid_post``) for None, one name for a string;
+    an empty list or a name that is not a string is refused."""
+    if hooks is None:
+        return _default_rep_hooks(model)
+    if isinstance(hooks, str):
+        return [hooks]
+    if isinstance(hooks, Mapping | set | frozenset) or not isinstance(hooks, Iterable):
+        raise TypeError(
+            f"{argument} is a {type(hooks).__name__}; give a hook name or a list of hook names in order (None: "
+            "every block's hook_resid_post)"
+        )
+    hooks = list(hooks)
+    if not hooks:
+        raise ValueError(
+            f"{argument} is empty: give at least one hook name (or None: every block's hook_resid_post)"
+        )
+    bad = [h for h in hooks if not isinstance(h, str)]
+    if bad:
+        raise TypeError(f"{argument} holds {bad[0]!r} ({type(bad[0]).__name__}); give hook names (strings)")
+    return hooks
+
+
+def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | str | None = None) -> torch.Tensor:
+    """``(num_inputs, D)``: the activations at ``hooks`` (one hook name or a list; default: every block's
+    ``hook_resid_post``), each input's positions and hooks flattened and concatenated. ``model`` is a hooked model
+    (:class:`~pypattern.models.Transformer` or :class:`~pypattern.models.hooks.HookedModule`); ``tokens`` an
+    integer ``(num_inputs, pos)`` tensor of ids in its vocabulary."""
+    _check_hooked(model, "representations")
+    tokens = _check_rep_tokens(model, tokens, "tokens")
+    hooks = _rep_hooks(model, hooks)
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
     missing = [h for h in hooks if h not in cache]
