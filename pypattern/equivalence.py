@@ -921,6 +921,31 @@ def _default_rep_hooks(model) -> list[str]:
     return names
 
 
+def _check_sites(sites) -> list[tuple[str, int | None]]:
+    """``sites`` as a list of ``(hook name, head)`` pairs, each head an int or None; anything else (a bare hook
+    name, a bool or fractional head) is refused naming the entry."""
+    form = "(hook name, head index or None), e.g. ('blocks.0.attn.hook_z', 1) or ('blocks.1.hook_attn_out', None)"
+    if isinstance(sites, str | Mapping) or not isinstance(sites, Iterable):
+        raise TypeError(f"sites is a {type(sites).__name__}; give a list of {form}")
+    sites = list(sites)
+    if not sites:
+        raise ValueError("sites is empty: give the (hook name, head or None) components to resample")
+    out = []
+    for i, site in enumerate(sites):
+        if isinstance(site, str) or not isinstance(site, tuple | list) or len(site) != 2:
+            raise TypeError(f"sites[{i}] is {site!r}; give {form}")
+        h, head = site
+        if not isinstance(h, str):
+            raise TypeError(f"sites[{i}] has hook name {h!r} ({type(h).__name__}); give a hook name string")
+        if head is not None and (isinstance(head, bool | np.bool_) or not isinstance(head, int | np.integer)):
+            raise TypeError(
+                f"sites[{i}] has head {head!r} ({type(head).__name__}); give a head index (an int) or None for the "
+                "whole activation"
+            )
+        out.append((h, None if head is None else int(head)))
+    return out
+
+
 def resample_implementations(
     model,
     tokens: torch.Tensor,
@@ -938,8 +963,11 @@ def resample_implementations(
     itself, input ``i`` then drawing among the inputs other than ``i``) and returns :func:`representations` at
     ``hooks``.
     """
-    if not sites:
-        raise ValueError("sites is empty: give the (hook name, head or None) components to resample")
+    _check_hooked(model, "resample_implementations")
+    tokens = _check_rep_tokens(model, tokens, "tokens")
+    sites = _check_sites(sites)
+    if counterfactual is not None:
+        counterfactual = _check_rep_tokens(model, counterfactual, "counterfactual")
     cf = tokens if counterfactual is None else counterfactual
     if counterfactual is None and tokens.shape[0] < 2:
         raise ValueError(
@@ -950,6 +978,8 @@ def resample_implementations(
         raise ValueError(
             f"counterfactual inputs must have shape (m, {tuple(tokens.shape[1:])}), got {tuple(cf.shape)}"
         )
+    rep_hooks = _rep_hooks(model, hooks)
+    _refuse_unknown_hooks(model, rep_hooks, "hooks")  # before a sampler is handed out, not at its first call
     hook_names = sorted({h for h, _ in sites})
     with torch.no_grad():
         _, cf_cache = model.run_with_cache(cf, names_filter=hook_names)
@@ -968,7 +998,6 @@ def resample_implementations(
         if not 0 <= head < cf_cache[h].shape[head_dim]:
             raise ValueError(f"head {head} is out of range for {h!r} with shape {tuple(cf_cache[h].shape)}")
         head_site[h] = site
-    rep_hooks = list(hooks) if hooks is not None else _default_rep_hooks(model)
     n, m = tokens.shape[0], cf.shape[0]
 
     own = counterfactual is None and m > 1  # from the inputs themselves: input i draws one of the others

@@ -62,3 +62,78 @@ def test_representations_take_one_hook_name_and_refuse_no_hooks():
         representations(model, tok, hooks=["blocks.1.hook_resid_post", 3])
     with pytest.raises(TypeError, match="hooks is a set"):
         representations(model, tok, hooks={"blocks.1.hook_resid_post"})
+
+
+# ----------------------------------------------------------------------------------------------- resample_implementations
+
+
+def test_resample_implementations_check_tokens_and_counterfactual():
+    from pypattern.equivalence import resample_implementations
+
+    model, tok = _model(), _tokens()
+    site = [("blocks.1.attn.hook_z", 1)]
+    with pytest.raises(ValueError, match="tokens contains token id -3"):
+        resample_implementations(model, tok - 3, site)
+    with pytest.raises(ValueError, match="counterfactual contains token id -3"):
+        resample_implementations(model, tok, site, counterfactual=tok - 3)
+    with pytest.raises(ValueError, match=r"counterfactual contains token id \d+; valid ids are 0 \.\. 15"):
+        resample_implementations(model, tok, site, counterfactual=tok + 16)
+    with pytest.raises(TypeError, match="counterfactual has dtype torch.float32"):
+        resample_implementations(model, tok, site, counterfactual=tok.float())
+    with pytest.raises(ValueError, match=r"counterfactual has shape \(0, 13\)"):
+        resample_implementations(model, tok, site, counterfactual=tok[:0])
+    with pytest.raises(TypeError, match="tokens is a dict.*padding would enter the features"):
+        resample_implementations(model, {"input_ids": tok, "attention_mask": torch.ones_like(tok)}, site)
+    with pytest.raises(TypeError, match="tokens is a list"):
+        resample_implementations(model, tok.tolist(), site)
+
+
+def test_resample_implementations_refuse_sites_that_are_not_hook_head_pairs():
+    import numpy as np
+
+    from pypattern.equivalence import resample_implementations
+
+    model, tok = _model(), _tokens()
+    # a bool head was taken as an index and resampled every head of the hook
+    with pytest.raises(TypeError, match=r"sites\[0\] has head True \(bool\); give a head index"):
+        resample_implementations(model, tok, [("blocks.1.attn.hook_z", True)])
+    with pytest.raises(TypeError, match=r"sites\[1\] has head 1.5 \(float\)"):
+        resample_implementations(model, tok, [("blocks.1.attn.hook_z", 0), ("blocks.1.attn.hook_z", 1.5)])
+    with pytest.raises(TypeError, match=r"sites\[0\] is 'blocks.1.hook_attn_out'; give \(hook name, head"):
+        resample_implementations(model, tok, ["blocks.1.hook_attn_out"])
+    with pytest.raises(TypeError, match="sites is a str; give a list of"):
+        resample_implementations(model, tok, "blocks.1.hook_attn_out")
+    with pytest.raises(TypeError, match=r"sites\[0\] has hook name 3"):
+        resample_implementations(model, tok, [(3, None)])
+    # a numpy integer head is an int head
+    a = resample_implementations(model, tok, [("blocks.1.attn.hook_z", np.int64(1))])(4)
+    torch.testing.assert_close(a, resample_implementations(model, tok, [("blocks.1.attn.hook_z", 1)])(4))
+
+
+def test_resample_implementations_refuse_an_unconverted_model_and_bad_hooks():
+    from pypattern.equivalence import resample_implementations
+
+    model, tok = _model(), _tokens()
+    with pytest.raises(TypeError, match=r"model is a Linear; resample_implementations .*pypattern.from_hf"):
+        resample_implementations(torch.nn.Linear(2, 2), tok, [("blocks.1.attn.hook_z", 1)])
+    with pytest.raises(ValueError, match="hooks is empty"):
+        resample_implementations(model, tok, [("blocks.1.attn.hook_z", 1)], hooks=[])
+    with pytest.raises(KeyError, match="not hook points of the model"):
+        resample_implementations(model, tok, [("blocks.1.attn.hook_z", 1)], hooks=["blocks.1.hook_nothing"])
+    one = resample_implementations(
+        model, tok, [("blocks.1.attn.hook_z", 1)], hooks="blocks.1.hook_resid_post"
+    )
+    assert one(0).shape == (8, 13 * 16)
+
+
+def test_resample_implementations_refuse_an_unconverted_hugging_face_model():
+    transformers = pytest.importorskip("transformers")
+    from pypattern.equivalence import resample_implementations
+
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
+    hf = transformers.GPT2LMHeadModel(cfg)
+    tok = torch.randint(0, 20, (3, 4))
+    with pytest.raises(TypeError, match="model is a GPT2LMHeadModel.*pypattern.from_hf"):
+        resample_implementations(hf, tok, [("blocks.0.attn.hook_z", 0)])
