@@ -133,6 +133,13 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
 
 
+def _check_seed(seed, name: str) -> int:
+    """``seed`` as an int (a numpy integer too); anything else is refused naming ``name``."""
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"{name}={seed!r} is not valid; give an int")
+    return int(seed)
+
+
 def _min_samples(debiased: bool) -> int:
     return 4 if debiased else 2
 
@@ -623,9 +630,12 @@ def permutation_test(
     or ``"procrustes_angular"`` (``alternative="less"``), or a callable ``(x, y) -> float`` (give
     ``alternative``). For CKA the permutations reuse the two U-centred Grams (``n^2`` per permutation).
     """
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int | np.integer):
+        raise TypeError(f"num_permutations={num_permutations!r} is not valid; give a positive int")
     if num_permutations < 1:
         raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
-    g = torch.Generator().manual_seed(seed)
+    num_permutations = int(num_permutations)
+    g = torch.Generator().manual_seed(_check_seed(seed, "seed"))
     if measure in ("cka", "cka_biased"):
         debiased = measure == "cka"
         xf = _as_features(x, "x", _min_samples(debiased))
@@ -752,6 +762,22 @@ class EquivalenceResult:
         return self.wins / (2 * self.num_trials)
 
 
+def _scalar_similarity(v) -> float:
+    """The value a ``similarity`` callable returned, as a float; one that is not a single number is refused."""
+    if isinstance(v, torch.Tensor | np.ndarray) and math.prod(v.shape) != 1:
+        raise TypeError(
+            f"similarity(x, y) returned a {type(v).__name__} of shape {tuple(v.shape)}; give a callable that "
+            "returns one number (larger = closer)"
+        )
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"similarity(x, y) returned {v!r} ({type(v).__name__}); give a callable that returns one number "
+            "(larger = closer)"
+        ) from None
+
+
 def interpretive_equivalence(
     rep_a,
     rep_b,
@@ -799,9 +825,19 @@ def interpretive_equivalence(
     elif similarity == "cka":
         sim = lambda x, y, t: linear_cka(x, y)  # noqa: E731
     elif callable(similarity):
-        sim = lambda x, y, t: float(similarity(x, y))  # noqa: E731
+        sim = lambda x, y, t: _scalar_similarity(similarity(x, y))  # noqa: E731
     else:
         raise ValueError(f"similarity must be 'ridge', 'cka' or a callable, got {similarity!r}")
+    seed = _check_seed(seed, "seed")
+    if not -(2**44) <= seed < 2**44:
+        # the trials' seeds, 2 (seed * 100_003 + trial) + 1, must fit a torch.Generator seed
+        raise ValueError(f"seed={seed} is not valid; give an int with |seed| < 2**44")
+    for name, fn in (("sample_a", sample_a), ("sample_b", sample_b)):
+        if not callable(fn):
+            raise TypeError(
+                f"{name} is a {type(fn).__name__}; give a callable seed -> Tensor (num_inputs, ...) that returns "
+                "the representations of a random implementation (e.g. resample_implementations(...))"
+            )
     ra, rb = _as_features(rep_a, "rep_a", 4), _as_features(rep_b, "rep_b", 4)
     _check_pair(ra, rb, "rep_a", "rep_b")
     own = np.empty((num_trials, 2))

@@ -137,3 +137,85 @@ def test_resample_implementations_refuse_an_unconverted_hugging_face_model():
     tok = torch.randint(0, 20, (3, 4))
     with pytest.raises(TypeError, match="model is a GPT2LMHeadModel.*pypattern.from_hf"):
         resample_implementations(hf, tok, [("blocks.0.attn.hook_z", 0)])
+
+
+# ----------------------------------------------------------------------------------------------- interpretive_equivalence
+
+
+def _reps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 5, generator=g, dtype=torch.float64)
+
+    def sample(k):
+        return x + 0.1 * torch.randn(12, 5, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+
+    return x, sample
+
+
+def test_interpretive_equivalence_checks_seed_samplers_and_similarity_by_name():
+    import numpy as np
+
+    from pypattern.equivalence import interpretive_equivalence
+
+    x, sample = _reps()
+    with pytest.raises(TypeError, match="seed=None is not valid; give an int"):
+        interpretive_equivalence(x, x, sample, sample, num_trials=2, seed=None)
+    with pytest.raises(TypeError, match="seed=1.5 is not valid"):
+        interpretive_equivalence(x, x, sample, sample, num_trials=2, seed=1.5)
+    with pytest.raises(ValueError, match=r"\|seed\| < 2\*\*44"):
+        interpretive_equivalence(x, x, sample, sample, num_trials=2, seed=2**60)
+    with pytest.raises(TypeError, match="sample_b is a Tensor; give a callable seed -> Tensor"):
+        interpretive_equivalence(x, x, sample, x, num_trials=2)
+    with pytest.raises(TypeError, match="sample_a is a NoneType"):
+        interpretive_equivalence(x, x, None, sample, num_trials=2)
+    with pytest.raises(
+        TypeError, match=r"similarity\(x, y\) returned a Tensor of shape \(5,\); give a callable"
+    ):
+        interpretive_equivalence(x, x, sample, sample, num_trials=2, similarity=lambda a, b: (a - b).sum(0))
+    with pytest.raises(TypeError, match=r"similarity\(x, y\) returned None"):
+        interpretive_equivalence(x, x, sample, sample, num_trials=2, similarity=lambda a, b: None)
+    # a numpy integer seed is that int; a one-element similarity is its number
+    a = interpretive_equivalence(x, x * 2, sample, sample, num_trials=2, seed=np.int64(3), similarity="cka")
+    b = interpretive_equivalence(x, x * 2, sample, sample, num_trials=2, seed=3, similarity="cka")
+    np.testing.assert_array_equal(a.own, b.own)
+
+    def cka1(u, v):
+        from pypattern.equivalence import linear_cka
+
+        return torch.tensor([linear_cka(u, v)])
+
+    c = interpretive_equivalence(x, x * 2, sample, sample, num_trials=2, seed=3, similarity=cka1)
+    np.testing.assert_allclose(c.own, b.own)
+
+
+# ----------------------------------------------------------------------------------------------- permutation_test
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        ({"num_permutations": 2.5}, TypeError, "num_permutations=2.5 is not valid; give a positive int"),
+        ({"num_permutations": "10"}, TypeError, "num_permutations='10' is not valid"),
+        ({"num_permutations": True}, TypeError, "num_permutations=True is not valid"),
+        ({"seed": None}, TypeError, "seed=None is not valid; give an int"),
+        ({"seed": "0"}, TypeError, "seed='0' is not valid"),
+    ],
+)
+def test_permutation_test_checks_num_permutations_and_seed_by_name(kw, error, match):
+    from pypattern.equivalence import permutation_test
+
+    x, sample = _reps()
+    with pytest.raises(error, match=match):
+        permutation_test(x, sample(1), **kw)
+
+
+def test_permutation_test_takes_numpy_integers():
+    import numpy as np
+
+    from pypattern.equivalence import permutation_test
+
+    x, sample = _reps()
+    a = permutation_test(x, sample(1), num_permutations=np.int64(5), seed=np.int64(2))
+    b = permutation_test(x, sample(1), num_permutations=5, seed=2)
+    assert a.null.shape == (5,)
+    np.testing.assert_array_equal(a.null, b.null)
