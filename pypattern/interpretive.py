@@ -342,6 +342,12 @@ def distinguishability_grid(
     **similarity_kw,
 ) -> GridResult:
     """:func:`win_test` for every ordered pair of ``impls`` (the diagonal is the same-algorithm control)."""
+    if not isinstance(impls, Mapping):
+        raise TypeError(
+            f"impls is a {type(impls).__name__}; give a mapping {{algorithm name: implementation set}}"
+        )
+    if not impls:
+        raise ValueError("impls is empty: give at least one {algorithm name: implementation set} entry")
     names = list(impls)
     k = len(names)
     frac = np.zeros((k, k))

@@ -219,3 +219,18 @@ def test_permutation_test_takes_numpy_integers():
     b = permutation_test(x, sample(1), num_permutations=5, seed=2)
     assert a.null.shape == (5,)
     np.testing.assert_array_equal(a.null, b.null)
+
+
+# ----------------------------------------------------------------------------------------------- distinguishability_grid
+
+
+def test_distinguishability_grid_refuses_no_algorithms():
+    from pypattern.interpretive import distinguishability_grid
+
+    with pytest.raises(ValueError, match="impls is empty"):
+        distinguishability_grid({})
+    reps = [torch.randn(12, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with pytest.raises(TypeError, match="impls is a list; give a mapping"):
+        distinguishability_grid([reps])
+    grid = distinguishability_grid({"a": reps}, measure="cka", num_trials=2, num_repeats=1)
+    assert grid.names == ["a"] and grid.fraction.shape == (1, 1)
