@@ -159,6 +159,22 @@ class FlagSpec:
             )
 
 
+def _check_spec(spec) -> None:
+    """``spec`` is a :class:`FlagSpec` (a hook name alone does not say which dimensions are flags)."""
+    if not isinstance(spec, FlagSpec):
+        raise TypeError(
+            f"spec is a {type(spec).__name__} ({spec!r}); give a FlagSpec, e.g. "
+            "FlagSpec('blocks.1.hook_resid_pre', dims=(0, 1, 2, 3), num_concepts=2)"
+        )
+
+
+def _check_seed(seed, name: str = "seed", allow_none: bool = False) -> None:
+    if seed is None and allow_none:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name}={seed!r} is not valid; give an int" + (" (or None)" if allow_none else ""))
+
+
 def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec) -> torch.Tensor:
     """Broadcast labels ``(batch,)`` or ``(batch, pos)`` to ``(batch, pos)`` with validation."""
     lab = torch.as_tensor(concept_labels)
@@ -182,6 +198,7 @@ def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec
 
 
 def _check_acts(acts: torch.Tensor, spec: FlagSpec) -> None:
+    _check_spec(spec)
     if acts.dim() != 3:
         raise ValueError(f"acts has shape {tuple(acts.shape)}; give (batch, pos, d_model)")
     if max(spec.dims) >= acts.shape[-1]:
@@ -345,18 +362,33 @@ def overwrite_flags(
     return out
 
 
-def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
-    if isinstance(concept, bool):
-        raise ValueError(f"concept={concept!r} is not valid; give an int or a LongTensor (batch,)")
-    c = torch.as_tensor(concept)
+def _concept_tensor(concept, spec: FlagSpec) -> torch.Tensor:
+    """``concept`` as an integer tensor, one concept (0-d) or one per sample (``(batch,)``), each in range."""
+    bad = ValueError(
+        f"concept={concept!r} is not valid; give an int or a LongTensor (batch,) of concepts "
+        f"0..{spec.num_concepts - 1}"
+    )
+    if concept is None or isinstance(concept, bool | str | bytes):
+        raise bad
+    try:
+        c = torch.as_tensor(concept)
+    except (TypeError, ValueError, RuntimeError):
+        raise bad from None
     if c.dtype.is_floating_point or c.dtype.is_complex or c.dtype == torch.bool:
-        raise ValueError(f"concept={concept!r} is not valid; give an int or a LongTensor (batch,)")
+        raise bad
+    if c.dim() > 1:
+        raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape (batch,)")
+    if bool((c < 0).any()) or bool((c >= spec.num_concepts).any()):
+        raise ValueError(f"concept={c.tolist()} is out of range; give 0..{spec.num_concepts - 1}")
+    return c
+
+
+def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
+    c = _concept_tensor(concept, spec)
     if c.dim() == 0:
         c = c.expand(b)
     if c.shape != (b,):
         raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape ({b},)")
-    if bool((c < 0).any()) or bool((c >= spec.num_concepts).any()):
-        raise ValueError(f"concept={c.tolist()} is out of range; give 0..{spec.num_concepts - 1}")
     return spec.code()[c]
 
 
@@ -389,7 +421,8 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
     >>> with steer(model, spec, concept=1):  # doctest: +SKIP
     ...     logits = model(tokens)
     """
-    _concept_values(concept, spec, 1 if torch.as_tensor(concept).dim() == 0 else len(concept))
+    _check_spec(spec)
+    _concept_tensor(concept, spec)
     with _flag_hook(model, spec, lambda b: _concept_values(concept, spec, b), positions):
         yield
 
@@ -398,6 +431,7 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
 def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, positions=None) -> Iterator[None]:
     """Within the block, the flag dimensions are set to ``value`` (a float, or ``(num_flags,)``, e.g. their
     mean over data for a mean ablation)."""
+    _check_spec(spec)
     v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
     v = v.expand(spec.num_flags) if v.dim() == 0 else v
     if v.shape != (spec.num_flags,):

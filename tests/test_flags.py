@@ -370,3 +370,28 @@ def test_learning_rate_is_checked_by_name():
     for lr in (-1, float("nan"), "fast"):
         with pytest.raises(ValueError, match=rf"lr={lr!r} is not valid; give a finite number >= 0"):
             train_flags(model, TASK, SPEC, 1, 1, lr=lr)
+
+
+def test_steer_and_ablate_check_spec_and_concept_by_name():
+    """A concept that is not an int or integer tensor, and a spec that is not a FlagSpec (a hook name), are refused
+    by name (they failed inside torch.as_tensor or with an AttributeError)."""
+    model = _model().eval()
+    x = TASK.sample(2, seed=0).tokens
+    for bad in ("a", None, [[0, 1]]):
+        with pytest.raises(ValueError, match=r"concept.* is not valid|concept has shape \(1, 2\)"):
+            with steer(model, SPEC, bad):
+                model(x)
+    with pytest.raises(TypeError, match="spec is a str .*give a FlagSpec"):
+        with steer(model, "blocks.1.hook_resid_pre", 0):
+            model(x)
+    with pytest.raises(TypeError, match="spec is a str .*give a FlagSpec"):
+        with ablate_flags(model, "blocks.1.hook_resid_pre"):
+            model(x)
+    with pytest.raises(TypeError, match="spec is a str"):
+        read_flags(torch.zeros(2, 3, 32), "blocks.1.hook_resid_pre")
+    # a list of concepts, one per sample, steers as the tensor does
+    with steer(model, SPEC, [0, 1]):
+        a = model(x)
+    with steer(model, SPEC, torch.tensor([0, 1])):
+        b = model(x)
+    torch.testing.assert_close(a, b)
