@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .io import Saveable, register
+from .patching.api import _vocab
 from .tasks.base import IGNORE, Task, generator
 
 __all__ = [
@@ -471,11 +472,22 @@ def generate(
     -------
     LongTensor ``(batch, prompt_len + steps)``
     """
+    if not isinstance(prompt, torch.Tensor):
+        raise TypeError(
+            f"prompt is a {type(prompt).__name__}; give a LongTensor (batch, prompt_len) or (prompt_len,) of token ids"
+        )
+    if prompt.dtype not in (torch.long, torch.int32):
+        raise TypeError(f"prompt has dtype {prompt.dtype}; give integer token ids (torch.long)")
     tokens = prompt[None] if prompt.dim() == 1 else prompt
     if tokens.dim() != 2:
         raise ValueError(f"prompt has shape {tuple(prompt.shape)}; give (batch, prompt_len) or (prompt_len,)")
     if tokens.shape[1] == 0:
         raise ValueError("prompt is empty (0 tokens): give at least one token to continue from")
+    d_vocab = _vocab(model)
+    if tokens.numel() and (int(tokens.min()) < 0 or (d_vocab is not None and int(tokens.max()) >= d_vocab)):
+        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+        top = "" if d_vocab is None else f" .. {d_vocab - 1}"
+        raise ValueError(f"prompt contains token id {bad}; valid ids are 0{top} (d_vocab={d_vocab})")
     if (spec is None) != (concept is None):
         raise ValueError("give both spec and concept to steer, or neither")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
@@ -485,9 +497,17 @@ def generate(
     n_ctx = getattr(cfg, "max_positions", getattr(cfg, "n_ctx", None))
     if n_ctx is not None and tokens.shape[1] + steps > n_ctx:
         raise ValueError(f"prompt length {tokens.shape[1]} + steps={steps} exceeds the model's n_ctx={n_ctx}")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature={temperature} is not valid; give > 0 (or greedy=True)")
-    g = torch.Generator().manual_seed(seed)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not math.isfinite(temperature)
+        or (not greedy and temperature <= 0)
+    ):
+        raise ValueError(
+            f"temperature={temperature!r} is not valid; give a finite number > 0 (or greedy=True)"
+        )
+    _check_seed(seed)
+    g = torch.Generator().manual_seed(int(seed))
     ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -561,7 +581,9 @@ def train_flags(
     -------
     FlagTrainResult
     """
+    _check_spec(spec)
     spec.check(model)
+    _check_seed(seed, allow_none=True)
     for name, v in (
         ("stage1_steps", stage1_steps),
         ("stage2_steps", stage2_steps),
@@ -687,9 +709,19 @@ def probe_accuracy(
     -------
     (accuracy, r2) : held-out accuracy and held-out R^2 of the one-hot concept.
     """
+    _check_spec(spec)
     spec.check(model)
     if which not in ("non_flag", "flag", "all"):
         raise ValueError(f"which={which!r} is not valid; choose 'non_flag', 'flag' or 'all'")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} is not valid; give an int >= 1 (sequences per split)")
+    _check_seed(seed)
+    if (
+        isinstance(ridge, bool)
+        or not isinstance(ridge, numbers.Real)
+        or not (math.isfinite(ridge) and ridge >= 0)
+    ):
+        raise ValueError(f"ridge={ridge!r} is not valid; give a finite number >= 0 (the probe's L2 penalty)")
     return _probe(_probe_data(model, task, spec, num_samples, seed), spec, which, ridge, only_shared_tokens)
 
 
@@ -810,7 +842,9 @@ def flag_report(
     reference_model : optional
         The model before flag training; its probe numbers go to ``reference`` (erosion = before - after).
     """
+    _check_spec(spec)
     spec.check(model)
+    _check_seed(seed)
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'mean' or 'zero'")
     _check_concept_task(task, spec)

@@ -395,3 +395,53 @@ def test_steer_and_ablate_check_spec_and_concept_by_name():
     with steer(model, SPEC, torch.tensor([0, 1])):
         b = model(x)
     torch.testing.assert_close(a, b)
+
+
+def test_generate_checks_prompt_temperature_and_seed_by_name():
+    """A prompt that is not an integer tensor of ids in the vocabulary (a negative id was read from the end of the
+    embedding), a temperature that is not a finite number and a seed that is not an int are refused by name."""
+    model = _model()
+    tok = TASK.sample(3, seed=0).tokens[:, :4]
+    with pytest.raises(TypeError, match="prompt has dtype torch.float32; give integer token ids"):
+        generate(model, tok.float(), 2)
+    with pytest.raises(TypeError, match="prompt is a list; give a LongTensor"):
+        generate(model, tok.tolist(), 2)
+    with pytest.raises(ValueError, match="prompt contains token id -1; valid ids are 0 .. 20"):
+        generate(model, tok.clamp(max=-1), 2)
+    with pytest.raises(ValueError, match="prompt contains token id 21; valid ids are 0 .. 20"):
+        generate(model, torch.full_like(tok, 21), 2)
+    for t in (float("nan"), float("inf"), "a", True):
+        with pytest.raises(ValueError, match=r"temperature=.* is not valid; give a finite number > 0"):
+            generate(model, tok, 2, temperature=t)
+    with pytest.raises(TypeError, match="seed='a' is not valid; give an int"):
+        generate(model, tok, 2, seed="a")
+    with pytest.raises(TypeError, match="spec is a str"):
+        generate(model, tok, 2, spec="blocks.1.hook_resid_pre", concept=0)
+    out = generate(model, tok[0], 2, seed=1)
+    assert out.shape == (1, 6) and torch.equal(out[0, :4], tok[0])
+
+
+def test_probe_accuracy_and_train_flags_check_ridge_samples_and_seed_by_name():
+    """A negative ridge was used as given (a penalty that subtracts: a probe fit to a wrong objective, without a
+    word), num_samples=0 gave (nan, nan), a seed that is not an int failed inside torch's manual_seed."""
+    from pypattern.flags import probe_accuracy
+
+    model = _model()
+    for ridge in (-1.0, float("nan"), float("inf"), "a"):
+        with pytest.raises(ValueError, match=r"ridge=.* is not valid; give a finite number >= 0"):
+            probe_accuracy(model, TASK, SPEC, num_samples=8, ridge=ridge)
+    for n in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=r"num_samples=.* is not valid; give an int >= 1"):
+            probe_accuracy(model, TASK, SPEC, num_samples=n)
+    with pytest.raises(TypeError, match="seed=None is not valid; give an int"):
+        probe_accuracy(model, TASK, SPEC, num_samples=8, seed=None)
+    with pytest.raises(TypeError, match="spec is a str"):
+        probe_accuracy(model, TASK, "blocks.1.hook_resid_pre", num_samples=8)
+    acc, r2 = probe_accuracy(model, TASK, SPEC, num_samples=8, ridge=0.5)
+    assert 0.0 <= acc <= 1.0 and r2 <= 1.0
+    with pytest.raises(TypeError, match="seed='a' is not valid; give an int"):
+        train_flags(model, TASK, SPEC, stage1_steps=1, stage2_steps=0, batch_size=2, seed="a")
+    with pytest.raises(TypeError, match="spec is a str"):
+        train_flags(model, TASK, "blocks.1.hook_resid_pre", stage1_steps=1, stage2_steps=0, batch_size=2)
+    with pytest.raises(TypeError, match="seed=1.5 is not valid"):
+        flag_report(model, TASK, SPEC, num_samples=4, seed=1.5)
