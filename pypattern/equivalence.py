@@ -787,6 +787,7 @@ def interpretive_equivalence(
     num_trials: int = 20,
     similarity: str | Callable = "ridge",
     seed: int = 0,
+    compare: str = "model",
 ) -> EquivalenceResult:
     """Do two models share an interpretation? The estimator of Sun & Toneva, as we read it.
 
@@ -800,22 +801,32 @@ def interpretive_equivalence(
     1|``: 1 when wins are a coin flip (equivalent), 0 when the model is always closer to its own implementation
     (or always farther). A tie (equal similarities, e.g. both held-out R^2 clamped at 0) counts as half a win: the
     similarity cannot tell the two apart; when every comparison ties the score carries no information: it is NaN,
-    with a warning (a coin flip's 1 would read as "equivalent" for any two models). The second case includes a model compared with an exact copy of itself (the copy is
-    closer than any implementation): the estimator, as published, compares models whose implementations vary, and
-    the score of identical models is 0, not 1.
+    with a warning (a coin flip's 1 would read as "equivalent" for any two models). The second case includes a
+    model compared with an exact copy of itself (the copy is closer than any implementation): the estimator, as
+    written in the paper, compares each model itself with implementations, and the score of identical models (or of
+    a copy with permuted units) is 0, not 1. ``compare="implementations"`` is the form of the authors' released
+    code, which has no such case: each trial draws two implementations of each model, ``a, a'`` of A and ``b, b'``
+    of B, and a win is ``a`` closer to ``a'`` than to ``b`` (and ``b`` to ``b'`` than to ``a``); identical models
+    are then a coin flip (score near 1), as are models whose implementations differ only by a change of basis the
+    similarity ignores.
 
     Parameters
     ----------
-    rep_a, rep_b : Tensor ``(num_inputs, ...)``
+    rep_a, rep_b : Tensor ``(num_inputs, ...)``, or None with ``compare="implementations"``
         The two models' representations of the same inputs (e.g. every layer's residual stream, concatenated:
-        :func:`representations`).
+        :func:`representations`); with ``compare="implementations"`` they are not read (only checked, when given).
     sample_a, sample_b : callables ``seed -> Tensor (num_inputs, ...)``
         Representations of a random implementation of each model, on the same inputs.
     similarity : ``"ridge"`` (:func:`ridge_similarity_cv` of the candidate from the model: ridge with an intercept,
         the penalty from ``{0.1, 1, 10}`` by leave-one-out on a random 90% of the inputs, ``sqrt(max(R^2, 0))`` of
         the held-out R^2 averaged over the candidate's features; the closeness of the authors' released code),
         ``"cka"`` (debiased linear CKA) or a callable ``(x, y) -> float``, larger = closer.
+    compare : ``"model"`` or ``"implementations"``
+        What an implementation is compared with: the model itself (the paper's description, the default) or a
+        second implementation of the same model (the authors' released code; see above).
     """
+    if compare not in ("model", "implementations"):
+        raise ValueError(f"compare={compare!r} is not valid; choose 'model' or 'implementations'")
     if isinstance(num_trials, bool) or not isinstance(num_trials, int | np.integer):
         raise TypeError(f"num_trials={num_trials!r} is not valid; give a positive int")
     if num_trials < 1:
@@ -838,18 +849,39 @@ def interpretive_equivalence(
                 f"{name} is a {type(fn).__name__}; give a callable seed -> Tensor (num_inputs, ...) that returns "
                 "the representations of a random implementation (e.g. resample_implementations(...))"
             )
-    ra, rb = _as_features(rep_a, "rep_a", 4), _as_features(rep_b, "rep_b", 4)
-    _check_pair(ra, rb, "rep_a", "rep_b")
+    ra = rb = None
+    if compare == "model" or rep_a is not None or rep_b is not None:
+        ra, rb = _as_features(rep_a, "rep_a", 4), _as_features(rep_b, "rep_b", 4)
+        _check_pair(ra, rb, "rep_a", "rep_b")
     own = np.empty((num_trials, 2))
     other = np.empty((num_trials, 2))
+    same_draws = 0  # trials in which a sampler gave the same representation for two seeds
     for t in range(num_trials):
         key = seed * 100_003 + t
-        ia = _as_features(sample_a(2 * key), "sample_a(seed)", 4)
-        ib = _as_features(sample_b(2 * key + 1), "sample_b(seed)", 4)
-        _check_pair(ra, ia, "rep_a", "sample_a(seed)")
-        _check_pair(rb, ib, "rep_b", "sample_b(seed)")
-        own[t] = sim(ra, ia, key), sim(rb, ib, key)
-        other[t] = sim(ra, rb, key), sim(rb, ra, key)
+        if compare == "model":
+            ia = _as_features(sample_a(2 * key), "sample_a(seed)", 4)
+            ib = _as_features(sample_b(2 * key + 1), "sample_b(seed)", 4)
+            _check_pair(ra, ia, "rep_a", "sample_a(seed)")
+            _check_pair(rb, ib, "rep_b", "sample_b(seed)")
+            own[t] = sim(ra, ia, key), sim(rb, ib, key)
+            other[t] = sim(ra, rb, key), sim(rb, ra, key)
+            continue
+        a, a2 = (_as_features(sample_a(4 * key + i), "sample_a(seed)", 4) for i in (0, 2))
+        b, b2 = (_as_features(sample_b(4 * key + i), "sample_b(seed)", 4) for i in (1, 3))
+        for name, x in (("sample_a(seed)", a2), ("sample_b(seed)", b), ("sample_b(seed)", b2)):
+            _check_pair(a, x, "sample_a(seed)", name)
+        if ra is not None:
+            _check_pair(ra, a, "rep_a", "sample_a(seed)")
+        same_draws += int(torch.equal(a, a2) or torch.equal(b, b2))
+        own[t] = sim(a, a2, key), sim(b, b2, key)
+        other[t] = sim(a, b, key), sim(b, a, key)
+    if same_draws == num_trials:
+        warnings.warn(
+            "interpretive_equivalence(compare='implementations'): a sampler returned the same representation for "
+            "different seeds in every trial, so its own implementations always match; give samplers that draw a "
+            "random implementation per seed",
+            stacklevel=2,
+        )
     if not (np.isfinite(own).all() and np.isfinite(other).all()):
         raise ValueError("a similarity was not finite (a constant representation?)")
     ties = int((own == other).sum())

@@ -653,3 +653,58 @@ def test_resample_implementations_of_one_input_need_counterfactuals():
         model, tokens[:1], [("blocks.0.attn.hook_z", 1)], counterfactual=tokens[1:]
     )
     assert sample(0).shape[0] == 1
+
+
+def test_interpretive_equivalence_comparing_implementations_scores_identical_and_rotated_models_as_equivalent():
+    """compare='implementations' (the authors' released code: a, a' of A against b of B): a model against itself
+    and against a copy in a rotated basis is a coin flip (score near 1), where comparing the models themselves gives
+    0 for identical models; models of other latent variables score 0 either way. Bad values are named."""
+    from pypattern.equivalence import interpretive_equivalence
+
+    g = torch.Generator().manual_seed(7)
+    n, k, d = 120, 3, 6
+    z, z_other = (
+        torch.randn(n, k, generator=g, dtype=torch.float64),
+        torch.randn(n, k, generator=g, dtype=torch.float64),
+    )
+    W = torch.randn(k, d, generator=g, dtype=torch.float64)
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+
+    def sampler(base, rot=None):
+        def draw(seed):
+            noise = 0.3 * torch.randn(
+                n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+            )
+            x = base @ W + noise
+            return x if rot is None else x @ rot
+
+        return draw
+
+    same = interpretive_equivalence(
+        None, None, sampler(z), sampler(z), num_trials=20, compare="implementations", similarity="cka"
+    )
+    rotated = interpretive_equivalence(
+        None, None, sampler(z), sampler(z, Q), num_trials=20, compare="implementations", similarity="cka"
+    )
+    other = interpretive_equivalence(
+        None, None, sampler(z), sampler(z_other), num_trials=20, compare="implementations", similarity="cka"
+    )
+    assert same.score >= 0.6 and rotated.score >= 0.6, (same.score, rotated.score)
+    assert other.score == 0.0 and other.wins == 40
+    clean = z @ W
+    as_model = interpretive_equivalence(clean, clean, sampler(z), sampler(z), num_trials=20, similarity="cka")
+    assert as_model.score == 0.0  # the model's own representation is closer than any implementation
+    with pytest.raises(ValueError, match="compare='both' is not valid"):
+        interpretive_equivalence(clean, clean, sampler(z), sampler(z), compare="both")
+    with pytest.raises(TypeError, match="rep_a"):
+        interpretive_equivalence(None, None, sampler(z), sampler(z))
+    with pytest.warns(UserWarning, match="same representation for different seeds"):
+        interpretive_equivalence(
+            None,
+            None,
+            lambda s: clean,
+            lambda s: clean,
+            num_trials=3,
+            compare="implementations",
+            similarity="cka",
+        )
