@@ -2,6 +2,8 @@
 mask shapes, graph= of another type, counts and fractions of circuits and curves, seq_len, NaN scores; and the
 warning of first-order scores whose metric has no gradient at the base run."""
 
+import math
+
 import pytest
 import torch
 
@@ -200,9 +202,14 @@ def test_scores_holding_nan_are_refused_wherever_they_are_ranked():
     v[0, top] = float("nan")  # the top edge, NaN on one example: it used to be ranked last
     bad = _scores(v)
     name = sc.graph[top].name
-    for call in (bad.ranking, lambda: bad.circuit(n=1), lambda: bad.top(1), bad.to_pandas):
+    for call in (bad.ranking, lambda: bad.circuit(n=1), lambda: bad.top(1)):
         with pytest.raises(ValueError, match=rf"^scores holds NaN for 1 of \d+ edges \({name}\)"):
             call()
+    # the table shows every edge: the NaN one last, rank NaN, the others ranked as without it
+    df, ok = bad.to_pandas(), sc.to_pandas()
+    assert len(df) == len(sc.graph) and math.isnan(df["score"].iloc[-1]) and math.isnan(df["rank"].iloc[-1])
+    assert df["rank"].iloc[:-1].tolist() == list(range(1, len(sc.graph)))
+    assert df["name"].iloc[:-1].tolist() == [n for n in ok["name"].tolist() if n != name]
     all_nan = torch.full((len(sc.graph),), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match=r"^scores holds NaN for (\d+) of \1 edges"):
         pruning_curve(model, all_nan, clean, corr, metric=metric, counts=[0, 5])

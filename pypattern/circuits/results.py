@@ -156,18 +156,26 @@ class EdgeScores:
 
     def to_pandas(self):
         """One row per edge: ``src``, ``dst``, ``qkv``, ``pos``, ``score`` (batch mean), ``se`` (standard error over
-        the batch) and ``rank`` (1 = largest ``|score|``), sorted by rank."""
+        the batch) and ``rank`` (1 = largest ``|score|``), sorted by rank. Edges whose score is NaN (a metric NaN on
+        some prompt) come last with rank NaN: the table shows them where :meth:`ranking` refuses to order them."""
         df = self.graph.to_pandas()
         s = self.scores
         B = self.values.shape[0]
         se = self.values.std(0) / max(B, 1) ** 0.5 if B > 1 else torch.full_like(s, float("nan"))
         df["score"] = s.double().numpy()
         df["se"] = se.double().numpy()
-        rank = torch.empty(len(s), dtype=torch.long)
-        rank[self.ranking()] = torch.arange(1, len(s) + 1)
+        nan = torch.isnan(s)
+        if bool(nan.any()):
+            key = torch.where(nan, torch.full_like(s, float("inf")), -s.abs())  # NaN after every number
+            rank = torch.empty(len(s), dtype=torch.float64)
+            rank[torch.sort(key, stable=True).indices] = torch.arange(1, len(s) + 1, dtype=torch.float64)
+            rank[nan] = float("nan")
+        else:
+            rank = torch.empty(len(s), dtype=torch.long)
+            rank[self.ranking()] = torch.arange(1, len(s) + 1)
         df["rank"] = rank.numpy()
         df["method"] = self.method
-        return df.sort_values("rank").reset_index(drop=True)
+        return df.sort_values("rank", na_position="last").reset_index(drop=True)
 
     def draw(self, n: int | None = None, **kwargs):
         """Graph drawing of the top ``n`` edges (default: 20, or every edge of a smaller graph; see
