@@ -287,5 +287,5 @@ def test_draw_of_a_graph_smaller_than_the_default_count_and_prepare_runs_graph_t
     metric = LogitDiff([1, 2], [3, 4])
     sc = edge_attribution(model, x, y, metric=metric)
     sc.draw()
-    with pytest.raises(TypeError, match="graph=list"):
+    with pytest.raises(TypeError, match=r"^graph= is a list; give an EdgeGraph"):
         prepare_runs(model, list(g.edges), x, y, metric)

@@ -29,8 +29,8 @@ import torch
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
 from .engine import EdgeEngine, prepare_runs
-from .graph import Edge, EdgeGraph
-from .results import Circuit, EdgeScores, PruningCurve, _check_rankable
+from .graph import Edge, EdgeGraph, check_graph_arg
+from .results import Circuit, EdgeScores, PruningCurve, rank_order
 
 __all__ = ["patch_edges", "edge_attribution", "faithfulness", "pruning_curve", "acdc"]
 
@@ -39,15 +39,6 @@ _METHODS = ("eap", "eap-ig", "exact")
 
 def _metric_name(metric) -> str:
     return getattr(metric, "name", type(metric).__name__)
-
-
-def _check_graph(graph) -> None:
-    """Refuse a ``graph=`` that is not an :class:`EdgeGraph` (a list of edges, say) before anything reads it."""
-    if graph is not None and not isinstance(graph, EdgeGraph):
-        raise TypeError(
-            f"graph= is a {type(graph).__name__}; give an EdgeGraph (edges(model), or the .graph of scores or a "
-            "circuit), or leave it out"
-        )
 
 
 def _graph_for(model, graph: EdgeGraph | None, per_position: bool, seq_len: int) -> EdgeGraph:
@@ -201,7 +192,7 @@ def patch_edges(
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets.
     """
     model = converted_if_convertible(model)
-    _check_graph(graph)
+    check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
     _check_mask_shapes(edges)
@@ -370,7 +361,7 @@ def edge_attribution(
         ``values (batch, num_edges)``; ``scores`` is their batch mean.
     """
     model = converted_if_convertible(model)
-    _check_graph(graph)
+    check_graph_arg(graph)
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {_METHODS}")
     if method != "exact" and torch.is_inference_mode_enabled():
@@ -451,8 +442,17 @@ def edge_attribution(
             info["m_clean"],
             method,
             steps,
-            lambda: _all_patched_metric(
-                model, clean, corrupted, metric, mode, ablation, max_batch, memory_budget
+            lambda: patch_edges(  # every edge patched
+                model,
+                torch.ones(len(graph), dtype=torch.bool),
+                clean,
+                corrupted,
+                metric=metric,
+                mode=mode,
+                ablation=ablation,
+                graph=graph,
+                max_batch=max_batch,
+                memory_budget=memory_budget,
             ),
         )
     return EdgeScores(
@@ -470,23 +470,6 @@ def edge_attribution(
             "passes": passes,
         },
     )
-
-
-def _all_patched_metric(model, clean, corrupted, metric, mode, ablation, max_batch, memory_budget):
-    """Metric ``(batch,)`` of the run with every edge patched."""
-    graph = EdgeGraph.from_model(model)
-    engine, _ = prepare_runs(
-        model,
-        graph,
-        clean,
-        corrupted,
-        metric,
-        mode,
-        ablation,
-        max_batch=max_batch,
-        memory_budget=memory_budget,
-    )
-    return engine.run(torch.ones(1, len(graph), dtype=torch.bool))[0]
 
 
 def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) -> None:
@@ -693,7 +676,7 @@ def faithfulness(
     float for one circuit, Tensor ``(C,)`` for a batch (same forms of ``edges`` as :func:`patch_edges`).
     """
     model = converted_if_convertible(model)
-    _check_graph(graph)
+    check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
     _check_mask_shapes(edges)
@@ -717,11 +700,6 @@ def faithfulness(
     vals = _widen(engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode))).mean(1)
     f = _faith(vals[:-2], vals[-2], vals[-1])
     return float(f[0]) if single else f
-
-
-def _ranking(scores: torch.Tensor) -> torch.Tensor:
-    """Edge order by descending ``|score|`` (ties: graph order)."""
-    return torch.sort(-scores.abs(), stable=True).indices
 
 
 def _listed(name: str, values) -> list:
@@ -807,7 +785,7 @@ def pruning_curve(
         Every point of every curve is one patched run, all evaluated in batches.
     """
     model = converted_if_convertible(model)
-    _check_graph(graph)
+    check_graph_arg(graph)
     one = not isinstance(scores, dict)
     if one:
         name = scores.method if isinstance(scores, EdgeScores) else "scores"
@@ -825,8 +803,7 @@ def pruning_curve(
         label = "scores" if one else f"scores[{name!r}]"
         if s.shape != (E,):
             raise ValueError(f"{label} has shape {tuple(s.shape)}; the graph has {E} edges")
-        _check_rankable(s, label, graph)
-        order = _ranking(s)
+        order = rank_order(s, label, graph)
         rank = torch.empty(E, dtype=torch.long)
         rank[order] = torch.arange(E)
         masks.append(rank[None, :] < cnt[:, None])
@@ -995,7 +972,7 @@ def acdc(
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
     model = converted_if_convertible(model)
-    _check_graph(graph)
+    check_graph_arg(graph)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
     threshold = float(threshold)
@@ -1160,8 +1137,7 @@ def _acdc_resume(path, fp, graph: EdgeGraph, reach: _Reach) -> dict:
 
 def circuit_from_edges(graph: EdgeGraph, edges: Iterable[Edge | str], scores=None) -> Circuit:
     """A :class:`Circuit` holding ``edges`` of ``graph`` (for drawing or saving a hand-made circuit)."""
-    if not isinstance(graph, EdgeGraph):
-        raise TypeError(f"graph is a {type(graph).__name__}; give an EdgeGraph (edges(model))")
+    check_graph_arg(graph, "graph", optional=False)
     return Circuit(
         graph=graph, mask=graph.mask(edges), scores=scores, faithfulness=None, method="given", info={}
     )

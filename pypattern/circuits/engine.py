@@ -36,7 +36,7 @@ from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..patching.api import check_tokens
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
-from .graph import EdgeGraph
+from .graph import EdgeGraph, check_graph_arg
 from .model_view import ModelView
 
 __all__ = ["EdgeEngine", "prepare_runs"]
@@ -1015,10 +1015,7 @@ def prepare_runs(
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'resample', 'mean' or 'zero'")
     view = ModelView(model) if view is None else view
     graph = EdgeGraph.from_model(model) if graph is None else graph
-    if not isinstance(graph, EdgeGraph):
-        raise TypeError(
-            f"graph={type(graph).__name__} is not valid; give an EdgeGraph (edges(model)) or None"
-        )
+    check_graph_arg(graph)
     check_graph(view, graph)  # before any run is sized by the graph
     d_vocab = model.cfg.d_vocab
     clean = check_tokens(clean, "clean", d_vocab)

@@ -68,6 +68,17 @@ def _is_int(v) -> bool:
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
+def check_graph_arg(graph, label: str = "graph=", optional: bool = True) -> None:
+    """Refuse a graph argument (passed as ``label``) that is not an :class:`EdgeGraph` (a list of edges, say)
+    before anything reads it; None passes where the argument is ``optional``."""
+    if isinstance(graph, EdgeGraph) or (optional and graph is None):
+        return
+    raise TypeError(
+        f"{label} is a {type(graph).__name__}; give an EdgeGraph (edges(model), or the .graph of scores or a "
+        "circuit)" + (", or leave it out" if optional else "")
+    )
+
+
 class EdgeGraph:
     """All edges of a model (see the module docstring), with the index arrays the engines use.
 

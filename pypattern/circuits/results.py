@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import io
-from .graph import Edge, EdgeGraph
+from .graph import Edge, EdgeGraph, check_graph_arg
 
 __all__ = ["EdgeScores", "Circuit", "PruningCurve", "draw_circuit"]
 
@@ -87,9 +87,9 @@ def _check_fraction(name: str, v) -> float:
     return float(v)
 
 
-def _check_rankable(scores: torch.Tensor, name: str, graph: EdgeGraph) -> None:
-    """Refuse edge ``scores`` ``(num_edges,)`` holding NaN, naming ``name`` and the edges: ranking by ``|score|``
-    would put them at an arbitrary place."""
+def rank_order(scores: torch.Tensor, name: str, graph: EdgeGraph) -> torch.Tensor:
+    """Edge indices by descending ``|score|`` (ties in graph order) of ``scores`` ``(num_edges,)``; scores holding
+    NaN are refused, naming ``name`` and the edges (ranking would put them at an arbitrary place)."""
     nan = torch.isnan(scores)
     if bool(nan.any()):
         idx = nan.nonzero().flatten().tolist()
@@ -99,6 +99,7 @@ def _check_rankable(scores: torch.Tensor, name: str, graph: EdgeGraph) -> None:
             "with NaN among them: recompute the scores (a metric that is NaN on some prompt makes every score it "
             "reaches NaN) or replace the NaN (e.g. with nan_to_num) before ranking"
         )
+    return torch.sort(-scores.abs(), stable=True).indices
 
 
 @dataclass
@@ -132,9 +133,7 @@ class EdgeScores:
 
     def ranking(self) -> torch.Tensor:
         """Edge indices by descending ``|score|`` (ties in graph order); scores holding NaN are refused."""
-        s = self.scores
-        _check_rankable(s, "scores", self.graph)
-        return torch.sort(-s.abs(), stable=True).indices
+        return rank_order(self.scores, "scores", self.graph)
 
     def top(self, n: int = 10) -> list[tuple[Edge, float]]:
         """The ``n`` edges with the largest ``|score|`` and their scores."""
@@ -165,14 +164,12 @@ class EdgeScores:
         df["score"] = s.double().numpy()
         df["se"] = se.double().numpy()
         nan = torch.isnan(s)
-        if bool(nan.any()):
-            key = torch.where(nan, torch.full_like(s, float("inf")), -s.abs())  # NaN after every number
-            rank = torch.empty(len(s), dtype=torch.float64)
-            rank[torch.sort(key, stable=True).indices] = torch.arange(1, len(s) + 1, dtype=torch.float64)
+        has_nan = bool(nan.any())
+        key = torch.where(nan, torch.full_like(s, float("inf")), -s.abs())  # NaN after every number
+        rank = torch.empty(len(s), dtype=torch.float64 if has_nan else torch.long)
+        rank[torch.sort(key, stable=True).indices] = torch.arange(1, len(s) + 1, dtype=rank.dtype)
+        if has_nan:
             rank[nan] = float("nan")
-        else:
-            rank = torch.empty(len(s), dtype=torch.long)
-            rank[self.ranking()] = torch.arange(1, len(s) + 1)
         df["rank"] = rank.numpy()
         df["method"] = self.method
         return df.sort_values("rank", na_position="last").reset_index(drop=True)
@@ -425,8 +422,7 @@ def draw_circuit(
     summed over positions. Nodes without a kept edge are drawn faintly. The ``annotate`` edges with the largest
     ``|score|`` are labelled with their score.
     """
-    if not isinstance(graph, EdgeGraph):
-        raise TypeError(f"graph is a {type(graph).__name__}; give an EdgeGraph (edges(model))")
+    check_graph_arg(graph, "graph", optional=False)
     if max_edges is not None:
         _check_count("max_edges", max_edges)
     _check_count("annotate", annotate)
