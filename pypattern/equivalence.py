@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from .io import Saveable, register
-from .patching.api import _n_ctx, _vocab, check_tokens
+from .losses import position_limit
+from .patching.api import _vocab, check_tokens
 from .patching.sites import HEAD_SITES, apply_patch
 
 __all__ = [
@@ -133,10 +134,13 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
 
 
-def _check_seed(seed, name: str) -> int:
-    """``seed`` as an int (a numpy integer too); anything else is refused naming ``name``."""
+def _check_seed(seed, name: str = "seed", allow_none: bool = False) -> int | None:
+    """``seed`` as an int (a numpy integer too; None where ``allow_none``); anything else is refused naming
+    ``name``."""
+    if seed is None and allow_none:
+        return None
     if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"{name}={seed!r} is not valid; give an int")
+        raise TypeError(f"{name}={seed!r} is not valid; give an int" + (" (or None)" if allow_none else ""))
     return int(seed)
 
 
@@ -931,7 +935,7 @@ def _check_rep_tokens(model, tokens, argument: str) -> torch.Tensor:
         raise TypeError(
             f"{argument} is a {type(tokens).__name__}; give a token tensor (num_inputs, pos){hint}"
         )
-    return check_tokens(tokens, argument, _vocab(model), n_ctx=_n_ctx(model))
+    return check_tokens(tokens, argument, _vocab(model), n_ctx=position_limit(model))
 
 
 def _rep_hooks(model, hooks, argument: str = "hooks") -> list[str]:

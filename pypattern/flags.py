@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .equivalence import _check_seed
 from .io import Saveable, register
-from .patching.api import _vocab
+from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .tasks.base import IGNORE, Task, generator
 
 __all__ = [
@@ -167,13 +168,6 @@ def _check_spec(spec) -> None:
             f"spec is a {type(spec).__name__} ({spec!r}); give a FlagSpec, e.g. "
             "FlagSpec('blocks.1.hook_resid_pre', dims=(0, 1, 2, 3), num_concepts=2)"
         )
-
-
-def _check_seed(seed, name: str = "seed", allow_none: bool = False) -> None:
-    if seed is None and allow_none:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name}={seed!r} is not valid; give an int" + (" (or None)" if allow_none else ""))
 
 
 def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec) -> torch.Tensor:
@@ -472,22 +466,13 @@ def generate(
     -------
     LongTensor ``(batch, prompt_len + steps)``
     """
-    if not isinstance(prompt, torch.Tensor):
-        raise TypeError(
-            f"prompt is a {type(prompt).__name__}; give a LongTensor (batch, prompt_len) or (prompt_len,) of token ids"
-        )
-    if prompt.dtype not in (torch.long, torch.int32):
-        raise TypeError(f"prompt has dtype {prompt.dtype}; give integer token ids (torch.long)")
+    check_token_tensor(prompt, "prompt", "(batch, prompt_len) or (prompt_len,) of token ids")
     tokens = prompt[None] if prompt.dim() == 1 else prompt
     if tokens.dim() != 2:
         raise ValueError(f"prompt has shape {tuple(prompt.shape)}; give (batch, prompt_len) or (prompt_len,)")
     if tokens.shape[1] == 0:
         raise ValueError("prompt is empty (0 tokens): give at least one token to continue from")
-    d_vocab = _vocab(model)
-    if tokens.numel() and (int(tokens.min()) < 0 or (d_vocab is not None and int(tokens.max()) >= d_vocab)):
-        bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
-        top = "" if d_vocab is None else f" .. {d_vocab - 1}"
-        raise ValueError(f"prompt contains token id {bad}; valid ids are 0{top} (d_vocab={d_vocab})")
+    check_token_ids(tokens, "prompt", _vocab(model))
     if (spec is None) != (concept is None):
         raise ValueError("give both spec and concept to steer, or neither")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:

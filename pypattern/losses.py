@@ -39,9 +39,10 @@ Everything here is free of ``.item()`` and of branching on tensor values, so it 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,7 @@ __all__ = [
     "vocab_size",
     "batch_size",
     "forward_error",
+    "errors_naming",
     "model_output",
     "read_logits",
     "read_loss",
@@ -380,6 +382,22 @@ def forward_error(model: nn.Module, batch: Any, argument: str, error: Exception)
         f"forward failed ({type(error).__name__}: {error}); convert one to the other's dtype (the batch's tensors "
         f"with .to({want}), or the model with .to(...))"
     )
+
+
+@contextlib.contextmanager
+def errors_naming(model: nn.Module, batch: Any, argument: str, library: bool) -> Iterator[None]:
+    """Errors of a loss computed in the block on ``batch`` (passed as ``argument``) said to come from it: the
+    library's own loss refusing the batch (``library``: a ``TypeError`` / ``ValueError`` about its targets or
+    shapes) gets ``argument`` in front of its message, and a forward that fails because the batch's dtype is not the
+    model's gets :func:`forward_error`'s message."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        if library:
+            raise type(e)(f"{argument}: {e}") from None
+        raise
+    except RuntimeError as e:
+        raise (forward_error(model, batch, argument, e) or e) from e
 
 
 def batch_size(batch: Any) -> int:

@@ -60,7 +60,7 @@ from .losses import (
     batch_size,
     check_batch,
     counted_mask,
-    forward_error,
+    errors_naming,
     probe_losses,
     sample_losses,
     token_losses,
@@ -427,15 +427,8 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
         b = None
     if b == 0:
         raise ValueError(f"probe has no samples ({_describe(probe)}): give at least one probe sample")
-    try:
-        with torch.no_grad():
-            l0 = losses_of(model)
-    except (TypeError, ValueError) as e:
-        if library:  # the library's losses refused the probe (its targets, shapes): name it
-            raise type(e)(f"probe: {e}") from None
-        raise
-    except RuntimeError as e:
-        raise (forward_error(model, probe, "probe", e) or e) from e
+    with errors_naming(model, probe, "probe", library), torch.no_grad():
+        l0 = losses_of(model)
     if not isinstance(l0, torch.Tensor):
         raise TypeError(
             f"per_sample_loss_fn returned {type(l0).__name__}; it must return a tensor of losses, (batch,) per "

@@ -96,11 +96,8 @@ def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]
     # head counts from the projections' shapes (a config edited after the model was built does not change them)
     if arch.qkv == "gpt2":  # Conv1D c_attn (d_model, 3 n_heads d_head)
         dh = int(attn.head_dim)
-        return (
-            _heads(attn.c_attn.weight.shape[1], 3 * dh, cfg),
-            _heads(attn.c_attn.weight.shape[1], 3 * dh, cfg),
-            dh,
-        )
+        n = _heads(attn.c_attn.weight.shape[1], 3 * dh, cfg)
+        return n, n, dh
     if arch.qkv == "neox":  # query_key_value (3 n_heads d_head, d_model)
         dh = int(attn.head_size)
         n = _heads(attn.query_key_value.weight.shape[0], 3 * dh, cfg)

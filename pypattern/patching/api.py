@@ -147,11 +147,7 @@ def check_tokens(
 ) -> torch.Tensor:
     """Refuse prompts that are not an integer ``(batch, pos)`` tensor of ids in ``0 .. d_vocab - 1`` (a negative
     id would otherwise be read from the end of the vocabulary), or longer than ``n_ctx`` learned positions."""
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos)")
-    if tokens.dtype not in (torch.long, torch.int32):
-        # uint8 would index as a boolean mask, other types are not token ids
-        raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
+    check_token_tensor(tokens, argument, "(batch, pos)")
     if tokens.dim() != 2:
         raise ValueError(f"{argument} has shape {tuple(tokens.shape)}; give (batch, pos)")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
@@ -165,19 +161,29 @@ def check_tokens(
             f"{argument} has {tokens.shape[1]} positions; the model has {n_ctx} learned positions (n_ctx): give "
             f"prompts of at most {n_ctx} tokens"
         )
+    check_token_ids(tokens, argument, d_vocab)
+    return tokens
+
+
+def check_token_tensor(tokens, argument: str, shape: str) -> None:
+    """Refuse ``tokens`` (passed as ``argument``) that are not an integer tensor (``shape`` describes the one
+    expected, e.g. ``"(batch, pos)"``)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{argument} is a {type(tokens).__name__}; give a LongTensor {shape}")
+    if tokens.dtype not in (torch.long, torch.int32):
+        # uint8 would index as a boolean mask, other types are not token ids
+        raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
+
+
+def check_token_ids(tokens: torch.Tensor, argument: str, d_vocab: int | None) -> None:
+    """Refuse token ids outside ``0 .. d_vocab - 1`` (a negative id would otherwise be read from the end of the
+    vocabulary)."""
     if tokens.numel():
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or (d_vocab is not None and hi >= d_vocab):
             top = "" if d_vocab is None else f" .. {d_vocab - 1}"
             bad = lo if lo < 0 else hi
             raise ValueError(f"{argument} contains token id {bad}; valid ids are 0{top} (d_vocab={d_vocab})")
-    return tokens
-
-
-def _n_ctx(model) -> int | None:
-    """The number of learned positions of ``model`` (:func:`pypattern.losses.position_limit`); None when positions
-    do not bound the length."""
-    return position_limit(model)
 
 
 def _vocab(model) -> int | None:
@@ -204,7 +210,7 @@ def prepare_runs(
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     corruption = resolve_corruption(corrupted_tokens, corruption)
     d_vocab = _vocab(model)
-    clean = check_tokens(clean_tokens, "clean_tokens", d_vocab, n_ctx=_n_ctx(model))
+    clean = check_tokens(clean_tokens, "clean_tokens", d_vocab, n_ctx=position_limit(model))
     B, T = clean.shape
     check_corruption_tokens(corruption, d_vocab, (B, T))
     pos = metric_positions(metric, B, T)
@@ -480,7 +486,7 @@ def _activation_patching(
     n_heads = site_heads(model.cfg, site) if is_tf else 0
     if site in HEAD_SITES and not is_tf:
         raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
-    B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model), n_ctx=_n_ctx(model)).shape
+    B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model), n_ctx=position_limit(model)).shape
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
     )

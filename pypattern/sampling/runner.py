@@ -22,7 +22,7 @@ from torch import nn
 
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
-from ..losses import batch_loss, check_batch, forward_error, read_loss
+from ..losses import batch_loss, check_batch, errors_naming, read_loss
 from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
 from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
@@ -559,14 +559,8 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
         library = plan.loss_fn is default_loss_fn or plan.loss_fn is batch_loss
         if library:
             check_batch(model, batch, "loader")
-        try:
+        with errors_naming(model, batch, "loader", library):
             out = plan.loss_fn(model, batch)
-        except (TypeError, ValueError) as e:
-            if library:  # the library's loss refused the batch (its targets, shapes): name where it came from
-                raise type(e)(f"loader: {e}") from None
-            raise
-        except RuntimeError as e:
-            raise (forward_error(model, batch, "loader", e) or e) from e
         return float(split_loss(out))
 
     with torch.no_grad():
