@@ -76,6 +76,11 @@ def _check(out, a, gs):
         (1, 5, (1, 1, 1), 100),
         (2, 17, (12, 12, 12, 1), 515),
         (1, 8, (6,), 20000),  # several 16 KiB chunks of terms with a tail
+        # 12 or more a rows: each chunk's g rows are first copied into the blocks' read order
+        (1, 12, (6,), 16),
+        (1, 12, (3,), 7),  # fewer terms than a float32 vector: nothing to copy
+        (2, 13, (5, 2), 4100),  # a float32 chunk and a tail of terms shorter than a vector
+        (1, 25, (7,), 20000),
     ],
 )
 def test_random(backend, device, dtype, B, M, Ns, K):
@@ -87,13 +92,14 @@ def test_random(backend, device, dtype, B, M, Ns, K):
 
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_strided_views(backend, device, dtype):
+@pytest.mark.parametrize("M", [9, 14])
+def test_strided_views(backend, device, dtype, M):
     """Rows read in place from views: a slice of the rows, batch and rows transposed (the engine's (n, B, T*d)
     layout), a gap between rows, and a non-unit stride along the terms (copied)."""
     gen = torch.Generator().manual_seed(1)
     K = 70
-    big = torch.randn(11, 4, K + 6, generator=gen, dtype=dtype).to(device)
-    a = big[:9, :, 3 : 3 + K].transpose(0, 1)  # (4, 9, K), rows 4*(K+6) apart, a gap after each
+    big = torch.randn(M + 2, 4, K + 6, generator=gen, dtype=dtype).to(device)
+    a = big[:M, :, 3 : 3 + K].transpose(0, 1)  # (4, M, K), rows 4*(K+6) apart, a gap after each
     assert a.stride(-1) == 1 and not a.is_contiguous()
     g1 = torch.randn(5, 4, K, generator=gen, dtype=dtype).to(device).transpose(0, 1)  # (4, 5, K)
     g2 = (
