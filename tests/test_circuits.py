@@ -268,11 +268,11 @@ def test_hooks_on_the_model_and_prompts_past_the_context_are_refused():
     met = LogitDiff(ans, wrong)
     base = patch_edges(model, [], clean, corr, metric=met)
     remove = model.blocks[1].hook_resid_pre.add_hook(lambda x, hook: x)
-    with pytest.raises(ValueError, match=r"hooks attached at \['blocks.1.hook_resid_pre'\]"):
+    with pytest.raises(ValueError, match=r"hooks attached at \['blocks.1.hook_resid_pre \(hook point\)'\]"):
         patch_edges(model, [], clean, corr, metric=met)
     remove()
     h = model.blocks[0].mlp.register_forward_hook(lambda m, i, o: o)
-    with pytest.raises(ValueError, match=r"hooks attached at \['blocks.0.mlp'\]"):
+    with pytest.raises(ValueError, match=r"hooks attached at \['blocks.0.mlp \(torch forward hook\)'\]"):
         edge_attribution(model, clean, corr, metric=met, method="eap")
     h.remove()
     torch.testing.assert_close(patch_edges(model, [], clean, corr, metric=met), base, rtol=0, atol=0)

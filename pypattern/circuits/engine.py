@@ -306,7 +306,8 @@ class EdgeEngine:
         if masks.dim() == 1:
             masks = masks[None]
         C = masks.shape[0]
-        out = torch.empty(C, self.B, dtype=self.dtype)
+        # metrics of a 16-bit model are computed and kept in float32 (see patching.metrics._wide)
+        out = torch.empty(C, self.B, dtype=torch.promote_types(self.dtype, torch.float32))
         if C == 0:
             return out
         g = self.graph
@@ -339,7 +340,7 @@ class EdgeEngine:
         chunk = self.chunk_size()
         for (s0, heads), idx in groups.items():
             if s0 >= big:
-                out[idx] = self.base_metric().to(self.dtype)
+                out[idx] = self.base_metric().to(out.dtype)
                 continue
             hsel = None if (len(heads) == self.H or s0 % 2 == 1 or s0 == 2 * self.L) else list(heads)
             for i in range(0, len(idx), chunk):
@@ -348,7 +349,7 @@ class EdgeEngine:
                 if g.per_position:
                     dense = dense[..., : self.T]
                 # a metric computed in another dtype (float64 on a float32 model, a bool accuracy) is cast
-                out[part] = self._patched(dense, s0, hsel).to(self.dtype)
+                out[part] = self._patched(dense, s0, hsel).to(out.dtype)
         return out
 
     def _dst_qheads(self) -> torch.Tensor:

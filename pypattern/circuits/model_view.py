@@ -765,19 +765,18 @@ class ModelView:
             )
             for name, m in self.model.named_modules()
         )
+        from torch.nn.modules import module as _module
+
+        glob = tuple(tuple(_module._global_forward_hooks)) + tuple(_module._global_forward_pre_hooks)
         W = self.model.embed.W_E
-        return (repr(self.cfg), W.dtype, W.device, mods)
+        return (repr(self.cfg), W.dtype, W.device, mods, glob)
 
     @torch.no_grad()
     def _check(self) -> None:
-        from ..models.hooks import HookPoint
+        from ..models.hooks import attached_hooks
 
         # the circuits compute from the weights and never run the model's hooks: a hook would be ignored
-        hooked = [
-            name or "(the model)"
-            for name, m in self.model.named_modules()
-            if (isinstance(m, HookPoint) and m.active) or m._forward_hooks or m._forward_pre_hooks
-        ]
+        hooked = attached_hooks(self.model)
         if hooked:
             raise ValueError(
                 f"model has hooks attached at {hooked[:6]}{' ...' if len(hooked) > 6 else ''}: pypattern.circuits "

@@ -62,6 +62,39 @@ class HookPoint(nn.Module):
         return f"name={self.name!r}"
 
 
+def attached_hooks(model: nn.Module) -> list[str]:
+    """Where functions are attached that change what ``model``'s forward computes: its hook points with a function
+    attached, its modules with torch forward hooks or pre-hooks, and torch's global module hooks. The estimators that
+    compute from a model's weights without running its forward (the exact patching engine, the circuits) refuse or
+    avoid a model where this is not empty: they would ignore the hooks."""
+    from torch.nn.modules import module as _module
+
+    out = [
+        f"torch.nn.modules.module.{k}"
+        for k in ("_global_forward_hooks", "_global_forward_pre_hooks")
+        if getattr(_module, k, None)
+    ]
+    for name, m in model.named_modules():
+        where = name or "(the model)"
+        if isinstance(m, HookPoint) and m.active:
+            out.append(f"{where} (hook point)")
+        elif any(
+            changes_output(fn) for d in (m._forward_hooks, m._forward_pre_hooks) for fn in (d or {}).values()
+        ):
+            out.append(f"{where} (torch forward hook)")
+    return out
+
+
+def changes_output(fn) -> bool:
+    """Whether the torch forward hook or pre-hook ``fn`` may change what its module computes: False for one of
+    pypattern's adapters (:class:`HookedModule`, :func:`~pypattern.hooked_hf`) whose hook point has nothing
+    attached, and for transformers' own (they record outputs for ``output_hidden_states`` / attentions)."""
+    if (getattr(fn, "__module__", None) or "").startswith("transformers."):
+        return False
+    hp = getattr(fn, "hook_point", None)
+    return hp is None or bool(getattr(hp, "active", True))
+
+
 def _make_filter(names: Any) -> Callable[[str], bool]:
     if names is None:
         return lambda n: True

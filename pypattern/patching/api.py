@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -458,6 +459,30 @@ def _own_wrapper(model):
             run.remove_hooks()
 
 
+def _exact_or_naive(model, method: str, stacklevel: int = 4) -> str:
+    """``method`` ("auto" or "exact") for pypattern's Transformer: the exact engine computes from the weights and
+    would not run functions attached to the model's hook points or modules, so a model with any gets the naive loop
+    (which runs its forward, hooks included) under "auto", with a warning, and is refused under "exact"."""
+    from ..models.hooks import attached_hooks
+
+    hooked = attached_hooks(model)
+    if not hooked:
+        return "exact"
+    where = f"{hooked[:4]}{' ...' if len(hooked) > 4 else ''}"
+    if method == "exact":
+        raise ValueError(
+            f"method='exact' cannot run this model: it has hooks attached at {where}, which the exact engine would "
+            "not run (it computes from the weights); remove them (model.reset_hooks(), handle.remove()) or use "
+            "method='naive', one forward per cell with the hooks"
+        )
+    warnings.warn(
+        f"the model has hooks attached at {where}: patching runs one forward per cell (method='naive') so that "
+        "they take effect; the exact engine would not run them",
+        stacklevel=stacklevel,
+    )
+    return "naive"
+
+
 def _deterministic(model):
     """A model whose forward is random in ``train()`` mode (dropout) is patched with its ``eval()`` forward, with a
     warning, and put back in its mode afterwards (as the converted model, which has no dropout, would be)."""
@@ -481,6 +506,8 @@ def _activation_patching(
         raise ValueError(f"method={method!r} is not valid; choose 'auto', 'exact' or 'naive'")
     if method == "exact" and not is_tf:
         raise ValueError("method='exact' needs pypattern's Transformer; use method='naive' for other models")
+    if is_tf and method != "naive":
+        method = _exact_or_naive(model, method)
     method = ("exact" if is_tf else "naive") if method == "auto" else method
     n_layers = _layers(model)
     n_heads = site_heads(model.cfg, site) if is_tf else 0

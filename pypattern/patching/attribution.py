@@ -640,7 +640,7 @@ def shortlist_and_confirm(
         ``|atp|`` (effects on the raw metric scale: ``m_patched - m_target``).
     """
     from ..models.convert import converted_if_convertible
-    from .api import engine_on_runs, prepare_runs
+    from .api import _exact_or_naive, _naive, engine_on_runs, prepare_runs
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
@@ -657,13 +657,24 @@ def shortlist_and_confirm(
         cells.append(Cell(c["layer"], c.get("head", -1), c.get("pos", -1)))
         picked.append((c, float(m.flatten()[i])))
     site_hooks = sorted({hook_name(site, c.layer) for c in cells})
-    with model.fixed_weights():  # one block for the recorded runs and the engine: the layouts made once
-        runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True)
-        T_eff = runs.metric_rows
-        live = [c for c in cells if c.pos < T_eff]
-        eng = engine_on_runs(model, runs, site, metric, engine_batch(model.cfg, runs.B, T_eff, None, 2**30))
-        tgt = eng.target_metric()
-        vals = dict(zip(live, eng.run(live))) if live else {}
+    if (
+        _exact_or_naive(model, "auto", stacklevel=3) == "naive"
+    ):  # hooks attached: one forward per cell runs them
+        runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, False)
+        tgt = runs.m_corr if direction == "denoising" else runs.m_clean
+        vals = dict(zip(cells, _naive(model, site, cells, runs, metric))) if cells else {}
+    else:
+        with model.fixed_weights():  # one block for the recorded runs and the engine: the layouts made once
+            runs = prepare_runs(
+                model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True
+            )
+            T_eff = runs.metric_rows
+            live = [c for c in cells if c.pos < T_eff]
+            eng = engine_on_runs(
+                model, runs, site, metric, engine_batch(model.cfg, runs.B, T_eff, None, 2**30)
+            )
+            tgt = eng.target_metric()
+            vals = dict(zip(live, eng.run(live))) if live else {}
     out = []
     for c, (coord, a) in zip(cells, picked):
         exact = float((vals[c] - tgt).mean().detach()) if c in vals else 0.0

@@ -525,7 +525,8 @@ class ExactEngine:
             return self._run(cells)
 
     def _run(self, cells: list[Cell]) -> torch.Tensor:
-        out = torch.empty(len(cells), self.B, dtype=self.dtype)
+        # metrics of a 16-bit model are computed and kept in float32 (see metrics._wide)
+        out = torch.empty(len(cells), self.B, dtype=torch.promote_types(self.dtype, torch.float32))
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cells):
             groups.setdefault(c.pos, []).append(i)

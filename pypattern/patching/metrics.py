@@ -32,6 +32,12 @@ __all__ = [
 ]
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """16-bit logits in float32 (a softmax, a KL or a difference of logits rounded to 16 bits loses several
+    percent), any other dtype as it is."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def _pick(logits: torch.Tensor, idx: torch.Tensor, name: str = "answer") -> torch.Tensor:
     """``logits (..., batch, vocab)``, ``idx`` ``()`` (the same token for every example), ``(batch,)`` or
     ``(batch, k)`` -> ``(..., batch)`` (mean over k). ``name`` names the argument in errors."""
@@ -99,7 +105,7 @@ class Metric:
         new = copy.copy(self)
         for name in ("position", *self.per_example):
             v = getattr(self, name, None)
-            if isinstance(v, (list, tuple)):  # per-example positions given as a list
+            if isinstance(v, (list, tuple, np.ndarray)):  # per-example positions given as a list or array
                 v = torch.as_tensor(v)
             if isinstance(v, torch.Tensor) and v.dim() >= 1:
                 setattr(new, name, v[index])
@@ -118,6 +124,7 @@ class LogitDiff(Metric):
         self.answer, self.wrong = torch.as_tensor(answer), torch.as_tensor(wrong)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = _wide(logits)
         return _pick(logits, self.answer, "answer") - _pick(logits, self.wrong, "wrong")
 
     def of_rows(self, model, x: torch.Tensor) -> torch.Tensor | None:
@@ -140,7 +147,7 @@ class LogitDiff(Metric):
                 lg = lg + un.b_U[ids]
             if hasattr(un, "cap"):
                 lg = un.cap(lg)  # the division by logits_scaling and the final soft cap: per logit
-            return lg.mean(-1)
+            return _wide(lg).mean(-1)
 
         return mean_logit(self.answer, "answer") - mean_logit(self.wrong, "wrong")
 
@@ -156,7 +163,7 @@ class Prob(Metric):
         self.answer = torch.as_tensor(answer)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return _pick(torch.softmax(logits, -1), self.answer)
+        return _pick(torch.softmax(_wide(logits), -1), self.answer)
 
 
 class LogProb(Metric):
@@ -170,7 +177,7 @@ class LogProb(Metric):
         self.answer = torch.as_tensor(answer)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return _pick(torch.log_softmax(logits, -1), self.answer)
+        return _pick(torch.log_softmax(_wide(logits), -1), self.answer)
 
 
 class KL(Metric):
@@ -185,12 +192,12 @@ class KL(Metric):
         self.clean_logp: torch.Tensor | None = None
 
     def bind(self, clean_logits: torch.Tensor) -> None:
-        self.clean_logp = torch.log_softmax(clean_logits.detach(), -1)
+        self.clean_logp = torch.log_softmax(_wide(clean_logits.detach()), -1)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.clean_logp is None:
             raise RuntimeError("KL metric is not bound to a clean run: call metric.bind(clean_logits) first")
-        lp = torch.log_softmax(logits, -1)
+        lp = torch.log_softmax(_wide(logits), -1)
         cl = self.clean_logp.to(lp.dtype)
         return -(cl.exp() * (cl - lp)).sum(-1)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..._training import random_in_training
+from ..hooks import changes_output
 from ..transformer import _ACT_FNS, Transformer, TransformerConfig
 
 # Hugging Face activation names that are the same function under another name
@@ -57,15 +58,6 @@ def attn_softmax_dtype(model: nn.Module, eager_upcasts: bool) -> torch.dtype | N
 _MODULE_SOURCES = ("torch.nn.", "transformers.")
 
 
-def _changes_output(fn) -> bool:
-    """False for a hook that leaves the output as it is: one of pypattern's adapters (hooked_hf) whose hook point
-    has nothing attached, or transformers' own (it records outputs for output_hidden_states / attentions)."""
-    if (getattr(fn, "__module__", None) or "").startswith("transformers."):
-        return False
-    hp = getattr(fn, "hook_point", None)
-    return hp is None or bool(getattr(hp, "active", True))
-
-
 def check_plain_modules(model: nn.Module) -> None:
     """Refuse a model whose forward is not the function of the parameters the converters read: a module of
     a class from outside ``torch.nn`` and ``transformers`` (a LoRA adapter layer that adds its own low-rank
@@ -95,7 +87,7 @@ def check_plain_modules(model: nn.Module) -> None:
         hooks = [
             k
             for k in ("_forward_hooks", "_forward_pre_hooks")
-            if any(_changes_output(fn) for fn in (getattr(m, k, None) or {}).values())
+            if any(changes_output(fn) for fn in (getattr(m, k, None) or {}).values())
         ]
         if hooks:
             refuse(
