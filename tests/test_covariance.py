@@ -177,6 +177,44 @@ def test_state_dict_roundtrip(tmp_path):
         CrossCovariance(4, 3, track_auto="full").load_state_dict(acc.state_dict())
 
 
+def test_load_state_dict_refuses_a_bad_entry_before_copying_anything():
+    """A state with one wrong entry (shape, dtype, a fractional or bool count) is refused with the accumulator
+    left exactly as it was; a count given as a NumPy integer or a one-element integer tensor is taken."""
+    torch.manual_seed(0)
+    acc = CrossCovariance(3, 4).update(torch.randn(100, 3, dtype=torch.float64) + 5, torch.randn(100, 4))
+    other = CrossCovariance(3, 4).update(
+        torch.randn(50, 3, dtype=torch.float64) - 50, torch.randn(50, 4) * 10
+    )
+    before = {k: v.clone() for k, v in acc._tensors().items()}
+    good = other.state_dict()
+    bad_entries = [
+        (
+            "comoment",
+            torch.zeros(4, 3, dtype=torch.float64),
+            ValueError,
+            r"state\['comoment'\] has shape \(4, 3\)",
+        ),
+        ("m2_b", torch.zeros(3, dtype=torch.float64), ValueError, r"state\['m2_b'\] has shape \(3,\)"),
+        ("comoment", good["comoment"].float(), TypeError, r"state\['comoment'\] has dtype torch.float32"),
+        ("m2_a", good["m2_a"].long(), TypeError, r"state\['m2_a'\] has dtype torch.int64"),
+        ("count", 2.7, ValueError, r"state\['count'\] is 2.7"),
+        ("count", True, ValueError, r"state\['count'\] is True"),
+        ("count", torch.tensor(50.0), ValueError, r"state\['count'\] is a tensor of dtype torch.float32"),
+        ("count", torch.tensor([50, 1]), ValueError, r"state\['count'\] is a tensor .* shape \(2,\)"),
+        ("count", -1, ValueError, r"state\['count'\] is -1"),
+    ]
+    for key, value, exc, match in bad_entries:
+        with pytest.raises(exc, match=match):
+            acc.load_state_dict({**good, key: value})
+        assert acc.count == 100
+        for k, v in acc._tensors().items():
+            assert torch.equal(v, before[k]), (key, k)
+    for count in (np.int64(50), torch.tensor(50), torch.tensor([50])):
+        fresh = CrossCovariance(3, 4).load_state_dict({**good, "count": count})
+        assert fresh.count == 50 and isinstance(fresh.count, int)
+        torch.testing.assert_close(fresh.cov(), other.cov(), rtol=0, atol=0)
+
+
 def test_cpp_panels_match_reference():
     info = pypattern.backends("covariance_update_")["cpp"]
     if not info["available"]:

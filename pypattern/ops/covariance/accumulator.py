@@ -3,6 +3,7 @@ updated chunk by chunk with :func:`~pypattern.ops.covariance.cross_covariance_up
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Literal
 
@@ -13,6 +14,26 @@ from .op import check_chunk, cross_covariance_update_
 
 AutoMode = Literal["none", "var", "full"]
 _AUTO_MODES = ("none", "var", "full")
+
+
+def _state_count(count) -> int:
+    """A saved ``count``: an int >= 0 (a Python or NumPy integer, or an integer tensor of one element), not a bool
+    and not a float (a fractional count is no number of draws; truncating it would hide a damaged state)."""
+    if isinstance(count, torch.Tensor):
+        if count.numel() != 1 or count.dtype == torch.bool or count.is_floating_point() or count.is_complex():
+            raise ValueError(
+                f"state['count'] is a tensor of dtype {count.dtype} and shape {tuple(count.shape)}; a count of draws "
+                "is an int >= 0"
+            )
+        count = int(count.reshape(()).item())
+    elif isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise ValueError(
+            f"state['count'] is {count!r} ({type(count).__name__}); a count of draws is an int >= 0"
+        )
+    count = int(count)
+    if count < 0:
+        raise ValueError(f"state['count'] is {count}; a count of draws is an int >= 0")
+    return count
 
 
 def _auto_size(numel_dim: int, mode: str, device) -> torch.Tensor:
@@ -287,26 +308,37 @@ class CrossCovariance:
         return out
 
     def load_state_dict(self, state: dict[str, object]) -> CrossCovariance:
-        """Restore a state saved by :meth:`state_dict` (shapes and ``track_auto`` must match)."""
+        """Restore a state saved by :meth:`state_dict` (shapes and ``track_auto`` must match).
+
+        Every entry is checked before anything is copied: a refused state leaves the accumulator as it was.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state must be a dict saved by CrossCovariance.state_dict(), got {type(state).__name__}"
+            )
         for key in ("k", "n", "track_auto"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(
                     f"state has {key}={state.get(key)!r} but this accumulator has {getattr(self, key)!r}"
                 )
-        missing = [key for key in (*self._tensors(), "count") if key not in state]
+        mine = self._tensors()
+        missing = [key for key in (*mine, "count") if key not in state]
         if missing:
             raise ValueError(f"state lacks {missing}: give a dict saved by CrossCovariance.state_dict()")
-        count = state["count"]
-        count = int(count.item()) if isinstance(count, torch.Tensor) else int(count)
-        if count < 0:  # checked before anything is copied: a refused state leaves the accumulator as it was
-            raise ValueError(f"state['count'] is {count}; a count of updates is an int >= 0")
-        for key, t in self._tensors().items():
+        count = _state_count(state["count"])
+        for key, t in mine.items():
             v = state[key]
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"state[{key!r}] must be a tensor, got {type(v).__name__}")
             if tuple(v.shape) != tuple(t.shape):
                 raise ValueError(f"state[{key!r}] has shape {tuple(v.shape)}, expected {tuple(t.shape)}")
-            t.copy_(v.to(device=self.device, dtype=torch.float64))
+            if v.dtype != torch.float64:
+                raise TypeError(
+                    f"state[{key!r}] has dtype {v.dtype}, expected torch.float64 (the accumulator's sums are "
+                    "float64; a state in another dtype was not saved by CrossCovariance.state_dict())"
+                )
+        for key, t in mine.items():
+            t.copy_(state[key].to(device=self.device))
         self._nbuf = 0
         self._count = count
         return self
