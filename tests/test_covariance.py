@@ -215,6 +215,18 @@ def test_load_state_dict_refuses_a_bad_entry_before_copying_anything():
         torch.testing.assert_close(fresh.cov(), other.cov(), rtol=0, atol=0)
 
 
+def test_device_with_an_index_takes_the_chunks_of_that_device():
+    """``device="cpu:0"`` (like ``"cuda"`` for ``cuda:0``) names the device the chunks report as ``cpu``: they are
+    taken, and the accumulator reports the device as its tensors do."""
+    a, b = torch.randn(100, 3), torch.randn(100, 4)
+    for device in ("cpu:0", torch.device("cpu", 0), "cpu"):
+        acc = CrossCovariance(3, 4, device=device)
+        assert acc.device == acc.comoment.device == torch.device("cpu")
+        acc.update(a, b)
+        torch.testing.assert_close(acc.cov(), CrossCovariance(3, 4).update(a, b).cov(), rtol=0, atol=0)
+        assert "device=cpu)" in repr(acc)
+
+
 def test_cpp_panels_match_reference():
     info = pypattern.backends("covariance_update_")["cpp"]
     if not info["available"]:

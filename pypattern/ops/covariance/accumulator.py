@@ -36,6 +36,14 @@ def _state_count(count) -> int:
     return count
 
 
+def _tensor_device(device) -> torch.device:
+    """The device that tensors made on ``device`` report, which chunks are compared with: ``"cpu:0"`` is ``cpu``,
+    ``"cuda"`` the current CUDA device ``cuda:<index>`` (where the state is allocated)."""
+    if device is None:
+        return torch.device("cpu")
+    return torch.empty(0, device=torch.device(device)).device
+
+
 def _auto_size(numel_dim: int, mode: str, device) -> torch.Tensor:
     if mode == "none":
         return torch.zeros(0, dtype=torch.float64, device=device)
@@ -58,7 +66,9 @@ class CrossCovariance:
         Also accumulate the variances (``"var"``: needed by :meth:`corr` and :meth:`var_a`) or the full
         auto-covariances of ``a`` and ``b`` (``"full"``: :meth:`cov_aa`, :meth:`cov_bb`).
     device : torch.device or str, optional
-        Where the state lives; chunks must be on this device.
+        Where the state lives (default CPU); chunks must be on this device. A device without an index is the
+        current one of its type (``"cuda"`` is ``cuda:<torch.cuda.current_device()>`` when the accumulator is
+        built), and :attr:`device` reports it as tensors do.
     backend : str, optional
         Backend of the chunk update (see :func:`cross_covariance_update_`).
     buffer_draws : int
@@ -91,7 +101,7 @@ class CrossCovariance:
         if track_auto not in _AUTO_MODES:
             raise ValueError(f"track_auto must be one of {_AUTO_MODES}, got {track_auto!r}")
         self.k, self.n, self.track_auto, self.backend = k, n, track_auto, backend
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = _tensor_device(device)
         if backend is not None:
             _backends.choose("covariance_update_", self.device, backend)  # fail early on a bad choice
         f64 = dict(dtype=torch.float64, device=self.device)
