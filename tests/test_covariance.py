@@ -227,6 +227,39 @@ def test_device_with_an_index_takes_the_chunks_of_that_device():
         assert "device=cpu)" in repr(acc)
 
 
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_shifts_are_written_by_the_first_chunk_so_may_not_alias_it(backend, device):
+    """With ``count == 0`` the update sets the shifts from the chunk: a shift that is a view of the chunk (or
+    that is the other shift) is refused, the chunk untouched; with ``count > 0`` the shifts are only read, and
+    a view of the chunk is taken."""
+    k, n, m = 3, 2, 50
+
+    def f64(*shape):
+        return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+    a, b = to(device, torch.randn(m, k, dtype=torch.float64), torch.randn(m, n, dtype=torch.float64))
+    a0 = a.clone()
+    kw = dict(backend=backend)
+    e = f64(0)
+    with pytest.raises(ValueError, match="shift_a shares memory with a"):
+        cross_covariance_update_(a[0], f64(n), f64(k), f64(n), f64(k, n), e, e, a, b, count=0, **kw)
+    with pytest.raises(ValueError, match="shift_b shares memory with b"):
+        cross_covariance_update_(f64(k), b[1], f64(k), f64(n), f64(k, n), e, e, a, b, count=0, **kw)
+    s = f64(k)
+    with pytest.raises(ValueError, match="shift_a shares memory with shift_b"):
+        cross_covariance_update_(s, s[:n], f64(k), f64(n), f64(k, n), e, e, a, b, count=0, **kw)
+    assert torch.equal(a, a0)
+    # later chunks only read the shifts: a shift inside the chunk gives the result of its copy
+    outs = []
+    for shift_a in (a[0], a[0].clone()):
+        state = [f64(n), f64(k), f64(n), f64(k, n)]
+        cross_covariance_update_(shift_a, *state, e, e, a, b, count=10, **kw)
+        outs.append(state)
+    for x, y in zip(*outs):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert torch.equal(a, a0)
+
+
 def test_cpp_panels_match_reference():
     info = pypattern.backends("covariance_update_")["cpp"]
     if not info["available"]:

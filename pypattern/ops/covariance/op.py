@@ -71,7 +71,8 @@ def cross_covariance_update_(
     ----------
     shift_a, mean_a : Tensor, shape ``(K,)``, float64
     shift_b, mean_b : Tensor, shape ``(N,)``, float64
-        Set from the chunk when ``count == 0``.
+        Set from the chunk when ``count == 0`` (the shifts are then written, so they may share memory with no other
+        argument; later they are only read).
     comoment : Tensor, shape ``(K, N)``, float64
     m2_a, m2_b : Tensor, float64
         Auto co-moments: shape ``(0,)`` (not tracked), ``(K,)``/``(N,)`` (diagonal) or ``(K, K)``/``(N, N)``.
@@ -102,6 +103,8 @@ def cross_covariance_update_(
         _check_state(name, t, tuple(t.shape), device)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
+    # the shifts are set from the chunk's mean when count == 0, and only read after that
+    shifts = (("shift_a", shift_a), ("shift_b", shift_b))
     _refuse_aliases(
         written=(
             ("comoment", comoment),
@@ -109,8 +112,9 @@ def cross_covariance_update_(
             ("mean_b", mean_b),
             ("m2_a", m2_a),
             ("m2_b", m2_b),
+            *(shifts if count == 0 else ()),
         ),
-        read=(("shift_a", shift_a), ("shift_b", shift_b), ("a", a), ("b", b)),
+        read=(*(() if count == 0 else shifts), ("a", a), ("b", b)),
     )
     if a.shape[0] == 0:
         return
