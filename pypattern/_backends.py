@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 NAMES = ("cuda", "triton", "cpp", "reference")
 
@@ -97,6 +98,17 @@ def _triton_status() -> tuple[bool, str]:
     if torch.cuda.is_available():
         return True, "GPU"
     return False, "no GPU, and TRITON_INTERPRET=1 was not set before triton was imported"
+
+
+def has_tangent(*tensors: torch.Tensor) -> bool:
+    """Whether any of ``tensors`` is a forward-mode AD dual tensor (``torch.autograd.forward_ad``) carrying a
+    tangent at the current dual level. The C++ and CUDA kernels have no forward-AD rule: torch would run them on
+    the primal and drop the tangent without an error, so the ops take torch's own operations for such inputs.
+    Costs one attribute read outside a ``dual_level`` context."""
+    level = forward_ad._current_level
+    if level < 0:
+        return False
+    return any(forward_ad.unpack_dual(t, level=level).tangent is not None for t in tensors)
 
 
 def op_names() -> list[str]:

@@ -238,3 +238,37 @@ def test_gelu_tanh_constant_checked_and_torch_func_grad_works():
     torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)
     v = torch.func.vmap(gelu_tanh)(x.reshape(5, 1))
     torch.testing.assert_close(v.reshape(-1), gelu_tanh(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [SQRT_2_OVER_PI, GELU_FAST_C])
+def test_forward_mode_ad_carries_the_tangent(dtype, c):
+    """Forward-mode AD through both entry points (dual tensors of torch.autograd.forward_ad, with and without
+    grad mode, and torch.func.jvp) gives the tangent of the formula, ``t * gelu'(x)``; a forced kernel, which has
+    no forward-AD rule, is refused for a dual tensor instead of dropping its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 33, dtype=torch.float64).to(dtype) * 3
+    t = torch.randn_like(x)
+    want = gelu_tanh_backward_reference(t.double(), x.double(), c)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    fns = {
+        "auto": lambda v: gelu_tanh(v, c),
+        "reference": lambda v: gelu_tanh(v, c, backend="reference"),
+        "unchecked": lambda v: gelu_tanh_unchecked(v, c),
+    }
+    for name, fn in fns.items():
+        for grad_mode in (False, True):
+            with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+                y = fn(fwAD.make_dual(x, t))
+                primal, tangent = fwAD.unpack_dual(y)
+            assert tangent is not None, name
+            torch.testing.assert_close(tangent.double(), want, **tol)
+            torch.testing.assert_close(primal.double(), gelu_tanh_reference(x.double(), c), **tol)
+        _, tangent = torch.func.jvp(fn, (x,), (t,))
+        torch.testing.assert_close(tangent.double(), want, **tol)
+    if HAS_CPP:
+        with fwAD.dual_level(), pytest.raises(ValueError, match="backend='cpp' has no forward-mode AD rule"):
+            gelu_tanh(fwAD.make_dual(x, t), c, backend="cpp")
+    # outside a dual level the kernel runs as before
+    assert torch.equal(gelu_tanh(x, c), gelu_tanh(x, c, backend="cpp" if HAS_CPP else None))

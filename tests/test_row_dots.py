@@ -208,3 +208,40 @@ def test_other_devices_and_tracing():
         x = torch.randn(1, 2, 5, dtype=dtype, requires_grad=True)
         y = torch.randn(1, 3, 5, dtype=dtype, requires_grad=True)
         assert not row_dots(x, [y]).requires_grad
+
+
+def test_forward_mode_ad_and_vmap_take_the_reference():
+    """Dual tensors of torch.autograd.forward_ad (on ``a``, on a ``g_i``, or both) and torch.func.jvp give the
+    tangent of the bilinear product, ``row_dots(ta, g) + row_dots(a, tg)``, instead of dropping it; vmap over a
+    batch of inputs equals the op on each; a forced kernel is refused for dual inputs."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(5)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    a, g0, g1 = r(2, 3, 40), r(2, 4, 40), r(2, 5, 40)
+    ta, tg0 = r(2, 3, 40), r(2, 4, 40)
+    zero = torch.zeros_like(g1)
+    for da, dg0 in ((ta, None), (None, tg0), (ta, tg0)):
+        want = _naive(da if da is not None else torch.zeros_like(a), [g0, g1]) + _naive(
+            a, [dg0 if dg0 is not None else torch.zeros_like(g0), zero]
+        )
+        with fwAD.dual_level():
+            x = fwAD.make_dual(a, da) if da is not None else a
+            y0 = fwAD.make_dual(g0, dg0) if dg0 is not None else g0
+            primal, tangent = fwAD.unpack_dual(row_dots(x, [y0, g1]))
+            assert tangent is not None
+            torch.testing.assert_close(tangent, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(primal, _naive(a, [g0, g1]), rtol=1e-12, atol=1e-12)
+            if HAS_CPP:
+                with pytest.raises(ValueError, match="backend='cpp' has no forward-AD or batching rule"):
+                    row_dots(x, [y0, g1], backend="cpp")
+    _, tangent = torch.func.jvp(lambda x, y: row_dots(x, [y, g1]), (a, g0), (ta, tg0))
+    torch.testing.assert_close(tangent, _naive(ta, [g0, g1]) + _naive(a, [tg0, zero]), rtol=1e-12, atol=1e-12)
+    A, G = r(4, 2, 3, 40), r(4, 2, 6, 40)
+    out = torch.func.vmap(lambda x, y: row_dots(x, [y]))(A, G)
+    torch.testing.assert_close(
+        out, torch.stack([_naive(A[i], [G[i]]) for i in range(4)]), rtol=1e-12, atol=1e-12
+    )

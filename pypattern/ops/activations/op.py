@@ -66,7 +66,9 @@ def _choose(x: torch.Tensor, backend: str | None) -> str:
 
 def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None = None) -> torch.Tensor:
     """The tanh GELU ``0.5 x (1 + tanh(c (x + 0.044715 x^3)))`` of ``x`` (any shape and strides; the result is
-    contiguous), differentiable (higher derivatives through the written-out formula).
+    contiguous), differentiable (higher derivatives through the written-out formula). Under ``torch.func``
+    transforms and for forward-mode AD dual tensors (``torch.autograd.forward_ad``) it runs torch's operations
+    (the ``reference`` backend), whose batching and forward-AD rules are torch's.
 
     Parameters
     ----------
@@ -90,10 +92,19 @@ def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None
     c = float(c)
     if torch.compiler.is_compiling() and backend is None:  # traced: torch's ops, which the compiler fuses
         return _gelu_tanh_torch(x, c).contiguous()
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under torch.func (grad, vmap): torch's ops
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under torch.func (grad, vmap, jvp): torch's ops
         if backend not in (None, "reference"):
             raise ValueError(
                 f"gelu_tanh: backend={backend!r} cannot run under torch.func transforms; give backend=None"
+            )
+        return _gelu_tanh_torch(x, c).contiguous()
+    if _backends.has_tangent(
+        x
+    ):  # a forward-AD dual tensor: torch's ops carry its tangent, the kernels drop it
+        if backend not in (None, "reference"):
+            raise ValueError(
+                f"gelu_tanh: backend={backend!r} has no forward-mode AD rule and x is a dual tensor "
+                "(torch.autograd.forward_ad); give backend=None"
             )
         return _gelu_tanh_torch(x, c).contiguous()
     name = _choose(x, backend)
@@ -104,9 +115,9 @@ def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None
 
 def gelu_tanh_unchecked(x: torch.Tensor, c: float = SQRT_2_OVER_PI) -> torch.Tensor:
     """:func:`gelu_tanh` without validation or ``backend``, for a model's forward: the C++ kernel on a plain CPU
-    tensor of float32 or float64 (not one of ``torch.func``'s wrapped tensors under ``vmap`` or ``grad``, for
-    which the op has no batching rule) when it is built and ``PYPATTERN_BACKEND`` forces nothing; else torch's
-    fused tanh GELU (``c = sqrt(2 / pi)``) or the written-out formula (also while ``torch.compile`` traces the
+    tensor of float32 or float64 (not one of ``torch.func``'s wrapped tensors under ``vmap``, ``grad`` or
+    ``jvp``, for which the op has no batching or forward-AD rule, nor a forward-mode AD dual tensor) when it is
+    built and ``PYPATTERN_BACKEND`` forces nothing; else torch's fused tanh GELU (``c = sqrt(2 / pi)``) or the written-out formula (also while ``torch.compile`` traces the
     model, whose compiler fuses those ops itself)."""
     if torch.compiler.is_compiling():
         return _gelu_tanh_torch(x, c)
@@ -115,6 +126,7 @@ def gelu_tanh_unchecked(x: torch.Tensor, c: float = SQRT_2_OVER_PI) -> torch.Ten
         and x.dtype in _C_DTYPES
         and x.layout == torch.strided
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not _backends.has_tangent(x)
         and _backends._forced(None)[0] is None
         and _c_ready()
     ):

@@ -55,8 +55,11 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
     stride along ``k``; other tensors are copied once) and sums each product in the input dtype with vector
     accumulators over chunks of 16 KiB of terms. On CUDA tensors the CUDA build registers cuBLAS's batched GEMM
     over the concatenated rows (compiled, not run on the CPU-only machines measured); elsewhere (other dtypes,
-    a CPU-only build) the reference, ``torch.bmm``. Not differentiable: no backend returns a result that carries a
-    gradient.
+    a CPU-only build) the reference, ``torch.bmm``. Not differentiable under reverse-mode autograd: no backend
+    returns a result that carries a gradient (the inputs are detached). Forward-mode AD dual tensors
+    (``torch.autograd.forward_ad``) and ``torch.func`` transforms (``jvp``, ``vmap``, ``grad``) take the reference
+    on the inputs as given, so their tangents, batching and derivatives are torch's ``bmm``'s (the kernels have
+    no forward-AD or batching rule and would drop the tangent).
 
     Parameters
     ----------
@@ -90,6 +93,15 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
             raise ValueError(
                 f"row_dots: g[{i}] is {t.dtype} on {t.device}, a is {a.dtype} on {a.device}; they must match"
             )
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (a, *g)) or _backends.has_tangent(
+        a, *g
+    ):
+        if backend not in (None, "reference"):
+            raise ValueError(
+                f"row_dots: backend={backend!r} has no forward-AD or batching rule, and the inputs are dual tensors "
+                "or run under torch.func transforms; give backend=None"
+            )
+        return row_dots_reference(a, g).contiguous()
     # the CUDA registration (cuBLAS) takes every dtype bmm does; the C++ kernel float32 and float64
     name = _backends.choose_for_dtype(_OP, a, backend, _C_DTYPES, kernels=("cpp",), arg="a")
     if name == "cpp":
