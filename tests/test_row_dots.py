@@ -245,3 +245,12 @@ def test_forward_mode_ad_and_vmap_take_the_reference():
     torch.testing.assert_close(
         out, torch.stack([_naive(A[i], [G[i]]) for i in range(4)]), rtol=1e-12, atol=1e-12
     )
+
+
+def test_compiled_whole_graph():
+    """``torch.compile(fullgraph=True)`` traces the op (torch's bmm while compiling) and gives its values."""
+    gen = torch.Generator().manual_seed(6)
+    a, g = torch.randn(2, 3, 17, generator=gen), torch.randn(2, 5, 17, generator=gen)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, y: row_dots(x, [y]) * 2, backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(a, g), 2 * _naive(a, [g]).float(), rtol=1e-5, atol=1e-5)

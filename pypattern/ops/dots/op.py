@@ -59,7 +59,8 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
     returns a result that carries a gradient (the inputs are detached). Forward-mode AD dual tensors
     (``torch.autograd.forward_ad``) and ``torch.func`` transforms (``jvp``, ``vmap``, ``grad``) take the reference
     on the inputs as given, so their tangents, batching and derivatives are torch's ``bmm``'s (the kernels have
-    no forward-AD or batching rule and would drop the tangent).
+    no forward-AD or batching rule and would drop the tangent). While ``torch.compile`` traces it with the automatic
+    choice, it is the reference too, which the compiler handles itself.
 
     Parameters
     ----------
@@ -93,6 +94,8 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
             raise ValueError(
                 f"row_dots: g[{i}] is {t.dtype} on {t.device}, a is {a.dtype} on {a.device}; they must match"
             )
+    if torch.compiler.is_compiling() and backend is None:  # traced: torch's bmm, which the compiler handles
+        return row_dots_reference(a.detach(), [t.detach() for t in g]).contiguous()
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (a, *g)) or _backends.has_tangent(
         a, *g
     ):
