@@ -103,6 +103,23 @@ def test_equals_reference_without_noise(op, case, dtype, size, extras):
         assert bool(((ow[0] - a)[moved].abs() <= box + 1e-7).all())
 
 
+@pytest.mark.parametrize("backend, device", FAST["rmsprop_sgld_step_"])
+@pytest.mark.parametrize("alpha", [0.9999, 0.99999])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rmsprop_long_window_equals_reference(backend, device, alpha, dtype):
+    """With alpha near 1 (a long window), ``1 - alpha`` is formed in float64 and then cast, as the reference
+    does: in float32 after casting alpha it would be off by 1e-4 (alpha = 0.9999) to 1e-3 (0.99999) relative,
+    and so would ``V`` starting from zeros and the step."""
+    w, g, a, _ = _inputs((1000,), dtype, seed=11, device=device)
+    for v in (torch.zeros_like(w), _inputs((1000,), dtype, seed=12, device=device)[3]):
+        kw = dict(KW, noise_scale=0.0, alpha=alpha, eps=1e-3)
+        rw, rs, _, _ = _run("rmsprop_sgld_step_", "reference", [w], [g], [a], [v], **kw)
+        ow, os_, _, _ = _run("rmsprop_sgld_step_", backend, [w], [g], [a], [v], **kw)
+        torch.testing.assert_close(os_[0], rs[0], rtol=TOL[dtype], atol=0)
+        torch.testing.assert_close(ow[0], rw[0], rtol=TOL[dtype], atol=TOL[dtype])
+        assert not torch.equal(ow[0], w)
+
+
 @pytest.mark.parametrize("op, case", ALL_FAST)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_equals_reference_with_noise_many_tensors_noncontiguous(op, case, dtype):

@@ -48,7 +48,10 @@ def _rmsprop_sgld_kernel(
     c_alpha = tl.load(coef_ptr + 4).to(w.dtype)
     c_rms_eps = tl.load(coef_ptr + 5).to(w.dtype)
     c_noise = tl.load(coef_ptr + 6).to(w.dtype)
-    vn = c_alpha * v + (1.0 - c_alpha) * g * g
+    # 1 - alpha formed in float64 on the host, then cast: in float32 after the cast, alpha = 0.9999 would give a
+    # (1 - alpha) off by 1e-4 relative (as the reference, C++ and CUDA kernels do)
+    c_one_minus_alpha = tl.load(coef_ptr + 8).to(w.dtype)
+    vn = c_alpha * v + c_one_minus_alpha * g * g
     precond = 1.0 / (tl.sqrt(vn) + c_rms_eps)
     delta = -c_half * precond * (c_nbeta * g + c_loc * (w - a) + c_wd * w)
     if HAS_NOISE:
@@ -102,7 +105,17 @@ def rmsprop_sgld_step_triton_(
     device = params[0].device
     noise_std = math.sqrt(step_size) * noise_scale
     coefs = torch.tensor(
-        [0.5 * step_size, nbeta, localization, weight_decay, alpha, eps, noise_std, bounding_box or 0.0],
+        [
+            0.5 * step_size,
+            nbeta,
+            localization,
+            weight_decay,
+            alpha,
+            eps,
+            noise_std,
+            bounding_box or 0.0,
+            1.0 - alpha,
+        ],
         dtype=torch.float64,
         device=device,
     )
