@@ -1,6 +1,7 @@
 """pypattern.sampling: the SGLD optimizer against the fused op, batched == sequential chains, checkpoints that
 resume to the identical result, divergence errors, diagnostics, result files, devinterp-compatible names."""
 
+import copy
 import math
 import warnings
 
@@ -329,6 +330,75 @@ def test_group_masks_of_every_fused_sampler_added_groups_and_resume():
     again = SGLD([{"params": [net[0].weight]}], lr=1e-2, optimize_over=m)
     again.add_param_group({"params": [net[1].weight]})
     again.load_state_dict(opt.state_dict())  # the same masks: resumes
+
+
+@pytest.mark.parametrize("cls_name", ["SGLD", "SGNHT", "RMSpropSGLD"])
+def test_load_state_dict_refuses_a_state_of_other_parameters_before_loading_anything(cls_name):
+    """A state saved for parameters of another shape (which Tensor.copy_ would broadcast into the anchors) or of
+    another dtype is refused naming the parameter's index and the expected and given shapes, with the step
+    counter, seed, hyperparameters, anchors and sampler state left as they were; the same optimizer's state loads
+    and resumes the same trajectory."""
+    import pypattern.sampling as sampling
+
+    cls = getattr(sampling, cls_name)
+    torch.manual_seed(0)
+
+    def build(*shapes, seed=0, lr=1e-3, dtype=torch.float32):
+        ps = [nn.Parameter(torch.randn(*s, dtype=dtype)) for s in shapes]
+        return ps, cls(ps, lr=lr, localization=1.0, seed=seed)
+
+    def stepped(opt, ps, n=2):
+        for _ in range(n):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return opt
+
+    def snapshot(opt):
+        anchors = opt.anchors if cls_name == "SGLD" else opt.anchors[0]
+        tensors = [a.clone() for a in anchors]
+        tensors += [t.clone() for st in opt.state.values() for t in st.values()]
+        tensors += [g["thermostat"].clone() for g in opt.param_groups if "thermostat" in g]
+        return opt.num_steps, opt.seed, opt.param_groups[0]["lr"], tensors
+
+    ps, opt = build((4, 4), (3,))
+    stepped(opt, ps, 1)
+    before = snapshot(opt)
+    others = {
+        r"params\[0\] has shape \(4, 1\), expected \(4, 4\)": build((4, 1), (3,), seed=7, lr=0.5),
+        r"params\[1\] has shape \(5,\), expected \(3,\)": build((4, 4), (5,), seed=7, lr=0.5),
+        r"params\[0\] has dtype torch.float64, expected torch.float32": build(
+            (4, 4), (3,), seed=7, lr=0.5, dtype=torch.float64
+        ),
+    }
+    for match, (qs, other) in others.items():
+        state = stepped(other, qs, 3).state_dict()
+        with pytest.raises((ValueError, TypeError), match=match):
+            opt.load_state_dict(state)
+        now = snapshot(opt)
+        assert now[:3] == before[:3]
+        assert all(torch.equal(x, y) for x, y in zip(now[3], before[3]))
+    # one tensor too few in the group
+    qs, other = build((4, 4), seed=7)
+    with pytest.raises(ValueError, match="1 parameters in group 0, this optimizer 2"):
+        opt.load_state_dict(stepped(other, qs).state_dict())
+    # a matching state resumes the trajectory of the optimizer that saved it
+    state = copy.deepcopy(opt.state_dict())  # the live state dict holds the optimizer's own tensors
+    saved = [p.detach().clone() for p in ps]
+    grads = [torch.randn_like(p) for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    opt.step()
+    want = [p.detach().clone() for p in ps]
+    qs, fresh = build((4, 4), (3,), seed=3, lr=0.5)
+    with torch.no_grad():
+        for q, p0, g in zip(qs, saved, grads):
+            q.copy_(p0)
+            q.grad = g
+    fresh.load_state_dict(state)
+    fresh.step()
+    for q, w in zip(qs, want):
+        torch.testing.assert_close(q.detach(), w, rtol=0, atol=0)
 
 
 def test_chain_seed():

@@ -236,6 +236,100 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+def _saved_tensor(owner: str, what: str, p: torch.Tensor, t) -> None:
+    """A saved tensor of parameter ``p``'s state (its anchor ``w*``, momentum or running mean) has ``p``'s shape
+    and dtype; ``what`` names it with the parameter's index."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"{owner}.load_state_dict: the saved {what} is a {type(t).__name__}, expected a tensor"
+        )
+    if t.shape != p.shape:
+        raise ValueError(
+            f"{owner}.load_state_dict: the saved {what} has shape {tuple(t.shape)}, expected {tuple(p.shape)} (the "
+            "parameter's): the state was saved for other parameters; nothing was loaded"
+        )
+    if t.dtype != p.dtype:
+        raise TypeError(
+            f"{owner}.load_state_dict: the saved {what} has dtype {t.dtype}, expected {p.dtype} (the parameter's); "
+            "nothing was loaded"
+        )
+
+
+def _in_group(k: int, groups: list) -> str:
+    return "" if len(groups) == 1 else f" of param group {k}"
+
+
+def check_saved_state(
+    owner: str, param_groups: list[dict], state: dict, anchors, extra: Mapping | None, state_of
+) -> None:
+    """Refuse a saved optimizer state that does not fit this optimizer's parameters, before anything is loaded (a
+    refused state leaves the optimizer as it was).
+
+    Refused: another number of groups or of tensors per group; an anchor ``w*`` (``anchors``: one list per group)
+    or a per-parameter state tensor whose shape or dtype is not its parameter's (``state_of(p)`` is the
+    optimizer's own state of parameter ``p``: each of its kinds must be saved); a thermostat that is not one
+    float64 value; a step counter or seed (in ``extra``) that is not an int in [0, 2**64). Errors name the
+    parameter's index and the expected and given shapes."""
+    from ..ops.sgld.op import check_key
+
+    saved_groups = state.get("param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(param_groups):
+        n = len(saved_groups) if isinstance(saved_groups, list) else saved_groups
+        raise ValueError(
+            f"{owner}.load_state_dict: the state has {n} parameter groups, this optimizer {len(param_groups)}"
+        )
+    saved_state = state.get("state", {})
+    for k, (group, saved) in enumerate(zip(param_groups, saved_groups)):
+        params, ids = group["params"], saved.get("params", [])
+        if len(ids) != len(params):
+            raise ValueError(
+                f"{owner}.load_state_dict: the state has {len(ids)} parameters in group {k}, this optimizer "
+                f"{len(params)}: it was saved for other parameters"
+            )
+        for i, (p, idx) in enumerate(zip(params, ids)):
+            mine, theirs = state_of(p), saved_state.get(idx, {})
+            for kind in mine:
+                if kind not in theirs:
+                    raise ValueError(
+                        f"{owner}.load_state_dict: the state lacks the {kind} of params[{i}]"
+                        f"{_in_group(k, param_groups)}"
+                    )
+                _saved_tensor(owner, f"{kind} of params[{i}]{_in_group(k, param_groups)}", p, theirs[kind])
+        if "thermostat" in group:
+            th = saved.get("thermostat")
+            if not isinstance(th, torch.Tensor) or th.dtype != torch.float64 or th.numel() != 1:
+                got = f"{th.dtype} of shape {tuple(th.shape)}" if isinstance(th, torch.Tensor) else repr(th)
+                raise ValueError(
+                    f"{owner}.load_state_dict: the saved thermostat{_in_group(k, param_groups)} must be a float64 "
+                    f"tensor with one element, got {got}"
+                )
+    if extra is None:
+        return
+    if not isinstance(anchors, list | tuple) or len(anchors) != len(param_groups):
+        n = len(anchors) if isinstance(anchors, list | tuple) else anchors
+        raise ValueError(
+            f"{owner}.load_state_dict: the state holds anchors of {n} parameter groups, this optimizer has "
+            f"{len(param_groups)}"
+        )
+    for k, (group, saved) in enumerate(zip(param_groups, anchors)):
+        params = group["params"]
+        if not isinstance(saved, list | tuple) or len(saved) != len(params):
+            n = len(saved) if isinstance(saved, list | tuple) else saved
+            raise ValueError(
+                f"{owner}.load_state_dict: the state holds {n} anchors for group {k}, which has {len(params)} "
+                "parameters"
+            )
+        for i, (p, a) in enumerate(zip(params, saved)):
+            _saved_tensor(owner, f"anchor w* of params[{i}]{_in_group(k, param_groups)}", p, a)
+    for key in ("num_steps", "seed"):
+        try:
+            check_key(key, extra[key])
+        except KeyError:
+            raise ValueError(f"{owner}.load_state_dict: the state lacks {key}") from None
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{owner}.load_state_dict: the saved {e}") from None
+
+
 class ParamGroup(dict):
     """An :class:`SGLD` parameter group: it holds pypattern's names (``step_size``, ``nbeta``, ...), and reads and
     writes ``"lr"`` (torch's and devinterp's name, what torch's learning-rate schedulers change) as
@@ -528,12 +622,18 @@ class SGLD(torch.optim.Optimizer):
                 "build this optimizer with the same masks to resume that run"
             )
         sd = {k: v for k, v in state_dict.items() if k != "sgld"}
+        saved_anchors = None if extra is None else [extra.get("anchors"), *extra.get("more_anchors", [])]
+        check_saved_state(
+            "SGLD", self.param_groups, sd, saved_anchors, extra, lambda p: self.state.get(p, {})
+        )
         super().load_state_dict(sd)
         self.param_groups = [ParamGroup(g) for g in self.param_groups]
         if extra is not None:
             self.num_steps = int(extra["num_steps"])
             self.seed = int(extra["seed"])
-            for mine, theirs in zip(self.group_anchors, [extra["anchors"], *extra.get("more_anchors", [])]):
-                for a, b in zip(mine, theirs):
-                    a.copy_(b)
-            self._checked = [None] * len(self.param_groups)  # the loaded values are checked at the next step
+            with torch.no_grad():
+                for mine, theirs in zip(self.group_anchors, saved_anchors):
+                    for a, b in zip(mine, theirs):
+                        a.copy_(b)
+        self._checked = [None] * len(self.param_groups)  # the loaded values are checked at the next step
+        self._validated, self._step_fn = False, None  # and the tensors with them

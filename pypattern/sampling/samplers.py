@@ -30,7 +30,16 @@ from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
 from ..ops.sgld import philox_normals, sgld_step_
 from ..ops.sgnht import sgnht_step_
-from .optim import SGLD, ParamGroup, group_options, group_seed, resolve_step_fn, same_masks, select_group
+from .optim import (
+    SGLD,
+    ParamGroup,
+    check_saved_state,
+    group_options,
+    group_seed,
+    resolve_step_fn,
+    same_masks,
+    select_group,
+)
 from .vocabulary import translate
 
 __all__ = [
@@ -311,13 +320,22 @@ class _FusedSampler(torch.optim.Optimizer):
                 f"state_dict was saved by a {type(self).__name__} with other masks (masks= or a group's 'mask'): "
                 "build this optimizer with the same masks to resume that run"
             )
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "fused_sampler"})
+        sd = {k: v for k, v in state_dict.items() if k != "fused_sampler"}
+        owner = type(self).__name__
+        anchors = None if extra is None else extra.get("anchors")
+        check_saved_state(owner, self.param_groups, sd, anchors, extra, lambda p: self.state.get(p, {}))
+        super().load_state_dict(sd)
         self.param_groups = [ParamGroup(g) for g in self.param_groups]
+        for group in self.param_groups:
+            if "thermostat" in group and group["params"]:
+                group["thermostat"] = group["thermostat"].to(group["params"][0].device)
         if extra is not None:
             self.num_steps, self.seed = int(extra["num_steps"]), int(extra["seed"])
-            for mine, theirs in zip(self.anchors, extra["anchors"]):
-                for a, b in zip(mine, theirs):
-                    a.copy_(b)
+            with torch.no_grad():
+                for mine, theirs in zip(self.anchors, anchors):
+                    for a, b in zip(mine, theirs):
+                        a.copy_(b)
+        self._validated = False  # the first step after a load checks the tensors again
 
 
 def _defaults(where: str, names: Mapping[str, Any], **rest) -> dict:
