@@ -515,6 +515,27 @@ def test_float32_products_that_overflow_are_an_error_not_nan():
         grad_gram_pairwise(x, y, batch=2, backend="cpp")
 
 
+def test_dense_gram_overflow_is_an_error_as_in_the_other_kernels():
+    """grad_gram_dense of finite float32 / float16 rows whose products overflow their dtype raises as
+    grad_gram_linear does for the same products, instead of returning inf; float64 and products that fit are
+    unchanged, and a row that already holds inf is not blamed on the products."""
+    from pypattern.ops import grad_gram_dense
+
+    g = torch.full((2, 3), 1e20)
+    assert torch.isfinite(grad_gram_dense(g.double())).all()
+    with pytest.raises(FloatingPointError, match=r"grad_gram_dense: the torch.float32 products overflow"):
+        grad_gram_dense(g)
+    with pytest.raises(FloatingPointError, match=r"grad_gram_linear: the torch.float32 products overflow"):
+        grad_gram_linear(g, torch.ones(2, 1), bias=False, method="outer")
+    with pytest.raises(FloatingPointError, match=r"grad_gram_dense: the torch.float16 products overflow"):
+        grad_gram_dense(torch.full((2, 3), 300.0, dtype=torch.float16))
+    small = torch.randn(3, 5)
+    torch.testing.assert_close(
+        grad_gram_dense(small), small.double() @ small.double().T, rtol=1e-6, atol=1e-6
+    )
+    assert torch.isinf(grad_gram_dense(torch.tensor([[float("inf"), 1.0]]))).all()
+
+
 def _naive_gram(model, loss_fn, x):
     """Per-sample gradients over every trainable parameter, one backward per sample, and their Gram."""
     ps = [p for p in model.parameters() if p.requires_grad]

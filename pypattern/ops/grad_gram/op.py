@@ -124,6 +124,8 @@ def grad_gram_dense(g: torch.Tensor) -> torch.Tensor:
     """Gram ``g g^T`` of per-sample gradients given as rows, ``(B, P)`` -> ``(B, B)`` float64.
 
     Block products in the input dtype, summed in float64; only the blocks on and above the diagonal are computed.
+    Finite inputs below float64 whose products overflow that dtype raise ``FloatingPointError`` (as the other
+    Gram kernels do) instead of returning inf.
     """
     if not isinstance(g, torch.Tensor) or g.dim() != 2:
         raise ValueError(f"g must be a 2-D tensor (B, P), got {getattr(g, 'shape', g)}")
@@ -131,6 +133,7 @@ def grad_gram_dense(g: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"g must be a floating-point tensor, got {g.dtype}")
     out = torch.zeros(g.shape[0], g.shape[0], dtype=torch.float64, device=g.device)
     _sym_gram_add_(out, g)
+    _refuse_overflow("grad_gram_dense", out, g)
     return out
 
 
