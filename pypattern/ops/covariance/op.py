@@ -125,12 +125,12 @@ def cross_covariance_update_(
 def _refuse_aliases(written, read) -> None:
     """No state tensor the update writes shares memory with another one or with a tensor it reads (the update
     would read values it is overwriting: a mean that is its own shift, a comoment inside a chunk)."""
-    from ..sgld.op import overlapping_pairs
+    from ..sgld.op import overlapping_pairs, shares
 
     named = list(written) + list(read)
-    for j, i in overlapping_pairs([t for _, t in named]):
+    for j, i, status in overlapping_pairs([t for _, t in named]):
         if j < len(written):  # j < i: a written tensor whenever either is
             raise ValueError(
-                f"{named[j][0]} shares memory with {named[i][0]}: the update would read values it is overwriting; "
-                "give each state tensor its own memory"
+                f"{named[j][0]} {shares(status)} with {named[i][0]}: the update would read values it is "
+                "overwriting; give each state tensor its own memory"
             )

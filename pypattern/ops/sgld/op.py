@@ -120,42 +120,135 @@ def validate_inputs(params, grads, anchors, masks):
                 "trained weights w*"
             )
         _check_updatable(f"params[{i}]", w, grad_mode, inference)
-        if _internal_overlap(w):
+        status = _internal_overlap(w)
+        if status:
             raise ValueError(
-                f"params[{i}] has elements that share memory (an expanded, zero-stride or overlapping view of shape "
-                f"{tuple(w.shape)}, strides {w.stride()}): each would be stepped several times; give a tensor of "
-                "its own (e.g. .clone())"
+                f"params[{i}] {shares(status, elements=True)} (an expanded, zero-stride or overlapping view of "
+                f"shape {tuple(w.shape)}, strides {w.stride()}): each would be stepped several times; give a tensor "
+                "of its own (e.g. .clone())"
             )
-        if _overlap(w, a):
+        status = _overlap(w, a)
+        if status:
             raise ValueError(
-                f"anchors[{i}] shares memory with params[{i}]: the anchors must be a copy of the trained weights "
+                f"anchors[{i}] {shares(status)} with params[{i}]: the anchors must be a copy of the trained weights "
                 "(e.g. [p.detach().clone() for p in params]), else the pull towards them is always 0"
             )
-        if _overlap(w, g):
+        status = _overlap(w, g)
+        if status:
             raise ValueError(
-                f"grads[{i}] shares memory with params[{i}]: the step would read a gradient it is overwriting; give "
-                "the gradient in its own tensor"
+                f"grads[{i}] {shares(status)} with params[{i}]: the step would read a gradient it is overwriting; "
+                "give the gradient in its own tensor"
             )
     _check_distinct(params)
     return params, grads, anchors, masks, device
 
 
-def _internal_overlap(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` are one memory location (an expanded view)."""
+#: Answers of the memory-overlap tests (:func:`_overlap`, :func:`_internal_overlap`): true values refuse.
+DISJOINT, OVERLAP, UNDECIDED = 0, 1, 2
+#: Nodes of the exact search (:func:`_solvable`) before it gives up, and the most elements listed one by one then
+_SEARCH_BUDGET = 20000
+_ENUMERATE_LIMIT = 1 << 24
+
+
+def shares(status: int, *, plural: bool = False, elements: bool = False) -> str:
+    """The words of an overlap answer for an error message: ``"shares memory"`` (``"share memory"``, or ``"has
+    elements that share memory"``), or, when the test could not decide, that they may (could not rule it out)."""
+    if elements:
+        if status == UNDECIDED:
+            return "may have elements that share memory (could not rule it out)"
+        return "has elements that share memory"
+    if status == UNDECIDED:
+        return "may share memory (could not rule it out)"
+    return "share memory" if plural else "shares memory"
+
+
+def _internal_overlap(t: torch.Tensor) -> int:
+    """Whether two elements of ``t`` are one memory location (an expanded view): :data:`DISJOINT`,
+    :data:`OVERLAP`, or :data:`UNDECIDED` when neither the exact search nor a listing of the elements could tell."""
     if t.numel() <= 1:
-        return False
+        return DISJOINT
     if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
-        return True
+        return OVERLAP
     try:
         status = torch._debug_has_internal_overlap(t)  # 0: none, 1: overlap, 2: too hard to tell
     except (AttributeError, RuntimeError):  # pragma: no cover - private helper missing
         status = 2
     if status != 2:
-        return status == 1
-    # an as_strided view torch cannot judge: list every element's offset (conservative when too many to list)
-    if t.numel() > 1 << 26:
-        return True
-    return bool(torch.unique(_offsets(t, 0)).numel() != t.numel())
+        return OVERLAP if status == 1 else DISJOINT
+    # a strided view torch cannot judge: two index vectors i != j with sum_k (i_k - j_k) stride_k == 0?
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    if any(a[0] == b[0] for a, b in zip(dims, dims[1:])):
+        return OVERLAP  # two dimensions of one stride: (1, 0) and (0, 1) are one element
+    extent = 0  # each stride past the extent of the smaller ones (a transpose or a slice of a dense tensor)
+    for st, n in dims:
+        if st <= extent:
+            break
+        extent += (n - 1) * st
+    else:
+        return DISJOINT
+    found = _solvable(
+        [st for st, _ in dims], [1 - n for _, n in dims], [n - 1 for _, n in dims], 0, nonzero=True
+    )
+    if found is not None:
+        return OVERLAP if found else DISJOINT
+    if t.numel() > _ENUMERATE_LIMIT:
+        return UNDECIDED
+    return OVERLAP if torch.unique(_offsets(t, 0)).numel() != t.numel() else DISJOINT
+
+
+def _solvable(coeffs, lows, highs, target: int, *, nonzero: bool = False) -> bool | None:
+    """Whether integers ``x_k`` in ``[lows[k], highs[k]]`` with ``sum_k coeffs[k] x_k == target`` exist (with some
+    ``x_k != 0`` when ``nonzero``, for ranges symmetric about 0); ``coeffs`` > 0. None when the search ran past
+    :data:`_SEARCH_BUDGET` nodes.
+
+    A depth-first search over the coefficients, largest first, that keeps only the values of ``x_k`` from which
+    the remaining terms can still reach the target (their range, and their gcd as a congruence): exact, and a few
+    nodes per dimension for the strides of views of one tensor, which nest."""
+    order = sorted(range(len(coeffs)), key=lambda k: -coeffs[k])
+    c = [int(coeffs[k]) for k in order]
+    lo = [int(lows[k]) for k in order]
+    hi = [int(highs[k]) for k in order]
+    n = len(c)
+    rest_lo, rest_hi, rest_g = [0] * (n + 1), [0] * (n + 1), [0] * (n + 1)
+    for k in range(n - 1, -1, -1):
+        rest_lo[k] = rest_lo[k + 1] + lo[k] * c[k]
+        rest_hi[k] = rest_hi[k + 1] + hi[k] * c[k]
+        rest_g[k] = math.gcd(rest_g[k + 1], c[k])
+    nodes = 0
+
+    def search(k: int, r: int, all_zero: bool) -> bool:
+        nonlocal nodes
+        nodes += 1
+        if nodes > _SEARCH_BUDGET:
+            raise _SearchTooLong
+        if k == n:
+            return r == 0 and not (nonzero and all_zero)
+        if not rest_lo[k] <= r <= rest_hi[k] or r % rest_g[k]:
+            return False
+        ck, g = c[k], rest_g[k + 1]
+        first = max(lo[k], -((rest_hi[k + 1] - r) // ck))  # ceil((r - rest_hi) / ck)
+        last = min(hi[k], (r - rest_lo[k + 1]) // ck)
+        if nonzero and all_zero:  # x and -x are both solutions: the first nonzero entry is positive
+            first = max(first, 0)
+        step = 1
+        if g:  # r - x ck must be a multiple of g: x = x0 (mod g / gcd(ck, g))
+            g2 = math.gcd(ck, g)
+            if r % g2:
+                return False
+            step = g // g2
+            if step > 1:
+                x0 = (r // g2) * pow(ck // g2, -1, step) % step
+                first += (x0 - first) % step
+        return any(search(k + 1, r - x * ck, all_zero and x == 0) for x in range(first, last + 1, step))
+
+    try:
+        return search(0, int(target), True)
+    except _SearchTooLong:
+        return None
+
+
+class _SearchTooLong(Exception):
+    pass
 
 
 def _inference_message(what: str) -> str:
@@ -186,16 +279,18 @@ def check_states(name: str, states, others: dict) -> None:
     grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     for i, s in enumerate(states):
         _check_updatable(f"{name}[{i}]", s, grad_mode, inference)
-        if _internal_overlap(s):
+        status = _internal_overlap(s)
+        if status:
             raise ValueError(
-                f"{name}[{i}] has elements that share memory (an expanded or overlapping view); give its own tensor"
+                f"{name}[{i}] {shares(status, elements=True)} (an expanded or overlapping view); give its own tensor"
             )
         for other, ts in others.items():
             for j, t in enumerate(ts):
-                if _overlap(s, t):
+                status = _overlap(s, t)
+                if status:
                     raise ValueError(
-                        f"{name}[{i}] shares memory with {other}[{j}]: the step would overwrite one with the other; "
-                        f"give each {name} entry its own tensor"
+                        f"{name}[{i}] {shares(status)} with {other}[{j}]: the step would overwrite one with the "
+                        f"other; give each {name} entry its own tensor"
                     )
     _check_distinct(states, name)
 
@@ -203,16 +298,16 @@ def check_states(name: str, states, others: dict) -> None:
 def _check_distinct(params, name: str = "params") -> None:
     """No two params share memory: each would be stepped once per appearance (tied weights are one tensor, listed
     once)."""
-    for j, i in overlapping_pairs(params):
+    for j, i, status in overlapping_pairs(params):
         raise ValueError(
-            f"{name}[{j}] and {name}[{i}] share memory: each would be stepped once per appearance; list every "
-            "tensor once (tied weights as one tensor)"
+            f"{name}[{j}] and {name}[{i}] {shares(status, plural=True)}: each would be stepped once per appearance; "
+            "list every tensor once (tied weights as one tensor)"
         )
 
 
-def overlapping_pairs(tensors) -> Iterator[tuple[int, int]]:
-    """The index pairs ``(j, i)``, ``j < i``, of ``tensors`` whose memory overlaps (:func:`_overlap`), in order;
-    only tensors in one storage are compared."""
+def overlapping_pairs(tensors) -> Iterator[tuple[int, int, int]]:
+    """The index pairs ``(j, i)``, ``j < i``, of ``tensors`` whose memory overlaps or may overlap, with
+    :func:`_overlap`'s answer (``(j, i, status)``), in order; only tensors in one storage are compared."""
     by_storage: dict = {}
     for i, t in enumerate(tensors):
         if t.numel() == 0:
@@ -222,20 +317,22 @@ def overlapping_pairs(tensors) -> Iterator[tuple[int, int]]:
         except (RuntimeError, NotImplementedError):
             key = (t.device, t.data_ptr())
         for j in by_storage.get(key, ()):
-            if _overlap(tensors[j], t):
-                yield j, i
+            status = _overlap(tensors[j], t)
+            if status:
+                yield j, i, status
         by_storage.setdefault(key, []).append(i)
 
 
-def _overlap(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether two tensors' memory ranges in the same storage overlap (conservative for strided views)."""
+def _overlap(x: torch.Tensor, y: torch.Tensor) -> int:
+    """Whether two tensors share a memory location: :data:`DISJOINT`, :data:`OVERLAP`, or :data:`UNDECIDED` when
+    neither the exact search over their strides nor a listing of their elements could tell (true values refuse)."""
     if x.numel() == 0 or y.numel() == 0 or x.device != y.device:
-        return False
+        return DISJOINT
     try:
         if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
-            return False
+            return DISJOINT
     except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. some subclasses)
-        return x.data_ptr() == y.data_ptr()
+        return OVERLAP if x.data_ptr() == y.data_ptr() else DISJOINT
 
     def span(t: torch.Tensor) -> tuple[int, int]:
         extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
@@ -243,16 +340,34 @@ def _overlap(x: torch.Tensor, y: torch.Tensor) -> bool:
 
     (a0, a1), (b0, b1) = span(x), span(y)
     if not (a0 < b1 and b0 < a1):
-        return False
+        return DISJOINT
     if x.is_contiguous() and y.is_contiguous():
-        return True
-    # interleaved strided views (the two halves of W[:, ::2] and W[:, 1::2]): compare their element offsets
-    if x.numel() + y.numel() > 1 << 24:
-        return True  # too large to list: conservative
-    size = x.element_size()
-    if y.element_size() != size or (x.data_ptr() - y.data_ptr()) % size:
-        return True
-    return bool(torch.isin(_offsets(x, x.data_ptr() // size), _offsets(y, y.data_ptr() // size)).any())
+        return OVERLAP
+    # strided views (the interleaved halves W[:, ::2] and W[:, 1::2], column blocks, ...): is there an element of
+    # x and one of y at one address? With i, j their index vectors: sum_k i_k sx_k - sum_k j_k sy_k == y0 - x0,
+    # one integer variable per distinct stride (i_k - j_k when both have it), in elements when both tensors have
+    # one element size and their offsets differ by whole elements, else in bytes with a variable for the bytes
+    # within an element
+    ex, ey = x.element_size(), y.element_size()
+    target = y.data_ptr() - x.data_ptr()
+    unit = ex if ex == ey and target % ex == 0 else 1
+    ranges: dict[int, list[int]] = {}
+    for t, sign, size in ((x, 1, ex), (y, -1, ey)):
+        for n, st in zip(t.shape, t.stride()):
+            if n > 1 and st != 0:
+                r = ranges.setdefault(st * size // unit, [0, 0])  # torch strides are >= 0
+                r[0 if sign < 0 else 1] += sign * (n - 1)
+    if unit == 1:  # x's element covers bytes [X, X + ex), y's [Y, Y + ey)
+        r = ranges.setdefault(1, [0, 0])
+        r[0], r[1] = r[0] - (ey - 1), r[1] + (ex - 1)
+    coeffs = list(ranges)
+    found = _solvable(coeffs, [ranges[c][0] for c in coeffs], [ranges[c][1] for c in coeffs], target // unit)
+    if found is not None:
+        return OVERLAP if found else DISJOINT
+    if x.numel() + y.numel() > _ENUMERATE_LIMIT or unit == 1:
+        return UNDECIDED
+    hit = torch.isin(_offsets(x, x.data_ptr() // unit), _offsets(y, y.data_ptr() // unit)).any()
+    return OVERLAP if bool(hit) else DISJOINT
 
 
 def _offsets(t: torch.Tensor, base: int) -> torch.Tensor:

@@ -160,10 +160,11 @@ def sgnht_step_(
             raise RuntimeError(sgld_op._inference_message("thermostat"))
         for other, ts in (("params", params), ("momenta", momenta), ("grads", grads), ("anchors", anchors)):
             for j, t in enumerate(ts):
-                if sgld_op._overlap(thermostat, t):
+                status = sgld_op._overlap(thermostat, t)
+                if status:
                     raise ValueError(
-                        f"thermostat shares memory with {other}[{j}]: the step would overwrite one with the other; "
-                        "give the thermostat its own tensor"
+                        f"thermostat {sgld_op.shares(status)} with {other}[{j}]: the step would overwrite one with "
+                        "the other; give the thermostat its own tensor"
                     )
         if not bool(torch.isfinite(thermostat).all()):
             raise ValueError(f"thermostat must be finite, got {float(thermostat.reshape(()))}")
