@@ -538,6 +538,51 @@ def test_a_tensor_listed_twice_or_a_gradient_aliasing_its_parameter_is_refused()
     sgld_step_([w[:2], w[2:]], [g[:2], g[2:]], [a[:2], a[2:]], **kw)
 
 
+@pytest.mark.parametrize("op", ["sgld_step_", "sgnht_step_", "rmsprop_sgld_step_"])
+def test_anchor_gradient_or_mask_aliasing_another_tensors_parameter_is_refused(op):
+    """An anchor, gradient or mask that shares memory with the parameter of another index (not only its own) is
+    refused naming both, before anything is written: the step would read it after, or while, that parameter is
+    updated. Disjoint parts of one buffer are fine."""
+    from pypattern.ops.rmsprop_sgld import rmsprop_sgld_step_
+    from pypattern.ops.sgnht import sgnht_step_
+
+    def step(params, grads, anchors, masks=None):
+        kw = dict(step_size=0.1, nbeta=1.0, localization=3.0, noise_scale=0.0, seed=0, step=0, masks=masks)
+        states = [torch.zeros_like(p) for p in params]
+        if op == "sgnht_step_":
+            return sgnht_step_(params, grads, anchors, states, torch.zeros(1, dtype=torch.float64), **kw)
+        if op == "rmsprop_sgld_step_":
+            return rmsprop_sgld_step_(params, grads, anchors, states, **kw)
+        return sgld_step_(params, grads, anchors, **kw)
+
+    p0, p1 = torch.zeros(3), torch.zeros(2, 3)
+    g, a = [torch.full((3,), 10.0), torch.ones(2, 3)], [torch.zeros(3), torch.zeros(2, 3)]
+    cases = [
+        (
+            r"anchors\[1\] shares memory with params\[0\]: the step writes params\[0\]",
+            g,
+            [a[0], p0.expand(2, 3)],
+            None,
+        ),
+        (r"anchors\[0\] shares memory with params\[1\]", g, [p1[1], a[1]], None),
+        (
+            r"grads\[1\] shares memory with params\[0\]: the step would read a gradient",
+            [g[0], p0.expand(2, 3)],
+            a,
+            None,
+        ),
+        (r"masks\[0\] shares memory with params\[1\]: the step would read a mask", g, a, [p1[0], None]),
+        (r"anchors\[0\] shares memory with params\[0\]: the anchors must be a copy", g, [p0, a[1]], None),
+    ]
+    for match, grads, anchors, masks in cases:
+        with pytest.raises(ValueError, match=match):
+            step([p0, p1], grads, anchors, masks)
+        assert not p0.any() and not p1.any()  # nothing written
+    buf = torch.zeros(12)
+    step([buf[:3], buf[3:9].view(2, 3)], g, [buf[9:12], a[1]], [None, torch.ones(2, 3)])
+    assert buf[:3].ne(0).all() and buf[9:].eq(0).all()
+
+
 def _shared_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether two views of one storage have a byte in common, listing every element's bytes."""
     from pypattern.ops.sgld.op import _offsets

@@ -127,20 +127,53 @@ def validate_inputs(params, grads, anchors, masks):
                 f"shape {tuple(w.shape)}, strides {w.stride()}): each would be stepped several times; give a tensor "
                 "of its own (e.g. .clone())"
             )
-        status = _overlap(w, a)
-        if status:
-            raise ValueError(
-                f"anchors[{i}] {shares(status)} with params[{i}]: the anchors must be a copy of the trained weights "
-                "(e.g. [p.detach().clone() for p in params]), else the pull towards them is always 0"
-            )
-        status = _overlap(w, g)
-        if status:
-            raise ValueError(
-                f"grads[{i}] {shares(status)} with params[{i}]: the step would read a gradient it is overwriting; "
-                "give the gradient in its own tensor"
-            )
+    _refuse_reads_of_params(params, {"anchors": anchors, "grads": grads, "masks": masks or []})
     _check_distinct(params)
     return params, grads, anchors, masks, device
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    try:
+        return t.device, t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. some subclasses)
+        return t.device, t.data_ptr()
+
+
+def _refuse_reads_of_params(params, read: dict) -> None:
+    """No tensor the step reads (``read``: ``{"anchors": [...], "grads": [...], "masks": [...]}``) shares memory
+    with any of the params it writes, of its own index or another: the step would read values it is overwriting,
+    or values that depend on the order in which the tensors are updated. Only tensors in one storage are
+    compared."""
+    by_storage: dict = {}
+    for j, w in enumerate(params):
+        if w.numel():
+            by_storage.setdefault(_storage_key(w), []).append(j)
+    if not by_storage:
+        return
+    for name, tensors in read.items():
+        for i, t in enumerate(tensors):
+            if t is None or t.numel() == 0:
+                continue
+            for j in by_storage.get(_storage_key(t), ()):
+                status = _overlap(params[j], t)
+                if not status:
+                    continue
+                what = f"{name}[{i}] {shares(status)} with params[{j}]"
+                if name == "anchors" and i == j:
+                    raise ValueError(
+                        f"{what}: the anchors must be a copy of the trained weights (e.g. [p.detach().clone() for "
+                        "p in params]), else the pull towards them is always 0"
+                    )
+                if name == "anchors":
+                    raise ValueError(
+                        f"{what}: the step writes params[{j}] while it reads anchors[{i}], which would then depend on "
+                        "the order the tensors are updated in; the anchors must be a copy of the trained weights "
+                        "(e.g. [p.detach().clone() for p in params])"
+                    )
+                kind = "gradient" if name == "grads" else "mask"
+                raise ValueError(
+                    f"{what}: the step would read a {kind} it is overwriting; give the {kind} in its own tensor"
+                )
 
 
 #: Answers of the memory-overlap tests (:func:`_overlap`, :func:`_internal_overlap`): true values refuse.
@@ -312,10 +345,7 @@ def overlapping_pairs(tensors) -> Iterator[tuple[int, int, int]]:
     for i, t in enumerate(tensors):
         if t.numel() == 0:
             continue
-        try:
-            key = (t.device, t.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):
-            key = (t.device, t.data_ptr())
+        key = _storage_key(t)
         for j in by_storage.get(key, ()):
             status = _overlap(tensors[j], t)
             if status:
@@ -577,8 +607,8 @@ def sgld_step_(
     backend : {"cuda", "triton", "cpp", "reference"}, optional
         Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available: see :func:`pypattern.backends`).
     validate : bool
-        Check every argument as described above, including that masks and anchors are finite and that no anchor
-        shares memory with its parameter (tens of microseconds of Python per call, more with more
+        Check every argument as described above, including that masks and anchors are finite and that no anchor,
+        gradient or mask shares memory with any parameter (tens of microseconds of Python per call, more with more
         tensors). ``False`` is the fast path for callers that validated the same tensors and numbers once (the
         SGLD optimizer and the chain runner do so on their first step): ``params``, ``grads`` and ``anchors``
         must then be lists, the numbers already in range, and a wrong argument may fail inside a kernel with a
