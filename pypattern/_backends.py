@@ -15,8 +15,10 @@ forcing one that is unavailable for the given tensors raises ``RuntimeError`` sa
 Each op folder registers its implementations with :func:`register` under the name of its ``torch.ops.pypattern``
 operator (``"sgld_step_"``, ``"covariance_update_"``, ``"grad_gram_pairwise"``); its public function then calls
 :func:`dispatch`, which chooses the backend for the tensors' device and returns the implementation. Triton
-implementations are registered as ``"module:attribute"`` strings, so that ``triton`` is imported only when that
-backend runs.
+implementations are registered as ``"module:attribute"`` strings, so that their modules are imported only when
+that backend runs; ``triton`` itself is imported only when the Triton backend could be chosen (CUDA tensors
+without a CUDA kernel, or the backend forced) or is reported on (:func:`backends`), never by the automatic choice
+on CPU tensors. A ``triton`` whose import fails, whatever it raises, is an unavailable backend with that reason.
 """
 
 from __future__ import annotations
@@ -89,10 +91,17 @@ def _has_kernel(op: str, key: str) -> bool:
 
 @functools.cache
 def _triton_status() -> tuple[bool, str]:
+    """Whether Triton kernels can run here, and why not (imports ``triton``: called only when a Triton backend
+    could be chosen or is reported on). A ``triton`` whose import fails for any reason (a missing package, or a
+    broken install raising at import) makes the backend unavailable with that reason."""
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed (pip install triton==3.7.1)"
+    except ModuleNotFoundError as e:
+        if e.name == "triton":
+            return False, "triton is not installed (pip install triton==3.7.1)"
+        return False, f"triton failed to import ({type(e).__name__}: {e})"
+    except Exception as e:  # a broken install can raise anything at import (a driver or runtime mismatch)
+        return False, f"triton failed to import ({type(e).__name__}: {e})"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, "interpreter (TRITON_INTERPRET=1)"
     if torch.cuda.is_available():
@@ -120,45 +129,53 @@ def op_names() -> list[str]:
     )
 
 
+def _check_op(op: str) -> None:
+    """Refuse a name that is not an operator of ``pypattern._C`` (a misspelt name would read as "no kernel" for
+    every backend); nothing to check against when the extension did not load."""
+    mod, _ = _load_c()
+    if mod is not None:
+        known = op_names()
+        if op not in known:
+            raise ValueError(f"op={op!r} is not an operator of pypattern; valid: {known}")
+
+
+def _availability(op: str, name: str) -> tuple[bool, str]:
+    """Whether backend ``name`` of ``op`` runs here, and why not (or how it runs). Only ``"triton"`` imports
+    ``triton``."""
+    if name == "reference":
+        return True, "plain torch"
+    if name == "triton":
+        if (op, "triton") not in _REGISTRY:
+            return False, f"no Triton kernel registered for {op}"
+        return _triton_status()
+    mod, err = _load_c()
+    if mod is None:
+        return False, err
+    if name == "cpp":
+        if _has_kernel(op, "CPU"):
+            return True, f"OpenMP, {torch.get_num_threads()} threads"
+        return False, f"no CPU kernel registered for {op}"
+    if not _has_kernel(op, "CUDA"):
+        if torch.version.cuda is None or not _has_any_cuda():
+            return False, (
+                "pypattern._C was built without CUDA (torch is a CPU build, or no CUDA toolkit at build time)"
+            )
+        return False, f"no CUDA kernel registered for {op}"
+    if not torch.cuda.is_available():
+        return False, "built with CUDA kernels, but no GPU is visible"
+    return True, "GPU"
+
+
 def backends(op: str = "sgld_step_") -> dict[str, dict[str, object]]:
     """Report every backend of ``op`` as ``{name: {"available": bool, "reason": str}}``.
 
     ``reason`` says why a backend is missing, or how it runs where it is available.
     """
+    _check_op(op)
     out: dict[str, dict[str, object]] = {}
-    mod, err = _load_c()
-    if mod is not None:  # a misspelt name would read as "no kernel" for every backend
-        known = op_names()
-        if op not in known:
-            raise ValueError(f"op={op!r} is not an operator of pypattern; valid: {known}")
-    if mod is None:
-        out["cuda"] = {"available": False, "reason": err}
-        out["cpp"] = {"available": False, "reason": err}
-    else:
-        if not _has_kernel(op, "CUDA"):
-            why = (
-                "pypattern._C was built without CUDA (torch is a CPU build, or no CUDA toolkit at build time)"
-                if torch.version.cuda is None or not _has_any_cuda()
-                else f"no CUDA kernel registered for {op}"
-            )
-            out["cuda"] = {"available": False, "reason": why}
-        elif not torch.cuda.is_available():
-            out["cuda"] = {"available": False, "reason": "built with CUDA kernels, but no GPU is visible"}
-        else:
-            out["cuda"] = {"available": True, "reason": "GPU"}
-        ok = _has_kernel(op, "CPU")
-        out["cpp"] = {
-            "available": ok,
-            "reason": f"OpenMP, {torch.get_num_threads()} threads"
-            if ok
-            else f"no CPU kernel registered for {op}",
-        }
-    if (op, "triton") in _REGISTRY:
-        ok, why = _triton_status()
-        out["triton"] = {"available": ok, "reason": why}
-    else:
-        out["triton"] = {"available": False, "reason": f"no Triton kernel registered for {op}"}
-    out["reference"] = {"available": True, "reason": "plain torch"}
+    for name in ("cuda", "cpp", "triton", "reference"):
+        ok, why = _availability(op, name)
+        out[name] = {"available": ok, "reason": why}
     return out
 
 
@@ -226,10 +243,11 @@ def _choose_cached(op: str, device_type: str, forced: str | None, source: str, _
             raise ValueError(f"{shown} is not one of {NAMES}{hint}")
         if forced == "reference":
             return forced
-        info = backends(op)[forced]
-        if not info["available"]:
+        _check_op(op)
+        ok, why = _availability(op, forced)
+        if not ok:
             by = "" if source == "backend" else f" by {source}"
-            raise RuntimeError(f"backend {forced!r} was forced{by} but is unavailable: {info['reason']}")
+            raise RuntimeError(f"backend {forced!r} was forced{by} but is unavailable: {why}")
         if forced in ("cpp",) and device.type != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors only, got tensors on {device}")
         if forced == "cuda" and device.type != "cuda":
@@ -237,14 +255,14 @@ def _choose_cached(op: str, device_type: str, forced: str | None, source: str, _
         if forced == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 (set before import)")
         return forced
-    info = backends(op)
+    _check_op(op)
     if device.type == "cuda":
         order = ("cuda", "triton", "reference")
-    elif device.type == "cpu":
+    elif device.type == "cpu":  # the Triton interpreter runs only when forced: triton is not imported here
         order = ("cpp", "reference")
     else:  # meta, mps, xpu, ...: only plain torch runs there
         order = ("reference",)
     for name in order:
-        if info[name]["available"]:
+        if _availability(op, name)[0]:  # in order: a later backend is not looked at once one is available
             return name
     return "reference"

@@ -583,6 +583,63 @@ def test_anchor_gradient_or_mask_aliasing_another_tensors_parameter_is_refused(o
     assert buf[:3].ne(0).all() and buf[9:].eq(0).all()
 
 
+_BROKEN_TRITON_SCRIPT = """
+import os, sys
+import torch
+import pypattern
+from pypattern.ops import CrossCovariance, row_dots
+from pypattern.ops.activations import gelu_tanh
+
+marker = os.environ["FAKE_TRITON_MARKER"]
+pypattern.sgld_step_([torch.zeros(3)], [torch.ones(3)], [torch.zeros(3)], step_size=1e-2, nbeta=1.0,
+                     localization=1.0, seed=0, step=0)
+CrossCovariance(2, 3).update(torch.randn(100, 2), torch.randn(100, 3)).cov()
+row_dots(torch.ones(1, 2, 3), [torch.ones(1, 2, 3)])
+gelu_tanh(torch.ones(3))
+print("cpu ops imported triton:", os.path.exists(marker))
+print("triton:", pypattern.backends("sgld_step_")["triton"])
+try:
+    pypattern.sgld_step_([torch.zeros(3)], [torch.ones(3)], [torch.zeros(3)], step_size=1e-2, nbeta=1.0,
+                         localization=1.0, seed=0, step=0, backend="triton")
+except RuntimeError as e:
+    print("forced:", e)
+"""
+
+
+def test_cpu_dispatch_does_not_import_triton_and_a_broken_triton_is_unavailable(tmp_path):
+    """The automatic choice on CPU tensors never imports triton (it cannot choose it there), so a triton whose
+    import raises (here a RuntimeError, as a mismatched driver can) leaves the CPU ops working; reported or forced,
+    it is an unavailable backend with that reason, not an error from inside the import."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "triton"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "open(os.environ['FAKE_TRITON_MARKER'], 'a').write('imported')\n"
+        "raise RuntimeError('simulated: triton failed to initialise')\n"
+    )
+    root = os.path.dirname(os.path.dirname(pypattern.__file__))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), root]),
+        "FAKE_TRITON_MARKER": str(tmp_path / "marker"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PYPATTERN_BACKEND", None)
+    r = subprocess.run(
+        [sys.executable, "-c", _BROKEN_TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "cpu ops imported triton: False" in out, out
+    assert "'available': False" in out and "triton failed to import (RuntimeError: simulated" in out, out
+    assert (
+        "forced: backend 'triton' was forced but is unavailable: triton failed to import (RuntimeError" in out
+    )
+
+
 def _shared_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether two views of one storage have a byte in common, listing every element's bytes."""
     from pypattern.ops.sgld.op import _offsets
