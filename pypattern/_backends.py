@@ -9,8 +9,11 @@ Backends, fastest first for the device of the tensors:
 * ``reference``: plain torch, the specification; always there.
 
 On CPU tensors the automatic choice is ``cpp`` then ``reference``: the Triton interpreter is a test vehicle,
-used only when forced. ``backend="..."`` on an op, or the ``PYPATTERN_BACKEND`` environment variable, forces one;
-forcing one that is unavailable for the given tensors raises ``RuntimeError`` saying why.
+used only when forced. ``backend="..."`` on an op, or the ``PYPATTERN_BACKEND`` environment variable, forces one:
+forcing a name that is not a backend raises ``ValueError``; forcing one that is unavailable here or for the device
+of the given tensors raises ``RuntimeError`` saying why; forcing a kernel on a dtype it does not take raises
+``ValueError`` naming the argument, its dtype and the dtypes taken (the automatic choice takes the reference for
+those dtypes).
 
 Each op folder registers its implementations with :func:`register` under the name of its ``torch.ops.pypattern``
 operator (``"sgld_step_"``, ``"covariance_update_"``, ``"grad_gram_pairwise"``); its public function then calls

@@ -272,3 +272,32 @@ def test_forward_mode_ad_carries_the_tangent(dtype, c):
             gelu_tanh(fwAD.make_dual(x, t), c, backend="cpp")
     # outside a dual level the kernel runs as before
     assert torch.equal(gelu_tanh(x, c), gelu_tanh(x, c, backend="cpp" if HAS_CPP else None))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_accuracy_is_as_documented(dtype):
+    """The accuracy stated in pypattern/ops/activations against the exact formula (extended precision): ulps by
+    range of x, and -0 past the exponent's clamp where the exact value is a representable number."""
+    import numpy as np
+
+    x = torch.linspace(-30, 10, 400_001, dtype=torch.float64).to(dtype)
+    xl = x.double().numpy().astype(np.longdouble)
+    u = np.longdouble(SQRT_2_OVER_PI) * (xl + np.longdouble("0.044715") * xl**3)
+    with np.errstate(over="ignore"):
+        exact = xl / (1 + np.exp(-2 * u))
+    npdt = np.float32 if dtype == torch.float32 else np.float64
+    rounded = exact.astype(npdt)
+    got = gelu_tanh(x, backend="cpp").double().numpy()
+    xs = x.double().numpy()
+    lost = (got == 0) & (rounded != 0)
+    lo, hi = (-10.8, -9.67) if dtype == torch.float32 else (-21.55, -21.05)
+    assert lost.any() and xs[lost].min() >= lo and xs[lost].max() <= hi
+    assert np.all(np.signbit(got[lost]))
+    ok = ~lost & (rounded != 0)
+    ulps = (np.abs(got - exact) / np.spacing(np.abs(rounded)).astype(np.longdouble)).astype(np.float64)
+    far = 200 if dtype == torch.float32 else 2000
+    for a, b, bound in ((-30, -9, far), (-9, -5, 165), (-5, -2, 45), (-2, 0, 8), (0, 10.5, 2)):
+        sel = ok & (xs >= a) & (xs < b)
+        assert ulps[sel].max() <= bound, (a, b, ulps[sel].max())
+    assert float(np.abs(got - exact)[ok].max()) < (5.2e-7 if dtype == torch.float32 else 1.2e-15)

@@ -193,6 +193,23 @@ def test_noise_matches_reference_stream(backend, device):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.skipif(not pypattern.backends()["cpp"]["available"], reason="C++ kernel not built")
+def test_cpp_noise_within_three_float32_ulps_of_the_reference():
+    """The README's figure: the C++ kernel's float32 noise and the reference's agree to within 3 float32 ulps
+    (of the reference value) over 2^20 draws."""
+    import numpy as np
+
+    n = 1 << 20
+    out = {}
+    for backend in ("reference", "cpp"):
+        w = torch.zeros(n)
+        kw = dict(step_size=1.0, nbeta=0.0, localization=0.0, seed=123, step=7, backend=backend)
+        sgld_step_([w], [torch.zeros(n)], [torch.zeros(n)], **kw)
+        out[backend] = w.numpy().astype(np.float64)
+    ulp = np.spacing(np.abs(out["reference"]).astype(np.float32)).astype(np.float64)
+    assert float(np.max(np.abs(out["cpp"] - out["reference"]) / ulp)) <= 3.0
+
+
 def test_noise_matches_triton_philox_stream():
     """The reference's integer Philox equals Triton's own tl.philox (so the stream is Triton's)."""
     triton = pytest.importorskip("triton")
