@@ -117,8 +117,8 @@ def has_tangent(*tensors: torch.Tensor) -> bool:
     tangent at the current dual level. The C++ and CUDA kernels have no forward-AD rule: torch would run them on
     the primal and drop the tangent without an error, so the ops take torch's own operations for such inputs.
     Costs one attribute read outside a ``dual_level`` context."""
-    level = forward_ad._current_level
-    if level < 0:
+    level = getattr(forward_ad, "_current_level", None)  # -1 outside a dual level
+    if level is not None and level < 0:
         return False
     return any(forward_ad.unpack_dual(t, level=level).tangent is not None for t in tensors)
 
