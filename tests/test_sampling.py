@@ -1921,3 +1921,32 @@ def test_sequential_chains_start_from_the_callers_buffers():
     alone = _run(model, loader, num_chains=3, num_draws=4, batched=False, chains=[2])
     np.testing.assert_array_equal(full.loss_trace[2], alone.loss_trace[2])
     assert torch.equal(model.running, torch.zeros(6))  # the caller's buffers are kept
+
+
+def test_load_chain_state_refuses_a_state_of_other_parameters_before_copying():
+    """A chain's saved sampler state (SGNHT's momenta and thermostat) of other parameter shapes is refused naming
+    the entry, with nothing copied; the matching state restores the chain's own."""
+    from pypattern.sampling.samplers import SGNHT
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = SGNHT(model.named_parameters(), step_size=1e-3, nbeta=10.0)
+    x = torch.randn(8, 3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    saved = opt.chain_state()
+    bad = dict(saved)
+    bad["momentum/weight"] = torch.zeros(2, 1, dtype=saved["momentum/weight"].dtype)  # broadcastable
+    before = opt.chain_state()
+    with pytest.raises(
+        ValueError, match=r"state\['momentum/weight'\] is \(2, 1\) torch.float32; this sampler holds \(2, 3\)"
+    ):
+        opt.load_chain_state(bad)
+    with pytest.raises(ValueError, match="no entry 'thermostat'"):
+        opt.load_chain_state({k: v for k, v in saved.items() if k != "thermostat"})
+    after = opt.chain_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    opt.load_chain_state({k: v + 1 for k, v in saved.items()})
+    assert all(torch.equal(opt.chain_state()[k], saved[k] + 1) for k in saved)

@@ -294,8 +294,23 @@ class _FusedSampler(torch.optim.Optimizer):
         return out
 
     def load_chain_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore what :meth:`chain_state` returned (every key must be present)."""
+        """Restore what :meth:`chain_state` returned (every key must be present, each tensor of the shape and dtype
+        of the one it replaces; a state that does not fit is refused before anything is copied)."""
         group = self.param_groups[0]
+        mine = self.chain_state()
+        missing = sorted(set(mine) - set(state))
+        if missing:
+            raise ValueError(
+                f"state has no entry {missing[0]!r}: it was not saved by this sampler's chain_state()"
+            )
+        for k, t in mine.items():
+            v = state[k]
+            if not isinstance(v, torch.Tensor) or v.shape != t.shape or v.dtype != t.dtype:
+                got = f"{tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(
+                    f"state[{k!r}] is {got}; this sampler holds {tuple(t.shape)} {t.dtype} there (a state of "
+                    "other parameters)"
+                )
         with torch.no_grad():
             for n, p in zip(self.param_names[0], group["params"]):
                 for kind, t in self.state[p].items():
