@@ -76,9 +76,9 @@ def _check(out, a, gs):
         (1, 5, (1, 1, 1), 100),
         (2, 17, (12, 12, 12, 1), 515),
         (1, 8, (6,), 20000),  # several 16 KiB chunks of terms with a tail
-        # 12 or more a rows: each chunk's g rows are first copied into the blocks' read order
+        # several register blocks of a rows with tails of g rows and of terms
         (1, 12, (6,), 16),
-        (1, 12, (3,), 7),  # fewer terms than a float32 vector: nothing to copy
+        (1, 12, (3,), 7),  # fewer terms than a float32 vector
         (2, 13, (5, 2), 4100),  # a float32 chunk and a tail of terms shorter than a vector
         (1, 25, (7,), 20000),
     ],

@@ -4,17 +4,13 @@
 // Compiled on its own (see setup.py) with -O3 and no torch headers.
 //
 // Register blocking: an MR x NR block of C is accumulated in MR * NR vector registers over a chunk of KC terms (MR
-// loads of a and NR loads of g for MR * NR fused multiply-adds per vector of terms). Within a chunk the block walks
-// across every g row for each block of a rows, so the chunk's g rows are read once per a block: when there are
-// enough a blocks to pay for it, the chunk's g rows are first copied into one buffer in the order the blocks read
-// them (NR vectors of terms side by side, one tile after another), which the blocks then read as one sequential
-// stream from L2 instead of NR separate ones. Each accumulator is summed across its lanes at the end of a chunk
-// and added to C. Row tails (M % MR, N % NR) take smaller instances of the same block; the term tail (K % lanes)
-// is summed in scalars.
+// loads of a and NR loads of g for MR * NR fused multiply-adds per vector of terms); the chunk's a rows stay in L1
+// while the block walks across every g row, and the chunk's g rows (N x KC) stay in L2 across the a blocks. Each
+// accumulator is summed across its lanes at the end of a chunk and added to C. Row tails (M % MR, N % NR) take
+// smaller instances of the same block; the term tail (K % lanes) is summed in scalars.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "dots/dots_cpu.h"
 
@@ -34,7 +30,6 @@ constexpr int kVecBytes = 16;
 constexpr int kMR = 3, kNR = 4;
 #endif
 constexpr int64_t kChunkBytes = 16384;  // one row's share of a chunk: KC = 16 KiB of terms
-constexpr int64_t kPackRows = 3 * kMR;   // a rows from which copying g's chunk into read order pays
 
 template <typename T>
 struct Vec;
@@ -64,10 +59,9 @@ inline void keep_in_register(V& v) {
 #endif
 }
 
-// out[i * ldo + j] += sum_{k0 <= k < k0 + kn} a[i][k] g[j][k] for i < MR, j < NR; gp: null, or the chunk's
-// whole-vector terms of these NR g rows in read order (vector v of row j at gp + (v * NR + j) * lanes)
+// out[i * ldo + j] += sum_{k0 <= k < k0 + kn} a[i][k] g[j][k] for i < MR, j < NR
 template <typename T, int MR, int NR>
-void block(const T* const* a, const T* const* g, const T* gp, int64_t k0, int64_t kn, T* out, int64_t ldo) {
+void block(const T* const* a, const T* const* g, int64_t k0, int64_t kn, T* out, int64_t ldo) {
   using V = typename Vec<T>::v;
   using U = typename Vec<T>::u;
   constexpr int L = kVecBytes / sizeof(T);
@@ -83,33 +77,18 @@ void block(const T* const* a, const T* const* g, const T* gp, int64_t k0, int64_
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[i][j] = V{} ;
   const int64_t kv = kn - kn % L;
-  if (gp != nullptr) {
-    for (int64_t k = 0; k < kv; k += L) {
-      V av[MR];
+  for (int64_t k = 0; k < kv; k += L) {
+    V av[MR];
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) av[i] = *reinterpret_cast<const U*>(ar[i] + k);
+    for (int i = 0; i < MR; ++i) av[i] = *reinterpret_cast<const U*>(ar[i] + k);
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) {
-        V gv = *reinterpret_cast<const V*>(gp + k * NR + j * L);
-        keep_in_register(gv);  // see below
+    for (int j = 0; j < NR; ++j) {
+      V gv = *reinterpret_cast<const U*>(gr[j] + k);
+      // one load of each g vector into a register (gcc would otherwise fold it into each of the MR
+      // multiply-adds as a memory operand: MR loads where one does, and the loop becomes load-bound)
+      keep_in_register(gv);
 #pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) acc[i][j] += av[i] * gv;
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < kv; k += L) {
-      V av[MR];
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) av[i] = *reinterpret_cast<const U*>(ar[i] + k);
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) {
-        V gv = *reinterpret_cast<const U*>(gr[j] + k);
-        // one load of each g vector into a register (gcc would otherwise fold it into each of the MR
-        // multiply-adds as a memory operand: MR loads where one does, and the loop becomes load-bound)
-        keep_in_register(gv);
-#pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) acc[i][j] += av[i] * gv;
-      }
+      for (int i = 0; i < MR; ++i) acc[i][j] += av[i] * gv;
     }
   }
 #pragma GCC unroll 8
@@ -130,7 +109,7 @@ void block(const T* const* a, const T* const* g, const T* gp, int64_t k0, int64_
 }
 
 template <typename T>
-using BlockFn = void (*)(const T* const*, const T* const*, const T*, int64_t, int64_t, T*, int64_t);
+using BlockFn = void (*)(const T* const*, const T* const*, int64_t, int64_t, T*, int64_t);
 
 template <typename T, int MR, int... NRs>
 constexpr void fill_row(BlockFn<T> (&row)[kNR], std::integer_sequence<int, NRs...>) {
@@ -154,27 +133,14 @@ void row_dots(const T* const* a, int64_t M, const T* const* g, int64_t N, int64_
   for (int64_t i = 0; i < M; ++i) std::fill(out + i * ldo, out + i * ldo + N, T(0));
   if (M == 0 || N == 0 || K == 0) return;
   const auto& fns = table<T>(std::make_integer_sequence<int, kMR>{}).fn;
-  constexpr int L = kVecBytes / sizeof(T);
-  const int64_t kc = std::max<int64_t>(kChunkBytes / static_cast<int64_t>(sizeof(T)), L);
-  const bool pack = M >= kPackRows && K >= L;
-  std::vector<typename Vec<T>::v> buffer(pack ? N * (std::min(kc, K) / L) : 0);  // aligned to a vector
-  T* gp = reinterpret_cast<T*>(buffer.data());
+  const int64_t kc = std::max<int64_t>(kChunkBytes / static_cast<int64_t>(sizeof(T)), 1);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kn = std::min(kc, K - k0);
-    const int64_t kv = kn - kn % L;
-    if (pack) {
-      for (int64_t n0 = 0; n0 < N; n0 += kNR) {  // tile n0 (nr rows) at gp + n0 * kv
-        const int64_t nr = std::min<int64_t>(kNR, N - n0);
-        T* dst = gp + n0 * kv;
-        for (int64_t k = 0; k < kv; k += L)
-          for (int64_t j = 0; j < nr; ++j) std::memcpy(dst + k * nr + j * L, g[n0 + j] + k0 + k, sizeof(T) * L);
-      }
-    }
     for (int64_t m0 = 0; m0 < M; m0 += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
       for (int64_t n0 = 0; n0 < N; n0 += kNR) {
         const int nr = static_cast<int>(std::min<int64_t>(kNR, N - n0));
-        fns[mr - 1][nr - 1](a + m0, g + n0, pack ? gp + n0 * kv : nullptr, k0, kn, out + m0 * ldo + n0, ldo);
+        fns[mr - 1][nr - 1](a + m0, g + n0, k0, kn, out + m0 * ldo + n0, ldo);
       }
     }
   }
