@@ -189,7 +189,12 @@ def _input_ids(dataset, what: str = "dataset") -> torch.Tensor:
     else:
         try:
             col = dataset["input_ids"]
-        except (KeyError, TypeError, IndexError):
+        except (
+            KeyError,
+            TypeError,
+            IndexError,
+            ValueError,
+        ):  # datasets >= 5: a missing column is a ValueError
             col = _item_column(dataset)
         if col is None:
             raise TypeError(
@@ -217,10 +222,16 @@ def _input_ids(dataset, what: str = "dataset") -> torch.Tensor:
 
 
 def _column(dataset, key: str):
-    """Column ``key`` of a dataset as a tensor (a column, or the items' entries), or None where it has none."""
+    """Column ``key`` of a dataset as a tensor (a column, or the items' entries), or None where it has none. A
+    dataset that lists its columns (a Hugging Face ``Dataset``'s ``column_names``) is asked for ``key`` only when it
+    lists it: a missing column is a ``KeyError`` in ``datasets`` < 5 and a ``ValueError`` from 5 on."""
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, Sequence) and not isinstance(names, str):
+        if key not in names:
+            return None
     try:
         col = dataset[key]
-    except (KeyError, TypeError, IndexError):
+    except (KeyError, TypeError, IndexError, ValueError):
         col = _item_column(dataset, key)
     if col is None or isinstance(col, str):
         return None
