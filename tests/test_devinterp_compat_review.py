@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from pypattern import devinterp as di
 from pypattern.models.transformer import Transformer, TransformerConfig
@@ -77,3 +78,51 @@ def test_v2_calls_read_a_dataset_whose_missing_column_is_a_value_error(cls):
     assert np.asarray(di.bif(model, ds, {"probe": ds}, **kw)["influences"]).ndim == 4
     with pytest.raises(TypeError, match="'input_ids' column"):
         di.sample(model, cls({"tokens": ids}), {}, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+def _opt_run(cls, gen_seed, positional=False, **kw):
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    opt = cls(m.parameters(), lr=1e-2, nbeta=5.0, **kw)
+    g = torch.Generator().manual_seed(gen_seed)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).pow(2).mean().backward()
+        opt.step(g) if positional else opt.step(noise_generator=g)
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("cls", ["SGLD", "SGNHT", "RMSpropSGLD"])
+def test_step_takes_devinterps_noise_generator(cls):
+    """devinterp's SGLD.step(noise_generator=...): the steps' noise comes from the generator; equal generator
+    states give equal trajectories, other states other ones, whatever the optimizer's own seed (which keys only
+    SGNHT's initial momenta)."""
+    from pypattern.devinterp import optim
+
+    c = getattr(optim, cls)
+    a = _opt_run(c, 5, seed=1)
+    torch.testing.assert_close(_opt_run(c, 5, seed=1), a, rtol=0, atol=0)
+    torch.testing.assert_close(_opt_run(c, 5, positional=True, seed=1), a, rtol=0, atol=0)
+    if cls != "SGNHT":
+        torch.testing.assert_close(_opt_run(c, 5, seed=2), a, rtol=0, atol=0)
+    assert not torch.equal(_opt_run(c, 6, seed=1), a)
+    with pytest.raises(TypeError, match="noise_generator must be a torch.Generator"):
+        c(nn.Linear(2, 2).parameters(), lr=1e-2).step(noise_generator=3)
+
+
+@pytest.mark.parametrize("cls", ["SGLD", "SGNHT", "RMSpropSGLD"])
+def test_param_groups_answer_devinterps_keys(cls):
+    from pypattern.devinterp import optim
+
+    opt = getattr(optim, cls)(nn.Linear(2, 2).parameters(), lr=1e-2, noise_level=0.5, bounding_box_size=2.0)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["noise_level"], g["bounding_box_size"]) == (1e-2, 0.5, 2.0)
+    assert "noise_level" in g and g.get("noise_level") == 0.5
+    g["noise_level"] = 0.25
+    assert g["noise_scale"] == 0.25 and g["noise_level"] == 0.25
+    g["bounding_box"] = 3.0
+    assert g["bounding_box_size"] == 3.0

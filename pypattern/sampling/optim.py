@@ -48,6 +48,19 @@ def group_seed(seed: int, group: int) -> int:
     return seed if group == 0 else chain_seed(seed, group, stream=2)
 
 
+def generator_key(noise_generator: torch.Generator | None) -> int | None:
+    """A noise key in ``[0, 2**63)`` drawn from ``noise_generator`` (devinterp's ``step(noise_generator=...)``),
+    advancing it; None without one."""
+    if noise_generator is None:
+        return None
+    if not isinstance(noise_generator, torch.Generator):
+        raise TypeError(f"noise_generator must be a torch.Generator, got {type(noise_generator).__name__}")
+    r = torch.randint(
+        0, 2**63 - 1, (1,), generator=noise_generator, dtype=torch.int64, device=noise_generator.device
+    )
+    return int(r.item())
+
+
 def op_kwargs(hyper: dict) -> dict:
     """The fused op's hyperparameter keywords from the optimizer's names (``lr``, ``noise_level``,
     ``bounding_box_size``, as devinterp names them): one mapping for the optimizer and the batched runner."""
@@ -331,13 +344,15 @@ def check_saved_state(
 
 
 class ParamGroup(dict):
-    """An :class:`SGLD` parameter group: it holds pypattern's names (``step_size``, ``nbeta``, ...), and reads and
-    writes ``"lr"`` (torch's and devinterp's name, what torch's learning-rate schedulers change) as
-    ``step_size``."""
+    """An :class:`SGLD` parameter group: it holds pypattern's names (``step_size``, ``nbeta``, ``noise_scale``,
+    ``bounding_box``, ...), and reads and writes devinterp's names of them as the same entries: ``"lr"`` (torch's
+    name too, what torch's learning-rate schedulers change) is ``step_size``, ``"noise_level"`` is
+    ``noise_scale``, ``"bounding_box_size"`` is ``bounding_box`` and ``"temperature"`` is ``nbeta``. An alias is
+    not a second copy: a value written under either name is read under both."""
 
     @staticmethod
     def _key(k):
-        return "step_size" if k == "lr" else k
+        return DEVINTERP_NAMES.get(k, k) if isinstance(k, str) else k
 
     def __getitem__(self, k):
         return super().__getitem__(self._key(k))
@@ -555,20 +570,33 @@ class SGLD(torch.optim.Optimizer):
         self.group_masks.append(gmask)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One SGLD step over all parameters (one fused-op call). Parameters without a gradient get a zero one."""
+    def step(self, closure=None, noise_generator: torch.Generator | None = None):
+        """One SGLD step over all parameters (one fused-op call). Parameters without a gradient get a zero one.
+
+        ``noise_generator`` (devinterp's argument; a ``torch.Generator`` given as the first positional argument,
+        as devinterp's ``step(noise_generator)`` takes it, is read as one): the step's noise comes from this
+        generator instead of the optimizer's ``(seed, step)`` key. The fused kernels draw counter-based Philox
+        noise, so the step draws one 63-bit key from the generator (advancing it) and keys its noise by it alone:
+        two optimizers stepped with generators in equal states take equal steps (not the values of
+        ``torch.normal(..., generator=noise_generator)``)."""
+        if isinstance(closure, torch.Generator):
+            if noise_generator is not None:
+                raise TypeError("step(): noise_generator is given both positionally and by keyword")
+            closure, noise_generator = None, closure
+        key = generator_key(noise_generator)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.sgld_step()
+        self.sgld_step(key=key)
         return loss
 
     @torch.no_grad()
-    def sgld_step(self) -> None:
+    def sgld_step(self, key: int | None = None) -> None:
         """The step itself, without ``torch.optim.Optimizer.step``'s hooks and profiler wrapper (the runner
         calls this directly: about 0.15 ms less per step). One fused-op call per parameter group; group ``k``
-        draws its noise with seed :func:`group_seed` ``(seed, k)``."""
+        draws its noise with seed :func:`group_seed` ``(seed, k)`` at op step ``num_steps``, or, given a ``key``
+        (:func:`generator_key`), with seed :func:`group_seed` ``(key, k)`` at op step 0."""
         for k, group in enumerate(self.param_groups):
             params = group["params"]
             if not params:
@@ -586,7 +614,11 @@ class SGLD(torch.optim.Optimizer):
                     raise ValueError(f"param group {k}: {e}") from None
                 self._checked[k] = values
             anchors = self.group_anchors[k]
-            kw.update(masks=self.group_masks[k], seed=group_seed(self.seed, k), step=self.num_steps)
+            kw.update(
+                masks=self.group_masks[k],
+                seed=group_seed(self.seed if key is None else key, k),
+                step=self.num_steps if key is None else 0,
+            )
             if self._validated:
                 if self._step_fn is None:
                     self._step_fn = resolve_step_fn(params[0].device, self.backend)

@@ -34,6 +34,7 @@ from .optim import (
     SGLD,
     ParamGroup,
     check_saved_state,
+    generator_key,
     group_options,
     group_seed,
     resolve_step_fn,
@@ -189,6 +190,7 @@ class _FusedSampler(torch.optim.Optimizer):
     """Shared parts: parameter groups of (optionally named) tensors, anchors ``w*``, masks, the step counter."""
 
     _op_name = ""
+    _noise_key: int | None = None  # a step's key drawn from a noise_generator (None: the (seed, step) key)
 
     def __init__(self, params, defaults: dict, *, restrict_to, masks, seed: int, backend: str | None):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -246,25 +248,34 @@ class _FusedSampler(torch.optim.Optimizer):
         }
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, noise_generator: torch.Generator | None = None):
         """One step of every parameter group (one fused-op call each). Parameters without a gradient get a zero
-        one."""
+        one. ``noise_generator``: the step's noise is keyed by one key drawn from it, as in :meth:`SGLD.step`."""
+        if isinstance(closure, torch.Generator):
+            if noise_generator is not None:
+                raise TypeError("step(): noise_generator is given both positionally and by keyword")
+            closure, noise_generator = None, closure
+        key = generator_key(noise_generator)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.sampler_step()
+        self.sampler_step(key=key)
         return loss
 
     @torch.no_grad()
-    def sampler_step(self) -> None:
+    def sampler_step(self, key: int | None = None) -> None:
         """The step itself, without ``torch.optim.Optimizer.step``'s hooks and profiler wrapper (the chain runner
-        calls this directly, as it calls :meth:`SGLD.sgld_step`)."""
+        calls this directly, as it calls :meth:`SGLD.sgld_step`); ``key`` as there."""
         for k, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group["params"]]
-            self._group_step(k, group, grads, validate=not self._validated)
+            self._noise_key = key
+            try:
+                self._group_step(k, group, grads, validate=not self._validated)
+            finally:
+                self._noise_key = None
         self._validated = True
         self.num_steps += 1
 
@@ -452,8 +463,8 @@ class SGNHT(_FusedSampler):
             group["thermostat"],
             diffusion_factor=group["diffusion_factor"],
             masks=self.masks[k],
-            seed=group_seed(self.seed, k),
-            step=self.num_steps,
+            seed=group_seed(self.seed if self._noise_key is None else self._noise_key, k),
+            step=self.num_steps if self._noise_key is None else 0,
             backend=self.backend,
             validate=validate,
             **self._common(group),
@@ -545,8 +556,8 @@ class RMSpropSGLD(_FusedSampler):
             alpha=group["alpha"],
             eps=group["eps"],
             masks=self.masks[k],
-            seed=group_seed(self.seed, k),
-            step=self.num_steps,
+            seed=group_seed(self.seed if self._noise_key is None else self._noise_key, k),
+            step=self.num_steps if self._noise_key is None else 0,
             backend=self.backend,
             validate=validate,
             **self._common(group),
