@@ -4,10 +4,13 @@ param-group keys, its result keys, dtypes and dims."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from pypattern import devinterp as di
 from pypattern.models.transformer import Transformer, TransformerConfig
@@ -126,3 +129,117 @@ def test_param_groups_answer_devinterps_keys(cls):
     assert g["noise_scale"] == 0.25 and g["noise_level"] == 0.25
     g["bounding_box"] = 3.0
     assert g["bounding_box_size"] == 3.0
+
+
+# ------------------------------------------------------------------------------------------------ 1.x callbacks
+
+
+def _regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 4, generator=g)
+    y = x[:, :1] - x[:, 1:2] + 0.1 * torch.randn(128, 1, generator=g)
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), DataLoader(
+        TensorDataset(x, y), batch_size=16, shuffle=True
+    )
+
+
+def _mse(model, data):
+    x, y = data
+    out = model(x)
+    return nn.functional.mse_loss(out, y), {"output": out}
+
+
+class _GradientNorm:
+    """devinterp 1.3.2's GradientNorm: reads the optimizer's param groups (``lr``) and the gradients."""
+
+    def __init__(self, C, D):
+        self.norms = torch.zeros(C, D)
+
+    def __call__(self, chain, draw, optimizer, **kwargs):
+        total = sum(
+            (p.grad * 0.5 * g["lr"]).square().sum() for g in optimizer.param_groups for p in g["params"]
+        )
+        self.norms[chain, draw] = total.sqrt()
+
+    def get_results(self):
+        return {"gradient_norm/trace": self.norms.numpy()}
+
+
+class _WeightNorm:
+    """devinterp 1.3.2's WeightNorm: a norm of the weights written into a tensor, read with .numpy() (devinterp
+    calls callbacks under no_grad)."""
+
+    def __init__(self, C, D):
+        self.norms = torch.zeros(C, D)
+
+    def __call__(self, chain, draw, model, **kwargs):
+        self.norms[chain, draw] = sum(p.square().sum() for p in model.parameters()).sqrt()
+
+    def get_results(self):
+        return {"weight_norm/trace": self.norms.numpy()}
+
+
+class _Locals:
+    """Reads devinterp's sample_single_chain locals by name."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, chain, draw, i, results, data, num_steps, grad_accum_steps, kwargs):
+        self.seen.append(
+            (chain, draw, i, results, len(data[0]), num_steps, grad_accum_steps, kwargs["init_loss"])
+        )
+
+    def get_results(self):
+        return {"seen": self.seen}
+
+
+class OnlineLLCEstimator:
+    """devinterp's own OnlineLLCEstimator (not pypattern's class): devinterp's sample() sets init_loss on it
+    before the run, and it reads it at every draw."""
+
+    def __init__(self, C, D, init_loss, nbeta):
+        self.init_loss, self.nbeta, self.llcs = init_loss, nbeta, np.zeros((C, D))
+
+    def __call__(self, chain, draw, loss, **kwargs):
+        self.llcs[chain, draw] = self.nbeta * (float(loss) - self.init_loss)
+
+    def get_results(self):
+        return {"llc/trace": self.llcs}
+
+
+def test_v1_callbacks_get_devinterps_locals_optimizer_and_gradients():
+    from pypattern.devinterp.slt.sampler import sample
+
+    model, loader = _regression()
+    C, D = 2, 4
+    kw = dict(
+        evaluate=_mse,
+        num_chains=C,
+        num_draws=D,
+        num_burnin_steps=2,
+        grad_accum_steps=2,
+        seed=0,
+        verbose=False,
+        optimizer_kwargs=dict(lr=1e-3, nbeta=10.0, localization=100.0),
+    )
+    gn, wn, loc, est = _GradientNorm(C, D), _WeightNorm(C, D), _Locals(), OnlineLLCEstimator(C, D, 0.0, 10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = sample(model, loader, callbacks=[gn, wn, loc, est], **kw)
+    assert (r["gradient_norm/trace"] > 0).all() and (r["weight_norm/trace"] > 0).all()
+    seen = r["seen"]
+    assert len(seen) == C * D
+    # i counts micro-batches: the draw after 2 burn-in steps of 2 micro-batches each is micro-batch 5
+    assert [s[2] for s in seen[:D]] == [5, 7, 9, 11]
+    assert all(isinstance(s[3], tuple) and s[3] for s in seen) or all(s[3] is None for s in seen)
+    assert {s[4] for s in seen} == {16} and {s[5] for s in seen} == {12} and {s[6] for s in seen} == {2}
+    init = seen[0][7]
+    assert est.init_loss == pytest.approx(init) and init > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = di.estimate_learning_coeff_with_summary(model, loader, online=True, **kw)
+    np.testing.assert_allclose(r["llc/trace"], base["llc/trace"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(AttributeError, match="not recorded by the fused samplers"):
+        getattr(di.SGLD(model.parameters(), lr=1e-3), "noise")  # noqa: B009 - the attribute read is the test

@@ -12,11 +12,21 @@ A devinterp 1.x script that builds its own estimator and hands it to ``sample`` 
            optimizer_kwargs=dict(lr=1e-4, nbeta=nbeta, localization=100.0))
     est.get_results()["llc/mean"]
 
-Callbacks are called at every draw (after burn-in, every ``num_steps_bw_draws`` steps) with devinterp's keywords:
-``chain``, ``draw``, ``loss`` (the draw's loss as a 0-d float32 tensor), ``model`` (the chain's weights) and
-``data`` (the batch), plus pypattern's ``step``, ``run``, ``batch``, ``observables`` and ``outputs``; a callback
-that declares only some of them gets those. devinterp's optimizer internals (``optimizer``, its MALA and noise
-metrics) are not passed. ``finalize()`` is called after the run.
+Callbacks are called at every draw (after burn-in, every ``num_steps_bw_draws`` steps) with the keywords devinterp
+1.3.2 hands them (the locals of its ``sample_single_chain``): ``chain``, ``draw``, ``loss`` (the draw's loss as a
+0-d float32 tensor), ``model`` (the chain's model, its parameters holding the step's gradient), ``data`` (the
+batch), ``optimizer`` (the chain's sampler: its ``param_groups`` hold ``params`` and ``lr``, so devinterp's
+``GradientNorm`` runs), ``i``, ``results`` and the run's settings (see :func:`_as_devinterp_callback`), plus
+pypattern's ``step``, ``run``, ``batch``, ``observables`` and ``outputs``; a callback that declares only some of
+them gets those. ``finalize()`` is called after the run. A run with callbacks other than :class:`LLCEstimator` /
+:class:`OnlineLLCEstimator` runs its chains one after another (``batched=False``), as devinterp does, so that
+``optimizer`` and the gradients are there.
+
+What differs from devinterp 1.3.2: a callback runs after the step's backward and before its update (devinterp:
+after the update, before ``zero_grad``), so ``model`` holds the draw's weights before the step and its gradient at
+them; ``data`` is the step's first micro-batch and ``results`` joins the step's micro-batches (devinterp: the last
+one); the samplers are fused, so devinterp's optimizer metrics (``optimizer.noise``, ``optimizer.dws``,
+``optimizer.localization_loss``: what ``NoiseNorm`` and ``MalaAcceptanceRate`` read) are not there.
 """
 
 from __future__ import annotations
@@ -189,35 +199,84 @@ class OnlineLLCEstimator(LLCEstimator):
         }
 
 
-_PASSED = ("chain", "run", "draw", "step", "loss", "batch", "observables", "outputs", "model")
+_PASSED = (
+    "chain",
+    "run",
+    "draw",
+    "step",
+    "loss",
+    "init_loss",
+    "batch",
+    "observables",
+    "outputs",
+    "model",
+    "optimizer",
+)
+# devinterp's sample() sets its L_n(w*) on the callbacks of these classes (its own or pypattern's) before the run
+_ESTIMATORS = ("LLCEstimator", "OnlineLLCEstimator")
+
+# devinterp 1.3.2's sample_single_chain locals that pypattern has no value for: handed as devinterp's empty ones
+_EMPTY_LOCALS = {"pbar": None, "optimizer_metrics": [], "kwargs": {}}
 
 
 def _as_devinterp_callback(cb: Callable) -> Callable:
-    """``cb`` called with devinterp 1.x's keywords (``loss`` a 0-d tensor, ``data`` the batch); it receives the
-    keywords it declares (all of them when it takes ``**kwargs``)."""
+    """``cb`` called as devinterp 1.3.2 calls it, with the locals of its ``sample_single_chain``
+    (``callback(**locals())``): ``chain``, ``draw``, ``loss`` (a 0-d float32 tensor; ``cumulative_loss`` too),
+    ``model`` (the chain's model, its parameters holding the step's gradient), ``data`` (the batch), ``optimizer``
+    (the chain's sampler), ``i`` (the micro-batch index, ``(step + 1) * grad_accum_steps - 1``), ``results`` (the
+    tensors ``evaluate`` returned after the loss, or None), and the run's settings under devinterp's names
+    (``ref_model``, ``loader``, ``evaluate``, ``optimizer_kwargs``, ``sampling_method``, ``num_draws``,
+    ``num_burnin_steps`` and ``num_steps_bw_draws`` in micro-batches, ``grad_accum_steps``, ``num_steps``,
+    ``device``, ``seed``, ``verbose``, ``use_amp``, ``callbacks``, ``optimize_over_per_model_param``), besides
+    pypattern's ``step``, ``run``, ``batch``, ``observables`` and ``outputs``. It receives the keywords it
+    declares (all of them when it takes ``**kwargs``). ``call.devinterp_locals`` holds the run's settings (filled
+    by the entry point before the run)."""
     try:
         params = inspect.signature(cb).parameters.values()
     except (TypeError, ValueError):
         params = None
     takes_all = params is None or any(p.kind == p.VAR_KEYWORD for p in params)
     wanted = None if takes_all else {p.name for p in params}
+    settings: dict[str, Any] = {}
+    foreign_estimator = type(cb).__name__ in _ESTIMATORS and not isinstance(cb, LLCEstimator)
+    given_init: list = []  # the init_loss handed to a foreign estimator (once per run)
 
     def call(**kw):
-        kw = dict(kw)
+        init_loss = kw.pop("init_loss", None)
+        if foreign_estimator and init_loss is not None and given_init != [init_loss]:
+            # devinterp's own LLCEstimator / OnlineLLCEstimator (the online one reads init_loss at every draw)
+            cb.init_loss = float(init_loss)
+            given_init[:] = [init_loss]
+        kw = {**_EMPTY_LOCALS, **settings, **kw, "kwargs": {"init_loss": init_loss}}
         kw["loss"] = torch.tensor(kw["loss"], dtype=torch.float32)
+        kw["cumulative_loss"] = kw["loss"]
         kw["data"] = kw.get("batch")
-        cb(**(kw if wanted is None else {k: v for k, v in kw.items() if k in wanted}))
+        accum = int(settings.get("grad_accum_steps", 1))
+        kw["i"] = (int(kw["step"]) + 1) * accum - 1
+        outs = kw.get("outputs") or ()
+        kw["results"] = tuple(outs) if outs else None
+        seed = settings.get("seed")
+        if isinstance(seed, list | tuple):
+            kw["seed"] = seed[kw["chain"] % len(seed)]
+        if "optimizer" not in kw and (wanted is not None and "optimizer" in wanted):
+            raise RuntimeError(
+                f"callback {getattr(cb, '__qualname__', type(cb).__name__)} reads optimizer, which only chains run "
+                "one after another hand it: leave batched unset (or False)"
+            )
+        with torch.no_grad():  # as devinterp calls its callbacks
+            cb(**(kw if wanted is None else {k: v for k, v in kw.items() if k in wanted}))
 
     # the keywords the sampler must provide (it builds the chain's model only for callbacks that read it)
-    need = set(_PASSED) if wanted is None else {k for k in _PASSED if k in wanted} | {"loss"}
-    if wanted is not None and "data" in wanted:
-        need.add("batch")
+    need = set(_PASSED)
+    if wanted is not None and "model" not in wanted:
+        need.discard("model")
     call.__signature__ = inspect.Signature(
         [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in sorted(need)]
     )
     call.finalize = getattr(cb, "finalize", None)
     call.get_results = getattr(cb, "get_results", None)
     call.inner = cb
+    call.devinterp_locals = settings
     return call
 
 

@@ -217,9 +217,11 @@ class RunContext:
         batch,
         precomputed: Mapping | None = None,
         outputs: tuple = (),
+        optimizer: Any = None,
     ) -> None:
         """Record chain ``g``'s draw ``d``: its loss, its observables (those not already in ``precomputed``,
-        evaluated on ``model_view()``) and the callbacks (``outputs``: the loss function's other returned tensors)."""
+        evaluated on ``model_view()``) and the callbacks (``outputs``: the loss function's other returned tensors;
+        ``optimizer``: the chain's sampler, handed to the callbacks when given)."""
         plan, st = self.plan, self.state
         st.loss[g, d] = loss
         if d == plan.num_draws - 1:
@@ -247,7 +249,10 @@ class RunContext:
             batch=batch,
             observables=obs_vals,
             outputs=outputs,
+            init_loss=self.init_loss,
         )
+        if optimizer is not None:
+            args["optimizer"] = optimizer
         for cb, keys in self.cb_keys:
             if keys is None or "model" in keys:
                 view = model_view() if view is None else view

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .diagnostics import ess, r_hat
+from .optim import SGLD
 from .results import LLCResult, SampleResult
 from .runner import sample
 from .samplers import sampler_name
@@ -498,6 +499,37 @@ def estimate_learning_coeff_with_summary(
 
     # called with devinterp's keywords (the loss a 0-d tensor, ``data``), unless sample() already wrapped them
     callbacks = list(callbacks) if wrapped else devinterp_callbacks(callbacks)
+    from ..devinterp.v1 import LLCEstimator
+
+    # devinterp's sample_single_chain locals, which it hands every callback
+    accum = int(grad_accum_steps)
+    settings = dict(
+        ref_model=model,
+        loader=loader,
+        evaluate=kw["loss_fn"],
+        optimizer_kwargs={**dict(optimizer_kwargs or {}), "nbeta": kw["optimizer_kwargs"]["nbeta"]},
+        sampling_method=sampling_method if sampling_method is not None else SGLD,
+        num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps * accum,
+        num_steps_bw_draws=num_steps_bw_draws * accum,
+        grad_accum_steps=accum,
+        num_steps=(num_draws * num_steps_bw_draws + num_burnin_steps) * accum,
+        device=resolve_device(device, model),
+        seed=kw["seed"],
+        verbose=verbose,
+        use_amp=use_amp,
+        callbacks=[getattr(cb, "inner", cb) for cb in callbacks],
+        optimize_over_per_model_param=optimize_over_per_model_param,
+    )
+    for cb in callbacks:
+        if isinstance(getattr(cb, "devinterp_locals", None), dict):
+            cb.devinterp_locals.update(settings)
+    # callbacks beyond the LLC estimators may read the chain's optimizer and gradients: the chains run one after
+    # another, as devinterp runs them (unless batched is given)
+    if kw.get("batched") is None and any(
+        not isinstance(getattr(cb, "inner", cb), LLCEstimator) for cb in callbacks
+    ):
+        kw["batched"] = False
     res = estimate_llc(
         model,
         loader,
@@ -519,8 +551,6 @@ def estimate_learning_coeff_with_summary(
             "llc/trace": res.llc_trace.astype(np.float32),
             "loss/trace": res.loss_trace.astype(np.float32),
         }
-    from ..devinterp.v1 import LLCEstimator
-
     trace = np.asarray(res.loss_trace, dtype=np.float32)
     for cb in callbacks:
         inner = getattr(cb, "inner", cb)

@@ -343,6 +343,14 @@ def check_saved_state(
             raise type(e)(f"{owner}.load_state_dict: the saved {e}") from None
 
 
+def _no_metric(opt, name: str):
+    raise AttributeError(
+        f"{type(opt).__name__}.{name}: devinterp's per-step optimizer metrics (the noise, the MALA terms dws and "
+        "localization_loss) are not recorded by the fused samplers; devinterp's NoiseNorm and MalaAcceptanceRate "
+        "callbacks cannot run on pypattern"
+    )
+
+
 class ParamGroup(dict):
     """An :class:`SGLD` parameter group: it holds pypattern's names (``step_size``, ``nbeta``, ``noise_scale``,
     ``bounding_box``, ...), and reads and writes devinterp's names of them as the same entries: ``"lr"`` (torch's
@@ -528,6 +536,11 @@ class SGLD(torch.optim.Optimizer):
         self.num_steps = 0
         self._validated = False
         self._step_fn = None
+
+    # devinterp 1.x's per-step optimizer metrics (read by its NoiseNorm and MalaAcceptanceRate callbacks)
+    noise = property(lambda self: _no_metric(self, "noise"))
+    dws = property(lambda self: _no_metric(self, "dws"))
+    localization_loss = property(lambda self: _no_metric(self, "localization_loss"))
 
     # the first group's names, anchors and masks: the one group of the chain runners, which set its anchors
     @property

@@ -177,12 +177,16 @@ def sample(
         one that does not run under vmap is evaluated chain by chain.
     callbacks : sequence of callable
         Called at every draw with the keyword arguments they accept among ``chain``, ``run``, ``draw``,
-        ``step``, ``loss`` (float), ``model`` (the chain's model), ``batch``, ``observables`` (dict) and
+        ``step``, ``loss`` (float), ``init_loss`` (the run's ``L_n(w*)``, float), ``model`` (the chain's model),
+        ``batch``, ``observables`` (dict) and
         ``outputs`` (the tensors ``loss_fn`` returned after the loss, detached: a loss function returning
         ``(loss, per_sample_losses)`` hands the per-sample losses of the draw's forward to the callbacks without
         a second forward; with ``grad_accum_steps > 1`` each is joined over the step's micro-batches, concatenated
         along its first dimension, stacked when it has none, or a list of the micro-batches' tensors when their
-        other dimensions differ). ``batch`` is the step's first micro-batch.
+        other dimensions differ). ``batch`` is the step's first micro-batch. Chains run one after another
+        (``batched=False``) also hand ``optimizer``, the chain's sampler (:class:`SGLD`, :class:`SGNHT` or
+        :class:`RMSpropSGLD`), and their ``model``'s parameters hold the step's gradient: a callback runs after
+        the step's backward, before its update.
         Stream values into accumulators here. An exception raised by a callback stops the
         run (a checkpoint keeps finished draws). A callback with a ``reset()`` method lets a run at a calibrated
         step (``step_size="auto"``) that ran away start over at half the step (``reset()`` is called first).

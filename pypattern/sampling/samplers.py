@@ -191,6 +191,11 @@ class _FusedSampler(torch.optim.Optimizer):
 
     _op_name = ""
     _noise_key: int | None = None  # a step's key drawn from a noise_generator (None: the (seed, step) key)
+    noise, dws, localization_loss = (
+        SGLD.noise,
+        SGLD.dws,
+        SGLD.localization_loss,
+    )  # devinterp's metrics: refused
 
     def __init__(self, params, defaults: dict, *, restrict_to, masks, seed: int, backend: str | None):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:

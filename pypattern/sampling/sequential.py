@@ -115,7 +115,16 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
             ctx.check_runaway(g, t, lv)
             d = plan.is_draw(t)
             if d >= 0:
-                ctx.at_draw(g, d, t, lv, lambda: work, batch, outputs=join_outputs(extras) if extras else ())
+                ctx.at_draw(
+                    g,
+                    d,
+                    t,
+                    lv,
+                    lambda: work,
+                    batch,
+                    outputs=join_outputs(extras) if extras else (),
+                    optimizer=opt,
+                )
             try:
                 take_step()
             except FloatingPointError as e:
