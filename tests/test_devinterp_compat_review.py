@@ -243,3 +243,46 @@ def test_v1_callbacks_get_devinterps_locals_optimizer_and_gradients():
     np.testing.assert_allclose(r["llc/trace"], base["llc/trace"], rtol=1e-4, atol=1e-5)
     with pytest.raises(AttributeError, match="not recorded by the fused samplers"):
         getattr(di.SGLD(model.parameters(), lr=1e-3), "noise")  # noqa: B009 - the attribute read is the test
+
+
+# ------------------------------------------------------------------------------------------------ 1.x evaluate
+
+
+class _SelfLoss(nn.Module):
+    """A model that takes devinterp's whole batch and returns its loss (what devinterp 1.3's default evaluate,
+    ``model(data)``, needs)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, batch):
+        x, y = batch
+        return nn.functional.l1_loss(self.inner(x), y)
+
+
+@pytest.mark.parametrize("entry", ["summary", "sample"])
+def test_v1_default_evaluate_is_the_models_own_loss_on_pairs(entry):
+    from pypattern.devinterp.slt.llc import LLCEstimator
+    from pypattern.devinterp.slt.sampler import sample
+
+    inner, loader = _regression()
+    model = _SelfLoss(inner)
+    kw = dict(num_chains=2, num_draws=4, seed=0, verbose=False, optimizer_kwargs=dict(lr=1e-3, nbeta=10.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = di.estimate_learning_coeff_with_summary(model, loader, evaluate=lambda m, b: m(b), **kw)
+        if entry == "summary":
+            got = di.estimate_learning_coeff_with_summary(model, loader, **kw)
+        else:
+            got = sample(model, loader, [LLCEstimator(2, 4, 0.0, nbeta=10.0)], **kw)
+    np.testing.assert_array_equal(got["loss/trace"], want["loss/trace"])
+    assert got["llc/mean"] == pytest.approx(want["llc/mean"], rel=1e-12)
+    # a model that does not take the pair: the library's loss (MSE of model(x) for float y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mse = di.estimate_learning_coeff_with_summary(inner, loader, **kw)
+        ref = di.estimate_learning_coeff_with_summary(
+            inner, loader, evaluate=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), **kw
+        )
+    np.testing.assert_array_equal(mse["loss/trace"], ref["loss/trace"])

@@ -223,12 +223,43 @@ def criterion_evaluate(criterion: Callable) -> Callable:
     return evaluate
 
 
+# (model class, batch kind) -> whether model(batch) returned the loss: decided at the first batch of that kind
+_MODEL_RETURNS_LOSS: dict[tuple[type, str], bool] = {}
+
+
+def _loss_of(out):
+    """The loss in what ``model(batch)`` returned, by devinterp's ``split_results`` (a dict's ``"loss"``, a
+    tuple's first element, a tensor, an object's ``.loss``), when it is one number; else None."""
+    if isinstance(out, Mapping):
+        loss = out.get("loss")
+    elif isinstance(out, tuple | list):
+        loss = out[0] if out else None
+    elif isinstance(out, torch.Tensor):
+        loss = out
+    else:
+        loss = getattr(out, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _batch_kind(data) -> str:
+    if isinstance(data, torch.Tensor):
+        return "tensor"
+    if isinstance(data, tuple | list):
+        return f"sequence{len(data)}"
+    if isinstance(data, Mapping):
+        return "mapping"
+    return "other"
+
+
 def _default_evaluate(model, data):
-    """devinterp 1.3's default ``evaluate``, ``model(data)`` (a model that returns its loss, or an object with
-    ``.loss``), for batches the library's one rule does not read; the batches it reads (token tensors, a
+    """devinterp 1.3's default ``evaluate``: ``model(data)``, whose loss (one number: the output itself, a tuple's
+    first element, a dict's ``"loss"`` or an object's ``.loss``) is the batch's loss. Where ``model(data)`` fails
+    or returns something else (logits), batches the library's one rule reads (token tensors, a
     ``DataLoader(TensorDataset(tokens))``'s one-element batches, Hugging Face dicts with ``input_ids``, ``(x, y)``
     pairs) get its loss (:func:`pypattern.losses.batch_loss`: next-token cross-entropy over the counted tokens;
-    cross-entropy for integer ``y``, else the mean squared error)."""
+    cross-entropy of ``model(x)`` for integer ``y``, else the mean squared error), and other batches raise
+    ``model(data)``'s error. Which of the two applies is decided at the first batch of each kind for each model
+    class (one extra forward)."""
     tokens = isinstance(data, torch.Tensor) and not (data.is_floating_point() or data.is_complex())
     if isinstance(data, torch.Tensor) and not tokens:
         from ..losses import vocab_size
@@ -239,24 +270,40 @@ def _default_evaluate(model, data):
                 "integer token ids; give integer ids (or pass evaluate(model, batch))"
             )
     one = isinstance(data, tuple | list) and len(data) == 1 and isinstance(data[0], torch.Tensor)
-    if (
+    library = (
         tokens
         or one
         or (isinstance(data, tuple | list) and len(data) == 2)
         or (isinstance(data, Mapping) and "input_ids" in data)
-    ):
+    )
+    if library:
         from .runner import default_loss_fn
 
-        return default_loss_fn(model, data)
+        key = (type(model), _batch_kind(data))
+        decided = _MODEL_RETURNS_LOSS.get(key)
+        if decided is False:
+            return default_loss_fn(model, data)
+        if decided is None:
+            try:
+                out = model(data)
+            except Exception as e:  # noqa: BLE001 - devinterp's call failed: the library's loss, else this error
+                try:
+                    loss = default_loss_fn(model, data)
+                except Exception:  # noqa: BLE001 - neither reads the batch: devinterp's error stands
+                    raise e from None
+                _MODEL_RETURNS_LOSS[key] = False
+                return loss
+            if _loss_of(out) is None:
+                _MODEL_RETURNS_LOSS[key] = False
+                return default_loss_fn(model, data)
+            _MODEL_RETURNS_LOSS[key] = True
+            return out
     out = model(data)
-    loss = out.loss if hasattr(out, "loss") else out[0] if isinstance(out, tuple | list) else out
-    if isinstance(out, Mapping):
-        loss = out.get("loss")
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+    if _loss_of(out) is None:
         raise TypeError(
             "evaluate not given: devinterp's default evaluate is model(batch), which must return the loss (a "
-            f"scalar, a tuple or dict with it, or an object with .loss); got {getattr(loss, 'shape', type(loss))}"
-            ". Pass evaluate(model, batch) or criterion(outputs, targets)"
+            "scalar, a tuple or dict with it, or an object with .loss); got "
+            f"{getattr(out, 'shape', type(out).__name__)}. Pass evaluate(model, batch) or criterion(outputs, targets)"
         )
     return out
 
@@ -424,7 +471,9 @@ def estimate_learning_coeff_with_summary(
         and one with ``get_results()`` adds its dict to the summary (devinterp's contract).
     evaluate : callable(model, batch) -> loss, optional
         The loss, or a tuple (loss first), a dict with ``"loss"`` or an object with ``.loss``. Default (as in
-        devinterp 1.3): ``model(batch)``; ``(x, y)`` batches get cross-entropy (integer ``y``) or MSE.
+        devinterp 1.3): ``model(batch)`` when it returns the loss; where it fails or returns logits, token batches
+        and dicts with ``input_ids`` get the next-token cross-entropy and ``(x, y)`` batches cross-entropy of
+        ``model(x)`` (integer ``y``) or MSE.
     criterion : callable(outputs, targets) -> loss, optional
         devinterp 0.x's loss module (e.g. ``nn.CrossEntropyLoss()``): ``evaluate = criterion(model(x), y)`` on
         ``(x, y)`` batches. Give ``evaluate`` or ``criterion``, not both.
@@ -472,9 +521,9 @@ def estimate_learning_coeff_with_summary(
     wrapped = kwargs.pop("_wrapped_callbacks", False)  # from pypattern.devinterp.v1.sample
     if evaluate is None and criterion is None:
         warnings.warn(
-            "evaluate not given: token batches and dicts with input_ids get the next-token cross-entropy over "
-            "their counted tokens, (x, y) batches cross-entropy (integer y) or MSE, other batches model(batch) "
-            "as the loss (devinterp's default)",
+            "evaluate not given: the loss is model(batch) when the model returns one (devinterp's default); "
+            "otherwise token batches and dicts with input_ids get the next-token cross-entropy over their counted "
+            "tokens, (x, y) batches cross-entropy of model(x) (integer y) or MSE",
             stacklevel=2 + wrapped,
         )
     model, kw = _devinterp_kwargs(
