@@ -286,3 +286,16 @@ def test_v1_default_evaluate_is_the_models_own_loss_on_pairs(entry):
             inner, loader, evaluate=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), **kw
         )
     np.testing.assert_array_equal(mse["loss/trace"], ref["loss/trace"])
+
+
+def test_v1_summary_has_exactly_devinterps_keys():
+    model, loader = _regression()
+    kw = dict(evaluate=_mse, num_chains=3, num_draws=4, seed=0, verbose=False)
+    kw["optimizer_kwargs"] = dict(lr=1e-3, nbeta=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = di.estimate_learning_coeff_with_summary(model, loader, **kw)
+        on = di.estimate_learning_coeff_with_summary(model, loader, online=True, **kw)
+    assert set(out) == {"llc/mean", "llc/std", "llc-chain/0", "llc-chain/1", "llc-chain/2", "loss/trace"}
+    assert set(on) == {"init_loss", "llc/means", "llc/stds", "llc/trace", "loss/trace"}
+    assert out["loss/trace"].dtype == np.float32 and out["loss/trace"].shape == (3, 4)

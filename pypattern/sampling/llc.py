@@ -512,8 +512,9 @@ def estimate_learning_coeff_with_summary(
     Returns
     -------
     dict
-        ``{"llc/mean", "llc/std" (over chains, ddof=1), "llc-chain/<i>", "loss/trace" (num_chains, num_draws),
-        "llc/trace", "init_loss"}``; with ``online=True`` devinterp's online keys ``{"init_loss", "llc/means"
+        devinterp 1.3.2's keys: ``{"llc/mean", "llc/std" (over chains, ddof=1), "llc-chain/<i>", "loss/trace"
+        (num_chains, num_draws)}`` (:meth:`LLCResult.to_devinterp` of :func:`estimate_llc` adds ``llc/trace`` and
+        ``init_loss``); with ``online=True`` devinterp's online keys ``{"init_loss", "llc/means"
         (num_draws,), "llc/stds" (num_draws,), "llc/trace" (num_chains, num_draws), "loss/trace"}``: the
         per-draw ``nbeta * (loss - init_loss)`` of each chain, and its mean and standard deviation (ddof=1)
         over chains at each draw.
@@ -590,8 +591,8 @@ def estimate_learning_coeff_with_summary(
         init_loss=init_loss if init_loss else None,  # devinterp recomputes a falsy init_loss
         **kw,
     )
-    if not online:
-        out = res.to_devinterp()
+    if not online:  # devinterp 1.3.2's LLCEstimator keys, no others
+        out = {k: v for k, v in res.to_devinterp().items() if k not in ("init_loss", "llc/trace")}
     else:
         out = {
             "init_loss": float(res.init_loss),
