@@ -299,3 +299,36 @@ def test_v1_summary_has_exactly_devinterps_keys():
     assert set(out) == {"llc/mean", "llc/std", "llc-chain/0", "llc-chain/1", "llc-chain/2", "loss/trace"}
     assert set(on) == {"init_loss", "llc/means", "llc/stds", "llc/trace", "loss/trace"}
     assert out["loss/trace"].dtype == np.float32 and out["loss/trace"].shape == (3, 4)
+
+
+# ------------------------------------------------------------------------------------------------ 2.x results
+
+
+def test_v2_results_keys_dtypes_dims_and_the_susceptibilities_tree():
+    import pickle
+
+    model, ids = _transformer(), _tokens()
+    kw = dict(lr=1e-3, n_beta=5.0, localization=50.0, **SET2)
+    r = di.llc(model, ids, {}, **kw)
+    assert set(r) == {"llc_mean", "llc_std", "llc_per_chain", "llc_scalar", "loss_trace", "init_loss"}
+    assert set(r.keys()) == set(dict(r)) == set(r) and not any(k.startswith("_") for k in r)
+    for k in ("llc_mean", "llc_std", "llc_per_chain", "loss_trace"):
+        assert r[k].dtype == np.float32, k
+    assert r["llc_per_chain"].dims == ("chain",) and r.dims["loss_trace"] == ("chain", "step")
+    back = pickle.loads(pickle.dumps(r))
+    assert back.dims == r.dims and set(back) == set(r)
+
+    samples = di.sample(model, ids, {"probe": ids[:24]}, **kw)
+    assert not any(k.startswith("_") for k in samples)
+    b = di.compute_bif(samples)
+    assert set(b) == {"influences", "input_ids"}
+    assert b["input_ids"].dims == ("batch", "position")
+
+    s = di.compute_susceptibilities({"full": samples, "l0": samples}, "probe", include_sampling_task=True)
+    assert set(s) == {"susceptibilities", "context"}
+    assert s["/susceptibilities/sus"].dims == ("sus_flat", "wr")
+    np.testing.assert_array_equal(s["sus"], s["susceptibilities"]["sus"])  # the flat names read through
+    np.testing.assert_array_equal(s["input_ids"], s["/context/input_ids"])
+    np.testing.assert_array_equal(s["ctx_batch"], s["context"]["batch"])
+    assert s["dataset_id_to_name"] == ["probe"] == s["susceptibilities"].attrs["dataset_id_to_name"]
+    assert "sus" in s and "/context/position" in s and "nothing" not in s

@@ -135,34 +135,87 @@ class DevinterpResult(dict):
     with xarray's ``.values``, ``.to_numpy()`` and ``.dims``), so ``float(res["llc_mean"])``,
     ``res["llc_per_chain"].values`` and ``res.init_loss.item()`` read as they do on devinterp's xarray results.
     ``dims`` names each array's axes as devinterp does; ``attrs`` holds devinterp's attributes; ``dataset`` is
-    the result itself (devinterp's ``DataTree.dataset``)."""
+    the result itself (devinterp's ``DataTree.dataset``). A tree (the susceptibilities) holds its children as
+    entries, read by name or by path (``res["/susceptibilities/sus"]``). ``_dims`` and ``_attrs`` given to the
+    constructor are kept as ``dims`` and ``attrs``, not as entries."""
+
+    def __init__(self, *args, _dims=None, _attrs=None, _aliases=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dims_ = dict(_dims or {})
+        self._attrs_ = dict(_attrs or {})
+        self._aliases_ = dict(_aliases or {})  # hidden names: key -> path of an entry of a child
+
+    def __setitem__(self, key, value):
+        if key == "_dims":
+            self._dims_ = dict(value)
+        elif key == "_attrs":
+            self._attrs_ = dict(value)
+        else:
+            super().__setitem__(key, value)
+
+    def _lookup(self, key):
+        if isinstance(key, str) and key.startswith("/"):
+            node = self
+            for part in [p for p in key.split("/") if p]:
+                node = node[part]
+            return node, None
+        if dict.__contains__(self, key):
+            v = super().__getitem__(key)
+            return v, self.__dict__.get("_dims_", {}).get(key, ())
+        alias = self.__dict__.get("_aliases_", {}).get(key)
+        if alias is not None:  # "/child/name", or "/child#attr" for an attribute of a child
+            path, _, attr = alias.partition("#")
+            return (self[path].attrs[attr] if attr else self[path]), None
+        raise KeyError(key)
 
     def __getitem__(self, key):
-        v = super().__getitem__(key)
+        v, dims = self._lookup(key)
+        if isinstance(v, Variable):
+            return v
         plain = isinstance(v, np.ndarray | float | int | np.number) and not isinstance(v, bool)
-        if plain and isinstance(key, str) and not key.startswith("_"):
-            return Variable(v, self.get("_dims", {}).get(key, ()))
+        if plain and dims is not None:
+            return Variable(v, dims)
         return v
 
+    def __contains__(self, key):
+        try:
+            self._lookup(key)
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
     def __getattr__(self, name: str):
-        if name.startswith("__"):
+        if name.startswith("_"):
             raise AttributeError(name)
         try:
             return self[name]
         except KeyError:
             raise AttributeError(f"no result {name!r}; results are {sorted(self)}") from None
 
+    def __reduce__(self):
+        return (
+            _rebuild_result,
+            (dict(dict.items(self)), self._dims_, self._attrs_, self._aliases_),
+        )
+
     @property
     def dims(self) -> dict[str, tuple[str, ...]]:
-        return dict(self.get("_dims", {}))
+        return dict(self._dims_)
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.get("_attrs", {}))
+        return dict(self._attrs_)
 
     @property
     def dataset(self) -> DevinterpResult:
         return self
+
+
+def _rebuild_result(items, dims, attrs, aliases) -> DevinterpResult:
+    return DevinterpResult(items, _dims=dims, _attrs=attrs, _aliases=aliases)
 
 
 # ------------------------------------------------------------------------------------------------ data and losses
@@ -749,7 +802,7 @@ def sample(
         out[f"input_ids_{o}"] = obs[o].cpu().numpy()
         dims[f"loss_{o}"] = ("chain", "draw", f"batch_{o}", "token_pos")
         dims[f"input_ids_{o}"] = (f"batch_{o}", "token")
-    out["_dims"] = dims
+    out._dims_ = dims
     return out
 
 
@@ -771,12 +824,13 @@ def compute_llc(samples: Mapping[str, Any]) -> DevinterpResult:
     init = float(np.mean(samples["init_loss"]))
     trace = micro.mean(axis=(2, 3))
     per_chain = n_beta * (trace.mean(axis=1) - init)
+    # float32 as devinterp's (its means over float32 losses); llc_scalar and init_loss are Python floats there
     return DevinterpResult(
-        llc_mean=float(per_chain.mean()),
-        llc_std=float(per_chain.std()),
-        llc_per_chain=per_chain,
+        llc_mean=np.float32(per_chain.mean()),
+        llc_std=np.float32(per_chain.std()),
+        llc_per_chain=per_chain.astype(np.float32),
         llc_scalar=n_beta * (float(micro.mean()) - init),
-        loss_trace=trace,
+        loss_trace=trace.astype(np.float32),
         init_loss=init,
         _dims={"llc_per_chain": ("chain",), "loss_trace": ("chain", "step")},
     )
@@ -836,10 +890,13 @@ def susceptibilities(
     Returns
     -------
     DevinterpResult
-        ``sus`` (sus_flat, wr) with coordinates ``dataset_id``, ``batch``, ``target_position`` (sus_flat,) and
-        ``wr`` (the restriction names, "full" excluded); ``input_ids`` (ctx_flat,) with ``ctx_dataset_id``,
-        ``ctx_batch``, ``position``; ``dataset_id_to_name`` (observable ids, sorted); ``samples`` (each
-        restriction's :func:`sample` result).
+        devinterp's tree: ``susceptibilities`` (``sus`` (sus_flat, wr) with coordinates ``dataset_id``,
+        ``batch``, ``target_position`` (sus_flat,) and ``wr``, the restriction names, "full" excluded; its
+        ``attrs["dataset_id_to_name"]`` the observable ids, sorted) and ``context`` (``input_ids`` (ctx_flat,)
+        with ``dataset_id``, ``batch``, ``position``), read by name or path (``r["/susceptibilities/sus"]``);
+        ``samples`` (each restriction's :func:`sample` result). The flat names ``sus``, ``wr``, ``dataset_id``,
+        ``batch``, ``target_position``, ``input_ids``, ``ctx_dataset_id``, ``ctx_batch``, ``position`` and
+        ``dataset_id_to_name`` read through to the children (they are not keys).
     """
     if "full" not in weight_restrictions:
         raise ValueError("weight_restrictions must include a 'full' key (use None for the full model)")
@@ -927,16 +984,16 @@ def compute_susceptibilities(
         _dims={k: ("ctx_flat",) for k in ("input_ids", "dataset_id", "batch", "position")},
         _attrs={"dataset_id_to_name": list(obs_ids)},
     )
-    return DevinterpResult(
-        sus=sus,
-        wr=wrs,
-        dataset_id_to_name=obs_ids,
-        **coords,
-        **ctx,
-        susceptibilities=tree_sus,
-        context=tree_ctx,
-        _dims={"sus": ("sus_flat", "wr"), "input_ids": ("ctx_flat",)},
+    # devinterp's DataTree: the children 'susceptibilities' and 'context'; the flat names read through to them
+    aliases = {k: f"/susceptibilities/{k}" for k in ("sus", "wr", *coords)}
+    aliases.update(
+        input_ids="/context/input_ids",
+        ctx_dataset_id="/context/dataset_id",
+        ctx_batch="/context/batch",
+        position="/context/position",
     )
+    aliases["dataset_id_to_name"] = "/susceptibilities#dataset_id_to_name"
+    return DevinterpResult(susceptibilities=tree_sus, context=tree_ctx, _aliases=aliases)
 
 
 # ------------------------------------------------------------------------------------------------ bif
@@ -1024,7 +1081,11 @@ def compute_bif(
         sel.append(idx.astype(np.int64))
     m = m[sel[0]][:, sel[1]]
     dims = ("batch_1", "batch_2") + (("target_position", "target_position_T") if m.ndim == 4 else ())
-    return DevinterpResult(influences=m.astype(np.float32), input_ids=ids, _dims={"influences": dims})
+    return DevinterpResult(
+        influences=m.astype(np.float32),
+        input_ids=ids,
+        _dims={"influences": dims, "input_ids": ("batch", "position")},
+    )
 
 
 def bif(
