@@ -332,3 +332,15 @@ def test_v2_results_keys_dtypes_dims_and_the_susceptibilities_tree():
     np.testing.assert_array_equal(s["ctx_batch"], s["context"]["batch"])
     assert s["dataset_id_to_name"] == ["probe"] == s["susceptibilities"].attrs["dataset_id_to_name"]
     assert "sus" in s and "/context/position" in s and "nothing" not in s
+
+
+def test_v2_unembed_restriction_of_a_tied_model_is_empty():
+    """devinterp selects 'unembed' among named_parameters(), where GPT-2's tied lm_head.weight is not listed."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    tied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    assert di.create_param_masks(tied, "unembed") == {}
+    assert di.create_param_masks(tied, "embed") == {"transformer.wte.weight": None}
+    untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg, tie_word_embeddings=False))
+    assert di.create_param_masks(untied, "unembed") == {"lm_head.weight": None}
+    assert set(di.create_param_masks(_transformer(), "unembed")) == {"unembed.W_U", "unembed.b_U"}

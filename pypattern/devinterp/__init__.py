@@ -431,7 +431,8 @@ def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> di
         query, key, value and output weights and the query/key/value biases; under grouped-query attention the
         key/value slices are those of its group's shared key/value head, as in devinterp); ``"l{L}g{G}"`` (the
         query heads of key/value group ``G`` with their shared key/value head); ``"l{L} attn"``, ``"l{L} mlp"``,
-        ``"l{L}"`` (every parameter of the layer); ``"embed"``; ``"unembed"``; a parameter name; or a list of
+        ``"l{L}"`` (every parameter of the layer); ``"embed"``; ``"unembed"`` (nothing, ``{}``, when the
+        unembedding is tied to the embedding, as in devinterp); a parameter name; or a list of
         these (their union; ``"full"`` cannot be combined).
 
     Returns
@@ -461,8 +462,13 @@ def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> di
     if r == "full":
         return {n: None for n in params}
     low = r.lower()
-    if low in ("embed", "unembed"):
+    if low == "embed":
         return _whole(component_masks(model, low))
+    if low == "unembed":
+        # devinterp selects the unembedding among model.named_parameters(), which lists a weight tied to the
+        # embedding under the embedding's name only: a tied unembedding selects nothing
+        embed = component_masks(model, "embed")
+        return {n: m for n, m in _whole(component_masks(model, low)).items() if n not in embed}
     m = re.fullmatch(r"l(\d+)\s*([hg])(\d+)", low)
     layers, n_heads, n_kv = _n_heads(model)
     if m:
