@@ -344,3 +344,27 @@ def test_v2_unembed_restriction_of_a_tied_model_is_empty():
     untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg, tie_word_embeddings=False))
     assert di.create_param_masks(untied, "unembed") == {"lm_head.weight": None}
     assert set(di.create_param_masks(_transformer(), "unembed")) == {"unembed.W_U", "unembed.b_U"}
+
+
+def test_v2_sample_metadata_in_attrs_with_devinterps_config_keys():
+    model, ids = _transformer(), _tokens()
+    r = di.sample(model, ids, {"probe": ids[:24]}, lr=1e-3, n_beta=5.0, **SET2)
+    md = r.attrs["metadata"]
+    assert md == r.metadata
+    cfg = md["config"]
+    sampler = cfg["sampler"]
+    for k, v in dict(
+        epoch_mode="cycle",
+        init_noise=None,
+        save_metrics=False,
+        cores=1,
+        online=False,
+        scheduler_type="constant",
+    ).items():
+        assert sampler[k] == v, k
+    assert "scheduler_kwargs" in sampler and sampler["n_beta"] == 5.0 and sampler["num_chains"] == 2
+    assert cfg["observables"] == [
+        {"type": "ObserveDifferentDataset", "obs_id": "probe", "batches_per_draw": 3}
+    ]
+    assert cfg["chain_buffer_size"] == 3 and cfg["shared_observable_dims"] == ["token", "token_pos"]
+    assert cfg["tokenizer_context_length"] == 8

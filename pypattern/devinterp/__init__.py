@@ -633,7 +633,8 @@ def sample(
         ``sampling_loss_micro`` (chain, step, batch_sampling, token_pos) at every step including burn-in;
         ``sampling_input_ids_micro`` (chain, step, batch_sampling, token); ``loss_<obs_id>`` (chain, draw,
         batch_<obs_id>, token_pos) and ``input_ids_<obs_id>`` (batch_<obs_id>, token) per observable;
-        ``metadata`` ({"config": {"sampler": {...}}}).
+        ``metadata`` ({"config": {"sampler": {...}, "observables": [...], ...}}, devinterp's keys; also
+        ``attrs["metadata"]``, where devinterp keeps it).
     """
     given = dict(init_noise=init_noise, save_metrics=save_metrics, output_path=output_path)
     for name, (default, what) in _UNSUPPORTED.items():
@@ -786,7 +787,32 @@ def sample(
         sampling_method_kwargs=dict(own),
         shuffle=shuffle,
         match_sampling_input_ids_across_chains=match_sampling_input_ids_across_chains,
+        # devinterp's other sampler settings, with the values used here: no initial noise, no optimizer metrics,
+        # the data cycled past its end, a constant step, the chains of one process
+        init_noise=None,
+        save_metrics=False,
+        epoch_mode="cycle",
+        scheduler_type="constant",
+        scheduler_kwargs=None,
+        cores=1,
+        online=False,
     )
+    metadata = {
+        "config": {
+            "sampler": config,
+            "observables": [
+                {
+                    "type": "ObserveDifferentDataset",
+                    "obs_id": o,
+                    "batches_per_draw": len(v) // batch_size,
+                }
+                for o, v in obs.items()
+            ],
+            "chain_buffer_size": min(50, num_draws),
+            "shared_observable_dims": ["token", "token_pos"],
+            "tokenizer_context_length": T + 1,
+        }
+    }
     out = DevinterpResult(
         init_loss=init_chain_tok.astype(np.float32),
         # each draw's loss: the element-wise mean over the step's gradient-accumulation micro-batches
@@ -795,7 +821,8 @@ def sample(
         .mean(2),
         sampling_loss_micro=micro,
         sampling_input_ids_micro=micro_ids,
-        metadata={"config": {"sampler": config}},
+        metadata=metadata,
+        _attrs={"metadata": metadata},
     )
     dims = {
         "init_loss": ("chain", "token_pos"),
