@@ -1436,6 +1436,11 @@ def _local_tokenizer(tmp_path):
     return transformers.AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True, local_files_only=True)
 
 
+# the dtype a TransformerLens 4.x bridge's own attention takes its softmax in, by family (None: the model's dtype)
+_BRIDGE_SOFTMAX = {"GPT2": None, "GPTNeoX": None, "Phi3": None, "Falcon": None}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize(
     "case",
     [
@@ -1448,32 +1453,61 @@ def _local_tokenizer(tmp_path):
         "gemma-mqa-tied",
         "gemma2-gqa2-capped-window",
         "phi-partial0.5",
+        "falcon-mqa-parallel-tied",
     ],
 )
-def test_transformer_lens_bridge_converts(case, tmp_path):
-    """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts to the function of the bridge's
-    forward, whose attention components take the softmax in float32 for the Llama family and Gemma, in the model's
-    dtype for GPT-2, GPT-NeoX and Phi-3 (run in the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not
+def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
+    """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts (with from_hf's check, which
+    runs the bridge's forward) to the function of the bridge's forward in float64 and float32. The bridge's attention
+    components take the softmax in float32 for the Llama family, Gemma and Phi, in the model's dtype for GPT-2, GPT-NeoX,
+    Phi-3 and Falcon (run in the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not installed)."""
+    pytest.importorskip("transformer_lens")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    family = CASES[case][0]
+    hf = hf_model(case, dtype)
+    hf.config.architectures = [type(hf).__name__]  # what the bridge picks its adapter by
+    reference = copy.deepcopy(hf)  # the bridge wraps its model in place and switches it to eager attention
+    bridge = TransformerBridge.boot_transformers(
+        case, hf_model=hf, dtype=dtype, device="cpu", tokenizer=_local_tokenizer(tmp_path)
+    )
+    model = from_hf(bridge)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    x = tokens()
+    assert model.cfg.attn_softmax_dtype == _BRIDGE_SOFTMAX.get(family, torch.float32)
+    with torch.no_grad():
+        got = model(x)
+        assert rel(got, bridge(x)) <= tol
+        # the Hugging Face model before wrapping (sdpa where the family has it: softmax in the model's dtype)
+        same_arithmetic = model.cfg.attn_softmax_dtype in (None, dtype) and model.cfg.attn_scores_dtype in (
+            None,
+            dtype,
+        )
+        assert rel(got, reference(x).logits) <= (tol if same_arithmetic else max(tol, 1e-6))
+    bridge.enable_compatibility_mode(disable_warnings=True)  # folds and centres the weights
+    with pytest.raises(UnsupportedModelError, match="processed"):
+        from_hf(bridge)
+
+
+def test_transformer_lens_bridge_that_differs_from_its_model_is_refused(tmp_path):
+    """A bridge whose own forward is another function than the Hugging Face model it wraps (TransformerLens 4.3
+    scales GPT-2's attention scores although ``scale_attn_weights=False``) is refused by from_hf's check, which says
+    so; ``verify=False`` converts the Hugging Face model's function (skipped where transformer_lens is not
     installed)."""
     pytest.importorskip("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf = hf_model(case)
-    reference = copy.deepcopy(hf)  # the bridge wraps its model in place and switches it to eager attention
-    bridge = TransformerBridge.boot_transformers(case, hf_model=hf, tokenizer=_local_tokenizer(tmp_path))
-    model = from_hf(bridge)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
-    x = tokens()
-    upcasts = CASES[case][0] not in ("GPT2", "GPTNeoX", "Phi3")  # Phi-3's fused q/k/v: a joint-QKV component
-    assert model.cfg.attn_softmax_dtype == (torch.float32 if upcasts else None)
-    with torch.no_grad():
-        got = model(x)
-        assert rel(got, bridge(x)) <= 1e-10
-        # the Hugging Face model before wrapping (sdpa: softmax in float64)
-        assert rel(got, reference(x).logits) <= (1e-6 if upcasts else 1e-10)
-    bridge.enable_compatibility_mode(disable_warnings=True)  # folds and centres the weights
-    with pytest.raises(UnsupportedModelError, match="processed"):
+    hf = hf_model("gpt2-untied-relu-unscaled")
+    hf.config.architectures = [type(hf).__name__]
+    reference = copy.deepcopy(hf)
+    bridge = TransformerBridge.boot_transformers(
+        "gpt2", hf_model=hf, dtype=torch.float64, device="cpu", tokenizer=_local_tokenizer(tmp_path)
+    )
+    with pytest.raises(UnsupportedModelError, match="another function than the Hugging Face model it wraps"):
         from_hf(bridge)
+    x = tokens()
+    with torch.no_grad():
+        assert rel(from_hf(bridge, verify=False)(x), reference(x).logits) <= 1e-10
 
 
 def test_per_layer_windows_and_score_dtype_in_the_config():

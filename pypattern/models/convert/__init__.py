@@ -108,10 +108,11 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         Dtype of the converted weights; default: the model's own.
     verify : bool
         Run both models on a few tokens and refuse the conversion when their logits differ by more than rounding
-        (default). The converters read the configuration and the modules the way the Hugging Face classes build
-        them; a model changed after it was built (a module swapped, a module's attribute or ``model.config``
-        edited) can differ from what they read, and the check catches that. ``False`` skips the one forward of
-        each model.
+        (default); a ``TransformerBridge`` is checked against its own forward, and one that computes another
+        function than the Hugging Face model it wraps is refused. The converters read the configuration and the
+        modules the way the Hugging Face classes build them; a model changed after it was built (a module swapped,
+        a module's attribute or ``model.config`` edited) can differ from what they read, and the check catches
+        that. ``False`` skips the one forward of each model.
 
     Returns
     -------
@@ -133,7 +134,10 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
     if is_hooked_transformer(model):
         return _from_hooked_transformer(model, dtype)
+    bridge = None
     if is_transformer_lens(model):
+        # the function to reproduce is the bridge's forward, which computes the attention itself
+        bridge = model
         model = unwrap_bridge(model, SUPPORTED_CLASSES)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__} is not a torch module; give a Hugging Face causal LM")
@@ -166,7 +170,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     dev = next(model.parameters()).device
     out = out.to(dev)
     if verify:
-        _verify(model, out, name, src_dtype)
+        _verify(model, out, name, src_dtype, bridge=bridge)
     return out
 
 
@@ -176,20 +180,34 @@ _VERIFY_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 _VERIFY_TOL_16BIT = 5e-2
 
 
-def _verify(hf: nn.Module, out: Transformer, name: str, src_dtype: torch.dtype, n_tokens: int = 8) -> None:
-    """Refuse ``out`` when its logits on a few tokens differ from the Hugging Face model's own forward by more
-    than rounding (:data:`_VERIFY_TOL`, by the coarser of ``src_dtype``, the model's, and ``out``'s). The model runs
-    in ``eval()`` mode (its modes are put back) without gradients; a model whose own forward fails here (an attention implementation this device cannot run) is
-    not checked, with a warning."""
+def _verify(
+    hf: nn.Module,
+    out: Transformer,
+    name: str,
+    src_dtype: torch.dtype,
+    n_tokens: int = 8,
+    bridge: nn.Module | None = None,
+) -> None:
+    """Refuse ``out`` when its logits on a few tokens differ from the model's own forward by more than rounding
+    (:data:`_VERIFY_TOL`, by the coarser of ``src_dtype``, the model's, and ``out``'s): the Hugging Face model's
+    forward, or for a TransformerLens ``bridge`` the bridge's forward (its attention components compute the
+    attention themselves, with the softmax in their own dtype, which the converted model reproduces; the rebuilt
+    Hugging Face model ``hf`` takes its eager softmax in float32 for some families, a float64 bridge in float64).
+    The model runs in ``eval()`` mode (its modes are put back) without gradients; a model whose own forward fails
+    here (an attention implementation this device cannot run) is not checked, with a warning."""
     import warnings
 
     vocab = out.cfg.d_vocab
     T = max(1, min(n_tokens, out.cfg.n_ctx))
     dev = next(out.parameters()).device
     tokens = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(dev)
-    with eval_mode(hf), torch.no_grad():
+    source = hf if bridge is None else bridge
+    with eval_mode(source), torch.no_grad():
         try:
-            ref = hf(input_ids=tokens, use_cache=False).logits
+            if bridge is None:
+                ref = hf(input_ids=tokens, use_cache=False).logits
+            else:
+                ref = bridge(tokens, return_type="logits")
         except Exception as e:  # the model's own forward, not the conversion
             warnings.warn(
                 f"from_hf could not run the {name} model's own forward to check the conversion "
@@ -209,8 +227,21 @@ def _verify(hf: nn.Module, out: Transformer, name: str, src_dtype: torch.dtype, 
     tol = max(_VERIFY_TOL.get(d, _VERIFY_TOL_16BIT) for d in dts)
     if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         tol = max(tol, 1e-2)  # TF32 products round to 10 bits
-    scale = float(ref.abs().max())
-    err = float((mine - ref).abs().max()) / scale if scale > 0 else float((mine - ref).abs().max())
+    err = _relative_error(mine, ref)
+    if not err <= tol and bridge is not None:  # NaN included
+        with eval_mode(hf), torch.no_grad():
+            try:
+                hf_err = _relative_error(mine, hf(input_ids=tokens, use_cache=False).logits.to(torch.float64))
+            except Exception:  # the rebuilt Hugging Face model's forward: no diagnosis
+                hf_err = float("nan")
+        if hf_err <= tol:
+            raise UnsupportedModelError(
+                f"the TransformerBridge around {name!r} computes another function than the Hugging Face model it "
+                f"wraps: the converted model's logits differ from the bridge's by {err:.3g} (relative to their "
+                f"largest; rounding would be below {tol:g}) and from the Hugging Face model's by {hf_err:.3g}. "
+                "TransformerLens' components do not compute this configuration the way Hugging Face "
+                "does; pass verify=False to convert the Hugging Face model's function"
+            )
     if not err <= tol:  # NaN included
         raise UnsupportedModelError(
             f"model class {name!r}: the converted model's logits differ from the model's own by {err:.3g} (relative "
@@ -219,6 +250,13 @@ def _verify(hf: nn.Module, out: Transformer, name: str, src_dtype: torch.dtype, 
             "converter cannot see. Build the model from its configuration, or pass verify=False to convert it as "
             "the configuration describes it"
         )
+
+
+def _relative_error(mine: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to ``ref``'s largest magnitude (absolute where ``ref`` is zero)."""
+    scale = float(ref.abs().max())
+    diff = float((mine - ref).abs().max())
+    return diff / scale if scale > 0 else diff
 
 
 def converted_if_convertible(model: Any) -> Any:
