@@ -1436,8 +1436,10 @@ def _local_tokenizer(tmp_path):
     return transformers.AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True, local_files_only=True)
 
 
-# the dtype a TransformerLens 4.x bridge's own attention takes its softmax in, by family (None: the model's dtype)
-_BRIDGE_SOFTMAX = {"GPT2": None, "GPTNeoX": None, "Phi3": None, "Falcon": None}
+# the dtype a TransformerLens 4.x bridge's own attention takes its softmax in, by family (None: the model's dtype);
+# GPT-J, GPT-Neo and OPT bridges run the Hugging Face attention modules (their eager implementation)
+_BRIDGE_SOFTMAX = {"GPT2": None, "GPTNeoX": None, "Phi3": None, "Falcon": None, "Bloom": torch.float32}
+_BRIDGE_RUNS_HF_ATTENTION = ("GPTJ", "GPTNeo", "OPT")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -1454,13 +1456,19 @@ _BRIDGE_SOFTMAX = {"GPT2": None, "GPTNeoX": None, "Phi3": None, "Falcon": None}
         "gemma2-gqa2-capped-window",
         "phi-partial0.5",
         "falcon-mqa-parallel-tied",
+        "gptj-rot4",
+        "gptneo-global-local-tied",
+        "bloom-alibi-6heads-tied",
+        "opt-relu",
+        "smollm3-nope-layers",
     ],
 )
 def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
     """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts (with from_hf's check, which
     runs the bridge's forward) to the function of the bridge's forward in float64 and float32. The bridge's attention
-    components take the softmax in float32 for the Llama family, Gemma and Phi, in the model's dtype for GPT-2, GPT-NeoX,
-    Phi-3 and Falcon (run in the bench venv of bench/envs/tl.sh; skipped where transformer_lens is not installed)."""
+    components take the softmax in float32 for the Llama family (SmolLM3 too), Gemma, Phi and BLOOM, in the model's dtype for GPT-2,
+    GPT-NeoX, Phi-3 and Falcon; GPT-J's, GPT-Neo's and OPT's run the Hugging Face eager attention (run in the bench
+    venv of bench/envs/tl.sh; skipped where transformer_lens is not installed)."""
     pytest.importorskip("transformer_lens")
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -1472,9 +1480,16 @@ def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
         case, hf_model=hf, dtype=dtype, device="cpu", tokenizer=_local_tokenizer(tmp_path)
     )
     model = from_hf(bridge)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    extra = 2 * model.cfg.d_model if family == "OPT" else 0  # OPT's two offset rows of its position table
+    assert sum(p.numel() for p in model.parameters()) + extra == sum(
+        p.numel() for p in reference.parameters()
+    )
     x = tokens()
-    assert model.cfg.attn_softmax_dtype == _BRIDGE_SOFTMAX.get(family, torch.float32)
+    if family in _BRIDGE_RUNS_HF_ATTENTION:
+        eager = from_hf(hf_model(case, dtype, attn_implementation="eager"))
+        assert model.cfg.attn_softmax_dtype == eager.cfg.attn_softmax_dtype
+    else:
+        assert model.cfg.attn_softmax_dtype == _BRIDGE_SOFTMAX.get(family, torch.float32)
     with torch.no_grad():
         got = model(x)
         assert rel(got, bridge(x)) <= tol

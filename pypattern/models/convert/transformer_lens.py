@@ -16,17 +16,26 @@ from torch import nn
 
 from ._common import UnsupportedModelError
 
-# A TransformerBridge's attention components compute the attention themselves (its forward does not run the Hugging
-# Face attention code): the dtype each TransformerLens 4.x component takes its softmax in (None: the model's dtype)
-_BRIDGE_SOFTMAX_DTYPE: dict[str, torch.dtype | None] = {
+# Marks a bridge attention component that runs the Hugging Face attention module itself (TransformerLens'
+# ``AttentionBridge`` only wraps it in hooks): the softmax is taken as that module's attention implementation takes it
+HF_ATTENTION = "the Hugging Face attention module's"
+
+# A TransformerBridge's attention components compute the attention themselves (their forward does not run the
+# Hugging Face attention code), except AttentionBridge: the dtype each TransformerLens 4.x component takes its softmax
+# in (None: the model's dtype; HF_ATTENTION: the Hugging Face module runs)
+_BRIDGE_SOFTMAX_DTYPE: dict[str, torch.dtype | str | None] = {
     "PositionEmbeddingsAttentionBridge": torch.float32,  # Llama, Mistral, Qwen2: softmax(..., dtype=float32)
-    "JointQKVPositionEmbeddingsAttentionBridge": None,  # GPT-NeoX
+    "_SmolLM3AttentionBridge": torch.float32,  # SmolLM3: the Llama component, no rotary on NoPE layers
+    "JointQKVPositionEmbeddingsAttentionBridge": None,  # GPT-NeoX, Phi-3, Falcon
     "JointQKVAttentionBridge": None,  # GPT-2
+    "BloomAttentionBridge": torch.float32,  # BLOOM: softmax(..., dtype=float32), cast back to the model's dtype
+    "AttentionBridge": HF_ATTENTION,  # GPT-J, GPT-Neo, OPT: hooks around the Hugging Face module's forward
 }
 
 
-def _bridge_softmax_dtype(bridge: nn.Module) -> torch.dtype | None:
-    """The dtype the bridge's attention components take their softmax in, or refuse for an unknown component."""
+def _bridge_softmax_dtype(bridge: nn.Module) -> torch.dtype | str | None:
+    """The dtype the bridge's attention components take their softmax in (:data:`HF_ATTENTION` when they run the
+    Hugging Face attention modules), or refuse for an unknown component or components that differ."""
     kinds = {
         type(m).__name__
         for m in bridge.modules()
@@ -117,6 +126,9 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
             mod._buffers[leaf] = t
     # tied embeddings stay tied: both names resolve to the bridged model's one tensor
     clean.config._attn_implementation = getattr(inner.config, "_attn_implementation", None)
-    # the converted model computes what the bridge's forward computes (read by _common.attn_softmax_dtype)
-    clean.bridge_attn_softmax_dtype = _bridge_softmax_dtype(bridge)
+    # the converted model computes what the bridge's forward computes (read by _common.attn_softmax_dtype); where
+    # the bridge runs the Hugging Face attention modules, their attention implementation decides, as for the model
+    softmax_dtype = _bridge_softmax_dtype(bridge)
+    if softmax_dtype != HF_ATTENTION:
+        clean.bridge_attn_softmax_dtype = softmax_dtype
     return clean
