@@ -229,6 +229,37 @@ def test_unsupported_options_are_refused_by_name(kw, match):
         pypattern.from_hf(model)
 
 
+@pytest.mark.parametrize(
+    "option, lacks",
+    [
+        ("use_attn_result", ["blocks.0.attn.hook_result"]),
+        ("use_split_qkv_input", ["blocks.0.hook_q_input", "blocks.0.hook_k_input", "blocks.0.hook_v_input"]),
+        ("use_attn_in", ["blocks.0.hook_attn_in"]),
+        ("use_hook_mlp_in", ["blocks.0.hook_mlp_in"]),
+        ("use_hook_tokens", ["hook_tokens"]),
+    ],
+)
+def test_options_adding_hook_points_convert_with_a_warning_naming_them(option, lacks):
+    """An option that adds hook points pypattern's model does not have converts (same logits) with a warning that
+    names the option and the hook points; those are in TransformerLens' cache and not in the converted model's."""
+    model = hooked("ln", **{option: True})
+    with pytest.warns(UserWarning, match=f"{option}=True") as caught:
+        ours = pypattern.from_hf(model)
+    message = " ".join(str(w.message) for w in caught)
+    x = tokens(model)
+    assert rel(ours(x), model(x)) <= 1e-10
+    _, want = model.run_with_cache(x)
+    _, got = ours.run_with_cache(x)
+    for hook in lacks:
+        assert hook in want and hook not in got
+        assert hook.replace("blocks.0.", "blocks.N.") in message
+    per_head = option in ("use_split_qkv_input", "use_attn_in")
+    assert (
+        want["blocks.0.ln1.hook_normalized"].shape != got["blocks.0.ln1.hook_normalized"].shape
+    ) == per_head
+    assert ("ln1.hook_normalized" in message) == per_head
+
+
 def test_gated_mlp_with_a_bias_after_the_product_and_attached_hooks_are_refused():
     model = hooked("llama")
     with torch.no_grad():

@@ -8,7 +8,9 @@ adds ``b_in`` after the product ``act(x W_gate) * (x W_in)``, where pypattern's 
 converts when ``b_in`` is zero (every model TransformerLens loads from Hugging Face), else it is refused. Every
 option TransformerLens has and pypattern does not reproduce exactly (shortformer or T5 positions, SoLU, a final
 RMSNorm under LayerNorms, mixtures of experts, 16-bit models whose norms TransformerLens computes in float32, an
-output vocabulary other than the input one, ...) is refused by name. TransformerLens itself is never imported.
+output vocabulary other than the input one, ...) is refused by name. Options that only add hook points
+(``use_attn_result``, ``use_split_qkv_input``, ``use_attn_in``, ``use_hook_mlp_in``, ``use_hook_tokens``) convert
+with a warning naming the hook points the converted model lacks. TransformerLens itself is never imported.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from torch import nn
 from ._common import UnsupportedModelError, refuse
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
+
+# options that add hook points pypattern's model does not have (the forward is the same): the hook points each adds
+# ("N": every block)
+_OPTIONAL_HOOKS = {
+    "use_attn_result": ("blocks.N.attn.hook_result",),
+    "use_split_qkv_input": ("blocks.N.hook_q_input", "blocks.N.hook_k_input", "blocks.N.hook_v_input"),
+    "use_attn_in": ("blocks.N.hook_attn_in",),
+    "use_hook_mlp_in": ("blocks.N.hook_mlp_in",),
+    "use_hook_tokens": ("hook_tokens",),
+}
 _ACTS = ("gelu", "relu", "silu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 
 
@@ -66,6 +78,30 @@ def _alibi_matches(n_heads: int, dtype: torch.dtype) -> None:
         f"TransformerLens' ALiBi slopes with n_heads={n_heads} differ from BLOOM's, which pypattern uses "
         f"(largest relative difference {float(((tl - ours) / ours).abs().max()):.1e})"
         + ("; a float32 copy converts" if dtype == torch.float64 else ""),
+    )
+
+
+def _warn_optional_hooks(c: Any) -> None:
+    """A warning naming the options set that add hook points the converted model lacks, and those hook points."""
+    import warnings
+
+    on = [opt for opt in _OPTIONAL_HOOKS if bool(_get(c, opt, False))]
+    if not on:
+        return
+    missing = [h for opt in on for h in _OPTIONAL_HOOKS[opt]]
+    per_head = [opt for opt in ("use_split_qkv_input", "use_attn_in") if opt in on]
+    warnings.warn(
+        f"the HookedTransformer sets {', '.join(f'{opt}=True' for opt in on)}: the converted model computes the "
+        f"same function but has no hook points {missing}"
+        + (
+            f"; with {' / '.join(per_head)} TransformerLens applies ln1 per head, and the converted model's "
+            "blocks.N.ln1.hook_normalized / hook_scale have no head_index dimension ([batch, pos, d_model])"
+            if per_head
+            else ""
+        )
+        + "; read them on the HookedTransformer, or patch the sites the converted model has",
+        UserWarning,
+        stacklevel=6,  # from_hf's caller
     )
 
 
@@ -115,6 +151,7 @@ def _config(model: nn.Module) -> dict:
         )
     if pos == "alibi":
         _alibi_matches(c.n_heads, dtype)
+    _warn_optional_hooks(c)
     out: dict = dict(
         n_layers=c.n_layers,
         d_model=c.d_model,
