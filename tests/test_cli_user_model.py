@@ -618,6 +618,64 @@ def test_a_pypattern_model_folder_runs_every_command(data, tmp_path, capsys):
     capsys.readouterr()
 
 
+def _damaged_folders(root, model) -> dict:
+    """pypattern model folders, each damaged in one way, with the file and the words its error names."""
+    import shutil
+
+    ok = _native_folder(root / "ok", model)
+    cases = {}
+
+    def copy(name):
+        d = root / name
+        shutil.copytree(ok, d)
+        return d
+
+    d = copy("truncated_npz")
+    w = (d / "weights.npz").read_bytes()
+    (d / "weights.npz").write_bytes(w[: len(w) // 2])
+    cases[d] = ("weights.npz", "cannot be read (BadZipFile")
+    d = copy("damaged_safetensors")
+    (d / "weights.npz").unlink()
+    (d / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0garbage")
+    cases[d] = ("model.safetensors", "cannot be read (SafetensorError")
+    for name, field, value, words in (
+        ("dtype_typo", "dtype", "float33", "is not a valid TransformerConfig (dtype='float33' is not valid"),
+        ("dtype_int", "dtype", "int64", "is not a valid TransformerConfig (dtype=torch.int64 is not valid"),
+        ("field_typo", "n_layerz", 2, "has fields TransformerConfig does not know: ['n_layerz']"),
+        ("bad_value", "n_key_value_heads", 3, "is not a valid TransformerConfig (n_key_value_heads=3"),
+    ):
+        d = copy(name)
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, field: value}))
+        cases[d] = ("config.json", words)
+    d = copy("other_shapes")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "d_vocab": 30}))
+    cases[d] = ("weights.npz", "holds embed.W_E (23, 8) (the config's (30, 8))")
+    d = copy("missing_tensor")
+    with np.load(d / "weights.npz") as z:
+        np.savez(d / "weights.npz", **{k: z[k] for k in z.files if k != "unembed.W_U"})
+    cases[d] = ("weights.npz", "lacks unembed.W_U")
+    return cases
+
+
+def test_damaged_pypattern_model_folders_are_refused_naming_model_and_the_file(data, tmp_path, capsys):
+    """A pypattern --model folder with a damaged weights file, a config.json that is no TransformerConfig or
+    weights of other names or shapes ends every command in one line naming --model and the file (exit status 2)."""
+    import pypattern as pp
+
+    d, _ = data
+    m = pp.Transformer(pp.TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=23, n_ctx=16))
+    tok = str(d / "tokens.npy")
+    for folder, (file, words) in _damaged_folders(tmp_path, m).items():
+        for cmd in (["patch"], ["circuit"], ["llc", "--num-draws", "3"]):
+            err = _err([*cmd, "--model", str(folder), "--data", tok, "--out", str(tmp_path / "out")], capsys)
+            assert err.startswith(f"pypattern {cmd[0]}: error: --model {str(folder)!r}: "), err
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+            assert str(folder / file) in err and words in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_small_data_and_counts_are_refused_naming_the_options(model_dir, data, tmp_path, capsys):
     d, tokens = data
     np.save(tmp_path / "one_seq.npy", tokens[:1])

@@ -31,48 +31,116 @@ import torch
 __all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "user_prompts", "main"]
 
 
-def load_model_dir(path: str, dtype: torch.dtype | None = None):
+def _named(argument: str, value: str) -> str:
+    """How a message names a value: ``--model '/dir'`` for a command-line flag, ``model_dir='/dir'`` otherwise."""
+    return f"{argument} {value!r}" if argument.startswith("--") else f"{argument}={value!r}"
+
+
+def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str = "model_dir"):
     """A :class:`~pypattern.models.Transformer` from ``path/config.json`` and ``path/weights.npz`` (or
     ``path/model.safetensors``), or a Hugging Face ``save_pretrained`` directory (its ``config.json`` names a
     ``model_type``), converted with :func:`pypattern.from_pretrained`. Nothing is unpickled. ``dtype``: load in
-    that dtype instead of the saved one."""
+    that dtype instead of the saved one.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` is not a directory, or lacks ``config.json`` or the weights.
+    ValueError
+        For a pypattern folder whose ``config.json`` is not a :class:`~pypattern.models.TransformerConfig` (unknown
+        fields, invalid values), whose weights file cannot be read, or whose weights do not match the config
+        (missing or unknown tensors, other shapes). Messages name ``path`` as ``argument`` (the command line
+        passes ``"--model"``) and the file.
+    """
     from ..models.transformer import Transformer, TransformerConfig
 
+    name = _named(argument, path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"model directory {path!r} "
+            f"{name}: the model directory "
             + ("is a file, not a directory" if os.path.exists(path) else "does not exist")
             + "; give a directory with config.json and the weights (a save_pretrained directory, or pypattern's own)"
         )
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(
-            f"model_dir={path!r} has no config.json (fields of TransformerConfig, or a Hugging Face config)"
+            f"{name} has no config.json (fields of TransformerConfig, or a Hugging Face config)"
         )
     from ..models.convert import read_config
 
-    cfg = read_config(path, "model_dir")
+    cfg = read_config(path, argument)
     if "model_type" in cfg:
         from ..models.convert import from_pretrained
 
         model = from_pretrained(path, dtype=dtype)
         model.eval()
         return model
-    if isinstance(cfg.get("dtype"), str):
-        cfg["dtype"] = getattr(torch, cfg["dtype"].replace("torch.", ""))
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(k for k in cfg if k not in known)
+    if unknown:
+        raise ValueError(
+            f"{name}: {cfg_path} has fields TransformerConfig does not know: {unknown} (a Hugging Face config names "
+            "its model_type); give the fields of pypattern.models.TransformerConfig"
+        )
     if dtype is not None:
         cfg["dtype"] = dtype
-    model = Transformer(TransformerConfig(**cfg))
+    try:
+        config = TransformerConfig(**cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: {cfg_path} is not a valid TransformerConfig ({e})") from None
     npz, st = os.path.join(path, "weights.npz"), os.path.join(path, "model.safetensors")
     if os.path.exists(npz):
-        with np.load(npz, allow_pickle=False) as z:
-            state = {k: torch.from_numpy(z[k]) for k in z.files}
+        weights = npz
+        try:
+            z = np.load(npz, allow_pickle=False)
+            if isinstance(z, np.ndarray):
+                raise ValueError("it holds one array, not the state_dict's named arrays")
+            with z:
+                state = {k: torch.from_numpy(z[k]) for k in z.files}
+        except Exception as e:  # a damaged, truncated or pickled file: numpy's or zipfile's own error
+            raise ValueError(
+                f"{name}: {npz} cannot be read ({type(e).__name__}: {e}); give the model's state_dict saved with "
+                "numpy.savez (numeric arrays, nothing pickled)"
+            ) from None
     elif os.path.exists(st):
+        weights = st
         from safetensors.torch import load_file
 
-        state = load_file(st)
+        try:
+            state = load_file(st)
+        except Exception as e:  # a damaged or truncated file: safetensors' own error
+            raise ValueError(
+                f"{name}: {st} cannot be read ({type(e).__name__}: {e}); give the model's state_dict saved with "
+                "safetensors.torch.save_file"
+            ) from None
     else:
-        raise FileNotFoundError(f"model_dir={path!r} has neither weights.npz nor model.safetensors")
+        raise FileNotFoundError(f"{name} has neither weights.npz nor model.safetensors")
+    model = Transformer(config)
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (the config's {tuple(want[k].shape)})"
+        for k in want
+        if k in state and tuple(state[k].shape) != tuple(want[k].shape)
+    ]
+    for what, keys in (
+        ("lacks", missing),
+        ("holds tensors the config has no place for:", extra),
+        ("holds", shapes),
+    ):
+        if keys:
+            more = f" ... ({len(keys)} in all)" if len(keys) > 5 else ""
+            raise ValueError(
+                f"{name}: {weights} {what} {', '.join(keys[:5])}{more}; the weights do not match {cfg_path}"
+            )
+    bad = [k for k in want if not (state[k].is_floating_point() or state[k].dtype == want[k].dtype)]
+    if bad:
+        raise ValueError(
+            f"{name}: {weights} holds {state[bad[0]].dtype} values in {bad[0]}; the weights must be floating point"
+        )
     model.load_state_dict(state)
     model.eval()
     return model
@@ -190,7 +258,7 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     return clean, corr, LogProb(answer), ("resample" if corr is not None else "mean")
 
 
-def _upcast(model_dir: str, model):
+def _upcast(model_dir: str, model, argument: str = "model_dir"):
     """A half-precision model (most checkpoints are saved in bfloat16) as its exact float32 copy, with a warning:
     edge scores and patched metrics computed in half precision are mostly rounding noise."""
     if model.cfg.dtype in (torch.float32, torch.float64):
@@ -203,7 +271,7 @@ def _upcast(model_dir: str, model):
         UserWarning,
         stacklevel=3,
     )
-    return load_model_dir(model_dir, dtype=torch.float32)
+    return load_model_dir(model_dir, dtype=torch.float32, argument=argument)
 
 
 def run_circuit_demo(
@@ -219,6 +287,7 @@ def run_circuit_demo(
     steps: int = 800,
     threads: int | None = 1,
     quiet: bool = True,
+    model_argument: str = "model_dir",
 ) -> dict:
     """Score every edge, draw the pruning curves and the circuit of the top ``fraction`` of edges.
 
@@ -226,7 +295,7 @@ def run_circuit_demo(
     task (per-position edges; see :func:`~pypattern.circuits.experiments.run_induction_circuit`). The circuit
     drawn is the top ``fraction`` by the last method in ``methods``. A half-precision model is scored as its float32
     copy (with a warning). ``quiet=False`` reports each stage (training, each method's scores, the pruning curve)
-    on stderr as it finishes.
+    on stderr as it finishes. ``model_argument``: how errors name ``model_dir`` (the command line: ``"--model"``).
 
     Returns
     -------
@@ -285,7 +354,7 @@ def run_circuit_demo(
                 "key_composition_in_top_5pct": res["key_composition_in_top_5pct"],
             }
         else:
-            model = _upcast(model_dir, load_model_dir(model_dir))
+            model = _upcast(model_dir, load_model_dir(model_dir, argument=model_argument), model_argument)
             clean, corr, metric, ablation = user_prompts(model, tokens, corrupted)
             say(f"loaded {model_dir} and {clean.shape[0]} prompts of {clean.shape[1]} tokens")
             pp = False if per_position is None else per_position
@@ -502,6 +571,7 @@ def run_from_args(args) -> dict:
         seed=0 if args.seed is None else args.seed,
         steps=800 if args.steps is None else args.steps,
         quiet=getattr(args, "quiet", False),
+        model_argument="--model",
     )
 
 

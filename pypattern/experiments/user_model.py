@@ -145,7 +145,7 @@ def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
     loss is the next-token loss, sequences of one token are refused."""
     from ..circuits.cli import load_model_dir
 
-    model = load_model_dir(model_dir, dtype=dtype)
+    model = load_model_dir(model_dir, dtype=dtype, argument="--model")
     if upcast is not None and model.cfg.dtype not in (torch.float32, torch.float64):
         warnings.warn(
             f"model={str(model_dir)!r} holds {model.cfg.dtype} weights and {_UPCAST_REASON[upcast]} (the weights "
@@ -153,7 +153,7 @@ def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
             UserWarning,
             stacklevel=3,
         )
-        model = load_model_dir(model_dir, dtype=torch.float32)
+        model = load_model_dir(model_dir, dtype=torch.float32, argument="--model")
     model.eval()
     tokens = load_tokens(data, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions)
     if upcast == "sampling" and tokens.shape[1] < 2:

@@ -441,8 +441,10 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         self.dtype = _as_dtype(self.dtype, "dtype")
-        if self.dtype is None:
-            raise ValueError("dtype=None is not valid; give a torch.dtype such as torch.float32")
+        if self.dtype is None or not self.dtype.is_floating_point:
+            raise ValueError(
+                f"dtype={self.dtype} is not valid; give a floating torch.dtype such as torch.float32"
+            )
         self.rotary_dtype = _as_dtype(self.rotary_dtype, "rotary_dtype")
         self.rotary_freq_dtype = _as_dtype(self.rotary_freq_dtype, "rotary_freq_dtype")
         self.rotary_input_dtype = _as_dtype(self.rotary_input_dtype, "rotary_input_dtype")

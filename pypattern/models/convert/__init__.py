@@ -299,15 +299,16 @@ def _weight_files(path: str) -> list[str]:
 
 def read_config(path: str, argument: str) -> dict:
     """``path/config.json`` as a dict; a file that is not a JSON object is a ``ValueError`` naming it and the
-    argument that gave ``path``."""
+    argument that gave ``path`` (``--model '/dir'`` for a command-line flag, else ``path='/dir'``)."""
     cfg_path = os.path.join(path, "config.json")
+    name = f"{argument} {path!r}" if argument.startswith("--") else f"{argument}={path!r}"
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{argument}={path!r}: {cfg_path} is not valid JSON ({e})") from None
+        raise ValueError(f"{name}: {cfg_path} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
-        raise ValueError(f"{argument}={path!r}: {cfg_path} holds a {type(cfg).__name__}, not a JSON object")
+        raise ValueError(f"{name}: {cfg_path} holds a {type(cfg).__name__}, not a JSON object")
     return cfg
 
 
