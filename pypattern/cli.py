@@ -539,13 +539,17 @@ USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
 
 
 def _check_paths(p: argparse.ArgumentParser, args) -> None:
-    """Output folders that are existing regular files are refused before any work."""
-    import os
+    """The output folders (--out, --checkpoint) are created before any work, and refused (through ``p.error``)
+    when they cannot be: an existing file, a path below a file, a folder that cannot be written in."""
+    from .experiments.user_model import out_folder
 
     for flag, dest in (("--out", "out"), ("--checkpoint", "checkpoint")):
         path = getattr(args, dest, None)
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            p.error(f"{flag} {path!r} is an existing file; give a folder (new or existing)")
+        if path:
+            try:
+                out_folder(path, flag)
+            except ValueError as e:
+                p.error(str(e))
 
 
 def _run(args) -> int:
@@ -641,9 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "demo" and args.full and args.what not in ("patterning", "equivalence", "interpretive"):
         sub.error(f"--full applies to 'patterning' and 'equivalence' only, not to {args.what!r}")
     _resolve(sub, args)
-    _check_paths(sub, args)
     if args.cmd == "circuit":
         importlib.import_module("pypattern.circuits.cli").check_args(sub, args)
+    _check_paths(sub, args)
 
     def one_line(message, category, filename, lineno, line=None):
         return f"pypattern {args.cmd}: warning: {message}\n"

@@ -126,6 +126,47 @@ def test_an_existing_file_as_out_or_checkpoint_is_refused_before_any_work(tmp_pa
     assert f.read_text() == "x"
 
 
+@pytest.mark.parametrize("below", ["a path below a file", "/proc"])
+def test_an_out_folder_that_cannot_be_created_is_refused_before_any_work(
+    below, tmp_path, capsys, monkeypatch
+):
+    """--out (and --checkpoint) below an existing file, or in a file system where no folder can be made, is
+    refused naming the flag before any model is read, sampled or trained (each command's work is replaced here
+    by a failure)."""
+    import pypattern.circuits.cli as circuits_cli
+    import pypattern.experiments.user_model as user_model
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(user_model, "_model_and_tokens", no_work)
+    monkeypatch.setattr(circuits_cli, "run_circuit_demo", no_work)
+    monkeypatch.setattr(cli, "_llc_demo", no_work)
+    monkeypatch.setattr(cli, "_patch_demo", no_work)
+    f = tmp_path / "file"
+    f.write_text("x")
+    out = str(f / "sub") if below != "/proc" else "/proc/pypattern-out"
+    np.save(tmp_path / "t.npy", np.zeros((2, 3), dtype=np.int64))
+    model = ["--model", str(tmp_path), "--data", str(tmp_path / "t.npy")]
+    for argv in (
+        ["llc", *model],
+        ["chi", *model],
+        ["patch", *model],
+        ["circuit", *model],
+        ["llc", "--quick"],
+        ["patch", "--quick"],
+        ["circuit", "--quick"],
+        ["demo", "--quick"],
+    ):
+        err = _fails([*argv, "--out", out], capsys)
+        assert f"pypattern {argv[0]}: error: --out {out!r} cannot be used as a folder to write into" in err, (
+            err
+        )
+    err = _fails(["llc", *model, "--out", str(tmp_path / "o"), "--checkpoint", out], capsys)
+    assert f"--checkpoint {out!r} cannot be used as a folder" in err
+    assert f.read_text() == "x"
+
+
 def test_errors_while_running_end_in_one_line_or_a_traceback_with_pypattern_debug(
     tmp_path, capsys, monkeypatch
 ):

@@ -676,6 +676,26 @@ def test_damaged_pypattern_model_folders_are_refused_naming_model_and_the_file(d
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_run_functions_check_out_before_reading_the_model(data, tmp_path, monkeypatch):
+    """run_user_llc / run_user_chi / run_user_patch refuse an ``out`` (or ``checkpoint``) that cannot be a folder
+    before the model is read, naming the argument."""
+    import pypattern.experiments.user_model as user_model
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was read before out was checked")
+
+    monkeypatch.setattr(user_model, "_model_and_tokens", no_work)
+    d, _ = data
+    f = tmp_path / "file"
+    f.write_text("x")
+    for run in (user_model.run_user_llc, user_model.run_user_chi, user_model.run_user_patch):
+        with pytest.raises(ValueError, match=r"out='.*file/sub' cannot be used as a folder to write into"):
+            run("m", str(d / "tokens.npy"), str(f / "sub"))
+    for run in (user_model.run_user_llc, user_model.run_user_chi):
+        with pytest.raises(ValueError, match=r"checkpoint='.*file' is an existing file"):
+            run("m", str(d / "tokens.npy"), str(tmp_path / "o"), checkpoint=str(f))
+
+
 def test_small_data_and_counts_are_refused_naming_the_options(model_dir, data, tmp_path, capsys):
     d, tokens = data
     np.save(tmp_path / "one_seq.npy", tokens[:1])

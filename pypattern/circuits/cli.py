@@ -316,8 +316,9 @@ def run_circuit_demo(
         raise ValueError(f"methods={list(methods)!r} is not valid; choose one or more of {list(_METHODS)}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction!r} is not valid; give a number in (0, 1]")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"out_dir={out_dir!r} is a file, not a folder")
+    from ..experiments.user_model import out_folder
+
+    out_folder(out_dir, "out_dir")
     t_last = [time.perf_counter()]
 
     def say(msg: str) -> None:
@@ -326,7 +327,6 @@ def run_circuit_demo(
             print(f"circuit: {msg} ({now - t_last[0]:.1f} s)", file=sys.stderr, flush=True)
             t_last[0] = now
 
-    os.makedirs(out_dir, exist_ok=True)
     with pinned_threads(threads):
         t0 = time.perf_counter()
         extra = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["llc_error_text", "load_tokens", "run_user_chi", "run_user_llc", "run_user_patch"]
+__all__ = ["llc_error_text", "load_tokens", "out_folder", "run_user_chi", "run_user_llc", "run_user_patch"]
 
 
 #: suffixes read as text (one sequence of whitespace- or comma-separated ids per line); no suffix is text too
@@ -192,6 +192,33 @@ def _batches(tokens: torch.Tensor, batch_size: int) -> torch.utils.data.DataLoad
     )
 
 
+def out_folder(path: str | os.PathLike, argument: str = "out") -> str:
+    """Create the folder ``path`` (and its parents) and check that a file can be written in it, before any work.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` as ``argument`` (``--out '/dir'`` for a command-line flag, else ``out='/dir'``) when the
+        folder cannot be created (an existing file, a path below a file, a read-only or virtual file system) or
+        written in.
+    """
+    import tempfile
+
+    path = os.fspath(path)
+    name = f"{argument} {path!r}" if argument.startswith("--") else f"{argument}={path!r}"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} is an existing file; give a folder (new or existing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"{name} cannot be used as a folder to write into ({e.strerror or e}); give a writable folder"
+        ) from None
+    return path
+
+
 def _write(out: str, name: str, obj: dict) -> str:
     Path(out).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out, name)
@@ -243,12 +270,12 @@ def run_user_llc(
     from ..losses import batch_loss
     from ..sampling import estimate_llc
 
+    out_folder(out)
+    if checkpoint is not None:
+        out_folder(checkpoint, "checkpoint")
     model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
     _check_default_nbeta(data, tokens, batch_size, nbeta)
-    ck = None
-    if checkpoint is not None:
-        Path(checkpoint).mkdir(parents=True, exist_ok=True)
-        ck = os.path.join(checkpoint, "llc_checkpoint.npz")
+    ck = None if checkpoint is None else os.path.join(checkpoint, "llc_checkpoint.npz")
     res = estimate_llc(
         model,
         _batches(tokens, batch_size),
@@ -263,7 +290,6 @@ def run_user_llc(
         checkpoint=ck,
         quiet=quiet,
     )
-    Path(out).mkdir(parents=True, exist_ok=True)
     res.save(os.path.join(out, "llc.npz"))
     n_chains = len(np.asarray(res.llc_per_chain).ravel())
     text = llc_error_text(float(res.llc_mean), float(res.llc_se), float(res.llc_std), n_chains)
@@ -332,6 +358,7 @@ def run_user_patch(
     _count("max_prompts", max_prompts)
     if sites is not None and not sites:
         raise ValueError("sites is empty: give at least one site")
+    out_folder(out)
     model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching")
     if sites is None:
         sites = tuple(s for s in DEFAULT_SITES if not (model.cfg.attn_only and s == "mlp_out"))
@@ -364,7 +391,6 @@ def run_user_patch(
             raise ValueError(f"sites: {site!r} does not exist in this model ({why}); leave it out")
     corruption = None if corr is not None else GaussianNoise(seed=seed)
     summary = {"model": str(model_dir), "data": str(data), "prompts": int(clean.shape[0]), "sites": {}}
-    Path(out).mkdir(parents=True, exist_ok=True)
     for site in sites:
         res = activation_patching(model, site, clean, corr, metric=KL(), corruption=corruption)
         path = os.path.join(out, f"patch_{site}.csv")
@@ -409,10 +435,11 @@ def run_user_chi(
     from ..susceptibility import susceptibilities
 
     _count("num_probe", num_probe)
+    out_folder(out)
+    if checkpoint is not None:
+        out_folder(checkpoint, "checkpoint")
     model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
     _check_default_nbeta(data, tokens, batch_size, nbeta)
-    if checkpoint is not None:
-        Path(checkpoint).mkdir(parents=True, exist_ok=True)
     components = [c for c in model.components() if c != "unembed"]
     res = susceptibilities(
         model,
@@ -429,7 +456,6 @@ def run_user_chi(
         checkpoint=checkpoint,
         quiet=quiet,
     )
-    Path(out).mkdir(parents=True, exist_ok=True)
     res.save(os.path.join(out, "chi.npz"))
     chi = np.asarray(res.chi)
     columns = [f"s{int(i)}p{int(j)}" for i, j in zip(res.probe_sample, res.probe_position)]
