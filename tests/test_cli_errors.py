@@ -115,7 +115,8 @@ def test_flags_given_where_they_do_not_apply_are_refused(argv, message, capsys):
     assert f"pypattern {argv[0]}: error: {message}" in err
 
 
-def test_an_existing_file_as_out_or_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+def test_an_existing_file_as_out_or_checkpoint_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out folder is created in the working directory
     f = tmp_path / "file"
     f.write_text("x")
     for argv in (["llc", "--quick"], ["patch", "--quick"], ["circuit"], ["demo", "cka", "--quick"]):
@@ -170,6 +171,7 @@ def test_an_out_folder_that_cannot_be_created_is_refused_before_any_work(
 def test_errors_while_running_end_in_one_line_or_a_traceback_with_pypattern_debug(
     tmp_path, capsys, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)  # the default --out folder is created in the working directory
     np.save(tmp_path / "t.npy", np.zeros((2, 3), dtype=np.int64))
     argv = ["patch", "--model", str(tmp_path / "no-such-model"), "--data", str(tmp_path / "t.npy")]
     argv += ["--out", str(tmp_path / "out")]
@@ -230,7 +232,8 @@ def test_circuit_quick_runs_the_built_in_task(tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 0
 
 
-def test_a_model_path_that_is_not_a_directory_and_a_negative_seed_are_named(tmp_path, capsys):
+def test_a_model_path_that_is_not_a_directory_and_a_negative_seed_are_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out folder is created in the working directory
     tok = tmp_path / "tok.npy"
     np.save(tok, np.zeros((2, 4), dtype=np.int64))
     err = _fails(["llc", "--model", str(tmp_path / "absent"), "--data", str(tok)], capsys)
@@ -241,7 +244,8 @@ def test_a_model_path_that_is_not_a_directory_and_a_negative_seed_are_named(tmp_
     assert "argument --seed" in err
 
 
-def test_an_empty_text_token_file_is_said_to_be_empty(tmp_path, capsys):
+def test_an_empty_text_token_file_is_said_to_be_empty(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out folder is created in the working directory
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     err = _fails(["llc", "--model", str(tmp_path), "--data", str(empty)], capsys)
