@@ -496,10 +496,18 @@ def fingerprint(**items) -> dict[str, Any]:
 
 
 class _NotSet:
-    """An item one fingerprint lacks: runs leave items at their defaults out of their fingerprints."""
+    """An item one fingerprint lacks: runs leave items at their defaults out of their fingerprints. Shown as the
+    default's value when the run that checks the fingerprint knows it, else as "not set"."""
+
+    _UNKNOWN = object()
+
+    def __init__(self, default: Any = _UNKNOWN):
+        self.default = default
 
     def __repr__(self) -> str:
-        return "(not set: the default)"
+        if self.default is _NotSet._UNKNOWN:
+            return "(not set: the default)"
+        return f"{self.default!r} (the default)"
 
 
 def _short(v, n: int = 120) -> str:
@@ -522,14 +530,22 @@ def _first_difference(where: str, a, b) -> tuple[str, Any, Any]:
     return where, a, b
 
 
-def check_fingerprint(stored: Mapping[str, Any], current: Mapping[str, Any], path: str | os.PathLike) -> None:
+def check_fingerprint(
+    stored: Mapping[str, Any],
+    current: Mapping[str, Any],
+    path: str | os.PathLike,
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
     """Raise :class:`FingerprintMismatch` naming the first item (in the current fingerprint's order, then the
-    stored one's) whose values differ; nothing when they are equal."""
+    stored one's) whose values differ; nothing when they are equal. An item one fingerprint lacks (a run leaves
+    items at their defaults out) differs from any value the other holds; the message shows it as its value in
+    ``defaults`` (the values the run leaves out), else as not set."""
     path = os.fspath(path)
     if not isinstance(stored, Mapping):
         raise FormatError(f"{path!r} has no fingerprint in its header")
-    missing = _NotSet()
+    defaults = defaults or {}
     for k in [*current, *(k for k in stored if k not in current)]:
+        missing = _NotSet(defaults[k]) if k in defaults else _NotSet()
         a, b = stored.get(k, missing), current.get(k, missing)
         if a != b:
             where, x, y = _first_difference(k, a, b)

@@ -590,6 +590,16 @@ def _is_sample_default(name: str, value) -> bool:
     return value == p.default
 
 
+def _sample_defaults() -> dict:
+    """:func:`pypattern.sample`'s defaults that a checkpoint's fingerprint leaves out (:func:`_is_sample_default`),
+    by argument name: what a mismatch message shows for an item one fingerprint lacks."""
+    return {
+        k: p.default
+        for k, p in _SAMPLE_PARAMETERS.items()
+        if p.default is not inspect.Parameter.empty and _is_sample_default(k, p.default)
+    }
+
+
 def _sampler_kwargs(kw: dict) -> dict:
     """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated)."""
     allowed = {
@@ -819,7 +829,12 @@ def susceptibilities(
         if local is not None and os.path.exists(local):
             saved = load_checkpoint_state(local)
             # the accumulators were filled by this susceptibility run (the sampler checks its own settings)
-            io.check_fingerprint(json.loads(bytes(saved.get("fingerprint", b"{}")).decode()), group_fp, local)
+            io.check_fingerprint(
+                json.loads(bytes(saved.get("fingerprint", b"{}")).decode()),
+                group_fp,
+                local,
+                defaults=_sample_defaults(),
+            )
             done = io.load(local, kind=CHECKPOINT_KIND)[0].get("done")
             for i, a in enumerate(accs):
                 pre = f"acc{i}/"
@@ -925,7 +940,7 @@ def susceptibilities(
         if path is None or not os.path.exists(path):
             return None
         arrays, meta = io.load(path, kind=ROW_KIND)
-        io.check_fingerprint(meta.get("fingerprint"), row_fp(run), path)
+        io.check_fingerprint(meta.get("fingerprint"), row_fp(run), path, defaults=_sample_defaults())
         row = {**arrays, **meta.get("row", {})}
         shapes = {"full_means": (n + 1,)} if run == "unrestricted" else {
             "chi": (n,), "chi_chains": (C, n), "loss_mean": (n,), "phi_mean": (), "nbeta": ()

@@ -444,6 +444,12 @@ def test_chi_burn_in_checkpoint_and_probe_count(model_dir, data, tmp_path, capsy
         main([*argv[:-4], "--num-burnin-steps", "8", "--out", str(tmp_path / "c"), "--checkpoint", str(ck)])
     assert e.value.code == 2
     assert "different run" in capsys.readouterr().err
+    # a value given that equals the sampler's default (which the fingerprint leaves out) is shown as the value
+    other = [v if v != "3" else "200" for v in argv]
+    with pytest.raises(SystemExit) as e:
+        main([*other, "--out", str(tmp_path / "c"), "--checkpoint", str(ck), "--quiet"])
+    assert e.value.code == 2
+    assert "num_draws = 3 there, 200 (the default) now" in capsys.readouterr().err
 
 
 def test_corrupted_files_are_named_and_checked_before_the_prompt_cut(model_dir, data, tmp_path, capsys):

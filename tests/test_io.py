@@ -256,6 +256,12 @@ def test_fingerprint_canonical_and_first_difference():
     assert e.value.item == "w"  # the first differing item, in the current call's order
     with pytest.raises(io.FingerprintMismatch, match="extra = 1 there, \\(not set: the default\\) now"):
         io.check_fingerprint({**b, "extra": 1}, b, "ck.npz")
+    # an item left out at its default is shown as the default's value when the caller knows it
+    with pytest.raises(io.FingerprintMismatch, match="extra = 1 there, 200 \\(the default\\) now") as e:
+        io.check_fingerprint({**b, "extra": 1}, b, "ck.npz", defaults={"extra": 200})
+    assert e.value.item == "extra" and e.value.stored == 1
+    with pytest.raises(io.FingerprintMismatch, match="extra = 200 \\(the default\\) there, 7 now"):
+        io.check_fingerprint(b, {**b, "extra": 7}, "ck.npz", defaults={"extra": 200})
     # hashes see every bit: -0.0 and 0.0, a negated tensor, another dtype
     assert io.hash_tensor(torch.zeros(2)) != io.hash_tensor(-torch.zeros(2))
     assert io.hash_tensor(torch.zeros(2)) != io.hash_tensor(torch.zeros(2, dtype=torch.float64))

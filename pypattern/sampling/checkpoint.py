@@ -114,7 +114,7 @@ class State:
                     stored=was,
                     current=now,
                 )
-        io.check_fingerprint(stored, fingerprint, path)
+        io.check_fingerprint(stored, fingerprint, path, defaults=FINGERPRINT_DEFAULTS)
         G, D = plan.num_total_chains, plan.num_draws
 
         def bad(what: str) -> io.FormatError:
@@ -220,6 +220,10 @@ def load_checkpoint_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The ``checkpoint_state`` arrays of a checkpoint written by :func:`pypattern.sample` (empty if none)."""
     arrays, _ = io.load(path, kind=CHECKPOINT_KIND)
     return {k[6:]: v for k, v in arrays.items() if k.startswith("state/")}
+
+
+#: the items :func:`run_fingerprint` leaves out at these values (a mismatch message shows them)
+FINGERPRINT_DEFAULTS = {"sampler": "sgld", "num_init_loss_batches": None, "record_observables": True}
 
 
 def run_fingerprint(
