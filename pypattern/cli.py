@@ -451,7 +451,9 @@ def _parser() -> argparse.ArgumentParser:
         help="estimate the LLC of a small MLP trained on a teacher task, or of your model (--model, --data)",
         description="Train a small MLP on a random teacher's labels, estimate its LLC with SGLD, and save the "
         "result (npz) and a loss-trace plot; with --model DIR --data FILE: the LLC of your own model on your "
-        "token file (the flags marked 'with --model' apply only then).",
+        "token file (the flags marked 'with --model' apply only then), with a summary (llc_summary.json: llc_mean, "
+        "llc_std and llc_se over chains, llc_per_chain; a value that is undefined, such as llc_std and llc_se of "
+        "one chain, is null).",
     )
     llc.add_argument("--out", default="out/llc", help="folder for the result and the plot (default: out/llc)")
     _flag(llc, "--quick", action="store_true", applies=DEMO_ONLY, help=f"built-in demo only: {quick_help}")
@@ -505,7 +507,8 @@ def _parser() -> argparse.ArgumentParser:
         help="per-token susceptibilities of your own model's components (--model DIR --data FILE)",
         description="Susceptibilities (components x probe tokens) of every head, MLP and the embedding of a "
         "local Hugging Face model, sampled on the token file and probed on its first sequences; writes the "
-        "result (npz), a table (CSV, one row per component) and a summary (JSON).",
+        "result (npz), a table (CSV, one row per component) and a summary (JSON; a value that is undefined is "
+        "null).",
     )
     chi.add_argument("--out", default="out/chi", help="folder for the result and table (default: out/chi)")
     _user_args(chi, required=True)

@@ -50,11 +50,13 @@ __all__ = [
     "fingerprint",
     "hash_batch",
     "hash_tensor",
+    "json_text",
     "load",
     "load_result",
     "register",
     "save",
     "save_result",
+    "strict_json",
 ]
 
 FORMAT = "pypattern"
@@ -74,6 +76,46 @@ class FingerprintMismatch(ValueError):
     def __init__(self, msg: str, *, path: str, item: str, stored: Any, current: Any):
         super().__init__(msg)
         self.path, self.item, self.stored, self.current = path, item, stored, current
+
+
+# ------------------------------------------------------------------------------------------------ JSON reports
+
+
+def _json_key(k: Any) -> str:
+    """A mapping key as ``json.dumps`` writes it (``True`` as "true", ``None`` as "null", numbers by ``str``)."""
+    if isinstance(k, str):
+        return k
+    return json.dumps(k) if isinstance(k, (bool, type(None))) else str(k)
+
+
+def strict_json(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """``obj`` as plain JSON values, with ``None`` (JSON ``null``) for every non-finite number (NaN, +-inf), which
+    JSON has no literal for: dicts (keys as strings), lists and tuples, NumPy arrays and scalars, 0-d tensors and
+    Python numbers. Other objects go through ``default`` (when given) and are converted in turn, or stay as they
+    are."""
+    if isinstance(obj, Mapping):
+        return {_json_key(k): strict_json(v, default) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, default) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist(), default)
+    if isinstance(obj, torch.Tensor) and obj.ndim == 0:
+        return strict_json(obj.item(), default)
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if obj is None or isinstance(obj, str) or default is None:
+        return obj
+    return strict_json(default(obj))
+
+
+def json_text(obj: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> str:
+    """Standard JSON (RFC 8259) text of ``obj``: non-finite numbers written as ``null`` (:func:`strict_json`), so
+    that strict parsers read the file; what cannot be written raises ``ValueError`` or ``TypeError``."""
+    return json.dumps(strict_json(obj, default), indent=indent, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------------------ raw files

@@ -381,7 +381,10 @@ def test_llc_one_chain_progress_burn_in_and_checkpoint(model_dir, data, tmp_path
     out, err = capsys.readouterr()
     assert "SGLD" in err  # the sampler's progress bar
     assert "nan" not in out and "1 chain: no standard error" in out and "burn-in 100 steps" in out
-    plain = json.loads((tmp_path / "plain" / "llc_summary.json").read_text())
+    # standard JSON: the standard deviation and error of one chain, undefined, are null (no bare NaN)
+    text = (tmp_path / "plain" / "llc_summary.json").read_text()
+    plain = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in llc_summary.json"))
+    assert plain["llc_std"] is None and plain["llc_se"] is None and len(plain["llc_per_chain"]) == 1
     assert plain["num_burnin_steps"] == 100
     from pypattern import LLCResult
 

@@ -270,6 +270,30 @@ def test_fingerprint_canonical_and_first_difference():
     )
 
 
+def test_json_text_writes_null_for_non_finite_numbers():
+    """Reports are standard JSON: NaN and +-inf (Python, NumPy, 0-d tensors, in arrays) are written as null,
+    everything else as json.dumps writes it."""
+    obj = {
+        "nan": float("nan"),
+        "inf": np.float32("inf"),
+        "t": torch.tensor(float("-inf")),
+        "arr": np.array([1.0, np.nan]),
+        "ok": (1, 2.5, np.int64(3), True, None, "s"),
+        1: {None: 0.5, True: 1},
+    }
+    text = io.json_text(obj)
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} written"))
+    assert back == {
+        "nan": None,
+        "inf": None,
+        "t": None,
+        "arr": [1.0, None],
+        "ok": [1, 2.5, 3, True, None, "s"],
+        "1": {"null": 0.5, "true": 1},
+    }
+    assert json.loads(io.json_text({"x": object()}, default=lambda o: float("nan"))) == {"x": None}
+
+
 @pytest.mark.parametrize("name", ["EdgeScores", "Circuit"])
 def test_circuit_results_refuse_pickles_and_truncated_files(name, tmp_path):
     """The circuit results read through the same module: the same refusals."""

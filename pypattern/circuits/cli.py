@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -429,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_args(p, args)
     res = run_from_args(args)
-    print(json.dumps(res, indent=2, default=str))
+    from ..io import json_text
+
+    print(json_text(res, default=str))
     return 0
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from ..io import json_text
 
 __all__ = ["HFAutoSettings", "build_model", "compare", "main", "measure_family"]
 
@@ -234,10 +235,10 @@ def main(argv=None) -> list[dict]:
         r = measure_family(fam, s)
         r["settings"] = asdict(s)
         out.append(r)
-        print(json.dumps(r), flush=True)
+        print(json_text(r, indent=None), flush=True)
         if a.json:
             with open(a.json, "w") as f:
-                json.dump(out, f, indent=1)
+                f.write(json_text(out, indent=1))
     print(table(out))
     return out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from .._threads import pinned_threads
 from ..equivalence import cka_matrix, permutation_test, procrustes
+from ..io import json_text
 from ..models.transformer import Transformer
 from ..tasks.induction import InductionTask, prefix_matching_score
 from ..tasks.training import train
@@ -84,7 +84,7 @@ def run_equivalence_demo(out_dir: str | Path = "out/demo/cka", s: EquivalenceDem
         "pairs": pairs,
         "seconds": time.perf_counter() - t0,
     }
-    (out / "equivalence.json").write_text(json.dumps(result, indent=2))
+    (out / "equivalence.json").write_text(json_text(result))
     _plot(result, out / "equivalence_cka.png")
     summary = {"prefix-matching score per seed": {k: round(v, 2) for k, v in scores.items()}}
     for key, p in pairs.items():

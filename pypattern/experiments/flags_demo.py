@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from .._threads import pinned_threads
 from ..flags import FlagSpec, flag_report, train_flags
+from ..io import json_text
 from ..models.transformer import Transformer
 from ..tasks.topics import TopicTask
 from ..tasks.training import train
@@ -103,7 +103,7 @@ def run_flags_demo(out_dir: str | Path = "out/demo/flags", s: FlagsDemoSettings 
         "control": dataclasses.asdict(ctl),
         "seconds": time.perf_counter() - t0,
     }
-    (out / "flags_report.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / "flags_report.json").write_text(json_text(result, default=float))
     return {
         "steering toward a concept against the prompt (flags / control / unsteered)": (
             f"{rep.steer_success:.3f} / {ctl.steer_success:.3f} / {rep.steer_baseline:.3f}"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..interpretive import MEASURES, accumulated_residual, distinguishability_grid, selectivity_curves
+from ..io import json_text
 from ..models.transformer import Transformer, TransformerConfig
 from ..tasks.algorithmic import (
     ALGORITHMS,
@@ -166,7 +167,7 @@ def _train_member(job: tuple) -> dict:
         "seconds": time.perf_counter() - t0,
     }
     np.savez(path + ".npz", **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
-    Path(path + ".json").write_text(json.dumps(meta, indent=1))
+    Path(path + ".json").write_text(json_text(meta, indent=1))
     return meta
 
 
@@ -554,7 +555,7 @@ def run_interpretive(
         "seconds": time.perf_counter() - t_start,
     }
     report["plots"] = _plot(report, out, name)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.json").write_text(json_text(report, indent=1))
     return report
 
 
@@ -582,7 +583,7 @@ def merge_reports(paths: list[str | Path], out_dir: str | Path, name: str = "int
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base["plots"] = _plot(base, out, name)
-    (out / f"{name}.json").write_text(json.dumps(base, indent=1))
+    (out / f"{name}.json").write_text(json_text(base, indent=1))
     return base
 
 
@@ -591,9 +592,16 @@ def _summary(per_seed: list, algorithms, measures, budgets) -> dict:
     k = len(algorithms)
     off = ~np.eye(k, dtype=bool)
     for m in measures:
-        g = np.array([r["grid"][m]["fraction_positive"] for r in per_seed])  # (seeds, k, k)
+        # (seeds, k, k); a report read back holds null where a value was not finite
+        g = np.array([r["grid"][m]["fraction_positive"] for r in per_seed], dtype=float)
         sel = {
-            str(b): float(np.mean([r["selectivity"][m][a][str(b)] for r in per_seed for a in algorithms]))
+            str(b): float(
+                np.mean(
+                    np.array(
+                        [r["selectivity"][m][a][str(b)] for r in per_seed for a in algorithms], dtype=float
+                    )
+                )
+            )
             for b in budgets
         }
         out[m] = {
@@ -619,7 +627,7 @@ def _plot(report: dict, out: Path, name: str) -> list[str]:
     fig, axes = plt.subplots(1, len(measures), figsize=(6.0 * len(measures), 4.6), squeeze=False)
     fig.subplots_adjust(wspace=0.75)
     for ax, m in zip(axes[0], measures):
-        g = np.mean([r["grid"][m]["fraction_positive"] for r in per], 0)
+        g = np.mean(np.array([r["grid"][m]["fraction_positive"] for r in per], dtype=float), 0)
         im = ax.imshow(g, vmin=0, vmax=1, cmap="viridis")
         for i, j in itertools.product(range(len(names)), repeat=2):
             ax.text(

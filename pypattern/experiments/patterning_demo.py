@@ -6,7 +6,6 @@ pypattern.experiments.patterning_demo [DIR] [--full | --quick]``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import json_text
 from .induction import GROUP_NAMES, InductionSettings, run_induction_experiment
 from .parens import PARENS_GROUP_NAMES, ParensSettings, run_parens_experiment
 
@@ -250,7 +250,7 @@ def run_patterning_demo(out_dir, full: bool = False, log=print, quick: bool = Fa
     }
     report = out / "patterning_summary.json"
     with open(report, "w") as f:
-        json.dump(_jsonable(result), f, indent=1)
+        f.write(json_text(_jsonable(result), indent=1))
     result["report"] = str(report)
     return result
 

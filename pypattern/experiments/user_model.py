@@ -12,7 +12,6 @@ line (all of one length); other formats are refused.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 import zipfile
@@ -222,8 +221,10 @@ def out_folder(path: str | os.PathLike, argument: str = "out") -> str:
 def _write(out: str, name: str, obj: dict) -> str:
     Path(out).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out, name)
+    from ..io import json_text
+
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(json_text(obj))
     return path
 
 
@@ -263,7 +264,8 @@ def run_user_llc(
     """Estimate the LLC of the model in ``model_dir`` on the token sequences in ``data`` (next-token loss).
 
     Writes ``llc.npz`` (:class:`~pypattern.LLCResult`), ``llc_trace.png`` and ``llc_summary.json`` into ``out``
-    and returns the summary. ``checkpoint``: a folder; the sampler's checkpoint ``llc_checkpoint.npz`` there is
+    and returns the summary. The summary file is standard JSON: a value that is undefined (``llc_std`` and
+    ``llc_se`` of one chain) or not finite is ``null`` there (NaN in the returned dict). ``checkpoint``: a folder; the sampler's checkpoint ``llc_checkpoint.npz`` there is
     written as the run goes and resumed from by the same run (a run with other settings, model or data is
     refused). ``quiet=False`` shows the sampler's progress bars.
     """
