@@ -248,8 +248,9 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--data",
         required=required,
-        help="token ids (num_sequences, seq_len): .npy, .npz (its array 'tokens', or its only array) or a text file (.txt, "
-        ".csv, .tsv) with one sequence of whitespace- or comma-separated ids per line; other formats are refused",
+        help="token ids (num_sequences, seq_len): .npy, .npz (its array 'tokens', or its only array; 2-D, a flat 1-D "
+        "array is refused) or a text file (.txt, .csv, .tsv) with one sequence of whitespace- or comma-separated ids "
+        "per line; other formats are refused",
     )
     _flag(
         p, "--float64", action="store_true", applies=MODEL_ONLY, help="with --model: run the model in float64"

@@ -64,6 +64,57 @@ def test_token_files(data, tmp_path):
     (tmp_path / "ragged.txt").write_text("1 2 3\n4 5\n")
     with pytest.raises(ValueError, match="ragged"):
         load_tokens(tmp_path / "ragged.txt")
+    # a flat stream of ids is not read as one sequence: (num_sequences, seq_len) is expected
+    np.save(tmp_path / "flat.npy", tokens.ravel())
+    np.savez(tmp_path / "flat.npz", tokens=tokens.ravel())
+    for name in ("flat.npy", "flat.npz"):
+        with pytest.raises(
+            ValueError, match=r"data='.*flat\.np[yz]' holds a 1-D array of 56 ids; expected \(num_seq"
+        ):
+            load_tokens(tmp_path / name)
+    # past the positions a LongRoPE / dynamic NTK scaling holds for
+    with pytest.raises(
+        ValueError, match=r"sequences have 7 tokens; the model's rotary scaling .* holds for 6 positions"
+    ):
+        load_tokens(d / "tokens.npy", rotary_limit=6)
+    assert load_tokens(d / "tokens.npy", rotary_limit=7).shape == (8, 7)
+
+
+def test_data_beyond_a_dynamic_rotary_scaling_is_refused_when_read(data, tmp_path, capsys, monkeypatch):
+    """A dynamic-NTK Llama holds its frequencies for original_max_position_embeddings positions (the forward
+    refuses later ones): --data (and --corrupted) with longer sequences is refused when the file is read, naming
+    it, before any forward; a 1-D --data is refused naming (num_sequences, seq_len)."""
+    import pypattern.patching as patching
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=23, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=6, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dyn", safe_serialization=True)
+    d, tokens = data  # sequences of 7 tokens
+    np.save(tmp_path / "short.npy", tokens[:, :6])
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran before --data was checked")
+
+    monkeypatch.setattr(patching, "activation_patching", no_forward)
+    base = ["--model", str(tmp_path / "dyn"), "--out", str(tmp_path / "o")]
+    for cmd in (["patch"], ["circuit"], ["llc", "--num-draws", "3"], ["chi", "--num-draws", "3"]):
+        err = _err([*cmd, *base, "--data", str(d / "tokens.npy")], capsys)
+        assert (
+            f"error: data={str(d / 'tokens.npy')!r}: sequences have 7 tokens; the model's rotary scaling"
+            in err
+        )
+        assert "holds for 6 positions" in err and "Traceback" not in err
+    for cmd in ("patch", "circuit"):
+        err = _err(
+            [cmd, *base, "--data", str(tmp_path / "short.npy"), "--corrupted", str(d / "tokens.npy")], capsys
+        )
+        assert "corrupted=" in err and "sequences have 7 tokens; the model's rotary scaling" in err
+    np.save(tmp_path / "flat.npy", tokens.ravel())
+    err = _err(["patch", *base, "--data", str(tmp_path / "flat.npy")], capsys)
+    assert "holds a 1-D array of 56 ids; expected (num_sequences, seq_len)" in err
 
 
 def test_llc_on_user_model(model_dir, data, tmp_path, capsys):

@@ -159,7 +159,9 @@ def _ids(z, key: str, path: str, ndim: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def load_prompts(path: str, *, vocab_size: int | None = None, n_ctx: int | None = None):
+def load_prompts(
+    path: str, *, vocab_size: int | None = None, n_ctx: int | None = None, rotary_limit: int | None = None
+):
     """``(clean, corrupted, metric)`` from a prompt file (see the module docstring).
 
     Raises
@@ -167,7 +169,8 @@ def load_prompts(path: str, *, vocab_size: int | None = None, n_ctx: int | None 
     ValueError
         Naming the file and the array when an array is missing, not an integer array, of the wrong shape (clean
         and corrupted ``(batch, pos)`` of one shape, answer and wrong ``(batch,)``), when ids are negative or not
-        below ``vocab_size``, or when prompts are longer than ``n_ctx``.
+        below ``vocab_size``, or when prompts are longer than ``n_ctx`` (learned positions) or ``rotary_limit``
+        (the positions the model's LongRoPE or dynamic NTK scaling holds for).
     """
     from ..patching import LogitDiff, LogProb
 
@@ -216,6 +219,10 @@ def load_prompts(path: str, *, vocab_size: int | None = None, n_ctx: int | None 
         raise ValueError(
             f"tokens={path!r}: prompts have {clean.shape[1]} tokens; the model's n_ctx is {n_ctx}"
         )
+    if rotary_limit is not None and clean.shape[1] > rotary_limit:
+        from ..experiments.user_model import length_check_error
+
+        raise length_check_error(path, "tokens", clean.shape[1], None, rotary_limit)
     metric = LogitDiff(ans, wrong) if wrong is not None else LogProb(ans)
     return clean, corr, metric
 
@@ -224,10 +231,10 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     """``(clean, corrupted, metric, ablation)`` for ``model`` from a prompt file (see the module docstring): an
     ``.npz`` with ``clean``, ``corrupted`` and ``answer`` as :func:`load_prompts` reads, or a plain token file with
     an optional corrupted token file."""
-    from ..experiments.user_model import load_tokens
+    from ..experiments.user_model import load_tokens, token_limits
     from ..patching import LogProb
 
-    n_ctx = model.cfg.max_positions
+    limits = token_limits(model)
     if tokens.lower().endswith(".npz"):
         full = False  # a file that cannot be read as prompts: load_tokens says why
         with contextlib.suppress(ValueError, OSError, EOFError, zipfile.BadZipFile):
@@ -241,12 +248,12 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
                     f"the token file {tokens!r} holds its own corrupted prompts; the corrupted file {corrupted!r} is not "
                     "read with it"
                 )
-            clean, corr, metric = load_prompts(tokens, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
+            clean, corr, metric = load_prompts(tokens, **limits)
             return clean, corr, metric, "resample"
-    clean = load_tokens(tokens, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx)
+    clean = load_tokens(tokens, **limits)
     corr = None
     if corrupted is not None:
-        corr = load_tokens(corrupted, vocab_size=model.cfg.d_vocab, n_ctx=n_ctx, argument="corrupted")
+        corr = load_tokens(corrupted, **limits, argument="corrupted")
         if corr.shape != clean.shape:
             raise ValueError(
                 f"the corrupted file {corrupted!r} has shape {tuple(corr.shape)}; it must match the token file's "

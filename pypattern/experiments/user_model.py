@@ -77,11 +77,30 @@ def _text_ids(p: Path) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
+def length_check_error(path, argument: str, seq_len: int, n_ctx: int | None, rotary_limit: int | None):
+    """The ``ValueError`` for sequences of ``seq_len`` tokens in the file ``path`` (named as ``argument``) that the
+    model cannot read: longer than its ``n_ctx`` learned positions, or than ``rotary_limit``
+    (:attr:`~pypattern.models.TransformerConfig.rotary_position_limit`); None when they fit."""
+    if n_ctx is not None and seq_len > n_ctx:
+        return ValueError(
+            f"{argument}={str(path)!r}: sequences have {seq_len} tokens; the model's n_ctx is {n_ctx}"
+        )
+    if rotary_limit is not None and seq_len > rotary_limit:
+        return ValueError(
+            f"{argument}={str(path)!r}: sequences have {seq_len} tokens; the model's rotary scaling (LongRoPE's "
+            f"short factors or dynamic NTK's unscaled frequencies) holds for {rotary_limit} positions "
+            f"(original_max_position_embeddings) and longer sequences are not supported: give sequences of at most "
+            f"{rotary_limit} tokens"
+        )
+    return None
+
+
 def load_tokens(
     path: str | os.PathLike,
     *,
     vocab_size: int | None = None,
     n_ctx: int | None = None,
+    rotary_limit: int | None = None,
     argument: str = "data",
 ) -> torch.Tensor:
     """Token ids ``(num_sequences, seq_len)`` as a LongTensor from ``.npy``, ``.npz`` or a text file (``.txt``,
@@ -90,9 +109,12 @@ def load_tokens(
     Raises
     ------
     ValueError
-        Naming the file when its format is not one of these, when it cannot be read as such an array, when ids
-        are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``; the
-        message names the file as ``argument`` (the command-line option it came from).
+        Naming the file when its format is not one of these, when it cannot be read as such an array, when it is
+        not 2-D ``(num_sequences, seq_len)`` (a flat 1-D stream of ids is refused: split it into sequences), when
+        ids are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``
+        (learned positions) or ``rotary_limit`` (the positions a LongRoPE or dynamic NTK scaling holds for:
+        :attr:`~pypattern.models.TransformerConfig.rotary_position_limit`); the message names the file as
+        ``argument`` (the command-line option it came from).
     """
     p = Path(path)
     if not p.is_file():
@@ -113,7 +135,11 @@ def load_tokens(
     except (ValueError, OverflowError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{argument}={str(p)!r}: cannot read token ids ({e})") from None
     if arr.ndim == 1:
-        arr = arr[None]
+        raise ValueError(
+            f"{argument}={str(p)!r} holds a 1-D array of {arr.shape[0]} ids; expected (num_sequences, seq_len): "
+            "split a flat stream of ids into sequences of one length (e.g. ids[: n * L].reshape(n, L)), or save one "
+            "sequence as an array of shape (1, seq_len)"
+        )
     if arr.ndim != 2 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(
             f"{argument}={str(p)!r}: expected a non-empty integer array (num_sequences, seq_len), got shape "
@@ -124,10 +150,9 @@ def load_tokens(
         raise ValueError(
             f"{argument}={str(p)!r}: token ids must {want}; found {int(arr.min())}..{int(arr.max())}"
         )
-    if n_ctx is not None and arr.shape[1] > n_ctx:
-        raise ValueError(
-            f"{argument}={str(p)!r}: sequences have {arr.shape[1]} tokens; the model's n_ctx is {n_ctx}"
-        )
+    err = length_check_error(p, argument, arr.shape[1], n_ctx, rotary_limit)
+    if err is not None:
+        raise err
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -136,6 +161,16 @@ _UPCAST_REASON = {
     "sampling": "the samplers move float32 and float64 parameters only: sampling its float32 copy",
     "patching": "patching effects computed in half precision are mostly rounding noise: patching its float32 copy",
 }
+
+
+def token_limits(model) -> dict:
+    """What ``model`` reads, as :func:`load_tokens`'s keywords: ``vocab_size``, ``n_ctx`` (learned positions) and
+    ``rotary_limit`` (the positions its rotary scaling holds for)."""
+    return {
+        "vocab_size": model.cfg.d_vocab,
+        "n_ctx": model.cfg.max_positions,
+        "rotary_limit": model.cfg.rotary_position_limit,
+    }
 
 
 def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
@@ -154,7 +189,7 @@ def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
         )
         model = load_model_dir(model_dir, dtype=torch.float32, argument="--model")
     model.eval()
-    tokens = load_tokens(data, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions)
+    tokens = load_tokens(data, **token_limits(model))
     if upcast == "sampling" and tokens.shape[1] < 2:
         raise ValueError(
             f"data={str(data)!r}: its sequences have {tokens.shape[1]} token; the next-token loss that llc and chi "
@@ -366,9 +401,7 @@ def run_user_patch(
         sites = tuple(s for s in DEFAULT_SITES if not (model.cfg.attn_only and s == "mlp_out"))
     corr = None
     if corrupted is not None:
-        corr = load_tokens(
-            corrupted, vocab_size=model.cfg.d_vocab, n_ctx=model.cfg.max_positions, argument="corrupted"
-        )
+        corr = load_tokens(corrupted, **token_limits(model), argument="corrupted")
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match data's {tuple(clean.shape)}"

@@ -674,6 +674,20 @@ class TransformerConfig:
         sc = self.rotary_scaling
         return sc[layer] if isinstance(sc, tuple) else sc
 
+    @property
+    def rotary_position_limit(self) -> int | None:
+        """The longest sequence the rotary scaling reads: LongRoPE's short factors and dynamic NTK scaling's unscaled
+        frequencies hold for ``original_max_position_embeddings`` positions, and the forward raises ``ValueError``
+        for a position past them (the smallest over the rotating layers); None for other scalings and models."""
+        limits = [
+            int(sc["original_max_position_embeddings"])
+            for layer in range(self.n_layers)
+            if self.rotates(layer)
+            and (sc := self.rope_scaling(layer)) is not None
+            and sc["rope_type"] in ("longrope", "dynamic")
+        ]
+        return min(limits) if limits else None
+
     def to_dict(self) -> dict:
         """The fields as plain Python values (dtypes as names); ``TransformerConfig(**d)`` rebuilds it."""
         d = asdict(self)
