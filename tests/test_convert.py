@@ -1468,9 +1468,9 @@ def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
     runs the bridge's forward) to the function of the bridge's forward in float64 and float32. The bridge's attention
     components take the softmax in float32 for the Llama family (SmolLM3 too), Gemma, Phi and BLOOM, in the model's dtype for GPT-2,
     GPT-NeoX, Phi-3 and Falcon; GPT-J's, GPT-Neo's and OPT's run the Hugging Face eager attention (run in the bench
-    venv of bench/envs/tl.sh; skipped where transformer_lens is not installed)."""
-    pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
+    venv of bench/envs/tl.sh; skipped where TransformerLens 4.x is not installed)."""
+    # TransformerLens 4.x (its bridge); 2.x / 3.x have none
+    TransformerBridge = pytest.importorskip("transformer_lens.model_bridge").TransformerBridge
 
     family = CASES[case][0]
     hf = hf_model(case, dtype)
@@ -1507,10 +1507,10 @@ def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
 def test_transformer_lens_bridge_that_differs_from_its_model_is_refused(tmp_path):
     """A bridge whose own forward is another function than the Hugging Face model it wraps (TransformerLens 4.3
     scales GPT-2's attention scores although ``scale_attn_weights=False``) is refused by from_hf's check, which says
-    so; ``verify=False`` converts the Hugging Face model's function (skipped where transformer_lens is not
+    so; ``verify=False`` converts the Hugging Face model's function (skipped where TransformerLens 4.x is not
     installed)."""
-    pytest.importorskip("transformer_lens")
-    from transformer_lens.model_bridge import TransformerBridge
+    # TransformerLens 4.x (its bridge); 2.x / 3.x have none
+    TransformerBridge = pytest.importorskip("transformer_lens.model_bridge").TransformerBridge
 
     hf = hf_model("gpt2-untied-relu-unscaled")
     hf.config.architectures = [type(hf).__name__]
