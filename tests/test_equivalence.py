@@ -235,6 +235,29 @@ def test_procrustes_invariances():
     assert procrustes(x, x @ torch.diag(torch.linspace(0.1, 5, 6, dtype=torch.float64))) > 0.2
 
 
+def test_procrustes_resolves_small_distances():
+    # the residual at the optimal rotation, not sqrt(2 - 2 nuc): no cancellation near 0
+    rng = np.random.default_rng(0)
+    for n, d in [(50, 8), (40, 60), (30, 300)]:
+        x = rng.normal(size=(n, d))
+        assert procrustes(x, x) == 0.0 and procrustes(x, x, angular=True) == 0.0
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        assert procrustes(x, -3.0 * x @ q + 1.0) < 1e-14
+        assert procrustes(x, -3.0 * x @ q + 1.0, angular=True) < 1e-14
+    x = rng.normal(size=(50, 8))
+    y = x + 1e-10 * rng.normal(size=x.shape)
+
+    def norm(a):
+        a = a - a.mean(0)
+        return a / np.linalg.norm(a)
+
+    r, _ = scipy.linalg.orthogonal_procrustes(norm(y), norm(x))
+    want = np.linalg.norm(norm(y) @ r - norm(x))  # about 9.5e-11
+    assert 5e-11 < want < 2e-10
+    assert procrustes(x, y) == pytest.approx(want, rel=1e-6)
+    assert procrustes(x, y, angular=True) == pytest.approx(2 * math.asin(want / 2), rel=1e-6)
+
+
 def test_permutation_test():
     x = _rand(60, 10, 0)
     y = x @ _rand(10, 4, 1) + 0.5 * _rand(60, 4, 2)
