@@ -805,3 +805,173 @@ def test_gram_of_losses_that_call_the_model_in_several_ways(tied):
 
     for lf in (lengths, probe_and_logits, detached_lookup):
         assert _rel(per_sample_grad_gram(model, lf, toks), _naive_gram(model, lf, toks)) < 1e-12, lf.__name__
+
+
+class _Reuse(nn.Module):
+    """An MLP whose middle layer ``b`` is used in one of several ways, and an embedding reused as the unembedding."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.a, self.b, self.o = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.mode == "forward":  # bypasses the module's hooks
+            h = self.b.forward(h)
+        elif self.mode == "F.linear":
+            h = F.linear(h, self.b.weight, self.b.bias)
+        elif self.mode == "matmul":  # the module's call plus a second, functional use of its weight
+            h = self.b(h) + h @ self.b.weight.T
+        else:
+            h = self.b(h)
+        return self.o(torch.tanh(h)).squeeze(-1)
+
+
+@pytest.mark.parametrize("mode", ["forward", "F.linear", "matmul", "penalty"])
+def test_gram_refuses_parameter_uses_its_hooks_do_not_see(mode):
+    """Every gradient path of a covered parameter outside its site's hooked calls is refused by name (the sum over
+    samples of the captured per-sample gradients would miss it): a module called as m.forward(x), its weight
+    used through F.linear or a matmul, a penalty on the parameters inside loss_fn. check=False skips the check
+    (and returns the Gram of the captured paths only)."""
+    torch.manual_seed(0)
+    m = _Reuse("plain" if mode == "penalty" else mode).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss(model, x):
+        out = model(x) ** 2
+        return out + 1e-2 * (model.b.weight**2).sum() if mode == "penalty" else out
+
+    match = r"(?s)sites / modules: .*site 'b' \(parameters \['b.weight', 'b.bias'\]\): sum over samples.*Likely causes"
+    if mode in ("forward", "F.linear"):  # b's hooks never ran
+        match = r"site 'b' .*its output capture \('b', 'output'\) recorded no call"
+    with pytest.raises(ValueError, match=match):
+        per_sample_grad_gram(m, loss, x)
+    with pytest.raises(ValueError, match=r"site 'b'"):
+        per_sample_grad_gram(m, loss, x, per_module=True, centered=True)
+    unchecked = per_sample_grad_gram(m, loss, x, check=False)
+    assert _rel(unchecked, per_sample_grad_gram_reference(m, loss, x)) > 1e-3
+    # the same model with its sites seen whole is exact
+    m.mode = "plain"
+    ok = per_sample_grad_gram(m, lambda model, x: model(x) ** 2, x)
+    assert _rel(ok, per_sample_grad_gram_reference(m, lambda model, x: model(x) ** 2, x)) < 1e-12
+
+
+def test_gram_refuses_weights_tied_to_a_module_that_is_not_a_site():
+    """An embedding reused as the unembedding (x @ wte.weight.T), and a Hugging Face GPT-2 whose lm_head is tied
+    to transformer.wte with modules=['transformer.wte']: refused, naming the parameter's other name."""
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.mlp = nn.Embedding(10, 6), nn.Linear(6, 6)
+
+        def forward(self, ids):
+            return torch.tanh(self.mlp(self.wte(ids))) @ self.wte.weight.T
+
+    def lm_loss(model, ids):
+        logits = model(ids)
+        logits = getattr(logits, "logits", logits)[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+            len(ids), -1
+        )
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (4, 5))
+    with pytest.raises(ValueError, match=r"site 'wte' \(parameters \['wte.weight'\]\): sum over samples"):
+        per_sample_grad_gram(TinyLM().double(), lm_loss, ids)
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=23, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    ).double().eval()  # fmt: skip
+    tok = torch.randint(0, 10, (4, 6))
+    with pytest.raises(
+        ValueError, match=r"site 'transformer.wte'.*the same tensor is also \['lm_head.weight'\]"
+    ):
+        per_sample_grad_gram(gpt2, lm_loss, tok, modules=["transformer.wte"])
+    # a module no tied weight reaches past its site is exact
+    g = per_sample_grad_gram(gpt2, lm_loss, tok, modules=["transformer.h.0.ln_1"])
+    assert (
+        _rel(g, per_sample_grad_gram_reference(gpt2, lm_loss, tok, modules=["transformer.h.0.ln_1"])) < 1e-12
+    )
+
+
+def test_gram_of_a_site_never_called_is_zero_and_listed():
+    """A site whose module the forward never calls (its parameters get no gradient) has a zero Gram, listed in
+    per_module, not left out; its total is the reference's."""
+    torch.manual_seed(0)
+    m = _Reuse("plain").double()
+    m.unused = nn.Linear(5, 5).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss(model, x):
+        return model(x) ** 2
+
+    parts = per_sample_grad_gram(m, loss, x, per_module=True)
+    assert set(parts) == {"a", "b", "o", "unused"}
+    assert torch.equal(parts["unused"], torch.zeros(6, 6, dtype=torch.float64))
+    assert _rel(sum(parts.values()), per_sample_grad_gram_reference(m, loss, x)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_check_accepts_per_sample_gradients_that_cancel(dtype):
+    """Per-sample gradients that cancel over the batch (l_2 = -l_1 on the same input: the total gradient is 0 up
+    to rounding) or within each sample (a key bias ahead of a softmax) are no reason to refuse."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).to(dtype)
+    x = torch.randn(3, 4, dtype=dtype).repeat(2, 1)
+    sign = torch.tensor([1.0, 1, 1, -1, -1, -1], dtype=dtype)
+
+    def loss(model, x, sign):
+        return (model(x) ** 2).sum(-1) * sign
+
+    g = per_sample_grad_gram(net, loss, x, sign)
+    assert _rel(g, per_sample_grad_gram_reference(net, loss, x, sign)) < (
+        1e-5 if dtype == torch.float32 else 1e-12
+    )
+    model = pypattern.Transformer(
+        pypattern.TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=11, n_ctx=6)
+    ).to(dtype)
+    tok = torch.randint(0, 11, (5, 6))
+    sites = [st for st in transformer_lens_sites(model) if st.name == "blocks.0.attn.W_K"]
+    sites = [type(st)(**{**st.__dict__, "params": (None, st.params[1])}) for st in sites]  # the bias alone
+
+    def tl_loss(m, t):
+        return m(t, return_type="per_token_loss").sum(-1)
+
+    g = per_sample_grad_gram(model, tl_loss, tok, sites=sites)
+    assert float(g.abs().max()) < 1e-6 * (1 if dtype == torch.float32 else 1e-8)
+
+
+def test_gram_refuses_a_batch_independent_capture_whose_leading_size_is_the_batch():
+    """A Linear over a (T, 1) positional grid broadcast over the batch: its captures' first dimension is T, not
+    the batch. Refused by its leading size when T != B, and by the single-sample comparison when T == B (the sum
+    over samples is right, the rows are not samples)."""
+
+    class M(nn.Module):
+        def __init__(self, T):
+            super().__init__()
+            self.register_buffer("grid", torch.linspace(-1, 1, T, dtype=torch.float64)[:, None])
+            self.pos, self.inp, self.out = nn.Linear(1, 4), nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):  # x (B, T, 3)
+            return self.out(torch.tanh(self.inp(x) + self.pos(self.grid))).squeeze(-1).sum(1)
+
+    def loss(model, x):
+        return model(x) ** 2
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"pos: its output has leading size 5 but the losses have batch 4"):
+        per_sample_grad_gram(M(5).double(), loss, torch.randn(4, 5, 3, dtype=torch.float64))
+    m, x = M(5).double(), torch.randn(5, 5, 3, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"site 'pos' \(parameters \['pos.weight', 'pos.bias'\]\): sample \d+: G"
+    ):
+        per_sample_grad_gram(m, loss, x)
+    assert (
+        _rel(per_sample_grad_gram(m, loss, x, check=False), per_sample_grad_gram_reference(m, loss, x)) > 1e-2
+    )
+    # the other sites are right: the Gram over them is accepted
+    g = per_sample_grad_gram(m, loss, x, modules=["inp", "out"])
+    assert _rel(g, per_sample_grad_gram_reference(m, loss, x, modules=["inp", "out"])) < 1e-12
