@@ -17,6 +17,7 @@ it), the default for that model.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -510,6 +511,29 @@ def _no_site(model: nn.Module) -> ValueError:
     )
 
 
+#: per model, the calls whose capture passed the check (``check="once"``): :func:`_verification_key`
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _verification_key(sites, params, loss_fn, inputs, model) -> tuple:
+    """What a passed check of :func:`per_sample_grad_gram` depends on besides the values: the sites and their
+    parameters, ``loss_fn``'s code, the inputs' shapes and dtypes, the model's training mode and its hooks."""
+    fn = getattr(loss_fn, "__func__", loss_fn)
+    code = getattr(fn, "__code__", None)
+    shapes = tuple((tuple(x.shape), x.dtype) if torch.is_tensor(x) else type(x).__name__ for x in inputs)
+    hooks = tuple(
+        (name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()
+    )
+    return (
+        tuple((st.name, tuple(st.params)) for st in sites),
+        tuple(sorted(params)),
+        code if code is not None else id(loss_fn),
+        shapes,
+        model.training,
+        hooks,
+    )
+
+
 def _check_tolerance(dtypes) -> tuple[float, float]:
     """``(rtol, eps)`` of :func:`_check_capture` for the least precise of ``dtypes``."""
     eps = max(torch.finfo(t).eps for t in dtypes if t.is_floating_point)
@@ -655,7 +679,7 @@ def per_sample_grad_gram(
     per_module: bool = False,
     method: str = "auto",
     backend: str | None = None,
-    check: bool = True,
+    check: bool | str = "once",
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """``G_ij = <grad l_i, grad l_j>`` over the parameters of every site, from one forward and one backward pass.
 
@@ -688,9 +712,12 @@ def per_sample_grad_gram(
         Return ``{site name: (B, B)}`` instead of the sum.
     method, backend : str
         Passed to :func:`grad_gram_linear` / :func:`grad_gram_pairwise`.
-    check : bool
+    check : {"once", True, False}
         Verify that the captured per-sample gradients account for the covered parameters' gradients, and raise
-        ``ValueError`` naming the sites where they do not (default True). Per site, ``1^T G 1`` (the squared norm
+        ``ValueError`` naming the sites where they do not: ``True`` on every call; ``"once"`` (default) on the
+        first call for a model with the same sites, ``loss_fn`` (its code), input shapes and dtypes and training
+        mode, and not again once that call passed (what it catches depends on how the model and ``loss_fn``
+        compute, not on the values); ``False`` never. Per site, ``1^T G 1`` (the squared norm
         of the summed per-sample gradients) must equal ``||grad sum_i l_i||^2`` over its parameters, and one
         diagonal entry ``G[i, i]`` must equal ``||grad l_i||^2`` (``i`` the sample of the largest ``|l_i|``),
         to 1e-9 relative in float64 and 1e-4 in float32. This catches a use of a covered parameter the hooks do
@@ -710,9 +737,15 @@ def per_sample_grad_gram(
     Tensor ``(B, B)`` float64, or a dict of them (every site, a zero Gram for a site whose calls gave its
     parameters no gradient or that recorded no call).
     """
+    if check not in (True, False, "once"):
+        raise ValueError(f"check={check!r} is not valid; give 'once', True or False")
     defaults = sites is None and modules is None
     sites = _sites_of(model, modules, sites)
     params = _check_sites(model, sites)
+    verified_key = None
+    if check == "once":
+        verified_key = _verification_key(sites, params, loss_fn, inputs, model)
+        check = verified_key not in _VERIFIED.get(model, ())
     sites = [st for st in sites if any(pn in params for pn in st.params if pn is not None)]
     if not sites:
         raise _no_site(model)
@@ -895,6 +928,8 @@ def per_sample_grad_gram(
         _check_capture(
             model, sites, params, result, total_grads, sample, dict(zip(names, single)), losses, cap
         )
+    if names and verified_key is not None:
+        _VERIFIED.setdefault(model, set()).add(verified_key)
     if centered:
         result = {k: center_gram(v) for k, v in result.items()}
     if per_module:

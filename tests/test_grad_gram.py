@@ -975,3 +975,41 @@ def test_gram_refuses_a_batch_independent_capture_whose_leading_size_is_the_batc
     # the other sites are right: the Gram over them is accepted
     g = per_sample_grad_gram(m, loss, x, modules=["inp", "out"])
     assert _rel(g, per_sample_grad_gram_reference(m, loss, x, modules=["inp", "out"])) < 1e-12
+
+
+def test_gram_check_once_verifies_the_first_call_of_each_kind(monkeypatch):
+    """check="once" (the default) verifies the first call for a model with the same sites, loss function, input
+    shapes and training mode, and not a repeat; another batch shape or check=True verifies again; a call that
+    fails its check is refused every time (nothing is remembered)."""
+    import pypattern.gram as gram
+
+    calls = []
+    real = gram._check_capture
+    monkeypatch.setattr(gram, "_check_capture", lambda *a: (calls.append(1), real(*a))[1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def loss_fn(m, x):
+        return m(x).squeeze(-1) ** 2
+
+    x = torch.randn(5, 3)
+    a = pypattern.per_sample_grad_gram(model, loss_fn, x)
+    b = pypattern.per_sample_grad_gram(model, loss_fn, x + 1)
+    assert len(calls) == 1
+    pypattern.per_sample_grad_gram(model, loss_fn, torch.randn(6, 3))
+    assert len(calls) == 2
+    pypattern.per_sample_grad_gram(model, loss_fn, x, check=True)
+    assert len(calls) == 3
+    pypattern.per_sample_grad_gram(model, loss_fn, x, check=False)
+    assert len(calls) == 3
+    torch.testing.assert_close(a, pypattern.per_sample_grad_gram(model, loss_fn, x, check=False))
+    assert not torch.equal(a, b)
+    with pytest.raises(ValueError, match="check='yes' is not valid"):
+        pypattern.per_sample_grad_gram(model, loss_fn, x, check="yes")
+
+    def penalised(m, x):  # a use of the parameters the hooks do not see
+        return m(x).squeeze(-1) ** 2 + m[0].weight.pow(2).sum()
+
+    for _ in range(2):
+        with pytest.raises(ValueError, match="sites"):
+            pypattern.per_sample_grad_gram(model, penalised, x)
