@@ -273,6 +273,8 @@ def _as_devinterp_callback(cb: Callable) -> Callable:
     call.__signature__ = inspect.Signature(
         [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in sorted(need)]
     )
+    # what only chains run one after another hand over: the chain's sampler and its model holding the step's gradient
+    call.reads_chain = wanted is None or bool(wanted & {"optimizer", "model"})
     call.finalize = getattr(cb, "finalize", None)
     call.get_results = getattr(cb, "get_results", None)
     call.inner = cb

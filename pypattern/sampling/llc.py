@@ -574,10 +574,11 @@ def estimate_learning_coeff_with_summary(
     for cb in callbacks:
         if isinstance(getattr(cb, "devinterp_locals", None), dict):
             cb.devinterp_locals.update(settings)
-    # callbacks beyond the LLC estimators may read the chain's optimizer and gradients: the chains run one after
+    # callbacks that read the chain's optimizer or model (its gradients) get them from chains run one after
     # another, as devinterp runs them (unless batched is given)
     if kw.get("batched") is None and any(
-        not isinstance(getattr(cb, "inner", cb), LLCEstimator) for cb in callbacks
+        not isinstance(getattr(cb, "inner", cb), LLCEstimator) and getattr(cb, "reads_chain", True)
+        for cb in callbacks
     ):
         kw["batched"] = False
     res = estimate_llc(
