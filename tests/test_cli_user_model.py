@@ -736,6 +736,25 @@ def test_damaged_pypattern_model_folders_are_refused_naming_model_and_the_file(d
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_damaged_hugging_face_model_folders_are_refused_naming_model(data, tmp_path, capsys):
+    """A save_pretrained --model folder whose weights file is damaged ends the command in one line naming
+    --model (the library's own message names the folder as path=)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d, _ = data
+    folder = tmp_path / "hf"
+    GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1, n_embd=8, n_head=2, vocab_size=23, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    ).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"damaged")
+    capsys.readouterr()  # save_pretrained's progress bar
+    err = _err(["patch", "--model", str(folder), "--data", str(d / "tokens.npy")], capsys)
+    assert err.startswith(f"pypattern patch: error: --model {str(folder)!r}: "), err
+    assert err.count("\n") == 1 and "path=" not in err and "could not be loaded" in err, err
+
+
 def test_run_functions_check_out_before_reading_the_model(data, tmp_path, monkeypatch):
     """run_user_llc / run_user_chi / run_user_patch refuse an ``out`` (or ``checkpoint``) that cannot be a folder
     before the model is read, naming the argument."""

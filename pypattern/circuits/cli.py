@@ -71,7 +71,16 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str
     if "model_type" in cfg:
         from ..models.convert import from_pretrained
 
-        model = from_pretrained(path, dtype=dtype)
+        try:
+            model = from_pretrained(path, dtype=dtype)
+        except (ValueError, OSError) as e:
+            if argument == "path":
+                raise
+            # from_pretrained names the folder as path='...': name it as the caller's argument instead
+            msg = str(e).replace(f"path={path!r}", name)
+            raise (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(
+                msg if name in msg else f"{name}: {msg}"
+            ) from e
         model.eval()
         return model
     import dataclasses
