@@ -2,6 +2,8 @@
 numbers); truth on a regular model whose blocks are independent (a block's LLC = its parameter count / 2); the
 data-refined LLC equals the LLC with the loss on the other data set."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,43 @@ def test_heads_on_an_unconverted_hugging_face_model():
         r = refined_llc(m, [x], components=kind, num_chains=2, num_draws=4, step_size=1e-4, quiet=True)
         names = hf_components(m, heads=kind == "heads")
         assert set(names) <= set(r.to_pandas()["component"]), kind
+
+
+def test_components_with_unknown_names_no_parameters_or_fractional_masks_are_refused():
+    """A list or mask component naming no parameter of the model, an empty component and a mask of values other
+    than 0 and 1 are refused naming the component, before any sampling."""
+    import pypattern as pp
+    from pypattern import truth
+
+    torch.manual_seed(0)
+    mlp, data = truth.make_teacher_task((4, 6, 3), n=16, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    kw = dict(num_chains=1, num_draws=2, step_size=1e-3, nbeta=10.0, quiet=True, warn_nonstationary=False)
+    for comp, msg in (
+        ({"c": ["nosuch.weight"]}, r"component 'c' names 'nosuch.weight', not a parameter of the model"),
+        ({"c": {"nosuch.weight": torch.ones(3)}}, r"component 'c' names 'nosuch.weight'"),
+        ({"c": []}, r"component 'c' is empty"),
+        (
+            {"c": {"0.weight": torch.full((6, 4), 0.5)}},
+            r"the mask of '0.weight' holds values other than 0 and 1",
+        ),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            pp.refined_llc(mlp, loader, components=comp, **kw)
+    # 0/1 float masks are the bool masks they hold
+    ones = torch.zeros(6, 4)
+    ones[:2] = 1.0
+    a = pp.refined_llc(mlp, loader, components={"c": {"0.weight": ones}}, **kw)
+    b = pp.refined_llc(mlp, loader, components={"c": {"0.weight": ones.bool()}}, **kw)
+    np.testing.assert_array_equal(a.llc_mean, b.llc_mean)
+
+
+def test_stationarity_is_not_claimed_when_r_hat_cannot_be_computed():
+    from pypattern.sampling.diagnostics import NonStationaryWarning, check_stationarity
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_stationarity(np.array([[0.0, 10, 20], [100, 200, 300]])) is False  # 3 draws: no R-hat
+    with pytest.warns(NonStationaryWarning, match="non-finite values"):
+        assert check_stationarity(np.array([[0.0, np.nan, 1, 2, 1, 3], [1, 2, 1, 2, 1.0, 2]])) is False
+    assert check_stationarity(np.random.default_rng(0).normal(size=(4, 200))) is True

@@ -3,6 +3,7 @@ the ESS uses Geyer's initial monotone sequence on the multi-chain autocorrelatio
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -111,8 +112,19 @@ def ess(trace) -> float:
 
 
 def check_stationarity(trace, *, threshold: float = 1.1, what: str = "loss trace", warn: bool = True) -> bool:
-    """True when split R-hat of ``trace`` is below ``threshold``; else warn (:class:`NonStationaryWarning`)."""
+    """True when split R-hat of ``trace`` is below ``threshold``; else warn (:class:`NonStationaryWarning`). False when
+    R-hat cannot be computed: without a warning for fewer than 4 draws per chain, with one for a trace holding
+    non-finite values."""
     rh = r_hat(trace)
+    if math.isnan(rh):
+        if warn and not bool(np.isfinite(np.asarray(trace, dtype=np.float64)).all()):
+            warnings.warn(
+                f"the {what} holds non-finite values: its split R-hat cannot be computed and stationarity is not "
+                "checked",
+                NonStationaryWarning,
+                stacklevel=3,
+            )
+        return False
     ok = not (rh > threshold)
     if not ok and warn:
         warnings.warn(

@@ -125,6 +125,19 @@ class RefinedLLCResult(Saveable):
         return ax
 
 
+def _bool_mask(name: str, key: str, v) -> torch.Tensor:
+    """A component's mask of parameter ``key``: bool, or numbers that are all 0 or 1 (refused otherwise: a weight
+    is in the component or not)."""
+    t = torch.as_tensor(v)
+    if t.dtype != torch.bool:
+        if t.is_complex() or not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(
+                f"component {name!r}: the mask of {key!r} holds values other than 0 and 1; give a bool mask (or 0/1)"
+            )
+        t = t != 0
+    return t
+
+
 def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple]]:
     """Names and ``(restrict_to, masks)`` pairs of the components."""
     from ..models.transformer import component_masks, list_components
@@ -172,10 +185,21 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
     for name, spec in zip(names, specs, strict=True):
         if isinstance(spec, str):
             masks = component_masks(model, spec)
-        elif isinstance(spec, Mapping):
-            masks = {k: torch.as_tensor(v, dtype=torch.bool) for k, v in spec.items()}
-        elif isinstance(spec, Sequence):
-            masks = {k: torch.ones_like(params[k], dtype=torch.bool) for k in spec}
+        elif isinstance(spec, Mapping | Sequence):
+            if len(spec) == 0:
+                raise ValueError(
+                    f"component {name!r} is empty: give parameter names or masks by parameter name"
+                )
+            unknown = [k for k in spec if k not in params]
+            if unknown:
+                raise ValueError(
+                    f"component {name!r} names {unknown[0]!r}, not a parameter of the model; names are "
+                    f"{sorted(params)[:12]}{' ...' if len(params) > 12 else ''}"
+                )
+            if isinstance(spec, Mapping):
+                masks = {k: _bool_mask(name, k, v) for k, v in spec.items()}
+            else:
+                masks = {k: torch.ones_like(params[k], dtype=torch.bool) for k in spec}
         else:
             raise TypeError(
                 f"component {name!r}: expected a name, a list of parameter names or masks, got {spec!r}"
