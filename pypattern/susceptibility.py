@@ -278,6 +278,9 @@ class BIFResult(Saveable):
         Pearson correlation of the losses (devinterp's default reports this one, with the minus sign). NaN in the
         rows and columns of padded probe entries (their loss is a constant 0: no correlation is defined; ``bif``
         is 0 there).
+    probe_counted : ndarray (num_probe,) of bool, or None
+        Which probe entries count (False: padding, ``-100`` labels; their rows and columns are 0 in ``bif``);
+        None when every entry counts. As :attr:`SusceptibilityResult.probe_counted`.
     """
 
     bif: np.ndarray
@@ -289,6 +292,7 @@ class BIFResult(Saveable):
     num_chains: int
     num_draws: int
     settings: dict
+    probe_counted: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------ estimators
@@ -1186,7 +1190,8 @@ def bif(
         return acc
 
     acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"))
-    meta = _probe_meta(probe, l0, entries.counted(n))
+    counted = entries.counted(n)
+    meta = _probe_meta(probe, l0, counted)
     return BIFResult(
         bif=-acc.cov(ddof=1).numpy(),
         corr=acc.corr().numpy(),
@@ -1197,4 +1202,5 @@ def bif(
         num_chains=int(kw["num_chains"]),
         num_draws=int(kw["num_draws"]),
         settings=_settings_of(kw, auto_step),
+        probe_counted=None if counted is None else counted.numpy().astype(bool),
     )

@@ -151,3 +151,5 @@ def test_uncounted_probe_columns_have_no_token_and_stay_out_of_the_pca(labels):
     bif = pp.bif(model, loader, p1, **KW)
     assert (bif.probe_token[~k1] == -1).all()
     np.testing.assert_array_equal(bif.probe_token, b.probe_token)
+    np.testing.assert_array_equal(bif.probe_counted, k1)
+    assert (bif.bif[~k1] == 0).all() and (bif.bif[:, ~k1] == 0).all()
