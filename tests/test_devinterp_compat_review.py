@@ -368,3 +368,39 @@ def test_v2_sample_metadata_in_attrs_with_devinterps_config_keys():
     ]
     assert cfg["chain_buffer_size"] == 3 and cfg["shared_observable_dims"] == ["token", "token_pos"]
     assert cfg["tokenizer_context_length"] == 8
+
+
+def test_v1_callbacks_see_the_model_after_the_steps_update():
+    """devinterp calls its callbacks after the optimizer's step: on one full batch read every step, the loss of
+    the model a callback sees at draw d is the loss recorded at draw d + 1 (not draw d's own)."""
+    from pypattern.devinterp.slt.sampler import sample
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    y = x[:, :1] + 0.1 * torch.randn(32, 1, generator=g)
+    batch = (x, y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    seen: list = []
+
+    def cb(chain, draw, loss, model):
+        seen.append((chain, draw, float(loss), float(nn.functional.mse_loss(model(x), y))))
+
+    D = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sample(
+            model,
+            [batch],
+            callbacks=[cb],
+            evaluate=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]),
+            num_chains=1,
+            num_draws=D,
+            seed=0,
+            verbose=False,
+            optimizer_kwargs=dict(lr=1e-2, nbeta=10.0, localization=1.0),
+        )
+    assert [s[1] for s in seen] == list(range(D))
+    for d in range(D - 1):
+        assert seen[d][3] == pytest.approx(seen[d + 1][2], rel=1e-6)
+        assert seen[d][3] != pytest.approx(seen[d][2], rel=1e-6)

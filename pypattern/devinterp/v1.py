@@ -275,6 +275,8 @@ def _as_devinterp_callback(cb: Callable) -> Callable:
     )
     # what only chains run one after another hand over: the chain's sampler and its model holding the step's gradient
     call.reads_chain = wanted is None or bool(wanted & {"optimizer", "model"})
+    # devinterp calls its callbacks after the step's update: the chains run one after another do too
+    call.after_step = True
     call.finalize = getattr(cb, "finalize", None)
     call.get_results = getattr(cb, "get_results", None)
     call.inner = cb

@@ -218,16 +218,19 @@ class RunContext:
         precomputed: Mapping | None = None,
         outputs: tuple = (),
         optimizer: Any = None,
-    ) -> None:
+        defer: bool = False,
+    ) -> Callable[[], None] | None:
         """Record chain ``g``'s draw ``d``: its loss, its observables (those not already in ``precomputed``,
         evaluated on ``model_view()``) and the callbacks (``outputs``: the loss function's other returned tensors;
-        ``optimizer``: the chain's sampler, handed to the callbacks when given)."""
+        ``optimizer``: the chain's sampler, handed to the callbacks when given). With ``defer``, the callbacks
+        marked ``after_step`` (devinterp 1.x's, which devinterp calls after the update) are not called here: the
+        function returned calls them, for the caller to run once the step is taken (None when there are none)."""
         plan, st = self.plan, self.state
         st.loss[g, d] = loss
         if d == plan.num_draws - 1:
             self.check_mean_runaway(g, t)
         if not (plan.observables or self.cb_keys):
-            return
+            return None
         obs_vals = dict(precomputed or {})
         view = None
         if plan.observables:
@@ -253,9 +256,17 @@ class RunContext:
         )
         if optimizer is not None:
             args["optimizer"] = optimizer
-        for cb, keys in self.cb_keys:
-            if keys is None or "model" in keys:
-                view = model_view() if view is None else view
-                args["model"] = view
-            with self.lock:
-                cb(**(args if keys is None else {k: v for k, v in args.items() if k in keys}))
+        later = [(cb, keys) for cb, keys in self.cb_keys if defer and getattr(cb, "after_step", False)]
+
+        def call(items, view) -> None:
+            for cb, keys in items:
+                if keys is None or "model" in keys:
+                    view = model_view() if view is None else view
+                    args["model"] = view
+                with self.lock:
+                    cb(**(args if keys is None else {k: v for k, v in args.items() if k in keys}))
+
+        call([item for item in self.cb_keys if item not in later], view)
+        if not later:
+            return None
+        return lambda: call(later, None)  # the model as the step left it

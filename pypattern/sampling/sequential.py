@@ -114,8 +114,9 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
             lv = vals[0] if accum == 1 else float(np.mean(vals))
             ctx.check_runaway(g, t, lv)
             d = plan.is_draw(t)
+            after_step = None
             if d >= 0:
-                ctx.at_draw(
+                after_step = ctx.at_draw(
                     g,
                     d,
                     t,
@@ -124,11 +125,14 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                     batch,
                     outputs=join_outputs(extras) if extras else (),
                     optimizer=opt,
+                    defer=True,
                 )
             try:
                 take_step()
             except FloatingPointError as e:
                 raise ctx.diverged(g, t, f"a gradient is not finite ({e})") from None
+            if after_step is not None:  # devinterp 1.x's callbacks see the model after the update
+                after_step()
             ctx.finish_step(
                 (g,), d, t, lambda g, mv=moving: {n: wparams[n].detach().clone() for n in mv}, state_of
             )
