@@ -497,7 +497,7 @@ def test_v2_sample_layout_and_bif_equals_native(batched):
         T + 1,
     )
     assert s.loss_probe_set.shape == (2, 5, 16, T) and s.input_ids_probe_set.shape == (16, T + 1)
-    assert s.dims["loss_probe_set"] == ("chain", "draw", "batch_probe_set", "token_pos")
+    assert s["loss_probe_set"].dims == ("chain", "draw", "batch_probe_set", "token_pos")
     # the draws are steps burn-in + k * num_steps_bw_draws; each step's losses are of the ids it read
     np.testing.assert_array_equal(s.sampling_loss, s.sampling_loss_micro[:, [3, 5, 7, 9, 11]])
     with torch.no_grad():

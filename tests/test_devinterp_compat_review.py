@@ -314,7 +314,7 @@ def test_v2_results_keys_dtypes_dims_and_the_susceptibilities_tree():
     assert set(r.keys()) == set(dict(r)) == set(r) and not any(k.startswith("_") for k in r)
     for k in ("llc_mean", "llc_std", "llc_per_chain", "loss_trace"):
         assert r[k].dtype == np.float32, k
-    assert r["llc_per_chain"].dims == ("chain",) and r.dims["loss_trace"] == ("chain", "step")
+    assert r["llc_per_chain"].dims == ("chain",) and r["loss_trace"].dims == ("chain", "step")
     back = pickle.loads(pickle.dumps(r))
     assert back.dims == r.dims and set(back) == set(r)
 

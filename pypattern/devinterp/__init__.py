@@ -53,7 +53,9 @@ import math
 import numbers
 import random
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -102,24 +104,321 @@ __all__ = [
 ParamMasks = Mapping[str, "torch.Tensor | None"]
 
 
+_XARRAY_ONLY = frozenset(
+    {
+        "assign",
+        "assign_attrs",
+        "assign_coords",
+        "bfill",
+        "broadcast_like",
+        "chunk",
+        "coarsen",
+        "combine_first",
+        "compute",
+        "count",
+        "cumulative",
+        "diff",
+        "differentiate",
+        "drop_sel",
+        "drop_vars",
+        "dropna",
+        "expand_dims",
+        "ffill",
+        "fillna",
+        "groupby",
+        "groupby_bins",
+        "head",
+        "idxmax",
+        "idxmin",
+        "integrate",
+        "interp",
+        "interp_like",
+        "isnull",
+        "load",
+        "map",
+        "notnull",
+        "pipe",
+        "plot",
+        "polyfit",
+        "quantile",
+        "reduce",
+        "reindex",
+        "reindex_like",
+        "rename",
+        "resample",
+        "rolling",
+        "rolling_exp",
+        "set_index",
+        "shift",
+        "sortby",
+        "stack",
+        "swap_dims",
+        "tail",
+        "thin",
+        "to_dataset",
+        "to_netcdf",
+        "to_series",
+        "to_zarr",
+        "unstack",
+        "weighted",
+        "where",
+    }
+)
+
+
+class _XarrayOnly(NotImplementedError, AttributeError):
+    """An xarray method a result does not provide (an ``AttributeError`` too, so ``hasattr`` answers False)."""
+
+
+def _refuse_xarray(owner: str, name: str):
+    return _XarrayOnly(
+        f"{owner}.{name} is an xarray method that pypattern's devinterp results do not provide; they answer "
+        "sizes, dims, coords, isel, sel, mean, std, var, sum, prod, min, max, median, to_dataframe and to_pandas "
+        f"(data_vars, attrs on a result): read the numpy array with .values for anything else"
+    )
+
+
+def _indexers(method: str, indexers, kw: dict, options: dict | None = None) -> dict:
+    """The ``{dim: indexer}`` of an ``isel`` / ``sel`` call, given as a mapping or as keywords."""
+    for k, v in (options or {}).items():
+        if v not in (None, False, "raise"):
+            raise NotImplementedError(
+                f"{method}({k}={v!r}) is not supported: give exact positions or labels, or index .values"
+            )
+    if indexers is not None and not isinstance(indexers, Mapping):
+        raise TypeError(f"{method}: indexers must be a mapping {{dim: index}}, got {type(indexers).__name__}")
+    if indexers is not None and kw:
+        raise ValueError(f"{method}: give indexers as a mapping or as keywords, not both")
+    return dict(indexers if indexers is not None else kw)
+
+
+def _take(method: str, values: np.ndarray, axis: int, k, dim: str) -> np.ndarray:
+    """``values`` indexed along ``axis`` by an int (the axis is dropped), a slice or a 1-D list of ints or
+    booleans, as xarray's ``isel`` does for each dimension."""
+    if isinstance(k, slice):
+        return values[(slice(None),) * axis + (k,)]
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+        out = np.take(values, _in_range(int(k), values.shape[axis], axis), axis=axis)
+        return out if isinstance(out, np.ndarray) else np.array(out, dtype=values.dtype)  # an object element
+    idx = np.asarray(k)
+    if idx.ndim == 1 and (idx.dtype.kind in "iub" or idx.size == 0):
+        if idx.dtype.kind == "b":
+            if idx.size != values.shape[axis]:
+                raise IndexError(
+                    f"{method}({dim}=...): boolean index of length {idx.size} for dimension {dim!r} of length "
+                    f"{values.shape[axis]}"
+                )
+            idx = np.flatnonzero(idx)
+        for i in idx:
+            _in_range(int(i), values.shape[axis], axis)
+        return np.take(values, idx.astype(np.intp), axis=axis)
+    raise TypeError(
+        f"{method}({dim}=...) takes an int, a slice or a 1-D list of ints or booleans, got "
+        f"{type(k).__name__}; index .values for other selections"
+    )
+
+
+def _in_range(i: int, n: int, axis: int) -> int:
+    if not -n <= i < n:
+        raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n}")
+    return i
+
+
+def _isel_array(method: str, values, dims: tuple[str, ...], idx: Mapping[str, Any]):
+    """``(values, dims)`` of an array with axes ``dims`` after the positional indexers ``idx`` (the dimensions
+    it does not have are left alone)."""
+    values = np.asarray(values)
+    for axis in reversed(
+        range(len(dims))
+    ):  # from the last axis: dropping one leaves the earlier ones in place
+        if dims[axis] in idx:
+            values = _take(method, values, axis, idx[dims[axis]], dims[axis])
+    kept = tuple(d for d in dims if not (d in idx and isinstance(idx[d], numbers.Integral)))
+    return values, kept
+
+
+def _label_positions(dim: str, labels: np.ndarray, key):
+    """xarray's ``sel`` on an index coordinate: the positions of ``key`` (a label, a list of labels, or a slice
+    of labels, both ends included)."""
+
+    def loc(label):
+        hits = np.flatnonzero(labels == label)
+        if hits.size == 1:
+            return int(hits[0])
+        if hits.size == 0:
+            raise KeyError(f"{label!r} is not a label of coordinate {dim!r}; labels are {labels.tolist()}")
+        raise NotImplementedError(f"sel({dim}={label!r}): the label occurs {hits.size} times; index .values")
+
+    if isinstance(key, slice):
+        start = 0 if key.start is None else loc(key.start)
+        stop = len(labels) if key.stop is None else loc(key.stop) + 1
+        return slice(start, stop, key.step)
+    if isinstance(key, list | tuple | np.ndarray):
+        return [loc(v) for v in key]
+    return loc(key)
+
+
+def _reduce_dims(method: str, dims: tuple[str, ...], dim, axis) -> tuple[str, ...]:
+    """The dimensions a reduction ``method(dim=, axis=)`` runs over (``dim=None`` and ``axis=None``: all)."""
+    if dim is not None and axis is not None:
+        raise ValueError(f"{method}: give dim or axis, not both")
+    if isinstance(dim, numbers.Integral) and not isinstance(dim, bool):  # numpy's positional axis
+        dim, axis = None, dim
+    if axis is not None:
+        axes = [axis] if isinstance(axis, numbers.Integral) else list(axis)
+        try:
+            return tuple(dims[a] for a in axes)
+        except IndexError:
+            raise ValueError(f"{method}: axis={axis!r} out of range for dimensions {dims}") from None
+    if dim is None or dim is Ellipsis:
+        return dims
+    names = [dim] if isinstance(dim, str) else list(dim)
+    for d in names:
+        if d not in dims:
+            raise ValueError(f"{method}: {d!r} not found in array dimensions {dims}")
+    return tuple(names)
+
+
+_REDUCTIONS = {
+    # name: (numpy function, nan-skipping numpy function)
+    "mean": (np.mean, np.nanmean),
+    "std": (np.std, np.nanstd),
+    "var": (np.var, np.nanvar),
+    "sum": (np.sum, np.nansum),
+    "prod": (np.prod, np.nanprod),
+    "min": (np.min, np.nanmin),
+    "max": (np.max, np.nanmax),
+    "median": (np.median, np.nanmedian),
+}
+
+
+def _reduce_array(method: str, values, dims, over, skipna=None, ddof=0, dtype=None):
+    values = np.asarray(values)
+    plain, nan = _REDUCTIONS[method]
+    skip = values.dtype.kind in "fc" if skipna is None else bool(skipna)
+    fn = nan if skip else plain
+    kw = {}
+    if method in ("std", "var"):
+        kw["ddof"] = ddof
+    if dtype is not None:
+        kw["dtype"] = dtype
+    axes = tuple(dims.index(d) for d in over)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN slice gives NaN, as in xarray
+        out = fn(values, axis=axes, **kw) if axes else values
+    return np.asarray(out), tuple(d for d in dims if d not in over)
+
+
+def _pandas_index(dim: str, n: int, coords: Mapping[str, tuple]):
+    import pandas as pd
+
+    c = coords.get(dim)
+    if c is not None and c[0] == (dim,):
+        return pd.Index(np.asarray(c[1]), name=dim)
+    return pd.RangeIndex(n, name=dim)
+
+
+def _dataframe(dims, shape, columns: list[tuple[str, tuple, np.ndarray]], coords):
+    """A DataFrame indexed by every combination of ``dims`` (a MultiIndex for more than one), with each column
+    ``(name, its dims, values)`` broadcast over them, as xarray's ``to_dataframe``."""
+    import pandas as pd
+
+    levels = [_pandas_index(d, n, coords) for d, n in zip(dims, shape, strict=True)]
+    index = levels[0] if len(levels) == 1 else pd.MultiIndex.from_product(levels, names=list(dims))
+    data = {}
+    for name, cdims, v in columns:
+        v = np.asarray(v)
+        order = [cdims.index(d) for d in dims if d in cdims]
+        v = np.transpose(v, order)
+        expand = tuple(slice(None) if d in cdims else None for d in dims)
+        data[name] = np.broadcast_to(v[expand], tuple(shape)).reshape(-1)
+    return pd.DataFrame(data, index=index)
+
+
 class Variable(np.ndarray):
-    """A numpy array that also answers the xarray calls devinterp users make on a result variable:
-    ``.values`` and ``.to_numpy()`` (the plain array), ``.dims`` (the axis names), besides ``float()``,
-    ``.item()`` and numpy arithmetic. Arithmetic results are plain numpy arrays."""
+    """A numpy array that also answers the xarray ``DataArray`` calls devinterp users make on a result variable:
+    ``.values`` and ``.to_numpy()`` (the plain array), ``.dims`` (the axis names), ``.sizes``, ``.name``,
+    ``.coords`` (the result's coordinates along its dimensions), ``.isel`` / ``.sel`` (an int, a slice or a list
+    per dimension; ``sel`` reads labels of an index coordinate, positions where the dimension has none), the
+    reductions ``mean``, ``std`` (``ddof=0``), ``var``, ``sum``, ``prod``, ``min``, ``max`` and ``median`` over
+    ``dim`` (skipping NaN in float arrays, as xarray), ``.to_dataframe(name=)`` and ``.to_pandas()``, besides
+    ``float()``, ``.item()`` and numpy arithmetic (whose results are plain numpy arrays). Other xarray methods
+    raise ``NotImplementedError``."""
 
     dims: tuple[str, ...]
 
-    def __new__(cls, data, dims: Sequence[str] = ()) -> Variable:
+    def __new__(cls, data, dims: Sequence[str] = (), name=None, coords=None) -> Variable:
         obj = np.asarray(data).view(cls)
         obj.dims = tuple(dims)
+        if len(obj.dims) != obj.ndim:
+            raise ValueError(f"dims {obj.dims} name {len(obj.dims)} axes of an array of shape {obj.shape}")
+        obj.name = name
+        obj._coords = dict(coords or {})  # name -> (dims, values)
         return obj
 
     def __array_finalize__(self, obj) -> None:
-        self.dims = getattr(obj, "dims", ()) if getattr(obj, "shape", None) == self.shape else ()
+        same = getattr(obj, "shape", None) == self.shape
+        # an array numpy reshaped or indexed has no dimension names (None): it answers numpy's calls only
+        self.dims = getattr(obj, "dims", ()) if same else (() if self.ndim == 0 else None)
+        self.name = getattr(obj, "name", None) if same else None
+        self._coords = getattr(obj, "_coords", {}) if same else {}
+
+    def __getitem__(self, key):
+        """Positional indexing: ints and slices (one per leading axis) index as ``isel`` does, keeping the
+        dimension names; any other key gives numpy's result as a plain array."""
+        keys = key if isinstance(key, tuple) else (key,)
+        basic = all(
+            isinstance(k, slice) or (isinstance(k, numbers.Integral) and not isinstance(k, bool))
+            for k in keys
+        )
+        if self.dims is None or not basic or len(keys) > self.ndim:
+            return self.view(np.ndarray)[key]
+        return self.isel(dict(zip(self.dims, keys, strict=False)))
+
+    def __reduce__(self):
+        return (_rebuild_variable, (self.values, self.dims, self.name, self._coords))
+
+    def transpose(self, *dims, **kwargs):
+        """xarray's ``transpose``: the axes in the order of ``dims`` (names or numpy's axis numbers; none:
+        reversed), the names following them."""
+        if len(dims) == 1 and (dims[0] is None or isinstance(dims[0], tuple | list)):
+            dims = () if dims[0] is None else tuple(dims[0])
+        if self.dims is None or kwargs:
+            return self.view(np.ndarray).transpose(*dims, **kwargs)
+        if not dims:
+            order = list(reversed(range(self.ndim)))
+        elif all(isinstance(d, str) for d in dims):
+            if sorted(dims) != sorted(self.dims):
+                raise ValueError(f"transpose: {dims} must be a permutation of the dimensions {self.dims}")
+            order = [self.dims.index(d) for d in dims]
+        else:
+            order = [int(a) % max(self.ndim, 1) for a in dims]
+        return self._with(self.values.transpose(order), tuple(self.dims[i] for i in order))
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def swapaxes(self, axis1, axis2):
+        order = list(range(self.ndim))
+        order[axis1], order[axis2] = order[axis2], order[axis1]
+        return self.transpose(*order)
+
+    def _named(self, method: str) -> None:
+        if self.dims is None:
+            raise TypeError(
+                f"{method}: this array has no dimension names (numpy reshaped or indexed it); index the "
+                "variable with isel/sel, or use .values"
+            )
 
     def __array_wrap__(self, arr, context=None, return_scalar=False):
         arr = np.asarray(arr)
         return arr[()] if return_scalar else arr
+
+    def __getattr__(self, name: str):
+        if name in _XARRAY_ONLY:
+            raise _refuse_xarray("Variable", name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def values(self) -> np.ndarray:
@@ -128,22 +427,178 @@ class Variable(np.ndarray):
     def to_numpy(self) -> np.ndarray:
         return self.view(np.ndarray)
 
+    @property
+    def sizes(self) -> Mapping[str, int]:
+        self._named("sizes")
+        return MappingProxyType(dict(zip(self.dims, self.shape, strict=True)))
+
+    @property
+    def attrs(self) -> dict:
+        return {}
+
+    @property
+    def coords(self) -> Mapping[str, Variable]:
+        return MappingProxyType({k: Variable(v, d, name=k) for k, (d, v) in self._coords.items()})
+
+    def _with(self, values, dims, idx=None, over=()) -> Variable:
+        coords = {}
+        for k, (d, v) in self._coords.items():
+            if any(x in over for x in d):
+                continue  # a reduction drops the coordinates along the dimensions it reduces
+            if idx:
+                v, d = _isel_array("isel", v, d, idx)
+            coords[k] = (d, v)
+        return Variable(values, dims, name=self.name, coords=coords)
+
+    def isel(self, indexers=None, drop=False, missing_dims="raise", **indexers_kwargs) -> Variable:
+        """xarray's ``isel``: positions per dimension (an int drops the dimension; a slice or a 1-D list of
+        ints or booleans keeps it), applied to each dimension independently."""
+        self._named("isel")
+        idx = _indexers("isel", indexers, indexers_kwargs, {"drop": drop, "missing_dims": missing_dims})
+        bad = set(idx) - set(self.dims)
+        if bad:
+            raise ValueError(f"isel: dimensions {bad} do not exist; expected one or more of {self.dims}")
+        values, dims = _isel_array("isel", self.values, self.dims, idx)
+        return self._with(values, dims, idx)
+
+    def sel(self, indexers=None, method=None, tolerance=None, drop=False, **indexers_kwargs) -> Variable:
+        """xarray's ``sel``: labels of the dimension's index coordinate (a label, a list, or a slice including
+        both ends), or positions where the dimension has no coordinate (as xarray does)."""
+        self._named("sel")
+        opts = {"method": method, "tolerance": tolerance, "drop": drop}
+        idx = _indexers("sel", indexers, indexers_kwargs, opts)
+        return self.isel(_positions("sel", idx, self.dims, self._coords))
+
+    def _reduce(self, method, dim, axis, skipna, ddof=0, dtype=None, out=None, keepdims=False, **kw):
+        if self.dims is None:  # numpy's reduction, on an array without dimension names
+            if skipna:
+                raise TypeError(f"{method}(skipna=True): this array has no dimension names; use .values")
+            args = {
+                "axis": axis if dim is None else dim,
+                "dtype": dtype,
+                "out": out,
+                "keepdims": keepdims,
+                **kw,
+            }
+            if method in ("std", "var"):
+                args["ddof"] = ddof
+            if method == "median":
+                return np.median(self.values, **{k: v for k, v in args.items() if k not in ("dtype",)})
+            return getattr(self.values, method)(**{k: v for k, v in args.items() if v is not None})
+        if kw:
+            raise TypeError(f"{method}() got unexpected arguments {sorted(kw)}")
+        if out is not None or keepdims:
+            raise NotImplementedError(f"{method}(out=, keepdims=True) is not supported; reduce .values")
+        over = _reduce_dims(method, self.dims, dim, axis)
+        values, dims = _reduce_array(method, self.values, self.dims, over, skipna, ddof, dtype)
+        return self._with(values, dims, over=over)
+
+    def mean(self, dim=None, *, axis=None, skipna=None, keep_attrs=None, **kw) -> Variable:
+        """xarray's ``mean`` over ``dim`` (a name or a list; None: all), skipping NaN in float arrays."""
+        return self._reduce("mean", dim, axis, skipna, **kw)
+
+    def std(self, dim=None, *, axis=None, skipna=None, ddof=0, keep_attrs=None, **kw) -> Variable:
+        """xarray's ``std`` over ``dim`` (``ddof=0`` by default), skipping NaN in float arrays."""
+        return self._reduce("std", dim, axis, skipna, ddof=ddof, **kw)
+
+    def var(self, dim=None, *, axis=None, skipna=None, ddof=0, keep_attrs=None, **kw) -> Variable:
+        """xarray's ``var`` over ``dim`` (``ddof=0`` by default), skipping NaN in float arrays."""
+        return self._reduce("var", dim, axis, skipna, ddof=ddof, **kw)
+
+    def sum(self, dim=None, *, axis=None, skipna=None, keep_attrs=None, **kw) -> Variable:
+        """xarray's ``sum`` over ``dim``, skipping NaN in float arrays (an all-NaN sum is 0)."""
+        return self._reduce("sum", dim, axis, skipna, **kw)
+
+    def prod(self, dim=None, *, axis=None, skipna=None, keep_attrs=None, **kw) -> Variable:
+        return self._reduce("prod", dim, axis, skipna, **kw)
+
+    def min(self, dim=None, *, axis=None, skipna=None, keep_attrs=None, **kw) -> Variable:
+        return self._reduce("min", dim, axis, skipna, **kw)
+
+    def max(self, dim=None, *, axis=None, skipna=None, keep_attrs=None, **kw) -> Variable:
+        return self._reduce("max", dim, axis, skipna, **kw)
+
+    def median(self, dim=None, *, axis=None, skipna=None, keep_attrs=None, **kw) -> Variable:
+        return self._reduce("median", dim, axis, skipna, **kw)
+
+    def to_pandas(self):
+        """xarray's ``to_pandas``: the array for 0 dimensions, a ``Series`` indexed by the dimension for 1, a
+        ``DataFrame`` (rows: first dimension, columns: second) for 2."""
+        import pandas as pd
+
+        self._named("to_pandas")
+        if self.ndim == 0:
+            return self.values
+        idx = [_pandas_index(d, n, self._coords) for d, n in zip(self.dims, self.shape, strict=True)]
+        if self.ndim == 1:
+            return pd.Series(self.values, index=idx[0], name=self.name)
+        if self.ndim == 2:
+            return pd.DataFrame(self.values, index=idx[0], columns=idx[1])
+        raise ValueError(
+            f"to_pandas: cannot convert an array with {self.ndim} dimensions into a pandas object (2 or fewer); "
+            "use to_dataframe()"
+        )
+
+    def to_dataframe(self, name=None, dim_order=None):
+        """xarray's ``to_dataframe``: one row per combination of the dimensions (a ``MultiIndex`` for more than
+        one, labelled by index coordinates or positions), the other coordinates and the values (column ``name``,
+        by default the variable's name) as columns."""
+        self._named("to_dataframe")
+        if dim_order is not None:
+            raise NotImplementedError("to_dataframe(dim_order=...) is not supported; use .isel/.values")
+        name = self.name if name is None else name
+        if name is None:
+            raise ValueError("to_dataframe: the variable has no name; give name=")
+        if self.ndim == 0:
+            raise ValueError("to_dataframe: cannot convert a scalar to a DataFrame")
+        cols = [(k, d, v) for k, (d, v) in self._coords.items() if d != (k,) and not d]
+        cols += [(k, d, v) for k, (d, v) in self._coords.items() if d != (k,) and d]
+        cols.append((name, self.dims, self.values))
+        return _dataframe(self.dims, self.shape, cols, self._coords)
+
+
+def _rebuild_variable(values, dims, name, coords) -> Variable:
+    obj = np.asarray(values).view(Variable)
+    obj.dims, obj.name, obj._coords = dims, name, dict(coords)
+    return obj
+
+
+def _positions(method: str, idx: Mapping[str, Any], dims, coords: Mapping[str, tuple]) -> dict:
+    """``sel``'s labels as ``isel`` positions: through the dimension's index coordinate, or as positions where
+    the dimension has none."""
+    out = {}
+    for d, key in idx.items():
+        if d not in dims:
+            if d in coords:
+                raise NotImplementedError(
+                    f"{method}({d}=...): {d!r} is a coordinate along {coords[d][0]}, not a dimension; select "
+                    f"with a boolean mask of .values"
+                )
+            raise KeyError(f"{method}: {d!r} is not a dimension; dimensions are {tuple(dims)}")
+        c = coords.get(d)
+        out[d] = _label_positions(d, np.asarray(c[1]), key) if c is not None and c[0] == (d,) else key
+    return out
+
 
 class DevinterpResult(dict):
     """devinterp 2.x's result variables as numpy arrays: a dict whose keys read as attributes too
     (``res.llc_mean`` is ``res["llc_mean"]``). A variable read from it is a :class:`Variable` (a numpy array
-    with xarray's ``.values``, ``.to_numpy()`` and ``.dims``), so ``float(res["llc_mean"])``,
-    ``res["llc_per_chain"].values`` and ``res.init_loss.item()`` read as they do on devinterp's xarray results.
-    ``dims`` names each array's axes as devinterp does; ``attrs`` holds devinterp's attributes; ``dataset`` is
-    the result itself (devinterp's ``DataTree.dataset``). A tree (the susceptibilities) holds its children as
-    entries, read by name or by path (``res["/susceptibilities/sus"]``). ``_dims`` and ``_attrs`` given to the
-    constructor are kept as ``dims`` and ``attrs``, not as entries."""
+    with xarray's ``DataArray`` reads), so ``float(res["llc_mean"])``, ``res["llc_per_chain"].values`` and
+    ``res.init_loss.item()`` read as they do on devinterp's xarray results. As an xarray ``Dataset``, a result
+    has ``sizes`` and ``dims`` (dimension name -> length), ``data_vars`` and ``coords`` (name -> variable),
+    ``attrs`` (devinterp's attributes), ``isel`` / ``sel``, the reductions ``mean``, ``std`` (``ddof=0``),
+    ``var``, ``sum``, ``prod``, ``min``, ``max`` and ``median`` over ``dim``, and ``to_dataframe()``; other
+    xarray methods raise ``NotImplementedError``. ``dataset`` is the result itself (devinterp's
+    ``DataTree.dataset``). A tree (the susceptibilities) holds its children as entries, read by name or by path
+    (``res["/susceptibilities/sus"]``). ``_dims`` (variable -> dimension names), ``_attrs`` and ``_coords``
+    (coordinate -> values, its dimensions in ``_dims``) given to the constructor are kept, not as entries."""
 
-    def __init__(self, *args, _dims=None, _attrs=None, _aliases=None, **kwargs):
+    def __init__(self, *args, _dims=None, _attrs=None, _aliases=None, _coords=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._dims_ = dict(_dims or {})
         self._attrs_ = dict(_attrs or {})
         self._aliases_ = dict(_aliases or {})  # hidden names: key -> path of an entry of a child
+        self._coords_ = dict(_coords or {})  # coordinate name -> values; not entries
 
     def __setitem__(self, key, value):
         if key == "_dims":
@@ -162,6 +617,9 @@ class DevinterpResult(dict):
         if dict.__contains__(self, key):
             v = super().__getitem__(key)
             return v, self.__dict__.get("_dims_", {}).get(key, ())
+        coords = self.__dict__.get("_coords_", {})
+        if isinstance(key, str) and key in coords:
+            return coords[key], self._dims_.get(key, ())
         alias = self.__dict__.get("_aliases_", {}).get(key)
         if alias is not None:  # "/child/name", or "/child#attr" for an attribute of a child
             path, _, attr = alias.partition("#")
@@ -169,12 +627,25 @@ class DevinterpResult(dict):
         raise KeyError(key)
 
     def __getitem__(self, key):
+        if isinstance(key, list):  # xarray's ds[["a", "b"]]: a result of those variables
+            self._flat("indexing by a list of names")
+            missing = [k for k in key if k not in self._variables()]
+            if missing:
+                raise KeyError(f"no variables {missing}; variables are {list(self._variables())}")
+            variables = {k: self._variables()[k] for k in key}
+            dims = tuple(d for k in key for d in variables[k][0])
+            sub = DevinterpResult(
+                {k: v for k, (_, v) in variables.items()},
+                _dims={k: d for k, (d, _) in {**variables, **self._coords_along(dims)}.items()},
+                _attrs=self._attrs_,
+                _coords={k: v for k, (_, v) in self._coords_along(dims).items()},
+            )
+            return sub
         v, dims = self._lookup(key)
         if isinstance(v, Variable):
             return v
-        plain = isinstance(v, np.ndarray | float | int | np.number) and not isinstance(v, bool)
-        if plain and dims is not None:
-            return Variable(v, dims)
+        if _is_array(v) and dims is not None:
+            return Variable(v, dims, name=key, coords=self._coords_along(dims))
         return v
 
     def __contains__(self, key):
@@ -190,6 +661,8 @@ class DevinterpResult(dict):
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
+        if name in _XARRAY_ONLY and name not in self:
+            raise _refuse_xarray("DevinterpResult", name)
         try:
             return self[name]
         except KeyError:
@@ -198,12 +671,50 @@ class DevinterpResult(dict):
     def __reduce__(self):
         return (
             _rebuild_result,
-            (dict(dict.items(self)), self._dims_, self._attrs_, self._aliases_),
+            (dict(dict.items(self)), self._dims_, self._attrs_, self._aliases_, self._coords_),
         )
 
+    # ---------------------------------------------------------------------------------------- xarray's Dataset
+
+    def _coords_along(self, dims) -> dict[str, tuple]:
+        """The coordinates (name -> (dims, values)) whose dimensions are among ``dims``."""
+        out = {}
+        for k, v in self._coords_.items():
+            d = tuple(self._dims_.get(k, ()))
+            if all(x in dims for x in d):
+                out[k] = (d, np.asarray(v))
+        return out
+
+    def _variables(self) -> dict[str, tuple[tuple[str, ...], Any]]:
+        """The data variables: name -> (dims, values), the array entries (not children, not metadata)."""
+        return {k: (tuple(self._dims_.get(k, ())), v) for k, v in dict.items(self) if _is_array(v)}
+
+    def _all_dims(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        items = list(self._variables().values())
+        items += [(tuple(self._dims_.get(k, ())), v) for k, v in self._coords_.items()]
+        for dims, v in items:
+            for d, n in zip(dims, np.shape(v), strict=True):
+                sizes.setdefault(d, n)
+        return sizes
+
     @property
-    def dims(self) -> dict[str, tuple[str, ...]]:
-        return dict(self._dims_)
+    def sizes(self) -> Mapping[str, int]:
+        """xarray's ``Dataset.sizes``: each dimension's length."""
+        return MappingProxyType(self._all_dims())
+
+    @property
+    def dims(self) -> Mapping[str, int]:
+        """xarray's ``Dataset.dims``: each dimension's length (a variable's own names: ``res[name].dims``)."""
+        return MappingProxyType(self._all_dims())
+
+    @property
+    def data_vars(self) -> Mapping[str, Variable]:
+        return MappingProxyType({k: self[k] for k in self._variables()})
+
+    @property
+    def coords(self) -> Mapping[str, Variable]:
+        return MappingProxyType({k: self[k] for k in self._coords_})
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -213,9 +724,142 @@ class DevinterpResult(dict):
     def dataset(self) -> DevinterpResult:
         return self
 
+    def to_dataset(self) -> DevinterpResult:
+        """devinterp's ``DataTree.to_dataset()``: the result itself."""
+        return self
 
-def _rebuild_result(items, dims, attrs, aliases) -> DevinterpResult:
-    return DevinterpResult(items, _dims=dims, _attrs=attrs, _aliases=aliases)
+    def _flat(self, method: str) -> None:
+        children = [k for k, v in dict.items(self) if isinstance(v, DevinterpResult)]
+        if children:
+            raise NotImplementedError(
+                f"{method} on a result with children {children}: call it on a child, e.g. "
+                f"res[{children[0]!r}].{method}(...)"
+            )
+
+    def _rebuilt(self, variables: dict, coords: dict) -> DevinterpResult:
+        """A result of the same kind: ``variables`` and ``coords`` (name -> (dims, values)) in place of these,
+        the other entries (metadata) and attrs kept."""
+        entries = {
+            k: variables[k][1] if k in variables else v
+            for k, v in dict.items(self)
+            if k in variables or not _is_array(v)
+        }
+        dims = {k: d for k, (d, _) in {**variables, **coords}.items()}
+        return DevinterpResult(
+            entries,
+            _dims=dims,
+            _attrs=self._attrs_,
+            _aliases=self._aliases_,
+            _coords={k: v for k, (_, v) in coords.items()},
+        )
+
+    def isel(self, indexers=None, drop=False, missing_dims="raise", **indexers_kwargs) -> DevinterpResult:
+        """xarray's ``Dataset.isel``: positions per dimension, applied to every variable and coordinate along it
+        (an int drops the dimension; a slice or a 1-D list of ints or booleans keeps it)."""
+        self._flat("isel")
+        idx = _indexers("isel", indexers, indexers_kwargs, {"drop": drop, "missing_dims": missing_dims})
+        sizes = self._all_dims()
+        bad = set(idx) - set(sizes)
+        if bad:
+            raise ValueError(f"isel: dimensions {bad} do not exist; expected one or more of {tuple(sizes)}")
+        variables = {}
+        for k, (d, v) in self._variables().items():
+            v2, d2 = _isel_array("isel", v, d, idx)
+            variables[k] = (d2, v2 if np.ndim(v) else v)
+        coords = {}
+        for k, (d, v) in self._coords_along(tuple(sizes)).items():
+            v2, d2 = _isel_array("isel", v, d, idx)
+            coords[k] = (d2, v2)
+        return self._rebuilt(variables, coords)
+
+    def sel(
+        self, indexers=None, method=None, tolerance=None, drop=False, **indexers_kwargs
+    ) -> DevinterpResult:
+        """xarray's ``Dataset.sel``: labels of a dimension's index coordinate (a label, a list, or a slice
+        including both ends), or positions where the dimension has no coordinate (as xarray does)."""
+        self._flat("sel")
+        opts = {"method": method, "tolerance": tolerance, "drop": drop}
+        idx = _indexers("sel", indexers, indexers_kwargs, opts)
+        sizes = self._all_dims()
+        return self.isel(_positions("sel", idx, tuple(sizes), self._coords_along(tuple(sizes))))
+
+    def _reduce(self, method, dim, skipna, ddof=0, **kw) -> DevinterpResult:
+        self._flat(method)
+        if kw:
+            raise TypeError(f"{method}() got unexpected arguments {sorted(kw)}")
+        sizes = self._all_dims()
+        names = (
+            tuple(sizes)
+            if dim is None or dim is Ellipsis
+            else ((dim,) if isinstance(dim, str) else tuple(dim))
+        )
+        bad = [d for d in names if d not in sizes]
+        if bad:
+            raise ValueError(
+                f"{method}: dimension(s) {bad} do not exist; expected one or more of {tuple(sizes)}"
+            )
+        variables = {}
+        for k, (d, v) in self._variables().items():
+            if method in ("mean", "std", "var", "median") and np.asarray(v).dtype.kind not in "biufc":
+                continue  # as xarray: non-numeric variables are dropped from these reductions
+            over = tuple(x for x in names if x in d)
+            if over or dim is None:
+                variables[k] = _reduce_array(method, v, d, over, skipna, ddof)[::-1]
+            else:
+                variables[k] = (d, v)
+        coords = {k: c for k, c in self._coords_along(tuple(sizes)).items() if not set(c[0]) & set(names)}
+        return self._rebuilt(variables, coords)
+
+    def mean(self, dim=None, *, skipna=None, keep_attrs=None, **kw) -> DevinterpResult:
+        """xarray's ``Dataset.mean`` over ``dim`` (a name or a list; None: all), skipping NaN in float arrays;
+        variables without those dimensions are kept as they are."""
+        return self._reduce("mean", dim, skipna, **kw)
+
+    def std(self, dim=None, *, skipna=None, ddof=0, keep_attrs=None, **kw) -> DevinterpResult:
+        """xarray's ``Dataset.std`` over ``dim`` (``ddof=0`` by default)."""
+        return self._reduce("std", dim, skipna, ddof=ddof, **kw)
+
+    def var(self, dim=None, *, skipna=None, ddof=0, keep_attrs=None, **kw) -> DevinterpResult:
+        return self._reduce("var", dim, skipna, ddof=ddof, **kw)
+
+    def sum(self, dim=None, *, skipna=None, keep_attrs=None, **kw) -> DevinterpResult:
+        """xarray's ``Dataset.sum`` over ``dim``, skipping NaN in float arrays."""
+        return self._reduce("sum", dim, skipna, **kw)
+
+    def prod(self, dim=None, *, skipna=None, keep_attrs=None, **kw) -> DevinterpResult:
+        return self._reduce("prod", dim, skipna, **kw)
+
+    def min(self, dim=None, *, skipna=None, keep_attrs=None, **kw) -> DevinterpResult:
+        return self._reduce("min", dim, skipna, **kw)
+
+    def max(self, dim=None, *, skipna=None, keep_attrs=None, **kw) -> DevinterpResult:
+        return self._reduce("max", dim, skipna, **kw)
+
+    def median(self, dim=None, *, skipna=None, keep_attrs=None, **kw) -> DevinterpResult:
+        return self._reduce("median", dim, skipna, **kw)
+
+    def to_dataframe(self, dim_order=None):
+        """xarray's ``Dataset.to_dataframe``: one row per combination of all the dimensions (a ``MultiIndex`` for
+        more than one, labelled by index coordinates or positions), each variable and non-index coordinate a
+        column, repeated along the dimensions it does not have."""
+        self._flat("to_dataframe")
+        if dim_order is not None:
+            raise NotImplementedError("to_dataframe(dim_order=...) is not supported; use .isel/.values")
+        sizes = self._all_dims()
+        if not sizes:
+            raise ValueError("to_dataframe: no valid index for a 0-dimensional result")
+        coords = self._coords_along(tuple(sizes))
+        cols = [(k, d, v) for k, (d, v) in self._variables().items()]
+        cols += [(k, d, v) for k, (d, v) in coords.items() if d != (k,)]
+        return _dataframe(tuple(sizes), tuple(sizes.values()), cols, coords)
+
+
+def _is_array(v) -> bool:
+    return isinstance(v, np.ndarray | float | int | np.number) and not isinstance(v, bool)
+
+
+def _rebuild_result(items, dims, attrs, aliases, coords=None) -> DevinterpResult:
+    return DevinterpResult(items, _dims=dims, _attrs=attrs, _aliases=aliases, _coords=coords)
 
 
 # ------------------------------------------------------------------------------------------------ data and losses
@@ -1004,16 +1648,13 @@ def compute_susceptibilities(
     # devinterp's DataTree: /susceptibilities (sus and its coordinates) and /context (the probe tokens)
     tree_sus = DevinterpResult(
         sus=sus,
-        wr=np.asarray(wrs, dtype=object),
-        **coords,
+        _coords={"wr": np.asarray(wrs, dtype=object), **coords},
         _dims={"sus": ("sus_flat", "wr"), "wr": ("wr",), **{k: ("sus_flat",) for k in coords}},
         _attrs={"dataset_id_to_name": list(obs_ids)},
     )
     tree_ctx = DevinterpResult(
         input_ids=ctx["input_ids"],
-        dataset_id=ctx["ctx_dataset_id"],
-        batch=ctx["ctx_batch"],
-        position=ctx["position"],
+        _coords={"dataset_id": ctx["ctx_dataset_id"], "batch": ctx["ctx_batch"], "position": ctx["position"]},
         _dims={k: ("ctx_flat",) for k in ("input_ids", "dataset_id", "batch", "position")},
         _attrs={"dataset_id_to_name": list(obs_ids)},
     )
@@ -1114,10 +1755,16 @@ def compute_bif(
         sel.append(idx.astype(np.int64))
     m = m[sel[0]][:, sel[1]]
     dims = ("batch_1", "batch_2") + (("target_position", "target_position_T") if m.ndim == 4 else ())
+    coords = {"batch_1": sel[0], "batch_2": sel[1]}
+    if m.ndim == 4:
+        coords.update(
+            target_position=np.arange(1, m.shape[2] + 1), target_position_T=np.arange(1, m.shape[3] + 1)
+        )
     return DevinterpResult(
         influences=m.astype(np.float32),
         input_ids=ids,
-        _dims={"influences": dims, "input_ids": ("batch", "position")},
+        _dims={"influences": dims, "input_ids": ("batch", "position"), **{k: (k,) for k in coords}},
+        _coords=coords,
     )
 
 
