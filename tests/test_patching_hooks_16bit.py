@@ -154,3 +154,24 @@ def test_metrics_of_16_bit_models_in_float32(dtype, kind):
     else:
         want = lx[torch.arange(2), ans] - lx[torch.arange(2), wrong]
     torch.testing.assert_close(res.corrupted.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_qk_fix_warns_that_pattern_hooks_are_left_out():
+    """AtP*'s QK fix recomputes patterns from queries and keys: functions on hook_pattern / hook_attn_scores are
+    not in its q and k estimates, which it says; other sites and hook points raise no warning."""
+    model, clean, corr, metric = _setup()
+    remove = model.blocks[1].attn.hook_pattern.add_hook(lambda p, hook: p * 1.0)
+    try:
+        with pytest.warns(
+            UserWarning, match=r"qk_fix=True recomputes attention patterns .*blocks\.1\.attn\.hook_pattern"
+        ):
+            pp.attribution_patching(model, clean, corr, metric=metric, sites=["q", "z"], qk_fix=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pp.attribution_patching(model, clean, corr, metric=metric, sites=["z"], qk_fix=True)
+            pp.attribution_patching(model, clean, corr, metric=metric, sites=["q"], qk_fix=False)
+    finally:
+        remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pp.attribution_patching(model, clean, corr, metric=metric, sites=["k"], qk_fix=True)

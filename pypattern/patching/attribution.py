@@ -19,6 +19,8 @@ Use AtP to shortlist cells and exact patching to confirm them: :func:`shortlist_
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .._memory import keep_freed_heap
@@ -313,6 +315,16 @@ def attribution_patching(
             "dropped through each layer other than a node's own, and a 1-layer model has none (its scores would "
             "all be 0); use grad_drop=False"
         )
+    if qk_fix and any(s in ("q", "k") for s in sites):
+        from ..models.hooks import attached_hooks
+
+        bypassed = [h for h in attached_hooks(model) if ".hook_attn_scores " in h or ".hook_pattern " in h]
+        if bypassed:
+            warnings.warn(
+                f"qk_fix=True recomputes attention patterns from the queries and keys without the functions "
+                f"attached at {bypassed[:4]}: the q and k estimates leave them out (qk_fix=False keeps them)",
+                stacklevel=2,
+            )
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
     if max_batch is not None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
