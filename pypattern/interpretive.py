@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .equivalence import linear_cka, procrustes
-from .losses import _refuse_left_padding
+from .losses import _refuse_left_padding, check_attention_mask
 from .ridge import DEFAULT_ALPHAS, ridge_similarity_cv, train_test_split
 
 __all__ = [
@@ -117,6 +117,7 @@ def accumulated_residual(
         am = torch.as_tensor(attention_mask).to(tokens.device)
         if tuple(am.shape) != tuple(tokens.shape):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}; tokens have {tuple(tokens.shape)}")
+        check_attention_mask(am, "attention_mask")
         am = am != 0
         _refuse_left_padding(model, am, "attention_mask")  # the model reads no mask
         weight = am[:, sl].to(torch.float32)

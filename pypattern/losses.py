@@ -147,6 +147,16 @@ def _ids(t: torch.Tensor, what: str, batch: Any) -> torch.Tensor:
     return t
 
 
+def check_attention_mask(mask: torch.Tensor, argument: str) -> None:
+    """Raise ``ValueError`` naming ``argument`` unless every entry of ``mask`` is 0 (padding) or 1 (a real token)."""
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(
+            f"{argument} must hold 1 (a real token) or 0 (padding), got the value {bad!r} "
+            f"(a {mask.dtype} tensor of shape {tuple(mask.shape)})"
+        )
+
+
 def parse_batch(batch: Any) -> ParsedBatch:
     """Read a batch in one of the forms of the module docstring.
 
@@ -182,6 +192,8 @@ def parse_batch(batch: Any) -> ParsedBatch:
                     )
                 if key == "labels" and v.dtype != torch.int64:
                     v = v.long()  # cross-entropy reads int64 targets
+                if key == "attention_mask":
+                    check_attention_mask(v, "batch['attention_mask']")
             fields[key] = v
         extra = {k: fields[k] for k in _PASS_KEYS if fields[k] is not None}
         return ParsedBatch("hf", ids, fields["labels"], fields["attention_mask"], extra)

@@ -370,6 +370,34 @@ def test_gpt2_names_kept():
     assert set(cache) == set(pts)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo"])
+def test_pos_embed_hook_is_batch_shaped_and_patchable_like_the_converted_models(arch):
+    """hook_pos_embed has TransformerLens' shape (batch, pos, d) on the adapter as on the converted model (the
+    position embedding module sees one row of positions), and a function attached there acts on every prompt."""
+    import pypattern as pp
+
+    m = _model(arch)
+    conv = pp.from_hf(m)
+    toks = _tokens()
+    hm = hooked_hf(m)
+    _, ch = hm.run_with_cache(toks, names_filter="hook_pos_embed")
+    _, cc = conv.run_with_cache(toks, names_filter="hook_pos_embed")
+    assert ch["hook_pos_embed"].shape == (toks.shape[0], toks.shape[1], m.config.hidden_size)
+    assert ch["hook_pos_embed"].shape == cc["hook_pos_embed"].shape
+    torch.testing.assert_close(ch["hook_pos_embed"], cc["hook_pos_embed"].to(ch["hook_pos_embed"].dtype))
+
+    def scale_first(x, hook):  # a different change per prompt: needs the batch axis
+        x = x.clone()
+        x[0] = 3 * x[0]
+        return x
+
+    got = hm.run_with_hooks(toks, fwd_hooks=[("hook_pos_embed", scale_first)])
+    ref = conv.run_with_hooks(toks, fwd_hooks=[("hook_pos_embed", scale_first)])
+    torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], hm(toks)[0])
+    torch.testing.assert_close(got[1:], hm(toks)[1:])
+
+
 # ------------------------------------------------------------------------------------------------- masks
 
 

@@ -211,6 +211,30 @@ def test_left_padding_is_refused_for_a_model_that_takes_no_mask():
     losses.check_batch(_model("tl"), left, "probe")
 
 
+def test_attention_mask_values_other_than_zero_and_one_are_refused():
+    """A mask of 2s (or -1s, 0.5s) is not a padding mask: reading it as 'nonzero = real' would hide a caller's bug."""
+    import pypattern as pp
+    from pypattern.interpretive import accumulated_residual
+
+    ids, am = _padded(_seqs(3))
+    for bad in (2, -1, 0.5):
+        m = am.clone().to(torch.float32 if bad == 0.5 else am.dtype)
+        m[0, 0] = bad
+        with pytest.raises(
+            ValueError, match=r"batch\['attention_mask'\] must hold 1 .* or 0 .*got the value"
+        ):
+            parse_batch({"input_ids": ids, "attention_mask": m})
+        with pytest.raises(ValueError, match=r"attention_mask"):
+            pp.estimate_llc(
+                _model("tf"), [{"input_ids": ids, "attention_mask": m}], num_chains=1, num_draws=1,
+                num_burnin_steps=0, step_size=1e-6, quiet=True,
+            )  # fmt: skip
+        with pytest.raises(ValueError, match=r"^attention_mask must hold 1"):
+            accumulated_residual(_model("tf"), ids, attention_mask=m)
+    for ok in (am, am.bool(), am.float()):  # 0/1 in any dtype is read as before
+        assert torch.equal(parse_batch({"input_ids": ids, "attention_mask": ok}).attention_mask, ok)
+
+
 def test_position_and_token_type_ids_are_refused_for_a_model_that_takes_none():
     """Packed sequences (position_ids restarting inside a row) would be read at positions 0, 1, 2, ... by a model
     whose forward takes no position_ids: refused naming the row; plain positions pass. token_type_ids likewise."""

@@ -440,9 +440,12 @@ class HookedHF(HookedModule):
         arch = hf_arch(model)
         n_layers = _n_layers(model, arch)
         pts = {k: "model." + v for k, v in hf_hook_points(model).items()}
+        pos = pts.pop("hook_pos_embed", None)
         super().__init__(_HFLogits(model), pts, n_layers=n_layers)
         self.arch = arch
         self.config = model.config
+        if pos is not None:
+            self._add_pos_embed(model)
         self.has_resid_mid = not arch.parallel(model.config)
         if self.has_resid_mid:
             for layer in range(n_layers):
@@ -463,6 +466,38 @@ class HookedHF(HookedModule):
         ``input_ids`` (``attention_mask``, ``position_ids`` and ``token_type_ids`` are used, ``labels`` ignored),
         or of ``input_ids=..., attention_mask=...``; other keywords go to the Hugging Face model."""
         return self.module(input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _add_pos_embed(self, model: nn.Module) -> None:
+        """``hook_pos_embed`` on the position embedding's output, broadcast to the batch ``(batch, pos, d)`` as in
+        TransformerLens (the module sees one row of positions when the model makes them itself)."""
+        arch = self.arch
+        base = _get(model, arch.base)
+        wpe = base.get_submodule(arch.pos_embed)
+        name = "hook_pos_embed"
+        hp = HookPoint()
+        hp.name = name
+        self.hook_dict[name] = hp
+        self._points[name] = hp
+        store: dict[str, int] = {}
+
+        def grab(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if hp._fns:
+                x = args[0] if args and args[0] is not None else kwargs.get("input_ids")
+                if x is None:
+                    x = kwargs.get("inputs_embeds")
+                store["batch"] = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else 1
+
+        def post(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            if not hp._fns:
+                return None
+            b = store.pop("batch", 1)
+            if out.dim() == 3 and out.shape[0] == 1 and b > 1:
+                out = out.expand(b, -1, -1).contiguous()
+            return hp(out)
+
+        grab.hook_point = post.hook_point = hp  # the identity while hp has no function attached
+        self._handles.append(base.register_forward_pre_hook(grab, with_kwargs=True))
+        self._handles.append(wpe.register_forward_hook(post))
 
     def _add_resid_mid(self, model: nn.Module, layer: int) -> None:
         arch = self.arch
