@@ -289,3 +289,54 @@ def test_draw_of_a_graph_smaller_than_the_default_count_and_prepare_runs_graph_t
     sc.draw()
     with pytest.raises(TypeError, match=r"^graph= is a list; give an EdgeGraph"):
         prepare_runs(model, list(g.edges), x, y, metric)
+
+
+@pytest.mark.parametrize("call", ["patch_edges", "faithfulness"])
+def test_a_list_of_found_circuits_is_a_batch_of_their_masks(call):
+    from pypattern import circuits
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    sc = circuits.edge_attribution(model, clean, corr, metric=metric, method="eap")
+    c1, c2 = sc.circuit(n=5), sc.circuit(n=12)
+    f = getattr(circuits, call)
+    got = f(model, [c1, c2], clean, corr, metric=metric)
+    ref = f(model, torch.stack([c1.mask, c2.mask]), clean, corr, metric=metric)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    mixed = f(model, [c1, c2.mask], clean, corr, metric=metric)  # circuits and masks in one batch
+    torch.testing.assert_close(mixed, ref, rtol=0, atol=0)
+    one = torch.as_tensor(f(model, c1, clean, corr, metric=metric), dtype=ref.dtype)
+    torch.testing.assert_close(one, ref[0], rtol=1e-12, atol=1e-12)  # alone: another batching, same values
+    other = circuits.edge_attribution(model, clean, corr, metric=metric, method="eap", per_position=True)
+    with pytest.raises(
+        ValueError, match=r"edges\[1\] is a Circuit on a graph of \d+ edges \(per_position=True\)"
+    ):
+        f(model, [c1, other.circuit(n=5)], clean, corr, metric=metric)
+
+
+def test_acdc_reads_rounding_level_drops_as_zero_and_keeps_16_bit_drops_in_float32():
+    """threshold=0 keeps every tested edge whose removal changes the metric by rounding only (its stored drop is
+    0), whatever the batching of the tests; a bfloat16 model's drops are float32 and agree with the decisions."""
+    from pypattern import circuits
+
+    model = _model(n_heads=4, n_key_value_heads=2)
+    clean, corr, metric = _prompts()
+    graph = edges(model, per_position=True, seq_len=clean.shape[1])
+    runs = [
+        circuits.acdc(model, clean, corr, metric=metric, threshold=0.0, graph=graph, max_batch=mb, quiet=True)
+        for mb in (None, 1, 3)
+    ]
+    for c in runs:
+        s = c.scores
+        assert s.dtype == torch.float64
+        assert not bool(((s.abs() < 1e-12) & (s != 0)).any())  # no rounding-level drop is stored
+        assert bool((c.mask | (s < 0)).all())  # threshold 0: only edges whose removal raises the metric go
+        assert bool(((s == 0) & c.mask).sum() > 0)  # edges without effect were tested and kept
+        assert torch.equal(c.mask, runs[0].mask)
+    half = _model(n_heads=4, n_key_value_heads=2, dtype=torch.bfloat16)
+    for thr in (0.02, 0.05):
+        c = circuits.acdc(half, clean, corr, metric=metric, threshold=thr, quiet=True)
+        assert c.scores.dtype == torch.float32
+        tested = c.scores != 0
+        assert not bool((c.mask & tested & (c.scores < thr)).any())
+        assert not bool((~c.mask & tested & (c.scores >= thr)).any())

@@ -66,6 +66,21 @@ def _circuit_mask(edges, graph: EdgeGraph | None):
     any other ``edges`` unchanged."""
     if isinstance(edges, Circuit):
         return edges.mask, edges.graph if graph is None else graph
+    if isinstance(edges, (list, tuple)) and any(isinstance(e, Circuit) for e in edges):
+        # a batch of sets holding found circuits: each as its mask, on one graph
+        graphs = [e.graph for e in edges if isinstance(e, Circuit)]
+        if graph is None:
+            graph = graphs[0]
+        for i, e in enumerate(edges):
+            if isinstance(e, Circuit) and (
+                len(e.graph) != len(graph) or e.graph.per_position != graph.per_position
+            ):
+                raise ValueError(
+                    f"edges[{i}] is a Circuit on a graph of {len(e.graph)} edges (per_position="
+                    f"{e.graph.per_position}); the others are on one of {len(graph)} (per_position="
+                    f"{graph.per_position}): give circuits of one model's graph"
+                )
+        return [e.mask if isinstance(e, Circuit) else e for e in edges], graph
     return edges, graph
 
 
@@ -929,7 +944,9 @@ def acdc(
     on a per-position graph, positions from the last to the first and sources in reverse order within each):
     remove the edge if the batch-mean metric of the circuit without it is lower than the current circuit's by less
     than ``threshold`` (``M_current - M_without < threshold``; an edge whose removal raises the metric is removed
-    too), and keep the new circuit.
+    too), and keep the new circuit. A drop within 16 roundings of the metric (relative to it, in the metric's
+    dtype: float32 for a 16-bit model) is read as 0, so with ``threshold=0`` an edge whose removal changes the
+    metric only by rounding is kept, wherever in a batch its test ran.
 
     With ``threshold > 0``, the edges into a destination input that can no longer change the metric are removed
     without a test (their removal changes nothing, so the test would remove them): noising, a node none of whose
@@ -1028,6 +1045,9 @@ def acdc(
             m_full, m_empty, m_cur = state["m_full"], state["m_empty"], state["m_cur"]
             runs, untested = state["runs"], state["untested"]
         window = engine.chunk_size()
+        # drops within a few roundings of the metric (float32 for a 16-bit model's metrics) count as 0: a circuit
+        # evaluated at another place in a batch may round differently, and threshold 0 must not decide on that
+        tie = _ACDC_TIE_ULPS * torch.finfo(torch.promote_types(engine.dtype, torch.float32)).eps
         saved = time.perf_counter()
         for d in reversed(range(first)):
             cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
@@ -1046,6 +1066,8 @@ def acdc(
                 removed_at = None
                 for i, e in enumerate(batch):
                     delta = m_cur - float(vals[i])
+                    if abs(delta) <= tie * max(abs(m_cur), abs(float(vals[i]))):
+                        delta = 0.0  # a difference at rounding level: the edge changes nothing measurable
                     drop[e] = delta
                     if delta < threshold:
                         keep[e] = False
@@ -1063,7 +1085,7 @@ def acdc(
     return Circuit(
         graph=graph,
         mask=keep,
-        scores=drop.to(engine.dtype),
+        scores=drop.to(torch.promote_types(engine.dtype, torch.float32)),  # a 16-bit model's drops in float32
         faithfulness=f,
         method="acdc",
         info={
@@ -1079,6 +1101,10 @@ def acdc(
             "ablation": ablation,
         },
     )
+
+
+# ACDC's drops within this many roundings (of the metric's dtype, relative to the metric) are ties (0)
+_ACDC_TIE_ULPS = 16
 
 
 def _acdc_save(path, fp, nxt, keep, drop, reach, m_full, m_empty, m_cur, runs, untested) -> None:

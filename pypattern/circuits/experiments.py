@@ -96,8 +96,8 @@ def run_induction_circuit(
 
     Returns a dict with the model's head roles, the prefix-matching score of the task, the scores and the
     :class:`PruningCurve` of each method, the previous-token head ``prev_head`` and induction heads, whether the
-    key-composition edge ``L0H{prev} -> L1H{ind}.k`` is among the top 5% of edges of each method, and the
-    faithfulness at 5% of the edges.
+    key-composition edge ``L0H{prev} -> L1H{ind}.k`` (at position ``k + 1`` on a per-position graph) is among the
+    top 5% of edges of each method, and the faithfulness at 5% of the edges.
     """
     from ..patching import LogitDiff
     from ..tasks.induction import prefix_matching_score
@@ -128,11 +128,13 @@ def run_induction_circuit(
     counts = sorted({round(f * E) for f in fractions} | {budget})
     curve = pruning_curve(model, scores, clean, corr, metric=metric, counts=counts)
     graph = next(iter(scores.values())).graph
-    key_names = {f"L0H{prev_head}->L1H{h}.k" for h in ind_heads}
+    # per position, the key composition is read at position k + 1 (the token after the first occurrence)
+    at = f"@{k + 1}" if graph.per_position else ""
+    key_names = {f"L0H{prev_head}->L1H{h}.k{at}" for h in ind_heads}
     found = {}
     for m, sc in scores.items():
         top = [graph[i] for i in sc.ranking()[:budget].tolist()]
-        hits = sorted({f"{e.src}->{e.dst_input}" for e in top} & key_names)
+        hits = sorted({e.name for e in top} & key_names)
         found[m] = hits
     i5 = int((curve.counts == budget).nonzero()[0])
     at5 = {m: float(curve.faithfulness[m][i5]) for m in scores}
