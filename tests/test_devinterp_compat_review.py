@@ -370,9 +370,11 @@ def test_v2_sample_metadata_in_attrs_with_devinterps_config_keys():
     assert cfg["tokenizer_context_length"] == 8
 
 
-def test_v1_callbacks_see_the_model_after_the_steps_update():
+@pytest.mark.parametrize("batched", [None, False, True])
+def test_v1_callbacks_see_the_model_after_the_steps_update(batched):
     """devinterp calls its callbacks after the optimizer's step: on one full batch read every step, the loss of
-    the model a callback sees at draw d is the loss recorded at draw d + 1 (not draw d's own)."""
+    the model a callback sees at draw d is the loss recorded at draw d + 1 (not draw d's own), whether the chains
+    run one after another or side by side."""
     from pypattern.devinterp.slt.sampler import sample
 
     g = torch.Generator().manual_seed(0)
@@ -399,6 +401,7 @@ def test_v1_callbacks_see_the_model_after_the_steps_update():
             seed=0,
             verbose=False,
             optimizer_kwargs=dict(lr=1e-2, nbeta=10.0, localization=1.0),
+            batched=batched,
         )
     assert [s[1] for s in seen] == list(range(D))
     for d in range(D - 1):

@@ -22,9 +22,10 @@ them gets those. ``finalize()`` is called after the run. A run with callbacks ot
 :class:`OnlineLLCEstimator` runs its chains one after another (``batched=False``), as devinterp does, so that
 ``optimizer`` and the gradients are there.
 
-What differs from devinterp 1.3.2: a callback runs after the step's backward and before its update (devinterp:
-after the update, before ``zero_grad``), so ``model`` holds the draw's weights before the step and its gradient at
-them; ``data`` is the step's first micro-batch and ``results`` joins the step's micro-batches (devinterp: the last
+As in devinterp 1.3.2, a callback runs after the step's update: ``model`` holds the updated weights (and, in
+chains run one after another, the gradient of the draw's loss; chains run side by side, ``batched=True``, hand a
+plain copy of each chain's updated weights). What differs from devinterp 1.3.2: ``data`` is the step's first
+micro-batch and ``results`` joins the step's micro-batches (devinterp: the last
 one); the samplers are fused, so devinterp's optimizer metrics (``optimizer.noise``, ``optimizer.dws``,
 ``optimizer.localization_loss``: what ``NoiseNorm`` and ``MalaAcceptanceRate`` read) are not there.
 """

@@ -205,10 +205,11 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             ctx.check_runaway(g, t, float(lv[i]))
         extra = join_outputs(exs, 1) if exs else ()  # (chain, ...): each chain's micro-batches joined
         d = plan.is_draw(t)
+        after_update = []  # devinterp 1.x's callbacks: called once the step's update is taken, as devinterp does
         if d >= 0:
             vobs = _batched_observables(ctx, apply, stacked, vb, shared_data, C) if plan.observables else {}
             for i, g in enumerate(chains):
-                ctx.at_draw(
+                later = ctx.at_draw(
                     g,
                     d,
                     t,
@@ -217,7 +218,10 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                     batches[i],
                     {k: v[i] for k, v in vobs.items()},
                     tuple(x[i] if torch.is_tensor(x) else [y[i] for y in x] for x in extra),
+                    defer=True,
                 )
+                if later is not None:
+                    after_update.append(later)
         per_tensor = [gr.unbind(0) for gr in grads]
         with torch.no_grad():
             flags = []
@@ -250,6 +254,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                     else "a finite gradient gave a non-finite update (the step size is too large)"
                 )
                 raise ctx.diverged(chains[i], t, why)
+        for later in after_update:
+            later()
         ctx.finish_step(
             chains,
             d,
