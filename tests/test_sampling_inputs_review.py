@@ -240,3 +240,48 @@ def test_per_token_must_be_a_bool():
         pp.susceptibilities(model, loader, (X[:8], y[:8]), ["0"], per_token="yes", **KW)
     with pytest.raises(TypeError, match=r"per_token=1 is not valid"):
         pp.bif(model, loader, (X[:8], y[:8]), per_token=1, **KW)
+
+
+class _FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.lin(nn.functional.dropout(x, 0.5, training=self.training))
+
+
+def _regression_loader():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    y = x @ torch.randn(4, 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def test_a_forward_drawing_random_numbers_the_seed_does_not_key_is_named_in_a_warning():
+    """Functional dropout in training mode is not a module the sampler can switch off: the loss at w* computed
+    twice differs, and the run says that the same seed will not repeat its draws; in eval mode nothing is said."""
+    import warnings
+
+    kw = dict(num_chains=1, num_draws=3, step_size=1e-4, nbeta=10.0, localization=10.0, quiet=True, seed=1)
+    kw["warn_nonstationary"] = False
+    model = _FunctionalDropout().train()
+    with pytest.warns(
+        UserWarning, match=r"draws random numbers .*functional\.dropout.*same seed will not repeat"
+    ):
+        pp.estimate_llc(model, _regression_loader(), **kw)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = pp.estimate_llc(model, _regression_loader(), **kw)
+        b = pp.estimate_llc(model, _regression_loader(), **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    # a random loss function is caught the same way
+    with pytest.warns(UserWarning, match=r"draws random numbers"):
+        pp.estimate_llc(
+            model,
+            _regression_loader(),
+            loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]) * (1 + 0.01 * torch.rand(())),
+            **kw,
+        )

@@ -9,6 +9,7 @@ divergence checks); :mod:`.data` is each chain's keyed stream of batches.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 import time
@@ -544,6 +545,27 @@ def init_loss_standard_error(init_losses, num_batches: int | None) -> float:
     return float(se)
 
 
+def _warn_if_random(value: float, again: Callable[[], float], device: torch.device) -> None:
+    """Warn when the loss at ``w*`` of the first batch, ``value``, comes out otherwise when computed ``again`` with
+    the random number generators seeded afresh: the forward (or the loss function) draws random numbers that the
+    run's seed does not key (functional dropout in training mode, a sampled loss), so the same seed does not repeat
+    the same draws and a resume is not exact. (Dropout modules are found by type and put in eval mode before.)"""
+    devices = [device] if device.type not in ("cpu", "meta") else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(0x5EED)
+        other = again()
+    same = other == value if device.type == "cpu" else math.isclose(other, value, rel_tol=1e-6, abs_tol=0.0)
+    if not same and math.isfinite(value) and math.isfinite(other):
+        warnings.warn(
+            f"the loss at the initial weights on the first batch was {value!r} and then {other!r}: the model's "
+            "forward or the loss function draws random numbers (e.g. torch.nn.functional.dropout in training "
+            "mode), which the run's seed does not key: the same seed will not repeat these draws and a resume will "
+            "not be exact. Call model.eval() (or make the forward deterministic) first",
+            UserWarning,
+            stacklevel=6,
+        )
+
+
 def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: dict) -> np.ndarray:
     """``L_n(w*)`` on each of its batches: ``init_loss`` if given, else the loss at ``w*`` over
     ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch)."""
@@ -568,7 +590,11 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
         return float(split_loss(out))
 
     with torch.no_grad():
-        vals = np.array([loss_at_w_star(to_device(stream.next(), device)) for _ in range(k)])
+        first = to_device(stream.next(), device)
+        vals = np.array(
+            [loss_at_w_star(first)] + [loss_at_w_star(to_device(stream.next(), device)) for _ in range(k - 1)]
+        )
+        _warn_if_random(float(vals[0]), lambda: loss_at_w_star(first), device)
         if (
             n is not None
             and k >= n
