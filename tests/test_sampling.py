@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from pypattern.ops.sgld import sgld_step_
 from pypattern.sampling import (
@@ -869,6 +870,47 @@ def test_rhat_ess_known_cases():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_stationarity(iid)
+
+
+def test_a_trace_too_correlated_to_judge_warns_with_its_ess_and_drift():
+    """Chains that relax from w* more slowly than the run is long pass split R-hat < 1.1 yet hold a few dozen
+    effective draws: check_mixing names the ESS and the first and last thirds' means; the runner says it once."""
+    from pypattern.sampling import check_mixing
+
+    rng = np.random.default_rng(1)
+    rho, n = 0.99, 300
+    x = np.zeros((4, n))
+    e = rng.standard_normal((4, n)) * np.sqrt(1 - rho**2)
+    x[:, 0] = -3.0  # started far from equilibrium (0), relaxing over ~100 draws
+    for t in range(1, n):
+        x[:, t] = rho * x[:, t - 1] + e[:, t]
+    assert ess(x) < 100
+    with pytest.warns(
+        NonStationaryWarning,
+        match=r"effective sample size of \d+ of its 1200 draws \(below 100\).*first third",
+    ):
+        assert check_mixing(x) is False
+    iid = rng.standard_normal((4, 200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_mixing(iid) is True
+        assert check_mixing(x, warn=False) is False
+        assert check_mixing(iid[:, :3]) is False  # no ESS from 3 draws: not claimed, not warned
+    # through the sampler: a 10-parameter regression whose curvatures differ 900-fold, run short at a small step
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 10, generator=g) * torch.logspace(0, 1.5, 10)
+    Y = X @ torch.randn(10, 1, generator=g)
+    model = nn.Linear(10, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(X, Y).solution.T)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=64)
+    kw = dict(num_chains=4, num_draws=200, step_size=1e-5, nbeta=10.0, localization=1.0, quiet=True, seed=0)
+    with pytest.warns(NonStationaryWarning) as got:
+        estimate_llc(model, loader, **kw)
+    assert sum("effective sample size" in str(w.message) or "R-hat" in str(w.message) for w in got) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        estimate_llc(model, loader, warn_nonstationary=False, **kw)
 
 
 def test_devinterp_compatible_names():

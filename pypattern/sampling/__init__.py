@@ -17,7 +17,14 @@ Modules: ``optim`` (SGLD, noise keys), ``samplers`` (SGNHT, RMSprop-SGLD, the sa
 
 from .auto import AutoStepError, AutoStepReport, resolve_step_size
 from .calibrate import CalibrationResult, calibrate_step_size
-from .diagnostics import NonFiniteLossError, NonStationaryWarning, check_stationarity, ess, r_hat
+from .diagnostics import (
+    NonFiniteLossError,
+    NonStationaryWarning,
+    check_mixing,
+    check_stationarity,
+    ess,
+    r_hat,
+)
 from .llc import (
     default_nbeta,
     estimate_learning_coeff,
@@ -52,6 +59,7 @@ __all__ = [
     "SamplingDivergedError",
     "calibrate_step_size",
     "chain_seed",
+    "check_mixing",
     "check_stationarity",
     "default_loss_fn",
     "default_nbeta",

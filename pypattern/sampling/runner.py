@@ -29,7 +29,14 @@ from .batched import VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import LossContractError, RunContext, Stopped
 from .data import ChainData, batch_size_of, batches_per_epoch, ragged_last_batch, to_device
-from .diagnostics import NonFiniteLossError, SamplingDivergedError, check_stationarity, ess, r_hat
+from .diagnostics import (
+    NonFiniteLossError,
+    SamplingDivergedError,
+    check_mixing,
+    check_stationarity,
+    ess,
+    r_hat,
+)
 from .plan import RunPlan, check_checkpoint_file, check_loader, check_model, default_nbeta, make_plan
 from .results import SampleResult
 from .samplers import sampler_name
@@ -510,8 +517,8 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     if plan.warn_nonstationary:
         for r, res in enumerate(results):
             ran = res.loss_trace[_ran_rows(plan, r)]
-            if len(ran):
-                check_stationarity(ran)
+            if len(ran) and check_stationarity(ran):  # a drifting trace is reported once, by its R-hat
+                check_mixing(ran)
     return results if plan.several_runs else results[0]
 
 
