@@ -218,3 +218,26 @@ def test_init_loss_batches_default_is_bounded_by_the_run():
     # a given L_n(w*) is taken as exact
     r = estimate_llc(model, loader, num_draws=5, init_loss=0.5, warn_nonstationary=False, **kw)
     assert r.init_loss_se == 0.0 and r.llc_se == pytest.approx(r.llc_std / np.sqrt(2))
+
+
+def test_an_estimate_above_half_the_moving_parameters_warns():
+    """A stable but too-large step on a 4-parameter regular model overshoots d/2 = 2 (its continuous-time value is
+    1.91): the result says so; a small step does not."""
+    import warnings
+
+    torch.manual_seed(0)
+    n, d = 256, 4
+    X = torch.randn(n, d)
+    Y = X @ torch.randn(d, 1) + 0.3 * torch.randn(n, 1)
+    m = torch.nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(torch.linalg.lstsq(X, Y).solution.T)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=n)
+    kw = dict(num_chains=4, num_draws=200, num_burnin_steps=50, nbeta=10.0, localization=1.0, quiet=True)
+    with pytest.warns(UserWarning, match=r"exceeds d/2 = 2, half the number of moving parameters"):
+        r = estimate_llc(m, loader, step_size=0.1, **kw)
+    assert r.llc_mean - 3 * r.llc_se > 2
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        r = estimate_llc(m, loader, step_size=1e-3, **kw)
+    assert r.llc_mean < 2 and not any("exceeds d/2" in str(w.message) for w in got)

@@ -85,7 +85,30 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
         )
     res = llc_from_sample(sample(model, loader, **kwargs))
     _warn_auto_bias(res)
+    if kwargs.get("masks") is None:
+        _warn_above_half_dimension(res, model)
     return res
+
+
+def _warn_above_half_dimension(res: LLCResult, model: nn.Module) -> None:
+    """Warn when the estimate exceeds ``d / 2`` (``d`` moving parameters: no learning coefficient is larger, and
+    the localized, tempered posterior of a minimum gives less) by more than three standard errors: the step is too
+    large (discretisation bias) or the chains left ``w*``'s basin."""
+    config = getattr(res.sample, "config", None)
+    if not isinstance(config, dict) or config.get("restrict_to") is not None:
+        return
+    if float(config.get("noise_scale", 1.0)) != 1.0:  # another stationary distribution: no such bound
+        return
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    m, se = float(res.llc_mean), float(res.llc_se)
+    if d and math.isfinite(m) and math.isfinite(se) and m - 3 * se > d / 2:
+        warnings.warn(
+            f"the LLC estimate {m:.4g} (standard error {se:.3g}) exceeds d/2 = {d / 2:g}, half the number of moving "
+            "parameters, which bounds the learning coefficient (and the localized, tempered posterior at a minimum "
+            "gives less): the step size is probably too large (discretisation bias) or the chains left the basin "
+            "of w*. Give a smaller step_size (or step_size='auto') and check the loss trace",
+            stacklevel=3,
+        )
 
 
 def _warn_auto_bias(res: LLCResult) -> None:
