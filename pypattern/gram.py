@@ -16,6 +16,7 @@ it), the default for that model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Sequence
@@ -166,7 +167,36 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
             sites.append(
                 GramSite(n, "layernorm", (_pname(n, "weight"), bias), (n, "output"), (n, "input"), eps=m.eps)
             )
-    return sites
+    return _tie_embeddings(model, sites)
+
+
+def _tie_embeddings(model: nn.Module, sites: list[GramSite]) -> list[GramSite]:
+    """An ``nn.Linear`` whose weight is an ``nn.Embedding``'s (an unembedding tied to the embedding) becomes the
+    embedding site's second use (``GramSite.tied``, cross terms included); its bias, if any, stays a linear site of
+    its own."""
+    mods = dict(model.named_modules())
+    owner = {
+        id(mods[st.name].weight): st.name
+        for st in sites
+        if st.kind == "embedding" and isinstance(mods.get(st.name), nn.Embedding)
+    }
+    out: list[GramSite] = []
+    tied: dict[str, tuple] = {}
+    for st in sites:
+        m = mods.get(st.name)
+        emb = owner.get(id(m.weight)) if st.kind == "linear" and isinstance(m, nn.Linear) else None
+        if emb is None:
+            out.append(st)
+            continue
+        if emb in tied:
+            raise NotImplementedError(
+                f"{st.name}.weight is the weight of {emb} and of {tied[emb][0][0]}: an embedding tied to more than "
+                "one linear map is not supported"
+            )
+        tied[emb] = ((st.name, "output"), (st.name, "input"))
+        if st.params[1] is not None:  # the bias alone
+            out.append(dataclasses.replace(st, params=(None, st.params[1])))
+    return [dataclasses.replace(st, tied=tied[st.name]) if st.name in tied else st for st in out]
 
 
 def transformer_lens_sites(model: nn.Module) -> list[GramSite]:

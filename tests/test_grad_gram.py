@@ -12,6 +12,7 @@ from torch import nn
 
 import pypattern
 from pypattern.gram import (
+    default_sites,
     gram_parameters,
     per_sample_grad_gram,
     per_sample_grad_gram_reference,
@@ -144,6 +145,43 @@ def test_model_sequences_and_embeddings_vs_vmap(backend, device):
     assert all(p.grad is None for p in net.parameters())
 
 
+class _TiedNet(nn.Module):
+    """An embedding whose weight the unembedding reuses (with or without a bias of its own), a padding row."""
+
+    def __init__(self, bias: bool, padding_idx):
+        super().__init__()
+        self.unembed = nn.Linear(6, 11, bias=bias)  # registered first: the tie is found in either order
+        self.embed = nn.Embedding(11, 6, padding_idx=padding_idx)
+        self.mix = nn.Linear(6, 6)
+        self.ln = nn.LayerNorm(6)
+        self.unembed.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.unembed(self.ln(torch.tanh(self.mix(self.embed(ids)))))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_an_unembedding_tied_to_the_embedding_vs_per_sample_autograd(bias, padding_idx):
+    """The tied weight's per-sample gradient is the sum of its two uses' (cross terms included): the Gram equals
+    the per-sample autograd loop's, on float64 and float32, centred too; the bias stays a site of its own."""
+    torch.manual_seed(3)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        net = _TiedNet(bias, padding_idx).to(dtype)
+        ids, targets = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+        ids[0, 1] = 2
+        ref = per_sample_grad_gram_reference(net, _seq_loss, ids, targets)
+        got = per_sample_grad_gram(net, _seq_loss, ids, targets)
+        assert _rel(got, ref) < tol, dtype
+        cref = per_sample_grad_gram_reference(net, _seq_loss, ids, targets, centered=True)
+        assert _rel(per_sample_grad_gram(net, _seq_loss, ids, targets, centered=True), cref) < 10 * tol
+    names = {pn for st in default_sites(net) for pn in st.params if pn is not None}
+    assert "unembed.weight" not in names and ("unembed.bias" in names) == bias
+    assert [st.tied for st in default_sites(net) if st.name == "embed"] == [
+        (("unembed", "output"), ("unembed", "input"))
+    ]
+
+
 def test_model_mlp_float32_per_module_and_frozen():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(10, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
@@ -210,11 +248,17 @@ def test_mean_loss_is_rejected_and_errors_name_things():
     with pytest.raises(ValueError, match="batch"):
         flat = nn.Sequential(nn.Flatten(0, 1), nn.Linear(4, 2))
         per_sample_grad_gram(flat, lambda m, x: m(x).sum(1)[:3], torch.randn(3, 2, 4))
-    with pytest.raises(NotImplementedError, match="tied"):
-        emb, lin = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
-        lin.weight = emb.weight
+    with pytest.raises(NotImplementedError, match="tied"):  # two linear maps sharing a weight
+        a, b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        b.weight = a.weight
+        per_sample_grad_gram(nn.ModuleList([a, b]), lambda m, x: m[1](m[0](x)).sum(1), torch.randn(2, 4))
+    with pytest.raises(NotImplementedError, match="tied to more than one linear map"):
+        emb, l1, l2 = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False), nn.Linear(4, 5, bias=False)
+        l1.weight = l2.weight = emb.weight
         per_sample_grad_gram(
-            nn.ModuleList([emb, lin]), lambda m, i: m[1](m[0](i)).sum((1, 2)), torch.tensor([[1]])
+            nn.ModuleList([emb, l1, l2]),
+            lambda m, i: (m[1](m[0](i)) + m[2](m[0](i))).sum((1, 2)),
+            torch.tensor([[1]]),
         )
     with pytest.raises(ValueError, match="a and d must agree"):
         grad_gram_linear(torch.randn(3, 4), torch.randn(2, 4))
