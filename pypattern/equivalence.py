@@ -71,8 +71,9 @@ def _as_features(
 ) -> torch.Tensor:
     """``(n, ...)`` -> ``(n, d)`` of ``dtype`` (float64 unless asked), with clear errors for the inputs no
     measure can use. The measures are statistics of the values: a tensor that tracks gradients is read detached.
-    ``center``: for measures that centre the columns anyway, a cast to a narrower ``dtype`` happens after the
-    columns are centred in float64 (a common offset would otherwise take the narrower type's precision)."""
+    ``center``: for measures that centre the columns anyway, a narrower ``dtype`` is reached after the columns are
+    centred in float64, whatever the input's dtype (a common offset would otherwise take the narrower type's
+    precision)."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))  # numpy views with negative strides too
     if not isinstance(x, torch.Tensor):
@@ -97,12 +98,14 @@ def _as_features(
         raise ValueError(f"{name} has {x.shape[0]} samples; this measure needs at least {min_samples}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
-    # an input of another type is checked (and, for a narrower dtype, centred) in float64, then cast
-    wide = x if x.dtype == dtype else x.to(torch.float64)
+    # an input of another type is checked (and, for a narrower dtype, centred: also an input already of that
+    # dtype, whose own-precision centring would leave a common offset's rounding) in float64, then cast
+    narrow = center and dtype != torch.float64
+    wide = x if (x.dtype == dtype and not narrow) else x.to(torch.float64)
     if not torch.isfinite(wide).all():
         bad = int((~torch.isfinite(wide)).sum())
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
-    if wide.dtype == dtype:
+    if wide.dtype == dtype and not narrow:
         return wide
     if center:
         wide = wide - wide.mean(0, keepdim=True)

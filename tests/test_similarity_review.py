@@ -122,3 +122,25 @@ def test_meta_tensors_are_refused_by_name():
         E.hsic(gm, torch.eye(20))
     with pytest.raises(ValueError, match="meta tensor"):
         E.u_center(gm)
+
+
+def test_float32_inputs_with_a_common_offset_are_centred_in_float64_before_a_float32_measure():
+    """dtype=torch.float32 centres the columns in float64 whatever the input's dtype: float32 activations far
+    from zero (offset 1e3-1e4, spread 1e-2-1e-1) give the float64 input's CKA, not one off by 1e-5."""
+    import pypattern as pp
+
+    rng = np.random.default_rng(0)
+    n, d = 64, 32
+    for off, sc in [(1e3, 1e-1), (1e3, 1e-2), (1e4, 1e-1)]:
+        noise = rng.normal(size=(n, d)) * sc
+        a = (off + noise).astype(np.float32)
+        b = (off + noise @ rng.normal(size=(d, d)) / np.sqrt(d) + 0.5 * sc * rng.normal(size=(n, d))).astype(
+            np.float32
+        )
+        ref = pp.linear_cka(a, b)  # float64 throughout
+        assert abs(pp.linear_cka(a, b, dtype=torch.float32) - ref) < 1e-6
+        assert (
+            abs(pp.linear_cka(a.astype(np.float64), b.astype(np.float64), dtype=torch.float32) - ref) < 1e-6
+        )
+        m = pp.cka_matrix([torch.from_numpy(a)], [torch.from_numpy(b)], dtype=torch.float32)
+        assert abs(float(m[0, 0]) - ref) < 1e-6
