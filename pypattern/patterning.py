@@ -451,7 +451,7 @@ def reweight(
     weights,
     *,
     mode: str = "sampler",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
 ):
@@ -460,13 +460,17 @@ def reweight(
     Parameters
     ----------
     data : Dataset, DataLoader or tensor
-        A map-style data set (a DataLoader's ``.dataset`` is taken) or a tensor whose first axis is samples.
+        A map-style data set, a DataLoader over one (its ``.dataset`` is drawn from, and its ``collate_fn``,
+        ``num_workers``, ``pin_memory``, ``drop_last`` and ``batch_size`` are kept) or a tensor whose first axis is
+        samples (batches are then tensors of its rows).
     weights : array (num_samples,)
         Non-negative, not all zero.
     mode : {"sampler", "loss"}
         ``"sampler"``: a DataLoader that draws samples with probability proportional to the weights (with
         replacement; ``num_samples`` per epoch, default the data set's size). ``"loss"``: the weights as a float
         tensor normalised to mean 1, to multiply per-sample losses with.
+    batch_size : int, optional
+        Samples per batch of the ``"sampler"`` loader: default the given DataLoader's, else 32.
     """
     w = torch.as_tensor(_as_float64(weights))
     if w.dim() != 1:
@@ -485,7 +489,21 @@ def reweight(
     if mode != "sampler":
         raise ValueError(f"mode must be 'sampler' or 'loss', got {mode!r}")
     if isinstance(dataset, torch.Tensor):
-        dataset = torch.utils.data.TensorDataset(dataset)
+        dataset = _Rows(dataset)
+    loader_kw = {}
+    if isinstance(data, torch.utils.data.DataLoader):
+        loader_kw = dict(
+            collate_fn=data.collate_fn,
+            num_workers=data.num_workers,
+            pin_memory=data.pin_memory,
+            drop_last=data.drop_last,
+        )
+        if batch_size is None:
+            batch_size = data.batch_size
+    if batch_size is None:
+        batch_size = 32
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is not valid; give an int >= 1")
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) or num_samples < 1
     ):
@@ -498,7 +516,20 @@ def reweight(
         replacement=True,
         generator=generator,
     )
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    return torch.utils.data.DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, **loader_kw)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A tensor's rows as a data set whose items are the rows themselves (batches are tensors, not lists)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __len__(self) -> int:
+        return self.t.shape[0]
+
+    def __getitem__(self, i):
+        return self.t[i]
 
 
 class OnlinePatterner:

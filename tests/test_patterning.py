@@ -139,10 +139,40 @@ def test_reweight_loss_and_sampler():
     loader = reweight(
         data, w, mode="sampler", batch_size=50, num_samples=4000, generator=torch.Generator().manual_seed(0)
     )
-    seen = torch.cat([b[0] for b in loader]).flatten()
+    batches = list(loader)
+    assert all(
+        isinstance(b, torch.Tensor) and b.shape[1:] == (1,) for b in batches
+    )  # rows, as DataLoader(tensor)
+    seen = torch.cat(batches).flatten()
     assert set(seen.long().tolist()) == {3, 7}
     frac7 = float((seen == 7).float().mean())
     assert abs(frac7 - 0.75) < 0.03
+
+
+def test_reweight_keeps_a_data_loaders_collate_fn_and_batch_size():
+    """A DataLoader over dict samples with its own collate_fn (a padding collator, say) stays that loader, drawn
+    by the weights: its batch size, collate_fn and drop_last are kept unless batch_size is given."""
+    samples = [{"input_ids": torch.arange(i + 1)} for i in range(6)]
+
+    def pad(items):
+        n = max(len(x["input_ids"]) for x in items)
+        ids = torch.zeros(len(items), n, dtype=torch.long)
+        mask = torch.zeros(len(items), n, dtype=torch.long)
+        for j, x in enumerate(items):
+            ids[j, : len(x["input_ids"])] = x["input_ids"]
+            mask[j, : len(x["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    src = torch.utils.data.DataLoader(samples, batch_size=4, collate_fn=pad, drop_last=True)
+    w = np.array([0, 0, 0, 0, 1.0, 1.0])
+    loader = reweight(src, w, num_samples=12, generator=torch.Generator().manual_seed(0))
+    batches = list(loader)
+    assert len(batches) == 3 and all(b["input_ids"].shape[0] == 4 for b in batches)
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches])
+    assert set(lengths.tolist()) <= {5, 6}
+    assert reweight(src, w, batch_size=6, num_samples=12).batch_size == 6
+    with pytest.raises(ValueError, match=r"batch_size=0 is not valid"):
+        reweight(src, w, batch_size=0)
 
 
 def test_online_patterner_follows_a_drifting_system():
