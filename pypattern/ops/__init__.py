@@ -10,6 +10,8 @@ the tensors given.
 * :mod:`~pypattern.ops.grad_gram`: per-sample gradient Gram kernels of one layer.
 * :mod:`~pypattern.ops.activations`: the tanh GELU :func:`gelu_tanh` of GPT-2-style models (CPU kernel).
 * :mod:`~pypattern.ops.dots`: row dot products :func:`row_dots`, the edge-score contraction (CPU kernel).
+* :mod:`~pypattern.ops.sums`: signed sums :func:`signed_sums`, the destination inputs of exact edge patching (CPU
+  kernel).
 """
 
 from .covariance import CrossCovariance, cross_covariance_update_, cross_covariance_update_reference_
@@ -30,6 +32,7 @@ from .grad_gram import (
 from .rmsprop_sgld import rmsprop_sgld_step_, rmsprop_sgld_step_reference_
 from .sgld import philox_normals, sgld_step_, sgld_step_reference_
 from .sgnht import sgnht_step_, sgnht_step_reference_
+from .sums import signed_sums, signed_sums_reference_
 
 __all__ = [
     "CrossCovariance",
@@ -53,6 +56,8 @@ __all__ = [
     "sgld_step_reference_",
     "sgnht_step_",
     "sgnht_step_reference_",
+    "signed_sums",
+    "signed_sums_reference_",
 ]
 
 

@@ -1,0 +1,277 @@
+"""The public op :func:`signed_sums`: validation and the backend's choice."""
+
+from __future__ import annotations
+
+import bisect
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from ... import _backends
+from .reference import signed_sums_reference_
+
+_OP = "signed_sums_"
+_C_DTYPES = (torch.float32, torch.float64)
+
+
+def _signed_sums_c(out, base, terms, offsets, signs) -> None:
+    torch.ops.pypattern.signed_sums_(out, base, terms, offsets, signs)
+
+
+_backends.register(_OP, "reference", signed_sums_reference_)
+_backends.register(_OP, ("cpp", "cuda"), _signed_sums_c)
+
+
+def _register_fake() -> None:
+    """The C++ op's fake implementation (it returns nothing and writes ``out``), so that ``torch.compile`` and
+    meta tensors can trace through it."""
+    mod, _ = _backends._load_c()
+    if mod is None:  # pragma: no cover - broken install
+        return
+    try:
+        torch.library.register_fake("pypattern::signed_sums_")(_fake_signed_sums)
+    except RuntimeError:  # already registered (a reload)
+        pass
+
+
+def _fake_signed_sums(out, base, terms, offsets, signs) -> None:
+    return None
+
+
+_register_fake()
+
+
+def _tensors(name: str, xs) -> list[torch.Tensor]:
+    """``xs`` as a list of Tensors, refusing a Tensor (give a sequence of them) and anything else in it."""
+    if isinstance(xs, torch.Tensor):
+        raise TypeError(
+            f"signed_sums: {name} must be a sequence of Tensors, got a Tensor (give a list of tensors)"
+        )
+    try:
+        xs = list(xs)
+    except TypeError:
+        raise TypeError(
+            f"signed_sums: {name} must be a sequence of Tensors, got {type(xs).__name__}"
+        ) from None
+    if not all(isinstance(t, torch.Tensor) for t in xs):
+        i = next(i for i, t in enumerate(xs) if not isinstance(t, torch.Tensor))
+        raise TypeError(f"signed_sums: {name}[{i}] must be a Tensor, got {type(xs[i]).__name__}")
+    return xs
+
+
+def _ints(name: str, xs, integer: bool = True) -> list:
+    """``xs`` (a sequence, or a 1-D tensor: of an integer dtype where ``integer``) as a list of its entries."""
+    if isinstance(xs, torch.Tensor):
+        if xs.dim() != 1 or xs.is_complex() or (integer and xs.is_floating_point()):
+            kind = "integer " if integer else ""
+            raise ValueError(
+                f"signed_sums: {name} is a tensor of shape {tuple(xs.shape)} and dtype {xs.dtype}; give a 1-D "
+                f"{kind}tensor or a sequence of ints"
+            )
+        return xs.tolist()
+    try:
+        return list(xs)
+    except TypeError:
+        raise TypeError(f"signed_sums: {name} must be a sequence of ints, got {type(xs).__name__}") from None
+
+
+def _check_lists(P: int, N: int, offsets: list, signs: list) -> tuple[list, list]:
+    """The checks of the offsets and signs; returns them as lists of ints."""
+    if len(offsets) != P + 1:
+        raise ValueError(
+            f"signed_sums: offsets has {len(offsets)} entries; expected {P + 1} (one more than base)"
+        )
+    if not all(type(x) is int for x in offsets):
+        try:
+            offsets = [operator.index(x) for x in offsets]
+        except TypeError:
+            i = next(i for i, x in enumerate(offsets) if not hasattr(x, "__index__"))
+            raise TypeError(
+                f"signed_sums: offsets[{i}] is {offsets[i]!r} ({type(offsets[i]).__name__}); give ints"
+            ) from None
+    if offsets[0] != 0:
+        raise ValueError(f"signed_sums: offsets[0] is {offsets[0]}; expected 0")
+    for p in range(P):
+        if offsets[p + 1] < offsets[p]:
+            raise ValueError(
+                f"signed_sums: offsets[{p + 1}] = {offsets[p + 1]} is less than offsets[{p}] = {offsets[p]}; offsets "
+                "must not decrease"
+            )
+    if offsets[P] != N:
+        raise ValueError(f"signed_sums: offsets[-1] is {offsets[P]}; expected {N} (the number of terms)")
+    if len(signs) != N:
+        raise ValueError(f"signed_sums: signs has {len(signs)} entries; expected {N} (one per term)")
+    if not all(type(s) is int and (s == 1 or s == -1) for s in signs):
+        for i, s in enumerate(signs):
+            if isinstance(s, bool) or not (s == 1 or s == -1):
+                raise ValueError(f"signed_sums: signs[{i}] is {s!r}; each sign must be 1 or -1")
+        signs = [1 if s == 1 else -1 for s in signs]
+    return offsets, signs
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[lo, hi)`` that a non-empty tensor's elements span."""
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return lo, lo + (last + 1) * t.element_size()
+
+
+def _check_overlap(out: list, base: list, terms: list) -> None:
+    """``out[p]`` may be ``base[p]`` itself (the same view); no output's address range may overlap another
+    output's, a base's or a term's (as the C++ kernel checks; interleaved views are refused too)."""
+    spans = []
+    for p, o in enumerate(out):
+        if torch._debug_has_internal_overlap(o) == 1:
+            raise ValueError(
+                f"signed_sums: out[{p}] has elements that share memory (an expanded view); give a tensor that can "
+                "be written"
+            )
+        if o.numel():
+            spans.append((*_span(o), p))
+    spans.sort()
+    for j in range(1, len(spans)):
+        if spans[j][0] < spans[j - 1][1]:
+            raise ValueError(
+                f"signed_sums: out[{spans[j - 1][2]}] and out[{spans[j][2]}] share memory (their address ranges "
+                "overlap); give outputs in memory apart"
+            )
+    if not spans:
+        return
+    his = [s[1] for s in spans]
+
+    def visit(name: str, i: int, t: torch.Tensor, own: int | None) -> None:
+        if not t.numel():
+            return
+        lo, hi = _span(t)
+        for j in range(bisect.bisect_right(his, lo), len(spans)):
+            olo, _, p = spans[j]
+            if olo >= hi:
+                break
+            o = out[p]
+            if not (p == own and o.data_ptr() == t.data_ptr() and o.stride() == t.stride()):
+                raise ValueError(
+                    f"signed_sums: {name}[{i}] shares memory with out[{p}] (their address ranges overlap); an output "
+                    "may be its own base (the same view) but must not overlap a term or another output's base"
+                )
+
+    for p, b in enumerate(base):
+        visit("base", p, b, p)
+    for i, t in enumerate(terms):
+        visit("terms", i, t, None)
+
+
+def _check_tensors(out: list, base: list, terms: list, overlap: bool = True) -> None:
+    """Every tensor of ``base[0]``'s shape, dtype and device, and (``overlap``) the outputs' memory apart from the
+    inputs' (as the C++ kernel checks for itself; not while tracing or under ``torch.func``, where tensors have no
+    memory to compare)."""
+    ref = base[0]
+    shape, dtype, device = ref.shape, ref.dtype, ref.device
+    for name, ts in (("base", base), ("out", out), ("terms", terms)):
+        for i, t in enumerate(ts):
+            if t.dtype != dtype or t.device != device:
+                raise ValueError(
+                    f"signed_sums: {name}[{i}] is {t.dtype} on {t.device}, base[0] is {dtype} on {device}; they must "
+                    "match"
+                )
+            if t.shape != shape:
+                raise ValueError(
+                    f"signed_sums: {name}[{i}] has shape {tuple(t.shape)}; expected {tuple(shape)} as base[0]'s"
+                )
+    if overlap and device.type != "meta":
+        _check_overlap(out, base, terms)
+
+
+def signed_sums(
+    base: Sequence[torch.Tensor],
+    terms: Sequence[torch.Tensor],
+    offsets: Sequence[int] | torch.Tensor,
+    signs: Sequence[int] | torch.Tensor,
+    *,
+    out: Sequence[torch.Tensor] | None = None,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """Each of ``P`` outputs its base plus its own signed terms:
+    ``out[p] = base[p] + signs[i0] * terms[i0] + ... + signs[i1 - 1] * terms[i1 - 1]`` with ``i0 = offsets[p]``,
+    ``i1 = offsets[p + 1]``, summed left to right in the tensors' dtype (each sign ``+1`` or ``-1``: an exact add or
+    subtract rounded once, so the result equals the chain ``torch.add(base[p], terms[i0], alpha=signs[i0], out=o)``,
+    ``o.add_(terms[i], alpha=signs[i])``, ... bit for bit).
+
+    The destination inputs of exact edge patching (:mod:`pypattern.circuits`): each is the residual stream or the
+    all-ablated input plus or minus the outputs of a few sources, a few hundred inputs of a stage from a few
+    thousand source blocks of which most are read by several inputs. The C++ kernel (CPU tensors of float32 or
+    float64) forms every output of a call in one pass over chunks of 4 KiB of each tensor, all outputs of a chunk
+    before the next, so that a term read by several outputs comes from memory once; outputs larger than the caches
+    in all are written with non-temporal stores where aligned. It reads every tensor in place when the trailing
+    dimensions are contiguous in all of them and walks the others with their strides (a tensor without unit stride
+    along its last dimension is copied, or for an output computed in a buffer and copied back). On CUDA tensors a
+    CUDA build registers torch's multi-tensor (foreach) copy and adds: one launch per sign for each round of
+    terms (compiled, not run on the CPU-only machines measured); elsewhere (other dtypes, a CPU-only build) the
+    reference, the same sums one tensor operation at a time. Not differentiable: the outputs are written as data
+    (the inputs are detached). Forward-mode AD dual tensors and ``torch.func`` transforms, and ``torch.compile``'s
+    tracing with the automatic choice, take the reference on the inputs as given.
+
+    Parameters
+    ----------
+    base : sequence of ``P`` Tensors
+        All of one shape, dtype and device (``base[0]``'s; every other tensor too). Entries may repeat.
+    terms : sequence of ``N`` Tensors
+        The terms of output ``p`` are ``terms[offsets[p]:offsets[p + 1]]``; entries may repeat.
+    offsets : ``P + 1`` ints (or a 1-D integer tensor)
+        ``offsets[0] == 0``, non-decreasing, ``offsets[P] == N``.
+    signs : ``N`` values, each ``1`` or ``-1`` (or a 1-D integer tensor)
+    out : sequence of ``P`` Tensors, optional
+        Written in place and returned. ``out[p]`` may be ``base[p]`` itself (the same view: ``base[p]`` is added
+        to); otherwise no output may share memory with another output, a base or a term (refused, naming both;
+        the check compares address ranges, so views that interleave without sharing an element are refused too).
+        Default: new contiguous tensors.
+    backend : {"cpp", "cuda", "reference"}, optional
+        Forces a backend (default: the C++ kernel on CPU tensors of float32 or float64, the CUDA registration on
+        CUDA tensors where built, else the reference).
+
+    Returns
+    -------
+    list of ``P`` Tensors: ``out``.
+    """
+    base = _tensors("base", base)
+    terms = _tensors("terms", terms)
+    P, N = len(base), len(terms)
+    offsets, signs = _check_lists(P, N, _ints("offsets", offsets), _ints("signs", signs, integer=False))
+    if out is not None:
+        out = _tensors("out", out)
+        if len(out) != P:
+            raise ValueError(
+                f"signed_sums: out has {len(out)} tensors, base has {P}; give one output per base"
+            )
+    if P == 0:
+        return [] if out is None else out
+    ref = base[0]
+    if out is None:
+        out = [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(P)]
+    if torch.compiler.is_compiling() and backend is None:  # traced: torch's adds, which the compiler handles
+        _check_tensors(out, base, terms, overlap=False)
+        signed_sums_reference_(out, base, terms, offsets, signs)
+        return out
+    everything = (*out, *base, *terms)
+    wrapped = any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in everything)
+    if wrapped or _backends.has_tangent(*everything):
+        if backend not in (None, "reference"):
+            raise ValueError(
+                f"signed_sums: backend={backend!r} has no forward-AD or batching rule, and the inputs are dual "
+                "tensors or run under torch.func transforms; give backend=None"
+            )
+        _check_tensors(out, base, terms, overlap=not wrapped)
+        signed_sums_reference_(out, base, terms, offsets, signs)
+        return out
+    # the CUDA registration (foreach adds) takes every dtype torch's adds do; the C++ kernel float32 and float64
+    name = _backends.choose_for_dtype(_OP, ref, backend, _C_DTYPES, kernels=("cpp",), arg="base[0]")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in everything):
+        o, b, t = ([x.detach() for x in xs] for xs in (out, base, terms))
+    else:
+        o, b, t = out, base, terms
+    # the C++ kernel checks the tensors itself, with the same errors (tensors on other devices would be dispatched
+    # away from it)
+    if name != "cpp" or not all(x.is_cpu for x in everything):
+        _check_tensors(o, b, t)
+    _backends.implementation(_OP, name)(o, b, t, offsets, signs)
+    return out
