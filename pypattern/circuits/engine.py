@@ -33,6 +33,7 @@ import torch
 
 from .._memory import keep_freed_heap
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
+from ..ops.sums import signed_sums
 from ..patching.api import check_tokens
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
@@ -479,9 +480,10 @@ class EdgeEngine:
         """:meth:`_inputs` from the cheaper side of each (mask, destination input): ``R`` plus its patched
         sources' ``A_u - out_u``, or, when more than half of its sources are patched, the ablated input (the same in
         every patched run, :meth:`_ablated_input`) minus its unpatched sources' ``A_u - out_u``: ``min(k, n - k)``
-        multiply-adds of ``B x R x d`` each (``k`` of the ``n`` sources patched), term by term. With ``k`` given
-        (patched sources per mask and input ``(C, V)``), a :class:`_Grouped`: the inputs with no source patched
-        are ``R`` and those with every source patched the ablated input, and only the others are formed."""
+        adds of ``B x R x d`` each (``k`` of the ``n`` sources patched), every input of the stage in one
+        :func:`~pypattern.ops.sums.signed_sums` call. With ``k`` given (patched sources per mask and input ``(C,
+        V)``), a :class:`_Grouped`: the inputs with no source patched are ``R`` and those with every source patched
+        the ablated input, and only the others are formed."""
         C, V = Mv.shape[0], Mv.shape[2]
         abl = self._ablated_input(s, rows) if bool(comp.any()) else None
         if k is None:
@@ -506,21 +508,27 @@ class EdgeEngine:
             views.append(t.unbind(0) if shared else t.flatten(0, 1).unbind(0))
         atl = at.tolist()
         terms: list[list] = [[] for _ in range(len(cs))]
+        signs: list[list] = [[] for _ in range(len(cs))]
         for sign, pick in ((1, mb & ~cc), (-1, ~mb & cc)):
             for c, u, v in pick.nonzero().tolist():
                 i, j = owner[u]
-                terms[atl[c][v]].append((views[i][j] if blocks[i][2] else views[i][j * C + c], sign))
-        # each input: its base (R or the ablated input) plus its first term in one pass, then the other terms
-        R_c, flat_p = R.unbind(0), flat.unbind(0)
-        for p, (c, cvp) in enumerate(zip(cs.tolist(), cv.tolist())):
-            base, fp = (abl if cvp else R_c[c]), flat_p[p]
-            if terms[p]:
-                t0, sign = terms[p][0]
-                torch.add(base, t0, alpha=sign, out=fp)
-                for t, sign in terms[p][1:]:
-                    fp.add_(t, alpha=sign)
-            else:
-                fp.copy_(base)
+                p = atl[c][v]
+                terms[p].append(views[i][j] if blocks[i][2] else views[i][j * C + c])
+                signs[p].append(sign)
+        # each input its base (R or the ablated input) plus or minus its terms, all of them in one pass over the
+        # blocks (a block read by several inputs comes from memory once)
+        R_c = R.unbind(0)
+        bases = [abl if cvp else R_c[c] for c, cvp in zip(cs.tolist(), cv.tolist())]
+        offsets = [0]
+        for tp in terms:
+            offsets.append(offsets[-1] + len(tp))
+        signed_sums(
+            bases,
+            [t for tp in terms for t in tp],
+            offsets,
+            [x for sp in signs for x in sp],
+            out=flat.unbind(0),
+        )
         if k is None:
             return flat.view(V, C, self.B, len(rows), self.d)
         return _Grouped(cls, flat, pairs, at, abl)
