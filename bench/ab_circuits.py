@@ -1,7 +1,8 @@
-"""Two source trees of pypattern timed against each other, interleaved in one run: EAP, EAP-IG (k = 5) and one
-pruning-curve point on the bench model of ``bench_circuits.py`` (4 layers, d_model 256, 8 heads, d_mlp 1024, batch
-8 x 32, float32, one thread), each beside its multiply-add bound (``bench_circuits.bound_eap`` / ``bound_point``:
-the plain model doing exactly the bound's arithmetic).
+"""Two source trees of pypattern timed against each other, interleaved in one run: EAP, EAP-IG (k = 5), one
+pruning-curve point and ten points in one call (``points10``, the circuits of ``bench_circuits.py --table``) on the
+bench model of ``bench_circuits.py`` (4 layers, d_model 256, 8 heads, d_mlp 1024, batch 8 x 32, float32, one
+thread), each beside its multiply-add bound (``bench_circuits.bound_eap`` / ``bound_point``: the plain model doing
+exactly the bound's arithmetic; ten plain forwards for ten points).
 
 Each round runs every tree once, in turn, in a fresh process (a tree is put first on ``sys.path``; the bench module
 is this checkout's); a process times each piece ``--reps`` times in CPU time (``time.process_time``) after one
@@ -24,7 +25,7 @@ import statistics
 import subprocess
 import sys
 
-PIECES = ("eap", "eap_ig5", "point")
+PIECES = ("eap", "eap_ig5", "point", "points10")
 
 CHILD = r"""
 import json, sys, time
@@ -40,6 +41,7 @@ assert pypattern.__file__.startswith(sys.argv[1].rstrip("/") + "/"), pypattern._
 model, clean, corr, metric = make_setup(cfg=GPT2_CFG if sys.argv[5] == "gpt2" else CFG)
 eng, _ = prepare_runs(model, edges(model), clean, corr, metric)
 circuit = point_circuit(eng.graph)
+circuits10 = torch.rand(10, len(eng.graph), generator=torch.Generator().manual_seed(0)) < 0.05
 pieces = {
     "eap": lambda: edge_attribution(model, clean, corr, metric=metric, method="eap"),
     "eap_bound": lambda: bound_eap(model, clean, corr),
@@ -47,6 +49,8 @@ pieces = {
     "eap_ig5_bound": lambda: bound_eap(model, clean, corr, 5),
     "point": lambda: eng.run(~circuit[None]),
     "point_bound": lambda: bound_point(model, clean),
+    "points10": lambda: eng.run(~circuits10),
+    "points10_bound": lambda: [bound_point(model, clean) for _ in range(10)],
 }
 reps = int(sys.argv[2])
 wanted = sys.argv[4].split(",")
