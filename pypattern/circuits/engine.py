@@ -611,15 +611,9 @@ class EdgeEngine:
                         O = self._attn(layer, X[sel], qrows, rows, list(heads))  # (h, C, B, Tq, d)
                     O_base = base.outs[srcs[hs]][:, :, qrows]  # (h, B, Tq, d)
                     R = base.after_attn[layer][:, qrows].unsqueeze(0) + (O - O_base.unsqueeze(1)).sum(0)
-                    # A_u - out_u, in O's storage (O is not needed any more)
-                    blocks.append(
-                        (
-                            srcs[hs].tolist(),
-                            O.neg_().add_(self.A[srcs[hs]][:, :, qrows].unsqueeze(1)),
-                            False,
-                            full,
-                        )
-                    )
+                    # A_u - out_u, in O's storage (O is not needed any more), in one pass
+                    A_hs = self.A[srcs[hs]][:, :, qrows].unsqueeze(1)
+                    blocks.append((srcs[hs].tolist(), torch.sub(A_hs, O, out=O), False, full))
                 else:  # no head input patched (a parallel block's MLP only): the attention is the base run's
                     R = base.after_attn[layer][:, qrows].unsqueeze(0).expand(C, -1, -1, -1)
                 others = srcs[[h for h in range(H) if h not in heads]].tolist()
@@ -636,7 +630,7 @@ class EdgeEngine:
                 R = v.add_attn_bias(layer, Rq + O.sum(0))
                 # a layer's heads are adjacent sources: a view, not a gather
                 A_heads = _rows(self.A[int(srcs[0]) : int(srcs[-1]) + 1], qrows, 2)
-                blocks.append((srcs.tolist(), O.neg_().add_(A_heads.unsqueeze(1)), False, full))
+                blocks.append((srcs.tolist(), torch.sub(A_heads.unsqueeze(1), O, out=O), False, full))
             if self.parallel:
                 if len(qrows) == len(rows):
                     out = self._mlp_out(s, X_m, R_pre, rows)
