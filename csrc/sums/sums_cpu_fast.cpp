@@ -5,7 +5,8 @@
 //
 // The elements are taken in chunks of kChunkBytes per tensor, all outputs of a chunk before the next chunk: a term
 // (or base) read by several outputs is read from memory once per chunk and from the cache by the others (the
-// inputs of one attention layer's destinations share most of their sources). Within a chunk, each output is
+// inputs of one stage of exact edge patching share sources: at a pruning point about half of a call's terms repeat
+// a block that another of its outputs reads). Within a chunk, each output is
 // accumulated kUnroll vectors at a time in registers over its terms, left to right; a sign of +1 or -1 times a
 // term is exact, so the multiply-add is the add or subtract of the chain, rounded once.
 //

@@ -198,18 +198,19 @@ def signed_sums(
     ``o.add_(terms[i], alpha=signs[i])``, ... bit for bit).
 
     The destination inputs of exact edge patching (:mod:`pypattern.circuits`): each is the residual stream or the
-    all-ablated input plus or minus the outputs of a few sources, a few hundred inputs of a stage from a few
-    thousand source blocks of which most are read by several inputs. The C++ kernel (CPU tensors of float32 or
-    float64) forms every output of a call in one pass over chunks of 4 KiB of each tensor, all outputs of a chunk
-    before the next, so that a term read by several outputs comes from memory once; outputs larger than the caches
-    in all are written with non-temporal stores where aligned. It reads every tensor in place when the trailing
-    dimensions are contiguous in all of them and walks the others with their strides (a tensor without unit stride
-    along its last dimension is copied, or for an output computed in a buffer and copied back). On CUDA tensors a
-    CUDA build registers torch's multi-tensor (foreach) copy and adds: one launch per sign for each round of
-    terms (compiled, not run on the CPU-only machines measured); elsewhere (other dtypes, a CPU-only build) the
-    reference, the same sums one tensor operation at a time. Not differentiable: the outputs are written as data
-    (the inputs are detached). Forward-mode AD dual tensors and ``torch.func`` transforms, and ``torch.compile``'s
-    tracing with the automatic choice, take the reference on the inputs as given.
+    all-ablated input plus or minus the outputs of a few sources (at GPT-2-small shape a pruning point forms about
+    370 inputs from about 1,600 source blocks in 23 calls, and about half of a call's terms repeat a block that
+    another of its inputs reads). The C++ kernel (CPU tensors of float32 or float64) forms every output of a call
+    in one pass over chunks of 4 KiB of each tensor, all outputs of a chunk before the next, so that a term read
+    by several outputs comes from memory once; outputs of 8 MiB or more in all are written with non-temporal
+    stores where aligned to the vector width. It reads every tensor in place when the trailing dimensions are contiguous in all of
+    them and walks the others with their strides (a tensor without unit stride along its last dimension is copied,
+    or for an output computed in a buffer and copied back). On CUDA tensors a CUDA build registers torch's
+    multi-tensor (foreach) copy and adds: one launch per sign for each round of terms (compiled, not run on the
+    CPU-only machines measured); elsewhere (other dtypes, a CPU-only build) the reference, the same sums one
+    tensor operation at a time. Not differentiable: the outputs are written as data (the inputs are detached).
+    Forward-mode AD dual tensors and ``torch.func`` transforms, and ``torch.compile``'s tracing with the automatic
+    choice, take the reference on the inputs as given.
 
     Parameters
     ----------
