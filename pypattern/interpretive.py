@@ -94,7 +94,7 @@ def accumulated_residual(
 
     Returns
     -------
-    rep : Tensor ``(n, (n_layers + 1) d_model)``, float32
+    rep : Tensor ``(n, (n_layers + 1) d_model)``, of the model's dtype
         ``blocks.0.hook_resid_pre`` (embedding) and every ``blocks.{l}.hook_resid_post``, each averaged over the
         positions, concatenated in that order.
     logits : Tensor ``(n, pos, d_vocab)``
