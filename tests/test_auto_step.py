@@ -77,6 +77,9 @@ def test_refuses_with_the_table_when_no_step_works():
     assert all(v.startswith("diverged") for v in rep.verdict)
     msg = str(e.value)
     assert "step_size  steps" in msg and "diverged" in msg and "0.025" in msg
+    assert "nothing holds the chains" not in msg  # localization was given
+    with pytest.raises(AutoStepError, match=r"With localization=0 nothing holds the chains near w\*"):
+        resolve_step_size(model, loader, nbeta=1000.0, max_step_size=0.1, min_step_size=0.02, seed=0)
     with pytest.raises(ValueError, match="calibration_chains"):
         resolve_step_size(model, loader, calibration_chains=1)
     with pytest.raises(ValueError, match="min_step_size"):

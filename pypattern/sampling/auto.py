@@ -611,7 +611,13 @@ def resolve_step_size(
             "(split R-hat below max_r_hat, no runaway, LLC > 0) with an estimate unchanged when the step is "
             "halved; trials:\n"
             f"{rep}\n"
-            "Try more steps per trial (pypattern.sampling.resolve_step_size(model, loader, calibration_steps=..., "
+            + (
+                "With localization=0 nothing holds the chains near w*: a model that is not at a minimum of its loss "
+                "(briefly trained, say) drifts away at every step; give localization (e.g. 100). "
+                if not localization
+                else ""
+            )
+            + "Try more steps per trial (pypattern.sampling.resolve_step_size(model, loader, calibration_steps=..., "
             "nbeta=..., localization=...) returns a step to pass as step_size=), another localization or nbeta, a "
             "wider range (min_step_size, max_step_size there), or a step_size of your own.",
             rep,
