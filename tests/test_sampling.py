@@ -896,6 +896,9 @@ def test_a_trace_too_correlated_to_judge_warns_with_its_ess_and_drift():
         assert check_mixing(iid) is True
         assert check_mixing(x, warn=False) is False
         assert check_mixing(iid[:, :3]) is False  # no ESS from 3 draws: not claimed, not warned
+        assert check_mixing(iid[:2, :40]) is True  # 80 draws: judged against 20, not 100
+    with pytest.warns(NonStationaryWarning, match=r"of its 80 draws \(below 20\)"):
+        assert check_mixing(x[:2, :40]) is False  # ... and correlated draws still warn
     # through the sampler: a 10-parameter regression whose curvatures differ 900-fold, run short at a small step
     g = torch.Generator().manual_seed(0)
     X = torch.randn(256, 10, generator=g) * torch.logspace(0, 1.5, 10)

@@ -38,7 +38,7 @@ class NonFiniteLossError(SamplingDivergedError, ValueError):
 
 class NonStationaryWarning(UserWarning):
     """The loss trace drifts (split R-hat above the threshold) or mixes too slowly to tell (effective sample size
-    below 100): the chains may not have reached equilibrium."""
+    below 100, or below a quarter of a short run's draws): the chains may not have reached equilibrium."""
 
 
 def _as_2d(trace, name="trace") -> np.ndarray:
@@ -116,10 +116,11 @@ def ess(trace) -> float:
 MIN_ESS = 100  # below this pooled effective sample size a run's draws are too correlated to judge
 
 
-def check_mixing(trace, *, min_ess: float = MIN_ESS, what: str = "loss trace", warn: bool = True) -> bool:
+def check_mixing(trace, *, min_ess: float | None = None, what: str = "loss trace", warn: bool = True) -> bool:
     """True when the effective sample size (:func:`ess`) of ``trace`` ``(num_chains, num_draws)`` is at least
-    ``min_ess``; else warn (:class:`NonStationaryWarning`) and return False. Below about 100 effective draws the
-    standard error and split R-hat are themselves poorly estimated, and chains started at ``w*`` whose slowest
+    ``min_ess`` (default: 100, or a quarter of the draws for a run of fewer than 400: a short run is judged by how
+    correlated its draws are); else warn (:class:`NonStationaryWarning`) and return False. Below about 100
+    effective draws the standard error and split R-hat are themselves poorly estimated, and chains started at ``w*`` whose slowest
     direction relaxes over more steps than the run has are still drifting (on a regular 10-parameter regression
     whose curvatures differ 900-fold, 4 chains x 300 draws at the calibrated step: ESS 26, split R-hat 1.09,
     the LLC 37% below its exact value). Fewer than 4 draws per chain (no ESS) return False without a warning."""
@@ -127,12 +128,14 @@ def check_mixing(trace, *, min_ess: float = MIN_ESS, what: str = "loss trace", w
     e = ess(x)
     if math.isnan(e):
         return False
+    if min_ess is None:
+        min_ess = min(MIN_ESS, x.size / 4)
     ok = e >= min_ess
     if not ok and warn:
         k = max(1, x.shape[1] // 3)
         first, last = float(x[:, :k].mean()), float(x[:, -k:].mean())
         warnings.warn(
-            f"the {what} has an effective sample size of {e:.0f} of its {x.size} draws (below {min_ess:g}): the "
+            f"the {what} has an effective sample size of {e:.0f} of its {x.size} draws (below {min_ess:.4g}): the "
             "draws are strongly autocorrelated, so its standard error and R-hat are unreliable and the chains may "
             f"not have reached equilibrium (mean over the first third of the draws {first:.6g}, over the last third "
             f"{last:.6g}). Use more draws (num_draws, num_steps_bw_draws) and burn-in steps (num_burnin_steps), or "
