@@ -557,8 +557,8 @@ def _warn_if_random(value: float, again: Callable[[], float], device: torch.devi
     the random number generators seeded afresh: the forward (or the loss function) draws random numbers that the
     run's seed does not key (functional dropout in training mode, a sampled loss), so the same seed does not repeat
     the same draws and a resume is not exact. (Dropout modules are found by type and put in eval mode before.)"""
-    devices = [device] if device.type not in ("cpu", "meta") else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+    devices = [device] if device.type == "cuda" else []  # the CPU generator is always forked
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(0x5EED)
         other = again()
     same = other == value if device.type == "cpu" else math.isclose(other, value, rel_tol=1e-6, abs_tol=0.0)
