@@ -462,7 +462,7 @@ def reweight(
     data : Dataset, DataLoader or tensor
         A map-style data set, a DataLoader over one (its ``.dataset`` is drawn from, and its ``collate_fn``,
         ``num_workers``, ``pin_memory``, ``drop_last`` and ``batch_size`` are kept) or a tensor whose first axis is
-        samples (batches are then tensors of its rows).
+        samples (a ``TensorDataset`` of it: each batch is a one-element list ``[rows]``).
     weights : array (num_samples,)
         Non-negative, not all zero.
     mode : {"sampler", "loss"}
@@ -489,7 +489,7 @@ def reweight(
     if mode != "sampler":
         raise ValueError(f"mode must be 'sampler' or 'loss', got {mode!r}")
     if isinstance(dataset, torch.Tensor):
-        dataset = _Rows(dataset)
+        dataset = torch.utils.data.TensorDataset(dataset)
     loader_kw = {}
     if isinstance(data, torch.utils.data.DataLoader):
         loader_kw = dict(
@@ -517,19 +517,6 @@ def reweight(
         generator=generator,
     )
     return torch.utils.data.DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, **loader_kw)
-
-
-class _Rows(torch.utils.data.Dataset):
-    """A tensor's rows as a data set whose items are the rows themselves (batches are tensors, not lists)."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def __len__(self) -> int:
-        return self.t.shape[0]
-
-    def __getitem__(self, i):
-        return self.t[i]
 
 
 class OnlinePatterner:
