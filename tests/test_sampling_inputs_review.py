@@ -277,10 +277,12 @@ def test_a_forward_drawing_random_numbers_the_seed_does_not_key_is_named_in_a_wa
         a = pp.estimate_llc(model, _regression_loader(), **kw)
         b = pp.estimate_llc(model, _regression_loader(), **kw)
     np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
-    # a random loss function is caught the same way
+    # a random loss function of a model in training mode is caught the same way (a model in eval mode is not
+    # probed: its forward's random ops follow the training flag)
+    lin = nn.Linear(4, 1).train()
     with pytest.warns(UserWarning, match=r"draws random numbers"):
         pp.estimate_llc(
-            model,
+            lin,
             _regression_loader(),
             loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]) * (1 + 0.01 * torch.rand(())),
             **kw,
