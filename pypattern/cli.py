@@ -669,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"pypattern {args.cmd}: error: {e}", file=sys.stderr)
+        hint = ""
+        if getattr(e, "item", None) == "nbeta" and getattr(args, "nbeta", None) is None:
+            hint = " (the default nbeta is m / ln m of the batch size m: a changed --batch-size changes it)"
+        print(f"pypattern {args.cmd}: error: {e}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if getattr(args, "checkpoint", None) and not debug:

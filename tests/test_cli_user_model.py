@@ -477,6 +477,12 @@ def test_llc_one_chain_progress_burn_in_and_checkpoint(model_dir, data, tmp_path
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "pypattern llc: error: checkpoint" in err and "different run" in err and "Traceback" not in err
+    # another batch size changes the default nbeta: the refusal names it and says why
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--batch-size", "2", "--out", str(tmp_path / "o3"), "--checkpoint", str(ck)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "different run: nbeta" in err and "a changed --batch-size changes it" in err
 
 
 def test_chi_burn_in_checkpoint_and_probe_count(model_dir, data, tmp_path, capsys):
