@@ -28,17 +28,23 @@ def device_of(backend: str) -> str:
     return "cuda"
 
 
-def backend_devices(op: str, *, reference: bool = True) -> list:
-    """``pytest.param(backend, device)`` for every backend of ``op`` (without ``reference`` when it is False):
-    parametrize a test with ``@pytest.mark.parametrize("backend, device", backend_devices(op))``."""
+def backend_devices(op: str, *, reference: bool = True, automatic: bool = False) -> list:
+    """``pytest.param(backend, device)`` for every backend registered for ``op`` (without ``reference`` when it is
+    False; with ``automatic``, also ``(None, "cuda")``: the op's own choice on CUDA tensors): parametrize a test with
+    ``@pytest.mark.parametrize("backend, device", backend_devices(op))``."""
+    from pypattern import _backends
+
     info = pypattern.backends(op)
     cases = []
     for name in ("reference", "cpp", "cuda", "triton"):
-        if name == "reference" and not reference:
+        if (name == "reference" and not reference) or name not in _backends.registered(op):
             continue
         device = device_of(name)
         marks = () if info[name]["available"] else pytest.mark.skip(reason=f"{name}: {info[name]['reason']}")
         cases.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    if automatic:
+        marks = () if torch.cuda.is_available() else pytest.mark.skip(reason="no CUDA device")
+        cases.append(pytest.param(None, "cuda", id="auto-cuda", marks=marks))
     return cases
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _backend_cases import backend_devices
 
 import pypattern
 from pypattern.ops.dots import row_dots, row_dots_reference
@@ -14,30 +15,8 @@ from pypattern.ops.dots import row_dots, row_dots_reference
 HAS_CPP = pypattern.backends("row_dots")["cpp"]["available"]
 
 
-def _cases():
-    why = pypattern.backends("row_dots")["cpp"]["reason"]
-    cuda = pypattern.backends("row_dots")["cuda"]
-    cases = [
-        pytest.param("reference", "cpu", id="reference-cpu"),
-        pytest.param("cpp", "cpu", id="cpp-cpu", marks=() if HAS_CPP else pytest.mark.skip(reason=why)),
-        # on CUDA tensors: the CUDA registration where built (cuBLAS over the concatenation), and the choice
-        pytest.param(
-            "cuda",
-            "cuda",
-            id="cuda-cuda",
-            marks=() if cuda["available"] else pytest.mark.skip(reason=str(cuda["reason"])),
-        ),
-        pytest.param(
-            None,
-            "cuda",
-            id="auto-cuda",
-            marks=() if torch.cuda.is_available() else pytest.mark.skip(reason="no CUDA device"),
-        ),
-    ]
-    return cases
-
-
-CASES = _cases()
+# on CUDA tensors: the CUDA registration where built, and the automatic choice
+CASES = backend_devices("row_dots", automatic=True)
 
 
 def _naive(a: torch.Tensor, gs) -> torch.Tensor:

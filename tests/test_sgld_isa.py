@@ -9,61 +9,21 @@ and a bounding box, sizes around the kernel's 128-element blocks.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 import torch
+from _isa_build import ISAS, RUNNABLE, build_drivers
 
 from pypattern.ops.sgld import sgld_step_
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = os.environ.get("CXX", "c++")
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
-ISAS = {
-    "portable": [],
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mprefer-vector-width=512"],
-}
-RUNNABLE = {"portable": True, "avx2": _cpu_has("avx2"), "avx512": _cpu_has("avx512f")}
 
 
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
-    if shutil.which(CXX) is None:
-        pytest.skip(f"no C++ compiler ({CXX}) on PATH")
     d = tmp_path_factory.mktemp("isa")
-    out = {}
-    for name, flags in ISAS.items():
-        exe = d / f"driver_{name}"
-        cmd = [
-            CXX,
-            "-std=c++17",
-            "-O3",
-            "-fno-math-errno",
-            "-fno-trapping-math",
-            *flags,
-            "-I",
-            os.path.join(ROOT, "csrc", "sgld"),
-            os.path.join(ROOT, "csrc", "sgld", "sgld_cpu_fast.cpp"),
-            os.path.join(ROOT, "tests", "sgld_isa_driver.cpp"),
-            "-o",
-            str(exe),
-        ]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        out[name] = exe
-    return out, d
+    exes = build_drivers(d, ["csrc/sgld"], ["csrc/sgld/sgld_cpu_fast.cpp", "tests/sgld_isa_driver.cpp"])
+    return exes, d
 
 
 @pytest.mark.parametrize("isa", list(ISAS))

@@ -7,43 +7,21 @@ argument), forward-mode AD and tracing, and each instruction-set build of the ke
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
 import torch
+from _backend_cases import backend_devices
+from _isa_build import ISAS, RUNNABLE, build_drivers
 
 import pypattern
 from pypattern.ops.sums import signed_sums, signed_sums_reference_
 
 HAS_CPP = pypattern.backends("signed_sums_")["cpp"]["available"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cases():
-    why = pypattern.backends("signed_sums_")["cpp"]["reason"]
-    cuda = pypattern.backends("signed_sums_")["cuda"]
-    return [
-        pytest.param("reference", "cpu", id="reference-cpu"),
-        pytest.param("cpp", "cpu", id="cpp-cpu", marks=() if HAS_CPP else pytest.mark.skip(reason=why)),
-        # on CUDA tensors: the CUDA registration where built (torch's foreach kernels), and the automatic choice
-        pytest.param(
-            "cuda",
-            "cuda",
-            id="cuda-cuda",
-            marks=() if cuda["available"] else pytest.mark.skip(reason=str(cuda["reason"])),
-        ),
-        pytest.param(
-            None,
-            "cuda",
-            id="auto-cuda",
-            marks=() if torch.cuda.is_available() else pytest.mark.skip(reason="no CUDA device"),
-        ),
-    ]
-
-
-CASES = _cases()
+# on CUDA tensors: the CUDA registration where built, and the automatic choice
+CASES = backend_devices("signed_sums_", automatic=True)
 BACKENDS_CPU = ["reference"] + (["cpp"] if HAS_CPP else [])
 
 
@@ -404,52 +382,13 @@ def test_compiled_whole_graph():
 
 
 # ----- each instruction-set build of the kernel file ------------------------------------------------------------
-CXX = os.environ.get("CXX", "c++")
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return flag in f.read().split()
-    except OSError:
-        return False
-
-
-ISAS = {
-    "portable": [],
-    "avx2": ["-mavx2", "-mfma"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-mprefer-vector-width=512"],
-}
-RUNNABLE = {"portable": True, "avx2": _cpu_has("avx2"), "avx512": _cpu_has("avx512f")}
-
-
 @pytest.fixture(scope="module")
 def drivers(tmp_path_factory):
-    if shutil.which(CXX) is None:
-        pytest.skip(f"no C++ compiler ({CXX}) on PATH")
-    d = tmp_path_factory.mktemp("sums_isa")
-    out = {}
-    for name, flags in ISAS.items():
-        exe = d / f"driver_{name}"
-        cmd = [
-            CXX,
-            "-std=c++17",
-            "-O3",
-            "-fno-math-errno",
-            "-fno-trapping-math",
-            *flags,
-            "-I",
-            os.path.join(ROOT, "csrc"),
-            "-I",
-            os.path.join(ROOT, "csrc", "sums"),
-            os.path.join(ROOT, "csrc", "sums", "sums_cpu_fast.cpp"),
-            os.path.join(ROOT, "tests", "sums_isa_driver.cpp"),
-            "-o",
-            str(exe),
-        ]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        out[name] = exe
-    return out
+    return build_drivers(
+        tmp_path_factory.mktemp("sums_isa"),
+        ["csrc", "csrc/sums"],
+        ["csrc/sums/sums_cpu_fast.cpp", "tests/sums_isa_driver.cpp"],
+    )
 
 
 @pytest.mark.parametrize("isa", list(ISAS))
