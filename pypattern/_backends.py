@@ -85,6 +85,19 @@ def _load_c():
     return mod, ""
 
 
+def register_fake(name: str, fn: Callable) -> None:
+    """``fn`` as the fake (shape) implementation of the C++ op ``name`` (``"pypattern::row_dots"``), so that
+    ``torch.compile`` and meta tensors can trace through it; nothing without the extension, nothing again after a
+    reload."""
+    mod, _ = _load_c()
+    if mod is None:  # pragma: no cover - broken install
+        return
+    try:
+        torch.library.register_fake(name)(fn)
+    except RuntimeError:  # already registered (a reload)
+        pass
+
+
 def _has_kernel(op: str, key: str) -> bool:
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"pypattern::{op}", key)

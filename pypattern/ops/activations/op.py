@@ -146,20 +146,6 @@ def _c_ready() -> bool:
 _C_READY: bool | None = None
 
 
-def _register_fake() -> None:
-    """Shape functions of the C++ ops, so that ``torch.compile`` and meta tensors can trace through them."""
-    mod, _ = _backends._load_c()
-    if mod is None:  # pragma: no cover - broken install
-        return
-    for name in ("pypattern::gelu_tanh", "pypattern::gelu_tanh_backward"):
-        try:
-            torch.library.register_fake(name)(
-                _fake_like_last if name.endswith("backward") else _fake_like_first
-            )
-        except RuntimeError:  # already registered (a reload)
-            pass
-
-
 def _fake_like_first(x, c):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -168,4 +154,6 @@ def _fake_like_last(grad, x, c):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-_register_fake()
+# shape functions of the C++ ops, so that torch.compile and meta tensors can trace through them
+_backends.register_fake("pypattern::gelu_tanh", _fake_like_first)
+_backends.register_fake("pypattern::gelu_tanh_backward", _fake_like_last)

@@ -21,22 +21,12 @@ _backends.register(_OP, "reference", row_dots_reference)
 _backends.register(_OP, ("cpp", "cuda"), _row_dots_c)
 
 
-def _register_fake() -> None:
-    """The C++ op's shape function, so that ``torch.compile`` and meta tensors can trace through it."""
-    mod, _ = _backends._load_c()
-    if mod is None:  # pragma: no cover - broken install
-        return
-    try:
-        torch.library.register_fake("pypattern::row_dots")(_fake_row_dots)
-    except RuntimeError:  # already registered (a reload)
-        pass
-
-
 def _fake_row_dots(a: torch.Tensor, g: list[torch.Tensor]) -> torch.Tensor:
     return a.new_empty(a.shape[0], a.shape[1], sum(t.shape[1] for t in g))
 
 
-_register_fake()
+# the C++ op's shape function, so that torch.compile and meta tensors can trace through it
+_backends.register_fake("pypattern::row_dots", _fake_row_dots)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

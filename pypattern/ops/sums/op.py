@@ -23,23 +23,13 @@ _backends.register(_OP, "reference", signed_sums_reference_)
 _backends.register(_OP, ("cpp", "cuda"), _signed_sums_c)
 
 
-def _register_fake() -> None:
-    """The C++ op's fake implementation (it returns nothing and writes ``out``), so that ``torch.compile`` and
-    meta tensors can trace through it."""
-    mod, _ = _backends._load_c()
-    if mod is None:  # pragma: no cover - broken install
-        return
-    try:
-        torch.library.register_fake("pypattern::signed_sums_")(_fake_signed_sums)
-    except RuntimeError:  # already registered (a reload)
-        pass
-
-
 def _fake_signed_sums(out, base, terms, offsets, signs) -> None:
     return None
 
 
-_register_fake()
+# the C++ op's fake implementation (it returns nothing and writes ``out``), so that torch.compile and meta tensors
+# can trace through it
+_backends.register_fake("pypattern::signed_sums_", _fake_signed_sums)
 
 
 def _tensors(name: str, xs) -> list[torch.Tensor]:
