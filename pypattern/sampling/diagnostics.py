@@ -120,10 +120,10 @@ def check_mixing(trace, *, min_ess: float | None = None, what: str = "loss trace
     """True when the effective sample size (:func:`ess`) of ``trace`` ``(num_chains, num_draws)`` is at least
     ``min_ess`` (default: 100, or a quarter of the draws for a run of fewer than 400: a short run is judged by how
     correlated its draws are); else warn (:class:`NonStationaryWarning`) and return False. Below about 100
-    effective draws the standard error and split R-hat are themselves poorly estimated, and chains started at ``w*`` whose slowest
-    direction relaxes over more steps than the run has are still drifting (on a regular 10-parameter regression
-    whose curvatures differ 900-fold, 4 chains x 300 draws at the calibrated step: ESS 26, split R-hat 1.09,
-    the LLC 37% below its exact value). Fewer than 4 draws per chain (no ESS) return False without a warning."""
+    effective draws the standard error and split R-hat are themselves poorly estimated, and chains started at
+    ``w*`` whose slowest direction relaxes over more steps than the run has are still drifting (on a regular
+    10-parameter regression whose curvatures differ 900-fold, 4 chains x 300 draws at the calibrated step: ESS 26,
+    split R-hat 1.09, the LLC 37% below its exact value). Fewer than 4 draws per chain (no ESS) return False without a warning."""
     x = _as_2d(trace)
     e = ess(x)
     if math.isnan(e):

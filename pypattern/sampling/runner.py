@@ -556,8 +556,8 @@ def _warn_if_random(value: float, again: Callable[[], float], device: torch.devi
     """Warn when the loss at ``w*`` of the first batch, ``value``, comes out otherwise when computed ``again`` with
     the random number generators seeded afresh: the forward (or the loss function) draws random numbers that the
     run's seed does not key (functional dropout in training mode, a sampled loss), so the same seed does not repeat
-    the same draws and a resume is not exact. Asked for a model with modules in training mode (dropout modules are
-    found by type and put in eval mode before)."""
+    the same draws and a resume is not exact. Called for a model with modules in training mode only (dropout
+    modules are found by type and put in eval mode before)."""
     devices = [device] if device.type == "cuda" else []  # the CPU generator is always forked
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(0x5EED)
