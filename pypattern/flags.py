@@ -565,6 +565,7 @@ def train_flags(
     Returns
     -------
     FlagTrainResult
+        The model is trained in place and left in eval mode, as :func:`pypattern.tasks.train` leaves it.
     """
     _check_spec(spec)
     spec.check(model)
@@ -826,6 +827,8 @@ def flag_report(
     ablation : {"mean", "zero"}
     reference_model : optional
         The model before flag training; its probe numbers go to ``reference`` (erosion = before - after).
+
+    Both models are measured in eval mode and left in the mode they were in.
     """
     _check_spec(spec)
     spec.check(model)
@@ -844,7 +847,23 @@ def flag_report(
     for name, v, least in (("num_samples", num_samples, 2), ("gen_steps", gen_steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ValueError(f"{name}={v!r} is not valid; give an int >= {least}")
-    model.eval()
+    # measured in eval mode; the models' modes are restored afterwards
+    modes = [(m, m.training) for m in (model, reference_model) if m is not None]
+    try:
+        for m, _ in modes:
+            m.eval()
+        return _flag_report(
+            model, task, spec, num_samples, prompt_len, gen_steps, ablation, reference_model, seed
+        )
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+
+def _flag_report(
+    model, task, spec, num_samples, prompt_len, gen_steps, ablation, reference_model, seed
+) -> FlagReport:
+    """:func:`flag_report` on checked arguments, the models in eval mode."""
     data = task.sample(num_samples, seed=seed, switch_prob=0.0)
     acts = _hook_acts(model, data.tokens, spec)
     lab = data.extra["concept_pos"]

@@ -445,3 +445,20 @@ def test_probe_accuracy_and_train_flags_check_ridge_samples_and_seed_by_name():
         train_flags(model, TASK, "blocks.1.hook_resid_pre", stage1_steps=1, stage2_steps=0, batch_size=2)
     with pytest.raises(TypeError, match="seed=1.5 is not valid"):
         flag_report(model, TASK, SPEC, num_samples=4, seed=1.5)
+
+
+def test_flag_report_restores_the_models_modes():
+    model, ref = _model(seed=0), _model(seed=1)
+    model.train()
+    ref.eval()
+    rep = flag_report(model, TASK, SPEC, num_samples=8, gen_steps=1, reference_model=ref, seed=0)
+    assert model.training and not ref.training
+    assert rep.reference is not None
+    # and the numbers are those of eval mode: the same as for the model already in eval mode
+    again = flag_report(model.eval(), TASK, SPEC, num_samples=8, gen_steps=1, reference_model=ref, seed=0)
+    assert again.flag_accuracy == rep.flag_accuracy and again.loss_clean == rep.loss_clean
+    # a failing measurement restores them too
+    model.train()
+    with pytest.raises(ValueError, match="prompt_len"):
+        flag_report(model, TASK, SPEC, num_samples=8, prompt_len=99)
+    assert model.training

@@ -51,6 +51,8 @@ def train(
     callback : callable ``(step, model)``, optional
         Called after every step.
 
+    The model is trained in place (in training mode) and left in eval mode.
+
     Returns
     -------
     TrainResult
