@@ -352,7 +352,10 @@ def edge_attribution(
         one forward per prompt set and one backward. ``"eap-ig"`` (Hanna et al. 2024): the gradient averaged over
         ``steps`` runs whose input embedding is interpolated from the ablated embedding to the base embedding,
         ``e_j = e_abl + (j / steps) (e_base - e_abl)``, ``j = 1 .. steps`` (``steps=1`` equals EAP); the
-        interpolated runs are batched (as many per pass as ``memory_budget`` allows). ``"exact"``: each edge
+        interpolated runs are batched (as many per pass as ``memory_budget`` allows). A right Riemann sum: Hanna
+        et al.'s code takes ``j = 0 .. steps - 1`` (the ablated end, not the base end), so at equal ``steps`` the
+        two differ by ``1 / steps`` of the difference between the gradient score at the base end (EAP's) and at the
+        ablated end; both converge to the same integral. ``"exact"``: each edge
         patched alone (:func:`patch_edges`, batched with causal reuse).
     steps : int
         Interpolation steps of EAP-IG, a positive int (checked with every method); ``"eap"`` is EAP-IG with one
