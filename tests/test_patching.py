@@ -244,3 +244,38 @@ def test_one_example_has_no_standard_error_and_a_string_corruption_is_refused():
         activation_patching(
             model, "z", clean, metric=LogitDiff(ans, wrong), corruption="zero", direction="noising"
         )
+
+
+def test_kl_near_the_clean_run_has_no_float32_cancellation():
+    """-KL of logits a rounding away from the clean ones: of the order of that rounding squared (the textbook sum
+    cancels two terms of the logits' size and gave -1e-7 either side of 0 in float32), never above 0, equal to the
+    float64 value, with float64's gradient; far from the clean run the usual value and gradient."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(6, 500, generator=g) * 3
+    near = clean + 1e-6 * torch.randn(6, 500, generator=g)
+    far = clean + torch.randn(6, 500, generator=g)
+    mixed = torch.where(torch.arange(6)[:, None] % 2 == 0, near, far)
+    m32, m64 = KL(), KL()
+    m32.bind(clean)
+    m64.bind(clean.double())
+
+    def textbook(x):  # float64, the plain sum
+        cl = torch.log_softmax(clean.double(), -1)
+        return -(cl.exp() * (cl - torch.log_softmax(x, -1))).sum(-1)
+
+    assert torch.equal(m32(clean), torch.zeros(6))
+    v = m32(near)
+    assert float(v.max()) <= 0 and float(v.abs().max()) < 1e-11  # before: |v| up to ~2e-7
+    torch.testing.assert_close(v.double(), m64(near.double()), rtol=0, atol=1e-11)
+    torch.testing.assert_close(m32(mixed).double(), textbook(mixed.double()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        m32(torch.stack([near, far]))[1].double(), textbook(far.double()), rtol=1e-5, atol=0
+    )
+    for x in (near, mixed):
+        x = x.double().requires_grad_(True)
+        (ga,) = torch.autograd.grad(m64(x).sum(), x)
+        (gb,) = torch.autograd.grad(textbook(x).sum(), x)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=1e-14)
+    # split with the prompts like the clean log-probabilities
+    part = m32.select(torch.tensor([1, 4]))
+    torch.testing.assert_close(part(mixed[[1, 4]]), m32(mixed)[[1, 4]], rtol=0, atol=0)
