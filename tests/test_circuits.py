@@ -57,6 +57,16 @@ def test_graph_lookup_errors():
         g.index("L0H0->L0H1.q")
     with pytest.raises(ValueError, match="110 entries"):
         g.mask(torch.ones(5, dtype=torch.bool))
+    # the message shows a name of each kind of input; under grouped-query attention a query head's key or value
+    # input is named for its key/value head
+    with pytest.raises(
+        KeyError, match=r"'embed->L0H0\.q', 'embed->L0H0\.k', 'embed->L0H0\.v', 'embed->MLP0'"
+    ):
+        g.index("nonsense")
+    gq = EdgeGraph(2, 4, n_kv_heads=2, has_mlp=True, n_pos=3)
+    with pytest.raises(KeyError, match=r"head 3's is L0H1->L1KV1\.v@2"):
+        gq.index("L0H1->L1H3.v@2")
+    assert gq.index("L0H1->L1KV1.v@2") >= 0
 
 
 # ------------------------------------------------------------------------------------------ exact patching

@@ -23,6 +23,7 @@ position ``t``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -268,11 +269,31 @@ class EdgeGraph:
                 self._index[e.name] = i
         key = edge if isinstance(edge, (Edge, str)) else None
         if key is None or key not in self._index:
-            raise KeyError(
-                f"edge {edge!r} is not in the graph; names look like {self.edges[0].name!r} or "
-                f"{self.edges[-1].name!r}"
-            )
+            raise KeyError(self._unknown(edge))
         return self._index[key]
+
+    def _unknown(self, edge) -> str:
+        """The message for an edge that is not in the graph: example names of each kind of destination input and,
+        for a head's key or value input under grouped-query attention, the name of its key/value head's input."""
+        kinds: dict[str, str] = {}
+        for e in self.edges:
+            kinds.setdefault(re.sub(r"\d+", "", e.dst_input), e.name)  # q, k, v, MLP, logits
+        msg = f"edge {edge!r} is not in the graph; names look like " + ", ".join(
+            repr(n) for n in kinds.values()
+        )
+        if not self.edges:
+            msg = f"edge {edge!r} is not in the graph (it has no edges)"
+        name = edge.name if isinstance(edge, Edge) else edge if isinstance(edge, str) else None
+        hit = re.fullmatch(r"(.+->)L(\d+)H(\d+)\.([kv])(@\d+)?", name) if name is not None else None
+        if hit is not None and self.n_kv_heads != self.n_heads:
+            src, lay, h, which, pos = hit.groups()
+            g = int(h) // (self.n_heads // self.n_kv_heads)
+            msg += (
+                f". With grouped-query attention ({self.n_heads} query heads, {self.n_kv_heads} key/value heads) the "
+                f"key and value inputs belong to the key/value heads, named L{{layer}}KV{{group}}: head {h}'s is "
+                f"{src}L{lay}KV{g}.{which}{pos or ''}"
+            )
+        return msg
 
     def mask(self, edges: Iterable[Edge | str] | torch.Tensor) -> torch.Tensor:
         """A boolean mask ``(num_edges,)`` of ``edges`` (an iterable of edges or names, or a mask already)."""
