@@ -828,3 +828,30 @@ def test_circuit_ig_steps_without_eap_ig_is_refused(model_dir, data, tmp_path, c
     err = _err(["circuit", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--methods", "eap",
                 "--ig-steps", "7", "--out", str(tmp_path)], capsys)  # fmt: skip
     assert "--ig-steps applies only with eap-ig among --methods (given: eap)" in err
+
+
+def test_circuit_refuses_prompts_whose_ablation_changes_nothing(gpt2_dir, tmp_path, capsys):
+    """Without a corrupted file the edges are mean-ablated over the prompts: one prompt (or copies of one) would
+    give every edge a score of 0 and undefined faithfulness; a corrupted file equal to the token file likewise.
+    Each refused in one line before anything is written."""
+    rng = np.random.default_rng(0)
+    one = rng.integers(0, 23, size=(1, 6))
+    np.save(tmp_path / "one.npy", one)
+    np.save(tmp_path / "copies.npy", np.repeat(one, 3, axis=0))
+    two = np.concatenate([one, rng.integers(0, 23, size=(1, 6))])
+    np.save(tmp_path / "two.npy", two)
+    cases = [
+        (["--data", str(tmp_path / "one.npy")], "holds one prompt: without a corrupted file"),
+        (["--data", str(tmp_path / "copies.npy")], "holds 3 prompts, all the same"),
+        (
+            ["--data", str(tmp_path / "two.npy"), "--corrupted", str(tmp_path / "two.npy")],
+            "equals the token file",
+        ),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["circuit", "--model", str(gpt2_dir), *extra, "--out", str(tmp_path / "o"), "--quiet"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+        assert not list((tmp_path / "o").iterdir())  # nothing written

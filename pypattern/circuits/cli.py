@@ -268,6 +268,18 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
                 f"the corrupted file {corrupted!r} has shape {tuple(corr.shape)}; it must match the token file's "
                 f"{tuple(clean.shape)}"
             )
+        if torch.equal(corr, clean):
+            raise ValueError(
+                f"the corrupted file {corrupted!r} equals the token file {tokens!r}: every edge would carry its clean "
+                "value, so every score is 0; give corrupted prompts that differ from the clean ones"
+            )
+    elif bool((clean == clean[:1]).all()):
+        what = "one prompt" if clean.shape[0] == 1 else f"{clean.shape[0]} prompts, all the same"
+        raise ValueError(
+            f"the token file {tokens!r} holds {what}: without a corrupted file an edge carries its mean over the "
+            "prompts, which is then each prompt's own value, so every score is 0; give at least two different "
+            "prompts or a corrupted file (--corrupted)"
+        )
     with torch.no_grad():
         answer = model(clean)[:, -1].argmax(-1)
     return clean, corr, LogProb(answer), ("resample" if corr is not None else "mean")
