@@ -209,6 +209,12 @@ def _forced(backend: str | None) -> tuple[str | None, str]:
 
 def choose(op: str, device: torch.device, backend: str | None) -> str:
     """Pick the backend for ``op`` on tensors of ``device`` (see the module docstring)."""
+    if backend is not None and torch.compiler.is_compiling():
+        # traced by torch.compile: the cached choice (imports, availability probes) cannot be traced; a backend
+        # given by name is taken as given when it is registered for the op (the op then runs, or fails, as traced)
+        if (op, backend) not in _REGISTRY:
+            raise ValueError(f"backend={backend!r} is not registered for {op!r} (it has {registered(op)})")
+        return backend
     forced, source = _forced(backend)
     return _choose_cached(op, device.type, forced, source, os.environ.get("TRITON_INTERPRET"))
 
@@ -225,7 +231,7 @@ def choose_for_dtype(
     of those kernels is forced, which is refused naming ``arg``, its dtype and the dtypes taken."""
     name = choose(op, x.device, backend)
     if name in kernels and x.dtype not in dtypes:
-        forced, source = _forced(backend)
+        forced, source = (backend, "backend") if torch.compiler.is_compiling() else _forced(backend)
         if forced == name:
             taken = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
             raise ValueError(
@@ -238,6 +244,8 @@ def choose_for_dtype(
 
 def dispatch(op: str, device: torch.device, backend: str | None) -> Callable:
     """The implementation of ``op`` for tensors on ``device``: :func:`choose`, then the registry's entry."""
+    if backend is not None and torch.compiler.is_compiling():
+        return implementation(op, choose(op, device, backend))
     forced, source = _forced(backend)
     return _dispatch_cached(op, device.type, forced, source, os.environ.get("TRITON_INTERPRET"))
 

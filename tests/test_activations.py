@@ -215,6 +215,18 @@ def test_compiled_whole_graph_and_contiguous_results():
         torch._dynamo.reset()
         f = torch.compile(lambda t, fn=fn: fn(t) * 2, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(f(x), 2 * want, rtol=1e-12, atol=1e-14)
+    # a backend given by name is traced as that backend's op, its gradient too
+    for backend in ("reference", *(("cpp",) if HAS_CPP else ())):
+        torch._dynamo.reset()
+        f = torch.compile(
+            lambda t, b=backend: gelu_tanh(t, backend=b) * 2, backend="aot_eager", fullgraph=True
+        )
+        torch.testing.assert_close(f(x), 2 * want, rtol=1e-12, atol=1e-14)
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(xg).sum(), xg)
+        xr = x.clone().requires_grad_(True)
+        (want_g,) = torch.autograd.grad(2 * torch.nn.functional.gelu(xr, approximate="tanh").sum(), xr)
+        torch.testing.assert_close(g, want_g, rtol=1e-12, atol=1e-14)
     xt = torch.randn(4, 6, dtype=torch.float64).T
     for backend in ("reference", "cpp"):
         if backend == "cpp" and not HAS_CPP:

@@ -379,6 +379,27 @@ def test_compiled_whole_graph():
         lambda b, t, u: signed_sums([b], [t, u], [0, 2], [1, -1])[0] * 2, backend="eager", fullgraph=True
     )
     torch.testing.assert_close(f(b, t, u), 2 * (b + t - u), rtol=0, atol=0)
+    # a backend given by name is traced as that backend's op (the C++ op through its fake implementation)
+    for backend in ("reference", *(("cpp",) if HAS_CPP else ())):
+        torch._dynamo.reset()
+        f = torch.compile(
+            lambda b, t, u, k=backend: signed_sums([b], [t, u], [0, 2], [1, -1], backend=k)[0] * 2,
+            backend="eager",
+            fullgraph=True,
+        )
+        torch.testing.assert_close(f(b, t, u), 2 * (b + t - u), rtol=0, atol=0)
+
+
+def test_vmap_without_out_gives_batched_outputs():
+    """Under ``torch.func.vmap`` with no ``out`` given, the outputs are new batched tensors (the sums per batch
+    element, bit for bit the chain of adds)."""
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    got = torch.func.vmap(lambda x, y: signed_sums([x, y, x], [y, x, y], [0, 2, 3, 3], [1, -1, 1]))(a, b)
+    assert len(got) == 3 and all(g.shape == (4, 3) for g in got)
+    torch.testing.assert_close(got[0], a + b - a, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], b + b, rtol=0, atol=0)
+    torch.testing.assert_close(got[2], a, rtol=0, atol=0)
 
 
 # ----- each instruction-set build of the kernel file ------------------------------------------------------------

@@ -50,7 +50,8 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
     (``torch.autograd.forward_ad``) and ``torch.func`` transforms (``jvp``, ``vmap``, ``grad``) take the reference
     on the inputs as given, so their tangents, batching and derivatives are torch's ``bmm``'s (the kernels have
     no forward-AD or batching rule and would drop the tangent). While ``torch.compile`` traces it with the automatic
-    choice, it is the reference too, which the compiler handles itself.
+    choice, it is the reference too, which the compiler handles itself; a backend given by name is traced as that
+    backend's op (the C++ op through its fake implementation).
 
     Parameters
     ----------
@@ -86,8 +87,10 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
             )
     if torch.compiler.is_compiling() and backend is None:  # traced: torch's bmm, which the compiler handles
         return row_dots_reference(a.detach(), [t.detach() for t in g]).contiguous()
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (a, *g)) or _backends.has_tangent(
-        a, *g
+    # (not while torch.compile traces a forced backend: these checks are not traceable, and the op is)
+    if not torch.compiler.is_compiling() and (
+        any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (a, *g))
+        or _backends.has_tangent(a, *g)
     ):
         if backend not in (None, "reference"):
             raise ValueError(

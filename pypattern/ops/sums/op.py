@@ -172,6 +172,14 @@ def _check_tensors(out: list, base: list, terms: list, overlap: bool = True) -> 
         _check_overlap(out, base, terms)
 
 
+def _chain(base: torch.Tensor, terms: list, signs: list, i0: int, i1: int) -> torch.Tensor:
+    """``base + signs[i0] terms[i0] + ...`` as a new tensor, one torch add per term, left to right."""
+    acc = base.clone()
+    for i in range(i0, i1):
+        acc = torch.add(acc, terms[i], alpha=signs[i])
+    return acc
+
+
 def signed_sums(
     base: Sequence[torch.Tensor],
     terms: Sequence[torch.Tensor],
@@ -200,7 +208,8 @@ def signed_sums(
     CPU-only machines measured); elsewhere (other dtypes, a CPU-only build) the reference, the same sums one
     tensor operation at a time. Not differentiable: the outputs are written as data (the inputs are detached).
     Forward-mode AD dual tensors and ``torch.func`` transforms, and ``torch.compile``'s tracing with the automatic
-    choice, take the reference on the inputs as given.
+    choice, take the reference on the inputs as given (under ``vmap`` without ``out``, new batched outputs); a
+    backend given by name is traced by ``torch.compile`` as that backend's op.
 
     Parameters
     ----------
@@ -237,6 +246,7 @@ def signed_sums(
     if P == 0:
         return [] if out is None else out
     ref = base[0]
+    given = out is not None
     if out is None:
         out = [torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) for _ in range(P)]
     if torch.compiler.is_compiling() and backend is None:  # traced: torch's adds, which the compiler handles
@@ -244,17 +254,23 @@ def signed_sums(
         signed_sums_reference_(out, base, terms, offsets, signs)
         return out
     everything = (*out, *base, *terms)
-    # torch.func's wrapped tensors exist only while a transform runs (the scan costs a fifth of a µs per tensor)
-    wrapped = torch._C._functorch.peek_interpreter_stack() is not None and any(
-        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in everything
+    # torch.func's wrapped tensors exist only while a transform runs (the scan costs a fifth of a µs per tensor);
+    # not while torch.compile traces a forced backend (these checks are not traceable, and the op is)
+    compiling = torch.compiler.is_compiling()
+    wrapped = (
+        not compiling
+        and torch._C._functorch.peek_interpreter_stack() is not None
+        and any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in everything)
     )
-    if wrapped or _backends.has_tangent(*everything):
+    if wrapped or (not compiling and _backends.has_tangent(*everything)):
         if backend not in (None, "reference"):
             raise ValueError(
                 f"signed_sums: backend={backend!r} has no forward-AD or batching rule, and the inputs are dual "
                 "tensors or run under torch.func transforms; give backend=None"
             )
         _check_tensors(out, base, terms, overlap=not wrapped)
+        if wrapped and not given:  # new outputs out of place: under vmap they are batched as the inputs are
+            return [_chain(base[p], terms, signs, offsets[p], offsets[p + 1]) for p in range(P)]
         signed_sums_reference_(out, base, terms, offsets, signs)
         return out
     # the CUDA registration (foreach adds) takes every dtype torch's adds do; the C++ kernel float32 and float64
@@ -266,6 +282,6 @@ def signed_sums(
     # the C++ kernel checks the tensors itself, with the same errors (tensors on other devices would be dispatched
     # away from it)
     if name != "cpp" or not all(x.is_cpu for x in everything):
-        _check_tensors(o, b, t)
+        _check_tensors(o, b, t, overlap=not compiling)
     _backends.implementation(_OP, name)(o, b, t, offsets, signs)
     return out
