@@ -1059,3 +1059,33 @@ def test_gram_check_once_verifies_the_first_call_of_each_kind(monkeypatch):
     for _ in range(2):
         with pytest.raises(ValueError, match="sites"):
             pypattern.per_sample_grad_gram(model, penalised, x)
+
+
+@pytest.mark.parametrize("backend, device", [c for c in BACKENDS if c[0] == "cpp"])
+@pytest.mark.parametrize("shape", [(7, 13, 5, 4), (50, 13, 6, 3), (9, 1, 4, 4)])
+def test_cpp_gram_is_exactly_symmetric(backend, device, shape):
+    """The C++ kernel computes the blocks on and above the diagonal and mirrors them (inside diagonal blocks too):
+    ``G == G.T`` exactly, one block (7 samples of 13 rows), several (50 x 13 rows: blocks of 39 samples) and one
+    position (its own path), with features and with ids."""
+    b, t, p, q = shape
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(b * t, p, generator=gen) * 100, torch.randn(b * t, q, generator=gen) * 100
+    ids = torch.randint(-1, 5, (b * t,), generator=gen)
+    for g in (
+        grad_gram_pairwise(*to(device, x, y), batch=b, backend=backend),
+        grad_gram_pairwise(None, *to(device, y, ids), batch=b, backend=backend),
+    ):
+        assert torch.equal(g, g.T)
+    ref = grad_gram_linear_reference(x.reshape(b, t, p), y.reshape(b, t, q), bias=False)
+    assert _rel(grad_gram_pairwise(x, y, batch=b, backend=backend), ref) < 2e-6
+
+
+def test_pairwise_gram_on_meta_tensors():
+    """Meta tensors give the Gram's shape and dtype (no overflow check without values), through the public op and
+    the C++ op's fake implementation."""
+    x, y = torch.empty(12, 5, device="meta"), torch.empty(12, 4, device="meta")
+    g = grad_gram_pairwise(x, y, batch=3, backend="reference")
+    assert g.device.type == "meta" and g.shape == (3, 3) and g.dtype == torch.float64
+    if pypattern.backends("grad_gram_pairwise")["cpp"]["available"]:
+        g = torch.ops.pypattern.grad_gram_pairwise(x, y, None, 3)
+        assert g.device.type == "meta" and g.shape == (3, 3) and g.dtype == torch.float64

@@ -20,7 +20,10 @@ constexpr int64_t kRowsPerBlock = 512;
 
 template <typename T>
 void reduce_block(const T* kd, const T* ka, const int64_t* ids_i, const int64_t* ids_j, int64_t ni, int64_t nj,
-                  int64_t t, int64_t i0, int64_t j0, int64_t batch, bool mirror, double* g) {
+                  int64_t t, int64_t i0, int64_t j0, int64_t batch, double* g) {
+  // an off-diagonal block writes G[J, I] as the mirror of G[I, J]; a diagonal block (i0 == j0) computes its upper
+  // triangle and mirrors it, so that G is exactly symmetric (the two GEMM products of a pair need not round alike)
+  const bool diag = i0 == j0;
   const int64_t cols = nj * t;
   if (t == 1 && ka != nullptr) {  // one position: G[i, j] = ka[i, j] * kd[i, j]
     at::parallel_for(0, ni, 16, [&](int64_t a0, int64_t a1) {
@@ -28,17 +31,17 @@ void reduce_block(const T* kd, const T* ka, const int64_t* ids_i, const int64_t*
         const T* kar = ka + i * cols;
         const T* kdr = kd + i * cols;
         double* gr = g + (i0 + i) * batch + j0;
+        const int64_t jstart = diag ? i : 0;
 #pragma omp simd
-        for (int64_t j = 0; j < nj; ++j) gr[j] = static_cast<double>(kar[j]) * static_cast<double>(kdr[j]);
-        if (mirror)
-          for (int64_t j = 0; j < nj; ++j) g[(j0 + j) * batch + (i0 + i)] = gr[j];
+        for (int64_t j = jstart; j < nj; ++j) gr[j] = static_cast<double>(kar[j]) * static_cast<double>(kdr[j]);
+        for (int64_t j = diag ? i + 1 : 0; j < nj; ++j) g[(j0 + j) * batch + (i0 + i)] = gr[j];
       }
     });
     return;
   }
   at::parallel_for(0, ni, 1, [&](int64_t a0, int64_t a1) {
     for (int64_t i = a0; i < a1; ++i) {
-      for (int64_t j = 0; j < nj; ++j) {
+      for (int64_t j = diag ? i : 0; j < nj; ++j) {
         double acc = 0.0;
         for (int64_t s = 0; s < t; ++s) {
           const int64_t r = i * t + s;
@@ -60,7 +63,7 @@ void reduce_block(const T* kd, const T* ka, const int64_t* ids_i, const int64_t*
           }
         }
         g[(i0 + i) * batch + (j0 + j)] = acc;
-        if (mirror) g[(j0 + j) * batch + (i0 + i)] = acc;
+        if (!diag || j != i) g[(j0 + j) * batch + (i0 + i)] = acc;
       }
     }
   });
@@ -99,15 +102,14 @@ at::Tensor grad_gram_pairwise_cpu(const at::Tensor& x, const at::Tensor& y, cons
       const int64_t nj = std::min(spb, batch - j0);
       at::Tensor kd = at::mm(yi, yc.narrow(0, j0 * t, nj * t).t());
       at::Tensor ka = use_ids ? at::Tensor() : at::mm(xi, xc.narrow(0, j0 * t, nj * t).t());
-      const bool mirror = j0 != i0;
       if (yc.scalar_type() == at::kFloat) {
         reduce_block<float>(kd.data_ptr<float>(), use_ids ? nullptr : ka.data_ptr<float>(),
                             use_ids ? idp + i0 * t : nullptr, use_ids ? idp + j0 * t : nullptr, ni, nj, t, i0, j0,
-                            batch, mirror, gp);
+                            batch, gp);
       } else {
         reduce_block<double>(kd.data_ptr<double>(), use_ids ? nullptr : ka.data_ptr<double>(),
                              use_ids ? idp + i0 * t : nullptr, use_ids ? idp + j0 * t : nullptr, ni, nj, t, i0, j0,
-                             batch, mirror, gp);
+                             batch, gp);
       }
     }
   }
