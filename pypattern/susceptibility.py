@@ -144,7 +144,10 @@ class SusceptibilityResult(Saveable):
     chi : ndarray (num_components, num_probe)
         Pooled over all chains' draws.
     chi_se : ndarray (num_components, num_probe)
-        Standard error: standard deviation of the per-chain estimates / sqrt(num_chains).
+        Standard error of ``chi`` by the jackknife over chains: ``sqrt((C - 1) / C sum_c (chi_{-c} - mean)^2)``
+        with ``chi_{-c}`` pooled over every chain but ``c`` (NaN with one chain). It includes the differences
+        between the chains' means, which ``chi`` (pooled) includes and the per-chain estimates do not: with short
+        chains, ``chi_chains.std(1) / sqrt(C)`` understates the spread of ``chi`` several-fold.
     chi_chains : ndarray (num_components, num_chains, num_probe)
     components : list of str
     probe_sample, probe_position, probe_token : ndarray (num_probe,)
@@ -947,7 +950,7 @@ def susceptibilities(
         io.check_fingerprint(meta.get("fingerprint"), row_fp(run), path, defaults=_sample_defaults())
         row = {**arrays, **meta.get("row", {})}
         shapes = {"full_means": (n + 1,)} if run == "unrestricted" else {
-            "chi": (n,), "chi_chains": (C, n), "loss_mean": (n,), "phi_mean": (), "nbeta": ()
+            "chi": (n,), "chi_chains": (C, n), "chi_loo": (C, n), "loss_mean": (n,), "phi_mean": (), "nbeta": ()
         }  # fmt: skip
         for key, shape in shapes.items():
             v = np.asarray(row.get(key, np.zeros((0,) * 7)))
@@ -993,6 +996,17 @@ def susceptibilities(
                         "chi_chains": np.stack(
                             [_chi_from(acc, convention, nbeta, full_means, counted) for acc in accs]
                         ),
+                        # the pooled estimate without each chain in turn: the jackknife's standard error of chi
+                        "chi_loo": np.stack(
+                            [
+                                _chi_from(
+                                    _pool(accs[:c] + accs[c + 1 :]), convention, nbeta, full_means, counted
+                                )
+                                if len(accs) > 1
+                                else np.full(n, np.nan)
+                                for c in range(len(accs))
+                            ]
+                        ),
                         "phi_mean": float(pooled.mean_a[0]) + float(phi0),
                         "loss_mean": pooled.mean_b[:n].numpy(),
                         "nbeta": nbeta,
@@ -1006,14 +1020,15 @@ def susceptibilities(
     rows = _with_auto_reruns(sample_rows, kw, auto_step, checkpoint)
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
+    chi_loo = np.zeros((len(specs), C, n))
     phi_mean = np.zeros(len(specs))
     loss_mean = np.zeros((len(specs), n))
     for k in range(len(specs)):
         row = rows[f"component_{k}"]
         nbeta_used = float(row["nbeta"])
-        chi[k], chi_chains[k] = row["chi"], row["chi_chains"]
+        chi[k], chi_chains[k], chi_loo[k] = row["chi"], row["chi_chains"], row["chi_loo"]
         phi_mean[k], loss_mean[k] = float(row["phi_mean"]), row["loss_mean"]
-    se = chi_chains.std(1, ddof=1) / np.sqrt(C) if C > 1 else np.full_like(chi, np.nan)
+    se = _jackknife_se(chi_loo) if C > 1 else np.full_like(chi, np.nan)
     return SusceptibilityResult(
         chi=chi,
         chi_se=se,
@@ -1086,6 +1101,15 @@ def _sampler_settings_defaults(kw: dict) -> dict:
     kw.setdefault("num_draws", 200)
     kw.setdefault("quiet", False)  # a long run shows its progress, as pypattern.sample does
     return kw
+
+
+def _jackknife_se(loo: np.ndarray) -> np.ndarray:
+    """The jackknife's standard error over chains, ``sqrt((C - 1) / C sum_c (loo_c - mean loo)^2)``, from the
+    estimates ``loo (..., C, n)`` pooled over all chains but ``c``: the spread of the pooled estimate, differences
+    between the chains' means included (which the per-chain estimates' spread leaves out)."""
+    C = loo.shape[-2]
+    dev = loo - loo.mean(-2, keepdims=True)
+    return np.sqrt((C - 1) / C * (dev**2).sum(-2))
 
 
 def _pool(accs: Sequence[CrossCovariance]) -> CrossCovariance:

@@ -745,3 +745,33 @@ def test_checkpoint_folder_that_is_a_file_is_refused(tmp_path):
         susceptibilities(
             model, [(x, y)], (x[:4], y[:4]), {"b": ["weight"]}, num_draws=2, checkpoint=tmp_path / "ck"
         )
+
+
+def test_standard_error_matches_the_spread_of_chi_over_seeds():
+    """``chi_se`` is the standard error of ``chi`` (pooled over the chains): over 40 seeds of short chains (8 x 30
+    draws, no burn-in, where the chains' means differ) the spread of ``chi`` is within a factor 1.5 of the mean
+    ``chi_se``; the per-chain estimates' spread / sqrt(C), which ``chi_se`` was before, is half of it here."""
+    model, x, y = _problem()
+    chis, ses, per_chain = [], [], []
+    for seed in range(40):
+        r = susceptibilities(
+            model,
+            [(x, y)],
+            (x[:8], y[:8]),
+            {"all": ["weight"]},
+            num_chains=8,
+            num_draws=30,
+            num_burnin_steps=0,
+            step_size=EPS,
+            nbeta=NBETA,
+            localization=GAMMA,
+            seed=seed,
+            quiet=True,
+        )
+        chis.append(r.chi[0])
+        ses.append(r.chi_se[0])
+        per_chain.append(r.chi_chains[0].std(0, ddof=1) / np.sqrt(8))
+    spread = np.array(chis).std(0, ddof=1)
+    ratio = float(np.median(spread / np.array(ses).mean(0)))
+    assert 0.7 < ratio < 1.5, ratio
+    assert float(np.median(spread / np.array(per_chain).mean(0))) > 1.7  # what the old standard error gave
