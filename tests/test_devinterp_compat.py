@@ -965,3 +965,49 @@ def test_v2_datasets_of_items_holding_input_ids():
         np.testing.assert_array_equal(got.init_loss.values, want.init_loss.values)
     with pytest.raises(TypeError, match="items holding 'input_ids'"):
         di.sample(model, [{"tokens": r} for r in ids], {}, **kw)
+
+
+def test_v1_sampler_module_has_the_names_devinterp_1x_imports_from_it():
+    """devinterp 1.x's README imports ``sample, LLCEstimator`` from ``devinterp.slt.sampler``; its module also held
+    ``OnlineLLCEstimator``, ``default_nbeta`` and ``SGLD``: the same import from ``pypattern.devinterp.slt.sampler``
+    gives pypattern's, and the README's call runs."""
+    import pypattern
+    from pypattern.devinterp import optim
+    from pypattern.devinterp.slt import llc, sampler
+    from pypattern.devinterp.slt.sampler import SGLD as SGLD_, LLCEstimator, default_nbeta, sample
+
+    assert sampler.OnlineLLCEstimator is llc.OnlineLLCEstimator and LLCEstimator is llc.LLCEstimator
+    assert SGLD_ is optim.SGLD and default_nbeta is pypattern.default_nbeta
+    model, loader = _mlp(), _mlp_loader()
+    est = LLCEstimator(num_chains=2, num_draws=12, init_loss=0.5, nbeta=default_nbeta(loader))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sample(
+            model,
+            loader,
+            [est],
+            evaluate=_ce,
+            sampling_method=SGLD_,
+            seed=3,
+            verbose=False,
+            optimizer_kwargs=dict(lr=1e-3, nbeta=default_nbeta(loader), localization=100.0),
+            warn_nonstationary=False,
+            **FAST,
+        )
+    out = est.get_results()
+    assert np.isfinite(out["llc/mean"]) and out["loss/trace"].shape == (2, 12)
+
+
+def test_v2_token_ids_outside_the_vocabulary_are_refused_by_name():
+    """devinterp 2.x's calls check the dataset's and each observable's token ids against the model's vocabulary
+    (as pypattern's own entry points do) instead of failing in the embedding with a bare IndexError."""
+    model, ids = _transformer(), _tokens()
+    v = model.cfg.d_vocab
+    with pytest.raises(ValueError, match=rf"dataset contains token id {v}; valid ids are 0 \.\. {v - 1}"):
+        di.sample(
+            model, ids.clamp_max(v - 1).index_fill(1, torch.tensor([3]), v), {}, lr=1e-3, n_beta=5.0, **SET2
+        )
+    bad = ids[:16].clone()
+    bad[:, 1] = -1  # in every sequence: whichever are drawn
+    with pytest.raises(ValueError, match=r"observables\['probe'\] contains token id -1"):
+        di.sample(model, ids, {"probe": bad}, lr=1e-3, n_beta=5.0, batches_per_draw=1, **SET2)

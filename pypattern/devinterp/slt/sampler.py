@@ -1,7 +1,18 @@
-"""``from devinterp.slt.sampler import sample, estimate_learning_coeff_with_summary`` (devinterp 1.x) on
-pypattern (``sample`` here is 1.x's callback-driven one; 2.x's is :mod:`pypattern.devinterp.slt.sampling`'s)."""
+"""``from devinterp.slt.sampler import ...`` (devinterp 1.x) on pypattern: ``sample`` (1.x's callback-driven one;
+2.x's is :mod:`pypattern.devinterp.slt.sampling`'s), ``estimate_learning_coeff(_with_summary)`` and the other names
+1.x's module had in its namespace (its README imports ``sample, LLCEstimator`` from here): the callbacks
+``LLCEstimator`` / ``OnlineLLCEstimator``, ``default_nbeta`` and the ``SGLD`` optimizer."""
 
-from ...sampling.llc import estimate_learning_coeff, estimate_learning_coeff_with_summary
-from ..v1 import sample
+from ...sampling.llc import default_nbeta, estimate_learning_coeff, estimate_learning_coeff_with_summary
+from ...sampling.optim import SGLD
+from ..v1 import LLCEstimator, OnlineLLCEstimator, sample
 
-__all__ = ["estimate_learning_coeff", "estimate_learning_coeff_with_summary", "sample"]
+__all__ = [
+    "SGLD",
+    "LLCEstimator",
+    "OnlineLLCEstimator",
+    "default_nbeta",
+    "estimate_learning_coeff",
+    "estimate_learning_coeff_with_summary",
+    "sample",
+]
