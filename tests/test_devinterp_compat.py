@@ -974,7 +974,8 @@ def test_v1_sampler_module_has_the_names_devinterp_1x_imports_from_it():
     import pypattern
     from pypattern.devinterp import optim
     from pypattern.devinterp.slt import llc, sampler
-    from pypattern.devinterp.slt.sampler import SGLD as SGLD_, LLCEstimator, default_nbeta, sample
+    from pypattern.devinterp.slt.sampler import SGLD as SGLD_
+    from pypattern.devinterp.slt.sampler import LLCEstimator, default_nbeta, sample
 
     assert sampler.OnlineLLCEstimator is llc.OnlineLLCEstimator and LLCEstimator is llc.LLCEstimator
     assert SGLD_ is optim.SGLD and default_nbeta is pypattern.default_nbeta
