@@ -201,10 +201,19 @@ def parse_batch(batch: Any) -> ParsedBatch:
         # DataLoader(TensorDataset(tokens)) yields [tokens]
         return ParsedBatch("tokens", _ids(batch[0], "a one-element batch's tensor", batch))
     if isinstance(batch, tuple | list) and len(batch) > 2:
+        seqs = all(isinstance(t, torch.Tensor) and t.dim() == 1 and _is_int(t) for t in batch) and (
+            len({t.shape for t in batch}) == 1
+        )
         raise ValueError(
             f"the default loss reads (inputs, targets) and would ignore the other elements of {_describe(batch)}; "
             "give (x, y) batches, or pass a loss function (model, batch) -> loss (loss_fn=) that uses the others "
             "(e.g. sample weights)"
+            + (
+                f"; for {len(batch)} token sequences give them as one tensor, torch.stack([...]) of shape "
+                f"({len(batch)}, pos)"
+                if seqs
+                else ""
+            )
         )
     if isinstance(batch, tuple | list) and len(batch) == 2:
         x, y = batch[0], batch[1]
@@ -314,6 +323,18 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
         )
     if not pb.is_lm:
         x, y = pb.inputs, pb.target
+        if (
+            x.dim() == 1
+            and _is_int(x)
+            and _is_int(y)
+            and x.shape == y.shape
+            and vocab_size(model) is not None
+        ):
+            raise ValueError(
+                f"{argument}: two 1-D token tensors of {x.shape[0]} ids, read as a pair (x, y) of inputs and targets, "
+                f"but {type(model).__name__} reads batches of sequences (batch, pos); for two sequences give them "
+                "as one tensor, torch.stack([...]) of shape (2, pos)"
+            )
         if x.dim() and y.dim() and x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"{argument}: the pair (x, y) has {x.shape[0]} rows in x {tuple(x.shape)} but {y.shape[0]} in y "

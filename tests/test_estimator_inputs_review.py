@@ -76,3 +76,17 @@ def test_bif_refuses_checkpoint_settings_it_would_ignore(lm):
     for key, val in (("checkpoint", "b.npz"), ("checkpoint_every", 2)):
         with pytest.raises(TypeError, match=f"bif takes no {key}="):
             pp.bif(lm, [ids], ids[:2], **{key: val}, **K)
+
+
+def test_a_list_of_token_sequences_is_refused_with_the_stacked_form(lm):
+    """A probe handed over as a list of 1-D token sequences: two of them would be read as a pair (x, y), more as a
+    batch with extra elements; each refused naming the argument and pointing to torch.stack, which works."""
+    ids = _ids()
+    with pytest.raises(ValueError, match=r"probe: two 1-D token tensors of 10 ids.*torch\.stack"):
+        pp.bif(lm, [ids], [ids[0], ids[1]], **K)
+    with pytest.raises(
+        ValueError, match=r"^probe: .*for 3 token sequences give them as one tensor, torch\.stack"
+    ):
+        pp.susceptibilities(lm, [ids], [ids[0], ids[1], ids[2]], ["blocks.0.attn"], **K)
+    res = pp.bif(lm, [ids], torch.stack([ids[0], ids[1]]), **K)
+    assert res.bif.shape[0] == res.bif.shape[1]
