@@ -58,10 +58,11 @@ class Intervention(Saveable):
     Attributes
     ----------
     h : ndarray (N,)
-        Data perturbation (mixing weights towards each point; sums to 0).
+        Data perturbation (mixing weights towards each point; sums to 0, or with :func:`invert`'s ``fractions``
+        (``f``, normalised to sum 1) ``sum_i f_i h_i = 0``).
     weights : ndarray (N,)
-        Per-point data weights ``1 + N h`` (mean 1). Only ``"constrained"`` guarantees them non-negative
-        (``>= min_weight``).
+        Per-point data weights ``1 + N h`` (mean 1, or with ``fractions`` the ``f``-weighted mean 1). Only
+        ``"constrained"`` guarantees them non-negative (``>= min_weight``).
     predicted : ndarray (K,)
         The predicted response ``chi @ h``.
     target : ndarray (K,)
@@ -463,16 +464,24 @@ def reweight(
         A map-style data set, a DataLoader over one (its ``.dataset`` is drawn from, and its ``collate_fn``,
         ``num_workers``, ``pin_memory``, ``drop_last`` and ``batch_size`` are kept) or a tensor whose first axis is
         samples (a ``TensorDataset`` of it: each batch is a one-element list ``[rows]``).
-    weights : array (num_samples,)
-        Non-negative, not all zero.
+    weights : array (num_samples,) or Intervention
+        Non-negative, not all zero (an :class:`Intervention`: its ``weights``).
     mode : {"sampler", "loss"}
         ``"sampler"``: a DataLoader that draws samples with probability proportional to the weights (with
         replacement; ``num_samples`` per epoch, default the data set's size). ``"loss"``: the weights as a float
         tensor normalised to mean 1, to multiply per-sample losses with.
     batch_size : int, optional
-        Samples per batch of the ``"sampler"`` loader: default the given DataLoader's, else 32.
+        Samples per batch of the ``"sampler"`` loader: default the given DataLoader's, else 32 (a DataLoader that
+        yields samples one by one, ``batch_size=None``, gives batches of 32 collated by torch's default).
     """
-    w = torch.as_tensor(_as_float64(weights))
+    if isinstance(weights, Intervention):  # its weights
+        weights = weights.weights
+    try:
+        w = torch.as_tensor(_as_float64(weights))
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"weights must be an array of per-sample weights (or an Intervention), got {type(weights).__name__}"
+        ) from None
     if w.dim() != 1:
         raise ValueError(f"weights must be 1-D, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all() or (w < 0).any():
@@ -480,6 +489,14 @@ def reweight(
     if float(w.sum()) <= 0:
         raise ValueError("weights are all zero")
     dataset = getattr(data, "dataset", data)
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+        hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    ):
+        what = "a DataLoader over " if dataset is not data else ""
+        raise TypeError(
+            f"data is {what}{type(dataset).__name__}, which cannot be drawn from by index; reweight needs a map-style "
+            "data set (with len() and indexing: a Dataset, a tensor, or a DataLoader over one)"
+        )
     size = len(dataset)
     if size != w.numel():
         raise ValueError(f"weights has {w.numel()} entries but the data has {size} samples")
@@ -500,6 +517,9 @@ def reweight(
         )
         if batch_size is None:
             batch_size = data.batch_size
+        if data.batch_size is None and data.collate_fn is torch.utils.data.default_convert:
+            # the loader yields samples one by one (batch_size=None): batches of the new loader are collated
+            loader_kw["collate_fn"] = torch.utils.data.default_collate
     if batch_size is None:
         batch_size = 32
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:

@@ -171,6 +171,27 @@ def test_reweight_keeps_a_data_loaders_collate_fn_and_batch_size():
         reweight(src, w, batch_size=0)
 
 
+def test_reweight_of_an_unbatched_loader_an_iterable_one_and_an_intervention():
+    """A DataLoader yielding samples one by one (``batch_size=None``) gives collated batches of 32 (not lists of
+    samples); a DataLoader over an IterableDataset cannot be drawn from by index and is refused naming it; an
+    Intervention is read as its weights."""
+    ds = torch.utils.data.TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    w = np.array([0, 1, 2, 3, 0.5, 0.5])
+    b = next(iter(reweight(torch.utils.data.DataLoader(ds, batch_size=None), w)))
+    assert [tuple(t.shape) for t in b] == [(6, 4), (6,)]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(ds)
+
+    with pytest.raises(TypeError, match="a DataLoader over Stream, which cannot be drawn from by index"):
+        reweight(torch.utils.data.DataLoader(Stream(), batch_size=2), w)
+    iv = invert(np.random.default_rng(0).normal(size=(1, 6)), [0.1], method="constrained")
+    torch.testing.assert_close(reweight(ds, iv, mode="loss"), reweight(ds, iv.weights, mode="loss"))
+    with pytest.raises(TypeError, match="weights must be an array of per-sample weights"):
+        reweight(ds, object())
+
+
 def test_online_patterner_follows_a_drifting_system():
     """The true chi drifts during 'training'; re-estimating keeps the response on target."""
     rng = np.random.default_rng(1)
