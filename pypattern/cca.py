@@ -80,6 +80,8 @@ def _features(x, name: str) -> torch.Tensor:
 
 
 def _check_ridge(ridge: float) -> float:
+    if isinstance(ridge, bool) or not isinstance(ridge, int | float | np.integer | np.floating):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     ridge = float(ridge)
     if not (ridge >= 0 and math.isfinite(ridge)):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")

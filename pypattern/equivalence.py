@@ -138,6 +138,12 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
 
 
+def _check_flag(value, name: str) -> None:
+    """``value`` must be True or False (a string such as ``"no"`` would read as true)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}={value!r} is not valid; give True or False")
+
+
 def _check_seed(seed, name: str = "seed", allow_none: bool = False) -> int | None:
     """``seed`` as an int (a numpy integer too; None where ``allow_none``); anything else is refused naming
     ``name``."""
@@ -276,6 +282,7 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     ``debiased=True`` (default) uses the unbiased HSIC and needs ``n >= 4``. Returns NaN if either representation
     is constant over the samples (its self-HSIC is 0), or, debiased, if a self-HSIC is estimated at or below 0.
     """
+    _check_flag(debiased, "debiased")
     _check_dtype(dtype)
     x = _as_features(x, "x", _min_samples(debiased), dtype, center=True)
     y = _as_features(y, "y", _min_samples(debiased), dtype, center=True)
@@ -478,8 +485,14 @@ class MinibatchCKA:
         method: str = "auto",
         dtype: torch.dtype = torch.float64,
     ) -> None:
-        if num_x < 1 or (num_y is not None and num_y < 1):
-            raise ValueError(f"num_x and num_y must be >= 1, got {num_x}, {num_y}")
+        for name, v in (("num_x", num_x), ("num_y", num_y)):
+            if v is None and name == "num_y":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(
+                    f"{name}={v!r} is not valid; give an int >= 1 (the number of representations)"
+                )
+        num_x, num_y = int(num_x), None if num_y is None else int(num_y)
         _check_method(method)
         _check_dtype(dtype)
         self.method, self.dtype = method, dtype
@@ -498,6 +511,12 @@ class MinibatchCKA:
         return tuple(torch.stack(t) for t in zip(*self._batches))
 
     def update(self, xs: Sequence, ys: Sequence | None = None) -> MinibatchCKA:
+        for name, v in (("xs", xs), ("ys", ys)):
+            if isinstance(v, torch.Tensor | np.ndarray):
+                raise TypeError(
+                    f"{name} is a single {type(v).__name__} of shape {tuple(v.shape)}; give a list of "
+                    f"representations (one per layer or model: [{name[:-1]}] for one)"
+                )
         if (ys is None) != (self.num_y is None):
             raise ValueError(
                 "pass ys to update() exactly when the accumulator was made with num_y"
@@ -583,6 +602,7 @@ def procrustes(x, y, *, angular: bool = False) -> float:
     ``arccos(||X^T Y||_*) = 2 asin(d / 2)`` in ``[0, pi / 2]`` instead. Invariant to rotations, reflections, translations and
     isotropic scaling of either representation, not to other invertible linear maps.
     """
+    _check_flag(angular, "angular")
     x, y = _as_features(x, "x", 2), _as_features(y, "y", 2)
     _check_pair(x, y)
     return _procrustes_normalised(_shape_normalise(x, "x"), _shape_normalise(y, "y"), angular)
@@ -727,6 +747,7 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     """
     x, y = _as_features(x, "x", 4), _as_features(y, "y", 4)
     _check_pair(x, y)
+    seed = _check_seed(seed)
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     if (
@@ -827,10 +848,13 @@ def interpretive_equivalence(
     1|``: 1 when wins are a coin flip (equivalent), 0 when the model is always closer to its own implementation
     (or always farther). A tie (equal similarities, e.g. both held-out R^2 clamped at 0) counts as half a win: the
     similarity cannot tell the two apart; when every comparison ties the score carries no information: it is NaN,
-    with a warning (a coin flip's 1 would read as "equivalent" for any two models). The second case includes a
+    with a warning (a coin flip's 1 would read as "equivalent" for any two models), and when more than half of
+    them tie the score is reported with a warning too (the ties pull it towards 1). The second case includes a
     model compared with an exact copy of itself (the copy is closer than any implementation): the estimator, as
     written in the paper, compares each model itself with implementations, and the score of identical models (or of
-    a copy with permuted units) is 0, not 1. ``compare="implementations"`` is the form of the authors' released
+    a copy with permuted units) is 0, not 1, wherever the similarity ranks the copy strictly closer (the ridge
+    similarity's absolute penalties can fail to on representations of a small scale: held-out R^2 <= 0 ties, with
+    the warning above). ``compare="implementations"`` is the form of the authors' released
     code, which has no such case: each trial draws two implementations of each model, ``a, a'`` of A and ``b, b'``
     of B, and a win is ``a`` closer to ``a'`` than to ``b`` (and ``b`` to ``b'`` than to ``a``); identical models
     are then a coin flip (score near 1), as are models whose implementations differ only by a change of basis the
@@ -876,9 +900,14 @@ def interpretive_equivalence(
                 "the representations of a random implementation (e.g. resample_implementations(...))"
             )
     ra = rb = None
-    if compare == "model" or rep_a is not None or rep_b is not None:
+    if compare == "model":
         ra, rb = _as_features(rep_a, "rep_a", 4), _as_features(rep_b, "rep_b", 4)
         _check_pair(ra, rb, "rep_a", "rep_b")
+    else:  # not read: checked where given
+        ra = None if rep_a is None else _as_features(rep_a, "rep_a", 4)
+        rb = None if rep_b is None else _as_features(rep_b, "rep_b", 4)
+        if ra is not None and rb is not None:
+            _check_pair(ra, rb, "rep_a", "rep_b")
     own = np.empty((num_trials, 2))
     other = np.empty((num_trials, 2))
     same_draws = 0  # trials in which a sampler gave the same representation for two seeds
@@ -898,6 +927,8 @@ def interpretive_equivalence(
             _check_pair(a, x, "sample_a(seed)", name)
         if ra is not None:
             _check_pair(ra, a, "rep_a", "sample_a(seed)")
+        if rb is not None:
+            _check_pair(rb, b, "rep_b", "sample_b(seed)")
         same_draws += int(torch.equal(a, a2) or torch.equal(b, b2))
         own[t] = sim(a, a2, key), sim(b, b2, key)
         other[t] = sim(a, b, key), sim(b, a, key)
@@ -912,11 +943,24 @@ def interpretive_equivalence(
         raise ValueError("a similarity was not finite (a constant representation?)")
     ties = int((own == other).sum())
     wins = float((own > other).sum()) + 0.5 * ties
+    ridge_hint = (
+        " (the ridge similarity's penalties {0.1, 1, 10} are absolute: on representations of a small scale they "
+        "swamp the fit and every held-out R^2 is <= 0; standardise the representations or use similarity='cka')"
+        if similarity == "ridge"
+        else ""
+    )
     if ties == own.size:
         warnings.warn(
             f"interpretive_equivalence: all {own.size} comparisons tied (every similarity equal, e.g. held-out R^2 "
             "<= 0 everywhere): the similarity cannot tell the representations apart, and the score carries no "
-            "information (score NaN); give more inputs than features, or another similarity",
+            f"information (score NaN); give more inputs than features, or another similarity{ridge_hint}",
+            stacklevel=2,
+        )
+    elif 2 * ties > own.size:
+        warnings.warn(
+            f"interpretive_equivalence: {ties} of {own.size} comparisons tied (equal similarities, e.g. held-out "
+            "R^2 <= 0): each counts as half a win, which pulls the score towards 1 (equivalent) whatever the models; "
+            f"the score mostly says that the similarity cannot tell the representations apart{ridge_hint}",
             stacklevel=2,
         )
     return EquivalenceResult(

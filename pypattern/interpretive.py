@@ -382,6 +382,22 @@ class SelectivityResult:
     num_comparisons: dict
 
 
+def _check_patched(patched, clean, i: int, k: int) -> None:
+    """``patched_a(i, k)``'s representation must be a tensor (or array) of the inputs of ``impl_a[i]``: the same
+    number of rows, else refused naming the call."""
+    n = getattr(clean, "shape", (None,))[0]
+    if not hasattr(patched, "shape") or not len(patched.shape):
+        raise TypeError(
+            f"patched_a({i}, {k}) returned {type(patched).__name__}; give a tensor (num_inputs, ...) of the same "
+            "inputs as impl_a"
+        )
+    if patched.shape[0] != n:
+        raise ValueError(
+            f"patched_a({i}, {k}) has {patched.shape[0]} rows but impl_a[{i}] has {n}: the patched representation "
+            "must be of the same inputs"
+        )
+
+
 def selectivity_curve(
     impl_a: ImplementationSet,
     patched_a: Callable[[int, int], torch.Tensor],
@@ -458,6 +474,7 @@ def selectivity_curves(
                 b = other[int(rng.integers(len(other)))]
                 s1, s2 = (int(v) for v in rng.integers(2**31, size=2))
                 clean_rep, patched_rep = impl_a[ia], patched_a(ia, k)
+                _check_patched(patched_rep, clean_rep, ia, k)
                 for m in measures:
                     clean = similarity(m, clean_rep, [b], seed=s1, **similarity_kw)[0]
                     patched = similarity(m, patched_rep, [b], seed=s2, **similarity_kw)[0]

@@ -57,7 +57,7 @@ def _as_2d(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
     if math.prod(x.shape[1:]) == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
-    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    x = x.detach().reshape(x.shape[0], -1).to(torch.float64)  # read as values
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
     if not torch.isfinite(x).all():
@@ -66,7 +66,14 @@ def _as_2d(x, name: str) -> torch.Tensor:
 
 
 def _check_alphas(alphas) -> torch.Tensor:
-    a = torch.as_tensor(list(alphas) if not isinstance(alphas, torch.Tensor) else alphas, dtype=torch.float64)
+    try:
+        a = torch.as_tensor(
+            list(alphas) if not isinstance(alphas, torch.Tensor) else alphas.detach(), dtype=torch.float64
+        )
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"alphas must be a non-empty 1-d sequence of positive finite penalties, got {alphas!r}"
+        ) from None
     if a.dim() != 1 or a.numel() == 0 or bool((a <= 0).any()) or not bool(torch.isfinite(a).all()):
         raise ValueError(
             f"alphas must be a non-empty 1-d sequence of positive finite penalties, got {alphas!r}"
@@ -218,6 +225,10 @@ def ridge_cv(
 
 
 def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} is not valid; give an int (it draws the train/test split)")
+    if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float | np.floating):
+        raise ValueError(f"train_fraction must be a number in (0, 1), got {train_fraction!r}")
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     if n < 5:

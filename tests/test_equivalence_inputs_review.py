@@ -234,3 +234,86 @@ def test_distinguishability_grid_refuses_no_algorithms():
         distinguishability_grid([reps])
     grid = distinguishability_grid({"a": reps}, measure="cka", num_trials=2, num_repeats=1)
     assert grid.names == ["a"] and grid.fraction.shape == (1, 1)
+
+
+# ------------------------------------------------------------------------------- similarity measures' arguments
+def test_similarity_arguments_are_refused_by_name():
+    """Flags, counts, seeds and penalties of the similarity measures: a string flag would read as true, a float
+    count or seed would fail inside torch or be truncated, a tensor where a list is expected would be iterated by
+    rows; each is refused naming the argument."""
+    import numpy as np
+
+    from pypattern.cca import cca
+    from pypattern.equivalence import MinibatchCKA, linear_cka, procrustes, ridge_similarity
+    from pypattern.ridge import ridge_cv, ridge_similarity_cv
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 5, generator=g), torch.randn(20, 4, generator=g)
+    cases = [
+        (lambda: linear_cka(x, y, debiased="no"), TypeError, "debiased='no' is not valid"),
+        (lambda: procrustes(x, y, angular="no"), TypeError, "angular='no' is not valid"),
+        (lambda: MinibatchCKA(num_x=1.5), ValueError, "num_x=1.5 is not valid"),
+        (lambda: MinibatchCKA(2, num_y=0), ValueError, "num_y=0 is not valid"),
+        (lambda: MinibatchCKA(1, 1).update(x, [y]), TypeError, r"xs is a single Tensor of shape \(20, 5\)"),
+        (lambda: ridge_similarity(x, y, seed="a"), TypeError, "seed='a' is not valid"),
+        (lambda: ridge_similarity_cv(x, y, seed=1.5), ValueError, "seed=1.5 is not valid"),
+        (lambda: cca(x, y, ridge="a"), ValueError, "ridge must be a finite number >= 0, got 'a'"),
+        (lambda: cca(x, y, ridge=None), ValueError, "ridge must be a finite number >= 0, got None"),
+        (lambda: ridge_cv(x, y, 1.0), ValueError, "alphas must be a non-empty 1-d sequence"),
+    ]
+    for fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            fn()
+    assert isinstance(linear_cka(x, y, debiased=np.bool_(False)), float)
+    assert MinibatchCKA(np.int64(2)).num_x == 2
+
+
+def test_ridge_measures_read_inputs_that_track_gradients_as_values():
+    """As the other measures do: no gradient tracked into the fit, no torch warning about it."""
+    import warnings
+
+    from pypattern.ridge import ridge_cv, ridge_similarity_cv
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 5, generator=g).requires_grad_(True), torch.randn(30, 3, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ridge_similarity_cv(x, y) == ridge_similarity_cv(x.detach(), y)
+        assert not ridge_cv(x, y).coef.requires_grad
+
+
+def test_equivalence_ties_warn_and_implementations_read_one_representation():
+    """Representations at a scale where the ridge penalties swamp the fit: identical models tie in most
+    comparisons, which pull the score towards 1; that is said in a warning naming the cause. With
+    compare="implementations" the representations are not read: one of them alone is accepted (and checked)."""
+    import warnings
+
+    from pypattern.equivalence import interpretive_equivalence
+
+    g = torch.Generator().manual_seed(0)
+    rep = 0.02 * torch.randn(60, 96, generator=g)
+
+    def sample(seed):
+        return rep + 0.3 * rep.std() * torch.randn(rep.shape, generator=torch.Generator().manual_seed(seed))
+
+    with pytest.warns(UserWarning, match=r"40 comparisons tied .* penalties \{0\.1, 1, 10\} are absolute"):
+        res = interpretive_equivalence(rep, rep.clone(), sample, sample, num_trials=20)
+    assert 2 * res.ties > 40
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore"
+        )  # ties again: only the acceptance of one representation is checked here
+        r = interpretive_equivalence(rep, None, sample, sample, num_trials=4, compare="implementations")
+    assert r.own.shape == (4, 2) and r.num_trials == 4
+    with pytest.raises(ValueError, match="rep_a"):
+        interpretive_equivalence(rep[:10], None, sample, sample, num_trials=2, compare="implementations")
+
+
+def test_selectivity_curve_names_a_patched_representation_of_other_inputs():
+    from pypattern.interpretive import selectivity_curve
+
+    g = torch.Generator().manual_seed(2)
+    impl_a = [torch.randn(20, 6, generator=g) for _ in range(2)]
+    others = [[torch.randn(20, 6, generator=g)]]
+    with pytest.raises(ValueError, match=r"patched_a\(\d, 0\) has 5 rows but impl_a\[\d\] has 20"):
+        selectivity_curve(impl_a, lambda i, k: impl_a[i][:5], others, budgets=[0], num_trials=1)
