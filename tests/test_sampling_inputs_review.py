@@ -287,3 +287,50 @@ def test_a_forward_drawing_random_numbers_the_seed_does_not_key_is_named_in_a_wa
             loss_fn=lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]) * (1 + 0.01 * torch.rand(())),
             **kw,
         )
+
+
+def test_restrict_to_lists_masks_and_optimizer_seeds_are_checked_by_name():
+    """A mistyped pattern among several would leave its parameters at w* while the config records it; an empty list
+    would sample every parameter; masks given as a list would fail inside dict(); a float seed would be
+    truncated. Each refused naming the argument, in pypattern.sample and in the SGLD optimizer."""
+    from pypattern.sampling.optim import SGLD
+
+    model, loader, _, _ = _task()
+    for bad, error, match in [
+        (
+            dict(restrict_to=["0.weight", "2.wieght"]),
+            ValueError,
+            r"restrict_to: \['2\.wieght'\] matches no parameter",
+        ),
+        (dict(restrict_to=[]), ValueError, "restrict_to is empty: give None to sample every parameter"),
+        (dict(masks=[torch.ones(8, 4)]), TypeError, "masks must be a dict of parameter name"),
+    ]:
+        with pytest.raises(error, match=match):
+            pp.sample(model, loader, **bad, **KW)
+    named = list(model.named_parameters())
+    with pytest.raises(ValueError, match=r"\['2\.wieght'\] match"):
+        SGLD(named, lr=1e-3, restrict_to=["0.weight", "2.wieght"])
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        SGLD(named, lr=1e-3, seed=1.9)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+        SGLD(named, lr=1e-3, seed=-1)
+    res = pp.sample(model, loader, restrict_to=["0.weight", "2.weight"], **KW)
+    assert res.config["restrict_to"] == ["0.weight", "2.weight"]
+
+
+def test_estimate_llc_with_runs_and_with_a_subset_of_chains():
+    """runs= gives one LLCResult per run, each that of the run's samples; chains= a subset gives the estimate
+    and diagnostics of the chains that ran (not NaN), the others' per-chain entries NaN."""
+    model, loader, _, _ = _task()
+    kw = dict(num_chains=2, num_draws=6, step_size=1e-4, localization=100.0, quiet=True, seed=3)
+    with np.errstate(all="ignore"):
+        both = pp.estimate_llc(model, loader, runs=[(None, None), ("2.weight", None)], **kw)
+        assert isinstance(both, list) and len(both) == 2
+        samples = pp.sample(model, loader, runs=[(None, None), ("2.weight", None)], **kw)
+        for got, s in zip(both, samples):
+            want = s.config["nbeta"] * (s.loss_trace.mean() - s.init_loss)
+            assert got.llc_mean == pytest.approx(want, rel=1e-9)
+        part = pp.estimate_llc(model, loader, chains=[0], **kw)
+    full = pp.estimate_llc(model, loader, **kw)
+    assert np.isnan(part.llc_per_chain[1]) and part.llc_per_chain[0] == pytest.approx(full.llc_per_chain[0])
+    assert part.llc_mean == pytest.approx(full.llc_per_chain[0]) and np.isfinite(part.r_hat)

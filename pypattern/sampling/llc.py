@@ -34,30 +34,35 @@ __all__ = [
 
 
 def llc_from_sample(res: SampleResult) -> LLCResult:
-    """The LLC of a finished :class:`SampleResult` (float64 throughout)."""
+    """The LLC of a finished :class:`SampleResult` (float64 throughout). Chains that did not run (``chains=`` a
+    subset: their rows of the trace are NaN) are left out of the mean, spread and diagnostics (their
+    ``llc_per_chain`` entries stay NaN)."""
     nbeta = float(res.config["nbeta"])
     llc_trace = nbeta * (res.loss_trace - res.init_loss)
     per_chain = llc_trace.mean(axis=1)
-    std = float(per_chain.std(ddof=1)) if len(per_chain) > 1 else float("nan")
+    ran = ~np.isnan(np.asarray(res.loss_trace)).all(axis=1) if np.ndim(res.loss_trace) == 2 else None
+    run = per_chain if ran is None or ran.all() or not ran.any() else per_chain[ran]
+    trace = res.loss_trace if ran is None or ran.all() or not ran.any() else res.loss_trace[ran]
+    std = float(run.std(ddof=1)) if len(run) > 1 else float("nan")
     init_se = float(res.init_loss_se)
-    se = float(np.hypot(std / np.sqrt(len(per_chain)), nbeta * init_se))
+    se = float(np.hypot(std / np.sqrt(len(run)), nbeta * init_se))
     return LLCResult(
-        llc_mean=float(per_chain.mean()),
+        llc_mean=float(run.mean()),
         llc_std=std,
         llc_per_chain=per_chain,
         llc_trace=llc_trace,
         loss_trace=res.loss_trace,
         init_loss=res.init_loss,
         nbeta=nbeta,
-        r_hat=r_hat(res.loss_trace),
-        ess=ess(res.loss_trace),
+        r_hat=r_hat(trace),
+        ess=ess(trace),
         sample=res,
         llc_se=se,
         init_loss_se=init_se,
     )
 
 
-def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
+def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResult]:
     """Estimate the local learning coefficient of ``model`` at its current weights.
 
     Takes every keyword argument of :func:`pypattern.sampling.sample` (``loss_fn``, ``num_chains=4``,
@@ -66,7 +71,7 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
 
     Returns
     -------
-    LLCResult
+    LLCResult (a list of them, one per run, with ``runs=``)
         ``llc_mean``, ``llc_std`` (over chains, ddof=1), ``llc_se`` (standard error of ``llc_mean``, the error
         of ``L_n(w*)`` included), ``llc_per_chain`` ``(num_chains,)``, ``llc_trace`` and
         ``loss_trace`` ``(num_chains, num_draws)``, ``init_loss`` (``L_n(w*)`` over several batches), R-hat and
@@ -83,7 +88,13 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult:
             f"estimate_llc() got unexpected keyword arguments {unknown}; it takes pypattern.sample()'s: "
             f"{', '.join(sorted(_SAMPLE_ARGUMENTS))}"
         )
-    res = llc_from_sample(sample(model, loader, **kwargs))
+    out = sample(model, loader, **kwargs)
+    if isinstance(out, list):  # runs=: one result per (restrict_to, masks) run
+        results = [llc_from_sample(r) for r in out]
+        for res in results:
+            _warn_auto_bias(res)
+        return results
+    res = llc_from_sample(out)
     _warn_auto_bias(res)
     if kwargs.get("masks") is None:
         _warn_above_half_dimension(res, model)

@@ -17,6 +17,7 @@ import torch
 
 from .. import _backends
 from ..ops.sgld import sgld_step_
+from ..ops.sgld.op import check_key
 from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
 
 __all__ = ["SGLD", "chain_seed"]
@@ -127,6 +128,13 @@ def _compile_patterns(patterns) -> list:
         return []
     if isinstance(patterns, str):
         patterns = [patterns]
+    if isinstance(patterns, Mapping) or not isinstance(patterns, Iterable):
+        raise TypeError(f"restrict_to must be a str or a list of str (glob or regex), got {patterns!r}")
+    patterns = list(patterns)
+    if not patterns:
+        raise ValueError(
+            "restrict_to is empty: give None to sample every parameter, or the patterns of those to sample"
+        )
     out = []
     for p in patterns:
         if not isinstance(p, str):
@@ -505,6 +513,10 @@ class SGLD(torch.optim.Optimizer):
                 for g in raw_groups
             ]
         patterns = _compile_patterns(restrict_to)
+        if masks is not None and not isinstance(masks, Mapping):
+            raise TypeError(
+                f"masks must be a dict of parameter name -> 0/1 mask tensor, got {type(masks).__name__}"
+            )
         masks = dict(masks or {})
         groups, all_names, group_masks, given = [], [], [], []
         for gi, g in enumerate(raw_groups):
@@ -519,13 +531,19 @@ class SGLD(torch.optim.Optimizer):
             group_masks.append(gmask)
         if patterns and not any(matches(n, patterns) for n in given):
             raise ValueError(f"restrict_to={patterns!r} matches no parameter; names are {given}")
+        unmatched = [p for p in patterns if not any(matches(n, [p]) for n in given)]
+        if unmatched:  # a mistyped pattern among others: the run would cover less than asked
+            raise ValueError(
+                f"restrict_to: the pattern{'s' if len(unmatched) > 1 else ''} {unmatched} match"
+                f"{'' if len(unmatched) > 1 else 'es'} no parameter (restrict_to={patterns!r}); names are {given}"
+            )
         flat = [n for ns in all_names for n in ns]
         unknown = set(masks) - set(flat)
         if unknown:
             raise ValueError(f"masks has names that are not (moving) parameters: {sorted(unknown)}")
         super().__init__(groups, hyper)
         self._checked = [tuple(g[k] for k in HYPERPARAMETERS) for g in self.param_groups]  # last checked
-        self.seed = int(seed)
+        self.seed = check_key("seed", seed)  # an int in [0, 2**64): a float would be truncated
         self.backend = backend
         # per group: the moving tensors' names, anchors w* and masks (None: no mask in that group)
         self.group_names = all_names

@@ -404,6 +404,15 @@ def make_plan(
                     "them, or None"
                 )
         patterns = [r_restrict] if isinstance(r_restrict, str) else list(r_restrict or [])
+        if r_restrict is not None and not patterns:
+            raise ValueError(
+                f"{where}restrict_to is empty: give None to sample every parameter, or the patterns of those to "
+                "sample"
+            )
+        if r_masks is not None and not isinstance(r_masks, Mapping):
+            raise TypeError(
+                f"{where}masks must be a dict of parameter name -> 0/1 mask tensor, got {type(r_masks).__name__}"
+            )
         r_masks = dict(r_masks or {})
         moving = [n for n in named if not patterns or matches(n, patterns)]
         if not patterns and r_masks:
@@ -422,6 +431,13 @@ def make_plan(
             raise ValueError(
                 f"{where}restrict_to={r_restrict!r} matches no parameter{frozen_note(hit)}"
                 f"{_component_hint(model, patterns)}; names are {named}"
+            )
+        unmatched = [p for p in patterns if not any(matches(n, [p]) for n in named)]
+        if unmatched:  # a mistyped pattern among others: the run would cover less than asked
+            hit = [n for n in frozen if matches(n, unmatched)]
+            raise ValueError(
+                f"{where}restrict_to: {unmatched} match{'' if len(unmatched) > 1 else 'es'} no parameter "
+                f"(restrict_to={r_restrict!r}){frozen_note(hit)}{_component_hint(model, unmatched)}; names are {named}"
             )
         unknown = set(r_masks) - set(moving)
         if unknown:

@@ -29,6 +29,7 @@ import torch
 from .. import _backends
 from ..ops.rmsprop_sgld import rmsprop_sgld_step_
 from ..ops.sgld import philox_normals, sgld_step_
+from ..ops.sgld.op import check_key
 from ..ops.sgnht import sgnht_step_
 from .optim import (
     SGLD,
@@ -232,7 +233,7 @@ class _FusedSampler(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         for group in self.param_groups:
             self._check_group(group)
-        self.seed = seed
+        self.seed = check_key("seed", seed)  # an int in [0, 2**64): a float would be truncated
         self.backend = backend
         self.anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
         self.masks = group_masks
