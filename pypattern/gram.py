@@ -920,9 +920,16 @@ def per_sample_grad_gram(
         for rec in recs:
             t = rec[0]
             if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch:
+                shared = (
+                    " (a module applied once for the whole batch, such as a learned position embedding looked up "
+                    "for positions shared by every sample: per-sample gradients cannot be read at it; convert a "
+                    "Hugging Face model with pypattern.from_hf(model), or leave the module out with modules=)"
+                    if t.shape[0] == 1
+                    else ""
+                )
                 raise ValueError(
                     f"{c[0]}: its {c[1]} has leading size {t.shape[0]} but the losses have batch {batch}; "
-                    "the first dimension of every captured tensor must be the batch"
+                    f"the first dimension of every captured tensor must be the batch{shared}"
                 )
             if c in out_keys and torch.is_tensor(t) and t.requires_grad:
                 targets.append(rec)
@@ -982,16 +989,15 @@ def per_sample_grad_gram_reference(
 ) -> torch.Tensor:
     """Specification of :func:`per_sample_grad_gram`: ``torch.func.vmap(grad)`` per-sample gradients, flattened.
 
-    Without ``sites`` or ``modules``, pypattern's Transformer is covered whole (every trainable parameter, also
-    under options :func:`transformer_lens_sites` refuses). Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
+    Without ``sites`` or ``modules``, the model is covered whole: every trainable parameter (for pypattern's
+    Transformer also under options :func:`transformer_lens_sites` refuses, and for any other model also the
+    weights its default sites leave out, such as Hugging Face GPT-2's ``Conv1D`` projections or RMSNorm weights). Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
     Memory ``B x (number of covered parameters)``, twice (the gradients and their flattened copy). The Gram is
     taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)``.
     """
     from torch.func import functional_call, grad, vmap
 
-    from .models.transformer import Transformer
-
-    if sites is None and modules is None and isinstance(model, Transformer):  # every trainable parameter
+    if sites is None and modules is None:  # every trainable parameter
         covered = {k: v for k, v in model.named_parameters() if v.requires_grad}
     else:
         covered = gram_parameters(model, modules, sites)
@@ -1015,7 +1021,18 @@ def per_sample_grad_gram_reference(
         )
         return out.sum()
 
-    grads = vmap(grad(single), in_dims=(None,) + (0,) * len(inputs), chunk_size=chunk_size)(params, *inputs)
+    try:
+        grads = vmap(grad(single), in_dims=(None,) + (0,) * len(inputs), chunk_size=chunk_size)(
+            params, *inputs
+        )
+    except RuntimeError as e:
+        if ".item()" not in str(e) and "data-dependent" not in str(e):
+            raise
+        raise RuntimeError(
+            f"per_sample_grad_gram_reference: torch.func.vmap cannot run {type(model).__name__}'s forward (its "
+            "control flow depends on values, as a mixture of experts' routing does in Hugging Face's code); "
+            "convert a Hugging Face model with pypattern.from_hf(model), whose forward vmap runs: " + str(e)
+        ) from e
     flat = torch.cat([g.detach().reshape(g.shape[0], -1).to(gram_dtype) for g in grads.values()], 1)
     g = flat @ flat.T
     return center_gram(g) if centered else g

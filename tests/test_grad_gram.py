@@ -1089,3 +1089,41 @@ def test_pairwise_gram_on_meta_tensors():
     if pypattern.backends("grad_gram_pairwise")["cpp"]["available"]:
         g = torch.ops.pypattern.grad_gram_pairwise(x, y, None, 3)
         assert g.device.type == "meta" and g.shape == (3, 3) and g.dtype == torch.float64
+
+
+def test_reference_covers_every_weight_of_a_hugging_face_model_and_errors_point_to_the_conversion():
+    """The error of the kernel path on Hugging Face GPT-2 (its Conv1D projections are no default site) points to
+    per_sample_grad_gram_reference, which covers every trainable weight: equal to one backward per sample over all
+    parameters (it covered only the default sites' weights, about half the Gram's diagonal). On GPT-Neo, whose
+    learned position embedding is looked up once for the whole batch, the error says why and what to do."""
+    transformers = pytest.importorskip("transformers")
+    from pypattern import losses
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    hf = transformers.GPT2LMHeadModel(cfg).double().eval()
+    tokens = torch.randint(0, 32, (4, 6))
+    with pytest.raises(ValueError, match="per_sample_grad_gram_reference"):
+        per_sample_grad_gram(hf, losses.sample_losses, tokens)
+    ref = per_sample_grad_gram_reference(hf, losses.sample_losses, tokens)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    rows = []
+    for i in range(4):
+        g = torch.autograd.grad(losses.sample_losses(hf, tokens[i : i + 1]).sum(), params)
+        rows.append(torch.cat([x.reshape(-1) for x in g]))
+    full = torch.stack(rows)
+    torch.testing.assert_close(ref, full @ full.T, rtol=1e-10, atol=1e-12)
+    neo = transformers.GPTNeoForCausalLM(
+        transformers.GPTNeoConfig(
+            vocab_size=32,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            attention_types=[[["global"], 1]],
+            max_position_embeddings=16,
+        )
+    ).eval()
+    with pytest.raises(
+        ValueError, match=r"looked up for positions shared by every sample.*pypattern\.from_hf"
+    ):
+        per_sample_grad_gram(neo, losses.sample_losses, tokens)
