@@ -46,6 +46,7 @@ import json
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -952,6 +953,11 @@ def susceptibilities(
         shapes = {"full_means": (n + 1,)} if run == "unrestricted" else {
             "chi": (n,), "chi_chains": (C, n), "chi_loo": (C, n), "loss_mean": (n,), "phi_mean": (), "nbeta": ()
         }  # fmt: skip
+        if run != "unrestricted" and "chi_loo" not in row and "chi" in row:
+            # a row written before the jackknife's leave-one-chain-out rows were kept: its standard error is the
+            # per-chain estimates' spread (see the warning where the result is assembled)
+            row["chi_loo"] = np.full((C, n), np.nan)
+            row["old_se"] = True
         for key, shape in shapes.items():
             v = np.asarray(row.get(key, np.zeros((0,) * 7)))
             if v.shape != shape or v.dtype.kind not in "fi":
@@ -1023,12 +1029,24 @@ def susceptibilities(
     chi_loo = np.zeros((len(specs), C, n))
     phi_mean = np.zeros(len(specs))
     loss_mean = np.zeros((len(specs), n))
+    old_rows = []
     for k in range(len(specs)):
         row = rows[f"component_{k}"]
         nbeta_used = float(row["nbeta"])
         chi[k], chi_chains[k], chi_loo[k] = row["chi"], row["chi_chains"], row["chi_loo"]
         phi_mean[k], loss_mean[k] = float(row["phi_mean"]), row["loss_mean"]
+        if row.get("old_se"):
+            old_rows.append(k)
     se = _jackknife_se(chi_loo) if C > 1 else np.full_like(chi, np.nan)
+    if old_rows and C > 1:
+        se[old_rows] = chi_chains[old_rows].std(1, ddof=1) / np.sqrt(C)
+        warnings.warn(
+            f"susceptibilities: the checkpoint's rows of {[names[k] for k in old_rows]} were written by an earlier "
+            "version, without the leave-one-chain-out estimates: their chi_se is the per-chain estimates' spread / "
+            "sqrt(num_chains), which understates chi's spread when the chains' means differ; delete those rows' "
+            "files to sample them again with the jackknife's standard error",
+            stacklevel=2,
+        )
     return SusceptibilityResult(
         chi=chi,
         chi_se=se,

@@ -7,6 +7,8 @@ and per-sample losses are quadratic, so every covariance has a closed form (Isse
 ``Cov(wᵀAw + aᵀw, wᵀBw + bᵀw) = 2 tr(AΣBΣ) + (2Am + a)ᵀ Σ (2Bm + b)``.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -775,3 +777,25 @@ def test_standard_error_matches_the_spread_of_chi_over_seeds():
     ratio = float(np.median(spread / np.array(ses).mean(0)))
     assert 0.7 < ratio < 1.5, ratio
     assert float(np.median(spread / np.array(per_chain).mean(0))) > 1.7  # what the old standard error gave
+
+
+def test_checkpoint_rows_without_leave_one_out_estimates_resume_with_a_warning(tmp_path):
+    """A checkpoint row written before chi_se became the jackknife (no leave-one-chain-out rows) still resumes: its
+    chi is taken as saved and its chi_se is the per-chain formula it had, with a warning that says so."""
+    from pypattern import io
+    from pypattern.susceptibility import ROW_KIND
+
+    model, x, y = _problem()
+    kw = dict(num_chains=3, num_draws=20, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=2, quiet=True)
+    args = (model, [(x, y)], (x[:5], y[:5]), {"b": ["weight"]})
+    first = susceptibilities(*args, checkpoint=str(tmp_path), **kw)
+    rows = [f for f in os.listdir(tmp_path) if f.startswith("component")]
+    assert len(rows) == 1
+    path = str(tmp_path / rows[0])
+    arrays, meta = io.load(path, kind=ROW_KIND)
+    del arrays["chi_loo"]
+    io.save(path, arrays, meta, kind=ROW_KIND)
+    with pytest.warns(UserWarning, match=r"rows of \['b'\] were written by an earlier version"):
+        again = susceptibilities(*args, checkpoint=str(tmp_path), **kw)
+    np.testing.assert_array_equal(again.chi, first.chi)
+    np.testing.assert_allclose(again.chi_se, first.chi_chains.std(1, ddof=1) / np.sqrt(3))
