@@ -225,6 +225,15 @@ def parse_batch(batch: Any) -> ParsedBatch:
     raise TypeError(f"the default loss cannot read {_describe(batch)}; expected {_EXPECTED}")
 
 
+def _reads_sequences(model: nn.Module) -> bool:
+    """Whether ``model`` is a sequence model whose batches are ``(batch, pos)`` token ids: pypattern's and
+    TransformerLens' transformers (a ``cfg`` with ``n_ctx``) and Hugging Face models (a ``PreTrainedModel``);
+    not a user's module that embeds one token per sample."""
+    if isinstance(getattr(getattr(model, "cfg", None), "n_ctx", None), int):
+        return True
+    return any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
 def vocab_size(model: nn.Module) -> int | None:
     """The number of token ids ``model`` embeds, where it can be read: ``model.cfg.d_vocab`` (pypattern's and
     TransformerLens' models), the rows of ``model.get_input_embeddings()`` (Hugging Face), or
@@ -323,13 +332,7 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
         )
     if not pb.is_lm:
         x, y = pb.inputs, pb.target
-        if (
-            x.dim() == 1
-            and _is_int(x)
-            and _is_int(y)
-            and x.shape == y.shape
-            and vocab_size(model) is not None
-        ):
+        if x.dim() == 1 and _is_int(x) and _is_int(y) and x.shape == y.shape and _reads_sequences(model):
             raise ValueError(
                 f"{argument}: two 1-D token tensors of {x.shape[0]} ids, read as a pair (x, y) of inputs and targets, "
                 f"but {type(model).__name__} reads batches of sequences (batch, pos); for two sequences give them "

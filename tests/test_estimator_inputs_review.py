@@ -90,3 +90,26 @@ def test_a_list_of_token_sequences_is_refused_with_the_stacked_form(lm):
         pp.susceptibilities(lm, [ids], [ids[0], ids[1], ids[2]], ["blocks.0.attn"], **K)
     res = pp.bif(lm, [ids], torch.stack([ids[0], ids[1]]), **K)
     assert res.bif.shape[0] == res.bif.shape[1]
+
+
+def test_one_token_per_sample_pairs_stay_valid_for_a_users_token_classifier():
+    """(x, y) pairs of 1-D token ids and labels are a valid batch for a module that embeds one token per sample
+    (only sequence models, pypattern's, TransformerLens' and Hugging Face's, read (batch, pos) batches)."""
+
+    class TokClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
+            self.out = torch.nn.Linear(8, 10)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, x):
+            return self.out(self.emb(x))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 10, (64,), generator=g)
+    torch.manual_seed(0)
+    res = pp.estimate_llc(TokClassifier(), [(x, (x + 3) % 10)], localization=100.0, **K)
+    assert torch.isfinite(torch.tensor(res.llc_mean))
