@@ -334,3 +334,16 @@ def test_estimate_llc_with_runs_and_with_a_subset_of_chains():
     full = pp.estimate_llc(model, loader, **kw)
     assert np.isnan(part.llc_per_chain[1]) and part.llc_per_chain[0] == pytest.approx(full.llc_per_chain[0])
     assert part.llc_mean == pytest.approx(full.llc_per_chain[0]) and np.isfinite(part.r_hat)
+
+
+def test_restrict_to_patterns_naming_frozen_parameters_stay_valid():
+    """A pattern that names only frozen parameters is no typo: they stay at w* as every frozen parameter does (the
+    same list the SGLD optimizer accepts); a module prefix whose parameters are all frozen likewise."""
+    model, loader, _, _ = _task()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n == "2.weight")
+    for restrict in (["2.weight", "2.bias"], ["0", "2"]):
+        res = pp.sample(model, loader, restrict_to=restrict, **KW)
+        assert res.config["restrict_to"] == restrict
+    with pytest.raises(ValueError, match=r"\['2\.wieght'\] matches no parameter"):
+        pp.sample(model, loader, restrict_to=["2.weight", "2.wieght"], **KW)

@@ -432,12 +432,13 @@ def make_plan(
                 f"{where}restrict_to={r_restrict!r} matches no parameter{frozen_note(hit)}"
                 f"{_component_hint(model, patterns)}; names are {named}"
             )
-        unmatched = [p for p in patterns if not any(matches(n, [p]) for n in named)]
-        if unmatched:  # a mistyped pattern among others: the run would cover less than asked
-            hit = [n for n in frozen if matches(n, unmatched)]
+        # a mistyped pattern among others: the run would cover less than asked (a pattern that names frozen
+        # parameters only is not one: they stay at w*, as every frozen parameter does)
+        unmatched = [p for p in patterns if not any(matches(n, [p]) for n in (*named, *frozen))]
+        if unmatched:
             raise ValueError(
                 f"{where}restrict_to: {unmatched} match{'' if len(unmatched) > 1 else 'es'} no parameter "
-                f"(restrict_to={r_restrict!r}){frozen_note(hit)}{_component_hint(model, unmatched)}; names are {named}"
+                f"(restrict_to={r_restrict!r}){_component_hint(model, unmatched)}; names are {named}"
             )
         unknown = set(r_masks) - set(moving)
         if unknown:
