@@ -847,17 +847,18 @@ def flag_report(
     for name, v, least in (("num_samples", num_samples, 2), ("gen_steps", gen_steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ValueError(f"{name}={v!r} is not valid; give an int >= {least}")
-    # measured in eval mode; the models' modes are restored afterwards
-    modes = [(m, m.training) for m in (model, reference_model) if m is not None]
+    # measured in eval mode; every module's mode is restored afterwards (submodules may be in mixed modes)
+    modes = [(m, m.training) for top in (model, reference_model) if top is not None for m in top.modules()]
     try:
-        for m, _ in modes:
-            m.eval()
+        for top in (model, reference_model):
+            if top is not None:
+                top.eval()
         return _flag_report(
             model, task, spec, num_samples, prompt_len, gen_steps, ablation, reference_model, seed
         )
     finally:
         for m, was_training in modes:
-            m.train(was_training)
+            m.training = was_training
 
 
 def _flag_report(

@@ -67,6 +67,9 @@ def test_graph_lookup_errors():
     with pytest.raises(KeyError, match=r"head 3's is L0H1->L1KV1\.v@2"):
         gq.index("L0H1->L1H3.v@2")
     assert gq.index("L0H1->L1KV1.v@2") >= 0
+    with pytest.raises(KeyError) as e:  # a head the graph does not have: no name suggested
+        gq.index("L0H1->L1H7.k@0")
+    assert "L{layer}KV{group}" in str(e.value) and "head 7's" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ exact patching

@@ -451,8 +451,10 @@ def test_flag_report_restores_the_models_modes():
     model, ref = _model(seed=0), _model(seed=1)
     model.train()
     ref.eval()
+    model.blocks[0].eval()  # mixed modes: each module's is restored
     rep = flag_report(model, TASK, SPEC, num_samples=8, gen_steps=1, reference_model=ref, seed=0)
-    assert model.training and not ref.training
+    assert model.training and not ref.training and not model.blocks[0].training and model.blocks[1].training
+    model.blocks[0].train()
     assert rep.reference is not None
     # and the numbers are those of eval mode: the same as for the model already in eval mode
     again = flag_report(model.eval(), TASK, SPEC, num_samples=8, gen_steps=1, reference_model=ref, seed=0)

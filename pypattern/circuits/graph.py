@@ -287,12 +287,14 @@ class EdgeGraph:
         hit = re.fullmatch(r"(.+->)L(\d+)H(\d+)\.([kv])(@\d+)?", name) if name is not None else None
         if hit is not None and self.n_kv_heads != self.n_heads:
             src, lay, h, which, pos = hit.groups()
-            g = int(h) // (self.n_heads // self.n_kv_heads)
             msg += (
                 f". With grouped-query attention ({self.n_heads} query heads, {self.n_kv_heads} key/value heads) the "
-                f"key and value inputs belong to the key/value heads, named L{{layer}}KV{{group}}: head {h}'s is "
-                f"{src}L{lay}KV{g}.{which}{pos or ''}"
+                "key and value inputs belong to the key/value heads, named L{layer}KV{group}"
             )
+            g = int(h) // (self.n_heads // self.n_kv_heads)
+            suggestion = f"{src}L{lay}KV{g}.{which}{pos or ''}"
+            if int(h) < self.n_heads and suggestion in self._index:  # only a name the graph has
+                msg += f": head {h}'s is {suggestion}"
         return msg
 
     def mask(self, edges: Iterable[Edge | str] | torch.Tensor) -> torch.Tensor:
