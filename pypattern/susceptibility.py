@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from . import io
+from ._masks import zero_one_mask
 from .io import Saveable, register
 from .losses import (
     _describe,
@@ -367,13 +368,11 @@ def _component_parts(model: nn.Module, comp) -> tuple[list[str], dict[str, torch
                 raise ValueError(
                     f"component mask key {k!r} is not a parameter name of the model (e.g. {next(iter(params))!r})"
                 )
-            m = torch.as_tensor(v)
-            if m.dtype != torch.bool:
-                if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
-                    raise ValueError(
-                        f"component mask for {k!r} must be boolean (or 0/1 values); it has other values"
-                    )
-                m = m != 0
+            m = zero_one_mask(v)
+            if m is None:
+                raise ValueError(
+                    f"component mask for {k!r} must be boolean (or 0/1 values); it has other values"
+                )
             if tuple(m.shape) != tuple(params[k].shape):
                 raise ValueError(
                     f"component mask for {k!r} has shape {tuple(m.shape)}, the parameter {tuple(params[k].shape)}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._masks import zero_one_mask
 from ..models.convert import converted_if_convertible
 
 __all__ = ["Edge", "EdgeGraph", "edges"]
@@ -300,8 +301,9 @@ class EdgeGraph:
     def mask(self, edges: Iterable[Edge | str] | torch.Tensor) -> torch.Tensor:
         """A boolean mask ``(num_edges,)`` of ``edges`` (an iterable of edges or names, or a mask already)."""
         if isinstance(edges, torch.Tensor):
-            bad = (edges != 0) & (edges != 1) if edges.dtype != torch.bool else None
-            if bad is not None and bool(bad.any()):
+            m = zero_one_mask(edges)
+            if m is None:
+                bad = (edges != 0) & (edges != 1)
                 what = (
                     f"values such as {edges[bad][0].item()!r} (give edges.bool() of a threshold)"
                     if edges.is_floating_point() or edges.is_complex()
@@ -310,7 +312,6 @@ class EdgeGraph:
                 raise ValueError(
                     f"a mask over edges must be boolean (or hold only 0 and 1); got {edges.dtype} {what}"
                 )
-            m = edges.bool()
             if m.shape[-1] != len(self):
                 raise ValueError(f"a mask over edges has {len(self)} entries; got shape {tuple(m.shape)}")
             return m

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._masks import zero_one_mask
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .llc import llc_from_sample
@@ -128,13 +129,11 @@ class RefinedLLCResult(Saveable):
 def _bool_mask(name: str, key: str, v) -> torch.Tensor:
     """A component's mask of parameter ``key``: bool, or numbers that are all 0 or 1 (refused otherwise: a weight
     is in the component or not)."""
-    t = torch.as_tensor(v)
-    if t.dtype != torch.bool:
-        if t.is_complex() or not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(
-                f"component {name!r}: the mask of {key!r} holds values other than 0 and 1; give a bool mask (or 0/1)"
-            )
-        t = t != 0
+    t = zero_one_mask(v)
+    if t is None:
+        raise ValueError(
+            f"component {name!r}: the mask of {key!r} holds values other than 0 and 1; give a bool mask (or 0/1)"
+        )
     return t
 
 
