@@ -799,3 +799,16 @@ def test_checkpoint_rows_without_leave_one_out_estimates_resume_with_a_warning(t
         again = susceptibilities(*args, checkpoint=str(tmp_path), **kw)
     np.testing.assert_array_equal(again.chi, first.chi)
     np.testing.assert_allclose(again.chi_se, first.chi_chains.std(1, ddof=1) / np.sqrt(3))
+
+
+def test_component_masks_read_as_zero_one():
+    """A component given as a mask dict: 0/1 numbers are the bool mask they spell (the same chi), other values
+    are refused naming the parameter."""
+    model, x, y = _problem()
+    kw = dict(num_chains=2, num_draws=10, step_size=EPS, nbeta=NBETA, localization=GAMMA, seed=4, quiet=True)
+    args = (model, [(x, y)], (x[:4], y[:4]))
+    as_bool = susceptibilities(*args, {"c": {"weight": torch.tensor([[True, False, True, False]])}}, **kw)
+    as_num = susceptibilities(*args, {"c": {"weight": torch.tensor([[1.0, 0.0, 1.0, 0.0]])}}, **kw)
+    np.testing.assert_array_equal(as_bool.chi, as_num.chi)
+    with pytest.raises(ValueError, match=r"component mask for 'weight' must be boolean \(or 0/1 values\)"):
+        susceptibilities(*args, {"c": {"weight": torch.tensor([[0.5, 0.0, 1.0, 0.0]])}}, **kw)
