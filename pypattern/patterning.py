@@ -368,7 +368,9 @@ def _total_root(u, c, lo, hi) -> float:
     return float(anchor - value / slope) if slope < 0 else float(anchor)
 
 
-def _box_dual(a, t, m, c, lo_d, hi_d, y, extent, max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def _box_dual(
+    a, t, m, c, lo_d, hi_d, y, extent, max_iter: int = 200, polish: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """``argmin_d |a d - t|^2 + m |d|^2`` subject to ``lo_d <= d <= hi_d`` and ``c @ d = 0`` (``a (k, n)``,
     ``m > 0``), and the dual variables ``y`` it ends at (``y`` in: the start; ``extent`` (k,): the scale of the
     whole problem's values, for the tolerances).
@@ -427,6 +429,24 @@ def _box_dual(a, t, m, c, lo_d, hi_d, y, extent, max_iter: int = 200) -> tuple[n
     grad = a @ d - t - m * y
     if (np.abs(grad) <= tolerance(y, d, s, (d > lo_d) & (d < hi_d), 1e-8)).all():
         return d, y
+    if polish:
+        # Newton's steps can stall where the active set keeps changing between kinks of G: a quasi-Newton ascent
+        # (L-BFGS on -G, which needs no second derivative) from where they stopped, then Newton again
+        from scipy.optimize import minimize
+
+        def neg(yv):
+            dv, sv = primal(yv)
+            return -value(yv, dv, sv), -(a @ dv - t - m * yv)
+
+        scale = float(np.abs(t).max() + extent.max() + 1e-300)
+        found = minimize(
+            neg,
+            y,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": 20000, "ftol": 0.0, "gtol": 1e-15 * scale},
+        )
+        return _box_dual(a, t, m, c, lo_d, hi_d, found.x, extent, max_iter, polish=False)
     raise RuntimeError(
         f"method='constrained' did not converge in {max_iter} Newton steps on its dual (n = {n}, residual "
         f"{np.abs(grad).max():.3g})"

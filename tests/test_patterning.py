@@ -446,3 +446,37 @@ def test_group_columns_in_the_documented_convention_predict_the_per_point_respon
     w = r.weights[groups]  # per-point weights
     assert w.mean() == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(chi_z @ (w - 1) / n_data, r.predicted, rtol=1e-9, atol=1e-12)
+
+
+def test_constrained_converges_where_newton_on_the_dual_stalls():
+    """Problems where Newton's steps on the dual stall between kinks (the active set changing back and forth: more
+    observables than samples, or a tight box): the solver goes on with a quasi-Newton ascent and ends at the
+    optimum (SLSQP's objective or better), within the bounds and the fixed total; it had raised RuntimeError."""
+    from scipy.optimize import Bounds, LinearConstraint, minimize
+
+    rng = np.random.default_rng(5)
+    for _ in range(25):  # the 25th draw of this stream is one such problem (k = 10, n = 50, bounds [0, 2])
+        k = int(rng.integers(2, 12))
+        n = int(rng.choice([50, 500, 5000]))
+        chi = rng.normal(size=(k, n)) * rng.uniform(0.1, 10, size=(k, 1))
+        tgt = rng.normal(size=k) * 10 ** rng.uniform(-2, 1)
+        lo, hi = float(rng.choice([0, 0.5, 0.9])), [None, 1.2, 2.0][rng.integers(3)]
+        rng.choice([0, 0, 1e-4, 1e-1])
+    assert (k, n, lo, hi) == (10, 50, 0.0, 2.0)
+    w = invert(chi, tgt, method="constrained", min_weight=lo, max_weight=hi).weights
+    a, s = chi / n, 1 / float(tgt @ tgt)
+
+    def f(v):
+        return s * np.sum((a @ (v - 1) - tgt) ** 2)
+
+    ref = minimize(
+        f,
+        np.ones(n),
+        jac=lambda v: s * 2 * a.T @ (a @ (v - 1) - tgt),
+        bounds=Bounds(np.full(n, lo), np.full(n, hi)),
+        constraints=[LinearConstraint(np.ones((1, n)), n, n)],
+        method="SLSQP",
+        options=dict(maxiter=2000, ftol=1e-15),
+    )
+    assert f(w) <= f(ref.x) + 1e-9, (f(w), f(ref.x))
+    assert w.min() >= lo and w.max() <= hi and abs(w.sum() - n) <= 1e-9 * n
