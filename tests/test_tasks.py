@@ -187,6 +187,13 @@ def test_sample_weights_reweight_the_data():
     assert task.predict(model, neg).float().mean() > 0.95
     with pytest.raises(ValueError, match="sample_weights"):
         train(model, task, steps=1, data=data, sample_weights=torch.ones(5))
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in (float("nan"), float("inf")):  # refused before any step (they had turned the weights into NaN)
+        wb = w.clone()
+        wb[0] = bad
+        with pytest.raises(ValueError, match="finite non-negative weights"):
+            train(model, task, steps=2, data=data, sample_weights=wb)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="fixed training set"):
         train(model, task, steps=1, sample_weights=torch.ones(5))
 

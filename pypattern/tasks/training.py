@@ -80,10 +80,15 @@ def train(
             if sample_weights is not None:
                 sw = sample_weights(step) if callable(sample_weights) else sample_weights
                 sw = torch.as_tensor(sw, dtype=torch.float64)
-                if sw.shape != (len(data),) or bool((sw < 0).any()) or float(sw.sum()) <= 0:
+                if (
+                    sw.shape != (len(data),)
+                    or not bool(torch.isfinite(sw).all())
+                    or bool((sw < 0).any())
+                    or float(sw.sum()) <= 0
+                ):
                     raise ValueError(
                         f"sample_weights has shape {tuple(sw.shape)} (min {float(sw.min()):.3g}); give "
-                        f"{len(data)} non-negative weights with a positive sum"
+                        f"{len(data)} finite non-negative weights with a positive sum"
                     )
                 w = (sw / sw.mean())[idx]
         per = task.per_sample_loss(model(batch.tokens), batch)
