@@ -121,6 +121,22 @@ def json_text(obj: Any, indent: int | None = 2, default: Callable[[Any], Any] | 
 # ------------------------------------------------------------------------------------------------ raw files
 
 
+def _read_umask() -> int:
+    """The process's umask, read once at import (setting it to read it is not safe while other threads create
+    files)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _file_mode() -> int:
+    """``0o666`` less the process's umask (read at import): the mode ``open(path, "w")`` creates a file with."""
+    return 0o666 & ~_UMASK
+
+
 def save(
     path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, kind: str
 ) -> None:
@@ -156,6 +172,9 @@ def save(
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(
+            tmp, _file_mode()
+        )  # mkstemp's 0600: the mode a plain open() would give, as other outputs have
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

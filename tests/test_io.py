@@ -427,3 +427,22 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
     assert names["stale"] not in left
     assert {names["fresh"], names["running"], names["other file"], "r.npz"} == left
     assert io.load(tmp_path / "r.npz")[1]["kind"]
+
+
+def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path):
+    """A result is written to a temporary file and moved into place; the file ends with the mode open() would give
+    (the temporary's 0600 left the .npz unreadable to others beside the .csv and .json next to it)."""
+    import stat
+
+    from pypattern import io
+
+    mask = os.umask(0o022)
+    try:
+        io.save(str(tmp_path / "a.npz"), {"x": np.zeros(3)}, {"k": 1}, kind="test-kind")
+        (tmp_path / "b.txt").write_text("x")
+    finally:
+        os.umask(mask)
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.npz").st_mode)
+    assert mode == 0o666 & ~io._UMASK
+    if io._UMASK == 0o022:
+        assert mode == stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o644
