@@ -9,10 +9,10 @@ import torch
 
 def zero_one_mask(value) -> torch.Tensor | None:
     """``value`` (a tensor or what ``torch.as_tensor`` reads) as a bool mask, or None when it holds an entry other
-    than 0 and 1 (a complex one included)."""
+    than 0 and 1."""
     t = torch.as_tensor(value)
     if t.dtype == torch.bool:
         return t
-    if t.is_complex() or not bool(((t == 0) | (t == 1)).all()):
+    if not bool(((t == 0) | (t == 1)).all()):  # a complex entry counts when it is exactly 0 or 1
         return None
     return t != 0

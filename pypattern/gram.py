@@ -922,8 +922,9 @@ def per_sample_grad_gram(
             if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch:
                 shared = (
                     " (a module applied once for the whole batch, such as a learned position embedding looked up "
-                    "for positions shared by every sample: per-sample gradients cannot be read at it; convert a "
-                    "Hugging Face model with pypattern.from_hf(model), or leave the module out with modules=)"
+                    "for positions shared by every sample: per-sample gradients cannot be read at it; leave the "
+                    "module out with modules=, or convert a Hugging Face model with pypattern.from_hf(model) where "
+                    "it converts)"
                     if t.shape[0] == 1
                     else ""
                 )
@@ -1029,9 +1030,11 @@ def per_sample_grad_gram_reference(
         if ".item()" not in str(e) and "data-dependent" not in str(e):
             raise
         raise RuntimeError(
-            f"per_sample_grad_gram_reference: torch.func.vmap cannot run {type(model).__name__}'s forward (its "
-            "control flow depends on values, as a mixture of experts' routing does in Hugging Face's code); "
-            "convert a Hugging Face model with pypattern.from_hf(model), whose forward vmap runs: " + str(e)
+            "per_sample_grad_gram_reference: torch.func.vmap cannot run loss_fn on "
+            f"{type(model).__name__}: a value is read with .item() or decides the control flow, in the model's "
+            "forward (as a mixture of experts' routing does in Hugging Face's code) or in loss_fn; compute the loss "
+            "without reading values, or, for a Hugging Face model that pypattern.from_hf converts, convert it "
+            "first (its forward vmap runs): " + str(e)
         ) from e
     flat = torch.cat([g.detach().reshape(g.shape[0], -1).to(gram_dtype) for g in grads.values()], 1)
     g = flat @ flat.T

@@ -24,6 +24,7 @@ current call's and raises :class:`FingerprintMismatch` naming the first item tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -121,20 +122,22 @@ def json_text(obj: Any, indent: int | None = 2, default: Callable[[Any], Any] | 
 # ------------------------------------------------------------------------------------------------ raw files
 
 
-def _read_umask() -> int:
-    """The process's umask, read once at import (setting it to read it is not safe while other threads create
-    files)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def _file_mode() -> int:
-    """``0o666`` less the process's umask (read at import): the mode ``open(path, "w")`` creates a file with."""
-    return 0o666 & ~_UMASK
+def _new_file_mode(path: str) -> int | None:
+    """The mode ``open(path, "w")`` would leave ``path`` with: an existing file's own, else ``0o666`` less the
+    process's umask as it is now (read from ``/proc/self/status``, without setting it); None where neither can be
+    read (the file then keeps the temporary's 0600)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def save(
@@ -172,9 +175,11 @@ def save(
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(
-            tmp, _file_mode()
-        )  # mkstemp's 0600: the mode a plain open() would give, as other outputs have
+        # mkstemp's 0600 made the mode a plain open() would give, as the outputs written beside it have
+        mode = _new_file_mode(path)
+        if mode is not None:
+            with contextlib.suppress(OSError):  # a file system without modes keeps its own
+                os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

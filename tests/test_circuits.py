@@ -57,6 +57,7 @@ def test_graph_lookup_errors():
         g.index("L0H0->L0H1.q")
     with pytest.raises(ValueError, match="110 entries"):
         g.mask(torch.ones(5, dtype=torch.bool))
+    assert bool(g.mask(torch.ones(len(g), dtype=torch.complex64)).all())  # 0/1 in any dtype spells a mask
     # the message shows a name of each kind of input; under grouped-query attention a query head's key or value
     # input is named for its key/value head
     with pytest.raises(

@@ -1124,6 +1124,6 @@ def test_reference_covers_every_weight_of_a_hugging_face_model_and_errors_point_
         )
     ).eval()
     with pytest.raises(
-        ValueError, match=r"looked up for positions shared by every sample.*pypattern\.from_hf"
+        ValueError, match=r"looked up for positions shared by every sample.*modules=.*pypattern\.from_hf"
     ):
         per_sample_grad_gram(neo, losses.sample_losses, tokens)

@@ -430,19 +430,26 @@ def test_temporaries_of_killed_writers_are_removed(tmp_path):
 
 
 def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path):
-    """A result is written to a temporary file and moved into place; the file ends with the mode open() would give
-    (the temporary's 0600 left the .npz unreadable to others beside the .csv and .json next to it)."""
+    """A result is written to a temporary file and moved into place; the file ends with the mode open() would give:
+    the umask as it is at the call for a new file, an existing file's own mode when it is written over (the
+    temporary's 0600 had left the .npz unreadable to others beside the .csv and .json next to it)."""
     import stat
 
     from pypattern import io
 
-    mask = os.umask(0o022)
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o022)
     try:
-        io.save(str(tmp_path / "a.npz"), {"x": np.zeros(3)}, {"k": 1}, kind="test-kind")
-        (tmp_path / "b.txt").write_text("x")
+        for mask in (0o022, 0o077, 0o002):
+            os.umask(mask)
+            io.save(str(tmp_path / f"a{mask}.npz"), {"x": np.zeros(3)}, {"k": 1}, kind="test-kind")
+            (tmp_path / f"b{mask}.txt").write_text("x")
+            assert mode(tmp_path / f"a{mask}.npz") == mode(tmp_path / f"b{mask}.txt") == 0o666 & ~mask
+        os.umask(0o022)
+        os.chmod(tmp_path / "a18.npz", 0o600)  # a file the user made private stays private when written over
+        io.save(str(tmp_path / "a18.npz"), {"x": np.ones(3)}, {"k": 2}, kind="test-kind")
+        assert mode(tmp_path / "a18.npz") == 0o600
     finally:
-        os.umask(mask)
-    mode = stat.S_IMODE(os.stat(tmp_path / "a.npz").st_mode)
-    assert mode == 0o666 & ~io._UMASK
-    if io._UMASK == 0o022:
-        assert mode == stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o644
+        os.umask(old)
