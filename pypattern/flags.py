@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .equivalence import _check_seed
@@ -194,6 +195,10 @@ def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec
 
 def _check_acts(acts: torch.Tensor, spec: FlagSpec) -> None:
     _check_spec(spec)
+    if not isinstance(acts, torch.Tensor):
+        raise TypeError(f"acts is a {type(acts).__name__}; give a tensor (batch, pos, d_model)")
+    if not acts.is_floating_point():
+        raise TypeError(f"acts has dtype {acts.dtype}; give the residual stream's floating-point activations")
     if acts.dim() != 3:
         raise ValueError(f"acts has shape {tuple(acts.shape)}; give (batch, pos, d_model)")
     if max(spec.dims) >= acts.shape[-1]:
@@ -329,13 +334,13 @@ def overwrite_flags(
     _check_acts(acts, spec)
     b, t, _ = acts.shape
     v = torch.as_tensor(values, dtype=acts.dtype, device=acts.device)
-    if v.shape[-1] != spec.num_flags:
+    if v.dim() == 0 or v.shape[-1] != spec.num_flags:
         raise ValueError(
             f"values has shape {tuple(v.shape)}; its last dimension must be num_flags={spec.num_flags}"
         )
     if v.dim() == 1:
         v = v.expand(b, t, -1)
-    elif v.dim() == 2:
+    elif v.dim() == 2 and v.shape[0] == b:
         v = v[:, None].expand(b, t, -1)
     if v.shape != (b, t, spec.num_flags):
         raise ValueError(
@@ -427,6 +432,10 @@ def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, posit
     """Within the block, the flag dimensions are set to ``value`` (a float, or ``(num_flags,)``, e.g. their
     mean over data for a mean ablation)."""
     _check_spec(spec)
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Real | torch.Tensor | np.ndarray | list | tuple
+    ):
+        raise TypeError(f"value={value!r} is not valid; give a float or ({spec.num_flags},) values")
     v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
     v = v.expand(spec.num_flags) if v.dim() == 0 else v
     if v.shape != (spec.num_flags,):
@@ -475,6 +484,8 @@ def generate(
     check_token_ids(tokens, "prompt", _vocab(model))
     if (spec is None) != (concept is None):
         raise ValueError("give both spec and concept to steer, or neither")
+    if spec is None and positions is not None:
+        raise ValueError("positions applies to steering: give it with spec and concept (or leave it out)")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps={steps!r} is not valid; give an int >= 0")
     steps = int(steps)
@@ -491,10 +502,11 @@ def generate(
         raise ValueError(
             f"temperature={temperature!r} is not valid; give a finite number > 0 (or greedy=True)"
         )
-    _check_seed(seed)
+    if not -(2**63) <= _check_seed(seed) < 2**64:  # what a torch.Generator takes
+        raise ValueError(f"seed={seed!r} is not valid; give an int in [-2**63, 2**64)")
     g = torch.Generator().manual_seed(int(seed))
     ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's mode, restored afterwards
     model.eval()
     try:
         with ctx:
@@ -507,7 +519,8 @@ def generate(
                     nxt = torch.multinomial(probs.cpu(), 1, generator=g).squeeze(-1).to(tokens.device)
                 tokens = torch.cat([tokens, nxt[:, None]], 1)
     finally:
-        model.train(was_training)
+        for m, was_training in modes:
+            m.training = was_training
     return tokens
 
 
@@ -575,7 +588,11 @@ def train_flags(
         ("stage2_steps", stage2_steps),
         ("batch_size", batch_size),
     ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, numbers.Integral)
+            or v < (1 if name == "batch_size" else 0)
+        ):
             raise ValueError(f"{name}={v!r} is not valid; give a non-negative int (batch_size >= 1)")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
         raise ValueError(f"log_every={log_every!r} is not valid; give an int >= 1 (or 0: record no losses)")
@@ -600,6 +617,7 @@ def train_flags(
     res = FlagTrainResult()
     t0 = time.perf_counter()
     model.train()
+    stage1_steps, stage2_steps, batch_size = int(stage1_steps), int(stage2_steps), int(batch_size)
     total = stage1_steps + stage2_steps
     for step in range(total):
         stage = 1 if step < stage1_steps else 2
@@ -847,6 +865,13 @@ def flag_report(
     for name, v, least in (("num_samples", num_samples, 2), ("gen_steps", gen_steps, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ValueError(f"{name}={v!r} is not valid; give an int >= {least}")
+    cfg = getattr(model, "cfg", None)
+    n_ctx = getattr(cfg, "max_positions", getattr(cfg, "n_ctx", None))
+    if isinstance(n_ctx, int) and prompt_len + gen_steps > n_ctx:
+        raise ValueError(
+            f"prompt_len={prompt_len} + gen_steps={gen_steps} exceeds the model's n_ctx={n_ctx}: the generated "
+            "tokens would not fit its positions"
+        )
     # measured in eval mode; every module's mode is restored afterwards (submodules may be in mixed modes)
     modes = [(m, m.training) for top in (model, reference_model) if top is not None for m in top.modules()]
     try:

@@ -464,3 +464,38 @@ def test_flag_report_restores_the_models_modes():
     with pytest.raises(ValueError, match="prompt_len"):
         flag_report(model, TASK, SPEC, num_samples=8, prompt_len=99)
     assert model.training
+
+
+def test_flag_arguments_refused_by_name_and_generate_restores_module_modes():
+    """values of the wrong batch or 0-d, a seed torch cannot take, positions without steering, a bool or string
+    ablation value, integer activations and a generation longer than the context are refused naming the
+    argument; numpy ints are taken as step counts; generate leaves each module in the mode it found it in."""
+    import numpy as np
+
+    model = _model(seed=0)
+    acts = torch.randn(3, 12, model.cfg.d_model)
+    with pytest.raises(ValueError, match=r"values has shape \(2, 4\)"):
+        overwrite_flags(acts, SPEC, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"values has shape \(\)"):
+        overwrite_flags(acts, SPEC, torch.tensor(1.0))
+    prompt = TASK.sample(2, seed=0).tokens[:, :4]
+    with pytest.raises(ValueError, match=r"seed=\d+ is not valid"):
+        generate(model, prompt, 2, seed=2**70)
+    with pytest.raises(ValueError, match="positions applies to steering"):
+        generate(model, prompt, 2, positions=1)
+    for bad in (True, "a"):
+        with pytest.raises(TypeError, match="value=.* is not valid"):
+            with ablate_flags(model, SPEC, bad):
+                pass
+    with pytest.raises(TypeError, match="acts has dtype torch.int64"):
+        flag_loss(
+            torch.zeros(2, 3, model.cfg.d_model, dtype=torch.long), torch.zeros(2, dtype=torch.long), SPEC
+        )
+    with pytest.raises(ValueError, match="prompt_len=8 \\+ gen_steps=9 exceeds the model's n_ctx=16"):
+        flag_report(model, TASK, SPEC, num_samples=4, prompt_len=8, gen_steps=9)
+    res = train_flags(model, TASK, SPEC, np.int64(1), np.int64(0), batch_size=np.int64(4), log_every=1)
+    assert res.steps == [0]
+    model.train()
+    model.blocks[0].eval()
+    generate(model, prompt, 1, seed=0)
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
