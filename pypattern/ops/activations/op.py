@@ -90,22 +90,20 @@ def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None
             f"gelu_tanh: c={c!r} is not valid; give a finite number > 0 (sqrt(2 / pi) by default)"
         )
     c = float(c)
-    if torch.compiler.is_compiling():
-        if backend is None:  # traced: torch's ops, which the compiler fuses
-            return _gelu_tanh_torch(x, c).contiguous()
-        # a forced backend is traced as its op (the C++ ops have fake implementations); the checks for torch.func
-        # and dual tensors below are not traceable
-        name = _choose(x, backend)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _GeluTanh.apply(x, c, name).contiguous()
-        return _backends.implementation(_OP, name)(x, c).contiguous()
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # under torch.func (grad, vmap, jvp): torch's ops
+    compiling = torch.compiler.is_compiling()
+    if compiling and backend is None:  # traced: torch's ops, which the compiler fuses
+        return _gelu_tanh_torch(x, c).contiguous()
+    # a backend given by name is traced as its op (the C++ ops have fake implementations): the checks for
+    # torch.func and dual tensors below are not traceable, and are skipped while compiling
+    if not compiling and torch._C._functorch.is_functorch_wrapped_tensor(
+        x
+    ):  # under torch.func (grad, vmap, jvp): torch's ops
         if backend not in (None, "reference"):
             raise ValueError(
                 f"gelu_tanh: backend={backend!r} cannot run under torch.func transforms; give backend=None"
             )
         return _gelu_tanh_torch(x, c).contiguous()
-    if _backends.has_tangent(
+    if not compiling and _backends.has_tangent(
         x
     ):  # a forward-AD dual tensor: torch's ops carry its tangent, the kernels drop it
         if backend not in (None, "reference"):
