@@ -234,6 +234,24 @@ def _reads_sequences(model: nn.Module) -> bool:
     return any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
 
 
+def _valid_ids(v: int | None) -> str:
+    """The token ids a vocabulary of ``v`` takes, in words (``v`` None: any id >= 0)."""
+    return f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
+
+
+def check_vocab_ids(model: nn.Module, ids: torch.Tensor, argument: str) -> None:
+    """Refuse token ids below 0 or not below ``model``'s vocabulary (where it states one), naming ``argument`` (an
+    embedding lookup would fail deep inside the model with a bare ``IndexError``, or read a negative id from the
+    end)."""
+    if not ids.numel():
+        return
+    v = vocab_size(model)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (v is not None and hi >= v):
+        valid = _valid_ids(v)
+        raise ValueError(f"{argument} contains token id {lo if lo < 0 else hi}; valid ids are {valid}")
+
+
 def vocab_size(model: nn.Module) -> int | None:
     """The number of token ids ``model`` embeds, where it can be read: ``model.cfg.d_vocab`` (pypattern's and
     TransformerLens' models), the rows of ``model.get_input_embeddings()`` (Hugging Face), or
@@ -376,11 +394,9 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                     f"(0 .. {limit - 1}); give sequences of at most {limit} tokens (truncate or split them)"
                 )
     if pb.is_lm and pb.inputs.numel():
+        check_vocab_ids(model, pb.inputs, argument)
         v = vocab_size(model)
-        lo, hi = int(pb.inputs.min()), int(pb.inputs.max())
-        valid = f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
-        if lo < 0 or (v is not None and hi >= v):
-            raise ValueError(f"{argument} contains token id {lo if lo < 0 else hi}; valid ids are {valid}")
+        valid = _valid_ids(v)
         if pb.target is not None and pb.target.numel():
             counts = pb.target[:, 1:] != IGNORE_INDEX  # the targets that are scored (see _lm_token_terms)
             if pb.attention_mask is not None:

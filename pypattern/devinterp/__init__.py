@@ -62,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..losses import check_vocab_ids
 from ..sampling.llc import (
     default_nbeta,
     estimate_learning_coeff,
@@ -1002,20 +1003,6 @@ def _obs_id(task_name: str) -> str:
     return out or "_"
 
 
-def _check_vocab(model: nn.Module, ids: torch.Tensor, what: str) -> None:
-    """Refuse token ids outside the model's vocabulary (where it states one), naming ``what`` (an embedding lookup
-    would fail deep inside the model with a bare ``IndexError``)."""
-    from ..losses import vocab_size
-
-    if not ids.numel():
-        return
-    v = vocab_size(model)
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or (v is not None and hi >= v):
-        valid = f"0 .. {v - 1} (the model's vocabulary has {v} tokens)" if v is not None else ">= 0"
-        raise ValueError(f"{what} contains token id {lo if lo < 0 else hi}; valid ids are {valid}")
-
-
 def _observable_ids(dataset, n_samples: int, seed: int, what: str) -> torch.Tensor:
     """An observable's fixed sequences: ``n_samples`` of them, a seeded sample without replacement (devinterp's
     ``random.Random(seed).sample``)."""
@@ -1321,7 +1308,7 @@ def sample(
     model = on_device(model, dev)
     loss_fn = loss_fn or per_token_loss
     ids = _input_ids(dataset)
-    _check_vocab(model, ids, "dataset")
+    check_vocab_ids(model, ids, "dataset")
     T = ids.shape[1] - 1
     big = batch_size * gradient_accumulation_steps  # one step's sequences: accumulation is a mean over them
     if len(ids) < big:
@@ -1332,7 +1319,7 @@ def sample(
     for name, spec in observables.items():
         ds, bpd = spec if isinstance(spec, tuple) else (spec, batches_per_draw)
         obs[_obs_id(name)] = _observable_ids(ds, batch_size * bpd, obs_seed, f"observables[{name!r}]").to(dev)
-        _check_vocab(model, obs[_obs_id(name)], f"observables[{name!r}]")
+        check_vocab_ids(model, obs[_obs_id(name)], f"observables[{name!r}]")
         if obs[_obs_id(name)].shape[1] != T + 1:
             raise ValueError(
                 f"observables[{name!r}] has sequences of length {obs[_obs_id(name)].shape[1]}, not {T + 1}"
