@@ -21,21 +21,20 @@
 #endif
 
 #include "dots/dots_cpu.h"
+#include "simd_vec.h"
 
 #pragma GCC optimize("fp-contract=fast")
 
 namespace pypattern {
 namespace {
 
+using simd::kVecBytes;
+using simd::Vec;
+
 #if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
 constexpr int kMR = 4, kNR = 6;  // 24 accumulators + 4 rows of a + 1 of g in 32 registers
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32;
-constexpr int kMR = 3, kNR = 4;  // 12 + 3 + 1 in 16 registers
 #else
-constexpr int kVecBytes = 16;
-constexpr int kMR = 3, kNR = 4;
+constexpr int kMR = 3, kNR = 4;  // 12 + 3 + 1 in 16 registers
 #endif
 // one row's share of a chunk: KC = 2 KiB of terms (a block of g rows, NR x KC, stays in L1 while it walks down the
 // a rows); a build may set another with -DPYPATTERN_DOTS_CHUNK_BYTES=...
@@ -44,19 +43,6 @@ constexpr int kMR = 3, kNR = 4;
 #endif
 constexpr int64_t kChunkBytes = PYPATTERN_DOTS_CHUNK_BYTES;
 constexpr int64_t kNS = 8 * kNR;  // rows of g per panel: the partial sums of a call are M x kNS vectors at most
-
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float v __attribute__((vector_size(kVecBytes)));
-  typedef float u __attribute__((vector_size(kVecBytes), aligned(4)));  // unaligned loads
-};
-template <>
-struct Vec<double> {
-  typedef double v __attribute__((vector_size(kVecBytes)));
-  typedef double u __attribute__((vector_size(kVecBytes), aligned(8)));
-};
 
 #if defined(__x86_64__) || defined(__i386__)
 #define PYPATTERN_VREG "+v"

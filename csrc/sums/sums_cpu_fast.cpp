@@ -21,6 +21,7 @@
 #define PYPATTERN_STREAM_STORES 1
 #endif
 
+#include "simd_vec.h"
 #include "sums/sums_cpu.h"
 
 #pragma GCC optimize("fp-contract=fast")
@@ -28,13 +29,6 @@
 namespace pypattern {
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
 constexpr int kUnroll = 4;
 // each tensor's share of a chunk (2 and 4 KiB were the fastest on a pruning point's sums, 8 KiB 5-10% slower and
 // no chunks at all a third slower); a build may set another with -DPYPATTERN_SUMS_CHUNK_BYTES=...
@@ -43,18 +37,8 @@ constexpr int kUnroll = 4;
 #endif
 constexpr int64_t kChunkBytes = PYPATTERN_SUMS_CHUNK_BYTES;
 
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float v __attribute__((vector_size(kVecBytes)));
-  typedef float u __attribute__((vector_size(kVecBytes), aligned(4), may_alias));  // unaligned loads and stores
-};
-template <>
-struct Vec<double> {
-  typedef double v __attribute__((vector_size(kVecBytes)));
-  typedef double u __attribute__((vector_size(kVecBytes), aligned(8), may_alias));
-};
+using simd::kVecBytes;
+using simd::Vec;
 
 // a whole vector to an address aligned to the vector width, past the cache
 template <typename V>
