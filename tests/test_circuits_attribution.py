@@ -224,3 +224,39 @@ def test_eap_ig_runs_per_pass_follow_the_memory_budget():
         assert _ig_bytes_per_run(engine) - per == cfg.n_layers * B * T * cfg.d_mlp * item
     finally:
         engine.view.model.cfg.gated_mlp = False
+
+
+def test_eap_reads_the_sources_once_for_the_mlp_and_logit_inputs(monkeypatch):
+    """The MLP inputs and the logits (one gradient row each) share one :func:`row_dots` product over the sources
+    per set of rows, instead of one product each, and the scores are the same as each entry's own product."""
+    from pypattern.circuits import api
+    from pypattern.circuits.api import _product_groups
+
+    model = tiny(seed=23, layers=3)
+    clean, corr, ans, wrong = prompts(model, seed=24)
+    metric = LogitDiff(ans, wrong)
+    calls = []
+    orig = api.row_dots
+
+    def counted(a, g):
+        calls.append([t.shape[1] for t in g])
+        return orig(a, g)
+
+    monkeypatch.setattr(api, "row_dots", counted)
+    got = edge_attribution(model, clean, corr, metric=metric, method="eap").scores
+    # per attention a product of its query, key and value inputs (4 heads' rows each), then one per set of rows
+    # for the rest: MLP 2 and the logits at the last row (the metric's), MLPs 0 and 1 at every row
+    assert [c for c in calls if c and all(v == 1 for v in c)] == [[1, 1], [1, 1]]
+    monkeypatch.setattr(api, "_product_groups", lambda entries, n_of: [[i] for i in range(len(entries))])
+    calls.clear()
+    ref = edge_attribution(model, clean, corr, metric=metric, method="eap").scores
+    assert len([c for c in calls if c == [1]]) == 4
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12 * ref.abs().max())
+
+    # the grouping: same rows only; an entry joins while the products it does not need stay at most its own
+    def entry(v, rows):
+        return (torch.arange(v), torch.as_tensor(rows), torch.zeros(v, 1, len(rows), 2))
+
+    all_rows, last = [0, 1, 2], [2]
+    entries = [entry(1, all_rows), entry(1, all_rows), entry(1, last), entry(1, all_rows), entry(3, all_rows)]
+    assert _product_groups(entries, [20, 13, 40, 2, 20]) == [[2], [0, 4, 1, 3]]

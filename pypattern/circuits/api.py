@@ -237,8 +237,13 @@ class _ScoreSink:
     """Edge scores of a flat graph from the destination inputs' gradients as :meth:`EdgeEngine.gradients` hands
     them over (its ``sink``), summed over the gradient passes: each destination input's products with every source
     it reads, ``(A_u - out_u) . G_v`` summed over positions and features per prompt, accumulate in one ``(B, n_src,
-    n_dst)`` table, from which :meth:`scores` reads each edge's. The entries of one call that read the same
-    sources at the same rows (an attention's query, key and value inputs) are one :func:`row_dots` product."""
+    n_dst)`` table, from which :meth:`scores` reads each edge's.
+
+    The entries of one call that read the same rows are one :func:`row_dots` product over the most sources any of
+    them reads (sources are in topological order: each entry's are a prefix), so that each source row is read once
+    for all of them: an attention's query, key and value inputs, and the MLP inputs and the logits, which have one
+    gradient row each and would otherwise read the sources once per row. An entry joins a product only while the
+    products it does not need (sources past its own) stay at most as many as those it does."""
 
     def __init__(self, engine: EdgeEngine):
         self.engine = engine
@@ -251,27 +256,43 @@ class _ScoreSink:
         if self.table is None:
             self.table = D.new_zeros(B, g.n_src, g.n_dst)
         n_of = [_n_sources(eng, dsts) for dsts, _, _ in entries]
-        groups: list[list[int]] = []
-        for i, (_, rows, _) in enumerate(entries):
-            j = groups[-1][0] if groups else None
-            if j is not None and n_of[j] == n_of[i] and torch.equal(entries[j][1], rows):
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        for members in groups:
-            n, rows = n_of[members[0]], entries[members[0]][1]
+        for members in _product_groups(entries, n_of):
+            n, rows = max(n_of[i] for i in members), entries[members[0]][1]
             Ds = _source_rows(D, n, rows)  # (n, B, R, d)
             K = Ds.shape[2] * Ds.shape[3]
             Gs = [entries[i][2].transpose(0, 1).reshape(B, entries[i][2].shape[0], K) for i in members]
             S = row_dots(Ds.transpose(0, 1).reshape(B, n, K), Gs)  # (B, n, V_1 + V_2 + ...)
-            dsts = torch.cat([entries[i][0] for i in members])
-            self.table[:, :n].index_add_(2, dsts, S)
+            at = 0
+            for i in members:
+                dsts = entries[i][0]
+                self.table[:, : n_of[i]].index_add_(2, dsts, S[:, : n_of[i], at : at + len(dsts)])
+                at += len(dsts)
 
     def scores(self, scale: float = 1.0) -> torch.Tensor:
         """Per-example scores ``(batch, num_edges)``, times ``scale``."""
         g = self.engine.graph
         out = self.table[:, g.src_idx, g.dst_idx]
         return out.mul_(scale) if scale != 1 else out
+
+
+def _product_groups(entries: list, n_of: list[int]) -> list[list[int]]:
+    """The entries ``(dsts, rows, G)`` of one sink call in groups that are one :func:`row_dots` product each:
+    entries at the same rows, most sources first, an entry joining a group while its sources times all its
+    gradient rows are at most twice the products its members need (``n_of``: each entry's sources)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(entries)), key=lambda i: -n_of[i]):  # stable: equal counts keep their order
+        V = entries[i][2].shape[0]
+        for grp in groups:
+            if not torch.equal(entries[grp[0]][1], entries[i][1]):
+                continue
+            n = n_of[grp[0]]  # the group's most
+            useful = sum(n_of[j] * entries[j][2].shape[0] for j in grp) + n_of[i] * V
+            if n * (sum(entries[j][2].shape[0] for j in grp) + V) <= 2 * useful:
+                grp.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
 
 
 def _n_sources(engine: EdgeEngine, dsts: torch.Tensor) -> int:

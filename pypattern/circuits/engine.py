@@ -660,7 +660,7 @@ class EdgeEngine:
         metric : ``(N, B)``
 
         ``sink``: a callable that takes each list of ``(dsts, rows, G)`` entries as soon as they are final (an
-        attention's query, key and value inputs together, inside the backward, then every other input) instead of
+        attention's query, key and value inputs together, inside the backward, then every other input in one list) instead of
         their being returned (``grads`` is then empty): each layer's per-head cotangents are used and freed while
         the backward goes on, never all held at once. The base run (``record``) is set before the backward, so
         ``D`` is there for the sink.
@@ -794,6 +794,7 @@ class EdgeEngine:
         def over_runs(x, dim):  # sum over the N runs (a view for one run)
             return x.select(dim, 0) if x.shape[dim] == 1 else x.sum(dim)
 
+        rest = []  # the entries other than the attentions' for a sink: one call, so that they share products
         with torch.no_grad():  # the input cotangents are values: no graph through the weights
             for kind, dsts, info, t in handles:
                 if kind == "attn" and sink is not None:
@@ -809,10 +810,9 @@ class EdgeEngine:
                     gr = grads[i] if grads[i] is not None else torch.zeros_like(t)
                     i += 1
                     entry = (dsts, info, over_runs(gr, 0).unsqueeze(0))
-                    if sink is None:
-                        out.append(entry)
-                    else:
-                        sink([entry])
+                    (out if sink is None else rest).append(entry)
+            if rest:
+                sink(rest)
         return out, val.detach()
 
     def _attn_sink(self, sink, dsts: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor):
