@@ -32,8 +32,10 @@ from the data otherwise, so that an ill-conditioned representation's condition n
 correlations stay invariant to invertible maps of condition up to about ``1e12`` in float64). The PWCCA weights
 are read from the SVD (``H^T Xc = L^T diag(S) V^T``), without forming the canonical variates. Everything in
 float64. A direction counts as rank deficiency when its singular value is below the rounding level of the input:
-``max(n, p) * eps * max |x|`` with ``eps`` of the input's dtype (float32 data: ``1.2e-7``; the float64 SVD's
-own ``max(n, p) * eps * S_max`` at least), so a float32 copy of a rank-deficient representation keeps its rank.
+``(sqrt(n) + sqrt(p)) * eps * max |x|`` with ``eps`` of the input's dtype (float32 data: ``1.2e-7``, bfloat16
+``7.8e-3``; the float64 SVD's own ``max(n, p) * eps * S_max`` at least), read with every column scaled to unit
+norm: a 16- or 32-bit copy of a rank-deficient representation keeps its rank, and one of full rank keeps its
+directions above the rounding.
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ class _Side:
             raise ValueError(f"{name} is constant over the samples: CCA is undefined")
         n, p = x.shape
         self.xc = x - x.mean(0)
-        # a column constant over the samples centres to rounding noise, not zeros: zeroed (it carries no direction)
-        flat = self.xc.norm(dim=0) <= n * eps_in * x.abs().max(0).values
+        # a column constant over the samples centres to rounding noise, not zeros: zeroed (it carries no direction).
+        # Its norm is at most sqrt(n) times its entries' rounding (the input's) or the float64 mean's (n roundings)
+        f64 = torch.finfo(torch.float64).eps
+        flat = self.xc.norm(dim=0) <= max(n**0.5 * eps_in, n * f64) * x.abs().max(0).values
         if bool(flat.any()):
             self.xc[:, flat] = 0.0
         u, well = None, False
@@ -123,19 +127,18 @@ class _Side:
             sv = e.sqrt()
         # below the rounding level of the input (or of the SVD itself) a direction is noise, not data. The input's
         # rounding is relative to each entry, so the count of real directions is read with every column scaled to
-        # unit norm (a feature 1e-6 times smaller than the others is as well determined as they are); the
-        # spectrum of the data keeps that many leading directions, down to the float64 SVD's own floor
+        # unit norm (a feature 1e-6 times smaller than the others is as well determined as they are): rounding
+        # errors, each at most half an eps_in of its entry and of either sign, form an (n, p) matrix whose spectral
+        # norm is about (sqrt(n) + sqrt(p)) times their typical size; the cutoff is that with a whole eps_in of the
+        # largest entry. The spectrum of the data keeps that many leading directions, down to the float64 SVD's
+        # own floor (max(n, p) roundings of the largest singular value)
         big = max(n, p)
         norms = self.xc.norm(dim=0)
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         sv_eq = torch.linalg.svdvals(self.xc / norms)
-        tol_eq = max(
-            big * eps_in * float((x.abs() / norms).max()),
-            big * torch.finfo(torch.float64).eps * float(sv_eq[0]),
-        )
-        real = min(
-            int((sv_eq > tol_eq).sum()), int((sv > big * torch.finfo(torch.float64).eps * sv[0]).sum())
-        )
+        noise = (n**0.5 + p**0.5) * eps_in * float((x.abs() / norms).max())
+        tol_eq = max(noise, big * f64 * float(sv_eq[0]))
+        real = min(int((sv_eq > tol_eq).sum()), int((sv > big * f64 * sv[0]).sum()))
         if threshold is not None:  # SVCCA: the fewest leading directions with >= threshold of the variance
             total = float(e.sum())
             if not total > 0:

@@ -138,7 +138,6 @@ def test_pwcca_against_numpy():
 def test_ridge_cca_returns_the_defined_correlations_only():
     """With a ridge and more features than samples, the directions without variance (correlation 0) are not
     returned: ``min(rank x, rank y)`` values, as documented, so their mean is not diluted."""
-    from pypattern.cca import cca
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 10, generator=g, dtype=torch.float64)
@@ -164,3 +163,27 @@ def test_cca_keeps_invariance_to_invertible_maps_on_ill_conditioned_data():
     np.testing.assert_allclose(cca(x @ a, y).numpy(), got, atol=1e-5)
     # float32 data of the same rank: the rounding level of float32 decides what is a direction
     np.testing.assert_allclose(cca(x.astype(np.float32), y).numpy(), got, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, p", [(2000, 16), (40, 10), (300, 40)])
+def test_rank_of_low_precision_inputs_is_read_above_their_rounding(dtype, n, p):
+    """A 16- or 32-bit representation of full rank keeps every direction (its smallest singular value is far above
+    the rounding of its entries: the cutoff grows like sqrt(n), as the rounding's spectral norm does, not like n),
+    the same values given in float64 give the same correlations, and a column that is the sum of two others is
+    one direction less, in every dtype."""
+
+    g = torch.Generator().manual_seed(n + p)
+    base = torch.randn(n, p, generator=g, dtype=torch.float64) * torch.logspace(
+        0, -1.3, p, dtype=torch.float64
+    )
+    y = base @ torch.randn(p, p, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        n, p, generator=g, dtype=torch.float64
+    )
+    x, y = base.to(dtype), y.to(dtype)
+    got = cca(x, y)
+    assert len(got) == p
+    assert torch.allclose(got, cca(x.double(), y.double()), rtol=0, atol=1e-12)
+    deficient = base.clone()
+    deficient[:, -1] = deficient[:, 0] + deficient[:, 1]
+    assert len(cca(deficient.to(dtype), y)) == p - 1
