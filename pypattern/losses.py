@@ -245,6 +245,8 @@ def check_vocab_ids(model: nn.Module, ids: torch.Tensor, argument: str) -> None:
     end)."""
     if not ids.numel():
         return
+    if ids.is_meta:
+        raise ValueError(f"{argument} is a meta tensor (it holds no values); give the token ids themselves")
     v = vocab_size(model)
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or (v is not None and hi >= v):

@@ -85,3 +85,61 @@ def test_left_padding_without_positions_on_learned_positions_warns():
         warnings.simplefilter("error", UserWarning)
         for b in ({**left, "position_ids": pos}, right):
             pp.estimate_llc(model, [b], **KW, warn_nonstationary=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_metric_token_ids_of_any_integer_dtype_are_ids(dtype):
+    """Answer ids of a small integer dtype are read as ids: a uint8 tensor used as an index is a boolean mask (with
+    a batch as large as the vocabulary and every id nonzero it read the logits of tokens 0 .. V - 1), and torch's
+    gather refuses the other types."""
+    V = 20
+    m = pp.Transformer(
+        pp.TransformerConfig(
+            n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=V, n_ctx=8, seed=0, dtype=torch.float64
+        )
+    )
+    m.unembed.b_U = None  # LogitDiff reads the answer columns of W_U alone
+    g = torch.Generator().manual_seed(0)
+    clean, corr = torch.randint(0, V, (V, 5), generator=g), torch.randint(0, V, (V, 5), generator=g)
+    ans, wrong = torch.randint(1, V, (V,), generator=g), torch.randint(1, V, (V,), generator=g)
+    ref = pp.attribution_patching(m, clean, corr, metric=pp.LogitDiff(ans, wrong), sites=["resid_pre"])[
+        "resid_pre"
+    ]
+    got = pp.attribution_patching(
+        m, clean, corr, metric=pp.LogitDiff(ans.to(dtype), wrong.to(dtype)), sites=["resid_pre"]
+    )["resid_pre"]
+    logits = m(clean)[:, -1]
+    rows = torch.arange(V)
+    assert torch.allclose(got.clean, logits[rows, ans] - logits[rows, wrong], rtol=0, atol=1e-12)
+    assert torch.equal(got.values, ref.values)
+    for metric in (
+        pp.LogitDiff(ans.to(dtype), wrong.to(dtype)),
+        pp.LogProb(ans.to(dtype)),
+        pp.Prob(ans.to(dtype)),
+    ):
+        kind = type(metric)(*(t.long() for t in (ans, wrong)[: len(metric.per_example)]))
+        a = pp.activation_patching(m, "resid_pre", clean[:3], corr[:3], metric=metric.select(slice(0, 3)))
+        b = pp.activation_patching(m, "resid_pre", clean[:3], corr[:3], metric=kind.select(slice(0, 3)))
+        assert torch.equal(a.values, b.values)
+
+
+def test_meta_token_tensors_are_refused_by_name():
+    m = _model()
+    toks = _tokens()
+    meta = toks.to("meta")
+    metric = pp.LogitDiff(
+        torch.zeros(toks.shape[0], dtype=torch.long), torch.ones(toks.shape[0], dtype=torch.long)
+    )
+    for call, name in (
+        (lambda: pp.activation_patching(m, "resid_pre", meta, toks, metric=metric), "clean_tokens"),
+        (lambda: pp.attribution_patching(m, toks, meta, metric=metric), "corrupted_tokens"),
+        (lambda: pp.circuits.edge_attribution(m, meta, toks, metric=metric), "clean"),
+        (
+            lambda: pp.estimate_llc(
+                m, [meta], num_chains=1, num_draws=2, step_size=1e-5, localization=100.0, quiet=True
+            ),
+            "data",
+        ),
+    ):
+        with pytest.raises(ValueError, match=f"{name}.*meta tensor"):
+            call()

@@ -47,7 +47,8 @@ def _pick(logits: torch.Tensor, idx: torch.Tensor, name: str = "answer") -> torc
 
 
 def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.Tensor:
-    """A metric's token ids for a batch of ``B`` examples over a vocabulary of ``V``, checked: ``(B, k)``."""
+    """A metric's token ids for a batch of ``B`` examples over a vocabulary of ``V``, checked: ``(B, k)``, int64
+    (ids of any integer dtype are read as ids: a uint8 tensor used as an index would be a mask)."""
     if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got a {idx.dtype} tensor")
     if idx.dim() == 0:
@@ -64,6 +65,7 @@ def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.
             raise ValueError(
                 f"{name} contains the token id {bad}; the logits have {V} entries (ids 0..{V - 1})"
             )
+    idx = idx.long()
     return idx[:, None] if idx.dim() == 1 else idx
 
 

@@ -53,11 +53,22 @@ def batches_per_epoch(loader) -> int | None:
 
 
 def to_device(batch, device):
+    """``batch`` with its tensors on ``device``; a meta tensor (a shape without values) in it is refused."""
+
+    def moved(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.is_meta and device.type != "meta":
+            raise ValueError(
+                "data: a batch holds a meta tensor (a shape without values); give the data themselves"
+            )
+        return x.to(device)
+
     if isinstance(batch, tuple | list) and all(
         isinstance(x, torch.Tensor) and x.device == device for x in batch
     ):
         return batch
-    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+    return tree_map(moved, batch)
 
 
 def _one_batch_of_all(loader) -> bool:
