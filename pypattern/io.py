@@ -34,6 +34,7 @@ import re
 import tempfile
 import time
 import types
+import typing
 import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -397,11 +398,56 @@ def load_result(cls: type, path: str | os.PathLike):
 
 
 def _construct(cls: type, fields: dict, path: str):
-    """``cls(**fields)``; a header whose fields do not build one (missing or ill-typed) is a :class:`FormatError`."""
+    """``cls(**fields)``; a header whose fields do not build one (missing or ill-typed: a field annotated as a
+    number, a string, a flag or an array holding something else; a class's own ``_check_loaded`` failing, e.g.
+    arrays of inconsistent shapes) is a :class:`FormatError`."""
     try:
-        return cls(**fields)
+        hints = typing.get_type_hints(cls)
+    except Exception:  # annotations that do not resolve here: no type check
+        hints = {}
+    for name, value in fields.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise FormatError(
+                f"{path!r} is corrupt: its field {name!r} holds {type(value).__name__} {_value_text(value)}, a "
+                f"{cls.__name__} holds {getattr(hints[name], '__name__', hints[name])} there"
+            )
+    try:
+        obj = cls(**fields)
+        check = getattr(obj, "_check_loaded", None)
+        if check is not None:
+            check()
+        return obj
     except (TypeError, ValueError) as e:
         raise FormatError(f"{path!r} is corrupt: its fields do not make a {cls.__name__} ({e})") from None
+
+
+#: the annotations :func:`_fits` checks, and what each admits
+_SIMPLE = {
+    float: (int, float, np.integer, np.floating),
+    int: (int, np.integer),
+    bool: (bool, np.bool_),
+    str: (str,),
+    np.ndarray: (np.ndarray,),
+}
+
+
+def _value_text(value) -> str:
+    return f"of shape {value.shape}" if isinstance(value, np.ndarray) else _short(value, 40)
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` can be a field annotated ``hint``: checked for numbers, flags, strings and arrays (and
+    unions of them with None); any other annotation admits anything."""
+    if hint in _SIMPLE:
+        ok = _SIMPLE[hint]
+        return isinstance(value, ok) and (hint is bool or not isinstance(value, bool | np.bool_))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if value is None:
+            return type(None) in members
+        if all(m in _SIMPLE or m is type(None) for m in members):
+            return any(_fits(value, m) for m in members if m is not type(None))
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint
@@ -449,8 +495,8 @@ def hash_batch(batch) -> str:
 def callable_id(fn: Callable | None) -> str | None:
     """A callable's identity: ``module.qualname`` (of its class for callable objects), with what makes two
     callables of one name compute different things: a ``functools.partial``'s arguments, a function's code,
-    constants, defaults and closure values, a callable object's attributes (a module's also its parameters and
-    buffers). Values are canonicalised as in :func:`fingerprint` (tensors hashed; other objects by ``repr``)."""
+    constants, defaults and closure values and the module globals it reads (values and functions), a callable
+    object's attributes (a module's also its parameters and buffers). Values are canonicalised as in :func:`fingerprint` (tensors hashed; other objects by ``repr``)."""
     return None if fn is None else json.dumps(_callable_canon(fn, 0), sort_keys=True)
 
 
@@ -490,12 +536,49 @@ def _callable_canon(fn, depth: int):
             "kwdefaults": _canon(f.__kwdefaults__ or {}, depth + 1),
             "closure": _canon(closure, depth + 1),
         }
+        read = _globals_read(f)
+        if read:
+            out["globals"] = _canon(read, depth + 1)
         if bound is not None and not isinstance(bound, type | types.ModuleType):
             out["self"] = _object_canon(bound, depth + 1)
         return out
     if not hasattr(fn, "__qualname__"):  # a callable object (an nn.Module loss, a class with __call__)
         return {"name": name, "state": _object_canon(fn, depth + 1)}
     return name  # a builtin
+
+
+def _globals_read(f) -> dict:
+    """The values of the module globals a user's function reads (names in its code and nested code) that are
+    values or functions, by name: a loss that reads a global scale computes another thing when the scale changes.
+    Modules, classes and other objects are left out, as are pypattern's own functions (their globals are
+    pypattern's)."""
+    if (getattr(f, "__module__", None) or "").split(".")[0] == __name__.split(".")[0]:
+        return {}
+    g = getattr(f, "__globals__", None)
+    if not isinstance(g, dict):
+        return {}
+    names: set[str] = set()
+    codes = [f.__code__]
+    while codes:
+        c = codes.pop()
+        names.update(c.co_names)
+        codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    plain = (type(None), bool, int, float, complex, str, bytes, np.generic, torch.Tensor, np.ndarray)
+
+    def data(v, depth: int = 0) -> bool:
+        if isinstance(v, plain):
+            return True
+        if depth < 2 and isinstance(v, tuple | list | frozenset | set):
+            return all(data(x, depth + 1) for x in v)
+        if depth < 2 and isinstance(v, dict):
+            return all(isinstance(k, str) and data(x, depth + 1) for k, x in v.items())
+        return False
+
+    return {
+        n: (sorted(map(repr, g[n])) if isinstance(g[n], set | frozenset) else g[n])
+        for n in sorted(names)
+        if n in g and (data(g[n]) or isinstance(g[n], types.FunctionType))
+    }
 
 
 def _has_contents(cell) -> bool:

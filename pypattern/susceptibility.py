@@ -965,6 +965,11 @@ def susceptibilities(
                     f"checkpoint row {path!r} is damaged: {key!r} should be numbers of shape {shape} but the file "
                     f"{what}; delete the file to sample that row again"
                 )
+            if key != "chi_loo" and not np.isfinite(v).all():  # (a row written before them holds NaN rows)
+                raise io.FormatError(
+                    f"checkpoint row {path!r} is damaged: {key!r} holds values that are not finite (a sampled "
+                    "row's are); delete the file to sample that row again"
+                )
         return row
 
     def save_row(run: str, row: dict) -> None:

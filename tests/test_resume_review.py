@@ -122,3 +122,190 @@ def test_devinterp_v1_llc_estimator_resumes_from_a_checkpoint(tmp_path):
         )
     assert res["llc/mean"] == ref["llc/mean"]
     np.testing.assert_array_equal(res["loss/trace"], ref["loss/trace"])
+
+
+_KW = dict(
+    num_chains=2, num_draws=10, num_burnin_steps=3, num_steps_bw_draws=2, step_size=1e-3, nbeta=10.0, seed=1
+)
+
+
+def _regression(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return x, torch.randn(n, 1, generator=g)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _stop_after(k):
+    seen = []
+
+    def cb(chain, draw):
+        seen.append(draw)
+        if len(seen) == k:
+            raise _Stop
+
+    return cb
+
+
+def _interrupted(model, loader, path, **kw):
+    with pytest.raises(_Stop):
+        pp.sample(model, loader, checkpoint=path, callbacks=[_stop_after(7)], batched=False, quiet=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: torch.utils.data.SubsetRandomSampler(list(range(0, n // 2))),
+        lambda n: torch.utils.data.WeightedRandomSampler(torch.linspace(1, 2, n), n),
+        lambda n: torch.utils.data.RandomSampler(range(n), replacement=True),
+        lambda n: torch.utils.data.RandomSampler(range(n), num_samples=n // 2),
+    ],
+)
+def test_resume_takes_the_same_sampler_only(tmp_path, make):
+    """A DataLoader over a TensorDataset with a sampler other than in order or one shuffle resumes with that
+    sampler bit for bit, and refuses another of the same class (other indices, weights, replacement, number of
+    samples): the data's fingerprint held only the sampler's class name, and a resume read a mix of two data
+    streams."""
+    x, y = _regression()
+    model = _net()
+
+    def loader(sampler):
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=16, sampler=sampler
+        )
+
+    path = str(tmp_path / "c.npz")
+    _interrupted(model, loader(make(len(x))), path, **_KW)
+    resumed = pp.sample(model, loader(make(len(x))), checkpoint=path, batched=False, quiet=True, **_KW)
+    whole = pp.sample(model, loader(make(len(x))), batched=False, quiet=True, **_KW)
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
+
+    other = {
+        torch.utils.data.SubsetRandomSampler: lambda s: torch.utils.data.SubsetRandomSampler(
+            list(range(len(x) // 2, len(x)))
+        ),
+        torch.utils.data.WeightedRandomSampler: lambda s: torch.utils.data.WeightedRandomSampler(
+            torch.linspace(2, 1, len(x)), len(x)
+        ),
+        torch.utils.data.RandomSampler: lambda s: torch.utils.data.RandomSampler(
+            range(len(x)), replacement=not s.replacement, num_samples=s.num_samples
+        ),
+    }
+    first = make(len(x))
+    path2 = str(tmp_path / "d.npz")
+    _interrupted(model, loader(first), path2, **_KW)
+    with pytest.raises(pp.io.FingerprintMismatch, match="data"):
+        pp.sample(
+            model, loader(other[type(first)](first)), checkpoint=path2, batched=False, quiet=True, **_KW
+        )
+
+
+def _rewrite(path, change):
+    arrays, meta = pp.io.load(path)
+    change(arrays, meta)
+    pp.io.save(
+        path,
+        arrays,
+        {k: v for k, v in meta.items() if k not in ("format", "version", "kind")},
+        kind=meta["kind"],
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, m: a["loss_trace"].__setitem__((0, 0), np.nan), "losses .* not all finite"),
+        (lambda a, m: a.__setitem__("loss_trace", a["loss_trace"].astype(np.float16)), "dtype float16"),
+        (
+            lambda a, m: a.update(
+                {k.replace("params/0/", "params/1/"): v for k, v in a.items() if "params/0/" in k}
+            ),
+            "chain 1, which has 0 of 10",
+        ),
+        (
+            lambda a, m: a.update({k: v.astype(np.float16) for k, v in a.items() if k.startswith("params/")}),
+            "dtype float16",
+        ),
+        (lambda a, m: m["checkpoint"].__setitem__("seconds", "abc"), "'seconds'"),
+        (lambda a, m: m["checkpoint"].__setitem__("seconds", -5.0), "'seconds'"),
+    ],
+)
+def test_checkpoint_values_are_checked_on_resume(tmp_path, change, message):
+    """A checkpoint whose recorded losses are not finite, whose arrays are of another dtype than the run writes,
+    which holds weights of a chain that has no draw, or whose time is not a time, is refused as damaged (they
+    resumed: a NaN LLC, a chain started from other weights, losses rounded to float16)."""
+    x, y = _regression()
+    model = _net()
+    path = str(tmp_path / "c.npz")
+    # one chain at a time: chain 0 stops between draws (its weights saved), chain 1 has none
+    _interrupted(model, [(x, y)], path, **_KW)
+    _rewrite(path, change)
+    with pytest.raises(pp.io.FormatError, match=message):
+        pp.sample(model, [(x, y)], checkpoint=path, batched=False, quiet=True, **_KW)
+
+
+def test_loss_reading_a_changed_global_is_another_run(tmp_path):
+    """A loss function that reads a module global computes another loss when the global changes: its
+    fingerprint holds the values (and functions) it reads, so a resume with the global changed is refused."""
+    import types
+
+    mod = types.ModuleType("user_losses")
+    exec(
+        "import torch\nSCALE = 1.0\ndef loss(model, batch):\n    x, y = batch\n"
+        "    return SCALE * torch.nn.functional.mse_loss(model(x), y)\n",
+        mod.__dict__,
+    )
+    x, y = _regression()
+    model = _net()
+    path = str(tmp_path / "c.npz")
+    with pytest.raises(_Stop):
+        pp.sample(
+            model, [(x, y)], loss_fn=mod.loss, checkpoint=path, callbacks=[_stop_after(7)], quiet=True, **_KW
+        )
+    mod.SCALE = 3.0
+    with pytest.raises(pp.io.FingerprintMismatch, match="SCALE"):
+        pp.sample(model, [(x, y)], loss_fn=mod.loss, checkpoint=path, quiet=True, **_KW)
+    mod.SCALE = 1.0
+    resumed = pp.sample(model, [(x, y)], loss_fn=mod.loss, checkpoint=path, quiet=True, **_KW)
+    whole = pp.sample(model, [(x, y)], loss_fn=mod.loss, quiet=True, **_KW)
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
+
+
+def test_susceptibility_row_with_non_finite_values_is_refused(tmp_path):
+    model = _mlp()
+    x, y = _data(32)
+    loader = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    probe = (x[:5], y[:5])
+    comps = {"first": ["0.weight", "0.bias"]}
+    kw = dict(num_chains=2, num_draws=10, step_size=1e-3, nbeta=10.0, quiet=True)
+    pp.susceptibilities(model, loader, probe, comps, checkpoint=str(tmp_path), **kw)
+    rows = [p for p in tmp_path.iterdir() if "first" in p.name]
+    assert len(rows) == 1
+    _rewrite(str(rows[0]), lambda a, m: a["chi"].__setitem__(0, np.nan))
+    with pytest.raises(pp.io.FormatError, match="'chi' holds values that are not finite"):
+        pp.susceptibilities(model, loader, probe, comps, checkpoint=str(tmp_path), **kw)
+
+
+def test_result_files_with_ill_typed_fields_are_refused_at_load(tmp_path):
+    """A result file whose header holds a string or a list where the result has a number, or whose traces do not
+    have the shapes of one another, is refused by load naming the field (it loaded, and failed later in printing
+    or indexing with an unrelated message)."""
+    x, y = _regression()
+    r = pp.estimate_llc(_net(), [(x, y)], quiet=True, **_KW)
+    path = str(tmp_path / "llc.npz")
+    for change, message in (
+        (lambda a, m: m["fields"].__setitem__("llc_mean", "abc"), "'llc_mean' holds str"),
+        (lambda a, m: m["fields"].__setitem__("nbeta", [1, 2]), "'nbeta' holds list"),
+        (lambda a, m: a.__setitem__("loss_trace", np.zeros(3)), "loss_trace \\(3,\\)"),
+    ):
+        r.save(path)
+        _rewrite(path, change)
+        with pytest.raises(pp.io.FormatError, match=message):
+            pp.LLCResult.load(path)
+    r.save(path)
+    back = pp.LLCResult.load(path)
+    assert back.llc_mean == r.llc_mean and np.array_equal(back.loss_trace, r.loss_trace)

@@ -4,6 +4,7 @@ that ties a checkpoint to the run that wrote it."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 
@@ -130,8 +131,15 @@ class State:
                 raise bad(f"{key!r} has dtype {a.dtype}, expected {'integers' if kind == 'iu' else 'floats'}")
             return a
 
+        def exact(
+            key: str, a: np.ndarray, want
+        ) -> None:  # the dtype the run writes (a float16 copy loses digits)
+            if a.dtype != want:
+                raise bad(f"{key!r} has dtype {a.dtype}, this run writes {np.dtype(want)}")
+
         st = cls(G, D)
         st.loss = get("loss_trace", (G, D), "f")
+        exact("loss_trace", st.loss, np.float64)
         st.done = get("done", (G,), "iu").astype(np.int64)
         st.next_step = get("next_step", (G,), "iu").astype(np.int64)
         if ((st.done < 0) | (st.done > D)).any() or (
@@ -145,7 +153,10 @@ class State:
             st.init_losses = get("init_losses", None, "f")
             if st.init_losses.ndim != 1 or not len(st.init_losses) or not np.isfinite(st.init_losses).all():
                 raise bad(f"'init_losses' {st.init_losses!r} is not a non-empty vector of finite losses")
-        st.seconds = float(meta.get("seconds", 0.0))
+        seconds = meta.get("seconds", 0.0)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
+            raise bad(f"its header's 'seconds' is {seconds!r}, not a time in seconds")
+        st.seconds = float(seconds)
         for k, v in arrays.items():
             if k.startswith("obs/"):
                 if v.shape[:2] != (G, D):
@@ -159,6 +170,9 @@ class State:
                     raise bad(
                         f"{k!r} has shape {v.shape} and dtype {v.dtype}, expected {tuple(like[n].shape)} floats"
                     )
+                exact(k, v, _numpy_dtype(like[n].dtype, v.dtype))
+                if not np.isfinite(v).all():
+                    raise bad(f"{k!r} holds values that are not finite")
                 t = torch.from_numpy(v).to(device=device, dtype=like[n].dtype)
                 st.params.setdefault(int(g), {})[n] = t
             elif k.startswith("sampler/"):
@@ -168,6 +182,8 @@ class State:
                     raise bad(f"{k!r} is not sampler state of a chain of this run")
                 if v.dtype.kind != "f" or (pname is not None and v.shape != tuple(like[pname].shape)):
                     raise bad(f"{k!r} has shape {v.shape} and dtype {v.dtype}")
+                if not np.isfinite(v).all():
+                    raise bad(f"{k!r} holds values that are not finite")
                 dtype = torch.float64 if key == "thermostat" else like[pname].dtype
                 t = torch.from_numpy(v).to(device=device, dtype=dtype)
                 st.sampler_state.setdefault(int(g), {})[key] = t
@@ -175,6 +191,13 @@ class State:
         # chain stopped between its first and last draw has its moving weights (and its sampler's state) saved
         for g in range(G):
             d = int(st.done[g])
+            # a draw is recorded only when its loss is finite (a chain that diverges stops the run)
+            if not np.isfinite(st.loss[g, :d]).all():
+                raise bad(f"chain {g}'s recorded losses (its first {d} draws) are not all finite")
+            if not 0 < d < D and (g in st.params or g in st.sampler_state):
+                # weights are kept only for a chain stopped between its first and last draw: a chain with none
+                # starts from w*, a finished one needs none
+                raise bad(f"it holds weights or sampler state of chain {g}, which has {d} of {D} draws done")
             want = 0 if d == 0 else plan.num_burnin_steps + (d - 1) * plan.num_steps_bw_draws + 1
             if int(st.next_step[g]) != want:
                 raise bad(
@@ -191,6 +214,14 @@ class State:
                         f"chain {g} stopped after {d} of {D} draws, but its {plan.sampler} state is missing"
                     )
         return st
+
+
+def _numpy_dtype(dtype: torch.dtype, fallback: np.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (``fallback`` for one numpy lacks, e.g. bfloat16)."""
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        return fallback
 
 
 def model_architecture(model: nn.Module) -> str:

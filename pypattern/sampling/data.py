@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 
 import torch
 from torch.utils._pytree import tree_map
@@ -93,6 +94,19 @@ def _one_batch_of_all(loader) -> bool:
     return bs is None or bs >= n
 
 
+def plain_batches(bs) -> bool:
+    """Whether a ``DataLoader``'s batch sampler ``bs`` cuts the samples in order, or in one uniform shuffle of them
+    all, into batches (what :class:`ChainData` reads as a permutation and :func:`hash_data` as its settings)."""
+    return type(bs) is torch.utils.data.BatchSampler and (
+        type(bs.sampler) is torch.utils.data.SequentialSampler
+        or (
+            type(bs.sampler) is torch.utils.data.RandomSampler
+            and not bs.sampler.replacement
+            and bs.sampler._num_samples is None
+        )
+    )
+
+
 class ChainData:
     """The batches of one chain: a deterministic stream keyed by ``(seed, chain, epoch)``.
 
@@ -133,15 +147,7 @@ class ChainData:
         if self.fast:
             tensors = self.loader.dataset.tensors
             bs = self.loader.batch_sampler
-            simple = type(bs) is torch.utils.data.BatchSampler and (
-                type(bs.sampler) is torch.utils.data.SequentialSampler
-                or (
-                    type(bs.sampler) is torch.utils.data.RandomSampler
-                    and not bs.sampler.replacement
-                    and bs.sampler._num_samples is None
-                )
-            )
-            if simple:  # index with a permutation tensor: no per-batch list of ints
+            if plain_batches(bs):  # index with a permutation tensor: no per-batch list of ints
                 n = len(tensors[0])
                 if type(bs.sampler) is torch.utils.data.RandomSampler:
                     order = torch.randperm(n)
@@ -166,11 +172,23 @@ class ChainData:
         if self.sequential:
             self.it = self._iter()
             return self._first()
+        return self.seeded(self._start)
+
+    def _start(self):
+        self.it = self._iter()
+        return self._first()
+
+    def seeded(self, fn: Callable):
+        """``fn()`` with torch's global RNG (and the loader's generator) seeded for this epoch's order of the stream:
+        one chain at a time when chains run in threads; the generator's state is given back."""
         seed = splitmix64(self.key ^ self.epoch) & ((1 << 63) - 1)
         sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
-        gen = getattr(sampler, "generator", None) if not self.fast else None
-        # torch's global RNG (and the loader's generator) are seeded for the epoch's order: one chain at a time
-        # when chains run in threads
+        # (the plain batches of a fast loader are a permutation from torch's RNG: the sampler's generator unused)
+        gen = (
+            getattr(sampler, "generator", None)
+            if not (self.fast and plain_batches(self.loader.batch_sampler))
+            else None
+        )
         with GLOBAL_RNG_LOCK:
             gen_state = gen.get_state() if isinstance(gen, torch.Generator) else None
             try:
@@ -178,8 +196,7 @@ class ChainData:
                     torch.manual_seed(seed)
                     if gen_state is not None:  # the loader's own generator: key it too, then give it back
                         gen.manual_seed(seed)
-                    self.it = self._iter()
-                    return self._first()
+                    return fn()
             finally:
                 if gen_state is not None:
                     gen.set_state(gen_state)
@@ -222,7 +239,8 @@ class ChainData:
 
 def hash_data(loader, key: int, cache: dict) -> str:
     """A hash of the data a chain reads, for a checkpoint's fingerprint: a ``DataLoader`` over a ``TensorDataset``
-    by its tensors and its batching (no batch is read); any other loader by every batch of the first epoch of the
+    by its tensors and its batching (no batch is read; a sampler other than in-order or one uniform shuffle by the
+    indices of the stream's first epoch); any other loader by every batch of the first epoch of the
     stream keyed by ``key``, read through once in order (a loader without a length: by its first batch only, as
     its epochs cannot be told apart)."""
     from .. import io
@@ -230,17 +248,20 @@ def hash_data(loader, key: int, cache: dict) -> str:
     d = ChainData(loader, key, cache)
     if d.fast:
         bs = loader.batch_sampler
-        return io.hash_batch(
-            {
-                "tensors": list(loader.dataset.tensors),
-                "batching": [
-                    type(bs).__name__,
-                    type(getattr(bs, "sampler", None)).__name__,
-                    getattr(bs, "batch_size", None),
-                    getattr(bs, "drop_last", None),
-                ],
-            }
-        )
+        parts = {
+            "tensors": list(loader.dataset.tensors),
+            "batching": [
+                type(bs).__name__,
+                type(getattr(bs, "sampler", None)).__name__,
+                getattr(bs, "batch_size", None),
+                getattr(bs, "drop_last", None),
+            ],
+        }
+        if not plain_batches(bs):
+            # any other sampler (a subset's indices, weights, replacement, a number of samples, one of the user's)
+            # by the indices of the stream's first epoch, drawn as the stream draws them
+            parts["indices"] = d.seeded(lambda: [torch.as_tensor(list(idx), dtype=torch.long) for idx in bs])
+        return io.hash_batch(parts)
     n = 1 if d.single is not None or d.length is None else d.length
     h = hashlib.sha256()
     for _ in range(n):

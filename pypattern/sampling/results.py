@@ -104,6 +104,15 @@ class LLCResult(Saveable):
     llc_se: float = float("nan")
     init_loss_se: float = float("nan")
 
+    def _check_loaded(self) -> None:
+        """The arrays' shapes agree (a file read by :meth:`load`): ``(chains, draws)`` traces, one LLC per chain."""
+        C = self.loss_trace.shape[0] if self.loss_trace.ndim == 2 else -1
+        if C < 0 or self.llc_trace.shape != self.loss_trace.shape or self.llc_per_chain.shape != (C,):
+            raise ValueError(
+                f"loss_trace {self.loss_trace.shape}, llc_trace {self.llc_trace.shape} and llc_per_chain "
+                f"{self.llc_per_chain.shape} are not (chains, draws), (chains, draws) and (chains,)"
+            )
+
     def to_devinterp(self) -> dict[str, Any]:
         """devinterp 1.x's summary dict: ``llc/mean``, ``llc/std``, ``llc-chain/<i>``, ``loss/trace``,
         ``init_loss`` (and ``llc/trace``)."""
