@@ -642,8 +642,8 @@ def shortlist_and_confirm(
     direction: str = "denoising",
     qk_fix: bool = True,
 ) -> list[dict]:
-    """AtP over the whole grid of ``site`` (per position), then exact patching of the ``k`` cells with the
-    largest mean absolute AtP estimate.
+    """AtP over the whole grid of ``site`` (per position), then exact patching of the ``k`` cells whose AtP
+    estimate, averaged over the examples, is largest in absolute value.
 
     Returns
     -------

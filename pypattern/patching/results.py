@@ -131,7 +131,8 @@ class PatchResult(Saveable):
         return q[0].to(self.values.dtype), q[1].to(self.values.dtype)
 
     def top(self, k: int = 10, normalized: bool = False) -> list[tuple[dict, float]]:
-        """The ``k`` cells with the largest mean absolute effect: ``[(coords, mean effect), ...]``."""
+        """The ``k`` cells whose mean effect over the examples is largest in absolute value (``|mean|``, not the
+        mean of ``|effect|``): ``[(coords, mean effect), ...]``."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k={k!r} is not valid; give an int >= 0")
         m = (
