@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import pypattern as pp
 from pypattern import cli
 
 
@@ -72,6 +73,9 @@ def test_llc_quick_ends_with_a_short_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LLC =" in out and str(tmp_path / "llc_result.npz") in out
     assert len(out) < 2000
+    summary = json.loads((tmp_path / "llc_summary.json").read_text())
+    back = pp.LLCResult.load(tmp_path / "llc_result.npz")
+    assert summary["llc_mean"] == back.llc_mean and summary["result"] == str(tmp_path / "llc_result.npz")
 
 
 def test_demo_patterning_quick_prints_a_headline_not_the_report(tmp_path, capsys):

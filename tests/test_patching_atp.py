@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -128,6 +130,7 @@ def test_patch_demo_writes_heatmap_and_table(tmp_path):
     assert rows[0] == "method,site,layer,head,pos,mean,se,ci_low,ci_high"
     assert len(rows) == 1 + 2 * (2 * 7 + 2 * 4)  # exact and AtP: resid_pre (2 x 7) and heads (2 x 4)
     assert {"accuracy", "spearman_atp_exact_resid_pre", "top_heads", "heatmap"} <= set(s)
+    assert json.loads((tmp_path / "patching_summary.json").read_text()) == json.loads(json.dumps(s))
 
 
 def test_atp_leaves_the_parameters_requires_grad_as_it_found_them():

@@ -14,6 +14,7 @@ import torch
 
 from .. import truth
 from .._threads import pinned_threads
+from ..io import json_text
 from ..sampling.llc import estimate_llc
 
 __all__ = ["QUICK", "run_llc_demo"]
@@ -38,7 +39,8 @@ def run_llc_demo(
     quiet: bool = False,
     num_threads: int | None = 1,
 ) -> dict:
-    """Train, estimate the LLC, print a summary and write ``llc_loss_trace.png`` and ``llc_result.npz``.
+    """Train, estimate the LLC, print a summary and write ``llc_loss_trace.png``, ``llc_result.npz`` and
+    ``llc_summary.json`` (the returned dict).
 
     The model is an MLP ``sizes`` (default 21,930 parameters) trained with Adam on labels from a random teacher
     MLP (:func:`pypattern.truth.make_teacher_task`); the LLC uses SGLD with ``step_size``, ``localization`` and
@@ -50,7 +52,8 @@ def run_llc_demo(
     -------
     dict
         ``llc_mean``, ``llc_std``, ``llc_per_chain``, ``init_loss``, ``train_loss``, ``train_accuracy``, ``r_hat``,
-        ``ess``, ``num_params``, ``seconds_train``, ``seconds_sampling``, ``plot`` (path), ``result`` (path).
+        ``ess``, ``num_params``, ``seconds_train``, ``seconds_sampling``, ``plot``, ``result`` and ``summary``
+        (paths).
     """
     with pinned_threads(num_threads):
         os.makedirs(out_dir, exist_ok=True)
@@ -104,6 +107,9 @@ def run_llc_demo(
             plot=plot_path,
             result=result_path,
         )
+        summary["summary"] = os.path.join(out_dir, "llc_summary.json")
+        with open(summary["summary"], "w") as f:
+            f.write(json_text(summary))
         print(
             f"MLP {'-'.join(map(str, sizes))} ({num_params:,} parameters) trained {train_steps} steps on a teacher task: "
             f"loss {losses[-1]:.4f}, accuracy {acc:.3f} ({t1 - t0:.1f} s)\n"
@@ -113,7 +119,7 @@ def run_llc_demo(
             f"per chain {', '.join(f'{v:.2f}' for v in res.llc_per_chain)})\n"
             f"L_n(w*) = {res.init_loss:.4f}; loss-trace R-hat {res.r_hat:.3f}, ESS {res.ess:.0f}; "
             f"sampling {t2 - t1:.1f} s ({'batched' if res.sample.batched else 'sequential'} chains)\n"
-            f"wrote {plot_path} and {result_path}"
+            f"wrote {plot_path}, {result_path} and {summary['summary']}"
         )
         return summary
 

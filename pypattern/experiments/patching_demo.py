@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from ..io import json_text
+
 __all__ = ["QUICK", "run_patch_demo"]
 
 #: Tiny sizes for ``pypattern patch --quick``: checks that the demo runs; figures mean nothing.
@@ -21,13 +23,14 @@ def run_patch_demo(
 
     Runs exact denoising patching of ``resid_pre`` (layer x position) and of every head's output ``z`` (layer x
     head, all positions) with the symmetric "ABC" corruption and the logit-difference metric, plus attribution
-    patching (AtP) over the same grids, and writes ``patching_heatmap.png`` and ``patching_table.csv`` into ``out_dir``.
+    patching (AtP) over the same grids, and writes ``patching_heatmap.png``, ``patching_table.csv`` and
+    ``patching_summary.json`` (the returned dict) into ``out_dir``.
 
     Returns
     -------
     dict
         Accuracy, clean/corrupted logit difference, the strongest cells, AtP/exact Spearman agreement, timings
-        and the written paths.
+        and the written paths (``heatmap``, ``table``, ``summary``).
     """
     from scipy.stats import spearmanr
 
@@ -62,7 +65,7 @@ def run_patch_demo(
         _plot(resid, heads, atp_r, task, png)
         table = os.path.join(out_dir, "patching_table.csv")
         _write_table(table, [("exact", resid), ("exact", heads), ("atp", atp_r), ("atp", atp_h)])
-    return {
+    summary = {
         "task": "ioi (ABC corruption)",
         "accuracy": acc,
         "logit_diff_clean": float(resid.clean.mean()),
@@ -76,7 +79,11 @@ def run_patch_demo(
         "seconds_atp": round(t_atp, 4),
         "heatmap": png,
         "table": table,
+        "summary": os.path.join(out_dir, "patching_summary.json"),
     }
+    with open(summary["summary"], "w") as f:
+        f.write(json_text(summary))
+    return summary
 
 
 def _cells(top: list[tuple[dict, float]]) -> str:
