@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import dis
 import hashlib
 import json
 import math
 import os
 import re
+import sysconfig
 import tempfile
 import time
 import types
@@ -549,36 +551,55 @@ def _callable_canon(fn, depth: int):
 
 def _globals_read(f) -> dict:
     """The values of the module globals a user's function reads (names in its code and nested code) that are
-    values or functions, by name: a loss that reads a global scale computes another thing when the scale changes.
-    Modules, classes and other objects are left out, as are pypattern's own functions (their globals are
-    pypattern's)."""
-    if (getattr(f, "__module__", None) or "").split(".")[0] == __name__.split(".")[0]:
+    settings, by name: a loss that reads a global scale computes another thing when the scale changes. Settings
+    are numbers, strings, tensors, arrays and tuples of them, and functions (by their own code and globals);
+    globals the function assigns (``global n; n += 1``), lists, dicts and other objects are state or too large to
+    say, and are left out, as are the globals of library code (installed packages, the standard library,
+    pypattern itself), whose functions are known by name."""
+    if _library_code(f):
         return {}
     g = getattr(f, "__globals__", None)
     if not isinstance(g, dict):
         return {}
     names: set[str] = set()
+    assigned: set[str] = set()
     codes = [f.__code__]
     while codes:
         c = codes.pop()
         names.update(c.co_names)
+        assigned.update(
+            i.argval for i in dis.get_instructions(c) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")
+        )
         codes.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
     plain = (type(None), bool, int, float, complex, str, bytes, np.generic, torch.Tensor, np.ndarray)
 
-    def data(v, depth: int = 0) -> bool:
+    def setting(v, depth: int = 0) -> bool:
         if isinstance(v, plain):
             return True
-        if depth < 2 and isinstance(v, tuple | list | frozenset | set):
-            return all(data(x, depth + 1) for x in v)
-        if depth < 2 and isinstance(v, dict):
-            return all(isinstance(k, str) and data(x, depth + 1) for k, x in v.items())
-        return False
+        return depth < 2 and isinstance(v, tuple | frozenset) and all(setting(x, depth + 1) for x in v)
 
     return {
-        n: (sorted(map(repr, g[n])) if isinstance(g[n], set | frozenset) else g[n])
-        for n in sorted(names)
-        if n in g and (data(g[n]) or isinstance(g[n], types.FunctionType))
+        n: (sorted(map(repr, g[n])) if isinstance(g[n], frozenset) else g[n])
+        for n in sorted(names - assigned)
+        if n in g and (setting(g[n]) or isinstance(g[n], types.FunctionType))
     }
+
+
+def _library_code(f) -> bool:
+    """Whether ``f`` is pypattern's, an installed package's or the standard library's."""
+    if (getattr(f, "__module__", None) or "").split(".")[0] == __name__.split(".")[0]:
+        return True
+    filename = os.path.abspath(getattr(getattr(f, "__code__", None), "co_filename", "") or "")
+    return any(root and filename.startswith(root + os.sep) for root in _LIBRARY_ROOTS)
+
+
+_LIBRARY_ROOTS = tuple(
+    {
+        os.path.abspath(p)
+        for k in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (p := sysconfig.get_paths().get(k))
+    }
+)
 
 
 def _has_contents(cell) -> bool:

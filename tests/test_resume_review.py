@@ -309,3 +309,75 @@ def test_result_files_with_ill_typed_fields_are_refused_at_load(tmp_path):
     r.save(path)
     back = pp.LLCResult.load(path)
     assert back.llc_mean == r.llc_mean and np.array_equal(back.loss_trace, r.loss_trace)
+
+
+def test_loss_keeping_state_in_globals_resumes_in_the_same_process(tmp_path):
+    """Globals a loss assigns (a call counter) or that are lists and dicts (a history it appends to) are state, not
+    settings: re-running an interrupted call in the same process (a notebook cell) resumes it."""
+    import types
+
+    mod = types.ModuleType("user_losses_state")
+    exec(
+        "import torch\nhistory = []\nstats = {}\nn_calls = 0\n"
+        "def loss(model, batch):\n    global n_calls\n    n_calls += 1\n    x, y = batch\n"
+        "    out = torch.nn.functional.mse_loss(model(x), y)\n    history.append(float(out))\n"
+        "    stats['last'] = float(out)\n    return out\n",
+        mod.__dict__,
+    )
+    x, y = _regression()
+    model = _net()
+    path = str(tmp_path / "c.npz")
+    with pytest.raises(_Stop):
+        pp.sample(
+            model, [(x, y)], loss_fn=mod.loss, checkpoint=path, callbacks=[_stop_after(7)], quiet=True, **_KW
+        )
+    assert mod.history and mod.n_calls
+    resumed = pp.sample(model, [(x, y)], loss_fn=mod.loss, checkpoint=path, quiet=True, **_KW)
+    whole = pp.sample(model, [(x, y)], loss_fn=mod.loss, quiet=True, **_KW)
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
+
+
+def test_sampler_without_a_length_is_fingerprinted_by_its_first_batch(tmp_path):
+    """A DataLoader over a TensorDataset whose sampler never ends: the checkpointed run starts (its fingerprint
+    reads the first batch's indices, as for other loaders without a length) instead of reading the sampler
+    forever."""
+    x, y = _regression()
+
+    class Endless(torch.utils.data.Sampler):
+        def __iter__(self):
+            i = 0
+            while True:
+                yield i % len(x)
+                i += 1
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=16, sampler=Endless()
+    )
+    model = _net()
+    path = str(tmp_path / "c.npz")
+    done = pp.sample(model, loader, checkpoint=path, quiet=True, **_KW)
+    again = pp.sample(model, loader, checkpoint=path, quiet=True, **_KW)  # every chain finished: read back
+    np.testing.assert_array_equal(done.loss_trace, again.loss_trace)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_batch_sampler_shuffles_are_keyed_and_resume_bit_for_bit(tmp_path, batched):
+    """DataLoader(batch_sampler=BatchSampler(RandomSampler(...))): its shuffles are keyed per chain and epoch like
+    shuffle=True's (the loader's own sampler attribute is then an unused SequentialSampler, and the stream drew
+    from whatever torch's RNG held), so two runs agree and a resume is bit-identical."""
+    x, y = _regression()
+
+    def loader():
+        bs = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(len(x))), 16, drop_last=False)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_sampler=bs)
+
+    model = _net()
+    path = str(tmp_path / "c.npz")
+    with pytest.raises(_Stop):
+        pp.sample(
+            model, loader(), checkpoint=path, callbacks=[_stop_after(7)], batched=batched, quiet=True, **_KW
+        )
+    torch.manual_seed(123)  # the global RNG's state does not enter the stream
+    resumed = pp.sample(model, loader(), checkpoint=path, batched=batched, quiet=True, **_KW)
+    whole = pp.sample(model, loader(), batched=batched, quiet=True, **_KW)
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)

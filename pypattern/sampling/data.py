@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 from collections.abc import Callable
 
@@ -128,7 +129,15 @@ class ChainData:
             and dl.collate_fn is torch.utils.data.default_collate
             and dl.batch_sampler is not None
         )
-        self.sequential = dl is not None and isinstance(dl.sampler, torch.utils.data.SequentialSampler)
+        # in order: the batches' sampler (a batch_sampler= given leaves loader.sampler at an unused default)
+        sampler = (
+            getattr(dl.batch_sampler, "sampler", None)
+            if dl is not None and dl.batch_sampler is not None
+            else None
+        )
+        self.sequential = dl is not None and isinstance(
+            sampler if sampler is not None else dl.sampler, torch.utils.data.SequentialSampler
+        )
         self.length = batches_per_epoch(loader)
         # one batch: the whole data set, read once (not the first batch of a ragged split, whose length is 1 too)
         whole = _one_batch_of_all(loader)
@@ -260,7 +269,11 @@ def hash_data(loader, key: int, cache: dict) -> str:
         if not plain_batches(bs):
             # any other sampler (a subset's indices, weights, replacement, a number of samples, one of the user's)
             # by the indices of the stream's first epoch, drawn as the stream draws them
-            parts["indices"] = d.seeded(lambda: [torch.as_tensor(list(idx), dtype=torch.long) for idx in bs])
+            # (an epoch's batches, or the first batch of a sampler without a length, as for other loaders)
+            n = 1 if d.length is None else d.length
+            parts["indices"] = d.seeded(
+                lambda: [torch.as_tensor(list(idx), dtype=torch.long) for idx in itertools.islice(bs, n)]
+            )
         return io.hash_batch(parts)
     n = 1 if d.single is not None or d.length is None else d.length
     h = hashlib.sha256()
