@@ -313,14 +313,14 @@ def hf_arch(model: nn.Module) -> HFArch:
             f"({', '.join(sorted(HF_ARCHS))})"
         )
     if mt not in HF_ARCHS:
-        from .convert import SUPPORTED_CLASSES
+        from .convert import SUPPORTED_CLASSES, UnsupportedModelError
 
         hint = (
             f"; {type(model).__name__} converts exactly: use pypattern.from_hf(model), which every estimator takes"
             if type(model).__name__ in SUPPORTED_CLASSES
             else ""
         )
-        raise ValueError(
+        raise UnsupportedModelError(
             f"model_type={mt!r} ({type(model).__name__}) is not supported by the native adapter; supported: "
             f"{', '.join(sorted(HF_ARCHS))}{hint}"
         )
