@@ -352,7 +352,9 @@ def test_unsupported_and_non_hf_models_are_refused_by_name():
     from pypattern.models.convert import UnsupportedModelError
 
     # the conversion's error type (a ValueError), so that one except clause catches both
-    with pytest.raises(UnsupportedModelError, match=r"model_type='opt'.*gpt2.*gpt_neox.*llama.*mistral.*qwen2"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"model_type='opt'.*gpt2.*gpt_neox.*llama.*mistral.*qwen2"
+    ):
         hooked_hf(opt)
     with pytest.raises(ValueError, match="model_type='opt'"):
         hf_component_masks(opt, "blocks.0.mlp")
