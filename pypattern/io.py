@@ -276,6 +276,19 @@ def load(
 _RESULTS: dict[str, type] = {}
 
 
+def np_load(path):
+    """``np.load(path, allow_pickle=False)``; a file numpy would have to unpickle (object arrays, or bytes it
+    cannot read as an array) is a ValueError that says so, without numpy's advice to load it unsafely."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise ValueError(
+            "not an array file of numbers: numpy reads it as pickled (object) data, which pypattern never loads"
+        ) from None
+
+
 def register(cls: type) -> type:
     """Class decorator: ``cls`` (a dataclass) can be saved with :func:`save_result` and nested in other results."""
     if not dataclasses.is_dataclass(cls):

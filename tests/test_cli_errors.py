@@ -250,3 +250,22 @@ def test_an_empty_text_token_file_is_said_to_be_empty(tmp_path, capsys, monkeypa
     empty.write_text("\n\n")
     err = _fails(["llc", "--model", str(tmp_path), "--data", str(empty)], capsys)
     assert "holds no token id" in err
+
+
+def test_a_token_file_numpy_cannot_read_as_numbers_is_not_offered_for_unpickling(tmp_path):
+    """Bytes that are not an array file (or an object array) are refused as such: numpy's own message advised
+    loading the file unsafely with allow_pickle, which pypattern never does."""
+    from pypattern.circuits.cli import load_prompts
+    from pypattern.experiments.user_model import load_tokens
+
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(bytes(range(256)) * 4)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([[1, "a"]], dtype=object), allow_pickle=True)
+    for path in (junk, objects):
+        with pytest.raises(ValueError, match="never loads") as e:
+            load_tokens(str(path))
+        assert "allow_pickle" not in str(e.value) and "data=" in str(e.value)
+    with pytest.raises(ValueError, match="never loads") as e:
+        load_prompts(str(objects))
+    assert "allow_pickle" not in str(e.value)

@@ -347,3 +347,24 @@ def test_restrict_to_patterns_naming_frozen_parameters_stay_valid():
         assert res.config["restrict_to"] == restrict
     with pytest.raises(ValueError, match=r"\['2\.wieght'\] matches no parameter"):
         pp.sample(model, loader, restrict_to=["2.weight", "2.wieght"], **KW)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_divergence_in_one_of_several_runs_names_the_run_and_its_chain(batched):
+    """Chains are numbered over the runs of a call (chain g is chain g % num_chains of run g // num_chains): a
+    divergence names the run and the chain within it, and what the run moves (a one-chain call over several
+    components said 'chain 2 diverged')."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g)
+    data = [(x, x.sum(1, keepdim=True))]
+    with pytest.raises(pp.SamplingDivergedError) as e:
+        pp.sample(
+            model, data, runs=[(["0.bias"], None), (["2.weight"], None)], num_chains=1, num_draws=4, num_burnin_steps=200,
+            step_size=50.0, nbeta=100.0, quiet=True, batched=batched,
+        )  # fmt: skip
+    run = e.value.chain
+    assert run in (0, 1)
+    moved = ["'0.bias'", "'2.weight'"][run]
+    assert f"chain {run} (chain 0 of run {run} of 2, which moves {moved})" in str(e.value)

@@ -27,6 +27,8 @@ import zipfile
 import numpy as np
 import torch
 
+from ..io import np_load
+
 __all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "user_prompts", "main"]
 
 
@@ -102,7 +104,7 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str
     if os.path.exists(npz):
         weights = npz
         try:
-            z = np.load(npz, allow_pickle=False)
+            z = np_load(npz)
             if isinstance(z, np.ndarray):
                 raise ValueError("it holds one array, not the state_dict's named arrays")
             with z:
@@ -184,7 +186,7 @@ def load_prompts(
     from ..patching import LogitDiff, LogProb
 
     try:
-        z = np.load(path, allow_pickle=False)
+        z = np_load(path)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"tokens={path!r}: cannot read the prompt file ({e})") from None
     if isinstance(z, np.ndarray):
@@ -247,7 +249,7 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     if tokens.lower().endswith(".npz"):
         full = False  # a file that cannot be read as prompts: load_tokens says why
         with contextlib.suppress(ValueError, OSError, EOFError, zipfile.BadZipFile):
-            z = np.load(tokens, allow_pickle=False)
+            z = np_load(tokens)
             if not isinstance(z, np.ndarray):
                 with z:
                     full = "clean" in z.files

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import np_load
+
 __all__ = ["llc_error_text", "load_tokens", "out_folder", "run_user_chi", "run_user_llc", "run_user_patch"]
 
 
@@ -124,7 +126,7 @@ def load_tokens(
         raise ValueError(f"{argument}={str(p)!r}: unsupported token file format {p.suffix!r}: {_FORMATS}")
     try:
         if suffix in (".npy", ".npz"):
-            loaded = np.load(p, allow_pickle=False)
+            loaded = np_load(p)
             if isinstance(loaded, np.ndarray):
                 arr = loaded
             else:  # np.load opens any zip archive as an NpzFile, whatever the suffix

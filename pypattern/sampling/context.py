@@ -144,8 +144,20 @@ class RunContext:
             else f"at draw {d if d >= 0 else (t - burnin) // thin} (step {t})"
         )
         gamma, eps = plan.hyper["localization"], plan.hyper["step_size"]
+        which = f"chain {g}"
+        if len(plan.runs) > 1:  # chains are numbered over the runs: say which run's chain, and what it moves
+            run = plan.run_of(g)
+            moves = list(run.moving)
+            shown = ", ".join(map(repr, moves[:3])) + (
+                f" and {len(moves) - 3} more" if len(moves) > 3 else ""
+            )
+            masked = " (masked)" if run.masks else ""
+            which += (
+                f" (chain {g % plan.num_chains} of run {g // plan.num_chains} of {len(plan.runs)}, which moves "
+                f"{shown or 'no parameter'}{masked})"
+            )
         msg = (
-            f"chain {g} diverged {where} with step_size={eps:g}: {what}. The sampler stopped; no estimate is "
+            f"{which} diverged {where} with step_size={eps:g}: {what}. The sampler stopped; no estimate is "
             f"returned. Use a smaller step_size (lr), e.g. {eps / 10:g}, or a larger localization (now {gamma:g})"
             + (", and delete the checkpoint before rerunning" if plan.checkpoint else "")
             + "."
