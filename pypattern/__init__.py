@@ -38,6 +38,7 @@ from .flags import (
     flag_loss,
     flag_report,
     generate,
+    overwrite_flags,
     probe_accuracy,
     read_flags,
     steer,
@@ -137,6 +138,7 @@ __all__ += [
     "generate",
     "probe_accuracy",
     "read_flags",
+    "overwrite_flags",
     "steer",
     "train_flags",
 ]

@@ -368,3 +368,21 @@ def test_divergence_in_one_of_several_runs_names_the_run_and_its_chain(batched):
     assert run in (0, 1)
     moved = ["'0.bias'", "'2.weight'"][run]
     assert f"chain {run} (chain 0 of run {run} of 2, which moves {moved})" in str(e.value)
+
+
+def test_calibration_names_bad_step_sizes_and_warns_without_a_plateau():
+    model = torch.nn.Linear(3, 1)
+    with torch.no_grad():  # at the minimum of the regression below
+        model.weight.fill_(1.0)
+        model.bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g)
+    data = [(x, x.sum(1, keepdim=True) + 0.1 * torch.randn(32, 1, generator=g))]
+    kw = dict(num_chains=2, num_draws=50, nbeta=10.0, localization=10.0)
+    for bad in (("a",), [1e-3, None], [float("inf")], [0.0]):
+        with pytest.raises(ValueError, match="step_sizes must be"):
+            pp.calibrate_step_size(model, data, step_sizes=bad, **kw)
+    # plateau_tol=0: no two healthy steps agree, so the smallest healthy one is recommended, with a warning
+    with pytest.warns(UserWarning, match="no two healthy step sizes agree.*biased low"):
+        cal = pp.calibrate_step_size(model, data, step_sizes=[1e-5, 1e-4], plateau_tol=0.0, **kw)
+    assert cal.healthy.all() and cal.recommended == 1e-5

@@ -4,7 +4,9 @@ A step size is *healthy* when no chain diverged, the LLC is positive (the chains
 negative LLC means ``w*`` is not a local minimum at this resolution or the step is too large) and the loss trace
 is stationary (split R-hat below ``max_r_hat``). Too small a step leaves the chains near ``w*`` (LLC too small and
 drifting upward); too large a step diverges or inflates the LLC. The recommendation is the largest healthy step
-size whose LLC agrees within ``plateau_tol`` with the next smaller healthy one (the plateau).
+size whose LLC agrees within ``plateau_tol`` with the next smaller healthy one (the plateau). Where no two healthy
+step sizes agree (no plateau in the sweep), it is the smallest healthy one, with a warning: that step's LLC may be
+biased low (the chains have not left w*'s neighbourhood); widen the sweep or lengthen the chains.
 """
 
 from __future__ import annotations
@@ -104,8 +106,13 @@ def calibrate_step_size(
         ``localization``, ``seed``, ...). ``quiet`` defaults to True; with ``checkpoint``, each step size's run
         has its own file (``run.npz`` -> ``run.step0.npz``, ...).
     """
-    sizes = sorted(float(s) for s in step_sizes)
-    if not sizes or any(s <= 0 for s in sizes):
+    try:
+        sizes = sorted(float(s) for s in step_sizes)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"step_sizes must be a non-empty sequence of numbers > 0, got {step_sizes!r}"
+        ) from None
+    if not sizes or any(not s > 0 or s == float("inf") for s in sizes):
         raise ValueError(f"step_sizes must be a non-empty sequence of numbers > 0, got {step_sizes!r}")
     for bad in ("step_size", "optimizer_kwargs"):
         if bad in sample_kwargs:
@@ -151,6 +158,17 @@ def calibrate_step_size(
             recommended = sizes[b]
     if recommended is None and ok:
         recommended = sizes[ok[0]]
+        if len(ok) > 1:
+            llcs = ", ".join(f"{out['llc_mean'][i]:.3g}" for i in ok)
+            at = ", ".join(f"{sizes[i]:g}" for i in ok)
+            warnings.warn(
+                f"calibrate_step_size: no two healthy step sizes agree within plateau_tol={plateau_tol:g} (LLCs "
+                f"{llcs} at {at}); "
+                f"recommending the smallest healthy one, {recommended:g}, whose LLC may be biased low: widen the "
+                "sweep or lengthen the chains (num_draws)",
+                UserWarning,
+                stacklevel=2,
+            )
     return CalibrationResult(
         step_sizes=np.array(sizes),
         diverged=diverged,

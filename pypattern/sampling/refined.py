@@ -9,7 +9,9 @@
 
 All restricted runs of one data set go through one :func:`pypattern.sample` call (``runs=``): with batched chains
 every SGLD step of every run is one ``vmap``-ed forward and backward. Run ``r``'s chain ``c`` has the noise and
-data of chain ``c`` of a separate call with that run's masks, so the numbers equal running each component alone.
+data of chain ``c`` of a separate call with that run's masks, so the numbers equal running each component alone
+(with batched chains in float32 to a rounding or so: the vmapped products sum in another order; sequential chains
+bit for bit).
 """
 
 from __future__ import annotations
