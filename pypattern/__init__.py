@@ -136,9 +136,9 @@ __all__ += [
     "flag_loss",
     "flag_report",
     "generate",
+    "overwrite_flags",
     "probe_accuracy",
     "read_flags",
-    "overwrite_flags",
     "steer",
     "train_flags",
 ]
