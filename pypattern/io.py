@@ -735,6 +735,8 @@ def check_fingerprint(
             detail = (
                 "" if where == k else f" (first difference: {where} = {_short(x)} there, {_short(y)} now)"
             )
+            if k in _HASHED_ITEMS and where == k:
+                detail = f" ({_HASHED_ITEMS[k]})"
             raise FingerprintMismatch(
                 f"checkpoint {path!r} was written by a different run: {k} = {_short(a)} there, {_short(b)} now"
                 f"{detail}. "
@@ -744,6 +746,13 @@ def check_fingerprint(
                 stored=a,
                 current=b,
             )
+
+
+#: what differs when a hashed fingerprint item does (a mismatch shows two hashes)
+_HASHED_ITEMS = {
+    "architecture": "the model's module tree or configuration differs: its sizes, layer types, activation or dtype",
+    "data": "the data differ: their values, dtype, order, batching or sampler",
+}
 
 
 class Saveable:
