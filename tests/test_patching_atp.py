@@ -183,3 +183,41 @@ def test_gradient_methods_refuse_inference_mode_by_name_and_run_under_no_grad():
         eap = edge_attribution(m, clean, corr, metric=metric, method="eap").values
     torch.testing.assert_close(got, pp.attribution_patching(m, clean, corr, metric=metric)["z"].values)
     torch.testing.assert_close(eap, edge_attribution(m, clean, corr, metric=metric, method="eap").values)
+
+
+def test_atp_warns_when_the_metric_has_no_gradient_at_the_base_run():
+    """KL from the clean run, noising: its gradient at the clean run is 0, so every AtP estimate is 0 while the
+    corrupted run is far from the clean one; AtP warns that its estimates say nothing (and is silent for
+    LogitDiff, and for KL when denoising)."""
+    import warnings
+
+    from pypattern.patching import KL
+
+    model = Transformer(
+        TransformerConfig(
+            n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=20, n_ctx=8, seed=0, dtype=torch.float64
+        )
+    )
+    g = torch.Generator().manual_seed(0)
+    clean, corr = torch.randint(0, 20, (3, 6), generator=g), torch.randint(0, 20, (3, 6), generator=g)
+    for max_batch in (None, 2):
+        with pytest.warns(RuntimeWarning, match="gradient vanishes at the clean run"):
+            out = attribution_patching(
+                model,
+                clean,
+                corr,
+                metric=KL(),
+                sites=["z", "resid_pre"],
+                direction="noising",
+                max_batch=max_batch,
+            )
+        assert float(out["z"].effect.abs().max()) < 1e-12
+        with pytest.warns(RuntimeWarning, match="gradient vanishes"):
+            shortlist_and_confirm(model, "z", clean, corr, metric=KL(), k=2, direction="noising")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        attribution_patching(model, clean, corr, metric=KL(), sites=["z"], direction="denoising")
+        ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+        attribution_patching(
+            model, clean, corr, metric=LogitDiff(ans, wrong), sites=["z"], direction="noising"
+        )

@@ -331,10 +331,39 @@ def attribution_patching(
             raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
         if check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0] > max_batch:
             with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
-                return _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
+                out = _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
+            _warn_if_no_gradient(out, direction)
+            return out
     # weights used for many rows (GradDrop's backward passes) may be packed for oneDNN: one copy of the weights
     with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
-        return _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
+        out = _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
+    _warn_if_no_gradient(out, direction)
+    return out
+
+
+def _warn_if_no_gradient(out: dict, direction: str) -> None:
+    """Warn when every estimate of ``out`` (site -> PatchResult) is at rounding level while the clean and
+    corrupted runs' metrics differ: the metric's gradient vanishes at the base run (a divergence from the clean
+    run, at the clean run, when noising), and the first-order estimates say nothing about the cells. Without a
+    corrupted run (zero and mean ablation) nothing is compared."""
+    first = next(iter(out.values()))
+    if first.corrupted is None or not first.clean.is_floating_point():
+        return
+    tol = min(1e3 * torch.finfo(first.clean.dtype).eps, 1e-4)
+    peak = max((float(r.effect.abs().max()) for r in out.values() if r.effect.numel()), default=0.0)
+    size = max(1.0, float(first.clean.abs().max()), float(first.corrupted.abs().max()))
+    change = float((first.clean - first.corrupted).abs().max())
+    if peak <= tol * size and change > tol * size and peak <= tol * change:
+        base = "corrupted" if direction == "denoising" else "clean"
+        warnings.warn(
+            f"attribution_patching: every estimate is at rounding level (the largest |effect| is {peak:.2g}, while "
+            f"the clean and corrupted runs' metrics differ by up to {change:.3g}): the metric's gradient vanishes at "
+            f"the {base} run (as that of a divergence from the clean run, such as KL, does at the clean run when "
+            "noising), so these first-order estimates say nothing about the cells; use exact patching "
+            "(activation_patching) or a metric with a gradient there (LogitDiff)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _atp_in_parts(
