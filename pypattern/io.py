@@ -276,17 +276,48 @@ def load(
 _RESULTS: dict[str, type] = {}
 
 
+class _Arrays(dict):
+    """The members of an ``.npz`` file read by :func:`np_load`: a dict with ``files`` and ``with`` as numpy's
+    archive has."""
+
+    @property
+    def files(self) -> list[str]:
+        return list(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 def np_load(path):
-    """``np.load(path, allow_pickle=False)``; a file numpy would have to unpickle (object arrays, or bytes it
-    cannot read as an array) is a ValueError that says so, without numpy's advice to load it unsafely."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
+    """``np.load(path, allow_pickle=False)``, an ``.npz`` archive's members read at once (a dict with ``files``);
+    a file or member numpy would have to unpickle (object arrays, or bytes it cannot read as an array) is a
+    ValueError that says so (naming the member), without numpy's advice to load it unsafely."""
+
+    def refused(e: ValueError, member: str | None) -> ValueError:
         if "allow_pickle" not in str(e):
-            raise
-        raise ValueError(
-            "not an array file of numbers: numpy reads it as pickled (object) data, which pypattern never loads"
-        ) from None
+            return e
+        where = "" if member is None else f"its member {member!r} is "
+        return ValueError(
+            f"{where}not an array of numbers: numpy reads it as pickled (object) data, which pypattern never loads"
+        )
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise refused(e, None) from None
+    if isinstance(z, np.ndarray):
+        return z
+    with z:
+        out = _Arrays()
+        for k in z.files:
+            try:
+                out[k] = z[k]
+            except ValueError as e:
+                raise refused(e, k) from None
+    return out
 
 
 def register(cls: type) -> type:
@@ -735,7 +766,12 @@ def check_fingerprint(
             detail = (
                 "" if where == k else f" (first difference: {where} = {_short(x)} there, {_short(y)} now)"
             )
-            if k in _HASHED_ITEMS and where == k:
+            if (
+                k in _HASHED_ITEMS
+                and where == k
+                and not isinstance(a, _NotSet)
+                and not isinstance(b, _NotSet)
+            ):
                 detail = f" ({_HASHED_ITEMS[k]})"
             raise FingerprintMismatch(
                 f"checkpoint {path!r} was written by a different run: {k} = {_short(a)} there, {_short(b)} now"
@@ -750,8 +786,9 @@ def check_fingerprint(
 
 #: what differs when a hashed fingerprint item does (a mismatch shows two hashes)
 _HASHED_ITEMS = {
-    "architecture": "the model's module tree or configuration differs: its sizes, layer types, activation or dtype",
-    "data": "the data differ: their values, dtype, order, batching or sampler",
+    "architecture": "a hash of the model's module tree and configuration: a size, layer type, activation, dtype or "
+    "any other field of its configuration differs",
+    "data": "a hash of the data: their values, dtype, order, batching or sampler differ",
 }
 
 

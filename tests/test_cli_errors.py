@@ -269,3 +269,10 @@ def test_a_token_file_numpy_cannot_read_as_numbers_is_not_offered_for_unpickling
     with pytest.raises(ValueError, match="never loads") as e:
         load_prompts(str(objects))
     assert "allow_pickle" not in str(e.value)
+    # an .npz archive (the prompt files' format) whose member is an object array: numpy reads members lazily
+    member = tmp_path / "member.npz"
+    np.savez(member, clean=np.array([[1, "a"]], dtype=object), corrupted=np.zeros((1, 2), dtype=np.int64))
+    for load in (load_tokens, load_prompts):
+        with pytest.raises(ValueError, match="member 'clean' is not an array of numbers.*never loads") as e:
+            load(str(member))
+        assert "allow_pickle" not in str(e.value)

@@ -201,7 +201,7 @@ def test_atp_warns_when_the_metric_has_no_gradient_at_the_base_run():
     g = torch.Generator().manual_seed(0)
     clean, corr = torch.randint(0, 20, (3, 6), generator=g), torch.randint(0, 20, (3, 6), generator=g)
     for max_batch in (None, 2):
-        with pytest.warns(RuntimeWarning, match="gradient vanishes at the clean run"):
+        with pytest.warns(RuntimeWarning, match="gradient 0 at the clean run"):
             out = attribution_patching(
                 model,
                 clean,
@@ -212,8 +212,28 @@ def test_atp_warns_when_the_metric_has_no_gradient_at_the_base_run():
                 max_batch=max_batch,
             )
         assert float(out["z"].effect.abs().max()) < 1e-12
-        with pytest.warns(RuntimeWarning, match="gradient vanishes"):
+        with pytest.warns(RuntimeWarning, match="gradient 0"):
             shortlist_and_confirm(model, "z", clean, corr, metric=KL(), k=2, direction="noising")
+    # without a corrupted run (zero ablation) too; and in float32 with a change far below 1
+    with pytest.warns(RuntimeWarning, match="gradient 0"):
+        attribution_patching(
+            model, clean, metric=KL(), corruption=ZeroAblation(), sites=["z"], direction="noising"
+        )
+
+    class Tiny(LogitDiff):  # a metric whose gradient is 0 at the clean run, and small values
+        def __call__(self, logits):
+            d = super().__call__(logits) - self.ref
+            return 1e-6 * d * d
+
+        def of_rows(self, model, x):
+            return None
+
+    small = model.to(torch.float32)
+    ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    met = Tiny(ans, wrong)
+    met.ref = LogitDiff(ans, wrong)(small(clean)[:, -1]).detach()
+    with pytest.warns(RuntimeWarning, match="every estimate is at rounding level"):
+        attribution_patching(small, clean, corr, metric=met, sites=["z", "resid_pre"], direction="noising")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         attribution_patching(model, clean, corr, metric=KL(), sites=["z"], direction="denoising")

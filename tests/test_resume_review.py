@@ -381,3 +381,19 @@ def test_batch_sampler_shuffles_are_keyed_and_resume_bit_for_bit(tmp_path, batch
     resumed = pp.sample(model, loader(), checkpoint=path, batched=batched, quiet=True, **_KW)
     whole = pp.sample(model, loader(), batched=batched, quiet=True, **_KW)
     np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
+
+
+def test_hashed_fingerprint_items_say_what_they_cover(tmp_path):
+    """A resume refused on the model's architecture hash says what the hash covers, also when the difference is a
+    configuration field other than a size; an item one fingerprint lacks gets no such explanation."""
+    from pypattern.io import FingerprintMismatch, check_fingerprint
+
+    with pytest.raises(
+        FingerprintMismatch, match=r"architecture = 'a' there, 'b' now \(a hash of the model's"
+    ):
+        check_fingerprint({"architecture": "a"}, {"architecture": "b"}, tmp_path / "c.npz")
+    with pytest.raises(FingerprintMismatch, match=r"data = 'a' there, 'b' now \(a hash of the data"):
+        check_fingerprint({"data": "a"}, {"data": "b"}, tmp_path / "c.npz")
+    with pytest.raises(FingerprintMismatch) as e:
+        check_fingerprint({}, {"architecture": "b"}, tmp_path / "c.npz")
+    assert "a hash of" not in str(e.value)

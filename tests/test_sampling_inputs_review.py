@@ -383,6 +383,9 @@ def test_calibration_names_bad_step_sizes_and_warns_without_a_plateau():
         with pytest.raises(ValueError, match="step_sizes must be"):
             pp.calibrate_step_size(model, data, step_sizes=bad, **kw)
     # plateau_tol=0: no two healthy steps agree, so the smallest healthy one is recommended, with a warning
-    with pytest.warns(UserWarning, match="no two healthy step sizes agree.*biased low"):
+    with pytest.warns(UserWarning, match="no healthy step size agrees.*biased low"):
         cal = pp.calibrate_step_size(model, data, step_sizes=[1e-5, 1e-4], plateau_tol=0.0, **kw)
     assert cal.healthy.all() and cal.recommended == 1e-5
+    with pytest.warns(UserWarning, match="only one step size is healthy"):
+        cal = pp.calibrate_step_size(model, data, step_sizes=[1e-5], **kw)
+    assert cal.recommended == 1e-5

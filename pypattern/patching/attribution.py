@@ -36,6 +36,7 @@ from .corruptions import (
     embedding_noise_hook,
 )
 from .metrics import (
+    KL,
     Metric,
     bind_metric,
     check_metric_on_stacks,
@@ -332,35 +333,49 @@ def attribution_patching(
         if check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0] > max_batch:
             with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
                 out = _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
-            _warn_if_no_gradient(out, direction)
+            _warn_if_no_gradient(out, direction, metric)
             return out
     # weights used for many rows (GradDrop's backward passes) may be packed for oneDNN: one copy of the weights
     with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
         out = _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
-    _warn_if_no_gradient(out, direction)
+    _warn_if_no_gradient(out, direction, metric)
     return out
 
 
-def _warn_if_no_gradient(out: dict, direction: str) -> None:
-    """Warn when every estimate of ``out`` (site -> PatchResult) is at rounding level while the clean and
-    corrupted runs' metrics differ: the metric's gradient vanishes at the base run (a divergence from the clean
-    run, at the clean run, when noising), and the first-order estimates say nothing about the cells. Without a
-    corrupted run (zero and mean ablation) nothing is compared."""
+def _warn_if_no_gradient(out: dict, direction: str, metric) -> None:
+    """Warn when the estimates of ``out`` (site -> PatchResult) say nothing: with KL when noising (a divergence
+    from the clean run has gradient 0 at the clean run, the base run: every estimate is 0, whatever the
+    corruption), and with any metric when every estimate is at rounding level while the clean and corrupted runs'
+    metrics differ (the metric's gradient vanishes at the base run, or the sites asked for carry none of the
+    change). Without a corrupted run (zero and mean ablation) only the first is told."""
     first = next(iter(out.values()))
-    if first.corrupted is None or not first.clean.is_floating_point():
+    if not first.clean.is_floating_point():
+        return
+    if isinstance(metric, KL) and direction == "noising":
+        why = "KL from the clean run has gradient 0 at the clean run, the base run when noising"
+        warnings.warn(
+            f"attribution_patching: {why}, so every first-order estimate is 0 and says nothing about the cells; "
+            "use exact patching (activation_patching), direction='denoising', or a metric with a gradient there "
+            "(LogitDiff)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    if first.corrupted is None:
         return
     tol = min(1e3 * torch.finfo(first.clean.dtype).eps, 1e-4)
     peak = max((float(r.effect.abs().max()) for r in out.values() if r.effect.numel()), default=0.0)
-    size = max(1.0, float(first.clean.abs().max()), float(first.corrupted.abs().max()))
+    size = max(float(first.clean.abs().max()), float(first.corrupted.abs().max()))
     change = float((first.clean - first.corrupted).abs().max())
-    if peak <= tol * size and change > tol * size and peak <= tol * change:
+    # (as edge_attribution's check: the estimates at rounding level of the metric's size or of 1, and small
+    # against a change that is itself above rounding)
+    if peak <= tol * max(1.0, size) and change > tol * size and peak <= tol * change:
         base = "corrupted" if direction == "denoising" else "clean"
         warnings.warn(
             f"attribution_patching: every estimate is at rounding level (the largest |effect| is {peak:.2g}, while "
             f"the clean and corrupted runs' metrics differ by up to {change:.3g}): the metric's gradient vanishes at "
-            f"the {base} run (as that of a divergence from the clean run, such as KL, does at the clean run when "
-            "noising), so these first-order estimates say nothing about the cells; use exact patching "
-            "(activation_patching) or a metric with a gradient there (LogitDiff)",
+            f"the {base} run, or the sites asked for carry none of the change; first-order estimates cannot tell "
+            "which: use exact patching (activation_patching) to see",
             RuntimeWarning,
             stacklevel=3,
         )

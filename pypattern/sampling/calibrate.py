@@ -4,9 +4,10 @@ A step size is *healthy* when no chain diverged, the LLC is positive (the chains
 negative LLC means ``w*`` is not a local minimum at this resolution or the step is too large) and the loss trace
 is stationary (split R-hat below ``max_r_hat``). Too small a step leaves the chains near ``w*`` (LLC too small and
 drifting upward); too large a step diverges or inflates the LLC. The recommendation is the largest healthy step
-size whose LLC agrees within ``plateau_tol`` with the next smaller healthy one (the plateau). Where no two healthy
-step sizes agree (no plateau in the sweep), it is the smallest healthy one, with a warning: that step's LLC may be
-biased low (the chains have not left w*'s neighbourhood); widen the sweep or lengthen the chains.
+size whose LLC agrees within ``plateau_tol`` with the next smaller healthy one (the plateau). Where no healthy
+step size agrees with its next smaller healthy neighbour (no plateau in the sweep, or one healthy step size), it is
+the smallest healthy one, with a warning: that step's LLC may be biased low (the chains have not left w*'s
+neighbourhood); widen the sweep or lengthen the chains.
 """
 
 from __future__ import annotations
@@ -158,17 +159,20 @@ def calibrate_step_size(
             recommended = sizes[b]
     if recommended is None and ok:
         recommended = sizes[ok[0]]
-        if len(ok) > 1:
-            llcs = ", ".join(f"{out['llc_mean'][i]:.3g}" for i in ok)
-            at = ", ".join(f"{sizes[i]:g}" for i in ok)
-            warnings.warn(
-                f"calibrate_step_size: no two healthy step sizes agree within plateau_tol={plateau_tol:g} (LLCs "
-                f"{llcs} at {at}); "
-                f"recommending the smallest healthy one, {recommended:g}, whose LLC may be biased low: widen the "
-                "sweep or lengthen the chains (num_draws)",
-                UserWarning,
-                stacklevel=2,
-            )
+        llcs = ", ".join(f"{out['llc_mean'][i]:.3g}" for i in ok)
+        at = ", ".join(f"{sizes[i]:g}" for i in ok)
+        what = (
+            f"no healthy step size agrees within plateau_tol={plateau_tol:g} with its next smaller healthy one "
+            f"(LLCs {llcs} at {at})"
+            if len(ok) > 1
+            else f"only one step size is healthy ({at}, LLC {llcs}): no plateau to confirm it"
+        )
+        warnings.warn(
+            f"calibrate_step_size: {what}; recommending the smallest healthy one, {recommended:g}, whose LLC may be "
+            "biased low: widen the sweep or lengthen the chains (num_draws)",
+            UserWarning,
+            stacklevel=2,
+        )
     return CalibrationResult(
         step_sizes=np.array(sizes),
         diverged=diverged,
