@@ -1647,7 +1647,8 @@ def test_resume_refuses_another_architecture_or_recording_and_sub_runs_have_thei
     relu = nn.Sequential(tanh[0], nn.ReLU(), tanh[2])
     sample(tanh, _regression_loader(), checkpoint=tmp_path / "a.npz", **kw)
     with pytest.raises(
-        FingerprintMismatch, match=r"architecture = .* now \(a hash of the model.s module tree and configuration"
+        FingerprintMismatch,
+        match=r"architecture = .* now \(a hash of the model.s module tree and configuration",
     ):
         sample(relu, _regression_loader(), checkpoint=tmp_path / "a.npz", **kw)
     obs = {"o": lambda m, b: m[0].weight.sum()}
