@@ -1032,7 +1032,8 @@ def per_sample_grad_gram_reference(
         raise RuntimeError(
             "per_sample_grad_gram_reference: torch.func.vmap cannot run loss_fn on "
             f"{type(model).__name__}: a value is read with .item() or decides the control flow, in the model's "
-            "forward (as a mixture of experts' routing does in Hugging Face's code) or in loss_fn; compute the loss "
+            "forward (as Hugging Face's code does with an attention_mask passed to the model, and in a mixture of "
+            "experts' routing) or in loss_fn; compute the loss "
             "without reading values, or, for a Hugging Face model that pypattern.from_hf converts, convert it "
             "first (its forward vmap runs): " + str(e)
         ) from e

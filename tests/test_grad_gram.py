@@ -1127,3 +1127,33 @@ def test_reference_covers_every_weight_of_a_hugging_face_model_and_errors_point_
         ValueError, match=r"looked up for positions shared by every sample.*modules=.*pypattern\.from_hf"
     ):
         per_sample_grad_gram(neo, losses.sample_losses, tokens)
+
+
+def test_reference_names_the_attention_mask_when_vmap_cannot_run_a_hugging_face_forward():
+    """Hugging Face's mask code reads values (.item() / data-dependent control flow), so torch.func.vmap cannot
+    run a loss that passes an attention_mask to the model: the error names that cause and the conversion."""
+    import transformers
+
+    from pypattern.gram import per_sample_grad_gram_reference
+
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    ).eval()
+    ids = torch.randint(0, 32, (3, 6), generator=torch.Generator().manual_seed(0))
+
+    def loss(model, x, mask):
+        logits = model(input_ids=x, attention_mask=mask).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32), x[:, 1:].reshape(-1))
+
+    try:
+        got = per_sample_grad_gram_reference(hf, loss, ids, torch.ones_like(ids))
+    except RuntimeError as e:
+        assert "attention_mask passed to the model" in str(e) and "from_hf" in str(e)
+    else:  # a transformers release whose mask code vmap runs: then the Gram is the per-sample gradients'
+        ps = [p for p in hf.parameters() if p.requires_grad]
+        rows = []
+        for i in range(len(ids)):
+            g = torch.autograd.grad(loss(hf, ids[i : i + 1], torch.ones_like(ids[i : i + 1])), ps)
+            rows.append(torch.cat([t.reshape(-1) for t in g]))
+        G = torch.stack(rows).double()
+        torch.testing.assert_close(got.double(), G @ G.T, rtol=1e-4, atol=1e-6)
