@@ -311,6 +311,15 @@ def np_load(path):
     if isinstance(z, np.ndarray):
         return z
     with z:
+        # np.load opens any zip archive as an .npz: one whose members are not NumPy arrays (torch.save writes
+        # such files) is refused, and nothing in it is read
+        members = z.zip.namelist()
+        if not members or not all(m.endswith(".npy") for m in members):
+            more = " ..." if len(members) > 3 else ""
+            raise ValueError(
+                f"it is a zip archive but not NumPy's .npy or .npz (members {members[:3]}{more}; torch.save writes "
+                "such files): save arrays with numpy.save or numpy.savez"
+            )
         out = _Arrays()
         for k in z.files:
             try:

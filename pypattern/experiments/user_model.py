@@ -31,15 +31,8 @@ _FORMATS = "give .npy, .npz or a text file (.txt, .csv, .tsv: one sequence of in
 
 
 def _npz_array(z) -> np.ndarray:
-    """The token array of an opened ``.npz``: ``tokens``, or its only array. A zip archive whose members are not
-    NumPy arrays (``torch.save`` writes such files) is refused, and nothing in it is read."""
-    members = z.zip.namelist()
-    if not members or not all(m.endswith(".npy") for m in members):
-        more = " ..." if len(members) > 3 else ""
-        raise ValueError(
-            f"it is a zip archive but not NumPy's .npy or .npz (members {members[:3]}{more}; torch.save writes such "
-            "files): save the ids with numpy.save or numpy.savez"
-        )
+    """The token array of an ``.npz`` read by :func:`pypattern.io.np_load` (which refuses a zip archive whose
+    members are not NumPy arrays): ``tokens``, or its only array."""
     keys = list(z.files)
     key = "tokens" if "tokens" in keys else (keys[0] if len(keys) == 1 else None)
     if key is None:
