@@ -92,10 +92,23 @@ class Intervention(Saveable):
         return self.weights[groups]
 
 
-def _as_float64(x) -> np.ndarray:
-    """``x`` as a float64 array; a tensor is read as values (detached, on the CPU: one that tracks gradients
-    converts to numpy only so)."""
-    return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+def _as_float64(x, name: str = "chi") -> np.ndarray:
+    """``x`` (the argument ``name``) as a float64 array; a tensor is read as values (detached, on the CPU: one that
+    tracks gradients converts to numpy only so). Complex values, a meta tensor and what is not numbers are refused
+    by name (a complex array's imaginary part would be dropped)."""
+    if isinstance(x, torch.Tensor):
+        if x.is_meta:
+            raise ValueError(f"{name} is a meta tensor (a shape without values); give its values")
+        x = x.detach().cpu()
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array of real numbers: {e}") from None
+    if a.dtype.kind == "c":
+        raise TypeError(f"{name} is complex ({a.dtype}); give real numbers")
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be an array of real numbers, got {a.dtype} values")
+    return a.astype(np.float64)
 
 
 def _as_2d(chi) -> np.ndarray:
@@ -147,7 +160,7 @@ def invert(
     """
     chi = _as_2d(chi)
     k, n = chi.shape
-    tgt = _as_float64(target).reshape(-1)
+    tgt = _as_float64(target, "target").reshape(-1)
     if tgt.shape != (k,):
         raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}")
     if not np.isfinite(tgt).all():
@@ -456,7 +469,7 @@ def _box_dual(
 def direction_target(direction, amount: float) -> np.ndarray:
     """Target ``d mu = amount * direction / |direction|`` (e.g. a principal susceptibility direction: positive
     ``amount`` moves along it, negative against it)."""
-    d = _as_float64(direction).reshape(-1)
+    d = _as_float64(direction, "direction").reshape(-1)
     if not np.isfinite(d).all():
         raise ValueError(f"direction must be finite, got {d.tolist()}")
     if not np.isfinite(float(amount)):
@@ -497,11 +510,23 @@ def reweight(
     if isinstance(weights, Intervention):  # its weights
         weights = weights.weights
     try:
-        w = torch.as_tensor(_as_float64(weights))
-    except (TypeError, ValueError):
+        w = torch.as_tensor(_as_float64(weights, "weights"))
+    except (TypeError, ValueError) as e:
         raise TypeError(
-            f"weights must be an array of per-sample weights (or an Intervention), got {type(weights).__name__}"
+            f"weights must be an array of per-sample weights (or an Intervention), got {type(weights).__name__}: {e}"
         ) from None
+    if mode == "loss":  # the sampler's settings have no meaning here: refused rather than ignored
+        given = [
+            k
+            for k, v in (("batch_size", batch_size), ("num_samples", num_samples), ("generator", generator))
+            if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} apply to mode='sampler' only; mode='loss' returns the weights"
+            )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator={generator!r} is not valid; give a torch.Generator or None")
     if w.dim() != 1:
         raise ValueError(f"weights must be 1-D, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all() or (w < 0).any():

@@ -143,3 +143,55 @@ def test_meta_token_tensors_are_refused_by_name():
     ):
         with pytest.raises(ValueError, match=f"{name}.*meta tensor"):
             call()
+
+
+def test_argument_sweep_refusals():
+    """Values that held no meaning were accepted (silently wrong) or failed deep inside torch: each is now refused
+    naming its argument."""
+    import numpy as np
+
+    from pypattern.patching.corruptions import GaussianNoise
+
+    m = _model(dtype=torch.float32)
+    toks = _tokens()
+    metric = pp.LogitDiff(torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long))
+    # a finite std whose noise overflows the model's dtype: the corrupted run would be NaN
+    with pytest.raises(
+        ValueError, match="GaussianNoise: a standard deviation of 1e\\+300 gives noise that is not"
+    ):
+        pp.activation_patching(m, "resid_pre", toks, metric=metric, corruption=GaussianNoise(std=1e300))
+    # numpy seeds are seeds; a negative one or a float is refused by name
+    a = pp.activation_patching(
+        m, "resid_pre", toks, metric=metric, corruption=GaussianNoise(seed=np.int64(3))
+    )
+    b = pp.activation_patching(m, "resid_pre", toks, metric=metric, corruption=GaussianNoise(seed=3))
+    assert torch.equal(a.values, b.values)
+    for seed in (-1, 1.5, "1"):
+        with pytest.raises((TypeError, ValueError), match="GaussianNoise.seed"):
+            GaussianNoise(seed=seed)
+    # metric ids that are no ids
+    for bad in (None, "x", torch.zeros(4, dtype=torch.long, device="meta")):
+        with pytest.raises((TypeError, ValueError), match="answer"):
+            pp.LogitDiff(bad, torch.ones(4, dtype=torch.long))
+        with pytest.raises((TypeError, ValueError), match="answer"):
+            pp.LogProb(bad)
+    # invert and reweight: complex, meta and non-numeric inputs
+    chi = np.array([[1.0, -0.5, 0.2], [0.3, 0.8, -0.4]])
+    with pytest.raises(TypeError, match="chi is complex"):
+        pp.invert(chi + 1j, np.array([0.1, -0.05]))
+    with pytest.raises(ValueError, match="chi is a meta tensor"):
+        pp.invert(torch.empty(2, 3, device="meta"), np.zeros(2))
+    with pytest.raises(TypeError, match="target must be an array of real numbers"):
+        pp.invert(chi, np.array(["a", "b"]))
+    data = torch.arange(10.0)
+    with pytest.raises(TypeError, match="weights is complex"):
+        pp.reweight(data, torch.rand(10).to(torch.cfloat) + 5j, mode="loss")
+    with pytest.raises(ValueError, match="batch_size, generator apply to mode='sampler' only"):
+        pp.reweight(data, torch.ones(10), mode="loss", batch_size=4, generator=torch.Generator())
+    with pytest.raises(TypeError, match="generator='x' is not valid"):
+        pp.reweight(data, torch.ones(10), batch_size=4, generator="x")
+    # center_gram: a numpy array or integer Gram
+    with pytest.raises(TypeError, match="g must be a torch.Tensor"):
+        pp.center_gram(np.eye(3))
+    with pytest.raises(TypeError, match="g has dtype torch.int64"):
+        pp.center_gram(torch.eye(3, dtype=torch.long))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sites import _ints
@@ -62,6 +63,14 @@ class GaussianNoise(Corruption):
                 continue
             if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"GaussianNoise.{name}={v!r} is not valid; give a finite number >= 0")
+        # the seed of torch.Generator.manual_seed: an integer (numpy's too) in 0 .. 2**64 - 1
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
+            raise TypeError(f"GaussianNoise.seed={self.seed!r} is not valid; give an int")
+        if not 0 <= int(self.seed) < 2**64:
+            raise ValueError(
+                f"GaussianNoise.seed={self.seed!r} is out of range; give an int in 0 .. 2**64 - 1"
+            )
+        self.seed = int(self.seed)
 
     def noise(self, model, batch: int, seq_len: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
         pos = None
@@ -97,7 +106,13 @@ class GaussianNoise(Corruption):
             keep = torch.zeros(seq_len, dtype=torch.bool)
             keep[pos] = True
             noise = noise * keep[None, :, None]
-        return noise.to(dtype)
+        noise = noise.to(dtype)
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError(
+                f"GaussianNoise: a standard deviation of {std:g} gives noise that is not finite in {dtype} (the "
+                "corrupted run would be NaN): give a smaller std or std_multiplier"
+            )
+        return noise
 
 
 @torch.no_grad()

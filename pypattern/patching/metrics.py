@@ -46,6 +46,26 @@ def _pick(logits: torch.Tensor, idx: torch.Tensor, name: str = "answer") -> torc
     return g.mean(-1)
 
 
+def _ids_arg(ids, name: str) -> torch.Tensor:
+    """A metric's token ids as given (an int, a sequence, an array or a tensor) as a tensor; what holds no ids
+    (None, a string, a meta tensor) is refused naming the argument (the ids' dtype, shape and range are checked
+    against the logits when the metric is read: :func:`token_ids`)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.is_meta:
+            raise ValueError(
+                f"{name} is a meta tensor (a shape without values); give the token ids themselves"
+            )
+        return ids
+    if ids is None or isinstance(ids, str | bytes):
+        raise TypeError(
+            f"{name}={ids!r} is not valid; give integer token ids (an int, a list or a LongTensor)"
+        )
+    try:
+        return torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must hold integer token ids: {e}") from None
+
+
 def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.Tensor:
     """A metric's token ids for a batch of ``B`` examples over a vocabulary of ``V``, checked: ``(B, k)``, int64
     (ids of any integer dtype are read as ids: a uint8 tensor used as an index would be a mask)."""
@@ -123,7 +143,7 @@ class LogitDiff(Metric):
 
     def __init__(self, answer: torch.Tensor, wrong: torch.Tensor, position: int | torch.Tensor = -1) -> None:
         super().__init__(position)
-        self.answer, self.wrong = torch.as_tensor(answer), torch.as_tensor(wrong)
+        self.answer, self.wrong = _ids_arg(answer, "answer"), _ids_arg(wrong, "wrong")
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         logits = _wide(logits)
@@ -162,7 +182,7 @@ class Prob(Metric):
 
     def __init__(self, answer: torch.Tensor, position: int | torch.Tensor = -1) -> None:
         super().__init__(position)
-        self.answer = torch.as_tensor(answer)
+        self.answer = _ids_arg(answer, "answer")
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return _pick(torch.softmax(_wide(logits), -1), self.answer)
@@ -176,7 +196,7 @@ class LogProb(Metric):
 
     def __init__(self, answer: torch.Tensor, position: int | torch.Tensor = -1) -> None:
         super().__init__(position)
-        self.answer = torch.as_tensor(answer)
+        self.answer = _ids_arg(answer, "answer")
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         return _pick(torch.log_softmax(_wide(logits), -1), self.answer)

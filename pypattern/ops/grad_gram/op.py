@@ -321,6 +321,10 @@ def grad_gram_embedding(
 
 def center_gram(g: torch.Tensor) -> torch.Tensor:
     """``H G H`` with ``H = I - 11^T / B``: the Gram of the centred per-sample gradients, ``(B, B)``."""
-    if not isinstance(g, torch.Tensor) or g.dim() != 2 or g.shape[0] != g.shape[1]:
-        raise ValueError(f"g must be a square Gram matrix (B, B), got {tuple(getattr(g, 'shape', ()))}")
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor (a square Gram matrix), got {type(g).__name__}")
+    if g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"g must be a square Gram matrix (B, B), got {tuple(g.shape)}")
+    if not (g.is_floating_point() or g.is_complex()):
+        raise TypeError(f"g has dtype {g.dtype}; give a floating-point Gram matrix")
     return g - g.mean(0, keepdim=True) - g.mean(1, keepdim=True) + g.mean()
