@@ -45,6 +45,8 @@ import math
 import numpy as np
 import torch
 
+from ._checks import refuse_meta
+
 __all__ = ["cca", "svcca", "pwcca"]
 
 
@@ -55,10 +57,7 @@ def _features(x, name: str) -> torch.Tensor:
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
         )
-    if x.device.type == "meta":
-        raise ValueError(
-            f"{name} is a meta tensor (a shape without values); give a tensor that holds its values"
-        )
+    refuse_meta(x, name)
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")
     if x.is_complex():

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._checks import refuse_meta
 from .io import Saveable, register
 from .losses import position_limit
 from .patching.api import _vocab, check_tokens
@@ -80,10 +81,7 @@ def _as_features(
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
         )
-    if x.device.type == "meta":
-        raise ValueError(
-            f"{name} is a meta tensor (a shape without values); give a tensor that holds its values"
-        )
+    refuse_meta(x, name)
     x = x.detach()
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (num_samples, features...), got shape {tuple(x.shape)}")

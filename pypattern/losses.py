@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import refuse_meta
 from .models.packed import functorch_wrapped
 
 __all__ = [
@@ -245,8 +246,7 @@ def check_vocab_ids(model: nn.Module, ids: torch.Tensor, argument: str) -> None:
     end)."""
     if not ids.numel():
         return
-    if ids.is_meta:
-        raise ValueError(f"{argument} is a meta tensor (it holds no values); give the token ids themselves")
+    refuse_meta(ids, argument, "the token ids themselves")
     v = vocab_size(model)
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or (v is not None and hi >= v):

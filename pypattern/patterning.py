@@ -45,6 +45,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ._checks import refuse_meta
 from .io import Saveable, register
 
 __all__ = ["invert", "Intervention", "reweight", "direction_target", "OnlinePatterner"]
@@ -97,8 +98,7 @@ def _as_float64(x, name: str = "chi") -> np.ndarray:
     tracks gradients converts to numpy only so). Complex values, a meta tensor and what is not numbers are refused
     by name (a complex array's imaginary part would be dropped)."""
     if isinstance(x, torch.Tensor):
-        if x.is_meta:
-            raise ValueError(f"{name} is a meta tensor (a shape without values); give its values")
+        refuse_meta(x, name, "its values")
         x = x.detach().cpu()
     try:
         a = np.asarray(x)

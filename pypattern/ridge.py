@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._checks import refuse_meta
+
 __all__ = ["RidgeLOO", "RidgeCVResult", "ridge_cv", "ridge_similarity_cv", "DEFAULT_ALPHAS"]
 
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0)
@@ -45,10 +47,7 @@ def _as_2d(x, name: str) -> torch.Tensor:
         raise TypeError(
             f"{name} must be a torch.Tensor or numpy array of shape (num_samples, ...), got {type(x)}"
         )
-    if x.device.type == "meta":
-        raise ValueError(
-            f"{name} is a meta tensor (a shape without values); give a tensor that holds its values"
-        )
+    refuse_meta(x, name)
     if x.dim() < 1:
         raise ValueError(f"{name} must have shape (num_samples, ...), got a scalar")
     if x.is_complex() or x.dtype == torch.bool:

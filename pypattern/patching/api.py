@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import refuse_meta
 from ..losses import position_limit
 from .corruptions import (
     Corruption,
@@ -174,8 +175,7 @@ def check_token_tensor(tokens, argument: str, shape: str) -> None:
     if tokens.dtype not in (torch.long, torch.int32):
         # uint8 would index as a boolean mask, other types are not token ids
         raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
-    if tokens.is_meta:
-        raise ValueError(f"{argument} is a meta tensor (it holds no values); give the token ids themselves")
+    refuse_meta(tokens, argument, "the token ids themselves")
 
 
 def check_token_ids(tokens: torch.Tensor, argument: str, d_vocab: int | None) -> None:

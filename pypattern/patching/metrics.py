@@ -13,6 +13,8 @@ import warnings
 import numpy as np
 import torch
 
+from .._checks import refuse_meta
+
 __all__ = [
     "Metric",
     "LogitDiff",
@@ -51,10 +53,7 @@ def _ids_arg(ids, name: str) -> torch.Tensor:
     (None, a string, a meta tensor) is refused naming the argument (the ids' dtype, shape and range are checked
     against the logits when the metric is read: :func:`token_ids`)."""
     if isinstance(ids, torch.Tensor):
-        if ids.is_meta:
-            raise ValueError(
-                f"{name} is a meta tensor (a shape without values); give the token ids themselves"
-            )
+        refuse_meta(ids, name, "the token ids themselves")
         return ids
     if ids is None or isinstance(ids, str | bytes):
         raise TypeError(

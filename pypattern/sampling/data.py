@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._pytree import tree_map
 
+from .._checks import refuse_meta
 from .optim import splitmix64
 
 __all__ = ["ChainData", "batch_size_of", "batches_per_epoch", "ragged_last_batch", "to_device"]
@@ -60,10 +61,8 @@ def to_device(batch, device):
     def moved(x):
         if not isinstance(x, torch.Tensor):
             return x
-        if x.is_meta and device.type != "meta":
-            raise ValueError(
-                "data: a batch holds a meta tensor (a shape without values); give the data themselves"
-            )
+        if device.type != "meta":
+            refuse_meta(x, "a tensor of a batch of data", "the data themselves")
         return x.to(device)
 
     if isinstance(batch, tuple | list) and all(

@@ -1,0 +1,12 @@
+"""Argument checks shared by the estimators, each raising an error that names the argument."""
+
+from __future__ import annotations
+
+import torch
+
+
+def refuse_meta(x, name: str, give: str = "a tensor that holds its values") -> None:
+    """Refuse ``x`` (passed as ``name``) when it is a meta tensor: a shape without values, which every computation
+    would fail on deep inside torch. ``give`` says what to pass instead."""
+    if isinstance(x, torch.Tensor) and x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (a shape without values); give {give}")
