@@ -28,6 +28,7 @@ import torch
 
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
+from ..patching.metrics import first_order_says_nothing, first_order_tol
 from .engine import EdgeEngine, prepare_runs
 from .graph import Edge, EdgeGraph, check_graph_arg
 from .results import Circuit, EdgeScores, PruningCurve, rank_order
@@ -517,15 +518,14 @@ def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) ->
     the clean run), and the scores say nothing about the edges. Scores are compared with the change of the metric
     when every edge is patched, so scores that are small because the model's outputs are small do not warn; that
     run (``all_patched()``) is made only when the scores are at most rounding level of the metric's size or of 1."""
-    tol = min(1e3 * torch.finfo(values.dtype).eps, 1e-4)
+    tol = first_order_tol(values.dtype)
     peak = float(values.abs().max()) if values.numel() else 0.0
     size = max(float(m_base.abs().max()), float(m_clean.abs().max()))
     if not peak <= tol * max(1.0, size):  # the usual case, and NaN: no extra run
         return
     m_all = all_patched().to(m_base.dtype)
     change = float((m_all - m_base).abs().max())
-    size = max(size, float(m_all.abs().max()))
-    if not (change > tol * size and peak <= tol * change):
+    if not first_order_says_nothing(peak, max(size, float(m_all.abs().max())), change, tol):
         return
     if method == "eap":
         hint = "method='eap-ig' (its gradients are taken on the way from the ablated run) or method='exact'"

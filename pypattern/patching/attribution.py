@@ -41,6 +41,8 @@ from .metrics import (
     bind_metric,
     check_metric_on_stacks,
     check_metric_output,
+    first_order_says_nothing,
+    first_order_tol,
     logits_at,
     metric_positions,
 )
@@ -363,13 +365,10 @@ def _warn_if_no_gradient(out: dict, direction: str, metric) -> None:
         return
     if first.corrupted is None:
         return
-    tol = min(1e3 * torch.finfo(first.clean.dtype).eps, 1e-4)
     peak = max((float(r.effect.abs().max()) for r in out.values() if r.effect.numel()), default=0.0)
     size = max(float(first.clean.abs().max()), float(first.corrupted.abs().max()))
     change = float((first.clean - first.corrupted).abs().max())
-    # (as edge_attribution's check: the estimates at rounding level of the metric's size or of 1, and small
-    # against a change that is itself above rounding)
-    if peak <= tol * max(1.0, size) and change > tol * size and peak <= tol * change:
+    if first_order_says_nothing(peak, size, change, first_order_tol(first.clean.dtype)):
         base = "corrupted" if direction == "denoising" else "clean"
         warnings.warn(
             f"attribution_patching: every estimate is at rounding level (the largest |effect| is {peak:.2g}, while "

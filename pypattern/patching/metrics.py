@@ -88,6 +88,19 @@ def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.
     return idx[:, None] if idx.dim() == 1 else idx
 
 
+def first_order_tol(dtype: torch.dtype) -> float:
+    """The relative level below which first-order scores (AtP, EAP) of a metric in ``dtype`` count as rounding."""
+    return min(1e3 * torch.finfo(dtype).eps, 1e-4)
+
+
+def first_order_says_nothing(peak: float, size: float, change: float, tol: float) -> bool:
+    """Whether first-order scores whose largest magnitude is ``peak`` say nothing: at rounding level (``tol``, see
+    :func:`first_order_tol`) of the metric's size (``size``, its largest magnitude) or of 1, while patching
+    everything changes the metric by ``change``, itself above rounding, and the scores are rounding against it (the
+    metric's gradient vanishes at the base run)."""
+    return peak <= tol * max(1.0, size) and change > tol * size and peak <= tol * change
+
+
 class Metric:
     """Base class. ``position``: int (the same for every example; negative counts from the end) or a LongTensor
     ``(batch,)`` of per-example positions. ``__call__(logits (..., batch, vocab)) -> (..., batch)``."""
