@@ -93,7 +93,7 @@ class Intervention(Saveable):
         return self.weights[groups]
 
 
-def _as_float64(x, name: str = "chi") -> np.ndarray:
+def _as_float64(x, name: str) -> np.ndarray:
     """``x`` (the argument ``name``) as a float64 array; a tensor is read as values (detached, on the CPU: one that
     tracks gradients converts to numpy only so). Complex values, a meta tensor and what is not numbers are refused
     by name (a complex array's imaginary part would be dropped)."""
@@ -112,7 +112,7 @@ def _as_float64(x, name: str = "chi") -> np.ndarray:
 
 
 def _as_2d(chi) -> np.ndarray:
-    chi = _as_float64(chi)
+    chi = _as_float64(chi, "chi")
     if chi.ndim == 1:
         chi = chi[None, :]
     if chi.ndim != 2:

@@ -14,8 +14,8 @@ import torch
 
 from .. import truth
 from .._threads import pinned_threads
-from ..io import json_text
 from ..sampling.llc import estimate_llc
+from .user_model import _write
 
 __all__ = ["QUICK", "run_llc_demo"]
 
@@ -108,8 +108,7 @@ def run_llc_demo(
             result=result_path,
         )
         summary["summary"] = os.path.join(out_dir, "llc_summary.json")
-        with open(summary["summary"], "w") as f:
-            f.write(json_text(summary))
+        _write(out_dir, "llc_summary.json", summary)
         print(
             f"MLP {'-'.join(map(str, sizes))} ({num_params:,} parameters) trained {train_steps} steps on a teacher task: "
             f"loss {losses[-1]:.4f}, accuracy {acc:.3f} ({t1 - t0:.1f} s)\n"

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..io import json_text
+from .user_model import _write
 
 __all__ = ["QUICK", "run_patch_demo"]
 
@@ -81,8 +81,7 @@ def run_patch_demo(
         "table": table,
         "summary": os.path.join(out_dir, "patching_summary.json"),
     }
-    with open(summary["summary"], "w") as f:
-        f.write(json_text(summary))
+    _write(out_dir, "patching_summary.json", summary)
     return summary
 
 

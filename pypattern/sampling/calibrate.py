@@ -110,9 +110,7 @@ def calibrate_step_size(
     try:
         sizes = sorted(float(s) for s in step_sizes)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"step_sizes must be a non-empty sequence of numbers > 0, got {step_sizes!r}"
-        ) from None
+        sizes = []  # refused below with the empty sequence
     if not sizes or any(not s > 0 or s == float("inf") for s in sizes):
         raise ValueError(f"step_sizes must be a non-empty sequence of numbers > 0, got {step_sizes!r}")
     for bad in ("step_size", "optimizer_kwargs"):

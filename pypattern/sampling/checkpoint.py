@@ -131,9 +131,8 @@ class State:
                 raise bad(f"{key!r} has dtype {a.dtype}, expected {'integers' if kind == 'iu' else 'floats'}")
             return a
 
-        def exact(
-            key: str, a: np.ndarray, want
-        ) -> None:  # the dtype the run writes (a float16 copy loses digits)
+        # the dtype the run writes (a float16 copy loses digits)
+        def exact(key: str, a: np.ndarray, want) -> None:
             if a.dtype != want:
                 raise bad(f"{key!r} has dtype {a.dtype}, this run writes {np.dtype(want)}")
 

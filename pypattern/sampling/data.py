@@ -177,10 +177,7 @@ class ChainData:
 
     def _new_epoch(self):
         self.pos = 1
-        if self.sequential:
-            self.it = self._iter()
-            return self._first()
-        return self.seeded(self._start)
+        return self._start() if self.sequential else self.seeded(self._start)
 
     def _start(self):
         self.it = self._iter()
