@@ -151,9 +151,20 @@ def _stop_after(k):
     return cb
 
 
-def _interrupted(model, loader, path, **kw):
+def _interrupted(model, loader, path, batched=False, **kw):
     with pytest.raises(_Stop):
-        pp.sample(model, loader, checkpoint=path, callbacks=[_stop_after(7)], batched=False, quiet=True, **kw)
+        pp.sample(
+            model, loader, checkpoint=path, callbacks=[_stop_after(7)], batched=batched, quiet=True, **kw
+        )
+
+
+def _user_module(name: str, source: str):
+    """A module of the user's (not library code) made from ``source``."""
+    import types
+
+    mod = types.ModuleType(name)
+    exec(source, mod.__dict__)
+    return mod
 
 
 @pytest.mark.parametrize(
@@ -251,21 +262,15 @@ def test_checkpoint_values_are_checked_on_resume(tmp_path, change, message):
 def test_loss_reading_a_changed_global_is_another_run(tmp_path):
     """A loss function that reads a module global computes another loss when the global changes: its
     fingerprint holds the values (and functions) it reads, so a resume with the global changed is refused."""
-    import types
-
-    mod = types.ModuleType("user_losses")
-    exec(
+    mod = _user_module(
+        "user_losses",
         "import torch\nSCALE = 1.0\ndef loss(model, batch):\n    x, y = batch\n"
         "    return SCALE * torch.nn.functional.mse_loss(model(x), y)\n",
-        mod.__dict__,
     )
     x, y = _regression()
     model = _net()
     path = str(tmp_path / "c.npz")
-    with pytest.raises(_Stop):
-        pp.sample(
-            model, [(x, y)], loss_fn=mod.loss, checkpoint=path, callbacks=[_stop_after(7)], quiet=True, **_KW
-        )
+    _interrupted(model, [(x, y)], path, batched=None, loss_fn=mod.loss, **_KW)
     mod.SCALE = 3.0
     with pytest.raises(pp.io.FingerprintMismatch, match="SCALE"):
         pp.sample(model, [(x, y)], loss_fn=mod.loss, checkpoint=path, quiet=True, **_KW)
@@ -314,23 +319,17 @@ def test_result_files_with_ill_typed_fields_are_refused_at_load(tmp_path):
 def test_loss_keeping_state_in_globals_resumes_in_the_same_process(tmp_path):
     """Globals a loss assigns (a call counter) or that are lists and dicts (a history it appends to) are state, not
     settings: re-running an interrupted call in the same process (a notebook cell) resumes it."""
-    import types
-
-    mod = types.ModuleType("user_losses_state")
-    exec(
+    mod = _user_module(
+        "user_losses_state",
         "import torch\nhistory = []\nstats = {}\nn_calls = 0\n"
         "def loss(model, batch):\n    global n_calls\n    n_calls += 1\n    x, y = batch\n"
         "    out = torch.nn.functional.mse_loss(model(x), y)\n    history.append(float(out))\n"
         "    stats['last'] = float(out)\n    return out\n",
-        mod.__dict__,
     )
     x, y = _regression()
     model = _net()
     path = str(tmp_path / "c.npz")
-    with pytest.raises(_Stop):
-        pp.sample(
-            model, [(x, y)], loss_fn=mod.loss, checkpoint=path, callbacks=[_stop_after(7)], quiet=True, **_KW
-        )
+    _interrupted(model, [(x, y)], path, batched=None, loss_fn=mod.loss, **_KW)
     assert mod.history and mod.n_calls
     resumed = pp.sample(model, [(x, y)], loss_fn=mod.loss, checkpoint=path, quiet=True, **_KW)
     whole = pp.sample(model, [(x, y)], loss_fn=mod.loss, quiet=True, **_KW)
