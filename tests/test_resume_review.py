@@ -382,6 +382,31 @@ def test_batch_sampler_shuffles_are_keyed_and_resume_bit_for_bit(tmp_path, batch
     np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_unbatched_loader_with_its_own_generator_is_keyed(tmp_path, batched):
+    """DataLoader(batch_size=None) over ready-made batches whose sampler shuffles with its own generator: the
+    generator is keyed per chain and epoch (it was left as it was, so the stream depended on its state, and a
+    resume was not bit-identical)."""
+    x, y = _regression()
+    batches = list(zip(x.split(16), y.split(16)))
+
+    def loader(seed):
+        g = torch.Generator().manual_seed(seed)
+        sampler = torch.utils.data.RandomSampler(batches, generator=g)
+        return torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler)
+
+    model = _net()
+    path = str(tmp_path / "c.npz")
+    with pytest.raises(_Stop):
+        pp.sample(
+            model, loader(1), checkpoint=path, callbacks=[_stop_after(7)], batched=batched, quiet=True, **_KW
+        )
+    resumed = pp.sample(model, loader(2), checkpoint=path, batched=batched, quiet=True, **_KW)
+    whole = pp.sample(model, loader(3), batched=batched, quiet=True, **_KW)
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
+    assert not np.array_equal(whole.loss_trace[0], whole.loss_trace[1])  # each chain its own order
+
+
 def test_hashed_fingerprint_items_say_what_they_cover(tmp_path):
     """A resume refused on the model's architecture hash says what the hash covers, also when the difference is a
     configuration field other than a size; an item one fingerprint lacks gets no such explanation."""

@@ -94,6 +94,18 @@ def _one_batch_of_all(loader) -> bool:
     return bs is None or bs >= n
 
 
+def _stream_sampler(loader):
+    """The sampler that orders a ``DataLoader``'s samples: its batch sampler's (a ``batch_sampler=`` given leaves
+    ``loader.sampler`` at an unused default), or ``loader.sampler`` when it has none (``batch_size=None``: one
+    sample a step). None for anything but a ``DataLoader``."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return None
+    bs = loader.batch_sampler
+    if bs is not None:
+        return getattr(bs, "sampler", None)
+    return loader.sampler
+
+
 def plain_batches(bs) -> bool:
     """Whether a ``DataLoader``'s batch sampler ``bs`` cuts the samples in order, or in one uniform shuffle of them
     all, into batches (what :class:`ChainData` reads as a permutation and :func:`hash_data` as its settings)."""
@@ -128,15 +140,7 @@ class ChainData:
             and dl.collate_fn is torch.utils.data.default_collate
             and dl.batch_sampler is not None
         )
-        # in order: the batches' sampler (a batch_sampler= given leaves loader.sampler at an unused default)
-        sampler = (
-            getattr(dl.batch_sampler, "sampler", None)
-            if dl is not None and dl.batch_sampler is not None
-            else None
-        )
-        self.sequential = dl is not None and isinstance(
-            sampler if sampler is not None else dl.sampler, torch.utils.data.SequentialSampler
-        )
+        self.sequential = isinstance(_stream_sampler(loader), torch.utils.data.SequentialSampler)
         self.length = batches_per_epoch(loader)
         # one batch: the whole data set, read once (not the first batch of a ragged split, whose length is 1 too)
         whole = _one_batch_of_all(loader)
@@ -187,10 +191,9 @@ class ChainData:
         """``fn()`` with torch's global RNG (and the loader's generator) seeded for this epoch's order of the stream:
         one chain at a time when chains run in threads; the generator's state is given back."""
         seed = splitmix64(self.key ^ self.epoch) & ((1 << 63) - 1)
-        sampler = getattr(getattr(self.loader, "batch_sampler", None), "sampler", None)
         # (the plain batches of a fast loader are a permutation from torch's RNG: the sampler's generator unused)
         gen = (
-            getattr(sampler, "generator", None)
+            getattr(_stream_sampler(self.loader), "generator", None)
             if not (self.fast and plain_batches(self.loader.batch_sampler))
             else None
         )
