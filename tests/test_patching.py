@@ -198,6 +198,14 @@ def test_errors_name_the_argument():
         activation_patching(model_and_prompts(d_mlp=None)[0], "mlp_out", clean, corr, metric=met)
     with pytest.raises(ValueError, match="layers contains"):
         activation_patching(model, "z", clean, corr, metric=met, layers=[5])
+    # an axis naming a value twice (after negative positions count from the end) would repeat rows
+    T = clean.shape[1]
+    with pytest.raises(ValueError, match="layers names 1 more than once"):
+        activation_patching(model, "z", clean, corr, metric=met, layers=[1, 0, 1])
+    with pytest.raises(ValueError, match="heads names 0 more than once"):
+        activation_patching(model, "z", clean, corr, metric=met, heads=[0, 0])
+    with pytest.raises(ValueError, match=f"positions names {T - 1} more than once"):
+        activation_patching(model, "resid_pre", clean, corr, metric=met, positions=[-1, T - 1])
 
 
 @pytest.mark.parametrize("kind", ["embed_scale", "embed_ln"])

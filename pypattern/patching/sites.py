@@ -136,6 +136,15 @@ def _ints(v, name: str) -> list[int]:
     return [int(x) for x in out]
 
 
+def _once(values: list[int], name: str, note: str = "") -> None:
+    """Refuse a grid axis that names a value twice (its rows would repeat, and a ranking list each twice)."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{name} names {v} more than once{note}; give each at most once")
+        seen.add(v)
+
+
 def make_cells(
     site: str,
     n_layers: int,
@@ -158,6 +167,7 @@ def make_cells(
     for layer in layers:
         if not 0 <= layer <= n_layers - window:
             raise ValueError(f"layers contains {layer}; valid are 0..{n_layers - window} (window={window})")
+    _once(layers, "layers")
     axes, coords = ["layer"], {"layer": layers}
     is_head = site in HEAD_SITES
     if heads is not None and not is_head:
@@ -175,6 +185,7 @@ def make_cells(
         if any(not 0 <= h < n_heads for h in heads):
             kind = "key/value heads" if site in KV_SITES else "heads"
             raise ValueError(f"heads={heads} is not valid; site {site!r} has {kind} 0..{n_heads - 1}")
+        _once(heads, "heads")
         axes.append("head")
         coords["head"] = heads
     if per_position:
@@ -187,6 +198,9 @@ def make_cells(
                     f"valid are {-seq_len}..{seq_len - 1}"
                 )
         positions = list(range(seq_len)) if positions is None else [p % seq_len for p in positions]
+        _once(
+            positions, "positions", f" (prompts of {seq_len} positions; a negative one counts from the end)"
+        )
         axes.append("pos")
         coords["pos"] = positions
     hs = coords.get("head", [-1])
