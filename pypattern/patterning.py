@@ -160,7 +160,13 @@ def invert(
     """
     chi = _as_2d(chi)
     k, n = chi.shape
-    tgt = _as_float64(target, "target").reshape(-1)
+    tgt = _as_float64(target, "target")
+    if tgt.shape != (k,) and sum(s != 1 for s in tgt.shape) > 1:
+        raise ValueError(
+            f"target has shape {tgt.shape}; give one entry per observable, shape ({k},) (a column (K, 1) or row "
+            "(1, K) is read as that vector, a matrix is not)"
+        )
+    tgt = tgt.reshape(-1)
     if tgt.shape != (k,):
         raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}")
     if not np.isfinite(tgt).all():

@@ -480,3 +480,18 @@ def test_constrained_converges_where_newton_on_the_dual_stalls():
     )
     assert f(w) <= f(ref.x) + 1e-9, (f(w), f(ref.x))
     assert w.min() >= lo and w.max() <= hi and abs(w.sum() - n) <= 1e-9 * n
+
+
+def test_invert_reads_a_column_target_and_refuses_a_matrix():
+    """A target of shape (K, 1) or (1, K) is the vector of K changes; a (2, 2) target for K = 4 observables is not
+    read as one (it was flattened silently)."""
+    rng = np.random.default_rng(0)
+    chi = rng.normal(size=(4, 9))
+    t = rng.normal(size=4)
+    ref = invert(chi, t).weights
+    np.testing.assert_array_equal(invert(chi, t[:, None]).weights, ref)
+    np.testing.assert_array_equal(invert(chi, t[None, :]).weights, ref)
+    with pytest.raises(
+        ValueError, match=r"target has shape \(2, 2\); give one entry per observable, shape \(4,\)"
+    ):
+        invert(chi, t.reshape(2, 2))
