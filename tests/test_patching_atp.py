@@ -121,6 +121,42 @@ def test_shortlist_and_confirm(trained_ioi):
         assert abs(e - r["exact"]) < 1e-4
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(corruption=ZeroAblation(), direction="noising", per_position=False),
+        dict(direction="noising", grad_drop=True, max_batch=1, max_memory=None),
+        dict(max_batch=2, max_memory=10**6),
+    ],
+)
+def test_shortlist_and_confirm_takes_activation_patchings_settings(kw):
+    """A corruption instead of corrupted prompts, whole-sequence cells and the memory bounds reach both stages:
+    each confirmed cell equals activation_patching's value of it with the same settings, and the shortlist is
+    attribution_patching's ranking with them."""
+    model, clean, corr, met = linear_last_layer_model()
+    ablate = "corruption" in kw
+    toks = () if ablate else (corr,)
+    rows = shortlist_and_confirm(model, "z", clean, *toks, metric=met, k=3, **kw)
+    common = {a: kw[a] for a in ("corruption", "direction", "per_position") if a in kw}
+    exact = activation_patching(model, "z", clean, *toks, metric=met, **common).effect.mean(0)
+    atp = attribution_patching(
+        model,
+        clean,
+        *toks,
+        metric=met,
+        sites=["z"],
+        qk_fix=True,
+        grad_drop=kw.get("grad_drop", False),
+        **common,
+    )["z"].effect.mean(0)
+    assert len(rows) == 3 and ("pos" in rows[0]) == kw.get("per_position", True)
+    for r in rows:
+        at = (r["layer"], r["head"]) + ((r["pos"],) if "pos" in r else ())
+        assert r["exact"] == pytest.approx(exact[at].item(), abs=1e-12)
+        assert r["atp"] == pytest.approx(atp[at].item(), abs=1e-12)
+    assert [abs(r["atp"]) for r in rows] == sorted(atp.abs().flatten().tolist(), reverse=True)[:3]
+
+
 def test_patch_demo_writes_heatmap_and_table(tmp_path):
     from pypattern.experiments.patching_demo import run_patch_demo
 

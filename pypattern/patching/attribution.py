@@ -678,31 +678,52 @@ def shortlist_and_confirm(
     model,
     site: str,
     clean_tokens: torch.Tensor,
-    corrupted_tokens: torch.Tensor,
+    corrupted_tokens: torch.Tensor | None = None,
     *,
     metric: Metric,
     k: int = 10,
+    corruption: Corruption | None = None,
     direction: str = "denoising",
+    per_position: bool = True,
     qk_fix: bool = True,
+    grad_drop: bool = False,
+    max_batch: int | None = None,
+    max_memory: int | None = 2**30,
 ) -> list[dict]:
-    """AtP over the whole grid of ``site`` (per position), then exact patching of the ``k`` cells whose AtP
-    estimate, averaged over the examples, is largest in absolute value.
+    """AtP over the whole grid of ``site``, then exact patching of the ``k`` cells whose AtP estimate, averaged
+    over the examples, is largest in absolute value.
+
+    Parameters
+    ----------
+    corrupted_tokens, corruption, direction, per_position
+        As in :func:`~pypattern.patching.activation_patching`, the same for both stages.
+    qk_fix, grad_drop
+        AtP* 's corrections (:func:`attribution_patching`) in the shortlisting stage.
+    max_batch : int, optional
+        Bounds the memory of both stages in their own units: prompts per forward and backward of AtP (then it needs
+        a :class:`~pypattern.patching.metrics.Metric`, as there), cells per batch of the exact engine.
+    max_memory : int, optional
+        Bytes of working memory per batch of the exact stage, as in
+        :func:`~pypattern.patching.activation_patching`.
 
     Returns
     -------
     list of dict
-        ``{"layer", ["head",] "pos", "atp": mean estimated effect, "exact": mean exact effect}`` sorted by
-        ``|atp|`` (effects on the raw metric scale: ``m_patched - m_target``).
+        ``{"layer", ["head",] ["pos",] "atp": mean estimated effect, "exact": mean exact effect}`` sorted by
+        ``|atp|`` (effects on the raw metric scale: ``m_patched - m_target``; ``pos`` only per position).
     """
     from ..models.convert import converted_if_convertible
-    from .api import _exact_or_naive, _naive, engine_on_runs, prepare_runs
+    from ..models.packed import pack_budget
+    from .api import _exact_or_naive, _naive, check_batch_limits, engine_on_runs, prepare_runs
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
+    check_batch_limits(max_batch, max_memory)
     model = converted_if_convertible(model)  # the exact stage needs pypattern's model too
     atp = attribution_patching(
-        model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], direction=direction, qk_fix=qk_fix
-    )[site]
+        model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], corruption=corruption,
+        direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop, max_batch=max_batch,
+    )[site]  # fmt: skip
     m = atp.effect.mean(0)
     order = torch.argsort(m.flatten().abs(), descending=True)[:k].tolist()
     cells, picked = [], []
@@ -715,19 +736,24 @@ def shortlist_and_confirm(
     if (
         _exact_or_naive(model, "auto", stacklevel=3) == "naive"
     ):  # hooks attached: one forward per cell runs them
-        runs = prepare_runs(model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, False)
+        runs = prepare_runs(
+            model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
+        )
         tgt = runs.m_corr if direction == "denoising" else runs.m_clean
         vals = dict(zip(cells, _naive(model, site, cells, runs, metric))) if cells else {}
     else:
-        with model.fixed_weights():  # one block for the recorded runs and the engine: the layouts made once
+        packs = pack_budget(model, max_memory)
+        # one block for the recorded runs and the engine: the layouts (and packs) made once
+        with model.fixed_weights(max_pack_bytes=packs):
             runs = prepare_runs(
-                model, site_hooks, clean_tokens, corrupted_tokens, metric, None, direction, True
+                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True
             )
             T_eff = runs.metric_rows
             live = [c for c in cells if c.pos < T_eff]
-            eng = engine_on_runs(
-                model, runs, site, metric, engine_batch(model.cfg, runs.B, T_eff, None, 2**30)
+            batch = engine_batch(
+                model.cfg, runs.B, T_eff, max_batch, max_memory if not packs else max_memory - packs
             )
+            eng = engine_on_runs(model, runs, site, metric, batch, packs)
             tgt = eng.target_metric()
             vals = dict(zip(live, eng.run(live))) if live else {}
     out = []
