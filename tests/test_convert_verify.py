@@ -161,3 +161,35 @@ def test_gptj_built_under_a_float64_default_dtype_converts_exactly():
         hf.transformer.rotary_emb.embed_positions.mul_(1.001)
     with pytest.raises(UnsupportedModelError, match="rotary table"):
         from_hf(hf)
+
+
+def _mixtral():
+    cfg = transformers.MixtralConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    return transformers.MixtralForCausalLM(cfg).double().eval()
+
+
+def test_a_float64_model_whose_own_forward_refuses_float64_is_checked_in_float32():
+    """Hugging Face's mixture-of-experts layers refuse float64 inputs: the conversion of a float64 Mixtral is
+    checked against a float32 copy's forward (it went unchecked, with a warning), so a model changed after it was
+    built is still refused, and an unchanged one converts without a warning; its logits equal the float64 model's
+    routing and experts computed in float32 to float32's rounding."""
+    import warnings
+
+    m = _mixtral()
+    x = torch.randint(0, 61, (1, 8), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError):  # the premise: the model's own forward refuses float64
+        m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv = from_hf(m)
+    assert conv.cfg.dtype == torch.float64
+    ref = m.float()(x).logits.double()
+    m.double()
+    assert (conv(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    for layer in m.model.layers:  # a change the converter cannot see: the experts' activation swapped
+        layer.mlp.experts.act_fn = torch.nn.GELU()
+    with pytest.raises(UnsupportedModelError, match="differ from the model's own"):
+        from_hf(m)

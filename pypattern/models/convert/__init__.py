@@ -108,7 +108,8 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         Dtype of the converted weights; default: the model's own.
     verify : bool
         Run both models on a few tokens and refuse the conversion when their logits differ by more than rounding
-        (default); a ``TransformerBridge`` is checked against its own forward, and one that computes another
+        (default; a float64 model whose own forward refuses float64, as Hugging Face's mixture-of-experts layers
+        do, is checked against a float32 copy of it, to float32's rounding); a ``TransformerBridge`` is checked against its own forward, and one that computes another
         function than the Hugging Face model it wraps is refused. The converters read the configuration and the
         modules the way the Hugging Face classes build them; a model changed after it was built (a module swapped,
         a module's attribute or ``model.config`` edited) can differ from what they read, and the check catches
@@ -209,13 +210,16 @@ def _verify(
             else:
                 ref = bridge(tokens, return_type="logits")
         except Exception as e:  # the model's own forward, not the conversion
-            warnings.warn(
-                f"from_hf could not run the {name} model's own forward to check the conversion "
-                f"({type(e).__name__}: {e}); the converted model was not checked against it",
-                UserWarning,
-                stacklevel=3,
-            )
-            return
+            ref = None if bridge is not None else _float32_forward(hf, tokens)
+            if ref is None:
+                warnings.warn(
+                    f"from_hf could not run the {name} model's own forward to check the conversion "
+                    f"({type(e).__name__}: {e}); the converted model was not checked against it",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
+            src_dtype = torch.float32  # checked against a float32 copy: to float32's rounding
         mine = out(tokens)
     ref, mine = ref.detach().to(torch.float64), mine.detach().to(torch.float64)
     if ref.shape != mine.shape:
@@ -250,6 +254,21 @@ def _verify(
             "converter cannot see. Build the model from its configuration, or pass verify=False to convert it as "
             "the configuration describes it"
         )
+
+
+def _float32_forward(hf: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The logits of a float32 copy of a float64 model whose own forward refused float64 (some Hugging Face mixture
+    of experts layers run only in 32 or 16 bits), or None (another dtype, or the copy failed too)."""
+    import copy
+
+    if not any(p.dtype == torch.float64 for p in hf.parameters()):
+        return None
+    try:
+        twin = copy.deepcopy(hf).float()
+        with eval_mode(twin), torch.no_grad():
+            return twin(input_ids=tokens, use_cache=False).logits
+    except Exception:
+        return None
 
 
 def _relative_error(mine: torch.Tensor, ref: torch.Tensor) -> float:
