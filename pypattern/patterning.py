@@ -517,9 +517,9 @@ def reweight(
         weights = weights.weights
     try:
         w = torch.as_tensor(_as_float64(weights, "weights"))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # e names weights and what was wrong with it
         raise TypeError(
-            f"weights must be an array of per-sample weights (or an Intervention), got {type(weights).__name__}: {e}"
+            f"{e}; give per-sample weights or an Intervention (this one is of type {type(weights).__name__})"
         ) from None
     if mode == "loss":  # the sampler's settings have no meaning here: refused rather than ignored
         given = [

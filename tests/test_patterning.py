@@ -188,8 +188,13 @@ def test_reweight_of_an_unbatched_loader_an_iterable_one_and_an_intervention():
         reweight(torch.utils.data.DataLoader(Stream(), batch_size=2), w)
     iv = invert(np.random.default_rng(0).normal(size=(1, 6)), [0.1], method="constrained")
     torch.testing.assert_close(reweight(ds, iv, mode="loss"), reweight(ds, iv.weights, mode="loss"))
-    with pytest.raises(TypeError, match="weights must be an array of per-sample weights"):
+    with pytest.raises(
+        TypeError, match=r"weights must be an array of real numbers, got object values; give per-sample"
+    ):
         reweight(ds, object())
+    with pytest.raises(TypeError) as e:  # weights named once
+        reweight(ds, "a")
+    assert str(e.value).count("weights") == 2 and "of type str" in str(e.value)
 
 
 def test_online_patterner_follows_a_drifting_system():
