@@ -15,7 +15,6 @@ Conventions (see :mod:`pypattern.circuits.engine` for the definitions):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -26,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from .._progress import progress_bar
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
 from ..patching.metrics import first_order_says_nothing, first_order_tol
@@ -572,7 +572,7 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
     # one fixed-weights block for every run call: layouts and packed weights made once
     with (
         engine.fixed_weights(),
-        _progress(quiet or done >= E, total=E, initial=done, desc="exact edge scores", unit="edge") as bar,
+        progress_bar(quiet or done >= E, total=E, initial=done, desc="exact edge scores", unit="edge") as bar,
     ):
         while done < E:
             stop = min(E, done + block)
@@ -612,22 +612,6 @@ def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode,
         base_metric=engine.base_metric(),
         **more,
     )
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool, **bar):
-    """A progress bar (tqdm's, with ``bar``'s settings) for the block, shown once it has run for two seconds and
-    closed however it ends; None when ``quiet``."""
-    if quiet:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    pbar = tqdm(delay=2.0, leave=False, **bar)
-    try:
-        yield pbar
-    finally:
-        pbar.close()
 
 
 def _ig_chunk(engine: EdgeEngine, steps: int) -> int:
@@ -1054,7 +1038,7 @@ def acdc(
     first = graph.n_dst if state is None else state["next"]
     with (
         engine.fixed_weights(),
-        _progress(
+        progress_bar(
             quiet or first == 0, total=graph.n_dst, initial=graph.n_dst - first, desc="ACDC", unit="input"
         ) as bar,
     ):

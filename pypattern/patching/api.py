@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
+import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._checks import refuse_meta
+from .._progress import progress_bar
 from ..losses import position_limit
 from .corruptions import (
     Corruption,
@@ -384,6 +389,8 @@ def activation_patching(
     method: str = "auto",
     max_batch: int | None = None,
     max_memory: int | None = 2**30,
+    quiet: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> PatchResult:
     """Patch ``site`` at every cell of a (layer[, head][, position]) grid and measure ``metric``.
 
@@ -426,6 +433,14 @@ def activation_patching(
         packed for oneDNN's matmul (a copy of the blocks' float32 weights, where that matmul is the faster on the
         CPU) come out of the same budget when they take at most half of it, else none are packed. The caches of
         the clean and corrupted runs come on top. None: no bound beyond ``max_batch``.
+    quiet : bool
+        No progress bar (one is shown, over the cells, once a grid has run for two seconds).
+    checkpoint : path, optional
+        An ``.npz`` file: the values of the cells done so far are written to it as the grid goes (every 30 s and
+        at the end), and a call of the same run reads them back and computes only the rest. The same run: the
+        same model weights, site, grid, direction, method, prompts, corruption and metric (by its code and its
+        values on the clean and corrupted runs); another run is refused (``FingerprintMismatch``). The batch
+        settings may differ. A finished run's file gives its result without patching again.
 
     Returns
     -------
@@ -442,8 +457,136 @@ def activation_patching(
             return _activation_patching(
                 run, site, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption,
                 direction=direction, per_position=per_position, layers=layers, heads=heads, positions=positions,
-                window=window, method=method, max_batch=max_batch, max_memory=max_memory,
+                window=window, method=method, max_batch=max_batch, max_memory=max_memory, quiet=quiet,
+                checkpoint=checkpoint,
             )  # fmt: skip
+
+
+def _blocks(cells: list[Cell], idx: list[int], B: int) -> list[list[int]]:
+    """The cells ``idx`` in the blocks the grid is computed and checkpointed in: whole groups of one position (the
+    exact engine batches the cells of a position together, the late layers apart), merged in order of first
+    appearance until a block unembeds at least :attr:`ExactEngine.UNEMBED_ROWS` rows. Fixed by the cells alone,
+    so that a resumed grid computes its remaining blocks as an uninterrupted one does."""
+    groups: dict[int, list[int]] = {}
+    for i in idx:
+        groups.setdefault(cells[i].pos, []).append(i)
+    least = max(1, -(-ExactEngine.UNEMBED_ROWS // max(1, B)))
+    out: list[list[int]] = []
+    for g in groups.values():
+        if out and len(out[-1]) < least:
+            out[-1].extend(g)
+        else:
+            out.append(list(g))
+    return out
+
+
+def _corruption_items(corruption) -> dict | None:
+    """A corruption's class and declared fields (a dataclass's; a user's subclass also by its other attributes)."""
+    if corruption is None:
+        return None
+    if dataclasses.is_dataclass(corruption):
+        items = {f.name: getattr(corruption, f.name) for f in dataclasses.fields(corruption)}
+    else:
+        items = dict(getattr(corruption, "__dict__", {}))
+    return {"class": f"{type(corruption).__module__}.{type(corruption).__qualname__}", **items}
+
+
+class _Grid:
+    """The values ``(n_cells, batch)`` of a patching grid, computed block by block with a progress bar and, with a
+    ``checkpoint``, written as they come and read back by a call of the same run (:meth:`fingerprint`)."""
+
+    KIND = "ActivationPatchingCheckpoint"
+    EVERY_S = 30.0
+
+    def __init__(self, cells, runs, checkpoint, quiet: bool, site: str) -> None:
+        self.n, self.B = len(cells), runs.B
+        # on the device the metric is computed on (a GPU model's values stay there)
+        self.values = torch.empty(self.n, self.B, dtype=runs.m_clean.dtype, device=runs.m_clean.device)
+        self.done = torch.zeros(self.n, dtype=torch.bool)
+        self.path, self.quiet, self.site, self.runs, self.fp = checkpoint, quiet, site, runs, None
+        self.todo = list(range(self.n))
+
+    def fingerprint(self, model, method, direction, per_position, window, coords, clean, corrupted, corruption,
+                    metric) -> None:  # fmt: skip
+        """With a checkpoint: this run's fingerprint; the values a file of the same run holds are read back (a
+        file of another run is refused)."""
+        if self.path is None:
+            return
+        from .. import io
+
+        r = self.runs
+        self.fp = io.fingerprint(
+            kind="activation patching",
+            site=self.site,
+            method=method,
+            direction=direction,
+            per_position=per_position,
+            window=window,
+            grid=coords,
+            clean=clean,
+            corrupted=corrupted,
+            corruption=_corruption_items(corruption),
+            metric=metric,
+            **{f"weights[{n}]": t for n, t in model.state_dict().items()},
+            # the metric's values on the two runs: a change its code and settings do not show
+            metric_clean=r.m_clean,
+            metric_corrupted=r.m_corr,
+        )
+        if not os.path.exists(self.path):
+            return
+        arrays, meta = io.load(self.path, kind=self.KIND)
+        io.check_fingerprint(meta.get("fingerprint"), self.fp, self.path)
+        vals, done = arrays.get("values"), arrays.get("done")
+        if (
+            vals is None
+            or done is None
+            or vals.dtype != np.float64
+            or done.dtype != np.bool_
+            or vals.shape != (self.n, self.B)
+            or done.shape != (self.n,)
+        ):
+            raise io.FormatError(
+                f"{os.fspath(self.path)!r} is damaged: it holds no values (float64, {self.n} cells x {self.B} "
+                f"prompts) and done flags (bool, {self.n}) of this grid"
+            )
+        self.done = torch.from_numpy(done.copy())
+        self.values[self.done.to(self.values.device)] = torch.from_numpy(vals[done]).to(self.values)
+        self.todo = [i for i in range(self.n) if not bool(self.done[i])]
+
+    def run(self, blocks: list[list[int]], compute, done: list[int] = ()) -> None:
+        """Each block's values from ``compute(cell indices) -> (len, batch)``, but for the blocks a checkpoint
+        gave (blocks are saved whole); ``done``: cells set already."""
+        self.done[list(done)] = True
+        finished = int(self.done.sum())
+        blocks = [b for b in blocks if not bool(self.done[b].all())]
+        saved = time.perf_counter()
+        with progress_bar(
+            self.quiet, total=self.n, initial=finished, desc=f"patching {self.site}", unit="cell"
+        ) as bar:
+            for k, idx in enumerate(blocks):
+                self.values[idx] = compute(idx).to(self.values)
+                self.done[idx] = True
+                last = k == len(blocks) - 1
+                if self.path is not None and (last or time.perf_counter() - saved >= self.EVERY_S):
+                    self._save()
+                    saved = time.perf_counter()
+                if bar is not None:
+                    bar.update(len(idx))
+        if self.path is not None and not blocks and self.todo:
+            self._save()
+
+    def _save(self) -> None:
+        from .. import io
+
+        vals = self.values.to("cpu", torch.float64).where(
+            self.done[:, None], torch.zeros((), dtype=torch.float64)
+        )
+        io.save(
+            self.path,
+            {"values": vals.numpy(), "done": self.done.numpy()},
+            {"fingerprint": self.fp},
+            kind=self.KIND,
+        )
 
 
 @contextlib.contextmanager
@@ -495,13 +638,18 @@ def _deterministic(model):
 
 def _activation_patching(
     model, site, clean_tokens, corrupted_tokens, *, metric, corruption, direction, per_position, layers, heads,
-    positions, window, method, max_batch, max_memory,
+    positions, window, method, max_batch, max_memory, quiet=True, checkpoint=None,
 ) -> PatchResult:  # fmt: skip
     from ..models.packed import pack_budget
     from ..models.transformer import Transformer
 
-    if not isinstance(per_position, bool):
-        raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
+    for name, flag in (("per_position", per_position), ("quiet", quiet)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}={flag!r} is not valid; give True or False")
+    if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(
+            f"checkpoint={checkpoint!r} is not valid; give a file path (str or os.PathLike) or None"
+        )
     is_tf = isinstance(model, Transformer)
     check_site(model.cfg if is_tf else None, site)
     if method not in ("auto", "exact", "naive"):
@@ -533,7 +681,14 @@ def _activation_patching(
         runs = prepare_runs(
             model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
         )
-        vals = _naive(model, site, cells, runs, metric)
+        grid = _Grid(cells, runs, checkpoint, quiet, site)
+        grid.fingerprint(model, method, direction, per_position, window, coords, clean_tokens, corrupted_tokens,
+                         corruption, metric)  # fmt: skip
+        grid.run(
+            [[i] for i in range(len(cells))],
+            lambda idx: _naive(model, site, [cells[i] for i in idx], runs, metric),
+        )
+        vals = grid.values
     else:
         engine_batch(model.cfg, B, T, max_batch, max_memory)  # checks both arguments before any run
         # weights packed for oneDNN's matmul come out of the same memory budget as the engine's batch
@@ -547,14 +702,17 @@ def _activation_patching(
             batch = engine_batch(
                 model.cfg, B, T_eff, max_batch, max_memory if not packs else max_memory - packs
             )
-            engine = engine_on_runs(model, runs, site, metric, batch, packs)
-            vals = torch.empty(len(cells), B, dtype=runs.m_clean.dtype)
-            live = [i for i, c in enumerate(cells) if c.pos < T_eff]
-            dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
-            if live:
-                vals[live] = engine.run([cells[i] for i in live]).to(vals.dtype)
-            if dead:
-                vals[dead] = engine.target_metric().to(vals.dtype)
+            grid = _Grid(cells, runs, checkpoint, quiet, site)
+            grid.fingerprint(model, method, direction, per_position, window, coords, clean_tokens,
+                             corrupted_tokens, corruption, metric)  # fmt: skip
+            if grid.todo:
+                engine = engine_on_runs(model, runs, site, metric, batch, packs)
+                live = [i for i, c in enumerate(cells) if c.pos < T_eff]
+                dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
+                if dead:  # a patch after the metric's last row changes nothing
+                    grid.values[dead] = engine.target_metric().to(grid.values)
+                grid.run(_blocks(cells, live, B), lambda idx: engine.run([cells[i] for i in idx]), done=dead)
+            vals = grid.values
     values = vals.T.reshape(B, *shape)
     return PatchResult(
         values=values,

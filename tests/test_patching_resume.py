@@ -1,0 +1,144 @@
+"""Patching grids go block by block with a progress bar; with a checkpoint they write the cells done so far and
+a call of the same run computes only the rest (another run is refused)."""
+
+import numpy as np
+import pytest
+import torch
+
+from pypattern.io import FingerprintMismatch, FormatError
+from pypattern.models import HookedModule, Transformer, TransformerConfig
+from pypattern.patching import GaussianNoise, LogitDiff, MeanAblation, activation_patching
+from pypattern.patching import api as patching_api
+from pypattern.patching.engine import ExactEngine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _setup(seed=5):
+    cfg = dict(
+        n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=12, n_ctx=8, dtype=torch.float64, seed=seed
+    )
+    model = Transformer(TransformerConfig(**cfg))
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 12, (3, 6), generator=g)
+    corr = clean.clone()
+    corr[:, 1] = (clean[:, 1] + 3) % 12
+    corr[:, 4] = (clean[:, 4] + 5) % 12
+    return model, clean, corr, LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6]))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of one position each (the exact engine's unembedding batch at one row) and a save after every
+    block."""
+    monkeypatch.setattr(ExactEngine, "UNEMBED_ROWS", 1)
+    monkeypatch.setattr(patching_api._Grid, "EVERY_S", 0.0)
+
+
+def _interrupt_after(monkeypatch, cls, name, k):
+    """Make ``cls.name`` raise on its (k+1)-th call; returns the list of calls made."""
+    orig = getattr(cls, name)
+    calls = []
+
+    def wrapped(*a, **kw):
+        if len(calls) >= k:
+            raise _Stop
+        calls.append(1)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(cls, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "site, kw",
+    [
+        ("resid_pre", {}),
+        ("z", {}),
+        ("attn_out", dict(direction="noising", corruption=MeanAblation())),
+        ("resid_post", dict(corruption=GaussianNoise(seed=3))),
+    ],
+)
+def test_interrupted_grid_resumes_to_the_uninterrupted_values(tmp_path, monkeypatch, small_blocks, site, kw):
+    model, clean, corr, met = _setup()
+    toks = () if "corruption" in kw else (corr,)
+    whole = activation_patching(model, site, clean, *toks, metric=met, quiet=True, **kw)
+    path = tmp_path / "grid.npz"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, ExactEngine, "run", 2)
+        with pytest.raises(_Stop):
+            activation_patching(model, site, clean, *toks, metric=met, checkpoint=path, quiet=True, **kw)
+    stored = np.load(path)
+    assert 0 < stored["done"].sum() < stored["done"].size  # two blocks of the grid were written
+    with monkeypatch.context() as m:
+        calls = _interrupt_after(m, ExactEngine, "run", 10**6)
+        resumed = activation_patching(
+            model, site, clean, *toks, metric=met, checkpoint=path, quiet=True, **kw
+        )
+    n_blocks = len({c for c in range(clean.shape[1])})  # one block per position
+    assert len(calls) == n_blocks - 2  # only the rest was computed
+    torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)
+    # a finished run's file gives the result without patching again
+    with monkeypatch.context() as m:
+        _interrupt_after(m, ExactEngine, "run", 0)
+        again = activation_patching(model, site, clean, *toks, metric=met, checkpoint=path, quiet=True, **kw)
+    torch.testing.assert_close(again.values, whole.values, rtol=0, atol=0)
+
+
+def test_naive_grid_resumes(tmp_path, monkeypatch, small_blocks):
+    """The one-forward-per-cell loop (a model with its own hook points) checkpoints cell by cell."""
+    model, clean, corr, met = _setup()
+    hm = HookedModule(model, {f"blocks.{i}.hook_resid_pre": f"blocks.{i}.hook_resid_pre" for i in range(2)})
+    whole = activation_patching(model, "resid_pre", clean, corr, metric=met, method="naive", quiet=True)
+    path = tmp_path / "naive.npz"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, patching_api, "_naive", 5)
+        with pytest.raises(_Stop):
+            activation_patching(model, "resid_pre", clean, corr, metric=met, method="naive", checkpoint=path,
+                                quiet=True)  # fmt: skip
+    assert int(np.load(path)["done"].sum()) == 5
+    resumed = activation_patching(
+        model, "resid_pre", clean, corr, metric=met, method="naive", checkpoint=path, quiet=True
+    )
+    torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)
+    del hm
+
+
+def test_another_run_is_refused_and_a_damaged_file_named(tmp_path):
+    model, clean, corr, met = _setup()
+    path = tmp_path / "grid.npz"
+    activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=path, quiet=True)
+    other_model = _setup(seed=6)[0]
+    cases = [
+        (dict(model=other_model), "weights"),
+        (dict(site="attn_out"), "site"),
+        (dict(metric=LogitDiff(torch.tensor([1, 2, 3]), torch.tensor([4, 5, 7]))), "metric"),
+        (dict(corrupted_tokens=(corr + 1) % 12), "corrupted"),
+        (dict(layers=[1]), "grid"),
+        (dict(direction="noising"), "direction"),
+        (dict(method="naive"), "method"),
+    ]
+    base = dict(model=model, site="resid_pre", clean_tokens=clean, corrupted_tokens=corr, metric=met)
+    for change, item in cases:
+        with pytest.raises(FingerprintMismatch, match=item):
+            activation_patching(**{**base, **change}, checkpoint=path, quiet=True)
+    # the batch settings may differ: the same run
+    again = activation_patching(**base, max_batch=1, max_memory=None, checkpoint=path, quiet=True)
+    torch.testing.assert_close(again.values, activation_patching(**base, quiet=True).values, rtol=0, atol=0)
+    data = dict(np.load(path))
+    data["done"] = data["done"].astype(np.int64)
+    np.savez(path, **data)
+    with pytest.raises(FormatError, match="damaged"):
+        activation_patching(**base, checkpoint=path, quiet=True)
+
+
+def test_checkpoint_and_quiet_arguments_are_checked(tmp_path):
+    model, clean, corr, met = _setup()
+    with pytest.raises(TypeError, match="checkpoint=3"):
+        activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=3)
+    with pytest.raises(TypeError, match="quiet='no'"):
+        activation_patching(model, "resid_pre", clean, corr, metric=met, quiet="no")
