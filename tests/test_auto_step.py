@@ -308,8 +308,10 @@ def test_auto_run_that_runs_away_is_run_again_at_half_the_step(monkeypatch, tmp_
         and "run again from the start at 0.025" in rep["reason"]
     )
     assert np.isfinite(res.loss_trace).all() and res.loss_trace.shape == (2, 50)
-    # the rerun equals a run given that step from the start
-    assert np.array_equal(res.loss_trace, sample(_Quadratic(), loader, step_size=0.025, **kw).loss_trace)
+    # the rerun equals a run given that step from the start (with the burn-in of a calibrated step: the draws')
+    assert res.config["num_burnin_steps"] == 50
+    given = sample(_Quadratic(), loader, step_size=0.025, num_burnin_steps=50, **kw)
+    assert np.array_equal(res.loss_trace, given.loss_trace)
 
     # callbacks that can start over are reset before each rerun; the run's draws reach them once
     class Counter:

@@ -1999,3 +1999,39 @@ def test_load_chain_state_refuses_a_state_of_other_parameters_before_copying():
     assert all(torch.equal(before[k], after[k]) for k in before)
     opt.load_chain_state({k: v + 1 for k, v in saved.items()})
     assert all(torch.equal(opt.chain_state()[k], saved[k] + 1) for k in saved)
+
+
+def test_burn_in_defaults_to_the_draws_steps_at_a_calibrated_step():
+    """num_burnin_steps=None (the default): a calibrated step burns in as many steps as the draws take (the share
+    of burn-in its trials judged it with), a given step none (devinterp's default); a given count is kept."""
+    import pypattern.sampling.runner as runner
+
+    model, loader = _mlp_task()
+    kw = dict(num_chains=2, num_draws=10, num_steps_bw_draws=3, quiet=True, warn_nonstationary=False)
+    assert sample(model, loader, step_size=1e-3, **kw).config["num_burnin_steps"] == 0
+    assert sample(model, loader, step_size=1e-3, num_burnin_steps=7, **kw).config["num_burnin_steps"] == 7
+    assert runner.default_burnin(True, 10, 3) == 30 and runner.default_burnin(False, 10, 3) == 0
+    assert runner.default_burnin(True, np.int64(10), 3) == 30  # numpy counts too
+    assert runner.default_burnin(True, 1.5, 3) == 0  # left for the run's own check to name
+    auto = sample(model, loader, step_size="auto", **kw)
+    assert auto.config["auto_step"] is not None and auto.config["num_burnin_steps"] == 30
+
+
+def test_a_drifting_run_without_localization_names_it():
+    """A run that is not stationary with localization=0 says that nothing holds the chains near w* (the likeliest
+    cause of a drift); with a localization the warning does not."""
+    from pypattern.sampling.diagnostics import NonStationaryWarning
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(4.0)  # far from the minimum: the chains descend, the loss trace drifts
+    loader = [(x, y)]
+    kw = dict(num_chains=4, num_draws=40, step_size=1e-4, nbeta=10.0, quiet=True, loss_fn=None)
+    for loc, named in ((0.0, True), (1e-3, False)):
+        with pytest.warns(NonStationaryWarning) as rec:
+            sample(model, loader, localization=loc, **kw)
+        text = " ".join(str(w.message) for w in rec if issubclass(w.category, NonStationaryWarning))
+        assert ("With localization=0 nothing holds the chains near w*" in text) == named, text

@@ -168,13 +168,14 @@ class ChainData:
                 chunks = order.split(bs.batch_size)
                 if bs.drop_last and n % bs.batch_size:
                     chunks = chunks[:-1]
-                # index_select: torch's advanced indexing took 5x longer for a batch of rows (measured)
-                return (tuple(t.index_select(0, ix) for t in tensors) for ix in chunks)
+                # index_select: torch's advanced indexing took 5x longer for a batch of rows (measured); the
+                # order is drawn on the CPU (keyed as on any device), each batch's indices go to its tensor's device
+                return (tuple(t.index_select(0, ix.to(t.device)) for t in tensors) for ix in chunks)
 
             def gen():
                 for idx in bs:
                     ix = torch.as_tensor(idx, dtype=torch.long)
-                    yield tuple(t.index_select(0, ix) for t in tensors)
+                    yield tuple(t.index_select(0, ix.to(t.device)) for t in tensors)
 
             return gen()
         return iter(self.loader)
@@ -201,7 +202,9 @@ class ChainData:
             gen_state = gen.get_state() if isinstance(gen, torch.Generator) else None
             try:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    # the CPU generator only (what samplers and randperm draw from): torch.manual_seed would
+                    # also reseed every CUDA generator, which fork_rng(devices=[]) does not give back
+                    torch.default_generator.manual_seed(seed)
                     if gen_state is not None:  # the loader's own generator: key it too, then give it back
                         gen.manual_seed(seed)
                     return fn()

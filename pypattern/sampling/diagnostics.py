@@ -116,7 +116,9 @@ def ess(trace) -> float:
 MIN_ESS = 100  # below this pooled effective sample size a run's draws are too correlated to judge
 
 
-def check_mixing(trace, *, min_ess: float | None = None, what: str = "loss trace", warn: bool = True) -> bool:
+def check_mixing(
+    trace, *, min_ess: float | None = None, what: str = "loss trace", warn: bool = True, hint: str = ""
+) -> bool:
     """True when the effective sample size (:func:`ess`) of ``trace`` ``(num_chains, num_draws)`` is at least
     ``min_ess`` (default: 100, or a quarter of the draws for a run of fewer than 400: a short run is judged by how
     correlated its draws are); else warn (:class:`NonStationaryWarning`) and return False. Below about 100
@@ -139,17 +141,19 @@ def check_mixing(trace, *, min_ess: float | None = None, what: str = "loss trace
             "draws are strongly autocorrelated, so its standard error and R-hat are unreliable and the chains may "
             f"not have reached equilibrium (mean over the first third of the draws {first:.6g}, over the last third "
             f"{last:.6g}). Use more draws (num_draws, num_steps_bw_draws) and burn-in steps (num_burnin_steps), or "
-            "pass warn_nonstationary=False to silence this.",
+            f"pass warn_nonstationary=False to silence this.{hint}",
             NonStationaryWarning,
             stacklevel=3,
         )
     return ok
 
 
-def check_stationarity(trace, *, threshold: float = 1.1, what: str = "loss trace", warn: bool = True) -> bool:
-    """True when split R-hat of ``trace`` is below ``threshold``; else warn (:class:`NonStationaryWarning`). False when
-    R-hat cannot be computed: without a warning for fewer than 4 draws per chain, with one for a trace holding
-    non-finite values."""
+def check_stationarity(
+    trace, *, threshold: float = 1.1, what: str = "loss trace", warn: bool = True, hint: str = ""
+) -> bool:
+    """True when split R-hat of ``trace`` is below ``threshold``; else warn (:class:`NonStationaryWarning`, ending
+    with ``hint``). False when R-hat cannot be computed: without a warning for fewer than 4 draws per chain, with
+    one for a trace holding non-finite values."""
     rh = r_hat(trace)
     if math.isnan(rh):
         if warn and not bool(np.isfinite(np.asarray(trace, dtype=np.float64)).all()):
@@ -164,7 +168,7 @@ def check_stationarity(trace, *, threshold: float = 1.1, what: str = "loss trace
     if not ok and warn:
         warnings.warn(
             f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
-            "(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).",
+            f"(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).{hint}",
             NonStationaryWarning,
             stacklevel=3,
         )

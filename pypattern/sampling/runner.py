@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 import threading
 import time
@@ -92,7 +93,7 @@ def sample(
     loss_fn: Callable | None = None,
     num_chains: int = 4,
     num_draws: int = 200,
-    num_burnin_steps: int = 0,
+    num_burnin_steps: int | None = None,
     num_steps_bw_draws: int = 1,
     step_size: float | str | None = None,
     nbeta: float | None = None,
@@ -148,7 +149,10 @@ def sample(
         ``.loss`` (devinterp's ``evaluate``). Default: cross-entropy for integer targets, else MSE, on
         ``batch = (x, y)``.
     num_chains, num_draws, num_burnin_steps, num_steps_bw_draws : int
-        Chain layout (devinterp's names and meanings).
+        Chain layout (devinterp's names and meanings). ``num_burnin_steps`` defaults (None) to as many steps as
+        the draws take, ``num_draws * num_steps_bw_draws``, when the step is calibrated (``step_size="auto"``,
+        the default: its trials judge a step with that share of burn-in, and chains started at ``w*`` need it to
+        reach the distribution they sample), and to 0 (devinterp's default) when a step is given.
     step_size : float or "auto", optional
         SGLD step size ``eps`` (devinterp's ``lr``). Default (None, and no ``lr``/``step_size`` in
         ``optimizer_kwargs``): ``"auto"``, chosen by a short calibration before the run
@@ -328,6 +332,8 @@ def sample(
     auto_step = None
     if wants_auto(step_size, optimizer_kwargs):  # "auto" or no step given: calibrate first (sampling.auto)
         step_size, auto_step = resolve_step_size(model, loader, **auto_arguments(locals()))
+    if num_burnin_steps is None:  # as the calibration's trials: half the chain-steps burn-in; devinterp's 0
+        num_burnin_steps = default_burnin(auto_step is not None, num_draws, num_steps_bw_draws)
     plan = make_plan(
         model,
         loader,
@@ -380,6 +386,30 @@ def sample(
 
 
 _SAMPLER_LABEL = {"sgld": "SGLD", "sgnht": "SGNHT", "rmsprop_sgld": "RMSprop-SGLD"}  # progress bars
+
+
+def _unlocalized_hint(plan: RunPlan) -> str:
+    """What a non-stationarity warning adds for a run without localization (the likeliest cause of a drift)."""
+    if float(plan.hyper.get("localization") or 0.0) != 0.0:
+        return ""
+    return (
+        " With localization=0 nothing holds the chains near w*: along the loss's flat directions they drift, and "
+        "the estimate grows with the run; give localization (e.g. localization=100, as the README's examples do)."
+    )
+
+
+def default_burnin(calibrated: bool, num_draws, num_steps_bw_draws) -> int:
+    """``num_burnin_steps`` when none is given: the draws' steps for a calibrated step, 0 for a given one (the
+    counts are checked as the run's, a count that is not a positive int left for that check to name)."""
+    if not calibrated or isinstance(num_draws, bool) or isinstance(num_steps_bw_draws, bool):
+        return 0
+    try:
+        draws, every = operator.index(num_draws), operator.index(num_steps_bw_draws)
+    except TypeError:
+        return 0
+    return draws * every if draws > 0 and every > 0 else 0
+
+
 AUTO_RUN_HALVINGS = 3  # reruns of a run whose calibrated step ran away, each at half the step
 
 
@@ -515,10 +545,13 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         st.save(plan.checkpoint, fingerprint, plan.checkpoint_state)
     results = [_result(plan, st, r, ran_batched, init_se) for r in range(len(plan.runs))]
     if plan.warn_nonstationary:
+        hint = _unlocalized_hint(plan)
         for r, res in enumerate(results):
             ran = res.loss_trace[_ran_rows(plan, r)]
-            if len(ran) and check_stationarity(ran):  # a drifting trace is reported once, by its R-hat
-                check_mixing(ran)
+            if len(ran) and check_stationarity(
+                ran, hint=hint
+            ):  # a drifting trace is reported once, by its R-hat
+                check_mixing(ran, hint=hint)
     return results if plan.several_runs else results[0]
 
 
@@ -560,7 +593,11 @@ def _warn_if_random(value: float, again: Callable[[], float], device: torch.devi
     modules are found by type and put in eval mode before)."""
     devices = [device] if device.type == "cuda" else []  # the CPU generator is always forked
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.manual_seed(0x5EED)
+        # the generators fork_rng gives back only (torch.manual_seed would reseed every GPU's)
+        torch.default_generator.manual_seed(0x5EED)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(0x5EED)
         other = again()
     same = other == value if device.type == "cpu" else math.isclose(other, value, rel_tol=1e-6, abs_tol=0.0)
     if not same and math.isfinite(value) and math.isfinite(other):
