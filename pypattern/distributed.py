@@ -118,14 +118,15 @@ def check_same_arguments(group, **items) -> None:
 
 def _sample_items(model, loader, kwargs: dict) -> dict:
     """What the ranks of a distributed call must agree on: the keyword arguments (callbacks aside: they run on
-    the rank that owns the chain) under pypattern's names and without those equal to their defaults (``lr=`` on
+    the rank that owns the chain; ``device`` aside: each rank's own) under pypattern's names and without those equal to their defaults (``lr=`` on
     one rank and ``step_size=`` on another, or a default given on one rank only, are the same call), the model's
     weights and buffers, and the first batch the data gives."""
     import inspect
 
     from .sampling.vocabulary import translate
 
-    items = {k: v for k, v in kwargs.items() if k not in ("callbacks", "checkpoint_state", "quiet")}
+    # (callbacks run on their rank; each rank samples on its own device)
+    items = {k: v for k, v in kwargs.items() if k not in ("callbacks", "checkpoint_state", "quiet", "device")}
     items = translate(items, where="the arguments")
     defaults = {k: p.default for k, p in inspect.signature(_sample).parameters.items()}
     for k in list(items):

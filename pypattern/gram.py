@@ -547,10 +547,13 @@ _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _verification_key(sites, params, loss_fn, inputs, model) -> tuple:
     """What a passed check of :func:`per_sample_grad_gram` depends on besides the values: the sites and their
-    parameters, ``loss_fn``'s code, the inputs' shapes and dtypes, the model's training mode and its hooks."""
+    parameters, ``loss_fn``'s code, the inputs' shapes, dtypes and devices (a model may compute otherwise on a GPU:
+    a fused kernel that runs no module hook), the model's training mode and its hooks."""
     fn = getattr(loss_fn, "__func__", loss_fn)
     code = getattr(fn, "__code__", None)
-    shapes = tuple((tuple(x.shape), x.dtype) if torch.is_tensor(x) else type(x).__name__ for x in inputs)
+    shapes = tuple(
+        (tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else type(x).__name__ for x in inputs
+    )
     hooks = tuple(
         (name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()
     )

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from . import io
 from ._masks import zero_one_mask
@@ -70,7 +71,8 @@ from .losses import (
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
 from .sampling.checkpoint import CHECKPOINT_KIND, load_checkpoint_state, model_architecture
-from .sampling.data import ChainData, hash_data
+from .sampling.data import ChainData, hash_data, to_device
+from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model
 from .sampling.runner import rerun_at_half_step, sample, split_loss
@@ -97,15 +99,55 @@ def per_sample_losses(model: nn.Module, batch) -> torch.Tensor:
     return probe_losses(model, batch)
 
 
-def _flat(v: torch.Tensor, n: int | None, what: str) -> torch.Tensor:
+def _flat(v: torch.Tensor, n: int | None, what: str, *, check: bool = True, device=None) -> torch.Tensor:
+    """``v`` as a float64 vector of ``n`` values (on ``device`` when given); non-finite values refused (with
+    ``check``; without, the caller checks, see :func:`_check_finite`)."""
     v = v.detach().reshape(-1).to(torch.float64)
+    if (
+        device is not None
+    ):  # a loss function that returns its values elsewhere (a .cpu() in it): to the accumulator
+        v = v.to(device)
     if n is not None and v.numel() != n:
         raise ValueError(
             f"{what} returned {v.numel()} values at a draw but {n} at w*: its shape must not change"
         )
-    if not torch.isfinite(v).all():
-        raise FloatingPointError(f"{what} returned a non-finite value at a draw (a diverging chain?)")
+    if check:
+        _check_finite((v, what))
     return v
+
+
+def _check_finite(*parts: tuple[torch.Tensor, str]) -> None:
+    """Refuse non-finite values in any of ``parts`` (``(values, what returned them)``), naming the first such
+    part: one look at the values for all of them (one device synchronisation on a GPU, not one per part)."""
+    whole = parts[0][0] if len(parts) == 1 else torch.cat([v.reshape(-1) for v, _ in parts])
+    if bool(torch.isfinite(whole).all()):
+        return
+    for v, what in parts:
+        if not bool(torch.isfinite(v).all()):
+            raise FloatingPointError(f"{what} returned a non-finite value at a draw (a diverging chain?)")
+
+
+def _run_device(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
+    """``(model on the device the estimator runs on, that device)``: ``device=None`` runs on the model's own
+    device; another device runs on a copy of the model moved there (the caller's model stays where it is), as
+    :func:`pypattern.estimate_llc`'s ``device=``. The device returned is the one the model's tensors report
+    (``"cuda"`` is ``cuda:<index>``; a model spread over devices: its first parameter's, where the sampler puts
+    the batches), where the probe, the sampling batch and the accumulators go."""
+    if device is not None:  # (None: a model spread over several devices stays as it is)
+        dev = resolve_device(device, model)
+        if dev.type == "cuda" and dev.index is None:  # the current CUDA device: a model already there stays
+            dev = torch.device("cuda", torch.cuda.current_device())
+        model = on_device(model, dev)
+    return model, resolve_device(None, model)
+
+
+def _on(batch, device: torch.device):
+    """``batch`` with its tensors on ``device``: the batch itself (the same object) when they all are there
+    already, else :func:`~pypattern.sampling.data.to_device`'s copy (the sampler moves the batches it feeds the
+    chains the same way)."""
+    if all(not isinstance(x, torch.Tensor) or x.device == device for x in tree_leaves(batch)):
+        return batch
+    return to_device(batch, device)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -643,6 +685,7 @@ def susceptibilities(
     per_token: bool = True,
     checkpoint: str | os.PathLike | None = None,
     group_size: int | None = None,
+    device: str | torch.device | None = None,
     **sampler_settings,
 ) -> SusceptibilityResult:
     """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
@@ -696,6 +739,11 @@ def susceptibilities(
         and backward, and the probe losses of all chains at a draw are one ``vmap``-ed forward. Default: all runs
         in one group.
         The estimate does not depend on it: each run's chains get the same noise and data either way.
+    device : str or torch.device, optional
+        Where to sample (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Default: the model's device. Another device
+        samples a copy of the model moved there (``model`` stays where it is). The probe, the sampling batch and
+        the loader's batches are moved to it as they are read, and the draws are accumulated there; the results
+        are NumPy arrays either way.
     **sampler_settings
         ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
         ``localization``, ``seed``, ``sampler`` (``"sgld"``, ``"sgnht"``, ``"rmsprop_sgld"``; devinterp's
@@ -714,6 +762,7 @@ def susceptibilities(
         )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     _check_common(model, loader, per_token, kw)
+    model, dev = _run_device(model, device)
     if isinstance(components, str):
         raise TypeError(
             f"components={components!r} is one string; give a list of component names, e.g. [{components!r}]"
@@ -735,6 +784,8 @@ def susceptibilities(
     given = sampling_batch is not None
     if not given:  # the first batch of a stream keyed by the seed: the same in every call
         sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
+    # phi and the probe losses are forwards of the model on these: on its device (as the sampler's batches are)
+    sampling_batch, probe = _on(sampling_batch, dev), _on(probe, dev)
     if loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
         # the default losses read it: checked as probe is, errors naming where it came from
         check_batch(model, sampling_batch, "sampling_batch" if given else "loader")
@@ -767,6 +818,7 @@ def susceptibilities(
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):  # one calibration (unrestricted chains)
         kw["step_size"], auto_step = resolve_step_size(model, loader, **auto_arguments(dict(kw, loss_fn=lf)))
     only = _only_batch(loader)
+    only = None if only is None else _on(only, dev)  # compared on the device the probe is on
     fuse_probe = loss_fn is None and only is not None and _same_batch(only, probe)
     fuse_phi = fuse_probe and observable is None and _same_batch(sampling_batch, only)
 
@@ -798,6 +850,9 @@ def susceptibilities(
     n = l0.numel()
     counted = entries.counted(n)  # entries outside it (padding) are left out of Lbar and get chi 0
     meta = _probe_meta(probe, l0, counted)
+    acc_dev = l0.device  # the draws' accumulators: where the probe losses are
+    counted_idx = None if counted is None else torch.nonzero(counted).flatten().to(acc_dev)
+    phi0_acc = phi0.to(device=acc_dev, dtype=torch.float64)
     C = int(kw["num_chains"])
     if group_size is not None and (
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
@@ -819,7 +874,8 @@ def susceptibilities(
         """Sample the runs ``specs_`` (``(restrict_to, masks)`` pairs) together; per run, one accumulator per
         chain over (phi) x (l_1..l_N, Lbar); and the nbeta used. With ``ckpt`` the sampler's checkpoint holds the
         accumulators too, and a killed group resumes from its last checkpointed draw."""
-        accs = [CrossCovariance(1, n + 1, track_auto="none") for _ in range(len(specs_) * C)]
+        # on the device the probe losses are computed on: no copy of them to the host at each draw
+        accs = [CrossCovariance(1, n + 1, track_auto="none", device=acc_dev) for _ in range(len(specs_) * C)]
 
         def acc_state() -> dict:
             # each accumulator's state_dict as arrays: its tensors, and its draw count
@@ -858,17 +914,20 @@ def susceptibilities(
 
         def cb(chain, loss, observables, outputs):
             if fuse_probe:  # the sampler's forward was on the probe: its per-sample losses are the probe's
-                lz = _flat(entries.reduce(outputs[0]), n, "per_sample_loss_fn")
+                lz = entries.reduce(outputs[0])
             else:
-                lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn")
-            lbar = lz.mean() if counted is None else lz[counted.to(lz.device)].mean()
-            ph = (
-                torch.tensor([loss], dtype=torch.float64)
-                if fuse_phi
-                else _flat(observables["phi"], 1, "observable")
-            )
+                lz = observables["probe_losses"]
+            lz = _flat(lz, n, "per_sample_loss_fn", check=False, device=acc_dev)
+            # the counted entries by a gather with indices made once (a boolean mask would synchronise a GPU)
+            lbar = lz.mean() if counted_idx is None else lz.index_select(0, counted_idx).mean()
+            if fuse_phi:
+                ph = torch.tensor([loss], dtype=torch.float64, device=acc_dev)
+                _check_finite((lz, "per_sample_loss_fn"))
+            else:
+                ph = _flat(observables["phi"], 1, "observable", check=False, device=acc_dev)
+                _check_finite((lz, "per_sample_loss_fn"), (ph, "observable"))
             accs[chain].update(
-                (ph - phi0.to(torch.float64)).reshape(1, 1),
+                (ph - phi0_acc).reshape(1, 1),
                 torch.cat([lz, lbar.reshape(1)]).reshape(1, -1),
             )
 
@@ -891,6 +950,7 @@ def susceptibilities(
         )
         if ex.reduce is not None:  # pypattern.distributed: each chain's draws are on one rank
             accs = ex.reduce(accs)
+        accs = [_on_cpu(a) for a in accs]  # the rows are NumPy arrays
         return [accs[r * C : (r + 1) * C] for r in range(len(specs_))], float(results[0].config["nbeta"])
 
     # Per-component checkpoints: a finished component's row is saved under its name when its group is done, and
@@ -1135,10 +1195,19 @@ def _jackknife_se(loo: np.ndarray) -> np.ndarray:
 
 
 def _pool(accs: Sequence[CrossCovariance]) -> CrossCovariance:
+    """The accumulators' draws in one accumulator, on the CPU (where the rows are computed)."""
     out = CrossCovariance(accs[0].k, accs[0].n, track_auto=accs[0].track_auto)
     for a in accs:
         out.merge(a)
     return out
+
+
+def _on_cpu(acc: CrossCovariance) -> CrossCovariance:
+    """``acc`` itself when its state is on the CPU, else a CPU copy of it (the same state, exactly)."""
+    if acc.device.type == "cpu":
+        return acc
+    out = CrossCovariance(acc.k, acc.n, track_auto=acc.track_auto)
+    return out.load_state_dict(acc.state_dict())
 
 
 def _chi_from(
@@ -1152,7 +1221,7 @@ def _chi_from(
 
 
 def _chi_all(acc: CrossCovariance, convention: str, nbeta: float, full_means) -> np.ndarray:
-    cov = acc.cov(ddof=1)[0].numpy()  # Cov(phi, l_z) for z = 1..N, then Cov(phi, Lbar)
+    cov = acc.cov(ddof=1)[0].cpu().numpy()  # Cov(phi, l_z) for z = 1..N, then Cov(phi, Lbar)
     if convention == "physics":
         return -nbeta * (cov[:-1] - cov[-1])
     # devinterp: E[phi Lbar] - E[phi l_t] - E[phi] (E_full[Lbar] - E_full[l_t]); E[phi X] from the population
@@ -1160,7 +1229,7 @@ def _chi_all(acc: CrossCovariance, convention: str, nbeta: float, full_means) ->
     cnt = acc.count
     cov_pop = cov * (cnt - 1) / cnt
     ma = float(acc.mean_a[0])
-    mb = acc.mean_b.numpy()
+    mb = acc.mean_b.cpu().numpy()
     e_phi_x = cov_pop + ma * mb
     return e_phi_x[-1] - e_phi_x[:-1] - ma * (full_means[-1] - full_means[:-1])
 
@@ -1187,12 +1256,15 @@ def bif(
     loss_fn: Callable | None = None,
     per_sample_loss_fn: Callable = per_sample_losses,
     per_token: bool = True,
+    device: str | torch.device | None = None,
     **sampler_settings,
 ) -> BIFResult:
     """Bayesian influence function ``BIF(z_i, z_j) = -Cov(l_i, l_j)`` over draws of the (unrestricted) localized
     posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws).
     ``**sampler_settings`` are those of :func:`susceptibilities` (``sampler=`` included) but ``checkpoint=`` /
-    ``checkpoint_every=``: a BIF run is not checkpointed."""
+    ``checkpoint_every=``: a BIF run is not checkpointed. ``device``: where to sample, as in
+    :func:`susceptibilities` (default: the model's device; another one samples a copy of the model moved there,
+    the probe moved with it)."""
     for key in ("checkpoint", "checkpoint_every"):
         if key in sampler_settings:
             raise TypeError(
@@ -1201,6 +1273,8 @@ def bif(
             )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     _check_common(model, loader, per_token, kw)
+    model, dev = _run_device(model, device)
+    probe = _on(probe, dev)  # the probe losses are forwards of the model on it
     auto_step = None
     if wants_auto(
         kw.get("step_size"), kw.get("optimizer_kwargs")
@@ -1217,11 +1291,13 @@ def bif(
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     n = l0.numel()
 
+    acc_dev = l0.device  # the draws are accumulated where the probe losses are: no copy to the host per draw
+
     def run() -> CrossCovariance:
-        acc = CrossCovariance(n, n, track_auto="var")
+        acc = CrossCovariance(n, n, track_auto="var", device=acc_dev)
 
         def cb(observables):
-            lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn").reshape(1, -1)
+            lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn", device=acc_dev).reshape(1, -1)
             acc.update(lz, lz)
 
         sample(
@@ -1239,9 +1315,9 @@ def bif(
     counted = entries.counted(n)
     meta = _probe_meta(probe, l0, counted)
     return BIFResult(
-        bif=-acc.cov(ddof=1).numpy(),
-        corr=acc.corr().numpy(),
-        loss_mean=acc.mean_b.numpy(),
+        bif=-acc.cov(ddof=1).cpu().numpy(),
+        corr=acc.corr().cpu().numpy(),
+        loss_mean=acc.mean_b.cpu().numpy(),
         probe_sample=meta[0],
         probe_position=meta[1],
         probe_token=meta[2],

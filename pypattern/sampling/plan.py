@@ -467,6 +467,9 @@ def make_plan(
             raise ValueError(
                 f"{where}masks are zero everywhere on the moving parameters {moving}: nothing would move"
             )
+        # on their parameters' devices (a CPU mask for a model on a GPU): every chain loop, batched or not, and
+        # every sampler reads them there (.to() returns a mask already there itself)
+        r_masks = {n: m.to(shapes[n].device) for n, m in r_masks.items()}
         run_specs.append(RunSpec(tuple(patterns), tuple(moving), r_masks or None))
     in_some_run = set().union(*(s.moving for s in run_specs))
     G = len(run_specs) * C
