@@ -143,11 +143,10 @@ class _Side:
             if not total > 0:
                 raise ValueError(f"{name} is constant over the samples: no variance to keep")
             frac = torch.cumsum(e, 0) / total
-            k = min(
-                int(torch.searchsorted(frac, torch.tensor([threshold], dtype=frac.dtype))[0]) + 1, len(sv)
-            )
+            q = torch.tensor([threshold], dtype=frac.dtype, device=frac.device)  # searchsorted: same device
+            k = min(int(torch.searchsorted(frac, q)[0]) + 1, len(sv))
             sv, e, v, u = sv[:k], e[:k], v[:, :k], None if u is None else u[:, :k]
-        keep = torch.arange(len(sv)) < real
+        keep = torch.arange(len(sv), device=sv.device) < real  # a mask on the data's device
         self.rank = int(keep.sum())  # directions of nonzero variance
         if ridge == 0.0:
             if not bool(keep.any()):
@@ -201,6 +200,8 @@ def _pair(x, y):
             f"x and y must hold the same samples in the same order: x has {x[0].shape[0]} rows, y has "
             f"{y[0].shape[0]}"
         )
+    if x[0].device != y[0].device:
+        raise ValueError(f"x is on {x[0].device} but y is on {y[0].device}: give both on the same device")
     return x, y
 
 

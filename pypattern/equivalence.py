@@ -696,7 +696,7 @@ def permutation_test(
         stat = float((kx * ky).sum()) * scale
         null = np.empty(num_permutations)
         for b in range(num_permutations):
-            perm = torch.randperm(n, generator=g).to(ky.device)
+            perm = torch.randperm(n, generator=g, device="cpu").to(ky.device)
             # permuting the samples of y permutes rows and columns of its (U-)centred Gram alike
             null[b] = float((kx * ky[perm][:, perm]).sum()) * scale
         alternative = alternative or "greater"
@@ -721,7 +721,7 @@ def permutation_test(
         stat = float(fn(xf, yf))
         null = np.array(
             [
-                float(fn(xf, yf[torch.randperm(xf.shape[0], generator=g).to(yf.device)]))
+                float(fn(xf, yf[torch.randperm(xf.shape[0], generator=g, device="cpu").to(yf.device)]))
                 for _ in range(num_permutations)
             ]
         )
@@ -759,7 +759,7 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     # 1, so that no product overflows or underflows
     # (new tensors: the inputs untouched)
     x, y = (t / s if (s := float(t.abs().max())) > 0 else t for t in (x, y))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu").to(x.device)
     k = min(max(int(round(train_fraction * n)), 2), n - 2)
     tr, te = perm[:k], perm[k:]
     mx, my = x[tr].mean(0), y[tr].mean(0)
@@ -1141,10 +1141,10 @@ def resample_implementations(
     def sample(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         if own:
-            idx = torch.randint(0, m - 1, (n,), generator=gen)
-            idx = idx + (idx >= torch.arange(n)).long()  # skip i itself
+            idx = torch.randint(0, m - 1, (n,), generator=gen, device="cpu")  # a CPU index serves any device
+            idx = idx + (idx >= torch.arange(n, device="cpu")).long()  # skip i itself
         else:
-            idx = torch.randint(0, m, (n,), generator=gen)
+            idx = torch.randint(0, m, (n,), generator=gen, device="cpu")
 
         def make(heads):
             def fn(x, hook):

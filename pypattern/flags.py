@@ -33,6 +33,8 @@ must accept ``sample(num_samples, seed, switch_prob=...)`` and have ``token_conc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
 import numbers
 import time
@@ -45,7 +47,7 @@ import torch
 from .equivalence import _check_seed
 from .io import Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
-from .tasks.base import IGNORE, Task, generator
+from .tasks.base import IGNORE, Task, TaskBatch, generator
 
 __all__ = [
     "FlagSpec",
@@ -138,9 +140,14 @@ class FlagSpec:
             start += s
         return tuple(out)
 
-    def code(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Flag values of every concept: ``(num_concepts, num_flags)``."""
-        out = torch.full((self.num_concepts, self.num_flags), float(self.off_value), dtype=dtype)
+    def code(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Flag values of every concept: ``(num_concepts, num_flags)``, on ``device`` (default the CPU)."""
+        device = "cpu" if device is None else device
+        out = torch.full(
+            (self.num_concepts, self.num_flags), float(self.off_value), dtype=dtype, device=device
+        )
         for c, g in enumerate(self.groups):
             out[c, list(g)] = float(self.on_value)
         return out
@@ -231,7 +238,7 @@ def flag_loss(acts: torch.Tensor, concept_labels: torch.Tensor, spec: FlagSpec) 
     if not bool(mask.any()):
         return acts.sum() * 0.0
     flags = acts[..., list(spec.dims)][mask]  # (n_valid, num_flags)
-    target = spec.code(acts.dtype).to(acts.device)[lab[mask]]
+    target = spec.code(acts.dtype, acts.device)[lab[mask]]
     return (flags - target).pow(2).mean()
 
 
@@ -248,7 +255,7 @@ def read_flags(acts: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
     """
     _check_acts(acts, spec)
     flags = acts[..., list(spec.dims)]
-    code = spec.code(acts.dtype).to(acts.device)
+    code = spec.code(acts.dtype, acts.device)
     return (flags[..., None, :] - code).pow(2).sum(-1).argmin(-1)
 
 
@@ -289,7 +296,7 @@ def _check_vocab(model, task) -> None:
 
 def _concepts_of(task, tokens: torch.Tensor) -> torch.Tensor:
     """The concept of each token (-1: none), tokens beyond the task's vocabulary (a larger model's) included."""
-    tc = task.token_concepts
+    tc = torch.as_tensor(task.token_concepts, device=tokens.device)  # read where the tokens are
     inside = tokens < len(tc)
     return torch.where(inside, tc[tokens.clamp(max=len(tc) - 1)], torch.full_like(tokens, -1))
 
@@ -389,7 +396,7 @@ def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
         c = c.expand(b)
     if c.shape != (b,):
         raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape ({b},)")
-    return spec.code()[c]
+    return spec.code(device=c.device)[c]  # a CUDA concept tensor indexes a code on its own device
 
 
 @contextlib.contextmanager
@@ -525,6 +532,30 @@ def generate(
 
 
 # ----- training ---------------------------------------------------------------------------------------------
+def _model_device(model) -> torch.device:
+    """The device of ``model``'s weights (its first parameter's, else its first buffer's; the CPU without
+    either): where the batches this module samples (on the CPU) are moved."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _batch_to(batch: TaskBatch, device: torch.device) -> TaskBatch:
+    """``batch`` with its tokens, targets and tensor extras on ``device`` (the batch itself when they are all there
+    already)."""
+    extra = batch.extra
+    if (
+        batch.tokens.device == device
+        and batch.targets.device == device
+        and all(not isinstance(v, torch.Tensor) or v.device == device for v in extra.values())
+    ):
+        return batch
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    return dataclasses.replace(
+        batch, tokens=batch.tokens.to(device), targets=batch.targets.to(device), extra=moved
+    )
+
+
 @register
 @dataclass
 class FlagTrainResult(Saveable):
@@ -613,7 +644,8 @@ def train_flags(
     _check_vocab(model, task)
     g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    code = spec.code()
+    device = _model_device(model)  # the task samples on the CPU: batches and codes go to the model's device
+    code = spec.code(device=device)
     res = FlagTrainResult()
     t0 = time.perf_counter()
     model.train()
@@ -621,15 +653,16 @@ def train_flags(
     total = stage1_steps + stage2_steps
     for step in range(total):
         stage = 1 if step < stage1_steps else 2
-        bseed = int(torch.randint(0, 2**62, (), generator=g))
+        bseed = int(torch.randint(0, 2**62, (), generator=g, device="cpu"))
         batch = task.sample(batch_size, seed=bseed, switch_prob=0.0 if stage == 1 else switch_prob)
         if "concept_pos" not in batch.extra:
             raise ValueError(f"task {type(task).__name__} gives no extra['concept_pos']; see pypattern.flags")
+        batch = _batch_to(batch, device)
         written: list[torch.Tensor] = []
         mask = values = None
         if stage == 2:
             T = batch.tokens.shape[1]
-            mask = torch.arange(T)[None] >= (batch.extra["switch_pos"][:, None] - 1)
+            mask = torch.arange(T, device=device)[None] >= (batch.extra["switch_pos"][:, None] - 1)
             values = code[batch.extra["target_concept"]]
 
         def hook_fn(x, hook, written=written, mask=mask, values=values):
@@ -669,13 +702,15 @@ def _hook_acts(model, tokens: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
 def _ridge_probe(x_fit, y_fit, x_eval, y_eval, num_classes: int, ridge: float) -> tuple[float, float]:
     """One-vs-rest least-squares probe (float64, with bias): (held-out accuracy, held-out R^2 of the
     one-hot)."""
-    x_fit, x_eval = x_fit.double(), x_eval.double()
+    dev = x_fit.device  # the features' (the model's): labels, bias column and penalty are made there
+    x_fit, x_eval = x_fit.double(), x_eval.to(dev).double()
+    y_fit, y_eval = y_fit.to(dev), y_eval.to(dev)
     mu, sd = x_fit.mean(0), x_fit.std(0).clamp_min(1e-8)
-    xf = torch.cat([(x_fit - mu) / sd, torch.ones(len(x_fit), 1, dtype=torch.float64)], 1)
-    xe = torch.cat([(x_eval - mu) / sd, torch.ones(len(x_eval), 1, dtype=torch.float64)], 1)
+    xf = torch.cat([(x_fit - mu) / sd, torch.ones(len(x_fit), 1, dtype=torch.float64, device=dev)], 1)
+    xe = torch.cat([(x_eval - mu) / sd, torch.ones(len(x_eval), 1, dtype=torch.float64, device=dev)], 1)
     yf = torch.nn.functional.one_hot(y_fit, num_classes).double()
     ye = torch.nn.functional.one_hot(y_eval, num_classes).double()
-    reg = ridge * torch.eye(xf.shape[1], dtype=torch.float64)
+    reg = ridge * torch.eye(xf.shape[1], dtype=torch.float64, device=dev)
     reg[-1, -1] = 0.0
     w = torch.linalg.solve(xf.T @ xf + reg, xf.T @ yf)
     pred = xe @ w
@@ -733,11 +768,13 @@ def _probe_data(model, task: Task, spec: FlagSpec, num_samples: int, seed: int) 
     """For the fit (``seed``) and the scoring (``seed + 1``) sample: the activations at ``spec.hook`` of the
     positions with a readable concept, their concept, and whether their token is shared."""
     out = []
+    device = _model_device(model)
     for s in (seed, seed + 1):
-        b = task.sample(num_samples, seed=s, switch_prob=0.0)
+        b = _batch_to(task.sample(num_samples, seed=s, switch_prob=0.0), device)
         lab = b.extra["concept_pos"]
         m = lab >= 0
-        out.append((_hook_acts(model, b.tokens, spec)[m], lab[m], task.token_concepts[b.tokens][m] < 0))
+        tc = torch.as_tensor(task.token_concepts, device=b.tokens.device)
+        out.append((_hook_acts(model, b.tokens, spec)[m], lab[m], tc[b.tokens][m] < 0))
     return out
 
 
@@ -890,7 +927,8 @@ def _flag_report(
     model, task, spec, num_samples, prompt_len, gen_steps, ablation, reference_model, seed
 ) -> FlagReport:
     """:func:`flag_report` on checked arguments, the models in eval mode."""
-    data = task.sample(num_samples, seed=seed, switch_prob=0.0)
+    device = _model_device(model)  # the task samples on the CPU; the measurements run on the model's device
+    data = _batch_to(task.sample(num_samples, seed=seed, switch_prob=0.0), device)
     acts = _hook_acts(model, data.tokens, spec)
     lab = data.extra["concept_pos"]
     known = lab >= 0
@@ -901,12 +939,13 @@ def _flag_report(
     with ablate_flags(model, spec, value):
         loss_abl = float(_lm_loss(model(data.tokens), data.targets))
 
-    prompts = task.sample(num_samples, seed=seed + 1, switch_prob=0.0)
+    prompts = _batch_to(task.sample(num_samples, seed=seed + 1, switch_prob=0.0), device)
     pc = prompts.extra["concept_pos"][:, prompt_len - 1]
     keep = pc >= 0
     tok, pc = prompts.tokens[keep, :prompt_len], pc[keep]
     g = generator(seed + 2)
-    other = (pc + torch.randint(1, spec.num_concepts, pc.shape, generator=g)) % spec.num_concepts
+    shift = torch.randint(1, spec.num_concepts, pc.shape, generator=g, device="cpu")  # g is a CPU generator
+    other = (pc + shift.to(pc.device)) % spec.num_concepts
     steered = generate(model, tok, gen_steps, spec, other, seed=seed + 3)[:, prompt_len:]
     free = generate(model, tok, gen_steps, seed=seed + 3)[:, prompt_len:]
     rep = FlagReport(

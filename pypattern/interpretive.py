@@ -133,7 +133,7 @@ def accumulated_residual(
         if weight is None:
             store[hook.name] = x[:, sl].mean(1)
         else:  # the mean over the real tokens
-            w = weight.to(x.dtype)
+            w = weight.to(device=x.device, dtype=x.dtype)  # the mask's device is the tokens' (maybe not x's)
             store[hook.name] = (x[:, sl] * w[..., None]).sum(1) / w.sum(1, keepdim=True)
 
     with torch.no_grad(), model.hooks(list(fwd_hooks) + [(n, save) for n in names]):
@@ -155,9 +155,9 @@ def _position_index(positions, T: int) -> torch.Tensor | slice:
     if isinstance(positions, int):
         if not -T <= positions < T:
             raise ValueError(f"positions={positions} is out of range for prompts of {T} tokens")
-        idx = torch.tensor([positions % T])
+        idx = torch.tensor([positions % T], device="cpu")  # a CPU index serves tensors on any device
     elif isinstance(positions, slice):
-        idx = torch.arange(T)[positions]
+        idx = torch.arange(T, device="cpu")[positions]
     else:
         try:
             idx = torch.as_tensor(positions)

@@ -494,6 +494,7 @@ def reweight(
     batch_size: int | None = None,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ):
     """Apply per-sample weights to a data set.
 
@@ -508,15 +509,20 @@ def reweight(
     mode : {"sampler", "loss"}
         ``"sampler"``: a DataLoader that draws samples with probability proportional to the weights (with
         replacement; ``num_samples`` per epoch, default the data set's size). ``"loss"``: the weights as a float
-        tensor normalised to mean 1, to multiply per-sample losses with.
+        tensor normalised to mean 1, to multiply per-sample losses with. It is on the CPU unless ``device`` says
+        otherwise: with losses on a GPU, pass ``device=losses.device`` (or move the weights, or the indexed slice
+        of them, there) before multiplying, since torch refuses a CPU tensor times a CUDA one.
     batch_size : int, optional
         Samples per batch of the ``"sampler"`` loader: default the given DataLoader's, else 32 (a DataLoader that
         yields samples one by one, ``batch_size=None``, gives batches of 32 collated by torch's default).
+    device : torch.device or str, optional
+        ``mode="loss"`` only: the device of the returned weights (default the CPU), e.g. that of the per-sample
+        losses they multiply.
     """
     if isinstance(weights, Intervention):  # its weights
         weights = weights.weights
     try:
-        w = torch.as_tensor(_as_float64(weights, "weights"))
+        w = torch.as_tensor(_as_float64(weights, "weights"), device="cpu")  # moved to ``device`` at the end
     except (TypeError, ValueError) as e:  # e names weights and what was wrong with it
         raise TypeError(
             f"{e}; give per-sample weights or an Intervention (this one is of type {type(weights).__name__})"
@@ -531,6 +537,18 @@ def reweight(
             raise ValueError(
                 f"{', '.join(given)} apply to mode='sampler' only; mode='loss' returns the weights"
             )
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(
+                    f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:0', ...): {e}"
+                ) from None
+    elif device is not None and mode == "sampler":  # the batches come from the data set as they are
+        raise ValueError(
+            "device applies to mode='loss' only (the weights it returns); mode='sampler' returns a DataLoader whose "
+            "batches are moved to a device by the training loop"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator={generator!r} is not valid; give a torch.Generator or None")
     if w.dim() != 1:
@@ -553,7 +571,8 @@ def reweight(
         raise ValueError(f"weights has {w.numel()} entries but the data has {size} samples")
     if mode == "loss":
         w = w / w.max()  # scaled first: the mean of weights near float64's largest overflows
-        return (w / w.mean()).to(torch.float32)
+        w = (w / w.mean()).to(torch.float32)
+        return w if device is None else w.to(device)
     if mode != "sampler":
         raise ValueError(f"mode must be 'sampler' or 'loss', got {mode!r}")
     if isinstance(dataset, torch.Tensor):

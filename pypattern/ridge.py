@@ -66,9 +66,10 @@ def _as_2d(x, name: str) -> torch.Tensor:
 
 def _check_alphas(alphas) -> torch.Tensor:
     try:
-        a = torch.as_tensor(
-            list(alphas) if not isinstance(alphas, torch.Tensor) else alphas.detach(), dtype=torch.float64
-        )
+        if isinstance(alphas, torch.Tensor):
+            a = alphas.detach().to(torch.float64)
+        else:  # checked on the CPU; fit() moves them to the data's device
+            a = torch.as_tensor(list(alphas), dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(
             f"alphas must be a non-empty 1-d sequence of positive finite penalties, got {alphas!r}"
@@ -93,6 +94,8 @@ class RidgeCVResult:
         Mean squared LOO residual of each penalty.
     coef : Tensor ``(num_features, num_targets)``
     intercept : Tensor ``(num_targets,)``
+
+    Every tensor is float64 on the device of the design matrix ``x`` (targets on another device are moved there).
     """
 
     alphas: torch.Tensor
@@ -106,15 +109,15 @@ class RidgeCVResult:
         x = _as_2d(x, "x")
         if x.shape[1] != self.coef.shape[0]:
             raise ValueError(f"x has {x.shape[1]} features; the fit has {self.coef.shape[0]}")
-        return x @ self.coef + self.intercept
+        return x.to(self.coef.device) @ self.coef + self.intercept
 
 
-def _centred_basis(n: int) -> torch.Tensor:
+def _centred_basis(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """An orthonormal basis ``(n, n - 1)`` of the vectors summing to 0: the last ``n - 1`` columns of the
-    Householder reflection that maps ``e_1`` to ``1 / sqrt(n)``."""
-    v = torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64)
+    Householder reflection that maps ``e_1`` to ``1 / sqrt(n)``; on ``device`` (that of the data)."""
+    v = torch.full((n,), 1.0 / math.sqrt(n), dtype=torch.float64, device=device)
     v[0] -= 1.0
-    h = torch.eye(n, dtype=torch.float64) - 2.0 * torch.outer(v, v) / (v @ v)
+    h = torch.eye(n, dtype=torch.float64, device=device) - 2.0 * torch.outer(v, v) / (v @ v)
     return h[:, 1:]
 
 
@@ -137,7 +140,8 @@ class RidgeLOO:
             raise ValueError(f"x has {n} samples; leave-one-out needs at least 3")
         self.n, self.p = n, p
         self.fit_intercept = fit_intercept
-        self.x_mean = x.mean(0) if fit_intercept else torch.zeros(p, dtype=torch.float64)
+        # every tensor of the fit lives on the data's device (a CUDA x: the whole fit on CUDA)
+        self.x_mean = x.mean(0) if fit_intercept else torch.zeros(p, dtype=torch.float64, device=x.device)
         xc = x - self.x_mean if fit_intercept else x
         self.gram_mode = n <= p
         if self.gram_mode:
@@ -146,7 +150,7 @@ class RidgeLOO:
             # a / (w + a), never differences of nearly equal numbers
             gram = xc @ xc.T
             if fit_intercept:
-                q = _centred_basis(n)  # (n, n - 1)
+                q = _centred_basis(n, x.device)  # (n, n - 1)
                 w, v = torch.linalg.eigh(q.T @ gram @ q)
                 u = q @ v
             else:
@@ -175,12 +179,14 @@ class RidgeLOO:
         y = _as_2d(y, "y")
         if y.shape[0] != self.n:
             raise ValueError(f"y has {y.shape[0]} samples; x has {self.n}")
-        a = _check_alphas(alphas)
-        y_mean = y.mean(0) if self.fit_intercept else torch.zeros(y.shape[1], dtype=torch.float64)
+        dev = self.u.device  # the fit's (x's): targets, penalties and criteria are read there
+        y = y.to(dev)
+        a = _check_alphas(alphas).to(dev)
+        y_mean = y.mean(0) if self.fit_intercept else torch.zeros(y.shape[1], dtype=torch.float64, device=dev)
         yc = y - y_mean if self.fit_intercept else y
         b = self.u.T @ yc  # (r, t), shared by every penalty
         rest = None if self.complete else yc - self.u @ b  # the targets outside the column space
-        mse = torch.empty(len(a), y.shape[1], dtype=torch.float64)
+        mse = torch.empty(len(a), y.shape[1], dtype=torch.float64, device=dev)
         for i, alpha in enumerate(a.tolist()):
             g = alpha / (self.w + alpha)  # 1 - w / (w + a), without the subtraction
             resid = self.u @ (g[:, None] * b)
@@ -234,7 +240,7 @@ def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[torch.Te
         raise ValueError(
             f"the representations have {n} inputs; a train/test split needs at least 5 (3 to fit, 2 held out)"
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")  # the generator's
     k = min(max(int(round(train_fraction * n)), 3), n - 2)
     return perm[:k], perm[k:]
 
@@ -278,7 +284,7 @@ def ridge_similarity_cv(
     xf = _as_2d(x, "x")
     single = not isinstance(ys, (list, tuple))
     targets = [ys] if single else list(ys)
-    tf = [_as_2d(y, f"ys[{i}]") for i, y in enumerate(targets)]
+    tf = [_as_2d(y, f"ys[{i}]").to(xf.device) for i, y in enumerate(targets)]  # read on x's device
     for i, y in enumerate(tf):
         if y.shape[0] != xf.shape[0]:
             raise ValueError(
