@@ -292,7 +292,8 @@ def prepare_runs(
             if corruption.reference_tokens is not None:
                 if corruption.reference_tokens.shape[1] != T:
                     raise ValueError("MeanAblation.reference_tokens must have the prompts' length")
-                _, ref = run(corruption.reference_tokens, None, sorted(set(site_hooks)))
+                # reference prompts run where the clean ones do (a GPU model's prompts are on its device)
+                _, ref = run(corruption.reference_tokens.to(clean.device), None, sorted(set(site_hooks)))
             source = {n: ref[n].mean(0, keepdim=True).expand_as(clean_cache[n]) for n in site_hooks}
         else:
             source = {n: corr_cache[n] for n in site_hooks}
@@ -502,7 +503,7 @@ class _Grid:
         self.n, self.B = len(cells), runs.B
         # on the device the metric is computed on (a GPU model's values stay there)
         self.values = torch.empty(self.n, self.B, dtype=runs.m_clean.dtype, device=runs.m_clean.device)
-        self.done = torch.zeros(self.n, dtype=torch.bool)
+        self.done = torch.zeros(self.n, dtype=torch.bool, device="cpu")  # read as indices and saved
         self.path, self.quiet, self.site, self.runs, self.fp = checkpoint, quiet, site, runs, None
         self.todo = list(range(self.n))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from .._memory import keep_freed_heap
@@ -86,7 +87,7 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache:
     if site == "q" or not per_position:
         if "moved" not in cache:
             T = pat_t.shape[-1]
-            pos = torch.arange(T)
+            pos = torch.arange(T, device=pat_t.device)  # the mask and an ALiBi bias meet the scores there
             q = q_s if site == "q" else q_t
             k = k_s if site == "k" else k_t
             cache["moved"] = attn.softmax(attn.scores(q, k, pos, pos)) - pat_t
@@ -121,7 +122,7 @@ def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
     each sum has a term equal to 1 and none overflows, and nothing is a difference of nearly equal numbers where a
     weight is near 1 (1 - p_s, or "all but s" from the full sum, lose every digit there)."""
     T = pat_t.shape[-1]
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=pat_t.device)  # the mask fills the scores on their device
     mask = attn.attn_mask(pos, pos)
     qc, kc = attn.qk_cast(q_t, attn.expand_kv(k_s - k_t))
     delta = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qc, kc)).to(pat_t.dtype)
@@ -440,7 +441,12 @@ def _atp_in_parts(
 def _mean_activations(model, corruption, clean_tokens, max_batch: int, kw: dict) -> dict[str, torch.Tensor]:
     """Mean ablation's source activations: each hook of :func:`_source_names` averaged over the reference prompts
     (``corruption.reference_tokens``, or the clean prompts), run in parts of at most ``max_batch``: ``(1, ...)``."""
-    ref = clean_tokens if corruption.reference_tokens is None else corruption.reference_tokens
+    # reference prompts given on another device than the clean ones: run where the model is (as the clean ones)
+    ref = (
+        clean_tokens
+        if corruption.reference_tokens is None
+        else corruption.reference_tokens.to(clean_tokens.device)
+    )
     names = _source_names(model.cfg, kw["sites"], kw["qk_fix"])
     sums: dict[str, torch.Tensor] = {}
 
@@ -728,7 +734,7 @@ def shortlist_and_confirm(
     order = torch.argsort(m.flatten().abs(), descending=True)[:k].tolist()
     cells, picked = [], []
     for i in order:
-        ix = torch.unravel_index(torch.tensor(i), m.shape)
+        ix = np.unravel_index(i, tuple(m.shape))
         c = {a: atp.coords[a][int(j)] for a, j in zip(atp.axes, ix)}
         cells.append(Cell(c["layer"], c.get("head", -1), c.get("pos", -1)))
         picked.append((c, float(m.flatten()[i])))

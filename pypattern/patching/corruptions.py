@@ -100,10 +100,12 @@ class GaussianNoise(Corruption):
                 std = self.std_multiplier * _embedded_std(emb, W_E, plain=type(emb) is torch.nn.Embedding)
             else:
                 std = self.std_multiplier * _embedded_std(emb, W_E)
+        # drawn on the CPU whatever the model's device (the same noise on every device); the hook
+        # (embedding_noise_hook) moves it to the embedding's device
         g = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(batch, seq_len, d_model, generator=g, dtype=torch.float64) * std
+        noise = torch.randn(batch, seq_len, d_model, generator=g, dtype=torch.float64, device="cpu") * std
         if pos is not None:
-            keep = torch.zeros(seq_len, dtype=torch.bool)
+            keep = torch.zeros(seq_len, dtype=torch.bool, device="cpu")
             keep[pos] = True
             noise = noise * keep[None, :, None]
         noise = noise.to(dtype)
@@ -157,9 +159,15 @@ class MeanAblation(Corruption):
 
 
 def embedding_noise_hook(noise: torch.Tensor):
-    """A forward hook for ``hook_embed`` that adds ``noise (batch, pos, d_model)`` (cut to the prompt length)."""
+    """A forward hook for ``hook_embed`` that adds ``noise (batch, pos, d_model)`` (cut to the prompt length), in
+    the embedding's dtype and on its device (the noise is drawn on the CPU: moved once per device and dtype, not on
+    every forward)."""
+    moved: dict = {}
 
     def fn(x, hook):
-        return x + noise[:, : x.shape[1]].to(x.dtype)
+        key = (x.device, x.dtype)
+        if key not in moved:
+            moved[key] = noise.to(device=x.device, dtype=x.dtype)
+        return x + moved[key][:, : x.shape[1]]
 
     return fn

@@ -124,7 +124,7 @@ def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = No
     dtype : torch.dtype, optional
         Default ``cfg.dtype``.
     """
-    item = torch.empty((), dtype=dtype or cfg.dtype).element_size()
+    item = torch.empty((), dtype=dtype or cfg.dtype, device="cpu").element_size()
     mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * cfg.d_mlp
     per_row = 8 * cfg.d_model + 5 * cfg.n_heads * cfg.d_head + mlp + 2 * cfg.n_heads * seq_len
     return int(batch * seq_len * per_row * item)
@@ -197,6 +197,12 @@ class ExactEngine:
         x = target_cache["blocks.0.hook_resid_pre"]
         self.B, self.T = x.shape[0], x.shape[1]
         self.dtype = x.dtype
+        # every index, mask and buffer the engine makes lives on the device of the activations (the model's)
+        self.device = x.device
+        # positions 0 .. T - 1 (and head indices), made once: the engine's row, key and head ranges are slices of it
+        self._ar = torch.arange(max(self.T, self.H, self.Hkv, self.G), device=self.device)
+        # per-example metric positions as a gather index, on the activations' device
+        self._m_idx = None if self.uniform else position.to(self.device)
         if self.uniform and position != self.T - 1:
             raise ValueError(
                 f"position={position}: truncate the prompts so that the metric position is the last"
@@ -205,6 +211,16 @@ class ExactEngine:
         # resid_pre cells: the patched row's (rotated) query, key and value at each layer, computed for all the
         # run's positions of a layer at once (one matmul of many rows instead of one of ``batch`` rows per cell)
         self._entry: dict[int, tuple[dict[int, int], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _range(self, start: int, stop: int) -> torch.Tensor:
+        """``arange(start, stop)`` (int64) on the engine's device: a slice of the positions made once."""
+        if stop <= len(self._ar):
+            return self._ar[start:stop]
+        return torch.arange(start, stop, device=self.device)
+
+    def _index(self, values: list) -> torch.Tensor:
+        """A list of ints (or bools) as a tensor on the engine's device."""
+        return torch.tensor(values, device=self.device)
 
     def _proj(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
         """:meth:`Attention.compute_q`/``compute_k``/``compute_v`` (``which`` in ``"QKV"``) of ``x (..., d_model)``.
@@ -243,7 +259,7 @@ class ExactEngine:
         rmask = (rows == patch.pos) if patch.pos >= 0 else torch.ones_like(rows, dtype=torch.bool)
         if stage == "pattern":  # x (C, B, H, R, Tk)
             s = src[:, :, rows].to(x.dtype)
-            hmask = torch.arange(x.shape[2])[None, :] == patch.heads[:, None]
+            hmask = self._range(0, x.shape[2])[None, :] == patch.heads[:, None]
             mask = (
                 act[:, None, None, None, None]
                 & hmask[:, None, :, None, None]
@@ -252,7 +268,7 @@ class ExactEngine:
             return torch.where(mask, s.unsqueeze(0), x)
         s = src[:, rows].to(x.dtype)
         if stage in HEAD_SITES:  # x (C, B, R, heads, dh): query heads, or key/value heads for k and v
-            hmask = torch.arange(x.shape[3])[None, :] == patch.heads[:, None]
+            hmask = self._range(0, x.shape[3])[None, :] == patch.heads[:, None]
             mask = (
                 act[:, None, None, None, None]
                 & rmask[None, None, :, None, None]
@@ -264,7 +280,7 @@ class ExactEngine:
 
     def _mask(self, layer: int, qpos: torch.Tensor, n_keys: int) -> torch.Tensor:
         """The model's attention mask ``(len(qpos), n_keys)`` (True: may not attend) for keys ``0..n_keys-1``."""
-        return self.model.blocks[layer].attn.attn_mask(qpos, torch.arange(n_keys))
+        return self.model.blocks[layer].attn.attn_mask(qpos, self._range(0, n_keys))
 
     def _pattern(
         self, layer: int, q: torch.Tensor, qpos: torch.Tensor, k_new: torch.Tensor, p: int
@@ -366,7 +382,7 @@ class ExactEngine:
         blk = self.model.blocks[layer]
         attn = blk.attn
         R = X.shape[2]
-        rows = torch.arange(p, p + R)
+        rows = self._range(p, p + R)
         X = self._apply(X, patch, "resid_pre", rows)
         h = self.model.blocks[layer].ln1(X)
         sel = out_rows - p
@@ -386,7 +402,7 @@ class ExactEngine:
         blk = self.model.blocks[layer]
         attn = blk.attn
         C, dt = len(cells), self.dtype
-        heads = torch.tensor([c.head for c in cells]) if site in HEAD_SITES else None
+        heads = self._index([c.head for c in cells]) if site in HEAD_SITES else None
         src = self.src.get(hook_name(site, layer))
         if site == "resid_pre":
             if all_pos:
@@ -414,7 +430,7 @@ class ExactEngine:
             K = self._heads(tg["kr"], heads)  # (C,B,T,dh)
             V = self._heads(tg["v"], heads)
             rsel = slice(None) if all_pos else slice(p, p + 1)
-            rpos = torch.arange(self.T) if all_pos else torch.tensor([p])
+            rpos = self._range(0, self.T) if all_pos else self._range(p, p + 1)
             s = src[:, rsel].to(dt)
             if site == "k":  # a patched key is rotated at the position it is patched into
                 K = K.clone()
@@ -424,9 +440,7 @@ class ExactEngine:
                 V[:, :, rsel] = self._heads(s, heads)
             Rq = len(out_rows)
             grp = lambda t: t[:, out_rows].reshape(B, Rq, self.Hkv, G, self.dh).permute(2, 0, 1, 3, 4)[heads]
-            qheads = heads[:, None] * G + torch.arange(
-                G
-            )  # the query heads reading each cell's key/value head
+            qheads = heads[:, None] * G + self._range(0, G)  # the query heads reading each key/value head
             z_new = self._head_attn(layer, grp(tg["qr"]), out_rows, K, V, qheads)  # (C,B,Rq,G,dh)
             W_O = attn.W_O.reshape(self.Hkv, G, self.dh, self.d)[heads]  # (C,G,dh,d)
             attn_out = blk.attn_post(
@@ -498,7 +512,7 @@ class ExactEngine:
             pos = sorted(ps)
             blk = self.model.blocks[layer]
             if self.site != "resid_pre":
-                tg, prow = self.tgt[layer], torch.tensor(pos)
+                tg, prow = self.tgt[layer], self._index(pos)
                 s = self.src[hook_name(self.site, layer)][:, prow].to(self.dtype).unsqueeze(0)
                 if self.site == "attn_out":
                     rows = self._finish(layer, tg["resid_pre"][:, prow], s)
@@ -507,7 +521,7 @@ class ExactEngine:
                 self._entry[layer] = ({p: i for i, p in enumerate(pos)}, rows)
                 continue
             h = blk.ln1(self.src[hook_name("resid_pre", layer)][:, pos].to(self.dtype))  # (B,P,d)
-            pt = torch.tensor(pos)
+            pt = self._index(pos)
             q = blk.attn.rotate(self._proj(layer, "Q", h), pt)
             k = blk.attn.rotate(self._proj(layer, "K", h), pt)
             v = self._proj(layer, "V", h)
@@ -526,7 +540,9 @@ class ExactEngine:
 
     def _run(self, cells: list[Cell]) -> torch.Tensor:
         # metrics of a 16-bit model are computed and kept in float32 (see metrics._wide)
-        out = torch.empty(len(cells), self.B, dtype=torch.promote_types(self.dtype, torch.float32))
+        out = torch.empty(
+            len(cells), self.B, dtype=torch.promote_types(self.dtype, torch.float32), device=self.device
+        )
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(cells):
             groups.setdefault(c.pos, []).append(i)
@@ -581,7 +597,7 @@ class ExactEngine:
             C = X.shape[0]
             tgt_final = self.tgt[-1]["resid_post"]
             full = torch.cat([tgt_final[:, :p].unsqueeze(0).expand(C, -1, -1, -1), X], 2)
-            idx = self.m.view(1, -1, 1, 1).expand(C, -1, 1, self.d)
+            idx = self._m_idx.view(1, -1, 1, 1).expand(C, -1, 1, self.d)
             x = full.gather(2, idx).squeeze(2)
         return model.ln_final(x)
 
@@ -593,12 +609,14 @@ class ExactEngine:
     def _run_group(self, p: int, cells: list[Cell], all_pos: bool) -> torch.Tensor:
         R = self.T - p
         X, active = None, []
-        full_rows = torch.arange(p, self.T)
-        last_rows = torch.tensor([self.m]) if self.uniform else full_rows
+        full_rows = self._range(p, self.T)
+        last_rows = self._range(self.m, self.m + 1) if self.uniform else full_rows
         is_head = self.site in HEAD_SITES
         # the residual after each block, for every cell of the batch, alternates between two buffers that the
         # chunks write into (one allocation per batch instead of one per block)
-        bufs = [torch.empty(len(cells), self.B, R, self.d, dtype=self.dtype) for _ in range(2)]
+        bufs = [
+            torch.empty(len(cells), self.B, R, self.d, dtype=self.dtype, device=self.device) for _ in range(2)
+        ]
         for layer in range(min(c.layer for c in cells), self.L):
             out_rows = last_rows if layer == self.L - 1 else full_rows
             new = [c for c in cells if c.layer == layer]
@@ -606,13 +624,14 @@ class ExactEngine:
             if len(out_rows) == R:
                 Y = bufs[layer % 2][:n_out]
             else:
-                Y = torch.empty(n_out, self.B, len(out_rows), self.d, dtype=self.dtype)
+                Y = torch.empty(n_out, self.B, len(out_rows), self.d, dtype=self.dtype, device=self.device)
             if active:
-                act = torch.tensor([layer in c.layers for c in active])
-                heads = torch.tensor([c.head for c in active]) if is_head else None
+                acts = [layer in c.layers for c in active]
+                act = self._index(acts)
+                heads = self._index([c.head for c in active]) if is_head else None
                 for s, e in self._chunks(len(active), R):
                     patch = None
-                    if bool(act[s:e].any()):
+                    if any(acts[s:e]):  # read on the host: no device synchronisation per chunk
                         hs = heads[s:e] if is_head else None
                         patch = _Patch(self.site, layer, act[s:e], hs, -1 if all_pos else p)
                     Y[s:e] = self._block_rows(layer, X[s:e], p, patch, out_rows)

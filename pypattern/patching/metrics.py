@@ -60,7 +60,7 @@ def _ids_arg(ids, name: str) -> torch.Tensor:
             f"{name}={ids!r} is not valid; give integer token ids (an int, a list or a LongTensor)"
         )
     try:
-        return torch.as_tensor(ids)
+        return torch.as_tensor(ids, device="cpu")  # moved to the logits' device where they are read
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"{name} must hold integer token ids: {e}") from None
 
@@ -140,7 +140,7 @@ class Metric:
         for name in ("position", *self.per_example):
             v = getattr(self, name, None)
             if isinstance(v, (list, tuple, np.ndarray)):  # per-example positions given as a list or array
-                v = torch.as_tensor(v)
+                v = torch.as_tensor(v, device="cpu")
             if isinstance(v, torch.Tensor) and v.dim() >= 1:
                 setattr(new, name, v[index])
         return new
@@ -271,7 +271,8 @@ def metric_positions(metric: Metric, batch: int, seq_len: int):
         if not -seq_len <= pos < seq_len:
             raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
         return pos % seq_len
-    pos = torch.as_tensor(pos)
+    if not isinstance(pos, torch.Tensor):  # a list or array of positions (a tensor keeps its device)
+        pos = torch.as_tensor(pos, device="cpu")
     if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
         raise TypeError(
             f"metric.position must be an int or integer positions, got {pos.dtype} values (they would be truncated)"
@@ -291,7 +292,8 @@ def logits_at(logits: torch.Tensor, pos) -> torch.Tensor:
     ``(batch, vocab)``."""
     if isinstance(pos, int):
         return logits[:, pos]
-    return logits[torch.arange(logits.shape[0]), pos]
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, torch.as_tensor(pos, device=logits.device)]
 
 
 def check_metric_output(values, batch: int) -> torch.Tensor:

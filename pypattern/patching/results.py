@@ -103,7 +103,8 @@ class PatchResult(Saveable):
         if n < 2:  # one example: every resample is that example, and the interval would be a false point
             nan = torch.full_like(self.values[0].double(), float("nan"))
             return nan, nan.clone()
-        idx = torch.randint(0, n, (num_resamples, n), generator=g)
+        # resamples drawn on the CPU (the same on every device); a CPU index reads the values on any device
+        idx = torch.randint(0, n, (num_resamples, n), generator=g, device="cpu")
         v = self.values.double()[idx].mean(1)  # (R, *grid)
         if normalized:
             if self.corrupted is None:
@@ -122,12 +123,14 @@ class PatchResult(Saveable):
                     stacklevel=2,
                 )
                 if bool(zero.all()):
-                    nan = torch.full(v.shape[1:], float("nan"), dtype=self.values.dtype)
+                    nan = torch.full(
+                        v.shape[1:], float("nan"), dtype=self.values.dtype, device=self.values.device
+                    )
                     return nan, nan.clone()
                 v, gap, co = v[~zero], gap[~zero], co[~zero]
             v = (v - co.view(shape)) / gap.view(shape)
         a = (1 - level) / 2
-        q = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype), dim=0)
+        q = torch.quantile(v, torch.tensor([a, 1 - a], dtype=v.dtype, device=v.device), dim=0)
         return q[0].to(self.values.dtype), q[1].to(self.values.dtype)
 
     def top(self, k: int = 10, normalized: bool = False) -> list[tuple[dict, float]]:
