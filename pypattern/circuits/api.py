@@ -108,13 +108,13 @@ def _as_masks(graph: EdgeGraph, edges) -> tuple[torch.Tensor, bool]:
     """``edges`` -> boolean masks ``(C, num_edges)`` and whether a single set was given (one edge or edge name
     is a set of one)."""
     if isinstance(edges, torch.Tensor):
-        m = graph.mask(edges)
+        m = graph.mask(edges).cpu()  # masks are read on the CPU (a GPU model's engine moves them once)
         return (m[None], True) if m.dim() == 1 else (m, False)
     if isinstance(edges, (Edge, str)):
         edges = [edges]
     edges = list(edges)
     if edges and not isinstance(edges[0], (Edge, str)):
-        return torch.stack([graph.mask(e) for e in edges]), False
+        return torch.stack([graph.mask(e).cpu() for e in edges]), False
     return graph.mask(edges)[None], True
 
 
@@ -205,7 +205,8 @@ def patch_edges(
 
     Returns
     -------
-    Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets.
+    Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets, on the model's device (the metric's
+    values as the runs computed them; prompts on another device are moved to the model's).
     """
     model = converted_if_convertible(model)
     check_graph_arg(graph)
@@ -271,8 +272,8 @@ class _ScoreSink:
 
     def scores(self, scale: float = 1.0) -> torch.Tensor:
         """Per-example scores ``(batch, num_edges)``, times ``scale``."""
-        g = self.engine.graph
-        out = self.table[:, g.src_idx, g.dst_idx]
+        src, dst, _ = self.engine.graph.index_tensors(self.table.device)
+        out = self.table[:, src, dst]
         return out.mul_(scale) if scale != 1 else out
 
 
@@ -299,7 +300,7 @@ def _product_groups(entries: list, n_of: list[int]) -> list[list[int]]:
 def _n_sources(engine: EdgeEngine, dsts: torch.Tensor) -> int:
     """How many sources the destination inputs ``dsts`` (of one stage) read: sources are in topological order,
     so those read at a stage are a prefix."""
-    return engine.n_read[int(engine.graph.dst_stage[dsts[0]])]
+    return engine.n_read[int(engine.graph.dst_stage[int(dsts[0])])]
 
 
 def _source_rows(D: torch.Tensor, n: int, rows: torch.Tensor) -> torch.Tensor:
@@ -327,10 +328,11 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     offset = torch.zeros(len(grads), dtype=torch.long)
     flat, at = [], 0
     for i, (dsts, rows, G) in enumerate(grads):  # G (V, B, R, d)
-        entry[dsts] = i
-        dst_pos[dsts] = torch.arange(len(dsts))
         Ds = _source_rows(D, _n_sources(engine, dsts), rows)
         S = torch.einsum("ubtd,vbtd->buvt", Ds, G)  # (B, n, V, R)
+        dsts, rows = dsts.cpu(), rows.cpu()  # the bookkeeping is on the CPU (the products on D's device)
+        entry[dsts] = i
+        dst_pos[dsts] = torch.arange(len(dsts))
         cols[i, rows] = torch.arange(len(rows))
         Rn[i] = len(rows)
         V[i], offset[i] = len(dsts), at
@@ -341,10 +343,10 @@ def _gradient_scores(engine: EdgeEngine, grads: list) -> torch.Tensor:
     e = e.clamp(min=0)
     col = cols[e, g.pos_idx] if g.per_position else cols[e, 0]
     idx = offset[e] + (g.src_idx * V[e] + dst_pos[g.dst_idx]) * Rn[e] + col.clamp(min=0)
-    out = torch.cat(flat, 1)[:, idx]
+    out = torch.cat(flat, 1)[:, idx.to(D.device)]
     zero = none | (col < 0)  # or at a position where its destination's gradient is zero
     if bool(zero.any()):
-        out[:, zero] = 0
+        out[:, zero.to(D.device)] = 0
     return out
 
 
@@ -458,7 +460,9 @@ def edge_attribution(
             grads = None
             # the pass holding the base run (j = steps) first: it records the base run and binds the metric
             for j0 in reversed(range(1, steps + 1, chunk)):
-                js = torch.arange(j0, min(steps, j0 + chunk - 1) + 1, dtype=e_base.dtype)
+                js = torch.arange(
+                    j0, min(steps, j0 + chunk - 1) + 1, dtype=e_base.dtype, device=e_base.device
+                )
                 alpha = (js / steps).view(-1, 1, 1, 1)
                 emb = e_abl[None] + alpha * (e_base - e_abl)[None]
                 record = None
@@ -495,15 +499,16 @@ def edge_attribution(
                 memory_budget=memory_budget,
             ),
         )
+    # the scores live on the CPU whatever the model's device (saved, tabled and drawn from numpy), moved once
     return EdgeScores(
         graph=graph,
-        values=_widen(values.detach()),
+        values=_widen(values.detach()).cpu(),
         method=method,
         mode=mode,
         ablation=ablation,
         metric=_metric_name(metric),
-        m_base=_widen(info["m_base"].detach()),
-        m_clean=_widen(info["m_clean"].detach()),
+        m_base=_widen(info["m_base"].detach()).cpu(),
+        m_clean=_widen(info["m_clean"].detach()).cpu(),
         info={
             "steps": steps if method == "eap-ig" else None,
             "seconds": time.perf_counter() - t0,
@@ -696,7 +701,8 @@ def faithfulness(
 
     Returns
     -------
-    float for one circuit, Tensor ``(C,)`` for a batch (same forms of ``edges`` as :func:`patch_edges`).
+    float for one circuit, Tensor ``(C,)`` on the CPU for a batch (same forms of ``edges`` as
+    :func:`patch_edges`).
     """
     model = converted_if_convertible(model)
     check_graph_arg(graph)
@@ -720,7 +726,8 @@ def faithfulness(
     )
     E = len(graph)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
-    vals = _widen(engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode))).mean(1)
+    # the batch means on the CPU (a GPU model's too): C + 2 numbers, moved once
+    vals = _widen(engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode))).mean(1).cpu()
     f = _faith(vals[:-2], vals[-2], vals[-1])
     return float(f[0]) if single else f
 
@@ -822,7 +829,7 @@ def pruning_curve(
     cnt = _counts(E, fractions, counts)
     masks, names = [], []
     for name, sc in scores.items():
-        s = sc.scores if isinstance(sc, EdgeScores) else torch.as_tensor(sc)
+        s = (sc.scores if isinstance(sc, EdgeScores) else torch.as_tensor(sc)).cpu()
         label = "scores" if one else f"scores[{name!r}]"
         if s.shape != (E,):
             raise ValueError(f"{label} has shape {tuple(s.shape)}; the graph has {E} edges")
@@ -845,7 +852,8 @@ def pruning_curve(
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
     allm = torch.cat(masks + [ends])
     t0 = time.perf_counter()
-    vals = _widen(engine.run(_circuit_to_patch(allm, mode))).mean(1)
+    # the curves live on the CPU (a GPU model's too: PruningCurve is saved and plotted from numpy), moved once
+    vals = _widen(engine.run(_circuit_to_patch(allm, mode))).mean(1).cpu()
     seconds = time.perf_counter() - t0
     full, empty = vals[-2], vals[-1]
     n = len(cnt)
@@ -873,7 +881,7 @@ def pruning_curve(
 
 def _metric_rows(engine: EdgeEngine) -> torch.Tensor:
     """The positions at which the metric reads the logits (any example)."""
-    return torch.tensor([engine.pos]) if engine.uniform else torch.unique(engine.pos)
+    return torch.tensor([engine.pos]) if engine.uniform else torch.unique(engine.pos).cpu()
 
 
 class _Reach:
@@ -1022,8 +1030,8 @@ def acdc(
     E = len(graph)
     keep = torch.ones(E, dtype=torch.bool)
 
-    def evaluate(circ: torch.Tensor) -> torch.Tensor:
-        return engine.run(_circuit_to_patch(circ, mode)).mean(1)
+    def evaluate(circ: torch.Tensor) -> torch.Tensor:  # batch means, read on the CPU (one copy per batch)
+        return engine.run(_circuit_to_patch(circ, mode)).mean(1).cpu()
 
     reach = _Reach(graph, engine, mode)
     state = None

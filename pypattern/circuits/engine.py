@@ -115,7 +115,11 @@ class EdgeEngine:
         keep_freed_heap()
         self.view, self.graph, self.metric = view, graph, metric
         self.base_embed = base_embed
-        self.pos, self.T = pos, T
+        # where the runs live (the model's device): the engine's index tensors, masks, buffers and metric values
+        # are made there; the bookkeeping over masks (first stages, groups) stays on the CPU
+        self.device = base_embed.device
+        self.pos = pos if isinstance(pos, int) else pos.to(self.device)
+        self.T = T
         self.B = base_embed.shape[0]
         self.dtype = base_embed.dtype
         # the source values: a tensor, or "zero" / "mean" when they follow from a base run still to be recorded
@@ -153,7 +157,7 @@ class EdgeEngine:
         g = graph
         # destination inputs of each stage, in graph order: q (H), k (Hk), v (Hk) of a layer's attention, then
         # (parallel blocks) the MLP of the same layer; or one MLP; or the logits
-        self.stage_dsts = {s: (g.dst_stage == s).nonzero().flatten() for s in g.stages}
+        self.stage_dsts = {s: (g.dst_stage == s).nonzero().flatten().to(self.device) for s in g.stages}
         self.src_stage = g.src_stage
         self.n_read = {s: int((g.src_stage < s).sum()) for s in g.stages}  # sources read at each stage
         src_pos = {n: i for i, n in enumerate(g.src_names)}
@@ -205,7 +209,7 @@ class EdgeEngine:
 
     def _rows_after(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         if self.uniform and layer == self.L - 1:
-            return torch.tensor([self.T - 1])
+            return torch.tensor([self.T - 1], device=self.device)
         return rows
 
     # ----- stage pieces ---------------------------------------------------------------------------------------
@@ -248,7 +252,7 @@ class EdgeEngine:
             if ats == list(range(ats[0], ats[0] + len(ats))):  # pairs are ordered: usually a view
                 own_x = (X.own[ats[0] : ats[0] + len(ats)], [(i, c) for _, i, c in own])
             else:
-                own_x = (X.own[torch.tensor(ats)], [(i, c) for _, i, c in own])
+                own_x = (X.own[torch.tensor(ats, device=X.own.device)], [(i, c) for _, i, c in own])
         q, k, vv = v.qkv_grouped(layer, shared, own_x, C, qrows, rows, heads=heads, cached=cached)
         z = v.attention(layer, q, k, vv, qrows, rows, heads=heads)
         return v.head_out(layer, z, heads=heads)
@@ -303,12 +307,13 @@ class EdgeEngine:
     def _run(self, masks: torch.Tensor) -> torch.Tensor:
         if self.base is None or self.base.resid is None:
             raise RuntimeError("this engine has no recorded base run to patch: build it with prepare_runs")
-        masks = self.graph.mask(masks)
+        # the bookkeeping below (first stages, groups) reads the masks on the CPU; the dense masks go to the device
+        masks = self.graph.mask(masks).cpu()
         if masks.dim() == 1:
             masks = masks[None]
         C = masks.shape[0]
         # metrics of a 16-bit model are computed and kept in float32 (see patching.metrics._wide)
-        out = torch.empty(C, self.B, dtype=torch.promote_types(self.dtype, torch.float32))
+        out = torch.empty(C, self.B, dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
         if C == 0:
             return out
         g = self.graph
@@ -346,7 +351,7 @@ class EdgeEngine:
             hsel = None if (len(heads) == self.H or s0 % 2 == 1 or s0 == 2 * self.L) else list(heads)
             for i in range(0, len(idx), chunk):
                 part = idx[i : i + chunk]
-                dense = g.dense(live[part], self.dtype)
+                dense = g.dense(live[part], self.dtype, self.device)
                 if g.per_position:
                     dense = dense[..., : self.T]
                 # a metric computed in another dtype (float64 on a float32 model, a bool accuracy) is cast
@@ -492,8 +497,8 @@ class EdgeEngine:
         else:
             cls = torch.where(k == 0, 0, torch.where(k == n, 1, 2))  # (C, V): R, ablated, formed here
             pairs = (cls == 2).T.nonzero()  # (P, 2) as (v, c), by destination input first
-            at = torch.full((C, V), -1, dtype=torch.long)
-            at[pairs[:, 1], pairs[:, 0]] = torch.arange(len(pairs))
+            at = torch.full((C, V), -1, dtype=torch.long, device=k.device)
+            at[pairs[:, 1], pairs[:, 0]] = torch.arange(len(pairs), device=k.device)
             cs, cv = pairs[:, 1], comp[pairs[:, 1], pairs[:, 0]]
         flat = R.new_empty(len(cs), self.B, len(rows), self.d)
         # every term of every block at once: (c, u, v) with u patched into a cheap-side input, or unpatched into a
@@ -539,7 +544,7 @@ class EdgeEngine:
         C, V = Mv.shape[0], Mv.shape[2]
         R = len(rows)
         N = self.B * R * self.d
-        out = torch.empty(V, C, N, dtype=self.dtype)
+        out = torch.empty(V, C, N, dtype=self.dtype, device=self.device)
         beta = 0.0  # the first product overwrites the uninitialised output
         for src_idx, tensor, shared, is_full in blocks:
             m = Mv[:, src_idx]  # (C, u, V)
@@ -575,9 +580,9 @@ class EdgeEngine:
         H, Hk, nA = self.H, self.Hk, self.nA
         before = (self.src_stage < s0).nonzero().flatten()  # a prefix: sources are in topological order
         blocks = [(before.tolist(), self.D[: len(before)], True, True)] if len(before) else []
-        rows = torch.arange(self.T)
+        rows = torch.arange(self.T, device=self.device)
         if self.uniform and s0 > 2 * (self.L - 1):  # past the last attention: only the metric row matters
-            rows = torch.tensor([self.T - 1])
+            rows = torch.tensor([self.T - 1], device=self.device)
         R = base.resid[s0][:, rows].unsqueeze(0).expand(C, -1, -1, -1)
         for s in self.graph.stages:
             if s < s0:
@@ -672,7 +677,7 @@ class EdgeEngine:
         self, embeds: torch.Tensor, record: int | None = None, sink=None
     ) -> tuple[list, torch.Tensor]:
         v, g = self.view, self.graph
-        rows = torch.arange(self.T)
+        rows = torch.arange(self.T, device=self.device)
         handles, val = [], None
         outs = None
         # a recorded run whose source values are this engine's own: D = A - out formed in A's storage as the
@@ -681,7 +686,7 @@ class EdgeEngine:
             record is not None and self.source_owned and self.A is not None and self._pending_source is None
         )
         if record is not None:  # node outputs of the recorded run; rows that are not computed are zero
-            kept = torch.zeros(g.n_src, dtype=torch.bool)
+            kept = torch.zeros(g.n_src, dtype=torch.bool, device=self.device)
             if in_place:
                 outs = self.A
                 outs[0].sub_(embeds[record])
@@ -894,7 +899,7 @@ def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
     outs = [x0]
     resid, after_attn = {}, []
     R = x0
-    rows = torch.arange(T)
+    rows = torch.arange(T, device=x0.device)
     for s in graph.stages:
         resid[s] = R
         if s == 2 * view.n_layers:
@@ -919,7 +924,7 @@ def _node_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _Run:
     if isinstance(pos, int):
         x = R[:, pos]
     else:
-        x = R[torch.arange(B), pos]
+        x = R[torch.arange(B, device=R.device), pos]
     return _Run(resid, after_attn, torch.stack(outs), view.unembed(x))
 
 
@@ -932,7 +937,7 @@ def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _R
     H, L = view.n_heads, view.n_layers
     outs = x0.new_empty(graph.n_src, B, T, d)
     outs[0] = x0
-    i, R, rows = 1, x0, torch.arange(T)
+    i, R, rows = 1, x0, torch.arange(T, device=x0.device)
 
     def put(k: int, value: torch.Tensor) -> None:  # value (k, B, Tq, d) at the rows computed
         if value.shape[2] == T:
@@ -942,7 +947,7 @@ def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _R
             outs[i : i + k, :, T - 1 :] = value
 
     for layer in range(L):
-        qrows = torch.tensor([T - 1]) if isinstance(pos, int) and layer == L - 1 else rows
+        qrows = torch.tensor([T - 1], device=x0.device) if isinstance(pos, int) and layer == L - 1 else rows
         part = len(qrows) != T
         hn = view.attn_norm(layer, R)
         q, k, v = view.qkv_shared(layer, hn[:, qrows] if part else hn, hn, qrows, rows)
@@ -966,7 +971,7 @@ def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _R
             R = R + out
             put(1, out[None])
             i += 1
-    x = R[:, -1] if isinstance(pos, int) else R[torch.arange(B), pos]
+    x = R[:, -1] if isinstance(pos, int) else R[torch.arange(B, device=R.device), pos]
     return _Run(None, None, outs, view.unembed(x))
 
 
@@ -1045,6 +1050,12 @@ def prepare_runs(
     pos = metric_positions(metric, B, T_full)
     T = (pos if isinstance(pos, int) else int(pos.max())) + 1
     clean, corrupted = clean[:, :T], (corrupted[:, :T] if corrupted is not None else None)
+    # the runs are on the model's device: prompts and per-example positions go there (no copy when they are)
+    device = view.device
+    clean = clean.to(device)
+    corrupted = corrupted.to(device) if corrupted is not None else None
+    if not isinstance(pos, int):
+        pos = pos.to(device)
     if mode == "noise":
         base_tokens, src_tokens = clean, (corrupted if corrupted is not None else clean)
     else:

@@ -69,12 +69,13 @@ def head_roles(model, clean: torch.Tensor, n: int, k: int) -> dict:
     the position before it; ``induction (n_layers, n_heads)``: attention from the last position to position
     ``k + 1`` (the token after the first occurrence of the current token).
     """
+    clean = clean.to(model.embed.W_E.device)  # the model's device (no copy when the prompts are there)
     _, cache = model.run_with_cache(clean, names_filter=lambda s: s.endswith("hook_pattern"))
     L, H = model.cfg.n_layers, model.cfg.n_heads
     prev, ind = torch.zeros(L, H), torch.zeros(L, H)
     q = torch.arange(2, n + 1)
     for layer in range(L):
-        p = cache[f"blocks.{layer}.attn.hook_pattern"].float()  # (B, H, q, k)
+        p = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()  # (B, H, q, k), read on the CPU
         prev[layer] = p[:, :, q, q - 1].mean((0, 2))
         ind[layer] = p[:, :, -1, k + 1].mean(0)
     return {"previous_token": prev, "induction": ind}

@@ -189,6 +189,7 @@ class EdgeGraph:
         self._dst_pos = {n: i for i, n in enumerate(dst_names)}
         self._edges: list[Edge] | None = None
         self._index: dict | None = None
+        self._on_device: dict = {}  # device -> the edge index tensors there (index_tensors)
 
     # ----- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -334,15 +335,31 @@ class EdgeGraph:
             m[self.index(e)] = True
         return m
 
-    def dense(self, masks: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Masks ``(C, num_edges)`` -> ``(C, n_src, n_dst)`` (or ``(C, n_src, n_dst, n_pos)``) of ``dtype``."""
+    def index_tensors(self, device=None) -> tuple:
+        """``(src_idx, dst_idx, pos_idx)`` on ``device`` (None or the CPU: the graph's own tensors), copied there
+        once per device and kept (``pos_idx`` None for a graph without positions)."""
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type == "cpu":
+            return self.src_idx, self.dst_idx, self.pos_idx
+        if dev not in self._on_device:
+            self._on_device[dev] = tuple(
+                None if t is None else t.to(dev) for t in (self.src_idx, self.dst_idx, self.pos_idx)
+            )
+        return self._on_device[dev]
+
+    def dense(self, masks: torch.Tensor, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+        """Masks ``(C, num_edges)`` -> ``(C, n_src, n_dst)`` (or ``(C, n_src, n_dst, n_pos)``) of ``dtype``, on
+        ``device`` (default: the masks' device)."""
         C = masks.shape[0]
+        dev = masks.device if device is None else torch.device(device)
+        src, dst, pos = self.index_tensors(dev)
+        vals = masks.to(device=dev, dtype=dtype)
         if self.per_position:
-            out = torch.zeros(C, self.n_src, self.n_dst, self.n_pos, dtype=dtype)
-            out[:, self.src_idx, self.dst_idx, self.pos_idx] = masks.to(dtype)
+            out = torch.zeros(C, self.n_src, self.n_dst, self.n_pos, dtype=dtype, device=dev)
+            out[:, src, dst, pos] = vals
         else:
-            out = torch.zeros(C, self.n_src, self.n_dst, dtype=dtype)
-            out[:, self.src_idx, self.dst_idx] = masks.to(dtype)
+            out = torch.zeros(C, self.n_src, self.n_dst, dtype=dtype, device=dev)
+            out[:, src, dst] = vals
         return out
 
     def edge_stage(self) -> torch.Tensor:

@@ -109,6 +109,11 @@ class ModelView:
                 self._check()
                 _CHECKED[model] = sig
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's weights (its embedding's): where the circuits compute."""
+        return self.model.embed.W_E.device
+
     # ----- heads ---------------------------------------------------------------------------------------------
     def kv_heads_of(self, heads: list[int] | None) -> list[int] | None:
         """The key/value heads the query heads ``heads`` read, sorted (None: all)."""

@@ -36,7 +36,10 @@ def _save(path, arrays: dict, meta: dict, kind: str) -> None:
 
 def _numpy_dtype(v):
     """A bfloat16 tensor (a bfloat16 model's scores) as float32, which numpy holds; anything else unchanged."""
-    return v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v
+    if not isinstance(v, torch.Tensor):
+        return v
+    v = v.cpu()  # numpy reads CPU tensors (results hold CPU tensors already: no copy then)
+    return v.float() if v.dtype == torch.bfloat16 else v
 
 
 @contextlib.contextmanager
