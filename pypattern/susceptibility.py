@@ -75,7 +75,7 @@ from .sampling.data import ChainData, hash_data, to_device
 from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model
-from .sampling.runner import rerun_at_half_step, sample, split_loss
+from .sampling.runner import default_burnin, rerun_at_half_step, sample, split_loss
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
@@ -817,6 +817,7 @@ def susceptibilities(
     auto_step = None
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):  # one calibration (unrestricted chains)
         kw["step_size"], auto_step = resolve_step_size(model, loader, **auto_arguments(dict(kw, loss_fn=lf)))
+    _resolve_burnin(kw, auto_step)
     only = _only_batch(loader)
     only = None if only is None else _on(only, dev)  # compared on the device the probe is on
     fuse_probe = loss_fn is None and only is not None and _same_batch(only, probe)
@@ -1178,6 +1179,16 @@ def _settings_of(kw: dict, auto_step) -> dict:
     return out
 
 
+def _resolve_burnin(kw: dict, auto_step) -> None:
+    """``num_burnin_steps`` as :func:`pypattern.sample` resolves its default (None), here where the step is
+    calibrated before the run (the run is then given the step): the draws' steps at a calibrated step, else 0.
+    The checkpoint's fingerprint holds the resolved count."""
+    if kw.get("num_burnin_steps") is None:
+        kw["num_burnin_steps"] = default_burnin(
+            auto_step is not None, kw.get("num_draws", 200), kw.get("num_steps_bw_draws", 1)
+        )
+
+
 def _sampler_settings_defaults(kw: dict) -> dict:
     kw.setdefault("num_chains", 4)
     kw.setdefault("num_draws", 200)
@@ -1282,6 +1293,7 @@ def bif(
         kw["step_size"], auto_step = resolve_step_size(
             model, loader, **auto_arguments(dict(kw, loss_fn=loss_fn))
         )
+    _resolve_burnin(kw, auto_step)
 
     entries = _ProbeEntries(model, probe, per_sample_loss_fn, per_token)
 

@@ -2015,6 +2015,13 @@ def test_burn_in_defaults_to_the_draws_steps_at_a_calibrated_step():
     assert runner.default_burnin(True, 1.5, 3) == 0  # left for the run's own check to name
     auto = sample(model, loader, step_size="auto", **kw)
     assert auto.config["auto_step"] is not None and auto.config["num_burnin_steps"] == 30
+    # susceptibilities and bif calibrate first and give the run the step: the same rule, resolved there
+    from pypattern.susceptibility import _resolve_burnin
+
+    for auto_step, given, want in ((object(), None, 30), (None, None, 0), (object(), 4, 4)):
+        s = dict(num_draws=10, num_steps_bw_draws=3, num_burnin_steps=given)
+        _resolve_burnin(s, auto_step)
+        assert s["num_burnin_steps"] == want
 
 
 def test_a_drifting_run_without_localization_names_it():
