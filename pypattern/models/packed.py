@@ -70,8 +70,9 @@ def _calibrate() -> bool:
     core)."""
     gen = torch.Generator().manual_seed(0)
     # float32 whatever torch's default dtype (the path serves float32 products only)
-    a = torch.randn(256, 768, generator=gen, dtype=torch.float32)
-    W = torch.randn(768, 768, generator=gen, dtype=torch.float32)
+    # on the CPU whatever torch's default device (CPU products are timed; a CPU generator)
+    a = torch.randn(256, 768, generator=gen, dtype=torch.float32, device="cpu")
+    W = torch.randn(768, 768, generator=gen, dtype=torch.float32, device="cpu")
     packed = torch.ops.mkldnn._reorder_linear_weight(W.t().contiguous())
     blas, onednn = _best_of_interleaved(
         [lambda: torch.mm(a, W), lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")]

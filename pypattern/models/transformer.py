@@ -1600,13 +1600,14 @@ class Transformer(HookedRootModule):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, ``cfg.init_range``) for every weight matrix, zeros for biases, ones for norm weights."""
+        # drawn on the CPU (its generator; the same weights on every device, also when the model is built under a
+        # default device such as ``with torch.device("cuda")``, where a CPU generator would be refused) and copied
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if leaf.startswith("W_"):
-                p.copy_(
-                    torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * self.cfg.init_range
-                )
+                w = torch.randn(p.shape, generator=gen, dtype=torch.float64, device="cpu")
+                p.copy_(w.to(p.dtype) * self.cfg.init_range)
 
     @contextlib.contextmanager
     def fixed_weights(self, max_pack_bytes: int | None = 0) -> Iterator[Transformer]:

@@ -218,7 +218,8 @@ class State:
 def _numpy_dtype(dtype: torch.dtype, fallback: np.dtype) -> np.dtype:
     """The numpy dtype of a torch dtype (``fallback`` for one numpy lacks, e.g. bfloat16)."""
     try:
-        return torch.empty(0, dtype=dtype).numpy().dtype
+        # on the CPU whatever torch's default device (a CUDA tensor has no numpy view: TypeError, the fallback)
+        return torch.empty(0, dtype=dtype, device="cpu").numpy().dtype
     except TypeError:
         return fallback
 

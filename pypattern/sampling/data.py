@@ -161,10 +161,11 @@ class ChainData:
             bs = self.loader.batch_sampler
             if plain_batches(bs):  # index with a permutation tensor: no per-batch list of ints
                 n = len(tensors[0])
+                # on the CPU whatever torch's default device: the keyed permutation comes from the CPU generator
                 if type(bs.sampler) is torch.utils.data.RandomSampler:
-                    order = torch.randperm(n)
+                    order = torch.randperm(n, device="cpu")
                 else:
-                    order = torch.arange(n)
+                    order = torch.arange(n, device="cpu")
                 chunks = order.split(bs.batch_size)
                 if bs.drop_last and n % bs.batch_size:
                     chunks = chunks[:-1]
@@ -174,7 +175,7 @@ class ChainData:
 
             def gen():
                 for idx in bs:
-                    ix = torch.as_tensor(idx, dtype=torch.long)
+                    ix = torch.as_tensor(idx, dtype=torch.long, device="cpu")
                     yield tuple(t.index_select(0, ix.to(t.device)) for t in tensors)
 
             return gen()

@@ -201,7 +201,8 @@ def _verify(
     vocab = out.cfg.d_vocab
     T = max(1, min(n_tokens, out.cfg.n_ctx))
     dev = next(out.parameters()).device
-    tokens = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(0)).to(dev)
+    gen = torch.Generator().manual_seed(0)  # a CPU generator: the tokens are drawn on the CPU, then moved
+    tokens = torch.randint(0, vocab, (1, T), generator=gen, device="cpu").to(dev)
     source = hf if bridge is None else bridge
     with eval_mode(source), torch.no_grad():
         try:

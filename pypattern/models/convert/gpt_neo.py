@@ -45,7 +45,7 @@ def _window(i: int, kind: str, attn: nn.Module, c) -> int | None:
     m = mask[0, 0].cpu()
     n = m.shape[-1]
     width = int(m[n - 1].sum())  # the last row: the window, or every position for a global layer
-    band = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    band = torch.tril(torch.ones(n, n, dtype=torch.bool, device="cpu"))  # compared with the CPU copy m
     if width < n:
         band = band ^ torch.tril(band, -width)
     if width < 1 or not torch.equal(m, band):

@@ -32,8 +32,9 @@ CLASSES = ("GPTJForCausalLM",)
 
 def _sincos(n: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """GPT-J's rotary table ``[sin | cos]`` of ``n`` positions with its angles computed in ``dtype``."""
-    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
-    ang = torch.arange(n, dtype=torch.int64).to(torch.float32).to(dtype)[:, None] * inv
+    # on the CPU whatever torch's default device (compared with the model's table read to the CPU)
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").to(dtype) / dim))
+    ang = torch.arange(n, dtype=torch.int64, device="cpu").to(torch.float32).to(dtype)[:, None] * inv
     return torch.cat((torch.sin(ang), torch.cos(ang)), dim=1)
 
 

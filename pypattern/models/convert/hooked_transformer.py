@@ -229,8 +229,9 @@ def _check_rotary_tables(model: nn.Module, cfg: dict) -> None:
     if not isinstance(sin, torch.Tensor) or cfg.get("rotary_scaling") is not None:
         return
     rd = cfg["rotary_dim"]
-    pos = torch.arange(sin.shape[0], dtype=torch.float64)
-    freq = cfg["rotary_base"] ** (torch.arange(rd // 2, dtype=torch.float64) / (rd / 2))
+    # on the CPU whatever torch's default device: compared with the table read to the CPU
+    pos = torch.arange(sin.shape[0], dtype=torch.float64, device="cpu")
+    freq = cfg["rotary_base"] ** (torch.arange(rd // 2, dtype=torch.float64, device="cpu") / (rd / 2))
     freq = freq.repeat_interleave(2) if cfg["rotary_adjacent_pairs"] else freq.repeat(2)
     want = torch.sin(pos[:, None] / freq[None, :])
     if not torch.allclose(sin.detach().cpu().to(torch.float64), want, rtol=0, atol=1e-12):
