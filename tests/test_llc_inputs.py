@@ -57,11 +57,15 @@ def test_default_nbeta_of_batches_of_several_sizes_warns():
         _run([(x[:32], y[:32]), (x[32:], y[32:]), (x[:5], y[:5])], [], nbeta=None)  # a ragged last batch only
 
 
-def _result(bias, se):
+def _result(bias, se, mean=None, atol_rel=None):
     s = SampleResult.__new__(SampleResult)
     s.config = {"auto_step": {"chosen": 1e-4, "bias": bias}}
+    if atol_rel is not None:
+        s.config["auto_step"]["settings"] = {"atol_rel": atol_rel}
     r = LLCResult.__new__(LLCResult)
     r.sample, r.llc_se = s, se
+    if mean is not None:
+        r.llc_mean = mean
     return r
 
 
@@ -72,3 +76,9 @@ def test_an_automatic_step_whose_bias_exceeds_the_standard_error_warns():
         warnings.simplefilter("error")
         _warn_auto_bias(_result(0.01, 0.029))
         _warn_auto_bias(_result(None, 0.029))
+        # within the calibration's relative floor (2% of 18.9 = 0.378): a change it counts as immaterial
+        _warn_auto_bias(_result(0.35, 0.056, mean=18.9, atol_rel=0.02))
+    with pytest.warns(
+        UserWarning, match=r"larger than llc_se \(0\.041\), which does not include it, and than 2% "
+    ):
+        _warn_auto_bias(_result(0.06, 0.041, mean=0.918, atol_rel=0.02))

@@ -124,19 +124,26 @@ def _warn_above_half_dimension(res: LLCResult, model: nn.Module) -> None:
 
 def _warn_auto_bias(res: LLCResult) -> None:
     """Warn when the automatic step's own bias estimate (the estimate at twice the step minus at the step)
-    exceeds the run's standard error, which does not include it."""
+    exceeds both the run's standard error, which does not include it, and the calibration's relative floor
+    (``atol_rel`` of the estimate: a change it counts as immaterial whatever the standard errors, as it chose the
+    step by it)."""
     config = getattr(res.sample, "config", None)
     auto = config.get("auto_step") if isinstance(config, dict) else None
     bias = auto.get("bias") if isinstance(auto, dict) else None
     se = float(res.llc_se)
-    if bias is not None and math.isfinite(bias) and math.isfinite(se) and abs(bias) > se:
+    settings = auto.get("settings") if isinstance(auto, dict) else None
+    rel = settings.get("atol_rel", 0.0) if isinstance(settings, dict) else 0.0
+    mean = float(getattr(res, "llc_mean", float("nan")))
+    floor = float(rel) * abs(mean) if math.isfinite(mean) and isinstance(rel, int | float) else 0.0
+    if bias is not None and math.isfinite(bias) and math.isfinite(se) and abs(bias) > max(se, floor):
         warnings.warn(
             f"step_size='auto' chose {auto.get('chosen'):.3g}, whose estimated discretisation bias ({bias:+.3g}: "
             f"the estimate at twice the step minus at the step) is larger than llc_se ({se:.3g}), which does not "
-            "include it: the estimate may be off by more than its standard error. The calibration accepted that "
-            "bias against the larger of its prediction of this run's standard error, a multiple of the change's own "
-            "standard error and a relative floor (config['auto_step']['reason']); the run's llc_se came out "
-            "smaller than that. Give a smaller step_size (half the chosen one, say) with more draws",
+            f"include it{f', and than {rel:.0%} of the estimate' if floor > 0 else ''}: the estimate may be off by "
+            "more than its standard error. The calibration accepted that bias against the larger of its prediction "
+            "of this run's standard error, a multiple of the change's own standard error and a relative floor "
+            "(config['auto_step']['reason']); the run's llc_se came out smaller than that. Give a smaller "
+            "step_size (half the chosen one, say) with more draws",
             stacklevel=3,
         )
 
