@@ -245,3 +245,21 @@ def test_from_hf_on_a_device(device, arch):
     for m in (got, again):
         assert next(m.parameters()).device.type == torch.device(device).type
         _close(m(toks.to(device)).cpu(), want, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_and_estimate_llc_take_device(device):
+    """``device=``: the chains run on a copy of the model there (the caller's model stays where it is), the CPU
+    data moved as read; the same draws as the CPU run. A device torch cannot use is refused by name."""
+    model, x, y = _mlp()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    before = copy.deepcopy(model.state_dict())
+    ref = sample(model, loader, **KW)
+    got = sample(model, loader, device=device, **KW)
+    _close(got.loss_trace, ref.loss_trace, device)
+    llc = pypattern.estimate_llc(model, loader, device=device, **KW)
+    _close(llc.llc_per_chain, pypattern.estimate_llc(model, loader, **KW).llc_per_chain, device)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="device='nowhere'"):
+        sample(model, loader, device="nowhere", **KW)

@@ -128,6 +128,7 @@ def sample(
     chains: Sequence[int] | None = None,
     checkpoint_state: Callable[[], Mapping[str, np.ndarray]] | None = None,
     noise_coupling: int = 1,
+    device: str | torch.device | None = None,
 ) -> SampleResult | list[SampleResult]:
     """Run ``num_chains`` chains of SGLD (or another ``sampler``) from the trained weights ``w*`` (the model's
     current parameters).
@@ -272,6 +273,10 @@ def sample(
         their discretisation, not by their noise: the difference of their estimates has a far smaller variance
         than that of independent runs (the ``step_size="auto"`` calibration compares halved steps this way).
         SGLD only, run batched, at a given step, without ``bounding_box`` or ``checkpoint``.
+    device : str or torch.device, optional
+        Where to sample (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Default: the model's device. Another device
+        samples a copy of the model moved there (``model`` stays where it is); the batches are moved to it as
+        they are read.
 
     Returns
     -------
@@ -300,6 +305,13 @@ def sample(
     """
     check_model(model)
     check_loader(loader)
+    if device is not None:  # a copy of the model on that device (the chains' batches follow the model)
+        from .llc import on_device, resolve_device
+
+        dev = resolve_device(device, model)
+        if dev.type == "cuda" and dev.index is None:  # the current CUDA device: a model already there stays
+            dev = torch.device("cuda", torch.cuda.current_device())
+        model = on_device(model, dev)
     if not (isinstance(noise_coupling, int) and not isinstance(noise_coupling, bool) and noise_coupling >= 1):
         raise ValueError(f"noise_coupling must be an int >= 1, got {noise_coupling!r}")
     if noise_coupling > 1:
