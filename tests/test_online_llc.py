@@ -81,3 +81,29 @@ def test_schedule_steps_are_checked_by_name():
         with pytest.raises(err, match="steps"):
             pp.OnlineLLC(loader, steps=bad)
     assert pp.OnlineLLC(loader, steps=[0, 3]).steps == {0, 3}
+
+
+def test_every_estimate_at_the_calibrated_step_burns_in(monkeypatch):
+    """The step calibrated at the first estimate is kept for the curve, and so is a calibrated step's burn-in
+    (the draws' steps): the later estimates, given the step, had none."""
+    import pypattern.sampling.runner as runner
+    from pypattern.sampling.auto import AutoStepReport
+
+    monkeypatch.setattr(
+        runner, "resolve_step_size", lambda *a, **k: (1e-3, AutoStepReport(chosen=1e-3, reason="test"))
+    )
+    seen = []
+    real = runner._sample
+
+    def spy(plan, model, loader):
+        seen.append((plan.hyper["step_size"], plan.num_burnin_steps))
+        return real(plan, model, loader)
+
+    monkeypatch.setattr(runner, "_sample", spy)
+    model = _net().eval()
+    cb = OnlineLLC(
+        _loader(), every=1, num_chains=2, num_draws=10, num_steps_bw_draws=2, localization=10.0, seed=0
+    )
+    cb(model, 0)
+    cb(model, 1)
+    assert seen == [(1e-3, 20), (1e-3, 20)]

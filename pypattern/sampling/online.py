@@ -234,6 +234,10 @@ class OnlineLLC:
         if wants_auto(self.sample_kwargs.get("step_size"), self.sample_kwargs.get("optimizer_kwargs")):
             # "auto" (or no step, its default): keep the step calibrated at the first estimate for the whole curve
             self.sample_kwargs["step_size"] = float(config["step_size"])
+            if (
+                self.sample_kwargs.get("num_burnin_steps") is None
+            ):  # and its burn-in (a given step would get none)
+                self.sample_kwargs["num_burnin_steps"] = int(config["num_burnin_steps"])
             self.auto_step = config.get("auto_step")
         return row
 
