@@ -628,6 +628,8 @@ def _is_sample_default(name: str, value) -> bool:
     """Whether ``value`` is :func:`pypattern.sample`'s default for its argument ``name`` (a number, string, bool or
     None): a checkpoint's fingerprint leaves it out, so that a run giving a default explicitly is the same run as
     one leaving it out."""
+    if name == "num_burnin_steps":  # resolved before the fingerprint: no burn-in is the default left out
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value == 0
     p = _SAMPLE_PARAMETERS.get(name)
     if p is None or p.default is inspect.Parameter.empty:
         return False
@@ -642,11 +644,13 @@ def _is_sample_default(name: str, value) -> bool:
 def _sample_defaults() -> dict:
     """:func:`pypattern.sample`'s defaults that a checkpoint's fingerprint leaves out (:func:`_is_sample_default`),
     by argument name: what a mismatch message shows for an item one fingerprint lacks."""
-    return {
+    out = {
         k: p.default
         for k, p in _SAMPLE_PARAMETERS.items()
         if p.default is not inspect.Parameter.empty and _is_sample_default(k, p.default)
     }
+    out["num_burnin_steps"] = 0  # the resolved default a fingerprint leaves out (_is_sample_default)
+    return out
 
 
 def _sampler_kwargs(kw: dict) -> dict:

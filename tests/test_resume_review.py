@@ -41,6 +41,19 @@ def test_susceptibility_folder_takes_defaults_given_explicitly(tmp_path):
         np.testing.assert_array_equal(np.asarray(again.chi), np.asarray(done.chi))
     with pytest.raises(pp.io.FingerprintMismatch, match="seed"):
         pp.susceptibilities(model, loader, probe, comps, checkpoint=str(tmp_path), seed=1, **kw)
+    # no burn-in (the resolved default at a given step) is left out of the fingerprint, as files written when 0
+    # was sample's default left it out; a burn-in is held
+    import json
+
+    from pypattern.susceptibility import _is_sample_default, _sample_defaults
+
+    row = np.load(tmp_path / "component.first.npz")
+    meta = json.loads(bytes(row["__meta_json__"]).decode())
+    assert _is_sample_default("num_burnin_steps", 0) and not _is_sample_default("num_burnin_steps", 5)
+    assert _sample_defaults()["num_burnin_steps"] == 0
+    assert "fingerprint" in meta and "num_burnin_steps" not in json.dumps(meta["fingerprint"])
+    with pytest.raises(pp.io.FingerprintMismatch, match=r"num_burnin_steps = 0 \(the default\) there, 5 now"):
+        pp.susceptibilities(model, loader, probe, comps, checkpoint=str(tmp_path), num_burnin_steps=5, **kw)
 
 
 def test_devinterp_v1_keyword_hyperparameters_are_used():
