@@ -142,3 +142,23 @@ def test_checkpoint_and_quiet_arguments_are_checked(tmp_path):
         activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=3)
     with pytest.raises(TypeError, match="quiet='no'"):
         activation_patching(model, "resid_pre", clean, corr, metric=met, quiet="no")
+
+
+def test_a_large_position_group_is_cut_at_the_engines_batches(tmp_path, monkeypatch, small_blocks):
+    """Whole-sequence cells (one position group) of a bounded batch go in blocks of whole engine batches, so an
+    interrupted grid keeps its finished blocks (it was one block, written only at the end)."""
+    model, clean, corr, met = _setup()
+    kw = dict(per_position=False, max_batch=1, quiet=True)
+    whole = activation_patching(model, "z", clean, corr, metric=met, **kw)
+    assert whole.values[0].numel() == 4  # 2 layers x 2 heads
+    path = tmp_path / "z.npz"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, ExactEngine, "run", 3)
+        with pytest.raises(_Stop):
+            activation_patching(model, "z", clean, corr, metric=met, checkpoint=path, **kw)
+    assert int(np.load(path)["done"].sum()) == 3
+    with monkeypatch.context() as m:
+        calls = _interrupt_after(m, ExactEngine, "run", 10**6)
+        resumed = activation_patching(model, "z", clean, corr, metric=met, checkpoint=path, **kw)
+    assert len(calls) == 1
+    torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)

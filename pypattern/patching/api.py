@@ -463,21 +463,28 @@ def activation_patching(
             )  # fmt: skip
 
 
-def _blocks(cells: list[Cell], idx: list[int], B: int) -> list[list[int]]:
-    """The cells ``idx`` in the blocks the grid is computed and checkpointed in: whole groups of one position (the
-    exact engine batches the cells of a position together, the late layers apart), merged in order of first
-    appearance until a block unembeds at least :attr:`ExactEngine.UNEMBED_ROWS` rows. Fixed by the cells alone,
-    so that a resumed grid computes its remaining blocks as an uninterrupted one does."""
+def _blocks(cells: list[Cell], idx: list[int], B: int, batch: int | None) -> list[list[int]]:
+    """The cells ``idx`` in the blocks the grid is computed and checkpointed in: groups of one position (the
+    exact engine batches the cells of a position together, sorted by layer, in batches of ``batch`` cells), a group
+    larger than a block cut at the engine's batch edges, small groups merged in order of first appearance until a
+    block unembeds at least :attr:`ExactEngine.UNEMBED_ROWS` rows. Fixed by the cells and the batch, so that a
+    resumed grid computes its remaining blocks as an uninterrupted one does (with another batch setting, to
+    rounding)."""
     groups: dict[int, list[int]] = {}
     for i in idx:
         groups.setdefault(cells[i].pos, []).append(i)
     least = max(1, -(-ExactEngine.UNEMBED_ROWS // max(1, B)))
+    # a block of a large group: whole engine batches, at least `least` cells (one call per block when unbounded)
+    cap = None if batch is None else batch * max(1, -(-least // batch))
     out: list[list[int]] = []
     for g in groups.values():
-        if out and len(out[-1]) < least:
-            out[-1].extend(g)
-        else:
-            out.append(list(g))
+        g = sorted(g, key=lambda i: cells[i].layer)  # as the engine orders a position's cells
+        parts = [g] if cap is None or len(g) <= cap else [g[k : k + cap] for k in range(0, len(g), cap)]
+        for part in parts:
+            if out and len(out[-1]) < least and len(parts) == 1:
+                out[-1].extend(part)
+            else:
+                out.append(list(part))
     return out
 
 
@@ -712,7 +719,9 @@ def _activation_patching(
                 dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
                 if dead:  # a patch after the metric's last row changes nothing
                     grid.values[dead] = engine.target_metric().to(grid.values)
-                grid.run(_blocks(cells, live, B), lambda idx: engine.run([cells[i] for i in idx]), done=dead)
+                grid.run(
+                    _blocks(cells, live, B, batch), lambda idx: engine.run([cells[i] for i in idx]), done=dead
+                )
             vals = grid.values
     values = vals.T.reshape(B, *shape)
     return PatchResult(
