@@ -674,7 +674,23 @@ def _object_canon(obj, depth: int):
     state["attrs"] = {
         k: _canon(v, depth + 1) if depth < 3 else type(v).__name__ for k, v in sorted(attrs.items())
     }
+    code = _methods_code(type(obj))
+    if code:  # a user's class: what its methods compute (a library class is known by its name and attributes)
+        state["code"] = code
     return state
+
+
+def _methods_code(cls: type) -> dict[str, str]:
+    """The code of the functions the user's classes in ``cls``'s MRO define (``Class.method`` -> hash), leaving
+    out library code (:func:`_library_code`): an edited ``__call__`` or ``forward`` of a user's metric or loss
+    changes it."""
+    out = {}
+    for c in cls.__mro__:
+        for name, f in vars(c).items():
+            f = getattr(f, "__func__", f)  # static and class methods
+            if isinstance(f, types.FunctionType) and not _library_code(f):
+                out[f"{c.__qualname__}.{name}"] = _code_hash(f.__code__)
+    return out
 
 
 def _canon(v, depth: int = 0):
