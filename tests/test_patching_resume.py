@@ -138,7 +138,7 @@ def test_another_run_is_refused_and_a_damaged_file_named(tmp_path):
 
 def test_checkpoint_and_quiet_arguments_are_checked(tmp_path):
     model, clean, corr, met = _setup()
-    with pytest.raises(TypeError, match="checkpoint=3"):
+    with pytest.raises(TypeError, match="checkpoint must be a file path"):
         activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=3)
     with pytest.raises(TypeError, match="quiet='no'"):
         activation_patching(model, "resid_pre", clean, corr, metric=met, quiet="no")
@@ -162,3 +162,66 @@ def test_a_large_position_group_is_cut_at_the_engines_batches(tmp_path, monkeypa
         resumed = activation_patching(model, "z", clean, corr, metric=met, checkpoint=path, **kw)
     assert len(calls) == 1
     torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)
+
+
+def _metric_class(threshold: float):
+    """A user's metric class whose code holds a constant (the same class name and attributes either way)."""
+    ns: dict = {}
+    src = (
+        "class Acc(LogitDiff):\n"
+        "    def __call__(self, logits):\n"
+        f"        return (super().__call__(logits) > {threshold!r}).to(logits.dtype)\n"
+        "    def of_rows(self, model, x):\n"
+        "        return None\n"
+    )
+    exec(compile(src, "user_metrics.py", "exec"), {"LogitDiff": LogitDiff}, ns)
+    return ns["Acc"]
+
+
+def test_a_metric_class_whose_code_changed_is_another_run(tmp_path):
+    """The code of a user's metric class is part of the run (its values on the clean and corrupted runs can stay
+    the same while a patched cell's change): a resume with the edited class is refused."""
+    model, clean, corr, _ = _setup()
+    ans, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    path = tmp_path / "acc.npz"
+    activation_patching(model, "resid_pre", clean, corr, metric=_metric_class(-1e9)(ans, wrong), checkpoint=path,
+                        quiet=True)  # fmt: skip
+    again = activation_patching(
+        model, "resid_pre", clean, corr, metric=_metric_class(-1e9)(ans, wrong), checkpoint=path, quiet=True
+    )
+    assert bool((again.values == 1).all())
+    with pytest.raises(FingerprintMismatch, match="metric"):
+        activation_patching(model, "resid_pre", clean, corr, metric=_metric_class(-2e9)(ans, wrong),
+                            checkpoint=path, quiet=True)  # fmt: skip
+
+
+def test_an_edited_checkpoint_is_refused_and_a_path_that_cannot_be_a_file_named_first(tmp_path, monkeypatch):
+    model, clean, corr, met = _setup()
+    path = tmp_path / "grid.npz"
+    activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=path, quiet=True)
+    for edit in ("value", "flag"):
+        data = dict(np.load(path))
+        if edit == "value":
+            data["values"][0, 0] = np.nan
+        else:
+            data["done"][0] = False
+        np.savez(tmp_path / "edited.npz", **data)
+        with pytest.raises(FormatError, match="damaged: its values or done flags are not those written"):
+            activation_patching(
+                model, "resid_pre", clean, corr, metric=met, checkpoint=tmp_path / "edited.npz", quiet=True
+            )
+    (tmp_path / "afile").write_text("x")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, ExactEngine, "run", 0)  # refused before any patched run
+        with pytest.raises(ValueError, match="checkpoint=''"):
+            activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint="", quiet=True)
+        with pytest.raises(ValueError, match="which is a file, not a folder"):
+            activation_patching(
+                model,
+                "resid_pre",
+                clean,
+                corr,
+                metric=met,
+                checkpoint=tmp_path / "afile" / "g.npz",
+                quiet=True,
+            )

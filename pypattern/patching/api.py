@@ -557,6 +557,11 @@ class _Grid:
                 f"{os.fspath(self.path)!r} is damaged: it holds no values (float64, {self.n} cells x {self.B} "
                 f"prompts) and done flags (bool, {self.n}) of this grid"
             )
+        if meta.get("values_hash") != io.hash_tensor(vals) or meta.get("done_hash") != io.hash_tensor(done):
+            raise io.FormatError(
+                f"{os.fspath(self.path)!r} is damaged: its values or done flags are not those written with it "
+                "(their hashes differ); delete it to start afresh"
+            )
         self.done = torch.from_numpy(done.copy())
         self.values[self.done.to(self.values.device)] = torch.from_numpy(vals[done]).to(self.values)
         self.todo = [i for i in range(self.n) if not bool(self.done[i])]
@@ -586,13 +591,14 @@ class _Grid:
     def _save(self) -> None:
         from .. import io
 
-        vals = self.values.to("cpu", torch.float64).where(
-            self.done[:, None], torch.zeros((), dtype=torch.float64)
-        )
+        vals = self.values.to("cpu", torch.float64)
+        vals = vals.where(self.done[:, None], torch.zeros((), dtype=torch.float64)).numpy()
+        done = self.done.numpy()
         io.save(
             self.path,
-            {"values": vals.numpy(), "done": self.done.numpy()},
-            {"fingerprint": self.fp},
+            {"values": vals, "done": done},
+            # the arrays' hashes: a file edited or damaged since is refused, not read as results
+            {"fingerprint": self.fp, "values_hash": io.hash_tensor(vals), "done_hash": io.hash_tensor(done)},
             kind=self.KIND,
         )
 
@@ -654,10 +660,10 @@ def _activation_patching(
     for name, flag in (("per_position", per_position), ("quiet", quiet)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}={flag!r} is not valid; give True or False")
-    if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
-        raise TypeError(
-            f"checkpoint={checkpoint!r} is not valid; give a file path (str or os.PathLike) or None"
-        )
+    if checkpoint is not None:  # before any run: a path that cannot be a file is refused by name
+        from ..sampling.plan import check_checkpoint_file
+
+        check_checkpoint_file(checkpoint)
     is_tf = isinstance(model, Transformer)
     check_site(model.cfg if is_tf else None, site)
     if method not in ("auto", "exact", "naive"):
