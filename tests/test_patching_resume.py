@@ -121,6 +121,10 @@ def test_another_run_is_refused_and_a_damaged_file_named(tmp_path):
         (dict(layers=[1]), "grid"),
         (dict(direction="noising"), "direction"),
         (dict(method="naive"), "method"),
+        (
+            dict(model=Transformer(TransformerConfig(**{**model.cfg.__dict__, "act_fn": "relu"}))),
+            "architecture",
+        ),
     ]
     base = dict(model=model, site="resid_pre", clean_tokens=clean, corrupted_tokens=corr, metric=met)
     for change, item in cases:

@@ -488,6 +488,16 @@ def _blocks(cells: list[Cell], idx: list[int], B: int, batch: int | None) -> lis
     return out
 
 
+def _architecture(model) -> str:
+    """A hash of the model's module tree and configuration (dtype included; what its weights do not say)."""
+    from ..sampling.checkpoint import model_architecture
+
+    inner = getattr(model, "model", None)  # a hook wrapper's model (a Hugging Face model's configuration)
+    if isinstance(inner, torch.nn.Module):
+        return model_architecture(model) + model_architecture(inner)
+    return model_architecture(model)
+
+
 def _corruption_items(corruption) -> dict | None:
     """A corruption's class and declared fields (a dataclass's; a user's subclass also by its other attributes)."""
     if corruption is None:
@@ -536,6 +546,7 @@ class _Grid:
             corruption=_corruption_items(corruption),
             metric=metric,
             **{f"weights[{n}]": t for n, t in model.state_dict().items()},
+            architecture=_architecture(model),
             # the metric's values on the two runs: a change its code and settings do not show
             metric_clean=r.m_clean,
             metric_corrupted=r.m_corr,
