@@ -12,13 +12,13 @@ import copy
 import pytest
 import torch
 from _circuits_reference import ARCHS, prompts, tiny
+from _devices import DEVICES
 
 from pypattern.circuits import acdc, edge_attribution, edges, faithfulness, patch_edges, pruning_curve
 from pypattern.patching import LogitDiff
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = 1e-10  # float64 models: the devices' sums differ only by rounding order
 
 

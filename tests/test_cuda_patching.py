@@ -8,13 +8,13 @@ checks that no tensor the patching code makes is left on the CPU by default (eve
 device), the CPU-only assumption a GPU run would fail on."""
 
 import copy
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from _devices import DEVICES, DeviceLessFactories
+from test_patching_arch import BASE, LLAMA  # the model settings of the architecture tests
 
 import pypattern.patching as patching
 from pypattern.models import Transformer, TransformerConfig
@@ -31,21 +31,8 @@ from pypattern.patching import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = 1e-10  # float64 models: the same computation on two devices differs in the order of its sums only
 
-BASE = dict(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, d_vocab=12, n_ctx=8, dtype=torch.float64)
-LLAMA = dict(
-    normalization_type="RMS",
-    positional_embedding_type="rotary",
-    gated_mlp=True,
-    act_fn="silu",
-    n_key_value_heads=2,
-    attn_bias=False,
-    attn_out_bias=False,
-    mlp_bias=False,
-    unembed_bias=False,
-)
 ARCHS = {
     "gpt2": dict(act_fn="gelu_new"),
     # rotary positions with grouped-query attention and a sliding window
@@ -269,44 +256,6 @@ PATCHING = Path(patching.__file__).resolve().parent
 CHECKED = {
     PATCHING / f for f in ("engine.py", "attribution.py", "corruptions.py", "results.py", "metrics.py")
 }
-FACTORIES = {
-    torch.arange,
-    torch.tensor,
-    torch.as_tensor,
-    torch.empty,
-    torch.zeros,
-    torch.ones,
-    torch.full,
-    torch.eye,
-    torch.linspace,
-    torch.logspace,
-    torch.rand,
-    torch.randn,
-    torch.randint,
-    torch.randperm,
-    torch.empty_strided,
-}
-
-
-class DeviceLessFactories(TorchFunctionMode):
-    """Records the tensor factory calls (``torch.arange``, ``torch.tensor``, ``torch.empty``, ...) made directly by
-    code in ``files`` without a ``device=``: such a tensor is on the CPU whatever the model's device (a tensor
-    meant to stay on the CPU names ``device="cpu"``). ``torch.as_tensor`` of a tensor keeps its device."""
-
-    def __init__(self, files) -> None:
-        super().__init__()
-        self.files = {Path(f).resolve() for f in files}
-        self.found: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in FACTORIES and kwargs.get("device") is None:
-            if not (func is torch.as_tensor and args and isinstance(args[0], torch.Tensor)):
-                frame = sys._getframe(1)  # the Python code that called the factory
-                path = Path(frame.f_code.co_filename).resolve()
-                if path in self.files:
-                    self.found.add(f"{path.name}:{frame.f_lineno}: torch.{func.__name__}")
-        return func(*args, **kwargs)
 
 
 def test_device_less_factories_detector_sees_a_call():

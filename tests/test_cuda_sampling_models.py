@@ -18,6 +18,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _devices import DEVICES
+from _devices import assert_close_on as _close
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,7 +30,6 @@ from pypattern.sampling import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 KW = dict(
     num_chains=2,
@@ -41,17 +42,6 @@ KW = dict(
     quiet=True,
     warn_nonstationary=False,
 )
-
-
-def _close(got, ref, device: str) -> None:
-    if isinstance(got, torch.Tensor):
-        got, ref = got.detach().cpu(), ref.detach()
-    got, ref = np.asarray(got), np.asarray(ref)
-    if device == "cpu":
-        np.testing.assert_array_equal(got, ref)
-    else:
-        scale = float(np.nanmax(np.abs(ref))) if ref.size else 0.0
-        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * scale)
 
 
 def _mlp():

@@ -10,13 +10,12 @@ mixes with the user's CUDA tensors.
 
 import copy
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from _devices import DEVICES, DeviceLessFactories
 
 import pypattern
 from pypattern.cca import cca, pwcca, svcca
@@ -39,7 +38,6 @@ from pypattern.tasks.topics import TopicTask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # float64 linear algebra on another device (other eigensolvers, other summation orders) agrees to rounding
 TIGHT = dict(rtol=1e-7, atol=1e-9)
@@ -350,55 +348,10 @@ def test_reweight_loss_weights_on_the_losses_device(device):
 
 
 # ----- no tensor made on the CPU by accident ----------------------------------------------------------------------
-FACTORIES = {
-    torch.arange,
-    torch.tensor,
-    torch.as_tensor,
-    torch.empty,
-    torch.zeros,
-    torch.ones,
-    torch.full,
-    torch.eye,
-    torch.linspace,
-    torch.logspace,
-    torch.rand,
-    torch.randn,
-    torch.randint,
-    torch.randperm,
-}
 CHECKED = [
     Path(pypattern.__file__).parent / f"{m}.py"
     for m in ("ridge", "cca", "flags", "equivalence", "interpretive", "patterning")
 ]
-
-
-class DeviceLessFactories(TorchFunctionMode):
-    """Records the tensor factory calls made directly by code in ``files`` without a ``device=``: such a tensor is
-    on the CPU whatever the data's device (a tensor meant to stay on the CPU, e.g. drawn from a CPU generator or an
-    index, names ``device="cpu"``). ``torch.as_tensor`` of a tensor keeps its device."""
-
-    def __init__(self, files) -> None:
-        super().__init__()
-        self.files = {Path(f).resolve() for f in files}
-        self.found: set[str] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in FACTORIES and kwargs.get("device") is None:
-            if not (func is torch.as_tensor and args and isinstance(args[0], torch.Tensor)):
-                frame = sys._getframe(1)  # the Python code that called the factory
-                path = Path(frame.f_code.co_filename).resolve()
-                if path in self.files:
-                    self.found.add(f"{path.name}:{frame.f_lineno}: torch.{func.__name__}")
-        return func(*args, **kwargs)
-
-
-def test_device_less_factories_detector_sees_a_call():
-    with DeviceLessFactories([__file__]) as mode:
-        torch.arange(3)
-        torch.zeros(2, device="cpu")
-        torch.as_tensor(torch.ones(1, device="cpu"))
-    assert len(mode.found) == 1 and "torch.arange" in next(iter(mode.found))
 
 
 def test_no_device_less_tensor_in_similarities_and_flags():

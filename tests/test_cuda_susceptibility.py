@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _devices import DEVICES
+from _devices import assert_close_on as _close
 from torch import nn
 
 import pypattern
@@ -26,7 +28,6 @@ from pypattern.gram import per_sample_grad_gram, per_sample_grad_gram_reference
 from pypattern.sampling import estimate_learning_coeff_with_summary, sample
 from pypattern.susceptibility import bif, susceptibilities
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HOW = [
     "model_on_device",
     "device_argument",
@@ -44,15 +45,6 @@ SETTINGS = dict(
     quiet=True,
     warn_nonstationary=False,
 )
-
-
-def _close(got, ref, device: str) -> None:
-    got, ref = np.asarray(got), np.asarray(ref)
-    if device == "cpu":
-        np.testing.assert_array_equal(got, ref)
-    else:
-        scale = float(np.nanmax(np.abs(ref))) if ref.size else 0.0
-        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * scale)
 
 
 def _to(batch, device):
