@@ -6,6 +6,7 @@ Developed on the regular model and the deep linear networks (4,3,8) and (3,3,3,2
 HF models."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -502,3 +503,26 @@ def test_short_run_reruns_a_drifting_trial_over_the_first_healthy_ones_time(seed
             assert b["num_steps"] == min(first["num_steps"] * 2**halvings, 8 * 200 // 2)
             reruns += 1
     assert reruns >= 1, trials
+
+
+def test_a_choice_after_drifting_steps_without_localization_warns():
+    """Without localization, a step chosen below four or more steps whose trials all drifted is where the chains
+    barely move: warned, naming localization. Not with a localization, nor when a larger step was healthy (a step
+    chosen smaller for its bias), nor after fewer drifting steps."""
+    from pypattern.sampling.auto import AutoStepReport, _warn_if_drift_chose
+
+    steps = [0.1 / 2**k for k in range(15)]
+    drift = ["not stationary (R-hat 1.30 >= 1.1)"] * 14 + ["ok"]
+    rep = AutoStepReport(step_size=steps, verdict=drift, chosen=steps[-1] / 2)
+    with pytest.warns(UserWarning, match=r"localization=0: the chains drifted .* at all 14 larger steps"):
+        _warn_if_drift_chose(rep, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_drift_chose(rep, 100.0)
+        biased = AutoStepReport(
+            step_size=steps, verdict=drift[:5] + ["ok; changes when halved (1 > 0.1)"] * 9 + ["ok"],
+            chosen=steps[-1] / 2,
+        )  # fmt: skip
+        _warn_if_drift_chose(biased, 0.0)
+        few = AutoStepReport(step_size=steps[:4], verdict=drift[:3] + ["ok"], chosen=steps[3] / 2)
+        _warn_if_drift_chose(few, 0.0)
