@@ -229,3 +229,21 @@ def test_an_edited_checkpoint_is_refused_and_a_path_that_cannot_be_a_file_named_
                 checkpoint=tmp_path / "afile" / "g.npz",
                 quiet=True,
             )
+
+
+def test_a_grid_stopped_between_saves_keeps_its_finished_blocks(tmp_path, monkeypatch):
+    """A grid stopped (Ctrl-C, an error) before its next timed save writes the blocks it finished on the way out,
+    and a call of the same run computes only the rest."""
+    monkeypatch.setattr(
+        ExactEngine, "UNEMBED_ROWS", 1
+    )  # a block per position; saves every 30 s as by default
+    model, clean, corr, met = _setup()
+    whole = activation_patching(model, "resid_pre", clean, corr, metric=met, quiet=True)
+    path = tmp_path / "grid.npz"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, ExactEngine, "run", 3)
+        with pytest.raises(_Stop):
+            activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=path, quiet=True)
+    assert int(np.load(path)["done"].sum()) == 3 * 2  # three positions of two layers
+    resumed = activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=path, quiet=True)
+    torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)

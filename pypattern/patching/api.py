@@ -437,8 +437,9 @@ def activation_patching(
     quiet : bool
         No progress bar (one is shown, over the cells, once a grid has run for two seconds).
     checkpoint : path, optional
-        An ``.npz`` file: the values of the cells done so far are written to it as the grid goes (every 30 s and
-        at the end), and a call of the same run reads them back and computes only the rest. The same run: the
+        An ``.npz`` file: the values of the cells done so far are written to it as the grid goes (every 30 s, at
+        the end, and when the grid stops on an exception or Ctrl-C), and a call of the same run reads them back and
+        computes only the rest. The same run: the
         same model weights, site, grid, direction, method, prompts, corruption and metric (by its code and its
         values on the clean and corrupted runs); another run is refused (``FingerprintMismatch``). The batch
         settings may differ. A finished run's file gives its result without patching again.
@@ -584,18 +585,25 @@ class _Grid:
         finished = int(self.done.sum())
         blocks = [b for b in blocks if not bool(self.done[b].all())]
         saved = time.perf_counter()
+        unsaved = False  # blocks finished since the last save
         with progress_bar(
             self.quiet, total=self.n, initial=finished, desc=f"patching {self.site}", unit="cell"
         ) as bar:
-            for k, idx in enumerate(blocks):
-                self.values[idx] = compute(idx).to(self.values)
-                self.done[idx] = True
-                last = k == len(blocks) - 1
-                if self.path is not None and (last or time.perf_counter() - saved >= self.EVERY_S):
+            try:
+                for k, idx in enumerate(blocks):
+                    self.values[idx] = compute(idx).to(self.values)
+                    self.done[idx] = True
+                    unsaved = True
+                    last = k == len(blocks) - 1
+                    if self.path is not None and (last or time.perf_counter() - saved >= self.EVERY_S):
+                        self._save()
+                        saved, unsaved = time.perf_counter(), False
+                    if bar is not None:
+                        bar.update(len(idx))
+            except BaseException:  # stopped (Ctrl-C, an error in a block): the finished blocks are kept
+                if self.path is not None and unsaved:
                     self._save()
-                    saved = time.perf_counter()
-                if bar is not None:
-                    bar.update(len(idx))
+                raise
         if self.path is not None and not blocks and self.todo:
             self._save()
 
