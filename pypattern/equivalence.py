@@ -999,7 +999,10 @@ def _check_rep_tokens(model, tokens, argument: str) -> torch.Tensor:
         raise TypeError(
             f"{argument} is a {type(tokens).__name__}; give a token tensor (num_inputs, pos){hint}"
         )
-    return check_tokens(tokens, argument, _vocab(model), n_ctx=position_limit(model))
+    out = check_tokens(tokens, argument, _vocab(model), n_ctx=position_limit(model))
+    # run where the model is (prompts kept on the CPU with a model on a GPU)
+    dev = next((p.device for p in model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return out if dev is None or out.device == dev else out.to(dev)
 
 
 def _rep_hooks(model, hooks, argument: str = "hooks") -> list[str]:

@@ -512,6 +512,7 @@ def generate(
     if not -(2**63) <= _check_seed(seed) < 2**64:  # what a torch.Generator takes
         raise ValueError(f"seed={seed!r} is not valid; give an int in [-2**63, 2**64)")
     g = torch.Generator().manual_seed(int(seed))
+    tokens = tokens.to(_model_device(model))  # continued where the model is (a CPU prompt, a model on a GPU)
     ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
     modes = [(m, m.training) for m in model.modules()]  # each module's mode, restored afterwards
     model.eval()

@@ -246,6 +246,8 @@ def test_representations_and_resampled_implementations_on_device(device):
     got = representations(model, tokens)
     _on(got, device)
     _close(got, representations(ref_model, ref_tokens), **tol)
+    # prompts kept on the CPU: run where the model is
+    assert torch.equal(representations(model, tokens.cpu()), got)
     sites = [("blocks.0.attn.hook_z", 1), ("blocks.1.hook_attn_out", None)]
     samp, ref = (
         resample_implementations(model, tokens, sites),
@@ -322,6 +324,8 @@ def test_generate_steered_by_a_concept_tensor_on_device(device):
     concept = torch.tensor([0, 1, 1, 0])
     out = generate(model, prompt.to(device), 3, SPEC, concept.to(device), greedy=True)
     _on(out, device)
+    # a prompt kept on the CPU is continued where the model is
+    assert torch.equal(generate(model, prompt, 3, SPEC, concept.to(device), greedy=True), out)
     want = generate(base, prompt, 3, SPEC, concept, greedy=True)
     if device == "cpu":
         assert torch.equal(out, want)
