@@ -305,3 +305,19 @@ def test_no_device_less_tensor_in_patching(monkeypatch):
     assert not mode.found, (
         f"tensors made without a device (on the CPU whatever the model's): {sorted(mode.found)}"
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prompts_kept_on_the_cpu_run_where_the_model_is(device):
+    """Prompts (clean, corrupted) left on the CPU with the model on the device: exact patching, the naive loop
+    and AtP run them there, with the values of prompts given on the device."""
+    model, clean, corr, ans, wrong = build("llama_window")
+    dm, dc, dk = on(device, model, clean, corr)
+    met = LogitDiff(ans.to(device), wrong.to(device))
+    for method in ("exact", "naive"):
+        a = activation_patching(dm, "resid_pre", clean, corr, metric=met, method=method, quiet=True)
+        b = activation_patching(dm, "resid_pre", dc, dk, metric=met, method=method, quiet=True)
+        assert torch.equal(a.values, b.values)
+    a = attribution_patching(dm, clean, corr, metric=met, sites=["z", "k"], qk_fix=True)
+    b = attribution_patching(dm, dc, dk, metric=met, sites=["z", "k"], qk_fix=True)
+    assert all(torch.equal(a[s].values, b[s].values) for s in ("z", "k"))

@@ -221,10 +221,13 @@ def prepare_runs(
     clean = check_tokens(clean_tokens, "clean_tokens", d_vocab, n_ctx=position_limit(model))
     B, T = clean.shape
     check_corruption_tokens(corruption, d_vocab, (B, T))
+    # prompts run where the model is (kept on the CPU with a model on a GPU)
+    dev = next((p.device for p in model.parameters()), clean.device)
+    clean = clean.to(dev)
     pos = metric_positions(metric, B, T)
     corr_tokens, corr_noise = None, None
     if isinstance(corruption, TokenReplacement):
-        corr_tokens = corruption.corrupted_tokens
+        corr_tokens = corruption.corrupted_tokens.to(dev)
     elif isinstance(corruption, GaussianNoise):
         corr_tokens = clean
         d_model = model.cfg.d_model if hasattr(model, "cfg") else None

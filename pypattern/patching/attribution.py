@@ -507,11 +507,17 @@ def _atp(
             f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
         )
     L, B, T = cfg.n_layers, *clean_tokens.shape
+    # prompts run where the model is (kept on the CPU with a model on a GPU)
+    clean_tokens = clean_tokens.to(next(model.parameters()).device)
     pos = metric_positions(metric, B, T)
     noise = None
     if isinstance(corruption, GaussianNoise):
         noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
-    corr_tokens = corruption.corrupted_tokens if isinstance(corruption, TokenReplacement) else clean_tokens
+    corr_tokens = (
+        corruption.corrupted_tokens.to(clean_tokens.device)
+        if isinstance(corruption, TokenReplacement)
+        else clean_tokens
+    )
     need_qk = qk_fix and any(s in ("q", "k") for s in sites)
     names = _source_names(cfg, sites, qk_fix)
     grad_names = {hook_name(s, layer) for s in sites for layer in range(L)}
