@@ -10,3 +10,13 @@ def refuse_meta(x, name: str, give: str = "a tensor that holds its values") -> N
     would fail on deep inside torch. ``give`` says what to pass instead."""
     if isinstance(x, torch.Tensor) and x.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor (a shape without values); give {give}")
+
+
+def device_arg(device, name: str = "device") -> torch.device:
+    """``device`` (passed as ``name``) as a ``torch.device``; a value torch cannot read as one is refused by name."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"{name}={device!r} is not a torch device ('cpu', 'cuda', 'cuda:0', ...): {e}"
+        ) from None

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ._checks import refuse_meta
+from ._checks import device_arg, refuse_meta
 from .io import Saveable, register
 
 __all__ = ["invert", "Intervention", "reweight", "direction_target", "OnlinePatterner"]
@@ -538,12 +538,7 @@ def reweight(
                 f"{', '.join(given)} apply to mode='sampler' only; mode='loss' returns the weights"
             )
         if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(
-                    f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:0', ...): {e}"
-                ) from None
+            device = device_arg(device)
     elif device is not None and mode == "sampler":  # the batches come from the data set as they are
         raise ValueError(
             "device applies to mode='loss' only (the weights it returns); mode='sampler' returns a DataLoader whose "

@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from . import io
 from ._masks import zero_one_mask
@@ -134,20 +133,8 @@ def _run_device(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
     (``"cuda"`` is ``cuda:<index>``; a model spread over devices: its first parameter's, where the sampler puts
     the batches), where the probe, the sampling batch and the accumulators go."""
     if device is not None:  # (None: a model spread over several devices stays as it is)
-        dev = resolve_device(device, model)
-        if dev.type == "cuda" and dev.index is None:  # the current CUDA device: a model already there stays
-            dev = torch.device("cuda", torch.cuda.current_device())
-        model = on_device(model, dev)
+        model = on_device(model, resolve_device(device, model))
     return model, resolve_device(None, model)
-
-
-def _on(batch, device: torch.device):
-    """``batch`` with its tensors on ``device``: the batch itself (the same object) when they all are there
-    already, else :func:`~pypattern.sampling.data.to_device`'s copy (the sampler moves the batches it feeds the
-    chains the same way)."""
-    if all(not isinstance(x, torch.Tensor) or x.device == device for x in tree_leaves(batch)):
-        return batch
-    return to_device(batch, device)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -789,7 +776,7 @@ def susceptibilities(
     if not given:  # the first batch of a stream keyed by the seed: the same in every call
         sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
     # phi and the probe losses are forwards of the model on these: on its device (as the sampler's batches are)
-    sampling_batch, probe = _on(sampling_batch, dev), _on(probe, dev)
+    sampling_batch, probe = to_device(sampling_batch, dev), to_device(probe, dev)
     if loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
         # the default losses read it: checked as probe is, errors naming where it came from
         check_batch(model, sampling_batch, "sampling_batch" if given else "loader")
@@ -823,7 +810,7 @@ def susceptibilities(
         kw["step_size"], auto_step = resolve_step_size(model, loader, **auto_arguments(dict(kw, loss_fn=lf)))
     _resolve_burnin(kw, auto_step)
     only = _only_batch(loader)
-    only = None if only is None else _on(only, dev)  # compared on the device the probe is on
+    only = None if only is None else to_device(only, dev)  # compared on the device the probe is on
     fuse_probe = loss_fn is None and only is not None and _same_batch(only, probe)
     fuse_phi = fuse_probe and observable is None and _same_batch(sampling_batch, only)
 
@@ -1289,7 +1276,7 @@ def bif(
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     _check_common(model, loader, per_token, kw)
     model, dev = _run_device(model, device)
-    probe = _on(probe, dev)  # the probe losses are forwards of the model on it
+    probe = to_device(probe, dev)  # the probe losses are forwards of the model on it
     auto_step = None
     if wants_auto(
         kw.get("step_size"), kw.get("optimizer_kwargs")

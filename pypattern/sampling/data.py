@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .._checks import refuse_meta
 from .optim import splitmix64
@@ -56,7 +56,8 @@ def batches_per_epoch(loader) -> int | None:
 
 
 def to_device(batch, device):
-    """``batch`` with its tensors on ``device``; a meta tensor (a shape without values) in it is refused."""
+    """``batch`` with its tensors on ``device`` (the batch itself, the same object, when they all are there
+    already); a meta tensor (a shape without values) in it is refused."""
 
     def moved(x):
         if not isinstance(x, torch.Tensor):
@@ -65,9 +66,7 @@ def to_device(batch, device):
             refuse_meta(x, "a tensor of a batch of data", "the data themselves")
         return x.to(device)
 
-    if isinstance(batch, tuple | list) and all(
-        isinstance(x, torch.Tensor) and x.device == device for x in batch
-    ):
+    if all(not isinstance(x, torch.Tensor) or x.device == device for x in tree_leaves(batch)):
         return batch
     return tree_map(moved, batch)
 

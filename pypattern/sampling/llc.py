@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import device_arg
 from .diagnostics import ess, r_hat
 from .optim import SGLD
 from .results import LLCResult, SampleResult
@@ -212,12 +213,7 @@ def resolve_device(device, model: nn.Module) -> torch.device:
     if device is None:
         p = next(iter(model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:0', ...): {e}"
-        ) from None
+    dev = device_arg(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(
@@ -236,7 +232,9 @@ def resolve_device(device, model: nn.Module) -> torch.device:
 
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` if its parameters are on ``device``, else a copy moved there (the caller's model stays where it
-    is)."""
+    is). ``cuda`` without an index is the current CUDA device (a model already there is not copied)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if all(p.device == device for p in model.parameters()) and all(
         b.device == device for b in model.buffers()
     ):

@@ -308,10 +308,7 @@ def sample(
     if device is not None:  # a copy of the model on that device (the chains' batches follow the model)
         from .llc import on_device, resolve_device
 
-        dev = resolve_device(device, model)
-        if dev.type == "cuda" and dev.index is None:  # the current CUDA device: a model already there stays
-            dev = torch.device("cuda", torch.cuda.current_device())
-        model = on_device(model, dev)
+        model = on_device(model, resolve_device(device, model))
     if not (isinstance(noise_coupling, int) and not isinstance(noise_coupling, bool) and noise_coupling >= 1):
         raise ValueError(f"noise_coupling must be an int >= 1, got {noise_coupling!r}")
     if noise_coupling > 1:
