@@ -704,6 +704,14 @@ def _activation_patching(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
     )
     site_hooks = sorted({hook_name(site, layer) for c in cells for layer in c.layers})
+
+    def grid_of(runs: PatchingRuns) -> _Grid:
+        """The grid's values, with what a checkpoint of this run holds read back."""
+        grid = _Grid(cells, runs, checkpoint, quiet, site)
+        grid.fingerprint(model, method, direction, per_position, window, coords, clean_tokens, corrupted_tokens,
+                         corruption, metric)  # fmt: skip
+        return grid
+
     available = None if is_tf else getattr(model, "hook_dict", None)
     if available is not None:
         missing = [h for h in site_hooks if h not in available]
@@ -717,9 +725,7 @@ def _activation_patching(
         runs = prepare_runs(
             model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
         )
-        grid = _Grid(cells, runs, checkpoint, quiet, site)
-        grid.fingerprint(model, method, direction, per_position, window, coords, clean_tokens, corrupted_tokens,
-                         corruption, metric)  # fmt: skip
+        grid = grid_of(runs)
         grid.run(
             [[i] for i in range(len(cells))],
             lambda idx: _naive(model, site, [cells[i] for i in idx], runs, metric),
@@ -738,9 +744,7 @@ def _activation_patching(
             batch = engine_batch(
                 model.cfg, B, T_eff, max_batch, max_memory if not packs else max_memory - packs
             )
-            grid = _Grid(cells, runs, checkpoint, quiet, site)
-            grid.fingerprint(model, method, direction, per_position, window, coords, clean_tokens,
-                             corrupted_tokens, corruption, metric)  # fmt: skip
+            grid = grid_of(runs)
             if grid.todo:
                 engine = engine_on_runs(model, runs, site, metric, batch, packs)
                 live = [i for i, c in enumerate(cells) if c.pos < T_eff]
