@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from _devices import DEVICES, DeviceLessFactories
-from test_patching_arch import BASE, LLAMA  # the model settings of the architecture tests
+from test_patching_arch import LLAMA, model_and_prompts  # the architecture tests' settings and builder
 
 import pypattern.patching as patching
-from pypattern.models import Transformer, TransformerConfig
 from pypattern.patching import (
     KL,
     ExactEngine,
@@ -48,20 +47,8 @@ SITES = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post", "z", "q"
 
 
 def build(arch: str, **kw):
-    """A tiny float64 model on the CPU (biases and norm weights moved off their initialisation), prompts
-    ``(3, 6)`` and corrupted prompts that differ at two positions, answer and wrong tokens."""
-    model = Transformer(TransformerConfig(**{**BASE, **ARCHS[arch], "seed": 3, **kw}))
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(11)
-        for name, prm in model.named_parameters():
-            if not name.rsplit(".", 1)[-1].startswith("W_"):
-                prm.add_(0.3 * torch.randn(prm.shape, generator=g, dtype=prm.dtype))
-    g = torch.Generator().manual_seed(1)
-    clean = torch.randint(0, 12, (3, 6), generator=g)
-    corr = clean.clone()
-    corr[:, 1] = (clean[:, 1] + 3) % 12
-    corr[:, 3] = (clean[:, 3] + 5) % 12
-    return model, clean, corr, torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    """:func:`test_patching_arch.model_and_prompts` for one of this file's architectures (on the CPU)."""
+    return model_and_prompts({**ARCHS[arch], **kw})
 
 
 def on(device: str, model, *tensors):

@@ -165,8 +165,13 @@ HEADS = ("z", "q", "k", "v", "pattern")
 
 
 def build(arch, **kw):
-    cfg = {**BASE, **ARCHS[arch], "seed": 3, **kw}
-    model = Transformer(TransformerConfig(**cfg))
+    return model_and_prompts({**ARCHS[arch], **kw})
+
+
+def model_and_prompts(opts: dict):
+    """A tiny float64 model of ``BASE`` with ``opts`` (biases and norm weights moved off their initialisation),
+    prompts ``(3, 6)``, corrupted prompts that differ at two positions, answer and wrong tokens."""
+    model = Transformer(TransformerConfig(**{**BASE, "seed": 3, **opts}))
     with torch.no_grad():  # biases and norm weights away from their zero / one initialisation
         g = torch.Generator().manual_seed(11)
         for name, prm in model.named_parameters():
