@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -20,3 +22,12 @@ def device_arg(device, name: str = "device") -> torch.device:
         raise ValueError(
             f"{name}={device!r} is not a torch device ('cpu', 'cuda', 'cuda:0', ...): {e}"
         ) from None
+
+
+def model_device(model, default: torch.device | None = None) -> torch.device | None:
+    """Where ``model`` computes: its first parameter's device, else its first buffer's, else ``default`` (a model
+    without tensors, or not a module)."""
+    if isinstance(model, torch.nn.Module):
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            return t.device
+    return default

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._checks import refuse_meta
+from ._checks import model_device, refuse_meta
 from .io import Saveable, register
 from .losses import position_limit
 from .patching.api import _vocab, check_tokens
@@ -1001,7 +1001,7 @@ def _check_rep_tokens(model, tokens, argument: str) -> torch.Tensor:
         )
     out = check_tokens(tokens, argument, _vocab(model), n_ctx=position_limit(model))
     # run where the model is (prompts kept on the CPU with a model on a GPU)
-    dev = next((p.device for p in model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    dev = model_device(model)
     return out if dev is None or out.device == dev else out.to(dev)
 
 

@@ -33,8 +33,6 @@ must accept ``sample(num_samples, seed, switch_prob=...)`` and have ``token_conc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import math
 import numbers
 import time
@@ -44,10 +42,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ._checks import model_device
 from .equivalence import _check_seed
 from .io import Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
-from .tasks.base import IGNORE, Task, TaskBatch, generator
+from .tasks.base import IGNORE, Task, generator
 
 __all__ = [
     "FlagSpec",
@@ -512,7 +511,8 @@ def generate(
     if not -(2**63) <= _check_seed(seed) < 2**64:  # what a torch.Generator takes
         raise ValueError(f"seed={seed!r} is not valid; give an int in [-2**63, 2**64)")
     g = torch.Generator().manual_seed(int(seed))
-    tokens = tokens.to(_model_device(model))  # continued where the model is (a CPU prompt, a model on a GPU)
+    # continued where the model is (a CPU prompt, a model on a GPU)
+    tokens = tokens.to(model_device(model, tokens.device))
     ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
     modes = [(m, m.training) for m in model.modules()]  # each module's mode, restored afterwards
     model.eval()
@@ -533,30 +533,6 @@ def generate(
 
 
 # ----- training ---------------------------------------------------------------------------------------------
-def _model_device(model) -> torch.device:
-    """The device of ``model``'s weights (its first parameter's, else its first buffer's; the CPU without
-    either): where the batches this module samples (on the CPU) are moved."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _batch_to(batch: TaskBatch, device: torch.device) -> TaskBatch:
-    """``batch`` with its tokens, targets and tensor extras on ``device`` (the batch itself when they are all there
-    already)."""
-    extra = batch.extra
-    if (
-        batch.tokens.device == device
-        and batch.targets.device == device
-        and all(not isinstance(v, torch.Tensor) or v.device == device for v in extra.values())
-    ):
-        return batch
-    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-    return dataclasses.replace(
-        batch, tokens=batch.tokens.to(device), targets=batch.targets.to(device), extra=moved
-    )
-
-
 @register
 @dataclass
 class FlagTrainResult(Saveable):
@@ -645,7 +621,8 @@ def train_flags(
     _check_vocab(model, task)
     g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    device = _model_device(model)  # the task samples on the CPU: batches and codes go to the model's device
+    # the task samples on the CPU: batches and codes go to the model's device
+    device = model_device(model, torch.device("cpu"))
     code = spec.code(device=device)
     res = FlagTrainResult()
     t0 = time.perf_counter()
@@ -658,7 +635,7 @@ def train_flags(
         batch = task.sample(batch_size, seed=bseed, switch_prob=0.0 if stage == 1 else switch_prob)
         if "concept_pos" not in batch.extra:
             raise ValueError(f"task {type(task).__name__} gives no extra['concept_pos']; see pypattern.flags")
-        batch = _batch_to(batch, device)
+        batch = batch.to(device)
         written: list[torch.Tensor] = []
         mask = values = None
         if stage == 2:
@@ -769,9 +746,9 @@ def _probe_data(model, task: Task, spec: FlagSpec, num_samples: int, seed: int) 
     """For the fit (``seed``) and the scoring (``seed + 1``) sample: the activations at ``spec.hook`` of the
     positions with a readable concept, their concept, and whether their token is shared."""
     out = []
-    device = _model_device(model)
+    device = model_device(model, torch.device("cpu"))
     for s in (seed, seed + 1):
-        b = _batch_to(task.sample(num_samples, seed=s, switch_prob=0.0), device)
+        b = task.sample(num_samples, seed=s, switch_prob=0.0).to(device)
         lab = b.extra["concept_pos"]
         m = lab >= 0
         tc = torch.as_tensor(task.token_concepts, device=b.tokens.device)
@@ -928,8 +905,9 @@ def _flag_report(
     model, task, spec, num_samples, prompt_len, gen_steps, ablation, reference_model, seed
 ) -> FlagReport:
     """:func:`flag_report` on checked arguments, the models in eval mode."""
-    device = _model_device(model)  # the task samples on the CPU; the measurements run on the model's device
-    data = _batch_to(task.sample(num_samples, seed=seed, switch_prob=0.0), device)
+    # the task samples on the CPU; the measurements run on the model's device
+    device = model_device(model, torch.device("cpu"))
+    data = task.sample(num_samples, seed=seed, switch_prob=0.0).to(device)
     acts = _hook_acts(model, data.tokens, spec)
     lab = data.extra["concept_pos"]
     known = lab >= 0
@@ -940,7 +918,7 @@ def _flag_report(
     with ablate_flags(model, spec, value):
         loss_abl = float(_lm_loss(model(data.tokens), data.targets))
 
-    prompts = _batch_to(task.sample(num_samples, seed=seed + 1, switch_prob=0.0), device)
+    prompts = task.sample(num_samples, seed=seed + 1, switch_prob=0.0).to(device)
     pc = prompts.extra["concept_pos"][:, prompt_len - 1]
     keep = pc >= 0
     tok, pc = prompts.tokens[keep, :prompt_len], pc[keep]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._checks import refuse_meta
+from .._checks import model_device, refuse_meta
 from .._progress import progress_bar
 from ..losses import position_limit
 from .corruptions import (
@@ -222,7 +222,7 @@ def prepare_runs(
     B, T = clean.shape
     check_corruption_tokens(corruption, d_vocab, (B, T))
     # prompts run where the model is (kept on the CPU with a model on a GPU)
-    dev = next((p.device for p in model.parameters()), clean.device)
+    dev = model_device(model, clean.device)
     clean = clean.to(dev)
     pos = metric_positions(metric, B, T)
     corr_tokens, corr_noise = None, None

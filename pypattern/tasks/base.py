@@ -36,8 +36,20 @@ class TaskBatch:
         return TaskBatch(self.tokens[idx], self.targets[idx], {k: v[idx] for k, v in self.extra.items()})
 
     def to(self, device) -> TaskBatch:
+        """The batch with its tokens, targets and tensor extras on ``device`` (the batch itself when they all are
+        there already)."""
+        device = torch.device(device)
+        tensors = [
+            self.tokens,
+            self.targets,
+            *(v for v in self.extra.values() if isinstance(v, torch.Tensor)),
+        ]
+        if all(t.device == device for t in tensors):
+            return self
         return TaskBatch(
-            self.tokens.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.extra.items()}
+            self.tokens.to(device),
+            self.targets.to(device),
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()},
         )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import model_device
 from .base import Task, TaskBatch, generator
 
 __all__ = ["train", "TrainResult"]
@@ -68,7 +69,7 @@ def train(
     g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     res = TrainResult()
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = model_device(model, torch.device("cpu"))
     model.train()
     for step in range(steps):
         if data is None:
@@ -92,8 +93,7 @@ def train(
                         f"{len(data)} finite non-negative weights with a positive sum"
                     )
                 w = (sw / sw.mean())[idx]
-        if batch.tokens.device != dev:  # the task's batches are made on the CPU
-            batch = batch.to(dev)
+        batch = batch.to(dev)  # the task's batches are made on the CPU
         per = task.per_sample_loss(model(batch.tokens), batch)
         loss = per.mean() if w is None else (per * w.to(per)).mean()
         opt.zero_grad(set_to_none=True)
