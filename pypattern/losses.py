@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import refuse_meta
+from ._checks import model_device, refuse_meta
 from .models.packed import functorch_wrapped
 
 __all__ = [
@@ -524,10 +524,24 @@ def _refuse_left_padding(model: nn.Module, attention_mask: torch.Tensor, argumen
         )
 
 
+def _on_model(model: nn.Module, pb: ParsedBatch) -> ParsedBatch:
+    """``pb`` with its tensors where ``model`` computes (a batch held on the CPU for a model on a GPU, as the
+    estimators move theirs); ``pb`` itself when they are there already or the model holds no tensors."""
+    device = model_device(model)
+    tensors = [pb.inputs, pb.target, pb.attention_mask, *pb.extra.values()]
+    if device is None or all(t is None or t.device == device for t in tensors):
+        return pb
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return ParsedBatch(
+        pb.kind, on(pb.inputs), on(pb.target), on(pb.attention_mask), {k: on(v) for k, v in pb.extra.items()}
+    )
+
+
 def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
     """Run ``model`` on the inputs of ``batch`` (see the module docstring for how it is called); the raw output.
-    A left-padded batch for a model whose forward takes no ``attention_mask`` is refused."""
-    pb = batch if isinstance(batch, ParsedBatch) else parse_batch(batch)
+    The batch's tensors are moved to where the model computes first. A left-padded batch for a model whose forward
+    takes no ``attention_mask`` is refused."""
+    pb = _on_model(model, batch if isinstance(batch, ParsedBatch) else parse_batch(batch))
     if pb.kind == "pair":
         return model(pb.inputs)
     names = _forward_params(model)
@@ -721,7 +735,7 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     (the sequence axis of 3-D logits handled), else ``mse_loss(model(x), y)``. A model that returns a scalar (or an
     output with only ``.loss``) has that scalar returned.
     """
-    pb = parse_batch(batch)
+    pb = _on_model(model, parse_batch(batch))
     out = model_output(model, pb)
     own = _output_loss(out)
     if own is not None:
@@ -752,7 +766,7 @@ def token_losses(
     mask : torch.Tensor
         Boolean, the shape of ``losses``: True where the entry counts.
     """
-    pb = parse_batch(batch)
+    pb = _on_model(model, parse_batch(batch))
     logits = read_logits(model_output(model, pb))
     terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target)
     if fill != 0.0:

@@ -123,6 +123,32 @@ def test_default_losses_on_a_device_equal_the_cpu_run(device, kind):
     _close(got.llc_per_chain, ref.llc_per_chain, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["tokens", "dict", "pair"])
+def test_loss_functions_called_directly_move_a_cpu_batch_to_the_model(device, kind):
+    """pypattern.losses' functions called by a user with the batch on the CPU and the model on the device: the
+    batch is read where the model computes (the estimators move their batches first; a direct call did not)."""
+    from pypattern import losses
+
+    if kind == "pair":
+        model, x, y = _mlp()
+        batch = (x[:6], y[:6])
+    else:
+        model = _lm(**_LLAMA)
+        toks, dicts = _token_data()
+        batch = toks[:4] if kind == "tokens" else dicts[0]
+    on = copy.deepcopy(model).to(device)
+    for fn in (losses.batch_loss, losses.sample_losses, losses.probe_losses):
+        ref = fn(model, batch)
+        got = fn(on, batch)
+        assert got.device.type == torch.device(device).type
+        _close(got, ref, device)
+    ref_terms, ref_mask = losses.token_losses(model, batch)
+    terms, mask = losses.token_losses(on, batch)
+    assert torch.equal(mask.cpu(), ref_mask)
+    _close(terms.nan_to_num(), ref_terms.nan_to_num(), device)
+
+
 class _Stop(Exception):
     pass
 
