@@ -92,4 +92,8 @@ def frozen_parameters(model: nn.Module, params: list | None = None) -> Iterator[
         yield
     finally:
         for p in frozen:
-            p.requires_grad_(True)
+            if p.is_inference():  # made under inference mode: its flag can be turned back on only there
+                with torch.inference_mode():
+                    p.requires_grad_(True)
+            else:
+                p.requires_grad_(True)

@@ -1,6 +1,7 @@
 """Arguments of pypattern.circuits that must not be silently ignored or fail deep inside: another model's graph
 before any run is sized by it, per_position against a given graph, an empty dict of scores, steps checked."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +61,59 @@ def test_pruning_curve_of_no_scores_and_bad_steps_are_refused():
     assert a.info["steps"] is None and torch.equal(
         a.values, edge_attribution(model, clean, corr, metric=metric, method="eap").values
     )
+
+
+@pytest.mark.parametrize("kind", ["bool", "int"])
+def test_exact_scores_of_an_accuracy_or_integer_metric_are_float_differences(kind):
+    """An accuracy (bool per example) or a rank (int64) metric: exact scores are the float differences of each
+    edge patched alone from the base run, as patch_edges computes them (they failed in the subtraction or in the
+    scores' mean)."""
+    from pypattern.circuits import patch_edges
+
+    model = _model()
+    clean, corr, _ = _prompts()
+    with torch.no_grad():
+        top = model(clean)[:, -1].argmax(-1)
+    if kind == "bool":
+        metric = lambda lg: lg.argmax(-1) == top  # noqa: E731
+    else:
+        metric = lambda lg: (lg > lg[..., torch.arange(3), top, None]).sum(-1)  # noqa: E731
+    g = edges(model)
+    sc = edge_attribution(model, clean, corr, metric=metric, method="exact", quiet=True)
+    assert sc.values.is_floating_point() and sc.values.shape == (3, len(g))
+    base = patch_edges(model, torch.zeros(len(g), dtype=torch.bool), clean, corr, metric=metric)
+    for e in range(len(g)):
+        one = torch.zeros(len(g), dtype=torch.bool)
+        one[e] = True
+        want = patch_edges(model, one, clean, corr, metric=metric).to(torch.float64) - base.to(torch.float64)
+        torch.testing.assert_close(sc.values[:, e].to(torch.float64), want, rtol=0, atol=0)
+    assert torch.isfinite(sc.scores).all()
+
+
+def test_pruning_curve_takes_counts_and_fractions_as_tensors():
+    model = _model()
+    clean, corr, metric = _prompts()
+    sc = edge_attribution(model, clean, corr, metric=metric, method="eap")
+    for key, listed in (("counts", [1, 5, 9]), ("fractions", [0.0, 0.25, 1.0])):
+        want = pruning_curve(model, sc, clean, corr, metric=metric, **{key: listed})
+        for given in (torch.tensor(listed), np.asarray(listed)):
+            got = pruning_curve(model, sc, clean, corr, metric=metric, **{key: given})
+            assert got.counts.tolist() == want.counts.tolist()
+            for k in want.faithfulness:
+                torch.testing.assert_close(got.faithfulness[k], want.faithfulness[k])
+    with pytest.raises(ValueError, match="counts must be ints"):
+        pruning_curve(model, sc, clean, corr, metric=metric, counts=torch.tensor([1.5, 2.0]))
+
+
+def test_gradient_scores_of_a_model_made_in_inference_mode_are_refused_and_its_flags_kept():
+    with torch.inference_mode():
+        model = _model()
+    clean, corr, metric = _prompts()
+    flags = [p.requires_grad for p in model.parameters()]
+    for method in ("eap", "eap-ig"):
+        with pytest.raises(ValueError, match="inference tensors"):
+            edge_attribution(model, clean, corr, metric=metric, method=method)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    # exact scores need no gradient: they run on it, and leave its flags as they were
+    edge_attribution(model, clean, corr, metric=metric, method="exact", quiet=True)
+    assert [p.requires_grad for p in model.parameters()] == flags

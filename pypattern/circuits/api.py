@@ -412,6 +412,12 @@ def edge_attribution(
             "(torch.enable_grad() cannot lift it); call it outside inference mode (inside torch.no_grad() is fine), "
             "or use method='exact'"
         )
+    if method != "exact" and any(p.is_inference() for p in model.parameters()):
+        raise ValueError(
+            f"edge_attribution(method={method!r}) takes gradients through the model, but its parameters are "
+            "inference tensors (made or loaded under torch.inference_mode()), which autograd cannot use; build or "
+            "load the model outside inference mode (torch.no_grad() is fine), or use method='exact'"
+        )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
     if not isinstance(per_position, bool):
@@ -738,6 +744,8 @@ def _listed(name: str, values) -> list:
         isinstance(values, torch.Tensor | np.ndarray) and values.ndim != 1
     ):
         values = None
+    if isinstance(values, torch.Tensor):  # its numbers, as a numpy array's (0-d tensors are no ints)
+        values = values.tolist()
     try:
         out = list(values)
     except TypeError:
@@ -962,7 +970,9 @@ def acdc(
     than ``threshold`` (``M_current - M_without < threshold``; an edge whose removal raises the metric is removed
     too), and keep the new circuit. A drop within 16 roundings of the metric (relative to it, in the metric's
     dtype: float32 for a 16-bit model) is read as 0, so with ``threshold=0`` an edge whose removal changes the
-    metric only by rounding is kept, wherever in a batch its test ran.
+    metric only by the metric's own rounding is kept, wherever in a batch its test ran. Rounding that the model
+    amplifies can be larger (a norm over an input ablated to all but zero: drops of 1e-13 in float64) and then its
+    sign decides; a small positive ``threshold`` above it removes every such edge alike.
 
     With ``threshold > 0``, the edges into a destination input that can no longer change the metric are removed
     without a test (their removal changes nothing, so the test would remove them): noising, a node none of whose

@@ -281,8 +281,12 @@ class EdgeEngine:
 
     # ----- unpatched forward ----------------------------------------------------------------------------------
     def base_metric(self) -> torch.Tensor:
-        """Metric of the unpatched base run ``(batch,)``."""
-        return self.metric(self.base.logits)
+        """Metric of the unpatched base run ``(batch,)``; a metric of integer or bool values (an accuracy, a rank)
+        in the dtype of :meth:`run`'s values, so that differences of the two are scores."""
+        m = self.metric(self.base.logits)
+        if isinstance(m, torch.Tensor) and not (m.is_floating_point() or m.is_complex()):
+            m = m.to(torch.promote_types(self.dtype, torch.float32))
+        return m
 
     # ----- patched forward ------------------------------------------------------------------------------------
     @contextlib.contextmanager
