@@ -14,6 +14,28 @@ def refuse_meta(x, name: str, give: str = "a tensor that holds its values") -> N
         raise ValueError(f"{name} is a meta tensor (a shape without values); give {give}")
 
 
+def refuse_meta_model(
+    model, name: str = "model", needs: str = "this computation runs it", offloaded_ok: bool = False
+) -> None:
+    """Refuse ``model`` (passed as ``name``) when it has parameters or buffers on the meta device (shapes without
+    values: built under ``torch.device("meta")``, accelerate's ``init_empty_weights``, ``device_map="meta"``),
+    naming the first; ``needs`` says what reads their values. With ``offloaded_ok``, a model whose modules carry
+    accelerate's hooks (weights offloaded, loaded by each forward) is let through: a computation that only runs its
+    forward gets their values."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    if offloaded_ok and any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return
+    for kind, items in (("parameters", model.named_parameters()), ("buffers", model.named_buffers())):
+        for n, t in items:
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"{name} has {kind} on the meta device (shapes without values), e.g. {n!r}, and {needs}; "
+                    "load the weights first (model.to_empty(device='cpu') and load_state_dict, or "
+                    "from_pretrained without device_map='meta')"
+                )
+
+
 def device_arg(device, name: str = "device") -> torch.device:
     """``device`` (passed as ``name``) as a ``torch.device``; a value torch cannot read as one is refused by name."""
     try:

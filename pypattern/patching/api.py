@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._checks import model_device, refuse_meta
+from .._checks import model_device, refuse_meta, refuse_meta_model
 from .._progress import progress_bar
 from ..losses import position_limit
 from .corruptions import (
@@ -87,6 +87,7 @@ def _hooked_if_hf(model):
     from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm
     from ..models.transformer import Transformer
 
+    refuse_meta_model(model, needs="patching runs it", offloaded_ok=True)
     if is_hooked_transformer(model):
         try:  # the same function in pypattern's model: head sites and the exact engine
             return from_hf(model)

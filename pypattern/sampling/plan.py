@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import refuse_meta_model
 from .data import batch_size_of
 from .optim import SGLD_DEFAULTS, chain_seed, check_hyperparameters, matches
 from .samplers import SAMPLER_HYPERPARAMETERS, sampler_hyperparameters, sampler_name
@@ -231,13 +232,7 @@ def check_model(model) -> None:
             f"model must be a torch.nn.Module at the weights to sample around, got {type(model).__name__}"
             + (" (a function: wrap it in an nn.Module whose parameters it reads)" if callable(model) else "")
         )
-    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if meta:
-        raise ValueError(
-            f"model has parameters on the meta device (shapes without values), e.g. {meta[0]!r}: the sampler "
-            "reads and moves their values; load the weights first (model.to_empty(device='cpu') and "
-            "load_state_dict, or from_pretrained without device_map='meta')"
-        )
+    refuse_meta_model(model, needs="the sampler reads and moves their values")
 
 
 def check_loader(loader, argument: str = "loader") -> None:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._checks import refuse_meta_model
 from ..._training import eval_mode
 from ..transformer import Transformer
 from . import hooked_transformer
@@ -142,6 +143,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         model = unwrap_bridge(model, SUPPORTED_CLASSES)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model={type(model).__name__} is not a torch module; give a Hugging Face causal LM")
+    refuse_meta_model(model, needs="the conversion copies their values")
     name = type(model).__name__
     if name not in _CONVERTERS:
         raise UnsupportedModelError(
@@ -283,6 +285,7 @@ def converted_if_convertible(model: Any) -> Any:
     """For the estimators that need pypattern's model (per-head patching, AtP, circuits): a TransformerLens
     ``HookedTransformer`` or bridge, or a Hugging Face causal LM of a class in :data:`SUPPORTED_CLASSES`, converted
     with :func:`from_hf` (the same function); any other model unchanged (the estimator then says what it needs)."""
+    refuse_meta_model(model, needs="the estimator runs it")
     if isinstance(model, Transformer):
         return model
     if is_hooked_transformer(model) or is_transformer_lens(model):

@@ -518,6 +518,14 @@ def build(
             f"converter for {source.get('class')}: weights for {sorted(set(weights) - names)} have no parameter; "
             f"parameters {sorted(names - set(weights))} got no weight"
         )
+    W_U = weights.get("unembed.W_U")
+    if W_U is not None and W_U.shape[-1] != cfg.d_vocab:
+        raise UnsupportedModelError(
+            f"model class {source.get('class')!r}: its output head scores {W_U.shape[-1]} tokens but its input "
+            f"embedding holds {cfg.d_vocab}; pypattern's model has one vocabulary for both (a head or an "
+            "embedding resized or replaced on its own is not converted: resize both, e.g. with "
+            "resize_token_embeddings)"
+        )
     state = {}
     for n, p in model.named_parameters():
         w = weights[n].detach()
