@@ -395,7 +395,9 @@ def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
         c = c.expand(b)
     if c.shape != (b,):
         raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape ({b},)")
-    return spec.code(device=c.device)[c]  # a CUDA concept tensor indexes a code on its own device
+    # in float64, cast to the activations' dtype where they are written (a float64 model gets the values exactly);
+    # a CUDA concept tensor indexes a code on its own device
+    return spec.code(torch.float64, device=c.device)[c]
 
 
 @contextlib.contextmanager
@@ -442,7 +444,8 @@ def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, posit
         value, numbers.Real | torch.Tensor | np.ndarray | list | tuple
     ):
         raise TypeError(f"value={value!r} is not valid; give a float or ({spec.num_flags},) values")
-    v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
+    # float64 until written (cast to the activations' dtype there): a float64 model gets the value exactly
+    v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
     v = v.expand(spec.num_flags) if v.dim() == 0 else v
     if v.shape != (spec.num_flags,):
         raise ValueError(f"value has shape {tuple(v.shape)}; give a float or ({spec.num_flags},)")
@@ -623,7 +626,7 @@ def train_flags(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     # the task samples on the CPU: batches and codes go to the model's device
     device = model_device(model, torch.device("cpu"))
-    code = spec.code(device=device)
+    code = spec.code(torch.float64, device=device)  # cast to the activations' dtype where it is written
     res = FlagTrainResult()
     t0 = time.perf_counter()
     model.train()

@@ -499,3 +499,37 @@ def test_flag_arguments_refused_by_name_and_generate_restores_module_modes():
     model.blocks[0].eval()
     generate(model, prompt, 1, seed=0)
     assert model.training and not model.blocks[0].training and model.blocks[1].training
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_steer_ablate_and_training_write_the_values_in_the_models_dtype(dtype):
+    """Codes and ablation values are written exactly as overwrite_flags writes them, in the activations' dtype (a
+    float64 model got float32-rounded values from steer, ablate_flags and train_flags' second stage)."""
+    spec = FlagSpec(
+        "blocks.1.hook_resid_pre", dims=(0, 1, 2, 3), num_concepts=2, on_value=0.1, off_value=-0.3
+    )
+    model = _model().to(dtype)
+    tok = TASK.sample(2, seed=3).tokens
+    zeros = torch.zeros(1, 1, model.cfg.d_model, dtype=dtype)
+    with steer(model, spec, concept=1):
+        _, cache = model.run_with_cache(tok, names_filter=spec.hook)
+    want = overwrite_flags(zeros, spec, spec.code(torch.float64)[1])[0, 0, :4]
+    assert torch.equal(cache[spec.hook][0, 0, :4], want)
+    assert want.tolist() == torch.tensor([-0.3, -0.3, 0.1, 0.1], dtype=dtype).tolist()
+    v = torch.tensor([0.1, 0.2, 0.3, 0.7], dtype=torch.float64)
+    with ablate_flags(model, spec, v):
+        _, cache = model.run_with_cache(tok, names_filter=spec.hook)
+    assert torch.equal(cache[spec.hook][0, 0, :4], v.to(dtype))
+    # the second stage's overwritten flags are the code in the model's dtype
+    seen = []
+    hook = (spec.hook, lambda x, hook: seen.append(x.detach()[..., list(spec.dims)].clone()))
+    orig = model.hooks
+
+    def hooks(fwd, **kw):  # record the flags after train_flags' own hook wrote them
+        return orig([*fwd, hook], **kw)
+
+    model.hooks = hooks
+    train_flags(model, TASK, spec, stage1_steps=0, stage2_steps=1, batch_size=4, switch_prob=1.0, seed=0)
+    written = seen[0].reshape(-1, 4)
+    values = set(written.flatten().tolist())
+    assert {float(torch.tensor(0.1, dtype=dtype)), float(torch.tensor(-0.3, dtype=dtype))} <= values

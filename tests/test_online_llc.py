@@ -107,3 +107,20 @@ def test_every_estimate_at_the_calibrated_step_burns_in(monkeypatch):
     cb(model, 0)
     cb(model, 1)
     assert seen == [(1e-3, 20), (1e-3, 20)]
+
+
+def test_a_deterministic_model_in_train_mode_is_read_as_estimate_llc_reads_it():
+    """A BatchNorm model left in train() mode by the loop (no dropout): the estimate equals estimate_llc's at the
+    same weights, which samples it in train() mode (the callback had put it in eval() mode); a model with dropout
+    is read in eval() mode by both (the test above)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    kw = dict(num_chains=2, num_draws=4, step_size=1e-4, nbeta=20.0, localization=100.0, seed=2, quiet=True)
+    ref = estimate_llc(model, _loader(), **kw)
+    cb = OnlineLLC(_loader(), steps=[0], **kw)
+    cb(model, 0)
+    assert model.training and model[1].training
+    assert cb.result.init_loss[0] == ref.init_loss
+    assert cb.result.llc_mean[0] == ref.llc_mean
+    model.eval()
+    assert estimate_llc(model, _loader(), **kw).init_loss != ref.init_loss  # the mode matters for this model

@@ -5,7 +5,9 @@ after an optimizer step, it estimates the LLC at the steps of its schedule and d
 leaves the training run exactly as it was: torch's global random state (CPU, and CUDA when initialised), numpy's
 and Python's global random states are saved and restored, the weights and buffers are copied before the
 estimate and copied back bit for bit after it, and the model's training mode is restored. A training run with
-the callback therefore ends with the same weights, bit for bit, as one without.
+the callback therefore ends with the same weights, bit for bit, as one without. Each estimate reads the model as
+:func:`pypattern.estimate_llc` does at the same weights: in ``eval()`` mode when its ``train()`` forward is random
+(dropout), else in the modes the training loop left it in.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._training import random_in_training
 from ..io import Saveable, register
 from .auto import wants_auto
 from .checkpoint import sub_run_path
@@ -205,7 +208,11 @@ class OnlineLLC:
             return None
         t0 = time.perf_counter()
         with preserved_training_state(model):
-            model.eval()
+            # the model as estimate_llc reads it: in eval() mode when its train() forward is random (dropout; no
+            # warning at every estimate), else in the modes the training loop left (a BatchNorm in train() mode
+            # normalises by the batch's statistics there too)
+            if random_in_training(model):
+                model.eval()
             row = self._estimate(model, step, loss)
         self.seconds += time.perf_counter() - t0
         self._rows.append(row)
