@@ -294,6 +294,14 @@ def test_token_file_formats_refused_with_a_clear_message(data, tmp_path):
     (tmp_path / "f.txt").write_text("1 2 3\n4 5.5 6\n")
     with pytest.raises(ValueError, match=r"line 2: '5\.5' is not an integer token id"):
         load_tokens(tmp_path / "f.txt")
+    # decimal ASCII digits only: Python's int() would read these as ids
+    for token in ("1_0", "+1", "\u0661", "１"):
+        (tmp_path / "g.txt").write_text(f"1 2 3\n4 {token} 6\n", encoding="utf-8")
+        with pytest.raises(ValueError, match=re.escape(f"line 2: '{token}' is not an integer token id")):
+            load_tokens(tmp_path / "g.txt")
+    (tmp_path / "neg.txt").write_text("1 2 3\n4 -5 6\n")
+    with pytest.raises(ValueError, match="token ids must be >= 0; found -5"):
+        load_tokens(tmp_path / "neg.txt")
 
 
 def test_patch_and_circuit_run_a_bfloat16_checkpoint_as_its_float32_copy(model_dir, data, tmp_path):
@@ -722,6 +730,12 @@ def _damaged_folders(root, model) -> dict:
     with np.load(d / "weights.npz") as z:
         np.savez(d / "weights.npz", **{k: z[k] for k in z.files if k != "unembed.W_U"})
     cases[d] = ("weights.npz", "lacks unembed.W_U")
+    d = copy("nan_weight")
+    with np.load(d / "weights.npz") as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["blocks.0.mlp.W_in"].flat[3] = np.nan
+    np.savez(d / "weights.npz", **arrays)
+    cases[d] = ("weights.npz", "holds values that are not finite (NaN or infinite) in blocks.0.mlp.W_in")
     return cases
 
 
@@ -759,6 +773,24 @@ def test_damaged_hugging_face_model_folders_are_refused_naming_model(data, tmp_p
     err = _err(["patch", "--model", str(folder), "--data", str(d / "tokens.npy")], capsys)
     assert err.startswith(f"pypattern patch: error: --model {str(folder)!r}: "), err
     assert err.count("\n") == 1 and "path=" not in err and "could not be loaded" in err, err
+    # finite-looking files with a NaN weight: named as such (not as a module that differs from its config)
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1, n_embd=8, n_head=2, vocab_size=23, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    hf.save_pretrained(tmp_path / "hf_nan")
+    capsys.readouterr()
+    for cmd in (["patch"], ["circuit"], ["llc", "--num-draws", "3"]):
+        err = _err([*cmd, "--model", str(tmp_path / "hf_nan"), "--data", str(d / "tokens.npy")], capsys)
+        last = err.strip().splitlines()[-1]  # after transformers' own loading bar
+        assert last.startswith(f"pypattern {cmd[0]}: error: --model "), err
+        assert (
+            "'transformer.h.0.mlp.c_fc.weight' holds values that are not finite" in last
+            and "Traceback" not in err
+        )
 
 
 def test_run_functions_check_out_before_reading_the_model(data, tmp_path, monkeypatch):

@@ -151,6 +151,13 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str
         raise ValueError(
             f"{name}: {weights} holds {state[bad[0]].dtype} values in {bad[0]}; the weights must be floating point"
         )
+    nonfinite = [k for k in want if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if nonfinite:
+        raise ValueError(
+            f"{name}: {weights} holds values that are not finite (NaN or infinite) in {nonfinite[0]}"
+            + (f" and {len(nonfinite) - 1} other tensors" if len(nonfinite) > 1 else "")
+            + "; every computation on the model would be NaN"
+        )
     model.load_state_dict(state)
     model.eval()
     return model

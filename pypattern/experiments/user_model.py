@@ -13,6 +13,7 @@ line (all of one length); other formats are refused.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -52,6 +53,9 @@ def _npz_array(z) -> np.ndarray:
     return z[key]
 
 
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
 def _text_ids(p: Path) -> np.ndarray:
     rows = []
     for n, line in enumerate(
@@ -59,10 +63,10 @@ def _text_ids(p: Path) -> np.ndarray:
     ):  # a byte-order mark is no token
         row = []
         for t in line.replace(",", " ").split():
-            try:
-                row.append(int(t))
-            except ValueError:
-                raise ValueError(f"line {n}: {t[:20]!r} is not an integer token id") from None
+            # decimal ASCII digits only (int() would also read "1_0", "+1" and other scripts' digits)
+            if not _DECIMAL.fullmatch(t):
+                raise ValueError(f"line {n}: {t[:20]!r} is not an integer token id (decimal digits 0-9)")
+            row.append(int(t))
         if row:
             rows.append(row)
     if not rows:

@@ -152,6 +152,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
             "*LMHeadModel class)"
         )
     check_plain_modules(model)
+    _refuse_nonfinite(model)
     src_dtype = model_dtype(model)
     warn_if_training(model)
     out_dtype = src_dtype if dtype is None else dtype
@@ -175,6 +176,17 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     if verify:
         _verify(model, out, name, src_dtype, bridge=bridge)
     return out
+
+
+def _refuse_nonfinite(model: nn.Module) -> None:
+    """Refuse a model with a parameter that holds NaN or infinite values, naming it (its logits would be NaN, and
+    the check against its own forward would read that as another architecture)."""
+    for n, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"model's parameter {n!r} holds values that are not finite (NaN or infinite): every computation "
+                "on the model would be NaN; load finite weights"
+            )
 
 
 # relative logits differences beyond rounding, by the coarser of the two models' dtypes (the conversion is tested
