@@ -486,6 +486,66 @@ def direction_target(direction, amount: float) -> np.ndarray:
     return amount * d / nrm
 
 
+def _sampler_rows(loader: torch.utils.data.DataLoader, size: int) -> torch.Tensor | None:
+    """The rows of ``loader.dataset`` (of ``size`` rows) that ``loader`` reads in an epoch, a row read twice listed
+    twice, or None when it reads every row once; a sampler whose rows or frequencies a weighted draw would not keep
+    is refused by name."""
+    instead = (
+        "pass data=loader.dataset to draw among all its rows, or a DataLoader over "
+        "torch.utils.data.Subset(loader.dataset, rows) (or with sampler=SubsetRandomSampler(rows)) to draw among "
+        "some of them"
+    )
+    if loader.batch_size is None and loader.batch_sampler is not None:  # DataLoader(batch_sampler=...)
+        raise ValueError(
+            f"data is a DataLoader with a batch_sampler of its own ({type(loader.batch_sampler).__name__}), which "
+            f"reweight cannot keep (it draws the samples of every batch by the weights): {instead}"
+        )
+    s = loader.sampler
+    kind = type(s)
+    if kind is torch.utils.data.SequentialSampler:
+        n = len(s)  # it reads rows 0 .. len(data_source) - 1
+    elif kind is torch.utils.data.RandomSampler:
+        n = len(s.data_source)
+        if s.replacement or s.num_samples != n:
+            raise ValueError(
+                f"data is a DataLoader whose RandomSampler draws {s.num_samples} of its {n} rows "
+                f"{'with' if s.replacement else 'without'} replacement per epoch, which reweight cannot keep (it "
+                f"draws by the weights, with replacement): {instead}, and num_samples= for the epoch's length"
+            )
+    elif kind is torch.utils.data.SubsetRandomSampler:
+        try:
+            rows = torch.as_tensor(np.asarray(list(s.indices)), dtype=torch.long).reshape(-1)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"data is a DataLoader whose SubsetRandomSampler has indices that are not row numbers "
+                f"({s.indices!r}): give it int indices into loader.dataset"
+            ) from None
+        if rows.numel() == 0:
+            raise ValueError(
+                "data is a DataLoader whose SubsetRandomSampler reads no rows (indices is empty)"
+            )
+        bad = rows[(rows < 0) | (rows >= size)]
+        if bad.numel():
+            raise ValueError(
+                f"data is a DataLoader whose SubsetRandomSampler reads rows {bad[:5].tolist()}, outside "
+                f"0..{size - 1} (its dataset has {size} rows)"
+            )
+        return (
+            None if rows.numel() == size and bool((rows.sort().values == torch.arange(size)).all()) else rows
+        )
+    else:
+        raise ValueError(
+            f"data is a DataLoader whose sampler is a {kind.__name__}, which reweight cannot keep (it draws with "
+            "its own sampler, by the weights; it keeps a SequentialSampler, a RandomSampler over every row once and "
+            f"a SubsetRandomSampler's rows): {instead}"
+        )
+    if n > size:
+        raise ValueError(
+            f"data is a DataLoader whose {kind.__name__} reads rows 0..{n - 1} but its dataset has {size} rows"
+        )
+    return None if n == size else torch.arange(n)
+
+
 def reweight(
     data,
     weights,
@@ -504,12 +564,22 @@ def reweight(
         A map-style data set, a DataLoader over one (its ``.dataset`` is drawn from, and its ``collate_fn``,
         ``num_workers``, ``pin_memory``, ``drop_last`` and ``batch_size`` are kept) or a tensor whose first axis is
         samples (a ``TensorDataset`` of it: each batch is a one-element list ``[rows]``).
+        With ``mode="sampler"`` a DataLoader's sampler says which rows are drawn from: a ``SequentialSampler``, or
+        a ``RandomSampler`` without replacement and with ``num_samples`` its data's size, over the whole data set
+        reads every row; a ``SubsetRandomSampler`` (a train/validation split) reads its ``indices`` only, and
+        the new loader draws among those rows alone (a row listed twice counts twice). A loader with another
+        sampler (weighted, with replacement, distributed, custom) or a ``batch_sampler`` of its own is refused:
+        pass its ``.dataset``, or a DataLoader over ``torch.utils.data.Subset(dataset, rows)``, instead.
     weights : array (num_samples,) or Intervention
-        Non-negative, not all zero (an :class:`Intervention`: its ``weights``).
+        Non-negative, not all zero (an :class:`Intervention`: its ``weights``). One per row of the data set
+        (``len(loader.dataset)`` for a DataLoader, also when its sampler reads some rows only: the weights of
+        the rows it does not read are not used).
     mode : {"sampler", "loss"}
         ``"sampler"``: a DataLoader that draws samples with probability proportional to the weights (with
-        replacement; ``num_samples`` per epoch, default the data set's size). ``"loss"``: the weights as a float
-        tensor normalised to mean 1, to multiply per-sample losses with. It is on the CPU unless ``device`` says
+        replacement; ``num_samples`` per epoch, default the number of rows the given data reads in an epoch:
+        the data set's size, or the length of a ``SubsetRandomSampler``'s ``indices``). ``"loss"``: the weights,
+        one per row of the data set whatever a DataLoader's sampler, as a float tensor normalised to mean 1, to
+        multiply per-sample losses with. It is on the CPU unless ``device`` says
         otherwise: with losses on a GPU, pass ``device=losses.device`` (or move the weights, or the indexed slice
         of them, there) before multiplying, since torch refuses a CPU tensor times a CUDA one.
     batch_size : int, optional
@@ -562,8 +632,18 @@ def reweight(
             "data set (with len() and indexing: a Dataset, a tensor, or a DataLoader over one)"
         )
     size = len(dataset)
+    # the rows mode="sampler" draws among, each as often as data reads it in an epoch; None: every row once
+    rows = None
+    if mode == "sampler" and isinstance(data, torch.utils.data.DataLoader):
+        rows = _sampler_rows(data, size)
     if size != w.numel():
-        raise ValueError(f"weights has {w.numel()} entries but the data has {size} samples")
+        hint = ""
+        if rows is not None and w.numel() == rows.numel():
+            hint = (
+                f" (its sampler reads {rows.numel()} of them: give one weight per row of data.dataset; "
+                "those of the rows it does not read are not used)"
+            )
+        raise ValueError(f"weights has {w.numel()} entries but the data has {size} samples{hint}")
     if mode == "loss":
         w = w / w.max()  # scaled first: the mean of weights near float64's largest overflows
         w = (w / w.mean()).to(torch.float32)
@@ -593,11 +673,19 @@ def reweight(
         isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) or num_samples < 1
     ):
         raise ValueError(
-            f"num_samples={num_samples!r} is not valid; give an int >= 1 (or None: the data's size)"
+            f"num_samples={num_samples!r} is not valid; give an int >= 1 (or None: as many as the data reads "
+            "in an epoch)"
         )
+    if rows is not None:  # the weights of the rows data reads, once per read; 0 elsewhere
+        w = torch.zeros_like(w).index_add_(0, rows, w[rows])
+        if float(w.sum()) <= 0:
+            raise ValueError(
+                f"weights are all zero on the {rows.numel()} rows data's sampler reads "
+                f"({type(data.sampler).__name__}): give a positive weight to at least one of them"
+            )
     sampler = torch.utils.data.WeightedRandomSampler(
         w,
-        num_samples=size if num_samples is None else int(num_samples),
+        num_samples=(size if rows is None else rows.numel()) if num_samples is None else int(num_samples),
         replacement=True,
         generator=generator,
     )

@@ -15,17 +15,22 @@ uniform re-weighting of the probe set has zero response). This is the **physics*
 
 Component observables (structural inference): for a component ``C`` (an attention head, an MLP, the embedding,
 any set of weights given by masks) SGLD moves only ``C``'s weights, and ``phi_C`` is the loss on a fixed sampling
-batch (or any callable of the model; a constant shift such as its value at ``w*`` changes no susceptibility). One
-row of ``chi`` per component, one column per probe sample or token.
+batch (or any callable of the model). One row of ``chi`` per component, one column per probe sample or token.
+Both conventions read ``phi`` shifted by its value at the initial weights, ``phi - phi(w*)``. The physics ``chi``
+is a covariance and does not change under a constant shift of ``phi``; the devinterp ``chi`` below does change,
+and is the one of the shifted ``phi``.
 
 The **devinterp** convention (``convention="devinterp"``, what devinterp 2.0.1 reports) has no ``nβ`` factor, and
 takes the baseline means from an additional unrestricted run ("full")::
 
-    chi_t = E_C[phi · Lbar] - E_C[phi · l_t] - E_C[phi] · (E_full[Lbar] - E_full[l_t])
+    chi_t = E_C[phi' · Lbar] - E_C[phi' · l_t] - E_C[phi'] · (E_full[Lbar] - E_full[l_t]),   phi' = phi - phi(w*)
 
-with ``Lbar`` the mean probe loss. Up to sign and the ``nβ`` factor it is the physics covariance when the
-restricted and unrestricted posteriors have the same means of ``Lbar`` and ``l_t``. devinterp's ``Lbar`` is the
-mean loss of its *sampling* data set: the two agree when the probe is the sampling data (as in
+with ``Lbar`` the mean probe loss (devinterp's ``phi`` is likewise its sampling loss minus the loss at the
+initial weights). It equals ``Cov_C(phi, Lbar - l_t) + E_C[phi'] · (E_C[Lbar - l_t] - E_full[Lbar - l_t])``: the
+second term depends on the shift, so another ``phi(w*)`` (or none) gives another ``chi``. Up to sign and the
+``nβ`` factor it is the physics covariance when the restricted and unrestricted posteriors have the same means
+of ``Lbar`` and ``l_t``, and then no shift changes it. devinterp's ``Lbar`` is the mean loss of its *sampling*
+data set: the two agree when the probe is the sampling data (as in
 ``bench/bench_susceptibility.py``), not for a separate probe set.
 
 Bayesian influence function: ``BIF(z_i, z_j) = -Cov_posterior(l_i, l_j)`` (or the correlation), from draws of
@@ -703,10 +708,13 @@ def susceptibilities(
     per_sample_loss_fn : callable(model, probe) -> Tensor
         Per-sample ``(B,)`` or per-token ``(B, T)`` losses on the probe.
     observable : callable(model) -> scalar, optional
-        ``phi``; default: ``loss_fn`` on ``sampling_batch`` (its value at ``w*`` is subtracted from every draw
-        inside the covariance, for precision, and changes no susceptibility; ``phi_mean`` is the posterior mean of
-        ``phi`` itself, without that shift). The default sampling batch
-        is the first batch of the loader in an order keyed by ``seed`` (the same batch in every call with that
+        ``phi``; default: ``loss_fn`` on ``sampling_batch``. Its value at ``w*`` is subtracted from every draw
+        (for either ``phi``): with ``convention="physics"`` for precision only, since a covariance does not
+        change under a constant shift; with ``convention="devinterp"`` the returned ``chi`` is the formula of
+        the module docstring applied to ``phi - phi(w*)``, as devinterp subtracts its loss at the initial
+        weights: the formula applied to ``phi`` itself minus ``phi(w*) · (E_C[Lbar - l_t] - E_full[Lbar -
+        l_t])``. ``phi_mean`` is the posterior mean of ``phi`` itself, without that shift. The default sampling
+        batch is the first batch of the loader in an order keyed by ``seed`` (the same batch in every call with that
         seed, whatever torch's global random state; the loader's first batch when it does not shuffle).
     convention : {"physics", "devinterp"}
         See the module docstring.

@@ -1026,7 +1026,11 @@ def _runs_spec(model: nn.Module, param_masks: ParamMasks | None):
             f"param_masks names {bad}, which are not parameters of the model; names are {list(params)}"
         )
     if not param_masks:
-        raise ValueError("param_masks is empty: give at least one parameter (None moves every parameter)")
+        raise ValueError(
+            "param_masks is empty: give at least one parameter (None moves every parameter; "
+            "create_param_masks(model, 'unembed') of a model whose unembedding is tied to its embedding selects "
+            "nothing, as in devinterp: 'embed' selects the tied weight)"
+        )
     restrict = [re.escape(n) for n in param_masks]
     masks = {n: torch.as_tensor(m).to(params[n].device) for n, m in param_masks.items() if m is not None}
     return restrict, masks or None
@@ -1076,15 +1080,44 @@ def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> di
         query, key, value and output weights and the query/key/value biases; under grouped-query attention the
         key/value slices are those of its group's shared key/value head, as in devinterp); ``"l{L}g{G}"`` (the
         query heads of key/value group ``G`` with their shared key/value head); ``"l{L} attn"``, ``"l{L} mlp"``,
-        ``"l{L}"`` (every parameter of the layer); ``"embed"``; ``"unembed"`` (nothing, ``{}``, when the
-        unembedding is tied to the embedding, as in devinterp); a parameter name; or a list of
-        these (their union; ``"full"`` cannot be combined).
+        ``"l{L}"`` (every parameter of the layer); ``"embed"``; ``"unembed"`` (without the weight when the
+        unembedding is tied to the embedding, as in devinterp: nothing, ``{}``, for a tied GPT-2, with a warning;
+        ``"embed"`` selects the tied weight); a parameter name; or a list of these (their union; ``"full"`` cannot
+        be combined).
 
     Returns
     -------
     dict name -> bool mask of the parameter's shape, or None (the whole parameter)
         Heads and groups give masks; other restrictions None for every parameter they select whole.
+
+    Warns
+    -----
+    UserWarning
+        When ``"unembed"`` leaves out an unembedding weight tied to the embedding (and no other restriction in
+        the list selects it): the warning names the tied weight and says what does select it (``"embed"``).
     """
+    tied: dict[str, list[str]] = {}
+    masks = _param_masks(model, restriction, tied)
+    left_out = [n for n in tied.get("tied", []) if n not in masks]
+    if left_out:
+        own = tied["unembed"]
+        warnings.warn(
+            f"create_param_masks: restriction 'unembed' leaves out the unembedding weight, which is tied to the "
+            f"embedding: {left_out} is listed by model.named_parameters() under the embedding's name only, so "
+            "devinterp's lookup does not find it and 'unembed' selects "
+            + (f"{own} only" if own else "nothing ({}, which llc, sample and susceptibilities refuse)")
+            + f"; 'embed' (or the name {left_out[0]!r}) selects the tied weight, which moves the embedding too",
+            UserWarning,
+            stacklevel=2,
+        )
+    return masks
+
+
+def _param_masks(
+    model: nn.Module, restriction: str | Sequence[str], tied: dict[str, list[str]]
+) -> dict[str, torch.Tensor | None]:
+    """:func:`create_param_masks`; when ``"unembed"`` leaves out unembedding weights tied to the embedding,
+    ``tied["tied"]`` is set to their names and ``tied["unembed"]`` to what it selects."""
     if isinstance(restriction, list | tuple):
         if "full" in restriction:
             raise ValueError("create_param_masks: 'full' cannot be combined with other restrictions")
@@ -1092,7 +1125,7 @@ def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> di
             raise ValueError("create_param_masks: the list of restrictions is empty")
         merged: dict[str, torch.Tensor | None] = {}
         for r in restriction:
-            for n, m in create_param_masks(model, r).items():
+            for n, m in _param_masks(model, r, tied).items():
                 if n in merged and (merged[n] is None or m is None):
                     merged[n] = None
                 else:
@@ -1113,7 +1146,11 @@ def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> di
         # devinterp selects the unembedding among model.named_parameters(), which lists a weight tied to the
         # embedding under the embedding's name only: a tied unembedding selects nothing
         embed = component_masks(model, "embed")
-        return {n: m for n, m in _whole(component_masks(model, low)).items() if n not in embed}
+        unembed = _whole(component_masks(model, low))
+        own = {n: m for n, m in unembed.items() if n not in embed}
+        if len(own) < len(unembed):
+            tied.update(tied=[n for n in unembed if n in embed], unembed=list(own))
+        return own
     m = re.fullmatch(r"l(\d+)\s*([hg])(\d+)", low)
     layers, n_heads, n_kv = _n_heads(model)
     if m:
@@ -1694,9 +1731,10 @@ def compute_bif(
     (``"token"``: ``influences[i, j, s, t]`` between token ``s`` of sequence ``i`` and token ``t`` of sequence
     ``j``). ``"stack"`` pools chains and draws; ``"mean"`` averages over chains first.
 
-    ``batch_index_range_1`` / ``batch_index_range_2`` (``"all"`` or indices into the concatenated sequences)
-    keep those rows / columns of the influence matrix. ``batch_size`` and ``device`` only block devinterp's
-    computation and do not change the result.
+    ``loss_keys``: ``"all"`` (every observable), one observable's id, or a list of ids.
+    ``batch_index_range_1`` / ``batch_index_range_2`` (``"all"`` or indices ``0 .. batch - 1`` into the
+    concatenated sequences, as devinterp's labels: no negative ones) keep those rows / columns of the influence
+    matrix. ``batch_size`` and ``device`` only block devinterp's computation and do not change the result.
 
     Returns
     -------
@@ -1713,7 +1751,12 @@ def compute_bif(
             f"reduce_chain_dimension_method must be 'stack' or 'mean', got {reduce_chain_dimension_method!r}"
         )
     all_ids = sorted(k[len("loss_") :] for k in samples if k.startswith("loss_"))
-    keys = all_ids if loss_keys == "all" else list(loss_keys)
+    if isinstance(loss_keys, str):  # one key ("all": every observable)
+        keys = all_ids if loss_keys == "all" else [loss_keys]
+    else:
+        keys = list(loss_keys)
+        if not keys:
+            raise ValueError(f"loss_keys is empty: give 'all', one key or a list of keys from {all_ids}")
     missing = [k for k in keys if k not in all_ids]
     if missing:
         raise KeyError(f"loss key(s) {missing} not found; available: {all_ids}")
@@ -1753,8 +1796,9 @@ def compute_bif(
             sel.append(np.arange(b))
             continue
         idx = np.asarray(list(r))
-        if idx.ndim != 1 or (idx.size and (idx.dtype.kind not in "iu" or idx.min() < -b or idx.max() >= b)):
-            raise ValueError(f"{name}={r!r} must hold sequence indices in 0..{b - 1}")
+        # devinterp selects these as labels of the batch coordinate (0 .. b-1): a negative one is not among them
+        if idx.ndim != 1 or (idx.size and (idx.dtype.kind not in "iu" or idx.min() < 0 or idx.max() >= b)):
+            raise ValueError(f"{name}={r!r} must hold sequence indices in 0..{b - 1} (no negative ones)")
         sel.append(idx.astype(np.int64))
     m = m[sel[0]][:, sel[1]]
     dims = ("batch_1", "batch_2") + (("target_position", "target_position_T") if m.ndim == 4 else ())

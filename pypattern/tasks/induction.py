@@ -34,8 +34,9 @@ class InductionTask(Task):
     seq_len : int
         Number of positions including BOS.
     repeat_len : int or None
-        Length of the repeated segment; default ``(seq_len - 1) // 3``. Both copies are placed at random, so
-        a fixed positional offset cannot solve the task: the model has to learn induction.
+        Length of the repeated segment, ``2 .. (seq_len - 1) // 2`` (so ``seq_len`` is at least 5); default
+        ``(seq_len - 1) // 3``, at least 2. Both copies are placed at random, so a fixed positional offset cannot
+        solve the task: the model has to learn induction.
     """
 
     name = "induction"
@@ -43,10 +44,16 @@ class InductionTask(Task):
     def __init__(self, d_vocab: int = 64, seq_len: int = 33, repeat_len: int | None = None) -> None:
         if d_vocab < 3:
             raise ValueError(f"d_vocab={d_vocab} is not valid; give at least 3")
+        longest = (seq_len - 1) // 2  # the two copies fit after BOS
+        if longest < 2:
+            raise ValueError(
+                f"seq_len={seq_len} is too short: the two copies of a repeated segment of at least 2 tokens need "
+                "seq_len >= 5 (BOS included)"
+            )
         self.d_vocab, self.n_ctx = d_vocab, seq_len
-        self.repeat_len = (seq_len - 1) // 3 if repeat_len is None else repeat_len
-        if not 2 <= self.repeat_len <= (seq_len - 1) // 2:
-            raise ValueError(f"repeat_len={repeat_len} is not valid; give 2..{(seq_len - 1) // 2}")
+        self.repeat_len = max(2, (seq_len - 1) // 3) if repeat_len is None else repeat_len
+        if not 2 <= self.repeat_len <= longest:
+            raise ValueError(f"repeat_len={repeat_len} is not valid for seq_len={seq_len}; give 2..{longest}")
         self.bos = d_vocab - 1
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:

@@ -44,7 +44,7 @@ class TopicTask(Task):
     num_shared : int
         Tokens that any topic emits (they carry no concept information).
     seq_len : int
-        Positions including BOS.
+        Positions including BOS: at least ``min_prefix + 3`` (5 with the default ``min_prefix``).
     shared_prob : float
         Probability that a position holds a shared token, in ``[0, 1)``.
     switch_prob : float
@@ -52,7 +52,8 @@ class TopicTask(Task):
         sequence draws a new topic different from the first one and a switch position uniform in
         ``min_prefix + 1 .. seq_len - 2``; it can be overridden per call of :meth:`sample`.
     min_prefix : int
-        Number of tokens after BOS that always follow the first topic in a switching sequence.
+        Number of tokens after BOS that always follow the first topic in a switching sequence, ``1 .. seq_len -
+        3``.
 
     Examples
     --------
@@ -80,7 +81,7 @@ class TopicTask(Task):
             ("num_topics", num_topics, 2),
             ("tokens_per_topic", tokens_per_topic, 1),
             ("num_shared", num_shared, 0),
-            ("seq_len", seq_len, 3),
+            ("seq_len", seq_len, 4),  # BOS, min_prefix >= 1 token, the switch and one token after it
             ("min_prefix", min_prefix, 1),
         ):
             if not isinstance(v, int) or v < lo:
@@ -92,7 +93,8 @@ class TopicTask(Task):
         self._check_switch_prob(switch_prob)
         if min_prefix + 1 > seq_len - 2:
             raise ValueError(
-                f"min_prefix={min_prefix} is too large for seq_len={seq_len}; give at most {seq_len - 3}"
+                f"min_prefix={min_prefix} is too large for seq_len={seq_len}; give at most {seq_len - 3}, or "
+                f"seq_len >= {min_prefix + 3}"
             )
         self.num_topics, self.tokens_per_topic, self.num_shared = num_topics, tokens_per_topic, num_shared
         self.shared_prob, self.switch_prob, self.min_prefix = shared_prob, switch_prob, min_prefix
