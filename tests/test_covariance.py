@@ -351,3 +351,20 @@ def test_chunks_that_require_grad_leave_no_graph_in_the_state():
         acc.update(a * 2, b)
         acc.flush()
         assert all(not v.requires_grad for v in acc.state_dict().values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_a_count_beyond_int64_is_refused_by_name_on_every_backend(backend, device):
+    """count is a 64-bit integer in every backend (the C++ op's schema): one that does not fit is refused by name
+    before any backend is called, the state untouched (the C++ op failed in torch's dispatcher)."""
+    k, n, m = 3, 2, 5
+    a, b = to(device, torch.randn(m, k, dtype=torch.float64), torch.randn(m, n, dtype=torch.float64))
+    state = [torch.zeros(*s, dtype=torch.float64, device=device) for s in ((k,), (n,), (k,), (n,), (k, n))]
+    e = torch.zeros(0, dtype=torch.float64, device=device)
+    for count in (2**63, -1):
+        with pytest.raises(ValueError, match=r"count must be an int in 0 \.\. 2\*\*63 - 1"):
+            cross_covariance_update_(*state, e, e, a, b, count=count, backend=backend)
+    assert all(not bool(s.any()) for s in state)
+    cross_covariance_update_(
+        *state, e, e, a, b, count=2**63 - 1 - m, backend=backend
+    )  # the largest that fits

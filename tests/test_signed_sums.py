@@ -427,3 +427,21 @@ def test_isa_path_equals_the_chain(drivers, isa, n):
                 text=True,
             )
             assert r.returncode == 0, (stream, misalign, r.stderr)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_given_outputs_are_known_to_autograd_as_written(backend):
+    """Outputs given as out= are written in place: their version counters move, so a backward that saved one of
+    them refuses, as after any in-place op (the C++ kernel's writes went unseen and the backward used the new
+    values)."""
+    base, terms, offsets, signs = _problem((5,), [2], torch.float32)
+    w = torch.randn(5, requires_grad=True)
+    o = torch.randn(5)
+    loss = (w * o).sum()  # saves o for its backward
+    v0 = o._version
+    signed_sums(base, terms, offsets, signs, out=[o], backend=backend)
+    assert o._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    fresh = signed_sums(base, terms, offsets, signs, backend=backend)  # new outputs: nothing to tell
+    torch.testing.assert_close(fresh[0], o, rtol=0, atol=0)

@@ -101,8 +101,10 @@ def cross_covariance_update_(
         if tuple(t.shape) not in ((0,), (d,), (d, d)):
             raise ValueError(f"{name} must have shape (0,), ({d},) or ({d}, {d}), got {tuple(t.shape)}")
         _check_state(name, t, tuple(t.shape), device)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < 2**63:
+        raise ValueError(
+            f"count must be an int in 0 .. 2**63 - 1 (the draws accumulated so far), got {count!r}"
+        )
     # the shifts are set from the chunk's mean when count == 0, and only read after that
     shifts = (("shift_a", shift_a), ("shift_b", shift_b))
     _refuse_aliases(

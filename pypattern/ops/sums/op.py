@@ -284,4 +284,6 @@ def signed_sums(
     if name != "cpp" or not all(x.is_cpu for x in everything):
         _check_tensors(o, b, t, overlap=not compiling)
     _backends.implementation(_OP, name)(o, b, t, offsets, signs)
+    if given and not compiling:  # the kernels write through the outputs' memory: autograd learns of it
+        torch.autograd.graph.increment_version(out)
     return out
