@@ -9,8 +9,11 @@ import torch
 
 def zero_one_mask(value) -> torch.Tensor | None:
     """``value`` (a tensor or what ``torch.as_tensor`` reads) as a bool mask, or None when it holds an entry other
-    than 0 and 1."""
-    t = torch.as_tensor(value)
+    than 0 and 1 or is not numbers at all."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # not numbers (a string, an object): no mask
+        return None
     if t.dtype == torch.bool:
         return t
     if not bool(((t == 0) | (t == 1)).all()):  # a complex entry counts when it is exactly 0 or 1

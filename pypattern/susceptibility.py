@@ -52,7 +52,7 @@ import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -765,6 +765,13 @@ def susceptibilities(
     if isinstance(components, str):
         raise TypeError(
             f"components={components!r} is one string; give a list of component names, e.g. [{components!r}]"
+        )
+    if not isinstance(components, Mapping) and (
+        isinstance(components, bytes | torch.Tensor) or not isinstance(components, Iterable)
+    ):
+        raise TypeError(
+            f"components={components!r} is not valid; give a list of component names or parameter-name prefixes, "
+            "or a dict of name -> names or masks"
         )
     if isinstance(components, Mapping):
         names, specs = list(components), list(components.values())

@@ -46,7 +46,7 @@ by all heads, in no head) partition the attention's parameters. pypattern's ``Tr
 converted model) follows the same rule (:func:`pypattern.models.component_masks`).
 
 Tied embeddings (GPT-2, Qwen2/Llama with ``tie_word_embeddings``): ``embed`` and ``unembed`` are one parameter,
-and each selects all of it.
+and each selects all of it; :func:`hf_components` lists ``embed`` only, as pypattern's ``list_components`` does.
 """
 
 from __future__ import annotations
@@ -141,7 +141,11 @@ def hf_components(model: nn.Module, heads: bool = True) -> list[str]:
         else:
             out.append(f"blocks.{layer}.attn")
         out.append(f"blocks.{layer}.mlp")
-    return out + ["unembed"]
+    # as pypattern's list_components: "unembed" only when the output head has a weight of its own (tied
+    # embeddings: "embed" is both)
+    head = hf.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is hf.get_input_embeddings().weight
+    return out + ([] if tied else ["unembed"])
 
 
 def _module_prefix(hf: nn.Module, arch: HFArch, component: str) -> str | None:

@@ -134,7 +134,13 @@ def _bool_mask(name: str, key: str, v) -> torch.Tensor:
     t = zero_one_mask(v)
     if t is None:
         raise ValueError(
-            f"component {name!r}: the mask of {key!r} holds values other than 0 and 1; give a bool mask (or 0/1)"
+            f"component {name!r}: the mask of {key!r} "
+            + (
+                "holds values other than 0 and 1"
+                if isinstance(v, torch.Tensor | np.ndarray | list | tuple | int | float)
+                else f"is a {type(v).__name__}, not a mask"
+            )
+            + "; give a bool mask (or 0/1)"
         )
     return t
 
@@ -199,6 +205,16 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
                 )
             if isinstance(spec, Mapping):
                 masks = {k: _bool_mask(name, k, v) for k, v in spec.items()}
+                for k, m in masks.items():
+                    if tuple(m.shape) != tuple(params[k].shape):
+                        raise ValueError(
+                            f"component {name!r}: the mask of {k!r} has shape {tuple(m.shape)}, the parameter "
+                            f"{tuple(params[k].shape)}"
+                        )
+                if not any(bool(m.any()) for m in masks.values()):
+                    raise ValueError(
+                        f"component {name!r}: its masks select no weight (all False); give at least one True entry"
+                    )
             else:
                 masks = {k: torch.ones_like(params[k], dtype=torch.bool) for k in spec}
         else:
