@@ -63,6 +63,7 @@ __all__ = [
     "batch_size",
     "forward_error",
     "errors_naming",
+    "check_batch_values",
     "model_output",
     "read_logits",
     "read_loss",
@@ -149,7 +150,11 @@ def _ids(t: torch.Tensor, what: str, batch: Any) -> torch.Tensor:
 
 
 def check_attention_mask(mask: torch.Tensor, argument: str) -> None:
-    """Raise ``ValueError`` naming ``argument`` unless every entry of ``mask`` is 0 (padding) or 1 (a real token)."""
+    """Raise ``ValueError`` naming ``argument`` unless every entry of ``mask`` is 0 (padding) or 1 (a real token).
+    Under vmap (each of a run's batched chains reading its own batch) the values cannot be read: the batches are
+    checked before they are stacked (:func:`check_batch_values`, which parses them)."""
+    if functorch_wrapped(mask):
+        return
     if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)][0].item()
         raise ValueError(
@@ -512,6 +517,8 @@ def _takes(model: nn.Module, key: str) -> bool:
 def _refuse_left_padding(model: nn.Module, attention_mask: torch.Tensor, argument: str) -> None:
     """A real token after a padding position, for a model that reads no mask: its real tokens would attend to the
     padding. Refused, naming ``argument``."""
+    if functorch_wrapped(attention_mask):
+        return  # under vmap the values cannot be read: check_batch_values checked each chain's batch
     am = attention_mask.bool()
     inner = am[:, 1:] & ~am[:, :-1]
     if bool(inner.any()):
@@ -535,6 +542,17 @@ def _on_model(model: nn.Module, pb: ParsedBatch) -> ParsedBatch:
     return ParsedBatch(
         pb.kind, on(pb.inputs), on(pb.target), on(pb.attention_mask), {k: on(v) for k, v in pb.extra.items()}
     )
+
+
+def check_batch_values(model: nn.Module, batch: Any, argument: str = "batch") -> None:
+    """The checks of the default losses that read a batch's values (an ``attention_mask`` of 0s and 1s; no left
+    padding for a model whose forward takes no mask), for a batch about to be stacked with others under vmap
+    (batched chains), where the losses cannot read them. For batches of the default losses (they are parsed)."""
+    pb = parse_batch(batch)
+    if pb.attention_mask is None:
+        return
+    if pb.kind != "pair" and not _takes_mask(model):
+        _refuse_left_padding(model, pb.attention_mask, argument)
 
 
 def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:

@@ -542,3 +542,40 @@ def test_regression_shapes_mask_keyword_and_scalar_batches():
     assert torch.isfinite(v)
     with pytest.raises(ValueError, match="no tensor with a batch axis"):
         L.batch_size((torch.tensor(1.0), torch.tensor(2.0)))
+
+
+@needs_hf
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("fn", ["batch", "sample", "token"])
+def test_under_vmap_over_stacked_dict_batches(fn):
+    """Each parameter set with its own padded dict batch (as batched chains read theirs): the mask checks cannot
+    read values under vmap and are left to the batches before they are stacked; equal to one call per set."""
+    f = {"batch": batch_loss, "sample": sample_losses, "token": lambda m, b: token_losses(m, b, fill=0.0)[0]}[
+        fn
+    ]
+
+    class Loss(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return f(self.model, batch)
+
+    ids, am = _padded(_seqs(5))
+    batches = [{"input_ids": ids.roll(c, 0), "attention_mask": am.roll(c, 0)} for c in range(3)]
+    stacked = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
+    for model in (_tf(), _hf("gpt2", "eager")):
+        w = Loss(model)
+        params = {k: v.detach() for k, v in w.named_parameters()}
+        for b in batches:
+            losses.check_batch_values(model, b)
+        with torch.no_grad():
+            got = vmap(lambda b, w=w, params=params: functional_call(w, params, (b,)))(stacked)
+            for c in range(3):
+                torch.testing.assert_close(got[c], functional_call(w, params, (batches[c],)))
+    left_ids, left_am = _padded(_seqs(5), side="left")
+    with pytest.raises(ValueError, match="left padding"):
+        losses.check_batch_values(_tf(), {"input_ids": left_ids, "attention_mask": left_am}, "loader")
+    with pytest.raises(ValueError, match="must hold 1"):
+        losses.check_batch_values(_tf(), {"input_ids": ids, "attention_mask": am * 2}, "loader")

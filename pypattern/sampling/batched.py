@@ -6,13 +6,14 @@ loop (the same draws up to float rounding)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
+from ..losses import batch_loss, check_batch_values
 from ..ops.sgld import FLAG_GRAD_NONFINITE
 from .context import NO_GRADIENT, LossContractError, RunContext
 from .data import ChainData, to_device
@@ -58,15 +59,35 @@ def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
     return losses, extra
 
 
+def _structure(batch, shared: bool, n: int) -> tuple:
+    """What decides the code path a function of a draw's batch takes under vmap: the number of chains, whether
+    the batch is shared, and the batch's tree with its tensors' shapes and dtypes (its other leaves by value).
+    Under vmap the weights and a stacked batch's values cannot steer Python code (data-dependent control flow
+    is vmap's error whatever the values), so whether a call runs under vmap depends on this only."""
+    leaves, spec = tree_flatten(batch)
+    key = tuple(
+        (tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)[:100])
+        for x in leaves
+    )
+    return n, shared, str(spec), key
+
+
 def _batched_observables(
     ctx: RunContext, apply: Callable, stacked: dict, vb, shared_data: bool, n: int
 ) -> dict[str, torch.Tensor]:
-    """The observables of all ``n`` chains in one ``vmap``-ed call each; an observable that does not run under
-    vmap is left out (and evaluated chain by chain from then on)."""
+    """The observables of all ``n`` chains in one ``vmap``-ed call each. An observable whose call raises is left
+    out: the draw evaluates it chain by chain (:meth:`RunContext.at_draw`), where an exception it raises without
+    vmap too propagates as it is.
+
+    A failure is remembered (in ``ctx.obs_per_chain``) for the draw's batch :func:`_structure` only, which is
+    what decides it: each draw's values are computed the same way (vmap-ed, or chain by chain) whatever the draws
+    before it, so a run resumed from a checkpoint, or run on other ``cores``, records what an uninterrupted run
+    does (vmap-ed and chain-by-chain values may differ by float rounding)."""
     out = {}
     params = {k: v.detach() for k, v in stacked.items()}
+    structure = _structure(vb, shared_data, n) if ctx.plan.observables else None
     for name, fn in ctx.plan.observables:
-        if name in ctx.obs_per_chain:
+        if (name, structure) in ctx.obs_per_chain:
             continue
 
         def one(p, b, fn=fn):
@@ -78,18 +99,40 @@ def _batched_observables(
                 v = torch.func.vmap(one, in_dims=(0, None if shared_data else 0))(params, vb)
             if v.dim() == 0 or v.shape[0] != n:
                 raise ValueError(f"vmap returned shape {tuple(v.shape)}")
-        except Exception:  # noqa: BLE001 - anything vmap rejects: evaluate this one chain by chain
-            ctx.obs_per_chain.add(name)
+        except Exception:  # noqa: BLE001 - vmap's limit, or the observable's own error, which chain by chain raises
+            ctx.obs_per_chain.add((name, structure))
             continue
         out[name] = v
     return out
+
+
+def _first_step_failure(
+    error: Exception, vmapped: Callable[[], object], one_chain: Callable[[int], object], n: int
+) -> VmapUnsupported:
+    """What the ``vmap``-ed loss's ``error`` at a run's first step means. The loss is called without vmap for
+    each of the ``n`` chains on its weights and batch (``one_chain(i)``): an exception there is the loss
+    function's own, raised as it is (as the chains run one after another raise it). When every chain runs
+    without vmap, the vmap-ed call is made once more (``vmapped()``): a second failure is vmap's (the
+    :class:`VmapUnsupported` returned), a success means the loss function raised ``error`` itself, once, and it
+    is raised."""
+    for i in range(n):
+        try:
+            one_chain(i)
+        except Exception as e:  # noqa: BLE001 - the loss function's own error, raised as it is
+            raise e from None
+    try:
+        vmapped()
+    except Exception:  # noqa: BLE001 - fails under vmap only, every time: vmap's limit
+        return VmapUnsupported(f"{type(error).__name__}: {error}")
+    raise error
 
 
 def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     """Run the global chains ``chains`` (all at the same step) together; their draws go into ``ctx.state``.
 
     Raises :class:`VmapUnsupported` at the first step when the model or loss function does not run under vmap
-    (nothing is recorded then)."""
+    (nothing is recorded then); an exception the loss function raises there without vmap too is raised as it is
+    (:func:`_first_step_failure`)."""
     plan, st = ctx.plan, ctx.state
     accum, total = plan.grad_accum_steps, plan.total_steps
     chains = list(chains)
@@ -112,6 +155,9 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
         dd.skip(start * accum * m)
     shared_data = datas[0].single is not None
     loss_fn, split_loss = plan.loss_fn, ctx.split_loss
+    from .runner import default_loss_fn
+
+    library = loss_fn is default_loss_fn or loss_fn is batch_loss  # the library's loss parses the batches
 
     apply = _applier(base, {**frozen, **buffers})
     view: dict = {}
@@ -164,18 +210,30 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 bj, vbj = [shared_batch] * C, shared_batch
             else:
                 bj = [to_device(dd.next(), ctx.device) for dd in datas]
+                if library and any(isinstance(b, Mapping) and "attention_mask" in b for b in bj):
+                    for (
+                        b
+                    ) in bj:  # values the library's loss cannot read under vmap: each batch before stacking
+                        check_batch_values(base, b, "loader")
                 vbj = tree_map(lambda *xs: torch.stack(xs), *bj)
             if t == start and j == 0:  # the first step tells whether the model runs under vmap
                 try:
                     losses, ex = _split_vloss(vloss(leaves, vbj))
                     if losses.shape != (C,):
                         raise VmapUnsupported(
-                            f"loss_fn returned shape {tuple(losses.shape[1:])}, not a scalar"
+                            f"the loss came out of shape {tuple(losses.shape[1:])} per chain, not one number"
                         )
                 except (VmapUnsupported, LossContractError):
                     raise
-                except Exception as e:  # noqa: BLE001 - anything vmap rejects means: run sequentially
-                    raise VmapUnsupported(f"{type(e).__name__}: {e}") from e
+                except Exception as e:  # noqa: BLE001 - vmap's limit (run sequentially) or the loss's own error
+                    raise _first_step_failure(
+                        e,
+                        lambda leaves=leaves, vbj=vbj: vloss(leaves, vbj),
+                        lambda i, leaves=leaves, bj=bj: apply(
+                            loss_fn, {n: v[i] for n, v in leaves.items()}, bj[i]
+                        ),
+                        C,
+                    ) from e
             else:
                 losses, ex = _split_vloss(vloss(leaves, vbj))
             if j == 0:

@@ -54,14 +54,42 @@ class State:
         self.seconds = 0.0
 
     def record_obs(self, name: str, g: int, d: int, value) -> None:
-        v = (
-            value.detach().to("cpu", torch.float64).numpy()
-            if isinstance(value, torch.Tensor)
-            else np.asarray(value)
-        )
-        if name not in self.obs:
-            self.obs[name] = np.full((*self.loss.shape, *v.shape), np.nan)
-        self.obs[name][g, d] = v
+        """Record observable ``name``'s ``value`` at chain ``g``'s draw ``d`` (as float64).
+
+        The first draw recorded fixes the trace's shape: a value of another shape (a per-sample observable on a
+        batch of another size), a complex value and one that is not numbers are refused with a ValueError naming
+        the observable, instead of being broadcast, truncated to its real part or cast."""
+        where = f"observable {name!r} returned"
+        at = f"at draw {d} of chain {g}"
+        if isinstance(value, torch.Tensor):
+            if value.is_complex():
+                raise ValueError(
+                    f"{where} a complex value (dtype {value.dtype}) {at}: traces hold real numbers; record the real "
+                    "and imaginary parts (or the absolute value) as observables of their own"
+                )
+            v = value.detach().to("cpu", torch.float64).numpy()
+        else:
+            v = np.asarray(value)
+            if v.dtype.kind == "c":
+                raise ValueError(
+                    f"{where} a complex value (dtype {v.dtype}) {at}: traces hold real numbers; record the real "
+                    "and imaginary parts (or the absolute value) as observables of their own"
+                )
+            if v.dtype.kind not in "biuf":
+                raise ValueError(
+                    f"{where} a {type(value).__name__} of dtype {v.dtype} {at}: an observable returns a tensor or "
+                    "an array of real numbers, or a number"
+                )
+        trace = self.obs.get(name)
+        if trace is None:
+            self.obs[name] = trace = np.full((*self.loss.shape, *v.shape), np.nan)
+        elif trace.shape[2:] != v.shape:
+            raise ValueError(
+                f"{where} a value of shape {v.shape} {at}, but of shape {trace.shape[2:]} at its earlier draws: its "
+                "shape must not change (a per-sample observable on batches of different sizes: give the loader "
+                "batches of one size, e.g. DataLoader(..., drop_last=True), or reduce the values over the batch)"
+            )
+        trace[g, d] = v
 
     def save(self, path: str, fingerprint: Mapping, extra: Callable[[], Mapping] | None = None) -> None:
         """Write the state atomically; ``extra()``'s arrays (the caller's state that goes with these draws, e.g.

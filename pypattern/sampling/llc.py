@@ -21,7 +21,7 @@ from .._checks import device_arg
 from .diagnostics import ess, r_hat
 from .optim import SGLD
 from .results import LLCResult, SampleResult
-from .runner import sample
+from .runner import loss_argument, sample
 from .samplers import sampler_name
 from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
 
@@ -620,17 +620,19 @@ def estimate_learning_coeff_with_summary(
         for cb in callbacks
     ):
         kw["batched"] = False
-    res = estimate_llc(
-        model,
-        loader,
-        callbacks=callbacks,
-        num_draws=num_draws,
-        num_chains=num_chains,
-        num_burnin_steps=num_burnin_steps,
-        num_steps_bw_draws=num_steps_bw_draws,
-        init_loss=init_loss if init_loss else None,  # devinterp recomputes a falsy init_loss
-        **kw,
-    )
+    # the sampler's errors about the loss name the argument the caller gave it in (evaluate's default included)
+    with loss_argument("criterion" if criterion is not None else "evaluate"):
+        res = estimate_llc(
+            model,
+            loader,
+            callbacks=callbacks,
+            num_draws=num_draws,
+            num_chains=num_chains,
+            num_burnin_steps=num_burnin_steps,
+            num_steps_bw_draws=num_steps_bw_draws,
+            init_loss=init_loss if init_loss else None,  # devinterp recomputes a falsy init_loss
+            **kw,
+        )
     if not online:  # devinterp 1.3.2's LLCEstimator keys, no others
         out = {k: v for k, v in res.to_devinterp().items() if k not in ("init_loss", "llc/trace")}
     else:

@@ -8,7 +8,10 @@ divergence checks); :mod:`.data` is each chain's keyed stream of batches.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import math
 import operator
 import os
@@ -58,23 +61,43 @@ BATCHED_MIN_CHAINS = 8  # or when at least this many chains run together
 BATCHED_MAX_STACKED = 1 << 24  # and chains x parameters stay under this (64 MB of float32 weights)
 
 
-def split_loss(out) -> torch.Tensor:
+#: the argument the loss function came in, which the sampler's errors about it name: ``loss_fn`` of
+#: :func:`sample`, unless an entry point that takes it under another name runs ``sample`` inside
+#: :func:`loss_argument` (devinterp 1.x's ``evaluate`` and ``criterion``). Not part of a run's fingerprint.
+_LOSS_ARGUMENT: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "pypattern_loss_argument", default="loss_fn"
+)
+
+
+@contextlib.contextmanager
+def loss_argument(name: str):
+    """Within the block, the sampler's errors about the loss function name it ``name`` (the argument the caller
+    gave it in, e.g. ``"evaluate"``) instead of ``loss_fn``."""
+    token = _LOSS_ARGUMENT.set(name)
+    try:
+        yield
+    finally:
+        _LOSS_ARGUMENT.reset(token)
+
+
+def split_loss(out, argument: str = "loss_fn") -> torch.Tensor:
     """The loss from what a loss function returned: a tensor, a tuple (loss first), a dict with ``"loss"`` or an
     object with ``.loss`` (devinterp's rules). The loss must be one number (a tensor of one element): a
-    per-sample loss ``(batch,)`` or ``(batch, 1)`` is refused, naming ``loss_fn`` and the shape."""
+    per-sample loss ``(batch,)`` or ``(batch, 1)`` is refused, naming ``argument`` (the argument the loss
+    function was given in) and the shape."""
     try:
         loss = read_loss(out)
     except TypeError as e:
-        raise TypeError(f"loss_fn: {e}") from None
+        raise TypeError(f"{argument}: {e}") from None
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
-            f"loss_fn returned a loss of type {type(loss).__name__}; it must be a tensor of one element (the "
+            f"{argument} returned a loss of type {type(loss).__name__}; it must be a tensor of one element (the "
             "batch's mean loss, differentiable in the parameters)"
         )
     if loss.numel() != 1:
         raise LossContractError(
-            f"loss_fn returned a loss of shape {tuple(loss.shape)}; it must be one number, the batch's mean loss "
-            "(a tensor of one element): reduce per-sample losses with .mean()"
+            f"{argument} returned a loss of shape {tuple(loss.shape)}; it must be one number, the batch's mean "
+            "loss (a tensor of one element): reduce per-sample losses with .mean()"
         )
     return loss
 
@@ -185,9 +208,13 @@ def sample(
         the sampler's state) and the noise keys work the same for all three. The result's ``config["sampler"]``
         names it. ``sampling_method`` is devinterp's name for it (both given must agree).
     observables : mapping name -> callable(model, batch) -> Tensor or float, or a sequence of callables
-        Evaluated (without gradient) at every draw on the draw's batch; traces ``(num_chains, num_draws, *shape)``.
+        Evaluated (without gradient) at every draw on the draw's batch; traces ``(num_chains, num_draws, *shape)``
+        (float64). The first draw fixes ``shape``: a value of another shape (a per-sample observable on a batch of
+        another size), a complex value or one that is not numbers is a ValueError naming the observable.
         With batched chains each observable is first tried under ``torch.func.vmap`` (all chains in one call);
-        one that does not run under vmap is evaluated chain by chain.
+        one that does not run under vmap is evaluated chain by chain (remembered for the batch's shapes and
+        dtypes, which decide it: a resumed run computes each draw's values as an uninterrupted run does), where
+        an exception it raises without vmap too propagates.
     callbacks : sequence of callable
         Called at every draw with the keyword arguments they accept among ``chain``, ``run``, ``draw``,
         ``step``, ``loss`` (float), ``init_loss`` (the run's ``L_n(w*)``, float), ``model`` (the chain's model),
@@ -221,7 +248,10 @@ def sample(
         parameters; else sequential. Measured per chain-step, one thread: 4 chains of an MLP with 22k
         / 101k parameters 1.49 / 4.60 ms batched vs 1.35 / 3.86 sequential; 20 chains 1.03 / 3.49 vs 1.52 / 4.02;
         a 10k-parameter transformer 3.62 vs 4.88 (4 chains) and 2.64 vs 4.78 (20 chains). Both give the same
-        draws for the same seed, up to float rounding.
+        draws for the same seed, up to float rounding. Whether the loss runs under vmap is found at the first step
+        (of a run, or of a resumed run): an exception there is checked by calling the loss without vmap for each
+        chain on its batch; one raised there too is the loss function's own and propagates as it is, only one
+        that vmap alone meets means "does not run under vmap".
     checkpoint : path, optional
         ``.npz`` file (:mod:`pypattern.io`, no pickle) rewritten atomically every ``checkpoint_every`` draws with
         the finished draws and the state of unfinished chains. If it exists, the run resumes from it and ends with
@@ -501,8 +531,11 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         st = State.load(plan.checkpoint, plan, fingerprint, device, w_star)
     else:
         st = State(plan.num_total_chains, plan.num_draws)
+    # the loss function's argument, which errors name: read here, as the chains' threads (cores > 1) do not see
+    # the caller's context
+    argument = _LOSS_ARGUMENT.get()
     if st.init_losses is None:
-        st.init_losses = _init_losses(plan, model, loader, device, data_cache)
+        st.init_losses = _init_losses(plan, model, loader, device, data_cache, argument)
     init_se = (
         0.0
         if plan.init_loss is not None
@@ -531,7 +564,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         state=st,
         fingerprint=fingerprint,
         device=device,
-        split_loss=split_loss,
+        split_loss=split_loss if argument == "loss_fn" else functools.partial(split_loss, argument=argument),
         init_loss=float(np.mean(st.init_losses)),
         data_cache=data_cache,
         pbar=pbar,
@@ -542,10 +575,10 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         todo = [g for g in mine if st.done[g] < plan.num_draws]
         parts = [todo[i :: plan.cores] for i in range(min(plan.cores, len(todo)))]
         if len(parts) <= 1:
-            ran_batched = _run_part(ctx, todo)
+            ran_batched = _run_part(ctx, todo, argument)
         else:
             with pinned_threads(1):
-                ran_batched = _run_threads(ctx, parts)
+                ran_batched = _run_threads(ctx, parts, argument)
     finally:
         st.seconds += time.perf_counter() - t0
         if pbar is not None:
@@ -620,9 +653,12 @@ def _warn_if_random(value: float, again: Callable[[], float], device: torch.devi
         )
 
 
-def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: dict) -> np.ndarray:
+def _init_losses(
+    plan: RunPlan, model: nn.Module, loader, device, data_cache: dict, argument: str = "loss_fn"
+) -> np.ndarray:
     """``L_n(w*)`` on each of its batches: ``init_loss`` if given, else the loss at ``w*`` over
-    ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch)."""
+    ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch). Errors name
+    the loss function by ``argument``, the argument it came in."""
     if plan.init_loss is not None:
         return np.array([plan.init_loss])
     n = batches_per_epoch(loader)
@@ -641,7 +677,7 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
             check_batch(model, batch, "loader")
         with errors_naming(model, batch, "loader", library):
             out = plan.loss_fn(model, batch)
-        return float(split_loss(out))
+        return float(split_loss(out, argument))
 
     with torch.no_grad():
         first = to_device(stream.next(), device)
@@ -671,7 +707,7 @@ def _init_losses(plan: RunPlan, model: nn.Module, loader, device, data_cache: di
         raise NonFiniteLossError(
             f"loader: the loss at the initial weights w* is not finite ({vals}, one value per batch read): the data "
             "or the model give a non-finite loss before any step (look for NaN or Inf in the batches' tensors and "
-            "in the model's weights, and check loss_fn)",
+            f"in the model's weights, and check {argument})",
             chain=-1,
             draw=-1,
             step=-1,
@@ -730,9 +766,9 @@ def fits_batched(model: nn.Module, num_chains: int) -> bool:
     return num_chains * n_params <= BATCHED_MAX_STACKED
 
 
-def _run_part(ctx: RunContext, chains: list[int]) -> bool:
+def _run_part(ctx: RunContext, chains: list[int], argument: str = "loss_fn") -> bool:
     """Run a group of chains, batched when ``batched`` says so and the model runs under vmap, else one after
-    another; whether it ran batched."""
+    another; whether it ran batched. ``argument``: the loss function's argument, which errors name."""
     plan, st = ctx.plan, ctx.state
     same_step = len({int(st.next_step[g]) for g in chains}) <= 1
     use_batched = plan.batched
@@ -745,7 +781,7 @@ def _run_part(ctx: RunContext, chains: list[int]) -> bool:
         except VmapUnsupported as e:
             if plan.batched:
                 raise RuntimeError(
-                    f"batched=True but the model or loss_fn does not run under vmap: {e}"
+                    f"batched=True but the model or {argument} does not run under vmap: {e}"
                 ) from e
         chains = [g for g in chains if st.done[g] < plan.num_draws]
     if chains:
@@ -757,14 +793,14 @@ def _run_part(ctx: RunContext, chains: list[int]) -> bool:
     return False
 
 
-def _run_threads(ctx: RunContext, parts: list[list[int]]) -> bool:
+def _run_threads(ctx: RunContext, parts: list[list[int]], argument: str = "loss_fn") -> bool:
     """Run the groups ``parts`` in one thread each; the first error stops the others and is raised here."""
     errors: list[BaseException] = []
     modes: list[bool] = []
 
     def work(part):
         try:
-            modes.append(_run_part(ctx, part))
+            modes.append(_run_part(ctx, part, argument))
         except Stopped:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread below
