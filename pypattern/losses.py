@@ -447,8 +447,9 @@ def forward_error(model: nn.Module, batch: Any, argument: str, error: Exception)
 def errors_naming(model: nn.Module, batch: Any, argument: str, library: bool) -> Iterator[None]:
     """Errors of a loss computed in the block on ``batch`` (passed as ``argument``) said to come from it: the
     library's own loss refusing the batch (``library``: a ``TypeError`` / ``ValueError`` about its targets or
-    shapes) gets ``argument`` in front of its message, and a forward that fails because the batch's dtype is not the
-    model's gets :func:`forward_error`'s message."""
+    shapes) gets ``argument`` in front of its message, a forward that fails because the batch's dtype is not the
+    model's gets :func:`forward_error`'s message, and another ``RuntimeError`` of torch's (a shape it refused) is
+    said to come from ``argument``'s batch, described."""
     try:
         yield
     except (TypeError, ValueError) as e:
@@ -456,7 +457,13 @@ def errors_naming(model: nn.Module, batch: Any, argument: str, library: bool) ->
             raise type(e)(f"{argument}: {e}") from None
         raise
     except RuntimeError as e:
-        raise (forward_error(model, batch, argument, e) or e) from e
+        clearer = forward_error(model, batch, argument, e)
+        if clearer is None and type(e) is RuntimeError:  # a shape torch refused (not an out-of-memory error)
+            clearer = RuntimeError(
+                f"{argument}: the loss failed on its batch ({_describe(batch)}): {e}; check the batch's shapes "
+                "against the model's inputs"
+            )
+        raise (clearer or e) from e
 
 
 def batch_size(batch: Any) -> int:

@@ -195,3 +195,26 @@ def test_argument_sweep_refusals():
         pp.center_gram(np.eye(3))
     with pytest.raises(TypeError, match="g has dtype torch.int64"):
         pp.center_gram(torch.eye(3, dtype=torch.long))
+
+
+def test_a_batch_of_the_wrong_width_is_said_to_come_from_its_argument():
+    """x of another width than the model reads: torch's shape error said to come from the loader's or the probe's
+    batch, described (it named no argument)."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    good = DataLoader(TensorDataset(x, y), batch_size=16)
+    bad = DataLoader(TensorDataset(torch.randn(32, 5, generator=g), y), batch_size=16)
+    kw = dict(num_chains=1, num_draws=2, step_size=1e-3, nbeta=30.0, quiet=True)
+    for call, argument in (
+        (lambda: pp.estimate_llc(model, bad, **kw), "loader"),
+        (lambda: pp.bif(model, good, (torch.randn(4, 5, generator=g), y[:4]), **kw), "probe"),
+    ):
+        with pytest.raises(
+            RuntimeError,
+            match=rf"^{argument}: the loss failed on its batch .*\(16|4, 5\).*cannot be multiplied",
+        ):
+            call()
