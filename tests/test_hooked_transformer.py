@@ -338,3 +338,50 @@ def test_circuits_take_a_hooked_transformer():
     got = circuits.patch_edges(model, every, clean, corr, metric=metric)
     torch.testing.assert_close(got, _ld(model(corr), ans, wrong), rtol=1e-9, atol=1e-9)
     assert (got - _ld(model(clean), ans, wrong)).abs().max() > 1e-3  # the patch moved the metric
+
+
+def test_alibi_with_capped_scores_is_refused_by_name():
+    """TransformerLens caps the scores before adding the ALiBi bias, pypattern's model after: refused by name (the
+    conversion had given logits off by 0.1)."""
+    model = hooked("alibi", attn_scores_soft_cap=3.0)
+    with pytest.raises(UnsupportedModelError, match="attn_scores_soft_cap=3.0 is not supported: with ALiBi"):
+        pypattern.from_hf(model)
+
+
+def test_a_model_that_differs_from_its_config_is_refused_unless_verify_is_false():
+    """verify (the default) runs the HookedTransformer's own forward against the converted model's, as for a
+    Hugging Face model: a cfg edited after the model was built (its modules keep what they were built with) is
+    refused; verify=False converts what the config says."""
+    model = hooked("ln")
+    model.cfg.attn_scale = 2.0 * model.cfg.attn_scale
+    with pytest.raises(UnsupportedModelError, match="HookedTransformer: the converted model's logits differ"):
+        pypattern.from_hf(model)
+    ours = pypattern.from_hf(model, verify=False)
+    x = tokens(model)
+    assert rel(ours(x), model(x)) > 1e-3
+
+
+@pytest.mark.parametrize("norm, fold", [("RMSPre", False), ("RMS", True)])
+def test_attention_only_models_with_sandwich_norms_convert(norm, fold):
+    """An attention-only model with norms before and after its attention (no MLP, so no ln2): converted exactly,
+    folded or not (the conversion gave the missing ln2 a weight and failed)."""
+    model = hooked("attn_only", normalization_type=norm, use_normalization_before_and_after=True)
+    if fold:
+        model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
+    ours = pypattern.from_hf(model)
+    x = tokens(model)
+    assert rel(ours(x), model(x)) <= 1e-10
+
+
+def test_ungrouped_key_value_hooks_convert_with_a_warning():
+    """ungroup_grouped_query_attention repeats each key/value head in TransformerLens' hooks; the converted model
+    computes the same function with one key/value head per group in its hooks, and says so."""
+    model = hooked("llama", ungroup_grouped_query_attention=True)
+    with pytest.warns(UserWarning, match="ungroup_grouped_query_attention=True"):
+        ours = pypattern.from_hf(model)
+    x = tokens(model)
+    assert rel(ours(x), model(x)) <= 1e-10
+    _, want = model.run_with_cache(x)
+    _, got = ours.run_with_cache(x)
+    assert want["blocks.0.attn.hook_k"].shape[2] == model.cfg.n_heads
+    assert got["blocks.0.attn.hook_k"].shape[2] == model.cfg.n_key_value_heads

@@ -135,7 +135,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
     if is_hooked_transformer(model):
-        return _from_hooked_transformer(model, dtype)
+        return _from_hooked_transformer(model, dtype, verify)
     bridge = None
     if is_transformer_lens(model):
         # the function to reproduce is the bridge's forward, which computes the attention itself
@@ -202,10 +202,12 @@ def _verify(
     src_dtype: torch.dtype,
     n_tokens: int = 8,
     bridge: nn.Module | None = None,
+    hooked: bool = False,
 ) -> None:
     """Refuse ``out`` when its logits on a few tokens differ from the model's own forward by more than rounding
     (:data:`_VERIFY_TOL`, by the coarser of ``src_dtype``, the model's, and ``out``'s): the Hugging Face model's
-    forward, or for a TransformerLens ``bridge`` the bridge's forward (its attention components compute the
+    forward (``hooked``: a TransformerLens ``HookedTransformer``'s), or for a TransformerLens ``bridge`` the
+    bridge's forward (its attention components compute the
     attention themselves, with the softmax in their own dtype, which the converted model reproduces; the rebuilt
     Hugging Face model ``hf`` takes its eager softmax in float32 for some families, a float64 bridge in float64).
     The model runs in ``eval()`` mode (its modes are put back) without gradients; a model whose own forward fails
@@ -220,12 +222,14 @@ def _verify(
     source = hf if bridge is None else bridge
     with eval_mode(source), torch.no_grad():
         try:
-            if bridge is None:
+            if hooked:
+                ref = hf(tokens, return_type="logits")
+            elif bridge is None:
                 ref = hf(input_ids=tokens, use_cache=False).logits
             else:
                 ref = bridge(tokens, return_type="logits")
         except Exception as e:  # the model's own forward, not the conversion
-            ref = None if bridge is not None else _float32_forward(hf, tokens)
+            ref = None if bridge is not None or hooked else _float32_forward(hf, tokens)
             if ref is None:
                 warnings.warn(
                     f"from_hf could not run the {name} model's own forward to check the conversion "
@@ -261,6 +265,13 @@ def _verify(
                 "TransformerLens' components do not compute this configuration the way Hugging Face "
                 "does; pass verify=False to convert the Hugging Face model's function"
             )
+    if not err <= tol and hooked:  # NaN included
+        raise UnsupportedModelError(
+            f"HookedTransformer: the converted model's logits differ from the model's own by {err:.3g} (relative "
+            f"to their largest; rounding would be below {tol:g}): the model computes what its configuration does "
+            "not say (cfg edited after the model was built, a module swapped) or combines options the converter "
+            "reads otherwise. Pass verify=False to convert it as its configuration describes it"
+        )
     if not err <= tol:  # NaN included
         raise UnsupportedModelError(
             f"model class {name!r}: the converted model's logits differ from the model's own by {err:.3g} (relative "
@@ -308,8 +319,9 @@ def converted_if_convertible(model: Any) -> Any:
     return model
 
 
-def _from_hooked_transformer(model: nn.Module, dtype: torch.dtype | None) -> Transformer:
-    """A TransformerLens ``HookedTransformer`` converted as it is (see :mod:`.hooked_transformer`)."""
+def _from_hooked_transformer(model: nn.Module, dtype: torch.dtype | None, verify: bool = True) -> Transformer:
+    """A TransformerLens ``HookedTransformer`` converted as it is (see :mod:`.hooked_transformer`); with
+    ``verify``, checked against the model's own forward as :func:`from_hf` checks a Hugging Face model."""
     out_dtype = model.cfg.dtype if dtype is None else dtype
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
@@ -322,7 +334,10 @@ def _from_hooked_transformer(model: nn.Module, dtype: torch.dtype | None) -> Tra
         }
         out = build(cfg, weights, out_dtype, source)
     dev = next(model.parameters()).device
-    return out.to(dev)
+    out = out.to(dev)
+    if verify:
+        _verify(model, out, "HookedTransformer", model.cfg.dtype, hooked=True)
+    return out
 
 
 def _weight_files(path: str) -> list[str]:

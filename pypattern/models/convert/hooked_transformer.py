@@ -105,6 +105,25 @@ def _warn_optional_hooks(c: Any) -> None:
     )
 
 
+def _warn_ungrouped_kv(c: Any) -> None:
+    """A warning when TransformerLens repeats grouped keys and values per query head in its hooks
+    (``ungroup_grouped_query_attention``): the converted model computes the same function with one key/value
+    head per group in its hooks."""
+    import warnings
+
+    n_kv = _get(c, "n_key_value_heads")
+    if not (_get(c, "ungroup_grouped_query_attention", False) and n_kv is not None and n_kv < c.n_heads):
+        return
+    warnings.warn(
+        f"the HookedTransformer sets ungroup_grouped_query_attention=True: its hook_k / hook_v / hook_rot_k hold "
+        f"{c.n_heads} heads (each key/value head repeated for its queries); the converted model computes the same "
+        f"function and its hooks hold the {n_kv} key/value heads ([batch, pos, {n_kv}, d_head]): patch a "
+        "key/value head there, which moves every query head of its group",
+        UserWarning,
+        stacklevel=6,  # from_hf's caller
+    )
+
+
 def _config(model: nn.Module) -> dict:
     c = model.cfg
     for opt, bad, why in (
@@ -152,6 +171,7 @@ def _config(model: nn.Module) -> dict:
     if pos == "alibi":
         _alibi_matches(c.n_heads, dtype)
     _warn_optional_hooks(c)
+    _warn_ungrouped_kv(c)
     out: dict = dict(
         n_layers=c.n_layers,
         d_model=c.d_model,
@@ -211,6 +231,13 @@ def _config(model: nn.Module) -> dict:
         out["sliding_window"] = tuple(int(c.window_size) if t == "local" else None for t in types)
     cap = _get(c, "attn_scores_soft_cap", -1.0)
     if cap is not None and cap > 0:
+        if pos == "alibi":
+            refuse(
+                "attn_scores_soft_cap",
+                cap,
+                "with ALiBi positions TransformerLens caps the scores before it adds the ALiBi bias, pypattern's "
+                "model after (no Hugging Face family combines the two)",
+            )
         out["attn_scores_soft_cap"] = float(cap)
     cap = _get(c, "output_logits_soft_cap", -1.0)
     if cap is not None and cap > 0:
@@ -255,7 +282,8 @@ def _post_norm_weights(cfg: dict, w: dict) -> None:
         return
     cfg["normalization_type"] = "RMS" if norm == "RMSPre" else "LN"
     like = w["blocks.0.ln1_post.w"]
-    names = [f"blocks.{i}.{n}" for i in range(cfg["n_layers"]) for n in ("ln1", "ln2")] + ["ln_final"]
+    pre = ("ln1",) if cfg.get("d_mlp") is None else ("ln1", "ln2")  # an attention-only block has no ln2
+    names = [f"blocks.{i}.{n}" for i in range(cfg["n_layers"]) for n in pre] + ["ln_final"]
     for n in names:
         w.setdefault(f"{n}.w", torch.ones_like(like))
         if cfg["normalization_type"] == "LN":
