@@ -48,8 +48,10 @@ def device_arg(device, name: str = "device") -> torch.device:
 
 def model_device(model, default: torch.device | None = None) -> torch.device | None:
     """Where ``model`` computes: its first parameter's device, else its first buffer's, else ``default`` (a model
-    without tensors, or not a module)."""
+    without tensors, or not a module). Tensors on the meta device are passed over (an offloaded model's weights,
+    loaded onto the device its hooks say at each forward): a model all on meta gives ``default``."""
     if isinstance(model, torch.nn.Module):
         for t in itertools.chain(model.parameters(), model.buffers()):
-            return t.device
+            if t.device.type != "meta":
+                return t.device
     return default

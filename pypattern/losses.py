@@ -40,6 +40,7 @@ Everything here is free of ``.item()`` and of branching on tensor values, so it 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import warnings
 from collections.abc import Iterator, Mapping
@@ -151,9 +152,10 @@ def _ids(t: torch.Tensor, what: str, batch: Any) -> torch.Tensor:
 
 def check_attention_mask(mask: torch.Tensor, argument: str) -> None:
     """Raise ``ValueError`` naming ``argument`` unless every entry of ``mask`` is 0 (padding) or 1 (a real token).
-    Under vmap (each of a run's batched chains reading its own batch) the values cannot be read: the batches are
-    checked before they are stacked (:func:`check_batch_values`, which parses them)."""
-    if functorch_wrapped(mask):
+    Under vmap (each of a run's batched chains reading its own batch) the values cannot be read: where the caller
+    checked the batches before stacking them (:func:`check_batch_values` inside :func:`stacked_batches_checked`)
+    the check is left out; elsewhere it runs, and vmap refuses it (the chains then run one by one, checked)."""
+    if functorch_wrapped(mask) and _STACKED_CHECKED.get():
         return
     if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)][0].item()
@@ -448,8 +450,8 @@ def errors_naming(model: nn.Module, batch: Any, argument: str, library: bool) ->
     """Errors of a loss computed in the block on ``batch`` (passed as ``argument``) said to come from it: the
     library's own loss refusing the batch (``library``: a ``TypeError`` / ``ValueError`` about its targets or
     shapes) gets ``argument`` in front of its message, a forward that fails because the batch's dtype is not the
-    model's gets :func:`forward_error`'s message, and another ``RuntimeError`` of torch's (a shape it refused) is
-    said to come from ``argument``'s batch, described."""
+    model's gets :func:`forward_error`'s message, and torch's error for operands whose shapes do not fit
+    (:data:`_SHAPE_ERRORS`) is said to come from ``argument``'s batch, described; other errors pass as they are."""
     try:
         yield
     except (TypeError, ValueError) as e:
@@ -458,12 +460,26 @@ def errors_naming(model: nn.Module, batch: Any, argument: str, library: bool) ->
         raise
     except RuntimeError as e:
         clearer = forward_error(model, batch, argument, e)
-        if clearer is None and type(e) is RuntimeError:  # a shape torch refused (not an out-of-memory error)
+        if clearer is None and type(e) is RuntimeError and any(m in str(e) for m in _SHAPE_ERRORS):
             clearer = RuntimeError(
                 f"{argument}: the loss failed on its batch ({_describe(batch)}): {e}; check the batch's shapes "
                 "against the model's inputs"
             )
         raise (clearer or e) from e
+
+
+# torch's messages for operands of shapes that do not fit (a batch's width, length or layout the model does not read)
+_SHAPE_ERRORS = (
+    "cannot be multiplied",
+    "must match the size",
+    "size mismatch",
+    "Expected size",
+    "expected input",
+    "shape '[",
+    "invalid for input of size",
+    "Sizes of tensors must match",
+    "doesn't match the broadcast shape",
+)
 
 
 def batch_size(batch: Any) -> int:
@@ -524,7 +540,7 @@ def _takes(model: nn.Module, key: str) -> bool:
 def _refuse_left_padding(model: nn.Module, attention_mask: torch.Tensor, argument: str) -> None:
     """A real token after a padding position, for a model that reads no mask: its real tokens would attend to the
     padding. Refused, naming ``argument``."""
-    if functorch_wrapped(attention_mask):
+    if functorch_wrapped(attention_mask) and _STACKED_CHECKED.get():
         return  # under vmap the values cannot be read: check_batch_values checked each chain's batch
     am = attention_mask.bool()
     inner = am[:, 1:] & ~am[:, :-1]
@@ -549,6 +565,20 @@ def _on_model(model: nn.Module, pb: ParsedBatch) -> ParsedBatch:
     return ParsedBatch(
         pb.kind, on(pb.inputs), on(pb.target), on(pb.attention_mask), {k: on(v) for k, v in pb.extra.items()}
     )
+
+
+_STACKED_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("stacked_checked", default=False)
+
+
+@contextlib.contextmanager
+def stacked_batches_checked() -> Iterator[None]:
+    """In the block, the value checks of the default losses (:func:`check_batch_values`) are left out under vmap:
+    the caller checks every batch it stacks for the vmapped calls before stacking it."""
+    token = _STACKED_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _STACKED_CHECKED.reset(token)
 
 
 def check_batch_values(model: nn.Module, batch: Any, argument: str = "batch") -> None:

@@ -840,7 +840,9 @@ def susceptibilities(
         return split_loss(lf(m, sampling_batch)).detach().to(torch.float64)
 
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
-    with torch.no_grad():
+    phi_batch = "sampling_batch" if given else "loader"
+    library_phi = observable is None and loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES
+    with torch.no_grad(), errors_naming(model, sampling_batch, phi_batch, library_phi):
         phi0 = phi_of(model)
     if phi0.numel() != 1:
         raise ValueError(

@@ -340,3 +340,24 @@ def test_acdc_reads_rounding_level_drops_as_zero_and_keeps_16_bit_drops_in_float
         tested = c.scores != 0
         assert not bool((c.mask & tested & (c.scores < thr)).any())
         assert not bool((~c.mask & tested & (c.scores >= thr)).any())
+
+
+@pytest.mark.parametrize("mode", ["noise", "denoise"])
+def test_an_accuracy_metrics_recorded_runs_are_float_values(mode):
+    """An accuracy metric (bool per example): the clean and base runs' metric values in the scores are floats, as
+    the scores are (their batch means are what faithfulness divides by)."""
+    from pypattern.circuits import edge_attribution
+
+    model = _model()
+    clean, corr, _ = _prompts()
+    with torch.no_grad():
+        top = model(clean)[:, -1].argmax(-1)
+    sc = edge_attribution(
+        model, clean, corr, metric=lambda lg: lg.argmax(-1) == top, method="exact", mode=mode, quiet=True
+    )
+    for name in ("m_clean", "m_base"):
+        v = getattr(sc, name, None)
+        if v is None:
+            v = sc.info.get(name)
+        assert v is not None and torch.as_tensor(v).is_floating_point(), name
+        assert 0.0 <= float(torch.as_tensor(v).mean()) <= 1.0

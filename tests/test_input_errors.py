@@ -215,6 +215,56 @@ def test_a_batch_of_the_wrong_width_is_said_to_come_from_its_argument():
     ):
         with pytest.raises(
             RuntimeError,
-            match=rf"^{argument}: the loss failed on its batch .*\(16|4, 5\).*cannot be multiplied",
+            match=rf"^{argument}: the loss failed on its batch .*\((16|4), 5\).*cannot be multiplied",
         ):
             call()
+
+
+def test_the_sampling_batch_of_the_wrong_width_is_named_and_a_loss_functions_own_error_passes_unchanged():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, generator=g), torch.randn(32, 1, generator=g)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    good = DataLoader(TensorDataset(x, y), batch_size=16)
+    kw = dict(num_chains=1, num_draws=2, step_size=1e-3, nbeta=30.0, quiet=True)
+    bad = (torch.randn(16, 5, generator=g), y[:16])
+    with pytest.raises(RuntimeError, match=r"^sampling_batch: the loss failed on its batch .*\(16, 5\)"):
+        pp.susceptibilities(model, good, (x[:4], y[:4]), ["2"], sampling_batch=bad, **kw)
+
+    def loss_fn(m, batch):  # a user's loss with an error of its own: not about the batch's shapes
+        raise RuntimeError("call set_temperature() first")
+
+    with pytest.raises(RuntimeError, match=r"^call set_temperature\(\) first$"):
+        pp.estimate_llc(model, good, loss_fn=loss_fn, **kw)
+
+
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_a_left_padded_batch_read_by_a_users_loss_calling_the_default_one_is_refused(batched):
+    """A loss function of the user's that calls batch_loss (not the library's loss itself): under vmap its mask
+    checks run (nobody checked the stacked batches for it), so the chains run one by one and refuse the batch, or
+    batched=True says vmap cannot run it."""
+    from pypattern.losses import batch_loss
+    from pypattern.sampling import sample
+
+    task = pp.InductionTask(d_vocab=8, seq_len=9)
+    model = pp.Transformer(task.model_config(d_model=8, n_heads=2, seed=0, dtype=torch.float64))
+    ids = task.sample(16, seed=1).tokens
+    am = torch.ones_like(ids)
+    batches = [
+        {"input_ids": ids[i : i + 4], "attention_mask": am[i : i + 4].clone()} for i in range(0, 16, 4)
+    ]
+    for b in batches[1:]:
+        b["attention_mask"][0, :2] = 0
+    kw = dict(num_chains=2, num_draws=20, step_size=1e-4, localization=100.0, nbeta=10.0, seed=1, quiet=True)
+    words = "does not run under vmap" if batched else "left padding"
+    with pytest.raises((ValueError, RuntimeError), match=words):
+        sample(
+            model,
+            batches,
+            loss_fn=lambda m, b: batch_loss(m, b),
+            batched=batched,
+            num_init_loss_batches=1,
+            **kw,
+        )

@@ -549,7 +549,8 @@ def test_regression_shapes_mask_keyword_and_scalar_batches():
 @pytest.mark.parametrize("fn", ["batch", "sample", "token"])
 def test_under_vmap_over_stacked_dict_batches(fn):
     """Each parameter set with its own padded dict batch (as batched chains read theirs): the mask checks cannot
-    read values under vmap and are left to the batches before they are stacked; equal to one call per set."""
+    read values under vmap; inside stacked_batches_checked (the caller checked each batch before stacking) they are
+    left out, and the losses equal one call per set."""
     f = {"batch": batch_loss, "sample": sample_losses, "token": lambda m, b: token_losses(m, b, fill=0.0)[0]}[
         fn
     ]
@@ -570,10 +571,15 @@ def test_under_vmap_over_stacked_dict_batches(fn):
         params = {k: v.detach() for k, v in w.named_parameters()}
         for b in batches:
             losses.check_batch_values(model, b)
+        call = vmap(lambda b, w=w, params=params: functional_call(w, params, (b,)))
         with torch.no_grad():
-            got = vmap(lambda b, w=w, params=params: functional_call(w, params, (b,)))(stacked)
+            with losses.stacked_batches_checked():
+                got = call(stacked)
             for c in range(3):
                 torch.testing.assert_close(got[c], functional_call(w, params, (batches[c],)))
+            # without the caller's word that it checked them, the checks run, and vmap cannot read the values
+            with pytest.raises(RuntimeError, match="data-dependent control flow"):
+                call(stacked)
     left_ids, left_am = _padded(_seqs(5), side="left")
     with pytest.raises(ValueError, match="left padding"):
         losses.check_batch_values(_tf(), {"input_ids": left_ids, "attention_mask": left_am}, "loader")

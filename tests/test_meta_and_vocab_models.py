@@ -68,3 +68,52 @@ def test_an_output_head_of_another_vocabulary_is_refused_by_name():
         UnsupportedModelError, match="output head scores 128 tokens but its input embedding holds 100"
     ):
         pp.from_hf(hf)
+
+
+def _offloaded(model):
+    """accelerate's offloading as its hooks do it: every weight on the meta device between forwards, loaded onto
+    the CPU (the execution device) for each module's forward, and a ``_hf_hook`` on each module."""
+    import functools
+
+    for m in model.modules():
+        own = {n: p.detach().clone() for n, p in m.named_parameters(recurse=False)}
+        if not own:
+            continue
+        for n in own:
+            setattr(m, n, torch.nn.Parameter(torch.empty_like(own[n], device="meta"), requires_grad=False))
+        m._hf_hook = object()
+        fwd = m.forward
+
+        @functools.wraps(fwd)
+        def forward(*a, _m=m, _own=own, _fwd=fwd, **k):
+            a = tuple(x.to("cpu") if isinstance(x, torch.Tensor) else x for x in a)
+            for n, w in _own.items():
+                setattr(_m, n, torch.nn.Parameter(w, requires_grad=False))
+            try:
+                return _fwd(*a, **k)
+            finally:
+                for n, w in _own.items():
+                    setattr(
+                        _m, n, torch.nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
+                    )
+
+        m.forward = forward
+    return model
+
+
+def test_an_offloaded_model_runs_the_default_loss_and_patching_as_the_model_itself():
+    """Weights offloaded (on the meta device between forwards, accelerate's hooks loading them): the default loss
+    and residual patching read the batch where the forward runs and equal the plain model's."""
+    torch.manual_seed(0)
+    plain = _hf("gpt2")
+    clean, corr = _prompts()
+    metric = pp.LogitDiff(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    want_loss = pp.losses.batch_loss(plain, clean)
+    want = pp.activation_patching(plain, "resid_pre", clean, corr, metric=metric, quiet=True)
+    import copy
+
+    off = _offloaded(copy.deepcopy(plain))
+    assert next(off.parameters()).device.type == "meta"
+    torch.testing.assert_close(pp.losses.batch_loss(off, clean), want_loss, rtol=0, atol=0)
+    got = pp.activation_patching(off, "resid_pre", clean, corr, metric=metric, quiet=True)
+    torch.testing.assert_close(got.values, want.values, rtol=1e-6, atol=1e-6)

@@ -1090,6 +1090,8 @@ def _record_runs(
         bind_metric(metric, clean_run.logits.detach())
         m_clean = check_metric_output(metric(clean_run.logits), B)
         check_metric_on_stacks(metric, clean_run.logits.detach(), m_clean)
+        if not (m_clean.is_floating_point() or m_clean.is_complex()):  # an accuracy or a rank: as base_metric
+            m_clean = m_clean.to(torch.promote_types(view.dtype, torch.float32))
     if defer_base:
         base = None
     else:

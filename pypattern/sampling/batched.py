@@ -5,6 +5,7 @@ loop (the same draws up to float rounding)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..losses import batch_loss, check_batch_values
+from ..losses import batch_loss, check_batch_values, stacked_batches_checked
 from ..ops.sgld import FLAG_GRAD_NONFINITE
 from .context import NO_GRADIENT, LossContractError, RunContext
 from .data import ChainData, to_device
@@ -106,6 +107,12 @@ def _batched_observables(
     return out
 
 
+def _chains_as_rows(vb: Mapping) -> dict:
+    """A stacked mapping batch, ``(chains, batch, pos)`` tensors, as one batch of ``chains * batch`` rows (one
+    sequence per chain, ``(chains, pos)``, is one already), for checks that read each row alone."""
+    return {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() >= 3 else v for k, v in vb.items()}
+
+
 def _first_step_failure(
     error: Exception, vmapped: Callable[[], object], one_chain: Callable[[int], object], n: int
 ) -> VmapUnsupported:
@@ -158,6 +165,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     from .runner import default_loss_fn
 
     library = loss_fn is default_loss_fn or loss_fn is batch_loss  # the library's loss parses the batches
+    # the library's loss under vmap: its value checks were made on the batches before stacking
+    checked = stacked_batches_checked if library else contextlib.nullcontext
 
     apply = _applier(base, {**frozen, **buffers})
     view: dict = {}
@@ -176,7 +185,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
     want_outputs = any(keys is None or "outputs" in keys for _, keys in ctx.cb_keys)
 
     def chain_loss(p, batch):
-        out = apply(loss_fn, p, batch)
+        with checked():
+            out = apply(loss_fn, p, batch)
         loss = split_loss(out)
         return (loss, *extra_outputs(out)) if want_outputs else loss
 
@@ -210,12 +220,10 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 bj, vbj = [shared_batch] * C, shared_batch
             else:
                 bj = [to_device(dd.next(), ctx.device) for dd in datas]
-                if library and any(isinstance(b, Mapping) and "attention_mask" in b for b in bj):
-                    for (
-                        b
-                    ) in bj:  # values the library's loss cannot read under vmap: each batch before stacking
-                        check_batch_values(base, b, "loader")
                 vbj = tree_map(lambda *xs: torch.stack(xs), *bj)
+                if library and isinstance(vbj, Mapping) and "attention_mask" in vbj:
+                    # the values the library's loss cannot read under vmap, of every chain's batch at once
+                    check_batch_values(base, _chains_as_rows(vbj), "loader")
             if t == start and j == 0:  # the first step tells whether the model runs under vmap
                 try:
                     losses, ex = _split_vloss(vloss(leaves, vbj))

@@ -325,6 +325,8 @@ def _from_hooked_transformer(model: nn.Module, dtype: torch.dtype | None, verify
     out_dtype = model.cfg.dtype if dtype is None else dtype
     if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
+    refuse_meta_model(model, needs="the conversion copies their values")
+    _refuse_nonfinite(model)
     warn_if_training(model)
     with torch.no_grad():
         cfg, weights = hooked_transformer.convert(model)
