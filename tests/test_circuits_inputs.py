@@ -66,8 +66,8 @@ def test_pruning_curve_of_no_scores_and_bad_steps_are_refused():
 @pytest.mark.parametrize("kind", ["bool", "int"])
 def test_exact_scores_of_an_accuracy_or_integer_metric_are_float_differences(kind):
     """An accuracy (bool per example) or a rank (int64) metric: exact scores are the float differences of each
-    edge patched alone from the base run, as patch_edges computes them (they failed in the subtraction or in the
-    scores' mean)."""
+    edge patched alone from the base run, as patch_edges computes them, and the scores' mean over the examples is
+    finite."""
     from pypattern.circuits import patch_edges
 
     model = _model()

@@ -127,7 +127,8 @@ def test_default_losses_on_a_device_equal_the_cpu_run(device, kind):
 @pytest.mark.parametrize("kind", ["tokens", "dict", "pair"])
 def test_loss_functions_called_directly_move_a_cpu_batch_to_the_model(device, kind):
     """pypattern.losses' functions called by a user with the batch on the CPU and the model on the device: the
-    batch is read where the model computes (the estimators move their batches first; a direct call did not)."""
+    batch is read where the model computes, in a direct call as in the estimators (which move their batches
+    first)."""
     from pypattern import losses
 
     if kind == "pair":

@@ -725,6 +725,44 @@ def test_v2_compute_bif_index_ranges(method):
         di.compute_bif(s, batch_index_range_2=[8])
 
 
+def _bif_samples():
+    """A devinterp 2.x sample result with two observables: 'probe' (3 sequences) and 'zz' (2)."""
+    g = np.random.default_rng(0)
+    return {
+        "loss_probe": g.normal(size=(2, 6, 3, 4)).astype(np.float32),
+        "input_ids_probe": g.integers(0, 9, size=(3, 5)),
+        "loss_zz": g.normal(size=(2, 6, 2, 4)).astype(np.float32),
+        "input_ids_zz": g.integers(0, 9, size=(2, 5)),
+    }
+
+
+def test_compute_bif_reads_one_loss_key_given_as_a_str():
+    s = _bif_samples()
+    one = di.compute_bif(s, loss_keys="probe")
+    listed = di.compute_bif(s, loss_keys=["probe"])
+    assert one["influences"].shape == (3, 3, 4, 4)
+    np.testing.assert_array_equal(one["influences"], listed["influences"])
+    np.testing.assert_array_equal(one["input_ids"], s["input_ids_probe"])
+    assert di.compute_bif(s, loss_keys="zz")["influences"].shape == (2, 2, 4, 4)
+    with pytest.raises(KeyError, match=r"\['nope'\] not found"):
+        di.compute_bif(s, loss_keys="nope")
+    with pytest.raises(ValueError, match="loss_keys is empty"):
+        di.compute_bif(s, loss_keys=[])
+
+
+@pytest.mark.parametrize("which", ["batch_index_range_1", "batch_index_range_2"])
+def test_compute_bif_refuses_negative_batch_indices(which):
+    s = _bif_samples()
+    with pytest.raises(
+        ValueError, match=rf"{which}=\[-1, 0\] must hold sequence indices in 0\.\.4 \(no negative"
+    ):
+        di.compute_bif(s, **{which: [-1, 0]})
+    b = di.compute_bif(s, **{which: [4, 0]})
+    np.testing.assert_array_equal(
+        np.asarray(b.coords["batch_1" if which.endswith("1") else "batch_2"]), [4, 0]
+    )
+
+
 def test_devinterp_import_paths_mirrored():
     """devinterp's module paths under pypattern.devinterp: users change only the package name."""
     from pypattern.devinterp.optim import SGLD as SGLD_a
@@ -867,6 +905,68 @@ def test_v2_create_param_masks_on_hf_models():
     ) == {None}
 
 
+def _tied_transformer(tied=True):
+    cfg = TransformerConfig(
+        n_layers=1,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=32,
+        d_vocab=11,
+        n_ctx=8,
+        seed=0,
+        tie_word_embeddings=tied,
+    )
+    return Transformer(cfg)
+
+
+def _masks_and_warnings(model, restriction):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        masks = di.create_param_masks(model, restriction)
+    return masks, [str(w.message) for w in rec if "create_param_masks" in str(w.message)]
+
+
+def test_create_param_masks_warns_when_unembed_leaves_out_a_tied_weight():
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    tied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    masks, msgs = _masks_and_warnings(tied, "unembed")
+    assert masks == {}  # as devinterp: the tied weight is listed under the embedding's name only
+    assert len(msgs) == 1
+    assert "'unembed'" in msgs[0] and "tied to the embedding" in msgs[0]
+    assert "['transformer.wte.weight']" in msgs[0] and "selects nothing" in msgs[0] and "'embed'" in msgs[0]
+    # with the embedding in the list the tied weight is selected: nothing to warn about
+    masks, msgs = _masks_and_warnings(tied, ["embed", "unembed"])
+    assert masks == {"transformer.wte.weight": None} and msgs == []
+    untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg, tie_word_embeddings=False))
+    masks, msgs = _masks_and_warnings(untied, "unembed")
+    assert masks == {"lm_head.weight": None} and msgs == []
+
+
+def test_create_param_masks_warns_for_a_tied_native_transformer_and_names_what_unembed_selects():
+    masks, msgs = _masks_and_warnings(_tied_transformer(), ["unembed", "l0h1"])
+    assert "unembed.b_U" in masks and "embed.W_E" not in masks
+    assert len(msgs) == 1 and "['embed.W_E']" in msgs[0] and "selects ['unembed.b_U'] only" in msgs[0]
+    masks, msgs = _masks_and_warnings(_tied_transformer(tied=False), "unembed")
+    assert set(masks) == {"unembed.W_U", "unembed.b_U"} and msgs == []
+
+
+def test_llc_refusing_empty_param_masks_points_at_a_tied_unembedding():
+    ids = torch.randint(0, 11, (8, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"param_masks is empty.*'unembed'.*tied to its embedding.*'embed'"):
+        di.llc(
+            _tied_transformer(),
+            ids,
+            param_masks={},
+            lr=1e-4,
+            n_beta=10.0,
+            num_chains=1,
+            num_draws=2,
+            batch_size=4,
+        )
+
+
 def test_evaluate_that_is_not_callable_and_devinterp2_step_settings_are_named():
     """devinterp 1.x ``evaluate=3`` and devinterp 2.x ``lr="1e-4"`` / ``n_beta=-1`` are refused naming the
     argument as the caller spelled it."""
@@ -896,9 +996,9 @@ class _DropoutLM(nn.Module):
 
 def test_v2_dropout_model_data_order_numpy_numbers_and_v1_init_loss():
     """devinterp 2.x's sample: a model in train() mode with dropout gives the same L_n(w*) and chains as in eval()
-    (both read its eval() forward; L_n(w*) read the dropout forward before); shuffle=False with gradient
-    accumulation cycles through every batch of batch_size as devinterp does (the remainder of one big batch was
-    never read); numpy scalars are numbers. devinterp 1.x's sample gives its estimators the run's L_n(w*), and
+    (both read its eval() forward, L_n(w*) included); shuffle=False with gradient accumulation cycles through
+    every batch of batch_size as devinterp does (the remainder of one big batch included); numpy scalars are
+    numbers. devinterp 1.x's sample gives its estimators the run's L_n(w*), and
     default_nbeta takes devinterp 2.x's keyword."""
     from pypattern.devinterp.slt.llc import LLCEstimator
     from pypattern.devinterp.slt.sampler import sample as sample_v1
@@ -1001,7 +1101,7 @@ def test_v1_sampler_module_has_the_names_devinterp_1x_imports_from_it():
 
 def test_v2_token_ids_outside_the_vocabulary_are_refused_by_name():
     """devinterp 2.x's calls check the dataset's and each observable's token ids against the model's vocabulary
-    (as pypattern's own entry points do) instead of failing in the embedding with a bare IndexError."""
+    (as pypattern's own entry points do): a ValueError naming them, not a bare IndexError from the embedding."""
     model, ids = _transformer(), _tokens()
     v = model.cfg.d_vocab
     with pytest.raises(ValueError, match=rf"dataset contains token id {v}; valid ids are 0 \.\. {v - 1}"):

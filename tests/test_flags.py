@@ -261,7 +261,7 @@ def test_flagspec_refuses_non_finite_values(arg, bad):
 
 def test_training_and_report_settings_are_checked():
     """A NaN flag weight, a task without concepts or with another number of them, a bool position and prompt
-    lengths outside the sequence are refused by name (they trained or reported silently before)."""
+    lengths outside the sequence are refused by name, before any training or report."""
     from pypattern.tasks import InductionTask
 
     model = _model()
@@ -337,9 +337,8 @@ def test_flag_spec_takes_numpy_scalars():
 
 
 def test_flag_inputs_checked_and_probe_without_shared_tokens():
-    """A mask must be (batch, pos) bool (a (batch,) mask was broadcast over positions); a non-finite ablation
-    value is refused; the shared-token probe of a task without shared tokens is NaN (it crashed in a singular
-    solve)."""
+    """A mask must be (batch, pos) bool (a (batch,) mask is refused, not broadcast over positions); a non-finite
+    ablation value is refused; the shared-token probe of a task without shared tokens is NaN (nothing to probe)."""
     from pypattern.flags import probe_accuracy
 
     acts = torch.zeros(5, 5, 32)
@@ -374,7 +373,8 @@ def test_learning_rate_is_checked_by_name():
 
 def test_steer_and_ablate_check_spec_and_concept_by_name():
     """A concept that is not an int or integer tensor, and a spec that is not a FlagSpec (a hook name), are refused
-    by name (they failed inside torch.as_tensor or with an AttributeError)."""
+    by name (a ValueError or TypeError of pypattern's, not an error from inside torch.as_tensor or an
+    AttributeError)."""
     model = _model().eval()
     x = TASK.sample(2, seed=0).tokens
     for bad in ("a", None, [[0, 1]]):
@@ -398,8 +398,9 @@ def test_steer_and_ablate_check_spec_and_concept_by_name():
 
 
 def test_generate_checks_prompt_temperature_and_seed_by_name():
-    """A prompt that is not an integer tensor of ids in the vocabulary (a negative id was read from the end of the
-    embedding), a temperature that is not a finite number and a seed that is not an int are refused by name."""
+    """A prompt that is not an integer tensor of ids in the vocabulary (a negative id included: it is not read from
+    the end of the embedding), a temperature that is not a finite number and a seed that is not an int are refused
+    by name."""
     model = _model()
     tok = TASK.sample(3, seed=0).tokens[:, :4]
     with pytest.raises(TypeError, match="prompt has dtype torch.float32; give integer token ids"):
@@ -422,8 +423,9 @@ def test_generate_checks_prompt_temperature_and_seed_by_name():
 
 
 def test_probe_accuracy_and_train_flags_check_ridge_samples_and_seed_by_name():
-    """A negative ridge was used as given (a penalty that subtracts: a probe fit to a wrong objective, without a
-    word), num_samples=0 gave (nan, nan), a seed that is not an int failed inside torch's manual_seed."""
+    """A ridge that is negative (a penalty that subtracts: a probe fit to a wrong objective) or not a finite number,
+    a num_samples that is not an int >= 1 (0 would give (nan, nan)) and a seed that is not an int (refused before
+    torch's manual_seed) are refused by name."""
     from pypattern.flags import probe_accuracy
 
     model = _model()
@@ -503,8 +505,9 @@ def test_flag_arguments_refused_by_name_and_generate_restores_module_modes():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_steer_ablate_and_training_write_the_values_in_the_models_dtype(dtype):
-    """Codes and ablation values are written exactly as overwrite_flags writes them, in the activations' dtype (a
-    float64 model got float32-rounded values from steer, ablate_flags and train_flags' second stage)."""
+    """Codes and ablation values are written exactly as overwrite_flags writes them, in the activations' dtype: a
+    float64 model gets float64 values, not float32-rounded ones, from steer, ablate_flags and train_flags' second
+    stage."""
     spec = FlagSpec(
         "blocks.1.hook_resid_pre", dims=(0, 1, 2, 3), num_concepts=2, on_value=0.1, off_value=-0.3
     )

@@ -341,8 +341,8 @@ def test_circuits_take_a_hooked_transformer():
 
 
 def test_alibi_with_capped_scores_is_refused_by_name():
-    """TransformerLens caps the scores before adding the ALiBi bias, pypattern's model after: refused by name (the
-    conversion had given logits off by 0.1)."""
+    """TransformerLens caps the scores before adding the ALiBi bias, pypattern's model after: the combination is
+    refused by name, as the converted model's logits would differ from TransformerLens' ones."""
     model = hooked("alibi", attn_scores_soft_cap=3.0)
     with pytest.raises(UnsupportedModelError, match="attn_scores_soft_cap=3.0 is not supported: with ALiBi"):
         pypattern.from_hf(model)
@@ -364,7 +364,7 @@ def test_a_model_that_differs_from_its_config_is_refused_unless_verify_is_false(
 @pytest.mark.parametrize("norm, fold", [("RMSPre", False), ("RMS", True)])
 def test_attention_only_models_with_sandwich_norms_convert(norm, fold):
     """An attention-only model with norms before and after its attention (no MLP, so no ln2): converted exactly,
-    folded or not (the conversion gave the missing ln2 a weight and failed)."""
+    folded or not, with no weight given to the ln2 it does not have."""
     model = hooked("attn_only", normalization_type=norm, use_normalization_before_and_after=True)
     if fold:
         model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)

@@ -85,7 +85,7 @@ def test_schedule_steps_are_checked_by_name():
 
 def test_every_estimate_at_the_calibrated_step_burns_in(monkeypatch):
     """The step calibrated at the first estimate is kept for the curve, and so is a calibrated step's burn-in
-    (the draws' steps): the later estimates, given the step, had none."""
+    (the draws' steps): the later estimates, given the step, burn in as long as the first."""
     import pypattern.sampling.runner as runner
     from pypattern.sampling.auto import AutoStepReport
 
@@ -111,7 +111,7 @@ def test_every_estimate_at_the_calibrated_step_burns_in(monkeypatch):
 
 def test_a_deterministic_model_in_train_mode_is_read_as_estimate_llc_reads_it():
     """A BatchNorm model left in train() mode by the loop (no dropout): the estimate equals estimate_llc's at the
-    same weights, which samples it in train() mode (the callback had put it in eval() mode); a model with dropout
+    same weights, which samples it in train() mode (the callback leaves it in that mode); a model with dropout
     is read in eval() mode by both (the test above)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))

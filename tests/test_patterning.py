@@ -5,6 +5,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from pypattern.patterning import OnlinePatterner, direction_target, invert, reweight
 
@@ -197,6 +207,113 @@ def test_reweight_of_an_unbatched_loader_an_iterable_one_and_an_intervention():
     assert str(e.value).count("weights") == 2 and "of type str" in str(e.value)
 
 
+def _rows_dataset(n=10):
+    return TensorDataset(torch.arange(n).float()[:, None])
+
+
+def _rows_read(loader) -> list[int]:
+    return [int(x) for b in loader for x in b[0][:, 0]]
+
+
+def test_reweight_draws_only_among_the_rows_a_subset_random_sampler_reads():
+    ds = _rows_dataset()
+    train = DataLoader(ds, batch_size=5, sampler=SubsetRandomSampler(range(5)))
+    out = reweight(train, torch.ones(10), generator=torch.Generator().manual_seed(0))
+    assert len(out.sampler) == 5  # an epoch as long as the split's
+    many = reweight(train, torch.ones(10), num_samples=2000, generator=torch.Generator().manual_seed(0))
+    assert set(_rows_read(many)) == {0, 1, 2, 3, 4}
+    # the weights are per data set row: only the split's rows with positive weight are drawn
+    w = torch.zeros(10)
+    w[3], w[4], w[7] = 1.0, 3.0, 100.0
+    drawn = np.array(
+        _rows_read(reweight(train, w, num_samples=4000, generator=torch.Generator().manual_seed(1)))
+    )
+    assert set(drawn.tolist()) == {3, 4}
+    assert abs((drawn == 4).mean() - 0.75) < 0.03
+
+
+def test_reweight_counts_a_row_a_subset_sampler_lists_twice_twice():
+    loader = DataLoader(_rows_dataset(), batch_size=4, sampler=SubsetRandomSampler([1, 1, 2]))
+    drawn = np.array(
+        _rows_read(
+            reweight(loader, np.ones(10), num_samples=6000, generator=torch.Generator().manual_seed(0))
+        )
+    )
+    assert set(drawn.tolist()) == {1, 2}
+    assert abs((drawn == 1).mean() - 2 / 3) < 0.03
+    assert len(reweight(loader, np.ones(10)).sampler) == 3
+
+
+def test_reweight_of_a_sequential_sampler_over_part_of_the_data_draws_that_part():
+    loader = DataLoader(_rows_dataset(), batch_size=2, sampler=SequentialSampler(range(4)))
+    assert _rows_read(loader) == [0, 1, 2, 3]
+    out = reweight(loader, np.ones(10), num_samples=1000, generator=torch.Generator().manual_seed(0))
+    assert set(_rows_read(out)) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_reweight_of_a_loader_over_every_row_draws_every_row(shuffle):
+    loader = DataLoader(_rows_dataset(), batch_size=5, shuffle=shuffle)
+    out = reweight(loader, np.ones(10), num_samples=2000, generator=torch.Generator().manual_seed(0))
+    assert set(_rows_read(out)) == set(range(10))
+    assert len(reweight(loader, np.ones(10)).sampler) == 10
+    # a subset sampler listing every row once is the whole data set
+    every = DataLoader(
+        _rows_dataset(), batch_size=5, sampler=SubsetRandomSampler([3, 1, 2, 0, 4, 5, 6, 7, 8, 9])
+    )
+    assert len(reweight(every, np.ones(10)).sampler) == 10
+
+
+def test_reweight_refuses_zero_weights_on_the_rows_the_sampler_reads():
+    train = DataLoader(_rows_dataset(), batch_size=5, sampler=SubsetRandomSampler(range(5)))
+    w = torch.zeros(10)
+    w[5:] = 1.0
+    with pytest.raises(
+        ValueError, match=r"all zero on the 5 rows data's sampler reads \(SubsetRandomSampler\)"
+    ):
+        reweight(train, w)
+
+
+def test_reweight_says_weights_are_per_data_set_row_when_given_one_per_split_row():
+    train = DataLoader(_rows_dataset(), batch_size=5, sampler=SubsetRandomSampler(range(5)))
+    with pytest.raises(
+        ValueError, match=r"weights has 5 entries but the data has 10 samples .*data\.dataset"
+    ):
+        reweight(train, torch.ones(5))
+
+
+def test_reweight_refuses_subset_indices_outside_the_data_set():
+    loader = DataLoader(_rows_dataset(), batch_size=5, sampler=SubsetRandomSampler([0, 12]))
+    with pytest.raises(ValueError, match=r"SubsetRandomSampler reads rows \[12\], outside 0\.\.9"):
+        reweight(loader, torch.ones(10))
+
+
+class _EvenRows(Sampler):
+    def __iter__(self):
+        return iter(range(0, 10, 2))
+
+    def __len__(self):
+        return 5
+
+
+@pytest.mark.parametrize(
+    "loader_kw, name",
+    [
+        (dict(sampler=WeightedRandomSampler(torch.ones(10), 10)), "WeightedRandomSampler"),
+        (dict(sampler=RandomSampler(range(10), replacement=True)), "RandomSampler"),
+        (dict(sampler=RandomSampler(range(10), num_samples=3)), "RandomSampler"),
+        (dict(sampler=_EvenRows()), "_EvenRows"),
+        (dict(batch_sampler=BatchSampler(SubsetRandomSampler(range(5)), 2, False)), "BatchSampler"),
+    ],
+)
+def test_reweight_refuses_a_sampler_it_cannot_keep_by_name(loader_kw, name):
+    loader = DataLoader(_rows_dataset(), **({"batch_size": 2} if "sampler" in loader_kw else {}), **loader_kw)
+    with pytest.raises(ValueError, match=rf"data is a DataLoader .*{name}.*data=loader\.dataset"):
+        reweight(loader, torch.ones(10))
+    # the loss weights are per data set row whatever the sampler
+    torch.testing.assert_close(reweight(loader, torch.ones(10), mode="loss"), torch.ones(10))
+
+
 def test_online_patterner_follows_a_drifting_system():
     """The true chi drifts during 'training'; re-estimating keeps the response on target."""
     rng = np.random.default_rng(1)
@@ -282,8 +399,8 @@ def test_patterning_refuses_bool_bounds_float_groups_and_zero_samples():
 @pytest.mark.parametrize("scale", [1e-1, 1e-3, 1e-5, 1e-6, 1e-8])
 @pytest.mark.parametrize("alpha", [0.01, 1.0])
 def test_constrained_inversion_of_a_small_target_reaches_the_closed_form_optimum(scale, alpha):
-    # bounds that do not bind: the optimum is the sum-zero ridge solution, linear in the target (it used to stop
-    # far from it, or at the uniform weights, once the weights moved by about 1e-5)
+    # bounds that do not bind: the optimum is the sum-zero ridge solution, linear in the target, reached however
+    # small the target (weights that move by 1e-5 or less included), not stopped short or at the uniform weights
     rng = np.random.default_rng(0)
     chi = 40 * rng.standard_normal((3, 8))
     tgt = scale * np.array([1.0, -0.5, 0.3])
@@ -301,8 +418,8 @@ def test_constrained_inversion_of_a_small_target_reaches_the_closed_form_optimum
 
 def test_inputs_that_track_gradients_huge_weights_and_nan_directions():
     """Targets and weights held as tensors that track gradients are read as values; loss weights near float64's
-    largest value keep their proportions (their mean overflowed: all zeros); a non-finite direction or amount is
-    refused (it gave a NaN target)."""
+    largest value keep their proportions (their mean does not overflow into all zeros); a non-finite direction or
+    amount is refused (it would give a NaN target)."""
     chi = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     target = torch.tensor([0.1, 0.2], dtype=torch.float64, requires_grad=True)
     res = invert(chi, target)
@@ -456,7 +573,7 @@ def test_group_columns_in_the_documented_convention_predict_the_per_point_respon
 def test_constrained_converges_where_newton_on_the_dual_stalls():
     """Problems where Newton's steps on the dual stall between kinks (the active set changing back and forth: more
     observables than samples, or a tight box): the solver goes on with a quasi-Newton ascent and ends at the
-    optimum (SLSQP's objective or better), within the bounds and the fixed total; it had raised RuntimeError."""
+    optimum (SLSQP's objective or better), within the bounds and the fixed total, without raising."""
     from scipy.optimize import Bounds, LinearConstraint, minimize
 
     rng = np.random.default_rng(5)
@@ -489,7 +606,7 @@ def test_constrained_converges_where_newton_on_the_dual_stalls():
 
 def test_invert_reads_a_column_target_and_refuses_a_matrix():
     """A target of shape (K, 1) or (1, K) is the vector of K changes; a (2, 2) target for K = 4 observables is not
-    read as one (it was flattened silently)."""
+    read as one (it is refused, not flattened)."""
     rng = np.random.default_rng(0)
     chi = rng.normal(size=(4, 9))
     t = rng.normal(size=4)

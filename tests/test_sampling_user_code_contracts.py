@@ -51,7 +51,7 @@ RUN = {**RUN, "warn_nonstationary": False}
 @pytest.mark.parametrize(
     "fn, shape",
     [
-        (lambda m, b: m(b[0]).squeeze(-1), r"\(1,\)"),  # the 1-sample batch: was broadcast into 16 slots
+        (lambda m, b: m(b[0]).squeeze(-1), r"\(1,\)"),  # the 1-sample batch: 1 value, not 16
         (lambda m, b: m(b[0].repeat(41 if len(b[0]) == 1 else 1, 1)).squeeze(-1), r"\(41,\)"),  # larger
     ],
     ids=["smaller", "larger"],
@@ -78,7 +78,8 @@ def test_an_observable_whose_shape_changes_is_refused_by_name(fn, shape, batched
     ids=["tensor", "numpy", "list"],
 )
 def test_a_complex_observable_is_refused_by_name(value, batched):
-    """A complex value was recorded as its real part (with a warning from torch, or none with batched chains)."""
+    """A complex value (a tensor, a NumPy scalar or a list) is refused naming the observable, in both chain loops:
+    a trace holds real numbers, never a complex value's real part."""
     model, loader = _regression(sizes=(16, 16, 16))
     with pytest.raises(ValueError, match=r"observable 'c' returned a complex value .*at draw 0 of chain 0"):
         sample(model, loader, batched=batched, observables={"c": lambda m, b: value}, **RUN)
@@ -112,8 +113,9 @@ _CALLS: dict = {}
 
 
 def test_a_loss_error_at_the_first_batched_step_keeps_its_type():
-    """The loss raises once, at the first step (its first call after the passes over w*): batched=True raised
-    "RuntimeError: batched=True but the model or loss_fn does not run under vmap" instead."""
+    """The loss raises once, at the first step (its first call after the passes over w*) or at the second: under
+    batched=True its own error propagates with its type, not taken for a model or loss_fn that does not run under
+    vmap."""
     model, loader = _classification()
     calls = {"n": 0, "at": None}
 
@@ -195,15 +197,14 @@ def test_a_loss_error_at_the_first_step_of_a_resumed_batched_run_keeps_its_type(
 # observables that fail under vmap
 # ---------------------------------------------------------------------------------------------------------------
 def _vmapped(x: torch.Tensor) -> float:
-    """1.0 when ``x`` is a batched tensor of ``torch.func.vmap`` (the value was computed for all chains at once)."""
+    """1.0 when ``x`` is a batched tensor of ``torch.func.vmap`` (the value is computed for all chains at once)."""
     return float(torch._C._functorch.is_batchedtensor(x))
 
 
 def test_an_observable_failing_under_vmap_at_some_draws_records_the_same_in_a_resumed_run(tmp_path):
     """An observable that does not run under vmap on the 8-sample batch only: every draw is evaluated the same
-    way (vmapped, or chain by chain where vmap fails) whether the run was resumed or not. It was evaluated chain
-    by chain from its first failure on, for the rest of the call: a run resumed after that failure went back to
-    vmap."""
+    way (vmapped, or chain by chain where vmap fails) whether the run is resumed or not: the draws after a
+    failure are vmapped again, in an uninterrupted run as in one resumed after that failure."""
     model, loader = _regression(sizes=(16, 16, 8))
 
     def probe(m, b):
@@ -347,7 +348,8 @@ def test_hugging_face_dict_batches_run_batched_as_the_chains_one_by_one():
 @pytest.mark.parametrize("batched", [True, False])
 def test_a_left_padded_batch_met_while_sampling_is_refused_in_both_loops(batched):
     """A batch read after L_n(w*)'s (left padding, for a model that reads no mask) is refused naming the loader
-    in batched chains as in chains run one by one (under vmap the check had been skipped)."""
+    in batched chains as in chains run one by one (the check is made on each batch before stacking, as vmap cannot
+    read values)."""
     from pypattern.sampling import sample
 
     model, batches = _dict_batches(left_padded_from=1)

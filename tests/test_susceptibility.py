@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from pypattern.susceptibility import bif, susceptibilities
 
@@ -472,7 +473,7 @@ def _tiny_lm():
 
 @pytest.mark.parametrize("estimator", ["susceptibilities", "bif"])
 def test_probe_the_default_loss_cannot_read_is_named(estimator):
-    """A float, 3-D or out-of-vocabulary (or negative) token probe: an error naming the probe and what was
+    """A float, 3-D or out-of-vocabulary (or negative) token probe: an error naming the probe and what is
     expected, never a torch indexing or einsum error from inside the model."""
     model, loader, probe = _tiny_lm()
     kw = dict(num_chains=1, num_draws=2, step_size=1e-4, nbeta=5.0, quiet=True)
@@ -752,7 +753,7 @@ def test_checkpoint_folder_that_is_a_file_is_refused(tmp_path):
 def test_standard_error_matches_the_spread_of_chi_over_seeds():
     """``chi_se`` is the standard error of ``chi`` (pooled over the chains): over 40 seeds of short chains (8 x 30
     draws, no burn-in, where the chains' means differ) the spread of ``chi`` is within a factor 1.5 of the mean
-    ``chi_se``; the per-chain estimates' spread / sqrt(C), which ``chi_se`` was before, is half of it here."""
+    ``chi_se``; the per-chain estimates' spread / sqrt(C) is half of it here."""
     model, x, y = _problem()
     chis, ses, per_chain = [], [], []
     for seed in range(40):
@@ -776,12 +777,14 @@ def test_standard_error_matches_the_spread_of_chi_over_seeds():
     spread = np.array(chis).std(0, ddof=1)
     ratio = float(np.median(spread / np.array(ses).mean(0)))
     assert 0.7 < ratio < 1.5, ratio
-    assert float(np.median(spread / np.array(per_chain).mean(0))) > 1.7  # what the old standard error gave
+    assert (
+        float(np.median(spread / np.array(per_chain).mean(0))) > 1.7
+    )  # the per-chain standard error: too small
 
 
 def test_checkpoint_rows_without_leave_one_out_estimates_resume_with_a_warning(tmp_path):
-    """A checkpoint row written before chi_se became the jackknife (no leave-one-chain-out rows) still resumes: its
-    chi is taken as saved and its chi_se is the per-chain formula it had, with a warning that says so."""
+    """A checkpoint row without leave-one-chain-out estimates resumes: its chi is taken as saved and its chi_se is
+    the per-chain formula, with a warning that says so."""
     from pypattern import io
     from pypattern.susceptibility import ROW_KIND
 
@@ -812,3 +815,72 @@ def test_component_masks_read_as_zero_one():
     np.testing.assert_array_equal(as_bool.chi, as_num.chi)
     with pytest.raises(ValueError, match=r"component mask for 'weight' must be boolean \(or 0/1 values\)"):
         susceptibilities(*args, {"c": {"weight": torch.tensor([[0.5, 0.0, 1.0, 0.0]])}}, **kw)
+
+
+@pytest.mark.filterwarnings("ignore::pypattern.sampling.NonStationaryWarning")  # short chains
+def test_devinterp_convention_chi_is_the_documented_formula_of_phi_minus_its_value_at_w_star():
+    from pypattern import sample
+
+    torch.manual_seed(0)
+    n, din = 64, 3
+    x = torch.randn(n, din)
+    y = (x @ torch.randn(din, 1) > 0).long().squeeze(1)
+    model = torch.nn.Sequential(torch.nn.Linear(din, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    probe, sb = (x[:5], y[:5]), (x[10:42], y[10:42])
+    kw = dict(
+        num_chains=2,
+        num_draws=12,
+        num_burnin_steps=3,
+        step_size=1e-3,
+        localization=10.0,
+        quiet=True,
+        nbeta=20.0,
+    )
+    kw["seed"] = 1
+    chi = susceptibilities(
+        model, loader, probe, {"a": ["0.weight"]}, convention="devinterp", sampling_batch=sb, **kw
+    )
+
+    def ce(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    def lf(m, b):
+        return torch.nn.functional.cross_entropy(m(b[0]), b[1])
+
+    full = sample(model, loader, observables={"lz": lambda m, b: ce(m, probe)}, **kw)
+    r = sample(
+        model,
+        loader,
+        restrict_to=[r"0\.weight"],
+        observables={"phi": lambda m, b: lf(m, sb), "lz": lambda m, b: ce(m, probe)},
+        **kw,
+    )
+    lzf = np.asarray(full.observables["lz"], np.float64).reshape(-1, 5)
+    phi = np.asarray(r.observables["phi"], np.float64).reshape(-1)
+    lzr = np.asarray(r.observables["lz"], np.float64).reshape(-1, 5)
+    with torch.no_grad():
+        phi0 = float(lf(model, sb))
+
+    def formula(p):
+        lbar = lzr.mean(1)
+        return (p * lbar).mean() - (p[:, None] * lzr).mean(0) - p.mean() * (lzf.mean(1).mean() - lzf.mean(0))
+
+    np.testing.assert_allclose(chi.chi[0], formula(phi - phi0), rtol=1e-4, atol=1e-9)
+    # the shift is not free in this convention: phi itself gives another chi, by the documented term
+    shift = phi0 * ((lzr.mean(1)[:, None] - lzr).mean(0) - (lzf.mean(1)[:, None] - lzf).mean(0))
+    np.testing.assert_allclose(formula(phi) - shift, formula(phi - phi0), rtol=1e-9, atol=1e-12)
+    assert np.abs(shift).max() > 10 * np.abs(chi.chi[0] - formula(phi - phi0)).max()
+
+
+def test_susceptibility_docstrings_say_what_each_convention_does_with_phi_at_w_star():
+    import pypattern.susceptibility as sus
+
+    assert "changes no susceptibility" not in sus.__doc__
+    assert "phi' = phi - phi(w*)" in sus.__doc__
+    doc = " ".join(susceptibilities.__doc__.split())
+    assert "changes no susceptibility" not in doc
+    assert (
+        'with ``convention="devinterp"`` the returned ``chi`` is the formula of the module docstring applied to ``phi - phi(w*)``'
+        in doc
+    )

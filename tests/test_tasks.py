@@ -9,6 +9,7 @@ from pypattern.tasks import (
     InductionTask,
     IOITask,
     ParenthesesTask,
+    TopicTask,
     algorithm_scores,
     induction_probe,
     per_sample_loss,
@@ -188,7 +189,7 @@ def test_sample_weights_reweight_the_data():
     with pytest.raises(ValueError, match="sample_weights"):
         train(model, task, steps=1, data=data, sample_weights=torch.ones(5))
     before = [p.detach().clone() for p in model.parameters()]
-    for bad in (float("nan"), float("inf")):  # refused before any step (they had turned the weights into NaN)
+    for bad in (float("nan"), float("inf")):  # refused before any step: the weights are left as they are
         wb = w.clone()
         wb[0] = bad
         with pytest.raises(ValueError, match="finite non-negative weights"):
@@ -222,3 +223,35 @@ def test_ioi_extra_positions_point_at_the_names():
     )  # the subject's first mention
     assert torch.equal(b.tokens[rows, b.extra["name_pos"]], b.extra["answer"])  # the indirect object
     assert torch.equal(b.tokens[:, -1], b.extra["wrong"])
+
+
+@pytest.mark.parametrize("seq_len", [5, 6, 7])
+def test_induction_task_default_repeat_len_works_for_every_seq_len_that_admits_one(seq_len):
+    task = InductionTask(d_vocab=8, seq_len=seq_len)
+    assert task.repeat_len == 2
+    b = task.sample(64, seed=0)
+    assert b.tokens.shape == (64, seq_len)
+    k = task.repeat_len
+    for row, i, j in zip(b.tokens, b.extra["source_start"], b.extra["dest_start"], strict=True):
+        assert j - i >= k and j + k <= seq_len
+        assert torch.equal(row[i : i + k], row[j : j + k])
+    assert int(b.extra["induction_flag"].sum(1).min()) == k - 1
+    assert InductionTask(seq_len=33).repeat_len == 10  # longer sequences: a default of 10
+
+
+def test_induction_task_errors_name_seq_len():
+    with pytest.raises(ValueError, match=r"seq_len=4 is too short.*seq_len >= 5"):
+        InductionTask(seq_len=4)
+    with pytest.raises(ValueError, match=r"repeat_len=3 is not valid for seq_len=6; give 2\.\.2"):
+        InductionTask(seq_len=6, repeat_len=3)
+
+
+def test_topic_task_errors_name_the_seq_len_the_default_min_prefix_needs():
+    with pytest.raises(ValueError, match=r"seq_len=3 is not valid; give an int >= 4"):
+        TopicTask(seq_len=3)
+    with pytest.raises(
+        ValueError, match=r"min_prefix=2 is too large for seq_len=4; give at most 1, or seq_len >= 5"
+    ):
+        TopicTask(seq_len=4)
+    b = TopicTask(seq_len=4, min_prefix=1).sample(8, seed=0, switch_prob=1.0)
+    assert b.tokens.shape == (8, 4)

@@ -58,7 +58,8 @@ class State:
 
         The first draw recorded fixes the trace's shape: a value of another shape (a per-sample observable on a
         batch of another size), a complex value and one that is not numbers are refused with a ValueError naming
-        the observable, instead of being broadcast, truncated to its real part or cast."""
+        the observable: a value is recorded as it is, never broadcast to the trace's shape, truncated to its real
+        part or cast from something that is not numbers."""
         where = f"observable {name!r} returned"
         at = f"at draw {d} of chain {g}"
         if isinstance(value, torch.Tensor):

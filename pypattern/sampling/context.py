@@ -77,7 +77,9 @@ class RunContext:
     init_loss: float
     data_cache: dict = field(default_factory=dict)
     pbar: Any = None
-    obs_per_chain: set = field(default_factory=set)  # observables that do not run under vmap
+    # (observable name, batch structure) pairs, the structure as batched._structure gives it: the observables
+    # whose vmap-ed call raises on batches of that structure, evaluated chain by chain on them
+    obs_per_chain: set = field(default_factory=set)
     lock: threading.RLock = field(default_factory=threading.RLock)
     stop: threading.Event = field(
         default_factory=threading.Event

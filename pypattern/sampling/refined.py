@@ -261,9 +261,10 @@ def refined_llc(
     loader : iterable of batches
         The training data (rows ``data="train"``).
     components : "heads", "blocks", list or dict
-        ``"heads"``: every attention head, MLP, the embeddings and unembedding of pypattern's Transformer
+        ``"heads"``: every attention head, MLP, the embeddings and the unembedding of pypattern's Transformer
         (:func:`pypattern.models.list_components`) or of a supported unconverted Hugging Face model
-        (:func:`pypattern.models.hf_masks.hf_components`); ``"blocks"``: attention layers whole instead of heads; a list
+        (:func:`pypattern.models.hf_masks.hf_components`); with tied embeddings there is no separate ``"unembed"``
+        component: ``"embed"`` is both; ``"blocks"``: attention layers whole instead of heads; a list
         of component names (``"blocks.0.attn.head.1"``, ``"blocks.1.mlp"``, ``"embed"``, or a parameter-name
         prefix) or a dict of display name -> component name, list of parameter names, or ``{param_name: mask}``.
     data : iterable of batches, optional
