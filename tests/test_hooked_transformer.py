@@ -385,3 +385,18 @@ def test_ungrouped_key_value_hooks_convert_with_a_warning():
     _, got = ours.run_with_cache(x)
     assert want["blocks.0.attn.hook_k"].shape[2] == model.cfg.n_heads
     assert got["blocks.0.attn.hook_k"].shape[2] == model.cfg.n_key_value_heads
+
+
+def test_weights_that_are_not_finite_or_on_the_meta_device_are_refused_by_name():
+    """Refused naming the weight before the check against the model's own forward (whose difference would read
+    as a changed configuration)."""
+    model = hooked("ln")
+    with torch.no_grad():
+        model.blocks[0].mlp.W_in[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="'blocks.0.mlp.W_in' holds values that are not finite"):
+        pypattern.from_hf(model)
+    # weights on the meta device (TransformerLens itself cannot be built there: its weights moved there after)
+    model = hooked("ln")
+    model.blocks[1].mlp.W_out = torch.nn.Parameter(torch.empty_like(model.blocks[1].mlp.W_out, device="meta"))
+    with pytest.raises(ValueError, match="model has parameters on the meta device .*'blocks.1.mlp.W_out'"):
+        pypattern.from_hf(model)
