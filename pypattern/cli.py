@@ -675,13 +675,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pypattern {args.cmd}: error: {e}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        if getattr(args, "checkpoint", None) and not debug:
+        if debug:
+            raise
+        if getattr(args, "checkpoint", None):
             print(
                 f"pypattern {args.cmd}: interrupted; the same command with --checkpoint {args.checkpoint} resumes",
                 file=sys.stderr,
             )
-            raise SystemExit(130) from None
-        raise
+        else:
+            print(f"pypattern {args.cmd}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         warnings.formatwarning = formatwarning
 

@@ -234,8 +234,12 @@ def invert(
     if method != "constrained":
         h = h - h.mean()  # exactly sum-zero (it is, to rounding)
     pred = chi @ h
-    norm = np.linalg.norm(tgt)
-    resid = float(np.linalg.norm(pred - tgt) / norm) if norm > 0 else float(np.linalg.norm(pred))
+    # both norms of the target's scale divided out first: no overflow for targets near float64's largest
+    scale = float(np.abs(tgt).max()) if tgt.size else 0.0
+    if scale > 0:
+        resid = float(np.linalg.norm((pred - tgt) / scale) / np.linalg.norm(tgt / scale))
+    else:
+        resid = float(np.linalg.norm(pred))
     return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
 
 

@@ -276,3 +276,60 @@ def test_a_token_file_numpy_cannot_read_as_numbers_is_not_offered_for_unpickling
         with pytest.raises(ValueError, match="member 'clean' is not an array of numbers.*never loads") as e:
             load(str(member))
         assert "allow_pickle" not in str(e.value)
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_circuit_quiet_asks_for_no_progress_bar(tmp_path, monkeypatch, quiet):
+    """--quiet reaches the exact scoring's progress bar (shown after two seconds otherwise): no bar is asked for;
+    without --quiet it is."""
+    import contextlib
+
+    import pypattern.circuits.api as api
+    from pypattern.cli import main
+
+    asked = []
+
+    @contextlib.contextmanager
+    def recording(q, **bar):
+        asked.append(q)
+        yield None
+
+    monkeypatch.setattr(api, "progress_bar", recording)
+    argv = ["circuit", "--quick", "--methods", "exact", "--out", str(tmp_path)] + (
+        ["--quiet"] if quiet else []
+    )
+    assert main(argv) == 0
+    assert asked and all(asked) is quiet
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_an_interrupt_ends_in_one_line_and_status_130(tmp_path, capsys, monkeypatch, checkpoint):
+    """Ctrl-C: one line on stderr (saying how to resume when there is a checkpoint) and exit status 130; the
+    traceback with PYPATTERN_DEBUG=1."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    np.save(tmp_path / "t.npy", np.zeros((2, 3), dtype=np.int64))
+    (tmp_path / "m").mkdir()
+    argv = [
+        "llc",
+        "--model",
+        str(tmp_path / "m"),
+        "--data",
+        str(tmp_path / "t.npy"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    if checkpoint:
+        argv += ["--checkpoint", str(tmp_path / "ck")]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("pypattern llc: interrupted") and err.count("\n") == 1
+    assert ("resumes" in err) is checkpoint
+    monkeypatch.setenv("PYPATTERN_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)

@@ -268,3 +268,36 @@ def test_a_left_padded_batch_read_by_a_users_loss_calling_the_default_one_is_ref
             num_init_loss_batches=1,
             **kw,
         )
+
+
+def test_a_number_given_as_a_keyword_and_in_optimizer_kwargs_must_have_one_value():
+    """Two names of one hyperparameter that disagree are an error, also across the keywords and optimizer_kwargs
+    (optimizer_kwargs won silently); equal values, or a keyword left at its default, are taken."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, generator=g)
+    loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=16)
+    model = nn.Linear(3, 1)
+    kw = dict(num_chains=1, num_draws=2, quiet=True, nbeta=20.0, localization=100.0)
+    for extra, words in (
+        (
+            dict(step_size=1e-3, optimizer_kwargs={"lr": 2e-3}),
+            r"step_size=0\.001 and optimizer_kwargs\['lr'\]",
+        ),
+        (dict(step_size=1e-3, optimizer_kwargs={"localization": 50.0}), "both set localization"),
+        (
+            dict(step_size=1e-3, optimizer_kwargs={"temperature": 5.0}),
+            r"optimizer_kwargs\['temperature'\]=5\.0",
+        ),
+    ):
+        with pytest.raises(ValueError, match=words):
+            pp.sample(model, loader, **kw, **extra)
+    same = pp.sample(
+        model, loader, **kw, step_size=1e-3, optimizer_kwargs={"lr": 1e-3, "localization": 100.0}
+    )
+    assert same.config["step_size"] == 1e-3
+    kw.pop("localization")  # at its default (0): optimizer_kwargs sets it
+    moved = pp.sample(model, loader, **kw, step_size=1e-3, optimizer_kwargs={"localization": 50.0})
+    assert moved.config["localization"] == 50.0

@@ -617,3 +617,13 @@ def test_invert_reads_a_column_target_and_refuses_a_matrix():
         ValueError, match=r"target has shape \(2, 2\); give one entry per observable, shape \(4,\)"
     ):
         invert(chi, t.reshape(2, 2))
+
+
+@pytest.mark.parametrize("scale", [1e10, 1e160, 1e300])
+def test_the_residual_of_a_target_near_float64s_largest_is_finite(scale):
+    """The residual is relative to the target: finite for any finite target (its norm is taken at the target's
+    scale), 1 where weights bounded by min/max_weight reach none of it, rounding where pinv reaches all of it."""
+    chi = np.array([[1.0, -0.5, 0.2], [0.3, 0.8, -0.4]])
+    target = np.array([scale, -scale])
+    assert invert(chi, target, method="constrained").residual == pytest.approx(1.0, abs=1e-6)
+    assert invert(chi, target, method="pinv").residual < 1e-12

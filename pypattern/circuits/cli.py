@@ -376,7 +376,7 @@ def run_circuit_demo(
                     flush=True,
                 )
             res = run_induction_circuit(
-                seed=seed, steps=steps, per_position=pp, methods=methods, ig_steps=ig_steps
+                seed=seed, steps=steps, per_position=pp, methods=methods, ig_steps=ig_steps, quiet=quiet
             )
             say("trained, edges scored and pruning curve done")
             model, (clean, corr, metric) = res["model"], res["prompts"]
@@ -405,6 +405,7 @@ def run_circuit_demo(
                     steps=ig_steps,
                     per_position=pp,
                     ablation=ablation,
+                    quiet=quiet,
                 )
                 say(f"{m}: scored {len(scores[m].graph)} edges")
             curve = pruning_curve(model, scores, clean, corr, metric=metric, ablation=ablation)

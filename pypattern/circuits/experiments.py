@@ -92,8 +92,10 @@ def run_induction_circuit(
     ig_steps: int = 5,
     fractions=(0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0),
     model=None,
+    quiet: bool = False,
 ) -> dict:
-    """Train (or take) an induction model, score its edges, and check the recovered circuit.
+    """Train (or take) an induction model, score its edges, and check the recovered circuit (``quiet=False``:
+    with the progress bars of exact scoring).
 
     Returns a dict with the model's head roles, the prefix-matching score of the task, the scores and the
     :class:`PruningCurve` of each method, the previous-token head ``prev_head`` and induction heads, whether the
@@ -121,7 +123,14 @@ def run_induction_circuit(
     for m in methods:
         t1 = time.perf_counter()
         scores[m] = edge_attribution(
-            model, clean, corr, metric=metric, method=m, steps=ig_steps, per_position=per_position
+            model,
+            clean,
+            corr,
+            metric=metric,
+            method=m,
+            steps=ig_steps,
+            per_position=per_position,
+            quiet=quiet,
         )
         times[m] = time.perf_counter() - t1
     E = len(next(iter(scores.values())).graph)

@@ -19,7 +19,7 @@ from .._checks import refuse_meta_model
 from .data import batch_size_of
 from .optim import SGLD_DEFAULTS, chain_seed, check_hyperparameters, matches
 from .samplers import SAMPLER_HYPERPARAMETERS, sampler_hyperparameters, sampler_name
-from .vocabulary import DEVINTERP_NAMES, translate
+from .vocabulary import DEVINTERP_NAMES, _same, translate
 
 __all__ = [
     "RunPlan",
@@ -84,7 +84,8 @@ def resolve_hyperparameters(
     sampler: str = "sgld",
 ) -> dict[str, float | None]:
     """The six SGLD hyperparameters under pypattern's names from a call's keywords (either vocabulary) and a
-    devinterp-style ``optimizer_kwargs`` (whose entries override the keywords); defaults: ``step_size=1e-4``,
+    devinterp-style ``optimizer_kwargs`` (a number given both ways must have one value; a keyword at its default
+    counts as not given); defaults: ``step_size=1e-4``,
     ``nbeta = default_nbeta(loader)``, the others as :class:`SGLD`. Entries of ``optimizer_kwargs`` that are the
     ``sampler``'s own hyperparameters are left to :func:`pypattern.sampling.samplers.sampler_hyperparameters`."""
     hyper = translate(given, where="the keyword arguments")
@@ -98,11 +99,25 @@ def resolve_hyperparameters(
             + (f" (sampler={sampler!r})" if sampler != "sgld" else "")
         )
     okw = {k: v for k, v in okw.items() if k not in own}
+    # a keyword at its default value counts as not given (callers pass their defaults on): optimizer_kwargs sets it
+    given_kw = {k: v for k, v in hyper.items() if not (k in SGLD_DEFAULTS and _same(v, SGLD_DEFAULTS[k]))}
+    clash = [k for k, v in okw.items() if k in given_kw and not _same(given_kw[k], v)]
+    if clash:
+        k = clash[0]
+        raise ValueError(
+            f"{k}={hyper[k]!r} and optimizer_kwargs[{_okw_key(optimizer_kwargs, k)!r}]={okw[k]!r} both set {k}; "
+            "give one"
+        )
     hyper.update(okw)
     hyper = {**SGLD_DEFAULTS, "step_size": 1e-4, "nbeta": None, **hyper}
     if hyper["nbeta"] is None:
         hyper["nbeta"] = default_nbeta(loader, grad_accum_steps)
     return check_hyperparameters(hyper)
+
+
+def _okw_key(optimizer_kwargs: Mapping[str, Any], name: str) -> str:
+    """The key of ``optimizer_kwargs`` (either vocabulary) that sets the hyperparameter ``name``."""
+    return next((k for k in optimizer_kwargs if DEVINTERP_NAMES.get(k, k) == name), name)
 
 
 def observable_items(observables) -> tuple[tuple[str, Callable], ...]:

@@ -191,7 +191,8 @@ def sample(
         (default 1) and ``bounding_box``; two names of one hyperparameter must not disagree (ValueError).
     optimizer_kwargs : dict, optional
         devinterp-style ``{"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}``
-        (pypattern's names work too); entries override the keyword arguments above. The result's ``config`` and
+        (pypattern's names work too); a number given here and as a keyword argument above must have one value
+        (ValueError otherwise). The result's ``config`` and
         checkpoints use pypattern's names (:mod:`pypattern.sampling.vocabulary`). The sampler's own
         hyperparameters go here too: SGNHT's ``diffusion_factor`` (default 0.01), RMSprop-SGLD's ``alpha`` (0.99)
         and ``eps`` (0.1).
