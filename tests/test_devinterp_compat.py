@@ -1112,3 +1112,36 @@ def test_v2_token_ids_outside_the_vocabulary_are_refused_by_name():
     bad[:, 1] = -1  # in every sequence: whichever are drawn
     with pytest.raises(ValueError, match=r"observables\['probe'\] contains token id -1"):
         di.sample(model, ids, {"probe": bad}, lr=1e-3, n_beta=5.0, batches_per_draw=1, **SET2)
+
+
+def test_v1_sample_sets_every_estimators_init_loss_before_any_callback_reads_it():
+    """devinterp 1.x's sample() sets L_n(w*) on its LLC estimators before the callbacks run: a callback listed
+    before the estimator reads the estimator's init_loss at every draw, the first included."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pypattern.devinterp.slt.llc import OnlineLLCEstimator
+    from pypattern.devinterp.slt.sampler import sample as v1_sample
+    from pypattern.devinterp.utils import evaluate_mse
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=32, shuffle=True)
+    model = nn.Linear(5, 1)
+    est = OnlineLLCEstimator(2, 4, init_loss=None, nbeta=10.0)
+    seen = []
+
+    def reader(chain, draw, **kw):
+        seen.append(est.init_loss)
+
+    v1_sample(model, loader, [reader, est], evaluate=evaluate_mse, optimizer_kwargs=dict(lr=1e-4, nbeta=10.0),
+              num_chains=2, num_draws=4, seed=0, verbose=False)  # fmt: skip
+    assert len(seen) == 8 and all(isinstance(v, float) for v in seen) and len(set(seen)) == 1
+    assert seen[0] == est.init_loss
+
+
+@pytest.mark.parametrize("seed", [1.5, "1", True])
+def test_v2_sample_refuses_an_init_seed_that_is_not_an_int(seed):
+    """devinterp 2.0.1 validates init_seed as an int; a float is not truncated to another run's seed."""
+    model, ids = _transformer(), _tokens()
+    with pytest.raises(ValueError, match="init_seed must be an int"):
+        di.sample(model, ids, {}, lr=1e-3, n_beta=5.0, **{**SET2, "init_seed": seed})

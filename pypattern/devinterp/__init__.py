@@ -40,7 +40,12 @@ the dataset order); observables are evaluated at a draw's weights before its ste
 ``save_metrics=True``, ``init_noise`` and RMSprop-SGLD's ``add_grad_correction=True`` raise
 ``NotImplementedError`` naming the argument; devinterp calls ``model.train()`` for ``L_n(w*)`` and the chains (a
 model with dropout is sampled with its dropout on), where pypattern samples such a model in ``eval()`` mode, for
-both, with a warning (deterministic draws, exact resume: call ``model.eval()`` first to silence it).
+both, with a warning (deterministic draws, exact resume: call ``model.eval()`` first to silence it); a chain
+whose loss or weights stop being finite raises :class:`pypattern.sampling.SamplingDivergedError` naming the chain
+and step (devinterp warns, keeps the NaN steps and leaves them out of ``compute_llc``: catch the error in a sweep
+over ``lr`` and ``n_beta``); 16-bit models (bfloat16, float16) are refused by name, as by :func:`pypattern.sample`
+(sample a float32 copy); results hold float64 arrays (devinterp: float32 for the susceptibilities) and the ``wr``
+names as Python strings.
 ``sampling_method`` takes devinterp 2.x's ``"sgmcmc_sgld"`` and
 ``"rmsprop_sgld"`` (with ``sampling_method_kwargs`` ``alpha`` / ``eps``, or ``rmsprop_alpha`` / ``rmsprop_eps``),
 and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the fused samplers of
@@ -1337,6 +1342,10 @@ def sample(
     ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if isinstance(init_seed, bool) or not isinstance(init_seed, numbers.Integral):
+        raise ValueError(
+            f"init_seed must be an int, got {init_seed!r}"
+        )  # devinterp's validation refuses it too
     for name, v in (("lr", lr), ("n_beta", n_beta)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

@@ -220,7 +220,14 @@ _ESTIMATORS = ("LLCEstimator", "OnlineLLCEstimator")
 _EMPTY_LOCALS = {"pbar": None, "optimizer_metrics": [], "kwargs": {}}
 
 
-def _as_devinterp_callback(cb: Callable) -> Callable:
+def _is_estimator(cb) -> bool:
+    """devinterp's own LLCEstimator / OnlineLLCEstimator, or this module's."""
+    return type(cb).__name__ in _ESTIMATORS or isinstance(cb, LLCEstimator)
+
+
+def _as_devinterp_callback(
+    cb: Callable, estimators: Sequence | None = None, given_init: list | None = None
+) -> Callable:
     """``cb`` called as devinterp 1.3.2 calls it, with the locals of its ``sample_single_chain``
     (``callback(**locals())``): ``chain``, ``draw``, ``loss`` (a 0-d float32 tensor; ``cumulative_loss`` too),
     ``model`` (the chain's model, its parameters holding the step's gradient), ``data`` (the batch), ``optimizer``
@@ -239,14 +246,17 @@ def _as_devinterp_callback(cb: Callable) -> Callable:
     takes_all = params is None or any(p.kind == p.VAR_KEYWORD for p in params)
     wanted = None if takes_all else {p.name for p in params}
     settings: dict[str, Any] = {}
-    foreign_estimator = type(cb).__name__ in _ESTIMATORS and not isinstance(cb, LLCEstimator)
-    given_init: list = []  # the init_loss handed to a foreign estimator (once per run)
+    # the estimators among the run's callbacks (devinterp's or this module's): devinterp sets the run's L_n(w*) on
+    # each before any callback reads it (its online one and others, such as OnlineLossStatistics, read it at every
+    # draw); here at the first call of any of the run's callbacks, before that callback runs
+    estimators = [cb] if estimators is None and _is_estimator(cb) else list(estimators or ())
+    given_init = [] if given_init is None else given_init  # the init_loss handed to them (once per run)
 
     def call(**kw):
         init_loss = kw.pop("init_loss", None)
-        if foreign_estimator and init_loss is not None and given_init != [init_loss]:
-            # devinterp's own LLCEstimator / OnlineLLCEstimator (the online one reads init_loss at every draw)
-            cb.init_loss = float(init_loss)
+        if estimators and init_loss is not None and given_init != [init_loss]:
+            for e in estimators:
+                e.init_loss = float(init_loss)
             given_init[:] = [init_loss]
         kw = {**_EMPTY_LOCALS, **settings, **kw, "kwargs": {"init_loss": init_loss}}
         kw["loss"] = torch.tensor(kw["loss"], dtype=torch.float32)
@@ -291,14 +301,15 @@ def devinterp_callbacks(callbacks: Sequence[Callable] | None) -> list[Callable]:
         return []
     if callable(callbacks):
         callbacks = [callbacks]
-    out = []
+    callbacks = list(callbacks)
     for i, cb in enumerate(callbacks):
         if not callable(cb):
             raise TypeError(
                 f"callbacks[{i}] is a {type(cb).__name__}, not callable; give SamplerCallback objects"
             )
-        out.append(_as_devinterp_callback(cb))
-    return out
+    estimators = [cb for cb in callbacks if _is_estimator(cb)]
+    given_init: list = []  # shared by the wrappers: the first to run sets every estimator's init_loss
+    return [_as_devinterp_callback(cb, estimators, given_init) for cb in callbacks]
 
 
 def sample(
