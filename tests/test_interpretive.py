@@ -345,3 +345,34 @@ def test_selectivity_warns_when_every_comparison_ties():
             a, lambda i, k: a[i] if k == 0 else noise, [other], [0, 1], num_trials=3, seed=0
         )
     assert res.win_rate == {0: 0.0, 1: 0.0}
+
+
+def test_a_damaged_cached_pool_member_is_refused_naming_its_file(tmp_path):
+    """A cached member whose weights file is truncated or pickled, or whose metadata is not JSON: a ValueError
+    naming the file and saying how to train it again (nothing unpickled)."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from pypattern.experiments.interpretive import load_member
+    from pypattern.models import Transformer, TransformerConfig
+
+    model = Transformer(
+        TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_mlp=16, d_vocab=11, n_ctx=8, seed=0)
+    )
+    path = str(tmp_path / "member")
+    cfg = model.cfg.to_dict()
+    np.savez(path + ".npz", **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+    (tmp_path / "member.json").write_text(json.dumps({"config": cfg}))
+    got, _ = load_member(path)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), model.state_dict().values()))
+    good = (tmp_path / "member.npz").read_bytes()
+    for damaged in (good[:200], pickle.dumps({"a": 1})):
+        (tmp_path / "member.npz").write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"cached pool member '.*member\.npz' cannot be read"):
+            load_member(path)
+    (tmp_path / "member.npz").write_bytes(good)
+    (tmp_path / "member.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"cached pool member '.*member\.json' cannot be read"):
+        load_member(path)

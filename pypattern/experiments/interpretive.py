@@ -173,13 +173,32 @@ def _train_member(job: tuple) -> dict:
 
 def load_member(path: str | Path) -> tuple[Transformer, dict]:
     """A cached pool member: ``<path>.npz`` (weights, loaded without unpickling) and ``<path>.json``."""
+    import zipfile
+
+    from ..io import np_load
+
     path = str(path)
-    meta = json.loads(Path(path + ".json").read_text())
-    cfg = dict(meta["config"])
-    cfg["dtype"] = getattr(torch, cfg["dtype"])
-    model = Transformer(TransformerConfig(**cfg))
-    with np.load(path + ".npz", allow_pickle=False) as z:
-        model.load_state_dict({k: torch.from_numpy(z[k]) for k in z.files})
+    try:
+        meta = json.loads(Path(path + ".json").read_text())
+        cfg = dict(meta["config"])
+        cfg["dtype"] = getattr(torch, cfg["dtype"])
+        model = Transformer(TransformerConfig(**cfg))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"the cached pool member {path + '.json'!r} cannot be read ({type(e).__name__}: {e}); delete it (and "
+            "its .npz) to train the member again"
+        ) from None
+    try:
+        z = np_load(path + ".npz")
+        if isinstance(z, np.ndarray):
+            raise ValueError("it holds one array, not the model's named weights")
+        with z:
+            model.load_state_dict({k: torch.from_numpy(z[k]) for k in z.files})
+    except (ValueError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"the cached pool member {path + '.npz'!r} cannot be read ({type(e).__name__}: {e}); delete it (and "
+            "its .json) to train the member again"
+        ) from None
     model.eval()
     return model, meta
 
