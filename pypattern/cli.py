@@ -539,6 +539,16 @@ def _parser() -> argparse.ArgumentParser:
 #: errors that end a command with one line (``pypattern <command>: error: <message>``, exit status 2) instead of a
 #: traceback; PYPATTERN_DEBUG=1 shows the traceback. The library's own errors derive from these (UnsupportedModelError,
 #: io.FormatError and io.FingerprintMismatch from ValueError, SamplingDivergedError from FloatingPointError).
+#: the options behind a checkpoint's fingerprint items whose names are the library's (a refused resume names them)
+_CHECKPOINT_FLAGS = {
+    "n": "--num-probe or --data: another number of probe tokens",
+    "probe": "--num-probe or --data: other probe sequences",
+    "sampling_batch": "--batch-size or --data: another sampling batch",
+    "weights": "--model or --float64: other weights or another dtype",
+    "architecture": "--model or --float64: another model or dtype",
+    "data": "--data or --batch-size: other data or batches",
+}
+
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
 
 
@@ -670,8 +680,13 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         hint = ""
-        if getattr(e, "item", None) == "nbeta" and getattr(args, "nbeta", None) is None:
+        item = getattr(e, "item", None)
+        if item == "nbeta" and getattr(args, "nbeta", None) is None:
             hint = " (the default nbeta is m / ln m of the batch size m: a changed --batch-size changes it)"
+        elif isinstance(item, str) and getattr(args, "checkpoint", None):
+            flags = _CHECKPOINT_FLAGS.get(item.split("[")[0])
+            if flags:
+                hint = f" (on the command line: {flags})"
         print(f"pypattern {args.cmd}: error: {e}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

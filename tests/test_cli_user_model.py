@@ -518,6 +518,13 @@ def test_chi_burn_in_checkpoint_and_probe_count(model_dir, data, tmp_path, capsy
         main([*other, "--out", str(tmp_path / "c"), "--checkpoint", str(ck), "--quiet"])
     assert e.value.code == 2
     assert "num_draws = 3 there, 200 (the default) now" in capsys.readouterr().err
+    # a fingerprint item named by the library is told by the option behind it
+    with pytest.raises(SystemExit) as e:
+        main(
+            [*argv[:-2], "--num-probe", "4", "--out", str(tmp_path / "c"), "--checkpoint", str(ck), "--quiet"]
+        )
+    assert e.value.code == 2
+    assert "(on the command line: --num-probe or --data" in capsys.readouterr().err
 
 
 def test_corrupted_files_are_named_and_checked_before_the_prompt_cut(model_dir, data, tmp_path, capsys):
