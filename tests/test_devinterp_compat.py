@@ -1145,3 +1145,33 @@ def test_v2_sample_refuses_an_init_seed_that_is_not_an_int(seed):
     model, ids = _transformer(), _tokens()
     with pytest.raises(ValueError, match="init_seed must be an int"):
         di.sample(model, ids, {}, lr=1e-3, n_beta=5.0, **{**SET2, "init_seed": seed})
+
+
+def test_v1_online_estimator_state_is_readable_at_each_draw_as_devinterps():
+    """devinterp's trace callbacks (OnlineTraceStatistics(est, "llcs")) read an estimator's float32 tensors
+    ``losses`` and ``llcs`` at every draw and copy the entry into their own tensors: the entries of a draw are
+    written by then, and equal the finished run's traces."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pypattern.devinterp.slt.llc import OnlineLLCEstimator
+    from pypattern.devinterp.slt.sampler import sample as v1_sample
+    from pypattern.devinterp.utils import evaluate_mse
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    loader = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=32, shuffle=True)
+    est = OnlineLLCEstimator(2, 4, init_loss=None, nbeta=10.0)
+    assert isinstance(est.llcs, torch.Tensor) and est.llcs.dtype == torch.float32
+    copies = {"llcs": torch.zeros(2, 4), "losses": torch.zeros(2, 4)}
+
+    def trace(chain, draw, **kw):  # as devinterp's OnlineTraceStatistics, listed after the estimator
+        for name, into in copies.items():
+            into[chain, draw] = getattr(est, name)[chain, draw]
+
+    res = v1_sample(nn.Linear(5, 1), loader, [est, trace], evaluate=evaluate_mse,
+                    optimizer_kwargs=dict(lr=1e-4, nbeta=10.0), num_chains=2, num_draws=4, seed=0, verbose=False)  # fmt: skip
+    del res
+    out = est.get_results()
+    np.testing.assert_allclose(copies["losses"].numpy(), out["loss/trace"], rtol=0, atol=0)
+    np.testing.assert_allclose(copies["llcs"].numpy(), out["llc/trace"], rtol=1e-5, atol=1e-6)
+    assert bool((copies["llcs"] != 0).any())

@@ -130,7 +130,10 @@ class LLCEstimator(SamplerCallback):
         self.nbeta = _nbeta(nbeta, temperature)
         self.temperature = temperature
         self.eval_field = eval_field
-        self.losses = np.full((self.num_chains, self.num_draws), np.nan, dtype=np.float32)
+        # as devinterp keeps them during the run (callbacks such as its OnlineTraceStatistics read them at each
+        # draw): float32 tensors of zeros, each entry written at its draw; which entries were is kept apart
+        self.losses = torch.zeros(self.num_chains, self.num_draws, dtype=torch.float32)
+        self._seen = np.zeros((self.num_chains, self.num_draws), dtype=bool)
 
     def update(self, chain: int, draw: int, loss) -> None:
         if not (0 <= chain < self.num_chains and 0 <= draw < self.num_draws):
@@ -139,6 +142,7 @@ class LLCEstimator(SamplerCallback):
                 f"{self.num_draws} draws: give it the num_chains and num_draws of the sample() call"
             )
         self.losses[chain, draw] = _scalar_loss(loss, chain, draw)
+        self._seen[chain, draw] = True
 
     def __call__(self, chain: int, draw: int, **kwargs) -> None:
         if self.eval_field not in kwargs:
@@ -150,13 +154,16 @@ class LLCEstimator(SamplerCallback):
     def _recorded(self) -> tuple[np.ndarray, float]:
         """The recorded losses ``(num_chains, num_draws)`` in float64 and ``init_loss`` as a float; every entry
         must have been recorded."""
-        if np.isnan(self.losses).any():
-            n = int(np.isnan(self.losses).sum())
+        if not self._seen.all():
+            n = int((~self._seen).sum())
             raise RuntimeError(
-                f"{n} of the {self.losses.size} (chain, draw) losses were never recorded: the sample() call ran "
+                f"{n} of the {self._seen.size} (chain, draw) losses were never recorded: the sample() call ran "
                 "fewer chains or draws than this estimator was built for"
             )
-        return self.losses.astype(np.float64), float(torch.as_tensor(self.init_loss, dtype=torch.float64))
+        return (
+            self.losses.numpy().astype(np.float64),
+            float(torch.as_tensor(self.init_loss, dtype=torch.float64)),
+        )
 
     def finalize(self) -> None:
         losses, init = self._recorded()
@@ -172,31 +179,45 @@ class LLCEstimator(SamplerCallback):
             "llc/mean": self.llc_mean,
             "llc/std": self.llc_std,
             **{f"llc-chain/{i}": float(v) for i, v in enumerate(self.llc_per_chain)},
-            "loss/trace": self.losses.copy(),
+            "loss/trace": self.losses.numpy().copy(),
         }
 
 
 class OnlineLLCEstimator(LLCEstimator):
     """devinterp 1.x's ``OnlineLLCEstimator``: the per-draw ``nbeta * (loss - init_loss)`` of every chain, and its
-    mean and standard deviation (ddof=1) over chains at each draw. Same arguments as :class:`LLCEstimator`."""
+    mean and standard deviation (ddof=1) over chains at each draw. Same arguments as :class:`LLCEstimator`. As in
+    devinterp, ``llcs`` (a float32 tensor ``(num_chains, num_draws)``) is written at each draw during the run
+    (``init_loss`` is set before the run by :func:`sample`); :meth:`finalize` recomputes it from the losses in
+    float64."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.llcs = torch.zeros(self.num_chains, self.num_draws, dtype=torch.float32)
+
+    def update(self, chain: int, draw: int, loss) -> None:
+        super().update(chain, draw, loss)
+        if self.init_loss is not None:
+            init = float(torch.as_tensor(self.init_loss, dtype=torch.float64))
+            self.llcs[chain, draw] = self.nbeta * (float(self.losses[chain, draw]) - init)
 
     def finalize(self) -> None:
         losses, init = self._recorded()
-        self.llcs = self.nbeta * (losses - init)
-        self.llc_means = self.llcs.mean(0)
-        self.llc_stds = self.llcs.std(0, ddof=1) if self.num_chains > 1 else np.full(self.num_draws, np.nan)
+        llcs = self.nbeta * (losses - init)
+        self.llcs = torch.from_numpy(llcs.astype(np.float32))
+        self.llc_means = llcs.mean(0)
+        self.llc_stds = llcs.std(0, ddof=1) if self.num_chains > 1 else np.full(self.num_draws, np.nan)
 
     def get_results(self) -> dict:
         """``{"init_loss", "llc/means" (num_draws,), "llc/stds" (num_draws,), "llc/trace" (num_chains,
         num_draws), "loss/trace"}`` (after the run)."""
-        if not hasattr(self, "llcs"):
+        if not hasattr(self, "llc_means"):
             self.finalize()
         return {
             "init_loss": self.init_loss,
             "llc/means": self.llc_means.astype(np.float32),
             "llc/stds": self.llc_stds.astype(np.float32),
-            "llc/trace": self.llcs.astype(np.float32),
-            "loss/trace": self.losses.copy(),
+            "llc/trace": self.llcs.numpy().copy(),
+            "loss/trace": self.losses.numpy().copy(),
         }
 
 

@@ -653,9 +653,10 @@ def estimate_learning_coeff_with_summary(
         inner.init_loss = float(res.init_loss)
         # a resumed run hands callbacks only the draws it takes itself: the library's own estimators get the
         # checkpoint's draws from the run's trace
-        if inner.eval_field == "loss" and inner.losses.shape == trace.shape:
-            missing = np.isnan(inner.losses)
-            inner.losses[missing] = trace[missing]
+        if inner.eval_field == "loss" and tuple(inner.losses.shape) == trace.shape:
+            missing = ~inner._seen
+            for c, d in zip(*np.nonzero(missing), strict=True):
+                inner.update(int(c), int(d), float(trace[c, d]))
     for cb in callbacks:
         if callable(getattr(cb, "finalize", None)):
             cb.finalize()
