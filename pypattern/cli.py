@@ -200,6 +200,12 @@ def _resolve(p: argparse.ArgumentParser, args) -> None:
     model = getattr(args, "model", None) or getattr(args, "model_dir", None)
     data = getattr(args, "data", None) or getattr(args, "tokens", None)
     if "model" in vars(args) or "model_dir" in vars(args):
+        for flag, dests, what in (
+            ("--model", ("model", "model_dir"), "directory"),
+            ("--data", ("data", "tokens"), "file"),
+        ):
+            if any(getattr(args, d, None) == "" for d in dests):
+                p.error(f"{flag} is empty: give a {what} path")
         if model and not data:
             p.error("--model needs --data FILE (the token or prompt file to run the model on)")
         if data and not model:

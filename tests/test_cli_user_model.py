@@ -231,6 +231,12 @@ def test_user_commands_need_both_model_and_data(data, model_dir, capsys):
         (["patch", "--model", str(model_dir)], "--model needs --data FILE"),
         (["circuit", "--model", str(model_dir)], "--model needs --data FILE"),
         (["circuit", "--data", str(d / "tokens.npy")], "--data needs --model DIR"),
+        (["llc", "--model", str(model_dir), "--data", ""], "--data is empty: give a file path"),
+        (["circuit", "--model", str(model_dir), "--data", ""], "--data is empty: give a file path"),
+        (
+            ["patch", "--model", "", "--data", str(d / "tokens.npy")],
+            "--model is empty: give a directory path",
+        ),
     ]:
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -186,7 +186,8 @@ class _Locals:
     def __init__(self):
         self.seen = []
 
-    def __call__(self, chain, draw, i, results, data, num_steps, grad_accum_steps, kwargs):
+    def __call__(self, chain, draw, i, results, data, num_steps, grad_accum_steps, kwargs, callback):
+        assert callback is self  # devinterp's loop variable: the callback being called
         self.seen.append(
             (chain, draw, i, results, len(data[0]), num_steps, grad_accum_steps, kwargs["init_loss"])
         )

@@ -253,7 +253,8 @@ def _as_devinterp_callback(
     (``callback(**locals())``): ``chain``, ``draw``, ``loss`` (a 0-d float32 tensor; ``cumulative_loss`` too),
     ``model`` (the chain's model, its parameters holding the step's gradient), ``data`` (the batch), ``optimizer``
     (the chain's sampler), ``i`` (the micro-batch index, ``(step + 1) * grad_accum_steps - 1``), ``results`` (the
-    tensors ``evaluate`` returned after the loss, or None), and the run's settings under devinterp's names
+    tensors ``evaluate`` returned after the loss, or None), ``callback`` (the callback itself, devinterp's loop
+    variable), and the run's settings under devinterp's names
     (``ref_model``, ``loader``, ``evaluate``, ``optimizer_kwargs``, ``sampling_method``, ``num_draws``,
     ``num_burnin_steps`` and ``num_steps_bw_draws`` in micro-batches, ``grad_accum_steps``, ``num_steps``,
     ``device``, ``seed``, ``verbose``, ``use_amp``, ``callbacks``, ``optimize_over_per_model_param``), besides
@@ -283,6 +284,7 @@ def _as_devinterp_callback(
         kw["loss"] = torch.tensor(kw["loss"], dtype=torch.float32)
         kw["cumulative_loss"] = kw["loss"]
         kw["data"] = kw.get("batch")
+        kw["callback"] = cb  # devinterp's loop variable: the callback being called
         accum = int(settings.get("grad_accum_steps", 1))
         kw["i"] = (int(kw["step"]) + 1) * accum - 1
         outs = kw.get("outputs") or ()
