@@ -55,3 +55,8 @@ def model_device(model, default: torch.device | None = None) -> torch.device | N
             if t.device.type != "meta":
                 return t.device
     return default
+
+
+def nonfinite_names(named_tensors) -> list[str]:
+    """The names, among ``(name, tensor)`` pairs, of the floating tensors holding a NaN or an infinity."""
+    return [n for n, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -155,7 +155,7 @@ def check_attention_mask(mask: torch.Tensor, argument: str) -> None:
     Under vmap (each of a run's batched chains reading its own batch) the values cannot be read: where the caller
     checked the batches before stacking them (:func:`check_batch_values` inside :func:`stacked_batches_checked`)
     the check is left out; elsewhere it runs, and vmap refuses it (the chains then run one by one, checked)."""
-    if functorch_wrapped(mask) and _STACKED_CHECKED.get():
+    if _checked_before_stacking(mask):
         return
     if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
         bad = mask[(mask != 0) & (mask != 1)][0].item()
@@ -540,8 +540,8 @@ def _takes(model: nn.Module, key: str) -> bool:
 def _refuse_left_padding(model: nn.Module, attention_mask: torch.Tensor, argument: str) -> None:
     """A real token after a padding position, for a model that reads no mask: its real tokens would attend to the
     padding. Refused, naming ``argument``."""
-    if functorch_wrapped(attention_mask) and _STACKED_CHECKED.get():
-        return  # under vmap the values cannot be read: check_batch_values checked each chain's batch
+    if _checked_before_stacking(attention_mask):
+        return
     am = attention_mask.bool()
     inner = am[:, 1:] & ~am[:, :-1]
     if bool(inner.any()):
@@ -570,6 +570,12 @@ def _on_model(model: nn.Module, pb: ParsedBatch) -> ParsedBatch:
 _STACKED_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("stacked_checked", default=False)
 
 
+def _checked_before_stacking(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values cannot be read here (a vmapped batch) and were checked before the batches were
+    stacked (:func:`stacked_batches_checked`): a value check on it is left out."""
+    return functorch_wrapped(t) and _STACKED_CHECKED.get()
+
+
 @contextlib.contextmanager
 def stacked_batches_checked() -> Iterator[None]:
     """In the block, the value checks of the default losses (:func:`check_batch_values`) are left out under vmap:
@@ -596,7 +602,11 @@ def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
     """Run ``model`` on the inputs of ``batch`` (see the module docstring for how it is called); the raw output.
     The batch's tensors are moved to where the model computes first. A left-padded batch for a model whose forward
     takes no ``attention_mask`` is refused."""
-    pb = _on_model(model, batch if isinstance(batch, ParsedBatch) else parse_batch(batch))
+    return _output(model, _on_model(model, batch if isinstance(batch, ParsedBatch) else parse_batch(batch)))
+
+
+def _output(model: nn.Module, pb: ParsedBatch) -> Any:
+    """:func:`model_output` of a parsed batch already where the model computes."""
     if pb.kind == "pair":
         return model(pb.inputs)
     names = _forward_params(model)
@@ -791,7 +801,7 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     output with only ``.loss``) has that scalar returned.
     """
     pb = _on_model(model, parse_batch(batch))
-    out = model_output(model, pb)
+    out = _output(model, pb)
     own = _output_loss(out)
     if own is not None:
         return own
@@ -822,7 +832,7 @@ def token_losses(
         Boolean, the shape of ``losses``: True where the entry counts.
     """
     pb = _on_model(model, parse_batch(batch))
-    logits = read_logits(model_output(model, pb))
+    logits = read_logits(_output(model, pb))
     terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target)
     if fill != 0.0:
         terms = torch.where(mask, terms, torch.full_like(terms, fill))

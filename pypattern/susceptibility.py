@@ -792,9 +792,11 @@ def susceptibilities(
         sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
     # phi and the probe losses are forwards of the model on these: on its device (as the sampler's batches are)
     sampling_batch, probe = to_device(sampling_batch, dev), to_device(probe, dev)
-    if loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
+    phi_batch = "sampling_batch" if given else "loader"  # the argument the sampling batch came in
+    default_phi = loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES
+    if default_phi:
         # the default losses read it: checked as probe is, errors naming where it came from
-        check_batch(model, sampling_batch, "sampling_batch" if given else "loader")
+        check_batch(model, sampling_batch, phi_batch)
     if loss_fn is None:
 
         def lf(m, batch):
@@ -840,9 +842,7 @@ def susceptibilities(
         return split_loss(lf(m, sampling_batch)).detach().to(torch.float64)
 
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
-    phi_batch = "sampling_batch" if given else "loader"
-    library_phi = observable is None and loss_fn is None and per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES
-    with torch.no_grad(), errors_naming(model, sampling_batch, phi_batch, library_phi):
+    with torch.no_grad(), errors_naming(model, sampling_batch, phi_batch, observable is None and default_phi):
         phi0 = phi_of(model)
     if phi0.numel() != 1:
         raise ValueError(
@@ -851,7 +851,7 @@ def susceptibilities(
         )
     phi0 = phi0.reshape(())
     if not bool(torch.isfinite(phi0)):
-        what = "observable" if observable is not None else ("sampling_batch" if given else "loader")
+        what = "observable" if observable is not None else phi_batch
         raise ValueError(
             f"{what}: phi is {float(phi0)} at the initial weights w*, before any step: the data or the model give "
             "a non-finite value (look for NaN or Inf in the batch's tensors and in the model's weights)"

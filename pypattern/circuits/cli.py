@@ -27,6 +27,7 @@ import zipfile
 import numpy as np
 import torch
 
+from .._checks import nonfinite_names
 from ..io import np_load
 
 __all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "user_prompts", "main"]
@@ -151,7 +152,7 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str
         raise ValueError(
             f"{name}: {weights} holds {state[bad[0]].dtype} values in {bad[0]}; the weights must be floating point"
         )
-    nonfinite = [k for k in want if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    nonfinite = nonfinite_names((k, state[k]) for k in want)
     if nonfinite:
         raise ValueError(
             f"{name}: {weights} holds values that are not finite (NaN or infinite) in {nonfinite[0]}"

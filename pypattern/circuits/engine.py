@@ -283,10 +283,7 @@ class EdgeEngine:
     def base_metric(self) -> torch.Tensor:
         """Metric of the unpatched base run ``(batch,)``; a metric of integer or bool values (an accuracy, a rank)
         in the dtype of :meth:`run`'s values, so that differences of the two are scores."""
-        m = self.metric(self.base.logits)
-        if isinstance(m, torch.Tensor) and not (m.is_floating_point() or m.is_complex()):
-            m = m.to(torch.promote_types(self.dtype, torch.float32))
-        return m
+        return _scored(self.metric(self.base.logits), self.dtype)
 
     # ----- patched forward ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -884,6 +881,14 @@ class _QKV(torch.autograd.Function):
         return dR, None, None, None, None, None
 
 
+def _scored(m, dtype: torch.dtype):
+    """Metric values ``m`` of integer or bool dtype (an accuracy, a rank) in the dtype of the engine's values for a
+    model of ``dtype``, so that differences of them are scores; float values as they are."""
+    if isinstance(m, torch.Tensor) and not (m.is_floating_point() or m.is_complex()):
+        return m.to(torch.promote_types(dtype, torch.float32))
+    return m
+
+
 def _rows(t: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
     """``t`` at the positions ``rows`` along ``dim``: a view when they are consecutive (all rows, or the last)."""
     n = len(rows)
@@ -1090,8 +1095,7 @@ def _record_runs(
         bind_metric(metric, clean_run.logits.detach())
         m_clean = check_metric_output(metric(clean_run.logits), B)
         check_metric_on_stacks(metric, clean_run.logits.detach(), m_clean)
-        if not (m_clean.is_floating_point() or m_clean.is_complex()):  # an accuracy or a rank: as base_metric
-            m_clean = m_clean.to(torch.promote_types(view.dtype, torch.float32))
+        m_clean = _scored(m_clean, view.dtype)
     if defer_base:
         base = None
     else:

@@ -76,6 +76,7 @@ class RunContext:
     split_loss: Callable  # the loss from what loss_fn returned
     init_loss: float
     data_cache: dict = field(default_factory=dict)
+    loss_argument: str = "loss_fn"  # the argument the loss function came in, which errors about it name
     pbar: Any = None
     # (observable name, batch structure) pairs, the structure as batched._structure gives it: the observables
     # whose vmap-ed call raises on batches of that structure, evaluated chain by chain on them

@@ -568,6 +568,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         split_loss=split_loss if argument == "loss_fn" else functools.partial(split_loss, argument=argument),
         init_loss=float(np.mean(st.init_losses)),
         data_cache=data_cache,
+        loss_argument=argument,
         pbar=pbar,
     )
     t0 = time.perf_counter()
@@ -576,10 +577,10 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         todo = [g for g in mine if st.done[g] < plan.num_draws]
         parts = [todo[i :: plan.cores] for i in range(min(plan.cores, len(todo)))]
         if len(parts) <= 1:
-            ran_batched = _run_part(ctx, todo, argument)
+            ran_batched = _run_part(ctx, todo)
         else:
             with pinned_threads(1):
-                ran_batched = _run_threads(ctx, parts, argument)
+                ran_batched = _run_threads(ctx, parts)
     finally:
         st.seconds += time.perf_counter() - t0
         if pbar is not None:
@@ -767,9 +768,9 @@ def fits_batched(model: nn.Module, num_chains: int) -> bool:
     return num_chains * n_params <= BATCHED_MAX_STACKED
 
 
-def _run_part(ctx: RunContext, chains: list[int], argument: str = "loss_fn") -> bool:
+def _run_part(ctx: RunContext, chains: list[int]) -> bool:
     """Run a group of chains, batched when ``batched`` says so and the model runs under vmap, else one after
-    another; whether it ran batched. ``argument``: the loss function's argument, which errors name."""
+    another; whether it ran batched."""
     plan, st = ctx.plan, ctx.state
     same_step = len({int(st.next_step[g]) for g in chains}) <= 1
     use_batched = plan.batched
@@ -782,7 +783,7 @@ def _run_part(ctx: RunContext, chains: list[int], argument: str = "loss_fn") -> 
         except VmapUnsupported as e:
             if plan.batched:
                 raise RuntimeError(
-                    f"batched=True but the model or {argument} does not run under vmap: {e}"
+                    f"batched=True but the model or {ctx.loss_argument} does not run under vmap: {e}"
                 ) from e
         chains = [g for g in chains if st.done[g] < plan.num_draws]
     if chains:
@@ -794,14 +795,14 @@ def _run_part(ctx: RunContext, chains: list[int], argument: str = "loss_fn") -> 
     return False
 
 
-def _run_threads(ctx: RunContext, parts: list[list[int]], argument: str = "loss_fn") -> bool:
+def _run_threads(ctx: RunContext, parts: list[list[int]]) -> bool:
     """Run the groups ``parts`` in one thread each; the first error stops the others and is raised here."""
     errors: list[BaseException] = []
     modes: list[bool] = []
 
     def work(part):
         try:
-            modes.append(_run_part(ctx, part, argument))
+            modes.append(_run_part(ctx, part))
         except Stopped:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread below

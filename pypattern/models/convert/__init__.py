@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._checks import refuse_meta_model
+from ..._checks import nonfinite_names, refuse_meta_model
 from ..._training import eval_mode
 from ..transformer import Transformer
 from . import hooked_transformer
@@ -181,12 +181,12 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
 def _refuse_nonfinite(model: nn.Module) -> None:
     """Refuse a model with a parameter that holds NaN or infinite values, naming it (its logits would be NaN, and
     the check against its own forward would read that as another architecture)."""
-    for n, p in model.named_parameters():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ValueError(
-                f"model's parameter {n!r} holds values that are not finite (NaN or infinite): every computation "
-                "on the model would be NaN; load finite weights"
-            )
+    bad = nonfinite_names(model.named_parameters())
+    if bad:
+        raise ValueError(
+            f"model's parameter {bad[0]!r} holds values that are not finite (NaN or infinite): every computation "
+            "on the model would be NaN; load finite weights"
+        )
 
 
 # relative logits differences beyond rounding, by the coarser of the two models' dtypes (the conversion is tested
@@ -308,14 +308,16 @@ def converted_if_convertible(model: Any) -> Any:
     """For the estimators that need pypattern's model (per-head patching, AtP, circuits): a TransformerLens
     ``HookedTransformer`` or bridge, or a Hugging Face causal LM of a class in :data:`SUPPORTED_CLASSES`, converted
     with :func:`from_hf` (the same function); any other model unchanged (the estimator then says what it needs)."""
-    refuse_meta_model(model, needs="the estimator runs it")
-    if isinstance(model, Transformer):
-        return model
     if is_hooked_transformer(model) or is_transformer_lens(model):
-        return from_hf(model)
+        return from_hf(model)  # (which refuses weights on the meta device)
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    if type(inner).__name__ in _CONVERTERS and isinstance(inner, nn.Module):
+    if (
+        not isinstance(model, Transformer)
+        and type(inner).__name__ in _CONVERTERS
+        and isinstance(inner, nn.Module)
+    ):
         return from_hf(inner)
+    refuse_meta_model(model, needs="the estimator runs it")
     return model
 
 
