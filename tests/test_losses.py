@@ -263,6 +263,24 @@ def test_mean_equals_hugging_face_loss(kind):
             torch.testing.assert_close(batch_loss(model, batch), hf.double(), rtol=1e-6, atol=1e-6)
 
 
+class _LossModule(nn.Module):
+    """One of the default losses (``fn``: "batch", "sample" or "token") of ``model`` as a module of the batch, for
+    torch.func.functional_call over stacked parameters."""
+
+    LOSSES = {
+        "batch": batch_loss,
+        "sample": sample_losses,
+        "token": lambda m, b: token_losses(m, b, fill=0.0)[0],
+    }
+
+    def __init__(self, model, fn: str):
+        super().__init__()
+        self.model, self.fn = model, self.LOSSES[fn]
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
 @needs_hf
 @pytest.mark.filterwarnings(
     "ignore:There is a performance drop"
@@ -271,23 +289,9 @@ def test_mean_equals_hugging_face_loss(kind):
 @pytest.mark.parametrize("fn", ["batch", "sample", "token"])
 def test_under_vmap_and_functional_call(attn, fn):
     """Many parameter sets at once (as the batched sampler runs chains): equal to one call per parameter set."""
-    f = {
-        "batch": batch_loss,
-        "sample": sample_losses,
-        "token": lambda m, b: token_losses(m, b, fill=0.0)[0],
-    }[fn]
-
-    class Loss(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, batch):
-            return f(self.model, batch)
-
     ids, am = _padded(_seqs(5))
     for model in (_tf(), _hf("gpt2", attn), _hf("llama", attn)):
-        w = Loss(model)
+        w = _LossModule(model, fn)
         g = torch.Generator().manual_seed(0)
         params = {
             k: v.detach() + 0.01 * torch.randn((3, *v.shape), generator=g, dtype=v.dtype)
@@ -551,23 +555,11 @@ def test_under_vmap_over_stacked_dict_batches(fn):
     """Each parameter set with its own padded dict batch (as batched chains read theirs): the mask checks cannot
     read values under vmap; inside stacked_batches_checked (the caller checked each batch before stacking) they are
     left out, and the losses equal one call per set."""
-    f = {"batch": batch_loss, "sample": sample_losses, "token": lambda m, b: token_losses(m, b, fill=0.0)[0]}[
-        fn
-    ]
-
-    class Loss(nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, batch):
-            return f(self.model, batch)
-
     ids, am = _padded(_seqs(5))
     batches = [{"input_ids": ids.roll(c, 0), "attention_mask": am.roll(c, 0)} for c in range(3)]
     stacked = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
     for model in (_tf(), _hf("gpt2", "eager")):
-        w = Loss(model)
+        w = _LossModule(model, fn)
         params = {k: v.detach() for k, v in w.named_parameters()}
         for b in batches:
             losses.check_batch_values(model, b)
