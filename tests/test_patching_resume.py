@@ -7,7 +7,7 @@ import torch
 
 from pypattern.io import FingerprintMismatch, FormatError
 from pypattern.models import HookedModule, Transformer, TransformerConfig
-from pypattern.patching import GaussianNoise, LogitDiff, MeanAblation, activation_patching
+from pypattern.patching import GaussianNoise, LogitDiff, MeanAblation, TokenReplacement, activation_patching
 from pypattern.patching import api as patching_api
 from pypattern.patching.engine import ExactEngine
 
@@ -133,6 +133,17 @@ def test_another_run_is_refused_and_a_damaged_file_named(tmp_path):
     # the batch settings may differ: the same run
     again = activation_patching(**base, max_batch=1, max_memory=None, checkpoint=path, quiet=True)
     torch.testing.assert_close(again.values, activation_patching(**base, quiet=True).values, rtol=0, atol=0)
+    # so may the ids' integer type and the form the corrupted prompts are given in
+    same = [
+        dict(clean_tokens=clean.int(), corrupted_tokens=corr.int()),
+        dict(corrupted_tokens=None, corruption=TokenReplacement(corr)),
+        dict(corrupted_tokens=None, corruption=TokenReplacement(corr.int())),
+    ]
+    for change in same:
+        again = activation_patching(**{**base, **change}, checkpoint=path, quiet=True)
+        torch.testing.assert_close(
+            again.values, activation_patching(**base, quiet=True).values, rtol=0, atol=0
+        )
     data = dict(np.load(path))
     data["done"] = data["done"].astype(np.int64)
     np.savez(path, **data)

@@ -511,7 +511,17 @@ def _corruption_items(corruption) -> dict | None:
         items = {f.name: getattr(corruption, f.name) for f in dataclasses.fields(corruption)}
     else:
         items = dict(getattr(corruption, "__dict__", {}))
-    return {"class": f"{type(corruption).__module__}.{type(corruption).__qualname__}", **items}
+    return {
+        "class": f"{type(corruption).__module__}.{type(corruption).__qualname__}",
+        **{k: _ids(v) for k, v in items.items()},
+    }
+
+
+def _ids(tokens):
+    """Token ids as int64 on the CPU (what a fingerprint hashes); anything else as it is."""
+    if isinstance(tokens, torch.Tensor) and not tokens.is_floating_point() and not tokens.is_complex():
+        return tokens.detach().to("cpu", torch.int64)
+    return tokens
 
 
 class _Grid:
@@ -546,9 +556,13 @@ class _Grid:
             per_position=per_position,
             window=window,
             grid=coords,
-            clean=clean,
-            corrupted=corrupted,
-            corruption=_corruption_items(corruption),
+            # int32 and int64 ids of the same prompts are the same run, and so are corrupted_tokens=X and
+            # corruption=TokenReplacement(X)
+            clean=_ids(clean),
+            corrupted=_ids(
+                corrupted if corrupted is not None else getattr(corruption, "corrupted_tokens", None)
+            ),
+            corruption=_corruption_items(resolve_corruption(corrupted, corruption)),
             metric=metric,
             **{f"weights[{n}]": t for n, t in model.state_dict().items()},
             architecture=_architecture(model),
