@@ -67,14 +67,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------ input checks
 
 
-def _as_features(
-    x, name: str, min_samples: int = 1, dtype: torch.dtype = torch.float64, center: bool = False
-) -> torch.Tensor:
-    """``(n, ...)`` -> ``(n, d)`` of ``dtype`` (float64 unless asked), with clear errors for the inputs no
-    measure can use. The measures are statistics of the values: a tensor that tracks gradients is read detached.
-    ``center``: for measures that centre the columns anyway, a narrower ``dtype`` is reached after the columns are
-    centred in float64, whatever the input's dtype (a common offset would otherwise take the narrower type's
-    precision)."""
+def _as_features(x, name: str, min_samples: int = 1) -> torch.Tensor:
+    """``(n, ...)`` -> ``(n, d)`` float64, with clear errors for the inputs no measure can use. The measures are
+    statistics of the values: a tensor that tracks gradients is read detached."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))  # numpy views with negative strides too
     if not isinstance(x, torch.Tensor):
@@ -96,24 +91,28 @@ def _as_features(
         raise ValueError(f"{name} has {x.shape[0]} samples; this measure needs at least {min_samples}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
-    # an input of another type is checked (and, for a narrower dtype, centred: also an input already of that
-    # dtype, whose own-precision centring would leave a common offset's rounding) in float64, then cast
-    narrow = center and dtype != torch.float64
-    wide = x if (x.dtype == dtype and not narrow) else x.to(torch.float64)
-    if not torch.isfinite(wide).all():
-        bad = int((~torch.isfinite(wide)).sum())
-        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
-    if wide.dtype == dtype and not narrow:
-        return wide
-    if center:
-        wide = wide - wide.mean(0, keepdim=True)
-    x = wide.to(dtype)
+    x = x.to(torch.float64)
     if not torch.isfinite(x).all():
-        raise ValueError(
-            f"{name} holds values up to {float(wide.abs().max()):.3g}, beyond {dtype}'s range: give "
-            "dtype=torch.float64"
-        )
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
     return x
+
+
+def _unit_features(x, name: str, min_samples: int, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """``x`` checked as by :func:`_as_features`, divided by its largest magnitude and cast to ``dtype``; and that
+    magnitude (0 for an all-zero ``x``, which is returned as it is). CKA does not change with the scale of either
+    representation. The division happens in float64, before a narrower ``dtype`` is reached, so that data of any
+    float64 scale (1e-60 or 1e60) keeps that dtype's relative precision instead of underflowing or overflowing in
+    the cast, and the fourth powers the HSIC sums hold stay in range. For a narrower ``dtype`` the columns are
+    centred first (in float64, whatever the input's dtype), as a common offset would otherwise take the narrower
+    type's precision."""
+    wide = _as_features(x, name, min_samples)
+    if dtype != torch.float64:
+        wide = _center_columns(wide)
+    size = float(wide.abs().max())
+    if size > 0:
+        wide = wide / size
+    return wide.to(dtype), size
 
 
 def _check_dtype(dtype) -> None:
@@ -152,6 +151,17 @@ def _check_seed(seed, name: str = "seed", allow_none: bool = False) -> int | Non
     return int(seed)
 
 
+def _generator_seed(seed, name: str = "seed", allow_none: bool = False) -> int | None:
+    """``seed`` checked as by :func:`_check_seed` and in the range a ``torch.Generator`` takes, ``[-2**63,
+    2**64)``; one outside it is refused naming ``name``."""
+    seed = _check_seed(seed, name, allow_none)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ValueError(
+            f"{name}={seed} is not valid; give an int in [-2**63, 2**64) (it seeds a torch.Generator)"
+        )
+    return seed
+
+
 def _min_samples(debiased: bool) -> int:
     return 4 if debiased else 2
 
@@ -164,6 +174,7 @@ def u_center(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     ``K_ij - r_i / (n - 2) - r_j / (n - 2) + s / ((n - 1)(n - 2))`` with ``r`` the row sums and ``s`` the total of
     ``K`` with its diagonal zeroed. ``<u_center(K), u_center(L)> / (n (n - 3))`` is the unbiased HSIC.
     ``inplace=True`` overwrites ``k`` (a floating tensor)."""
+    _check_flag(inplace, "inplace")
     if inplace and not (isinstance(k, torch.Tensor) and k.is_floating_point()):
         raise TypeError(
             f"u_center(inplace=True) overwrites k: give a floating torch.Tensor, got {type(k).__name__}"
@@ -225,6 +236,7 @@ def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = True) -> torch.Te
     ``debiased=True``: the unbiased estimator (Song et al. 2012), needs ``n >= 4``; ``False``:
     ``tr(K H L H) / (n - 1)^2``.
     """
+    _check_flag(debiased, "debiased")
     k, l = _gram(k, "k"), _gram(l, "l")  # noqa: E741
     if k.shape != l.shape:
         raise ValueError(
@@ -282,11 +294,11 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     """
     _check_flag(debiased, "debiased")
     _check_dtype(dtype)
-    x = _as_features(x, "x", _min_samples(debiased), dtype, center=True)
-    y = _as_features(y, "y", _min_samples(debiased), dtype, center=True)
+    x, _ = _unit_features(x, "x", _min_samples(debiased), dtype)
+    y, _ = _unit_features(y, "y", _min_samples(debiased), dtype)
     _check_pair(x, y)
     # the form with fewer multiply-adds (the n x n Grams when there are fewer samples than features)
-    xy, xx, yy = _hsic_all([_unit_scale(x)], [_unit_scale(y)], debiased, "auto")
+    xy, xx, yy = _hsic_all([x], [y], debiased, "auto")
     xx, yy = _zero_constant(xx, [x]), _zero_constant(yy, [y])
     return float(_cka_from_hsic(xy[0, 0], xx[0], yy[0]))
 
@@ -402,6 +414,7 @@ def cka_matrix(
     -------
     Tensor ``(len(xs), len(ys))``, float64 (NaN where a representation is constant).
     """
+    _check_flag(debiased, "debiased")
     _check_method(method)
     _check_dtype(dtype)
     same = ys is None
@@ -411,13 +424,11 @@ def cka_matrix(
         raise TypeError(
             "xs and ys must be sequences of representations (e.g. a list of tensors), not one tensor"
         )
-    xs = [_as_features(x, f"xs[{i}]", _min_samples(debiased), dtype, center=True) for i, x in enumerate(xs)]
+    xs = [_unit_features(x, f"xs[{i}]", _min_samples(debiased), dtype)[0] for i, x in enumerate(xs)]
     ys = (
         xs
         if same
-        else [
-            _as_features(y, f"ys[{j}]", _min_samples(debiased), dtype, center=True) for j, y in enumerate(ys)
-        ]
+        else [_unit_features(y, f"ys[{j}]", _min_samples(debiased), dtype)[0] for j, y in enumerate(ys)]
     )
     if not xs or not ys:
         raise ValueError("xs and ys must each hold at least one representation")
@@ -425,8 +436,7 @@ def cka_matrix(
         _check_pair(xs[0], x, "xs[0]", f"xs[{i}]")
     for j, y in enumerate(ys):
         _check_pair(xs[0], y, "xs[0]", f"ys[{j}]")
-    sxs = [_unit_scale(x) for x in xs]
-    num, sx, sy = _hsic_all(sxs, None if same else [_unit_scale(y) for y in ys], debiased, method)
+    num, sx, sy = _hsic_all(xs, None if same else ys, debiased, method)
     sx, sy = _zero_constant(sx, xs), _zero_constant(sy, ys)
     return _cka_from_hsic(num, sx[:, None], sy[None, :])
 
@@ -495,18 +505,33 @@ class MinibatchCKA:
         _check_dtype(dtype)
         self.method, self.dtype = method, dtype
         self.num_x, self.num_y = num_x, num_y
-        # each batch's normalised unbiased HSIC terms (A B + A + B numbers): their sums give the estimate, and
-        # the sums without one batch the jackknife
+        # each batch's normalised unbiased HSIC terms (A B + A + B numbers) of its representations scaled to a
+        # largest magnitude of 1, and those magnitudes (A + B, or A with ys = xs): the terms rescaled to common
+        # scales and summed give the estimate, and the sums without one batch the jackknife
         self._batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._scales: list[torch.Tensor] = []
         self._widths: tuple[list[int], list[int]] | None = None  # feature widths of batch 0 (xs, ys)
-        self._scales: list[float] | None = None  # each representation's scale, from batch 0
 
     @property
     def num_batches(self) -> int:
         return len(self._batches)
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(torch.stack(t) for t in zip(*self._batches))
+    def _sums(self, skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The HSIC terms ``(A, num_y)``, ``(A,)``, ``(num_y,)`` summed over the batches (all but ``skip``) on
+        common scales: per representation, the largest magnitude over those batches. A term of degree 4 in a batch
+        of magnitude ``s`` against the common ``S`` is multiplied by ``(s / S)^4`` (at most 1, so nothing
+        overflows; a batch far smaller than another underflows to a contribution of 0, its share of the sums being
+        below float64's resolution). CKA does not change with the common scales."""
+        keep = [b for b in range(self.num_batches) if b != skip]
+        xy, xx, yy = (torch.stack([self._batches[b][i] for b in keep]) for i in range(3))
+        s = torch.stack([self._scales[b] for b in keep])  # (batches, A + num_y), or (batches, A) with ys = xs
+        top = s.amax(0)
+        r = (
+            torch.where(top > 0, s / torch.where(top > 0, top, 1.0), 0.0) ** 2
+        )  # (s / S)^2, 0 for all-zero data
+        rx = r[:, : xx.shape[1]]
+        ry = rx if s.shape[1] == xx.shape[1] else r[:, xx.shape[1] :]
+        return (xy * rx[:, :, None] * ry[:, None, :]).sum(0), (xx * rx * rx).sum(0), (yy * ry * ry).sum(0)
 
     def update(self, xs: Sequence, ys: Sequence | None = None) -> MinibatchCKA:
         for name, v in (("xs", xs), ("ys", ys)):
@@ -525,12 +550,14 @@ class MinibatchCKA:
                 f"expected {self.num_x} representations in xs and {self.num_y} in ys, got {len(xs)} and "
                 f"{None if ys is None else len(ys)}"
             )
-        xs = [_as_features(x, f"xs[{i}]", 4, self.dtype, center=True) for i, x in enumerate(xs)]
-        ys = (
-            xs
-            if ys is None
-            else [_as_features(y, f"ys[{j}]", 4, self.dtype, center=True) for j, y in enumerate(ys)]
-        )
+        # each representation scaled to a largest magnitude of 1 in float64 (and then cast), its magnitude kept
+        xs, sx = zip(*(_unit_features(x, f"xs[{i}]", 4, self.dtype) for i, x in enumerate(xs)))
+        xs = list(xs)
+        if ys is None:
+            ys, sy = xs, ()
+        else:
+            ys, sy = zip(*(_unit_features(y, f"ys[{j}]", 4, self.dtype) for j, y in enumerate(ys)))
+            ys = list(ys)
         for j, z in enumerate(list(xs) + list(ys)):
             _check_pair(xs[0], z, "xs[0]", f"representation {j} of this batch")
         widths = ([x.shape[1] for x in xs], [y.shape[1] for y in ys])
@@ -544,22 +571,17 @@ class MinibatchCKA:
                             f"batch {self.num_batches}: {name}[{i}] has {a} features, but batch 0 had {b}; "
                             "every batch must give each representation the same feature width"
                         )
-        # one scale per representation, fixed by its first batch (CKA does not change; the fourth powers the HSIC
-        # sums hold stay in range for inputs of scale 1e-20 or 1e20 in float32)
         same = ys is xs
-        if self._scales is None:
-            self._scales = [_max_magnitude(z) for z in list(xs) + ([] if same else list(ys))]
-        sx = self._scales[: len(xs)]
-        xs = [x / s for x, s in zip(xs, sx)]
-        ys = xs if same else [y / s for y, s in zip(ys, self._scales[len(sx) :])]
-        self._batches.append(_hsic_all(xs, None if same else ys, True, self.method))
+        terms = _hsic_all(xs, None if same else ys, True, self.method)
+        self._batches.append(terms)
+        self._scales.append(torch.tensor(sx + sy, dtype=torch.float64, device=terms[0].device))
         return self
 
     def compute(self) -> torch.Tensor:
         """``(num_x, num_y)`` CKA from the batch-averaged unbiased HSIC terms."""
         if self.num_batches == 0:
             raise RuntimeError("MinibatchCKA.compute() before any update()")
-        xy, xx, yy = (t.sum(0) for t in self._stacked())
+        xy, xx, yy = self._sums()
         return _cka_from_hsic(xy, xx[:, None], yy[None, :])
 
     def standard_error(self) -> torch.Tensor:
@@ -568,8 +590,13 @@ class MinibatchCKA:
         ``b``. Needs at least 2 batches; it treats batches as independent draws of the same size."""
         if self.num_batches < 2:
             raise RuntimeError(f"standard_error() needs at least 2 batches, got {self.num_batches}")
-        xy, xx, yy = self._stacked()
-        loo = _cka_from_hsic(xy.sum(0) - xy, (xx.sum(0) - xx)[:, :, None], (yy.sum(0) - yy)[:, None, :])
+        # each CKA_(-b) from its own sums, on the common scales of the batches it keeps
+        loo = torch.stack(
+            [
+                _cka_from_hsic(xy, xx[:, None], yy[None, :])
+                for xy, xx, yy in map(self._sums, range(self.num_batches))
+            ]
+        )
         nb = self.num_batches
         return ((nb - 1) / nb * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
 
@@ -679,7 +706,7 @@ def permutation_test(
     if num_permutations < 1:
         raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
     num_permutations = int(num_permutations)
-    g = torch.Generator().manual_seed(_check_seed(seed, "seed"))
+    g = torch.Generator().manual_seed(_generator_seed(seed, "seed"))
     if measure in ("cka", "cka_biased"):
         debiased = measure == "cka"
         xf = _as_features(x, "x", _min_samples(debiased))
@@ -745,7 +772,7 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     """
     x, y = _as_features(x, "x", 4), _as_features(y, "y", 4)
     _check_pair(x, y)
-    seed = _check_seed(seed)
+    seed = _generator_seed(seed)
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     if (

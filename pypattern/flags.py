@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ._checks import model_device
-from .equivalence import _check_seed
+from .equivalence import _check_flag, _check_seed, _generator_seed
 from .io import Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .tasks.base import IGNORE, Task, generator
@@ -93,6 +93,11 @@ class FlagSpec:
         if not isinstance(self.hook, str) or not self.hook:
             raise ValueError(
                 f"hook={self.hook!r} is not valid; give a hook name like 'blocks.1.hook_resid_pre'"
+            )
+        if isinstance(self.dims, set | frozenset | dict):
+            raise TypeError(
+                f"dims={self.dims!r} is a {type(self.dims).__name__}, which has no order: the flag dimensions are "
+                "split into the concepts' groups in order, so give an ordered sequence (a tuple or list of ints)"
             )
         try:
             dims = tuple(int(d) for d in self.dims)
@@ -152,7 +157,11 @@ class FlagSpec:
         return out
 
     def check(self, model: torch.nn.Module) -> None:
-        """Raise ``ValueError`` if ``model`` has no hook point ``hook`` or ``dims`` exceed its ``d_model``."""
+        """Raise ``ValueError`` if ``model`` has no hook point ``hook``, if ``hook`` is a hook point of a
+        :class:`~pypattern.models.Transformer` whose activation is not ``(batch, pos, features)`` (an attention
+        hook's per-head activations, a layer norm's scale), or if ``dims`` exceed the width of its activation
+        (``d_model`` for the residual stream and the hooks written into it, ``d_mlp`` for the MLP's ``hook_pre``
+        and ``hook_post``)."""
         names = getattr(model, "hook_dict", None)
         if names is None:
             raise ValueError(
@@ -161,11 +170,44 @@ class FlagSpec:
         if self.hook not in names:
             near = [n for n in names if "resid" in n][:6]
             raise ValueError(f"hook={self.hook!r} is not a hook point of the model; valid examples: {near}")
-        d_model = getattr(getattr(model, "cfg", None), "d_model", None)
-        if d_model is not None and max(self.dims) >= d_model:
+        cfg = getattr(model, "cfg", None)
+        d_model = getattr(cfg, "d_model", None)
+        if d_model is None:
+            return
+        last = self.hook.rsplit(".", 1)[-1]
+        if last in _NOT_FEATURE_HOOKS:
             raise ValueError(
-                f"dims={self.dims} has entries >= d_model={d_model}; give dimensions in 0..{d_model - 1}"
+                f"hook={self.hook!r} is not a residual-stream hook point: its activation is not (batch, pos, "
+                "d_model) (attention hooks hold one slice per head, a layer norm's hook_scale one number per "
+                "position); give a residual-stream hook such as 'blocks.1.hook_resid_pre'"
             )
+        d_mlp = getattr(cfg, "d_mlp", None)
+        if ".mlp." in self.hook and last in ("hook_pre", "hook_post") and d_mlp is not None:
+            if max(self.dims) >= d_mlp:
+                raise ValueError(
+                    f"dims={self.dims} has entries >= {d_mlp}, the width of hook={self.hook!r} (an MLP hook "
+                    f"point of width d_mlp={d_mlp}, not a residual-stream one); give dimensions in 0..{d_mlp - 1}, "
+                    "or a residual-stream hook such as 'blocks.1.hook_resid_pre'"
+                )
+            return
+        if max(self.dims) >= d_model:
+            raise ValueError(
+                f"dims={self.dims} has entries >= d_model={d_model}, the width of the residual stream at "
+                f"hook={self.hook!r}; give dimensions in 0..{d_model - 1}"
+            )
+
+
+# hook points of a Transformer whose activation is not (batch, pos, features): per-head attention activations and
+# a layer norm's scale
+_NOT_FEATURE_HOOKS = (
+    "hook_q",
+    "hook_k",
+    "hook_v",
+    "hook_z",
+    "hook_attn_scores",
+    "hook_pattern",
+    "hook_scale",
+)
 
 
 def _check_spec(spec) -> None:
@@ -302,7 +344,7 @@ def _concepts_of(task, tokens: torch.Tensor) -> torch.Tensor:
 
 def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
     """``(batch, pos)`` bool mask from None (all), an int ``p`` (positions >= p), or a bool tensor."""
-    if isinstance(positions, bool):
+    if isinstance(positions, bool | np.bool_):
         raise ValueError(
             f"positions={positions!r} is not valid; give None (every position), an int start position or a bool mask"
         )
@@ -317,11 +359,13 @@ def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
     m = torch.as_tensor(positions, device=device)
     if m.dtype != torch.bool:
         raise ValueError(f"positions has dtype {m.dtype}; give None, an int start position or a bool mask")
+    given = tuple(m.shape)
     if m.dim() == 1:
         m = m[None].expand(b, -1)
     if m.dim() != 2 or m.shape[0] != b or m.shape[1] < t:
         raise ValueError(
-            f"positions has shape {tuple(m.shape)}; give a bool mask (pos,) or (batch, pos) with pos >= {t}"
+            f"positions has shape {given}; give a bool mask (pos,) or ({b}, pos) with pos >= {t} (the batch has "
+            f"{b} sequences of {t} positions)"
         )
     return m[:, :t]
 
@@ -444,8 +488,17 @@ def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, posit
         value, numbers.Real | torch.Tensor | np.ndarray | list | tuple
     ):
         raise TypeError(f"value={value!r} is not valid; give a float or ({spec.num_flags},) values")
+    try:
+        v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"value={value!r} is not valid; give a float or ({spec.num_flags},) values") from None
+    if v.is_complex() or v.dtype == torch.bool:
+        raise TypeError(
+            f"value has dtype {v.dtype}; give real numbers (a float or ({spec.num_flags},) values)"
+            + (": the imaginary part would be dropped" if v.is_complex() else "")
+        )
     # float64 until written (cast to the activations' dtype there): a float64 model gets the value exactly
-    v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
+    v = v.to(torch.float64)
     v = v.expand(spec.num_flags) if v.dim() == 0 else v
     if v.shape != (spec.num_flags,):
         raise ValueError(f"value has shape {tuple(v.shape)}; give a float or ({spec.num_flags},)")
@@ -484,6 +537,7 @@ def generate(
     -------
     LongTensor ``(batch, prompt_len + steps)``
     """
+    _check_flag(greedy, "greedy")
     check_token_tensor(prompt, "prompt", "(batch, prompt_len) or (prompt_len,) of token ids")
     tokens = prompt[None] if prompt.dim() == 1 else prompt
     if tokens.dim() != 2:
@@ -511,9 +565,7 @@ def generate(
         raise ValueError(
             f"temperature={temperature!r} is not valid; give a finite number > 0 (or greedy=True)"
         )
-    if not -(2**63) <= _check_seed(seed) < 2**64:  # what a torch.Generator takes
-        raise ValueError(f"seed={seed!r} is not valid; give an int in [-2**63, 2**64)")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(_generator_seed(seed))
     # continued where the model is (a CPU prompt, a model on a GPU)
     tokens = tokens.to(model_device(model, tokens.device))
     ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
@@ -586,40 +638,63 @@ def train_flags(
     aux_weight : float
         Weight of the flag loss (0 gives plain LM training in stage 1: the control).
 
+    Integer and real arguments may be Python or numpy scalars (not bools).
+
     Returns
     -------
     FlagTrainResult
         The model is trained in place and left in eval mode, as :func:`pypattern.tasks.train` leaves it.
+
+    Raises
+    ------
+    TypeError
+        For a model with 16-bit floating parameters (float16, bfloat16): AdamW's updates in 16 bits overflow or
+        round away; train a float32 copy (``model.float()``) and cast it back.
+    FloatingPointError
+        When a loss is not finite. On this and on any other exception raised during training, the model's
+        parameters and buffers are restored to their values before the call and every module to its train/eval
+        mode before the call (this keeps a copy of them while training).
     """
     _check_spec(spec)
     spec.check(model)
-    _check_seed(seed, allow_none=True)
-    for name, v in (
-        ("stage1_steps", stage1_steps),
-        ("stage2_steps", stage2_steps),
-        ("batch_size", batch_size),
+    seed = _generator_seed(seed, allow_none=True)
+    counts = {}
+    for name, v, least in (
+        ("stage1_steps", stage1_steps, 0),
+        ("stage2_steps", stage2_steps, 0),
+        ("batch_size", batch_size, 1),
+        ("log_every", log_every, 0),
     ):
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, numbers.Integral)
-            or v < (1 if name == "batch_size" else 0)
-        ):
-            raise ValueError(f"{name}={v!r} is not valid; give a non-negative int (batch_size >= 1)")
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 0:
-        raise ValueError(f"log_every={log_every!r} is not valid; give an int >= 1 (or 0: record no losses)")
-    if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or not aux_weight >= 0:
-        raise ValueError(f"aux_weight={aux_weight!r} is not valid; give a finite number >= 0")
-    if not math.isfinite(aux_weight):
-        raise ValueError(f"aux_weight={aux_weight!r} is not valid; give a finite number >= 0")
-    if (
-        isinstance(switch_prob, bool)
-        or not isinstance(switch_prob, int | float)
-        or not 0.0 <= switch_prob <= 1.0
+        if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) or v < least:
+            what = "an int >= 1 (or 0: record no losses)" if name == "log_every" else f"an int >= {least}"
+            raise ValueError(f"{name}={v!r} is not valid; give {what}")
+        counts[name] = int(v)  # a numpy integer too
+    reals = {}
+    for name, v, what in (
+        ("aux_weight", aux_weight, "a finite number >= 0"),
+        ("switch_prob", switch_prob, "a value in [0, 1]"),
+        ("lr", lr, "a finite number >= 0 (AdamW's lr)"),
+        ("weight_decay", weight_decay, "a finite number >= 0 (AdamW's weight_decay)"),
     ):
-        raise ValueError(f"switch_prob={switch_prob!r} is not valid; give a value in [0, 1]")
-    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name}={v!r} is not valid; give a finite number >= 0 (AdamW's {name})")
+        if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real):
+            raise ValueError(f"{name}={v!r} is not valid; give {what}")
+        f = float(v)  # a numpy scalar too
+        if not (math.isfinite(f) and f >= 0 and (name != "switch_prob" or f <= 1.0)):
+            raise ValueError(f"{name}={v!r} is not valid; give {what}")
+        reals[name] = f
+    aux_weight, switch_prob, lr, weight_decay = (
+        reals[k] for k in ("aux_weight", "switch_prob", "lr", "weight_decay")
+    )
+    stage1_steps, stage2_steps, batch_size, log_every = (
+        counts[k] for k in ("stage1_steps", "stage2_steps", "batch_size", "log_every")
+    )
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+    if half:
+        raise TypeError(
+            f"model has parameters of dtype {', '.join(half)}: train_flags trains them in their own dtype with "
+            "AdamW, whose updates overflow or round away in 16 bits; train a float32 copy (model.float()) and cast "
+            "it back after training"
+        )
     _check_concept_task(task, spec)
     _check_vocab(model, task)
     g = generator(seed)
@@ -628,9 +703,61 @@ def train_flags(
     device = model_device(model, torch.device("cpu"))
     code = spec.code(torch.float64, device=device)  # cast to the activations' dtype where it is written
     res = FlagTrainResult()
+    # what an abort restores: every module's mode, and the parameters' and buffers' values
+    modes = [(m, m.training) for m in model.modules()]
+    with torch.no_grad():
+        saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+    done = False
+    try:
+        _train_flags_steps(
+            model,
+            task,
+            spec,
+            opt,
+            g,
+            code,
+            device,
+            res,
+            stage1_steps,
+            stage2_steps,
+            aux_weight,
+            switch_prob,
+            batch_size,
+            lr,
+            log_every,
+        )
+        done = True
+    finally:
+        if not done:
+            with torch.no_grad():
+                for t, before in saved:
+                    t.copy_(before)
+            for m, was_training in modes:
+                m.training = was_training
+    model.eval()
+    return res
+
+
+def _train_flags_steps(
+    model,
+    task,
+    spec,
+    opt,
+    g,
+    code,
+    device,
+    res,
+    stage1_steps,
+    stage2_steps,
+    aux_weight,
+    switch_prob,
+    batch_size,
+    lr,
+    log_every,
+) -> None:
+    """:func:`train_flags`' training loop on checked arguments; fills ``res``."""
     t0 = time.perf_counter()
     model.train()
-    stage1_steps, stage2_steps, batch_size = int(stage1_steps), int(stage2_steps), int(batch_size)
     total = stage1_steps + stage2_steps
     for step in range(total):
         stage = 1 if step < stage1_steps else 2
@@ -657,8 +784,9 @@ def train_flags(
         loss = lm + aux_weight * fl if aux_weight > 0 else lm
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"train_flags: the loss is {float(loss)} at step {step} (stage {stage}; LM {float(lm)}, flag "
-                f"{float(fl)}); lower lr={lr} or aux_weight={aux_weight}"
+                f"train_flags: the loss is {float(loss.detach())} at step {step} (stage {stage}; LM "
+                f"{float(lm.detach())}, flag {float(fl.detach())}); lower lr={lr} or aux_weight={aux_weight} (the "
+                "model is restored to its state before the call)"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -668,9 +796,7 @@ def train_flags(
             res.stages.append(stage)
             res.lm_losses.append(float(lm.detach()))
             res.flag_losses.append(float(fl.detach()))
-    model.eval()
     res.seconds = time.perf_counter() - t0
-    return res
 
 
 # ----- measurements -----------------------------------------------------------------------------------------
@@ -731,6 +857,7 @@ def probe_accuracy(
     """
     _check_spec(spec)
     spec.check(model)
+    _check_flag(only_shared_tokens, "only_shared_tokens")
     if which not in ("non_flag", "flag", "all"):
         raise ValueError(f"which={which!r} is not valid; choose 'non_flag', 'flag' or 'all'")
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:

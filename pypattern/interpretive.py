@@ -147,12 +147,15 @@ def _position_index(positions, T: int) -> torch.Tensor | slice:
     out-of-range position or another type is refused naming the argument."""
     if positions is None:
         return slice(None)
-    if isinstance(positions, bool) or (isinstance(positions, torch.Tensor) and positions.dim() == 0):
+    if isinstance(positions, bool | np.bool_) or (
+        isinstance(positions, torch.Tensor) and positions.dim() == 0
+    ):
         raise TypeError(
             f"positions={positions!r} is not valid; give an int, a slice, a sequence of ints or a boolean mask "
             f"of length {T}"
         )
-    if isinstance(positions, int):
+    if isinstance(positions, int | np.integer):
+        positions = int(positions)  # a numpy integer too
         if not -T <= positions < T:
             raise ValueError(f"positions={positions} is out of range for prompts of {T} tokens")
         idx = torch.tensor([positions % T], device="cpu")  # a CPU index serves tensors on any device

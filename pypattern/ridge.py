@@ -18,6 +18,16 @@ orthonormal basis of the (centred) samples' space, so ``R = U diag(g) U^T Yc`` a
 with ``n > p`` the parts outside the column space are added. Differences of nearly equal numbers (a penalty small
 against the features' scale) would otherwise lose every digit.
 
+Scale
+-----
+Ridge with penalty ``a`` on ``x`` is ridge with penalty ``a / s^2`` on ``x / s`` (coefficients times ``s``). The
+penalties are absolute: they are compared with the eigenvalues of the scatter matrix ``Xc^T Xc``, which grow with
+the square of ``x``'s scale. Data whose squared values would leave float64's range (largest magnitude beyond
+``2^450``, about 3e135, or below ``2^-450``) is computed scaled by a power of two ``s`` (exact), with the penalties
+``a / s^2`` (exact too), and the results are given in the data's own units; likewise the targets. When a penalty
+``a / s^2`` is itself outside float64's normal range (e.g. the default penalties against data of scale 1e300: the
+ratio of scatter to penalty, about 1e600, has no float64 value), the fit is refused naming ``alphas`` and ``x``.
+
 Cost: the decomposition (``min(n, p)^2 max(n, p)`` for the Gram plus its eigendecomposition), ``n r t`` for
 ``U^T Yc``, ``n r t`` per penalty, and the coefficients of the chosen penalty. The criterion is the mean squared
 LOO residual over all samples and targets (one penalty for all targets), or per target (``alpha_per_target``):
@@ -62,6 +72,40 @@ def _as_2d(x, name: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values")
     return x
+
+
+def _check_flag(value, name: str) -> None:
+    """``value`` must be True or False (a string such as ``"no"`` would read as true)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}={value!r} is not valid; give True or False")
+
+
+# data of largest magnitude outside [2^-_SAFE_EXP, 2^_SAFE_EXP] is scaled by a power of two into that range: its
+# scatter matrix (sums of n squares, up to about 2^900 n) neither overflows nor underflows
+_SAFE_EXP = 450
+
+
+def _scale_exponent(t: torch.Tensor) -> int:
+    """``k`` such that ``t / 2^k`` has its largest magnitude in ``[2^-_SAFE_EXP, 2^_SAFE_EXP]`` (0 when it already
+    has, or ``t`` is 0)."""
+    size = float(t.abs().max())
+    if size == 0.0:
+        return 0
+    e = math.frexp(size)[1]  # size in [2^(e - 1), 2^e)
+    if e > _SAFE_EXP:
+        return e - _SAFE_EXP
+    if e - 1 < -_SAFE_EXP:
+        return e - 1 + _SAFE_EXP
+    return 0
+
+
+def _ldexp(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``t * 2^k``, exact unless the result leaves float64's range (``2^k`` need not be a float64 itself)."""
+    while k:
+        step = max(-1000, min(1000, k))
+        t = t * math.ldexp(1.0, step)
+        k -= step
+    return t
 
 
 def _check_alphas(alphas) -> torch.Tensor:
@@ -131,15 +175,23 @@ class RidgeLOO:
         Trailing dimensions are flattened into ``p`` features; float64 throughout.
     fit_intercept : bool
         Unpenalised intercept (centre ``x`` and the targets); the LOO residuals then refit it too.
+
+    The decomposition is of ``x / 2^x_exp`` (``x_exp`` 0 unless ``x``'s squares would leave float64's range; see
+    the module docstring): ``x_mean``, ``w`` and ``u`` are in those units.
     """
 
     def __init__(self, x, *, fit_intercept: bool = True) -> None:
+        _check_flag(fit_intercept, "fit_intercept")
+        fit_intercept = bool(fit_intercept)
         x = _as_2d(x, "x")
         n, p = x.shape
         if n < 3:
             raise ValueError(f"x has {n} samples; leave-one-out needs at least 3")
         self.n, self.p = n, p
         self.fit_intercept = fit_intercept
+        self.x_size = float(x.abs().max())
+        self.x_exp = _scale_exponent(x)
+        x = _ldexp(x, -self.x_exp)  # exact: a power of two
         # every tensor of the fit lives on the data's device (a CUDA x: the whole fit on CUDA)
         self.x_mean = x.mean(0) if fit_intercept else torch.zeros(p, dtype=torch.float64, device=x.device)
         xc = x - self.x_mean if fit_intercept else x
@@ -175,20 +227,54 @@ class RidgeLOO:
         self, y, alphas: Sequence[float] = DEFAULT_ALPHAS, *, alpha_per_target: bool = False
     ) -> RidgeCVResult:
         """Fit ``y (n, ...)`` for every penalty in ``alphas``; keep the one with the smallest mean squared LOO
-        residual (over all targets, or per target with ``alpha_per_target``)."""
+        residual (over all targets, or per target with ``alpha_per_target``). The results are in the units of
+        ``x`` and ``y``; when one of them does not fit in float64 (coefficients or mean squared residuals beyond
+        its range) the fit is refused naming ``x`` and ``y``."""
         y = _as_2d(y, "y")
+        res, y_exp = self._fit_scaled(y, alphas, alpha_per_target)
+        # back to the units of x and y: coefficients times 2^(y_exp - x_exp), intercepts times 2^y_exp, mean
+        # squared residuals times 2^(2 y_exp)
+        coef = _ldexp(res.coef, y_exp - self.x_exp)
+        intercept = _ldexp(res.intercept, y_exp)
+        loo = _ldexp(res.loo_mse, 2 * y_exp)
+        for what, t in (
+            ("coefficients", coef),
+            ("intercepts", intercept),
+            ("mean squared LOO residuals", loo),
+        ):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"the ridge fit's {what} are beyond float64's range (x holds values up to {self.x_size:.3g}, "
+                    f"y up to {float(y.abs().max()):.3g}); rescale x or y"
+                )
+        res.coef, res.intercept, res.loo_mse = coef, intercept, loo
+        return res
+
+    def _fit_scaled(self, y, alphas, alpha_per_target: bool) -> tuple[RidgeCVResult, int]:
+        """:meth:`fit` of ``y / 2^y_exp`` (an exponent that keeps its squares in float64's range) with the penalties
+        in the units of the decomposition: the result's ``coef``, ``intercept`` and ``loo_mse`` are those of
+        ``x / 2^x_exp`` and ``y / 2^y_exp`` (its ``alphas`` and ``alpha`` the given penalties), and ``y_exp``."""
+        _check_flag(alpha_per_target, "alpha_per_target")
         if y.shape[0] != self.n:
             raise ValueError(f"y has {y.shape[0]} samples; x has {self.n}")
         dev = self.u.device  # the fit's (x's): targets, penalties and criteria are read there
-        y = y.to(dev)
-        a = _check_alphas(alphas).to(dev)
+        y_exp = _scale_exponent(y)
+        y = _ldexp(y.to(dev), -y_exp)
+        given = _check_alphas(alphas).to(dev)
+        a = self._scaled_alphas(given)
         y_mean = y.mean(0) if self.fit_intercept else torch.zeros(y.shape[1], dtype=torch.float64, device=dev)
         yc = y - y_mean if self.fit_intercept else y
         b = self.u.T @ yc  # (r, t), shared by every penalty
         rest = None if self.complete else yc - self.u @ b  # the targets outside the column space
         mse = torch.empty(len(a), y.shape[1], dtype=torch.float64, device=dev)
+        w_min = self.w.min() if self.w.numel() else self.w.new_zeros(())
         for i, alpha in enumerate(a.tolist()):
-            g = alpha / (self.w + alpha)  # 1 - w / (w + a), without the subtraction
+            if self.complete:
+                # g = a / (w + a) divided by its largest entry: a common factor of g cancels in resid / (1 - h),
+                # and scaled so the terms do not all underflow where the penalty is negligible against the scatter
+                g = (w_min + alpha) / (self.w + alpha)
+            else:
+                g = alpha / (self.w + alpha)  # 1 - w / (w + a), without the subtraction
             resid = self.u @ (g[:, None] * b)
             one_minus_h = self._u2 @ g
             if rest is not None:
@@ -199,15 +285,39 @@ class RidgeLOO:
             best = mse.argmin(0)  # (t,), first minimum
             d = 1.0 / (self.w[:, None] + a[best][None, :])  # (r, t)
             coef = self._coef(d * b)
-            alpha_out: float | torch.Tensor = a[best]
+            alpha_out: float | torch.Tensor = given[best]
             loo = mse
         else:
             loo = mse.mean(1)
             best = int(loo.argmin())
             coef = self._coef(b / (self.w + a[best])[:, None])
-            alpha_out = float(a[best])
+            alpha_out = float(given[best])
         intercept = y_mean - self.x_mean @ coef
-        return RidgeCVResult(alphas=a, alpha=alpha_out, loo_mse=loo, coef=coef, intercept=intercept)
+        return RidgeCVResult(
+            alphas=given, alpha=alpha_out, loo_mse=loo, coef=coef, intercept=intercept
+        ), y_exp
+
+    def _scaled_alphas(self, alphas: torch.Tensor) -> torch.Tensor:
+        """The penalties for ``x / 2^x_exp``: ``alphas / 4^x_exp`` (exact), each checked to be a normal float64."""
+        if self.x_exp == 0:
+            return alphas
+        out = []
+        tiny, huge = torch.finfo(torch.float64).tiny, torch.finfo(torch.float64).max
+        for v in alphas.tolist():
+            try:
+                s = math.ldexp(v, -2 * self.x_exp)
+            except OverflowError:
+                s = math.inf
+            if not tiny <= s <= huge:
+                side = "small" if s < tiny else "large"
+                raise ValueError(
+                    f"alphas holds the penalty {v:g}, too {side} against the scale of x for float64: x holds values "
+                    f"up to {self.x_size:.3g}, so its scatter matrix X^T X reaches about {self.x_size:.3g}^2 and the "
+                    "ratio of the two is beyond float64's range (the penalties are absolute, they do not scale with "
+                    "x); rescale x (e.g. standardise its columns) and give penalties for the rescaled data"
+                )
+            out.append(s)
+        return torch.tensor(out, dtype=torch.float64, device=alphas.device)
 
     def _coef(self, db: torch.Tensor) -> torch.Tensor:
         """Coefficients ``(p, t)`` from ``diag(1 / (w + a)) U^T Yc`` (``(r, t)``)."""
@@ -225,7 +335,16 @@ def ridge_cv(
     alpha_per_target: bool = False,
 ) -> RidgeCVResult:
     """Ridge regression of ``y (n, ...)`` on ``x (n, ...)`` with the penalty chosen from ``alphas`` by efficient
-    leave-one-out (see the module docstring): one decomposition of ``x`` for all penalties and targets."""
+    leave-one-out (see the module docstring): one decomposition of ``x`` for all penalties and targets.
+
+    The penalties are absolute, in the units of ``x`` squared: ridge minimises ``||Y - X B||^2 + a ||B||^2``, and
+    ``a`` is compared with the eigenvalues of the centred scatter matrix ``Xc^T Xc`` (about ``n`` times the
+    variance of ``x`` along each direction). Scaling ``x`` by ``s`` acts as the penalty ``a / s^2``: the default
+    grid ``(0.1, 1, 10)`` barely penalises standardised features on hundreds of samples, and on data of scale 1e-3
+    penalises everything to 0. Choose the grid relative to the data, e.g. a log-spaced range around the mean
+    eigenvalue ``||Xc||_F^2 / p`` (``torch.logspace(-3, 3, 13) * (xc ** 2).sum() / p``), or standardise ``x``
+    first. ``fit_intercept`` and ``alpha_per_target`` are bools.
+    """
     return RidgeLOO(x, fit_intercept=fit_intercept).fit(y, alphas, alpha_per_target=alpha_per_target)
 
 
@@ -278,9 +397,18 @@ def ridge_similarity_cv(
     ys : ``(n, ...)`` or a list of them
         With a list, ``x``'s decomposition is shared (one split, one eigendecomposition) and one value per target
         is returned; each target gets its own penalty.
+    alphas : sequence of positive floats
+        The penalty grid. The penalties are absolute, not relative to the scale of ``x`` (as in the authors'
+        code): ridge on ``x`` scaled by ``s`` with penalty ``a`` is ridge on ``x`` with ``a / s^2``, so the same
+        grid penalises representations of a small scale heavily (held-out R^2 near or below 0) and those of a
+        large scale hardly at all (see :func:`ridge_cv`). To compare representations of different scales, choose
+        the grid relative to each (e.g. around the mean eigenvalue of the centred scatter ``||Xc||_F^2 / p``) or
+        standardise them first. The similarity does not change with the scale of the targets.
     seed : int
         Draws the split.
+    sqrt : bool
     """
+    _check_flag(sqrt, "sqrt")
     xf = _as_2d(x, "x")
     single = not isinstance(ys, (list, tuple))
     targets = [ys] if single else list(ys)
@@ -292,9 +420,11 @@ def ridge_similarity_cv(
             )
     tr, te = train_test_split(xf.shape[0], train_fraction, seed)
     solver = RidgeLOO(xf[tr])
+    x_te = _ldexp(xf[te], -solver.x_exp)  # in the units of the decomposition
     out = []
     for y in tf:
-        res = solver.fit(y[tr], alphas)
-        r2 = _uniform_r2(y[te], res.predict(xf[te]))
+        # in the scaled units (exact powers of two) throughout: R^2 of each column does not change with them
+        res, y_exp = solver._fit_scaled(y[tr], alphas, False)
+        r2 = _uniform_r2(_ldexp(y[te], -y_exp), x_te @ res.coef + res.intercept)
         out.append(math.sqrt(max(r2, 0.0)) if sqrt and not math.isnan(r2) else r2)
     return out[0] if single else out

@@ -17,6 +17,7 @@ from pypattern.equivalence import (
     linear_cka,
     permutation_test,
     procrustes,
+    ridge_similarity,
     u_center,
 )
 
@@ -731,3 +732,87 @@ def test_interpretive_equivalence_comparing_implementations_scores_identical_and
             compare="implementations",
             similarity="cka",
         )
+
+
+@pytest.mark.parametrize("scale", [1e-44, 1e-60, 1e-200, 1e60, 1e200])
+def test_float32_cka_of_float64_inputs_of_any_scale_equals_float64(scale):
+    """dtype=torch.float32 on float64 inputs of a scale outside float32's range (or in its subnormals): each
+    representation is scaled to 1 before the cast, so the value is float64's to float32 rounding, not wrong or NaN
+    (linear_cka, cka_matrix and MinibatchCKA alike)."""
+    x = _rand(30, 5, 0)
+    y = x @ _rand(5, 4, 1) + _rand(30, 4, 2)
+    for debiased in (True, False):
+        want = linear_cka(x, y, debiased=debiased)
+        got = linear_cka(x * scale, y, debiased=debiased, dtype=torch.float32)
+        assert got == pytest.approx(want, abs=2e-6), (debiased, got, want)
+        m = cka_matrix([x * scale, y], [y * scale, x], debiased=debiased, dtype=torch.float32)
+        torch.testing.assert_close(m, cka_matrix([x, y], [y, x], debiased=debiased), rtol=0, atol=2e-6)
+    acc32, acc64 = MinibatchCKA(1, 1, dtype=torch.float32), MinibatchCKA(1, 1)
+    for b in range(3):
+        acc32.update([x[10 * b : 10 * (b + 1)] * scale], [y[10 * b : 10 * (b + 1)]])
+        acc64.update([x[10 * b : 10 * (b + 1)]], [y[10 * b : 10 * (b + 1)]])
+    torch.testing.assert_close(acc32.compute(), acc64.compute(), rtol=0, atol=2e-6)
+
+
+def test_cka_boolean_arguments_refuse_other_types():
+    """debiased, inplace: a string or None would read by truthiness (debiased=None as the biased estimate)."""
+    xs = [_rand(20, 4, 0), _rand(20, 6, 1)]
+    k = xs[0] @ xs[0].T
+    for bad in ("no", None, 0.0, 1):
+        with pytest.raises(TypeError, match=f"debiased={bad!r} is not valid; give True or False"):
+            cka_matrix(xs, debiased=bad)
+        with pytest.raises(TypeError, match=f"debiased={bad!r} is not valid"):
+            hsic(k, k, debiased=bad)
+        with pytest.raises(TypeError, match=f"inplace={bad!r} is not valid"):
+            u_center(k, inplace=bad)
+    assert float(cka_matrix(xs, debiased=np.bool_(False))[0, 1]) == pytest.approx(
+        linear_cka(xs[0], xs[1], debiased=False), abs=1e-12
+    )
+
+
+def _minibatch_reference(xb, yb):
+    """Minibatch CKA of one x and one y from the debiased HSIC of each batch's linear Grams, unscaled."""
+    xy = xx = yy = 0.0
+    for x, y in zip(xb, yb):
+        kx, ky = x @ x.T, y @ y.T
+        xy, xx, yy = xy + hsic(kx, ky), xx + hsic(kx, kx), yy + hsic(ky, ky)
+    return float(xy / (xx * yy).sqrt())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_minibatch_cka_takes_batches_of_very_different_scales(dtype):
+    """A later batch far larger than the first: the running sums are rescaled to the largest scale seen, so the
+    value is finite and right (a batch 1e200 times smaller than another contributes nothing representable)."""
+    x1, x2, y1, y2 = _rand(10, 5, 0), _rand(10, 5, 1), _rand(10, 3, 2), _rand(10, 3, 3)
+    y2 = y2 + x2[:, :3]
+    # moderate scales: the unscaled reference, in either order
+    for a, b in ((1.0, 30.0), (30.0, 1.0)):
+        acc = MinibatchCKA(1, 1, dtype=dtype)
+        acc.update([x1 * a], [y1]).update([x2 * b], [y2 * a])
+        want = _minibatch_reference([x1 * a, x2 * b], [y1, y2 * a])
+        assert float(acc.compute()[0, 0]) == pytest.approx(
+            want, abs=1e-5 if dtype == torch.float32 else 1e-12
+        )
+    # extreme ones: batch 1 of x contributes 1e-800 relative, as if it were 0 (y's batch 1 counts in full)
+    acc = MinibatchCKA(1, 1, dtype=dtype)
+    acc.update([x1 * 1e-100], [y1]).update([x2 * 1e100], [y2])
+    want = _minibatch_reference([torch.zeros_like(x1), x2], [y1, y2])
+    got = acc.compute()
+    assert float(got[0, 0]) == pytest.approx(want, abs=1e-5 if dtype == torch.float32 else 1e-12)
+    assert bool(torch.isfinite(acc.standard_error()).all())
+    # with ys = xs too
+    same = MinibatchCKA(2)
+    same.update([x1 * 1e-150, y1]).update([x2 * 1e150, y2])
+    assert float(same.compute()[0, 1]) == pytest.approx(want, abs=1e-12)
+
+
+def test_seeds_beyond_a_generators_range_are_refused_by_name():
+    x, y = _rand(10, 2, 0), _rand(10, 1, 1)
+    for fn in (
+        lambda: permutation_test(x, y, "cka", num_permutations=2, seed=2**70),
+        lambda: ridge_similarity(x, y, seed=-(2**64)),
+    ):
+        with pytest.raises(
+            ValueError, match=r"seed=-?\d+ is not valid; give an int in \[-2\*\*63, 2\*\*64\)"
+        ):
+            fn()

@@ -536,3 +536,152 @@ def test_steer_ablate_and_training_write_the_values_in_the_models_dtype(dtype):
     written = seen[0].reshape(-1, 4)
     values = set(written.flatten().tolist())
     assert {float(torch.tensor(0.1, dtype=dtype)), float(torch.tensor(-0.3, dtype=dtype))} <= values
+
+
+def test_ablate_flags_refuses_complex_and_bool_values_by_name():
+    model = _model()
+    for bad in (torch.tensor([1j, 1, 1, 1]), [1j, 1.0, 1.0, 1.0], torch.ones(4, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="value has dtype torch.(complex|bool)"):
+            with ablate_flags(model, SPEC, value=bad):
+                pass
+    with pytest.raises(TypeError, match=r"value=2j is not valid"):
+        with ablate_flags(model, SPEC, value=2j):
+            pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_train_flags_refuses_16_bit_models_by_dtype(dtype):
+    model = _model().to(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=f"model has parameters of dtype {dtype}: .*model.float"):
+        train_flags(model, TASK, SPEC, stage1_steps=1, stage2_steps=0, batch_size=4, log_every=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_an_aborted_train_flags_restores_the_models_parameters_and_modes():
+    """A non-finite loss at a later step, or an exception raised inside the training (here by a hook at the
+    third forward), leaves every parameter and buffer as before the call and every module in its mode."""
+    model = _model()
+    model.train()
+    model.blocks[0].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    orig = model.hooks
+
+    def failing(fwd, **kw):
+        def fn(x, hook):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("stop")
+            return None
+
+        return orig([*fwd, ("blocks.0.hook_resid_post", fn)], **kw)
+
+    model.hooks = failing
+    with pytest.raises(RuntimeError, match="stop"):
+        train_flags(model, TASK, SPEC, stage1_steps=5, stage2_steps=0, batch_size=4, log_every=0)
+    assert len(calls) == 3  # two optimiser steps were taken, then undone
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+    del model.hooks
+    # a loss that turns NaN at step 2 (after two updates)
+    step = []
+
+    def nan_at_2(fwd, **kw):
+        def fn(x, hook):
+            step.append(1)
+            return x * float("nan") if len(step) == 3 else None
+
+        return orig([*fwd, ("blocks.0.hook_resid_post", fn)], **kw)
+
+    model.hooks = nan_at_2
+    with pytest.raises(FloatingPointError, match="at step 2 .*restored to its state before the call"):
+        train_flags(model, TASK, SPEC, stage1_steps=5, stage2_steps=0, batch_size=4, log_every=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training and not model.blocks[0].training
+    del model.hooks
+    train_flags(model, TASK, SPEC, stage1_steps=1, stage2_steps=0, batch_size=4, log_every=0)
+    assert not any(m.training for m in model.modules())  # a completed training leaves it in eval mode
+
+
+def test_train_flags_takes_numpy_scalars_for_every_number_and_refuses_bools():
+    import numpy as np
+
+    kws = dict(stage1_steps=1, stage2_steps=1, batch_size=4, log_every=1, seed=0)
+    want = train_flags(
+        _model(), TASK, SPEC, **kws, lr=1e-3, aux_weight=0.5, switch_prob=0.5, weight_decay=0.01
+    )
+    got = train_flags(
+        _model(),
+        TASK,
+        SPEC,
+        stage1_steps=np.int64(1),
+        stage2_steps=np.int32(1),
+        batch_size=np.int64(4),
+        log_every=np.int64(1),
+        seed=np.int64(0),
+        lr=np.float64(1e-3),
+        aux_weight=np.float32(0.5),
+        switch_prob=np.float32(0.5),
+        weight_decay=np.float64(0.01),
+    )
+    assert got.lm_losses == want.lm_losses and got.flag_losses == want.flag_losses and got.steps == [0, 1]
+    for name in (
+        "stage1_steps",
+        "log_every",
+        "aux_weight",
+        "switch_prob",
+        "lr",
+        "weight_decay",
+        "batch_size",
+    ):
+        for bad in (True, np.bool_(False)):
+            with pytest.raises(ValueError, match=f"{name}={bad!r} is not valid"):
+                train_flags(_model(), TASK, SPEC, **{**kws, name: bad})
+    with pytest.raises(ValueError, match=r"seed=\d+ is not valid; give an int in \[-2\*\*63, 2\*\*64\)"):
+        train_flags(_model(), TASK, SPEC, **{**kws, "seed": 2**70})
+
+
+def test_steer_reports_the_given_shape_of_a_short_mask():
+    model = _model()
+    x = TASK.sample(4, seed=0).tokens
+    with pytest.raises(
+        ValueError, match=r"positions has shape \(5,\); give a bool mask \(pos,\) or \(4, pos\) "
+    ):
+        with steer(model, SPEC, 1, positions=torch.ones(5, dtype=torch.bool)):
+            model(x)
+    with pytest.raises(ValueError, match=r"positions has shape \(3, 16\)"):
+        with steer(model, SPEC, 1, positions=torch.ones(3, 16, dtype=torch.bool)):
+            model(x)
+
+
+def test_flag_spec_refuses_unordered_dims_and_names_non_residual_hooks():
+    with pytest.raises(TypeError, match="dims=.* is a set, which has no order"):
+        FlagSpec(dims={0, 1, 2, 3})
+    with pytest.raises(TypeError, match="is a frozenset"):
+        FlagSpec(dims=frozenset({0, 1}))
+    model = _model()
+    d_model, d_mlp = model.cfg.d_model, model.cfg.d_mlp
+    wide = tuple(range(d_model, d_model + 4))
+    with pytest.raises(
+        ValueError, match=f"the width of hook='blocks.1.mlp.hook_post' .*d_mlp={d_mlp}, not a resid"
+    ):
+        FlagSpec("blocks.1.mlp.hook_post", dims=tuple(range(d_mlp, d_mlp + 2))).check(model)
+    FlagSpec("blocks.1.mlp.hook_post", dims=wide).check(model)  # within d_mlp: an MLP hook of that width
+    with pytest.raises(ValueError, match=f"entries >= d_model={d_model}, the width of the residual stream"):
+        FlagSpec("blocks.1.hook_resid_pre", dims=wide).check(model)
+    for hook in ("blocks.1.attn.hook_z", "blocks.0.ln1.hook_scale"):
+        with pytest.raises(ValueError, match=f"hook='{hook}' is not a residual-stream hook point"):
+            with steer(model, FlagSpec(hook), 1):
+                pass
+
+
+def test_generate_and_probe_flags_refuse_non_bools():
+    from pypattern.flags import probe_accuracy
+
+    model = _model()
+    x = TASK.sample(2, seed=0).tokens[:, :4]
+    with pytest.raises(TypeError, match="greedy='no' is not valid; give True or False"):
+        generate(model, x, 1, greedy="no")
+    with pytest.raises(TypeError, match="only_shared_tokens=None is not valid; give True or False"):
+        probe_accuracy(model, TASK, SPEC, num_samples=4, only_shared_tokens=None)

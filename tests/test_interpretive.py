@@ -376,3 +376,18 @@ def test_a_damaged_cached_pool_member_is_refused_naming_its_file(tmp_path):
     (tmp_path / "member.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cached pool member '.*member\.json' cannot be read"):
         load_member(path)
+
+
+def test_accumulated_residual_takes_a_numpy_integer_position():
+    from pypattern.models import Transformer
+    from pypattern.tasks.topics import TopicTask
+
+    task = TopicTask(num_topics=2, tokens_per_topic=8, seq_len=16)
+    model = Transformer(task.model_config(n_layers=2, d_model=32, n_heads=2, d_mlp=64, seed=0))
+    tokens = task.sample(3, seed=0).tokens
+    want, _ = accumulated_residual(model, tokens, positions=-1)
+    for pos in (np.int64(-1), np.int32(15)):
+        got, _ = accumulated_residual(model, tokens, positions=pos)
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="positions=np.True_ is not valid"):
+        accumulated_residual(model, tokens, positions=np.True_)

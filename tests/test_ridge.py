@@ -134,3 +134,80 @@ def test_split_measures_need_five_inputs_and_say_so():
     for measure in ("ridge", "cka", "procrustes"):
         with pytest.raises(ValueError, match="have 4 inputs; a train/test split needs at least 5"):
             similarity(measure, x, [y], seed=0)
+
+
+@pytest.mark.parametrize("n,p", [(20, 5), (12, 30)])  # primal and Gram modes
+@pytest.mark.parametrize("k", [600, -600])
+def test_data_whose_squares_leave_float64_is_fit_in_its_own_units(n, p, k):
+    """x of scale 2^600 (about 4e180) or 2^-600: ridge with penalty a on x is ridge with a / 4^j on x * 2^j, so the
+    fit equals that of x at half the exponent with the penalties moved accordingly (an exact change of units),
+    coefficients in x's own units; and the ridge similarity does not change with the scale of its targets."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = x[:, :3] @ torch.randn(3, 2, generator=g, dtype=torch.float64) + 0.3 * torch.randn(
+        n, 2, generator=g, dtype=torch.float64
+    )
+    alphas = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    h = k // 2
+    big = ridge_cv(x * 2.0**k, y, alphas)
+    ref = ridge_cv(x * 2.0**h, y, alphas * 2.0 ** (-k))
+    assert big.alpha == 0.1 and torch.equal(big.alphas, alphas)
+    assert ref.alpha == pytest.approx(0.1 * 2.0 ** (-k), rel=1e-15)
+    torch.testing.assert_close(big.coef * 2.0 ** (k - h), ref.coef, rtol=1e-9, atol=0)
+    torch.testing.assert_close(big.intercept, ref.intercept, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(big.loo_mse, ref.loo_mse, rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        big.predict(x[:3] * 2.0**k), ref.predict(x[:3] * 2.0**h), rtol=1e-9, atol=1e-12
+    )
+    per = ridge_cv(x * 2.0**k, y, alphas, alpha_per_target=True)
+    assert torch.isfinite(per.coef).all() and torch.isfinite(per.loo_mse).all()
+    # targets of scale 2^700: R^2 per column does not change with them
+    got = ridge_similarity_cv(x * 2.0**k, [y, y * 2.0**700], seed=1)
+    want = ridge_similarity_cv(x * 2.0**h, y, alphas=alphas * 2.0 ** (-k), seed=1)
+    assert got == pytest.approx([want, want], abs=1e-9)
+
+
+def test_ridge_similarity_of_large_scale_features_equals_a_change_of_units():
+    """On n > p data of scale 2^600 with the default penalties (negligible against the scatter there), the ridge
+    similarity is a real number, that of the data at 2^300 with the penalties divided by 2^600."""
+    r = np.random.default_rng(3)
+    x = r.standard_normal((80, 6))
+    y = x[:, :3] @ r.standard_normal((3, 4)) + 0.2 * r.standard_normal((80, 4))
+    got = ridge_similarity_cv(x * 2.0**600, y, seed=0)
+    want = ridge_similarity_cv(x * 2.0**300, y, alphas=[a * 2.0**-600 for a in (0.1, 1.0, 10.0)], seed=0)
+    assert 0.9 < got == pytest.approx(want, abs=1e-12)
+
+
+def test_penalties_beyond_float64_against_the_data_are_refused_by_name():
+    """x of scale 1e300 with penalties of order 1: their ratio to x's scatter (1e600) has no float64 value; the fit
+    is refused naming alphas and x instead of failing in the eigendecomposition. Results beyond float64 (mean
+    squared residuals of targets of scale 1e200) are refused naming x and y."""
+    x, y = _data(20, 5, 3, 4)
+    for fn in (lambda: ridge_cv(x * 1e300, y), lambda: ridge_similarity_cv(x * 1e300, y)):
+        with pytest.raises(
+            ValueError, match=r"alphas holds the penalty 0.1, too small against the scale of x"
+        ):
+            fn()
+    with pytest.raises(ValueError, match=r"alphas holds the penalty 0.1, too large against the scale of x"):
+        ridge_cv(x * 1e-300, y)
+    with pytest.raises(
+        ValueError, match=r"mean squared LOO residuals are beyond float64's range .*rescale x or y"
+    ):
+        ridge_cv(x, y * 1e200)
+
+
+def test_boolean_arguments_refuse_other_types():
+    """fit_intercept="no" would read as True; every boolean argument takes True or False (numpy bools too)."""
+    x, y = _data(12, 3, 2, 5)
+    for bad in ("no", None, 0, 1.0):
+        for fn, name in (
+            (lambda bad: ridge_cv(x, y, fit_intercept=bad), "fit_intercept"),
+            (lambda bad: ridge_cv(x, y, alpha_per_target=bad), "alpha_per_target"),
+            (lambda bad: RidgeLOO(x, fit_intercept=bad), "fit_intercept"),
+            (lambda bad: RidgeLOO(x).fit(y, alpha_per_target=bad), "alpha_per_target"),
+            (lambda bad: ridge_similarity_cv(x, y, sqrt=bad), "sqrt"),
+        ):
+            with pytest.raises(TypeError, match=f"{name}={bad!r} is not valid; give True or False"):
+                fn(bad)
+    a, b = ridge_cv(x, y, fit_intercept=np.bool_(False)), ridge_cv(x, y, fit_intercept=False)
+    assert torch.equal(a.coef, b.coef) and torch.equal(a.intercept, torch.zeros(2, dtype=torch.float64))

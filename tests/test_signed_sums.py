@@ -445,3 +445,19 @@ def test_given_outputs_are_known_to_autograd_as_written(backend):
         loss.backward()
     fresh = signed_sums(base, terms, offsets, signs, backend=backend)  # new outputs: nothing to tell
     torch.testing.assert_close(fresh[0], o, rtol=0, atol=0)
+
+
+def test_bool_offsets_are_refused_like_bool_signs():
+    """offsets [False, True] would read as [0, 1]: refused naming the entry, as a bool tensor of offsets is;
+    numpy integers are ints."""
+    import numpy as np
+
+    b, t = torch.zeros(2), torch.ones(2)
+    for bad, match in (
+        ([False, True], r"offsets\[0\] is False \(a bool\); give ints"),
+        ([0, np.True_], r"offsets\[1\] is np.True_ \(a bool\); give ints"),
+        (torch.tensor([False, True]), "offsets is a bool tensor; give a 1-D integer tensor"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            signed_sums([b], [t], bad, [1])
+    assert signed_sums([b], [t], [0, np.int64(1)], [-1])[0].tolist() == [-1.0, -1.0]

@@ -6,6 +6,7 @@ import bisect
 import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ... import _backends
@@ -59,11 +60,19 @@ def _ints(name: str, xs, integer: bool = True) -> list:
                 f"signed_sums: {name} is a tensor of shape {tuple(xs.shape)} and dtype {xs.dtype}; give a 1-D "
                 f"{kind}tensor or a sequence of ints"
             )
+        if integer and xs.dtype == torch.bool:
+            raise TypeError(
+                f"signed_sums: {name} is a bool tensor; give a 1-D integer tensor or a sequence of ints"
+            )
         return xs.tolist()
     try:
-        return list(xs)
+        out = list(xs)
     except TypeError:
         raise TypeError(f"signed_sums: {name} must be a sequence of ints, got {type(xs).__name__}") from None
+    for i, x in enumerate(out if integer else ()):
+        if isinstance(x, bool | np.bool_):  # an index-like bool reads as 0 or 1
+            raise TypeError(f"signed_sums: {name}[{i}] is {x!r} (a bool); give ints")
+    return out
 
 
 def _check_lists(P: int, N: int, offsets: list, signs: list) -> tuple[list, list]:
