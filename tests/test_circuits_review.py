@@ -361,3 +361,237 @@ def test_an_accuracy_metrics_recorded_runs_are_float_values(mode):
             v = sc.info.get(name)
         assert v is not None and torch.as_tensor(v).is_floating_point(), name
         assert 0.0 <= float(torch.as_tensor(v).mean()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- a metric not finite on one example
+
+
+def _nan_on_0(metric):
+    """``metric`` with example 0's value NaN on every run."""
+
+    def f(lg):
+        v = metric(lg)
+        return torch.where(torch.arange(lg.shape[-2]) == 0, float("nan"), v)
+
+    return f
+
+
+def _four_prompts():
+    g = torch.Generator().manual_seed(1)
+    clean, corr = torch.randint(0, 20, (4, 6), generator=g), torch.randint(0, 20, (4, 6), generator=g)
+    return clean, corr, torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+
+
+@pytest.mark.filterwarnings("ignore:acdc\\(mode='denoise'\\)")
+@pytest.mark.parametrize("mode", ["noise", "denoise"])
+def test_an_example_whose_metric_is_not_finite_is_left_out_of_faithfulness_curves_and_acdc(mode):
+    """A metric NaN on example 0: a warning names it and says the means leave it out, and faithfulness, a pruning
+    curve and ACDC equal those of the run on the other examples alone (not NaN, not every edge kept)."""
+    from pypattern.circuits import acdc, faithfulness, pruning_curve
+
+    model = _model()
+    clean, corr, ans, wrong = _four_prompts()
+    nan_metric = _nan_on_0(LogitDiff(ans, wrong))
+    rest = dict(metric=LogitDiff(ans[1:], wrong[1:]), mode=mode)
+    E = len(edges(model))
+    half = torch.arange(E) % 2 == 0
+    with pytest.warns(RuntimeWarning, match=r"nan for example 0 on the clean run: that example is left out"):
+        f = faithfulness(model, [half, ~half], clean, corr, metric=nan_metric, mode=mode)
+    f_rest = faithfulness(model, [half, ~half], clean[1:], corr[1:], **rest)
+    assert torch.isfinite(f).all()
+    torch.testing.assert_close(f, f_rest, rtol=1e-9, atol=1e-12)
+    scores = torch.linspace(-1, 1, E, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="left out of every mean"):
+        c = pruning_curve(model, scores, clean, corr, metric=nan_metric, mode=mode, counts=[0, 10, E])
+    c_rest = pruning_curve(model, scores, clean[1:], corr[1:], counts=[0, 10, E], **rest)
+    torch.testing.assert_close(c.faithfulness["scores"], c_rest.faithfulness["scores"], rtol=1e-9, atol=1e-12)
+    assert c.m_full == pytest.approx(c_rest.m_full, rel=1e-12)
+    thr = 0.05 * abs(c_rest.m_full - c_rest.m_empty)
+    with pytest.warns(RuntimeWarning, match="left out of every mean"):
+        a = acdc(model, clean, corr, metric=nan_metric, threshold=thr, mode=mode, quiet=True)
+    a_rest = acdc(model, clean[1:], corr[1:], threshold=thr, quiet=True, **rest)
+    assert torch.equal(a.mask, a_rest.mask) and 0 < len(a) < E
+    torch.testing.assert_close(a.scores, a_rest.scores, rtol=1e-9, atol=1e-12)
+    assert a.faithfulness == pytest.approx(a_rest.faithfulness, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "method, mode", [("eap", "noise"), ("eap", "denoise"), ("eap-ig", "noise"), ("exact", "noise")]
+)
+def test_edge_scores_leave_out_an_example_whose_metric_is_not_finite(method, mode):
+    """Its values are NaN (a gradient through a NaN metric is no score: zero, through torch.where), and the scores
+    are the mean over the other examples: those of the run on them alone."""
+    from pypattern.circuits import edge_attribution
+
+    model = _model()
+    clean, corr, ans, wrong = _four_prompts()
+    kw = dict(method=method, mode=mode, steps=3, quiet=True)
+    with pytest.warns(RuntimeWarning, match=r"for example 0 on the clean run: that example is left out"):
+        s = edge_attribution(model, clean, corr, metric=_nan_on_0(LogitDiff(ans, wrong)), **kw)
+    ref = edge_attribution(model, clean[1:], corr[1:], metric=LogitDiff(ans[1:], wrong[1:]), **kw)
+    assert torch.isnan(s.values[0]).all() and s.scored_examples.tolist() == [False, True, True, True]
+    torch.testing.assert_close(s.values[1:], ref.values, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(s.scores, ref.scores, rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(s.scores).all()
+
+    def se(scores):  # the standard errors in the graph's order
+        df = scores.to_pandas().set_index(["src", "dst", "qkv"])
+        return torch.tensor(
+            df.loc[scores.graph.to_pandas().set_index(["src", "dst", "qkv"]).index, "se"].to_numpy()
+        )
+
+    assert torch.isfinite(se(s)).all()
+    torch.testing.assert_close(se(s), se(ref), rtol=1e-9, atol=1e-12)
+
+
+def test_a_metric_not_finite_on_every_base_run_is_refused_and_on_some_named():
+    """Denoising: the base run is the corrupted run; an example whose metric is infinite there is named and left
+    out; every example is refused (nothing left to measure)."""
+    from pypattern.circuits import edge_attribution, faithfulness
+
+    model = _model()
+    clean, corr, ans, wrong = _four_prompts()
+    ld = LogitDiff(ans, wrong)
+    corr_logits = model(corr)[:, -1]
+
+    def inf_on_corrupted(rows):
+        def f(lg):
+            hit = torch.isclose(lg, corr_logits, rtol=0, atol=1e-12).all(-1) & torch.isin(
+                torch.arange(4), torch.tensor(rows)
+            )
+            return torch.where(hit, float("inf"), ld(lg))
+
+        return f
+
+    full = torch.ones(len(edges(model)), dtype=torch.bool)
+    with pytest.warns(
+        RuntimeWarning, match=r"inf for examples 1, 2 on the corrupted run: those examples are left"
+    ):
+        f = faithfulness(model, full, clean, corr, metric=inf_on_corrupted([1, 2]), mode="denoise")
+    assert f == pytest.approx(1.0)
+    with pytest.warns(RuntimeWarning, match=r"for examples 1, 2 on the corrupted run"):
+        s = edge_attribution(model, clean, corr, metric=inf_on_corrupted([1, 2]), mode="denoise", quiet=True)
+    assert s.scored_examples.tolist() == [True, False, False, True]
+    for call in (
+        lambda m: faithfulness(model, full, clean, corr, metric=m, mode="denoise"),
+        lambda m: edge_attribution(model, clean, corr, metric=m, mode="denoise", quiet=True),
+    ):
+        with pytest.raises(ValueError, match="not finite on the clean or the base run for every example"):
+            call(inf_on_corrupted([0, 1, 2, 3]))
+
+
+def test_eap_ig_leaves_out_an_example_whose_metric_is_not_finite_on_an_interpolated_run():
+    """Finite on the clean and the base run but NaN on the interpolated runs of example 1: named in a warning, its
+    values NaN, the scores those of the other examples alone."""
+    from pypattern.circuits import edge_attribution
+
+    model = _model()
+    clean, corr, ans, wrong = _four_prompts()
+    ld = LogitDiff(ans, wrong)
+    ends = torch.stack([model(clean)[:, -1], model(corr)[:, -1]])
+
+    def nan_between(lg):  # NaN for example 1 unless its logits are those of the clean or the corrupted run
+        at_end = torch.isclose(lg[..., 1, :], ends[:, 1].view(2, *[1] * (lg.dim() - 2), -1), atol=1e-9)
+        inside = ~at_end.all(-1).any(0)
+        return torch.where((torch.arange(4) == 1) & inside[..., None], float("nan"), ld(lg))
+
+    with pytest.warns(
+        RuntimeWarning, match=r"not finite on an interpolated run of example 1: .* leave it out"
+    ):
+        s = edge_attribution(model, clean, corr, metric=nan_between, method="eap-ig", steps=3, quiet=True)
+    assert torch.isnan(s.values[1]).all() and torch.isfinite(s.m_base).all()
+    keep = torch.tensor([0, 2, 3])
+    ref = edge_attribution(
+        model,
+        clean[keep],
+        corr[keep],
+        metric=LogitDiff(ans[keep], wrong[keep]),
+        method="eap-ig",
+        steps=3,
+        quiet=True,
+    )
+    torch.testing.assert_close(s.scores, ref.scores, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- exact scores, ACDC, edges
+
+
+def test_exact_scores_interrupted_before_a_timed_write_keep_the_finished_blocks(tmp_path, monkeypatch):
+    """Ctrl-C part-way, before any write is due: the blocks finished are written, and a call of the same run
+    computes only the rest and gives the uninterrupted scores exactly."""
+    from pypattern import io
+    from pypattern.circuits import edge_attribution
+    from pypattern.circuits.engine import EdgeEngine
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    kw = dict(metric=metric, method="exact", max_batch=5, quiet=True)
+    ref = edge_attribution(model, clean, corr, **kw)
+    E = len(ref.graph)
+    path = str(tmp_path / "exact.npz")
+    real_run, masks_run = EdgeEngine.run, []
+
+    def stopping_run(self, masks):
+        if len(masks_run) == 4:
+            raise KeyboardInterrupt
+        masks_run.append(len(masks))
+        return real_run(self, masks)
+
+    monkeypatch.setattr(EdgeEngine, "run", stopping_run)
+    with pytest.raises(KeyboardInterrupt):
+        edge_attribution(model, clean, corr, checkpoint=path, **kw)
+    arrays, meta = io.load(path, kind="ExactEdgeScoresCheckpoint")
+    assert meta["done"] == 20 == sum(masks_run)  # four blocks of five edges
+    assert torch.equal(torch.from_numpy(arrays["values"]), ref.values[:, :20])
+    calls = []
+    monkeypatch.setattr(
+        EdgeEngine, "run", lambda self, masks: calls.append(len(masks)) or real_run(self, masks)
+    )
+    resumed = edge_attribution(model, clean, corr, checkpoint=path, **kw)
+    assert torch.equal(resumed.values, ref.values)
+    assert sum(calls) == E - 20
+
+
+def test_acdc_denoise_warns_when_most_tested_drops_are_exactly_zero():
+    """Denoising from the full circuit (the clean run): leaving out an edge whose source's inputs are all restored
+    changes nothing, so almost every test reads a drop of exactly 0 and the threshold alone decides; a warning says
+    so and points to mode='noise' (which, on the same prompts, measures its drops and does not warn)."""
+    import warnings
+
+    from pypattern.circuits import acdc
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    with pytest.warns(
+        RuntimeWarning, match=r"acdc\(mode='denoise'\): (\d+) of the (\d+) edges tested .*mode='noise'"
+    ) as rec:
+        c = acdc(model, clean, corr, metric=metric, threshold=0.0, mode="denoise", quiet=True)
+    tested = len(c.mask) - c.info["num_untested"]
+    zeros = int((c.scores == 0).sum()) - c.info["num_untested"]
+    assert zeros > tested / 2
+    msg = next(str(w.message) for w in rec if "acdc(mode='denoise')" in str(w.message))
+    assert f"{zeros} of the {tested} edges tested" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        n = acdc(model, clean, corr, metric=metric, threshold=0.0, mode="noise", quiet=True)
+    assert int((n.scores == 0).sum()) <= len(n.mask) / 2
+
+
+@pytest.mark.parametrize("threshold", [-1e-6, -1e9])
+def test_acdc_refuses_a_negative_threshold_by_name(threshold):
+    from pypattern.circuits import acdc
+
+    model = _model()
+    clean, corr, metric = _prompts()
+    with pytest.raises(ValueError, match=rf"^threshold={threshold!r} is not valid: .*a number >= 0"):
+        acdc(model, clean, corr, metric=metric, threshold=threshold)
+
+
+def test_edges_of_a_model_on_the_meta_device_read_its_configuration_only():
+    with torch.device("meta"):
+        meta = _model()
+    assert next(meta.parameters()).is_meta
+    real = _model()
+    for kw in ({}, dict(per_position=True, seq_len=5)):
+        g, h = edges(meta, **kw), edges(real, **kw)
+        assert len(g) == len(h) > 0 and [e.name for e in g] == [e.name for e in h]

@@ -258,3 +258,66 @@ def test_a_grid_stopped_between_saves_keeps_its_finished_blocks(tmp_path, monkey
     assert int(np.load(path)["done"].sum()) == 3 * 2  # three positions of two layers
     resumed = activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=path, quiet=True)
     torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "naive"])
+def test_an_accuracy_metric_is_kept_in_float_and_resumes_from_a_checkpoint(
+    tmp_path, monkeypatch, small_blocks, method
+):
+    """A bool metric (an accuracy) gives float64 values on a float64 model, equal to the same metric computed as
+    0.0/1.0; its grid, interrupted, resumes to the uninterrupted values, computing only the rest."""
+    model, clean, corr, _ = _setup()
+    answer = model(clean)[:, -1].argmax(-1)
+
+    def accuracy(lg):
+        return lg.argmax(-1) == answer
+
+    def as_float(lg):
+        return (lg.argmax(-1) == answer).double()
+
+    whole = activation_patching(model, "resid_pre", clean, corr, metric=accuracy, method=method, quiet=True)
+    ref = activation_patching(model, "resid_pre", clean, corr, metric=as_float, method=method, quiet=True)
+    assert whole.values.dtype == whole.clean.dtype == whole.corrupted.dtype == torch.float64
+    assert torch.equal(whole.values, ref.values) and torch.equal(whole.clean, ref.clean)
+    assert torch.equal(whole.clean, torch.ones(3, dtype=torch.float64))
+    assert 0 < int((whole.values == 0).sum()) < whole.values.numel()  # some patches change the accuracy
+    torch.testing.assert_close(whole.effect, ref.values - ref.corrupted.view(-1, 1, 1), rtol=0, atol=0)
+    torch.testing.assert_close(whole.mean(), ref.mean(), rtol=0, atol=0)
+    torch.testing.assert_close(whole.se(), ref.se(), rtol=0, atol=0)
+    path = tmp_path / "grid.npz"
+    if method == "exact":
+        cls, name = ExactEngine, "run"
+    else:
+        cls, name = patching_api, "_naive"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, cls, name, 2)
+        with pytest.raises(_Stop):
+            activation_patching(
+                model, "resid_pre", clean, corr, metric=accuracy, method=method, checkpoint=path, quiet=True
+            )
+    done = int(np.load(path)["done"].sum())
+    assert 0 < done < whole.values[0].numel()
+    with monkeypatch.context() as m:
+        calls = _interrupt_after(m, cls, name, 10**6)
+        resumed = activation_patching(
+            model, "resid_pre", clean, corr, metric=accuracy, method=method, checkpoint=path, quiet=True
+        )
+    assert torch.equal(resumed.values, whole.values)
+    if method == "naive":  # one call per cell
+        assert len(calls) == whole.values[0].numel() - done
+
+
+def test_an_integer_metric_on_a_float32_model_is_kept_in_float32():
+    """As patch_edges keeps it: an integer metric (a rank) in the float dtype of the model's metrics."""
+    model, clean, corr, met = _setup()
+    model = model.float()
+    answer = torch.tensor([1, 2, 3])
+
+    def rank(lg):
+        return (lg > lg.gather(-1, answer.view(-1, 1).expand(*lg.shape[:-1], 1))).sum(-1)
+
+    r = activation_patching(model, "attn_out", clean, corr, metric=rank, quiet=True)
+    n = activation_patching(model, "attn_out", clean, corr, metric=rank, method="naive", quiet=True)
+    assert r.values.dtype == r.clean.dtype == n.values.dtype == torch.float32
+    assert torch.equal(r.values, n.values)
+    assert torch.equal(r.effect, r.values - r.corrupted.view(-1, 1, 1))

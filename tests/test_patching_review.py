@@ -60,3 +60,67 @@ def test_restrictions_that_select_nothing_are_refused(setup, site, kw):
     m, c, k, md = setup
     with pytest.raises(ValueError, match="is empty"):
         pp.activation_patching(m, site, c, k, metric=md, **kw)
+
+
+@pytest.mark.parametrize("method", ["exact", "naive"])
+def test_an_example_whose_metric_is_not_finite_is_left_out_of_the_means(method):
+    """A metric NaN for example 0 on the clean run: the warning names it and says the means leave it out, and
+    the means, errors, intervals and normalised values equal those of the run on the other examples alone."""
+    m = Transformer(
+        TransformerConfig(
+            n_layers=2, d_model=16, n_heads=4, d_mlp=32, d_vocab=20, n_ctx=8, dtype=torch.float64
+        )
+    )
+    g = torch.Generator().manual_seed(1)
+    c, k = torch.randint(0, 20, (4, 5), generator=g), torch.randint(0, 20, (4, 5), generator=g)
+    ans, wrong = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    ld = pp.LogitDiff(ans, wrong)
+
+    def nan_on_0(lg):
+        v = ld(lg)
+        return torch.where(torch.arange(lg.shape[-2]) == 0, float("nan"), v)
+
+    with pytest.warns(
+        RuntimeWarning, match=r"nan for example 0 on the clean run: that example is left out of every mean"
+    ):
+        r = pp.activation_patching(m, "resid_pre", c, k, metric=nan_on_0, method=method, quiet=True)
+    ref = pp.activation_patching(
+        m, "resid_pre", c[1:], k[1:], metric=pp.LogitDiff(ans[1:], wrong[1:]), method=method, quiet=True
+    )
+    assert r.finite_examples.tolist() == [False, True, True, True]
+    assert torch.isnan(r.values[0]).all()
+    torch.testing.assert_close(r.values[1:], ref.values, rtol=1e-12, atol=1e-12)
+    for normalized in (False, True):
+        torch.testing.assert_close(r.mean(normalized), ref.mean(normalized), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r.se(normalized), ref.se(normalized), rtol=1e-12, atol=1e-12)
+        for a, b in zip(r.ci(normalized=normalized), ref.ci(normalized=normalized)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.normalized[1:], ref.normalized, rtol=1e-12, atol=1e-12)
+    assert [c for c, _ in r.top(3)] == [c for c, _ in ref.top(3)]
+
+
+def test_a_metric_not_finite_on_the_corrupted_run_is_named_or_refused(setup):
+    """Infinite on the corrupted run for example 1: named, and left out of the means; for every example: refused
+    (no example is finite on both unpatched runs)."""
+    m, c, k, md = setup
+
+    corrupted_logits = m(k)[:, -1]
+
+    def metric_of(rows):
+        def metric(lg):
+            v = md(lg)
+            is_corr = torch.isclose(lg, corrupted_logits).all(-1)
+            return torch.where(is_corr & torch.isin(torch.arange(2), torch.tensor(rows)), float("inf"), v)
+
+        return metric
+
+    with pytest.warns(
+        RuntimeWarning, match=r"inf for example 1 on the corrupted run: that example is left out"
+    ):
+        r = pp.activation_patching(m, "resid_pre", c, k, metric=metric_of([1]), quiet=True)
+    assert r.finite_examples.tolist() == [True, False]
+    torch.testing.assert_close(r.mean(False), r.values[0])
+    with pytest.raises(
+        ValueError, match=r"not finite on the clean run or on the corrupted run for every example"
+    ):
+        pp.activation_patching(m, "resid_pre", c, k, metric=metric_of([0, 1]), quiet=True)

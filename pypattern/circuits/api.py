@@ -9,8 +9,9 @@ Conventions (see :mod:`pypattern.circuits.engine` for the definitions):
 - A *circuit* is a set of edges. In the noising frame it is evaluated on the clean run with every edge outside it
   ablated (auto-circuit's "tree patching"); in the denoising frame, on the corrupted run with its edges restored
   from the clean run (auto-circuit's "edge patching").
-  Faithfulness = ``(M_circuit - M_empty) / (M_full - M_empty)`` on batch means: 1 = the full model's behaviour,
-  0 = the fully ablated model's.
+  Faithfulness = ``(M_circuit - M_empty) / (M_full - M_empty)`` on means over the examples: 1 = the full model's
+  behaviour, 0 = the fully ablated model's. Means over examples leave out the examples whose metric is not finite
+  on the clean or the base run (with a warning naming them); no example left is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ import torch
 from .._progress import progress_bar
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
-from ..patching.metrics import first_order_says_nothing, first_order_tol
+from ..patching.metrics import (
+    finite_examples,
+    first_order_says_nothing,
+    first_order_tol,
+    name_examples,
+    warn_nonfinite_examples,
+)
 from .engine import EdgeEngine, prepare_runs
 from .graph import Edge, EdgeGraph, check_graph_arg
 from .results import Circuit, EdgeScores, PruningCurve, rank_order
@@ -51,6 +58,30 @@ def _graph_for(model, graph: EdgeGraph | None, per_position: bool, seq_len: int)
             )
         return graph
     return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len if per_position else None)
+
+
+def _measured(m_clean: torch.Tensor, m_base: torch.Tensor, mode: str) -> torch.Tensor:
+    """``(batch,)`` bool on the CPU: the examples whose metric is finite on the clean and on the base run, those
+    the means over examples (faithfulness, pruning curves, ACDC, edge scores) are taken over. The clean run's
+    non-finite examples were named when it ran; the base run's (denoising: the corrupted run) are named here. No
+    example left is refused."""
+    keep = finite_examples(m_clean, m_base)
+    if not bool(keep.any()):
+        raise ValueError(
+            "metric is not finite on the clean or the base run for every example: no example is left to measure; "
+            "give a metric that is finite on the unpatched runs"
+        )
+    if mode == "denoise":  # the base run is the corrupted run; its examples that are finite on the clean run
+        clean_ok = torch.isfinite(m_clean.detach()).to(m_base.device)
+        warn_nonfinite_examples(torch.where(clean_ok, m_base.detach(), 0.0), "the corrupted run", 4)
+    return keep
+
+
+def _example_mean(vals: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Means over the examples ``keep`` (:func:`_measured`) of ``vals (C, batch)``, on the CPU."""
+    if not bool(keep.all()):
+        vals = vals[:, keep.to(vals.device)]
+    return vals.mean(1).cpu()
 
 
 def _seq_len(clean) -> int:
@@ -392,15 +423,19 @@ def edge_attribution(
         ``"exact"``: no progress bar (by default one counts the edges scored, shown once a call has run for two
         seconds: all the edges of a GPT-2-small-sized model take hours on a CPU).
     checkpoint : str, optional
-        ``"exact"`` only: a file the scores so far are written to as they are computed (atomically, no pickle),
-        from which a call with the same model weights, prompts, metric, graph, mode and ablation resumes; a call
-        that differs in any of them is refused (:class:`pypattern.io.FingerprintMismatch` naming what differs).
-        The finished scores stay in it: the same call again returns them at once.
+        ``"exact"`` only: a file the scores so far are written to as they are computed (atomically, no pickle;
+        every 30 s, at the end, and when the scoring stops on an exception or Ctrl-C), from which a call with the
+        same model weights, prompts, metric, graph, mode and ablation resumes, computing only the rest; a call that
+        differs in any of them is refused (:class:`pypattern.io.FingerprintMismatch` naming what differs). The
+        finished scores stay in it: the same call again returns them at once.
 
     Returns
     -------
     EdgeScores
-        ``values (batch, num_edges)``; ``scores`` is their batch mean.
+        ``values (batch, num_edges)``; ``scores`` is their mean over the examples scored. An example whose metric
+        is not finite on the clean or the base run (or, EAP-IG, on an interpolated run: its gradient says nothing
+        about the edges) is not scored: its values are NaN, and it is named in a warning; no example left to score
+        is refused.
     """
     model = converted_if_convertible(model)
     check_graph_arg(graph)
@@ -452,13 +487,18 @@ def edge_attribution(
         values = _exact_scores(
             engine, graph, model, clean, corrupted, metric, mode, ablation, quiet, checkpoint
         )
+        used = _scored_examples(info["m_clean"], info["m_base"], None, mode, method)
+        if not bool(used.all()):
+            values[~used] = float("nan")
         passes = None
     else:
         e_base = engine.base_embed
         # flat graphs: scores formed as the backward goes (each layer's head-input cotangents used and freed)
         sink = None if graph.per_position else _ScoreSink(engine)
+        finite_runs = None  # per example: the metric finite on every run the gradients were taken on
         if method == "eap":
-            grads, _ = engine.gradients(e_base[None], record=0, sink=sink)
+            grads, m_runs = engine.gradients(e_base[None], record=0, sink=sink)
+            finite_runs = torch.isfinite(m_runs.detach()).all(0).cpu()
             passes = 1
         else:
             e_abl = engine.src_embed
@@ -475,7 +515,9 @@ def edge_attribution(
                 if int(js[-1]) == steps:  # the last run is the base run itself: exactly its embedding
                     emb[-1] = e_base
                     record = len(js) - 1
-                gj, _ = engine.gradients(emb, record=record, sink=sink)
+                gj, m_runs = engine.gradients(emb, record=record, sink=sink)
+                ok = torch.isfinite(m_runs.detach()).all(0).cpu()
+                finite_runs = ok if finite_runs is None else finite_runs & ok
                 grads = gj if grads is None else [(d, r, G + Gj) for (d, r, G), (_, _, Gj) in zip(grads, gj)]
                 passes += 1
             grads = [(d, r, G / steps) for d, r, G in grads]
@@ -486,13 +528,17 @@ def edge_attribution(
             values = _gradient_scores(engine, grads)
         else:
             values = sink.scores(1.0 / steps if method == "eap-ig" else 1.0)
+        used = _scored_examples(info["m_clean"], info["m_base"], finite_runs, mode, method)
+        if not bool(used.all()):  # a gradient through a non-finite metric says nothing about the edges
+            values[~used.to(values.device)] = float("nan")
+        u = used.to(values.device)
         _warn_if_no_gradient(
-            values,
-            info["m_base"],
-            info["m_clean"],
+            values[u],
+            info["m_base"][u.to(info["m_base"].device)],
+            info["m_clean"][u.to(info["m_clean"].device)],
             method,
             steps,
-            lambda: patch_edges(  # every edge patched
+            lambda: patch_edges(  # every edge patched, at the examples scored
                 model,
                 torch.ones(len(graph), dtype=torch.bool),
                 clean,
@@ -503,7 +549,7 @@ def edge_attribution(
                 graph=graph,
                 max_batch=max_batch,
                 memory_budget=memory_budget,
-            ),
+            )[u.to(info["m_base"].device)],
         )
     # the scores live on the CPU whatever the model's device (saved, tabled and drawn from numpy), moved once
     return EdgeScores(
@@ -521,6 +567,32 @@ def edge_attribution(
             "passes": passes,
         },
     )
+
+
+def _scored_examples(m_clean, m_base, finite_runs, mode: str, method: str) -> torch.Tensor:
+    """``(batch,)`` bool on the CPU: the examples whose edge scores are measured (:func:`_measured`: the metric
+    finite on the clean and the base run) and, for the gradient methods, finite on every run the gradient was taken
+    on (``finite_runs``, an interpolated run of EAP-IG's); the others' values are NaN and the scores leave them
+    out. Those of the last kind are named in a warning (the others were when their run was made)."""
+    keep = _measured(m_clean, m_base, mode)
+    if finite_runs is not None and not bool((keep <= finite_runs).all()):
+        rows = (keep & ~finite_runs).nonzero().flatten().tolist()
+        keep = keep & finite_runs
+        if not bool(keep.any()):
+            raise ValueError(
+                f"edge_attribution(method={method!r}): the metric is not finite on some interpolated run of every "
+                "example: no example is left to score; give a metric that is finite along the interpolation, or "
+                "use method='exact'"
+            )
+        warnings.warn(
+            f"edge_attribution(method={method!r}): the metric is not finite on an interpolated run of "
+            f"{name_examples(rows)}: a gradient through it says nothing about the edges, so "
+            f"{'its values are' if len(rows) == 1 else 'their values are'} NaN and the scores (means over "
+            f"examples) leave {'it' if len(rows) == 1 else 'them'} out; the other examples are scored as usual",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return keep
 
 
 def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) -> None:
@@ -558,7 +630,8 @@ _CHECKPOINT_EVERY_S = 30.0
 
 def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation, quiet, checkpoint):
     """Each edge patched alone, ``(batch, E)``: the edges in blocks of whole engine batches, with a progress bar
-    and (``checkpoint``) the scores so far written after each block and read back by a call of the same run."""
+    and (``checkpoint``) the scores so far written every 30 s, at the end and when the scoring stops on an
+    exception or Ctrl-C, and read back by a call of the same run."""
     from .. import io
 
     E = len(graph)
@@ -585,22 +658,34 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
         engine.fixed_weights(),
         progress_bar(quiet or done >= E, total=E, initial=done, desc="exact edge scores", unit="edge") as bar,
     ):
-        while done < E:
-            stop = min(E, done + block)
-            masks = torch.zeros(stop - done, E, dtype=torch.bool)
-            masks[torch.arange(stop - done), torch.arange(done, stop)] = True
-            values[:, done:stop] = (engine.run(masks) - base[None]).T
-            done = stop
-            if checkpoint is not None and (done == E or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S):
-                saved = time.perf_counter()
-                io.save(
-                    checkpoint,
-                    {"values": _widen(values[:, :done]).numpy()},
-                    {"fingerprint": fp, "done": done},
-                    kind="ExactEdgeScoresCheckpoint",
-                )
-            if bar is not None:
-                bar.update(stop - bar.n)
+
+        def save() -> None:
+            io.save(
+                checkpoint,
+                {"values": _widen(values[:, :done]).numpy()},
+                {"fingerprint": fp, "done": done},
+                kind="ExactEdgeScoresCheckpoint",
+            )
+
+        unsaved = False  # blocks finished since the last write
+        try:
+            while done < E:
+                stop = min(E, done + block)
+                masks = torch.zeros(stop - done, E, dtype=torch.bool)
+                masks[torch.arange(stop - done), torch.arange(done, stop)] = True
+                values[:, done:stop] = (engine.run(masks) - base[None]).T
+                done, unsaved = stop, True
+                if checkpoint is not None and (
+                    done == E or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S
+                ):
+                    save()
+                    saved, unsaved = time.perf_counter(), False
+                if bar is not None:
+                    bar.update(stop - bar.n)
+        except BaseException:  # stopped (Ctrl-C, an error in a block): the finished blocks are written
+            if checkpoint is not None and unsaved:
+                save()
+            raise
     return values
 
 
@@ -663,11 +748,20 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 
 def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     den = full - empty
+    if not math.isfinite(float(den)):
+        warnings.warn(
+            f"faithfulness is undefined here: the metric's mean over the examples is {float(full):.6g} for the full "
+            f"circuit and {float(empty):.6g} for the empty one (the metric is not finite on one of those runs for "
+            "an example it is finite on the unpatched runs); NaN is returned",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return torch.full_like(vals, float("nan"))
     if float(abs(den)) > 0:
         scale = max(float(abs(full)), float(abs(empty)))
         if float(abs(den)) <= 1e-6 * scale:
             warnings.warn(
-                f"faithfulness divides by a gap at rounding level: the metric's batch mean is {float(full):.9g} "
+                f"faithfulness divides by a gap at rounding level: the metric's mean is {float(full):.9g} "
                 f"with no edge patched and {float(empty):.9g} with every edge patched (a difference of "
                 f"{float(abs(den)) / scale:.2g} of its size), so the values returned are mostly rounding; choose "
                 "prompts or an ablation that move the metric",
@@ -676,8 +770,8 @@ def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor) -> torch
             )
         return (vals - empty) / den
     warnings.warn(
-        f"faithfulness is undefined here: the metric's batch mean is the same ({float(full):.6g}) with every edge "
-        "patched and with none (the clean and corrupted prompts, or the ablation, leave it unchanged); NaN is "
+        f"faithfulness is undefined here: the metric's mean over the examples is the same ({float(full):.6g}) with "
+        "every edge patched and with none (the clean and corrupted prompts, or the ablation, leave it unchanged); NaN is "
         "returned",
         RuntimeWarning,
         stacklevel=3,
@@ -700,7 +794,8 @@ def faithfulness(
 ):
     """Faithfulness ``(M_circuit - M_empty) / (M_full - M_empty)`` of a circuit (or a batch of circuits).
 
-    ``M`` is the batch mean of ``metric``. Noising (default): ``M_circuit`` is the clean run with every edge
+    ``M`` is the mean of ``metric`` over the examples (those whose metric is finite on the clean and the base run:
+    an example whose metric is NaN or infinite there is left out, with a warning naming it). Noising (default): ``M_circuit`` is the clean run with every edge
     *outside* the circuit ablated, ``M_full`` the clean run, ``M_empty`` the run with every edge ablated.
     Denoising: the corrupted run with the circuit's edges restored from the clean run (``M_full`` = clean,
     ``M_empty`` = corrupted, for resample ablation).
@@ -719,7 +814,7 @@ def faithfulness(
     if graph is None:
         graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
     masks, single = _as_masks(graph, edges)
-    engine, _ = prepare_runs(
+    engine, info = prepare_runs(
         model,
         graph,
         clean,
@@ -730,10 +825,11 @@ def faithfulness(
         max_batch=max_batch,
         memory_budget=memory_budget,
     )
+    keep = _measured(info["m_clean"], info["m_base"], mode)
     E = len(graph)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
-    # the batch means on the CPU (a GPU model's too): C + 2 numbers, moved once
-    vals = _widen(engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode))).mean(1).cpu()
+    # the means on the CPU (a GPU model's too): C + 2 numbers, moved once
+    vals = _example_mean(_widen(engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode))), keep)
     f = _faith(vals[:-2], vals[-2], vals[-1])
     return float(f[0]) if single else f
 
@@ -814,6 +910,9 @@ def pruning_curve(
     counts : sequence of int, optional
         Numbers of edges kept, each in ``0..num_edges``.
 
+    The metric is averaged over the examples as in :func:`faithfulness` (an example whose metric is not finite on
+    the clean or the base run is left out).
+
     The points of the curve (``counts`` given or rounded from ``fractions``) are sorted and each is evaluated once
     (a repeated count or two fractions rounding to the same count make one point); an empty sequence is refused.
 
@@ -857,11 +956,12 @@ def pruning_curve(
         max_batch=max_batch,
         memory_budget=memory_budget,
     )
+    keep = _measured(info["m_clean"], info["m_base"], mode)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
     allm = torch.cat(masks + [ends])
     t0 = time.perf_counter()
     # the curves live on the CPU (a GPU model's too: PruningCurve is saved and plotted from numpy), moved once
-    vals = _widen(engine.run(_circuit_to_patch(allm, mode))).mean(1).cpu()
+    vals = _example_mean(_widen(engine.run(_circuit_to_patch(allm, mode))), keep)
     seconds = time.perf_counter() - t0
     full, empty = vals[-2], vals[-1]
     n = len(cnt)
@@ -966,7 +1066,7 @@ def acdc(
     logits, then the last layer's MLP input, then its heads' query, key and value inputs, ... down to layer 0);
     for each, try its incoming edges one at a time in reverse graph order (sources in reverse topological order;
     on a per-position graph, positions from the last to the first and sources in reverse order within each):
-    remove the edge if the batch-mean metric of the circuit without it is lower than the current circuit's by less
+    remove the edge if the mean metric (over the examples, as in :func:`faithfulness`) of the circuit without it is lower than the current circuit's by less
     than ``threshold`` (``M_current - M_without < threshold``; an edge whose removal raises the metric is removed
     too), and keep the new circuit. A drop within 16 roundings of the metric (relative to it, in the metric's
     dtype: float32 for a 16-bit model) is read as 0, so with ``threshold=0`` an edge whose removal changes the
@@ -990,10 +1090,18 @@ def acdc(
     Parameters
     ----------
     threshold : float
-        In units of the metric (e.g. logit difference).
+        The largest drop of the metric at which an edge is removed, ``>= 0``, in units of the metric (e.g. logit
+        difference); 0 keeps every edge whose removal lowers the metric measurably.
     mode : {"noise", "denoise"}
-        Noising: a circuit is evaluated on the clean run with every edge outside it ablated; denoising: on the
-        corrupted run with its edges restored from the clean run.
+        Noising (ACDC as Conmy et al. run it): a circuit is evaluated on the clean run with every edge outside it
+        ablated; denoising: on the corrupted run with its edges restored from the clean run. In the denoising frame
+        the search starts from the full circuit, which is the clean run: an edge ``u -> v`` left out of it then
+        reads ``u``'s output in the patched run, which is still ``u``'s clean output as long as ``u``'s own inputs
+        are restored, so its removal changes nothing and its test reads a drop of exactly 0; visited from the
+        logits down, most edges are decided this way before any of their sources' inputs is removed, by the
+        threshold alone (0 keeps them, any positive threshold removes them). A warning says so when most tested
+        drops are exactly 0; prefer ``mode="noise"`` (or rank edges with :func:`edge_attribution` in the denoising
+        frame and read :func:`pruning_curve`).
     per_position : bool
         Prune a per-position graph over the prompts' length (or give ``graph=edges(model, per_position=True,
         seq_len=T)``).
@@ -1018,6 +1126,11 @@ def acdc(
     check_graph_arg(graph)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
+    if threshold < 0:
+        raise ValueError(
+            f"threshold={threshold!r} is not valid: it is the largest drop of the metric at which an edge is removed, "
+            "a number >= 0 in units of the metric (0 keeps every edge whose removal lowers the metric measurably)"
+        )
     threshold = float(threshold)
     if not isinstance(quiet, bool):
         raise TypeError(f"quiet={quiet!r} is not valid; give True or False")
@@ -1039,9 +1152,12 @@ def acdc(
     )
     E = len(graph)
     keep = torch.ones(E, dtype=torch.bool)
+    measured = _measured(info["m_clean"], info["m_base"], mode)
 
-    def evaluate(circ: torch.Tensor) -> torch.Tensor:  # batch means, read on the CPU (one copy per batch)
-        return engine.run(_circuit_to_patch(circ, mode)).mean(1).cpu()
+    def evaluate(
+        circ: torch.Tensor,
+    ) -> torch.Tensor:  # means over the examples, on the CPU (one copy per batch)
+        return _example_mean(engine.run(_circuit_to_patch(circ, mode)), measured)
 
     reach = _Reach(graph, engine, mode)
     state = None
@@ -1106,6 +1222,19 @@ def acdc(
                 _acdc_save(checkpoint, fp, d, keep, drop, reach, m_full, m_empty, m_cur, runs, untested)
             if bar is not None:
                 bar.update(1)
+    tested = E - untested
+    zeros = int((drop == 0).sum()) - untested  # an edge removed without a test keeps its drop of 0
+    if mode == "denoise" and tested and zeros > tested / 2:
+        warnings.warn(
+            f"acdc(mode='denoise'): {zeros} of the {tested} edges tested changed the metric by exactly 0 when left "
+            "out: the search starts from the full circuit, the clean run, where an edge out of a node whose own "
+            "inputs are still restored carries that node's clean output either way, so its test cannot see it and "
+            f"threshold={threshold:g} alone decided it (0 keeps such edges, any positive threshold removes them); "
+            "use mode='noise' for ACDC's search, or rank the edges with edge_attribution(mode='denoise') and read "
+            "pruning_curve",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     m3 = torch.tensor([m_cur, m_full, m_empty], dtype=torch.float64)
     f = float(_faith(m3[0], m3[1], m3[2]))  # NaN, with a warning, where undefined
     return Circuit(

@@ -32,6 +32,7 @@ import torch
 
 from .._masks import zero_one_mask
 from ..models.convert import converted_if_convertible
+from ..models.transformer import Transformer
 
 __all__ = ["Edge", "EdgeGraph", "edges"]
 
@@ -387,6 +388,8 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
     Parameters
     ----------
     model : Transformer
+        Only its configuration is read: a model on the meta device (shapes without weights) is fine. Other models
+        (a Hugging Face causal LM, a HookedTransformer) are converted first, which needs their weights.
     per_position : bool
         One edge per position (``seq_len`` of them; default the model's ``n_ctx``).
     seq_len : int, optional
@@ -410,5 +413,8 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
             f"seq_len={seq_len!r} counts the positions of per-position edges; with per_position=False the edges "
             "have no position: give per_position=True, or leave seq_len out"
         )
-    model = converted_if_convertible(model)
+    if not isinstance(
+        model, Transformer
+    ):  # pypattern's model: its configuration alone (weights may be on meta)
+        model = converted_if_convertible(model)
     return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len)

@@ -99,8 +99,8 @@ def rank_order(scores: torch.Tensor, name: str, graph: EdgeGraph) -> torch.Tenso
         some = ", ".join(graph[i].name for i in idx[:3]) + (", ..." if len(idx) > 3 else "")
         raise ValueError(
             f"{name} holds NaN for {len(idx)} of {len(scores)} edges ({some}); edges cannot be ranked by |score| "
-            "with NaN among them: recompute the scores (a metric that is NaN on some prompt makes every score it "
-            "reaches NaN) or replace the NaN (e.g. with nan_to_num) before ranking"
+            "with NaN among them: recompute the scores (a metric that is NaN on the run with an edge patched makes "
+            "that edge's score NaN) or replace the NaN (e.g. with nan_to_num) before ranking"
         )
     return torch.sort(-scores.abs(), stable=True).indices
 
@@ -113,10 +113,14 @@ class EdgeScores:
     ----------
     graph : EdgeGraph
     values : Tensor ``(batch, num_edges)``
-        Per-example estimate (EAP, EAP-IG) or exact value of ``M(edge patched) - M(base run)``.
+        Per-example estimate (EAP, EAP-IG) or exact value of ``M(edge patched) - M(base run)``; NaN for every edge
+        of an example that is not scored (its metric not finite on an unpatched run, or on an interpolated run of
+        EAP-IG's).
     method, mode, ablation, metric : str
     m_base, m_clean : Tensor ``(batch,)``
         Metric of the base run (clean for noising, corrupted for denoising) and of the clean run.
+
+    :attr:`scores` and the standard errors of :meth:`to_pandas` are over :attr:`scored_examples`.
     """
 
     graph: EdgeGraph
@@ -130,9 +134,24 @@ class EdgeScores:
     info: dict = field(default_factory=dict)
 
     @property
+    def scored_examples(self) -> torch.Tensor:
+        """``(batch,)`` bool: the examples scored, those whose metric is finite on the base and the clean run and
+        whose values are not NaN for every edge."""
+        keep = torch.isfinite(self.m_base) & torch.isfinite(self.m_clean)
+        keep = keep.to(self.values.device)
+        if self.values.shape[1]:
+            keep = keep & ~self.values.isnan().all(1)
+        return keep
+
+    def _scored(self) -> torch.Tensor:
+        """The values of :attr:`scored_examples` ``(n, num_edges)``."""
+        keep = self.scored_examples
+        return self.values if bool(keep.all()) else self.values[keep]
+
+    @property
     def scores(self) -> torch.Tensor:
-        """Batch-mean score of every edge ``(num_edges,)``."""
-        return self.values.mean(0)
+        """Score of every edge ``(num_edges,)``: the mean of :attr:`values` over :attr:`scored_examples`."""
+        return self._scored().mean(0)
 
     def ranking(self) -> torch.Tensor:
         """Edge indices by descending ``|score|`` (ties in graph order); scores holding NaN are refused."""
@@ -159,11 +178,12 @@ class EdgeScores:
     def to_pandas(self):
         """One row per edge: ``src``, ``dst``, ``qkv``, ``pos``, ``score`` (batch mean), ``se`` (standard error over
         the batch) and ``rank`` (1 = largest ``|score|``), sorted by rank. Edges whose score is NaN (a metric NaN on
-        some prompt) come last with rank NaN: the table shows them where :meth:`ranking` refuses to order them."""
+        a patched run) come last with rank NaN: the table shows them where :meth:`ranking` refuses to order them."""
         df = self.graph.to_pandas()
         s = self.scores
-        B = self.values.shape[0]
-        se = self.values.std(0) / max(B, 1) ** 0.5 if B > 1 else torch.full_like(s, float("nan"))
+        v = self._scored()
+        B = v.shape[0]
+        se = v.std(0) / max(B, 1) ** 0.5 if B > 1 else torch.full_like(s, float("nan"))
         df["score"] = s.double().numpy()
         df["se"] = se.double().numpy()
         nan = torch.isnan(s)

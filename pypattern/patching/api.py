@@ -29,8 +29,10 @@ from .metrics import (
     bind_metric,
     check_metric_on_stacks,
     check_metric_output,
+    finite_examples,
     logits_at,
     metric_positions,
+    warn_nonfinite_examples,
 )
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, apply_patch, check_site, hook_name, make_cells, site_heads
@@ -279,11 +281,13 @@ def prepare_runs(
     bind_metric(metric, clean_logits.detach())
     on_logits = check_metric_output(metric(clean_logits), B).detach()  # the metric's contract, on full logits
     check_metric_on_stacks(metric, clean_logits.detach(), on_logits)
-    m_clean = metric_of(clean_logits, clean_rows).detach()
+    dtype = values_dtype(model)
+    m_clean = as_values(metric_of(clean_logits, clean_rows).detach(), dtype)
     m_corr, corr_cache = None, None
     if corr_tokens is not None:
         corr_logits, corr_rows, corr_cache = run_at(corr_tokens, corr_noise, names)
-        m_corr = metric_of(corr_logits, corr_rows).detach()
+        m_corr = as_values(metric_of(corr_logits, corr_rows).detach(), dtype)
+        check_finite_examples(m_clean, m_corr, "the corrupted run")
     if direction == "denoising":
         tgt = (corr_tokens, corr_noise, corr_cache)
         source = {n: clean_cache[n] for n in site_hooks}
@@ -314,8 +318,38 @@ def prepare_runs(
     )
 
 
+def values_dtype(model) -> torch.dtype:
+    """The dtype the metric's values are kept in for ``model``: its floating parameters' (float32 for a 16-bit
+    model, as the engines compute its metrics, and for a model without floating parameters)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def as_values(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Metric values of integer or bool dtype (an accuracy, a rank) in ``dtype`` (:func:`values_dtype`), so that
+    differences and means of them are effects; floating values as they are (as
+    :func:`~pypattern.circuits.patch_edges` keeps them)."""
+    if m.is_floating_point() or m.is_complex():
+        return m
+    return m.to(dtype)
+
+
+def check_finite_examples(m_clean: torch.Tensor, m_other: torch.Tensor, run: str) -> None:
+    """Warn, naming them, of the examples whose metric on ``run`` (``m_other``) is not finite while it is on the
+    clean run (those are left out of the means over examples), and refuse a run on which no example is finite on
+    both."""
+    keep = finite_examples(m_clean, m_other)
+    if not bool(keep.any()):
+        raise ValueError(
+            f"metric is not finite on the clean run or on {run} for every example: no example is left to measure; "
+            "give a metric that is finite on the unpatched runs"
+        )
+    warn_nonfinite_examples(torch.where(torch.isfinite(m_clean).to(m_other.device), m_other, 0.0), run, 4)
+
+
 def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metric) -> torch.Tensor:
     out = []
+    dtype = values_dtype(model)
     base = [("hook_embed", embedding_noise_hook(runs.noise))] if runs.noise is not None else []
     with torch.no_grad():
         for c in cells:
@@ -325,7 +359,7 @@ def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metr
                 src = runs.source[name]
                 hooks.append((name, lambda x, hook, s=src, c=c: apply_patch(x, s, site, c.head, c.pos)))
             logits = model.run_with_hooks(runs.tokens, fwd_hooks=hooks)
-            out.append(metric(logits_at(logits, runs.pos)))
+            out.append(as_values(metric(logits_at(logits, runs.pos)), dtype))
     return torch.stack(out)
 
 

@@ -31,6 +31,9 @@ __all__ = [
     "check_metric_on_stacks",
     "token_ids",
     "bind_metric",
+    "finite_examples",
+    "name_examples",
+    "warn_nonfinite_examples",
 ]
 
 
@@ -315,19 +318,53 @@ def check_metric_output(values, batch: int) -> torch.Tensor:
     bad = ~torch.isfinite(values.detach())
     if bool(bad.any()):
         rows = bad.nonzero().flatten().tolist()
-        what = (
-            f"metric returned {values.detach()[rows[0]].item()} for example {rows[0]}"
-            f"{f' (and {len(rows) - 1} more)' if len(rows) > 1 else ''} on the clean run"
-        )
         if len(rows) == batch:  # nothing left to measure
-            raise ValueError(f"{what}: every example; give a metric that is finite on the unpatched model")
-        warnings.warn(
-            f"{what}: the results of {'that example' if len(rows) == 1 else 'those examples'} are not finite "
-            "either (the other examples' are measured as usual)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+            raise ValueError(
+                f"metric returned {values.detach()[rows[0]].item()} for example {rows[0]}"
+                f"{f' (and {len(rows) - 1} more)' if len(rows) > 1 else ''} on the clean run: every example; give a "
+                "metric that is finite on the unpatched model"
+            )
+        warn_nonfinite_examples(values, "the clean run", stacklevel=4)
     return values
+
+
+def name_examples(rows: list[int]) -> str:
+    """``"example 3"`` or ``"examples 0, 3, 5"`` (the first ten, then how many more)."""
+    if len(rows) == 1:
+        return f"example {rows[0]}"
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    return f"examples {', '.join(str(r) for r in rows[:10])}{more}"
+
+
+def warn_nonfinite_examples(values: torch.Tensor, run: str, stacklevel: int = 3) -> None:
+    """Warn, naming them, of the examples whose metric ``values (batch,)`` on ``run`` (an unpatched run: "the
+    clean run", "the corrupted run") is not finite: they are left out of every mean over examples."""
+    v = values.detach()
+    rows = (~torch.isfinite(v)).nonzero().flatten().tolist()
+    if not rows:
+        return
+    one = len(rows) == 1
+    seen = sorted({str(x) for x in v[rows].tolist()})
+    warnings.warn(
+        f"metric returned {' or '.join(seen)} for {name_examples(rows)} on {run}: "
+        f"{'that example is' if one else 'those examples are'} left out of every mean over examples "
+        "(PatchResult's means, errors and intervals; edge scores; faithfulness, pruning curves and ACDC), and "
+        f"{'its' if one else 'their'} own results are not meaningful; the other examples are measured as usual",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def finite_examples(*runs: torch.Tensor | None) -> torch.Tensor:
+    """``(batch,)`` bool on the CPU: the examples whose metric is finite on every one of ``runs`` (each the metric
+    of an unpatched run ``(batch,)``, or None); means over examples are taken over these."""
+    keep = None
+    for m in runs:
+        if m is None:
+            continue
+        ok = torch.isfinite(m.detach()).cpu()
+        keep = ok if keep is None else keep & ok
+    return keep
 
 
 def check_metric_on_stacks(

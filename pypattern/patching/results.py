@@ -26,6 +26,10 @@ class PatchResult(Saveable):
         ``m_target + AtP``).
     clean, corrupted : Tensor ``(batch,)``
         Metric of the clean and the corrupted run (``corrupted`` is None for zero/mean ablation).
+
+    Means over examples (:meth:`mean`, :meth:`se`, :meth:`ci`, :meth:`top` and the normalising gap of
+    :attr:`normalized`) are over :attr:`finite_examples`: an example whose metric is not finite on the clean or
+    the corrupted run is left out of them (its own values stay in :attr:`values`).
     axes : tuple of str
         Names of the grid dimensions, e.g. ``("layer", "head", "pos")``.
     coords : dict[str, list]
@@ -45,6 +49,20 @@ class PatchResult(Saveable):
     info: dict = field(default_factory=dict)
 
     @property
+    def finite_examples(self) -> torch.Tensor:
+        """``(batch,)`` bool: the examples whose metric is finite on the clean and the corrupted run, those the
+        means over examples are taken over."""
+        keep = torch.isfinite(self.clean)
+        if self.corrupted is not None:
+            keep = keep & torch.isfinite(self.corrupted)
+        return keep.to(self.values.device)
+
+    def _kept(self, v: torch.Tensor) -> torch.Tensor:
+        """``v (batch, ...)`` at :attr:`finite_examples` (all of it when every example is finite)."""
+        keep = self.finite_examples.to(v.device)
+        return v if bool(keep.all()) else v[keep]
+
+    @property
     def target(self) -> torch.Tensor:
         """Metric of the unpatched target run ``(batch,)`` (corrupted for denoising, clean for noising)."""
         return self.corrupted if self.direction == "denoising" else self.clean
@@ -52,20 +70,22 @@ class PatchResult(Saveable):
     @property
     def effect(self) -> torch.Tensor:
         """``values - target`` per example ``(batch, *grid)``: the change each patch caused."""
-        t = self.target
+        t = self.target.to(self.values.dtype)
         return self.values - t.view(-1, *([1] * (self.values.dim() - 1)))
 
     @property
     def normalized(self) -> torch.Tensor:
         """Per-example ``(m_patched - m_corrupt_i) / mean(m_clean - m_corrupt)`` ``(batch, *grid)``.
 
-        The denominator is the batch-mean gap, so the mean over examples is the normalised mean metric
-        (1 = clean level, 0 = corrupted level) and no example divides by a near-zero gap of its own.
+        The denominator is the batch-mean gap (over :attr:`finite_examples`), so the mean over examples is the
+        normalised mean metric (1 = clean level, 0 = corrupted level) and no example divides by a near-zero gap of
+        its own.
         """
         if self.corrupted is None:
             raise ValueError("normalized needs a corrupted run; zero/mean ablation has none (use .effect)")
-        gap = (self.clean - self.corrupted).mean()
-        c = self.corrupted.view(-1, *([1] * (self.values.dim() - 1)))
+        dt = self.values.dtype
+        gap = self._kept(self.clean.to(dt) - self.corrupted.to(dt)).mean()
+        c = self.corrupted.to(dt).view(-1, *([1] * (self.values.dim() - 1)))
         if not (torch.isfinite(gap) and gap != 0):
             same = torch.nonzero(self.clean == self.corrupted).flatten().tolist()
             warnings.warn(
@@ -82,12 +102,13 @@ class PatchResult(Saveable):
         return self.normalized if normalized else self.values
 
     def mean(self, normalized: bool = True) -> torch.Tensor:
-        """Mean over examples ``(*grid)``."""
-        return self._stat(normalized).mean(0)
+        """Mean over examples ``(*grid)`` (over :attr:`finite_examples`)."""
+        return self._kept(self._stat(normalized)).mean(0)
 
     def se(self, normalized: bool = True) -> torch.Tensor:
-        """Standard error of the mean over examples ``(*grid)``; NaN with one example (undefined)."""
-        v = self._stat(normalized)
+        """Standard error of the mean over examples ``(*grid)`` (over :attr:`finite_examples`); NaN with one
+        example (undefined)."""
+        v = self._kept(self._stat(normalized))
         n = v.shape[0]
         return v.std(0, unbiased=True) / np.sqrt(n) if n > 1 else torch.full_like(v[0], float("nan"))
 
@@ -95,21 +116,24 @@ class PatchResult(Saveable):
         self, level: float = 0.95, num_resamples: int = 1000, seed: int = 0, normalized: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Percentile bootstrap confidence interval of the mean (examples resampled; the normalising gap is
-        re-estimated in every resample). Returns ``(low, high)``, each ``(*grid)``."""
+        re-estimated in every resample). Returns ``(low, high)``, each ``(*grid)``. Examples are drawn from
+        :attr:`finite_examples`."""
         if not 0 < level < 1:
             raise ValueError(f"level={level} is not valid; give a number in (0, 1)")
         g = torch.Generator().manual_seed(seed)
-        n = self.values.shape[0]
+        values, clean = self._kept(self.values), self._kept(self.clean)
+        corrupted = None if self.corrupted is None else self._kept(self.corrupted)
+        n = values.shape[0]
         if n < 2:  # one example: every resample is that example, and the interval would be a false point
             nan = torch.full_like(self.values[0].double(), float("nan"))
             return nan, nan.clone()
         # resamples drawn on the CPU (the same on every device); a CPU index reads the values on any device
         idx = torch.randint(0, n, (num_resamples, n), generator=g, device="cpu")
-        v = self.values.double()[idx].mean(1)  # (R, *grid)
+        v = values.double()[idx].mean(1)  # (R, *grid)
         if normalized:
-            if self.corrupted is None:
+            if corrupted is None:
                 raise ValueError("normalized CI needs a corrupted run; pass normalized=False")
-            cl, co = self.clean.double()[idx].mean(1), self.corrupted.double()[idx].mean(1)
+            cl, co = clean.double()[idx].mean(1), corrupted.double()[idx].mean(1)
             shape = (-1, *([1] * (v.dim() - 1)))
             gap = cl - co
             zero = gap == 0
@@ -139,7 +163,7 @@ class PatchResult(Saveable):
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k={k!r} is not valid; give an int >= 0")
         m = (
-            self.effect.mean(0)
+            self._kept(self.effect).mean(0)
             if not normalized
             else self.mean(True) - (0.0 if self.direction == "denoising" else 1.0)
         )
