@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 
@@ -194,18 +195,32 @@ def _apply(flags: list) -> str:
     return "applies" if len(flags) == 1 else "apply"
 
 
+#: the options that take a path: option, the ``args`` attributes it sets, and what the path names
+PATH_OPTIONS = (
+    ("--model", ("model", "model_dir"), "directory"),
+    ("--data", ("data", "tokens"), "file"),
+    ("--corrupted", ("corrupted",), "file"),
+    ("--out", ("out",), "folder"),
+    ("--checkpoint", ("checkpoint",), "folder"),
+)
+
+
+def refuse_empty_paths(p: argparse.ArgumentParser, args) -> None:
+    """Refuse (through ``p.error``) a path option given as an empty string, naming the option: an empty path is
+    no folder or file (joined to a file name it would name one in the filesystem root)."""
+    for flag, dests, what in PATH_OPTIONS:
+        if any(getattr(args, d, None) == "" for d in dests):
+            p.error(f"{flag} is empty: give a {what} path")
+
+
 def _resolve(p: argparse.ArgumentParser, args) -> None:
-    """Refuse flags given where they do not apply, then fill in the defaults of the flags not given."""
+    """Refuse empty paths and flags given where they do not apply, then fill in the defaults of the flags not
+    given."""
+    refuse_empty_paths(p, args)
     deferred = getattr(p, "deferred", {})
     model = getattr(args, "model", None) or getattr(args, "model_dir", None)
     data = getattr(args, "data", None) or getattr(args, "tokens", None)
     if "model" in vars(args) or "model_dir" in vars(args):
-        for flag, dests, what in (
-            ("--model", ("model", "model_dir"), "directory"),
-            ("--data", ("data", "tokens"), "file"),
-        ):
-            if any(getattr(args, d, None) == "" for d in dests):
-                p.error(f"{flag} is empty: give a {what} path")
         if model and not data:
             p.error("--model needs --data FILE (the token or prompt file to run the model on)")
         if data and not model:
@@ -255,8 +270,9 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
         "--data",
         required=required,
         help="token ids (num_sequences, seq_len): .npy, .npz (its array 'tokens', or its only array; 2-D, a flat 1-D "
-        "array is refused) or a text file (.txt, .csv, .tsv) with one sequence of whitespace- or comma-separated ids "
-        "per line; other formats are refused",
+        "array is refused) or a UTF-8 text file (.txt, .csv, .tsv) with one sequence of whitespace- or "
+        "comma-separated ids per line (no empty cells); other suffixes, a file without a suffix and a binary file "
+        "named as text are refused",
     )
     _flag(
         p, "--float64", action="store_true", applies=MODEL_ONLY, help="with --model: run the model in float64"
@@ -352,7 +368,8 @@ def _user_run(args) -> int:
     import torch
 
     mod = importlib.import_module("pypattern.experiments.user_model")
-    n = len(mod.load_tokens(args.data))  # the file is checked before the model is converted
+    tokens = mod.load_tokens(args.data)  # the file is checked before the model is converted, and read once
+    n = len(tokens)
     if "batch_size" in args.given and args.batch_size > n:
         _warn_larger("--batch-size", args.batch_size, n, "one batch of")
     dtype = torch.float64 if args.float64 else None
@@ -367,6 +384,7 @@ def _user_run(args) -> int:
             sites=args.sites if "sites" in args.given else None,  # the default: those the model has
             max_prompts=args.max_prompts,
             dtype=dtype,
+            tokens=tokens,
         )
         print(
             f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
@@ -391,6 +409,7 @@ def _user_run(args) -> int:
         batch_size=args.batch_size,
         checkpoint=args.checkpoint,
         quiet=args.quiet,
+        tokens=tokens,
     )
     if args.cmd == "llc":
         res = mod.run_user_llc(args.model, args.data, args.out, **kw)
@@ -551,8 +570,18 @@ _CHECKPOINT_FLAGS = {
     "probe": "--num-probe or --data: other probe sequences",
     "sampling_batch": "--batch-size or --data: another sampling batch",
     "weights": "--model or --float64: other weights or another dtype",
+    "buffers": "--model or --float64: other buffers or another dtype",
     "architecture": "--model or --float64: another model or dtype",
+    "moving": "--model or --float64: another model (other parameters sampled) or dtype",
     "data": "--data or --batch-size: other data or batches",
+    "num_chains": "--num-chains: another number of chains",
+    "chains": "--num-chains: another number of chains",
+    "num_draws": "--num-draws: another number of draws per chain",
+    "num_burnin_steps": "--num-burnin-steps: another number of burn-in steps",
+    "seed": "--seed: another seed",
+    "step_size": "--step-size: another step size, or with 'auto' another step chosen on other data or model",
+    "localization": "--localization: another localization",
+    "nbeta": "--nbeta: another inverse temperature",
 }
 
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
@@ -565,7 +594,7 @@ def _check_paths(p: argparse.ArgumentParser, args) -> None:
 
     for flag, dest in (("--out", "out"), ("--checkpoint", "checkpoint")):
         path = getattr(args, dest, None)
-        if path:
+        if path is not None:
             try:
                 out_folder(path, flag)
             except ValueError as e:
@@ -600,7 +629,7 @@ def _run(args) -> int:
             _call(
                 "pypattern.experiments.interpretive",
                 "run_interpretive_demo",
-                f"{args.out}/equivalence",
+                os.path.join(args.out, "equivalence"),
                 full=args.full,
                 quick=args.quick,
             ),
@@ -611,7 +640,7 @@ def _run(args) -> int:
         s = mod.EquivalenceDemoSettings.quick() if args.quick else None
         _print(
             "representation similarity of induction models (debiased CKA on induction-predictable tokens):",
-            mod.run_equivalence_demo(f"{args.out}/cka", s),
+            mod.run_equivalence_demo(os.path.join(args.out, "cka"), s),
         )
         return 0
     if args.what == "flags":
@@ -619,7 +648,7 @@ def _run(args) -> int:
         s = mod.FlagsDemoSettings.quick() if args.quick else None
         _print(
             "concept flags (a transformer on TopicTask; flags vs a control with the same training steps):",
-            mod.run_flags_demo(f"{args.out}/flags", s),
+            mod.run_flags_demo(os.path.join(args.out, "flags"), s),
         )
         return 0
     if args.what == "patterning":
@@ -633,16 +662,16 @@ def _run(args) -> int:
     steps = 20 if args.quick else 200
     _print(f"1. fused SGLD step on a 64-256-10 MLP (batch 256, {steps} steps):", _demo_sgld(steps))
     print("2. LLC of a small MLP trained on a teacher task:")
-    _llc_demo(f"{args.out}/llc", args.quick)
-    _patch_demo("3. activation patching on the built-in model and task:", f"{args.out}/patch", args.quick)
-    print(f"plots and tables are in {args.out}/")
+    _llc_demo(os.path.join(args.out, "llc"), args.quick)
+    _patch_demo(
+        "3. activation patching on the built-in model and task:", os.path.join(args.out, "patch"), args.quick
+    )
+    print(f"plots and tables are in {os.path.join(args.out, '')}")
     return 0
 
 
 def _stdout_closed() -> int:
     """The reader of stdout went away (``pypattern backends | head -3``): end quietly, as other commands do."""
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush then has nowhere to fail
@@ -656,7 +685,6 @@ def main(argv: list[str] | None = None) -> int:
     (a file that cannot be read, a model not covered, a checkpoint of another run, ...) with one line
     ``pypattern <command>: error: <message>`` on stderr; both with exit status 2 (``SystemExit(2)``). Set
     PYPATTERN_DEBUG=1 for the traceback instead."""
-    import os
     import warnings
 
     parser = _parser()

@@ -333,3 +333,73 @@ def test_an_interrupt_ends_in_one_line_and_status_130(tmp_path, capsys, monkeypa
     monkeypatch.setenv("PYPATTERN_DEBUG", "1")
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv)
+
+
+@pytest.mark.parametrize(
+    "argv, flag, what",
+    [
+        (["demo", "cka", "--quick", "--out", ""], "--out", "folder"),
+        (["demo", "--quick", "--out", ""], "--out", "folder"),
+        (["llc", "--quick", "--out", ""], "--out", "folder"),
+        (["patch", "--quick", "--out", ""], "--out", "folder"),
+        (["circuit", "--quick", "--out", ""], "--out", "folder"),
+        (["llc", *M, "--out", ""], "--out", "folder"),
+        (["chi", *M, "--out", ""], "--out", "folder"),
+        (["llc", *M, "--checkpoint", ""], "--checkpoint", "folder"),
+        (["chi", *M, "--checkpoint", ""], "--checkpoint", "folder"),
+        (["patch", *M, "--corrupted", ""], "--corrupted", "file"),
+        (["circuit", *M, "--corrupted", ""], "--corrupted", "file"),
+        (["circuit", "--model", "", "--data", "d.npy"], "--model", "directory"),
+    ],
+)
+def test_an_empty_path_is_refused_when_parsed_naming_the_option(
+    argv, flag, what, tmp_path, capsys, monkeypatch
+):
+    """An empty path option is no folder or file: refused before any work (``demo cka --out ''`` would write into
+    the filesystem root), naming the option; nothing is written."""
+    import pypattern.circuits.cli as circuits_cli
+    import pypattern.experiments.equivalence_demo as equivalence_demo
+    import pypattern.experiments.user_model as user_model
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started with an empty path")
+
+    for mod, name in (
+        (user_model, "_model_and_tokens"),
+        (circuits_cli, "run_circuit_demo"),
+        (equivalence_demo, "run_equivalence_demo"),
+        (cli, "_llc_demo"),
+        (cli, "_patch_demo"),
+        (cli, "_demo_sgld"),
+    ):
+        monkeypatch.setattr(mod, name, no_work)
+    monkeypatch.chdir(tmp_path)
+    err = _fails(argv, capsys)
+    assert f"pypattern {argv[0]}: error: {flag} is empty: give a {what} path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_circuit_module_refuses_an_empty_path_naming_the_option(capsys):
+    from pypattern.circuits.cli import main
+
+    for argv, flag in ((["--out", ""], "--out"), (["--model", "m", "--data", ""], "--data")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert f"pypattern circuit: error: {flag} is empty" in capsys.readouterr().err
+
+
+def test_demo_folders_are_joined_below_out(tmp_path, monkeypatch, capsys):
+    """Each demo writes into its folder below --out (joined as a path, so a trailing separator adds none)."""
+    import pypattern.experiments.equivalence_demo as equivalence_demo
+
+    seen = []
+
+    def fake(out, settings=None):
+        seen.append(out)
+        return {}
+
+    monkeypatch.setattr(equivalence_demo, "run_equivalence_demo", fake)
+    out = str(tmp_path / "o") + "/"
+    assert cli.main(["demo", "cka", "--quick", "--out", out]) == 0
+    assert seen == [str(tmp_path / "o" / "cka")]

@@ -318,7 +318,11 @@ def test_patch_and_circuit_run_a_bfloat16_checkpoint_as_its_float32_copy(model_d
     transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(bf16)
     out = tmp_path / "patch"
     argv = ["patch", "--model", str(bf16), "--data", str(d / "tokens.npy"), "--out", str(out)]
-    with pytest.warns(UserWarning, match=r"torch\.bfloat16 weights .* patching its float32 copy"):
+    # named as --model, as the errors name it (llc and chi warn alike)
+    with pytest.warns(
+        UserWarning,
+        match=rf"^--model {re.escape(repr(str(bf16)))} holds torch\.bfloat16 weights .* patching its float32",
+    ):
         assert main([*argv, "--corrupted", str(d / "corrupted.npy"), "--sites", "resid_pre"]) == 0
     import pypattern
     from pypattern.patching import KL
@@ -330,7 +334,10 @@ def test_patch_and_circuit_run_a_bfloat16_checkpoint_as_its_float32_copy(model_d
     assert top == pytest.approx(float(ref.top(1, normalized=True)[0][1]), rel=1e-5, abs=1e-7)
     out = tmp_path / "circuit"
     argv = ["circuit", "--model", str(bf16), "--data", str(d / "tokens.npy"), "--out", str(out), "--quiet"]
-    with pytest.warns(UserWarning, match=r"torch\.bfloat16 weights .* scoring its float32 copy"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"^--model {re.escape(repr(str(bf16)))} holds torch\.bfloat16 weights .* scoring its float32",
+    ):
         assert main([*argv, "--methods", "eap"]) == 0
 
 
@@ -900,3 +907,220 @@ def test_circuit_refuses_prompts_whose_ablation_changes_nothing(gpt2_dir, tmp_pa
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
         assert not list((tmp_path / "o").iterdir())  # nothing written
+
+
+def test_circuit_prompt_files_are_refused_as_the_token_file_path_refuses(gpt2_dir, tmp_path, capsys):
+    """A prompt .npz gets the refusals of a token file with --corrupted: corrupted equal to clean (every score 0)
+    is refused, as are wrong equal to answer (a logit difference of 0 whatever the model computes) and arrays the
+    command does not read; each in one line naming the file, before anything is written."""
+    from pypattern.circuits.cli import load_prompts
+
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 23, size=(4, 6))
+    corr = clean.copy()
+    corr[:, 2] = (corr[:, 2] + 1) % 23
+    ans = rng.integers(0, 23, size=4)
+    wrong = (ans + 1) % 23
+    one_same = wrong.copy()
+    one_same[2] = ans[2]
+    cases = {
+        "same": (
+            dict(clean=clean, corrupted=clean, answer=ans, wrong=wrong),
+            "corrupted equals clean: every edge would carry its clean value, so every score is 0",
+        ),
+        "aw": (
+            dict(clean=clean, corrupted=corr, answer=ans, wrong=ans),
+            "wrong equals answer on every prompt: the logit difference there is 0",
+        ),
+        "one_aw": (
+            dict(clean=clean, corrupted=corr, answer=ans, wrong=one_same),
+            r"wrong equals answer on 1 of 4 prompts \(the first: 2\)",
+        ),
+        "extra": (
+            dict(clean=clean, corrupted=corr, answer=ans, junk=clean),
+            r"holds \['junk'\] besides \['clean', 'corrupted', 'answer'\], which circuit does not read",
+        ),
+    }
+    for name, (arrays, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=message):
+            load_prompts(str(path), vocab_size=23, n_ctx=8)
+        out = tmp_path / f"o_{name}"
+        err = _err(
+            ["circuit", "--model", str(gpt2_dir), "--data", str(path), "--out", str(out), "--quiet"], capsys
+        )
+        assert f"pypattern circuit: error: tokens={str(path)!r}" in err and "Traceback" not in err, name
+        assert re.search(message, err), (name, err)
+        assert list(out.iterdir()) == []  # nothing written
+    np.savez(tmp_path / "good.npz", clean=clean, corrupted=corr, answer=ans, wrong=wrong)
+    clean_t, corr_t, metric = load_prompts(str(tmp_path / "good.npz"), vocab_size=23, n_ctx=8)
+    assert torch.equal(clean_t, torch.from_numpy(clean)) and torch.equal(corr_t, torch.from_numpy(corr))
+    assert metric.answer.tolist() == ans.tolist() and metric.wrong.tolist() == wrong.tolist()
+
+
+def test_a_resume_with_another_architecture_or_settings_names_the_options(
+    model_dir, gpt2_dir, data, tmp_path, capsys
+):
+    """A checkpoint refused on a fingerprint item named by the library (moving, num_draws, seed, localization,
+    step_size, nbeta) says which command-line option is behind it."""
+    d, _ = data
+    ck = tmp_path / "ck"
+    base = ["llc", "--data", str(d / "tokens.npy"), "--num-chains", "1", "--num-burnin-steps", "1", "--quiet",
+            "--out", str(tmp_path / "o"), "--checkpoint", str(ck)]  # fmt: skip
+    run = ["--num-draws", "2", "--step-size", "1e-4", "--seed", "0", "--localization", "100", "--nbeta", "2"]
+    assert main([*base, "--model", str(gpt2_dir), *run]) == 0
+    for model, change, item, hint in (
+        (model_dir, [], "moving", "--model or --float64: another model (other parameters sampled) or dtype"),
+        (gpt2_dir, ["--num-draws", "3"], "num_draws", "--num-draws: another number of draws per chain"),
+        (gpt2_dir, ["--seed", "1"], "seed", "--seed: another seed"),
+        (
+            gpt2_dir,
+            ["--step-size", "2e-4"],
+            "step_size",
+            "--step-size: another step size, or with 'auto' another step chosen on other data or model",
+        ),
+        (gpt2_dir, ["--localization", "10"], "localization", "--localization: another localization"),
+        (gpt2_dir, ["--nbeta", "3"], "nbeta", "--nbeta: another inverse temperature"),
+    ):
+        argv = [*run]
+        for flag, value in zip(change[::2], change[1::2]):
+            argv[argv.index(flag) + 1] = value
+        err = _err([*base, "--model", str(model), *argv], capsys)
+        assert f"was written by a different run: {item} = " in err, err
+        assert err.rstrip().endswith(f"(on the command line: {hint})"), err
+
+
+def test_token_files_without_a_suffix_or_binary_named_as_text_are_refused(data, tmp_path):
+    """Text token files are .txt, .csv or .tsv in UTF-8: a file without a suffix is refused listing the formats
+    (one in NumPy's formats is told the suffix to give it), and a binary file named as text is refused saying
+    what it is rather than failing to decode; an empty cell between commas is refused naming its line."""
+    d, tokens = data
+    formats = "give .npy, .npz or a text file (.txt, .csv, .tsv"
+    (tmp_path / "plain").write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(
+        ValueError, match=re.escape(f"/plain': a file without a suffix (its format is not known): {formats}")
+    ):
+        load_tokens(tmp_path / "plain")
+    np.save(tmp_path / "npy", tokens)
+    (tmp_path / "npy.npy").rename(tmp_path / "npy")  # np.save adds .npy
+    with pytest.raises(
+        ValueError,
+        match=r"without a suffix.*\(it starts as a NumPy \.npy file: name it with the suffix \.npy\)",
+    ):
+        load_tokens(tmp_path / "npy")
+    np.save(tmp_path / "npy.txt", tokens)
+    (tmp_path / "npy.txt.npy").rename(tmp_path / "npy.txt")
+    with pytest.raises(
+        ValueError, match=r"npy\.txt': cannot read token ids \(it starts as a NumPy \.npy file"
+    ):
+        load_tokens(tmp_path / "npy.txt")
+    np.savez(tmp_path / "z.csv", tokens=tokens)
+    (tmp_path / "z.csv.npz").rename(tmp_path / "z.csv")
+    with pytest.raises(
+        ValueError, match=r"it is a zip archive, as numpy\.savez writes: name it with the suffix \.npz"
+    ):
+        load_tokens(tmp_path / "z.csv")
+    (tmp_path / "nul.txt").write_bytes(b"1 2 3\n4 5\x00 6\n")
+    with pytest.raises(
+        ValueError, match=r"it holds NUL bytes \(the first at byte 9\): a binary file, not text"
+    ):
+        load_tokens(tmp_path / "nul.txt")
+    (tmp_path / "latin1.txt").write_bytes("1 2 3\n4 5 6 \xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"it is not UTF-8 text \(byte 0xe9 at 12\)"):
+        load_tokens(tmp_path / "latin1.txt")
+    for n, text in ((2, "1,2,3\n4,,6\n"), (1, "1,2,3,\n4,5,6\n"), (3, "1,2,3\n4,5,6\n,7,8\n")):
+        (tmp_path / "cells.csv").write_text(text)
+        with pytest.raises(ValueError, match=rf"line {n} has an empty cell \(nothing between two commas"):
+            load_tokens(tmp_path / "cells.csv")
+    (tmp_path / "spaced.csv").write_text("1, 2, 3\n4 ,5 , 6\n\n")
+    assert load_tokens(tmp_path / "spaced.csv").tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_circuit_with_a_fraction_of_no_edge_takes_the_top_edge(gpt2_dir, tmp_path, capsys):
+    """--fraction so small that it rounds to no edge: the circuit holds the top edge, with a warning naming the
+    option; the circuit table has that one edge."""
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "t.npy", rng.integers(0, 23, size=(4, 6)))
+    out = tmp_path / "o"
+    argv = ["circuit", "--model", str(gpt2_dir), "--data", str(tmp_path / "t.npy"), "--methods", "eap",
+            "--fraction", "1e-6", "--out", str(out), "--quiet"]  # fmt: skip
+    with pytest.warns(
+        UserWarning, match=r"--fraction 1e-06 of the \d+ edges rounds to no edge: the circuit holds"
+    ):
+        assert main(argv) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out / "circuit.csv")
+    scores = pd.read_csv(out / "edge_scores.csv")
+    assert len(table) == 1
+    assert table["name"][0] == scores.loc[scores["score"].abs().idxmax(), "name"]
+
+
+def test_a_checkpoint_folder_holding_a_folder_named_as_the_checkpoint_file_is_refused(
+    model_dir, data, tmp_path, capsys
+):
+    d, _ = data
+    ck = tmp_path / "ck"
+    (ck / "llc_checkpoint.npz").mkdir(parents=True)
+    err = _err(["llc", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--num-draws", "2",
+                "--step-size", "1e-4", "--out", str(tmp_path / "o"), "--checkpoint", str(ck)], capsys)  # fmt: skip
+    assert (
+        f"pypattern llc: error: checkpoint={str(ck)!r} holds a folder {str(ck / 'llc_checkpoint.npz')!r} where the "
+        "checkpoint file goes; give another checkpoint folder (on the command line: --checkpoint DIR)"
+    ) in err
+
+
+def test_the_token_file_is_read_once_and_checked_against_the_model(
+    model_dir, data, tmp_path, capsys, monkeypatch
+):
+    """llc, chi and patch read --data once (checked before the model is converted), then check those ids against
+    the model: ids past its vocabulary are refused naming the file, as when the file is read with the model's
+    limits."""
+    import pypattern.experiments.user_model as user_model
+
+    d, tokens = data
+    reads = []
+    real = user_model.load_tokens
+
+    def counting(path, **kw):
+        reads.append(str(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(user_model, "load_tokens", counting)
+    data_file = str(d / "tokens.npy")
+    base = ["--model", str(model_dir), "--data", data_file]
+    sampling = [
+        "--num-chains",
+        "1",
+        "--num-draws",
+        "2",
+        "--num-burnin-steps",
+        "1",
+        "--step-size",
+        "1e-4",
+        "--quiet",
+    ]
+    for cmd in (
+        ["llc", *sampling],
+        ["chi", *sampling, "--num-probe", "1"],
+        ["patch", "--sites", "resid_pre"],
+    ):
+        reads.clear()
+        assert main([*cmd, *base, "--out", str(tmp_path / cmd[0])]) == 0
+        assert reads == [data_file], (cmd[0], reads)
+    big = tokens.copy()
+    big[3, 4] = 30  # past the model's 23 ids
+    np.save(tmp_path / "big.npy", big)
+    err = _err(
+        ["patch", *base[:2], "--data", str(tmp_path / "big.npy"), "--out", str(tmp_path / "o")], capsys
+    )
+    assert (
+        f"error: data={str(tmp_path / 'big.npy')!r}: token ids must lie in [0, 23) for this model; found 0..30"
+        in err
+    )
+    np.save(tmp_path / "u64.npy", np.array([[1, 2], [3, 2**63]], dtype=np.uint64))
+    with pytest.raises(
+        ValueError, match=re.escape("token ids must lie below 2**63 (int64); found 1..9223372036854775808")
+    ):
+        real(tmp_path / "u64.npy")

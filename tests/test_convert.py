@@ -2040,3 +2040,54 @@ def test_bfloat16_loss_is_taken_in_float32():
         got = model(x, return_type="loss")
     assert got.dtype == torch.float32
     assert abs(float(got) - float(want)) <= 1e-6 * float(want)
+
+
+def test_from_pretrained_refuses_architectures_that_do_not_match_model_type(tmp_path, capsys):
+    """A config.json whose architectures names a class of another model_type (a GPT-2 folder naming
+    LlamaForCausalLM) is refused naming both, before any model is built: transformers would read the GPT-2 config
+    as a Llama one, with Llama's default sizes wherever the fields differ (billions of parameters). The sizes
+    below are a tiny Llama's too, so that a model built without the check stays small."""
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2, n_positions=CTX)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    path = tmp_path / "gpt2" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(
+        architectures=["LlamaForCausalLM"], hidden_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    config.update(num_key_value_heads=2, intermediate_size=24, max_position_embeddings=CTX)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+        from_pretrained(tmp_path / "gpt2")
+    assert str(e.value) == (
+        f"path={str(tmp_path / 'gpt2')!r}: config.json's architectures names LlamaForCausalLM, whose config has "
+        "model_type 'llama', but its model_type is 'gpt2'; the two do not describe one model: correct architectures "
+        "(model_type 'gpt2' is GPT2LMHeadModel) or model_type"
+    )
+    # the command line names the folder as --model, in one line
+    import numpy as np
+
+    from pypattern.cli import main
+
+    np.save(tmp_path / "t.npy", np.zeros((2, 4), dtype=np.int64))
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "patch",
+                "--model",
+                str(tmp_path / "gpt2"),
+                "--data",
+                str(tmp_path / "t.npy"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"pypattern patch: error: --model {str(tmp_path / 'gpt2')!r}: config.json's architectures names"
+        in err
+    )
+    # the same folder with its own architectures loads
+    config["architectures"] = ["GPT2LMHeadModel"]
+    path.write_text(json.dumps(config))
+    assert from_pretrained(tmp_path / "gpt2").cfg.d_model == 16

@@ -3,16 +3,17 @@
 Writes into ``out_dir``: ``edge_scores.csv`` (every edge, every method), ``circuit.csv`` (the edges of the chosen
 circuit), ``pruning_curve.png``, ``pruning_curve.csv`` and ``circuit.png`` (graph drawing with edge scores).
 
-A local model directory holds ``config.json`` (the fields of :class:`~pypattern.models.TransformerConfig`,
-``dtype`` as a string such as ``"float32"``) and ``weights.npz`` (or ``model.safetensors``) with the model's
-``state_dict`` names, or is a Hugging Face ``save_pretrained`` directory. The prompts are either an ``.npz`` with
-``clean`` and ``corrupted`` ``(batch, pos)`` token ids and ``answer`` ``(batch,)`` (optionally ``wrong``
-``(batch,)``: the metric is then the logit difference, else the answer's log-probability), read at the last
-position; or a plain token file (``.npy``, ``.npz`` with one array or ``tokens``, or text: one sequence of ids per
-line, as ``pypattern patch --data`` reads), with an optional ``--corrupted`` token file of the same shape. With a
-plain token file the metric is the log-probability of the model's own top prediction on each clean prompt at its
-last position, and an edge carries the corrupted prompts' value (resample ablation) or, without them, the mean over
-the prompts (mean ablation).
+A local model directory holds ``config.json`` (the fields of :class:`~pypattern.models.TransformerConfig`, ``dtype``
+as a string such as ``"float32"``) and ``weights.npz`` (or ``model.safetensors``) with the model's ``state_dict``
+names, or is a Hugging Face ``save_pretrained`` directory. The prompts are either an ``.npz`` with ``clean`` and
+``corrupted`` ``(batch, pos)`` token ids and ``answer`` ``(batch,)`` (optionally ``wrong`` ``(batch,)``: the metric
+is then the logit difference, else the answer's log-probability), read at the last position (no other arrays;
+corrupted equal to clean, or wrong equal to answer on a prompt, is refused: the scores, or that prompt's metric,
+would be 0 whatever the model computes); or a plain token file (``.npy``, ``.npz`` with one array or ``tokens``, or
+text: ``.txt``, ``.csv``, ``.tsv``, one sequence of ids per line, as ``pypattern patch --data`` reads), with an
+optional ``--corrupted`` token file of the same shape. With a plain token file the metric is the log-probability of
+the model's own top prediction on each clean prompt at its last position, and an edge carries the corrupted prompts'
+value (resample ablation) or, without them, the mean over the prompts (mean ablation).
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ def _ids(z, key: str, path: str, ndim: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+#: the arrays of a prompt file
+_PROMPT_ARRAYS = ("clean", "corrupted", "answer", "wrong")
+
+
 def load_prompts(
     path: str, *, vocab_size: int | None = None, n_ctx: int | None = None, rotary_limit: int | None = None
 ):
@@ -189,7 +194,9 @@ def load_prompts(
         Naming the file and the array when an array is missing, not an integer array, of the wrong shape (clean
         and corrupted ``(batch, pos)`` of one shape, answer and wrong ``(batch,)``), when ids are negative or not
         below ``vocab_size``, or when prompts are longer than ``n_ctx`` (learned positions) or ``rotary_limit``
-        (the positions the model's LongRoPE or dynamic NTK scaling holds for).
+        (the positions the model's LongRoPE or dynamic NTK scaling holds for); when the file holds arrays other
+        than these four; and when the scores would be 0 whatever the model computes: corrupted equal to clean
+        (every edge carries its clean value), or wrong equal to answer on a prompt (its logit difference is 0).
     """
     from ..patching import LogitDiff, LogProb
 
@@ -206,6 +213,12 @@ def load_prompts(
         if missing:
             raise ValueError(
                 f"tokens={path!r} lacks {missing}; it needs clean, corrupted, answer (and wrong)"
+            )
+        extra = [k for k in z.files if k not in _PROMPT_ARRAYS]
+        if extra:
+            raise ValueError(
+                f"tokens={path!r} holds {extra} besides {[k for k in _PROMPT_ARRAYS if k in z.files]}, which "
+                "circuit does not read; keep only clean, corrupted, answer (and wrong)"
             )
         try:
             clean = _ids(z, "clean", path, 2)
@@ -233,6 +246,24 @@ def load_prompts(
             raise ValueError(
                 f"tokens={path!r}: {key} ids must lie in [0, {vocab_size if vocab_size is not None else 'vocab'}) "
                 f"for this model; found {lo}..{hi}"
+            )
+    if torch.equal(corr, clean):
+        raise ValueError(
+            f"tokens={path!r}: corrupted equals clean: every edge would carry its clean value, so every score is 0; "
+            "give corrupted prompts that differ from the clean ones"
+        )
+    if wrong is not None:
+        same = torch.nonzero(wrong == ans).ravel().tolist()
+        if same:
+            which = (
+                "every prompt"
+                if len(same) == len(ans)
+                else f"{len(same)} of {len(ans)} prompts (the first: {same[0]})"
+            )
+            raise ValueError(
+                f"tokens={path!r}: wrong equals answer on {which}: the logit difference there is 0 whatever the "
+                "model computes; give a wrong id other than the answer on every prompt, or leave wrong out (the "
+                "metric is then the answer's log-probability)"
             )
     if n_ctx is not None and clean.shape[1] > n_ctx:
         raise ValueError(
@@ -303,7 +334,7 @@ def _upcast(model_dir: str, model, argument: str = "model_dir"):
     import warnings
 
     warnings.warn(
-        f"model_dir={model_dir!r} holds {model.cfg.dtype} weights and edge scores computed in half precision are "
+        f"{_named(argument, model_dir)} holds {model.cfg.dtype} weights and edge scores computed in half precision are "
         "mostly rounding noise: scoring its float32 copy (the weights upcast exactly)",
         UserWarning,
         stacklevel=3,
@@ -330,7 +361,8 @@ def run_circuit_demo(
 
     With neither ``model_dir`` nor ``tokens``: a 2-layer attention-only model trained on the built-in induction
     task (per-position edges; see :func:`~pypattern.circuits.experiments.run_induction_circuit`). The circuit
-    drawn is the top ``fraction`` by the last method in ``methods``. A half-precision model is scored as its float32
+    drawn is the top ``fraction`` by the last method in ``methods`` (``fraction`` times the number of edges,
+    rounded; a fraction that rounds to no edge takes the top edge, with a warning). A half-precision model is scored as its float32
     copy (with a warning). ``quiet=False`` reports each stage (training, each method's scores, the pruning curve)
     on stderr as it finishes. ``model_argument``: how errors name ``model_dir`` (the command line: ``"--model"``).
 
@@ -413,7 +445,20 @@ def run_circuit_demo(
             say("pruning curve done")
             extra = {"task": f"{model_dir} on {tokens}", "ablation": ablation}
         chosen = methods[-1]
-        circuit = scores[chosen].circuit(fraction=fraction)
+        # the top fraction of the edges, rounded; at least the top edge (a circuit of no edge is no circuit)
+        num_edges = len(scores[chosen].graph)
+        size = int(round(fraction * num_edges))
+        if size == 0:
+            import warnings
+
+            given = _named("--fraction" if model_argument.startswith("--") else "fraction", fraction)
+            warnings.warn(
+                f"{given} of the {num_edges} edges rounds to no edge: the circuit holds the top edge",
+                UserWarning,
+                stacklevel=2,
+            )
+            size = 1
+        circuit = scores[chosen].circuit(n=size)
         ablation_used = extra.get("ablation", "resample")
         circuit.faithfulness = faithfulness(
             model, circuit.mask, clean, corr, metric=metric, ablation=ablation_used
@@ -424,7 +469,7 @@ def run_circuit_demo(
             if m == chosen
             else faithfulness(
                 model,
-                scores[m].circuit(fraction=fraction).mask,
+                scores[m].circuit(n=size).mask,
                 clean,
                 corr,
                 metric=metric,
@@ -512,8 +557,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         dest="tokens",
         default=None,
-        help="with --model: .npz with integer arrays clean, corrupted, answer[, wrong]; or a token file (.npy, "
-        ".npz, text) of clean prompts",
+        help="with --model: .npz with integer arrays clean, corrupted, answer[, wrong] (no other; corrupted equal "
+        "to clean, or wrong equal to answer, is refused); or a token file (.npy, .npz, text: .txt, .csv, .tsv) of "
+        "clean prompts",
     )
     p.add_argument(
         "--corrupted",
@@ -531,7 +577,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--fraction",
         type=fraction,
         default=0.05,
-        help="fraction of edges in the drawn circuit, in (0, 1] (default: 0.05)",
+        help="fraction of edges in the drawn circuit, in (0, 1] (default: 0.05); one that rounds to no edge "
+        "takes the top edge, with a warning",
     )
     p.add_argument(
         "--ig-steps",
@@ -568,7 +615,11 @@ QUICK_STEPS = 60
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Refuse flags given where they do not apply (through ``p.error``), then fill in their defaults."""
+    """Refuse empty paths and flags given where they do not apply (through ``p.error``), then fill in their
+    defaults."""
+    from ..cli import refuse_empty_paths
+
+    refuse_empty_paths(p, args)
     if args.model_dir and not args.tokens:
         p.error("--model needs --data FILE (a prompt .npz or a token file)")
     if args.tokens and not args.model_dir:

@@ -6,8 +6,9 @@ in :data:`pypattern.models.convert.SUPPORTED_CLASSES`, converted exactly into py
 ``Transformer`` (:func:`pypattern.circuits.cli.load_model_dir`). ``FILE`` holds token ids
 ``(num_sequences, seq_len)``: ``.npy``, ``.npz`` (the array ``tokens`` and no other, or its only array; never
 unpickled), or a
-text file (``.txt``, ``.csv``, ``.tsv`` or no suffix) with one sequence of whitespace- or comma-separated ids per
-line (all of one length); other formats are refused.
+text file (``.txt``, ``.csv``, ``.tsv``; UTF-8) with one sequence of whitespace- or comma-separated ids per line (all
+of one length); other suffixes, a file without a suffix and a binary file named as text are refused, with a hint at
+the format the file holds.
 """
 
 from __future__ import annotations
@@ -26,9 +27,19 @@ from ..io import np_load
 __all__ = ["llc_error_text", "load_tokens", "out_folder", "run_user_chi", "run_user_llc", "run_user_patch"]
 
 
-#: suffixes read as text (one sequence of whitespace- or comma-separated ids per line); no suffix is text too
-TEXT_SUFFIXES = ("", ".txt", ".csv", ".tsv")
+#: suffixes read as text (one sequence of whitespace- or comma-separated ids per line)
+TEXT_SUFFIXES = (".txt", ".csv", ".tsv")
 _FORMATS = "give .npy, .npz or a text file (.txt, .csv, .tsv: one sequence of integer ids per line)"
+
+
+def _binary_format(head: bytes) -> str | None:
+    """The binary format a file starting with ``head`` is in, as a hint for a file named otherwise: NumPy's
+    ``.npy`` or a zip archive (``.npz``); None for anything else."""
+    if head.startswith(b"\x93NUMPY"):
+        return "it starts as a NumPy .npy file: name it with the suffix .npy"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "it is a zip archive, as numpy.savez writes: name it with the suffix .npz"
+    return None
 
 
 def _npz_array(z) -> np.ndarray:
@@ -57,10 +68,30 @@ _DECIMAL = re.compile(r"-?[0-9]+")
 
 
 def _text_ids(p: Path) -> np.ndarray:
+    """The ids of a text token file; a binary file (NumPy's or a zip archive, NUL bytes, not UTF-8) is refused
+    saying so, an empty cell between commas naming its line."""
+    raw = p.read_bytes()
+    hint = _binary_format(raw[:8])
+    if hint is not None:
+        raise ValueError(f"{hint}, not text")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"it holds NUL bytes (the first at byte {nul}): a binary file, not text; {_FORMATS}")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is no token
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"it is not UTF-8 text (byte {raw[e.start]:#04x} at {e.start}): a binary file or another encoding; "
+            "give UTF-8 text, or .npy or .npz"
+        ) from None
     rows = []
-    for n, line in enumerate(
-        p.read_text(encoding="utf-8-sig").splitlines(), 1
-    ):  # a byte-order mark is no token
+    for n, line in enumerate(text.splitlines(), 1):
+        cells = line.split(",")
+        if len(cells) > 1 and not all(c.strip() for c in cells):
+            raise ValueError(
+                f"line {n} has an empty cell (nothing between two commas, or a comma at either end); give one "
+                "id per cell"
+            )
         row = []
         for t in line.replace(",", " ").split():
             # decimal ASCII digits only (int() would also read "1_0", "+1" and other scripts' digits)
@@ -102,13 +133,15 @@ def load_tokens(
     rotary_limit: int | None = None,
     argument: str = "data",
 ) -> torch.Tensor:
-    """Token ids ``(num_sequences, seq_len)`` as a LongTensor from ``.npy``, ``.npz`` or a text file (``.txt``,
-    ``.csv``, ``.tsv`` or no suffix). Nothing is unpickled.
+    """Token ids ``(num_sequences, seq_len)`` as a LongTensor from ``.npy``, ``.npz`` or a UTF-8 text file
+    (``.txt``, ``.csv``, ``.tsv``). Nothing is unpickled.
 
     Raises
     ------
     ValueError
-        Naming the file when its format is not one of these, when it cannot be read as such an array, when it is
+        Naming the file when its suffix is not one of these (or it has none; a file in NumPy's formats is told
+        the suffix to give it), when a text file is binary (NumPy's formats, NUL bytes, not UTF-8) or has an
+        empty cell between commas, when it cannot be read as such an array, when it is
         not 2-D ``(num_sequences, seq_len)`` (a flat 1-D stream of ids is refused: split it into sequences), when
         ids are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``
         (learned positions) or ``rotary_limit`` (the positions a LongRoPE or dynamic NTK scaling holds for:
@@ -120,7 +153,19 @@ def load_tokens(
         raise ValueError(f"{argument}={str(p)!r} is not a file; {_FORMATS}")
     suffix = p.suffix.lower()
     if suffix not in (".npy", ".npz", *TEXT_SUFFIXES):
-        raise ValueError(f"{argument}={str(p)!r}: unsupported token file format {p.suffix!r}: {_FORMATS}")
+        what = (
+            f"unsupported token file format {p.suffix!r}"
+            if suffix
+            else "a file without a suffix (its format is not known)"
+        )
+        try:
+            with open(p, "rb") as f:
+                hint = _binary_format(f.read(8))
+        except OSError:
+            hint = None
+        raise ValueError(
+            f"{argument}={str(p)!r}: {what}: {_FORMATS}" + (f" ({hint})" if hint is not None else "")
+        )
     try:
         if suffix in (".npy", ".npz"):
             loaded = np_load(p)
@@ -144,15 +189,42 @@ def load_tokens(
             f"{argument}={str(p)!r}: expected a non-empty integer array (num_sequences, seq_len), got shape "
             f"{arr.shape} of {arr.dtype}"
         )
-    if arr.min() < 0 or (vocab_size is not None and arr.max() >= vocab_size):
-        want = "be >= 0" if vocab_size is None else f"lie in [0, {vocab_size}) for this model"
-        raise ValueError(
-            f"{argument}={str(p)!r}: token ids must {want}; found {int(arr.min())}..{int(arr.max())}"
-        )
-    err = length_check_error(p, argument, arr.shape[1], n_ctx, rotary_limit)
+    _check_range(int(arr.min()), int(arr.max()), p, argument, vocab_size)
+    tokens = torch.from_numpy(arr.astype(np.int64))
+    check_token_limits(tokens, p, n_ctx=n_ctx, rotary_limit=rotary_limit, argument=argument)
+    return tokens
+
+
+def _check_range(lo: int, hi: int, path, argument: str, vocab_size: int | None) -> None:
+    """Refuse ids from ``lo`` to ``hi`` outside ``[0, vocab_size)`` (without ``vocab_size``: negative, or past
+    int64)."""
+    if vocab_size is not None and (lo < 0 or hi >= vocab_size):
+        want = f"lie in [0, {vocab_size}) for this model"
+    elif lo < 0:
+        want = "be >= 0"
+    elif hi > np.iinfo(np.int64).max:
+        want = "lie below 2**63 (int64)"
+    else:
+        return
+    raise ValueError(f"{argument}={str(path)!r}: token ids must {want}; found {lo}..{hi}")
+
+
+def check_token_limits(
+    tokens: torch.Tensor,
+    path,
+    *,
+    vocab_size: int | None = None,
+    n_ctx: int | None = None,
+    rotary_limit: int | None = None,
+    argument: str = "data",
+) -> None:
+    """Refuse the ids ``tokens`` read by :func:`load_tokens` from ``path`` (named as ``argument``) where the model
+    cannot read them: ids not below ``vocab_size``, sequences longer than ``n_ctx`` or ``rotary_limit`` (the
+    messages of :func:`load_tokens`)."""
+    _check_range(int(tokens.min()), int(tokens.max()), path, argument, vocab_size)
+    err = length_check_error(path, argument, tokens.shape[1], n_ctx, rotary_limit)
     if err is not None:
         raise err
-    return torch.from_numpy(arr.astype(np.int64))
 
 
 #: why a half-precision checkpoint is run as its float32 copy, by command
@@ -172,23 +244,27 @@ def token_limits(model) -> dict:
     }
 
 
-def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None):
-    """The converted model and the tokens. ``upcast`` (``"sampling"`` or ``"patching"``): a half-precision
-    checkpoint (most are saved in bfloat16) is loaded in float32, with a warning saying why. For sampling, whose
-    loss is the next-token loss, sequences of one token are refused."""
+def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None, tokens: torch.Tensor | None = None):
+    """The converted model and the tokens (``tokens``: the ids :func:`load_tokens` has read from ``data``, checked
+    against the model here; else ``data`` is read). ``upcast`` (``"sampling"`` or ``"patching"``): a
+    half-precision checkpoint (most are saved in bfloat16) is loaded in float32, with a warning saying why. For
+    sampling, whose loss is the next-token loss, sequences of one token are refused."""
     from ..circuits.cli import load_model_dir
 
     model = load_model_dir(model_dir, dtype=dtype, argument="--model")
     if upcast is not None and model.cfg.dtype not in (torch.float32, torch.float64):
         warnings.warn(
-            f"model={str(model_dir)!r} holds {model.cfg.dtype} weights and {_UPCAST_REASON[upcast]} (the weights "
+            f"--model {str(model_dir)!r} holds {model.cfg.dtype} weights and {_UPCAST_REASON[upcast]} (the weights "
             "upcast exactly; --float64 for float64)",
             UserWarning,
             stacklevel=3,
         )
         model = load_model_dir(model_dir, dtype=torch.float32, argument="--model")
     model.eval()
-    tokens = load_tokens(data, **token_limits(model))
+    if tokens is None:
+        tokens = load_tokens(data, **token_limits(model))
+    else:
+        check_token_limits(tokens, data, **token_limits(model))
     if upcast == "sampling" and tokens.shape[1] < 2:
         raise ValueError(
             f"data={str(data)!r}: its sequences have {tokens.shape[1]} token; the next-token loss that llc and chi "
@@ -294,14 +370,16 @@ def run_user_llc(
     dtype: torch.dtype | None = None,
     checkpoint: str | os.PathLike | None = None,
     quiet: bool = True,
+    tokens: torch.Tensor | None = None,
 ) -> dict:
     """Estimate the LLC of the model in ``model_dir`` on the token sequences in ``data`` (next-token loss).
 
-    Writes ``llc.npz`` (:class:`~pypattern.LLCResult`), ``llc_trace.png`` and ``llc_summary.json`` into ``out``
-    and returns the summary. The summary file is standard JSON: a value that is undefined (``llc_std`` and
-    ``llc_se`` of one chain) or not finite is ``null`` there (NaN in the returned dict). ``checkpoint``: a folder; the sampler's checkpoint ``llc_checkpoint.npz`` there is
-    written as the run goes and resumed from by the same run (a run with other settings, model or data is
-    refused). ``quiet=False`` shows the sampler's progress bars.
+    Writes ``llc.npz`` (:class:`~pypattern.LLCResult`), ``llc_trace.png`` and ``llc_summary.json`` into ``out`` and
+    returns the summary. The summary file is standard JSON: a value that is undefined (``llc_std`` and ``llc_se`` of
+    one chain) or not finite is ``null`` there (NaN in the returned dict). ``checkpoint``: a folder; the sampler's
+    checkpoint ``llc_checkpoint.npz`` there is written as the run goes and resumed from by the same run (a run with
+    other settings, model or data is refused). ``quiet=False`` shows the sampler's progress bars. ``tokens``: the
+    ids :func:`load_tokens` has read from ``data`` (the file is then not read again).
     """
     from ..losses import batch_loss
     from ..sampling import estimate_llc
@@ -309,9 +387,14 @@ def run_user_llc(
     out_folder(out)
     if checkpoint is not None:
         out_folder(checkpoint, "checkpoint")
-    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
+    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens)
     _check_default_nbeta(data, tokens, batch_size, nbeta)
     ck = None if checkpoint is None else os.path.join(checkpoint, "llc_checkpoint.npz")
+    if ck is not None and os.path.isdir(ck):
+        raise ValueError(
+            f"checkpoint={str(checkpoint)!r} holds a folder {ck!r} where the checkpoint file goes; give another "
+            "checkpoint folder (on the command line: --checkpoint DIR), or move that folder away"
+        )
     res = estimate_llc(
         model,
         _batches(tokens, batch_size),
@@ -377,6 +460,7 @@ def run_user_patch(
     max_prompts: int = 8,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    tokens: torch.Tensor | None = None,
 ) -> dict:
     """Exact activation patching of the model in ``model_dir`` at each site over layers x positions (heads x
     positions for ``z``), denoising, with the metric KL(P_clean || P_run) at the last position.
@@ -387,7 +471,8 @@ def run_user_patch(
     corrupted run adds Gaussian noise (3x the embeddings' std) to every token embedding. A half-precision
     checkpoint is patched as its float32 copy (with a warning). Writes one CSV per site (normalised means: 1 =
     the clean run restored, 0 = no change from the corrupted run) and ``patch_summary.json`` into ``out``; the
-    summary's ``top`` are the largest normalised effects, as in the CSV.
+    summary's ``top`` are the largest normalised effects, as in the CSV. ``tokens``: the ids :func:`load_tokens`
+    has read from ``data`` (the file is then not read again).
     """
     from ..patching import KL, GaussianNoise, activation_patching
 
@@ -395,7 +480,7 @@ def run_user_patch(
     if sites is not None and not sites:
         raise ValueError("sites is empty: give at least one site")
     out_folder(out)
-    model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching")
+    model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching", tokens=tokens)
     if sites is None:
         sites = tuple(s for s in DEFAULT_SITES if not (model.cfg.attn_only and s == "mlp_out"))
     corr = None
@@ -459,20 +544,22 @@ def run_user_chi(
     dtype: torch.dtype | None = None,
     checkpoint: str | os.PathLike | None = None,
     quiet: bool = True,
+    tokens: torch.Tensor | None = None,
 ) -> dict:
     """Per-token susceptibilities of every head, MLP and the embedding of the model in ``model_dir``, probed on
     the first ``num_probe`` sequences of ``data`` and sampled on all of them. Writes ``chi.npz``
     (:class:`~pypattern.SusceptibilityResult`), ``chi.csv`` (one row per component, named in the first column;
     one column per probe token, ``s<sequence>p<position>``) and ``chi_summary.json`` into ``out``.
     ``checkpoint``: a folder where finished components and the running one are kept, and from which the same run
-    resumes (a run with other settings, model or data is refused). ``quiet=False`` shows progress bars."""
+    resumes (a run with other settings, model or data is refused). ``quiet=False`` shows progress bars.
+    ``tokens``: the ids :func:`load_tokens` has read from ``data`` (the file is then not read again)."""
     from ..susceptibility import susceptibilities
 
     _count("num_probe", num_probe)
     out_folder(out)
     if checkpoint is not None:
         out_folder(checkpoint, "checkpoint")
-    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling")
+    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens)
     _check_default_nbeta(data, tokens, batch_size, nbeta)
     components = [c for c in model.components() if c != "unembed"]
     res = susceptibilities(

@@ -366,6 +366,24 @@ def read_config(path: str, argument: str) -> dict:
     return cfg
 
 
+def _check_architecture(path: str, name: str, cls: type, model_type: Any, transformers) -> None:
+    """Refuse a config.json whose ``architectures`` names a class (``name``, ``cls``) built from a config of
+    another ``model_type`` than the one config.json names: transformers would read the config as the class's own,
+    with its default sizes where the fields differ (a default Llama has billions of parameters), and the weights
+    would not fit it."""
+    want = getattr(getattr(cls, "config_class", None), "model_type", None)
+    if not isinstance(model_type, str) or not want or model_type == want:
+        return
+    auto = getattr(transformers.models.auto.modeling_auto, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", {})
+    fits = auto.get(model_type)
+    raise ValueError(
+        f"path={path!r}: config.json's architectures names {name}, whose config has model_type {want!r}, but its "
+        f"model_type is {model_type!r}; the two do not describe one model: correct architectures"
+        + (f" (model_type {model_type!r} is {fits})" if isinstance(fits, str) else "")
+        + " or model_type"
+    )
+
+
 def from_pretrained(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> Transformer:
@@ -414,7 +432,8 @@ def from_pretrained(
         import transformers
     except ImportError as e:  # pragma: no cover - transformers is a test dependency
         raise ImportError("from_pretrained needs the transformers package (pip install transformers)") from e
-    archs = read_config(path, "path").get("architectures") or []
+    config = read_config(path, "path")
+    archs = config.get("architectures") or []
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise UnsupportedModelError(
             f"path={path!r} holds a PEFT adapter (adapter_config.json): its weights would be left out (or, with peft "
@@ -427,6 +446,8 @@ def from_pretrained(
             f"config.json architectures={archs} is not supported; pypattern converts {SUPPORTED_CLASSES}"
         )
     cls = getattr(transformers, known[0]) if known else transformers.AutoModelForCausalLM
+    if known:
+        _check_architecture(path, known[0], cls, config.get("model_type"), transformers)
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, "trust_remote_code": False}
     kwargs["dtype"] = dtype if dtype is not None else "auto"
     if attn_implementation is not None:
