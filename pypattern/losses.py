@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import inspect
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ __all__ = [
     "position_limit",
     "vocab_size",
     "batch_size",
+    "as_pytree",
+    "batch_tensors",
+    "map_batch",
     "forward_error",
     "errors_naming",
     "check_batch_values",
@@ -122,6 +126,96 @@ def _describe(batch: Any) -> str:
         inner = ", ".join(_describe(x) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch)
         return f"a {type(batch).__name__} of {len(batch)} element(s) ({inner})"
     return f"a {type(batch).__name__}"
+
+
+def _mapping_like(template: Mapping, items: dict) -> Mapping:
+    """A mapping of ``template``'s kind holding ``items``: a plain dict for a dict, else a copy of ``template``
+    (a ``transformers.BatchEncoding`` or ``UserDict`` keeps its class and attributes) with its entries replaced; a
+    dict when the mapping cannot be copied and filled (a read-only mapping)."""
+    if type(template) is dict:
+        return items
+    try:
+        new = copy.copy(template)
+        for k in list(new.keys()):
+            if k not in items:
+                del new[k]
+        for k, v in items.items():
+            new[k] = v
+        return new
+    except Exception:  # noqa: BLE001 - a mapping that cannot be copied or written: its entries as a dict
+        return dict(items)
+
+
+def map_batch(fn: Callable, *batches: Any) -> Any:
+    """``fn`` applied leaf by leaf to ``batches`` of one structure (``fn(*leaves)`` at each leaf), the result in
+    the first batch's structure. Every mapping is a container (a ``dict``, and a ``transformers.BatchEncoding`` or
+    ``UserDict``, which torch's pytree would take as one leaf), as are tuples (named ones too) and lists; any other
+    object goes to torch's ``tree_map`` (containers it registers, and leaves).
+
+    Raises
+    ------
+    ValueError
+        When the batches' structures differ (other keys, lengths or kinds of container), naming the difference."""
+    first = batches[0]
+    if isinstance(first, Mapping):
+        keys = list(first.keys())
+        for b in batches[1:]:
+            if not isinstance(b, Mapping) or set(b.keys()) != set(keys):
+                theirs = sorted(map(str, b.keys())) if isinstance(b, Mapping) else type(b).__name__
+                raise ValueError(
+                    f"batches of different structures: keys {sorted(map(str, keys))} and {theirs}"
+                )
+        return _mapping_like(first, {k: map_batch(fn, *(b[k] for b in batches)) for k in keys})
+    if isinstance(first, tuple | list):
+        for b in batches[1:]:
+            if not isinstance(b, tuple | list) or len(b) != len(first):
+                what = f"{type(b).__name__} of {len(b)}" if isinstance(b, tuple | list) else type(b).__name__
+                raise ValueError(
+                    f"batches of different structures: a {type(first).__name__} of {len(first)} and a {what}"
+                )
+        items = [map_batch(fn, *xs) for xs in zip(*batches)]
+        if isinstance(first, tuple) and hasattr(first, "_fields"):  # a namedtuple
+            return type(first)(*items)
+        try:
+            return type(first)(items)
+        except TypeError:  # a tuple or list subclass built otherwise
+            return tuple(items) if isinstance(first, tuple) else items
+    return torch.utils._pytree.tree_map(fn, *batches)
+
+
+def _has_other_mapping(batch: Any) -> bool:
+    """Whether ``batch`` holds a mapping that is not a ``dict`` (which torch's pytree takes as one leaf)."""
+    if isinstance(batch, Mapping):
+        return not isinstance(batch, dict) or any(_has_other_mapping(v) for v in batch.values())
+    if isinstance(batch, tuple | list):
+        return any(_has_other_mapping(v) for v in batch)
+    return False
+
+
+def as_pytree(batch: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """``(tree, rebuild)``: ``batch`` with every mapping a ``dict`` (what ``torch.func.vmap`` and torch's pytree walk:
+    a ``transformers.BatchEncoding`` is one leaf to them), and the function that gives such a tree (or a slice of
+    it under vmap) ``batch``'s kinds of mapping back; ``batch`` itself and the identity when it holds dicts only."""
+    if not _has_other_mapping(batch):
+        return batch, lambda tree: tree
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+            return type(x)(*(plain(v) for v in x))
+        if isinstance(x, tuple | list):
+            return tuple(plain(v) for v in x) if isinstance(x, tuple) else [plain(v) for v in x]
+        return x
+
+    return plain(batch), lambda tree: map_batch(lambda _, b: b, batch, tree)
+
+
+def batch_tensors(batch: Any) -> list[torch.Tensor]:
+    """The tensors in ``batch``, in :func:`map_batch`'s order (a mapping of any kind is walked)."""
+    found: list[torch.Tensor] = []
+    map_batch(lambda v: found.append(v) if isinstance(v, torch.Tensor) else None, batch)
+    return found
 
 
 _EXPECTED = (
@@ -333,13 +427,15 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
         mt = getattr(getattr(model, "config", None), "model_type", None)
         am = pb.attention_mask.bool()
         if mt in _LEARNED_POSITION_TYPES and bool((am[:, 1:] & ~am[:, :-1]).any()):
+            from .sampling.diagnostics import user_stacklevel  # the caller's line, whichever entry point
+
             warnings.warn(
                 f"{argument}: left padding without position_ids: {type(model).__name__} ({mt}) reads learned "
                 "absolute positions 0, 1, 2, ... from the first column, so each padded row's real tokens sit at "
                 "positions shifted by its padding and their losses differ from the unpadded sequence's; give "
                 "batch['position_ids'] = (attention_mask.cumsum(-1) - 1).clamp(min=0), or pad on the right",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
     if pos is not None and not _takes(model, "position_ids"):
         plain = torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)
@@ -433,8 +529,7 @@ def forward_error(model: nn.Module, batch: Any, argument: str, error: Exception)
     if len(dtypes) != 1:
         return None
     (want,) = dtypes
-    leaves: list[torch.Tensor] = []
-    torch.utils._pytree.tree_map(lambda v: leaves.append(v) if isinstance(v, torch.Tensor) else None, batch)
+    leaves = batch_tensors(batch)
     other = sorted({str(t.dtype) for t in leaves if t.is_floating_point() and t.dtype != want})
     if not other:
         return None
@@ -497,8 +592,7 @@ def batch_size(batch: Any) -> int:
         return int(parse_batch(batch).inputs.shape[0])
     except (TypeError, ValueError, IndexError) as e:  # IndexError: a 0-d tensor has no batch axis
         why = str(e)
-    leaves: list[torch.Tensor] = []
-    torch.utils._pytree.tree_map(lambda v: leaves.append(v) if isinstance(v, torch.Tensor) else None, batch)
+    leaves = batch_tensors(batch)
     if not leaves or leaves[0].dim() == 0:
         raise ValueError(
             f"cannot count the samples of {_describe(batch)}: it holds no tensor with a batch axis ({why})"

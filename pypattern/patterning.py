@@ -47,6 +47,7 @@ import torch
 
 from ._checks import device_arg, refuse_meta
 from .io import Saveable, register
+from .sampling.diagnostics import user_stacklevel
 
 __all__ = ["invert", "Intervention", "reweight", "direction_target", "OnlinePatterner"]
 
@@ -214,7 +215,7 @@ def invert(
         warnings.warn(
             "chi is the same for every data point (zero, or constant along each row): re-weighting the data moves "
             "no observable, so the weights stay uniform and no part of the target is reached (residual 1)",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     if method == "pinv":
         h = np.linalg.pinv(chi_c, rcond=rcond if rcond is not None else 1e-12) @ tgt

@@ -74,8 +74,15 @@ from .losses import (
 )
 from .ops.covariance import CrossCovariance
 from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
-from .sampling.checkpoint import CHECKPOINT_KIND, load_checkpoint_state, model_architecture
+from .sampling.checkpoint import (
+    CHECKPOINT_KIND,
+    FINGERPRINT_DEFAULTS,
+    load_checkpoint_state,
+    model_architecture,
+    training_modes,
+)
 from .sampling.data import ChainData, hash_data, to_device
+from .sampling.diagnostics import user_stacklevel
 from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model
@@ -368,9 +375,11 @@ def _same_batch(a, b) -> bool:
 
 
 def _exact(name: str) -> str:
-    """A parameter name as a sampler pattern that matches that parameter alone (an escaped regex: ``.`` in a
-    name is no wildcard, and the pattern is no glob or module prefix of another name)."""
-    return re.escape(name)
+    """A parameter name as a sampler pattern that matches that parameter alone: a glob whose wildcard characters
+    (``*``, ``?``, ``[``) are bracketed into literals (``.`` is a plain character in a glob already); no other
+    parameter's name starts with a parameter's name and a dot, so the pattern's reading as a module prefix covers
+    nothing else."""
+    return re.sub(r"([*?[])", r"[\1]", name)
 
 
 def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.Tensor] | None]:
@@ -642,6 +651,7 @@ def _sample_defaults() -> dict:
         if p.default is not inspect.Parameter.empty and _is_sample_default(k, p.default)
     }
     out["num_burnin_steps"] = 0  # the resolved default a fingerprint leaves out (_is_sample_default)
+    out["training"] = FINGERPRINT_DEFAULTS["training"]  # no module in train() mode
     return out
 
 
@@ -980,6 +990,8 @@ def susceptibilities(
             data=hash_data(loader, chain_seed(seed0, 0, stream=1), {}),
             **{f"weights[{k}]": v for k, v in model.state_dict().items()},
             architecture=model_architecture(model),
+            # the modules in train() mode as the sampler runs the model (none, the default, adds no item)
+            **({} if (modes := training_modes(model)) is None else {"training": modes}),
             phi0=float(phi0),
         )
         dup = sorted({x for x in names if names.count(x) > 1})
@@ -1118,7 +1130,7 @@ def susceptibilities(
             "version, without the leave-one-chain-out estimates: their chi_se is the per-chain estimates' spread / "
             "sqrt(num_chains), which understates chi's spread when the chains' means differ; delete those rows' "
             "files to sample them again with the jackknife's standard error",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return SusceptibilityResult(
         chi=chi,

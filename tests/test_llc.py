@@ -11,6 +11,8 @@
 * Deep linear networks vs Aoyagi's formula.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -241,3 +243,24 @@ def test_an_estimate_above_half_the_moving_parameters_warns():
         warnings.simplefilter("always")
         r = estimate_llc(m, loader, step_size=1e-3, **kw)
     assert r.llc_mean < 2 and not any("exceeds d/2" in str(w.message) for w in got)
+
+
+def test_refined_llc_records_the_settings_each_data_set_used():
+    """The default nbeta is each data set's own batch size's (m / ln m): config["by_data"] records each."""
+    import pypattern as pp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(24, 3)
+    y = x.sum(1, keepdim=True)
+    train = [(x[:8], y[:8]), (x[8:16], y[8:16])]
+    other = [(x[16:20], y[16:20]), (x[20:], y[20:])]
+    kw = dict(
+        num_chains=2, num_draws=3, step_size=1e-4, localization=100.0, quiet=True, warn_nonstationary=False
+    )
+    r = pp.refined_llc(model, train, components={"first": ["0.weight", "0.bias"]}, data=other, **kw)
+    assert r.config["by_data"] == {
+        "train": {"step_size": 1e-4, "nbeta": pytest.approx(8 / math.log(8)), "num_burnin_steps": 0},
+        "data": {"step_size": 1e-4, "nbeta": pytest.approx(4 / math.log(4)), "num_burnin_steps": 0},
+    }
+    assert r.config["nbeta"] == pytest.approx(8 / math.log(8))

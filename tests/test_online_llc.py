@@ -124,3 +124,44 @@ def test_a_deterministic_model_in_train_mode_is_read_as_estimate_llc_reads_it():
     assert cb.result.llc_mean[0] == ref.llc_mean
     model.eval()
     assert estimate_llc(model, _loader(), **kw).init_loss != ref.init_loss  # the mode matters for this model
+
+
+def test_keywords_are_checked_when_the_callback_is_built():
+    """A mistyped keyword or a value the estimate refuses is an error at construction, with the estimators' own
+    messages, not at the first scheduled step after the training run has run that far."""
+    loader = _loader()
+    with pytest.raises(TypeError, match=r"OnlineLLC got unexpected keyword arguments \['num_chians'\]"):
+        OnlineLLC(loader, steps=[50], num_chians=4)
+    with pytest.raises(ValueError, match=r"step_size \(lr\) must be a finite number > 0, got -1.0"):
+        OnlineLLC(loader, steps=[50], step_size=-1.0)
+    with pytest.raises(ValueError, match=r"num_chains must be an int >= 1, got 0"):
+        OnlineLLC(loader, every=10, num_chains=0)
+    with pytest.raises(ValueError, match=r"seed must be an int"):
+        OnlineLLC(loader, every=10, seed=-3)
+    with pytest.raises(ValueError, match=r"sampler"):
+        OnlineLLC(loader, every=10, sampler="hmc")
+    with pytest.raises(TypeError, match=r"OnlineLLC got unexpected keyword arguments \['restrict_to'\]"):
+        OnlineLLC(loader, every=10, components=["0"], restrict_to="0.*")
+    # valid keywords, the calibrated step and devinterp's names pass
+    cb = OnlineLLC(loader, every=10, num_chains=2, lr=1e-3, nbeta=np.float64(4.0), seed=np.int64(1))
+    assert cb.sample_kwargs["lr"] == 1e-3
+    OnlineLLC(loader, every=10, step_size="auto", localization=10.0)
+
+
+def test_numpy_steps_in_either_order_and_a_repeated_step_replaces_its_row():
+    model = _net().eval()
+    kw = dict(num_chains=2, num_draws=5, step_size=1e-3, localization=10.0, seed=0)
+    cb = OnlineLLC(_loader(), every=3, **kw)
+    assert cb(np.int64(4), model) is None
+    first = cb(np.int64(3), model)  # (step, model) with a numpy step
+    assert first["step"] == 3 and isinstance(first["step"], int)
+    assert cb(model, torch.tensor(6))["step"] == 6
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    again = cb(model, 3)  # estimated again at other weights: the row for step 3 is replaced
+    assert list(cb.result.step) == [6, 3]
+    assert cb.result.llc_mean[1] == again["llc_mean"] != first["llc_mean"]
+    with pytest.raises(TypeError, match="step must be an int"):
+        cb(model, 3.0)
+    with pytest.raises(TypeError, match="step must be an int"):
+        cb(model, True)

@@ -2042,3 +2042,271 @@ def test_a_drifting_run_without_localization_names_it():
             sample(model, loader, localization=loc, **kw)
         text = " ".join(str(w.message) for w in rec if issubclass(w.category, NonStationaryWarning))
         assert ("With localization=0 nothing holds the chains near w*" in text) == named, text
+
+
+class _PooledRegression(nn.Module):
+    """A linear readout of the mean over positions: reads sequences of any length, runs under vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.lin(x).mean(1)
+
+
+class _LengthsKeyedByEpoch:
+    """Four batches an epoch, ``(x, y)`` with ``x`` of shape ``(2, L, 3)``: the first three of length 4, the last
+    of a length drawn from torch's RNG (which each chain's stream keys per epoch), so that chains read batches of
+    one shape for some steps and of different shapes at a later one."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(8, 9, 3, generator=g)
+        self.y = torch.randn(8, 1, generator=g)
+
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        L = 2 + int(
+            torch.randint(0, 7, ())
+        )  # drawn as the epoch starts, as a shuffling sampler draws its order
+        for i in range(3):
+            yield self.x[2 * i : 2 * i + 2, :4], self.y[2 * i : 2 * i + 2]
+        yield self.x[6:, :L], self.y[6:]
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "sgnht", "rmsprop_sgld"])
+def test_batches_of_different_shapes_run_chains_one_after_another_from_where_they_differ(sampler):
+    """batched=None: the chains run batched until their batches of a step differ in shape, then one after another
+    from that step (result.batched False), with the draws of a sequential run up to float rounding; batched=True
+    is refused naming the loader and the shapes."""
+    torch.manual_seed(0)
+    model = _PooledRegression()
+    loader = _LengthsKeyedByEpoch()
+    order = []
+    kw = dict(num_chains=2, num_draws=12, step_size=1e-3, nbeta=4.0, localization=10.0, quiet=True)
+    kw.update(
+        warn_nonstationary=False, sampler=sampler
+    )  # the sampler's state is handed over with the weights
+    auto = sample(
+        model, loader, batched=None, callbacks=[lambda chain, draw: order.append((chain, draw))], **kw
+    )
+    seq = sample(model, loader, batched=False, **kw)
+    assert auto.batched is False
+    np.testing.assert_allclose(auto.loss_trace, seq.loss_trace, rtol=1e-5)
+    # the two chains' streams first read batches of different lengths at step 7 (the last batch of their second
+    # epoch): draws 0..6 were taken batched (the chains side by side), the rest one chain after another
+    assert order[:14] == [(c, d) for d in range(7) for c in (0, 1)]
+    assert order[14:] == [(0, d) for d in range(7, 12)] + [(1, d) for d in range(7, 12)]
+    with pytest.raises(ValueError, match=r"batched=True but the loader's batches differ between chains") as e:
+        sample(model, loader, batched=True, **kw)
+    assert "at step 7 cannot be stacked along a chain axis: tensors of different shapes" in str(e.value)
+    assert "a tuple of 2 element(s) (a torch.float32 tensor of shape (2," in str(e.value)
+
+
+def test_padded_batches_of_their_own_lengths_run_with_the_default_batched():
+    """A collate that pads each batch to its own longest sequence, shuffled: the chains' batches differ in shape
+    at the first step; estimate_llc and susceptibilities run the chains one after another."""
+    import pypattern as pp
+
+    torch.manual_seed(0)
+    seqs = [torch.randn(int(torch.randint(2, 7, ())), 3) for _ in range(16)]
+
+    def collate(batch):
+        L = max(len(s) for s in batch)
+        x = torch.zeros(len(batch), L, 3)
+        for i, s in enumerate(batch):
+            x[i, : len(s)] = s
+        return x, x.sum((1, 2)).unsqueeze(1)
+
+    loader = DataLoader(seqs, batch_size=4, shuffle=True, collate_fn=collate)
+    model = _PooledRegression()
+    kw = dict(num_chains=8, num_draws=4, step_size=1e-4, nbeta=4.0, localization=100.0, quiet=True)
+    kw["warn_nonstationary"] = False
+    r = pp.estimate_llc(model, loader, **kw)
+    ref = pp.estimate_llc(model, loader, batched=False, **kw)
+    assert r.sample.batched is False
+    np.testing.assert_allclose(r.loss_trace, ref.loss_trace, rtol=1e-6)
+    chi = pp.susceptibilities(model, loader, collate(seqs[:4]), [["lin.weight"]], **kw)
+    assert np.isfinite(np.asarray(chi.chi)).all()
+    with pytest.raises(ValueError, match=r"batched=True but the loader's batches differ.*at step 0"):
+        pp.estimate_llc(model, loader, batched=True, **kw)
+
+
+def test_batch_encoding_batches_run_batched_and_keep_their_kind():
+    """transformers.BatchEncoding batches (a UserDict) are stacked and moved as dicts are, and the loss function
+    gets BatchEncodings under vmap too: the same draws as dict batches."""
+    from transformers import BatchEncoding
+
+    from pypattern.sampling.data import to_device
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, generator=g), torch.randn(12, 1, generator=g)
+    dicts = [{"x": x[i : i + 4], "y": y[i : i + 4]} for i in range(0, 12, 4)]
+    encs = [BatchEncoding(d) for d in dicts]
+    kinds = set()
+
+    def loss_fn(model, batch):
+        kinds.add(type(batch).__name__)
+        return ((model(batch["x"]) - batch["y"]) ** 2).mean()
+
+    model = nn.Linear(3, 1)
+    kw = dict(
+        num_chains=3, num_draws=5, step_size=1e-3, nbeta=4.0, localization=10.0, quiet=True, loss_fn=loss_fn
+    )
+    kw["warn_nonstationary"] = False
+    a = sample(model, encs, batched=True, **kw)
+    assert a.batched and kinds == {"BatchEncoding"}
+    b = sample(model, dicts, batched=True, **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    moved = to_device(encs[0], torch.device("meta"))
+    assert (
+        isinstance(moved, BatchEncoding)
+        and moved["x"].device.type == "meta"
+        and encs[0]["x"].device.type == "cpu"
+    )
+
+
+def test_a_glob_in_restrict_to_is_not_read_as_a_regex():
+    """restrict_to="1.*" is a glob: '.' is a plain character, so parameters 10.* and 11.* do not move; a compiled
+    regex selects by regex."""
+    import re
+
+    from pypattern.sampling.optim import matches
+
+    assert matches("1.weight", ["1.*"]) and not matches("10.weight", ["1.*"])
+    assert matches("10.weight", [re.compile(r"1\d?\..*")]) and not matches(
+        "2.weight", [re.compile(r"1\d?\..*")]
+    )
+    assert not matches("1.weight", ["1+.weight"])  # a string without a backslash is a glob, never a regex
+    # a string holding a backslash (re.escape's output), which as a glob matches nothing, is a regex
+    assert matches("1.weight", [r"1\.weight"]) and not matches("1_weight", [r"1\.weight"])
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(12)])
+    x = torch.randn(8, 2)
+    data = [(x, x.flip(1))]
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moved = set()
+
+    def cb(model):
+        moved.update(n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, w0[n]))
+
+    kw = dict(
+        num_chains=1, num_draws=2, step_size=1e-3, nbeta=2.0, localization=10.0, quiet=True, callbacks=[cb]
+    )
+    kw["warn_nonstationary"] = False
+    sample(model, data, restrict_to="1.*", batched=False, **kw)
+    assert moved == {"1"}
+    moved.clear()
+    r = sample(model, data, restrict_to=re.compile(r"1\d?\..*"), batched=False, **kw)
+    assert moved == {"1", "10", "11"}
+    assert r.config["restrict_to"] == [re.compile(r"1\d?\..*")]
+
+
+def test_reference_loss_of_a_shuffling_loader_with_drop_last_covers_every_row():
+    """10 rows in batches of 4, shuffled, drop_last: each epoch drops 2 rows, other ones each epoch, and the
+    chains read all 10 over their epochs, so L_n(w*) is the mean squared error over all 10 (by hand); without
+    shuffling the same 2 rows are dropped every epoch and L_n(w*) is the mean over the first 8."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    x, y = torch.randn(10, 2), 3 * torch.randn(10, 1)
+    with torch.no_grad():
+        per_row = ((model(x) - y) ** 2).squeeze(1).double()
+    every, first8 = float(per_row.mean()), float(per_row[:8].mean())
+    assert abs(every - first8) > 0.5  # the two are told apart
+    kw = dict(num_chains=2, num_draws=3, step_size=1e-4, nbeta=4.0, localization=10.0, quiet=True)
+    kw["warn_nonstationary"] = False
+    pairs = list(zip(x, y))  # a dataset read through the loader's collate
+    for data in (TensorDataset(x, y), pairs):
+        shuffled = DataLoader(data, batch_size=4, shuffle=True, drop_last=True)
+        r = sample(model, shuffled, **kw)
+        assert r.init_loss == pytest.approx(every, rel=1e-6)
+        assert r.init_loss_se == 0.0 and len(r.init_losses) == 2
+        in_order = DataLoader(data, batch_size=4, shuffle=False, drop_last=True)
+        assert sample(model, in_order, **kw).init_loss == pytest.approx(first8, rel=1e-6)
+    # a shuffled subset: the rows it can yield
+    subset = DataLoader(
+        TensorDataset(x, y), batch_size=4, sampler=torch.utils.data.SubsetRandomSampler([0, 2, 3, 5, 6, 7, 9]),
+        drop_last=True,
+    )  # fmt: skip
+    want = float(per_row[[0, 2, 3, 5, 6, 7, 9]].mean())
+    assert sample(model, subset, **kw).init_loss == pytest.approx(want, rel=1e-6)
+
+
+def test_a_checkpoint_records_which_modules_are_in_training_mode(tmp_path):
+    """A BatchNorm model's loss differs between train() and eval() mode: a run interrupted in train() mode resumes
+    in train() mode to the uninterrupted run's draws and is refused in eval() mode (FingerprintMismatch naming
+    "training"); a dropout model, which the sampler runs in eval() mode, resumes in either mode."""
+    from pypattern.io import FingerprintMismatch
+    from pypattern.sampling.checkpoint import training_modes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    kw = dict(
+        num_chains=2, num_draws=6, step_size=1e-3, nbeta=4.0, localization=10.0, quiet=True, batched=False
+    )
+    kw["warn_nonstationary"] = False
+
+    class Stop(Exception):
+        pass
+
+    def stop(chain, draw):
+        if chain == 1 and draw == 3:
+            raise Stop
+
+    def interrupted(path):
+        with pytest.raises(Stop):
+            sample(model, loader, checkpoint=path, callbacks=[stop], **kw)
+
+    model.train()
+    assert training_modes(model) == "every module"
+    whole = sample(model, loader, **kw)
+    interrupted(tmp_path / "a.npz")
+    resumed = sample(model, loader, checkpoint=tmp_path / "a.npz", **kw)
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
+    interrupted(tmp_path / "b.npz")
+    model.eval()
+    assert training_modes(model) is None
+    with pytest.raises(
+        FingerprintMismatch, match=r"training = 'every module' there, 'no module \(eval mode\)'"
+    ) as e:
+        sample(model, loader, checkpoint=tmp_path / "b.npz", **kw)
+    assert e.value.item == "training"
+    model[1].train()  # one module in train() mode: named
+    assert training_modes(model) == ["1"]
+    with pytest.raises(FingerprintMismatch, match=r"training = 'every module' there, \['1'\] now"):
+        sample(model, loader, checkpoint=tmp_path / "b.npz", **kw)
+    # dropout: the sampler runs the model in eval() mode whatever the caller's mode, and fingerprints it so
+    drop = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh(), nn.Linear(4, 2)).train()
+    assert training_modes(drop) is None
+    with pytest.warns(UserWarning, match="training mode and has dropout"), pytest.raises(Stop):
+        sample(drop, loader, checkpoint=tmp_path / "c.npz", callbacks=[stop], **kw)
+    drop.eval()
+    again = sample(drop, loader, checkpoint=tmp_path / "c.npz", **kw)
+    np.testing.assert_array_equal(again.loss_trace, sample(drop, loader, **kw).loss_trace)
+
+
+def test_the_sampler_warnings_point_at_the_callers_line():
+    """NonStationaryWarning (through sample or estimate_llc) and the dropout warning name the line that called
+    pypattern, whichever entry point it called."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    data = [torch.zeros(4, 2)]
+
+    def drifting(model, batch):  # no minimum: the chains drift, the trace is not stationary
+        return model.weight.sum() + 0 * batch.sum()
+
+    kw = dict(loss_fn=drifting, num_chains=2, num_draws=40, step_size=1e-2, nbeta=50.0, quiet=True)
+    for run in (sample, estimate_llc):
+        with pytest.warns(NonStationaryWarning) as rec:
+            run(model, data, **kw)
+        assert {w.filename for w in rec if w.category is NonStationaryWarning} == {__file__}
+    drop = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Linear(2, 1)).train()
+    x = torch.randn(8, 2)
+    with pytest.warns(UserWarning, match="training mode and has dropout") as rec:
+        estimate_llc(drop, [(x, x[:, :1])], num_chains=1, num_draws=2, step_size=1e-4, nbeta=2.0, quiet=True)
+    assert [w.filename for w in rec if "dropout" in str(w.message)] == [__file__]

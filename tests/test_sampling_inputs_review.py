@@ -389,3 +389,97 @@ def test_calibration_names_bad_step_sizes_and_warns_without_a_plateau():
     with pytest.warns(UserWarning, match="only one step size is healthy"):
         cal = pp.calibrate_step_size(model, data, step_sizes=[1e-5], **kw)
     assert cal.recommended == 1e-5
+
+
+def test_the_meta_device_is_refused_naming_device():
+    model, loader, _, _ = _task()
+    probe = next(iter(loader))
+    kw = dict(KW, localization=10.0, device="meta")
+    for run in (
+        lambda: pp.estimate_llc(model, loader, **kw),
+        lambda: pp.susceptibilities(model, loader, probe, [["0.weight"]], **kw),
+        lambda: pp.bif(model, loader, probe, **kw),
+    ):
+        with pytest.raises(ValueError, match=r"device='meta': the meta device holds shapes without values"):
+            run()
+
+
+def _line_task():
+    torch.manual_seed(0)
+    x = torch.randn(16, 2)
+    return nn.Linear(2, 1), [(x[:8], x[:8].sum(1, keepdim=True)), (x[8:], x[8:].sum(1, keepdim=True))]
+
+
+def test_a_zero_dim_tensor_hyperparameter_is_its_number():
+    model, data = _line_task()
+    kw = dict(num_chains=2, num_draws=4, localization=10.0, quiet=True, warn_nonstationary=False)
+    a = pp.sample(
+        model, data, step_size=torch.tensor(1e-3, dtype=torch.float64), nbeta=torch.tensor(2.0), **kw
+    )
+    b = pp.sample(model, data, step_size=1e-3, nbeta=2.0, **kw)
+    assert a.config["step_size"] == 1e-3 and a.config["nbeta"] == 2.0
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    with pytest.raises(
+        ValueError, match=r"step_size \(lr\) must be a finite number > 0, got tensor\(\[0.0010"
+    ):
+        pp.sample(model, data, step_size=torch.tensor([1e-3]), **kw)
+    with pytest.raises(ValueError, match=r"nbeta must be a finite number > 0, got -2.0"):
+        pp.sample(model, data, step_size=1e-3, nbeta=torch.tensor(-2.0), **kw)
+
+
+def test_per_chain_seeds_as_an_integer_array_and_repeated_chains():
+    model, data = _line_task()
+    kw = dict(num_chains=2, num_draws=4, step_size=1e-3, nbeta=2.0, quiet=True, warn_nonstationary=False)
+    a = pp.sample(model, data, seed=np.array([3, 5]), **kw)
+    b = pp.sample(model, data, seed=[3, 5], **kw)
+    np.testing.assert_array_equal(a.loss_trace, b.loss_trace)
+    assert a.config["seed"] == [3, 5]
+    with pytest.raises(ValueError, match=r"seed has 3 entries but num_chains=2"):
+        pp.sample(model, data, seed=np.array([3, 5, 7]), **kw)
+    with pytest.raises(
+        ValueError, match=r"or a list \(or 1-D integer array\) of one per chain, got array\(\[0.5"
+    ):
+        pp.sample(model, data, seed=np.array([0.5, 1.5]), **kw)
+    with pytest.raises(
+        ValueError, match=r"chains has repeated indices \[0\]: give each chain once, got \[0, 0\]"
+    ):
+        pp.sample(model, data, chains=[0, 0], **kw)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_loss_module_or_a_complex_loss_is_refused_naming_loss_fn(batched):
+    model, data = _line_task()
+    kw = dict(num_chains=2, num_draws=3, step_size=1e-3, nbeta=2.0, quiet=True, batched=batched)
+    with pytest.raises(
+        TypeError, match=r"loss_fn=MSELoss\(\) is a torch loss module, called as loss_fn\(outputs"
+    ):
+        pp.sample(model, data, loss_fn=nn.MSELoss(), **kw)
+
+    def complex_loss(model, batch):
+        return ((model(batch[0]) - batch[1]) ** 2).mean().to(torch.complex64)
+
+    with pytest.raises(
+        ValueError, match=r"loss_fn returned a complex loss \(dtype torch.complex64\); it must be a real"
+    ):
+        pp.sample(model, data, loss_fn=complex_loss, **kw)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_an_observable_that_turns_nan_mid_chain_warns_once(batched):
+    model, data = _line_task()
+
+    w0 = model.weight.detach().clone()
+
+    def obs(model, batch):  # 1 at w* (each chain's first draw), NaN once the weights have moved
+        moved = (model.weight - w0).abs().sum()
+        return torch.where(moved > 0, torch.nan, 1.0)
+
+    kw = dict(num_chains=2, num_draws=4, step_size=1e-3, nbeta=2.0, quiet=True, batched=batched)
+    with pytest.warns(
+        RuntimeWarning, match=r"observable 'o' returned a non-finite value \(NaN or Inf\) at draw"
+    ) as rec:
+        r = pp.sample(model, data, observables={"o": obs}, warn_nonstationary=False, **kw)
+    assert sum("observable 'o'" in str(w.message) for w in rec) == 1
+    assert rec[0].filename == __file__
+    t = r.observables["o"]
+    assert np.isnan(t).sum() == t.size - 2 and (t[np.isfinite(t)] == 1.0).all()

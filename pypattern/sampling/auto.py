@@ -111,7 +111,7 @@ import numpy as np
 from torch import nn
 
 from ..io import Saveable, register
-from .diagnostics import NonFiniteLossError, NonStationaryWarning, SamplingDivergedError
+from .diagnostics import NonFiniteLossError, NonStationaryWarning, SamplingDivergedError, user_stacklevel
 
 __all__ = ["AutoStepError", "AutoStepReport", "resolve_step_size", "step_size_grid", "wants_auto"]
 
@@ -654,7 +654,7 @@ def _warn_if_drift_chose(rep: AutoStepReport, localization) -> None:
             "Nothing holds the chains near w* without localization; give localization (e.g. 100, as the README's "
             "examples do)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

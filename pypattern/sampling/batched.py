@@ -12,20 +12,36 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
-from ..losses import batch_loss, check_batch_values, stacked_batches_checked
+from ..losses import _describe, as_pytree, batch_loss, check_batch_values, map_batch, stacked_batches_checked
 from ..ops.sgld import FLAG_GRAD_NONFINITE
 from .context import NO_GRADIENT, LossContractError, RunContext
 from .data import ChainData, to_device
 from .samplers import StackedSamplerState
 from .sequential import extra_outputs, join_outputs
 
-__all__ = ["VmapUnsupported", "run_batched"]
+__all__ = ["UnstackableBatches", "VmapUnsupported", "run_batched"]
 
 
 class VmapUnsupported(Exception):
     """The model or loss function does not run under ``torch.func.vmap`` (found at the first step)."""
+
+
+class UnstackableBatches(Exception):
+    """The chains' batches of one step cannot be stacked along a chain axis (tensors of different shapes, e.g. a
+    collate that pads each batch to its own longest sequence; other keys; a leaf that is not a tensor).
+
+    Attributes
+    ----------
+    step : int
+        The step whose batches differ.
+    resume : dict of int to (int, dict of str to Tensor, dict or None)
+        Per chain, where the chains one after another take over: the step to resume at, the chain's moving weights
+        and its sampler's state there (empty at the run's first step, where nothing has moved)."""
+
+    def __init__(self, message: str, step: int, resume: dict):
+        super().__init__(message)
+        self.step, self.resume = step, resume
 
 
 class _Apply(nn.Module):
@@ -60,17 +76,48 @@ def _split_vloss(out) -> tuple[torch.Tensor, tuple]:
     return losses, extra
 
 
+def _layout(batch) -> str:
+    """A batch's tree (a mapping of any kind walked, its class named) with its tensors' shapes and dtypes and its
+    other leaves by value."""
+    tree = map_batch(
+        lambda x: (
+            (tuple(x.shape), str(x.dtype))
+            if isinstance(x, torch.Tensor)
+            else (type(x).__name__, repr(x)[:100])
+        ),
+        batch,
+    )
+    return f"{type(batch).__name__}: {tree!r}"
+
+
 def _structure(batch, shared: bool, n: int) -> tuple:
     """What decides the code path a function of a draw's batch takes under vmap: the number of chains, whether
     the batch is shared, and the batch's tree with its tensors' shapes and dtypes (its other leaves by value).
     Under vmap the weights and a stacked batch's values cannot steer Python code (data-dependent control flow
     is vmap's error whatever the values), so whether a call runs under vmap depends on this only."""
-    leaves, spec = tree_flatten(batch)
-    key = tuple(
-        (tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else (type(x).__name__, repr(x)[:100])
-        for x in leaves
-    )
-    return n, shared, str(spec), key
+    return n, shared, _layout(batch)
+
+
+def _stacked(batches: list) -> object:
+    """The chains' batches of a step stacked along a new first axis (the batch's tree kept, a
+    ``transformers.BatchEncoding`` or other mapping included); a ``ValueError`` describing the first two batches
+    that differ when they cannot be: tensors of different shapes, other keys, a leaf that is not a tensor."""
+
+    def stack(*xs):
+        if not all(isinstance(x, torch.Tensor) for x in xs):
+            raise ValueError(f"a leaf of type {type(xs[0]).__name__} is not a tensor")
+        if len({x.shape for x in xs}) > 1:
+            raise ValueError("tensors of different shapes")
+        return torch.stack(xs)
+
+    try:
+        return map_batch(stack, *batches)
+    except ValueError as e:
+        first = _layout(batches[0])
+        i = next((i for i in range(1, len(batches)) if _layout(batches[i]) != first), 1)
+        raise ValueError(
+            f"{e}: one chain read {_describe(batches[0])}, another {_describe(batches[min(i, len(batches) - 1)])}"
+        ) from None
 
 
 def _batched_observables(
@@ -87,6 +134,8 @@ def _batched_observables(
     out = {}
     params = {k: v.detach() for k, v in stacked.items()}
     structure = _structure(vb, shared_data, n) if ctx.plan.observables else None
+    # vmap walks dicts, not other mappings: the observables get the batch's own kind
+    tree, rebuild = as_pytree(vb)
     for name, fn in ctx.plan.observables:
         if (name, structure) in ctx.obs_per_chain:
             continue
@@ -97,7 +146,10 @@ def _batched_observables(
 
         try:
             with torch.no_grad():
-                v = torch.func.vmap(one, in_dims=(0, None if shared_data else 0))(params, vb)
+                v = torch.func.vmap(
+                    one if tree is vb else lambda p, b, one=one: one(p, rebuild(b)),
+                    in_dims=(0, None if shared_data else 0),
+                )(params, tree)
             if v.dim() == 0 or v.shape[0] != n:
                 raise ValueError(f"vmap returned shape {tuple(v.shape)}")
         except Exception:  # noqa: BLE001 - vmap's limit, or the observable's own error, which chain by chain raises
@@ -139,7 +191,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
 
     Raises :class:`VmapUnsupported` at the first step when the model or loss function does not run under vmap
     (nothing is recorded then); an exception the loss function raises there without vmap too is raised as it is
-    (:func:`_first_step_failure`)."""
+    (:func:`_first_step_failure`). Raises :class:`UnstackableBatches` at the first step whose batches cannot be
+    stacked, holding where each chain is (the draws before it are recorded)."""
     plan, st = ctx.plan, ctx.state
     accum, total = plan.grad_accum_steps, plan.total_steps
     chains = list(chains)
@@ -190,7 +243,12 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
         loss = split_loss(out)
         return (loss, *extra_outputs(out)) if want_outputs else loss
 
-    vloss = torch.func.vmap(chain_loss, in_dims=(0, None if shared_data else 0))
+    def vloss(p, batch):
+        # vmap walks dicts, not other mappings (a BatchEncoding): it gets dicts, the loss the batch's own kind
+        tree, rebuild = as_pytree(batch)
+        one = chain_loss if tree is batch else lambda p, b: chain_loss(p, rebuild(b))
+        return torch.func.vmap(one, in_dims=(0, None if shared_data else 0))(p, tree)
+
     hyper = dict(plan.hyper)
     # per run: anchors and masks of its moving tensors; per chain: views of its rows of those tensors
     run_anchors = [[ctx.w_star[n] for n in r.moving] for r in plan.runs]
@@ -220,7 +278,28 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                 bj, vbj = [shared_batch] * C, shared_batch
             else:
                 bj = [to_device(dd.next(), ctx.device) for dd in datas]
-                vbj = tree_map(lambda *xs: torch.stack(xs), *bj)
+                try:
+                    vbj = _stacked(bj)
+                except ValueError as e:
+                    # the chains go on one after another from this step: their weights and sampler state now
+                    # (none at the first step: nothing has moved, the state holds where they start)
+                    resume = (
+                        {}
+                        if t == start
+                        else {
+                            g: (
+                                t,
+                                {n: stacked[n][i].detach().clone() for n in ctx.moving(g)},
+                                sstate.state_of(i),
+                            )
+                            for i, g in enumerate(chains)
+                        }
+                    )
+                    raise UnstackableBatches(
+                        f"the chains' batches at step {t} cannot be stacked along a chain axis: {e}",
+                        t,
+                        resume,
+                    ) from None
                 if library and isinstance(vbj, Mapping) and "attention_mask" in vbj:
                     # the values the library's loss cannot read under vmap, of every chain's batch at once
                     check_batch_values(base, _chains_as_rows(vbj), "loader")

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
-from .diagnostics import NonFiniteLossError, NonStationaryWarning
+from .diagnostics import NonFiniteLossError, NonStationaryWarning, user_stacklevel
 from .llc import estimate_llc
 from .runner import SamplingDivergedError
 
@@ -169,7 +169,7 @@ def calibrate_step_size(
             f"calibrate_step_size: {what}; recommending the smallest healthy one, {recommended:g}, whose LLC may be "
             "biased low: widen the sweep or lengthen the chains (num_draws)",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return CalibrationResult(
         step_sizes=np.array(sizes),

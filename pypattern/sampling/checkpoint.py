@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from .. import io
+from .._training import random_in_training
 from .data import hash_data
 from .plan import RunPlan
 
-__all__ = ["CHECKPOINT_KIND", "State", "load_checkpoint_state", "run_fingerprint"]
+__all__ = ["CHECKPOINT_KIND", "State", "load_checkpoint_state", "run_fingerprint", "training_modes"]
 
 CHECKPOINT_KIND = "sample-checkpoint"
 VERSION = 2
@@ -267,6 +268,19 @@ def model_architecture(model: nn.Module) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def training_modes(model: nn.Module) -> str | list[str] | None:
+    """Which modules of ``model`` are in ``train()`` mode as the samplers run it, for a fingerprint (a BatchNorm
+    normalises by the batch's statistics there, by its running ones in ``eval()`` mode: two different losses):
+    None when none is, or when the forward is random in ``train()`` mode (dropout), which the samplers run in
+    ``eval()`` mode; ``"every module"``; else the names of those in ``train()`` mode (``""`` for the model
+    itself)."""
+    modes = [(n, m.training) for n, m in model.named_modules()]
+    training = [n for n, t in modes if t]
+    if not training or random_in_training(model):
+        return None
+    return "every module" if len(training) == len(modes) else training
+
+
 def sub_run_path(path: str | os.PathLike | None, tag: str) -> str | None:
     """The checkpoint file of one of several sampler runs a call makes (``run.npz`` -> ``run.<tag>.npz``), so that
     each resumes from its own file; None stays None."""
@@ -283,15 +297,22 @@ def load_checkpoint_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 #: the items :func:`run_fingerprint` leaves out at these values (a mismatch message shows them)
-FINGERPRINT_DEFAULTS = {"sampler": "sgld", "num_init_loss_batches": None, "record_observables": True}
+FINGERPRINT_DEFAULTS = {
+    "sampler": "sgld",
+    "num_init_loss_batches": None,
+    "record_observables": True,
+    "training": "no module (eval mode)",
+}
 
 
 def run_fingerprint(
     plan: RunPlan, model: nn.Module, loader: Iterable, w_star: Mapping[str, torch.Tensor], data_cache: dict
 ) -> dict:
     """What identifies a sampler run (see :func:`pypattern.io.fingerprint`): the chain layout, seed and
-    hyperparameters (with the sampler and its own hyperparameters, for SGNHT and RMSprop-SGLD), the loss function and observables by name, the moving parameters and masks, a hash of every
-    weight and buffer of ``model``, and a hash of the data (:func:`~pypattern.sampling.data.hash_data`)."""
+    hyperparameters (with the sampler and its own hyperparameters, for SGNHT and RMSprop-SGLD), the loss function
+    and observables by name, the moving parameters and masks, the modules in ``train()`` mode
+    (:func:`training_modes`), a hash of every weight and buffer of ``model``, and a hash of the data
+    (:func:`~pypattern.sampling.data.hash_data`)."""
     return io.fingerprint(
         num_chains=plan.num_chains,
         num_draws=plan.num_draws,
@@ -319,6 +340,8 @@ def run_fingerprint(
         **({} if plan.record_observables or not plan.observables else {"record_observables": False}),
         data=hash_data(loader, plan.key(0, stream=1), data_cache),
         architecture=model_architecture(model),
+        # the modules in train() mode (none, the default, adds no item): a BatchNorm's loss differs between modes
+        **({} if (modes := training_modes(model)) is None else {"training": modes}),
         **{f"weights[{n}]": t for n, t in w_star.items()},
         **{f"buffers[{n}]": b for n, b in model.named_buffers()},
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import math
 import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import State
-from .diagnostics import NonFiniteLossError, SamplingDivergedError
+from .diagnostics import NonFiniteLossError, SamplingDivergedError, user_stacklevel
 from .plan import RunPlan
 
 __all__ = ["RUNAWAY_STEPS", "LossContractError", "RunContext", "Stopped", "runaway_limit"]
@@ -95,6 +96,7 @@ class RunContext:
             for r in self.plan.runs
         ]
         self.above: dict[int, int] = {}  # per chain: consecutive steps above its run's limit
+        self.nonfinite_obs: set[str] = set()  # observables that returned a non-finite value (warned once)
 
     def moving(self, g: int) -> tuple[str, ...]:
         return self.plan.run_of(g).moving
@@ -222,6 +224,33 @@ class RunContext:
             step_size=self.plan.hyper["step_size"],
         )
 
+    def _warn_nonfinite(self, values: Mapping, g: int, d: int) -> None:
+        """Warn (once per observable and call) when an observable's value at chain ``g``'s draw ``d`` holds NaN or
+        Inf: it is recorded as it is, and its trace's means and covariances are not finite
+        (:func:`pypattern.susceptibilities` and :func:`pypattern.bif`, which need finite values, raise)."""
+        for name, v in values.items():
+            if name in self.nonfinite_obs:
+                continue
+            try:
+                a = v.detach().to("cpu") if isinstance(v, torch.Tensor) else np.asarray(v)
+                finite = bool(
+                    np.isfinite(
+                        np.asarray(a, dtype=np.complex128 if np.iscomplexobj(a) else np.float64)
+                    ).all()
+                )
+            except (TypeError, ValueError):  # not numbers: State.record_obs names it
+                continue
+            if not finite:
+                with self.lock:
+                    self.nonfinite_obs.add(name)
+                warnings.warn(
+                    f"observable {name!r} returned a non-finite value (NaN or Inf) at draw {d} of chain {g} (a "
+                    "diverging chain, or an observable undefined on the draw's batch): the value is recorded as it "
+                    "is, so its trace's means are not finite; warned once per observable",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+
     def at_draw(
         self,
         g: int,
@@ -254,6 +283,7 @@ class RunContext:
                     if name not in obs_vals:
                         view = model_view() if view is None else view
                         obs_vals[name] = fn(view, batch)
+            self._warn_nonfinite(obs_vals, g, d)
             if plan.record_observables:
                 with self.lock:
                     for name, _ in plan.observables:

@@ -8,12 +8,20 @@ import threading
 from collections.abc import Callable
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
 
 from .._checks import refuse_meta
+from ..losses import batch_tensors, map_batch
 from .optim import splitmix64
 
-__all__ = ["ChainData", "batch_size_of", "batches_per_epoch", "ragged_last_batch", "to_device"]
+__all__ = [
+    "ChainData",
+    "batch_size_of",
+    "batches_per_epoch",
+    "covering_batches",
+    "ragged_last_batch",
+    "rows_dropped_by_shuffle",
+    "to_device",
+]
 
 GLOBAL_RNG_LOCK = threading.Lock()  # torch's global RNG, seeded per epoch of a chain's data (cores > 1)
 
@@ -46,6 +54,55 @@ def ragged_last_batch(loader) -> bool:
     return n > dl.batch_size and n % dl.batch_size != 0
 
 
+def rows_dropped_by_shuffle(loader) -> list[int] | None:
+    """The rows a shuffling ``DataLoader`` with ``drop_last`` can yield, in order, when some epochs leave some of
+    them out: its batch sampler is torch's ``BatchSampler`` dropping a last batch smaller than ``batch_size``, over
+    a ``RandomSampler`` without replacement (every row of the data set) or a ``SubsetRandomSampler`` (its
+    indices), whose rows ``batch_size`` does not divide. Each epoch's order leaves other rows out, so the chains
+    read every one of them over their epochs. None for any other loader (one that yields the same rows every
+    epoch, or that draws them otherwise)."""
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return None
+    bs = loader.batch_sampler
+    if type(bs) is not torch.utils.data.BatchSampler or not bs.drop_last:
+        return None
+    s = bs.sampler
+    if type(s) is torch.utils.data.RandomSampler and not s.replacement and s._num_samples is None:
+        try:
+            rows = list(range(len(loader.dataset)))
+        except TypeError:
+            return None
+    elif type(s) is torch.utils.data.SubsetRandomSampler:
+        rows = sorted(int(i) for i in s.indices)
+    else:
+        return None
+    if len(rows) <= bs.batch_size or len(rows) % bs.batch_size == 0:
+        return None
+    return rows
+
+
+def covering_batches(loader, rows: list[int]) -> list:
+    """The rows ``rows`` of ``loader``'s data set cut in order into batches of its ``batch_size`` (the last one
+    smaller), each built as the loader builds its batches (a ``TensorDataset`` with the default collate as
+    :class:`ChainData` reads it, any other through the dataset and the loader's ``collate_fn``)."""
+    b = int(loader.batch_sampler.batch_size)
+    chunks = [rows[i : i + b] for i in range(0, len(rows), b)]
+    ds = loader.dataset
+    if (
+        isinstance(ds, torch.utils.data.TensorDataset)
+        and loader.collate_fn is torch.utils.data.default_collate
+        and loader.num_workers == 0
+    ):
+        return [
+            tuple(
+                t.index_select(0, torch.as_tensor(c, dtype=torch.long, device=t.device)) for t in ds.tensors
+            )
+            for c in chunks
+        ]
+    getitems = getattr(ds, "__getitems__", None)
+    return [loader.collate_fn(getitems(c) if getitems is not None else [ds[i] for i in c]) for c in chunks]
+
+
 def batches_per_epoch(loader) -> int | None:
     """The batches of one epoch a chain reads (``len(loader)``, less a ragged last batch; None without a length)."""
     try:
@@ -57,7 +114,8 @@ def batches_per_epoch(loader) -> int | None:
 
 def to_device(batch, device):
     """``batch`` with its tensors on ``device`` (the batch itself, the same object, when they all are there
-    already); a meta tensor (a shape without values) in it is refused."""
+    already; a mapping of any kind, such as a ``transformers.BatchEncoding``, keeps its kind); a meta tensor (a
+    shape without values) in it is refused."""
 
     def moved(x):
         if not isinstance(x, torch.Tensor):
@@ -66,9 +124,9 @@ def to_device(batch, device):
             refuse_meta(x, "a tensor of a batch of data", "the data themselves")
         return x.to(device)
 
-    if all(not isinstance(x, torch.Tensor) or x.device == device for x in tree_leaves(batch)):
+    if all(x.device == device for x in batch_tensors(batch)):
         return batch
-    return tree_map(moved, batch)
+    return map_batch(moved, batch)
 
 
 def _one_batch_of_all(loader) -> bool:

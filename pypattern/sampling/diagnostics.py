@@ -3,7 +3,10 @@ the ESS uses Geyer's initial monotone sequence on the multi-chain autocorrelatio
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -16,7 +19,23 @@ __all__ = [
     "check_stationarity",
     "ess",
     "r_hat",
+    "user_stacklevel",
 ]
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # pypattern/
+_PASSED = (_PACKAGE, os.path.abspath(contextlib.__file__))  # frames a warning's line passes over
+
+
+def user_stacklevel(extra: int = 0) -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called in the function that calls this one, at which the warning
+    points at the first line outside pypattern (the caller's code, whichever entry point it called: ``sample``,
+    ``estimate_llc``, ``susceptibilities``, ...). ``extra`` counts frames between the ``warnings.warn`` call and
+    the function that calls this one (a context manager's generator entered from it: 2)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PASSED):
+        frame, level = frame.f_back, level + 1
+    return level + extra
 
 
 class SamplingDivergedError(FloatingPointError):
@@ -143,7 +162,7 @@ def check_mixing(
             f"{last:.6g}). Use more draws (num_draws, num_steps_bw_draws) and burn-in steps (num_burnin_steps), or "
             f"pass warn_nonstationary=False to silence this.{hint}",
             NonStationaryWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return ok
 
@@ -161,7 +180,7 @@ def check_stationarity(
                 f"the {what} holds non-finite values: its split R-hat cannot be computed and stationarity is not "
                 "checked",
                 NonStationaryWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return False
     ok = not (rh > threshold)
@@ -170,6 +189,6 @@ def check_stationarity(
             f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
             f"(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).{hint}",
             NonStationaryWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return ok

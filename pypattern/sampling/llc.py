@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._checks import device_arg
-from .diagnostics import ess, r_hat
+from .diagnostics import ess, r_hat, user_stacklevel
 from .optim import SGLD
 from .results import LLCResult, SampleResult
 from .runner import loss_argument, sample
@@ -119,7 +119,7 @@ def _warn_above_half_dimension(res: LLCResult, model: nn.Module) -> None:
             "parameters, which bounds the learning coefficient (and the localized, tempered posterior at a minimum "
             "gives less): the step size is probably too large (discretisation bias) or the chains left the basin "
             "of w*. Give a smaller step_size (or step_size='auto') and check the loss trace",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -145,7 +145,7 @@ def _warn_auto_bias(res: LLCResult) -> None:
             "of this run's standard error, a multiple of the change's own standard error and a relative floor "
             "(config['auto_step']['reason']); the run's llc_se came out smaller than that. Give a smaller "
             "step_size (half the chosen one, say) with more draws",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -202,14 +202,15 @@ def default_nbeta(
     if m <= 1:
         warnings.warn(
             f"default nbeta is undefined for batch_size * grad_accum_steps = {m} (ln 1 = 0): using nbeta = 1",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         return 1.0
     return m / float(np.log(m))
 
 
 def resolve_device(device, model: nn.Module) -> torch.device:
-    """The device a devinterp-style ``device=`` names (None: the model's), checked to exist."""
+    """The device a devinterp-style ``device=`` names (None: the model's), checked to exist; the meta device
+    (shapes without values) is refused with a ValueError naming ``device``."""
     if device is None:
         p = next(iter(model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
@@ -225,7 +226,12 @@ def resolve_device(device, model: nn.Module) -> torch.device:
                 f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
                 f"(valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
             )
-    elif dev.type not in ("cpu", "mps", "xpu", "meta"):
+    elif dev.type == "meta":
+        raise ValueError(
+            f"device={device!r}: the meta device holds shapes without values, and sampling computes losses and "
+            "gradients; pass 'cpu' or 'cuda'"
+        )
+    elif dev.type not in ("cpu", "mps", "xpu"):
         raise NotImplementedError(f"device={device!r}: pypattern samples on cpu or cuda devices")
     return dev
 
@@ -391,7 +397,8 @@ def _devinterp_kwargs(
     if use_amp:
         if dev.type == "cpu":  # devinterp disables AMP on CPU with a warning
             warnings.warn(
-                "use_amp=True is not supported on CPU devices: sampling in full precision", stacklevel=3
+                "use_amp=True is not supported on CPU devices: sampling in full precision",
+                stacklevel=user_stacklevel(),
             )
         else:
             raise NotImplementedError(
@@ -564,7 +571,7 @@ def estimate_learning_coeff_with_summary(
             "evaluate not given: the loss is model(batch) when the model returns one (devinterp's default); "
             "otherwise token batches and dicts with input_ids get the next-token cross-entropy over their counted "
             "tokens, (x, y) batches cross-entropy of model(x) (integer y) or MSE",
-            stacklevel=2 + wrapped,
+            stacklevel=user_stacklevel(),
         )
     model, kw = _devinterp_kwargs(
         model,

@@ -12,7 +12,9 @@ the callback therefore ends with the same weights, bit for bit, as one without. 
 
 from __future__ import annotations
 
+import inspect
 import numbers
+import operator
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,7 +29,10 @@ from .._training import random_in_training
 from ..io import Saveable, register
 from .auto import wants_auto
 from .checkpoint import sub_run_path
-from .llc import estimate_llc
+from .llc import _SAMPLE_ARGUMENTS, estimate_llc
+from .plan import check_checkpoint_file, check_loader, check_settings
+from .runner import default_loss_fn, sample
+from .vocabulary import translate
 
 __all__ = ["OnlineLLC", "OnlineLLCResult", "preserved_training_state"]
 
@@ -132,6 +137,66 @@ class OnlineLLCResult(Saveable):
         return ax
 
 
+def _is_step(v) -> bool:
+    """Whether ``v`` is a training step: an integer (Python's, numpy's, a 0-d integer tensor), not a bool."""
+    if isinstance(v, bool | np.bool_):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral)
+
+
+def _check_sample_kwargs(loader, kw: dict, components) -> None:
+    """Check :class:`OnlineLLC`'s estimator keywords when it is built, with the checks the estimate makes (before
+    a training run reaches the first scheduled step): ``loader``, the keywords' names
+    (:func:`pypattern.estimate_llc`'s, or :func:`pypattern.refined_llc`'s with ``components``) and the values
+    that do not depend on the model (counts, seed, sampler, hyperparameters, flags, checkpoint path)."""
+    check_loader(loader)
+    taken = _SAMPLE_ARGUMENTS - ({"runs", "restrict_to", "masks"} if components is not None else set())
+    unknown = sorted(set(kw) - taken)
+    if unknown:
+        what = "refined_llc()'s (with components)" if components is not None else "estimate_llc()'s"
+        raise TypeError(
+            f"OnlineLLC got unexpected keyword arguments {unknown}; it takes {what}: {', '.join(sorted(taken))}"
+        )
+    args = {
+        k: p.default for k, p in inspect.signature(sample).parameters.items() if k not in ("model", "loader")
+    }
+    args.update(kw)
+    step_size, lr = args["step_size"], args["lr"]
+    if lr is not None:  # devinterp's name for the step size
+        step_size = translate({"step_size": step_size, "lr": lr}, where="OnlineLLC")["step_size"]
+    if wants_auto(step_size, args["optimizer_kwargs"]):  # calibrated at the first estimate
+        step_size = None
+    hyper_names = ("nbeta", "temperature", "localization", "weight_decay", "noise_scale", "noise_level")
+    hyper_names += ("bounding_box", "bounding_box_size")
+    check_settings(
+        loader,
+        loss_fn=args["loss_fn"] or default_loss_fn,
+        callbacks=args["callbacks"],
+        quiet=args["quiet"],
+        warn_nonstationary=args["warn_nonstationary"],
+        record_observables=args["record_observables"],
+        batched=args["batched"],
+        num_chains=args["num_chains"],
+        num_draws=args["num_draws"],
+        num_burnin_steps=0 if args["num_burnin_steps"] is None else args["num_burnin_steps"],
+        num_steps_bw_draws=args["num_steps_bw_draws"],
+        checkpoint_every=args["checkpoint_every"],
+        cores=args["cores"],
+        grad_accum_steps=args["grad_accum_steps"],
+        num_init_loss_batches=args["num_init_loss_batches"],
+        init_loss=args["init_loss"],
+        seed=args["seed"],
+        hyperparameters=dict(step_size=step_size, **{k: args[k] for k in hyper_names}),
+        optimizer_kwargs=args["optimizer_kwargs"],
+        sampler=args["sampler"],
+        sampling_method=args["sampling_method"],
+    )
+    if args["checkpoint"] is not None:
+        check_checkpoint_file(args["checkpoint"])
+
+
 class OnlineLLC:
     """Estimate the LLC at chosen steps of a training run, leaving the run untouched.
 
@@ -148,9 +213,11 @@ class OnlineLLC:
         full run.
     **sample_kwargs
         :func:`pypattern.estimate_llc`'s keywords (``loss_fn``, ``num_chains``, ``num_draws``, ``step_size``,
-        ``nbeta``, ``localization``, ``seed``, ...). ``step_size="auto"`` (the default when no step is given)
-        calibrates at the first estimate and keeps that step for the rest of the run (one step for the whole
-        curve; calibrating anew at each estimate would mix different biases into it).
+        ``nbeta``, ``localization``, ``seed``, ...), checked here (an unknown name is a TypeError, a value the
+        estimate would refuse a ValueError or TypeError naming it), not at the first scheduled step.
+        ``step_size="auto"`` (the default when no step is given) calibrates at the first estimate and keeps that
+        step for the rest of the run (one step for the whole curve; calibrating anew at each estimate would mix
+        different biases into it).
 
     Examples
     --------
@@ -187,6 +254,7 @@ class OnlineLLC:
                 raise ValueError(f"steps contains {bad[:3]}; give training steps as ints >= 0")
         self.steps = None if steps is None else {int(s) for s in steps}
         self.components = components
+        _check_sample_kwargs(loader, sample_kwargs, components)
         sample_kwargs.setdefault("quiet", True)
         sample_kwargs.setdefault("warn_nonstationary", False)
         self.sample_kwargs = sample_kwargs
@@ -200,10 +268,17 @@ class OnlineLLC:
         )
 
     def __call__(self, model, step, loss: float | None = None) -> dict | None:
-        """Estimate at ``step`` if it is on the schedule; returns the row (or None)."""
-        if isinstance(model, int) and isinstance(step, nn.Module):  # pypattern.tasks.train's (step, model)
+        """Estimate at ``step`` if it is on the schedule; returns the row (or None). ``step`` is an integer (a
+        Python or numpy int, or a 0-d integer tensor). A step estimated before is estimated again and its row
+        replaced (a training loop resumed from its own checkpoint repeats steps): the result has one row per
+        step."""
+        if _is_step(model) and isinstance(step, nn.Module):  # pypattern.tasks.train's (step, model)
             model, step = step, model
-        step = int(step)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"OnlineLLC: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not _is_step(step):
+            raise TypeError(f"OnlineLLC: step must be an int (the training step), got {step!r}")
+        step = operator.index(step)
         if not self.due(step):
             return None
         t0 = time.perf_counter()
@@ -215,7 +290,7 @@ class OnlineLLC:
                 model.eval()
             row = self._estimate(model, step, loss)
         self.seconds += time.perf_counter() - t0
-        self._rows.append(row)
+        self._rows = [r for r in self._rows if r["step"] != step] + [row]
         return row
 
     def _estimate(self, model: nn.Module, step: int, loss) -> dict:

@@ -96,14 +96,15 @@ SGLD_DEFAULTS = dict(
 
 def check_hyperparameters(hyper: Mapping) -> dict:
     """The six SGLD hyperparameters (pypattern's names, see :mod:`pypattern.sampling.vocabulary`) checked and as
-    Python floats; ``ValueError`` naming the hyperparameter (and devinterp's name) and the valid range."""
+    Python floats (a 0-d real tensor counts as its number); ``ValueError`` naming the hyperparameter (and
+    devinterp's name) and the valid range."""
     unknown = set(hyper) - set(HYPERPARAMETERS)
     if unknown:
         raise ValueError(f"unknown SGLD hyperparameters {sorted(unknown)}; valid are {list(HYPERPARAMETERS)}")
     alias = {v: k for k, v in DEVINTERP_NAMES.items() if k != "temperature"}
     out = {}
     for name in HYPERPARAMETERS:
-        v = hyper[name]
+        v = scalar_value(hyper[name])
         label = f"{name} ({alias[name]})" if name in alias else name
         if name == "bounding_box":
             if v is not None and not (_is_number(v) and v > 0):
@@ -117,6 +118,20 @@ def check_hyperparameters(hyper: Mapping) -> dict:
     return out
 
 
+def scalar_value(v):
+    """A 0-d real tensor (one number, not bool or complex) as its Python number; anything else unchanged (for the
+    checks that follow to name)."""
+    if (
+        isinstance(v, torch.Tensor)
+        and v.dim() == 0
+        and v.dtype != torch.bool
+        and not v.is_complex()
+        and v.device.type != "meta"
+    ):
+        return v.item()
+    return v
+
+
 def _is_number(v) -> bool:
     import numbers
 
@@ -126,10 +141,13 @@ def _is_number(v) -> bool:
 def _compile_patterns(patterns) -> list:
     if patterns is None:
         return []
-    if isinstance(patterns, str):
+    if isinstance(patterns, str | re.Pattern):
         patterns = [patterns]
     if isinstance(patterns, Mapping) or not isinstance(patterns, Iterable):
-        raise TypeError(f"restrict_to must be a str or a list of str (glob or regex), got {patterns!r}")
+        raise TypeError(
+            f"restrict_to must be a str (a glob or a module name), a compiled regex (re.Pattern) or a list of them, "
+            f"got {patterns!r}"
+        )
     patterns = list(patterns)
     if not patterns:
         raise ValueError(
@@ -137,8 +155,11 @@ def _compile_patterns(patterns) -> list:
         )
     out = []
     for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"restrict_to must be a str or a list of str (glob or regex), got {p!r}")
+        if not isinstance(p, str | re.Pattern):
+            raise TypeError(
+                f"restrict_to must be a str (a glob or a module name), a compiled regex (re.Pattern) or a list of "
+                f"them, got {p!r}"
+            )
         out.append(p)
     return out
 
@@ -243,17 +264,22 @@ def _parse_group(g: dict, where: str, hyper: dict, patterns: list, masks: dict) 
     return group, names, given, merged
 
 
-def matches(name: str, patterns: Sequence[str]) -> bool:
-    """True when ``name`` matches any pattern: a glob (``blocks.0.attn.*``), a regex (``re.fullmatch``) or a
-    module's dotted name (``blocks.0.attn`` covers ``blocks.0.attn.W_Q``, as component names do)."""
+def matches(name: str, patterns: Sequence[str | re.Pattern]) -> bool:
+    """True when ``name`` matches any pattern: a glob (``blocks.0.attn.*``, by :func:`fnmatch.fnmatchcase`, where
+    ``.`` is a plain character: ``blocks.1.*`` does not cover ``blocks.10``), a module's dotted name
+    (``blocks.0.attn`` covers ``blocks.0.attn.W_Q``, as component names do), or a regex, matched with
+    ``fullmatch``: a compiled one (``re.compile("blocks[.][0-3][.]attn[.].*")``), or a string holding a backslash
+    (an escaped name such as ``re.escape("blocks.0.attn.W_Q")``), which as a
+    glob could match nothing (no parameter name holds a backslash). Any other string is a glob, never a regex."""
     for p in patterns:
-        if fnmatch.fnmatchcase(name, p) or name.startswith(p + "."):
+        if isinstance(p, re.Pattern) or "\\" in p:
+            try:
+                if re.fullmatch(p, name):
+                    return True
+            except re.error:
+                pass
+        elif fnmatch.fnmatchcase(name, p) or name.startswith(p + "."):
             return True
-        try:
-            if re.fullmatch(p, name):
-                return True
-        except re.error:
-            pass
     return False
 
 
@@ -427,9 +453,12 @@ class SGLD(torch.optim.Optimizer):
         :func:`pypattern.sampling.default_nbeta`). ``temperature`` is devinterp's older name for it.
     bounding_box_size, bounding_box : float, optional
         Half-width of the box around ``w*``.
-    restrict_to : str or list of str, optional
-        Only parameters whose name matches one of these globs, regexes or module names move (e.g.
-        ``"blocks.0.attn.*"`` or ``"blocks.0.attn"``); needs named parameters.
+    restrict_to : str, re.Pattern or a list of them, optional
+        Only parameters whose name matches one of these globs or module names move (e.g. ``"blocks.0.attn.*"``
+        or ``"blocks.0.attn"``; in a glob ``.`` is a plain character, so ``"blocks.1.*"`` leaves ``blocks.10``
+        out); a compiled regex (``re.compile(...)``), or a string holding a backslash (an escaped regex such as
+        ``re.escape(name)``, which no parameter name holds), selects by regex (``fullmatch``). Needs named
+        parameters.
     masks : mapping of str to Tensor, optional
         Per-element masks by parameter name (devinterp's ``optimize_over_per_model_param``): 0 freezes an entry.
         The optimizer moves every parameter it is given (or that ``restrict_to`` selects); one without a mask
@@ -451,7 +480,7 @@ class SGLD(torch.optim.Optimizer):
         nbeta: float | None = None,
         bounding_box_size: float | None = None,
         *,
-        restrict_to: str | Sequence[str] | None = None,
+        restrict_to: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
         masks: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         backend: str | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from torch import nn
 
 from .._checks import refuse_meta_model
 from .data import batch_size_of
-from .optim import SGLD_DEFAULTS, chain_seed, check_hyperparameters, matches
+from .diagnostics import user_stacklevel
+from .optim import SGLD_DEFAULTS, chain_seed, check_hyperparameters, matches, scalar_value
 from .samplers import SAMPLER_HYPERPARAMETERS, sampler_hyperparameters, sampler_name
 from .vocabulary import DEVINTERP_NAMES, _same, translate
 
@@ -26,6 +28,7 @@ __all__ = [
     "RunSpec",
     "check_loader",
     "check_model",
+    "check_settings",
     "default_nbeta",
     "make_plan",
     "resolve_hyperparameters",
@@ -57,7 +60,7 @@ def default_nbeta(loader, grad_accum_steps: int = 1) -> float:
                     f"loader's batches have {len(sizes)} sizes ({sizes[0]}..{sizes[-1]}); the default nbeta, "
                     f"m / ln m, reads the first batch's (m = {int(bs) * int(grad_accum_steps)}), so the batches' "
                     "order sets the LLC's scale: pass nbeta",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
     m = int(bs) * int(grad_accum_steps)
     if m < 2:
@@ -287,45 +290,52 @@ def _component_hint(model, patterns: list[str]) -> str:
     return ""
 
 
-def make_plan(
-    model: nn.Module,
+def check_settings(
     loader: Iterable,
     *,
     loss_fn: Callable,
-    num_chains: int,
-    num_draws: int,
-    num_burnin_steps: int,
-    num_steps_bw_draws: int,
+    callbacks: Sequence[Callable],
+    quiet,
+    warn_nonstationary,
+    record_observables,
+    batched,
+    num_chains,
+    num_draws,
+    num_burnin_steps,
+    num_steps_bw_draws,
+    checkpoint_every,
+    cores,
+    grad_accum_steps,
+    num_init_loss_batches,
+    init_loss,
+    seed,
     hyperparameters: Mapping[str, Any],
     optimizer_kwargs: Mapping[str, Any] | None,
-    restrict_to,
-    masks,
-    runs,
-    observables,
-    callbacks: Sequence[Callable],
-    seed,
-    init_loss: float | None,
-    num_init_loss_batches: int | None,
-    batched: bool | None,
-    checkpoint,
-    checkpoint_every: int,
-    quiet: bool,
-    backend: str | None,
-    warn_nonstationary: bool,
-    record_observables: bool,
-    cores: int,
-    grad_accum_steps: int,
-    chains: Sequence[int] | None,
-    checkpoint_state: Callable | None,
     sampler=None,
     sampling_method=None,
-) -> RunPlan:
-    """Check the arguments of :func:`pypattern.sample` and resolve them into a :class:`RunPlan`; errors name the
-    argument, the value and what would be valid."""
+) -> dict[str, Any]:
+    """The settings of :func:`pypattern.sample` that do not depend on the model checked and resolved (the loss
+    function and callbacks callable, flags, counts, seed, sampler and hyperparameters; ``loader`` read for the
+    default ``nbeta`` only): a dict of the resolved values by name (``hyper`` and ``own``: the SGLD and the
+    sampler's own hyperparameters, ``sampler``: its name, ``seeds``: one per chain or the one seed). Errors name
+    the argument, the value and what would be valid."""
     if not callable(loss_fn):
         raise TypeError(
             f"loss_fn={loss_fn!r} is not callable; give a function (model, batch) -> loss, or None"
         )
+    if isinstance(loss_fn, nn.Module) and type(loss_fn).__module__ == "torch.nn.modules.loss":
+        raise TypeError(
+            f"loss_fn={loss_fn!r} is a torch loss module, called as loss_fn(outputs, targets); loss_fn is called "
+            "as loss_fn(model, batch) and must return the batch's mean loss (a real tensor of one element): wrap "
+            f"it, e.g. loss_fn=lambda model, batch: {type(loss_fn).__name__}()(model(batch[0]), batch[1]), or "
+            "give None for the library's loss"
+        )
+    # a 0-d tensor is its number (step_size=torch.tensor(1e-3)), here and in the fingerprint
+    hyperparameters = {k: scalar_value(v) for k, v in hyperparameters.items()}
+    if isinstance(optimizer_kwargs, Mapping):
+        optimizer_kwargs = {k: scalar_value(v) for k, v in optimizer_kwargs.items()}
+    if isinstance(seed, np.ndarray) and seed.ndim <= 1 and seed.dtype.kind in "iu":
+        seed = seed.tolist()  # per-chain seeds as an integer array, or one seed as a 0-d one
     if callable(callbacks) or not isinstance(callbacks, Iterable):
         raise TypeError(f"callbacks={callbacks!r} is not valid; give a list of functions")
     callbacks = list(callbacks)
@@ -366,7 +376,9 @@ def make_plan(
     seeds = [_as_int(v) for v in seed] if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
     for v in seeds:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63) or a list of them, got {seed!r}")
+            raise ValueError(
+                f"seed must be an int in [0, 2**63), or a list (or 1-D integer array) of one per chain, got {seed!r}"
+            )
     if not isinstance(seed, int) and len(seeds) != C:
         raise ValueError(f"seed has {len(seeds)} entries but num_chains={C}: give one per chain")
     name = sampler_name(sampler, sampling_method)
@@ -376,6 +388,94 @@ def make_plan(
     own = sampler_hyperparameters(
         name, translate(dict(optimizer_kwargs or {}), where="optimizer_kwargs", drop_none=False)
     )
+    return dict(
+        callbacks=callbacks,
+        quiet=quiet,
+        warn_nonstationary=warn_nonstationary,
+        record_observables=record_observables,
+        batched=batched,
+        num_chains=C,
+        num_draws=D,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+        checkpoint_every=checkpoint_every,
+        cores=cores,
+        grad_accum_steps=grad_accum_steps,
+        num_init_loss_batches=num_init_loss_batches,
+        init_loss=init_loss,
+        seed=seed,
+        seeds=seeds,
+        sampler=name,
+        hyper=hyper,
+        own=own,
+    )
+
+
+def make_plan(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    loss_fn: Callable,
+    num_chains: int,
+    num_draws: int,
+    num_burnin_steps: int,
+    num_steps_bw_draws: int,
+    hyperparameters: Mapping[str, Any],
+    optimizer_kwargs: Mapping[str, Any] | None,
+    restrict_to,
+    masks,
+    runs,
+    observables,
+    callbacks: Sequence[Callable],
+    seed,
+    init_loss: float | None,
+    num_init_loss_batches: int | None,
+    batched: bool | None,
+    checkpoint,
+    checkpoint_every: int,
+    quiet: bool,
+    backend: str | None,
+    warn_nonstationary: bool,
+    record_observables: bool,
+    cores: int,
+    grad_accum_steps: int,
+    chains: Sequence[int] | None,
+    checkpoint_state: Callable | None,
+    sampler=None,
+    sampling_method=None,
+) -> RunPlan:
+    """Check the arguments of :func:`pypattern.sample` and resolve them into a :class:`RunPlan`; errors name the
+    argument, the value and what would be valid."""
+    v = check_settings(
+        loader,
+        loss_fn=loss_fn,
+        callbacks=callbacks,
+        quiet=quiet,
+        warn_nonstationary=warn_nonstationary,
+        record_observables=record_observables,
+        batched=batched,
+        num_chains=num_chains,
+        num_draws=num_draws,
+        num_burnin_steps=num_burnin_steps,
+        num_steps_bw_draws=num_steps_bw_draws,
+        checkpoint_every=checkpoint_every,
+        cores=cores,
+        grad_accum_steps=grad_accum_steps,
+        num_init_loss_batches=num_init_loss_batches,
+        init_loss=init_loss,
+        seed=seed,
+        hyperparameters=hyperparameters,
+        optimizer_kwargs=optimizer_kwargs,
+        sampler=sampler,
+        sampling_method=sampling_method,
+    )
+    callbacks, quiet, warn_nonstationary = v["callbacks"], v["quiet"], v["warn_nonstationary"]
+    record_observables, batched = v["record_observables"], v["batched"]
+    C, D = v["num_chains"], v["num_draws"]
+    num_burnin_steps, num_steps_bw_draws = v["num_burnin_steps"], v["num_steps_bw_draws"]
+    checkpoint_every, cores, grad_accum_steps = v["checkpoint_every"], v["cores"], v["grad_accum_steps"]
+    num_init_loss_batches, init_loss = v["num_init_loss_batches"], v["init_loss"]
+    seed, seeds, name, hyper, own = v["seed"], v["seeds"], v["sampler"], v["hyper"], v["own"]
 
     named = [n for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -407,13 +507,15 @@ def make_plan(
             raise TypeError(f"runs[{r}] must be a (restrict_to, masks) pair, got {spec!r}")
         r_restrict, r_masks = spec
         where = f"runs[{r}]: " if runs is not None else ""
-        if r_restrict is not None and not isinstance(r_restrict, str):
-            if not isinstance(r_restrict, Iterable) or not all(isinstance(x, str) for x in r_restrict):
+        if r_restrict is not None and not isinstance(r_restrict, str | re.Pattern):
+            if not isinstance(r_restrict, Iterable) or not all(
+                isinstance(x, str | re.Pattern) for x in r_restrict
+            ):
                 raise TypeError(
-                    f"{where}restrict_to={r_restrict!r} is not valid; give a parameter-name pattern (str), a list of "
-                    "them, or None"
+                    f"{where}restrict_to={r_restrict!r} is not valid; give a parameter-name pattern (a str: a glob "
+                    "or a module name; or a compiled regex, re.Pattern), a list of them, or None"
                 )
-        patterns = [r_restrict] if isinstance(r_restrict, str) else list(r_restrict or [])
+        patterns = [r_restrict] if isinstance(r_restrict, str | re.Pattern) else list(r_restrict or [])
         if r_restrict is not None and not patterns:
             raise ValueError(
                 f"{where}restrict_to is empty: give None to sample every parameter, or the patterns of those to "
@@ -484,7 +586,13 @@ def make_plan(
     in_some_run = set().union(*(s.moving for s in run_specs))
     G = len(run_specs) * C
     if chains is not None:
-        chains = tuple(sorted({int(g) for g in chains}))
+        given = [int(g) for g in chains]
+        repeated = sorted({g for g in given if given.count(g) > 1})
+        if repeated:
+            raise ValueError(
+                f"chains has repeated indices {repeated}: give each chain once, got {list(chains)}"
+            )
+        chains = tuple(sorted(given))
         if any(not 0 <= g < G for g in chains):
             raise ValueError(f"chains must be indices in [0, {G}), got {list(chains)}")
     return RunPlan(

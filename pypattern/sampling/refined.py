@@ -28,6 +28,7 @@ from torch import nn
 from .._masks import zero_one_mask
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
+from .diagnostics import user_stacklevel
 from .llc import llc_from_sample
 from .plan import check_loader, check_model
 from .runner import sample
@@ -56,7 +57,10 @@ class RefinedLLCResult(Saveable):
     init_loss : ndarray, ``(num_rows,)``
         ``L_n(w*)`` on the row's data set.
     config : dict
-        The sampler's configuration (the first run's; ``step_size`` is the one used, chosen when ``"auto"``).
+        The sampler's configuration (the training data's runs; ``step_size`` is the one used, chosen when
+        ``"auto"``), and ``config["by_data"]``: for each data set (``"train"``, and ``"data"`` when given) the
+        ``step_size``, ``nbeta`` and ``num_burnin_steps`` its runs used (each data set's default ``nbeta`` is
+        its own batch size's, and ``"auto"`` calibrates for each data set), with ``auto_step`` when calibrated.
     seconds : float
         Wall time of the sampling.
     """
@@ -228,7 +232,7 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
             if listed:  # a component of the model's own list whose weights are all frozen: nothing to sample
                 warnings.warn(
                     f"component {name!r} has only frozen parameters ({', '.join(frozen)}): left out",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
                 continue
             raise ValueError(
@@ -318,6 +322,11 @@ def refined_llc(
         if not out.config:
             out.config = dict(results[0].config)
             out.config.pop("restrict_to", None)
+            out.config["by_data"] = {}
+        used = results[0].config
+        out.config["by_data"][label] = {
+            k: used[k] for k in ("step_size", "nbeta", "num_burnin_steps", "auto_step") if k in used
+        }
         for name, n, res in zip(names, counts, results, strict=True):
             r = llc_from_sample(res)
             out.component.append(name)

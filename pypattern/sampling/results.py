@@ -50,7 +50,8 @@ class SampleResult(Saveable):
     seconds : float
         Wall time of the sampling (excluding time before a resume).
     batched : bool
-        Whether the chains ran batched (vmap) or one after another.
+        Whether the chains ran batched (vmap) or one after another (also False when they went on one after
+        another partway through, from a step whose batches differ in shape between chains).
     """
 
     loss_trace: np.ndarray

@@ -29,10 +29,18 @@ from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
 from ..losses import batch_loss, check_batch, errors_naming, read_loss
 from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
-from .batched import VmapUnsupported, run_batched
+from .batched import UnstackableBatches, VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint
 from .context import LossContractError, RunContext, Stopped
-from .data import ChainData, batch_size_of, batches_per_epoch, ragged_last_batch, to_device
+from .data import (
+    ChainData,
+    batch_size_of,
+    batches_per_epoch,
+    covering_batches,
+    ragged_last_batch,
+    rows_dropped_by_shuffle,
+    to_device,
+)
 from .diagnostics import (
     NonFiniteLossError,
     SamplingDivergedError,
@@ -40,6 +48,7 @@ from .diagnostics import (
     check_stationarity,
     ess,
     r_hat,
+    user_stacklevel,
 )
 from .plan import RunPlan, check_checkpoint_file, check_loader, check_model, default_nbeta, make_plan
 from .results import SampleResult
@@ -82,9 +91,9 @@ def loss_argument(name: str):
 
 def split_loss(out, argument: str = "loss_fn") -> torch.Tensor:
     """The loss from what a loss function returned: a tensor, a tuple (loss first), a dict with ``"loss"`` or an
-    object with ``.loss`` (devinterp's rules). The loss must be one number (a tensor of one element): a
-    per-sample loss ``(batch,)`` or ``(batch, 1)`` is refused, naming ``argument`` (the argument the loss
-    function was given in) and the shape."""
+    object with ``.loss`` (devinterp's rules). The loss must be one real number (a tensor of one element): a
+    per-sample loss ``(batch,)`` or ``(batch, 1)`` and a complex loss are refused, naming ``argument`` (the
+    argument the loss function was given in) and the shape or dtype."""
     try:
         loss = read_loss(out)
     except TypeError as e:
@@ -93,6 +102,11 @@ def split_loss(out, argument: str = "loss_fn") -> torch.Tensor:
         raise TypeError(
             f"{argument} returned a loss of type {type(loss).__name__}; it must be a tensor of one element (the "
             "batch's mean loss, differentiable in the parameters)"
+        )
+    if loss.is_complex():
+        raise LossContractError(
+            f"{argument} returned a complex loss (dtype {loss.dtype}); it must be a real number, the batch's mean "
+            "loss (a real floating tensor of one element)"
         )
     if loss.numel() != 1:
         raise LossContractError(
@@ -215,7 +229,8 @@ def sample(
         With batched chains each observable is first tried under ``torch.func.vmap`` (all chains in one call);
         one that does not run under vmap is evaluated chain by chain (remembered for the batch's shapes and
         dtypes, which decide it: a resumed run computes each draw's values as an uninterrupted run does), where
-        an exception it raises without vmap too propagates.
+        an exception it raises without vmap too propagates. A non-finite value (NaN or Inf) is recorded as it is,
+        with a ``RuntimeWarning`` (once per observable) naming the chain and draw.
     callbacks : sequence of callable
         Called at every draw with the keyword arguments they accept among ``chain``, ``run``, ``draw``,
         ``step``, ``loss`` (float), ``init_loss`` (the run's ``L_n(w*)``, float), ``model`` (the chain's model),
@@ -239,7 +254,10 @@ def sample(
     num_init_loss_batches : int, optional
         Default: one epoch of ``loader``, unless that is more forwards than half the run's chain-steps (then that
         many, at least ``max(4, num_chains)``); ``max(4, num_chains)`` for a loader without a length. The
-        standard error of ``L_n(w*)`` from fewer batches than an epoch is ``init_loss_se`` of the result.
+        standard error of ``L_n(w*)`` from fewer batches than an epoch is ``init_loss_se`` of the result. Over a
+        whole epoch ``L_n(w*)`` is the mean loss over every row the chains read: a shuffling ``DataLoader``'s
+        rows that one epoch leaves out (its ragged last batch, or the rows ``drop_last`` drops, others each epoch)
+        count by their rows; an unshuffled loader's dropped rows, which no chain reads, do not.
     batched : bool, optional
         ``True``: run the chains together (parameters stacked along a chain axis, one ``vmap``-ed forward and
         one backward per step); ``False``: one chain after another; ``None`` (default): batched, if the model
@@ -252,7 +270,10 @@ def sample(
         draws for the same seed, up to float rounding. Whether the loss runs under vmap is found at the first step
         (of a run, or of a resumed run): an exception there is checked by calling the loss without vmap for each
         chain on its batch; one raised there too is the loss function's own and propagates as it is, only one
-        that vmap alone meets means "does not run under vmap".
+        that vmap alone meets means "does not run under vmap". Batched chains stack their batches of a step: with
+        ``batched=None``, chains whose batches of a step differ in shape (a collate that pads each batch to its
+        own longest sequence) go on one after another from that step (the result's ``batched`` is False);
+        ``batched=True`` refuses them (ValueError naming ``loader`` and the shapes).
     checkpoint : path, optional
         ``.npz`` file (:mod:`pypattern.io`, no pickle) rewritten atomically every ``checkpoint_every`` draws with
         the finished draws and the state of unfinished chains. If it exists, the run resumes from it and ends with
@@ -496,7 +517,7 @@ def rerun_at_half_step(run: Callable[[float], Any], step: float, report, *, can_
                 f"step_size='auto': the run at the calibrated step {old:.3g} diverged or ran away (chain "
                 f"{e.chain}, step {e.step}), an instability too rare for the calibration trials; running it "
                 f"again at {step:.3g}",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
     raise AssertionError("unreachable")
 
@@ -517,7 +538,9 @@ def _eval_mode_for_dropout(model: nn.Module):
     """Eval mode for the run when the model is in training mode with dropout (or another random part: layer drop,
     router jitter; restored afterwards, with a warning): it would make the draws random beyond the seed and a resume
     inexact."""
-    return eval_mode_if_random(model, "the sampler runs it (deterministic draws, exact resume)", stacklevel=5)
+    return eval_mode_if_random(
+        model, "the sampler runs it (deterministic draws, exact resume)", stacklevel=user_stacklevel(1)
+    )
 
 
 def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult | list[SampleResult]:
@@ -651,7 +674,7 @@ def _warn_if_random(value: float, again: Callable[[], float], device: torch.devi
             "mode), which the run's seed does not key: the same seed will not repeat these draws and a resume will "
             "not be exact. Call model.eval() (or make the forward deterministic) first",
             UserWarning,
-            stacklevel=6,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -659,8 +682,9 @@ def _init_losses(
     plan: RunPlan, model: nn.Module, loader, device, data_cache: dict, argument: str = "loss_fn"
 ) -> np.ndarray:
     """``L_n(w*)`` on each of its batches: ``init_loss`` if given, else the loss at ``w*`` over
-    ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch). Errors name
-    the loss function by ``argument``, the argument it came in."""
+    ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch; over a whole
+    epoch of a shuffling loader that drops or does not read a ragged last batch, the mean over every row the
+    chains read). Errors name the loss function by ``argument``, the argument it came in."""
     if plan.init_loss is not None:
         return np.array([plan.init_loss])
     n = batches_per_epoch(loader)
@@ -681,13 +705,32 @@ def _init_losses(
             out = plan.loss_fn(model, batch)
         return float(split_loss(out, argument))
 
+    # a shuffling loader that drops a ragged last batch: each epoch leaves other rows out, and the chains read
+    # every row over their epochs; L_n(w*) over the whole epoch is the loss over all of them
+    rows = rows_dropped_by_shuffle(loader) if n is not None and k >= n else None
     with torch.no_grad():
-        first = to_device(stream.next(), device)
-        vals = np.array(
-            [loss_at_w_star(first)] + [loss_at_w_star(to_device(stream.next(), device)) for _ in range(k - 1)]
-        )
+        if rows is not None:
+            # the rows in order, in batches of the loader's size and one smaller last batch, weighted by their
+            # rows: each value below is shifted so that their mean is the mean loss over every row (one value per
+            # batch of an epoch, k of them)
+            cover = covering_batches(loader, rows)
+            first = to_device(cover[0], device)
+            full = np.array(
+                [loss_at_w_star(first)] + [loss_at_w_star(to_device(c, device)) for c in cover[1:-1]]
+            )
+            r = len(rows) % int(
+                loader.batch_sampler.batch_size
+            )  # the last batch's rows (the others are full)
+            l_r = loss_at_w_star(to_device(cover[-1], device))
+            vals = full * ((len(rows) - r) / len(rows)) + l_r * (r / len(rows))
+        else:
+            first = to_device(stream.next(), device)
+            full = vals = np.array(
+                [loss_at_w_star(first)]
+                + [loss_at_w_star(to_device(stream.next(), device)) for _ in range(k - 1)]
+            )
         if any(m.training for m in model.modules()):  # random ops in forward follow the training flag
-            _warn_if_random(float(vals[0]), lambda: loss_at_w_star(first), device)
+            _warn_if_random(float(full[0]), lambda: loss_at_w_star(first), device)
         if (
             n is not None
             and k >= n
@@ -770,12 +813,15 @@ def fits_batched(model: nn.Module, num_chains: int) -> bool:
 
 def _run_part(ctx: RunContext, chains: list[int]) -> bool:
     """Run a group of chains, batched when ``batched`` says so and the model runs under vmap, else one after
-    another; whether it ran batched."""
+    another; whether it ran batched. With ``batched=None``, chains whose batches of a step cannot be stacked (of
+    different shapes) go on one after another from that step; ``batched=True`` refuses them (ValueError naming
+    ``loader``)."""
     plan, st = ctx.plan, ctx.state
     same_step = len({int(st.next_step[g]) for g in chains}) <= 1
     use_batched = plan.batched
     if use_batched is None:  # decided for the whole run (not the group): cores and ranks give the same draws
         use_batched = same_step and batches_by_default(ctx.model, plan.num_chains * len(plan.runs))
+    resume = None
     if use_batched and same_step and chains:
         try:
             run_batched(ctx, chains)
@@ -785,13 +831,21 @@ def _run_part(ctx: RunContext, chains: list[int]) -> bool:
                 raise RuntimeError(
                     f"batched=True but the model or {ctx.loss_argument} does not run under vmap: {e}"
                 ) from e
+        except UnstackableBatches as e:
+            if plan.batched:
+                raise ValueError(
+                    f"batched=True but the loader's batches differ between chains: {e}. Batched chains stack "
+                    "their batches, which needs one shape for every batch (pad every batch to one length, or "
+                    "drop a ragged last batch); give batched=False (or None) to run the chains one after another"
+                ) from None
+            resume = e.resume  # one after another from the step whose batches differ
         chains = [g for g in chains if st.done[g] < plan.num_draws]
     if chains:
         if plan.noise_coupling > 1:
             raise RuntimeError(
                 "noise_coupling > 1 runs chains batched only; these chains are at different steps"
             )
-        run_sequential(ctx, chains)
+        run_sequential(ctx, chains, resume=resume)
     return False
 
 

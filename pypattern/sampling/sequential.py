@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,9 +43,16 @@ def join_outputs(parts: list[tuple], dim: int = 0) -> tuple:
     return tuple(out)
 
 
-def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
+def run_sequential(
+    ctx: RunContext,
+    chains: Sequence[int],
+    resume: Mapping[int, tuple[int, Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None]]
+    | None = None,
+) -> None:
     """Run the global chains ``chains`` one after another from where the state left them; their draws go into
-    ``ctx.state``."""
+    ``ctx.state``. ``resume`` maps a chain to the step it goes on from, with its moving weights and its sampler's
+    state there (batched chains handed over mid-run), instead of the state's."""
+    resume = resume or {}
     plan, st = ctx.plan, ctx.state
     accum, total = plan.grad_accum_steps, plan.total_steps
     work = copy.deepcopy(ctx.model)
@@ -66,7 +73,7 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
                 p.copy_(ctx.w_star[n])
                 # no gradient for weights this run does not move: the backward skips their weight grads
                 p.requires_grad_(n in trainable and n in moving)
-            for n, t in st.params.get(g, {}).items():
+            for n, t in (resume[g][1] if g in resume else st.params.get(g, {})).items():
                 wparams[n].copy_(t)
         opt = chain_sampler(
             plan.sampler,
@@ -82,13 +89,14 @@ def run_sequential(ctx: RunContext, chains: Sequence[int]) -> None:
             opt.anchors, take_step, state_of = anchors, opt.sgld_step, None
         else:  # SGNHT, RMSprop-SGLD: one group; their state goes into the checkpoint too
             opt.anchors, take_step = [anchors], opt.sampler_step
-            if g in st.sampler_state:
-                opt.load_chain_state(st.sampler_state[g])
+            state = resume[g][2] if g in resume else st.sampler_state.get(g)
+            if state:
+                opt.load_chain_state(state)
 
             def state_of(g, opt=opt):
                 return opt.chain_state()
 
-        start = int(st.next_step[g])
+        start = int(resume[g][0] if g in resume else st.next_step[g])
         opt.resume_at(start)
         data = ChainData(ctx.loader, plan.key(c, stream=1), ctx.data_cache)
         data.skip(start * accum)
