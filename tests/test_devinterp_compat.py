@@ -1032,6 +1032,24 @@ def test_v2_dropout_model_data_order_numpy_numbers_and_v1_init_loss():
     assert est.init_loss == 0.7 and np.isfinite(out["llc/mean"])
 
 
+def test_v2_a_model_with_dropout_is_warned_of_devinterps_train_mode_in_either_mode():
+    """devinterp 2.0.1 reads a model with dropout in train() mode, pypattern in eval() mode: the shim says so for a
+    model in either mode, pointing at the caller's line; a model without dropout gets no such warning."""
+    ids = _tokens(16)
+    kw = dict(lr=1e-3, n_beta=5.0, num_chains=1, num_draws=2, batch_size=8, quiet=True, init_seed=0)
+    for model in (_DropoutLM().eval(), _DropoutLM().train()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            di.sample(model, ids, {}, **kw)
+        said = [w for w in caught if "devinterp calls model.train()" in str(w.message)]
+        assert len(said) == 1 and "drop.p=0.3" in str(said[0].message)
+        assert said[0].filename == __file__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        di.sample(_transformer(), ids, {}, **kw)
+    assert not [w for w in caught if "devinterp calls model.train()" in str(w.message)]
+
+
 def test_v1_summary_hands_its_init_loss_to_estimator_callbacks():
     """As devinterp 1.x's sample() does: an LLCEstimator or OnlineLLCEstimator among the callbacks gets the run's
     L_n(w*) (a placeholder init_loss, even None, is replaced), so its keys, merged last, agree with the run's."""

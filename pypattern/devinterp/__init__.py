@@ -26,7 +26,7 @@ read as attributes: ``res.llc_mean``, ``res["loss_trace"]``) instead of xarray /
 (``sample(model, loader, callbacks)``, ``LLCEstimator``, ``OnlineLLCEstimator``) :mod:`pypattern.devinterp.v1`'s. The chains are pypattern's
 (:func:`pypattern.sample`, the fused SGLD step): noise and data order are keyed by ``init_seed`` (1.x: ``seed``)
 and the chain, so the numbers equal pypattern's native calls with the same settings, and agree with devinterp's
-within their standard errors (not draw for draw).
+within their standard errors (not draw for draw) for a model without dropout (see below).
 
 Data: ``dataset`` is anything with an ``"input_ids"`` column of equal-length token sequences (a Hugging Face
 ``Dataset``, a dict of lists or tensors), or a token tensor ``(num_sequences, seq_len)``. Losses are per token:
@@ -38,9 +38,11 @@ sampling data (``match_sampling_input_ids_across_chains`` only chooses, as in de
 ``L_n(w*)`` reads the batches of ``init_seed`` or of ``init_seed + chain``; ``shuffle=False`` gives every chain
 the dataset order); observables are evaluated at a draw's weights before its step; ``output_path``,
 ``save_metrics=True``, ``init_noise`` and RMSprop-SGLD's ``add_grad_correction=True`` raise
-``NotImplementedError`` naming the argument; devinterp calls ``model.train()`` for ``L_n(w*)`` and the chains (a
-model with dropout is sampled with its dropout on), where pypattern samples such a model in ``eval()`` mode, for
-both, with a warning (deterministic draws, exact resume: call ``model.eval()`` first to silence it); a chain
+``NotImplementedError`` naming the argument; devinterp calls ``model.train()`` for ``L_n(w*)``, the chains and
+the observables (a model with dropout is sampled with its dropout on, whatever mode it was given in), where
+pypattern samples such a model in ``eval()`` mode (deterministic draws, exact resume), with a warning in either
+mode: the LLC and susceptibilities of a model with dropout differ from devinterp's (set its dropout
+probabilities to 0 to compare the two); a chain
 whose loss or weights stop being finite raises :class:`pypattern.sampling.SamplingDivergedError` naming the chain
 and step (devinterp warns, keeps the NaN steps and leaves them out of ``compute_llc``: catch the error in a sweep
 over ``lr`` and ``n_beta``); 16-bit models (bfloat16, float16) are refused by name, as by :func:`pypattern.sample`
@@ -1239,6 +1241,36 @@ def _sampling_method(
     return sampler, out
 
 
+def _warn_dropout_differs(model: nn.Module) -> None:
+    """Warn when ``model`` has dropout (or another part that makes its ``train()`` forward random), whatever mode it
+    is in: devinterp 2.0.1 calls ``model.train()`` for ``L_n(w*)``, the chains and the observables, so its
+    estimates read the random forward, where these calls read the ``eval()`` forward. The LLC and the
+    susceptibilities of such a model differ between the two libraries (on a 2-layer GPT-2 with dropout 0.1 the
+    per-token susceptibilities differed several-fold); with every dropout probability 0 they agree within their
+    standard errors."""
+    from .._training import random_in_training
+    from ..sampling.diagnostics import user_stacklevel
+
+    if not isinstance(model, nn.Module):
+        return
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    try:
+        random = random_in_training(model)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    if random:
+        warnings.warn(
+            f"the model has dropout ({', '.join(random[:3])}{', ...' if len(random) > 3 else ''}): devinterp calls "
+            "model.train() for L_n(w*), the chains and the observables, so its estimates read the random forward, "
+            "where pypattern reads the eval() forward; the LLC and susceptibilities of this model will differ from "
+            "devinterp's (set the dropout probabilities to 0 to compare the two libraries)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def sample(
     model: nn.Module,
     dataset,
@@ -1371,6 +1403,7 @@ def sample(
                 f"observables[{name!r}] has sequences of length {obs[_obs_id(name)].shape[1]}, not {T + 1}"
             )
 
+    _warn_dropout_differs(model)
     # a model in train() mode with dropout: L_n(w*) and the chains both read its eval() forward (warned)
     with _eval_mode_for_dropout(model):
         # L_n(w*) per token and chain: the first batches of devinterp's init-loss loader, a DataLoader over the dataset
