@@ -1245,9 +1245,8 @@ def _warn_dropout_differs(model: nn.Module) -> None:
     """Warn when ``model`` has dropout (or another part that makes its ``train()`` forward random), whatever mode it
     is in: devinterp 2.0.1 calls ``model.train()`` for ``L_n(w*)``, the chains and the observables, so its
     estimates read the random forward, where these calls read the ``eval()`` forward. The LLC and the
-    susceptibilities of such a model differ between the two libraries (on a 2-layer GPT-2 with dropout 0.1 the
-    per-token susceptibilities differed several-fold); with every dropout probability 0 they agree within their
-    standard errors."""
+    susceptibilities of such a model differ between the two libraries; with every dropout probability 0 they
+    read the same loss."""
     from .._training import random_in_training
     from ..sampling.diagnostics import user_stacklevel
 
