@@ -9,7 +9,12 @@ ran it). Callbacks run on the rank that owns the chain. With ``checkpoint=path``
 own file (``path`` with ``.rank{r}of{world}`` before the suffix). A failure on one rank (a diverging chain, a bad
 argument) makes every rank raise instead of leaving the others waiting in a collective. Every call first checks
 that the ranks were given the same arguments (hyperparameters, chain layout, seed, model weights, the first batch
-of the data, ...): a difference raises ``ValueError`` on every rank, naming the first differing argument.
+of the data, ...): a difference raises ``ValueError`` on every rank, naming the first differing argument and its
+value on each rank (an argument left out as its default's value). Callables (loss functions, observables,
+metrics) are compared by what they compute (:func:`pypattern.io.callable_id`: their code, defaults, closure values
+and the module globals they read), with devices taken without their index (``cuda:0`` on one rank is ``cuda:1`` on
+the next): a loss function that reads its rank (or another value that differs between ranks) is refused, as it
+would not give the single-process result.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hashlib
 import json
 import numbers
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -70,25 +76,41 @@ def _first_batch_hash(loader, seed) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
-def _named_callables(v):
-    """``v`` with every callable in its dicts, lists and tuples replaced by :func:`pypattern.io.callable_name`."""
+#: a device with its index (``device(type='cuda', index=1)`` as ``repr`` writes it, or ``"cuda:1"``): the rank's own
+_DEVICE_REPR = re.compile(r"device\(type='(\w+)', index=\d+\)")
+_DEVICE_NAME = re.compile(r"(cpu|cuda|mps|xpu|xla|meta|hpu|mtia|npu|ipu|privateuseone):\d+")
+
+
+def _without_device_index(v):
+    """A canonical (JSON) value with every device's index dropped: each rank captures its own device."""
     if isinstance(v, dict):
-        return {k: _named_callables(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return type(v)(_named_callables(x) for x in v)
-    if callable(v) and not isinstance(v, type | torch.nn.Module):
-        return io.callable_name(v)
+        return {k: _without_device_index(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_without_device_index(x) for x in v]
+    if isinstance(v, str):
+        return _DEVICE_NAME.sub(r"\1", _DEVICE_REPR.sub(r"device(type='\1')", v))
     return v
 
 
-def check_same_arguments(group, **items) -> None:
+def _rank_fingerprint(items: dict) -> dict:
+    """``items`` canonicalised as :func:`pypattern.io.fingerprint` does (callables as
+    :func:`pypattern.io.callable_id`: by their code, defaults, closure values and the globals they read, so two
+    loss functions of one name that compute different things differ), without device indices."""
+    return {k: _without_device_index(v) for k, v in io.fingerprint(**items).items()}
+
+
+def check_same_arguments(group, defaults: dict | None = None, **items) -> None:
     """Raise ``ValueError`` on every rank when the ranks of ``group`` were given different ``items`` (compared by
-    :func:`pypattern.io.fingerprint`: tensors by a hash of their bytes, callables by name), naming the first
-    differing one; nothing when all agree. Every rank runs the same collectives either way."""
+    :func:`pypattern.io.fingerprint`: tensors by a hash of their bytes, callables by :func:`pypattern.io.callable_id`;
+    devices without their index, as each rank has its own), naming the first differing one and its value on each
+    rank; nothing when all agree. An item a rank leaves out counts as its value in ``defaults`` (the value the
+    call takes when it is not given), so a default given on one rank only is the same call; an item without a
+    default given on some ranks only is named as such. Every rank runs the same collectives either way."""
     dist = _dist()
-    # callables by name: what a rank's closures capture (its device, its loader) may differ between ranks
-    fp = io.fingerprint(**{k: _named_callables(v) for k, v in items.items()})
+    defaults = defaults or {}
+    fp = _rank_fingerprint(items)
     names = sorted(fp)
+    implied: set[str] = set()  # the items left out here that count as their defaults
 
     def spread(values: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.tensor(values + [-v for v in values], dtype=torch.int64)
@@ -99,42 +121,80 @@ def check_same_arguments(group, **items) -> None:
     if hi[0] != lo[0]:
         every: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(every, names, group=group)
-        odd = sorted(set().union(*map(set, every)) - set.intersection(*map(set, every)))
-        given = [r for r, ns in enumerate(every) if odd and odd[0] in ns]
-        raise ValueError(
-            f"the ranks were given different arguments: {odd[0]!r} is given on rank(s) {given} only (this is rank "
-            f"{dist.get_rank(group)}); every rank must make the same call"
-        )
+        union = sorted(set().union(*map(set, every)))
+        odd = [k for k in union if k not in defaults and not all(k in ns for ns in every)]
+        if odd:
+            given = [r for r, ns in enumerate(every) if odd[0] in ns]
+            raise ValueError(
+                f"the ranks were given different arguments: {odd[0]!r} is given on rank(s) {given} only (this is "
+                f"rank {dist.get_rank(group)}); every rank must make the same call"
+            )
+        implied = {k for k in union if k not in fp}
+        fp.update(_rank_fingerprint({k: defaults[k] for k in sorted(implied)}))
+        names = union
     hi, lo = spread([_hash64(fp[k]) for k in names])
     differ = [k for k, a, b in zip(names, hi.tolist(), lo.tolist()) if a != b]
     if differ:
-        order = {k: i for i, k in enumerate(fp)}  # the caller's order: the first differing item
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, {k: (fp[k], k in implied) for k in differ}, group=group)
+        # the first differing item in the caller's order, the arguments left out here (keyword arguments, which
+        # come before what the caller adds: the data's hash, the weights) first
+        order = {k: i for i, k in enumerate([*sorted(implied), *items])}
         k = min(differ, key=order.__getitem__)
         raise ValueError(
-            f"the ranks were given different values of {k!r} (rank {dist.get_rank(group)}: {fp[k]!r}); every rank "
-            "must make the same call with the same arguments"
+            f"the ranks were given different values of {k!r}: {_values_by_rank(k, [e[k] for e in every])} (this "
+            f"is rank {dist.get_rank(group)}); every rank must make the same call with the same arguments"
         )
+
+
+def _values_by_rank(name: str, values: list) -> str:
+    """What each rank holds for item ``name`` (``values[r]``: its canonical value and whether it is the default
+    the rank left out): the values with the ranks that hold them, or, for long values (a callable's code and
+    captures), where the first rank whose value differs from rank 0's departs from it."""
+
+    def text(v) -> str:
+        value, implied = v
+        return f"{io._short(value, 60)}{' (the default)' if implied else ''}"
+
+    groups: dict[str, list[int]] = {}
+    for r, v in enumerate(values):
+        groups.setdefault(json.dumps(v[0], sort_keys=True), []).append(r)
+    if all(len(io._short(v[0], 61)) <= 60 for v in values):
+        return ", ".join(f"{text(values[rs[0]])} on rank(s) {rs}" for rs in groups.values())
+    other = next(r for r, v in enumerate(values) if v[0] != values[0][0])
+    where, a, b = io._first_difference(name, values[0][0], values[other][0])
+    return f"{where} = {io._short(a, 60)} on rank 0, {io._short(b, 60)} on rank {other}"
+
+
+def _sample_defaults() -> dict:
+    """The keyword arguments of :func:`pypattern.sample` that have defaults, and their defaults."""
+    import inspect
+
+    return {
+        k: p.default
+        for k, p in inspect.signature(_sample).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _sample_items(model, loader, kwargs: dict) -> dict:
     """What the ranks of a distributed call must agree on: the keyword arguments (callbacks aside: they run on
-    the rank that owns the chain; ``device`` aside: each rank's own) under pypattern's names and without those equal to their defaults (``lr=`` on
-    one rank and ``step_size=`` on another, or a default given on one rank only, are the same call), the model's
-    weights and buffers, and the first batch the data gives."""
-    import inspect
-
+    the rank that owns the chain; ``device`` aside: each rank's own) under pypattern's names and without those
+    equal to their defaults (``lr=`` on one rank and ``step_size=`` on another, or a default given on one rank
+    only, are the same call; :func:`check_same_arguments` compares a left-out argument as its default), the
+    model's weights and buffers, and the first batch the data gives."""
     from .sampling.vocabulary import translate
 
     # (callbacks run on their rank; each rank samples on its own device)
     items = {k: v for k, v in kwargs.items() if k not in ("callbacks", "checkpoint_state", "quiet", "device")}
     items = translate(items, where="the arguments")
-    defaults = {k: p.default for k, p in inspect.signature(_sample).parameters.items()}
+    defaults = _sample_defaults()
     for k in list(items):
-        d = defaults.get(k, inspect.Parameter.empty)
-        v = items[k]
-        if d is not inspect.Parameter.empty and type(v) is type(d) and isinstance(v, (int, float, str, bool)):
-            if v == d:
-                del items[k]
+        if k not in defaults:
+            continue
+        d, v = defaults[k], items[k]
+        if type(v) is type(d) and isinstance(v, (int, float, str, bool)) and v == d:
+            del items[k]
     items["data"] = _first_batch_hash(loader, kwargs.get("seed", 0))
     items.update({f"weights[{n}]": t for n, t in model.state_dict().items()})
     return items
@@ -185,7 +245,7 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
         return int(c), _sample_items(model, loader, kwargs)
 
     C, items = _agree(preflight, group)
-    check_same_arguments(group, **items)
+    check_same_arguments(group, _sample_defaults(), **items)
     mine = owned_chains(R * C, rank, world)
     warn = kwargs.pop("warn_nonstationary", True)
     ckpt = kwargs.pop("checkpoint", None)
@@ -240,6 +300,7 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
     rank = dist.get_rank(group)
     check_same_arguments(
         group,
+        _sample_defaults(),
         probe=probe,
         components=dict(components) if isinstance(components, dict) else list(components),
         **_sample_items(model, loader, kwargs),

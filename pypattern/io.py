@@ -11,8 +11,13 @@ truncated or corrupt file, or a file holding another kind of result is refused w
 the file and what was expected.
 
 Results (dataclasses) go through :func:`save_result` / :func:`load_result`: arrays and tensors become members of
-the archive, every other field a JSON value (tuples, dicts with non-string keys and nested result dataclasses are
-tagged so they come back as they were).
+the archive, every other field a JSON value (tuples, dicts with non-string keys, NumPy scalars and nested result
+dataclasses are tagged so they come back as they were). Loading reads the header first and then only the members
+it references; a member it does not reference, a reference to a member the file lacks, a member that would expand
+to far more than its stored size, a header nested more than ``MAX_DEPTH`` deep, and fields that do not hold what
+the class declares (a number, a string, an array of numbers, a tensor of the dtype the header gives, a result of
+the declared class) are refused with :class:`FormatError` naming the file. Whether the arrays of one result agree
+in shape is the class's own check (a ``_check_loaded`` method, run after loading).
 
 Fingerprint
 -----------
@@ -38,6 +43,7 @@ import time
 import types
 import typing
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -151,15 +157,19 @@ def save(
     Parameters
     ----------
     path : path
-        The file (``.npz``); its folder is created if needed.
+        The file (``.npz``); its folder is created if needed. A symbolic link is written through, as
+        ``numpy.savez`` does: the file it points to is replaced (atomically) and the link stays.
     arrays : mapping of str to ndarray
         Numeric arrays (no object arrays: they would need pickle).
     meta : mapping
-        JSON values (str keys); stored in the header next to ``format``, ``version`` and ``kind``.
+        JSON values (str keys), nested at most ``MAX_DEPTH`` deep; stored in the header next to ``format``,
+        ``version`` and ``kind``.
     kind : str
         What the file holds (e.g. ``"LLCResult"``, ``"sample-checkpoint"``); :func:`load` checks it.
     """
     path = os.fspath(path)
+    if os.path.islink(path):  # replace the file the link points to, not the link
+        path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     payload = {}
@@ -170,7 +180,13 @@ def save(
             raise TypeError(f"array {k!r} has dtype object, which cannot be saved without pickle")
         payload[k] = a
     header = {"format": FORMAT, "version": VERSION, "kind": kind, **meta}
-    payload[_META] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    text = json.dumps(header)
+    if _json_depth(text) > MAX_DEPTH:
+        raise ValueError(
+            f"meta: the header of {path!r} would nest {_json_depth(text)} containers deep; files hold at most "
+            f"{MAX_DEPTH} (flatten the nested values)"
+        )
+    payload[_META] = np.frombuffer(text.encode(), dtype=np.uint8)
     prefix = f".tmp-{os.path.basename(path)}-{os.getpid()}-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".npz", dir=folder)
     try:
@@ -189,6 +205,24 @@ def save(
             os.unlink(tmp)
         raise
     _remove_stale_temporaries(folder, os.path.basename(path))
+
+
+#: how deep a header's JSON may nest containers (lists and objects); pypattern's own headers nest a few levels
+MAX_DEPTH = 100
+
+#: a member may declare at most this many bytes per compressed byte (plus ``_EXPANSION_SLACK``); pypattern
+#: writes members uncompressed (as many bytes as the file holds)
+_MAX_EXPANSION = 100
+_EXPANSION_SLACK = 1 << 20
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _json_depth(text: str) -> int:
+    """How deep JSON ``text`` nests lists and objects (brackets inside strings aside), without parsing it."""
+    b = np.frombuffer(_JSON_STRING.sub('""', text).encode(), dtype=np.uint8)
+    step = np.isin(b, (ord("["), ord("{"))).astype(np.int64) - np.isin(b, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
 
 
 _STALE_AFTER_S = 600.0
@@ -227,48 +261,156 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+#: what reading a damaged archive, header or member can raise besides FormatError (zlib.error: a damaged deflated
+#: member; NotImplementedError: a compression method zipfile lacks; RuntimeError: an encrypted member)
+_CORRUPT = (
+    zipfile.BadZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    UnicodeDecodeError,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
+
+
+class _Archive:
+    """An open pypattern file: its header (``meta``, checked: format, version, ``kind``, nesting depth) read at
+    once, its members (``names``) each read on request by :meth:`array`, so that a member nothing asks for is
+    never decompressed."""
+
+    def __init__(self, path: str, kind: str | tuple[str, ...] | None):
+        self.path = path
+        self.what = (
+            "a pypattern file"
+            if kind is None
+            else f"a pypattern {kind if isinstance(kind, str) else kind} file"
+        )
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != _ZIP_MAGIC:
+            hint = " (it looks like a pickle, which pypattern never loads)" if head[:1] == b"\x80" else ""
+            raise FormatError(f"{path!r} is not {self.what} (.npz with a JSON header){hint}")
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except _CORRUPT as e:
+            raise self.corrupt(e) from None
+        try:
+            self._read_header(kind)
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def _read_header(self, kind) -> None:
+        path, what = self.path, self.what
+        # np.savez names a member "<key>.npy"; a member without the suffix is keyed by its whole name (as np.load)
+        self.infos = {i.filename.removesuffix(".npy"): i for i in self.zip.infolist()}
+        if _META not in self.infos:
+            raise FormatError(f"{path!r} is an .npz without pypattern's header, not {what}")
+        self.names = [k for k in self.infos if k != _META]
+        try:
+            header = self.array(_META)
+            if header.dtype != np.uint8 or header.ndim != 1:
+                raise FormatError(f"{path!r} is corrupt: its header member is not text (bytes), not {what}")
+            text = header.tobytes().decode()
+            depth = _json_depth(text)
+            if depth > MAX_DEPTH:
+                raise FormatError(
+                    f"{path!r} is corrupt: its header nests {depth} containers deep, at most {MAX_DEPTH} are read"
+                )
+            meta = json.loads(text)
+        except FormatError:
+            raise
+        except (*_CORRUPT, RecursionError) as e:
+            raise self.corrupt(e) from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise FormatError(f"{path!r} has no pypattern header, not {what}")
+        if meta.get("version") != VERSION:
+            raise FormatError(
+                f"{path!r} has format version {meta.get('version')!r}; this pypattern reads version {VERSION}"
+            )
+        if kind is not None:
+            kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+            if meta.get("kind") not in kinds:
+                raise FormatError(f"{path!r} holds a {meta.get('kind')!r}, expected {what}")
+        self.meta = meta
+
+    def corrupt(self, e: BaseException) -> FormatError:
+        return FormatError(f"{self.path!r} is truncated or corrupt, not {self.what}: {type(e).__name__}: {e}")
+
+    def array(self, name: str) -> np.ndarray:
+        """Member ``name`` (KeyError when there is none): a FormatError naming the file and the member when it
+        is not a NumPy array of plain values, or its sizes do not add up (a member that would expand to more
+        than ``_MAX_EXPANSION`` times its compressed size is refused before anything is decompressed)."""
+        info = self.infos[name]
+        where = f"{self.path!r} is corrupt: its member {name!r}"
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if (stored and info.file_size != info.compress_size) or (
+            info.file_size > _MAX_EXPANSION * info.compress_size + _EXPANSION_SLACK
+        ):
+            raise FormatError(
+                f"{where} declares {info.file_size} bytes from {info.compress_size} stored; pypattern reads "
+                f"members of at most {_MAX_EXPANSION} times their stored size (it writes them uncompressed)"
+            )
+        fmt = np.lib.format
+        try:
+            with self.zip.open(info) as f:
+                version = fmt.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = fmt.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = fmt.read_array_header_2_0(f)
+                else:
+                    raise FormatError(f"{where} is a .npy of version {version}, pypattern reads 1.0 and 2.0")
+                header_size = f.tell()
+            if dtype.hasobject:
+                raise FormatError(
+                    f"{where} is not an array of numbers: numpy reads it as pickled (object) data, which pypattern "
+                    "never loads"
+                )
+            size = header_size + dtype.itemsize * math.prod(shape)
+            if size != info.file_size:
+                raise FormatError(
+                    f"{where} declares shape {shape} of {dtype} ({size} bytes with its header) in "
+                    f"{info.file_size} bytes"
+                )
+            with self.zip.open(info) as f:
+                return fmt.read_array(f, allow_pickle=False)
+        except FormatError:
+            raise
+        except _CORRUPT as e:
+            raise FormatError(f"{where} is not a NumPy array: {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        self.zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def load(
     path: str | os.PathLike, *, kind: str | tuple[str, ...] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a file written by :func:`save`: ``(arrays, meta)``.
+    """Read a file written by :func:`save`: ``(arrays, meta)``. The header is checked (format, version, ``kind``)
+    before any array is read.
 
     Raises
     ------
     FormatError
-        The file is not a pypattern ``.npz`` (a pickle, a truncated or corrupt file), or holds another ``kind``.
+        The file is not a pypattern ``.npz`` (a pickle, a truncated or corrupt file, a header nested more than
+        ``MAX_DEPTH`` deep, a member that is not a NumPy array of plain values or would expand to more than
+        ``_MAX_EXPANSION`` times its stored size), or holds another ``kind``.
     FileNotFoundError
         There is no file at ``path``.
     """
     path = os.fspath(path)
-    what = (
-        "a pypattern file" if kind is None else f"a pypattern {kind if isinstance(kind, str) else kind} file"
-    )
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != _ZIP_MAGIC:
-        hint = " (it looks like a pickle, which pypattern never loads)" if head[:1] == b"\x80" else ""
-        raise FormatError(f"{path!r} is not {what} (.npz with a JSON header){hint}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if _META not in z.files:
-                raise FormatError(f"{path!r} is an .npz without pypattern's header, not {what}")
-            meta = json.loads(bytes(z[_META]).decode())
-            arrays = {k: z[k] for k in z.files if k != _META}
-    except FormatError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path!r} is truncated or corrupt, not {what}: {type(e).__name__}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FormatError(f"{path!r} has no pypattern header, not {what}")
-    if meta.get("version") != VERSION:
-        raise FormatError(
-            f"{path!r} has format version {meta.get('version')!r}; this pypattern reads version {VERSION}"
-        )
-    if kind is not None:
-        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-        if meta.get("kind") not in kinds:
-            raise FormatError(f"{path!r} holds a {meta.get('kind')!r}, expected {what}")
-    return arrays, meta
+    with _Archive(path, kind) as a:
+        return {k: a.array(k) for k in a.names}, a.meta
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -355,10 +497,12 @@ class _Encoder:
     def __call__(self, v, key: str):
         if v is None or isinstance(v, bool | str):
             return v
+        if isinstance(v, np.generic):  # before float: np.float64 is one
+            if v.dtype.kind in _SCALAR_KINDS:  # comes back a NumPy scalar of its dtype
+                return {"__scalar__": v.item(), "dtype": v.dtype.name}
+            return v.item()
         if isinstance(v, int | float):
             return v
-        if isinstance(v, np.generic):
-            return v.item()
         if isinstance(v, np.ndarray):
             return {"__array__": self.array(key, v)}
         if isinstance(v, torch.Tensor):
@@ -392,35 +536,103 @@ class _Encoder:
         raise TypeError(f"{key}: a {type(v).__name__} cannot be saved (arrays, tensors and JSON values can)")
 
 
-def _decode(v, arrays: dict[str, np.ndarray], path: str):
+def _decode(v, arrays: Callable[[str], np.ndarray], path: str, depth: int = 0):
+    """A header value as it was saved: members read by ``arrays(name)``; a damaged value raises what it raises
+    (:func:`load_result` makes that a FormatError naming the file)."""
+    if depth > MAX_DEPTH:  # headers are checked before parsing: this is a guard, not a limit one meets
+        raise FormatError(f"{path!r} is corrupt: its header nests more than {MAX_DEPTH} values deep")
+    d = depth + 1
     if isinstance(v, list):
-        return [_decode(x, arrays, path) for x in v]
+        return [_decode(x, arrays, path, d) for x in v]
     if not isinstance(v, dict):
         return v
+    if "__array__" in v:
+        return arrays(v["__array__"])
+    if "__tensor__" in v:
+        return _tensor(arrays(v["__tensor__"]), v.get("dtype"), v["__tensor__"], path)
+    if "__scalar__" in v:
+        return _scalar(v["__scalar__"], v.get("dtype"), path)
+    if "__tuple__" in v:
+        return tuple(_decode(x, arrays, path, d) for x in _list(v["__tuple__"]))
+    if "__items__" in v:
+        return {
+            _hashable(_decode(k, arrays, path, d)): _decode(x, arrays, path, d)
+            for k, x in _list(v["__items__"])
+        }
+    if "__result__" in v:
+        cls = _RESULTS.get(v["__result__"])
+        if cls is None:
+            raise FormatError(f"{path!r} holds an unknown result class {v['__result__']!r}")
+        fields = v.get("fields")
+        if not isinstance(fields, dict):
+            raise FormatError(f"{path!r} is corrupt: its nested {cls.__name__} has no fields")
+        return _construct(cls, {k: _decode(x, arrays, path, d) for k, x in fields.items()}, path)
+    return {k: _decode(x, arrays, path, d) for k, x in v.items()}
+
+
+def _list(v) -> list:
+    if not isinstance(v, list):
+        raise TypeError(f"a tagged value holds {type(v).__name__} {_short(v, 40)}, expected a list")
+    return v
+
+
+def _members(v, out: set[str]) -> set[str]:
+    """The names of the members the header value ``v`` references (what :func:`_decode` reads)."""
+    stack = [v]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            for tag in ("__array__", "__tensor__"):
+                if tag in v:
+                    if not isinstance(v[tag], str):
+                        raise TypeError(f"a member reference {tag} holds {_short(v[tag], 40)}, not a name")
+                    out.add(v[tag])
+                    break
+            else:
+                stack.extend(v.values())
+    return out
+
+
+def _tensor(a: np.ndarray, dtype, name: str, path: str) -> torch.Tensor:
+    """Member ``a`` as the tensor of ``dtype`` (the name the header gives) it was saved from: the member must hold
+    that dtype's values (float32 for bfloat16, which is saved widened)."""
+    dt = getattr(torch, str(dtype), None)
+    if not isinstance(dt, torch.dtype):
+        raise FormatError(f"{path!r} is corrupt: a tensor's dtype {dtype!r} is not a torch dtype")
     try:
-        if "__array__" in v:
-            return arrays[v["__array__"]]
-        if "__tensor__" in v:
-            dt = getattr(torch, str(v.get("dtype")), None)
-            if not isinstance(dt, torch.dtype):
-                raise FormatError(
-                    f"{path!r} is corrupt: a tensor's dtype {v.get('dtype')!r} is not a torch dtype"
-                )
-            return torch.from_numpy(np.array(arrays[v["__tensor__"]])).to(dt)
-        if "__tuple__" in v:
-            return tuple(_decode(x, arrays, path) for x in v["__tuple__"])
-        if "__items__" in v:
-            return {_hashable(_decode(k, arrays, path)): _decode(x, arrays, path) for k, x in v["__items__"]}
-        if "__result__" in v:
-            cls = _RESULTS.get(v["__result__"])
-            if cls is None:
-                raise FormatError(f"{path!r} holds an unknown result class {v['__result__']!r}")
-            return _construct(cls, {k: _decode(x, arrays, path) for k, x in v["fields"].items()}, path)
-    except KeyError as e:
+        want = np.dtype(np.float32) if dt == torch.bfloat16 else torch.empty(0, dtype=dt).numpy().dtype
+    except (TypeError, RuntimeError):
         raise FormatError(
-            f"{path!r} is corrupt: its header names array {e} that the file does not hold"
+            f"{path!r} is corrupt: a tensor's dtype {dtype!r} is not one pypattern saves"
         ) from None
-    return {k: _decode(x, arrays, path) for k, x in v.items()}
+    if a.dtype.kind != want.kind or a.dtype.itemsize != want.itemsize:
+        raise FormatError(
+            f"{path!r} is corrupt: its member {name!r} holds {a.dtype} values, its header declares a {dtype} tensor"
+        )
+    return torch.from_numpy(np.array(a, dtype=want)).to(dt)
+
+
+#: the kinds of NumPy scalar saved with their dtype (bool, signed and unsigned integers, floats)
+_SCALAR_KINDS = "biuf"
+
+
+#: the JSON values a NumPy scalar of each kind is saved as
+_SCALAR_VALUES = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float)}
+
+
+def _scalar(value, dtype, path: str) -> np.generic:
+    """The NumPy scalar of ``dtype`` (its name) that ``value`` (its JSON value) was saved from."""
+    try:
+        dt = np.dtype(str(dtype))
+        ok = dt.kind in _SCALAR_KINDS and isinstance(value, _SCALAR_VALUES[dt.kind])
+        ok = ok and (dt.kind == "b" or not isinstance(value, bool))
+        if ok:
+            return dt.type(value)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise FormatError(f"{path!r} is corrupt: a NumPy scalar {_short(value, 40)} of dtype {dtype!r}")
 
 
 def _hashable(k):
@@ -435,27 +647,54 @@ def save_result(obj, path: str | os.PathLike) -> None:
     save(path, enc.arrays, {"fields": fields}, kind=name)
 
 
+#: what a damaged header raises in :func:`_decode` and :func:`_members`, made a FormatError by :func:`load_result`
+_DAMAGED = (TypeError, AttributeError, ValueError, KeyError, IndexError, OverflowError, RecursionError)
+
+
 def load_result(cls: type, path: str | os.PathLike):
-    """Read a ``cls`` written by :func:`save_result`; :class:`FormatError` for any other file."""
-    arrays, meta = load(path, kind=cls.__name__)
-    fields = meta.get("fields")
-    if not isinstance(fields, dict):
-        raise FormatError(f"{os.fspath(path)!r} has no fields in its header, not a {cls.__name__} file")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(fields) - names
-    if unknown:
-        raise FormatError(
-            f"{os.fspath(path)!r} has fields {sorted(unknown)} that a {cls.__name__} does not have"
-        )
-    return _construct(
-        cls, {k: _decode(v, arrays, os.fspath(path)) for k, v in fields.items()}, os.fspath(path)
-    )
+    """Read a ``cls`` written by :func:`save_result`; :class:`FormatError` naming the file for any other file: a
+    damaged header (values that do not decode, fields of the wrong type or class, a member reference to a member
+    the file lacks), a member the header does not reference (none is read), or a member that does not hold what
+    its field declares. Only the members the header references are read."""
+    path = os.fspath(path)
+    with _Archive(path, cls.__name__) as a:
+        fields = a.meta.get("fields")
+        if not isinstance(fields, dict):
+            raise FormatError(f"{path!r} has no fields in its header, not a {cls.__name__} file")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(fields) - names
+        if unknown:
+            raise FormatError(f"{path!r} has fields {sorted(unknown)} that a {cls.__name__} does not have")
+
+        def member(name) -> np.ndarray:
+            if not isinstance(name, str) or name == _META or name not in a.infos:
+                raise FormatError(
+                    f"{path!r} is corrupt: its header names array {name!r} that the file does not hold"
+                )
+            return a.array(name)
+
+        try:
+            used = _members(fields, set())
+            extra = sorted(set(a.names) - used)
+            if extra:
+                more = " ..." if len(extra) > 5 else ""
+                raise FormatError(
+                    f"{path!r} is corrupt: it holds members {extra[:5]}{more} that its header does not reference"
+                )
+            return _construct(cls, {k: _decode(v, member, path) for k, v in fields.items()}, path)
+        except FormatError:
+            raise
+        except _DAMAGED as e:
+            raise FormatError(
+                f"{path!r} is corrupt: its header does not describe a {cls.__name__} ({type(e).__name__}: {e})"
+            ) from None
 
 
 def _construct(cls: type, fields: dict, path: str):
     """``cls(**fields)``; a header whose fields do not build one (missing or ill-typed: a field annotated as a
-    number, a string, a flag or an array holding something else; a class's own ``_check_loaded`` failing, e.g.
-    arrays of inconsistent shapes) is a :class:`FormatError`."""
+    number, a string, a flag, an array, a tensor or a result class holding something else, an array of strings
+    or records where numbers are declared; a class's own ``_check_loaded`` failing, e.g. arrays of inconsistent
+    shapes) is a :class:`FormatError`."""
     try:
         hints = typing.get_type_hints(cls)
     except Exception:  # annotations that do not resolve here: no type check
@@ -463,8 +702,8 @@ def _construct(cls: type, fields: dict, path: str):
     for name, value in fields.items():
         if name in hints and not _fits(value, hints[name]):
             raise FormatError(
-                f"{path!r} is corrupt: its field {name!r} holds {type(value).__name__} {_value_text(value)}, a "
-                f"{cls.__name__} holds {getattr(hints[name], '__name__', hints[name])} there"
+                f"{path!r} is corrupt: its field {name!r} holds {_type_text(value)} {_value_text(value)}, where "
+                f"{cls.__name__} declares {_hint_text(hints[name])}"
             )
     try:
         obj = cls(**fields)
@@ -472,7 +711,9 @@ def _construct(cls: type, fields: dict, path: str):
         if check is not None:
             check()
         return obj
-    except (TypeError, ValueError) as e:
+    except FormatError:
+        raise
+    except _DAMAGED as e:
         raise FormatError(f"{path!r} is corrupt: its fields do not make a {cls.__name__} ({e})") from None
 
 
@@ -483,24 +724,55 @@ _SIMPLE = {
     bool: (bool, np.bool_),
     str: (str,),
     np.ndarray: (np.ndarray,),
+    torch.Tensor: (torch.Tensor,),
 }
+
+#: the array dtype kinds a field annotated as an array admits: bool, integers, floats and complex numbers (not
+#: strings, bytes, records, dates or objects)
+_NUMERIC_KINDS = "biufc"
+
+
+def _type_text(value) -> str:
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return f"{type(value).__name__} of {value.dtype}"
+    return type(value).__name__
 
 
 def _value_text(value) -> str:
-    return f"of shape {value.shape}" if isinstance(value, np.ndarray) else _short(value, 40)
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return f"of shape {tuple(value.shape)}"
+    return _short(value, 40)
+
+
+def _hint_text(hint) -> str:
+    if hint is np.ndarray:
+        return "an ndarray of numbers"
+    return str(getattr(hint, "__name__", hint))
+
+
+def _checked(hint) -> bool:
+    """Whether :func:`_fits` checks values annotated ``hint`` (else it admits anything)."""
+    return (
+        hint in _SIMPLE or hint is type(None) or (isinstance(hint, type) and dataclasses.is_dataclass(hint))
+    )
 
 
 def _fits(value, hint) -> bool:
-    """Whether ``value`` can be a field annotated ``hint``: checked for numbers, flags, strings and arrays (and
-    unions of them with None); any other annotation admits anything."""
+    """Whether ``value`` can be a field annotated ``hint``: checked for numbers, flags, strings, arrays (of
+    numbers or flags), tensors and result dataclasses (of that class), and unions of them with None; any other
+    annotation admits anything."""
     if hint in _SIMPLE:
         ok = _SIMPLE[hint]
-        return isinstance(value, ok) and (hint is bool or not isinstance(value, bool | np.bool_))
+        if not isinstance(value, ok) or (hint is not bool and isinstance(value, bool | np.bool_)):
+            return False
+        return hint is not np.ndarray or value.dtype.kind in _NUMERIC_KINDS
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         members = typing.get_args(hint)
         if value is None:
             return type(None) in members
-        if all(m in _SIMPLE or m is type(None) for m in members):
+        if all(_checked(m) for m in members):
             return any(_fits(value, m) for m in members if m is not type(None))
     return True
 

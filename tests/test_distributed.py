@@ -28,6 +28,17 @@ def _task():
     return model, loader, (x[:5], y[:5])
 
 
+def _make_loss(scale: float, device: torch.device):
+    """A loss of one name on every rank; ``scale`` changes what it computes, ``device`` (each rank's own) does
+    not."""
+
+    def loss(model, batch):
+        x, y = batch
+        return scale * nn.functional.cross_entropy(model(x.to(device.type)), y)
+
+    return loss
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -69,6 +80,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             ("step_size", {**KW, "step_size": 1e-3 * (1 + rank)}),
             ("num_draws", {**KW, "num_draws": 15 + rank}),
             ("extra", {**KW, "num_burnin_steps": 2} if rank else KW),
+            ("seed", {**KW, "seed": rank}),  # 0 (the default) on rank 0
+            ("loss_fn", {**KW, "loss_fn": _make_loss(1.0 + rank, torch.device("cpu"))}),
         ):
             try:
                 distributed.estimate_llc(model, loader, warn_nonstationary=False, **kw)
@@ -79,6 +92,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         same = {**same, "weight_decay": 0.0} if not rank else same
         out["same_call_llc"] = distributed.estimate_llc(
             model, loader, warn_nonstationary=False, **same
+        ).llc_mean
+        # one loss function on every rank, each capturing its own device: the same call
+        out["device_loss_llc"] = distributed.estimate_llc(
+            model, loader, loss_fn=_make_loss(2.0, torch.device("cpu", rank)), warn_nonstationary=False, **KW
         ).llc_mean
         # an argument one rank cannot read: every rank raises at once (none waits in a collective)
         try:
@@ -109,6 +126,10 @@ def test_two_ranks_equal_one_process():
     sus = pypattern.susceptibilities(
         model, loader, probe, ["0.weight", "2.weight"], warn_nonstationary=False, **KW
     )
+    device_loss = pypattern.estimate_llc(
+        model, loader, loss_fn=_make_loss(2.0, torch.device("cpu")), warn_nonstationary=False, **KW
+    )
+    assert device_loss.llc_mean != llc.llc_mean
     obs = {"w": lambda m, b: m[0].weight.sum()}
     one = pypattern.sample(
         model, loader, observables=obs, warn_nonstationary=False, **{**KW, "num_chains": 1}
@@ -122,6 +143,7 @@ def test_two_ranks_equal_one_process():
         # bit for bit: chains batched or not as the whole run decides, whichever rank holds them
         np.testing.assert_array_equal(o["loss_trace"], llc.loss_trace)
         assert o["llc_mean"] == llc.llc_mean and o["same_call_llc"] == llc.llc_mean
+        assert o["device_loss_llc"] == device_loss.llc_mean
         np.testing.assert_allclose(o["chi"], sus.chi, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max())
         np.testing.assert_allclose(
             o["chi_chains"], sus.chi_chains, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max()
@@ -139,7 +161,20 @@ def test_two_ranks_equal_one_process():
     for o in outs:
         assert "different values of 'step_size'" in o["mismatch_step_size"]
         assert "different values of 'num_draws'" in o["mismatch_num_draws"]
-        assert "different arguments: 'num_burnin_steps' is given on rank(s) [1] only" in o["mismatch_extra"]
+        # an argument left out is compared as its default, and each rank's value is named
+        assert (
+            "different values of 'num_burnin_steps': None (the default) on rank(s) [0], 2 on rank(s) [1]"
+            in o["mismatch_extra"]
+        )
+        assert (
+            "different values of 'seed': 0 (the default) on rank(s) [0], 1 on rank(s) [1]"
+            in o["mismatch_seed"]
+        )
+        # loss functions of one name that compute different things: named, with where they differ
+        assert (
+            "different values of 'loss_fn': loss_fn.closure[1] = 1.0 on rank 0, 2.0 on rank 1"
+            in o["mismatch_loss_fn"]
+        )
         assert "different values of 'weights[0.weight]'" in o["mismatch_weights"]
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -453,3 +454,250 @@ def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path):
         assert mode(tmp_path / "a18.npz") == 0o600
     finally:
         os.umask(old)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    b = __import__("io").BytesIO()
+    np.save(b, a)
+    return b.getvalue()
+
+
+def _rewrite(src, dst, members=None, header=None, compression=zipfile.ZIP_STORED):
+    """Copy the archive ``src`` to ``dst`` with ``members`` (name -> array) replaced or added and the header's
+    fields edited in place by ``header(fields)`` (the members it no longer names left out); every member
+    written with ``compression``."""
+    with zipfile.ZipFile(src) as z:
+        data = {n: z.read(n) for n in z.namelist()}
+    for name, a in (members or {}).items():
+        data[f"{name}.npy"] = _npy(a)
+    if header is not None:
+        with zipfile.ZipFile(src) as z, z.open("__meta_json__.npy") as f:
+            meta = json.loads(np.lib.format.read_array(f).tobytes())
+        header(meta["fields"])
+        text = json.dumps(meta)
+        data["__meta_json__.npy"] = _npy(np.frombuffer(text.encode(), dtype=np.uint8))
+        # members the edited header no longer names are left out (a file holding them is refused for that)
+        data = {
+            n: b for n, b in data.items() if n.startswith("__") or json.dumps(n.removesuffix(".npy")) in text
+        }
+    with zipfile.ZipFile(dst, "w", compression) as z:
+        for n, b in data.items():
+            z.writestr(n, b)
+    return dst
+
+
+def _intervention():
+    from pypattern.patterning import Intervention
+
+    return Intervention(
+        h=np.array([0.5, -0.25]),
+        weights=np.array([1.5, 0.75]),
+        predicted=np.array([0.1]),
+        target=np.array([0.1]),
+        residual=0.0,
+        method="pinv",
+    )
+
+
+@pytest.mark.parametrize(
+    "res,member,array,match",
+    [
+        (_intervention(), "weights", np.array(["a", "b"]), "field 'weights' holds ndarray of <U1"),
+        (RESULTS[1], "loss_trace", np.array([["x"] * 5] * 2), "field 'loss_trace' holds ndarray of <U1"),
+        (RESULTS[2], "llc_mean", np.array([b"ab", b"cd"]), "field 'llc_mean' holds ndarray of |S2"),
+        (
+            RESULTS[0],
+            "loss_trace",
+            np.zeros((2, 5), dtype=[("a", "f8")]),
+            r"field 'loss_trace' holds ndarray of \[\('a', '<f8'\)\]",
+        ),
+        (
+            RESULTS[2],
+            "step_sizes",
+            np.array(["2020-01-01"], dtype="M8[D]"),
+            "field 'step_sizes' holds ndarray",
+        ),
+        (RESULTS[6], "values", np.array(["a", "b"]), "member 'values' holds <U1 values, .* a float32 tensor"),
+        (
+            RESULTS[6],
+            "clean",
+            np.zeros(3, dtype=np.int64),
+            "member 'clean' holds int64 values, .* a float32 tensor",
+        ),
+        (
+            RESULTS[6],
+            "corrupted",
+            np.zeros(3, dtype=np.float64),
+            "member 'corrupted' holds float64 .* bfloat16",
+        ),
+    ],
+    ids=[
+        "strings",
+        "strings-2d",
+        "bytes",
+        "records",
+        "dates",
+        "tensor-strings",
+        "tensor-int",
+        "bfloat16-float64",
+    ],
+)
+def test_edited_members_of_the_wrong_dtype_are_refused(res, member, array, match, tmp_path):
+    """A member edited to hold strings, bytes, records or dates where the field declares an array of numbers, or
+    a dtype other than the one the header gives its tensor, is a FormatError naming the file and the field."""
+    res.save(tmp_path / "r.npz")
+    bad = _rewrite(tmp_path / "r.npz", tmp_path / "bad.npz", members={member: array})
+    with pytest.raises(io.FormatError, match=rf"bad.npz.*{match}"):
+        type(res).load(bad)
+    # flags and integers are arrays of numbers: an edit to them loads (shapes are the class's own check)
+    ok = _rewrite(tmp_path / "r.npz", tmp_path / "ok.npz", members={"weights": np.array([True, False])})
+    if isinstance(res, type(_intervention())):
+        assert type(res).load(ok).weights.tolist() == [True, False]
+
+
+def _nested_intervention(fields):
+    fields["sample"] = {
+        "__result__": "Intervention",
+        "fields": {
+            "h": {"__array__": "llc_per_chain"},
+            "weights": {"__array__": "llc_per_chain"},
+            "predicted": {"__array__": "llc_per_chain"},
+            "target": {"__array__": "llc_per_chain"},
+            "residual": 0.0,
+            "method": "pinv",
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda f: f["sample"]["fields"].update(observables={"__items__": [1]}), "TypeError"),
+        (lambda f: f["sample"]["fields"].update(observables={"__tuple__": 3}), "expected a list"),
+        (
+            lambda f: f.update(sample={"__result__": "SampleResult", "fields": 5}),
+            "nested SampleResult has no fields",
+        ),
+        (lambda f: f.update(sample={"__array__": ["x"]}), r"__array__ holds \['x'\], not a name"),
+        (
+            lambda f: f.update(sample={"__array__": "__meta_json__"}),
+            "names array '__meta_json__' that the file",
+        ),
+        (
+            lambda f: f.update(sample={"__array__": "nothing"}),
+            "names array 'nothing' that the file does not hold",
+        ),
+        (lambda f: f.update(llc_mean={"__scalar__": 1.0, "dtype": "U3"}), "a NumPy scalar 1.0 of dtype 'U3'"),
+        (lambda f: f.update(llc_mean={"__scalar__": "1", "dtype": "float32"}), "a NumPy scalar '1' of dtype"),
+        (
+            lambda f: f.update(llc_mean={"__scalar__": 300, "dtype": "uint8"}),
+            "a NumPy scalar 300 of dtype 'uint8'",
+        ),
+        (_nested_intervention, "field 'sample' holds Intervention"),
+    ],
+    ids=[
+        "items-not-pairs",
+        "tuple-not-list",
+        "nested-fields-not-dict",
+        "array-ref-not-name",
+        "array-ref-header",
+        "array-ref-missing",
+        "scalar-dtype",
+        "scalar-value",
+        "scalar-overflow",
+        "nested-wrong-class",
+    ],
+)
+def test_malformed_headers_are_format_errors(edit, match, tmp_path):
+    """Header values that do not decode (tags holding the wrong JSON types, references that are not member names)
+    and a nested result of another class than the field declares are FormatErrors naming the file."""
+    RESULTS[1].save(tmp_path / "r.npz")
+    bad = _rewrite(tmp_path / "r.npz", tmp_path / "bad.npz", header=edit)
+    with pytest.raises(io.FormatError, match=rf"bad.npz.*{match}"):
+        LLCResult.load(bad)
+
+
+def test_deeply_nested_headers_are_refused(tmp_path):
+    """A header nested deeper than MAX_DEPTH is refused before it is parsed (no RecursionError), by load_result
+    and load alike; save refuses to write one."""
+    RESULTS[1].save(tmp_path / "r.npz")
+    deep = {"format": io.FORMAT, "version": io.VERSION, "kind": "LLCResult", "fields": {}}
+    text = json.dumps(deep)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    np.savez(tmp_path / "deep.npz", __meta_json__=np.frombuffer(text.encode(), dtype=np.uint8))
+    with pytest.raises(io.FormatError, match=r"deep.npz.*nests 100001 containers deep, at most 100"):
+        LLCResult.load(tmp_path / "deep.npz")
+    with pytest.raises(io.FormatError, match=r"deep.npz.*nests 100001"):
+        io.load(tmp_path / "deep.npz")
+    # brackets inside strings do not count; a header just within the limit loads
+    shallow = {"note": "[" * 500, "v": json.loads("[" * 90 + "]" * 90)}
+    io.save(tmp_path / "ok.npz", {}, shallow, kind="x")
+    assert io.load(tmp_path / "ok.npz", kind="x")[1]["note"] == "[" * 500
+    with pytest.raises(ValueError, match="nest 102 containers deep; files hold at most 100"):
+        io.save(tmp_path / "no.npz", {}, {"v": json.loads("[" * 101 + "]" * 101)}, kind="x")
+
+
+def test_unreferenced_and_inflating_members_are_refused(tmp_path, monkeypatch):
+    """A member the header does not reference is refused without being read; a member that declares far more
+    bytes than it stores (a deflated run of zeros) is refused before it is decompressed."""
+    iv = _intervention()
+    iv.save(tmp_path / "r.npz")
+    zeros = np.zeros(2_000_000)
+    read = []
+    real = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array", lambda f, **k: read.append(f.name) or real(f, **k))
+    extra = _rewrite(tmp_path / "r.npz", tmp_path / "extra.npz", members={"unused": zeros})
+    with pytest.raises(
+        io.FormatError, match=r"extra.npz.*holds members \['unused'\] that its header does not"
+    ):
+        type(iv).load(extra)
+    assert read == ["__meta_json__.npy"]  # nothing but the header was read
+    bomb = _rewrite(
+        tmp_path / "r.npz", tmp_path / "bomb.npz", members={"h": zeros}, compression=zipfile.ZIP_DEFLATED
+    )
+    read.clear()
+    with pytest.raises(io.FormatError, match=r"bomb.npz.*member 'h' declares 16000128 bytes from \d+ stored"):
+        type(iv).load(bomb)
+    with pytest.raises(io.FormatError, match=r"bomb.npz.*member 'h' declares 16000128 bytes"):
+        io.load(bomb)
+    assert "h.npy" not in read
+    # deflated members of ordinary size load: only the expansion is bounded
+    small = _rewrite(tmp_path / "r.npz", tmp_path / "small.npz", compression=zipfile.ZIP_DEFLATED)
+    np.testing.assert_array_equal(type(iv).load(small).weights, iv.weights)
+
+
+def test_numpy_scalars_keep_their_type(tmp_path):
+    """NumPy scalars in fields and containers come back as the NumPy scalars they were, with their values."""
+    s = SampleResult(
+        loss_trace=np.zeros((1, 2)),
+        init_loss=np.float32(0.1),
+        init_losses=np.zeros(1),
+        r_hat=np.float64(1.25),
+        ess=np.float16(3.5),
+        batched=np.bool_(True),
+        config={
+            "seed": np.int64(2**40),
+            "n": np.uint8(7),
+            "flags": (np.bool_(False), 1.5),
+            np.int32(3): "key",
+        },
+    )
+    s.save(tmp_path / "s.npz")
+    back = SampleResult.load(tmp_path / "s.npz")
+    assert _equal(s, back)
+    assert type(back.init_loss) is np.float32 and back.init_loss == np.float32(0.1)
+    assert type(back.config["seed"]) is np.int64 and back.config["seed"] == 2**40
+    assert type(back.batched) is np.bool_ and list(back.config) == ["seed", "n", "flags", 3]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symbolic links need privileges on Windows")
+def test_save_writes_through_a_symbolic_link(tmp_path):
+    """Saving to a symbolic link replaces the file it points to, as numpy.savez does; the link stays."""
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "r.npz"
+    RESULTS[0].save(target)
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    RESULTS[1].save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert _equal(LLCResult.load(target), RESULTS[1])
+    assert sorted(os.listdir(tmp_path / "store")) == ["r.npz"]
