@@ -48,6 +48,7 @@ import torch
 from ._checks import device_arg, refuse_meta
 from .io import Saveable, register
 from .sampling.diagnostics import user_stacklevel
+from .sampling.results import check_arrays
 
 __all__ = ["invert", "Intervention", "reweight", "direction_target", "OnlinePatterner"]
 
@@ -79,6 +80,16 @@ class Intervention(Saveable):
     target: np.ndarray
     residual: float
     method: str
+
+    def _check_loaded(self) -> None:
+        """The arrays agree (a file read by :meth:`load`): ``h`` and ``weights`` one entry per data point or group,
+        ``predicted`` and ``target`` one per observable, all numbers; ``method`` one of :func:`invert`'s."""
+        check_arrays(
+            {"h": self.h, "weights": self.weights, "predicted": self.predicted, "target": self.target},
+            {"h": ("N",), "weights": ("N",), "predicted": ("K",), "target": ("K",)},
+        )
+        if self.method not in ("pinv", "ridge", "constrained"):
+            raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {self.method!r}")
 
     def per_sample(self, groups: Sequence[int] | np.ndarray) -> np.ndarray:
         """Expand group weights to samples: ``groups[i]`` is the group of sample ``i``."""
@@ -222,7 +233,7 @@ def invert(
     elif method == "ridge":
         if alpha <= 0:
             raise ValueError(f"method='ridge' needs alpha > 0, got {alpha}")
-        h = chi_c.T @ np.linalg.solve(chi_c @ chi_c.T + alpha * np.eye(k), tgt)
+        h = _ridge(chi, tgt, float(alpha))
     elif method == "constrained":
         c = np.ones(n) if fractions is None else np.asarray(fractions, dtype=np.float64).reshape(-1)
         if c.shape != (n,) or not np.isfinite(c).all() or (c <= 0).any():
@@ -242,6 +253,38 @@ def invert(
     else:
         resid = float(np.linalg.norm(pred))
     return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
+
+
+def _ridge(chi: np.ndarray, tgt: np.ndarray, alpha: float) -> np.ndarray:
+    """``h = chi_c^T (chi_c chi_c^T + alpha I)^-1 tgt`` with ``chi_c`` the row-centred ``chi`` (``alpha > 0``), by
+    the SVD ``chi_c = U S V^T``: ``h = V diag(s / (s^2 + alpha)) U^T tgt``. No ``K x K`` system is formed, so more
+    observables than data (``K > N``), rank-deficient rows and an ``alpha`` far below ``chi_c``'s scale squared
+    are exact to rounding; singular values at ``chi_c``'s rounding level (``max(K, N) eps s_max``, among them the
+    direction of the uniform perturbation that the centring removes) count as 0, so ``alpha -> 0`` gives the
+    minimum-norm (``"pinv"``) solution.
+
+    ``chi_c`` is computed and decomposed in units of a power of two ``2^e`` (exact scalings) that brings its
+    largest entry to ``[0.5, 1)``, with the penalty ``alpha 2^(-2 e)`` in those units and the target divided by
+    its largest entry (``h`` is linear in it): the same ``h`` without overflow or underflow for any finite
+    ``chi``."""
+    k, n = chi.shape
+    e = int(np.frexp(np.abs(chi).max())[1])
+    a = np.ldexp(chi, -e)  # the largest entry in [0.5, 1): the row means below do not overflow
+    a = a - a.mean(1, keepdims=True)
+    top = float(np.abs(a).max())
+    size = float(np.abs(tgt).max())
+    if top == 0 or size == 0:
+        return np.zeros(n)  # re-weighting moves nothing, or nothing is to move
+    e2 = int(np.frexp(top)[1])
+    a, e = np.ldexp(a, -e2), e + e2  # chi_c = a 2^e
+    u, sv, vt = np.linalg.svd(a, full_matrices=False)
+    mu = float(np.ldexp(alpha, -2 * e))  # alpha in a's units (0 or inf where it leaves float64's range)
+    keep = sv > sv[0] * max(k, n) * np.finfo(np.float64).eps
+    gain = np.zeros_like(sv)
+    gain[keep] = sv[keep] / (sv[keep] * sv[keep] + mu)
+    # chi_c^T (chi_c chi_c^T + alpha)^-1 = 2^-e a^T (a a^T + mu)^-1
+    h = vt.T @ (gain * (u.T @ (tgt / size)))
+    return np.ldexp(h, -e) * size
 
 
 def _ridge_sum_zero(a: np.ndarray, t: np.ndarray, mu: float, c: np.ndarray) -> np.ndarray:
@@ -331,7 +374,9 @@ def _box_least_squares(a, t, mu, c, lo_d, hi_d) -> np.ndarray:
     """``argmin_d |a d - t|^2 + mu |d|^2`` subject to ``lo_d <= d <= hi_d`` and ``c @ d = 0`` (``a (k, n)``, ``c``
     positive, the bounds containing 0), by proximal steps: each adds ``rho |d - d_prev|^2``, with ``mu + rho``
     large enough that each step's dual (:func:`_box_dual`) keeps its precision; without a penalty (``mu = 0``)
-    the steps converge to a minimiser reached from the uniform weights."""
+    the steps converge to a minimiser reached from the uniform weights. After each step the weights it holds at a
+    bound are taken as the active set (:func:`_on_active_set`): the rest solved exactly, the answer as soon as the
+    KKT conditions certify it; else the steps stop when the objective stops falling (at most 500)."""
     k, n = a.shape
     reach = float(np.abs(np.concatenate([lo_d, hi_d[np.isfinite(hi_d)]])).max(initial=1.0)) or 1.0
     rows = np.sqrt(np.einsum("ij,ij->i", a, a))
@@ -353,15 +398,131 @@ def _box_least_squares(a, t, mu, c, lo_d, hi_d) -> np.ndarray:
         r = a @ d_new - t
         obj = float(r @ r + mu * (d_new @ d_new))
         d = d_new
+        if rho > 0:
+            # the steps find the weights at a bound long before they converge: with those fixed, the rest solved
+            # exactly, and kept when it is the optimum (the KKT conditions hold)
+            exact = _on_active_set(a, t, mu, c, lo_d, hi_d, d)
+            if exact is not None:
+                return exact
         if obj >= best * (1 - 1e-12):
             break  # the objective has stopped falling (where the bounds bind, d itself converges more slowly)
         best = obj
     return d
 
 
-def _total_root(u, c, lo, hi) -> float:
+def _on_active_set(
+    a, t, mu, c, lo_d, hi_d, d, rel: float = 1e-9, tries: int | None = None
+) -> np.ndarray | None:
+    """The minimiser of :func:`_box_least_squares`'s problem found from ``d`` (feasible, near it) by active-set
+    steps, or None when ``tries`` of them (default ``2 k + 8``) do not reach it. The entries of ``d`` at a bound are
+    held there and the others solved for exactly (the equality-constrained least squares on them: the solution
+    nearest the current one where it is not unique); the entries a solution takes out of bounds are then held at
+    the bound they cross; a solution within them is the minimiser when the KKT
+    conditions hold (with ``lam`` the total's multiplier, the gradient ``g`` of the objective has
+    ``g_i + lam c_i`` = 0 on the free entries, >= 0 at a lower bound and <= 0 at an upper one, each to ``rel`` of
+    the gradient's scale), else the entries that violate them are freed. Each step costs ``O(n k^2)``."""
+    k, n = a.shape
+    span = np.maximum(np.abs(lo_d), np.where(np.isfinite(hi_d), np.abs(hi_d), 0.0)) + np.abs(d)
+    at_lo = d - lo_d <= 1e-12 * span
+    at_hi = (hi_d - d <= 1e-12 * span) & ~at_lo
+    x = np.where(at_lo, lo_d, np.where(at_hi, hi_d, d))
+    for _ in range(2 * k + 8 if tries is None else tries):
+        free = ~(at_lo | at_hi)
+        if free.any():
+            af, cf = a[:, free], c[free]
+            b = t - a[:, ~free] @ x[~free]  # what the free entries are to reach
+            z = -float(c[~free] @ x[~free])  # and their total
+            if mu > 0:
+                # argmin |af x - b|^2 + mu |x|^2 subject to cf @ x = z: (af^T af + mu) x = af^T b - nu cf
+                inner = np.linalg.inv(mu * np.eye(k) + af @ af.T)  # by Woodbury
+
+                def solve(v, af=af, inner=inner):
+                    return (v - af.T @ (inner @ (af @ v))) / mu
+
+                x0, xc = solve(af.T @ b), solve(cf)
+                xf = x0 + ((z - float(cf @ x0)) / float(cf @ xc)) * xc
+            else:
+                # the least squares subject to the total, nearest the current x: the total's part along cf, the
+                # rest the minimum-norm correction in cf's complement (af's columns projected on it)
+                start = x[free] + ((z - float(cf @ x[free])) / float(cf @ cf)) * cf
+                ap = af - np.outer(af @ cf, cf) / float(cf @ cf)
+                u, sv, vt = np.linalg.svd(ap, full_matrices=False)
+                # singular values at af's rounding level are 0 (one column: ap is rounding alone)
+                keep = sv > np.finfo(np.float64).eps * max(af.shape) * float(np.linalg.norm(af))
+                xf = start + vt[keep].T @ ((u[:, keep].T @ (b - af @ start)) / sv[keep])
+            lo_f, hi_f = lo_d[free], hi_d[free]
+            slack = 1e-12 * span[free]
+            out = (xf < lo_f - slack) | (xf > hi_f + slack)
+            if out.any():
+                # the entries it would take out of bounds held at the bound they cross, the rest solved again
+                idx = np.flatnonzero(free)
+                low, high = idx[xf < lo_f - slack], idx[xf > hi_f + slack]
+                at_lo[low], at_hi[high] = True, True
+                x[low], x[high] = lo_d[low], hi_d[high]
+                continue
+            x[free] = np.clip(xf, lo_f, hi_f)
+        r = a @ x - t
+        g = a.T @ r + mu * x  # half the gradient
+        if free.any():
+            lam = -float(c[free] @ g[free]) / float(c[free] @ c[free])
+        else:  # all at a bound: the multiplier in the interval the bounds allow, if any
+            ratio = -g / c
+            lower = float(ratio[at_lo].max(initial=-np.inf))
+            upper = float(ratio[at_hi].min(initial=np.inf))
+            lam = lower if np.isfinite(lower) else (upper if np.isfinite(upper) else 0.0)
+        kkt = g + lam * c
+        scale = np.abs(a).T @ (np.abs(r) + np.abs(a) @ np.abs(x)) + mu * np.abs(x) + abs(lam) * c
+        tol = rel * float(scale.max())
+        wrong = np.where(at_lo, -kkt, np.where(at_hi, kkt, np.abs(kkt)))  # > 0: a violation
+        if wrong.max() <= tol:
+            # (the total kept, to rounding: each solve holds it)
+            return x if abs(float(c @ x)) <= 1e-9 * float(c @ np.abs(x) + c @ np.abs(d)) else None
+        if np.abs(kkt[free]).max(initial=0.0) > tol:
+            return None  # the free entries' solve is not at rounding level: left to the proximal steps
+        release = wrong > tol  # (at a bound: the free entries' part holds, just checked)
+        at_lo[release] = at_hi[release] = False
+    return None
+
+
+def _total_root(u, c, lo, hi, guess: float | None = None) -> float:
     """The ``lam`` with ``c @ clip(-(u + c lam), lo, hi) = 0`` (``c > 0``, ``lo <= 0 <= hi``): the sum falls
-    piecewise linearly in ``lam``; its breakpoints are searched by bisection and the piece holding the root solved
+    piecewise linearly in ``lam``. Newton's steps on it from ``guess`` (default: the root where nothing is clipped)
+    end in one step once inside the piece holding the root, and a few when ``guess`` is a nearby problem's root;
+    each costs ``O(n)``. They are kept inside the bracket the sum's signs give (bisected where a step leaves it);
+    after 30 the breakpoints are searched instead (:func:`_total_root_sorted`)."""
+    lam = -float(c @ u) / float(c @ c) if guess is None or not np.isfinite(guess) else float(guess)
+    below, above = -np.inf, np.inf  # the sum is > 0 below the root, < 0 above it
+    for _ in range(30):
+        v = -(u + c * lam)
+        free, high = (v > lo) & (v < hi), v >= hi
+        value = float(c @ np.clip(v, lo, hi))
+        if value == 0:
+            return lam
+        if value > 0:
+            below = lam
+        else:
+            above = lam
+        slope = -float(c[free] @ c[free])
+        step = lam - value / slope if slope < 0 else np.nan
+        if below < step < above:
+            # each v_i falls with lam: the same entries free and at the upper bound at both ends is the same
+            # linear piece, holding the root; one more step from there, where the sum is small, corrects the
+            # rounding of a step from far away
+            w = -(u + c * step)
+            if bool((((w > lo) & (w < hi)) == free).all() and ((w >= hi) == high).all()):
+                return float(step - float(c @ np.clip(w, lo, hi)) / slope)
+        elif np.isfinite(below) and np.isfinite(above):
+            step = 0.5 * (below + above)
+            if step in (below, above):
+                return float(step)  # the bracket at rounding level
+        else:
+            break  # no bracket to bisect: the search below
+        lam = step
+    return _total_root_sorted(u, c, lo, hi)
+
+
+def _total_root_sorted(u, c, lo, hi) -> float:
+    """:func:`_total_root` by bisection over the sorted breakpoints and the piece holding the root solved
     exactly."""
 
     def total(lam):
@@ -407,9 +568,11 @@ def _box_dual(
     formed."""
     k, n = a.shape
 
+    last = [None]  # the previous root: the start of the next search
+
     def primal(y):
         u = a.T @ y
-        lam = _total_root(u, c, lo_d, hi_d)
+        lam = last[0] = _total_root(u, c, lo_d, hi_d, last[0])
         return np.clip(-(u + c * lam), lo_d, hi_d), u + c * lam
 
     def value(y, d, s):
@@ -485,10 +648,11 @@ def direction_target(direction, amount: float) -> np.ndarray:
         raise ValueError(f"direction must be finite, got {d.tolist()}")
     if not np.isfinite(float(amount)):
         raise ValueError(f"amount must be finite, got {amount!r}")
-    nrm = np.linalg.norm(d)
-    if nrm == 0:
-        raise ValueError("direction is zero")
-    return amount * d / nrm
+    size = float(np.abs(d).max(initial=0.0))
+    if size == 0:
+        raise ValueError(f"direction must have a non-zero entry, got {d.tolist()}")
+    d = d / size  # its largest entry +-1: the norm neither overflows nor underflows
+    return amount * d / np.linalg.norm(d)
 
 
 def _sampler_rows(loader: torch.utils.data.DataLoader, size: int) -> torch.Tensor | None:
@@ -566,9 +730,11 @@ def reweight(
     Parameters
     ----------
     data : Dataset, DataLoader or tensor
-        A map-style data set, a DataLoader over one (its ``.dataset`` is drawn from, and its ``collate_fn``,
-        ``num_workers``, ``pin_memory``, ``drop_last`` and ``batch_size`` are kept) or a tensor whose first axis is
-        samples (a ``TensorDataset`` of it: each batch is a one-element list ``[rows]``).
+        A map-style data set, a DataLoader over one (its ``.dataset`` is drawn from as it is, so the batches have
+        the structure of ``data``'s; its ``collate_fn``, ``batch_size``, ``drop_last``, ``pin_memory`` and worker
+        settings (``num_workers``, ``worker_init_fn``, ``prefetch_factor``, ``persistent_workers``, ``timeout``,
+        ``multiprocessing_context``) are kept, and its ``generator``: see ``generator``) or a tensor whose first
+        axis is samples (a ``TensorDataset`` of it: each batch is a one-element list ``[rows]``).
         With ``mode="sampler"`` a DataLoader's sampler says which rows are drawn from: a ``SequentialSampler``, or
         a ``RandomSampler`` without replacement and with ``num_samples`` its data's size, over the whole data set
         reads every row; a ``SubsetRandomSampler`` (a train/validation split) reads its ``indices`` only, and
@@ -590,6 +756,11 @@ def reweight(
     batch_size : int, optional
         Samples per batch of the ``"sampler"`` loader: default the given DataLoader's, else 32 (a DataLoader that
         yields samples one by one, ``batch_size=None``, gives batches of 32 collated by torch's default).
+    generator : torch.Generator, optional
+        ``mode="sampler"`` only: the random source of the weighted draws. Default: a DataLoader's own
+        ``generator`` (the one its shuffling drew from; the global one when it has none). A DataLoader's
+        ``generator`` also stays the new loader's, which seeds its workers from it (as ``data`` did); with both
+        the same generator, each epoch's draws and worker seeds follow from its state, as ``data``'s did.
     device : torch.device or str, optional
         ``mode="loss"`` only: the device of the returned weights (default the CPU), e.g. that of the per-sample
         losses they multiply.
@@ -655,8 +826,8 @@ def reweight(
         return w if device is None else w.to(device)
     if mode != "sampler":
         raise ValueError(f"mode must be 'sampler' or 'loss', got {mode!r}")
-    if isinstance(dataset, torch.Tensor):
-        dataset = torch.utils.data.TensorDataset(dataset)
+    if isinstance(data, torch.Tensor):  # a bare tensor; a DataLoader's dataset is drawn from as it is
+        dataset = torch.utils.data.TensorDataset(data)
     loader_kw = {}
     if isinstance(data, torch.utils.data.DataLoader):
         loader_kw = dict(
@@ -664,7 +835,18 @@ def reweight(
             num_workers=data.num_workers,
             pin_memory=data.pin_memory,
             drop_last=data.drop_last,
+            timeout=data.timeout,
+            worker_init_fn=data.worker_init_fn,
+            multiprocessing_context=data.multiprocessing_context,
+            generator=data.generator,  # the workers' seeds, as in data
+            pin_memory_device=data.pin_memory_device,
         )
+        if data.num_workers > 0:  # (DataLoader refuses these without workers)
+            loader_kw.update(prefetch_factor=data.prefetch_factor, persistent_workers=data.persistent_workers)
+        if hasattr(data, "in_order"):
+            loader_kw["in_order"] = data.in_order
+        if generator is None:
+            generator = data.generator  # the draws as reproducible as data's own shuffling
         if batch_size is None:
             batch_size = data.batch_size
         if data.batch_size is None and data.collate_fn is torch.utils.data.default_convert:

@@ -86,6 +86,7 @@ from .sampling.diagnostics import user_stacklevel
 from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model
+from .sampling.results import check_arrays
 from .sampling.runner import default_burnin, rerun_at_half_step, sample, split_loss
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
@@ -176,6 +177,21 @@ class PCAResult(Saveable):
     scale: np.ndarray
     mean: np.ndarray
 
+    def _check_loaded(self) -> None:
+        """The arrays agree (a file read by :meth:`load`): ``n_pcs`` directions over the components, one score per
+        probe point and direction, numbers throughout."""
+        check_arrays(
+            vars(self),
+            {
+                "directions": ("n_pcs", "components"),
+                "explained_variance": ("n_pcs",),
+                "explained_variance_ratio": ("n_pcs",),
+                "scores": ("probe", "n_pcs"),
+                "scale": ("components",),
+                "mean": ("components",),
+            },
+        )
+
 
 @register
 @dataclasses.dataclass
@@ -218,6 +234,34 @@ class SusceptibilityResult(Saveable):
     num_draws: int
     settings: dict
     probe_counted: np.ndarray | None = None
+
+    def _check_loaded(self) -> None:
+        """The arrays agree (a file read by :meth:`load`): ``(components, probe)`` matrices, one name per
+        component, one row per component and chain in ``chi_chains``, numbers throughout."""
+        check_arrays(
+            vars(self),
+            {
+                "chi": ("components", "probe"),
+                "chi_se": ("components", "probe"),
+                "chi_chains": ("components", "chains", "probe"),
+                "probe_sample": ("probe",),
+                "probe_position": ("probe",),
+                "probe_token": ("probe",),
+                "phi_mean": ("components",),
+                "loss_mean": ("components", "probe"),
+                "probe_counted": ("probe",),
+            },
+        )
+        k = self.chi.shape[0]
+        if not isinstance(self.components, list) or len(self.components) != k:
+            raise ValueError(
+                f"components must be a list of {k} names, one per row of chi, got {_short_text(self.components)}"
+            )
+        if self.chi_chains.shape[1] != self.num_chains:
+            raise ValueError(
+                f"chi_chains {self.chi_chains.shape} is not of shape (components, num_chains, probe) with "
+                f"num_chains = {self.num_chains}"
+            )
 
     def pca(self, n_components: int | None = None, *, whiten: bool = False) -> PCAResult:
         """PCA of the probe points in component space (``chi.T``: one row per probe point, one feature per
@@ -339,6 +383,27 @@ class BIFResult(Saveable):
     num_draws: int
     settings: dict
     probe_counted: np.ndarray | None = None
+
+    def _check_loaded(self) -> None:
+        """The arrays agree (a file read by :meth:`load`): ``(probe, probe)`` matrices and one entry per probe
+        point in the others, numbers throughout."""
+        check_arrays(
+            vars(self),
+            {
+                "bif": ("probe", "probe"),
+                "corr": ("probe", "probe"),
+                "loss_mean": ("probe",),
+                "probe_sample": ("probe",),
+                "probe_position": ("probe",),
+                "probe_token": ("probe",),
+                "probe_counted": ("probe",),
+            },
+        )
+
+
+def _short_text(value, limit: int = 80) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
 
 
 # ------------------------------------------------------------------------------------------------ estimators

@@ -627,3 +627,192 @@ def test_the_residual_of_a_target_near_float64s_largest_is_finite(scale):
     target = np.array([scale, -scale])
     assert invert(chi, target, method="constrained").residual == pytest.approx(1.0, abs=1e-6)
     assert invert(chi, target, method="pinv").residual < 1e-12
+
+
+def _ridge_reference(chi, tgt, alpha, digits=80):
+    """``chi_c^T (chi_c chi_c^T + alpha I)^-1 tgt`` in ``digits``-digit arithmetic (mpmath), from the float64
+    inputs as they are (each converted exactly), ``chi_c`` centred exactly."""
+    import mpmath
+
+    with mpmath.workdps(digits):
+        k, n = chi.shape
+        c = mpmath.matrix([[mpmath.mpf(float(v)) for v in row] for row in chi])
+        for i in range(k):
+            mean = mpmath.fsum(c[i, j] for j in range(n)) / n
+            for j in range(n):
+                c[i, j] -= mean
+        m = c * c.T + mpmath.mpf(alpha) * mpmath.eye(k)
+        h = c.T * mpmath.lu_solve(m, mpmath.matrix([mpmath.mpf(float(v)) for v in tgt]))
+        return np.array([float(h[j]) for j in range(n)])
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["more_observables_than_data", "duplicated_rows", "chi_near_1e160", "chi_near_1e-160", "moderate"],
+)
+def test_ridge_matches_a_high_precision_computation(case):
+    """method='ridge' is the ridge formula to rounding (an 80-digit computation of it) with more observables
+    than data and an alpha far below chi's scale squared (where the K x K normal equations lose every digit),
+    with rank-deficient chi (where they are singular in float64) and with chi near float64's largest or smallest
+    (where its products overflow or underflow); as alpha -> 0 it is the minimum-norm (pinv) solution."""
+    rng = np.random.default_rng(1)
+    if case == "more_observables_than_data":
+        chi, tgt, alpha = rng.normal(size=(8, 3)), rng.normal(size=8), 1e-30
+    elif case == "duplicated_rows":
+        row = rng.normal(size=(1, 6))
+        chi, tgt, alpha = np.vstack([row, row]), np.array([0.1, 0.1]), 1e-20
+    elif case == "chi_near_1e160":
+        chi, tgt, alpha = rng.normal(size=(3, 10)) * 1e160, np.array([1.0, -2.0, 0.5]) * 1e158, 1e300
+    elif case == "chi_near_1e-160":
+        chi, tgt, alpha = rng.normal(size=(3, 10)) * 1e-160, np.array([1.0, -2.0, 0.5]) * 1e-162, 1e-321
+    else:
+        chi, tgt, alpha = rng.normal(size=(4, 12)), rng.normal(size=4), 0.3
+    iv = invert(chi, tgt, method="ridge", alpha=alpha)
+    assert np.isfinite(iv.h).all() and np.isfinite(iv.weights).all()
+    ref = _ridge_reference(chi, tgt, alpha)
+    np.testing.assert_allclose(iv.h, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+    if case not in (
+        "moderate",
+        "chi_near_1e-160",
+    ):  # alpha negligible against chi_c chi_c^T: the pinv solution
+        pinv = invert(chi, tgt, method="pinv")
+        np.testing.assert_allclose(iv.h, pinv.h, rtol=1e-9, atol=1e-12 * np.abs(pinv.h).max())
+        assert iv.residual == pytest.approx(pinv.residual, rel=1e-9, abs=1e-12)
+    if case == "more_observables_than_data":  # the part of the target no h reaches, reported as such
+        assert iv.residual == pytest.approx(np.linalg.norm(chi @ ref - tgt) / np.linalg.norm(tgt), rel=1e-9)
+        assert iv.residual == pytest.approx(0.7641646, abs=1e-7)
+    if case == "chi_near_1e-160":  # alpha = 0.1 in chi's units squared: a real shrinkage
+        assert np.linalg.norm(iv.h) < 0.97 * np.linalg.norm(invert(chi, tgt, method="pinv").h)
+
+
+def test_ridge_at_a_scale_is_ridge_with_the_penalty_scaled():
+    """ridge(s chi, s t, alpha s^2) = ridge(chi, t, alpha) for s far from 1 (the penalty is in chi's units squared,
+    as given), and ridge's shrinkage against the float64 SVD formula on well-scaled data."""
+    rng = np.random.default_rng(2)
+    chi, t = rng.normal(size=(3, 15)), rng.normal(size=3)
+    chi_c = chi - chi.mean(1, keepdims=True)
+    u, s, vt = np.linalg.svd(chi_c, full_matrices=False)
+    for alpha in (1e-3, 0.5, 40.0):
+        ref = vt.T @ (s / (s**2 + alpha) * (u.T @ t))
+        np.testing.assert_allclose(invert(chi, t, method="ridge", alpha=alpha).h, ref, rtol=1e-12, atol=1e-15)
+        for scale in (2.0**-500, 3e-100, 7e100, 2.0**500):
+            h = invert(chi * scale, t * scale, method="ridge", alpha=alpha * scale * scale).h
+            np.testing.assert_allclose(h, ref, rtol=1e-11, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("direction", "expected"),
+    [
+        ([1e300, 1e300], [2**-0.5, 2**-0.5]),
+        ([1e300, -1e300, 1e300], [3**-0.5, -(3**-0.5), 3**-0.5]),
+        ([1e-320, 0.0], [1.0, 0.0]),
+        ([3e-310, 4e-310], [0.6, 0.8]),
+        ([3.0, 4.0], [0.6, 0.8]),
+    ],
+)
+def test_direction_target_of_directions_near_float64s_limits(direction, expected):
+    """The direction's norm is taken at its own scale: entries near float64's largest do not overflow into a zero
+    target, subnormal ones are not taken for a zero direction."""
+    np.testing.assert_allclose(direction_target(direction, 2.0), 2.0 * np.array(expected), rtol=1e-15)
+    with pytest.raises(ValueError, match=r"direction must have a non-zero entry, got \[0.0, 0.0\]"):
+        direction_target([0.0, 0.0], 1.0)
+
+
+def test_reweight_of_a_loader_over_a_tensor_yields_its_batches_structure():
+    """A DataLoader over a bare tensor yields tensors of rows; the re-weighted loader draws from that tensor as it
+    is and yields tensors too (not one-element lists), the rows the weights pick. A bare tensor is a TensorDataset
+    of it (one-element lists, as documented)."""
+    x = torch.arange(30.0).reshape(10, 3)
+    src = DataLoader(x, batch_size=4)
+    w = np.zeros(10)
+    w[[2, 5]] = 1.0
+    out = reweight(src, w, generator=torch.Generator().manual_seed(0))
+    assert out.dataset is x
+    batches = list(out)
+    assert all(type(b) is torch.Tensor for b in batches) and type(next(iter(src))) is torch.Tensor
+    assert [tuple(b.shape) for b in batches] == [(4, 3), (4, 3), (2, 3)]
+    assert set(torch.cat(batches)[:, 0].tolist()) == {6.0, 15.0}  # rows 2 and 5
+    dict_src = DataLoader([{"x": r} for r in x], batch_size=4)  # a list of dicts: dict batches
+    assert set(next(iter(reweight(dict_src, w)))) == {"x"}
+    bare = next(iter(reweight(x, w, batch_size=4)))
+    assert isinstance(bare, list) and len(bare) == 1 and bare[0].shape == (4, 3)
+
+
+def _worker_init(worker_id):  # module level: picklable for worker processes
+    torch.manual_seed(worker_id)
+
+
+def test_reweight_keeps_a_loaders_worker_settings_and_generator():
+    """The worker settings of the given DataLoader stay the re-weighted loader's; its generator seeds the workers
+    and, unless reweight is given one, draws the rows: two loaders from equally seeded generators draw the same
+    rows, and a generator given to reweight draws them instead."""
+    x = torch.arange(20.0)[:, None]
+    src = DataLoader(
+        x,
+        batch_size=5,
+        num_workers=2,
+        worker_init_fn=_worker_init,
+        prefetch_factor=3,
+        persistent_workers=True,
+        timeout=30.0,
+        generator=torch.Generator().manual_seed(7),
+    )
+    out = reweight(src, np.ones(20))
+    assert out.num_workers == 2 and out.worker_init_fn is _worker_init
+    assert out.prefetch_factor == 3 and out.persistent_workers and out.timeout == 30.0
+    assert out.generator is src.generator and out.sampler.generator is src.generator
+    given = torch.Generator().manual_seed(1)
+    assert reweight(src, np.ones(20), generator=given).sampler.generator is given
+
+    def rows(seed):
+        loader = DataLoader(x, batch_size=5, generator=torch.Generator().manual_seed(seed))
+        return torch.cat(list(reweight(loader, np.arange(1.0, 21.0)))).flatten().tolist()
+
+    assert rows(3) == rows(3) and rows(3) != rows(4)
+    plain = reweight(DataLoader(x, batch_size=5), np.ones(20))  # no workers: their settings stay unset
+    assert plain.num_workers == 0 and plain.prefetch_factor is None and not plain.persistent_workers
+
+
+def test_constrained_far_out_of_reach_on_many_samples_is_optimal_in_few_steps(monkeypatch):
+    """A target far out of reach with weights unbounded above on 10^5 samples: the optimum puts all the weight on
+    a few points (the response is the projection of the target on the convex hull of chi's columns). The answer
+    is that optimum by the KKT conditions (to rounding), reached in a few proximal steps (each one dual solve):
+    the weights at their bound are identified early and the rest solved exactly."""
+    import pypattern.patterning as patterning
+
+    steps = []
+    dual = patterning._box_dual
+    monkeypatch.setattr(patterning, "_box_dual", lambda *a, **k: steps.append(1) or dual(*a, **k))
+    rng = np.random.default_rng(0)
+    n = 100_000
+    chi = rng.normal(size=(3, n))
+    tgt = rng.normal(size=3) * 100
+    iv = invert(chi, tgt, method="constrained")
+    w = iv.weights
+    assert _kkt_gap(chi, tgt, 0.0, 0.0, None, w) < 1e-12
+    assert w.min() >= 0 and abs(w.mean() - 1) < 1e-12
+    assert (w > 0).sum() <= 3  # a face of the hull in 3 dimensions: at most 3 points
+    assert iv.residual == pytest.approx(0.98410091, abs=1e-8)
+    assert len(steps) <= 20
+
+
+def test_total_root_matches_the_search_over_sorted_breakpoints():
+    """The total's multiplier from Newton's steps (any start) is the root the exact breakpoint search finds: the
+    fixed total holds to rounding, with bounds finite, infinite or zero width on one side."""
+    from pypattern.patterning import _total_root, _total_root_sorted
+
+    rng = np.random.default_rng(3)
+    for _ in range(2000):
+        n = int(rng.choice([1, 2, 5, 50, 1000]))
+        u = rng.normal(size=n) * 10 ** rng.uniform(-3, 3)
+        if rng.random() < 0.3:
+            u = np.round(u)  # ties among the breakpoints
+        c = rng.uniform(0.1, 3, size=n) if rng.random() < 0.5 else np.ones(n)
+        lo = -rng.uniform(0, 2, size=n) if rng.random() < 0.8 else np.zeros(n)
+        hi = rng.uniform(0, 3, size=n) if rng.random() < 0.5 else np.full(n, np.inf)
+        if rng.random() < 0.2:
+            hi[:] = 0.0
+        guess = None if rng.random() < 0.5 else rng.normal() * 10 ** rng.uniform(-5, 4)
+        lam, ref = _total_root(u, c, lo, hi, guess), _total_root_sorted(u, c, lo, hi)
+        size = float(c @ (np.abs(u) + c * abs(ref) + np.abs(lo) + np.where(np.isfinite(hi), hi, 0.0)))
+        assert abs(float(c @ np.clip(-(u + c * lam), lo, hi))) <= 1e-15 * size + 1e-300

@@ -13,6 +13,43 @@ from ..io import Saveable, register
 __all__ = ["LLCResult", "SampleResult"]
 
 
+def _pattern_text(pattern: tuple) -> str:
+    parts = [str(p) for p in pattern if p is not ...] + (["..."] if pattern and pattern[-1] is ... else [])
+    return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+
+
+def check_arrays(fields: dict[str, Any], shapes: dict[str, tuple]) -> dict[str, int]:
+    """Check a loaded result's arrays (its ``_check_loaded``): each field ``name`` of ``shapes`` is an ndarray of
+    real numbers (bool, integer or float) whose shape matches ``shapes[name]``, a tuple of int sizes and names, a
+    name standing for the same size in every field where it appears, ending in ``...`` where any further axes may
+    follow; a field that is None is skipped (an optional array). Returns the sizes of the names; raises ValueError
+    naming the field and the shape expected."""
+    sizes: dict[str, tuple[int, str, tuple]] = {}  # name -> (size, the field that set it, its shape)
+    for name, pattern in shapes.items():
+        v = fields[name]
+        if v is None:
+            continue
+        if not isinstance(v, np.ndarray):
+            raise ValueError(f"{name} must be an array {_pattern_text(pattern)}, got {type(v).__name__}")
+        if v.dtype.kind not in "biuf":
+            raise ValueError(f"{name} must hold real numbers, got {v.dtype} values")
+        open_end = bool(pattern) and pattern[-1] is ...
+        fixed = pattern[:-1] if open_end else pattern
+        if v.ndim < len(fixed) or (not open_end and v.ndim != len(fixed)):
+            raise ValueError(f"{name} {v.shape} is not of shape {_pattern_text(pattern)}")
+        for have, want in zip(v.shape, fixed):
+            if isinstance(want, str):
+                size, first, first_shape = sizes.setdefault(want, (have, name, v.shape))
+                if have != size:
+                    raise ValueError(
+                        f"{name} {v.shape} is not of shape {_pattern_text(pattern)} with {want} = {size} as in "
+                        f"{first} {first_shape}"
+                    )
+            elif have != want:
+                raise ValueError(f"{name} {v.shape} is not of shape {_pattern_text(pattern)}")
+    return {k: v[0] for k, v in sizes.items()}
+
+
 def _draw_table(loss_trace: np.ndarray, columns: dict):
     """A long pandas table of ``(num_chains, num_draws)`` traces."""
     import pandas as pd
@@ -65,6 +102,22 @@ class SampleResult(Saveable):
     seconds: float = 0.0
     batched: bool = False
 
+    def _check_loaded(self) -> None:
+        """The arrays agree (a file read by :meth:`load`): ``(chains, draws)`` loss trace, observables'
+        traces ``(chains, draws, *shape)`` under str names, numbers throughout."""
+        for name in ("observables", "config"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict, got {type(getattr(self, name)).__name__}")
+        for key in self.observables:
+            if not isinstance(key, str):
+                raise ValueError(f"observables must be keyed by name (str), got key {key!r}")
+        check_arrays(
+            {"loss_trace": self.loss_trace, "init_losses": self.init_losses}
+            | {f"observables[{k!r}]": v for k, v in self.observables.items()},
+            {"loss_trace": ("chains", "draws"), "init_losses": ("batches",)}
+            | {f"observables[{k!r}]": ("chains", "draws", ...) for k in self.observables},
+        )
+
     @property
     def num_chains(self) -> int:
         return int(self.loss_trace.shape[0])
@@ -106,13 +159,24 @@ class LLCResult(Saveable):
     init_loss_se: float = float("nan")
 
     def _check_loaded(self) -> None:
-        """The arrays' shapes agree (a file read by :meth:`load`): ``(chains, draws)`` traces, one LLC per chain."""
-        C = self.loss_trace.shape[0] if self.loss_trace.ndim == 2 else -1
-        if C < 0 or self.llc_trace.shape != self.loss_trace.shape or self.llc_per_chain.shape != (C,):
-            raise ValueError(
-                f"loss_trace {self.loss_trace.shape}, llc_trace {self.llc_trace.shape} and llc_per_chain "
-                f"{self.llc_per_chain.shape} are not (chains, draws), (chains, draws) and (chains,)"
-            )
+        """The arrays agree (a file read by :meth:`load`): ``(chains, draws)`` traces of numbers, one LLC per
+        chain (and a :attr:`sample`, checked as it is read, of as many chains)."""
+        sizes = check_arrays(
+            {"loss_trace": self.loss_trace, "llc_trace": self.llc_trace, "llc_per_chain": self.llc_per_chain},
+            {
+                "loss_trace": ("chains", "draws"),
+                "llc_trace": ("chains", "draws"),
+                "llc_per_chain": ("chains",),
+            },
+        )
+        if self.sample is not None:
+            if not isinstance(self.sample, SampleResult):
+                raise ValueError(f"sample must be a SampleResult or None, got {type(self.sample).__name__}")
+            if self.sample.loss_trace.shape != self.loss_trace.shape:
+                raise ValueError(
+                    f"sample.loss_trace {self.sample.loss_trace.shape} is not of loss_trace's shape "
+                    f"{self.loss_trace.shape} (chains {sizes['chains']}, draws {sizes['draws']})"
+                )
 
     def to_devinterp(self) -> dict[str, Any]:
         """devinterp 1.x's summary dict: ``llc/mean``, ``llc/std``, ``llc-chain/<i>``, ``loss/trace``,
