@@ -60,3 +60,11 @@ def model_device(model, default: torch.device | None = None) -> torch.device | N
 def nonfinite_names(named_tensors) -> list[str]:
     """The names, among ``(name, tensor)`` pairs, of the floating tensors holding a NaN or an infinity."""
     return [n for n, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_flag(value, name: str) -> None:
+    """``value`` must be True or False (a string such as ``"no"`` would read as true); ``name`` names it."""
+    import numpy as np
+
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}={value!r} is not valid; give True or False")

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_flag as _check_flag
 from ._checks import model_device, refuse_meta
 from .io import Saveable, register
 from .losses import position_limit
@@ -133,12 +134,6 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, xname: str = "x", yname: str =
 def _check_method(method: str) -> None:
     if method not in ("auto", "gram", "features"):
         raise ValueError(f"method must be 'auto', 'gram' or 'features', got {method!r}")
-
-
-def _check_flag(value, name: str) -> None:
-    """``value`` must be True or False (a string such as ``"no"`` would read as true)."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name}={value!r} is not valid; give True or False")
 
 
 def _check_seed(seed, name: str = "seed", allow_none: bool = False) -> int | None:

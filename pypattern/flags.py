@@ -175,14 +175,17 @@ class FlagSpec:
         if d_model is None:
             return
         last = self.hook.rsplit(".", 1)[-1]
-        if last in _NOT_FEATURE_HOOKS:
+        d_mlp = getattr(cfg, "d_mlp", None)
+        mlp_wide = ".mlp." in self.hook and last in _MLP_HOOKS and d_mlp is not None
+        normed = last == "hook_normalized" and ".attn." not in self.hook  # ln1, ln2, ln_final: d_model wide
+        if not (last in _RESIDUAL_HOOKS or normed or mlp_wide):
             raise ValueError(
                 f"hook={self.hook!r} is not a residual-stream hook point: its activation is not (batch, pos, "
                 "d_model) (attention hooks hold one slice per head, a layer norm's hook_scale one number per "
-                "position); give a residual-stream hook such as 'blocks.1.hook_resid_pre'"
+                "position, a router's hooks one value per expert); give a residual-stream hook such as "
+                "'blocks.1.hook_resid_pre'"
             )
-        d_mlp = getattr(cfg, "d_mlp", None)
-        if ".mlp." in self.hook and last in ("hook_pre", "hook_post") and d_mlp is not None:
+        if mlp_wide:
             if max(self.dims) >= d_mlp:
                 raise ValueError(
                     f"dims={self.dims} has entries >= {d_mlp}, the width of hook={self.hook!r} (an MLP hook "
@@ -197,17 +200,18 @@ class FlagSpec:
             )
 
 
-# hook points of a Transformer whose activation is not (batch, pos, features): per-head attention activations and
-# a layer norm's scale
-_NOT_FEATURE_HOOKS = (
-    "hook_q",
-    "hook_k",
-    "hook_v",
-    "hook_z",
-    "hook_attn_scores",
-    "hook_pattern",
-    "hook_scale",
+# hook points of a Transformer whose activation is (batch, pos, d_model), and those of its MLPs that are (batch, pos,
+# d_mlp); every other one (per-head attention activations, a norm's scale, a router's logits and experts) is not
+_RESIDUAL_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_embed",
+    "hook_pos_embed",
+    "hook_attn_out",
+    "hook_mlp_out",
 )
+_MLP_HOOKS = ("hook_pre", "hook_pre_linear", "hook_post")
 
 
 def _check_spec(spec) -> None:

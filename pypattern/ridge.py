@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._checks import check_flag as _check_flag
 from ._checks import refuse_meta
 
 __all__ = ["RidgeLOO", "RidgeCVResult", "ridge_cv", "ridge_similarity_cv", "DEFAULT_ALPHAS"]
@@ -72,12 +73,6 @@ def _as_2d(x, name: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values")
     return x
-
-
-def _check_flag(value, name: str) -> None:
-    """``value`` must be True or False (a string such as ``"no"`` would read as true)."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name}={value!r} is not valid; give True or False")
 
 
 # data of largest magnitude outside [2^-_SAFE_EXP, 2^_SAFE_EXP] is scaled by a power of two into that range: its

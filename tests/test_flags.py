@@ -674,6 +674,21 @@ def test_flag_spec_refuses_unordered_dims_and_names_non_residual_hooks():
         with pytest.raises(ValueError, match=f"hook='{hook}' is not a residual-stream hook point"):
             with steer(model, FlagSpec(hook), 1):
                 pass
+    # rotary and gated-MLP hooks: per-head rotated queries are refused, the gate's input has the MLP's width
+    from pypattern.models import Transformer, TransformerConfig
+
+    rot = Transformer(
+        TransformerConfig(
+            n_layers=1, d_model=16, n_heads=2, d_mlp=32, d_vocab=12, n_ctx=8, positional_embedding_type="rotary",
+            gated_mlp=True, act_fn="silu", normalization_type="RMS",
+        )
+    )  # fmt: skip
+    for hook in ("blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k"):
+        if hook in rot.hook_dict:
+            with pytest.raises(ValueError, match="is not a residual-stream hook point"):
+                FlagSpec(hook, dims=(0, 1, 2, 3)).check(rot)
+    assert "blocks.0.attn.hook_rot_q" in rot.hook_dict
+    FlagSpec("blocks.0.mlp.hook_pre_linear", dims=(20, 21, 22, 23)).check(rot)
 
 
 def test_generate_and_probe_flags_refuse_non_bools():

@@ -146,6 +146,17 @@ def test_keywords_are_checked_when_the_callback_is_built():
     cb = OnlineLLC(loader, every=10, num_chains=2, lr=1e-3, nbeta=np.float64(4.0), seed=np.int64(1))
     assert cb.sample_kwargs["lr"] == 1e-3
     OnlineLLC(loader, every=10, step_size="auto", localization=10.0)
+    # the check leaves torch's global generator as it was, also for a loader read to find its batch size
+    x = torch.randn(40, 3)
+    ds = torch.utils.data.TensorDataset(x, x[:, :1])
+    sampled = torch.utils.data.DataLoader(
+        ds, batch_sampler=torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(ds), 8, False)
+    )
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    OnlineLLC(sampled, every=10, num_chains=2)
+    torch.testing.assert_close(torch.rand(3), want, rtol=0, atol=0)
 
 
 def test_numpy_steps_in_either_order_and_a_repeated_step_replaces_its_row():

@@ -268,17 +268,23 @@ def model_architecture(model: nn.Module) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def training_modes(model: nn.Module) -> str | list[str] | None:
-    """Which modules of ``model`` are in ``train()`` mode as the samplers run it, for a fingerprint (a BatchNorm
-    normalises by the batch's statistics there, by its running ones in ``eval()`` mode: two different losses):
-    None when none is, or when the forward is random in ``train()`` mode (dropout), which the samplers run in
-    ``eval()`` mode; ``"every module"``; else the names of those in ``train()`` mode (``""`` for the model
-    itself)."""
-    modes = [(n, m.training) for n, m in model.named_modules()]
-    training = [n for n, t in modes if t]
-    if not training or random_in_training(model):
+def training_modes(model: nn.Module) -> list[str] | None:
+    """The modules of ``model`` whose loss depends on their ``train()`` / ``eval()`` mode and that are in
+    ``train()`` mode as the samplers run it, for a fingerprint: the norms with running statistics (a BatchNorm
+    normalises by the batch's statistics in ``train()`` mode, by its running ones in ``eval()`` mode: two different
+    losses), by name (``""`` for the model itself). None when there is none, or when the forward is random in
+    ``train()`` mode (dropout), which the samplers run in ``eval()`` mode. The mode of any other module does not
+    enter the fingerprint: a model whose forward reads no mode resumes in either."""
+    if random_in_training(model):
         return None
-    return "every module" if len(training) == len(modes) else training
+    names = [
+        n
+        for n, m in model.named_modules()
+        if m.training
+        and isinstance(m, nn.modules.batchnorm._NormBase)
+        and getattr(m, "running_mean", None) is not None
+    ]
+    return names or None
 
 
 def sub_run_path(path: str | os.PathLike | None, tag: str) -> str | None:
@@ -301,7 +307,7 @@ FINGERPRINT_DEFAULTS = {
     "sampler": "sgld",
     "num_init_loss_batches": None,
     "record_observables": True,
-    "training": "no module (eval mode)",
+    "training": "no norm with running statistics in train() mode",
 }
 
 

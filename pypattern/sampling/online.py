@@ -254,7 +254,10 @@ class OnlineLLC:
                 raise ValueError(f"steps contains {bad[:3]}; give training steps as ints >= 0")
         self.steps = None if steps is None else {int(s) for s in steps}
         self.components = components
-        _check_sample_kwargs(loader, sample_kwargs, components)
+        # checked without touching the training run: reading a default nbeta may iterate the loader, whose
+        # shuffle draws from torch's global generator
+        with torch.random.fork_rng(devices=[]):
+            _check_sample_kwargs(loader, sample_kwargs, components)
         sample_kwargs.setdefault("quiet", True)
         sample_kwargs.setdefault("warn_nonstationary", False)
         self.sample_kwargs = sample_kwargs

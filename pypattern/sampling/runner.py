@@ -15,6 +15,7 @@ import functools
 import math
 import operator
 import os
+import re
 import threading
 import time
 import warnings
@@ -142,7 +143,7 @@ def sample(
     bounding_box_size: float | None = None,
     temperature: float | None = None,
     lr: float | str | None = None,
-    restrict_to: str | Sequence[str] | None = None,
+    restrict_to: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     sampler: str | type | None = None,
@@ -787,7 +788,11 @@ def _result(plan: RunPlan, st: State, r: int, ran_batched: bool, init_se: float)
             **plan.hyper,
             sampler=plan.sampler,
             **plan.sampler_hyper,
-            restrict_to=list(plan.runs[r].patterns) or None,
+            # a compiled regex as {"regex": its pattern} (a result's config is saved as JSON)
+            restrict_to=[
+                {"regex": p.pattern} if isinstance(p, re.Pattern) else p for p in plan.runs[r].patterns
+            ]
+            or None,
         ),
         r_hat=r_hat(ran) if len(ran) else float("nan"),
         ess=ess(ran) if len(ran) else float("nan"),
@@ -843,7 +848,13 @@ def _run_part(ctx: RunContext, chains: list[int]) -> bool:
     if chains:
         if plan.noise_coupling > 1:
             raise RuntimeError(
-                "noise_coupling > 1 runs chains batched only; these chains are at different steps"
+                "noise_coupling > 1 runs chains batched only; "
+                + (
+                    "the loader's batches of a step differ in shape between chains (pad every batch to one "
+                    "length, or drop a ragged last batch)"
+                    if resume is not None
+                    else "these chains are at different steps"
+                )
             )
         run_sequential(ctx, chains, resume=resume)
     return False

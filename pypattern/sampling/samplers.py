@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -205,7 +206,7 @@ class _FusedSampler(torch.optim.Optimizer):
         if not params:
             raise ValueError(f"{type(self).__name__}: params is empty")
         raw_groups = params if isinstance(params[0], dict) else [{"params": params}]
-        patterns = [restrict_to] if isinstance(restrict_to, str) else list(restrict_to or [])
+        patterns = [restrict_to] if isinstance(restrict_to, str | re.Pattern) else list(restrict_to or [])
         masks = dict(masks or {})
         groups, self.param_names, group_masks = [], [], []
         for gi, g in enumerate(raw_groups):
@@ -422,7 +423,7 @@ class SGNHT(_FusedSampler):
         noise_level: float | None = None,
         bounding_box_size: float | None = None,
         temperature: float | None = None,
-        restrict_to: str | Sequence[str] | None = None,
+        restrict_to: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
         masks: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         backend: str | None = None,
@@ -521,7 +522,7 @@ class RMSpropSGLD(_FusedSampler):
         noise_level: float | None = None,
         bounding_box_size: float | None = None,
         temperature: float | None = None,
-        restrict_to: str | Sequence[str] | None = None,
+        restrict_to: str | re.Pattern | Sequence[str | re.Pattern] | None = None,
         masks: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         backend: str | None = None,
