@@ -595,3 +595,108 @@ def test_edges_of_a_model_on_the_meta_device_read_its_configuration_only():
     for kw in ({}, dict(per_position=True, seq_len=5)):
         g, h = edges(meta, **kw), edges(real, **kw)
         assert len(g) == len(h) > 0 and [e.name for e in g] == [e.name for e in h]
+
+
+# ----------------------------------------------------------------------------- examples not finite: order, record
+
+
+def _inf_on_corrupted(model, corr, ld, rows):
+    """``ld`` with the value infinite on the corrupted run of the examples ``rows``."""
+    corr_logits = model(corr)[:, -1].detach()
+
+    def f(lg):
+        hit = torch.isclose(lg, corr_logits, rtol=0, atol=1e-12).all(-1) & torch.isin(
+            torch.arange(lg.shape[-2]), torch.tensor(rows)
+        )
+        return torch.where(hit, float("inf"), ld(lg))
+
+    return f
+
+
+def test_exact_edge_scores_check_the_examples_before_scoring_any_edge(monkeypatch):
+    """method='exact': an example not finite on the base run is named, and a metric not finite on it for every
+    example refused, before any edge is scored."""
+    import warnings
+
+    import pypattern.circuits.api as api
+    from pypattern.circuits import edge_attribution
+
+    def no_scoring(*a, **kw):
+        raise RuntimeError("edges scored")
+
+    monkeypatch.setattr(api, "_exact_scores", no_scoring)
+    model = _model()
+    clean, corr, ans, wrong = _four_prompts()
+    ld = LogitDiff(ans, wrong)
+    kw = dict(method="exact", mode="denoise", quiet=True)
+    with pytest.raises(ValueError, match="not finite on the clean or the base run for every example"):
+        edge_attribution(model, clean, corr, metric=_inf_on_corrupted(model, corr, ld, [0, 1, 2, 3]), **kw)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="edges scored"):
+            edge_attribution(model, clean, corr, metric=_inf_on_corrupted(model, corr, ld, [2]), **kw)
+    assert any("inf for example 2 on the corrupted run" in str(w.message) for w in rec)
+
+
+def test_an_example_scored_whose_patched_runs_are_nan_stays_among_the_scored(tmp_path):
+    """Finite on the clean and the base run, NaN on every run with an edge patched: example 0 is scored (as
+    edge_attribution recorded it), so its NaN reaches the scores (ranking refuses them, naming the edges) rather
+    than being dropped as if it were not scored; saved and loaded, the record is kept. Scores without the record
+    (made by hand, older files) infer the examples scored from their values."""
+    from pypattern.circuits import EdgeScores, edge_attribution
+
+    model = _model()
+    clean, corr, ans, wrong = _four_prompts()
+    ld = LogitDiff(ans, wrong)
+    clean_logits = model(clean)[:, -1].detach()
+
+    def nan_when_patched(lg):  # NaN for example 0 unless its logits are the clean (base) run's
+        same = torch.isclose(lg[..., 0, :], clean_logits[0], rtol=0, atol=1e-12).all(-1)
+        return torch.where((torch.arange(4) == 0) & ~same[..., None], float("nan"), ld(lg))
+
+    s = edge_attribution(
+        model, clean, corr, metric=nan_when_patched, method="exact", mode="noise", quiet=True
+    )
+    assert torch.isfinite(s.m_base).all() and torch.isfinite(s.m_clean).all()
+    assert torch.isnan(s.values[0]).all() and torch.isfinite(s.values[1:]).all()
+    assert s.scored_examples.tolist() == [True, True, True, True]
+    assert torch.isnan(s.scores).all()
+    with pytest.raises(ValueError, match="scores holds NaN"):
+        s.ranking()
+    s.save(tmp_path / "s.npz")
+    back = EdgeScores.load(tmp_path / "s.npz")
+    assert back.scored_examples.tolist() == [True, True, True, True]
+    torch.testing.assert_close(back.values, s.values, equal_nan=True)
+    # no record (a file written without it): inferred from the values
+    bare = EdgeScores(s.graph, s.values, s.method, s.mode, s.ablation, s.metric, s.m_base, s.m_clean)
+    assert bare.scored_examples.tolist() == [False, True, True, True]
+    bare.save(tmp_path / "bare.npz")
+    assert EdgeScores.load(tmp_path / "bare.npz").scored_examples.tolist() == [False, True, True, True]
+
+
+def test_circuit_warnings_of_non_finite_examples_point_at_the_callers_line():
+    """The warnings naming an example not finite on the clean or the corrupted run are attributed to the line
+    that called pypattern."""
+    from pypattern.circuits import edge_attribution, faithfulness
+
+    model = _model()
+    clean, corr, ans, wrong = _four_prompts()
+    ld = LogitDiff(ans, wrong)
+    full = torch.ones(len(edges(model)), dtype=torch.bool)
+    on_corr = _inf_on_corrupted(model, corr, ld, [1])
+    for call, run in (
+        (lambda: edge_attribution(model, clean, corr, metric=_nan_on_0(ld), quiet=True), "clean"),
+        (
+            lambda: edge_attribution(model, clean, corr, metric=_nan_on_0(ld), method="exact", quiet=True),
+            "clean",
+        ),
+        (
+            lambda: edge_attribution(model, clean, corr, metric=on_corr, mode="denoise", quiet=True),
+            "corrupted",
+        ),
+        (lambda: faithfulness(model, full, clean, corr, metric=on_corr, mode="denoise"), "corrupted"),
+    ):
+        with pytest.warns(RuntimeWarning, match=f"on the {run} run") as rec:
+            call()
+        named = [w for w in rec if f"on the {run} run" in str(w.message)]
+        assert named and all(w.filename == __file__ for w in named), [w.filename for w in named]

@@ -124,3 +124,105 @@ def test_a_metric_not_finite_on_the_corrupted_run_is_named_or_refused(setup):
         ValueError, match=r"not finite on the clean run or on the corrupted run for every example"
     ):
         pp.activation_patching(m, "resid_pre", c, k, metric=metric_of([0, 1]), quiet=True)
+
+
+def _four(seed=1):
+    """A float64 model, four prompt pairs and their LogitDiff answers."""
+    m = Transformer(
+        TransformerConfig(
+            n_layers=2, d_model=16, n_heads=4, d_mlp=32, d_vocab=20, n_ctx=8, dtype=torch.float64
+        )
+    )
+    g = torch.Generator().manual_seed(seed)
+    c, k = torch.randint(0, 20, (4, 5), generator=g), torch.randint(0, 20, (4, 5), generator=g)
+    return m, c, k, torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+
+
+def test_shortlist_and_confirm_averages_over_the_finite_examples():
+    """A metric NaN for example 0: the ranking and both columns are those of the call on the other examples
+    alone (not NaN)."""
+    from pypattern.patching.attribution import shortlist_and_confirm
+
+    m, c, k, ans, wrong = _four()
+    ld = pp.LogitDiff(ans, wrong)
+
+    def nan_on_0(lg):
+        return torch.where(torch.arange(lg.shape[-2]) == 0, float("nan"), ld(lg))
+
+    with pytest.warns(RuntimeWarning, match=r"for example 0 on the clean run"):
+        out = shortlist_and_confirm(m, "resid_pre", c, k, metric=nan_on_0, k=3)
+    ref = shortlist_and_confirm(m, "resid_pre", c[1:], k[1:], metric=pp.LogitDiff(ans[1:], wrong[1:]), k=3)
+    assert [(r["layer"], r["pos"]) for r in out] == [(r["layer"], r["pos"]) for r in ref]
+    for r, e in zip(out, ref):
+        assert r["atp"] == pytest.approx(e["atp"], rel=1e-9, abs=1e-12)
+        assert r["exact"] == pytest.approx(e["exact"], rel=1e-9, abs=1e-12)
+
+
+class _InfOnCorrupted(pp.LogitDiff):
+    """LogitDiff whose value is infinite on the corrupted run (logits ``corr_logits (batch, vocab)``) of the
+    examples ``rows``; its per-example tensors are declared, so ``max_batch`` splits them with the prompts."""
+
+    per_example = ("answer", "wrong", "corr_logits", "rows")
+
+    def __init__(self, answer, wrong, corr_logits, rows):
+        super().__init__(answer, wrong)
+        self.corr_logits = corr_logits
+        self.rows = torch.isin(torch.arange(len(answer)), torch.tensor(rows))
+
+    def __call__(self, lg):
+        hit = torch.isclose(lg, self.corr_logits).all(-1) & self.rows
+        return torch.where(hit, float("inf"), super().__call__(lg))
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+@pytest.mark.parametrize("max_batch", [None, 2])
+def test_attribution_patching_names_or_refuses_a_corrupted_run_that_is_not_finite(direction, max_batch):
+    """Infinite on the corrupted run for example 3 (with max_batch=2, in the second part: named by its index in the
+    whole batch): named and left out of the means; for every example: refused, as exact patching does."""
+    m, c, k, ans, wrong = _four()
+    corr_logits = m(k)[:, -1].detach()
+
+    def atp(rows):
+        return pp.attribution_patching(
+            m,
+            c,
+            k,
+            metric=_InfOnCorrupted(ans, wrong, corr_logits, rows),
+            sites=["resid_pre"],
+            direction=direction,
+            max_batch=max_batch,
+        )["resid_pre"]
+
+    with pytest.warns(
+        RuntimeWarning, match=r"inf for example 3 on the corrupted run: that example is left out"
+    ):
+        r = atp([3])
+    assert r.finite_examples.tolist() == [True, True, True, False]
+    assert torch.isfinite(r.mean(False)).all()
+    with pytest.raises(
+        ValueError, match=r"not finite on the clean run or on the corrupted run for every example"
+    ):
+        atp([0, 1, 2, 3])
+
+
+def test_warnings_of_non_finite_examples_point_at_the_callers_line():
+    """The warnings naming non-finite examples (clean run, corrupted run; exact and attribution patching) are
+    attributed to the line that called pypattern, not to a line inside it."""
+    m, c, k, ans, wrong = _four()
+    corr_logits = m(k)[:, -1].detach()
+    ld = pp.LogitDiff(ans, wrong)
+
+    def nan_on_0(lg):
+        return torch.where(torch.arange(lg.shape[-2]) == 0, float("nan"), ld(lg))
+
+    on_corr = _InfOnCorrupted(ans, wrong, corr_logits, [3])
+    for call, run in (
+        (lambda: pp.activation_patching(m, "resid_pre", c, k, metric=nan_on_0, quiet=True), "clean"),
+        (lambda: pp.activation_patching(m, "resid_pre", c, k, metric=on_corr, quiet=True), "corrupted"),
+        (lambda: pp.attribution_patching(m, c, k, metric=nan_on_0, sites=["resid_pre"]), "clean"),
+        (lambda: pp.attribution_patching(m, c, k, metric=on_corr, sites=["resid_pre"]), "corrupted"),
+    ):
+        with pytest.warns(RuntimeWarning, match=f"on the {run} run") as rec:
+            call()
+        named = [w for w in rec if f"on the {run} run" in str(w.message)]
+        assert named and all(w.filename == __file__ for w in named), [w.filename for w in named]

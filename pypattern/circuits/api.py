@@ -73,7 +73,7 @@ def _measured(m_clean: torch.Tensor, m_base: torch.Tensor, mode: str) -> torch.T
         )
     if mode == "denoise":  # the base run is the corrupted run; its examples that are finite on the clean run
         clean_ok = torch.isfinite(m_clean.detach()).to(m_base.device)
-        warn_nonfinite_examples(torch.where(clean_ok, m_base.detach(), 0.0), "the corrupted run", 4)
+        warn_nonfinite_examples(torch.where(clean_ok, m_base.detach(), 0.0), "the corrupted run")
     return keep
 
 
@@ -484,10 +484,11 @@ def edge_attribution(
     )
     passes = 0
     if method == "exact":
+        # the unpatched runs are recorded: their non-finite examples named (none left refused) before any scoring
+        used = _scored_examples(info["m_clean"], info["m_base"], None, mode, method)
         values = _exact_scores(
             engine, graph, model, clean, corrupted, metric, mode, ablation, quiet, checkpoint
         )
-        used = _scored_examples(info["m_clean"], info["m_base"], None, mode, method)
         if not bool(used.all()):
             values[~used] = float("nan")
         passes = None
@@ -565,6 +566,7 @@ def edge_attribution(
             "steps": steps if method == "eap-ig" else None,
             "seconds": time.perf_counter() - t0,
             "passes": passes,
+            "scored_examples": used.cpu(),
         },
     )
 

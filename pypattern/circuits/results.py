@@ -119,6 +119,9 @@ class EdgeScores:
     method, mode, ablation, metric : str
     m_base, m_clean : Tensor ``(batch,)``
         Metric of the base run (clean for noising, corrupted for denoising) and of the clean run.
+    info : dict
+        ``"steps"``, ``"seconds"``, ``"passes"``, and ``"scored_examples"``: the examples scored, a bool tensor
+        ``(batch,)`` (:attr:`scored_examples`).
 
     :attr:`scores` and the standard errors of :meth:`to_pandas` are over :attr:`scored_examples`.
     """
@@ -135,8 +138,15 @@ class EdgeScores:
 
     @property
     def scored_examples(self) -> torch.Tensor:
-        """``(batch,)`` bool: the examples scored, those whose metric is finite on the base and the clean run and
-        whose values are not NaN for every edge."""
+        """``(batch,)`` bool: the examples scored, those whose metric is finite on the base and the clean run (and,
+        EAP-IG, on every interpolated run), as :func:`~pypattern.circuits.edge_attribution` recorded them in
+        ``info["scored_examples"]``. An example scored whose patched runs make the metric NaN keeps its NaN values
+        in :attr:`scores` (which :meth:`ranking` then refuses, naming the edges). Scores without that record (made
+        by hand, or a file written without it) take the examples whose metric is finite on the base and the clean
+        run and whose values are not NaN for every edge."""
+        rec = self.info.get("scored_examples")
+        if rec is not None:
+            return torch.as_tensor(rec, dtype=torch.bool).to(self.values.device)
         keep = torch.isfinite(self.m_base) & torch.isfinite(self.m_clean)
         keep = keep.to(self.values.device)
         if self.values.shape[1]:
@@ -214,9 +224,10 @@ class EdgeScores:
             "metric": self.metric,
             "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))},
         }
-        _save(
-            path, {"values": self.values, "m_base": self.m_base, "m_clean": self.m_clean}, meta, "EdgeScores"
-        )
+        arrays = {"values": self.values, "m_base": self.m_base, "m_clean": self.m_clean}
+        if self.info.get("scored_examples") is not None:
+            arrays["scored_examples"] = torch.as_tensor(self.info["scored_examples"], dtype=torch.bool)
+        _save(path, arrays, meta, "EdgeScores")
 
     @classmethod
     def load(cls, path) -> EdgeScores:
@@ -232,12 +243,20 @@ class EdgeScores:
                 m["metric"],
                 a["m_base"],
                 a["m_clean"],
-                m.get("info", {}),
+                dict(m.get("info", {})),
             )
             if out.values.dim() != 2 or out.values.shape[1] != len(graph):
                 raise ValueError(
                     f"values has shape {tuple(out.values.shape)} for a graph of {len(graph)} edges"
                 )
+            if "scored_examples" in a:  # files written without it: inferred (scored_examples)
+                scored = a["scored_examples"]
+                if scored.dtype != torch.bool or tuple(scored.shape) != (out.values.shape[0],):
+                    raise ValueError(
+                        f"scored_examples has shape {tuple(scored.shape)} and dtype {scored.dtype}; expected bool "
+                        f"({out.values.shape[0]},)"
+                    )
+                out.info["scored_examples"] = scored
         return out
 
 

@@ -344,7 +344,7 @@ def check_finite_examples(m_clean: torch.Tensor, m_other: torch.Tensor, run: str
             f"metric is not finite on the clean run or on {run} for every example: no example is left to measure; "
             "give a metric that is finite on the unpatched runs"
         )
-    warn_nonfinite_examples(torch.where(torch.isfinite(m_clean).to(m_other.device), m_other, 0.0), run, 4)
+    warn_nonfinite_examples(torch.where(torch.isfinite(m_clean).to(m_other.device), m_other, 0.0), run)
 
 
 def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metric) -> torch.Tensor:

@@ -27,7 +27,13 @@ import torch
 from .._memory import keep_freed_heap
 from .._training import frozen_parameters
 from ..models.packed import block_weight_bytes
-from .api import check_corruption_tokens, check_tokens, engine_batch, resolve_corruption
+from .api import (
+    check_corruption_tokens,
+    check_finite_examples,
+    check_tokens,
+    engine_batch,
+    resolve_corruption,
+)
 from .corruptions import (
     Corruption,
     GaussianNoise,
@@ -336,13 +342,25 @@ def attribution_patching(
         if check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0] > max_batch:
             with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
                 out = _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
+            _check_corrupted_run(out)
             _warn_if_no_gradient(out, direction, metric)
             return out
     # weights used for many rows (GradDrop's backward passes) may be packed for oneDNN: one copy of the weights
     with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
         out = _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
+    _check_corrupted_run(out)
     _warn_if_no_gradient(out, direction, metric)
     return out
+
+
+def _check_corrupted_run(out: dict) -> None:
+    """Name the examples whose metric is not finite on the corrupted run of ``out`` (site -> PatchResult; the
+    examples of every part of a split batch, by their index in the whole batch), and refuse a run on which no
+    example is finite on both the clean and the corrupted run, as exact patching does. Nothing to check without
+    a corrupted run (zero and mean ablation)."""
+    first = next(iter(out.values()))
+    if first.corrupted is not None:
+        check_finite_examples(first.clean, first.corrupted, "the corrupted run")
 
 
 def _warn_if_no_gradient(out: dict, direction: str, metric) -> None:
@@ -703,7 +721,9 @@ def shortlist_and_confirm(
     max_memory: int | None = 2**30,
 ) -> list[dict]:
     """AtP over the whole grid of ``site``, then exact patching of the ``k`` cells whose AtP estimate, averaged
-    over the examples, is largest in absolute value.
+    over the examples, is largest in absolute value. Both means are over the examples whose metric is finite on
+    the clean and the corrupted run (the others are named in a warning, as in
+    :func:`~pypattern.patching.activation_patching`).
 
     Parameters
     ----------
@@ -736,7 +756,8 @@ def shortlist_and_confirm(
         model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], corruption=corruption,
         direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop, max_batch=max_batch,
     )[site]  # fmt: skip
-    m = atp.effect.mean(0)
+    keep = atp.finite_examples  # the examples finite on the clean and the corrupted run: those averaged
+    m = atp._kept(atp.effect).mean(0)
     order = torch.argsort(m.flatten().abs(), descending=True)[:k].tolist()
     cells, picked = [], []
     for i in order:
@@ -770,6 +791,6 @@ def shortlist_and_confirm(
             vals = dict(zip(live, eng.run(live))) if live else {}
     out = []
     for c, (coord, a) in zip(cells, picked):
-        exact = float((vals[c] - tgt).mean().detach()) if c in vals else 0.0
+        exact = float((vals[c] - tgt)[keep.to(tgt.device)].mean().detach()) if c in vals else 0.0
         out.append({**coord, "atp": a, "exact": exact})
     return out

@@ -324,7 +324,7 @@ def check_metric_output(values, batch: int) -> torch.Tensor:
                 f"{f' (and {len(rows) - 1} more)' if len(rows) > 1 else ''} on the clean run: every example; give a "
                 "metric that is finite on the unpatched model"
             )
-        warn_nonfinite_examples(values, "the clean run", stacklevel=4)
+        warn_nonfinite_examples(values, "the clean run")
     return values
 
 
@@ -336,9 +336,12 @@ def name_examples(rows: list[int]) -> str:
     return f"examples {', '.join(str(r) for r in rows[:10])}{more}"
 
 
-def warn_nonfinite_examples(values: torch.Tensor, run: str, stacklevel: int = 3) -> None:
+def warn_nonfinite_examples(values: torch.Tensor, run: str) -> None:
     """Warn, naming them, of the examples whose metric ``values (batch,)`` on ``run`` (an unpatched run: "the
-    clean run", "the corrupted run") is not finite: they are left out of every mean over examples."""
+    clean run", "the corrupted run") is not finite: they are left out of every mean over examples. The warning
+    points at the first line outside pypattern on the stack (the user's call)."""
+    from ..sampling.diagnostics import user_stacklevel
+
     v = values.detach()
     rows = (~torch.isfinite(v)).nonzero().flatten().tolist()
     if not rows:
@@ -351,7 +354,7 @@ def warn_nonfinite_examples(values: torch.Tensor, run: str, stacklevel: int = 3)
         "(PatchResult's means, errors and intervals; edge scores; faithfulness, pruning curves and ACDC), and "
         f"{'its' if one else 'their'} own results are not meaningful; the other examples are measured as usual",
         RuntimeWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
 
 
