@@ -39,6 +39,7 @@ re-estimates ``chi`` during training and re-inverts ("online" patterning).
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -221,15 +222,20 @@ def invert(
         raise ValueError(
             f"rcond applies to method='pinv' only, got method={method!r} (alpha= sets its penalty)"
         )
-    chi_c = chi - chi.mean(1, keepdims=True)  # chi on sum-zero perturbations (mean-1 weights)
-    if float(np.abs(chi_c).max()) <= 1e-12 * float(np.abs(chi).max()) and bool(np.any(tgt)):
+    # chi on sum-zero perturbations (mean-1 weights): each row centred in units of a power of two 2^e (exact
+    # scalings), so that the row sums of chi near float64's largest value do not overflow
+    e = math.frexp(float(np.abs(chi).max()))[1] if chi.size else 0
+    unit = np.ldexp(chi, -e)
+    unit_c = unit - unit.mean(1, keepdims=True)  # chi_c = unit_c 2^e
+    if float(np.abs(unit_c).max()) <= 1e-12 * float(np.abs(unit).max()) and bool(np.any(tgt)):
         warnings.warn(
             "chi is the same for every data point (zero, or constant along each row): re-weighting the data moves "
             "no observable, so the weights stay uniform and no part of the target is reached (residual 1)",
             stacklevel=user_stacklevel(),
         )
     if method == "pinv":
-        h = np.linalg.pinv(chi_c, rcond=rcond if rcond is not None else 1e-12) @ tgt
+        # pinv(chi_c) = pinv(unit_c) 2^-e: the singular values of chi_c itself may exceed float64
+        h = np.ldexp(np.linalg.pinv(unit_c, rcond=rcond if rcond is not None else 1e-12) @ tgt, -e)
     elif method == "ridge":
         if alpha <= 0:
             raise ValueError(f"method='ridge' needs alpha > 0, got {alpha}")

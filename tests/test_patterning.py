@@ -816,3 +816,23 @@ def test_total_root_matches_the_search_over_sorted_breakpoints():
         lam, ref = _total_root(u, c, lo, hi, guess), _total_root_sorted(u, c, lo, hi)
         size = float(c @ (np.abs(u) + c * abs(ref) + np.abs(lo) + np.where(np.isfinite(hi), hi, 0.0)))
         assert abs(float(c @ np.clip(-(u + c * lam), lo, hi))) <= 1e-15 * size + 1e-300
+
+
+def test_pinv_of_chi_near_float64s_largest_is_the_scaled_answer():
+    """chi near float64's largest value (row sums beyond it): the rows are centred in units of a power of two, so
+    pinv's weights are the unscaled problem's, scaled back (no overflow, no warning)."""
+    rng = np.random.default_rng(0)
+    chi = rng.normal(size=(3, 2000))
+    tgt = np.array([1.0, -2.0, 0.5])
+    base = invert(chi, tgt, method="pinv")
+    for k in (1000, -1000, 1020):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = invert(np.ldexp(chi, k), tgt, method="pinv")
+        if (
+            k != 1020
+        ):  # at 2^1020 the weights' changes h (about 1e-311) are subnormal: the residual is the check
+            np.testing.assert_allclose(
+                np.ldexp(got.h, k), base.h, rtol=1e-12, atol=1e-12 * np.abs(base.h).max()
+            )
+        assert np.isfinite(got.h).all() and got.residual < 1e-6

@@ -46,8 +46,9 @@ probabilities to 0 to compare the two); a chain
 whose loss or weights stop being finite raises :class:`pypattern.sampling.SamplingDivergedError` naming the chain
 and step (devinterp warns, keeps the NaN steps and leaves them out of ``compute_llc``: catch the error in a sweep
 over ``lr`` and ``n_beta``); 16-bit models (bfloat16, float16) are refused by name, as by :func:`pypattern.sample`
-(sample a float32 copy); results hold float64 arrays (devinterp: float32 for the susceptibilities) and the ``wr``
-names as Python strings.
+(sample a float32 copy); results hold float32 arrays where devinterp's are float32 (the LLC's arrays, the loss and
+observable traces, the BIF's influences) except the susceptibilities, which are float64 (devinterp: float32), and
+the ``wr`` names as Python strings.
 ``sampling_method`` takes devinterp 2.x's ``"sgmcmc_sgld"`` and
 ``"rmsprop_sgld"`` (with ``sampling_method_kwargs`` ``alpha`` / ``eps``, or ``rmsprop_alpha`` / ``rmsprop_eps``),
 and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the fused samplers of
