@@ -239,7 +239,7 @@ def invert(
     elif method == "ridge":
         if alpha <= 0:
             raise ValueError(f"method='ridge' needs alpha > 0, got {alpha}")
-        h = _ridge(chi, tgt, float(alpha))
+        h = _ridge(unit_c, e, tgt, float(alpha))
     elif method == "constrained":
         c = np.ones(n) if fractions is None else np.asarray(fractions, dtype=np.float64).reshape(-1)
         if c.shape != (n,) or not np.isfinite(c).all() or (c <= 0).any():
@@ -261,22 +261,19 @@ def invert(
     return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
 
 
-def _ridge(chi: np.ndarray, tgt: np.ndarray, alpha: float) -> np.ndarray:
-    """``h = chi_c^T (chi_c chi_c^T + alpha I)^-1 tgt`` with ``chi_c`` the row-centred ``chi`` (``alpha > 0``), by
+def _ridge(a: np.ndarray, e: int, tgt: np.ndarray, alpha: float) -> np.ndarray:
+    """``h = chi_c^T (chi_c chi_c^T + alpha I)^-1 tgt`` with ``chi_c = a 2^e`` the row-centred ``chi`` (as
+    :func:`invert` centres it, in units of a power of two) and ``alpha > 0``, by
     the SVD ``chi_c = U S V^T``: ``h = V diag(s / (s^2 + alpha)) U^T tgt``. No ``K x K`` system is formed, so more
     observables than data (``K > N``), rank-deficient rows and an ``alpha`` far below ``chi_c``'s scale squared
     are exact to rounding; singular values at ``chi_c``'s rounding level (``max(K, N) eps s_max``, among them the
     direction of the uniform perturbation that the centring removes) count as 0, so ``alpha -> 0`` gives the
     minimum-norm (``"pinv"``) solution.
 
-    ``chi_c`` is computed and decomposed in units of a power of two ``2^e`` (exact scalings) that brings its
-    largest entry to ``[0.5, 1)``, with the penalty ``alpha 2^(-2 e)`` in those units and the target divided by
-    its largest entry (``h`` is linear in it): the same ``h`` without overflow or underflow for any finite
-    ``chi``."""
-    k, n = chi.shape
-    e = int(np.frexp(np.abs(chi).max())[1])
-    a = np.ldexp(chi, -e)  # the largest entry in [0.5, 1): the row means below do not overflow
-    a = a - a.mean(1, keepdims=True)
+    ``chi_c`` is decomposed in units of a power of two ``2^e`` (exact scalings) that brings its largest entry to
+    ``[0.5, 1)``, with the penalty ``alpha 2^(-2 e)`` in those units and the target divided by its largest entry
+    (``h`` is linear in it): the same ``h`` without overflow or underflow for any finite ``chi``."""
+    k, n = a.shape
     top = float(np.abs(a).max())
     size = float(np.abs(tgt).max())
     if top == 0 or size == 0:
