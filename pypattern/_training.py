@@ -55,15 +55,23 @@ def eval_mode_if_random(model: nn.Module, what: str, stacklevel: int = 4) -> Ite
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in ``eval()`` mode for the block, every module's own mode put back afterwards."""
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` back in its own ``train()`` / ``eval()`` mode after the block, also when the block
+    raises (the block may change them)."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
         yield
     finally:
         for m, training in modes.items():
             m.train(training)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in ``eval()`` mode for the block, every module's own mode put back afterwards."""
+    with modes_kept(model):
+        model.eval()
+        yield
 
 
 @contextlib.contextmanager

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ._checks import model_device
+from ._training import modes_kept
 from .equivalence import _check_flag, _check_seed, _generator_seed
 from .io import Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
@@ -707,37 +708,33 @@ def train_flags(
     device = model_device(model, torch.device("cpu"))
     code = spec.code(torch.float64, device=device)  # cast to the activations' dtype where it is written
     res = FlagTrainResult()
-    # what an abort restores: every module's mode, and the parameters' and buffers' values
-    modes = [(m, m.training) for m in model.modules()]
+    # what an abort restores: the parameters' and buffers' values (and every module's mode, kept in any case)
     with torch.no_grad():
         saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
-    done = False
     try:
-        _train_flags_steps(
-            model,
-            task,
-            spec,
-            opt,
-            g,
-            code,
-            device,
-            res,
-            stage1_steps,
-            stage2_steps,
-            aux_weight,
-            switch_prob,
-            batch_size,
-            lr,
-            log_every,
-        )
-        done = True
-    finally:
-        if not done:
-            with torch.no_grad():
-                for t, before in saved:
-                    t.copy_(before)
-            for m, was_training in modes:
-                m.training = was_training
+        with modes_kept(model):
+            _train_flags_steps(
+                model,
+                task,
+                spec,
+                opt,
+                g,
+                code,
+                device,
+                res,
+                stage1_steps,
+                stage2_steps,
+                aux_weight,
+                switch_prob,
+                batch_size,
+                lr,
+                log_every,
+            )
+    except BaseException:
+        with torch.no_grad():
+            for t, before in saved:
+                t.copy_(before)
+        raise
     model.eval()
     return res
 

@@ -1248,18 +1248,14 @@ def _warn_dropout_differs(model: nn.Module) -> None:
     estimates read the random forward, where these calls read the ``eval()`` forward. The LLC and the
     susceptibilities of such a model differ between the two libraries; with every dropout probability 0 they
     read the same loss."""
-    from .._training import random_in_training
+    from .._training import modes_kept, random_in_training
     from ..sampling.diagnostics import user_stacklevel
 
     if not isinstance(model, nn.Module):
         return
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    try:
+    with modes_kept(model):
+        model.train()
         random = random_in_training(model)
-    finally:
-        for m, training in modes.items():
-            m.train(training)
     if random:
         warnings.warn(
             f"the model has dropout ({', '.join(random[:3])}{', ...' if len(random) > 3 else ''}): devinterp calls "
