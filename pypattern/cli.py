@@ -28,6 +28,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -586,6 +587,16 @@ _CHECKPOINT_FLAGS = {
 
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
 
+#: the library functions' names of the values the command line takes as options
+_OPTION_OF = {"data": "--data", "corrupted": "--corrupted", "model_dir": "--model", "out": "--out"}
+_NAMED_VALUE = re.compile(r"(?<![\w.-])(" + "|".join(_OPTION_OF) + r")=(?=['\"])")
+
+
+def _as_flags(message: str) -> str:
+    """A library error as the command line's user reads it: a file named ``data='t.npy'`` (the function's
+    argument) is named ``--data 't.npy'`` (the option it came from)."""
+    return _NAMED_VALUE.sub(lambda m: _OPTION_OF[m.group(1)] + " ", message)
+
 
 def _check_paths(p: argparse.ArgumentParser, args) -> None:
     """The output folders (--out, --checkpoint) are created before any work, and refused (through ``p.error``)
@@ -721,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = _CHECKPOINT_FLAGS.get(item.split("[")[0])
             if flags:
                 hint = f" (on the command line: {flags})"
-        print(f"pypattern {args.cmd}: error: {e}{hint}", file=sys.stderr)
+        print(f"pypattern {args.cmd}: error: {_as_flags(str(e))}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         if debug:

@@ -3,7 +3,7 @@
 Format
 ------
 A file is an uncompressed ``.npz`` (a zip of ``.npy`` arrays) with one extra member, ``__meta_json__``: a UTF-8
-JSON header ``{"format": "pypattern", "version": 1, "kind": <what the file holds>, ...}``. Arrays hold the
+JSON header ``{"format": "pypattern", "version": 1 or 2, "kind": <what the file holds>, ...}``. Arrays hold the
 numbers; the header holds everything else (settings, names, scalars). Files are written atomically (a temporary
 file in the same folder, fsync, rename), so a killed writer leaves the previous file or the new one, never half of
 one. Files are read with ``numpy.load(..., allow_pickle=False)``: loading never executes code, and a pickle, a
@@ -70,7 +70,11 @@ __all__ = [
 ]
 
 FORMAT = "pypattern"
-VERSION = 1
+#: the newest format version written; a file is written as the oldest version that holds it (version 2 added NumPy
+#: scalars kept with their dtype), so older readers still read every file that does not need a newer one
+VERSION = 2
+#: the format versions this reader reads
+READ_VERSIONS = (1, 2)
 _META = "__meta_json__"
 _ZIP_MAGIC = b"PK\x03\x04"
 
@@ -179,8 +183,14 @@ def save(
         if a.dtype.hasobject:
             raise TypeError(f"array {k!r} has dtype object, which cannot be saved without pickle")
         payload[k] = a
-    header = {"format": FORMAT, "version": VERSION, "kind": kind, **meta}
+    reserved = sorted({"format", "version", "kind"} & set(meta))
+    if reserved:
+        raise ValueError(f"meta: the keys {reserved} are the header's own; name these items otherwise")
+    header = {"format": FORMAT, "version": 1, "kind": kind, **meta}
     text = json.dumps(header)
+    if '"__scalar__"' in text:  # a NumPy scalar kept with its dtype (or a string that spells one: harmless)
+        header["version"] = 2
+        text = json.dumps(header)
     if _json_depth(text) > MAX_DEPTH:
         raise ValueError(
             f"meta: the header of {path!r} would nest {_json_depth(text)} containers deep; files hold at most "
@@ -327,9 +337,11 @@ class _Archive:
             raise self.corrupt(e) from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise FormatError(f"{path!r} has no pypattern header, not {what}")
-        if meta.get("version") != VERSION:
+        version = meta.get("version")
+        if type(version) is not int or version not in READ_VERSIONS:
             raise FormatError(
-                f"{path!r} has format version {meta.get('version')!r}; this pypattern reads version {VERSION}"
+                f"{path!r} has format version {version!r}; this pypattern reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}"
             )
         if kind is not None:
             kinds = (kind,) if isinstance(kind, str) else tuple(kind)

@@ -403,3 +403,21 @@ def test_demo_folders_are_joined_below_out(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "o") + "/"
     assert cli.main(["demo", "cka", "--quick", "--out", out]) == 0
     assert seen == [str(tmp_path / "o" / "cka")]
+
+
+def test_library_errors_name_the_command_line_options():
+    """A library message naming a function's argument (``data='t.npy'``) is printed with the option it came from;
+    the same words elsewhere in the message (not followed by a quoted value, or inside another name) stay."""
+    from pypattern.cli import _as_flags
+
+    assert (
+        _as_flags("data='t.npy': token ids must lie in [0, 5)")
+        == "--data 't.npy': token ids must lie in [0, 5)"
+    )
+    assert _as_flags('corrupted="c.txt" has shape (2, 3)') == '--corrupted "c.txt" has shape (2, 3)'
+    assert (
+        _as_flags("model_dir='/m' has no config.json; out='/o'")
+        == "--model '/m' has no config.json; --out '/o'"
+    )
+    for kept in ("the data=3 batches", "my_data='x'", "metadata='x'", "data.corrupted='x'", "data = 'x'"):
+        assert _as_flags(kept) == kept

@@ -103,7 +103,7 @@ def test_data_beyond_a_dynamic_rotary_scaling_is_refused_when_read(data, tmp_pat
     for cmd in (["patch"], ["circuit"], ["llc", "--num-draws", "3"], ["chi", "--num-draws", "3"]):
         err = _err([*cmd, *base, "--data", str(d / "tokens.npy")], capsys)
         assert (
-            f"error: data={str(d / 'tokens.npy')!r}: sequences have 7 tokens; the model's rotary scaling"
+            f"error: --data {str(d / 'tokens.npy')!r}: sequences have 7 tokens; the model's rotary scaling"
             in err
         )
         assert "holds for 6 positions" in err and "Traceback" not in err
@@ -111,7 +111,7 @@ def test_data_beyond_a_dynamic_rotary_scaling_is_refused_when_read(data, tmp_pat
         err = _err(
             [cmd, *base, "--data", str(tmp_path / "short.npy"), "--corrupted", str(d / "tokens.npy")], capsys
         )
-        assert "corrupted=" in err and "sequences have 7 tokens; the model's rotary scaling" in err
+        assert "error: --corrupted '" in err and "sequences have 7 tokens; the model's rotary scaling" in err
     np.save(tmp_path / "flat.npy", tokens.ravel())
     err = _err(["patch", *base, "--data", str(tmp_path / "flat.npy")], capsys)
     assert "holds a 1-D array of 56 ids; expected (num_sequences, seq_len)" in err
@@ -550,7 +550,10 @@ def test_corrupted_files_are_named_and_checked_before_the_prompt_cut(model_dir, 
     np.save(tmp_path / "bad.npy", bad)
     np.save(tmp_path / "long.npy", np.concatenate([tokens, tokens]))
     argv = ["--model", str(model_dir), "--data", str(d / "tokens.npy"), "--out", str(tmp_path / "o")]
-    for corr, match in (("bad.npy", "corrupted='.*bad.npy': token ids must lie"), ("long.npy", r"\(16, 7\)")):
+    for corr, match in (
+        ("bad.npy", "--corrupted '.*bad.npy': token ids must lie"),
+        ("long.npy", r"\(16, 7\)"),
+    ):
         for cmd in ("patch", "circuit"):
             with pytest.raises(SystemExit) as e:
                 main(
@@ -1116,7 +1119,7 @@ def test_the_token_file_is_read_once_and_checked_against_the_model(
         ["patch", *base[:2], "--data", str(tmp_path / "big.npy"), "--out", str(tmp_path / "o")], capsys
     )
     assert (
-        f"error: data={str(tmp_path / 'big.npy')!r}: token ids must lie in [0, 23) for this model; found 0..30"
+        f"error: --data {str(tmp_path / 'big.npy')!r}: token ids must lie in [0, 23) for this model; found 0..30"
         in err
     )
     np.save(tmp_path / "u64.npy", np.array([[1, 2], [3, 2**63]], dtype=np.uint64))

@@ -707,3 +707,33 @@ def test_save_writes_through_a_symbolic_link(tmp_path):
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert _equal(LLCResult.load(target), RESULTS[1])
     assert sorted(os.listdir(tmp_path / "store")) == ["r.npz"]
+
+
+def _header_version(path) -> int:
+    with zipfile.ZipFile(path) as z:
+        raw = np.load(z.open(io._META + ".npy"), allow_pickle=False)
+    return json.loads(raw.tobytes().decode())["version"]
+
+
+def test_files_are_written_as_the_oldest_version_that_holds_them(tmp_path):
+    """A file without NumPy scalars is format version 1 (what earlier readers read); one with them is version 2,
+    which earlier readers refuse instead of misreading the tagged scalars. Both load; other versions are refused."""
+    RESULTS[0].save(tmp_path / "plain.npz")
+    assert _header_version(tmp_path / "plain.npz") == 1
+    s = SampleResult(loss_trace=np.zeros((1, 2)), init_loss=np.float32(0.5), init_losses=np.zeros(1))
+    s.save(tmp_path / "scalar.npz")
+    assert _header_version(tmp_path / "scalar.npz") == 2
+    assert type(SampleResult.load(tmp_path / "scalar.npz").init_loss) is np.float32
+    assert _equal(type(RESULTS[0]).load(tmp_path / "plain.npz"), RESULTS[0])
+    for version in (0, 3, "2", 2.0, True, None):
+        header = {"format": io.FORMAT, "version": version, "kind": "LLCResult", "fields": {}}
+        np.savez(tmp_path / "v.npz", **{io._META: np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)})
+        with pytest.raises(io.FormatError, match="format version .*reads versions 1, 2"):
+            io.load(tmp_path / "v.npz")
+
+
+def test_meta_cannot_override_the_header_items(tmp_path):
+    """``meta`` keys named like the header's own items would replace them; they are refused by name."""
+    with pytest.raises(ValueError, match=r"meta: the keys \['version'\] are the header's own"):
+        io.save(tmp_path / "x.npz", {}, {"version": 7}, kind="LLCResult")
+    assert not (tmp_path / "x.npz").exists()
