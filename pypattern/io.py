@@ -167,7 +167,8 @@ def save(
         Numeric arrays (no object arrays: they would need pickle).
     meta : mapping
         JSON values (str keys), nested at most ``MAX_DEPTH`` deep; stored in the header next to ``format``,
-        ``version`` and ``kind``.
+        ``version`` and ``kind`` (items of ``meta`` with these names, as :func:`load` returns them, are replaced
+        by the file's own).
     kind : str
         What the file holds (e.g. ``"LLCResult"``, ``"sample-checkpoint"``); :func:`load` checks it.
     """
@@ -183,10 +184,8 @@ def save(
         if a.dtype.hasobject:
             raise TypeError(f"array {k!r} has dtype object, which cannot be saved without pickle")
         payload[k] = a
-    reserved = sorted({"format", "version", "kind"} & set(meta))
-    if reserved:
-        raise ValueError(f"meta: the keys {reserved} are the header's own; name these items otherwise")
-    header = {"format": FORMAT, "version": 1, "kind": kind, **meta}
+    # the header's own items win over meta's (a header as load returns it can be saved again)
+    header = {**meta, "format": FORMAT, "version": 1, "kind": kind}
     text = json.dumps(header)
     if '"__scalar__"' in text:  # a NumPy scalar kept with its dtype (or a string that spells one: harmless)
         header["version"] = 2

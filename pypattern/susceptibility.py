@@ -73,12 +73,20 @@ from .losses import (
     token_losses,
 )
 from .ops.covariance import CrossCovariance
-from .sampling.auto import auto_arguments, resolve_step_size, wants_auto
+from .sampling.auto import (
+    auto_arguments,
+    calibrate_or_resume,
+    read_calibration,
+    resolve_step_size,
+    wants_auto,
+    write_calibration,
+)
 from .sampling.checkpoint import (
     CHECKPOINT_KIND,
     FINGERPRINT_DEFAULTS,
     load_checkpoint_state,
     model_architecture,
+    model_hooks,
     training_modes,
 )
 from .sampling.data import ChainData, hash_data, to_device
@@ -92,6 +100,7 @@ from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
 ROW_KIND = "susceptibility-row"  # a finished run's row in a checkpoint folder
+CALIBRATION_FILE = "step_size_calibration.npz"  # the step-size calibration's record in a checkpoint folder
 
 __all__ = ["susceptibilities", "bif", "SusceptibilityResult", "BIFResult", "PCAResult", "per_sample_losses"]
 
@@ -899,7 +908,17 @@ def susceptibilities(
 
     auto_step = None
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):  # one calibration (unrestricted chains)
-        kw["step_size"], auto_step = resolve_step_size(model, loader, **auto_arguments(dict(kw, loss_fn=lf)))
+        # recorded in the checkpoint folder: a resumed call reuses it instead of calibrating again
+        cal = None if checkpoint is None else os.path.join(os.fspath(checkpoint), CALIBRATION_FILE)
+        kw["step_size"], auto_step, record = calibrate_or_resume(
+            model,
+            loader,
+            auto_arguments(dict(kw, loss_fn=lf)),
+            None if cal is None else read_calibration(cal),
+            resolve_step_size,
+        )
+        if cal is not None and record is not None:
+            write_calibration(cal, record)
     _resolve_burnin(kw, auto_step)
     only = _only_batch(loader)
     only = None if only is None else to_device(only, dev)  # compared on the device the probe is on
@@ -1057,6 +1076,8 @@ def susceptibilities(
             architecture=model_architecture(model),
             # the modules in train() mode as the sampler runs the model (none, the default, adds no item)
             **({} if (modes := training_modes(model)) is None else {"training": modes}),
+            # forward and backward hooks on the model's modules (none, the usual case, adds no item)
+            **({} if (hooks := model_hooks(model)) is None else {"hooks": hooks}),
             phi0=float(phi0),
         )
         dup = sorted({x for x in names if names.count(x) > 1})

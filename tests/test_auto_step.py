@@ -5,6 +5,7 @@ Developed on the regular model and the deep linear networks (4,3,8) and (3,3,3,2
 (5,3,5) (Aoyagi: 6.5), the normal crossing w1^2 w2^4 at nbeta 30 against its exact finite-nbeta target, and the
 HF models."""
 
+import json
 import math
 import warnings
 
@@ -526,3 +527,93 @@ def test_a_choice_after_drifting_steps_without_localization_warns():
         _warn_if_drift_chose(biased, 0.0)
         few = AutoStepReport(step_size=steps[:4], verdict=drift[:3] + ["ok"], chosen=steps[3] / 2)
         _warn_if_drift_chose(few, 0.0)
+
+
+@pytest.mark.filterwarnings("ignore::pypattern.sampling.diagnostics.NonStationaryWarning")
+def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
+    """A checkpointed run with step_size="auto" records its calibration in the checkpoint; resuming the same call
+    reads it instead of calibrating again (the trials can cost more than a short run), and gives the result of
+    the uninterrupted run, report included. A record whose calibration settings differ is not used."""
+    import pypattern.sampling.runner as runner
+    from pypattern import sample
+    from pypattern.sampling.auto import calibrate_or_resume
+    from pypattern.sampling.checkpoint import stored_calibration
+
+    class Stop(Exception):
+        pass
+
+    model, loader = _regular()
+    kw = dict(nbeta=1000.0, localization=1.0, num_chains=2, num_draws=12, seed=3, quiet=True)
+    whole = sample(model, loader, step_size="auto", **kw)
+    calls = []
+    real = runner.resolve_step_size
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "resolve_step_size", counted)
+    path = str(tmp_path / "run.npz")
+    seen = []
+
+    def stop(draw, **_):
+        seen.append(draw)
+        if len(seen) == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sample(model, loader, step_size="auto", checkpoint=path, callbacks=[stop], **kw)
+    assert len(calls) == 1
+    record = stored_calibration(path)
+    assert record is not None and record["report"]["chosen"] == whole.config["step_size"]
+    resumed = sample(model, loader, step_size="auto", checkpoint=path, **kw)
+    assert len(calls) == 1  # no second calibration
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)
+    # the calibration's report as the uninterrupted run's (its wall time aside; NaN estimates of runaway trials)
+    same = [
+        json.dumps({k: v for k, v in r.config["auto_step"].items() if k != "seconds"}, sort_keys=True)
+        for r in (resumed, whole)
+    ]
+    assert same[0] == same[1]
+    assert resumed.config["auto_step"]["seconds"] == record["report"]["seconds"]
+    # a record of other calibration settings (here another seed's) is not taken: it calibrates
+    args = dict(record["key"], seed=4)
+    step, report, fresh = calibrate_or_resume(
+        model, loader, {"seed": 9}, {"key": args, "report": record["report"]}
+    )
+    assert fresh["key"] != args and step == report.chosen
+
+
+@pytest.mark.filterwarnings("ignore::pypattern.sampling.diagnostics.NonStationaryWarning")
+def test_a_resumed_susceptibility_call_reuses_its_calibration(tmp_path, monkeypatch):
+    """susceptibilities with step_size="auto" and a checkpoint folder keep the calibration in the folder; the
+    same call again (a resume) does not calibrate, and gives the same chi."""
+    import pypattern.susceptibility as sus
+    from pypattern import susceptibilities
+
+    model, loader = _regular()
+    x, y = next(iter(loader))
+    probe = (x[:4], y[:4])
+    kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0, quiet=True)
+    calls = []
+    real = sus.resolve_step_size
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sus, "resolve_step_size", counted)
+    first = susceptibilities(model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **kw)
+    assert len(calls) == 1 and (tmp_path / sus.CALIBRATION_FILE).exists()
+    again = susceptibilities(model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **kw)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(np.asarray(again.chi), np.asarray(first.chi))
+    assert json.dumps(again.settings["auto_step"], sort_keys=True) == json.dumps(
+        first.settings["auto_step"], sort_keys=True
+    )
+    # another seed calibrates again (and its run is refused as another run by the rows' fingerprints)
+    with pytest.raises(Exception, match="seed"):
+        susceptibilities(
+            model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **{**kw, "seed": 1}
+        )
+    assert len(calls) == 2

@@ -732,8 +732,14 @@ def test_files_are_written_as_the_oldest_version_that_holds_them(tmp_path):
             io.load(tmp_path / "v.npz")
 
 
-def test_meta_cannot_override_the_header_items(tmp_path):
-    """``meta`` keys named like the header's own items would replace them; they are refused by name."""
-    with pytest.raises(ValueError, match=r"meta: the keys \['version'\] are the header's own"):
-        io.save(tmp_path / "x.npz", {}, {"version": 7}, kind="LLCResult")
-    assert not (tmp_path / "x.npz").exists()
+def test_the_header_items_are_the_files_own(tmp_path):
+    """``meta`` items named like the header's own (as ``load`` returns them) are replaced by the file's: a loaded
+    header saved again is a file of the kind and version written, not of the stale values."""
+    io.save(
+        tmp_path / "x.npz", {}, {"version": 7, "kind": "other", "format": "x", "fields": {}}, kind="LLCResult"
+    )
+    assert _header_version(tmp_path / "x.npz") == 1
+    arrays, meta = io.load(tmp_path / "x.npz", kind="LLCResult")
+    assert meta["format"] == io.FORMAT and meta["kind"] == "LLCResult" and meta["fields"] == {}
+    io.save(tmp_path / "y.npz", arrays, meta, kind="LLCResult")
+    assert io.load(tmp_path / "y.npz", kind="LLCResult")[1] == meta

@@ -434,3 +434,44 @@ def test_hashed_fingerprint_items_say_what_they_cover(tmp_path):
     with pytest.raises(FingerprintMismatch) as e:
         check_fingerprint({}, {"architecture": "b"}, tmp_path / "c.npz")
     assert "a hash of" not in str(e.value)
+
+
+def test_resume_refuses_a_model_whose_hooks_changed(tmp_path):
+    """A forward hook changes what the model computes without touching its weights, repr or buffers: resuming
+    after one was added (or removed, or replaced by another) is refused, naming the hooks; the same hook
+    registered again, whatever it has recorded since, resumes."""
+    x, y = _regression()
+    model = _net()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    kw = dict(num_chains=2, num_draws=12, step_size=1e-3, nbeta=20.0, localization=5.0, seed=1)
+    path = str(tmp_path / "run.npz")
+    seen = []
+    one_by_one = dict(batched=False)  # as _interrupted runs the chains
+
+    def record(mod, inp, out):  # a hook that keeps what it saw (its closure changes with every forward)
+        seen.append(out.detach())
+
+    whole = None
+    h = model[0].register_forward_hook(record)
+    try:
+        # uninterrupted, with a checkpoint of its own (a run without one may differ in the last bit)
+        whole = pp.sample(
+            model, loader, checkpoint=str(tmp_path / "whole.npz"), quiet=True, **one_by_one, **kw
+        )
+        _interrupted(model, loader, path, **kw)
+    finally:
+        h.remove()
+    with pytest.raises(pp.io.FingerprintMismatch, match="hooks"):  # the hook is gone
+        pp.sample(model, loader, checkpoint=path, quiet=True, **kw)
+    h = model[0].register_forward_hook(lambda mod, inp, out: 3 * out)
+    try:
+        with pytest.raises(pp.io.FingerprintMismatch, match="hooks"):  # another hook in its place
+            pp.sample(model, loader, checkpoint=path, quiet=True, **kw)
+    finally:
+        h.remove()
+    h = model[0].register_forward_hook(record)
+    try:
+        resumed = pp.sample(model, loader, checkpoint=path, quiet=True, **one_by_one, **kw)
+    finally:
+        h.remove()
+    np.testing.assert_array_equal(resumed.loss_trace, whole.loss_trace)

@@ -95,7 +95,8 @@ A trial at the top of the grid that runs away stops at the first non-finite or r
 ``calibration_chains * calibration_steps`` chain-steps (times its length factor), so the calibration costs a few
 such trials: typically 4-10 (for example 8 x 200 x (1 + 2 + 4 + 8) = 24,000 chain-steps). Every trial reuses the
 first trial's ``L_n(w*)``. The trials are keyed by ``seed + 1`` (different noise from the run's), and they never
-modify the model. A progress bar counts the trials (``quiet=True`` silences it). Measured costs are in
+modify the model. A run with a checkpoint records its calibration there (a susceptibility folder in a file of its
+own); resuming the same call reads it back instead of calibrating again (:func:`calibrate_or_resume`). A progress bar counts the trials (``quiet=True`` silences it). Measured costs are in
 docs/llc_results.md.
 """
 
@@ -104,7 +105,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,6 +142,9 @@ class AutoStepError(ValueError):
     def __init__(self, msg: str, report: AutoStepReport):
         super().__init__(msg)
         self.report = report
+
+
+_TRIAL_KEYS = ("step_size", "num_steps", "llc", "se", "r_hat", "verdict")
 
 
 @register
@@ -183,8 +187,22 @@ class AutoStepReport(Saveable):
     seconds: float = 0.0
     reruns: list = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> AutoStepReport:
+        """The report whose :meth:`to_dict` is ``d``."""
+        trials = list(d.get("trials") or ())
+        return cls(
+            **{k: [t[k] for t in trials] for k in _TRIAL_KEYS},
+            chosen=d.get("chosen"),
+            bias=d.get("bias"),
+            reason=str(d.get("reason", "")),
+            settings=dict(d.get("settings") or {}),
+            seconds=float(d.get("seconds") or 0.0),
+            reruns=[dict(r) for r in d.get("reruns") or ()],
+        )
+
     def rows(self) -> list[dict]:
-        keys = ("step_size", "num_steps", "llc", "se", "r_hat", "verdict")
+        keys = _TRIAL_KEYS
         return [{k: getattr(self, k)[i] for k in keys} for i in range(len(self.step_size))]
 
     def to_dict(self) -> dict:
@@ -739,6 +757,69 @@ def auto_arguments(call: dict) -> dict:
         num_steps_bw_draws=call.get("num_steps_bw_draws") or 1,
     )
     return out
+
+
+CALIBRATION_KIND = "step-size-calibration"  # a calibration's record in a file of its own (susceptibilities)
+
+
+def calibrate_or_resume(
+    model: nn.Module,
+    loader: Iterable,
+    arguments: dict,
+    stored: Mapping | None = None,
+    resolve: Callable | None = None,
+) -> tuple[float, AutoStepReport, dict | None]:
+    """``resolve_step_size(model, loader, **arguments)``, or, when ``stored`` is the record of a calibration with
+    the same ``arguments`` (read from the checkpoint of the run being resumed), that calibration's step and report:
+    a resumed run does not calibrate again. Returns ``(step, report, record)``; ``record`` goes into the run's
+    checkpoint (None when the arguments cannot be fingerprinted: such a run calibrates on every call).
+
+    The model's weights and the data are not part of the record's key: the run's own fingerprint, checked when its
+    checkpoint is loaded, holds them (and the step), and refuses a checkpoint of other weights or data.
+    ``resolve``: the calibration (default :func:`resolve_step_size`)."""
+    import json
+
+    from .. import io
+
+    try:
+        canon = io.fingerprint(**{k: v for k, v in arguments.items() if k != "quiet"})
+        key = json.loads(io.json_text(canon, indent=None))
+    except (TypeError, ValueError):
+        key = None
+    if key is not None and isinstance(stored, Mapping) and stored.get("key") == key:
+        try:
+            report = AutoStepReport.from_dict(stored["report"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            report = None
+        if report is not None and isinstance(report.chosen, float) and report.chosen > 0:
+            return report.chosen, report, {"key": key, "report": report.to_dict()}
+    step, report = (resolve or resolve_step_size)(model, loader, **arguments)
+    record = None if key is None else {"key": key, "report": report.to_dict()}
+    return step, report, record
+
+
+def read_calibration(path: str) -> Mapping | None:
+    """The calibration record in the file ``path`` (:func:`write_calibration`), None when there is none or the file
+    is not such a record (it is then calibrated afresh and rewritten)."""
+    import os
+
+    from .. import io
+
+    if not os.path.exists(path):
+        return None
+    try:
+        _, meta = io.load(path, kind=CALIBRATION_KIND)
+    except (OSError, ValueError):
+        return None
+    record = meta.get("calibration")
+    return record if isinstance(record, Mapping) else None
+
+
+def write_calibration(path: str, record: Mapping) -> None:
+    """Write a calibration record (:func:`calibrate_or_resume`) to ``path``."""
+    from .. import io
+
+    io.save(path, {}, {"calibration": dict(record)}, kind=CALIBRATION_KIND)
 
 
 def trial_factor_for_run(

@@ -44,7 +44,10 @@ class State:
         Sampling time so far.
     """
 
-    def __init__(self, num_total_chains: int, num_draws: int):
+    def __init__(self, num_total_chains: int, num_draws: int, calibration: Mapping | None = None):
+        self.calibration = (
+            calibration  # the step-size calibration the run's step came from (written, not read)
+        )
         self.loss = np.full((num_total_chains, num_draws), np.nan)
         self.done = np.zeros(num_total_chains, dtype=np.int64)
         self.next_step = np.zeros(num_total_chains, dtype=np.int64)
@@ -111,6 +114,8 @@ class State:
             for k, t in ss.items():
                 arrays[f"sampler/{g}/{k}"] = t.detach().cpu().numpy()
         meta = {"version": VERSION, "fingerprint": dict(fingerprint), "seconds": self.seconds}
+        if self.calibration is not None:
+            meta["calibration"] = dict(self.calibration)
         io.save(path, arrays, {"checkpoint": meta}, kind=CHECKPOINT_KIND)
 
     @classmethod
@@ -268,6 +273,50 @@ def model_architecture(model: nn.Module) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _hook_id(fn) -> str:
+    """A hook by its name and the hash of its code (of its class's ``__call__`` for a callable object), not by what
+    it captured: hooks commonly keep what they saw in a dict or list they close over, which changes with every
+    forward and would make the same run look like another."""
+    name = io.callable_name(fn)
+    f = getattr(getattr(fn, "func", fn), "__func__", getattr(fn, "func", fn))  # partials and bound methods
+    code = getattr(f, "__code__", None)
+    if code is None:
+        code = getattr(vars(type(f)).get("__call__"), "__code__", None)
+    return f"{name}:{io._code_hash(code)}" if code is not None else name
+
+
+def model_hooks(model: nn.Module) -> list[list[str]] | None:
+    """The hooks that change what ``model`` computes, for a fingerprint: each forward (pre-)hook and backward
+    (pre-)hook registered on one of its modules (by module name, kind, and the hook's name and code), and torch's
+    global module hooks. None when there is none (the usual case: the item is then left out of the fingerprint).
+    A hook registered again is the same hook; a hook added, removed or with other code is another run (what a hook
+    captures is not compared: the caller's promise, as for a loss function's state)."""
+    from torch.nn.modules import module as torch_module
+
+    out = []
+    for name, m in model.named_modules():
+        for kind in _HOOK_DICTS:
+            for fn in (getattr(m, kind, None) or {}).values():
+                out.append([name, kind.strip("_"), _hook_id(fn)])
+    for kind in (
+        "_global_forward_pre_hooks",
+        "_global_forward_hooks",
+        "_global_backward_pre_hooks",
+        "_global_backward_hooks",
+    ):
+        for fn in (getattr(torch_module, kind, None) or {}).values():
+            out.append(["(global)", kind.strip("_"), _hook_id(fn)])
+    return out or None
+
+
 def training_modes(model: nn.Module) -> list[str] | None:
     """The modules of ``model`` whose loss depends on their ``train()`` / ``eval()`` mode and that are in
     ``train()`` mode as the samplers run it, for a fingerprint: the norms with running statistics (a BatchNorm
@@ -311,6 +360,21 @@ FINGERPRINT_DEFAULTS = {
 }
 
 
+def stored_calibration(path: str) -> Mapping | None:
+    """The step-size calibration recorded in the checkpoint ``path`` (``{"key": ..., "report": ...}``, see
+    :func:`pypattern.sampling.auto.calibrate_or_resume`), read from its header alone; None when the file holds none
+    or is not a checkpoint this pypattern reads (the run's own load then names what is wrong with it)."""
+    try:
+        with io._Archive(os.fspath(path), CHECKPOINT_KIND) as archive:
+            meta = archive.meta.get("checkpoint")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, Mapping) or meta.get("version") != VERSION:
+        return None
+    calibration = meta.get("calibration")
+    return calibration if isinstance(calibration, Mapping) else None
+
+
 def run_fingerprint(
     plan: RunPlan, model: nn.Module, loader: Iterable, w_star: Mapping[str, torch.Tensor], data_cache: dict
 ) -> dict:
@@ -348,6 +412,8 @@ def run_fingerprint(
         architecture=model_architecture(model),
         # the modules in train() mode (none, the default, adds no item): a BatchNorm's loss differs between modes
         **({} if (modes := training_modes(model)) is None else {"training": modes}),
+        # forward and backward hooks on the model's modules (none, the usual case, adds no item)
+        **({} if (hooks := model_hooks(model)) is None else {"hooks": hooks}),
         **{f"weights[{n}]": t for n, t in w_star.items()},
         **{f"buffers[{n}]": b for n, b in model.named_buffers()},
     )

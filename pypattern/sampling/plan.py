@@ -194,6 +194,9 @@ class RunPlan:
     # m > 1: step t takes the summed noise of steps m t .. m t + m - 1 (over sqrt(m)) and the batches of step m t,
     # coupling the run to one at step_size / m with the same seed (the step-size calibration's halving pairs)
     noise_coupling: int = 1
+    # the step-size calibration this run's step came from ({"key", "report"}), recorded in its checkpoint so that a
+    # resume of the same call reuses it instead of calibrating again (auto.calibrate_or_resume)
+    calibration: Mapping[str, Any] | None = None
 
     @property
     def total_steps(self) -> int:

@@ -29,9 +29,9 @@ from torch import nn
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
 from ..losses import batch_loss, check_batch, errors_naming, read_loss
-from .auto import auto_arguments, resolve_step_size, wants_auto, with_auto_report
+from .auto import auto_arguments, calibrate_or_resume, resolve_step_size, wants_auto, with_auto_report
 from .batched import UnstackableBatches, VmapUnsupported, run_batched
-from .checkpoint import State, load_checkpoint_state, run_fingerprint
+from .checkpoint import State, load_checkpoint_state, run_fingerprint, stored_calibration
 from .context import LossContractError, RunContext, Stopped
 from .data import (
     ChainData,
@@ -391,9 +391,14 @@ def sample(
     if lr is not None:  # devinterp's name for the step size
         step_size = translate({"step_size": step_size, "lr": lr}, where="sample()")["step_size"]
         lr = None
-    auto_step = None
+    auto_step = calibration = None
     if wants_auto(step_size, optimizer_kwargs):  # "auto" or no step given: calibrate first (sampling.auto)
-        step_size, auto_step = resolve_step_size(model, loader, **auto_arguments(locals()))
+        stored = (
+            stored_calibration(checkpoint) if checkpoint is not None and os.path.exists(checkpoint) else None
+        )
+        step_size, auto_step, calibration = calibrate_or_resume(
+            model, loader, auto_arguments(locals()), stored, resolve_step_size
+        )
     if num_burnin_steps is None:  # as the calibration's trials: half the chain-steps burn-in; devinterp's 0
         num_burnin_steps = default_burnin(auto_step is not None, num_draws, num_steps_bw_draws)
     plan = make_plan(
@@ -441,6 +446,8 @@ def sample(
     )
     if noise_coupling != 1:
         plan = dataclasses.replace(plan, noise_coupling=noise_coupling, batched=True)
+    if calibration is not None:
+        plan = dataclasses.replace(plan, calibration=calibration)
     with _eval_mode_for_dropout(model), buffers_kept(model):
         if auto_step is None:
             return _sample(plan, model, loader)
@@ -556,6 +563,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         st = State.load(plan.checkpoint, plan, fingerprint, device, w_star)
     else:
         st = State(plan.num_total_chains, plan.num_draws)
+    st.calibration = plan.calibration
     # the loss function's argument, which errors name: read here, as the chains' threads (cores > 1) do not see
     # the caller's context
     argument = _LOSS_ARGUMENT.get()
