@@ -20,7 +20,9 @@ and the canonical correlations are all 1 whatever the data: the functions refuse
 * ``pwcca`` (projection-weighted CCA, as Morcos et al. define it): the canonical correlations ``rho_i`` weighted
   by ``alpha_i = sum_j |<h_i, x_j>|``, with ``h_i`` the unit-norm canonical variates of ``x`` in sample space and
   ``x_j`` the centred columns (neurons) of ``x``: ``sum_i alpha_i rho_i / sum_i alpha_i``. Not symmetric: the
-  weights come from the first argument.
+  weights come from the first argument. Two or more correlations equal to 1 next to smaller ones (x and y share
+  a subspace: some columns in common, or more directions of variance together than samples - 1) are refused:
+  the variates of a shared subspace are any of its bases and the weights depend on which.
 
 Computation
 -----------
@@ -247,13 +249,31 @@ def svcca(x, y, *, threshold: float = 0.99, ridge: float = 0.0, reduce: str = "m
     return float(rho.mean()) if reduce == "mean" else rho
 
 
+#: canonical correlations this close to 1 count as 1 (a shared direction of x and y; float64 rounding is ~1e-15)
+_TIED_AT_ONE = 1e-9
+
+
 def pwcca(x, y, *, ridge: float = 0.0) -> float:
     """Projection-weighted CCA (Morcos et al. 2018): the canonical correlations weighted by how much of ``x``'s
     neurons each canonical variate of ``x`` accounts for, ``sum_i alpha_i rho_i / sum_i alpha_i`` with
     ``alpha_i = sum_j |<h_i, x_j>|`` (see the module docstring). Weights come from ``x``: not symmetric."""
     x, y = _pair(x, y)
-    sx, _, left, rho = _cca_svd(x, y, _check_ridge(ridge), None)
+    sx, sy, left, rho = _cca_svd(x, y, _check_ridge(ridge), None)
     r = rho.numel()
+    ones = int((rho >= 1.0 - _TIED_AT_ONE).sum())
+    if 2 <= ones < r:
+        n = x[0].shape[0]
+        why = (
+            f" (x has {sx.rank} and y {sy.rank} directions of nonzero variance, more than the {n - 1} of the "
+            f"centred sample space together: they must share {sx.rank + sy.rank - (n - 1)})"
+            if sx.rank + sy.rank > n - 1
+            else ""
+        )
+        raise ValueError(
+            f"pwcca: {ones} canonical correlations equal 1{why}; their canonical variates are any basis of the "
+            "shared subspace, and the weights alpha_i (L1 sums over x's neurons) depend on which, so the value is not "
+            "defined: give more samples, or leave out the columns x and y share"
+        )
     # H^T Xc with H = Xc V diag(scale) L (canonical variates of x; unit norm without ridge): L^T diag(scale e) V^T
     proj = left[:, :r].T @ (sx.v * (sx.scale * sx.e)).T  # (r, p)
     h_norm = torch.sqrt(((left[:, :r] * (sx.scale * sx.e.sqrt())[:, None]) ** 2).sum(0))  # |h_i|

@@ -102,6 +102,10 @@ class CrossCovariance:
             raise ValueError(f"track_auto must be one of {_AUTO_MODES}, got {track_auto!r}")
         self.k, self.n, self.track_auto, self.backend = k, n, track_auto, backend
         self.device = _tensor_device(device)
+        if self.device.type == "meta":
+            raise ValueError(
+                "device='meta': the accumulator holds values (sums of the draws); give a device with data"
+            )
         if backend is not None:
             _backends.choose("covariance_update_", self.device, backend)  # fail early on a bad choice
         f64 = dict(dtype=torch.float64, device=self.device)

@@ -84,9 +84,14 @@ def cross_covariance_update_(
     backend : {"cuda", "triton", "cpp", "reference"}, optional
         Force a backend (else ``PYPATTERN_BACKEND``, else the fastest available).
     """
-    device = comoment.device
     if not isinstance(comoment, torch.Tensor) or comoment.dim() != 2:
         raise ValueError(f"comoment must be a 2-D tensor (K, N), got {getattr(comoment, 'shape', comoment)}")
+    device = comoment.device
+    if device.type == "meta" or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in (a, b)):
+        raise ValueError(
+            "the covariance state or the chunk is on the meta device: an update reads and writes their values; "
+            "give tensors with data"
+        )
     k, n = comoment.shape
     check_chunk(a, b, k, n, device)
     _check_state("comoment", comoment, (k, n), device)

@@ -30,8 +30,12 @@ _backends.register_fake("pypattern::row_dots", _fake_row_dots)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its last dimension has unit stride (or at most one element), else a contiguous copy."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+    """``t`` itself when its last dimension has unit stride (or at most one element), else a contiguous copy (a new
+    empty tensor when ``t`` is empty: torch calls every empty tensor contiguous and ``contiguous()`` keeps its
+    strides)."""
+    if t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.new_empty(t.shape) if t.numel() == 0 else t.contiguous()
 
 
 def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
