@@ -1111,8 +1111,9 @@ def acdc(
         No progress bar (by default one counts the destination inputs visited, shown once a call has run for
         two seconds).
     checkpoint : str, optional
-        A file the search's state is written to (atomically, no pickle) every 30 seconds, after a destination
-        input is done, and at the end; a call with the same model weights, prompts, metric, graph, mode, ablation
+        A file the search's state is written to (atomically, no pickle): when a destination input is done and 30
+        seconds have passed since the last write, at the end, and when the search is stopped (Ctrl-C, an error:
+        the state after the last destination input done); a call with the same model weights, prompts, metric, graph, mode, ablation
         and threshold resumes from it with the same result as an uninterrupted call. A call that differs in any of
         them is refused (:class:`pypattern.io.FingerprintMismatch` naming what differs). The finished search stays
         in it: the same call again returns its circuit at once.
@@ -1193,37 +1194,28 @@ def acdc(
         # evaluated at another place in a batch may round differently, and threshold 0 must not decide on that
         tie = _ACDC_TIE_ULPS * torch.finfo(torch.promote_types(engine.dtype, torch.float32)).eps
         saved = time.perf_counter()
-        for d in reversed(range(first)):
-            cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
-            if threshold > 0:
-                live = reach.update(d, keep)[reach.epos[cand]]
-                keep[cand[~live]] = False
-                untested += int((~live).sum())
-                cand = cand[live]
-            remaining = cand.tolist()
-            while remaining:
-                batch = remaining[:window]
-                trial = keep[None].repeat(len(batch), 1)
-                trial[torch.arange(len(batch)), torch.tensor(batch)] = False
-                vals = evaluate(trial)
-                runs += len(batch)
-                removed_at = None
-                for i, e in enumerate(batch):
-                    delta = m_cur - float(vals[i])
-                    if abs(delta) <= tie * max(abs(m_cur), abs(float(vals[i]))):
-                        delta = 0.0  # a difference at rounding level: the edge changes nothing measurable
-                    drop[e] = delta
-                    if delta < threshold:
-                        keep[e] = False
-                        m_cur = float(vals[i])
-                        removed_at = i
-                        break
-                remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
-            if checkpoint is not None and (d == 0 or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S):
-                saved = time.perf_counter()
-                _acdc_save(checkpoint, fp, d, keep, drop, reach, m_full, m_empty, m_cur, runs, untested)
-            if bar is not None:
-                bar.update(1)
+        done = None  # the state once the last finished destination input was decided, not yet written
+        try:
+            for d in reversed(range(first)):
+                m_cur, runs, untested = _acdc_destination(
+                    d, graph, reach, keep, drop, evaluate, window, threshold, tie, m_cur, runs, untested
+                )
+                if checkpoint is None:
+                    pass
+                elif d == 0 or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S:
+                    saved, done = time.perf_counter(), None
+                    _acdc_save(
+                        checkpoint, fp, d, keep, drop, reach.live, m_full, m_empty, m_cur, runs, untested
+                    )
+                else:
+                    done = (d, keep.clone(), drop.clone(), reach.live.clone(), m_cur, runs, untested)
+                if bar is not None:
+                    bar.update(1)
+        except BaseException:  # stopped (Ctrl-C, an error): the destination inputs decided so far are written
+            if done is not None:
+                nxt, k, dr, live, mc, r, u = done
+                _acdc_save(checkpoint, fp, nxt, k, dr, live, m_full, m_empty, mc, r, u)
+            raise
     tested = E - untested
     zeros = int((drop == 0).sum()) - untested  # an edge removed without a test keeps its drop of 0
     if mode == "denoise" and tested and zeros > tested / 2:
@@ -1264,13 +1256,46 @@ def acdc(
 _ACDC_TIE_ULPS = 16
 
 
-def _acdc_save(path, fp, nxt, keep, drop, reach, m_full, m_empty, m_cur, runs, untested) -> None:
+def _acdc_destination(d, graph, reach, keep, drop, evaluate, window, threshold, tie, m_cur, runs, untested):
+    """ACDC's tests of the edges into destination input ``d`` (updating ``keep`` and ``drop`` in place): each edge,
+    latest source first, is left out of the current circuit and removed when the metric moves by less than
+    ``threshold``; up to ``window`` candidates are evaluated per batch. Returns the new ``(m_cur, runs,
+    untested)``."""
+    cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
+    if threshold > 0:
+        live = reach.update(d, keep)[reach.epos[cand]]
+        keep[cand[~live]] = False
+        untested += int((~live).sum())
+        cand = cand[live]
+    remaining = cand.tolist()
+    while remaining:
+        batch = remaining[:window]
+        trial = keep[None].repeat(len(batch), 1)
+        trial[torch.arange(len(batch)), torch.tensor(batch)] = False
+        vals = evaluate(trial)
+        runs += len(batch)
+        removed_at = None
+        for i, e in enumerate(batch):
+            delta = m_cur - float(vals[i])
+            if abs(delta) <= tie * max(abs(m_cur), abs(float(vals[i]))):
+                delta = 0.0  # a difference at rounding level: the edge changes nothing measurable
+            drop[e] = delta
+            if delta < threshold:
+                keep[e] = False
+                m_cur = float(vals[i])
+                removed_at = i
+                break
+        remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
+    return m_cur, runs, untested
+
+
+def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, untested) -> None:
     """ACDC's state once the destination inputs from ``nxt`` on are decided (the next to visit is ``nxt - 1``)."""
     from .. import io
 
     io.save(
         path,
-        {"keep": keep.numpy(), "drop": drop.numpy(), "live": reach.live.numpy()},
+        {"keep": keep.numpy(), "drop": drop.numpy(), "live": live.numpy()},
         {
             "fingerprint": fp,
             "next": int(nxt),
