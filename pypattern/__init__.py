@@ -46,7 +46,7 @@ from .flags import (
 )
 from .gram import GramSite, per_sample_grad_gram, transformer_lens_sites
 from .models import Transformer, TransformerConfig, component_masks
-from .models.convert import from_hf, from_pretrained
+from .models.convert import UnsupportedModelError, from_hf, from_pretrained
 from .models.hf import hooked_hf
 from .ops import CrossCovariance, center_gram, sgld_step_
 from .patching import (
@@ -161,11 +161,13 @@ __all__ += [
     "sgld_step_",
     "transformer_lens_sites",
 ]
-# Models: the hooked transformer (TransformerLens hook names), converters from Hugging Face and TransformerLens,
-# the adapter for Hugging Face models left unconverted, and per-component parameter masks.
+# Models: the hooked transformer (TransformerLens hook names), converters from Hugging Face and TransformerLens
+# (and the error they raise for what they do not convert exactly), the adapter for Hugging Face models left
+# unconverted, and per-component parameter masks.
 __all__ += [
     "Transformer",
     "TransformerConfig",
+    "UnsupportedModelError",
     "component_masks",
     "from_hf",
     "from_pretrained",

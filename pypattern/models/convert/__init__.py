@@ -42,9 +42,11 @@ model is ever returned.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import threading
 from typing import Any
 
 import torch
@@ -54,7 +56,7 @@ from ..._checks import nonfinite_names, refuse_meta_model
 from ..._training import eval_mode
 from ..transformer import Transformer
 from . import hooked_transformer
-from ._common import UnsupportedModelError, build, check_plain_modules, model_dtype, warn_if_training
+from ._common import UnsupportedModelError, build, check_plain_modules, model_dtype, refuse, warn_if_training
 from .hooked_transformer import is_hooked_transformer
 from .transformer_lens import is_transformer_lens, unwrap_bridge
 
@@ -110,11 +112,14 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     verify : bool
         Run both models on a few tokens and refuse the conversion when their logits differ by more than rounding
         (default; a float64 model whose own forward refuses float64, as Hugging Face's mixture-of-experts layers
-        do, is checked against a float32 copy of it, to float32's rounding); a ``TransformerBridge`` is checked against its own forward, and one that computes another
-        function than the Hugging Face model it wraps is refused. The converters read the configuration and the
-        modules the way the Hugging Face classes build them; a model changed after it was built (a module swapped,
-        a module's attribute or ``model.config`` edited) can differ from what they read, and the check catches
-        that. ``False`` skips the one forward of each model.
+        do, is checked against a float32 copy of it, to float32's rounding; a model or conversion in 16 bits whose
+        logits are farther from the model's than 16-bit rounding usually is, as a deep model's can be, is checked
+        against the model's forward with eager attention, then with float32 copies of both models on the same
+        weights, to float32's rounding); a ``TransformerBridge`` is checked against its own forward, and one that
+        computes another function than the Hugging Face model it wraps is refused. The converters read the
+        configuration and the modules the way the Hugging Face classes build them; a model changed after it was
+        built (a module swapped, a module's attribute or ``model.config`` edited) can differ from what they read,
+        and the check catches that. ``False`` skips the one forward of each model.
 
     Returns
     -------
@@ -151,6 +156,7 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
             "(base models without their language-model head are not converted: load the *ForCausalLM / "
             "*LMHeadModel class)"
         )
+    _refuse_no_layers(model)
     check_plain_modules(model)
     _refuse_nonfinite(model)
     src_dtype = model_dtype(model)
@@ -176,6 +182,28 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     if verify:
         _verify(model, out, name, src_dtype, bridge=bridge)
     return out
+
+
+def _refuse_no_layers(model: nn.Module) -> None:
+    """Refuse a model configured with no layers (``num_hidden_layers``, or the name the config's class gives it,
+    such as GPT-2's ``n_layer``; a multimodal model's ``text_config``'s), naming that key: Hugging Face builds it
+    as embedding, final norm and unembedding, and pypattern's ``Transformer`` holds at least one layer."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    n = getattr(text, "num_hidden_layers", None)
+    if isinstance(n, bool) or not isinstance(n, int) or n >= 1:
+        return
+    key = (getattr(text, "attribute_map", None) or {}).get("num_hidden_layers", "num_hidden_layers")
+    if text is not config:
+        sub = next((k for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is text), None)
+        key = f"{sub or 'text_config'}.{key}"
+    refuse(
+        key,
+        n,
+        "pypattern's Transformer has at least one layer (a model of none is its embedding and unembedding "
+        "alone); give a model of one layer or more",
+    )
 
 
 def _refuse_nonfinite(model: nn.Module) -> None:
@@ -210,6 +238,7 @@ def _verify(
     bridge's forward (its attention components compute the
     attention themselves, with the softmax in their own dtype, which the converted model reproduces; the rebuilt
     Hugging Face model ``hf`` takes its eager softmax in float32 for some families, a float64 bridge in float64).
+    Past 16-bit rounding's tolerance a 16-bit check goes on in :func:`_verify_16bit`.
     The model runs in ``eval()`` mode (its modes are put back) without gradients; a model whose own forward fails
     here (an attention implementation this device cannot run) is not checked, with a warning."""
     import warnings
@@ -248,9 +277,15 @@ def _verify(
         )
     dts = (src_dtype, next(out.parameters()).dtype)
     tol = max(_VERIFY_TOL.get(d, _VERIFY_TOL_16BIT) for d in dts)
-    if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    tf32 = dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    if tf32:
         tol = max(tol, 1e-2)  # TF32 products round to 10 bits
     err = _relative_error(mine, ref)
+    if not err <= tol and bridge is None and not hooked and any(d not in _VERIFY_TOL for d in dts):
+        _verify_16bit(
+            hf, out, name, tokens, mine, err, tol, max(_VERIFY_TOL[torch.float32], 1e-2 if tf32 else 0)
+        )
+        return
     if not err <= tol and bridge is not None:  # NaN included
         with eval_mode(hf), torch.no_grad():
             try:
@@ -280,6 +315,109 @@ def _verify(
             "converter cannot see. Build the model from its configuration, or pass verify=False to convert it as "
             "the configuration describes it"
         )
+
+
+def _verify_16bit(
+    hf: nn.Module,
+    out: Transformer,
+    name: str,
+    tokens: torch.Tensor,
+    mine: torch.Tensor,
+    err: float,
+    tol: float,
+    tol32: float,
+) -> None:
+    """The check of :func:`_verify` for a model or a conversion in 16 bits whose logits differ from the model's
+    own by more than ``tol``, which a deep model's rounding can reach (Hugging Face's ``sdpa`` attention rounds
+    otherwise than the converted model): pass when they are within ``tol`` of the model's forward with ``eager``
+    attention (which the converted model's arithmetic follows for most families), or within ``tol32`` (float32
+    rounding) when float32 copies of both models run on the same weights; refuse otherwise."""
+    eager = _eager_logits(hf, tokens)
+    if eager is not None and _relative_error(mine, eager.detach().to(torch.float64)) <= tol:
+        return
+    err32, why = _float32_copies_error(hf, out, tokens)
+    if err32 is not None and err32 <= tol32:  # NaN excluded
+        return
+    dtype = str(next(out.parameters()).dtype).removeprefix("torch.")
+    edited = (
+        "the model differs from what its configuration builds (a module swapped, a module's attribute or "
+        "model.config edited after it was built?), which the converter cannot see"
+    )
+    if err32 is not None:
+        raise UnsupportedModelError(
+            f"model class {name!r}: the converted model's logits differ from the model's own by {err:.3g} in 16 "
+            f"bits (relative to their largest), and by {err32:.3g} when float32 copies of both run on the same "
+            f"weights (rounding would be below {tol32:g}): {edited}. Build the model from its configuration, or "
+            "pass verify=False to convert it as the configuration describes it"
+        )
+    raise UnsupportedModelError(
+        f"model class {name!r}: the converted model's ({dtype}) logits differ from the model's own by {err:.3g} "
+        f"(relative to their largest; 16-bit rounding is usually below {tol:g} but grows with depth, and float32 "
+        f"copies of the two models, which would tell rounding from a change, could not be run: {why}). Either "
+        f"this is rounding or {edited}. Pass verify=False to convert a model built from its configuration and "
+        "left unchanged"
+    )
+
+
+_UNSET = object()
+
+
+def _eager_logits(hf: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The logits of ``hf`` run with ``eager`` attention, its attention implementation put back after (on its
+    config, the configs nested in it and its submodels'); None when it runs eager attention already, cannot
+    switch, or the forward fails."""
+    impl = getattr(getattr(hf, "config", None), "_attn_implementation", None)
+    can_set = getattr(hf, "_can_set_attn_implementation", None)
+    if impl in (None, "eager") or not callable(can_set) or not can_set():
+        return None
+    configs = {}
+    pending = [hf.config] + [getattr(m, "config", None) for m in hf.modules()]
+    while pending:
+        c = pending.pop()
+        if c is None or id(c) in configs:
+            continue
+        configs[id(c)] = (c, getattr(c, "_attn_implementation_internal", _UNSET))
+        pending += [getattr(c, k, None) for k in getattr(c, "sub_configs", None) or {}]
+    try:
+        hf.set_attn_implementation("eager")
+        with eval_mode(hf), torch.no_grad():
+            return hf(input_ids=tokens, use_cache=False).logits
+    except Exception:  # an implementation transformers would not switch: the float32 check decides
+        return None
+    finally:
+        for c, value in configs.values():
+            if value is not _UNSET:
+                c._attn_implementation_internal = value
+
+
+def _float32_copies_error(
+    hf: nn.Module, out: Transformer, tokens: torch.Tensor
+) -> tuple[float | None, str | None]:
+    """``(error, None)``: the relative difference of the logits of float32 copies of the Hugging Face model (its
+    parameters rounded to the converted model's dtype first, as the converted model holds them) and of the
+    converted model; ``(None, reason)`` when a copy could not be made or run (out of memory, say)."""
+    import copy
+    import dataclasses
+
+    out_dtype = next(out.parameters()).dtype
+    try:
+        twin = copy.deepcopy(hf)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.data = p.data.to(out_dtype).to(torch.float32)
+        twin.float()  # the floating buffers (rotary frequencies as the model holds them, rounded or not)
+        with eval_mode(twin), torch.no_grad():
+            ref = twin(input_ids=tokens, use_cache=False).logits.to(torch.float64)
+        del twin
+        with torch.device("meta"):
+            mine32 = Transformer(dataclasses.replace(out.cfg, dtype=torch.float32))
+        state = {n: p.detach().to(torch.float32) for n, p in out.named_parameters()}
+        mine32.load_state_dict(state, strict=True, assign=True)
+        with torch.no_grad():
+            mine = mine32(tokens).to(torch.float64)
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+    return _relative_error(mine, ref), None
 
 
 def _float32_forward(hf: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -384,13 +522,111 @@ def _check_architecture(path: str, name: str, cls: type, model_type: Any, transf
     )
 
 
+def _architectures(path: str, config: dict) -> list[str]:
+    """config.json's ``architectures`` as a list of class names: a lone name (a string, which transformers reads
+    too) is a list of one; anything else but a list of strings is a ``ValueError``."""
+    archs = config.get("architectures") or []
+    if isinstance(archs, str):
+        return [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(
+            f"path={path!r}: config.json's architectures={archs!r} is not valid; a list of class names such as "
+            "['LlamaForCausalLM'] was expected"
+        )
+    return archs
+
+
+_SAFE_INDEX = "model.safetensors.index.json"
+
+
+def _check_index(path: str) -> None:
+    """Refuse a ``model.safetensors.index.json`` whose ``weight_map`` sends a tensor to a file that is not a
+    ``.safetensors`` file of the directory: transformers loads each file the index names by its extension, and
+    would unpickle a ``.bin`` one."""
+    index = os.path.join(path, _SAFE_INDEX)
+    if not os.path.isfile(index):
+        return
+    try:
+        with open(index) as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"path={path!r}: {_SAFE_INDEX} is not valid JSON ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise UnsupportedModelError(
+            f"path={path!r}: {_SAFE_INDEX} has no weight_map object (tensor name -> file); give a complete "
+            "save_pretrained directory"
+        )
+    for key, target in weight_map.items():
+        if not isinstance(target, str) or not target.endswith(".safetensors"):
+            raise UnsupportedModelError(
+                f"path={path!r}: {_SAFE_INDEX} maps weight_map[{key!r}] to {target!r}, not a .safetensors file; "
+                "pypattern reads only safetensors weights (loading another file would unpickle it): re-save the "
+                "model with save_pretrained(dir, safe_serialization=True)"
+            )
+        if not os.path.isfile(os.path.join(path, target)):
+            raise UnsupportedModelError(
+                f"path={path!r}: {_SAFE_INDEX} maps weight_map[{key!r}] to {target!r}, which is not a file in the "
+                "directory; give a complete save_pretrained directory"
+            )
+
+
+# torch.load replaced, while from_pretrained has transformers load a checkpoint, by a function that refuses in the
+# loading threads (other threads reach the function it replaced); one replacement for all concurrent loads
+_loading = threading.local()
+_patch_lock = threading.Lock()
+_patch_state: dict[str, Any] = {"users": 0, "load": None, "serialization_load": None}
+
+
+def _unpickling_refused(path: str, file: Any) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"path={path!r}: loading the checkpoint would unpickle {file!r} (torch.load); pypattern reads only "
+        "safetensors weights: re-save the model with save_pretrained(dir, safe_serialization=True)"
+    )
+
+
+def _guarded_torch_load(f: Any, *args: Any, **kwargs: Any) -> Any:
+    """``torch.load`` while :func:`_no_unpickling` holds: a refusal in a loading thread, the replaced function in
+    any other."""
+    blocked = getattr(_loading, "blocked", None)
+    if blocked is not None:
+        blocked.append(os.fspath(f) if isinstance(f, str | os.PathLike) else f)
+        raise _unpickling_refused(_loading.path, blocked[-1])
+    return _patch_state["load"](f, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_unpickling(path: str, blocked: list):
+    """Within the block, ``torch.load`` (and ``torch.serialization.load``) raise :class:`UnsupportedModelError`
+    naming ``path`` in this thread instead of unpickling, and append the file they were given to ``blocked``."""
+    with _patch_lock:
+        if _patch_state["users"] == 0:
+            _patch_state["load"] = torch.load
+            _patch_state["serialization_load"] = torch.serialization.load
+            torch.load = torch.serialization.load = _guarded_torch_load
+        _patch_state["users"] += 1
+    outer = getattr(_loading, "blocked", None), getattr(_loading, "path", None)
+    _loading.blocked, _loading.path = blocked, path
+    try:
+        yield
+    finally:
+        _loading.blocked, _loading.path = outer
+        with _patch_lock:
+            _patch_state["users"] -= 1
+            if _patch_state["users"] == 0:
+                torch.load = _patch_state["load"]
+                torch.serialization.load = _patch_state["serialization_load"]
+
+
 def from_pretrained(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> Transformer:
     """Load a local ``save_pretrained`` directory and convert it with :func:`from_hf`.
 
     Nothing is downloaded (``local_files_only=True``) and only safetensors weights are read: a directory with
-    pickle-based weights only (``pytorch_model.bin``) is refused, since loading those would unpickle.
+    pickle-based weights only (``pytorch_model.bin``), or whose ``model.safetensors.index.json`` maps a tensor to
+    a file other than a ``.safetensors`` file of the directory, is refused, since loading those would unpickle;
+    while transformers loads the checkpoint, ``torch.load`` refuses in the loading thread.
 
     Parameters
     ----------
@@ -433,7 +669,7 @@ def from_pretrained(
     except ImportError as e:  # pragma: no cover - transformers is a test dependency
         raise ImportError("from_pretrained needs the transformers package (pip install transformers)") from e
     config = read_config(path, "path")
-    archs = config.get("architectures") or []
+    archs = _architectures(path, config)
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise UnsupportedModelError(
             f"path={path!r} holds a PEFT adapter (adapter_config.json): its weights would be left out (or, with peft "
@@ -456,9 +692,14 @@ def from_pretrained(
                 f"attn_implementation={attn_implementation!r} is not valid; give a string such as 'eager' or 'sdpa'"
             )
         kwargs["attn_implementation"] = attn_implementation
+    _check_index(path)
+    blocked: list = []  # the files transformers asked torch.load for
     try:
-        hf, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        with _no_unpickling(path, blocked):
+            hf, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:  # a damaged or truncated weights file: transformers' or safetensors' own error
+        if blocked:  # the refusal, possibly wrapped in transformers' own error
+            raise _unpickling_refused(path, blocked[0]) from None
         if isinstance(e, UnsupportedModelError | ImportError):
             raise
         if attn_implementation is not None and "attn_implementation" in str(e):
@@ -470,6 +711,8 @@ def from_pretrained(
             f"path={path!r}: its checkpoint could not be loaded ({type(e).__name__}: {e}); give a complete, "
             "undamaged save_pretrained directory"
         ) from e
+    if blocked:  # refused, and transformers went on without that file
+        raise _unpickling_refused(path, blocked[0])
     missing = sorted(info.get("missing_keys") or [])
     # tensors the config has no place for (a config of fewer layers than the weights): dropped silently otherwise;
     # legacy buffers (GPT-2's attention masks, rotary frequencies) are not weights
