@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -545,15 +545,26 @@ def _no_site(model: nn.Module) -> ValueError:
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _input_signature(x) -> object:
+    """The shapes, dtypes and devices of the tensors in an input, in its structure (a mapping's keys, a tuple's or
+    list's order), and the type of anything else: hashable."""
+    if torch.is_tensor(x):
+        return (tuple(x.shape), x.dtype, x.device)
+    if isinstance(x, Mapping):
+        return (type(x).__name__, tuple((k, _input_signature(v)) for k, v in x.items()))
+    if isinstance(x, tuple | list):
+        return (type(x).__name__, tuple(_input_signature(v) for v in x))
+    return type(x).__name__
+
+
 def _verification_key(sites, params, loss_fn, inputs, model) -> tuple:
     """What a passed check of :func:`per_sample_grad_gram` depends on besides the values: the sites and their
-    parameters, ``loss_fn``'s code, the inputs' shapes, dtypes and devices (a model may compute otherwise on a GPU:
-    a fused kernel that runs no module hook), the model's training mode and its hooks."""
+    parameters, ``loss_fn``'s code, the shapes, dtypes and devices of the inputs' tensors (also inside a mapping
+    such as a Hugging Face batch, or a tuple; a model may compute otherwise on a GPU: a fused kernel that runs no
+    module hook), the model's training mode and its hooks."""
     fn = getattr(loss_fn, "__func__", loss_fn)
     code = getattr(fn, "__code__", None)
-    shapes = tuple(
-        (tuple(x.shape), x.dtype, x.device) if torch.is_tensor(x) else type(x).__name__ for x in inputs
-    )
+    shapes = tuple(_input_signature(x) for x in inputs)
     hooks = tuple(
         (name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()
     )
@@ -996,10 +1007,60 @@ def per_sample_grad_gram_reference(
     Without ``sites`` or ``modules``, the model is covered whole: every trainable parameter (for pypattern's
     Transformer also under options :func:`transformer_lens_sites` refuses, and for any other model also the
     weights its default sites leave out, such as Hugging Face GPT-2's ``Conv1D`` projections or RMSNorm weights). Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
+    An input may be a tensor, or a mapping (a Hugging Face batch: ``dict`` or ``BatchEncoding``), tuple or list of
+    them: each of its tensors is cut along its first axis, the batch, which they must share; other values are
+    passed to every sample as they are.
     Memory ``B x (number of covered parameters)``, twice (the gradients and their flattened copy). The Gram is
     taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)``.
+
+    Raises
+    ------
+    ValueError
+        When the inputs hold no tensor with a batch axis, or their tensors' first axes differ, or a mapping's
+        ``attention_mask`` holds other values than 0 and 1 (or pads on the left for a model that takes no mask),
+        naming the input.
     """
     from torch.func import functional_call, grad, vmap
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    from .losses import (
+        _describe,
+        as_pytree,
+        check_attention_mask,
+        check_batch_values,
+        parse_batch,
+        stacked_batches_checked,
+    )
+
+    trees, rebuilds = zip(*(as_pytree(x) for x in inputs)) if inputs else ((), ())
+    sizes = {}
+    for k, (x, tree) in enumerate(zip(inputs, trees)):
+        for t in tree_flatten(tree)[0]:
+            if torch.is_tensor(t):
+                if t.dim() == 0:
+                    raise ValueError(
+                        f"per_sample_grad_gram_reference: inputs[{k}] ({_describe(x)}) holds a 0-dim tensor; every "
+                        "tensor of the inputs must have the batch as its first axis"
+                    )
+                sizes.setdefault(int(t.shape[0]), k)
+    if len(sizes) != 1:
+        got = ", ".join(f"{b} (inputs[{k}])" for b, k in sizes.items()) if sizes else "no tensor"
+        raise ValueError(
+            "per_sample_grad_gram_reference: the inputs' tensors must share their first axis, the batch (a tensor, "
+            f"or a mapping, tuple or list of tensors, e.g. a Hugging Face batch); got {got}: "
+            + "; ".join(f"inputs[{k}] {_describe(x)}" for k, x in enumerate(inputs))
+        )
+    in_dims = tuple(tree_map(lambda t: 0 if torch.is_tensor(t) else None, tree) for tree in trees)
+    # the values the default losses check and cannot read under vmap (an attention mask's 0s and 1s, no left
+    # padding for a model that takes no mask): checked here, on the whole inputs, and left out under vmap
+    for k, x in enumerate(inputs):
+        if isinstance(x, Mapping) and torch.is_tensor(x.get("attention_mask")):
+            check_attention_mask(x["attention_mask"], f"inputs[{k}]['attention_mask']")
+            try:
+                parse_batch(x)
+            except (TypeError, ValueError):
+                continue  # a batch of loss_fn's own form: read as loss_fn reads it
+            check_batch_values(model, x, f"inputs[{k}]")
 
     if sites is None and modules is None:  # every trainable parameter
         covered = {k: v for k, v in model.named_parameters() if v.requires_grad}
@@ -1020,15 +1081,17 @@ def per_sample_grad_gram_reference(
     wrap = _Wrap()
 
     def single(p, *xs):
-        out = functional_call(
-            wrap, {f"model.{k}": v for k, v in p.items()}, tuple(x.unsqueeze(0) for x in xs)
+        # each sample as a batch of one, in its input's own kinds of mapping
+        ones = tuple(
+            rebuild(tree_map(lambda t: t.unsqueeze(0) if torch.is_tensor(t) else t, x))
+            for rebuild, x in zip(rebuilds, xs)
         )
+        out = functional_call(wrap, {f"model.{k}": v for k, v in p.items()}, ones)
         return out.sum()
 
     try:
-        grads = vmap(grad(single), in_dims=(None,) + (0,) * len(inputs), chunk_size=chunk_size)(
-            params, *inputs
-        )
+        with stacked_batches_checked():
+            grads = vmap(grad(single), in_dims=(None, *in_dims), chunk_size=chunk_size)(params, *trees)
     except RuntimeError as e:
         if ".item()" not in str(e) and "data-dependent" not in str(e):
             raise

@@ -15,7 +15,22 @@ Batches
   index per sample, or per position when the logits have a sequence axis; ``y == -100`` is ignored; a model with
   one output is refused, cross-entropy over one class being 0), mean squared error for floating ``y``. A tuple or
   list of more elements (``(x, y, weights)``) is refused: the default loss would ignore the rest; a loss function
-  of one's own reads them.
+  of one's own reads them. Two pairs that a ``DataLoader`` over a ``TensorDataset`` of a language model's tensors
+  yields are refused, since read as ``(x, y)`` they score something else than the next token:
+
+  - ``(input_ids, labels)``: token ids ``x`` (batch, pos) and integer ``y`` of its shape equal to ``x`` at every
+    position where ``y`` is not -100 (the ids themselves, or Hugging Face's unshifted labels) would score the
+    logits at ``t`` against the input token at ``t``, copying the input (refused for a model with a vocabulary
+    by :func:`check_batch`, and by the losses whenever the logits have a sequence axis). Give
+    ``{"input_ids": x, "labels": y}``, or pairs shifted by the user, ``(x[:, :-1], y[:, 1:])``, which are read as
+    they are;
+  - ``(input_ids, attention_mask)``: integer ``y`` of ``x``'s shape holding only 0s and 1s in the pattern of a
+    padding mask (every row ``1 .. 1 0 .. 0``, or every row ``0 .. 0 1 .. 1``) while the model scores more than two
+    classes per position would be scored as classes 0 and 1 of the vocabulary (refused by the losses, which see
+    the number of classes). Give ``{"input_ids": x, "attention_mask": y}``. Per-position binary targets of a
+    model with two outputs per position are read as they are.
+
+  A pair whose integer ``y`` is -100 throughout has no counted target and is refused (its loss is undefined).
 
 A next-token target at position ``t + 1`` counts when ``labels[t + 1] != -100``, ``attention_mask[t + 1] == 1``
 and ``attention_mask[t] == 1`` (the prediction is made from a real token). With right padding (or none) this
@@ -30,8 +45,10 @@ Called as ``model(input_ids=..., attention_mask=..., use_cache=False)`` when ``f
 ``attention_mask=`` only when ``forward`` takes it (pypattern's ``Transformer``, TransformerLens models, any
 module returning logits; a causal model without a mask is exact on right-padded batches, and :func:`check_batch`
 refuses left-padded ones for it). Outputs are read as a tensor of logits, an object or mapping with ``.logits`` /
-``["logits"]`` (a Hugging Face ``ModelOutput``), or a tuple whose first element is the logits; a 0-dim tensor (or
-an output with only ``.loss``) is taken as the loss itself (then only :func:`batch_loss` applies).
+``["logits"]`` (a Hugging Face ``ModelOutput``), or a tuple whose first element is the logits (or whose second is,
+after a 0-dim loss: ``(loss, logits, ...)``, Hugging Face's ``return_dict=False`` order; the logits are read, as
+from a ``ModelOutput`` holding both); a 0-dim tensor (or an output with only ``.loss``, or a tuple of a loss
+alone) is taken as the loss itself (then only :func:`batch_loss` applies).
 
 Everything here is free of ``.item()`` and of branching on tensor values, so it runs under
 ``torch.func.functional_call`` and ``torch.vmap`` (over parameters, e.g. many chains at once).
@@ -69,6 +86,7 @@ __all__ = [
     "forward_error",
     "errors_naming",
     "check_batch_values",
+    "counted_entries",
     "model_output",
     "read_logits",
     "read_loss",
@@ -466,19 +484,15 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
                 f"{argument}: the pair (x, y) has {x.shape[0]} rows in x {tuple(x.shape)} but {y.shape[0]} in y "
                 f"{tuple(y.shape)}; give one target per sample"
             )
-        if (
-            x.dim() == 2
-            and _is_int(x)
-            and _is_int(y)
-            and x.shape == y.shape
-            and vocab_size(model) is not None
-            and torch.equal(x, y.to(x.dtype))
-        ):
+        if _is_int(y) and y.numel() and not bool((y != IGNORE_INDEX).any()):
             raise ValueError(
-                f"{argument}: a pair (x, y) with y equal to x for a language model: pairs are scored per position "
-                "(the output at t against y[t]), which would score copying the input. For the next-token loss give "
-                "the tokens alone, or {'input_ids': x, 'labels': y} (shifted as Hugging Face does)"
+                f"{argument}: the pair {_describe(batch)} has no counted target: every y is {IGNORE_INDEX}; its "
+                "loss is undefined"
             )
+        if vocab_size(model) is not None:
+            why = _misread_pair(x, y, None)
+            if why is not None:
+                raise ValueError(f"{argument}: {why}")
     if pb.is_lm:
         counted = _counted(pb)
         if not bool(counted.any()):
@@ -729,8 +743,21 @@ def _is_loss(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.dim() == 0
 
 
+def _loss_then_logits(out: Any) -> bool:
+    """Whether ``out`` is a tuple or list ``(loss, logits, ...)``: a 0-dim loss first and a tensor with axes second
+    (Hugging Face's ``return_dict=False`` order when the loss is computed)."""
+    return (
+        isinstance(out, tuple | list)
+        and len(out) > 1
+        and _is_loss(out[0])
+        and isinstance(out[1], torch.Tensor)
+        and out[1].dim() > 0
+    )
+
+
 def read_logits(out: Any) -> torch.Tensor:
-    """The logits in a model's output: a tensor, ``.logits`` / ``["logits"]``, or the first element of a tuple.
+    """The logits in a model's output: a tensor, ``.logits`` / ``["logits"]``, or the first element of a tuple (the
+    second after a 0-dim loss: ``(loss, logits, ...)``).
 
     Raises
     ------
@@ -743,6 +770,8 @@ def read_logits(out: Any) -> torch.Tensor:
         t = out["logits"]
     elif not isinstance(out, tuple | list | Mapping) and getattr(out, "logits", None) is not None:
         t = out.logits
+    elif _loss_then_logits(out):
+        t = out[1]
     elif isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
         t = out[0]
     else:
@@ -779,6 +808,8 @@ def _output_loss(out: Any) -> torch.Tensor | None:
     """A scalar loss the model returned instead of logits, else None."""
     if _is_loss(out):
         return out
+    if isinstance(out, tuple | list):
+        return out[0] if out and _is_loss(out[0]) and not _loss_then_logits(out) else None
     if isinstance(out, Mapping):
         return out.get("loss") if "logits" not in out or out.get("logits") is None else None
     if not isinstance(out, tuple | list) and getattr(out, "logits", None) is None:
@@ -808,6 +839,18 @@ def counted_mask(pb: ParsedBatch) -> torch.Tensor | None:
     return None
 
 
+def counted_entries(batch: Any) -> torch.Tensor | None:
+    """:func:`counted_mask` of ``batch``, or None when every entry counts or the default rule cannot read the batch
+    (a batch of one's own loss function, or an ``attention_mask`` of other values than 0 and 1). Runs under vmap,
+    on batches stacked for batched chains: there the mask's values are not read."""
+    with stacked_batches_checked():
+        try:
+            pb = parse_batch(batch)
+        except (TypeError, ValueError):
+            return None
+    return counted_mask(pb)
+
+
 def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token losses ``(batch, pos - 1)`` (0 where masked) and the mask of counted positions."""
     if logits.dim() != 3 or logits.shape[:2] != pb.inputs.shape:
@@ -825,10 +868,13 @@ def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor
     return torch.where(mask, nll, torch.zeros_like(nll)), mask
 
 
-def _pair_terms(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (``(batch,)``) or per-position (``(batch, pos)``) terms of a pair and their mask."""
+def _pair_terms(
+    out: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (``(batch,)``) or per-position (``(batch, pos)``) terms of a pair and their mask (``x``: the
+    pair's inputs, for :func:`_check_classes`)."""
     if not y.is_floating_point():
-        _check_classes(out, y)
+        _check_classes(out, y, x)
         if out.dim() == 3:  # (batch, pos, classes)
             terms = F.cross_entropy(out.transpose(1, 2), y, reduction="none")
         else:
@@ -840,9 +886,48 @@ def _pair_terms(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     return err, torch.ones_like(err, dtype=torch.bool)
 
 
-def _check_classes(out: torch.Tensor, y: torch.Tensor) -> None:
+def _misread_pair(x: torch.Tensor, y: torch.Tensor, classes: int | None) -> str | None:
+    """Why the default loss must not read the pair ``(x, y)`` as inputs and per-position targets (the module
+    docstring's two refused pairs), or None. ``x`` token ids ``(batch, pos)`` and integer ``y`` of its shape:
+
+    * ``y`` equal to ``x`` wherever ``y`` is not -100 (at least one such position): the input ids, or Hugging
+      Face's unshifted labels, which would score the logits at ``t`` against the input token at ``t``;
+    * with ``classes`` (the model's scores per position) above 2: ``y`` of 0s and 1s only (some 1s, rows of at
+      least two positions), every row ``1 .. 1 0 .. 0`` or every row ``0 .. 0 1 .. 1``: an attention mask, scored
+      as classes 0 and 1.
+
+    Reads values: not for tensors under vmap."""
+    if x.dim() != 2 or not _is_int(x) or not _is_int(y) or x.shape != y.shape or not y.numel():
+        return None
+    counted = y != IGNORE_INDEX
+    if bool(counted.any()) and torch.equal(x[counted], y[counted].to(x.dtype)):
+        return (
+            "a pair (x, y) with y equal to x for a language model (at every position where y is not "
+            f"{IGNORE_INDEX}): pairs are scored per position (the output at t against y[t]), which would score "
+            "copying the input. This is what a DataLoader over TensorDataset(input_ids, labels) yields; for the "
+            "next-token loss give the tokens alone, or {'input_ids': x, 'labels': y} (labels unshifted, as Hugging "
+            "Face's: a Dataset whose items are dicts, or a collate_fn that builds them), or pairs shifted by you, "
+            "(x[:, :-1], y[:, 1:])"
+        )
+    if classes is not None and classes > 2 and y.shape[1] > 1 and bool(((y == 0) | (y == 1)).all() & y.any()):
+        step = y[:, 1:] - y[:, :-1]
+        if bool((step <= 0).all()) or bool((step >= 0).all()):
+            return (
+                f"the pair's integer targets y {tuple(y.shape)} hold only 0s and 1s in the pattern of an attention "
+                "mask (every row 1 .. 1 0 .. 0, or every row 0 .. 0 1 .. 1), but the model scores "
+                f"{classes} classes per position, so they would be scored as classes 0 and 1. This is what a "
+                "DataLoader over TensorDataset(input_ids, attention_mask) yields; for the next-token loss over the "
+                "unpadded tokens give {'input_ids': x, 'attention_mask': y} (a Dataset whose items are dicts, or a "
+                "collate_fn that builds them). For targets that really are classes 0 and 1, pass a loss function "
+                "of your own"
+            )
+    return None
+
+
+def _check_classes(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
     """Integer targets ``y`` of class scores ``out``: one per sample (``out (batch, classes)``, ``y (batch,)``) or
-    per position (``(batch, pos, classes)`` and ``(batch, pos)``), each a class index or -100."""
+    per position (``(batch, pos, classes)`` and ``(batch, pos)``), each a class index or -100. With the inputs
+    ``x`` of a pair, per-position targets that :func:`_misread_pair` finds misread are refused too."""
     if out.dim() not in (2, 3):
         return  # other layouts (classes on axis 1 of an image's scores): as torch's cross-entropy reads them
     want = tuple(out.shape[:-1])
@@ -858,7 +943,7 @@ def _check_classes(out: torch.Tensor, y: torch.Tensor) -> None:
             f"the pair's integer targets y have shape {tuple(y.shape)}; class scores of shape {tuple(out.shape)} "
             f"need y of shape {want}{hint}"
         )
-    if functorch_wrapped(y, out):
+    if functorch_wrapped(y, out) or (x is not None and functorch_wrapped(x)):
         return  # under vmap (batched chains): the values cannot be read; the unbatched calls checked them
     n = out.shape[-1]
     counted = y[y != IGNORE_INDEX]
@@ -868,6 +953,10 @@ def _check_classes(out: torch.Tensor, y: torch.Tensor) -> None:
             f"the pair's targets y contain class {bad}; the model scores {n} classes (0 .. {n - 1}), and "
             f"{IGNORE_INDEX} marks a target that does not count"
         )
+    if x is not None and out.dim() == 3:
+        why = _misread_pair(x, y, n)
+        if why is not None:
+            raise ValueError(why)
 
 
 def _same_shape(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -891,8 +980,9 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
     Token batches: the mean of the next-token cross-entropies over every counted position of the batch (each
     token weighs the same, as Hugging Face's ``.loss``). Pairs: ``cross_entropy(model(x), y)`` for integer ``y``
-    (the sequence axis of 3-D logits handled), else ``mse_loss(model(x), y)``. A model that returns a scalar (or an
-    output with only ``.loss``) has that scalar returned.
+    (the sequence axis of 3-D logits handled), else ``mse_loss(model(x), y)``; the pairs the module docstring
+    refuses (token ids with their own ids or labels, or with their attention mask, as targets) raise
+    ``ValueError``. A model that returns a scalar (or an output with only ``.loss``) has that scalar returned.
     """
     pb = _on_model(model, parse_batch(batch))
     out = _output(model, pb)
@@ -904,7 +994,7 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         terms, mask = _lm_token_terms(logits, pb)
         return terms.sum() / mask.sum()
     if not pb.target.is_floating_point():
-        _check_classes(logits, pb.target)
+        _check_classes(logits, pb.target, pb.inputs)
         if logits.dim() == 3:
             return F.cross_entropy(logits.transpose(1, 2), pb.target)
         return F.cross_entropy(logits, pb.target)
@@ -927,7 +1017,7 @@ def token_losses(
     """
     pb = _on_model(model, parse_batch(batch))
     logits = read_logits(_output(model, pb))
-    terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target)
+    terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target, pb.inputs)
     if fill != 0.0:
         terms = torch.where(mask, terms, torch.full_like(terms, fill))
     return terms, mask

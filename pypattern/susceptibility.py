@@ -66,6 +66,7 @@ from .losses import (
     _describe,
     batch_size,
     check_batch,
+    counted_entries,
     counted_mask,
     errors_naming,
     probe_losses,
@@ -95,7 +96,7 @@ from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model
 from .sampling.results import check_arrays
-from .sampling.runner import default_burnin, rerun_at_half_step, sample, split_loss
+from .sampling.runner import by_default_rule, default_burnin, rerun_at_half_step, sample, split_loss
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
@@ -579,6 +580,37 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
 _DEFAULT_TOKEN_LOSSES = (per_sample_losses, probe_losses)
 
 
+def _chain_loss(per_sample_loss_fn: Callable) -> Callable:
+    """The sampler's loss of :func:`susceptibilities` and :func:`bif` when ``loss_fn`` is not given: the mean of
+    ``per_sample_loss_fn(model, batch)`` over the batch's counted entries, returned with those losses (which reach
+    the sampler's callbacks as ``outputs[0]``).
+
+    Counted entries are those of the default per-token losses (:func:`pypattern.losses.counted_entries`: next-token
+    targets that are not -100 and not padding by ``attention_mask``; integer pair targets that are not -100). With
+    the default ``per_sample_loss_fn`` this is :func:`pypattern.losses.batch_loss` (each counted token weighs the
+    same), and the batch is checked by the library's rule as ``batch_loss``'s are; a function of one's own whose
+    losses have that mask's shape (per-token losses ``(batch, pos - 1)`` of a token batch, per-position losses of
+    a pair) is averaged over the counted entries only, so that padding (0 or NaN there) does not dilute the loss,
+    and any other shape (per-sample losses ``(batch,)``) over all its entries."""
+    if per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
+
+        def lf(m, batch):
+            v, mask = token_losses(m, batch, fill=0.0)
+            return v.sum() / mask.sum(), v
+
+        return by_default_rule(lf)
+
+    def lf_own(m, batch):
+        v = per_sample_loss_fn(m, batch)
+        mask = counted_entries(batch) if isinstance(v, torch.Tensor) else None
+        if mask is not None and tuple(mask.shape) == tuple(v.shape):
+            mask = mask.to(v.device)
+            return torch.where(mask, v, torch.zeros_like(v)).sum() / mask.sum(), v
+        return v.mean(), v
+
+    return lf_own
+
+
 class _ProbeEntries:
     """Which probe entries count, and how per-token losses become per-sample ones (``per_token=False``).
 
@@ -783,8 +815,12 @@ def susceptibilities(
         pypattern's transformer, or a parameter-name prefix), a list of parameter names, or ``{param_name: mask}``;
         a dict maps display names to such entries.
     loss_fn : callable(model, batch) -> loss, optional
-        Batch-mean training loss for the sampler. Default: the mean of ``per_sample_loss_fn(model, batch)``
-        (cross-entropy or squared error for ``(x, y)`` batches, next-token loss for token batches). With the
+        Batch-mean training loss for the sampler. Default: the mean of ``per_sample_loss_fn(model, batch)`` over
+        the batch's counted entries (padding and ``-100`` labels left out; with the default ``per_sample_loss_fn``
+        this is :func:`pypattern.losses.batch_loss`: next-token loss for token batches, cross-entropy or squared
+        error for ``(x, y)`` batches, and the loader's batches are checked by its rule; a function of one's own
+        returning per-token losses of the batch's shape is averaged over the counted tokens, per-sample losses over
+        the samples), the same in :func:`bif`. With the
         default, full-batch SGLD on the probe itself (a loader whose only batch is the probe, as in the
         structural-inference experiments) reads the probe losses, and ``phi`` when the sampling batch is that
         batch too, from the sampler's own forward: one forward and one backward per step instead of three
@@ -881,17 +917,7 @@ def susceptibilities(
     if default_phi:
         # the default losses read it: checked as probe is, errors naming where it came from
         check_batch(model, sampling_batch, phi_batch)
-    if loss_fn is None:
-
-        def lf(m, batch):
-            if per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:  # the mean over counted tokens (batch_loss's)
-                v, mask = token_losses(m, batch, fill=0.0)
-                return v.sum() / mask.sum(), v  # the per-sample losses reach the callback as outputs[0]
-            v = per_sample_loss_fn(m, batch)
-            return v.mean(), v
-
-    else:
-        lf = loss_fn
+    lf = loss_fn if loss_fn is not None else _chain_loss(per_sample_loss_fn)
     # the runs (checked before the step is calibrated): the unrestricted one first (devinterp convention), then one per component
     names_all = (["unrestricted"] if convention == "devinterp" else []) + [
         f"component_{k}" for k in range(len(specs))
@@ -1378,7 +1404,9 @@ def bif(
 ) -> BIFResult:
     """Bayesian influence function ``BIF(z_i, z_j) = -Cov(l_i, l_j)`` over draws of the (unrestricted) localized
     posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws).
-    ``**sampler_settings`` are those of :func:`susceptibilities` (``sampler=`` included) but ``checkpoint=`` /
+    ``loss_fn``, ``per_sample_loss_fn`` and ``per_token`` are those of :func:`susceptibilities` (the sampler's
+    loss by default the mean of ``per_sample_loss_fn`` over the batch's counted entries, as there), and
+    ``**sampler_settings`` are too (``sampler=`` included) but ``checkpoint=`` /
     ``checkpoint_every=``: a BIF run is not checkpointed. ``device``: where to sample, as in
     :func:`susceptibilities` (default: the model's device; another one samples a copy of the model moved there,
     the probe moved with it)."""
@@ -1392,6 +1420,10 @@ def bif(
     _check_common(model, loader, per_token, kw)
     model, dev = _run_device(model, device)
     probe = to_device(probe, dev)  # the probe losses are forwards of the model on it
+    if loss_fn is None and per_sample_loss_fn not in _DEFAULT_TOKEN_LOSSES:
+        # susceptibilities' sampler loss; with the default per_sample_loss_fn that is batch_loss, which sample()
+        # takes for loss_fn=None (and runs batched chains on with its checks made before stacking)
+        loss_fn = _chain_loss(per_sample_loss_fn)
     auto_step = None
     if wants_auto(
         kw.get("step_size"), kw.get("optimizer_kwargs")

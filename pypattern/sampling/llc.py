@@ -21,7 +21,7 @@ from .._checks import device_arg
 from .diagnostics import ess, r_hat, user_stacklevel
 from .optim import SGLD
 from .results import LLCResult, SampleResult
-from .runner import loss_argument, sample
+from .runner import by_default_rule, loss_argument, sample
 from .samplers import sampler_name
 from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
 
@@ -296,15 +296,60 @@ def _batch_kind(data) -> str:
     return "other"
 
 
+def _rule_kind(data) -> bool:
+    """Whether ``data`` is of a kind the library's one rule reads (token tensors, a
+    ``DataLoader(TensorDataset(tokens))``'s one-element batches, pairs, mappings with ``input_ids``)."""
+    tokens = isinstance(data, torch.Tensor) and not (data.is_floating_point() or data.is_complex())
+    one = isinstance(data, tuple | list) and len(data) == 1 and isinstance(data[0], torch.Tensor)
+    return (
+        tokens
+        or one
+        or (isinstance(data, tuple | list) and len(data) == 2)
+        or (isinstance(data, Mapping) and "input_ids" in data)
+    )
+
+
+def _rule_reads(data) -> bool:
+    """Whether the library's one rule reads ``data``'s form (:func:`pypattern.losses.parse_batch` takes it)."""
+    from ..losses import parse_batch
+
+    try:
+        parse_batch(data)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _rule_computes(model, data) -> bool:
+    """Whether :func:`_default_evaluate` computes ``data``'s loss by the library's one rule (then the sampler
+    checks the batch by it first, :func:`pypattern.sampling.runner.by_default_rule`): a batch of a kind the rule
+    reads, for a model that does not return its own loss for that kind; where ``model(data)`` fails, a batch whose
+    form the rule reads. Decided as :func:`_default_evaluate` decides, at the first batch of each kind for each
+    model class (one extra forward)."""
+    if not _rule_kind(data):
+        return False
+    decided = _MODEL_RETURNS_LOSS.get((type(model), _batch_kind(data)))
+    if decided is not None:
+        return not decided
+    try:
+        out = model(data)
+    except Exception:  # noqa: BLE001 - devinterp's call failed: the rule computes the loss if it reads the batch
+        return _rule_reads(data)
+    decided = _loss_of(out) is not None
+    _MODEL_RETURNS_LOSS[(type(model), _batch_kind(data))] = decided
+    return not decided
+
+
 def _default_evaluate(model, data):
     """devinterp 1.3's default ``evaluate``: ``model(data)``, whose loss (one number: the output itself, a tuple's
     first element, a dict's ``"loss"`` or an object's ``.loss``) is the batch's loss. Where ``model(data)`` fails
     or returns something else (logits), batches the library's one rule reads (token tensors, a
     ``DataLoader(TensorDataset(tokens))``'s one-element batches, Hugging Face dicts with ``input_ids``, ``(x, y)``
     pairs) get its loss (:func:`pypattern.losses.batch_loss`: next-token cross-entropy over the counted tokens;
-    cross-entropy of ``model(x)`` for integer ``y``, else the mean squared error), and other batches raise
-    ``model(data)``'s error. Which of the two applies is decided at the first batch of each kind for each model
-    class (one extra forward)."""
+    cross-entropy of ``model(x)`` for integer ``y``, else the mean squared error), checked by the rule as every
+    estimator's default loss is (:func:`_rule_computes`); other batches raise ``model(data)``'s error, as do
+    batches whose form the rule does not read either. Which of the two applies is decided at the first batch of
+    each kind for each model class (one extra forward)."""
     tokens = isinstance(data, torch.Tensor) and not (data.is_floating_point() or data.is_complex())
     if isinstance(data, torch.Tensor) and not tokens:
         from ..losses import vocab_size
@@ -314,14 +359,7 @@ def _default_evaluate(model, data):
                 f"loader: a {data.dtype} tensor batch of shape {tuple(data.shape)} for a language model, which reads "
                 "integer token ids; give integer ids (or pass evaluate(model, batch))"
             )
-    one = isinstance(data, tuple | list) and len(data) == 1 and isinstance(data[0], torch.Tensor)
-    library = (
-        tokens
-        or one
-        or (isinstance(data, tuple | list) and len(data) == 2)
-        or (isinstance(data, Mapping) and "input_ids" in data)
-    )
-    if library:
+    if _rule_kind(data):
         from .runner import default_loss_fn
 
         key = (type(model), _batch_kind(data))
@@ -334,6 +372,11 @@ def _default_evaluate(model, data):
             except Exception as e:  # noqa: BLE001 - devinterp's call failed: the library's loss, else this error
                 try:
                     loss = default_loss_fn(model, data)
+                except (TypeError, ValueError) as refusal:
+                    # the rule reads the batch's form and refuses it: its error names why
+                    if _rule_reads(data):
+                        raise refusal from None
+                    raise e from None
                 except Exception:  # noqa: BLE001 - neither reads the batch: devinterp's error stands
                     raise e from None
                 _MODEL_RETURNS_LOSS[key] = False
@@ -351,6 +394,9 @@ def _default_evaluate(model, data):
             f"{getattr(out, 'shape', type(out).__name__)}. Pass evaluate(model, batch) or criterion(outputs, targets)"
         )
     return out
+
+
+by_default_rule(_default_evaluate, _rule_computes)
 
 
 def _devinterp_kwargs(

@@ -124,6 +124,30 @@ def default_loss_fn(model, batch) -> torch.Tensor:
     return batch_loss(model, batch)
 
 
+def _always(model, batch) -> bool:
+    return True
+
+
+def by_default_rule(fn: Callable, when: Callable[[Any, Any], bool] | None = None) -> Callable:
+    """``fn``, a loss function ``(model, batch)`` that computes its loss by the library's one rule (wrapping
+    :func:`pypattern.losses.batch_loss` or its per-token losses), marked so that the sampler treats it as it treats
+    :func:`default_loss_fn` (:func:`reads_by_default_rule`): the batches whose ``L_n(w*)`` it computes are checked
+    by :func:`pypattern.losses.check_batch` first, and the rule's refusals name the argument the batch came in.
+    ``when(model, batch)`` says whether the rule computes the loss of ``batch`` (default: always)."""
+    fn._pypattern_default_rule = when if when is not None else _always
+    return fn
+
+
+def reads_by_default_rule(loss_fn: Callable, model, batch) -> bool:
+    """Whether the library's one rule computes ``loss_fn``'s loss on ``batch``: :func:`default_loss_fn` and
+    :func:`pypattern.losses.batch_loss` always, a loss function marked by :func:`by_default_rule` when its
+    predicate says so, any other never (a loss function of one's own reads its batches as it will)."""
+    if loss_fn is default_loss_fn or loss_fn is batch_loss:
+        return True
+    when = getattr(loss_fn, "_pypattern_default_rule", None)
+    return callable(when) and when(model, batch) is True
+
+
 def sample(
     model: nn.Module,
     loader: Iterable,
@@ -705,9 +729,9 @@ def _init_losses(
     stream = ChainData(loader, plan.key(0, stream=2), data_cache)
 
     def loss_at_w_star(batch) -> float:
-        # the library's loss (the default, or batch_loss passed by name) reads the batch: check it, errors naming
-        # the argument it came from
-        library = plan.loss_fn is default_loss_fn or plan.loss_fn is batch_loss
+        # the library's rule computes the loss (the default, batch_loss passed by name, or a loss function marked
+        # by by_default_rule): check the batch, errors naming the argument it came from
+        library = reads_by_default_rule(plan.loss_fn, model, batch)
         if library:
             check_batch(model, batch, "loader")
         with errors_naming(model, batch, "loader", library):
