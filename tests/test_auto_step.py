@@ -617,3 +617,69 @@ def test_a_resumed_susceptibility_call_reuses_its_calibration(tmp_path, monkeypa
             model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **{**kw, "seed": 1}
         )
     assert len(calls) == 2
+
+
+def _least_squares_regression(batch_size):
+    """A linear map (5 inputs, 3 outputs and a bias: d = 18) at the least-squares minimum of its MSE on n = 1000
+    points. The loss is quadratic, so the LLC at nbeta 0.5 and localization 1 is exactly ``1/2 sum nbeta h / (nbeta
+    h + 1)`` over the Hessian's eigenvalues ``h``: 2.88. Every direction is flat against the localization (``nbeta
+    h`` from 0.08 to 1.3): the chains relax at about ``eps / 2`` per step."""
+    g = torch.Generator().manual_seed(0)
+    din, dout, n, nbeta = 5, 3, 1000, 0.5
+    x = torch.randn(n, din, generator=g, dtype=torch.float64) * torch.linspace(
+        0.5, 2, din, dtype=torch.float64
+    )
+    teacher = torch.randn(dout, din, generator=g, dtype=torch.float64)
+    y = x @ teacher.T + 0.5 * torch.randn(n, dout, generator=g, dtype=torch.float64) + 1.0
+    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(xa, y).solution
+    model = torch.nn.Linear(din, dout, dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(sol[:din].T)
+        model.bias.copy_(sol[din])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=True
+    )
+    h = torch.linalg.eigvalsh(2 * xa.T @ xa / (n * dout)).repeat(dout)
+    return model, loader, float((nbeta * h / (nbeta * h + 1.0)).sum() / 2)
+
+
+@pytest.mark.parametrize("batch_size", [100, 1000])
+def test_auto_step_lets_slowly_relaxing_chains_relax(batch_size):
+    # at nbeta 0.5 trials of 100-200 steps fail R-hat from 0.1 down (too few effective draws at the top, still
+    # relaxing below) until steps so small that the chains do not move: with minibatches the loss trace is then
+    # minibatch noise (R-hat ~1.04) and the halving pair covers the same short Langevin time and agrees with itself
+    # (without the relaxation rules: 1.2e-5, estimate 0.024 of 2.88; full batch 6.25e-3 after 28 trials). The trial
+    # at 0.1 runs again for 20 relaxation times, and 0.05 is chosen (docs/llc_results.md)
+    model, loader, exact = _least_squares_regression(batch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run's own 4 x 200 draws: R-hat ~1.1-1.3 at nbeta 0.5
+        r = estimate_llc(model, loader, nbeta=0.5, localization=1.0, seed=0, quiet=True)
+    rep = r.sample.config["auto_step"]
+    chosen = rep["trials"][-1]
+    assert chosen["step_size"] == rep["chosen"] == r.sample.config["step_size"]
+    # the chosen step's trial covered at least 3 relaxation times of the flattest direction (eps * 1 * steps / 2)
+    assert chosen["step_size"] * chosen["num_steps"] / 2 >= 3, rep
+    assert "relaxation times of the flattest direction" in rep["reason"]
+    assert abs(r.llc_mean - exact) / exact < 0.15, (r.llc_mean, r.llc_se, exact, rep)
+
+
+def test_refuses_where_no_trial_can_relax():
+    # every trial fails R-hat (max_r_hat barely above 1): the scan goes down the grid until no trial within
+    # max_trial_factor x calibration_steps steps can cover 3 relaxation times of even the stiffest direction (0.1
+    # ran without diverging: the largest curvature is below 4 / 0.1), and stops there with the table and the reason
+    model, loader, _ = _least_squares_regression(100)
+    with pytest.raises(AutoStepError) as e:
+        resolve_step_size(
+            model, loader, nbeta=0.5, localization=1.0, seed=0, calibration_chains=4, calibration_steps=40,
+            max_trial_factor=2, max_r_hat=1.0001,
+        )  # fmt: skip
+    rep = e.value.report
+    assert rep.chosen is None and rep.step_size and all(not v.startswith("ok") for v in rep.verdict)
+    # at most 2 units of 40 steps: a coupled trial at eps (40 steps) covers at most 2 * eps * 40 / 0.1 relaxation
+    # times, fewer than 3 below 3.75e-3, and an independent one (80 steps) below 1.875e-3: the coupled pairs stop
+    # at 3.125e-3, the independent trials at 1.5625e-3, before running them
+    coupled = [s for s, v in zip(rep.step_size, rep.verdict, strict=True) if "noise of the half step" in v]
+    assert min(coupled) == 6.25e-3 and min(rep.step_size) == 3.125e-3
+    assert "the scan stopped at 0.00156" in rep.reason
+    assert "relaxation times of even its stiffest direction" in str(e.value)

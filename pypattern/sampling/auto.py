@@ -16,8 +16,9 @@ Candidate step sizes form a geometric grid with ratio 2, from ``max_step_size`` 
 gives the draws. A trial is **healthy** when
 
 * no chain diverged or ran away (:class:`SamplingDivergedError`, see :func:`pypattern.sample`),
-* the LLC estimate is positive (the chains sit above ``L_n(w*)``), and
-* the split R-hat of the loss trace is below ``max_r_hat`` (default 1.1).
+* the LLC estimate is positive (the chains sit above ``L_n(w*)``),
+* the split R-hat of the loss trace is below ``max_r_hat`` (default 1.1), and
+* the chains can have relaxed from ``w*`` in the trial's steps (SGLD; "Relaxation" below).
 
 **Coupled pairs** (the default for SGLD without a bounding box when the trials' chains can run batched: their
 stacked weights under 64 MB of float32, and ``batched`` not False; coupled trials always run batched). The
@@ -66,11 +67,61 @@ length, except that a trial ``k`` halvings below the first healthy one that is n
 k`` times that trial's steps (up to ``max_trial_factor``), the same Langevin time, before it is judged. Without that
 second run a short run's trials at smaller steps were too short to reach stationarity, and the scan failed (the deep
 linear network (3, 2) with 4 chains x 200 draws raised :class:`AutoStepError` for 3 of 6 data orders; see
-``tests/test_auto_step.py``).
+``tests/test_auto_step.py``). A trial run again to relax (below) may also be longer than the run.
+
+Relaxation
+----------
+The chains start at ``w*``; a trial says something about a step only when they have relaxed to the localized
+posterior in its burn-in. SGLD's drift is ``-(eps / 2) (nbeta grad L + gamma (w - w*))`` with ``gamma =
+localization + weight_decay``: at a minimum of ``L`` a direction of curvature ``h`` relaxes at the rate ``eps (nbeta
+h + gamma) / 2`` per step, so every direction at least at ``eps gamma / 2`` (the flattest), and none faster than
+``eps K / 2`` for the largest curvature ``K`` of ``nbeta L + gamma |w - w*|^2 / 2``, where ``K < 4 / eps'`` when a
+trial at a step ``eps'`` ran without diverging. A trial of ``S`` steps at ``eps`` therefore covers at least ``R =
+eps gamma S / 2`` relaxation times of its flattest direction and at most ``2 eps S / eps'`` of its stiffest
+(``eps'`` the largest step whose trial did not diverge). From ``w*``, the share of the estimate of a direction that
+covered ``R`` relaxation times falls short of its stationary value by ``(e^-R - e^-2R) / R`` (the second half's
+mean): 1.6% at 3. With ``relaxation_times`` (default 3):
+
+* a trial that covers fewer than ``relaxation_times`` relaxation times of even its stiffest direction has relaxed in
+  no direction: it is **not relaxed**. When not even a trial of ``max_trial_factor`` units of a candidate could
+  cover them, the scan stops there (a smaller step relaxes more slowly still), and the reason says so.
+* a trial that is not stationary or not relaxed runs again, before it is judged, for ``relaxation_target`` (default
+  20) relaxation times of its flattest direction when that fits in ``max_trial_factor`` units, else for
+  ``relaxation_times`` of it, else for ``relaxation_times`` of its stiffest direction (only when longer than it
+  ran). Where the flattest directions carry the loss's fluctuations, a stationary trial of ``R`` relaxation times
+  holds about ``R`` effective draws per chain, and with a few its split R-hat exceeds 1.1 by chance (the
+  regression below at 0.1, 4 chains, 10 seeds: ``R`` = 5, 10, 20, 40 gave 7, 13, 21, 41 effective draws per chain
+  and R-hat >= 1.1 in 60%, 20%, 10%, 0% of the trials, with the same estimate; 8 chains failed as often).
+* a trial that covers at least ``relaxation_times`` of its flattest direction has relaxed in every direction. One
+  in between has relaxed in its stiff directions; its flat ones (which contribute little to the LLC when flat
+  against the localization) may still be relaxing: the reason gives both numbers for the chosen pair. (The
+  estimate of a singular model creeps up there: on the deep linear network (3, 3, 3, 2) at ``nbeta = 100`` the
+  trials' estimates at 3.1e-3 to 3.9e-4 (400 to 1,600 steps) were 13-26% higher over the second half of their
+  steps than over the quarter before, while the run of 3,000 steps at the chosen 1.56e-3 gives 3.03 for the
+  learning coefficient 3: a rule on that growth refused there.)
+
+Measured on a linear regression at its least-squares minimum (``d = 18``, ``n = 1000``, minibatches of 100,
+``nbeta = 0.5``, ``localization = 1``; exact LLC 2.880, the run 4 chains x 200 draws; docs/llc_results.md): trials
+of 100 steps fail R-hat at every step from 0.1 down to 5e-5. At the top the chains are stationary but the trials
+short (0.1: 5 relaxation times, R-hat 1.12); further down they are still relaxing (estimates 2.60, 2.50, 2.31,
+1.88, 1.30, 0.78, ... falling with the step). At 2.4e-5 the chains do not move (0.001 relaxation times of the
+flattest direction, at most 0.05 of the stiffest): the loss trace is minibatch noise around ``L_n(w*)`` (R-hat
+1.04), and the halving pair covers the same short Langevin time and agrees with itself, so without the relaxation
+rules 1.2e-5 is chosen and the estimate is 0.024. With them that trial is not relaxed, the trial at 0.1 runs again
+for 400 steps (20 relaxation times; R-hat 1.07) and pairs with 0.05, which is chosen: 2.79 +- 0.23 (the
+full-batch loader: 2.79 +- 0.22; without the rules 6.25e-3, after 28 trials).
+
+The bounds assume SGLD (no relaxation rules for other samplers) at a minimum of ``L``: where ``L`` curves down the
+flattest direction relaxes more slowly than ``eps gamma / 2`` (or drifts away: R-hat). The stiffest direction's
+bound comes from the largest step that ran without diverging: with a ``max_step_size`` so small that the chains
+barely move at it, it bounds nothing and only R-hat is left (which a trace of minibatch noise passes).
+``relaxation_times=0`` turns the relaxation rules off.
 
 A too-large step diverges, drifts (R-hat) or inflates the estimate (the halving test catches the discretisation
-bias); a too-small step is never reached, since the scan stops at the first step that passes. When no candidate
-passes, :class:`AutoStepError` is raised with the table of every trial (step, steps, R-hat, estimate, SE, verdict).
+bias). A too-small step covers too little Langevin time for the chains to relax in a trial: its trial runs again
+longer or is not relaxed, so the halving pair of a step whose chains barely move (which covers the same short
+stretch of Langevin time twice, and agrees with itself) is not accepted. When no candidate passes,
+:class:`AutoStepError` is raised with the table of every trial (step, steps, R-hat, estimate, SE, verdict).
 
 What a trial cannot see: a rare excursion that a run of many more chain-steps meets. On the normal crossing
 ``K = w1^2 w2^4`` the curvature across an arm grows as ``w2^4``, so a step that is stable in every trial can
@@ -93,7 +144,8 @@ Budget
 ------
 A trial at the top of the grid that runs away stops at the first non-finite or runaway draw. A full trial costs
 ``calibration_chains * calibration_steps`` chain-steps (times its length factor), so the calibration costs a few
-such trials: typically 4-10 (for example 8 x 200 x (1 + 2 + 4 + 8) = 24,000 chain-steps). Every trial reuses the
+such trials: typically 4-10 (for example 8 x 200 x (1 + 2 + 4 + 8) = 24,000 chain-steps); a trial run again to
+relax costs up to ``max_trial_factor`` units more. Every trial reuses the
 first trial's ``L_n(w*)``. The trials are keyed by ``seed + 1`` (different noise from the run's), and they never
 modify the model. A run with a checkpoint records its calibration there (a susceptibility folder in a file of its
 own); resuming the same call reads it back instead of calibrating again (:func:`calibrate_or_resume`). A progress bar counts the trials (``quiet=True`` silences it). Measured costs are in
@@ -157,7 +209,8 @@ class AutoStepReport(Saveable):
     step_size, num_steps, llc, se, r_hat : list of float
         The trial's step size, its steps per chain, its LLC estimate, standard error and split R-hat.
     verdict : list of str
-        ``"ok"`` (healthy), ``"diverged ..."``, ``"negative LLC"``, ``"not stationary ..."``.
+        ``"ok"`` (healthy), ``"diverged ..."``, ``"negative LLC"``, ``"not stationary ..."``, ``"not relaxed ..."``
+        (too few steps for the chains to relax from ``w*``).
     chosen : float or None
         The chosen step size (None when the calibration refused).
     bias : float or None
@@ -267,6 +320,8 @@ def resolve_step_size(
     coupled: bool = True,
     pair_factor: int = 4,
     run_draw_steps: int | None = None,
+    relaxation_times: float = 3.0,
+    relaxation_target: float = 20.0,
     quiet: bool = True,
     **sample_kwargs,
 ) -> tuple[float, AutoStepReport]:
@@ -298,8 +353,9 @@ def resolve_step_size(
         A softer limit for a short run (:func:`trial_factor_for_run`): trials are no longer than this, except that
         a trial ``k`` halvings below the first healthy one that is not stationary runs again for ``2 ** k`` times
         the first healthy trial's steps (at most ``max_trial_factor``), the same Langevin time, before it is
-        judged: a shorter trial at a smaller step may not have reached its stationary distribution yet. None: no
-        softer limit.
+        judged: a shorter trial at a smaller step may not have reached its stationary distribution yet, and that a
+        trial that is not stationary or not relaxed runs again for the length it needs to relax (``relaxation_target``)
+        up to ``max_trial_factor``. None: no softer limit.
     resolve : bool
         Rerun a halving pair whose change is within ``rtol`` but whose standard errors are too wide to resolve
         ``rtol`` with both trials twice as long, until it resolves or reaches ``max_trial_factor``. Off by
@@ -314,6 +370,13 @@ def resolve_step_size(
     run_draw_steps : int, optional
         Chain-steps of the run's draw phase (chains x draws x thinning): coupled pairs accept a change up to the
         run's own standard error, predicted from the half-step trial. None: up to ``rtol / 2``.
+    relaxation_times : float
+        Relaxation times (of the flattest direction, ``eps * (localization + weight_decay) * steps / 2``, or at
+        most of the stiffest) below which a trial is not known to have relaxed from ``w*`` (module docstring,
+        "Relaxation"); 0 turns the relaxation rules off.
+    relaxation_target : float
+        Relaxation times of the flattest direction a trial that is not stationary or not relaxed runs again for,
+        when that fits in ``max_trial_factor`` units (else ``relaxation_times``).
     quiet : bool
         No progress bar (by default one bar counts the trials and shows the step being tried).
     **sample_kwargs
@@ -345,6 +408,10 @@ def resolve_step_size(
         raise ValueError(f"max_r_hat must be > 1, got {max_r_hat!r}")
     if not z > 0:
         raise ValueError(f"z must be > 0, got {z!r}")
+    if not (relaxation_times >= 0 and relaxation_target >= 0):
+        raise ValueError(
+            f"relaxation_times and relaxation_target must be >= 0, got {relaxation_times!r}, {relaxation_target!r}"
+        )
     grid = step_size_grid(max_step_size, min_step_size)
     extra = {k: v for k, v in sample_kwargs.items() if k in _PASSED_TO_TRIALS and v is not None}
     trial_seed = (
@@ -368,8 +435,18 @@ def resolve_step_size(
             atol_rel=float(atol_rel),
             nbeta=None if nbeta is None else float(nbeta),
             localization=float(localization),
+            relaxation_times=float(relaxation_times),
+            relaxation_target=float(relaxation_target),
         )
     )
+    # SGLD's drift -(eps/2)(nbeta grad L + (localization + weight_decay)(w - w*)): at a minimum of L every direction
+    # relaxes at least at the rate eps * gamma / 2 per step (the flattest), at most at eps * K / 2 for the largest
+    # curvature K of the potential, and K < 4 / eps' when a trial at a step eps' ran without diverging
+    relax = (
+        sampler_name(extra.get("sampler"), extra.get("sampling_method")) == "sgld" and relaxation_times > 0
+    )
+    gamma = max(0.0, float(localization or 0.0)) + max(0.0, float(extra.get("weight_decay") or 0.0))
+    stable: float | None = None  # the largest step whose trial ran without diverging
     t0 = time.perf_counter()
     cache: dict[tuple[int, int, int], dict] = {}
     pbar = None
@@ -421,6 +498,8 @@ def resolve_step_size(
             row["ok"] = False
             return done(i, factor, coupling, row)
         outs = out if isinstance(out, list) else [out]
+        nonlocal stable
+        stable = max(stable or 0.0, eps)
         # every trial judges against the same L_n(w*): computed by the first trial that finishes, then reused
         extra.setdefault("init_loss", float(outs[0].init_loss))
         llcs, ses, rhs, chains = [], [], [], []
@@ -435,14 +514,48 @@ def resolve_step_size(
         row.update(
             llc=float(llcs[w]), se=float(ses[w]), r_hat=float(rhs[w]), llcs=llcs, ses=ses, chains=chains
         )
+        flat, stiff = relaxation(eps, steps)
+        row["relaxation"] = (flat, stiff)
         if not all(v > 0 for v in llcs):
             row["verdict"], row["ok"] = "negative LLC", False
         elif not all(v < max_r_hat for v in rhs):
             row["verdict"], row["ok"] = f"not stationary (R-hat {max(rhs):.2f} >= {max_r_hat})", False
             row["drift"] = True
+        elif relax and stiff < relaxation_times:
+            times = f"at most {stiff:.2g} < {relaxation_times:g} relaxation times of the stiffest direction"
+            row["verdict"], row["ok"], row["drift"] = f"not relaxed ({times} in {steps} steps)", False, True
         else:
             row["verdict"], row["ok"] = "ok", True
         return done(i, factor, coupling, row)
+
+    def relaxation(eps: float, steps: int) -> tuple[float, float]:
+        """Relaxation times a trial of ``steps`` steps at ``eps`` covers: at least ``eps * gamma * steps / 2`` (the
+        flattest direction), at most ``2 * eps * steps / stable`` (the stiffest)."""
+        return eps * gamma * steps / 2, 2 * eps * steps / max(stable or eps, eps)
+
+    def needed(i: int, coupling: int = 1) -> int | None:
+        """The units of steps a trial of ``grid[i]`` needs: to cover ``relaxation_target``, else
+        ``relaxation_times``, relaxation times of the flattest direction, the first that fits in
+        ``max_trial_factor``, else ``relaxation_times`` of the stiffest; None when not even that fits (the trial
+        cannot relax, nor can one of a smaller step)."""
+        unit = grid[i] * int(calibration_steps) / coupling  # Langevin time of one unit of steps
+        for times in (max(relaxation_target, relaxation_times), relaxation_times) if gamma > 0 else ():
+            f = math.ceil(2 * times / (gamma * unit) - 1e-9)
+            if f <= max_factor:
+                return max(1, f)
+        f = max(1, math.ceil(relaxation_times * max(stable or grid[i], grid[i]) / (2 * unit) - 1e-9))
+        return f if f <= max_factor else None
+
+    def long_enough(i: int, f: int, coupling: int = 1) -> tuple[dict, int]:
+        """The trial of ``grid[i]`` for ``f`` units; when it is not stationary or not relaxed, run again for the
+        units :func:`needed` gives if they are more. Returns the trial and its units."""
+        row = trial(i, f, coupling)
+        if not relax or not drifted(row):
+            return row, f
+        n = needed(i, coupling)
+        if n is not None and n > f:
+            return trial(i, n, coupling), n
+        return row, f
 
     def done(i: int, factor: int, coupling: int, row: dict) -> dict:
         cache[(i, factor, coupling)] = row
@@ -476,6 +589,29 @@ def resolve_step_size(
     def drifted(row: dict) -> bool:
         return not row["ok"] and row.get("drift", False)
 
+    unrelaxed: list[tuple[float, float]] = []  # where a scan stopped as no trial could relax, and ``stable``
+
+    def cannot_relax(i: int, coupling: int) -> bool:
+        """Whether no trial of ``grid[i]`` (and of a smaller step) within ``max_trial_factor`` units can cover
+        ``relaxation_times`` relaxation times of even the stiffest direction (known once a trial ran)."""
+        if not relax or stable is None or needed(i, coupling) is not None:
+            return False
+        unrelaxed.append((grid[i], stable))
+        return True
+
+    def relaxed_note(*rows: dict) -> str:
+        """The relaxation of the accepted pair's trials, for the reason."""
+        if not relax:
+            return ""
+        flat = min(row["relaxation"][0] for row in rows)
+        stiff = min(row["relaxation"][1] for row in rows)
+        if flat >= relaxation_times:
+            return f"; its trials cover {flat:.3g} relaxation times of the flattest direction"
+        return (
+            f"; its trials cover at most {stiff:.3g} relaxation times of the stiffest direction and {flat:.2g} of the "
+            f"flattest (fewer than {relaxation_times:g}: directions that flat may not have relaxed)"
+        )
+
     def scan_coupled() -> bool | None:
         """The scan on coupled pairs: whether a step was chosen; None when the trials cannot be coupled."""
         first = None  # the first candidate whose trial was healthy
@@ -483,15 +619,18 @@ def resolve_step_size(
         for i in range(len(grid) - 1):
             if first is not None and i > first + 4:
                 break
+            if cannot_relax(i, 2):
+                break
             k = 0 if first is None else i - first
             f = min(soft, max(1, int(pair_factor)) * 2**k)
             fm = f if first is None else matched(f, f_first, k)
             try:
-                row = trial(i, f, coupling=2)
+                row, f = long_enough(i, f, coupling=2)
             except (ValueError, RuntimeError):  # noise_coupling refused, or the model does not run under vmap
                 if cache or rep.step_size:
                     raise
                 return None
+            fm = max(fm, f)
             if drifted(row) and fm > f:  # too short for its step: again over the first healthy one's time
                 f = fm
                 row = trial(i, f, coupling=2)
@@ -533,7 +672,7 @@ def resolve_step_size(
                     f"{cs[w]:.4g}, standard error {sds[w]:.2g}) when the step is halved, on the same noise: within "
                     f"the run's predicted standard error ({run_ses[w]:.2g}), {z:g} standard errors of the change or "
                     f"{atol_rel:.0%}, and {rtol:.0%} ({abs(diffs[w]):.3g} <= {tols[w]:.3g}); the run uses the half "
-                    "step, whose discretisation bias is about that change"
+                    "step, whose discretisation bias is about that change" + relaxed_note(row, half)
                 )
                 return True
             w = int(np.argmax([abs(d) / t for d, t in zip(diffs, tols, strict=True)]))
@@ -557,18 +696,20 @@ def resolve_step_size(
         for i in range(len(grid)):
             if first_ok is not None and i > first_ok + 4:
                 break
+            if cannot_relax(i, 1):
+                break
             f = factor(i)
-            row = trial(i, f)
+            row, f = long_enough(i, f)
             if first_ok is not None and drifted(row) and matched(f, 1, i - first_ok) > f:
                 row = trial(i, matched(f, 1, i - first_ok))  # again over the first healthy one's time
             if not row["ok"]:
                 continue
             if first_ok is None:
                 first_ok = i
-            if i + 1 >= len(grid):
+            if i + 1 >= len(grid) or cannot_relax(i + 1, 1):
                 break
             f = factor(i + 1)
-            half = trial(i + 1, f)
+            half, f = long_enough(i + 1, f)
             if drifted(half) and matched(f, 1, i + 1 - first_ok) > f:
                 half = trial(i + 1, matched(f, 1, i + 1 - first_ok))
             if not half["ok"]:
@@ -601,7 +742,7 @@ def resolve_step_size(
                     f"LLC > 0) whose estimate {row['llc']:.4g} agrees with {half['llc']:.4g} at half the step within "
                     f"{z:g} standard errors and {rtol:.0%} ({abs(bias):.3g} <= {tols[w]:.3g}); the run uses the half "
                     f"step, whose discretisation bias is about the difference, {bias:+.3g} "
-                    f"({bias / abs(cs[w]):+.1%}, standard error {sds[w]:.2g})"
+                    f"({bias / abs(cs[w]):+.1%}, standard error {sds[w]:.2g})" + relaxed_note(row, half)
                 )
                 break
             w = int(np.argmax([abs(d) / t for d, t in zip(diffs, tols, strict=True)]))
@@ -612,6 +753,7 @@ def resolve_step_size(
         coupled_result = scan_coupled() if couple else None
         if not coupled_result:
             cache.clear()  # the rule on independent trials runs as it would alone, on its own trials
+            stable = None
             scan_independent()
             if coupled_result is False and rep.chosen is not None:
                 rep.reason = (
@@ -624,10 +766,17 @@ def resolve_step_size(
     rep.seconds = time.perf_counter() - t0
     if rep.chosen is None:
         rep.reason = "no step size in the grid passed"
+        if unrelaxed:
+            at, s = unrelaxed[-1]
+            rep.reason += (
+                f"; the scan stopped at {at:.3g}: no trial of it within max_trial_factor x calibration_steps = "
+                f"{max_factor * int(calibration_steps)} steps covers {relaxation_times:g} relaxation times of even its "
+                f"stiffest direction (a trial at {s:.3g} ran without diverging), nor does one of a smaller step"
+            )
         raise AutoStepError(
-            f"step_size='auto': no step size in [{min_step_size:g}, {max_step_size:g}] gave stationary chains "
-            "(split R-hat below max_r_hat, no runaway, LLC > 0) with an estimate unchanged when the step is "
-            "halved; trials:\n"
+            f"step_size='auto': no step size in [{min_step_size:g}, {max_step_size:g}] gave stationary, relaxed "
+            "chains (split R-hat below max_r_hat, no runaway, LLC > 0, relaxed from w*) with an estimate unchanged "
+            "when the step is halved; trials:\n"
             f"{rep}\n"
             + (
                 "With localization=0 nothing holds the chains near w*: a model that is not at a minimum of its loss "
