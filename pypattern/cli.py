@@ -25,6 +25,7 @@ Every run ends with a short summary; full results go to files under --out, whose
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -126,6 +127,17 @@ def _int_at_least(lo: int):
 
 positive_int = _int_at_least(1)  # every count flag
 nonnegative_int = _int_at_least(0)
+
+
+def seed_int(text: str) -> int:
+    """An argparse type: a seed, an ``int`` in ``[0, 2**63)``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -340,7 +352,7 @@ def _sampler_args(p: argparse.ArgumentParser, draws: int, quiet_help: str) -> No
     _flag(
         p,
         "--seed",
-        type=nonnegative_int,
+        type=seed_int,
         default=0,
         applies=m,
         help="with --model: seed of noise and data order (default: 0)",
@@ -585,10 +597,17 @@ _CHECKPOINT_FLAGS = {
     "nbeta": "--nbeta: another inverse temperature",
 }
 
-USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError)
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError, MemoryError)
 
 #: the library functions' names of the values the command line takes as options
-_OPTION_OF = {"data": "--data", "corrupted": "--corrupted", "model_dir": "--model", "out": "--out"}
+_OPTION_OF = {
+    "data": "--data",
+    "tokens": "--data",  # the circuit command's prompt file
+    "corrupted": "--corrupted",
+    "model_dir": "--model",
+    "out": "--out",
+    "op": "--op",
+}
 _NAMED_VALUE = re.compile(r"(?<![\w.-])(" + "|".join(_OPTION_OF) + r")=(?=['\"])")
 
 
@@ -691,6 +710,26 @@ def _stdout_closed() -> int:
     return 1
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """With ``--quiet``, transformers' own progress bars (loading a model's weights) off for the command, then as
+    they were."""
+    tf_logging = None
+    if quiet:
+        try:
+            import transformers.utils.logging as tf_logging
+        except ImportError:  # transformers is needed only for a Hugging Face model folder
+            tf_logging = None
+    was = tf_logging is not None and tf_logging.is_progress_bar_enabled()
+    if was:
+        tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``pypattern`` command. Errors in the flags end with argparse's usage message; errors met while running
     (a file that cannot be read, a model not covered, a checkpoint of another run, ...) with one line
@@ -716,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         warnings.formatwarning = one_line
     try:
-        code = _run(args)
+        with _quiet_transformers(getattr(args, "quiet", False)):
+            code = _run(args)
         sys.stdout.flush()
         return code
     except BrokenPipeError:

@@ -22,7 +22,7 @@ def test_backends_command(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["backends", "--op", "nope"])
     assert e.value.code == 2
-    assert "op='nope' is not an operator of pypattern" in capsys.readouterr().err
+    assert "--op 'nope' is not an operator of pypattern" in capsys.readouterr().err
 
 
 def test_sgld_demo_part_runs():

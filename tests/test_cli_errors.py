@@ -421,3 +421,47 @@ def test_library_errors_name_the_command_line_options():
     )
     for kept in ("the data=3 batches", "my_data='x'", "metadata='x'", "data.corrupted='x'", "data = 'x'"):
         assert _as_flags(kept) == kept
+
+
+def test_seeds_are_checked_when_parsed_in_every_command(capsys):
+    """--seed is an int in [0, 2**63) for llc, chi and circuit alike (circuit took -1, and failed on a seed past
+    int64 with an overflow message that named no option)."""
+    for argv in (["circuit", "--quick"], ["llc"], ["chi", "--model", "m", "--data", "d"]):
+        for bad in ("-1", str(2**63), "1.5"):
+            with pytest.raises(SystemExit) as e:
+                cli.main([*argv, "--seed", bad])
+            assert e.value.code == 2
+            assert "argument --seed: must be an integer in [0, 2**63)" in capsys.readouterr().err
+
+
+def test_a_memory_error_is_one_line(monkeypatch, capsys):
+    """A run that asks for more memory than there is ends with the one-line error and status 2, not a traceback."""
+
+    def too_big(args):
+        raise MemoryError("Unable to allocate 14.6 TiB for an array with shape (2, 1000000000000)")
+
+    monkeypatch.setattr(cli, "_run", too_big)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["llc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pypattern llc: error: Unable to allocate 14.6 TiB" in err
+    assert "Traceback" not in err
+
+
+def test_quiet_turns_off_transformers_progress_bars_for_the_command(monkeypatch):
+    """--quiet silences transformers' own bars (loading a model's weights) while the command runs, and leaves
+    them as they were after."""
+    tf_logging = pytest.importorskip("transformers.utils.logging")
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda args: seen.append(tf_logging.is_progress_bar_enabled()) or 0)
+    assert tf_logging.is_progress_bar_enabled()
+    cli.main(["llc", "--quiet"])
+    cli.main(["llc"])
+    assert seen == [False, True] and tf_logging.is_progress_bar_enabled()
+
+
+def test_the_circuit_prompt_file_is_named_by_its_option():
+    from pypattern.cli import _as_flags
+
+    assert _as_flags("tokens='p.npz': corrupted equals clean") == "--data 'p.npz': corrupted equals clean"
+    assert _as_flags("op='nosuch' is not an operator") == "--op 'nosuch' is not an operator"

@@ -401,7 +401,7 @@ def test_circuit_prompt_files_are_checked(gpt2_dir, tmp_path, capsys):
             main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert "\npypattern circuit: error: tokens=" in "\n" + err and "Traceback" not in err, name
+        assert "\npypattern circuit: error: --data " in "\n" + err and "Traceback" not in err, name
     np.savez(tmp_path / "good.npz", **good)
     clean_t, corr_t, _ = load_prompts(str(tmp_path / "good.npz"), vocab_size=23, n_ctx=8)
     assert torch.equal(clean_t, torch.from_numpy(clean)) and torch.equal(corr_t, torch.from_numpy(corr))
@@ -953,7 +953,7 @@ def test_circuit_prompt_files_are_refused_as_the_token_file_path_refuses(gpt2_di
         err = _err(
             ["circuit", "--model", str(gpt2_dir), "--data", str(path), "--out", str(out), "--quiet"], capsys
         )
-        assert f"pypattern circuit: error: tokens={str(path)!r}" in err and "Traceback" not in err, name
+        assert f"pypattern circuit: error: --data {str(path)!r}" in err and "Traceback" not in err, name
         assert re.search(message, err), (name, err)
         assert list(out.iterdir()) == []  # nothing written
     np.savez(tmp_path / "good.npz", clean=clean, corrupted=corr, answer=ans, wrong=wrong)

@@ -538,7 +538,7 @@ _MODEL_ONLY = {"corrupted": ("--corrupted", None)}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``pypattern circuit`` (for the main command line's sub-parser)."""
-    from ..cli import fraction, positive_int
+    from ..cli import fraction, positive_int, seed_int
 
     p.add_argument(
         "--out", default="out/circuit", help="folder for the tables and plots (default: out/circuit)"
@@ -593,7 +593,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="one edge per position (yes), one per node pair (no), or the task's choice (auto)",
     )
     p.add_argument(
-        "--seed", type=int, default=None, help="built-in task only: seed of the model's training (default: 0)"
+        "--seed",
+        type=seed_int,
+        default=None,
+        help="built-in task only: seed of the model's training (default: 0)",
     )
     p.add_argument(
         "--steps",
