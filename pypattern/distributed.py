@@ -33,7 +33,7 @@ import torch
 from . import io
 from .sampling.data import ChainData
 from .sampling.diagnostics import check_stationarity, ess, r_hat
-from .sampling.llc import LLCResult, llc_from_sample
+from .sampling.llc import LLCResult, llc_of_samples
 from .sampling.optim import chain_seed
 from .sampling.results import SampleResult
 from .sampling.runner import sample as _sample
@@ -283,9 +283,10 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     return out
 
 
-def estimate_llc(model, loader, *, group=None, **kwargs) -> LLCResult:
-    """:func:`pypattern.estimate_llc` with the chains spread over the ranks; every rank returns the estimate."""
-    return llc_from_sample(sample(model, loader, group=group, **kwargs))
+def estimate_llc(model, loader, *, group=None, **kwargs) -> LLCResult | list[LLCResult]:
+    """:func:`pypattern.estimate_llc` with the chains spread over the ranks; every rank returns the estimate (one
+    per run with ``runs=``), with the same warnings."""
+    return llc_of_samples(sample(model, loader, group=group, **kwargs), model, kwargs.get("masks"))
 
 
 def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):

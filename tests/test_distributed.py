@@ -39,6 +39,9 @@ def _make_loss(scale: float, device: torch.device):
     return loss
 
 
+RUNS = [(None, None), ("0.weight", None)]  # the whole model, then its first layer's weight alone
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -48,6 +51,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         llc = distributed.estimate_llc(model, loader, warn_nonstationary=False, **KW)
         out["loss_trace"] = llc.loss_trace.tolist()
         out["llc_mean"] = llc.llc_mean
+        per_run = distributed.estimate_llc(model, loader, runs=RUNS, warn_nonstationary=False, **KW)
+        out["runs_llc"] = [r.llc_mean for r in per_run]
         sus = distributed.susceptibilities(
             model, loader, probe, ["0.weight", "2.weight"], warn_nonstationary=False, **KW
         )
@@ -134,6 +139,7 @@ def test_two_ranks_equal_one_process():
     one = pypattern.sample(
         model, loader, observables=obs, warn_nonstationary=False, **{**KW, "num_chains": 1}
     )
+    per_run = pypattern.estimate_llc(model, loader, runs=RUNS, warn_nonstationary=False, **KW)
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
         outs = [json.load(open(os.path.join(d, f"rank{r}.json"))) for r in range(2)]
@@ -143,6 +149,7 @@ def test_two_ranks_equal_one_process():
         # bit for bit: chains batched or not as the whole run decides, whichever rank holds them
         np.testing.assert_array_equal(o["loss_trace"], llc.loss_trace)
         assert o["llc_mean"] == llc.llc_mean and o["same_call_llc"] == llc.llc_mean
+        assert o["runs_llc"] == [r.llc_mean for r in per_run]  # one LLC per run, as in one process
         assert o["device_loss_llc"] == device_loss.llc_mean
         np.testing.assert_allclose(o["chi"], sus.chi, rtol=1e-4, atol=1e-6 * np.abs(sus.chi).max())
         np.testing.assert_allclose(

@@ -143,7 +143,8 @@ class HookedRootModule(nn.Module):
     def hooks(self, fwd_hooks: Sequence[tuple[Any, HookFn]] = ()) -> Iterator[HookedRootModule]:
         """Attach ``fwd_hooks`` (pairs of hook name, list of names or filter, and function) for the block.
 
-        Every hook added here is removed on exit, also when the block raises.
+        Every hook added here is removed on exit, also when the block raises. A name (or a name in a list) that is
+        not a hook point of the model raises ``KeyError``; a filter function may match none.
         """
         removers: list[Callable[[], None]] = []
         try:
@@ -154,6 +155,12 @@ class HookedRootModule(nn.Module):
                     raise KeyError(
                         f"hook name {names!r} not found; valid names include {self.hook_names()[:8]}"
                     )
+                if not isinstance(names, str) and not callable(names) and names is not None:
+                    unknown = [n for n in names if n not in self.hook_dict]
+                    if unknown:  # a typo in a list would attach nothing there, silently
+                        raise KeyError(
+                            f"hook names {unknown} not found; valid names include {self.hook_names()[:8]}"
+                        )
                 for hp in matched:
                     removers.append(hp.add_hook(fn))
             yield self

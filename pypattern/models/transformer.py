@@ -821,7 +821,8 @@ class LayerNorm(nn.Module):
     output (after ``w`` and ``b``). It runs torch's fused ``layer_norm`` (about 25% faster fwd+bwd of the whole model
     under ``vmap``; with ``w`` and ``b`` in the same pass unless ``compute_dtype`` differs from the input's or
     ``hook_scale`` has a hook); a hook on ``hook_scale`` sees the scale computed explicitly, and only a hook that replaces it
-    switches the output to the explicit form ``(x - mean) / scale`` (to float rounding the same). With
+    or edits it in place switches the output to the explicit form ``(x - mean) / scale`` (to float rounding the
+    same). With
     ``compute_dtype`` the statistics and the normalisation run in that dtype and the result is cast back to the
     input's dtype before ``w`` and ``b``."""
 
@@ -856,10 +857,29 @@ def _layer_normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if norm.hook_scale._fns:
         c = h - h.mean(-1, keepdim=True)
         scale = (c.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
-        seen = norm.hook_scale(scale)
-        if seen is not scale:  # a hook replaced the scale
+        seen = _hooked_scale(norm.hook_scale, scale)
+        if seen is not None:  # a hook replaced the scale or edited it in place
             return (c / seen).to(x.dtype)
     return F.layer_norm(h, h.shape[-1:], eps=norm.eps).to(x.dtype)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place operation), None where a transform hides it."""
+    try:
+        return t._version
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _hooked_scale(hook, scale: torch.Tensor) -> torch.Tensor | None:
+    """``scale`` through the norm's ``hook_scale``: None when the hooks only read it (the same tensor back,
+    unchanged: the norm keeps its fused or ``rsqrt`` form, so a cached run is bit-identical to a plain one), else
+    the scale to divide by (a tensor a hook returned, or ``scale`` edited in place, TransformerLens' usual style)."""
+    before = _version(scale)
+    seen = hook(scale)
+    if seen is scale and before is not None and _version(scale) == before:
+        return None
+    return seen
 
 
 class LayerNormPre(nn.Module):
@@ -887,7 +907,7 @@ class RMSNorm(nn.Module):
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(mean(x^2) + eps)``; ``hook_normalized`` is the
     output (after ``w``; TransformerLens places it before ``w``). Without a hook on ``hook_scale`` it computes as
     Hugging Face's Llama-family RMSNorm does (``x * rsqrt(mean(x^2) + eps)`` in ``compute_dtype``, cast back,
-    times ``w``); a hook that replaces the scale makes it ``x / scale``. With a non-zero ``offset`` (or
+    times ``w``); a hook that replaces the scale (or edits it in place) makes it ``x / scale``. With a non-zero ``offset`` (or
     ``weight_before_cast``, Helium's order) it computes as Gemma's: ``x_hat * (offset + w)`` in ``compute_dtype``,
     then cast back."""
 
@@ -920,10 +940,9 @@ class RMSNorm(nn.Module):
         if not self.hook_scale._fns:
             h = h * torch.rsqrt(ms)
         else:
-            scale = ms.sqrt()
-            seen = self.hook_scale(scale)
-            # a hook that only reads returns the same tensor: keep the rsqrt form, so a cached run is bit-identical
-            h = h * torch.rsqrt(ms) if seen is scale else h / seen
+            seen = _hooked_scale(self.hook_scale, ms.sqrt())
+            # a hook that only reads: the rsqrt form, so a cached run is bit-identical
+            h = h * torch.rsqrt(ms) if seen is None else h / seen
         if self.offset or self.weight_before_cast:  # Gemma's order: (x_hat * (offset + w)), then the cast
             return self.hook_normalized((h * (self.offset + self.w.to(h.dtype))).to(x.dtype))
         return self.hook_normalized(self.w * h.to(x.dtype))

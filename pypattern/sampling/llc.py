@@ -89,7 +89,13 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResu
             f"estimate_llc() got unexpected keyword arguments {unknown}; it takes pypattern.sample()'s: "
             f"{', '.join(sorted(_SAMPLE_ARGUMENTS))}"
         )
-    out = sample(model, loader, **kwargs)
+    return llc_of_samples(sample(model, loader, **kwargs), model, kwargs.get("masks"))
+
+
+def llc_of_samples(out, model: nn.Module, masks=None) -> LLCResult | list[LLCResult]:
+    """The LLC of a :func:`pypattern.sample` result (a list of them with ``runs=``: one LLC per run), with
+    :func:`estimate_llc`'s warnings (a calibrated step's estimated bias; an estimate above ``d / 2`` when the run
+    moved every weight, ``masks`` None)."""
     if isinstance(out, list):  # runs=: one result per (restrict_to, masks) run
         results = [llc_from_sample(r) for r in out]
         for res in results:
@@ -97,7 +103,7 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResu
         return results
     res = llc_from_sample(out)
     _warn_auto_bias(res)
-    if kwargs.get("masks") is None:
+    if masks is None:
         _warn_above_half_dimension(res, model)
     return res
 
