@@ -1150,6 +1150,8 @@ def susceptibilities(
             # per-chain estimates' spread (see the warning where the result is assembled)
             row["chi_loo"] = np.full((C, n), np.nan)
             row["old_se"] = True
+        if run == "unrestricted" and "full_loo" in row:
+            shapes["full_loo"] = (C, n + 1)  # (a row written before they were kept has none: pooled means)
         for key, shape in shapes.items():
             v = np.asarray(row.get(key, np.zeros((0,) * 7)))
             if v.shape != shape or v.dtype.kind not in "fi":
@@ -1192,7 +1194,15 @@ def susceptibilities(
                 if name == "unrestricted":
                     full_means = _pool(accs).mean_b.numpy()  # E_full[l_t], E_full[Lbar]
                     rows[name] = {"full_means": full_means}
+                    if len(accs) > 1:  # without each chain in turn: the jackknife leaves it out of both runs
+                        rows[name]["full_loo"] = np.stack(
+                            [_pool(accs[:c] + accs[c + 1 :]).mean_b.numpy() for c in range(len(accs))]
+                        )
                 else:
+                    unrestricted = rows.get("unrestricted") or {}
+                    full_loo = unrestricted.get("full_loo")
+                    if full_loo is None or np.shape(full_loo) != (len(accs), n + 1):
+                        full_loo = [full_means] * len(accs)  # physics (no full run), or a row without them
                     pooled = _pool(accs)
                     rows[name] = {
                         "chi": _chi_from(pooled, convention, nbeta, full_means, counted),
@@ -1203,7 +1213,7 @@ def susceptibilities(
                         "chi_loo": np.stack(
                             [
                                 _chi_from(
-                                    _pool(accs[:c] + accs[c + 1 :]), convention, nbeta, full_means, counted
+                                    _pool(accs[:c] + accs[c + 1 :]), convention, nbeta, full_loo[c], counted
                                 )
                                 if len(accs) > 1
                                 else np.full(n, np.nan)
