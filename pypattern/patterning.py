@@ -290,18 +290,6 @@ def _ridge(a: np.ndarray, e: int, tgt: np.ndarray, alpha: float) -> np.ndarray:
     return np.ldexp(h, -e) * size
 
 
-def _ridge_sum_zero(a: np.ndarray, t: np.ndarray, mu: float, c: np.ndarray) -> np.ndarray:
-    """``argmin_d |a d - t|^2 + mu |d|^2`` subject to ``c @ d = 0`` (``a (k, n)``, ``mu > 0``), in ``O(n k^2)``:
-    ``(a^T a + mu I) d = a^T t - lam c`` by Woodbury, ``lam`` from the constraint."""
-    inner = np.linalg.inv(mu * np.eye(a.shape[0]) + a @ a.T)  # (k, k)
-
-    def solve(v: np.ndarray) -> np.ndarray:  # (a^T a + mu I)^-1 v
-        return (v - a.T @ (inner @ (a @ v))) / mu
-
-    d0, dc = solve(a.T @ t), solve(c.astype(np.float64))
-    return d0 - (float(c @ d0) / float(c @ dc)) * dc
-
-
 def _within(w: np.ndarray, lo: float, hi: float | None) -> bool:
     return bool((w >= lo - 1e-12).all() and (hi is None or (w <= hi + 1e-12).all()))
 
@@ -319,6 +307,10 @@ def _exact_total(w: np.ndarray, c: np.ndarray, lo: float, hi: float | None) -> n
     else:
         room = np.full(n, np.inf) if hi is None else hi - w
         room = np.where(np.isfinite(room), room, 1.0)
+    # the weights strictly inside the bounds take it where they have the room (those at a bound stay there)
+    inside = np.where((w > lo) & (hi is None or w < hi), room, 0.0)
+    if float(c @ inside) >= abs(surplus):
+        room = inside
     if abs(surplus) > 0 and float(c @ room) > 0:
         w = w - surplus * room / float(c @ room)
     return w
@@ -343,19 +335,19 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
         d = w - 1
         return scale * float(r @ r + alpha * (d @ d) / n)
 
-    if alpha == 0:
-        # where the bounds do not bind, the answer is closed-form: the minimum-norm d with a @ d = tgt and c @ d = 0
-        M_pinv = np.linalg.pinv(np.vstack([a, c[None, :]]))  # also the polish's, below
-        d = M_pinv @ np.concatenate([tgt, [0.0]])
-        cand = 1 + d
-        exact = np.allclose(a @ d, tgt, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(tgt).max(initial=0.0))))
-        if exact and abs(float(c @ d)) <= 1e-9 * n and _within(cand, lo, hi):
-            return (_exact_total(cand, c, lo, hi) - 1) / n
-    else:
-        # where the bounds do not bind, the answer is closed-form (the objective is strictly convex)
-        d = _ridge_sum_zero(a, tgt, alpha / n, c)
-        if _within(1 + d, lo, hi):
-            return (_exact_total(1 + d, c, lo, hi) - 1) / n
+    def rounding(w):
+        # f(w)'s own rounding (alpha = 0): each residual r_k to a few units of the terms it sums (in units of the
+        # target's largest entry, which f divides out)
+        d, unit = w - 1, 1.0 / max(float(np.abs(tgt).max()), 1e-300)
+        e = 16 * np.finfo(np.float64).eps * (np.abs(a) @ np.abs(d) + np.abs(tgt)) * unit
+        r = np.abs(a @ d - tgt) * unit
+        return float(2 * r @ e + e @ e) / max(float((tgt * unit) @ (tgt * unit)), 1e-300)
+
+    # where the bounds do not bind, the answer is closed-form: the minimiser with the total held (without a
+    # penalty the minimum-norm one, which reaches the target where it can be reached)
+    d = _face_solve(a, c, tgt, 0.0, alpha / n, np.zeros(n))
+    if _within(1 + d, lo, hi):
+        return (_exact_total(1 + d, c, lo, hi) - 1) / n
     if not float(np.abs(d).max()) > 0:
         return np.zeros(n)  # a zero target: the uniform weights
     d = _box_least_squares(
@@ -365,10 +357,15 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     if alpha == 0:
         # the response a @ (w - 1) nearest the target is unique (the objective is strictly convex in it), the
         # weights reaching it are not: among them, the ones nearest uniform (the smallest |w - 1|). Without the
-        # bounds that is the minimum-norm solution of a @ d = reached, c @ d = 0; it is taken when it keeps them.
-        d = M_pinv @ np.concatenate([a @ (w - 1), [0.0]])
+        # bounds that is the minimum-norm solution of a @ d = reached, c @ d = 0; it is taken when it keeps them
+        # (and reaches the same response, to the objective's rounding).
+        d = _face_solve(a, c, a @ (w - 1), 0.0, 0.0, np.zeros(n))
         cand = 1 + d
-        if _within(cand, lo, hi) and f(cand) <= f(w) * (1 + 1e-9) + 1e-15 and d @ d < (w - 1) @ (w - 1):
+        if (
+            _within(cand, lo, hi)
+            and f(cand) <= f(w) + rounding(w) + rounding(cand)
+            and d @ d < (w - 1) @ (w - 1)
+        ):
             w = cand
     return (_exact_total(w, c, lo, hi) - 1) / n
 
@@ -379,7 +376,11 @@ def _box_least_squares(a, t, mu, c, lo_d, hi_d) -> np.ndarray:
     large enough that each step's dual (:func:`_box_dual`) keeps its precision; without a penalty (``mu = 0``)
     the steps converge to a minimiser reached from the uniform weights. After each step the weights it holds at a
     bound are taken as the active set (:func:`_on_active_set`): the rest solved exactly, the answer as soon as the
-    KKT conditions certify it; else the steps stop when the objective stops falling (at most 500)."""
+    KKT conditions certify it; else the steps stop when the objective stops falling (at most 500), and the classic
+    active-set steps go on from the last one. The active-set steps' budget doubles from one proximal step to the
+    next (in all at most 256 times the first): where one row of ``a`` is far smaller than another, or the box is
+    tight, the proximal steps hardly move along the small rows, and the active-set steps, not more proximal ones,
+    find the optimum."""
     k, n = a.shape
     reach = float(np.abs(np.concatenate([lo_d, hi_d[np.isfinite(hi_d)]])).max(initial=1.0)) or 1.0
     rows = np.sqrt(np.einsum("ij,ij->i", a, a))
@@ -393,7 +394,10 @@ def _box_least_squares(a, t, mu, c, lo_d, hi_d) -> np.ndarray:
     d = np.zeros(n)
     y = np.zeros(k)
     best = np.inf
-    for _ in range(1 if rho == 0 else 500):
+    # the active-set steps' budget after each proximal step: doubling, up to 256 times the first in all
+    first = 4 * k + 16
+    spent = 0
+    for step in range(1 if rho == 0 else 500):
         s = (rho / m) * d  # the step's centre: m |d - s|^2 / 2 is its penalty, up to a constant
         extent = np.abs(t) + np.abs(a) @ np.abs(s)
         e, y = _box_dual(a, t - a @ s, m, c, lo_d - s, hi_d - s, y, extent)
@@ -401,90 +405,264 @@ def _box_least_squares(a, t, mu, c, lo_d, hi_d) -> np.ndarray:
         r = a @ d_new - t
         obj = float(r @ r + mu * (d_new @ d_new))
         d = d_new
-        if rho > 0:
-            # the steps find the weights at a bound long before they converge: with those fixed, the rest solved
-            # exactly, and kept when it is the optimum (the KKT conditions hold)
-            exact = _on_active_set(a, t, mu, c, lo_d, hi_d, d)
+        # the steps find the weights at a bound long before they converge: with those fixed, the rest solved
+        # exactly, and kept when it is the optimum (the KKT conditions hold)
+        tries = min(first << min(step, 8), 256 * first - spent)
+        if tries > 0:
+            spent += tries
+            exact = _on_active_set(a, t, mu, c, lo_d, hi_d, d, tries=tries)
             if exact is not None:
                 return exact
         if obj >= best * (1 - 1e-12):
             break  # the objective has stopped falling (where the bounds bind, d itself converges more slowly)
         best = obj
-    return d
+    exact = _on_active_set(a, t, mu, c, lo_d, hi_d, d, tries=8 * first, classic=True)
+    return d if exact is None else exact
 
 
 def _on_active_set(
-    a, t, mu, c, lo_d, hi_d, d, rel: float = 1e-9, tries: int | None = None
+    a, t, mu, c, lo_d, hi_d, d, tries: int | None = None, classic: bool = False
 ) -> np.ndarray | None:
     """The minimiser of :func:`_box_least_squares`'s problem found from ``d`` (feasible, near it) by active-set
-    steps, or None when ``tries`` of them (default ``2 k + 8``) do not reach it. The entries of ``d`` at a bound are
-    held there and the others solved for exactly (the equality-constrained least squares on them: the solution
-    nearest the current one where it is not unique); the entries a solution takes out of bounds are then held at
-    the bound they cross; a solution within them is the minimiser when the KKT
-    conditions hold (with ``lam`` the total's multiplier, the gradient ``g`` of the objective has
-    ``g_i + lam c_i`` = 0 on the free entries, >= 0 at a lower bound and <= 0 at an upper one, each to ``rel`` of
-    the gradient's scale), else the entries that violate them are freed. Each step costs ``O(n k^2)``."""
+    steps, or None when ``tries`` of them (default ``4 k + 16``) do not reach it. The entries of ``d`` at a bound
+    are held there and the others solved for exactly (:func:`_face_solve`: the solution nearest the current one
+    where it is not unique). A solution within the bounds is the minimiser when the KKT conditions hold (with
+    ``lam`` the total's multiplier, the gradient ``g`` of the objective has ``g_i + lam c_i`` = 0 on the free
+    entries, >= 0 at a lower bound and <= 0 at an upper one), else the entries that violate them are freed (with
+    no entry free, also the one that sets ``lam``: the total moves only with a partner). Each condition is judged
+    to its own rounding: ``g_i`` sums ``a_ki r_k`` over the observables, each residual ``r_k`` a difference of
+    terms of size ``|a_k| |x|`` and ``|t_k|``, so that where one row of ``a`` is far smaller than another, the
+    small row's part of the gradient is not taken for the large row's rounding.
+
+    A solution out of bounds first has the entries it takes out held at the bound they cross, in the order a step
+    toward it crosses them, as many as leave the rest able to reach the total (the rest moved to the nearest point
+    that keeps it), and all violating entries are freed at once. Once a set of held entries comes back, or three
+    sets in a row have no fewer violations than the fewest so far, the steps turn into the classic ones (from the
+    start with ``classic``), which cannot cycle: one violating entry freed at a time, and a solution out of bounds
+    approached only as far as the first bound it crosses (the objective falls at each).
+
+    Where a multiplier at a bound is within its rounding of the wrong sign (rows of ``a`` so unequal that the
+    small row's part of the gradient is below the large row's rounding, near 1e-8 of it), the gradient cannot
+    decide but the objective can: such an entry (up to ``k + 4`` of them, the likeliest first) is freed for one
+    classic step, kept free when the objective falls by more than its rounding, else held again. Each step costs
+    ``O(n k^2)``."""
     k, n = a.shape
+    eps = np.finfo(np.float64).eps
     span = np.maximum(np.abs(lo_d), np.where(np.isfinite(hi_d), np.abs(hi_d), 0.0)) + np.abs(d)
-    at_lo = d - lo_d <= 1e-12 * span
-    at_hi = (hi_d - d <= 1e-12 * span) & ~at_lo
-    x = np.where(at_lo, lo_d, np.where(at_hi, hi_d, d))
-    for _ in range(2 * k + 8 if tries is None else tries):
+
+    def start():  # d's entries at a bound held there
+        at_lo = d - lo_d <= 1e-12 * span
+        at_hi = (hi_d - d <= 1e-12 * span) & ~at_lo
+        return np.where(at_lo, lo_d, np.where(at_hi, hi_d, d)), at_lo, at_hi, []
+
+    x, at_lo, at_hi, _ = start()
+    abs_a = np.abs(a)
+
+    unit = 1.0 / max(float(np.abs(t).max(initial=0.0)), 1e-300)  # (the objective in the target's units)
+
+    def objective(x):
+        r = (a @ x - t) * unit
+        # and its rounding: each residual to a few units of the terms it sums
+        e = 16 * eps * (abs_a @ np.abs(x) + np.abs(t)) * unit
+        pen = mu * float((x * unit) @ (x * unit))
+        return float(r @ r) + pen, float(2 * np.abs(r) @ e + e @ e) + 4 * eps * pen
+
+    seen, one = set(), classic
+    fewest, backup = n + 1, 3  # the fewest violations seen, and the sets of held entries allowed no fewer
+    safe = None  # the last point within the bounds and the total (None: d's), the entries to free from it
+    best = None  # the certified point of least objective
+    # while an undecided entry is tried: (the certified point and its held entries, its objective, the entries left)
+    probe = None
+    for _ in range(4 * k + 16 if tries is None else tries):
         free = ~(at_lo | at_hi)
+        moved = False
         if free.any():
-            af, cf = a[:, free], c[free]
-            b = t - a[:, ~free] @ x[~free]  # what the free entries are to reach
-            z = -float(c[~free] @ x[~free])  # and their total
-            if mu > 0:
-                # argmin |af x - b|^2 + mu |x|^2 subject to cf @ x = z: (af^T af + mu) x = af^T b - nu cf
-                inner = np.linalg.inv(mu * np.eye(k) + af @ af.T)  # by Woodbury
-
-                def solve(v, af=af, inner=inner):
-                    return (v - af.T @ (inner @ (af @ v))) / mu
-
-                x0, xc = solve(af.T @ b), solve(cf)
-                xf = x0 + ((z - float(cf @ x0)) / float(cf @ xc)) * xc
-            else:
-                # the least squares subject to the total, nearest the current x: the total's part along cf, the
-                # rest the minimum-norm correction in cf's complement (af's columns projected on it)
-                start = x[free] + ((z - float(cf @ x[free])) / float(cf @ cf)) * cf
-                ap = af - np.outer(af @ cf, cf) / float(cf @ cf)
-                u, sv, vt = np.linalg.svd(ap, full_matrices=False)
-                # singular values at af's rounding level are 0 (one column: ap is rounding alone)
-                keep = sv > np.finfo(np.float64).eps * max(af.shape) * float(np.linalg.norm(af))
-                xf = start + vt[keep].T @ ((u[:, keep].T @ (b - af @ start)) / sv[keep])
-            lo_f, hi_f = lo_d[free], hi_d[free]
-            slack = 1e-12 * span[free]
+            idx = np.flatnonzero(free)
+            af, cf = a[:, idx], c[idx]
+            fixed = np.where(free, 0.0, x)  # (no copy of a's columns)
+            b = t - a @ fixed  # what the free entries are to reach
+            z = -float(c @ fixed)  # and their total
+            xf = _face_solve(af, cf, b, z, mu, x[idx])
+            lo_f, hi_f = lo_d[idx], hi_d[idx]
+            slack = 1e-12 * span[idx]
             out = (xf < lo_f - slack) | (xf > hi_f + slack)
-            if out.any():
-                # the entries it would take out of bounds held at the bound they cross, the rest solved again
-                idx = np.flatnonzero(free)
-                low, high = idx[xf < lo_f - slack], idx[xf > hi_f + slack]
-                at_lo[low], at_hi[high] = True, True
-                x[low], x[high] = lo_d[low], hi_d[high]
+            moved = bool(out.any())
+            if moved and one:
+                # from the current entries (within the bounds, the total kept) toward the solution, as far as the
+                # first bound it crosses, held there
+                step = xf - x[idx]
+                bound = np.where(xf < lo_f, lo_f, hi_f)
+                when = np.full(idx.size, np.inf)
+                when[out] = (bound[out] - x[idx[out]]) / step[out]
+                j = int(np.argmin(when))
+                x[idx] = np.clip(x[idx] + min(max(float(when[j]), 0.0), 1.0) * step, lo_f, hi_f)
+                x[idx[j]] = bound[j]
+                at_lo[idx[j]], at_hi[idx[j]] = bool(xf[j] < lo_f[j]), bool(xf[j] > hi_f[j])
+            elif moved:
+                # the entries it takes out of bounds held at the bound they cross, in the order the step from the
+                # current entries crosses them, as many as leave the others able to reach the total
+                cross = np.flatnonzero(out)
+                bound = np.where(xf[cross] < lo_f[cross], lo_f[cross], hi_f[cross])
+                cross = cross[
+                    np.argsort((bound - x[idx[cross]]) / (xf[cross] - x[idx[cross]]), kind="stable")
+                ]
+                to_lo = xf[cross] < lo_f[cross]
+                bound = np.where(to_lo, lo_f[cross], hi_f[cross])
+                # m = 0, 1, ... of them held: their total, the least and the most the others can reach
+                held = np.concatenate([[0.0], np.cumsum(cf[cross] * bound)])
+                low = float(cf @ lo_f) - np.concatenate([[0.0], np.cumsum(cf[cross] * lo_f[cross])])
+                fin = np.isfinite(hi_f)
+                high = float(cf[fin] @ hi_f[fin]) - np.concatenate(
+                    [[0.0], np.cumsum(np.where(fin[cross], cf[cross] * hi_f[cross], 0.0))]
+                )
+                unbounded = (~fin).sum() - np.concatenate([[0], np.cumsum(~fin[cross])])
+                high = np.where(unbounded > 0, np.inf, high)
+                need = z - held
+                margin = 1e-12 * (float(cf @ np.abs(xf)) + abs(z))
+                ok = (need >= low - margin) & (need <= high + margin)
+                m = int(np.flatnonzero(ok)[-1]) if ok.any() else -1
+                if m < 0 or (m == 0 and low[0] + margin < need[0] < high[0] - margin):
+                    # none can be held (the entries the last step left are off the total): back to the last
+                    # point within the bounds and the total, from there the classic steps
+                    x, at_lo, at_hi, release = start() if safe is None else (v.copy() for v in safe)
+                    at_lo[release] = at_hi[release] = False
+                    one = True
+                    continue
+                hold = idx[cross[:m]]
+                at_lo[hold[to_lo[:m]]], at_hi[hold[~to_lo[:m]]] = True, True
+                x[hold] = bound[:m]
+                # the others at the end of their range where the total leaves them no other place, else moved to
+                # the nearest point that keeps it (the step from there crosses the bounds in a meaningful order)
+                rest = np.setdiff1d(idx, hold, assume_unique=True)
+                if need[m] <= low[m] + margin:
+                    at_lo[rest], x[rest] = True, lo_d[rest]
+                elif need[m] >= high[m] - margin:
+                    at_hi[rest], x[rest] = True, hi_d[rest]
+                else:
+                    x[rest] = _onto_total(x[rest], c[rest], lo_d[rest], hi_d[rest], float(need[m]))
+            else:
+                x[idx] = np.clip(xf, lo_f, hi_f)
+        if probe is not None:
+            # the undecided entry's one step: kept when the objective fell by more than its rounding
+            (x0, lo0, hi0, setter0), (f0, noise0), left = probe
+            f1, noise1 = objective(x)
+            if f1 < f0 - noise0 - noise1:
+                probe = None
+            elif left:
+                x, at_lo, at_hi = x0.copy(), lo0.copy(), hi0.copy()
+                probe = (probe[0], probe[1], left[1:])
+                at_lo[left[0]] = at_hi[left[0]] = False
+                if setter0 >= 0:
+                    at_lo[setter0] = at_hi[setter0] = False
                 continue
-            x[free] = np.clip(xf, lo_f, hi_f)
+            else:
+                return x0
+        if moved:
+            continue
         r = a @ x - t
         g = a.T @ r + mu * x  # half the gradient
+        # each g_i's rounding: the terms it sums (the residuals' own, |a_k| |x| and |t_k|, carried by |a_ki|)
+        size = abs_a.T @ (abs_a @ np.abs(x) + np.abs(t)) + mu * np.abs(x)
+        setter = -1
         if free.any():
             lam = -float(c[free] @ g[free]) / float(c[free] @ c[free])
+            lam_size = float(c[free] @ size[free]) / float(c[free] @ c[free])
         else:  # all at a bound: the multiplier in the interval the bounds allow, if any
             ratio = -g / c
-            lower = float(ratio[at_lo].max(initial=-np.inf))
-            upper = float(ratio[at_hi].min(initial=np.inf))
-            lam = lower if np.isfinite(lower) else (upper if np.isfinite(upper) else 0.0)
+            lower = np.where(at_lo, ratio, -np.inf)
+            upper = np.where(at_hi, ratio, np.inf)
+            if np.isfinite(lower.max()):
+                setter = int(np.argmax(lower))
+            elif np.isfinite(upper.min()):
+                setter = int(np.argmin(upper))
+            lam = float(ratio[setter]) if setter >= 0 else 0.0
+            lam_size = float(size[setter] / c[setter]) if setter >= 0 else 0.0
         kkt = g + lam * c
-        scale = np.abs(a).T @ (np.abs(r) + np.abs(a) @ np.abs(x)) + mu * np.abs(x) + abs(lam) * c
-        tol = rel * float(scale.max())
-        wrong = np.where(at_lo, -kkt, np.where(at_hi, kkt, np.abs(kkt)))  # > 0: a violation
-        if wrong.max() <= tol:
-            # (the total kept, to rounding: each solve holds it)
-            return x if abs(float(c @ x)) <= 1e-9 * float(c @ np.abs(x) + c @ np.abs(d)) else None
-        if np.abs(kkt[free]).max(initial=0.0) > tol:
-            return None  # the free entries' solve is not at rounding level: left to the proximal steps
-        release = wrong > tol  # (at a bound: the free entries' part holds, just checked)
+        # (the solves' rounding grows like the square root of the number of entries they sum)
+        tol = 64 * eps * (1 + math.sqrt(n) / 64) * (size + (abs(lam) + lam_size) * c) + 1e-300
+        wrong = np.where(at_lo, -kkt, np.where(at_hi, kkt, np.abs(kkt))) - tol  # > 0: a violation
+        if wrong.max() <= 0:
+            if abs(float(c @ x)) > 1e-9 * float(c @ np.abs(x) + c @ np.abs(d)):
+                break  # (the total kept, to rounding: each solve holds it)
+            # the multipliers at a bound within their rounding of the wrong sign, likeliest first
+            undecided = np.flatnonzero(~free & (wrong > -2 * tol))
+            undecided = undecided[undecided != setter]
+            undecided = undecided[np.argsort(-wrong[undecided] / tol[undecided], kind="stable")][: k + 4]
+            if not undecided.size:
+                return x  # (each step from the last point so certified lowered the objective)
+            value = objective(x)
+            best = (x.copy(), value)
+            if value[0] <= value[1]:
+                return x  # an objective at its rounding: the target reached, nothing to decide
+            probe = ((x.copy(), at_lo.copy(), at_hi.copy(), setter), value, [int(i) for i in undecided[1:]])
+            release = np.zeros(n, bool)
+            release[undecided[0]] = True
+            one = True
+        elif wrong[free].max(initial=0.0) > 0:
+            break  # the free entries' solve is not at rounding level: left to the proximal steps
+        else:
+            state = hash(np.packbits(at_lo).tobytes() + np.packbits(at_hi).tobytes())
+            count = int((wrong > 0).sum())
+            fewest, backup = (count, 3) if count < fewest else (fewest, backup - 1)
+            # back at a set already solved, or three sets in a row without fewer violations than the fewest: from
+            # here on the classic steps
+            one = one or state in seen or backup < 0
+            seen.add(state)
+            worst = int(np.argmax(wrong))
+            safe = (
+                x.copy(),
+                at_lo.copy(),
+                at_hi.copy(),
+                np.array([worst] + ([setter] if setter >= 0 else [])),
+            )
+            if one:
+                release = np.zeros(n, bool)
+                release[worst] = True
+            else:
+                release = wrong > 0  # (at a bound: the free entries' part holds, just checked)
+        if setter >= 0:
+            release[setter] = True
         at_lo[release] = at_hi[release] = False
-    return None
+    return None if best is None else best[0]
+
+
+def _onto_total(v, c, lo, hi, total) -> np.ndarray:
+    """The point nearest ``v`` with ``lo <= x <= hi`` and ``c @ x = total`` (``c`` positive, such a point existing):
+    ``clip(v - lam c, lo, hi)``, ``lam`` by :func:`_total_root` (the total as one more entry, held at ``-total``)."""
+    lam = _total_root(np.append(-v, 0.0), np.append(c, 1.0), np.append(lo, -total), np.append(hi, -total))
+    return np.clip(v - c * lam, lo, hi)
+
+
+def _face_solve(af, cf, b, z, mu, start) -> np.ndarray:
+    """``argmin_x |af x - b|^2 + mu |x|^2`` subject to ``cf @ x = z`` (``cf`` positive); without a penalty
+    (``mu = 0``) the minimiser nearest ``start`` where it is not unique. ``x`` is the total's part along ``cf`` plus
+    the solution in the complement of ``cf``, through ``af``'s columns projected on it (``ap``) and the thin SVD
+    ``ap = U S V^T``: ``V diag(s / (s^2 + mu)) U^T`` (``S^-1`` with ``mu = 0``, singular values at ``ap``'s rounding
+    level counting as 0) applied to what is left to reach. The SVD comes from the QR of ``ap^T`` (Householder's,
+    accurate column by column: rows of ``af`` of any relative size) and the SVD of its ``k x k`` triangle; a step
+    of refinement on the exact gradient (``V diag(1 / (s^2 + mu)) V^T`` applied to it) then corrects what the
+    small triangle's SVD rounds off along a row far smaller than another. ``O(nf k^2)``, no ``nf x nf`` matrix."""
+    k, nf = af.shape
+    cc = float(cf @ cf)
+    base = start if mu == 0 else np.zeros(nf)
+    base = base + ((z - float(cf @ base)) / cc) * cf
+    if nf == 1:
+        return base  # the total alone fixes it
+    from scipy.linalg import qr
+
+    ap = af - np.outer(af @ cf, cf / cc)
+    q, tri = qr(ap.T, mode="economic", check_finite=False)  # ap = tri^T q^T
+    u, sv, wt = np.linalg.svd(tri.T, full_matrices=False)  # ap = u diag(sv) (q wt^T)^T
+    keep = sv > np.finfo(np.float64).eps * max(k, nf) * float(np.linalg.norm(af))
+    u, sv, wt = u[:, keep], sv[keep], wt[keep]
+    x = base + q @ (wt.T @ ((sv / (sv * sv + mu)) * (u.T @ (b - af @ base))))
+    for _ in range(2):
+        grad = ap.T @ (af @ x - b) + mu * (x - base)  # (half) the gradient along the complement of cf
+        fix = q @ (wt.T @ ((wt @ (q.T @ grad)) / (sv * sv + mu)))
+        x = x - fix
+        if not np.abs(fix).max(initial=0.0) > 4 * np.finfo(np.float64).eps * np.abs(x).max(initial=0.0):
+            break
+    return x
 
 
 def _total_root(u, c, lo, hi, guess: float | None = None) -> float:

@@ -1,5 +1,6 @@
 """Patterning inversion on synthetic linear-response systems with a planted chi and a planted intervention."""
 
+import itertools
 import warnings
 
 import numpy as np
@@ -836,3 +837,109 @@ def test_pinv_of_chi_near_float64s_largest_is_the_scaled_answer():
                 np.ldexp(got.h, k), base.h, rtol=1e-12, atol=1e-12 * np.abs(base.h).max()
             )
         assert np.isfinite(got.h).all() and got.residual < 1e-6
+
+
+def _enumerated_optimum(chi, tgt, alpha, lo, hi):
+    """The global minimiser of method='constrained''s objective ``|chi (w - 1) / N - tgt|^2 + alpha |w - 1|^2 / N``
+    (``lo <= w <= hi``, ``sum(w) = N``) by enumeration, for N <= 7: every assignment of each weight to its lower
+    bound, its upper bound or free; the free weights solved exactly for their least squares along the sum-zero
+    directions (an orthonormal basis of them, ``np.linalg.lstsq``); the best assignment within the bounds kept."""
+    k, n = chi.shape
+    size = float(np.abs(chi).max())
+    a, t, al = chi / size / n, tgt / size, alpha / size / size  # the same minimiser, in chi's units
+
+    def objective(w):
+        r = a @ (w - 1) - t
+        return float(r @ r + al * ((w - 1) @ (w - 1)) / n)
+
+    best, best_w = np.inf, None
+    for state in itertools.product(range(2 if hi is None else 3), repeat=n):
+        state = np.array(state)
+        w = np.where(state == 1, lo, hi if hi is not None else 1.0).astype(np.float64)
+        free = state == 0
+        nf = int(free.sum())
+        rest = n - float(w[~free].sum())
+        if nf == 0:
+            if abs(rest) > 1e-9:
+                continue
+        else:
+            x0 = np.full(nf, rest / nf)
+            basis = np.linalg.svd(np.eye(nf) - 1.0 / nf)[0][:, : nf - 1]  # sum-zero, orthonormal
+            m = np.vstack([a[:, free] @ basis, np.sqrt(al / n) * basis])
+            rhs = np.concatenate(
+                [t - a[:, ~free] @ (w[~free] - 1) - a[:, free] @ (x0 - 1), -np.sqrt(al / n) * (x0 - 1)]
+            )
+            x = x0 + basis @ np.linalg.lstsq(m, rhs, rcond=None)[0]
+            if (x < lo - 1e-12).any() or (hi is not None and (x > hi + 1e-12).any()):
+                continue
+            w[free] = x
+        if objective(w) < best:
+            best, best_w = objective(w), w
+    return best_w
+
+
+def _constrained_objective(chi, tgt, alpha, w):
+    n = chi.shape[1]
+    r = chi @ (w - 1) / n - tgt
+    return float(r @ r + alpha * ((w - 1) @ (w - 1)) / n)
+
+
+def test_constrained_reaches_the_optimum_when_rows_of_chi_differ_greatly_in_scale():
+    """One observable of order 1, another of order 1e6 (N = 5, weights >= 0): the small row's part of the KKT
+    conditions is far below the large row's scale but well above its rounding. The weights are the global optimum
+    that enumerating every active set finds, [0, 4.25, 0, 0, 0.75] (objective 0.70478); [0, 2.97, 0, 2.03, 0],
+    whose conditions hold only to the large row's scale, is 16% worse (0.8155)."""
+    chi = np.array(
+        [
+            [
+                -0.03908279771702316,
+                -1.416104206201203,
+                0.16586583406235444,
+                -1.2038196342115577,
+                -1.2639361282142565,
+            ],
+            [
+                118579.45392169376,
+                -78214.32580871404,
+                -1661761.6997896088,
+                748223.7180713578,
+                2163096.688484254,
+            ],
+        ]
+    )
+    tgt = np.array([-1.4813757442910636, 1.819849718777903])
+    iv = invert(chi, tgt, method="constrained")
+    best = _enumerated_optimum(chi, tgt, 0.0, 0.0, None)
+    np.testing.assert_allclose(best, [0.0, 4.24999, 0.0, 0.0, 0.75001], atol=1e-5)
+    np.testing.assert_allclose(iv.weights, best, rtol=0, atol=1e-9)
+    got, opt = _constrained_objective(chi, tgt, 0.0, iv.weights), _constrained_objective(chi, tgt, 0.0, best)
+    assert got <= opt * (1 + 1e-12), (got, opt)
+    assert iv.residual == pytest.approx(0.35776357797, abs=1e-9)
+    assert iv.weights.min() >= 0 and abs(iv.weights.sum() - 5) <= 1e-12
+
+
+def test_constrained_matches_exact_enumeration_for_rows_of_any_relative_scale():
+    """Random chi with rows of log-spread scales (largest over smallest 1, 1e2, 1e4, 1e6), every bound and
+    penalty: the objective of the weights returned is the global optimum's from enumerating the active sets
+    (_enumerated_optimum), to 1e-12 of it (the rounding of the weights themselves aside: 1e-15 of the uniform
+    weights' objective), within the bounds and with sum N."""
+    rng = np.random.default_rng(7)
+    for ratio in (1.0, 1e2, 1e4, 1e6):
+        for trial in range(18):
+            k, n = int(rng.integers(1, 4)), int(rng.integers(3, 8))
+            lo, hi = [(0.0, None), (0.5, 1.5), (0.9, 1.1)][trial % 3]
+            if hi is not None:
+                n = min(n, 6)
+            alpha = [0.0, 1e-3, 1.0][(trial // 3) % 3]
+            chi = rng.normal(size=(k, n)) * np.logspace(0, np.log10(ratio), k)[:, None]
+            chi = chi[rng.permutation(k)]
+            tgt = rng.normal(size=k) * (3.0 if trial % 2 else 1.0)
+            w = invert(chi, tgt, method="constrained", alpha=alpha, min_weight=lo, max_weight=hi).weights
+            assert w.min() >= lo and (hi is None or w.max() <= hi) and abs(w.sum() - n) <= 1e-12 * n
+            best = _enumerated_optimum(chi, tgt, alpha, lo, hi)
+            got, opt = (
+                _constrained_objective(chi, tgt, alpha, w),
+                _constrained_objective(chi, tgt, alpha, best),
+            )
+            uniform = _constrained_objective(chi, tgt, alpha, np.ones(n))
+            assert got <= opt * (1 + 1e-12) + 1e-15 * uniform, (ratio, trial, k, n, lo, hi, alpha, got, opt)
