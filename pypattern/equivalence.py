@@ -1058,11 +1058,11 @@ def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | str | No
     _check_hooked(model, "representations")
     tokens = _check_rep_tokens(model, tokens, "tokens")
     hooks = _rep_hooks(model, hooks)
+    _refuse_unknown_hooks(model, hooks, "hooks")  # named here, before the forward
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
     missing = [h for h in hooks if h not in cache]
     if missing:
-        _refuse_unknown_hooks(model, missing, "hooks")
         raise KeyError(f"hooks {missing} were not reached in the forward pass")
     return _flat_cache(cache, hooks)
 

@@ -44,6 +44,18 @@ def _mlp():
     return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
 
 
+def _fitted_linear(x, y):
+    """A linear model at its least-squares minimum on ``(x, y)``: the calibration of ``step_size="auto"`` needs
+    ``w*`` at a minimum (the random MLP's estimates are negative at every step)."""
+    model = nn.Linear(3, 1)
+    xa = torch.cat([x, torch.ones(len(x), 1)], 1)
+    sol = torch.linalg.lstsq(xa, y).solution
+    with torch.no_grad():
+        model.weight.copy_(sol[:3].T)
+        model.bias.copy_(sol[3])
+    return model
+
+
 KW = dict(
     num_chains=2, num_draws=8, num_burnin_steps=2, step_size=1e-3, nbeta=10.0, localization=10.0, quiet=True
 )
@@ -53,7 +65,7 @@ def _made():
     x, y = _regression()
     data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
     out = {}
-    out["llc_auto"] = pp.estimate_llc(_mlp(), data, **{**KW, "step_size": "auto"})
+    out["llc_auto"] = pp.estimate_llc(_fitted_linear(x, y), data, **{**KW, "step_size": "auto"})
     out["calibration"] = pp.calibrate_step_size(
         _mlp(), data, step_sizes=(1e-4, 1e-3), **{k: v for k, v in KW.items() if k != "step_size"}
     )
