@@ -89,6 +89,21 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def values_kept_on_error(model: nn.Module) -> Iterator[None]:
+    """The block trains ``model`` in place; when it raises, every parameter and buffer holds its value from before
+    the block again (a copy of them is kept while the block runs)."""
+    with torch.no_grad():
+        saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for t, before in saved:
+                t.copy_(before)
+        raise
+
+
+@contextlib.contextmanager
 def frozen_parameters(model: nn.Module, params: list | None = None) -> Iterator[None]:
     """No gradient taken for ``model``'s parameters (or the list ``params`` of them, when the caller holds it) in
     the block: each one's ``requires_grad`` is turned off and, for those that had it, turned back on afterwards,

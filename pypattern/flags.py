@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ._checks import model_device
-from ._training import modes_kept
+from ._training import modes_kept, values_kept_on_error
 from .equivalence import _check_flag, _check_seed, _generator_seed
 from .io import Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
@@ -708,96 +708,53 @@ def train_flags(
     device = model_device(model, torch.device("cpu"))
     code = spec.code(torch.float64, device=device)  # cast to the activations' dtype where it is written
     res = FlagTrainResult()
-    # what an abort restores: the parameters' and buffers' values (and every module's mode, kept in any case)
-    with torch.no_grad():
-        saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
-    try:
-        with modes_kept(model):
-            _train_flags_steps(
-                model,
-                task,
-                spec,
-                opt,
-                g,
-                code,
-                device,
-                res,
-                stage1_steps,
-                stage2_steps,
-                aux_weight,
-                switch_prob,
-                batch_size,
-                lr,
-                log_every,
-            )
-    except BaseException:
-        with torch.no_grad():
-            for t, before in saved:
-                t.copy_(before)
-        raise
+    # an abort restores the parameters' and buffers' values, and every module's mode
+    with values_kept_on_error(model), modes_kept(model):
+        t0 = time.perf_counter()
+        model.train()
+        total = stage1_steps + stage2_steps
+        for step in range(total):
+            stage = 1 if step < stage1_steps else 2
+            bseed = int(torch.randint(0, 2**62, (), generator=g, device="cpu"))
+            batch = task.sample(batch_size, seed=bseed, switch_prob=0.0 if stage == 1 else switch_prob)
+            if "concept_pos" not in batch.extra:
+                raise ValueError(
+                    f"task {type(task).__name__} gives no extra['concept_pos']; see pypattern.flags"
+                )
+            batch = batch.to(device)
+            written: list[torch.Tensor] = []
+            mask = values = None
+            if stage == 2:
+                T = batch.tokens.shape[1]
+                mask = torch.arange(T, device=device)[None] >= (batch.extra["switch_pos"][:, None] - 1)
+                values = code[batch.extra["target_concept"]]
+
+            def hook_fn(x, hook, written=written, mask=mask, values=values):
+                written.append(x)
+                return None if mask is None else overwrite_flags(x, spec, values.to(x.dtype), mask)
+
+            with model.hooks([(spec.hook, hook_fn)]):
+                logits = model(batch.tokens)
+            lm = _lm_loss(logits, batch.targets)
+            fl = flag_loss(written[0], batch.extra["concept_pos"], spec)
+            loss = lm + aux_weight * fl if aux_weight > 0 else lm
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"train_flags: the loss is {float(loss.detach())} at step {step} (stage {stage}; LM "
+                    f"{float(lm.detach())}, flag {float(fl.detach())}); lower lr={lr} or aux_weight={aux_weight} (the "
+                    "model is restored to its state before the call)"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if log_every and (step % log_every == 0 or step == total - 1):
+                res.steps.append(step)
+                res.stages.append(stage)
+                res.lm_losses.append(float(lm.detach()))
+                res.flag_losses.append(float(fl.detach()))
+        res.seconds = time.perf_counter() - t0
     model.eval()
     return res
-
-
-def _train_flags_steps(
-    model,
-    task,
-    spec,
-    opt,
-    g,
-    code,
-    device,
-    res,
-    stage1_steps,
-    stage2_steps,
-    aux_weight,
-    switch_prob,
-    batch_size,
-    lr,
-    log_every,
-) -> None:
-    """:func:`train_flags`' training loop on checked arguments; fills ``res``."""
-    t0 = time.perf_counter()
-    model.train()
-    total = stage1_steps + stage2_steps
-    for step in range(total):
-        stage = 1 if step < stage1_steps else 2
-        bseed = int(torch.randint(0, 2**62, (), generator=g, device="cpu"))
-        batch = task.sample(batch_size, seed=bseed, switch_prob=0.0 if stage == 1 else switch_prob)
-        if "concept_pos" not in batch.extra:
-            raise ValueError(f"task {type(task).__name__} gives no extra['concept_pos']; see pypattern.flags")
-        batch = batch.to(device)
-        written: list[torch.Tensor] = []
-        mask = values = None
-        if stage == 2:
-            T = batch.tokens.shape[1]
-            mask = torch.arange(T, device=device)[None] >= (batch.extra["switch_pos"][:, None] - 1)
-            values = code[batch.extra["target_concept"]]
-
-        def hook_fn(x, hook, written=written, mask=mask, values=values):
-            written.append(x)
-            return None if mask is None else overwrite_flags(x, spec, values.to(x.dtype), mask)
-
-        with model.hooks([(spec.hook, hook_fn)]):
-            logits = model(batch.tokens)
-        lm = _lm_loss(logits, batch.targets)
-        fl = flag_loss(written[0], batch.extra["concept_pos"], spec)
-        loss = lm + aux_weight * fl if aux_weight > 0 else lm
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train_flags: the loss is {float(loss.detach())} at step {step} (stage {stage}; LM "
-                f"{float(lm.detach())}, flag {float(fl.detach())}); lower lr={lr} or aux_weight={aux_weight} (the "
-                "model is restored to its state before the call)"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and (step % log_every == 0 or step == total - 1):
-            res.steps.append(step)
-            res.stages.append(stage)
-            res.lm_losses.append(float(lm.detach()))
-            res.flag_losses.append(float(fl.detach()))
-    res.seconds = time.perf_counter() - t0
 
 
 # ----- measurements -----------------------------------------------------------------------------------------
