@@ -10,11 +10,11 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from _result_cases import bif_result, npy, susceptibility_result
 
 from pypattern import io
 from pypattern.patching.results import PatchResult
 from pypattern.sampling import CalibrationResult, LLCResult, SampleResult
-from pypattern.susceptibility import BIFResult, SusceptibilityResult
 
 
 def _sample_result():
@@ -58,33 +58,8 @@ def _results() -> list:
         recommended=1e-4,
         reasons=["ok", "diverged (chain 0, draw 3)"],
     )
-    sus = SusceptibilityResult(
-        chi=rng.normal(size=(2, 4)),
-        chi_se=rng.random((2, 4)),
-        chi_chains=rng.normal(size=(2, 3, 4)),
-        components=["blocks.0.attn", "embed"],
-        probe_sample=np.arange(4),
-        probe_position=-np.ones(4, dtype=np.int64),
-        probe_token=-np.ones(4, dtype=np.int64),
-        phi_mean=rng.normal(size=2),
-        loss_mean=rng.normal(size=(2, 4)),
-        convention="physics",
-        nbeta=5.0,
-        num_chains=3,
-        num_draws=10,
-        settings={"seed": 0, "step_size": 1e-3},
-    )
-    bif = BIFResult(
-        bif=rng.normal(size=(4, 4)),
-        corr=rng.normal(size=(4, 4)),
-        loss_mean=rng.normal(size=4),
-        probe_sample=np.arange(4),
-        probe_position=np.arange(4),
-        probe_token=np.arange(4),
-        num_chains=2,
-        num_draws=5,
-        settings={},
-    )
+    sus = susceptibility_result(rng, settings={"seed": 0, "step_size": 1e-3})
+    bif = bif_result(rng)
     pca = sus.pca(2)
     patch = PatchResult(
         values=torch.randn(3, 2, 4),
@@ -456,12 +431,6 @@ def test_saved_files_get_the_mode_a_plain_open_gives(tmp_path):
         os.umask(old)
 
 
-def _npy(a: np.ndarray) -> bytes:
-    b = __import__("io").BytesIO()
-    np.save(b, a)
-    return b.getvalue()
-
-
 def _rewrite(src, dst, members=None, header=None, compression=zipfile.ZIP_STORED):
     """Copy the archive ``src`` to ``dst`` with ``members`` (name -> array) replaced or added and the header's
     fields edited in place by ``header(fields)`` (the members it no longer names left out); every member
@@ -469,13 +438,13 @@ def _rewrite(src, dst, members=None, header=None, compression=zipfile.ZIP_STORED
     with zipfile.ZipFile(src) as z:
         data = {n: z.read(n) for n in z.namelist()}
     for name, a in (members or {}).items():
-        data[f"{name}.npy"] = _npy(a)
+        data[f"{name}.npy"] = npy(a)
     if header is not None:
         with zipfile.ZipFile(src) as z, z.open("__meta_json__.npy") as f:
             meta = json.loads(np.lib.format.read_array(f).tobytes())
         header(meta["fields"])
         text = json.dumps(meta)
-        data["__meta_json__.npy"] = _npy(np.frombuffer(text.encode(), dtype=np.uint8))
+        data["__meta_json__.npy"] = npy(np.frombuffer(text.encode(), dtype=np.uint8))
         # members the edited header no longer names are left out (a file holding them is refused for that)
         data = {
             n: b for n, b in data.items() if n.startswith("__") or json.dumps(n.removesuffix(".npy")) in text

@@ -1,16 +1,15 @@
 """Loading results whose arrays were edited: each result class checks that its arrays agree with each other (shapes,
 numbers) and refuses a file where they do not with a FormatError naming the file and the field."""
 
-import io as _bytes_io
 import zipfile
 
 import numpy as np
 import pytest
+from _result_cases import bif_result, npy, susceptibility_result
 
 from pypattern import io
 from pypattern.patterning import Intervention, invert
 from pypattern.sampling.results import LLCResult, SampleResult, check_arrays
-from pypattern.susceptibility import BIFResult, SusceptibilityResult
 
 
 def _sample():
@@ -38,39 +37,11 @@ def _llc():
 
 
 def _susceptibility():
-    rng = np.random.default_rng(1)
-    return SusceptibilityResult(
-        chi=rng.normal(size=(2, 4)),
-        chi_se=rng.random((2, 4)),
-        chi_chains=rng.normal(size=(2, 3, 4)),
-        components=["blocks.0.attn", "embed"],
-        probe_sample=np.arange(4),
-        probe_position=-np.ones(4, dtype=np.int64),
-        probe_token=-np.ones(4, dtype=np.int64),
-        phi_mean=rng.normal(size=2),
-        loss_mean=rng.normal(size=(2, 4)),
-        convention="physics",
-        nbeta=5.0,
-        num_chains=3,
-        num_draws=10,
-        settings={"seed": 0},
-        probe_counted=np.array([True, True, False, True]),
-    )
+    return susceptibility_result(np.random.default_rng(1), probe_counted=np.array([True, True, False, True]))
 
 
 def _bif():
-    rng = np.random.default_rng(2)
-    return BIFResult(
-        bif=rng.normal(size=(4, 4)),
-        corr=rng.normal(size=(4, 4)),
-        loss_mean=rng.normal(size=4),
-        probe_sample=np.arange(4),
-        probe_position=np.arange(4),
-        probe_token=np.arange(4),
-        num_chains=2,
-        num_draws=5,
-        settings={},
-    )
+    return bif_result(np.random.default_rng(2))
 
 
 def _intervention():
@@ -89,18 +60,12 @@ MAKERS = {
 }
 
 
-def _npy(a) -> bytes:
-    b = _bytes_io.BytesIO()
-    np.save(b, a)
-    return b.getvalue()
-
-
 def _edited(src, dst, member, array):
     """``src`` with its member ``member`` (an array's ``.npy``) replaced by ``array``, written to ``dst``."""
     with zipfile.ZipFile(src) as z:
         members = {n: z.read(n) for n in z.namelist()}
     assert member in members, sorted(members)
-    members[member] = _npy(array)
+    members[member] = npy(array)
     with zipfile.ZipFile(dst, "w") as z:
         for name, data in members.items():
             z.writestr(name, data)
