@@ -529,6 +529,19 @@ def test_a_choice_after_drifting_steps_without_localization_warns():
         _warn_if_drift_chose(few, 0.0)
 
 
+def _count_calibrations(monkeypatch, module) -> list:
+    """A list that gets one entry per call of ``module.resolve_step_size`` (which still calibrates)."""
+    calls = []
+    real = module.resolve_step_size
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, "resolve_step_size", counted)
+    return calls
+
+
 @pytest.mark.filterwarnings("ignore::pypattern.sampling.diagnostics.NonStationaryWarning")
 def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
     """A checkpointed run with step_size="auto" records its calibration in the checkpoint; resuming the same call
@@ -545,14 +558,7 @@ def test_a_resumed_run_reuses_its_calibration(tmp_path, monkeypatch):
     model, loader = _regular()
     kw = dict(nbeta=1000.0, localization=1.0, num_chains=2, num_draws=12, seed=3, quiet=True)
     whole = sample(model, loader, step_size="auto", **kw)
-    calls = []
-    real = runner.resolve_step_size
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(runner, "resolve_step_size", counted)
+    calls = _count_calibrations(monkeypatch, runner)
     path = str(tmp_path / "run.npz")
     seen = []
 
@@ -595,14 +601,7 @@ def test_a_resumed_susceptibility_call_reuses_its_calibration(tmp_path, monkeypa
     x, y = next(iter(loader))
     probe = (x[:4], y[:4])
     kw = dict(nbeta=10.0, localization=1.0, num_chains=2, num_draws=10, seed=0, quiet=True)
-    calls = []
-    real = sus.resolve_step_size
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(sus, "resolve_step_size", counted)
+    calls = _count_calibrations(monkeypatch, sus)
     first = susceptibilities(model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **kw)
     assert len(calls) == 1 and (tmp_path / sus.CALIBRATION_FILE).exists()
     again = susceptibilities(model, loader, probe, [["layers.0.weight"]], checkpoint=str(tmp_path), **kw)
