@@ -44,10 +44,9 @@ class State:
         Sampling time so far.
     """
 
-    def __init__(self, num_total_chains: int, num_draws: int, calibration: Mapping | None = None):
-        self.calibration = (
-            calibration  # the step-size calibration the run's step came from (written, not read)
-        )
+    def __init__(self, num_total_chains: int, num_draws: int):
+        # the step-size calibration the run's step came from (the runner sets it; written, not read)
+        self.calibration: Mapping | None = None
         self.loss = np.full((num_total_chains, num_draws), np.nan)
         self.done = np.zeros(num_total_chains, dtype=np.int64)
         self.next_step = np.zeros(num_total_chains, dtype=np.int64)

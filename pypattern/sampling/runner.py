@@ -417,9 +417,7 @@ def sample(
         lr = None
     auto_step = calibration = None
     if wants_auto(step_size, optimizer_kwargs):  # "auto" or no step given: calibrate first (sampling.auto)
-        stored = (
-            stored_calibration(checkpoint) if checkpoint is not None and os.path.exists(checkpoint) else None
-        )
+        stored = None if checkpoint is None else stored_calibration(checkpoint)  # None without a file
         step_size, auto_step, calibration = calibrate_or_resume(
             model, loader, auto_arguments(locals()), stored, resolve_step_size
         )
