@@ -32,3 +32,37 @@ def keep_freed_heap() -> None:
         return
     libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
     libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD
+
+
+_HUGE = 2**21  # a transparent huge page (x86-64, aarch64 with 4 KiB pages)
+_MADVISE = None  # libc's madvise, once looked up (False where there is none)
+
+
+def huge_pages_hint(t):
+    """Ask Linux to back a large CPU tensor ``t`` that nothing has written yet with transparent huge pages
+    (``madvise(MADV_HUGEPAGE)`` over the 2 MiB-aligned part of its storage), and return ``t``. Blocks above
+    glibc's heap thresholds (:func:`keep_freed_heap`) come fresh from the system on every call, and are faulted in
+    page by page as they are first written: 30,000 faults for the 123 MB of node outputs EAP records at
+    GPT-2-small shape, about 4% of its CPU time, against about 500 with huge pages. A hint only: nothing happens
+    on other systems, for tensors under 64 MiB or on other devices, or where the kernel's setting is ``never``."""
+    global _MADVISE
+    n = t.numel() * t.element_size()
+    if n < 2**26 or t.device.type != "cpu" or _MADVISE is False:
+        return t
+    if _MADVISE is None:
+        try:
+            if not os.uname().sysname == "Linux":
+                raise OSError
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _MADVISE = libc.madvise
+        except (OSError, AttributeError):  # pragma: no cover - not Linux with glibc
+            _MADVISE = False
+            return t
+    a = t.data_ptr()
+    lo, hi = -(-a // _HUGE) * _HUGE, (a + n) // _HUGE * _HUGE
+    if hi > lo:
+        _MADVISE(
+            lo, hi - lo, 14
+        )  # MADV_HUGEPAGE; an error (no THP in this kernel) leaves the pages as they are
+    return t

@@ -507,6 +507,44 @@ def test_residual_multiplier_is_refused_by_name():
         ModelView(model)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_eap_through_onednn_per_head_products_equals_bmm(arch, monkeypatch):
+    """EAP and EAP-IG with every per-head product through oneDNN (the head writes of the recorded runs, their sum
+    with its one-product backward, the head inputs' cotangents with the norm's correction and their sum over heads,
+    as taken for large float32 products) equal the batched-matmul path and the float64 autograd reference."""
+    from pypattern.models.packed import _ops_present, packed_gemm_enabled
+
+    if not (_ops_present() and packed_gemm_enabled()):
+        pytest.skip("oneDNN's matmul is not used for fixed weights in this process")
+    model = _model(arch, seed=6, dtype=torch.float32)
+    clean, corr, ans, wrong = prompts(model, seed=7)
+    metric = LogitDiff(ans, wrong)
+    calls = []
+    real = ModelView._onednn_heads
+
+    def spy(x3, W):
+        got = real(x3, W)
+        calls.append(got)
+        return got
+
+    monkeypatch.setattr(ModelView, "_onednn_heads", staticmethod(spy))
+    for method, kw in (("eap", {}), ("eap-ig", dict(steps=3))):
+        monkeypatch.setattr(ModelView, "ONEDNN_HEAD_MACS", 0)
+        calls.clear()
+        fast = edge_attribution(model, clean, corr, metric=metric, method=method, **kw).values
+        assert sum(calls) >= 3 * model.cfg.n_layers  # the oneDNN path ran
+        monkeypatch.setattr(ModelView, "ONEDNN_HEAD_MACS", 2**62)
+        calls.clear()
+        plain = edge_attribution(model, clean, corr, metric=metric, method=method, **kw).values
+        assert not any(calls)
+        assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max(), method
+    g = edges(model)
+    ref = naive_first_order(model.double(), g, clean, corr, metric, "noise", "resample")
+    monkeypatch.setattr(ModelView, "ONEDNN_HEAD_MACS", 0)
+    fast = edge_attribution(model.float(), clean, corr, metric=metric, method="eap").values
+    assert (fast.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_per_head_projections_through_onednn_equal_bmm(arch, monkeypatch):
     """The formed head inputs' projections through oneDNN's matmul (taken for large float32 products where the

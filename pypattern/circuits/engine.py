@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._memory import keep_freed_heap
+from .._memory import huge_pages_hint, keep_freed_heap
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..ops.sums import signed_sums
 from ..patching.api import check_tokens
@@ -692,7 +692,7 @@ class EdgeEngine:
                 outs = self.A
                 outs[0].sub_(embeds[record])
             else:
-                outs = embeds.new_empty(g.n_src, *embeds.shape[1:])
+                outs = huge_pages_hint(embeds.new_empty(g.n_src, *embeds.shape[1:]))
                 outs[0] = embeds[record]
             kept[0] = True
 
@@ -749,9 +749,10 @@ class EdgeEngine:
                         attn = v.head_out_sum(layer, z)
                     elif z.shape[1] == 1:
                         # each head's write, as in the plain run (the same multiply-adds as their sum)
-                        O = v.head_out(layer, z)
-                        keep(int(self.head_srcs[layer][0]), qrows, O[:, record].detach())
-                        attn = O.sum(0)
+                        src = int(self.head_srcs[layer][0])
+                        attn = _HeadsSum.apply(
+                            z, v, layer, lambda i, O, src=src, r=qrows: keep(src + i, r, O[record][None])
+                        )
                     else:  # the heads' sum in every run, each head's write in the recorded one only
                         with torch.no_grad():
                             keep(
@@ -870,15 +871,49 @@ class _QKV(torch.autograd.Function):
                 store(list(got[:3]))
                 return got[3], None, None, None, None, None
         Rq = R[:, :, qrows] if part else R
-        gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows, linear=lin)
-        # summed over the runs here: the per-run cotangents of every layer are never held at once
-        dR = gki.sum(0).add_(gvi.sum(0))
+        # the residual's cotangent, the sum over heads, added up as each head's is made
+        dR = torch.zeros(R.shape, dtype=gq.dtype, device=R.device)
+        dRq = torch.zeros(Rq.shape, dtype=gq.dtype, device=R.device) if part else dR
+        gqi, gki, gvi = view.qkv_input_vjp(layer, Rq, R, gq, gk, gv, qrows, rows, linear=lin, sums=(dRq, dR))
         if part:
-            dR.index_add_(2, qrows, gqi.sum(0))
-        else:
-            dR.add_(gqi.sum(0))
+            dR.index_add_(2, qrows, dRq)
+        # summed over the runs here: the per-run cotangents of every layer are never held at once
         store([g.select(1, 0) if g.shape[1] == 1 else g.sum(1) for g in (gqi, gki, gvi)])
         return dR, None, None, None, None, None
+
+
+class _HeadsSum(torch.autograd.Function):
+    """The sum over heads of their writes to the residual stream, ``sum_h z_h @ W_O[h]``, from ``z (H, ..., T,
+    dh)``, handing each head's write to ``put(h, O_h)`` (``O_h (..., T, d)``, a value) on the way: the forward is
+    the per-head products (what a record needs) and the backward the plain one, ``g @ W_O^T`` with every head's
+    columns in one product, instead of a batched product per head of the sum's broadcast cotangent."""
+
+    @staticmethod
+    def forward(ctx, z, view, layer, put):
+        ctx.args = (view, layer)
+        W_O = view.model.blocks[layer].attn.W_O
+        H, dh, d = W_O.shape
+        z3 = z.reshape(H, -1, dh)
+        if not view._onednn_heads(z3, W_O):
+            O = view.head_out(layer, z)
+            for h in range(H):
+                put(h, O[h])
+            return O.sum(0)
+        total = None  # each head's write made, handed over and added while it is in cache
+        for h in range(H):
+            O_h = torch.ops.mkldnn._linear_pointwise(z3[h], W_O[h].detach().t(), None, "none", [], "")
+            O_h = O_h.view(*z.shape[1:-1], d)
+            put(h, O_h)
+            total = O_h if total is None else (total + O_h if h == 1 else total.add_(O_h))
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        view, layer = ctx.args
+        W_O = view.model.blocks[layer].attn.W_O
+        H, dh, d = W_O.shape
+        gz = (g.reshape(-1, d) @ W_O.detach().reshape(H * dh, d).t()).view(*g.shape[:-1], H, dh)
+        return gz.movedim(-2, 0), None, None, None
 
 
 def _scored(m, dtype: torch.dtype):
@@ -944,7 +979,7 @@ def _outputs_run(view: ModelView, graph: EdgeGraph, x0: torch.Tensor, pos) -> _R
     other rows (no edge score reads them)."""
     B, T, d = x0.shape
     H, L = view.n_heads, view.n_layers
-    outs = x0.new_empty(graph.n_src, B, T, d)
+    outs = huge_pages_hint(x0.new_empty(graph.n_src, B, T, d))
     outs[0] = x0
     i, R, rows = 1, x0, torch.arange(T, device=x0.device)
 

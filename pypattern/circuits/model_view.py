@@ -181,15 +181,21 @@ class ModelView:
     def _bproj(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """Per-head projection ``(h, ..., T, d) x (h, d, dh) (+ b (h, dh))`` -> ``(h, ..., T, dh)``."""
         h, d = x.shape[0], x.shape[-1]
-        x3 = x.reshape(h, -1, d)
-        if ModelView._onednn_heads(x3, W):
-            y = x3.new_empty(h, x3.shape[1], W.shape[-1])
-            for i in range(h):  # W[i] (d, dh) read in place as oneDNN's (out, in) operand, its transpose
-                y[i] = torch.ops.mkldnn._linear_pointwise(x3[i], W[i].detach().t(), None, "none", [], "")
-            y = y.view(*x.shape[:-1], W.shape[-1])
-        else:
-            y = torch.bmm(x3, W).view(*x.shape[:-1], W.shape[-1])
+        y = ModelView.heads_mm(x.reshape(h, -1, d), W).view(*x.shape[:-1], W.shape[-1])
         return y if b is None else y + b.view(h, *([1] * (x.dim() - 2)), -1)
+
+    @staticmethod
+    def heads_mm(x3: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head products ``x3 (h, rows, k) x W (h, k, n)`` -> ``(h, rows, n)`` (into ``out``, contiguous, when
+        given): one oneDNN product per head where :meth:`_onednn_heads` allows (MKL's batched matmul runs these
+        shapes, with ``k`` or ``n`` a head's width, at about half oneDNN's rate), else one batched matmul."""
+        h = x3.shape[0]
+        if not ModelView._onednn_heads(x3, W):
+            return torch.bmm(x3, W) if out is None else torch.bmm(x3, W, out=out)
+        y = x3.new_empty(h, x3.shape[1], W.shape[-1]) if out is None else out
+        for i in range(h):  # W[i] (k, n) read in place as oneDNN's (out, in) operand, its transpose
+            y[i] = torch.ops.mkldnn._linear_pointwise(x3[i], W[i].detach().t(), None, "none", [], "")
+        return y
 
     @staticmethod
     def _onednn_heads(x3: torch.Tensor, W: torch.Tensor) -> bool:
@@ -388,6 +394,7 @@ class ModelView:
         q_pos: torch.Tensor | None = None,
         k_pos: torch.Tensor | None = None,
         linear: tuple | None = None,
+        sums: tuple | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cotangents of each head's own (un-normalised, un-rotated) query, key and value input.
 
@@ -403,6 +410,10 @@ class ModelView:
             The projections before rotation at these inputs (:meth:`qkv_shared` with ``linear``); with them,
             pypattern's LayerNorm and RMSNorm take :meth:`_proj_norm_vjp` (the projection's and the norm's VJP in one
             batched matmul and one pass).
+        sums : ``(sq, skv)``, optional
+            Tensors shaped as ``xq`` and ``xkv``, contiguous: the sum over heads of the query inputs' cotangents is
+            added to ``sq``, that of the key and value inputs' to ``skv`` (``sq`` may be ``skv``), each head's
+            while it is in cache.
 
         Returns
         -------
@@ -416,16 +427,22 @@ class ModelView:
             return torch.bmm(g.reshape(h, -1, g.shape[-1]), W.transpose(1, 2)).view(*g.shape[:-1], W.shape[1])
 
         gq, gk = self._projection_cotangents(layer, gq, gk, q_pos, k_pos, linear, xq, xkv)
+        sq, skv = (None, None) if sums is None else sums
         if linear is not None and self._fast_norm_vjp(layer, xq, gq):
             return (
-                self._proj_norm_vjp(layer, xq, gq, a.W_Q, a.b_Q, linear[0]),
-                self._proj_norm_vjp(layer, xkv, gk, a.W_K, a.b_K, linear[1]),
-                self._proj_norm_vjp(layer, xkv, gv, a.W_V, a.b_V, linear[2]),
+                self._proj_norm_vjp(layer, xq, gq, a.W_Q, a.b_Q, linear[0], sq),
+                self._proj_norm_vjp(layer, xkv, gk, a.W_K, a.b_K, linear[1], skv),
+                self._proj_norm_vjp(layer, xkv, gv, a.W_V, a.b_V, linear[2], skv),
             )
-        gq_in = self.norm_vjp(layer, xq, back(gq, a.W_Q))
-        gk_in = self.norm_vjp(layer, xkv, back(gk, a.W_K))
-        gv_in = self.norm_vjp(layer, xkv, back(gv, a.W_V))
-        return gq_in, gk_in, gv_in
+        got = (
+            self.norm_vjp(layer, xq, back(gq, a.W_Q)),
+            self.norm_vjp(layer, xkv, back(gk, a.W_K)),
+            self.norm_vjp(layer, xkv, back(gv, a.W_V)),
+        )
+        if sums is not None:
+            for g, acc in zip(got, (sq, skv, skv)):
+                acc.add_(g.sum(0))
+        return got
 
     def qkv_input_vjp_runs(
         self,
@@ -475,8 +492,10 @@ class ModelView:
         # gs (h, N, ..., T, k), WwT (h, k, d), xhat (N, ..., T, d), c2 (h, N, ..., T)
         for gs, WwT, xhat, c2 in parts:
             h, k = gs.shape[0], gs.shape[-1]
-            out = torch.bmm(gs.sum(1).reshape(h, -1, k), WwT).view(*gs.shape[:1], *gs.shape[2:-1], -1)
-            for n in range(gs.shape[1]):  # minus sum_n x_hat_n c2_hn, a pass per run
+            # minus sum_n x_hat_n c2_hn: the first run's with the product, a pass per other run
+            out = self.heads_mm_sub(gs.sum(1).reshape(h, -1, k), WwT, xhat[0], c2[:, 0])
+            out = out.view(*gs.shape[:1], *gs.shape[2:-1], -1)
+            for n in range(1, gs.shape[1]):
                 out.addcmul_(xhat[n], c2[:, n].unsqueeze(-1), value=-1)
             summed.append(out)
 
@@ -525,13 +544,15 @@ class ModelView:
             (out,) = torch.autograd.grad(self._rotate(layer, y, pos), y, g)
         return out
 
-    def _proj_norm_parts(self, layer, x, g, W, b, lin, heads_last: bool = False):
+    def _proj_norm_parts(self, layer, x, g, W, b, lin, heads_last: bool = False, rows_first: bool = False):
         """The pieces of :meth:`_proj_norm_vjp`: ``(g', W'^T, x_hat, c2)`` with the head input cotangent ``g'_h
         W'_h^T - x_hat c2_h``: ``g' (h, ..., T, k)``, ``W'^T (h, k, d)`` contiguous (``k = d_head + 1`` for
         LayerNorm, its mean row; ``d_head`` for RMSNorm), ``x_hat (..., T, d)``, ``c2 (h, ..., T)``. ``W'^T`` is
         laid out for a plain product ``g' @ W'^T``: a transposed view of ``W'`` as the right-hand side runs at half
         the rate in MKL's batched matmul when it is not in cache. ``heads_last``: ``g'`` is a view of a tensor laid
-        out ``(..., T, h, k)`` (every head's columns of a row together)."""
+        out ``(..., T, h, k)`` (every head's columns of a row together). ``rows_first``: ``W'^T`` is instead the
+        transposed view of ``W' (h, d, k)`` contiguous, oneDNN's layout of a product's weight (and ``W``'s own: no
+        transposed read to make it)."""
         from ..models.transformer import LayerNorm
 
         ln = self.model.blocks[layer].ln1
@@ -541,8 +562,12 @@ class ModelView:
         r = torch.rsqrt(hx.pow(2).mean(-1, keepdim=True) + ln.eps)  # (..., T, 1)
         xhat = hx * r
         k = dh + 1 if is_ln else dh
-        WwT = W.new_empty(h, k, d)
-        torch.mul(W.transpose(1, 2), ln.gain.view(1, 1, d), out=WwT[:, :dh])
+        if rows_first:
+            WwT = W.new_empty(h, d, k).transpose(1, 2)
+            torch.mul(W, ln.gain.view(1, d, 1), out=WwT.transpose(1, 2)[..., :dh])
+        else:
+            WwT = W.new_empty(h, k, d)
+            torch.mul(W.transpose(1, 2), ln.gain.view(1, 1, d), out=WwT[:, :dh])
         shape = (h,) + (1,) * (g.dim() - 2) + (dh,)
         P = lin if b is None else lin - b.view(shape)
         if is_ln:
@@ -574,7 +599,7 @@ class ModelView:
             and (ln.compute_dtype or x.dtype) == x.dtype == g.dtype == ln.w.dtype
         )
 
-    def _proj_norm_vjp(self, layer, x, g, W, b, lin) -> torch.Tensor:
+    def _proj_norm_vjp(self, layer, x, g, W, b, lin, acc: torch.Tensor | None = None) -> torch.Tensor:
         """Each head's input cotangent ``norm_vjp(x, g_h @ W_h^T)`` from the cotangent ``g (h, ..., T, dh)`` of
         its projection ``lin = norm(x) @ W_h + b_h`` (``lin (h, ..., T, dh)`` from the forward, ``W (h, d, dh)``).
 
@@ -582,11 +607,41 @@ class ModelView:
         (and bias), ``W'_h = diag(w) W_h`` and ``g' = r g``: LayerNorm's VJP is ``g' W'_h^T - g'.(1^T W'_h) / d -
         x_hat (g'.P_h) / d`` with ``P_h = x_hat W'_h = lin_h - b_h - beta W_h`` (from the forward: no projection
         of ``x_hat``); RMSNorm's the same without the middle term (and ``beta``). The first two terms are one
-        batched matmul (the second as one more column of ``g'``), the third one pass over its output."""
-        gs, WwT, xhat, c2 = self._proj_norm_parts(layer, x, g, W, b, lin)
+        batched matmul (the second as one more column of ``g'``), the third one pass over its output. ``acc``: a
+        contiguous tensor shaped as ``x`` to which the sum over heads is added."""
+        # the products' path (decided on d_head columns for their d_head + 1)
+        onednn = self._onednn_heads(g, W.transpose(1, 2))
+        gs, WwT, xhat, c2 = self._proj_norm_parts(layer, x, g, W, b, lin, rows_first=onednn)
         h, d = W.shape[0], x.shape[-1]
-        out = torch.bmm(gs.reshape(h, -1, gs.shape[-1]), WwT).view(*g.shape[:-1], d)
-        return out.addcmul_(xhat, c2.unsqueeze(-1), value=-1)
+        acc2 = None if acc is None else acc.view(-1, d)
+        return self.heads_mm_sub(gs.reshape(h, -1, gs.shape[-1]), WwT, xhat, c2, acc2).view(*g.shape[:-1], d)
+
+    @staticmethod
+    def heads_mm_sub(
+        x3: torch.Tensor,
+        W: torch.Tensor,
+        xhat: torch.Tensor,
+        c2: torch.Tensor,
+        acc: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x3 @ W - x_hat c2`` per head: ``x3 (h, rows, k)``, ``W (h, k, n)``, ``x_hat (..., n)`` and ``c2 (h,
+        ...)`` with ``rows`` the product of ``...`` -> ``(h, rows, n)``. Through oneDNN, each head's product is
+        written to the result by the subtraction (no copy of it). ``acc (rows, n)``: the sum over heads is added
+        to it (each head's while in cache)."""
+        h, n = x3.shape[0], W.shape[-1]
+        xh, c = xhat.reshape(-1, n), c2.reshape(h, -1, 1)
+        if not ModelView._onednn_heads(x3, W):
+            out = torch.bmm(x3, W).addcmul_(xh, c, value=-1)
+            if acc is not None:
+                acc.add_(out.sum(0))
+            return out
+        out = x3.new_empty(h, x3.shape[1], n)
+        for i in range(h):
+            y = torch.ops.mkldnn._linear_pointwise(x3[i], W[i].detach().t(), None, "none", [], "")
+            torch.addcmul(y, xh, c[i], value=-1, out=out[i])
+            if acc is not None:
+                acc.add_(out[i])
+        return out
 
     def norm_vjp(self, layer: int, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The attention norm's VJP at ``x (..., T, d)`` applied to each head's cotangent ``g (h, ..., T, d)``.
@@ -704,9 +759,9 @@ class ModelView:
         h = z.shape[0]
         z3 = z.reshape(h, -1, z.shape[-1])
         if out is not None:
-            torch.bmm(z3, W_O, out=out.view(h, -1, W_O.shape[-1]))
+            self.heads_mm(z3, W_O, out=out.view(h, -1, W_O.shape[-1]))
             return out
-        return torch.bmm(z3, W_O).view(*z.shape[:-1], W_O.shape[-1])
+        return self.heads_mm(z3, W_O).view(*z.shape[:-1], W_O.shape[-1])
 
     def head_out_sum(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """The sum of every head's write, ``sum_h z_h @ W_O[h]``, in one matmul: ``(H, ..., T, dh)`` ->
