@@ -18,14 +18,18 @@ from torch import nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
-__all__ = ["HookPoint", "HookedRootModule", "ActivationCache", "HookedModule"]
+__all__ = ["HookPoint", "HookedRootModule", "ActivationCache", "HookedModule", "get_act_name"]
 
 
 class HookPoint(nn.Module):
-    """Identity on an activation, with attachable forward functions.
+    """Identity on an activation, with attachable forward (and backward) functions.
 
-    Each attached function is called as ``fn(activation, hook)``; if it returns a tensor, that tensor
-    replaces the activation for the rest of the forward (TransformerLens' convention).
+    Each attached function is called as ``fn(activation, hook)`` (as ``fn(activation, hook=hook)`` when it takes
+    ``hook`` by keyword only, TransformerLens' call); if it returns a tensor, that tensor replaces the activation for
+    the rest of the forward (TransformerLens' convention). A backward function (``dir="bwd"``) is called as
+    ``fn(grad, hook)`` with the gradient of the loss with respect to the activation when the backward pass reaches
+    it (attached while the forward runs, so it runs even when the hook is removed before the backward); a tensor it
+    returns replaces that gradient.
     """
 
     def __init__(self) -> None:
@@ -33,18 +37,64 @@ class HookPoint(nn.Module):
         self.name: str = ""
         self._fns: list[HookFn] = []
 
-    def add_hook(self, fn: HookFn) -> Callable[[], None]:
-        """Attach ``fn``; returns a function that removes it."""
-        self._fns.append(fn)
+    def add_hook(
+        self,
+        fn: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        prepend: bool = False,
+        level: Any = None,
+    ) -> Callable[[], None]:
+        """Attach ``fn`` (``dir="fwd"``: on the activation, ``"bwd"``: on its gradient); returns a function that
+        removes it. ``is_permanent``: kept by :meth:`remove_hooks` / ``reset_hooks`` unless
+        ``including_permanent=True``; ``prepend``: run before the functions attached already (TransformerLens'
+        arguments; ``level`` is accepted and ignored)."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir={dir!r} is not valid; give 'fwd' or 'bwd'")
+        if not callable(fn):
+            raise TypeError(f"the hook function {fn!r} is not callable")
+        entry = _as_called(fn)
+        if dir == "bwd":
+            entry = _on_gradient(entry)
+        if is_permanent or dir == "bwd":
+            if entry is fn:  # a wrapper carries the flags (the caller's function is left untouched)
+                entry = _forward_to(fn)
+            entry._pp_dir, entry._pp_permanent = dir, bool(is_permanent)
+        if prepend:
+            self._fns.insert(0, entry)
+        else:
+            self._fns.append(entry)
 
         def remove() -> None:
             with contextlib.suppress(ValueError):
-                self._fns.remove(fn)
+                self._fns.remove(entry)
 
         return remove
 
-    def remove_hooks(self) -> None:
-        self._fns.clear()
+    def add_perma_hook(self, fn: HookFn, dir: str = "fwd") -> Callable[[], None]:
+        """:meth:`add_hook` with ``is_permanent=True``."""
+        return self.add_hook(fn, dir=dir, is_permanent=True)
+
+    def remove_hooks(self, dir: str = "both", including_permanent: bool = False, level: Any = None) -> None:
+        """Remove the attached functions of direction ``dir`` (``"fwd"``, ``"bwd"`` or ``"both"``), the permanent
+        ones too with ``including_permanent``."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir={dir!r} is not valid; give 'fwd', 'bwd' or 'both'")
+        self._fns[:] = [
+            f
+            for f in self._fns
+            if not (
+                dir in ("both", getattr(f, "_pp_dir", "fwd"))
+                and (including_permanent or not getattr(f, "_pp_permanent", False))
+            )
+        ]
+
+    def layer(self) -> int:
+        """The layer index of a hook point named ``blocks.{layer}....`` (TransformerLens' ``hook.layer()``)."""
+        parts = self.name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ValueError(f"hook point {self.name!r} is not in a block (blocks.N...): it has no layer")
+        return int(parts[1])
 
     @property
     def active(self) -> bool:
@@ -60,6 +110,57 @@ class HookPoint(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def _as_called(fn: Callable) -> Callable:
+    """``fn`` itself when it can be called as ``fn(activation, hook)``; a wrapper calling ``fn(activation,
+    hook=hook)`` when it takes ``hook`` by keyword only (TransformerLens calls every hook function that way)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: called positionally
+        return fn
+    try:
+        sig.bind(None, None)
+        return fn
+    except TypeError:
+        pass
+    try:
+        sig.bind(None, hook=None)
+    except TypeError:
+        raise TypeError(
+            f"the hook function {getattr(fn, '__name__', fn)!r} cannot be called as fn(activation, hook) nor as "
+            "fn(activation, hook=hook); give a function of the activation and the hook point"
+        ) from None
+
+    def by_keyword(x: torch.Tensor, hook: HookPoint) -> Any:
+        return fn(x, hook=hook)
+
+    return by_keyword
+
+
+def _forward_to(fn: Callable) -> Callable:
+    def entry(x: torch.Tensor, hook: HookPoint) -> Any:
+        return fn(x, hook)
+
+    return entry
+
+
+def _on_gradient(fn: Callable) -> Callable:
+    """A forward function that attaches ``fn`` to the gradient of the activation it sees (``fn(grad, hook)``, a
+    tensor returned replaces the gradient); the activation itself is left as it is."""
+
+    def entry(x: torch.Tensor, hook: HookPoint) -> None:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+
+            def on_grad(g: torch.Tensor) -> torch.Tensor | None:
+                return fn(g, hook)
+
+            x.register_hook(on_grad)
+        return None
+
+    return entry
 
 
 def attached_hooks(model: nn.Module) -> list[str]:
@@ -108,11 +209,90 @@ def _make_filter(names: Any) -> Callable[[str], bool]:
     raise TypeError(f"names_filter={names!r} is not valid: give None, a name, a list of names or a callable")
 
 
+_ATTN_ACTS = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
+_MLP_ACTS = ("pre", "post", "mid", "pre_linear")
+_ACT_ALIASES = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
+}
+_LAYER_TYPE_ALIASES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+
+
+def get_act_name(name: str, layer: int | str | None = None, layer_type: str | None = None) -> str:
+    """A hook name from TransformerLens' shorthand (``transformer_lens.utils.get_act_name``): ``("pattern", 0)`` ->
+    ``"blocks.0.attn.hook_pattern"``, ``("resid_pre", 1)`` -> ``"blocks.1.hook_resid_pre"``, ``("z", 0, "attn")``,
+    ``("normalized", 1, "ln2")``, ``"k6"`` -> ``"blocks.6.attn.hook_k"``, ``"embed"`` -> ``"hook_embed"``; a full
+    name is returned as it is."""
+    import re
+
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    match = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
+    if match is not None:
+        name, layer, layer_type = match.groups(0)
+    name = _ACT_ALIASES.get(name, name)
+    full = "" if layer is None else f"blocks.{layer}."
+    if name in _ATTN_ACTS:
+        layer_type = "attn"
+    elif name in _MLP_ACTS:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIASES:
+        layer_type = _LAYER_TYPE_ALIASES[layer_type]
+    if layer_type:
+        full += f"{layer_type}."
+    full += f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = f"ln_final.{full}"
+    return full
+
+
 class ActivationCache(dict):
     """Activations by hook name (a plain dict with a few helpers).
 
     ``cache["blocks.0.attn.hook_z"]`` has the shape of that hook point, e.g. ``(batch, pos, n_heads, d_head)``.
+    TransformerLens' shorthand keys read the same entries: ``cache["z", 0]``, ``cache["pattern", -1]`` (a negative
+    layer counts from the last), ``cache["normalized", 1, "ln2"]``, ``cache["embed"]`` (see :func:`get_act_name`).
     """
+
+    n_layers: int | None = None  # set by run_with_cache (negative layers); else read from the keys
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, str | tuple) and dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        try:
+            full = self._full_name(key)
+        except (TypeError, ValueError):
+            full = None
+        if full is None or not dict.__contains__(self, full):
+            if isinstance(key, str):
+                return dict.__getitem__(self, key)  # KeyError naming the key
+            raise KeyError(key if full is None else f"{key!r} (hook {full!r}) is not in the cache")
+        return dict.__getitem__(self, full)
+
+    def _full_name(self, key: Any) -> str | None:
+        if isinstance(key, str):
+            return get_act_name(key)
+        if not isinstance(key, tuple) or not key or not isinstance(key[0], str) or len(key) > 3:
+            return None
+        if len(key) > 1 and isinstance(key[1], int) and not isinstance(key[1], bool) and key[1] < 0:
+            n = self.n_layers
+            if n is None:
+                layers = [
+                    int(k.split(".")[1])
+                    for k in self
+                    if k.startswith("blocks.") and k.split(".")[1].isdigit()
+                ]
+                n = max(layers) + 1 if layers else None
+            if n is None:
+                return None
+            key = (key[0], n + key[1], *key[2:])
+        return get_act_name(*key)
 
     def stack(self, names: Sequence[str]) -> torch.Tensor:
         """Stack the activations ``names`` along a new leading dimension."""
@@ -135,42 +315,103 @@ class HookedRootModule(nn.Module):
     def hook_names(self) -> list[str]:
         return list(self.hook_dict)
 
-    def reset_hooks(self) -> None:
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: str = "both",
+        including_permanent: bool = False,
+        level: Any = None,
+    ) -> None:
+        """Remove the functions attached to the hook points (of ``direction``: ``"fwd"``, ``"bwd"`` or
+        ``"both"``), the permanent ones too with ``including_permanent`` (TransformerLens' arguments;
+        ``clear_contexts`` and ``level`` are accepted and ignored)."""
         for hp in self.hook_dict.values():
-            hp.remove_hooks()
+            hp.remove_hooks(direction, including_permanent=including_permanent)
 
-    @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[Any, HookFn]] = ()) -> Iterator[HookedRootModule]:
-        """Attach ``fwd_hooks`` (pairs of hook name, list of names or filter, and function) for the block.
+    def _hook_points(self, names: Any) -> list[HookPoint]:
+        """The hook points ``names`` selects (a name, a list of names, or a filter function on names); a name not
+        in the model raises ``KeyError``, a filter may match none."""
+        flt = _make_filter(names)
+        matched = [hp for n, hp in self.hook_dict.items() if flt(n)]
+        if isinstance(names, str) and not matched:
+            raise KeyError(f"hook name {names!r} not found; valid names include {self.hook_names()[:8]}")
+        if not isinstance(names, str) and not callable(names) and names is not None:
+            unknown = [n for n in names if n not in self.hook_dict]
+            if unknown:  # a typo in a list would attach nothing there, silently
+                raise KeyError(f"hook names {unknown} not found; valid names include {self.hook_names()[:8]}")
+        return matched
 
-        Every hook added here is removed on exit, also when the block raises. A name (or a name in a list) that is
-        not a hook point of the model raises ``KeyError``; a filter function may match none.
-        """
-        removers: list[Callable[[], None]] = []
-        try:
-            for names, fn in fwd_hooks:
-                flt = _make_filter(names)
-                matched = [hp for n, hp in self.hook_dict.items() if flt(n)]
-                if isinstance(names, str) and not matched:
-                    raise KeyError(
-                        f"hook name {names!r} not found; valid names include {self.hook_names()[:8]}"
-                    )
-                if not isinstance(names, str) and not callable(names) and names is not None:
-                    unknown = [n for n in names if n not in self.hook_dict]
-                    if unknown:  # a typo in a list would attach nothing there, silently
-                        raise KeyError(
-                            f"hook names {unknown} not found; valid names include {self.hook_names()[:8]}"
-                        )
-                for hp in matched:
-                    removers.append(hp.add_hook(fn))
-            yield self
-        finally:
+    def add_hook(
+        self,
+        name: Any,
+        hook: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: Any = None,
+        prepend: bool = False,
+    ) -> Callable[[], None]:
+        """Attach ``hook`` to the hook point ``name`` (or every hook point a filter function ``name`` selects) until
+        it is removed (``reset_hooks``, or the function returned); ``dir="bwd"`` attaches it to the activation's
+        gradient (TransformerLens' ``add_hook``; see :class:`HookPoint`)."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir={dir!r} is not valid; give 'fwd' or 'bwd'")
+        removers = [
+            hp.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+            for hp in self._hook_points(name)
+        ]
+
+        def remove() -> None:
             for r in removers:
                 r()
 
-    def run_with_hooks(self, *args: Any, fwd_hooks: Sequence[tuple[Any, HookFn]] = (), **kwargs: Any) -> Any:
-        """Run ``forward(*args, **kwargs)`` with ``fwd_hooks`` attached; they are always removed afterwards."""
-        with self.hooks(fwd_hooks):
+        return remove
+
+    def add_perma_hook(self, name: Any, hook: HookFn, dir: str = "fwd") -> Callable[[], None]:
+        """:meth:`add_hook` with ``is_permanent=True`` (kept by ``reset_hooks()`` unless
+        ``including_permanent=True``)."""
+        return self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator[HookedRootModule]:
+        """Attach ``fwd_hooks`` (pairs of hook name, list of names or filter, and function) and ``bwd_hooks`` (the
+        same, on the activations' gradients) for the block.
+
+        Every hook added here is removed on exit, also when the block raises (``reset_hooks_end=False``: kept).
+        A name (or a name in a list) that is not a hook point of the model raises ``KeyError``; a filter function
+        may match none. A backward hook is attached to the activation during the forward, so it runs in a
+        backward pass taken after the block too.
+        """
+        removers: list[Callable[[], None]] = []
+        try:
+            for dir, pairs in (("fwd", fwd_hooks), ("bwd", bwd_hooks)):
+                for names, fn in pairs:
+                    for hp in self._hook_points(names):
+                        removers.append(hp.add_hook(fn, dir=dir))
+            yield self
+        finally:
+            if reset_hooks_end:
+                for r in removers:
+                    r()
+
+    def run_with_hooks(
+        self,
+        *args: Any,
+        fwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[Any, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``forward(*args, **kwargs)`` with ``fwd_hooks`` (and ``bwd_hooks``, on the activations' gradients:
+        they run in a later ``backward()`` of the output) attached; they are removed afterwards unless
+        ``reset_hooks_end=False`` (TransformerLens' arguments)."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end):
             return self(*args, **kwargs)
 
     def run_with_cache(
@@ -178,6 +419,9 @@ class HookedRootModule(nn.Module):
     ) -> tuple[Any, ActivationCache]:
         """Run the forward and return ``(output, cache)`` with the activations of the selected hook points."""
         cache = ActivationCache()
+        n_layers = getattr(getattr(self, "cfg", None), "n_layers", None) or getattr(self, "n_layers", None)
+        if isinstance(n_layers, int):
+            cache.n_layers = n_layers
 
         def save(x: torch.Tensor, hook: HookPoint) -> None:
             cache[hook.name] = x.detach() if detach else x

@@ -1397,9 +1397,25 @@ class Attention(nn.Module):
             q = self.hook_rot_q(self.rotate(q))
             k = self.hook_rot_k(self.rotate(k))
         scores = self.hook_attn_scores(self.scores(q, k))
-        pattern = self.hook_pattern(self.softmax(scores))
+        pattern = self.softmax(scores)
+        if self._scores_hooked():
+            # a hook may have masked a query's every key (-inf: a NaN row) or made a score NaN: TransformerLens
+            # reads nothing there (its NaN pattern entries are 0), and so does this model
+            pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        pattern = self.hook_pattern(pattern)
         z = self.hook_z(self.mix(pattern, v))
         return self.output(z)
+
+    def _scores_hooked(self) -> bool:
+        """Whether a function is attached to a hook point the scores are computed from (``hook_q``, ``hook_k``,
+        their rotated forms, ``hook_attn_scores``); without one no score row is all ``-inf`` (the key at the
+        query's own position is never masked), and the pattern is not scanned for NaN."""
+        return bool(
+            self.hook_attn_scores._fns
+            or self.hook_q._fns
+            or self.hook_k._fns
+            or (self.cfg.rotary and (self.hook_rot_q._fns or self.hook_rot_k._fns))
+        )
 
 
 class MLP(nn.Module):

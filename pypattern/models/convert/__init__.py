@@ -28,6 +28,7 @@ only; nothing is downloaded and nothing is unpickled). One module per family hol
 - :mod:`.stablelm`: ``StableLmForCausalLM``
 - :mod:`.starcoder2`: ``Starcoder2ForCausalLM``
 - :mod:`.hooked_transformer`: TransformerLens' ``HookedTransformer`` (TransformerLens 2.x and 3.x)
+- :mod:`.transformer_lens`: TransformerLens 4.x's ``TransformerBridge`` (around a class above, or its ``NativeModel``)
 
 The converted model computes the same function: its logits equal the Hugging Face forward to float rounding
 (tested: relative error <= 1e-10 in float64, <= 1e-4 in float32, with ``sdpa`` and with ``eager`` attention: the
@@ -58,7 +59,7 @@ from ..transformer import Transformer
 from . import hooked_transformer
 from ._common import UnsupportedModelError, build, check_plain_modules, model_dtype, refuse, warn_if_training
 from .hooked_transformer import is_hooked_transformer
-from .transformer_lens import is_transformer_lens, unwrap_bridge
+from .transformer_lens import convert_native, is_native_bridge, is_transformer_lens, unwrap_bridge
 
 __all__ = [
     "from_hf",
@@ -105,8 +106,10 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     ----------
     model : transformers.PreTrainedModel or a TransformerLens model
         A class in :data:`SUPPORTED_CLASSES` (the module's list above), a TransformerLens 4.x
-        ``TransformerBridge`` around one, or a TransformerLens 2.x / 3.x ``HookedTransformer`` (converted as it
-        is, processed weights and all; see :mod:`.hooked_transformer` for what is refused).
+        ``TransformerBridge`` around one or around TransformerLens' own ``NativeModel``
+        (``TransformerBridge.boot_native``), or a TransformerLens 2.x / 3.x ``HookedTransformer`` (converted as it
+        is, processed weights and all; see :mod:`.hooked_transformer` for what is refused). A TransformerLens model
+        with hooks attached is refused, naming them (the converted model would not run them).
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
     verify : bool
@@ -141,6 +144,8 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
     if is_hooked_transformer(model):
         return _from_hooked_transformer(model, dtype, verify)
+    if is_transformer_lens(model) and is_native_bridge(model):
+        return _from_native_bridge(model, dtype, verify)
     bridge = None
     if is_transformer_lens(model):
         # the function to reproduce is the bridge's forward, which computes the attention itself
@@ -221,6 +226,9 @@ def _refuse_nonfinite(model: nn.Module) -> None:
 # to 1e-10 in float64 and 1e-4 in float32; a misread option moves the logits by 1e-3 to 1)
 _VERIFY_TOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 _VERIFY_TOL_16BIT = 5e-2
+# the most tokens the check runs to exceed a local-attention window (a longer window is left to what the converter
+# reads; TransformerLens' mask buffers are compared with the configuration)
+_VERIFY_WINDOW_TOKENS = 512
 
 
 def _verify(
@@ -231,8 +239,10 @@ def _verify(
     n_tokens: int = 8,
     bridge: nn.Module | None = None,
     hooked: bool = False,
+    source: nn.Module | None = None,
 ) -> None:
-    """Refuse ``out`` when its logits on a few tokens differ from the model's own forward by more than rounding
+    """Refuse ``out`` when its logits on a few tokens (with local attention, one more than the largest window, up to
+    :data:`_VERIFY_WINDOW_TOKENS` and ``n_ctx``) differ from the model's own forward by more than rounding
     (:data:`_VERIFY_TOL`, by the coarser of ``src_dtype``, the model's, and ``out``'s): the Hugging Face model's
     forward (``hooked``: a TransformerLens ``HookedTransformer``'s), or for a TransformerLens ``bridge`` the
     bridge's forward (its attention components compute the
@@ -245,14 +255,18 @@ def _verify(
 
     vocab = out.cfg.d_vocab
     T = max(1, min(n_tokens, out.cfg.n_ctx))
+    windows = [w for w in (out.cfg.window(i) for i in range(out.cfg.n_layers)) if w is not None]
+    if windows:  # a window the check's tokens do not exceed masks nothing: past the largest one, to a bound
+        T = max(T, min(max(windows) + 1, out.cfg.n_ctx, _VERIFY_WINDOW_TOKENS))
     dev = next(out.parameters()).device
     gen = torch.Generator().manual_seed(0)  # a CPU generator: the tokens are drawn on the CPU, then moved
     tokens = torch.randint(0, vocab, (1, T), generator=gen, device="cpu").to(dev)
-    source = hf if bridge is None else bridge
+    runner = source if source is not None else hf  # hooked: the module whose forward takes return_type
+    source = runner if bridge is None else bridge
     with eval_mode(source), torch.no_grad():
         try:
             if hooked:
-                ref = hf(tokens, return_type="logits")
+                ref = runner(tokens, return_type="logits")
             elif bridge is None:
                 ref = hf(input_ids=tokens, use_cache=False).logits
             else:
@@ -300,6 +314,13 @@ def _verify(
                 "TransformerLens' components do not compute this configuration the way Hugging Face "
                 "does; pass verify=False to convert the Hugging Face model's function"
             )
+    if not err <= tol and hooked and name == "NativeModel":  # NaN included
+        raise UnsupportedModelError(
+            f"TransformerBridge around NativeModel: the converted model's logits differ from the bridge's by "
+            f"{err:.3g} (relative to their largest; rounding would be below {tol:g}): the native model computes "
+            "what its configuration does not say (cfg edited after it was built, a module swapped), or combines "
+            "options the converter reads otherwise. Pass verify=False to convert it as its modules describe it"
+        )
     if not err <= tol and hooked:  # NaN included
         raise UnsupportedModelError(
             f"HookedTransformer: the converted model's logits differ from the model's own by {err:.3g} (relative "
@@ -479,6 +500,29 @@ def _from_hooked_transformer(model: nn.Module, dtype: torch.dtype | None, verify
     out = out.to(dev)
     if verify:
         _verify(model, out, "HookedTransformer", model.cfg.dtype, hooked=True)
+    return out
+
+
+def _from_native_bridge(bridge: nn.Module, dtype: torch.dtype | None, verify: bool = True) -> Transformer:
+    """A TransformerLens 4.x ``TransformerBridge`` around its ``NativeModel`` (``TransformerBridge.boot_native``),
+    converted from the native model's layout (:func:`.transformer_lens.convert_native`); with ``verify``, checked
+    against the bridge's forward as :func:`from_hf` checks a Hugging Face model."""
+    inner = bridge.original_model
+    refuse_meta_model(inner, needs="the conversion copies their values")
+    _refuse_nonfinite(inner)
+    warn_if_training(bridge)
+    src_dtype = model_dtype(inner)
+    out_dtype = src_dtype if dtype is None else dtype
+    if not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
+    with torch.no_grad():
+        cfg, weights = convert_native(bridge)
+        out = build(
+            cfg, weights, out_dtype, {"class": "NativeModel", "model_type": "transformer_lens_native"}
+        )
+    out = out.to(next(inner.parameters()).device)
+    if verify:
+        _verify(inner, out, "NativeModel", src_dtype, hooked=True, source=bridge)
     return out
 
 

@@ -70,14 +70,26 @@ def _alibi_matches(n_heads: int, dtype: torch.dtype) -> None:
     ours = alibi_slopes(n_heads)
     if torch.equal(tl, ours):
         return
-    if dtype == torch.float32 and torch.allclose(tl, ours, rtol=2.4e-7, atol=0.0):
+    within_ulp = torch.allclose(tl, ours, rtol=2.4e-7, atol=0.0)
+    if dtype == torch.float32 and within_ulp:
         return  # one float32 ulp in a slope: below the model's own rounding
+    if within_ulp:  # a float64 model: the slopes differ by float32 rounding, which float64 would show
+        advice = (
+            "; they differ by one float32 rounding, below a float32 model's own: a float32 copy "
+            "(model.to(torch.float32), with its cfg.dtype) converts"
+        )
+    else:
+        power = 1 << max(0, (n_heads - 1).bit_length())
+        advice = (
+            f"; BLOOM interpolates the slopes of a number of heads that is not a power of 2, TransformerLens does "
+            f"not, so no copy of this model converts (in any dtype): only ALiBi models whose n_heads is a power of "
+            f"2 ({power // 2 or 1}, {power}, ...) do"
+        )
     refuse(
         "positional_embedding_type",
         "alibi",
         f"TransformerLens' ALiBi slopes with n_heads={n_heads} differ from BLOOM's, which pypattern uses "
-        f"(largest relative difference {float(((tl - ours) / ours).abs().max()):.1e})"
-        + ("; a float32 copy converts" if dtype == torch.float64 else ""),
+        f"(largest relative difference {float(((tl - ours) / ours).abs().max()):.1e})" + advice,
     )
 
 
@@ -220,6 +232,14 @@ def _config(model: nn.Module) -> dict:
             }
             out["rotary_freq_dtype"] = torch.float32  # TransformerLens computes these frequencies in float32
     scale = float(c.attn_scale) if _get(c, "use_attn_scale", True) else 1.0
+    if not (math.isfinite(scale) and scale > 0):
+        refuse(
+            "attn_scale",
+            c.attn_scale,
+            "pypattern's model divides the attention scores by a positive, finite scale, and TransformerLens "
+            "divides them by cfg.attn_scale as it is (only attn_scale=-1 given to the config becomes "
+            "sqrt(d_head)); give a positive attn_scale (or use_attn_scale=False)",
+        )
     if _get(c, "scale_attn_by_inverse_layer_idx", False):
         out["attn_scores_multiplier"] = tuple(1.0 / (scale * (i + 1)) for i in range(c.n_layers))
     else:
@@ -290,11 +310,42 @@ def _post_norm_weights(cfg: dict, w: dict) -> None:
             w.setdefault(f"{n}.b", torch.zeros_like(like))
 
 
+def _check_masks(model: nn.Module, cfg: dict) -> None:
+    """Each block's attention mask buffer (``blocks.N.attn.mask``, True where a query may attend, built when the
+    model was built) against the mask the configuration gives (causal, banded by ``window_size`` in the local
+    layers): a ``cfg`` edited after the model was built (``window_size``, ``attn_types``) leaves the old mask, which
+    the converted model would not reproduce."""
+    windows = cfg.get("sliding_window")
+    for i, block in enumerate(model.blocks):
+        mask = getattr(getattr(block, "attn", None), "mask", None)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+            continue
+        n = mask.shape[0]
+        q = torch.arange(n)[:, None]
+        k = torch.arange(n)[None, :]
+        want = k <= q
+        window = windows[i] if windows is not None else None
+        if window is not None:
+            want &= q - k < window
+        got = mask.detach().cpu().bool()
+        if not torch.equal(got, want):
+            band = int((q - k)[got].max()) + 1 if bool(got.any()) else 0
+            refuse(
+                "window_size" if _get(model.cfg, "use_local_attn", False) else "use_local_attn",
+                _get(model.cfg, "window_size") if _get(model.cfg, "use_local_attn", False) else False,
+                f"blocks.{i}.attn.mask (built with the model) lets each query attend to its last {band} positions, "
+                f"but the configuration says {'all' if window is None else window}: the cfg was edited after the model "
+                "was built (window_size / attn_types / use_local_attn), and the converted model would compute as the "
+                "cfg says; build the HookedTransformer from the configuration it should have",
+            )
+
+
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``HookedTransformer``."""
     _check_hooks(model)
     cfg = _config(model)
     _check_rotary_tables(model, cfg)
+    _check_masks(model, cfg)
     params = dict(model.named_parameters())
     w: dict[str, torch.Tensor | None] = {}
     for name, p in params.items():

@@ -70,6 +70,50 @@ def _resolve(root: nn.Module, path: str) -> torch.Tensor:
     return obj
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _check_bridge_hooks(bridge: nn.Module) -> None:
+    """Refuse a bridge with functions attached (``bridge.add_hook`` / ``add_perma_hook``, ``run_with_hooks(...,
+    reset_hooks_end=False)``, a torch hook registered on one of its modules): they change its forward, and the
+    converted model would not run them. TransformerLens' own bookkeeping hooks (its modules' functions that record
+    outputs for the cache) and transformers' own are not the user's and pass; a hook point with any function
+    attached does not."""
+    aliases: dict[int, list[str]] = {}
+    hook_dict = getattr(bridge, "hook_dict", None)
+    if isinstance(hook_dict, dict):
+        for key, hp in hook_dict.items():
+            aliases.setdefault(id(hp), []).append(key)
+    found: list[str] = []
+    for name, m in bridge.named_modules():
+        fns = [fn for d in _HOOK_DICTS for fn in (getattr(m, d, None) or {}).values()]
+        if not fns:
+            continue
+        if type(m).__name__ == "HookPoint":  # every function on a hook point is attached by the user
+            found.append(" / ".join(sorted(aliases.get(id(m), [name]), key=len)[:2]))
+            continue
+        theirs = [
+            fn
+            for fn in fns
+            if not (getattr(fn, "__module__", None) or "").startswith(("transformer_lens.", "transformers."))
+        ]
+        if theirs:
+            found.append(f"{name or '(the bridge)'} (torch hook)")
+    if found:
+        raise UnsupportedModelError(
+            f"the TransformerBridge has hooks attached at {found}: they change its forward, and the converted model "
+            "would not run them; remove them first (bridge.reset_hooks(including_permanent=True), or the handles "
+            "of torch hooks) and attach the same functions to the converted model's hook points"
+        )
+
+
+def _unwrapped(obj: Any) -> Any:
+    """The module a bridge component wraps (itself for anything else)."""
+    while "_original_component" in getattr(obj, "_modules", {}):
+        obj = obj._modules["_original_component"]
+    return obj
+
+
 def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     """The Hugging Face model inside a TransformerLens 4.x ``TransformerBridge``, rebuilt in its own layout.
 
@@ -85,7 +129,8 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
         When ``bridge`` is no ``TransformerBridge`` around a supported class, or its weights were processed
         (``enable_compatibility_mode`` / ``process_weights`` fold and centre them, so they no longer are the Hugging
         Face model's weights), or its attention components are not known (the bridge computes the attention itself,
-        and the converted model takes the softmax in the dtype the bridge does: ``bridge_attn_softmax_dtype``).
+        and the converted model takes the softmax in the dtype the bridge does: ``bridge_attn_softmax_dtype``), or
+        functions are attached to its hook points or modules (naming them: the converted model would not run them).
     """
     name = type(bridge).__name__
     try:
@@ -98,6 +143,7 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
             f"4.x TransformerBridge models that wrap a local Hugging Face model of {supported}, and "
             "TransformerLens 2.x / 3.x HookedTransformer models"
         )
+    _check_bridge_hooks(bridge)
     cls_name = type(inner).__name__
     if cls_name not in supported:
         raise UnsupportedModelError(
@@ -132,3 +178,168 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     if softmax_dtype != HF_ATTENTION:
         clean.bridge_attn_softmax_dtype = softmax_dtype
     return clean
+
+
+def is_native_bridge(bridge: Any) -> bool:
+    """True for a TransformerLens 4.x bridge around its own ``NativeModel`` (``TransformerBridge.boot_native``)."""
+    inner = getattr(bridge, "_modules", {}).get("original_model", None)
+    if inner is None:
+        try:
+            inner = bridge.original_model
+        except AttributeError:
+            return False
+    return type(inner).__name__ == "NativeModel" and is_transformer_lens(inner)
+
+
+_NATIVE_ACTS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_pytorch_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+_NATIVE_NORMS = {"LN": "LN", "LNPRE": "LNPre", "RMS": "RMS", "RMSPRE": "RMSPre", None: None}
+
+
+def convert_native(bridge: Any) -> tuple[dict, dict]:
+    """``(config kwargs, weights by pypattern name)`` of a TransformerLens 4.x ``TransformerBridge`` around its
+    ``NativeModel`` (``TransformerBridge.boot_native``: split ``q`` / ``k`` / ``v`` / ``o`` linear layers, the
+    norms of its config, a bias-free head). Its options that pypattern's model does not reproduce (SoLU, scaled
+    rotary tables, non-causal attention, a final RMSNorm under LayerNorm blocks, an output vocabulary other than the
+    input one) are refused by name; the logits are checked against the bridge's forward by :func:`from_hf`."""
+    import math
+
+    from ._common import refuse
+
+    _check_bridge_hooks(bridge)
+    if getattr(bridge, "_weights_processed", False):
+        raise UnsupportedModelError(
+            "a TransformerBridge with processed weights (_weights_processed=True) is not supported: "
+            "enable_compatibility_mode() / process_weights() folded or centred the weights; convert a bridge booted "
+            "without weight processing"
+        )
+    nat = bridge.original_model
+    c = nat.cfg
+    if getattr(c, "attention_dir", "causal") != "causal":
+        refuse("attention_dir", c.attention_dir, "only causal attention is converted")
+    norm_key = None if c.normalization_type is None else str(c.normalization_type).upper()
+    if norm_key not in _NATIVE_NORMS:
+        refuse("normalization_type", c.normalization_type, f"the norms converted are {list(_NATIVE_NORMS)}")
+    norm = _NATIVE_NORMS[norm_key]
+    if getattr(c, "final_rms", False) and norm not in ("RMS", "RMSPre"):
+        refuse("final_rms", True, f"a final RMSNorm under {norm} blocks is not converted")
+    if norm in ("LNPre", "RMSPre") and nat.tok_embed.weight.dtype != torch.float32:
+        refuse(
+            "normalization_type",
+            c.normalization_type,
+            f"in a {str(nat.tok_embed.weight.dtype).removeprefix('torch.')} NativeModel: its parameter-free norms "
+            "compute in float32 in another order of operations than pypattern's, which the converted model "
+            "reproduces to float32 rounding only; convert a float32 bridge (boot_native(cfg, dtype=torch.float32))",
+        )
+    attn_only = bool(getattr(c, "attn_only", False))
+    gated = bool(getattr(c, "gated_mlp", False)) and not attn_only
+    act = (c.act_fn or ("silu" if gated else "gelu")).lower()
+    if not attn_only and act not in _NATIVE_ACTS:
+        refuse("act_fn", c.act_fn, f"the activations converted are {sorted(_NATIVE_ACTS)}")
+    pos = (getattr(c, "positional_embedding_type", None) or "standard").lower()
+    if pos not in ("standard", "rotary"):
+        refuse("positional_embedding_type", pos, "the positions converted are 'standard' and 'rotary'")
+    d_vocab_out = getattr(c, "d_vocab_out", -1)
+    if d_vocab_out not in (None, -1, c.d_vocab):
+        refuse(
+            "d_vocab_out", d_vocab_out, f"pypattern's model unembeds into its input vocabulary ({c.d_vocab})"
+        )
+    attn0 = _unwrapped(_resolve(nat, "layers.0.attn"))
+    scale = float(attn0.scale)  # NativeAttention's: attn_scale when positive and used, else sqrt(d_head)
+    if not (math.isfinite(scale) and scale > 0):
+        refuse("attn_scale", c.attn_scale, "give a positive attention scale")
+    n_kv = c.n_key_value_heads or c.n_heads
+    out: dict = dict(
+        n_layers=c.n_layers,
+        d_model=c.d_model,
+        n_heads=c.n_heads,
+        d_head=c.d_head,
+        d_mlp=None if attn_only else int(c.d_mlp),
+        d_vocab=c.d_vocab,
+        n_ctx=c.n_ctx,
+        act_fn="gelu" if attn_only else _NATIVE_ACTS[act],
+        normalization_type=norm,
+        # NativeModel's RMS norms and parameter-free norms compute in float32, its LayerNorm is torch's
+        norm_dtype=None if norm in ("LN", None) else torch.float32,
+        positional_embedding_type=pos,
+        ln_eps=float(c.eps),
+        n_key_value_heads=None if n_kv == c.n_heads else n_kv,
+        gated_mlp=gated,
+        attn_bias=True,
+        attn_out_bias=True,
+        mlp_bias=not gated,
+        unembed_bias=False,
+        tie_word_embeddings=False,
+        attn_scale=scale,
+    )
+    cap = float(getattr(c, "attn_scores_soft_cap", -1.0) or -1.0)
+    if cap > 0:
+        out["attn_scores_soft_cap"] = cap
+    cap = float(getattr(c, "output_logits_soft_cap", -1.0) or -1.0)
+    if cap > 0:
+        out["output_logits_soft_cap"] = cap
+    if pos == "rotary":
+        rot = _unwrapped(_resolve(nat, "rotary"))
+        if float(rot.position_scale) != 1.0 or float(rot.effective_base) != float(c.rotary_base):
+            refuse("rope_scaling", getattr(c, "rope_scaling", None), "scaled rotary tables are not converted")
+        rs = getattr(c, "rope_scaling", None)
+        if isinstance(rs, dict) and str(rs.get("rope_type") or rs.get("type") or "default") not in (
+            "",
+            "default",
+        ):
+            refuse("rope_scaling", rs, "scaled rotary tables are not converted")
+        out["rotary_dim"] = int(rot.rotary_dim)
+        out["rotary_base"] = float(c.rotary_base)
+        out["rotary_adjacent_pairs"] = True  # NativeRotary turns adjacent pairs
+        out["rotary_dtype"] = torch.float32  # its tables are computed in float32, cast to the queries' dtype
+    H, dh, d, G = c.n_heads, c.d_head, c.d_model, n_kv
+
+    def get(path: str) -> Any:  # through the bridge components wrapped around the native modules
+        return _unwrapped(_resolve(nat, path))
+
+    w: dict[str, torch.Tensor | None] = {"embed.W_E": get("tok_embed.weight")}
+    if pos == "standard":
+        w["pos_embed.W_pos"] = get("pos.weight")
+
+    def norm_weights(prefix: str, path: str) -> None:
+        if norm in ("LN", "RMS"):
+            w[f"{prefix}.w"] = get(f"{path}.weight")
+        if norm == "LN":
+            w[f"{prefix}.b"] = get(f"{path}.bias")
+
+    for i in range(c.n_layers):
+        p, q = f"blocks.{i}.", f"layers.{i}."
+        a = get(q + "attn")
+        if type(a).__name__ != "NativeAttention":
+            raise UnsupportedModelError(f"layer {i}'s attention is a {type(a).__name__}, not NativeAttention")
+        for name, lin, heads in (("Q", "q", H), ("K", "k", G), ("V", "v", G)):
+            w[p + f"attn.W_{name}"] = get(f"{q}attn.{lin}.weight").view(heads, dh, d).transpose(1, 2)
+            w[p + f"attn.b_{name}"] = get(f"{q}attn.{lin}.bias").view(heads, dh)
+        w[p + "attn.W_O"] = get(q + "attn.o.weight").T.reshape(H, dh, d)
+        w[p + "attn.b_O"] = get(q + "attn.o.bias")
+        norm_weights(p + "ln1", q + "ln1")
+        if not attn_only:
+            norm_weights(p + "ln2", q + "ln2")
+            if gated:
+                w[p + "mlp.W_gate"] = get(q + "mlp.gate.weight").T
+                w[p + "mlp.W_in"] = get(q + "mlp.in.weight").T
+                w[p + "mlp.W_out"] = get(q + "mlp.out.weight").T
+            else:
+                if getattr(get(q + "mlp"), "ln", None) is not None:
+                    refuse("act_fn", "solu_ln", "SoLU's MLP LayerNorm is not converted")
+                w[p + "mlp.W_in"], w[p + "mlp.b_in"] = (
+                    get(q + "mlp.fc_in.weight").T,
+                    get(q + "mlp.fc_in.bias"),
+                )
+                w[p + "mlp.W_out"], w[p + "mlp.b_out"] = (
+                    get(q + "mlp.fc_out.weight").T,
+                    get(q + "mlp.fc_out.bias"),
+                )
+    norm_weights("ln_final", "ln_out")
+    w["unembed.W_U"] = get("head.weight").T
+    return out, w
