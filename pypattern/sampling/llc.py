@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 from .._checks import device_arg
 from .diagnostics import ess, r_hat, user_stacklevel
 from .optim import SGLD
+from .plan import init_loss_value, without_diagnostic_switches
 from .results import LLCResult, SampleResult
 from .runner import by_default_rule, loss_argument, sample
 from .samplers import sampler_name
@@ -466,8 +468,10 @@ def _devinterp_kwargs(
             "optimizer_kwargs add_grad_correction=True is not supported: RMSprop-SGLD leaves out the term in the "
             "derivative of its preconditioner (devinterp's default, add_grad_correction=False)"
         )
-    # devinterp's switches for its own metrics, and the correction it leaves out by default: nothing to do
-    okw = {k: v for k, v in okw.items() if k not in ("save_noise", "save_mala_vars", "add_grad_correction")}
+    # devinterp's switches for its optimizers' own metrics (off: nothing to do; on: NotImplementedError, as
+    # pypattern's SGLD), and the correction it leaves out by default
+    okw = without_diagnostic_switches(okw)
+    okw = {k: v for k, v in okw.items() if k != "add_grad_correction"}
     okw = translate(okw, where="optimizer_kwargs", drop_none=False)
     # hyperparameters given as keywords (pypattern.sample's names, or devinterp's) count as optimizer_kwargs
     top = {k: extra.pop(k) for k in list(extra) if k in _HYPER_KEYWORDS and extra[k] is not None}
@@ -487,7 +491,7 @@ def _devinterp_kwargs(
     kw = dict(
         loss_fn=evaluate if evaluate is not None else _default_evaluate,
         optimizer_kwargs=okw,
-        seed=0 if seed is None else ([int(v) for v in seed] if isinstance(seed, Sequence) else int(seed)),
+        seed=_devinterp_seed(seed),
         grad_accum_steps=int(grad_accum_steps),
         masks=masks,
         num_init_loss_batches=num_chains * int(grad_accum_steps),  # devinterp's init loss batches
@@ -499,6 +503,28 @@ def _devinterp_kwargs(
     _check_extra(extra)
     kw.update(extra)
     return on_device(model, dev), kw
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def _devinterp_seed(seed):
+    """devinterp 1.x's ``seed`` (an int, a sequence of ints, one per chain, or None: 0) with numpy integers as
+    ints; anything else (a float, a bool, a string, a list holding one) is a ``TypeError`` naming it, as devinterp
+    raises. Its range and length are checked by :func:`pypattern.sample`."""
+    if seed is None:
+        return 0
+    if isinstance(seed, np.ndarray) and seed.ndim <= 1 and seed.dtype.kind in "iu":
+        seed = seed.tolist()
+    if _is_int(seed):
+        return int(seed)
+    if isinstance(seed, Sequence) and not isinstance(seed, str | bytes) and all(_is_int(v) for v in seed):
+        return [int(v) for v in seed]
+    raise TypeError(
+        f"seed={seed!r} is not valid; give an int, a list of ints (one per chain) or None (a float, bool or string "
+        "is not converted)"
+    )
 
 
 # the SGLD hyperparameters by either vocabulary (pypattern's and devinterp's names)
@@ -578,20 +604,27 @@ def estimate_learning_coeff_with_summary(
     sampling_method
         The sampler: :class:`SGLD` (default), :class:`SGNHT` or :class:`RMSpropSGLD` (devinterp's classes or
         pypattern's, by name), or a name (``"sgld"``, ``"sgnht"``, ``"rmsprop_sgld"``); see
-        :func:`pypattern.sample`'s ``sampler`` (also accepted here; both given must agree).
+        :func:`pypattern.sample`'s ``sampler`` (also accepted here; both given must agree). devinterp 1.3.2's
+        ``SGMCMC.sgnht`` (whose chains barely move: LLC ~0.01 where its own ``SGNHT`` class gives ~8) is mapped to
+        pypattern's :class:`SGNHT`, which matches devinterp's ``SGNHT`` class.
     optimizer_kwargs : dict
         ``lr`` (default 0.01), ``nbeta`` (default :func:`default_nbeta`; ``temperature`` is its old name),
         ``localization``, ``weight_decay``, ``noise_level``, ``bounding_box_size``; SGNHT's
-        ``diffusion_factor``, RMSprop-SGLD's ``alpha`` and ``eps``. devinterp's ``save_noise``,
-        ``save_mala_vars`` and ``add_grad_correction=False`` are accepted and have no effect.
+        ``diffusion_factor``, RMSprop-SGLD's ``alpha`` and ``eps``. devinterp's switches for its optimizers'
+        own metrics (``save_noise``, ``save_mala_vars``, ``noise_norm``, ``grad_norm``, ``weight_norm``,
+        ``distance``, ``metrics``) are accepted off (``False``, ``metrics=[]`` or ``None``: no effect) and raise
+        ``NotImplementedError`` on (these diagnostics are not recorded), as :class:`SGLD` does;
+        ``add_grad_correction=False`` has no effect.
     num_draws, num_chains, num_burnin_steps, num_steps_bw_draws, grad_accum_steps : int
         devinterp's chain layout.
     init_loss : float, optional
-        ``L_n(w*)``; default the mean over ``num_chains * grad_accum_steps`` batches, as in devinterp.
+        ``L_n(w*)`` (a one-element tensor or array is read as its number); default (or a falsy value, as in
+        devinterp) the mean over ``num_chains * grad_accum_steps`` batches, as in devinterp.
     cores : int
         Chains run at once (threads, see :func:`pypattern.sample`); the draws do not depend on it.
     seed : int or sequence of ``num_chains`` ints, optional
-        Keys the noise and data order (None: 0). The draws are pypattern's keyed draws, not devinterp's.
+        Keys the noise and data order (None: 0). The draws are pypattern's keyed draws, not devinterp's. Numpy
+        integers count as ints; a float, bool or string is a ``TypeError`` (not truncated).
     device : str or torch.device, optional
         Where to sample (default: where the model is). A model elsewhere is copied there (the caller's model
         is not moved) and batches follow it. A CUDA device where torch sees none is a ``RuntimeError``.
@@ -618,6 +651,8 @@ def estimate_learning_coeff_with_summary(
         over chains at each draw.
     """
     wrapped = kwargs.pop("_wrapped_callbacks", False)  # from pypattern.devinterp.v1.sample
+    # a one-element tensor or array is its number (devinterp takes a tensor); checked before any work
+    init_loss = init_loss_value(init_loss)
     if evaluate is None and criterion is None:
         warnings.warn(
             "evaluate not given: the loss is model(batch) when the model returns one (devinterp's default); "

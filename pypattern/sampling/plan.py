@@ -90,8 +90,10 @@ def resolve_hyperparameters(
     devinterp-style ``optimizer_kwargs`` (a number given both ways must have one value; a keyword at its default
     counts as not given); defaults: ``step_size=1e-4``,
     ``nbeta = default_nbeta(loader)``, the others as :class:`SGLD`. Entries of ``optimizer_kwargs`` that are the
-    ``sampler``'s own hyperparameters are left to :func:`pypattern.sampling.samplers.sampler_hyperparameters`."""
+    ``sampler``'s own hyperparameters are left to :func:`pypattern.sampling.samplers.sampler_hyperparameters`;
+    devinterp 1.x's diagnostic switches follow :func:`without_diagnostic_switches` (off: no effect)."""
     hyper = translate(given, where="the keyword arguments")
+    optimizer_kwargs = without_diagnostic_switches(optimizer_kwargs)
     okw = translate(dict(optimizer_kwargs or {}), where="optimizer_kwargs", drop_none=False)
     own = {k for hp in SAMPLER_HYPERPARAMETERS.values() for k in hp}
     unknown = set(okw) - set(SGLD_DEFAULTS) - own
@@ -245,6 +247,70 @@ def _int_at_least(name: str, v, lo: int) -> int:
     return v
 
 
+#: devinterp 1.x's switches for its optimizers' own per-step diagnostics (the noise, the MALA terms, norms), which
+#: the fused samplers do not record
+DIAGNOSTIC_SWITCHES = (
+    "save_noise",
+    "save_mala_vars",
+    "noise_norm",
+    "grad_norm",
+    "weight_norm",
+    "distance",
+    "metrics",
+)
+
+
+def _switch_on(v) -> bool:
+    try:
+        return bool(v)
+    except (TypeError, ValueError, RuntimeError):  # e.g. an array of metric names: asks for something
+        return True
+
+
+def without_diagnostic_switches(optimizer_kwargs, where: str = "optimizer_kwargs"):
+    """``optimizer_kwargs`` without devinterp 1.x's diagnostic switches (:data:`DIAGNOSTIC_SWITCHES`), the rule of
+    :class:`~pypattern.sampling.SGLD`'s constructor: off (``False``, ``None``, ``metrics=[]``, which devinterp
+    1.3.2's ``sample()`` writes into the caller's dict) they are dropped; on (``True``, a non-empty ``metrics``)
+    ``NotImplementedError`` naming them. Anything but a mapping is returned unchanged (for the checks that follow
+    to name)."""
+    if not isinstance(optimizer_kwargs, Mapping):
+        return optimizer_kwargs
+    on = [k for k in DIAGNOSTIC_SWITCHES if k in optimizer_kwargs and _switch_on(optimizer_kwargs[k])]
+    if on:
+        raise NotImplementedError(
+            f"{where} {', '.join(f'{k}={optimizer_kwargs[k]!r}' for k in on)}: devinterp's per-step optimizer "
+            "metrics (the noise, MALA terms and norms) are not recorded; leave them off (False, or metrics=[] / "
+            "None), and read losses and draws through callbacks"
+        )
+    return {k: v for k, v in optimizer_kwargs.items() if k not in DIAGNOSTIC_SWITCHES}
+
+
+def init_loss_value(init_loss) -> float | None:
+    """``init_loss`` as a float (``None`` stays ``None``): a finite real number, or one held by a one-element
+    tensor or array (``evaluate(model, batch)[0].detach()``, as devinterp accepts); anything else is a
+    ``ValueError`` naming ``init_loss``."""
+    if init_loss is None:
+        return None
+    v = init_loss
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex() or v.device.type == "meta":
+            raise ValueError(
+                "init_loss must be a finite number or None (a one-element real tensor is read as its number), got "
+                f"a {v.dtype} tensor of shape {tuple(v.shape)}" + (" on the meta device" if v.is_meta else "")
+            )
+        v = v.detach().reshape(()).item()
+    elif isinstance(v, np.ndarray):
+        if v.size != 1 or v.dtype.kind not in "iuf":
+            raise ValueError(
+                "init_loss must be a finite number or None (a one-element real array is read as its number), got "
+                f"a {v.dtype} array of shape {v.shape}"
+            )
+        v = v.reshape(()).item()
+    if not (isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)) or not math.isfinite(v):
+        raise ValueError(f"init_loss must be a finite number or None, got {init_loss!r}")
+    return float(v)
+
+
 def check_model(model) -> None:
     """Refuse a ``model`` the samplers cannot move, naming it: not a ``torch.nn.Module``, or with parameters on the
     meta device (shapes without values)."""
@@ -337,6 +403,7 @@ def check_settings(
     hyperparameters = {k: scalar_value(v) for k, v in hyperparameters.items()}
     if isinstance(optimizer_kwargs, Mapping):
         optimizer_kwargs = {k: scalar_value(v) for k, v in optimizer_kwargs.items()}
+    optimizer_kwargs = without_diagnostic_switches(optimizer_kwargs)  # devinterp's switches off: no-ops
     if isinstance(seed, np.ndarray) and seed.ndim <= 1 and seed.dtype.kind in "iu":
         seed = seed.tolist()  # per-chain seeds as an integer array, or one seed as a 0-d one
     if callable(callbacks) or not isinstance(callbacks, Iterable):
@@ -369,12 +436,7 @@ def check_settings(
     grad_accum_steps = _int_at_least("grad_accum_steps", grad_accum_steps, 1)
     if num_init_loss_batches is not None:
         num_init_loss_batches = _int_at_least("num_init_loss_batches", num_init_loss_batches, 1)
-    if init_loss is not None:
-        if not (isinstance(init_loss, numbers.Real) and not isinstance(init_loss, bool | np.bool_)) or not (
-            math.isfinite(init_loss)
-        ):
-            raise ValueError(f"init_loss must be a finite number or None, got {init_loss!r}")
-        init_loss = float(init_loss)
+    init_loss = init_loss_value(init_loss)
     seed = _as_int(seed)
     seeds = [_as_int(v) for v in seed] if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
     for v in seeds:
