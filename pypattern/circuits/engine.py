@@ -33,6 +33,7 @@ import torch
 
 from .._memory import huge_pages_hint, keep_freed_heap
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
+from ..models.transformer import affine
 from ..ops.sums import signed_sums
 from ..patching.api import check_tokens
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
@@ -912,7 +913,7 @@ class _HeadsSum(torch.autograd.Function):
         view, layer = ctx.args
         W_O = view.model.blocks[layer].attn.W_O
         H, dh, d = W_O.shape
-        gz = (g.reshape(-1, d) @ W_O.detach().reshape(H * dh, d).t()).view(*g.shape[:-1], H, dh)
+        gz = affine(g.reshape(-1, d), W_O.detach().reshape(H * dh, d).t(), None).view(*g.shape[:-1], H, dh)
         return gz.movedim(-2, 0), None, None, None
 
 

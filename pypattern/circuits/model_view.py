@@ -34,6 +34,8 @@ import weakref
 import torch
 from torch import nn
 
+from ..models.transformer import affine
+
 __all__ = ["ModelView"]
 
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> signature of its passed check
@@ -503,7 +505,7 @@ class ModelView:
         def stacked(gs, WwT):  # (N * rows, h * k) x (h * k, d)
             h, k = gs.shape[0], gs.shape[-1]
             lhs = gs.movedim(0, -2).reshape(-1, h * k)
-            return lhs @ WwT.reshape(h * k, -1)
+            return affine(lhs, WwT.reshape(h * k, -1), None)
 
         def xc2(xhat, c2):  # x_hat_n sum_h c2_hn
             return xhat * c2.sum(0).unsqueeze(-1)
@@ -768,7 +770,7 @@ class ModelView:
         ``(..., T, d)`` (bias not included)."""
         W_O = self.model.blocks[layer].attn.W_O
         H, dh, d = W_O.shape
-        return z.movedim(0, -2).flatten(-2) @ W_O.reshape(H * dh, d)
+        return affine(z.movedim(0, -2).flatten(-2), W_O.reshape(H * dh, d), None)
 
     def attn_bias(self, layer: int) -> torch.Tensor | None:
         """The attention output bias ``(d_model,)`` (part of no head), or None when the model has none."""
