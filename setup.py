@@ -10,7 +10,8 @@ module) and one folder per kernel family (``csrc/sgld/``, ``csrc/covariance/``, 
   flush-to-zero for the whole Python process.
 * CUDA (``csrc/**/*.cu`` and the registration files ``csrc/**/*_cuda.cpp``) only when a CUDA toolkit and a CUDA build
   of torch are both present; decided from ``torch.version.cuda`` and the toolkit, never from whether a GPU is
-  visible. Without a GPU, ``TORCH_CUDA_ARCH_LIST`` defaults to ``8.0;9.0``.
+  visible. Without a GPU, ``TORCH_CUDA_ARCH_LIST`` defaults to ``7.5;8.0;9.0+PTX``: cubins for Turing (T4),
+  Ampere and Hopper, and PTX that the driver compiles for any newer GPU (Blackwell and on).
 
 Environment: ``PYPATTERN_PORTABLE=1`` replaces ``-march=native`` by ``-mavx2 -mfma`` (for builds that are copied
 to other machines); ``PYPATTERN_NO_CUDA=1`` skips CUDA even where it could be built.
@@ -27,6 +28,9 @@ from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
+# The architectures a CUDA build on a machine without a GPU targets (a GPU's own build targets that GPU): sm_75,
+# sm_80 and sm_90 cubins, plus compute_90 PTX so that any later GPU can JIT-compile the kernels.
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 
 def csrc_files(pattern: str) -> list[str]:
@@ -95,7 +99,7 @@ def extension():
     )
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         cu = csrc_files("*.cu")
         return cpp_extension.CUDAExtension(
             sources=cpp + cuda_cpp + cu,

@@ -7,6 +7,8 @@ Ground truth for large-mean inputs is numpy.cov of the data minus its first row:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -317,27 +319,30 @@ def test_errors_name_the_argument():
 
 _AOT = """
 import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pypattern.ops.covariance.triton import _comoment_kernel
+sys.path.insert(0, TESTS_DIR)
+import torch
+from _triton_binder import compile_recorded, recording
+import pypattern.ops.covariance.triton as ct
 
-for dtype in ("fp32", "fp64"):
-    sig = {"c_ptr": "*fp64", "a_ptr": "*" + dtype, "b_ptr": "*" + dtype, "w": "fp64"}
-    sig.update({k: "*fp64" for k in ("sa_ptr", "ma_ptr", "sb_ptr", "mb_ptr", "da_ptr", "db_ptr")})
-    sig.update({k: "i32" for k in ("M", "K", "N", "s_am", "s_ak", "s_bm", "s_bn")})
-    sig.update({k: "constexpr" for k in ("BLOCK_M", "BLOCK_K", "BLOCK_N")})
-    for arch in (80, 90):
-        src = ASTSource(fn=_comoment_kernel, signature=sig, constexprs={"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32})
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-        assert len(k.asm["cubin"]) > 0
+# the wrapper's own launches, specialised as Triton's GPU launcher would (an int equal to 1 becomes a constexpr,
+# ints divisible by 16 are marked): sizes and strides of 1, 2 and multiples of 16, contiguous and transposed draws
+for dtype in (torch.float32, torch.float64):
+    for m, k, n, transposed in ((1, 1, 1, False), (2, 3, 2, False), (17, 16, 32, True)):
+        a = torch.randn(k, m, dtype=dtype).t() if transposed else torch.randn(m, k, dtype=dtype)
+        b = torch.randn(m, n, dtype=dtype)
+        v = lambda c: torch.randn(c, dtype=torch.float64)
+        with recording(ct, "_comoment_kernel") as rec:
+            ct.comoment_update_triton_(torch.zeros(k, n, dtype=torch.float64), a, b, v(k), v(k), v(n), v(n), v(k),
+                                       v(n), 0.5)
+        compile_recorded(rec, archs=(80, 90) if (m, dtype) == (2, torch.float32) else (80,))
 print("ok")
-"""
+""".replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_triton_kernel_compiles_for_gpus():
-    """The interpreter accepts more than the GPU compiler: compile the kernel to sm_80/sm_90 cubin (no GPU needed;
-    a separate process, since the interpreter patches triton.language)."""
+    """The interpreter accepts more than the GPU compiler: compile the wrapper's launches to sm_80/sm_90 cubin,
+    specialised as Triton's GPU launcher would (no GPU needed; a separate process, since the interpreter patches
+    triton.language)."""
     assert_compiles_for_gpus(_AOT)
 
 

@@ -3,6 +3,8 @@ against materialised per-sample gradients, and the model-level hook helper again
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -312,29 +314,31 @@ def test_ops_layer_imports_nothing_above_it():
 
 
 _AOT = """
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pypattern.ops.grad_gram.triton import _pairwise_kernel
+import sys
+sys.path.insert(0, TESTS_DIR)
+import torch
+from _triton_binder import compile_recorded, recording
+import pypattern.ops.grad_gram.triton as gt
 
-for dtype, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
-    sig = {"g_ptr": "*fp64", "x_ptr": "*" + dtype, "y_ptr": "*" + dtype, "ids_ptr": "*i64"}
-    sig.update({k: "i32" for k in ("R", "P", "Q", "T", "B")})
-    sig.update({k: "constexpr" for k in ("USE_IDS", "WHOLE_TILE", "BLOCK", "BLOCK_F", "ACC")})
-    for use_ids, whole in ((False, False), (True, True)):
-        for arch in (80, 90) if (dtype, use_ids) == ("fp32", False) else (80,):
-            consts = {"USE_IDS": use_ids, "WHOLE_TILE": whole, "BLOCK": 32, "BLOCK_F": 32, "ACC": acc}
-            k = triton.compile(ASTSource(fn=_pairwise_kernel, signature=sig, constexprs=consts),
-                               target=GPUTarget("cuda", arch, 32))
-            assert len(k.asm["cubin"]) > 0
+# the wrapper's own launches, specialised as Triton's GPU launcher would (an int equal to 1 becomes a constexpr,
+# ints divisible by 16 are marked): rows, features, T and B of 1, 2 and multiples of 16; with x and with ids
+for dtype in (torch.float32, torch.float64):
+    for rows, batch, p, q, use_ids in ((1, 1, 1, 1, False), (4, 2, 2, 3, False), (64, 2, 16, 32, True),
+                                       (2, 2, 1, 2, True)):
+        x = torch.randn(rows, p, dtype=dtype)
+        y = torch.randn(rows, q, dtype=dtype)
+        ids = torch.arange(rows) % 3 if use_ids else None
+        with recording(gt, "_pairwise_kernel") as rec:
+            gt.grad_gram_pairwise_triton(None if use_ids else x, y, ids, batch)
+        compile_recorded(rec, archs=(80, 90) if (rows, dtype) == (4, torch.float32) else (80,))
 print("ok")
-"""
+""".replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_triton_kernel_compiles_for_gpus():
-    """The interpreter accepts more than the GPU compiler: compile the kernel to sm_80/sm_90 cubin (no GPU needed;
-    a separate process, since the interpreter patches triton.language)."""
+    """The interpreter accepts more than the GPU compiler: compile the wrapper's launches to sm_80/sm_90 cubin,
+    specialised as Triton's GPU launcher would (no GPU needed; a separate process, since the interpreter patches
+    triton.language)."""
     assert_compiles_for_gpus(_AOT)
 
 
@@ -1152,3 +1156,47 @@ def test_reference_names_the_attention_mask_when_vmap_cannot_run_a_hugging_face_
     else:  # a transformers release whose mask code vmap runs: then the Gram is the per-sample gradients'
         want = _naive_gram(hf, lambda m, x: loss(m, x, torch.ones_like(x)), ids)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (0.5, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        (True, TypeError),
+        ("1e9", TypeError),
+        (None, TypeError),
+        (torch.tensor(1000), TypeError),
+    ],
+)
+@pytest.mark.parametrize("op", ["grad_gram_linear", "grad_gram_embedding"])
+def test_max_bytes_refuses_non_byte_counts(op, value, error):
+    """max_bytes is a finite number of bytes >= 1: 0 and negatives, NaN and inf (no bound at all), bools, strings
+    and tensors are refused, naming the argument, whatever the method."""
+    from pypattern.ops.grad_gram.op import grad_gram_embedding, grad_gram_linear
+
+    a, d = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    ids = torch.randint(0, 9, (3, 4))
+    for method in ("outer", "pairwise"):
+        with pytest.raises(error, match="max_bytes"):
+            if op == "grad_gram_linear":
+                grad_gram_linear(a, d, method=method, max_bytes=value, backend="reference")
+            else:
+                grad_gram_embedding(ids, d, method=method, max_bytes=value, backend="reference")
+
+
+def test_max_bytes_takes_numpy_scalars_and_floats():
+    import numpy as np
+
+    from pypattern.ops.grad_gram.op import grad_gram_embedding, grad_gram_linear
+
+    a, d = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    ids = torch.randint(0, 9, (3, 4))
+    ref_lin = grad_gram_linear(a, d, method="outer")
+    ref_emb = grad_gram_embedding(ids, d, method="outer")
+    for v in (np.int64(200), np.int32(1), np.float64(1e6), 1.0, 2**40, 250.7):
+        torch.testing.assert_close(grad_gram_linear(a, d, method="outer", max_bytes=v), ref_lin)
+        torch.testing.assert_close(grad_gram_embedding(ids, d, method="outer", max_bytes=v), ref_emb)

@@ -410,29 +410,38 @@ def test_empty_list_is_noop():
 
 
 _AOT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pypattern.ops.sgld.triton import _sgld_kernel
+import sys
+sys.path.insert(0, TESTS_DIR)
+import torch
+from _triton_binder import compile_recorded, recording
+import pypattern.ops.sgld.triton as st
 
-for dtype in ("fp32", "fp64"):
-    sig = {"w_ptr": "*" + dtype, "g_ptr": "*" + dtype, "a_ptr": "*" + dtype, "m_ptr": "*" + dtype,
-           "coef_ptr": "*fp64", "flag_ptr": "*i32", "n": "i64", "seed": "i64", "tensor_index": "i32",
-           "step_lo": "i32", "step_hi": "i32"}
-    for flags in ((True, True, True), (False, False, True), (True, False, False)):
-        const = dict(zip(("HAS_MASK", "HAS_BOX", "HAS_NOISE"), flags), BLOCK=1024)
-        sig.update({k: "constexpr" for k in const})
-        for arch in (80, 90):
-            k = triton.compile(ASTSource(fn=_sgld_kernel, signature=sig, constexprs=const),
-                               target=GPUTarget("cuda", arch, 32))
-            assert len(k.asm["cubin"]) > 0
+# three tensors (tensor_index 0, 1, 2; sizes 1, 2 and 1027), steps whose low and high words take 0, 1 and 2, and
+# seeds 0, 1, 2: Triton's launcher specialises an int equal to 1 as a constexpr and ints divisible by 16 apart
+kw = dict(nbeta=10.0, localization=1.0, weight_decay=0.0, noise_scale=1.0, block=1024)
+for dtype in (torch.float32, torch.float64):
+    ps = [torch.randn(1, dtype=dtype), torch.randn(2, dtype=dtype), torch.randn(1027, dtype=dtype)]
+    for step, seed, mask, box in ((0, 0, False, None), (1, 1, True, 0.5), (2, 2, False, 0.5), (2**32 + 1, 7, True, None),
+                                  (2 * 2**32 + 2, 2**63 + 1, False, None)):
+        with recording(st, "_sgld_kernel") as rec:
+            st.sgld_step_triton_([p.clone() for p in ps], [p.clone() for p in ps], [p.clone() for p in ps],
+                                 step_size=1e-3, bounding_box=box, seed=seed, step=step,
+                                 masks=[torch.ones_like(p) for p in ps] if mask else None, **kw)
+        assert [c[1][8] for c in rec.calls] == [0, 1, 2]  # tensor_index
+        compile_recorded(rec, archs=(80, 90) if step == 1 else (80,))
+    with recording(st, "_sgld_kernel") as rec:  # no noise
+        st.sgld_step_triton_([p.clone() for p in ps], [p.clone() for p in ps], [p.clone() for p in ps],
+                             step_size=1e-3, bounding_box=None, seed=1, step=1, masks=None, **{**kw, "noise_scale": 0.0})
+    compile_recorded(rec)
 print("ok")
-"""
+""".replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_triton_kernel_compiles_for_gpus():
     """The interpreter accepts more than the GPU compiler: compile the SGLD kernel to sm_80/sm_90 cubin for both
-    dtypes and several specialisations (no GPU needed; a separate process without TRITON_INTERPRET)."""
+    dtypes, with and without mask, box and noise, specialised as Triton's GPU launcher specialises the wrapper's
+    own launches (tensor_index, step words and seed of 0, 1 and 2; no GPU needed; a separate process without
+    TRITON_INTERPRET)."""
     assert_compiles_for_gpus(_AOT)
 
 

@@ -1,6 +1,7 @@
 // The tanh-form GELU and its derivative on CUDA: the arithmetic of activations_cpu_fast.cpp (x sigmoid(2u), the
 // exponent clamped to [-87, 80] in float32 or [-708, 700] in float64, beyond which the value is x * 0 and the
 // derivative 0 or 1), one thread per element in a grid-stride loop.
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -69,9 +70,11 @@ void gelu_tanh_cuda(const void* x, void* y, int64_t n, double c, bool is_double,
   if (is_double) {
     gelu_kernel<double><<<blocks_for(n), 256, 0, st>>>(static_cast<const double*>(x), static_cast<double*>(y), n,
                                                       2.0 * c, 0.044715);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     gelu_kernel<float><<<blocks_for(n), 256, 0, st>>>(static_cast<const float*>(x), static_cast<float*>(y), n,
                                                      static_cast<float>(2.0 * c), 0.044715f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -83,10 +86,12 @@ void gelu_tanh_backward_cuda(const void* g, const void* x, void* dx, int64_t n, 
     gelu_backward_kernel<double><<<blocks_for(n), 256, 0, st>>>(
         static_cast<const double*>(g), static_cast<const double*>(x), static_cast<double*>(dx), n, 2.0 * c, 0.044715,
         3.0 * 0.044715);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     gelu_backward_kernel<float><<<blocks_for(n), 256, 0, st>>>(
         static_cast<const float*>(g), static_cast<const float*>(x), static_cast<float*>(dx), n,
         static_cast<float>(2.0 * c), 0.044715f, static_cast<float>(3.0 * 0.044715));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

@@ -41,8 +41,10 @@ PP_HD void sampler_normals4(uint64_t seed, uint32_t tensor_index, uint64_t step,
   float u2 = uint_to_uniform(x[2]);
   u0 = u0 < 1.0e-7f ? 1.0e-7f : u0;
   u2 = u2 < 1.0e-7f ? 1.0e-7f : u2;
-  const float r0 = sqrtf(-2.0f * logf(u0));
-  const float r1 = sqrtf(-2.0f * logf(u2));
+  // u < 1 always (at most 1 - 2^-24), but an approximate logf (nvcc's --use_fast_math) is off by up to ~3e-7
+  // absolute near 1 and may return a positive log there: clamp, so the radius is 0 rather than NaN
+  const float r0 = sqrtf(fmaxf(0.0f, -2.0f * logf(u0)));
+  const float r1 = sqrtf(fmaxf(0.0f, -2.0f * logf(u2)));
   const float t0 = kTwoPi * uint_to_uniform(x[1]);
   const float t1 = kTwoPi * uint_to_uniform(x[3]);
   out[0] = r0 * cosf(t0);

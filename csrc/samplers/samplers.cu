@@ -1,9 +1,11 @@
-// CUDA kernels of the fused SGNHT and RMSprop-SGLD steps. Plain CUDA (no torch headers), so nvcc compile-checks
+// CUDA kernels of the fused SGNHT and RMSprop-SGLD steps. Plain CUDA (no torch headers but c10's launch check,
+// C10_CUDA_KERNEL_LAUNCH_CHECK after every launch), so nvcc compile-checks
 // this file alone; the dispatcher registration lives in samplers_cuda.cpp. One thread per Philox counter: it draws
 // four normals (the stream of sgld/philox.h) and updates four consecutive elements with the element updates of
 // sampler_kernels.h, shared with the C++ kernel. SGNHT: each block reduces its sum of p^2 and its count of
 // active entries in shared memory and writes them to partials[2 * block]; samplers_cuda.cpp adds the partials
 // up and updates the thermostat on the device (phase two).
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -93,6 +95,7 @@ void launch_sgnht(T* w, T* p, const T* g, const T* w0, const T* mask, int64_t n,
   const int blocks = static_cast<int>(grid_for(n));
   sgnht_kernel<T><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(w, p, g, w0, mask, n, c, xi,
                                                                               partials, flag);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -101,6 +104,7 @@ void launch_rmsprop(T* w, T* v, const T* g, const T* w0, const T* mask, int64_t 
   if (n == 0) return;
   const int blocks = static_cast<int>(grid_for(n));
   rmsprop_sgld_kernel<T><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(w, v, g, w0, mask, n, c, flag);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
-// CUDA kernels of the fused SGLD step. Plain CUDA (no torch headers), so nvcc compile-checks this file alone;
+// CUDA kernels of the fused SGLD step. Plain CUDA (no torch headers but c10's launch check,
+// C10_CUDA_KERNEL_LAUNCH_CHECK after every launch), so nvcc compile-checks this file alone;
 // the dispatcher registration lives in sgld_cuda.cpp. One thread per Philox counter: it draws four normals and
 // updates four consecutive elements, so the noise is the stream of philox.h, identical to the other backends'
 // integers. Compiled with --use_fast_math (approximate logf/cosf: the noise agrees with the reference's up to
 // their rounding, as the other backends' does; tests/test_sgld.py checks it where a GPU is present).
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -34,8 +36,10 @@ __global__ void sgld_kernel(T* __restrict__ w, const T* __restrict__ g, const T*
       philox4x32_10(x, static_cast<uint32_t>(c.seed), static_cast<uint32_t>(c.seed >> 32));
       const float u0 = fmaxf(1.0e-7f, uint_to_uniform(x[0]));
       const float u2 = fmaxf(1.0e-7f, uint_to_uniform(x[2]));
-      const float r0 = sqrtf(-2.0f * logf(u0));
-      const float r1 = sqrtf(-2.0f * logf(u2));
+      // u < 1 always (at most 1 - 2^-24), but --use_fast_math's logf is off by up to ~3e-7 absolute near 1 and
+      // may return a positive log there: clamp, so the radius is 0 rather than sqrtf(negative) = NaN
+      const float r0 = sqrtf(fmaxf(0.0f, -2.0f * logf(u0)));
+      const float r1 = sqrtf(fmaxf(0.0f, -2.0f * logf(u2)));
       float s0, c0, s1, c1;
       sincosf(kTwoPi * uint_to_uniform(x[1]), &s0, &c0);
       sincosf(kTwoPi * uint_to_uniform(x[3]), &s1, &c1);
@@ -67,6 +71,7 @@ void launch(T* w, const T* g, const T* w0, const T* mask, int64_t n, const SgldC
   const int64_t want = (n_ctr + threads - 1) / threads;
   const int blocks = static_cast<int>(want < 65535 * 8 ? want : 65535 * 8);
   sgld_kernel<T><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(w, g, w0, mask, n, c, flag);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -144,6 +144,19 @@ def grad_gram_dense(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _check_max_bytes(op: str, max_bytes) -> int:
+    """``max_bytes`` as an int number of bytes: a finite real number (an int, a float, a numpy scalar) of at least 1;
+    a bool, a string or another type is a TypeError, 0, a negative, NaN or infinity a ValueError."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Real):
+        raise TypeError(
+            f"{op}: max_bytes must be a number of bytes (an int >= 1), got {max_bytes!r} "
+            f"({type(max_bytes).__name__})"
+        )
+    if not math.isfinite(max_bytes) or max_bytes < 1:
+        raise ValueError(f"{op}: max_bytes must be a finite number of bytes >= 1, got {max_bytes!r}")
+    return int(max_bytes)
+
+
 def _outer_gram(a: torch.Tensor, d: torch.Tensor, max_bytes: int) -> torch.Tensor:
     b, _, d_in = a.shape
     d_out = d.shape[2]
@@ -181,7 +194,8 @@ def grad_gram_linear(
     method : {"auto", "pairwise", "outer"}
         See :mod:`pypattern.ops.grad_gram`; ``"auto"`` picks the one with fewer multiply-adds.
     max_bytes : int
-        Workspace cap of ``"outer"`` (it processes slices of the input features).
+        Workspace cap of ``"outer"`` in bytes (it processes slices of the input features; at least one feature
+        per slice): a finite number >= 1 (a float is rounded down).
     backend : str, optional
         Backend of the pairwise contraction.
 
@@ -190,6 +204,7 @@ def grad_gram_linear(
     Tensor, shape ``(B, B)``, float64 (products in the input dtype, sums in float64).
     """
     a3, d3 = _as_btd("a", a), _as_btd("d", d)
+    max_bytes = _check_max_bytes("grad_gram_linear", max_bytes)
     if a.shape[:-1] != d.shape[:-1]:
         raise ValueError(
             f"a and d must agree in batch and positions, got {tuple(a.shape)} and {tuple(d.shape)}"
@@ -255,6 +270,9 @@ def grad_gram_embedding(
         ``"pairwise"``: ``B^2 T^2 dim`` multiply-adds (the kernels). ``"outer"``: scatter the per-sample gradients
         of the ``V`` distinct ids of the batch, ``(B, V, dim)`` in slices of at most ``max_bytes``, and take their
         Gram (``B^2 V dim``). ``"auto"`` takes the one with fewer multiply-adds (``V`` against ``T^2``).
+    max_bytes : int
+        Workspace cap of ``"outer"`` in bytes (at least one id per slice): a finite number >= 1 (a float is rounded
+        down).
 
     Returns
     -------
@@ -270,6 +288,7 @@ def grad_gram_embedding(
         raise TypeError(f"ids must be an integer tensor of shape (B, ...), got {getattr(ids, 'dtype', ids)}")
     if method not in ("auto", "pairwise", "outer"):
         raise ValueError(f"method must be 'auto', 'pairwise' or 'outer', got {method!r}")
+    max_bytes = _check_max_bytes("grad_gram_embedding", max_bytes)
     b = ids.shape[0]
     t = math.prod(ids.shape[1:])
     flat = ids.reshape(b, t)

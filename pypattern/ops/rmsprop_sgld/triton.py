@@ -12,10 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sgld.triton import as_i32, flag_bits, nonfinite, philox_normal
+from .._triton_launch import launch_guard
+from ..sgld.triton import NOISE_KEY_ARGS, as_i32, flag_bits, nonfinite, philox_normal
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_KEY_ARGS)
 def _rmsprop_sgld_kernel(
     w_ptr,
     v_ptr,
@@ -103,54 +104,55 @@ def rmsprop_sgld_step_triton_(
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     device = params[0].device
-    noise_std = math.sqrt(step_size) * noise_scale
-    coefs = torch.tensor(
-        [
-            0.5 * step_size,
-            nbeta,
-            localization,
-            weight_decay,
-            alpha,
-            eps,
-            noise_std,
-            bounding_box or 0.0,
-            1.0 - alpha,
-        ],
-        dtype=torch.float64,
-        device=device,
-    )
-    flags = torch.zeros(len(params), dtype=torch.int32, device=device)
-    seed_arg = seed - 2**64 if seed >= 2**63 else seed
-    for t, (p, v) in enumerate(zip(params, square_avgs)):
-        n = p.numel()
-        if n == 0:
-            continue
-        w = p if p.is_contiguous() else p.contiguous()
-        vc = v if v.is_contiguous() else v.contiguous()
-        m = None if masks is None else masks[t]
-        mc = m.to(p.dtype).contiguous() if m is not None else w  # dummy pointer when there is no mask
-        blk = block or (65536 if device.type == "cpu" else 1024)
-        blk = min(blk, triton.next_power_of_2(n))
-        _rmsprop_sgld_kernel[(triton.cdiv(n, blk),)](
-            w,
-            vc,
-            grads[t].contiguous(),
-            anchors[t].contiguous(),
-            mc,
-            coefs,
-            flags[t:],
-            n,
-            seed_arg,
-            as_i32(t),
-            as_i32(step),
-            as_i32(step >> 32),
-            HAS_MASK=m is not None,
-            HAS_BOX=bounding_box is not None,
-            HAS_NOISE=noise_std != 0.0,
-            BLOCK=blk,
+    with launch_guard(device):
+        noise_std = math.sqrt(step_size) * noise_scale
+        coefs = torch.tensor(
+            [
+                0.5 * step_size,
+                nbeta,
+                localization,
+                weight_decay,
+                alpha,
+                eps,
+                noise_std,
+                bounding_box or 0.0,
+                1.0 - alpha,
+            ],
+            dtype=torch.float64,
+            device=device,
         )
-        if w is not p:
-            p.copy_(w)
-        if vc is not v:
-            v.copy_(vc)
-    return flags.cpu()
+        flags = torch.zeros(len(params), dtype=torch.int32, device=device)
+        seed_arg = seed - 2**64 if seed >= 2**63 else seed
+        for t, (p, v) in enumerate(zip(params, square_avgs)):
+            n = p.numel()
+            if n == 0:
+                continue
+            w = p if p.is_contiguous() else p.contiguous()
+            vc = v if v.is_contiguous() else v.contiguous()
+            m = None if masks is None else masks[t]
+            mc = m.to(p.dtype).contiguous() if m is not None else w  # dummy pointer when there is no mask
+            blk = block or (65536 if device.type == "cpu" else 1024)
+            blk = min(blk, triton.next_power_of_2(n))
+            _rmsprop_sgld_kernel[(triton.cdiv(n, blk),)](
+                w,
+                vc,
+                grads[t].contiguous(),
+                anchors[t].contiguous(),
+                mc,
+                coefs,
+                flags[t:],
+                n,
+                seed_arg,
+                as_i32(t),
+                as_i32(step),
+                as_i32(step >> 32),
+                HAS_MASK=m is not None,
+                HAS_BOX=bounding_box is not None,
+                HAS_NOISE=noise_std != 0.0,
+                BLOCK=blk,
+            )
+            if w is not p:
+                p.copy_(w)
+            if vc is not v:
+                v.copy_(vc)
+        return flags.cpu()

@@ -15,6 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton_launch import launch_guard
+
+# The launch arguments that key the noise stream. Triton specialises an int argument equal to 1 into a constexpr
+# on a GPU (never in the interpreter), and philox_normal bitcasts these with ``.to(...)``, which a constexpr has
+# not: without this, the 2nd tensor of a list (tensor_index 1) or step 1 would not compile. Kept as runtime ints
+# they also compile once, not once per value class.
+NOISE_KEY_ARGS = ["seed", "tensor_index", "step_lo", "step_hi"]
+
 
 @triton.jit
 def _uniform(x):
@@ -63,7 +71,7 @@ def flag_bits(grad_nonfinite, update_nonfinite):
     return tl.max(grad_nonfinite.to(tl.int32), axis=0) | (tl.max(update_nonfinite.to(tl.int32), axis=0) * 2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_KEY_ARGS)
 def _sgld_kernel(
     w_ptr,
     g_ptr,
@@ -147,47 +155,48 @@ def sgld_step_triton_(
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     device = params[0].device
-    coefs = torch.tensor(
-        [
-            0.5 * step_size * nbeta,
-            0.5 * step_size * localization,
-            0.5 * step_size * weight_decay,
-            math.sqrt(step_size) * noise_scale,
-            bounding_box if bounding_box is not None else 0.0,
-        ],
-        dtype=torch.float64,
-        device=device,
-    )
-    flags = torch.zeros(len(params), dtype=torch.int32, device=device)
-    seed_arg = seed - 2**64 if seed >= 2**63 else seed
-    has_noise = math.sqrt(step_size) * noise_scale != 0.0
-    for t, (p, g, a) in enumerate(zip(params, grads, anchors)):
-        n = p.numel()
-        if n == 0:
-            continue
-        w = p if p.is_contiguous() else p.contiguous()
-        gc, ac = g.contiguous(), a.contiguous()
-        m = None if masks is None else masks[t]
-        mc = m.to(p.dtype).contiguous() if m is not None else w  # dummy pointer when there is no mask
-        blk = block or (65536 if device.type == "cpu" else 1024)
-        blk = min(blk, triton.next_power_of_2(n))
-        _sgld_kernel[(triton.cdiv(n, blk),)](
-            w,
-            gc,
-            ac,
-            mc,
-            coefs,
-            flags[t:],
-            n,
-            seed_arg,
-            as_i32(t),
-            as_i32(step),
-            as_i32(step >> 32),
-            HAS_MASK=m is not None,
-            HAS_BOX=bounding_box is not None,
-            HAS_NOISE=has_noise,
-            BLOCK=blk,
+    with launch_guard(device):
+        coefs = torch.tensor(
+            [
+                0.5 * step_size * nbeta,
+                0.5 * step_size * localization,
+                0.5 * step_size * weight_decay,
+                math.sqrt(step_size) * noise_scale,
+                bounding_box if bounding_box is not None else 0.0,
+            ],
+            dtype=torch.float64,
+            device=device,
         )
-        if w is not p:
-            p.copy_(w)
-    return flags.cpu()
+        flags = torch.zeros(len(params), dtype=torch.int32, device=device)
+        seed_arg = seed - 2**64 if seed >= 2**63 else seed
+        has_noise = math.sqrt(step_size) * noise_scale != 0.0
+        for t, (p, g, a) in enumerate(zip(params, grads, anchors)):
+            n = p.numel()
+            if n == 0:
+                continue
+            w = p if p.is_contiguous() else p.contiguous()
+            gc, ac = g.contiguous(), a.contiguous()
+            m = None if masks is None else masks[t]
+            mc = m.to(p.dtype).contiguous() if m is not None else w  # dummy pointer when there is no mask
+            blk = block or (65536 if device.type == "cpu" else 1024)
+            blk = min(blk, triton.next_power_of_2(n))
+            _sgld_kernel[(triton.cdiv(n, blk),)](
+                w,
+                gc,
+                ac,
+                mc,
+                coefs,
+                flags[t:],
+                n,
+                seed_arg,
+                as_i32(t),
+                as_i32(step),
+                as_i32(step >> 32),
+                HAS_MASK=m is not None,
+                HAS_BOX=bounding_box is not None,
+                HAS_NOISE=has_noise,
+                BLOCK=blk,
+            )
+            if w is not p:
+                p.copy_(w)
+        return flags.cpu()

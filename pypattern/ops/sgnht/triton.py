@@ -14,10 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..sgld.triton import as_i32, flag_bits, nonfinite, philox_normal
+from .._triton_launch import launch_guard
+from ..sgld.triton import NOISE_KEY_ARGS, as_i32, flag_bits, nonfinite, philox_normal
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NOISE_KEY_ARGS)
 def _sgnht_kernel(
     w_ptr,
     p_ptr,
@@ -113,58 +114,59 @@ def sgnht_step_triton_(
     if not params:
         return torch.zeros(0, dtype=torch.int32)
     device = params[0].device
-    noise_std = math.sqrt(2.0 * diffusion_factor * step_size) * noise_scale
-    coefs = torch.tensor(
-        [step_size, nbeta, localization, weight_decay, noise_std, bounding_box or 0.0],
-        dtype=torch.float64,
-        device=device,
-    )
-    xi_start = thermostat.reshape(1).clone()
-    flags = torch.zeros(len(params), dtype=torch.int32, device=device)
-    seed_arg = seed - 2**64 if seed >= 2**63 else seed
-    launches = []
-    for t, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
-        blk = block or (65536 if device.type == "cpu" else 1024)
-        blk = min(blk, triton.next_power_of_2(n))
-        launches.append((t, n, blk, triton.cdiv(n, blk)))
-    parts = torch.zeros(2 * sum(grid for *_, grid in launches), dtype=torch.float64, device=device)
-    at = 0
-    for t, n, blk, grid in launches:
-        p, mom = params[t], momenta[t]
-        w = p if p.is_contiguous() else p.contiguous()
-        pm = mom if mom.is_contiguous() else mom.contiguous()
-        m = None if masks is None else masks[t]
-        mc = m.to(p.dtype).contiguous() if m is not None else w  # dummy pointer when there is no mask
-        _sgnht_kernel[(grid,)](
-            w,
-            pm,
-            grads[t].contiguous(),
-            anchors[t].contiguous(),
-            mc,
-            coefs,
-            xi_start,
-            parts[2 * at :],
-            flags[t:],
-            n,
-            seed_arg,
-            as_i32(t),
-            as_i32(step),
-            as_i32(step >> 32),
-            HAS_MASK=m is not None,
-            HAS_BOX=bounding_box is not None,
-            HAS_NOISE=noise_std != 0.0,
-            BLOCK=blk,
+    with launch_guard(device):
+        noise_std = math.sqrt(2.0 * diffusion_factor * step_size) * noise_scale
+        coefs = torch.tensor(
+            [step_size, nbeta, localization, weight_decay, noise_std, bounding_box or 0.0],
+            dtype=torch.float64,
+            device=device,
         )
-        at += grid
-        if w is not p:
-            p.copy_(w)
-        if pm is not mom:
-            mom.copy_(pm)
-    sums = parts.view(-1, 2).sum(0)
-    target = step_size * noise_scale**2
-    delta = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1.0) - target, torch.zeros_like(sums[0]))
-    thermostat.add_(delta.reshape(thermostat.shape))
-    return flags.cpu()
+        xi_start = thermostat.reshape(1).clone()
+        flags = torch.zeros(len(params), dtype=torch.int32, device=device)
+        seed_arg = seed - 2**64 if seed >= 2**63 else seed
+        launches = []
+        for t, p in enumerate(params):
+            n = p.numel()
+            if n == 0:
+                continue
+            blk = block or (65536 if device.type == "cpu" else 1024)
+            blk = min(blk, triton.next_power_of_2(n))
+            launches.append((t, n, blk, triton.cdiv(n, blk)))
+        parts = torch.zeros(2 * sum(grid for *_, grid in launches), dtype=torch.float64, device=device)
+        at = 0
+        for t, n, blk, grid in launches:
+            p, mom = params[t], momenta[t]
+            w = p if p.is_contiguous() else p.contiguous()
+            pm = mom if mom.is_contiguous() else mom.contiguous()
+            m = None if masks is None else masks[t]
+            mc = m.to(p.dtype).contiguous() if m is not None else w  # dummy pointer when there is no mask
+            _sgnht_kernel[(grid,)](
+                w,
+                pm,
+                grads[t].contiguous(),
+                anchors[t].contiguous(),
+                mc,
+                coefs,
+                xi_start,
+                parts[2 * at :],
+                flags[t:],
+                n,
+                seed_arg,
+                as_i32(t),
+                as_i32(step),
+                as_i32(step >> 32),
+                HAS_MASK=m is not None,
+                HAS_BOX=bounding_box is not None,
+                HAS_NOISE=noise_std != 0.0,
+                BLOCK=blk,
+            )
+            at += grid
+            if w is not p:
+                p.copy_(w)
+            if pm is not mom:
+                mom.copy_(pm)
+        sums = parts.view(-1, 2).sum(0)
+        target = step_size * noise_scale**2
+        delta = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1.0) - target, torch.zeros_like(sums[0]))
+        thermostat.add_(delta.reshape(thermostat.shape))
+        return flags.cpu()
