@@ -68,3 +68,21 @@ def check_flag(value, name: str) -> None:
 
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name}={value!r} is not valid; give True or False")
+
+
+def is_count(value) -> bool:
+    """``value`` is an integer (Python's, numpy's: any ``numbers.Integral``), not a bool."""
+    import numbers
+
+    import numpy as np
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def is_real(value) -> bool:
+    """``value`` is a real number (Python's or numpy's int or float: any ``numbers.Real``), not a bool."""
+    import numbers
+
+    import numpy as np
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)

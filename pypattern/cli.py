@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import os
 import re
 import sys
 import time
+
+from ._progress import Terminated, sigterm_as_interrupt
 
 
 def _demo_sgld(steps: int = 200) -> dict:
@@ -376,6 +379,29 @@ def _warn_larger(flag: str, value: int, n: int, what: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _patching_with(checkpoint: str | None, quiet: bool):
+    """For the block: :func:`pypattern.patching.activation_patching` (as ``run_user_patch`` calls it) with
+    ``quiet`` and, with a ``checkpoint`` folder, one checkpoint file per site in it (``patch_<site>.npz``), unless
+    a call gives its own."""
+    from . import patching
+
+    original = patching.activation_patching
+
+    @functools.wraps(original)
+    def activation_patching(model, site, *args, **kwargs):
+        kwargs.setdefault("quiet", quiet)
+        if checkpoint is not None and isinstance(site, str):
+            kwargs.setdefault("checkpoint", os.path.join(checkpoint, f"patch_{site}.npz"))
+        return original(model, site, *args, **kwargs)
+
+    patching.activation_patching = activation_patching
+    try:
+        yield
+    finally:
+        patching.activation_patching = original
+
+
 def _user_run(args) -> int:
     """``llc``, ``patch`` or ``chi`` on a user's model directory and token file."""
     import torch
@@ -389,16 +415,17 @@ def _user_run(args) -> int:
     if args.cmd == "patch":
         if "max_prompts" in args.given and args.max_prompts > n:
             _warn_larger("--max-prompts", args.max_prompts, n, "patching")
-        res = mod.run_user_patch(
-            args.model,
-            args.data,
-            args.out,
-            corrupted=args.corrupted,
-            sites=args.sites if "sites" in args.given else None,  # the default: those the model has
-            max_prompts=args.max_prompts,
-            dtype=dtype,
-            tokens=tokens,
-        )
+        with _patching_with(args.checkpoint, args.quiet):
+            res = mod.run_user_patch(
+                args.model,
+                args.data,
+                args.out,
+                corrupted=args.corrupted,
+                sites=args.sites if "sites" in args.given else None,  # the default: those the model has
+                max_prompts=args.max_prompts,
+                dtype=dtype,
+                tokens=tokens,
+            )
         print(
             f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
         )
@@ -533,6 +560,23 @@ def _parser() -> argparse.ArgumentParser:
         default=8,
         applies=MODEL_ONLY,
         help="with --model: patch the first N prompts (default: 8; more than --data holds: all, with a warning)",
+    )
+    _flag(
+        patch,
+        "--checkpoint",
+        metavar="DIR",
+        applies=MODEL_ONLY,
+        help="with --model: a folder keeping each site's finished cells as the grid goes (patch_<site>.npz); the "
+        "same command with the same folder resumes a stopped run (Ctrl-C or SIGTERM), and a run with other "
+        "settings, model or data is refused",
+    )
+    _flag(
+        patch,
+        "--quiet",
+        action="store_true",
+        default=False,
+        applies=MODEL_ONLY,
+        help="with --model: no progress bars",
     )
     circ = sub.add_parser(
         "circuit",
@@ -730,6 +774,41 @@ def _quiet_transformers(quiet: bool):
             tf_logging.enable_progress_bar()
 
 
+def _hold_sigint(program: bool):
+    """Until :func:`_release_sigint`: SIGINT and SIGTERM do nothing (a second Ctrl-C while the first is handled,
+    or one as the program exits, would end it with a traceback, or killed by SIGINT, status -2, instead of with
+    the command's status). ``program``: the process ends after this (``pypattern`` run as a program): SIGINT is
+    then ignored by the OS too, since the interpreter's shutdown puts the default action (kill) back in place of
+    a Python handler while torch and the rest unload. The previous handlers, or None outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    held = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            held[sig] = signal.signal(sig, _ignore_signal)
+        except (ValueError, OSError):  # pragma: no cover - a platform without it
+            pass
+    if program and signal.SIGINT in held:
+        # (a SIGINT already pending ran the Python handler above at the last bytecode boundary)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return held
+
+
+def _ignore_signal(signum, frame) -> None:
+    """A handler that does nothing: a Python-level handler, so that a signal arriving just before it was installed
+    (whose Python handler runs at the next bytecode) is dropped too."""
+
+
+def _release_sigint(held: dict) -> None:
+    import signal
+
+    for sig, handler in held.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``pypattern`` command. Errors in the flags end with argparse's usage message; errors met while running
     (a file that cannot be read, a model not covered, a checkpoint of another run, ...) with one line
@@ -754,8 +833,10 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning = warnings.formatwarning
     if not debug:
         warnings.formatwarning = one_line
+    held = None  # SIGINT's handler before main held it (see _hold_sigint)
     try:
-        with _quiet_transformers(getattr(args, "quiet", False)):
+        # SIGTERM, as Ctrl-C: the long loops write their checkpoints and the command ends with its message
+        with sigterm_as_interrupt(), _quiet_transformers(getattr(args, "quiet", False)):
             code = _run(args)
         sys.stdout.flush()
         return code
@@ -774,19 +855,30 @@ def main(argv: list[str] | None = None) -> int:
                 hint = f" (on the command line: {flags})"
         print(f"pypattern {args.cmd}: error: {_as_flags(str(e))}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
+        # a second Ctrl-C (or SIGTERM) while the first is handled ends the command as the first does, not with
+        # a traceback and the status of a process killed by SIGINT
+        held = _hold_sigint(program=argv is None)
+        terminated = isinstance(e, Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
         if getattr(args, "checkpoint", None):
             print(
-                f"pypattern {args.cmd}: interrupted; the same command with --checkpoint {args.checkpoint} resumes",
+                f"pypattern {args.cmd}: {what}; the same command with --checkpoint {args.checkpoint} resumes",
                 file=sys.stderr,
             )
         else:
-            print(f"pypattern {args.cmd}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"pypattern {args.cmd}: {what}", file=sys.stderr)
+        raise SystemExit(143 if terminated else 130) from None
     finally:
         warnings.formatwarning = formatwarning
+        # the program, which ends now: a Ctrl-C as it exits is not a crash (its work is done)
+        if argv is None:
+            if held is None:
+                _hold_sigint(program=True)
+        elif held is not None:  # called in-process: the caller's handlers back
+            _release_sigint(held)
 
 
 if __name__ == "__main__":

@@ -108,12 +108,26 @@ def _unit_features(x, name: str, min_samples: int, dtype: torch.dtype) -> tuple[
     centred first (in float64, whatever the input's dtype), as a common offset would otherwise take the narrower
     type's precision."""
     wide = _as_features(x, name, min_samples)
+    # whether ``wide`` is a copy already (a cast, a gather of a strided input) that may be divided in place
+    owned = not _shares_storage(wide, x)
     if dtype != torch.float64:
-        wide = _center_columns(wide)
-    size = float(wide.abs().max())
+        wide, owned = _center_columns(wide), True
+    size = max(float(wide.max()), -float(wide.min()))  # the largest magnitude, without a copy of |wide|
     if size > 0:
-        wide = wide / size
+        wide = wide.div_(size) if owned else wide / size
+    elif not owned:  # all zero: a copy all the same, which the measures may centre in place
+        wide = wide.clone()
     return wide.to(dtype), size
+
+
+def _shares_storage(t: torch.Tensor, x) -> bool:
+    """Whether ``t`` may be the memory of the input ``x`` (a tensor or a numpy array)."""
+    ptr = t.untyped_storage().data_ptr()
+    if isinstance(x, np.ndarray):
+        bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds
+        lo, hi = bounds(x)
+        return lo <= ptr < max(hi, lo + 1)
+    return not isinstance(x, torch.Tensor) or ptr == x.untyped_storage().data_ptr()
 
 
 def _check_dtype(dtype) -> None:
@@ -254,9 +268,11 @@ def _is_constant(x: torch.Tensor) -> bool:
     return bool((x == x[:1]).all())
 
 
-def _zero_constant(self_hsic: torch.Tensor, reps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``self_hsic`` ``(len(reps),)`` with the entries of constant representations set to exactly 0."""
-    const = torch.tensor([_is_constant(x) for x in reps], device=self_hsic.device)
+def _zero_constant(self_hsic: torch.Tensor, reps: Sequence) -> torch.Tensor:
+    """``self_hsic`` ``(len(reps),)`` with the entries of constant representations set to exactly 0 (``reps``:
+    the representations, or whether each is constant, :func:`_is_constant`)."""
+    flags = [x if isinstance(x, bool) else _is_constant(x) for x in reps]
+    const = torch.tensor(flags, device=self_hsic.device)
     return torch.where(const, torch.zeros_like(self_hsic), self_hsic) if bool(const.any()) else self_hsic
 
 
@@ -292,9 +308,10 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     x, _ = _unit_features(x, "x", _min_samples(debiased), dtype)
     y, _ = _unit_features(y, "y", _min_samples(debiased), dtype)
     _check_pair(x, y)
+    const_x, const_y = [_is_constant(x)], [_is_constant(y)]  # before x and y are centred in place
     # the form with fewer multiply-adds (the n x n Grams when there are fewer samples than features)
-    xy, xx, yy = _hsic_all([x], [y], debiased, "auto")
-    xx, yy = _zero_constant(xx, [x]), _zero_constant(yy, [y])
+    xy, xx, yy = _hsic_all([x], [y], debiased, "auto", inplace=True)
+    xx, yy = _zero_constant(xx, const_x), _zero_constant(yy, const_y)
     return float(_cka_from_hsic(xy[0, 0], xx[0], yy[0]))
 
 
@@ -323,7 +340,9 @@ _CHUNK_ELEMENTS = 32 * 2**20
 _GRAM_BYTES = 2 * 2**30
 
 
-def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool):
+def _hsic_features_all(
+    xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool, inplace: bool = False
+):
     """HSIC of every pair (and every representation with itself) in the feature form, ``ys=None`` meaning
     ``xs``. Every representation is centred once; then one product of each ``x`` with all ``y`` side by side,
     ``(d_a, n) x (n, sum d_b)``, whose squared entries summed over each ``y``'s columns give ``||X_a^T Y_b||_F^2``.
@@ -333,12 +352,18 @@ def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, de
     ``tr(K~ L~) = ||X^T Y||_F^2 - sum q_i p_i``, ``1^T K~ 1 = |sum x_i|^2 - sum q_i`` and ``(K~ 1)_i = x_i . sum x -
     q_i``; on centred columns ``sum x_i = 0``, so ``1^T K~ 1 = -sum q`` and ``K~ 1 = -q``: the row norms are all
     it needs besides the products.
+
+    Memory: ``inplace`` centres the representations in their own storage (the caller's copies); else one centred
+    copy of each. Every product ``X_a^T Y`` (and ``X^T X``) is formed in blocks of ``X_a``'s columns of at most
+    ``_CHUNK_ELEMENTS`` entries, squared in place; narrow ``y`` are put side by side (a copy) only while that copy
+    stays within the same size.
     """
     n = xs[0].shape[0]
-    cx = [_center_columns(x) for x in xs]
-    cy = cx if ys is None else [_center_columns(y) for y in ys]
-    # the ys side by side, in chunks whose product with the widest x stays under _CHUNK_ELEMENTS
-    widest = max(x.shape[1] for x in cx)
+    center = (lambda x: x.sub_(x.mean(0, keepdim=True))) if inplace else _center_columns
+    cx = [center(x) for x in xs]
+    cy = cx if ys is None else [center(y) for y in ys]
+    # the ys side by side, in chunks whose product with the widest x (and whose copy) stays under _CHUNK_ELEMENTS
+    widest = max(max(x.shape[1] for x in cx), n)
     chunks, cur, width = [], [], 0
     for j, y in enumerate(cy):
         if cur and (width + y.shape[1]) * widest > _CHUNK_ELEMENTS:
@@ -349,21 +374,21 @@ def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, de
     chunks.append(cur)
     cross = torch.zeros(len(cx), len(cy), dtype=torch.float64, device=cy[0].device)
     for idx in chunks:
-        zy = torch.cat([cy[j] for j in idx], 1)
+        zy = cy[idx[0]] if len(idx) == 1 else torch.cat([cy[j] for j in idx], 1)
         widths = [cy[j].shape[1] for j in idx]
         for a, x in enumerate(cx):
-            prod = (x.T @ zy).double()  # a float32 product's squares summed in float64
-            cross[a, idx] = torch.stack([c.sum() for c in (prod * prod).sum(0).split(widths)])
+            cross[a, idx] = torch.stack([c.sum() for c in _squared_columns(x, zy).split(widths)])
+        del zy
     if ys is None:
         self_x = self_y = torch.diagonal(cross).clone()
     else:
-        self_x = torch.stack([(x.T @ x).double().square().sum() for x in cx])
-        self_y = torch.stack([(y.T @ y).double().square().sum() for y in cy])
+        self_x = torch.stack([_squared_columns(x, x, total=True) for x in cx])
+        self_y = torch.stack([_squared_columns(y, y, total=True) for y in cy])
     if not debiased:
         norm = (n - 1) ** 2
         return cross / norm, self_x / norm, self_y / norm
-    qx = torch.stack([x.double().square().sum(1) for x in cx], 1)  # (n, A)
-    qy = qx if ys is None else torch.stack([y.double().square().sum(1) for y in cy], 1)
+    qx = torch.stack([_row_norms(x) for x in cx], 1)  # (n, A)
+    qy = qx if ys is None else torch.stack([_row_norms(y) for y in cy], 1)
 
     def unbiased(tr_full, q, p, qp):  # tr_full = ||X^T Y||_F^2, q, p = sums of row norms, qp = sum q_i p_i
         tr = tr_full - qp
@@ -377,6 +402,27 @@ def _hsic_features_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, de
         ux = unbiased(self_x, sq, sq, (qx * qx).sum(0))
         uy = unbiased(self_y, sp, sp, (qy * qy).sum(0))
     return out, ux, uy
+
+
+def _squared_columns(x: torch.Tensor, z: torch.Tensor, total: bool = False) -> torch.Tensor:
+    """``(X^T Z)^2`` summed over ``X``'s columns, ``(d_z,)`` float64 (``total``: over every entry, a scalar): the
+    product in blocks of ``X``'s columns of at most ``_CHUNK_ELEMENTS`` entries (one block when it fits), each
+    squared in place (a float32 product's squares summed in float64)."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, z.shape[1]))
+    out = None
+    for r in range(0, x.shape[1], rows):
+        xr = x if rows >= x.shape[1] else x[:, r : r + rows]  # one block: x itself
+        sq = (xr.T @ z).double().square_()
+        part = sq.sum() if total else sq.sum(0)
+        del sq  # freed before the next block's product
+        out = part if out is None else out + part
+    return out
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """``|x_i|^2`` of every row, ``(n,)`` float64, in blocks of rows of at most ``_CHUNK_ELEMENTS`` entries."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[1]))
+    return torch.cat([b.double().square().sum(1) for b in x.split(rows)])
 
 
 def cka_matrix(
@@ -399,7 +445,9 @@ def cka_matrix(
         ``"features"``: one ``X^T Y`` per pair (``n d_a d_b`` multiply-adds); ``"gram"``: one ``n x n`` Gram per
         representation, then all pairs in one matrix product (``n^2 d`` per representation plus ``n^2`` per pair).
         ``"auto"`` picks the smaller count, but the Gram form only while all Grams fit in 2 GB. Both give the
-        same numbers up to rounding. The feature form works in chunks of at most 256 MB.
+        same numbers up to rounding. The feature form holds one centred copy of each representation (float64, or
+        ``dtype``) and works in products of at most 256 MB (of float64 entries; a float32 product adds its own
+        128 MB).
     dtype : ``torch.float64`` (default) or ``torch.float32``
         The precision of the large products (``X^T Y``, or the Grams). With float32 they run about 2-3x faster;
         the sums they feed (and the U-centring) stay in float64. Prefer float64 when samples are few against
@@ -431,14 +479,19 @@ def cka_matrix(
         _check_pair(xs[0], x, "xs[0]", f"xs[{i}]")
     for j, y in enumerate(ys):
         _check_pair(xs[0], y, "xs[0]", f"ys[{j}]")
-    num, sx, sy = _hsic_all(xs, None if same else ys, debiased, method)
-    sx, sy = _zero_constant(sx, xs), _zero_constant(sy, ys)
+    const_x = [_is_constant(x) for x in xs]  # before the copies are centred in place
+    const_y = const_x if same else [_is_constant(y) for y in ys]
+    num, sx, sy = _hsic_all(xs, None if same else ys, debiased, method, inplace=True)
+    sx, sy = _zero_constant(sx, const_x), _zero_constant(sy, const_y)
     return _cka_from_hsic(num, sx[:, None], sy[None, :])
 
 
-def _hsic_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool, method: str):
+def _hsic_all(
+    xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool, method: str, inplace: bool = False
+):
     """Normalised HSIC of every pair and of every representation with itself: ``(A, B), (A,), (B,)``;
-    ``ys=None`` means ``xs``. ``method="auto"`` picks the form with fewer multiply-adds."""
+    ``ys=None`` means ``xs``. ``method="auto"`` picks the form with fewer multiply-adds. ``inplace``: the
+    representations are the caller's own copies, which the feature form centres in place."""
     same = ys is None
     ys_ = xs if same else ys
     n = xs[0].shape[0]
@@ -453,7 +506,7 @@ def _hsic_all(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: b
         fits = (len(xs) + (0 if same else len(ys_))) * n * n * 8 <= _GRAM_BYTES
         method = "gram" if gram < feat and fits else "features"
     if method == "features":
-        return _hsic_features_all(xs, ys, debiased)
+        return _hsic_features_all(xs, ys, debiased, inplace)
     gx = _gram_stack(xs, debiased)
     gy = gx if same else _gram_stack(ys_, debiased)
     norm = n * (n - 3) if debiased else (n - 1) ** 2

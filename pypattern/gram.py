@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import is_count
 from .ops.grad_gram import center_gram, grad_gram_dense, grad_gram_embedding, grad_gram_linear
 
 __all__ = [
@@ -1032,6 +1033,12 @@ def per_sample_grad_gram_reference(
         stacked_batches_checked,
     )
 
+    if chunk_size is not None and not (is_count(chunk_size) and chunk_size >= 1):
+        raise ValueError(
+            f"per_sample_grad_gram_reference: chunk_size={chunk_size!r} is not valid; give a positive int (samples "
+            "per vmap chunk) or None"
+        )
+    chunk_size = None if chunk_size is None else int(chunk_size)
     trees, rebuilds = zip(*(as_pytree(x) for x in inputs)) if inputs else ((), ())
     sizes = {}
     for k, (x, tree) in enumerate(zip(inputs, trees)):

@@ -85,10 +85,12 @@ from .sampling.auto import (
 from .sampling.checkpoint import (
     CHECKPOINT_KIND,
     FINGERPRINT_DEFAULTS,
+    RESUMABLE_SETTINGS,
     load_checkpoint_state,
     model_architecture,
     model_hooks,
     training_modes,
+    warn_changed_settings,
 )
 from .sampling.data import ChainData, hash_data, to_device
 from .sampling.diagnostics import user_stacklevel
@@ -850,7 +852,9 @@ def susceptibilities(
         Rows are stored by component name (``component.<name>.npz``) with the component's parameters and masks,
         and the folder's settings (sampler settings, model weights, data, probe, loss functions) are checked: a
         row written by another run, or under this name for another component, is refused with an error naming
-        the first differing item; components not in the folder are sampled.
+        the first differing item; components not in the folder are sampled. ``backend`` and ``batched`` change
+        how the draws are computed, not what they are: a resume under other values is accepted, with a warning
+        naming the setting (its values may differ from an uninterrupted run's at float rounding).
     group_size : int, optional
         How many SGLD runs (one per component, plus the unrestricted run of the devinterp convention) sample
         together in one :func:`pypattern.sample` call (``runs=``): with batched chains (``batched=True``, or the
@@ -1132,6 +1136,11 @@ def susceptibilities(
             ),
         }
 
+    # how the draws are computed (not in the fingerprint): kept with each row; a row read back under other values
+    # is used, with one warning (its values may differ from this run's at float rounding)
+    settings = {k: kw.get(k) for k in RESUMABLE_SETTINGS}
+    warned: list = []
+
     def path_of(name: str) -> str | None:
         return None if checkpoint is None else os.path.join(os.fspath(checkpoint), f"{name}.npz")
 
@@ -1141,6 +1150,10 @@ def susceptibilities(
             return None
         arrays, meta = io.load(path, kind=ROW_KIND)
         io.check_fingerprint(meta.get("fingerprint"), row_fp(run), path, defaults=_sample_defaults())
+        stored_settings = meta.get("settings")
+        if isinstance(stored_settings, Mapping) and not warned:  # (a row written before they were kept: none)
+            if warn_changed_settings(stored_settings, settings, path, stacklevel=user_stacklevel(1)):
+                warned.append(True)  # once per call, for the first row that differs
         row = {**arrays, **meta.get("row", {})}
         shapes = {"full_means": (n + 1,)} if run == "unrestricted" else {
             "chi": (n,), "chi_chains": (C, n), "chi_loo": (C, n), "loss_mean": (n,), "phi_mean": (), "nbeta": ()
@@ -1176,6 +1189,7 @@ def susceptibilities(
             {
                 "fingerprint": row_fp(run),
                 "row": {k: v for k, v in row.items() if not isinstance(v, np.ndarray)},
+                "settings": settings,  # how the row was computed: another value resumes, with a warning
             },
             kind=ROW_KIND,
         )

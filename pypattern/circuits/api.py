@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from .._progress import progress_bar
+from .._progress import progress_bar, sigterm_as_interrupt
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
 from ..patching.metrics import (
@@ -232,7 +232,14 @@ def patch_edges(
     graph : EdgeGraph, optional
         Default: :func:`edges` of the model (per position when the edges name positions).
     max_batch : int, optional
-        Edge sets per forward; default: as many as ``memory_budget`` (bytes, approximate) allows.
+        Edge sets per forward; default: as many as ``memory_budget`` allows.
+    memory_budget : float
+        Bytes (approximate, default 1e9) that the batched patched runs may take beyond the recorded runs: per edge
+        set its run's node outputs and stage inputs and its logits over the vocabulary with the metric's
+        temporaries (counted once on the clean run). At least one edge set per forward whatever the budget; the
+        batch is also kept small enough that one stage's inputs take at most 32 MiB (faster on a CPU), so above a
+        model-dependent budget a larger one changes nothing. The preparation's runs (the clean, corrupted and
+        source runs, and the metric checked on three runs' logits at once) come on top.
 
     Returns
     -------
@@ -419,15 +426,24 @@ def edge_attribution(
         As in :func:`patch_edges`; the score estimates ``M(patched) - M(base)``.
     per_position : bool
         Score each edge at each position (a per-position graph over the prompts' length).
+    max_batch : int, optional
+        ``"exact"``: edges patched per forward (one edge set each); ``"eap-ig"``: interpolated runs per gradient
+        pass; ignored by ``"eap"`` (one forward and one backward over the prompts). Default: as many as
+        ``memory_budget`` allows.
+    memory_budget : float
+        Bytes (approximate, default 1e9) for those batches: ``"exact"`` as in :func:`patch_edges`; ``"eap-ig"``:
+        per interpolated run, the activations its backward keeps and its logits over the vocabulary with the
+        metric's temporaries and their gradients (at least one run per pass); not read by ``"eap"``.
     quiet : bool
         ``"exact"``: no progress bar (by default one counts the edges scored, shown once a call has run for two
         seconds: all the edges of a GPT-2-small-sized model take hours on a CPU).
     checkpoint : str, optional
         ``"exact"`` only: a file the scores so far are written to as they are computed (atomically, no pickle;
-        every 30 s, at the end, and when the scoring stops on an exception or Ctrl-C), from which a call with the
-        same model weights, prompts, metric, graph, mode and ablation resumes, computing only the rest; a call that
-        differs in any of them is refused (:class:`pypattern.io.FingerprintMismatch` naming what differs). The
-        finished scores stay in it: the same call again returns them at once.
+        every 30 s, at the end, and when the scoring stops on an exception; a stop by Ctrl-C or SIGTERM writes them
+        too), from which a call with the same model weights, prompts, metric, graph, mode and ablation resumes,
+        computing only the rest; a call that differs in any of them is refused
+        (:class:`pypattern.io.FingerprintMismatch` naming what differs). The finished scores stay in it: the same
+        call again returns them at once.
 
     Returns
     -------
@@ -467,6 +483,9 @@ def edge_attribution(
             )
         if not isinstance(checkpoint, str | os.PathLike):
             raise TypeError(f"checkpoint={checkpoint!r} is not valid; give a file path")
+        from ..sampling.plan import check_checkpoint_file
+
+        check_checkpoint_file(checkpoint)  # before any work: a path that cannot be a file is refused by name
     T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
@@ -658,6 +677,7 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
     # one fixed-weights block for every run call: layouts and packed weights made once
     with (
         engine.fixed_weights(),
+        sigterm_as_interrupt(),  # SIGTERM writes the finished blocks, as Ctrl-C does
         progress_bar(quiet or done >= E, total=E, initial=done, desc="exact edge scores", unit="edge") as bar,
     ):
 
@@ -724,13 +744,16 @@ def _ig_bytes_per_run(engine: EdgeEngine) -> int:
     the heads' outputs and their sum, the MLP's input and output) and the MLP's hidden activations (two per
     hidden width, three for a gated MLP, times the experts each token uses), and the attention's probabilities.
     The per-head input cotangents are not per run (summed over the runs, contracted and freed layer by layer).
-    Measured on the GPT-2-small shape (batch 8 x 32): 223 MB per run, against 217 MB estimated."""
+    Measured on the GPT-2-small shape (batch 8 x 32): 223 MB per run, against 217 MB estimated. On top: the run's
+    logits over the vocabulary, the unembedding's and the metric's temporaries and their gradients
+    (:meth:`EdgeEngine.vocab_bytes_per_run`), which dominate for a large vocabulary and short prompts."""
     cfg = engine.view.model.cfg
     d_mlp = cfg.d_mlp or 0
     hidden = d_mlp * (3 if cfg.gated_mlp else 2) * (cfg.experts_per_token or 1 if cfg.n_experts else 1)
     hidden += (cfg.moe_shared_d_mlp or 0) * 3
     per_token = 14 * engine.d + hidden + 2 * engine.H * engine.T
-    return engine.view.n_layers * engine.B * engine.T * per_token * engine.base_embed.element_size()
+    blocks = engine.view.n_layers * engine.B * engine.T * per_token * engine.base_embed.element_size()
+    return blocks + engine.vocab_bytes_per_run(grad=True)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -801,6 +824,15 @@ def faithfulness(
     *outside* the circuit ablated, ``M_full`` the clean run, ``M_empty`` the run with every edge ablated.
     Denoising: the corrupted run with the circuit's edges restored from the clean run (``M_full`` = clean,
     ``M_empty`` = corrupted, for resample ablation).
+
+    Parameters
+    ----------
+    edges, clean, corrupted, metric, mode, ablation, graph :
+        As in :func:`patch_edges`.
+    max_batch : int, optional
+        Circuits (edge sets) evaluated per forward; default: as many as ``memory_budget`` allows.
+    memory_budget : float
+        As in :func:`patch_edges`.
 
     Returns
     -------
@@ -911,6 +943,10 @@ def pruning_curve(
         Fractions of the edges kept (rounded to counts); ignored when ``counts`` is given.
     counts : sequence of int, optional
         Numbers of edges kept, each in ``0..num_edges``.
+    max_batch : int, optional
+        Points of the curves (circuits) evaluated per forward; default: as many as ``memory_budget`` allows.
+    memory_budget : float
+        As in :func:`patch_edges`.
 
     The metric is averaged over the examples as in :func:`faithfulness` (an example whose metric is not finite on
     the clean or the base run is left out).
@@ -1107,16 +1143,22 @@ def acdc(
     per_position : bool
         Prune a per-position graph over the prompts' length (or give ``graph=edges(model, per_position=True,
         seq_len=T)``).
+    max_batch : int, optional
+        Edge tests (circuits, one edge removed each) evaluated per forward; default: as many as ``memory_budget``
+        allows.
+    memory_budget : float
+        As in :func:`patch_edges`.
     quiet : bool
         No progress bar (by default one counts the destination inputs visited, shown once a call has run for
         two seconds).
     checkpoint : str, optional
         A file the search's state is written to (atomically, no pickle): when a destination input is done and 30
-        seconds have passed since the last write, at the end, and when the search is stopped (Ctrl-C, an error:
-        the state after the last destination input done); a call with the same model weights, prompts, metric, graph, mode, ablation
-        and threshold resumes from it with the same result as an uninterrupted call. A call that differs in any of
-        them is refused (:class:`pypattern.io.FingerprintMismatch` naming what differs). The finished search stays
-        in it: the same call again returns its circuit at once.
+        seconds have passed since the last write, at the end, and when the search is stopped (a stop by Ctrl-C or
+        SIGTERM writes it too, as does an error: the state after the last destination input done); a call with the
+        same model weights, prompts, metric, graph, mode, ablation and threshold resumes from it with the same
+        result as an uninterrupted call. A call that differs in any of them is refused
+        (:class:`pypattern.io.FingerprintMismatch` naming what differs). The finished search stays in it: the same
+        call again returns its circuit at once.
 
     Returns
     -------
@@ -1139,6 +1181,10 @@ def acdc(
         raise TypeError(f"quiet={quiet!r} is not valid; give True or False")
     if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
         raise TypeError(f"checkpoint={checkpoint!r} is not valid; give a file path")
+    if checkpoint is not None:  # before any work: a path that cannot be a file is refused by name
+        from ..sampling.plan import check_checkpoint_file
+
+        check_checkpoint_file(checkpoint)
     T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()
@@ -1175,6 +1221,7 @@ def acdc(
     first = graph.n_dst if state is None else state["next"]
     with (
         engine.fixed_weights(),
+        sigterm_as_interrupt(),  # SIGTERM writes the state so far, as Ctrl-C does
         progress_bar(
             quiet or first == 0, total=graph.n_dst, initial=graph.n_dst - first, desc="ACDC", unit="input"
         ) as bar,

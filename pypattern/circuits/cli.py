@@ -356,6 +356,7 @@ def run_circuit_demo(
     threads: int | None = 1,
     quiet: bool = True,
     model_argument: str = "model_dir",
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Score every edge, draw the pruning curves and the circuit of the top ``fraction`` of edges.
 
@@ -365,6 +366,9 @@ def run_circuit_demo(
     rounded; a fraction that rounds to no edge takes the top edge, with a warning). A half-precision model is scored as its float32
     copy (with a warning). ``quiet=False`` reports each stage (training, each method's scores, the pruning curve)
     on stderr as it finishes. ``model_argument``: how errors name ``model_dir`` (the command line: ``"--model"``).
+    ``checkpoint``: with ``model_dir``, a folder keeping the exact method's scores as they are computed
+    (``exact_edge_scores.npz``, see :func:`~pypattern.circuits.edge_attribution`; a stop by Ctrl-C or SIGTERM
+    writes them too): the same call with the same folder resumes, computing only the rest.
 
     Returns
     -------
@@ -388,6 +392,14 @@ def run_circuit_demo(
     from ..experiments.user_model import out_folder
 
     out_folder(out_dir, "out_dir")
+    if checkpoint is not None:
+        if model_dir is None:
+            raise ValueError("checkpoint=... applies with model_dir=... and tokens=... only")
+        if "exact" not in methods:
+            raise ValueError(
+                f"checkpoint=... keeps the exact method's scores; methods={list(methods)!r} has no 'exact'"
+            )
+        out_folder(checkpoint, "checkpoint")
     t_last = [time.perf_counter()]
 
     def say(msg: str) -> None:
@@ -439,6 +451,11 @@ def run_circuit_demo(
                     per_position=pp,
                     ablation=ablation,
                     quiet=quiet,
+                    **(
+                        {"checkpoint": os.path.join(checkpoint, "exact_edge_scores.npz")}
+                        if m == "exact" and checkpoint is not None
+                        else {}
+                    ),
                 )
                 say(f"{m}: scored {len(scores[m].graph)} edges")
             curve = pruning_curve(model, scores, clean, corr, metric=metric, ablation=ablation)
@@ -533,7 +550,7 @@ def _methods(text: str) -> tuple[str, ...]:
 
 #: flags that apply to the built-in task only (seed, steps) and with --model only (corrupted): name -> default
 _BUILTIN_ONLY = {"seed": ("--seed", 0), "steps": ("--steps", 800)}
-_MODEL_ONLY = {"corrupted": ("--corrupted", None)}
+_MODEL_ONLY = {"corrupted": ("--corrupted", None), "checkpoint": ("--checkpoint", None)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -611,6 +628,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "circuit means little)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        default=None,
+        help="with --model and exact among --methods: a folder keeping the exact scores as they are computed "
+        "(exact_edge_scores.npz); the same command with the same folder resumes a stopped run (Ctrl-C or "
+        "SIGTERM), and a run with other settings, model or prompts is refused",
+    )
 
 
 #: training steps of the built-in task's model with --quick
@@ -647,6 +672,11 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             setattr(args, dest, default)
     if getattr(args, "quick", False):
         args.steps = QUICK_STEPS
+    if getattr(args, "checkpoint", None) is not None and "exact" not in args.methods:
+        p.error(
+            f"--checkpoint keeps the exact method's scores: it applies only with exact among --methods (given: "
+            f"{','.join(args.methods)})"
+        )
     if getattr(args, "ig_steps", None) is not None and "eap-ig" not in args.methods:
         p.error(f"--ig-steps applies only with eap-ig among --methods (given: {','.join(args.methods)})")
 
@@ -666,6 +696,7 @@ def run_from_args(args) -> dict:
         steps=800 if args.steps is None else args.steps,
         quiet=getattr(args, "quiet", False),
         model_argument="--model",
+        checkpoint=getattr(args, "checkpoint", None),
     )
 
 

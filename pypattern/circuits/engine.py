@@ -25,17 +25,20 @@ unembedding). Masks are grouped by their first stage (and first heads) and evalu
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from .._checks import is_count, is_real
 from .._memory import huge_pages_hint, keep_freed_heap
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..models.transformer import affine
 from ..ops.sums import signed_sums
 from ..patching.api import check_tokens
+from ..patching.engine import FALLBACK_VOCAB_COPIES, new_bytes
 from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
 from ..patching.metrics import metric_positions as patching_metric_positions
 from .graph import EdgeGraph, check_graph_arg
@@ -47,7 +50,8 @@ _ABLATIONS = ("resample", "mean", "zero")
 # the patched-source sums go term by term (each a B x R x d multiply-add) when the terms from the cheaper side of
 # each destination input are at most this fraction of a dense sum (a matmul) over every source
 _SPARSE = 0.2
-# the batch of masks keeps one stage's destination inputs within this size (see EdgeEngine.chunk_size)
+# the batch of masks keeps one stage's destination inputs within this size (see EdgeEngine.chunk_size): a cap on
+# the batch that memory_budget cannot raise
 _STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
 
@@ -143,15 +147,9 @@ class EdgeEngine:
         self.nA = self.H + 2 * self.Hk  # destination inputs of one layer's attention: q, k, v
         self.parallel = view.parallel
         check_graph(view, graph)
-        if max_batch is not None and (
-            isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
-        ):
+        if max_batch is not None and (not is_count(max_batch) or max_batch < 1):
             raise ValueError(f"max_batch={max_batch!r} is not valid; give an int >= 1 or None")
-        if (
-            isinstance(memory_budget, bool)
-            or not isinstance(memory_budget, int | float)
-            or not (math.isfinite(memory_budget) and memory_budget > 0)
-        ):
+        if not is_real(memory_budget) or not (math.isfinite(memory_budget) and memory_budget > 0):
             raise ValueError(
                 f"memory_budget={memory_budget!r} is not valid; give a finite number of bytes > 0"
             )
@@ -166,8 +164,11 @@ class EdgeEngine:
             torch.tensor([src_pos[f"L{layer}H{h}"] for h in range(self.H)]) for layer in range(self.L)
         ]
         self.mlp_src = [src_pos.get(f"MLP{layer}") for layer in range(self.L)]
-        self.max_batch = max_batch
-        self.memory_budget = memory_budget
+        self.max_batch = None if max_batch is None else int(max_batch)
+        self.memory_budget = float(memory_budget)
+        # bytes of one run's logits over the vocabulary with the metric's temporaries: {False: a patched run,
+        # True: a gradient run}, measured once (vocab_bytes_per_run)
+        self._vocab_run: dict[bool, int] = {}
         self._ablated: dict = {}
         self._e_heads = None  # the query heads each edge changes directly (E, H), built once
         self._weights = None  # the model's parameters and block weights' bytes (fixed_weights), found once
@@ -195,18 +196,42 @@ class EdgeEngine:
     # ----- sizes ----------------------------------------------------------------------------------------------
     def chunk_size(self) -> int:
         """Masks evaluated per batched forward: ``max_batch``, else as many as ``memory_budget`` allows and at most
-        as many as keep one stage's destination inputs ``(3H, C, B, T, d)`` within ``_STAGE_BYTES`` (larger
-        tensors are mapped fresh from the system on every allocation by glibc's allocator, and their first writes
-        fault in every page: ten 5% circuits of the bench model in one batch took 1.4x as long per circuit as in
-        batches of five)."""
+        as many as keep one stage's destination inputs ``(3H, C, B, T, d)`` within ``_STAGE_BYTES`` (32 MiB:
+        larger tensors are mapped fresh from the system on every allocation by glibc's allocator, and their first
+        writes fault in every page: ten 5% circuits of the bench model in one batch took 1.4x as long per circuit
+        as in batches of five; so a budget above that point changes nothing).
+
+        Per mask: the node outputs and stage inputs of one run (``n_src + 4 H + 4`` residual-sized tensors), its
+        dense mask, and its logits over the vocabulary with the metric's temporaries
+        (:meth:`vocab_bytes_per_run`)."""
         if self.max_batch is not None:
             return max(1, int(self.max_batch))
         g = self.graph
         item = self.base_embed.element_size()
         per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * item
         per += g.n_src * g.n_dst * (g.n_pos or 1) * item
+        per += self.vocab_bytes_per_run(grad=False)
         stage = self.nA * self.B * self.T * self.d * item
         return max(1, min(int(self.memory_budget // per), int(_STAGE_BYTES // stage)))
+
+    def vocab_bytes_per_run(self, grad: bool) -> int:
+        """Bytes that one run's logits over the vocabulary ``(B, vocab)``, the unembedding's and the metric's
+        temporaries take (with ``grad``: also their gradients), counted once by :func:`_vocab_run_bytes` on the
+        clean run's logits (:func:`prepare_runs`), or, before any run is recorded, on random logits (the metric
+        bound to them in a copy when it is not bound yet)."""
+        if grad not in self._vocab_run:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            V = self.view.model.cfg.d_vocab
+            logits = torch.randn(self.B, V, generator=g, dtype=torch.float32).to(self.device, self.dtype)
+            metric = self.metric
+            if not self.bound:  # a copy bound to the logits it is measured on
+                try:
+                    metric = copy.deepcopy(self.metric)
+                    bind_metric(metric, logits)
+                except Exception:
+                    metric = None
+            self._vocab_run[grad] = _vocab_run_bytes(self.view, metric, logits, grad)
+        return self._vocab_run[grad]
 
     def _rows_after(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         if self.uniform and layer == self.L - 1:
@@ -917,6 +942,36 @@ class _HeadsSum(torch.autograd.Function):
         return gz.movedim(-2, 0), None, None, None
 
 
+def _vocab_run_bytes(view: ModelView, metric, logits: torch.Tensor, grad: bool) -> int:
+    """Bytes of one run's unembedding of ``(B, d_model)`` rows and of ``metric`` on ``logits (B, vocab)`` (with
+    ``grad``: their backward too), counted by :func:`~pypattern.patching.engine.new_bytes` (every temporary, as if
+    none were freed: an upper bound); :data:`~pypattern.patching.engine.FALLBACK_VOCAB_COPIES` logits-sized
+    tensors when they cannot be counted (``metric`` None, or it fails under the counting)."""
+    B, V = logits.shape
+    fallback = FALLBACK_VOCAB_COPIES * B * V * max(logits.element_size(), 4) * (2 if grad else 1)
+    if metric is None:
+        return fallback
+    x = torch.zeros(1, B, view.d_model, dtype=logits.dtype, device=logits.device)
+    L = logits.detach()[None]
+
+    def one_run() -> None:
+        if not grad:
+            view.unembed(x)
+            metric(L)
+            return
+        xg = x.clone().requires_grad_()
+        out = view.unembed(xg)
+        torch.autograd.grad(out, xg, torch.ones_like(out))
+        Lg = L.clone().requires_grad_()
+        m = metric(Lg)
+        if isinstance(m, torch.Tensor) and m.requires_grad:
+            torch.autograd.grad(m.sum(), Lg)
+
+    with torch.enable_grad() if grad else torch.no_grad():
+        got = new_bytes(one_run)
+    return fallback if got is None else got
+
+
 def _scored(m, dtype: torch.dtype):
     """Metric values ``m`` of integer or bool dtype (an accuracy, a rank) in the dtype of the engine's values for a
     model of ``dtype``, so that differences of them are scores; float values as they are."""
@@ -1152,6 +1207,10 @@ def _record_runs(
         view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
     )
     engine.bound = clean_run is not None
+    if (
+        max_batch is None and clean_run is not None
+    ):  # one run's logits and the metric's temporaries, counted once
+        engine._vocab_run[defer_base] = _vocab_run_bytes(view, metric, clean_run.logits, defer_base)
     # a resample run's outputs are the engine's alone (the clean run, when it is the source, is not the base)
     engine.source_owned = defer_base and ablation == "resample" and isinstance(A, torch.Tensor)
     if engine.source_owned:  # the embedding's source values, a view of A[0] (which may become D[0])

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._checks import model_device, refuse_meta, refuse_meta_model
-from .._progress import progress_bar
+from .._checks import is_count, is_real, model_device, refuse_meta, refuse_meta_model
+from .._progress import progress_bar, sigterm_as_interrupt
 from ..losses import position_limit
 from .corruptions import (
     Corruption,
@@ -370,9 +370,11 @@ def engine_on_runs(
     metric,
     max_batch: int | None,
     max_pack_bytes: int | None = 0,
+    max_memory: int | None = None,
 ) -> ExactEngine:
     """The exact engine on the recorded ``runs`` (:func:`prepare_runs` with ``full_cache``), their caches cut
-    after the last metric position (:attr:`PatchingRuns.metric_rows`)."""
+    after the last metric position (:attr:`PatchingRuns.metric_rows`); ``max_memory``: the bytes its logits and the
+    metric's temporaries may take (:class:`~pypattern.patching.engine.ExactEngine`)."""
     return ExactEngine(
         model,
         truncate_cache(runs.cache, runs.metric_rows),
@@ -382,13 +384,17 @@ def engine_on_runs(
         runs.pos,
         max_batch=max_batch,
         max_pack_bytes=max_pack_bytes,
+        max_memory=max_memory,
     )
 
 
 def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memory: int | None) -> int | None:
     """Cells per exact-engine batch: ``max_batch``, lowered so that the batch's working memory estimate
-    (:func:`~pypattern.patching.engine.bytes_per_cell`) stays within ``max_memory`` bytes (at least 1 cell)."""
+    (:func:`~pypattern.patching.engine.bytes_per_cell`) stays within ``max_memory`` bytes (at least 1 cell). The
+    logits over the vocabulary are fitted by the engine (:class:`~pypattern.patching.engine.ExactEngine`'s
+    ``max_memory``)."""
     check_batch_limits(max_batch, max_memory)
+    max_batch = None if max_batch is None else int(max_batch)
     if max_memory is None:
         return max_batch
     fit = max(1, int(max_memory // bytes_per_cell(cfg, batch, seq_len)))
@@ -396,15 +402,12 @@ def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memor
 
 
 def check_batch_limits(max_batch, max_memory) -> None:
-    """``max_batch`` a positive int or None, ``max_memory`` a finite positive number or None."""
-    if max_batch is not None and (
-        not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1
-    ):
+    """``max_batch`` a positive int or None, ``max_memory`` a finite positive number or None (numpy's integers
+    and floats too; not a bool)."""
+    if max_batch is not None and (not is_count(max_batch) or max_batch < 1):
         raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
     if max_memory is not None and (
-        isinstance(max_memory, bool)
-        or not isinstance(max_memory, int | float)
-        or not (max_memory > 0 and max_memory < float("inf"))
+        not is_real(max_memory) or not (max_memory > 0 and max_memory < float("inf"))
     ):
         raise ValueError(
             f"max_memory={max_memory!r} is not valid; give a finite positive number of bytes or None"
@@ -468,7 +471,9 @@ def activation_patching(
         Exact engine: at most this many cells per batch.
     max_memory : int, optional
         Exact engine: bytes of working memory per batch (default 1 GiB); the batch is the largest number of
-        cells whose estimate (:func:`~pypattern.patching.engine.bytes_per_cell`) fits, at least one cell. Weights
+        cells whose estimate (:func:`~pypattern.patching.engine.bytes_per_cell`) fits, and whose logits over the
+        vocabulary with the metric's temporaries (counted once on the target run; nothing vocabulary-sized for
+        ``LogitDiff``, which reads two columns) fit too, at least one cell. Weights
         packed for oneDNN's matmul (a copy of the blocks' float32 weights, where that matmul is the faster on the
         CPU) come out of the same budget when they take at most half of it, else none are packed. The caches of
         the clean and corrupted runs come on top. None: no bound beyond ``max_batch``.
@@ -476,8 +481,8 @@ def activation_patching(
         No progress bar (one is shown, over the cells, once a grid has run for two seconds).
     checkpoint : path, optional
         An ``.npz`` file: the values of the cells done so far are written to it as the grid goes (every 30 s, at
-        the end, and when the grid stops on an exception or Ctrl-C), and a call of the same run reads them back and
-        computes only the rest. The same run: the
+        the end, and when the grid stops on an exception; a stop by Ctrl-C or SIGTERM writes them too), and a call
+        of the same run reads them back and computes only the rest. The same run: the
         same model weights, site, grid, direction, method, prompts, corruption and metric (by its code and its
         values on the clean and corrupted runs); another run is refused (``FingerprintMismatch``). The batch
         settings may differ. A finished run's file gives its result without patching again.
@@ -638,9 +643,12 @@ class _Grid:
         blocks = [b for b in blocks if not bool(self.done[b].all())]
         saved = time.perf_counter()
         unsaved = False  # blocks finished since the last save
-        with progress_bar(
-            self.quiet, total=self.n, initial=finished, desc=f"patching {self.site}", unit="cell"
-        ) as bar:
+        with (
+            sigterm_as_interrupt(),  # SIGTERM writes the finished blocks, as Ctrl-C does
+            progress_bar(
+                self.quiet, total=self.n, initial=finished, desc=f"patching {self.site}", unit="cell"
+            ) as bar,
+        ):
             try:
                 for k, idx in enumerate(blocks):
                     self.values[idx] = compute(idx).to(self.values)
@@ -790,12 +798,15 @@ def _activation_patching(
                 model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True
             )
             T_eff = runs.metric_rows
-            batch = engine_batch(
-                model.cfg, B, T_eff, max_batch, max_memory if not packs else max_memory - packs
-            )
+            budget = max_memory if not packs else max_memory - packs
+            batch = engine_batch(model.cfg, B, T_eff, max_batch, budget)
             grid = grid_of(runs)
             if grid.todo:
-                engine = engine_on_runs(model, runs, site, metric, batch, packs)
+                # the engine lowers the batch so that its logits (and the metric's temporaries) fit too
+                engine = engine_on_runs(
+                    model, runs, site, metric, batch, packs, max_memory=None if max_memory is None else budget
+                )
+                batch = engine.max_batch
                 live = [i for i, c in enumerate(cells) if c.pos < T_eff]
                 dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
                 if dead:  # a patch after the metric's last row changes nothing

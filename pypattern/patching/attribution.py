@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 import torch
 
+from .._checks import is_count
 from .._memory import keep_freed_heap
 from .._training import frozen_parameters
 from ..models.packed import block_weight_bytes
@@ -337,8 +338,9 @@ def attribution_patching(
             )
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
     if max_batch is not None:
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        if not is_count(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
+        max_batch = int(max_batch)
         if check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0] > max_batch:
             with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
                 out = _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
@@ -783,10 +785,12 @@ def shortlist_and_confirm(
             )
             T_eff = runs.metric_rows
             live = [c for c in cells if c.pos < T_eff]
-            batch = engine_batch(
-                model.cfg, runs.B, T_eff, max_batch, max_memory if not packs else max_memory - packs
+            budget = max_memory if not packs else max_memory - packs
+            batch = engine_batch(model.cfg, runs.B, T_eff, max_batch, budget)
+            # the engine lowers the batch so that its logits (and the metric's temporaries) fit too
+            eng = engine_on_runs(
+                model, runs, site, metric, batch, packs, max_memory=None if max_memory is None else budget
             )
-            eng = engine_on_runs(model, runs, site, metric, batch, packs)
             tgt = eng.target_metric()
             vals = dict(zip(live, eng.run(live))) if live else {}
     out = []

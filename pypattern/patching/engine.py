@@ -109,8 +109,61 @@ def metric_of_rows(model, x: torch.Tensor, metric) -> torch.Tensor:
     return metric(unembed_rows(model, x, metric)) if out is None else out
 
 
+#: vocabulary-sized tensors per row assumed for the logits and a metric whose temporaries cannot be counted
+#: (:func:`new_bytes` fails on it); -KL makes about ten
+FALLBACK_VOCAB_COPIES = 12
+
+
+def new_bytes(fn) -> int | None:
+    """Bytes of the tensors that the torch operations of ``fn()`` make: every result whose storage is not one of
+    the operation's inputs' (views and in-place results are not counted), as if none were freed, so an upper bound
+    of the peak of what ``fn`` allocates; None when ``fn`` raises (under the counting, which a metric that leaves
+    torch may not support)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class _Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = {
+                t.untyped_storage().data_ptr()
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins:
+                    self.total += t.untyped_storage().nbytes()
+            return out
+
+    try:
+        with _Count() as c:
+            fn()
+    except Exception:
+        return None
+    return int(c.total)
+
+
+def metric_row_bytes(model, x: torch.Tensor, metric) -> int:
+    """Bytes per example row of :func:`metric_of_rows` on final-norm rows ``x (B, d_model)``: the logits over the
+    vocabulary, the unembedding's and the metric's temporaries (:func:`new_bytes`; nothing vocabulary-sized for a
+    metric that reads a few columns, :meth:`~pypattern.patching.LogitDiff.of_rows`), at least one row of logits
+    when they cannot be counted (:data:`FALLBACK_VOCAB_COPIES` of them)."""
+    B = x.shape[0]
+    with torch.no_grad():
+        got = new_bytes(lambda: metric_of_rows(model, x[None], metric))
+    if got is None:
+        item = max(x.element_size(), 4)  # a 16-bit model's metric is computed in float32
+        return FALLBACK_VOCAB_COPIES * model.cfg.d_vocab * item
+    return -(-got // max(B, 1))
+
+
 def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
-    """Working memory of one cell in an engine batch (an estimate of the largest live tensors of one block).
+    """Working memory of one cell in an engine batch (an estimate of the largest live tensors of one block); the
+    logits over the vocabulary and the metric's temporaries come at the end of a batch, counted apart (given
+    ``max_memory``, :class:`ExactEngine` lowers its batch and the rows it unembeds together to fit them,
+    :func:`metric_row_bytes`).
 
     Per example and row: the residual and its norm, q/k/v, z and ``attn_out`` (about ``8 d_model + 5 n_heads
     d_head``), the MLP's hidden activations (``2 d_mlp``, ``3 d_mlp`` when gated) and the scores and pattern
@@ -161,6 +214,11 @@ class ExactEngine:
         Bytes of weights packed for oneDNN's matmul that :meth:`run` may hold
         (:meth:`Transformer.fixed_weights <pypattern.models.Transformer.fixed_weights>`); 0 (default): none, None:
         no bound.
+    max_memory : int, optional
+        Bytes the logits over the vocabulary (and the metric's temporaries, :func:`metric_row_bytes`, measured
+        once on the target run's rows) may take at once: ``max_batch`` is lowered so that one batch's logits fit,
+        and fewer than :attr:`UNEMBED_ROWS` rows are unembedded together when those would not. None (default): no
+        bound beyond ``max_batch``.
     """
 
     #: rows (cells x examples x positions) that one block processes at a time: the activations of a chunk stay
@@ -177,7 +235,10 @@ class ExactEngine:
         position,
         max_batch: int | None = None,
         max_pack_bytes: int | None = 0,
+        max_memory: int | None = None,
     ) -> None:
+        from .._checks import is_count, is_real
+
         self.model, self.cfg = model, model.cfg
         self.max_pack_bytes = max_pack_bytes
         self.tc, self.src, self.site, self.metric = target_cache, source, site, metric
@@ -189,9 +250,14 @@ class ExactEngine:
         self.parallel = cfg.parallel_attn_mlp and not cfg.attn_only
         check_site(cfg, site)
         keep_freed_heap()
-        if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        if max_batch is not None and (not is_count(max_batch) or max_batch < 1):
             raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
-        self.max_batch = max_batch
+        if max_memory is not None and (not is_real(max_memory) or not 0 < max_memory < float("inf")):
+            raise ValueError(
+                f"max_memory={max_memory!r} is not valid; give a finite positive number of bytes or None"
+            )
+        self.max_batch = None if max_batch is None else int(max_batch)
+        self._flush_rows = None  # rows unembedded together, when max_memory lowers UNEMBED_ROWS
         self.uniform = isinstance(position, int)
         self.m = position
         x = target_cache["blocks.0.hook_resid_pre"]
@@ -211,6 +277,20 @@ class ExactEngine:
         # resid_pre cells: the patched row's (rotated) query, key and value at each layer, computed for all the
         # run's positions of a layer at once (one matmul of many rows instead of one of ``batch`` rows per cell)
         self._entry: dict[int, tuple[dict[int, int], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if max_memory is not None:
+            self._fit_logits(float(max_memory))
+
+    def _fit_logits(self, max_memory: float) -> None:
+        """Lower ``max_batch`` so that one batch's logits (and the metric's temporaries) fit in ``max_memory``, and
+        the rows gathered before an unembedding so that those gathered (fewer than the threshold, then a batch)
+        fit too: at most ``max_memory / row_bytes`` rows at once."""
+        x = self._final_rows(self.tgt[-1]["resid_post"].unsqueeze(0), 0)[0]
+        row = max(1, metric_row_bytes(self.model, x, self.metric))
+        rows = int(max_memory // row)  # rows of logits that fit
+        fit = max(1, rows // self.B)
+        self.max_batch = fit if self.max_batch is None else min(fit, self.max_batch)
+        # a flush holds fewer than the threshold's rows plus the last batch's
+        self._flush_rows = max(1, min(self.UNEMBED_ROWS, rows - self.max_batch * self.B + 1))
 
     def _range(self, start: int, stop: int) -> torch.Tensor:
         """``arange(start, stop)`` (int64) on the engine's device: a slice of the positions made once."""
@@ -552,6 +632,9 @@ class ExactEngine:
         tgt_metric = None
         step = self.max_batch or len(cells)
         pending: list[tuple[list[int], torch.Tensor]] = []  # (cell indices, final-norm rows (C, B, d))
+        flush_rows = (
+            self.UNEMBED_ROWS if self._flush_rows is None else min(self.UNEMBED_ROWS, self._flush_rows)
+        )
 
         def flush() -> None:
             if pending:
@@ -575,7 +658,7 @@ class ExactEngine:
             for s in range(0, len(idx), step):
                 chunk = idx[s : s + step]
                 pending.append((chunk, self._run_group(p, [cells[i] for i in chunk], all_pos)))
-                if sum(len(i) for i, _ in pending) * self.B >= self.UNEMBED_ROWS:
+                if sum(len(i) for i, _ in pending) * self.B >= flush_rows:
                     flush()
         flush()
         self._entry = {}

@@ -149,7 +149,16 @@ class State:
                     stored=was,
                     current=now,
                 )
-        io.check_fingerprint(stored, fingerprint, path, defaults=FINGERPRINT_DEFAULTS)
+        full_stored, full_current = stored, fingerprint
+        stored, fingerprint = _without_settings(stored), _without_settings(fingerprint)
+        try:
+            io.check_fingerprint(stored, fingerprint, path, defaults=FINGERPRINT_DEFAULTS)
+        except io.FingerprintMismatch as e:
+            raise _with_batching_hint(e, stored, fingerprint) from None
+        from .diagnostics import user_stacklevel
+
+        # the same run: resumed, with a warning when it computes its draws otherwise
+        warn_changed_settings(full_stored, full_current, path, stacklevel=user_stacklevel(1))
         G, D = plan.num_total_chains, plan.num_draws
 
         def bad(what: str) -> io.FormatError:
@@ -247,6 +256,60 @@ class State:
                         f"chain {g} stopped after {d} of {D} draws, but its {plan.sampler} state is missing"
                     )
         return st
+
+
+#: settings stored with a checkpoint's fingerprint but not compared: how the draws are computed, not what they
+#: are; another value resumes (with a warning: the draws after the resume may differ at float rounding)
+RESUMABLE_SETTINGS = ("backend", "batched")
+
+
+def warn_changed_settings(stored: Mapping, current: Mapping, path, stacklevel: int = 2) -> bool:
+    """Warn once, naming the first of :data:`RESUMABLE_SETTINGS` whose value in ``current`` differs from the one
+    a checkpoint recorded (``stored``); a checkpoint that recorded none (written before they were) warns not.
+    ``stacklevel``: ``warnings.warn``'s, for the call in this function. Whether it warned."""
+    import warnings
+
+    for k in RESUMABLE_SETTINGS:
+        if k in stored and k in current and stored[k] != current[k]:
+            warnings.warn(
+                f"checkpoint {os.fspath(path)!r} was written with {k}={stored[k]!r}, this run has {k}={current[k]!r}: "
+                "resuming; the values computed after the resume may differ from an uninterrupted run's at float "
+                f"rounding (resume with {k}={stored[k]!r} for the same numbers)",
+                UserWarning,
+                stacklevel=stacklevel,
+            )
+            return True
+    return False
+
+
+def _with_batching_hint(e: io.FingerprintMismatch, stored, current: Mapping) -> io.FingerprintMismatch:
+    """``e`` naming nbeta, with the reason when the batching changed too: the default nbeta is ``m / ln m`` of the
+    batch size ``m = batch_size * grad_accum_steps``, so a changed DataLoader batch size or ``grad_accum_steps``
+    shows first as an nbeta the user never set."""
+    if e.item != "nbeta" or not isinstance(stored, Mapping):
+        return e
+    was, now = stored.get("grad_accum_steps", 1), current.get("grad_accum_steps", 1)
+    if was != now:
+        why = f"grad_accum_steps = {was!r} there, {now!r} now"
+    elif stored.get("data") != current.get("data"):
+        why = "the data or their batching differ too, e.g. another DataLoader batch_size"
+    else:
+        return e
+    hint = (
+        f" ({why}: the default nbeta is m / ln m of the batch size m = batch_size x grad_accum_steps, so a changed "
+        "batch size or grad_accum_steps changes it)"
+    )
+    message = str(e)
+    cut = message.find(". Use another checkpoint path")
+    message = message + hint if cut < 0 else message[:cut] + hint + message[cut:]
+    return io.FingerprintMismatch(message, path=e.path, item=e.item, stored=e.stored, current=e.current)
+
+
+def _without_settings(fingerprint):
+    """``fingerprint`` without :data:`RESUMABLE_SETTINGS` (what is compared)."""
+    if not isinstance(fingerprint, Mapping):
+        return fingerprint
+    return {k: v for k, v in fingerprint.items() if k not in RESUMABLE_SETTINGS}
 
 
 def _numpy_dtype(dtype: torch.dtype, fallback: np.dtype) -> np.dtype:
@@ -415,4 +478,7 @@ def run_fingerprint(
         **({} if (hooks := model_hooks(model)) is None else {"hooks": hooks}),
         **{f"weights[{n}]": t for n, t in w_star.items()},
         **{f"buffers[{n}]": b for n, b in model.named_buffers()},
+        # how the draws are computed (RESUMABLE_SETTINGS): stored, not compared; another value resumes with a warning
+        backend=plan.backend,
+        batched=plan.batched,
     )
