@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib
 import json
 import os
@@ -379,29 +378,6 @@ def _warn_larger(flag: str, value: int, n: int, what: str) -> None:
     )
 
 
-@contextlib.contextmanager
-def _patching_with(checkpoint: str | None, quiet: bool):
-    """For the block: :func:`pypattern.patching.activation_patching` (as ``run_user_patch`` calls it) with
-    ``quiet`` and, with a ``checkpoint`` folder, one checkpoint file per site in it (``patch_<site>.npz``), unless
-    a call gives its own."""
-    from . import patching
-
-    original = patching.activation_patching
-
-    @functools.wraps(original)
-    def activation_patching(model, site, *args, **kwargs):
-        kwargs.setdefault("quiet", quiet)
-        if checkpoint is not None and isinstance(site, str):
-            kwargs.setdefault("checkpoint", os.path.join(checkpoint, f"patch_{site}.npz"))
-        return original(model, site, *args, **kwargs)
-
-    patching.activation_patching = activation_patching
-    try:
-        yield
-    finally:
-        patching.activation_patching = original
-
-
 def _user_run(args) -> int:
     """``llc``, ``patch`` or ``chi`` on a user's model directory and token file."""
     import torch
@@ -415,17 +391,18 @@ def _user_run(args) -> int:
     if args.cmd == "patch":
         if "max_prompts" in args.given and args.max_prompts > n:
             _warn_larger("--max-prompts", args.max_prompts, n, "patching")
-        with _patching_with(args.checkpoint, args.quiet):
-            res = mod.run_user_patch(
-                args.model,
-                args.data,
-                args.out,
-                corrupted=args.corrupted,
-                sites=args.sites if "sites" in args.given else None,  # the default: those the model has
-                max_prompts=args.max_prompts,
-                dtype=dtype,
-                tokens=tokens,
-            )
+        res = mod.run_user_patch(
+            args.model,
+            args.data,
+            args.out,
+            corrupted=args.corrupted,
+            sites=args.sites if "sites" in args.given else None,  # the default: those the model has
+            max_prompts=args.max_prompts,
+            dtype=dtype,
+            tokens=tokens,
+            checkpoint=args.checkpoint,
+            quiet=args.quiet,
+        )
         print(
             f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
         )

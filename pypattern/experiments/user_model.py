@@ -461,6 +461,8 @@ def run_user_patch(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     tokens: torch.Tensor | None = None,
+    checkpoint: str | None = None,
+    quiet: bool = False,
 ) -> dict:
     """Exact activation patching of the model in ``model_dir`` at each site over layers x positions (heads x
     positions for ``z``), denoising, with the metric KL(P_clean || P_run) at the last position.
@@ -472,7 +474,9 @@ def run_user_patch(
     checkpoint is patched as its float32 copy (with a warning). Writes one CSV per site (normalised means: 1 =
     the clean run restored, 0 = no change from the corrupted run) and ``patch_summary.json`` into ``out``; the
     summary's ``top`` are the largest normalised effects, as in the CSV. ``tokens``: the ids :func:`load_tokens`
-    has read from ``data`` (the file is then not read again).
+    has read from ``data`` (the file is then not read again). ``checkpoint``: a folder holding one checkpoint
+    file per site (``patch_<site>.npz``, :func:`~pypattern.patching.activation_patching`'s ``checkpoint``): a
+    stopped run resumes from it. ``quiet``: no progress bars.
     """
     from ..patching import KL, GaussianNoise, activation_patching
 
@@ -511,7 +515,10 @@ def run_user_patch(
     corruption = None if corr is not None else GaussianNoise(seed=seed)
     summary = {"model": str(model_dir), "data": str(data), "prompts": int(clean.shape[0]), "sites": {}}
     for site in sites:
-        res = activation_patching(model, site, clean, corr, metric=KL(), corruption=corruption)
+        ckpt = None if checkpoint is None else os.path.join(checkpoint, f"patch_{site}.npz")
+        res = activation_patching(
+            model, site, clean, corr, metric=KL(), corruption=corruption, checkpoint=ckpt, quiet=quiet
+        )
         path = os.path.join(out, f"patch_{site}.csv")
         # normalised (1 = clean run restored) where the corrupted run moved the metric; else the raw change
         gap = None if res.corrupted is None else (res.clean - res.corrupted).mean()
