@@ -197,3 +197,18 @@ def test_sgmcmc_sgnht_mapping_documented():
     from pypattern.sampling.samplers import sampler_name
 
     assert sampler_name(sampling_method=sgnht) == "sgnht"
+
+
+@pytest.mark.parametrize("cls", ["SGLD", "SGNHT", "RMSpropSGLD"])
+def test_every_sampler_class_takes_devinterps_diagnostic_switches_by_one_rule(cls):
+    """devinterp 1.3.2's SGNHT takes the same switches as its SGLD: pypattern's three samplers accept them off
+    (a dict a devinterp call left ``metrics=[]`` in) and refuse them on, by name."""
+    import pypattern.sampling as S
+
+    Sampler = getattr(S, cls)
+    w = torch.nn.Parameter(torch.ones(3))
+    off = dict(save_noise=False, save_mala_vars=False, noise_norm=False, metrics=[], distance=False)
+    Sampler([w], step_size=1e-3, nbeta=1.0, **off)
+    for key, value in (("save_noise", True), ("metrics", ["noise_norm"]), ("grad_norm", True)):
+        with pytest.raises(NotImplementedError, match=f"{cls}\\({key}="):
+            Sampler([w], step_size=1e-3, nbeta=1.0, **{key: value})

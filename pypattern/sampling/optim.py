@@ -385,6 +385,19 @@ def _no_metric(opt, name: str):
     )
 
 
+def refuse_diagnostics(sampler: str, **switches) -> None:
+    """devinterp 1.x's switches for an optimizer's own per-step metrics (``save_noise``, ``save_mala_vars``, the
+    norms, ``distance``, ``metrics``): off (``False``, ``None``, ``metrics=[]``) they do nothing; on,
+    ``NotImplementedError`` naming them."""
+    on = sorted(k for k, v in switches.items() if v)
+    if on:
+        raise NotImplementedError(
+            f"{sampler}({', '.join(f'{k}={switches[k]!r}' for k in on)}): devinterp's per-step optimizer metrics "
+            "(the noise, MALA terms and norms) are not recorded; leave them off (False), and read losses and "
+            "draws through pypattern.sample's callbacks"
+        )
+
+
 class ParamGroup(dict):
     """An :class:`SGLD` parameter group: it holds pypattern's names (``step_size``, ``nbeta``, ``noise_scale``,
     ``bounding_box``, ...), and reads and writes devinterp's names of them as the same entries: ``"lr"`` (torch's
@@ -497,7 +510,8 @@ class SGLD(torch.optim.Optimizer):
         distance: bool = False,
         metrics: Sequence[str] | None = None,
     ):
-        switches = dict(
+        refuse_diagnostics(
+            "SGLD",
             save_noise=save_noise,
             save_mala_vars=save_mala_vars,
             noise_norm=noise_norm,
@@ -506,13 +520,6 @@ class SGLD(torch.optim.Optimizer):
             distance=distance,
             metrics=metrics,
         )
-        on = sorted(k for k, v in switches.items() if v)
-        if on:
-            raise NotImplementedError(
-                f"SGLD({', '.join(f'{k}={switches[k]!r}' for k in on)}): devinterp's per-step optimizer metrics "
-                "(the noise, MALA terms and norms) are not recorded; leave them off (False), and read losses and "
-                "draws through pypattern.sample's callbacks"
-            )
         hyper = translate(
             dict(
                 step_size=step_size,

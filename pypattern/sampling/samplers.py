@@ -39,6 +39,7 @@ from .optim import (
     generator_key,
     group_options,
     group_seed,
+    refuse_diagnostics,
     resolve_step_fn,
     same_masks,
     select_group,
@@ -403,6 +404,9 @@ class SGNHT(_FusedSampler):
         and its momentum reversed.
     restrict_to, masks, seed, backend
         As in :class:`pypattern.sampling.SGLD`.
+    save_noise, save_mala_vars, noise_norm, grad_norm, weight_norm, distance, metrics
+        devinterp 1.x's switches for the optimizer's own per-step metrics: accepted off (``metrics=[]``
+        included); on, NotImplementedError.
 
     Positional arguments after ``params`` are devinterp's: ``(lr, diffusion_factor, bounding_box_size)``; the
     rest are keyword-only.
@@ -427,7 +431,24 @@ class SGNHT(_FusedSampler):
         masks: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         backend: str | None = None,
+        save_noise: bool = False,
+        save_mala_vars: bool = False,
+        noise_norm: bool = False,
+        grad_norm: bool = False,
+        weight_norm: bool = False,
+        distance: bool = False,
+        metrics: Sequence[str] | None = None,
     ):
+        refuse_diagnostics(
+            "SGNHT",
+            save_noise=save_noise,
+            save_mala_vars=save_mala_vars,
+            noise_norm=noise_norm,
+            grad_norm=grad_norm,
+            weight_norm=weight_norm,
+            distance=distance,
+            metrics=metrics,
+        )
         defaults = _defaults(
             "SGNHT",
             dict(
@@ -504,6 +525,9 @@ class RMSpropSGLD(_FusedSampler):
         > 0, added to ``sqrt(V)`` (devinterp's default 0.1).
     restrict_to, masks, seed, backend
         As in :class:`pypattern.sampling.SGLD`.
+    save_noise, save_mala_vars, noise_norm, grad_norm, weight_norm, distance, metrics
+        devinterp 1.x's switches for the optimizer's own per-step metrics: accepted off (``metrics=[]``
+        included); on, NotImplementedError.
     """
 
     def __init__(
@@ -526,7 +550,24 @@ class RMSpropSGLD(_FusedSampler):
         masks: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         backend: str | None = None,
+        save_noise: bool = False,
+        save_mala_vars: bool = False,
+        noise_norm: bool = False,
+        grad_norm: bool = False,
+        weight_norm: bool = False,
+        distance: bool = False,
+        metrics: Sequence[str] | None = None,
     ):
+        refuse_diagnostics(
+            "RMSpropSGLD",
+            save_noise=save_noise,
+            save_mala_vars=save_mala_vars,
+            noise_norm=noise_norm,
+            grad_norm=grad_norm,
+            weight_norm=weight_norm,
+            distance=distance,
+            metrics=metrics,
+        )
         defaults = _defaults(
             "RMSpropSGLD",
             dict(
