@@ -507,18 +507,15 @@ def test_residual_multiplier_is_refused_by_name():
         ModelView(model)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
-def test_eap_through_onednn_per_head_products_equals_bmm(arch, monkeypatch):
-    """EAP and EAP-IG with every per-head product through oneDNN (the head writes of the recorded runs, their sum
-    with its one-product backward, the head inputs' cotangents with the norm's correction and their sum over heads,
-    as taken for large float32 products) equal the batched-matmul path and the float64 autograd reference."""
+def _skip_without_onednn() -> None:
     from pypattern.models.packed import _ops_present, packed_gemm_enabled
 
     if not (_ops_present() and packed_gemm_enabled()):
         pytest.skip("oneDNN's matmul is not used for fixed weights in this process")
-    model = _model(arch, seed=6, dtype=torch.float32)
-    clean, corr, ans, wrong = prompts(model, seed=7)
-    metric = LogitDiff(ans, wrong)
+
+
+def _spy_onednn_heads(monkeypatch) -> list:
+    """Record every choice of :meth:`ModelView._onednn_heads` (True: the oneDNN path) from now on."""
     calls = []
     real = ModelView._onednn_heads
 
@@ -528,6 +525,19 @@ def test_eap_through_onednn_per_head_products_equals_bmm(arch, monkeypatch):
         return got
 
     monkeypatch.setattr(ModelView, "_onednn_heads", staticmethod(spy))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_eap_through_onednn_per_head_products_equals_bmm(arch, monkeypatch):
+    """EAP and EAP-IG with every per-head product through oneDNN (the head writes of the recorded runs, their sum
+    with its one-product backward, the head inputs' cotangents with the norm's correction and their sum over heads,
+    as taken for large float32 products) equal the batched-matmul path and the float64 autograd reference."""
+    _skip_without_onednn()
+    model = _model(arch, seed=6, dtype=torch.float32)
+    clean, corr, ans, wrong = prompts(model, seed=7)
+    metric = LogitDiff(ans, wrong)
+    calls = _spy_onednn_heads(monkeypatch)
     for method, kw in (("eap", {}), ("eap-ig", dict(steps=3))):
         monkeypatch.setattr(ModelView, "ONEDNN_HEAD_MACS", 0)
         calls.clear()
@@ -549,10 +559,7 @@ def test_eap_through_onednn_per_head_products_equals_bmm(arch, monkeypatch):
 def test_per_head_projections_through_onednn_equal_bmm(arch, monkeypatch):
     """The formed head inputs' projections through oneDNN's matmul (taken for large float32 products where the
     process uses oneDNN) give the patched runs of the batched-matmul path and of the per-edge-hook reference."""
-    from pypattern.models.packed import _ops_present, packed_gemm_enabled
-
-    if not (_ops_present() and packed_gemm_enabled()):
-        pytest.skip("oneDNN's matmul is not used for fixed weights in this process")
+    _skip_without_onednn()
     model = _model(arch, seed=4, dtype=torch.float32)
     clean, corr, ans, wrong = prompts(model, seed=5)
     metric = LogitDiff(ans, wrong)
@@ -561,15 +568,7 @@ def test_per_head_projections_through_onednn_equal_bmm(arch, monkeypatch):
     masks = torch.cat(
         [torch.eye(E, dtype=torch.bool)[::2], _random_sets(E, 5, 6), _random_sets(E, 3, 7, p=0.9)]
     )
-    calls = []
-    real = ModelView._onednn_heads
-
-    def spy(x3, W):
-        got = real(x3, W)
-        calls.append(got)
-        return got
-
-    monkeypatch.setattr(ModelView, "_onednn_heads", staticmethod(spy))
+    calls = _spy_onednn_heads(monkeypatch)
     monkeypatch.setattr(ModelView, "ONEDNN_HEAD_MACS", 0)
     fast = patch_edges(model, masks, clean, corr, metric=metric)
     assert any(calls)  # the oneDNN path ran

@@ -385,10 +385,14 @@ def _no_metric(opt, name: str):
     )
 
 
-def refuse_diagnostics(sampler: str, **switches) -> None:
+_SWITCHES = ("save_noise", "save_mala_vars", "noise_norm", "grad_norm", "weight_norm", "distance", "metrics")
+
+
+def refuse_diagnostics(sampler: str, args: Mapping) -> None:
     """devinterp 1.x's switches for an optimizer's own per-step metrics (``save_noise``, ``save_mala_vars``, the
-    norms, ``distance``, ``metrics``): off (``False``, ``None``, ``metrics=[]``) they do nothing; on,
-    ``NotImplementedError`` naming them."""
+    norms, ``distance``, ``metrics``), read from a constructor's arguments ``args`` (its ``locals()``): off
+    (``False``, ``None``, ``metrics=[]``) they do nothing; on, ``NotImplementedError`` naming them."""
+    switches = {k: args[k] for k in _SWITCHES}
     on = sorted(k for k, v in switches.items() if v)
     if on:
         raise NotImplementedError(
@@ -510,16 +514,7 @@ class SGLD(torch.optim.Optimizer):
         distance: bool = False,
         metrics: Sequence[str] | None = None,
     ):
-        refuse_diagnostics(
-            "SGLD",
-            save_noise=save_noise,
-            save_mala_vars=save_mala_vars,
-            noise_norm=noise_norm,
-            grad_norm=grad_norm,
-            weight_norm=weight_norm,
-            distance=distance,
-            metrics=metrics,
-        )
+        refuse_diagnostics("SGLD", locals())
         hyper = translate(
             dict(
                 step_size=step_size,

@@ -439,16 +439,7 @@ class SGNHT(_FusedSampler):
         distance: bool = False,
         metrics: Sequence[str] | None = None,
     ):
-        refuse_diagnostics(
-            "SGNHT",
-            save_noise=save_noise,
-            save_mala_vars=save_mala_vars,
-            noise_norm=noise_norm,
-            grad_norm=grad_norm,
-            weight_norm=weight_norm,
-            distance=distance,
-            metrics=metrics,
-        )
+        refuse_diagnostics("SGNHT", locals())
         defaults = _defaults(
             "SGNHT",
             dict(
@@ -558,16 +549,7 @@ class RMSpropSGLD(_FusedSampler):
         distance: bool = False,
         metrics: Sequence[str] | None = None,
     ):
-        refuse_diagnostics(
-            "RMSpropSGLD",
-            save_noise=save_noise,
-            save_mala_vars=save_mala_vars,
-            noise_norm=noise_norm,
-            grad_norm=grad_norm,
-            weight_norm=weight_norm,
-            distance=distance,
-            metrics=metrics,
-        )
+        refuse_diagnostics("RMSpropSGLD", locals())
         defaults = _defaults(
             "RMSpropSGLD",
             dict(
