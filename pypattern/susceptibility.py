@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -60,7 +61,7 @@ import torch
 from torch import nn
 
 from . import io
-from ._masks import zero_one_mask
+from ._masks import not_a_mask, zero_one_mask
 from .io import Saveable, register
 from .losses import (
     _describe,
@@ -98,7 +99,14 @@ from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model
 from .sampling.results import check_arrays
-from .sampling.runner import by_default_rule, default_burnin, rerun_at_half_step, sample, split_loss
+from .sampling.runner import (
+    _eval_mode_for_dropout,
+    by_default_rule,
+    default_burnin,
+    rerun_at_half_step,
+    sample,
+    split_loss,
+)
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
 
@@ -149,6 +157,22 @@ def _check_finite(*parts: tuple[torch.Tensor, str]) -> None:
     for v, what in parts:
         if not bool(torch.isfinite(v).all()):
             raise FloatingPointError(f"{what} returned a non-finite value at a draw (a diverging chain?)")
+
+
+def _eval_mode_throughout(fn: Callable) -> Callable:
+    """``fn(model, ...)`` with ``model`` in eval mode for the whole call when it is in training mode with dropout (or
+    another random part; warned, its modes restored afterwards), by the sampler's own rule: the quantities at ``w*``
+    (``phi(w*)``, the probe losses at ``w*``, a step-size calibration) read the same deterministic forward as the
+    draws, so a model left in ``train()`` mode gives the same estimate, bit for bit, as the model in ``eval()`` mode.
+    The sampler called inside finds the model in eval mode already and warns no second time."""
+
+    @functools.wraps(fn)
+    def in_eval_mode(*args, **kwargs):
+        model = args[0] if args else kwargs.get("model")
+        with _eval_mode_for_dropout(model):
+            return fn(*args, **kwargs)
+
+    return in_eval_mode
 
 
 def _run_device(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
@@ -490,9 +514,7 @@ def _component_parts(model: nn.Module, comp) -> tuple[list[str], dict[str, torch
                 )
             m = zero_one_mask(v)
             if m is None:
-                raise ValueError(
-                    f"component mask for {k!r} must be boolean (or 0/1 values); it has other values"
-                )
+                raise ValueError(f"component mask for {k!r} must be boolean (or 0/1 values); {not_a_mask(v)}")
             if tuple(m.shape) != tuple(params[k].shape):
                 raise ValueError(
                     f"component mask for {k!r} has shape {tuple(m.shape)}, the parameter {tuple(params[k].shape)}"
@@ -785,6 +807,7 @@ def _sampler_kwargs(kw: dict) -> dict:
     return kw
 
 
+@_eval_mode_throughout
 def susceptibilities(
     model: nn.Module,
     loader,
@@ -1415,6 +1438,7 @@ def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint):
     return rerun_at_half_step(at, float(kw["step_size"]), auto_step, can_rerun=checkpoint is None)
 
 
+@_eval_mode_throughout
 def bif(
     model: nn.Module,
     loader,

@@ -115,8 +115,10 @@ class HFArch:
         The list of decoder layers, relative to ``base``.
     attn, mlp : str
         Attention and MLP modules, relative to a layer.
-    ln1, ln2 : str
-        The norms before attention and before the MLP, relative to a layer.
+    ln1, ln2 : str or None
+        The norms before attention and before the MLP, relative to a layer (components ``blocks.{l}.ln1`` /
+        ``ln2``, as the converted model names them). None: the layer has no such norm (Phi-1/2 and GPT-J: one norm,
+        ``ln1``, read by both; OLMo 2 / 3: no norm in front of either), and the name is refused.
     ln_final : str
         The final norm, relative to ``base``.
     qkv : {"gpt2", "neox", "split", "phi3", "bigcode"}
@@ -138,6 +140,10 @@ class HFArch:
     experts : str or None
         A mixture of experts' stacked experts module, relative to ``mlp`` (``"experts"``); its parameters' first
         axis indexes the experts (``blocks.{l}.mlp.expert.{e}`` components). None: dense MLPs.
+    ln1_post, ln2_post : str or None
+        The norms after the attention and after the MLP (Gemma 2 / 3's sandwich norms, OLMo 2 / 3's only norms),
+        relative to a layer (components ``blocks.{l}.ln1_post`` / ``ln2_post``, as the converted model names them);
+        None: the layer has none.
     """
 
     model_type: str
@@ -147,8 +153,8 @@ class HFArch:
     layers: str
     attn: str
     mlp: str
-    ln1: str
-    ln2: str
+    ln1: str | None
+    ln2: str | None
     ln_final: str
     qkv: str
     proj: str = ""
@@ -158,6 +164,8 @@ class HFArch:
     heads_coupled: bool = False
     parallel_residual: bool | str = False
     experts: str | None = None
+    ln1_post: str | None = None
+    ln2_post: str | None = None
 
     def parallel(self, config: Any) -> bool:
         """True when attention and MLP both read the layer input (:attr:`parallel_residual`)."""
@@ -211,6 +219,8 @@ HF_ARCHS: dict[str, HFArch] = {
             **{
                 **_LLAMA_LIKE,
                 "ln2": "pre_feedforward_layernorm",
+                "ln1_post": "post_attention_layernorm",
+                "ln2_post": "post_feedforward_layernorm",
                 "attn_write": "post_attention_layernorm",
                 "mlp_write": "post_feedforward_layernorm",
             },
@@ -225,15 +235,18 @@ HF_ARCHS: dict[str, HFArch] = {
     "seed_oss": HFArch("seed_oss", **_LLAMA_LIKE),
     "helium": HFArch("helium", **_LLAMA_LIKE),
     "ernie4_5": HFArch("ernie4_5", **_LLAMA_LIKE),
-    # OLMo 2 / 3: no norms in front of the attention and the MLP (ln1 / ln2 name the norms after them, the
-    # only ones a layer has), the writes are those norms' outputs, one query/key norm across all heads
+    # OLMo 2 / 3: no norms in front of the attention and the MLP (no ln1 / ln2; ln1_post / ln2_post are the norms
+    # after them, the only ones a layer has, as the converted model names them), the writes are those norms'
+    # outputs, one query/key norm across all heads
     **{
         mt: HFArch(
             mt,
             **{
                 **_LLAMA_LIKE,
-                "ln1": "post_attention_layernorm",
-                "ln2": "post_feedforward_layernorm",
+                "ln1": None,
+                "ln2": None,
+                "ln1_post": "post_attention_layernorm",
+                "ln2_post": "post_feedforward_layernorm",
                 "attn_write": "post_attention_layernorm",
                 "mlp_write": "post_feedforward_layernorm",
                 "heads_coupled": True,
@@ -258,17 +271,17 @@ HF_ARCHS: dict[str, HFArch] = {
         "attn",
         "mlp",
         "ln_1",
-        "ln_1",
+        None,  # the one norm is ln1: no ln2
         "ln_f",
         "split",
         "",
         "out_proj",
         parallel_residual=True,
     ),
-    # Phi-1/1.5/2: attention and MLP in parallel reading one LayerNorm (ln1 and ln2 are that norm), output "dense"
+    # Phi-1/1.5/2: attention and MLP in parallel reading one LayerNorm (ln1; no ln2), output "dense"
     "phi": HFArch(
         "phi",
-        **{**_LLAMA_LIKE, "ln2": "input_layernorm", "ln_final": "final_layernorm", "out_proj": "dense"},
+        **{**_LLAMA_LIKE, "ln2": None, "ln_final": "final_layernorm", "out_proj": "dense"},
         parallel_residual=True,
     ),
     # Phi-3: a fused qkv_proj, its rows every query head, then every key head, then every value head

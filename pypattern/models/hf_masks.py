@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from .hf import HF_ARCHS, HFArch, HookedHF, hf_arch
+from .transformer import check_index_spelling, norm_refusal
 
 __all__ = ["hf_component_masks", "hf_components", "hf_attention_shape", "is_hf_model"]
 
@@ -156,12 +157,37 @@ def _module_prefix(hf: nn.Module, arch: HFArch, component: str) -> str | None:
         fixed["pos_embed"] = f"{b}.{arch.pos_embed}"
     if component in fixed:
         return fixed[component]
-    m = re.fullmatch(r"blocks\.(\d+)(?:\.(attn|mlp|ln1|ln2))?", component)
+    m = re.fullmatch(r"blocks\.(\d+)(?:\.(attn|mlp|ln1|ln2|ln1_post|ln2_post))?", component)
     if m:
-        sub = {None: None, "attn": arch.attn, "mlp": arch.mlp, "ln1": arch.ln1, "ln2": arch.ln2}[m.group(2)]
+        part = m.group(2)
+        sub = (
+            None
+            if part is None
+            else {"attn": arch.attn, "mlp": arch.mlp}.get(part, getattr(arch, part, None))
+        )
         path = f"{b}.{arch.layers}.{m.group(1)}"
+        # a layer out of range is said so by the caller
+        layer_there = _has_module(hf, f"{b}.{arch.layers}", m.group(1))
+        if part is not None and part.startswith("ln") and layer_there and not _has_module(hf, path, sub):
+            # as the converted model: ln2 of a block with one norm (Phi-1/2, GPT-J, StableLM with a parallel
+            # residual), ln1 / ln2 of OLMo 2's, which has norms only after the attention and the MLP (ln1_post /
+            # ln2_post), are refused, naming the block's norms
+            has = [
+                n for n in ("ln1", "ln2", "ln1_post", "ln2_post") if _has_module(hf, path, getattr(arch, n))
+            ]
+            raise ValueError(norm_refusal(component, f"blocks.{m.group(1)}", has))
         return path if sub is None else f"{path}.{sub}"
     return None
+
+
+def _has_module(hf: nn.Module, path: str, sub: str | None) -> bool:
+    """Whether the layer at ``path`` has the module ``sub`` (None: the family has no such module)."""
+    if sub is None:
+        return False
+    try:
+        return isinstance(hf.get_submodule(f"{path}.{sub}"), nn.Module)
+    except AttributeError:  # an absent module (StableLM's post_attention_layernorm under a parallel residual)
+        return False
 
 
 def _head_slices(
@@ -255,11 +281,15 @@ def hf_component_masks(
     component : str
         ``"blocks.{l}.attn.head.{h}"`` (one head's slices, see the module docstring for each layout and for
         grouped-query attention), ``"blocks.{l}.attn.kv_head.{g}"`` (a shared key/value head),
-        ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"``, ``"blocks.{l}"``, ``"blocks.{l}.ln1"`` / ``"ln2"``,
-        ``"embed"``, ``"pos_embed"`` (GPT-2), ``"unembed"``, ``"ln_final"``, ``"blocks.{l}.mlp.expert.{e}"`` (one
-        expert of a mixture of experts: its slices of the stacked expert weights; the router and any shared expert
-        belong to ``"blocks.{l}.mlp"`` only), or any prefix of the model's own parameter names (e.g.
-        ``"transformer.h.0.attn.c_attn"``).
+        ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"``, ``"blocks.{l}"``, ``"blocks.{l}.ln1"`` / ``"ln2"`` (the norms
+        in front of the attention and the MLP: a layer with one norm for both, Phi-1/2's and GPT-J's, has ``ln1``
+        only), ``"blocks.{l}.ln1_post"`` / ``"ln2_post"`` (the norms after them: Gemma 2 / 3, and OLMo 2 / 3,
+        whose layers have only these), as the converted model names them, ``"embed"``, ``"pos_embed"`` (GPT-2),
+        ``"unembed"``, ``"ln_final"``, ``"blocks.{l}.mlp.expert.{e}"`` (one expert of a mixture of experts: its
+        slices of the stacked expert weights; the router and any shared expert belong to ``"blocks.{l}.mlp"``
+        only), or any prefix of the model's own parameter names (e.g.
+        ``"transformer.h.0.attn.c_attn"``). Indices are written as integers without leading zeros (``blocks.00``
+        is refused, naming ``blocks.0``), as on the converted model.
     all_params : bool
         If True, every parameter is in the dict (all-False masks outside the component); otherwise only those
         with a selected entry.
@@ -279,6 +309,7 @@ def hf_component_masks(
     hf, prefix = _unwrap(model)
     arch = hf_arch(hf)
     params = dict(hf.named_parameters())
+    check_index_spelling(component, params)  # blocks.00 is no more layer 0 here than on the converted model
     masks: dict[str, torch.Tensor] = {}
     m = re.fullmatch(r"blocks\.(\d+)\.attn\.(head|kv_head)\.(\d+)", component)
     n_layers = len(hf.get_submodule(f"{arch.base}.{arch.layers}"))
@@ -294,7 +325,7 @@ def hf_component_masks(
         layer = int(m.group(1))
         if layer >= n_layers:
             raise ValueError(
-                f"component={component!r}: layer {layer} is out of range; the model has {n_layers}"
+                f"component={component!r}: layer {layer} is out of range; the model has {n_layers} layers"
             )
         if arch.heads_coupled:
             raise ValueError(
@@ -337,7 +368,7 @@ def hf_component_masks(
             layer = int(pre.split(".")[len(arch.base.split(".")) + 1])
             if layer >= n_layers:
                 raise ValueError(
-                    f"component={component!r}: layer {layer} is out of range; the model has {n_layers}"
+                    f"component={component!r}: layer {layer} is out of range; the model has {n_layers} layers"
                 )
         pre = component if pre is None else pre
         sel = [n for n in params if n == pre or n.startswith(pre + ".")]
@@ -362,7 +393,9 @@ def _expert_masks(hf: nn.Module, arch: HFArch, layer: int, expert: int, n_layers
     if arch.experts is None:
         raise ValueError(f"component={comp!r}: {arch.model_type} has no mixture of experts")
     if layer >= n_layers:
-        raise ValueError(f"component={comp!r}: layer {layer} is out of range; the model has {n_layers}")
+        raise ValueError(
+            f"component={comp!r}: layer {layer} is out of range; the model has {n_layers} layers"
+        )
     path = f"{arch.base}.{arch.layers}.{layer}.{arch.mlp}.{arch.experts}"
     try:
         mod = hf.get_submodule(path)

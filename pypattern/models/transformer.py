@@ -1769,6 +1769,60 @@ def list_components(model: Transformer, heads: bool = True) -> list[str]:
     return out + ([] if getattr(cfg, "tie_word_embeddings", False) else ["unembed"])
 
 
+def check_index_spelling(component: str, names) -> None:
+    """Refuse a component name with an index spelled otherwise than as the model's own names spell it (a leading
+    zero, ``blocks.00`` or ``head.001``, or digits of another script), naming the canonical spelling: read as an
+    integer on one form of a model and as a missing parameter on another, it means nothing reliably. A name that is
+    the prefix of one of ``names`` (a parameter ``blocks.00...`` of a model's own) is left alone."""
+    parts = component.split(".")
+    odd = [p for p in parts if re.fullmatch(r"\d+", p) and p != str(int(p))]
+    if not odd or any(n == component or n.startswith(component + ".") for n in names):
+        return
+    canonical = ".".join(str(int(p)) if p in odd else p for p in parts)
+    raise ValueError(
+        f"component={component!r}: the index {'es' if len(odd) > 1 else ''}{', '.join(repr(p) for p in odd)} "
+        f"{'are' if len(odd) > 1 else 'is'} not written as an integer without leading zeros, as component names "
+        f"and parameter names write layer, head and expert indices; write {canonical!r}"
+    )
+
+
+def _norm_refusal(component: str, names) -> str | None:
+    """Why ``blocks.{l}.ln1`` / ``ln2`` / ``ln1_post`` / ``ln2_post`` selects nothing, from the norms the block has
+    (``names``: the model's parameter names), or None when ``component`` is no such name."""
+    m = re.fullmatch(r"(blocks\.\d+)\.(ln1|ln2|ln1_post|ln2_post)", component)
+    if not m:
+        return None
+    block = m.group(1)
+    has = [
+        n for n in ("ln1", "ln2", "ln1_post", "ln2_post") if any(x.startswith(f"{block}.{n}.") for x in names)
+    ]
+    return norm_refusal(component, block, has)
+
+
+def norm_refusal(component: str, block: str, has: list[str]) -> str:
+    """The message refusing the norm ``component`` of ``block`` whose norms are ``has`` (of ``ln1``, ``ln2``,
+    ``ln1_post``, ``ln2_post``): the same on a converted model and on its Hugging Face original."""
+    which = component.rsplit(".", 1)[1]
+    named = ", ".join(f"'{block}.{n}'" for n in has)
+    if which == "ln2" and has == ["ln1"]:
+        why = (
+            "the block has one norm, ln1, which the attention and the MLP both read (parallel attention and MLP); "
+            f"'{block}.ln1' selects it"
+        )
+    elif which in ("ln1", "ln2") and not {"ln1", "ln2"} & set(has) and has:
+        why = (
+            "the block has no norm in front of the attention or the MLP; its norms are the ones after them, "
+            f"{named} (ln1_post after the attention, ln2_post after the MLP)"
+        )
+    elif has:
+        what = {"ln1": "in front of the attention", "ln2": "in front of the MLP"}.get(which)
+        what = what or ("after the attention" if which == "ln1_post" else "after the MLP")
+        why = f"the block has no norm {what}; its norms are {named}"
+    else:
+        why = "the block's norms have no parameters (or it has no norms): nothing to sample"
+    return f"component={component!r} matches no parameter: {why}"
+
+
 def component_masks(
     model: nn.Module, component: str, all_params: bool = False, include_shared_kv: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -1788,9 +1842,12 @@ def component_masks(
         parameters (the same rule as :func:`pypattern.models.hf_masks.hf_component_masks` on unconverted models).
         ``include_shared_kv=True`` adds the group's key/value slices to a head. ``"blocks.{l}.attn"``, ``"blocks.{l}.mlp"`` (with ``W_gate``/``b_gate``
         when gated; a mixture of experts' router and every expert), ``"blocks.{l}.mlp.expert.{e}"`` (expert ``e``'s
-        slices of ``W_gate``, ``W_in``, ``W_out``), ``"blocks.{l}"``, ``"blocks.{l}.ln1"``/``"ln2"``, ``"embed"``, ``"pos_embed"``, ``"unembed"``
+        slices of ``W_gate``, ``W_in``, ``W_out``), ``"blocks.{l}"``, ``"blocks.{l}.ln1"``/``"ln2"`` (the norms in
+        front of the attention and the MLP; a block with one norm for both has ``ln1`` only), ``"ln1_post"``/
+        ``"ln2_post"`` (sandwich norms after them), ``"embed"``, ``"pos_embed"``, ``"unembed"``
         (with tied embeddings: ``embed.W_E``, the one parameter both use, and ``unembed.b_U`` if present),
-        ``"ln_final"``, or any parameter-name prefix.
+        ``"ln_final"``, or any parameter-name prefix. Indices are written as integers without leading zeros
+        (``blocks.00`` is refused, naming ``blocks.0``).
     all_params : bool
         If True, the dict has every parameter (all-False masks for those outside the component); otherwise only
         parameters with at least one selected entry.
@@ -1812,6 +1869,7 @@ def component_masks(
             model, component, all_params=all_params, include_shared_kv=include_shared_kv
         )
     params = dict(model.named_parameters())
+    check_index_spelling(component, params)
     masks: dict[str, torch.Tensor] = {}
     layer = re.match(r"blocks\.(\d+)(\.|$)", component)
     n_layers = len(getattr(model, "blocks", ()))
@@ -1885,6 +1943,8 @@ def component_masks(
         tied = isinstance(getattr(model, "unembed", None), TiedUnembed)
         if component == "unembed" and tied:
             sel = ["embed.W_E"] + sel
+        if not sel and hasattr(model, "blocks") and (why := _norm_refusal(component, params)) is not None:
+            raise ValueError(why)
         if not sel:
             try:
                 valid = list_components(model)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, generator
+from .base import IGNORE, Task, TaskBatch, _logits, generator
 
 __all__ = [
     "SEQ_LEN",
@@ -222,4 +222,4 @@ class RoutineTask(Task):
     @torch.no_grad()
     def sequence_accuracy(self, model, batch: TaskBatch) -> float:
         """Fraction of inputs whose 10 outputs are all right."""
-        return float((decode(model(batch.tokens)) == batch.extra["y"]).all(-1).float().mean())
+        return float((decode(_logits(model, batch.tokens)) == batch.extra["y"]).all(-1).float().mean())

@@ -90,9 +90,16 @@ class Task:
     @torch.no_grad()
     def accuracy(self, model, batch: TaskBatch) -> float:
         """Fraction of scored positions where the argmax equals the target."""
-        pred = model(batch.tokens).argmax(-1)
+        pred = _logits(model, batch.tokens).argmax(-1)
         mask = batch.targets != IGNORE
         return float(((pred == batch.targets) & mask).sum() / mask.sum())
+
+
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``model(tokens)``'s logits: a tensor, or a Hugging Face ModelOutput's ``.logits`` (as the losses read it)."""
+    from ..losses import read_logits
+
+    return read_logits(model(tokens))
 
 
 def generator(seed: int | None) -> torch.Generator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, generator
+from .base import IGNORE, Task, TaskBatch, _logits, generator
 
 __all__ = [
     "InductionTask",
@@ -89,7 +89,7 @@ class InductionTask(Task):
     @torch.no_grad()
     def induction_accuracy(self, model, batch: TaskBatch) -> float:
         """Accuracy on the positions flagged as predictable by induction."""
-        pred = model(batch.tokens).argmax(-1)
+        pred = _logits(model, batch.tokens).argmax(-1)
         f = batch.extra["induction_flag"]
         return float((pred[f] == batch.targets[f]).float().mean())
 

@@ -26,7 +26,7 @@ import itertools
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, generator
+from .base import IGNORE, Task, TaskBatch, _logits, generator
 
 __all__ = [
     "ParenthesesTask",
@@ -148,7 +148,7 @@ class ParenthesesTask(Task):
     @torch.no_grad()
     def predict(self, model, batch: TaskBatch) -> torch.Tensor:
         """The model's answer (True/False) at the query position: ``(num_samples,)`` bool."""
-        logits = model(batch.tokens)[:, -1]
+        logits = _logits(model, batch.tokens)[:, -1]
         return logits[:, TRUE] > logits[:, FALSE]
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import model_device
+from ..losses import read_logits
 from .base import Task, TaskBatch, generator
 
 __all__ = ["train", "TrainResult"]
@@ -52,7 +53,8 @@ def train(
     callback : callable ``(step, model)``, optional
         Called after every step.
 
-    The model is trained in place (in training mode) and left in eval mode.
+    The model is trained in place (in training mode) and left in eval mode. Its output is read as the library's
+    losses read it: a tensor of logits, or an output with ``.logits`` (an unconverted Hugging Face causal LM).
 
     Returns
     -------
@@ -94,7 +96,8 @@ def train(
                     )
                 w = (sw / sw.mean())[idx]
         batch = batch.to(dev)  # the task's batches are made on the CPU
-        per = task.per_sample_loss(model(batch.tokens), batch)
+        # the logits of what the model returns: a tensor, or a Hugging Face ModelOutput's .logits (as the losses read it)
+        per = task.per_sample_loss(read_logits(model(batch.tokens)), batch)
         loss = per.mean() if w is None else (per * w.to(per)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
