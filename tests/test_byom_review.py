@@ -245,3 +245,17 @@ def test_not_a_mask_says_why():
         zero_one_mask(torch.full((2,), 0.5)) is None
         and not_a_mask(torch.full((2,), 0.5)) == "it has other values"
     )
+
+
+def test_llc_estimators_explain_a_devinterp_none_mask():
+    """estimate_llc and refined_llc, given devinterp's None for a whole parameter, say what None means there and
+    what to pass, as susceptibilities does."""
+    import torch.nn as nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = nn.Linear(2, 1)
+    data = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+    with pytest.raises(TypeError, match="create_param_masks writes for 'the whole parameter'"):
+        pp.estimate_llc(model, data, masks={"weight": None}, num_chains=1, num_draws=2, quiet=True)
+    with pytest.raises(ValueError, match="create_param_masks writes for 'the whole parameter'"):
+        pp.refined_llc(model, data, components={"w": {"weight": None}}, num_chains=1, num_draws=2, quiet=True)

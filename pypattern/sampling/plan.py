@@ -623,6 +623,10 @@ def make_plan(
                 f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}{frozen_note(unknown)}"
             )
         for n, m in r_masks.items():
+            if m is None:
+                from .._masks import NONE_MASK
+
+                raise TypeError(f"{where}masks[{n!r}] must be a tensor; {NONE_MASK}")
             if not isinstance(m, torch.Tensor):
                 raise TypeError(f"{where}masks[{n!r}] must be a tensor, got {type(m).__name__}")
             if tuple(m.shape) != tuple(shapes[n].shape):

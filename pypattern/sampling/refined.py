@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._masks import zero_one_mask
+from .._masks import NONE_MASK, zero_one_mask
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .diagnostics import user_stacklevel
@@ -142,7 +142,7 @@ def _bool_mask(name: str, key: str, v) -> torch.Tensor:
             + (
                 "holds values other than 0 and 1"
                 if isinstance(v, torch.Tensor | np.ndarray | list | tuple | int | float)
-                else f"is a {type(v).__name__}, not a mask"
+                else (NONE_MASK if v is None else f"is a {type(v).__name__}, not a mask")
             )
             + "; give a bool mask (or 0/1)"
         )
