@@ -267,8 +267,17 @@ def test_cli_on_a_local_model_directory(setup, tmp_path):
     res = run_circuit_demo(
         str(out), model_dir=str(d), tokens=str(tok), methods=("eap", "exact"), fraction=0.1
     )
-    for key in ("edge_scores", "circuit_table", "pruning_curve", "pruning_table", "circuit_drawing"):
+    for key in (
+        "edge_scores",
+        "circuit_table",
+        "pruning_curve",
+        "pruning_table",
+        "circuit_drawing",
+        "summary",
+    ):
         assert os.path.getsize(res[key]) > 100
+    with open(res["summary"]) as f:  # the command's printed result, in standard JSON
+        assert json.load(f) == json.loads(json.dumps(res))
     ex = edge_attribution(model, clean, corr, metric=metric, method="exact")
     want = faithfulness(model, ex.circuit(fraction=0.1).mask, clean, corr, metric=metric)
     assert res["circuit_faithfulness"] == pytest.approx(want, abs=1e-9) and res["circuit_edges"] == 11

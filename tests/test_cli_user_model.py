@@ -149,6 +149,7 @@ def test_patch_on_user_model_equals_patching_the_converted_model(model_dir, data
     assert main(args + ["--corrupted", str(d / "corrupted.npy"), "--sites", "resid_pre,z"]) == 0
     summary = json.loads((out / "patch_summary.json").read_text())
     assert set(summary["sites"]) == {"resid_pre", "z"}
+    assert summary["corruption"] == {"corrupted": str(d / "corrupted.npy")}
     import pypattern
     from pypattern.patching import KL
 
@@ -267,6 +268,7 @@ def test_patch_on_gemma2_and_circuit_refused_in_one_line(data, tmp_path, capsys)
     assert main(["patch", *argv, "--sites", "resid_pre,z"]) == 0
     summary = json.loads((out / "patch_summary.json").read_text())
     assert set(summary["sites"]) == {"resid_pre", "z"}
+    assert summary["corruption"] == {"gaussian_noise": {"std_multiplier": 3.0, "seed": 0}}  # no --corrupted
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["circuit", *argv])

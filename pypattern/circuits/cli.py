@@ -501,6 +501,7 @@ def run_circuit_demo(
         "pruning_curve": os.path.join(out_dir, "pruning_curve.png"),
         "pruning_table": os.path.join(out_dir, "pruning_curve.csv"),
         "circuit_drawing": os.path.join(out_dir, "circuit.png"),
+        "summary": os.path.join(out_dir, "circuit_summary.json"),
     }
     import pandas as pd
 
@@ -509,7 +510,7 @@ def run_circuit_demo(
     curve.to_pandas().to_csv(paths["pruning_table"], index=False)
     curve.plot(path=paths["pruning_curve"])
     circuit.draw(path=paths["circuit_drawing"])
-    return {
+    result = {
         **extra,
         "num_edges": len(circuit.graph),
         "per_position": circuit.graph.per_position,
@@ -521,6 +522,11 @@ def run_circuit_demo(
         "seconds": round(seconds, 2),
         **paths,
     }
+    from ..io import json_text
+
+    with open(paths["summary"], "w") as f:  # what the command prints, in standard JSON
+        f.write(json_text(result, default=str) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

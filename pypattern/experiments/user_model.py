@@ -513,7 +513,18 @@ def run_user_patch(
             )
             raise ValueError(f"sites: {site!r} does not exist in this model ({why}); leave it out")
     corruption = None if corr is not None else GaussianNoise(seed=seed)
-    summary = {"model": str(model_dir), "data": str(data), "prompts": int(clean.shape[0]), "sites": {}}
+    summary = {
+        "model": str(model_dir),
+        "data": str(data),
+        "prompts": int(clean.shape[0]),
+        # what the corrupted run is: the given token file, or Gaussian noise on the embeddings
+        "corruption": (
+            {"corrupted": str(corrupted)}
+            if corruption is None
+            else {"gaussian_noise": {"std_multiplier": corruption.std_multiplier, "seed": int(seed)}}
+        ),
+        "sites": {},
+    }
     for site in sites:
         ckpt = None if checkpoint is None else os.path.join(checkpoint, f"patch_{site}.npz")
         res = activation_patching(
