@@ -61,8 +61,6 @@ def huge_pages_hint(t):
             return t
     a = t.data_ptr()
     lo, hi = -(-a // _HUGE) * _HUGE, (a + n) // _HUGE * _HUGE
-    if hi > lo:
-        _MADVISE(
-            lo, hi - lo, 14
-        )  # MADV_HUGEPAGE; an error (no THP in this kernel) leaves the pages as they are
+    if hi > lo:  # MADV_HUGEPAGE; an error (no THP in this kernel) leaves the pages as they are
+        _MADVISE(lo, hi - lo, 14)
     return t

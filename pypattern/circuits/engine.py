@@ -927,8 +927,7 @@ class _HeadsSum(torch.autograd.Function):
             return O.sum(0)
         total = None  # each head's write made, handed over and added while it is in cache
         for h in range(H):
-            O_h = torch.ops.mkldnn._linear_pointwise(z3[h], W_O[h].detach().t(), None, "none", [], "")
-            O_h = O_h.view(*z.shape[1:-1], d)
+            O_h = view.head_product(z3, W_O, h).view(*z.shape[1:-1], d)
             put(h, O_h)
             total = O_h if total is None else (total + O_h if h == 1 else total.add_(O_h))
         return total
@@ -1207,9 +1206,8 @@ def _record_runs(
         view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
     )
     engine.bound = clean_run is not None
-    if (
-        max_batch is None and clean_run is not None
-    ):  # one run's logits and the metric's temporaries, counted once
+    # one run's logits and the metric's temporaries, counted once
+    if max_batch is None and clean_run is not None:
         engine._vocab_run[defer_base] = _vocab_run_bytes(view, metric, clean_run.logits, defer_base)
     # a resample run's outputs are the engine's alone (the clean run, when it is the source, is not the base)
     engine.source_owned = defer_base and ablation == "resample" and isinstance(A, torch.Tensor)

@@ -195,9 +195,15 @@ class ModelView:
         if not ModelView._onednn_heads(x3, W):
             return torch.bmm(x3, W) if out is None else torch.bmm(x3, W, out=out)
         y = x3.new_empty(h, x3.shape[1], W.shape[-1]) if out is None else out
-        for i in range(h):  # W[i] (k, n) read in place as oneDNN's (out, in) operand, its transpose
-            y[i] = torch.ops.mkldnn._linear_pointwise(x3[i], W[i].detach().t(), None, "none", [], "")
+        for i in range(h):
+            y[i] = ModelView.head_product(x3, W, i)
         return y
+
+    @staticmethod
+    def head_product(x3: torch.Tensor, W: torch.Tensor, i: int) -> torch.Tensor:
+        """Head ``i``'s product ``x3[i] @ W[i]`` through oneDNN (where :meth:`_onednn_heads` allows), a tensor of
+        its own: ``W[i] (k, n)`` read in place as oneDNN's ``(out, in)`` operand, its transpose."""
+        return torch.ops.mkldnn._linear_pointwise(x3[i], W[i].detach().t(), None, "none", [], "")
 
     @staticmethod
     def _onednn_heads(x3: torch.Tensor, W: torch.Tensor) -> bool:
@@ -639,8 +645,7 @@ class ModelView:
             return out
         out = x3.new_empty(h, x3.shape[1], n)
         for i in range(h):
-            y = torch.ops.mkldnn._linear_pointwise(x3[i], W[i].detach().t(), None, "none", [], "")
-            torch.addcmul(y, xh, c[i], value=-1, out=out[i])
+            torch.addcmul(ModelView.head_product(x3, W, i), xh, c[i], value=-1, out=out[i])
             if acc is not None:
                 acc.add_(out[i])
         return out
