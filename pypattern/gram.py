@@ -714,6 +714,7 @@ def _check_capture(model, sites, params, result, total_grads, i, single_grads, l
     )
 
 
+@torch.enable_grad()  # gradients are what it computes: also called under torch.no_grad()
 def per_sample_grad_gram(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -784,6 +785,11 @@ def per_sample_grad_gram(
     """
     if check not in (True, False, "once"):
         raise ValueError(f"check={check!r} is not valid; give 'once', True or False")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "per_sample_grad_gram takes gradients, which torch.inference_mode() does not allow (torch.no_grad() "
+            "is fine: gradients are enabled inside); call it outside the inference-mode block"
+        )
     defaults = sites is None and modules is None
     sites = _sites_of(model, modules, sites)
     params = _check_sites(model, sites)

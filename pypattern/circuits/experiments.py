@@ -177,9 +177,10 @@ def train_ioi_model(seed: int = 0, steps: int = 300):
     from ..tasks import IOITask, train
 
     task = IOITask()
-    torch.manual_seed(seed)
-    model = Transformer(task.model_config(seed=seed))
-    train(model, task, steps=steps, seed=seed, log_every=0)
+    with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+        torch.manual_seed(seed)
+        model = Transformer(task.model_config(seed=seed))
+        train(model, task, steps=steps, seed=seed, log_every=0)
     return model, task
 
 

@@ -48,7 +48,8 @@ def gpt2_from_config(
     act_fn: str = "gelu_new",
     seed: int = 0,
 ) -> nn.Module:
-    """A randomly initialised ``transformers.GPT2LMHeadModel`` (built from a config: nothing is downloaded).
+    """A randomly initialised ``transformers.GPT2LMHeadModel`` (built from a config: nothing is downloaded), its
+    weights drawn from ``seed`` (the caller's global generator is left as it was).
 
     Raises
     ------
@@ -74,8 +75,10 @@ def gpt2_from_config(
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(cfg)
+    # transformers initialises from the global generator: seeded inside a fork, the caller's state is kept
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.GPT2LMHeadModel(cfg)
     model.eval()
     return model
 

@@ -1640,7 +1640,9 @@ class Transformer(HookedRootModule):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf.startswith("W_"):
+            # a parameter on the meta device holds no values (a model built to have its weights assigned, as the
+            # converters do): nothing is drawn, and the caller's generator is left as it was
+            if leaf.startswith("W_") and p.device.type != "meta":
                 w = torch.randn(p.shape, generator=gen, dtype=torch.float64, device="cpu")
                 p.copy_(w.to(p.dtype) * self.cfg.init_range)
 

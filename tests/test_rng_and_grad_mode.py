@@ -1,0 +1,114 @@
+"""Calls that leave the caller's global generator and grad mode as they were: conversion from Hugging Face models
+draws no random numbers, the GPT-2 builder seeds a fork of the generator, and the per-sample gradient Gram
+enables gradients itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pypattern as pp
+from pypattern.gram import per_sample_grad_gram
+from pypattern.models import Transformer, TransformerConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=31, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _tiny_llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=29,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("build", [_tiny_gpt2, _tiny_llama])
+def test_from_hf_leaves_the_global_generator_alone(build):
+    hf = build()
+    torch.manual_seed(0)
+    expected = torch.rand(5)
+    torch.manual_seed(0)
+    model = pp.from_hf(hf)
+    after = torch.rand(5)
+    assert torch.equal(after, expected)
+    # the conversion is still exact: its logits are the HF model's own
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_built_on_meta_draws_nothing():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(n_layers=1, d_model=8, n_heads=2, d_head=4, d_vocab=11, n_ctx=8, seed=None)
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert torch.equal(torch.rand(3), expected)
+    # an unseeded model on the CPU still draws its weights from the global generator (not all zeros)
+    m2 = Transformer(cfg)
+    assert float(m2.blocks[0].attn.W_Q.detach().abs().sum()) > 0
+
+
+def test_gpt2_from_config_keeps_the_callers_generator_and_is_seeded():
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    a = pp.models.gpt2_from_config(n_layers=1, d_model=16, n_heads=2, d_vocab=17, n_ctx=8, seed=5)
+    assert torch.equal(torch.rand(4), expected)
+    b = pp.models.gpt2_from_config(n_layers=1, d_model=16, n_heads=2, d_vocab=17, n_ctx=8, seed=5)
+    c = pp.models.gpt2_from_config(n_layers=1, d_model=16, n_heads=2, d_vocab=17, n_ctx=8, seed=6)
+    wa, wb, wc = (m.transformer.h[0].attn.c_attn.weight for m in (a, b, c))
+    assert torch.equal(wa, wb)
+    assert not torch.equal(wa, wc)
+
+
+def _gram_case():
+    model = Transformer(
+        TransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=13, n_ctx=8, seed=0)
+    )
+    tokens = torch.randint(0, 13, (4, 6), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, x):
+        logits = m(x)
+        return (
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, 13), x[:, 1:].reshape(-1), reduction="none"
+            )
+            .view(x.shape[0], -1)
+            .mean(1)
+        )
+
+    return model, loss_fn, tokens
+
+
+def test_grad_gram_under_no_grad_equals_the_plain_call():
+    model, loss_fn, tokens = _gram_case()
+    G = per_sample_grad_gram(model, loss_fn, tokens)
+    with torch.no_grad():
+        G_ng = per_sample_grad_gram(model, loss_fn, tokens)
+        assert not torch.is_grad_enabled()  # put back afterwards
+    assert G.shape == (4, 4)
+    torch.testing.assert_close(G_ng, G, rtol=0, atol=0)
+    assert float(G.diagonal().min()) > 0
+
+
+def test_grad_gram_under_inference_mode_is_refused_by_name():
+    model, loss_fn, tokens = _gram_case()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        per_sample_grad_gram(model, loss_fn, tokens)
