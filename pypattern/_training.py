@@ -91,15 +91,19 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def values_kept_on_error(model: nn.Module) -> Iterator[None]:
     """The block trains ``model`` in place; when it raises, every parameter and buffer holds its value from before
-    the block again (a copy of them is kept while the block runs)."""
+    the block again, and every parameter's ``.grad`` the gradient it held (or None) before the block (a copy of
+    them is kept while the block runs)."""
     with torch.no_grad():
         saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+        grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
     try:
         yield
     except BaseException:
         with torch.no_grad():
             for t, before in saved:
                 t.copy_(before)
+            for p, g in grads:
+                p.grad = g
         raise
 
 

@@ -112,3 +112,30 @@ def test_grad_gram_under_inference_mode_is_refused_by_name():
     model, loss_fn, tokens = _gram_case()
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         per_sample_grad_gram(model, loss_fn, tokens)
+
+
+def test_train_flags_interrupted_puts_back_the_callers_gradients():
+    topics = pp.TopicTask(num_topics=2, tokens_per_topic=8, seq_len=16)
+    lm = pp.Transformer(topics.model_config(n_layers=2, d_model=32, n_heads=2, d_mlp=64, seed=0))
+    spec = pp.FlagSpec("blocks.1.hook_resid_pre", dims=(0, 1, 2, 3), num_concepts=2)
+    params = list(lm.parameters())
+    for i, p in enumerate(params):
+        p.grad = None if i == 0 else torch.full_like(p, 3.0)
+    before = [p.detach().clone() for p in params]
+
+    class Interrupting(pp.TopicTask):
+        calls = 0
+
+        def sample(self, num_samples, seed=None, switch_prob=None):
+            self.calls += 1
+            if self.calls == 4:
+                raise KeyboardInterrupt("stopped during training")
+            return super().sample(num_samples, seed=seed, switch_prob=switch_prob)
+
+    task = Interrupting(num_topics=2, tokens_per_topic=8, seq_len=16)
+    with pytest.raises(KeyboardInterrupt):
+        pp.train_flags(lm, task, spec, stage1_steps=5, stage2_steps=5, log_every=0)
+    assert task.calls == 4  # stopped after some steps had run
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert params[0].grad is None
+    assert all(p.grad is not None and bool((p.grad == 3.0).all()) for p in params[1:])
