@@ -941,7 +941,9 @@ def reweight(
         ``mode="sampler"`` only: the random source of the weighted draws. Default: a DataLoader's own
         ``generator`` (the one its shuffling drew from; the global one when it has none). A DataLoader's
         ``generator`` also stays the new loader's, which seeds its workers from it (as ``data`` did); with both
-        the same generator, each epoch's draws and worker seeds follow from its state, as ``data``'s did.
+        the same generator, each epoch's draws and worker seeds follow from its state, as ``data``'s did. With a
+        data set or a tensor, a given ``generator`` is the new loader's too: iterating it leaves the global
+        generator as it was.
     device : torch.device or str, optional
         ``mode="loss"`` only: the device of the returned weights (default the CPU), e.g. that of the per-sample
         losses they multiply.
@@ -1033,6 +1035,9 @@ def reweight(
         if data.batch_size is None and data.collate_fn is torch.utils.data.default_convert:
             # the loader yields samples one by one (batch_size=None): batches of the new loader are collated
             loader_kw["collate_fn"] = torch.utils.data.default_collate
+    elif generator is not None:
+        # the loader's own seed (drawn at each iter() for its workers) from it too, not from the global generator
+        loader_kw["generator"] = generator
     if batch_size is None:
         batch_size = 32
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:

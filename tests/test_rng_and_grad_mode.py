@@ -139,3 +139,22 @@ def test_train_flags_interrupted_puts_back_the_callers_gradients():
     assert all(torch.equal(a, p) for a, p in zip(before, params))
     assert params[0].grad is None
     assert all(p.grad is not None and bool((p.grad == 3.0).all()) for p in params[1:])
+
+
+def test_reweight_with_a_generator_leaves_the_global_generator_alone():
+    data = torch.utils.data.TensorDataset(torch.arange(40.0).view(20, 2), torch.arange(20))
+    w = torch.rand(20, generator=torch.Generator().manual_seed(0)) + 0.5
+
+    def batches(seed):
+        loader = pp.reweight(data, w, batch_size=8, generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(0)
+        expected = torch.rand(2)
+        torch.manual_seed(0)
+        out = [b[1].tolist() for b in loader]
+        assert torch.equal(torch.rand(2), expected)  # iterating drew nothing from the global generator
+        return out
+
+    a, b = batches(1), batches(1)
+    assert a == b  # the draws follow the given generator
+    assert sum(len(x) for x in a) == 20
+    assert batches(2) != a
