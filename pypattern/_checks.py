@@ -59,7 +59,18 @@ def model_device(model, default: torch.device | None = None) -> torch.device | N
 
 def nonfinite_names(named_tensors) -> list[str]:
     """The names, among ``(name, tensor)`` pairs, of the floating tensors holding a NaN or an infinity."""
-    return [n for n, t in named_tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+    def finite(t: torch.Tensor) -> bool:
+        # a finite sum has only finite terms (a NaN or an infinity makes it one too): one pass over the tensor,
+        # no mask of its size; a sum that overflowed is checked element by element
+        with torch.no_grad():
+            if t.numel() and bool(
+                torch.isfinite(t.sum(dtype=torch.float64 if t.dtype != torch.float64 else None))
+            ):
+                return True
+            return bool(torch.isfinite(t).all())
+
+    return [n for n, t in named_tensors if t.is_floating_point() and not finite(t)]
 
 
 def check_flag(value, name: str) -> None:

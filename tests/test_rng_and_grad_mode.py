@@ -158,3 +158,17 @@ def test_reweight_with_a_generator_leaves_the_global_generator_alone():
     assert a == b  # the draws follow the given generator
     assert sum(len(x) for x in a) == 20
     assert batches(2) != a
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_names_exact_also_when_a_sum_overflows(dtype):
+    from pypattern._checks import nonfinite_names
+
+    big = torch.full((10,), torch.finfo(dtype).max, dtype=dtype)  # finite, but its sum overflows
+    nan, inf = big.clone(), big.clone()
+    nan[3], inf[0] = float("nan"), float("inf")
+    both = torch.tensor([float("inf"), -float("inf")], dtype=dtype)  # a sum of NaN
+    strided = torch.randn(3, 4).to(dtype).t()
+    named = [("big", big), ("nan", nan), ("inf", inf), ("both", both), ("strided", strided)]
+    named += [("empty", torch.empty(0, dtype=dtype)), ("ints", torch.arange(3))]
+    assert nonfinite_names(named) == ["nan", "inf", "both"]
