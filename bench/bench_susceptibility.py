@@ -90,7 +90,7 @@ def _setup(state_path: str | None = None):
     if state_path is None:
         train(model, task, steps=300, batch_size=32)
     else:
-        model.load_state_dict(torch.load(state_path))
+        model.load_state_dict(torch.load(state_path, weights_only=True))
     data = task.sample(N_DATA, seed=123).tokens
     return model, data
 

@@ -57,6 +57,18 @@ def model_device(model, default: torch.device | None = None) -> torch.device | N
     return default
 
 
+def compiled_inner(model):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, else ``model`` itself: estimators that
+    read a model's structure (hook points, heads, parameter names) run the module it wraps, which computes the same
+    function with the same parameters."""
+    import torch.nn as nn
+
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
 def nonfinite_names(named_tensors) -> list[str]:
     """The names, among ``(name, tensor)`` pairs, of the floating tensors holding a NaN or an infinity."""
 

@@ -626,7 +626,9 @@ class MinibatchCKA:
         return self
 
     def compute(self) -> torch.Tensor:
-        """``(num_x, num_y)`` CKA from the batch-averaged unbiased HSIC terms."""
+        """``(num_x, num_y)`` CKA from the batch-averaged unbiased HSIC terms: NaN where a representation is
+        constant over the samples of every batch (its self-HSIC is 0), or where its batch-averaged self-HSIC is
+        estimated at or below 0 (too few samples), as in :func:`linear_cka` and :func:`cka_matrix`."""
         if self.num_batches == 0:
             raise RuntimeError("MinibatchCKA.compute() before any update()")
         xy, xx, yy = self._sums()
@@ -635,7 +637,9 @@ class MinibatchCKA:
     def standard_error(self) -> torch.Tensor:
         """``(num_x, num_y)`` jackknife standard error of :meth:`compute` over batches (delete-one-batch):
         ``sqrt((B - 1) / B * sum_b (CKA_(-b) - mean)^2)``, each ``CKA_(-b)`` formed from the sums without batch
-        ``b``. Needs at least 2 batches; it treats batches as independent draws of the same size."""
+        ``b``. Needs at least 2 batches; it treats batches as independent draws of the same size. NaN where
+        :meth:`compute` is (or where a leave-one-batch-out estimate is: a representation constant over the other
+        batches)."""
         if self.num_batches < 2:
             raise RuntimeError(f"standard_error() needs at least 2 batches, got {self.num_batches}")
         # each CKA_(-b) from its own sums, on the common scales of the batches it keeps
@@ -724,6 +728,23 @@ class SimilarityTest(Saveable):
     null: np.ndarray
     p_value: float
     alternative: str
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): ``null`` one number per permutation (at least one),
+        ``p_value`` in ``(0, 1]`` and a multiple of ``1 / (1 + num_permutations)``, ``alternative`` one of
+        :func:`permutation_test`'s."""
+        from .sampling.results import check_arrays
+
+        n = check_arrays({"null": self.null}, {"null": ("num_permutations",)})["num_permutations"]
+        if n < 1:
+            raise ValueError("null holds no permutation; a test has at least one")
+        if self.alternative not in ("greater", "less"):
+            raise ValueError(f"alternative must be 'greater' or 'less', got {self.alternative!r}")
+        k = self.p_value * (1 + n)
+        if not (0 < self.p_value <= 1 and abs(k - round(k)) < 1e-6 * (1 + n)):
+            raise ValueError(
+                f"p_value={self.p_value!r} is not (1 + count) / (1 + {n}) for the {n} permutations of null"
+            )
 
     @property
     def null_mean(self) -> float:
@@ -817,6 +838,10 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     ``R^2 = 1 - SSE / SST`` pooled over all of ``y``'s columns (high-variance directions count more). The
     penalty is ``alpha`` times the mean eigenvalue of the centred training features' scatter matrix ``X^T X``
     (so ``alpha`` does not depend on the scale of ``x``). Not symmetric in ``x`` and ``y``.
+
+    A ``y`` with no variance to predict (constant over the samples, or over the held-out ones of the split, up to
+    rounding) has no R^2: NaN is returned, with a ``RuntimeWarning`` saying which (as :func:`linear_cka` is NaN
+    for a constant representation). A constant ``x`` predicts nothing but the mean: the similarity is 0.
     """
     x, y = _as_features(x, "x", 4), _as_features(y, "y", 4)
     _check_pair(x, y)
@@ -855,6 +880,10 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     # a target constant over the test samples (up to the rounding its centring leaves) has no variance to explain
     floor = (len(te) * 64 * torch.finfo(torch.float64).eps * float(y[te].abs().max())) ** 2 * y.shape[1]
     if not float(sst) > floor:
+        yc = y - y.mean(0)
+        floor_all = (n * 64 * torch.finfo(torch.float64).eps * float(y.abs().max())) ** 2 * y.shape[1]
+        everywhere = not float((yc * yc).sum()) > floor_all
+        warn_constant_target("ridge_similarity", "y", everywhere, len(te))
         return math.nan
     return math.sqrt(max(1.0 - float(sse / sst), 0.0))
 
@@ -1245,6 +1274,6 @@ def resample_implementations(
 # the CCA family, ridge with efficient leave-one-out, and the authors' interpretive-equivalence protocol live in
 # their own modules; they are part of this module's public API
 from .cca import cca, pwcca, svcca  # noqa: E402
-from .ridge import RidgeLOO, ridge_cv, ridge_similarity_cv  # noqa: E402
+from .ridge import RidgeLOO, ridge_cv, ridge_similarity_cv, warn_constant_target  # noqa: E402
 
 __all__ += ["cca", "svcca", "pwcca", "RidgeLOO", "ridge_cv", "ridge_similarity_cv"]

@@ -35,7 +35,10 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -604,8 +607,31 @@ class FlagTrainResult(Saveable):
     flag_losses: list = field(default_factory=list)
     seconds: float = 0.0
 
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): one entry per logged step in each list, the steps and
+        stages (1 or 2) whole numbers, the losses numbers."""
+        n = len(self.steps) if isinstance(self.steps, list) else None
+        for name in ("steps", "stages", "lm_losses", "flag_losses"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or len(v) != n:
+                have = f"{len(v)} entries" if isinstance(v, list) else type(v).__name__
+                raise ValueError(
+                    f"{name} must be a list of one entry per logged step ({n}, as steps), got {have}"
+                )
+            kinds = (int, float) if name.endswith("losses") else (int,)
+            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, kinds)]
+            if bad:
+                raise ValueError(f"{name} must hold numbers, got {bad[0]!r}")
+        bad = [s for s in self.stages if s not in (1, 2)]
+        if bad:
+            raise ValueError(f"stages must hold 1 or 2, got {bad[0]!r}")
+
 
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the targets other than ``IGNORE``; a 16-bit model's logits are widened to float32
+    first (a loss and its sums rounded to 16 bits are resolved to about 1e-2 only)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     mask = targets != IGNORE
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
     return (ce * mask).sum() / mask.sum().clamp_min(1)
@@ -780,7 +806,10 @@ def _ridge_probe(x_fit, y_fit, x_eval, y_eval, num_classes: int, ridge: float) -
     w = torch.linalg.solve(xf.T @ xf + reg, xf.T @ yf)
     pred = xe @ w
     acc = float((pred.argmax(1) == y_eval).double().mean())
-    r2 = 1.0 - float((pred - ye).pow(2).sum() / (ye - ye.mean(0)).pow(2).sum())
+    sst = float((ye - ye.mean(0)).pow(2).sum())
+    if not sst > 0:  # every held-out position has the same concept: no variance for R^2 to explain
+        return acc, float("nan")
+    r2 = 1.0 - float((pred - ye).pow(2).sum()) / sst
     return acc, r2
 
 
@@ -812,6 +841,16 @@ def probe_accuracy(
     Returns
     -------
     (accuracy, r2) : held-out accuracy and held-out R^2 of the one-hot concept.
+        Both are NaN when there is nothing to fit or to score (fewer than two fit positions or no held-out one,
+        e.g. ``only_shared_tokens`` on a task without shared tokens). R^2 is NaN, with a warning, when every
+        held-out position has the same concept (e.g. ``num_samples=1``: one sequence carries one concept): the
+        one-hot has no variance to explain; the accuracy is still returned.
+
+    Raises
+    ------
+    ValueError
+        When ``which`` selects no residual dimension (``"non_flag"`` with ``spec.dims`` covering all of
+        ``d_model``): a probe on no features measures nothing but the base rate.
     """
     _check_spec(spec)
     spec.check(model)
@@ -827,6 +866,7 @@ def probe_accuracy(
         or not (math.isfinite(ridge) and ridge >= 0)
     ):
         raise ValueError(f"ridge={ridge!r} is not valid; give a finite number >= 0 (the probe's L2 penalty)")
+    _check_probe_width(model, spec, which)
     return _probe(_probe_data(model, task, spec, num_samples, seed), spec, which, ridge, only_shared_tokens)
 
 
@@ -845,8 +885,10 @@ def _probe_data(model, task: Task, spec: FlagSpec, num_samples: int, seed: int) 
 
 
 def _probe(
-    data: list, spec: FlagSpec, which: str, ridge: float, only_shared_tokens: bool
+    data: list, spec: FlagSpec, which: str, ridge: float, only_shared_tokens: bool, warn_r2: bool = True
 ) -> tuple[float, float]:
+    """Held-out (accuracy, R^2) of the probe on the columns ``which`` selects (see :func:`probe_accuracy`);
+    ``warn_r2``: warn when R^2 is undefined (a caller that does not report it passes False)."""
     d = data[0][0].shape[-1]
     if which == "flag":
         cols = list(spec.dims)
@@ -854,12 +896,74 @@ def _probe(
         cols = list(range(d))
     else:
         cols = [i for i in range(d) if i not in set(spec.dims)]
+    _check_probe_columns(cols, which, spec, d)
     (xf, yf, sf), (xe, ye, se) = data
     if only_shared_tokens:
         xf, yf, xe, ye = xf[sf], yf[sf], xe[se], ye[se]
     if len(xf) < 2 or len(xe) == 0:  # nothing to fit or to score (a task without shared tokens): undefined
         return float("nan"), float("nan")
-    return _ridge_probe(xf[:, cols], yf, xe[:, cols], ye, spec.num_concepts, ridge)
+    acc, r2 = _ridge_probe(xf[:, cols], yf, xe[:, cols], ye, spec.num_concepts, ridge)
+    if warn_r2 and math.isnan(r2):
+        warnings.warn(
+            f"probe (which={which!r}{', only_shared_tokens=True' if only_shared_tokens else ''}): every one of the "
+            f"{len(ye)} held-out positions has concept {int(ye[0])}, so the one-hot concept has no variance and its "
+            "R^2 is undefined (NaN); the accuracy is returned. Give more sequences (num_samples) so that the "
+            "held-out sample holds several concepts",
+            RuntimeWarning,
+            stacklevel=_warning_stacklevel(),
+        )
+    return acc, r2
+
+
+def _hook_width(model, spec: FlagSpec) -> int | None:
+    """The width of the activation at ``spec.hook`` as the model's config gives it (``d_mlp`` for an MLP hook
+    point, else ``d_model``), or None when the config does not say."""
+    cfg = getattr(model, "cfg", None)
+    last = spec.hook.rsplit(".", 1)[-1]
+    if ".mlp." in spec.hook and last in _MLP_HOOKS and getattr(cfg, "d_mlp", None) is not None:
+        return cfg.d_mlp
+    width = getattr(cfg, "d_model", None)
+    return width if isinstance(width, int) else None
+
+
+def _check_probe_width(model, spec: FlagSpec, which: str, caller: str = "probe_accuracy") -> None:
+    """:func:`_check_probe_columns` before any forward, where the model's config gives the hook's width."""
+    width = _hook_width(model, spec)
+    if width is not None and which == "non_flag":
+        _check_probe_columns([i for i in range(width) if i not in set(spec.dims)], which, spec, width, caller)
+
+
+def _warning_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called in the function that calls this one, at which the warning
+    points at the user's line: past pypattern's frames and those of torch's ``no_grad`` decorator (the
+    measurements are wrapped in it)."""
+    import torch.utils._contextlib as wrapper
+
+    passed = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.abspath(wrapper.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(passed):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_probe_columns(
+    cols: list, which: str, spec: FlagSpec, d_model: int, caller: str = "probe_accuracy"
+) -> None:
+    """Refuse a probe on no residual dimension (``which="non_flag"`` when ``spec.dims`` covers all of
+    ``d_model``): it would measure only the base rate of the concepts."""
+    if cols:
+        return
+    if caller == "flag_report":
+        raise ValueError(
+            f"flag_report: spec.dims={spec.dims} covers all {d_model} dimensions of {spec.hook!r}, and the "
+            "report's probes (which='non_flag') read the dimensions outside it: there are none; give a FlagSpec "
+            "with fewer dims than the hook's width"
+        )
+    raise ValueError(
+        f"which={which!r} selects no residual dimension: spec.dims={spec.dims} covers all {d_model} dimensions of "
+        f"{spec.hook!r}, so there is no non-flag dimension to probe; give a FlagSpec with fewer dims than the "
+        "hook's width, or which='flag' or 'all'"
+    )
 
 
 @register
@@ -885,7 +989,8 @@ class FlagReport(Saveable):
     reliance : float
         ``loss_ablated - loss_clean``.
     probe_non_flag, probe_non_flag_r2 : float
-        Held-out accuracy and R^2 of a linear probe for the concept on the non-flag dimensions.
+        Held-out accuracy and R^2 of a linear probe for the concept on the non-flag dimensions (R^2 NaN, with a
+        warning, when every held-out position carries the same concept: see :func:`probe_accuracy`).
     probe_non_flag_shared, probe_non_flag_shared_r2 : float
         The same at positions whose current token is shared (no concept of its own).
     probe_flag : float
@@ -908,12 +1013,37 @@ class FlagReport(Saveable):
     probe_flag: float
     reference: dict = field(default_factory=dict)
 
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): the fractions in [0, 1] (or NaN), ``reliance`` the
+        difference of the two losses, ``reference`` probe numbers by name."""
+        fractions = ("flag_accuracy", "steer_success", "steer_baseline", "steer_prompt_concept")
+        fractions += ("probe_non_flag", "probe_non_flag_shared", "probe_flag")
+        for name in fractions:
+            v = getattr(self, name)
+            if not (math.isnan(v) or 0 <= v <= 1):
+                raise ValueError(f"{name}={v!r} is not a fraction in [0, 1]")
+        diff = self.loss_ablated - self.loss_clean
+        if not (
+            math.isclose(self.reliance, diff, rel_tol=1e-9, abs_tol=1e-12)
+            or (math.isnan(self.reliance) and math.isnan(diff))
+        ):
+            raise ValueError(
+                f"reliance={self.reliance!r} is not loss_ablated - loss_clean = {self.loss_ablated!r} - "
+                f"{self.loss_clean!r}"
+            )
+        ref = self.reference
+        if not isinstance(ref, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in ref.items()
+        ):
+            raise ValueError(f"reference must be a dict of probe name (str) to number, got {ref!r:.80}")
+
 
 def _probe_numbers(model, task, spec, num_samples, seed, ridge: float = 1e-2) -> dict:
     data = _probe_data(model, task, spec, num_samples, seed + 10)  # one pair of forwards for the three probes
     acc, r2 = _probe(data, spec, "non_flag", ridge, False)
     acc_s, r2_s = _probe(data, spec, "non_flag", ridge, True)
-    acc_f, _ = _probe(data, spec, "flag", ridge, False)
+    acc_f, _ = _probe(data, spec, "flag", ridge, False, warn_r2=False)  # its R^2 is not reported
     return {
         "probe_non_flag": acc,
         "probe_non_flag_r2": r2,
@@ -949,7 +1079,8 @@ def flag_report(
     reference_model : optional
         The model before flag training; its probe numbers go to ``reference`` (erosion = before - after).
 
-    Both models are measured in eval mode and left in the mode they were in.
+    Both models are measured in eval mode and left in the mode they were in. A ``spec`` whose ``dims`` cover all of
+    the hook's width is refused (``ValueError``): the probes read the non-flag dimensions, and there are none.
     """
     _check_spec(spec)
     spec.check(model)
@@ -958,6 +1089,9 @@ def flag_report(
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'mean' or 'zero'")
     _check_concept_task(task, spec)
     _check_vocab(model, task)
+    for m in (model, reference_model):  # the report's probes read the non-flag dimensions
+        if m is not None:
+            _check_probe_width(m, spec, "non_flag", "flag_report")
     seq_len = getattr(task, "n_ctx", None)
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 2:
         raise ValueError(

@@ -791,6 +791,12 @@ def per_sample_grad_gram(
             "is fine: gradients are enabled inside); call it outside the inference-mode block"
         )
     defaults = sites is None and modules is None
+    if defaults:
+        from ._checks import compiled_inner
+        from .models.transformer import Transformer
+
+        if isinstance(compiled_inner(model), Transformer):  # torch.compile's wrapper of pypattern's model
+            model = compiled_inner(model)
     sites = _sites_of(model, modules, sites)
     params = _check_sites(model, sites)
     verified_key = None

@@ -119,7 +119,7 @@ def accumulated_residual(
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}; tokens have {tuple(tokens.shape)}")
         check_attention_mask(am, "attention_mask")
         am = am != 0
-        _refuse_left_padding(model, am, "attention_mask")  # the model reads no mask
+        _refuse_left_padding(model, am, "accumulated_residual")  # the model reads no mask
         weight = am[:, sl].to(torch.float32)
         counts = weight.sum(1, keepdim=True)
         if bool((counts == 0).any()):

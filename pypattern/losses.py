@@ -320,6 +320,22 @@ def parse_batch(batch: Any) -> ParsedBatch:
     if isinstance(batch, tuple | list) and len(batch) == 1 and isinstance(batch[0], torch.Tensor):
         # DataLoader(TensorDataset(tokens)) yields [tokens]
         return ParsedBatch("tokens", _ids(batch[0], "a one-element batch's tensor", batch))
+    if (
+        isinstance(batch, tuple | list)
+        and len(batch) >= 2
+        and all(isinstance(t, torch.Tensor) and t.dim() == 1 and _is_int(t) for t in batch)
+        and len({t.shape for t in batch}) > 1
+    ):
+        # token sequences of unequal lengths (what a tokenizer gives without padding=True): no pair (x, y) has
+        # 1-D integer x and y of unequal lengths, nor is a longer tuple a batch of the default loss
+        lens = [int(t.shape[0]) for t in batch]
+        raise ValueError(
+            f"{_describe(batch)} reads as {len(batch)} token sequences of unequal lengths {lens}, which are not one "
+            "batch: pad them to one length and give {'input_ids': ids, 'attention_mask': mask} (mask 1 at the real "
+            "tokens, 0 at the padding; a tokenizer's padding=True output, or pad_sequence(..., batch_first=True) "
+            "with its mask), or stack sequences of one length, torch.stack([...]) of shape "
+            f"({len(batch)}, pos)"
+        )
     if isinstance(batch, tuple | list) and len(batch) > 2:
         seqs = all(isinstance(t, torch.Tensor) and t.dim() == 1 and _is_int(t) for t in batch) and (
             len({t.shape for t in batch}) == 1
@@ -427,7 +443,8 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     The ``labels`` that are scored are checked the same way (ids in the vocabulary, or -100). A mapping batch whose ``attention_mask``
     has padding before real tokens (left padding) is refused when ``model``'s forward takes no ``attention_mask``
     (pypattern's ``Transformer``): its real tokens would attend to the padding. Likewise ``position_ids`` other
-    than ``0 .. pos - 1`` for a model whose forward takes none.
+    than ``0 .. pos - 1`` at the real tokens (``attention_mask`` 1; padding positions' ids are not read) for a
+    model whose forward takes none.
 
     Raises
     ------
@@ -457,10 +474,16 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
             )
     if pos is not None and not _takes(model, "position_ids"):
         plain = torch.arange(pos.shape[-1], device=pos.device).expand_as(pos)
-        if not torch.equal(pos, plain):
-            row = int((pos != plain).any(-1).nonzero()[0, 0])
+        differ = pos != plain
+        if pb.attention_mask is not None:
+            # padding positions' ids are not read (Hugging Face's generate() fills them with 1): only the real
+            # tokens' ids must be their columns, 0 .. n - 1 in a right-padded row
+            differ = differ & pb.attention_mask.to(pos.device).bool()
+        if bool(differ.any()):
+            row = int(differ.any(-1).nonzero()[0, 0])
+            real = " at its real tokens (attention_mask 1)" if pb.attention_mask is not None else ""
             raise ValueError(
-                f"{argument}: batch['position_ids'] row {row} is not 0 .. {pos.shape[-1] - 1}, but "
+                f"{argument}: batch['position_ids'] row {row} is not 0 .. {pos.shape[-1] - 1}{real}, but "
                 f"{type(model).__name__}.forward takes no position_ids: the model would read every row at positions "
                 "0, 1, 2, ...; give batches whose sequences start at position 0 (right-padded), or a model whose "
                 "forward takes position_ids"

@@ -37,6 +37,7 @@ scikit-learn's ``RidgeCV`` with its default scoring, which this matches (bench/b
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -359,17 +360,47 @@ def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[torch.Te
     return perm[:k], perm[k:]
 
 
+def _varying_columns(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sst, ok)`` of the columns of ``y``: their total sum of squares about the mean, and whether each varies.
+    A column is constant when its spread is rounding of its own magnitude, whatever the other columns' scales."""
+    sst = ((y - y.mean(0)) ** 2).sum(0)
+    eps = torch.finfo(y.dtype).eps
+    return sst, sst > y.shape[0] * (64 * eps * y.abs().amax(0)) ** 2
+
+
 def _uniform_r2(y_te: torch.Tensor, pred: torch.Tensor) -> float:
-    """R^2 of each column on the held-out rows, averaged uniformly over columns (constant columns skipped). A
-    column is constant when its spread is rounding of its own magnitude, whatever the other columns' scales: a
-    column's R^2 does not depend on its scale, and neither does which columns count."""
-    sst = ((y_te - y_te.mean(0)) ** 2).sum(0)
-    sse = ((y_te - pred) ** 2).sum(0)
-    eps = torch.finfo(y_te.dtype).eps
-    ok = sst > y_te.shape[0] * (64 * eps * y_te.abs().amax(0)) ** 2
+    """R^2 of each column on the held-out rows, averaged uniformly over columns (constant columns skipped, see
+    :func:`_varying_columns`): a column's R^2 does not depend on its scale, and neither does which columns
+    count."""
+    sst, ok = _varying_columns(y_te)
     if not bool(ok.any()):
         return math.nan
+    sse = ((y_te - pred) ** 2).sum(0)
     return float((1.0 - sse[ok] / sst[ok]).mean())
+
+
+def warn_constant_target(fn: str, name: str, everywhere: bool, num_held_out: int) -> None:
+    """Warn that the ridge similarity ``fn`` returns NaN because the target ``name`` has no variance to predict:
+    constant over all the samples (``everywhere``) or only over the ``num_held_out`` held-out ones the split
+    left. The warning points at the first line outside pypattern on the stack (the user's call)."""
+    from .sampling.diagnostics import user_stacklevel
+
+    where = (
+        "over the samples (up to rounding)"
+        if everywhere
+        else f"over the {num_held_out} held-out samples of this split (up to rounding; it varies over the others)"
+    )
+    fix = (
+        "give a target that varies"
+        if everywhere
+        else "draw another split (seed) or hold out more samples (a smaller train_fraction)"
+    )
+    warnings.warn(
+        f"{fn}: {name} is constant {where}, so there is no variance to predict and the held-out R^2 is "
+        f"undefined: NaN is returned; {fix}",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def ridge_similarity_cv(
@@ -391,7 +422,10 @@ def ridge_similarity_cv(
     x : ``(n, ...)``
     ys : ``(n, ...)`` or a list of them
         With a list, ``x``'s decomposition is shared (one split, one eigendecomposition) and one value per target
-        is returned; each target gets its own penalty.
+        is returned; each target gets its own penalty. A target with no variance to predict (constant over the
+        samples, or over the held-out ones of the split, up to rounding) has no R^2: its value is NaN, with a
+        ``RuntimeWarning`` naming it (as :func:`~pypattern.equivalence.ridge_similarity`; CKA is NaN there too).
+        A constant ``x`` predicts nothing but the mean: its similarity is 0.
     alphas : sequence of positive floats
         The penalty grid. The penalties are absolute, not relative to the scale of ``x`` (as in the authors'
         code): ridge on ``x`` scaled by ``s`` with penalty ``a`` is ridge on ``x`` with ``a / s^2``, so the same
@@ -417,9 +451,12 @@ def ridge_similarity_cv(
     solver = RidgeLOO(xf[tr])
     x_te = _ldexp(xf[te], -solver.x_exp)  # in the units of the decomposition
     out = []
-    for y in tf:
+    for i, y in enumerate(tf):
         # in the scaled units (exact powers of two) throughout: R^2 of each column does not change with them
         res, y_exp = solver._fit_scaled(y[tr], alphas, False)
         r2 = _uniform_r2(_ldexp(y[te], -y_exp), x_te @ res.coef + res.intercept)
+        if math.isnan(r2):
+            everywhere = not bool(_varying_columns(y)[1].any())
+            warn_constant_target("ridge_similarity_cv", "ys" if single else f"ys[{i}]", everywhere, len(te))
         out.append(math.sqrt(max(r2, 0.0)) if sqrt and not math.isnan(r2) else r2)
     return out[0] if single else out

@@ -94,7 +94,7 @@ from .sampling.checkpoint import (
     warn_changed_settings,
 )
 from .sampling.data import ChainData, hash_data, to_device
-from .sampling.diagnostics import user_stacklevel
+from .sampling.diagnostics import NonFiniteLossError, user_stacklevel
 from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model
@@ -593,12 +593,90 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
     bad = ~torch.isfinite(l0.detach())
     if bool(bad.any()):
         where = torch.nonzero(bad.reshape(bad.shape[0], -1).any(1) if bad.dim() else bad.reshape(1)).flatten()
+        where = where.tolist()
+        empty = set(_rows_without_counted(probe))
+        if empty and set(where) <= empty:
+            raise ValueError(
+                f"probe: per_sample_loss_fn gives a non-finite loss at the initial weights w*, before any step, "
+                f"for probe samples {where[:5]}, which have no counted token (all padding or -100 labels): "
+                f"{_NO_COUNTED_TOKEN}; drop those samples from the probe, or return per-token losses "
+                "(token_losses(model, batch, fill=0.0)[0]), whose padding is left out"
+            )
         raise ValueError(
             f"probe: per_sample_loss_fn gives a non-finite loss at the initial weights w*, before any step, for "
-            f"probe samples {where[:5].tolist()}: the probe data or the model give a non-finite loss (look for NaN "
+            f"probe samples {where[:5]}: the probe data or the model give a non-finite loss (look for NaN "
             "or Inf in the probe's tensors and in the model's weights)"
         )
     return l0
+
+
+#: why a per-sample loss of a row without a counted token is not finite
+_NO_COUNTED_TOKEN = (
+    "a loss averaged over no token is NaN (pypattern.losses.sample_losses gives NaN for such a row, as does a "
+    "mean over token_losses' default NaN fill)"
+)
+
+
+def _rows_without_counted(batch) -> list[int]:
+    """The rows of a token batch (or of a pair with per-position targets) that have no counted entry (all padding
+    or ``-100`` labels: :func:`pypattern.losses.counted_entries`), read from the batch alone; [] for other batches
+    and for batches the default rule does not read."""
+    try:
+        mask = counted_entries(batch)
+    except Exception:  # noqa: BLE001 - only chooses an error message
+        return []
+    if mask is None or mask.dim() != 2:
+        return []
+    return [int(i) for i in torch.nonzero(~mask.any(1)).flatten()]
+
+
+def _nonfinite_only_at(losses: torch.Tensor, rows: list[int]) -> bool:
+    """Whether per-sample ``losses`` ``(batch,)`` are non-finite somewhere, and only at ``rows``."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+        return False
+    bad = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
+    return bool(bad) and set(bad) <= set(rows)
+
+
+@contextlib.contextmanager
+def _naming_rows_without_counted(loader, losses_at: Callable | None):
+    """A :class:`~pypattern.sampling.NonFiniteLossError` of the sampler whose loss is the mean of a
+    ``per_sample_loss_fn`` of one's own (``losses_at(batch)``: its losses at ``w*``; None for other losses) names
+    the loader's rows with no counted token where those are the rows whose losses are not finite (the batches are
+    scanned on the error's path only): a per-sample loss over no token is NaN, and so is its mean."""
+    try:
+        yield
+    except NonFiniteLossError as e:
+        if losses_at is None:
+            raise
+        found = None
+        try:
+            for i, batch in enumerate(loader):
+                if i >= 1000:
+                    break
+                rows = _rows_without_counted(batch)
+                if rows:
+                    with torch.no_grad():
+                        if _nonfinite_only_at(losses_at(batch), rows):
+                            found = (i, rows)
+                            break
+        except Exception:  # noqa: BLE001 - only chooses an error message
+            found = None
+        if found is None:
+            raise
+        i, rows = found
+        head = str(e).split(": the data or the model")[0]
+        raise NonFiniteLossError(
+            f"{head}: the loader's batch {i} (in the loader's own order) has rows {rows[:5]} with no counted token "
+            f"(all padding or -100 labels), and the sampler's loss is the mean of per_sample_loss_fn over the "
+            f"batch: {_NO_COUNTED_TOKEN}; drop such rows from the batches, or return per-token losses "
+            "(token_losses(model, batch, fill=0.0)[0]), which are averaged over the counted tokens",
+            chain=e.chain,
+            draw=e.draw,
+            step=e.step,
+            step_size=e.step_size,
+            suggested_step_size=e.suggested_step_size,
+        ) from e
 
 
 _DEFAULT_TOKEN_LOSSES = (per_sample_losses, probe_losses)
@@ -638,37 +716,56 @@ def _chain_loss(per_sample_loss_fn: Callable) -> Callable:
 class _ProbeEntries:
     """Which probe entries count, and how per-token losses become per-sample ones (``per_token=False``).
 
-    With the default per-token losses the mask of counted tokens (padding and ``-100`` labels excluded) is read
-    once from the probe: a sample's loss is the mean over its counted tokens, the mean probe loss ``Lbar`` is the
-    mean over counted entries, and entries that do not count get no susceptibility (0). With a custom
-    ``per_sample_loss_fn`` every entry counts and a sample's loss is the mean over its positions."""
+    The mask of counted entries (padding and ``-100`` labels excluded: :func:`pypattern.losses.counted_entries`)
+    is read once from the probe, with no forward. It applies to the default per-token losses, and to the losses
+    of a ``per_sample_loss_fn`` of one's own whose shape is the mask's (per-token losses ``(batch, pos - 1)`` of a
+    token probe, such as ``token_losses(model, batch, ...)[0]``; per-position or per-sample losses of a pair with
+    ``-100`` targets), as the sampler's loss reads them (:func:`_chain_loss`): a sample's loss is the mean over
+    its counted tokens, the mean probe loss ``Lbar`` is the mean over counted entries, entries that do not count
+    are read as 0 (whatever the function put there, NaN included) and get no susceptibility (0). Losses of
+    another shape (per-sample losses ``(batch,)`` of a token probe) all count, and a sample's per-token losses of
+    another shape are averaged over its positions."""
 
     def __init__(self, model: nn.Module, probe, per_sample_loss_fn: Callable, per_token: bool) -> None:
         self.per_token = per_token
         self.tokens = None  # (batch, pos - 1) bool, or None
+        self.pending = None  # a custom function's candidate mask, taken when its losses have its shape
         if per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
-            mask = counted_mask(check_batch(model, probe, "probe"))  # from the batch: no forward
-            if mask is None:
-                return
-            if mask.dim() == 2:
-                self.tokens = mask
-                if not per_token and not bool(mask.any(1).all()):
-                    bad = [int(i) for i in torch.nonzero(~mask.any(1)).flatten()[:5]]
-                    raise ValueError(
-                        f"probe samples {bad} have no counted token (all padding or -100 labels): with "
-                        "per_token=False each sample's loss is the mean over its counted tokens; drop them from "
-                        "the probe"
-                    )
-            elif not bool(mask.all()):
-                self.tokens = mask  # pairs with -100 targets: those samples do not count
+            self._take(counted_mask(check_batch(model, probe, "probe")))  # from the batch: no forward
+        else:
+            self.pending = counted_entries(probe)  # None: a probe the default rule does not read
+
+    def _take(self, mask: torch.Tensor | None) -> None:
+        """Count the entries of ``mask`` (None: all count)."""
+        if mask is None:
+            return
+        if mask.dim() == 2:
+            self.tokens = mask
+            if not self.per_token and not bool(mask.any(1).all()):
+                bad = [int(i) for i in torch.nonzero(~mask.any(1)).flatten()[:5]]
+                raise ValueError(
+                    f"probe samples {bad} have no counted token (all padding or -100 labels): with "
+                    "per_token=False each sample's loss is the mean over its counted tokens; drop them from "
+                    "the probe"
+                )
+        elif not bool(mask.all()):
+            self.tokens = mask  # pairs with -100 targets: those samples do not count
 
     def reduce(self, v: torch.Tensor) -> torch.Tensor:
-        """Per-token losses ``v`` as the estimator reads them (per sample when ``per_token=False``)."""
-        if self.per_token or v.dim() != 2:
-            return v
+        """Per-token losses ``v`` as the estimator reads them (per sample when ``per_token=False``), entries that
+        do not count read as 0."""
+        pending, self.pending = self.pending, None  # the first call (at w*, before any draw) decides
+        if pending is not None and isinstance(v, torch.Tensor) and tuple(pending.shape) == tuple(v.shape):
+            self._take(pending)
         m = self.tokens
-        if m is not None and m.shape == v.shape:
-            return torch.where(m, v, torch.zeros_like(v)).sum(1) / m.sum(1)
+        if m is not None and isinstance(v, torch.Tensor) and m.shape == v.shape:
+            m = m.to(v.device)
+            v = torch.where(m, v, torch.zeros_like(v))
+            if not self.per_token and v.dim() == 2:
+                return v.sum(1) / m.sum(1)
+            return v
+        if self.per_token or not isinstance(v, torch.Tensor) or v.dim() != 2:
+            return v
         return v.mean(1)
 
     def counted(self, n: int) -> torch.Tensor | None:
@@ -709,6 +806,26 @@ def _probe_meta(probe, losses: torch.Tensor, counted: torch.Tensor | None = None
     if counted is not None and counted.numel() == tok.size:
         tok = np.where(counted.reshape(-1).cpu().numpy(), tok, -1)
     return sample_idx, pos, tok
+
+
+def _warn_single_counted_entry(n: int, counted: torch.Tensor | None, meta: tuple, per_token: bool) -> None:
+    """Warn when the probe has exactly one counted entry: its loss is then the mean probe loss ``Lbar``, so
+    ``l_z - Lbar`` is 0 on every draw and chi is 0 identically, whatever the model and the component."""
+    if (n if counted is None else int(counted.sum())) != 1:
+        return
+    i = 0 if counted is None else int(torch.nonzero(counted).flatten()[0])
+    sample_idx, pos = int(meta[0][i]), int(meta[1][i])
+    what = f"probe sample {sample_idx}" + (f", position {pos}" if pos >= 0 else "")
+    if n > 1:
+        what += f"; its other {n - 1} entries do not count: padding or -100 labels"
+    unit = "token" if per_token and pos >= 0 else "sample"
+    warnings.warn(
+        f"susceptibilities: the probe has one counted entry ({what}): its loss l_z is the mean probe loss Lbar "
+        "itself, so l_z - Lbar = 0 on every draw and chi is 0 identically for every component (a susceptibility "
+        f"is measured against the other probe entries); give a probe of at least two counted {unit}s",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _probe_columns(probe, losses: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -834,7 +951,9 @@ def susceptibilities(
     loader : iterable of batches
         Training data the SGLD chains draw from (its batch-mean loss drives them).
     probe : batch
-        Probe samples: a token tensor ``(batch, pos)`` (per-token losses) or ``(x, y)``.
+        Probe samples: a token tensor ``(batch, pos)`` (per-token losses) or ``(x, y)``. A probe of one counted
+        entry has ``l_z = Lbar`` on every draw, so its chi is 0 identically: it is computed, with a
+        ``RuntimeWarning``.
     components : list or dict
         Each entry a component name (``"blocks.0.attn.head.1"``, ``"blocks.1.mlp"``, ``"embed"``, ... for
         pypattern's transformer, or a parameter-name prefix), a list of parameter names, or ``{param_name: mask}``;
@@ -851,7 +970,13 @@ def susceptibilities(
         batch too, from the sampler's own forward: one forward and one backward per step instead of three
         forwards and a backward.
     per_sample_loss_fn : callable(model, probe) -> Tensor
-        Per-sample ``(B,)`` or per-token ``(B, T)`` losses on the probe.
+        Per-sample ``(B,)`` or per-token ``(B, T)`` losses on the probe. Losses of the shape of the probe's mask
+        of counted entries (:func:`pypattern.losses.counted_entries`: per-token losses ``(B, pos - 1)`` of a token
+        probe, such as ``lambda m, b: token_losses(m, b, fill=0.0)[0]``) are read as the default ones are: the
+        entries that do not count (padding, ``-100`` labels) are left out of ``Lbar`` and get chi 0, whatever
+        value the function gives them (NaN included). Per-sample losses ``(B,)`` of a token probe all count: a
+        sample with no counted token (all padding or ``-100`` labels) has no loss (NaN with
+        :func:`pypattern.losses.sample_losses`) and is refused; drop such samples.
     observable : callable(model) -> scalar, optional
         ``phi``; default: ``loss_fn`` on ``sampling_batch``. Its value at ``w*`` is subtracted from every draw
         (for either ``phi``): with ``convention="physics"`` for precision only, since a covariance does not
@@ -865,7 +990,8 @@ def susceptibilities(
         See the module docstring.
     per_token : bool
         Keep one column per token (True) or average each probe sample's token losses (False), over its counted
-        tokens with the default losses (padding and ``-100`` labels left out). Entries that do not count (padded
+        tokens (padding and ``-100`` labels left out) with the default losses and with losses of one's own of the
+        counted mask's shape. Entries that do not count (padded
         positions) stay out of the mean probe loss ``Lbar`` and get chi 0.
     checkpoint : path, optional
         A folder: each finished component's row (and the unrestricted run of the devinterp convention) is written
@@ -945,6 +1071,10 @@ def susceptibilities(
         # the default losses read it: checked as probe is, errors naming where it came from
         check_batch(model, sampling_batch, phi_batch)
     lf = loss_fn if loss_fn is not None else _chain_loss(per_sample_loss_fn)
+    # per_sample_loss_fn's losses on a loader's batch, when the sampler's loss is their mean
+    own_losses_at = None
+    if loss_fn is None and not default_phi:
+        own_losses_at = lambda batch: per_sample_loss_fn(model, to_device(batch, dev))  # noqa: E731
     # the runs (checked before the step is calibrated): the unrestricted one first (devinterp convention), then one per component
     names_all = (["unrestricted"] if convention == "devinterp" else []) + [
         f"component_{k}" for k in range(len(specs))
@@ -963,13 +1093,14 @@ def susceptibilities(
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):  # one calibration (unrestricted chains)
         # recorded in the checkpoint folder: a resumed call reuses it instead of calibrating again
         cal = None if checkpoint is None else os.path.join(os.fspath(checkpoint), CALIBRATION_FILE)
-        kw["step_size"], auto_step, record = calibrate_or_resume(
-            model,
-            loader,
-            auto_arguments(dict(kw, loss_fn=lf)),
-            None if cal is None else read_calibration(cal),
-            resolve_step_size,
-        )
+        with _naming_rows_without_counted(loader, own_losses_at):
+            kw["step_size"], auto_step, record = calibrate_or_resume(
+                model,
+                loader,
+                auto_arguments(dict(kw, loss_fn=lf)),
+                None if cal is None else read_calibration(cal),
+                resolve_step_size,
+            )
         if cal is not None and record is not None:
             write_calibration(cal, record)
     _resolve_burnin(kw, auto_step)
@@ -999,6 +1130,19 @@ def susceptibilities(
     phi0 = phi0.reshape(())
     if not bool(torch.isfinite(phi0)):
         what = "observable" if observable is not None else phi_batch
+        own = own_losses_at is not None and observable is None  # phi is the mean of per_sample_loss_fn
+        empty = _rows_without_counted(sampling_batch) if own else []
+        if empty:
+            with torch.no_grad():
+                empty = empty if _nonfinite_only_at(own_losses_at(sampling_batch), empty) else []
+        if empty:
+            raise ValueError(
+                f"{what}: phi is {float(phi0)} at the initial weights w*, before any step: the sampling batch's "
+                f"rows {empty[:5]} have no counted token (all padding or -100 labels), and phi is the mean of "
+                f"per_sample_loss_fn over the batch: {_NO_COUNTED_TOKEN}; drop such rows from the batches, or "
+                "return per-token losses (token_losses(model, batch, fill=0.0)[0]), which are averaged over the "
+                "counted tokens"
+            )
         raise ValueError(
             f"{what}: phi is {float(phi0)} at the initial weights w*, before any step: the data or the model give "
             "a non-finite value (look for NaN or Inf in the batch's tensors and in the model's weights)"
@@ -1006,6 +1150,7 @@ def susceptibilities(
     n = l0.numel()
     counted = entries.counted(n)  # entries outside it (padding) are left out of Lbar and get chi 0
     meta = _probe_meta(probe, l0, counted)
+    _warn_single_counted_entry(n, counted, meta, per_token)
     acc_dev = l0.device  # the draws' accumulators: where the probe losses are
     counted_idx = None if counted is None else torch.nonzero(counted).flatten().to(acc_dev)
     phi0_acc = phi0.to(device=acc_dev, dtype=torch.float64)
@@ -1267,7 +1412,8 @@ def susceptibilities(
                 os.remove(local)  # its rows are saved
         return rows
 
-    rows = _with_auto_reruns(sample_rows, kw, auto_step, checkpoint)
+    with _naming_rows_without_counted(loader, own_losses_at):
+        rows = _with_auto_reruns(sample_rows, kw, auto_step, checkpoint)
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
     chi_loo = np.zeros((len(specs), C, n))
@@ -1468,7 +1614,10 @@ def bif(
     _check_common(model, loader, per_token, kw)
     model, dev = _run_device(model, device)
     probe = to_device(probe, dev)  # the probe losses are forwards of the model on it
+    # per_sample_loss_fn's losses on a loader's batch, when the sampler's loss is their mean
+    own_losses_at = None
     if loss_fn is None and per_sample_loss_fn not in _DEFAULT_TOKEN_LOSSES:
+        own_losses_at = lambda batch: per_sample_loss_fn(model, to_device(batch, dev))  # noqa: E731
         # susceptibilities' sampler loss; with the default per_sample_loss_fn that is batch_loss, which sample()
         # takes for loss_fn=None (and runs batched chains on with its checks made before stacking)
         loss_fn = _chain_loss(per_sample_loss_fn)
@@ -1476,9 +1625,10 @@ def bif(
     if wants_auto(
         kw.get("step_size"), kw.get("optimizer_kwargs")
     ):  # calibrated before the run (sampling.auto)
-        kw["step_size"], auto_step = resolve_step_size(
-            model, loader, **auto_arguments(dict(kw, loss_fn=loss_fn))
-        )
+        with _naming_rows_without_counted(loader, own_losses_at):
+            kw["step_size"], auto_step = resolve_step_size(
+                model, loader, **auto_arguments(dict(kw, loss_fn=loss_fn))
+            )
     _resolve_burnin(kw, auto_step)
 
     entries = _ProbeEntries(model, probe, per_sample_loss_fn, per_token)
@@ -1509,7 +1659,8 @@ def bif(
         )
         return acc
 
-    acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"))
+    with _naming_rows_without_counted(loader, own_losses_at):
+        acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"))
     counted = entries.counted(n)
     meta = _probe_meta(probe, l0, counted)
     return BIFResult(

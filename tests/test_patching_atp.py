@@ -139,7 +139,7 @@ def test_shortlist_and_confirm_takes_activation_patchings_settings(kw):
     rows = shortlist_and_confirm(model, "z", clean, *toks, metric=met, k=3, **kw)
     common = {a: kw[a] for a in ("corruption", "direction", "per_position") if a in kw}
     exact = activation_patching(model, "z", clean, *toks, metric=met, **common).effect.mean(0)
-    atp = attribution_patching(
+    res = attribution_patching(
         model,
         clean,
         *toks,
@@ -148,15 +148,21 @@ def test_shortlist_and_confirm_takes_activation_patchings_settings(kw):
         qk_fix=True,
         grad_drop=kw.get("grad_drop", False),
         **common,
-    )["z"].effect.mean(0)
+    )["z"]
+    atp = res.effect.mean(0)
     assert len(rows) == 3 and ("pos" in rows[0]) == kw.get("per_position", True)
     for r in rows:
         at = (r["layer"], r["head"]) + ((r["pos"],) if "pos" in r else ())
         assert r["exact"] == pytest.approx(exact[at].item(), abs=1e-12)
         assert r["atp"] == pytest.approx(atp[at].item(), abs=1e-12)
-    # the ranking: the same values to rounding (the shortlist's batches may differ from this call's by an ulp)
-    top = sorted(atp.abs().flatten().tolist(), reverse=True)[:3]
-    assert [abs(r["atp"]) for r in rows] == pytest.approx(top, rel=1e-12, abs=1e-15)
+    # the ranking: the same values to rounding (the shortlist's batches may differ from this call's by an ulp);
+    # with GradDrop by the mean GradDrop score (AtP*'s ranking), else by |mean AtP|
+    if kw.get("grad_drop"):
+        top = sorted(res.info["graddrop"].mean(0).flatten().tolist(), reverse=True)[:3]
+        assert [r["graddrop"] for r in rows] == pytest.approx(top, rel=1e-12, abs=1e-15)
+    else:
+        top = sorted(atp.abs().flatten().tolist(), reverse=True)[:3]
+        assert [abs(r["atp"]) for r in rows] == pytest.approx(top, rel=1e-12, abs=1e-15)
 
 
 def test_patch_demo_writes_heatmap_and_table(tmp_path):

@@ -447,10 +447,15 @@ def test_token_dtypes_and_flags_are_checked_naming_the_argument():
         activation_patching(model, "resid_pre", clean.int(), corr.int(), metric=m).values,
         activation_patching(model, "resid_pre", clean, corr, metric=m).values,
     )
-    with pytest.raises(TypeError, match="clean_tokens has dtype torch.uint8"):
-        activation_patching(model, "resid_pre", clean.to(torch.uint8), corr, metric=m)
-    with pytest.raises(TypeError, match="clean_tokens has dtype torch.uint8"):
-        attribution_patching(model, clean.to(torch.uint8), corr, metric=m, sites=["z"])
+    # ids of any integer dtype are ids (uint8 ones are not read as a mask)
+    torch.testing.assert_close(
+        activation_patching(model, "resid_pre", clean.to(torch.uint8), corr, metric=m).values,
+        activation_patching(model, "resid_pre", clean, corr, metric=m).values,
+    )
+    with pytest.raises(TypeError, match="clean_tokens has dtype torch.float32"):
+        activation_patching(model, "resid_pre", clean.float(), corr, metric=m)
+    with pytest.raises(TypeError, match="clean_tokens has dtype torch.bool"):
+        attribution_patching(model, clean.bool(), corr, metric=m, sites=["z"])
     with pytest.raises(TypeError, match=r"site=\['z'\] is not valid"):
         activation_patching(model, ["z"], clean, corr, metric=m)
     for bad in (None, [["z"]], [1]):

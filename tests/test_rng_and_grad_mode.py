@@ -4,6 +4,8 @@ enables gradients itself."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -172,3 +174,149 @@ def test_nonfinite_names_exact_also_when_a_sum_overflows(dtype):
     named = [("big", big), ("nan", nan), ("inf", inf), ("both", both), ("strided", strided)]
     named += [("empty", torch.empty(0, dtype=dtype)), ("ints", torch.arange(3))]
     assert nonfinite_names(named) == ["nan", "inf", "both"]
+
+
+def _compiled_case():
+    model = Transformer(
+        TransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_vocab=13, n_ctx=8, seed=1)
+    )
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, 13, (3, 6), generator=g)
+    corr = torch.randint(0, 13, (3, 6), generator=g)
+    return model, torch.compile(model, backend="eager"), clean, corr
+
+
+def test_a_compiled_pypattern_transformer_is_patched_as_the_model_it_wraps():
+    from pypattern import circuits
+
+    model, compiled, clean, corr = _compiled_case()
+    metric = pp.LogProb(clean[:, -1])
+    for site in ("z", "resid_pre"):
+        a = pp.activation_patching(compiled, site, clean, corr, metric=metric, quiet=True).values
+        b = pp.activation_patching(model, site, clean, corr, metric=metric, quiet=True).values
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a = pp.attribution_patching(compiled, clean, corr, metric=metric, sites=["z"])["z"].values
+    b = pp.attribution_patching(model, clean, corr, metric=metric, sites=["z"])["z"].values
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a = circuits.edge_attribution(compiled, clean, corr, metric=metric).scores
+    b = circuits.edge_attribution(model, clean, corr, metric=metric).scores
+    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=0, atol=0)
+
+
+def test_a_compiled_pypattern_transformer_gets_its_default_gram_sites():
+    model, compiled, clean, _ = _compiled_case()
+
+    def per_seq(m, x):
+        return m(x, return_type="per_token_loss").sum(-1)
+
+    G = per_sample_grad_gram(compiled, per_seq, clean)
+    torch.testing.assert_close(G, per_sample_grad_gram(model, per_seq, clean), rtol=0, atol=0)
+    assert G.shape == (3, 3)
+
+
+def test_susceptibilities_batched_on_a_converted_model_with_padded_batches():
+    hf = _tiny_llama()
+    conv = pp.from_hf(hf)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, hf.config.vocab_size, (8, 10), generator=g)
+    mask = torch.ones(8, 10, dtype=torch.long)
+    mask[2, 7:] = 0
+    mask[5, 8:] = 0
+    batches = [
+        {"input_ids": ids[:4], "attention_mask": mask[:4]},
+        {"input_ids": ids[4:], "attention_mask": mask[4:]},
+    ]
+    probe = {"input_ids": ids[:3], "attention_mask": mask[:3]}
+    kw = dict(num_chains=2, num_draws=6, step_size=1e-3, localization=100.0, quiet=True, seed=0)
+    comps = ["blocks.0.attn", "embed"]
+    with warnings.catch_warnings():  # short chains: the diagnostics say so
+        warnings.simplefilter("ignore")
+        batched = pp.susceptibilities(conv, batches, probe, comps, batched=True, **kw).chi
+        one_by_one = pp.susceptibilities(conv, batches, probe, comps, batched=False, **kw).chi
+    assert float(abs(torch.as_tensor(one_by_one)).max()) > 0
+    torch.testing.assert_close(torch.as_tensor(batched), torch.as_tensor(one_by_one), rtol=1e-6, atol=1e-9)
+
+
+def test_shortlist_with_grad_drop_ranks_by_the_graddrop_score():
+    import numpy as np
+
+    model = Transformer(
+        TransformerConfig(
+            n_layers=3, d_model=24, n_heads=4, d_head=6, d_vocab=17, n_ctx=8, seed=3, dtype=torch.float64
+        )
+    )
+    V = model.cfg.d_vocab
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, V, (4, 6), generator=g)
+    corr = clean.clone()
+    corr[:, 1] = (corr[:, 1] + 5) % V
+    ans = torch.randint(0, V, (4,), generator=g)
+    metric = pp.LogitDiff(ans, (ans + 1) % V)
+    rows = pp.shortlist_and_confirm(model, "z", clean, corr, metric=metric, k=8, grad_drop=True)
+    at = pp.attribution_patching(model, clean, corr, metric=metric, sites=["z"], qk_fix=True, grad_drop=True)[
+        "z"
+    ]
+    gd = at.info["graddrop"].mean(0)
+    order = torch.argsort(gd.flatten(), descending=True, stable=True)[:8]
+    expected = [tuple(int(i) for i in np.unravel_index(int(o), tuple(gd.shape))) for o in order]
+    assert [(r["layer"], r["head"], r["pos"]) for r in rows] == expected
+    assert [r["graddrop"] for r in rows] == pytest.approx([float(gd.flatten()[o]) for o in order], rel=1e-12)
+    assert all(r["graddrop"] >= rows[i + 1]["graddrop"] for i, r in enumerate(rows[:-1]))
+    # without GradDrop: ranked by |mean AtP|, and no graddrop entry
+    plain = pp.shortlist_and_confirm(model, "z", clean, corr, metric=metric, k=8, grad_drop=False)
+    assert "graddrop" not in plain[0]
+    assert all(abs(r["atp"]) >= abs(plain[i + 1]["atp"]) for i, r in enumerate(plain[:-1]))
+
+
+def test_devinterp_default_evaluate_decides_afresh_for_each_call():
+    """Whether model(batch) returns the loss is not carried from one model of a class to another."""
+
+    class LM(torch.nn.Module):
+        def __init__(self, hf, return_loss):
+            super().__init__()
+            self.lm, self.return_loss = hf, return_loss
+
+        def forward(self, x):
+            logits = self.lm(input_ids=x).logits
+            if self.return_loss:  # a loss of its own: the last position's prediction only
+                return torch.nn.functional.cross_entropy(logits[:, -2], x[:, -1]), logits
+            return logits
+
+    hf = _tiny_llama()
+    t = torch.randint(0, hf.config.vocab_size, (8, 10), generator=torch.Generator().manual_seed(0))
+    loader = [t[:4], t[4:]]
+    kw = dict(
+        num_chains=2,
+        num_draws=5,
+        optimizer_kwargs=dict(lr=1e-4, localization=100.0, nbeta=10.0),
+        verbose=False,
+        seed=0,
+    )
+
+    def est(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pp.estimate_learning_coeff_with_summary(m, loader, **kw)["llc/mean"]
+
+    a_alone, b_alone = est(LM(hf, True)), est(LM(hf, False))
+    assert a_alone != b_alone  # the two losses differ
+    assert est(LM(hf, True)) == a_alone  # after a model of the class that returns logits
+    assert est(LM(hf, False)) == b_alone  # and the other way round
+
+
+def test_conversion_refuses_a_module_whose_forward_was_replaced_on_the_object():
+    hf = _tiny_llama()
+    lin = hf.model.layers[0].mlp.down_proj
+    extra = torch.nn.Parameter(torch.zeros(lin.out_features, 2))
+    down = torch.nn.Parameter(torch.zeros(2, lin.in_features))
+    plain = lin.forward
+
+    def forward(x):  # a low-rank update patched onto the layer, zero at the start as LoRA's is
+        return plain(x) + x @ down.t() @ extra.t()
+
+    lin.forward = forward
+    with pytest.raises(pp.models.convert.UnsupportedModelError, match="forward of its own"):
+        pp.from_hf(hf)
+    del lin.forward  # the class's forward again: converts
+    pp.from_hf(hf)

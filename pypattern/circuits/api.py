@@ -29,11 +29,16 @@ import torch
 from .._progress import progress_bar, sigterm_as_interrupt
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
+from ..patching.api import half_precision_warned, warn_half_precision
 from ..patching.metrics import (
     finite_examples,
     first_order_says_nothing,
     first_order_tol,
     name_examples,
+    no_op_causes,
+    one_prompt,
+    same_prompts,
+    warn_no_op,
     warn_nonfinite_examples,
 )
 from .engine import EdgeEngine, prepare_runs
@@ -43,6 +48,14 @@ from .results import Circuit, EdgeScores, PruningCurve, rank_order
 __all__ = ["patch_edges", "edge_attribution", "faithfulness", "pruning_curve", "acdc"]
 
 _METHODS = ("eap", "eap-ig", "exact")
+
+
+def _converted(model, call: str):
+    """``model`` as the public function ``call`` runs it (pypattern's Transformer, converted where it converts),
+    with a warning where it computes in float16 or bfloat16 (its edge scores and patched metrics are mostly
+    rounding)."""
+    warn_half_precision(model, "circuits", call, stacklevel=4)
+    return converted_if_convertible(model)
 
 
 def _metric_name(metric) -> str:
@@ -88,8 +101,13 @@ def _seq_len(clean) -> int:
     """The prompts' length, read before :func:`~pypattern.patching.api.check_tokens` checks them in full: a list
     or a dict of prompts is refused here with the same message."""
     if not isinstance(clean, torch.Tensor):
-        hint = " (its input_ids)" if isinstance(clean, dict) else ""
-        raise TypeError(f"clean is a {type(clean).__name__}; give a LongTensor (batch, pos){hint}")
+        from collections.abc import Mapping
+
+        from ..patching.api import _mapping_prompts
+
+        if isinstance(clean, Mapping):  # a tokenizer's output: patching reads no attention mask
+            raise TypeError(_mapping_prompts(clean, "clean"))
+        raise TypeError(f"clean is a {type(clean).__name__}; give a LongTensor (batch, pos)")
     return clean.shape[-1]
 
 
@@ -246,7 +264,7 @@ def patch_edges(
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets, on the model's device (the metric's
     values as the runs computed them; prompts on another device are moved to the model's).
     """
-    model = converted_if_convertible(model)
+    model = _converted(model, "patch_edges")
     check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
@@ -451,9 +469,11 @@ def edge_attribution(
         ``values (batch, num_edges)``; ``scores`` is their mean over the examples scored. An example whose metric
         is not finite on the clean or the base run (or, EAP-IG, on an interpolated run: its gradient says nothing
         about the edges) is not scored: its values are NaN, and it is named in a warning; no example left to score
-        is refused.
+        is refused. Settings under which every score is 0 whatever the model (corrupted prompts equal to the
+        clean ones, a mean ablation over one prompt, a ``LogitDiff`` whose answer and wrong tokens are the same)
+        are named in a ``RuntimeWarning``.
     """
-    model = converted_if_convertible(model)
+    model = _converted(model, "edge_attribution")
     check_graph_arg(graph)
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not valid; choose one of {_METHODS}")
@@ -501,6 +521,7 @@ def edge_attribution(
         memory_budget=memory_budget,
         defer_base=method != "exact",  # the gradient run of the base prompts records the base run
     )
+    _warn_if_no_op("edge_attribution", clean, corrupted, metric, ablation, "edge score")
     passes = 0
     if method == "exact":
         # the unpatched runs are recorded: their non-finite examples named (none left refused) before any scoring
@@ -552,25 +573,26 @@ def edge_attribution(
         if not bool(used.all()):  # a gradient through a non-finite metric says nothing about the edges
             values[~used.to(values.device)] = float("nan")
         u = used.to(values.device)
-        _warn_if_no_gradient(
-            values[u],
-            info["m_base"][u.to(info["m_base"].device)],
-            info["m_clean"][u.to(info["m_clean"].device)],
-            method,
-            steps,
-            lambda: patch_edges(  # every edge patched, at the examples scored
-                model,
-                torch.ones(len(graph), dtype=torch.bool),
-                clean,
-                corrupted,
-                metric=metric,
-                mode=mode,
-                ablation=ablation,
-                graph=graph,
-                max_batch=max_batch,
-                memory_budget=memory_budget,
-            )[u.to(info["m_base"].device)],
-        )
+        with half_precision_warned():  # the run patch_edges may make: warned of above
+            _warn_if_no_gradient(
+                values[u],
+                info["m_base"][u.to(info["m_base"].device)],
+                info["m_clean"][u.to(info["m_clean"].device)],
+                method,
+                steps,
+                lambda: patch_edges(  # every edge patched, at the examples scored
+                    model,
+                    torch.ones(len(graph), dtype=torch.bool),
+                    clean,
+                    corrupted,
+                    metric=metric,
+                    mode=mode,
+                    ablation=ablation,
+                    graph=graph,
+                    max_batch=max_batch,
+                    memory_budget=memory_budget,
+                )[u.to(info["m_base"].device)],
+            )
     # the scores live on the CPU whatever the model's device (saved, tabled and drawn from numpy), moved once
     return EdgeScores(
         graph=graph,
@@ -614,6 +636,19 @@ def _scored_examples(m_clean, m_base, finite_runs, mode: str, method: str) -> to
             stacklevel=3,
         )
     return keep
+
+
+def _warn_if_no_op(call: str, clean, corrupted, metric, ablation: str, what: str) -> None:
+    """Warn, once for the call, when patching any edge changes nothing whatever the model: resampling from corrupted
+    prompts equal to the clean ones, a mean ablation over one prompt (every clean and corrupted prompt the same: a
+    batch of one without corrupted prompts), or a ``LogitDiff`` whose answer and wrong tokens are the same (0 on
+    every run). As :func:`faithfulness` warns when its runs leave the metric unchanged."""
+    same = ablation == "resample" and same_prompts(clean, corrupted)
+    mean_of_one = None
+    if ablation == "mean" and one_prompt(clean, corrupted):
+        mean_of_one = int(clean.shape[0])  # the batch averaged (corrupted or clean): all that one prompt
+    hint = " (or ablation='zero', or corrupted prompts with ablation='resample')"
+    warn_no_op(call, no_op_causes(metric, same=same, mean_of_one=mean_of_one, mean_hint=hint), what)
 
 
 def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) -> None:
@@ -771,7 +806,15 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+#: a gap ``M_full - M_empty`` within this many roundings of the metric's size (in the model's dtype) is at rounding
+#: level; at least 1e-6 of the size (float32's level, kept for float64 models)
+_FAITH_GAP_ULPS = 8
+
+
+def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Faithfulness ``(vals - empty) / (full - empty)``, with a warning where the gap is at the rounding level of
+    ``dtype``, the dtype the model computes in: a 16-bit model's metric is computed in float32 from activations
+    rounded to 16 bits, so its values are only resolved to that dtype's rounding times the metric's size."""
     den = full - empty
     if not math.isfinite(float(den)):
         warnings.warn(
@@ -784,12 +827,16 @@ def _faith(vals: torch.Tensor, full: torch.Tensor, empty: torch.Tensor) -> torch
         return torch.full_like(vals, float("nan"))
     if float(abs(den)) > 0:
         scale = max(float(abs(full)), float(abs(empty)))
-        if float(abs(den)) <= 1e-6 * scale:
+        level = max(1e-6, _FAITH_GAP_ULPS * torch.finfo(dtype).eps)
+        if float(abs(den)) <= level * scale:
+            half = dtype in (torch.float16, torch.bfloat16)
             warnings.warn(
                 f"faithfulness divides by a gap at rounding level: the metric's mean is {float(full):.9g} "
                 f"with no edge patched and {float(empty):.9g} with every edge patched (a difference of "
-                f"{float(abs(den)) / scale:.2g} of its size), so the values returned are mostly rounding; choose "
-                "prompts or an ablation that move the metric",
+                f"{float(abs(den)) / scale:.2g} of its size"
+                + (f", at most {level:.2g}, the rounding level of the model's {dtype}" if half else "")
+                + "), so the values returned are mostly rounding; choose prompts or an ablation that move the "
+                + ("metric, or pass model.float()" if half else "metric"),
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -839,7 +886,7 @@ def faithfulness(
     float for one circuit, Tensor ``(C,)`` on the CPU for a batch (same forms of ``edges`` as
     :func:`patch_edges`).
     """
-    model = converted_if_convertible(model)
+    model = _converted(model, "faithfulness")
     check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
     edges = _materialised(edges)
@@ -864,7 +911,7 @@ def faithfulness(
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
     # the means on the CPU (a GPU model's too): C + 2 numbers, moved once
     vals = _example_mean(_widen(engine.run(_circuit_to_patch(torch.cat([masks, ends]), mode))), keep)
-    f = _faith(vals[:-2], vals[-2], vals[-1])
+    f = _faith(vals[:-2], vals[-2], vals[-1], engine.dtype)
     return float(f[0]) if single else f
 
 
@@ -959,7 +1006,7 @@ def pruning_curve(
     PruningCurve
         Every point of every curve is one patched run, all evaluated in batches.
     """
-    model = converted_if_convertible(model)
+    model = _converted(model, "pruning_curve")
     check_graph_arg(graph)
     one = not isinstance(scores, dict)
     if one:
@@ -1007,7 +1054,7 @@ def pruning_curve(
     for i, name in enumerate(names):
         v = vals[i * n : (i + 1) * n]
         mvals[name] = v
-        faith[name] = _faith(v, full, empty)
+        faith[name] = _faith(v, full, empty, engine.dtype)
     return PruningCurve(
         counts=cnt,
         num_edges=E,
@@ -1110,7 +1157,9 @@ def acdc(
     dtype: float32 for a 16-bit model) is read as 0, so with ``threshold=0`` an edge whose removal changes the
     metric only by the metric's own rounding is kept, wherever in a batch its test ran. Rounding that the model
     amplifies can be larger (a norm over an input ablated to all but zero: drops of 1e-13 in float64) and then its
-    sign decides; a small positive ``threshold`` above it removes every such edge alike.
+    sign decides; a small positive ``threshold`` above it removes every such edge alike. A 16-bit model's metric
+    is read from activations rounded to its dtype, far coarser than this tolerance: such a model is run with a
+    warning (as in every circuit function); pass ``model.float()`` for a search that rounding does not decide.
 
     With ``threshold > 0``, the edges into a destination input that can no longer change the metric are removed
     without a test (their removal changes nothing, so the test would remove them): noising, a node none of whose
@@ -1167,7 +1216,7 @@ def acdc(
         without a test) and ``faithfulness`` of the result; ``info`` holds the number of patched runs
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
-    model = converted_if_convertible(model)
+    model = _converted(model, "acdc")
     check_graph_arg(graph)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
@@ -1277,7 +1326,7 @@ def acdc(
             stacklevel=2,
         )
     m3 = torch.tensor([m_cur, m_full, m_empty], dtype=torch.float64)
-    f = float(_faith(m3[0], m3[1], m3[2]))  # NaN, with a warning, where undefined
+    f = float(_faith(m3[0], m3[1], m3[2], engine.dtype))  # NaN, with a warning, where undefined
     return Circuit(
         graph=graph,
         mask=keep,

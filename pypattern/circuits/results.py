@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import io
+from ..sampling.results import check_arrays
 from .graph import Edge, EdgeGraph, check_graph_arg
 
 __all__ = ["EdgeScores", "Circuit", "PruningCurve", "draw_circuit"]
@@ -60,6 +61,13 @@ def _load(path, kind: str):
         k: torch.from_numpy(v).to(torch.bfloat16) if k in bf16 else torch.from_numpy(v) for k, v in a.items()
     }
     return out, m
+
+
+def _short_text(v) -> str:
+    if isinstance(v, torch.Tensor | np.ndarray):
+        return f"{type(v).__name__} of {v.dtype} of shape {tuple(v.shape)}"
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:60] + '...'}"
 
 
 def _check_count(name: str, v, upper: int | None = None) -> int:
@@ -245,19 +253,31 @@ class EdgeScores:
                 a["m_clean"],
                 dict(m.get("info", {})),
             )
-            if out.values.dim() != 2 or out.values.shape[1] != len(graph):
-                raise ValueError(
-                    f"values has shape {tuple(out.values.shape)} for a graph of {len(graph)} edges"
-                )
             if "scored_examples" in a:  # files written without it: inferred (scored_examples)
-                scored = a["scored_examples"]
-                if scored.dtype != torch.bool or tuple(scored.shape) != (out.values.shape[0],):
-                    raise ValueError(
-                        f"scored_examples has shape {tuple(scored.shape)} and dtype {scored.dtype}; expected bool "
-                        f"({out.values.shape[0]},)"
-                    )
-                out.info["scored_examples"] = scored
+                out.info["scored_examples"] = a["scored_examples"]
+            out._check_loaded()
         return out
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): ``values (batch, num_edges)`` with a column per edge of
+        the graph, one ``m_base`` and ``m_clean`` per example, and ``info["scored_examples"]`` (when there) a flag
+        per example."""
+        E = len(self.graph)
+        if self.values.dim() != 2 or self.values.shape[1] != E:
+            raise ValueError(f"values has shape {tuple(self.values.shape)} for a graph of {E} edges")
+        batch = self.values.shape[0]
+        for name in ("m_base", "m_clean"):
+            v = getattr(self, name)
+            if tuple(v.shape) != (batch,) or v.is_complex():
+                raise ValueError(
+                    f"{name} is {v.dtype} of shape {tuple(v.shape)}; expected real numbers ({batch},), one per "
+                    f"example as in values {tuple(self.values.shape)}"
+                )
+        scored = self.info.get("scored_examples")
+        if scored is not None and (scored.dtype != torch.bool or tuple(scored.shape) != (batch,)):
+            raise ValueError(
+                f"scored_examples has shape {tuple(scored.shape)} and dtype {scored.dtype}; expected bool ({batch},)"
+            )
 
 
 @dataclass
@@ -320,13 +340,23 @@ class Circuit:
             graph = EdgeGraph(**m["graph"])
             sc = a.get("scores")
             out = cls(graph, a["mask"], sc, m["faithfulness"], m["method"], m.get("info", {}))
-            if tuple(out.mask.shape) != (len(graph),) or out.mask.dtype != torch.bool:
-                raise ValueError(
-                    f"mask is {out.mask.dtype} of shape {tuple(out.mask.shape)}; expected bool ({len(graph)},)"
-                )
-            if sc is not None and tuple(sc.shape) != (len(graph),):
-                raise ValueError(f"scores has shape {tuple(sc.shape)}; expected ({len(graph)},)")
+            out._check_loaded()
         return out
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): a bool ``mask`` and real ``scores`` (when there), one
+        entry per edge of the graph."""
+        E = len(self.graph)
+        if tuple(self.mask.shape) != (E,) or self.mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask is {self.mask.dtype} of shape {tuple(self.mask.shape)}; expected bool ({E},)"
+            )
+        sc = self.scores
+        if sc is not None and (tuple(sc.shape) != (E,) or sc.is_complex() or sc.dtype == torch.bool):
+            raise ValueError(f"scores is {sc.dtype} of shape {tuple(sc.shape)}; expected real numbers ({E},)")
+        f = self.faithfulness
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float)):
+            raise ValueError(f"faithfulness must be a number or None, got {f!r}")
 
 
 @io.register
@@ -354,6 +384,35 @@ class PruningCurve(io.Saveable):
     ablation: str
     metric: str
     info: dict = field(default_factory=dict)
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): ``counts (n,)`` of edges in ``0..num_edges``, and per
+        method (the same in ``faithfulness`` and ``metric_values``) a curve of ``n`` real numbers."""
+        if isinstance(self.num_edges, bool) or self.num_edges < 0:
+            raise ValueError(f"num_edges must be an int >= 0, got {self.num_edges!r}")
+        for name in ("faithfulness", "metric_values"):
+            d = getattr(self, name)
+            if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+                raise ValueError(f"{name} must be a dict of method name (str) to curve, got {_short_text(d)}")
+        if list(self.faithfulness) != list(self.metric_values):
+            raise ValueError(
+                f"faithfulness has curves {list(self.faithfulness)}, metric_values {list(self.metric_values)}; "
+                "each method has one of each"
+            )
+        curves = {
+            f"{n}[{k!r}]": v for n in ("faithfulness", "metric_values") for k, v in getattr(self, n).items()
+        }
+        check_arrays({"counts": self.counts, **curves}, {"counts": ("n",), **dict.fromkeys(curves, ("n",))})
+        if self.counts.is_floating_point() or self.counts.dtype == torch.bool:
+            raise ValueError(f"counts must hold numbers of edges (integers), got {self.counts.dtype} values")
+        for k, v in curves.items():
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise ValueError(f"{k} must be a tensor of real numbers, got {_short_text(v)}")
+        bad = (self.counts < 0) | (self.counts > self.num_edges)
+        if bool(bad.any()):
+            raise ValueError(
+                f"counts holds {int(self.counts[bad][0])}, outside 0..num_edges={self.num_edges}"
+            )
 
     @property
     def fractions(self) -> torch.Tensor:

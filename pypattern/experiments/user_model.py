@@ -32,13 +32,35 @@ TEXT_SUFFIXES = (".txt", ".csv", ".tsv")
 _FORMATS = "give .npy, .npz or a text file (.txt, .csv, .tsv: one sequence of integer ids per line)"
 
 
-def _binary_format(head: bytes) -> str | None:
-    """The binary format a file starting with ``head`` is in, as a hint for a file named otherwise: NumPy's
-    ``.npy`` or a zip archive (``.npz``); None for anything else."""
+#: the hints for what torch.save writes: a zip archive whose pickle is ``<archive>/data.pkl``, or (its legacy
+#: format) a plain pickle
+_TORCH_SAVE = (
+    "it is a torch.save file, a pickle that pypattern never loads (unpickling can run code): save the ids with "
+    "numpy.save (.npy) instead"
+)
+_PICKLE = (
+    "it is a pickle (as pickle.dump and torch.save's legacy format write), which pypattern never loads "
+    "(unpickling can run code): save the ids with numpy.save (.npy) instead"
+)
+
+
+def _binary_format(path: str | os.PathLike, head: bytes) -> str | None:
+    """The binary format of the file ``path``, which starts with ``head``, as a hint for a file named otherwise:
+    NumPy's ``.npy``, torch.save's zip archive (members ``*/data.pkl``) or a pickle (never loaded, whatever the
+    name), or another zip archive (``.npz``); None for anything else."""
     if head.startswith(b"\x93NUMPY"):
         return "it starts as a NumPy .npy file: name it with the suffix .npy"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (OSError, zipfile.BadZipFile, ValueError):
+            names = []
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return _TORCH_SAVE
         return "it is a zip archive, as numpy.savez writes: name it with the suffix .npz"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # PROTO opcode
+        return _PICKLE
     return None
 
 
@@ -71,7 +93,7 @@ def _text_ids(p: Path) -> np.ndarray:
     """The ids of a text token file; a binary file (NumPy's or a zip archive, NUL bytes, not UTF-8) is refused
     saying so, an empty cell between commas naming its line."""
     raw = p.read_bytes()
-    hint = _binary_format(raw[:8])
+    hint = _binary_format(p, raw[:8])
     if hint is not None:
         raise ValueError(f"{hint}, not text")
     nul = raw.find(b"\x00")
@@ -160,7 +182,7 @@ def load_tokens(
         )
         try:
             with open(p, "rb") as f:
-                hint = _binary_format(f.read(8))
+                hint = _binary_format(p, f.read(8))
         except OSError:
             hint = None
         raise ValueError(

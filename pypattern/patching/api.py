@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .._checks import is_count, is_real, model_device, refuse_meta, refuse_meta_model
+from .._checks import compiled_inner, is_count, is_real, model_device, refuse_meta, refuse_meta_model
 from .._progress import progress_bar, sigterm_as_interrupt
 from ..losses import position_limit
 from .corruptions import (
@@ -32,6 +34,10 @@ from .metrics import (
     finite_examples,
     logits_at,
     metric_positions,
+    no_op_causes,
+    one_prompt,
+    same_prompts,
+    warn_no_op,
     warn_nonfinite_examples,
 )
 from .results import PatchResult
@@ -90,6 +96,8 @@ def _hooked_if_hf(model):
     from ..models.transformer import Transformer
 
     refuse_meta_model(model, needs="patching runs it", offloaded_ok=True)
+    if isinstance(compiled_inner(model), Transformer):  # torch.compile's wrapper of pypattern's model
+        return compiled_inner(model)
     if is_hooked_transformer(model):
         try:  # the same function in pypattern's model: head sites and the exact engine
             return from_hf(model)
@@ -139,6 +147,23 @@ def resolve_corruption(corrupted_tokens, corruption):
     return corruption
 
 
+def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric) -> None:
+    """Warn, once for the call ``call``, when its corruption changes nothing (corrupted prompts equal to the clean
+    ones; a mean ablation over one prompt, the clean one) or its metric is 0 on every run (a ``LogitDiff`` whose
+    answer and wrong tokens are the same): every effect is then 0 whatever the model (see
+    :func:`~pypattern.patching.metrics.no_op_causes`). Arguments the call refuses are left to its checks."""
+    if corrupted_tokens is not None and corruption is not None:
+        return  # ambiguous: refused by resolve_corruption
+    same = corrupted_tokens is not None and same_prompts(clean_tokens, corrupted_tokens)
+    mean_of_one = None
+    if corrupted_tokens is None and isinstance(corruption, MeanAblation):
+        ref = corruption.reference_tokens if corruption.reference_tokens is not None else clean_tokens
+        if one_prompt(ref, clean_tokens):
+            mean_of_one = int(ref.shape[0])
+    hint = " (or MeanAblation(reference_tokens=...) with other prompts)"
+    warn_no_op(call, no_op_causes(metric, same=same, mean_of_one=mean_of_one, mean_hint=hint), "effect")
+
+
 def check_corruption_tokens(corruption, d_vocab: int | None, shape: tuple) -> None:
     """Check the token ids a corruption carries (corrupted or reference prompts)."""
     if isinstance(corruption, TokenReplacement):
@@ -156,8 +181,12 @@ def check_tokens(
     tokens, argument: str, d_vocab: int | None, shape: tuple | None = None, n_ctx: int | None = None
 ) -> torch.Tensor:
     """Refuse prompts that are not an integer ``(batch, pos)`` tensor of ids in ``0 .. d_vocab - 1`` (a negative
-    id would otherwise be read from the end of the vocabulary), or longer than ``n_ctx`` learned positions."""
-    check_token_tensor(tokens, argument, "(batch, pos)")
+    id would otherwise be read from the end of the vocabulary), or longer than ``n_ctx`` learned positions. The
+    prompts are returned as ``torch.long`` (ids of any integer dtype are ids: a uint8 tensor used as an index would
+    be a mask)."""
+    if isinstance(tokens, Mapping):
+        raise TypeError(_mapping_prompts(tokens, argument))
+    check_token_tensor(tokens, argument, "(batch, pos)", any_int=True)
     if tokens.dim() != 2:
         raise ValueError(f"{argument} has shape {tuple(tokens.shape)}; give (batch, pos)")
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
@@ -172,15 +201,39 @@ def check_tokens(
             f"prompts of at most {n_ctx} tokens"
         )
     check_token_ids(tokens, argument, d_vocab)
-    return tokens
+    return tokens.long()
 
 
-def check_token_tensor(tokens, argument: str, shape: str) -> None:
+def _mapping_prompts(tokens: Mapping, argument: str) -> str:
+    """Why prompts given as a tokenizer's output (a ``BatchEncoding`` or dict) are refused, and what to give."""
+    msg = (
+        f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos) of token ids. Patching reads "
+        "token ids only, with no attention mask: pass the input_ids of unpadded prompts of one length, or of "
+        "right-padded prompts with the metric read at each example's last real position (a Metric's per-example "
+        "position, e.g. LogitDiff(answer, wrong, position=attention_mask.sum(1) - 1)); left padding changes the "
+        "numbers (each prompt's real tokens attend to its padding, at shifted positions)"
+    )
+    am = tokens.get("attention_mask")
+    if isinstance(am, torch.Tensor) and am.dim() in (1, 2) and am.numel() and not am.is_meta:
+        am = (am != 0).reshape(-1, am.shape[-1])
+        left = am[:, 1:] & ~am[:, :-1]  # a real token after a padding position
+        if bool(left.any()):
+            row = int(left.any(-1).nonzero()[0, 0])
+            msg += (
+                f". This {argument}'s attention_mask is left-padded (row {row} has padding before its real "
+                "tokens): pad on the right instead (tokenizer.padding_side = 'right')"
+            )
+    return msg
+
+
+def check_token_tensor(tokens, argument: str, shape: str, any_int: bool = False) -> None:
     """Refuse ``tokens`` (passed as ``argument``) that are not an integer tensor (``shape`` describes the one
-    expected, e.g. ``"(batch, pos)"``)."""
+    expected, e.g. ``"(batch, pos)"``): of dtype long or int32, or with ``any_int`` of any integer dtype (for a
+    caller that converts them to long)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{argument} is a {type(tokens).__name__}; give a LongTensor {shape}")
-    if tokens.dtype not in (torch.long, torch.int32):
+    integer = not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
+    if not (integer if any_int else tokens.dtype in (torch.long, torch.int32)):
         # uint8 would index as a boolean mask, other types are not token ids
         raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
     refuse_meta(tokens, argument, "the token ids themselves")
@@ -195,6 +248,85 @@ def check_token_ids(tokens: torch.Tensor, argument: str, d_vocab: int | None) ->
             top = "" if d_vocab is None else f" .. {d_vocab - 1}"
             bad = lo if lo < 0 else hi
             raise ValueError(f"{argument} contains token id {bad}; valid ids are 0{top} (d_vocab={d_vocab})")
+
+
+def _long_ids(tokens):
+    """Token ids of an integer dtype as ``torch.long`` (a uint8 tensor used as an index would be a mask, an int16
+    one is no index at all); anything else as it is, for :func:`check_tokens` to refuse."""
+    if (
+        isinstance(tokens, torch.Tensor)
+        and tokens.dtype != torch.long
+        and not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
+    ):
+        return tokens.long()
+    return tokens
+
+
+def long_token_args(clean_tokens, corrupted_tokens, corruption):
+    """A patching call's prompts, and those its corruption carries (``TokenReplacement.corrupted_tokens``,
+    ``MeanAblation.reference_tokens``), with ids of any integer dtype as ``torch.long`` (a corruption holding
+    others is replaced by a copy; the caller's is left as it is)."""
+    if isinstance(corruption, TokenReplacement):
+        ids = _long_ids(corruption.corrupted_tokens)
+        if ids is not corruption.corrupted_tokens:
+            corruption = dataclasses.replace(corruption, corrupted_tokens=ids)
+    elif isinstance(corruption, MeanAblation) and corruption.reference_tokens is not None:
+        ids = _long_ids(corruption.reference_tokens)
+        if ids is not corruption.reference_tokens:
+            corruption = dataclasses.replace(corruption, reference_tokens=ids)
+    return _long_ids(clean_tokens), _long_ids(corrupted_tokens), corruption
+
+
+#: set while a public function calls another (:func:`half_precision_warned`): only the outer one warns
+_HALF_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("pypattern_half_warned", default=False)
+
+#: what is rounding noise in a half-precision model, by kind of call
+_HALF_NOISE = {
+    "patching": ("patching effects", "effects"),
+    "circuits": ("edge scores and patched metrics", "scores"),
+}
+
+
+def half_precision_dtype(model) -> torch.dtype | None:
+    """float16 or bfloat16 where ``model`` (a module) has parameters in it, else None."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16):
+            return p.dtype
+    return None
+
+
+def warn_half_precision(model, kind: str, call: str, stacklevel: int = 3) -> None:
+    """Warn, once per call of a public patching (``kind="patching"``) or circuit (``"circuits"``) function named
+    ``call``, where ``model`` computes in float16 or bfloat16: the values are returned in float32, but they are read
+    from activations rounded to 16 bits, so effects and scores are mostly rounding (the command line patches a
+    float32 copy instead). Inside :func:`half_precision_warned` (a call made by one that has warned) it is silent.
+    ``stacklevel``: that of the warning, counted from here (3: the caller of the function that calls this)."""
+    if _HALF_WARNED.get():
+        return
+    dtype = half_precision_dtype(model)
+    if dtype is None:
+        return
+    what, result = _HALF_NOISE[kind]
+    warnings.warn(
+        f"{call}: the model computes in {dtype} and {what} computed in half precision are mostly rounding noise "
+        f"(the values are returned in float32, but the activations are rounded to {dtype}); pass model.float() "
+        f"for precise {result}",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+@contextlib.contextmanager
+def half_precision_warned():
+    """The calls made inside do not warn of a half-precision model (:func:`warn_half_precision`): the public
+    function that makes them has."""
+    token = _HALF_WARNED.set(True)
+    try:
+        yield
+    finally:
+        _HALF_WARNED.reset(token)
 
 
 def _vocab(model) -> int | None:
@@ -219,6 +351,7 @@ def prepare_runs(
     """Run clean and corrupted prompts, bind the metric, and collect target/source activations."""
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
+    clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     corruption = resolve_corruption(corrupted_tokens, corruption)
     d_vocab = _vocab(model)
     clean = check_tokens(clean_tokens, "clean_tokens", d_vocab, n_ctx=position_limit(model))
@@ -490,8 +623,11 @@ def activation_patching(
     Returns
     -------
     PatchResult
-        ``values (batch, layer[, head][, pos])``.
+        ``values (batch, layer[, head][, pos])``. Settings under which every effect is 0 whatever the model
+        (corrupted prompts equal to the clean ones, a ``MeanAblation`` over one prompt, the clean one, a
+        ``LogitDiff`` whose answer and wrong tokens are the same) are named in a ``RuntimeWarning``.
     """
+    warn_half_precision(model, "patching", "activation_patching")
     with _deterministic(model):
         if method == "exact" or (isinstance(site, str) and site in HEAD_SITES):
             from ..models.convert import converted_if_convertible
@@ -743,6 +879,7 @@ def _activation_patching(
         from ..sampling.plan import check_checkpoint_file
 
         check_checkpoint_file(checkpoint)
+    clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     is_tf = isinstance(model, Transformer)
     check_site(model.cfg if is_tf else None, site)
     if method not in ("auto", "exact", "naive"):
@@ -777,6 +914,7 @@ def _activation_patching(
                 f"site={site!r} does not exist in this model: it has no hook point {missing[0]!r} (a model with "
                 "attention and MLP in parallel has no resid_mid)"
             )
+    warn_if_no_op("activation_patching", clean_tokens, corrupted_tokens, corruption, metric)
     if method == "naive":
         check_batch_limits(max_batch, max_memory)  # one forward per cell: neither bounds it, both are checked
         runs = prepare_runs(

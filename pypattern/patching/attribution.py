@@ -33,7 +33,11 @@ from .api import (
     check_finite_examples,
     check_tokens,
     engine_batch,
+    half_precision_warned,
+    long_token_args,
     resolve_corruption,
+    warn_half_precision,
+    warn_if_no_op,
 )
 from .corruptions import (
     Corruption,
@@ -299,6 +303,8 @@ def attribution_patching(
             "cannot lift it); call it outside inference mode (inside torch.no_grad() is fine)"
         )
     keep_freed_heap()
+    warn_half_precision(model, "patching", "attribution_patching")
+    clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     model = converted_if_convertible(model)
     if not isinstance(model, Transformer):
         from ..models.hf import is_hf_causal_lm
@@ -336,6 +342,7 @@ def attribution_patching(
                 f"attached at {bypassed[:4]}: the q and k estimates leave them out (qk_fix=False keeps them)",
                 stacklevel=2,
             )
+    warn_if_no_op("attribution_patching", clean_tokens, corrupted_tokens, corruption, metric)
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
     if max_batch is not None:
         if not is_count(max_batch) or max_batch < 1:
@@ -723,7 +730,7 @@ def shortlist_and_confirm(
     max_memory: int | None = 2**30,
 ) -> list[dict]:
     """AtP over the whole grid of ``site``, then exact patching of the ``k`` cells whose AtP estimate, averaged
-    over the examples, is largest in absolute value. Both means are over the examples whose metric is finite on
+    over the examples, is largest in absolute value (with ``grad_drop``: whose mean GradDrop score is largest). Both means are over the examples whose metric is finite on
     the clean and the corrupted run (the others are named in a warning, as in
     :func:`~pypattern.patching.activation_patching`).
 
@@ -732,7 +739,9 @@ def shortlist_and_confirm(
     corrupted_tokens, corruption, direction, per_position
         As in :func:`~pypattern.patching.activation_patching`, the same for both stages.
     qk_fix, grad_drop
-        AtP* 's corrections (:func:`attribution_patching`) in the shortlisting stage.
+        AtP* 's corrections (:func:`attribution_patching`) in the shortlisting stage. With ``grad_drop`` the cells
+        are ranked by their GradDrop score averaged over the examples (``info["graddrop"]``, AtP*'s ranking),
+        else by the absolute value of their mean AtP estimate.
     max_batch : int, optional
         Bounds the memory of both stages in their own units: prompts per forward and backward of AtP (then it needs
         a :class:`~pypattern.patching.metrics.Metric`, as there), cells per batch of the exact engine.
@@ -743,8 +752,9 @@ def shortlist_and_confirm(
     Returns
     -------
     list of dict
-        ``{"layer", ["head",] ["pos",] "atp": mean estimated effect, "exact": mean exact effect}`` sorted by
-        ``|atp|`` (effects on the raw metric scale: ``m_patched - m_target``; ``pos`` only per position).
+        ``{"layer", ["head",] ["pos",] ["graddrop",] "atp": mean estimated effect, "exact": mean exact effect}``
+        sorted by ``|atp|``, or with ``grad_drop`` by ``graddrop``, the mean GradDrop score (effects on the raw
+        metric scale: ``m_patched - m_target``; ``pos`` only per position; ties in grid order).
     """
     from ..models.convert import converted_if_convertible
     from ..models.packed import pack_budget
@@ -753,18 +763,27 @@ def shortlist_and_confirm(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
     check_batch_limits(max_batch, max_memory)
+    warn_half_precision(model, "patching", "shortlist_and_confirm")
+    clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     model = converted_if_convertible(model)  # the exact stage needs pypattern's model too
-    atp = attribution_patching(
-        model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], corruption=corruption,
-        direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop, max_batch=max_batch,
-    )[site]  # fmt: skip
+    with half_precision_warned():  # warned above
+        atp = attribution_patching(
+            model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], corruption=corruption,
+            direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop,
+            max_batch=max_batch,
+        )[site]  # fmt: skip
     keep = atp.finite_examples  # the examples finite on the clean and the corrupted run: those averaged
     m = atp._kept(atp.effect).mean(0)
-    order = torch.argsort(m.flatten().abs(), descending=True)[:k].tolist()
+    # the ranking score: |mean AtP| or, with GradDrop, AtP*'s mean GradDrop score (stable: ties in grid order)
+    gd = atp._kept(atp.info["graddrop"]).mean(0) if grad_drop else None
+    score = m.flatten().abs() if gd is None else gd.flatten()
+    order = torch.argsort(score, descending=True, stable=True)[:k].tolist()
     cells, picked = [], []
     for i in order:
         ix = np.unravel_index(i, tuple(m.shape))
         c = {a: atp.coords[a][int(j)] for a, j in zip(atp.axes, ix)}
+        if gd is not None:
+            c = {**c, "graddrop": float(gd.flatten()[i])}
         cells.append(Cell(c["layer"], c.get("head", -1), c.get("pos", -1)))
         picked.append((c, float(m.flatten()[i])))
     site_hooks = sorted({hook_name(site, c.layer) for c in cells})

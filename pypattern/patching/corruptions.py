@@ -3,8 +3,9 @@
 - :class:`TokenReplacement`: user-given corrupted prompts (symmetric token replacement, recommended); see
   :func:`pypattern.tasks.symmetric_pairs` to build them.
 - :class:`GaussianNoise`: the clean prompt with Gaussian noise added to the token embeddings of chosen
-  positions, standard deviation ``3 x`` the standard deviation of the token embeddings as the model reads them
-  (``hook_embed``: after an embedding scale or an embedding LayerNorm), seeded.
+  positions (default: every position), standard deviation ``3 x`` the standard deviation of the token embeddings
+  over the vocabulary as the model reads them (``hook_embed``: after an embedding scale or an embedding
+  LayerNorm), seeded.
 - :class:`ZeroAblation`, :class:`MeanAblation`: replace activations by zeros or by their mean over a
   reference batch (noising only).
 """
@@ -44,15 +45,22 @@ class TokenReplacement(Corruption):
 
 @dataclass
 class GaussianNoise(Corruption):
-    """Noise on the token embeddings (``hook_embed``) of ``positions`` (None: all positions).
+    """Noise on the token embeddings (``hook_embed``) of ``positions``.
 
-    ``std = std_multiplier *`` the standard deviation of the embedded tokens over the vocabulary as
-    ``hook_embed`` sees them (``W_E.std()`` for a plain lookup; with Gemma's ``embed_scale`` or BLOOM's embedding
-    LayerNorm, of their output) unless ``std`` is given; the noise is drawn once from ``seed`` with shape
-    ``(batch, pos, d_model)`` (zero outside ``positions``) and reused for every cell.
+    ``positions``: the positions noised, the same for every example (an int, or a sequence, 1-D tensor or array of
+    ints; negative ones count from the end); or one sequence of positions per example (a ``(batch, k)`` tensor or
+    array, or a list of ``batch`` sequences, which may differ in length: each example's subject tokens, say).
+    None (the default) noises every position of every example, including the position the metric reads.
+
+    ``std = std_multiplier *`` (default 3) the standard deviation of the embedded tokens over the whole vocabulary
+    as ``hook_embed`` sees them (``W_E.std()`` for a plain lookup; with Gemma's ``embed_scale`` or BLOOM's embedding
+    LayerNorm, of their output) unless ``std`` is given. This departs from ROME's causal tracing (Meng et al.,
+    2022), which takes 3 x the standard deviation of the embeddings of the data's subject tokens: the default here
+    does not depend on the prompts; give ``std=`` for ROME's value. The noise is drawn once from ``seed`` with
+    shape ``(batch, pos, d_model)`` (zero outside ``positions``) and reused for every cell.
     """
 
-    positions: list | int | None = None
+    positions: list | int | torch.Tensor | None = None
     std_multiplier: float = 3.0
     seed: int = 0
     std: float | None = None
@@ -73,14 +81,7 @@ class GaussianNoise(Corruption):
         self.seed = int(self.seed)
 
     def noise(self, model, batch: int, seq_len: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
-        pos = None
-        if self.positions is not None:
-            pos = _ints(self.positions, "GaussianNoise.positions")
-            bad = [p for p in pos if not -seq_len <= p < seq_len]
-            if bad:
-                raise ValueError(
-                    f"GaussianNoise.positions contains {bad}: out of range for prompts of {seq_len} positions"
-                )
+        keep = None if self.positions is None else _noise_mask(self.positions, batch, seq_len)
         if self.std is not None:
             std = self.std
         else:
@@ -104,10 +105,8 @@ class GaussianNoise(Corruption):
         # (embedding_noise_hook) moves it to the embedding's device
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(batch, seq_len, d_model, generator=g, dtype=torch.float64, device="cpu") * std
-        if pos is not None:
-            keep = torch.zeros(seq_len, dtype=torch.bool, device="cpu")
-            keep[pos] = True
-            noise = noise * keep[None, :, None]
+        if keep is not None:
+            noise = noise * keep[:, :, None]
         noise = noise.to(dtype)
         if not bool(torch.isfinite(noise).all()):
             raise ValueError(
@@ -115,6 +114,53 @@ class GaussianNoise(Corruption):
                 "corrupted run would be NaN): give a smaller std or std_multiplier"
             )
         return noise
+
+
+def _noise_mask(positions, batch: int, seq_len: int) -> torch.Tensor:
+    """``(batch, seq_len)`` bool on the CPU: where :class:`GaussianNoise` ``positions`` (shared by the examples, or
+    one sequence per example) put noise; refused by name when out of range or of another shape."""
+    name = "GaussianNoise.positions"
+    ndim = getattr(positions, "ndim", None)  # a tensor's or an array's
+    if ndim is not None:
+        if ndim > 2:
+            raise ValueError(
+                f"{name} has shape {tuple(positions.shape)}; give positions shared by all examples (an int or a 1-D "
+                f"sequence) or one row per example ({batch}, k)"
+            )
+        rows = list(positions) if ndim == 2 else None
+    elif isinstance(positions, list | tuple) and any(
+        isinstance(p, list | tuple) or getattr(p, "ndim", 0) >= 1 for p in positions
+    ):
+        rows = list(positions)
+    else:
+        rows = None
+    keep = torch.zeros(batch, seq_len, dtype=torch.bool, device="cpu")
+    if rows is None:  # the same positions in every example
+        pos = _ints(positions, name)
+        _in_range(pos, name, seq_len)
+        keep[:, pos] = True
+        return keep
+    if len(rows) != batch:
+        raise ValueError(
+            f"{name} gives positions for {len(rows)} examples (one sequence per example); the prompts are {batch}: "
+            "give one sequence of positions per prompt, or a 1-D sequence of positions shared by all of them"
+        )
+    for b, row in enumerate(rows):
+        if isinstance(row, int) or getattr(row, "ndim", 1) == 0:
+            raise TypeError(
+                f"{name}[{b}]={row!r} is not a sequence: give every example its sequence of positions, or a flat "
+                "sequence of positions shared by all examples"
+            )
+        pos = _ints(row, f"{name}[{b}]")
+        _in_range(pos, f"{name}[{b}]", seq_len)
+        keep[b, pos] = True
+    return keep
+
+
+def _in_range(pos: list[int], name: str, seq_len: int) -> None:
+    bad = [p for p in pos if not -seq_len <= p < seq_len]
+    if bad:
+        raise ValueError(f"{name} contains {bad}: out of range for prompts of {seq_len} positions")
 
 
 @torch.no_grad()

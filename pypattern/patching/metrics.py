@@ -190,7 +190,10 @@ class LogitDiff(Metric):
 
 
 class Prob(Metric):
-    """Probability of ``answer`` (its floor at 0 hides negative effects: prefer :class:`LogitDiff`)."""
+    """Probability of ``answer`` (its floor at 0 hides negative effects: prefer :class:`LogitDiff`).
+
+    With several answers per example (``answer`` of shape ``(batch, k)``) the value is the mean of their ``k``
+    probabilities, not the probability of the set (their sum): ``k`` times smaller than that sum."""
 
     name = "prob"
     per_example = ("answer",)
@@ -204,7 +207,11 @@ class Prob(Metric):
 
 
 class LogProb(Metric):
-    """Log-probability of ``answer``."""
+    """Log-probability of ``answer``.
+
+    With several answers per example (``answer`` of shape ``(batch, k)``) the value is the mean of their ``k``
+    log-probabilities (the log of their geometric mean), not the log-probability of the set (the log of the sum
+    of their probabilities)."""
 
     name = "logprob"
     per_example = ("answer",)
@@ -353,6 +360,105 @@ def warn_nonfinite_examples(values: torch.Tensor, run: str) -> None:
         f"{'that example is' if one else 'those examples are'} left out of every mean over examples "
         "(PatchResult's means, errors and intervals; edge scores; faithfulness, pruning curves and ACDC), and "
         f"{'its' if one else 'their'} own results are not meaningful; the other examples are measured as usual",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
+def logit_diff_is_zero(metric) -> bool:
+    """Whether ``metric`` is a :class:`LogitDiff` whose answer and wrong tokens are the same for every example (the
+    same ids, or several ids in the same proportions): it is then 0 on every run, whatever is patched. Ids that
+    are not valid are left to the metric's own checks (False here)."""
+    if not isinstance(metric, LogitDiff) or type(metric).__call__ is not LogitDiff.__call__:
+        return False
+    ids = []
+    for t in (metric.answer, metric.wrong):
+        if not isinstance(t, torch.Tensor) or t.is_meta or t.dtype == torch.bool:
+            return False  # not integer ids: refused where the metric reads them
+        if t.is_floating_point() or t.is_complex():
+            return False
+        t = t.reshape(1, 1) if t.dim() == 0 else (t[:, None] if t.dim() == 1 else t)
+        if t.dim() != 2 or t.numel() == 0:
+            return False
+        ids.append(t.detach().cpu().long())
+    a, w = ids
+    if a.shape[0] != w.shape[0]:  # one id (or row) for every example against per-example ids
+        if a.shape[0] == 1:
+            a = a.expand(w.shape[0], -1)
+        elif w.shape[0] == 1:
+            w = w.expand(a.shape[0], -1)
+        else:
+            return False
+    if a.shape[1] == w.shape[1]:
+        return torch.equal(a.sort(1).values, w.sort(1).values)
+    u = torch.unique(torch.cat([a.flatten(), w.flatten()]))
+    if a.shape[0] * max(a.shape[1], w.shape[1]) * u.numel() > 10**7:
+        return False  # too large to compare cheaply: left unchecked
+    ca, cw = (a[..., None] == u).sum(1), (w[..., None] == u).sum(1)  # (batch, ids): each id's count
+    return bool((ca * w.shape[1] == cw * a.shape[1]).all())
+
+
+def same_prompts(clean, other) -> bool:
+    """Whether ``other`` holds exactly the prompts of ``clean`` (token tensors of one shape with values; False
+    otherwise: prompts that are not valid are left to the caller's checks)."""
+    return (
+        isinstance(clean, torch.Tensor)
+        and isinstance(other, torch.Tensor)
+        and not (clean.is_meta or other.is_meta)
+        and clean.shape == other.shape
+        and torch.equal(clean.detach().cpu(), other.detach().cpu())
+    )
+
+
+def one_prompt(*batches) -> bool:
+    """Whether the rows of the token tensors ``batches`` ``(batch, pos)`` (of one length) are all the same prompt:
+    then a mean over them is each of them, and a mean ablation replaces an activation by itself."""
+    if any(isinstance(b, torch.Tensor) and b.is_meta for b in batches):
+        return False  # no values: refused by the caller's checks
+    rows = [b.detach().cpu() for b in batches if isinstance(b, torch.Tensor)]
+    if not rows or any(r.dim() != 2 or r.shape[1] != rows[0].shape[1] or r.shape[0] == 0 for r in rows):
+        return False
+    t = torch.cat(rows)
+    return bool((t == t[:1]).all())
+
+
+def no_op_causes(
+    metric, *, same: bool = False, mean_of_one: int | None = None, mean_hint: str = ""
+) -> list[str]:
+    """Why every effect of a patching call is 0 whatever the model (each cause a clause naming it and its fix):
+    ``same``, the corrupted prompts equal the clean ones; ``mean_of_one``, a mean ablation averages that many
+    rows that are all the clean prompt (``mean_hint`` says what to give instead); and a :class:`LogitDiff` whose
+    answer and wrong tokens are the same (:func:`logit_diff_is_zero`)."""
+    causes = []
+    if same:
+        causes.append(
+            "the corrupted prompts equal the clean ones, so every patched activation is the one it replaces (the "
+            "clean and corrupted prompts leave the metric unchanged); give corrupted prompts that differ"
+        )
+    if mean_of_one is not None:
+        over = "one prompt" if mean_of_one == 1 else f"{mean_of_one} copies of one prompt"
+        causes.append(
+            f"the mean ablation averages over {over}, the clean prompt itself, so every ablated activation is the "
+            f"one it replaces (the ablation leaves the metric unchanged); give a batch of different prompts{mean_hint}"
+        )
+    if logit_diff_is_zero(metric):
+        causes.append(
+            "LogitDiff's answer and wrong tokens are the same for every example, so the metric is 0 on every run; "
+            "give wrong tokens that differ from the answers"
+        )
+    return causes
+
+
+def warn_no_op(call: str, causes: list[str], what: str) -> None:
+    """One warning for the call ``call`` (e.g. ``"edge_attribution"``) when ``causes`` (:func:`no_op_causes`) is
+    not empty: every ``what`` (``"effect"``, ``"edge score"``) it returns is 0, up to rounding, and says nothing
+    about the model. The warning points at the first line outside pypattern on the stack (the user's call)."""
+    if not causes:
+        return
+    from ..sampling.diagnostics import user_stacklevel
+
+    warnings.warn(
+        f"{call}: every {what} is 0 (up to rounding) whatever the model: {'; and '.join(causes)}",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )

@@ -10,8 +10,12 @@ import numpy as np
 import torch
 
 from ..io import Saveable, register
+from ..sampling.results import check_arrays
 
 __all__ = ["PatchResult"]
+
+#: :attr:`PatchResult.normalized` warns when ``|mean gap|`` is below this fraction of the mean ``|gap|`` over examples
+NEAR_CANCEL = 0.05
 
 
 @register
@@ -48,6 +52,43 @@ class PatchResult(Saveable):
     method: str = "exact"
     info: dict = field(default_factory=dict)
 
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): ``values (batch, *grid)`` of real numbers, one
+        ``clean`` (and ``corrupted``) metric per example, one name in ``axes`` per grid dimension and as many
+        ``coords`` along each as the grid has cells there."""
+        check_arrays(  # the fields' types (tensors) are checked as they are read
+            {"values": self.values, "clean": self.clean, "corrupted": self.corrupted},
+            {"values": ("batch", ...), "clean": ("batch",), "corrupted": ("batch",)},
+        )
+        for name in ("values", "clean", "corrupted"):
+            v = getattr(self, name)
+            if v is not None and not v.is_floating_point():
+                raise ValueError(f"{name} must hold metric values (floating point), got {v.dtype} values")
+        grid = tuple(self.values.shape[1:])
+        axes = self.axes
+        if not isinstance(axes, tuple | list) or not all(isinstance(a, str) for a in axes):
+            raise ValueError(f"axes must be a tuple of names (str), got {axes!r}")
+        if len(axes) != len(grid) or len(set(axes)) != len(axes):
+            raise ValueError(
+                f"axes {tuple(axes)} does not name the {len(grid)} grid dimensions of values "
+                f"{tuple(self.values.shape)} (batch, *grid), one distinct name each"
+            )
+        if not isinstance(self.coords, dict) or set(self.coords) != set(axes):
+            keys = list(self.coords) if isinstance(self.coords, dict) else type(self.coords).__name__
+            raise ValueError(f"coords must hold the labels along each of axes {tuple(axes)}, got {keys}")
+        for a, n in zip(axes, grid):
+            labels = self.coords[a]
+            if not isinstance(labels, list | tuple) or len(labels) != n:
+                have = len(labels) if isinstance(labels, list | tuple) else type(labels).__name__
+                raise ValueError(
+                    f"coords[{a!r}] holds {have} labels; values {tuple(self.values.shape)} has {n} along {a!r}"
+                )
+        graddrop = self.info.get("graddrop") if isinstance(self.info, dict) else None
+        if isinstance(graddrop, torch.Tensor) and tuple(graddrop.shape) != tuple(self.values.shape):
+            raise ValueError(
+                f"info['graddrop'] {tuple(graddrop.shape)} is not of values' shape {tuple(self.values.shape)}"
+            )
+
     @property
     def finite_examples(self) -> torch.Tensor:
         """``(batch,)`` bool: the examples whose metric is finite on the clean and the corrupted run, those the
@@ -79,13 +120,11 @@ class PatchResult(Saveable):
 
         The denominator is the batch-mean gap (over :attr:`finite_examples`), so the mean over examples is the
         normalised mean metric (1 = clean level, 0 = corrupted level) and no example divides by a near-zero gap of
-        its own.
+        its own. A mean gap of exactly 0 gives NaN (with a RuntimeWarning). A mean gap below 5% of the mean
+        ``|m_clean - m_corrupt|`` over the examples (their gaps, of both signs, cancel) is divided by, with a
+        RuntimeWarning (once per result): the normalised values are then unstable.
         """
-        if self.corrupted is None:
-            raise ValueError("normalized needs a corrupted run; zero/mean ablation has none (use .effect)")
-        dt = self.values.dtype
-        gap = self._kept(self.clean.to(dt) - self.corrupted.to(dt)).mean()
-        c = self.corrupted.to(dt).view(-1, *([1] * (self.values.dim() - 1)))
+        gap = self._gap("normalized")
         if not (torch.isfinite(gap) and gap != 0):
             same = torch.nonzero(self.clean == self.corrupted).flatten().tolist()
             warnings.warn(
@@ -96,21 +135,68 @@ class PatchResult(Saveable):
                 stacklevel=2,
             )
             return torch.full_like(self.values, float("nan"))
+        c = self.corrupted.to(self.values.dtype).view(-1, *([1] * (self.values.dim() - 1)))
         return (self.values - c) / gap
+
+    def _gap(self, call: str) -> torch.Tensor:
+        """The mean gap ``m_clean - m_corrupted`` over :attr:`finite_examples` (0-dim, in values' dtype). Raises
+        without a corrupted run; warns (once per result and gap) when the examples' gaps nearly cancel."""
+        if self.corrupted is None:
+            raise ValueError(
+                f"{call} needs a corrupted run; zero/mean ablation has none (use .effect, or normalized=False)"
+            )
+        dt = self.values.dtype
+        gaps = self._kept(self.clean.to(dt) - self.corrupted.to(dt))
+        gap, size = gaps.mean(), gaps.abs().mean()
+        if bool(torch.isfinite(gap)) and gap != 0 and bool(gap.abs() < NEAR_CANCEL * size):
+            key = (float(gap), float(size))
+            if self.__dict__.get("_warned_gap") != key:
+                self.__dict__["_warned_gap"] = key
+                warnings.warn(
+                    f"{call}: the mean gap m_clean - m_corrupted is {float(gap):.4g}, under {NEAR_CANCEL:g} x the "
+                    f"mean |m_clean - m_corrupted| over the examples ({float(size):.4g}): the examples' gaps cancel, "
+                    "so the normalised values (divided by the mean gap) are unstable. Normalise subsets of examples "
+                    "whose gaps share a sign, or check that the corruption moves the metric one way",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return gap
 
     def _stat(self, normalized: bool) -> torch.Tensor:
         return self.normalized if normalized else self.values
 
     def mean(self, normalized: bool = True) -> torch.Tensor:
-        """Mean over examples ``(*grid)`` (over :attr:`finite_examples`)."""
+        """Mean over examples ``(*grid)`` (over :attr:`finite_examples`). ``normalized=True`` (the default) needs a
+        corrupted run: for zero/mean ablation give ``normalized=False`` (the mean patched metric) or use
+        :attr:`effect`."""
         return self._kept(self._stat(normalized)).mean(0)
 
     def se(self, normalized: bool = True) -> torch.Tensor:
-        """Standard error of the mean over examples ``(*grid)`` (over :attr:`finite_examples`); NaN with one
-        example (undefined)."""
-        v = self._kept(self._stat(normalized))
-        n = v.shape[0]
-        return v.std(0, unbiased=True) / np.sqrt(n) if n > 1 else torch.full_like(v[0], float("nan"))
+        """Standard error of :meth:`mean` ``(*grid)`` (over :attr:`finite_examples`); NaN with one example
+        (undefined).
+
+        ``normalized=False``: the standard deviation of the values over the examples, over ``sqrt(n)``.
+        ``normalized=True``: the normalised mean is a ratio of means, ``R = mean(a) / mean(b)`` with
+        ``a_i = m_patched_i - m_corrupt_i`` and ``b_i = m_clean_i - m_corrupt_i``; its standard error is the delta
+        method's, ``std(a_i - R b_i) / (sqrt(n) |mean(b)|)`` (from the variances of ``a`` and ``b`` and their
+        covariance: the gap is estimated from the same examples, not fixed). It agrees to first order with the
+        spread of :meth:`ci`'s bootstrap, which re-estimates the gap in every resample; a cell that restores every
+        example's clean metric (``a_i = b_i``) has standard error 0.
+        """
+        if not normalized:
+            v = self._kept(self.values)
+            n = v.shape[0]
+            return v.std(0, unbiased=True) / np.sqrt(n) if n > 1 else torch.full_like(v[0], float("nan"))
+        r = self.mean(True)  # NaN (with a warning) when the mean gap is 0
+        dt = self.values.dtype
+        shape = (-1, *([1] * (self.values.dim() - 1)))
+        c = self.corrupted.to(dt).view(shape)
+        a = self._kept(self.values - c)
+        b = self._kept(self.clean.to(dt).view(shape) - c)
+        n = a.shape[0]
+        if n < 2:
+            return torch.full_like(r, float("nan"))
+        return (a - r * b).std(0, unbiased=True) / (np.sqrt(n) * b.mean().abs())
 
     def ci(
         self, level: float = 0.95, num_resamples: int = 1000, seed: int = 0, normalized: bool = True
@@ -133,6 +219,7 @@ class PatchResult(Saveable):
         if normalized:
             if corrupted is None:
                 raise ValueError("normalized CI needs a corrupted run; pass normalized=False")
+            self._gap("ci")  # warns when the examples' gaps cancel
             cl, co = clean.double()[idx].mean(1), corrupted.double()[idx].mean(1)
             shape = (-1, *([1] * (v.dim() - 1)))
             gap = cl - co
@@ -158,8 +245,17 @@ class PatchResult(Saveable):
         return q[0].to(self.values.dtype), q[1].to(self.values.dtype)
 
     def top(self, k: int = 10, normalized: bool = False) -> list[tuple[dict, float]]:
-        """The ``k`` cells whose mean effect over the examples is largest in absolute value (``|mean|``, not the
-        mean of ``|effect|``): ``[(coords, mean effect), ...]``."""
+        """The ``k`` cells whose mean effect over the examples (over :attr:`finite_examples`) is largest in absolute
+        value (``|mean|``, not the mean of ``|effect|``): ``[(coords, mean effect), ...]``.
+
+        The mean effect is ``mean(m_patched - m_target)`` (:attr:`effect`; the target is the corrupted run for
+        denoising, the clean run for noising). ``normalized=True``: the same effect in units of the mean gap
+        ``mean(m_clean - m_corrupt)``, i.e. ``mean(normalized)`` for denoising (1 = the clean level restored) and
+        ``mean(normalized) - 1`` for noising (-1 = the metric brought down to the corrupted level): an effect, 0 for
+        a cell that changes nothing, not the normalised value :meth:`mean` gives. Cells of equal ``|mean|`` come in
+        grid order (row-major over :attr:`axes`); cells whose mean is NaN (a metric that is NaN on a patched run,
+        or a mean gap of 0 when normalised) come after every other cell, in grid order, with their NaN.
+        """
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k={k!r} is not valid; give an int >= 0")
         m = (
@@ -168,7 +264,8 @@ class PatchResult(Saveable):
             else self.mean(True) - (0.0 if self.direction == "denoising" else 1.0)
         )
         flat = m.flatten()
-        order = torch.argsort(flat.abs(), descending=True)[:k]
+        key = torch.where(torch.isnan(flat), torch.full_like(flat, float("inf")), -flat.abs())  # NaN last
+        order = torch.sort(key, stable=True).indices[:k]
         out = []
         for i in order.tolist():
             ix = np.unravel_index(i, tuple(m.shape))
@@ -189,7 +286,7 @@ class PatchResult(Saveable):
 
     def to_records(self, normalized: bool = True) -> list[dict]:
         """One dict per cell: grid coordinates, ``mean``, ``se``, ``ci_low``, ``ci_high`` (normalised if asked
-        and possible)."""
+        and possible; the normalised ``se`` is :meth:`se`'s delta-method standard error of a ratio of means)."""
         normalized = normalized and self.corrupted is not None
         mean, se = self.mean(normalized), self.se(normalized)
         lo, hi = self.ci(normalized=normalized, num_resamples=500)

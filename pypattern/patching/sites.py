@@ -106,7 +106,13 @@ def apply_patch(x: torch.Tensor, src: torch.Tensor, site: str, head: int, pos: i
 
 
 def _ints(v, name: str) -> list[int]:
-    """``v`` (an int, or a sequence / tensor / array of ints) as a list of Python ints; anything else is named."""
+    """``v`` (an int, or a sequence / 1-D tensor / 1-D array of ints) as a list of Python ints; anything else is
+    named (a tensor or array of more than one dimension too: it is not flattened)."""
+    if getattr(v, "ndim", 0) > 1 and hasattr(v, "shape"):
+        raise ValueError(
+            f"{name} has shape {tuple(v.shape)}; give an int or a 1-D sequence of ints, shared by every example "
+            "(one row per example is not supported here)"
+        )
     if isinstance(v, torch.Tensor):
         if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
             raise TypeError(f"{name} must hold integers, got a {v.dtype} tensor")

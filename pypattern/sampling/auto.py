@@ -196,6 +196,10 @@ class AutoStepError(ValueError):
         self.report = report
 
 
+#: what the reason of a chosen step says when its trials covered too few relaxation times of the flattest direction
+#: (:func:`pypattern.estimate_llc` warns about it)
+UNRELAXED_NOTE = "directions that flat may not have relaxed"
+
 _TRIAL_KEYS = ("step_size", "num_steps", "llc", "se", "r_hat", "verdict")
 
 
@@ -239,6 +243,25 @@ class AutoStepReport(Saveable):
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     reruns: list = field(default_factory=list)
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): one entry per trial in each of the trial lists (real
+        numbers, a whole number of steps, a text verdict), a dict per rerun and for the settings."""
+        n = len(self.step_size) if isinstance(self.step_size, list) else None
+        for k in _TRIAL_KEYS:
+            v = getattr(self, k)
+            if not isinstance(v, list) or len(v) != n:
+                have = f"{len(v)} entries" if isinstance(v, list) else type(v).__name__
+                raise ValueError(f"{k} must be a list of one entry per trial ({n}, as step_size), got {have}")
+            kinds = {"verdict": (str,), "num_steps": (int,)}.get(k, (int, float))
+            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, kinds)]
+            if bad:
+                what = {"verdict": "texts", "num_steps": "whole numbers"}.get(k, "numbers")
+                raise ValueError(f"{k} must hold {what}, got {bad[0]!r}")
+        if not isinstance(self.settings, dict):
+            raise ValueError(f"settings must be a dict, got {type(self.settings).__name__}")
+        if not isinstance(self.reruns, list) or not all(isinstance(r, dict) for r in self.reruns):
+            raise ValueError(f"reruns must be a list of dicts, got {self.reruns!r:.80}")
 
     @classmethod
     def from_dict(cls, d: dict) -> AutoStepReport:
@@ -514,6 +537,8 @@ def resolve_step_size(
         row.update(
             llc=float(llcs[w]), se=float(ses[w]), r_hat=float(rhs[w]), llcs=llcs, ses=ses, chains=chains
         )
+        if len(outs) > 1 and not all(v < max_r_hat for v in rhs):
+            drifting.append(w)  # the run that keeps a joint trial from being stationary
         flat, stiff = relaxation(eps, steps)
         row["relaxation"] = (flat, stiff)
         if not all(v > 0 for v in llcs):
@@ -527,6 +552,10 @@ def resolve_step_size(
         else:
             row["verdict"], row["ok"] = "ok", True
         return done(i, factor, coupling, row)
+
+    drifting: list[
+        int
+    ] = []  # several runs: the run with the largest R-hat of each trial that was not stationary
 
     def relaxation(eps: float, steps: int) -> tuple[float, float]:
         """Relaxation times a trial of ``steps`` steps at ``eps`` covers: at least ``eps * gamma * steps / 2`` (the
@@ -605,11 +634,18 @@ def resolve_step_size(
             return ""
         flat = min(row["relaxation"][0] for row in rows)
         stiff = min(row["relaxation"][1] for row in rows)
+        if gamma > 0:  # read by estimate_llc's warning (pypattern.sampling.llc)
+            rep.settings["flattest_relaxation_times"] = float(flat)
         if flat >= relaxation_times:
             return f"; its trials cover {flat:.3g} relaxation times of the flattest direction"
+        if gamma <= 0:
+            return (
+                f"; its trials cover at most {stiff:.3g} relaxation times of the stiffest direction (without "
+                "localization or weight decay nothing pulls the flattest directions back: they do not relax)"
+            )
         return (
             f"; its trials cover at most {stiff:.3g} relaxation times of the stiffest direction and {flat:.2g} of the "
-            f"flattest (fewer than {relaxation_times:g}: directions that flat may not have relaxed)"
+            f"flattest (fewer than {relaxation_times:g}: {UNRELAXED_NOTE})"
         )
 
     def scan_coupled() -> bool | None:
@@ -773,11 +809,26 @@ def resolve_step_size(
                 f"{max_factor * int(calibration_steps)} steps covers {relaxation_times:g} relaxation times of even its "
                 f"stiffest direction (a trial at {s:.3g} ran without diverging), nor does one of a smaller step"
             )
+        # a chain mean below L_n(w*) by more than two standard errors: the loss goes down from w*
+        below = [
+            (s, v)
+            for s, v, e, sd in zip(rep.step_size, rep.llc, rep.se, rep.verdict, strict=True)
+            if sd.startswith("negative LLC") and math.isfinite(v) and math.isfinite(e) and v + 2 * e < 0
+        ]
         raise AutoStepError(
             f"step_size='auto': no step size in [{min_step_size:g}, {max_step_size:g}] gave stationary, relaxed "
             "chains (split R-hat below max_r_hat, no runaway, LLC > 0, relaxed from w*) with an estimate unchanged "
             "when the step is halved; trials:\n"
             f"{rep}\n"
+            + (
+                f"{len(below)} trial(s) have a negative LLC beyond two standard errors (at {below[-1][0]:.3g}: "
+                f"{below[-1][1]:.4g}): the chains' loss went below its value at the initial weights w*, so w* is "
+                "not a local minimum of the loss (the estimators assume one). Train the model further (to a "
+                "minimum of its loss), or give a step_size of your own. "
+                if below
+                else ""
+            )
+            + _blocking_run_note(drifting, extra.get("runs"))
             + (
                 "With localization=0 nothing holds the chains near w*: a model that is not at a minimum of its loss "
                 "(briefly trained, say) drifts away at every step; give localization (e.g. 100). "
@@ -791,6 +842,29 @@ def resolve_step_size(
         )
     _warn_if_drift_chose(rep, localization)
     return rep.chosen, rep
+
+
+def _blocking_run_note(drifting: list[int], runs) -> str:
+    """What the error of a calibration of several runs (``runs``) adds when trials failed as one run's chains were
+    not stationary: a joint trial is judged by its worst run, so a slowly mixing run blocks every step."""
+    if not drifting or runs is None:
+        return ""
+    counts = np.bincount(drifting)
+    w = int(np.argmax(counts))
+    try:
+        run = list(runs)[w]
+    except (TypeError, IndexError):
+        run = None
+    if isinstance(run, tuple | list) and len(run) == 2 and isinstance(run[0], list | tuple):
+        run = run[0]  # (restrict_to, masks): the parameters it moves
+    label = f"moving {run!r:.120}" if run is not None else f"#{w}"
+    return (
+        f"The runs are calibrated together and a trial is judged by its worst run: run {w} ({label}) was the least "
+        f"stationary in {int(counts[w])} of the {len(drifting)} trials that were not stationary, so it blocks the "
+        "calibration of all of them. Calibrate that run on its own (estimate_llc(model, loader, restrict_to=...) "
+        "or pypattern.sampling.resolve_step_size(..., restrict_to=...)) and pass its step as step_size=, or give "
+        "it more steps per trial (calibration_steps). "
+    )
 
 
 #: larger steps whose trials drifted (not stationary) before the chosen one, above which a calibration without

@@ -23,6 +23,7 @@ from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .diagnostics import NonFiniteLossError, NonStationaryWarning, user_stacklevel
 from .llc import estimate_llc
+from .results import check_arrays
 from .runner import SamplingDivergedError
 
 __all__ = ["CalibrationResult", "calibrate_step_size"]
@@ -42,6 +43,20 @@ class CalibrationResult(Saveable):
     healthy: np.ndarray
     recommended: float | None = None
     reasons: list = field(default_factory=list)
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): one entry per step size in every array and in
+        ``reasons`` (a text each), numbers throughout."""
+        keys = ("step_sizes", "llc_mean", "llc_std", "r_hat", "ess", "diverged", "healthy")
+        n = check_arrays(vars(self), dict.fromkeys(keys, ("n",)))["n"]
+        if not isinstance(self.reasons, list) or len(self.reasons) != n:
+            have = len(self.reasons) if isinstance(self.reasons, list) else type(self.reasons).__name__
+            raise ValueError(
+                f"reasons holds {have} entries for the {n} step sizes of step_sizes; one text each"
+            )
+        bad = [r for r in self.reasons if not isinstance(r, str)]
+        if bad:
+            raise ValueError(f"reasons must hold texts (str), got {bad[0]!r}")
 
     def rows(self) -> list[dict]:
         keys = ("step_sizes", "llc_mean", "llc_std", "r_hat", "ess", "diverged", "healthy")

@@ -16,6 +16,7 @@ __all__ = [
     "NonStationaryWarning",
     "SamplingDivergedError",
     "check_mixing",
+    "check_relaxation",
     "check_stationarity",
     "ess",
     "r_hat",
@@ -188,6 +189,69 @@ def check_stationarity(
         warnings.warn(
             f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
             f"(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).{hint}",
+            NonStationaryWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return ok
+
+
+#: relaxation times of a typical direction below which a run at a given step is reported as not relaxed
+MIN_RELAXATION = 0.5
+
+
+def relaxation_bounds(
+    llc_mean: float,
+    *,
+    step_size: float,
+    gamma: float,
+    num_params: int,
+    total_steps: int,
+    mean_draw_step: float,
+    noise_scale: float = 1.0,
+) -> tuple[float, float]:
+    """Two lower bounds on the relaxation times an SGLD run from ``w*`` covered, from its step and its estimate.
+
+    The drift ``-(eps / 2) (nbeta grad L + gamma (w - w*))`` relaxes a direction of curvature ``c`` of ``nbeta L +
+    gamma |w - w*|^2 / 2`` at ``eps c / 2`` per step, so a run of ``S`` steps covers ``eps c S / 2`` relaxation
+    times of it. Returns ``(flat, trace)``: ``flat = eps gamma S / 2``, the flattest direction's, and ``trace = llc
+    S / (d t)``, a typical direction's as seen by the estimate (``d`` moving parameters, ``t`` the mean step of
+    the draws): chains that have not relaxed diffuse freely from ``w*`` and raise ``nbeta L`` by ``nbeta tr(H) eps
+    t / 2`` by step ``t``, which gives the typical curvature ``nbeta tr(H) / d`` back; chains that have relaxed have
+    a smaller estimate than that growth, so it bounds the typical direction's relaxation times from below."""
+    eps, S = float(step_size), int(total_steps)
+    flat = eps * max(float(gamma), 0.0) * S / 2
+    if not (num_params > 0 and mean_draw_step > 0 and math.isfinite(llc_mean)):
+        return flat, float("inf")
+    return flat, float(llc_mean) * S / (num_params * mean_draw_step * float(noise_scale) ** 2)
+
+
+def check_relaxation(
+    typical: float,
+    *,
+    step_size: float,
+    total_steps: int,
+    llc_mean: float,
+    curvature: float,
+    min_relaxation: float = MIN_RELAXATION,
+    warn: bool = True,
+) -> bool:
+    """True when a run at a given step covered at least ``min_relaxation`` relaxation times (``typical``) of a
+    typical direction (curvature ``curvature`` of ``nbeta L + gamma |w - w*|^2 / 2``, the mean over directions,
+    measured at ``w*``); else warn (:class:`NonStationaryWarning`) and return False. Such chains have barely left
+    ``w*``: the estimate is far below its stationary value, while with minibatches the loss trace is mostly batch
+    noise, which passes split R-hat and the effective sample size."""
+    ok = not (typical < min_relaxation)
+    if not ok and warn:
+        need = math.ceil(2 * 3 / (step_size * curvature)) if curvature > 0 else None
+        more = f" (3 relaxation times take about {need:,} steps at this step)" if need else ""
+        warnings.warn(
+            f"step_size={step_size:g} is too small for this run: its {total_steps} steps cover about {typical:.2g} "
+            f"relaxation times of a typical direction (curvature {curvature:.3g} of nbeta L + localization "
+            f"|w - w*|^2 / 2, the mean over the moving parameters, measured at w*), fewer than {min_relaxation:g}: "
+            f"the chains have barely moved from w*, so the estimate ({llc_mean:.4g}) is far below its stationary "
+            "value, whatever R-hat and the effective sample size say (with minibatches the loss trace is mostly "
+            f"batch noise). Use a larger step_size, more steps (num_burnin_steps, num_draws){more}, or "
+            "step_size='auto'; warn_nonstationary=False silences this.",
             NonStationaryWarning,
             stacklevel=user_stacklevel(),
         )

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .._checks import device_arg
-from .diagnostics import ess, r_hat, user_stacklevel
+from .auto import UNRELAXED_NOTE
+from .diagnostics import NonStationaryWarning, ess, r_hat, user_stacklevel
 from .optim import SGLD
 from .plan import init_loss_value, without_diagnostic_switches
 from .results import LLCResult, SampleResult
@@ -102,9 +103,12 @@ def llc_of_samples(out, model: nn.Module, masks=None) -> LLCResult | list[LLCRes
         results = [llc_from_sample(r) for r in out]
         for res in results:
             _warn_auto_bias(res)
+        if results:
+            _warn_auto_unrelaxed(results[0])  # one calibration for every run: once
         return results
     res = llc_from_sample(out)
     _warn_auto_bias(res)
+    _warn_auto_unrelaxed(res, model, masks)
     if masks is None:
         _warn_above_half_dimension(res, model)
     return res
@@ -155,6 +159,45 @@ def _warn_auto_bias(res: LLCResult) -> None:
             "step_size (half the chosen one, say) with more draws",
             stacklevel=user_stacklevel(),
         )
+
+
+#: relaxation times of the flattest direction, in the chosen step's trials, below which estimate_llc warns
+FLAT_RELAXATION_WARN = 1.0
+
+
+def _warn_auto_unrelaxed(res: LLCResult, model: nn.Module | None = None, masks=None) -> None:
+    """Warn when the automatic step's trials covered fewer than :data:`FLAT_RELAXATION_WARN` relaxation times of
+    the flattest direction (``eps * localization * steps / 2``, which its reason notes, ending with
+    :data:`~pypattern.sampling.auto.UNRELAXED_NOTE`): on a singular model the estimate may still be creeping up
+    along such directions, by more than its standard error shows. Not when every direction is stiff against the
+    localization: an estimate of the whole model (``masks`` None, no ``restrict_to``) within 10% of ``d / 2``
+    (``d`` moving parameters; a regular model), where the flattest direction's bound is loose."""
+    config = getattr(res.sample, "config", None)
+    auto = config.get("auto_step") if isinstance(config, dict) else None
+    reason = auto.get("reason") if isinstance(auto, dict) else None
+    settings = auto.get("settings") if isinstance(auto, dict) else None
+    flat = settings.get("flattest_relaxation_times") if isinstance(settings, dict) else None
+    if not isinstance(reason, str) or UNRELAXED_NOTE not in reason or not isinstance(flat, int | float):
+        return
+    if not flat < FLAT_RELAXATION_WARN:
+        return
+    if model is not None and masks is None and config.get("restrict_to") is None:
+        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if d and float(res.llc_mean) >= 0.9 * d / 2:
+            return
+    at = reason.rfind("its trials cover at most")
+    note = reason[at:] if at >= 0 else reason
+    chosen = auto.get("chosen")
+    step = f"{chosen:.3g}" if isinstance(chosen, int | float) else "the chosen step"
+    warnings.warn(
+        f"step_size='auto' chose {step}, but the calibration's trials were short for the flattest directions "
+        f"({note}): on a singular model the estimate may still be rising along them, by more than llc_se shows "
+        "(run-to-run spread across seeds is a check). Run longer at that step (num_burnin_steps, num_draws: "
+        "several times the relaxation time of the flattest direction, 2 / (step_size * localization) steps), or "
+        "give a larger localization",
+        NonStationaryWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 _SAMPLE_ARGUMENTS = frozenset(inspect.signature(sample).parameters) - {"model", "loader"}
@@ -276,7 +319,8 @@ def criterion_evaluate(criterion: Callable) -> Callable:
     return evaluate
 
 
-# (model class, batch kind) -> whether model(batch) returned the loss: decided at the first batch of that kind
+# (model class, batch kind) -> whether model(batch) returned the loss: decided at the first batch of that kind in
+# a call (cleared when a devinterp entry point starts)
 _MODEL_RETURNS_LOSS: dict[tuple[type, str], bool] = {}
 
 
@@ -488,6 +532,10 @@ def _devinterp_kwargs(
     masks = None
     if optimize_over_per_model_param:
         masks = {k: torch.as_tensor(v) for k, v in optimize_over_per_model_param.items()}
+    if evaluate is None:
+        # whether model(batch) returns the loss is decided afresh for each call (per model class within it: the
+        # chains' copies of the model share the decision), not carried over from another model of the class
+        _MODEL_RETURNS_LOSS.clear()
     kw = dict(
         loss_fn=evaluate if evaluate is not None else _default_evaluate,
         optimizer_kwargs=okw,

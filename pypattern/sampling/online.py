@@ -31,6 +31,7 @@ from .auto import wants_auto
 from .checkpoint import sub_run_path
 from .llc import _SAMPLE_ARGUMENTS, estimate_llc
 from .plan import check_checkpoint_file, check_loader, check_settings
+from .results import check_arrays
 from .runner import default_loss_fn, sample
 from .vocabulary import translate
 
@@ -95,6 +96,20 @@ class OnlineLLCResult(Saveable):
     train_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     refined: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): one entry per estimate in every array and in each
+        component's curve of ``refined`` (keyed by name), numbers throughout."""
+        if not isinstance(self.refined, dict) or not all(isinstance(k, str) for k in self.refined):
+            raise ValueError(
+                f"refined must be a dict of component name (str) to array, got {self.refined!r:.80}"
+            )
+        keys = ("step", "llc_mean", "llc_std", "r_hat", "init_loss", "train_loss")
+        curves = {f"refined[{k!r}]": v for k, v in self.refined.items()}
+        check_arrays(
+            {**{k: getattr(self, k) for k in keys}, **curves},
+            dict.fromkeys([*keys, *curves], ("estimates",)),
+        )
 
     def to_pandas(self):
         import pandas as pd

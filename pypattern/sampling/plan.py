@@ -199,6 +199,8 @@ class RunPlan:
     # the step-size calibration this run's step came from ({"key", "report"}), recorded in its checkpoint so that a
     # resume of the same call reuses it instead of calibrating again (auto.calibrate_or_resume)
     calibration: Mapping[str, Any] | None = None
+    # the step comes from the step-size calibration (its trials judged the chains' relaxation from w*), not the caller
+    calibrated: bool = False
 
     @property
     def total_steps(self) -> int:

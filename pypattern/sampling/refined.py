@@ -31,6 +31,7 @@ from .checkpoint import sub_run_path
 from .diagnostics import user_stacklevel
 from .llc import llc_from_sample
 from .plan import check_loader, check_model
+from .results import check_arrays
 from .runner import sample
 
 __all__ = ["RefinedLLCResult", "refined_llc"]
@@ -77,6 +78,20 @@ class RefinedLLCResult(Saveable):
     init_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): one entry per row in ``component``, ``data`` (texts)
+        and every array (``llc_se`` may be empty: no standard errors), a row of ``llc_per_chain`` per row, numbers
+        throughout."""
+        keys = ("num_params", "llc_mean", "llc_std", "r_hat", "ess", "init_loss")
+        shapes = {**dict.fromkeys(keys, ("rows",)), "llc_per_chain": ("rows", "chains")}
+        shapes["llc_se"] = ("rows",) if np.size(self.llc_se) else (0,)
+        rows = check_arrays(vars(self), shapes)["rows"]
+        for name in ("component", "data"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or len(v) != rows or not all(isinstance(x, str) for x in v):
+                have = f"{len(v)} entries" if isinstance(v, list) else type(v).__name__
+                raise ValueError(f"{name} must hold one name (str) per row ({rows}, as llc_mean), got {have}")
 
     def rows(self) -> list[dict]:
         return [

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..io import Saveable, register
 
@@ -19,34 +20,39 @@ def _pattern_text(pattern: tuple) -> str:
 
 
 def check_arrays(fields: dict[str, Any], shapes: dict[str, tuple]) -> dict[str, int]:
-    """Check a loaded result's arrays (its ``_check_loaded``): each field ``name`` of ``shapes`` is an ndarray of
-    real numbers (bool, integer or float) whose shape matches ``shapes[name]``, a tuple of int sizes and names, a
-    name standing for the same size in every field where it appears, ending in ``...`` where any further axes may
-    follow; a field that is None is skipped (an optional array). Returns the sizes of the names; raises ValueError
-    naming the field and the shape expected."""
+    """Check a loaded result's arrays (its ``_check_loaded``): each field ``name`` of ``shapes`` is an ndarray
+    (or a tensor) of real numbers (bool, integer or float) whose shape matches ``shapes[name]``, a tuple of int
+    sizes and names, a name standing for the same size in every field where it appears, ending in ``...`` where any
+    further axes may follow; a field that is None is skipped (an optional array). Returns the sizes of the names;
+    raises ValueError naming the field and the shape expected."""
     sizes: dict[str, tuple[int, str, tuple]] = {}  # name -> (size, the field that set it, its shape)
     for name, pattern in shapes.items():
         v = fields[name]
         if v is None:
             continue
-        if not isinstance(v, np.ndarray):
+        if isinstance(v, torch.Tensor):
+            real = not v.is_complex()
+        elif isinstance(v, np.ndarray):
+            real = v.dtype.kind in "biuf"
+        else:
             raise ValueError(f"{name} must be an array {_pattern_text(pattern)}, got {type(v).__name__}")
-        if v.dtype.kind not in "biuf":
+        if not real:
             raise ValueError(f"{name} must hold real numbers, got {v.dtype} values")
+        shape = tuple(v.shape)
         open_end = bool(pattern) and pattern[-1] is ...
         fixed = pattern[:-1] if open_end else pattern
-        if v.ndim < len(fixed) or (not open_end and v.ndim != len(fixed)):
-            raise ValueError(f"{name} {v.shape} is not of shape {_pattern_text(pattern)}")
-        for have, want in zip(v.shape, fixed):
+        if len(shape) < len(fixed) or (not open_end and len(shape) != len(fixed)):
+            raise ValueError(f"{name} {shape} is not of shape {_pattern_text(pattern)}")
+        for have, want in zip(shape, fixed):
             if isinstance(want, str):
-                size, first, first_shape = sizes.setdefault(want, (have, name, v.shape))
+                size, first, first_shape = sizes.setdefault(want, (have, name, shape))
                 if have != size:
                     raise ValueError(
-                        f"{name} {v.shape} is not of shape {_pattern_text(pattern)} with {want} = {size} as in "
+                        f"{name} {shape} is not of shape {_pattern_text(pattern)} with {want} = {size} as in "
                         f"{first} {first_shape}"
                     )
             elif have != want:
-                raise ValueError(f"{name} {v.shape} is not of shape {_pattern_text(pattern)}")
+                raise ValueError(f"{name} {shape} is not of shape {_pattern_text(pattern)}")
     return {k: v[0] for k, v in sizes.items()}
 
 

@@ -43,12 +43,15 @@ from .data import (
     to_device,
 )
 from .diagnostics import (
+    MIN_RELAXATION,
     NonFiniteLossError,
     SamplingDivergedError,
     check_mixing,
+    check_relaxation,
     check_stationarity,
     ess,
     r_hat,
+    relaxation_bounds,
     user_stacklevel,
 )
 from .plan import RunPlan, check_checkpoint_file, check_loader, check_model, default_nbeta, make_plan
@@ -518,7 +521,9 @@ def _sample_auto(plan: RunPlan, model: nn.Module, loader, report):
         if step != first:
             for cb in callbacks:
                 cb.reset()
-        return _sample(dataclasses.replace(plan, hyper={**plan.hyper, "step_size": step}), model, loader)
+        return _sample(
+            dataclasses.replace(plan, hyper={**plan.hyper, "step_size": step}, calibrated=True), model, loader
+        )
 
     can_rerun = plan.checkpoint is None and all(callable(getattr(cb, "reset", None)) for cb in callbacks)
     return rerun_at_half_step(run, first, report, can_rerun=can_rerun)
@@ -574,6 +579,8 @@ def _eval_mode_for_dropout(model: nn.Module):
 
 
 def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult | list[SampleResult]:
+    """The run of ``plan``; its diagnostics warn (``warn_nonstationary``), a given step's (``plan.calibrated``
+    False) relaxation from ``w*`` included (:func:`_check_given_step`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     w_star = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -646,11 +653,126 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         hint = _unlocalized_hint(plan)
         for r, res in enumerate(results):
             ran = res.loss_trace[_ran_rows(plan, r)]
-            if len(ran) and check_stationarity(
-                ran, hint=hint
-            ):  # a drifting trace is reported once, by its R-hat
-                check_mixing(ran, hint=hint)
+            # a drifting trace is reported once: by its R-hat, else its effective sample size, else (a given step)
+            # by the relaxation times the run covered
+            if (
+                len(ran)
+                and check_stationarity(ran, hint=hint)
+                and check_mixing(ran, hint=hint)
+                and not plan.calibrated
+            ):
+                _check_given_step(
+                    plan, model, loader, w_star, data_cache, argument, r, ran, res.init_loss, device
+                )
     return results if plan.several_runs else results[0]
+
+
+def _check_given_step(
+    plan: RunPlan,
+    model: nn.Module,
+    loader: Iterable,
+    w_star: Mapping[str, torch.Tensor],
+    data_cache: dict,
+    argument: str,
+    r: int,
+    trace: np.ndarray,
+    init_loss: float,
+    device: torch.device,
+) -> None:
+    """Warn when an SGLD run at a given step covered too few relaxation times of a typical direction to have left
+    ``w*`` (:func:`~pypattern.sampling.diagnostics.check_relaxation`; the rule of ``step_size="auto"``, module
+    :mod:`pypattern.sampling.auto`, "Relaxation", applied to the step given). Free when the step's bounds
+    (:func:`~pypattern.sampling.diagnostics.relaxation_bounds`) already show enough relaxation; otherwise the
+    mean curvature of ``nbeta L + gamma |w - w*|^2 / 2`` at ``w*`` is measured (:func:`_mean_curvature`: three
+    forwards on one batch)."""
+    if plan.sampler != "sgld" or plan.noise_coupling != 1 or not plan.num_draws:
+        return
+    hyper = plan.hyper
+    eps, nbeta = float(hyper["step_size"]), float(hyper["nbeta"])
+    gamma = max(0.0, float(hyper.get("localization") or 0.0)) + max(
+        0.0, float(hyper.get("weight_decay") or 0.0)
+    )
+    noise = float(hyper.get("noise_scale") or 1.0)
+    run = plan.runs[r]
+    params = dict(model.named_parameters())
+    masks = run.masks or {}
+    d = sum(int(masks[n].count_nonzero()) if n in masks else params[n].numel() for n in run.moving)
+    llc = nbeta * (float(np.mean(trace)) - float(init_loss))
+    steps = plan.total_steps
+    mean_step = plan.num_burnin_steps + plan.num_steps_bw_draws * (plan.num_draws - 1) / 2
+    flat, typical = relaxation_bounds(
+        llc,
+        step_size=eps,
+        gamma=gamma,
+        num_params=d,
+        total_steps=steps,
+        mean_draw_step=mean_step,
+        noise_scale=noise,
+    )
+    if not (d and math.isfinite(eps) and eps > 0) or max(flat, typical) >= MIN_RELAXATION:
+        return
+    kappa = _mean_curvature(
+        plan, model, loader, w_star, data_cache, argument, run, device, math.sqrt(eps * steps) * noise
+    )
+    if kappa is None:
+        return
+    curvature = nbeta * max(kappa, 0.0) + gamma
+    check_relaxation(
+        eps * curvature * steps / 2, step_size=eps, total_steps=steps, llc_mean=llc, curvature=curvature
+    )
+
+
+def _mean_curvature(
+    plan: RunPlan,
+    model: nn.Module,
+    loader: Iterable,
+    w_star: Mapping[str, torch.Tensor],
+    data_cache: dict,
+    argument: str,
+    run,
+    device: torch.device,
+    spread: float,
+) -> float | None:
+    """``tr(H) / d`` of the loss at ``w*`` over the ``d`` moving parameters of ``run`` (Hutchinson's estimate along
+    one random sign vector ``u``, by central differences: ``(L(w* + h u) + L(w* - h u) - 2 L(w*)) / (h^2 d)``, on
+    the first batch ``L_n(w*)`` reads), or None when it cannot be measured. ``h`` is ``spread`` (the distance a
+    coordinate diffuses over the run without drift) at most 5% of the moving weights' RMS (at least 1e-3). The
+    model's weights are restored to ``w*``."""
+    params = dict(model.named_parameters())
+    masks = run.masks or {}
+    gen = torch.Generator().manual_seed(int(plan.key(0, stream=2)) % (2**63))
+    dirs: dict[str, torch.Tensor] = {}
+    total, d = 0.0, 0
+    for n in run.moving:
+        p = params[n]
+        u = torch.randint(0, 2, tuple(p.shape), generator=gen).to(device=p.device, dtype=p.dtype) * 2 - 1
+        if n in masks:
+            u = u * masks[n].to(device=p.device, dtype=p.dtype)
+        dirs[n] = u
+        d += int(u.count_nonzero())
+        total += float(w_star[n].double().pow(2).sum())
+    if not d:
+        return None
+    h = min(float(spread), 0.05 * max(math.sqrt(total / sum(params[n].numel() for n in run.moving)), 0.02))
+    if not (h > 0 and math.isfinite(h)):
+        return None
+    try:
+        batch = to_device(ChainData(loader, plan.key(0, stream=2), data_cache).next(), device)
+        values = []
+        with torch.no_grad():
+            for sign in (0.0, 1.0, -1.0):
+                for n, u in dirs.items():
+                    params[n].copy_(w_star[n] + (sign * h) * u)
+                values.append(float(split_loss(plan.loss_fn(model, batch), argument)))
+    except (RuntimeError, ValueError, TypeError, StopIteration):
+        return None
+    finally:
+        with torch.no_grad():
+            for n in dirs:
+                params[n].copy_(w_star[n])
+    l0, lp, lm = values
+    kappa = (lp + lm - 2 * l0) / (h * h * d)
+    return kappa if math.isfinite(kappa) else None
 
 
 def default_init_loss_batches(plan: RunPlan, num_batches: int | None) -> int:
@@ -864,7 +986,10 @@ def _run_part(ctx: RunContext, chains: list[int]) -> bool:
         except VmapUnsupported as e:
             if plan.batched:
                 raise RuntimeError(
-                    f"batched=True but the model or {ctx.loss_argument} does not run under vmap: {e}"
+                    f"batched=True but the model or {ctx.loss_argument} does not run under vmap: "
+                    f"{str(e).rstrip('.')}. Hugging Face models build their attention mask with data-dependent "
+                    "code when a batch has an attention_mask; batched=False, or batched left at its default "
+                    "(None: automatic), runs them chain by chain"
                 ) from e
         except UnstackableBatches as e:
             if plan.batched:

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..._checks import nonfinite_names, refuse_meta_model
+from ..._checks import compiled_inner, nonfinite_names, refuse_meta_model
 from ..._training import eval_mode
 from ..transformer import Transformer
 from . import hooked_transformer
@@ -128,7 +128,8 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     -------
     Transformer
         A new model (the weights are copied) with TransformerLens names and hooks; tied embeddings stay one
-        parameter. ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``. A model in
+        parameter. Every parameter of the new model requires a gradient: the source's ``requires_grad`` flags are
+        not carried over (freeze the converted model's parameters again where a sampler should leave them fixed). ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``. A model in
         ``train()`` mode with dropout is converted as its ``eval()`` forward (the converted model has no dropout),
         with a warning.
 
@@ -470,6 +471,8 @@ def converted_if_convertible(model: Any) -> Any:
     if is_hooked_transformer(model) or is_transformer_lens(model):
         return from_hf(model)  # (which refuses weights on the meta device)
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(compiled_inner(model), Transformer):  # pypattern's own model, compiled: the model it wraps
+        model = compiled_inner(model)
     if (
         not isinstance(model, Transformer)
         and type(inner).__name__ in _CONVERTERS
@@ -662,6 +665,58 @@ def _no_unpickling(path: str, blocked: list):
                 torch.serialization.load = _patch_state["serialization_load"]
 
 
+def _directory_arg(path) -> str:
+    """``path`` (``from_pretrained``'s argument) as a str; anything but a str or an ``os.PathLike`` of one (None, a
+    number, bytes) is a TypeError naming ``path`` and what was given."""
+    if isinstance(path, str | os.PathLike):
+        text = os.fspath(path)
+        if isinstance(text, str):
+            return text
+    raise TypeError(
+        f"path={path!r} ({type(path).__name__}) is not valid; give the directory as a str or an os.PathLike such "
+        "as pathlib.Path"
+    )
+
+
+def _shape_mismatch_error(path: str, cls: type, transformers) -> UnsupportedModelError:
+    """The error for a checkpoint whose tensors have other shapes than the model ``config.json`` describes:
+    naming the first such tensor (in the model's order) with both shapes, read from the safetensors headers and a
+    model built from the config on the meta device (no memory for weights); without them when these cannot be
+    read."""
+    what = "its tensors have other shapes than the model config.json describes"
+    fix = "give the config.json saved with these weights (a size in it, e.g. the width, differs)"
+    try:
+        import safetensors
+
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+        stored: dict[str, tuple[int, ...]] = {}
+        for name in _weight_files(path):
+            with safetensors.safe_open(os.path.join(path, name), "pt") as f:
+                for k in f.keys():
+                    stored[k] = tuple(f.get_slice(k).get_shape())
+        prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        bad = []
+        for k, t in model.state_dict().items():
+            # a checkpoint of the base model names its tensors without the prefix
+            for key in (k, k.removeprefix(prefix)):
+                if key in stored:
+                    if stored[key] != tuple(t.shape):
+                        bad.append((key, stored[key], tuple(t.shape)))
+                    break
+    except Exception:  # the details are a courtesy: the refusal stands without them
+        bad = []
+    if not bad:
+        return UnsupportedModelError(f"path={path!r}: {what}; {fix}")
+    key, have, want = bad[0]
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    return UnsupportedModelError(
+        f"path={path!r}: {what}: tensor {key!r} has shape {list(have)} in the checkpoint, {list(want)} in the "
+        f"model config.json describes{more}; {fix}"
+    )
+
+
 def from_pretrained(
     path: str | os.PathLike, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> Transformer:
@@ -685,9 +740,9 @@ def from_pretrained(
         ``"sdpa"``; default: what ``transformers`` picks on loading, usually ``"sdpa"``). The Llama family's and
         GPT-NeoX's eager attention takes its softmax in float32 even in float64, sdpa in the model's dtype.
     """
+    path = _directory_arg(path)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype={dtype!r} is not valid; give a floating torch.dtype such as torch.float32")
-    path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"path={path!r} is not a directory; give a local directory written by save_pretrained "
@@ -746,6 +801,8 @@ def from_pretrained(
             raise _unpickling_refused(path, blocked[0]) from None
         if isinstance(e, UnsupportedModelError | ImportError):
             raise
+        if "ignore_mismatched_sizes" in str(e):  # transformers' refusal of weights of other shapes
+            raise _shape_mismatch_error(path, cls, transformers) from None
         if attn_implementation is not None and "attn_implementation" in str(e):
             raise ValueError(
                 f"attn_implementation={attn_implementation!r} is not valid here ({type(e).__name__}: {e}); give "

@@ -83,6 +83,16 @@ def check_plain_modules(model: nn.Module) -> None:
                 "computes more than the weights pypattern reads); merge adapters into the weights first "
                 "(peft: merge_and_unload()) and convert an unquantized model",
             )
+        # accelerate's device hooks (device_map=...) wrap a module's forward on the object and keep the class's
+        # as _old_forward: they move tensors between devices only
+        if "forward" in vars(m) and not (hasattr(m, "_hf_hook") and hasattr(m, "_old_forward")):
+            refuse(
+                f"module {where}",
+                "a forward of its own (set on the module object, not its class)",
+                "a forward replaced on a module (as some adapters patch a layer in place) may compute more than "
+                "the weights pypattern reads; restore the class's forward or merge the change into the weights "
+                "first",
+            )
         # pypattern's own adapters (hooked_hf) leave identity hooks while their hook points are empty
         hooks = [
             k
