@@ -320,3 +320,24 @@ def test_conversion_refuses_a_module_whose_forward_was_replaced_on_the_object():
         pp.from_hf(hf)
     del lin.forward  # the class's forward again: converts
     pp.from_hf(hf)
+
+
+def test_graddrop_of_a_residual_site_is_the_mean_over_its_passes():
+    model = Transformer(
+        TransformerConfig(
+            n_layers=3, d_model=16, n_heads=2, d_head=8, d_vocab=13, n_ctx=8, seed=5, dtype=torch.float64
+        )
+    )
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 13, (3, 6), generator=g)
+    corr = torch.randint(0, 13, (3, 6), generator=g)
+    metric = pp.LogProb(clean[:, -1])
+    r = pp.attribution_patching(
+        model, clean, corr, metric=metric, sites=["resid_post", "attn_out"], grad_drop=True, qk_fix=True
+    )
+    # the last layer's resid_post reads the metric's gradient unchanged in every pass: the mean of |AtP| over the
+    # L passes is |AtP| (a component at the last layer: its own pass is zero, the mean over the other L - 1 too)
+    for site in ("resid_post", "attn_out"):
+        gd = r[site].info["graddrop"][:, -1]
+        torch.testing.assert_close(gd, r[site].effect[:, -1].abs(), rtol=1e-10, atol=1e-12)
+        assert float(gd.abs().max()) > 0

@@ -9,7 +9,10 @@ AtP* (Kramar et al. 2024) adds two fixes:
 - *QK fix*: for query and key sites the softmax is recomputed exactly (for a single key the new pattern has a
   closed form), and only the step from the attention pattern on is linearised;
 - *GradDrop*: for each layer l, a backward pass with the gradient through layer l's outputs (``attn_out``,
-  ``mlp_out``) set to zero; the score ``sum_l |AtP_l| / (L - 1)`` exposes effects that cancel in plain AtP.
+  ``mlp_out``) set to zero; the score ``sum_l |AtP_l| / (L - 1)`` exposes effects that cancel in plain AtP
+  (the mean over the passes that can move a component: its own layer's pass gives it no gradient). A
+  residual-stream site (``resid_pre``, ``resid_mid``, ``resid_post``) has a gradient in every pass, so its score
+  is ``sum_l |AtP_l| / L``, the same mean.
   Such a pass changes no gradient after layer l, zeroes those inside layer l's attention and MLP, and passes
   the residual gradient after layer l unchanged to layer l's input; so it is computed as a backward from layer
   l's input (with the full pass's gradient after layer l) through layers ``0 .. l - 1`` only.
@@ -697,7 +700,10 @@ def _atp(
         values = m_tgt.view(-1, *([1] * (est.dim() - 1))) + est
         info = {"per_position": per_position}
         if grad_drop:
-            info["graddrop"] = torch.stack([p.abs() for p in per_pass[1:]]).sum(0) / max(L - 1, 1)
+            # the mean over the passes that can move the node: a component's own layer's pass gives it no gradient
+            # (L - 1 passes); a residual-stream node gets one from every pass (L)
+            passes = L if site in ("resid_pre", "resid_mid", "resid_post") else max(L - 1, 1)
+            info["graddrop"] = torch.stack([p.abs() for p in per_pass[1:]]).sum(0) / passes
         out[site] = PatchResult(
             values=values.detach(),
             clean=m_clean,
