@@ -977,6 +977,8 @@ def reweight(
         raise TypeError(f"generator={generator!r} is not valid; give a torch.Generator or None")
     if w.dim() != 1:
         raise ValueError(f"weights must be 1-D, got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError("weights is empty (length 0); give one weight per sample of data")
     if not torch.isfinite(w).all() or (w < 0).any():
         raise ValueError("weights must be finite and non-negative (use invert(method='constrained'))")
     if float(w.sum()) <= 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -341,3 +342,31 @@ def test_graddrop_of_a_residual_site_is_the_mean_over_its_passes():
         gd = r[site].info["graddrop"][:, -1]
         torch.testing.assert_close(gd, r[site].effect[:, -1].abs(), rtol=1e-10, atol=1e-12)
         assert float(gd.abs().max()) > 0
+
+
+def test_train_takes_an_intervention_and_names_bad_sample_weights():
+    from pypattern.patterning import Intervention
+
+    task = pp.tasks.InductionTask(d_vocab=16, seq_len=12)
+    data = task.sample(8, seed=0)
+    w = np.linspace(0.5, 1.5, 8)
+    iv = Intervention(
+        h=(w - 1) / 8, weights=w, predicted=np.zeros(2), target=np.zeros(2), residual=0.0, method="pinv"
+    )
+
+    def trained(sw):
+        model = Transformer(task.model_config(n_layers=1, d_model=16, n_heads=2, seed=0))
+        res = pp.tasks.train(model, task, steps=3, data=data, sample_weights=sw, seed=0, log_every=1)
+        return res, [p.detach().clone() for p in model.parameters()]
+
+    (_, a), (_, b) = trained(iv), trained(torch.tensor(w))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # the Intervention's weights, exactly
+    with pytest.raises(TypeError, match="sample_weights is a str"):
+        trained("uniform")
+
+
+def test_reweight_names_empty_weights():
+    data = torch.utils.data.TensorDataset(torch.arange(10.0))
+    for mode in ("sampler", "loss"):
+        with pytest.raises(ValueError, match="weights is empty"):
+            pp.reweight(data, torch.ones(0), mode=mode)

@@ -45,8 +45,8 @@ def train(
     data : TaskBatch, optional
         A fixed training set; with ``num_samples`` one is drawn from the task; with neither, every step draws
         a fresh batch (online training).
-    sample_weights : Tensor ``(num_samples,)`` or callable ``step -> Tensor``, optional
-        Non-negative per-sample loss weights over the fixed training set (requires ``data`` or
+    sample_weights : Tensor ``(num_samples,)``, Intervention or callable ``step ->`` either, optional
+        Non-negative per-sample loss weights over the fixed training set (an Intervention's ``weights``; requires ``data`` or
         ``num_samples``); normalised to mean 1, the minibatch loss is ``mean(w_i * loss_i)``, an unbiased
         estimate of the re-weighted data distribution's loss. A callable is called at every step (online
         re-weighting).
@@ -83,7 +83,17 @@ def train(
             w = None
             if sample_weights is not None:
                 sw = sample_weights(step) if callable(sample_weights) else sample_weights
-                sw = torch.as_tensor(sw, dtype=torch.float64)
+                from ..patterning import Intervention
+
+                sw = sw.weights if isinstance(sw, Intervention) else sw  # an inversion's result: its weights
+                try:
+                    sw = torch.as_tensor(sw, dtype=torch.float64)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(
+                        f"sample_weights{'(step)' if callable(sample_weights) else ''} is a "
+                        f"{type(sw).__name__}; give {len(data)} per-sample weights (a tensor or an array) or an "
+                        "Intervention"
+                    ) from None
                 if (
                     sw.shape != (len(data),)
                     or not bool(torch.isfinite(sw).all())
