@@ -195,8 +195,10 @@ def check_stationarity(
     return ok
 
 
-#: relaxation times of a typical direction below which a run at a given step is reported as not relaxed
-MIN_RELAXATION = 0.5
+#: relaxation times of a typical direction below which a run at a given step is reported as not relaxed: a
+#: direction relaxing ``R`` times over a run from ``w*`` (its variance at twice the rate) has a mean over the run
+#: ``(1 - exp(-2 R)) / (2 R)`` short of its stationary value, 10% at ``R = 5``
+MIN_RELAXATION = 5.0
 
 
 def relaxation_bounds(
@@ -237,19 +239,25 @@ def check_relaxation(
 ) -> bool:
     """True when a run at a given step covered at least ``min_relaxation`` relaxation times (``typical``) of a
     typical direction (curvature ``curvature`` of ``nbeta L + gamma |w - w*|^2 / 2``, the mean over directions,
-    measured at ``w*``); else warn (:class:`NonStationaryWarning`) and return False. Such chains have barely left
-    ``w*``: the estimate is far below its stationary value, while with minibatches the loss trace is mostly batch
-    noise, which passes split R-hat and the effective sample size."""
+    measured at ``w*``); else warn (:class:`NonStationaryWarning`) and return False. Such chains have not relaxed
+    from ``w*``: their mean over the run is short of the stationary value by about ``(1 - exp(-2 R)) / (2 R)`` for
+    ``R`` relaxation times (more than 10% below :data:`MIN_RELAXATION`), while with minibatches the loss trace is
+    mostly batch noise, which passes split R-hat and the effective sample size."""
     ok = not (typical < min_relaxation)
     if not ok and warn:
-        need = math.ceil(2 * 3 / (step_size * curvature)) if curvature > 0 else None
-        more = f" (3 relaxation times take about {need:,} steps at this step)" if need else ""
+        need = math.ceil(2 * min_relaxation / (step_size * curvature)) if curvature > 0 else None
+        more = (
+            f" ({min_relaxation:g} relaxation times take about {need:,} steps at this step)" if need else ""
+        )
+        R = max(float(typical), 1e-12)
+        short = (1 - math.exp(-2 * R)) / (2 * R) if R < 50 else 1 / (2 * R)
         warnings.warn(
             f"step_size={step_size:g} is too small for this run: its {total_steps} steps cover about {typical:.2g} "
             f"relaxation times of a typical direction (curvature {curvature:.3g} of nbeta L + localization "
             f"|w - w*|^2 / 2, the mean over the moving parameters, measured at w*), fewer than {min_relaxation:g}: "
-            f"the chains have barely moved from w*, so the estimate ({llc_mean:.4g}) is far below its stationary "
-            "value, whatever R-hat and the effective sample size say (with minibatches the loss trace is mostly "
+            f"the chains' mean over the run falls short of its stationary value by about {short:.0%}, so the "
+            f"estimate ({llc_mean:.4g}) is too low, whatever R-hat and the effective sample size say (with "
+            "minibatches the loss trace is mostly "
             f"batch noise). Use a larger step_size, more steps (num_burnin_steps, num_draws){more}, or "
             "step_size='auto'; warn_nonstationary=False silences this.",
             NonStationaryWarning,
