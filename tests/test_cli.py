@@ -76,6 +76,7 @@ def test_llc_quick_ends_with_a_short_summary(tmp_path, capsys):
     summary = json.loads((tmp_path / "llc_summary.json").read_text())
     back = pp.LLCResult.load(tmp_path / "llc_result.npz")
     assert summary["llc_mean"] == back.llc_mean and summary["result"] == str(tmp_path / "llc_result.npz")
+    assert summary["llc_se"] == back.llc_se and summary["llc_se"] > 0  # as the --model path writes it
 
 
 def test_demo_patterning_quick_prints_a_headline_not_the_report(tmp_path, capsys):

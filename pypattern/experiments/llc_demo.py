@@ -51,7 +51,7 @@ def run_llc_demo(
     Returns
     -------
     dict
-        ``llc_mean``, ``llc_std``, ``llc_per_chain``, ``init_loss``, ``train_loss``, ``train_accuracy``, ``r_hat``,
+        ``llc_mean``, ``llc_std``, ``llc_se``, ``llc_per_chain``, ``init_loss``, ``train_loss``, ``train_accuracy``, ``r_hat``,
         ``ess``, ``num_params``, ``seconds_train``, ``seconds_sampling``, ``plot``, ``result`` and ``summary``
         (paths).
     """
@@ -95,6 +95,7 @@ def run_llc_demo(
         summary = dict(
             llc_mean=res.llc_mean,
             llc_std=res.llc_std,
+            llc_se=res.llc_se,
             llc_per_chain=res.llc_per_chain.tolist(),
             init_loss=res.init_loss,
             train_loss=losses[-1],
