@@ -75,10 +75,10 @@ def nonfinite_names(named_tensors) -> list[str]:
     def finite(t: torch.Tensor) -> bool:
         # a finite sum has only finite terms (a NaN or an infinity makes it one too): one pass over the tensor,
         # no mask of its size; a sum that overflowed is checked element by element
+        # summed in float64 (float32 on Apple's MPS, which has no float64)
+        wide = torch.float32 if t.device.type == "mps" else torch.float64
         with torch.no_grad():
-            if t.numel() and bool(
-                torch.isfinite(t.sum(dtype=torch.float64 if t.dtype != torch.float64 else None))
-            ):
+            if t.numel() and bool(torch.isfinite(t.sum(dtype=wide if t.dtype != wide else None))):
                 return True
             return bool(torch.isfinite(t).all())
 

@@ -750,7 +750,7 @@ def _mean_curvature(
             u = u * masks[n].to(device=p.device, dtype=p.dtype)
         dirs[n] = u
         d += int(u.count_nonzero())
-        total += float(w_star[n].double().pow(2).sum())
+        total += float(w_star[n].float().pow(2).sum())  # (float32: also on MPS, which has no float64)
     if not d:
         return None
     h = min(float(spread), 0.05 * max(math.sqrt(total / sum(params[n].numel() for n in run.moving)), 0.02))
