@@ -745,7 +745,13 @@ def _mean_curvature(
     total, d = 0.0, 0
     for n in run.moving:
         p = params[n]
-        u = torch.randint(0, 2, tuple(p.shape), generator=gen).to(device=p.device, dtype=p.dtype) * 2 - 1
+        u = (
+            torch.randint(0, 2, tuple(p.shape), generator=gen, dtype=torch.int8).to(
+                device=p.device, dtype=p.dtype
+            )
+            * 2
+            - 1
+        )
         if n in masks:
             u = u * masks[n].to(device=p.device, dtype=p.dtype)
         dirs[n] = u
