@@ -195,10 +195,21 @@ def check_stationarity(
     return ok
 
 
-#: relaxation times of a typical direction below which a run at a given step is reported as not relaxed: a
-#: direction relaxing ``R`` times over a run from ``w*`` (its variance at twice the rate) has a mean over the run
-#: ``(1 - exp(-2 R)) / (2 R)`` short of its stationary value, 10% at ``R = 5``
-MIN_RELAXATION = 5.0
+#: the largest shortfall of a run's draws from their stationary value (a typical direction's, as a fraction) that a
+#: run at a given step may have without a warning
+MAX_SHORTFALL = 0.1
+
+
+def draw_shortfall(rate: float, draw_steps) -> float:
+    """The fraction by which the draws of a run from ``w*`` fall short, on average, of their stationary value along
+    a direction relaxing at ``rate`` per step: its variance relaxes at twice the rate, so a draw at step ``t`` is
+    short by ``exp(-2 rate t)``; the mean over the draws' steps ``draw_steps`` (burn-in included)."""
+    t = np.asarray(draw_steps, dtype=float)
+    if t.size == 0 or not rate > 0:
+        return 1.0 if t.size else 0.0
+    if math.isinf(rate):
+        return 0.0
+    return float(np.mean(np.exp(-2.0 * rate * t)))
 
 
 def relaxation_bounds(
@@ -228,38 +239,41 @@ def relaxation_bounds(
 
 
 def check_relaxation(
-    typical: float,
+    rate: float,
+    draw_steps,
     *,
     step_size: float,
-    total_steps: int,
     llc_mean: float,
     curvature: float,
-    min_relaxation: float = MIN_RELAXATION,
+    max_shortfall: float = MAX_SHORTFALL,
     warn: bool = True,
 ) -> bool:
-    """True when a run at a given step covered at least ``min_relaxation`` relaxation times (``typical``) of a
-    typical direction (curvature ``curvature`` of ``nbeta L + gamma |w - w*|^2 / 2``, the mean over directions,
-    measured at ``w*``); else warn (:class:`NonStationaryWarning`) and return False. Such chains have not relaxed
-    from ``w*``: their mean over the run is short of the stationary value by about ``(1 - exp(-2 R)) / (2 R)`` for
-    ``R`` relaxation times (more than 10% below :data:`MIN_RELAXATION`), while with minibatches the loss trace is
-    mostly batch noise, which passes split R-hat and the effective sample size."""
-    ok = not (typical < min_relaxation)
+    """True when the draws of a run at a given step, at steps ``draw_steps`` from ``w*`` (burn-in included), fall
+    short of their stationary value by at most ``max_shortfall`` along a typical direction (curvature
+    ``curvature`` of ``nbeta L + gamma |w - w*|^2 / 2``, the mean over directions, measured at ``w*``; it relaxes
+    at ``rate = eps curvature / 2`` per step: :func:`draw_shortfall`); else warn (:class:`NonStationaryWarning`)
+    and return False. Such chains have not relaxed from ``w*`` by the time of their draws, while with minibatches
+    the loss trace is mostly batch noise, which passes split R-hat and the effective sample size."""
+    steps = np.asarray(draw_steps, dtype=float)
+    short = draw_shortfall(rate, steps)
+    ok = not (short > max_shortfall)
     if not ok and warn:
-        need = math.ceil(2 * min_relaxation / (step_size * curvature)) if curvature > 0 else None
-        more = (
-            f" ({min_relaxation:g} relaxation times take about {need:,} steps at this step)" if need else ""
-        )
-        R = max(float(typical), 1e-12)
-        short = (1 - math.exp(-2 * R)) / (2 * R) if R < 50 else 1 / (2 * R)
+        burnin, last = (int(steps[0]), int(steps[-1])) if steps.size else (0, 0)
+        more = ""
+        if rate > 0 and steps.size:
+            # the burn-in after which the draws' mean is short by max_shortfall: exp(-2 rate B) mean_i exp(-2 rate
+            # (t_i - t_0)) = max_shortfall
+            tail = float(np.mean(np.exp(-2.0 * rate * (steps - steps[0]))))
+            need = math.ceil(max(math.log(tail / max_shortfall), 0.0) / (2.0 * rate))
+            more = f" (about {need:,} burn-in steps at this step leave {max_shortfall:.0%})"
         warnings.warn(
-            f"step_size={step_size:g} is too small for this run: its {total_steps} steps cover about {typical:.2g} "
-            f"relaxation times of a typical direction (curvature {curvature:.3g} of nbeta L + localization "
-            f"|w - w*|^2 / 2, the mean over the moving parameters, measured at w*), fewer than {min_relaxation:g}: "
-            f"the chains' mean over the run falls short of its stationary value by about {short:.0%}, so the "
-            f"estimate ({llc_mean:.4g}) is too low, whatever R-hat and the effective sample size say (with "
-            "minibatches the loss trace is mostly "
-            f"batch noise). Use a larger step_size, more steps (num_burnin_steps, num_draws){more}, or "
-            "step_size='auto'; warn_nonstationary=False silences this.",
+            f"step_size={step_size:g} is too small for this run: a typical direction (curvature {curvature:.3g} of "
+            "nbeta L + localization |w - w*|^2 / 2, the mean over the moving parameters, measured at w*) relaxes "
+            f"about {rate * max(last, 1):.2g} times by the last draw (steps {burnin} to {last}), so the draws fall "
+            f"short of their stationary value by about {short:.0%} on average and the estimate ({llc_mean:.4g}) is "
+            "too low, whatever R-hat and the effective sample size say (with minibatches the loss trace is mostly "
+            f"batch noise). Use more burn-in steps (num_burnin_steps){more} or draws (num_draws), a larger "
+            "step_size, or step_size='auto'; warn_nonstationary=False silences this.",
             NonStationaryWarning,
             stacklevel=user_stacklevel(),
         )

@@ -43,12 +43,13 @@ from .data import (
     to_device,
 )
 from .diagnostics import (
-    MIN_RELAXATION,
+    MAX_SHORTFALL,
     NonFiniteLossError,
     SamplingDivergedError,
     check_mixing,
     check_relaxation,
     check_stationarity,
+    draw_shortfall,
     ess,
     r_hat,
     relaxation_bounds,
@@ -679,9 +680,11 @@ def _check_given_step(
     init_loss: float,
     device: torch.device,
 ) -> None:
-    """Warn when an SGLD run at a given step covered too few relaxation times of a typical direction to have left
-    ``w*`` (:func:`~pypattern.sampling.diagnostics.check_relaxation`; the rule of ``step_size="auto"``, module
-    :mod:`pypattern.sampling.auto`, "Relaxation", applied to the step given). Free when the step's bounds
+    """Warn when the draws of an SGLD run at a given step fall short of their stationary value by more than
+    :data:`~pypattern.sampling.diagnostics.MAX_SHORTFALL` along a typical direction, its chains not yet relaxed
+    from ``w*`` by the draws' steps (:func:`~pypattern.sampling.diagnostics.check_relaxation`; the reasoning of
+    ``step_size="auto"``, module :mod:`pypattern.sampling.auto`, "Relaxation", applied to the step given). Free
+    when the step's bounds
     (:func:`~pypattern.sampling.diagnostics.relaxation_bounds`) already show enough relaxation; otherwise the
     mean curvature of ``nbeta L + gamma |w - w*|^2 / 2`` at ``w*`` is measured (:func:`_mean_curvature`: three
     forwards on one batch)."""
@@ -709,7 +712,12 @@ def _check_given_step(
         mean_draw_step=mean_step,
         noise_scale=noise,
     )
-    if not (d and math.isfinite(eps) and eps > 0) or max(flat, typical) >= MIN_RELAXATION:
+    # the steps of the draws from w* (each draw's loss is that before its step's update)
+    draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
+    if not (d and math.isfinite(eps) and eps > 0 and steps > 0):
+        return
+    # the bounds' relaxation rates are lower bounds: a shortfall they leave small is smaller still
+    if draw_shortfall(max(flat, typical) / steps, draw_steps) <= MAX_SHORTFALL:
         return
     kappa = _mean_curvature(
         plan, model, loader, w_star, data_cache, argument, run, device, math.sqrt(eps * steps) * noise
@@ -717,9 +725,7 @@ def _check_given_step(
     if kappa is None:
         return
     curvature = nbeta * max(kappa, 0.0) + gamma
-    check_relaxation(
-        eps * curvature * steps / 2, step_size=eps, total_steps=steps, llc_mean=llc, curvature=curvature
-    )
+    check_relaxation(eps * curvature / 2, draw_steps, step_size=eps, llc_mean=llc, curvature=curvature)
 
 
 def _mean_curvature(
