@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -50,6 +48,7 @@ from ._training import modes_kept, values_kept_on_error
 from .equivalence import _check_flag, _check_seed, _generator_seed
 from .io import Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
+from .sampling.diagnostics import user_stacklevel
 from .tasks.base import IGNORE, Task, generator
 
 __all__ = [
@@ -910,7 +909,7 @@ def _probe(
             "R^2 is undefined (NaN); the accuracy is returned. Give more sequences (num_samples) so that the "
             "held-out sample holds several concepts",
             RuntimeWarning,
-            stacklevel=_warning_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
     return acc, r2
 
@@ -931,19 +930,6 @@ def _check_probe_width(model, spec: FlagSpec, which: str, caller: str = "probe_a
     width = _hook_width(model, spec)
     if width is not None and which == "non_flag":
         _check_probe_columns([i for i in range(width) if i not in set(spec.dims)], which, spec, width, caller)
-
-
-def _warning_stacklevel() -> int:
-    """The ``stacklevel`` for ``warnings.warn`` called in the function that calls this one, at which the warning
-    points at the user's line: past pypattern's frames and those of torch's ``no_grad`` decorator (the
-    measurements are wrapped in it)."""
-    import torch.utils._contextlib as wrapper
-
-    passed = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.abspath(wrapper.__file__))
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(passed):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _check_probe_columns(

@@ -54,7 +54,7 @@ def _converted(model, call: str):
     """``model`` as the public function ``call`` runs it (pypattern's Transformer, converted where it converts),
     with a warning where it computes in float16 or bfloat16 (its edge scores and patched metrics are mostly
     rounding)."""
-    warn_half_precision(model, "circuits", call, stacklevel=4)
+    warn_half_precision(model, "circuits", call)
     return converted_if_convertible(model)
 
 

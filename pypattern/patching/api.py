@@ -297,24 +297,26 @@ def half_precision_dtype(model) -> torch.dtype | None:
     return None
 
 
-def warn_half_precision(model, kind: str, call: str, stacklevel: int = 3) -> None:
+def warn_half_precision(model, kind: str, call: str) -> None:
     """Warn, once per call of a public patching (``kind="patching"``) or circuit (``"circuits"``) function named
     ``call``, where ``model`` computes in float16 or bfloat16: the values are returned in float32, but they are read
     from activations rounded to 16 bits, so effects and scores are mostly rounding (the command line patches a
     float32 copy instead). Inside :func:`half_precision_warned` (a call made by one that has warned) it is silent.
-    ``stacklevel``: that of the warning, counted from here (3: the caller of the function that calls this)."""
+    The warning points at the first line outside pypattern (the user's call)."""
     if _HALF_WARNED.get():
         return
     dtype = half_precision_dtype(model)
     if dtype is None:
         return
+    from ..sampling.diagnostics import user_stacklevel
+
     what, result = _HALF_NOISE[kind]
     warnings.warn(
         f"{call}: the model computes in {dtype} and {what} computed in half precision are mostly rounding noise "
         f"(the values are returned in float32, but the activations are rounded to {dtype}); pass model.float() "
         f"for precise {result}",
         UserWarning,
-        stacklevel=stacklevel,
+        stacklevel=user_stacklevel(),
     )
 
 

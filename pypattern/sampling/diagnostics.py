@@ -25,7 +25,23 @@ __all__ = [
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # pypattern/
-_PASSED = (_PACKAGE, os.path.abspath(contextlib.__file__))  # frames a warning's line passes over
+
+
+def _passed_files() -> tuple[str, ...]:
+    """The files whose frames a warning's line passes over: pypattern's, ``contextlib``'s (its context managers)
+    and torch's context-decorator module (``torch.no_grad()`` and ``torch.enable_grad()`` as decorators wrap
+    pypattern's functions in its frames)."""
+    out = [_PACKAGE, os.path.abspath(contextlib.__file__)]
+    try:
+        import torch.utils._contextlib as torch_contextlib
+
+        out.append(os.path.abspath(torch_contextlib.__file__))
+    except ImportError:  # a torch without that module: no frames of it to pass
+        pass
+    return tuple(out)
+
+
+_PASSED = _passed_files()
 
 
 def user_stacklevel(extra: int = 0) -> int:
