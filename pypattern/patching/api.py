@@ -232,8 +232,7 @@ def check_token_tensor(tokens, argument: str, shape: str, any_int: bool = False)
     caller that converts them to long)."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{argument} is a {type(tokens).__name__}; give a LongTensor {shape}")
-    integer = not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
-    if not (integer if any_int else tokens.dtype in (torch.long, torch.int32)):
+    if not (_integer_dtype(tokens) if any_int else tokens.dtype in (torch.long, torch.int32)):
         # uint8 would index as a boolean mask, other types are not token ids
         raise TypeError(f"{argument} has dtype {tokens.dtype}; give integer token ids (torch.long)")
     refuse_meta(tokens, argument, "the token ids themselves")
@@ -250,14 +249,15 @@ def check_token_ids(tokens: torch.Tensor, argument: str, d_vocab: int | None) ->
             raise ValueError(f"{argument} contains token id {bad}; valid ids are 0{top} (d_vocab={d_vocab})")
 
 
+def _integer_dtype(tokens: torch.Tensor) -> bool:
+    """Whether the tensor's dtype is an integer one (not a float, a complex or a bool): ids of it are token ids."""
+    return not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
+
+
 def _long_ids(tokens):
     """Token ids of an integer dtype as ``torch.long`` (a uint8 tensor used as an index would be a mask, an int16
     one is no index at all); anything else as it is, for :func:`check_tokens` to refuse."""
-    if (
-        isinstance(tokens, torch.Tensor)
-        and tokens.dtype != torch.long
-        and not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
-    ):
+    if isinstance(tokens, torch.Tensor) and tokens.dtype != torch.long and _integer_dtype(tokens):
         return tokens.long()
     return tokens
 
