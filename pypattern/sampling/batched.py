@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..losses import _describe, as_pytree, batch_loss, check_batch_values, map_batch, stacked_batches_checked
+from ..losses import _describe, as_pytree, check_batch_values, map_batch, stacked_batches_checked
 from ..ops.sgld import FLAG_GRAD_NONFINITE
 from .context import NO_GRADIENT, LossContractError, RunContext
 from .data import ChainData, to_device
@@ -215,15 +215,9 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
         dd.skip(start * accum * m)
     shared_data = datas[0].single is not None
     loss_fn, split_loss = plan.loss_fn, ctx.split_loss
-    from .runner import _always, default_loss_fn
+    from .runner import always_by_default_rule
 
-    # the library's loss parses the batches: the default, batch_loss, or a loss marked as computed by the library's
-    # rule for every batch (by_default_rule without a predicate: susceptibilities' and bif's default)
-    library = (
-        loss_fn is default_loss_fn
-        or loss_fn is batch_loss
-        or getattr(loss_fn, "_pypattern_default_rule", None) is _always
-    )
+    library = always_by_default_rule(loss_fn)  # the library's loss parses the batches
     # the library's loss under vmap: its value checks were made on the batches before stacking
     checked = stacked_batches_checked if library else contextlib.nullcontext
 

@@ -142,11 +142,22 @@ def by_default_rule(fn: Callable, when: Callable[[Any, Any], bool] | None = None
     return fn
 
 
+def always_by_default_rule(loss_fn: Callable) -> bool:
+    """Whether the library's one rule computes ``loss_fn``'s loss on every batch: :func:`default_loss_fn`,
+    :func:`pypattern.losses.batch_loss`, or a loss function marked by :func:`by_default_rule` without a predicate
+    (susceptibilities' and bif's default)."""
+    return (
+        loss_fn is default_loss_fn
+        or loss_fn is batch_loss
+        or getattr(loss_fn, "_pypattern_default_rule", None) is _always
+    )
+
+
 def reads_by_default_rule(loss_fn: Callable, model, batch) -> bool:
-    """Whether the library's one rule computes ``loss_fn``'s loss on ``batch``: :func:`default_loss_fn` and
-    :func:`pypattern.losses.batch_loss` always, a loss function marked by :func:`by_default_rule` when its
-    predicate says so, any other never (a loss function of one's own reads its batches as it will)."""
-    if loss_fn is default_loss_fn or loss_fn is batch_loss:
+    """Whether the library's one rule computes ``loss_fn``'s loss on ``batch``: always for the losses of
+    :func:`always_by_default_rule`, a loss function marked by :func:`by_default_rule` with a predicate when it
+    says so, any other never (a loss function of one's own reads its batches as it will)."""
+    if always_by_default_rule(loss_fn):
         return True
     when = getattr(loss_fn, "_pypattern_default_rule", None)
     return callable(when) and when(model, batch) is True
