@@ -129,9 +129,10 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
     Transformer
         A new model (the weights are copied) with TransformerLens names and hooks; tied embeddings stay one
         parameter. Every parameter of the new model requires a gradient: the source's ``requires_grad`` flags are
-        not carried over (freeze the converted model's parameters again where a sampler should leave them fixed). ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``. A model in
-        ``train()`` mode with dropout is converted as its ``eval()`` forward (the converted model has no dropout),
-        with a warning.
+        not carried over (freeze the converted model's parameters again where a sampler should leave them fixed).
+        ``model.cfg.extra["converted_from"]`` records the source class and ``model_type``. A model in ``train()``
+        mode with dropout is converted as its ``eval()`` forward (the converted model has no dropout), with a
+        warning.
 
     Raises
     ------
