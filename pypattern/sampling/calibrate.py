@@ -28,6 +28,9 @@ from .runner import SamplingDivergedError
 
 __all__ = ["CalibrationResult", "calibrate_step_size"]
 
+#: the arrays of a :class:`CalibrationResult`, one entry per step size (its table's columns)
+_COLUMNS = ("step_sizes", "llc_mean", "llc_std", "r_hat", "ess", "diverged", "healthy")
+
 
 @register
 @dataclass(eq=False)
@@ -47,8 +50,7 @@ class CalibrationResult(Saveable):
     def _check_loaded(self) -> None:
         """The members agree (a file read by :meth:`load`): one entry per step size in every array and in
         ``reasons`` (a text each), numbers throughout."""
-        keys = ("step_sizes", "llc_mean", "llc_std", "r_hat", "ess", "diverged", "healthy")
-        n = check_arrays(vars(self), dict.fromkeys(keys, ("n",)))["n"]
+        n = check_arrays(vars(self), dict.fromkeys(_COLUMNS, ("n",)))["n"]
         if not isinstance(self.reasons, list) or len(self.reasons) != n:
             have = len(self.reasons) if isinstance(self.reasons, list) else type(self.reasons).__name__
             raise ValueError(
@@ -59,9 +61,8 @@ class CalibrationResult(Saveable):
             raise ValueError(f"reasons must hold texts (str), got {bad[0]!r}")
 
     def rows(self) -> list[dict]:
-        keys = ("step_sizes", "llc_mean", "llc_std", "r_hat", "ess", "diverged", "healthy")
         return [
-            {**{k: getattr(self, k)[i].item() for k in keys}, "reason": self.reasons[i]}
+            {**{k: getattr(self, k)[i].item() for k in _COLUMNS}, "reason": self.reasons[i]}
             for i in range(len(self.step_sizes))
         ]
 
