@@ -609,18 +609,11 @@ class FlagTrainResult(Saveable):
     def _check_loaded(self) -> None:
         """The members agree (a file read by :meth:`load`): one entry per logged step in each list, the steps and
         stages (1 or 2) whole numbers, the losses numbers."""
-        n = len(self.steps) if isinstance(self.steps, list) else None
-        for name in ("steps", "stages", "lm_losses", "flag_losses"):
-            v = getattr(self, name)
-            if not isinstance(v, list) or len(v) != n:
-                have = f"{len(v)} entries" if isinstance(v, list) else type(v).__name__
-                raise ValueError(
-                    f"{name} must be a list of one entry per logged step ({n}, as steps), got {have}"
-                )
-            kinds = (int, float) if name.endswith("losses") else (int,)
-            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, kinds)]
-            if bad:
-                raise ValueError(f"{name} must hold numbers, got {bad[0]!r}")
+        from .sampling.results import check_lists
+
+        whole, real = ((int,), "whole numbers"), ((int, float), "numbers")
+        kinds = {"steps": whole, "stages": whole, "lm_losses": real, "flag_losses": real}
+        check_lists(vars(self), kinds, "logged step")
         bad = [s for s in self.stages if s not in (1, 2)]
         if bad:
             raise ValueError(f"stages must hold 1 or 2, got {bad[0]!r}")

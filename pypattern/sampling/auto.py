@@ -247,17 +247,11 @@ class AutoStepReport(Saveable):
     def _check_loaded(self) -> None:
         """The members agree (a file read by :meth:`load`): one entry per trial in each of the trial lists (real
         numbers, a whole number of steps, a text verdict), a dict per rerun and for the settings."""
-        n = len(self.step_size) if isinstance(self.step_size, list) else None
-        for k in _TRIAL_KEYS:
-            v = getattr(self, k)
-            if not isinstance(v, list) or len(v) != n:
-                have = f"{len(v)} entries" if isinstance(v, list) else type(v).__name__
-                raise ValueError(f"{k} must be a list of one entry per trial ({n}, as step_size), got {have}")
-            kinds = {"verdict": (str,), "num_steps": (int,)}.get(k, (int, float))
-            bad = [x for x in v if isinstance(x, bool) or not isinstance(x, kinds)]
-            if bad:
-                what = {"verdict": "texts", "num_steps": "whole numbers"}.get(k, "numbers")
-                raise ValueError(f"{k} must hold {what}, got {bad[0]!r}")
+        from .results import check_lists
+
+        special = {"verdict": ((str,), "texts"), "num_steps": ((int,), "whole numbers")}
+        kinds = {k: special.get(k, ((int, float), "numbers")) for k in _TRIAL_KEYS}
+        check_lists(vars(self), kinds, "trial")
         if not isinstance(self.settings, dict):
             raise ValueError(f"settings must be a dict, got {type(self.settings).__name__}")
         if not isinstance(self.reruns, list) or not all(isinstance(r, dict) for r in self.reruns):
@@ -553,9 +547,8 @@ def resolve_step_size(
             row["verdict"], row["ok"] = "ok", True
         return done(i, factor, coupling, row)
 
-    drifting: list[
-        int
-    ] = []  # several runs: the run with the largest R-hat of each trial that was not stationary
+    # several runs: the run with the largest R-hat of each trial that was not stationary
+    drifting: list[int] = []
 
     def relaxation(eps: float, steps: int) -> tuple[float, float]:
         """Relaxation times a trial of ``steps`` steps at ``eps`` covers: at least ``eps * gamma * steps / 2`` (the

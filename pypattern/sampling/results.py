@@ -19,6 +19,24 @@ def _pattern_text(pattern: tuple) -> str:
     return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
 
 
+def check_lists(fields: dict[str, Any], kinds: dict[str, tuple[tuple[type, ...], str]], per: str) -> int:
+    """Check a loaded result's lists (its ``_check_loaded``): each field ``name`` of ``kinds`` is a list of one
+    entry per ``per`` (as many as the first field has), each entry of the types ``kinds[name][0]`` and not a bool;
+    ``kinds[name][1]`` says what they are (``"numbers"``, ``"texts"``). Returns the count; raises ValueError naming
+    the field."""
+    first = next(iter(kinds))
+    n = len(fields[first]) if isinstance(fields[first], list) else None
+    for name, (types, what) in kinds.items():
+        v = fields[name]
+        if not isinstance(v, list) or len(v) != n:
+            have = f"{len(v)} entries" if isinstance(v, list) else type(v).__name__
+            raise ValueError(f"{name} must be a list of one entry per {per} ({n}, as {first}), got {have}")
+        bad = [x for x in v if isinstance(x, bool) or not isinstance(x, types)]
+        if bad:
+            raise ValueError(f"{name} must hold {what}, got {bad[0]!r}")
+    return n
+
+
 def check_arrays(fields: dict[str, Any], shapes: dict[str, tuple]) -> dict[str, int]:
     """Check a loaded result's arrays (its ``_check_loaded``): each field ``name`` of ``shapes`` is an ndarray
     (or a tensor) of real numbers (bool, integer or float) whose shape matches ``shapes[name]``, a tuple of int
