@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ._checks import refuse_meta
+from .ridge import as_float64
 
 __all__ = ["cca", "svcca", "pwcca"]
 
@@ -70,7 +71,7 @@ def _features(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
     if math.prod(x.shape[1:]) == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
-    x = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    x = as_float64(x.detach().reshape(x.shape[0], -1))  # on the CPU from a device without float64
     if x.shape[0] < 3:
         raise ValueError(f"{name} has {x.shape[0]} samples; CCA needs at least 3")
     if not torch.isfinite(x).all():

@@ -7,7 +7,7 @@ Conventions
 A representation is a tensor ``(num_samples, ...)``: row ``i`` is what a model computed on input ``i`` (all trailing
 dimensions are flattened into features). Two representations compared with each other must come from the *same*
 inputs in the same order. Everything is computed in float64 (inputs of other dtypes are cast), on the inputs'
-device.
+device (on the CPU for inputs on Apple's MPS, which has no float64).
 
 Measures
 --------
@@ -47,6 +47,7 @@ from .io import Saveable, register
 from .losses import position_limit
 from .patching.api import _vocab, check_tokens
 from .patching.sites import HEAD_SITES, apply_patch
+from .ridge import as_float64
 
 __all__ = [
     "linear_cka",
@@ -92,7 +93,7 @@ def _as_features(x, name: str, min_samples: int = 1) -> torch.Tensor:
         raise ValueError(f"{name} has {x.shape[0]} samples; this measure needs at least {min_samples}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
-    x = x.to(torch.float64)
+    x = as_float64(x)  # on the CPU from a device without float64
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} non-finite values (NaN or inf)")
@@ -223,7 +224,7 @@ def _gram(g, name: str, keep: bool = False) -> torch.Tensor:
     if g.is_complex() or g.dtype == torch.bool:
         raise TypeError(f"{name} has dtype {g.dtype}; a Gram matrix is real")
     if not keep:
-        g = g.detach().to(torch.float64)
+        g = as_float64(g.detach())
     if not bool(torch.isfinite(g).all()):
         raise ValueError(f"{name} holds {int((~torch.isfinite(g)).sum())} NaN or Inf entries")
     size = float(g.abs().max()) if g.numel() else 0.0
@@ -251,7 +252,7 @@ def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = True) -> torch.Te
         raise ValueError(
             f"k and l must be Gram matrices of the same samples: shapes {tuple(k.shape)} and {tuple(l.shape)}"
         )
-    k, l = k.to(torch.float64), l.to(torch.float64)  # noqa: E741
+    k, l = as_float64(k), as_float64(l)  # noqa: E741
     n = k.shape[0]
     if debiased:
         return (u_center(k) * u_center(l)).sum() / (n * (n - 3))

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from .equivalence import linear_cka, procrustes
-from .losses import _refuse_left_padding, check_attention_mask
+from .losses import _refuse_left_padding, check_attention_mask, position_limit
+from .patching.api import check_tokens
 from .ridge import DEFAULT_ALPHAS, ridge_similarity_cv, train_test_split
 
 __all__ = [
@@ -83,10 +84,15 @@ def accumulated_residual(
     ----------
     model : Transformer
     tokens : LongTensor ``(n, pos)``, or a mapping with ``input_ids`` (and ``attention_mask``)
+        Token ids in ``0 .. d_vocab - 1`` (any integer dtype); others are refused by name.
     fwd_hooks : list of ``(hook name, fn)``
         Hooks active during the run (e.g. patches).
-    positions : slice, int, list of ints or boolean mask, optional
-        Pool over these positions only (default all; an int such as ``-1`` reads that one position).
+    positions : slice, int, list of ints, boolean mask, or integer tensor ``(n, k)``, optional
+        Pool over these positions only (default all; an int such as ``-1`` reads that one position). A ``(n, k)``
+        tensor gives each input its own ``k`` positions (e.g. ``attention_mask.sum(1, keepdim=True) - 1``, each
+        input's last real token). With an ``attention_mask``, a negative position (an int, a list entry, a slice
+        bound, a per-input entry) counts from each input's last real token, so ``-1`` reads every input's last
+        real token and a right-padded batch pools what each input alone, unpadded, would.
     attention_mask : ``(n, pos)``, optional
         1 for real tokens, 0 for padding (default: a mapping's own, else every token real): the mean is taken
         over the real tokens among ``positions``. Padding must come after the real tokens (right padding): the
@@ -110,9 +116,15 @@ def accumulated_residual(
         if attention_mask is None:
             attention_mask = tokens.get("attention_mask")
         tokens = tokens["input_ids"]
+    if isinstance(tokens, torch.Tensor) and tokens.dim() == 1:  # one prompt, as the model reads it
+        tokens = tokens[None]
+    # integer ids in the vocabulary: a negative id would be read from the end of the embedding, a uint8 tensor as a mask
+    tokens = check_tokens(tokens, "tokens", getattr(model.cfg, "d_vocab", None), n_ctx=position_limit(model))
     T = tokens.shape[-1]
-    sl = _position_index(positions, T)
+    per_input = isinstance(positions, torch.Tensor | np.ndarray) and np.ndim(positions) == 2
+    sl = _per_input_positions(positions, tokens.shape[0], T) if per_input else _position_index(positions, T)
     weight = None
+    lengths = torch.full((tokens.shape[0],), T, dtype=torch.long)
     if attention_mask is not None:
         am = torch.as_tensor(attention_mask).to(tokens.device)
         if tuple(am.shape) != tuple(tokens.shape):
@@ -120,7 +132,18 @@ def accumulated_residual(
         check_attention_mask(am, "attention_mask")
         am = am != 0
         _refuse_left_padding(model, am, "accumulated_residual")  # the model reads no mask
+        lengths = am.sum(
+            1
+        ).cpu()  # right padding: each input's real tokens are its first ``lengths`` positions
+        if not per_input and _from_end(positions):  # counted from each input's own last real token
+            sl, per_input = _rows_of(positions, sl, lengths, T), True
+    if per_input:  # (n, k) positions, each row's counted from its own end: gathered, padding weighing 0
+        sl = torch.where(sl < 0, sl + lengths[:, None], sl)
+        weight = ((sl >= 0) & (sl < lengths[:, None])).to(torch.float32)
+        sl = sl.clamp(0, T - 1)
+    elif attention_mask is not None:
         weight = am[:, sl].to(torch.float32)
+    if weight is not None:
         counts = weight.sum(1, keepdim=True)
         if bool((counts == 0).any()):
             row = int((counts[:, 0] == 0).nonzero()[0, 0])
@@ -132,13 +155,59 @@ def accumulated_residual(
     def save(x, hook):
         if weight is None:
             store[hook.name] = x[:, sl].mean(1)
-        else:  # the mean over the real tokens
-            w = weight.to(device=x.device, dtype=x.dtype)  # the mask's device is the tokens' (maybe not x's)
-            store[hook.name] = (x[:, sl] * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+            return
+        if per_input:  # each row's own positions
+            idx = sl.to(x.device)[..., None].expand(-1, -1, x.shape[-1])
+            picked = x.gather(1, idx)
+        else:
+            picked = x[:, sl]
+        # the mean over the real tokens
+        w = weight.to(device=x.device, dtype=x.dtype)  # the mask's device is the tokens' (maybe not x's)
+        store[hook.name] = (picked * w[..., None]).sum(1) / w.sum(1, keepdim=True)
 
     with torch.no_grad(), model.hooks(list(fwd_hooks) + [(n, save) for n in names]):
         logits = model(tokens)
     return torch.cat([store[n] for n in names], 1), logits
+
+
+def _from_end(positions) -> bool:
+    """Whether ``positions`` (checked by :func:`_position_index`) counts a position from the end: a negative int,
+    list entry or slice bound."""
+    if positions is None:
+        return False
+    if isinstance(positions, slice):
+        return any(b is not None and int(b) < 0 for b in (positions.start, positions.stop))
+    idx = torch.as_tensor(positions)
+    return idx.dtype != torch.bool and bool((idx < 0).any())
+
+
+def _rows_of(positions, idx: torch.Tensor, lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """``positions`` resolved for each input of real length ``lengths[i]`` as :func:`_position_index` resolves it
+    for an unpadded input of that length: ``(n, k)`` positions, negative ones left for the caller to count from
+    each row's end, rows of a slice padded with ``T`` (a padding position, weighing 0)."""
+    if not isinstance(
+        positions, slice
+    ):  # an int or a list: the same entries, with their signs, for every row
+        raw = torch.as_tensor([positions] if isinstance(positions, int | np.integer) else positions).long()
+        return raw.reshape(1, -1).expand(len(lengths), -1)
+    rows = [list(range(int(n)))[positions] for n in lengths.tolist()]
+    k = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [T] * (k - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), k)
+
+
+def _per_input_positions(positions, n: int, T: int) -> torch.Tensor:
+    """Per-input ``positions``, an integer ``(n, k)`` tensor or array with entries in ``-T .. T - 1``, as a CPU
+    LongTensor; another shape, dtype or range is refused naming the argument."""
+    idx = torch.as_tensor(positions).cpu()
+    if idx.dtype == torch.bool or idx.dtype.is_floating_point or idx.dtype.is_complex:
+        raise TypeError(f"positions of shape {tuple(idx.shape)} must hold integer positions, got {idx.dtype}")
+    if idx.shape[0] != n or idx.shape[1] == 0:
+        raise ValueError(
+            f"positions has shape {tuple(idx.shape)}; per-input positions are (num_inputs, k) = ({n}, k >= 1)"
+        )
+    if not bool(((idx >= -T) & (idx < T)).all()):
+        raise ValueError(f"positions {idx.tolist()} are out of range for prompts of {T} tokens")
+    return idx.long()
 
 
 def _position_index(positions, T: int) -> torch.Tensor | slice:

@@ -109,7 +109,7 @@ class Intervention(Saveable):
 def _as_float64(x, name: str) -> np.ndarray:
     """``x`` (the argument ``name``) as a float64 array; a tensor is read as values (detached, on the CPU: one that
     tracks gradients converts to numpy only so). Complex values, a meta tensor and what is not numbers are refused
-    by name (a complex array's imaginary part would be dropped)."""
+    by name (a complex array's imaginary part would be dropped), and so are bools (a mask is not a set of values)."""
     if isinstance(x, torch.Tensor):
         refuse_meta(x, name, "its values")
         x = x.detach().cpu()
@@ -119,7 +119,12 @@ def _as_float64(x, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array of real numbers: {e}") from None
     if a.dtype.kind == "c":
         raise TypeError(f"{name} is complex ({a.dtype}); give real numbers")
-    if a.dtype.kind not in "biuf":
+    if a.dtype.kind == "b":  # a mask read as 0/1 numbers would pass silently for weights it was not meant as
+        raise TypeError(
+            f"{name} holds bools (True/False); give real numbers (a mask meant as 0/1 values converted: "
+            "numpy's .astype(float), torch's .float())"
+        )
+    if a.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be an array of real numbers, got {a.dtype} values")
     return a.astype(np.float64)
 

@@ -52,6 +52,19 @@ __all__ = ["RidgeLOO", "RidgeCVResult", "ridge_cv", "ridge_similarity_cv", "DEFA
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0)
 
 
+def float64_device(device) -> torch.device:
+    """Where float64 values computed from tensors on ``device`` are held: on ``device`` itself, or on the CPU for a
+    device type without float64 (Apple's MPS). The estimators that sum in float64 (similarity measures, the
+    susceptibility accumulators) compute there, so their results on other devices do not change."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def as_float64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 on :func:`float64_device` of its device (``t`` itself when it is float64 there already)."""
+    return t.to(float64_device(t.device)).to(torch.float64)
+
+
 def _as_2d(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))  # numpy views with negative strides too
@@ -68,7 +81,9 @@ def _as_2d(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} has 0 samples (shape {tuple(x.shape)}); give at least one row per input")
     if math.prod(x.shape[1:]) == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
-    x = x.detach().reshape(x.shape[0], -1).to(torch.float64)  # read as values
+    x = as_float64(
+        x.detach().reshape(x.shape[0], -1)
+    )  # read as values (on the CPU from a device without float64)
     if x.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); give at least one per sample")
     if not torch.isfinite(x).all():
@@ -107,7 +122,7 @@ def _ldexp(t: torch.Tensor, k: int) -> torch.Tensor:
 def _check_alphas(alphas) -> torch.Tensor:
     try:
         if isinstance(alphas, torch.Tensor):
-            a = alphas.detach().to(torch.float64)
+            a = as_float64(alphas.detach())
         else:  # checked on the CPU; fit() moves them to the data's device
             a = torch.as_tensor(list(alphas), dtype=torch.float64, device="cpu")
     except (TypeError, ValueError, RuntimeError):

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from . import io
+from ._checks import compiled_inner
 from ._masks import not_a_mask, zero_one_mask
 from .io import Saveable, register
 from .losses import (
@@ -75,6 +76,7 @@ from .losses import (
     token_losses,
 )
 from .ops.covariance import CrossCovariance
+from .ridge import as_float64, float64_device
 from .sampling.auto import (
     auto_arguments,
     calibrate_or_resume,
@@ -134,11 +136,12 @@ def per_sample_losses(model: nn.Module, batch) -> torch.Tensor:
 def _flat(v: torch.Tensor, n: int | None, what: str, *, check: bool = True, device=None) -> torch.Tensor:
     """``v`` as a float64 vector of ``n`` values (on ``device`` when given); non-finite values refused (with
     ``check``; without, the caller checks, see :func:`_check_finite`)."""
-    v = v.detach().reshape(-1).to(torch.float64)
+    v = v.detach().reshape(-1)
     if (
         device is not None
     ):  # a loss function that returns its values elsewhere (a .cpu() in it): to the accumulator
         v = v.to(device)
+    v = as_float64(v)
     if n is not None and v.numel() != n:
         raise ValueError(
             f"{what} returned {v.numel()} values at a draw but {n} at w*: its shape must not change"
@@ -180,7 +183,13 @@ def _run_device(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
     device; another device runs on a copy of the model moved there (the caller's model stays where it is), as
     :func:`pypattern.estimate_llc`'s ``device=``. The device returned is the one the model's tensors report
     (``"cuda"`` is ``cuda:<index>``; a model spread over devices: its first parameter's, where the sampler puts
-    the batches), where the probe, the sampling batch and the accumulators go."""
+    the batches), where the probe, the sampling batch and the accumulators go. A ``torch.compile`` wrapper of
+    pypattern's :class:`~pypattern.models.Transformer` runs as the model it wraps (the same function and
+    parameters), whose parameter and component names (``blocks.0.attn.head.1``) the components are given in."""
+    from .models.transformer import Transformer
+
+    if isinstance(compiled_inner(model), Transformer):
+        model = compiled_inner(model)
     if device is not None:  # (None: a model spread over several devices stays as it is)
         model = on_device(model, resolve_device(device, model))
     return model, resolve_device(None, model)
@@ -665,7 +674,15 @@ def _naming_rows_without_counted(loader, losses_at: Callable | None):
         if found is None:
             raise
         i, rows = found
-        head = str(e).split(": the data or the model")[0]
+        # what failed, from the error's fields (its text gives the sampler's own view of the cause, replaced here):
+        # chain -1 is the loss at w* read before any chain ran
+        if e.chain is not None and e.chain >= 0:
+            head = (
+                f"chain {e.chain}'s loss is not finite at step {e.step}, nor at the initial weights w* on the same "
+                "batch"
+            )
+        else:
+            head = "loader: the loss at the initial weights w* is not finite"
         raise NonFiniteLossError(
             f"{head}: the loader's batch {i} (in the loader's own order) has rows {rows[:5]} with no counted token "
             f"(all padding or -100 labels), and the sampler's loss is the mean of per_sample_loss_fn over the "
@@ -1116,8 +1133,11 @@ def susceptibilities(
 
     def phi_of(m) -> torch.Tensor:
         if observable is not None:
-            return torch.as_tensor(observable(m), dtype=torch.float64)
-        return split_loss(lf(m, sampling_batch)).detach().to(torch.float64)
+            v = observable(
+                m
+            )  # a tensor in float64 where float64 is (the CPU for MPS); a number read as float64
+            return as_float64(v) if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+        return as_float64(split_loss(lf(m, sampling_batch)).detach())
 
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     with torch.no_grad(), errors_naming(model, sampling_batch, phi_batch, observable is None and default_phi):
@@ -1151,7 +1171,7 @@ def susceptibilities(
     counted = entries.counted(n)  # entries outside it (padding) are left out of Lbar and get chi 0
     meta = _probe_meta(probe, l0, counted)
     _warn_single_counted_entry(n, counted, meta, per_token)
-    acc_dev = l0.device  # the draws' accumulators: where the probe losses are
+    acc_dev = float64_device(l0.device)  # the draws' accumulators: where the probe losses are (float64 there)
     counted_idx = None if counted is None else torch.nonzero(counted).flatten().to(acc_dev)
     phi0_acc = phi0.to(device=acc_dev, dtype=torch.float64)
     C = int(kw["num_chains"])
@@ -1300,7 +1320,7 @@ def susceptibilities(
             **io.fingerprint(
                 component=name,
                 parameters=restrict,
-                masks={k: m.to(torch.float64) for k, m in (masks or {}).items()},
+                masks={k: as_float64(m) for k, m in (masks or {}).items()},
             ),
         }
 
@@ -1639,7 +1659,8 @@ def bif(
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
     n = l0.numel()
 
-    acc_dev = l0.device  # the draws are accumulated where the probe losses are: no copy to the host per draw
+    # the draws are accumulated where the probe losses are (no copy to the host per draw), in float64 there
+    acc_dev = float64_device(l0.device)
 
     def run() -> CrossCovariance:
         acc = CrossCovariance(n, n, track_auto="var", device=acc_dev)

@@ -284,6 +284,7 @@ def patch_edges(
         max_batch=max_batch,
         memory_budget=memory_budget,
     )
+    _warn_if_corrupted_unread("patch_edges", corrupted, mode, ablation)
     vals = engine.run(masks)
     return vals[0] if single else vals
 
@@ -522,6 +523,7 @@ def edge_attribution(
         defer_base=method != "exact",  # the gradient run of the base prompts records the base run
     )
     _warn_if_no_op("edge_attribution", clean, corrupted, metric, ablation, "edge score")
+    _warn_if_corrupted_unread("edge_attribution", corrupted, mode, ablation)
     passes = 0
     if method == "exact":
         # the unpatched runs are recorded: their non-finite examples named (none left refused) before any scoring
@@ -649,6 +651,22 @@ def _warn_if_no_op(call: str, clean, corrupted, metric, ablation: str, what: str
         mean_of_one = int(clean.shape[0])  # the batch averaged (corrupted or clean): all that one prompt
     hint = " (or ablation='zero', or corrupted prompts with ablation='resample')"
     warn_no_op(call, no_op_causes(metric, same=same, mean_of_one=mean_of_one, mean_hint=hint), what)
+
+
+def _warn_if_corrupted_unread(call: str, corrupted, mode: str, ablation: str) -> None:
+    """Warn when ``corrupted`` is given but no run reads it: noising with zero ablation patches zeros into the clean
+    run, so results are the same whatever corrupted prompts are given."""
+    if corrupted is None or mode != "noise" or ablation != "zero":
+        return
+    from ..sampling.diagnostics import user_stacklevel
+
+    warnings.warn(
+        f"{call}: corrupted is given but not read: mode='noise' with ablation='zero' patches zeros into the clean "
+        "run, so the corrupted prompts change nothing; leave corrupted out (None), or give ablation='resample' "
+        "(their activations) or 'mean' (their per-position mean)",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) -> None:
@@ -906,6 +924,7 @@ def faithfulness(
         max_batch=max_batch,
         memory_budget=memory_budget,
     )
+    _warn_if_corrupted_unread("faithfulness", corrupted, mode, ablation)
     keep = _measured(info["m_clean"], info["m_base"], mode)
     E = len(graph)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
