@@ -112,7 +112,7 @@ class _Side:
         # a column constant over the samples centres to rounding noise, not zeros: zeroed (it carries no direction).
         # Its norm is at most sqrt(n) times its entries' rounding (the input's) or the float64 mean's (n roundings)
         f64 = torch.finfo(torch.float64).eps
-        flat = self.xc.norm(dim=0) <= max(n**0.5 * eps_in, n * f64) * x.abs().max(0).values
+        flat = self.xc.norm(dim=0) <= max(n**0.5 * eps_in / 2.0, n * f64) * x.abs().max(0).values
         if bool(flat.any()):
             self.xc[:, flat] = 0.0
         u, well = None, False
@@ -131,14 +131,16 @@ class _Side:
         # rounding is relative to each entry, so the count of real directions is read with every column scaled to
         # unit norm (a feature 1e-6 times smaller than the others is as well determined as they are): rounding
         # errors, each at most half an eps_in of its entry and of either sign, form an (n, p) matrix whose spectral
-        # norm is about (sqrt(n) + sqrt(p)) times their typical size; the cutoff is that with a whole eps_in of the
-        # largest entry. The spectrum of the data keeps that many leading directions, down to the float64 SVD's
-        # own floor (max(n, p) roundings of the largest singular value)
+        # norm is at most about (sqrt(n) + sqrt(p)) times that bound, the cutoff (a whole eps_in of the largest
+        # entry would drop real directions of 16-bit data with a common offset: the rounding of an entry near a
+        # large offset is half its spacing, not a whole eps_in of it). The spectrum of the data keeps that many
+        # leading directions, down to the float64 SVD's own floor (max(n, p) roundings of the largest singular
+        # value)
         big = max(n, p)
         norms = self.xc.norm(dim=0)
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         sv_eq = torch.linalg.svdvals(self.xc / norms)
-        noise = (n**0.5 + p**0.5) * eps_in * float((x.abs() / norms).max())
+        noise = (n**0.5 + p**0.5) * eps_in * float((x.abs() / norms).max()) / 2.0
         tol_eq = max(noise, big * f64 * float(sv_eq[0]))
         real = min(int((sv_eq > tol_eq).sum()), int((sv > big * f64 * sv[0]).sum()))
         if threshold is not None:  # SVCCA: the fewest leading directions with >= threshold of the variance
@@ -153,7 +155,12 @@ class _Side:
         self.rank = int(keep.sum())  # directions of nonzero variance
         if ridge == 0.0:
             if not bool(keep.any()):
-                raise ValueError(f"{name} is constant over the samples: CCA is undefined")
+                # not constant (checked above): every column's variation is within its entries' rounding
+                raise ValueError(
+                    f"{name}'s variation over the samples is all below the rounding of its input dtype (a large "
+                    "common offset against a small spread): CCA is undefined; give the representations in a wider "
+                    "dtype (float32 or float64), or with the offset subtracted before they are rounded"
+                )
             sv, e, v, u = sv[keep], e[keep], v[:, keep], None if u is None else u[:, keep]
             dims = e.numel()  # the directions of nonzero variance: wide data of low rank is fine
             if dims >= n - 1:

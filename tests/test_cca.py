@@ -187,3 +187,35 @@ def test_rank_of_low_precision_inputs_is_read_above_their_rounding(dtype, n, p):
     deficient = base.clone()
     deficient[:, -1] = deficient[:, 0] + deficient[:, 1]
     assert len(cca(deficient.to(dtype), y)) == p - 1
+
+
+def test_sixteen_bit_data_with_an_offset_keeps_its_real_directions():
+    """A bfloat16 representation with a common offset (entries near 100, spread 1) keeps every direction the
+    rounded values hold: the result equals CCA of the same rounded values given in float64, and a low-rank one keeps
+    exactly its rank."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 200, 16
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
+    for offset in (30.0, 100.0):
+        xb = (x + offset).bfloat16()
+        got, same_values = cca(xb, y), cca(xb.double(), y)
+        assert got.numel() == d
+        torch.testing.assert_close(got, same_values, rtol=1e-10, atol=1e-12)
+    low = torch.randn(n, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, d, generator=g, dtype=torch.float64
+    )
+    for dtype in (torch.bfloat16, torch.float16):
+        assert cca((low + 100.0).to(dtype), y).numel() == 3
+
+
+def test_variation_below_the_input_rounding_is_refused_as_such():
+    """Entries near 1000 with a spread of 1.5 in bfloat16 (spacing 8): no direction is above the rounding, and the
+    error says so rather than calling the data constant."""
+    g = torch.Generator().manual_seed(1)
+    x = (1000.0 + 1.5 * torch.randn(200, 8, generator=g, dtype=torch.float64)).bfloat16()
+    assert not bool((x == x[:1]).all())
+    with pytest.raises(ValueError, match="below the rounding of its input dtype"):
+        cca(x, torch.randn(200, 8, generator=g, dtype=torch.float64))
