@@ -117,3 +117,20 @@ def test_gradient_scores_of_a_model_made_in_inference_mode_are_refused_and_its_f
     # exact scores need no gradient: they run on it, and leave its flags as they were
     edge_attribution(model, clean, corr, metric=metric, method="exact", quiet=True)
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_per_position_edges_over_a_long_context_need_seq_len():
+    """A per-position graph defaults to the model's n_ctx only while that stays small: a model with rotary positions
+    and a 131,072-token context (as recent Llama configurations have) would lay out millions of edges, so seq_len is
+    asked for; with it the graph has the edges of every position, and a small n_ctx still needs none."""
+    import pypattern.circuits.graph as graph
+    from pypattern.models import Transformer, TransformerConfig
+
+    small = Transformer(TransformerConfig(n_layers=2, n_heads=4, d_model=16, d_mlp=32, n_ctx=8, d_vocab=10))
+    assert len(graph.edges(small, per_position=True)) == 8 * len(graph.edges(small)) == 880
+    cfg = dict(n_layers=2, n_heads=4, d_model=16, d_mlp=32, d_vocab=10, positional_embedding_type="rotary")
+    long = Transformer(TransformerConfig(n_ctx=131072, **cfg)).to("meta")
+    assert len(graph.edges(long)) * 131072 > graph.MAX_DEFAULT_POSITION_EDGES
+    with pytest.raises(ValueError, match="give seq_len="):
+        graph.edges(long, per_position=True)
+    assert len(graph.edges(long, per_position=True, seq_len=5)) == 5 * len(graph.edges(long))

@@ -391,7 +391,8 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
         Only its configuration is read: a model on the meta device (shapes without weights) is fine. Other models
         (a Hugging Face causal LM, a HookedTransformer) are converted first, which needs their weights.
     per_position : bool
-        One edge per position (``seq_len`` of them; default the model's ``n_ctx``).
+        One edge per position (``seq_len`` of them; default the model's ``n_ctx``, when that gives at most
+        :data:`MAX_DEFAULT_POSITION_EDGES` edges: else ``seq_len`` must be given).
     seq_len : int, optional
         The positions of per-position edges (only with ``per_position=True``).
 
@@ -417,4 +418,19 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
         model, Transformer
     ):  # pypattern's model: its configuration alone (weights may be on meta)
         model = converted_if_convertible(model)
+    if per_position and seq_len is None:
+        n_ctx = int(model.cfg.n_ctx)
+        total = len(EdgeGraph.from_model(model)) * n_ctx
+        if total > MAX_DEFAULT_POSITION_EDGES:
+            raise ValueError(
+                f"per_position=True without seq_len gives every edge once per position of the model's n_ctx "
+                f"({n_ctx}): {total:,} edges; give seq_len=, the length of the prompts to patch (the patching "
+                "and attribution functions take it from their prompts)"
+            )
     return EdgeGraph.from_model(model, per_position=per_position, seq_len=seq_len)
+
+
+#: the most edges :func:`edges` lays out per position by default (over the model's whole ``n_ctx``); beyond it a
+#: ``seq_len`` must be given (a model with rotary positions has an ``n_ctx`` of its longest context, 131,072 for
+#: recent Llama configurations)
+MAX_DEFAULT_POSITION_EDGES = 1 << 22
