@@ -33,9 +33,10 @@ must accept ``sample(num_samples, seed, switch_prob=...)`` and have ``token_conc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
-import time
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,9 +45,9 @@ import numpy as np
 import torch
 
 from ._checks import model_device
-from ._training import modes_kept, values_kept_on_error
+from ._training import modes_kept, random_in_training, values_kept_on_error
 from .equivalence import _check_flag, _check_seed, _generator_seed
-from .io import Saveable, register
+from .io import FormatError, Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .sampling.diagnostics import user_stacklevel
 from .tasks.base import IGNORE, Task, generator
@@ -642,6 +643,8 @@ def train_flags(
     weight_decay: float = 0.0,
     seed: int = 0,
     log_every: int = 10,
+    checkpoint: str | os.PathLike | None = None,
+    quiet: bool = False,
 ) -> FlagTrainResult:
     """Fine-tune ``model`` so that ``spec``'s dimensions become concept flags the model relies on.
 
@@ -660,6 +663,22 @@ def train_flags(
     spec : FlagSpec
     aux_weight : float
         Weight of the flag loss (0 gives plain LM training in stage 1: the control).
+    checkpoint : path, optional
+        A file (``.npz``, :mod:`pypattern.io`: written atomically, read without pickle) the run's state is written
+        to after a step: the model's parameters and buffers, AdamW's state, the step, the logged losses, the
+        training time and the batch generator's state (with torch's global generator's, for a model whose
+        ``train()`` forward is random, such as dropout). It is written every 30 seconds, at the end, and when the
+        run is stopped by Ctrl-C or SIGTERM, which let the step under way finish and are raised after the write
+        (a second one during that step stops at once, writing nothing); an error inside a step (a loss that is not
+        finite) leaves it as last written. If the file exists, the run resumes from it and ends with the same
+        weights and losses, bit for bit, as an uninterrupted run; a finished run's file returns its result without
+        training (the model gets its final weights). Only the same run resumes: the file holds a fingerprint of
+        the model's architecture and its weights and buffers at the call's start, the task (its class and
+        attributes), ``spec`` and every other argument but ``quiet``; a file of another run is refused with
+        :class:`pypattern.io.FingerprintMismatch` naming the first item that differs, a damaged file with
+        :class:`pypattern.io.FormatError`.
+    quiet : bool
+        No progress bar (by default one counts the steps, shown once a run has taken two seconds).
 
     Integer and real arguments may be Python or numpy scalars (not bools).
 
@@ -667,6 +686,7 @@ def train_flags(
     -------
     FlagTrainResult
         The model is trained in place and left in eval mode, as :func:`pypattern.tasks.train` leaves it.
+        ``seconds`` counts the training time of every call of a resumed run.
 
     Raises
     ------
@@ -720,57 +740,106 @@ def train_flags(
         )
     _check_concept_task(task, spec)
     _check_vocab(model, task)
+    from ._train_checkpoint import TrainingSteps, check_checkpoint_arg, model_items, task_items
+
+    check_checkpoint_arg(checkpoint, quiet)
+    fp = None
+    if checkpoint is not None:  # the run as it starts: the model's weights before any step
+        from .io import fingerprint
+
+        fp = fingerprint(
+            kind="train_flags",
+            task=task_items(task),
+            spec=dataclasses.asdict(spec),
+            stage1_steps=stage1_steps,
+            stage2_steps=stage2_steps,
+            aux_weight=aux_weight,
+            switch_prob=switch_prob,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            log_every=log_every,
+            **model_items(model),
+        )
     g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     # the task samples on the CPU: batches and codes go to the model's device
     device = model_device(model, torch.device("cpu"))
     code = spec.code(torch.float64, device=device)  # cast to the activations' dtype where it is written
     res = FlagTrainResult()
+    total = stage1_steps + stage2_steps
     # an abort restores the parameters' and buffers' values, and every module's mode
     with values_kept_on_error(model), modes_kept(model):
-        t0 = time.perf_counter()
         model.train()
-        total = stage1_steps + stage2_steps
-        for step in range(total):
-            stage = 1 if step < stage1_steps else 2
-            bseed = int(torch.randint(0, 2**62, (), generator=g, device="cpu"))
-            batch = task.sample(batch_size, seed=bseed, switch_prob=0.0 if stage == 1 else switch_prob)
-            if "concept_pos" not in batch.extra:
-                raise ValueError(
-                    f"task {type(task).__name__} gives no extra['concept_pos']; see pypattern.flags"
-                )
-            batch = batch.to(device)
-            written: list[torch.Tensor] = []
-            mask = values = None
-            if stage == 2:
-                T = batch.tokens.shape[1]
-                mask = torch.arange(T, device=device)[None] >= (batch.extra["switch_pos"][:, None] - 1)
-                values = code[batch.extra["target_concept"]]
+        run = TrainingSteps(
+            checkpoint,
+            fp,
+            model,
+            opt,
+            g,
+            logs={
+                "steps": (res.steps, np.int64),
+                "stages": (res.stages, np.int64),
+                "lm_losses": (res.lm_losses, np.float64),
+                "flag_losses": (res.flag_losses, np.float64),
+            },
+            logged=lambda step: bool(log_every) and (step % log_every == 0 or step == total - 1),
+            total=total,
+            device=device,
+            random_forward=checkpoint is not None and bool(random_in_training(model)),
+        )
+        start = run.resume()
+        if res.stages != [1 if s < stage1_steps else 2 for s in res.steps]:
+            raise FormatError(
+                f"checkpoint {os.fspath(checkpoint)!r} is damaged: its logged stages are not those of its steps; "
+                "delete it to start afresh"
+            )
+        with run.running(quiet, "train_flags"):
+            for step in range(start, total):
+                run.begin()
+                stage = 1 if step < stage1_steps else 2
+                bseed = int(torch.randint(0, 2**62, (), generator=g, device="cpu"))
+                batch = task.sample(batch_size, seed=bseed, switch_prob=0.0 if stage == 1 else switch_prob)
+                if "concept_pos" not in batch.extra:
+                    raise ValueError(
+                        f"task {type(task).__name__} gives no extra['concept_pos']; see pypattern.flags"
+                    )
+                batch = batch.to(device)
+                written: list[torch.Tensor] = []
+                mask = values = None
+                if stage == 2:
+                    T = batch.tokens.shape[1]
+                    mask = torch.arange(T, device=device)[None] >= (batch.extra["switch_pos"][:, None] - 1)
+                    values = code[batch.extra["target_concept"]]
 
-            def hook_fn(x, hook, written=written, mask=mask, values=values):
-                written.append(x)
-                return None if mask is None else overwrite_flags(x, spec, values.to(x.dtype), mask)
+                def hook_fn(x, hook, written=written, mask=mask, values=values):
+                    written.append(x)
+                    return None if mask is None else overwrite_flags(x, spec, values.to(x.dtype), mask)
 
-            with model.hooks([(spec.hook, hook_fn)]):
-                logits = model(batch.tokens)
-            lm = _lm_loss(logits, batch.targets)
-            fl = flag_loss(written[0], batch.extra["concept_pos"], spec)
-            loss = lm + aux_weight * fl if aux_weight > 0 else lm
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"train_flags: the loss is {float(loss.detach())} at step {step} (stage {stage}; LM "
-                    f"{float(lm.detach())}, flag {float(fl.detach())}); lower lr={lr} or aux_weight={aux_weight} (the "
-                    "model is restored to its state before the call)"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if log_every and (step % log_every == 0 or step == total - 1):
-                res.steps.append(step)
-                res.stages.append(stage)
-                res.lm_losses.append(float(lm.detach()))
-                res.flag_losses.append(float(fl.detach()))
-        res.seconds = time.perf_counter() - t0
+                with model.hooks([(spec.hook, hook_fn)]):
+                    logits = model(batch.tokens)
+                lm = _lm_loss(logits, batch.targets)
+                fl = flag_loss(written[0], batch.extra["concept_pos"], spec)
+                loss = lm + aux_weight * fl if aux_weight > 0 else lm
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"train_flags: the loss is {float(loss.detach())} at step {step} (stage {stage}; LM "
+                        f"{float(lm.detach())}, flag {float(fl.detach())}); lower lr={lr} or aux_weight={aux_weight} "
+                        "(the model is restored to its state before the call)"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                logged = None
+                if log_every and (step % log_every == 0 or step == total - 1):
+                    res.steps.append(step)
+                    res.stages.append(stage)
+                    res.lm_losses.append(float(lm.detach()))
+                    res.flag_losses.append(float(fl.detach()))
+                    logged = res.lm_losses[-1]
+                run.end(step, logged)
+        res.seconds = run.elapsed()
     model.eval()
     return res
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .._progress import progress_bar, sigterm_as_interrupt
+from .._train_checkpoint import check_checkpoint_arg
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
 from ..patching.api import half_precision_warned, warn_half_precision
@@ -984,6 +985,86 @@ def _counts(E: int, fractions, counts) -> torch.Tensor:
 DEFAULT_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
+_CURVE_KIND = "PruningCurveCheckpoint"
+
+
+def _curve_runs(engine, masks: torch.Tensor, quiet: bool, checkpoint, fp) -> tuple[torch.Tensor, float]:
+    """The metric of each patched run ``masks (C, num_edges)``, ``(C, batch)`` (a 16-bit model's in float32): with
+    a ``checkpoint``, in blocks of whole engine batches with a progress bar, those finished written every 30 s, at
+    the end and when the runs stop on an exception or Ctrl-C, and read back by a call of the same run (``fp``);
+    without, in one engine call. Also the seconds the runs read back took."""
+    from .. import io
+
+    C = masks.shape[0]
+    dtype = _widen(torch.empty(0, dtype=torch.promote_types(engine.dtype, torch.float32))).dtype
+    values = torch.empty(C, engine.B, dtype=dtype, device=engine.device)
+    done, before = 0, 0.0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        arrays, meta = io.load(checkpoint, kind=_CURVE_KIND)
+        io.check_fingerprint(meta.get("fingerprint"), fp, checkpoint)
+        done, before, got = meta.get("done"), meta.get("seconds"), arrays.get("values")
+        if (
+            isinstance(done, bool)
+            or not isinstance(done, int)
+            or not 0 <= done <= C
+            or isinstance(before, bool)
+            or not isinstance(before, int | float)
+            or not 0 <= before < math.inf
+            or got is None
+            or got.shape != (done, engine.B)
+            or got.dtype != torch.empty(0, dtype=dtype).numpy().dtype
+        ):
+            raise io.FormatError(
+                f"checkpoint {os.fspath(checkpoint)!r} is damaged: it holds no metric values ({str(dtype)[6:]}, "
+                f"up to {C} circuits x {engine.B} prompts) of this curve; delete it to start afresh"
+            )
+        values[:done] = torch.from_numpy(got).to(values.device)
+    # with a checkpoint, one engine batch per run call (the blocks written); without, every circuit in one call
+    block = C if checkpoint is None else max(1, engine.chunk_size())
+    t0 = saved = time.perf_counter()
+    with (
+        engine.fixed_weights(),
+        sigterm_as_interrupt(),  # SIGTERM writes the finished blocks, as Ctrl-C does
+        # a bar over the blocks (without a checkpoint, one engine call: nothing to count)
+        progress_bar(
+            quiet or done >= C or checkpoint is None,
+            total=C,
+            initial=done,
+            desc="pruning curve",
+            unit="circuit",
+        ) as bar,
+    ):
+
+        def save() -> None:
+            io.save(
+                checkpoint,
+                {"values": values[:done].cpu().numpy()},
+                {"fingerprint": fp, "done": done, "seconds": before + time.perf_counter() - t0},
+                kind=_CURVE_KIND,
+            )
+
+        unsaved = checkpoint is not None and not os.path.exists(checkpoint)  # blocks not written yet
+        try:
+            while done < C:
+                stop = min(C, done + block)
+                values[done:stop] = _widen(engine.run(masks[done:stop]))
+                done, unsaved = stop, True
+                if checkpoint is not None and (
+                    done == C or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S
+                ):
+                    save()
+                    saved, unsaved = time.perf_counter(), False
+                if bar is not None:
+                    bar.update(stop - bar.n)
+            if checkpoint is not None and unsaved:
+                save()
+        except BaseException:  # stopped (Ctrl-C, an error in a block): the finished blocks are written
+            if checkpoint is not None and unsaved:
+                save()
+            raise
+    return values, before
+
+
 def pruning_curve(
     model,
     scores,
@@ -998,6 +1079,8 @@ def pruning_curve(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    quiet: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> PruningCurve:
     """Faithfulness of the circuits made of the top-``n`` edges by ``|score|``, for each ``n``.
 
@@ -1013,6 +1096,19 @@ def pruning_curve(
         Points of the curves (circuits) evaluated per forward; default: as many as ``memory_budget`` allows.
     memory_budget : float
         As in :func:`patch_edges`.
+    quiet : bool
+        No progress bar (by default, with a ``checkpoint``, one counts the circuits evaluated, shown once a call has
+        run for two seconds).
+    checkpoint : str, optional
+        A file the metric values of the circuits evaluated so far are written to (atomically, no pickle). With it
+        the circuits are evaluated in blocks of one engine batch (without it, all in one engine call, which may
+        round differently, as a batch's composition can): the blocks finished are written every 30 seconds, at the
+        end, and when the call is stopped (Ctrl-C, SIGTERM or an error). A call with the same model weights,
+        prompts, metric, graph, mode, ablation, scores and points resumes from it, evaluating only the circuits not
+        done, with the same curves, bit for bit, as an uninterrupted call with a checkpoint (and the same
+        ``max_batch`` and ``memory_budget``; other ones resume too, the remaining blocks then equal to rounding); a
+        call that differs in any of them is refused (:class:`pypattern.io.FingerprintMismatch` naming what
+        differs). The finished call stays in it: the same call again returns its curves without a patched run.
 
     The metric is averaged over the examples as in :func:`faithfulness` (an example whose metric is not finite on
     the clean or the base run is left out).
@@ -1027,6 +1123,7 @@ def pruning_curve(
     """
     model = _converted(model, "pruning_curve")
     check_graph_arg(graph)
+    check_checkpoint_arg(checkpoint, quiet)
     one = not isinstance(scores, dict)
     if one:
         name = scores.method if isinstance(scores, EdgeScores) else "scores"
@@ -1038,9 +1135,10 @@ def pruning_curve(
         graph = first.graph if isinstance(first, EdgeScores) else EdgeGraph.from_model(model)
     E = len(graph)
     cnt = _counts(E, fractions, counts)
-    masks, names = [], []
+    masks, names, given = [], [], {}
     for name, sc in scores.items():
         s = (sc.scores if isinstance(sc, EdgeScores) else torch.as_tensor(sc)).cpu()
+        given[str(name)] = s
         label = "scores" if one else f"scores[{name!r}]"
         if s.shape != (E,):
             raise ValueError(f"{label} has shape {tuple(s.shape)}; the graph has {E} edges")
@@ -1064,9 +1162,25 @@ def pruning_curve(
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
     allm = torch.cat(masks + [ends])
     t0 = time.perf_counter()
+    fp = None
+    if checkpoint is not None:
+        fp = _run_fingerprint(
+            "pruning curve",
+            engine,
+            graph,
+            model,
+            clean,
+            corrupted,
+            metric,
+            mode,
+            ablation,
+            scores=given,
+            counts=cnt.tolist(),
+        )
+    raw, before = _curve_runs(engine, _circuit_to_patch(allm, mode), quiet, checkpoint, fp)
     # the curves live on the CPU (a GPU model's too: PruningCurve is saved and plotted from numpy), moved once
-    vals = _example_mean(_widen(engine.run(_circuit_to_patch(allm, mode))), keep)
-    seconds = time.perf_counter() - t0
+    vals = _example_mean(raw, keep)
+    seconds = before + time.perf_counter() - t0
     full, empty = vals[-2], vals[-1]
     n = len(cnt)
     faith, mvals = {}, {}
@@ -1245,14 +1359,7 @@ def acdc(
             "a number >= 0 in units of the metric (0 keeps every edge whose removal lowers the metric measurably)"
         )
     threshold = float(threshold)
-    if not isinstance(quiet, bool):
-        raise TypeError(f"quiet={quiet!r} is not valid; give True or False")
-    if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
-        raise TypeError(f"checkpoint={checkpoint!r} is not valid; give a file path")
-    if checkpoint is not None:  # before any work: a path that cannot be a file is refused by name
-        from ..sampling.plan import check_checkpoint_file
-
-        check_checkpoint_file(checkpoint)
+    check_checkpoint_arg(checkpoint, quiet)  # before any work
     T = _seq_len(clean)
     graph = _graph_for(model, graph, per_position, T)
     t0 = time.perf_counter()

@@ -57,7 +57,7 @@ def train_induction_model(seed: int = 0, steps: int = 800, task=None):
 
     task = InductionTask() if task is None else task
     model = Transformer(task.model_config(seed=seed))
-    train(model, task, steps=steps, seed=seed, log_every=0)
+    train(model, task, steps=steps, seed=seed, log_every=0, quiet=True)
     return model, task
 
 
@@ -180,7 +180,7 @@ def train_ioi_model(seed: int = 0, steps: int = 300):
     with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
         torch.manual_seed(seed)
         model = Transformer(task.model_config(seed=seed))
-        train(model, task, steps=steps, seed=seed, log_every=0)
+        train(model, task, steps=steps, seed=seed, log_every=0, quiet=True)
     return model, task
 
 

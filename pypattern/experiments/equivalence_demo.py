@@ -59,7 +59,9 @@ def run_equivalence_demo(out_dir: str | Path = "out/demo/cka", s: EquivalenceDem
     with pinned_threads(s.num_threads or None):
         for seed in s.seeds:
             m = Transformer(task.model_config(d_model=s.d_model, n_heads=s.n_heads, seed=seed))
-            train(m, task, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=seed, log_every=0)
+            train(
+                m, task, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=seed, log_every=0, quiet=True
+            )
             m.eval()
             scores[seed] = float(prefix_matching_score(m, half_len=task.repeat_len, num_samples=64)[-1].max())
             _, cache = m.run_with_cache(batch.tokens, names_filter=names)

@@ -72,7 +72,7 @@ def run_flags_demo(out_dir: str | Path = "out/demo/flags", s: FlagsDemoSettings 
                 n_layers=s.n_layers, d_model=s.d_model, n_heads=s.n_heads, d_mlp=s.d_mlp, seed=s.seed
             )
         )
-        train(base, task, steps=s.pretrain_steps, seed=s.seed, log_every=0)
+        train(base, task, steps=s.pretrain_steps, seed=s.seed, log_every=0, quiet=True)
         flagged, control = copy.deepcopy(base), copy.deepcopy(base)
         train_flags(
             flagged,
@@ -83,6 +83,7 @@ def run_flags_demo(out_dir: str | Path = "out/demo/flags", s: FlagsDemoSettings 
             aux_weight=s.aux_weight,
             seed=s.seed + 1,
             log_every=0,
+            quiet=True,
         )
         train_flags(
             control,
@@ -93,6 +94,7 @@ def run_flags_demo(out_dir: str | Path = "out/demo/flags", s: FlagsDemoSettings 
             aux_weight=0.0,
             seed=s.seed + 1,
             log_every=0,
+            quiet=True,
         )
         kw = dict(num_samples=s.num_samples, seed=s.seed)
         rep = flag_report(flagged, task, spec, reference_model=base, **kw)

@@ -198,7 +198,17 @@ def _train_segment(model, task, steps, s: InductionSettings, seed, start, ev, cu
                 raise _Stop
 
     try:
-        train(model, task, steps=steps, batch_size=s.batch_size, lr=s.lr, seed=seed, log_every=0, callback=cb)
+        train(
+            model,
+            task,
+            steps=steps,
+            batch_size=s.batch_size,
+            lr=s.lr,
+            seed=seed,
+            log_every=0,
+            callback=cb,
+            quiet=True,
+        )
     except _Stop:
         pass
     model.eval()

@@ -150,7 +150,7 @@ def _train_member(job: tuple) -> dict:
     task = RoutineTask(routine)
     cfg = task.model_config(**ARCHS[arch], seed=seed)
     model = Transformer(cfg)
-    train(model, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=0)
+    train(model, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=0, quiet=True)
     model.eval()
     test = task.sample(2000, seed=10_000 + seed)
     meta = {

@@ -94,7 +94,15 @@ def run_online_llc_induction(
 
     t0 = time.perf_counter()
     train(
-        model, task, steps=steps, batch_size=s.batch_size, lr=s.lr, seed=seed, log_every=0, callback=callback
+        model,
+        task,
+        steps=steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=seed,
+        log_every=0,
+        callback=callback,
+        quiet=True,
     )
     total = time.perf_counter() - t0
     return {

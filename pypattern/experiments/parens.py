@@ -371,7 +371,16 @@ def run_parens_seed(seed: int, s: ParensSettings | None = None, log=None) -> dic
         n_layers=s.n_layers, d_model=s.d_model, n_heads=s.n_heads, d_mlp=s.d_mlp, seed=seed
     )
     model = Transformer(cfg)
-    train(model, base, steps=s.checkpoint_step, batch_size=s.batch_size, lr=s.lr, seed=seed, log_every=0)
+    train(
+        model,
+        base,
+        steps=s.checkpoint_step,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=seed,
+        log_every=0,
+        quiet=True,
+    )
     ckpt = copy.deepcopy(model.state_dict())
     at_ckpt = _summ(algorithm_scores(model, base))
     t1 = time.perf_counter()
@@ -399,6 +408,7 @@ def run_parens_seed(seed: int, s: ParensSettings | None = None, log=None) -> dic
             seed=1000 + seed,
             log_every=50,
             callback=callback,
+            quiet=True,
         )
         sc = _summ(algorithm_scores(m, base, threshold=s.identify_threshold))
         gw = [1.0] * NUM_GROUPS if task.group_weights is None else task.group_weights.numpy().tolist()

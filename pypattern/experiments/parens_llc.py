@@ -175,7 +175,14 @@ def train_solution(algorithm: str, s: LLCSettings, seed: int = 0, split_seed: in
     stask = SolutionParentheses(s.length, algorithm, fit, s.probe_fraction)
     model = Transformer(_config(s, seed))
     train(
-        model, stask, steps=s.solution_steps, batch_size=s.batch_size, lr=s.lr, seed=5000 + seed, log_every=0
+        model,
+        stask,
+        steps=s.solution_steps,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=5000 + seed,
+        log_every=0,
+        quiet=True,
     )
     model.eval()
     return model, check_solution(model, algorithm, task, check, s)
@@ -293,7 +300,9 @@ def train_from_scratch(seed: int, s: ParensSettings, group_weights=None) -> dict
     t0 = time.perf_counter()
     task = GroupWeightedParentheses(s.length, group_weights=group_weights)
     m = Transformer(_config(s, seed))
-    tr = train(m, task, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=1000 + seed, log_every=100)
+    tr = train(
+        m, task, steps=s.steps, batch_size=s.batch_size, lr=s.lr, seed=1000 + seed, log_every=100, quiet=True
+    )
     sc = algorithm_scores(m, ParenthesesTask(s.length), threshold=s.identify_threshold)
     return {
         "learned": sc["learned"],

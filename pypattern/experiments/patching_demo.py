@@ -45,7 +45,7 @@ def run_patch_demo(
         task = IOITask()
         torch.manual_seed(seed)
         model = Transformer(task.model_config(seed=seed))
-        train(model, task, steps=steps, seed=seed)
+        train(model, task, steps=steps, seed=seed, quiet=True)
         acc = task.accuracy(model, task.sample(1000, seed=seed + 99))
         t_train = time.perf_counter() - t0
         clean, corr, ans, wrong = task.patching_pairs(num_prompts, seed=seed + 1, corruption="abc")

@@ -20,6 +20,7 @@ from .calibrate import CalibrationResult, calibrate_step_size
 from .diagnostics import (
     NonFiniteLossError,
     NonStationaryWarning,
+    StepBiasWarning,
     check_mixing,
     check_stationarity,
     ess,
@@ -56,6 +57,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonStationaryWarning",
     "SampleResult",
+    "StepBiasWarning",
     "SamplingDivergedError",
     "calibrate_step_size",
     "chain_seed",

@@ -828,9 +828,11 @@ def resolve_step_size(
                 if not localization
                 else ""
             )
-            + "Try more steps per trial (pypattern.sampling.resolve_step_size(model, loader, calibration_steps=..., "
-            "nbeta=..., localization=...) returns a step to pass as step_size=), another localization or nbeta, a "
-            "wider range (min_step_size, max_step_size there), or a step_size of your own.",
+            + f"Try longer trials: auto_step_options={{'calibration_steps': {2 * int(calibration_steps)}}} (now "
+            f"{int(calibration_steps)}; or 'max_trial_factor', now {max_factor}) for estimate_llc or sample (or "
+            "calibration_steps= of pypattern.sampling.resolve_step_size, which returns a step to pass as "
+            "step_size=); a wider range ('min_step_size', 'max_step_size' there); another localization or nbeta; "
+            "or a step_size of your own.",
             rep,
         )
     _warn_if_drift_chose(rep, localization)
@@ -925,6 +927,49 @@ def wants_auto(step_size, optimizer_kwargs=None) -> bool:
     return all(okw.get(k) is None for k in ("step_size", "lr"))
 
 
+#: the settings of :func:`resolve_step_size` that ``auto_step_options`` of :func:`pypattern.sample` (and
+#: :func:`pypattern.estimate_llc`) passes to the calibration
+AUTO_STEP_OPTIONS = (
+    "calibration_steps",
+    "calibration_chains",
+    "max_step_size",
+    "min_step_size",
+    "max_trial_factor",
+    "max_r_hat",
+    "z",
+    "rtol",
+    "atol_rel",
+    "run_trial_factor",
+    "resolve",
+    "coupled",
+    "pair_factor",
+    "relaxation_times",
+    "relaxation_target",
+)
+
+
+def check_auto_step_options(options, calibrating: bool) -> None:
+    """Refuse ``auto_step_options`` that is not a mapping of :data:`AUTO_STEP_OPTIONS` names, or that is given
+    with a given step (``calibrating`` False: there is no calibration to set)."""
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"auto_step_options must be a dict of calibration settings (e.g. {{'calibration_steps': 800}}), got "
+            f"{type(options).__name__}"
+        )
+    unknown = sorted(str(k) for k in options if k not in AUTO_STEP_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"auto_step_options: unknown setting(s) {unknown}; valid are {', '.join(AUTO_STEP_OPTIONS)}"
+        )
+    if options and not calibrating:
+        raise ValueError(
+            f"auto_step_options={dict(options)!r} sets the step_size='auto' calibration, but a step size is given "
+            "(step_size or lr): leave the step out (or step_size='auto') to calibrate, or drop auto_step_options"
+        )
+
+
 def auto_arguments(call: dict) -> dict:
     """The keyword arguments of :func:`resolve_step_size` from the arguments of a :func:`pypattern.sample` call
     (its ``locals()``): devinterp's names and ``optimizer_kwargs`` translated, settings trials do not use
@@ -958,8 +1003,11 @@ def auto_arguments(call: dict) -> dict:
         out.pop("masks", None)
     if call.get("chains") is not None:
         out.pop("cores", None)
+    options = dict(call.get("auto_step_options") or {})
     # trials with as many chains as the run, between 4 and 8: the calibration stays cheap relative to small runs
-    out["calibration_chains"] = min(8, max(4, int(call.get("num_chains") or 4)))
+    out["calibration_chains"] = options.get(
+        "calibration_chains", min(8, max(4, int(call.get("num_chains") or 4)))
+    )
     out["run_draw_steps"] = (
         int(call.get("num_chains") or 4)
         * int(call.get("num_draws") or 200)
@@ -971,7 +1019,10 @@ def auto_arguments(call: dict) -> dict:
         num_draws=call.get("num_draws") or 200,
         num_burnin_steps=call.get("num_burnin_steps") or 0,
         num_steps_bw_draws=call.get("num_steps_bw_draws") or 1,
+        calibration_steps=options.get("calibration_steps", 200),
+        longest=options.get("max_trial_factor", 8),
     )
+    out.update(options)
     return out
 
 

@@ -42,6 +42,9 @@ class State:
         ``L_n(w*)`` on each of its batches.
     seconds : float
         Sampling time so far.
+    ends : dict of int to dict of str to Tensor
+        The moving weights of chains at their last step, of the chains the run keeps them for
+        (:meth:`~.context.RunContext.keep_end`; in memory only, not written to a checkpoint).
     """
 
     def __init__(self, num_total_chains: int, num_draws: int):
@@ -55,6 +58,7 @@ class State:
         self.sampler_state: dict[int, dict[str, torch.Tensor]] = {}
         self.init_losses: np.ndarray | None = None
         self.seconds = 0.0
+        self.ends: dict[int, dict[str, torch.Tensor]] = {}
 
     def record_obs(self, name: str, g: int, d: int, value) -> None:
         """Record observable ``name``'s ``value`` at chain ``g``'s draw ``d`` (as float64).

@@ -82,6 +82,8 @@ class RunContext:
     # (observable name, batch structure) pairs, the structure as batched._structure gives it: the observables
     # whose vmap-ed call raises on batches of that structure, evaluated chain by chain on them
     obs_per_chain: set = field(default_factory=set)
+    # the most elements of chains' last weights kept in ``state.ends`` (0: none), for the checks of a given step
+    keep_ends: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
     stop: threading.Event = field(
         default_factory=threading.Event
@@ -100,6 +102,17 @@ class RunContext:
 
     def moving(self, g: int) -> tuple[str, ...]:
         return self.plan.run_of(g).moving
+
+    def keep_end(self, g: int, weights: Callable[[], dict]) -> None:
+        """Keep chain ``g``'s moving weights at its last step (``weights()``, copies) in ``state.ends`` while the
+        kept weights stay within ``keep_ends`` elements."""
+        if self.keep_ends <= 0:
+            return
+        with self.lock:
+            held = sum(t.numel() for w in self.state.ends.values() for t in w.values())
+            size = sum(self.w_star[n].numel() for n in self.moving(g))
+            if held + size <= self.keep_ends:
+                self.state.ends[g] = weights()
 
     def checkpoint_now(self, finished_draws: int) -> bool:
         plan = self.plan

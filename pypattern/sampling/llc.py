@@ -71,7 +71,8 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResu
 
     Takes every keyword argument of :func:`pypattern.sampling.sample` (``loss_fn``, ``num_chains=4``,
     ``num_draws=200``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``, ``localization``,
-    ``seed``, ``checkpoint``, ``batched``, ``quiet``, ...).
+    ``seed``, ``checkpoint``, ``batched``, ``quiet``, ``auto_step_options`` (the settings of the
+    ``step_size="auto"`` calibration, e.g. ``{"calibration_steps": 800}``), ...).
 
     Returns
     -------

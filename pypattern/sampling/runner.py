@@ -29,7 +29,14 @@ from torch import nn
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
 from ..losses import batch_loss, check_batch, errors_naming, read_loss
-from .auto import auto_arguments, calibrate_or_resume, resolve_step_size, wants_auto, with_auto_report
+from .auto import (
+    auto_arguments,
+    calibrate_or_resume,
+    check_auto_step_options,
+    resolve_step_size,
+    wants_auto,
+    with_auto_report,
+)
 from .batched import UnstackableBatches, VmapUnsupported, run_batched
 from .checkpoint import State, load_checkpoint_state, run_fingerprint, stored_calibration
 from .context import LossContractError, RunContext, Stopped
@@ -49,10 +56,12 @@ from .diagnostics import (
     check_mixing,
     check_relaxation,
     check_stationarity,
+    check_step_bias,
     draw_shortfall,
     ess,
     r_hat,
     relaxation_bounds,
+    step_bias,
     user_stacklevel,
 )
 from .plan import RunPlan, check_checkpoint_file, check_loader, check_model, default_nbeta, make_plan
@@ -206,6 +215,7 @@ def sample(
     checkpoint_state: Callable[[], Mapping[str, np.ndarray]] | None = None,
     noise_coupling: int = 1,
     device: str | torch.device | None = None,
+    auto_step_options: Mapping[str, Any] | None = None,
 ) -> SampleResult | list[SampleResult]:
     """Run ``num_chains`` chains of SGLD (or another ``sampler``) from the trained weights ``w*`` (the model's
     current parameters).
@@ -328,7 +338,11 @@ def sample(
     backend : str, optional
         Force a backend of the sampler's fused op.
     warn_nonstationary : bool
-        Warn (:class:`NonStationaryWarning`) when the split R-hat of the loss trace exceeds 1.1.
+        Warn (:class:`NonStationaryWarning`) when the split R-hat of the loss trace exceeds 1.1 or its effective
+        sample size is low, and, for SGLD at a given step, when the draws fall short of their stationary value
+        (the chains not yet relaxed from ``w*``) or when the step's estimated discretisation bias exceeds 10%
+        (:class:`~pypattern.sampling.diagnostics.StepBiasWarning`, from the Hessian's trace at the chains' last
+        weights: a few forwards after the run).
     runs : sequence of ``(restrict_to, masks)`` pairs, optional
         Several restricted samplers in one call (instead of ``restrict_to`` and ``masks``): ``num_chains`` chains
         for each run, all batched together when ``batched`` allows (one forward and backward per step for every
@@ -369,6 +383,13 @@ def sample(
         Where to sample (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). Default: the model's device. Another device
         samples a copy of the model moved there (``model`` stays where it is); the batches are moved to it as
         they are read.
+    auto_step_options : dict, optional
+        Settings of the ``step_size="auto"`` calibration (:func:`pypattern.sampling.resolve_step_size`'s:
+        ``calibration_steps``, ``calibration_chains``, ``max_step_size``, ``min_step_size``, ``max_trial_factor``,
+        ``max_r_hat``, ``z``, ``rtol``, ``atol_rel``, ``run_trial_factor``, ``resolve``, ``coupled``,
+        ``pair_factor``, ``relaxation_times``, ``relaxation_target``), e.g. ``{"calibration_steps": 800}`` for
+        longer trials when the calibration refuses (:class:`~pypattern.sampling.AutoStepError`). Only with the
+        calibration (no step given): with a given step it is a ValueError.
 
     Returns
     -------
@@ -431,7 +452,9 @@ def sample(
         step_size = translate({"step_size": step_size, "lr": lr}, where="sample()")["step_size"]
         lr = None
     auto_step = calibration = None
-    if wants_auto(step_size, optimizer_kwargs):  # "auto" or no step given: calibrate first (sampling.auto)
+    calibrating = wants_auto(step_size, optimizer_kwargs)
+    check_auto_step_options(auto_step_options, calibrating)
+    if calibrating:  # "auto" or no step given: calibrate first (sampling.auto)
         stored = None if checkpoint is None else stored_calibration(checkpoint)  # None without a file
         step_size, auto_step, calibration = calibrate_or_resume(
             model, loader, auto_arguments(locals()), stored, resolve_step_size
@@ -592,7 +615,7 @@ def _eval_mode_for_dropout(model: nn.Module):
 
 def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult | list[SampleResult]:
     """The run of ``plan``; its diagnostics warn (``warn_nonstationary``), a given step's (``plan.calibrated``
-    False) relaxation from ``w*`` included (:func:`_check_given_step`)."""
+    False) relaxation from ``w*`` included and its discretisation bias (:class:`_GivenStepChecks`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     w_star = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -643,6 +666,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         data_cache=data_cache,
         loss_argument=argument,
         pbar=pbar,
+        keep_ends=KEPT_END_ELEMENTS if _checks_given_step(plan) else 0,
     )
     t0 = time.perf_counter()
     ran_batched = False
@@ -666,77 +690,177 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         for r, res in enumerate(results):
             ran = res.loss_trace[_ran_rows(plan, r)]
             # a drifting trace is reported once: by its R-hat, else its effective sample size, else (a given step)
-            # by the relaxation times the run covered
+            # by the relaxation times the run covered; a given step's discretisation bias in any case
+            if not len(ran):
+                continue
+            C = plan.num_chains
+            ends = {g: w for g, w in st.ends.items() if r * C <= g < (r + 1) * C}
+            checks = _GivenStepChecks(
+                plan, model, loader, w_star, data_cache, argument, r, ran, res.init_loss, device
+            )
+            if _checks_given_step(plan):
+                checks.bias(ends)
             if (
-                len(ran)
-                and check_stationarity(ran, hint=hint)
+                check_stationarity(ran, hint=hint)
                 and check_mixing(ran, hint=hint)
-                and not plan.calibrated
+                and _checks_given_step(plan, ("sgld", "rmsprop_sgld"))
             ):
-                _check_given_step(
-                    plan, model, loader, w_star, data_cache, argument, r, ran, res.init_loss, device
-                )
+                checks.relaxation(ends)
     return results if plan.several_runs else results[0]
 
 
-def _check_given_step(
-    plan: RunPlan,
-    model: nn.Module,
-    loader: Iterable,
-    w_star: Mapping[str, torch.Tensor],
-    data_cache: dict,
-    argument: str,
-    r: int,
-    trace: np.ndarray,
-    init_loss: float,
-    device: torch.device,
-) -> None:
-    """Warn when the draws of an SGLD run at a given step fall short of their stationary value by more than
-    :data:`~pypattern.sampling.diagnostics.MAX_SHORTFALL` along a typical direction, its chains not yet relaxed
-    from ``w*`` by the draws' steps (:func:`~pypattern.sampling.diagnostics.check_relaxation`; the reasoning of
-    ``step_size="auto"``, module :mod:`pypattern.sampling.auto`, "Relaxation", applied to the step given). Free
-    when the step's bounds
-    (:func:`~pypattern.sampling.diagnostics.relaxation_bounds`) already show enough relaxation; otherwise the
-    mean curvature of ``nbeta L + gamma |w - w*|^2 / 2`` at ``w*`` is measured (:func:`_mean_curvature`: three
-    forwards on one batch)."""
-    if plan.sampler != "sgld" or plan.noise_coupling != 1 or not plan.num_draws:
-        return
-    hyper = plan.hyper
-    eps, nbeta = float(hyper["step_size"]), float(hyper["nbeta"])
-    gamma = max(0.0, float(hyper.get("localization") or 0.0)) + max(
-        0.0, float(hyper.get("weight_decay") or 0.0)
+#: the most elements of the chains' last weights a run at a given step keeps for its bias check (64 MB of float32)
+KEPT_END_ELEMENTS = 1 << 24
+
+
+def _checks_given_step(plan: RunPlan, samplers: tuple[str, ...] = ("sgld",)) -> bool:
+    """Whether a run's given step is checked (:class:`_GivenStepChecks`): one of ``samplers`` at a given step, not
+    a coupled run, with its diagnostics on."""
+    return (
+        plan.warn_nonstationary
+        and not plan.calibrated
+        and plan.sampler in samplers
+        and plan.noise_coupling == 1
+        and plan.num_draws > 0
     )
-    noise = float(hyper.get("noise_scale") or 1.0)
-    run = plan.runs[r]
-    params = dict(model.named_parameters())
-    masks = run.masks or {}
-    d = sum(int(masks[n].count_nonzero()) if n in masks else params[n].numel() for n in run.moving)
-    llc = nbeta * (float(np.mean(trace)) - float(init_loss))
-    steps = plan.total_steps
-    mean_step = plan.num_burnin_steps + plan.num_steps_bw_draws * (plan.num_draws - 1) / 2
-    flat, typical = relaxation_bounds(
-        llc,
-        step_size=eps,
-        gamma=gamma,
-        num_params=d,
-        total_steps=steps,
-        mean_draw_step=mean_step,
-        noise_scale=noise,
-    )
-    # the steps of the draws from w* (each draw's loss is that before its step's update)
-    draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
-    if not (d and math.isfinite(eps) and eps > 0 and steps > 0):
-        return
-    # the bounds' relaxation rates are lower bounds: a shortfall they leave small is smaller still
-    if draw_shortfall(max(flat, typical) / steps, draw_steps) <= MAX_SHORTFALL:
-        return
-    kappa = _mean_curvature(
-        plan, model, loader, w_star, data_cache, argument, run, device, math.sqrt(eps * steps) * noise
-    )
-    if kappa is None:
-        return
-    curvature = nbeta * max(kappa, 0.0) + gamma
-    check_relaxation(eps * curvature / 2, draw_steps, step_size=eps, llc_mean=llc, curvature=curvature)
+
+
+class _GivenStepChecks:
+    """The checks of an SGLD run at a given step (``plan.calibrated`` False), run ``r`` of ``plan``: whether its
+    chains relaxed from ``w*`` (:meth:`relaxation`) and whether its step is small enough for its discretisation
+    bias (:meth:`bias`). Their curvatures are measured by :func:`_mean_curvature` (three forwards on one batch per
+    point)."""
+
+    def __init__(self, plan, model, loader, w_star, data_cache, argument, r, trace, init_loss, device):
+        self.plan, self.model, self.loader, self.w_star = plan, model, loader, w_star
+        self.data_cache, self.argument, self.device = data_cache, argument, device
+        hyper = plan.hyper
+        self.eps, self.nbeta = float(hyper["step_size"]), float(hyper["nbeta"])
+        self.gamma = max(0.0, float(hyper.get("localization") or 0.0)) + max(
+            0.0, float(hyper.get("weight_decay") or 0.0)
+        )
+        self.noise = float(hyper.get("noise_scale") or 1.0)
+        self.run = plan.runs[r]
+        params = dict(model.named_parameters())
+        masks = self.run.masks or {}
+        self.d = sum(
+            int(masks[n].count_nonzero()) if n in masks else params[n].numel() for n in self.run.moving
+        )
+        self.llc = self.nbeta * (float(np.mean(trace)) - float(init_loss))
+        self.usable = bool(self.d and math.isfinite(self.eps) and self.eps > 0 and plan.total_steps > 0)
+        self._measured, self._end_kappa = False, None
+
+    def end_curvature(self, ends: Mapping[int, Mapping[str, torch.Tensor]]) -> float | None:
+        """``tr(H) / d`` where the chains are: the mean of Hutchinson's estimates at the chains' last weights
+        ``ends`` (at least :data:`BIAS_PROBES` probes, taken in turn over the chains; at ``w*`` when none was
+        kept), by central differences over about one step's noise, ``sqrt(step_size)``; None when it cannot be
+        measured, or when its forwards would exceed :data:`CHECK_SHARE` of the run's. Measured once."""
+        if not self._measured:
+            self._measured = True
+            centers = list(ends.values()) or [None]
+            # three forwards per probe: skipped (None) where they would cost more than a tenth of the run's own
+            # forwards (a short run, whose estimate is too noisy for its bias to be read anyway)
+            forwards = 3 * max(BIAS_PROBES, len(centers))
+            if forwards > CHECK_SHARE * self.plan.total_steps * self.plan.num_chains:
+                return None
+            spread = math.sqrt(self.eps) * self.noise
+            kappas = []
+            for k in range(max(BIAS_PROBES, len(centers))):
+                kappa = self.curvature(spread, center=centers[k % len(centers)], probe=k)
+                if kappa is None:
+                    return None
+                kappas.append(kappa)
+            self._end_kappa = float(np.mean(kappas))
+        return self._end_kappa
+
+    def curvature(self, spread: float, center=None, probe: int = 0) -> float | None:
+        return _mean_curvature(
+            self.plan,
+            self.model,
+            self.loader,
+            self.w_star,
+            self.data_cache,
+            self.argument,
+            self.run,
+            self.device,
+            spread,
+            center=center,
+            probe=probe,
+        )
+
+    def relaxation(self, ends: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Warn when the draws fall short of their stationary value by more than
+        :data:`~pypattern.sampling.diagnostics.MAX_SHORTFALL` along a typical direction, the chains not yet relaxed
+        from ``w*`` by the draws' steps (:func:`~pypattern.sampling.diagnostics.check_relaxation`; the reasoning of
+        ``step_size="auto"``, module :mod:`pypattern.sampling.auto`, "Relaxation", applied to the step given). Free
+        when the step's bounds (:func:`~pypattern.sampling.diagnostics.relaxation_bounds`) already show enough
+        relaxation; otherwise the mean curvature of ``nbeta L + gamma |w - w*|^2 / 2`` is measured, at ``w*`` and
+        at the chains' last weights ``ends`` (:meth:`end_curvature`), and the larger taken: at a singular ``w*``
+        (the origin of a normal crossing or of a deep linear network of rank 0) the loss is flat and the curvature
+        the chains relax at is where they go (there, at ``w*`` alone, steps 1e-3 to 2.5e-3 warned of a shortfall
+        of 10-25% while their estimates were within 5% of the truth).
+
+        RMSprop-SGLD's preconditioner ``1 / (sqrt(V) + eps)`` multiplies the step by at most ``1 / eps`` (its
+        ``eps``, default 0.1): its rate is taken at that most, so that a warning is certain (the draws fall short
+        at least by what it says); the bounds' free pass, which assumes the step as given, does not apply."""
+        plan = self.plan
+        if not self.usable:
+            return
+        eps, steps = self.eps, plan.total_steps
+        # the largest factor the sampler's preconditioner multiplies the step by
+        speed = 1.0 if plan.sampler == "sgld" else 1.0 / float(plan.sampler_hyper.get("eps") or 0.1)
+        mean_step = plan.num_burnin_steps + plan.num_steps_bw_draws * (plan.num_draws - 1) / 2
+        flat, typical = relaxation_bounds(
+            self.llc,
+            step_size=eps,
+            gamma=self.gamma,
+            num_params=self.d,
+            total_steps=steps,
+            mean_draw_step=mean_step,
+            noise_scale=self.noise,
+        )
+        # the steps of the draws from w* (each draw's loss is that before its step's update)
+        draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
+        # the bounds' relaxation rates are lower bounds: a shortfall they leave small is smaller still
+        if speed == 1.0 and draw_shortfall(max(flat, typical) / steps, draw_steps) <= MAX_SHORTFALL:
+            return
+        kappa = self.curvature(math.sqrt(speed * eps * steps) * self.noise)
+        if kappa is None:
+            return
+        if ends:
+            kappa = max(kappa, self.end_curvature(ends) or kappa)
+        curvature = self.nbeta * max(kappa, 0.0) + self.gamma
+        check_relaxation(
+            speed * eps * curvature / 2, draw_steps, step_size=eps, llc_mean=self.llc, curvature=curvature
+        )
+
+    def bias(self, ends: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Warn when the discretisation bias of the step, estimated from the trace of the loss's Hessian where the
+        chains are (:meth:`end_curvature` at their last weights ``ends``;
+        :func:`~pypattern.sampling.diagnostics.step_bias`), exceeds
+        :data:`~pypattern.sampling.diagnostics.MAX_STEP_BIAS` of the estimate."""
+        if not self.usable or not (self.llc > 0 and math.isfinite(self.llc)):
+            return
+        kappa = self.end_curvature(ends)
+        if kappa is None:
+            return
+        trace = kappa * self.d
+        bias = step_bias(self.eps, self.nbeta, trace, self.llc, self.noise)
+        curvature = self.noise**2 * self.nbeta * trace / (2 * self.llc) if trace > 0 else 0.0
+        # the estimate must be a stationary value to have a bias: directions of that curvature, relaxing at
+        # eps curvature / 2 per step, must have relaxed by the draws (else the run is too short to judge)
+        plan = self.plan
+        draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
+        if draw_shortfall(self.eps * curvature / 2, draw_steps) > MAX_SHORTFALL:
+            return
+        check_step_bias(bias, step_size=self.eps, llc_mean=self.llc, curvature=curvature)
+
+
+#: Hutchinson probes of the Hessian's trace behind a given step's bias check (taken in turn over the chains' ends)
+BIAS_PROBES = 4
+
+#: the largest share of a run's own forwards (steps times chains) the end-of-run curvature measurement may add
+CHECK_SHARE = 0.1
 
 
 def _mean_curvature(
@@ -749,15 +873,18 @@ def _mean_curvature(
     run,
     device: torch.device,
     spread: float,
+    center: Mapping[str, torch.Tensor] | None = None,
+    probe: int = 0,
 ) -> float | None:
-    """``tr(H) / d`` of the loss at ``w*`` over the ``d`` moving parameters of ``run`` (Hutchinson's estimate along
-    one random sign vector ``u``, by central differences: ``(L(w* + h u) + L(w* - h u) - 2 L(w*)) / (h^2 d)``, on
-    the first batch ``L_n(w*)`` reads), or None when it cannot be measured. ``h`` is ``spread`` (the distance a
-    coordinate diffuses over the run without drift) at most 5% of the moving weights' RMS (at least 1e-3). The
-    model's weights are restored to ``w*``."""
+    """``tr(H) / d`` of the loss at ``center`` (moving weights; default ``w*``) over the ``d`` moving parameters of
+    ``run`` (Hutchinson's estimate along one random sign vector ``u``, by central differences: ``(L(w + h u) + L(w -
+    h u) - 2 L(w)) / (h^2 d)``, on the first batch ``L_n(w*)`` reads), or None when it cannot be measured. ``h`` is
+    ``spread`` (the distance a coordinate diffuses over the run without drift) at most 5% of the moving weights'
+    RMS (at least 1e-3). ``probe`` keys the sign vector. The model's weights are restored to ``w*``."""
     params = dict(model.named_parameters())
     masks = run.masks or {}
-    gen = torch.Generator().manual_seed(int(plan.key(0, stream=2)) % (2**63))
+    at = {n: (center[n] if center is not None and n in center else w_star[n]) for n in run.moving}
+    gen = torch.Generator().manual_seed((int(plan.key(0, stream=2)) + int(probe)) % (2**63))
     dirs: dict[str, torch.Tensor] = {}
     total, d = 0.0, 0
     for n in run.moving:
@@ -785,7 +912,7 @@ def _mean_curvature(
         with torch.no_grad():
             for sign in (0.0, 1.0, -1.0):
                 for n, u in dirs.items():
-                    params[n].copy_(w_star[n] + (sign * h) * u)
+                    params[n].copy_(at[n] + (sign * h) * u)
                 values.append(float(split_loss(plan.loss_fn(model, batch), argument)))
     except (RuntimeError, ValueError, TypeError, StopIteration):
         return None

@@ -147,6 +147,7 @@ def run_sequential(
         for n in moving:
             if not bool(torch.isfinite(wparams[n]).all()):
                 raise ctx.diverged(g, total - 1, f"parameter {n} is not finite")
+        ctx.keep_end(g, lambda mv=moving: {n: wparams[n].detach().clone() for n in mv})
         with ctx.lock:
             st.params.pop(g, None)
             st.sampler_state.pop(g, None)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .._checks import model_device
+from .._training import random_in_training, values_kept_on_error
 from ..losses import read_logits
 from .base import Task, TaskBatch, generator
 
@@ -35,6 +39,8 @@ def train(
     seed: int = 0,
     log_every: int = 10,
     callback: Callable[[int, torch.nn.Module], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    quiet: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``task`` with AdamW.
 
@@ -52,6 +58,25 @@ def train(
         re-weighting).
     callback : callable ``(step, model)``, optional
         Called after every step.
+    checkpoint : path, optional
+        A file (``.npz``, :mod:`pypattern.io`: written atomically, read without pickle) the run's state is written
+        to after a step: the model's parameters and buffers, AdamW's state, the step, the logged losses and the
+        batch generator's state (with torch's global generator's, for a model whose ``train()`` forward is random,
+        such as dropout). It is written every 30 seconds, at the end, and when the run stops after a finished step:
+        an exception raised by ``callback`` (its step counts as done), or Ctrl-C or SIGTERM, which let the step
+        under way finish and are raised after the write (a second one during that step stops at once, writing
+        nothing). If the file exists, the run resumes from it and ends with the same weights and losses, bit for
+        bit, as an uninterrupted run; a finished run's file returns its result without training (the model gets
+        its final weights). Only the same run resumes: the file holds a fingerprint of the model's architecture
+        and its weights and buffers at the call's start, the task (its class and attributes), ``steps``,
+        ``batch_size``, ``lr``, ``weight_decay``, ``seed``, ``log_every``, the training set and the sample weights
+        (a callable's code and what it captures); a file of another run is refused with
+        :class:`pypattern.io.FingerprintMismatch` naming the first item that differs, a damaged file with
+        :class:`pypattern.io.FormatError`. ``callback`` is not compared, and is not called for the steps done
+        before the resume. With a checkpoint, an exception during the run restores the model's parameters and
+        buffers to their values before the call, so that the same call again resumes from the file.
+    quiet : bool
+        No progress bar (by default one counts the steps, shown once a run has taken two seconds).
 
     The model is trained in place (in training mode) and left in eval mode. Its output is read as the library's
     losses read it: a tensor of logits, or an output with ``.logits`` (an unconverted Hugging Face causal LM).
@@ -62,60 +87,114 @@ def train(
     """
     if steps < 0:
         raise ValueError(f"steps={steps} is not valid; give >= 0")
+    from .._train_checkpoint import TrainingSteps, check_checkpoint_arg
+
+    check_checkpoint_arg(checkpoint, quiet)
     if data is None and num_samples is not None:
         data = task.sample(num_samples, seed=seed + 1)
     if sample_weights is not None and data is None:
         raise ValueError("sample_weights needs a fixed training set: pass data=... or num_samples=...")
     batch_size = batch_size if batch_size is not None else getattr(task, "default_batch_size", 64)
     lr = lr if lr is not None else getattr(task, "default_lr", 3e-3)
+    fp = None
+    if checkpoint is not None:  # the run as it starts: the model's weights before any step
+        fp = _fingerprint(
+            model, task, steps, batch_size, lr, weight_decay, seed, log_every, data, sample_weights
+        )
     g = generator(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     res = TrainResult()
     dev = model_device(model, torch.device("cpu"))
-    model.train()
-    for step in range(steps):
-        if data is None:
-            batch = task.sample(batch_size, seed=int(torch.randint(0, 2**62, (), generator=g)))
-            w = None
-        else:
-            idx = torch.randint(0, len(data), (batch_size,), generator=g)
-            batch = data[idx]
-            w = None
-            if sample_weights is not None:
-                sw = sample_weights(step) if callable(sample_weights) else sample_weights
-                from ..patterning import Intervention
-
-                sw = sw.weights if isinstance(sw, Intervention) else sw  # an inversion's result: its weights
-                try:
-                    sw = torch.as_tensor(sw, dtype=torch.float64)
-                except (TypeError, ValueError, RuntimeError):
-                    raise TypeError(
-                        f"sample_weights{'(step)' if callable(sample_weights) else ''} is a "
-                        f"{type(sw).__name__}; give {len(data)} per-sample weights (a tensor or an array) or an "
-                        "Intervention"
-                    ) from None
-                if (
-                    sw.shape != (len(data),)
-                    or not bool(torch.isfinite(sw).all())
-                    or bool((sw < 0).any())
-                    or float(sw.sum()) <= 0
-                ):
-                    raise ValueError(
-                        f"sample_weights has shape {tuple(sw.shape)} (min {float(sw.min()):.3g}); give "
-                        f"{len(data)} finite non-negative weights with a positive sum"
-                    )
-                w = (sw / sw.mean())[idx]
-        batch = batch.to(dev)  # the task's batches are made on the CPU
-        # the logits of what the model returns: a tensor, or a Hugging Face ModelOutput's .logits (as the losses read it)
-        per = task.per_sample_loss(read_logits(model(batch.tokens)), batch)
-        loss = per.mean() if w is None else (per * w.to(per)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            res.steps.append(step)
-            res.losses.append(float(loss.detach()))
-        if callback is not None:
-            callback(step, model)
+    # with a checkpoint, an abort restores the weights the run started from (the same call then resumes)
+    with values_kept_on_error(model) if checkpoint is not None else contextlib.nullcontext():
+        model.train()
+        run = TrainingSteps(
+            checkpoint,
+            fp,
+            model,
+            opt,
+            g,
+            logs={"steps": (res.steps, np.int64), "losses": (res.losses, np.float64)},
+            logged=lambda step: bool(log_every) and (step % log_every == 0 or step == steps - 1),
+            total=steps,
+            device=dev,
+            random_forward=checkpoint is not None and bool(random_in_training(model)),
+        )
+        start = run.resume()
+        with run.running(quiet, "train"):
+            for step in range(start, steps):
+                run.begin()
+                if data is None:
+                    batch = task.sample(batch_size, seed=int(torch.randint(0, 2**62, (), generator=g)))
+                    w = None
+                else:
+                    idx = torch.randint(0, len(data), (batch_size,), generator=g)
+                    batch = data[idx]
+                    w = None
+                    if sample_weights is not None:
+                        w = _weights(sample_weights, step, len(data))[idx]
+                batch = batch.to(dev)  # the task's batches are made on the CPU
+                # the logits of what the model returns: a tensor, or a Hugging Face ModelOutput's .logits (as the
+                # losses read it)
+                per = task.per_sample_loss(read_logits(model(batch.tokens)), batch)
+                loss = per.mean() if w is None else (per * w.to(per)).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                logged = None
+                if log_every and (step % log_every == 0 or step == steps - 1):
+                    logged = float(loss.detach())
+                    res.steps.append(step)
+                    res.losses.append(logged)
+                run.end(step, logged)
+                if callback is not None:
+                    callback(step, model)
     model.eval()
     return res
+
+
+def _weights(sample_weights, step: int, n: int) -> torch.Tensor:
+    """The per-sample weights of ``step``, normalised to mean 1 ``(n,)``."""
+    sw = sample_weights(step) if callable(sample_weights) else sample_weights
+    from ..patterning import Intervention
+
+    sw = sw.weights if isinstance(sw, Intervention) else sw  # an inversion's result: its weights
+    try:
+        sw = torch.as_tensor(sw, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"sample_weights{'(step)' if callable(sample_weights) else ''} is a "
+            f"{type(sw).__name__}; give {n} per-sample weights (a tensor or an array) or an "
+            "Intervention"
+        ) from None
+    if sw.shape != (n,) or not bool(torch.isfinite(sw).all()) or bool((sw < 0).any()) or float(sw.sum()) <= 0:
+        raise ValueError(
+            f"sample_weights has shape {tuple(sw.shape)} (min {float(sw.min()):.3g}); give "
+            f"{n} finite non-negative weights with a positive sum"
+        )
+    return sw / sw.mean()
+
+
+def _fingerprint(
+    model, task, steps, batch_size, lr, weight_decay, seed, log_every, data, sample_weights
+) -> dict:
+    """What makes a :func:`train` run the same run (see the ``checkpoint`` argument)."""
+    from .. import io
+    from .._train_checkpoint import model_items, task_items
+    from ..patterning import Intervention
+
+    if isinstance(sample_weights, Intervention):
+        sample_weights = sample_weights.weights
+    return io.fingerprint(
+        kind="train",
+        task=task_items(task),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        log_every=log_every,
+        data=None if data is None else {"tokens": data.tokens, "targets": data.targets, "extra": data.extra},
+        sample_weights=sample_weights,
+        **model_items(model),
+    )
