@@ -49,6 +49,7 @@ from ._training import modes_kept, random_in_training, values_kept_on_error
 from .equivalence import _check_flag, _check_seed, _generator_seed
 from .io import FormatError, Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
+from .ridge import as_float64, float64_device
 from .sampling.diagnostics import user_stacklevel
 from .tasks.base import IGNORE, Task, generator
 
@@ -216,6 +217,12 @@ _RESIDUAL_HOOKS = (
     "hook_mlp_out",
 )
 _MLP_HOOKS = ("hook_pre", "hook_pre_linear", "hook_post")
+
+
+def _wide(device) -> torch.dtype:
+    """The dtype flag values are made in before they are cast to the activations': float64, or float32 on a device
+    without float64 (Apple's MPS), whose activations are at most float32."""
+    return torch.float64 if float64_device(device) == torch.device(device) else torch.float32
 
 
 def _check_spec(spec) -> None:
@@ -449,7 +456,7 @@ def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
         raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape ({b},)")
     # in float64, cast to the activations' dtype where they are written (a float64 model gets the values exactly);
     # a CUDA concept tensor indexes a code on its own device
-    return spec.code(torch.float64, device=c.device)[c]
+    return spec.code(_wide(c.device), device=c.device)[c]
 
 
 @contextlib.contextmanager
@@ -506,7 +513,7 @@ def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, posit
             + (": the imaginary part would be dropped" if v.is_complex() else "")
         )
     # float64 until written (cast to the activations' dtype there): a float64 model gets the value exactly
-    v = v.to(torch.float64)
+    v = as_float64(v)
     v = v.expand(spec.num_flags) if v.dim() == 0 else v
     if v.shape != (spec.num_flags,):
         raise ValueError(f"value has shape {tuple(v.shape)}; give a float or ({spec.num_flags},)")
@@ -766,7 +773,7 @@ def train_flags(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     # the task samples on the CPU: batches and codes go to the model's device
     device = model_device(model, torch.device("cpu"))
-    code = spec.code(torch.float64, device=device)  # cast to the activations' dtype where it is written
+    code = spec.code(_wide(device), device=device)  # cast to the activations' dtype where it is written
     res = FlagTrainResult()
     total = stage1_steps + stage2_steps
     # an abort restores the parameters' and buffers' values, and every module's mode
@@ -854,8 +861,10 @@ def _hook_acts(model, tokens: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
 def _ridge_probe(x_fit, y_fit, x_eval, y_eval, num_classes: int, ridge: float) -> tuple[float, float]:
     """One-vs-rest least-squares probe (float64, with bias): (held-out accuracy, held-out R^2 of the
     one-hot)."""
-    dev = x_fit.device  # the features' (the model's): labels, bias column and penalty are made there
-    x_fit, x_eval = x_fit.double(), x_eval.to(dev).double()
+    # the features' device (the model's; the CPU for one without float64): labels, bias column and penalty are
+    # made there
+    dev = float64_device(x_fit.device)
+    x_fit, x_eval = x_fit.to(dev).double(), x_eval.to(dev).double()
     y_fit, y_eval = y_fit.to(dev), y_eval.to(dev)
     mu, sd = x_fit.mean(0), x_fit.std(0).clamp_min(1e-8)
     xf = torch.cat([(x_fit - mu) / sd, torch.ones(len(x_fit), 1, dtype=torch.float64, device=dev)], 1)

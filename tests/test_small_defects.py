@@ -217,3 +217,18 @@ def test_accumulated_residual_refuses_ids_outside_the_vocabulary(small_model):
         accumulated_residual(small_model, ids.to(torch.uint8))[0], want, rtol=0, atol=0
     )
     torch.testing.assert_close(accumulated_residual(small_model, ids[0])[0], want, rtol=0, atol=0)
+
+
+def test_flag_values_are_made_in_float32_on_a_device_without_float64():
+    """Flag codes and overwrite values are made in float64 before they are cast to the activations' dtype, except
+    on Apple's MPS (no float64), where they are made in float32; the ridge probe's float64 solve runs on the CPU
+    there. Steering with the float32 codes writes the same values as with float64 ones on a float32 model."""
+    import pypattern.flags as flags
+
+    assert flags._wide(torch.device("mps")) is torch.float32
+    assert flags._wide("cpu") is torch.float64 and flags._wide(torch.device("cuda", 0)) is torch.float64
+    spec = flags.FlagSpec(hook="blocks.0.hook_resid_pre", dims=(0, 1, 2, 3), num_concepts=2)
+    wide = flags._concept_values(torch.tensor([0, 1]), spec, 2)
+    assert wide.dtype == torch.float64
+    narrow = spec.code(flags._wide(torch.device("mps")))[torch.tensor([0, 1])]
+    assert torch.equal(narrow, wide.float())
