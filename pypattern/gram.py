@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import is_count
+from ._checks import check_flag, is_count
 from .ops.grad_gram import center_gram, grad_gram_dense, grad_gram_embedding, grad_gram_linear
 
 __all__ = [
@@ -109,13 +109,31 @@ class GramSite:
     clip: float | None = None
 
 
+def _check_model(model, who: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{who}: model is a {type(model).__name__}; give the torch.nn.Module whose parameters to cover"
+        )
+
+
 def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+    _check_model(model, "default_sites")
     named = dict(model.named_modules())
     supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
     if modules is None:
         return [(n, m) for n, m in named.items() if isinstance(m, supported)]
+    if isinstance(modules, str | nn.Module):
+        modules = [modules]
+    try:
+        modules = list(modules)
+    except TypeError:
+        raise TypeError(
+            f"modules={modules!r} is not valid; give a list of submodule names or modules of the model, or None"
+        ) from None
     out = []
     for m in modules:
+        if not isinstance(m, str | nn.Module):
+            raise TypeError(f"modules contains {m!r} ({type(m).__name__}); give submodule names or modules")
         if isinstance(m, str):
             if m not in named:
                 raise ValueError(f"modules: {m!r} is not a submodule name of the model")
@@ -217,13 +235,14 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     are undone on its gradient (``GramSite.logits``), and so is ``clip_qkv``'s clamp (``GramSite.clip``). Mixtures
     of experts are refused by name.
     """
+    _check_model(model, "transformer_lens_sites")
     cfg = getattr(model, "cfg", None)
     experts = getattr(cfg, "n_experts", None)
     if experts is not None:
         raise NotImplementedError(
             f"transformer_lens_sites: the model's config has n_experts={experts!r}, which these sites do not cover "
             "(no hook sees an expert's own input and output); give the sites of the parts you need with GramSite, "
-            "or use per_sample_grad_gram_reference for an exact Gram"
+            "or use pypattern.gram.per_sample_grad_gram_reference for an exact Gram"
         )
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -385,7 +404,17 @@ def _check_sites(model: nn.Module, sites: Sequence[GramSite]) -> dict[str, torch
 def _sites_of(model: nn.Module, modules, sites) -> Sequence[GramSite]:
     """The sites asked for: ``sites``; else pypattern's Transformer (converted models included) whole by
     :func:`transformer_lens_sites` when no ``modules`` are named; else :func:`default_sites`."""
+    _check_model(model, "per_sample_grad_gram")
     if sites is not None:
+        if isinstance(sites, GramSite):
+            sites = [sites]
+        try:
+            sites = list(sites)
+        except TypeError:
+            raise TypeError(f"sites={sites!r} is not valid; give a list of GramSite, or None") from None
+        bad = [s for s in sites if not isinstance(s, GramSite)]
+        if bad:
+            raise TypeError(f"sites contains {bad[0]!r} ({type(bad[0]).__name__}); give GramSite objects")
         return sites
     from .models.transformer import Transformer
 
@@ -752,7 +781,7 @@ def _check_capture(model, sites, params, result, total_grads, i, single_grads, l
         "losses); a captured tensor whose first dimension is not the batch (a batch-independent tensor, e.g. a "
         "grid broadcast over the batch, whose leading size equals the batch size); a GramSite that does not "
         "describe its map. Cover the other uses with sites (GramSite(tied=...) for an unembedding tied to the "
-        "embedding), call the modules themselves, or use per_sample_grad_gram_reference"
+        "embedding), call the modules themselves, or use pypattern.gram.per_sample_grad_gram_reference"
     )
 
 
@@ -791,9 +820,9 @@ def per_sample_grad_gram(
     *inputs
         Passed to ``loss_fn``; their first dimension is the batch.
     modules : list of names or modules, optional
-        Restrict the default sites to these modules.
+        Restrict the default sites to these modules (one name or module alone is read as a list of it).
     sites : list of GramSite, optional
-        Use these sites instead of the default ones.
+        Use these sites instead of the default ones (one GramSite alone is read as a list of it).
     centered : bool
         Return ``H G H`` (see :func:`center_gram`), the Gram of the per-sample gradients minus their mean. Centring
         cancels the common part of the gradients: a site whose products were taken in float32 and whose ``max_i
@@ -831,8 +860,11 @@ def per_sample_grad_gram(
     Tensor ``(B, B)`` float64, or a dict of them (every site, a zero Gram for a site whose calls gave its
     parameters no gradient or that recorded no call).
     """
-    if check not in (True, False, "once"):
+    if check not in (True, False, "once") or isinstance(check, int) and not isinstance(check, bool):
         raise ValueError(f"check={check!r} is not valid; give 'once', True or False")
+    _check_model(model, "per_sample_grad_gram")
+    check_flag(centered, "centered")
+    check_flag(per_module, "per_module")
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "per_sample_grad_gram takes gradients, which torch.inference_mode() does not allow (torch.no_grad() "
@@ -877,7 +909,7 @@ def per_sample_grad_gram(
                 f"the default sites ({what}) leave out {len(left)} trainable parameters "
                 f"({left[:4]}{' ...' if len(left) > 4 else ''}; e.g. {example}), so the Gram would not "
                 f"be over all of them: {fix}, freeze the parameters to leave out (requires_grad_(False)), or use "
-                "per_sample_grad_gram_reference"
+                "pypattern.gram.per_sample_grad_gram_reference"
             )
     for st in sites:
         for pn in st.params:
@@ -886,6 +918,11 @@ def per_sample_grad_gram(
                     f"parameter {pn!r} has dtype {params[pn].dtype}; the per-sample gradient Gram is computed for "
                     "float32 and float64 models (cast a copy with .float())"
                 )
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn is a {type(loss_fn).__name__}, not callable; give loss_fn(model, *inputs) returning the "
+            "per-sample losses (B,)"
+        )
     from .models.hooks import HookPoint
 
     # a site's output is the value its map produced: at a hook point, what arrives there, before any function
@@ -953,7 +990,7 @@ def per_sample_grad_gram(
                 raise NotImplementedError(
                     f"a function on {mod.name or 'a norm hook_scale'} replaced or edited the norm's scale: the "
                     "Gram's norm sites recompute it from the norm's input; remove that hook, or use "
-                    "per_sample_grad_gram_reference"
+                    "pypattern.gram.per_sample_grad_gram_reference"
                 )
 
         def scale_version(mod, args):

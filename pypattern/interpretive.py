@@ -124,7 +124,7 @@ def accumulated_residual(
     per_input = isinstance(positions, torch.Tensor | np.ndarray) and np.ndim(positions) == 2
     sl = _per_input_positions(positions, tokens.shape[0], T) if per_input else _position_index(positions, T)
     weight = None
-    lengths = torch.full((tokens.shape[0],), T, dtype=torch.long)
+    lengths = torch.full((tokens.shape[0],), T, dtype=torch.long, device=tokens.device)
     if attention_mask is not None:
         am = torch.as_tensor(attention_mask).to(tokens.device)
         if tuple(am.shape) != tuple(tokens.shape):

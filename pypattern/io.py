@@ -95,6 +95,15 @@ class FingerprintMismatch(ValueError):
 # ------------------------------------------------------------------------------------------------ JSON reports
 
 
+def _path(path: Any) -> str:
+    """``path`` as :func:`os.fspath` gives it; anything but a str, bytes or ``os.PathLike`` is refused naming it."""
+    if not isinstance(path, str | bytes | os.PathLike):
+        raise TypeError(
+            f"path={path!r} is not valid; give a file path (a str or an os.PathLike such as pathlib.Path)"
+        )
+    return os.fspath(path)
+
+
 def _json_key(k: Any) -> str:
     """A mapping key as ``json.dumps`` writes it (``True`` as "true", ``None`` as "null", numbers by ``str``)."""
     if isinstance(k, str):
@@ -172,7 +181,7 @@ def save(
     kind : str
         What the file holds (e.g. ``"LLCResult"``, ``"sample-checkpoint"``); :func:`load` checks it.
     """
-    path = os.fspath(path)
+    path = _path(path)
     if os.path.islink(path):  # replace the file the link points to, not the link
         path = os.path.realpath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -419,7 +428,7 @@ def load(
     FileNotFoundError
         There is no file at ``path``.
     """
-    path = os.fspath(path)
+    path = _path(path)
     with _Archive(path, kind) as a:
         return {k: a.array(k) for k in a.names}, a.meta
 
@@ -667,7 +676,7 @@ def load_result(cls: type, path: str | os.PathLike):
     damaged header (values that do not decode, fields of the wrong type or class, a member reference to a member
     the file lacks), a member the header does not reference (none is read), or a member that does not hold what
     its field declares. Only the members the header references are read."""
-    path = os.fspath(path)
+    path = _path(path)
     with _Archive(path, cls.__name__) as a:
         fields = a.meta.get("fields")
         if not isinstance(fields, dict):
@@ -1062,7 +1071,7 @@ def check_fingerprint(
     stored one's) whose values differ; nothing when they are equal. An item one fingerprint lacks (a run leaves
     items at their defaults out) differs from any value the other holds; the message shows it as its value in
     ``defaults`` (the values the run leaves out), else as not set."""
-    path = os.fspath(path)
+    path = _path(path)
     if not isinstance(stored, Mapping):
         raise FormatError(f"{path!r} has no fingerprint in its header")
     defaults = defaults or {}

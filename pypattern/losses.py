@@ -640,8 +640,17 @@ def batch_size(batch: Any) -> int:
 _SIG_CACHE: dict[Any, frozenset[str]] = {}
 
 
+def _callable_model(model: Any) -> None:
+    if not callable(model):
+        raise TypeError(
+            f"model is a {type(model).__name__}, not callable; give the model (a torch.nn.Module, or a callable on "
+            "the batch's inputs)"
+        )
+
+
 def _forward_params(model: nn.Module) -> frozenset[str]:
     """Names of ``model.forward``'s parameters, plus ``"**"`` when it takes ``**kwargs``."""
+    _callable_model(model)
     fwd = type(model).forward if isinstance(model, nn.Module) else model
     if fwd in _SIG_CACHE:
         return _SIG_CACHE[fwd]
@@ -738,6 +747,7 @@ def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
 
 def _output(model: nn.Module, pb: ParsedBatch) -> Any:
     """:func:`model_output` of a parsed batch already where the model computes."""
+    _callable_model(model)
     if pb.kind == "pair":
         return model(pb.inputs)
     names = _forward_params(model)

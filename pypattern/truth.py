@@ -29,6 +29,8 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from ._checks import is_count
+
 __all__ = [
     "DeepLinearNetwork",
     "NormalCrossing",
@@ -49,9 +51,9 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------------
 def regular_learning_coefficient(num_params: int) -> float:
     """``d / 2`` for a regular (identifiable, non-degenerate Fisher information) model with ``d`` parameters."""
-    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+    if not is_count(num_params) or num_params < 0:
         raise ValueError(f"num_params must be an int >= 0, got {num_params!r}")
-    return num_params / 2
+    return int(num_params) / 2
 
 
 def normal_crossing_learning_coefficient(powers: Sequence[int]) -> float:
@@ -62,21 +64,32 @@ def normal_crossing_learning_coefficient(powers: Sequence[int]) -> float:
     powers : sequence of int
         The exponents ``k_i >= 1``, one per parameter, e.g. ``[1, 2]`` (-> 0.25).
     """
-    powers = list(powers)
-    if not powers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in powers):
+    powers = _int_list(powers, "powers")
+    if not powers or any(k < 1 for k in powers):
         raise ValueError(f"powers must be a non-empty sequence of ints >= 1, got {powers!r}")
     return 1.0 / (2 * max(powers))
 
 
-def _aoyagi(widths: Sequence[int], rank: int) -> tuple[Fraction, int]:
-    H = list(widths)
+def _int_list(values, name: str) -> list[int]:
+    """``values`` as a list of Python ints (numpy integers accepted); raises naming ``name`` otherwise."""
+    try:
+        out = list(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of ints, got {values!r}") from None
+    if any(not is_count(v) for v in out):
+        raise ValueError(f"{name} must be a sequence of ints, got {out!r}")
+    return [int(v) for v in out]
+
+
+def _aoyagi(widths: Sequence[int], rank: int, what: str = "widths") -> tuple[Fraction, int]:
+    H = _int_list(widths, what)
     if len(H) < 2:
-        raise ValueError(f"widths must list at least input and output sizes, got {H!r}")
-    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in H):
-        raise ValueError(f"widths must be ints >= 1, got {H!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(H):
-        raise ValueError(f"rank must be an int in [0, min(widths)] = [0, {min(H)}], got {rank!r}")
-    r = rank
+        raise ValueError(f"{what} must list at least input and output sizes, got {H!r}")
+    if any(h < 1 for h in H):
+        raise ValueError(f"{what} must be ints >= 1, got {H!r}")
+    if not is_count(rank) or not 0 <= rank <= min(H):
+        raise ValueError(f"rank must be an int in [0, min({what})] = [0, {min(H)}], got {rank!r}")
+    r = int(rank)
     M = sorted(h - r for h in H)
     L = len(H) - 1  # number of weight matrices
     base = Fraction(-r * r + r * (H[0] + H[-1]), 2)
@@ -143,8 +156,8 @@ def rrr_learning_coefficient(input_dim: int, hidden_dim: int, output_dim: int, r
     """Reduced-rank regression ``y = B A x`` (``A``: hidden x input, ``B``: output x hidden) at a rank-``rank``
     teacher, by Aoyagi and Watanabe's (2005) case formula (an independent check of :func:`dln_learning_coefficient`).
     """
-    M, H, N, r = input_dim, hidden_dim, output_dim, rank
-    _aoyagi((M, H, N), r)  # validates
+    _aoyagi((input_dim, hidden_dim, output_dim), rank, "(input_dim, hidden_dim, output_dim)")  # validates
+    M, H, N, r = int(input_dim), int(hidden_dim), int(output_dim), int(rank)
     if N + r <= M + H and M + r <= N + H and H + r <= M + N:
         num = 2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2
         if (M + H + N + r) % 2 == 1:
@@ -194,6 +207,7 @@ class NormalCrossing(nn.Module):
     def __init__(self, powers: Sequence[int], *, dtype: torch.dtype = torch.float32):
         super().__init__()
         normal_crossing_learning_coefficient(powers)  # validates
+        powers = _int_list(powers, "powers")
         self.weight = nn.Parameter(torch.zeros(len(powers), dtype=dtype))
         self.register_buffer("powers", torch.tensor(list(powers), dtype=dtype))
 
@@ -204,8 +218,9 @@ class NormalCrossing(nn.Module):
 
 def make_normal_crossing_data(n: int = 2, *, dtype: torch.dtype = torch.float32):
     """A dataset with ``mean(x^2) = 1`` and ``y = 0`` exactly: ``x = +-1``. Shapes ``(n, 1)``, ``n`` even."""
-    if n < 2 or n % 2:
-        raise ValueError(f"n must be an even int >= 2, got {n}")
+    if not is_count(n) or n < 2 or n % 2:
+        raise ValueError(f"n must be an even int >= 2, got {n!r}")
+    n = int(n)
     x = torch.ones(n, 1, dtype=dtype)
     x[1::2] = -1
     return torch.utils.data.TensorDataset(x, torch.zeros(n, 1, dtype=dtype))
@@ -217,7 +232,7 @@ class DeepLinearNetwork(nn.Module):
     def __init__(self, widths: Sequence[int], *, dtype: torch.dtype = torch.float32):
         super().__init__()
         _aoyagi(widths, 0)  # validates
-        self.widths = tuple(widths)
+        self.widths = tuple(_int_list(widths, "widths"))
         self.layers = nn.ModuleList(
             nn.Linear(a, b, bias=False, dtype=dtype) for a, b in zip(self.widths[:-1], self.widths[1:])
         )
@@ -296,6 +311,8 @@ def make_teacher_task(
         Student layer sizes ``(input, hidden..., classes)``; the default has 101,386 parameters.
     n : int
         Number of samples. Inputs ``x ~ N(0, I)``, shape ``(n, sizes[0])``; labels ``argmax teacher(x)``, ``(n,)``.
+    seed : int
+        Seeds the teacher's and the student's initial weights and the inputs.
     teacher_sizes : sequence of int, optional
         Teacher sizes (default ``(sizes[0], 64, sizes[-1])``).
 
@@ -303,6 +320,22 @@ def make_teacher_task(
     -------
     (student, dataset)
     """
+    sizes = _int_list(sizes, "sizes")
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must list at least the input and class sizes, ints >= 1, got {sizes!r}")
+    if teacher_sizes is not None:
+        teacher_sizes = _int_list(teacher_sizes, "teacher_sizes")
+        ends = (teacher_sizes[0], teacher_sizes[-1]) if teacher_sizes else None
+        if len(teacher_sizes) < 2 or min(teacher_sizes) < 1 or ends != (sizes[0], sizes[-1]):
+            raise ValueError(
+                f"teacher_sizes must be ints >= 1 from sizes[0]={sizes[0]} to sizes[-1]={sizes[-1]}, got "
+                f"{teacher_sizes!r}"
+            )
+    if not is_count(n) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not is_count(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    n, seed = int(n), int(seed)
     g = torch.Generator().manual_seed(seed)
     teacher_sizes = tuple(teacher_sizes or (sizes[0], 64, sizes[-1]))
     with torch.random.fork_rng():

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import is_count, is_real
 from ..losses import check_vocab_ids
 from ..sampling.llc import (
     default_nbeta,
@@ -978,6 +979,12 @@ def _refuse_padding(dataset, ids: torch.Tensor, what: str) -> None:
 def per_token_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """devinterp 2.x's default loss: next-token cross-entropy ``(batch, seq_len - 1)`` on the model's logits
     (``model(input_ids)``, its ``.logits``, or the first element of a tuple)."""
+    if not callable(model):
+        raise TypeError(
+            f"model is a {type(model).__name__}, not callable; give the model (a torch.nn.Module)"
+        )
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids is a {type(input_ids).__name__}; give a token tensor (batch, seq_len)")
     out = model(input_ids)
     if hasattr(out, "logits"):
         out = out.logits
@@ -1027,6 +1034,11 @@ def _runs_spec(model: nn.Module, param_masks: ParamMasks | None):
     """``(restrict_to, masks)`` for :func:`pypattern.sample` from devinterp's ``param_masks``."""
     if param_masks is None:
         return None, None
+    if not isinstance(param_masks, Mapping):
+        raise TypeError(
+            f"param_masks is a {type(param_masks).__name__}; give a dict parameter name -> mask or None (e.g. "
+            "create_param_masks(model, 'l0h1')), or None to move every parameter"
+        )
     params = dict(model.named_parameters())
     bad = [n for n in param_masks if n not in params]
     if bad:
@@ -1083,6 +1095,8 @@ def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> di
 
     Parameters
     ----------
+    model : nn.Module
+        pypattern's Transformer (native or converted) or an unconverted Hugging Face model of a supported family.
     restriction : str or list of str
         ``"full"`` (every parameter, no masks); ``"l{L}h{H}"`` (head ``H`` of layer ``L``: its slices of the
         query, key, value and output weights and the query/key/value biases; under grouped-query attention the
@@ -1104,6 +1118,10 @@ def create_param_masks(model: nn.Module, restriction: str | Sequence[str]) -> di
         When ``"unembed"`` leaves out an unembedding weight tied to the embedding (and no other restriction in
         the list selects it): the warning names the tied weight and says what does select it (``"embed"``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model is a {type(model).__name__}; give the torch.nn.Module whose parameters to restrict"
+        )
     tied: dict[str, list[str]] = {}
     masks = _param_masks(model, restriction, tied)
     left_out = [n for n in tied.get("tied", []) if n not in masks]
@@ -1205,6 +1223,11 @@ def _sampling_method(
     ``sampling_method_kwargs`` and the ``rmsprop_eps`` / ``rmsprop_alpha`` shorthands (devinterp's rules: the
     shorthands only with ``"rmsprop_sgld"``, and not also in ``sampling_method_kwargs``)."""
     sampler = sampler_name(sampling_method=sampling_method)
+    if sampling_method_kwargs is not None and not isinstance(sampling_method_kwargs, Mapping):
+        raise TypeError(
+            f"sampling_method_kwargs={sampling_method_kwargs!r} is not valid; give a dict of the sampler's own "
+            "settings, or None"
+        )
     kw = dict(sampling_method_kwargs or {})
     for name, value in (("eps", rmsprop_eps), ("alpha", rmsprop_alpha)):
         if value is None:
@@ -1315,6 +1338,10 @@ def sample(
     observables : dict name -> dataset or (dataset, batches_per_draw)
         Probe sets: ``batch_size * batches_per_draw`` sequences of each, chosen once with ``obs_seed``; their
         per-token losses are recorded at every draw.
+    batches_per_draw : int
+        Batches of ``batch_size`` sequences per observable whose entry gives no count of its own (default 3).
+    obs_seed : int
+        Seed of the choice of each observable's sequences.
     lr, n_beta, localization, noise_level, llc_weight_decay, bounding_box_size
         Step size, ``n * beta``, and the rest of devinterp's SGLD settings.
     sampling_method : {"sgmcmc_sgld", "rmsprop_sgld", "sgnht"}
@@ -1334,6 +1361,13 @@ def sample(
     num_init_loss_batches, init_seed
         ``L_n(w*)`` per token over ``num_init_loss_batches * gradient_accumulation_steps`` batches of a
         ``init_seed``-seeded order; ``init_seed`` also keys the chains' noise and data.
+    shuffle, match_sampling_input_ids_across_chains : bool
+        Each chain reads its own keyed order of the sampling data (``shuffle=False``: the dataset order);
+        ``match_sampling_input_ids_across_chains`` chooses whether every chain's ``L_n(w*)`` reads the batches of
+        ``init_seed`` (True) or of ``init_seed + chain`` (see the module docstring).
+    init_noise, save_metrics, output_path
+        devinterp's options with no counterpart here: their defaults (None, False, None; ``init_noise=0`` too)
+        are accepted, any other value raises ``NotImplementedError`` naming it.
     device : str or torch.device, optional
         Where to sample; default the model's device. A CUDA device where torch sees none is a RuntimeError.
     loss_fn : callable(model, input_ids) -> (batch, seq_len - 1), optional
@@ -1358,7 +1392,7 @@ def sample(
                 f"{name}={given[name]!r} is not supported ({what}); leave it at {default!r}"
             )
     sampler, own = _sampling_method(sampling_method, sampling_method_kwargs, rmsprop_eps, rmsprop_alpha)
-    for name, v, lo in (
+    counts = (
         ("num_chains", num_chains, 1),
         ("num_draws", num_draws, 1),
         ("batch_size", batch_size, 1),
@@ -1367,17 +1401,53 @@ def sample(
         ("num_init_loss_batches", num_init_loss_batches, 1),
         ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
         ("batches_per_draw", batches_per_draw, 1),
-    ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+    )
+    for name, v, lo in counts:
+        if not is_count(v) or v < lo:  # Python's or numpy's ints
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if isinstance(init_seed, bool) or not isinstance(init_seed, numbers.Integral):
+    (
+        num_chains,
+        num_draws,
+        batch_size,
+        num_burnin_steps,
+        num_steps_bw_draws,
+        num_init_loss_batches,
+        gradient_accumulation_steps,
+        batches_per_draw,
+    ) = (int(v) for _, v, _ in counts)
+    if not is_count(init_seed) or not 0 <= init_seed < 2**63:
         raise ValueError(
-            f"init_seed must be an int, got {init_seed!r}"
-        )  # devinterp's validation refuses it too
+            f"init_seed must be an int in [0, 2**63), got {init_seed!r}"
+        )  # devinterp's validation refuses a non-int too
+    if not is_count(obs_seed):
+        raise ValueError(f"obs_seed must be an int, got {obs_seed!r}")
+    init_seed, obs_seed = int(init_seed), int(obs_seed)
     for name, v in (("lr", lr), ("n_beta", n_beta)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     lr, n_beta = float(lr), float(n_beta)
+    for name, v in (
+        ("localization", localization),
+        ("noise_level", noise_level),
+        ("llc_weight_decay", llc_weight_decay),
+    ):
+        if not is_real(v) or not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    b = bounding_box_size
+    if b is not None and (not is_real(b) or not (math.isfinite(b) and b > 0)):
+        raise ValueError(f"bounding_box_size must be a finite number > 0, or None, got {b!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model is a {type(model).__name__}; give the torch.nn.Module to sample")
+    if not isinstance(observables, Mapping):
+        raise TypeError(
+            f"observables is a {type(observables).__name__}; give a dict name -> dataset (or (dataset, "
+            "batches_per_draw)), {} for none"
+        )
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn is a {type(loss_fn).__name__}, not callable; give loss_fn(model, input_ids) -> per-token "
+            "losses (batch, seq_len - 1), or None"
+        )
     dev = resolve_device(device, model)
     model = on_device(model, dev)
     loss_fn = loss_fn or per_token_loss

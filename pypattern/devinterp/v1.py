@@ -71,6 +71,11 @@ def _nbeta(nbeta, temperature) -> float:
         raise ValueError(
             "nbeta is not given: pass nbeta= (the inverse temperature the chains were sampled at)"
         )
+    if nbeta is not None and temperature is not None:
+        raise ValueError(
+            f"nbeta={nbeta!r} and temperature={temperature!r} are given; temperature is devinterp's old name of "
+            "nbeta: give one of them"
+        )
     if nbeta is None:
         warnings.warn(
             "temperature= is devinterp's old name of nbeta; pass nbeta=", DeprecationWarning, stacklevel=3
@@ -110,8 +115,8 @@ class LLCEstimator(SamplerCallback):
         Accepted for devinterp's signature; the losses are kept on the CPU.
     eval_field : str
         The keyword whose value is the draw's loss (default ``"loss"``).
-    nbeta : float
-        The inverse temperature the chains were sampled at (``temperature``: devinterp's old name).
+    nbeta, temperature : float
+        The inverse temperature the chains were sampled at (``temperature``: devinterp's old name; give one).
     """
 
     def __init__(
@@ -324,7 +329,12 @@ def devinterp_callbacks(callbacks: Sequence[Callable] | None) -> list[Callable]:
         return []
     if callable(callbacks):
         callbacks = [callbacks]
-    callbacks = list(callbacks)
+    try:
+        callbacks = list(callbacks)
+    except TypeError:
+        raise TypeError(
+            f"callbacks={callbacks!r} is not valid; give a list of callbacks (SamplerCallback objects or callables)"
+        ) from None
     for i, cb in enumerate(callbacks):
         if not callable(cb):
             raise TypeError(

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import is_count
 from .hooks import HookedModule, HookPoint
 
 __all__ = [
@@ -62,7 +63,26 @@ def gpt2_from_config(
         )
     import torch
     import transformers
+    from transformers.activations import ACT2FN
 
+    sizes = dict(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_vocab=d_vocab, n_ctx=n_ctx)
+    for k, v in sizes.items():
+        if not is_count(v) or v < 1:
+            raise ValueError(f"{k}={v!r} is not valid; give a positive int")
+    if d_mlp is not None and (not is_count(d_mlp) or d_mlp < 1):
+        raise ValueError(f"d_mlp={d_mlp!r} is not valid; give a positive int, or None (4 * d_model)")
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} is not a multiple of n_heads={n_heads}")
+    if not isinstance(act_fn, str) or act_fn not in ACT2FN:
+        raise ValueError(
+            f"act_fn={act_fn!r} is not valid; give a Hugging Face activation name such as 'gelu_new'"
+        )
+    if not is_count(seed):
+        raise ValueError(f"seed={seed!r} is not valid; give an int")
+    n_layers, d_model, n_heads, d_vocab, n_ctx, seed = (
+        int(v) for v in (n_layers, d_model, n_heads, d_vocab, n_ctx, seed)
+    )
+    d_mlp = None if d_mlp is None else int(d_mlp)
     cfg = transformers.GPT2Config(
         vocab_size=d_vocab,
         n_positions=n_ctx,
@@ -89,6 +109,13 @@ def gpt2_hook_points(n_layers: int, prefix: str = "transformer") -> dict[str, st
     ``blocks.{l}.hook_resid_pre`` is the input of ``h.{l}``, ``hook_resid_post`` its output,
     ``hook_attn_out`` the output of ``h.{l}.attn`` and ``hook_mlp_out`` the output of ``h.{l}.mlp``.
     """
+
+    if not is_count(n_layers) or n_layers < 0:
+        raise ValueError(f"n_layers={n_layers!r} is not valid; give an int >= 0")
+    if not isinstance(prefix, str):
+        raise TypeError(
+            f"prefix={prefix!r} is not valid; give the module path of the GPT2Model, e.g. 'transformer'"
+        )
     pts: dict[str, str] = {"hook_embed": f"{prefix}.wte", "hook_pos_embed": f"{prefix}.wpe"}
     for layer in range(n_layers):
         h = f"{prefix}.h.{layer}"

@@ -10,11 +10,13 @@ sub-modules named by module path (through PyTorch forward hooks), so the same pa
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._checks import is_count
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
@@ -453,8 +455,19 @@ class HookedModule(HookedRootModule):
 
     def __init__(self, module: nn.Module, hook_points: dict[str, str], n_layers: int | None = None) -> None:
         super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module is a {type(module).__name__}; give the torch.nn.Module to hook")
+        if not isinstance(hook_points, Mapping):
+            raise TypeError(
+                f"hook_points is a {type(hook_points).__name__}; give a dict hook name -> module path, e.g. "
+                "{'blocks.0.hook_resid_post': 'transformer.h.0'}"
+            )
+        if n_layers is not None and (not is_count(n_layers) or n_layers < 1):
+            raise ValueError(
+                f"n_layers={n_layers!r} is not valid; give the number of blocks (an int >= 1), or None"
+            )
         self.module = module
-        self.n_layers = n_layers
+        self.n_layers = None if n_layers is None else int(n_layers)
         self._points = nn.ModuleDict()
         self._handles = []
         self.hook_dict = {}

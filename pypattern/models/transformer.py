@@ -57,10 +57,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import is_count, is_real
 from ..ops.activations import SQRT_2_OVER_PI, gelu_tanh_unchecked
 from .hooks import HookedRootModule, HookPoint
 from .packed import PackedWeights, functorch_wrapped
@@ -151,6 +153,67 @@ _OTHER_ACTS = {
     "hardswish": F.hardswish,
     "linear": lambda x: x,
 }
+
+
+# TransformerConfig's integer and real fields (each one value, or one per layer): numpy scalars given for them
+# (a grid built with numpy) are stored as Python's int and float, as the checks and the saved JSON expect
+_INT_FIELDS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "n_ctx",
+    "seed",
+    "rotary_dim",
+    "n_key_value_heads",
+    "n_experts",
+    "experts_per_token",
+    "moe_shared_d_mlp",
+    "sliding_window",
+    "padding_idx",
+)
+_REAL_FIELDS = (
+    "init_range",
+    "ln_eps",
+    "rotary_base",
+    "attn_scale",
+    "attn_scores_multiplier",
+    "clip_qkv",
+    "embed_scale",
+    "residual_multiplier",
+    "logits_scaling",
+    "norm_weight_offset",
+    "attn_scores_soft_cap",
+    "output_logits_soft_cap",
+)
+
+
+_BOOL_FIELDS = (
+    "rotary_adjacent_pairs",
+    "gated_mlp",
+    "moe_renormalize",
+    "moe_float32_weights",
+    "parallel_attn_mlp",
+    "parallel_shared_norm",
+    "attn_bias",
+    "attn_out_bias",
+    "mlp_bias",
+    "unembed_bias",
+    "tie_word_embeddings",
+    "pre_norms",
+    "use_normalization_before_and_after",
+)
+
+
+def _plain_number(v, integer: bool):
+    """``v`` as Python's int (``integer``) or float when it is a numpy integer or real scalar; else ``v``."""
+    if isinstance(v, bool) or type(v) in (int, float) or not is_real(v):
+        return v
+    if integer:
+        return int(v) if is_count(v) else v
+    return float(v)
 
 
 def _as_dtype(v, name: str) -> torch.dtype | None:
@@ -440,6 +503,22 @@ class TransformerConfig:
     post_embedding_ln: bool = False
 
     def __post_init__(self) -> None:
+        for names, integer in ((_INT_FIELDS, True), (_REAL_FIELDS, False)):
+            for k in names:
+                v = getattr(self, k)
+                if isinstance(v, (list, tuple)):
+                    setattr(self, k, type(v)(_plain_number(x, integer) for x in v))
+                else:
+                    setattr(self, k, _plain_number(v, integer))
+        # switches are True or False (numpy's too): a string such as "false" from a hand-written config would read
+        # as true
+        for k in _BOOL_FIELDS + ("positional_embedding",):
+            v = getattr(self, k)
+            if v is None and k == "positional_embedding":
+                continue
+            if not isinstance(v, bool | np.bool_):
+                raise ValueError(f"{k}={v!r} is not valid; give True or False")
+            setattr(self, k, bool(v))
         self.dtype = _as_dtype(self.dtype, "dtype")
         if self.dtype is None or not self.dtype.is_floating_point:
             raise ValueError(
@@ -451,8 +530,38 @@ class TransformerConfig:
         self.norm_dtype = _as_dtype(self.norm_dtype, "norm_dtype")
         self.attn_softmax_dtype = _as_dtype(self.attn_softmax_dtype, "attn_softmax_dtype")
         self.attn_scores_dtype = _as_dtype(self.attn_scores_dtype, "attn_scores_dtype")
+        for k in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{k}={v!r} is not valid; give a positive int")
         if self.d_head is None:
             self.d_head = self.d_model // self.n_heads
+            if self.d_head < 1:
+                raise ValueError(
+                    f"d_model={self.d_model} over n_heads={self.n_heads} leaves no width per head; give "
+                    "d_model >= n_heads, or d_head"
+                )
+        dm = self.d_mlp
+        if dm is not None and (not isinstance(dm, int) or isinstance(dm, bool) or dm < 0):
+            raise ValueError(f"d_mlp={dm!r} is not valid; give a positive int, or None (or 0) for no MLP")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(
+                f"seed={self.seed!r} is not valid; give an int, or None for torch's global generator"
+            )
+        eps = self.ln_eps
+        if (
+            isinstance(eps, bool)
+            or not isinstance(eps, (int, float))
+            or not (math.isfinite(eps) and eps >= 0)
+        ):
+            raise ValueError(f"ln_eps={eps!r} is not valid; give a finite number >= 0")
+        r = self.init_range
+        if r is not None and (
+            isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r >= 0)
+        ):
+            raise ValueError(
+                f"init_range={r!r} is not valid; give a finite number >= 0, or None (0.8 / sqrt(d_model))"
+            )
         if self.act_fn not in _ACT_FNS:
             raise ValueError(f"act_fn={self.act_fn!r} is not valid; choose one of {_ACT_FNS}")
         if self.normalization_type not in _NORMS:
@@ -576,7 +685,7 @@ class TransformerConfig:
             self.rotary_layers = tuple(rl)
         m = self.attn_scores_multiplier
         if m is not None:
-            bad = lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+            bad = lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
             if isinstance(m, (list, tuple)):
                 if len(m) != self.n_layers or any(bad(v) for v in m):
                     raise ValueError(
@@ -585,13 +694,21 @@ class TransformerConfig:
                     )
                 m = self.attn_scores_multiplier = tuple(float(v) for v in m)
             elif bad(m):
-                raise ValueError(f"attn_scores_multiplier={m!r} is not valid; give a positive number or None")
+                raise ValueError(
+                    f"attn_scores_multiplier={m!r} is not valid; give a finite positive number or None"
+                )
             if self.attn_scale is None:
                 self.attn_scale = 1.0 / (m[0] if isinstance(m, tuple) else m)
         if self.attn_scale is None:
             self.attn_scale = math.sqrt(self.d_head)
-        elif not self.attn_scale > 0:
-            raise ValueError(f"attn_scale={self.attn_scale!r} is not valid; give a positive number or None")
+        elif (
+            isinstance(self.attn_scale, bool)
+            or not isinstance(self.attn_scale, (int, float))
+            or not 0 < self.attn_scale < math.inf
+        ):
+            raise ValueError(
+                f"attn_scale={self.attn_scale!r} is not valid; give a finite positive number or None"
+            )
         if self.init_range is None:
             self.init_range = 0.8 / math.sqrt(self.d_model)
         for name in (
@@ -1620,6 +1737,16 @@ class Transformer(HookedRootModule):
             cfg = TransformerConfig(**kwargs)
         elif isinstance(cfg, dict):
             cfg = TransformerConfig(**{**cfg, **kwargs})
+        elif not isinstance(cfg, TransformerConfig):
+            raise TypeError(
+                f"cfg is a {type(cfg).__name__}; give a TransformerConfig, a dict of its fields, or None (then the "
+                "fields as keywords)"
+            )
+        elif kwargs:
+            raise TypeError(
+                f"Transformer(cfg, {', '.join(f'{k}=...' for k in kwargs)}): a TransformerConfig is given whole; give "
+                "its fields in it, or cfg as a dict (or None) with the fields as keywords"
+            )
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
@@ -1701,6 +1828,8 @@ class Transformer(HookedRootModule):
 
         Parameters
         ----------
+        tokens : Tensor ``(batch, pos)`` (or ``(pos,)``, read as one sequence), integer
+            Token ids in ``[0, d_vocab)``.
         return_type : {"logits", "loss", "per_token_loss", "both", None}
             ``"logits"``: ``(batch, pos, d_vocab)``; ``"loss"``: mean next-token cross-entropy (scalar);
             ``"per_token_loss"``: ``(batch, pos - 1)``; ``"both"``: ``(logits, loss)``; None: nothing.
@@ -1755,6 +1884,11 @@ def list_components(model: Transformer, heads: bool = True) -> list[str]:
     key/value heads under grouped-query attention), ``blocks.{l}.mlp``, ``unembed`` (only when the
     unembedding has a weight of its own: with tied embeddings ``embed`` is both). With ``qk_norm="all"`` the heads
     share one query/key norm and are listed as ``blocks.{l}.attn`` only."""
+    if not hasattr(model, "cfg"):
+        raise TypeError(
+            f"model is a {type(model).__name__} without a cfg; give pypattern's Transformer (for an unconverted "
+            "Hugging Face model: pypattern.models.hf_components)"
+        )
     cfg = model.cfg
     out = ["embed"] + (["pos_embed"] if cfg.positional_embedding else [])
     heads = heads and getattr(cfg, "qk_norm", False) != "all"  # heads coupled by one norm: no per-head parts
@@ -1853,6 +1987,9 @@ def component_masks(
     all_params : bool
         If True, the dict has every parameter (all-False masks for those outside the component); otherwise only
         parameters with at least one selected entry.
+    include_shared_kv : bool
+        With grouped-query attention, a head's masks also select its group's shared key/value slices (see
+        ``component`` above); without grouping a head has its own and this changes nothing.
 
     Returns
     -------
@@ -1861,6 +1998,10 @@ def component_masks(
     """
     from .hf_masks import hf_component_masks, is_hf_model
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model is a {type(model).__name__}; give the torch.nn.Module whose parameters to mask"
+        )
     if not isinstance(component, str):
         raise TypeError(
             f"component={component!r} is not valid; give a component name such as 'blocks.0.attn.head.1'"

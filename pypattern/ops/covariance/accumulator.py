@@ -41,7 +41,13 @@ def _tensor_device(device) -> torch.device:
     ``"cuda"`` the current CUDA device ``cuda:<index>`` (where the state is allocated)."""
     if device is None:
         return torch.device("cpu")
-    return torch.empty(0, device=torch.device(device)).device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:0', ...): {e}"
+        ) from None
+    return torch.empty(0, device=device).device
 
 
 def _auto_size(numel_dim: int, mode: str, device) -> torch.Tensor:
@@ -96,8 +102,9 @@ class CrossCovariance:
         buffer_draws: int = 64,
     ) -> None:
         for name, v in (("k", k), ("n", n), ("buffer_draws", buffer_draws)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        k, n, buffer_draws = int(k), int(n), int(buffer_draws)
         if track_auto not in _AUTO_MODES:
             raise ValueError(f"track_auto must be one of {_AUTO_MODES}, got {track_auto!r}")
         self.k, self.n, self.track_auto, self.backend = k, n, track_auto, backend

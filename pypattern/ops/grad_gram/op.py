@@ -273,6 +273,8 @@ def grad_gram_embedding(
     max_bytes : int
         Workspace cap of ``"outer"`` in bytes (at least one id per slice): a finite number >= 1 (a float is rounded
         down).
+    backend : str, optional
+        Backend of the pairwise contraction (``"pairwise"``; see :func:`grad_gram_pairwise`).
 
     Returns
     -------
