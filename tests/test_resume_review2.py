@@ -502,12 +502,14 @@ def test_circuit_checkpoint(model_dir, tokens, tmp_path, capsys, monkeypatch):
     ck = str(tmp_path / "ck")
     argv = ["circuit", "--model", model_dir, "--data", tokens[0], "--methods", "eap,exact", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "a"), "--checkpoint", ck]) == 0
-    assert os.listdir(ck) == ["exact_edge_scores.npz"]
+    assert sorted(os.listdir(ck)) == ["exact_edge_scores.npz", "pruning_curve.npz"]
     _, meta = io.load(os.path.join(ck, "exact_edge_scores.npz"), kind="ExactEdgeScoresCheckpoint")
     assert meta["done"] > 0
     with pytest.raises(SystemExit):
         main(["circuit", "--checkpoint", ck])
     assert "--checkpoint applies only with --model" in capsys.readouterr().err
+    # --checkpoint also keeps the pruning curve: with eap only, the curve of other scores is refused by name
     with pytest.raises(SystemExit):
-        main(["circuit", "--model", model_dir, "--data", tokens[0], "--methods", "eap", "--checkpoint", ck])
-    assert "--checkpoint keeps the exact method's scores" in capsys.readouterr().err
+        main(["circuit", "--model", model_dir, "--data", tokens[0], "--methods", "eap", "--quiet", "--out",
+              str(tmp_path / "b"), "--checkpoint", ck])  # fmt: skip
+    assert "pruning_curve.npz' was written by a different run: scores" in capsys.readouterr().err

@@ -42,7 +42,7 @@ from ..patching.metrics import (
     warn_no_op,
     warn_nonfinite_examples,
 )
-from .engine import EdgeEngine, prepare_runs
+from .engine import EdgeEngine, call_warned, prepare_runs
 from .graph import Edge, EdgeGraph, check_graph_arg
 from .results import Circuit, EdgeScores, PruningCurve, rank_order
 
@@ -284,8 +284,8 @@ def patch_edges(
         ablation,
         max_batch=max_batch,
         memory_budget=memory_budget,
+        call="patch_edges",
     )
-    _warn_if_corrupted_unread("patch_edges", corrupted, mode, ablation)
     vals = engine.run(masks)
     return vals[0] if single else vals
 
@@ -441,19 +441,21 @@ def edge_attribution(
         patched alone (:func:`patch_edges`, batched with causal reuse).
     steps : int
         Interpolation steps of EAP-IG, a positive int (checked with every method); ``"eap"`` is EAP-IG with one
-        step and ``"exact"`` interpolates nothing, so those read no steps (``info["steps"]`` is None).
+        step and ``"exact"`` interpolates nothing, so those read no steps (``info["steps"]`` is None; a ``steps``
+        other than the default warns that it is not read, but for ``steps=1`` with ``"eap"``, which it is).
     mode, ablation :
         As in :func:`patch_edges`; the score estimates ``M(patched) - M(base)``.
     per_position : bool
         Score each edge at each position (a per-position graph over the prompts' length).
     max_batch : int, optional
         ``"exact"``: edges patched per forward (one edge set each); ``"eap-ig"``: interpolated runs per gradient
-        pass; ignored by ``"eap"`` (one forward and one backward over the prompts). Default: as many as
-        ``memory_budget`` allows.
+        pass; not read by ``"eap"`` (one forward and one backward over the prompts: given, it warns so). Default:
+        as many as ``memory_budget`` allows.
     memory_budget : float
         Bytes (approximate, default 1e9) for those batches: ``"exact"`` as in :func:`patch_edges`; ``"eap-ig"``:
         per interpolated run, the activations its backward keeps and its logits over the vocabulary with the
-        metric's temporaries and their gradients (at least one run per pass); not read by ``"eap"``.
+        metric's temporaries and their gradients (at least one run per pass); not read by ``"eap"`` (one other
+        than the default warns so).
     quiet : bool
         ``"exact"``: no progress bar (by default one counts the edges scored, shown once a call has run for two
         seconds: all the edges of a GPT-2-small-sized model take hours on a CPU).
@@ -493,6 +495,7 @@ def edge_attribution(
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
+    _warn_if_unread_settings(method, steps, max_batch, memory_budget)
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
     if not isinstance(quiet, bool):
@@ -522,9 +525,9 @@ def edge_attribution(
         max_batch=max_batch,
         memory_budget=memory_budget,
         defer_base=method != "exact",  # the gradient run of the base prompts records the base run
+        call="edge_attribution",
     )
     _warn_if_no_op("edge_attribution", clean, corrupted, metric, ablation, "edge score")
-    _warn_if_corrupted_unread("edge_attribution", corrupted, mode, ablation)
     passes = 0
     if method == "exact":
         # the unpatched runs are recorded: their non-finite examples named (none left refused) before any scoring
@@ -576,7 +579,8 @@ def edge_attribution(
         if not bool(used.all()):  # a gradient through a non-finite metric says nothing about the edges
             values[~used.to(values.device)] = float("nan")
         u = used.to(values.device)
-        with half_precision_warned():  # the run patch_edges may make: warned of above
+        # the run patch_edges may make: warned of above (half precision, corrupted prompts not read, rounding)
+        with half_precision_warned(), call_warned():
             _warn_if_no_gradient(
                 values[u],
                 info["m_base"][u.to(info["m_base"].device)],
@@ -612,6 +616,40 @@ def edge_attribution(
             "passes": passes,
             "scored_examples": used.cpu(),
         },
+    )
+
+
+#: edge_attribution's defaults of the settings some methods do not read
+_DEFAULT_STEPS = 5
+_DEFAULT_MEMORY_BUDGET = 1e9
+
+
+def _warn_if_unread_settings(method: str, steps: int, max_batch, memory_budget) -> None:
+    """Warn, naming them, of settings given to :func:`edge_attribution` that ``method`` does not read: ``steps``
+    other than the default for ``"exact"`` (nothing interpolated) and for ``"eap"`` (one step, so ``steps=1`` is
+    consistent), and ``max_batch`` or a ``memory_budget`` other than the default for ``"eap"`` (one forward and one
+    backward over the prompts)."""
+    unread = []
+    if method != "eap-ig" and steps != _DEFAULT_STEPS and not (method == "eap" and steps == 1):
+        unread.append(f"steps={steps!r} (the interpolation steps of method='eap-ig')")
+    if method == "eap":
+        if max_batch is not None:
+            unread.append(f"max_batch={max_batch!r}")
+        if memory_budget != _DEFAULT_MEMORY_BUDGET:
+            unread.append(f"memory_budget={memory_budget!r}")
+    if not unread:
+        return
+    from ..sampling.diagnostics import user_stacklevel
+
+    what = {"eap": "is one forward and one backward over the prompts", "exact": "interpolates nothing"}[
+        method
+    ]
+    warnings.warn(
+        f"edge_attribution(method={method!r}) does not read {' or '.join(unread)}: the method {what}; leave "
+        f"{'it' if len(unread) == 1 else 'them'} out"
+        + (", or use method='eap-ig'" if any(u.startswith("steps") for u in unread) else ""),
+        UserWarning,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -652,22 +690,6 @@ def _warn_if_no_op(call: str, clean, corrupted, metric, ablation: str, what: str
         mean_of_one = int(clean.shape[0])  # the batch averaged (corrupted or clean): all that one prompt
     hint = " (or ablation='zero', or corrupted prompts with ablation='resample')"
     warn_no_op(call, no_op_causes(metric, same=same, mean_of_one=mean_of_one, mean_hint=hint), what)
-
-
-def _warn_if_corrupted_unread(call: str, corrupted, mode: str, ablation: str) -> None:
-    """Warn when ``corrupted`` is given but no run reads it: noising with zero ablation patches zeros into the clean
-    run, so results are the same whatever corrupted prompts are given."""
-    if corrupted is None or mode != "noise" or ablation != "zero":
-        return
-    from ..sampling.diagnostics import user_stacklevel
-
-    warnings.warn(
-        f"{call}: corrupted is given but not read: mode='noise' with ablation='zero' patches zeros into the clean "
-        "run, so the corrupted prompts change nothing; leave corrupted out (None), or give ablation='resample' "
-        "(their activations) or 'mean' (their per-position mean)",
-        UserWarning,
-        stacklevel=user_stacklevel(),
-    )
 
 
 def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) -> None:
@@ -766,15 +788,18 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
 
 
 def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode, ablation, **more) -> dict:
-    """What makes a checkpointed circuit computation the same run: its kind, mode and ablation, the graph's nodes
-    and edges, the prompts, the metric (its code and the values it gives on the base run: a change its name hides),
-    the model's weights and ``more``."""
+    """What makes a checkpointed circuit computation the same run: its kind, mode and ablation, the model's
+    architecture (:func:`~pypattern.sampling.checkpoint.model_architecture`: its module tree and configuration, which
+    the weights do not show), the graph's nodes and edges, the prompts, the metric (its code and the values it gives
+    on the base run: a change its name hides), the model's weights and ``more``."""
     from .. import io
+    from ..sampling.checkpoint import model_architecture
 
     return io.fingerprint(
         kind=kind,
         mode=mode,
         ablation=ablation,
+        architecture=model_architecture(model),
         nodes=hashlib.sha256("\n".join([*graph.src_names, "", *graph.dst_names]).encode()).hexdigest(),
         edges=[graph.src_idx, graph.dst_idx, graph.pos_idx],
         clean=clean,
@@ -924,8 +949,8 @@ def faithfulness(
         ablation,
         max_batch=max_batch,
         memory_budget=memory_budget,
+        call="faithfulness",
     )
-    _warn_if_corrupted_unread("faithfulness", corrupted, mode, ablation)
     keep = _measured(info["m_clean"], info["m_base"], mode)
     E = len(graph)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
@@ -1089,9 +1114,9 @@ def pruning_curve(
     scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each);
         scores holding NaN are refused
     fractions : sequence of float
-        Fractions of the edges kept (rounded to counts); ignored when ``counts`` is given.
+        Fractions of the edges kept (rounded to counts).
     counts : sequence of int, optional
-        Numbers of edges kept, each in ``0..num_edges``.
+        Numbers of edges kept, each in ``0..num_edges``, instead of ``fractions`` (giving both is refused).
     max_batch : int, optional
         Points of the curves (circuits) evaluated per forward; default: as many as ``memory_budget`` allows.
     memory_budget : float
@@ -1134,6 +1159,11 @@ def pruning_curve(
     if graph is None:
         graph = first.graph if isinstance(first, EdgeScores) else EdgeGraph.from_model(model)
     E = len(graph)
+    if counts is not None and fractions is not DEFAULT_FRACTIONS:
+        raise ValueError(
+            "fractions= and counts= are both given; the curve's points are one or the other: give counts (numbers "
+            "of edges kept) or fractions (of the edges), not both"
+        )
     cnt = _counts(E, fractions, counts)
     masks, names, given = [], [], {}
     for name, sc in scores.items():
@@ -1157,6 +1187,7 @@ def pruning_curve(
         ablation,
         max_batch=max_batch,
         memory_budget=memory_budget,
+        call="pruning_curve",
     )
     keep = _measured(info["m_clean"], info["m_base"], mode)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
@@ -1373,6 +1404,7 @@ def acdc(
         ablation,
         max_batch=max_batch,
         memory_budget=memory_budget,
+        call="acdc",
     )
     E = len(graph)
     keep = torch.ones(E, dtype=torch.bool)

@@ -366,9 +366,13 @@ def run_circuit_demo(
     rounded; a fraction that rounds to no edge takes the top edge, with a warning). A half-precision model is scored as its float32
     copy (with a warning). ``quiet=False`` reports each stage (training, each method's scores, the pruning curve)
     on stderr as it finishes. ``model_argument``: how errors name ``model_dir`` (the command line: ``"--model"``).
-    ``checkpoint``: with ``model_dir``, a folder keeping the exact method's scores as they are computed
-    (``exact_edge_scores.npz``, see :func:`~pypattern.circuits.edge_attribution`; a stop by Ctrl-C or SIGTERM
-    writes them too): the same call with the same folder resumes, computing only the rest.
+    ``checkpoint``: with ``model_dir``, a folder keeping the long stages' work as it is done: the exact method's
+    scores (``exact_edge_scores.npz``, see :func:`~pypattern.circuits.edge_attribution`) and the pruning curve's
+    circuits (``pruning_curve.npz``, see :func:`~pypattern.circuits.pruning_curve`); a stop by Ctrl-C or SIGTERM
+    writes them too. The same call with the same folder resumes, computing only the rest (a finished stage is read
+    back); a call with another model, prompts or settings is refused
+    (:class:`pypattern.io.FingerprintMismatch` naming what differs). ``quiet`` also hides the progress bars of the
+    exact scores and the pruning curve.
 
     Returns
     -------
@@ -389,16 +393,24 @@ def run_circuit_demo(
         raise ValueError(f"methods={list(methods)!r} is not valid; choose one or more of {list(_METHODS)}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction!r} is not valid; give a number in (0, 1]")
+    if model_dir is not None:  # the built-in task's training settings: nothing to train
+        given = [f"{k}={v!r}" for k, v, d in (("seed", seed, 0), ("steps", steps, 800)) if v != d]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the built-in task's training "
+                "only; with model_dir=... leave them out"
+            )
+    if ig_steps != 5 and "eap-ig" not in methods:
+        raise ValueError(
+            f"ig_steps={ig_steps!r} is the interpolation steps of eap-ig, which methods={list(methods)!r} does not "
+            "hold; leave it out or add 'eap-ig'"
+        )
     from ..experiments.user_model import out_folder
 
     out_folder(out_dir, "out_dir")
     if checkpoint is not None:
         if model_dir is None:
             raise ValueError("checkpoint=... applies with model_dir=... and tokens=... only")
-        if "exact" not in methods:
-            raise ValueError(
-                f"checkpoint=... keeps the exact method's scores; methods={list(methods)!r} has no 'exact'"
-            )
         out_folder(checkpoint, "checkpoint")
     t_last = [time.perf_counter()]
 
@@ -447,7 +459,7 @@ def run_circuit_demo(
                     corr,
                     metric=metric,
                     method=m,
-                    steps=ig_steps,
+                    **({"steps": ig_steps} if m == "eap-ig" else {}),
                     per_position=pp,
                     ablation=ablation,
                     quiet=quiet,
@@ -458,7 +470,16 @@ def run_circuit_demo(
                     ),
                 )
                 say(f"{m}: scored {len(scores[m].graph)} edges")
-            curve = pruning_curve(model, scores, clean, corr, metric=metric, ablation=ablation)
+            curve = pruning_curve(
+                model,
+                scores,
+                clean,
+                corr,
+                metric=metric,
+                ablation=ablation,
+                quiet=quiet,
+                checkpoint=None if checkpoint is None else os.path.join(checkpoint, "pruning_curve.npz"),
+            )
             say("pruning curve done")
             extra = {"task": f"{model_dir} on {tokens}", "ablation": ablation}
         chosen = methods[-1]
@@ -638,9 +659,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint",
         metavar="DIR",
         default=None,
-        help="with --model and exact among --methods: a folder keeping the exact scores as they are computed "
-        "(exact_edge_scores.npz); the same command with the same folder resumes a stopped run (Ctrl-C or "
-        "SIGTERM), and a run with other settings, model or prompts is refused",
+        help="with --model: a folder keeping the long stages' work as it is done, the exact scores "
+        "(exact_edge_scores.npz, with exact among --methods) and the pruning curve (pruning_curve.npz); the same "
+        "command with the same folder resumes a stopped run (Ctrl-C or SIGTERM), skipping the work done, and a run "
+        "with other settings, model or prompts is refused",
     )
 
 
@@ -678,11 +700,6 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
             setattr(args, dest, default)
     if getattr(args, "quick", False):
         args.steps = QUICK_STEPS
-    if getattr(args, "checkpoint", None) is not None and "exact" not in args.methods:
-        p.error(
-            f"--checkpoint keeps the exact method's scores: it applies only with exact among --methods (given: "
-            f"{','.join(args.methods)})"
-        )
     if getattr(args, "ig_steps", None) is not None and "eap-ig" not in args.methods:
         p.error(f"--ig-steps applies only with eap-ig among --methods (given: {','.join(args.methods)})")
 

@@ -25,8 +25,10 @@ unembedding). Masks are grouped by their first stage (and first heads) and evalu
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,6 +56,9 @@ _SPARSE = 0.2
 # the batch that memory_budget cannot raise
 _STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
+# an all-ablated input within this many roundings of the residual stream's norm is rounding (exactly zero, computed
+# as the residual minus every term of it): zero ablation's patched runs are then ill-conditioned
+_ROUNDING_ULPS = 64
 
 
 @dataclass
@@ -172,6 +177,9 @@ class EdgeEngine:
         self._ablated: dict = {}
         self._e_heads = None  # the query heads each edge changes directly (E, H), built once
         self._weights = None  # the model's parameters and block weights' bytes (fixed_weights), found once
+        # what prepare_runs says: the ablation, and the public function the runs are for (warnings name it); whether
+        # the rounding of zero ablation was checked (once per engine: _check_zero_rounding)
+        self.ablation, self.call, self._rounding_checked = None, "prepare_runs", _CALL_WARNED.get()
 
     def _set_base(self, base: _Run, D: torch.Tensor | None = None) -> None:
         """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``; or, given
@@ -327,9 +335,61 @@ class EdgeEngine:
 
     @torch.no_grad()
     def run(self, masks: torch.Tensor) -> torch.Tensor:
-        """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``."""
+        """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``.
+
+        Zero ablation on a model in float32 (or 16 bits) whose all-ablated inputs are at rounding level (no bias
+        writes to the residual stream: a Llama, Qwen or Mistral) warns, once per engine, when a mask patches most of
+        the edges into a destination input (:meth:`_check_zero_rounding`)."""
+        if (
+            not self._rounding_checked
+            and self.ablation == "zero"
+            and self.base is not None
+            and self.base.resid
+        ):
+            self._check_zero_rounding(self.graph.mask(masks).cpu().reshape(-1, len(self.graph)))
         with self.fixed_weights():
             return self._run(masks)
+
+    def _check_zero_rounding(self, masks: torch.Tensor) -> None:
+        """Warn when zero ablation makes the patched runs ill-conditioned in the engine's dtype: an input with most
+        of its incoming edges patched is the residual stream minus most of its terms; where every term is a node's
+        output (no bias: the all-ablated input, exactly zero, comes out at the rounding level of the residual, below
+        ``_ROUNDING_ULPS`` roundings of it) what is left can be far smaller than the rounding of the terms
+        cancelled, and the norm that reads it scales that rounding up to the input's full size. The check: a mask
+        of ``masks (C, num_edges)`` patches more than half of the edges into a destination input that reads more
+        than the embedding, and the all-ablated input of that input's stage is at rounding level. Float64 models
+        are not checked (their rounding, amplified alike, stays near 1e-9 of the metric)."""
+        eps = torch.finfo(self.dtype).eps
+        if eps < 1e-10 or masks.numel() == 0:  # float64
+            self._rounding_checked = True
+            return
+        g = self.graph
+        into = torch.bincount(g.dst_idx, minlength=g.n_dst)  # edges into each destination input
+        patched = torch.zeros(masks.shape[0], g.n_dst).index_add_(1, g.dst_idx, masks.float())
+        most = (2 * patched > into).any(0)  # (n_dst,): an input with most of its edges patched in some mask
+        stages = sorted({int(st) for st in g.dst_stage[most] if self.n_read[int(st)] > 1})
+        if not stages:
+            return  # checked again when a mask patches most of an input's edges
+        self._rounding_checked = True
+        rows = torch.arange(self.T, device=self.device)
+        for st in stages:
+            abl = self._ablated_input(st, rows)
+            ratio = float(abl.norm()) / max(float(self.base.resid[st].norm()), torch.finfo(self.dtype).tiny)
+            if ratio <= _ROUNDING_ULPS * eps:
+                from ..sampling.diagnostics import user_stacklevel
+
+                warnings.warn(
+                    f"{self.call}: zero ablation in {str(self.dtype)[6:]} patches most of the edges into some "
+                    "input of a model whose residual stream is only its nodes' outputs (no bias: the all-ablated "
+                    f"input is rounding, {ratio:.1g} of the residual): such an input is the residual minus nearly "
+                    "all of it, and the norm reading it scales the rounding up, so the patched metric can be off "
+                    "by more than its own size (up to 4x, against float64, on small Llama- and Qwen3-shaped models "
+                    "with 5-20% of the edges kept); pass model.double() (float64: about 1e-9 of the metric), or use ablation='mean' "
+                    "or 'resample'",
+                    RuntimeWarning,
+                    stacklevel=user_stacklevel(),
+                )
+                return
 
     def _run(self, masks: torch.Tensor) -> torch.Tensor:
         if self.base is None or self.base.resid is None:
@@ -1093,6 +1153,38 @@ def check_graph(view: ModelView, graph: EdgeGraph) -> None:
         )
 
 
+_CALL_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("pypattern_circuit_warned", default=False)
+
+
+@contextlib.contextmanager
+def call_warned() -> Iterator[None]:
+    """The runs prepared inside give none of the once-per-call warnings (``corrupted`` not read,
+    :func:`warn_if_corrupted_unread`; zero ablation's rounding, :meth:`EdgeEngine.run`): the public function that
+    prepares them is warned for (or had nothing to warn of)."""
+    token = _CALL_WARNED.set(True)
+    try:
+        yield
+    finally:
+        _CALL_WARNED.reset(token)
+
+
+def warn_if_corrupted_unread(call: str, corrupted, mode: str, ablation: str) -> None:
+    """Warn when ``corrupted`` is given but no run reads it: noising with zero ablation patches zeros into the clean
+    run, so results are the same whatever corrupted prompts are given. Every circuit function prepares its runs
+    with :func:`prepare_runs`, which calls this once per call."""
+    if corrupted is None or mode != "noise" or ablation != "zero" or _CALL_WARNED.get():
+        return
+    from ..sampling.diagnostics import user_stacklevel
+
+    warnings.warn(
+        f"{call}: corrupted is given but not read: mode='noise' with ablation='zero' patches zeros into the clean "
+        "run, so the corrupted prompts change nothing; leave corrupted out (None), or give ablation='resample' "
+        "(their activations) or 'mean' (their per-position mean)",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 def prepare_runs(
     model,
     graph: EdgeGraph | None,
@@ -1105,6 +1197,7 @@ def prepare_runs(
     memory_budget: float = 1e9,
     view: ModelView | None = None,
     defer_base: bool = False,
+    call: str = "prepare_runs",
 ) -> tuple[EdgeEngine, dict]:
     """Run the clean, corrupted and source prompts and build the :class:`EdgeEngine`.
 
@@ -1115,6 +1208,9 @@ def prepare_runs(
     :meth:`EdgeEngine.gradients` call with ``record`` set (edge attribution: the base prompts run once, with the
     gradient). ``m_base`` (and in noising mode ``m_clean``) are then None; read :meth:`EdgeEngine.base_metric`
     after that call.
+
+    Warns (naming ``call``, the public function the runs are for) when ``corrupted`` is given but no run reads it
+    (:func:`warn_if_corrupted_unread`).
     """
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
@@ -1138,6 +1234,7 @@ def prepare_runs(
             f"corrupted=None: mode={mode!r} with ablation={ablation!r} needs corrupted prompts "
             "(or use mode='noise' with ablation='mean' or 'zero')"
         )
+    warn_if_corrupted_unread(call, corrupted, mode, ablation)
     if graph.per_position and graph.n_pos != T_full:
         raise ValueError(f"the graph has n_pos={graph.n_pos} positions; the prompts have {T_full}")
     limit = model.cfg.max_positions
@@ -1167,6 +1264,7 @@ def prepare_runs(
             base_tokens, src_tokens,
         )  # fmt: skip
     engine._weights = weights
+    engine.call = call
     return engine, info
 
 
@@ -1206,6 +1304,7 @@ def _record_runs(
         view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
     )
     engine.bound = clean_run is not None
+    engine.ablation = ablation
     # one run's logits and the metric's temporaries, counted once
     if max_batch is None and clean_run is not None:
         engine._vocab_run[defer_base] = _vocab_run_bytes(view, metric, clean_run.logits, defer_base)

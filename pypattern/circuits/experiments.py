@@ -128,7 +128,7 @@ def run_induction_circuit(
             corr,
             metric=metric,
             method=m,
-            steps=ig_steps,
+            **({"steps": ig_steps} if m == "eap-ig" else {}),
             per_position=per_position,
             quiet=quiet,
         )
@@ -136,7 +136,7 @@ def run_induction_circuit(
     E = len(next(iter(scores.values())).graph)
     budget = int(0.05 * E)  # the largest circuit within 5% of the edges
     counts = sorted({round(f * E) for f in fractions} | {budget})
-    curve = pruning_curve(model, scores, clean, corr, metric=metric, counts=counts)
+    curve = pruning_curve(model, scores, clean, corr, metric=metric, counts=counts, quiet=quiet)
     graph = next(iter(scores.values())).graph
     # per position, the key composition is read at position k + 1 (the token after the first occurrence)
     at = f"@{k + 1}" if graph.per_position else ""
@@ -209,7 +209,13 @@ def run_ioi_circuits(
         metric = LogitDiff(ans, wrong)
         scores = {
             m: edge_attribution(
-                model, clean, corr, metric=metric, method=m, steps=ig_steps, per_position=per_position
+                model,
+                clean,
+                corr,
+                metric=metric,
+                method=m,
+                **({"steps": ig_steps} if m == "eap-ig" else {}),
+                per_position=per_position,
             )
             for m in METHODS
         }
