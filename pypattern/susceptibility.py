@@ -80,6 +80,7 @@ from .ridge import as_float64, float64_device
 from .sampling.auto import (
     auto_arguments,
     calibrate_or_resume,
+    check_auto_step_options,
     read_calibration,
     resolve_step_size,
     wants_auto,
@@ -714,8 +715,9 @@ def _chain_loss(per_sample_loss_fn: Callable) -> Callable:
     if per_sample_loss_fn in _DEFAULT_TOKEN_LOSSES:
 
         def lf(m, batch):
+            # summed in float64, as the sampler's default loss is (pypattern.sampling.default_loss_fn)
             v, mask = token_losses(m, batch, fill=0.0)
-            return v.sum() / mask.sum(), v
+            return (v if v.device.type == "mps" else v.double()).sum() / mask.sum(), v
 
         return by_default_rule(lf)
 
@@ -925,7 +927,7 @@ def _sampler_kwargs(kw: dict) -> dict:
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
         "weight_decay", "noise_scale", "bounding_box", "optimizer_kwargs", "seed", "batched", "quiet",
         "backend", "num_init_loss_batches", "warn_nonstationary", "cores", "checkpoint_every", "sampler",
-        "sampling_method", *DEVINTERP_NAMES,
+        "sampling_method", "auto_step_options", *DEVINTERP_NAMES,
     }  # fmt: skip
     bad = set(kw) - allowed
     if bad:
@@ -1036,7 +1038,9 @@ def susceptibilities(
     **sampler_settings
         ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
         ``localization``, ``seed``, ``sampler`` (``"sgld"``, ``"sgnht"``, ``"rmsprop_sgld"``; devinterp's
-        ``sampling_method``), ``optimizer_kwargs``, ... as in :func:`pypattern.sample`.
+        ``sampling_method``), ``optimizer_kwargs``, ``auto_step_options`` (the ``step_size="auto"``
+        calibration's settings, e.g. ``{"calibration_steps": 800}``; a ValueError with a given step), ... as in
+        :func:`pypattern.sample`.
 
     Returns
     -------
@@ -1051,6 +1055,7 @@ def susceptibilities(
         )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     _check_common(model, loader, per_token, kw)
+    auto_options = _auto_step_options(kw)
     model, dev = _run_device(model, device)
     if isinstance(components, str):
         raise TypeError(
@@ -1114,7 +1119,7 @@ def susceptibilities(
             kw["step_size"], auto_step, record = calibrate_or_resume(
                 model,
                 loader,
-                auto_arguments(dict(kw, loss_fn=lf)),
+                auto_arguments(dict(kw, loss_fn=lf, auto_step_options=auto_options)),
                 None if cal is None else read_calibration(cal),
                 resolve_step_size,
             )
@@ -1534,6 +1539,15 @@ def _resolve_burnin(kw: dict, auto_step) -> None:
         )
 
 
+def _auto_step_options(kw: dict) -> dict | None:
+    """``auto_step_options`` taken out of the sampler settings ``kw`` (the calibration reads it; the run, at the
+    step it chose, does not), checked as :func:`pypattern.sample` checks it: a mapping of the calibration's
+    settings, given only when the step is calibrated."""
+    options = kw.pop("auto_step_options", None)
+    check_auto_step_options(options, wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")))
+    return None if options is None else dict(options)
+
+
 def _sampler_settings_defaults(kw: dict) -> dict:
     kw.setdefault("num_chains", 4)
     kw.setdefault("num_draws", 200)
@@ -1632,6 +1646,7 @@ def bif(
             )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     _check_common(model, loader, per_token, kw)
+    auto_options = _auto_step_options(kw)
     model, dev = _run_device(model, device)
     probe = to_device(probe, dev)  # the probe losses are forwards of the model on it
     # per_sample_loss_fn's losses on a loader's batch, when the sampler's loss is their mean
@@ -1647,7 +1662,7 @@ def bif(
     ):  # calibrated before the run (sampling.auto)
         with _naming_rows_without_counted(loader, own_losses_at):
             kw["step_size"], auto_step = resolve_step_size(
-                model, loader, **auto_arguments(dict(kw, loss_fn=loss_fn))
+                model, loader, **auto_arguments(dict(kw, loss_fn=loss_fn, auto_step_options=auto_options))
             )
     _resolve_burnin(kw, auto_step)
 

@@ -123,9 +123,11 @@ def test_v1_transformer_token_loader_equals_native():
     assert out["llc/mean"] == pytest.approx(ref.llc_mean, rel=1e-6)
     # devinterp's default evaluate is model(batch), which fails on a model returning logits; token batches get
     # the library's next-token loss instead, the loss evaluate gives above
+    # (the library's loss sums its per-token losses in float64: equal to float32 rounding of the losses, which
+    # nbeta = 10 scales to about 1e-5 of an LLC)
     dflt = _v1(model, loader)
     np.testing.assert_allclose(dflt["loss/trace"], out["loss/trace"], rtol=1e-6)
-    assert dflt["llc/mean"] == pytest.approx(out["llc/mean"], rel=1e-6)
+    assert dflt["llc/mean"] == pytest.approx(out["llc/mean"], rel=1e-6, abs=1e-5)
 
 
 def test_v1_default_nbeta_and_online():

@@ -18,6 +18,7 @@ Modules: ``optim`` (SGLD, noise keys), ``samplers`` (SGNHT, RMSprop-SGLD, the sa
 from .auto import AutoStepError, AutoStepReport, resolve_step_size
 from .calibrate import CalibrationResult, calibrate_step_size
 from .diagnostics import (
+    DriftWarning,
     NonFiniteLossError,
     NonStationaryWarning,
     StepBiasWarning,
@@ -55,6 +56,7 @@ __all__ = [
     "CalibrationResult",
     "LLCResult",
     "NonFiniteLossError",
+    "DriftWarning",
     "NonStationaryWarning",
     "SampleResult",
     "StepBiasWarning",

@@ -829,7 +829,8 @@ def resolve_step_size(
                 else ""
             )
             + f"Try longer trials: auto_step_options={{'calibration_steps': {2 * int(calibration_steps)}}} (now "
-            f"{int(calibration_steps)}; or 'max_trial_factor', now {max_factor}) for estimate_llc or sample (or "
+            f"{int(calibration_steps)}; or 'max_trial_factor', now {max_factor}) for estimate_llc, sample, susceptibilities or bif "
+            "(or "
             "calibration_steps= of pypattern.sampling.resolve_step_size, which returns a step to pass as "
             "step_size=); a wider range ('min_step_size', 'max_step_size' there); another localization or nbeta; "
             "or a step_size of your own.",
@@ -928,7 +929,8 @@ def wants_auto(step_size, optimizer_kwargs=None) -> bool:
 
 
 #: the settings of :func:`resolve_step_size` that ``auto_step_options`` of :func:`pypattern.sample` (and
-#: :func:`pypattern.estimate_llc`) passes to the calibration
+#: :func:`pypattern.estimate_llc`, :func:`pypattern.susceptibilities`, :func:`pypattern.bif`) passes to the
+#: calibration
 AUTO_STEP_OPTIONS = (
     "calibration_steps",
     "calibration_chains",

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..losses import _describe, as_pytree, check_batch_values, map_batch, stacked_batches_checked
 from ..ops.sgld import FLAG_GRAD_NONFINITE
-from .context import NO_GRADIENT, LossContractError, RunContext
+from .context import NO_GRADIENT, LossContractError, RunContext, stacked_squared_distance
 from .data import ChainData, to_device
 from .samplers import StackedSamplerState
 from .sequential import extra_outputs, join_outputs
@@ -352,6 +352,8 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
         d = plan.is_draw(t)
         after_update = []  # devinterp 1.x's callbacks: called once the step's update is taken, as devinterp does
         if d >= 0:
+            if ctx.track_distance:
+                st.dist[chains, d] = stacked_squared_distance(stacked, ctx.w_star)
             vobs = _batched_observables(ctx, apply, stacked, vb, shared_data, C) if plan.observables else {}
             for i, g in enumerate(chains):
                 later = ctx.at_draw(

@@ -30,6 +30,9 @@ class State:
     ----------
     loss : ndarray ``(num_total_chains, num_draws)``
         NaN where not drawn yet.
+    dist : ndarray ``(num_total_chains, num_draws)``
+        Each draw's squared distance ``|w - w*|^2`` over the chain's moving weights (float64; NaN where not drawn,
+        and for draws of a checkpoint written without it).
     done, next_step : ndarray ``(num_total_chains,)``
         Finished draws and the next step of each chain.
     obs : dict of str to ndarray ``(num_total_chains, num_draws, *shape)``
@@ -51,6 +54,8 @@ class State:
         # the step-size calibration the run's step came from (the runner sets it; written, not read)
         self.calibration: Mapping | None = None
         self.loss = np.full((num_total_chains, num_draws), np.nan)
+        # each draw's squared distance |w - w*|^2 over the chain's moving weights (the drift check's trace)
+        self.dist = np.full((num_total_chains, num_draws), np.nan)
         self.done = np.zeros(num_total_chains, dtype=np.int64)
         self.next_step = np.zeros(num_total_chains, dtype=np.int64)
         self.obs: dict[str, np.ndarray] = {}
@@ -102,7 +107,12 @@ class State:
     def save(self, path: str, fingerprint: Mapping, extra: Callable[[], Mapping] | None = None) -> None:
         """Write the state atomically; ``extra()``'s arrays (the caller's state that goes with these draws, e.g.
         accumulators) go into the same file under ``state/``."""
-        arrays = {"loss_trace": self.loss, "done": self.done, "next_step": self.next_step}
+        arrays = {
+            "loss_trace": self.loss,
+            "distance_trace": self.dist,
+            "done": self.done,
+            "next_step": self.next_step,
+        }
         if extra is not None:
             for k, v in extra().items():
                 arrays[f"state/{k}"] = np.asarray(v)
@@ -186,6 +196,8 @@ class State:
         st = cls(G, D)
         st.loss = get("loss_trace", (G, D), "f")
         exact("loss_trace", st.loss, np.float64)
+        if "distance_trace" in arrays:  # (a file without one: the drift check reads the draws recorded since)
+            st.dist = get("distance_trace", (G, D), "f").astype(np.float64)
         st.done = get("done", (G,), "iu").astype(np.int64)
         st.next_step = get("next_step", (G,), "iu").astype(np.int64)
         if ((st.done < 0) | (st.done > D)).any() or (

@@ -37,6 +37,27 @@ def runaway_limit(init_loss: float, num_moving: int, nbeta: float) -> float:
     return init_loss + max(10.0 * abs(init_loss), 10.0 * num_moving / nbeta)
 
 
+def squared_distance(moved: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> float:
+    """``sum_i |moved_i - anchors_i|^2`` (float64 sum of the tensors' float32 or float64 norms)."""
+    if not moved:
+        return 0.0
+    with torch.no_grad():
+        norms = torch._foreach_norm(torch._foreach_sub(list(moved), list(anchors)))
+        return float(torch.stack(norms).double().square().sum())
+
+
+def stacked_squared_distance(
+    stacked: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor]
+) -> np.ndarray:
+    """Per chain (the first dimension of every ``stacked`` tensor), ``sum_n |stacked[n][i] - anchors[n]|^2``."""
+    with torch.no_grad():
+        total = None
+        for n, s in stacked.items():
+            v = torch.linalg.vector_norm((s - anchors[n]).reshape(s.shape[0], -1), dim=1).double().square()
+            total = v if total is None else total + v
+        return total.cpu().numpy()
+
+
 class Stopped(Exception):
     """Another group of chains failed (cores > 1): this one stops."""
 
@@ -84,6 +105,8 @@ class RunContext:
     obs_per_chain: set = field(default_factory=set)
     # the most elements of chains' last weights kept in ``state.ends`` (0: none), for the checks of a given step
     keep_ends: int = 0
+    # record each draw's squared distance from w* (state.dist) for the drift check (runner._checks_drift)
+    track_distance: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
     stop: threading.Event = field(
         default_factory=threading.Event
@@ -113,6 +136,12 @@ class RunContext:
             size = sum(self.w_star[n].numel() for n in self.moving(g))
             if held + size <= self.keep_ends:
                 self.state.ends[g] = weights()
+
+    def record_distance(self, g: int, d: int, moved: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]):
+        """Record chain ``g``'s squared distance from ``w*`` at its draw ``d``, ``|w - w*|^2`` over its moving
+        tensors ``moved`` (``anchors``: their values at ``w*``), in float64: what :func:`.diagnostics.check_drift`
+        reads. One fused norm over the tensors (no copy of the weights kept)."""
+        self.state.dist[g, d] = squared_distance(moved, anchors)
 
     def checkpoint_now(self, finished_draws: int) -> bool:
         plan = self.plan

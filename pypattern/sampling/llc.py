@@ -40,11 +40,18 @@ __all__ = [
 def llc_from_sample(res: SampleResult) -> LLCResult:
     """The LLC of a finished :class:`SampleResult` (float64 throughout). Chains that did not run (``chains=`` a
     subset: their rows of the trace are NaN) are left out of the mean, spread and diagnostics (their
-    ``llc_per_chain`` entries stay NaN)."""
+    ``llc_per_chain`` entries stay NaN). A result none of whose chains ran (every row NaN, e.g. a run of
+    ``runs=`` whose chains ``chains=`` left out) has no estimate: ValueError naming it."""
     nbeta = float(res.config["nbeta"])
     llc_trace = nbeta * (res.loss_trace - res.init_loss)
     per_chain = llc_trace.mean(axis=1)
     ran = ~np.isnan(np.asarray(res.loss_trace)).all(axis=1) if np.ndim(res.loss_trace) == 2 else None
+    if ran is not None and not ran.any():
+        raise ValueError(
+            f"the sample result has no draw: none of its {len(ran)} chains ran (its loss trace is all NaN, as "
+            "sample(chains=...) leaves the chains it does not run): an LLC needs at least one chain's draws; run "
+            "them (chains=None runs all)"
+        )
     run = per_chain if ran is None or ran.all() or not ran.any() else per_chain[ran]
     trace = res.loss_trace if ran is None or ran.all() or not ran.any() else res.loss_trace[ran]
     std = float(run.std(ddof=1)) if len(run) > 1 else float("nan")

@@ -657,7 +657,7 @@ def make_plan(
     in_some_run = set().union(*(s.moving for s in run_specs))
     G = len(run_specs) * C
     if chains is not None:
-        given = [int(g) for g in chains]
+        given = chain_indices(chains, G)
         repeated = sorted({g for g in given if given.count(g) > 1})
         if repeated:
             raise ValueError(
@@ -695,6 +695,34 @@ def make_plan(
         sampler=name,
         sampler_hyper=own,
     )
+
+
+def chain_indices(chains, num_total: int | None = None) -> list[int]:
+    """``chains`` as a list of ints; refused, naming it: not a sequence of integers, or empty outside a
+    ``torch.distributed`` process group (where a rank's share of the chains may be none: its rows stay NaN and the
+    ranks' results are combined), since a call that runs no chain returns only NaN draws. ``num_total``: the
+    number of chains, for the messages (the range is checked by :func:`make_plan`)."""
+    valid = "in [0, num_chains)" if num_total is None else f"in [0, {num_total})"
+    if isinstance(chains, str | bytes) or not isinstance(chains, Iterable):
+        raise TypeError(
+            f"chains={chains!r} is not valid; give a list of chain indices {valid}, or None for all"
+        )
+    given = list(chains)
+    bad = [g for g in given if isinstance(g, bool | np.bool_) or not isinstance(g, numbers.Integral)]
+    if bad:
+        raise TypeError(f"chains must hold int chain indices {valid}, got {given!r}")
+    if not given and not _in_process_group():
+        raise ValueError(
+            f"chains is empty: no chain would run and every draw would be NaN; give the indices of the chains to "
+            f"run, {valid}, or None to run all of them"
+        )
+    return [int(g) for g in given]
+
+
+def _in_process_group() -> bool:
+    """Whether a ``torch.distributed`` process group is initialized (chains spread over ranks)."""
+    dist = getattr(torch, "distributed", None)
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def check_checkpoint_file(checkpoint) -> None:

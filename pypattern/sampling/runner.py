@@ -28,7 +28,19 @@ from torch import nn
 
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
-from ..losses import batch_loss, check_batch, errors_naming, read_loss
+from ..losses import (
+    _lm_token_terms,
+    _on_model,
+    _output,
+    _output_loss,
+    _pair_terms,
+    batch_loss,
+    check_batch,
+    errors_naming,
+    parse_batch,
+    read_logits,
+    read_loss,
+)
 from .auto import (
     auto_arguments,
     calibrate_or_resume,
@@ -53,6 +65,7 @@ from .diagnostics import (
     MAX_SHORTFALL,
     NonFiniteLossError,
     SamplingDivergedError,
+    check_drift,
     check_mixing,
     check_relaxation,
     check_stationarity,
@@ -64,7 +77,15 @@ from .diagnostics import (
     step_bias,
     user_stacklevel,
 )
-from .plan import RunPlan, check_checkpoint_file, check_loader, check_model, default_nbeta, make_plan
+from .plan import (
+    RunPlan,
+    chain_indices,
+    check_checkpoint_file,
+    check_loader,
+    check_model,
+    default_nbeta,
+    make_plan,
+)
 from .results import SampleResult
 from .samplers import sampler_name
 from .sequential import run_sequential
@@ -133,8 +154,26 @@ def split_loss(out, argument: str = "loss_fn") -> torch.Tensor:
 def default_loss_fn(model, batch) -> torch.Tensor:
     """The batch's mean loss by the library's one rule (:func:`pypattern.losses.batch_loss`): token tensors and
     Hugging Face dicts (``input_ids``, ``attention_mask``, ``labels``) give the mean next-token cross-entropy over
-    their counted tokens; ``(x, y)`` gives cross-entropy of ``model(x)`` for integer ``y``, else mean squared error."""
-    return batch_loss(model, batch)
+    their counted tokens; ``(x, y)`` gives cross-entropy of ``model(x)`` for integer ``y``, else mean squared error.
+
+    The per-token (per-sample) losses are summed in float64 (float32 on a device without float64, MPS), so the
+    loss is float64 for a float32 model: the LLC ``nbeta (E[L(w)] - L(w*))`` reads differences of losses
+    ``nbeta`` times magnified, and a float32 mean's rounding (half a unit in the last place, about 3e-8 at a loss
+    of 0.6) shifted ``L(w*)``, shared by every draw, by 0.2 LLC units at ``nbeta = 1e7`` on a float32 MLP (0.004
+    summed in float64). The gradient is that of the float32 mean (up to rounding). A model that returns its own
+    loss has that loss returned as it is."""
+    pb = _on_model(model, parse_batch(batch))
+    out = _output(model, pb)
+    own = _output_loss(out)
+    if own is not None:
+        return own
+    logits = read_logits(out)
+    terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target, pb.inputs)
+    if terms.device.type != "mps":
+        terms = terms.double()
+    if terms.dim() == 0:
+        return terms
+    return terms.sum() / mask.sum()
 
 
 def _always(model, batch) -> bool:
@@ -342,7 +381,10 @@ def sample(
         sample size is low, and, for SGLD at a given step, when the draws fall short of their stationary value
         (the chains not yet relaxed from ``w*``) or when the step's estimated discretisation bias exceeds 10%
         (:class:`~pypattern.sampling.diagnostics.StepBiasWarning`, from the Hessian's trace at the chains' last
-        weights: a few forwards after the run).
+        weights: a few forwards after the run), and, at ``localization=0`` after a burn-in as long as the draws (a
+        calibrated step's default), when the chains keep moving away from ``w*``
+        (:class:`~pypattern.sampling.DriftWarning`: their ``|w - w*|^2`` grows from the first to the last quarter of
+        the draws, recorded at each draw, about 0.08 ms per draw for 100k parameters, only when checked).
     runs : sequence of ``(restrict_to, masks)`` pairs, optional
         Several restricted samplers in one call (instead of ``restrict_to`` and ``masks``): ``num_chains`` chains
         for each run, all batched together when ``batched`` allows (one forward and backward per step for every
@@ -364,7 +406,8 @@ def sample(
         :func:`load_checkpoint_state` before resuming: the draws in the file are not replayed.
     chains : sequence of int, optional
         Run only these chains (global indices ``r * num_chains + c``); the others' rows of the traces stay NaN.
-        :mod:`pypattern.distributed` gives each rank its share this way.
+        :mod:`pypattern.distributed` gives each rank its share this way. An empty list is refused (ValueError:
+        nothing would run), except inside a ``torch.distributed`` process group, where a rank may own no chain.
     cores : int
         Run the chains in ``cores`` groups at once, one Python thread each, with torch pinned to one intra-op
         thread (each op runs on its calling thread, so the groups use ``cores`` cores; torch releases the GIL
@@ -446,6 +489,8 @@ def sample(
                 f"checkpoint; got {', '.join(why)}"
             )
     _check_param_dtypes(model)
+    if chains is not None:  # before a step-size search: a call that runs no chain is refused first
+        chain_indices(chains)
     if checkpoint is not None:  # before a step-size search or L_n(w*)
         check_checkpoint_file(checkpoint)
     if lr is not None:  # devinterp's name for the step size
@@ -667,6 +712,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
         loss_argument=argument,
         pbar=pbar,
         keep_ends=KEPT_END_ELEMENTS if _checks_given_step(plan) else 0,
+        track_distance=_checks_drift(plan),
     )
     t0 = time.perf_counter()
     ran_batched = False
@@ -706,7 +752,26 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
                 and _checks_given_step(plan, ("sgld", "rmsprop_sgld"))
             ):
                 checks.relaxation(ends)
+            if _checks_drift(plan):
+                check_drift(
+                    st.dist[[r * C + i for i in _ran_rows(plan, r)]],
+                    localization=0.0,
+                    step_size=float(plan.hyper["step_size"]),
+                )
     return results if plan.several_runs else results[0]
+
+
+def _checks_drift(plan: RunPlan) -> bool:
+    """Whether a run's chains are checked for drift away from ``w*`` (:func:`~.diagnostics.check_drift`): nothing
+    holds them (``localization`` and ``weight_decay`` 0, no ``bounding_box``), and the draws start after as much
+    burn-in as they take (a calibrated step's default, which its trials judged the relaxation from ``w*`` with: the
+    distance's rise over earlier draws would be that relaxation), diagnostics on, not a coupled run."""
+    hyper = plan.hyper
+    unheld = (
+        not (hyper.get("localization") or hyper.get("weight_decay")) and hyper.get("bounding_box") is None
+    )
+    burnt_in = plan.calibrated or plan.num_burnin_steps >= plan.num_draws * plan.num_steps_bw_draws
+    return plan.warn_nonstationary and plan.noise_coupling == 1 and unheld and burnt_in
 
 
 #: the most elements of the chains' last weights a run at a given step keeps for its bias check (64 MB of float32)

@@ -85,6 +85,7 @@ def run_sequential(
             backend=plan.backend,
         )
         anchors = [ctx.w_star[n] for n in moving]
+        moved = [wparams[n] for n in moving]
         if isinstance(opt, SGLD):
             opt.anchors, take_step, state_of = anchors, opt.sgld_step, None
         else:  # SGNHT, RMSprop-SGLD: one group; their state goes into the checkpoint too
@@ -124,6 +125,8 @@ def run_sequential(
             d = plan.is_draw(t)
             after_step = None
             if d >= 0:
+                if ctx.track_distance:
+                    ctx.record_distance(g, d, moved, anchors)
                 after_step = ctx.at_draw(
                     g,
                     d,
