@@ -536,7 +536,9 @@ def test_gram_inputs_negative_ids_and_half_precision_refused_by_name():
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 2)).to(torch.bfloat16)
     with pytest.raises(TypeError, match="parameter '0.weight' has dtype torch.bfloat16"):
-        per_sample_grad_gram(model, lambda m, x: m(x).float().sum(-1), torch.randn(4, 3, dtype=torch.bfloat16))
+        per_sample_grad_gram(
+            model, lambda m, x: m(x).float().sum(-1), torch.randn(4, 3, dtype=torch.bfloat16)
+        )
 
 
 def test_linear_gram_pairs_positions_and_dtypes_as_given():
