@@ -241,6 +241,8 @@ def svcca(x, y, *, threshold: float = 0.99, ridge: float = 0.0, reduce: str = "m
 
     Parameters
     ----------
+    x, y : ``(n, ...)``
+        Two representations of the same ``n`` inputs (every axis after the first is a feature).
     threshold : float in (0, 1]
         Fraction of variance kept (1 keeps every direction of nonzero variance, i.e. plain CCA).
     ridge : float

@@ -468,6 +468,14 @@ def cka_matrix(
         raise TypeError(
             "xs and ys must be sequences of representations (e.g. a list of tensors), not one tensor"
         )
+    for name, v in (("xs", xs), ("ys", ys)):
+        if (v is not None or name == "xs") and (
+            isinstance(v, str | bytes | Mapping) or not isinstance(v, Sequence | Iterable)
+        ):
+            raise TypeError(
+                f"{name} is a {type(v).__name__}; give a sequence of representations (e.g. a list of tensors "
+                "(n, ...))"
+            )
     xs = [_unit_features(x, f"xs[{i}]", _min_samples(debiased), dtype)[0] for i, x in enumerate(xs)]
     ys = (
         xs
@@ -970,10 +978,15 @@ def interpretive_equivalence(
         :func:`representations`); with ``compare="implementations"`` they are not read (only checked, when given).
     sample_a, sample_b : callables ``seed -> Tensor (num_inputs, ...)``
         Representations of a random implementation of each model, on the same inputs.
+    num_trials : int
+        Trials, each drawing one implementation of each model (two comparisons per trial).
     similarity : ``"ridge"`` (:func:`ridge_similarity_cv` of the candidate from the model: ridge with an intercept,
         the penalty from ``{0.1, 1, 10}`` by leave-one-out on a random 90% of the inputs, ``sqrt(max(R^2, 0))`` of
         the held-out R^2 averaged over the candidate's features; the closeness of the authors' released code),
         ``"cka"`` (debiased linear CKA) or a callable ``(x, y) -> float``, larger = closer.
+    seed : int
+        Keys the trials: trial ``t`` calls ``sample_a(2 k)`` and ``sample_b(2 k + 1)`` with
+        ``k = seed * 100_003 + t`` (and seeds the ridge split with ``t``); ``|seed| < 2**44``.
     compare : ``"model"`` or ``"implementations"``
         What an implementation is compared with: the model itself (the paper's description, the default) or a
         second implementation of the same model (the authors' released code; see above).
@@ -1096,8 +1109,8 @@ def _check_rep_tokens(model, tokens, argument: str) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor):
         hint = (
             " (representations flattens every position, so padding would enter the features: give unpadded "
-            "sequences of one length, or pool over the real tokens with accumulated_residual(..., "
-            "attention_mask=))"
+            "sequences of one length, or pool over the real tokens with "
+            "pypattern.interpretive.accumulated_residual(..., attention_mask=))"
             if isinstance(tokens, Mapping)
             else ""
         )

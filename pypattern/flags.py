@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ._checks import model_device
+from ._checks import is_count, model_device
 from ._training import modes_kept, random_in_training, values_kept_on_error
-from .equivalence import _check_flag, _check_seed, _generator_seed
+from .equivalence import _check_flag, _generator_seed
 from .io import FormatError, Saveable, register
 from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .ridge import as_float64, float64_device
@@ -234,9 +234,20 @@ def _check_spec(spec) -> None:
         )
 
 
+def _tensor_arg(x, name: str, give: str, **kw) -> torch.Tensor:
+    """``torch.as_tensor(x, **kw)``, with a value torch cannot read as a tensor refused naming ``name``; ``give``
+    says what is expected."""
+    try:
+        return torch.as_tensor(x, **kw)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} is a {type(x).__name__} ({x!r:.80}); give {give}") from None
+
+
 def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec) -> torch.Tensor:
     """Broadcast labels ``(batch,)`` or ``(batch, pos)`` to ``(batch, pos)`` with validation."""
-    lab = torch.as_tensor(concept_labels)
+    lab = _tensor_arg(
+        concept_labels, "concept_labels", "integer concept indices (batch,) or (batch, pos), -1 for unknown"
+    )
     if lab.dtype.is_floating_point or lab.dtype == torch.bool:
         raise ValueError(f"concept_labels has dtype {lab.dtype}; give integer concept indices")
     b, t = shape
@@ -304,6 +315,8 @@ def read_flags(acts: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
     Parameters
     ----------
     acts : Tensor ``(batch, pos, d_model)``
+    spec : FlagSpec
+        Which dimensions are flags.
 
     Returns
     -------
@@ -393,12 +406,20 @@ def overwrite_flags(
     Parameters
     ----------
     acts : Tensor ``(batch, pos, d_model)``
+    spec : FlagSpec
+        Which dimensions are flags.
     values : Tensor ``(num_flags,)``, ``(batch, num_flags)`` or ``(batch, pos, num_flags)``
     mask : bool Tensor ``(batch, pos)``, optional (all positions by default)
     """
     _check_acts(acts, spec)
     b, t, _ = acts.shape
-    v = torch.as_tensor(values, dtype=acts.dtype, device=acts.device)
+    v = _tensor_arg(
+        values,
+        "values",
+        "flag values (num_flags,), (batch, num_flags) or (batch, pos, num_flags)",
+        dtype=acts.dtype,
+        device=acts.device,
+    )
     if v.dim() == 0 or v.shape[-1] != spec.num_flags:
         raise ValueError(
             f"values has shape {tuple(v.shape)}; its last dimension must be num_flags={spec.num_flags}"
@@ -417,7 +438,7 @@ def overwrite_flags(
     if mask is None:
         out[..., idx] = v
     else:
-        mask = torch.as_tensor(mask, device=acts.device)
+        mask = _tensor_arg(mask, "mask", "a bool tensor (batch, pos) or None", device=acts.device)
         if mask.dtype != torch.bool or tuple(mask.shape) != (b, t):
             raise ValueError(
                 f"mask has shape {tuple(mask.shape)} and dtype {mask.dtype}; give a bool tensor (batch, pos) = "
@@ -477,6 +498,9 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
 
     Parameters
     ----------
+    model : Transformer
+        Steered while the context is open (a hook at ``spec.hook``).
+    spec : FlagSpec
     concept : int or LongTensor ``(batch,)``
         One concept for the whole batch or one per sample.
     positions : None, int or bool Tensor ``(pos,)`` / ``(batch, pos)``
@@ -539,6 +563,7 @@ def generate(
 
     Parameters
     ----------
+    model : Transformer
     prompt : LongTensor ``(batch, prompt_len)`` or ``(prompt_len,)``
     steps : int
         ``prompt_len + steps`` must not exceed the model's ``n_ctx`` when it has learned positions.
@@ -547,6 +572,10 @@ def generate(
     positions : see :func:`steer`
     greedy : bool
         Argmax decoding; otherwise sampling at ``temperature`` with a ``torch.Generator`` seeded by ``seed``.
+    temperature : float
+        Finite and > 0; unused with ``greedy``.
+    seed : int
+        Seeds the sampling.
 
     Returns
     -------
@@ -668,8 +697,18 @@ def train_flags(
     task : Task
         Must provide the ``extra`` entries listed in the module docstring.
     spec : FlagSpec
+    stage1_steps, stage2_steps : int
+        Steps of stage 1 (producing the flags) and stage 2 (relying on them).
     aux_weight : float
         Weight of the flag loss (0 gives plain LM training in stage 1: the control).
+    switch_prob : float
+        Fraction of stage 2's sequences that switch concept.
+    batch_size, lr, weight_decay
+        AdamW's batch size, learning rate and decoupled weight decay.
+    seed : int
+        Keys the batches (a fresh batch every step).
+    log_every : int
+        Steps between recorded losses (0: none).
     checkpoint : path, optional
         A file (``.npz``, :mod:`pypattern.io`: written atomically, read without pickle) the run's state is written
         to after a step: the model's parameters and buffers, AdamW's state, the step, the logged losses, the
@@ -902,8 +941,19 @@ def probe_accuracy(
 
     Parameters
     ----------
+    model : Transformer
+    task : Task
+        A concept task (see the module docstring).
+    spec : FlagSpec
     which : {"non_flag", "flag", "all"}
         Residual dimensions the probe sees.
+    num_samples : int
+        Sequences per split (>= 1).
+    seed : int
+        The probe is fitted on ``task.sample(num_samples, seed)`` and scored on ``task.sample(num_samples,
+        seed + 1)``.
+    ridge : float
+        The probe's L2 penalty (finite, >= 0).
     only_shared_tokens : bool
         Score (and fit) only positions whose current token carries no concept (``token_concepts == -1``),
         where the concept must have been moved there from earlier positions.
@@ -929,7 +979,7 @@ def probe_accuracy(
         raise ValueError(f"which={which!r} is not valid; choose 'non_flag', 'flag' or 'all'")
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
         raise ValueError(f"num_samples={num_samples!r} is not valid; give an int >= 1 (sequences per split)")
-    _check_seed(seed)
+    seed = _generator_seed(seed)
     if (
         isinstance(ridge, bool)
         or not isinstance(ridge, numbers.Real)
@@ -1126,6 +1176,11 @@ def flag_report(
 
     Parameters
     ----------
+    model : Transformer
+        The flag-trained model.
+    task : Task
+        A concept task (see the module docstring), e.g. :class:`~pypattern.tasks.topics.TopicTask`.
+    spec : FlagSpec
     num_samples : int
         Sequences per measurement (clean data, prompts, each probe split).
     prompt_len, gen_steps : int
@@ -1135,13 +1190,16 @@ def flag_report(
     ablation : {"mean", "zero"}
     reference_model : optional
         The model before flag training; its probe numbers go to ``reference`` (erosion = before - after).
+    seed : int
+        Keys the data, the prompts, the steered concepts and the sampling (``seed`` .. ``seed + 3``, and
+        ``seed + 10`` for the probes).
 
     Both models are measured in eval mode and left in the mode they were in. A ``spec`` whose ``dims`` cover all of
     the hook's width is refused (``ValueError``): the probes read the non-flag dimensions, and there are none.
     """
     _check_spec(spec)
     spec.check(model)
-    _check_seed(seed)
+    seed = _generator_seed(seed)
     if ablation not in ("mean", "zero"):
         raise ValueError(f"ablation={ablation!r} is not valid; choose 'mean' or 'zero'")
     _check_concept_task(task, spec)
@@ -1150,15 +1208,17 @@ def flag_report(
         if m is not None:
             _check_probe_width(m, spec, "non_flag", "flag_report")
     seq_len = getattr(task, "n_ctx", None)
-    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 2:
+    if not is_count(prompt_len) or prompt_len < 2:
         raise ValueError(
             f"prompt_len={prompt_len!r} is not valid; give an int >= 2 (a prompt whose last position has a concept)"
         )
+    prompt_len = int(prompt_len)
     if seq_len is not None and prompt_len > seq_len:
         raise ValueError(f"prompt_len={prompt_len} is longer than the task's sequences ({seq_len} tokens)")
     for name, v, least in (("num_samples", num_samples, 2), ("gen_steps", gen_steps, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        if not is_count(v) or v < least:
             raise ValueError(f"{name}={v!r} is not valid; give an int >= {least}")
+    num_samples, gen_steps = int(num_samples), int(gen_steps)
     cfg = getattr(model, "cfg", None)
     n_ctx = getattr(cfg, "max_positions", getattr(cfg, "n_ctx", None))
     if isinstance(n_ctx, int) and prompt_len + gen_steps > n_ctx:

@@ -942,6 +942,9 @@ def reweight(
     batch_size : int, optional
         Samples per batch of the ``"sampler"`` loader: default the given DataLoader's, else 32 (a DataLoader that
         yields samples one by one, ``batch_size=None``, gives batches of 32 collated by torch's default).
+    num_samples : int, optional
+        ``mode="sampler"`` only: samples drawn per epoch (>= 1); default the number of rows the given data reads
+        in an epoch.
     generator : torch.Generator, optional
         ``mode="sampler"`` only: the random source of the weighted draws. Default: a DataLoader's own
         ``generator`` (the one its shuffling drew from; the global one when it has none). A DataLoader's

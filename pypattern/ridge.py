@@ -448,6 +448,9 @@ def ridge_similarity_cv(
         large scale hardly at all (see :func:`ridge_cv`). To compare representations of different scales, choose
         the grid relative to each (e.g. around the mean eigenvalue of the centred scatter ``||Xc||_F^2 / p``) or
         standardise them first. The similarity does not change with the scale of the targets.
+    train_fraction : float
+        Fraction of the samples, in (0, 1), the penalty is chosen and the fit made on (by leave-one-out); the
+        rest score it.
     seed : int
         Draws the split.
     sqrt : bool

@@ -120,9 +120,12 @@ def _hooked_if_hf(model):
 
 def _layers(model) -> int:
     n = model.cfg.n_layers if hasattr(model, "cfg") else getattr(model, "n_layers", None)
-    if not isinstance(n, int):
-        raise ValueError("the model has no number of layers: give HookedModule(..., n_layers=...)")
-    return n
+    if not is_count(n):
+        raise ValueError(
+            "the model has no number of layers: wrap it as pypattern.models.HookedModule(module, hook_points, "
+            "n_layers=...)"
+        )
+    return int(n)
 
 
 def resolve_corruption(corrupted_tokens, corruption):
@@ -899,6 +902,7 @@ def _activation_patching(
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
     )
+    window = int(window)  # a numpy integer too (make_cells checked it): recorded as an int
     site_hooks = sorted({hook_name(site, layer) for c in cells for layer in c.layers})
 
     def grid_of(runs: PatchingRuns) -> _Grid:

@@ -30,8 +30,9 @@ import torch
 from .._checks import is_count
 from .._memory import keep_freed_heap
 from .._training import frozen_parameters
-from ..models.packed import block_weight_bytes
+from ..models.packed import block_weight_bytes, pack_budget
 from .api import (
+    check_batch_limits,
     check_corruption_tokens,
     check_finite_examples,
     check_tokens,
@@ -269,6 +270,7 @@ def attribution_patching(
     qk_fix: bool = False,
     grad_drop: bool = False,
     max_batch: int | None = None,
+    max_memory: int | None = None,
 ) -> dict[str, PatchResult]:
     """AtP (or AtP* with ``qk_fix=True, grad_drop=True``) for every cell of every site in ``sites``.
 
@@ -289,6 +291,13 @@ def attribution_patching(
     prompts), computed once, in parts of ``max_batch``, before the parts run. On a CPU where oneDNN's matmul is
     the faster (:mod:`pypattern.models.packed`), weights used for many rows are packed for it: at most one copy of
     the blocks' weights on top.
+
+    ``max_memory`` (bytes) bounds the same parts by memory: the prompts per forward and backward are lowered (to
+    at least 1) so that an estimate of what they keep for the backward (:func:`atp_prompt_bytes`: every layer's
+    activations, the logits at the metric position and the metric's temporaries) stays within it, next to
+    ``max_batch`` when both are given; packed weight copies come out of it too
+    (:func:`~pypattern.models.packed.pack_budget`, as in :func:`shortlist_and_confirm`'s exact stage). Splitting
+    needs a :class:`~pypattern.patching.metrics.Metric`, as with ``max_batch``.
 
     Returns
     -------
@@ -316,7 +325,7 @@ def attribution_patching(
             "; convert a Hugging Face model with pypattern.from_hf(model)" if is_hf_causal_lm(model) else ""
         )
         raise TypeError(
-            f"attribution_patching needs pypattern's Transformer, got {type(model).__name__}{hint}"
+            f"model is a {type(model).__name__}; attribution_patching needs pypattern's Transformer{hint}"
         )
     if isinstance(sites, str):
         sites = [sites]
@@ -347,18 +356,24 @@ def attribution_patching(
             )
     warn_if_no_op("attribution_patching", clean_tokens, corrupted_tokens, corruption, metric)
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
-    if max_batch is not None:
-        if not is_count(max_batch) or max_batch < 1:
-            raise ValueError(f"max_batch={max_batch!r} is not valid; give a positive int or None")
-        max_batch = int(max_batch)
-        if check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape[0] > max_batch:
-            with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
-                out = _atp_in_parts(model, clean_tokens, corrupted_tokens, metric, corruption, max_batch, kw)
+    check_batch_limits(max_batch, max_memory)
+    # weights used for many rows (GradDrop's backward passes) may be packed for oneDNN: one copy of the weights,
+    # within max_memory when it is given
+    packs = block_weight_bytes(model) if max_memory is None else pack_budget(model, max_memory)
+    if max_batch is not None or max_memory is not None:
+        B, T = check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape
+        budget = None if max_memory is None else max_memory - packs
+        batch = _atp_batch(model, T, metric, max_batch, budget, grad_drop)
+        if B > batch:
+            limit = "max_batch" if budget is None or batch == max_batch else "max_memory"
+            with model.fixed_weights(max_pack_bytes=packs):
+                out = _atp_in_parts(
+                    model, clean_tokens, corrupted_tokens, metric, corruption, batch, kw, limit=limit
+                )
             _check_corrupted_run(out)
             _warn_if_no_gradient(out, direction, metric)
             return out
-    # weights used for many rows (GradDrop's backward passes) may be packed for oneDNN: one copy of the weights
-    with model.fixed_weights(max_pack_bytes=block_weight_bytes(model)):
+    with model.fixed_weights(max_pack_bytes=packs):
         out = _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
     _check_corrupted_run(out)
     _warn_if_no_gradient(out, direction, metric)
@@ -411,17 +426,59 @@ def _warn_if_no_gradient(out: dict, direction: str, metric) -> None:
         )
 
 
+def atp_prompt_bytes(model, seq_len: int, metric, grad_drop: bool = False) -> int:
+    """Memory that one prompt of ``seq_len`` positions adds to :func:`attribution_patching`'s forwards and
+    backward, an estimate: the target run keeps every layer's activations for the backward, the source run's
+    activations and the gradients at the hook points are kept next to them (about as many again each; GradDrop's
+    passes one more set), each layer's from :func:`~pypattern.patching.engine.bytes_per_cell`; and at the metric
+    position, the logits over the vocabulary of the clean, corrupted and target runs and their gradient, and the
+    metric's temporaries three times (its forward's, those its backward keeps and the backward's own;
+    :func:`~pypattern.patching.engine.metric_row_bytes`)."""
+    from .engine import bytes_per_cell, metric_row_bytes
+
+    cfg = model.cfg
+    dtype = next(model.parameters()).dtype
+    item = max(
+        torch.empty((), dtype=dtype).element_size(), 4
+    )  # a 16-bit model's metric is computed in float32
+    acts = (4 if grad_drop else 3) * cfg.n_layers * bytes_per_cell(cfg, 1, seq_len, dtype)
+    device = next(model.parameters()).device
+    one = metric.select(slice(0, 1)) if isinstance(metric, Metric) else metric
+    if isinstance(
+        one, KL
+    ):  # counted bound to a clean row, as the runs bind it (a copy: the metric is untouched)
+        one.bind(torch.zeros(1, cfg.d_vocab, dtype=dtype, device=device))
+    x = torch.zeros(1, cfg.d_model, dtype=dtype, device=device)
+    return int(acts + 4 * cfg.d_vocab * item + 3 * metric_row_bytes(model, x, one))
+
+
+def _atp_batch(model, seq_len: int, metric, max_batch, max_memory, grad_drop: bool) -> int:
+    """Prompts per forward and backward of :func:`attribution_patching`: ``max_batch`` (checked), lowered so that
+    :func:`atp_prompt_bytes` of them stays within ``max_memory`` bytes (at least 1); no bound is a huge count."""
+    batch = 2**62 if max_batch is None else int(max_batch)
+    if max_memory is not None:
+        batch = min(batch, max(1, int(max_memory // atp_prompt_bytes(model, seq_len, metric, grad_drop))))
+    return batch
+
+
 def _atp_in_parts(
-    model, clean_tokens, corrupted_tokens, metric, corruption, max_batch: int, kw: dict
+    model,
+    clean_tokens,
+    corrupted_tokens,
+    metric,
+    corruption,
+    max_batch: int,
+    kw: dict,
+    limit: str = "max_batch",
 ) -> dict:
     """:func:`attribution_patching` over consecutive parts of at most ``max_batch`` prompts (``clean_tokens``
-    already checked), joined."""
+    already checked), joined; ``limit`` names the argument that made the parts."""
     import dataclasses
 
     if not isinstance(metric, Metric):
         raise ValueError(
-            f"max_batch needs a Metric (LogitDiff, Prob, LogProb, KL), whose per-example answers are split with "
-            f"the prompts; got metric of type {type(metric).__name__} (give max_batch=None)"
+            f"{limit} needs a Metric (LogitDiff, Prob, LogProb, KL), whose per-example answers are split with "
+            f"the prompts; got metric of type {type(metric).__name__} (give {limit}=None)"
         )
     cfg = model.cfg
     corruption = resolve_corruption(corrupted_tokens, corruption)
@@ -434,7 +491,7 @@ def _atp_in_parts(
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B and name not in split:
             raise ValueError(
                 f"metric.{name} has {B} entries, one per prompt: list it in {type(metric).__name__}.per_example "
-                f"so that max_batch splits it with the prompts, or give max_batch=None"
+                f"so that {limit} splits it with the prompts, or give {limit}=None"
             )
     noise = None
     if isinstance(corruption, GaussianNoise):  # drawn once for all the prompts, as a single pass draws it
@@ -742,8 +799,12 @@ def shortlist_and_confirm(
 
     Parameters
     ----------
+    model, site, clean_tokens, metric
+        As in :func:`~pypattern.patching.activation_patching` (``site`` one site name).
     corrupted_tokens, corruption, direction, per_position
         As in :func:`~pypattern.patching.activation_patching`, the same for both stages.
+    k : int
+        Cells confirmed by exact patching: the ``k`` ranked highest by AtP.
     qk_fix, grad_drop
         AtP* 's corrections (:func:`attribution_patching`) in the shortlisting stage. With ``grad_drop`` the cells
         are ranked by their GradDrop score averaged over the examples (``info["graddrop"]``, AtP*'s ranking),
@@ -763,11 +824,11 @@ def shortlist_and_confirm(
         metric scale: ``m_patched - m_target``; ``pos`` only per position; ties in grid order).
     """
     from ..models.convert import converted_if_convertible
-    from ..models.packed import pack_budget
-    from .api import _exact_or_naive, _naive, check_batch_limits, engine_on_runs, prepare_runs
+    from .api import _exact_or_naive, _naive, engine_on_runs, prepare_runs
 
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_count(k) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
+    k = int(k)
     check_batch_limits(max_batch, max_memory)
     warn_half_precision(model, "patching", "shortlist_and_confirm")
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from .._checks import refuse_meta
+from .._checks import is_count, refuse_meta
 
 __all__ = [
     "Metric",
@@ -104,6 +104,41 @@ def first_order_says_nothing(peak: float, size: float, change: float, tol: float
     return peak <= tol * max(1.0, size) and change > tol * size and peak <= tol * change
 
 
+def _position_arg(position):
+    """A metric's ``position`` checked: an int (numpy's, or a 0-d integer tensor: the int it holds) or per-example
+    integer positions (a 1-D integer tensor, array, list or tuple, kept as given); anything else is refused by
+    name."""
+    bad = (
+        f"position={position!r} is not valid; give an int (negative counts from the end) or per-example int "
+        "positions (a LongTensor (batch,))"
+    )
+    if is_count(position):
+        return int(position)
+    if isinstance(position, bool | np.bool_):
+        raise ValueError(bad)
+    if isinstance(position, list | tuple | np.ndarray):
+        try:
+            position_t = torch.as_tensor(np.asarray(position))
+        except (TypeError, ValueError, RuntimeError):  # ragged, or not numbers
+            raise TypeError(bad) from None
+    elif isinstance(position, torch.Tensor):
+        position_t = position
+    else:
+        raise TypeError(bad)
+    if position_t.dtype == torch.bool or not position_t.numel():
+        raise ValueError(f"{bad}; got {'bool values' if position_t.numel() else 'no positions'}")
+    if position_t.is_floating_point() or position_t.is_complex():
+        raise TypeError(
+            f"metric.position must be an int or integer positions, got {position_t.dtype} values (they would be "
+            f"truncated): {bad}"
+        )
+    if position_t.dim() == 0:  # one position given as a 0-d integer tensor (or array) is the int it holds
+        return int(position_t)
+    if position_t.dim() != 1 or not position_t.numel():
+        raise ValueError(f"{bad}; got shape {tuple(position_t.shape)}")
+    return position  # per-example positions, kept as given
+
+
 class Metric:
     """Base class. ``position``: int (the same for every example; negative counts from the end) or a LongTensor
     ``(batch,)`` of per-example positions. ``__call__(logits (..., batch, vocab)) -> (..., batch)``."""
@@ -111,16 +146,7 @@ class Metric:
     name = "metric"
 
     def __init__(self, position: int | torch.Tensor = -1) -> None:
-        if isinstance(position, bool) or (
-            isinstance(position, torch.Tensor) and position.dtype == torch.bool
-        ):
-            raise ValueError(f"position={position!r} is not valid; give an int or per-example int positions")
-        # one position given as a numpy integer or a 0-d integer tensor is the int it holds
-        if isinstance(position, np.integer) or (
-            isinstance(position, torch.Tensor) and position.dim() == 0 and not position.is_floating_point()
-        ):
-            position = int(position)
-        self.position = position
+        self.position = _position_arg(position)
 
     #: attributes that hold one entry per example (first dimension ``batch``); :meth:`select` indexes them
     per_example: tuple[str, ...] = ()
@@ -277,12 +303,20 @@ def metric_positions(metric: Metric, batch: int, seq_len: int):
     """The metric's read-out position(s) for prompts ``(batch, seq_len)``, made non-negative: an int, or a
     LongTensor ``(batch,)``. Raises ValueError when out of range or of the wrong shape."""
     pos = getattr(metric, "position", -1)  # a plain callable reads the last position
+    if is_count(pos):  # a numpy integer too
+        pos = int(pos)
     if isinstance(pos, int):
         if not -seq_len <= pos < seq_len:
             raise ValueError(f"metric.position={pos} is out of range for prompts of {seq_len} positions")
         return pos % seq_len
     if not isinstance(pos, torch.Tensor):  # a list or array of positions (a tensor keeps its device)
-        pos = torch.as_tensor(pos, device="cpu")
+        try:
+            pos = torch.as_tensor(pos, device="cpu")
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"metric.position={pos!r} is not valid; give an int or per-example int positions (a LongTensor "
+                f"({batch},))"
+            ) from None
     if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
         raise TypeError(
             f"metric.position must be an int or integer positions, got {pos.dtype} values (they would be truncated)"

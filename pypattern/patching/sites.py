@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import is_count
+
 __all__ = [
     "SITES",
     "HEAD_SITES",
@@ -165,8 +167,9 @@ def make_cells(
     """The grid of cells: returns ``(cells, axes, coords, shape)``; cells are in row-major grid order.
 
     ``n_heads`` is the number of heads of the site (:func:`site_heads`: key/value heads for ``k``/``v``)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    if not is_count(window) or window < 1:
         raise ValueError(f"window={window!r} is not valid; give an int >= 1")
+    window = int(window)
     if window > n_layers:
         raise ValueError(f"window={window} is longer than the model's {n_layers} layers; give 1..{n_layers}")
     layers = list(range(n_layers - window + 1)) if layers is None else _ints(layers, "layers")

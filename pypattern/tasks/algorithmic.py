@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _logits, generator
+from .base import IGNORE, Task, TaskBatch, _logits, count_arg, fraction_arg, generator
 
 __all__ = [
     "SEQ_LEN",
@@ -181,16 +181,16 @@ class RoutineTask(Task):
     default_lr = 3e-3
 
     def __init__(self, routine: str, pipeline_fraction: float = 0.5) -> None:
-        if routine not in ROUTINES:
+        if not isinstance(routine, str) or routine not in ROUTINES:
             raise ValueError(f"routine={routine!r} is not known; choose one of {sorted(ROUTINES)}")
-        if not 0 <= pipeline_fraction <= 1:
-            raise ValueError(f"pipeline_fraction must be in [0, 1], got {pipeline_fraction}")
+        pipeline_fraction = fraction_arg(pipeline_fraction, "pipeline_fraction")
         self.routine = routine
         self.name = f"routine_{routine}"
         self.pipeline_fraction = pipeline_fraction
 
     def inputs(self, num_samples: int, seed: int | None = None) -> torch.Tensor:
         """``(num_samples, 10)`` training inputs (see the class docstring)."""
+        num_samples = count_arg(num_samples, "num_samples")
         g = generator(seed)
         x = torch.randint(0, VOCAB, (num_samples, SEQ_LEN), generator=g)
         if self.pipeline_fraction > 0:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .._checks import is_count, is_real
+
 __all__ = ["TaskBatch", "Task", "per_sample_loss", "IGNORE", "generator"]
 
 IGNORE = -100
@@ -102,8 +104,26 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
     return read_logits(model(tokens))
 
 
-def generator(seed: int | None) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``seed``, or from torch's global generator when ``seed`` is None."""
+def generator(seed: int | None, name: str = "seed") -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed`` (an int, numpy's too, in ``[-2**63, 2**64)``), or from
+    torch's global generator when ``seed`` is None; another value is refused naming ``name``."""
+    if seed is not None and (not is_count(seed) or not -(2**63) <= seed < 2**64):
+        raise ValueError(f"{name}={seed!r} is not valid; give an int in [-2**63, 2**64) or None")
     g = torch.Generator()
-    g.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+    g.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed))
     return g
+
+
+def count_arg(value, name: str, least: int = 0) -> int:
+    """``value`` (passed as ``name``) as an int >= ``least`` (numpy's integers too; not a bool), else refused."""
+    if not is_count(value) or value < least:
+        raise ValueError(f"{name}={value!r} is not valid; give an int >= {least}")
+    return int(value)
+
+
+def fraction_arg(value, name: str, upper_open: bool = False) -> float:
+    """``value`` (passed as ``name``) as a float in ``[0, 1]`` (``[0, 1)`` with ``upper_open``; numpy's numbers
+    too; not a bool), else refused."""
+    if not is_real(value) or not 0.0 <= value <= 1.0 or (upper_open and value == 1.0):
+        raise ValueError(f"{name}={value!r} is not valid; give a number in [0, 1{')' if upper_open else ']'}")
+    return float(value)

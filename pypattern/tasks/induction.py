@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _logits, generator
+from .._checks import is_count
+from .base import IGNORE, Task, TaskBatch, _logits, count_arg, generator
 
 __all__ = [
     "InductionTask",
@@ -42,8 +43,9 @@ class InductionTask(Task):
     name = "induction"
 
     def __init__(self, d_vocab: int = 64, seq_len: int = 33, repeat_len: int | None = None) -> None:
-        if d_vocab < 3:
-            raise ValueError(f"d_vocab={d_vocab} is not valid; give at least 3")
+        d_vocab, seq_len = count_arg(d_vocab, "d_vocab", 3), count_arg(seq_len, "seq_len")
+        if repeat_len is not None and not is_count(repeat_len):
+            raise ValueError(f"repeat_len={repeat_len!r} is not valid; give an int or None")
         longest = (seq_len - 1) // 2  # the two copies fit after BOS
         if longest < 2:
             raise ValueError(
@@ -51,14 +53,14 @@ class InductionTask(Task):
                 "seq_len >= 5 (BOS included)"
             )
         self.d_vocab, self.n_ctx = d_vocab, seq_len
-        self.repeat_len = max(2, (seq_len - 1) // 3) if repeat_len is None else repeat_len
+        self.repeat_len = max(2, (seq_len - 1) // 3) if repeat_len is None else int(repeat_len)
         if not 2 <= self.repeat_len <= longest:
             raise ValueError(f"repeat_len={repeat_len} is not valid for seq_len={seq_len}; give 2..{longest}")
         self.bos = d_vocab - 1
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
+        n, T, k = count_arg(num_samples, "num_samples"), self.n_ctx, self.repeat_len
         g = generator(seed)
-        n, T, k = num_samples, self.n_ctx, self.repeat_len
         body = torch.randint(0, self.d_vocab - 1, (n, T - 1), generator=g)
         # distance d = j - i uniform over every value that fits, then the source start i uniform: a head that
         # attends at a fixed distance cannot solve the task
@@ -96,6 +98,12 @@ class InductionTask(Task):
 
 def repeated_tokens(d_vocab: int, half_len: int, num_samples: int, seed: int = 0, bos: int | None = None):
     """``[BOS, x_1..x_n, x_1..x_n]`` with distinct random ``x`` (no accidental repeats): ``(num_samples, 2n+1)``."""
+    d_vocab, half_len = count_arg(d_vocab, "d_vocab", 2), count_arg(half_len, "half_len", 1)
+    num_samples = count_arg(num_samples, "num_samples", 1)
+    if half_len > d_vocab - 1:
+        raise ValueError(
+            f"half_len={half_len} is not valid; give at most d_vocab - 1 = {d_vocab - 1} (distinct tokens)"
+        )
     g = generator(seed)
     bos = d_vocab - 1 if bos is None else bos
     x = torch.stack([torch.randperm(d_vocab - 1, generator=g)[:half_len] for _ in range(num_samples)])
@@ -113,6 +121,8 @@ def induction_probe(d_vocab: int, n_ctx: int, half_len: int = 8, num_samples: in
         Positions of the second copy, of the token after each one's earlier occurrence, and of the position
         before each destination.
     """
+    d_vocab, n_ctx = count_arg(d_vocab, "d_vocab", 3), count_arg(n_ctx, "n_ctx", 3)
+    half_len, num_samples = count_arg(half_len, "half_len", 1), count_arg(num_samples, "num_samples", 1)
     g = generator(seed)
     n = min(half_len, (n_ctx - 1) // 2, (d_vocab - 1) // 2)
     max_gap = min(n_ctx - 1 - 2 * n, d_vocab - 1 - n)
@@ -142,6 +152,16 @@ def _head_scores(model, tokens: torch.Tensor, dest: torch.Tensor, src: torch.Ten
     return out
 
 
+def _check_model(model, fn: str) -> None:
+    """``model`` reads as pypattern's model for ``fn``: its ``cfg`` gives ``d_vocab`` and ``n_ctx``."""
+    cfg = getattr(model, "cfg", None)
+    if not callable(model) or not all(hasattr(cfg, a) for a in ("d_vocab", "n_ctx")):
+        raise TypeError(
+            f"model is a {type(model).__name__}; {fn} needs a hooked model with cfg.d_vocab and cfg.n_ctx "
+            "(pypattern's Transformer)"
+        )
+
+
 @torch.no_grad()
 def prefix_matching_score(model, half_len: int = 8, num_samples: int = 32, seed: int = 0) -> torch.Tensor:
     """Mean attention from each token of a repeated segment to the token *after* its earlier occurrence.
@@ -149,6 +169,7 @@ def prefix_matching_score(model, half_len: int = 8, num_samples: int = 32, seed:
     Measured on :func:`induction_probe` prompts (random gaps, so fixed-distance heads do not score); near 1
     for an induction head. Returns ``(n_layers, n_heads)``.
     """
+    _check_model(model, "prefix_matching_score")
     tokens, dest, src, _ = induction_probe(model.cfg.d_vocab, model.cfg.n_ctx, half_len, num_samples, seed)
     return _head_scores(model, tokens, dest, src)
 
@@ -157,5 +178,6 @@ def prefix_matching_score(model, half_len: int = 8, num_samples: int = 32, seed:
 def previous_token_score(model, half_len: int = 8, num_samples: int = 32, seed: int = 0) -> torch.Tensor:
     """Mean attention from each position of the repeated segment to the position before it:
     ``(n_layers, n_heads)``."""
+    _check_model(model, "previous_token_score")
     tokens, dest, _, prev = induction_probe(model.cfg.d_vocab, model.cfg.n_ctx, half_len, num_samples, seed)
     return _head_scores(model, tokens, dest, prev)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, generator
+from .base import IGNORE, Task, TaskBatch, count_arg, generator
 
 __all__ = ["IOITask", "symmetric_pairs"]
 
@@ -28,16 +28,15 @@ class IOITask(Task):
     template = ("BOS", "A", "f", "B", "f", "f", "S")
 
     def __init__(self, n_names: int = 8, n_fillers: int = 8) -> None:
-        if n_names < 2:
-            raise ValueError(f"n_names={n_names} is not valid; give at least 2")
+        n_names, n_fillers = count_arg(n_names, "n_names", 2), count_arg(n_fillers, "n_fillers", 1)
         self.n_names, self.n_fillers = n_names, n_fillers
         self.bos = n_names + n_fillers
         self.d_vocab = n_names + n_fillers + 1
         self.n_ctx = len(self.template)
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
+        n = count_arg(num_samples, "num_samples")
         g = generator(seed)
-        n = num_samples
         a = torch.randint(0, self.n_names, (n,), generator=g)
         b = (a + torch.randint(1, self.n_names, (n,), generator=g)) % self.n_names
         subj_is_a = torch.rand(n, generator=g) < 0.5
@@ -56,6 +55,10 @@ class IOITask(Task):
 
         Parameters
         ----------
+        num_samples : int
+            Prompt pairs.
+        seed : int or None
+            Draws the prompts (and, with ``"abc"``, the third names, from ``seed + 7919``).
         corruption : {"subject", "abc"}
             ``"subject"``: the final subject is swapped for the other name (symmetric token replacement; the
             answer flips). ``"abc"``: the *earlier* mention of the subject is replaced by a third name ``C``, so

@@ -26,7 +26,8 @@ import itertools
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, _logits, generator
+from .._checks import is_count
+from .base import IGNORE, Task, TaskBatch, _logits, count_arg, fraction_arg, generator
 
 __all__ = [
     "ParenthesesTask",
@@ -90,8 +91,9 @@ class ParenthesesTask(Task):
     default_batch_size = 128
 
     def __init__(self, length: int = 12, p_balanced: float = 0.5) -> None:
-        if length < 4 or length % 2 or length > 20:
-            raise ValueError(f"length={length} is not valid; give an even number in 4..20")
+        if not is_count(length) or length < 4 or length % 2 or length > 20:
+            raise ValueError(f"length={length!r} is not valid; give an even number in 4..20")
+        length, p_balanced = int(length), fraction_arg(p_balanced, "p_balanced")
         self.length, self.n_ctx, self.p_balanced = length, length + 2, p_balanced
         allstr = torch.tensor(list(itertools.product([OPEN, CLOSE], repeat=length)), dtype=torch.long)
         eq, md = _equal_counts(allstr), _min_depth(allstr)
@@ -111,6 +113,7 @@ class ParenthesesTask(Task):
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
         """Training distribution: balanced strings and strings with unequal counts (``extra["kind"]`` 1 / 0)."""
+        num_samples = count_arg(num_samples, "num_samples")
         g = generator(seed)
         bal = torch.rand(num_samples, generator=g) < self.p_balanced
         a, b = self._sets["balanced"], self._sets["unequal"]
@@ -163,6 +166,10 @@ def algorithm_scores(
 ) -> dict:
     """Agreement of the model with each algorithm in :data:`ALGORITHMS`, and which one it implements.
 
+    ``num_train`` fresh training samples are drawn with ``seed``; ``threshold`` and ``fit_threshold`` (in
+    ``[0, 1]``) are the agreement and training accuracy that name an algorithm (:data:`IDENTIFY_THRESHOLD`,
+    :data:`FIT_THRESHOLD`).
+
     Returns a dict with ``"train/<alg>"`` (agreement on fresh training-distribution samples, where every
     algorithm is correct), ``"probe/<alg>"`` (agreement on all held-out probes), ``"probe_<kind>/<alg>"`` for
     ``"open_first_negative"``, ``"close_first"`` and each of :data:`PROBE_CELLS`, ``"cells/<alg>"`` (the mean
@@ -171,6 +178,15 @@ def algorithm_scores(
     accuracy is at least ``fit_threshold`` and its ``cells/`` agreement with ``"best"`` at least ``threshold``,
     else ``"other"`` (it does not fit the training data, or fits it with none of the listed algorithms).
     """
+    if not isinstance(task, ParenthesesTask):
+        raise TypeError(f"task is a {type(task).__name__}; give a ParenthesesTask")
+    if not callable(model):
+        raise TypeError(f"model is a {type(model).__name__}; give a model trained on the task")
+    num_train = count_arg(num_train, "num_train", 1)
+    threshold, fit_threshold = (
+        fraction_arg(threshold, "threshold"),
+        fraction_arg(fit_threshold, "fit_threshold"),
+    )
     out: dict = {}
     train = task.sample(num_train, seed=seed)
     pred = task.predict(model, train)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import IGNORE, Task, TaskBatch, generator
+from .base import IGNORE, Task, TaskBatch, count_arg, fraction_arg, generator
 
 __all__ = ["TopicTask"]
 
@@ -84,13 +84,13 @@ class TopicTask(Task):
             ("seq_len", seq_len, 4),  # BOS, min_prefix >= 1 token, the switch and one token after it
             ("min_prefix", min_prefix, 1),
         ):
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name}={v!r} is not valid; give an int >= {lo}")
-        if not 0.0 <= shared_prob < 1.0:
-            raise ValueError(f"shared_prob={shared_prob!r} is not valid; give a value in [0, 1)")
+            count_arg(v, name, lo)
+        num_topics, tokens_per_topic, num_shared = int(num_topics), int(tokens_per_topic), int(num_shared)
+        seq_len, min_prefix = int(seq_len), int(min_prefix)
+        shared_prob = fraction_arg(shared_prob, "shared_prob", upper_open=True)
         if num_shared == 0 and shared_prob > 0:
             raise ValueError(f"shared_prob={shared_prob!r} needs num_shared >= 1 (got num_shared=0)")
-        self._check_switch_prob(switch_prob)
+        switch_prob = self._check_switch_prob(switch_prob)
         if min_prefix + 1 > seq_len - 2:
             raise ValueError(
                 f"min_prefix={min_prefix} is too large for seq_len={seq_len}; give at most {seq_len - 3}, or "
@@ -108,9 +108,8 @@ class TopicTask(Task):
         self.token_concepts = tc
 
     @staticmethod
-    def _check_switch_prob(p: float) -> None:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"switch_prob={p!r} is not valid; give a value in [0, 1]")
+    def _check_switch_prob(p: float) -> float:
+        return fraction_arg(p, "switch_prob")
 
     @property
     def num_concepts(self) -> int:
@@ -124,10 +123,9 @@ class TopicTask(Task):
         self, num_samples: int, seed: int | None = None, switch_prob: float | None = None
     ) -> TaskBatch:
         """Draw ``num_samples`` sequences (see the class docstring); ``switch_prob`` overrides the task's."""
-        p_switch = self.switch_prob if switch_prob is None else switch_prob
-        self._check_switch_prob(p_switch)
+        p_switch = self._check_switch_prob(self.switch_prob if switch_prob is None else switch_prob)
         g = generator(seed)
-        n, T, K, C = num_samples, self.n_ctx, self.tokens_per_topic, self.num_topics
+        n, T, K, C = count_arg(num_samples, "num_samples"), self.n_ctx, self.tokens_per_topic, self.num_topics
         concept = torch.randint(0, C, (n,), generator=g)
         other = (concept + torch.randint(1, C, (n,), generator=g)) % C
         switches = torch.rand(n, generator=g) < p_switch

@@ -13,7 +13,7 @@ import torch
 from .._checks import model_device
 from .._training import random_in_training, values_kept_on_error
 from ..losses import read_logits
-from .base import Task, TaskBatch, generator
+from .base import Task, TaskBatch, count_arg, generator
 
 __all__ = ["train", "TrainResult"]
 
@@ -46,16 +46,30 @@ def train(
 
     Parameters
     ----------
+    model : torch.nn.Module
+        Trained in place.
+    task : Task
+        Draws the training data (:meth:`Task.sample`) and scores it (:meth:`Task.per_sample_loss`).
+    steps : int
+        AdamW steps (0: no training).
     batch_size, lr : optional
         Default to the task's ``default_batch_size`` / ``default_lr`` (64 and 3e-3 unless the task says).
     data : TaskBatch, optional
         A fixed training set; with ``num_samples`` one is drawn from the task; with neither, every step draws
         a fresh batch (online training).
+    weight_decay : float
+        AdamW's decoupled weight decay.
+    num_samples : int, optional
+        Size of a fixed training set drawn from the task (with ``seed + 1``) when ``data`` is not given.
     sample_weights : Tensor ``(num_samples,)``, Intervention or callable ``step ->`` either, optional
         Non-negative per-sample loss weights over the fixed training set (an Intervention's ``weights``; requires ``data`` or
         ``num_samples``); normalised to mean 1, the minibatch loss is ``mean(w_i * loss_i)``, an unbiased
         estimate of the re-weighted data distribution's loss. A callable is called at every step (online
         re-weighting).
+    seed : int
+        Keys the batches drawn from the fixed set or the task, and the fixed set itself.
+    log_every : int
+        Steps between recorded losses (0: none recorded; the last step is recorded too).
     callback : callable ``(step, model)``, optional
         Called after every step.
     checkpoint : path, optional
@@ -85,8 +99,13 @@ def train(
     -------
     TrainResult
     """
-    if steps < 0:
-        raise ValueError(f"steps={steps} is not valid; give >= 0")
+    steps, log_every = count_arg(steps, "steps"), count_arg(log_every, "log_every")
+    if num_samples is not None:
+        num_samples = count_arg(num_samples, "num_samples", 1)
+    if batch_size is not None:
+        batch_size = count_arg(batch_size, "batch_size", 1)
+    generator(seed)  # checked before any step
+    seed = int(seed)
     from .._train_checkpoint import TrainingSteps, check_checkpoint_arg
 
     check_checkpoint_arg(checkpoint, quiet)
