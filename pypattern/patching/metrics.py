@@ -116,26 +116,33 @@ def _position_arg(position):
         return int(position)
     if isinstance(position, bool | np.bool_):
         raise ValueError(bad)
-    if isinstance(position, list | tuple | np.ndarray):
+    if isinstance(
+        position, list | tuple | np.ndarray
+    ):  # read with numpy: no tensor is made before the run's device
         try:
-            position_t = torch.as_tensor(np.asarray(position))
-        except (TypeError, ValueError, RuntimeError):  # ragged, or not numbers
+            arr = np.asarray(position)
+        except (TypeError, ValueError):  # ragged
             raise TypeError(bad) from None
+        kind, numel, shape, dtype = arr.dtype.kind, arr.size, arr.shape, arr.dtype
+        if kind not in "biufc":  # not numbers
+            raise TypeError(bad)
+        is_bool, is_real = kind == "b", kind in "fc"
     elif isinstance(position, torch.Tensor):
-        position_t = position
+        numel, shape, dtype = position.numel(), tuple(position.shape), position.dtype
+        is_bool, is_real = dtype == torch.bool, position.is_floating_point() or position.is_complex()
     else:
         raise TypeError(bad)
-    if position_t.dtype == torch.bool or not position_t.numel():
-        raise ValueError(f"{bad}; got {'bool values' if position_t.numel() else 'no positions'}")
-    if position_t.is_floating_point() or position_t.is_complex():
+    if is_bool or not numel:
+        raise ValueError(f"{bad}; got {'bool values' if numel else 'no positions'}")
+    if is_real:
         raise TypeError(
-            f"metric.position must be an int or integer positions, got {position_t.dtype} values (they would be "
+            f"metric.position must be an int or integer positions, got {dtype} values (they would be "
             f"truncated): {bad}"
         )
-    if position_t.dim() == 0:  # one position given as a 0-d integer tensor (or array) is the int it holds
-        return int(position_t)
-    if position_t.dim() != 1 or not position_t.numel():
-        raise ValueError(f"{bad}; got shape {tuple(position_t.shape)}")
+    if len(shape) == 0:  # one position given as a 0-d integer tensor (or array) is the int it holds
+        return int(position.item() if isinstance(position, torch.Tensor) else arr)
+    if len(shape) != 1:
+        raise ValueError(f"{bad}; got shape {tuple(shape)}")
     return position  # per-example positions, kept as given
 
 
