@@ -35,6 +35,7 @@ from .sampling.data import ChainData
 from .sampling.diagnostics import check_stationarity, ess, r_hat
 from .sampling.llc import LLCResult, llc_of_samples
 from .sampling.optim import chain_seed
+from .sampling.plan import refuse_unknown_keywords
 from .sampling.results import SampleResult
 from .sampling.runner import sample as _sample
 
@@ -239,6 +240,12 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     def preflight():  # every rank raises if any rank's arguments cannot be read (none waits in a collective)
         if kwargs.get("chains") is not None:
             raise ValueError("pypattern.distributed.sample assigns the chains itself: do not pass chains")
+        refuse_unknown_keywords(
+            kwargs,
+            set(_sample_defaults()),
+            "pypattern.distributed.sample()",
+            "pypattern.sample()'s keywords (documented there) and group",
+        )
         c = kwargs.get("num_chains", 4)
         if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
             raise ValueError(f"num_chains must be an int >= 1, got {c!r}")

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from . import io
-from ._checks import compiled_inner
+from ._checks import compiled_inner, is_count
 from ._masks import not_a_mask, zero_one_mask
 from .io import Saveable, register
 from .losses import (
@@ -100,7 +100,7 @@ from .sampling.data import ChainData, hash_data, to_device
 from .sampling.diagnostics import NonFiniteLossError, user_stacklevel
 from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
-from .sampling.plan import check_loader, check_model
+from .sampling.plan import check_loader, check_model, refuse_unknown_keywords
 from .sampling.results import check_arrays
 from .sampling.runner import (
     _eval_mode_for_dropout,
@@ -921,17 +921,22 @@ def _sample_defaults() -> dict:
     return out
 
 
-def _sampler_kwargs(kw: dict) -> dict:
-    """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated)."""
+def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
+    """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated); a keyword
+    that is not one is refused, naming ``who`` (the call), it and the closest setting."""
     allowed = {
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
         "weight_decay", "noise_scale", "bounding_box", "optimizer_kwargs", "seed", "batched", "quiet",
         "backend", "num_init_loss_batches", "warn_nonstationary", "cores", "checkpoint_every", "sampler",
         "sampling_method", "auto_step_options", *DEVINTERP_NAMES,
     }  # fmt: skip
-    bad = set(kw) - allowed
-    if bad:
-        raise TypeError(f"unknown sampler settings {sorted(bad)}; valid: {sorted(allowed)}")
+    refuse_unknown_keywords(
+        kw,
+        allowed,
+        who,
+        "these sampler settings of pypattern.sample (documented there)",
+        what="unknown sampler settings",
+    )
     kw = translate(kw, where="the sampler settings")
     if kw.get("optimizer_kwargs"):
         kw["optimizer_kwargs"] = translate(kw["optimizer_kwargs"], where="optimizer_kwargs", drop_none=False)
@@ -1005,6 +1010,10 @@ def susceptibilities(
         l_t])``. ``phi_mean`` is the posterior mean of ``phi`` itself, without that shift. The default sampling
         batch is the first batch of the loader in an order keyed by ``seed`` (the same batch in every call with that
         seed, whatever torch's global random state; the loader's first batch when it does not shuffle).
+    sampling_batch : batch, optional
+        The batch the default ``phi`` (``loss_fn`` on it) is computed on, in the loader's batch format (with the
+        default losses checked as the probe is); default: the first batch of the loader in the order keyed by
+        ``seed`` (see ``observable``). With ``observable`` given, ``phi`` is the observable's.
     convention : {"physics", "devinterp"}
         See the module docstring.
     per_token : bool
@@ -1040,7 +1049,8 @@ def susceptibilities(
         ``localization``, ``seed``, ``sampler`` (``"sgld"``, ``"sgnht"``, ``"rmsprop_sgld"``; devinterp's
         ``sampling_method``), ``optimizer_kwargs``, ``auto_step_options`` (the ``step_size="auto"``
         calibration's settings, e.g. ``{"calibration_steps": 800}``; a ValueError with a given step), ... as in
-        :func:`pypattern.sample`.
+        :func:`pypattern.sample`, where they are documented; any other keyword is a ``TypeError`` naming it and
+        the closest setting.
 
     Returns
     -------
@@ -1048,11 +1058,23 @@ def susceptibilities(
     """
     if convention not in ("physics", "devinterp"):
         raise ValueError(f"convention must be 'physics' or 'devinterp', got {convention!r}")
+    if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(
+            f"checkpoint={checkpoint!r} is not valid; give a folder path (str or os.PathLike) or None"
+        )
     if checkpoint is not None and os.path.exists(os.fspath(checkpoint)) and not os.path.isdir(checkpoint):
         raise ValueError(
             f"checkpoint={os.fspath(checkpoint)!r} is a file; susceptibilities keeps one file per component in a "
             "folder: give a folder path"
         )
+    if observable is not None and not callable(observable):
+        raise TypeError(
+            f"observable={observable!r} is not callable; give a function model -> scalar (phi), or None for the "
+            "loss on sampling_batch"
+        )
+    if group_size is not None and not (is_count(group_size) and group_size >= 1):
+        raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
+    group_size = None if group_size is None else int(group_size)
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
     _check_common(model, loader, per_token, kw)
     auto_options = _auto_step_options(kw)
@@ -1180,10 +1202,6 @@ def susceptibilities(
     counted_idx = None if counted is None else torch.nonzero(counted).flatten().to(acc_dev)
     phi0_acc = phi0.to(device=acc_dev, dtype=torch.float64)
     C = int(kw["num_chains"])
-    if group_size is not None and (
-        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-    ):
-        raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
 
     def probe_losses(m, batch) -> torch.Tensor:
         return losses_of(m).reshape(-1)
@@ -1634,8 +1652,8 @@ def bif(
     posterior, and the loss correlation matrix; streamed (memory ``O(N^2)``, independent of the draws).
     ``loss_fn``, ``per_sample_loss_fn`` and ``per_token`` are those of :func:`susceptibilities` (the sampler's
     loss by default the mean of ``per_sample_loss_fn`` over the batch's counted entries, as there), and
-    ``**sampler_settings`` are too (``sampler=`` included) but ``checkpoint=`` /
-    ``checkpoint_every=``: a BIF run is not checkpointed. ``device``: where to sample, as in
+    ``**sampler_settings`` are too (``sampler=`` included; documented in :func:`pypattern.sample`, an unknown
+    keyword a ``TypeError`` naming it) but ``checkpoint=`` / ``checkpoint_every=``: a BIF run is not checkpointed. ``device``: where to sample, as in
     :func:`susceptibilities` (default: the model's device; another one samples a copy of the model moved there,
     the probe moved with it)."""
     for key in ("checkpoint", "checkpoint_every"):
@@ -1644,7 +1662,7 @@ def bif(
                 f"bif takes no {key}=: its runs are not checkpointed (susceptibilities and estimate_llc resume from "
                 "a checkpoint; bif starts afresh)"
             )
-    kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings), "bif()"))
     _check_common(model, loader, per_token, kw)
     auto_options = _auto_step_options(kw)
     model, dev = _run_device(model, device)

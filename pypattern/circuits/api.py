@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from .._checks import is_count, is_real
 from .._progress import progress_bar, sigterm_as_interrupt
 from .._train_checkpoint import check_checkpoint_arg
 from ..models.convert import converted_if_convertible
@@ -228,6 +229,7 @@ def patch_edges(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    max_memory: int | None = None,
 ) -> torch.Tensor:
     """Metric of the run with a set of edges patched, exactly; many sets in one call are batched.
 
@@ -259,12 +261,17 @@ def patch_edges(
         batch is also kept small enough that one stage's inputs take at most 32 MiB (faster on a CPU), so above a
         model-dependent budget a larger one changes nothing. The preparation's runs (the clean, corrupted and
         source runs, and the metric checked on three runs' logits at once) come on top.
+    max_memory : int, optional
+        The same setting under the name :mod:`pypattern.patching` uses (bytes, e.g. ``2**30``): given, it is
+        ``memory_budget``. Giving both with different values (``memory_budget`` other than its default 1e9) is a
+        ValueError.
 
     Returns
     -------
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets, on the model's device (the metric's
     values as the runs computed them; prompts on another device are moved to the model's).
     """
+    memory_budget = _memory_setting(memory_budget, max_memory)
     model = _converted(model, "patch_edges")
     check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
@@ -422,6 +429,7 @@ def edge_attribution(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    max_memory: int | None = None,
     quiet: bool = False,
     checkpoint: str | None = None,
 ) -> EdgeScores:
@@ -429,6 +437,8 @@ def edge_attribution(
 
     Parameters
     ----------
+    model, clean, corrupted, metric, ablation, graph
+        As in :func:`patch_edges`.
     method : {"eap", "eap-ig", "exact"}
         ``"eap"`` (Syed et al. 2023): ``(A_u - out_u) . dM/d(input of v)`` with the gradient at the base run;
         one forward per prompt set and one backward. ``"eap-ig"`` (Hanna et al. 2024): the gradient averaged over
@@ -456,6 +466,10 @@ def edge_attribution(
         per interpolated run, the activations its backward keeps and its logits over the vocabulary with the
         metric's temporaries and their gradients (at least one run per pass); not read by ``"eap"`` (one other
         than the default warns so).
+    max_memory : int, optional
+        The same setting under the name :mod:`pypattern.patching` uses (bytes, e.g. ``2**30``): given, it is
+        ``memory_budget``. Giving both with different values (``memory_budget`` other than its default 1e9) is a
+        ValueError.
     quiet : bool
         ``"exact"``: no progress bar (by default one counts the edges scored, shown once a call has run for two
         seconds: all the edges of a GPT-2-small-sized model take hours on a CPU).
@@ -477,6 +491,8 @@ def edge_attribution(
         clean ones, a mean ablation over one prompt, a ``LogitDiff`` whose answer and wrong tokens are the same)
         are named in a ``RuntimeWarning``.
     """
+    memory_arg = "max_memory" if max_memory is not None else "memory_budget"
+    memory_budget = _memory_setting(memory_budget, max_memory)
     model = _converted(model, "edge_attribution")
     check_graph_arg(graph)
     if method not in _METHODS:
@@ -493,9 +509,10 @@ def edge_attribution(
             "inference tensors (made or loaded under torch.inference_mode()), which autograd cannot use; build or "
             "load the model outside inference mode (torch.no_grad() is fine), or use method='exact'"
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_count(steps) or steps < 1:
         raise ValueError(f"steps={steps!r} is not valid; give a positive int")
-    _warn_if_unread_settings(method, steps, max_batch, memory_budget)
+    steps = int(steps)
+    _warn_if_unread_settings(method, steps, max_batch, memory_budget, memory_arg)
     if not isinstance(per_position, bool):
         raise TypeError(f"per_position={per_position!r} is not valid; give True or False")
     if not isinstance(quiet, bool):
@@ -624,7 +641,27 @@ _DEFAULT_STEPS = 5
 _DEFAULT_MEMORY_BUDGET = 1e9
 
 
-def _warn_if_unread_settings(method: str, steps: int, max_batch, memory_budget) -> None:
+def _memory_setting(memory_budget, max_memory):
+    """The byte budget of the batched runs: ``memory_budget``, or ``max_memory`` (the name
+    :mod:`pypattern.patching` gives the setting) when that is given; both given with different values (a
+    ``memory_budget`` other than its default) is refused, naming both."""
+    if max_memory is None:
+        return memory_budget
+    if not is_real(max_memory) or not (math.isfinite(max_memory) and max_memory > 0):
+        raise ValueError(
+            f"max_memory={max_memory!r} is not valid; give a finite number of bytes > 0, or None"
+        )
+    if memory_budget != _DEFAULT_MEMORY_BUDGET and memory_budget != max_memory:
+        raise ValueError(
+            f"memory_budget={memory_budget!r} and max_memory={max_memory!r} are one setting (bytes for the batched "
+            "runs) given two values; give one of them"
+        )
+    return max_memory
+
+
+def _warn_if_unread_settings(
+    method: str, steps: int, max_batch, memory_budget, memory_arg: str = "memory_budget"
+) -> None:
     """Warn, naming them, of settings given to :func:`edge_attribution` that ``method`` does not read: ``steps``
     other than the default for ``"exact"`` (nothing interpolated) and for ``"eap"`` (one step, so ``steps=1`` is
     consistent), and ``max_batch`` or a ``memory_budget`` other than the default for ``"eap"`` (one forward and one
@@ -636,7 +673,7 @@ def _warn_if_unread_settings(method: str, steps: int, max_batch, memory_budget) 
         if max_batch is not None:
             unread.append(f"max_batch={max_batch!r}")
         if memory_budget != _DEFAULT_MEMORY_BUDGET:
-            unread.append(f"memory_budget={memory_budget!r}")
+            unread.append(f"{memory_arg}={memory_budget!r}")
     if not unread:
         return
     from ..sampling.diagnostics import user_stacklevel
@@ -907,6 +944,7 @@ def faithfulness(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    max_memory: int | None = None,
 ):
     """Faithfulness ``(M_circuit - M_empty) / (M_full - M_empty)`` of a circuit (or a batch of circuits).
 
@@ -918,18 +956,21 @@ def faithfulness(
 
     Parameters
     ----------
-    edges, clean, corrupted, metric, mode, ablation, graph :
+    model, edges, clean, corrupted, metric, mode, ablation, graph
         As in :func:`patch_edges`.
     max_batch : int, optional
         Circuits (edge sets) evaluated per forward; default: as many as ``memory_budget`` allows.
     memory_budget : float
         As in :func:`patch_edges`.
+    max_memory : int, optional
+        ``memory_budget`` under :mod:`pypattern.patching`'s name, as in :func:`patch_edges`.
 
     Returns
     -------
     float for one circuit, Tensor ``(C,)`` on the CPU for a batch (same forms of ``edges`` as
     :func:`patch_edges`).
     """
+    memory_budget = _memory_setting(memory_budget, max_memory)
     model = _converted(model, "faithfulness")
     check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
@@ -1104,6 +1145,7 @@ def pruning_curve(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    max_memory: int | None = None,
     quiet: bool = False,
     checkpoint: str | os.PathLike | None = None,
 ) -> PruningCurve:
@@ -1111,6 +1153,8 @@ def pruning_curve(
 
     Parameters
     ----------
+    model, clean, corrupted, metric, mode, ablation, graph
+        As in :func:`patch_edges`.
     scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each);
         scores holding NaN are refused
     fractions : sequence of float
@@ -1121,6 +1165,8 @@ def pruning_curve(
         Points of the curves (circuits) evaluated per forward; default: as many as ``memory_budget`` allows.
     memory_budget : float
         As in :func:`patch_edges`.
+    max_memory : int, optional
+        ``memory_budget`` under :mod:`pypattern.patching`'s name, as in :func:`patch_edges`.
     quiet : bool
         No progress bar (by default, with a ``checkpoint``, one counts the circuits evaluated, shown once a call has
         run for two seconds).
@@ -1146,6 +1192,7 @@ def pruning_curve(
     PruningCurve
         Every point of every curve is one patched run, all evaluated in batches.
     """
+    memory_budget = _memory_setting(memory_budget, max_memory)
     model = _converted(model, "pruning_curve")
     check_graph_arg(graph)
     check_checkpoint_arg(checkpoint, quiet)
@@ -1306,6 +1353,7 @@ def acdc(
     graph: EdgeGraph | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
+    max_memory: int | None = None,
     quiet: bool = False,
     checkpoint: str | None = None,
 ) -> Circuit:
@@ -1340,6 +1388,8 @@ def acdc(
 
     Parameters
     ----------
+    model, clean, corrupted, metric, ablation, graph
+        As in :func:`patch_edges`.
     threshold : float
         The largest drop of the metric at which an edge is removed, ``>= 0``, in units of the metric (e.g. logit
         difference); 0 keeps every edge whose removal lowers the metric measurably.
@@ -1361,6 +1411,8 @@ def acdc(
         allows.
     memory_budget : float
         As in :func:`patch_edges`.
+    max_memory : int, optional
+        ``memory_budget`` under :mod:`pypattern.patching`'s name, as in :func:`patch_edges`.
     quiet : bool
         No progress bar (by default one counts the destination inputs visited, shown once a call has run for
         two seconds).
@@ -1380,6 +1432,7 @@ def acdc(
         without a test) and ``faithfulness`` of the result; ``info`` holds the number of patched runs
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
+    memory_budget = _memory_setting(memory_budget, max_memory)
     model = _converted(model, "acdc")
     check_graph_arg(graph)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):

@@ -34,7 +34,16 @@ from .._masks import zero_one_mask
 from ..models.convert import converted_if_convertible
 from ..models.transformer import Transformer
 
-__all__ = ["Edge", "EdgeGraph", "edges"]
+__all__ = ["Edge", "EdgeGraph", "UnknownEdgeError", "edges"]
+
+
+class UnknownEdgeError(KeyError, ValueError):
+    """An edge (or edge name) that is not in the graph: a ``KeyError`` for a lookup (:meth:`EdgeGraph.index`), a
+    ``ValueError`` for an argument (``edges=`` of the circuits functions); shown as its message, unquoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 QKV = ("q", "k", "v")
 
@@ -272,7 +281,7 @@ class EdgeGraph:
                 self._index[e.name] = i
         key = edge if isinstance(edge, (Edge, str)) else None
         if key is None or key not in self._index:
-            raise KeyError(self._unknown(edge))
+            raise UnknownEdgeError(self._unknown(edge))
         return self._index[key]
 
     def _unknown(self, edge) -> str:
@@ -333,8 +342,21 @@ class EdgeGraph:
                     f"edges contains {e!r} ({type(e).__name__}); give Edge objects or names such as "
                     f"{self.edges[0].name!r} (graph.edges[i] for an index i)"
                 )
-            m[self.index(e)] = True
+            try:
+                m[self.index(e)] = True
+            except UnknownEdgeError as err:
+                raise UnknownEdgeError(f"edges: {err}{self._closest(e)}") from None
         return m
+
+    def _closest(self, edge) -> str:
+        """A hint naming the graph's edge name closest to ``edge`` (difflib), or pointing at the list of names."""
+        import difflib
+
+        name = edge.name if isinstance(edge, Edge) else str(edge)
+        close = difflib.get_close_matches(name, [e.name for e in self.edges], n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {close[0]!r}?"
+        return "; [e.name for e in graph.edges] lists them (graph = pypattern.circuits.edges(model))"
 
     def index_tensors(self, device=None) -> tuple:
         """``(src_idx, dst_idx, pos_idx)`` on ``device`` (None or the CPU: the graph's own tensors), copied there

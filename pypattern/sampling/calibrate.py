@@ -12,6 +12,7 @@ neighbourhood); widen the sweep or lengthen the chains.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from .._checks import is_real
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .diagnostics import NonFiniteLossError, NonStationaryWarning, user_stacklevel
-from .llc import estimate_llc
+from .llc import _SAMPLE_ARGUMENTS, estimate_llc
+from .plan import refuse_unknown_keywords
 from .results import check_arrays
 from .runner import SamplingDivergedError
 
@@ -112,6 +115,8 @@ def calibrate_step_size(
 
     Parameters
     ----------
+    model, loader
+        The model at ``w*`` and its batches, as :func:`pypattern.sample` takes them.
     step_sizes : sequence of float
         Sorted or not; evaluated in increasing order.
     max_r_hat : float
@@ -119,8 +124,9 @@ def calibrate_step_size(
     plateau_tol : float
         Relative agreement with the next smaller healthy step size for the recommendation.
     **sample_kwargs
-        Passed to :func:`pypattern.sampling.estimate_llc` (``num_chains``, ``num_draws``, ``nbeta``,
-        ``localization``, ``seed``, ...). ``quiet`` defaults to True; with ``checkpoint``, each step size's run
+        Passed to :func:`pypattern.sampling.estimate_llc`: the keywords of :func:`pypattern.sample`, documented
+        there, but ``step_size`` and ``optimizer_kwargs`` (``num_chains``, ``num_draws``, ``nbeta``,
+        ``localization``, ``seed``, ...); any other keyword is a ``TypeError`` naming it. ``quiet`` defaults to True; with ``checkpoint``, each step size's run
         has its own file (``run.npz`` -> ``run.step0.npz``, ...).
     """
     try:
@@ -132,6 +138,15 @@ def calibrate_step_size(
     for bad in ("step_size", "optimizer_kwargs"):
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is set by the sweep; pass the other hyperparameters as keywords")
+    refuse_unknown_keywords(
+        sample_kwargs,
+        _SAMPLE_ARGUMENTS - {"step_size", "optimizer_kwargs"},
+        "calibrate_step_size()",
+        "pypattern.sample()'s keywords (documented there) but step_size and optimizer_kwargs",
+    )
+    for name, v, lo in (("max_r_hat", max_r_hat, "> 0"), ("plateau_tol", plateau_tol, ">= 0")):
+        if not is_real(v) or math.isnan(v) or (v <= 0 if lo == "> 0" else v < 0):
+            raise ValueError(f"{name}={v!r} is not valid; give a number {lo}")
     sample_kwargs.setdefault("quiet", True)
     ckpt = sample_kwargs.pop("checkpoint", None)
     n = len(sizes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -204,7 +205,15 @@ def check_stationarity(
 ) -> bool:
     """True when split R-hat of ``trace`` is below ``threshold``; else warn (:class:`NonStationaryWarning`, ending
     with ``hint``). False when R-hat cannot be computed: without a warning for fewer than 4 draws per chain, with
-    one for a trace holding non-finite values."""
+    one for a trace holding non-finite values. ``threshold`` must be a number (not NaN): ValueError naming it."""
+    if (
+        isinstance(threshold, bool | np.bool_)
+        or not isinstance(threshold, numbers.Real)
+        or math.isnan(threshold)
+    ):
+        raise ValueError(
+            f"threshold={threshold!r} is not valid; give a number (the largest split R-hat accepted)"
+        )
     rh = r_hat(trace)
     if math.isnan(rh):
         if warn and not bool(np.isfinite(np.asarray(trace, dtype=np.float64)).all()):

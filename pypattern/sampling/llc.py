@@ -22,7 +22,7 @@ from .._checks import device_arg
 from .auto import UNRELAXED_NOTE
 from .diagnostics import NonStationaryWarning, ess, r_hat, user_stacklevel
 from .optim import SGLD
-from .plan import init_loss_value, without_diagnostic_switches
+from .plan import init_loss_value, refuse_unknown_keywords, without_diagnostic_switches
 from .results import LLCResult, SampleResult
 from .runner import by_default_rule, loss_argument, sample
 from .samplers import sampler_name
@@ -76,7 +76,8 @@ def llc_from_sample(res: SampleResult) -> LLCResult:
 def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResult]:
     """Estimate the local learning coefficient of ``model`` at its current weights.
 
-    Takes every keyword argument of :func:`pypattern.sampling.sample` (``loss_fn``, ``num_chains=4``,
+    Takes every keyword argument of :func:`pypattern.sample` (:func:`pypattern.sampling.sample`), documented
+    there; any other keyword is a ``TypeError`` naming it and the closest accepted name (``loss_fn``, ``num_chains=4``,
     ``num_draws=200``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``, ``localization``,
     ``seed``, ``checkpoint``, ``batched``, ``quiet``, ``auto_step_options`` (the settings of the
     ``step_size="auto"`` calibration, e.g. ``{"calibration_steps": 800}``), ...).
@@ -94,12 +95,9 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResu
     >>> res = estimate_llc(model, loader, step_size=1e-4, localization=100.0, num_chains=4, num_draws=200)
     >>> res.llc_mean, res.llc_std
     """
-    unknown = sorted(set(kwargs) - _SAMPLE_ARGUMENTS)
-    if unknown:
-        raise TypeError(
-            f"estimate_llc() got unexpected keyword arguments {unknown}; it takes pypattern.sample()'s: "
-            f"{', '.join(sorted(_SAMPLE_ARGUMENTS))}"
-        )
+    refuse_unknown_keywords(
+        kwargs, _SAMPLE_ARGUMENTS, "estimate_llc()", "pypattern.sample()'s keywords (documented there)"
+    )
     return llc_of_samples(sample(model, loader, **kwargs), model, kwargs.get("masks"))
 
 
@@ -224,30 +222,32 @@ def default_nbeta(
     dataloader : DataLoader, int or iterable of batches
         A ``DataLoader`` (its ``batch_size``), the batch size itself, or any loader (the batch size of its first
         batch).
-    grad_accum_steps : int
-        Batches per step (devinterp 1.x's name; ``gradient_accumulation_steps``, devinterp 2.x's, also works).
+    grad_accum_steps, gradient_accumulation_steps : int
+        Batches per step (devinterp 1.x's name and devinterp 2.x's; give one). An int >= 1 (numpy integers
+        count).
 
     Returns
     -------
     float
-        ``m / ln m``; ``1.0`` with a warning when ``m <= 1`` (devinterp's fallback: ``ln 1 = 0``).
+        ``m / ln m``; ``1.0`` with a warning when ``m <= 1`` (devinterp's fallback: ``ln 1 = 0``). A batch size
+        given as an int below 1 is a ValueError.
     """
     if gradient_accumulation_steps is not None:
         if grad_accum_steps != 1:
             raise ValueError("give grad_accum_steps or gradient_accumulation_steps (one name), not both")
         grad_accum_steps = gradient_accumulation_steps
     if (
-        isinstance(dataloader, bool)
-        or isinstance(grad_accum_steps, bool)
-        or not isinstance(grad_accum_steps, int)
+        isinstance(dataloader, bool | np.bool_)
+        or (_is_int(dataloader) and dataloader < 1)
+        or not _is_int(grad_accum_steps)
         or grad_accum_steps < 1
     ):
         raise ValueError(
             f"default_nbeta(dataloader={dataloader!r}, grad_accum_steps={grad_accum_steps!r}): give a DataLoader "
             "or a batch size (int >= 1) and grad_accum_steps an int >= 1"
         )
-    if isinstance(dataloader, int):
-        bs = dataloader
+    if _is_int(dataloader):
+        bs = int(dataloader)
     else:
         bs = getattr(dataloader, "batch_size", None)
         if bs is None:
@@ -270,6 +270,8 @@ def default_nbeta(
 def resolve_device(device, model: nn.Module) -> torch.device:
     """The device a devinterp-style ``device=`` names (None: the model's), checked to exist; the meta device
     (shapes without values) is refused with a ValueError naming ``device``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model={model!r} is not valid; give a torch.nn.Module (the model at w*)")
     if device is None:
         p = next(iter(model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
@@ -510,9 +512,19 @@ def _devinterp_kwargs(
             raise NotImplementedError(
                 f"use_amp=True on device {dev}: mixed-precision sampling is not supported; leave use_amp=False"
             )
-    if not isinstance(cores, int) or isinstance(cores, bool):
+    if isinstance(cores, Sequence) and not isinstance(cores, str | bytes):
         raise NotImplementedError(
             f"cores={cores!r}: a list of devices is not supported; give the number of chains to run at once"
+        )
+    # 0 runs the chains one at a time, as devinterp does
+    if cores is not None and not (_is_int(cores) and cores >= 0):
+        raise ValueError(
+            f"cores={cores!r} is not valid; give the number of chains to run at once, an int >= 1 (0: one at a "
+            "time, as 1)"
+        )
+    if not (_is_int(grad_accum_steps) and grad_accum_steps >= 1):
+        raise ValueError(
+            f"grad_accum_steps={grad_accum_steps!r} is not valid; give the number of batches per step, an int >= 1"
         )
     okw = dict(optimizer_kwargs or {})
     if okw.get("add_grad_correction"):
@@ -604,15 +616,15 @@ def _check_extra(extra: Mapping[str, Any]) -> None:
     }
     ours |= {"cores", "callbacks", "num_draws", "num_chains", "num_burnin_steps", "num_steps_bw_draws"}
     ours |= {"init_loss"}
-    bad = sorted(k for k in extra if k not in taken or k in ours)
-    if bad:
-        raise TypeError(
-            f"estimate_learning_coeff(_with_summary) got unsupported keyword argument(s) {bad}: it takes devinterp "
-            "1.x's arguments (callbacks, evaluate, criterion, sampling_method, optimizer_kwargs, num_draws, "
-            "num_chains, num_burnin_steps, num_steps_bw_draws, init_loss, grad_accum_steps, cores, seed, device, "
-            "gpu_idxs, verbose, optimize_over_per_model_param, online, use_amp) and these of pypattern.sample: "
-            f"{sorted(taken - ours)}"
-        )
+    devinterp = set(inspect.signature(estimate_learning_coeff_with_summary).parameters) - {"kwargs"}
+    refuse_unknown_keywords(
+        extra,
+        (devinterp - {"model", "loader"}) | (taken - ours),
+        "estimate_learning_coeff(_with_summary)",
+        "devinterp 1.x's arguments (documented in estimate_learning_coeff_with_summary) and these of "
+        "pypattern.sample (documented there)",
+        what="unsupported keyword argument(s)",
+    )
 
 
 def estimate_learning_coeff_with_summary(

@@ -25,12 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import is_count
 from .._training import random_in_training
 from ..io import Saveable, register
 from .auto import wants_auto
 from .checkpoint import sub_run_path
 from .llc import _SAMPLE_ARGUMENTS, estimate_llc
-from .plan import check_checkpoint_file, check_loader, check_settings
+from .plan import (
+    chain_indices,
+    check_checkpoint_file,
+    check_loader,
+    check_settings,
+    refuse_unknown_keywords,
+)
 from .results import check_arrays
 from .runner import default_loss_fn, sample
 from .vocabulary import translate
@@ -168,12 +175,10 @@ def _check_sample_kwargs(loader, kw: dict, components) -> None:
     that do not depend on the model (counts, seed, sampler, hyperparameters, flags, checkpoint path)."""
     check_loader(loader)
     taken = _SAMPLE_ARGUMENTS - ({"runs", "restrict_to", "masks"} if components is not None else set())
-    unknown = sorted(set(kw) - taken)
-    if unknown:
-        what = "refined_llc()'s (with components)" if components is not None else "estimate_llc()'s"
-        raise TypeError(
-            f"OnlineLLC got unexpected keyword arguments {unknown}; it takes {what}: {', '.join(sorted(taken))}"
-        )
+    what = "refined_llc()'s (with components)" if components is not None else "estimate_llc()'s"
+    refuse_unknown_keywords(
+        kw, taken, "OnlineLLC", f"{what} keywords, those of pypattern.sample (documented there)"
+    )
     args = {
         k: p.default for k, p in inspect.signature(sample).parameters.items() if k not in ("model", "loader")
     }
@@ -208,6 +213,8 @@ def _check_sample_kwargs(loader, kw: dict, components) -> None:
         sampler=args["sampler"],
         sampling_method=args["sampling_method"],
     )
+    if args["chains"] is not None:
+        chain_indices(args["chains"])
     if args["checkpoint"] is not None:
         check_checkpoint_file(args["checkpoint"])
 
@@ -227,8 +234,10 @@ class OnlineLLC:
         Also the weight-refined LLCs of these components (:func:`pypattern.refined_llc`), batched with the
         full run.
     **sample_kwargs
-        :func:`pypattern.estimate_llc`'s keywords (``loss_fn``, ``num_chains``, ``num_draws``, ``step_size``,
-        ``nbeta``, ``localization``, ``seed``, ...), checked here (an unknown name is a TypeError, a value the
+        :func:`pypattern.estimate_llc`'s keywords, those of :func:`pypattern.sample`, documented there (``loss_fn``,
+        ``num_chains``, ``num_draws``, ``step_size``, ``nbeta``, ``localization``, ``seed``, ...; with
+        ``components`` not ``runs``, ``restrict_to`` or ``masks``), checked here (an unknown name is a TypeError
+        naming it and the closest accepted name, a value the
         estimate would refuse a ValueError or TypeError naming it), not at the first scheduled step.
         ``step_size="auto"`` (the default when no step is given) calibrates at the first estimate and keeps that
         step for the rest of the run (one step for the whole curve; calibrating anew at each estimate would mix
@@ -254,8 +263,9 @@ class OnlineLLC:
     ):
         if every is None and steps is None:
             raise ValueError("give every (an int >= 1) or steps (a sequence of ints): when to estimate")
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        if every is not None and (not is_count(every) or every < 1):
             raise ValueError(f"every must be an int >= 1, got {every!r}")
+        every = None if every is None else int(every)
         self.loader = loader
         self.every = every
         if steps is not None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from .. import _backends
+from .._checks import is_count
 from ..ops.sgld import sgld_step_
 from ..ops.sgld.op import check_key
 from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
@@ -39,9 +40,27 @@ def chain_seed(seed: int, chain: int, stream: int = 0) -> int:
 
     ``stream`` separates independent uses (0: SGLD noise, 1: data order).
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_count(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    for name, v in (("chain", chain), ("stream", stream)):
+        if not is_count(v):
+            raise TypeError(f"{name}={v!r} is not valid; give an int (numpy integers count)")
+    seed, chain, stream = int(seed), int(chain), int(stream)
     return splitmix64(splitmix64(splitmix64(seed & _MASK64) ^ (chain & _MASK64)) ^ (stream & _MASK64))
+
+
+def check_backend(backend, name: str = "backend") -> str | None:
+    """``backend`` (passed as ``name``): None (the automatic choice) or the name of a kernel backend
+    (:data:`pypattern._backends.NAMES`); anything else is refused here, before the first step would refuse it.
+    Whether a named backend runs on the tensors' device is decided at the step."""
+    if backend is None or backend == "":
+        return backend
+    if not isinstance(backend, str) or backend not in _backends.NAMES:
+        raise ValueError(
+            f"{name}={backend!r} is not a backend; give one of {', '.join(map(repr, _backends.NAMES))}, or None "
+            "for the automatic choice"
+        )
+    return backend
 
 
 def group_seed(seed: int, group: int) -> int:
@@ -467,7 +486,9 @@ class SGLD(torch.optim.Optimizer):
         ``gamma`` >= 0.
     nbeta : float
         ``n * beta`` > 0, default 1 (devinterp's default is ``batch_size / ln(batch_size)``; see
-        :func:`pypattern.sampling.default_nbeta`). ``temperature`` is devinterp's older name for it.
+        :func:`pypattern.sampling.default_nbeta`).
+    temperature : float, optional
+        devinterp's older name for ``nbeta`` (both given must agree).
     bounding_box_size, bounding_box : float, optional
         Half-width of the box around ``w*``.
     restrict_to : str, re.Pattern or a list of them, optional
@@ -575,7 +596,7 @@ class SGLD(torch.optim.Optimizer):
         super().__init__(groups, hyper)
         self._checked = [tuple(g[k] for k in HYPERPARAMETERS) for g in self.param_groups]  # last checked
         self.seed = check_key("seed", seed)  # an int in [0, 2**64): a float would be truncated
-        self.backend = backend
+        self.backend = check_backend(backend)
         # per group: the moving tensors' names, anchors w* and masks (None: no mask in that group)
         self.group_names = all_names
         self.group_anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]

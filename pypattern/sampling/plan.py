@@ -31,8 +31,30 @@ __all__ = [
     "check_settings",
     "default_nbeta",
     "make_plan",
+    "refuse_unknown_keywords",
     "resolve_hyperparameters",
 ]
+
+
+def refuse_unknown_keywords(
+    given, accepted, who: str, takes: str, what: str = "unexpected keyword arguments"
+) -> None:
+    """Refuse the keywords among ``given`` that are not in ``accepted``: a ``TypeError`` (as Python raises for a
+    keyword a function does not take) naming them, each with the closest accepted name (``difflib``) when one is
+    close. ``who`` names the call (``"estimate_llc()"``), ``what`` the kind of keyword, ``takes`` whose keywords it
+    takes and where they are documented; the accepted names are listed."""
+    import difflib
+
+    unknown = sorted(k for k in given if k not in accepted)
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), sorted(accepted), n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{close[0]!r}" + (f" for {k!r}" if len(unknown) > 1 else ""))
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    raise TypeError(f"{who} got {what} {unknown}{hint}; it takes {takes}: {', '.join(sorted(accepted))}")
 
 
 def default_nbeta(loader, grad_accum_steps: int = 1) -> float:

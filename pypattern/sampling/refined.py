@@ -29,8 +29,8 @@ from .._masks import NONE_MASK, zero_one_mask
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .diagnostics import user_stacklevel
-from .llc import llc_from_sample
-from .plan import check_loader, check_model
+from .llc import _SAMPLE_ARGUMENTS, llc_from_sample
+from .plan import check_loader, check_model, refuse_unknown_keywords
 from .results import check_arrays
 from .runner import sample
 
@@ -295,7 +295,8 @@ def refined_llc(
     include_full : bool
         Add the unrestricted run (row ``"full"``).
     **sample_kwargs
-        Any keyword of :func:`pypattern.sample` except ``runs``, ``restrict_to`` and ``masks``: ``num_chains``,
+        Any keyword of :func:`pypattern.sample` (documented there) except ``runs``, ``restrict_to`` and ``masks``;
+        any other keyword is a ``TypeError`` naming it: ``num_chains``,
         ``num_draws``, ``step_size`` (or ``"auto"``: one calibration for all the runs of a data set), ``nbeta``,
         ``localization``, ``seed``, ``batched``, ...
 
@@ -307,6 +308,12 @@ def refined_llc(
     for bad in ("runs", "restrict_to", "masks"):
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is set by refined_llc from components; pass components instead")
+    refuse_unknown_keywords(
+        sample_kwargs,
+        _SAMPLE_ARGUMENTS - {"runs", "restrict_to", "masks"},
+        "refined_llc()",
+        "pypattern.sample()'s keywords (documented there) but runs, restrict_to and masks",
+    )
     check_model(model)
     if data is not None:  # sampled as a loader: errors would name "loader"
         check_loader(data, "data")

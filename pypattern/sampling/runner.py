@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import is_count
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
 from ..losses import (
@@ -77,6 +78,7 @@ from .diagnostics import (
     step_bias,
     user_stacklevel,
 )
+from .optim import check_backend
 from .plan import (
     RunPlan,
     chain_indices,
@@ -292,6 +294,9 @@ def sample(
     localization, weight_decay, noise_scale, bounding_box, restrict_to, masks
         See :class:`SGLD`. ``noise_level`` and ``bounding_box_size`` are devinterp's names for ``noise_scale``
         (default 1) and ``bounding_box``; two names of one hyperparameter must not disagree (ValueError).
+    noise_level, bounding_box_size, temperature, lr : optional
+        devinterp's names for ``noise_scale``, ``bounding_box``, ``nbeta`` and ``step_size`` (see those); a
+        value given under both names must be the same.
     optimizer_kwargs : dict, optional
         devinterp-style ``{"lr", "nbeta", "localization", "weight_decay", "noise_level", "bounding_box_size"}``
         (pypattern's names work too); a number given here and as a keyword argument above must have one value
@@ -299,7 +304,7 @@ def sample(
         checkpoints use pypattern's names (:mod:`pypattern.sampling.vocabulary`). The sampler's own
         hyperparameters go here too: SGNHT's ``diffusion_factor`` (default 0.01), RMSprop-SGLD's ``alpha`` (0.99)
         and ``eps`` (0.1).
-    sampler : {"sgld", "sgnht", "rmsprop_sgld"} or a sampler class, optional
+    sampler, sampling_method : {"sgld", "sgnht", "rmsprop_sgld"} or a sampler class, optional
         The chains' dynamics, each step one fused op: SGLD (default), SGNHT (:class:`SGNHT`: momentum and a
         thermostat per chain) or RMSprop-preconditioned SGLD (:class:`RMSpropSGLD`); the classes (pypattern's or
         devinterp's) name theirs. All three target ``exp(-nbeta L_n(w) - localization/2 |w - w*|^2)`` up to
@@ -372,10 +377,13 @@ def sample(
         moving parameters and masks, a hash of every weight and buffer and of the data (a ``TensorDataset``
         loader's tensors; any other loader's batches of one epoch, read through once); a file of
         any other run is refused with :class:`pypattern.io.FingerprintMismatch` naming the first differing item.
+    checkpoint_every : int
+        Draws between rewrites of ``checkpoint`` (default 1: after every draw); an int >= 1.
     quiet : bool
         No progress bar.
     backend : str, optional
-        Force a backend of the sampler's fused op.
+        Force a backend of the sampler's fused op (``"cuda"``, ``"triton"``, ``"cpp"`` or ``"reference"``; another
+        name is a ValueError).
     warn_nonstationary : bool
         Warn (:class:`NonStationaryWarning`) when the split R-hat of the loss trace exceeds 1.1 or its effective
         sample size is low, and, for SGLD at a given step, when the draws fall short of their stationary value
@@ -465,8 +473,15 @@ def sample(
         from .llc import on_device, resolve_device
 
         model = on_device(model, resolve_device(device, model))
-    if not (isinstance(noise_coupling, int) and not isinstance(noise_coupling, bool) and noise_coupling >= 1):
+    if not (is_count(noise_coupling) and noise_coupling >= 1):
         raise ValueError(f"noise_coupling must be an int >= 1, got {noise_coupling!r}")
+    noise_coupling = int(noise_coupling)
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
+        raise TypeError(
+            f"optimizer_kwargs={optimizer_kwargs!r} is not valid; give a dict of hyperparameters (e.g. "
+            "{'lr': 1e-4, 'nbeta': 10.0, 'localization': 100.0}) or None"
+        )
+    check_backend(backend)
     if noise_coupling > 1:
         why = [
             f"{name}={value!r}"

@@ -35,6 +35,7 @@ from ..ops.sgnht import sgnht_step_
 from .optim import (
     SGLD,
     ParamGroup,
+    check_backend,
     check_saved_state,
     generator_key,
     group_options,
@@ -236,7 +237,7 @@ class _FusedSampler(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         self.seed = check_key("seed", seed)  # an int in [0, 2**64): a float would be truncated
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.anchors = [[t.detach().clone() for t in g["params"]] for g in self.param_groups]
         self.masks = group_masks
         self.num_steps = 0
@@ -404,6 +405,9 @@ class SGNHT(_FusedSampler):
         and its momentum reversed.
     restrict_to, masks, seed, backend
         As in :class:`pypattern.sampling.SGLD`.
+    lr, noise_level, bounding_box_size, temperature : optional
+        devinterp's names for ``step_size``, ``noise_scale``, ``bounding_box`` and ``nbeta`` (both names given
+        must agree).
     save_noise, save_mala_vars, noise_norm, grad_norm, weight_norm, distance, metrics
         devinterp 1.x's switches for the optimizer's own per-step metrics: accepted off (``metrics=[]``
         included); on, NotImplementedError.
@@ -516,6 +520,9 @@ class RMSpropSGLD(_FusedSampler):
         > 0, added to ``sqrt(V)`` (devinterp's default 0.1).
     restrict_to, masks, seed, backend
         As in :class:`pypattern.sampling.SGLD`.
+    lr, noise_level, bounding_box_size, temperature : optional
+        devinterp's names for ``step_size``, ``noise_scale``, ``bounding_box`` and ``nbeta`` (both names given
+        must agree).
     save_noise, save_mala_vars, noise_norm, grad_norm, weight_norm, distance, metrics
         devinterp 1.x's switches for the optimizer's own per-step metrics: accepted off (``metrics=[]``
         included); on, NotImplementedError.
@@ -662,6 +669,9 @@ class StackedSamplerState:
         The six SGLD hyperparameters and the sampler's own (as for :func:`chain_sampler`).
     backend : str, optional
         Force a backend of the op.
+    noise_coupling : int
+        ``m > 1``: each step takes the summed noise of ``m`` steps of the run at ``step_size / m`` (see
+        :func:`pypattern.sample`'s ``noise_coupling``); SGLD without a bounding box only. Default 1.
     """
 
     _KIND = {"sgld": None, "sgnht": "momentum", "rmsprop_sgld": "square_avg"}
