@@ -29,9 +29,14 @@ once per call by :meth:`Transformer.fixed_weights`, :meth:`Attention.rotate`, :m
 - **Sliding-window attention**: the model's own mask (:meth:`Attention.attn_mask`) on every recomputed score.
 
 Cells that start at the same position are batched together (at most ``max_batch`` cells per batch): they share
-the row range and run as one batch through the blocks (cells join the batch at their own layer). Each block runs
-over chunks of about ``CHUNK_ROWS`` rows of the batch, so that its temporaries stay in cache, and writes the
-residual into one of two buffers per batch. What a single-position cell computes at its own layer from the
+the row range and run as one batch through the blocks (cells join the batch at their own layer). Batches of
+several positions run together, layer by layer, as long as their rows (cells x positions) stay within those of one
+full batch over every position. Each block runs over chunks of at most ``CHUNK_ROWS`` rows, so that its
+temporaries stay in cache, and writes the residual into one of two buffers per batch; a chunk takes the cells of
+several batches when those are few: the norms, the projections, the output projection and the MLP are row-wise, so
+they run over the rows of all of them as one product per weight, and only the attention runs per batch (queries,
+keys and values laid out head-major once, :meth:`ExactEngine._attend`). Cells entering a block at one position
+(``resid_pre``) are finished together the same way. What a single-position cell computes at its own layer from the
 patched row alone (``resid_pre``: that row's query, key and value; ``attn_out``/``resid_mid``: the row's MLP) is
 computed for all positions of a layer in one pass before the batches run. The final rows of several batches
 (about :attr:`ExactEngine.UNEMBED_ROWS`) are unembedded together (:func:`unembed_rows`).
@@ -274,9 +279,13 @@ class ExactEngine:
                 f"position={position}: truncate the prompts so that the metric position is the last"
             )
         self.tgt = [self._layer_cache(i) for i in range(self.L)]
-        # resid_pre cells: the patched row's (rotated) query, key and value at each layer, computed for all the
-        # run's positions of a layer at once (one matmul of many rows instead of one of ``batch`` rows per cell)
-        self._entry: dict[int, tuple[dict[int, int], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # what a cell at a single position computes at its own layer (_entry_rows; resid_pre: the patched row's
+        # rotated query, key and value), per (layer, first position of a tile of positions), kept across runs
+        self._entry_kept: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        # the run's cells' entries: per layer and position, (index of the position in its tile, the tile's rows)
+        self._entry: dict[int, dict[int, tuple[int, tuple[torch.Tensor, ...]]]] = {}
+        # the cached keys and values laid out head-major per layer (_cached_kv), made during a run
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if max_memory is not None:
             self._fit_logits(float(max_memory))
 
@@ -362,45 +371,85 @@ class ExactEngine:
         """The model's attention mask ``(len(qpos), n_keys)`` (True: may not attend) for keys ``0..n_keys-1``."""
         return self.model.blocks[layer].attn.attn_mask(qpos, self._range(0, n_keys))
 
-    def _pattern(
-        self, layer: int, q: torch.Tensor, qpos: torch.Tensor, k_new: torch.Tensor, p: int
-    ) -> torch.Tensor:
-        """Attention pattern of (rotated) queries ``q (C,B,Rq,H,dh)`` at ``qpos`` over keys 0..p-1 (cache) and
-        ``k_new (C,B,Rk,Hkv,dh)`` (rotated) at p..p+Rk-1: ``(C,B,H,Rq,p+Rk)``. Query head ``h`` reads key/value
-        head ``h // n_groups`` (the model's :meth:`~Attention.expand_kv`)."""
-        C, B, Rq = q.shape[:3]
-        G, Hkv = self.G, self.Hkv
-        q, k_new = self.model.blocks[layer].attn.qk_cast(q, k_new)
-        K_old = self.tgt[layer]["kr"][:, :p].to(k_new.dtype) if p > 0 else None
-        if G == 1:
-            parts = [] if K_old is None else [torch.einsum("cbrhe,bkhe->cbhrk", q, K_old)]
-            parts.append(torch.einsum("cbrhe,cbkhe->cbhrk", q, k_new))
-        else:
-            qg = q.reshape(C, B, Rq, Hkv, G, self.dh)
-            parts = [] if K_old is None else [torch.einsum("cbrgne,bkge->cbgnrk", qg, K_old)]
-            parts.append(torch.einsum("cbrgne,cbkge->cbgnrk", qg, k_new))
-            parts = [t.reshape(C, B, self.H, Rq, t.shape[-1]) for t in parts]
-        attn = self.model.blocks[layer].attn
-        scores = attn.scale_scores(torch.cat(parts, -1) if len(parts) > 1 else parts[0])
-        bias = attn.position_bias(scores.shape[-1], scores.dtype, scores.device)
-        scores = attn.cap(scores if bias is None else scores + bias[:, None, :])
-        mask = self._mask(layer, qpos, p + k_new.shape[2])
-        return attn.softmax(scores.masked_fill(mask, float("-inf")))
+    def _cached_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target run's rotated keys and values of ``layer`` laid out head-major, ``(B, Hkv, T, dh)`` each (made
+        once per :meth:`run`), so that the scores and the mix read the cached positions ``0 .. p - 1`` of every
+        query of a batch in one batched product per key/value head."""
+        kv = self._kv.get(layer)
+        if kv is None:
+            tg = self.tgt[layer]
+            kv = (tg["kr"].permute(0, 2, 1, 3).contiguous(), tg["v"].permute(0, 2, 1, 3).contiguous())
+            self._kv[layer] = kv
+        return kv
 
-    def _mix(self, layer: int, pattern: torch.Tensor, v_new: torch.Tensor, p: int) -> torch.Tensor:
-        """``z (C,B,Rq,H,dh)`` from ``pattern (C,B,H,Rq,p+Rk)``, cached values 0..p-1 and ``v_new
-        (C,B,Rk,Hkv,dh)``."""
-        if self.G == 1:
-            z = torch.einsum("cbhrk,cbkhe->cbrhe", pattern[..., p:], v_new)
-            if p > 0:
-                z = z + torch.einsum("cbhrk,bkhe->cbrhe", pattern[..., :p], self.tgt[layer]["v"][:, :p])
-            return z
-        C, B, H, Rq, Tk = pattern.shape
-        pg = pattern.reshape(C, B, self.Hkv, self.G, Rq, Tk)
-        z = torch.einsum("cbgnrk,cbkge->cbrgne", pg[..., p:], v_new)
-        if p > 0:
-            z = z + torch.einsum("cbgnrk,bkge->cbrgne", pg[..., :p], self.tgt[layer]["v"][:, :p])
-        return z.reshape(C, B, Rq, H, self.dh)
+    def _keys_of_cells(self, cached: torch.Tensor | None, new: torch.Tensor, p: int) -> torch.Tensor:
+        """Keys (or values) ``new (C,B,Rk,Hkv,dh)`` head-major, ``(B,Hkv,C,Rk,dh)``, after the cached ones of
+        positions ``0 .. p - 1`` (``cached (B,Hkv,T,dh)``, in every cell) when ``p > 0``: ``(B,Hkv,C,p+Rk,dh)``."""
+        if p == 0:
+            return new.permute(1, 3, 0, 2, 4).contiguous()
+        C, B, Rk, Hkv, dh = new.shape
+        out = torch.empty(B, Hkv, C, p + Rk, dh, dtype=new.dtype, device=new.device)
+        out[:, :, :, :p] = cached[:, :, None, :p]  # cast to the new keys' dtype as .to() casts
+        out[:, :, :, p:] = new.permute(1, 3, 0, 2, 4)
+        return out
+
+    def _attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        qpos: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        p: int,
+        patch: _Patch | None = None,
+    ) -> torch.Tensor:
+        """``z (C,B,Rq,H,dh)`` of (rotated) queries ``q (C,B,Rq,H,dh)`` at ``qpos`` over the cached keys and values
+        of positions ``0 .. p - 1`` and ``k_new``/``v_new (C,B,Rk,Hkv,dh)`` (keys rotated) at ``p .. p + Rk - 1``;
+        a ``pattern`` patch is applied to the pattern ``(C,B,H,Rq,p+Rk)``. Query head ``h`` reads key/value head
+        ``h // n_groups`` (the model's :meth:`~Attention.expand_kv`).
+
+        The queries, keys and values are laid out once, head-major (``(B, Hkv, C, n_groups, Rq, dh)``): the
+        scores against the cached keys are then one batched product per (example, key/value head) over every
+        query of every cell, those against the new keys one per (example, key/value head, cell), and the pattern
+        multiplies the values in the same two parts; with fewer cached keys than new ones, each cell's cached and
+        new keys (and values) are copied into one tensor and each part is one product per cell (measured faster
+        there, slower with more cached keys than new ones)."""
+        attn = self.model.blocks[layer].attn
+        C, B, Rq = q.shape[:3]
+        Rk, Tk = k_new.shape[2], p + k_new.shape[2]
+        Hkv, G, dh = self.Hkv, self.G, self.dh
+        BH = B * Hkv
+        q, k_new = attn.qk_cast(q, k_new)
+        qt = q.reshape(C, B, Rq, Hkv, G, dh).permute(1, 3, 0, 4, 2, 5).contiguous()  # (B,Hkv,C,G,Rq,dh)
+        K_old, V_old = self._cached_kv(layer) if p > 0 else (None, None)
+        # fewer cached keys than new ones: each cell's keys (and values) in one tensor, one product per cell
+        # (the copies of the cached ones cost less than a second product over them)
+        whole = 0 < p < Rk
+        kt = self._keys_of_cells(K_old, k_new, p if whole else 0)  # (B,Hkv,C,Rk or Tk,dh)
+        scores = torch.bmm(qt.view(BH * C, G * Rq, dh), kt.view(BH * C, -1, dh).transpose(1, 2))
+        scores = scores.view(B, Hkv, C, G, Rq, kt.shape[3])
+        if p > 0 and not whole:
+            K_old = K_old[:, :, :p].to(kt.dtype).reshape(BH, p, dh)
+            old = torch.bmm(qt.view(BH, C * G * Rq, dh), K_old.transpose(1, 2))
+            scores = torch.cat([old.view(B, Hkv, C, G, Rq, p), scores], -1)
+        scores = attn.scale_scores(scores)
+        bias = attn.position_bias(Tk, scores.dtype, scores.device)
+        if bias is not None:  # (H, Tk): query head h = g * n_groups + n
+            scores = scores + bias.view(Hkv, 1, G, 1, Tk)
+        scores = attn.cap(scores)
+        pat = attn.softmax(scores.masked_fill(self._mask(layer, qpos, Tk), float("-inf")))
+        if patch is not None and patch.site == "pattern":
+            site = pat.permute(2, 0, 1, 3, 4, 5).reshape(C, B, self.H, Rq, Tk)
+            site = self._apply(site, patch, "pattern", qpos)
+            pat = site.view(C, B, Hkv, G, Rq, Tk).permute(1, 2, 0, 3, 4, 5).contiguous()
+        vt = self._keys_of_cells(V_old, v_new, p if whole else 0)
+        first = 0 if whole else p  # the pattern's first key that vt holds
+        z = torch.bmm(pat[..., first:].reshape(BH * C, G * Rq, Tk - first), vt.view(BH * C, Tk - first, dh))
+        z = z.view(B, Hkv, C, G, Rq, dh)
+        if p > 0 and not whole:
+            old = torch.bmm(pat[..., :p].reshape(BH, C * G * Rq, p), V_old[:, :, :p].reshape(BH, p, dh))
+            z = z + old.view(B, Hkv, C, G, Rq, dh)
+        return z.permute(2, 0, 4, 1, 3, 5).reshape(C, B, Rq, self.H, dh)
 
     def _head_attn(
         self,
@@ -443,41 +492,103 @@ class ExactEngine:
     ) -> torch.Tensor:
         """The block's residual output from its input rows ``x`` and ``attn_out`` (applies ``resid_mid``,
         ``mlp_out`` and ``resid_post`` patches); a parallel block may pass the (unchanged) ``mlp_out``."""
+        return self._finish_many(
+            layer, [x], [attn_out], [patch], [rows], None if mlp_out is None else [mlp_out]
+        )[0]
+
+    def _finish_many(
+        self,
+        layer: int,
+        xs: list[torch.Tensor],
+        attn_outs: list[torch.Tensor],
+        patches: list[_Patch | None],
+        rows: list[torch.Tensor | None],
+        mlp_outs: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`_finish` of several parts (cells of other rows or positions: ``xs[i]``, ``attn_outs[i]``,
+        ``patches[i]`` at ``rows[i]``), the MLP over the rows of all of them at once (it is row-wise: one product
+        per weight instead of one per part); a parallel block may pass every part's (unchanged) ``mlp_outs``."""
         blk = self.model.blocks[layer]
+        parts = range(len(xs))
         if self.attn_only:
-            return self._apply(x + attn_out, patch, "resid_post", rows)
+            return [self._apply(xs[i] + attn_outs[i], patches[i], "resid_post", rows[i]) for i in parts]
         if self.parallel:
-            if mlp_out is None:
-                mlp_out = blk.mlp_write(x)
-            mlp_out = self._apply(mlp_out, patch, "mlp_out", rows)
-            return self._apply(blk.combine(x, attn_out, mlp_out), patch, "resid_post", rows)
-        mid = self._apply(x + attn_out, patch, "resid_mid", rows)
-        out = self._apply(blk.mlp_write(mid), patch, "mlp_out", rows)
-        return self._apply(mid + out, patch, "resid_post", rows)
+            mlps = mlp_outs if mlp_outs is not None else self._rowwise(blk.mlp_write, xs)
+            mlps = [self._apply(mlps[i], patches[i], "mlp_out", rows[i]) for i in parts]
+            return [
+                self._apply(blk.combine(xs[i], attn_outs[i], mlps[i]), patches[i], "resid_post", rows[i])
+                for i in parts
+            ]
+        mids = [self._apply(xs[i] + attn_outs[i], patches[i], "resid_mid", rows[i]) for i in parts]
+        outs = self._rowwise(blk.mlp_write, mids)
+        outs = [self._apply(outs[i], patches[i], "mlp_out", rows[i]) for i in parts]
+        return [self._apply(mids[i] + outs[i], patches[i], "resid_post", rows[i]) for i in parts]
+
+    def _rowwise(self, fn, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[fn(x) for x in xs]`` for a row-wise ``fn`` (``(..., n) -> (..., m)``), by one call of ``fn`` on the
+        rows of all of ``xs`` together; the results are views of its output."""
+        if len(xs) == 1:
+            return [fn(xs[0])]
+        n = xs[0].shape[-1]
+        out = fn(torch.cat([x.reshape(-1, n) for x in xs]))
+        res, o = [], 0
+        for x in xs:
+            k = x.numel() // n
+            res.append(out[o : o + k].view(*x.shape[:-1], *out.shape[1:]))
+            o += k
+        return res
 
     # ----- one block on changed rows ------------------------------------------------------------------------
     def _block_rows(self, layer: int, X: torch.Tensor, p: int, patch: _Patch | None, out_rows: torch.Tensor):
         """Block ``layer`` for cells whose residual rows ``p..`` (``X (C,B,R,d)``) changed; returns the
         residual after the block at ``out_rows`` (absolute positions): ``(C,B,len(out_rows),d)``."""
+        return self._block_many(layer, [(X, p, patch, out_rows)])[0]
+
+    def _block_many(self, layer: int, parts: list[tuple]) -> list[torch.Tensor]:
+        """:meth:`_block_rows` of several parts ``(X, p, patch, out_rows)`` (cells of batches that start at other
+        positions): the norms, projections, output projection and MLP over the rows of all parts at once, the
+        attention per part."""
         blk = self.model.blocks[layer]
         attn = blk.attn
-        R = X.shape[2]
-        rows = self._range(p, p + R)
-        X = self._apply(X, patch, "resid_pre", rows)
-        h = self.model.blocks[layer].ln1(X)
-        sel = out_rows - p
-        full = len(out_rows) == R
-        q = self._apply(self._proj(layer, "Q", h if full else h[:, :, sel]), patch, "q", out_rows)
-        k = self._apply(self._proj(layer, "K", h), patch, "k", rows)
-        v = self._apply(self._proj(layer, "V", h), patch, "v", rows)
-        q, k = attn.rotate(q, out_rows), attn.rotate(k, rows)  # identity without rotary positions
-        pat = self._apply(self._pattern(layer, q, out_rows, k, p), patch, "pattern", out_rows)
-        z = self._apply(self._mix(layer, pat, v, p), patch, "z", out_rows)
-        attn_out = self._apply(blk.attn_post(attn.output(z)), patch, "attn_out", out_rows)
-        return self._finish(layer, X if full else X[:, :, sel], attn_out, patch, out_rows)
+        xs = [self._apply(X, pt, "resid_pre", self._range(p, p + X.shape[2])) for X, p, pt, _ in parts]
+        hq, sels = [], []
+        hs = self._rowwise(blk.ln1, xs)
+        for X, (_, p, _, out_rows), h in zip(xs, parts, hs):
+            full = len(out_rows) == X.shape[2]
+            sels.append(None if full else out_rows - p)
+            hq.append(h if full else h[:, :, out_rows - p])
+        ks = self._rowwise(lambda h: self._proj(layer, "K", h), hs)
+        vs = self._rowwise(lambda h: self._proj(layer, "V", h), hs)
+        qs = self._rowwise(lambda h: self._proj(layer, "Q", h), hq)
+        zs = []
+        for (_, p, patch, out_rows), q, k, v in zip(parts, qs, ks, vs):
+            rows = self._range(p, p + k.shape[2])
+            q = self._apply(q, patch, "q", out_rows)
+            k = self._apply(k, patch, "k", rows)
+            v = self._apply(v, patch, "v", rows)
+            q, k = attn.rotate(q, out_rows), attn.rotate(k, rows)  # identity without rotary positions
+            z = self._apply(self._attend(layer, q, out_rows, k, v, p, patch), patch, "z", out_rows)
+            zs.append(z.reshape(*z.shape[:-2], self.H * self.dh))  # a row per query: (C, B, Rq, H * dh)
+        outs = self._rowwise(lambda z: blk.attn_post(attn.output(z.view(*z.shape[:-1], self.H, self.dh))), zs)
+        patches = [part[2] for part in parts]
+        out_rows = [part[3] for part in parts]
+        outs = [self._apply(a, pt, "attn_out", r) for a, pt, r in zip(outs, patches, out_rows)]
+        xs = [x if sel is None else x[:, :, sel] for x, sel in zip(xs, sels)]
+        return self._finish_many(layer, xs, outs, patches, out_rows)
 
     # ----- entering layer: the optimised first block of a cell ----------------------------------------------
-    def _enter(self, layer: int, p: int, cells: list[Cell], out_rows: torch.Tensor, all_pos: bool):
+    def _enter(
+        self,
+        layer: int,
+        p: int,
+        cells: list[Cell],
+        out_rows: torch.Tensor,
+        all_pos: bool,
+        defer: bool = False,
+    ):
+        """The residual after block ``layer`` at ``out_rows`` of ``cells`` entering there at position ``p``:
+        ``(C,B,len(out_rows),d)``. With ``defer``, a ``resid_pre`` cell at one position returns ``(x, z, mlp_out)``
+        instead, for :meth:`_finish_entered` (its output projection and MLP over many rows at once)."""
         site, tg = self.site, self.tgt[layer]
         blk = self.model.blocks[layer]
         attn = blk.attn
@@ -490,19 +601,20 @@ class ExactEngine:
                 return self._block_rows(layer, X, 0, None, out_rows)
             # only row p's q, k, v change; later rows keep their cached queries, keys and values
             x0 = src[:, p : p + 1].to(dt)  # (B,1,d)
-            where, qe, ke, ve = self._entry[layer]
-            i = where[p]
+            i, (qe, ke, ve) = self._entry[layer][p]
             q0, k0, v0 = qe[:, i : i + 1], ke[:, i : i + 1], ve[:, i : i + 1]
             sel = out_rows - p
             k = torch.cat([k0, tg["kr"][:, p + 1 :]], 1).unsqueeze(0)
             v = torch.cat([v0, tg["v"][:, p + 1 :]], 1).unsqueeze(0)
             q = torch.cat([q0, tg["qr"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
-            z = self._mix(layer, self._pattern(layer, q, out_rows, k, p), v, p)
+            z = self._attend(layer, q, out_rows, k, v, p)
             x = torch.cat([x0, tg["resid_pre"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
             mlp_out = None
             if self.parallel:  # the MLP reads resid_pre: only row p's output changes
                 m0 = blk.mlp_write(x0)
                 mlp_out = torch.cat([m0, tg["mlp_out"][:, p + 1 :]], 1)[:, sel].unsqueeze(0)
+            if defer:
+                return x, z, mlp_out
             out = self._finish(layer, x, blk.attn_post(attn.output(z)), mlp_out=mlp_out)
             return out.expand(C, -1, -1, -1)
         if site in KV_SITES:  # a key/value head: recompute the attention of the query heads that read it
@@ -552,9 +664,9 @@ class ExactEngine:
                 tg["attn_lin"][:, prow] + torch.einsum("cbre,ced->cbrd", z_new - z_old, attn.W_O[heads])
             )
             new = self._finish(layer, x, attn_out, mlp_out=mlp_cached)
-        elif not all_pos and layer in self._entry:  # attn_out, resid_mid: rows computed for the whole layer
-            where, rows = self._entry[layer][:2]
-            new = rows[:, :, where[p] : where[p] + 1].expand(C, -1, -1, -1)
+        elif not all_pos and p in self._entry.get(layer, {}):  # attn_out, resid_mid: rows made per tile
+            i, (rows,) = self._entry[layer][p]
+            new = rows[:, :, i : i + 1].expand(C, -1, -1, -1)
         else:
             s = src[:, prow].to(dt).unsqueeze(0)
             if site == "attn_out":
@@ -576,36 +688,48 @@ class ExactEngine:
         out[:, :, (out_rows == p).nonzero().flatten()] = new
         return out
 
+    #: positions of a layer whose entry rows (:meth:`_entry_rows`) are made together: a tile of about this many rows
+    #: (positions x examples) per product
+    ENTRY_ROWS = 256
+
     def _entry_rows(self, cells: list[Cell]) -> None:
         """What the patched row of a cell at a single position computes at its own layer, for every (layer,
-        position) of ``cells`` at once (one matmul per layer over all its positions): for ``resid_pre`` the source
-        rows' rotated queries, keys and values; for ``attn_out`` and ``resid_mid`` (sequential blocks with an MLP)
-        the residual after the block."""
-        want: dict[int, set[int]] = {}
+        position) of ``cells``: for ``resid_pre`` the source rows' rotated queries, keys and values; for
+        ``attn_out`` and ``resid_mid`` (sequential blocks with an MLP) the residual after the block.
+
+        They are made per layer for tiles of consecutive positions (about :attr:`ENTRY_ROWS` rows each, one
+        matmul per weight) and kept for later runs (at most three activations per layer): a grid computed in runs
+        of a few positions each makes them once, in products of many rows, and each value is the same whatever
+        the runs before (a resumed grid equals an uninterrupted one); the other positions of a tile cost at most
+        one entering block of a cell there."""
+        tile = max(1, -(-self.ENTRY_ROWS // self.B))
+        self._entry = {}
         for c in cells:
             # in the last block a row-local patch reaches the metric only at the metric's row
             skip = c.layer == self.L - 1 and self.uniform and c.pos != self.m and self.site != "resid_pre"
-            if c.pos >= 0 and (not self.uniform or c.pos <= self.m) and not skip:
-                want.setdefault(c.layer, set()).add(c.pos)
-        self._entry = {}
-        for layer, ps in want.items():
-            pos = sorted(ps)
-            blk = self.model.blocks[layer]
-            if self.site != "resid_pre":
-                tg, prow = self.tgt[layer], self._index(pos)
-                s = self.src[hook_name(self.site, layer)][:, prow].to(self.dtype).unsqueeze(0)
-                if self.site == "attn_out":
-                    rows = self._finish(layer, tg["resid_pre"][:, prow], s)
-                else:
-                    rows = s + blk.mlp_write(s)
-                self._entry[layer] = ({p: i for i, p in enumerate(pos)}, rows)
+            if c.pos < 0 or (self.uniform and c.pos > self.m) or skip:
                 continue
-            h = blk.ln1(self.src[hook_name("resid_pre", layer)][:, pos].to(self.dtype))  # (B,P,d)
-            pt = self._index(pos)
-            q = blk.attn.rotate(self._proj(layer, "Q", h), pt)
-            k = blk.attn.rotate(self._proj(layer, "K", h), pt)
-            v = self._proj(layer, "V", h)
-            self._entry[layer] = ({p: i for i, p in enumerate(pos)}, q, k, v)
+            first = c.pos // tile * tile
+            kept = self._entry_kept.get((c.layer, first))
+            if kept is None:
+                kept = self._entry_kept[(c.layer, first)] = self._entry_of(c.layer, first, first + tile)
+            self._entry.setdefault(c.layer, {})[c.pos] = (c.pos - first, kept)
+
+    def _entry_of(self, layer: int, first: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """:meth:`_entry_rows` of ``layer`` at positions ``first .. stop - 1`` (at most ``T - 1``)."""
+        blk = self.model.blocks[layer]
+        stop = min(stop, self.T)
+        if self.site != "resid_pre":
+            tg = self.tgt[layer]
+            s = self.src[hook_name(self.site, layer)][:, first:stop].to(self.dtype).unsqueeze(0)
+            if self.site == "attn_out":
+                return (self._finish(layer, tg["resid_pre"][:, first:stop], s),)
+            return (s + blk.mlp_write(s),)
+        h = blk.ln1(self.src[hook_name("resid_pre", layer)][:, first:stop].to(self.dtype))  # (B,P,d)
+        pt = self._range(first, stop)
+        q = blk.attn.rotate(self._proj(layer, "Q", h), pt)
+        k = blk.attn.rotate(self._proj(layer, "K", h), pt)
+        return q, k, self._proj(layer, "V", h)
 
     #: final-norm rows of finished cells that are unembedded together (one matmul over the vocabulary for
     #: several batches, which runs near the full matmul rate where one of ``batch`` x a few cells does not)
@@ -647,6 +771,7 @@ class ExactEngine:
                     n += len(idx)
                 pending.clear()
 
+        batches: list[tuple[int, list[int], bool]] = []  # (first position, cell indices, all positions)
         for pos, idx in groups.items():
             all_pos = pos < 0
             p = 0 if all_pos else pos
@@ -655,13 +780,23 @@ class ExactEngine:
                 out[idx] = tgt_metric
                 continue
             idx = sorted(idx, key=lambda i: cells[i].layer)  # a batch of late cells skips the early layers
-            for s in range(0, len(idx), step):
-                chunk = idx[s : s + step]
-                pending.append((chunk, self._run_group(p, [cells[i] for i in chunk], all_pos)))
+            batches += [(p, idx[s : s + step], all_pos) for s in range(0, len(idx), step)]
+        # batches run together, layer by layer, as long as their residual rows (cells x positions) stay within
+        # those of one batch of `step` cells over every position, the largest a batch can hold
+        budget, w = step * self.T, 0
+        while w < len(batches):
+            e, rows = w + 1, len(batches[w][1]) * (self.T - batches[w][0])
+            while e < len(batches) and rows + len(batches[e][1]) * (self.T - batches[e][0]) <= budget:
+                rows += len(batches[e][1]) * (self.T - batches[e][0])
+                e += 1
+            finals = self._run_wave([(p, [cells[i] for i in idx], a) for p, idx, a in batches[w:e]])
+            for (_, idx, _), x in zip(batches[w:e], finals):
+                pending.append((idx, x))
                 if sum(len(i) for i, _ in pending) * self.B >= flush_rows:
                     flush()
+            w = e
         flush()
-        self._entry = {}
+        self._entry, self._kv = {}, {}
         return out
 
     @torch.no_grad()
@@ -685,51 +820,115 @@ class ExactEngine:
         return model.ln_final(x)
 
     def _chunks(self, n_cells: int, rows: int) -> list[tuple[int, int]]:
-        """Consecutive cell ranges of about :attr:`CHUNK_ROWS` rows (``rows`` per example and cell) each."""
+        """Consecutive cell ranges of at most :attr:`CHUNK_ROWS` rows (``rows`` per example and cell) each, or one
+        cell, as few as that allows and of sizes that differ by at most one cell (no small remainder: the
+        products of a chunk over many rows run near the full matmul rate)."""
         k = max(1, self.CHUNK_ROWS // (self.B * rows))
-        return [(s, min(s + k, n_cells)) for s in range(0, n_cells, k)]
+        n = max(1, -(-n_cells // k))
+        edges = [n_cells * i // n for i in range(n + 1)]
+        return list(zip(edges[:-1], edges[1:]))
 
-    def _run_group(self, p: int, cells: list[Cell], all_pos: bool) -> torch.Tensor:
-        R = self.T - p
-        X, active = None, []
-        full_rows = self._range(p, self.T)
-        last_rows = self._range(self.m, self.m + 1) if self.uniform else full_rows
+    def _finish_entered(self, layer: int, entered: list[tuple]) -> None:
+        """Writes the residual after block ``layer`` of cells entering it (``(Y, x, z, mlp_out)`` from
+        :meth:`_enter` with ``defer``, ``Y`` the cells' output rows) into ``Y``: their output projection and MLP
+        over the rows of several batches at once, in chunks of about :attr:`CHUNK_ROWS` rows."""
+        blk = self.model.blocks[layer]
+        attn, H, dh = blk.attn, self.H, self.dh
+        k = 0
+        while k < len(entered):
+            e, rows = k + 1, entered[k][1].numel() // self.d
+            while e < len(entered) and rows + entered[e][1].numel() // self.d <= self.CHUNK_ROWS:
+                rows += entered[e][1].numel() // self.d
+                e += 1
+            part = entered[k:e]
+            zs = [z.reshape(*z.shape[:-2], H * dh) for _, _, z, _ in part]
+            outs = self._rowwise(lambda z: blk.attn_post(attn.output(z.view(*z.shape[:-1], H, dh))), zs)
+            mlps = [m for *_, m in part] if self.parallel else None
+            none = [None] * len(part)
+            outs = self._finish_many(layer, [x for _, x, _, _ in part], outs, none, none, mlps)
+            for (Y, *_), out in zip(part, outs):
+                Y.copy_(out.expand_as(Y))
+            k = e
+
+    def _run_wave(self, batches: list[tuple[int, list[Cell], bool]]) -> list[torch.Tensor]:
+        """The final-norm metric rows ``(C, B, d)`` of each batch ``(first position p, cells, all positions)``,
+        the batches run together layer by layer: at each layer the active cells of every batch run over chunks of
+        about :attr:`CHUNK_ROWS` rows, and a chunk takes the cells of several batches when those are few
+        (:meth:`_block_many`: one product per weight over the rows of all of them); cells enter per batch."""
         is_head = self.site in HEAD_SITES
-        # the residual after each block, for every cell of the batch, alternates between two buffers that the
-        # chunks write into (one allocation per batch instead of one per block)
-        bufs = [
-            torch.empty(len(cells), self.B, R, self.d, dtype=self.dtype, device=self.device) for _ in range(2)
-        ]
-        for layer in range(min(c.layer for c in cells), self.L):
-            out_rows = last_rows if layer == self.L - 1 else full_rows
-            new = [c for c in cells if c.layer == layer]
-            n_out = len(active) + len(new)
-            if len(out_rows) == R:
-                Y = bufs[layer % 2][:n_out]
-            else:
-                Y = torch.empty(n_out, self.B, len(out_rows), self.d, dtype=self.dtype, device=self.device)
-            if active:
-                acts = [layer in c.layers for c in active]
-                act = self._index(acts)
-                heads = self._index([c.head for c in active]) if is_head else None
-                for s, e in self._chunks(len(active), R):
-                    patch = None
-                    if any(acts[s:e]):  # read on the host: no device synchronisation per chunk
-                        hs = heads[s:e] if is_head else None
-                        patch = _Patch(self.site, layer, act[s:e], hs, -1 if all_pos else p)
-                    Y[s:e] = self._block_rows(layer, X[s:e], p, patch, out_rows)
-            if new:
-                n0 = len(active)
-                if is_head:  # the entering block depends on each cell's head
-                    for s, e in self._chunks(len(new), R):
-                        Y[n0 + s : n0 + e] = self._enter(layer, p, new[s:e], out_rows, all_pos)
-                else:  # the same for every entering cell (the site has no head)
-                    Y[n0:] = self._enter(layer, p, new[:1], out_rows, all_pos)
-                active += new
-            X = Y
-        assert X is not None and X.shape[2] in (1, R)
-        order = {c: i for i, c in enumerate(active)}
-        return self._final_rows(X, p)[[order[c] for c in cells]]
+        state = []
+        for p, cells, all_pos in batches:
+            R = self.T - p
+            # the residual after each block, for every cell of the batch, alternates between two buffers that the
+            # chunks write into (one allocation per batch instead of one per block)
+            bufs = [
+                torch.empty(len(cells), self.B, R, self.d, dtype=self.dtype, device=self.device)
+                for _ in range(2)
+            ]
+            full_rows = self._range(p, self.T)
+            last_rows = self._range(self.m, self.m + 1) if self.uniform else full_rows
+            state.append(dict(p=p, R=R, cells=cells, all_pos=all_pos, bufs=bufs, X=None, active=[],
+                              full=full_rows, last=last_rows))  # fmt: skip
+        for layer in range(min(c.layer for _, cells, _ in batches for c in cells), self.L):
+            parts: list[tuple] = []  # (X, p, patch, out_rows, output rows Y[s:e], rows)
+            entering = []
+            for st in state:
+                p, R, active = st["p"], st["R"], st["active"]
+                out_rows = st["last"] if layer == self.L - 1 else st["full"]
+                new = [c for c in st["cells"] if c.layer == layer]
+                n_out = len(active) + len(new)
+                if n_out == 0:
+                    continue
+                if len(out_rows) == R:
+                    Y = st["bufs"][layer % 2][:n_out]
+                else:
+                    Y = torch.empty(
+                        n_out, self.B, len(out_rows), self.d, dtype=self.dtype, device=self.device
+                    )
+                if active:
+                    acts = [layer in c.layers for c in active]
+                    act = self._index(acts)
+                    heads = self._index([c.head for c in active]) if is_head else None
+                    for s, e in self._chunks(len(active), R):
+                        patch = None
+                        if any(acts[s:e]):  # read on the host: no device synchronisation per chunk
+                            hs = heads[s:e] if is_head else None
+                            patch = _Patch(self.site, layer, act[s:e], hs, -1 if st["all_pos"] else p)
+                        parts.append((st["X"][s:e], p, patch, out_rows, Y[s:e], (e - s) * self.B * R))
+                entering.append((st, new, out_rows, Y))
+            k = 0
+            while k < len(parts):  # consecutive parts in chunks of about CHUNK_ROWS rows
+                e, rows = k + 1, parts[k][5]
+                while e < len(parts) and rows + parts[e][5] <= self.CHUNK_ROWS:
+                    rows += parts[e][5]
+                    e += 1
+                outs = self._block_many(layer, [part[:4] for part in parts[k:e]])
+                for part, y in zip(parts[k:e], outs):
+                    part[4].copy_(y)
+                k = e
+            deferred: list[tuple] = []  # (output rows, x, z, mlp_out) of entering cells (_enter's defer)
+            for st, new, out_rows, Y in entering:
+                if new:
+                    n0, p, all_pos = len(st["active"]), st["p"], st["all_pos"]
+                    if is_head:  # the entering block depends on each cell's head
+                        for s, e in self._chunks(len(new), st["R"]):
+                            Y[n0 + s : n0 + e] = self._enter(layer, p, new[s:e], out_rows, all_pos)
+                    else:  # the same for every entering cell (the site has no head)
+                        got = self._enter(layer, p, new[:1], out_rows, all_pos, defer=True)
+                        if isinstance(got, tuple):
+                            deferred.append((Y[n0:], *got))
+                        else:
+                            Y[n0:] = got
+                    st["active"] += new
+                st["X"] = Y
+            self._finish_entered(layer, deferred)
+        finals = []
+        for st in state:
+            X, active = st["X"], st["active"]
+            assert X is not None and X.shape[2] in (1, st["R"])
+            order = {c: i for i, c in enumerate(active)}
+            finals.append(self._final_rows(X, st["p"])[[order[c] for c in st["cells"]]])
+        return finals
 
 
 def truncate_cache(cache: dict, T: int) -> dict:
