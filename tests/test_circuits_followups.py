@@ -210,22 +210,17 @@ def _pair(arch, layers=3):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_float32_zero_ablation_of_a_bias_free_model_warns_where_rounding_decides(arch):
+def test_float32_zero_ablation_of_a_bias_free_model_agrees_with_float64(arch):
+    """An input with most of its edges patched is summed from what it keeps (the all-ablated input exactly zero),
+    not formed as the residual minus nearly all of it: float32 agrees with float64, and nothing is warned of."""
     m32, m64 = _pair(arch)
     clean, _, ans, wrong = prompts(m64, seed=8)
     metric = LogitDiff(ans, wrong)
     E = len(edges(m64))
     keep = torch.rand(6, E, generator=torch.Generator().manual_seed(1)) < 0.15  # small circuits
-    text = "zero ablation in float32"
-    got, msgs = _caught(text, patch_edges, m32, ~keep, clean, metric=metric, ablation="zero")
-    assert len(msgs) == 1 and msgs[0].startswith("patch_edges: ")
-    exact, none = _caught(text, patch_edges, m64, ~keep, clean, metric=metric, ablation="zero")
-    assert none == []  # float64 is not warned of
-    # what the warning says: float32 is off by a large part of the metric's size
-    size = float(exact.abs().max())
-    assert float((got.double() - exact).abs().max()) > 1e-2 * size
-    # mean ablation on the same circuits, and single edges with zero ablation: well conditioned, no warning
+    text = "nearly cancel"
     for call in (
+        lambda m: patch_edges(m, ~keep, clean, metric=metric, ablation="zero"),
         lambda m: patch_edges(m, ~keep, clean, metric=metric, ablation="mean"),
         lambda m: patch_edges(m, torch.eye(E, dtype=torch.bool)[::7], clean, metric=metric, ablation="zero"),
     ):
@@ -233,12 +228,11 @@ def test_float32_zero_ablation_of_a_bias_free_model_warns_where_rounding_decides
         assert msgs == []
         ref = call(m64)
         assert float((got.double() - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
-    # the circuit functions warn once per call
     for fn in (
         lambda: faithfulness(m32, keep[0], clean, metric=metric, ablation="zero"),
         lambda: pruning_curve(m32, torch.rand(E), clean, metric=metric, ablation="zero", counts=[3, 30]),
     ):
-        assert len(_caught(text, fn)[1]) == 1
+        assert _caught(text, fn)[1] == []
 
 
 def test_float32_zero_ablation_of_a_model_with_biases_is_not_warned_of():

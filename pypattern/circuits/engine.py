@@ -56,9 +56,9 @@ _SPARSE = 0.2
 # the batch that memory_budget cannot raise
 _STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
-# an all-ablated input within this many roundings of the residual stream's norm is rounding (exactly zero, computed
-# as the residual minus every term of it): zero ablation's patched runs are then ill-conditioned
-_ROUNDING_ULPS = 64
+# a destination input formed from terms whose norm is below this fraction of theirs (they nearly cancel) is warned
+# of in float32 or 16 bits (EdgeEngine._check_cancellation): in float32 its rounding is then about 1e-3 of it
+_CANCEL = 1e-4
 
 
 @dataclass
@@ -178,8 +178,12 @@ class EdgeEngine:
         self._e_heads = None  # the query heads each edge changes directly (E, H), built once
         self._weights = None  # the model's parameters and block weights' bytes (fixed_weights), found once
         # what prepare_runs says: the ablation, and the public function the runs are for (warnings name it); whether
-        # the rounding of zero ablation was checked (once per engine: _check_zero_rounding)
+        # the inputs formed were checked for cancellation (once per engine: _check_cancellation)
         self.ablation, self.call, self._rounding_checked = None, "prepare_runs", _CALL_WARNED.get()
+        self._checking = False  # a run() call checking the inputs it forms (_check_cancellation)
+        # the recomputed blocks of the patched runs being computed, by id, and which of their terms are zero
+        # (_dead_terms; each tensor is held so that its id is not reused)
+        self._dead_cache: dict = {}
 
     def _set_base(self, base: _Run, D: torch.Tensor | None = None) -> None:
         """Take ``base`` as the base run: the source values that depend on it and ``D = A - out``; or, given
@@ -337,59 +341,82 @@ class EdgeEngine:
     def run(self, masks: torch.Tensor) -> torch.Tensor:
         """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``.
 
-        Zero ablation on a model in float32 (or 16 bits) whose all-ablated inputs are at rounding level (no bias
-        writes to the residual stream: a Llama, Qwen or Mistral) warns, once per engine, when a mask patches most of
-        the edges into a destination input (:meth:`_check_zero_rounding`)."""
-        if (
-            not self._rounding_checked
-            and self.ablation == "zero"
-            and self.base is not None
-            and self.base.resid
-        ):
-            self._check_zero_rounding(self.graph.mask(masks).cpu().reshape(-1, len(self.graph)))
-        with self.fixed_weights():
-            return self._run(masks)
+        On a model in float32 (or 16 bits), the first call checks the destination inputs it forms and warns, once
+        per engine, when one is the sum of terms that nearly cancel (:meth:`_check_cancellation`)."""
+        checking = not self._rounding_checked and torch.finfo(self.dtype).eps > 1e-10
+        self._checking = checking
+        try:
+            with self.fixed_weights():
+                return self._run(masks)
+        finally:
+            self._checking = False
+            self._dead_cache = {}
+            if checking:
+                self._rounding_checked = True
 
-    def _check_zero_rounding(self, masks: torch.Tensor) -> None:
-        """Warn when zero ablation makes the patched runs ill-conditioned in the engine's dtype: an input with most
-        of its incoming edges patched is the residual stream minus most of its terms; where every term is a node's
-        output (no bias: the all-ablated input, exactly zero, comes out at the rounding level of the residual, below
-        ``_ROUNDING_ULPS`` roundings of it) what is left can be far smaller than the rounding of the terms
-        cancelled, and the norm that reads it scales that rounding up to the input's full size. The check: a mask
-        of ``masks (C, num_edges)`` patches more than half of the edges into a destination input that reads more
-        than the embedding, and the all-ablated input of that input's stage is at rounding level. Float64 models
-        are not checked (their rounding, amplified alike, stays near 1e-9 of the metric)."""
-        eps = torch.finfo(self.dtype).eps
-        if eps < 1e-10 or masks.numel() == 0:  # float64
-            self._rounding_checked = True
+    def _check_cancellation(self, blocks, Mv, s, rows, sub, R, comp, x) -> None:
+        """Warn when a destination input formed from terms (a mask patches some but not all of its incoming edges)
+        is far smaller than what its form adds up: the residual ``R (C, B, R, d)`` and the patched sources' ``A_u -
+        out_u``, or (where ``comp (C, V[, R])``) the all-ablated input's terms (the ``A_u``, norms of
+        :meth:`_term_norms`) and the unpatched sources' ``A_u - out_u``: the norms of the patched runs' terms (from
+        ``blocks``) against the input's own (``x``: the formed inputs ``(V, C, B, R, d)`` or a :class:`_Grouped`).
+        Its rounding is then that many times its roundoff unit relative to it, and the norm reading it scales that
+        up to the input's full size: below ``_CANCEL`` of its terms (about 1e-3 of a float32 input lost to
+        rounding) the patched metric can be off by a large part of its size. Each form is summed from its own terms
+        (the one that adds up less where it costs no more), so what is left is the cancellation of the terms
+        themselves (a kept set whose outputs nearly sum to zero)."""
+        n = self.n_read[s]
+        k = Mv.sum(1)
+        formed = (k > 0) & (k < n)  # (C, V[, R]): neither the residual nor the all-ablated input
+        if not bool(formed.any()):
             return
-        g = self.graph
-        into = torch.bincount(g.dst_idx, minlength=g.n_dst)  # edges into each destination input
-        patched = torch.zeros(masks.shape[0], g.n_dst).index_add_(1, g.dst_idx, masks.float())
-        most = (2 * patched > into).any(0)  # (n_dst,): an input with most of its edges patched in some mask
-        stages = sorted({int(st) for st in g.dst_stage[most] if self.n_read[int(st)] > 1})
-        if not stages:
-            return  # checked again when a mask patches most of an input's edges
+        per_pos = self.graph.per_position
+        f64 = torch.float64
+        C = Mv.shape[0]
+        # norms of the terms A_u - out_u in each patched run: (n_src, C[, R])
+        dims = (1, 3) if per_pos else (1, 2, 3)
+        nD = torch.zeros(Mv.shape[1], C, *((len(rows),) if per_pos else ()), dtype=f64, device=self.device)
+        for src_idx, tensor, shared, is_full in blocks:
+            t = _rows(tensor, rows, 2 if shared else 3) if (is_full and sub) else tensor
+            if shared:  # (u, B, R, d)
+                nrm = torch.linalg.vector_norm(t, dim=dims, dtype=f64).unsqueeze(1)
+            else:  # (u, C, B, R, d)
+                nrm = torch.linalg.vector_norm(t, dim=tuple(d + 1 for d in dims), dtype=f64)
+            nD[torch.tensor(src_idx, device=self.device)] = nrm.expand(len(src_idx), *nD.shape[1:])
+        nR = torch.linalg.vector_norm(R, dim=(1, 3) if per_pos else (1, 2, 3), dtype=f64)  # (C[, R])
+        nA = self._term_norms(rows)[1][:n]
+        nA = nA.sum(0) if per_pos else nA.square().sum(1).sqrt().sum()
+        m = Mv[:, :n].to(device=self.device, dtype=f64)
+        eq = "cuvt,uct->cvt" if per_pos else "cuv,uc->cv"
+        res = nR.unsqueeze(1) + torch.einsum(eq, m, nD[:n])
+        abl = nA + torch.einsum(eq, 1 - m, nD[:n])
+        scale = torch.where(comp.to(self.device), abl, res)
+        if self.graph.per_position:  # (V, C, B, R, d) -> (C, V, R)
+            size = torch.linalg.vector_norm(x, dim=(2, 4), dtype=torch.float64).permute(1, 0, 2)
+        elif isinstance(x, _Grouped):
+            size = torch.zeros(formed.shape, dtype=torch.float64, device=x.own.device)
+            if len(x.pairs):
+                norms = torch.linalg.vector_norm(x.own, dim=(1, 2, 3), dtype=torch.float64)
+                size[x.pairs[:, 1], x.pairs[:, 0]] = norms
+        else:
+            size = torch.linalg.vector_norm(x, dim=(2, 3, 4), dtype=torch.float64).T
+        eps = torch.finfo(self.dtype).eps
+        limit = _CANCEL
+        bad = formed.to(size.device) & (size < limit * scale.to(size.device))
+        if not bool(bad.any()):
+            return
+        ratio = float((size / scale.to(size.device).clamp(min=torch.finfo(torch.float64).tiny))[bad].min())
         self._rounding_checked = True
-        rows = torch.arange(self.T, device=self.device)
-        for st in stages:
-            abl = self._ablated_input(st, rows)
-            ratio = float(abl.norm()) / max(float(self.base.resid[st].norm()), torch.finfo(self.dtype).tiny)
-            if ratio <= _ROUNDING_ULPS * eps:
-                from ..sampling.diagnostics import user_stacklevel
+        from ..sampling.diagnostics import user_stacklevel
 
-                warnings.warn(
-                    f"{self.call}: zero ablation in {str(self.dtype)[6:]} patches most of the edges into some "
-                    "input of a model whose residual stream is only its nodes' outputs (no bias: the all-ablated "
-                    f"input is rounding, {ratio:.1g} of the residual): such an input is the residual minus nearly "
-                    "all of it, and the norm reading it scales the rounding up, so the patched metric can be off "
-                    "by more than its own size (up to 4x, against float64, on small Llama- and Qwen3-shaped models "
-                    "with 5-20% of the edges kept); pass model.double() (float64: about 1e-9 of the metric), or use ablation='mean' "
-                    "or 'resample'",
-                    RuntimeWarning,
-                    stacklevel=user_stacklevel(),
-                )
-                return
+        warnings.warn(
+            f"{self.call}: in {str(self.dtype)[6:]} a destination input of a patched run is the sum of terms that "
+            f"nearly cancel (its norm is {ratio:.1g} of theirs; {str(self.dtype)[6:]} rounds each to about {eps:.0e} of it), so its "
+            "rounding is a large part of it, the norm reading it scales that up, and the patched metric can be off "
+            "by much of its size; pass model.double() (float64) for these circuits",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _run(self, masks: torch.Tensor) -> torch.Tensor:
         if self.base is None or self.base.resid is None:
@@ -481,18 +508,137 @@ class EdgeEngine:
         if not bool(Mv.any()):
             return None
         sub = len(rows) != self.T
-        if not self.graph.per_position:
-            n = self.n_read[s]  # the sources read at stage s (a prefix)
-            k = Mv.sum(1)  # (C, V) patched edges into each destination input
+        n = self.n_read[s]  # the sources read at stage s (a prefix)
+        # each input from the side with fewer terms: R plus its patched sources' A_u - out_u, or, with more than
+        # half of them patched, the all-ablated input minus its unpatched ones' (summing what the input keeps
+        # rather than cancelling most of R: zero ablation is then exact where every edge is patched)
+        dead = self._dead_terms(blocks, Mv.shape[0], Mv.shape[1])
+        if dead is None:
+            up = down = Mv
+            k = Mv.sum(1)  # (C, V[, R]) patched edges into each destination input
             comp = k > n - k
+        else:
+            # a source whose A_u - out_u is exactly zero in a run (zero ablation: its output is zero, every input of
+            # it ablated) is the same patched or not: counted as patched on the all-ablated side and as unpatched on
+            # the residual side, it is a term of neither; ties go to the all-ablated side (summed from what is kept)
+            d = dead.view(*dead.shape, *(1,) * (Mv.dim() - 2)).to(Mv.device)
+            up = torch.where(d, torch.ones_like(Mv), Mv)
+            down = torch.where(d, torch.zeros_like(Mv), Mv)
+            comp = n - up[:, :n].sum(1) <= down.sum(1)
+            Mv = torch.where(comp.unsqueeze(1), up, down)
+            k = Mv.sum(1)
+        x = None
+        if not self.graph.per_position:
             terms = float(torch.where(comp, n - k, k).sum())
             if terms <= _SPARSE * Mv.shape[0] * Mv.shape[2] * n:
-                return self._inputs_sparse(blocks, Mv, rows, sub, R, s, comp, n, k if grouped else None)
-            return self._corr_flat(blocks, Mv, rows, sub).add_(R)
-        return self._corr_pos(blocks, Mv, rows, sub).add_(R)
+                x = self._inputs_sparse(blocks, Mv, rows, sub, R, s, comp, n, k if grouped else None)
+        if (
+            x is None
+        ):  # a dense sum costs the same from either side: each input from the better-conditioned one
+            comp = self._better_side(down, up, s, rows)
+            if dead is not None:
+                Mv = torch.where(comp.unsqueeze(1), up, down)
+            W = self._weights_from(Mv, comp, n)
+            if not self.graph.per_position:
+                x = self._corr_flat(blocks, W, rows, sub, R, comp, s)
+            else:
+                x = self._corr_pos(blocks, W, rows, sub, self._bases(comp, R, s, rows))
+        if self._checking and not self._rounding_checked:
+            self._check_cancellation(blocks, Mv, s, rows, sub, R, comp, x)
+        return x
 
-    def _corr_pos(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
-        """The patched-source sum ``(V, C, B, R, d)`` of a per-position graph (``Mv (C, n_src, V, R)``)."""
+    def _better_side(self, down: torch.Tensor, up: torch.Tensor, s: int, rows: torch.Tensor) -> torch.Tensor:
+        """``(C, V[, R])`` bool: the inputs better formed from the all-ablated input than from the residual, by the
+        size of what each form adds up (the roundings scale with it): the residual (the sum of every source's
+        output read at ``s``) plus the ``A_u - out_u`` of the sources patched in ``down (C, n_src, V[, R])``,
+        against the all-ablated input (the sum of their ``A_u``) plus those of the sources not patched in ``up``
+        (the two masks differ where a term is known to be zero, :meth:`_dead_terms`); norms of the base run's values
+        over the batch and the model dimension (:meth:`_term_norms`), and over the rows too but for a per-position
+        graph."""
+        n = self.n_read[s]
+        nO, nA, nD = self._term_norms(rows)
+        if not self.graph.per_position:  # one form for every row: the norms over the rows
+            nO, nA, nD = (x.square().sum(1).sqrt() for x in (nO, nA, nD))
+            eq = "cuv,u->cv"
+        else:
+            eq = "cuvt,ut->cvt"
+        f = dict(device=nD.device, dtype=nD.dtype)
+        res = nO[:n].sum(0) + torch.einsum(eq, down[:, :n].to(**f), nD[:n])
+        abl = nA[:n].sum(0) + torch.einsum(eq, 1 - up[:, :n].to(**f), nD[:n])
+        return (abl < res).to(down.device)
+
+    def _dead_terms(self, blocks, C: int, n_src: int) -> torch.Tensor | None:
+        """``(C, n_src)`` bool: the sources whose ``A_u - out_u`` is exactly zero in each run (zero ablation: a
+        recomputed node's output is zero where every input of it is the all-ablated input of a model without
+        biases), read off the recomputed blocks (once per block, ``_dead_cache``); None for the other ablations
+        (``A_u`` then never equals ``out_u`` by construction) or when there are none."""
+        if self.ablation != "zero":
+            return None
+        dead = None
+        for src_idx, tensor, shared, _ in blocks:
+            if shared:  # the base run's values, -out_u: not zero by construction
+                continue
+            key = id(tensor)
+            if key not in self._dead_cache:
+                t = tensor.reshape(tensor.shape[0], C, -1)
+                # a zero output is zero at its first entries: only those runs are read whole
+                maybe = ~t[:, :, : self.d].any(-1)
+                if bool(maybe.any()):
+                    idx = maybe.nonzero(as_tuple=True)
+                    maybe[idx] = ~t[idx].any(-1)
+                self._dead_cache[key] = (tensor, maybe)  # (u, C)
+            flags = self._dead_cache[key][1]
+            if bool(flags.any()):
+                if dead is None:
+                    dead = torch.zeros(C, n_src, dtype=torch.bool, device=flags.device)
+                dead[:, torch.tensor(src_idx, device=flags.device)] = flags.T
+        return dead
+
+    def _term_norms(self, rows: torch.Tensor) -> tuple:
+        """Norms over the batch and the model dimension of every source's base-run output, source value and ``A_u -
+        out_u``, each ``(n_src, R)`` in float64 at ``rows`` (computed once, cached)."""
+        if "norms" not in self._ablated:
+            D = self.D
+            A = self.A if self.A is not None and self.ablation != "zero" else None
+            nD = torch.linalg.vector_norm(D, dim=(1, 3), dtype=torch.float64)
+            nA = (
+                torch.zeros_like(nD)
+                if A is None
+                else torch.linalg.vector_norm(A, dim=(1, 3), dtype=torch.float64)
+            )
+            if A is None and self.ablation == "zero":  # D is every output negated
+                nO = nD
+            elif self.base.outs is not None:
+                nO = torch.linalg.vector_norm(self.base.outs, dim=(1, 3), dtype=torch.float64)
+            else:  # an upper bound: out_u = A_u - D_u
+                nO = nA + nD
+            self._ablated["norms"] = (nO, nA, nD)
+        return tuple(x[:, rows.to(x.device)] for x in self._ablated["norms"])
+
+    @staticmethod
+    def _weights_from(Mv: torch.Tensor, comp: torch.Tensor, n: int) -> torch.Tensor:
+        """The dense sums' weights ``(C, n_src, V[, R])`` of the sources' ``A_u - out_u``: ``Mv`` (1 where patched)
+        for an input formed from ``R``, ``-(1 - Mv)`` over the ``n`` sources read (-1 where not patched) for one
+        formed from the all-ablated input (``comp (C, V[, R])``)."""
+        if not bool(comp.any()):
+            return Mv
+        W = Mv.clone()
+        W[:, :n] = torch.where(comp.unsqueeze(1), Mv[:, :n] - 1, Mv[:, :n])
+        return W
+
+    def _bases(self, comp: torch.Tensor, R: torch.Tensor, s: int, rows: torch.Tensor):
+        """What the per-position sums add to: ``R (C, B, R, d)`` when every input is formed from it, else ``(V, C,
+        B, R, d)`` with the all-ablated input where ``comp (C, V, R)``."""
+        if not bool(comp.any()):
+            return R
+        abl = self._ablated_input(s, rows)
+        c = comp.permute(1, 0, 2)[:, :, None, :, None]  # (C, V, R) -> (V, C, 1, R, 1)
+        out = R.new_empty(comp.shape[1], *R.shape)
+        return torch.where(c.to(R.device), abl, R, out=out)
+
+    def _corr_pos(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool, base: torch.Tensor):
+        """``base`` plus the weighted source sum, ``(V, C, B, R, d)``, of a per-position graph (weights ``Mv (C,
+        n_src, V, R)``, :meth:`_weights_from`)."""
         total = None
         for src_idx, tensor, shared, is_full in blocks:
             m = Mv[:, src_idx]
@@ -502,15 +648,37 @@ class EdgeEngine:
             if is_full and sub:
                 tensor = tensor[:, :, rows] if shared else tensor[:, :, :, rows]
             term = torch.einsum("cuvt,ubtd->vcbtd" if shared else "cuvt,ucbtd->vcbtd", m, tensor)
+            if total is None and base.dim() == 5:  # a fresh tensor of the inputs' bases: the sums go into it
+                total = base
             total = term if total is None else total.add_(term)  # in place: fresh large tensors are costly
-        return total
+        if total is None:
+            return base.expand(Mv.shape[2], *base.shape[-4:]).clone()
+        return total if total is base else total.add_(base)
 
     def _ablated_input(self, s: int, rows: torch.Tensor) -> torch.Tensor:
         """``(B, R, d)``: the input of a destination at stage ``s`` with every incoming edge patched, ``sum_{u read
-        at s} A_u`` plus the attention output biases before ``s``; the same in every patched run (cached)."""
+        at s} A_u`` plus the attention output biases before ``s``; the same in every patched run (cached).
+
+        Summed from those terms themselves rather than formed as the residual plus every ``A_u - out_u`` (equal in
+        exact arithmetic) unless the latter adds up less (the norms of :meth:`_term_norms`; a resample of the base
+        prompts themselves, where every ``A_u - out_u`` is zero, then gives the residual itself): zero ablation of
+        a model without biases gives exactly zero, not the rounding of the residual minus every node's output,
+        which the norm reading the input would scale up to full size."""
         if s not in self._ablated:
             n = self.n_read[s]
-            self._ablated[s] = self.base.resid[s] + self.D[:n].sum(0)
+            direct = self.ablation == "zero"
+            if not direct and self.A is not None:
+                full = torch.arange(self.T, device=self.device)
+                nO, nA, nD = (x[:n].square().sum(1).sqrt().sum() for x in self._term_norms(full))
+                direct = bool(nA < nO + nD)
+            if not direct:
+                self._ablated[s] = self.base.resid[s] + self.D[:n].sum(0)
+                return _rows(self._ablated[s], rows, 1)
+            abl = torch.zeros_like(self.base.resid[s]) if self.ablation == "zero" else self.A[:n].sum(0)
+            for layer in range(self.L):
+                if 2 * layer < s:  # the attention output biases written before stage s
+                    abl = self.view.add_attn_bias(layer, abl)
+            self._ablated[s] = abl
         return _rows(self._ablated[s], rows, 1)
 
     def _ablated_projections(self, layer: int, rows: torch.Tensor) -> tuple:
@@ -625,12 +793,15 @@ class EdgeEngine:
             return flat.view(V, C, self.B, len(rows), self.d)
         return _Grouped(cls, flat, pairs, at, abl)
 
-    def _corr_flat(self, blocks, Mv: torch.Tensor, rows: torch.Tensor, sub: bool):
-        """The patched-source sum ``(V, C, B, R, d)`` without positions, dense: every block multiply-added into one ``(V, C, B*R*d)`` output by a
-        matmul (shared blocks) or a batched matmul over the masks (own blocks), without a tensor per block."""
+    def _corr_flat(self, blocks, Mv, rows, sub, R: torch.Tensor, comp: torch.Tensor, s: int):
+        """The destination inputs ``(V, C, B, R, d)`` without positions, dense: the weighted source sum (weights
+        ``Mv (C, n_src, V)``, :meth:`_weights_from`), every block multiply-added into one ``(V, C, B*R*d)`` output
+        by a matmul (shared blocks) or a batched matmul over the masks (own blocks), without a tensor per block;
+        then each input's base added, the residual ``R (C, B, R, d)`` or where ``comp (C, V)`` the all-ablated
+        input of stage ``s`` (one :func:`~pypattern.ops.sums.signed_sums` call)."""
         C, V = Mv.shape[0], Mv.shape[2]
-        R = len(rows)
-        N = self.B * R * self.d
+        nr = len(rows)
+        N = self.B * nr * self.d
         out = torch.empty(V, C, N, dtype=self.dtype, device=self.device)
         beta = 0.0  # the first product overwrites the uninitialised output
         for src_idx, tensor, shared, is_full in blocks:
@@ -648,9 +819,17 @@ class EdgeEngine:
                 rhs = tensor.reshape(u, C, N).transpose(0, 1)
                 out.transpose(0, 1).baddbmm_(m.transpose(1, 2), rhs, beta=beta)
             beta = 1.0
-        if beta == 0.0:
-            return None
-        return out.view(V, C, self.B, R, self.d)
+        if beta == 0.0:  # no block has a term: every input is its base
+            out.zero_()
+        out = out.view(V, C, self.B, nr, self.d)
+        if not bool(comp.any()):
+            return out.add_(R)
+        abl = self._ablated_input(s, rows)
+        R_c = R.unbind(0)
+        terms = [abl if a else R_c[c] for v, row in enumerate(comp.T.tolist()) for c, a in enumerate(row)]
+        rows_out = out.view(V * C, self.B, nr, self.d).unbind(0)
+        signed_sums(rows_out, terms, range(V * C + 1), [1] * (V * C), out=rows_out)
+        return out
 
     def _mlp_block(self, layer: int, out: torch.Tensor, rows: torch.Tensor):
         """The correction block ``A_u - out_u`` of MLP ``layer`` whose patched-run output ``out (C, B, R, d)`` is
@@ -665,6 +844,7 @@ class EdgeEngine:
         C = M.shape[0]
         base, v = self.base, self.view
         H, Hk, nA = self.H, self.Hk, self.nA
+        self._dead_cache = {}
         before = (self.src_stage < s0).nonzero().flatten()  # a prefix: sources are in topological order
         blocks = [(before.tolist(), self.D[: len(before)], True, True)] if len(before) else []
         rows = torch.arange(self.T, device=self.device)
