@@ -109,6 +109,7 @@ from .sampling.runner import (
     rerun_at_half_step,
     sample,
     split_loss,
+    step_calibrated_by_caller,
 )
 from .sampling.samplers import sampler_name
 from .sampling.vocabulary import DEVINTERP_NAMES, translate
@@ -1633,7 +1634,9 @@ def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint):
         kw["step_size"] = step
         return run()
 
-    return rerun_at_half_step(at, float(kw["step_size"]), auto_step, can_rerun=checkpoint is None)
+    # the runs' step is the calibration's: no given-step checks on it (the calibration judged it)
+    with step_calibrated_by_caller():
+        return rerun_at_half_step(at, float(kw["step_size"]), auto_step, can_rerun=checkpoint is None)
 
 
 @_eval_mode_throughout

@@ -191,3 +191,30 @@ def test_default_loss_sums_in_float64_so_large_nbeta_keeps_its_digits():
     for a, b in zip(g_new, g_old):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_susceptibilities_calibrated_is_not_checked_as_a_given_one():
+    """bif and susceptibilities calibrate one step for all their runs and run sample() at it: those runs are at a
+    calibrated step, so the given-step checks (StepBiasWarning, the shortfall) do not judge it, as estimate_llc's
+    own automatic step is not judged; inside step_calibrated_by_caller a plain sample() call at a number is taken
+    as calibrated the same way."""
+    import warnings
+
+    import pypattern as pp
+    from pypattern import truth
+    from pypattern.sampling.diagnostics import StepBiasWarning
+    from pypattern.sampling.runner import _STEP_CALIBRATED_BY_CALLER, step_calibrated_by_caller
+
+    torch.manual_seed(0)
+    mlp, data = truth.make_teacher_task((8, 32, 4), n=512, seed=0)
+    truth.train(mlp, data, steps=150, batch_size=64, lr=3e-3)
+    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
+    x, y = data.tensors
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        pp.bif(mlp, loader, (x[:8], y[:8]), num_chains=2, num_draws=40, localization=100.0, quiet=True)
+    assert not [m for m in w if issubclass(m.category, StepBiasWarning)], [str(m.message) for m in w]
+    assert not _STEP_CALIBRATED_BY_CALLER.get()
+    with step_calibrated_by_caller():
+        assert _STEP_CALIBRATED_BY_CALLER.get()
+    assert not _STEP_CALIBRATED_BY_CALLER.get()

@@ -566,6 +566,10 @@ def sample(
     )
     if noise_coupling != 1:
         plan = dataclasses.replace(plan, noise_coupling=noise_coupling, batched=True)
+    if (
+        auto_step is None and _STEP_CALIBRATED_BY_CALLER.get()
+    ):  # a step the caller calibrated (susceptibilities)
+        plan = dataclasses.replace(plan, calibrated=True)
     if calibration is not None:
         plan = dataclasses.replace(plan, calibration=calibration)
     with _eval_mode_for_dropout(model), buffers_kept(model):
@@ -597,6 +601,25 @@ def default_burnin(calibrated: bool, num_draws, num_steps_bw_draws) -> int:
     except TypeError:
         return 0
     return draws * every if draws > 0 and every > 0 else 0
+
+
+#: set (:func:`step_calibrated_by_caller`) while an estimator runs :func:`sample` at a step it calibrated itself
+#: (``susceptibilities`` and ``bif`` calibrate once for all their runs): the runs' plans count as calibrated, so
+#: the checks of a given step (its bias, its relaxation) are not made on a step the calibration chose
+_STEP_CALIBRATED_BY_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pypattern_step_calibrated_by_caller", default=False
+)
+
+
+@contextlib.contextmanager
+def step_calibrated_by_caller(calibrated: bool = True):
+    """Within the block, :func:`sample` takes a numeric step as the caller's calibrated one (see
+    :data:`_STEP_CALIBRATED_BY_CALLER`)."""
+    token = _STEP_CALIBRATED_BY_CALLER.set(bool(calibrated))
+    try:
+        yield
+    finally:
+        _STEP_CALIBRATED_BY_CALLER.reset(token)
 
 
 AUTO_RUN_HALVINGS = 3  # reruns of a run whose calibrated step ran away, each at half the step
