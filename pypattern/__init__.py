@@ -66,10 +66,13 @@ from .patching import (
 from .patterning import invert, reweight
 from .sampling import (
     SGLD,
+    DriftWarning,
     LLCResult,
+    NonStationaryWarning,
     OnlineLLC,
     SampleResult,
     SamplingDivergedError,
+    StepBiasWarning,
     calibrate_step_size,
     default_nbeta,
     estimate_learning_coeff,
@@ -142,13 +145,16 @@ __all__ += [
     "steer",
     "train_flags",
 ]
-# Results (each with save/load) and the sampler's divergence error.
+# Results (each with save/load), the sampler's divergence error and its diagnostics' warnings.
 __all__ += [
+    "DriftWarning",
     "FlagReport",
     "LLCResult",
+    "NonStationaryWarning",
     "PatchResult",
     "SampleResult",
     "SamplingDivergedError",
+    "StepBiasWarning",
     "SusceptibilityResult",
 ]
 # Ops: the fused SGLD step, streaming covariance, per-sample gradient Gram, and the backend report.
