@@ -101,10 +101,18 @@ def run_induction_circuit(
     :class:`PruningCurve` of each method, the previous-token head ``prev_head`` and induction heads, whether the
     key-composition edge ``L0H{prev} -> L1H{ind}.k`` (at position ``k + 1`` on a per-position graph) is among the
     top 5% of edges of each method, and the faithfulness at 5% of the edges.
+
+    ``steps`` (training steps) applies to the model trained here only: with ``model=...`` a value other than the
+    default is refused (ValueError). ``seed`` also keys the prompts, so it applies either way.
     """
     from ..patching import LogitDiff
     from ..tasks.induction import prefix_matching_score
 
+    if model is not None and steps != 800:
+        raise ValueError(
+            f"steps={steps!r} is the training steps of the induction model trained when no model is given; with "
+            "model=... nothing is trained: leave steps out"
+        )
     t0 = time.perf_counter()
     task = None
     if model is None:

@@ -75,6 +75,16 @@ class Edge:
         return self.name
 
 
+# an edge name: source -> destination input [@position] (EdgeGraph's naming; L{l}KV{g} under grouped-query attention)
+_EDGE_NAME = re.compile(r"(embed|L\d+H\d+|MLP\d+)->(L\d+H\d+\.[qkv]|L\d+KV\d+\.[kv]|MLP\d+|logits)(@\d+)?")
+
+
+def is_edge_name(name: str) -> bool:
+    """Whether ``name`` is spelled as an edge name (``"L0H1->L1H2.k"``, ``"embed->logits@3"``), whether or not a
+    given graph has that edge."""
+    return _EDGE_NAME.fullmatch(name) is not None
+
+
 def _is_int(v) -> bool:
     """Whether ``v`` is an int (a Python or numpy integer, not a bool)."""
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
@@ -283,6 +293,35 @@ class EdgeGraph:
         if key is None or key not in self._index:
             raise UnknownEdgeError(self._unknown(edge))
         return self._index[key]
+
+    def __contains__(self, edge) -> bool:
+        """Whether ``edge`` (an :class:`Edge` or its name) is in the graph: False for a well-formed edge the graph
+        lacks; a name not spelled as an edge name is a ``ValueError``, anything else a ``TypeError``."""
+        self.check_edge_spelling(edge)
+        try:
+            self.index(edge)
+        except UnknownEdgeError:
+            return False
+        return True
+
+    def check_edge_spelling(self, edge, label: str = "edge") -> None:
+        """Refuse ``edge`` unless it is an :class:`Edge` or a string, spelled as an edge name (``label`` names the
+        argument): a ``TypeError`` for another type, a ``ValueError`` naming the graph's kinds of names."""
+        if not isinstance(edge, (Edge, str)):
+            raise TypeError(
+                f"{label}={edge!r} ({type(edge).__name__}) is not valid; give an Edge or an edge name such as "
+                f"{self.edges[0].name if self.edges else 'L0H1->L1H2.k'!r}"
+            )
+        name = edge.name if isinstance(edge, Edge) else edge
+        if not is_edge_name(name):
+            kinds: dict[str, str] = {}
+            for e in self.edges:
+                kinds.setdefault(re.sub(r"\d+", "", e.dst_input), e.name)
+            looks = ", ".join(repr(n) for n in kinds.values()) or "'L0H1->L1H2.k'"
+            raise ValueError(
+                f"{label}={name!r} is not an edge name: give source->input[@position], names such as {looks}"
+                f"{self._closest(name)}"
+            )
 
     def _unknown(self, edge) -> str:
         """The message for an edge that is not in the graph: example names of each kind of destination input and,

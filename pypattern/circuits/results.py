@@ -296,6 +296,11 @@ class Circuit:
         return int(self.mask.sum())
 
     def __contains__(self, edge) -> bool:
+        """Whether ``edge`` (an :class:`Edge` or its name) is in the circuit: False for a well-formed edge that is
+        not, or that the graph lacks; a name not spelled as an edge name is a ``ValueError``, anything else a
+        ``TypeError``."""
+        if edge not in self.graph:  # checks the spelling
+            return False
         return bool(self.mask[self.graph.index(edge)])
 
     @property

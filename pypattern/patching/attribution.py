@@ -776,6 +776,17 @@ def _atp(
     return out
 
 
+class _ExactStageMemory(int):
+    """:func:`shortlist_and_confirm`'s default ``max_memory`` (``2**30`` bytes), told apart from a value the caller
+    gives: the default bounds the exact stage only, a given value both stages."""
+
+    def __repr__(self) -> str:
+        return "2**30"
+
+
+_EXACT_STAGE_MEMORY = _ExactStageMemory(2**30)
+
+
 def shortlist_and_confirm(
     model,
     site: str,
@@ -790,7 +801,7 @@ def shortlist_and_confirm(
     qk_fix: bool = True,
     grad_drop: bool = False,
     max_batch: int | None = None,
-    max_memory: int | None = 2**30,
+    max_memory: int | None = _EXACT_STAGE_MEMORY,
 ) -> list[dict]:
     """AtP over the whole grid of ``site``, then exact patching of the ``k`` cells whose AtP estimate, averaged
     over the examples, is largest in absolute value (with ``grad_drop``: whose mean GradDrop score is largest). Both means are over the examples whose metric is finite on
@@ -814,7 +825,10 @@ def shortlist_and_confirm(
         a :class:`~pypattern.patching.metrics.Metric`, as there), cells per batch of the exact engine.
     max_memory : int, optional
         Bytes of working memory per batch of the exact stage, as in
-        :func:`~pypattern.patching.activation_patching`.
+        :func:`~pypattern.patching.activation_patching`, and, when given, per part of the AtP stage, as in
+        :func:`attribution_patching` (then, when the prompts must be split to fit, it needs a
+        :class:`~pypattern.patching.metrics.Metric`, as there). Left at its default (``2**30``), it bounds the
+        exact stage only; ``None`` bounds neither.
 
     Returns
     -------
@@ -830,6 +844,10 @@ def shortlist_and_confirm(
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
     k = int(k)
     check_batch_limits(max_batch, max_memory)
+    # the default bounds the exact stage only (a plain callable metric keeps working unsplit); a given value both
+    atp_memory = None if type(max_memory) is _ExactStageMemory else max_memory
+    if type(max_memory) is _ExactStageMemory:
+        max_memory = int(max_memory)
     warn_half_precision(model, "patching", "shortlist_and_confirm")
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     model = converted_if_convertible(model)  # the exact stage needs pypattern's model too
@@ -837,7 +855,7 @@ def shortlist_and_confirm(
         atp = attribution_patching(
             model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], corruption=corruption,
             direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop,
-            max_batch=max_batch,
+            max_batch=max_batch, max_memory=atp_memory,
         )[site]  # fmt: skip
     keep = atp.finite_examples  # the examples finite on the clean and the corrupted run: those averaged
     m = atp._kept(atp.effect).mean(0)
