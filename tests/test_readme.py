@@ -3,6 +3,7 @@ give results of the documented shapes, checked against independent computations 
 
 import pathlib
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -44,9 +45,12 @@ def env(tmp_path_factory, one_thread):
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("readme"))
     try:
-        ns: dict = {"__folder__": pathlib.Path(os.getcwd())}
+        ns: dict = {"__folder__": pathlib.Path(os.getcwd()), "__warned__": {}}
         for i, block in enumerate(_blocks()):
-            exec(compile(block, f"README.md python block {i}", "exec"), ns)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                exec(compile(block, f"README.md python block {i}", "exec"), ns)
+            ns["__warned__"][i] = (block, [(w.category, str(w.message)) for w in caught])
         yield ns
     finally:
         os.chdir(cwd)
@@ -80,6 +84,22 @@ def test_llc_and_sample_examples(env):
     from pypattern import LLCResult
 
     assert LLCResult.load(env["__folder__"] / "llc.npz").llc_mean == res.llc_mean
+
+
+def test_sampling_examples_run_without_diagnostic_warnings(env):
+    """The README's LLC, sample, susceptibility and BIF examples use settings the sampler's diagnostics accept: a
+    warning there (a given step that falls short or is biased, a drifting or unmixed trace) is what every new user
+    would meet first."""
+    from pypattern.sampling import NonStationaryWarning, StepBiasWarning
+
+    checked = 0
+    for i, (block, caught) in env["__warned__"].items():
+        if not any(call in block for call in ("pp.sample(", "pp.susceptibilities(", "pp.bif(")):
+            continue
+        checked += 1
+        bad = [m for c, m in caught if issubclass(c, NonStationaryWarning | StepBiasWarning)]
+        assert not bad, (i, bad)
+    assert checked >= 2
 
 
 def test_susceptibility_examples(env):
