@@ -1008,6 +1008,15 @@ def _same_shape(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch
     )
 
 
+def _own_loss_or_logits(model: nn.Module, batch: Any):
+    """The batch parsed and the model run on it: ``(parsed batch, the loss the model returns itself or None, its
+    logits or None)``, the reading :func:`batch_loss` and the sampler's default loss share."""
+    pb = _on_model(model, parse_batch(batch))
+    out = _output(model, pb)
+    own = _output_loss(out)
+    return pb, own, None if own is not None else read_logits(out)
+
+
 def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The batch's mean loss: a scalar (replaces the old ``default_loss_fn``).
 
@@ -1017,12 +1026,9 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     refuses (token ids with their own ids or labels, or with their attention mask, as targets) raise
     ``ValueError``. A model that returns a scalar (or an output with only ``.loss``) has that scalar returned.
     """
-    pb = _on_model(model, parse_batch(batch))
-    out = _output(model, pb)
-    own = _output_loss(out)
+    pb, own, logits = _own_loss_or_logits(model, batch)
     if own is not None:
         return own
-    logits = read_logits(out)
     if pb.is_lm:
         terms, mask = _lm_token_terms(logits, pb)
         return terms.sum() / mask.sum()

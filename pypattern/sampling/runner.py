@@ -31,15 +31,11 @@ from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
 from ..losses import (
     _lm_token_terms,
-    _on_model,
-    _output,
-    _output_loss,
+    _own_loss_or_logits,
     _pair_terms,
     batch_loss,
     check_batch,
     errors_naming,
-    parse_batch,
-    read_logits,
     read_loss,
 )
 from .auto import (
@@ -164,12 +160,9 @@ def default_loss_fn(model, batch) -> torch.Tensor:
     of 0.6) shifted ``L(w*)``, shared by every draw, by 0.2 LLC units at ``nbeta = 1e7`` on a float32 MLP (0.004
     summed in float64). The gradient is that of the float32 mean (up to rounding). A model that returns its own
     loss has that loss returned as it is."""
-    pb = _on_model(model, parse_batch(batch))
-    out = _output(model, pb)
-    own = _output_loss(out)
+    pb, own, logits = _own_loss_or_logits(model, batch)
     if own is not None:
         return own
-    logits = read_logits(out)
     terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target, pb.inputs)
     if terms.device.type != "mps":
         terms = terms.double()
