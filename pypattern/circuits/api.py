@@ -794,7 +794,7 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
         progress_bar(quiet or done >= E, total=E, initial=done, desc="exact edge scores", unit="edge") as bar,
     ):
 
-        def save() -> None:
+        def save(done: int) -> None:
             io.save(
                 checkpoint,
                 {"values": _widen(values[:, :done]).numpy()},
@@ -802,26 +802,37 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
                 kind="ExactEdgeScoresCheckpoint",
             )
 
-        unsaved = False  # blocks finished since the last write
-        try:
-            while done < E:
-                stop = min(E, done + block)
-                masks = torch.zeros(stop - done, E, dtype=torch.bool)
-                masks[torch.arange(stop - done), torch.arange(done, stop)] = True
-                values[:, done:stop] = (engine.run(masks) - base[None]).T
-                done, unsaved = stop, True
-                if checkpoint is not None and (
-                    done == E or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S
-                ):
-                    save()
-                    saved, unsaved = time.perf_counter(), False
-                if bar is not None:
-                    bar.update(stop - bar.n)
-        except BaseException:  # stopped (Ctrl-C, an error in a block): the finished blocks are written
-            if checkpoint is not None and unsaved:
-                save()
-            raise
+        def run_block(start: int, stop: int) -> None:
+            masks = torch.zeros(stop - start, E, dtype=torch.bool)
+            masks[torch.arange(stop - start), torch.arange(start, stop)] = True
+            values[:, start:stop] = (engine.run(masks) - base[None]).T
+
+        _run_in_blocks(done, E, block, run_block, None if checkpoint is None else save, bar, saved, False)
     return values
+
+
+def _run_in_blocks(done, total, block, run_block, save, bar, saved: float, unsaved: bool) -> None:
+    """``run_block(start, stop)`` over consecutive blocks of ``block`` from ``done`` to ``total``. With ``save``
+    (a checkpoint's writer, ``save(done)``), the finished blocks are written at the last block, every
+    :data:`_CHECKPOINT_EVERY_S` seconds after ``saved`` (the last write's time), when the loop ends with blocks not
+    yet written (``unsaved`` on entry: a file to write although no block runs), and when a block is stopped
+    (Ctrl-C, an error in it), before the exception goes on."""
+    try:
+        while done < total:
+            stop = min(total, done + block)
+            run_block(done, stop)
+            done, unsaved = stop, True
+            if save is not None and (done == total or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S):
+                save(done)
+                saved, unsaved = time.perf_counter(), False
+            if bar is not None:
+                bar.update(stop - bar.n)
+        if save is not None and unsaved:
+            save(done)
+    except BaseException:  # stopped: the finished blocks are written
+        if save is not None and unsaved:
+            save(done)
+        raise
 
 
 def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode, ablation, **more) -> dict:
@@ -1101,7 +1112,7 @@ def _curve_runs(engine, masks: torch.Tensor, quiet: bool, checkpoint, fp) -> tup
         ) as bar,
     ):
 
-        def save() -> None:
+        def save(done: int) -> None:
             io.save(
                 checkpoint,
                 {"values": values[:done].cpu().numpy()},
@@ -1109,25 +1120,12 @@ def _curve_runs(engine, masks: torch.Tensor, quiet: bool, checkpoint, fp) -> tup
                 kind=_CURVE_KIND,
             )
 
-        unsaved = checkpoint is not None and not os.path.exists(checkpoint)  # blocks not written yet
-        try:
-            while done < C:
-                stop = min(C, done + block)
-                values[done:stop] = _widen(engine.run(masks[done:stop]))
-                done, unsaved = stop, True
-                if checkpoint is not None and (
-                    done == C or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S
-                ):
-                    save()
-                    saved, unsaved = time.perf_counter(), False
-                if bar is not None:
-                    bar.update(stop - bar.n)
-            if checkpoint is not None and unsaved:
-                save()
-        except BaseException:  # stopped (Ctrl-C, an error in a block): the finished blocks are written
-            if checkpoint is not None and unsaved:
-                save()
-            raise
+        def run_block(start: int, stop: int) -> None:
+            values[start:stop] = _widen(engine.run(masks[start:stop]))
+
+        # a new file is written even when no block runs (a curve of no circuits left)
+        unsaved = checkpoint is not None and not os.path.exists(checkpoint)
+        _run_in_blocks(done, C, block, run_block, None if checkpoint is None else save, bar, saved, unsaved)
     return values, before
 
 
