@@ -244,8 +244,9 @@ def _verify(
     source: nn.Module | None = None,
 ) -> None:
     """Refuse ``out`` when its logits on a few tokens (with local attention, one more than the largest window, up to
-    :data:`_VERIFY_WINDOW_TOKENS` and ``n_ctx``) differ from the model's own forward by more than rounding
-    (:data:`_VERIFY_TOL`, by the coarser of ``src_dtype``, the model's, and ``out``'s): the Hugging Face model's
+    :data:`_VERIFY_WINDOW_TOKENS` and ``n_ctx``; never more than the rotary scaling's ``rotary_position_limit``)
+    differ from the model's own forward by more than rounding (:data:`_VERIFY_TOL`, by the coarser of
+    ``src_dtype``, the model's, and ``out``'s): the Hugging Face model's
     forward (``hooked``: a TransformerLens ``HookedTransformer``'s), or for a TransformerLens ``bridge`` the
     bridge's forward (its attention components compute the
     attention themselves, with the softmax in their own dtype, which the converted model reproduces; the rebuilt
@@ -260,6 +261,11 @@ def _verify(
     windows = [w for w in (out.cfg.window(i) for i in range(out.cfg.n_layers)) if w is not None]
     if windows:  # a window the check's tokens do not exceed masks nothing: past the largest one, to a bound
         T = max(T, min(max(windows) + 1, out.cfg.n_ctx, _VERIFY_WINDOW_TOKENS))
+    # LongRoPE's short factors and dynamic NTK's unscaled frequencies hold up to a length: a longer check would
+    # have the converted model refuse the sequence and the Hugging Face model switch its rotary frequencies
+    limit = out.cfg.rotary_position_limit
+    if limit is not None:
+        T = max(1, min(T, limit))
     dev = next(out.parameters()).device
     gen = torch.Generator().manual_seed(0)  # a CPU generator: the tokens are drawn on the CPU, then moved
     tokens = torch.randint(0, vocab, (1, T), generator=gen, device="cpu").to(dev)

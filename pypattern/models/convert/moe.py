@@ -1,8 +1,9 @@
 """Mixtures of experts (``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen2MoeForCausalLM``,
 ``Qwen3MoeForCausalLM``) -> pypattern ``Transformer`` with ``TransformerConfig.n_experts``.
 
-Llama's attention and norms (see :mod:`.llama`; Qwen3-MoE with Qwen3's per-head query/key norms and per-layer
-windows, Qwen2-MoE with Qwen2's q/k/v biases and a gated shared expert (``moe_shared_d_mlp``), OLMoE with one
+Llama's attention and norms (see :mod:`.llama`; Qwen3-MoE with Qwen3's per-head query/key norms and, with
+``use_sliding_window``, one window in every layer, Qwen2-MoE with Qwen2's q/k/v biases and per-layer windows and a
+gated shared expert (``moe_shared_d_mlp``; none when its width is 0), OLMoE with one
 query/key norm across all heads, ``qk_norm="all"``; its ``clip_qkv``, applied after the
 norms, is refused) and, in every layer,
 a sparse block: the router ``mlp.gate.weight`` ``(n_experts, d_model)`` becomes ``mlp.W_router`` (transposed), the
@@ -62,7 +63,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         k, renorm, f32 = c.num_experts_per_tok, bool(c.norm_topk_prob), False
         _shared_experts(model, cfg, w)
     elif kind == "Qwen3MoeForCausalLM":
-        cfg, w = llama_like(model, sliding_window=layer_windows(model), mlp=_experts)
+        cfg, w = llama_like(model, sliding_window=_qwen3_moe_windows(model), mlp=_experts)
         put_qk_norms(model, cfg, w, per_head=True)
         k, renorm, f32 = c.num_experts_per_tok, bool(c.norm_topk_prob), False
     else:  # OLMoE
@@ -89,10 +90,25 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     return cfg, w
 
 
+def _qwen3_moe_windows(model: nn.Module) -> list:
+    """The sliding window of each of a Qwen3-MoE model's layers: its config has no ``layer_types`` (and its
+    ``max_window_layers`` is unused), and every layer reads ``config.sliding_window``, which the config sets to None
+    unless ``use_sliding_window``; a config with ``layer_types`` is read as Qwen2's."""
+    c = model.config
+    if getattr(c, "layer_types", None):
+        return layer_windows(model)
+    sw = c.sliding_window
+    if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):
+        refuse("sliding_window", sw, "a positive window (with use_sliding_window) or None is converted")
+    return [sw] * len(model.model.layers)
+
+
 def _shared_experts(model: nn.Module, cfg: dict, w: dict) -> None:
     """Qwen2-MoE's shared expert of every layer (``mlp.shared_expert``, a gated MLP without biases) and its
-    per-token gate ``sigmoid(mlp.shared_expert_gate(x))``."""
+    per-token gate ``sigmoid(mlp.shared_expert_gate(x))``. A shared expert of width 0
+    (``shared_expert_intermediate_size=0``) adds zero: the converted model has none."""
     width = None
+    shared: dict = {}
     for i, layer in enumerate(model.model.layers):
         sh, gate = getattr(layer.mlp, "shared_expert", None), getattr(layer.mlp, "shared_expert_gate", None)
         if sh is None or gate is None:
@@ -107,8 +123,12 @@ def _shared_experts(model: nn.Module, cfg: dict, w: dict) -> None:
             refuse("shared_expert_intermediate_size", m, f"differs between layers ({width} in layer 0)")
         width = m
         p = f"blocks.{i}.mlp"
-        w[f"{p}.W_shared_gate"] = sh.gate_proj.weight.T
-        w[f"{p}.W_shared_in"] = sh.up_proj.weight.T
-        w[f"{p}.W_shared_out"] = sh.down_proj.weight.T
-        w[f"{p}.W_shared_router"] = gate.weight.T
+        shared[f"{p}.W_shared_gate"] = sh.gate_proj.weight.T
+        shared[f"{p}.W_shared_in"] = sh.up_proj.weight.T
+        shared[f"{p}.W_shared_out"] = sh.down_proj.weight.T
+        shared[f"{p}.W_shared_router"] = gate.weight.T
+    if width == 0:  # its down projection reads no dimension: sigmoid(gate) * 0
+        cfg["moe_shared_d_mlp"] = None
+        return
+    w.update(shared)
     cfg["moe_shared_d_mlp"] = width
