@@ -416,7 +416,11 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             i = int(torch.nonzero(~finite)[0])
             raise ctx.diverged(chains[i], total - 1, f"parameter {n} is not finite")
     for i, g in enumerate(chains):
-        ctx.keep_end(g, lambda i=i, g=g: {n: stacked[n][i].detach().clone() for n in ctx.moving(g)})
+        ctx.keep_end(
+            g,
+            lambda i=i, g=g: {n: stacked[n][i].detach().clone() for n in ctx.moving(g)},
+            lambda i=i: sstate.state_of(i),
+        )
     with ctx.lock:
         for g in chains:
             st.params.pop(g, None)

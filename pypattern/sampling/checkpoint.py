@@ -48,6 +48,9 @@ class State:
     ends : dict of int to dict of str to Tensor
         The moving weights of chains at their last step, of the chains the run keeps them for
         (:meth:`~.context.RunContext.keep_end`; in memory only, not written to a checkpoint).
+    end_states : dict of int to dict of str to Tensor
+        RMSprop-SGLD's running means of the squared gradients of those chains at their last step (keyed
+        ``"square_avg/<name>"``; in memory only).
     """
 
     def __init__(self, num_total_chains: int, num_draws: int):
@@ -64,6 +67,7 @@ class State:
         self.init_losses: np.ndarray | None = None
         self.seconds = 0.0
         self.ends: dict[int, dict[str, torch.Tensor]] = {}
+        self.end_states: dict[int, dict[str, torch.Tensor]] = {}
 
     def record_obs(self, name: str, g: int, d: int, value) -> None:
         """Record observable ``name``'s ``value`` at chain ``g``'s draw ``d`` (as float64).

@@ -126,9 +126,12 @@ class RunContext:
     def moving(self, g: int) -> tuple[str, ...]:
         return self.plan.run_of(g).moving
 
-    def keep_end(self, g: int, weights: Callable[[], dict]) -> None:
+    def keep_end(
+        self, g: int, weights: Callable[[], dict], sampler_state: Callable[[], dict] | None = None
+    ) -> None:
         """Keep chain ``g``'s moving weights at its last step (``weights()``, copies) in ``state.ends`` while the
-        kept weights stay within ``keep_ends`` elements."""
+        kept weights stay within ``keep_ends`` elements; with ``sampler_state``, RMSprop-SGLD's running means of
+        the squared gradients there too (``state.end_states``, for its preconditioner)."""
         if self.keep_ends <= 0:
             return
         with self.lock:
@@ -136,6 +139,10 @@ class RunContext:
             size = sum(self.w_star[n].numel() for n in self.moving(g))
             if held + size <= self.keep_ends:
                 self.state.ends[g] = weights()
+                if sampler_state is not None and self.plan.sampler == "rmsprop_sgld":
+                    self.state.end_states[g] = {
+                        k: v for k, v in sampler_state().items() if k.startswith("square_avg/")
+                    }
 
     def record_distance(self, g: int, d: int, moved: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]):
         """Record chain ``g``'s squared distance from ``w*`` at its draw ``d``, ``|w - w*|^2`` over its moving

@@ -85,7 +85,8 @@ class NonStationaryWarning(UserWarning):
 
 class DriftWarning(NonStationaryWarning):
     """The chains keep moving away from ``w*``: their squared distance ``|w - w*|^2`` grows from the first to the
-    last quarter of the draws (:func:`check_drift`), along directions nothing holds them in (``localization=0``)."""
+    last quarter of the draws (:func:`check_drift`), along directions nothing holds them in within the run
+    (``localization=0``, or one too weak to act in the run's steps)."""
 
 
 class StepBiasWarning(UserWarning):
@@ -359,27 +360,45 @@ def check_step_bias(
     curvature: float,
     max_bias: float = MAX_STEP_BIAS,
     warn: bool = True,
+    calibrated: bool = False,
+    localization: float = 0.0,
+    sampler: str = "sgld",
 ) -> bool:
     """True when the estimated discretisation bias ``bias`` (relative, :func:`step_bias`) of a run at a given
     step is at most ``max_bias`` (or cannot be estimated); else warn (:class:`StepBiasWarning`) and return False.
-    ``curvature`` is ``nbeta tr(H) / (2 llc)``, the effective curvature the bias comes from."""
+    ``curvature`` is the effective curvature the bias comes from (``nbeta tr(H) / (2 llc)`` for SGLD).
+    ``calibrated``: the step came from ``step_size='auto'`` on a run that ``localization`` does not hold (checked
+    only there): the advice is a localization, not the automatic step. ``sampler`` names the sampler in the
+    message."""
     ok = not (bias > max_bias)
     if not ok and warn:
         size = "100% or more" if math.isinf(bias) else f"about {bias:+.0%}"
         smaller = (
             step_size * min(0.5, max_bias / bias) if math.isfinite(bias) and bias > 0 else step_size / 10
         )
-        warnings.warn(
-            f"step_size={step_size:g} is too large for this model: the curvature where the chains are (nbeta "
-            f"tr(H) / (2 llc) = {curvature:.3g}, measured at the chains' last weights) gives step_size * curvature "
-            f"/ 4 = {step_size * curvature / 4:.2g}, so the discretisation bias of the step raises the estimate "
-            f"({llc_mean:.4g}) by {size} (an estimate from the curvature; uneven curvatures and minibatch noise "
-            f"add to it). Use step_size='auto' (or leave the step out), or a smaller step_size (about "
-            f"{smaller:.2g} or less) with proportionally more steps (num_burnin_steps, num_draws); "
-            "warn_nonstationary=False silences this.",
-            StepBiasWarning,
-            stacklevel=user_stacklevel(),
+        label = " of RMSprop-SGLD" if sampler == "rmsprop_sgld" else ""
+        what = (
+            f"the discretisation bias{label} raises the estimate ({llc_mean:.4g}) by {size} (the curvature where "
+            f"the chains are, {curvature:.3g} measured at their last weights, gives step_size * curvature / 4 = "
+            f"{step_size * curvature / 4:.2g}; an estimate from the curvature: uneven curvatures and minibatch "
+            "noise add to it)"
         )
+        if calibrated:
+            held = "with localization=0" if not localization else f"with localization={localization:g}"
+            advice = (
+                f"step_size='auto' chose {step_size:g}, but {held} nothing holds the chains near w* within the run: "
+                "they go where the loss's curvature is as large as the step allows, so halving the step in the "
+                f"calibration's trials did not change the estimate, and {what}. Give localization (e.g. "
+                "localization=100, as the README's examples do), or a smaller step_size with proportionally more "
+                "steps; warn_nonstationary=False silences this."
+            )
+        else:
+            advice = (
+                f"step_size={step_size:g} is too large for this model: {what}. Use step_size='auto' (or leave the "
+                f"step out), or a smaller step_size (about {smaller:.2g} or less) with proportionally more steps "
+                "(num_burnin_steps, num_draws); warn_nonstationary=False silences this."
+            )
+        warnings.warn(advice, StepBiasWarning, stacklevel=user_stacklevel())
     return ok
 
 
@@ -419,7 +438,9 @@ def drift_statistic(dist) -> tuple[float, float] | None:
     return ratio, float(np.sum(zs) / math.sqrt(C))
 
 
-def check_drift(dist, *, localization: float, step_size: float, warn: bool = True) -> bool:
+def check_drift(
+    dist, *, localization: float, step_size: float, warn: bool = True, hold_steps: float | None = None
+) -> bool:
     """True unless the chains keep moving away from ``w*``: their mean ``|w - w*|^2`` (``dist``, ``(num_chains,
     num_draws)``, over the moving weights) grows by more than :data:`DRIFT_RATIO` from the first to the last
     quarter of the draws, with a pooled z-score above :data:`DRIFT_Z` (:func:`drift_statistic`); then warn
@@ -433,7 +454,12 @@ def check_drift(dist, *, localization: float, step_size: float, warn: bool = Tru
     network (4, 3, 8) and 5 of 20 of the normal crossing ``w1^2 w2^4`` (more chains and draws resolve it better:
     the windows' effective sample sizes are small), and on none of 20 of a regular linear regression without
     localization, 10 of it with localization 1 and 8 of an MLP with localization 100 (the largest pooled z there
-    5.7; 4.0 would have fired on 1 of the 20)."""
+    5.7; 4.0 would have fired on 1 of the 20).
+
+    A localization too weak to act within the run (``localization=1e-6``) drifts as much as none: a run checks it
+    where the flattest directions relax over fewer than 0.1 relaxation times in its steps
+    (:data:`pypattern.sampling.runner.WEAK_HOLD`); ``hold_steps``, the steps over which it relaxes them
+    (``2 / (eps gamma)`` for SGLD), goes into the message."""
     s = drift_statistic(dist)
     if s is None:
         return True
@@ -445,6 +471,11 @@ def check_drift(dist, *, localization: float, step_size: float, warn: bool = Tru
             "the longer they run (the posterior is not confined there), and the step can diverge where the loss's "
             "curvature grows. Give localization (e.g. localization=100, as the README's examples do)"
             if not localization
+            else f"localization={localization:g} is too weak to hold them within the run (it relaxes the flattest "
+            f"directions over about {hold_steps:.3g} steps): along the loss's flat directions they diffuse as "
+            "without localization. Give a larger localization (e.g. localization=100, as the README's examples "
+            "do) or more burn-in steps (num_burnin_steps)"
+            if hold_steps is not None and math.isfinite(hold_steps)
             else f"localization={localization:g} has not held them yet: give more burn-in steps (num_burnin_steps) "
             "or a larger localization"
         )

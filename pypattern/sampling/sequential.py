@@ -150,7 +150,11 @@ def run_sequential(
         for n in moving:
             if not bool(torch.isfinite(wparams[n]).all()):
                 raise ctx.diverged(g, total - 1, f"parameter {n} is not finite")
-        ctx.keep_end(g, lambda mv=moving: {n: wparams[n].detach().clone() for n in mv})
+        ctx.keep_end(
+            g,
+            lambda mv=moving: {n: wparams[n].detach().clone() for n in mv},
+            None if state_of is None else (lambda g=g, f=state_of: f(g)),
+        )
         with ctx.lock:
             st.params.pop(g, None)
             st.sampler_state.pop(g, None)
