@@ -9,11 +9,14 @@ the tensors given.
 * :mod:`~pypattern.ops.covariance`: the streaming cross-covariance :class:`CrossCovariance`.
 * :mod:`~pypattern.ops.grad_gram`: per-sample gradient Gram kernels of one layer.
 * :mod:`~pypattern.ops.activations`: the tanh GELU :func:`gelu_tanh` of GPT-2-style models (CPU kernel).
+* :mod:`~pypattern.ops.attention`: prefix attention :func:`prefix_attention`, the attention of exact activation
+  patching's recomputed positions (CPU kernel).
 * :mod:`~pypattern.ops.dots`: row dot products :func:`row_dots`, the edge-score contraction (CPU kernel).
 * :mod:`~pypattern.ops.sums`: signed sums :func:`signed_sums`, the destination inputs of exact edge patching (CPU
   kernel).
 """
 
+from .attention import prefix_attention, prefix_attention_reference
 from .covariance import CrossCovariance, cross_covariance_update_, cross_covariance_update_reference_
 from .dots import row_dots, row_dots_reference
 from .grad_gram import (
@@ -48,6 +51,8 @@ __all__ = [
     "grad_gram_pairwise",
     "grad_gram_pairwise_reference",
     "philox_normals",
+    "prefix_attention",
+    "prefix_attention_reference",
     "rmsprop_sgld_step_",
     "rmsprop_sgld_step_reference_",
     "row_dots",

@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import _backends
 from .._memory import keep_freed_heap
+from ..ops.attention import prefix_attention
 from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 
 __all__ = [
@@ -286,6 +288,8 @@ class ExactEngine:
         self._entry: dict[int, dict[int, tuple[int, tuple[torch.Tensor, ...]]]] = {}
         # the cached keys and values laid out head-major per layer (_cached_kv), made during a run
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # whether prefix_attention's C++ kernel runs the attention (decided on first use: _kernel_scale)
+        self._kernel: bool | None = None
         if max_memory is not None:
             self._fit_logits(float(max_memory))
 
@@ -393,6 +397,32 @@ class ExactEngine:
         out[:, :, :, p:] = new.permute(1, 3, 0, 2, 4)
         return out
 
+    def _kernel_scale(
+        self, layer: int, q: torch.Tensor, k_new: torch.Tensor, patch: _Patch | None
+    ) -> float | None:
+        """The scores' multiplier when :func:`~pypattern.ops.attention.prefix_attention`'s C++ kernel computes this
+        block's attention as the model does (CPU tensors of float32 or float64; scores neither biased (ALiBi),
+        capped nor taken in another dtype; no ``pattern`` patch, which needs the pattern itself); None otherwise."""
+        cfg = self.cfg
+        if self._kernel is None:
+            self._kernel = _backends.choose("prefix_attention", self.device, None) == "cpp"
+        if not self._kernel or (patch is not None and patch.site == "pattern"):
+            return None
+        if q.dtype not in (torch.float32, torch.float64) or k_new.dtype != q.dtype:
+            return None
+        tg = self.tgt[layer]
+        if tg["kr"].dtype != q.dtype or tg["v"].dtype != q.dtype:
+            return None
+        if (
+            cfg.positional_embedding_type == "alibi"
+            or cfg.attn_scores_soft_cap is not None
+            or cfg.attn_scores_dtype is not None
+            or cfg.attn_softmax_dtype not in (None, q.dtype)
+        ):
+            return None
+        m = cfg.scores_multiplier(layer)
+        return float(m) if m is not None else 1.0 / cfg.attn_scale
+
     def _attend(
         self,
         layer: int,
@@ -417,6 +447,11 @@ class ExactEngine:
         attn = self.model.blocks[layer].attn
         C, B, Rq = q.shape[:3]
         Rk, Tk = k_new.shape[2], p + k_new.shape[2]
+        scale = self._kernel_scale(layer, q, k_new, patch)
+        if scale is not None:
+            tg = self.tgt[layer]
+            mask = self._mask(layer, qpos, Tk)
+            return prefix_attention(q, tg["kr"][:, :p], tg["v"][:, :p], k_new, v_new, mask, scale)
         Hkv, G, dh = self.Hkv, self.G, self.dh
         BH = B * Hkv
         q, k_new = attn.qk_cast(q, k_new)
