@@ -37,6 +37,21 @@ constexpr int kMixVecs = 4;  // vectors of dh per pass of the mix
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+#if defined(__x86_64__) || defined(__i386__)
+#define PYPATTERN_VREG "+v"
+#elif defined(__aarch64__)
+#define PYPATTERN_VREG "+w"
+#endif
+
+template <typename V>
+inline void keep_in_register(V& v) {
+#ifdef PYPATTERN_VREG
+  __asm__("" : PYPATTERN_VREG(v));
+#else
+  (void)v;
+#endif
+}
+
 template <typename T>
 struct Sizes {
   static constexpr int64_t L = kVecBytes / sizeof(T);
@@ -127,9 +142,14 @@ void scores(const T* const* q, int64_t dh, const T* __restrict Kt, int64_t KtS, 
     V a0[NR], a1[NR];
 #pragma GCC unroll 4
     for (int i = 0; i < NR; ++i) a0[i] = a1[i] = V{};
+#pragma GCC unroll 4
     for (int64_t d = 0; d < dh; ++d) {
-      const V k0 = *reinterpret_cast<const U*>(Kt + d * KtS + j);
-      const V k1 = *reinterpret_cast<const U*>(Kt + d * KtS + j + L);
+      V k0 = *reinterpret_cast<const U*>(Kt + d * KtS + j);
+      V k1 = *reinterpret_cast<const U*>(Kt + d * KtS + j + L);
+      // each key vector loaded once into a register (gcc would otherwise fold it into each row's multiply-add as a
+      // memory operand: NR loads where one does, and the loop becomes load-bound)
+      keep_in_register(k0);
+      keep_in_register(k1);
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) {
         const T qv = qr[i][d];
@@ -147,8 +167,10 @@ void scores(const T* const* q, int64_t dh, const T* __restrict Kt, int64_t KtS, 
     V a0[NR];
 #pragma GCC unroll 4
     for (int i = 0; i < NR; ++i) a0[i] = V{};
+#pragma GCC unroll 4
     for (int64_t d = 0; d < dh; ++d) {
-      const V k0 = *reinterpret_cast<const U*>(Kt + d * KtS + j);
+      V k0 = *reinterpret_cast<const U*>(Kt + d * KtS + j);
+      keep_in_register(k0);
 #pragma GCC unroll 4
       for (int i = 0; i < NR; ++i) a0[i] += qr[i][d] * k0;
     }
@@ -185,9 +207,10 @@ bool softmax_row(T* __restrict s, const T* __restrict m, int64_t n, T scale) {
   return true;
 }
 
-// z[i][d0 + v * L ...] = sum_{j < n} p[i][j] Vl[j * dhP + d0 + v * L ...] for i < NR, v < NV
+// z[i][d0 + v * L ...] = sum_{j < n} p[i][j] Vr[j][d0 + v * L ...] for i < NR, v < NV (value rows Vr[j] of whole
+// vectors)
 template <typename T, int NR, int NV>
-void mix(const T* const* p, const T* __restrict Vl, int64_t dhP, int64_t d0, int64_t n, T* const* z) {
+void mix(const T* const* p, const T* const* Vr, int64_t d0, int64_t n, T* const* z) {
   using V = typename Vec<T>::v;
   using U = typename Vec<T>::u;
   constexpr int64_t L = kVecBytes / sizeof(T);
@@ -199,7 +222,7 @@ void mix(const T* const* p, const T* __restrict Vl, int64_t dhP, int64_t d0, int
   for (int64_t j = 0; j < n; ++j) {
     V x[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) x[v] = *reinterpret_cast<const U*>(Vl + j * dhP + d0 + v * L);
+    for (int v = 0; v < NV; ++v) x[v] = *reinterpret_cast<const U*>(Vr[j] + d0 + v * L);
 #pragma GCC unroll 4
     for (int i = 0; i < NR; ++i) {
       const T pij = p[i][j];
@@ -214,14 +237,14 @@ void mix(const T* const* p, const T* __restrict Vl, int64_t dhP, int64_t d0, int
 }
 
 template <typename T, int NR>
-void mix_rows(const T* const* p, const T* Vl, int64_t dhP, int64_t n, T* const* z) {
+void mix_rows(const T* const* p, const T* const* Vr, int64_t dhP, int64_t n, T* const* z) {
   constexpr int64_t L = kVecBytes / sizeof(T);
   for (int64_t d0 = 0; d0 < dhP; d0 += kMixVecs * L) {
     switch (std::min<int64_t>(kMixVecs, (dhP - d0) / L)) {
-      case 1: mix<T, NR, 1>(p, Vl, dhP, d0, n, z); break;
-      case 2: mix<T, NR, 2>(p, Vl, dhP, d0, n, z); break;
-      case 3: mix<T, NR, 3>(p, Vl, dhP, d0, n, z); break;
-      default: mix<T, NR, 4>(p, Vl, dhP, d0, n, z); break;
+      case 1: mix<T, NR, 1>(p, Vr, d0, n, z); break;
+      case 2: mix<T, NR, 2>(p, Vr, d0, n, z); break;
+      case 3: mix<T, NR, 3>(p, Vr, d0, n, z); break;
+      default: mix<T, NR, 4>(p, Vr, d0, n, z); break;
     }
   }
 }
@@ -237,12 +260,12 @@ void scores_block(int nr, const T* const* q, int64_t dh, const T* Kt, int64_t Kt
 }
 
 template <typename T>
-void mix_block(int nr, const T* const* p, const T* Vl, int64_t dhP, int64_t n, T* const* z) {
+void mix_block(int nr, const T* const* p, const T* const* Vr, int64_t dhP, int64_t n, T* const* z) {
   switch (nr) {
-    case 1: mix_rows<T, 1>(p, Vl, dhP, n, z); break;
-    case 2: mix_rows<T, 2>(p, Vl, dhP, n, z); break;
-    case 3: mix_rows<T, 3>(p, Vl, dhP, n, z); break;
-    default: mix_rows<T, 4>(p, Vl, dhP, n, z); break;
+    case 1: mix_rows<T, 1>(p, Vr, dhP, n, z); break;
+    case 2: mix_rows<T, 2>(p, Vr, dhP, n, z); break;
+    case 3: mix_rows<T, 3>(p, Vr, dhP, n, z); break;
+    default: mix_rows<T, 4>(p, Vr, dhP, n, z); break;
   }
 }
 
@@ -251,21 +274,24 @@ void run(const PrefixAttention<T>& a, int64_t t0, int64_t t1, T* work) {
   const Sizes<T> sz(a);
   const int64_t Tk = sz.Tk, TkP = sz.TkP, KtS = sz.KtS, dhP = sz.dhP, dh = a.dh, L = Sizes<T>::L;
   const int64_t G = a.H / a.Hkv, R = a.Rq * G;
-  const bool whole = dh == dhP;  // the mix stores straight into the output
+  // dh a whole number of vectors: the values are read in place and the mix stores straight into the output
+  const bool whole = dh == dhP;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   T* const Kt0 = work;                     // per key/value head: dh x KtS
-  T* const Vl0 = Kt0 + a.Hkv * dh * KtS;   // per key/value head: Tk x dhP
-  T* const M = Vl0 + a.Hkv * Tk * dhP;     // Rq x TkP: 1 where masked
+  T* const Vl0 = Kt0 + a.Hkv * dh * KtS;   // per key/value head: Tk x dhP (values copied and padded, !whole)
+  T* const M = Vl0 + a.Hkv * Tk * dhP;     // Rq x TkP: 1 where masked (and past the keys)
   T* const S = M + a.Rq * TkP;
   T* const Z = S + kRows * TkP;
   // the padding of the keys and of the values stays zero
   std::fill(Kt0, Kt0 + a.Hkv * dh * KtS, T(0));
   for (int64_t hk = 0; hk < a.Hkv; ++hk)
     for (int64_t j = 0; j < Tk; ++j) std::fill(Vl0 + (hk * Tk + j) * dhP + dh, Vl0 + (hk * Tk + j + 1) * dhP, T(0));
-  std::vector<int64_t> ends(a.Rq);  // per query: the keys from ends[r] on are masked
+  std::vector<const T*> Vr0(a.Hkv * Tk);  // per key/value head, the value rows
+  std::vector<int64_t> ends(a.Rq);        // per query: the keys from ends[r] on are masked
   for (int64_t r = 0; r < a.Rq; ++r) {
     const uint8_t* m = a.mask + r * Tk;
     for (int64_t j = 0; j < Tk; ++j) M[r * TkP + j] = m[j] ? T(1) : T(0);
+    std::fill(M + r * TkP + Tk, M + (r + 1) * TkP, T(1));
     int64_t e = Tk;
     while (e > 0 && m[e - 1]) --e;
     ends[r] = e;
@@ -279,7 +305,15 @@ void run(const PrefixAttention<T>& a, int64_t t0, int64_t t1, T* work) {
       for (int t = 0; t < nrows; ++t) rows[t] = k + (i0 + t) * ks;
       put_keys<T>(Kt, KtS, j0 + i0, rows, nrows, dh);
     }
-    for (int64_t i = 0; i < count; ++i) std::memcpy(Vl0 + (hk * Tk + j0 + i) * dhP, v + i * vs, dh * sizeof(T));
+    for (int64_t i = 0; i < count; ++i) {
+      const T* row = v + i * vs;
+      if (!whole) {
+        T* copy = Vl0 + (hk * Tk + j0 + i) * dhP;
+        std::memcpy(copy, row, dh * sizeof(T));
+        row = copy;
+      }
+      Vr0[hk * Tk + j0 + i] = row;
+    }
   };
   int64_t filled = -1;  // the example whose shared keys the buffers hold
   for (int64_t t = t0; t < t1; ++t) {
@@ -292,7 +326,7 @@ void run(const PrefixAttention<T>& a, int64_t t0, int64_t t1, T* work) {
     }
     for (int64_t hk = 0; hk < a.Hkv; ++hk) {
       const T* Kt = Kt0 + hk * dh * KtS;
-      const T* Vl = Vl0 + hk * Tk * dhP;
+      const T* const* Vr = Vr0.data() + hk * Tk;
       put(hk, a.P, a.kn + c * a.skn[0] + b * a.skn[1] + hk * a.skn[3], a.skn[2],
           a.vn + c * a.svn[0] + b * a.svn[1] + hk * a.svn[3], a.svn[2], a.Rk);
       for (int64_t i0 = 0; i0 < R; i0 += kRows) {
@@ -319,10 +353,11 @@ void run(const PrefixAttention<T>& a, int64_t t0, int64_t t1, T* work) {
         for (int i = 0; i < nr; ++i) {
           const int64_t r = (i0 + i) / G;
           prow[i] = S + i * TkP;
-          live[i] = ends[r] > 0 && softmax_row<T>(S + i * TkP, M + r * TkP, n, a.scale);
+          // over whole vectors: the scores past n are masked for every row of the block (or past the keys)
+          live[i] = ends[r] > 0 && softmax_row<T>(S + i * TkP, M + r * TkP, round_up(n, L), a.scale);
           if (!live[i]) std::fill(S + i * TkP, S + i * TkP + n, T(0));
         }
-        mix_block<T>(nr, prow, Vl, dhP, n, z);
+        mix_block<T>(nr, prow, Vr, dhP, n, z);
         for (int i = 0; i < nr; ++i) {
           if (!live[i])
             std::fill(o[i], o[i] + dh, nan);
