@@ -97,7 +97,7 @@ from .sampling.checkpoint import (
     warn_changed_settings,
 )
 from .sampling.data import ChainData, hash_data, to_device
-from .sampling.diagnostics import NonFiniteLossError, user_stacklevel
+from .sampling.diagnostics import NonFiniteLossError, naming_runs, user_stacklevel
 from .sampling.llc import on_device, resolve_device
 from .sampling.optim import chain_seed
 from .sampling.plan import check_loader, check_model, refuse_unknown_keywords
@@ -1214,11 +1214,12 @@ def susceptibilities(
     local_of = ex.local_path  # a group checkpoint's file in this process (per rank when distributed)
 
     def run_group(
-        specs_: list, ckpt: str | None, group_fp: dict | None
+        specs_: list, ckpt: str | None, group_fp: dict | None, labels: list[str]
     ) -> tuple[list[list[CrossCovariance]], float]:
         """Sample the runs ``specs_`` (``(restrict_to, masks)`` pairs) together; per run, one accumulator per
         chain over (phi) x (l_1..l_N, Lbar); and the nbeta used. With ``ckpt`` the sampler's checkpoint holds the
-        accumulators too, and a killed group resumes from its last checkpointed draw."""
+        accumulators too, and a killed group resumes from its last checkpointed draw. The sampler's warnings name
+        the run they concern by ``labels``."""
         # on the device the probe losses are computed on: no copy of them to the host at each draw
         accs = [CrossCovariance(1, n + 1, track_auto="none", device=acc_dev) for _ in range(len(specs_) * C)]
 
@@ -1281,18 +1282,19 @@ def susceptibilities(
             observables["probe_losses"] = probe_losses
         if not fuse_phi:
             observables["phi"] = phi
-        results = (ex.sample or sample)(
-            model,
-            loader,
-            loss_fn=lf,
-            runs=specs_,
-            observables=observables,
-            record_observables=False,
-            callbacks=[cb],
-            checkpoint=ckpt,
-            checkpoint_state=acc_state if ckpt is not None else None,
-            **kw,
-        )
+        with naming_runs(labels):
+            results = (ex.sample or sample)(
+                model,
+                loader,
+                loss_fn=lf,
+                runs=specs_,
+                observables=observables,
+                record_observables=False,
+                callbacks=[cb],
+                checkpoint=ckpt,
+                checkpoint_state=acc_state if ckpt is not None else None,
+                **kw,
+            )
         if ex.reduce is not None:  # pypattern.distributed: each chain's draws are on one rank
             accs = ex.reduce(accs)
         accs = [_on_cpu(a) for a in accs]  # the rows are NumPy arrays
@@ -1406,6 +1408,12 @@ def susceptibilities(
             kind=ROW_KIND,
         )
 
+    def run_label(run: str) -> str:
+        """How the sampler's warnings name the run ``run`` (``"unrestricted"`` or ``"component_{k}"``)."""
+        if run == "unrestricted":
+            return "susceptibilities(), the unrestricted run (devinterp convention)"
+        return f"susceptibilities(), component {names[int(run.rsplit('_', 1)[1])]!r}"
+
     def sample_rows() -> dict:
         rows = {name: load_row(name) for name in names_all}
         todo = [name for name in names_all if rows[name] is None]
@@ -1415,7 +1423,9 @@ def susceptibilities(
             group = todo[i : i + size]
             gpath = path_of(f"sampling.{file_of(group[0])}.{len(group)}")  # the group's draws so far
             group_fp = {**fp, "group": [row_fp(r) for r in group]} if fp else None
-            accs_by_run, nbeta = run_group([run_specs[name] for name in group], gpath, group_fp)
+            accs_by_run, nbeta = run_group(
+                [run_specs[name] for name in group], gpath, group_fp, [run_label(name) for name in group]
+            )
             for name, accs in zip(group, accs_by_run):
                 if name == "unrestricted":
                     full_means = _pool(accs).mean_b.numpy()  # E_full[l_t], E_full[Lbar]
@@ -1705,15 +1715,16 @@ def bif(
             lz = _flat(observables["probe_losses"], n, "per_sample_loss_fn", device=acc_dev).reshape(1, -1)
             acc.update(lz, lz)
 
-        sample(
-            model,
-            loader,
-            loss_fn=loss_fn,
-            observables={"probe_losses": lambda m, batch: losses_of(m).reshape(-1)},
-            record_observables=False,
-            callbacks=[cb],
-            **kw,
-        )
+        with naming_runs(["bif()"]):
+            sample(
+                model,
+                loader,
+                loss_fn=loss_fn,
+                observables={"probe_losses": lambda m, batch: losses_of(m).reshape(-1)},
+                record_observables=False,
+                callbacks=[cb],
+                **kw,
+            )
         return acc
 
     with _naming_rows_without_counted(loader, own_losses_at):

@@ -1095,6 +1095,36 @@ def _make_norm(cfg: TransformerConfig) -> nn.Module:
     return nn.Identity()
 
 
+def check_token_ids(tokens: torch.Tensor, d_vocab: int) -> None:
+    """Refuse token ids outside ``[0, d_vocab)``, naming the id and the range, and ``tokens`` of a dtype other than
+    int64 or int32: the lookup ``W_E[tokens]`` would read a negative id from the end of the vocabulary (silently),
+    fail on a large one with a bare ``IndexError`` and read uint8 or bool ids as a mask.
+
+    CPU ids are checked on the host (one ``aminmax`` over the ids, under ``torch.func`` transforms over the
+    unwrapped ids). CUDA ids are checked without a host-device synchronisation: ``torch._assert_async`` stops the
+    program with a device-side assertion when an id is out of range. Ids elsewhere (meta tensors) and ids traced by
+    ``torch.compile`` are not checked."""
+    if tokens.dtype not in (torch.int64, torch.int32):  # uint8 and bool would index as a mask
+        raise TypeError(
+            f"tokens has dtype {tokens.dtype}; give token ids in [0, d_vocab={d_vocab}) as torch.int64 (or int32)"
+        )
+    if not tokens.numel() or torch.compiler.is_compiling():
+        return
+    while torch._C._functorch.is_functorch_wrapped_tensor(tokens):  # vmap / grad: check the ids themselves
+        tokens = torch._C._functorch.get_unwrapped(tokens)
+    if tokens.device.type == "cpu":
+        lo, hi = torch.aminmax(tokens)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= d_vocab:
+            raise ValueError(
+                f"tokens contains token id {lo if lo < 0 else hi}; valid ids are 0 .. {d_vocab - 1} (the model's "
+                f"vocabulary has {d_vocab} tokens)"
+            )
+    elif tokens.is_cuda:
+        lo, hi = torch.aminmax(tokens)
+        torch._assert_async((lo >= 0) & (hi < d_vocab), f"tokens contains ids outside 0 .. {d_vocab - 1}")
+
+
 class Embed(nn.Module):
     """``tokens -> W_E[tokens]`` (times ``cfg.embed_scale`` in the weights' dtype, when set; no gradient into the
     ``cfg.padding_idx`` row from the lookup; then through the LayerNorm ``ln`` with ``cfg.post_embedding_ln``)."""
@@ -1108,6 +1138,7 @@ class Embed(nn.Module):
             self.ln = LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_token_ids(tokens, self.W_E.shape[0])
         if self.padding_idx is None:
             x = self.W_E[tokens]
         else:  # the padding row gets no gradient from the lookup (torch.nn.Embedding's padding_idx)
@@ -1828,8 +1859,9 @@ class Transformer(HookedRootModule):
 
         Parameters
         ----------
-        tokens : Tensor ``(batch, pos)`` (or ``(pos,)``, read as one sequence), integer
-            Token ids in ``[0, d_vocab)``.
+        tokens : Tensor ``(batch, pos)`` (or ``(pos,)``, read as one sequence), int64 or int32
+            Token ids in ``[0, d_vocab)``: another id raises ValueError naming it (on a CUDA device, a device-side
+            assertion, checked without synchronising: :func:`check_token_ids`), another dtype TypeError.
         return_type : {"logits", "loss", "per_token_loss", "both", None}
             ``"logits"``: ``(batch, pos, d_vocab)``; ``"loss"``: mean next-token cross-entropy (scalar);
             ``"per_token_loss"``: ``(batch, pos - 1)``; ``"both"``: ``(logits, loss)``; None: nothing.

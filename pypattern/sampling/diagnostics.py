@@ -4,6 +4,7 @@ the ESS uses Geyer's initial monotone sequence on the multi-chain autocorrelatio
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 import os
@@ -23,7 +24,9 @@ __all__ = [
     "check_relaxation",
     "check_stationarity",
     "check_step_bias",
+    "checking_run",
     "ess",
+    "naming_runs",
     "r_hat",
     "step_bias",
     "user_stacklevel",
@@ -59,6 +62,55 @@ def user_stacklevel(extra: int = 0) -> int:
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PASSED):
         frame, level = frame.f_back, level + 1
     return level + extra
+
+
+class _RunNames:
+    """The names of a sampler call's runs (:func:`naming_runs`) and the run whose checks are under way."""
+
+    def __init__(self, names) -> None:
+        self.names = tuple(str(n) for n in names)
+        self.current: int | None = None
+
+
+_RUN_NAMES: contextvars.ContextVar[_RunNames | None] = contextvars.ContextVar(
+    "pypattern_run_names", default=None
+)
+
+
+@contextlib.contextmanager
+def naming_runs(names):
+    """Within it, the diagnostic warnings of a sampler call begin with the name of the run they concern:
+    ``names[r]`` for run ``r`` (an estimator that samples once per component names them, e.g.
+    ``"susceptibilities(), component 'blocks.0.mlp'"``). The sampler marks the run it checks with
+    :func:`checking_run`; a call of one run is named by ``names[0]``, and one of several runs, none of them
+    marked, by all of their names."""
+    token = _RUN_NAMES.set(_RunNames(names))
+    try:
+        yield
+    finally:
+        _RUN_NAMES.reset(token)
+
+
+def checking_run(r: int) -> None:
+    """Mark run ``r`` of the sampler call as the one whose checks follow (see :func:`naming_runs`; nothing
+    outside it)."""
+    state = _RUN_NAMES.get()
+    if state is not None:
+        state.current = int(r)
+
+
+def _named(message: str) -> str:
+    """``message`` after the name of the run it concerns (:func:`naming_runs`), or as it is outside one."""
+    state = _RUN_NAMES.get()
+    if state is None or not state.names:
+        return message
+    if state.current is not None and 0 <= state.current < len(state.names):
+        who = state.names[state.current]
+    elif len(state.names) == 1:
+        who = state.names[0]
+    else:
+        who = "one of the runs " + "; ".join(state.names)
+    return f"{who}: {message}"
 
 
 class SamplingDivergedError(FloatingPointError):
@@ -190,11 +242,14 @@ def check_mixing(
         k = max(1, x.shape[1] // 3)
         first, last = float(x[:, :k].mean()), float(x[:, -k:].mean())
         warnings.warn(
-            f"the {what} has an effective sample size of {e:.0f} of its {x.size} draws (below {min_ess:.4g}): the "
-            "draws are strongly autocorrelated, so its standard error and R-hat are unreliable and the chains may "
-            f"not have reached equilibrium (mean over the first third of the draws {first:.6g}, over the last third "
-            f"{last:.6g}). Use more draws (num_draws, num_steps_bw_draws) and burn-in steps (num_burnin_steps), or "
-            f"pass warn_nonstationary=False to silence this.{hint}",
+            _named(
+                f"the {what} has an effective sample size of {e:.0f} of its {x.size} draws (below "
+                f"{min_ess:.4g}): the draws are strongly autocorrelated, so its standard error and R-hat are "
+                "unreliable and the chains may not have reached equilibrium (mean over the first third of "
+                f"the draws {first:.6g}, over the last third {last:.6g}). Use more draws (num_draws, "
+                "num_steps_bw_draws) and burn-in steps (num_burnin_steps), or pass warn_nonstationary=False "
+                f"to silence this.{hint}",
+            ),
             NonStationaryWarning,
             stacklevel=user_stacklevel(),
         )
@@ -219,8 +274,10 @@ def check_stationarity(
     if math.isnan(rh):
         if warn and not bool(np.isfinite(np.asarray(trace, dtype=np.float64)).all()):
             warnings.warn(
-                f"the {what} holds non-finite values: its split R-hat cannot be computed and stationarity is not "
-                "checked",
+                _named(
+                    f"the {what} holds non-finite values: its split R-hat cannot be computed and "
+                    "stationarity is not checked",
+                ),
                 NonStationaryWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -228,8 +285,10 @@ def check_stationarity(
     ok = not (rh > threshold)
     if not ok and warn:
         warnings.warn(
-            f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
-            f"(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).{hint}",
+            _named(
+                f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
+                f"(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).{hint}",
+            ),
             NonStationaryWarning,
             stacklevel=user_stacklevel(),
         )
@@ -308,13 +367,16 @@ def check_relaxation(
             need = math.ceil(max(math.log(tail / max_shortfall), 0.0) / (2.0 * rate))
             more = f" (about {need:,} burn-in steps at this step leave {max_shortfall:.0%})"
         warnings.warn(
-            f"step_size={step_size:g} is too small for this run: a typical direction (curvature {curvature:.3g} of "
-            "nbeta L + localization |w - w*|^2 / 2, the mean over the moving parameters, measured at w*) relaxes "
-            f"about {rate * max(last, 1):.2g} times by the last draw (steps {burnin} to {last}), so the draws fall "
-            f"short of their stationary value by about {short:.0%} on average and the estimate ({llc_mean:.4g}) is "
-            "too low, whatever R-hat and the effective sample size say (with minibatches the loss trace is mostly "
-            f"batch noise). Use more burn-in steps (num_burnin_steps){more} or draws (num_draws), a larger "
-            "step_size, or step_size='auto'; warn_nonstationary=False silences this.",
+            _named(
+                f"step_size={step_size:g} is too small for this run: a typical direction (curvature "
+                f"{curvature:.3g} of nbeta L + localization |w - w*|^2 / 2, the mean over the moving "
+                f"parameters, measured at w*) relaxes about {rate * max(last, 1):.2g} times by the last draw "
+                f"(steps {burnin} to {last}), so the draws fall short of their stationary value by about "
+                f"{short:.0%} on average and the LLC estimate ({llc_mean:.4g}) is too low, whatever R-hat "
+                "and the effective sample size say (with minibatches the loss trace is mostly batch noise). "
+                f"Use more burn-in steps (num_burnin_steps){more} or draws (num_draws), a larger step_size, "
+                "or step_size='auto'; warn_nonstationary=False silences this.",
+            ),
             NonStationaryWarning,
             stacklevel=user_stacklevel(),
         )
@@ -378,7 +440,7 @@ def check_step_bias(
         )
         label = " of RMSprop-SGLD" if sampler == "rmsprop_sgld" else ""
         what = (
-            f"the discretisation bias{label} raises the estimate ({llc_mean:.4g}) by {size} (the curvature where "
+            f"the discretisation bias{label} raises the LLC estimate ({llc_mean:.4g}) by {size} (the curvature where "
             f"the chains are, {curvature:.3g} measured at their last weights, gives step_size * curvature / 4 = "
             f"{step_size * curvature / 4:.2g}; an estimate from the curvature: uneven curvatures and minibatch "
             "noise add to it)"
@@ -398,7 +460,7 @@ def check_step_bias(
                 f"step out), or a smaller step_size (about {smaller:.2g} or less) with proportionally more steps "
                 "(num_burnin_steps, num_draws); warn_nonstationary=False silences this."
             )
-        warnings.warn(advice, StepBiasWarning, stacklevel=user_stacklevel())
+        warnings.warn(_named(advice), StepBiasWarning, stacklevel=user_stacklevel())
     return ok
 
 
@@ -480,9 +542,11 @@ def check_drift(
             "or a larger localization"
         )
         warnings.warn(
-            f"the chains keep moving away from w*: their mean squared distance |w - w*|^2 grew {ratio:.3g}-fold from "
-            f"the first to the last quarter of the draws (z = {z:.3g}) at step_size={step_size:g}; {held}, or pass "
-            "warn_nonstationary=False to silence this.",
+            _named(
+                "the chains keep moving away from w*: their mean squared distance |w - w*|^2 grew "
+                f"{ratio:.3g}-fold from the first to the last quarter of the draws (z = {z:.3g}) at "
+                f"step_size={step_size:g}; {held}, or pass warn_nonstationary=False to silence this.",
+            ),
             DriftWarning,
             stacklevel=user_stacklevel(),
         )

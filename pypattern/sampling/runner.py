@@ -67,6 +67,7 @@ from .diagnostics import (
     check_relaxation,
     check_stationarity,
     check_step_bias,
+    checking_run,
     draw_shortfall,
     ess,
     r_hat,
@@ -770,6 +771,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     if plan.warn_nonstationary:
         hint = _unlocalized_hint(plan)
         for r, res in enumerate(results):
+            checking_run(r)  # the warnings below name run r where the caller names the runs (naming_runs)
             ran = res.loss_trace[_ran_rows(plan, r)]
             # a drifting trace is reported once: by its R-hat, else its effective sample size, else (a given step)
             # by the relaxation times the run covered; a given step's discretisation bias in any case
