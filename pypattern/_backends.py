@@ -219,6 +219,19 @@ def choose(op: str, device: torch.device, backend: str | None) -> str:
     return _choose_cached(op, device.type, forced, source, os.environ.get("TRITON_INTERPRET"))
 
 
+def internal_backend(op: str, device: torch.device) -> str | None:
+    """The ``backend`` argument for a call of ``op`` that an estimator makes on its own (exact patching's attention,
+    the circuits' sums and contractions) on tensors of ``device``: None (the automatic choice, or the backend
+    ``PYPATTERN_BACKEND`` forces) where that choice can run ``op`` there, else ``"reference"``. A backend forced for
+    the ops that have it (``triton`` for the samplers' kernels on a GPU) then does not stop the estimators whose ops
+    lack it; a value that is not a backend's name still raises ValueError."""
+    try:
+        choose(op, device, None)
+    except RuntimeError:
+        return "reference"
+    return None
+
+
 def choose_for_dtype(
     op: str,
     x: torch.Tensor,

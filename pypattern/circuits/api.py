@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from .. import _backends
 from .._checks import is_count, is_real
 from .._progress import progress_bar, sigterm_as_interrupt
 from .._train_checkpoint import check_checkpoint_arg
@@ -328,7 +329,11 @@ class _ScoreSink:
             Ds = _source_rows(D, n, rows)  # (n, B, R, d)
             K = Ds.shape[2] * Ds.shape[3]
             Gs = [entries[i][2].transpose(0, 1).reshape(B, entries[i][2].shape[0], K) for i in members]
-            S = row_dots(Ds.transpose(0, 1).reshape(B, n, K), Gs)  # (B, n, V_1 + V_2 + ...)
+            S = row_dots(  # (B, n, V_1 + V_2 + ...)
+                Ds.transpose(0, 1).reshape(B, n, K),
+                Gs,
+                backend=_backends.internal_backend("row_dots", D.device),
+            )
             at = 0
             for i in members:
                 dsts = entries[i][0]

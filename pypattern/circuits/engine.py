@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _backends
 from .._checks import is_count, is_real
 from .._memory import huge_pages_hint, keep_freed_heap
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
@@ -788,6 +789,7 @@ class EdgeEngine:
             offsets,
             [x for sp in signs for x in sp],
             out=flat.unbind(0),
+            backend=_backends.internal_backend("signed_sums_", flat.device),
         )
         if k is None:
             return flat.view(V, C, self.B, len(rows), self.d)
@@ -828,7 +830,14 @@ class EdgeEngine:
         R_c = R.unbind(0)
         terms = [abl if a else R_c[c] for v, row in enumerate(comp.T.tolist()) for c, a in enumerate(row)]
         rows_out = out.view(V * C, self.B, nr, self.d).unbind(0)
-        signed_sums(rows_out, terms, range(V * C + 1), [1] * (V * C), out=rows_out)
+        signed_sums(
+            rows_out,
+            terms,
+            range(V * C + 1),
+            [1] * (V * C),
+            out=rows_out,
+            backend=_backends.internal_backend("signed_sums_", out.device),
+        )
         return out
 
     def _mlp_block(self, layer: int, out: torch.Tensor, rows: torch.Tensor):

@@ -405,7 +405,10 @@ class ExactEngine:
         capped nor taken in another dtype; no ``pattern`` patch, which needs the pattern itself); None otherwise."""
         cfg = self.cfg
         if self._kernel is None:
-            self._kernel = _backends.choose("prefix_attention", self.device, None) == "cpp"
+            forced_elsewhere = _backends.internal_backend("prefix_attention", self.device) is not None
+            self._kernel = (
+                not forced_elsewhere and _backends.choose("prefix_attention", self.device, None) == "cpp"
+            )
         if not self._kernel or (patch is not None and patch.site == "pattern"):
             return None
         if q.dtype not in (torch.float32, torch.float64) or k_new.dtype != q.dtype:
