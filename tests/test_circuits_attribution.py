@@ -239,9 +239,9 @@ def test_eap_reads_the_sources_once_for_the_mlp_and_logit_inputs(monkeypatch):
     calls = []
     orig = api.row_dots
 
-    def counted(a, g):
+    def counted(a, g, **kw):
         calls.append([t.shape[1] for t in g])
-        return orig(a, g)
+        return orig(a, g, **kw)
 
     monkeypatch.setattr(api, "row_dots", counted)
     got = edge_attribution(model, clean, corr, metric=metric, method="eap").scores
