@@ -15,7 +15,14 @@ from pypattern import _backends
 def _setup():
     torch.manual_seed(0)
     cfg = pypattern.TransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_mlp=64, d_vocab=23, n_ctx=16, act_fn="gelu_new", dtype=torch.float64
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=23,
+        n_ctx=16,
+        act_fn="gelu_new",
+        dtype=torch.float64,
     )
     model = pypattern.Transformer(cfg)
     clean, corr = torch.randint(0, 23, (3, 9)), torch.randint(0, 23, (3, 9))
