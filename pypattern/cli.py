@@ -258,15 +258,13 @@ def _resolve(p: argparse.ArgumentParser, args) -> None:
         if dest not in given:
             setattr(args, dest, default)
     chains, draws = getattr(args, "num_chains", None), getattr(args, "num_draws", None)
-    if (
-        getattr(args, "cmd", None) == "chi"
-        and chains is not None
-        and draws is not None
-        and chains * draws < 2
-    ):
+    if getattr(args, "cmd", None) == "chi" and chains is not None and draws is not None and draws < 2:
+        # the covariance is taken over each chain's own draws: more chains do not make up for it
+        total = chains * draws
         p.error(
-            f"--num-chains {chains} x --num-draws {draws} gives {chains * draws} draw: chi is a covariance over "
-            "draws and needs at least 2 in all; raise --num-draws or --num-chains"
+            f"--num-draws {draws} is too few: chi is a covariance over each chain's draws and needs at least 2 "
+            f"draws per chain (--num-chains {chains} x --num-draws {draws} gives {total} draw"
+            f"{'' if total == 1 else 's'}, {draws} per chain); give --num-draws 2 or more"
         )
 
 
@@ -618,6 +616,28 @@ _CHECKPOINT_FLAGS = {
     "nbeta": "--nbeta: another inverse temperature",
 }
 
+#: the same for ``patch`` and ``circuit``, whose checkpoints fingerprint the prompts, the metric and (circuit) the
+#: edge graph and the scores; they take no --float64 (circuit) and no sampler options
+_COMMAND_CHECKPOINT_FLAGS = {
+    "patch": {
+        "clean": "--data or --max-prompts: other prompts",
+        "corrupted": "--corrupted: other corrupted prompts, or Gaussian noise (no --corrupted) against a file",
+        "metric": "--model or --float64: other weights or another dtype (the clean run's logits differ)",
+    },
+    "circuit": {
+        "clean": "--data: other prompts",
+        "corrupted": "--corrupted or --data: other corrupted prompts",
+        "metric": "--model or --data: another model (other top predictions) or other answers",
+        "ablation": "--corrupted or --data: corrupted prompts (resample ablation) against none (mean ablation)",
+        "edges": "--per-position or --model: another edge graph",
+        "scores": "--methods or --ig-steps: other methods' scores (or another --model, --data or --corrupted)",
+        "weights": "--model: other weights",
+        "buffers": "--model: other buffers",
+        "architecture": "--model: another model",
+        "moving": "--model: another model",
+    },
+}
+
 USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, FloatingPointError, MemoryError)
 
 #: the library functions' names of the values the command line takes as options
@@ -791,6 +811,12 @@ def main(argv: list[str] | None = None) -> int:
     (a file that cannot be read, a model not covered, a checkpoint of another run, ...) with one line
     ``pypattern <command>: error: <message>`` on stderr; both with exit status 2 (``SystemExit(2)``). Set
     PYPATTERN_DEBUG=1 for the traceback instead."""
+    return _main(argv, program=argv is None)
+
+
+def _main(argv: list[str] | None, program: bool) -> int:
+    """:func:`main` on ``argv`` (None: ``sys.argv[1:]``); ``program``: the process ends after it (run as a program,
+    as ``pypattern`` or ``python -m pypattern.circuits.cli`` are), so the signal handlers are not put back."""
     import warnings
 
     parser = _parser()
@@ -827,7 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         if item == "nbeta" and getattr(args, "nbeta", None) is None:
             hint = " (the default nbeta is m / ln m of the batch size m: a changed --batch-size changes it)"
         elif isinstance(item, str) and getattr(args, "checkpoint", None):
-            flags = _CHECKPOINT_FLAGS.get(item.split("[")[0])
+            key = item.split("[")[0].split(".")[0]
+            flags = _COMMAND_CHECKPOINT_FLAGS.get(args.cmd, {}).get(key, _CHECKPOINT_FLAGS.get(key))
             if flags:
                 hint = f" (on the command line: {flags})"
         print(f"pypattern {args.cmd}: error: {_as_flags(str(e))}{hint}", file=sys.stderr)
@@ -837,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # a second Ctrl-C (or SIGTERM) while the first is handled ends the command as the first does, not with
         # a traceback and the status of a process killed by SIGINT
-        held = _hold_sigint(program=argv is None)
+        held = _hold_sigint(program=program)
         terminated = isinstance(e, Terminated)
         what = "terminated (SIGTERM)" if terminated else "interrupted"
         if getattr(args, "checkpoint", None):
@@ -851,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.formatwarning = formatwarning
         # the program, which ends now: a Ctrl-C as it exits is not a crash (its work is done)
-        if argv is None:
+        if program:
             if held is None:
                 _hold_sigint(program=True)
         elif held is not None:  # called in-process: the caller's handlers back

@@ -551,6 +551,9 @@ def run_circuit_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``pypattern circuit`` on ``argv`` for a caller in Python: the result printed as JSON; an error met while
+    running raises (``python -m pypattern.circuits.cli``, a program, runs as ``pypattern circuit`` does: such an
+    error ends in one line and exit status 2, Ctrl-C and SIGTERM write the checkpoint first)."""
     p = argparse.ArgumentParser(prog="pypattern circuit", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
@@ -724,4 +727,6 @@ def run_from_args(args) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ..cli import _main
+
+    raise SystemExit(_main(["circuit", *sys.argv[1:]], program=True))
