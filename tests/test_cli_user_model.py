@@ -310,6 +310,12 @@ def test_token_file_formats_refused_with_a_clear_message(data, tmp_path):
     (tmp_path / "neg.txt").write_text("1 2 3\n4 -5 6\n")
     with pytest.raises(ValueError, match="token ids must be >= 0; found -5"):
         load_tokens(tmp_path / "neg.txt")
+    # an id past int64 is named (it was "Python int too large to convert to C long")
+    (tmp_path / "big.txt").write_text("1 2 3\n4 99999999999999999999999 6\n")
+    with pytest.raises(
+        ValueError, match=r"it holds the id 99999999999999999999999; token ids must lie below 2\*\*63"
+    ):
+        load_tokens(tmp_path / "big.txt")
 
 
 def test_patch_and_circuit_run_a_bfloat16_checkpoint_as_its_float32_copy(model_dir, data, tmp_path):

@@ -91,7 +91,7 @@ class ModelView:
             )
         if getattr(cfg, "qk_norm", False) == "all":
             raise NotImplementedError(
-                "qk_norm='all' (OLMo 2): one norm over every head's query projection couples the heads, so a "
+                "qk_norm='all' (OLMo 2, OLMoE): one norm over every head's query projection couples the heads, so a "
                 "head's query cannot be computed from its own input alone and head-level edges are not defined; "
                 "node-level patching and attribution (pypattern.patching) cover these models"
             )

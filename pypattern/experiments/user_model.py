@@ -126,6 +126,9 @@ def _text_ids(p: Path) -> np.ndarray:
         raise ValueError("it holds no token id (an empty file, or blank lines only)")
     if len({len(r) for r in rows}) > 1:
         raise ValueError("its lines have different numbers of tokens; give sequences of one length")
+    big = max(max(r) for r in rows)
+    if big >= 2**63:
+        raise ValueError(f"it holds the id {big}; token ids must lie below 2**63 (int64)")
     return np.asarray(rows, dtype=np.int64)
 
 
