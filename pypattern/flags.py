@@ -169,8 +169,14 @@ class FlagSpec:
         and ``hook_post``)."""
         names = getattr(model, "hook_dict", None)
         if names is None:
+            hint = ""
+            if hasattr(getattr(model, "config", None), "model_type"):  # a Hugging Face model
+                hint = (
+                    ": convert a Hugging Face model with pypattern.from_hf(model), or wrap it with "
+                    "pypattern.hooked_hf(model)"
+                )
             raise ValueError(
-                "model has no hook points (hook_dict); give a pypattern Transformer or HookedModule"
+                f"model has no hook points (hook_dict); give a pypattern Transformer or HookedModule{hint}"
             )
         if self.hook not in names:
             near = [n for n in names if "resid" in n][:6]

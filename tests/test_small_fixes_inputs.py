@@ -164,3 +164,21 @@ def test_bif_warnings_name_bif():
     assert caught[0].startswith("bif(): step_size=1e-06 is too small for this run"), caught[0]
     plain = _caught(lambda: pp.sample(mlp, loader, **_SHORT))
     assert len(plain) == 1 and plain[0].startswith("step_size=1e-06 is too small for this run")
+
+
+def test_flags_on_a_hugging_face_model_name_the_conversion():
+    """A Hugging Face model handed to the flags is refused naming pypattern.from_hf and hooked_hf (the message named
+    only pypattern's own model types); a model without hooks of another kind keeps the short message."""
+    import transformers
+
+    from pypattern.flags import FlagSpec
+
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=11, n_positions=8)
+    )
+    with pytest.raises(ValueError, match=r"pypattern\.from_hf\(model\).*pypattern\.hooked_hf\(model\)"):
+        FlagSpec().check(hf)
+    with pytest.raises(
+        ValueError, match=r"has no hook points \(hook_dict\); give a pypattern Transformer or HookedModule$"
+    ):
+        FlagSpec().check(torch.nn.Linear(3, 3))
