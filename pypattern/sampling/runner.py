@@ -1312,7 +1312,8 @@ def _init_losses(
         raise NonFiniteLossError(
             f"loader: the loss at the initial weights w* is not finite ({vals}, one value per batch read): the data "
             "or the model give a non-finite loss before any step (look for NaN or Inf in the batches' tensors and "
-            f"in the model's weights, and check {argument})",
+            "in the model's weights, run the model's forward on one batch to see whether its own logits are "
+            f"finite, e.g. at padded rows, and check {argument})",
             chain=-1,
             draw=-1,
             step=-1,
