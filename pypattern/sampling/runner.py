@@ -1018,15 +1018,25 @@ class _GivenStepChecks:
         # the bounds' relaxation rates are lower bounds: a shortfall they leave small is smaller still
         if speed == 1.0 and draw_shortfall(max(flat, typical) / steps, draw_steps) <= MAX_SHORTFALL:
             return
-        kappa = self.curvature(math.sqrt(speed * eps * steps) * self.noise)
-        if kappa is None:
+        curvature = self._held_curvature(math.sqrt(speed * eps * steps) * self.noise, ends)
+        if curvature is None:
             return
-        if ends:
-            kappa = max(kappa, self.end_curvature(ends) or kappa)
-        curvature = self.nbeta * max(kappa, 0.0) + self.gamma
         check_relaxation(
             speed * eps * curvature / 2, draw_steps, step_size=eps, llc_mean=self.llc, curvature=curvature
         )
+
+    def _held_curvature(
+        self, distance: float, ends: Mapping[int, Mapping[str, torch.Tensor]]
+    ) -> float | None:
+        """The curvature that holds the chains: ``nbeta`` times the loss's mean curvature (:meth:`curvature` over
+        ``distance`` from ``w*``, or at the chains' ends where that is larger) plus the localization; None when it
+        cannot be measured."""
+        kappa = self.curvature(distance)
+        if kappa is None:
+            return None
+        if ends:
+            kappa = max(kappa, self.end_curvature(ends) or kappa)
+        return self.nbeta * max(kappa, 0.0) + self.gamma
 
     def _sgnht_relaxation(self, ends: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         """:meth:`relaxation` for SGNHT. Its update ``p <- (1 - xi) p - eps grad U + noise``, ``w <- w + p`` is
@@ -1041,12 +1051,9 @@ class _GivenStepChecks:
         plan = self.plan
         eps, steps = self.eps, plan.total_steps
         draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
-        kappa = self.curvature(math.sqrt(eps) * steps * self.noise)
-        if kappa is None:
+        curvature = self._held_curvature(math.sqrt(eps) * steps * self.noise, ends)
+        if curvature is None:
             return
-        if ends:
-            kappa = max(kappa, self.end_curvature(ends) or kappa)
-        curvature = self.nbeta * max(kappa, 0.0) + self.gamma
         check_relaxation(
             math.sqrt(eps * curvature), draw_steps, step_size=eps, llc_mean=self.llc, curvature=curvature
         )
