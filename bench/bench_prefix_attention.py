@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +34,8 @@ import torch.nn.functional as F
 from pypattern.ops.attention import prefix_attention, prefix_attention_reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _rounds import cpu_time, interleaved  # noqa: E402
 from bench_patching import _cpu_gemm_rate  # noqa: E402
-
-
-def cpu_time(f) -> float:
-    t0 = time.process_time()
-    f()
-    return time.process_time() - t0
 
 
 def torch_head_major(q, kp, vp, kn, vn, mask, scale):
@@ -141,29 +134,7 @@ def main() -> None:
         f"{args.layers} layers x {T} positions, {C} cell(s) per call, batch {B}, {H} heads of {dh}: "
         f"{macs / 1e9:.2f} GMAC (causal), {nbytes / 2**20:.0f} MiB moved"
     )
-    for f in forms.values():
-        f()
-    times = {k: [] for k in forms}
-    bounds = []
-    for r in range(args.rounds):
-        rate, bw = gemm_rate(), copy_rate()
-        bound = max(macs / rate, nbytes / bw)
-        bounds.append(bound)
-        order = list(forms) if r % 2 == 0 else list(reversed(forms))
-        for k in order:
-            times[k].append(cpu_time(forms[k]))
-        print(
-            f"round {r}: GEMM {rate / 1e9:.1f} GMAC/s, copy {bw / 1e9:.1f} GB/s, bound {bound * 1e3:.1f} ms; "
-            + ", ".join(f"{k} {times[k][-1] * 1e3:.1f} ms" for k in forms),
-            flush=True,
-        )
-    print("\nform: CPU time (range over rounds), GMAC/s, x of the bound (median, range over rounds)")
-    for k, ts in times.items():
-        xs = [t / b for t, b in zip(ts, bounds)]
-        print(
-            f"{k}: {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f} ms, {macs / statistics.median(ts) / 1e9:.1f} GMAC/s, "
-            f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
-        )
+    interleaved(forms, args.rounds, macs, nbytes, gemm_rate, copy_rate, digits=1)
 
 
 if __name__ == "__main__":

@@ -22,18 +22,15 @@ Run: ``OMP_NUM_THREADS=1 python bench/bench_row_dots.py`` (``--rounds``).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
 from pypattern.ops.dots import row_dots, row_dots_reference
 
-
-def cpu_time(f) -> float:
-    t0 = time.process_time()
-    f()
-    return time.process_time() - t0
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _rounds import cpu_time, interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -91,29 +88,7 @@ def main() -> None:
         f"{args.layers} layers, batch {B} x {T}, d {d}: {macs / 1e9:.2f} GMAC, {bytes_read / 2**20:.0f} MiB read"
     )
     print(f"row_dots against float64: {err:.1e} of the largest product")
-    for f in forms.values():
-        f()
-    times = {k: [] for k in forms}
-    bounds = []
-    for r in range(args.rounds):
-        rate, bw = gemm_rate(), copy_rate()
-        bound = max(macs / rate, bytes_read / bw)
-        bounds.append(bound)
-        order = list(forms) if r % 2 == 0 else list(reversed(forms))
-        for k in order:
-            times[k].append(cpu_time(forms[k]))
-        print(
-            f"round {r}: GEMM {rate / 1e9:.1f} GMAC/s, copy {bw / 1e9:.1f} GB/s, bound {bound * 1e3:.0f} ms; "
-            + ", ".join(f"{k} {times[k][-1] * 1e3:.0f} ms" for k in forms),
-            flush=True,
-        )
-    print("\nform: CPU time (range over rounds), GMAC/s, x of the bound (median, range over rounds)")
-    for k, ts in times.items():
-        xs = [t / b for t, b in zip(ts, bounds)]
-        print(
-            f"{k}: {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f} ms, {macs / statistics.median(ts) / 1e9:.1f} GMAC/s, "
-            f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
-        )
+    interleaved(forms, args.rounds, macs, bytes_read, gemm_rate, copy_rate, digits=0)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ namespace pypattern {
 namespace {
 
 using simd::kVecBytes;
+using simd::keep_in_register;
 using simd::Vec;
 
 constexpr int kRows = 4;     // query rows per block
@@ -37,20 +38,6 @@ constexpr int kMixVecs = 4;  // vectors of dh per pass of the mix
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define PYPATTERN_VREG "+v"
-#elif defined(__aarch64__)
-#define PYPATTERN_VREG "+w"
-#endif
-
-template <typename V>
-inline void keep_in_register(V& v) {
-#ifdef PYPATTERN_VREG
-  __asm__("" : PYPATTERN_VREG(v));
-#else
-  (void)v;
-#endif
-}
 
 template <typename T>
 struct Sizes {

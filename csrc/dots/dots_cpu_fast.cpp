@@ -29,6 +29,7 @@ namespace pypattern {
 namespace {
 
 using simd::kVecBytes;
+using simd::keep_in_register;
 using simd::Vec;
 
 #if defined(__AVX512F__)
@@ -44,20 +45,6 @@ constexpr int kMR = 3, kNR = 4;  // 12 + 3 + 1 in 16 registers
 constexpr int64_t kChunkBytes = PYPATTERN_DOTS_CHUNK_BYTES;
 constexpr int64_t kNS = 8 * kNR;  // rows of g per panel: the partial sums of a call are M x kNS vectors at most
 
-#if defined(__x86_64__) || defined(__i386__)
-#define PYPATTERN_VREG "+v"
-#elif defined(__aarch64__)
-#define PYPATTERN_VREG "+w"
-#endif
-
-template <typename V>
-inline void keep_in_register(V& v) {
-#ifdef PYPATTERN_VREG
-  __asm__("" : PYPATTERN_VREG(v));
-#else
-  (void)v;
-#endif
-}
 
 // P[i * ldp + j] += the lanes of sum_{k0 <= k < k0 + kn} a[i][k] g[j][k] for i < MR, j < NR (kn a multiple of the
 // lanes): the block's vector accumulators added to its partial sums. With pn > 0, the lines [pk0, pk0 + pn) terms of
