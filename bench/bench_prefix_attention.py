@@ -14,10 +14,10 @@ once per layer, 12 layers. Forms timed interleaved in one run:
   cell, heads first).
 
 Bound: the multiply-adds that must be done (the scores and the mix over the keys each query may attend, ``2 x dh``
-per pair) at the rate of a ``(256, 768) @ (768, 3072)`` product measured in the same run (the faster of torch's matmul and
-oneDNN's packed one, as in ``bench/bench_patching.py``), or the bytes that must move
-(queries, the cells' own keys and values and the output once, the shared keys and values once per call) at the
-copy bandwidth measured in the same run, whichever is larger.
+per pair) at the rate of a ``(256, 768) @ (768, 3072)`` product measured in the same run (the faster of torch's
+matmul and oneDNN's packed one, as in ``bench/bench_patching.py``), or the bytes that must move (queries, the cells'
+own keys and values and the output once, the shared keys and values once per call) at the copy bandwidth measured
+in the same run, whichever is larger.
 
 Run: ``OMP_NUM_THREADS=1 python bench/bench_prefix_attention.py`` (``--rounds``, ``--cells``).
 """
