@@ -4,6 +4,7 @@ cell (for the exact engine) and autograd directional derivatives (for AtP)."""
 
 import pytest
 import torch
+from _hook_names import HEADS, HOOKS
 
 from pypattern.models import Transformer, TransformerConfig
 from pypattern.patching import KL, ExactEngine, LogitDiff, LogProb, activation_patching, attribution_patching
@@ -148,20 +149,6 @@ ARCHS = {
         "rotary_base": 100.0,
     },
 }
-# TransformerLens hook names, written out here so that the reference does not use the library's site table
-HOOKS = {
-    "resid_pre": "blocks.{}.hook_resid_pre",
-    "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "z": "blocks.{}.attn.hook_z",
-    "q": "blocks.{}.attn.hook_q",
-    "k": "blocks.{}.attn.hook_k",
-    "v": "blocks.{}.attn.hook_v",
-    "pattern": "blocks.{}.attn.hook_pattern",
-}
-HEADS = ("z", "q", "k", "v", "pattern")
 
 
 def build(arch, **kw):

@@ -11,6 +11,7 @@ float32 query-key products). The kernel's use is checked where the attention is 
 
 import pytest
 import torch
+from _hook_names import HEADS, HOOKS
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,20 +226,6 @@ FAMILIES = {
         False,
     ),
 }
-
-HOOKS = {
-    "resid_pre": "blocks.{}.hook_resid_pre",
-    "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post",
-    "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out",
-    "z": "blocks.{}.attn.hook_z",
-    "q": "blocks.{}.attn.hook_q",
-    "k": "blocks.{}.attn.hook_k",
-    "v": "blocks.{}.attn.hook_v",
-    "pattern": "blocks.{}.attn.hook_pattern",
-}
-HEADS = ("z", "q", "k", "v", "pattern")
 
 
 def hf_model(name: str, dtype=torch.float64, n_layers: int | None = None):
