@@ -658,6 +658,35 @@ def _as_flags(message: str) -> str:
     return _NAMED_VALUE.sub(lambda m: _OPTION_OF[m.group(1)] + " ", message)
 
 
+#: the sampler's settings that the sampling commands take as options (warnings name the settings)
+_SAMPLER_OPTION_OF = {
+    "num_burnin_steps": "--num-burnin-steps",
+    "num_draws": "--num-draws",
+    "num_chains": "--num-chains",
+    "step_size": "--step-size",
+    "localization": "--localization",
+    "nbeta": "--nbeta",
+}
+_SETTING = re.compile(r"(?<![\w.-])(" + "|".join(_SAMPLER_OPTION_OF) + r")(=('?)([^\s,;)']+)\3)?(?![\w(])")
+#: settings the library has and the command line does not
+_LIBRARY_ONLY = re.compile(r"(?<![\w.-])(num_steps_bw_draws|warn_nonstationary=False)(?![\w=])")
+
+
+def _warning_as_flags(message: str, options) -> str:
+    """A library warning as the command line's user reads it: a setting the command takes as an option is named by
+    it (``num_burnin_steps`` as ``--num-burnin-steps``, ``step_size=1e-06`` as ``--step-size 1e-06``,
+    ``step_size='auto'`` as ``--step-size auto``), one it does not take is marked as the library's."""
+
+    def flag(m: re.Match) -> str:
+        opt = _SAMPLER_OPTION_OF[m.group(1)]
+        if opt not in options:
+            return m.group(0)
+        return opt if m.group(2) is None else f"{opt} {m.group(4)}"
+
+    message = _SETTING.sub(flag, message)
+    return _LIBRARY_ONLY.sub(lambda m: f"{m.group(1)} [a library setting, no option]", message)
+
+
 def _check_paths(p: argparse.ArgumentParser, args) -> None:
     """The output folders (--out, --checkpoint) are created before any work, and refused (through ``p.error``)
     when they cannot be: an existing file, a path below a file, a folder that cannot be written in."""
@@ -829,8 +858,10 @@ def _main(argv: list[str] | None, program: bool) -> int:
         importlib.import_module("pypattern.circuits.cli").check_args(sub, args)
     _check_paths(sub, args)
 
+    options = set(sub._option_string_actions)
+
     def one_line(message, category, filename, lineno, line=None):
-        return f"pypattern {args.cmd}: warning: {message}\n"
+        return f"pypattern {args.cmd}: warning: {_warning_as_flags(str(message), options)}\n"
 
     debug = os.environ.get("PYPATTERN_DEBUG", "") not in ("", "0")
     formatwarning = warnings.formatwarning

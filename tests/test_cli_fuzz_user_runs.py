@@ -161,3 +161,25 @@ def test_patch_and_circuit_resumes_of_another_run_name_the_options(files, tmp_pa
         assert f"(on the command line: {hint}" in err, (change, err)
         assert "--float64" not in err.split("(on the command line:")[-1]  # circuit takes no --float64
     capsys.readouterr()
+
+
+def test_sampler_warnings_name_the_command_line_options():
+    """A sampler warning printed by a sampling command names the options the command takes (``num_burnin_steps``
+    as ``--num-burnin-steps``, ``step_size=1e-06`` as ``--step-size 1e-06``, ``step_size='auto'`` as ``--step-size
+    auto``) and marks the library's settings the command line lacks; a command without such an option keeps the
+    library's name."""
+    from pypattern.cli import _warning_as_flags
+
+    opts = {"--num-burnin-steps", "--num-draws", "--step-size", "--localization"}
+    msg = (
+        "step_size=1e-06 is too small: use more burn-in steps (num_burnin_steps) or draws (num_draws), a larger "
+        "step_size, or step_size='auto'; more draws between them (num_steps_bw_draws); warn_nonstationary=False "
+        "silences this (see calibrate_step_size); localization=100 held them"
+    )
+    assert _warning_as_flags(msg, opts) == (
+        "--step-size 1e-06 is too small: use more burn-in steps (--num-burnin-steps) or draws (--num-draws), a "
+        "larger --step-size, or --step-size auto; more draws between them (num_steps_bw_draws [a library setting, "
+        "no option]); warn_nonstationary=False [a library setting, no option] silences this (see "
+        "calibrate_step_size); --localization 100 held them"
+    )
+    assert _warning_as_flags("raise num_draws", {"--num-burnin-steps"}) == "raise num_draws"
