@@ -130,6 +130,8 @@ def _as_float64(x, name: str) -> np.ndarray:
 
 
 def _as_2d(chi) -> np.ndarray:
+    if hasattr(chi, "chi") and not isinstance(chi, np.ndarray | torch.Tensor):  # a susceptibilities() result
+        raise TypeError(f"chi is a {type(chi).__name__}; give its matrix, result.chi (K, N)")
     chi = _as_float64(chi, "chi")
     if chi.ndim == 1:
         chi = chi[None, :]
@@ -246,7 +248,7 @@ def invert(
             raise ValueError(f"method='ridge' needs alpha > 0, got {alpha}")
         h = _ridge(unit_c, e, tgt, float(alpha))
     elif method == "constrained":
-        c = np.ones(n) if fractions is None else np.asarray(fractions, dtype=np.float64).reshape(-1)
+        c = np.ones(n) if fractions is None else _as_float64(fractions, "fractions").reshape(-1)
         if c.shape != (n,) or not np.isfinite(c).all() or (c <= 0).any():
             raise ValueError(
                 f"fractions must be {n} finite positive numbers (one per column), got {fractions!r}"
@@ -1106,6 +1108,15 @@ class OnlinePatterner:
     ):
         if isinstance(every, bool) or not isinstance(every, int | np.integer) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if not callable(estimate_chi):
+            raise TypeError(
+                f"estimate_chi must be a callable(step) -> chi (K, N), got {type(estimate_chi).__name__} (for a fixed "
+                "chi, call invert once instead)"
+            )
+        if measure is not None and not callable(measure):
+            raise TypeError(
+                f"measure must be a callable(step) -> array (K,) or None, got {type(measure).__name__}"
+            )
         self.estimate_chi, self.target, self.measure, self.every = estimate_chi, target, measure, every
         self.invert_kwargs = {"method": "constrained", **(invert_kwargs or {})}
         self.history: list[tuple[int, Intervention]] = []

@@ -182,3 +182,32 @@ def test_flags_on_a_hugging_face_model_name_the_conversion():
         ValueError, match=r"has no hook points \(hook_dict\); give a pypattern Transformer or HookedModule$"
     ):
         FlagSpec().check(torch.nn.Linear(3, 3))
+
+
+def test_patterning_refuses_bad_fractions_and_callables_by_name():
+    """invert's fractions are read as the other arrays are (bools, text and ragged lists refused naming
+    ``fractions``; a bool array was taken as 0/1), OnlinePatterner refuses what it cannot call when built (it
+    failed at the first weights_for with "object is not callable"), and a susceptibilities result given as chi is
+    pointed to its matrix."""
+    from pypattern.patterning import OnlinePatterner, invert
+
+    chi = np.array([[1.0, -1.0, 0.5], [0.2, 0.3, -0.5]])
+    target = np.array([0.1, -0.1])
+    ok = invert(chi, target, method="constrained", fractions=[1.0, 2.0, 1.0])
+    assert np.isfinite(ok.weights).all()
+    for bad, err in (
+        (np.array([True, True, False]), TypeError),
+        ("abc", TypeError),
+        ([[1.0], [1.0, 2.0]], TypeError),
+        ({"a": 1.0}, TypeError),
+    ):
+        with pytest.raises(err, match="fractions"):
+            invert(chi, target, method="constrained", fractions=bad)
+    with pytest.raises(TypeError, match="estimate_chi must be a callable"):
+        OnlinePatterner(chi, target)
+    with pytest.raises(TypeError, match="measure must be a callable"):
+        OnlinePatterner(lambda step: chi, target, measure=np.zeros(2))
+
+    result = type("SusceptibilityResult", (), {"chi": chi})()
+    with pytest.raises(TypeError, match=r"give its matrix, result\.chi"):
+        invert(result, target)
