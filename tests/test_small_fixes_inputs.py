@@ -211,3 +211,27 @@ def test_patterning_refuses_bad_fractions_and_callables_by_name():
     result = type("SusceptibilityResult", (), {"chi": chi})()
     with pytest.raises(TypeError, match=r"give its matrix, result\.chi"):
         invert(result, target)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        dict(use_normalization_before_and_after=True),
+        dict(residual_multiplier=0.5),
+        dict(clip_qkv=2.0),
+        dict(qk_norm="all", normalization_type="RMS"),
+    ],
+)
+def test_edges_refuse_the_models_the_circuits_refuse(option):
+    """edges() refuses by name the configurations that patch_edges, edge_attribution, faithfulness and acdc refuse
+    (it returned a graph of them)."""
+    from pypattern.circuits import edge_attribution, edges
+
+    cfg = pp.TransformerConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=11, n_ctx=8, **option)
+    model = pp.Transformer(cfg)
+    name = next(iter(option))
+    with pytest.raises(NotImplementedError, match=name):
+        edges(model)
+    tokens = torch.randint(0, 11, (2, 5))
+    with pytest.raises(NotImplementedError, match=name):
+        edge_attribution(model, tokens, tokens.flip(0), metric=pp.patching.LogProb(torch.tensor([1, 2])))

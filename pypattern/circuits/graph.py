@@ -479,6 +479,10 @@ def edges(model, *, per_position: bool = False, seq_len: int | None = None) -> E
         model, Transformer
     ):  # pypattern's model: its configuration alone (weights may be on meta)
         model = converted_if_convertible(model)
+    if isinstance(model, Transformer):  # as every function that patches or scores its edges does
+        from .model_view import refuse_unsupported
+
+        refuse_unsupported(model.cfg)
     if per_position and seq_len is None:
         n_ctx = int(model.cfg.n_ctx)
         total = len(EdgeGraph.from_model(model)) * n_ctx

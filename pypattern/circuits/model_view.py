@@ -41,6 +41,37 @@ __all__ = ["ModelView"]
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> signature of its passed check
 
 
+def refuse_unsupported(cfg) -> None:
+    """Refuse (``NotImplementedError``, naming the option) a model configuration whose head-level edges are not
+    defined or not linear in the head inputs: sandwich norms, a residual multiplier, clamped projections, one query
+    norm over every head."""
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        raise NotImplementedError(
+            "use_normalization_before_and_after=True (sandwich norms, as in Gemma 2 and 3): each attention's "
+            "output is normalised as a whole before it enters the residual stream, so a head's write is not "
+            "its own term of the stream and head-level edges are not defined; node-level patching and "
+            "attribution (pypattern.patching) cover these models"
+        )
+    if getattr(cfg, "residual_multiplier", None) is not None:
+        raise NotImplementedError(
+            f"residual_multiplier={cfg.residual_multiplier!r} (Granite): the edge graph's node outputs are the "
+            "unscaled head and MLP outputs; node-level patching and attribution (pypattern.patching) cover these "
+            "models"
+        )
+    if getattr(cfg, "clip_qkv", None) is not None:
+        raise NotImplementedError(
+            f"clip_qkv={cfg.clip_qkv!r} (OLMo): the clamped query, key and value projections are not linear in "
+            "the head inputs, which the edge attribution's closed-form backward needs; node-level patching and "
+            "attribution (pypattern.patching) cover these models"
+        )
+    if getattr(cfg, "qk_norm", False) == "all":
+        raise NotImplementedError(
+            "qk_norm='all' (OLMo 2, OLMoE): one norm over every head's query projection couples the heads, so a "
+            "head's query cannot be computed from its own input alone and head-level edges are not defined; "
+            "node-level patching and attribution (pypattern.patching) cover these models"
+        )
+
+
 class ModelView:
     """Per-block pieces of a :class:`~pypattern.models.Transformer` for edge-level computations.
 
@@ -70,31 +101,7 @@ class ModelView:
                 "(convert other models with pypattern.models first)"
             )
         cfg = model.cfg
-        if getattr(cfg, "use_normalization_before_and_after", False):
-            raise NotImplementedError(
-                "use_normalization_before_and_after=True (sandwich norms, as in Gemma 2 and 3): each attention's "
-                "output is normalised as a whole before it enters the residual stream, so a head's write is not "
-                "its own term of the stream and head-level edges are not defined; node-level patching and "
-                "attribution (pypattern.patching) cover these models"
-            )
-        if getattr(cfg, "residual_multiplier", None) is not None:
-            raise NotImplementedError(
-                f"residual_multiplier={cfg.residual_multiplier!r} (Granite): the edge graph's node outputs are the "
-                "unscaled head and MLP outputs; node-level patching and attribution (pypattern.patching) cover these "
-                "models"
-            )
-        if getattr(cfg, "clip_qkv", None) is not None:
-            raise NotImplementedError(
-                f"clip_qkv={cfg.clip_qkv!r} (OLMo): the clamped query, key and value projections are not linear in "
-                "the head inputs, which the edge attribution's closed-form backward needs; node-level patching and "
-                "attribution (pypattern.patching) cover these models"
-            )
-        if getattr(cfg, "qk_norm", False) == "all":
-            raise NotImplementedError(
-                "qk_norm='all' (OLMo 2, OLMoE): one norm over every head's query projection couples the heads, so a "
-                "head's query cannot be computed from its own input alone and head-level edges are not defined; "
-                "node-level patching and attribution (pypattern.patching) cover these models"
-            )
+        refuse_unsupported(cfg)
         self.model, self.cfg = model, cfg
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
