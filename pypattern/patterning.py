@@ -188,7 +188,12 @@ def invert(
         )
     tgt = tgt.reshape(-1)
     if tgt.shape != (k,):
-        raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}")
+        hint = (
+            f"; chi {chi.shape} may be transposed: it is (observables K, samples N), one row per entry of target"
+            if tgt.shape == (n,) and n != k
+            else ""
+        )
+        raise ValueError(f"target must have one entry per observable ({k}), got shape {tgt.shape}{hint}")
     if not np.isfinite(tgt).all():
         raise ValueError("target holds NaN or Inf")
     for arg, val in (("min_weight", min_weight), ("max_weight", max_weight)):

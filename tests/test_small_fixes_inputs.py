@@ -235,3 +235,13 @@ def test_edges_refuse_the_models_the_circuits_refuse(option):
     tokens = torch.randint(0, 11, (2, 5))
     with pytest.raises(NotImplementedError, match=name):
         edge_attribution(model, tokens, tokens.flip(0), metric=pp.patching.LogProb(torch.tensor([1, 2])))
+
+
+def test_invert_says_when_chi_looks_transposed():
+    from pypattern.patterning import invert
+
+    chi = np.arange(12.0).reshape(2, 6)  # (K=2 observables, N=6 samples)
+    with pytest.raises(ValueError, match=r"chi \(6, 2\) may be transposed"):
+        invert(chi.T, np.zeros(2))
+    with pytest.raises(ValueError, match=r"one entry per observable \(2\), got shape \(3,\)$"):
+        invert(chi, np.zeros(3))
