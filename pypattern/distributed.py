@@ -242,7 +242,7 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
             raise ValueError("pypattern.distributed.sample assigns the chains itself: do not pass chains")
         refuse_unknown_keywords(
             kwargs,
-            set(_sample_defaults()),
+            set(_sample_defaults()) - {"chains"},  # assigned per rank (refused above)
             "pypattern.distributed.sample()",
             "pypattern.sample()'s keywords (documented there) and group",
         )

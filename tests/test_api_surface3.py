@@ -216,8 +216,10 @@ def test_distributed_takes_auto_step_options(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         got = distributed.estimate_llc(model, loader, auto_step_options=opts, **kw)
-        with pytest.raises(TypeError, match=r"\['num_drawz'\] \(did you mean 'num_draws'\?\)"):
+        with pytest.raises(TypeError, match=r"\['num_drawz'\] \(did you mean 'num_draws'\?\)") as e:
             distributed.sample(model, loader, num_drawz=3, **SKW)
+        # the keywords it takes leave out chains, which it assigns per rank (and refuses)
+        assert "chains," not in str(e.value).split("it takes", 1)[1].replace("num_chains,", "")
     finally:
         dist.destroy_process_group()
     assert got.sample.config["step_size"] == want.sample.config["step_size"]
