@@ -71,3 +71,27 @@ def test_a_bridge_with_a_hook_attached_is_refused_naming_it():
         pypattern.from_hf(br)
     br.reset_hooks()
     pypattern.from_hf(br)
+
+
+def test_an_opt_bridge_converts_and_a_users_hook_on_it_is_still_refused(tmp_path):
+    """TransformerLens' OPT adapter wires the wrapped model's hook points (``fc1.hook_in``, ``fc2.hook_out``) to the
+    bridge's aliases of them with functions of its own: those are not the user's, and the bridge converts (it was
+    refused as having hooks attached); a function the user attaches to one of those hook points is still refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_convert as tc
+
+    hf = tc.hf_model("opt-relu", torch.float64)
+    hf.config.architectures = [type(hf).__name__]
+    bridge = bridge_mod.TransformerBridge.boot_transformers(
+        "opt-relu", hf_model=hf, dtype=torch.float64, device="cpu", tokenizer=tc._local_tokenizer(tmp_path)
+    )
+    ours = pypattern.from_hf(bridge)
+    tokens = torch.randint(0, ours.cfg.d_vocab, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-10, atol=1e-10)
+    bridge.add_hook("blocks.0.mlp.in.hook_in", lambda x, hook: x * 0)
+    with pytest.raises(UnsupportedModelError, match=r"hooks attached at \[.*blocks\.0\.mlp\.in\.hook_in"):
+        pypattern.from_hf(bridge)

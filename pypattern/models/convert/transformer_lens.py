@@ -73,12 +73,30 @@ def _resolve(root: nn.Module, path: str) -> torch.Tensor:
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _users_hook(fn) -> bool:
+    """Whether a function on a hook point was attached by the user. ``HookPoint.add_hook`` wraps each function in a
+    closure; one whose wrapped functions all come from TransformerLens itself (its adapters wire some hook points of
+    the wrapped model to the bridge's aliases of them, e.g. OPT's ``fc1.hook_in`` to ``mlp.in.hook_in``) is not the
+    user's. A function of any other form counts as the user's."""
+    inner = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            c = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(c) and not isinstance(c, nn.Module):
+            inner.append(c)
+    if not inner:
+        return True
+    return any(not (getattr(c, "__module__", None) or "").startswith("transformer_lens.") for c in inner)
+
+
 def _check_bridge_hooks(bridge: nn.Module) -> None:
     """Refuse a bridge with functions attached (``bridge.add_hook`` / ``add_perma_hook``, ``run_with_hooks(...,
     reset_hooks_end=False)``, a torch hook registered on one of its modules): they change its forward, and the
     converted model would not run them. TransformerLens' own bookkeeping hooks (its modules' functions that record
-    outputs for the cache) and transformers' own are not the user's and pass; a hook point with any function
-    attached does not."""
+    outputs for the cache, the wiring of its adapters' hook points to their aliases: :func:`_users_hook`) and
+    transformers' own are not the user's and pass."""
     aliases: dict[int, list[str]] = {}
     hook_dict = getattr(bridge, "hook_dict", None)
     if isinstance(hook_dict, dict):
@@ -89,8 +107,9 @@ def _check_bridge_hooks(bridge: nn.Module) -> None:
         fns = [fn for d in _HOOK_DICTS for fn in (getattr(m, d, None) or {}).values()]
         if not fns:
             continue
-        if type(m).__name__ == "HookPoint":  # every function on a hook point is attached by the user
-            found.append(" / ".join(sorted(aliases.get(id(m), [name]), key=len)[:2]))
+        if type(m).__name__ == "HookPoint":
+            if any(_users_hook(fn) for fn in fns):
+                found.append(" / ".join(sorted(aliases.get(id(m), [name]), key=len)[:2]))
             continue
         theirs = [
             fn
