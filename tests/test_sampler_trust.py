@@ -70,6 +70,8 @@ def test_a_step_too_large_for_a_regular_model_warns_with_its_bias():
     msgs = [str(w.message) for w in caught if w.category is StepBiasWarning]
     assert len(msgs) == 1 and "step_size=0.001 is too large" in msgs[0]
     assert "step_size='auto'" in msgs[0] and "smaller step_size" in msgs[0]
+    # the advice fits devinterp-style calls too, which take the step as lr and have no automatic step
+    assert "lr in devinterp-style calls" in msgs[0] and "leave the step out)" not in msgs[0]
     # its estimate is the bias measured against the truth
     assert _bias_in(msgs) == pytest.approx(res.llc_mean / 3.0 - 1, abs=0.05)
     # a tenth of the step: 2.5% bias, silent, and the estimate is right

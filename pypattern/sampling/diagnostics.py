@@ -456,8 +456,9 @@ def check_step_bias(
             )
         else:
             advice = (
-                f"step_size={step_size:g} is too large for this model: {what}. Use step_size='auto' (or leave the "
-                f"step out), or a smaller step_size (about {smaller:.2g} or less) with proportionally more steps "
+                f"step_size={step_size:g} is too large for this model: {what}. Use step_size='auto' (pypattern's "
+                f"own calls, e.g. estimate_llc and sample, or leave the step out there), or a smaller step_size (lr in "
+                f"devinterp-style calls; about {smaller:.2g} or less) with proportionally more steps "
                 "(num_burnin_steps, num_draws); warn_nonstationary=False silences this."
             )
         warnings.warn(_named(advice), StepBiasWarning, stacklevel=user_stacklevel())
