@@ -949,6 +949,34 @@ class _GivenStepChecks:
             self._measured[preconditioned] = float(np.mean(kappas))
         return self._measured[preconditioned]
 
+    def w_star_curvature(
+        self, ends: Mapping[int, Mapping[str, torch.Tensor]], preconditioned: bool = False
+    ) -> float | None:
+        """``tr(H) / d`` at ``w*`` (``tr(P H) / d`` with the preconditioners at the chains' ends when
+        ``preconditioned``), measured as :meth:`end_curvature` measures it at the ends; None when it cannot be (or
+        when the chains' ends were not kept: :meth:`end_curvature` is then at ``w*`` already)."""
+        key = ("w*", preconditioned)
+        if key not in self._measured:
+            self._measured[key] = None
+            if not ends:
+                return None
+            scales: list = [None]
+            if preconditioned:
+                scales = [self._state_of_end(g) for g in ends]
+                if any(v is None for v in scales):
+                    return None
+            if 3 * BIAS_PROBES > CHECK_SHARE * self.plan.total_steps * self.plan.num_chains:
+                return None
+            spread = math.sqrt(self.eps) * self.noise
+            kappas = []
+            for k in range(BIAS_PROBES):
+                kappa = self.curvature(spread, center=None, probe=k, scale=scales[k % len(scales)])
+                if kappa is None:
+                    return None
+                kappas.append(kappa)
+            self._measured[key] = float(np.mean(kappas))
+        return self._measured[key]
+
     def _state_of_end(self, g: int) -> dict[str, torch.Tensor] | None:
         """RMSprop-SGLD's preconditioner ``P^(1/2)`` per moving tensor at chain ``g``'s end, or None."""
         st = self.end_states.get(g)
@@ -1060,7 +1088,8 @@ class _GivenStepChecks:
 
     def bias(self, ends: Mapping[int, Mapping[str, torch.Tensor]], calibrated: bool = False) -> None:
         """Warn when the discretisation bias of the step, estimated from the trace of the loss's Hessian where the
-        chains are (:meth:`end_curvature` at their last weights ``ends``), exceeds
+        chains are (:meth:`end_curvature` at their last weights ``ends``) or at ``w*`` (:meth:`w_star_curvature`),
+        whichever is larger, exceeds
         :data:`~pypattern.sampling.diagnostics.MAX_STEP_BIAS` of the estimate. ``calibrated``: a calibrated SGLD
         step on a run nothing holds (:func:`_checks_calibrated_bias`), whose warning says so.
 
@@ -1084,12 +1113,16 @@ class _GivenStepChecks:
         if not self.usable or not (self.llc > 0 and math.isfinite(self.llc)):
             return
         plan = self.plan
-        if plan.sampler == "rmsprop_sgld":
-            kappa = self.end_curvature(ends, preconditioned=True)
-        else:
-            kappa = self.end_curvature(ends)
+        pre = plan.sampler == "rmsprop_sgld"
+        kappa = self.end_curvature(ends, preconditioned=pre)
         if kappa is None:
             return
+        # where a too-large step has carried the chains off to flatter regions than w*'s, the curvature at their
+        # ends understates the bias (measured: SGLD 2e-2 at localization 100 read 7.9% where the estimate was 46%
+        # high): the larger of it and the curvature at w*
+        at_w_star = self.w_star_curvature(ends, preconditioned=pre)
+        if at_w_star is not None:
+            kappa = max(kappa, at_w_star)
         trace = kappa * self.d
         curvature = self.noise**2 * self.nbeta * trace / (2 * self.llc) if trace > 0 else 0.0
         bias = step_bias(self.eps, self.nbeta, trace, self.llc, self.noise)
