@@ -813,21 +813,39 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     return results if plan.several_runs else results[0]
 
 
+def _gamma(plan: RunPlan) -> float:
+    """What pulls a run's chains towards ``w*``: ``localization + weight_decay`` (each taken as 0 when unset)."""
+    hyper = plan.hyper
+    return max(0.0, float(hyper.get("localization") or 0.0)) + max(
+        0.0, float(hyper.get("weight_decay") or 0.0)
+    )
+
+
+def _rms_eps(plan: RunPlan) -> float:
+    """RMSprop-SGLD's own ``eps`` (default 0.1): its preconditioner ``1 / (sqrt(V) + eps)`` is at most ``1 / eps``."""
+    return float(plan.sampler_hyper.get("eps") or 0.1)
+
+
+def _step_speed(plan: RunPlan) -> float:
+    """The largest factor SGLD's (1) or RMSprop-SGLD's preconditioner (``1 / eps``) multiplies the step by."""
+    return 1.0 if plan.sampler == "sgld" else 1.0 / _rms_eps(plan)
+
+
+def _draw_steps(plan: RunPlan) -> np.ndarray:
+    """The steps of a run's draws from ``w*`` (each draw's loss is that before its step's update)."""
+    return plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
+
+
 def _hold(plan: RunPlan) -> tuple[float, float]:
     """``(gamma, rate)``: what holds a run's chains near ``w*`` (``localization + weight_decay``) and the fastest
     rate per step at which it can relax a direction it alone holds: ``eps gamma / 2`` for SGLD, times the largest
     factor RMSprop-SGLD's preconditioner multiplies the step by (``1 / eps`` of its own, default 0.1), and
     ``sqrt(eps gamma)`` for SGNHT (a damped oscillator of that curvature relaxes no faster than critically damped,
     at its frequency; ``p`` moves ``w`` by a step of ``sqrt(eps)`` units of time)."""
-    hyper = plan.hyper
-    gamma = max(0.0, float(hyper.get("localization") or 0.0)) + max(
-        0.0, float(hyper.get("weight_decay") or 0.0)
-    )
-    eps = float(hyper["step_size"])
+    gamma, eps = _gamma(plan), float(plan.hyper["step_size"])
     if plan.sampler == "sgnht":
         return gamma, math.sqrt(eps * gamma)
-    speed = 1.0 if plan.sampler == "sgld" else 1.0 / float(plan.sampler_hyper.get("eps") or 0.1)
-    return gamma, speed * eps * gamma / 2
+    return gamma, _step_speed(plan) * eps * gamma / 2
 
 
 #: the relaxation times of a direction held by the localization alone over a run (its rate from :func:`_hold` times
@@ -900,9 +918,8 @@ class _GivenStepChecks:
         self.data_cache, self.argument, self.device = data_cache, argument, device
         hyper = plan.hyper
         self.eps, self.nbeta = float(hyper["step_size"]), float(hyper["nbeta"])
-        self.gamma = max(0.0, float(hyper.get("localization") or 0.0)) + max(
-            0.0, float(hyper.get("weight_decay") or 0.0)
-        )
+        self.gamma = _gamma(plan)
+        self.draw_steps = _draw_steps(plan)
         self.noise = float(hyper.get("noise_scale") or 1.0)
         self.run = plan.runs[r]
         params = dict(model.named_parameters())
@@ -912,7 +929,8 @@ class _GivenStepChecks:
         )
         self.llc = self.nbeta * (float(np.mean(trace)) - float(init_loss))
         self.usable = bool(self.d and math.isfinite(self.eps) and self.eps > 0 and plan.total_steps > 0)
-        self._measured: dict[bool, float | None] = {}  # the end curvature, plain and preconditioned
+        # the curvatures measured (_probed), keyed by ("ends" or "w*", preconditioned)
+        self._measured: dict = {}
 
     def end_curvature(
         self, ends: Mapping[int, Mapping[str, torch.Tensor]], preconditioned: bool = False
@@ -923,31 +941,7 @@ class _GivenStepChecks:
         measured, or when its forwards would exceed :data:`CHECK_SHARE` of the run's. Measured once.
         ``preconditioned``: ``tr(P H) / d`` with RMSprop-SGLD's preconditioner ``P`` at each chain's end (probes
         ``P^(1/2) u``; None when no chain's running means were kept)."""
-        if preconditioned not in self._measured:
-            self._measured[preconditioned] = None
-            centers = list(ends.values()) or [None]
-            scales: list = [None] * len(centers)
-            if preconditioned:
-                states = [self._state_of_end(g) for g in ends]
-                if not ends or any(v is None for v in states):
-                    return None
-                scales = states
-            # three forwards per probe: skipped (None) where they would cost more than a tenth of the run's own
-            # forwards (a short run, whose estimate is too noisy for its bias to be read anyway)
-            forwards = 3 * max(BIAS_PROBES, len(centers))
-            if forwards > CHECK_SHARE * self.plan.total_steps * self.plan.num_chains:
-                return None
-            spread = math.sqrt(self.eps) * self.noise
-            kappas = []
-            for k in range(max(BIAS_PROBES, len(centers))):
-                kappa = self.curvature(
-                    spread, center=centers[k % len(centers)], probe=k, scale=scales[k % len(centers)]
-                )
-                if kappa is None:
-                    return None
-                kappas.append(kappa)
-            self._measured[preconditioned] = float(np.mean(kappas))
-        return self._measured[preconditioned]
+        return self._probed(("ends", preconditioned), ends, list(ends.values()) or [None], preconditioned)
 
     def w_star_curvature(
         self, ends: Mapping[int, Mapping[str, torch.Tensor]], preconditioned: bool = False
@@ -955,22 +949,35 @@ class _GivenStepChecks:
         """``tr(H) / d`` at ``w*`` (``tr(P H) / d`` with the preconditioners at the chains' ends when
         ``preconditioned``), measured as :meth:`end_curvature` measures it at the ends; None when it cannot be (or
         when the chains' ends were not kept: :meth:`end_curvature` is then at ``w*`` already)."""
-        key = ("w*", preconditioned)
+        if not ends:
+            return None
+        return self._probed(("w*", preconditioned), ends, [None], preconditioned)
+
+    def _probed(
+        self, key, ends: Mapping[int, Mapping[str, torch.Tensor]], centers: list, preconditioned: bool
+    ) -> float | None:
+        """The mean of Hutchinson's estimates of ``tr(H) / d`` at ``centers`` (None: ``w*``), at least
+        :data:`BIAS_PROBES` probes taken in turn over them (``preconditioned``: scaled by the preconditioners at the
+        chains' ``ends``, in turn); cached under ``key``. None when a preconditioner is missing, a probe fails, or
+        the probes' forwards would exceed :data:`CHECK_SHARE` of the run's."""
         if key not in self._measured:
             self._measured[key] = None
-            if not ends:
-                return None
             scales: list = [None]
             if preconditioned:
                 scales = [self._state_of_end(g) for g in ends]
-                if any(v is None for v in scales):
+                if not ends or any(v is None for v in scales):
                     return None
-            if 3 * BIAS_PROBES > CHECK_SHARE * self.plan.total_steps * self.plan.num_chains:
+            n = max(BIAS_PROBES, len(centers))
+            # three forwards per probe: skipped (None) where they would cost more than a tenth of the run's own
+            # forwards (a short run, whose estimate is too noisy for its bias to be read anyway)
+            if 3 * n > CHECK_SHARE * self.plan.total_steps * self.plan.num_chains:
                 return None
             spread = math.sqrt(self.eps) * self.noise
             kappas = []
-            for k in range(BIAS_PROBES):
-                kappa = self.curvature(spread, center=None, probe=k, scale=scales[k % len(scales)])
+            for k in range(n):
+                kappa = self.curvature(
+                    spread, center=centers[k % len(centers)], probe=k, scale=scales[k % len(scales)]
+                )
                 if kappa is None:
                     return None
                 kappas.append(kappa)
@@ -982,7 +989,7 @@ class _GivenStepChecks:
         st = self.end_states.get(g)
         if not st:
             return None
-        rms_eps = float(self.plan.sampler_hyper.get("eps") or 0.1)
+        rms_eps = _rms_eps(self.plan)
         out = {}
         for n in self.run.moving:
             v = st.get(f"square_avg/{n}")
@@ -1029,8 +1036,7 @@ class _GivenStepChecks:
             self._sgnht_relaxation(ends)
             return
         eps, steps = self.eps, plan.total_steps
-        # the largest factor the sampler's preconditioner multiplies the step by
-        speed = 1.0 if plan.sampler == "sgld" else 1.0 / float(plan.sampler_hyper.get("eps") or 0.1)
+        speed = _step_speed(plan)
         mean_step = plan.num_burnin_steps + plan.num_steps_bw_draws * (plan.num_draws - 1) / 2
         flat, typical = relaxation_bounds(
             self.llc,
@@ -1041,16 +1047,18 @@ class _GivenStepChecks:
             mean_draw_step=mean_step,
             noise_scale=self.noise,
         )
-        # the steps of the draws from w* (each draw's loss is that before its step's update)
-        draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
         # the bounds' relaxation rates are lower bounds: a shortfall they leave small is smaller still
-        if speed == 1.0 and draw_shortfall(max(flat, typical) / steps, draw_steps) <= MAX_SHORTFALL:
+        if speed == 1.0 and draw_shortfall(max(flat, typical) / steps, self.draw_steps) <= MAX_SHORTFALL:
             return
         curvature = self._held_curvature(math.sqrt(speed * eps * steps) * self.noise, ends)
         if curvature is None:
             return
         check_relaxation(
-            speed * eps * curvature / 2, draw_steps, step_size=eps, llc_mean=self.llc, curvature=curvature
+            speed * eps * curvature / 2,
+            self.draw_steps,
+            step_size=eps,
+            llc_mean=self.llc,
+            curvature=curvature,
         )
 
     def _held_curvature(
@@ -1078,12 +1086,11 @@ class _GivenStepChecks:
         (``sqrt(eps) noise_scale`` per step)."""
         plan = self.plan
         eps, steps = self.eps, plan.total_steps
-        draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
         curvature = self._held_curvature(math.sqrt(eps) * steps * self.noise, ends)
         if curvature is None:
             return
         check_relaxation(
-            math.sqrt(eps * curvature), draw_steps, step_size=eps, llc_mean=self.llc, curvature=curvature
+            math.sqrt(eps * curvature), self.draw_steps, step_size=eps, llc_mean=self.llc, curvature=curvature
         )
 
     def bias(self, ends: Mapping[int, Mapping[str, torch.Tensor]], calibrated: bool = False) -> None:
@@ -1129,8 +1136,7 @@ class _GivenStepChecks:
         rate = self.eps * curvature / 2
         # the estimate must be a stationary value to have a bias: directions of that curvature must have relaxed by
         # the draws (else the run is too short to judge)
-        draw_steps = plan.num_burnin_steps + plan.num_steps_bw_draws * np.arange(plan.num_draws)
-        if draw_shortfall(rate, draw_steps) > MAX_SHORTFALL:
+        if draw_shortfall(rate, self.draw_steps) > MAX_SHORTFALL:
             return
         check_step_bias(
             bias,
