@@ -113,6 +113,11 @@ def _named(message: str) -> str:
     return f"{who}: {message}"
 
 
+def _warn(message: str, category: type[Warning]) -> None:
+    """Warn ``category`` with ``message`` named by its run (:func:`_named`), pointing at the caller's code."""
+    warnings.warn(_named(message), category, stacklevel=user_stacklevel())
+
+
 class SamplingDivergedError(FloatingPointError):
     """A chain diverged: its loss, gradient or parameters became NaN or Inf, or its loss ran away (see
     :func:`pypattern.sample`). Attributes: ``chain``, ``draw``, ``step``, ``step_size`` (the one used), and
@@ -241,17 +246,14 @@ def check_mixing(
     if not ok and warn:
         k = max(1, x.shape[1] // 3)
         first, last = float(x[:, :k].mean()), float(x[:, -k:].mean())
-        warnings.warn(
-            _named(
-                f"the {what} has an effective sample size of {e:.0f} of its {x.size} draws (below "
-                f"{min_ess:.4g}): the draws are strongly autocorrelated, so its standard error and R-hat are "
-                "unreliable and the chains may not have reached equilibrium (mean over the first third of "
-                f"the draws {first:.6g}, over the last third {last:.6g}). Use more draws (num_draws, "
-                "num_steps_bw_draws) and burn-in steps (num_burnin_steps), or pass warn_nonstationary=False "
-                f"to silence this.{hint}",
-            ),
+        _warn(
+            f"the {what} has an effective sample size of {e:.0f} of its {x.size} draws (below "
+            f"{min_ess:.4g}): the draws are strongly autocorrelated, so its standard error and R-hat are "
+            "unreliable and the chains may not have reached equilibrium (mean over the first third of "
+            f"the draws {first:.6g}, over the last third {last:.6g}). Use more draws (num_draws, "
+            "num_steps_bw_draws) and burn-in steps (num_burnin_steps), or pass warn_nonstationary=False "
+            f"to silence this.{hint}",
             NonStationaryWarning,
-            stacklevel=user_stacklevel(),
         )
     return ok
 
@@ -273,24 +275,18 @@ def check_stationarity(
     rh = r_hat(trace)
     if math.isnan(rh):
         if warn and not bool(np.isfinite(np.asarray(trace, dtype=np.float64)).all()):
-            warnings.warn(
-                _named(
-                    f"the {what} holds non-finite values: its split R-hat cannot be computed and "
-                    "stationarity is not checked",
-                ),
+            _warn(
+                f"the {what} holds non-finite values: its split R-hat cannot be computed and "
+                "stationarity is not checked",
                 NonStationaryWarning,
-                stacklevel=user_stacklevel(),
             )
         return False
     ok = not (rh > threshold)
     if not ok and warn:
-        warnings.warn(
-            _named(
-                f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
-                f"(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).{hint}",
-            ),
+        _warn(
+            f"the {what} is not stationary: split R-hat = {rh:.3f} > {threshold}. Use more burn-in steps "
+            f"(num_burnin_steps), more draws, or check the step size (see calibrate_step_size).{hint}",
             NonStationaryWarning,
-            stacklevel=user_stacklevel(),
         )
     return ok
 
@@ -366,19 +362,16 @@ def check_relaxation(
             tail = float(np.mean(np.exp(-2.0 * rate * (steps - steps[0]))))
             need = math.ceil(max(math.log(tail / max_shortfall), 0.0) / (2.0 * rate))
             more = f" (about {need:,} burn-in steps at this step leave {max_shortfall:.0%})"
-        warnings.warn(
-            _named(
-                f"step_size={step_size:g} is too small for this run: a typical direction (curvature "
-                f"{curvature:.3g} of nbeta L + localization |w - w*|^2 / 2, the mean over the moving "
-                f"parameters, measured at w*) relaxes about {rate * max(last, 1):.2g} times by the last draw "
-                f"(steps {burnin} to {last}), so the draws fall short of their stationary value by about "
-                f"{short:.0%} on average and the LLC estimate ({llc_mean:.4g}) is too low, whatever R-hat "
-                "and the effective sample size say (with minibatches the loss trace is mostly batch noise). "
-                f"Use more burn-in steps (num_burnin_steps){more} or draws (num_draws), a larger step_size, "
-                "or step_size='auto'; warn_nonstationary=False silences this.",
-            ),
+        _warn(
+            f"step_size={step_size:g} is too small for this run: a typical direction (curvature "
+            f"{curvature:.3g} of nbeta L + localization |w - w*|^2 / 2, the mean over the moving "
+            f"parameters, measured at w*) relaxes about {rate * max(last, 1):.2g} times by the last draw "
+            f"(steps {burnin} to {last}), so the draws fall short of their stationary value by about "
+            f"{short:.0%} on average and the LLC estimate ({llc_mean:.4g}) is too low, whatever R-hat "
+            "and the effective sample size say (with minibatches the loss trace is mostly batch noise). "
+            f"Use more burn-in steps (num_burnin_steps){more} or draws (num_draws), a larger step_size, "
+            "or step_size='auto'; warn_nonstationary=False silences this.",
             NonStationaryWarning,
-            stacklevel=user_stacklevel(),
         )
     return ok
 
@@ -461,7 +454,7 @@ def check_step_bias(
                 f"devinterp-style calls; about {smaller:.2g} or less) with proportionally more steps "
                 "(num_burnin_steps, num_draws); warn_nonstationary=False silences this."
             )
-        warnings.warn(_named(advice), StepBiasWarning, stacklevel=user_stacklevel())
+        _warn(advice, StepBiasWarning)
     return ok
 
 
@@ -542,13 +535,10 @@ def check_drift(
             else f"localization={localization:g} has not held them yet: give more burn-in steps (num_burnin_steps) "
             "or a larger localization"
         )
-        warnings.warn(
-            _named(
-                "the chains keep moving away from w*: their mean squared distance |w - w*|^2 grew "
-                f"{ratio:.3g}-fold from the first to the last quarter of the draws (z = {z:.3g}) at "
-                f"step_size={step_size:g}; {held}, or pass warn_nonstationary=False to silence this.",
-            ),
+        _warn(
+            "the chains keep moving away from w*: their mean squared distance |w - w*|^2 grew "
+            f"{ratio:.3g}-fold from the first to the last quarter of the draws (z = {z:.3g}) at "
+            f"step_size={step_size:g}; {held}, or pass warn_nonstationary=False to silence this.",
             DriftWarning,
-            stacklevel=user_stacklevel(),
         )
     return ok
