@@ -51,7 +51,9 @@ OPT = dict(
     word_embed_proj_dim=48,
     pad_token_id=1,
 )
-GPTJ = dict(n_embd=48, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0)
+# GPT-2's, GPT-J's and GPTBigCode's shared config names
+GPT2_SHAPE = dict(n_embd=48, n_layer=2, n_head=4, n_positions=64)
+GPTJ = dict(GPT2_SHAPE, resid_pdrop=0.0, embd_pdrop=0.0)
 
 
 def build(family: str, kw: dict, dtype=torch.float64, impl: str | None = None, seed: int = 0):
@@ -156,10 +158,7 @@ OPTION_CASES = {
     "gpt2-inverse-layer-unscaled": (
         "GPT2",
         dict(
-            n_embd=48,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
+            GPT2_SHAPE,
             scale_attn_by_inverse_layer_idx=True,
             scale_attn_weights=False,
         ),
@@ -167,10 +166,7 @@ OPTION_CASES = {
     "gpt2-reorder-upcast-inverse": (
         "GPT2",
         dict(
-            n_embd=48,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
+            GPT2_SHAPE,
             reorder_and_upcast_attn=True,
             scale_attn_by_inverse_layer_idx=True,
         ),
@@ -178,10 +174,7 @@ OPTION_CASES = {
     "gpt2-untied-ninner-eps": (
         "GPT2",
         dict(
-            n_embd=48,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
+            GPT2_SHAPE,
             tie_word_embeddings=False,
             n_inner=24,
             layer_norm_epsilon=1e-3,
@@ -189,7 +182,7 @@ OPTION_CASES = {
     ),
     "gpt2-gelu_pytorch_tanh": (
         "GPT2",
-        dict(n_embd=48, n_layer=2, n_head=4, n_positions=64, activation_function="gelu_pytorch_tanh"),
+        dict(GPT2_SHAPE, activation_function="gelu_pytorch_tanh"),
     ),
     # GPT-NeoX
     "neox-sequential-rot0.25-tied": (
@@ -374,10 +367,7 @@ OPTION_CASES = {
     "bigcode-mha-fp32-softmax": (
         "GPTBigCode",
         dict(
-            n_embd=48,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
+            GPT2_SHAPE,
             multi_query=False,
             attention_softmax_in_fp32=True,
             scale_attention_softmax_in_fp32=True,
@@ -386,10 +376,7 @@ OPTION_CASES = {
     "bigcode-mqa-no-upcast-untied": (
         "GPTBigCode",
         dict(
-            n_embd=48,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
+            GPT2_SHAPE,
             attention_softmax_in_fp32=False,
             tie_word_embeddings=False,
         ),
@@ -516,7 +503,7 @@ _REFUSED = {
     ),
     "gpt2-reorder-upcast-float64-eager": (
         "GPT2",
-        dict(n_embd=48, n_layer=2, n_head=4, n_positions=64, reorder_and_upcast_attn=True),
+        dict(GPT2_SHAPE, reorder_and_upcast_attn=True),
         "reorder_and_upcast_attn=True",
     ),
     "falcon-sqrtsoftplus": ("Falcon", dict(FALCON, activation="sqrtsoftplus"), "activation='sqrtsoftplus'"),
