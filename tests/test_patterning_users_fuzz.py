@@ -35,6 +35,10 @@ SAMPLER = dict(
 )
 
 
+#: the re-weighted and uniform trainings' shared settings (same seed and batches)
+TRAIN = dict(steps=20, batch_size=32, lr=1e-3, seed=1, log_every=0, quiet=True)
+
+
 def _task():
     task = TopicTask(num_topics=2, tokens_per_topic=6, num_shared=2, seq_len=12)
     data = task.sample(N, seed=3)
@@ -158,18 +162,7 @@ def test_own_model_loop_moves_the_targeted_loss(own_model):
     for name, weights in (("uniform", None), ("patterned", torch.as_tensor(per_sample))):
         m = pp.Transformer(own_model["cfg"])
         m.load_state_dict(state)
-        pp.tasks.train(
-            m,
-            own_model["task"],
-            steps=20,
-            data=data,
-            batch_size=32,
-            lr=1e-3,
-            seed=1,
-            sample_weights=weights,
-            log_every=0,
-            quiet=True,
-        )
+        pp.tasks.train(m, own_model["task"], data=data, sample_weights=weights, **TRAIN)
         out[name] = (_loss(m, held0), _loss(m, held1))
     # the targeted loss falls relative to uniform training (measured ~0.07 nats); the other topic's rises
     assert out["patterned"][0] < out["uniform"][0] - 0.02
@@ -382,18 +375,7 @@ def test_online_patterner_in_training(own_model):
         estimate, lambda step, mu: np.array([-5e-3]), every=10, invert_kwargs={"fractions": f}
     )
     for name, weights in (("uniform", None), ("online", lambda step: patterner.weights_for(step)[topic])):
-        pp.tasks.train(
-            trained[name],
-            own_model["task"],
-            steps=20,
-            data=data,
-            batch_size=32,
-            lr=1e-3,
-            seed=1,
-            sample_weights=weights,
-            log_every=0,
-            quiet=True,
-        )
+        pp.tasks.train(trained[name], own_model["task"], data=data, sample_weights=weights, **TRAIN)
     assert estimated == [0, 10] and [s for s, _ in patterner.history] == [0, 10]
     for _, iv in patterner.history:
         assert iv.method == "constrained" and (iv.weights >= 0).all() and abs(f @ iv.weights - 1) < 1e-12
