@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from test_sampler_trust import _regression  # d = 10 at its least-squares minimum; 4.84 at localization 1
 
 import pypattern as pp
 from pypattern import truth
@@ -100,20 +101,6 @@ def test_rmsprop_sgld_step_too_large_for_its_bias_warns_and_a_good_one_is_silent
     )
     assert abs(res.llc_mean - 3.0) / 3.0 < 0.1
     assert not _of(caught, StepBiasWarning)
-
-
-def _regression():
-    # tests/test_sampler_trust.py's regression (d = 10 at its least-squares minimum; exact target 4.84 at
-    # localization 1 and the default nbeta of batch 64)
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(512, 10, generator=g, dtype=torch.float64)
-    w = torch.randn(10, generator=g, dtype=torch.float64)
-    y = (x @ w + 0.5 * torch.randn(512, generator=g, dtype=torch.float64)).unsqueeze(1)
-    model = torch.nn.Linear(10, 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.linalg.lstsq(x, y).solution[:, 0].float()[None])
-    ds = torch.utils.data.TensorDataset(x.float(), y.float())
-    return model, _loader(ds, 64)
 
 
 def test_sgnht_with_a_tiny_step_warns_of_its_shortfall():
