@@ -301,6 +301,18 @@ def cells_of(site: str, n_heads: int | None, T: int, per_position: bool):
     return [(h, p) for h in heads for p in positions], positions
 
 
+def source_cells(model, site, clean, corr, per_position, direction):
+    """``(target prompts, the site's hook name per layer, the source run's activations there, heads (None for a
+    site without them), cells, positions)`` of a grid in ``direction``."""
+    src_tok, tgt_tok = (clean, corr) if direction == "denoising" else (corr, clean)
+    names = [HOOKS[site].format(layer) for layer in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(src_tok, names_filter=names)
+    n_heads = cache[names[0]].shape[1 if site == "pattern" else 2] if site in HEADS else None
+    cells, positions = cells_of(site, n_heads, clean.shape[1], per_position)
+    return tgt_tok, names, cache, n_heads, cells, positions
+
+
 def reference_grid(
     model, site, clean, corr, ans, wrong, per_position, pos=None, direction="denoising", window=1
 ):
@@ -310,12 +322,9 @@ def reference_grid(
     B, T = clean.shape
     pos = torch.full((B,), T - 1) if pos is None else pos
     L = model.cfg.n_layers
-    src_tok, tgt_tok = (clean, corr) if direction == "denoising" else (corr, clean)
-    names = [HOOKS[site].format(layer) for layer in range(L)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(src_tok, names_filter=names)
-    n_heads = cache[names[0]].shape[1 if site == "pattern" else 2] if site in HEADS else None
-    cells, positions = cells_of(site, n_heads, T, per_position)
+    tgt_tok, names, cache, n_heads, cells, positions = source_cells(
+        model, site, clean, corr, per_position, direction
+    )
     C = len(cells)
     out = torch.empty(B, L - window + 1, *([n_heads] if n_heads else []), len(positions), dtype=torch.float64)
     for layer in range(L - window + 1):

@@ -10,15 +10,14 @@ import torch
 pytest.importorskip("transformers")
 
 from test_patching_families_fuzz import (  # noqa: E402
-    HEADS,
     HOOKS,
-    cells_of,
     converted,
     logit_diff,
     prompts,
     rel_err,
     replace,
     sites_of,
+    source_cells,
     tolerance,
 )
 
@@ -61,12 +60,9 @@ def first_order_grid(model, site, clean, corr, ans, wrong, per_position, directi
     activation moved to ``x + t (source - x)``."""
     B, T = clean.shape
     L = model.cfg.n_layers
-    src_tok, tgt_tok = (clean, corr) if direction == "denoising" else (corr, clean)
-    names = [HOOKS[site].format(layer) for layer in range(L)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(src_tok, names_filter=names)
-    n_heads = cache[names[0]].shape[1 if site == "pattern" else 2] if site in HEADS else None
-    cells, positions = cells_of(site, n_heads, T, per_position)
+    tgt_tok, names, cache, n_heads, cells, positions = source_cells(
+        model, site, clean, corr, per_position, direction
+    )
     C = len(cells)
     out = torch.empty(B, L, *([n_heads] if n_heads else []), len(positions), dtype=torch.float64)
     for layer, name in enumerate(names):
@@ -89,13 +85,10 @@ def qk_fix_grid(model, site, clean, corr, ans, wrong, per_position, direction):
     group)."""
     B, T = clean.shape
     L = model.cfg.n_layers
-    src_tok, tgt_tok = (clean, corr) if direction == "denoising" else (corr, clean)
-    names = [HOOKS[site].format(layer) for layer in range(L)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(src_tok, names_filter=names)
-    n_heads = cache[names[0]].shape[2]
+    tgt_tok, names, cache, n_heads, cells, positions = source_cells(
+        model, site, clean, corr, per_position, direction
+    )
     G = model.cfg.n_heads // n_heads
-    cells, positions = cells_of(site, n_heads, T, per_position)
     C = len(cells)
     out = torch.empty(B, L, n_heads, len(positions), dtype=torch.float64)
     for layer, name in enumerate(names):
