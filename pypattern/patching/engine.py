@@ -441,7 +441,9 @@ class ExactEngine:
         a ``pattern`` patch is applied to the pattern ``(C,B,H,Rq,p+Rk)``. Query head ``h`` reads key/value head
         ``h // n_groups`` (the model's :meth:`~Attention.expand_kv`).
 
-        The queries, keys and values are laid out once, head-major (``(B, Hkv, C, n_groups, Rq, dh)``): the
+        Where :meth:`_kernel_scale` allows, this is one call of
+        :func:`~pypattern.ops.attention.prefix_attention`'s C++ kernel, which reads the operands in place. Otherwise
+        the queries, keys and values are laid out once, head-major (``(B, Hkv, C, n_groups, Rq, dh)``): the
         scores against the cached keys are then one batched product per (example, key/value head) over every
         query of every cell, those against the new keys one per (example, key/value head, cell), and the pattern
         multiplies the values in the same two parts; with fewer cached keys than new ones, each cell's cached and
