@@ -165,9 +165,22 @@ def _as_masks(graph: EdgeGraph, edges) -> tuple[torch.Tensor, bool]:
     if isinstance(edges, (Edge, str)):
         edges = [edges]
     edges = list(edges)
+    if edges and all(_scored_pair(e) for e in edges):  # EdgeScores.top(n): (edge, score) pairs, one set
+        edges = [e[0] for e in edges]
     if edges and not isinstance(edges[0], (Edge, str)):
         return torch.stack([graph.mask(e).cpu() for e in edges]), False
     return graph.mask(edges)[None], True
+
+
+def _scored_pair(item) -> bool:
+    """Whether ``item`` is an ``(edge, score)`` pair as :meth:`EdgeScores.top` lists them."""
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], (Edge, str))
+        and isinstance(item[1], (int, float))
+        and not isinstance(item[1], bool)
+    )
 
 
 def _materialised(edges):

@@ -42,7 +42,7 @@ from ..models.transformer import affine
 from ..ops.sums import signed_sums
 from ..patching.api import check_tokens
 from ..patching.engine import FALLBACK_VOCAB_COPIES, new_bytes
-from ..patching.metrics import bind_metric, check_metric_on_stacks, check_metric_output
+from ..patching.metrics import bind_metric, check_metric_on_stacks, metric_on
 from ..patching.metrics import metric_positions as patching_metric_positions
 from .graph import EdgeGraph, check_graph_arg
 from .model_view import ModelView
@@ -996,7 +996,7 @@ class EdgeEngine:
                         base_logits = logits[record].detach()
                         if not self.bound:
                             bind_metric(self.metric, base_logits)
-                            on_base = check_metric_output(self.metric(base_logits), self.B).detach()
+                            on_base = metric_on(self.metric, base_logits, self.B).detach()
                             # the runs below read the metric on stacks of logits: it must give each run's values,
                             # and the backward differentiates the sum over examples: each example's own
                             check_metric_on_stacks(self.metric, base_logits, on_base, per_example=True)
@@ -1470,7 +1470,7 @@ def _record_runs(
     if not (defer_base and mode == "noise"):  # the clean run is the base run, recorded later
         clean_run = node_run(view, graph, x_clean, pos)
         bind_metric(metric, clean_run.logits.detach())
-        m_clean = check_metric_output(metric(clean_run.logits), B)
+        m_clean = metric_on(metric, clean_run.logits, B)
         check_metric_on_stacks(metric, clean_run.logits.detach(), m_clean)
         m_clean = _scored(m_clean, view.dtype)
     if defer_base:

@@ -30,9 +30,9 @@ from .metrics import (
     Metric,
     bind_metric,
     check_metric_on_stacks,
-    check_metric_output,
     finite_examples,
     logits_at,
+    metric_on,
     metric_positions,
     no_op_causes,
     one_prompt,
@@ -417,7 +417,7 @@ def prepare_runs(
     names = (lambda n: True) if full_cache else sorted(set(site_hooks))  # TransformerLens takes a list
     clean_logits, clean_rows, clean_cache = run_at(clean, None, names)
     bind_metric(metric, clean_logits.detach())
-    on_logits = check_metric_output(metric(clean_logits), B).detach()  # the metric's contract, on full logits
+    on_logits = metric_on(metric, clean_logits, B).detach()  # the metric's contract, on full logits
     check_metric_on_stacks(metric, clean_logits.detach(), on_logits)
     dtype = values_dtype(model)
     m_clean = as_values(metric_of(clean_logits, clean_rows).detach(), dtype)

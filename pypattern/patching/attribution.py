@@ -60,6 +60,7 @@ from .metrics import (
     first_order_says_nothing,
     first_order_tol,
     logits_at,
+    metric_on,
     metric_positions,
 )
 from .results import PatchResult
@@ -675,7 +676,7 @@ def _atp(
             # the metric binds to the clean run's logits before it reads any run
             clean_logits = src_logits if direction == "denoising" else logits.detach()
             bind_metric(metric, clean_logits)
-            m_clean = check_metric_output(metric(clean_logits), B).detach()
+            m_clean = metric_on(metric, clean_logits, B).detach()
             # a metric coupling the examples (or the runs) would hand the backward the gradient of its sum
             check_metric_on_stacks(metric, clean_logits.detach(), m_clean, per_example=True)
             m_tgt_full = metric(logits)

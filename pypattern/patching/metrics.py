@@ -347,6 +347,26 @@ def logits_at(logits: torch.Tensor, pos) -> torch.Tensor:
     return logits[rows, torch.as_tensor(pos, device=logits.device)]
 
 
+def metric_on(metric, logits: torch.Tensor, batch: int) -> torch.Tensor:
+    """``metric(logits)`` on the first run it reads, checked by :func:`check_metric_output`; an error raised inside
+    the metric gets a note saying what it was given and what it must return (a user's function is most often
+    written for another layout, e.g. logits at every position)."""
+    try:
+        values = metric(logits)
+    except Exception as e:
+        e.add_note(
+            f"pypattern called metric={_metric_name(metric)} with logits of shape {tuple(logits.shape)} "
+            f"(batch {batch} x vocab, at the metric's position: the last one for a plain function); it must map "
+            f"logits (..., batch, vocab) to per-example values (..., batch)"
+        )
+        raise
+    return check_metric_output(values, batch)
+
+
+def _metric_name(metric) -> str:
+    return getattr(metric, "__qualname__", None) or type(metric).__name__
+
+
 def check_metric_output(values, batch: int) -> torch.Tensor:
     """Enforce the metric contract on the clean run: one value per example, a tensor of shape ``(batch,)``.
 
