@@ -13,6 +13,7 @@ installed; the adapters need only a model object.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -493,6 +494,8 @@ class HookedHF(HookedModule):
         if self.has_resid_mid:
             for layer in range(n_layers):
                 self._add_resid_mid(model, layer)
+        self._checkpointing_warned = False
+        self._hooks_outside_checkpointing(model)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -509,6 +512,44 @@ class HookedHF(HookedModule):
         ``input_ids`` (``attention_mask``, ``position_ids`` and ``token_type_ids`` are used, ``labels`` ignored),
         or of ``input_ids=..., attention_mask=...``; other keywords go to the Hugging Face model."""
         return self.module(input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _hooks_outside_checkpointing(self, model: nn.Module) -> None:
+        """Gradient checkpointing runs a layer's forward again in the backward pass, with the hook functions attached
+        then: functions removed before ``backward()`` (``run_with_hooks``, ``hooks()``) would be missing from the
+        recomputation, whose saved activations (and backward hooks) would be those of another forward. While a hook
+        point inside the layers has functions attached (and gradients are recorded), the decoder's forward runs
+        with checkpointing off, and the model's setting is put back after it (also when it raises)."""
+        base = _get(model, self.arch.base)
+        inner = [hp for name, hp in self.hook_dict.items() if name.startswith("blocks.")]
+        switched: list[list[nn.Module]] = []
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            off: list[nn.Module] = []
+            switched.append(off)
+            if torch.is_grad_enabled() and any(hp._fns for hp in inner):
+                for m in base.modules():
+                    flag = getattr(m, "gradient_checkpointing", None)
+                    if isinstance(flag, bool) and flag and m.training:
+                        m.gradient_checkpointing = False
+                        off.append(m)
+                if off and not self._checkpointing_warned:
+                    self._checkpointing_warned = True
+                    warnings.warn(
+                        f"{type(model).__name__} has gradient checkpointing on: forwards with hook functions "
+                        "attached inside its layers run without it (its recomputation in the backward pass would "
+                        "miss functions removed before backward() and give the gradients of another forward), "
+                        "so they keep their activations",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+
+        def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            for m in switched.pop() if switched else ():
+                m.gradient_checkpointing = True
+
+        pre.changes_output = post.changes_output = False  # read by attached_hooks: they compute nothing
+        self._handles.append(base.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(base.register_forward_hook(post, with_kwargs=True, always_call=True))
 
     def _add_pos_embed(self, model: nn.Module) -> None:
         """``hook_pos_embed`` on the position embedding's output, broadcast to the batch ``(batch, pos, d)`` as in
@@ -597,6 +638,10 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post`` and ``ln_final.hook_normalized``. Hugging Face's
     ``output_hidden_states`` are ``hidden_states[l] = resid_pre`` of layer ``l`` and ``hidden_states[-1] =``
     ``ln_final.hook_normalized`` (the last layer's ``resid_post`` is before the final norm).
+
+    With gradient checkpointing on (in ``train()`` mode), a forward with functions attached to hook points inside
+    the layers (``blocks.*``) runs without checkpointing, once warned: the recomputation in the backward pass would
+    miss functions removed before ``backward()`` and give the gradients of another forward.
 
     Raises
     ------

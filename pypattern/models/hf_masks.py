@@ -16,7 +16,8 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   is ``dense``, GPT-J's ``out_proj``): ``q_proj`` rows ``h*d_head : (h+1)*d_head`` (bias too, where present), ``o_proj`` columns ``h*d_head : (h+1)*d_head``; ``k_proj`` /
   ``v_proj`` rows ``g*d_head : (g+1)*d_head`` of the key/value head ``g = h // (n_heads // n_kv_heads)``.
   StableLM's per-head norms (``qk_layernorm``: ``q_layernorm.norms.{h}``, ``k_layernorm.norms.{g}``) belong to
-  their head and key/value head. Qwen3's and Gemma 3's ``q_norm`` / ``k_norm`` weights are shared by every head
+  their head and key/value head. Qwen3's and Gemma 3's ``q_norm`` / ``k_norm`` weights, and Phi's
+  ``q_layernorm`` / ``k_layernorm`` (``qk_layernorm``: one LayerNorm over ``d_head``), are shared by every head
   and belong to no head; OLMo 2
   and 3 normalise the projections across all heads, and have no per-head components.
 * **GPT-Neo**: Llama's split projections under ``attn.attention``, ``out_proj`` for ``o_proj`` (no q/k/v biases).

@@ -191,8 +191,11 @@ def attached_hooks(model: nn.Module) -> list[str]:
 def changes_output(fn) -> bool:
     """Whether the torch forward hook or pre-hook ``fn`` may change what its module computes: False for one of
     pypattern's adapters (:class:`HookedModule`, :func:`~pypattern.hooked_hf`) whose hook point has nothing
-    attached, and for transformers' own (they record outputs for ``output_hidden_states`` / attentions)."""
+    attached, for a function marked ``fn.changes_output = False`` (an adapter's bookkeeping), and for
+    transformers' own (they record outputs for ``output_hidden_states`` / attentions)."""
     if (getattr(fn, "__module__", None) or "").startswith("transformers."):
+        return False
+    if getattr(fn, "changes_output", True) is False:  # an adapter's bookkeeping (hooked_hf's checkpointing)
         return False
     hp = getattr(fn, "hook_point", None)
     return hp is None or bool(getattr(hp, "active", True))
