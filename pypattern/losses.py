@@ -243,6 +243,16 @@ _EXPECTED = (
 )
 
 
+def _as_tensors_hint(values) -> str:
+    """A hint for batches holding lists or arrays of ids (a tokenizer's output without ``return_tensors``)."""
+    if any(isinstance(v, list | tuple) or type(v).__module__ == "numpy" for v in values):
+        return (
+            " (lists or arrays of ids: make them tensors, torch.tensor(...), or ask the tokenizer for "
+            "return_tensors='pt')"
+        )
+    return ""
+
+
 def _is_int(t: torch.Tensor) -> bool:
     """An integer tensor (not bool)."""
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
@@ -291,6 +301,7 @@ def parse_batch(batch: Any) -> ParsedBatch:
         if "input_ids" not in batch or not isinstance(batch["input_ids"], torch.Tensor):
             raise TypeError(
                 f"a mapping batch needs a tensor 'input_ids', got {_describe(batch)}; expected {_EXPECTED}"
+                + _as_tensors_hint(batch.values())
             )
         ids = _ids(batch["input_ids"], "batch['input_ids']", batch)
         fields: dict[str, torch.Tensor | None] = {}
@@ -356,6 +367,7 @@ def parse_batch(batch: Any) -> ParsedBatch:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise TypeError(
                 f"a pair batch (x, y) must hold two tensors, got {_describe(batch)}; expected {_EXPECTED}"
+                + _as_tensors_hint(batch)
             )
         return ParsedBatch("pair", x, y)
     raise TypeError(f"the default loss cannot read {_describe(batch)}; expected {_EXPECTED}")
