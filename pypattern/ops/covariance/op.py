@@ -112,17 +112,30 @@ def cross_covariance_update_(
         )
     # the shifts are set from the chunk's mean when count == 0, and only read after that
     shifts = (("shift_a", shift_a), ("shift_b", shift_b))
-    _refuse_aliases(
-        written=(
-            ("comoment", comoment),
-            ("mean_a", mean_a),
-            ("mean_b", mean_b),
-            ("m2_a", m2_a),
-            ("m2_b", m2_b),
-            *(shifts if count == 0 else ()),
-        ),
-        read=(*(() if count == 0 else shifts), ("a", a), ("b", b)),
+    written = (
+        ("comoment", comoment),
+        ("mean_a", mean_a),
+        ("mean_b", mean_b),
+        ("m2_a", m2_a),
+        ("m2_b", m2_b),
+        *(shifts if count == 0 else ()),
     )
+    # every backend writes the state in place: one that takes gradients, or an inference tensor outside inference
+    # mode, is refused by name (the kernels write through raw pointers, past torch's own checks)
+    grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    for name, t in written:
+        if grad_mode and t.requires_grad:
+            raise RuntimeError(
+                f"{name} requires grad and grad mode is on: the update writes it in place, which would corrupt "
+                "autograd; give a state that does not require grad, or update under torch.no_grad()"
+            )
+        if not inference and t.is_inference():
+            raise RuntimeError(
+                f"{name} is an inference tensor (made under torch.inference_mode()) and the update writes it in "
+                "place outside inference mode, which torch forbids; update inside torch.inference_mode(), or give "
+                "a normal tensor (.clone() it outside inference mode)"
+            )
+    _refuse_aliases(written=written, read=(*(() if count == 0 else shifts), ("a", a), ("b", b)))
     if a.shape[0] == 0:
         return
     impl = _backends.dispatch("covariance_update_", device, backend)

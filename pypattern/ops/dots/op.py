@@ -79,6 +79,8 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
         raise ValueError("row_dots: g is empty; give at least one tensor (B, N, K)")
     if a.dim() != 3:
         raise ValueError(f"row_dots: a must be 3-D (batch, rows, terms), got shape {tuple(a.shape)}")
+    if a.dtype == torch.bool:  # no product of bools is a dot product (torch's bmm has none)
+        raise TypeError("row_dots: a has dtype torch.bool; give a floating-point, integer or complex tensor")
     B, _, K = a.shape
     for i, t in enumerate(g):
         if not isinstance(t, torch.Tensor):

@@ -216,6 +216,8 @@ def grad_gram_linear(
             raise TypeError(f"{name} has dtype {x.dtype}; supported are torch.float32 and torch.float64")
     if a3.dtype != d3.dtype:
         raise TypeError(f"a has dtype {a3.dtype} but d has {d3.dtype}; give both in one dtype")
+    if a3.device != d3.device:
+        raise ValueError(f"a is on {a3.device} but d is on {d3.device}; give both on one device")
     b, t, d_in = a3.shape
     g = torch.zeros(b, b, dtype=torch.float64, device=a3.device)
     if weight:
@@ -294,6 +296,15 @@ def grad_gram_embedding(
     b = ids.shape[0]
     t = math.prod(ids.shape[1:])
     flat = ids.reshape(b, t)
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"d must be a tensor of shape ids.shape + (dim,), got {type(d).__name__}")
+    if ids.device != d.device:
+        raise ValueError(f"ids is on {ids.device} but d is on {d.device}; give both on one device")
+    if ids.device.type == "meta":  # the ids' values decide which positions pair up
+        raise ValueError(
+            "ids and d are on the meta device: the Gram reads the ids' values (which positions share a token); "
+            "give tensors with data"
+        )
     if d.dim() < 2 or d.shape[:-1] != ids.shape:
         raise ValueError(
             f"d must have shape ids.shape + (dim,) = {tuple(ids.shape)} + (dim,), got {tuple(d.shape)}"

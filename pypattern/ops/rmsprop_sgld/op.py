@@ -119,7 +119,9 @@ def rmsprop_sgld_step_(
         params, grads, anchors, masks, _ = sgld_op.validate_inputs(params, grads, anchors, masks)
         square_avgs = validate_state("square_avgs", square_avgs, params)
         sgld_op.check_states(
-            "square_avgs", square_avgs, {"params": params, "grads": grads, "anchors": anchors}
+            "square_avgs",
+            square_avgs,
+            {"params": params, "grads": grads, "anchors": anchors, "masks": masks or []},
         )
         step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step = (
             sgld_op.check_hyperparameters(

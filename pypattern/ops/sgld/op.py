@@ -306,10 +306,19 @@ def _check_updatable(what: str, t: torch.Tensor, grad_mode: bool, inference: boo
 
 def check_states(name: str, states, others: dict) -> None:
     """State tensors updated in place beside the params (SGNHT's momenta, RMSprop's running means): none shares
-    memory with another state or with any tensor of ``others`` (``{"params": [...], "grads": [...], ...}``), none
-    takes gradients in grad mode, and none is an inference tensor outside inference mode (the in-place update
-    would corrupt autograd, or torch forbids it)."""
+    memory with another state or with any tensor of ``others`` (``{"params": [...], "grads": [...], "masks":
+    [...], ...}``; None entries, as in ``masks``, are skipped), none takes gradients in grad mode, and none is an
+    inference tensor outside inference mode (the in-place update would corrupt autograd, or torch forbids it). A
+    mask that is another tensor's state would be read after that state was overwritten, depending on the order
+    the tensors are updated in."""
     grad_mode, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    # only tensors in one storage can share memory: each state is compared with those alone (linear in the
+    # number of tensors, not quadratic)
+    by_storage: dict = {}
+    for other, ts in others.items():
+        for j, t in enumerate(ts):
+            if t is not None and t.numel():
+                by_storage.setdefault(_storage_key(t), []).append((other, j, t))
     for i, s in enumerate(states):
         _check_updatable(f"{name}[{i}]", s, grad_mode, inference)
         status = _internal_overlap(s)
@@ -317,8 +326,8 @@ def check_states(name: str, states, others: dict) -> None:
             raise ValueError(
                 f"{name}[{i}] {shares(status, elements=True)} (an expanded or overlapping view); give its own tensor"
             )
-        for other, ts in others.items():
-            for j, t in enumerate(ts):
+        if s.numel():
+            for other, j, t in by_storage.get(_storage_key(s), ()):
                 status = _overlap(s, t)
                 if status:
                     raise ValueError(

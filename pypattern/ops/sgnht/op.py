@@ -142,7 +142,11 @@ def sgnht_step_(
     if validate:
         params, grads, anchors, masks, device = sgld_op.validate_inputs(params, grads, anchors, masks)
         momenta = validate_state("momenta", momenta, params)
-        sgld_op.check_states("momenta", momenta, {"params": params, "grads": grads, "anchors": anchors})
+        sgld_op.check_states(
+            "momenta",
+            momenta,
+            {"params": params, "grads": grads, "anchors": anchors, "masks": masks or []},
+        )
         if not isinstance(thermostat, torch.Tensor):
             raise TypeError(
                 f"thermostat must be a float64 tensor with one element, got {type(thermostat).__name__}"
@@ -158,8 +162,16 @@ def sgnht_step_(
             raise RuntimeError("thermostat requires grad and grad mode is on: step under torch.no_grad()")
         if not torch.is_inference_mode_enabled() and thermostat.is_inference():
             raise RuntimeError(sgld_op._inference_message("thermostat"))
-        for other, ts in (("params", params), ("momenta", momenta), ("grads", grads), ("anchors", anchors)):
+        for other, ts in (
+            ("params", params),
+            ("momenta", momenta),
+            ("grads", grads),
+            ("anchors", anchors),
+            ("masks", masks or []),
+        ):
             for j, t in enumerate(ts):
+                if t is None:
+                    continue
                 status = sgld_op._overlap(thermostat, t)
                 if status:
                     raise ValueError(
