@@ -254,7 +254,7 @@ def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec
     lab = _tensor_arg(
         concept_labels, "concept_labels", "integer concept indices (batch,) or (batch, pos), -1 for unknown"
     )
-    if lab.dtype.is_floating_point or lab.dtype == torch.bool:
+    if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
         raise ValueError(f"concept_labels has dtype {lab.dtype}; give integer concept indices")
     b, t = shape
     if lab.dim() == 1 and lab.shape[0] == b:
@@ -871,6 +871,8 @@ def train_flags(
 
                 with model.hooks([(spec.hook, hook_fn)]):
                     logits = model(batch.tokens)
+                if not written:
+                    raise _not_called(spec, "train_flags")
                 lm = _lm_loss(logits, batch.targets)
                 fl = flag_loss(written[0], batch.extra["concept_pos"], spec)
                 loss = lm + aux_weight * fl if aux_weight > 0 else lm
@@ -900,7 +902,19 @@ def train_flags(
 @torch.no_grad()
 def _hook_acts(model, tokens: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
     _, cache = model.run_with_cache(tokens, names_filter=spec.hook)
+    if spec.hook not in cache:
+        raise _not_called(spec, "flag_report")
     return cache[spec.hook]
+
+
+def _not_called(spec: FlagSpec, who: str) -> RuntimeError:
+    """The error for a model whose forward never reached the hook point ``spec.hook`` (the flags would be neither
+    trained nor read)."""
+    return RuntimeError(
+        f"{who}: the model's forward did not reach hook={spec.hook!r}, although the model lists it: its hook points "
+        "are not wired to the modules it runs (e.g. a copy.deepcopy of a pypattern.hooked_hf model, whose hooks stay "
+        "on the original's modules: wrap the copied Hugging Face model with pypattern.hooked_hf instead)"
+    )
 
 
 def _ridge_probe(x_fit, y_fit, x_eval, y_eval, num_classes: int, ridge: float) -> tuple[float, float]:

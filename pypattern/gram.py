@@ -415,12 +415,81 @@ def _sites_of(model: nn.Module, modules, sites) -> Sequence[GramSite]:
         bad = [s for s in sites if not isinstance(s, GramSite)]
         if bad:
             raise TypeError(f"sites contains {bad[0]!r} ({type(bad[0]).__name__}); give GramSite objects")
+        if not sites:
+            raise ValueError(
+                "sites=[] holds no GramSite, so the Gram would cover no parameter: give at least one site, or "
+                "sites=None for the default ones"
+            )
         return sites
     from .models.transformer import Transformer
 
-    if modules is None and isinstance(model, Transformer):
-        return transformer_lens_sites(model)
+    if modules is not None and not isinstance(modules, str | nn.Module):
+        given = modules
+        try:
+            modules = list(modules)
+        except TypeError:
+            raise TypeError(
+                f"modules={modules!r} is not valid; give a list of submodule names or modules of the model, or None"
+            ) from None
+        if not modules:
+            raise ValueError(
+                f"modules={given!r} names no module, so the Gram would cover no parameter: give the submodules whose "
+                "parameters to cover (names or modules), or modules=None for the default sites"
+            )
+    if isinstance(model, Transformer):
+        if modules is None:
+            return transformer_lens_sites(model)
+        return _transformer_sites_in(model, modules)
     return default_sites(model, modules)
+
+
+def _transformer_sites_in(model: nn.Module, modules) -> list[GramSite]:
+    """The default sites of pypattern's Transformer restricted to ``modules``: the :func:`transformer_lens_sites`
+    whose parameters all lie in one of them (``"blocks.0.attn"``, ``"blocks.1"``, ``"embed"``, ...), and the
+    :func:`default_sites` of an ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` added to the model. A module
+    whose trainable parameters these sites do not all cover is refused by name."""
+    named = dict(model.named_modules())
+    supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    modules = [modules] if isinstance(modules, str | nn.Module) else list(modules)
+    resolved = []
+    for m in modules:
+        if not isinstance(m, str | nn.Module):
+            raise TypeError(f"modules contains {m!r} ({type(m).__name__}); give submodule names or modules")
+        if isinstance(m, str):
+            if m not in named:
+                raise ValueError(f"modules: {m!r} is not a submodule name of the model")
+            resolved.append((m, named[m]))
+        else:
+            name = next((n for n, x in named.items() if x is m), None)
+            if name is None:
+                raise ValueError(f"modules: {type(m).__name__} instance is not part of the model")
+            resolved.append((name, m))
+    own = [(n, m) for n, m in resolved if isinstance(m, supported)]
+    out = default_sites(model, [m for _, m in own]) if own else []
+    whole = transformer_lens_sites(model) if len(own) < len(resolved) else []
+    for n, m in resolved:
+        if isinstance(m, supported):
+            continue
+        if not any(True for _ in m.parameters()):
+            raise ValueError(
+                f"modules: {n!r} (a {type(m).__name__}) holds no parameter; name modules with weights (a block, its "
+                "attention or MLP, a norm, 'embed', 'unembed')"
+            )
+        prefix = f"{n}." if n else ""
+        inside = [st for st in whole if all(pn.startswith(prefix) for pn in st.params if pn is not None)]
+        covered = {pn for st in inside for pn in st.params if pn is not None}
+        left = [
+            _pname(n, k) for k, p in m.named_parameters() if p.requires_grad and _pname(n, k) not in covered
+        ]
+        if left:
+            raise ValueError(
+                f"modules: {n!r} holds trainable parameters the Transformer's sites (transformer_lens_sites) do not "
+                f"cover within it ({left[:4]}{' ...' if len(left) > 4 else ''}): name a module the sites cover whole "
+                "(a block, its attention or MLP, a norm, 'embed', 'unembed'), or give sites= of your own"
+            )
+        out += [st for st in inside if all(st is not o for o in out)]
+    names = [st.name for st in out]  # once each: a module named twice, or inside another named one
+    return [st for k, st in enumerate(out) if st.name not in names[:k]]
 
 
 def gram_parameters(model: nn.Module, modules=None, sites: Sequence[GramSite] | None = None):
@@ -820,9 +889,13 @@ def per_sample_grad_gram(
     *inputs
         Passed to ``loss_fn``; their first dimension is the batch.
     modules : list of names or modules, optional
-        Restrict the default sites to these modules (one name or module alone is read as a list of it).
+        Restrict the default sites to these modules (one name or module alone is read as a list of it): for
+        pypattern's Transformer the :func:`transformer_lens_sites` inside them (``"blocks.0.attn"``,
+        ``"blocks.1.mlp"``, ``"blocks.1"``, ``"embed"``, ...; an embedding tied to the unembedding counts both
+        uses), else their ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` sites. An empty list is refused.
     sites : list of GramSite, optional
-        Use these sites instead of the default ones (one GramSite alone is read as a list of it).
+        Use these sites instead of the default ones (one GramSite alone is read as a list of it; an empty list is
+        refused).
     centered : bool
         Return ``H G H`` (see :func:`center_gram`), the Gram of the per-sample gradients minus their mean. Centring
         cancels the common part of the gradients: a site whose products were taken in float32 and whose ``max_i
@@ -858,7 +931,7 @@ def per_sample_grad_gram(
     Returns
     -------
     Tensor ``(B, B)`` float64, or a dict of them (every site, a zero Gram for a site whose calls gave its
-    parameters no gradient or that recorded no call).
+    parameters no gradient or that recorded no call); ``(0, 0)`` for inputs of no sample.
     """
     if check not in (True, False, "once") or isinstance(check, int) and not isinstance(check, bool):
         raise ValueError(f"check={check!r} is not valid; give 'once', True or False")
@@ -1068,7 +1141,8 @@ def per_sample_grad_gram(
     }
     result: dict[str, torch.Tensor] = {}
     for st in sites:
-        g = _site_gram(st, params, cap, batch, method, backend)
+        # no sample (an empty batch): the (0, 0) Gram; else the site's, from its captured calls
+        g = _site_gram(st, params, cap, batch, method, backend) if batch else None
         # a site whose calls gave its parameters no gradient (or that recorded no call): its Gram is zero
         result[st.name] = (
             torch.zeros(batch, batch, dtype=torch.float64, device=losses.device) if g is None else g
@@ -1080,7 +1154,7 @@ def per_sample_grad_gram(
         )
     if names and verified_key is not None:
         _VERIFIED.setdefault(model, set()).add(verified_key)
-    if centered:
+    if centered and batch:
         result = {
             st.name: _centred_site_gram(st, result[st.name], params, cap, batch, method, backend)
             for st in sites
@@ -1112,7 +1186,8 @@ def per_sample_grad_gram_reference(
     them: each of its tensors is cut along its first axis, the batch, which they must share; other values are
     passed to every sample as they are.
     Memory ``B x (number of covered parameters)``, twice (the gradients and their flattened copy). The Gram is
-    taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)``.
+    taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)`` (``(0, 0)``
+    for inputs of no sample).
 
     Raises
     ------
@@ -1176,6 +1251,9 @@ def per_sample_grad_gram_reference(
     params = {k: v.detach() for k, v in covered.items()}
     if not params:
         raise _no_site(model)
+    if next(iter(sizes)) == 0:  # no sample: the (0, 0) Gram (vmap over no sample runs nothing)
+        first = next(t for tree in trees for t in tree_flatten(tree)[0] if torch.is_tensor(t))
+        return torch.zeros(0, 0, dtype=gram_dtype, device=first.device)
 
     class _Wrap(nn.Module):
         def __init__(self):
