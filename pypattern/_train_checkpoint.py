@@ -29,8 +29,9 @@ _ADAMW_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 def check_checkpoint_arg(checkpoint, quiet) -> None:
-    """Refuse, before any work of a long call (training, a pruning curve, ACDC), a ``quiet`` that is not a bool and a
-    ``checkpoint`` that cannot be a file."""
+    """Refuse, before any work of a long call (training, a pruning curve, ACDC), a ``quiet`` that is not a bool, a
+    ``checkpoint`` that cannot be a file, and a new ``checkpoint`` in a folder that takes no file (the call would
+    do its work and then fail to write it; an existing file is read first, and a finished run's is not written)."""
     if not isinstance(quiet, bool):
         raise TypeError(f"quiet={quiet!r} is not valid; give True or False")
     if checkpoint is not None:
@@ -39,6 +40,30 @@ def check_checkpoint_arg(checkpoint, quiet) -> None:
         if not isinstance(checkpoint, str | os.PathLike):
             raise TypeError(f"checkpoint={checkpoint!r} is not valid; give a file path such as 'run.npz'")
         check_checkpoint_file(checkpoint)
+        _check_new_file_can_be_written(os.fspath(checkpoint))
+
+
+def _check_new_file_can_be_written(path: str) -> None:
+    """For a ``path`` with no file yet: a file can be made in its folder (or, for a folder still to be made, in its
+    nearest existing ancestor), tried by making and removing one; an ``OSError`` of the same type naming
+    ``checkpoint`` and the folder otherwise."""
+    import tempfile
+
+    if os.path.lexists(path):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # check_checkpoint_file made sure the nearest one is a folder
+        folder = os.path.dirname(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tmp-write-check-", dir=folder)
+    except OSError as e:
+        raise type(e)(
+            e.errno,
+            f"checkpoint={path!r} cannot be written: the folder {folder!r} does not take a new file "
+            f"({e.strerror}); give a checkpoint in a folder this process can write to",
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def model_items(model: nn.Module) -> dict:
@@ -181,7 +206,7 @@ class TrainingSteps:
 
         if not isinstance(meta, Mapping):
             raise bad("its header holds no training state")
-        if meta.get("version") != VERSION:
+        if type(meta.get("version")) is not int or meta["version"] != VERSION:  # (True == 1 in Python)
             raise io.FormatError(
                 f"checkpoint {path!r} has version {meta.get('version')!r}, this pypattern writes version {VERSION}: "
                 "delete it to start afresh"

@@ -8,10 +8,13 @@ observables, and susceptibility accumulators), combined exactly (each chain's ro
 ran it). Callbacks run on the rank that owns the chain. With ``checkpoint=path`` each rank writes and resumes its
 own file (``path`` with ``.rank{r}of{world}`` before the suffix). A failure on one rank (a diverging chain, a bad
 argument) makes every rank raise instead of leaving the others waiting in a collective. Every call first checks
-that the ranks were given the same arguments (hyperparameters, chain layout, seed, model weights, the first batch
-of the data, ...): a difference raises ``ValueError`` on every rank, naming the first differing argument and its
-value on each rank (an argument left out as its default's value). Callables (loss functions, observables,
-metrics) are compared by what they compute (:func:`pypattern.io.callable_id`: their code, defaults, closure values
+that the ranks were given the same model (its architecture, named where it differs, its BatchNorms' modes and
+its hooks) and the same arguments (hyperparameters, chain layout, seed, model weights, the first batch of the data,
+...): a difference raises ``ValueError`` on every rank, naming the first differing argument and its value on each
+rank (an argument left out as its default's value). Checkpoint paths that name one place in other words (relative
+and absolute, through a symbolic link to a folder, a trailing separator) are the same argument; a checkpoint of
+a run over another number of ranks is not resumed (each number has its own files), with a warning. Callables
+(loss functions, observables, metrics) are compared by what they compute (:func:`pypattern.io.callable_id`: their code, defaults, closure values
 and the module globals they read), with devices taken without their index (``cuda:0`` on one rank is ``cuda:1`` on
 the next): a loss function that reads its rank (or another value that differs between ranks) is refused, as it
 would not give the single-process result.
@@ -32,7 +35,7 @@ import torch
 
 from . import io
 from .sampling.data import ChainData
-from .sampling.diagnostics import check_stationarity, ess, r_hat
+from .sampling.diagnostics import check_stationarity, ess, r_hat, user_stacklevel
 from .sampling.llc import LLCResult, llc_of_samples
 from .sampling.optim import chain_seed
 from .sampling.plan import refuse_unknown_keywords
@@ -164,7 +167,9 @@ def _values_by_rank(name: str, values: list) -> str:
         return ", ".join(f"{text(values[rs[0]])} on rank(s) {rs}" for rs in groups.values())
     other = next(r for r, v in enumerate(values) if v[0] != values[0][0])
     where, a, b = io._first_difference(name, values[0][0], values[other][0])
-    return f"{where} = {io._short(a, 60)} on rank 0, {io._short(b, 60)} on rank {other}"
+    # a key one rank lacks is shown as none
+    a, b = ("(none)" if isinstance(v, io._NotSet) else io._short(v, 60) for v in (a, b))
+    return f"{where} = {a} on rank 0, {b} on rank {other}"
 
 
 def _sample_defaults() -> dict:
@@ -199,6 +204,100 @@ def _sample_items(model, loader, kwargs: dict) -> dict:
     items["data"] = _first_batch_hash(loader, kwargs.get("seed", 0))
     items.update({f"weights[{n}]": t for n, t in model.state_dict().items()})
     return items
+
+
+#: fields of pypattern's ``TransformerConfig`` that set only the initial weights (compared as weights)
+_INIT_FIELDS = ("seed", "init_range")
+
+
+def _architecture(model) -> dict:
+    """The model's architecture as the ranks compare it: its class, its configuration (pypattern's ``cfg``, a
+    Hugging Face ``config`` without its bookkeeping: the path it was read from, the library version) and each
+    module's type and settings by name, so that a difference is named where it lies
+    (``architecture.cfg.positional_embedding_type``, ``architecture.modules.blocks.0.mlp``)."""
+    out: dict = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        fields = cfg.to_dict() if callable(getattr(cfg, "to_dict", None)) else repr(cfg)
+        # (how the weights were first drawn is left out: the weights themselves are compared)
+        out["cfg"] = (
+            {k: v for k, v in fields.items() if k not in _INIT_FIELDS} if isinstance(fields, dict) else fields
+        )
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        out["config"] = {
+            k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
+        }
+    out["modules"] = {
+        name or "(the model)": f"{type(m).__qualname__}({m.extra_repr()})"
+        for name, m in model.named_modules()
+    }
+    return out
+
+
+def _model_items(model) -> dict:
+    """What the ranks' models must agree on besides their weights, compared before the weights (a model of
+    another architecture has other weights, which would be named first): the architecture, the modules in
+    ``train()`` mode whose loss depends on it (BatchNorm) and the hooks on the model's modules (as a sampler's
+    checkpoint records them: :func:`pypattern.sampling.checkpoint.training_modes` and ``model_hooks``)."""
+    from .sampling.checkpoint import model_hooks, training_modes
+
+    hooks: dict = {}  # "module (kind)" -> the hooks in order, so that a difference is named by module and kind
+    for module, kind, hook in model_hooks(model) or []:
+        hooks.setdefault(f"{module or '(the model)'} ({kind})", []).append(hook)
+    return {"architecture": _architecture(model), "training": training_modes(model) or [], "hooks": hooks}
+
+
+def _checkpoint_compared(items: dict, group, folder: bool) -> None:
+    """Put in ``items`` the ``checkpoint`` the ranks compare: the path as given when every rank gave the same one
+    (a ``str`` or an ``os.PathLike`` of it), else where it resolves to, so that paths naming one place in other
+    words (relative and absolute, through a symbolic link to a folder, with a trailing separator, a ``Path`` and a
+    ``str``) are the same call. A ``folder`` (susceptibilities' checkpoint, whose files are made in it) resolves
+    whole; a file resolves its folder, and keeps its name, as each rank's file is made beside it from that name
+    (``run.rank{r}of{world}.npz``). Every rank takes part in the same collective."""
+    dist = _dist()
+    given = items.get("checkpoint")
+    raw = os.fsdecode(given) if isinstance(given, str | bytes | os.PathLike) else None
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, raw, group=group)
+    if raw is None or all(r == raw for r in every):
+        if raw is not None:
+            items["checkpoint"] = raw
+        return
+    full = os.path.abspath(raw)
+    if folder:
+        items["checkpoint"] = os.path.realpath(full)
+    else:
+        items["checkpoint"] = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+
+
+def _warn_other_world_sizes(path, world: int) -> None:
+    """Warn when ``path`` has no file of a run over ``world`` ranks but has files of a run over another number of
+    ranks (``run.rank0of4.npz`` beside ``run.npz``): each world size has its own files, so this run starts afresh
+    instead of resuming that one."""
+    import warnings
+
+    try:
+        path = os.fspath(path)
+        root, ext = os.path.splitext(path)
+        folder, stem = os.path.split(root)
+        if os.path.exists(rank_path(path, 0, world)):
+            return
+        pattern = re.compile(re.escape(stem) + r"\.rank(\d+)of(\d+)" + re.escape(ext) + "$")
+        sizes = sorted(
+            {int(m[2]) for n in os.listdir(folder or ".") if (m := pattern.match(n)) and int(m[2]) != world}
+        )
+    except (OSError, TypeError, ValueError):
+        return  # not a folder that can be listed: the sampler names what is wrong with the path
+    if sizes:
+        other = sizes[0]
+        warnings.warn(
+            f"checkpoint={path!r}: files of a run over {other} rank(s) exist ({rank_path(path, 0, other)!r}, ...), "
+            f"none of one over {world}: each number of ranks has its own files, so this run starts afresh; "
+            f"launch {other} rank(s) to resume that run",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _agree(fn: Callable, group):
@@ -249,14 +348,18 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
         c = kwargs.get("num_chains", 4)
         if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
             raise ValueError(f"num_chains must be an int >= 1, got {c!r}")
-        return int(c), _sample_items(model, loader, kwargs)
+        return int(c), _model_items(model), _sample_items(model, loader, kwargs)
 
-    C, items = _agree(preflight, group)
+    C, model_items, items = _agree(preflight, group)
+    check_same_arguments(group, **model_items)
+    _checkpoint_compared(items, group, folder=False)
     check_same_arguments(group, _sample_defaults(), **items)
     mine = owned_chains(R * C, rank, world)
     warn = kwargs.pop("warn_nonstationary", True)
     ckpt = kwargs.pop("checkpoint", None)
     if ckpt is not None:
+        if rank == 0:
+            _warn_other_world_sizes(ckpt, world)
         ckpt = rank_path(ckpt, rank, world)
     t0 = time.perf_counter()
     out = _agree(
@@ -306,12 +409,15 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
 
     dist = _dist()
     rank = dist.get_rank(group)
+    check_same_arguments(group, **_agree(lambda: _model_items(model), group))
+    items = _sample_items(model, loader, kwargs)
+    _checkpoint_compared(items, group, folder=True)
     check_same_arguments(
         group,
         _sample_defaults(),
         probe=probe,
         components=dict(components) if isinstance(components, dict) else list(components),
-        **_sample_items(model, loader, kwargs),
+        **items,
     )
 
     def sampler(m, ld, *, callbacks, **kw):

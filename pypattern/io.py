@@ -6,7 +6,7 @@ A file is an uncompressed ``.npz`` (a zip of ``.npy`` arrays) with one extra mem
 JSON header ``{"format": "pypattern", "version": 1 or 2, "kind": <what the file holds>, ...}``. Arrays hold the
 numbers; the header holds everything else (settings, names, scalars). Files are written atomically (a temporary
 file in the same folder, fsync, rename), so a killed writer leaves the previous file or the new one, never half of
-one. Files are read with ``numpy.load(..., allow_pickle=False)``: loading never executes code, and a pickle, a
+one, and of two processes writing one file the last to rename wins, whole (a reader sees one writer's file). Files are read with ``numpy.load(..., allow_pickle=False)``: loading never executes code, and a pickle, a
 truncated or corrupt file, or a file holding another kind of result is refused with :class:`FormatError` naming
 the file and what was expected.
 
@@ -205,8 +205,15 @@ def save(
             f"{MAX_DEPTH} (flatten the nested values)"
         )
     payload[_META] = np.frombuffer(text.encode(), dtype=np.uint8)
-    prefix = f".tmp-{os.path.basename(path)}-{os.getpid()}-"
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".npz", dir=folder)
+    prefix = f".tmp-{_temporary_stem(os.path.basename(path))}-{os.getpid()}-"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".npz", dir=folder)
+    except OSError as e:  # name the file asked for, not the temporary beside it
+        raise type(e)(
+            e.errno,
+            f"cannot write {path!r}: its folder {folder!r} does not take a new file ({e.strerror}); files are "
+            "written to a temporary file in the same folder and renamed, so the folder must be writable",
+        ) from None
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **payload)
@@ -245,12 +252,25 @@ def _json_depth(text: str) -> int:
 
 _STALE_AFTER_S = 600.0
 
+#: the longest file name (in UTF-8 bytes) a temporary's name holds whole: longer ones by a hash, so that the
+#: temporary's name (the file's, its process id and a random tail) stays within the file systems' 255 bytes
+_STEM_MAX_BYTES = 120
+
+
+def _temporary_stem(name: str) -> str:
+    """What the temporaries of file ``name`` are named after: ``name`` itself, or, for a name longer than
+    ``_STEM_MAX_BYTES`` bytes, a hash of it (a name of up to 255 bytes is a valid file, its temporary too)."""
+    if len(name.encode("utf-8", "surrogateescape")) <= _STEM_MAX_BYTES:
+        return name
+    return "~" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
 
 def _remove_stale_temporaries(folder: str, name: str) -> None:
     """Delete the temporary files that writes of ``name`` left in ``folder`` when their process was killed before
-    it could remove them (``.tmp-<name>-<pid>-*.npz``): those of a process that no longer runs here, untouched for
-    ten minutes (a write in progress, or one from another host sharing the folder, is left alone)."""
-    start = f".tmp-{name}-"
+    it could remove them (``.tmp-<stem>-<pid>-*.npz``, the stem by :func:`_temporary_stem`): those of a process
+    that no longer runs here, untouched for ten minutes (a write in progress, or one from another host sharing the
+    folder, is left alone)."""
+    start = f".tmp-{_temporary_stem(name)}-"
     try:
         entries = [e for e in os.scandir(folder) if e.name.startswith(start) and e.name.endswith(".npz")]
     except OSError:
