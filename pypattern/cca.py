@@ -250,8 +250,12 @@ def svcca(x, y, *, threshold: float = 0.99, ridge: float = 0.0, reduce: str = "m
     reduce : ``"mean"`` | ``"none"``
         The mean canonical correlation (a float), or all of them (Tensor ``(min(k_x, k_y),)``).
     """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if (
+        isinstance(threshold, bool | np.bool_)
+        or not isinstance(threshold, int | float | np.integer | np.floating)
+        or not 0 < threshold <= 1
+    ):
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
     if reduce not in ("mean", "none"):
         raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
     x, y = _pair(x, y)

@@ -43,11 +43,12 @@ import torch.nn.functional as F
 
 from ._checks import check_flag as _check_flag
 from ._checks import model_device, refuse_meta
+from ._training import eval_mode_if_random
 from .io import Saveable, register
 from .losses import position_limit
 from .patching.api import _vocab, check_tokens
 from .patching.sites import HEAD_SITES, apply_patch
-from .ridge import as_float64
+from .ridge import _fit_size, as_float64
 
 __all__ = [
     "linear_cka",
@@ -597,6 +598,13 @@ class MinibatchCKA:
                     f"{name} is a single {type(v).__name__} of shape {tuple(v.shape)}; give a list of "
                     f"representations (one per layer or model: [{name[:-1]}] for one)"
                 )
+            if v is not None and (isinstance(v, str | bytes | Mapping) or not isinstance(v, Iterable)):
+                raise TypeError(
+                    f"{name} is a {type(v).__name__}; give a sequence of representations (e.g. a list of tensors "
+                    "(n, ...))"
+                )
+        xs = list(xs)  # any iterable, as cka_matrix takes
+        ys = None if ys is None else list(ys)
         if (ys is None) != (self.num_y is None):
             raise ValueError(
                 "pass ys to update() exactly when the accumulator was made with num_y"
@@ -897,9 +905,10 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     return math.sqrt(max(1.0 - float(sse / sst), 0.0))
 
 
+@register
 @dataclass
-class EquivalenceResult:
-    """Result of :func:`interpretive_equivalence`.
+class EquivalenceResult(Saveable):
+    """Result of :func:`interpretive_equivalence` (``.save(path)`` / ``EquivalenceResult.load(path)``).
 
     ``score`` in ``[0, 1]`` (NaN when every comparison tied): ``1 - |wins / num_trials - 1|`` with ``wins`` out of
     ``2 num_trials`` comparisons (a tie counts half: the similarity cannot tell the two apart); ``ties``: how many
@@ -918,6 +927,26 @@ class EquivalenceResult:
     @property
     def win_rate(self) -> float:
         return self.wins / (2 * self.num_trials)
+
+    def _check_loaded(self) -> None:
+        """The members agree (a file read by :meth:`load`): ``own`` and ``other`` ``(num_trials, 2)``, ``ties`` the
+        comparisons they tie in, ``wins`` the strict wins plus half the ties, ``score`` from ``wins`` (NaN when every
+        comparison tied)."""
+        from .sampling.results import check_arrays
+
+        t = check_arrays({"own": self.own, "other": self.other}, {"own": ("t", 2), "other": ("t", 2)})["t"]
+        if t != self.num_trials or t < 1:
+            raise ValueError(f"own and other hold {t} trials, but num_trials={self.num_trials!r}")
+        own, other = np.asarray(self.own, float), np.asarray(self.other, float)
+        ties = int((own == other).sum())
+        wins = float((own > other).sum()) + 0.5 * ties
+        if self.ties != ties or self.wins != wins:
+            raise ValueError(
+                f"ties={self.ties!r} and wins={self.wins!r} are not those of own and other ({ties} ties, {wins} wins)"
+            )
+        score = math.nan if ties == own.size else 1.0 - abs(wins / t - 1.0)
+        if not (score == self.score or (math.isnan(score) and math.isnan(self.score))):
+            raise ValueError(f"score={self.score!r} is not 1 - |wins / num_trials - 1| = {score!r}")
 
 
 def _scalar_similarity(v) -> float:
@@ -960,16 +989,24 @@ def interpretive_equivalence(
     (or always farther). A tie (equal similarities, e.g. both held-out R^2 clamped at 0) counts as half a win: the
     similarity cannot tell the two apart; when every comparison ties the score carries no information: it is NaN,
     with a warning (a coin flip's 1 would read as "equivalent" for any two models), and when more than half of
-    them tie the score is reported with a warning too (the ties pull it towards 1). The second case includes a
-    model compared with an exact copy of itself (the copy is closer than any implementation): the estimator, as
-    written in the paper, compares each model itself with implementations, and the score of identical models (or of
-    a copy with permuted units) is 0, not 1, wherever the similarity ranks the copy strictly closer (the ridge
-    similarity's absolute penalties can fail to on representations of a small scale: held-out R^2 <= 0 ties, with
-    the warning above). ``compare="implementations"`` is the form of the authors' released
-    code, which has no such case: each trial draws two implementations of each model, ``a, a'`` of A and ``b, b'``
-    of B, and a win is ``a`` closer to ``a'`` than to ``b`` (and ``b`` to ``b'`` than to ``a``); identical models
-    are then a coin flip (score near 1), as are models whose implementations differ only by a change of basis the
-    similarity ignores.
+    them tie the score is reported with a warning too (the ties pull it towards 1).
+
+    With the default ``compare="model"`` (the paper's description read literally) identical models score 0,
+    although by the definition they are equivalent (their sets of implementations are one set). The two sides of the
+    comparison are not alike: the own side is a perturbed model (an implementation), the other side the other
+    model itself, unperturbed. A copy of the model is then closer than every implementation (nothing is closer to
+    a model than the model), so the model never wins (``s = 0``), and the score ``1 - |s / num_trials - 1|``
+    counts that as it counts always winning: 0, the verdict for different interpretations. The same holds for a
+    copy with permuted units, or in any basis the similarity ignores, wherever the similarity ranks the copy
+    strictly closer. So with ``compare="model"`` only wins above half read as "distinguishable"; a warning says so
+    when no comparison is a win.
+
+    ``compare="implementations"`` (the form of the authors' released code) compares like with like and follows
+    the definition: each trial draws two implementations of each model, ``a, a'`` of A and ``b, b'`` of B, and a
+    win is ``a`` closer to ``a'`` than to ``b`` (and ``b`` to ``b'`` than to ``a``). When the two sets of
+    implementations coincide, ``a'`` and ``b`` are draws from the same distribution, so wins are a coin flip and the
+    score is near 1: identical models, and models whose implementations differ only by a change of basis the
+    similarity ignores, score as equivalent.
 
     Parameters
     ----------
@@ -981,15 +1018,20 @@ def interpretive_equivalence(
     num_trials : int
         Trials, each drawing one implementation of each model (two comparisons per trial).
     similarity : ``"ridge"`` (:func:`ridge_similarity_cv` of the candidate from the model: ridge with an intercept,
-        the penalty from ``{0.1, 1, 10}`` by leave-one-out on a random 90% of the inputs, ``sqrt(max(R^2, 0))`` of
-        the held-out R^2 averaged over the candidate's features; the closeness of the authors' released code),
+        the penalty from ``{0.1, 1, 10}`` by leave-one-out on a random 90% of the inputs (holding out at least 6),
+        ``sqrt(max(R^2, 0))`` of the held-out R^2 averaged over the candidate's features; the closeness of the
+        authors' released code; with fewer inputs than features its R^2 is mostly <= 0 and every comparison may
+        tie),
         ``"cka"`` (debiased linear CKA) or a callable ``(x, y) -> float``, larger = closer.
     seed : int
-        Keys the trials: trial ``t`` calls ``sample_a(2 k)`` and ``sample_b(2 k + 1)`` with
-        ``k = seed * 100_003 + t`` (and seeds the ridge split with ``t``); ``|seed| < 2**44``.
+        Keys the trials: with ``k = seed * 100_003 + t``, trial ``t`` calls ``sample_a(2 k)`` and
+        ``sample_b(2 k + 1)`` (``compare="model"``), or ``sample_a(4 k)``, ``sample_a(4 k + 2)``, ``sample_b(4 k +
+        1)`` and ``sample_b(4 k + 3)`` (``compare="implementations"``), and seeds the ridge split with ``k``;
+        ``|seed| < 2**44``.
     compare : ``"model"`` or ``"implementations"``
-        What an implementation is compared with: the model itself (the paper's description, the default) or a
-        second implementation of the same model (the authors' released code; see above).
+        What an implementation is compared with: the model itself (the paper's description read literally, the
+        default; identical models score 0) or a second implementation of the same model (the authors' released
+        code; identical models score near 1; see above).
     """
     if compare not in ("model", "implementations"):
         raise ValueError(f"compare={compare!r} is not valid; choose 'model' or 'implementations'")
@@ -1026,6 +1068,7 @@ def interpretive_equivalence(
             _check_pair(ra, rb, "rep_a", "rep_b")
     own = np.empty((num_trials, 2))
     other = np.empty((num_trials, 2))
+    shape_seen = (0, 0)  # inputs and the widest representation compared (for the warnings)
     same_draws = 0  # trials in which a sampler gave the same representation for two seeds
     for t in range(num_trials):
         key = seed * 100_003 + t
@@ -1036,6 +1079,7 @@ def interpretive_equivalence(
             _check_pair(rb, ib, "rep_b", "sample_b(seed)")
             own[t] = sim(ra, ia, key), sim(rb, ib, key)
             other[t] = sim(ra, rb, key), sim(rb, ra, key)
+            shape_seen = (ra.shape[0], max(shape_seen[1], ra.shape[1], rb.shape[1]))
             continue
         a, a2 = (_as_features(sample_a(4 * key + i), "sample_a(seed)", 4) for i in (0, 2))
         b, b2 = (_as_features(sample_b(4 * key + i), "sample_b(seed)", 4) for i in (1, 3))
@@ -1048,6 +1092,7 @@ def interpretive_equivalence(
         same_draws += int(torch.equal(a, a2) or torch.equal(b, b2))
         own[t] = sim(a, a2, key), sim(b, b2, key)
         other[t] = sim(a, b, key), sim(b, a, key)
+        shape_seen = (a.shape[0], max(shape_seen[1], a.shape[1], b.shape[1]))
     if same_draws == num_trials:
         warnings.warn(
             "interpretive_equivalence(compare='implementations'): a sampler returned the same representation for "
@@ -1056,15 +1101,44 @@ def interpretive_equivalence(
             stacklevel=2,
         )
     if not (np.isfinite(own).all() and np.isfinite(other).all()):
-        raise ValueError("a similarity was not finite (a constant representation?)")
+        if compare == "model":
+            what = {
+                ("own", 0): "rep_a -> sample_a(seed)",
+                ("own", 1): "rep_b -> sample_b(seed)",
+                ("other", 0): "rep_a -> rep_b",
+                ("other", 1): "rep_b -> rep_a",
+            }
+        else:
+            what = {
+                ("own", 0): "sample_a -> another sample_a",
+                ("own", 1): "sample_b -> another sample_b",
+                ("other", 0): "sample_a -> sample_b",
+                ("other", 1): "sample_b -> sample_a",
+            }
+        arr, t, j = next(
+            (name, int(t), int(j))
+            for name, a in (("own", own), ("other", other))
+            for t, j in zip(*np.nonzero(~np.isfinite(a)))
+        )
+        v = (own if arr == "own" else other)[t, j]
+        raise ValueError(
+            f"the similarity {what[arr, j]} in trial {t} is {v} (a representation constant over the inputs?): a "
+            "comparison with it has no winner; give representations that vary"
+        )
     ties = int((own == other).sum())
     wins = float((own > other).sum()) + 0.5 * ties
-    ridge_hint = (
-        " (the ridge similarity's penalties {0.1, 1, 10} are absolute: on representations of a small scale they "
-        "swamp the fit and every held-out R^2 is <= 0; standardise the representations or use similarity='cka')"
-        if similarity == "ridge"
-        else ""
-    )
+    ridge_hint = ""
+    if similarity == "ridge":
+        n_in, n_feat = shape_seen
+        held = n_in - _fit_size(n_in, None)
+        ridge_hint = (
+            f" (ridge: {n_in} inputs of up to {n_feat} features, fit on {n_in - held} and scored on {held} held "
+            "out; sqrt(max(R^2, 0)) reads every R^2 <= 0 as 0. With fewer inputs than features the held-out R^2 is "
+            "mostly <= 0, and the penalties {0.1, 1, 10} are absolute: on representations of a small scale they "
+            "swamp the fit and every held-out R^2 is <= 0. Standardise the representations, use similarity='cka', "
+            "or rank the negative R^2 too with similarity=lambda x, y: "
+            "pypattern.equivalence.ridge_similarity_cv(x, y, sqrt=False))"
+        )
     if ties == own.size:
         warnings.warn(
             f"interpretive_equivalence: all {own.size} comparisons tied (every similarity equal, e.g. held-out R^2 "
@@ -1079,8 +1153,20 @@ def interpretive_equivalence(
             f"the score mostly says that the similarity cannot tell the representations apart{ridge_hint}",
             stacklevel=2,
         )
+    score = float("nan") if ties == own.size else 1.0 - abs(wins / num_trials - 1.0)
+    if compare == "model" and ties < own.size and not (own > other).any():
+        warnings.warn(
+            f"interpretive_equivalence(compare='model'): in all {own.size - ties} comparisons that did not tie the "
+            "other model was closer than an implementation of the model's own interpretation, the opposite of "
+            f"distinguishable, yet the score ({score:.3g}) counts it as models always closer to their own "
+            "implementations are counted: this is what identical models (or a copy in a basis the similarity "
+            "ignores) give, because an implementation is a perturbed model and the other model is not. "
+            "compare='implementations' compares implementations of both models with each other, and scores such "
+            "models as a coin flip (near 1)",
+            stacklevel=2,
+        )
     return EquivalenceResult(
-        score=float("nan") if ties == own.size else 1.0 - abs(wins / num_trials - 1.0),
+        score=score,
         wins=wins,
         num_trials=num_trials,
         own=own,
@@ -1150,12 +1236,14 @@ def representations(model, tokens: torch.Tensor, hooks: Sequence[str] | str | No
     """``(num_inputs, D)``: the activations at ``hooks`` (one hook name or a list; default: every block's
     ``hook_resid_post``), each input's positions and hooks flattened and concatenated. ``model`` is a hooked model
     (:class:`~pypattern.models.Transformer` or :class:`~pypattern.models.hooks.HookedModule`); ``tokens`` an
-    integer ``(num_inputs, pos)`` tensor of ids in its vocabulary."""
+    integer ``(num_inputs, pos)`` tensor of ids in its vocabulary. A model in ``train()`` mode whose forward is
+    random there (dropout) is read with its ``eval()`` forward, with a warning, and left in its mode."""
     _check_hooked(model, "representations")
     tokens = _check_rep_tokens(model, tokens, "tokens")
     hooks = _rep_hooks(model, hooks)
     _refuse_unknown_hooks(model, hooks, "hooks")  # named here, before the forward
-    with torch.no_grad():
+    # a model whose train() forward is random (dropout) is read with its eval() forward, with a warning
+    with torch.no_grad(), eval_mode_if_random(model, "representations runs it"):
         _, cache = model.run_with_cache(tokens, names_filter=hooks)
     missing = [h for h in hooks if h not in cache]
     if missing:
@@ -1218,7 +1306,8 @@ def resample_implementations(
     matter. ``sampler(seed)`` runs ``model`` on ``tokens`` with every site's activation replaced, input by input,
     by its activation on a random other input (drawn with ``seed`` from ``counterfactual``, default ``tokens``
     itself, input ``i`` then drawing among the inputs other than ``i``) and returns :func:`representations` at
-    ``hooks``.
+    ``hooks``. A model in ``train()`` mode whose forward is random there (dropout) is run with its ``eval()``
+    forward, with a warning, and left in its mode: an implementation differs from the model only at ``sites``.
     """
     _check_hooked(model, "resample_implementations")
     tokens = _check_rep_tokens(model, tokens, "tokens")
@@ -1238,9 +1327,9 @@ def resample_implementations(
     rep_hooks = _rep_hooks(model, hooks)
     _refuse_unknown_hooks(model, rep_hooks, "hooks")  # before a sampler is handed out, not at its first call
     hook_names = sorted({h for h, _ in sites})
-    with torch.no_grad():
+    _refuse_unknown_hooks(model, hook_names, "site hooks")  # named before the forward
+    with torch.no_grad(), eval_mode_if_random(model, "resample_implementations runs it"):
         _, cf_cache = model.run_with_cache(cf, names_filter=hook_names)
-    _refuse_unknown_hooks(model, hook_names, "site hooks")
     for h in hook_names:
         if h not in cf_cache:
             raise KeyError(f"site hook {h!r} was not reached in the forward pass")
@@ -1279,7 +1368,7 @@ def resample_implementations(
             return fn
 
         fwd = [(h, make([hd for hh, hd in sites if hh == h])) for h in hook_names]
-        with model.hooks(fwd):
+        with eval_mode_if_random(model, "the sampler runs it"), model.hooks(fwd):
             return representations(model, tokens, rep_hooks)
 
     return sample

@@ -11,9 +11,10 @@ Pieces
   every layer's output), mean-pooled over positions, layers concatenated; an implementation concatenates its
   stages' representations along the feature axis.
 * :func:`similarity`: ``s(x -> y)``: ``"ridge"`` (:func:`~pypattern.ridge.ridge_similarity_cv`: ridge with an
-  intercept, penalty by efficient leave-one-out on a random 90% split, held-out ``R^2`` averaged over ``y``'s
-  columns, ``sqrt(max(R^2, 0))``), or ``"cka"`` (debiased linear CKA) or ``"procrustes"`` (``1 - angle / (pi / 2)``
-  with the angular Procrustes distance), both computed on the same random 90% of the inputs. Larger is closer.
+  intercept, penalty by efficient leave-one-out on a random 90% split (holding out at least 6 inputs), held-out
+  ``R^2`` averaged over ``y``'s columns, ``sqrt(max(R^2, 0))``), or ``"cka"`` (debiased linear CKA) or
+  ``"procrustes"`` (``1 - angle / (pi / 2)`` with the angular Procrustes distance), both computed on the same
+  random 90% of the inputs. Larger is closer.
 * :func:`win_test`: for an ordered pair ``(A, B)``: ``num_trials`` trials draw ``a != a'`` from ``A``'s
   implementations and ``b`` from ``B``'s; a *win* when ``s(a -> a') > s(a -> b)``. With ``p`` the win fraction the
   pair is distinguishable in that repeat when ``p - z sqrt(p (1 - p) / num_trials) > 0.5`` (one-sided); the test is
@@ -42,7 +43,7 @@ import torch
 from .equivalence import linear_cka, procrustes
 from .losses import _refuse_left_padding, check_attention_mask, position_limit
 from .patching.api import check_tokens
-from .ridge import DEFAULT_ALPHAS, ridge_similarity_cv, train_test_split
+from .ridge import DEFAULT_ALPHAS, DEFAULT_TRAIN_FRACTION, ridge_similarity_cv, train_test_split
 
 __all__ = [
     "ImplementationSet",
@@ -265,16 +266,22 @@ def similarity(
     ys: Sequence[torch.Tensor],
     *,
     seed: int,
-    train_fraction: float = 0.9,
+    train_fraction: float | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
 ) -> list[float]:
     """``s(x -> y)`` for each ``y`` in ``ys`` with one random split drawn from ``seed`` (see the module
     docstring); larger is closer. A similarity that is not finite (a constant representation) raises
-    ``ValueError``: a test would count it as a loss."""
+    ``ValueError``: a test would count it as a loss.
+
+    ``train_fraction``: the fraction of the inputs the ridge fit is made on (the rest score it), or that CKA and
+    Procrustes are computed on; ``None`` (default) is 90%, for ridge holding out at least 6 inputs (see
+    :func:`~pypattern.ridge.ridge_similarity_cv`)."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     if not isinstance(x, torch.Tensor | np.ndarray):
         raise TypeError(f"x must be a torch.Tensor or numpy array (num_samples, ...), got {type(x).__name__}")
+    if measure != "ridge" and x.ndim < 2:  # named with its own shape, not that of its rows in the split
+        raise ValueError(f"x must have shape (num_samples, features...), got shape {tuple(x.shape)}")
     if isinstance(ys, torch.Tensor | np.ndarray) or not isinstance(ys, Sequence):
         raise TypeError(
             f"ys must be a list of representations (a list of one for one), got {type(ys).__name__}"
@@ -282,6 +289,10 @@ def similarity(
     for i, y in enumerate(ys):
         if not isinstance(y, torch.Tensor | np.ndarray):
             raise TypeError(f"ys[{i}] must be a torch.Tensor or numpy array, got {type(y).__name__}")
+        if measure != "ridge" and y.ndim < 2:
+            raise ValueError(
+                f"ys[{i}] must have shape (num_samples, features...), got shape {tuple(y.shape)}"
+            )
     out = _similarity(measure, x, ys, seed=seed, train_fraction=train_fraction, alphas=alphas)
     bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
     if bad:
@@ -301,7 +312,8 @@ def _similarity(measure, x, ys, *, seed, train_fraction, alphas) -> list[float]:
                 f"ys[{i}] has {getattr(y, 'shape', (None,))[0]} samples (rows) but x has {x.shape[0]}: the "
                 "representations must hold the same samples in the same order"
             )
-    tr, _ = train_test_split(x.shape[0], train_fraction, seed)
+    frac = DEFAULT_TRAIN_FRACTION if train_fraction is None else train_fraction
+    tr, _ = train_test_split(x.shape[0], frac, seed)
     xs = x[tr]
     if measure == "cka":
         return [linear_cka(xs, y[tr]) for y in ys]
@@ -428,16 +440,20 @@ def distinguishability_grid(
     tests = {}
     for i, a in enumerate(names):
         for j, b in enumerate(names):
-            res = win_test(
-                impls[a],
-                None if i == j else impls[b],
-                measure=measure,
-                num_trials=num_trials,
-                num_repeats=num_repeats,
-                z=z,
-                seed=seed * 1_000_003 + i * k + j,
-                **similarity_kw,
-            )
+            try:
+                res = win_test(
+                    impls[a],
+                    None if i == j else impls[b],
+                    measure=measure,
+                    num_trials=num_trials,
+                    num_repeats=num_repeats,
+                    z=z,
+                    seed=seed * 1_000_003 + i * k + j,
+                    **similarity_kw,
+                )
+            except ValueError as e:  # win_test's impl_a / impl_b named as the algorithms of this grid
+                msg = str(e).replace("impl_a", f"impls[{a!r}]").replace("impl_b", f"impls[{b!r}]")
+                raise ValueError(f"{msg} (the grid's ({a!r}, {b!r}) entry)") from None
             frac[i, j], rate[i, j] = res.fraction_positive, res.win_rate
             tests[(a, b)] = res
     return GridResult(names=names, fraction=frac, win_rate=rate, tests=tests)

@@ -47,9 +47,23 @@ import torch
 from ._checks import check_flag as _check_flag
 from ._checks import refuse_meta
 
-__all__ = ["RidgeLOO", "RidgeCVResult", "ridge_cv", "ridge_similarity_cv", "DEFAULT_ALPHAS"]
+__all__ = [
+    "RidgeLOO",
+    "RidgeCVResult",
+    "ridge_cv",
+    "ridge_similarity_cv",
+    "DEFAULT_ALPHAS",
+    "DEFAULT_TRAIN_FRACTION",
+    "MIN_HELD_OUT",
+]
 
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0)
+
+#: the fraction of the inputs the ridge similarity fits on by default (the authors' 90%) ...
+DEFAULT_TRAIN_FRACTION = 0.9
+#: ... holding out at least this many: the held-out R^2 of a column, 1 - SSE / SST, divides by a sum of squares of
+#: (held-out - 1) degrees of freedom, whose reciprocal has unbounded variance below 5 of them
+MIN_HELD_OUT = 6
 
 
 def float64_device(device) -> torch.device:
@@ -359,20 +373,60 @@ def ridge_cv(
     return RidgeLOO(x, fit_intercept=fit_intercept).fit(y, alphas, alpha_per_target=alpha_per_target)
 
 
-def train_test_split(n: int, train_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_test_split(n: int, train_fraction: float | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random split of ``n`` inputs drawn from ``seed``: ``(fit rows, held-out rows)``, at least 3 to fit and 2
+    held out. ``train_fraction`` (in (0, 1)) of the inputs are fit, rounded; ``None`` is
+    ``DEFAULT_TRAIN_FRACTION`` (the authors' 90%) holding out at least ``MIN_HELD_OUT`` inputs while at least half of
+    them stay to fit (this changes the split only for fewer than 56 inputs, where 90% holds out fewer than 6)."""
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed={seed!r} is not valid; give an int (it draws the train/test split)")
-    if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float | np.floating):
-        raise ValueError(f"train_fraction must be a number in (0, 1), got {train_fraction!r}")
-    if not 0 < train_fraction < 1:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    k = _fit_size(n, train_fraction)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")  # the generator's
+    return perm[:k], perm[k:]
+
+
+def _fit_size(n: int, train_fraction: float | None) -> int:
+    """How many of ``n`` inputs :func:`train_test_split` fits on (``train_fraction`` checked)."""
+    if train_fraction is not None:
+        if isinstance(train_fraction, bool) or not isinstance(train_fraction, int | float | np.floating):
+            raise ValueError(f"train_fraction must be a number in (0, 1) or None, got {train_fraction!r}")
+        if not 0 < train_fraction < 1:
+            raise ValueError(f"train_fraction must be in (0, 1) (or None), got {train_fraction}")
     if n < 5:
         raise ValueError(
             f"the representations have {n} inputs; a train/test split needs at least 5 (3 to fit, 2 held out)"
         )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")  # the generator's
-    k = min(max(int(round(train_fraction * n)), 3), n - 2)
-    return perm[:k], perm[k:]
+    frac = DEFAULT_TRAIN_FRACTION if train_fraction is None else train_fraction
+    k = min(max(int(round(frac * n)), 3), n - 2)
+    if train_fraction is None:  # at least MIN_HELD_OUT held out, but at least half of the inputs fit
+        k = max(3, (n + 1) // 2, min(k, n - MIN_HELD_OUT))
+    return k
+
+
+def warn_few_held_out(fn: str, n: int, train_fraction: float | None) -> None:
+    """Warn (naming ``fn`` and ``train_fraction``) when the split of ``n`` inputs holds out fewer than
+    ``MIN_HELD_OUT``: the held-out R^2 of each column, ``1 - SSE / SST``, then divides by a sum of squares with
+    fewer than 5 degrees of freedom, which comes arbitrarily close to 0 (its reciprocal has unbounded variance),
+    and the mean over columns is dominated by a few columns whose held-out values nearly coincide."""
+    held = n - _fit_size(n, train_fraction)
+    if held >= MIN_HELD_OUT:
+        return
+    from .sampling.diagnostics import user_stacklevel
+
+    if n >= 2 * MIN_HELD_OUT:
+        fix = (
+            f"hold out at least {MIN_HELD_OUT}: train_fraction <= {(n - MIN_HELD_OUT) / n:.3g} with {n} inputs, or "
+            f"train_fraction=None (the default: 90%, at least {MIN_HELD_OUT} held out)"
+        )
+    else:
+        fix = f"give at least {2 * MIN_HELD_OUT} inputs ({MIN_HELD_OUT} held out, as many to fit)"
+    warnings.warn(
+        f"{fn}: train_fraction={train_fraction!r} on {n} inputs holds out {held}; the held-out R^2 of a column "
+        f"from fewer than {MIN_HELD_OUT} inputs is unstable (a column whose few held-out values nearly coincide "
+        f"gives an R^2 of -100 or below, and the mean over columns follows it): {fix}",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _varying_columns(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,14 +477,14 @@ def ridge_similarity_cv(
     ys,
     *,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    train_fraction: float = 0.9,
+    train_fraction: float | None = None,
     seed: int = 0,
     sqrt: bool = True,
 ) -> float | list[float]:
     """The ridge similarity ``s(x -> y)`` of the authors' released code: ridge from ``x`` to ``y`` with an
-    intercept, the penalty chosen from ``alphas`` by efficient LOO on a random ``train_fraction`` of the samples,
-    scored by the held-out ``R^2`` averaged uniformly over ``y``'s columns; ``sqrt(max(R^2, 0))`` with ``sqrt``
-    (else ``R^2`` itself). Not symmetric.
+    intercept, the penalty chosen from ``alphas`` by efficient LOO on a random ``train_fraction`` of the samples
+    (default 90%, holding out at least 6), scored by the held-out ``R^2`` averaged uniformly over ``y``'s columns;
+    ``sqrt(max(R^2, 0))`` with ``sqrt`` (else ``R^2`` itself). Not symmetric.
 
     Parameters
     ----------
@@ -448,9 +502,15 @@ def ridge_similarity_cv(
         large scale hardly at all (see :func:`ridge_cv`). To compare representations of different scales, choose
         the grid relative to each (e.g. around the mean eigenvalue of the centred scatter ``||Xc||_F^2 / p``) or
         standardise them first. The similarity does not change with the scale of the targets.
-    train_fraction : float
+    train_fraction : float or None
         Fraction of the samples, in (0, 1), the penalty is chosen and the fit made on (by leave-one-out); the
-        rest score it.
+        rest score it (rounded; at least 3 fit and 2 held out). ``None`` (default): the authors' 90%, but holding
+        out at least ``MIN_HELD_OUT = 6`` samples while at least half remain to fit, which changes the split only
+        for fewer than 56 samples. Each column's held-out ``R^2 = 1 - SSE / SST`` divides by a sum of squares of
+        (held-out - 1) degrees of freedom; with fewer than 5 it comes arbitrarily close to 0, and the mean over
+        columns is dominated by the few columns whose held-out values nearly coincide (on 24 samples, 90% holds out
+        2, and the R^2 of unrelated data ranges over -6 to -1e4 where 6 held out give -0.5 to -3). A split that
+        holds out fewer than 6 warns, naming ``train_fraction``.
     seed : int
         Draws the split.
     sqrt : bool
@@ -466,6 +526,7 @@ def ridge_similarity_cv(
                 f"x has {xf.shape[0]} samples but ys[{i}] has {y.shape[0]}: give the same inputs"
             )
     tr, te = train_test_split(xf.shape[0], train_fraction, seed)
+    warn_few_held_out("ridge_similarity_cv", xf.shape[0], train_fraction)
     solver = RidgeLOO(xf[tr])
     x_te = _ldexp(xf[te], -solver.x_exp)  # in the units of the decomposition
     out = []
