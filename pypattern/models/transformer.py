@@ -1469,7 +1469,7 @@ class Attention(nn.Module):
         g = self.cfg.n_groups
         if g == 1:
             return t
-        return t.unsqueeze(-2).expand(*t.shape[:-1], g, t.shape[-1]).reshape(*t.shape[:-2], -1, t.shape[-1])
+        return t.unsqueeze(-2).expand(*t.shape[:-1], g, t.shape[-1]).reshape(*t.shape[:-2], t.shape[-2] * g, t.shape[-1])
 
     def scores(
         self,
