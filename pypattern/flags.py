@@ -912,8 +912,8 @@ def _not_called(spec: FlagSpec, who: str) -> RuntimeError:
     trained nor read)."""
     return RuntimeError(
         f"{who}: the model's forward did not reach hook={spec.hook!r}, although the model lists it: its hook points "
-        "are not wired to the modules it runs (e.g. a copy.deepcopy of a pypattern.hooked_hf model, whose hooks stay "
-        "on the original's modules: wrap the copied Hugging Face model with pypattern.hooked_hf instead)"
+        "are not wired to the modules it runs (e.g. a wrapper whose hooks were removed, or whose forward calls "
+        "modules other than the ones it hooks: wrap the model that runs with pypattern.hooked_hf)"
     )
 
 

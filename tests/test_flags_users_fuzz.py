@@ -263,8 +263,8 @@ def test_bad_flag_inputs_are_refused_naming_the_argument():
 
 def test_a_hook_point_the_forward_never_reaches_is_an_error_not_untrained_flags():
     """A model that lists the hook point but whose forward runs another module there (a hook point replaced after
-    the model was built; a deep copy of an adapter whose hooks stay on the original's modules): training and the
-    report refuse it naming the hook, instead of an index error or a report on nothing."""
+    the model was built): training and the report refuse it naming the hook, instead of an index error or a
+    report on nothing."""
     from pypattern.models.hooks import HookPoint
 
     model = _model("native")

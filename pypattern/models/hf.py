@@ -497,6 +497,9 @@ class HookedHF(HookedModule):
         self._checkpointing_warned = False
         self._hooks_outside_checkpointing(model)
 
+    def _wrapped_copy(self, module: nn.Module) -> HookedHF:
+        return HookedHF(module.model)
+
     @property
     def hf_model(self) -> nn.Module:
         """The wrapped Hugging Face model."""
@@ -548,8 +551,8 @@ class HookedHF(HookedModule):
                 m.gradient_checkpointing = True
 
         pre.changes_output = post.changes_output = False  # read by attached_hooks: they compute nothing
-        self._handles.append(base.register_forward_pre_hook(pre, with_kwargs=True))
-        self._handles.append(base.register_forward_hook(post, with_kwargs=True, always_call=True))
+        self._register(base, pre, pre=True, with_kwargs=True)
+        self._register(base, post, with_kwargs=True, always_call=True)
 
     def _add_pos_embed(self, model: nn.Module) -> None:
         """``hook_pos_embed`` on the position embedding's output, broadcast to the batch ``(batch, pos, d)`` as in
@@ -580,8 +583,8 @@ class HookedHF(HookedModule):
             return hp(out)
 
         grab.hook_point = post.hook_point = hp  # the identity while hp has no function attached
-        self._handles.append(base.register_forward_pre_hook(grab, with_kwargs=True))
-        self._handles.append(wpe.register_forward_hook(post))
+        self._register(base, grab, pre=True, with_kwargs=True)
+        self._register(wpe, post)
 
     def _add_resid_mid(self, model: nn.Module, layer: int) -> None:
         arch = self.arch
@@ -611,8 +614,8 @@ class HookedHF(HookedModule):
             return (a, *out[1:]) if isinstance(out, tuple) else a
 
         grab.hook_point = mid.hook_point = hp  # the identity while hp has no function attached
-        self._handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
-        self._handles.append(attn.register_forward_hook(mid))
+        self._register(block, grab, pre=True, with_kwargs=True)
+        self._register(attn, mid)
 
 
 def is_hf_causal_lm(model: Any) -> bool:

@@ -10,6 +10,8 @@ sub-modules named by module path (through PyTorch forward hooks), so the same pa
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -471,6 +473,7 @@ class HookedModule(HookedRootModule):
             )
         self.module = module
         self.n_layers = None if n_layers is None else int(n_layers)
+        self._hook_paths = dict(hook_points)
         self._points = nn.ModuleDict()
         self._handles = []
         self.hook_dict = {}
@@ -487,9 +490,61 @@ class HookedModule(HookedRootModule):
             self.hook_dict[name] = hp
             self._points[name.replace(".", "__")] = hp
             if is_input:
-                self._handles.append(mods[mpath].register_forward_pre_hook(self._pre(hp), with_kwargs=True))
+                self._register(mods[mpath], self._pre(hp), pre=True, with_kwargs=True)
             else:
-                self._handles.append(mods[mpath].register_forward_hook(self._post(hp)))
+                self._register(mods[mpath], self._post(hp))
+
+    def _register(self, module: nn.Module, fn: Callable, *, pre: bool = False, **kwargs) -> None:
+        """Register ``fn`` as a forward (pre-)hook of ``module`` (``kwargs`` to torch's registration), keeping its
+        handle. The hook does nothing when it is called on another module: a ``copy.deepcopy`` of the wrapped model
+        (or of one of its modules) copies its hooks, whose hook points are this wrapper's, not the copy's."""
+        owner = weakref.ref(module)
+
+        def hook(mod: nn.Module, *rest: Any) -> Any:
+            if mod is not owner():
+                return None
+            return fn(mod, *rest)
+
+        for attr in ("hook_point", "changes_output"):  # read by changes_output()
+            if hasattr(fn, attr):
+                setattr(hook, attr, getattr(fn, attr))
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._handles.append(register(hook, **kwargs))
+
+    def __deepcopy__(self, memo: dict) -> HookedModule:
+        """A wrapper of a copy of the wrapped module, with its own hook points (carrying the functions attached to
+        this wrapper's): torch's copy of the module alone would copy this wrapper's hooks with it, firing this
+        wrapper's hook points from the copy's forward. The wrapped module is copied without them."""
+        saved = []  # the hook dictionaries this wrapper's hooks are in, as they are (order included)
+        for h in self._handles:
+            for ref in (h.hooks_dict_ref, *getattr(h, "extra_dict_ref", ())):
+                d = ref()
+                if d is not None and h.id in d and not any(d is e for e, _ in saved):
+                    saved.append((d, list(d.items())))
+        ours = {h.id for h in self._handles}
+        for d, _ in saved:
+            for i in ours & d.keys():
+                del d[i]
+        try:
+            module = copy.deepcopy(self.module, memo)
+        finally:
+            for d, items in saved:
+                d.clear()
+                d.update(items)
+        new = self._wrapped_copy(module)
+        memo[id(self)] = new
+        for name, hp in self.hook_dict.items():
+            new.hook_dict[name]._fns[:] = hp._fns
+        built = set(new.__dict__)
+        for k, v in self.__dict__.items():  # attributes set on the wrapper after it was built
+            if k not in built:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        new.training = self.training
+        return new
+
+    def _wrapped_copy(self, module: nn.Module) -> HookedModule:
+        """This wrapper's kind of wrapper around ``module`` (a copy of the wrapped module)."""
+        return HookedModule(module, self._hook_paths, self.n_layers)
 
     def remove_hooks(self) -> None:
         """Take this wrapper's hooks off the wrapped module (it then runs as before it was wrapped); the wrapper's
