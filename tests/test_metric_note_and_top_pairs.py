@@ -70,7 +70,8 @@ def test_top_pairs_are_the_set_of_their_edges():
     got = faithfulness(model, top, clean, corr, metric=_metric)
     assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
     assert torch.equal(
-        patch_edges(model, top, clean, corr, metric=_metric), patch_edges(model, named, clean, corr, metric=_metric)
+        patch_edges(model, top, clean, corr, metric=_metric),
+        patch_edges(model, named, clean, corr, metric=_metric),
     )
     # the pairs name the same edges as the circuit of the top 7
     assert set(named) == set(scores.circuit(7).edges)
