@@ -39,9 +39,10 @@ re-estimates ``chi`` during training and re-inverts ("online" patterning).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -332,7 +333,10 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     """Weights in ``[lo, hi]`` with ``c @ w = c.sum()`` (``c`` scaled to sum N); returns ``h = (w - 1) / N``."""
     k, n = chi.shape
     if lo > 1 or (hi is not None and hi < 1):
-        raise ValueError(f"the bounds [{lo}, {hi}] must contain the uniform weight 1")
+        raise ValueError(
+            f"the bounds [{lo}, {hi}] must contain the uniform weight 1: give min_weight <= 1 <= max_weight "
+            f"(min_weight={lo!r}, max_weight={hi!r})"
+        )
     # in chi's units: chi and the target divided by its size and the penalty by its square give the same weights
     size = float(np.abs(chi).max())
     if size > 0:
@@ -833,13 +837,28 @@ def _box_dual(
     )
 
 
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def direction_target(direction, amount: float) -> np.ndarray:
     """Target ``d mu = amount * direction / |direction|`` (e.g. a principal susceptibility direction: positive
-    ``amount`` moves along it, negative against it)."""
+    ``amount`` moves along it, negative against it). ``amount`` is one real number (a Python or numpy number, or
+    a one-element tensor or 0-d array); a bool, a string or an array of several values is a ``TypeError``."""
     d = _as_float64(direction, "direction").reshape(-1)
     if not np.isfinite(d).all():
         raise ValueError(f"direction must be finite, got {d.tolist()}")
-    if not np.isfinite(float(amount)):
+    if isinstance(amount, torch.Tensor) and amount.numel() == 1:
+        amount = amount.detach().cpu().item()
+    elif isinstance(amount, np.ndarray) and amount.shape == ():
+        amount = amount.item()
+    if isinstance(amount, bool | np.bool_) or not isinstance(amount, int | float | np.number):
+        raise TypeError(f"amount={amount!r} is not valid; give a real number (the size of the target's step)")
+    if isinstance(amount, complex | np.complexfloating):
+        raise TypeError(f"amount={amount!r} is complex; give a real number")
+    amount = float(amount)
+    if not np.isfinite(amount):
         raise ValueError(f"amount must be finite, got {amount!r}")
     size = float(np.abs(d).max(initial=0.0))
     if size == 0:
@@ -1092,11 +1111,13 @@ class OnlinePatterner:
     target : callable(step, current_mu) -> array (K,) or array (K,)
         The desired change of the observables from now on.
     measure : callable(step) -> array (K,), optional
-        The current observables (passed to a callable target).
+        The current observables, passed to a callable target (given with a fixed target, which would never read
+        it: a ValueError).
     every : int
         Re-estimate every ``every`` calls of :meth:`weights_for`.
     invert_kwargs : dict
-        Passed to :func:`invert` (default ``method="constrained"``).
+        Passed to :func:`invert` (default ``method="constrained"``); a key :func:`invert` does not take is a
+        ``TypeError`` here, not at the first re-estimation.
 
     ``weights_for(step)`` returns the current per-point weights; between checkpoints it returns the last ones.
     ``history`` keeps (step, Intervention) for every re-inversion.
@@ -1122,6 +1143,22 @@ class OnlinePatterner:
             raise TypeError(
                 f"measure must be a callable(step) -> array (K,) or None, got {type(measure).__name__}"
             )
+        if measure is not None and not callable(target):
+            raise ValueError(
+                "measure is read only by a callable target(step, current_mu); with a fixed target it would never be "
+                "called: give target as a callable, or leave measure out"
+            )
+        if invert_kwargs is not None:
+            if not isinstance(invert_kwargs, Mapping):
+                raise TypeError(
+                    f"invert_kwargs must be a dict of invert()'s keyword arguments, got {type(invert_kwargs).__name__}"
+                )
+            known = [k for k, p in inspect.signature(invert).parameters.items() if p.kind is p.KEYWORD_ONLY]
+            bad = [k for k in invert_kwargs if k not in known]
+            if bad:
+                raise TypeError(
+                    f"invert_kwargs has keys {bad} that invert() does not take; its keyword arguments are {known}"
+                )
         self.estimate_chi, self.target, self.measure, self.every = estimate_chi, target, measure, every
         self.invert_kwargs = {"method": "constrained", **(invert_kwargs or {})}
         self.history: list[tuple[int, Intervention]] = []
@@ -1130,13 +1167,23 @@ class OnlinePatterner:
 
     def weights_for(self, step: int) -> np.ndarray:
         if self._weights is None or self._calls % self.every == 0:
-            chi = _as_2d(self.estimate_chi(step))
+            chi = self.estimate_chi(step)  # (its own errors propagate as they are)
+            try:
+                chi = _as_2d(chi)
+            except (TypeError, ValueError) as e:
+                kind = TypeError if isinstance(e, TypeError) else ValueError
+                raise kind(f"estimate_chi({step!r}) returned a chi that is not valid: {e}") from None
             tgt = (
                 self.target(step, None if self.measure is None else self.measure(step))
                 if callable(self.target)
                 else self.target
             )
-            iv = invert(chi, tgt, **self.invert_kwargs)
+            try:
+                iv = invert(chi, tgt, **self.invert_kwargs)
+            except (TypeError, ValueError) as e:
+                what = f"target(step={step!r}, ...) returned" if callable(self.target) else "target is"
+                kind = TypeError if isinstance(e, TypeError) else ValueError
+                raise kind(f"{e} (at step {step!r}; {what} {_short(tgt)})") from None
             self.history.append((step, iv))
             self._weights = iv.weights
         self._calls += 1

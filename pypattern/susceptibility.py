@@ -314,13 +314,18 @@ class SusceptibilityResult(Saveable):
         """PCA of the probe points in component space (``chi.T``: one row per probe point, one feature per
         component), centred over probe points; ``whiten=True`` first scales each component to unit variance.
         Probe points that do not count (``probe_counted`` False: padding, ``-100`` labels) are left out; their
-        rows of ``scores`` are NaN."""
+        rows of ``scores`` are NaN. ``n_components`` (default: all) is at most the number of directions the SVD has,
+        the smaller of the number of components and of counted probe points (more is a ``ValueError``); directions
+        beyond the rank of the centred matrix have explained variance 0 and are an arbitrary orthonormal
+        completion. Each direction's sign makes its largest-magnitude loading positive."""
         if n_components is not None and (
             isinstance(n_components, bool)
             or not isinstance(n_components, numbers.Integral)
             or n_components < 1
         ):
             raise ValueError(f"n_components={n_components!r} is not valid; give an int >= 1 or None (all)")
+        if not isinstance(whiten, bool | np.bool_):
+            raise TypeError(f"whiten={whiten!r} is not valid; give True or False")
         keep = None if self.probe_counted is None else np.asarray(self.probe_counted, dtype=bool)
         x = self.chi.T.astype(np.float64)
         if keep is not None:
@@ -331,6 +336,13 @@ class SusceptibilityResult(Saveable):
             x = x[keep]
         if not np.isfinite(x).all():
             raise ValueError("chi holds NaN or Inf entries (a diverged chain?): PCA needs finite values")
+        most = min(x.shape)  # the SVD of the (probe points x components) matrix has this many directions
+        if n_components is not None and int(n_components) > most:
+            raise ValueError(
+                f"n_components={n_components!r} is more than the {most} principal directions chi has (the smaller "
+                f"of its {x.shape[1]} components and {x.shape[0]} counted probe points); give at most {most}, "
+                "or None for all"
+            )
         mean = x.mean(0)
         xc = x - mean
         scale = xc.std(0, ddof=1) if whiten and x.shape[0] > 1 else np.ones(x.shape[1])
@@ -390,7 +402,8 @@ class SusceptibilityResult(Saveable):
         ax0.set_xlabel("probe sample / token")
         ax0.set_title(f"susceptibilities ({self.convention} convention)")
         fig.colorbar(im, ax=ax0)
-        if self.chi.shape[0] >= 2 and self.chi.shape[1] >= 3:
+        counted = self.chi.shape[1] if self.probe_counted is None else int(np.sum(self.probe_counted))
+        if self.chi.shape[0] >= 2 and counted >= 3:
             p = self.pca(2)
             ax1.scatter(p.scores[:, 0], p.scores[:, 1], s=6, c=self.probe_position, cmap="viridis")
             r = p.explained_variance_ratio
@@ -1164,7 +1177,16 @@ def susceptibilities(
             v = observable(
                 m
             )  # a tensor in float64 where float64 is (the CPU for MPS); a number read as float64
-            return as_float64(v) if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+            if isinstance(v, torch.Tensor) and not (v.is_complex() or v.dtype == torch.bool):
+                return as_float64(v.detach())
+            if isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_):
+                return torch.as_tensor(float(v), dtype=torch.float64)
+            if isinstance(v, np.ndarray) and v.dtype.kind in "iuf":  # (its shape is checked at w*)
+                return torch.as_tensor(v, dtype=torch.float64)
+            raise TypeError(
+                f"observable returned {_short_text(v)}; it must return phi as one real number (a scalar tensor of "
+                "a real dtype, or a float)"
+            )
         return as_float64(split_loss(lf(m, sampling_batch)).detach())
 
     l0 = _probe_losses_at_w_star(model, probe, per_sample_loss_fn, losses_of)
@@ -1175,7 +1197,7 @@ def susceptibilities(
             f"observable returned shape {tuple(phi0.shape)} at w*; it must return one number (phi, a scalar): "
             "reduce it, e.g. with .sum(), or estimate one susceptibility per entry with one observable each"
         )
-    phi0 = phi0.reshape(())
+    phi0 = phi0.reshape(()).clone()  # (not a view of a parameter the observable returned)
     if not bool(torch.isfinite(phi0)):
         what = "observable" if observable is not None else phi_batch
         own = own_losses_at is not None and observable is None  # phi is the mean of per_sample_loss_fn
@@ -1238,12 +1260,16 @@ def susceptibilities(
         if local is not None and os.path.exists(local):
             saved = load_checkpoint_state(local)
             # the accumulators were filled by this susceptibility run (the sampler checks its own settings)
-            io.check_fingerprint(
-                json.loads(bytes(saved.get("fingerprint", b"{}")).decode()),
-                group_fp,
-                local,
-                defaults=_sample_defaults(),
-            )
+            try:
+                stored_fp = json.loads(bytes(saved.get("fingerprint", b"{}")).decode())
+                if not isinstance(stored_fp, Mapping | None):  # (None: a run without a fingerprint)
+                    raise ValueError("not a mapping")
+            except (UnicodeDecodeError, ValueError, TypeError, BufferError):
+                raise io.FormatError(
+                    f"checkpoint {local!r} is damaged: its state/fingerprint member is not the JSON text of a "
+                    "fingerprint; delete the file to start the group afresh"
+                ) from None
+            io.check_fingerprint(stored_fp, group_fp, local, defaults=_sample_defaults())
             done = io.load(local, kind=CHECKPOINT_KIND)[0].get("done")
             for i, a in enumerate(accs):
                 pre = f"acc{i}/"

@@ -630,7 +630,8 @@ def run_user_chi(
         w.writerow(["component", *columns])
         for name, row in zip(res.components, chi):
             w.writerow([name, *(repr(float(v)) for v in row)])
-    pca = res.pca(n_components=min(3, *chi.shape))
+    counted = chi.shape[1] if res.probe_counted is None else int(np.asarray(res.probe_counted).sum())
+    pca = res.pca(n_components=min(3, chi.shape[0], counted))
     summary = {
         "model": str(model_dir),
         "data": str(data),
