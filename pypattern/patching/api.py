@@ -36,6 +36,7 @@ from .metrics import (
     metric_positions,
     no_op_causes,
     one_prompt,
+    result_name,
     same_prompts,
     warn_no_op,
     warn_nonfinite_examples,
@@ -152,8 +153,9 @@ def resolve_corruption(corrupted_tokens, corruption):
 
 def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric) -> None:
     """Warn, once for the call ``call``, when its corruption changes nothing (corrupted prompts equal to the clean
-    ones; a mean ablation over one prompt, the clean one) or its metric is 0 on every run (a ``LogitDiff`` whose
-    answer and wrong tokens are the same): every effect is then 0 whatever the model (see
+    ones; a mean ablation over one prompt, the clean one; Gaussian noise of standard deviation 0) or its metric is
+    0 on every run (a ``LogitDiff`` whose answer and wrong tokens are the same): every effect is then 0 whatever
+    the model (see
     :func:`~pypattern.patching.metrics.no_op_causes`). Arguments the call refuses are left to its checks."""
     if corrupted_tokens is not None and corruption is not None:
         return  # ambiguous: refused by resolve_corruption
@@ -164,7 +166,13 @@ def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric)
         if one_prompt(ref, clean_tokens):
             mean_of_one = int(ref.shape[0])
     hint = " (or MeanAblation(reference_tokens=...) with other prompts)"
-    warn_no_op(call, no_op_causes(metric, same=same, mean_of_one=mean_of_one, mean_hint=hint), "effect")
+    no_noise = (
+        corrupted_tokens is None
+        and isinstance(corruption, GaussianNoise)
+        and (corruption.std == 0 if corruption.std is not None else corruption.std_multiplier == 0)
+    )
+    causes = no_op_causes(metric, same=same, mean_of_one=mean_of_one, mean_hint=hint, no_noise=no_noise)
+    warn_no_op(call, causes, "effect")
 
 
 def check_corruption_tokens(corruption, d_vocab: int | None, shape: tuple) -> None:
@@ -606,7 +614,8 @@ def activation_patching(
         ``exact``: the batched engine that recomputes only what a patch can change (pypattern's Transformer);
         ``naive``: one full forward per cell; ``auto``: exact when possible.
     max_batch : int, optional
-        Exact engine: at most this many cells per batch.
+        Exact engine: at most this many cells per batch. The batch settings change which cells share a forward,
+        so the values agree across settings to rounding (not bit for bit).
     max_memory : int, optional
         Exact engine: bytes of working memory per batch (default 1 GiB); the batch is the largest number of
         cells whose estimate (:func:`~pypattern.patching.engine.bytes_per_cell`) fits, and whose logits over the
@@ -623,7 +632,10 @@ def activation_patching(
         of the same run reads them back and computes only the rest. The same run: the
         same model weights, site, grid, direction, method, prompts, corruption and metric (by its code and its
         values on the clean and corrupted runs); another run is refused (``FingerprintMismatch``). The batch
-        settings may differ. A finished run's file gives its result without patching again.
+        settings (``max_batch``, ``max_memory``) may differ: the cells left are then batched otherwise, and their
+        values agree with an uninterrupted run's to rounding (a few units in the last place, as those of any two
+        runs with other batch settings do), not bit for bit. A finished run's file gives its result without
+        patching again.
 
     Returns
     -------
@@ -777,11 +789,14 @@ class _Grid:
         self.todo = [i for i in range(self.n) if not bool(self.done[i])]
 
     def run(self, blocks: list[list[int]], compute, done: list[int] = ()) -> None:
-        """Each block's values from ``compute(cell indices) -> (len, batch)``, but for the blocks a checkpoint
-        gave (blocks are saved whole); ``done``: cells set already."""
+        """Each block's values from ``compute(cell indices) -> (len, batch)``, but for the cells a checkpoint
+        gave; ``done``: cells set already. Blocks are saved whole, so a run resumed with the batch settings of the
+        stopped one computes whole blocks; under other settings a block may hold cells the checkpoint gave, and
+        only its other cells are computed (and counted by the progress bar)."""
         self.done[list(done)] = True
         finished = int(self.done.sum())
-        blocks = [b for b in blocks if not bool(self.done[b].all())]
+        blocks = [[i for i in b if not bool(self.done[i])] for b in blocks]
+        blocks = [b for b in blocks if b]
         saved = time.perf_counter()
         unsaved = False  # blocks finished since the last save
         with (
@@ -968,7 +983,7 @@ def _activation_patching(
         coords=coords,
         site=site,
         direction=direction,
-        metric=getattr(metric, "name", type(metric).__name__),
+        metric=result_name(metric),
         method=method,
         info={
             "window": window,

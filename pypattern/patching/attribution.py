@@ -62,6 +62,7 @@ from .metrics import (
     logits_at,
     metric_on,
     metric_positions,
+    result_name,
 )
 from .results import PatchResult
 from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_heads
@@ -770,7 +771,7 @@ def _atp(
             coords=coords,
             site=site,
             direction=direction,
-            metric=getattr(metric, "name", type(metric).__name__),
+            metric=result_name(metric),
             method="atp*" if (qk_fix or grad_drop) else "atp",
             info=info,
         )
@@ -816,7 +817,8 @@ def shortlist_and_confirm(
     corrupted_tokens, corruption, direction, per_position
         As in :func:`~pypattern.patching.activation_patching`, the same for both stages.
     k : int
-        Cells confirmed by exact patching: the ``k`` ranked highest by AtP.
+        Cells confirmed by exact patching: the ``k`` ranked highest by AtP (every cell of the grid when it has
+        fewer).
     qk_fix, grad_drop
         AtP* 's corrections (:func:`attribution_patching`) in the shortlisting stage. With ``grad_drop`` the cells
         are ranked by their GradDrop score averaged over the examples (``info["graddrop"]``, AtP*'s ranking),

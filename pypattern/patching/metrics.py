@@ -367,6 +367,16 @@ def _metric_name(metric) -> str:
     return getattr(metric, "__qualname__", None) or type(metric).__name__
 
 
+def result_name(metric) -> str:
+    """The name a result records for ``metric``: a :class:`Metric`'s ``name`` (``"logit_diff"``), a plain
+    function's own name (``"my_metric"``, ``"<lambda>"``), else its class's name (a callable object's)."""
+    name = getattr(metric, "name", None)
+    if isinstance(name, str):
+        return name
+    name = getattr(metric, "__name__", None)
+    return name if isinstance(name, str) else type(metric).__name__
+
+
 def check_metric_output(values, batch: int) -> torch.Tensor:
     """Enforce the metric contract on the clean run: one value per example, a tensor of shape ``(batch,)``.
 
@@ -484,17 +494,28 @@ def one_prompt(*batches) -> bool:
 
 
 def no_op_causes(
-    metric, *, same: bool = False, mean_of_one: int | None = None, mean_hint: str = ""
+    metric,
+    *,
+    same: bool = False,
+    mean_of_one: int | None = None,
+    mean_hint: str = "",
+    no_noise: bool = False,
 ) -> list[str]:
     """Why every effect of a patching call is 0 whatever the model (each cause a clause naming it and its fix):
     ``same``, the corrupted prompts equal the clean ones; ``mean_of_one``, a mean ablation averages that many
-    rows that are all the clean prompt (``mean_hint`` says what to give instead); and a :class:`LogitDiff` whose
-    answer and wrong tokens are the same (:func:`logit_diff_is_zero`)."""
+    rows that are all the clean prompt (``mean_hint`` says what to give instead); ``no_noise``, a Gaussian-noise
+    corruption of standard deviation 0; and a :class:`LogitDiff` whose answer and wrong tokens are the same
+    (:func:`logit_diff_is_zero`)."""
     causes = []
     if same:
         causes.append(
             "the corrupted prompts equal the clean ones, so every patched activation is the one it replaces (the "
             "clean and corrupted prompts leave the metric unchanged); give corrupted prompts that differ"
+        )
+    if no_noise:
+        causes.append(
+            "GaussianNoise has standard deviation 0 (std=0 or std_multiplier=0), so the corrupted run is the clean "
+            "one; give a positive std or std_multiplier"
         )
     if mean_of_one is not None:
         over = "one prompt" if mean_of_one == 1 else f"{mean_of_one} copies of one prompt"

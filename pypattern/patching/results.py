@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._checks import is_count
 from ..io import Saveable, register
 from ..sampling.results import check_arrays
 
@@ -256,8 +257,9 @@ class PatchResult(Saveable):
         grid order (row-major over :attr:`axes`); cells whose mean is NaN (a metric that is NaN on a patched run,
         or a mean gap of 0 when normalised) come after every other cell, in grid order, with their NaN.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        if not is_count(k) or k < 0:  # numpy's integers too, as shortlist_and_confirm's k
             raise ValueError(f"k={k!r} is not valid; give an int >= 0")
+        k = int(k)
         m = (
             self._kept(self.effect).mean(0)
             if not normalized
@@ -296,6 +298,59 @@ class PatchResult(Saveable):
             r.update(mean=float(mean[ix]), se=float(se[ix]), ci_low=float(lo[ix]), ci_high=float(hi[ix]))
             rows.append(r)
         return rows
+
+    def plot(self, path=None, ax=None, normalized: bool | None = None, title: str | None = None):
+        """Heatmap of the mean over the examples (over :attr:`finite_examples`): layers down, the last grid axis
+        across (positions, or heads for a per-head grid over all positions); a grid of layer x head x position
+        has one row per (layer, head), labelled ``L{layer}H{head}``.
+
+        ``normalized``: True plots :meth:`mean` normalised (1 = clean level, 0 = corrupted level; needs a
+        corrupted run); False the mean :attr:`effect` (patched minus target metric); None (default) the first when
+        there is a corrupted run, else the second. The colour scale is symmetric about 0. Returns the axes; with
+        ``path`` (and no ``ax``) the figure is also written there and closed."""
+        import matplotlib
+
+        if normalized is None:
+            normalized = self.corrupted is not None
+        if not isinstance(normalized, bool):
+            raise TypeError(f"normalized={normalized!r} is not valid; give True, False or None")
+        if path is not None and ax is None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        m = self.mean(True) if normalized else self._kept(self.effect).mean(0)
+        m = m.detach().to("cpu", torch.float64)
+        axes = list(self.axes)
+        if m.dim() == 1:
+            m, xs, ys, xlab = m[:, None], [""], self.coords[axes[0]], ""
+        elif m.dim() == 2:
+            xs, ys, xlab = self.coords[axes[1]], self.coords[axes[0]], axes[1]
+        else:  # (layer, head, pos): one row per (layer, head)
+            ys = [f"L{a}H{b}" for a in self.coords[axes[0]] for b in self.coords[axes[1]]]
+            xs, xlab = self.coords[axes[2]], axes[2]
+            m = m.reshape(-1, m.shape[-1])
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(max(5.5, 1.5 + 0.45 * len(xs)), max(2.8, 1.4 + 0.3 * len(ys))))
+        finite = m[torch.isfinite(m)]
+        lim = float(finite.abs().max()) if finite.numel() else 1.0
+        lim = lim if lim > 0 else 1.0
+        im = ax.imshow(m.numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs], fontsize=8)
+        ax.set_yticks(range(len(ys)), [str(y) for y in ys], fontsize=8)
+        ax.set_xlabel(xlab)
+        ax.set_ylabel("layer" if len(axes) < 3 else "layer, head")
+        what = "normalised (1 = clean, 0 = corrupted)" if normalized else "mean effect"
+        ax.set_title(
+            title or f"{self.method} {self.direction}: {self.site}, {self.metric}\n{what}", fontsize=9
+        )
+        ax.figure.colorbar(im, ax=ax, fraction=0.046)
+        if own:
+            fig.tight_layout()
+            if path is not None:
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+        return ax
 
     def to_csv(self, path: str, normalized: bool = True) -> None:
         """Write :meth:`to_records` as CSV (no pandas needed)."""
