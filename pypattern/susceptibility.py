@@ -389,13 +389,17 @@ class SusceptibilityResult(Saveable):
     def plot(self, path: str | os.PathLike | None = None):
         """Heatmap of chi (components x probe points) and the probe points on the first two principal
         directions. Returns the matplotlib figure; writes it to ``path`` if given."""
-        import matplotlib
+        if (
+            path is not None
+        ):  # a figure outside pyplot: matplotlib's backend and pyplot's figures are left as they are
+            from matplotlib.figure import Figure
 
-        if path is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            fig = Figure(figsize=(12, 4))
+            ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+        else:
+            import matplotlib.pyplot as plt
 
-        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
+            fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
         lim = np.abs(self.chi).max() or 1.0
         im = ax0.imshow(self.chi, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         ax0.set_yticks(range(len(self.components)), self.components, fontsize=7)

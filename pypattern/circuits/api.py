@@ -40,6 +40,7 @@ from ..patching.metrics import (
     name_examples,
     no_op_causes,
     one_prompt,
+    result_name,
     same_prompts,
     warn_no_op,
     warn_nonfinite_examples,
@@ -62,7 +63,7 @@ def _converted(model, call: str):
 
 
 def _metric_name(metric) -> str:
-    return getattr(metric, "name", type(metric).__name__)
+    return result_name(metric)
 
 
 def _graph_for(model, graph: EdgeGraph | None, per_position: bool, seq_len: int) -> EdgeGraph:
@@ -186,6 +187,10 @@ def _scored_pair(item) -> bool:
 def _materialised(edges):
     """``edges`` read once into a list when it is an iterator or generator (the per-position test and the masks
     both read it: a generator would lose its first item to the first)."""
+    if (
+        isinstance(edges, np.ndarray) and edges.dtype.kind in "biuf"
+    ):  # a mask (or a batch of masks) over edges
+        return torch.from_numpy(np.ascontiguousarray(edges))
     if isinstance(edges, (torch.Tensor, Edge, str, list, tuple)):
         return edges
     try:
@@ -1234,7 +1239,14 @@ def pruning_curve(
         given[str(name)] = s
         label = "scores" if one else f"scores[{name!r}]"
         if s.shape != (E,):
-            raise ValueError(f"{label} has shape {tuple(s.shape)}; the graph has {E} edges")
+            T = clean.shape[-1] if isinstance(clean, torch.Tensor) and clean.dim() else None
+            hint = (
+                f" (scores over {s.shape[0]} edges are the per-position graph's over {T} positions: give "
+                f"graph=edges(model, per_position=True, seq_len={T}), or EdgeScores, which carry their graph)"
+                if T and not graph.per_position and s.dim() == 1 and s.shape[0] == E * T
+                else ""
+            )
+            raise ValueError(f"{label} has shape {tuple(s.shape)}; the graph has {E} edges{hint}")
         order = rank_order(s, label, graph)
         rank = torch.empty(E, dtype=torch.long)
         rank[order] = torch.arange(E)
@@ -1451,8 +1463,11 @@ def acdc(
     memory_budget = _memory_setting(memory_budget, max_memory)
     model = _converted(model, "acdc")
     check_graph_arg(graph)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    if isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and threshold.dtype != torch.bool:
+        threshold = threshold.item()  # a 0-d (or one-element) tensor of a number
+    if not is_real(threshold) or not math.isfinite(float(threshold)):
         raise ValueError(f"threshold={threshold!r} is not valid; give a finite number in units of the metric")
+    threshold = float(threshold)
     if threshold < 0:
         raise ValueError(
             f"threshold={threshold!r} is not valid: it is the largest drop of the metric at which an edge is removed, "

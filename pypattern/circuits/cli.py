@@ -295,8 +295,9 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
         if full:
             if corrupted is not None:
                 raise ValueError(
-                    f"the token file {tokens!r} holds its own corrupted prompts; the corrupted file {corrupted!r} is not "
-                    "read with it"
+                    f"corrupted={corrupted!r} is not read with tokens={tokens!r}, a prompt file holding its own "
+                    "corrupted prompts; give one or the other (a plain token file of clean prompts reads a "
+                    "corrupted file)"
                 )
             clean, corr, metric = load_prompts(tokens, **limits)
             return clean, corr, metric, "resample"
@@ -306,18 +307,18 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
         corr = load_tokens(corrupted, **limits, argument="corrupted")
         if corr.shape != clean.shape:
             raise ValueError(
-                f"the corrupted file {corrupted!r} has shape {tuple(corr.shape)}; it must match the token file's "
-                f"{tuple(clean.shape)}"
+                f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match that of the clean prompts, "
+                f"tokens={tokens!r}: {tuple(clean.shape)}"
             )
         if torch.equal(corr, clean):
             raise ValueError(
-                f"the corrupted file {corrupted!r} equals the token file {tokens!r}: every edge would carry its clean "
+                f"corrupted={corrupted!r} equals the token file tokens={tokens!r}: every edge would carry its clean "
                 "value, so every score is 0; give corrupted prompts that differ from the clean ones"
             )
     elif bool((clean == clean[:1]).all()):
         what = "one prompt" if clean.shape[0] == 1 else f"{clean.shape[0]} prompts, all the same"
         raise ValueError(
-            f"the token file {tokens!r} holds {what}: without a corrupted file an edge carries its mean over the "
+            f"tokens={tokens!r} holds {what}: without a corrupted file an edge carries its mean over the "
             "prompts, which is then each prompt's own value, so every score is 0; give at least two different "
             "prompts or a corrupted file (--corrupted)"
         )
@@ -363,7 +364,8 @@ def run_circuit_demo(
     With neither ``model_dir`` nor ``tokens``: a 2-layer attention-only model trained on the built-in induction
     task (per-position edges; see :func:`~pypattern.circuits.experiments.run_induction_circuit`). The circuit
     drawn is the top ``fraction`` by the last method in ``methods`` (``fraction`` times the number of edges,
-    rounded; a fraction that rounds to no edge takes the top edge, with a warning). A half-precision model is scored as its float32
+    rounded; a fraction that rounds to no edge takes the top edge, with a warning); ``methods`` are method names, or
+    one string of them comma-separated as ``--methods`` takes them. A half-precision model is scored as its float32
     copy (with a warning). ``quiet=False`` reports each stage (training, each method's scores, the pruning curve)
     on stderr as it finishes. ``model_argument``: how errors name ``model_dir`` (the command line: ``"--model"``).
     ``checkpoint``: with ``model_dir``, a folder keeping the long stages' work as it is done: the exact method's
@@ -387,7 +389,9 @@ def run_circuit_demo(
         raise ValueError("give both model_dir=... and tokens=..., or neither (the built-in induction task)")
     if corrupted is not None and tokens is None:
         raise ValueError("corrupted=... needs model_dir=... and tokens=...")
-    methods = tuple(methods)
+    # a string is read as the command line's --methods: comma-separated names (one name alone is one method)
+    methods = tuple(m.strip() for m in methods.split(",")) if isinstance(methods, str) else tuple(methods)
+    methods = tuple(dict.fromkeys(methods))  # each method once
     bad = [m for m in methods if m not in _METHODS]
     if not methods or bad:
         raise ValueError(f"methods={list(methods)!r} is not valid; choose one or more of {list(_METHODS)}")

@@ -138,6 +138,10 @@ class EdgeGraph:
                 raise ValueError(f"{k}={v!r} is not valid; give a positive int")
         if n_pos is not None and (not _is_int(n_pos) or n_pos < 1):
             raise ValueError(f"n_pos={n_pos!r} is not valid; give a positive int or None")
+        for k, v in (("has_mlp", has_mlp), ("parallel", parallel)):
+            if not isinstance(v, bool | np.bool_):
+                raise TypeError(f"{k}={v!r} is not valid; give True or False")
+        has_mlp, parallel = bool(has_mlp), bool(parallel)
         n_layers, n_heads = int(n_layers), int(n_heads)
         n_pos = None if n_pos is None else int(n_pos)
         self.n_layers, self.n_heads = n_layers, n_heads
@@ -349,7 +353,10 @@ class EdgeGraph:
         return msg
 
     def mask(self, edges: Iterable[Edge | str] | torch.Tensor) -> torch.Tensor:
-        """A boolean mask ``(num_edges,)`` of ``edges`` (an iterable of edges or names, or a mask already)."""
+        """A boolean mask ``(num_edges,)`` of ``edges`` (an iterable of edges or names, or a mask already: a bool
+        tensor or NumPy array, or one of 0s and 1s)."""
+        if isinstance(edges, np.ndarray) and edges.dtype.kind in "biufc":  # a NumPy mask, read as torch's
+            edges = torch.from_numpy(edges)
         if isinstance(edges, torch.Tensor):
             m = zero_one_mask(edges)
             if m is None:

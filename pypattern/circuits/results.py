@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -56,11 +57,59 @@ def _load(path, kind: str):
     """Read through :mod:`pypattern.io`: a pickle, a truncated file or another kind is a ``FormatError``. Arrays
     come back as tensors, in bfloat16 where :func:`_save` recorded it."""
     a, m = io.load(path, kind=kind)
-    bf16 = set(m.get("bfloat16", ()))
-    out = {
-        k: torch.from_numpy(v).to(torch.bfloat16) if k in bf16 else torch.from_numpy(v) for k, v in a.items()
-    }
+    members = _MEMBERS[kind]
+    extra = sorted(k for k in a if k not in members)
+    if extra:
+        raise io.FormatError(
+            f"{os.fspath(path)!r} is corrupt: it holds members {extra} that a {kind} does not have (it has "
+            f"{list(members)})"
+        )
+    bf16 = m.get("bfloat16", [])
+    if not isinstance(bf16, list) or not all(k in a for k in bf16):
+        raise io.FormatError(
+            f"{os.fspath(path)!r} is corrupt: its header's bfloat16 entry {_short_text(bf16)} does not name its "
+            "members"
+        )
+    with _damaged(path, kind):
+        out = {
+            k: torch.from_numpy(v).to(torch.bfloat16) if k in bf16 else torch.from_numpy(v)
+            for k, v in a.items()
+        }
     return out, m
+
+
+#: the members a file of each kind may hold
+_MEMBERS = {
+    "EdgeScores": ("values", "m_base", "m_clean", "scored_examples"),
+    "Circuit": ("mask", "scores"),
+}
+
+
+def _check_settings(obj, names: tuple[str, ...]) -> None:
+    """The recorded settings ``names`` of ``obj`` (a result read by ``load``) are strings (the circuits functions'
+    ``method``, ``mode``, ``ablation`` and metric name), else a ValueError naming the setting."""
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, str):
+            raise ValueError(f"{name} is {_short_text(v)}; expected a string")
+
+
+def _number(v) -> float | None:
+    """A circuit's ``faithfulness`` as the file holds it: None, or a real number as a Python float (one of a batch
+    of circuits' faithfulness tensor, a 0-d tensor, or a NumPy number, is read as its value); else a TypeError."""
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
+        return float(v)
+    if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_):
+        return float(v)
+    raise TypeError(f"faithfulness={_short_text(v)} cannot be saved; give a real number or None")
+
+
+def _check_real(name: str, v: torch.Tensor) -> None:
+    """``v`` holds real floating-point numbers (a file read by ``load``), else a ValueError naming ``name``."""
+    if not v.is_floating_point():
+        raise ValueError(f"{name} holds {v.dtype} values; expected real floating-point numbers")
 
 
 def _short_text(v) -> str:
@@ -111,6 +160,36 @@ def rank_order(scores: torch.Tensor, name: str, graph: EdgeGraph) -> torch.Tenso
             "that edge's score NaN) or replace the NaN (e.g. with nan_to_num) before ranking"
         )
     return torch.sort(-scores.abs(), stable=True).indices
+
+
+def edge_mask(graph: EdgeGraph, edges, name: str) -> torch.Tensor:
+    """``edges`` as a bool mask ``(num_edges,)`` over ``graph``: a bool mask (or one of 0s and 1s) of that shape,
+    or an iterable of edges or edge names; anything else a ValueError or TypeError naming ``name``."""
+    if isinstance(edges, torch.Tensor | np.ndarray):
+        t = torch.as_tensor(edges)
+        if t.dim() != 1 or t.shape[0] != len(graph):
+            raise ValueError(
+                f"{name} is a mask of shape {tuple(t.shape)}; the graph has {len(graph)} edges: give a bool mask "
+                f"({len(graph)},), or the edges (or their names)"
+            )
+        edges = t
+    try:
+        return graph.mask(edges)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{name}: {e}") from None
+
+
+def edge_values(graph: EdgeGraph, scores, name: str) -> torch.Tensor | None:
+    """``scores`` (None, or one real number per edge of ``graph``) as a tensor ``(num_edges,)``, else a ValueError
+    naming ``name``."""
+    if scores is None:
+        return None
+    t = torch.as_tensor(scores)
+    if tuple(t.shape) != (len(graph),) or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(
+            f"{name} is {t.dtype} of shape {tuple(t.shape)}; give one real number per edge ({len(graph)},), or None"
+        )
+    return t
 
 
 @dataclass
@@ -263,11 +342,16 @@ class EdgeScores:
         the graph, one ``m_base`` and ``m_clean`` per example, and ``info["scored_examples"]`` (when there) a flag
         per example."""
         E = len(self.graph)
+        _check_settings(self, ("method", "mode", "ablation", "metric"))
+        if not isinstance(self.info, dict):
+            raise ValueError(f"info is {_short_text(self.info)}; expected a dict")
         if self.values.dim() != 2 or self.values.shape[1] != E:
             raise ValueError(f"values has shape {tuple(self.values.shape)} for a graph of {E} edges")
+        _check_real("values", self.values)
         batch = self.values.shape[0]
         for name in ("m_base", "m_clean"):
             v = getattr(self, name)
+            _check_real(name, v)
             if tuple(v.shape) != (batch,) or v.is_complex():
                 raise ValueError(
                     f"{name} is {v.dtype} of shape {tuple(v.shape)}; expected real numbers ({batch},), one per "
@@ -291,6 +375,13 @@ class Circuit:
     faithfulness: float | None = None
     method: str = ""
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """The circuit's edges as a bool mask over its graph (``mask`` may be a bool mask, one of 0s and 1s, or the
+        edges or their names) and ``scores`` one number per edge; anything else is refused, naming it."""
+        check_graph_arg(self.graph, "graph", optional=False)
+        self.mask = edge_mask(self.graph, self.mask, "mask")
+        self.scores = edge_values(self.graph, self.scores, "scores")
 
     def __len__(self) -> int:
         return int(self.mask.sum())
@@ -323,7 +414,7 @@ class Circuit:
         """Graph drawing of the circuit with its edge scores (see :func:`draw_circuit`)."""
         if title is None:
             f = "" if self.faithfulness is None else f", faithfulness {self.faithfulness:.3f}"
-            title = f"{self.method} circuit: {len(self)} of {len(self.graph)} edges{f}"
+            title = f"{self.method + ' ' if self.method else ''}circuit: {len(self)} of {len(self.graph)} edges{f}"
         return draw_circuit(self.graph, self.mask, self.scores, path=path, ax=ax, title=title, **kwargs)
 
     plot = draw
@@ -334,7 +425,11 @@ class Circuit:
         if self.scores is not None:
             arrays["scores"] = self.scores
         info = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))}
-        meta = {"graph": _graph_meta(self.graph), "faithfulness": self.faithfulness, "method": self.method}
+        meta = {
+            "graph": _graph_meta(self.graph),
+            "faithfulness": _number(self.faithfulness),
+            "method": self.method,
+        }
         meta["info"] = info
         _save(path, arrays, meta, "Circuit")
 
@@ -344,6 +439,8 @@ class Circuit:
         with _damaged(path, "Circuit"):
             graph = EdgeGraph(**m["graph"])
             sc = a.get("scores")
+            if a["mask"].dtype != torch.bool:  # written as bool: another dtype is not a file save wrote
+                raise ValueError(f"mask is {a['mask'].dtype}; expected bool")
             out = cls(graph, a["mask"], sc, m["faithfulness"], m["method"], m.get("info", {}))
             out._check_loaded()
         return out
@@ -352,6 +449,9 @@ class Circuit:
         """The members agree (a file read by :meth:`load`): a bool ``mask`` and real ``scores`` (when there), one
         entry per edge of the graph."""
         E = len(self.graph)
+        _check_settings(self, ("method",))
+        if not isinstance(self.info, dict):
+            raise ValueError(f"info is {_short_text(self.info)}; expected a dict")
         if tuple(self.mask.shape) != (E,) or self.mask.dtype != torch.bool:
             raise ValueError(
                 f"mask is {self.mask.dtype} of shape {tuple(self.mask.shape)}; expected bool ({E},)"
@@ -372,11 +472,15 @@ class PruningCurve(io.Saveable):
     Attributes
     ----------
     counts : LongTensor ``(n,)``
-        Edges kept at each point.
+        Edges kept at each point, increasing.
     faithfulness, metric_values : dict[str, Tensor ``(n,)``]
-        Per method: faithfulness and the batch-mean metric of each circuit.
+        Per method: faithfulness and the batch-mean metric of each circuit, ``faithfulness = (metric_values -
+        m_empty) / (m_full - m_empty)`` (NaN where ``m_full == m_empty``).
     m_full, m_empty : float
         Batch-mean metric of the full model and of the fully ablated one.
+
+    :meth:`load` refuses a file whose counts do not increase or whose faithfulness is not that of its metric
+    values (``pypattern.io.FormatError`` naming the file).
     """
 
     counts: torch.Tensor
@@ -418,6 +522,24 @@ class PruningCurve(io.Saveable):
             raise ValueError(
                 f"counts holds {int(self.counts[bad][0])}, outside 0..num_edges={self.num_edges}"
             )
+        if bool((self.counts[1:] <= self.counts[:-1]).any()):
+            raise ValueError(f"counts {self.counts.tolist()} are not increasing (each point once, sorted)")
+        if not isinstance(self.info, dict):
+            raise ValueError(f"info is {_short_text(self.info)}; expected a dict")
+        for name, f in self.faithfulness.items():  # the definition, on the curve's own metric values
+            v = self.metric_values[name]
+            full, empty = (torch.tensor(x, dtype=v.dtype) for x in (self.m_full, self.m_empty))
+            den = full - empty
+            want = (
+                (v - empty) / den
+                if bool(torch.isfinite(den)) and float(den) != 0
+                else torch.full_like(v, math.nan)
+            )
+            if not torch.allclose(f.to(v.dtype), want, rtol=1e-5, atol=1e-8, equal_nan=True):
+                raise ValueError(
+                    f"faithfulness[{name!r}] is not (metric_values - m_empty) / (m_full - m_empty) of the curve's "
+                    f"metric values {v.tolist()[:4]}, m_full={self.m_full!r} and m_empty={self.m_empty!r}"
+                )
 
     @property
     def fractions(self) -> torch.Tensor:
@@ -450,22 +572,18 @@ class PruningCurve(io.Saveable):
         return pd.DataFrame(rows)
 
     def plot(self, path: str | None = None, ax=None, log_x: bool = True, title: str | None = None):
-        """Faithfulness against the number of edges kept (one line per method)."""
-        import matplotlib
-
-        if path is not None and ax is None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(6, 4))
+        """Faithfulness against the number of edges kept (one line per method), written to ``path`` when given
+        (on ``ax``'s figure when ``ax`` is given). ``log_x``: a logarithmic axis of edges kept, linear from 0 to 1
+        when the curve holds the empty circuit (0 edges), which is drawn too."""
+        fig, ax, own = _figure(path, ax, (6, 4))
+        x = self.counts.numpy()
         for name, f in self.faithfulness.items():
-            x = self.counts.numpy()
-            keep = x > 0 if log_x else np.ones_like(x, dtype=bool)
-            ax.plot(x[keep], _numpy_dtype(f).numpy()[keep], marker="o", ms=3, label=name)
+            ax.plot(x, _numpy_dtype(f).numpy(), marker="o", ms=3, label=name)
         if log_x:
-            ax.set_xscale("log")
+            if bool((x == 0).any()):
+                ax.set_xscale("symlog", linthresh=1)
+            else:
+                ax.set_xscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.axhline(0.0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"edges kept (of {self.num_edges})")
@@ -474,15 +592,36 @@ class PruningCurve(io.Saveable):
             title or f"pruning curves ({self.mode}, {self.ablation} ablation, {self.metric})", fontsize=10
         )
         ax.legend(fontsize=8)
-        if own:
-            fig.tight_layout()
-            if path is not None:
-                fig.savefig(path, dpi=110)
-                plt.close(fig)
+        _finish(fig, path, own)
         return ax
 
 
 # ------------------------------------------------------------------------------------------------ drawing
+
+
+def _figure(path, ax, size: tuple[float, float]):
+    """``(figure, axes, own)``: ``ax`` and its figure when given; else a new figure, one of pyplot's to show, or,
+    with a ``path`` to write to, a figure outside pyplot (no window; matplotlib's backend and pyplot's figures are
+    left as they are)."""
+    if ax is not None:
+        return ax.figure, ax, False
+    if path is not None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size)
+        return fig, fig.add_subplot(), True
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    return fig, ax, True
+
+
+def _finish(fig, path, own: bool) -> None:
+    """Lay out a figure made here and write the figure to ``path`` when given."""
+    if own:
+        fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
 
 
 def _layout(graph: EdgeGraph) -> dict[str, tuple[float, float]]:
@@ -526,17 +665,17 @@ def draw_circuit(
     Edge width is proportional to ``|score|`` (blue: positive, red: negative); an edge into a head's query ends
     left of the head, key at its centre, value right, with solid / dashed / dotted lines. Per-position edges are
     summed over positions. Nodes without a kept edge are drawn faintly. The ``annotate`` edges with the largest
-    ``|score|`` are labelled with their score.
+    ``|score|`` are labelled with their score; at most ``max_edges`` edges (those with the largest ``|score|``) are
+    drawn. ``mask``: a bool mask ``(num_edges,)`` (or one of 0s and 1s), or the edges or their names; ``scores``:
+    one number per edge. With ``path`` the figure is written there (``ax``'s figure when ``ax`` is given; else a
+    figure outside pyplot, leaving matplotlib's backend and pyplot's figures as they are).
     """
     check_graph_arg(graph, "graph", optional=False)
+    mask = edge_mask(graph, mask, "mask")
+    scores = edge_values(graph, scores, "scores")
     if max_edges is not None:
         _check_count("max_edges", max_edges)
     _check_count("annotate", annotate)
-    import matplotlib
-
-    if path is not None and ax is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyArrowPatch
 
@@ -553,11 +692,9 @@ def draw_circuit(
     if max_edges is not None:
         items = items[:max_edges]
     smax = max([abs(v) for _, v in items], default=1.0) or 1.0
-    own = ax is None
-    if own:
-        w = max(6.0, 1.3 * graph.n_heads + 2)
-        h = max(4.0, 1.1 * (max(p[1] for p in pos.values()) + 1))
-        fig, ax = plt.subplots(figsize=(w, h))
+    w = max(6.0, 1.3 * graph.n_heads + 2)
+    h = max(4.0, 1.1 * (max(p[1] for p in pos.values()) + 1))
+    fig, ax, own = _figure(path, ax, (w, h))
     used = {k[0] for k, _ in items} | {k[1] for k, _ in items}
     off = {"q": -0.22, "k": 0.0, "v": 0.22, None: 0.0}
     style = {"q": "-", "k": "--", "v": ":", None: "-"}
@@ -614,9 +751,5 @@ def draw_circuit(
     ax.legend(handles=legend, loc="upper left", fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
-    if own:
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
+    _finish(fig, path, own)
     return ax

@@ -307,17 +307,12 @@ class PatchResult(Saveable):
         ``normalized``: True plots :meth:`mean` normalised (1 = clean level, 0 = corrupted level; needs a
         corrupted run); False the mean :attr:`effect` (patched minus target metric); None (default) the first when
         there is a corrupted run, else the second. The colour scale is symmetric about 0. Returns the axes; with
-        ``path`` (and no ``ax``) the figure is also written there and closed."""
-        import matplotlib
-
+        ``path`` the figure is also written there (without ``ax``, a figure outside pyplot: matplotlib's backend and
+        pyplot's figures are left as they are)."""
         if normalized is None:
             normalized = self.corrupted is not None
         if not isinstance(normalized, bool):
             raise TypeError(f"normalized={normalized!r} is not valid; give True, False or None")
-        if path is not None and ax is None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         m = self.mean(True) if normalized else self._kept(self.effect).mean(0)
         m = m.detach().to("cpu", torch.float64)
         axes = list(self.axes)
@@ -330,8 +325,17 @@ class PatchResult(Saveable):
             xs, xlab = self.coords[axes[2]], axes[2]
             m = m.reshape(-1, m.shape[-1])
         own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(max(5.5, 1.5 + 0.45 * len(xs)), max(2.8, 1.4 + 0.3 * len(ys))))
+        if own:  # written to a file: a figure outside pyplot (matplotlib's backend is left as it is)
+            size = (max(5.5, 1.5 + 0.45 * len(xs)), max(2.8, 1.4 + 0.3 * len(ys)))
+            if path is not None:
+                from matplotlib.figure import Figure
+
+                fig = Figure(figsize=size)
+                ax = fig.add_subplot()
+            else:
+                import matplotlib.pyplot as plt
+
+                fig, ax = plt.subplots(figsize=size)
         finite = m[torch.isfinite(m)]
         lim = float(finite.abs().max()) if finite.numel() else 1.0
         lim = lim if lim > 0 else 1.0
@@ -347,9 +351,8 @@ class PatchResult(Saveable):
         ax.figure.colorbar(im, ax=ax, fraction=0.046)
         if own:
             fig.tight_layout()
-            if path is not None:
-                fig.savefig(path, dpi=110)
-                plt.close(fig)
+        if path is not None:
+            ax.figure.savefig(path, dpi=110)
         return ax
 
     def to_csv(self, path: str, normalized: bool = True) -> None:
