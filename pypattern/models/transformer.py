@@ -55,7 +55,7 @@ import math
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -254,9 +254,11 @@ class TransformerConfig:
     Parameters
     ----------
     n_layers, d_model, n_heads, d_head, d_vocab, n_ctx : int
-        Sizes; ``d_head`` defaults to ``d_model // n_heads`` (it may differ: ``n_heads * d_head != d_model`` is
-        allowed, as in some Llama-family models). ``n_ctx`` bounds the sequence length only with learned
-        positions (:attr:`max_positions`); rotary models read longer sequences, as Hugging Face's do.
+        Sizes; ``d_head`` defaults to ``d_model // n_heads`` when ``n_heads`` divides ``d_model`` (otherwise it
+        must be given; it may differ: ``n_heads * d_head != d_model`` is allowed, as in some Llama-family
+        models). ``n_ctx`` bounds the sequence length only with learned positions (:attr:`max_positions`: a
+        longer sequence raises ValueError naming ``n_ctx``); rotary models read longer sequences, as Hugging
+        Face's do.
     d_mlp : int or None
         Hidden width of the MLP; ``None`` or 0 makes an attention-only model.
     act_fn : {"gelu", "relu", "gelu_new", "silu", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "bloom_gelu", \
@@ -268,9 +270,11 @@ class TransformerConfig:
         name: an RMS model whose norm weights were folded into the next layer), or none.
     positional_embedding : bool or None
         Older spelling of ``positional_embedding_type``: True means ``"standard"``, False ``"none"``. When
-        ``positional_embedding_type`` is given it decides (False together with ``"standard"`` is refused); after
-        construction this field is True exactly when the type is ``"standard"``.
+        ``positional_embedding_type`` is given it decides (False with ``"standard"``, or True with another type,
+        is refused); after construction this field is True exactly when the type is ``"standard"``.
     dtype : torch.dtype
+        Of the weights (a floating dtype, or its name). ``model.to(dtype)``, ``.half()``, ``.double()`` ... set it to
+        the weights' new dtype (in a config of the model's own).
     seed : int or None
         Seed of the weight initialisation (normal, std ``init_range``; biases 0; norm weights 1).
     init_range : float or None
@@ -282,7 +286,11 @@ class TransformerConfig:
     positional_embedding_type : {"standard", "rotary", "alibi", "none"} or None
         Learned absolute positions (``pos_embed.W_pos``), rotary embeddings on queries and keys, ALiBi (BLOOM's
         linear biases: head ``h`` adds ``slope_h * key_position`` to its scaled scores, before the mask; see
-        :meth:`Attention.position_bias`), or none.
+        :meth:`Attention.position_bias`), or none. Without rotary positions the rotary options are refused, as
+        they would be ignored: ``rotary_dim``, ``rotary_adjacent_pairs=True``, ``rotary_input_dtype``,
+        ``rotary_scaling``, ``rotary_layers``, and with learned or ALiBi positions also a ``rotary_base`` other
+        than 10000, ``rotary_dtype`` and ``rotary_freq_dtype`` (a model converted without rotation, type
+        ``"none"``, keeps its base and dtypes).
     rotary_dim : int or None
         Rotary models: how many leading dimensions of each head rotate (even, <= ``d_head``; default ``d_head``).
         The rest pass through unchanged (GPT-NeoX's partial rotary).
@@ -294,8 +302,9 @@ class TransformerConfig:
         True: GPT-J pairing, dimension ``2 i`` with ``2 i + 1``.
     rotary_dtype : torch.dtype or None
         Dtype in which the rotation angles and their cosines and sines are computed before they are cast to the
-        activations' dtype; None: the model's dtype. Hugging Face computes them in float32 for every model dtype,
-        and converted models set float32 to be exact.
+        activations' dtype; None: the activations' dtype, but float32 for 16-bit activations (in 16 bits an angle
+        of a few hundred radians is rounded by whole radians). Hugging Face (and TransformerLens) compute them in
+        float32 for every model dtype, and converted models set float32 to be exact.
     rotary_freq_dtype : torch.dtype or None
         Dtype the rotary frequencies ``1 / rotary_base ** (2 i / rotary_dim)`` are rounded to before the angles are
         computed (in ``rotary_dtype``); None: no rounding. A Hugging Face model cast with ``.to(torch.bfloat16)``
@@ -343,10 +352,11 @@ class TransformerConfig:
     experts_per_token : int or None
         Experts chosen per token (``n_experts``' top-k).
     moe_renormalize : bool
-        The chosen experts' weights are divided by their sum (Mixtral, Qwen3-MoE's ``norm_topk_prob``).
+        The chosen experts' weights are divided by their sum (Mixtral, Qwen3-MoE's ``norm_topk_prob``). True
+        needs ``n_experts``.
     moe_float32_weights : bool
         The routing weights stay float32 in the product with the experts' outputs (Mixtral); False: cast to the
-        model's dtype first (OLMoE, Qwen3-MoE).
+        model's dtype first (OLMoE, Qwen3-MoE). True needs ``n_experts``.
     moe_shared_d_mlp : int or None
         A shared expert beside the routed ones (Qwen2-MoE): a gated MLP of this width (``W_shared_gate``,
         ``W_shared_in``, ``W_shared_out``) on every token, its output times ``sigmoid(x W_shared_router)``
@@ -384,7 +394,8 @@ class TransformerConfig:
         the division by ``attn_scale``, which is then ``1 / attn_scores_multiplier`` (of layer 0 for a sequence):
         GPT-J's eager attention multiplies float32 scores by ``d_head ** -0.5``, and a division rounds them
         differently. A sequence gives each layer its own (GPT-2's ``scale_attn_by_inverse_layer_idx``:
-        ``d_head ** -0.5 / (layer + 1)``); :meth:`scores_multiplier` reads a layer's.
+        ``d_head ** -0.5 / (layer + 1)``); :meth:`scores_multiplier` reads a layer's. An ``attn_scale`` given
+        with it must be ``1 / attn_scores_multiplier`` (of layer 0).
     sliding_window : int, None, or a sequence of them (one per layer)
         Query at position ``i`` attends to keys ``j`` with ``i - sliding_window < j <= i`` (Mistral's window);
         None: every earlier key. A sequence gives each layer its own (GPT-Neo's local and global layers); it is
@@ -428,7 +439,7 @@ class TransformerConfig:
     use_normalization_before_and_after : bool
         Sandwich norms (Gemma 2 and 3): the attention's and the MLP's outputs each pass through a norm of their own
         (``ln1_post``, ``ln2_post``) before they are added to the residual stream; ``hook_attn_out`` and
-        ``hook_mlp_out`` see the normalised writes. TransformerLens' name.
+        ``hook_mlp_out`` see the normalised writes. TransformerLens' name. Needs a ``normalization_type``.
     attn_scores_soft_cap : float or None
         Attention scores are capped as ``cap * tanh(scores / cap)`` after the scale and before the mask (Gemma
         2); ``hook_attn_scores`` sees the capped scores. None: uncapped.
@@ -530,17 +541,29 @@ class TransformerConfig:
         self.norm_dtype = _as_dtype(self.norm_dtype, "norm_dtype")
         self.attn_softmax_dtype = _as_dtype(self.attn_softmax_dtype, "attn_softmax_dtype")
         self.attn_scores_dtype = _as_dtype(self.attn_scores_dtype, "attn_scores_dtype")
+        for k in _DTYPE_FIELDS:  # the dtypes something is computed in: floating ones only
+            v = getattr(self, k)
+            if k != "dtype" and v is not None and not v.is_floating_point:
+                raise ValueError(
+                    f"{k}={v} is not valid; give a floating torch.dtype such as torch.float32, or None"
+                )
         for k in ("n_layers", "d_model", "n_heads", "d_vocab", "n_ctx"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{k}={v!r} is not valid; give a positive int")
         if self.d_head is None:
-            self.d_head = self.d_model // self.n_heads
-            if self.d_head < 1:
+            if self.d_model < self.n_heads:
                 raise ValueError(
                     f"d_model={self.d_model} over n_heads={self.n_heads} leaves no width per head; give "
                     "d_model >= n_heads, or d_head"
                 )
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}, so d_head (default "
+                    "d_model // n_heads) would drop part of the width; give d_head explicitly, or a d_model that "
+                    "n_heads divides"
+                )
+            self.d_head = self.d_model // self.n_heads
         dm = self.d_mlp
         if dm is not None and (not isinstance(dm, int) or isinstance(dm, bool) or dm < 0):
             raise ValueError(f"d_mlp={dm!r} is not valid; give a positive int, or None (or 0) for no MLP")
@@ -584,21 +607,46 @@ class TransformerConfig:
             raise ValueError(
                 "positional_embedding=False contradicts positional_embedding_type='standard'; give one of them"
             )
+        elif pe_type != "standard" and self.positional_embedding is True:
+            raise ValueError(
+                f"positional_embedding=True (learned positions) contradicts positional_embedding_type={pe_type!r}; "
+                "give one of them"
+            )
         self.positional_embedding_type = pe_type
         self.positional_embedding = pe_type == "standard"
         if pe_type == "rotary":
-            if self.rotary_dim is None:
+            defaulted = self.rotary_dim is None
+            if defaulted:
                 self.rotary_dim = self.d_head
             r = self.rotary_dim
             if not isinstance(r, int) or isinstance(r, bool) or r < 2 or r % 2 or r > self.d_head:
                 raise ValueError(
-                    f"rotary_dim={r!r} is not valid; give an even int between 2 and d_head={self.d_head}"
+                    f"rotary_dim={r!r}{' (its default, d_head)' if defaulted else ''} is not valid; give an even "
+                    f"int between 2 and d_head={self.d_head}"
                 )
         elif self.rotary_dim is not None:
             raise ValueError(
                 f"rotary_dim={self.rotary_dim!r} is given but positional_embedding_type={pe_type!r} has no rotary "
                 "positions; give positional_embedding_type='rotary' or leave rotary_dim at None"
             )
+        else:
+            # rotary options on a model without rotation would be ignored: refused. A model converted without
+            # rotation (positional_embedding_type "none" from a rotary_dim of 0) keeps its base and dtypes.
+            unused = [("rotary_adjacent_pairs", self.rotary_adjacent_pairs, False)]
+            unused.append(("rotary_input_dtype", self.rotary_input_dtype, None))
+            if pe_type != "none":
+                unused += [
+                    ("rotary_base", self.rotary_base, 10000.0),
+                    ("rotary_dtype", self.rotary_dtype, None),
+                    ("rotary_freq_dtype", self.rotary_freq_dtype, None),
+                ]
+            for k, v, default in unused:
+                if v != default:
+                    raise ValueError(
+                        f"{k}={v!r} is given but positional_embedding_type={pe_type!r} has no rotary positions, "
+                        f"so it would be ignored; give positional_embedding_type='rotary' or leave {k} at "
+                        f"{default!r}"
+                    )
         if isinstance(self.rotary_base, (list, tuple)):
             self.rotary_base = tuple(self.rotary_base)
             if len(self.rotary_base) != self.n_layers:
@@ -607,9 +655,10 @@ class TransformerConfig:
                     f"({self.n_layers} layers)"
                 )
         for b in self.rotary_base if isinstance(self.rotary_base, tuple) else (self.rotary_base,):
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < math.inf:
                 raise ValueError(
-                    f"rotary_base={self.rotary_base!r} is not valid; give a positive number (or one per layer)"
+                    f"rotary_base={self.rotary_base!r} is not valid; give a finite positive number (or one per "
+                    "layer)"
                 )
         if isinstance(self.rotary_scaling, (list, tuple)):
             if len(self.rotary_scaling) != self.n_layers:
@@ -648,6 +697,12 @@ class TransformerConfig:
                 )
         elif self.experts_per_token is not None:
             raise ValueError(f"experts_per_token={self.experts_per_token!r} needs n_experts")
+        else:
+            for k in ("moe_renormalize", "moe_float32_weights"):
+                if getattr(self, k):
+                    raise ValueError(
+                        f"{k}=True needs a mixture of experts (n_experts); without one it would be ignored"
+                    )
         sm = self.moe_shared_d_mlp
         if sm is not None and (
             self.n_experts is None or isinstance(sm, bool) or not isinstance(sm, int) or sm < 1
@@ -697,8 +752,18 @@ class TransformerConfig:
                 raise ValueError(
                     f"attn_scores_multiplier={m!r} is not valid; give a finite positive number or None"
                 )
+            m0 = m[0] if isinstance(m, tuple) else m
             if self.attn_scale is None:
-                self.attn_scale = 1.0 / (m[0] if isinstance(m, tuple) else m)
+                self.attn_scale = 1.0 / m0
+            elif (
+                isinstance(self.attn_scale, bool)
+                or not isinstance(self.attn_scale, (int, float))
+                or not math.isclose(self.attn_scale * m0, 1.0, rel_tol=1e-9)
+            ):
+                raise ValueError(
+                    f"attn_scale={self.attn_scale!r} contradicts attn_scores_multiplier={m!r}: the multiplier "
+                    f"replaces the division by attn_scale, which is then 1 / {m0!r}; give one of them"
+                )
         if self.attn_scale is None:
             self.attn_scale = math.sqrt(self.d_head)
         elif (
@@ -720,10 +785,25 @@ class TransformerConfig:
             "logits_scaling",
         ):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-                raise ValueError(f"{name}={v!r} is not valid; give a positive number or None")
-        if self.qk_norm not in (False, True, "all"):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+            ):
+                raise ValueError(f"{name}={v!r} is not valid; give a finite positive number or None")
+        if isinstance(self.qk_norm, np.bool_):
+            self.qk_norm = bool(self.qk_norm)
+        if not (isinstance(self.qk_norm, bool) or self.qk_norm == "all"):
             raise ValueError(f"qk_norm={self.qk_norm!r} is not valid; give False, True (per head) or 'all'")
+        if self.use_normalization_before_and_after and self.normalization_type is None:
+            raise ValueError(
+                "use_normalization_before_and_after=True needs norms; with normalization_type=None the norms "
+                "after the attention and the MLP would be the identity. Give a normalization_type, or False"
+            )
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(
+                f"seed={self.seed!r} is not valid; give an int in [-2**63, 2**64) (torch.Generator's seeds), or None"
+            )
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra={self.extra!r} is not valid; give a dict (free-form metadata)")
         if not isinstance(self.post_embedding_ln, bool):
             raise ValueError(f"post_embedding_ln={self.post_embedding_ln!r} is not valid; give a bool")
         pi = self.padding_idx
@@ -838,9 +918,9 @@ def _check_rotary_scaling(scaling, pe_type: str) -> dict:
     out = {"rope_type": kind}
     for k in _ROTARY_SCALING_KEYS[kind]:
         v = scaling.get(k)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
             raise ValueError(
-                f"rotary_scaling[{k!r}]={v!r} is not valid for rope_type {kind!r}; give a positive number"
+                f"rotary_scaling[{k!r}]={v!r} is not valid for rope_type {kind!r}; give a finite positive number"
             )
         out[k] = v
     if kind == "longrope":
@@ -848,7 +928,7 @@ def _check_rotary_scaling(scaling, pe_type: str) -> dict:
         if (
             not isinstance(f, (list, tuple))
             or not f
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in f)
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf for v in f)
         ):
             raise ValueError(
                 f"rotary_scaling['short_factor']={f!r} is not valid for rope_type 'longrope'; give a list of "
@@ -1387,9 +1467,10 @@ class Attention(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cosines and sines of the rotation angles at ``positions (pos,)``: two ``(pos, rotary_dim)`` tensors of
-        ``dtype`` (computed in ``cfg.rotary_dtype`` when set, in Hugging Face's order of operations)."""
+        ``dtype`` (computed in ``cfg.rotary_dtype`` when set, else in ``dtype`` but at least float32, in Hugging
+        Face's order of operations)."""
         cfg = self.cfg
-        cd = cfg.rotary_dtype or dtype
+        cd = cfg.rotary_dtype or (dtype if dtype in (torch.float32, torch.float64) else torch.float32)
         r = cfg.rotary_dim
         scaling = cfg.rope_scaling(self.layer)
         if scaling is not None and scaling["rope_type"] in ("longrope", "dynamic") and positions.numel():
@@ -1469,7 +1550,11 @@ class Attention(nn.Module):
         g = self.cfg.n_groups
         if g == 1:
             return t
-        return t.unsqueeze(-2).expand(*t.shape[:-1], g, t.shape[-1]).reshape(*t.shape[:-2], t.shape[-2] * g, t.shape[-1])
+        return (
+            t.unsqueeze(-2)
+            .expand(*t.shape[:-1], g, t.shape[-1])
+            .reshape(*t.shape[:-2], t.shape[-2] * g, t.shape[-1])
+        )
 
     def scores(
         self,
@@ -1790,6 +1875,20 @@ class Transformer(HookedRootModule):
         self.init_weights(cfg.seed)
         self.setup_hooks()
 
+    def _apply(self, fn, *args, **kwargs):
+        """``nn.Module._apply`` (behind ``.to``, ``.half()``, ``.double()``, ...), then ``cfg.dtype`` set to the
+        weights' new dtype, as TransformerLens' ``to`` does: code reading ``cfg.dtype`` (memory estimates, the
+        checks of half-precision weights) sees the weights the model holds. The model gets a config of its own
+        (the one it was built with may be shared by other models, whose weights were not cast)."""
+        out = super()._apply(fn, *args, **kwargs)
+        dt = self.embed.W_E.dtype
+        if dt != self.cfg.dtype and dt.is_floating_point:
+            old, new = self.cfg, replace(self.cfg, dtype=dt)
+            for m in self.modules():
+                if m.__dict__.get("cfg") is old:
+                    m.cfg = new
+        return out
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, ``cfg.init_range``) for every weight matrix, zeros for biases, ones for norm weights."""
@@ -1861,13 +1960,36 @@ class Transformer(HookedRootModule):
         ----------
         tokens : Tensor ``(batch, pos)`` (or ``(pos,)``, read as one sequence), int64 or int32
             Token ids in ``[0, d_vocab)``: another id raises ValueError naming it (on a CUDA device, a device-side
-            assertion, checked without synchronising: :func:`check_token_ids`), another dtype TypeError.
+            assertion, checked without synchronising: :func:`check_token_ids`), another dtype TypeError, another
+            shape ValueError. With learned positions at most ``n_ctx`` positions.
         return_type : {"logits", "loss", "per_token_loss", "both", None}
             ``"logits"``: ``(batch, pos, d_vocab)``; ``"loss"``: mean next-token cross-entropy (scalar);
-            ``"per_token_loss"``: ``(batch, pos - 1)``; ``"both"``: ``(logits, loss)``; None: nothing.
+            ``"per_token_loss"``: ``(batch, pos - 1)``; ``"both"``: ``(logits, loss)``; None: nothing. The mean
+            loss (``"loss"``, ``"both"``) of tokens without a next token (one position, or no sequence) is
+            undefined and raises ValueError.
         """
+        if return_type not in _RETURN_TYPES:  # before the forward: its hooks would run for nothing
+            raise ValueError(
+                f"return_type={return_type!r} is not valid; choose 'logits', 'loss', 'per_token_loss', 'both' or None"
+            )
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(
+                f"tokens is a {type(tokens).__name__}; give a tensor of token ids (batch, pos) or (pos,) (the model "
+                "has no tokenizer: encode text first)"
+            )
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 2:
+            raise ValueError(
+                f"tokens has shape {tuple(tokens.shape)}; give token ids of shape (batch, pos), or (pos,) for one "
+                "sequence"
+            )
+        if return_type in ("loss", "both") and (tokens.shape[0] == 0 or tokens.shape[1] < 2):
+            raise ValueError(
+                f"tokens has shape {tuple(tokens.shape)}: no position has a next token, and the mean next-token "
+                f"loss (return_type={return_type!r}) over none is undefined; give at least one sequence of 2 or "
+                "more tokens (return_type='per_token_loss' gives the empty per-token losses)"
+            )
         x = self.embed_tokens(tokens)
         for block in self.blocks:
             x = block(x)
@@ -1882,11 +2004,113 @@ class Transformer(HookedRootModule):
             return per_tok
         if return_type == "loss":
             return per_tok.mean()
-        if return_type == "both":
-            return logits, per_tok.mean()
-        raise ValueError(
-            f"return_type={return_type!r} is not valid; choose 'logits', 'loss', 'per_token_loss', 'both' or None"
-        )
+        return logits, per_tok.mean()
+
+    # ----- TransformerLens' weight accessors ------------------------------------------------------------------
+    @property
+    def W_E(self) -> torch.Tensor:
+        """The token embedding ``embed.W_E (d_vocab, d_model)``."""
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> torch.Tensor:
+        """The learned positions ``pos_embed.W_pos (n_ctx, d_model)`` (``positional_embedding_type="standard"``)."""
+        if not self.cfg.positional_embedding:
+            raise AttributeError(
+                f"W_pos: the model has no learned positions (positional_embedding_type="
+                f"{self.cfg.positional_embedding_type!r})"
+            )
+        return self.pos_embed.W_pos
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """The unembedding ``(d_model, d_vocab)`` (``embed.W_E`` transposed with tied embeddings)."""
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> torch.Tensor:
+        """The unembedding bias ``(d_vocab,)``; zeros when the model has none (``unembed_bias=False``), as
+        TransformerLens' ``b_U``."""
+        b = self.unembed.b_U
+        return b if b is not None else self.W_U.new_zeros(self.cfg.d_vocab)
+
+    def _stacked(self, where: str, name: str, kv: bool = False) -> torch.Tensor:
+        """``blocks.{l}.{where}.{name}`` of every layer stacked on a new leading axis (TransformerLens' ``model.W_Q``
+        and friends); ``kv``: key/value heads repeated for their query heads, ``(n_layers, n_heads, ...)``, as
+        TransformerLens' grouped-query attention gives ``W_K`` / ``W_V`` / ``b_K`` / ``b_V``."""
+        parts = []
+        for layer, blk in enumerate(self.blocks):
+            t = getattr(getattr(blk, where, None), name, None)
+            if t is None:
+                why = "the model is attention-only" if where == "mlp" else "the option that adds it is off"
+                raise AttributeError(f"{name}: layer {layer} has no {where}.{name} ({why})")
+            parts.append(t.repeat_interleave(self.cfg.n_groups, dim=0) if kv else t)
+        return torch.stack(parts)
+
+    @property
+    def W_Q(self) -> torch.Tensor:
+        """``(n_layers, n_heads, d_model, d_head)``."""
+        return self._stacked("attn", "W_Q")
+
+    @property
+    def W_K(self) -> torch.Tensor:
+        """``(n_layers, n_heads, d_model, d_head)`` (key/value heads repeated for their query heads)."""
+        return self._stacked("attn", "W_K", kv=True)
+
+    @property
+    def W_V(self) -> torch.Tensor:
+        """``(n_layers, n_heads, d_model, d_head)`` (key/value heads repeated for their query heads)."""
+        return self._stacked("attn", "W_V", kv=True)
+
+    @property
+    def W_O(self) -> torch.Tensor:
+        """``(n_layers, n_heads, d_head, d_model)``."""
+        return self._stacked("attn", "W_O")
+
+    @property
+    def b_Q(self) -> torch.Tensor:
+        """``(n_layers, n_heads, d_head)`` (``attn_bias``)."""
+        return self._stacked("attn", "b_Q")
+
+    @property
+    def b_K(self) -> torch.Tensor:
+        """``(n_layers, n_heads, d_head)`` (``attn_bias``; key/value heads repeated for their query heads)."""
+        return self._stacked("attn", "b_K", kv=True)
+
+    @property
+    def b_V(self) -> torch.Tensor:
+        """``(n_layers, n_heads, d_head)`` (``attn_bias``; key/value heads repeated for their query heads)."""
+        return self._stacked("attn", "b_V", kv=True)
+
+    @property
+    def b_O(self) -> torch.Tensor:
+        """``(n_layers, d_model)`` (``attn_out_bias``)."""
+        return self._stacked("attn", "b_O")
+
+    @property
+    def W_in(self) -> torch.Tensor:
+        """``(n_layers, d_model, d_mlp)`` (``(n_layers, n_experts, d_model, d_mlp)`` with experts)."""
+        return self._stacked("mlp", "W_in")
+
+    @property
+    def W_gate(self) -> torch.Tensor:
+        """``(n_layers, d_model, d_mlp)`` (``gated_mlp``)."""
+        return self._stacked("mlp", "W_gate")
+
+    @property
+    def W_out(self) -> torch.Tensor:
+        """``(n_layers, d_mlp, d_model)``."""
+        return self._stacked("mlp", "W_out")
+
+    @property
+    def b_in(self) -> torch.Tensor:
+        """``(n_layers, d_mlp)`` (``mlp_bias``)."""
+        return self._stacked("mlp", "b_in")
+
+    @property
+    def b_out(self) -> torch.Tensor:
+        """``(n_layers, d_model)`` (``mlp_bias``)."""
+        return self._stacked("mlp", "b_out")
 
     # ----- components -------------------------------------------------------------------------------------
     def components(self, heads: bool = True) -> list[str]:
@@ -1896,6 +2120,9 @@ class Transformer(HookedRootModule):
     def component_masks(self, component: str, all_params: bool = False) -> dict[str, torch.Tensor]:
         """See :func:`component_masks`."""
         return component_masks(self, component, all_params=all_params)
+
+
+_RETURN_TYPES = ("logits", "loss", "per_token_loss", "both", None)
 
 
 def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
