@@ -1156,6 +1156,15 @@ class RMSNormPre(LayerNormPre):
         return self.hook_normalized((h / scale).to(x.dtype))
 
 
+def rms_compute_dtype(norm_dtype: torch.dtype | None, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype an RMS norm of weights in ``dtype`` computes in: ``norm_dtype`` when set, else float32 for 16-bit
+    weights (``x^2`` overflows float16 from ``|x| = 256``; Hugging Face's and TransformerLens' RMS norms upcast
+    too), else the input's own (None)."""
+    if norm_dtype is not None:
+        return norm_dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 def _make_norm(cfg: TransformerConfig) -> nn.Module:
     if cfg.normalization_type == "LN":
         return LayerNorm(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
@@ -1164,14 +1173,14 @@ def _make_norm(cfg: TransformerConfig) -> nn.Module:
             cfg.d_model,
             cfg.ln_eps,
             cfg.dtype,
-            cfg.norm_dtype,
+            rms_compute_dtype(cfg.norm_dtype, cfg.dtype),
             cfg.norm_weight_offset,
             cfg.norm_weight_before_cast,
         )
     if cfg.normalization_type == "LNPre":
         return LayerNormPre(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
     if cfg.normalization_type == "RMSPre":
-        return RMSNormPre(cfg.d_model, cfg.ln_eps, cfg.dtype, cfg.norm_dtype)
+        return RMSNormPre(cfg.d_model, cfg.ln_eps, cfg.dtype, rms_compute_dtype(cfg.norm_dtype, cfg.dtype))
     return nn.Identity()
 
 
@@ -1374,7 +1383,7 @@ class Attention(nn.Module):
                 H * dh if wide else dh,
                 cfg.ln_eps,
                 dt,
-                cfg.norm_dtype,
+                rms_compute_dtype(cfg.norm_dtype, dt),
                 cfg.norm_weight_offset,
                 cfg.norm_weight_before_cast,
             )
@@ -1382,7 +1391,7 @@ class Attention(nn.Module):
                 Hkv * dh if wide else dh,
                 cfg.ln_eps,
                 dt,
-                cfg.norm_dtype,
+                rms_compute_dtype(cfg.norm_dtype, dt),
                 cfg.norm_weight_offset,
                 cfg.norm_weight_before_cast,
             )
@@ -1887,6 +1896,8 @@ class Transformer(HookedRootModule):
             for m in self.modules():
                 if m.__dict__.get("cfg") is old:
                     m.cfg = new
+                if isinstance(m, RMSNorm | RMSNormPre):  # 16-bit weights: the norms compute in float32
+                    m.compute_dtype = rms_compute_dtype(new.norm_dtype, dt)
         return out
 
     @torch.no_grad()
