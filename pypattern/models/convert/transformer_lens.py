@@ -1,9 +1,10 @@
 """TransformerLens 4.x ``TransformerBridge`` -> the Hugging Face model it wraps, in its own module layout.
 
 A bridge wraps the Hugging Face model in place: each sub-module is replaced by a bridge component that keeps the
-original as ``_original_component`` (and some components hold extra split copies of fused weights). This module
-rebuilds a plain Hugging Face model of the same class whose parameters and buffers are the original modules'
-tensors (shared, not copied), which the family converters then read. TransformerLens itself is never imported.
+original as ``_original_component`` (and some components hold split copies of fused weights, which their forward
+reads). This module rebuilds a plain Hugging Face model of the same class whose parameters and buffers are the
+original modules' tensors (shared, not copied; a fused projection whose split copies changed after the bridge was
+built is rebuilt from them), which the family converters then read. TransformerLens itself is never imported.
 """
 
 from __future__ import annotations
@@ -133,6 +134,113 @@ def _unwrapped(obj: Any) -> Any:
     return obj
 
 
+# Bridge components that split a fused Hugging Face projection into separate linear layers when the bridge is
+# built (TransformerLens' JointQKVAttentionBridge and its subclasses, JointGateUpMLPBridge): the attribute holding
+# the splitting function, and the submodules holding the split layers, in the order the function returns them
+_SPLIT_COMPONENTS = (("split_qkv_matrix", ("q", "k", "v")), ("split_gate_up_matrix", ("gate", "in")))
+
+
+def _pieces_differ(split_out: Any, pieces: list) -> bool:
+    """Whether the layers a splitting function returns differ from the bridge's split layers (or do not match)."""
+    if not isinstance(split_out, (tuple, list)) or len(split_out) != len(pieces):
+        return True
+    for new, cur in zip(split_out, pieces):
+        for attr in ("weight", "bias"):
+            a, b = getattr(new, attr, None), getattr(cur, attr, None)
+            if (a is None) != (b is None):
+                return True
+            if a is not None and (a.shape != b.shape or not torch.equal(a.detach().to(b.dtype), b.detach())):
+                return True
+    return False
+
+
+def _fused_from_split_layers(bridge: nn.Module) -> dict[int, torch.Tensor]:
+    """The fused projections a bridge's forward computes, rebuilt from its split layers, by ``id`` of the fused
+    Hugging Face tensor.
+
+    A bridge that splits a fused projection (GPT-NeoX's and Falcon's ``query_key_value``, BLOOM's, Phi-3's
+    ``qkv_proj`` / ``gate_up_proj``, ...) copies the slices into separate layers when it is built, and its forward
+    reads those copies: the fused Hugging Face tensor is not updated when they change (an optimizer step on the
+    bridge's parameters, ``bridge.load_state_dict``, whose state dict omits the fused tensor). Where a split layer
+    differs from the split of the current fused tensor, the fused tensor is rebuilt from the split layers: the
+    splitting function is run on fused tensors holding each element's index, which says where each element of the
+    split layers comes from. Raises ``UnsupportedModelError`` when the split is not such a selection of elements."""
+    out: dict[int, torch.Tensor] = {}
+    for comp_name, m in bridge.named_modules():
+        for fn_name, piece_names in _SPLIT_COMPONENTS:
+            split = vars(m).get(fn_name)
+            orig = m._modules.get("_original_component")
+            if not callable(split) or orig is None or not all(n in m._modules for n in piece_names):
+                continue
+            pieces = [_unwrapped(m._modules[n]) for n in piece_names]
+            fused_storages = {p.untyped_storage().data_ptr() for p in orig.parameters()}
+            split_tensors = [
+                t for c in pieces for t in (getattr(c, "weight", None), getattr(c, "bias", None))
+            ]
+            if all(t is None or t.untyped_storage().data_ptr() in fused_storages for t in split_tensors):
+                continue  # views of the fused tensors (GPT-2's, Phi-3's splits): they are the fused values
+            cuda = sorted({p.device.index or 0 for p in orig.parameters() if p.device.type == "cuda"})
+            # the splitting functions build nn.Linear layers, whose initialisation draws from torch's random
+            # streams: the user's streams are left as they were
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                try:
+                    current = split(orig)
+                except Exception:  # noqa: BLE001 - TransformerLens' own code: the fused tensors stay as they are
+                    continue  # (the conversion check against the bridge's forward decides)
+                if not _pieces_differ(current, pieces):
+                    continue
+                params = [p for p in orig.parameters() if p.is_floating_point()]
+                saved = [p.data for p in params]
+                offset = 0
+                try:  # each element of the fused tensors holds its (1-based) index; float64 holds them exactly
+                    for p in params:
+                        p.data = torch.arange(
+                            offset + 1, offset + 1 + p.numel(), dtype=torch.float64, device=p.device
+                        ).view(p.shape)
+                        offset += p.numel()
+                    probed = split(orig)
+                except Exception:  # noqa: BLE001 - a split that cannot run on the indices: refused below
+                    probed = None
+                finally:
+                    for p, d in zip(params, saved):
+                        p.data = d
+                ends = torch.tensor([0] + [p.numel() for p in params]).cumsum(0)
+                rebuilt: dict[int, torch.Tensor] = {}
+                ok = isinstance(probed, (tuple, list)) and len(probed) == len(pieces)
+                for new, cur in zip(probed if ok else (), pieces):
+                    for attr in ("weight", "bias"):
+                        code, value = getattr(new, attr, None), getattr(cur, attr, None)
+                        if code is None and value is None:
+                            continue
+                        if code is None or value is None or code.shape != value.shape:
+                            ok = False
+                            break
+                        code = code.detach().reshape(-1).cpu()
+                        if not bool(((code == code.round()) & (code >= 1) & (code <= offset)).all()):
+                            ok = False  # the split computes with the elements, not only selects them
+                            break
+                        idx = code.long() - 1
+                        which = torch.bucketize(idx, ends[1:], right=True)
+                        value = value.detach().reshape(-1)
+                        for j in which.unique().tolist():
+                            sel = which == j
+                            if j not in rebuilt:
+                                rebuilt[j] = saved[j].detach().clone()
+                            flat = rebuilt[j].view(-1)
+                            flat[(idx[sel] - ends[j]).to(flat.device)] = value[sel.to(value.device)].to(
+                                flat.dtype
+                            )
+                if not ok:
+                    raise UnsupportedModelError(
+                        f"the TransformerBridge's split layers {list(piece_names)} of {comp_name!r}, which its "
+                        "forward reads, differ from the fused Hugging Face projection they were split from (changed "
+                        "after the bridge was built: an optimizer step, load_state_dict), and their split does not "
+                        "select elements of it, so the fused projection cannot be rebuilt from them"
+                    )
+                out.update({id(params[j]): t for j, t in rebuilt.items()})
+    return out
+
+
 def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     """The Hugging Face model inside a TransformerLens 4.x ``TransformerBridge``, rebuilt in its own layout.
 
@@ -149,7 +257,9 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
         (``enable_compatibility_mode`` / ``process_weights`` fold and centre them, so they no longer are the Hugging
         Face model's weights), or its attention components are not known (the bridge computes the attention itself,
         and the converted model takes the softmax in the dtype the bridge does: ``bridge_attn_softmax_dtype``), or
-        functions are attached to its hook points or modules (naming them: the converted model would not run them).
+        functions are attached to its hook points or modules (naming them: the converted model would not run them),
+        or split layers changed after the bridge was built cannot be mapped back to their fused projection
+        (:func:`_fused_from_split_layers`, which rebuilds the fused projections the bridge's forward computes).
     """
     name = type(bridge).__name__
     try:
@@ -177,9 +287,12 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     with torch.device("meta"):
         clean = type(inner)(copy.deepcopy(inner.config))
     clean.eval()
+    # the fused projections as the bridge's forward computes them (from its split layers)
+    fused = _fused_from_split_layers(bridge)
     tensors = {}
     for pname, _ in clean.named_parameters(remove_duplicate=False):
-        tensors[pname] = _resolve(inner, pname)
+        t = _resolve(inner, pname)
+        tensors[pname] = fused.get(id(t), t)
     for bname, _ in clean.named_buffers(remove_duplicate=False):
         tensors[bname] = _resolve(inner, bname)
     for full, t in tensors.items():
@@ -235,7 +348,7 @@ def convert_native(bridge: Any) -> tuple[dict, dict]:
         raise UnsupportedModelError(
             "a TransformerBridge with processed weights (_weights_processed=True) is not supported: "
             "enable_compatibility_mode() / process_weights() folded or centred the weights; convert a bridge booted "
-            "without weight processing"
+            "without weight processing (or enable_compatibility_mode(no_processing=True))"
         )
     nat = bridge.original_model
     c = nat.cfg
