@@ -427,11 +427,6 @@ def test_split_layers_that_cannot_be_mapped_back_are_refused_by_name(tmp_path):
 
 
 @needs_bridge
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bridge's hook_resid_mid is its ln2's input (ln2.hook_in): writing it changes the MLP's input, not "
-    "the residual stream; activation_patching runs a bridge's residual sites through its own hooks",
-)
 def test_resid_mid_patching_on_the_bridge_equals_the_converted_model(tmp_path):
     br, ours = _patching_models("gpt2-tied", tmp_path)
     clean = torch.randint(0, ours.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0))

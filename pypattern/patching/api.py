@@ -88,19 +88,23 @@ class PatchingRuns:
 def _hooked_if_hf(model):
     """A Hugging Face causal LM (an object with ``config.model_type`` and input embeddings) wrapped by
     :func:`~pypattern.models.hooked_hf` (which refuses, by name, a family it has no adapter for); a TransformerLens
-    ``HookedTransformer``, or a Hugging Face model of a family the adapter does not cover but the converters do,
+    ``HookedTransformer`` or bridge, or a Hugging Face model of a family the adapter does not cover but the converters do,
     converted with :func:`~pypattern.from_hf` (a HookedTransformer that does not convert runs through its own
     hooks); any other model as it is."""
     from ..models.convert import UnsupportedModelError, from_hf
     from ..models.convert.hooked_transformer import is_hooked_transformer
+    from ..models.convert.transformer_lens import is_transformer_lens
     from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm
     from ..models.transformer import Transformer
 
     refuse_meta_model(model, needs="patching runs it", offloaded_ok=True)
     if isinstance(compiled_inner(model), Transformer):  # torch.compile's wrapper of pypattern's model
         return compiled_inner(model)
-    if is_hooked_transformer(model):
-        try:  # the same function in pypattern's model: head sites and the exact engine
+    if is_hooked_transformer(model) or is_transformer_lens(model):
+        # the same function in pypattern's model: head sites and the exact engine, and the hook points'
+        # TransformerLens meaning (a bridge's hook_resid_mid is its ln2's input: writing it moves only the MLP's
+        # input, not the residual stream)
+        try:
             return from_hf(model)
         except UnsupportedModelError:
             return model  # TransformerLens' own hooks, one forward per cell
