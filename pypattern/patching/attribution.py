@@ -259,13 +259,17 @@ def _unembed_together(model, *rows: torch.Tensor) -> list[torch.Tensor]:
     return list(logits.split([r.shape[0] for r in rows], 0))
 
 
+#: the sites :func:`attribution_patching` estimates by default (``mlp_out`` left out on an attention-only model)
+DEFAULT_SITES = ("resid_pre", "attn_out", "mlp_out", "z")
+
+
 def attribution_patching(
     model,
     clean_tokens: torch.Tensor,
     corrupted_tokens: torch.Tensor | None = None,
     *,
     metric: Metric,
-    sites=("resid_pre", "attn_out", "mlp_out", "z"),
+    sites=DEFAULT_SITES,
     corruption: Corruption | None = None,
     direction: str = "denoising",
     per_position: bool = True,
@@ -277,7 +281,8 @@ def attribution_patching(
     """AtP (or AtP* with ``qk_fix=True, grad_drop=True``) for every cell of every site in ``sites``.
 
     Parameters are those of :func:`~pypattern.patching.activation_patching`; ``model`` must be pypattern's
-    :class:`~pypattern.models.Transformer`. ``sites`` lists the sites to estimate (all from the same two
+    :class:`~pypattern.models.Transformer`. ``sites`` lists the sites to estimate (default ``resid_pre``,
+    ``attn_out``, ``mlp_out`` and ``z``, without ``mlp_out`` on an attention-only model; all from the same two
     forwards and one backward; with ``grad_drop`` one more backward per layer). Every architecture of the model
     works: under grouped-query attention the ``k``/``v`` cells are key/value heads (as in exact patching); with
     rotary positions the QK fix recomputes the scores from the rotated source queries/keys (a query or key patched
@@ -329,6 +334,8 @@ def attribution_patching(
         raise TypeError(
             f"model is a {type(model).__name__}; attribution_patching needs pypattern's Transformer{hint}"
         )
+    if sites is DEFAULT_SITES and getattr(model.cfg, "attn_only", False):
+        sites = [s for s in DEFAULT_SITES if s != "mlp_out"]  # an attention-only model has no MLP output
     if isinstance(sites, str):
         sites = [sites]
     elif isinstance(sites, list | tuple) and all(isinstance(s, str) for s in sites):
