@@ -29,7 +29,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ._checks import is_count
+from ._checks import is_count, is_real
 
 __all__ = [
     "DeepLinearNetwork",
@@ -56,18 +56,25 @@ def regular_learning_coefficient(num_params: int) -> float:
     return int(num_params) / 2
 
 
-def normal_crossing_learning_coefficient(powers: Sequence[int]) -> float:
+def normal_crossing_learning_coefficient(powers: Sequence[int], *, multiplicity: bool = False):
     """Learning coefficient of ``K(w) = prod_i w_i^(2 k_i)`` at ``w = 0``: ``min_i 1 / (2 k_i)``.
 
     Parameters
     ----------
     powers : sequence of int
         The exponents ``k_i >= 1``, one per parameter, e.g. ``[1, 2]`` (-> 0.25).
+    multiplicity : bool
+        Also return the multiplicity: the number of ``i`` with ``k_i = max_j k_j``.
+
+    Returns
+    -------
+    float, or (float, int) when ``multiplicity``.
     """
     powers = _int_list(powers, "powers")
     if not powers or any(k < 1 for k in powers):
         raise ValueError(f"powers must be a non-empty sequence of ints >= 1, got {powers!r}")
-    return 1.0 / (2 * max(powers))
+    lam = 1.0 / (2 * max(powers))
+    return (lam, powers.count(max(powers))) if multiplicity else lam
 
 
 def _int_list(values, name: str) -> list[int]:
@@ -156,7 +163,11 @@ def rrr_learning_coefficient(input_dim: int, hidden_dim: int, output_dim: int, r
     """Reduced-rank regression ``y = B A x`` (``A``: hidden x input, ``B``: output x hidden) at a rank-``rank``
     teacher, by Aoyagi and Watanabe's (2005) case formula (an independent check of :func:`dln_learning_coefficient`).
     """
-    _aoyagi((input_dim, hidden_dim, output_dim), rank, "(input_dim, hidden_dim, output_dim)")  # validates
+    for name, value in (("input_dim", input_dim), ("hidden_dim", hidden_dim), ("output_dim", output_dim)):
+        if not is_count(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    # validates rank
+    _aoyagi((input_dim, hidden_dim, output_dim), rank, "(input_dim, hidden_dim, output_dim)")
     M, H, N, r = int(input_dim), int(hidden_dim), int(output_dim), int(rank)
     if N + r <= M + H and M + r <= N + H and H + r <= M + N:
         num = 2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2
@@ -178,12 +189,31 @@ def localized_normal_crossing_expectation(
 
     This is the exact value the LLC estimator targets at these hyperparameters (its bias to the learning
     coefficient comes from the finite ``nbeta``, not from the sampler). float64, about 0.2 s.
+
+    Parameters
+    ----------
+    powers : sequence of two ints
+        ``(k_1, k_2)``, each ``>= 1``.
+    nbeta, localization : float
+        Finite and ``> 0``.
+    grid : int
+        Points per axis, ``>= 101`` (relative error about ``1e-3`` at 101, ``3e-5`` at 601 for ``nbeta <= 1e4``).
+    width : float
+        Half-width of the box in units of ``1 / sqrt(localization)``, finite and ``>= 4``.
     """
-    k = [int(p) for p in powers]
-    if len(k) != 2:
-        raise ValueError(f"powers must have length 2 for the quadrature, got {powers!r}")
-    if nbeta <= 0 or localization <= 0:
-        raise ValueError(f"nbeta and localization must be > 0, got {nbeta}, {localization}")
+    k = _int_list(powers, "powers")
+    if len(k) != 2 or any(p < 1 for p in k):
+        raise ValueError(f"powers must be two ints >= 1 for the quadrature, got {k!r}")
+    for name, value in (("nbeta", nbeta), ("localization", localization)):
+        if not is_real(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not is_count(grid) or grid < 101:
+        raise ValueError(f"grid must be an int >= 101, got {grid!r}")
+    if not is_real(width) or not math.isfinite(width) or width < 4:
+        raise ValueError(
+            f"width must be a finite number >= 4 (in units of 1 / sqrt(localization)), got {width!r}"
+        )
+    nbeta, localization, grid, width = float(nbeta), float(localization), int(grid), float(width)
     half = width / math.sqrt(localization)
     # symmetric in each coordinate: integrate over the positive quadrant on a grid refined near 0
     u = torch.linspace(0, 1, grid, dtype=torch.float64) ** 3 * half
@@ -252,8 +282,18 @@ class DeepLinearNetwork(nn.Module):
 
     @torch.no_grad()
     def set_teacher(self, rank: int, *, seed: int = 0, scale: float = 1.0) -> DeepLinearNetwork:
-        """Set the weights to a factorisation of a random rank-``rank`` product (a true parameter)."""
+        """Set the weights to a factorisation of a random rank-``rank`` product (a true parameter).
+
+        ``seed`` (int) draws the Gaussian factors; ``scale`` (finite, nonzero) multiplies the first and the last
+        factor, so the product has rank ``rank`` (with probability one) and scales as ``scale^2``."""
         _aoyagi(self.widths, rank)
+        if not is_count(seed):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if not is_real(scale) or not math.isfinite(scale) or scale == 0:
+            raise ValueError(
+                f"scale must be a finite nonzero number (the product has rank `rank`), got {scale!r}"
+            )
+        rank, seed, scale = int(rank), int(seed), float(scale)
         g = torch.Generator().manual_seed(seed)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -266,8 +306,10 @@ class DeepLinearNetwork(nn.Module):
             elif rank:
                 w[:rank, :rank] = torch.eye(rank, dtype=w.dtype)
             if rank and last == 0:
-                w = torch.randn(out_f, rank, generator=g, dtype=w.dtype) @ torch.randn(
-                    rank, in_f, generator=g, dtype=w.dtype
+                w = (
+                    torch.randn(out_f, rank, generator=g, dtype=w.dtype)
+                    @ torch.randn(rank, in_f, generator=g, dtype=w.dtype)
+                    * (scale * scale)
                 )
             layer.weight.copy_(w)
         return self
@@ -276,17 +318,29 @@ class DeepLinearNetwork(nn.Module):
 def make_regression_data(
     model: nn.Module, in_features: int, n: int | None = None, *, dtype: torch.dtype = torch.float32
 ):
-    """Noise-free data ``y = model(x)`` on an orthonormal design (``X^T X / n = I`` exactly, ``n`` a multiple of
-    ``in_features``; default ``2 * in_features``), so that for a linear student the MSE loss (mean over batch and
-    output) is exactly ``|W - W_teacher|_F^2 / out_features``. Shapes ``x (n, in)``, ``y (n, out)``."""
+    """Noise-free data ``y = model(x)`` on an orthonormal design, so that for a linear student the MSE loss (mean
+    over batch and output) is ``|W - W_teacher|_F^2 / out_features``. Shapes ``x (n, in)``, ``y (n, out)``.
+
+    The rows of ``x`` are ``+-sqrt(in_features) e_i``, so ``X^T X / n = I`` (exactly when ``in_features`` is a perfect
+    square, else up to the rounding of ``sqrt(in_features)``, one unit in the last place). ``in_features`` is an
+    int ``>= 1``, ``n`` a positive multiple of it (default ``2 * in_features``)."""
+    if not is_count(in_features) or in_features < 1:
+        raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
+    in_features = int(in_features)
     n = 2 * in_features if n is None else n
-    if n % in_features:
-        raise ValueError(f"n must be a multiple of in_features={in_features}, got {n}")
+    if not is_count(n) or n < 1 or n % in_features:
+        raise ValueError(f"n must be a positive multiple of in_features={in_features}, got {n!r}")
+    n = int(n)
     eye = torch.eye(in_features, dtype=dtype)
     reps = n // in_features
     x = torch.cat([eye if i % 2 == 0 else -eye for i in range(reps)]) * math.sqrt(in_features)
     with torch.no_grad():
-        y = model(x).detach()
+        try:
+            y = model(x).detach()
+        except RuntimeError as e:
+            raise ValueError(
+                f"model does not accept inputs of in_features={in_features} (shape {tuple(x.shape)}): {e}"
+            ) from None
     return torch.utils.data.TensorDataset(x, y)
 
 
@@ -360,6 +414,14 @@ def train(
 ) -> list[float]:
     """Train with Adam for ``steps`` minibatch steps; returns the loss per step. Default loss: cross-entropy for
     integer targets, MSE otherwise."""
+    for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1)):
+        if not is_count(value) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not is_real(lr) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not is_count(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    steps, batch_size, seed = int(steps), int(batch_size), int(seed)
     g = torch.Generator().manual_seed(seed)
     tensors = dataset.tensors if isinstance(dataset, torch.utils.data.TensorDataset) else None
     if tensors is None:
