@@ -34,15 +34,24 @@ void covariance_update_cuda_op(const at::Tensor& shift_a, const at::Tensor& shif
   check_state(m2_a, "m2_a");
   check_state(m2_b, "m2_b");
   TORCH_CHECK(a.is_cuda() && b.is_cuda(), "covariance_update_ (cuda): chunks must be CUDA tensors");
+  // the kernels run on comoment's device (the guard below): a pointer into another GPU's memory is an illegal
+  // address there
+  const at::Device device = comoment.device();
+  for (const at::Tensor* x : {&shift_a, &shift_b, &mean_a, &mean_b, &m2_a, &m2_b, &a, &b})
+    TORCH_CHECK(x->device() == device, "covariance_update_ (cuda): every tensor must be on comoment's device ",
+                device, ", got one on ", x->device());
   for (const at::Tensor* x : {&a, &b})
     TORCH_CHECK(x->scalar_type() == at::kFloat || x->scalar_type() == at::kDouble,
                 "covariance_update_: chunks must be float32 or float64, got ", x->scalar_type());
   const int mode_a = m2_a.numel() == 0 ? 0 : static_cast<int>(m2_a.dim());
   const int mode_b = m2_b.numel() == 0 ? 0 : static_cast<int>(m2_b.dim());
-  TORCH_CHECK(mode_a == 0 || m2_a.size(0) == K, "covariance_update_: m2_a shape mismatch");
-  TORCH_CHECK(mode_b == 0 || m2_b.size(0) == N, "covariance_update_: m2_b shape mismatch");
+  // (K,) or (K, K): the full co-moment kernel writes K * K entries, and a 3-D m2 would be silently skipped
+  TORCH_CHECK(mode_a <= 2 && (mode_a == 0 || m2_a.size(0) == K) && (mode_a != 2 || m2_a.size(1) == K),
+              "covariance_update_: m2_a must have shape (0,), (K,) or (K, K), got ", m2_a.sizes());
+  TORCH_CHECK(mode_b <= 2 && (mode_b == 0 || m2_b.size(0) == N) && (mode_b != 2 || m2_b.size(1) == N),
+              "covariance_update_: m2_b must have shape (0,), (N,) or (N, N), got ", m2_b.sizes());
   if (M == 0) return;
-  c10::cuda::CUDAGuard guard(comoment.device());
+  c10::cuda::CUDAGuard guard(device);
   at::Tensor ws = at::empty({2 * (K + N) + 1}, comoment.options());
   covariance_update_cuda(a.data_ptr(), a.scalar_type() == at::kDouble, a.stride(0), a.stride(1), b.data_ptr(),
                          b.scalar_type() == at::kDouble, b.stride(0), b.stride(1), M, K, N,

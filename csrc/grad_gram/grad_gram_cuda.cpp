@@ -26,11 +26,11 @@ at::Tensor grad_gram_pairwise_cuda_op(const at::Tensor& x, const at::Tensor& y, 
   at::Tensor yc = y.contiguous(), xc, idc;
   if (use_ids) {
     idc = ids->contiguous();
-    TORCH_CHECK(idc.is_cuda() && idc.scalar_type() == at::kLong && idc.numel() == rows,
-                "grad_gram_pairwise: ids must be an int64 CUDA tensor with one entry per row");
+    TORCH_CHECK(idc.device() == y.device() && idc.scalar_type() == at::kLong && idc.numel() == rows,
+                "grad_gram_pairwise: ids must be an int64 tensor on y's device with one entry per row");
   } else {
-    TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) == rows && x.scalar_type() == y.scalar_type(),
-                "grad_gram_pairwise: x must be a 2-D CUDA tensor with the rows and dtype of y");
+    TORCH_CHECK(x.device() == y.device() && x.dim() == 2 && x.size(0) == rows && x.scalar_type() == y.scalar_type(),
+                "grad_gram_pairwise: x must be a 2-D tensor with the rows, dtype and device of y");
     xc = x.contiguous();
   }
   grad_gram_pairwise_cuda(use_ids ? nullptr : xc.data_ptr(), yc.data_ptr(), use_ids ? idc.data_ptr<int64_t>() : nullptr,

@@ -1,8 +1,9 @@
 // CUDA kernels of the fused SGNHT and RMSprop-SGLD steps. Plain CUDA (no torch headers but c10's launch check,
 // C10_CUDA_KERNEL_LAUNCH_CHECK after every launch), so nvcc compile-checks
 // this file alone; the dispatcher registration lives in samplers_cuda.cpp. One thread per Philox counter: it draws
-// four normals (the stream of sgld/philox.h) and updates four consecutive elements with the element updates of
-// sampler_kernels.h, shared with the C++ kernel. SGNHT: each block reduces its sum of p^2 and its count of
+// four normals (the stream of sgld/philox.h, by philox_normals4_cuda of sgld/philox_cuda.h: sampler_normals4's
+// logf is an approximation under --use_fast_math) and updates four consecutive elements with the element updates
+// of sampler_kernels.h, shared with the C++ kernel. SGNHT: each block reduces its sum of p^2 and its count of
 // active entries in shared memory and writes them to partials[2 * block]; samplers_cuda.cpp adds the partials
 // up and updates the thermostat on the device (phase two).
 #include <c10/cuda/CUDAException.h>
@@ -11,6 +12,7 @@
 #include <cstdint>
 
 #include "samplers/samplers_cuda.h"
+#include "sgld/philox_cuda.h"
 
 namespace pypattern {
 namespace {
@@ -37,7 +39,7 @@ __global__ void sgnht_kernel(T* __restrict__ w, T* __restrict__ p, const T* __re
   for (int64_t ctr = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; ctr < n_ctr;
        ctr += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (c.has_noise) sampler_normals4(c.seed, c.tensor_index, c.step, static_cast<uint64_t>(ctr), z);
+    if (c.has_noise) philox_normals4_cuda(c.seed, c.tensor_index, c.step, static_cast<uint64_t>(ctr), z);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * ctr + k;
@@ -74,7 +76,7 @@ __global__ void rmsprop_sgld_kernel(T* __restrict__ w, T* __restrict__ v, const 
   for (int64_t ctr = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; ctr < n_ctr;
        ctr += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (c.has_noise) sampler_normals4(c.seed, c.tensor_index, c.step, static_cast<uint64_t>(ctr), z);
+    if (c.has_noise) philox_normals4_cuda(c.seed, c.tensor_index, c.step, static_cast<uint64_t>(ctr), z);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t i = 4 * ctr + k;

@@ -21,9 +21,13 @@ struct Prepared {
 };
 
 Prepared prepare(const char* op, int64_t t, const at::Tensor& p, const at::Tensor& s, const at::Tensor& g,
-                 const at::Tensor& a, const c10::List<c10::optional<at::Tensor>>& masks) {
+                 const at::Tensor& a, const c10::List<c10::optional<at::Tensor>>& masks, const at::Device& device) {
   TORCH_CHECK(p.is_cuda() && s.is_cuda() && g.is_cuda() && a.is_cuda(), op, " (cuda): tensor ", t,
               " is not on the GPU");
+  // the kernels run on the device of the guard (params[0]'s): a pointer into another GPU's memory is an illegal
+  // address there (a tensor moved after the first step of a chain, whose later steps skip the Python checks)
+  TORCH_CHECK(p.device() == device && s.device() == device && g.device() == device && a.device() == device, op,
+              " (cuda): tensor ", t, " is not on params[0]'s device ", device);
   TORCH_CHECK(g.sizes() == p.sizes() && a.sizes() == p.sizes() && s.sizes() == p.sizes(), op,
               ": shape mismatch at tensor ", t);
   TORCH_CHECK(g.scalar_type() == p.scalar_type() && a.scalar_type() == p.scalar_type() &&
@@ -38,7 +42,12 @@ Prepared prepare(const char* op, int64_t t, const at::Tensor& p, const at::Tenso
   r.a = a.contiguous();
   if (masks.size() > 0) {
     c10::optional<at::Tensor> mt = masks.get(t);
-    if (mt.has_value() && mt->defined()) r.m = mt->to(p.scalar_type()).contiguous();
+    if (mt.has_value() && mt->defined()) {
+      // the kernels read numel() entries of the mask on the GPU, as the C++ kernels check for their own
+      TORCH_CHECK(mt->sizes() == p.sizes(), op, ": mask shape mismatch at tensor ", t);
+      TORCH_CHECK(mt->device() == device, op, " (cuda): mask ", t, " is not on params[0]'s device ", device);
+      r.m = mt->to(p.scalar_type()).contiguous();
+    }
   }
   return r;
 }
@@ -63,7 +72,10 @@ at::Tensor sgnht_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   TORCH_CHECK(n > 0, op, " (cuda): empty tensor list");
   TORCH_CHECK(thermostat.is_cuda() && thermostat.scalar_type() == at::kDouble && thermostat.numel() == 1, op,
               " (cuda): thermostat must be a float64 GPU tensor with one element");
-  c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Device device = params[0].device();
+  TORCH_CHECK(thermostat.device() == device, op, " (cuda): thermostat is on ", thermostat.device(),
+              ", params[0] on ", device);
+  c10::cuda::CUDAGuard guard(device);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   auto flags = at::zeros({n}, params[0].options().dtype(at::kInt));
   int* flag_ptr = flags.data_ptr<int>();
@@ -86,7 +98,7 @@ at::Tensor sgnht_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
     if (p.numel() == 0) continue;
-    Prepared r = prepare(op, t, p, momenta[t], grads[t], anchors[t], masks);
+    Prepared r = prepare(op, t, p, momenta[t], grads[t], anchors[t], masks, device);
     SgnhtCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(t);
     double* part = partials.data_ptr<double>() + 2 * at_block;
@@ -124,7 +136,8 @@ at::Tensor rmsprop_sgld_step_cuda(at::TensorList params, at::TensorList grads, a
   TORCH_CHECK(masks.size() == 0 || static_cast<int64_t>(masks.size()) == n, op,
               ": masks must be empty or have one entry per tensor");
   TORCH_CHECK(n > 0, op, " (cuda): empty tensor list");
-  c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Device device = params[0].device();
+  c10::cuda::CUDAGuard guard(device);
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   auto flags = at::zeros({n}, params[0].options().dtype(at::kInt));
   int* flag_ptr = flags.data_ptr<int>();
@@ -144,7 +157,7 @@ at::Tensor rmsprop_sgld_step_cuda(at::TensorList params, at::TensorList grads, a
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
     if (p.numel() == 0) continue;
-    Prepared r = prepare(op, t, p, square_avgs[t], grads[t], anchors[t], masks);
+    Prepared r = prepare(op, t, p, square_avgs[t], grads[t], anchors[t], masks, device);
     RmspropCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(t);
     if (p.scalar_type() == at::kFloat) {

@@ -2,14 +2,17 @@
 // C10_CUDA_KERNEL_LAUNCH_CHECK after every launch), so nvcc compile-checks this file alone;
 // the dispatcher registration lives in sgld_cuda.cpp. One thread per Philox counter: it draws four normals and
 // updates four consecutive elements, so the noise is the stream of philox.h, identical to the other backends'
-// integers. Compiled with --use_fast_math (approximate logf/cosf: the noise agrees with the reference's up to
-// their rounding, as the other backends' does; tests/test_sgld.py checks it where a GPU is present).
+// integers. Compiled with --use_fast_math: the radius's log is log_uniform of philox_cuda.h (fast math's logf is
+// off by far more than a rounding near u = 1); sin and cos stay the fast approximations (absolute errors of the
+// order of 1e-6). tests/test_sgld.py and tests/test_gpu_paths_review.py check the noise against the reference's
+// where a GPU is present.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "philox.h"
+#include "philox_cuda.h"
 #include "sgld_kernel.h"
 
 namespace pypattern {
@@ -36,10 +39,9 @@ __global__ void sgld_kernel(T* __restrict__ w, const T* __restrict__ g, const T*
       philox4x32_10(x, static_cast<uint32_t>(c.seed), static_cast<uint32_t>(c.seed >> 32));
       const float u0 = fmaxf(1.0e-7f, uint_to_uniform(x[0]));
       const float u2 = fmaxf(1.0e-7f, uint_to_uniform(x[2]));
-      // u < 1 always (at most 1 - 2^-24), but --use_fast_math's logf is off by up to ~3e-7 absolute near 1 and
-      // may return a positive log there: clamp, so the radius is 0 rather than sqrtf(negative) = NaN
-      const float r0 = sqrtf(fmaxf(0.0f, -2.0f * logf(u0)));
-      const float r1 = sqrtf(fmaxf(0.0f, -2.0f * logf(u2)));
+      // log_uniform(u) <= 0 for u <= 1; the clamp keeps sqrtf's argument >= 0 whatever the rounding
+      const float r0 = sqrtf(fmaxf(0.0f, -2.0f * log_uniform(u0)));
+      const float r1 = sqrtf(fmaxf(0.0f, -2.0f * log_uniform(u2)));
       float s0, c0, s1, c1;
       sincosf(kTwoPi * uint_to_uniform(x[1]), &s0, &c0);
       sincosf(kTwoPi * uint_to_uniform(x[3]), &s1, &c1);

@@ -31,12 +31,19 @@ at::Tensor sgld_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   int* flag_ptr = flags.data_ptr<int>();
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   SgldCoefs base = make_coefs(step_size, nbeta, localization, weight_decay, noise_scale, bounding_box, seed, step);
+  const at::Device device = params[0].device();
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
     TORCH_CHECK(p.is_cuda() && grads[t].is_cuda() && anchors[t].is_cuda(), "sgld_step_ (cuda): tensor ", t,
                 " is not on the GPU");
+    // the kernels run on params[0]'s device (the guard above): a pointer into another GPU's memory is an illegal
+    // address there (a tensor moved after the first step of a chain, whose later steps skip the Python checks)
+    TORCH_CHECK(p.device() == device && grads[t].device() == device && anchors[t].device() == device,
+                "sgld_step_ (cuda): tensor ", t, " is not on params[0]'s device ", device);
     TORCH_CHECK(grads[t].sizes() == p.sizes() && anchors[t].sizes() == p.sizes(),
                 "sgld_step_: shape mismatch at tensor ", t);
+    TORCH_CHECK(grads[t].scalar_type() == p.scalar_type() && anchors[t].scalar_type() == p.scalar_type(),
+                "sgld_step_: dtype mismatch at tensor ", t);
     if (p.numel() == 0) continue;
     at::Tensor w = p.is_contiguous() ? p : p.contiguous();
     at::Tensor g = grads[t].contiguous();
@@ -44,7 +51,13 @@ at::Tensor sgld_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
     at::Tensor m;
     if (masks.size() > 0) {
       c10::optional<at::Tensor> mt = masks.get(t);
-      if (mt.has_value() && mt->defined()) m = mt->to(p.scalar_type()).contiguous();
+      if (mt.has_value() && mt->defined()) {
+        // the kernel reads numel() entries of the mask on the GPU, as the C++ kernel checks for its own
+        TORCH_CHECK(mt->sizes() == p.sizes(), "sgld_step_: mask shape mismatch at tensor ", t);
+        TORCH_CHECK(mt->device() == device, "sgld_step_ (cuda): mask ", t, " is not on params[0]'s device ",
+                    device);
+        m = mt->to(p.scalar_type()).contiguous();
+      }
     }
     SgldCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(t);

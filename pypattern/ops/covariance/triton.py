@@ -28,7 +28,7 @@ def _comoment_kernel(
     mb_ptr,
     da_ptr,
     db_ptr,
-    w,
+    w: tl.float64,  # the Chan weight: a Python float goes to a GPU kernel as float32 unless declared
     M,
     K,
     N,
