@@ -687,18 +687,50 @@ def _warning_as_flags(message: str, options) -> str:
     return _LIBRARY_ONLY.sub(lambda m: f"{m.group(1)} [a library setting, no option]", message)
 
 
+def _options_that_apply(p: argparse.ArgumentParser, args) -> set[str]:
+    """The options of ``p`` the run takes: without --model those marked 'with --model' are left out (the built-in
+    demo refuses them), with --model those of the built-in demo only; warnings name only these."""
+    model = getattr(args, "model", None) or getattr(args, "model_dir", None)
+    refused = DEMO_ONLY if model else MODEL_ONLY
+    options = set(p._option_string_actions)
+    for dest, (_, _, applies) in getattr(p, "deferred", {}).items():
+        if applies == refused:
+            action = next(a for a in p._actions if a.dest == dest)
+            options.difference_update(action.option_strings)
+    return options
+
+
 def _check_paths(p: argparse.ArgumentParser, args) -> None:
     """The output folders (--out, --checkpoint) are created before any work, and refused (through ``p.error``)
     when they cannot be: an existing file, a path below a file, a folder that cannot be written in."""
     from .experiments.user_model import out_folder
 
-    for flag, dest in (("--out", "out"), ("--checkpoint", "checkpoint")):
-        path = getattr(args, dest, None)
+    paths = [("--out", getattr(args, "out", None)), ("--checkpoint", getattr(args, "checkpoint", None))]
+    paths += [("--out", folder) for folder in _demo_folders(args)]  # a demo's own folders below --out
+    for flag, path in paths:
         if path is not None:
             try:
                 out_folder(path, flag)
             except ValueError as e:
                 p.error(str(e))
+
+
+#: the folder below --out that each demo writes into (the main demo: its LLC and patching parts; patterning: --out)
+_DEMO_FOLDERS = {
+    "main": ("llc", "patch"),
+    "equivalence": ("equivalence",),
+    "interpretive": ("equivalence",),
+    "cka": ("cka",),
+    "flags": ("flags",),
+    "patterning": (),
+}
+
+
+def _demo_folders(args) -> list[str]:
+    """The folders below --out that ``pypattern demo <what>`` writes into (none for the other commands)."""
+    if getattr(args, "cmd", None) != "demo":
+        return []
+    return [os.path.join(args.out, sub) for sub in _DEMO_FOLDERS[args.what]]
 
 
 def _run(args) -> int:
@@ -729,7 +761,7 @@ def _run(args) -> int:
             _call(
                 "pypattern.experiments.interpretive",
                 "run_interpretive_demo",
-                os.path.join(args.out, "equivalence"),
+                _demo_folders(args)[0],
                 full=args.full,
                 quick=args.quick,
             ),
@@ -740,7 +772,7 @@ def _run(args) -> int:
         s = mod.EquivalenceDemoSettings.quick() if args.quick else None
         _print(
             "representation similarity of induction models (debiased CKA on induction-predictable tokens):",
-            mod.run_equivalence_demo(os.path.join(args.out, "cka"), s),
+            mod.run_equivalence_demo(_demo_folders(args)[0], s),
         )
         return 0
     if args.what == "flags":
@@ -748,7 +780,7 @@ def _run(args) -> int:
         s = mod.FlagsDemoSettings.quick() if args.quick else None
         _print(
             "concept flags (a transformer on TopicTask; flags vs a control with the same training steps):",
-            mod.run_flags_demo(os.path.join(args.out, "flags"), s),
+            mod.run_flags_demo(_demo_folders(args)[0], s),
         )
         return 0
     if args.what == "patterning":
@@ -762,10 +794,9 @@ def _run(args) -> int:
     steps = 20 if args.quick else 200
     _print(f"1. fused SGLD step on a 64-256-10 MLP (batch 256, {steps} steps):", _demo_sgld(steps))
     print("2. LLC of a small MLP trained on a teacher task:")
-    _llc_demo(os.path.join(args.out, "llc"), args.quick)
-    _patch_demo(
-        "3. activation patching on the built-in model and task:", os.path.join(args.out, "patch"), args.quick
-    )
+    llc_out, patch_out = _demo_folders(args)
+    _llc_demo(llc_out, args.quick)
+    _patch_demo("3. activation patching on the built-in model and task:", patch_out, args.quick)
     print(f"plots and tables are in {os.path.join(args.out, '')}")
     return 0
 
@@ -858,7 +889,7 @@ def _main(argv: list[str] | None, program: bool) -> int:
         importlib.import_module("pypattern.circuits.cli").check_args(sub, args)
     _check_paths(sub, args)
 
-    options = set(sub._option_string_actions)
+    options = _options_that_apply(sub, args)
 
     def one_line(message, category, filename, lineno, line=None):
         return f"pypattern {args.cmd}: warning: {_warning_as_flags(str(message), options)}\n"

@@ -99,6 +99,56 @@ class InterpretiveSettings:
     num_threads: int = 1
 
 
+def check_settings(s: InterpretiveSettings) -> InterpretiveSettings:
+    """Refuse, naming the field, settings the run would fail on only after training its pool: unknown algorithms,
+    architectures or measures, counts below 1, negative budgets, a learning rate or fractions out of range."""
+    from .._checks import is_count, is_real
+
+    if not isinstance(s, InterpretiveSettings):
+        raise TypeError(f"settings are a {type(s).__name__}; give an InterpretiveSettings")
+
+    def names(field: str, valid, least: int) -> None:
+        value = getattr(s, field)
+        if isinstance(value, str) or len(value := tuple(value)) < least or any(v not in valid for v in value):
+            raise ValueError(
+                f"{field}={getattr(s, field)!r} is not valid; give at least {least} of {sorted(valid)}"
+            )
+
+    names("algorithms", ALGORITHMS, 2)
+    names("measures", MEASURES, 1)
+    members = tuple(s.members)
+    if not members or any(
+        not isinstance(m, tuple | list) or len(m) != 2 or m[0] not in ARCHS or not is_count(m[1])
+        for m in members
+    ):
+        raise ValueError(
+            f"members={s.members!r} is not valid; give (architecture, seed) pairs with the architecture one of "
+            f"{sorted(ARCHS)} and an int seed"
+        )
+    for field in ("steps", "batch_size", "num_workers", "num_inputs", "num_trials", "num_repeats",
+                  "selectivity_trials", "num_threads"):  # fmt: skip
+        value = getattr(s, field)
+        if not is_count(value) or value < 1:
+            raise ValueError(f"{field}={value!r} is not valid; give an int >= 1")
+    for field, least in (("budgets", 0), ("pipeline_seeds", None)):
+        value = getattr(s, field)
+        if (
+            isinstance(value, str)
+            or not (value := tuple(value))
+            or not all(is_count(v) and (least is None or v >= least) for v in value)
+        ):
+            what = "ints >= 0" if least == 0 else "ints"
+            raise ValueError(f"{field}={getattr(s, field)!r} is not valid; give one or more {what}")
+    for field, value in (("lr", s.lr), ("z", s.z), *(("alphas", a) for a in s.alphas)):
+        if not is_real(value) or not 0 < value < float("inf"):
+            raise ValueError(f"{field}={getattr(s, field)!r} is not valid; give finite numbers > 0")
+    if not s.alphas:
+        raise ValueError("alphas=() is not valid; give finite numbers > 0")
+    if not is_real(s.train_fraction) or not 0 < s.train_fraction < 1:
+        raise ValueError(f"train_fraction={s.train_fraction!r} is not valid; give a number in (0, 1)")
+    return s
+
+
 def reduced_interpretive_settings() -> InterpretiveSettings:
     """The demo's settings (``pypattern demo equivalence``; within 5 minutes on 2 cores with the pool not cached
     yet): 2 pool members per routine trained for 600 steps, the first 5 algorithms (4 to 8 implementations each),
@@ -552,7 +602,7 @@ def run_interpretive(
     """Train (or load) the pool, then the grid and the selectivity curve for every measure and pipeline seed.
     Writes ``<name>.json`` and the plots (``<name>_grid.png``, ``<name>_selectivity.png``) into ``out_dir``;
     returns the report dict."""
-    s = s or InterpretiveSettings()
+    s = check_settings(s or InterpretiveSettings())  # before the pool is trained
     log = log or (lambda *a: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -757,31 +807,10 @@ def main(argv=None) -> int:
         rep = merge_reports(a.merge, a.out_dir, a.name)
         print(json.dumps({"summary": rep["summary"], "plots": rep["plots"]}, indent=1))
         return 0
-    s = InterpretiveSettings() if a.full else reduced_interpretive_settings()
-    if a.workers is not None:
-        s.num_workers = a.workers
-    if a.budgets is not None:
-        s.budgets = tuple(int(v) for v in a.budgets.split(","))
-    if a.repeats is not None:
-        s.num_repeats = a.repeats
-    if a.members is not None:
-        members = [m.split(":") for m in a.members.split(",")]
-        bad = [m for m in members if len(m) != 2 or m[0] not in ARCHS or not m[1].lstrip("-").isdigit()]
-        if bad:
-            raise SystemExit(
-                f"--members: each entry is ARCH:SEED with ARCH in {sorted(ARCHS)}, got {a.members!r}"
-            )
-        s.members = tuple((arch, int(seed)) for arch, seed in members)
-    if a.trials is not None:
-        s.num_trials = a.trials
-    if a.shared_pool:
-        s.independent_pools = False
-    if a.selectivity_trials is not None:
-        s.selectivity_trials = a.selectivity_trials
-    if a.measures is not None:
-        s.measures = tuple(a.measures.split(","))
-    if a.seeds is not None:
-        s.pipeline_seeds = tuple(int(v) for v in a.seeds.split(","))
+    try:
+        s = _settings_from_args(a)
+    except ValueError as e:
+        ap.error(str(e))
     if a.pool_only:
         _, info = train_pools(s, a.cache or Path(a.out_dir) / "pool", log=lambda *m: print(*m, flush=True))
         print(json.dumps({k: v for k, v in info.items() if k != "members"}, indent=1))
@@ -795,6 +824,61 @@ def main(argv=None) -> int:
         )
     )
     return 0
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag}: give comma-separated integers, got {text!r}") from None
+
+
+def _settings_from_args(a) -> InterpretiveSettings:
+    """The settings :func:`main`'s arguments ask for, checked (:func:`check_settings`) before any work; a
+    ``ValueError`` names the option or the field."""
+    s = InterpretiveSettings() if a.full else reduced_interpretive_settings()
+    if a.workers is not None:
+        s.num_workers = a.workers
+    if a.budgets is not None:
+        s.budgets = _ints(a.budgets, "--budgets")
+    if a.repeats is not None:
+        s.num_repeats = a.repeats
+    if a.members is not None:
+        members = [m.split(":") for m in a.members.split(",")]
+        bad = [m for m in members if len(m) != 2 or m[0] not in ARCHS or not m[1].lstrip("-").isdigit()]
+        if bad:
+            raise ValueError(
+                f"--members: each entry is ARCH:SEED with ARCH in {sorted(ARCHS)}, got {a.members!r}"
+            )
+        s.members = tuple((arch, int(seed)) for arch, seed in members)
+    if a.trials is not None:
+        s.num_trials = a.trials
+    if a.shared_pool:
+        s.independent_pools = False
+    if a.selectivity_trials is not None:
+        s.selectivity_trials = a.selectivity_trials
+    if a.measures is not None:
+        s.measures = tuple(a.measures.split(","))
+    if a.seeds is not None:
+        s.pipeline_seeds = _ints(a.seeds, "--seeds")
+    try:
+        return check_settings(s)
+    except ValueError as e:
+        field = str(e).split("=", 1)[0]
+        flag = _FLAG_OF.get(field)
+        raise ValueError(f"{flag}: {e}" if flag else str(e)) from None
+
+
+#: the options of :func:`main` that set a field of the settings
+_FLAG_OF = {
+    "num_workers": "--workers",
+    "budgets": "--budgets",
+    "num_repeats": "--repeats",
+    "num_trials": "--trials",
+    "selectivity_trials": "--selectivity-trials",
+    "measures": "--measures",
+    "pipeline_seeds": "--seeds",
+}
 
 
 if __name__ == "__main__":

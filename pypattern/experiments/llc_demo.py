@@ -42,7 +42,7 @@ def run_llc_demo(
     """Train, estimate the LLC, print a summary and write ``llc_loss_trace.png``, ``llc_result.npz`` and
     ``llc_summary.json`` (the returned dict).
 
-    The model is an MLP ``sizes`` (default 21,930 parameters) trained with Adam on labels from a random teacher
+    The model is an MLP ``sizes`` (default 22,026 parameters) trained with Adam on labels from a random teacher
     MLP (:func:`pypattern.truth.make_teacher_task`); the LLC uses SGLD with ``step_size``, ``localization`` and
     devinterp's default ``nbeta = batch_size / ln(batch_size)``. About 5 s on one core. ``num_threads`` sets
     torch's thread count for the duration (small models run fastest, and steadiest on shared machines, on one

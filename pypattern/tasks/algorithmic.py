@@ -127,10 +127,12 @@ def run_routine(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_algorithm(name_or_routines: str | Sequence[str], x: torch.Tensor) -> list[torch.Tensor]:
-    """Every stage's input and the final output: ``[x, y_1, ..., y_R]`` for an algorithm of ``R`` routines."""
-    routines = ALGORITHMS[name_or_routines] if isinstance(name_or_routines, str) else name_or_routines
+    """Every stage's input and the final output: ``[x, y_1, ..., y_R]`` for an algorithm of ``R`` routines (a key
+    of :data:`ALGORITHMS`, or a sequence of routine names)."""
     if isinstance(name_or_routines, str) and name_or_routines not in ALGORITHMS:
         raise ValueError(f"algorithm={name_or_routines!r} is not known; choose one of {sorted(ALGORITHMS)}")
+    routines = ALGORITHMS[name_or_routines] if isinstance(name_or_routines, str) else name_or_routines
+    _check_x(x)
     out = [x]
     for r in routines:
         out.append(run_routine(r, out[-1]))
@@ -140,6 +142,8 @@ def run_algorithm(name_or_routines: str | Sequence[str], x: torch.Tensor) -> lis
 def stage_inputs(routine: str, x: torch.Tensor) -> list[torch.Tensor]:
     """The inputs ``routine`` receives inside every algorithm of :data:`ALGORITHMS` that uses it, when the
     algorithm is run on ``x``: one tensor per occurrence."""
+    if not isinstance(routine, str) or routine not in ROUTINES:
+        raise ValueError(f"routine={routine!r} is not known; choose one of {sorted(ROUTINES)}")
     out = []
     for routines in ALGORITHMS.values():
         for i, r in enumerate(routines):
@@ -157,6 +161,16 @@ def encode(x: torch.Tensor) -> torch.Tensor:
 def decode(logits: torch.Tensor) -> torch.Tensor:
     """The model's answer ``(n, 10)``: the argmax over the routine's vocabulary (the query token excluded) at
     positions 10..19 of ``logits (n, 20, d_vocab)``."""
+    if (
+        not isinstance(logits, torch.Tensor)
+        or logits.ndim != 3
+        or logits.shape[1:2] != (2 * SEQ_LEN,)
+        or (logits.shape[2] < VOCAB)
+    ):
+        raise ValueError(
+            f"logits must be a tensor of shape (n, {2 * SEQ_LEN}, d_vocab >= {VOCAB}), got "
+            f"{tuple(getattr(logits, 'shape', ()))}"
+        )
     return logits[:, SEQ_LEN:, :VOCAB].argmax(-1)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .._checks import is_count, is_real
 
-__all__ = ["TaskBatch", "Task", "per_sample_loss", "IGNORE", "generator"]
+__all__ = ["TaskBatch", "Task", "per_sample_loss", "IGNORE", "generator", "offset_seed"]
 
 IGNORE = -100
 
@@ -106,12 +106,20 @@ def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def generator(seed: int | None, name: str = "seed") -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with ``seed`` (an int, numpy's too, in ``[-2**63, 2**64)``), or from
-    torch's global generator when ``seed`` is None; another value is refused naming ``name``."""
+    torch's global generator when ``seed`` is None; another value is refused naming ``name``. torch keys its
+    generators by 64 bits: seeds equal modulo ``2**64`` (``-1`` and ``2**64 - 1``) draw the same numbers."""
     if seed is not None and (not is_count(seed) or not -(2**63) <= seed < 2**64):
         raise ValueError(f"{name}={seed!r} is not valid; give an int in [-2**63, 2**64) or None")
     g = torch.Generator()
     g.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed))
     return g
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` kept in :func:`generator`'s range ``[-2**63, 2**64)`` (wrapped modulo ``2**64``, which
+    keys the same generator): a derived seed of a valid ``seed`` is valid too."""
+    value = int(seed) + offset
+    return value - 2**64 if value >= 2**64 else value + 2**64 if value < -(2**63) else value
 
 
 def count_arg(value, name: str, least: int = 0) -> int:

@@ -25,8 +25,10 @@ class InductionTask(Task):
     3e-3; about 10-25 s on one core) and forms a head with a prefix-matching score of about 0.5-0.6.
 
     Targets are the next token at every position (language modelling); ``extra["induction_flag"]``
-    ``(num_samples, pos)`` is True at positions whose next token is predictable by induction (inside the
-    second copy, where the current token and its predecessor match the first copy).
+    ``(num_samples, pos)`` is True at positions whose next token is predictable by induction: every token of the
+    second copy but its last (the current token, and from the copy's second token on its predecessors too, match
+    the first copy). ``extra["source_start"]`` and ``extra["dest_start"]`` ``(num_samples,)`` are the positions
+    of the two copies' first tokens.
 
     Parameters
     ----------
@@ -97,15 +99,22 @@ class InductionTask(Task):
 
 
 def repeated_tokens(d_vocab: int, half_len: int, num_samples: int, seed: int = 0, bos: int | None = None):
-    """``[BOS, x_1..x_n, x_1..x_n]`` with distinct random ``x`` (no accidental repeats): ``(num_samples, 2n+1)``."""
+    """``[BOS, x_1..x_n, x_1..x_n]`` with distinct random ``x`` from ``0 .. d_vocab - 2`` (no accidental repeats):
+    ``(num_samples, 2n+1)``. ``bos``: the first token, ``d_vocab - 1`` by default; another must lie outside the
+    tokens drawn (at least ``d_vocab - 1``, e.g. a larger model's BOS id)."""
     d_vocab, half_len = count_arg(d_vocab, "d_vocab", 2), count_arg(half_len, "half_len", 1)
     num_samples = count_arg(num_samples, "num_samples", 1)
     if half_len > d_vocab - 1:
         raise ValueError(
             f"half_len={half_len} is not valid; give at most d_vocab - 1 = {d_vocab - 1} (distinct tokens)"
         )
+    if bos is not None and (not is_count(bos) or bos < d_vocab - 1):
+        raise ValueError(
+            f"bos={bos!r} is not valid; give None or an int >= d_vocab - 1 = {d_vocab - 1} (the segment's tokens "
+            f"are drawn from 0 .. {d_vocab - 2})"
+        )
     g = generator(seed)
-    bos = d_vocab - 1 if bos is None else bos
+    bos = d_vocab - 1 if bos is None else int(bos)
     x = torch.stack([torch.randperm(d_vocab - 1, generator=g)[:half_len] for _ in range(num_samples)])
     return torch.cat([torch.full((num_samples, 1), bos), x, x], 1)
 
@@ -114,6 +123,12 @@ def induction_probe(d_vocab: int, n_ctx: int, half_len: int = 8, num_samples: in
     """Prompts ``[BOS, x_1..x_n, f_1..f_g, x_1..x_n]`` with distinct random tokens and a random gap ``g`` per
     prompt (so that a head attending at a fixed distance cannot score).
 
+    ``n`` is ``half_len``, capped at a third of what fits (``(n_ctx - 1) // 3`` and ``(d_vocab - 1) // 3``) so that
+    the gap ``g`` varies over at least ``n + 1`` values, ``0 .. max_gap`` (``1 .. max_gap``, two values or more,
+    when ``n`` is 1: with no gap the token after a one-token segment's earlier occurrence would be the destination
+    itself). ``n_ctx`` is at least 5 and ``d_vocab`` at least 4. Prompts are padded at the end with unused distinct
+    tokens to one length.
+
     Returns
     -------
     tokens : LongTensor ``(num_samples, n_ctx')``
@@ -121,16 +136,18 @@ def induction_probe(d_vocab: int, n_ctx: int, half_len: int = 8, num_samples: in
         Positions of the second copy, of the token after each one's earlier occurrence, and of the position
         before each destination.
     """
-    d_vocab, n_ctx = count_arg(d_vocab, "d_vocab", 3), count_arg(n_ctx, "n_ctx", 3)
+    d_vocab, n_ctx = count_arg(d_vocab, "d_vocab", 4), count_arg(n_ctx, "n_ctx", 5)
     half_len, num_samples = count_arg(half_len, "half_len", 1), count_arg(num_samples, "num_samples", 1)
     g = generator(seed)
-    n = min(half_len, (n_ctx - 1) // 2, (d_vocab - 1) // 2)
+    # a third of the room at most: the rest is the gap's, so that the distance between the copies varies
+    n = min(half_len, (n_ctx - 1) // 3, (d_vocab - 1) // 3)
     max_gap = min(n_ctx - 1 - 2 * n, d_vocab - 1 - n)
+    min_gap = 1 if n == 1 else 0
     T = 1 + 2 * n + max_gap
     bos = d_vocab - 1
     rows, dest, src = [], [], []
     for _ in range(num_samples):
-        gap = int(torch.randint(0, max_gap + 1, (1,), generator=g))
+        gap = int(torch.randint(min_gap, max_gap + 1, (1,), generator=g))
         perm = torch.randperm(d_vocab - 1, generator=g)
         x, fill = perm[:n], perm[n : n + max_gap]
         tail = fill[gap:]  # pad at the end with unused distinct tokens

@@ -8,9 +8,11 @@ have the same length, the same template and differ in one token, as best practic
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .base import IGNORE, Task, TaskBatch, count_arg, generator
+from .._checks import is_count
+from .base import IGNORE, Task, TaskBatch, count_arg, generator, offset_seed
 
 __all__ = ["IOITask", "symmetric_pairs"]
 
@@ -83,7 +85,7 @@ class IOITask(Task):
         else:
             if self.n_names < 3:
                 raise ValueError("corruption='abc' needs n_names >= 3")
-            g = generator(None if seed is None else seed + 7919)
+            g = generator(None if seed is None else offset_seed(seed, 7919))
             c = torch.randint(0, self.n_names - 2, (num_samples,), generator=g)
             lo, hi = torch.minimum(ans, subj), torch.maximum(ans, subj)
             c = c + (c >= lo).long()
@@ -114,13 +116,56 @@ def symmetric_pairs(tokens: torch.Tensor, pairs, positions=None) -> torch.Tensor
     Returns
     -------
     LongTensor ``(batch, pos)``: the corrupted prompts (same length, same template).
+
+    A token in two pairs (``(a, b), (b, c)``: the swap would not be symmetric), a pair of one token twice and a
+    position outside ``-pos .. pos - 1`` are refused naming the argument.
     """
+    if (
+        not isinstance(tokens, torch.Tensor)
+        or tokens.ndim != 2
+        or tokens.is_floating_point()
+        or tokens.is_complex()
+    ):
+        raise ValueError(
+            f"tokens must be an integer tensor of shape (batch, pos), got {getattr(tokens, 'dtype', type(tokens))} "
+            f"{tuple(getattr(tokens, 'shape', ()))}"
+        )
+
+    def as_int(v):  # a 0-d integer tensor or array stands for its int
+        if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iu":
+            return int(v)
+        if (
+            isinstance(v, torch.Tensor)
+            and v.ndim == 0
+            and not v.is_floating_point()
+            and v.dtype != torch.bool
+        ):
+            return int(v)
+        return v
+
+    try:
+        pairs = [(as_int(a), as_int(b)) for a, b in pairs]
+    except (TypeError, ValueError):
+        raise ValueError(f"pairs={pairs!r} is not valid; give a sequence of (int, int) pairs") from None
+    seen = set()
+    for a, b in pairs:
+        if not (is_count(a) and is_count(b)) or a == b or a in seen or b in seen:
+            raise ValueError(
+                f"pairs: {(a, b)!r} is not valid; give pairs of two different ints, no token in two pairs"
+            )
+        seen.update((int(a), int(b)))
+    pos = tokens.shape[1]
+    positions = as_int(positions)
+    cols = range(pos) if positions is None else ([positions] if is_count(positions) else positions)
+    try:
+        cols = [as_int(c) for c in cols]
+    except TypeError:
+        raise ValueError(
+            f"positions={positions!r} is not valid; give an int, a sequence of ints or None"
+        ) from None
+    if not all(is_count(c) and -pos <= c < pos for c in cols):
+        raise ValueError(f"positions={positions!r} is not valid; give ints in -{pos} .. {pos - 1}, or None")
     out = tokens.clone()
-    cols = (
-        range(tokens.shape[1])
-        if positions is None
-        else ([positions] if isinstance(positions, int) else positions)
-    )
     for c in cols:
         col = tokens[:, c]
         new = col.clone()

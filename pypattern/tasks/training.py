@@ -13,7 +13,7 @@ import torch
 from .._checks import model_device
 from .._training import random_in_training, values_kept_on_error
 from ..losses import read_logits
-from .base import Task, TaskBatch, count_arg, generator
+from .base import Task, TaskBatch, count_arg, generator, offset_seed
 
 __all__ = ["train", "TrainResult"]
 
@@ -53,14 +53,16 @@ def train(
     steps : int
         AdamW steps (0: no training).
     batch_size, lr : optional
-        Default to the task's ``default_batch_size`` / ``default_lr`` (64 and 3e-3 unless the task says).
+        Default to the task's ``default_batch_size`` / ``default_lr`` (64 and 3e-3 unless the task says); ``lr``
+        is a finite number >= 0.
     data : TaskBatch, optional
         A fixed training set; with ``num_samples`` one is drawn from the task; with neither, every step draws
         a fresh batch (online training).
     weight_decay : float
-        AdamW's decoupled weight decay.
+        AdamW's decoupled weight decay (a finite number >= 0).
     num_samples : int, optional
-        Size of a fixed training set drawn from the task (with ``seed + 1``) when ``data`` is not given.
+        Size of a fixed training set drawn from the task (with ``seed + 1``, modulo ``2**64``) when ``data`` is
+        not given.
     sample_weights : Tensor ``(num_samples,)``, Intervention or callable ``step ->`` either, optional
         Non-negative per-sample loss weights over the fixed training set (an Intervention's ``weights``; requires ``data`` or
         ``num_samples``); normalised to mean 1, the minibatch loss is ``mean(w_i * loss_i)``, an unbiased
@@ -106,11 +108,12 @@ def train(
         batch_size = count_arg(batch_size, "batch_size", 1)
     generator(seed)  # checked before any step
     seed = int(seed)
+    _check_train_args(task, data, lr, weight_decay, callback)
     from .._train_checkpoint import TrainingSteps, check_checkpoint_arg
 
     check_checkpoint_arg(checkpoint, quiet)
     if data is None and num_samples is not None:
-        data = task.sample(num_samples, seed=seed + 1)
+        data = task.sample(num_samples, seed=offset_seed(seed, 1))
     if sample_weights is not None and data is None:
         raise ValueError("sample_weights needs a fixed training set: pass data=... or num_samples=...")
     batch_size = batch_size if batch_size is not None else getattr(task, "default_batch_size", 64)
@@ -170,6 +173,29 @@ def train(
                     callback(step, model)
     model.eval()
     return res
+
+
+def _check_train_args(task, data, lr, weight_decay, callback) -> None:
+    """Refuse, naming the argument, a task that draws or scores nothing, a fixed training set that is not a
+    non-empty :class:`TaskBatch`, a learning rate or weight decay that is not a finite number >= 0 and a callback
+    that cannot be called (before any step)."""
+    from .._checks import is_real
+
+    if not all(callable(getattr(task, m, None)) for m in ("sample", "per_sample_loss")):
+        raise TypeError(
+            f"task is a {type(task).__name__}; give a Task (one with sample() and per_sample_loss(), such as "
+            "pypattern.InductionTask())"
+        )
+    if data is not None:
+        if not isinstance(data, TaskBatch):
+            raise TypeError(f"data is a {type(data).__name__}; give a TaskBatch (task.sample(...))")
+        if len(data) == 0:
+            raise ValueError("data holds no samples; give a TaskBatch of at least one sample")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        if value is not None and (not is_real(value) or not 0.0 <= value < float("inf")):
+            raise ValueError(f"{name}={value!r} is not valid; give a finite number >= 0")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r} is not valid; give a function (step, model) or None")
 
 
 def _weights(sample_weights, step: int, n: int) -> torch.Tensor:
