@@ -309,9 +309,22 @@ def _as_devinterp_callback(
     need = set(_PASSED)
     if wanted is not None and "model" not in wanted:
         need.discard("model")
-    call.__signature__ = inspect.Signature(
-        [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in sorted(need)]
+    # optimizer required only when the callback requires it (the sampler then runs the chains one after another,
+    # and refuses batched=True before running); chains run side by side do not pass it
+    needs_optimizer = params is not None and any(
+        p.name == "optimizer" and p.default is p.empty and p.kind != p.VAR_POSITIONAL for p in params
     )
+    call.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(
+                k,
+                inspect.Parameter.KEYWORD_ONLY,
+                **({"default": None} if k == "optimizer" and not needs_optimizer else {}),
+            )
+            for k in sorted(need)
+        ]
+    )
+    call.__qualname__ = getattr(cb, "__qualname__", type(cb).__name__)  # errors about it name the callback
     # what only chains run one after another hand over: the chain's sampler and its model holding the step's gradient
     call.reads_chain = wanted is None or bool(wanted & {"optimizer", "model"})
     # devinterp calls its callbacks after the step's update: the chains run one after another do too

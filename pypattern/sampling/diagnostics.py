@@ -329,8 +329,10 @@ def relaxation_bounds(
     a smaller estimate than that growth, so it bounds the typical direction's relaxation times from below."""
     eps, S = float(step_size), int(total_steps)
     flat = eps * max(float(gamma), 0.0) * S / 2
-    if not (num_params > 0 and mean_draw_step > 0 and math.isfinite(llc_mean)):
+    if not (num_params > 0 and math.isfinite(llc_mean)):
         return flat, float("inf")
+    if not mean_draw_step > 0:  # every draw at w* itself (one draw, no burn-in): no relaxation covered
+        return flat, 0.0
     return flat, float(llc_mean) * S / (num_params * mean_draw_step * float(noise_scale) ** 2)
 
 

@@ -33,6 +33,7 @@ from .checkpoint import sub_run_path
 from .llc import _SAMPLE_ARGUMENTS, estimate_llc
 from .plan import (
     chain_indices,
+    check_callables,
     check_checkpoint_file,
     check_loader,
     check_settings,
@@ -213,6 +214,7 @@ def _check_sample_kwargs(loader, kw: dict, components) -> None:
         sampler=args["sampler"],
         sampling_method=args["sampling_method"],
     )
+    check_callables(args["loss_fn"], args["observables"], args["callbacks"], args["batched"])
     if args["chains"] is not None:
         chain_indices(args["chains"])
     if args["checkpoint"] is not None:

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from .vocabulary import DEVINTERP_NAMES, _same, translate
 __all__ = [
     "RunPlan",
     "RunSpec",
+    "check_callables",
     "check_loader",
     "check_model",
     "check_settings",
@@ -359,12 +361,36 @@ def check_loader(loader, argument: str = "loader") -> None:
             f"{argument} must be an iterable of batches (a DataLoader, or a list of batches such as [(x, y)]), got "
             f"{type(loader).__name__}"
         )
+    if isinstance(loader, Iterator) and iter(loader) is loader:
+        # iter(loader) is loader: no new pass. L_n(w*) and every chain's epochs each start one; a finite iterator
+        # has none left, an endless one would hand each reader the batches the last one left (chains sharing one
+        # stream: not keyed by their seeds, batched and sequential runs differing, a resume not the same run)
+        raise ValueError(
+            f"{argument} is a one-shot iterator ({type(loader).__name__}: iter({argument}) returns it, not a new "
+            f"pass over the data): L_n(w*) and every chain each read the data from its start, and after one reading "
+            f"such a {argument} yielded no batch (a generator is read only once) or, if endless, would hand each "
+            "reader the batches the last one left, so that the chains would share one stream (not keyed by the "
+            "seed, not reproducible, not resumable); give a re-iterable loader: a list of batches (e.g. "
+            "list(itertools.islice(generator, n))), a DataLoader (an IterableDataset for streamed data), or an "
+            "object whose __iter__ starts a new pass"
+        )
     try:
         n = len(loader)
     except TypeError:
         return
     if n == 0:
-        raise ValueError(f"{argument} yielded no batch (it has length 0): give at least one batch")
+        hint = ""
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.drop_last and loader.batch_size:
+            try:
+                rows = len(loader.dataset)
+            except TypeError:
+                rows = None
+            if rows:
+                hint = (
+                    f" (a DataLoader with drop_last=True over {rows} rows, fewer than its batch_size="
+                    f"{loader.batch_size}: its only batch is dropped; give drop_last=False or a smaller batch_size)"
+                )
+        raise ValueError(f"{argument} yielded no batch (it has length 0){hint}: give at least one batch")
 
 
 def _component_hint(model, patterns: list[str]) -> str:
@@ -381,6 +407,91 @@ def _component_hint(model, patterns: list[str]) -> str:
             f"masks=pypattern.component_masks(model, {pat!r}) to move that component"
         )
     return ""
+
+
+#: the keyword arguments the sampler hands a callback (those it declares; all of them to one taking ``**kwargs``):
+#: ``optimizer`` only to chains run one after another
+CALLBACK_ARGUMENTS = (
+    "chain",
+    "run",
+    "draw",
+    "step",
+    "loss",
+    "init_loss",
+    "model",
+    "batch",
+    "observables",
+    "outputs",
+    "optimizer",
+)
+
+
+def _signature(fn: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or an extension's callable: not inspectable, not checked
+        return None
+
+
+def _named(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def check_callables(loss_fn, observables, callbacks, batched, loss_name: str = "loss_fn") -> bool:
+    """Refuse, before anything runs, a loss function or an observable that cannot be called as ``fn(model,
+    batch)`` and a callback requiring an argument the sampler does not pass (naming the argument given in:
+    ``loss_name``, ``observable '<name>'``, ``callbacks[i]``); a callback that requires ``optimizer``, which only
+    chains run one after another get, with ``batched=True`` (ValueError). Returns whether a callback requires
+    ``optimizer`` (then ``batched=None`` runs the chains one after another). Callables without an inspectable
+    signature, and arguments of other kinds, are left to the checks that follow."""
+    fns = [] if loss_fn is None or not callable(loss_fn) else [(loss_name, loss_fn)]
+    if observables is not None and (isinstance(observables, Mapping) or isinstance(observables, Sequence)):
+        fns += [(f"observable {n!r}", fn) for n, fn in observable_items(observables)]
+    for what, fn in fns:
+        sig = _signature(fn)
+        if sig is None:
+            continue
+        try:
+            sig.bind(None, None)
+        except TypeError as e:
+            raise TypeError(
+                f"{what}={_named(fn)}{sig} cannot be called as {what.split()[0]}(model, batch) ({e}): the sampler "
+                "calls it with the model and one batch; give a function of those two arguments"
+            ) from None
+    needs_optimizer = False
+    if not isinstance(callbacks, Sequence) or isinstance(callbacks, str | bytes):
+        return needs_optimizer  # refused by check_settings
+    for i, cb in enumerate(callbacks):
+        sig = _signature(cb) if callable(cb) else None
+        if sig is None:
+            continue
+        params = list(sig.parameters.values())
+        positional = [p.name for p in params if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
+        if positional:
+            raise TypeError(
+                f"callbacks[{i}]={_named(cb)}{sig} has positional-only arguments {positional}: the sampler calls "
+                f"callbacks by keyword, with those they declare among {', '.join(CALLBACK_ARGUMENTS)}"
+            )
+        required = [
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+        ]
+        unknown = [n for n in required if n not in CALLBACK_ARGUMENTS]
+        if unknown:
+            raise TypeError(
+                f"callbacks[{i}]={_named(cb)}{sig} requires {', '.join(map(repr, unknown))}, which the sampler "
+                f"does not pass: it calls a callback with those of {', '.join(CALLBACK_ARGUMENTS)} it declares "
+                "(optimizer only to chains run one after another); give the others defaults"
+            )
+        if "optimizer" in required:
+            if batched is True:
+                raise ValueError(
+                    f"callbacks[{i}]={_named(cb)}{sig} requires optimizer, which only chains run one after another "
+                    "get, but batched=True: give batched=False or None, or optimizer a default"
+                )
+            needs_optimizer = True
+    return needs_optimizer
 
 
 def check_settings(
@@ -581,6 +692,24 @@ def make_plan(
             "parameters that require grad; unfreeze them with requires_grad_(True) or leave them out)"
         )
 
+    # a Parameter used under several names (tied weights): named_parameters() names it once, by its first name
+    first_name: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.update({n: first_name[id(p)]} if id(p) in first_name else {})
+        first_name.setdefault(id(p), n)
+
+    def alias_note(names=(), patterns=()) -> str:
+        """A sentence naming the tied parameters' other names among ``names`` or matched by ``patterns``."""
+        hit = sorted(a for a in aliases if a in names or (patterns and matches(a, patterns)))
+        if not hit:
+            return ""
+        said = ", ".join(f"{a!r} is {aliases[a]!r}" for a in hit)
+        return (
+            f" ({said}: one Parameter used under two names, tied; name it by its first name, which moves it "
+            "wherever it is used)"
+        )
+
     if runs is None:
         specs = [(restrict_to, masks)]
     else:
@@ -623,15 +752,15 @@ def make_plan(
             if unknown:
                 what = "moving parameters" if frozen_note(unknown) else "parameters"
                 raise ValueError(
-                    f"{where}masks has names that are not {what}: {sorted(unknown)}{frozen_note(unknown)}; "
-                    f"names are {named}"
+                    f"{where}masks has names that are not {what}: {sorted(unknown)}{frozen_note(unknown)}"
+                    f"{alias_note(unknown)}; names are {named}"
                 )
             moving = [n for n in named if n in r_masks]
         if not moving:
             hit = [n for n in frozen if patterns and matches(n, patterns)]
             raise ValueError(
                 f"{where}restrict_to={r_restrict!r} matches no parameter{frozen_note(hit)}"
-                f"{_component_hint(model, patterns)}; names are {named}"
+                f"{alias_note(patterns=patterns)}{_component_hint(model, patterns)}; names are {named}"
             )
         # a mistyped pattern among others: the run would cover less than asked (a pattern that names frozen
         # parameters only is not one: they stay at w*, as every frozen parameter does)
@@ -639,12 +768,14 @@ def make_plan(
         if unmatched:
             raise ValueError(
                 f"{where}restrict_to: {unmatched} match{'' if len(unmatched) > 1 else 'es'} no parameter "
-                f"(restrict_to={r_restrict!r}){_component_hint(model, unmatched)}; names are {named}"
+                f"(restrict_to={r_restrict!r}){alias_note(patterns=unmatched)}{_component_hint(model, unmatched)}; "
+                f"names are {named}"
             )
         unknown = set(r_masks) - set(moving)
         if unknown:
             raise ValueError(
                 f"{where}masks has names that are not (moving) parameters: {sorted(unknown)}{frozen_note(unknown)}"
+                f"{alias_note(unknown)}"
             )
         for n, m in r_masks.items():
             if m is None:

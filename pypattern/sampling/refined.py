@@ -30,7 +30,7 @@ from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .diagnostics import user_stacklevel
 from .llc import _SAMPLE_ARGUMENTS, llc_from_sample
-from .plan import check_loader, check_model, refuse_unknown_keywords
+from .plan import check_callables, check_loader, check_model, refuse_unknown_keywords
 from .results import check_arrays
 from .runner import sample
 
@@ -317,6 +317,13 @@ def refined_llc(
     check_model(model)
     if data is not None:  # sampled as a loader: errors would name "loader"
         check_loader(data, "data")
+    # before the first data set's runs: the second's loss function too
+    callbacks = sample_kwargs.get("callbacks", ())
+    if not callable(callbacks) and isinstance(callbacks, Iterable) and not isinstance(callbacks, str | bytes):
+        callbacks = sample_kwargs["callbacks"] = list(callbacks)
+    check_callables(loss_fn, sample_kwargs.get("observables"), callbacks, sample_kwargs.get("batched"))
+    if data is not None and data_loss_fn is not None:
+        check_callables(data_loss_fn, None, (), None, "data_loss_fn")
     names, runs = _component_runs(model, components)
     if include_full:
         names, runs = [FULL, *names], [(None, None), *runs]

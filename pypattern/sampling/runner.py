@@ -79,16 +79,18 @@ from .optim import check_backend
 from .plan import (
     RunPlan,
     chain_indices,
+    check_callables,
     check_checkpoint_file,
     check_loader,
     check_model,
+    check_settings,
     default_nbeta,
     make_plan,
 )
 from .results import SampleResult
 from .samplers import sampler_name
 from .sequential import run_sequential
-from .vocabulary import translate
+from .vocabulary import DEVINTERP_NAMES, translate
 
 __all__ = [
     "SamplingDivergedError",
@@ -207,6 +209,7 @@ def reads_by_default_rule(loss_fn: Callable, model, batch) -> bool:
     return callable(when) and when(model, batch) is True
 
 
+@torch.enable_grad()  # the chains' steps take gradients: also when called under torch.no_grad()
 def sample(
     model: nn.Module,
     loader: Iterable,
@@ -266,7 +269,8 @@ def sample(
         At the weights ``w*`` to sample around.
     loader : iterable of batches
         A ``DataLoader`` (or any re-iterable). Each chain reads its own deterministic stream of batches, keyed by
-        ``(seed, chain, epoch)``: shuffling is reproducible and differs between chains.
+        ``(seed, chain, epoch)``: shuffling is reproducible and differs between chains. A one-shot iterator (a
+        generator, ``iter(...)`` of something, ``itertools.cycle``) cannot start a pass per chain: ValueError.
     loss_fn : callable(model, batch) -> loss, optional
         The batch-mean loss; may return a tensor, a tuple (loss first), a dict with ``"loss"`` or an object with
         ``.loss`` (devinterp's ``evaluate``). Default: cross-entropy for integer targets, else MSE, on
@@ -330,8 +334,10 @@ def sample(
         other dimensions differ). ``batch`` is the step's first micro-batch. Chains run one after another
         (``batched=False``) also hand ``optimizer``, the chain's sampler (:class:`SGLD`, :class:`SGNHT` or
         :class:`RMSpropSGLD`), and their ``model``'s parameters hold the step's gradient: a callback runs after
-        the step's backward, before its update.
-        Stream values into accumulators here. An exception raised by a callback stops the
+        the step's backward, before its update. A callback that requires ``optimizer`` (no default) makes
+        ``batched=None`` run the chains one after another (``batched=True`` with it is a ValueError); one that
+        requires an argument not in this list, or takes positional-only ones, is a TypeError naming it, before
+        the run. Stream values into accumulators here. An exception raised by a callback stops the
         run (a checkpoint keeps finished draws). A callback with a ``reset()`` method lets a run at a calibrated
         step (``step_size="auto"``) that ran away start over at half the step (``reset()`` is called first).
     seed : int or sequence of ``num_chains`` ints
@@ -341,7 +347,8 @@ def sample(
         ``L_n(w*)``; default: the mean loss at ``w*`` over ``num_init_loss_batches`` batches.
     num_init_loss_batches : int, optional
         Default: one epoch of ``loader``, unless that is more forwards than half the run's chain-steps (then that
-        many, at least ``max(4, num_chains)``); ``max(4, num_chains)`` for a loader without a length. The
+        many, at least ``max(4, num_chains)``); ``max(4, num_chains)`` for a loader without a length (its whole
+        epoch, each batch once, when that is shorter: then no standard error, as for a whole epoch). The
         standard error of ``L_n(w*)`` from fewer batches than an epoch is ``init_loss_se`` of the result. Over a
         whole epoch ``L_n(w*)`` is the mean loss over every row the chains read: a shuffling ``DataLoader``'s
         rows that one epoch leaves out (its ragged last batch, or the rows ``drop_last`` drops, others each epoch)
@@ -462,10 +469,22 @@ def sample(
     Notes
     -----
     A model in training mode with dropout layers is put in eval mode for the run (and back afterwards), with a
-    warning: dropout would make the draws random beyond the seed and a resume inexact.
+    warning: dropout would make the draws random beyond the seed and a resume inexact. The chains take gradients
+    whatever the caller's grad mode (a call under ``torch.no_grad()`` is the same run); under
+    ``torch.inference_mode()``, which forbids them, it is a RuntimeError.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "sample() takes gradients, which torch.inference_mode() does not allow (torch.no_grad() is fine: the "
+            "sampler enables gradients itself); call it outside the inference_mode block"
+        )
     check_model(model)
     check_loader(loader)
+    if not callable(callbacks) and isinstance(callbacks, Iterable) and not isinstance(callbacks, str | bytes):
+        callbacks = list(callbacks)  # read once (an iterator of callbacks too)
+    # before a step-size search or any forward: the callables' signatures; a callback that reads the optimizer
+    # runs with chains one after another (batched=None)
+    sequential_for_callbacks = check_callables(loss_fn, observables, callbacks, batched, _LOSS_ARGUMENT.get())
     if device is not None:  # a copy of the model on that device (the chains' batches follow the model)
         from .llc import on_device, resolve_device
 
@@ -512,12 +531,17 @@ def sample(
     calibrating = wants_auto(step_size, optimizer_kwargs)
     check_auto_step_options(auto_step_options, calibrating)
     if calibrating:  # "auto" or no step given: calibrate first (sampling.auto)
+        # the settings that do not depend on the step checked before the calibration's tens of thousands of
+        # chain-steps (a bad value would otherwise surface after them, or as the calibration's own failure)
+        _check_settings_before_calibration(loader, locals())
         stored = None if checkpoint is None else stored_calibration(checkpoint)  # None without a file
         step_size, auto_step, calibration = calibrate_or_resume(
             model, loader, auto_arguments(locals()), stored, resolve_step_size
         )
     if num_burnin_steps is None:  # as the calibration's trials: half the chain-steps burn-in; devinterp's 0
         num_burnin_steps = default_burnin(auto_step is not None, num_draws, num_steps_bw_draws)
+    if sequential_for_callbacks and batched is None:
+        batched = False
     plan = make_plan(
         model,
         loader,
@@ -716,7 +740,7 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     init_se = (
         0.0
         if plan.init_loss is not None
-        else init_loss_standard_error(st.init_losses, batches_per_epoch(loader))
+        else init_loss_standard_error(st.init_losses, _init_epoch_batches(plan, loader, len(st.init_losses)))
     )
 
     mine = plan.mine()
@@ -796,11 +820,12 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
                 checks.bias(ends)
             elif _checks_calibrated_bias(plan):
                 checks.bias(ends, calibrated=True)
+            # fewer than 4 draws per chain have no R-hat or ESS, which say nothing then: the relaxation check,
+            # which needs neither, still judges a given step (a single draw at w* falls short by its whole value)
+            few = ran.shape[-1] < 4 and bool(np.isfinite(ran).all())
             if (
-                check_stationarity(ran, hint=hint)
-                and check_mixing(ran, hint=hint)
-                and _checks_given_step(plan, _SAMPLERS)
-            ):
+                few or (check_stationarity(ran, hint=hint) and check_mixing(ran, hint=hint))
+            ) and _checks_given_step(plan, _SAMPLERS):
                 checks.relaxation(ends)
             if _checks_drift(plan):
                 gamma, rate = _hold(plan)
@@ -1258,12 +1283,14 @@ def init_loss_standard_error(init_losses, num_batches: int | None) -> float:
     return float(se)
 
 
-def _warn_if_random(value: float, again: Callable[[], float], device: torch.device) -> None:
+def _warn_if_random(
+    value: float, again: Callable[[], float], device: torch.device, training: bool = True
+) -> None:
     """Warn when the loss at ``w*`` of the first batch, ``value``, comes out otherwise when computed ``again`` with
     the random number generators seeded afresh: the forward (or the loss function) draws random numbers that the
     run's seed does not key (functional dropout in training mode, a sampled loss), so the same seed does not repeat
-    the same draws and a resume is not exact. Called for a model with modules in training mode only (dropout
-    modules are found by type and put in eval mode before)."""
+    the same draws and a resume is not exact. Dropout modules are found by type and put in eval mode before;
+    ``training``: whether some module is still in training mode (the advice differs)."""
     devices = [device] if device.type == "cuda" else []  # the CPU generator is always forked
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         # the generators fork_rng gives back only (torch.manual_seed would reseed every GPU's)
@@ -1277,18 +1304,36 @@ def _warn_if_random(value: float, again: Callable[[], float], device: torch.devi
         warnings.warn(
             f"the loss at the initial weights on the first batch was {value!r} and then {other!r}: the model's "
             "forward or the loss function draws random numbers (e.g. torch.nn.functional.dropout in training "
-            "mode), which the run's seed does not key: the same seed will not repeat these draws and a resume will "
-            "not be exact. Call model.eval() (or make the forward deterministic) first",
+            "mode, noise added to the inputs or activations), which the run's seed does not key: the same seed will "
+            "not repeat these draws and a resume will not be exact. "
+            + (
+                "Call model.eval() (or make the forward deterministic) first"
+                if training
+                else "Make the forward deterministic (the model is in eval mode, and still draws)"
+            ),
             UserWarning,
             stacklevel=user_stacklevel(),
         )
+
+
+def _init_epoch_batches(plan: RunPlan, loader, num_read: int) -> int | None:
+    """The batches of an epoch of ``loader`` for the standard error of ``L_n(w*)`` read over ``num_read`` of them:
+    its length's, else (a loader without a length) ``num_read`` when fewer than the batches asked for were read,
+    which happens only when its epoch ended first (:func:`_init_losses`: the whole epoch), else unknown (None)."""
+    n = batches_per_epoch(loader)
+    if n is not None:
+        return n
+    return (
+        num_read if num_read < (plan.num_init_loss_batches or default_init_loss_batches(plan, None)) else None
+    )
 
 
 def _init_losses(
     plan: RunPlan, model: nn.Module, loader, device, data_cache: dict, argument: str = "loss_fn"
 ) -> np.ndarray:
     """``L_n(w*)`` on each of its batches: ``init_loss`` if given, else the loss at ``w*`` over
-    ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch; over a whole
+    ``num_init_loss_batches`` batches (default :func:`default_init_loss_batches`; at most one epoch, that of a
+    loader without a length too, when it ends first; over a whole
     epoch of a shuffling loader that drops or does not read a ragged last batch, the mean over every row the
     chains read). Errors name the loss function by ``argument``, the argument it came in."""
     if plan.init_loss is not None:
@@ -1331,12 +1376,19 @@ def _init_losses(
             vals = full * ((len(rows) - r) / len(rows)) + l_r * (r / len(rows))
         else:
             first = to_device(stream.next(), device)
-            full = vals = np.array(
-                [loss_at_w_star(first)]
-                + [loss_at_w_star(to_device(stream.next(), device)) for _ in range(k - 1)]
-            )
-        if any(m.training for m in model.modules()):  # random ops in forward follow the training flag
-            _warn_if_random(float(full[0]), lambda: loss_at_w_star(first), device)
+            read = [loss_at_w_star(first)]
+            for _ in range(k - 1):
+                batch = stream.next()
+                if n is None and stream.epoch > 0:
+                    # a loader without a length ended its epoch before k batches: L_n(w*) over that epoch, each
+                    # batch once (a second pass would count its first batches twice, as independent batches)
+                    break
+                read.append(loss_at_w_star(to_device(batch, device)))
+            full = vals = np.array(read)
+        # random ops in the forward (dropout in training mode, noise a model adds in eval mode too): one forward
+        _warn_if_random(
+            float(full[0]), lambda: loss_at_w_star(first), device, any(m.training for m in model.modules())
+        )
         if (
             n is not None
             and k >= n
@@ -1405,6 +1457,44 @@ def _result(plan: RunPlan, st: State, r: int, ran_batched: bool, init_se: float)
         seconds=st.seconds,
         batched=ran_batched,
     )
+
+
+def _check_settings_before_calibration(loader, call: Mapping[str, Any]) -> None:
+    """:func:`check_settings` on the arguments of a :func:`sample` call (its ``locals()``) whose step is to be
+    calibrated: the checks the run's plan makes that do not depend on the step or the model, with the step left
+    out, before the calibration. Warnings are left to the run (the default ``nbeta`` reads the loader's first
+    batch, with torch's generator forked: the run reads it again)."""
+    names = ("nbeta", "temperature", "localization", "weight_decay", "noise_scale", "noise_level")
+    names += ("bounding_box", "bounding_box_size")
+    okw = call["optimizer_kwargs"]
+    if isinstance(okw, Mapping):  # the step is the calibration's
+        okw = {k: v for k, v in okw.items() if DEVINTERP_NAMES.get(k, k) != "step_size"}
+    burnin = call["num_burnin_steps"]
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_settings(
+            loader,
+            loss_fn=call["loss_fn"] or default_loss_fn,
+            callbacks=call["callbacks"],
+            quiet=call["quiet"],
+            warn_nonstationary=call["warn_nonstationary"],
+            record_observables=call["record_observables"],
+            batched=call["batched"],
+            num_chains=call["num_chains"],
+            num_draws=call["num_draws"],
+            num_burnin_steps=0 if burnin is None else burnin,
+            num_steps_bw_draws=call["num_steps_bw_draws"],
+            checkpoint_every=call["checkpoint_every"],
+            cores=call["cores"],
+            grad_accum_steps=call["grad_accum_steps"],
+            num_init_loss_batches=call["num_init_loss_batches"],
+            init_loss=call["init_loss"],
+            seed=call["seed"],
+            hyperparameters=dict(step_size=None, **{k: call[k] for k in names}),
+            optimizer_kwargs=okw,
+            sampler=call["sampler"],
+            sampling_method=call["sampling_method"],
+        )
 
 
 def batches_by_default(model: nn.Module, num_chains: int) -> bool:
