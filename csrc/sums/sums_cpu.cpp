@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sums/sums_cpu.h"
@@ -76,13 +77,50 @@ bool same_view(const at::Tensor& a, const at::Tensor& b) {
   return a.const_data_ptr() == b.const_data_ptr() && a.strides() == b.strides();
 }
 
+// whether two elements of t are one memory location, for a layout ATen's test calls too hard to decide (strides
+// that do not nest, e.g. (3, 3) with strides (2, 1)): nested strides are disjoint; otherwise the elements' offsets
+// are listed and compared (up to kListLimit elements; past it the output is refused as undecided)
+constexpr int64_t kListLimit = int64_t{1} << 24;
+
+bool folds_onto_itself(const at::Tensor& t, const Arg& a) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 0;
+  bool nested = true;
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (dims[i].first == 0 || (i && dims[i].first == dims[i - 1].first)) return true;
+    if (dims[i].first <= extent) nested = false;
+    extent += (dims[i].second - 1) * dims[i].first;
+  }
+  if (nested) return false;
+  TORCH_CHECK_VALUE(t.numel() <= kListLimit, "signed_sums: ", arg_str(a), " has strides ", shape_str(t.strides()),
+                    " for shape ", shape_str(t.sizes()),
+                    " whose elements may share memory (too many to check); give a contiguous output");
+  std::vector<int64_t> offsets{0};
+  offsets.reserve(static_cast<size_t>(t.numel()));
+  for (const auto& [stride, size] : dims) {
+    const size_t n = offsets.size();
+    for (int64_t j = 1; j < size; ++j)
+      for (size_t i = 0; i < n; ++i) offsets.push_back(offsets[i] + j * stride);
+  }
+  std::sort(offsets.begin(), offsets.end());
+  return std::adjacent_find(offsets.begin(), offsets.end()) != offsets.end();
+}
+
 // out[p] may be base[p] itself; otherwise no output may share a byte with another output, a base or a term
 void check_overlap(at::TensorList out, at::TensorList base, at::TensorList terms) {
   std::vector<Span> outs;
   outs.reserve(out.size());
   for (size_t p = 0; p < out.size(); ++p) {
-    TORCH_CHECK_VALUE(at::has_internal_overlap(out[p]) != at::MemOverlap::Yes, "signed_sums: out[", p,
+    const at::MemOverlap self_overlap = at::has_internal_overlap(out[p]);
+    TORCH_CHECK_VALUE(self_overlap != at::MemOverlap::Yes, "signed_sums: out[", p,
                       "] has elements that share memory (an expanded view); give a tensor that can be written");
+    TORCH_CHECK_VALUE(self_overlap != at::MemOverlap::TooHard || !folds_onto_itself(out[p], {"out", p}),
+                      "signed_sums: out[", p, "] has elements that share memory (its strides ",
+                      shape_str(out[p].strides()), " fold its shape ", shape_str(out[p].sizes()),
+                      " onto itself); give a tensor that can be written");
     if (out[p].numel()) outs.push_back(span_of(out[p], {"out", p}));
   }
   std::sort(outs.begin(), outs.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
