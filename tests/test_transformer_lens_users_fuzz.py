@@ -462,12 +462,6 @@ def test_compatibility_mode_without_processing_converts_and_with_processing_is_r
 
 
 @needs_bridge
-@pytest.mark.xfail(
-    strict=True,
-    reason="the batched chains call torch.func.functional_call through a wrapper module with the names of "
-    "named_parameters(), which a bridge overrides (the wrapped model's names): torch does not see the tied "
-    "unembedding as tied to them, and it stays at w* while the embedding moves",
-)
 def test_batched_llc_chains_on_a_tied_bridge_equal_the_sequential_ones(tmp_path):
     br = hf_bridge("llama-gqa2-biases-tied-headdim", tmp_path)
     V = br.cfg.d_vocab

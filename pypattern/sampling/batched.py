@@ -57,12 +57,35 @@ class _Apply(nn.Module):
         return fn(self.m, *args)
 
 
+def _aliases(module: nn.Module) -> dict[str, list[str]]:
+    """For each name of ``module.named_parameters()`` / ``named_buffers()`` (which a model may override, as a
+    TransformerLens bridge does with its wrapped model's names), the other paths of the module tree that hold the
+    same tensor (a tied weight's other uses), as :func:`torch.func.functional_call` must be given them: it ties
+    only the names it finds by walking the tree."""
+    paths: dict[int, list[str]] = {}
+    for walk in (nn.Module.named_parameters, nn.Module.named_buffers):
+        for path, t in walk(module, remove_duplicate=False):
+            paths.setdefault(id(t), []).append(path)
+    out: dict[str, list[str]] = {}
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        others = [q for q in paths.get(id(t), ()) if q != name]
+        if others and name not in paths.get(id(t), ()):  # a name the tree walk does not give
+            out[name] = others
+    return out
+
+
 def _applier(module: nn.Module, fixed: dict[str, torch.Tensor]) -> Callable:
-    """``apply(fn, p, *args)``: ``fn(module, *args)`` with ``module``'s tensors ``{**p, **fixed}``."""
+    """``apply(fn, p, *args)``: ``fn(module, *args)`` with ``module``'s tensors ``{**p, **fixed}`` (under every
+    path that holds them, :func:`_aliases`)."""
     wrapper = _Apply(module)
+    aliases = _aliases(module)
 
     def apply(fn: Callable, p: dict[str, torch.Tensor], *args):
-        tensors = {f"m.{k}": v for k, v in {**p, **fixed}.items()}
+        tensors = {}
+        for k, v in {**p, **fixed}.items():
+            tensors[f"m.{k}"] = v
+            for a in aliases.get(k, ()):
+                tensors[f"m.{a}"] = v
         return torch.func.functional_call(wrapper, tensors, (fn, *args), strict=False, tie_weights=True)
 
     return apply
