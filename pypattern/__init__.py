@@ -10,6 +10,7 @@ steer with them). Kernels: :mod:`pypattern.ops` (see :func:`backends`).
 
 from . import (
     circuits,
+    devinterp,
     equivalence,
     flags,
     losses,

@@ -212,3 +212,13 @@ def test_every_sampler_class_takes_devinterps_diagnostic_switches_by_one_rule(cl
     for key, value in (("save_noise", True), ("metrics", ["noise_norm"]), ("grad_norm", True)):
         with pytest.raises(NotImplementedError, match=f"{cls}\\({key}="):
             Sampler([w], step_size=1e-3, nbeta=1.0, **{key: value})
+
+
+def test_the_devinterp_names_are_reachable_from_the_top_level_package():
+    import subprocess
+    import sys
+
+    # a fresh interpreter: only `import pypattern`, as a user types pp.devinterp.llc
+    code = "import pypattern as pp; print(pp.devinterp.llc.__module__, pp.devinterp.default_nbeta.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["pypattern.devinterp", "default_nbeta"]
