@@ -605,6 +605,7 @@ class SGLD(torch.optim.Optimizer):
         self._group_spec = (hyper, patterns, masks, optimize_over)
         self.num_steps = 0
         self._validated = False
+        self._step_device: torch.device | None = None  # where the fast path's tensors were checked
         self._step_fn = None
 
     # devinterp 1.x's per-step optimizer metrics (read by its NoiseNorm and MalaAcceptanceRate callbacks)
@@ -702,12 +703,15 @@ class SGLD(torch.optim.Optimizer):
                 seed=group_seed(self.seed if key is None else key, k),
                 step=self.num_steps if key is None else 0,
             )
-            if self._validated:
+            # the fast path holds while the parameters stay on the device they were checked on (a model moved
+            # since, e.g. to another GPU, is checked again: its anchors and masks did not move with it)
+            if self._validated and params[0].device == self._step_device:
                 if self._step_fn is None:
                     self._step_fn = resolve_step_fn(params[0].device, self.backend)
                 self._step_fn(params, grads, anchors, **kw)
             else:
                 sgld_step_(params, grads, anchors, backend=self.backend, **kw)
+                self._step_device, self._step_fn = params[0].device, None
         self._validated = True
         self.num_steps += 1
 
@@ -717,6 +721,7 @@ class SGLD(torch.optim.Optimizer):
         self.num_steps = int(step)
         if step:
             self._validated = True
+            self._step_device = next((g["params"][0].device for g in self.param_groups if g["params"]), None)
 
     def state_dict(self):
         sd = super().state_dict()

@@ -242,6 +242,7 @@ class _FusedSampler(torch.optim.Optimizer):
         self.masks = group_masks
         self.num_steps = 0
         self._validated = False
+        self._step_device: torch.device | None = None  # where the fast path's tensors were checked
 
     def _check_group(self, group: dict) -> None:
         group["step_size"] = _number("step_size", group["step_size"], positive=True)
@@ -281,10 +282,16 @@ class _FusedSampler(torch.optim.Optimizer):
                 continue
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group["params"]]
             self._noise_key = key
+            # a model moved since its tensors were checked (e.g. to another GPU) is checked again: its anchors,
+            # masks and states did not move with it
+            device = group["params"][0].device
+            validate = not self._validated or device != self._step_device
             try:
-                self._group_step(k, group, grads, validate=not self._validated)
+                self._group_step(k, group, grads, validate=validate)
             finally:
                 self._noise_key = None
+            if validate:
+                self._step_device = device
         self._validated = True
         self.num_steps += 1
 
@@ -297,6 +304,7 @@ class _FusedSampler(torch.optim.Optimizer):
         self.num_steps = int(step)
         if step:
             self._validated = True
+            self._step_device = next((g["params"][0].device for g in self.param_groups if g["params"]), None)
 
     def chain_state(self) -> dict[str, torch.Tensor]:
         """The sampler's state (copies) by key, for a chain's checkpoint: ``"<kind>/<name>"`` per named parameter
