@@ -12,8 +12,9 @@ Batches
 * a **one-element** ``(tokens,)`` / ``[tokens]`` (what a ``DataLoader`` over ``TensorDataset(tokens)`` yields):
   the token tensor it holds;
 * a **pair** ``(x, y)`` / ``[x, y]``: ``model(x)`` scored against ``y``; cross-entropy for integer ``y`` (class
-  index per sample, or per position when the logits have a sequence axis; ``y == -100`` is ignored; a model with
-  one output is refused, cross-entropy over one class being 0), mean squared error for floating ``y``. A tuple or
+  index per sample, or per position when the logits have a sequence axis; ``y == -100`` is ignored; any integer
+  dtype, read as int64; a model with one output, or an output without a class axis, is refused, cross-entropy over
+  one class being 0), mean squared error for floating ``y``; boolean or complex ``y`` is refused. A tuple or
   list of more elements (``(x, y, weights)``) is refused: the default loss would ignore the rest; a loss function
   of one's own reads them. Two pairs that a ``DataLoader`` over a ``TensorDataset`` of a language model's tensors
   yields are refused, since read as ``(x, y)`` they score something else than the next token:
@@ -31,6 +32,10 @@ Batches
     model with two outputs per position are read as they are.
 
   A pair whose integer ``y`` is -100 throughout has no counted target and is refused (its loss is undefined).
+
+A batch without any counted target (every label -100, all padding, or sequences of one token) has no mean loss:
+:func:`batch_loss` and :func:`check_batch` refuse it (``ValueError``); per-sample losses are NaN for a sample
+without counted targets (a pair's cross-entropy: 0 where ``y == -100``), and per-token losses hold ``fill`` there.
 
 A next-token target at position ``t + 1`` counts when ``labels[t + 1] != -100``, ``attention_mask[t + 1] == 1``
 and ``attention_mask[t] == 1`` (the prediction is made from a real token). With right padding (or none) this
@@ -310,11 +315,19 @@ def parse_batch(batch: Any) -> ParsedBatch:
             if v is not None:
                 if not isinstance(v, torch.Tensor):
                     raise TypeError(f"batch[{key!r}] must be a tensor, got {_describe(batch)}")
+                per_sequence = key == "labels" and tuple(v.shape) == (ids.shape[0],) and ids.shape[1] != 1
                 if v.dim() == 1:
                     v = v.unsqueeze(0)
                 if tuple(v.shape) != tuple(ids.shape):
                     raise ValueError(
                         f"batch[{key!r}] must have the shape of input_ids {tuple(ids.shape)}, got {_describe(batch)}"
+                        + "; one entry per token"
+                        + (
+                            "; for one class label per sequence (a sequence classifier) give the pair "
+                            "(input_ids, labels), or a loss function of your own for a padded batch"
+                            if per_sequence
+                            else ""
+                        )
                     )
                 if key == "labels" and not _is_int(v):
                     raise TypeError(
@@ -369,6 +382,14 @@ def parse_batch(batch: Any) -> ParsedBatch:
                 f"a pair batch (x, y) must hold two tensors, got {_describe(batch)}; expected {_EXPECTED}"
                 + _as_tensors_hint(batch)
             )
+        if y.dtype == torch.bool or y.is_complex():
+            raise TypeError(
+                f"a pair batch (x, y) needs integer y (class indices, {IGNORE_INDEX} = ignore) or floating y "
+                f"(regression targets), got {_describe(batch)}; give y.long() for classes or y.float() for a "
+                "regression"
+            )
+        if _is_int(y) and y.dtype != torch.int64:
+            y = y.long()  # cross-entropy reads int64 targets (int32 labels from numpy or a dataset's column)
         return ParsedBatch("pair", x, y)
     raise TypeError(f"the default loss cannot read {_describe(batch)}; expected {_EXPECTED}")
 
@@ -809,9 +830,11 @@ def read_logits(out: Any) -> torch.Tensor:
     TypeError
         When the output holds no logits (e.g. only a scalar loss), naming what arrived.
     """
-    if isinstance(out, torch.Tensor):
+    if _output_loss(out) is not None:
+        t = _output_loss(out)  # a loss without logits: refused below
+    elif isinstance(out, torch.Tensor):
         t = out
-    elif isinstance(out, Mapping) and "logits" in out:
+    elif isinstance(out, Mapping) and out.get("logits") is not None:
         t = out["logits"]
     elif not isinstance(out, tuple | list | Mapping) and getattr(out, "logits", None) is not None:
         t = out.logits
@@ -856,7 +879,8 @@ def _output_loss(out: Any) -> torch.Tensor | None:
     if isinstance(out, tuple | list):
         return out[0] if out and _is_loss(out[0]) and not _loss_then_logits(out) else None
     if isinstance(out, Mapping):
-        return out.get("loss") if "logits" not in out or out.get("logits") is None else None
+        loss = out.get("loss") if "logits" not in out or out.get("logits") is None else None
+        return loss if _is_loss(loss) else None
     if not isinstance(out, tuple | list) and getattr(out, "logits", None) is None:
         loss = getattr(out, "loss", None)
         return loss if _is_loss(loss) else None
@@ -973,6 +997,12 @@ def _check_classes(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = 
     """Integer targets ``y`` of class scores ``out``: one per sample (``out (batch, classes)``, ``y (batch,)``) or
     per position (``(batch, pos, classes)`` and ``(batch, pos)``), each a class index or -100. With the inputs
     ``x`` of a pair, per-position targets that :func:`_misread_pair` finds misread are refused too."""
+    if out.dim() < 2 and y.dim() >= 1:
+        raise ValueError(
+            f"the pair's targets y {tuple(y.shape)} are integers ({y.dtype}: class indices) but the model's output "
+            f"{tuple(out.shape)} has no class axis (one score per sample); give float targets (y.float()) for a "
+            "regression, or a model with one output per class (batch, classes)"
+        )
     if out.dim() not in (2, 3):
         return  # other layouts (classes on axis 1 of an image's scores): as torch's cross-entropy reads them
     want = tuple(out.shape[:-1])
@@ -1029,6 +1059,19 @@ def _own_loss_or_logits(model: nn.Module, batch: Any):
     return pb, own, None if own is not None else read_logits(out)
 
 
+def _refuse_nothing_counted(mask: torch.Tensor, batch: Any) -> None:
+    """Refuse a batch whose mean loss would be 0 / 0 (NaN): no counted target in ``mask``. Under vmap (batched
+    chains, whose batches were checked before stacking) and off the CPU (reading a value would wait for the device
+    on every step; the estimators check every batch before they run it) the values are not read."""
+    if functorch_wrapped(mask) or mask.device.type != "cpu" or bool(mask.any()):
+        return
+    raise ValueError(
+        f"the batch {_describe(batch)} has no counted target: every next-token target is padding (attention_mask "
+        f"0) or labelled {IGNORE_INDEX}, the sequences have one token, or every y is {IGNORE_INDEX}; its mean loss "
+        "is undefined (0 / 0)"
+    )
+
+
 def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """The batch's mean loss: a scalar (replaces the old ``default_loss_fn``).
 
@@ -1037,15 +1080,20 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     (the sequence axis of 3-D logits handled), else ``mse_loss(model(x), y)``; the pairs the module docstring
     refuses (token ids with their own ids or labels, or with their attention mask, as targets) raise
     ``ValueError``. A model that returns a scalar (or an output with only ``.loss``) has that scalar returned.
+    A batch with no counted target (its mean would be 0 / 0) raises ``ValueError`` on the CPU; under vmap (batched
+    chains, whose batches are checked before they are stacked) and on other devices (no wait for the device; the
+    estimators check every batch before they run it) its values are not read.
     """
     pb, own, logits = _own_loss_or_logits(model, batch)
     if own is not None:
         return own
     if pb.is_lm:
         terms, mask = _lm_token_terms(logits, pb)
+        _refuse_nothing_counted(mask, batch)
         return terms.sum() / mask.sum()
     if not pb.target.is_floating_point():
         _check_classes(logits, pb.target, pb.inputs)
+        _refuse_nothing_counted(pb.target != IGNORE_INDEX, batch)
         if logits.dim() == 3:
             return F.cross_entropy(logits.transpose(1, 2), pb.target)
         return F.cross_entropy(logits, pb.target)
