@@ -192,6 +192,7 @@ __all__ += [
 # Submodules, for everything else (pypattern.distributed is imported on its own: it needs torch.distributed).
 __all__ += [
     "circuits",
+    "devinterp",
     "equivalence",
     "flags",
     "losses",

@@ -669,7 +669,9 @@ _SAMPLER_OPTION_OF = {
 }
 _SETTING = re.compile(r"(?<![\w.-])(" + "|".join(_SAMPLER_OPTION_OF) + r")(=('?)([^\s,;)']+)\3)?(?![\w(])")
 #: settings the library has and the command line does not
-_LIBRARY_ONLY = re.compile(r"(?<![\w.-])(num_steps_bw_draws|warn_nonstationary=False)(?![\w=])")
+_LIBRARY_ONLY = re.compile(
+    r"(?<![\w.-])(num_steps_bw_draws|warn_nonstationary=False|calibrate_step_size)(?![\w=])"
+)
 
 
 def _warning_as_flags(message: str, options) -> str:
@@ -684,7 +686,13 @@ def _warning_as_flags(message: str, options) -> str:
         return opt if m.group(2) is None else f"{opt} {m.group(4)}"
 
     message = _SETTING.sub(flag, message)
-    return _LIBRARY_ONLY.sub(lambda m: f"{m.group(1)} [a library setting, no option]", message)
+    return _LIBRARY_ONLY.sub(
+        lambda m: (
+            f"{m.group(1)} [a library {'function' if m.group(1).startswith('calibrate') else 'setting'}, no "
+            "option]"
+        ),
+        message,
+    )
 
 
 def _options_that_apply(p: argparse.ArgumentParser, args) -> set[str]:

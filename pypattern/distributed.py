@@ -193,7 +193,7 @@ def _sample_items(model, loader, kwargs: dict) -> dict:
 
     # (callbacks run on their rank; each rank samples on its own device)
     items = {k: v for k, v in kwargs.items() if k not in ("callbacks", "checkpoint_state", "quiet", "device")}
-    items = translate(items, where="the arguments")
+    items = translate(items, where="the call")
     defaults = _sample_defaults()
     for k in list(items):
         if k not in defaults:

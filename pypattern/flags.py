@@ -48,6 +48,7 @@ from ._checks import is_count, model_device
 from ._training import modes_kept, random_in_training, values_kept_on_error
 from .equivalence import _check_flag, _generator_seed
 from .io import FormatError, Saveable, register
+from .losses import read_logits
 from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .ridge import as_float64, float64_device
 from .sampling.diagnostics import user_stacklevel
@@ -569,7 +570,7 @@ def generate(
 
     Parameters
     ----------
-    model : Transformer
+    model : Transformer (or any causal LM returning logits ``(batch, pos, vocab)``, a Hugging Face model's too)
     prompt : LongTensor ``(batch, prompt_len)`` or ``(prompt_len,)``
     steps : int
         ``prompt_len + steps`` must not exceed the model's ``n_ctx`` when it has learned positions.
@@ -624,7 +625,7 @@ def generate(
     try:
         with ctx:
             for _ in range(steps):
-                logits = model(tokens)[:, -1].float()
+                logits = read_logits(model(tokens))[:, -1].float()  # a Hugging Face output's .logits too
                 if greedy:
                     nxt = logits.argmax(-1)
                 else:

@@ -99,8 +99,8 @@ from .sampling.checkpoint import (
 from .sampling.data import ChainData, hash_data, to_device
 from .sampling.diagnostics import NonFiniteLossError, naming_runs, user_stacklevel
 from .sampling.llc import on_device, resolve_device
-from .sampling.optim import chain_seed
-from .sampling.plan import check_loader, check_model, refuse_unknown_keywords
+from .sampling.optim import SGLD_DEFAULTS, chain_seed
+from .sampling.plan import check_loader, check_model, check_no_clash, refuse_unknown_keywords
 from .sampling.results import check_arrays
 from .sampling.runner import (
     _eval_mode_for_dropout,
@@ -955,9 +955,17 @@ def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
         "these sampler settings of pypattern.sample (documented there)",
         what="unknown sampler settings",
     )
-    kw = translate(kw, where="the sampler settings")
+    kw = translate(kw, where="the call")
     if kw.get("optimizer_kwargs"):
-        kw["optimizer_kwargs"] = translate(kw["optimizer_kwargs"], where="optimizer_kwargs", drop_none=False)
+        okw = kw["optimizer_kwargs"]
+        # a number set both as a keyword and in optimizer_kwargs is refused now, before a step is calibrated with
+        # one of the two (naming the key the caller gave)
+        translated = translate(okw, where="optimizer_kwargs", drop_none=False)
+        names = {*SGLD_DEFAULTS, "step_size", "nbeta"}
+        hyper = {k: v for k, v in kw.items() if k in names}
+        if isinstance(hyper.get("step_size"), str) or hyper.get("step_size") is None:  # "auto": calibrated
+            hyper.pop("step_size", None)
+        check_no_clash(hyper, {k: v for k, v in translated.items() if k in names}, okw)
     name = sampler_name(kw.pop("sampler", None), kw.pop("sampling_method", None))
     if (
         name != "sgld"

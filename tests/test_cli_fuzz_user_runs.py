@@ -180,6 +180,6 @@ def test_sampler_warnings_name_the_command_line_options():
         "--step-size 1e-06 is too small: use more burn-in steps (--num-burnin-steps) or draws (--num-draws), a "
         "larger --step-size, or --step-size auto; more draws between them (num_steps_bw_draws [a library setting, "
         "no option]); warn_nonstationary=False [a library setting, no option] silences this (see "
-        "calibrate_step_size); --localization 100 held them"
+        "calibrate_step_size [a library function, no option]); --localization 100 held them"
     )
     assert _warning_as_flags("raise num_draws", {"--num-burnin-steps"}) == "raise num_draws"

@@ -539,7 +539,7 @@ def _devinterp_kwargs(
     okw = translate(okw, where="optimizer_kwargs", drop_none=False)
     # hyperparameters given as keywords (pypattern.sample's names, or devinterp's) count as optimizer_kwargs
     top = {k: extra.pop(k) for k in list(extra) if k in _HYPER_KEYWORDS and extra[k] is not None}
-    for k, v in translate(top, where="the keyword arguments").items():
+    for k, v in translate(top, where="the call").items():
         if okw.get(k) is not None and okw[k] != v:
             raise ValueError(
                 f"{k} is given twice with different values: {v!r} as a keyword argument and {okw[k]!r} in "

@@ -116,7 +116,7 @@ def resolve_hyperparameters(
     ``nbeta = default_nbeta(loader)``, the others as :class:`SGLD`. Entries of ``optimizer_kwargs`` that are the
     ``sampler``'s own hyperparameters are left to :func:`pypattern.sampling.samplers.sampler_hyperparameters`;
     devinterp 1.x's diagnostic switches follow :func:`without_diagnostic_switches` (off: no effect)."""
-    hyper = translate(given, where="the keyword arguments")
+    hyper = translate(given, where="the call")
     optimizer_kwargs = without_diagnostic_switches(optimizer_kwargs)
     okw = translate(dict(optimizer_kwargs or {}), where="optimizer_kwargs", drop_none=False)
     own = {k for hp in SAMPLER_HYPERPARAMETERS.values() for k in hp}
@@ -128,20 +128,28 @@ def resolve_hyperparameters(
             + (f" (sampler={sampler!r})" if sampler != "sgld" else "")
         )
     okw = {k: v for k, v in okw.items() if k not in own}
-    # a keyword at its default value counts as not given (callers pass their defaults on): optimizer_kwargs sets it
-    given_kw = {k: v for k, v in hyper.items() if not (k in SGLD_DEFAULTS and _same(v, SGLD_DEFAULTS[k]))}
-    clash = [k for k, v in okw.items() if k in given_kw and not _same(given_kw[k], v)]
-    if clash:
-        k = clash[0]
-        raise ValueError(
-            f"{k}={hyper[k]!r} and optimizer_kwargs[{_okw_key(optimizer_kwargs, k)!r}]={okw[k]!r} both set {k}; "
-            "give one"
-        )
+    check_no_clash(hyper, okw, optimizer_kwargs)
     hyper.update(okw)
     hyper = {**SGLD_DEFAULTS, "step_size": 1e-4, "nbeta": None, **hyper}
     if hyper["nbeta"] is None:
         hyper["nbeta"] = default_nbeta(loader, grad_accum_steps)
     return check_hyperparameters(hyper)
+
+
+def check_no_clash(
+    hyper: Mapping[str, Any], okw: Mapping[str, Any], optimizer_kwargs: Mapping[str, Any] | None
+) -> None:
+    """Refuse a hyperparameter set to two values, by a keyword (``hyper``, pypattern's names) and by
+    ``optimizer_kwargs`` (``okw``, translated; ``optimizer_kwargs`` as the caller gave it, to name its key). A
+    keyword at its default value counts as not given (callers pass their defaults on): optimizer_kwargs sets it."""
+    given_kw = {k: v for k, v in hyper.items() if not (k in SGLD_DEFAULTS and _same(v, SGLD_DEFAULTS[k]))}
+    clash = [k for k, v in okw.items() if k in given_kw and not _same(given_kw[k], v)]
+    if clash:
+        k = clash[0]
+        raise ValueError(
+            f"{k}={hyper[k]!r} and optimizer_kwargs[{_okw_key(optimizer_kwargs or {}, k)!r}]={okw[k]!r} both set "
+            f"{k}; give one"
+        )
 
 
 def _okw_key(optimizer_kwargs: Mapping[str, Any], name: str) -> str:

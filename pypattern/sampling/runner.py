@@ -525,7 +525,7 @@ def sample(
     if checkpoint is not None:  # before a step-size search or L_n(w*)
         check_checkpoint_file(checkpoint)
     if lr is not None:  # devinterp's name for the step size
-        step_size = translate({"step_size": step_size, "lr": lr}, where="sample()")["step_size"]
+        step_size = translate({"step_size": step_size, "lr": lr}, where="the call")["step_size"]
         lr = None
     auto_step = calibration = None
     calibrating = wants_auto(step_size, optimizer_kwargs)
