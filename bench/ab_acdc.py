@@ -50,9 +50,10 @@ def main() -> None:
     times: dict[str, list[float]] = {t: [] for t in trees}
     for r in range(args.rounds):
         for t in trees:
-            out = subprocess.run(
-                [sys.executable, "-c", CHILD, t], check=True, capture_output=True, text=True
-            ).stdout.split()
+            p = subprocess.run([sys.executable, "-c", CHILD, t], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SystemExit(f"the run of tree {t} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+            out = p.stdout.split()
             times[t].append(float(out[0]))
             print(f"round {r} {t}: {out[0]} s CPU, {out[1]} edges kept, {out[2]} patched runs", flush=True)
     if len(trees) == 2:

@@ -80,6 +80,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     pieces = args.pieces.split(",")
+    unknown = sorted(set(pieces) - set(PIECES))
+    if unknown:
+        ap.error(f"--pieces {args.pieces!r}: unknown {unknown}; choose from {', '.join(PIECES)}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
     here = os.path.dirname(os.path.abspath(__file__))
     runs: dict[str, list[dict]] = {t: [] for t in args.trees}
@@ -99,8 +102,9 @@ def main() -> None:
                 capture_output=True,
                 text=True,
                 env=env,
-                check=True,
             )
+            if p.returncode != 0:
+                raise SystemExit(f"the run of tree {t} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
             runs[t].append(json.loads(p.stdout.strip().splitlines()[-1]))
             print(f"round {r} {t}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[t][-1].items()), flush=True)
 

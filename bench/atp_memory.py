@@ -23,6 +23,11 @@ from pypattern.patching import LogitDiff, attribution_patching  # noqa: E402
 
 def main() -> None:
     torch.set_num_threads(1)
+    if len(sys.argv) != 2 or not (sys.argv[1] == "none" or sys.argv[1].isdigit() and int(sys.argv[1]) > 0):
+        raise SystemExit(
+            "usage: python bench/atp_memory.py MAX_BATCH, where MAX_BATCH is 'none' (all prompts in one part) or a "
+            "positive number of prompts per part"
+        )
     mb = None if sys.argv[1] == "none" else int(sys.argv[1])
     hf, model = bp._scale_models()
     del hf

@@ -284,7 +284,7 @@ def test_cka_6x6(benchmark, reps, truth, rates, case, threads):
         assert out.dtype == torch.float64 and err < (1e-9 if dt == "f64" else 1e-4), row
     RESULTS[f"{case}, {threads} thr"] = row
     benchmark.extra_info.update(
-        role=role, madds=madds, label=case, **{k: v for k, v in row.items() if k[0] != "_"}
+        role=role, madds=madds, label=case, dtype=dt, **{k: v for k, v in row.items() if k[0] != "_"}
     )
 
 

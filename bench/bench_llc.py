@@ -219,7 +219,14 @@ def _floor_per_step(model, ds, rounds=5, steps=50):
 def _report():
     if not RESULTS:
         return
-    lines = ["", f"LLC benchmark (devinterp {DEVINTERP or 'not installed'}; torch {torch.__version__}):"]
+    lines = [
+        "",
+        f"LLC benchmark (devinterp {DEVINTERP or 'not installed: peer cases skipped'}; torch {torch.__version__}):",
+        "  *_ms: wall time per chain-step (floor: one forward + backward of the batch, the bound; bare_torch_sgld:"
+        " a plain torch SGLD step, the reference; ours, devinterp: the whole estimate over its chain-steps);"
+        " ours_s: wall time of the whole estimate; ours_over_floor: ours_ms / floor_ms;"
+        " speedup_vs_devinterp: devinterp's time / ours",
+    ]
     for k, v in RESULTS.items():
         lines.append(
             "  "

@@ -45,7 +45,12 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
     if REPORT:
-        print("\n[bench_patching] " + "; ".join(f"{k}={v}" for k, v in REPORT.items()))
+        print(
+            "\n[bench_patching] bound_<site>, <site>_bound: the speed-up over TransformerLens' per-cell full "
+            "forwards that the multiply-adds allow (x); *_s: wall seconds per grid; <site>_speedup: TransformerLens' "
+            "time / ours; <site>_of_bound: the bound / the speed-up; *_maxerr_*: largest difference of the grids"
+        )
+        print("[bench_patching] " + "; ".join(f"{k}={v}" for k, v in REPORT.items()))
 
 
 # ----- the bound ---------------------------------------------------------------------------------------------
@@ -112,9 +117,9 @@ def _prompts(d_vocab=None, b=None, t=None):
 
 
 def scale_bounds(c: dict, b: int, t: int, with_runs: bool = True) -> dict:
-    """Multiply-adds each GPT-2-small-shaped grid must do on a batch of ``b`` x ``t`` (see ``test_scale_cpu_time``):
-    the exact grids' cells after causal reuse plus (``with_runs``) the two runs every exact grid needs, AtP's three
-    forwards, AtP*'s plus its GradDrop backwards."""
+    """Multiply-adds each GPT-2-small-shaped grid must do on a batch of ``b`` x ``t`` (see
+    ``test_scale_gpt2_small_cpu_time``): the exact grids' cells after causal reuse plus (``with_runs``) the two runs
+    every exact grid needs, AtP's three forwards, AtP*'s plus its GradDrop backwards."""
     L, H = c["n_layers"], c["n_heads"]
     k = METRIC_COLS
     runs = 2 * b * _forward_macs(c, t, cols=k) if with_runs else 0
@@ -204,6 +209,8 @@ def _ours_random(dtype=torch.float32):
 def test_bench_exact_grid_pypattern(benchmark, site):
     model = _ours_random()
     clean, corr, ans, wrong = _prompts()
+    benchmark.group = f"exact patching grid {site}, batch {B}x{T}"
+    benchmark.extra_info.update(role="ours", label="pypattern")
     benchmark.pedantic(
         _ours, args=(model, site, clean, corr, ans, wrong), rounds=3, iterations=1, warmup_rounds=1
     )
@@ -213,6 +220,8 @@ def test_bench_exact_grid_pypattern(benchmark, site):
 def test_bench_atp_whole_grid(benchmark):
     model = _ours_random()
     clean, corr, ans, wrong = _prompts()
+    benchmark.group = f"AtP over resid_pre and z, batch {B}x{T}"
+    benchmark.extra_info.update(role="ours", label="pypattern")
     benchmark.pedantic(
         lambda: attribution_patching(
             model, clean, corr, metric=LogitDiff(ans, wrong), sites=["resid_pre", "z"]
@@ -228,6 +237,8 @@ def test_bench_atp_whole_grid(benchmark):
 def test_bench_exact_grid_transformerlens(benchmark, site):
     bridge = _tl_model()
     clean, corr, ans, wrong = _prompts()
+    benchmark.group = f"exact patching grid {site}, batch {B}x{T}"
+    benchmark.extra_info.update(role="peer", label="TransformerLens")
     benchmark.pedantic(_tl_grid, args=(bridge, site, clean, corr, ans, wrong), rounds=1, iterations=1)
 
 
@@ -279,6 +290,8 @@ def _timed(fn, *args):
 # ----- at scale: a GPT-2-small-shaped model converted from its Hugging Face form --------------------------------
 SCALE = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257)
 SCALE_B, SCALE_T, SCALE_THREADS, SCALE_ROUNDS = 8, 32, 2, 2
+#: the grids of :func:`test_scale_gpt2_small_cpu_time`, the names ``PYPATTERN_BENCH_GRIDS`` chooses from
+SCALE_GRIDS = ("resid_pre", "attn_out", "z_all_pos", "atp", "atp*")
 RUN_SCALE = bool(__import__("os").environ.get("PYPATTERN_BENCH_SCALE"))
 HAS_HF = importlib.util.find_spec("transformers") is not None
 
@@ -695,6 +708,12 @@ def test_scale_gpt2_small_cpu_time(tmp_path):
     """
     import datetime
 
+    only = os.environ.get("PYPATTERN_BENCH_GRIDS")
+    unknown = sorted(set(only.split(",")) - set(SCALE_GRIDS)) if only else []
+    if unknown:
+        raise pytest.UsageError(
+            f"PYPATTERN_BENCH_GRIDS={only!r}: unknown {unknown}; choose from {list(SCALE_GRIDS)}"
+        )
     n0 = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -714,6 +733,7 @@ def test_scale_gpt2_small_cpu_time(tmp_path):
         )
         grids["atp"] = (dict(sites=["z"]), bounds["atp"])
         grids["atp*"] = (dict(sites=["z", "q", "k", "v"], qk_fix=True, grad_drop=True), bounds["atp*"])
+        assert tuple(grids) == SCALE_GRIDS
         only = os.environ.get("PYPATTERN_BENCH_GRIDS")
         names = [n for n in grids if not only or n in only.split(",")]
         rounds = int(os.environ.get("PYPATTERN_BENCH_ROUNDS", 2))

@@ -62,7 +62,18 @@ class Timer:
         return False
 
 
-KW = dict(num_chains=2, num_draws=50, step_size=1e-4, localization=100.0, nbeta=10.0, seed=0)
+# the timing work, matched to devinterp's runs head by head: 50 draws, no burn-in. At these settings the chains have
+# not relaxed (the library says so when asked), so the estimates are compared only between runs of the same
+# settings (batched against one head at a time, ours against devinterp), never against a true LLC.
+KW = dict(
+    num_chains=2,
+    num_draws=50,
+    step_size=1e-4,
+    localization=100.0,
+    nbeta=10.0,
+    seed=0,
+    warn_nonstationary=False,
+)
 BATCH = 16
 
 
@@ -154,7 +165,14 @@ def moving_floor_seconds(model, loader, heads, steps: int) -> Timer:
 def ours_batched(model, loader, heads):
     with Timer() as t:
         res = refined_llc(
-            model, loader, components=heads, include_full=False, loss_fn=lm_loss, batched=True, **KW
+            model,
+            loader,
+            components=heads,
+            include_full=False,
+            loss_fn=lm_loss,
+            batched=True,
+            quiet=True,
+            **KW,
         )
     return t, np.asarray(res.llc_per_chain)
 
@@ -216,9 +234,9 @@ def devinterp_head_by_head(model, loader, heads):
     return t, np.asarray(per_chain)
 
 
-def run() -> dict:
+def run(train_steps: int = 0) -> dict:
     torch.set_num_threads(1)
-    model, loader, heads = setup()
+    model, loader, heads = setup(train_steps)
     t_batched, res = ours_batched(model, loader, heads)
     t_alone, alone = ours_one_by_one(model, loader, heads)
     t_floor = floor_seconds(model, loader, heads, KW["num_draws"])
@@ -320,18 +338,28 @@ def compare(rounds: int, train_steps: int = 0) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devinterp", action="store_true", help="compare with devinterp 2.0.1 head by head")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --devinterp (without it: one run)")
     ap.add_argument("--chains", type=int, default=KW["num_chains"])
     ap.add_argument("--step", type=float, default=KW["step_size"])
     ap.add_argument("--train-steps", type=int, default=0, help="Adam steps on the data before sampling")
     args = ap.parse_args()
     KW["num_chains"], KW["step_size"] = args.chains, args.step
     if args.devinterp:
+        import importlib.util
+
+        missing = [m for m in ("devinterp", "datasets") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SystemExit(
+                f"--devinterp: not importable here: {', '.join(missing)}; run in the devinterp 2.0.1 bench venv "
+                "(`PYPATTERN_LINK=1 bash bench/envs/devinterp.sh 20`, then `.bench-venvs/devinterp20/bin/python "
+                "bench/bench_refined_llc.py --devinterp`)"
+            )
         compare(args.rounds, args.train_steps)
     else:
-        out = run()
+        out = run(args.train_steps)
         tb, to, tf = out["batched"], out["one_by_one"], out["floor"]
         print(
+            f"model: {'trained ' + str(args.train_steps) + ' steps' if args.train_steps else 'random weights'}; "
             f"16 heads x {KW['num_chains']} chains x {KW['num_draws']} steps, 1 thread, CPU s (wall s): batched "
             f"{tb.cpu:.2f} ({tb.wall:.2f}), one by one {to.cpu:.2f} ({to.wall:.2f}; {to.cpu / tb.cpu:.2f}x), "
             f"vmap(grad) floor {tf.cpu:.2f} ({tf.wall:.2f}; batched / floor {tb.cpu / tf.cpu:.2f}); max |diff| "

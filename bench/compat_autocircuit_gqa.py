@@ -275,8 +275,15 @@ def compare(n_heads: int, n_kv: int) -> dict:
 
 
 def main() -> None:
-    import auto_circuit  # noqa: F401
-    import transformer_lens
+    try:
+        import auto_circuit  # noqa: F401
+        import transformer_lens
+    except ImportError as e:
+        raise SystemExit(
+            f"peer not installed ({e}): this comparison needs auto-circuit 1.0.1 and TransformerLens 2.16.1; run "
+            "`bash bench/envs/autocircuit.sh`, then `.bench-venvs/autocircuit/bin/python "
+            "bench/compat_autocircuit_gqa.py`"
+        ) from None
 
     torch.set_num_threads(1)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -183,6 +184,10 @@ def run(impl, model, settings, what):
     return out
 
 
+def _importable(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impl", choices=["both", "pypattern", "devinterp"], default="both")
@@ -191,6 +196,16 @@ def main():
     ap.add_argument("--what", default="llc,sus,bif", help="comma-separated subset of llc, sus, bif")
     ap.add_argument("--seed", type=int, default=3, help="init_seed of every run (the model is the same)")
     args = ap.parse_args()
+    impls = ["pypattern", "devinterp"] if args.impl == "both" else [args.impl]
+    missing = [
+        m for m in ["datasets"] + (["devinterp"] if "devinterp" in impls else []) if not _importable(m)
+    ]
+    if missing:
+        raise SystemExit(
+            f"not importable here: {', '.join(missing)}. This script runs in the bench venv with devinterp 2.0.1 and "
+            "datasets: `PYPATTERN_LINK=1 bash bench/envs/devinterp.sh 20`, then `.bench-venvs/devinterp20/bin/python "
+            "bench/compat_devinterp.py` (`--impl pypattern` still needs datasets)"
+        )
     model, train_loss = trained_model()
     # every chain reads its own shuffle on both sides (pypattern always does): with devinterp's default the chains
     # share one data order, and the spread over chains would leave out the data-order noise
@@ -209,8 +224,9 @@ def main():
         "sus": dict(common, num_chains=8, num_draws=100, num_burnin_steps=50, batches_per_draw=1),
         "bif": dict(common, num_chains=8, num_draws=100, num_burnin_steps=50, batches_per_draw=2),
     }
-    impls = ["pypattern", "devinterp"] if args.impl == "both" else [args.impl]
     what = set(args.what.split(","))
+    if not what <= {"llc", "sus", "bif"}:
+        raise SystemExit(f"--what {args.what!r}: expected a comma-separated subset of llc, sus, bif")
     try:
         cpu = next(
             ln.split(":", 1)[1].strip()

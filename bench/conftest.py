@@ -6,7 +6,9 @@
   ``bound`` (the work's own limit, e.g. a plain copy of the same bytes, or the floor of one forward+backward);
   ``bytes`` (memory traffic) or ``madds`` (multiply-adds) give the work. At the end of the run a table prints, per
   group and in the same run, every benchmark's minimum time, its ratio to each reference/peer, and how close it
-  comes to the bound.
+  comes to the bound. Where benchmarks give their ``dtype``, ours is set against the bounds of the same dtype only;
+  ``bound_units`` (default 1) says how many times the work of its group's bound and references a case does (e.g.
+  ten pruning points in one call against a bound and a peer of one point each).
 """
 
 import os
@@ -49,10 +51,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if "madds" in b.extra_info:
                 parts.append(f"{b.extra_info['madds'] / t / 1e9:7.2f} GMAC/s")
             if b.extra_info.get("role") == "ours":
+                k = b.extra_info.get("bound_units", 1)
+                times = f" x {k}" if k != 1 else ""
                 for r in refs:
-                    parts.append(f"{r.stats.min / t:6.2f}x vs {r.extra_info.get('label', r.name)}")
+                    parts.append(f"{k * r.stats.min / t:6.2f}x vs {r.extra_info.get('label', r.name)}{times}")
                 for r in bounds:
+                    dtypes = {x.extra_info.get("dtype") for x in (b, r)}
+                    if None not in dtypes and len(dtypes) > 1:
+                        continue  # a bound in another dtype is not this case's bound
                     parts.append(
-                        f"{100 * r.stats.min / t:5.1f}% of bound ({r.extra_info.get('label', r.name)})"
+                        f"{100 * k * r.stats.min / t:5.1f}% of bound ({r.extra_info.get('label', r.name)}{times})"
                     )
             tr.write_line("  " + " | ".join(parts))
