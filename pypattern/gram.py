@@ -116,12 +116,10 @@ def _check_model(model, who: str) -> None:
         )
 
 
-def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
-    _check_model(model, "default_sites")
+def _resolved_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+    """``modules`` (submodule names or modules of ``model``, one or a list) as ``(name, module)`` pairs, each
+    refused by name when it is not part of the model."""
     named = dict(model.named_modules())
-    supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
-    if modules is None:
-        return [(n, m) for n, m in named.items() if isinstance(m, supported)]
     if isinstance(modules, str | nn.Module):
         modules = [modules]
     try:
@@ -143,6 +141,15 @@ def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]
             if name is None:
                 raise ValueError(f"modules: {type(m).__name__} instance is not part of the model")
             out.append((name, m))
+    return out
+
+
+def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+    _check_model(model, "default_sites")
+    supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    if modules is None:
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, supported)]
+    out = _resolved_modules(model, modules)
     for n, m in out:
         if not isinstance(m, supported):
             raise TypeError(
@@ -448,22 +455,8 @@ def _transformer_sites_in(model: nn.Module, modules) -> list[GramSite]:
     whose parameters all lie in one of them (``"blocks.0.attn"``, ``"blocks.1"``, ``"embed"``, ...), and the
     :func:`default_sites` of an ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` added to the model. A module
     whose trainable parameters these sites do not all cover is refused by name."""
-    named = dict(model.named_modules())
     supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
-    modules = [modules] if isinstance(modules, str | nn.Module) else list(modules)
-    resolved = []
-    for m in modules:
-        if not isinstance(m, str | nn.Module):
-            raise TypeError(f"modules contains {m!r} ({type(m).__name__}); give submodule names or modules")
-        if isinstance(m, str):
-            if m not in named:
-                raise ValueError(f"modules: {m!r} is not a submodule name of the model")
-            resolved.append((m, named[m]))
-        else:
-            name = next((n for n, x in named.items() if x is m), None)
-            if name is None:
-                raise ValueError(f"modules: {type(m).__name__} instance is not part of the model")
-            resolved.append((name, m))
+    resolved = _resolved_modules(model, modules)
     own = [(n, m) for n, m in resolved if isinstance(m, supported)]
     out = default_sites(model, [m for _, m in own]) if own else []
     whole = transformer_lens_sites(model) if len(own) < len(resolved) else []
