@@ -63,6 +63,7 @@ from torch import nn
 from . import io
 from ._checks import compiled_inner, is_count
 from ._masks import not_a_mask, zero_one_mask
+from ._plotting import finish, new_figure
 from .io import Saveable, register
 from .losses import (
     _describe,
@@ -389,17 +390,8 @@ class SusceptibilityResult(Saveable):
     def plot(self, path: str | os.PathLike | None = None):
         """Heatmap of chi (components x probe points) and the probe points on the first two principal
         directions. Returns the matplotlib figure; writes it to ``path`` if given."""
-        if (
-            path is not None
-        ):  # a figure outside pyplot: matplotlib's backend and pyplot's figures are left as they are
-            from matplotlib.figure import Figure
-
-            fig = Figure(figsize=(12, 4))
-            ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
-        else:
-            import matplotlib.pyplot as plt
-
-            fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
+        fig = new_figure(path, (12, 4))
+        ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
         lim = np.abs(self.chi).max() or 1.0
         im = ax0.imshow(self.chi, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         ax0.set_yticks(range(len(self.components)), self.components, fontsize=7)
@@ -414,9 +406,7 @@ class SusceptibilityResult(Saveable):
             ax1.set_xlabel(f"PC1 ({100 * r[0]:.0f}%)")
             ax1.set_ylabel(f"PC2 ({100 * r[1]:.0f}%)")
             ax1.set_title("probe points on the principal directions")
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=120)
+        finish(fig, path, True, dpi=120)
         return fig
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import io
+from .._plotting import figure_axes, finish
 from ..sampling.results import check_arrays
 from .graph import Edge, EdgeGraph, check_graph_arg
 
@@ -575,7 +576,7 @@ class PruningCurve(io.Saveable):
         """Faithfulness against the number of edges kept (one line per method), written to ``path`` when given
         (on ``ax``'s figure when ``ax`` is given). ``log_x``: a logarithmic axis of edges kept, linear from 0 to 1
         when the curve holds the empty circuit (0 edges), which is drawn too."""
-        fig, ax, own = _figure(path, ax, (6, 4))
+        fig, ax, own = figure_axes(path, ax, (6, 4))
         x = self.counts.numpy()
         for name, f in self.faithfulness.items():
             ax.plot(x, _numpy_dtype(f).numpy(), marker="o", ms=3, label=name)
@@ -592,36 +593,11 @@ class PruningCurve(io.Saveable):
             title or f"pruning curves ({self.mode}, {self.ablation} ablation, {self.metric})", fontsize=10
         )
         ax.legend(fontsize=8)
-        _finish(fig, path, own)
+        finish(fig, path, own)
         return ax
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-
-
-def _figure(path, ax, size: tuple[float, float]):
-    """``(figure, axes, own)``: ``ax`` and its figure when given; else a new figure, one of pyplot's to show, or,
-    with a ``path`` to write to, a figure outside pyplot (no window; matplotlib's backend and pyplot's figures are
-    left as they are)."""
-    if ax is not None:
-        return ax.figure, ax, False
-    if path is not None:
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=size)
-        return fig, fig.add_subplot(), True
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=size)
-    return fig, ax, True
-
-
-def _finish(fig, path, own: bool) -> None:
-    """Lay out a figure made here and write the figure to ``path`` when given."""
-    if own:
-        fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
 
 
 def _layout(graph: EdgeGraph) -> dict[str, tuple[float, float]]:
@@ -694,7 +670,7 @@ def draw_circuit(
     smax = max([abs(v) for _, v in items], default=1.0) or 1.0
     w = max(6.0, 1.3 * graph.n_heads + 2)
     h = max(4.0, 1.1 * (max(p[1] for p in pos.values()) + 1))
-    fig, ax, own = _figure(path, ax, (w, h))
+    fig, ax, own = figure_axes(path, ax, (w, h))
     used = {k[0] for k, _ in items} | {k[1] for k, _ in items}
     off = {"q": -0.22, "k": 0.0, "v": 0.22, None: 0.0}
     style = {"q": "-", "k": "--", "v": ":", None: "-"}
@@ -751,5 +727,5 @@ def draw_circuit(
     ax.legend(handles=legend, loc="upper left", fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
-    _finish(fig, path, own)
+    finish(fig, path, own)
     return ax

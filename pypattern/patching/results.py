@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .._checks import is_count
+from .._plotting import figure_axes, finish
 from ..io import Saveable, register
 from ..sampling.results import check_arrays
 
@@ -324,18 +325,8 @@ class PatchResult(Saveable):
             ys = [f"L{a}H{b}" for a in self.coords[axes[0]] for b in self.coords[axes[1]]]
             xs, xlab = self.coords[axes[2]], axes[2]
             m = m.reshape(-1, m.shape[-1])
-        own = ax is None
-        if own:  # written to a file: a figure outside pyplot (matplotlib's backend is left as it is)
-            size = (max(5.5, 1.5 + 0.45 * len(xs)), max(2.8, 1.4 + 0.3 * len(ys)))
-            if path is not None:
-                from matplotlib.figure import Figure
-
-                fig = Figure(figsize=size)
-                ax = fig.add_subplot()
-            else:
-                import matplotlib.pyplot as plt
-
-                fig, ax = plt.subplots(figsize=size)
+        size = (max(5.5, 1.5 + 0.45 * len(xs)), max(2.8, 1.4 + 0.3 * len(ys)))
+        fig, ax, own = figure_axes(path, ax, size)
         finite = m[torch.isfinite(m)]
         lim = float(finite.abs().max()) if finite.numel() else 1.0
         lim = lim if lim > 0 else 1.0
@@ -348,11 +339,8 @@ class PatchResult(Saveable):
         ax.set_title(
             title or f"{self.method} {self.direction}: {self.site}, {self.metric}\n{what}", fontsize=9
         )
-        ax.figure.colorbar(im, ax=ax, fraction=0.046)
-        if own:
-            fig.tight_layout()
-        if path is not None:
-            ax.figure.savefig(path, dpi=110)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        finish(fig, path, own)
         return ax
 
     def to_csv(self, path: str, normalized: bool = True) -> None:
