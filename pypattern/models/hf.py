@@ -35,6 +35,7 @@ __all__ = [
     "hf_hook_points",
     "hooked_gpt2",
     "hooked_hf",
+    "unwrap_hf",
 ]
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -345,6 +346,7 @@ def hf_arch(model: nn.Module) -> HFArch:
     ValueError
         For an unsupported ``model_type`` (named, with the supported ones), or a base model without its LM head.
     """
+    model, _ = unwrap_hf(model, check=False)
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt is not None and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is None:
         raise ValueError(
@@ -381,6 +383,59 @@ def hf_arch(model: nn.Module) -> HFArch:
     return arch
 
 
+def _is_hf_lm(module: nn.Module) -> bool:
+    """A Hugging Face model itself (its ``config`` an attribute of its own), not a wrapper forwarding to one."""
+    return "config" in vars(module) and bool(getattr(module.config, "model_type", None))
+
+
+def unwrap_hf(model: nn.Module, check: bool = True) -> tuple[nn.Module, str]:
+    """The Hugging Face model inside wrappers that hold it unchanged, and the prefix of its parameter names in
+    ``model`` (``""`` when ``model`` is no such wrapper).
+
+    Followed: ``torch.compile``'s wrapper (``_orig_mod``), ``nn.DataParallel`` / ``DistributedDataParallel`` and any
+    module holding the model as ``.module``, and a PEFT-style wrapper holding it as ``.base_model`` (or as
+    ``.base_model.model``). Hooks are placed on the inner model's modules and the adapter runs the inner model
+    (equal to the wrapper's forward on one device, and for adapters living inside the model's modules, as LoRA's).
+    A :class:`HookedHF` inside a wrapper is returned as it is (its own parameter names follow the prefix).
+
+    Raises
+    ------
+    ValueError
+        With ``check``, when the wrapper has parameters outside the inner model (a prompt encoder, say): its own
+        forward uses them around the model, which running the inner model would leave out.
+    """
+    cur, prefix, after_base = model, "", False
+    for _ in range(8):
+        if _is_hf_lm(cur) or isinstance(cur, HookedHF):
+            break
+        children = cur._modules
+        if type(cur).__name__ == "OptimizedModule" and isinstance(children.get("_orig_mod"), nn.Module):
+            attr = "_orig_mod"
+        elif isinstance(children.get("module"), nn.Module):
+            attr = "module"
+        elif isinstance(children.get("base_model"), nn.Module):
+            attr = "base_model"
+        elif after_base and isinstance(children.get("model"), nn.Module):
+            attr = "model"  # PEFT: PeftModel.base_model (the tuner) .model (the causal LM)
+        else:
+            break
+        after_base = attr == "base_model"
+        cur, prefix = children[attr], f"{prefix}{attr}."
+    if not prefix or not (_is_hf_lm(cur) or isinstance(cur, HookedHF)):
+        return model, ""
+    if check:
+        inner = {id(p) for p in cur.parameters()}
+        outside = [n for n, p in model.named_parameters() if id(p) not in inner]
+        if outside:
+            raise ValueError(
+                f"model={type(model).__name__} wraps {type(cur).__name__} (at {prefix[:-1]!r}) but has parameters "
+                f"outside it ({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): its forward uses them "
+                "around the causal LM (a prompt encoder, say), which the adapter would leave out; merge them into the "
+                "model, or give the causal LM itself"
+            )
+    return cur, prefix
+
+
 def _n_layers(model: nn.Module, arch: HFArch) -> int:
     return len(_get(model, f"{arch.base}.{arch.layers}"))
 
@@ -399,8 +454,9 @@ def hf_hook_points(model: nn.Module) -> dict[str, str]:
     added), ``ln_final.hook_normalized`` the output of the final norm. ``hook_resid_mid`` is not a
     module's input or output; :func:`hooked_hf` adds it (see there).
     """
+    model, prefix = unwrap_hf(model)
     arch = hf_arch(model)
-    b = arch.base
+    b = f"{prefix}{arch.base}"
     pts = {"hook_embed": f"{b}.{arch.embed}"}
     if arch.pos_embed:
         pts["hook_pos_embed"] = f"{b}.{arch.pos_embed}"
@@ -477,10 +533,8 @@ class HookedHF(HookedModule):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if type(model).__name__ == "OptimizedModule" and isinstance(
-            getattr(model, "_orig_mod", None), nn.Module
-        ):
-            model = model._orig_mod  # torch.compile's wrapper: hook the model it compiles
+        # torch.compile's wrapper, nn.DataParallel, a PEFT-style wrapper: hook and run the model inside
+        model, _ = unwrap_hf(model)
         arch = hf_arch(model)
         n_layers = _n_layers(model, arch)
         pts = {k: "model." + v for k, v in hf_hook_points(model).items()}
@@ -634,7 +688,9 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     ``olmo``, ``olmo2``, ``olmo3``, ``stablelm``, ``starcoder2``, ``smollm3``, ``seed_oss``, ``helium``,
     ``ernie4_5``, ``gpt_bigcode`` and the mixtures of experts ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``
     (``hook_mlp_out`` is the sparse block's output). Nothing is
-    converted or copied: hooks sit on the model's own modules.
+    converted or copied: hooks sit on the model's own modules. A wrapper holding the model unchanged is looked
+    through (:func:`unwrap_hf`: ``torch.compile``, ``nn.DataParallel``, a PEFT-style ``.base_model``): the hooks sit
+    on the model inside and the adapter runs it; a wrapper with parameters of its own is refused.
 
     Hook names: ``hook_embed`` (``hook_pos_embed`` on GPT-2), ``blocks.{l}.hook_resid_pre``,
     ``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_resid_mid`` (not with parallel attention),
@@ -649,7 +705,8 @@ def hooked_hf(model: nn.Module) -> HookedHF:
     Raises
     ------
     ValueError
-        For an unsupported ``model_type``, naming it and the supported ones.
+        For an unsupported ``model_type``, naming it and the supported ones; for a wrapper with parameters outside
+        the model it wraps.
 
     Examples
     --------

@@ -58,29 +58,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hf import HF_ARCHS, HFArch, HookedHF, hf_arch
+from .hf import HF_ARCHS, HFArch, HookedHF, hf_arch, unwrap_hf
 from .transformer import check_index_spelling, norm_refusal
 
 __all__ = ["hf_component_masks", "hf_components", "hf_attention_shape", "is_hf_model"]
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    """True for a :class:`~pypattern.models.hf.HookedHF` or a model whose ``config.model_type`` is supported."""
+    """True for a :class:`~pypattern.models.hf.HookedHF` or a model whose ``config.model_type`` is supported (also
+    inside a wrapper :func:`~pypattern.models.hf.unwrap_hf` follows: ``nn.DataParallel``, a PEFT-style wrapper)."""
     if isinstance(model, HookedHF):
         return True
+    model, _ = unwrap_hf(model, check=False)
     return getattr(getattr(model, "config", None), "model_type", None) in HF_ARCHS
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """The Hugging Face model and the prefix of its parameter names inside ``model`` (a :class:`HookedHF`, or a
-    ``torch.compile`` wrapper, whose parameters are named ``_orig_mod.*``)."""
+    """The Hugging Face model and the prefix of its parameter names inside ``model`` (a :class:`HookedHF`, a
+    ``torch.compile`` wrapper, whose parameters are named ``_orig_mod.*``, ``nn.DataParallel`` (``module.*``), a
+    PEFT-style wrapper (``base_model.*``): see :func:`~pypattern.models.hf.unwrap_hf`)."""
     inner = getattr(model, "_orig_mod", None)
     if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
         hf, prefix = _unwrap(inner)
         return hf, "_orig_mod." + prefix
     if isinstance(model, HookedHF):
         return model.hf_model, "module.model."
-    return model, ""
+    inner, prefix = unwrap_hf(model)
+    if isinstance(inner, HookedHF):  # a wrapper of the adapter (nn.DataParallel(hooked_hf(model)))
+        hf, more = _unwrap(inner)
+        return hf, prefix + more
+    return inner, prefix
 
 
 def _attn_path(arch, layer: int) -> str:

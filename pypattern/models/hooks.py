@@ -438,6 +438,18 @@ class HookedRootModule(nn.Module):
         return out, cache
 
 
+def _activation(hp: HookPoint, x: Any, where: str) -> torch.Tensor:
+    """``x`` when it is a tensor; otherwise a ``TypeError`` naming the hook point (its functions would be handed
+    a dict, a model output or ``None``, and the cache and the patching functions fail far from the cause)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    raise TypeError(
+        f"hook point {hp.name!r}: the module's {where} is a {type(x).__name__}, not a tensor (nor a tuple starting "
+        "with one); place the hook point on a module whose "
+        f"{where} is the activation (e.g. a decoder layer or its attention, not the whole model)"
+    )
+
+
 class HookedModule(HookedRootModule):
     """Any ``nn.Module`` with hook points placed by module path.
 
@@ -479,6 +491,11 @@ class HookedModule(HookedRootModule):
         self.hook_dict = {}
         mods = dict(module.named_modules())
         for name, path in hook_points.items():
+            if not isinstance(name, str) or not isinstance(path, str):
+                raise TypeError(
+                    f"hook_points[{name!r}]={path!r} is not valid; give hook names and module paths as strings, "
+                    "e.g. {'blocks.0.hook_resid_post': 'transformer.h.0'}"
+                )
             is_input = path.endswith(":input")
             mpath = path[: -len(":input")] if is_input else path
             if mpath not in mods:
@@ -559,9 +576,10 @@ class HookedModule(HookedRootModule):
             if not hp._fns:
                 return None
             if args:
-                return (hp(args[0]), *args[1:]), kwargs
+                return (hp(_activation(hp, args[0], "input")), *args[1:]), kwargs
             if "hidden_states" in kwargs:  # Hugging Face blocks may be called with keywords
-                return args, {**kwargs, "hidden_states": hp(kwargs["hidden_states"])}
+                x = _activation(hp, kwargs["hidden_states"], "input")
+                return args, {**kwargs, "hidden_states": hp(x)}
             raise RuntimeError(f"hook point {hp.name!r}: the module got no positional input to hook")
 
         fn.hook_point = hp  # the identity while hp has no function attached (read by the converters)
@@ -572,9 +590,9 @@ class HookedModule(HookedRootModule):
         def fn(mod: nn.Module, args: tuple, out: Any) -> Any:
             if not hp._fns:
                 return None
-            if isinstance(out, tuple):
-                return (hp(out[0]), *out[1:])
-            return hp(out)
+            if isinstance(out, tuple) and out:
+                return (hp(_activation(hp, out[0], "output")), *out[1:])
+            return hp(_activation(hp, out, "output"))
 
         fn.hook_point = hp
         return fn
