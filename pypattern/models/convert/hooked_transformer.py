@@ -3,7 +3,9 @@
 pypattern's model keeps TransformerLens' parameter and hook names, so a ``HookedTransformer`` maps over almost one
 to one: its ``cfg`` gives the options, its parameters the weights (grouped-query attention's ``_W_K`` / ``_W_V`` /
 ``_b_K`` / ``_b_V`` are the key/value heads). The model is converted as it is, processed or not: after
-``fold_ln`` its norms are ``LNPre`` / ``RMSPre`` and the converted model's are the same. TransformerLens' gated MLP
+``fold_ln`` its norms are ``LNPre`` / ``RMSPre`` and the converted model's are the same (``fold_ln`` leaves a
+LayerNorm on the embedding, BLOOM's as ``from_pretrained`` loads it: the converted model's norms are then all
+LayerNorms, the folded ones of weight 1 and bias 0, which compute the same values). TransformerLens' gated MLP
 adds ``b_in`` after the product ``act(x W_gate) * (x W_in)``, where pypattern's adds it to ``x W_in``: such a model
 converts when ``b_in`` is zero (every model TransformerLens loads from Hugging Face), else it is refused. Every
 option TransformerLens has and pypattern does not reproduce exactly (shortformer or T5 positions, SoLU, a final
@@ -50,10 +52,10 @@ def _get(c: Any, name: str, default: Any = None) -> Any:
 
 
 def _check_hooks(model: nn.Module) -> None:
-    """Hooks attached to the model (``add_hook``, ``add_perma_hook``) would change its output; the converted model
-    would not have them."""
+    """Hooks attached to the model (``add_hook``, ``add_perma_hook``, torch's forward and backward hooks) would
+    change its output or its gradients; the converted model would not have them."""
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             raise UnsupportedModelError(
                 f"the HookedTransformer has hooks attached at {name or 'the model'!r}: the converted model would "
                 "not run them; remove them first (model.reset_hooks(including_permanent=True))"
@@ -208,8 +210,13 @@ def _config(model: nn.Module) -> dict:
         use_normalization_before_and_after=bool(_get(c, "use_normalization_before_and_after", False)),
         qk_norm=bool(_get(c, "use_qk_norm", False)),
     )
-    if out["post_embedding_ln"] and norm != "LN":
-        refuse("post_embedding_ln", True, f"with normalization_type={norm!r} (a LayerNorm on the embedding)")
+    if out["post_embedding_ln"] and norm not in ("LN", "LNPre"):
+        refuse(
+            "post_embedding_ln",
+            True,
+            f"with normalization_type={norm!r}: TransformerLens' embedding norm is a LayerNorm with a weight and a "
+            "bias, and pypattern's model has one norm type (LN, or LNPre blocks, which convert as LN)",
+        )
     if pos == "rotary":
         rd = _get(c, "rotary_dim") or c.d_head
         out["rotary_dim"] = int(rd)
@@ -310,6 +317,20 @@ def _post_norm_weights(cfg: dict, w: dict) -> None:
             w.setdefault(f"{n}.b", torch.zeros_like(like))
 
 
+def _embedding_norm_weights(cfg: dict, w: dict) -> None:
+    """A LayerNorm on the embedding under LNPre blocks (``fold_ln`` folds the blocks' and the final norms, not the
+    embedding's: BLOOM as ``HookedTransformer.from_pretrained`` loads it): pypattern's model has one norm type, so
+    every norm is a LayerNorm, the folded ones with a weight of 1 and a bias of 0, which compute the same values."""
+    if not cfg["post_embedding_ln"] or cfg["normalization_type"] != "LNPre":
+        return
+    cfg["normalization_type"] = "LN"
+    like = w["embed.ln.w"]
+    pre = ("ln1",) if cfg.get("d_mlp") is None else ("ln1", "ln2")  # an attention-only block has no ln2
+    for n in [f"blocks.{i}.{n}" for i in range(cfg["n_layers"]) for n in pre] + ["ln_final"]:
+        w.setdefault(f"{n}.w", torch.ones_like(like))
+        w.setdefault(f"{n}.b", torch.zeros_like(like))
+
+
 def _check_masks(model: nn.Module, cfg: dict) -> None:
     """Each block's attention mask buffer (``blocks.N.attn.mask``, True where a query may attend, built when the
     model was built) against the mask the configuration gives (causal, banded by ``window_size`` in the local
@@ -340,6 +361,33 @@ def _check_masks(model: nn.Module, cfg: dict) -> None:
             )
 
 
+def _check_shapes(cfg: dict, w: dict) -> None:
+    """The model's parameters against those the configuration gives (names and shapes, on the meta device): a
+    ``cfg`` edited after the model was built (``n_ctx``, ``d_mlp``, ``normalization_type``, ...) leaves modules and
+    weights of the old configuration, refused naming the first parameter that differs."""
+    from ..transformer import Transformer, TransformerConfig
+
+    with torch.device("meta"):
+        want = {
+            n: tuple(p.shape) for n, p in Transformer(TransformerConfig(**cfg, seed=None)).named_parameters()
+        }
+    have = {n: tuple(t.shape) for n, t in w.items() if t is not None}
+    surplus, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+    wrong = [n for n in sorted(set(have) & set(want)) if have[n] != want[n]]
+    if not (surplus or missing or wrong):
+        return
+    if wrong:
+        what = f"{wrong[0]} has shape {have[wrong[0]]}, where the cfg gives {want[wrong[0]]}"
+    elif surplus:
+        what = f"it has parameters {surplus[:4]} the cfg does not give"
+    else:
+        what = f"it lacks parameters {missing[:4]} the cfg gives"
+    raise UnsupportedModelError(
+        f"the HookedTransformer's parameters do not match its cfg: {what} (cfg edited after the model was built, a "
+        "module swapped?); build the HookedTransformer from the configuration it should have"
+    )
+
+
 def convert(model: nn.Module) -> tuple[dict, dict]:
     """``(config kwargs, weights by pypattern name)`` of a ``HookedTransformer``."""
     _check_hooks(model)
@@ -368,6 +416,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
                 )
             w[f"{p}.b_gate"] = torch.zeros_like(b_in)
     _post_norm_weights(cfg, w)
+    _embedding_norm_weights(cfg, w)
     if not math.isfinite(cfg["ln_eps"]):
         refuse("eps", cfg["ln_eps"], "give a finite epsilon")
+    _check_shapes(cfg, w)
     return cfg, w
