@@ -4,6 +4,8 @@ GPT-2's ``Conv1D`` weights are stored ``(in, out)`` (``y = x @ W + b``); ``c_att
 projection whose output splits into three ``d_model`` blocks (queries, keys, values), each ``(n_heads, d_head)``
 head-major. LayerNorm, learned absolute positions, every bias, no unembedding bias; embeddings usually tied.
 ``scale_attn_by_inverse_layer_idx`` gives each layer its own score multiplier (``attn_scores_multiplier``).
+``reorder_and_upcast_attn`` with eager attention takes the scores and their softmax in float32
+(``attn_scores_dtype``, ``attn_softmax_dtype``) for a 16-bit model; a float64 model's own forward refuses it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import act_fn, attn_softmax_dtype, layer_norm, refuse, same_parameter
+from ._common import act_fn, attn_softmax_dtype, layer_norm, model_dtype, refuse, same_parameter
 
 CLASSES = ("GPT2LMHeadModel",)
 
@@ -40,14 +42,28 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     blocks = tr.h
     d, H = c.n_embd, c.n_head
     dh = d // H
-    if getattr(c, "reorder_and_upcast_attn", False) and getattr(c, "_attn_implementation", None) == "eager":
-        dts = {p.dtype for p in model.parameters()}
-        if dts != {torch.float32}:
-            refuse(
-                "reorder_and_upcast_attn",
-                True,
-                f"with eager attention the model computes its scores in float32, its weights are {sorted(map(str, dts))}",
-            )
+    # reorder_and_upcast_attn (eager attention only): queries and keys multiplied in float32 (baddbmm with the
+    # scaling as alpha), the softmax in float32, the pattern cast to the values' dtype; a float64 model's float64
+    # mask promotes the scores past float32, and its own forward raises
+    upcast = (
+        getattr(c, "reorder_and_upcast_attn", False) and getattr(c, "_attn_implementation", None) == "eager"
+    )
+    if upcast and hasattr(model, "bridge_attn_softmax_dtype") and model_dtype(model) != torch.float32:
+        # a TransformerLens bridge computes the attention itself, in its own dtype
+        refuse(
+            "reorder_and_upcast_attn",
+            True,
+            f"a TransformerLens bridge around a {model_dtype(model)} model computes its attention otherwise than "
+            "the Hugging Face model's float32 scores; convert the Hugging Face model itself",
+        )
+    if upcast and model_dtype(model) == torch.float64:
+        refuse(
+            "reorder_and_upcast_attn",
+            True,
+            "with eager attention a float64 GPT-2 model's own forward refuses it (its float64 mask makes the "
+            "float32 scores float64); convert the model with attn_implementation='sdpa' (which ignores the "
+            "option) or in float32",
+        )
     d_mlp = blocks[0].mlp.c_fc.weight.shape[1]
     lm_w = model.lm_head.weight
     tied = same_parameter(lm_w, tr.wte.weight)
@@ -70,7 +86,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         tie_word_embeddings=tied,
         unembed_bias=lm_b is not None,
         # GPT-2's eager_attention_forward takes the softmax in the model's dtype
-        attn_softmax_dtype=attn_softmax_dtype(model, eager_upcasts=False),
+        attn_softmax_dtype=torch.float32 if upcast else attn_softmax_dtype(model, eager_upcasts=False),
+        attn_scores_dtype=torch.float32 if upcast else None,
     )
     w: dict[str, torch.Tensor | None] = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
 
