@@ -997,6 +997,7 @@ class EdgeEngine:
                         if not self.bound:
                             bind_metric(self.metric, base_logits)
                             on_base = metric_on(self.metric, base_logits, self.B).detach()
+                            _check_real(on_base)
                             # the runs below read the metric on stacks of logits: it must give each run's values,
                             # and the backward differentiates the sum over examples: each example's own
                             check_metric_on_stacks(self.metric, base_logits, on_base, per_example=True)
@@ -1220,10 +1221,22 @@ def _vocab_run_bytes(view: ModelView, metric, logits: torch.Tensor, grad: bool) 
     return fallback if got is None else got
 
 
+def _check_real(m) -> None:
+    """Refuse metric values that are complex: scores, faithfulness and gradients are defined for real metrics only
+    (a complex value would lose its imaginary part in a patched run's values, or stop the backward)."""
+    if isinstance(m, torch.Tensor) and m.is_complex():
+        raise ValueError(
+            f"metric returned complex values ({m.dtype}); it must map logits (..., batch, vocab) to real numbers "
+            "(..., batch)"
+        )
+
+
 def _scored(m, dtype: torch.dtype):
     """Metric values ``m`` of integer or bool dtype (an accuracy, a rank) in the dtype of the engine's values for a
-    model of ``dtype``, so that differences of them are scores; float values as they are."""
-    if isinstance(m, torch.Tensor) and not (m.is_floating_point() or m.is_complex()):
+    model of ``dtype``, so that differences of them are scores; float values as they are; complex values are
+    refused."""
+    _check_real(m)
+    if isinstance(m, torch.Tensor) and not m.is_floating_point():
         return m.to(torch.promote_types(dtype, torch.float32))
     return m
 
@@ -1471,6 +1484,7 @@ def _record_runs(
         clean_run = node_run(view, graph, x_clean, pos)
         bind_metric(metric, clean_run.logits.detach())
         m_clean = metric_on(metric, clean_run.logits, B)
+        _check_real(m_clean)
         check_metric_on_stacks(metric, clean_run.logits.detach(), m_clean)
         m_clean = _scored(m_clean, view.dtype)
     if defer_base:
