@@ -149,13 +149,33 @@ def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]
     supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
     if modules is None:
         return [(n, m) for n, m in model.named_modules() if isinstance(m, supported)]
-    out = _resolved_modules(model, modules)
-    for n, m in out:
-        if not isinstance(m, supported):
+    out = []
+    for n, m in _resolved_modules(model, modules):
+        if isinstance(m, supported):
+            out.append((n, m))
+            continue
+        # a container (a block, an attention, an MLP): the supported modules inside it, which must cover its
+        # trainable parameters (an RMSNorm or Conv1D weight inside would be left out without a word)
+        inside = [(_pname(n, k), x) for k, x in m.named_modules() if k and isinstance(x, supported)]
+        if not inside:
             raise TypeError(
-                f"modules: {n!r} is a {type(m).__name__}; supported are nn.Linear, nn.Embedding and nn.LayerNorm"
+                f"modules: {n!r} is a {type(m).__name__} holding no nn.Linear, nn.Embedding or nn.LayerNorm; "
+                "supported are those modules and modules holding them (give sites= for other layers, or convert a "
+                "Hugging Face model with pypattern.from_hf)"
             )
-    return out
+        covered = {id(p) for _, x in inside for p in x.parameters(recurse=False)}
+        left = [_pname(n, k) for k, p in m.named_parameters() if p.requires_grad and id(p) not in covered]
+        if left:
+            raise ValueError(
+                f"modules: {n!r} (a {type(m).__name__}) holds trainable parameters outside its nn.Linear, "
+                f"nn.Embedding and nn.LayerNorm modules ({left[:4]}{' ...' if len(left) > 4 else ''}; e.g. a "
+                "Hugging Face Conv1D or RMSNorm weight), which the Gram would leave out: name the modules inside "
+                "it to cover, freeze the parameters to leave out (requires_grad_(False)), give sites=, or convert "
+                "a Hugging Face model with pypattern.from_hf"
+            )
+        out += inside
+    names = [k for k, _ in out]  # once each: a module named twice, or inside another named one
+    return [(k, x) for i, (k, x) in enumerate(out) if k not in names[:i]]
 
 
 def _pname(mod_name: str, attr: str) -> str:
@@ -163,7 +183,8 @@ def _pname(mod_name: str, attr: str) -> str:
 
 
 def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
-    """Sites of every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm`` (over the last dimension)."""
+    """Sites of every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm`` (over the last dimension), or of
+    those among ``modules`` and inside them (see :func:`per_sample_grad_gram`)."""
     sites = []
     for n, m in _named_site_modules(model, modules):
         if isinstance(m, nn.Linear):
@@ -885,7 +906,10 @@ def per_sample_grad_gram(
         Restrict the default sites to these modules (one name or module alone is read as a list of it): for
         pypattern's Transformer the :func:`transformer_lens_sites` inside them (``"blocks.0.attn"``,
         ``"blocks.1.mlp"``, ``"blocks.1"``, ``"embed"``, ...; an embedding tied to the unembedding counts both
-        uses), else their ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` sites. An empty list is refused.
+        uses), else their ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` sites (such a module itself, or those
+        inside a container such as a Hugging Face model's ``"model.layers.0.mlp"``; a container holding trainable
+        parameters outside them, e.g. an RMSNorm or ``Conv1D`` weight, is refused, naming them). An empty list is
+        refused.
     sites : list of GramSite, optional
         Use these sites instead of the default ones (one GramSite alone is read as a list of it; an empty list is
         refused).

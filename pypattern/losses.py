@@ -8,7 +8,9 @@ Batches
   ``attention_mask`` (0 = padding) and ``labels`` (-100 = ignore; as in Hugging Face, labels are *not* shifted
   by the user: the logits at position ``t`` are scored against ``labels[t + 1]``). Without ``labels`` the targets
   are the ``input_ids``. ``position_ids`` and ``token_type_ids`` are passed on to models whose ``forward`` takes
-  them;
+  them. Labels shifted by the user (``labels[:, t] == input_ids[:, t + 1]`` wherever a label is given, and
+  differing from ``input_ids`` at two or more positions) are refused: read as unshifted they would score each
+  position against the token after the next one;
 * a **one-element** ``(tokens,)`` / ``[tokens]`` (what a ``DataLoader`` over ``TensorDataset(tokens)`` yields):
   the token tensor it holds;
 * a **pair** ``(x, y)`` / ``[x, y]``: ``model(x)`` scored against ``y``; cross-entropy for integer ``y`` (class
@@ -550,6 +552,9 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
             if why is not None:
                 raise ValueError(f"{argument}: {why}")
     if pb.is_lm:
+        why = _preshifted_labels(pb, off_cpu=True)
+        if why is not None:
+            raise ValueError(f"{argument}: {why}")
         counted = _counted(pb)
         if not bool(counted.any()):
             raise ValueError(
@@ -993,6 +998,42 @@ def _misread_pair(x: torch.Tensor, y: torch.Tensor, classes: int | None) -> str 
     return None
 
 
+def _preshifted_labels(pb: ParsedBatch, off_cpu: bool = False) -> str | None:
+    """Why a mapping's ``labels`` must not be read as Hugging Face's unshifted labels, or None: they equal the
+    ``input_ids`` shifted left by one (``labels[:, t] == input_ids[:, t + 1]``) at every position ``t < pos - 1``
+    where they are not -100, and differ from the ``input_ids`` themselves at two or more of those positions. Such
+    labels were shifted by the user (each position's label is the next token), and scoring the logits at ``t``
+    against ``labels[t + 1]`` would score the token after the next one. Reads values: not for tensors under vmap,
+    nor off the CPU unless ``off_cpu`` (a read would wait for the device: the losses, called at every step, leave
+    it to :func:`check_batch`, which the estimators call on every batch before they run it)."""
+    if pb.kind != "hf" or pb.target is None or pb.inputs.shape[1] < 3:
+        return None
+    lab, ids = pb.target, pb.inputs
+    if functorch_wrapped(lab, ids) or (
+        not off_cpu and (lab.device.type != "cpu" or ids.device.type != "cpu")
+    ):
+        return None
+    head = lab[:, :-1]
+    given = head != IGNORE_INDEX
+    if int((given & (head != ids[:, :-1])).sum()) < 2:
+        return None  # unshifted labels (the ids themselves where given), or too few differences to tell
+    if not torch.equal(head[given], ids[:, 1:][given].to(head.dtype)):
+        return None
+    return (
+        "batch['labels'] equals input_ids shifted left by one (labels[:, t] == input_ids[:, t + 1] wherever a "
+        "label is given): labels shifted by you. As in Hugging Face, labels are unshifted (the loss shifts them: "
+        "the logits at t are scored against labels[t + 1]), so these would score each position against the token "
+        f"after the next one. Give labels = input_ids ({IGNORE_INDEX} where a token does not count), or the pair "
+        "(input_ids[:, :-1], your_labels[:, :-1]), which is read as it is"
+    )
+
+
+def _refuse_preshifted(pb: ParsedBatch) -> None:
+    why = _preshifted_labels(pb)
+    if why is not None:
+        raise ValueError(why)
+
+
 def _check_classes(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
     """Integer targets ``y`` of class scores ``out``: one per sample (``out (batch, classes)``, ``y (batch,)``) or
     per position (``(batch, pos, classes)`` and ``(batch, pos)``), each a class index or -100. With the inputs
@@ -1088,6 +1129,7 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     if own is not None:
         return own
     if pb.is_lm:
+        _refuse_preshifted(pb)
         terms, mask = _lm_token_terms(logits, pb)
         _refuse_nothing_counted(mask, batch)
         return terms.sum() / mask.sum()
@@ -1116,6 +1158,8 @@ def token_losses(
     """
     pb = _on_model(model, parse_batch(batch))
     logits = read_logits(_output(model, pb))
+    if pb.is_lm:
+        _refuse_preshifted(pb)
     terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target, pb.inputs)
     if fill != 0.0:
         terms = torch.where(mask, terms, torch.full_like(terms, fill))
