@@ -1349,7 +1349,8 @@ def resample_implementations(
     own = counterfactual is None and m > 1  # from the inputs themselves: input i draws one of the others
 
     def sample(seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
+        # a NumPy integer as its int; None, a bool, a float or an int a generator cannot take refused naming seed
+        gen = torch.Generator().manual_seed(_generator_seed(seed, "seed"))
         if own:
             idx = torch.randint(0, m - 1, (n,), generator=gen, device="cpu")  # a CPU index serves any device
             idx = idx + (idx >= torch.arange(n, device="cpu")).long()  # skip i itself

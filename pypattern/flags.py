@@ -625,7 +625,11 @@ def generate(
     try:
         with ctx:
             for _ in range(steps):
-                logits = read_logits(model(tokens))[:, -1].float()  # a Hugging Face output's .logits too
+                logits = read_logits(model(tokens))[:, -1]  # a Hugging Face output's .logits too
+                # 16-bit logits widened to float32; a float64 model's kept in float64, whose argmax and softmax a
+                # cast to float32 would round (two logits within float32's spacing would tie)
+                if logits.dtype != torch.float64:
+                    logits = logits.float()
                 if greedy:
                     nxt = logits.argmax(-1)
                 else:

@@ -320,6 +320,17 @@ def _similarity(measure, x, ys, *, seed, train_fraction, alphas) -> list[float]:
     return [1.0 - procrustes(xs, y[tr], angular=True) / (math.pi / 2) for y in ys]
 
 
+def _draw_seed(seed) -> int:
+    """``seed`` of the protocol's draws (a NumPy generator's), checked: an int >= 0 (a NumPy integer too); None (an
+    unkeyed, irreproducible run), a bool, a float or a negative int is refused naming ``seed``."""
+    give = "give an int >= 0 (it keys every draw of the test, so that a run can be repeated)"
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed={seed!r} is not valid; {give}")
+    if seed < 0:
+        raise ValueError(f"seed={seed!r} is not valid; {give}")
+    return int(seed)
+
+
 def _distinct(rng: np.random.Generator, n: int, k: int, name: str) -> list[int]:
     if n < k:
         raise ValueError(f"{name} has {n} implementations; this test draws {k} distinct ones")
@@ -376,7 +387,7 @@ def win_test(
         raise ValueError(f"z={z!r} is not valid; give a finite number >= 0 (1.96: a one-sided 97.5% bound)")
     if impl_b is not None and len(impl_b) == 0:
         raise ValueError("impl_b holds no implementation; give at least one")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_draw_seed(seed))
     own = np.empty((num_repeats, num_trials))
     other = np.empty((num_repeats, num_trials))
     for r in range(num_repeats):
@@ -433,6 +444,7 @@ def distinguishability_grid(
         )
     if not impls:
         raise ValueError("impls is empty: give at least one {algorithm name: implementation set} entry")
+    seed = _draw_seed(seed)
     names = list(impls)
     k = len(names)
     frac = np.zeros((k, k))
@@ -542,6 +554,7 @@ def selectivity_curves(
         raise ValueError(f"budgets={budgets!r} is not valid; give ints >= 0 (0: the unpatched control)")
     if isinstance(num_trials, bool) or not isinstance(num_trials, int | np.integer) or num_trials < 1:
         raise ValueError(f"num_trials={num_trials!r} is not valid; give an int >= 1")
+    seed = _draw_seed(seed)
     others = list(others)
     if not others:
         raise ValueError(

@@ -381,7 +381,10 @@ def train_test_split(n: int, train_fraction: float | None, seed: int) -> tuple[t
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed={seed!r} is not valid; give an int (it draws the train/test split)")
     k = _fit_size(n, train_fraction)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")  # the generator's
+    # a NumPy integer as the int it holds (torch's manual_seed takes Python ints only)
+    perm = torch.randperm(
+        n, generator=torch.Generator().manual_seed(int(seed)), device="cpu"
+    )  # the generator's
     return perm[:k], perm[k:]
 
 
