@@ -426,7 +426,10 @@ def prepare_runs(
         """The metric as the exact engine computes it for its cells (from the rows where it can)."""
         return metric(logits) if rows is None else metric_of_rows(model, rows, metric)
 
-    names = (lambda n: True) if full_cache else sorted(set(site_hooks))  # TransformerLens takes a list
+    # the exact engine's cache: every hook but the norms' scales, which it does not read (a hook there takes a
+    # LayerNorm off its fused kernel, whose rounding differs: in a 16-bit model the cached run would not be the
+    # model's forward); else the sites' hooks, as a list (TransformerLens takes a list)
+    names = (lambda n: not n.endswith("hook_scale")) if full_cache else sorted(set(site_hooks))
     clean_logits, clean_rows, clean_cache = run_at(clean, None, names)
     bind_metric(metric, clean_logits.detach())
     on_logits = metric_on(metric, clean_logits, B).detach()  # the metric's contract, on full logits

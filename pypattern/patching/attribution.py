@@ -70,6 +70,13 @@ from .sites import HEAD_SITES, Cell, check_site, hook_name, make_cells, site_hea
 __all__ = ["attribution_patching", "shortlist_and_confirm"]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """A float16 or bfloat16 tensor in float32 (any other as it is): the estimates' products and sums are taken in
+    it, so that a 16-bit model's estimates are those of its activations and gradients, not rounded to 16 bits at
+    every step (a product rounded to 8 bits, and sums of such products that cancel, lose the estimate)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _reduce(site: str, x: torch.Tensor, per_position: bool) -> torch.Tensor:
     """Per-element contributions -> per-cell ``(batch, [head,] [pos])``."""
     if site == "pattern":  # (B, H, Tq, Tk): sum over keys, cells are (head, query pos)
@@ -101,13 +108,15 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache:
     does not depend on ``g_pat`` is kept in ``cache`` (one dict per layer and site: GradDrop's passes reuse it)."""
     G = attn.cfg.n_groups
     cache = {} if cache is None else cache
+    g_pat = _wide(g_pat)  # a 16-bit model's estimate taken in float32 from its patterns and gradient
     if site == "q" or not per_position:
         if "moved" not in cache:
             T = pat_t.shape[-1]
             pos = torch.arange(T, device=pat_t.device)  # the mask and an ALiBi bias meet the scores there
             q = q_s if site == "q" else q_t
             k = k_s if site == "k" else k_t
-            cache["moved"] = attn.softmax(attn.scores(q, k, pos, pos)) - pat_t
+            # the new pattern as the model computes it (in its dtype), its change in float32
+            cache["moved"] = _wide(attn.softmax(attn.scores(q, k, pos, pos))) - _wide(pat_t)
         est = (cache["moved"] * g_pat).sum(-1)  # (B, H, Tq)
         if site == "k":  # one cell per key/value head: the sum over the query heads that read it
             est = _group_sum(est, G)
@@ -141,15 +150,31 @@ def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
     T = pat_t.shape[-1]
     pos = torch.arange(T, device=pat_t.device)  # the mask fills the scores on their device
     mask = attn.attn_mask(pos, pos)
-    qc, kc = attn.qk_cast(q_t, attn.expand_kv(k_s - k_t))
-    delta = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qc, kc)).to(pat_t.dtype)
-    qt, kt = attn.qk_cast(q_t, attn.expand_kv(k_t))
-    raw = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qt, kt)).to(pat_t.dtype)
+    half = pat_t.dtype in (torch.float16, torch.bfloat16)
+
+    def scored(k: torch.Tensor) -> torch.Tensor:
+        """The scores of the target queries with keys ``k`` as the model computes them, before the mask; a 16-bit
+        model's in the dtype the model takes them in (its own, or ``attn_scores_dtype``), others' in the pattern's."""
+        qc, kc = attn.qk_cast(q_t, attn.expand_kv(k))
+        raw = attn.scale_scores(torch.einsum("bthe,bshe->bhts", qc, kc))
+        return raw if half else raw.to(pat_t.dtype)
+
+    raw = scored(k_t)
     bias = attn.position_bias(T, raw.dtype, raw.device)
     raw = raw if bias is None else raw + bias[:, None, :]
     capped = attn.cap(raw)
-    if attn.cfg.attn_scores_soft_cap is not None:  # capped scores: the change of the capped score
-        delta = attn.cap(raw + delta) - capped
+    if half:
+        # a 16-bit model: the new scores as the model computes (and rounds) them, and every step from the scores
+        # on in float32 (a normaliser rounded to 8 bits moves each weight by up to e^(|score| / 256))
+        new = scored(k_s)
+        new = attn.cap(new if bias is None else new + bias[:, None, :])
+        wide = torch.promote_types(capped.dtype, torch.float32)
+        capped = capped.to(wide)
+        delta = new.to(wide) - capped
+    else:
+        delta = scored(k_s - k_t)
+        if attn.cfg.attn_scores_soft_cap is not None:  # capped scores: the change of the capped score
+            delta = attn.cap(raw + delta) - capped
     z = capped.masked_fill(mask, float("-inf"))
     m1, arg = z.max(-1, keepdim=True)  # every query row reads at least one key
     is_max = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, arg, True)
@@ -756,9 +781,9 @@ def _atp(
                         cache=fixed,
                     )
                 else:
-                    if diff is None:  # the activation's change, once per layer
-                        diff = src_cache[n] - tgt_cache[n]
-                    est = _reduce(site, diff * g, per_position)
+                    if diff is None:  # the activation's change, once per layer (a 16-bit one in float32)
+                        diff = _wide(src_cache[n]) - _wide(tgt_cache[n])
+                    est = _reduce(site, diff * _wide(g), per_position)
                 done[id(g)] = est
                 by_pass[k].append(est)
         per_pass = [torch.stack(layers_est, 1) for layers_est in by_pass]  # each (B, L, ...)
