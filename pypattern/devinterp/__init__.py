@@ -14,6 +14,7 @@ devinterp                                            pypattern
 ``from devinterp.slt.callback import ...``           ``from pypattern.devinterp.slt.callback import ...``
 ``from devinterp.optim.sgld import SGLD``            ``from pypattern.devinterp.optim.sgld import SGLD``
 ``from devinterp.optim.sgnht import SGNHT``          ``from pypattern.devinterp.optim.sgnht import SGNHT``
+``from devinterp.optim import SGMCMC``               ``from pypattern.devinterp.optim import SGMCMC``
 ``from devinterp.utils import default_nbeta``        ``from pypattern.devinterp.utils import default_nbeta``
 ==================================================== =========================================================
 
@@ -70,7 +71,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import is_count, is_real
+from .._checks import device_arg, is_count, is_real
 from ..losses import check_vocab_ids
 from ..sampling.llc import (
     default_nbeta,
@@ -90,9 +91,11 @@ from ..sampling.samplers import (
     sampler_name,
 )
 from ..sampling.vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS
+from .optim.sgmcmc import SGMCMC
 
 __all__ = [
     "SGLD",
+    "SGMCMC",
     "SGNHT",
     "RMSpropSGLD",
     "DevinterpResult",
@@ -1821,6 +1824,23 @@ def compute_susceptibilities(
 # ------------------------------------------------------------------------------------------------ bif
 
 
+def _check_block_options(batch_name: str, batch_size, device_name: str, device) -> None:
+    """devinterp's block size and device of the BIF computation: pypattern computes the matrix in one block on the
+    CPU, so neither changes the result, but values devinterp could not run with are refused by name."""
+    if not is_count(batch_size) or batch_size < 1:
+        raise ValueError(f"{batch_name} must be an int >= 1, got {batch_size!r}")
+    if device is None:
+        return
+    dev = device_arg(device, device_name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{device_name}={device!r}: torch reports no usable CUDA device (torch.cuda.is_available() is False); "
+            "pass 'cpu' or None"
+        )
+    if dev.type == "meta":
+        raise ValueError(f"{device_name}={device!r}: the meta device holds no values; pass 'cpu' or None")
+
+
 def compute_bif(
     samples: Mapping[str, Any],
     *,
@@ -1842,7 +1862,8 @@ def compute_bif(
     ``loss_keys``: ``"all"`` (every observable), one observable's id, or a list of ids.
     ``batch_index_range_1`` / ``batch_index_range_2`` (``"all"`` or indices ``0 .. batch - 1`` into the
     concatenated sequences, as devinterp's labels: no negative ones) keep those rows / columns of the influence
-    matrix. ``batch_size`` and ``device`` only block devinterp's computation and do not change the result.
+    matrix. ``batch_size`` and ``device`` only block devinterp's computation and do not change the result (the
+    matrix is computed on the CPU); a ``batch_size`` below 1 or a device torch cannot use is refused by name.
 
     Returns
     -------
@@ -1851,7 +1872,7 @@ def compute_bif(
         position), sequences of the observables concatenated in sorted order of their ids (``loss_keys="all"``)
         or in the order of ``loss_keys``.
     """
-    del batch_size, device
+    _check_block_options("batch_size", batch_size, "device", device)
     if correlation_method not in ("token", "sequence"):
         raise ValueError(f"correlation_method must be 'token' or 'sequence', got {correlation_method!r}")
     if reduce_chain_dimension_method not in ("stack", "mean"):
@@ -1941,8 +1962,9 @@ def bif(
     **kwargs,
 ) -> DevinterpResult:
     """devinterp 2.0.1's ``bif``: :func:`sample`, then :func:`compute_bif` (``bif_batch_size`` and
-    ``bif_device`` only block devinterp's computation and do not change the result)."""
-    del bif_batch_size, bif_device
+    ``bif_device`` only block devinterp's computation and do not change the result; values devinterp could not
+    run with are refused by name before sampling)."""
+    _check_block_options("bif_batch_size", bif_batch_size, "bif_device", bif_device)
     samples = sample(
         model, dataset, observables, lr=lr, n_beta=n_beta, param_masks=param_masks, loss_fn=loss_fn, **kwargs
     )

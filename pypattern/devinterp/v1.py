@@ -195,8 +195,17 @@ class OnlineLLCEstimator(LLCEstimator):
     (``init_loss`` is set before the run by :func:`sample`); :meth:`finalize` recomputes it from the losses in
     float64."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_chains: int,
+        num_draws: int,
+        init_loss,
+        device: torch.device | str = "cpu",
+        eval_field: str = "loss",
+        nbeta: float | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        super().__init__(num_chains, num_draws, init_loss, device, eval_field, nbeta, temperature)
         self.llcs = torch.zeros(self.num_chains, self.num_draws, dtype=torch.float32)
 
     def update(self, chain: int, draw: int, loss) -> None:
