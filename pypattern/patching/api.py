@@ -94,7 +94,7 @@ def _hooked_if_hf(model):
     from ..models.convert import UnsupportedModelError, from_hf
     from ..models.convert.hooked_transformer import is_hooked_transformer
     from ..models.convert.transformer_lens import is_transformer_lens
-    from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm
+    from ..models.hf import HookedHF, hooked_hf, is_hf_causal_lm, unwrap_hf
     from ..models.transformer import Transformer
 
     refuse_meta_model(model, needs="patching runs it", offloaded_ok=True)
@@ -110,16 +110,22 @@ def _hooked_if_hf(model):
             return model  # TransformerLens' own hooks, one forward per cell
     if isinstance(model, (Transformer, HookedHF)) or hasattr(model, "hook_dict"):
         return model
-    if not is_hf_causal_lm(model):
+    # a Hugging Face model inside a wrapper that holds it unchanged (nn.DataParallel, a PEFT-style .base_model)
+    inner, _ = unwrap_hf(model, check=False)
+    if isinstance(inner, HookedHF):
+        return unwrap_hf(model)[0]  # the adapter inside a wrapper (one with parameters of its own is refused)
+    if not is_hf_causal_lm(inner):
         return model
     from ..models.convert import SUPPORTED_CLASSES
     from ..models.hf import HF_ARCHS
 
     if (
-        getattr(model.config, "model_type", None) not in HF_ARCHS
-        and type(model).__name__ in SUPPORTED_CLASSES
+        getattr(inner.config, "model_type", None) not in HF_ARCHS
+        and type(inner).__name__ in SUPPORTED_CLASSES
     ):
-        return from_hf(model)  # no native adapter (OPT, Granite, BLOOM, Falcon): the same function, converted
+        # no native adapter (OPT, Granite, BLOOM, Falcon): the same function, converted (a wrapper with parameters
+        # of its own is refused by unwrap_hf)
+        return from_hf(unwrap_hf(model)[0])
     return hooked_hf(model)
 
 

@@ -387,6 +387,11 @@ def check_metric_output(values, batch: int) -> torch.Tensor:
             f"metric returned {type(values).__name__}; it must return a tensor of per-example values "
             f"of shape ({batch},) (logits (..., batch, vocab) -> (..., batch))"
         )
+    if values.is_complex():
+        raise ValueError(
+            f"metric returned complex values ({values.dtype}); it must map logits (..., batch, vocab) to real "
+            f"per-example values (..., batch)"
+        )
     if tuple(values.shape) != (batch,):
         raise ValueError(
             f"metric returned shape {tuple(values.shape)} on the clean logits ({batch}, vocab); expected "
