@@ -177,7 +177,11 @@ class RunContext:
         with self.lock:
             for g in chains:
                 st.done[g], st.next_step[g] = d + 1, t + 1
-            if self.checkpoint_now(d + 1):
+            if self.checkpoint_now(d + 1) or (self.plan.checkpoint is not None and self.plan.cores > 1):
+                # with cores > 1 every draw's weights are kept, not only those of a draw this group writes at:
+                # another group of chains writes the file at its own draws, and the file must hold each unfinished
+                # chain's weights at the draw its 'done' records (else the resume restarts from older weights, or
+                # finds none); one group's chains are all at the draw it writes at
                 for g in chains:
                     if d + 1 < self.plan.num_draws:
                         st.params[g] = params_of(g)
@@ -186,6 +190,7 @@ class RunContext:
                     else:
                         st.params.pop(g, None)
                         st.sampler_state.pop(g, None)
+            if self.checkpoint_now(d + 1):
                 st.save(self.plan.checkpoint, self.fingerprint, self.plan.checkpoint_state)
 
     def diverged(self, g: int, t: int, what: str) -> SamplingDivergedError:

@@ -123,7 +123,8 @@ def llc_of_samples(out, model: nn.Module, masks=None) -> LLCResult | list[LLCRes
 def _warn_above_half_dimension(res: LLCResult, model: nn.Module) -> None:
     """Warn when the estimate exceeds ``d / 2`` (``d`` moving parameters: no learning coefficient is larger, and
     the localized, tempered posterior of a minimum gives less) by more than three standard errors: the step is too
-    large (discretisation bias) or the chains left ``w*``'s basin."""
+    large (discretisation bias) or the chains left ``w*``'s basin; with ``weight_decay`` > 0, which centres the
+    chains' distribution away from ``w*``, the warning names it instead."""
     config = getattr(res.sample, "config", None)
     if not isinstance(config, dict) or config.get("restrict_to") is not None:
         return
@@ -131,14 +132,27 @@ def _warn_above_half_dimension(res: LLCResult, model: nn.Module) -> None:
         return
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     m, se = float(res.llc_mean), float(res.llc_se)
-    if d and math.isfinite(m) and math.isfinite(se) and m - 3 * se > d / 2:
+    if not (d and math.isfinite(m) and math.isfinite(se) and m - 3 * se > d / 2):
+        return
+    wd = float(config.get("weight_decay", 0.0) or 0.0)
+    if (
+        wd > 0
+    ):  # the chains' distribution is centred away from w*: the bound does not hold, the step is not to blame
         warnings.warn(
             f"the LLC estimate {m:.4g} (standard error {se:.3g}) exceeds d/2 = {d / 2:g}, half the number of moving "
-            "parameters, which bounds the learning coefficient (and the localized, tempered posterior at a minimum "
-            "gives less): the step size is probably too large (discretisation bias) or the chains left the basin "
-            "of w*. Give a smaller step_size (or step_size='auto') and check the loss trace",
+            f"parameters, which bounds the learning coefficient: weight_decay={wd:g} pulls the chains towards "
+            "w = 0, away from w*, so their mean loss holds the loss of that shift too (nbeta times it), which no "
+            "step size removes. Give weight_decay=0 for the LLC at w*",
             stacklevel=user_stacklevel(),
         )
+        return
+    warnings.warn(
+        f"the LLC estimate {m:.4g} (standard error {se:.3g}) exceeds d/2 = {d / 2:g}, half the number of moving "
+        "parameters, which bounds the learning coefficient (and the localized, tempered posterior at a minimum "
+        "gives less): the step size is probably too large (discretisation bias) or the chains left the basin "
+        "of w*. Give a smaller step_size (or step_size='auto') and check the loss trace",
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _warn_auto_bias(res: LLCResult) -> None:
@@ -578,9 +592,11 @@ def _is_int(v) -> bool:
 
 
 def _devinterp_seed(seed):
-    """devinterp 1.x's ``seed`` (an int, a sequence of ints, one per chain, or None: 0) with numpy integers as
-    ints; anything else (a float, a bool, a string, a list holding one) is a ``TypeError`` naming it, as devinterp
-    raises. Its range and length are checked by :func:`pypattern.sample`."""
+    """devinterp 1.x's ``seed`` (an int, a sequence of ints, one per chain, or None) with numpy integers as ints;
+    anything else (a float, a bool, a string, a list holding one) is a ``TypeError`` naming it, as devinterp
+    raises. Its range and length are checked by :func:`pypattern.sample`. None is seed 0: a run is the same run
+    from call to call (and resumes from its checkpoint), where devinterp leaves unseeded chains to torch's global
+    generator; replicates need seeds of their own."""
     if seed is None:
         return 0
     if isinstance(seed, np.ndarray) and seed.ndim <= 1 and seed.dtype.kind in "iu":
@@ -691,8 +707,10 @@ def estimate_learning_coeff_with_summary(
     cores : int
         Chains run at once (threads, see :func:`pypattern.sample`); the draws do not depend on it.
     seed : int or sequence of ``num_chains`` ints, optional
-        Keys the noise and data order (None: 0). The draws are pypattern's keyed draws, not devinterp's. Numpy
-        integers count as ints; a float, bool or string is a ``TypeError`` (not truncated).
+        Keys the noise and data order (None: 0, the same run on every call; devinterp's unseeded chains
+        follow torch's global generator, so replicates keyed by ``torch.manual_seed`` need ``seed=`` here).
+        The draws are pypattern's keyed draws, not devinterp's. Numpy integers count as ints; a float, bool or
+        string is a ``TypeError`` (not truncated).
     device : str or torch.device, optional
         Where to sample (default: where the model is). A model elsewhere is copied there (the caller's model
         is not moved) and batches follow it. A CUDA device where torch sees none is a ``RuntimeError``.

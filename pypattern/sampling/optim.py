@@ -476,6 +476,9 @@ class SGLD(torch.optim.Optimizer):
         devinterp 1.x's mask of every group that does not name one (a group's ``"mask": None`` has none).
     save_noise, save_mala_vars, noise_norm, grad_norm, weight_norm, distance, metrics
         devinterp 1.x's switches for the optimizer's own per-step metrics: accepted off; on, NotImplementedError.
+    save_metrics, sketch_dim, sketch_seed
+        devinterp 2.x's switches for the same metrics and their random sketch: accepted off (``False``,
+        ``None``; ``sketch_seed`` then has no effect); on, NotImplementedError.
     lr, step_size : float
         Step size ``eps`` > 0 (devinterp's name, pypattern's); default 0.01.
     noise_level, noise_scale : float
@@ -534,8 +537,17 @@ class SGLD(torch.optim.Optimizer):
         weight_norm: bool = False,
         distance: bool = False,
         metrics: Sequence[str] | None = None,
+        save_metrics: bool = False,
+        sketch_dim: int | None = None,
+        sketch_seed: int = 0,
     ):
         refuse_diagnostics("SGLD", locals())
+        if save_metrics or sketch_dim is not None:  # devinterp 2.x's recorded metrics and their sketch
+            raise NotImplementedError(
+                f"SGLD(save_metrics={save_metrics!r}, sketch_dim={sketch_dim!r}): devinterp's per-step optimizer "
+                "metrics are not recorded; leave save_metrics=False and sketch_dim=None (sketch_seed then has no "
+                "effect), and read losses and draws through pypattern.sample's callbacks"
+            )
         hyper = translate(
             dict(
                 step_size=step_size,

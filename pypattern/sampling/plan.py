@@ -353,6 +353,13 @@ def check_model(model) -> None:
             f"model must be a torch.nn.Module at the weights to sample around, got {type(model).__name__}"
             + (" (a function: wrap it in an nn.Module whose parameters it reads)" if callable(model) else "")
         )
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            if nn.parameter.is_lazy(t):
+                raise ValueError(
+                    f"model {kind} {n!r} is not initialized yet (a lazy module, such as nn.LazyLinear, makes its "
+                    "weights at its first forward): run the model once on a batch, then sample"
+                )
     refuse_meta_model(model, needs="the sampler reads and moves their values")
 
 
@@ -405,11 +412,14 @@ def _component_hint(model, patterns: list[str]) -> str:
     """A pointer to ``masks=`` for restrict_to patterns that are component names of ``model`` (a head, an MLP)."""
     from ..models.transformer import component_masks
 
+    params = dict(model.named_parameters())
     for pat in patterns:
         try:
-            component_masks(model, pat)
+            masks = component_masks(model, pat)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError):
             continue
+        if not any(n in params and params[n].requires_grad for n in masks):
+            continue  # a name of frozen parameters only (component_masks reads a parameter-name prefix too)
         return (
             f"; {pat!r} is a component name, not a parameter-name pattern: pass "
             f"masks=pypattern.component_masks(model, {pat!r}) to move that component"
@@ -687,7 +697,15 @@ def make_plan(
 
     named = [n for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("model has no parameter with requires_grad=True")
+        raise ValueError(
+            "model has no parameter with requires_grad=True: "
+            + (
+                f"its {sum(1 for _ in model.parameters())} parameters are all frozen; unfreeze the ones to sample "
+                "with requires_grad_(True) (the others stay at w*)"
+                if any(True for _ in model.parameters())
+                else "it has no parameters at all, and sampling moves a model's parameters"
+            )
+        )
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
 
     def frozen_note(names) -> str:

@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 import os
 import re
@@ -61,6 +62,7 @@ from .data import (
 from .diagnostics import (
     MAX_SHORTFALL,
     NonFiniteLossError,
+    NonStationaryWarning,
     SamplingDivergedError,
     check_drift,
     check_mixing,
@@ -279,7 +281,10 @@ def sample(
         Chain layout (devinterp's names and meanings). ``num_burnin_steps`` defaults (None) to as many steps as
         the draws take, ``num_draws * num_steps_bw_draws``, when the step is calibrated (``step_size="auto"``,
         the default: its trials judge a step with that share of burn-in, and chains started at ``w*`` need it to
-        reach the distribution they sample), and to 0 (devinterp's default) when a step is given.
+        reach the distribution they sample), and to 0 (devinterp's default) when a step is given. A calibrated
+        run whose burn-in is shorter than the burn-in its calibration judged the chosen step with (half its
+        shortest trial there, at most ``calibration_steps / 2``: 100 steps by default), as a run of a few draws
+        is, warns (:class:`NonStationaryWarning`): its draws may come before its chains relaxed from ``w*``.
     step_size : float or "auto", optional
         SGLD step size ``eps`` (devinterp's ``lr``). Default (None, and no ``lr``/``step_size`` in
         ``optimizer_kwargs``): ``"auto"``, chosen by a short calibration before the run
@@ -540,6 +545,8 @@ def sample(
         )
     if num_burnin_steps is None:  # as the calibration's trials: half the chain-steps burn-in; devinterp's 0
         num_burnin_steps = default_burnin(auto_step is not None, num_draws, num_steps_bw_draws)
+    if auto_step is not None and warn_nonstationary:
+        _warn_short_burnin(num_burnin_steps, auto_step)
     if sequential_for_callbacks and batched is None:
         batched = False
     plan = make_plan(
@@ -622,6 +629,43 @@ def default_burnin(calibrated: bool, num_draws, num_steps_bw_draws) -> int:
     except TypeError:
         return 0
     return draws * every if draws > 0 and every > 0 else 0
+
+
+def _trial_burnin(report) -> int:
+    """The burn-in the calibration ``report`` judged its chosen step with: half the steps of its shortest trial
+    there, and no more than half of one unit of trial (``calibration_steps``: a longer run lets the calibration
+    run longer trials, which must not ask the run for a longer burn-in in turn); 0 without a chosen step."""
+    chosen = getattr(report, "chosen", None)
+    steps = [
+        int(n)
+        for eps, n in zip(
+            getattr(report, "step_size", ()) or (), getattr(report, "num_steps", ()) or (), strict=False
+        )
+        if chosen is not None and eps == chosen and isinstance(n, numbers.Integral | float) and n > 0
+    ]
+    unit = (getattr(report, "settings", None) or {}).get("calibration_steps")
+    if isinstance(unit, numbers.Integral) and unit > 0:
+        steps.append(int(unit))
+    return min(steps) // 2 if steps and chosen is not None else 0
+
+
+def _warn_short_burnin(num_burnin_steps, report) -> None:
+    """Warn (:class:`NonStationaryWarning`) when a run at a calibrated step burns in for fewer steps than the
+    calibration's trials at that step did (:func:`_trial_burnin`): the calibration judged the step by draws taken
+    after that burn-in, and chains started at ``w*`` need about as long to relax; a run of a few draws (the default
+    burn-in is the draws' steps: one step for ``num_draws=1``) would draw before they did (an estimate of
+    0.14 +- 0.22 for a regular model of learning coefficient 1)."""
+    need = _trial_burnin(report)
+    if not is_count(num_burnin_steps) or int(num_burnin_steps) >= need:
+        return
+    warnings.warn(
+        f"num_burnin_steps={int(num_burnin_steps)} is shorter than the {need} steps of burn-in the calibration "
+        f"judged step_size={report.chosen:.3g} with: the chains, started at w*, may not have relaxed before their "
+        f"draws, and the estimate then falls short. Give num_burnin_steps={need} (or more draws: the default "
+        "burn-in is as many steps as the draws take)",
+        NonStationaryWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 #: set (:func:`step_calibrated_by_caller`) while an estimator runs :func:`sample` at a step it calibrated itself

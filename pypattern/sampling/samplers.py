@@ -77,6 +77,7 @@ SAMPLER_HYPERPARAMETERS: dict[str, dict[str, float]] = {
 _ALIASES = {
     "sgld": "sgld",
     "sgmcmcsgld": "sgld",
+    "sgmcmc": "sgld",  # devinterp's SGMCMC class itself: SGMCMC(params, ...) is SGLD
     "sgnht": "sgnht",
     "sgmcmcsgnht": "sgnht",
     "rmspropsgld": "rmsprop_sgld",
