@@ -160,7 +160,7 @@ class PackedWeights:
         #: at most this many bytes of packed copies at once (None: no bound), each charged at its padded size; a
         #: weight that would exceed it is read in place instead
         self.max_bytes = max_bytes
-        self._packs: dict[tuple, tuple[int, torch.Tensor, torch.Tensor, int]] = {}
+        self._packs: dict[tuple, tuple] = {}  # version, packed copy, weight, bytes, storage
         self._rows: dict[tuple, int] = {}
         self._bytes = 0
 
@@ -203,6 +203,11 @@ class PackedWeights:
             return None
         key = (W.data_ptr(), tuple(W.shape), tuple(W.stride()), transpose)
         hit = self._packs.get(key)
+        if hit is not None and hit[2].data_ptr() != key[0]:
+            # the weight the copy was packed from holds other data now (``.to(dtype)`` / ``.half()`` give a
+            # parameter new data and keep its version counter), and W is another tensor at the old address
+            self._bytes -= self._packs.pop(key)[3]
+            hit = None
         if hit is not None and hit[0] == W._version:
             return hit[1]
         seen = self._rows.get(key, 0) + rows
@@ -217,8 +222,9 @@ class PackedWeights:
             w = W.detach()
             # oneDNN's linear takes the weight as (out, in): W^T for x @ W, W itself for dy @ W^T
             packed = torch.ops.mkldnn._reorder_linear_weight((w if transpose else w.t()).contiguous())
-        # the entry holds W, so its storage (and data_ptr) cannot be reused by another tensor while cached
-        self._packs[key] = (W._version, packed, W, size)
+        # the entry holds W and its storage: W alone does not keep the storage (``.to(dtype)`` / ``.half()`` give a
+        # parameter new data and keep its version counter), and new data must not land at the packed address
+        self._packs[key] = (W._version, packed, W, size, W.untyped_storage())
         self._bytes = held + size
         return packed
 

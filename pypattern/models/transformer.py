@@ -1407,8 +1407,16 @@ class Attention(nn.Module):
 
     # ----- pieces -----------------------------------------------------------------------------------------
     # the (d_model, heads * d_head) layouts of W_Q / W_K / W_V while the model's weights are held fixed
-    # (Transformer.fixed_weights), each as (weight, its version when laid out, layout); None otherwise
+    # (Transformer.fixed_weights), each as (weight, its version, address and dtype when laid out, layout, the
+    # weight's storage); None otherwise
     _layouts: dict[str, tuple] | None = None
+
+    def __getstate__(self) -> dict:
+        """The module's state without the layouts of a :meth:`Transformer.fixed_weights` block: a copy (or a
+        pickle) made inside the block is a model outside any block."""
+        state = dict(self.__dict__)
+        state.pop("_layouts", None)
+        return state
 
     def proj(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """``x (..., d_model)``, ``W (heads, d_model, d_head)``, ``b (heads, d_head)`` or None ->
@@ -1417,18 +1425,24 @@ class Attention(nn.Module):
         module's own ``W_Q``/``W_K``/``W_V`` when no gradient flows into them)."""
         H, d, dh = W.shape
         flat = None
-        if self._layouts is not None and not (W.requires_grad and torch.is_grad_enabled()):
+        if (
+            self._layouts is not None
+            and not (W.requires_grad and torch.is_grad_enabled())
+            and not functorch_wrapped(W)  # a transform's weight (vmapped): no storage, laid out per call
+        ):
             name = "Q" if W is self.W_Q else "K" if W is self.W_K else "V" if W is self.W_V else None
             if name is not None:
-                # a layout serves the weight it was made from, at the version it was made at: a weight
-                # replaced or changed in place inside the block (an optimiser's step) is laid out anew
-                version = None if W.is_inference() else W._version
+                # a layout serves the weight it was made from, at the version, storage and dtype it was made
+                # at: a weight replaced, changed in place inside the block (an optimiser's step) or given new
+                # data by ``.to(dtype)`` / ``.half()`` (which keep the parameter and its version) is laid out anew
+                # (the entry holds the weight's storage, so that no other storage takes its address meanwhile)
+                version = (None if W.is_inference() else W._version, W.data_ptr(), W.dtype, W.device)
                 made = self._layouts.get(name)
                 if made is not None and made[0] is W and made[1] == version:
                     flat = made[2]
                 else:
                     flat = W.detach().permute(1, 0, 2).reshape(d, H * dh)
-                    self._layouts[name] = (W, version, flat)
+                    self._layouts[name] = (W, version, flat, W.untyped_storage())
                     packs = _active_packs()
                     if made is not None and packs is not None:  # the stale layout's packed copy goes with it
                         packs.forget([made[2]])
@@ -1919,8 +1933,9 @@ class Transformer(HookedRootModule):
         """A block in which the model's weights are meant to stay fixed: each attention lays out its query, key
         and value weights for the projection's matmul once (a copy of the weight per call otherwise) and reuses
         them while no gradient flows into the weights. The layouts are dropped when the block ends. A weight
-        replaced, or changed in place by torch operations (an optimiser's step), inside the block is laid out and
-        packed anew; changes written through ``.data`` are not seen.
+        replaced, changed in place by torch operations (an optimiser's step) or given new data (``p.data = t``, and
+        the casts ``.to(dtype)``, ``.half()``, ``.double()``) inside the block is laid out and packed anew; values
+        changed in place through ``.data`` (``p.data.mul_(2)``) are not seen.
 
         On a CPU, float32 products go through oneDNN's matmul where that was timed faster than ``mm``
         (:mod:`pypattern.models.packed`), and weights used for many rows are packed for it, holding at most
@@ -1959,7 +1974,12 @@ class Transformer(HookedRootModule):
             )
         x = self.hook_embed(self.embed(tokens))
         if self.cfg.positional_embedding:
-            x = x + self.hook_pos_embed(self.pos_embed(tokens))
+            pos = self.pos_embed(tokens)  # a view of W_pos, expanded over the batch
+            if self.hook_pos_embed._fns:
+                # hooks see a tensor of its own: an in-place edit must not write into W_pos (nor fail on the
+                # batch axis, whose rows share memory), and a cached copy must not change with W_pos
+                pos = pos.clone(memory_format=torch.contiguous_format)
+            x = x + self.hook_pos_embed(pos)
         return x
 
     def forward(
