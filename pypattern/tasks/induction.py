@@ -99,9 +99,32 @@ class InductionTask(Task):
 
 
 def repeated_tokens(d_vocab: int, half_len: int, num_samples: int, seed: int = 0, bos: int | None = None):
-    """``[BOS, x_1..x_n, x_1..x_n]`` with distinct random ``x`` from ``0 .. d_vocab - 2`` (no accidental repeats):
-    ``(num_samples, 2n+1)``. ``bos``: the first token, ``d_vocab - 1`` by default; another must lie outside the
-    tokens drawn (at least ``d_vocab - 1``, e.g. a larger model's BOS id)."""
+    """``[BOS, x_1..x_n, x_1..x_n]`` with distinct random ``x`` from ``0 .. d_vocab - 2`` (no accidental repeats).
+
+    Parameters
+    ----------
+    d_vocab : int
+        Vocabulary size (at least 2); the segment's tokens are drawn from ``0 .. d_vocab - 2``.
+    half_len : int
+        ``n``, the length of the repeated segment: 1 .. ``d_vocab - 1``.
+    num_samples : int
+        Number of sequences (at least 1).
+    seed : int
+        Seed of the draw.
+    bos : int, optional
+        The first token, ``d_vocab - 1`` by default; another must lie outside the tokens drawn (at least
+        ``d_vocab - 1``, e.g. a larger model's BOS id).
+
+    Returns
+    -------
+    LongTensor ``(num_samples, 2n+1)``
+
+    Raises
+    ------
+    ValueError
+        A count that is not an int in range (naming it), ``half_len > d_vocab - 1`` or ``bos`` below
+        ``d_vocab - 1``.
+    """
     d_vocab, half_len = count_arg(d_vocab, "d_vocab", 2), count_arg(half_len, "half_len", 1)
     num_samples = count_arg(num_samples, "num_samples", 1)
     if half_len > d_vocab - 1:
@@ -129,12 +152,30 @@ def induction_probe(d_vocab: int, n_ctx: int, half_len: int = 8, num_samples: in
     itself). ``n_ctx`` is at least 5 and ``d_vocab`` at least 4. Prompts are padded at the end with unused distinct
     tokens to one length.
 
+    Parameters
+    ----------
+    d_vocab : int
+        Vocabulary size (at least 4); ``d_vocab - 1`` is the BOS token.
+    n_ctx : int
+        Longest prompt (at least 5).
+    half_len : int
+        Requested segment length ``n`` (at least 1), capped as above.
+    num_samples : int
+        Number of prompts (at least 1).
+    seed : int
+        Seed of the draw.
+
     Returns
     -------
     tokens : LongTensor ``(num_samples, n_ctx')``
     dest, src, prev : LongTensor ``(num_samples, n)``
         Positions of the second copy, of the token after each one's earlier occurrence, and of the position
         before each destination.
+
+    Raises
+    ------
+    ValueError
+        A count that is not an int of at least the least value above, naming it.
     """
     d_vocab, n_ctx = count_arg(d_vocab, "d_vocab", 4), count_arg(n_ctx, "n_ctx", 5)
     half_len, num_samples = count_arg(half_len, "half_len", 1), count_arg(num_samples, "num_samples", 1)
@@ -184,7 +225,26 @@ def prefix_matching_score(model, half_len: int = 8, num_samples: int = 32, seed:
     """Mean attention from each token of a repeated segment to the token *after* its earlier occurrence.
 
     Measured on :func:`induction_probe` prompts (random gaps, so fixed-distance heads do not score); near 1
-    for an induction head. Returns ``(n_layers, n_heads)``.
+    for an induction head.
+
+    Parameters
+    ----------
+    model : Transformer
+        A hooked model with ``cfg.d_vocab``, ``cfg.n_ctx`` and ``blocks.{l}.attn.hook_pattern``.
+    half_len, num_samples, seed
+        The probe prompts' settings (:func:`induction_probe`).
+
+    Returns
+    -------
+    Tensor ``(n_layers, n_heads)``
+        Float32 scores in ``[0, 1]``.
+
+    Raises
+    ------
+    TypeError
+        ``model`` has no ``cfg.d_vocab`` / ``cfg.n_ctx``.
+    ValueError
+        A probe setting out of range (:func:`induction_probe`).
     """
     _check_model(model, "prefix_matching_score")
     tokens, dest, src, _ = induction_probe(model.cfg.d_vocab, model.cfg.n_ctx, half_len, num_samples, seed)
@@ -193,8 +253,27 @@ def prefix_matching_score(model, half_len: int = 8, num_samples: int = 32, seed:
 
 @torch.no_grad()
 def previous_token_score(model, half_len: int = 8, num_samples: int = 32, seed: int = 0) -> torch.Tensor:
-    """Mean attention from each position of the repeated segment to the position before it:
-    ``(n_layers, n_heads)``."""
+    """Mean attention from each position of the repeated segment to the position before it.
+
+    Parameters
+    ----------
+    model : Transformer
+        A hooked model with ``cfg.d_vocab``, ``cfg.n_ctx`` and ``blocks.{l}.attn.hook_pattern``.
+    half_len, num_samples, seed
+        The probe prompts' settings (:func:`induction_probe`).
+
+    Returns
+    -------
+    Tensor ``(n_layers, n_heads)``
+        Float32 scores in ``[0, 1]``.
+
+    Raises
+    ------
+    TypeError
+        ``model`` has no ``cfg.d_vocab`` / ``cfg.n_ctx``.
+    ValueError
+        A probe setting out of range (:func:`induction_probe`).
+    """
     _check_model(model, "previous_token_score")
     tokens, dest, _, prev = induction_probe(model.cfg.d_vocab, model.cfg.n_ctx, half_len, num_samples, seed)
     return _head_scores(model, tokens, dest, prev)

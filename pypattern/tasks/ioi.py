@@ -24,6 +24,18 @@ class IOITask(Task):
     ``extra``: ``answer``, ``wrong`` (the clean answer and the name that would be the answer after the
     corruption), ``subject_pos`` (the earlier mention of the subject: 1 when it is ``A``, else 3) and ``name_pos``
     (the mention of the indirect object, the answer: the other of 1 and 3), each ``(num_samples,)``.
+
+    Parameters
+    ----------
+    n_names : int
+        Number of name tokens (at least 2).
+    n_fillers : int
+        Number of filler tokens (at least 1).
+
+    Raises
+    ------
+    ValueError
+        A count that is not an int of at least that value, naming it.
     """
 
     name = "ioi"
@@ -117,8 +129,12 @@ def symmetric_pairs(tokens: torch.Tensor, pairs, positions=None) -> torch.Tensor
     -------
     LongTensor ``(batch, pos)``: the corrupted prompts (same length, same template).
 
-    A token in two pairs (``(a, b), (b, c)``: the swap would not be symmetric), a pair of one token twice and a
-    position outside ``-pos .. pos - 1`` are refused naming the argument.
+    Raises
+    ------
+    ValueError
+        ``tokens`` not an integer ``(batch, pos)`` tensor, a token in two pairs (``(a, b), (b, c)``: the swap
+        would not be symmetric), a pair of one token twice, or a position outside ``-pos .. pos - 1``; each
+        naming the argument.
     """
     if (
         not isinstance(tokens, torch.Tensor)

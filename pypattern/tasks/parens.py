@@ -166,17 +166,37 @@ def algorithm_scores(
 ) -> dict:
     """Agreement of the model with each algorithm in :data:`ALGORITHMS`, and which one it implements.
 
-    ``num_train`` fresh training samples are drawn with ``seed``; ``threshold`` and ``fit_threshold`` (in
-    ``[0, 1]``) are the agreement and training accuracy that name an algorithm (:data:`IDENTIFY_THRESHOLD`,
-    :data:`FIT_THRESHOLD`).
+    Parameters
+    ----------
+    model : callable
+        A model trained on ``task`` (tokens -> logits).
+    task : ParenthesesTask
+        The task whose probes and training distribution are scored.
+    num_train : int
+        Fresh training samples, drawn with ``seed`` (at least 1).
+    seed : int
+        Seed of those samples.
+    threshold, fit_threshold : float
+        In ``[0, 1]``: the agreement and training accuracy that name an algorithm (:data:`IDENTIFY_THRESHOLD`,
+        :data:`FIT_THRESHOLD`).
 
-    Returns a dict with ``"train/<alg>"`` (agreement on fresh training-distribution samples, where every
-    algorithm is correct), ``"probe/<alg>"`` (agreement on all held-out probes), ``"probe_<kind>/<alg>"`` for
-    ``"open_first_negative"``, ``"close_first"`` and each of :data:`PROBE_CELLS`, ``"cells/<alg>"`` (the mean
-    of the four cells' agreements: every cell counts equally, however many strings it holds), ``"best"`` (the
-    algorithm with the highest ``cells/`` agreement) and ``"learned"``: ``"best"`` if the model's training
-    accuracy is at least ``fit_threshold`` and its ``cells/`` agreement with ``"best"`` at least ``threshold``,
-    else ``"other"`` (it does not fit the training data, or fits it with none of the listed algorithms).
+    Returns
+    -------
+    dict
+        ``"train/<alg>"`` (agreement on fresh training-distribution samples, where every algorithm is correct),
+        ``"probe/<alg>"`` (agreement on all held-out probes), ``"probe_<kind>/<alg>"`` for
+        ``"open_first_negative"``, ``"close_first"`` and each of :data:`PROBE_CELLS`, ``"cells/<alg>"`` (the mean of
+        the four cells' agreements: every cell counts equally, however many strings it holds), ``"best"`` (the
+        algorithm with the highest ``cells/`` agreement) and ``"learned"``: ``"best"`` if the model's training
+        accuracy is at least ``fit_threshold`` and its ``cells/`` agreement with ``"best"`` at least ``threshold``,
+        else ``"other"`` (it does not fit the training data, or fits it with none of the listed algorithms).
+
+    Raises
+    ------
+    TypeError
+        ``task`` is not a :class:`ParenthesesTask` or ``model`` is not callable.
+    ValueError
+        ``num_train``, ``threshold`` or ``fit_threshold`` out of range, naming it.
     """
     if not isinstance(task, ParenthesesTask):
         raise TypeError(f"task is a {type(task).__name__}; give a ParenthesesTask")

@@ -20,7 +20,15 @@ __all__ = ["train", "TrainResult"]
 
 @dataclass
 class TrainResult:
-    """Losses logged during :func:`train` (``steps`` and the weighted training ``losses``)."""
+    """Losses logged during :func:`train`.
+
+    Attributes
+    ----------
+    steps : list of int
+        The steps at which a loss was logged.
+    losses : list of float
+        The weighted training loss at those steps.
+    """
 
     steps: list = field(default_factory=list)
     losses: list = field(default_factory=list)
@@ -100,6 +108,16 @@ def train(
     Returns
     -------
     TrainResult
+
+    Raises
+    ------
+    ValueError
+        A count, seed, ``lr`` or ``weight_decay`` out of range (naming it), empty ``data``, or ``sample_weights``
+        without a fixed training set.
+    TypeError
+        ``task``, ``data`` or ``callback`` of the wrong kind.
+    pypattern.io.FingerprintMismatch, pypattern.io.FormatError
+        ``checkpoint`` holds another run, or is damaged.
     """
     steps, log_every = count_arg(steps, "steps"), count_arg(log_every, "log_every")
     if num_samples is not None:
