@@ -73,3 +73,33 @@ def test_a_metric_of_complex_values_is_refused_by_name():
     ):
         with pytest.raises(ValueError, match="complex"):
             call()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=23, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+@pytest.mark.parametrize("wrap", ["dataparallel", "peft", "adapter"])
+def test_wrapped_models_convert_as_the_model_inside_for_head_sites_atp_and_circuits(wrap):
+    from pypattern import circuits
+
+    m = _llama()
+    w = {"dataparallel": nn.DataParallel, "peft": _Peft, "adapter": hooked_hf}[wrap](m)
+    clean, corr, metric = _runs()
+    ref = from_hf(m)
+    for p1, p2 in zip(from_hf(w).parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p1, p2)
+    got = activation_patching(w, "z", clean, corr, metric=metric)
+    want = activation_patching(m, "z", clean, corr, metric=metric)
+    torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-12)
+    got = attribution_patching(w, clean, corr, metric=metric, sites=["z"])
+    want = attribution_patching(ref, clean, corr, metric=metric, sites=["z"])
+    torch.testing.assert_close(got["z"].values, want["z"].values, rtol=0, atol=1e-12)
+    got = circuits.edge_attribution(w, clean, corr, metric=metric, method="eap")
+    want = circuits.edge_attribution(ref, clean, corr, metric=metric, method="eap")
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-12)

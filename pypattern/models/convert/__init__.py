@@ -144,6 +144,14 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         raise TypeError(f"verify={verify!r} is not valid; give True or False")
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod  # torch.compile's wrapper: convert the model it compiles
+    if isinstance(model, nn.Module):
+        # a Hugging Face model inside a wrapper that holds it unchanged (nn.DataParallel, a PEFT-style
+        # .base_model; one with parameters of its own is refused), or pypattern's adapter of one: the model inside
+        from ..hf import HookedHF, unwrap_hf
+
+        inner, prefix = unwrap_hf(model)
+        if prefix or isinstance(inner, HookedHF):
+            model = inner.hf_model if isinstance(inner, HookedHF) else inner
     if is_hooked_transformer(model):
         return _from_hooked_transformer(model, dtype, verify)
     if is_transformer_lens(model) and is_native_bridge(model):
@@ -478,6 +486,13 @@ def converted_if_convertible(model: Any) -> Any:
     if is_hooked_transformer(model) or is_transformer_lens(model):
         return from_hf(model)  # (which refuses weights on the meta device)
     inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(inner, nn.Module) and not isinstance(compiled_inner(model), Transformer):
+        from ..hf import HookedHF, unwrap_hf
+
+        # nn.DataParallel, a PEFT-style .base_model (one with parameters of its own is refused), the adapter
+        unwrapped, prefix = unwrap_hf(inner)
+        if prefix or isinstance(unwrapped, HookedHF):
+            inner = unwrapped.hf_model if isinstance(unwrapped, HookedHF) else unwrapped
     if isinstance(compiled_inner(model), Transformer):  # pypattern's own model, compiled: the model it wraps
         model = compiled_inner(model)
     if (
