@@ -444,8 +444,10 @@ def run_circuit_demo(
             scores, curve = res["scores"], res["curve"]
             extra = {
                 "task": "induction (built-in)",
-                "previous_token_head": f"L0H{res['prev_head']}",
+                # None / []: no head's attention reaches the role's threshold (see run_induction_circuit)
+                "previous_token_head": None if res["prev_head"] is None else f"L0H{res['prev_head']}",
                 "induction_heads": [f"L1H{h}" for h in res["induction_heads"]],
+                "roles_found": res["roles_found"],
                 "prefix_matching_score_layer1": [round(x, 3) for x in res["prefix_matching_score"][1]],
                 "previous_token_score_layer0": [round(x, 3) for x in res["previous_token_score"][0]],
                 "key_composition_in_top_5pct": res["key_composition_in_top_5pct"],

@@ -29,6 +29,39 @@ __all__ = [
 
 METHODS = ("eap", "eap-ig", "exact")
 
+#: the least previous-token score (mean attention to the position before, over positions ``2 .. n``) of a
+#: previous-token head; attention spread evenly over the positions gives about 0.17 there
+PREVIOUS_TOKEN_THRESHOLD = 0.4
+#: the least induction score (attention from the last position to position ``k + 1``) of an induction head; even
+#: attention gives ``1 / (1 + n + k)``, 0.06 on the default prompts
+INDUCTION_THRESHOLD = 0.2
+
+
+def _check_methods(methods) -> tuple[str, ...]:
+    """``methods`` as a tuple of distinct scoring methods (``eap``, ``eap-ig``, ``exact``), else a ValueError naming
+    the argument."""
+    ms = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not ms or any(m not in METHODS for m in ms):
+        raise ValueError(f"methods={methods!r} is not valid; give one or more of {list(METHODS)}")
+    return tuple(dict.fromkeys(ms))
+
+
+def _check_fractions(fractions, allow_empty: bool) -> tuple[float, ...]:
+    """``fractions`` as a tuple of fractions of the edges (numbers in [0, 1]), else a ValueError naming the
+    argument (and the value); a repeated fraction is kept once."""
+    from .results import _check_fraction
+
+    try:
+        fs = tuple(fractions)
+    except TypeError:
+        raise ValueError(
+            f"fractions={fractions!r} is not valid; give a sequence of numbers in [0, 1]"
+        ) from None
+    if not fs and not allow_empty:
+        raise ValueError("fractions=() is empty; give one or more numbers in [0, 1] (fractions of the edges)")
+    # each fraction once (a repeated one would repeat its rows)
+    return tuple(dict.fromkeys(_check_fraction(f"fractions[{i}]", f) for i, f in enumerate(fs)))
+
 
 def induction_circuit_prompts(d_vocab: int, num_prompts: int = 64, n: int = 10, k: int = 6, seed: int = 0):
     """Clean and corrupted induction prompts (see the module docstring).
@@ -98,9 +131,13 @@ def run_induction_circuit(
     with the progress bars of exact scoring).
 
     Returns a dict with the model's head roles, the prefix-matching score of the task, the scores and the
-    :class:`PruningCurve` of each method, the previous-token head ``prev_head`` and induction heads, whether the
-    key-composition edge ``L0H{prev} -> L1H{ind}.k`` (at position ``k + 1`` on a per-position graph) is among the
-    top 5% of edges of each method, and the faithfulness at 5% of the edges.
+    :class:`PruningCurve` of each method, the previous-token head ``prev_head`` (the layer-0 head with the largest
+    previous-token score when that reaches :data:`PREVIOUS_TOKEN_THRESHOLD`, else None) and the induction heads
+    ``induction_heads`` (the layer-1 heads whose induction score reaches :data:`INDUCTION_THRESHOLD`, possibly
+    none), ``roles_found`` (both found), the key-composition edges ``L0H{prev} -> L1H{ind}.k`` (at position
+    ``k + 1`` on a per-position graph) among the top 5% of edges of each method (none without the roles), the
+    faithfulness at 5% of the edges, and ``circuit_recovered``: per method, whether both hold (a key-composition
+    edge among the top 5% and faithfulness >= 0.9 there).
 
     ``steps`` (training steps) applies to the model trained here only: with ``model=...`` a value other than the
     default is refused (ValueError). ``seed`` also keys the prompts, so it applies either way.
@@ -108,6 +145,8 @@ def run_induction_circuit(
     from ..patching import LogitDiff
     from ..tasks.induction import prefix_matching_score
 
+    methods = _check_methods(methods)
+    fractions = _check_fractions(fractions, allow_empty=True)  # the 5% point is always evaluated
     if model is not None and steps != 800:
         raise ValueError(
             f"steps={steps!r} is the training steps of the induction model trained when no model is given; with "
@@ -123,10 +162,12 @@ def run_induction_circuit(
     )
     metric = LogitDiff(ans, wrong)
     roles = head_roles(model, clean, n, k)
-    prev_head = int(roles["previous_token"][0].argmax())
-    ind_heads = (roles["induction"][1] > 0.2).nonzero().flatten().tolist() or [
-        int(roles["induction"][1].argmax())
-    ]
+    # the roles are read from the attention patterns, never assumed: a layer-0 head is the previous-token head
+    # when its score reaches PREVIOUS_TOKEN_THRESHOLD, layer-1 heads are induction heads when theirs reach
+    # INDUCTION_THRESHOLD; a model without them (the heads' attention near uniform) has none
+    best = int(roles["previous_token"][0].argmax())
+    prev_head = best if float(roles["previous_token"][0, best]) >= PREVIOUS_TOKEN_THRESHOLD else None
+    ind_heads = (roles["induction"][1] >= INDUCTION_THRESHOLD).nonzero().flatten().tolist()
     scores, times = {}, {}
     for m in methods:
         t1 = time.perf_counter()
@@ -148,7 +189,7 @@ def run_induction_circuit(
     graph = next(iter(scores.values())).graph
     # per position, the key composition is read at position k + 1 (the token after the first occurrence)
     at = f"@{k + 1}" if graph.per_position else ""
-    key_names = {f"L0H{prev_head}->L1H{h}.k{at}" for h in ind_heads}
+    key_names = set() if prev_head is None else {f"L0H{prev_head}->L1H{h}.k{at}" for h in ind_heads}
     found = {}
     for m, sc in scores.items():
         top = [graph[i] for i in sc.ranking()[:budget].tolist()]
@@ -166,8 +207,11 @@ def run_induction_circuit(
         "induction_heads": ind_heads,
         "num_edges": E,
         "edges_at_5pct": budget,
+        "roles_found": prev_head is not None and bool(ind_heads),
         "key_composition_in_top_5pct": found,
         "faithfulness_at_5pct": at5,
+        # the known circuit recovered: the key composition among the top 5% and faithfulness >= 0.9 there
+        "circuit_recovered": {m: bool(found[m]) and at5[m] >= 0.9 for m in scores},
         "m_clean": float(scores[methods[0]].m_clean.mean()),
         "m_corrupted": curve.m_empty,
         "seconds_scores": times,
@@ -208,6 +252,7 @@ def run_ioi_circuits(
     """
     from ..patching import LogitDiff
 
+    fractions = _check_fractions(fractions, allow_empty=False)
     rows, curves, tops, info = [], {}, {}, {}
     for seed in seeds:
         t0 = time.perf_counter()
@@ -258,18 +303,30 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: comma-separated non-negative ints, each kept once."""
+    import argparse
+
+    parts = [t.strip() for t in text.split(",")]
+    if not all(t.isdigit() for t in parts):
+        raise argparse.ArgumentTypeError(
+            f"give comma-separated non-negative ints such as 0,1,2; got {text!r}"
+        )
+    return tuple(dict.fromkeys(int(t) for t in parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pypattern.circuits.experiments [--seeds 0,1,2]``: the induction and IOI results as markdown."""
     import argparse
     import platform
 
     p = argparse.ArgumentParser(prog="python -m pypattern.circuits.experiments")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated ints (default: 0,1,2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ioi-per-position", action="store_true", help="only the IOI tables, per-position edges")
     p.add_argument("--induction-only", action="store_true", help="only the induction table")
     args = p.parse_args(argv)
-    seeds = tuple(int(s) for s in args.seeds.split(","))
+    seeds = args.seeds
     torch.set_num_threads(args.threads)
     print(
         f"threads: {torch.get_num_threads()}, torch {torch.__version__}, {platform.processor() or platform.machine()}"
@@ -293,13 +350,22 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seed in seeds:
         r = run_induction_circuit(seed=seed)
-        prev = r["previous_token_score"][0][r["prev_head"]]
-        ind = ", ".join(f"L1H{h} ({r['induction_score'][1][h]:.2f})" for h in r["induction_heads"])
+        best = max(range(len(r["previous_token_score"][0])), key=lambda h: r["previous_token_score"][0][h])
+        prev_score = r["previous_token_score"][0][best]
+        # a head below the threshold is shown with its score and "none": the role was not found
+        prev = (
+            f"L0H{r['prev_head']} ({prev_score:.2f})"
+            if r["prev_head"] is not None
+            else f"none (best L0H{best} {prev_score:.2f})"
+        )
+        ind = ", ".join(f"L1H{h} ({r['induction_score'][1][h]:.2f})" for h in r["induction_heads"]) or (
+            f"none (best {max(r['induction_score'][1]):.2f})"
+        )
         kc = " / ".join(",".join(r["key_composition_in_top_5pct"][m]) or "-" for m in METHODS)
         f5 = r["faithfulness_at_5pct"]
         at2 = r["curve"].at(0.02)["exact"]  # nearest point: round(0.02 * E) edges
         print(
-            f"| {seed} | L0H{r['prev_head']} ({prev:.2f}) | {ind} | {r['num_edges']} | {kc} | "
+            f"| {seed} | {prev} | {ind} | {r['num_edges']} | {kc} | "
             f"{_fmt(f5['eap'])} | {_fmt(f5['eap-ig'])} | {_fmt(f5['exact'])} | {_fmt(at2)} | "
             f"{r['seconds_scores']['exact']:.1f} |",
             flush=True,

@@ -370,7 +370,13 @@ class EdgeGraph:
                     f"a mask over edges must be boolean (or hold only 0 and 1); got {edges.dtype} {what}"
                 )
             if m.shape[-1] != len(self):
-                raise ValueError(f"a mask over edges has {len(self)} entries; got shape {tuple(m.shape)}")
+                n, E = int(m.shape[-1]), len(self)
+                hint = " (a mask over another graph: a circuit's mask goes with its own .graph"
+                if self.per_position and E % self.n_pos == 0 and n == E // self.n_pos:
+                    hint += f"; {n} is the count of this model's edges without positions"
+                elif not self.per_position and E and n % E == 0 and n > E:
+                    hint += f"; {n} is the count of this model's per-position edges over {n // E} positions"
+                raise ValueError(f"a mask over edges has {E} entries; got shape {tuple(m.shape)}{hint})")
             return m
         if isinstance(edges, (Edge, str)):
             edges = [edges]

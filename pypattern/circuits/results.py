@@ -405,11 +405,14 @@ class Circuit:
 
     def to_pandas(self):
         """One row per edge of the circuit (``src``, ``dst``, ``qkv``, ``pos``, ``name``, ``score``), by
-        descending ``|score|``."""
+        descending ``|score|``, ties in graph order as :meth:`EdgeScores.ranking` orders them (edges whose score is
+        NaN last)."""
         df = self.graph.to_pandas()
         df["score"] = self.scores.double().numpy() if self.scores is not None else np.nan
         df = df[self.mask.numpy()]
-        return df.reindex(df["score"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+        key = -df["score"].abs().to_numpy()
+        key[np.isnan(key)] = np.inf  # NaN after every number
+        return df.iloc[np.argsort(key, kind="stable")].reset_index(drop=True)
 
     def draw(self, path: str | None = None, ax=None, title: str | None = None, **kwargs):
         """Graph drawing of the circuit with its edge scores (see :func:`draw_circuit`)."""
