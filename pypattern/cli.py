@@ -455,8 +455,19 @@ def _user_run(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that reads every negative number as a value, not as an option: argparse itself (before
+    Python 3.13) takes only ``-3`` and ``-.5`` for numbers, so ``--step-size -1e-4`` or ``--nbeta -inf`` would end
+    in "expected one argument" instead of the option's own check saying what it expects. No option of the command
+    starts with a digit, ``.``, ``inf`` or ``nan``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\.?\d|inf(inity)?$|nan$)", re.IGNORECASE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pypattern", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -721,6 +732,54 @@ def _check_paths(p: argparse.ArgumentParser, args) -> None:
                 out_folder(path, flag)
             except ValueError as e:
                 p.error(str(e))
+    _refuse_inputs_among_outputs(p, args)
+
+
+#: the files each command writes: into --out, and into --checkpoint (names as regular expressions; {site}: any
+#: patching site)
+_WRITTEN = {
+    "llc": {"--out": r"llc\.npz|llc_trace\.png|llc_summary\.json", "--checkpoint": r"llc_checkpoint\.npz"},
+    "chi": {
+        "--out": r"chi\.npz|chi\.csv|chi_summary\.json",
+        "--checkpoint": r"(component\..+|sampling\..+|step_size_calibration)\.npz",
+    },
+    "patch": {
+        "--out": r"patch_{site}\.csv|patch_summary\.json",
+        "--checkpoint": r"patch_{site}\.npz",
+    },
+    "circuit": {
+        "--out": r"edge_scores\.csv|circuit\.csv|circuit\.png|pruning_curve\.(png|csv)|circuit_summary\.json",
+        "--checkpoint": r"exact_edge_scores\.npz|pruning_curve\.npz",
+    },
+}
+
+
+def _refuse_inputs_among_outputs(p: argparse.ArgumentParser, args) -> None:
+    """Refuse (through ``p.error``) a token or prompt file that the command would overwrite with one of its
+    results or checkpoints (``chi --data out/chi.csv --out out``): the run would destroy its own input."""
+    written = _WRITTEN.get(getattr(args, "cmd", None))
+    if not written:
+        return
+    from .patching import SITES
+
+    site = "(" + "|".join(map(re.escape, SITES)) + ")"
+    inputs = [("--data", getattr(args, "data", None) or getattr(args, "tokens", None))]
+    inputs.append(("--corrupted", getattr(args, "corrupted", None)))
+    for flag, path in inputs:
+        if not path or not os.path.isfile(path):
+            continue
+        folder, name = os.path.split(os.path.abspath(path))
+        for option, pattern in written.items():
+            target = getattr(args, option[2:], None)
+            if target is None or not os.path.isdir(target):
+                continue
+            if not re.fullmatch(pattern.replace("{site}", site), name):
+                continue
+            if os.path.samefile(folder, target):
+                p.error(
+                    f"{flag} {path!r} is a file that {args.cmd} writes into {option} {target!r} (as {name}): the run "
+                    f"would overwrite it; give another {option} folder, or move the file"
+                )
 
 
 #: the folder below --out that each demo writes into (the main demo: its LLC and patching parts; patterning: --out)
