@@ -31,8 +31,10 @@ def refuse_meta_model(
             if t.device.type == "meta":
                 raise ValueError(
                     f"{name} has {kind} on the meta device (shapes without values), e.g. {n!r}, and {needs}; "
-                    "load the weights first (model.to_empty(device='cpu') and load_state_dict, or "
-                    "from_pretrained without device_map='meta')"
+                    "load the weights first: from_pretrained without device_map='meta', or "
+                    "model.to_empty(device='cpu') and load_state_dict, after which the buffers a state dict does "
+                    "not hold (non-persistent ones, such as a rotary embedding's inv_freq) hold uninitialised "
+                    "memory and must be computed again (e.g. by building those modules anew)"
                 )
 
 

@@ -3,18 +3,47 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+
+#: seconds between two lines of a bar written to a log (a file or pipe, not a terminal or a notebook): tqdm's own
+#: 0.1 s would write ten lines a second, tens of thousands in a long run's log
+LOG_INTERVAL_S = 30.0
+
+
+def bar_settings(tqdm_class: type, **bar) -> dict:
+    """The settings of a tqdm bar of ``tqdm_class``: ``bar``'s over the defaults (shown after two seconds, removed
+    when closed), with ``mininterval`` (and ``maxinterval``) at least ``LOG_INTERVAL_S`` when the bar is written
+    to a log: its file (``bar["file"]``, else stderr) is not a terminal and the class is not a notebook's widget.
+    A ``TQDM_MININTERVAL`` set in the environment (tqdm's own setting) is left to tqdm."""
+    out = {"delay": 2.0, "leave": False, **bar}
+    target = out.get("file") or sys.stderr
+    try:
+        terminal = bool(target.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
+        terminal = False
+    notebook = "notebook" in getattr(tqdm_class, "__module__", "")
+    if not terminal and not notebook and "TQDM_MININTERVAL" not in os.environ:
+        out["mininterval"] = max(float(out.get("mininterval", 0.1)), LOG_INTERVAL_S)
+        out["maxinterval"] = max(float(out.get("maxinterval", 10.0)), out["mininterval"])
+    return out
 
 
 @contextlib.contextmanager
 def progress_bar(quiet: bool, **bar):
-    """A progress bar (tqdm's, with ``bar``'s settings) for the block, shown once it has run for two seconds and
-    closed however it ends; None when ``quiet``."""
+    """A progress bar (tqdm's, with ``bar``'s settings over those of :func:`bar_settings`) for the block, shown
+    once it has run for two seconds (in a log: a first line then, and one every ``LOG_INTERVAL_S`` seconds
+    after it) and closed however it ends; None when ``quiet``."""
     if quiet:
         yield None
         return
     from tqdm.auto import tqdm
 
-    pbar = tqdm(delay=2.0, leave=False, **bar)
+    settings = bar_settings(tqdm, **bar)
+    pbar = tqdm(**settings)
+    if settings.get("mininterval", 0.0) > bar.get("mininterval", 0.1):  # written to a log
+        # in a log: the first line once the bar is due (after ``delay``), not one interval after the start
+        pbar.last_print_t = pbar.start_t + settings.get("delay", 0.0) - settings["mininterval"]
     try:
         yield pbar
     finally:

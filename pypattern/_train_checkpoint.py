@@ -24,6 +24,8 @@ KIND = "TrainCheckpoint"
 VERSION = 1
 #: seconds between two timed writes of a training checkpoint (it is also written at the end and when a run stops)
 EVERY_S = 30.0
+#: torch's default dtype when none is set (a run under another records it in its fingerprint)
+_DEFAULT_DTYPE = torch.float32
 #: the optimizer state AdamW keeps per parameter
 _ADAMW_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -147,6 +149,11 @@ class TrainingSteps:
         random_forward: bool,
     ):
         self.path = None if path is None else os.fspath(path)
+        if fingerprint is not None and torch.get_default_dtype() != _DEFAULT_DTYPE:
+            # the default dtype is the dtype of what the loop makes without one (AdamW's step counts among them):
+            # a run resumed under another computes other numbers (an item only when it is not float32, so files
+            # of float32 runs match as they did)
+            fingerprint = {**fingerprint, "default_dtype": str(torch.get_default_dtype())}
         self.fp, self.model, self.opt, self.g = fingerprint, model, optimizer, generator
         self.logs, self.logged, self.total = logs, logged, total
         self.device, self.random_forward = device, random_forward
@@ -175,15 +182,19 @@ class TrainingSteps:
         return arrays
 
     def save(self, seconds: float) -> None:
+        arrays = self._arrays()
         io.save(
             self.path,
-            self._arrays(),
+            arrays,
             {
                 "checkpoint": {
                     "version": VERSION,
                     "fingerprint": dict(self.fp),
                     "next_step": self.next,
                     "seconds": seconds,
+                    # the members written: a file that lost one (a parameter's optimizer state, whose absence
+                    # would otherwise read as a parameter not yet updated) is refused, not resumed from
+                    "arrays": sorted(arrays),
                 }
             },
             kind=KIND,
@@ -212,7 +223,9 @@ class TrainingSteps:
                 "delete it to start afresh"
             )
         try:
-            io.check_fingerprint(meta.get("fingerprint"), self.fp, path)
+            io.check_fingerprint(
+                meta.get("fingerprint"), self.fp, path, defaults={"default_dtype": str(_DEFAULT_DTYPE)}
+            )
         except io.FingerprintMismatch as e:
             raise _with_weights_hint(e) from None
         nxt, seconds = meta.get("next_step"), meta.get("seconds")
@@ -264,6 +277,11 @@ class TrainingSteps:
             else:  # a moment of the parameter: its shape and dtype
                 t = tensor(get(key, p), p)
             state.setdefault(int(i), {})[k] = t
+        for i, st in state.items():  # a parameter's state is whole: AdamW reads every item of it
+            group = next(g for g in self.opt.param_groups if any(p is group_params[i] for p in g["params"]))
+            want = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+            if set(st) != want:
+                raise bad(f"the optimizer state of parameter {i} holds {sorted(st)}, expected {sorted(want)}")
         g_state = get("rng/generator", None, tuple(self.g.get_state().shape), np.uint8)
         rng = {}
         if self.random_forward:
@@ -281,6 +299,16 @@ class TrainingSteps:
         want_steps = [s for s in range(nxt) if self.logged(s)]
         if logs.get("steps") != want_steps or any(len(v) != len(want_steps) for v in logs.values()):
             raise bad(f"its logged steps are not the {len(want_steps)} steps this run logs before step {nxt}")
+        listed = meta.get("arrays")
+        if listed is not None:  # (a header without the list: the file is checked by its parts alone)
+            if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+                raise bad("its header's list of arrays is not a list of names")
+            missing = sorted(set(listed) - set(arrays))
+            if missing:
+                raise bad(f"it lacks the array {missing[0]!r} that its header lists")
+            unlisted = sorted(set(arrays) - set(listed))
+            if unlisted:
+                raise bad(f"it holds the array {unlisted[0]!r} that its header does not list")
         # the state, into the model, optimizer and generators
         with torch.no_grad():
             for t, a in (*params, *buffers):

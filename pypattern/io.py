@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import dis
+import errno
 import hashlib
 import json
 import math
@@ -184,6 +185,10 @@ def save(
     path = _path(path)
     if os.path.islink(path):  # replace the file the link points to, not the link
         path = os.path.realpath(path)
+    if os.path.isdir(path):  # (the rename would fail naming the temporary file)
+        raise IsADirectoryError(
+            errno.EISDIR, f"path={path!r} is a folder; give the path of a file in it (such as 'result.npz')"
+        )
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     payload = {}
@@ -548,7 +553,7 @@ class _Encoder:
         if isinstance(v, torch.Tensor):
             t = v.detach().cpu()
             dtype = str(t.dtype).removeprefix("torch.")
-            if t.dtype == torch.bfloat16:
+            if t.dtype in _WIDENED:
                 t = t.float()
             return {"__tensor__": self.array(key, t.numpy()), "dtype": dtype}
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
@@ -635,14 +640,28 @@ def _members(v, out: set[str]) -> set[str]:
     return out
 
 
+#: the tensor dtypes numpy lacks whose values float32 holds exactly: saved as float32, read back in their own dtype
+_WIDENED = frozenset(
+    dt
+    for dt in (
+        torch.bfloat16,
+        *(
+            getattr(torch, n, None)
+            for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+        ),
+    )
+    if isinstance(dt, torch.dtype)
+)
+
+
 def _tensor(a: np.ndarray, dtype, name: str, path: str) -> torch.Tensor:
     """Member ``a`` as the tensor of ``dtype`` (the name the header gives) it was saved from: the member must hold
-    that dtype's values (float32 for bfloat16, which is saved widened)."""
+    that dtype's values (float32 for bfloat16 and the float8 dtypes, which are saved widened)."""
     dt = getattr(torch, str(dtype), None)
     if not isinstance(dt, torch.dtype):
         raise FormatError(f"{path!r} is corrupt: a tensor's dtype {dtype!r} is not a torch dtype")
     try:
-        want = np.dtype(np.float32) if dt == torch.bfloat16 else torch.empty(0, dtype=dt).numpy().dtype
+        want = np.dtype(np.float32) if dt in _WIDENED else torch.empty(0, dtype=dt).numpy().dtype
     except (TypeError, RuntimeError):
         raise FormatError(
             f"{path!r} is corrupt: a tensor's dtype {dtype!r} is not one pypattern saves"
@@ -821,12 +840,24 @@ def _fits(value, hint) -> bool:
 
 
 def hash_tensor(t: torch.Tensor | np.ndarray) -> str:
-    """A hash of a tensor's exact values: sha256 of its dtype, shape and bytes (first 16 hex digits)."""
+    """A hash of a tensor's exact values: sha256 of its dtype, shape and bytes (first 16 hex digits). A tensor
+    with a conjugate or negative bit is hashed by its values, a sparse one by its dense values, one of a dtype
+    numpy lacks (float8, complex32) by its dtype's name and its bits."""
     if isinstance(t, torch.Tensor):
         t = t.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.resolve_conj().resolve_neg()
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
-        a = t.cpu().contiguous().numpy()
+        t = t.cpu().contiguous()
+        try:
+            a = t.numpy()
+        except TypeError:  # a dtype numpy has no counterpart of
+            bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+            h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(bits).numpy().tobytes())
+            return h.hexdigest()[:16]
     else:
         a = np.asarray(t)
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
