@@ -200,7 +200,11 @@ def _has_any_cuda() -> bool:
 
 
 def _forced(backend: str | None) -> tuple[str | None, str]:
-    """The forced backend, if any, and where it came from (the ``backend`` argument or the environment)."""
+    """The forced backend, if any, and where it came from (the ``backend`` argument or the environment). An empty
+    ``backend`` is the automatic choice, as an empty ``PYPATTERN_BACKEND`` is (and the samplers' ``backend=""``);
+    a value that is no string (``0``, ``False``, a list) is refused, not taken for the automatic choice."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be one of {NAMES} or None, got {backend!r} ({type(backend).__name__})")
     if backend:
         return backend, "backend"
     env = os.environ.get("PYPATTERN_BACKEND") or None

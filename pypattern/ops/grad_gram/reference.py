@@ -27,7 +27,8 @@ def grad_gram_embedding_reference(
     b, t, dim = d.shape
     d64 = d.to(torch.float64)
     if padding_idx is not None:
-        d64 = d64 * (ids != padding_idx).unsqueeze(-1)
+        # padding positions carry no gradient, whatever d holds there (nn.Embedding's backward skips them)
+        d64 = torch.where((ids != padding_idx).unsqueeze(-1), d64, 0.0)
     g = torch.zeros(b, num_embeddings, dim, dtype=torch.float64, device=d.device)
     g.scatter_add_(1, ids.long().unsqueeze(-1).expand(b, t, dim), d64)
     g = g.reshape(b, -1)
@@ -37,7 +38,9 @@ def grad_gram_embedding_reference(
 def grad_gram_pairwise_reference(
     x: torch.Tensor | None, y: torch.Tensor, ids: torch.Tensor | None, batch: int
 ) -> torch.Tensor:
-    """``G_ij = sum_{s,t} K[is, jt] (y_is . y_jt)`` with ``K = x x^T``, or ``[ids equal and >= 0]``; float64.
+    """``G_ij = sum_{s,t} K[is, jt] (y_is . y_jt)`` with ``K = x x^T``, or ``[ids equal and >= 0]``; float64. With
+    ``ids``, the sum runs over the matching pairs only: a row pair that does not match adds nothing, even where its
+    product is NaN or inf (as the kernels compute it, and as nn.Embedding's gradient ignores padding positions).
 
     ``x`` ``(B*T, p)`` (unused when ``ids`` is given), ``y`` ``(B*T, q)``, ``ids`` ``(B*T,)`` int64 or None.
     """
@@ -45,6 +48,9 @@ def grad_gram_pairwise_reference(
     t = r // batch if batch else 0
     y64 = y.to(torch.float64)
     x64 = x.to(torch.float64) if ids is None else None
+    if ids is not None:
+        # padding rows take no part, whatever they hold (nor in a gradient through the products)
+        y64 = torch.where((ids >= 0).unsqueeze(1), y64, 0.0)
     g = torch.zeros(batch, batch, dtype=torch.float64, device=y.device)
     if t == 0:
         return g
@@ -53,8 +59,12 @@ def grad_gram_pairwise_reference(
         rows = slice(i0 * t, min(batch, i0 + step) * t)
         kd = y64[rows] @ y64.T
         if ids is None:
-            ka = x64[rows] @ x64.T
+            prod = (x64[rows] @ x64.T) * kd
         else:
-            ka = ((ids[rows, None] == ids[None, :]) & (ids[rows, None] >= 0)).to(torch.float64)
-        g[i0 : i0 + step] = (ka * kd).reshape(-1, t, batch, t).sum((1, 3))
+            # a pair of rows whose ids differ (or a padding row) is no term of the sum: it adds nothing, not 0 times
+            # its product (which is NaN when that product is not finite), as in the gradient of nn.Embedding,
+            # whose padding positions and other tokens' rows never meet
+            match = (ids[rows, None] == ids[None, :]) & (ids[rows, None] >= 0)
+            prod = torch.where(match, kd, 0.0)
+        g[i0 : i0 + step] = prod.reshape(-1, t, batch, t).sum((1, 3))
     return g

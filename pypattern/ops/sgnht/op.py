@@ -129,7 +129,9 @@ def sgnht_step_(
         Raise ``FloatingPointError`` naming the tensors, the step and what to change when the returned flags are
         not all 0 (with ``validate`` True or False alike). Whatever its value, an entry whose gradient held NaN or
         Inf, or whose finite gradient gives a non-finite new weight or momentum, is never written: it keeps its
-        weight and its momentum (and counts in the thermostat's mean with that momentum).
+        weight and its momentum (and counts in the thermostat's mean with that momentum). With ``check_finite``,
+        a thermostat that the step would make inf or NaN (finite squared momenta whose sum overflows float64)
+        keeps its value and the step raises ``FloatingPointError`` naming it.
 
     Returns
     -------
@@ -209,10 +211,28 @@ def sgnht_step_(
         step=step,
     )
     torch.autograd.graph.increment_version([*params, *momenta, thermostat])
-    if check_finite and bool(flags.any()):
-        if not bool(torch.isfinite(thermostat).all()):
-            with torch.no_grad():
-                thermostat.copy_(thermostat0)
+    if not check_finite:
+        return flags
+    flagged = bool(flags.any())
+    if not bool(torch.isfinite(thermostat).all()):
+        # the thermostat's update overflowed: each squared momentum was finite (else its entry is flagged and
+        # kept), but their sum, or the thermostat plus their mean, was not
+        with torch.no_grad():
+            thermostat.copy_(thermostat0)
+        if not flagged and not bool(torch.isfinite(thermostat0).all()):  # given so (validate=False)
+            raise FloatingPointError(
+                f"sgnht_step_: the thermostat held {float(thermostat0.reshape(()))} before step {step}; give a "
+                "finite thermostat"
+            )
+        if not flagged:
+            largest = max((float(p.abs().max()) for p in momenta if p.numel()), default=0.0)
+            raise FloatingPointError(
+                f"sgnht_step_: the thermostat's update overflowed to inf/NaN at step {step} (the sum of the squared "
+                f"momenta exceeds float64, largest |momentum| {largest:.3g}); "
+                "the thermostat keeps its value, params and momenta were updated. Use a smaller step_size (or a "
+                "smaller nbeta), or give momenta of a sensible scale."
+            )
+    if flagged:
         sgld_op.raise_on_flags(
             "sgnht_step_",
             flags,
