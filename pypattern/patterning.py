@@ -12,6 +12,11 @@ Re-weighting the data with per-point weights ``w`` (mean 1; weight 1 is the orig
 perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` finds the intervention that moves
 ``mu`` by a target ``d mu``.
 
+When the ``N`` columns are a probe drawn from ``M`` training points (one column per probe sample, as
+:func:`pypattern.susceptibilities` gives), re-weighting the probe's points inside the training data, the others at
+weight 1, is ``h = (w - 1) / M``: give ``num_data=M`` to :func:`invert` (without it the prediction is ``M / N``
+times the response the weights make).
+
 Columns that are groups of data points (``G`` groups, group ``g`` holding the share ``f_g`` of the ``N_data``
 points) follow the same rule with one weight ``W_g`` per group, ``d mu = chi (W - 1) / G``, when group ``g``'s
 column is ``chi[:, g] = (G / N_data) sum_{z in g} chi_z``, which equals ``G f_g`` times the derivative of ``mu``
@@ -47,7 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ._checks import device_arg, refuse_meta
+from ._checks import device_arg, is_count, refuse_meta
 from .io import Saveable, register
 from .sampling.diagnostics import user_stacklevel
 from .sampling.results import check_arrays
@@ -66,7 +71,8 @@ class Intervention(Saveable):
         Data perturbation (mixing weights towards each point; sums to 0, or with :func:`invert`'s ``fractions``
         (``f``, normalised to sum 1) ``sum_i f_i h_i = 0``).
     weights : ndarray (N,)
-        Per-point data weights ``1 + N h`` (mean 1, or with ``fractions`` the ``f``-weighted mean 1). Only
+        Per-point data weights ``1 + N h`` (``1 + M h`` with :func:`invert`'s ``num_data=M``) (mean 1, or with
+        ``fractions`` the ``f``-weighted mean 1). Only
         ``"constrained"`` guarantees them non-negative (``>= min_weight``).
     predicted : ndarray (K,)
         The predicted response ``chi @ h``.
@@ -157,6 +163,7 @@ def invert(
     max_weight: float | None = None,
     rcond: float | None = None,
     fractions=None,
+    num_data: int | None = None,
 ) -> Intervention:
     """Find the data intervention ``h`` with ``chi @ h ≈ target`` (see the module docstring).
 
@@ -178,6 +185,16 @@ def invert(
     fractions : array (N,), optional
         ``"constrained"`` only: each column's share of the data (groups of unequal size; positive, any scale).
         The total kept fixed is then ``sum_j f_j w_j = sum_j f_j`` instead of ``sum_j w_j = N``.
+    num_data : int, optional
+        The size ``M`` of the training data when the ``N`` columns are some of its points only (a probe drawn
+        from it, as :func:`pypattern.susceptibilities` gives, one column per probe sample): the weights then
+        re-weight those ``N`` points inside the ``M``, every other point keeping weight 1, and a point's
+        perturbation is ``h = (w - 1) / M``, not ``(w - 1) / N`` (re-weighting ``N`` of ``M`` points moves the
+        data ``N / M`` times as far as re-weighting all of them). Default: the columns are the whole data
+        (``M = N``). Without it, the weights of a probe's columns applied inside a larger data set move ``mu``
+        ``N / M`` of the way predicted. Not with ``fractions`` (groups partition the data). The data's weights
+        for :func:`reweight` are then 1 at every point but the columns' rows, which take ``weights``:
+        ``w = np.ones(M); w[probe_rows] = plan.weights``.
     """
     chi = _as_2d(chi)
     k, n = chi.shape
@@ -224,6 +241,18 @@ def invert(
         raise ValueError(
             f"min_weight={min_weight!r} is not valid; weights are data multiplicities, give >= 0"
         )
+    if num_data is not None:
+        if not is_count(num_data) or int(num_data) < n:
+            raise ValueError(
+                f"num_data={num_data!r} is not valid; give the number of training data points the {n} columns of "
+                f"chi are drawn from, an int >= {n} (or None: the columns are the whole data)"
+            )
+        if fractions is not None:
+            raise ValueError(
+                "num_data and fractions do not go together: fractions are the shares of groups that partition the "
+                "data, num_data the size of the data a subset of points (the columns) is drawn from"
+            )
+    m_data = n if num_data is None else int(num_data)
     if fractions is not None and method != "constrained":
         raise ValueError(f"fractions apply to method='constrained' only, got method={method!r}")
     if method == "pinv" and alpha != 0:
@@ -235,6 +264,11 @@ def invert(
         raise ValueError(
             f"rcond applies to method='pinv' only, got method={method!r} (alpha= sets its penalty)"
         )
+    # the columns' response to their weights w: d mu = chi (w - 1) / M = chi_n (w - 1) / n with chi_n = chi n / M,
+    # solved as for columns that are the whole data (M = n), then read back as h = (w - 1) / M
+    chi_given = chi
+    if m_data != n:
+        chi = chi * (n / m_data)
     # chi on sum-zero perturbations (mean-1 weights): each row centred in units of a power of two 2^e (exact
     # scalings), so that the row sums of chi near float64's largest value do not overflow
     e = math.frexp(float(np.abs(chi).max()))[1] if chi.size else 0
@@ -264,6 +298,9 @@ def invert(
         raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {method!r}")
     if method != "constrained":
         h = h - h.mean()  # exactly sum-zero (it is, to rounding)
+    weights = 1.0 + n * h
+    if m_data != n:  # h = (w - 1) / M; the response chi_n (w - 1) / n is chi (w - 1) / M
+        chi, h = chi_given, (weights - 1.0) / m_data
     pred = chi @ h
     # both norms of the target's scale divided out first: no overflow for targets near float64's largest
     scale = float(np.abs(tgt).max()) if tgt.size else 0.0
@@ -271,7 +308,7 @@ def invert(
         resid = float(np.linalg.norm((pred - tgt) / scale) / np.linalg.norm(tgt / scale))
     else:
         resid = float(np.linalg.norm(pred))
-    return Intervention(h=h, weights=1.0 + n * h, predicted=pred, target=tgt, residual=resid, method=method)
+    return Intervention(h=h, weights=weights, predicted=pred, target=tgt, residual=resid, method=method)
 
 
 def _ridge(a: np.ndarray, e: int, tgt: np.ndarray, alpha: float) -> np.ndarray:

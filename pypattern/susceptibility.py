@@ -215,7 +215,15 @@ class PCAResult(Saveable):
         Per-sample/per-token coordinates: the centred (and, with whitening, scaled) columns of chi projected on
         the directions (NaN rows at probe columns that do not count).
     scale : ndarray (num_components,)
-        The per-component scale divided out before the SVD (ones without whitening).
+        The per-component scale divided out before the SVD (ones without whitening): the standard deviation
+        (``ddof=1``) of each component's chi over the counted probe points, so that ``whiten=True`` is the PCA of
+        the components' correlation matrix.
+    mean : ndarray (num_components,)
+        The mean of each component's chi over the counted probe points, subtracted before the SVD.
+
+    The directions are the eigenvectors of the covariance (``ddof=1``, over the counted probe points) of the
+    components' chi (the correlation with ``whiten=True``) in decreasing order of their eigenvalues
+    (``explained_variance``), each of unit norm with its largest-magnitude loading positive.
     """
 
     directions: np.ndarray
@@ -335,6 +343,11 @@ class SusceptibilityResult(Saveable):
                     f"probe_counted has shape {keep.shape}; expected ({x.shape[0]},), one per column"
                 )
             x = x[keep]
+        if x.shape[0] == 0:
+            raise ValueError(
+                "probe_counted is False at every probe column (all padding or -100 labels): chi has no probe point "
+                "to take principal directions over"
+            )
         if not np.isfinite(x).all():
             raise ValueError("chi holds NaN or Inf entries (a diverged chain?): PCA needs finite values")
         most = min(x.shape)  # the SVD of the (probe points x components) matrix has this many directions

@@ -67,6 +67,8 @@ def _jsonable(x):
         return _jsonable(x.tolist())
     if isinstance(x, (np.floating, float)):
         return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.bool_):  # (before the numbers: a numpy bool is written as true/false, not its repr)
+        return bool(x)
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, (int, str, bool)) or x is None:
