@@ -470,7 +470,11 @@ def resolve_step_size(
     if not quiet:
         from tqdm.auto import tqdm
 
-        pbar = tqdm(desc="SGLD step_size=auto", unit="trial", mininterval=0.5, leave=False)
+        from .._progress import bar_settings
+
+        pbar = tqdm(
+            **bar_settings(tqdm, desc="SGLD step_size=auto", unit="trial", mininterval=0.5, delay=0.0)
+        )
 
     def trial(i: int, factor: int, coupling: int = 1) -> dict:
         """The trial of step ``grid[i]`` for ``factor`` units of steps (``coupling=2``: half as many steps, on the

@@ -794,12 +794,17 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     if not plan.quiet and remaining:
         from tqdm.auto import tqdm
 
-        pbar = tqdm(
-            total=remaining,
-            desc=_SAMPLER_LABEL.get(plan.sampler, plan.sampler),
-            unit="step",
-            mininterval=0.5,
-            leave=False,
+        from .._progress import bar_settings
+
+        pbar = tqdm(  # in a log (no terminal, no notebook) a line every 30 s, not two a second
+            **bar_settings(
+                tqdm,
+                total=remaining,
+                desc=_SAMPLER_LABEL.get(plan.sampler, plan.sampler),
+                unit="step",
+                mininterval=0.5,
+                delay=0.0,
+            )
         )
     ctx = RunContext(
         plan=plan,
