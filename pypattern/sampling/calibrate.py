@@ -8,6 +8,11 @@ size whose LLC agrees within ``plateau_tol`` with the next smaller healthy one (
 step size agrees with its next smaller healthy neighbour (no plateau in the sweep, or one healthy step size), it is
 the smallest healthy one, with a warning: that step's LLC may be biased low (the chains have not left w*'s
 neighbourhood); widen the sweep or lengthen the chains.
+
+Each step's run checks its own discretisation bias (:class:`~pypattern.sampling.diagnostics.StepBiasWarning`, as
+:func:`pypattern.estimate_llc` at a given step does); the sweep notes it in that step's reason ("the run warned of
+its discretisation bias") instead of passing one warning per step on, and warns once, when the recommended step is
+one of them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import nn
 from .._checks import is_real
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
-from .diagnostics import NonFiniteLossError, NonStationaryWarning, user_stacklevel
+from .diagnostics import NonFiniteLossError, NonStationaryWarning, StepBiasWarning, user_stacklevel
 from .llc import _SAMPLE_ARGUMENTS, estimate_llc
 from .plan import refuse_unknown_keywords
 from .results import check_arrays
@@ -154,13 +159,21 @@ def calibrate_step_size(
     diverged = np.zeros(n, dtype=bool)
     healthy = np.zeros(n, dtype=bool)
     reasons = []
+    # each run's step-bias warning (StepBiasWarning), if it gave one
+    bias_notes: list[str | None] = [None] * n
     for i, eps in enumerate(sizes):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("ignore", NonStationaryWarning)
+                warnings.simplefilter("always", StepBiasWarning)
                 # one checkpoint file per step size
                 path = sub_run_path(ckpt, f"step{i}")
                 r = estimate_llc(model, loader, step_size=eps, checkpoint=path, **sample_kwargs)
+            for w in caught:  # the run's other warnings pass on; its step-bias check goes into the table
+                if issubclass(w.category, StepBiasWarning):
+                    bias_notes[i] = str(w.message)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         except NonFiniteLossError:
             raise  # the data or the model, not the step: every step size would fail
         except SamplingDivergedError as e:
@@ -173,13 +186,14 @@ def calibrate_step_size(
             r.r_hat,
             r.ess,
         )
+        note = "; the run warned of its discretisation bias" if bias_notes[i] else ""
         if not r.llc_mean > 0:
-            reasons.append("negative LLC")
+            reasons.append("negative LLC" + note)
         elif not r.r_hat < max_r_hat:
-            reasons.append(f"not stationary (R-hat {r.r_hat:.2f})")
+            reasons.append(f"not stationary (R-hat {r.r_hat:.2f})" + note)
         else:
             healthy[i] = True
-            reasons.append("ok")
+            reasons.append("ok" + note)
     recommended = None
     ok = [i for i in range(n) if healthy[i]]
     for a, b in zip(ok[:-1], ok[1:]):
@@ -200,6 +214,13 @@ def calibrate_step_size(
             f"calibrate_step_size: {what}; recommending the smallest healthy one, {recommended:g}, whose LLC may be "
             "biased low: widen the sweep or lengthen the chains (num_draws)",
             UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    if recommended is not None and bias_notes[sizes.index(recommended)]:
+        warnings.warn(
+            f"calibrate_step_size recommends {recommended:g}, but its run warned: "
+            f"{bias_notes[sizes.index(recommended)]}",
+            StepBiasWarning,
             stacklevel=user_stacklevel(),
         )
     return CalibrationResult(
