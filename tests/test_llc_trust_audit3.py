@@ -141,7 +141,8 @@ def test_a_step_size_sweep_reports_each_steps_bias_check_in_its_table_not_as_war
             warnings.simplefilter("always")
             estimate_llc(model, loader, step_size=eps, nbeta=100.0, localization=1.0, seed=0, quiet=True)
         flagged.append(any(issubclass(w.category, StepBiasWarning) for w in own))
-    assert sum(flagged) >= 2  # the sweep has several steps whose run warns of its bias
+    # 1e-2 warns of its bias; the steps whose chains have not relaxed (1e-5) are not judged
+    assert flagged[-1] and not flagged[0], flagged
     for eps, reason, f in zip(c.step_sizes, c.reasons, flagged):
         assert ("discretisation bias" in reason) == f, (eps, reason)
     bias_warnings = [str(w.message) for w in caught if issubclass(w.category, StepBiasWarning)]

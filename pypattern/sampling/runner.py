@@ -1207,9 +1207,12 @@ class _GivenStepChecks:
         trace = kappa * self.d
         curvature = self.noise**2 * self.nbeta * trace / (2 * self.llc) if trace > 0 else 0.0
         bias = step_bias(self.eps, self.nbeta, trace, self.llc, self.noise)
-        rate = self.eps * curvature / 2
         # the estimate must be a stationary value to have a bias: directions of that curvature must have relaxed by
-        # the draws (else the run is too short to judge)
+        # the draws (else the run is too short to judge). The rate is at most that of the curvature holding the
+        # chains (nbeta times the loss's curvature, plus the localization): an estimate near 0 from chains that
+        # barely moved (a step far too small) would make the curvature read from it, and the rate, huge
+        held = self.nbeta * max(kappa, 0.0) + self.gamma
+        rate = self.eps * min(curvature, held) / 2
         if draw_shortfall(rate, self.draw_steps) > MAX_SHORTFALL:
             return
         check_step_bias(
