@@ -33,13 +33,21 @@ class HookPoint(nn.Module):
     the rest of the forward (TransformerLens' convention). A backward function (``dir="bwd"``) is called as
     ``fn(grad, hook)`` with the gradient of the loss with respect to the activation when the backward pass reaches
     it (attached while the forward runs, so it runs even when the hook is removed before the backward); a tensor it
-    returns replaces that gradient.
+    returns replaces that gradient. Backward functions attach to the activation after the forward functions ran,
+    so they see the gradient of the activation the rest of the forward uses (TransformerLens' order).
+
+    ``ctx`` is a dict hook functions may keep state in (TransformerLens' ``hook.ctx``); ``clear_context`` empties it.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.name: str = ""
         self._fns: list[HookFn] = []
+        self.ctx: dict = {}
+
+    def clear_context(self) -> None:
+        """Empty :attr:`ctx`."""
+        self.ctx = {}
 
     def add_hook(
         self,
@@ -51,8 +59,8 @@ class HookPoint(nn.Module):
     ) -> Callable[[], None]:
         """Attach ``fn`` (``dir="fwd"``: on the activation, ``"bwd"``: on its gradient); returns a function that
         removes it. ``is_permanent``: kept by :meth:`remove_hooks` / ``reset_hooks`` unless
-        ``including_permanent=True``; ``prepend``: run before the functions attached already (TransformerLens'
-        arguments; ``level`` is accepted and ignored)."""
+        ``including_permanent=True``; ``prepend``: run before the functions attached already; ``level``: a tag that
+        ``remove_hooks(level=...)`` selects by (TransformerLens' arguments)."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir={dir!r} is not valid; give 'fwd' or 'bwd'")
         if not callable(fn):
@@ -60,10 +68,10 @@ class HookPoint(nn.Module):
         entry = _as_called(fn)
         if dir == "bwd":
             entry = _on_gradient(entry)
-        if is_permanent or dir == "bwd":
+        if is_permanent or dir == "bwd" or level is not None:
             if entry is fn:  # a wrapper carries the flags (the caller's function is left untouched)
                 entry = _forward_to(fn)
-            entry._pp_dir, entry._pp_permanent = dir, bool(is_permanent)
+            entry._pp_dir, entry._pp_permanent, entry._pp_level = dir, bool(is_permanent), level
         if prepend:
             self._fns.insert(0, entry)
         else:
@@ -79,19 +87,23 @@ class HookPoint(nn.Module):
         """:meth:`add_hook` with ``is_permanent=True``."""
         return self.add_hook(fn, dir=dir, is_permanent=True)
 
-    def remove_hooks(self, dir: str = "both", including_permanent: bool = False, level: Any = None) -> None:
-        """Remove the attached functions of direction ``dir`` (``"fwd"``, ``"bwd"`` or ``"both"``), the permanent
-        ones too with ``including_permanent``."""
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False, level: Any = None) -> None:
+        """Remove the attached functions of direction ``dir`` (``"fwd"``, the default as in TransformerLens,
+        ``"bwd"`` or ``"both"``): the non-permanent ones (of ``level`` only, when given), every one with
+        ``including_permanent``."""
         if dir not in ("fwd", "bwd", "both"):
             raise ValueError(f"dir={dir!r} is not valid; give 'fwd', 'bwd' or 'both'")
-        self._fns[:] = [
-            f
-            for f in self._fns
-            if not (
-                dir in ("both", getattr(f, "_pp_dir", "fwd"))
-                and (including_permanent or not getattr(f, "_pp_permanent", False))
+
+        def removed(f: Callable) -> bool:
+            if dir not in ("both", getattr(f, "_pp_dir", "fwd")):
+                return False
+            if including_permanent:
+                return True
+            return not getattr(f, "_pp_permanent", False) and (
+                level is None or getattr(f, "_pp_level", None) == level
             )
-        ]
+
+        self._fns[:] = [f for f in self._fns if not removed(f)]
 
     def layer(self) -> int:
         """The layer index of a hook point named ``blocks.{layer}....`` (TransformerLens' ``hook.layer()``)."""
@@ -106,9 +118,24 @@ class HookPoint(nn.Module):
         return bool(self._fns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for fn in self._fns:
+        fns = self._fns
+        if any(getattr(f, "_pp_dir", "fwd") == "bwd" for f in fns):  # on the final activation's gradient
+            fns = [f for f in fns if getattr(f, "_pp_dir", "fwd") != "bwd"] + [
+                f for f in fns if getattr(f, "_pp_dir", "fwd") == "bwd"
+            ]
+        for fn in fns:
             out = fn(x, self)
             if out is not None:
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"a hook function on {self.name!r} returned an object of type {type(out).__name__}; "
+                        "return None (the activation unchanged) or a tensor to replace it"
+                    )
+                if isinstance(x, torch.Tensor) and out.shape != x.shape:
+                    raise ValueError(
+                        f"a hook function on {self.name!r} returned a tensor of shape {tuple(out.shape)} for an "
+                        f"activation of shape {tuple(x.shape)}; a replacement must have the activation's shape"
+                    )
                 x = out
         return x
 
@@ -153,15 +180,19 @@ def _forward_to(fn: Callable) -> Callable:
 
 def _on_gradient(fn: Callable) -> Callable:
     """A forward function that attaches ``fn`` to the gradient of the activation it sees (``fn(grad, hook)``, a
-    tensor returned replaces the gradient); the activation itself is left as it is."""
+    tensor returned replaces the gradient). It returns an identity view of the activation carrying the hook: a
+    hook registered on the activation itself would stay on it after the forward, and the activation may be a
+    tensor that outlives it (a patch a forward function returned)."""
 
-    def entry(x: torch.Tensor, hook: HookPoint) -> None:
+    def entry(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
         if isinstance(x, torch.Tensor) and x.requires_grad:
 
             def on_grad(g: torch.Tensor) -> torch.Tensor | None:
                 return fn(g, hook)
 
-            x.register_hook(on_grad)
+            y = x.view_as(x)
+            y.register_hook(on_grad)
+            return y
         return None
 
     return entry
@@ -268,6 +299,7 @@ class ActivationCache(dict):
     """
 
     n_layers: int | None = None  # set by run_with_cache (negative layers); else read from the keys
+    has_batch_dim: bool = True  # False after run_with_cache(remove_batch_dim=True)
 
     def __getitem__(self, key: Any) -> torch.Tensor:
         if isinstance(key, str | tuple) and dict.__contains__(self, key):
@@ -301,6 +333,28 @@ class ActivationCache(dict):
             key = (key[0], n + key[1], *key[2:])
         return get_act_name(*key)
 
+    def remove_batch_dim(self) -> ActivationCache:
+        """Replace every activation by its row 0 (a cache of a batch of one; another batch size raises
+        ``ValueError``), in place, and return the cache (TransformerLens' ``cache.remove_batch_dim()``); nothing to
+        do when it has no batch axis already (``has_batch_dim`` False)."""
+        if not self.has_batch_dim:
+            return self
+        bad = {k: tuple(v.shape) for k, v in self.items() if v.dim() == 0 or v.shape[0] != 1}
+        if bad:
+            raise ValueError(
+                f"remove_batch_dim() needs a cache of a batch of one; these activations are not: {bad}"
+            )
+        for k in list(self):
+            dict.__setitem__(self, k, dict.__getitem__(self, k)[0])
+        self.has_batch_dim = False
+        return self
+
+    def to(self, device: torch.device | str) -> ActivationCache:
+        """Move every activation to ``device``, in place, and return the cache (TransformerLens' ``cache.to``)."""
+        for k in list(self):
+            dict.__setitem__(self, k, dict.__getitem__(self, k).to(device))
+        return self
+
     def stack(self, names: Sequence[str]) -> torch.Tensor:
         """Stack the activations ``names`` along a new leading dimension."""
         return torch.stack([self[n] for n in names])
@@ -319,8 +373,34 @@ class HookedRootModule(nn.Module):
                 mod.name = name
                 self.hook_dict[name] = mod
 
+    def setup(self) -> None:
+        """:meth:`setup_hooks` (TransformerLens' name, called last in a subclass's ``__init__``)."""
+        self.setup_hooks()
+
     def hook_names(self) -> list[str]:
         return list(self.hook_dict)
+
+    def hook_points(self) -> Iterable[HookPoint]:
+        """The hook points (``hook_dict``'s values)."""
+        return self.hook_dict.values()
+
+    @property
+    def mod_dict(self) -> dict[str, nn.Module]:
+        """Every sub-module by its path (TransformerLens' ``mod_dict``; the model itself is not in it)."""
+        return {name: mod for name, mod in self.named_modules() if name}
+
+    def clear_contexts(self) -> None:
+        """Empty every hook point's ``ctx``."""
+        for hp in self.hook_points():
+            hp.clear_context()
+
+    def remove_all_hook_fns(
+        self, direction: str = "both", including_permanent: bool = False, level: Any = None
+    ) -> None:
+        """Remove the functions attached to the hook points (of ``direction``: ``"fwd"``, ``"bwd"`` or
+        ``"both"``; of ``level`` only, when given), the permanent ones too with ``including_permanent``."""
+        for hp in self.hook_points():
+            hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
     def reset_hooks(
         self,
@@ -330,10 +410,11 @@ class HookedRootModule(nn.Module):
         level: Any = None,
     ) -> None:
         """Remove the functions attached to the hook points (of ``direction``: ``"fwd"``, ``"bwd"`` or
-        ``"both"``), the permanent ones too with ``including_permanent`` (TransformerLens' arguments;
-        ``clear_contexts`` and ``level`` are accepted and ignored)."""
-        for hp in self.hook_dict.values():
-            hp.remove_hooks(direction, including_permanent=including_permanent)
+        ``"both"``; of ``level`` only, when given), the permanent ones too with ``including_permanent``, and
+        empty the hook points' ``ctx`` with ``clear_contexts`` (TransformerLens' arguments)."""
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent=including_permanent, level=level)
 
     def _hook_points(self, names: Any) -> list[HookPoint]:
         """The hook points ``names`` selects (a name, a list of names, or a filter function on names); a name not
@@ -363,7 +444,7 @@ class HookedRootModule(nn.Module):
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir={dir!r} is not valid; give 'fwd' or 'bwd'")
         removers = [
-            hp.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+            hp.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend, level=level)
             for hp in self._hook_points(name)
         ]
 
@@ -389,7 +470,8 @@ class HookedRootModule(nn.Module):
         """Attach ``fwd_hooks`` (pairs of hook name, list of names or filter, and function) and ``bwd_hooks`` (the
         same, on the activations' gradients) for the block.
 
-        Every hook added here is removed on exit, also when the block raises (``reset_hooks_end=False``: kept).
+        Every hook added here is removed on exit, also when the block raises (``reset_hooks_end=False``: kept;
+        ``clear_contexts``: every hook point's ``ctx`` is emptied too when they are removed).
         A name (or a name in a list) that is not a hook point of the model raises ``KeyError``; a filter function
         may match none. A backward hook is attached to the activation during the forward, so it runs in a
         backward pass taken after the block too.
@@ -405,6 +487,8 @@ class HookedRootModule(nn.Module):
             if reset_hooks_end:
                 for r in removers:
                     r()
+                if clear_contexts:
+                    self.clear_contexts()
 
     def run_with_hooks(
         self,
@@ -418,24 +502,154 @@ class HookedRootModule(nn.Module):
         """Run ``forward(*args, **kwargs)`` with ``fwd_hooks`` (and ``bwd_hooks``, on the activations' gradients:
         they run in a later ``backward()`` of the output) attached; they are removed afterwards unless
         ``reset_hooks_end=False`` (TransformerLens' arguments)."""
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end):
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
             return self(*args, **kwargs)
 
     def run_with_cache(
-        self, *args: Any, names_filter: Any = None, detach: bool = True, **kwargs: Any
-    ) -> tuple[Any, ActivationCache]:
-        """Run the forward and return ``(output, cache)`` with the activations of the selected hook points."""
-        cache = ActivationCache()
-        n_layers = getattr(getattr(self, "cfg", None), "n_layers", None) or getattr(self, "n_layers", None)
-        if isinstance(n_layers, int):
-            cache.n_layers = n_layers
+        self,
+        *args: Any,
+        names_filter: Any = None,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
+        return_cache_object: bool = True,
+        detach: bool = True,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict[str, torch.Tensor]]:
+        """Run ``forward(*args, **kwargs)`` and return ``(output, cache)``: the activations of the hook points
+        ``names_filter`` selects, by hook name in the order the forward reached them (TransformerLens' arguments).
 
-        def save(x: torch.Tensor, hook: HookPoint) -> None:
-            cache[hook.name] = x.detach() if detach else x
-
-        with self.hooks([(names_filter if names_filter is not None else (lambda n: True), save)]):
+        Parameters
+        ----------
+        names_filter : str, list of str, callable or None
+            The hook points to cache: one name, a list of names (a name not in the model raises ``KeyError``),
+            a function on names, or None for all.
+        device : torch.device or str, optional
+            Where the cached activations are stored (default: where they are computed).
+        remove_batch_dim : bool
+            Store ``activation[0]``: only for a batch of one (another batch size raises ``ValueError``).
+        incl_bwd : bool
+            Also call ``output.backward()`` (the output must be a scalar, e.g. ``return_type="loss"``) and cache
+            the gradient of each selected activation as ``name + "_grad"``.
+        reset_hooks_end : bool
+            Remove the caching functions afterwards (False: they stay, and later forwards fill the same cache).
+        clear_contexts : bool
+            Empty every hook point's ``ctx`` when the functions are removed.
+        pos_slice : int, tuple, slice, list or 1-d tensor of positions, optional
+            Keep only these positions of each activation (TransformerLens' ``Slice``: an int drops the position
+            axis, a tuple is ``slice(*tuple)``); the position axis is the third from last for ``hook_q``,
+            ``hook_k``, ``hook_v``, ``hook_z``, ``hook_result``, ``hook_rot_q``, ``hook_rot_k``, the second from
+            last otherwise (the query position of ``hook_pattern`` / ``hook_attn_scores``).
+        return_cache_object : bool
+            True: an :class:`ActivationCache` (a dict with TransformerLens' shorthand keys); False: a plain dict.
+        detach : bool
+            Store detached activations (False: the activations themselves, in the autograd graph).
+        """
+        cache: dict[str, torch.Tensor] = ActivationCache() if return_cache_object else {}
+        if return_cache_object:
+            n_layers = getattr(getattr(self, "cfg", None), "n_layers", None) or getattr(
+                self, "n_layers", None
+            )
+            if isinstance(n_layers, int):
+                cache.n_layers = n_layers
+            cache.has_batch_dim = not remove_batch_dim
+        cache, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim, cache=cache, pos_slice=pos_slice, detach=detach
+        )
+        with self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
             out = self(*args, **kwargs)
+            if incl_bwd:
+                if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                    raise ValueError(
+                        "run_with_cache(incl_bwd=True) calls backward() on the output, which must be a scalar "
+                        f"tensor (e.g. return_type='loss'); got {_describe(out)}"
+                    )
+                out.backward()
         return out, cache
+
+    def get_caching_hooks(
+        self,
+        names_filter: Any = None,
+        incl_bwd: bool = False,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        cache: dict | None = None,
+        pos_slice: Any = None,
+        detach: bool = True,
+    ) -> tuple[dict, list[tuple[str, HookFn]], list[tuple[str, HookFn]]]:
+        """``(cache, fwd_hooks, bwd_hooks)``: pairs (hook name, function) that store the activations (and with
+        ``incl_bwd`` their gradients, as ``name + "_grad"``) of the hook points ``names_filter`` selects in
+        ``cache`` (a new dict when None), for :meth:`hooks` / :meth:`run_with_hooks`; nothing is attached here
+        (TransformerLens' ``get_caching_hooks``; the arguments are :meth:`run_with_cache`'s)."""
+        if not isinstance(remove_batch_dim, bool):
+            raise TypeError(f"remove_batch_dim={remove_batch_dim!r} is not valid; give True or False")
+        if device is not None:
+            device = torch.device(device)
+        take = _pos_slicer(pos_slice)
+        if cache is None:
+            cache = {}
+
+        def saver(suffix: str) -> HookFn:
+            def save(x: torch.Tensor, hook: HookPoint) -> None:
+                y = x.detach() if detach else x
+                if remove_batch_dim:
+                    if y.dim() == 0 or y.shape[0] != 1:
+                        raise ValueError(
+                            f"run_with_cache(remove_batch_dim=True) needs a batch of one; the activation "
+                            f"{hook.name!r} has shape {tuple(y.shape)}"
+                        )
+                    y = y[0]
+                if take is not None:
+                    axis = -3 if hook.name.endswith(_HEAD_AXIS_HOOKS) else -2
+                    if y.dim() >= -axis:
+                        y = take(y, axis)
+                cache[hook.name + suffix] = y if device is None else y.to(device)
+
+            return save
+
+        names = [hp.name for hp in self._hook_points(names_filter)]
+        fwd, bwd = saver(""), saver("_grad")
+        return cache, [(n, fwd) for n in names], [(n, bwd) for n in names] if incl_bwd else []
+
+
+_HEAD_AXIS_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def _pos_slicer(pos_slice: Any) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    """A function ``(tensor, axis) -> tensor`` keeping the positions ``pos_slice`` selects on ``axis``
+    (TransformerLens' ``Slice``); None for ``pos_slice=None``."""
+    if pos_slice is None:
+        return None
+    if hasattr(pos_slice, "slice") and hasattr(pos_slice, "mode"):  # a TransformerLens Slice
+        pos_slice = pos_slice.slice
+    if isinstance(pos_slice, bool):
+        pass
+    elif isinstance(pos_slice, int):
+        return lambda t, axis: t.select(axis, pos_slice)
+    elif isinstance(pos_slice, tuple) and all(
+        v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in pos_slice
+    ):
+        s = slice(*pos_slice)
+        return lambda t, axis: t[(slice(None),) * (t.dim() + axis) + (s,)]
+    elif isinstance(pos_slice, slice):
+        return lambda t, axis: t[(slice(None),) * (t.dim() + axis) + (pos_slice,)]
+    elif isinstance(pos_slice, list | torch.Tensor) or type(pos_slice).__name__ == "ndarray":
+        idx = torch.as_tensor(pos_slice)
+        if idx.dim() == 1 and not idx.is_floating_point() and idx.dtype != torch.bool:
+            return lambda t, axis: t.index_select(t.dim() + axis, idx.to(t.device))
+    raise ValueError(
+        f"pos_slice={pos_slice!r} is not valid; give None, an int, a (start, stop[, step]) tuple, a slice, or a "
+        "list / 1-d integer tensor of positions"
+    )
 
 
 def _activation(hp: HookPoint, x: Any, where: str) -> torch.Tensor:

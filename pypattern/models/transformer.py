@@ -1016,12 +1016,12 @@ class LayerNorm(nn.Module):
 
     Input and output ``(..., d)``; ``hook_scale (..., 1)`` is ``sqrt(var + eps)``; ``hook_normalized`` is the
     output (after ``w`` and ``b``). It runs torch's fused ``layer_norm`` (about 25% faster fwd+bwd of the whole model
-    under ``vmap``; with ``w`` and ``b`` in the same pass unless ``compute_dtype`` differs from the input's or
-    ``hook_scale`` has a hook); a hook on ``hook_scale`` sees the scale computed explicitly, and only a hook that replaces it
-    or edits it in place switches the output to the explicit form ``(x - mean) / scale`` (to float rounding the
-    same). With
-    ``compute_dtype`` the statistics and the normalisation run in that dtype and the result is cast back to the
-    input's dtype before ``w`` and ``b``."""
+    under ``vmap``; with ``w`` and ``b`` in the same pass unless ``compute_dtype`` differs from the input's); a hook
+    on ``hook_scale`` sees the scale computed explicitly, and only a hook that replaces it or edits it in place (or a
+    backward hook on it, whose gradient needs it) switches the output to the explicit form ``(x - mean) / scale`` (to
+    float rounding the same): a hook that only reads it leaves the output bit-identical. With ``compute_dtype`` the
+    statistics and the normalisation run in that dtype and the result is cast back to the input's dtype before
+    ``w`` and ``b``."""
 
     def __init__(
         self, d: int, eps: float, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
@@ -1040,9 +1040,28 @@ class LayerNorm(nn.Module):
         return self.w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compute_dtype in (None, x.dtype) and not self.hook_scale._fns:  # one fused pass with w and b
+        edited = _edited_layer_normalize(self, x)
+        if edited is not None:  # a hook replaced the scale or edited it in place
+            return self.hook_normalized(torch.addcmul(self.b, edited, self.w))
+        # one fused pass with w and b, also when a hook only read the scale (a cached run is bit-identical)
+        if self.compute_dtype in (None, x.dtype):
             return self.hook_normalized(F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps))
-        return self.hook_normalized(torch.addcmul(self.b, _layer_normalize(self, x), self.w))
+        h = F.layer_norm(x.to(self.compute_dtype), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return self.hook_normalized(torch.addcmul(self.b, h, self.w))
+
+
+def _edited_layer_normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``(x - mean) / scale`` of a :class:`LayerNorm` / :class:`LayerNormPre` ``norm`` (in its ``compute_dtype``,
+    cast back to ``x``'s) when a function on its ``hook_scale`` replaced the scale or edited it in place; None when
+    ``hook_scale`` has no function or its functions only read the scale (the norm then keeps its fused form, so a
+    cached run is bit-identical to a plain one)."""
+    if not norm.hook_scale._fns:
+        return None
+    h = x if norm.compute_dtype is None else x.to(norm.compute_dtype)
+    c = h - h.mean(-1, keepdim=True)
+    scale = (c.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    seen = _hooked_scale(norm.hook_scale, scale)
+    return None if seen is None else (c / seen).to(x.dtype)
 
 
 def _layer_normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -1050,13 +1069,10 @@ def _layer_normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``compute_dtype``, cast back to ``x``'s), through its ``hook_scale``: torch's fused kernel, also when a hook only
     reads the scale (a cached run is bit-identical to a plain one); the explicit ``(x - mean) / scale`` when a hook
     replaces it."""
+    edited = _edited_layer_normalize(norm, x)
+    if edited is not None:
+        return edited
     h = x if norm.compute_dtype is None else x.to(norm.compute_dtype)
-    if norm.hook_scale._fns:
-        c = h - h.mean(-1, keepdim=True)
-        scale = (c.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
-        seen = _hooked_scale(norm.hook_scale, scale)
-        if seen is not None:  # a hook replaced the scale or edited it in place
-            return (c / seen).to(x.dtype)
     return F.layer_norm(h, h.shape[-1:], eps=norm.eps).to(x.dtype)
 
 
@@ -1071,9 +1087,12 @@ def _version(t: torch.Tensor) -> int | None:
 def _hooked_scale(hook, scale: torch.Tensor) -> torch.Tensor | None:
     """``scale`` through the norm's ``hook_scale``: None when the hooks only read it (the same tensor back,
     unchanged: the norm keeps its fused or ``rsqrt`` form, so a cached run is bit-identical to a plain one), else
-    the scale to divide by (a tensor a hook returned, or ``scale`` edited in place, TransformerLens' usual style)."""
+    the scale to divide by (a tensor a hook returned, or ``scale`` edited in place, TransformerLens' usual style;
+    also when a backward function is attached, whose gradient needs the output to be computed from the scale)."""
     before = _version(scale)
     seen = hook(scale)
+    if any(getattr(f, "_pp_dir", "fwd") == "bwd" for f in hook._fns):
+        return seen  # a backward function: the output must depend on the scale for its gradient to reach it
     if seen is scale and before is not None and _version(scale) == before:
         return None
     return seen
