@@ -203,6 +203,7 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
                     (n, "output"),
                     (n, "input"),
                     padding_idx=m.padding_idx,
+                    scale=_embedding_scale(n, m),
                 )
             )
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
@@ -215,6 +216,29 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
                 GramSite(n, "layernorm", (_pname(n, "weight"), bias), (n, "output"), (n, "input"), eps=m.eps)
             )
     return _tie_embeddings(model, sites)
+
+
+def _embedding_scale(name: str, m: nn.Embedding) -> float | None:
+    """The factor a scaled word embedding multiplies its lookup by (Hugging Face's ``*ScaledWordEmbedding``:
+    ``forward`` returns ``W[ids] * embed_scale``, Gemma's and BART's), as the module multiplies by it: a number of
+    the weight's dtype; None for a plain ``nn.Embedding``. Its output is the site's captured output, so the lookup's
+    gradient is the output gradient times this factor."""
+    scale = getattr(m, "embed_scale", None)
+    if scale is None or type(m).forward is nn.Embedding.forward:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise NotImplementedError(
+                f"{name}: an embedding whose embed_scale has shape {tuple(scale.shape)} is not supported (a number "
+                "is); give sites= of your own"
+            )
+        return float(scale.detach().to(m.weight.dtype).cpu())
+    if isinstance(scale, int | float) and not isinstance(scale, bool):
+        return float(torch.tensor(float(scale), dtype=m.weight.dtype))
+    raise NotImplementedError(
+        f"{name}: an embedding whose embed_scale is a {type(scale).__name__} is not supported (a number or a "
+        "one-element tensor is); give sites= of your own"
+    )
 
 
 def _tie_embeddings(model: nn.Module, sites: list[GramSite]) -> list[GramSite]:
@@ -868,6 +892,24 @@ def _check_capture(model, sites, params, result, total_grads, i, single_grads, l
     )
 
 
+def _eval_forward(fn: Callable) -> Callable:
+    """``fn(model, ...)`` with ``model`` in eval mode for the call when its ``train()`` forward is random (dropout;
+    warned, every module's mode restored afterwards), as the estimators read it: a Gram of the gradients of one
+    random forward would change from call to call."""
+    import functools
+
+    from ._training import eval_mode_if_random
+
+    @functools.wraps(fn)
+    def in_eval_mode(*args, **kwargs):
+        model = args[0] if args else kwargs.get("model")
+        with eval_mode_if_random(model, f"{fn.__name__} runs it"):
+            return fn(*args, **kwargs)
+
+    return in_eval_mode
+
+
+@_eval_forward
 @torch.enable_grad()  # gradients are what it computes: also called under torch.no_grad()
 def per_sample_grad_gram(
     model: nn.Module,
@@ -895,7 +937,8 @@ def per_sample_grad_gram(
     Parameters
     ----------
     model : nn.Module
-        Must treat samples independently (no batch norm in training mode).
+        Must treat samples independently (no batch norm in training mode). A model in ``train()`` mode whose
+        forward is random there (dropout) is run with its ``eval()`` forward, with a warning, and left in its mode.
     loss_fn : callable
         ``loss_fn(model, *inputs)`` returns the per-sample losses, shape ``(B,)`` or ``(B, ...)`` (then summed
         over the trailing dimensions, e.g. per-token losses): ``reduction="none"``, never the batch mean
@@ -1184,6 +1227,7 @@ def per_sample_grad_gram(
     return total
 
 
+@_eval_forward
 def per_sample_grad_gram_reference(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],

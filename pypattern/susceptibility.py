@@ -633,10 +633,13 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
                 f"{_NO_COUNTED_TOKEN}; drop those samples from the probe, or return per-token losses "
                 "(token_losses(model, batch, fill=0.0)[0]), whose padding is left out"
             )
+        who = "the default probe loss (the model's next-token losses)" if library else "per_sample_loss_fn"
         raise ValueError(
-            f"probe: per_sample_loss_fn gives a non-finite loss at the initial weights w*, before any step, for "
+            f"probe: {who} gives a non-finite loss at the initial weights w*, before any step, for "
             f"probe samples {where[:5]}: the probe data or the model give a non-finite loss (look for NaN "
-            "or Inf in the probe's tensors and in the model's weights)"
+            "or Inf in the probe's tensors and in the model's weights, and run the model's forward on the probe to "
+            "see whether its own logits are finite, e.g. at padded rows: a Hugging Face model with eager attention "
+            "in float64 takes its softmax in float32, where a fully padded row is NaN)"
         )
     return l0
 

@@ -188,8 +188,20 @@ def _chains_as_rows(vb: Mapping) -> dict:
     return {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() >= 3 else v for k, v in vb.items()}
 
 
+def _checkpointed(model: nn.Module | None) -> bool:
+    """Whether ``model`` has Hugging Face's gradient checkpointing on (a layer with ``gradient_checkpointing``
+    set: its forward runs through ``torch.utils.checkpoint``, which does not run under vmap)."""
+    if model is None:
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _first_step_failure(
-    error: Exception, vmapped: Callable[[], object], one_chain: Callable[[int], object], n: int
+    error: Exception,
+    vmapped: Callable[[], object],
+    one_chain: Callable[[int], object],
+    n: int,
+    model: nn.Module | None = None,
 ) -> VmapUnsupported:
     """What the ``vmap``-ed loss's ``error`` at a run's first step means. The loss is called without vmap for
     each of the ``n`` chains on its weights and batch (``one_chain(i)``): an exception there is the loss
@@ -205,7 +217,13 @@ def _first_step_failure(
     try:
         vmapped()
     except Exception:  # noqa: BLE001 - fails under vmap only, every time: vmap's limit
-        return VmapUnsupported(f"{type(error).__name__}: {error}")
+        hint = (
+            " (the model has gradient checkpointing on: its layers run through torch.utils.checkpoint, which "
+            "does not run under vmap; model.gradient_checkpointing_disable() lets the chains run batched)"
+            if _checkpointed(model)
+            else ""
+        )
+        return VmapUnsupported(f"{type(error).__name__}: {str(error).rstrip('.')}{hint}")
     raise error
 
 
@@ -343,6 +361,7 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                             loss_fn, {n: v[i] for n, v in leaves.items()}, bj[i]
                         ),
                         C,
+                        base,
                     ) from e
             else:
                 losses, ex = _split_vloss(vloss(leaves, vbj))
