@@ -28,6 +28,7 @@ import torch
 
 from .. import _backends
 from .._checks import is_count, is_real
+from .._masks import zero_one_mask
 from .._progress import progress_bar, sigterm_as_interrupt
 from .._train_checkpoint import check_checkpoint_arg
 from ..models.convert import converted_if_convertible
@@ -119,6 +120,14 @@ def _circuit_mask(edges, graph: EdgeGraph | None):
     """A found :class:`Circuit` (acdc, ``EdgeScores.circuit``) as its mask on its graph (``graph`` when given);
     any other ``edges`` unchanged."""
     if isinstance(edges, Circuit):
+        if graph is not None and (
+            len(edges.graph) != len(graph) or edges.graph.per_position != graph.per_position
+        ):
+            raise ValueError(
+                f"edges is a Circuit on a graph of {len(edges.graph)} edges (per_position="
+                f"{edges.graph.per_position}); graph= is one of {len(graph)} (per_position={graph.per_position}): "
+                "give the circuit with its own graph (leave graph= out) or a circuit of that graph"
+            )
         return edges.mask, edges.graph if graph is None else graph
     if isinstance(edges, (list, tuple)) and any(isinstance(e, Circuit) for e in edges):
         # a batch of sets holding found circuits: each as its mask, on one graph
@@ -203,6 +212,15 @@ def _materialised(edges):
 
 def _infer_per_position(edges, model, T: int) -> bool:
     if isinstance(edges, torch.Tensor):
+        if zero_one_mask(edges) is None:  # not a mask: what it is, before its length is compared
+            bad = (edges != 0) & (edges != 1)
+            what = (
+                f"values such as {edges[bad][0].item()!r} (give edges.bool() of a threshold)"
+                if edges.is_floating_point() or edges.is_complex()
+                else "values other than 0 and 1 (to select edges by index, give [graph.edges[i] for i in idx] or "
+                "their names)"
+            )
+            raise ValueError(f"edges is a {edges.dtype} tensor holding {what}; a mask over edges is boolean")
         n = edges.shape[-1]
         flat = len(EdgeGraph.from_model(model))
         if n == flat:
@@ -1223,10 +1241,25 @@ def pruning_curve(
         scores = {name: scores}
     if not scores:
         raise ValueError("scores is an empty dict: give at least one set of edge scores ({name: EdgeScores})")
-    first = next(iter(scores.values()))
+    first_name, first = next(iter(scores.items()))
+    graph_from = "graph="
     if graph is None:
-        graph = first.graph if isinstance(first, EdgeScores) else EdgeGraph.from_model(model)
+        if isinstance(first, EdgeScores):
+            graph, graph_from = first.graph, ("scores" if one else f"scores[{first_name!r}]")
+        else:
+            graph, graph_from = (
+                EdgeGraph.from_model(model),
+                f"scores[{first_name!r}] (a tensor: edges(model))",
+            )
     E = len(graph)
+    # EdgeScores carry their graph: one of another shape than the graph used is refused naming both
+    for name, sc in scores.items():
+        if isinstance(sc, EdgeScores) and (len(sc.graph) != E or sc.graph.per_position != graph.per_position):
+            label = "scores" if one else f"scores[{name!r}]"
+            raise ValueError(
+                f"{label} is on a graph of {len(sc.graph)} edges (per_position={sc.graph.per_position}), "
+                f"{graph_from} on one of {E} (per_position={graph.per_position}): give scores of one graph"
+            )
     if counts is not None and fractions is not DEFAULT_FRACTIONS:
         raise ValueError(
             "fractions= and counts= are both given; the curve's points are one or the other: give counts (numbers "

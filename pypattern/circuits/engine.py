@@ -57,6 +57,10 @@ _SPARSE = 0.2
 # the batch that memory_budget cannot raise
 _STAGE_BYTES = 32 * 2**20
 _MODES = ("noise", "denoise")
+# copies of one attention stage's destination inputs (V, B, T, d) a patched run holds at once on a per-position graph
+# (the dense inputs, a block's product of that size being added, the norm's output and temporaries)
+_POS_STAGE_COPIES = 7
+_STAGE_COPIES = 2  # the same without positions
 # a destination input formed from terms whose norm is below this fraction of theirs (they nearly cancel) is warned
 # of in float32 or 16 bits (EdgeEngine._check_cancellation): in float32 its rounding is then about 1e-3 of it
 _CANCEL = 1e-4
@@ -214,8 +218,10 @@ class EdgeEngine:
         writes fault in every page: ten 5% circuits of the bench model in one batch took 1.4x as long per circuit
         as in batches of five; so a budget above that point changes nothing).
 
-        Per mask: the node outputs and stage inputs of one run (``n_src + 4 H + 4`` residual-sized tensors), its
-        dense mask, and its logits over the vocabulary with the metric's temporaries
+        Per mask: the node outputs and stage inputs of one run (``n_src + 4 H + 4`` residual-sized tensors), one
+        attention stage's inputs ``(H + 2 Hk, B, T, d)`` formed and normalised at once (counted ``_STAGE_COPIES`` times,
+        ``_POS_STAGE_COPIES`` on a per-position graph, whose inputs are all formed dense), its dense mask, and its
+        logits over the vocabulary with the metric's temporaries
         (:meth:`vocab_bytes_per_run`)."""
         if self.max_batch is not None:
             return max(1, int(self.max_batch))
@@ -223,6 +229,12 @@ class EdgeEngine:
         item = self.base_embed.element_size()
         per = (g.n_src + 4 * self.H + 4) * self.B * self.T * self.d * item
         per += g.n_src * g.n_dst * (g.n_pos or 1) * item
+        # one attention stage's inputs formed dense and normalised at once, with the norm's temporaries: without
+        # positions some of them (most inputs equal the residual or the all-ablated input, :class:`_Grouped`), per
+        # position all of them, with a source block's product of their size being added (measured on GPT-2- and
+        # Llama-shaped models: up to 1.5 and 6.5 times the stage's inputs per mask on top of the rest)
+        copies = _POS_STAGE_COPIES if g.per_position else _STAGE_COPIES
+        per += copies * self.nA * self.B * self.T * self.d * item
         per += self.vocab_bytes_per_run(grad=False)
         stage = self.nA * self.B * self.T * self.d * item
         return max(1, min(int(self.memory_budget // per), int(_STAGE_BYTES // stage)))
