@@ -23,6 +23,7 @@ __all__ = [
     "train_induction_model",
     "head_roles",
     "run_induction_circuit",
+    "TRAIN_MIN_DISTANCE",
     "train_ioi_model",
     "run_ioi_circuits",
 ]
@@ -82,13 +83,24 @@ def induction_circuit_prompts(d_vocab: int, num_prompts: int = 64, n: int = 10, 
     return clean, corrupted, x[:, k], y[:, k]
 
 
+#: the least distance between the two copies of the training task's repeated segment (``InductionTask``'s
+#: ``min_distance``): with copies at least ``repeat_len`` (10) apart, some seeds solve the task without a
+#: previous-token head (layer-0 heads store the pair (token, next token) several positions later, and layer 1
+#: matches there); copies as close as 2 positions leave the previous-token head as the way to solve it
+TRAIN_MIN_DISTANCE = 2
+
+
 def train_induction_model(seed: int = 0, steps: int = 800, task=None):
     """The 2-layer attention-only model of :class:`~pypattern.tasks.InductionTask` trained with the library's
-    :func:`~pypattern.tasks.train` (online data, AdamW 3e-3, batch 64)."""
+    :func:`~pypattern.tasks.train` (online data, AdamW 3e-3, batch 64).
+
+    The default task is ``InductionTask(min_distance=TRAIN_MIN_DISTANCE)``: the two copies of the repeated segment
+    are 2 .. 22 positions apart (and overlap below 10), so that the model forms the previous-token head -> induction
+    head mechanism (see :data:`TRAIN_MIN_DISTANCE`)."""
     from ..models.transformer import Transformer
     from ..tasks import InductionTask, train
 
-    task = InductionTask() if task is None else task
+    task = InductionTask(min_distance=TRAIN_MIN_DISTANCE) if task is None else task
     model = Transformer(task.model_config(seed=seed))
     train(model, task, steps=steps, seed=seed, log_every=0, quiet=True)
     return model, task

@@ -40,11 +40,27 @@ class InductionTask(Task):
         Length of the repeated segment, ``2 .. (seq_len - 1) // 2`` (so ``seq_len`` is at least 5); default
         ``(seq_len - 1) // 3``, at least 2. Both copies are placed at random, so a fixed positional offset cannot
         solve the task: the model has to learn induction.
+    min_distance : int or None
+        Least distance ``d`` between the two copies' first tokens, ``2 .. seq_len - 1 - repeat_len``; ``d`` is
+        uniform over ``min_distance .. seq_len - 1 - repeat_len``. Default (None): ``repeat_len``, the copies never
+        overlap. Below ``repeat_len`` the copies may overlap, and the copied stretch is then periodic with period
+        ``d`` (every token of the second copy still equals the token ``d`` before it). With a least distance of
+        ``repeat_len`` (10 by default) a 2-layer model can store the pair (token, next token) of the first copy at
+        a position up to about ``repeat_len`` later than the pair, through layer-0 heads that attend back by a
+        position-dependent offset, and match on that position instead of the token after the earlier occurrence:
+        it solves the task without a previous-token head. Short distances (``min_distance=2``) leave no room for
+        that: the pair must be available one or two positions after it, which a previous-token head provides.
     """
 
     name = "induction"
 
-    def __init__(self, d_vocab: int = 64, seq_len: int = 33, repeat_len: int | None = None) -> None:
+    def __init__(
+        self,
+        d_vocab: int = 64,
+        seq_len: int = 33,
+        repeat_len: int | None = None,
+        min_distance: int | None = None,
+    ) -> None:
         d_vocab, seq_len = count_arg(d_vocab, "d_vocab", 3), count_arg(seq_len, "seq_len")
         if repeat_len is not None and not is_count(repeat_len):
             raise ValueError(f"repeat_len={repeat_len!r} is not valid; give an int or None")
@@ -58,20 +74,33 @@ class InductionTask(Task):
         self.repeat_len = max(2, (seq_len - 1) // 3) if repeat_len is None else int(repeat_len)
         if not 2 <= self.repeat_len <= longest:
             raise ValueError(f"repeat_len={repeat_len} is not valid for seq_len={seq_len}; give 2..{longest}")
+        farthest = seq_len - 1 - self.repeat_len  # the largest distance that fits
+        if min_distance is not None and not (is_count(min_distance) and 2 <= min_distance <= farthest):
+            raise ValueError(
+                f"min_distance={min_distance!r} is not valid for seq_len={seq_len}, repeat_len={self.repeat_len}; "
+                f"give None or an int in 2..{farthest}"
+            )
+        # kept as given (None: repeat_len), so that a task built without it reads as before (run fingerprints)
+        self.min_distance = None if min_distance is None else int(min_distance)
         self.bos = d_vocab - 1
 
     def sample(self, num_samples: int, seed: int | None = None) -> TaskBatch:
         n, T, k = count_arg(num_samples, "num_samples"), self.n_ctx, self.repeat_len
         g = generator(seed)
         body = torch.randint(0, self.d_vocab - 1, (n, T - 1), generator=g)
-        # distance d = j - i uniform over every value that fits, then the source start i uniform: a head that
+        # distance d = j - i uniform over min_distance .. T-1-k, then the source start i uniform: a head that
         # attends at a fixed distance cannot solve the task
-        d = torch.randint(k, T - k, (n,), generator=g)  # k .. T-1-k
+        least = k if self.min_distance is None else self.min_distance
+        d = torch.randint(least, T - k, (n,), generator=g)
         i = (torch.rand(n, generator=g) * (T - k - d)).long().clamp_max(T - 1 - k - d)
         j = i + d
         ar = torch.arange(k)
         rows = torch.arange(n)[:, None]
-        body[rows, (j[:, None] + ar)] = body[rows, (i[:, None] + ar)]
+        if least >= k:  # the copies never overlap
+            body[rows, (j[:, None] + ar)] = body[rows, (i[:, None] + ar)]
+        else:  # token by token, so that an overlapping copy reads the tokens already copied (period d)
+            for t in range(k):
+                body[rows[:, 0], j + t] = body[rows[:, 0], i + t]
         tokens = torch.cat([torch.full((n, 1), self.bos), body], 1)
         targets = torch.full_like(tokens, IGNORE)
         targets[:, :-1] = tokens[:, 1:]
