@@ -60,7 +60,12 @@ def build_model(family: str, s: HFAutoSettings, seed: int = 0) -> torch.nn.Modul
     random weights (dropout off), in eval mode."""
     import transformers
 
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build_model(transformers, family, s)
+
+
+def _build_model(transformers, family: str, s: HFAutoSettings) -> torch.nn.Module:
     if family == "gpt2":
         cfg = transformers.GPT2Config(
             vocab_size=s.d_vocab,
@@ -215,23 +220,58 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _count(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    return seeds
+
+
+def _families(text: str) -> list[str]:
+    fams = [f.strip() for f in text.split(",")]
+    bad = [f for f in fams if f not in FAMILIES]
+    if bad or not fams:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {FAMILIES}, got {text!r}")
+    return fams
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(FAMILIES))
-    p.add_argument("--train-steps", type=int, default=HFAutoSettings.train_steps)
-    p.add_argument("--num-draws", type=int, default=HFAutoSettings.num_draws)
-    p.add_argument("--d-model", type=int, default=HFAutoSettings.d_model)
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--families", type=_families, default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}"
+    )
+    p.add_argument("--train-steps", type=_count(0), default=HFAutoSettings.train_steps)
+    p.add_argument("--num-draws", type=_count(1), default=HFAutoSettings.num_draws)
+    p.add_argument("--d-model", type=_count(1), default=HFAutoSettings.d_model)
+    p.add_argument("--seeds", type=_seeds, default="0,1,2", help="comma-separated integers")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
+    if a.d_model % HFAutoSettings.n_heads:
+        p.error(
+            f"argument --d-model: must be a multiple of n_heads={HFAutoSettings.n_heads}, got {a.d_model}"
+        )
     s = HFAutoSettings(
         train_steps=a.train_steps,
         num_draws=a.num_draws,
         d_model=a.d_model,
-        seeds=tuple(int(v) for v in a.seeds.split(",")),
+        seeds=a.seeds,
     )
     out = []
-    for fam in a.families.split(","):
+    for fam in a.families:
         r = measure_family(fam, s)
         r["settings"] = asdict(s)
         out.append(r)

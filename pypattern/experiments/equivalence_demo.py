@@ -99,10 +99,7 @@ def run_equivalence_demo(out_dir: str | Path = "out/demo/cka", s: EquivalenceDem
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from . import _figures as plt
 
     pairs = result["pairs"]
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.2), squeeze=False)

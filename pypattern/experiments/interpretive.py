@@ -684,10 +684,7 @@ def _summary(per_seed: list, algorithms, measures, budgets) -> dict:
 
 
 def _plot(report: dict, out: Path, name: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from . import _figures as plt
 
     s = report["settings"]
     names = s["algorithms"]

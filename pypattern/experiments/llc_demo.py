@@ -7,7 +7,6 @@ call it).
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
@@ -24,7 +23,7 @@ QUICK = dict(sizes=(8, 32, 4), n=512, train_steps=150, num_draws=40, num_burnin_
 
 
 def run_llc_demo(
-    out_dir: str | os.PathLike = "demo_out",
+    out_dir: str | os.PathLike = "out/llc",
     *,
     sizes=(32, 128, 128, 10),
     n: int = 4096,
@@ -78,10 +77,7 @@ def run_llc_demo(
             quiet=quiet,
         )
         t2 = time.perf_counter()
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from . import _figures as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
         res.plot(ax)
@@ -107,6 +103,19 @@ def run_llc_demo(
             seconds_sampling=t2 - t1,
             plot=plot_path,
             result=result_path,
+            settings=dict(
+                sizes=list(sizes),
+                n=n,
+                train_steps=train_steps,
+                num_chains=num_chains,
+                num_draws=num_draws,
+                num_burnin_steps=num_burnin_steps,
+                step_size=step_size,
+                localization=localization,
+                nbeta=res.nbeta,
+                batch_size=batch_size,
+                seed=seed,
+            ),
         )
         summary["summary"] = os.path.join(out_dir, "llc_summary.json")
         _write(out_dir, "llc_summary.json", summary)
@@ -124,5 +133,21 @@ def run_llc_demo(
         return summary
 
 
+def main(argv=None) -> dict:
+    """``python -m pypattern.experiments.llc_demo [out_dir] [--quick] [--seed N]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m pypattern.experiments.llc_demo", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("out_dir", nargs="?", default="out/llc", help="folder for the plot, result and summary")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks the demo runs; figures mean nothing"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the task, the training and the chains")
+    a = ap.parse_args(argv)
+    return run_llc_demo(a.out_dir, seed=a.seed, **(QUICK if a.quick else {}))
+
+
 if __name__ == "__main__":  # pragma: no cover
-    run_llc_demo(sys.argv[1] if len(sys.argv) > 1 else "demo_out")
+    main()

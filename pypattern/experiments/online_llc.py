@@ -126,12 +126,10 @@ def run_online_llc_induction(
 
 def plot_online_llc(out: dict, path=None):
     """The LLC curve with the training loss, the induction-token loss and the prefix-matching score."""
-    import matplotlib
+    from .._plotting import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = new_figure(path, (8, 4.5))
+    ax = fig.add_subplot()
     c = out["curve"]
     out["llc"].plot(ax, extra={"induction-token loss": c[:, 1], "prefix-matching score": c[:, 3]})
     ax.set_title("LLC during training (induction task)")

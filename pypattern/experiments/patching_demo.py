@@ -40,7 +40,7 @@ def run_patch_demo(
     from ..tasks import IOITask, train
 
     os.makedirs(out_dir, exist_ok=True)
-    with pinned_threads(1):
+    with pinned_threads(1), torch.random.fork_rng(devices=[]):
         t0 = time.perf_counter()
         task = IOITask()
         torch.manual_seed(seed)
@@ -67,6 +67,7 @@ def run_patch_demo(
         _write_table(table, [("exact", resid), ("exact", heads), ("atp", atp_r), ("atp", atp_h)])
     summary = {
         "task": "ioi (ABC corruption)",
+        "settings": {"steps": steps, "num_prompts": num_prompts, "seed": seed},
         "accuracy": acc,
         "logit_diff_clean": float(resid.clean.mean()),
         "logit_diff_corrupted": float(resid.corrupted.mean()),
@@ -91,10 +92,7 @@ def _cells(top: list[tuple[dict, float]]) -> str:
 
 
 def _plot(resid, heads, atp_r, task, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from . import _figures as plt
 
     labels = [t if t != "f" else "filler" for t in task.template]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -143,8 +141,24 @@ def _write_table(path: str, results) -> None:
         w.writerows(rows)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    import sys
+def main(argv=None) -> dict:
+    """``python -m pypattern.experiments.patching_demo [out_dir] [--quick] [--seed N]``."""
+    import argparse
 
-    for key, value in run_patch_demo(sys.argv[1] if len(sys.argv) > 1 else "out/patch").items():
+    ap = argparse.ArgumentParser(prog="python -m pypattern.experiments.patching_demo", description=__doc__)
+    ap.add_argument(
+        "out_dir", nargs="?", default="out/patch", help="folder for the heatmap, table and summary"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny sizes: checks the demo runs; figures mean nothing"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model, the training and the prompts")
+    a = ap.parse_args(argv)
+    summary = run_patch_demo(a.out_dir, seed=a.seed, **(QUICK if a.quick else {}))
+    for key, value in summary.items():
         print(f"  {key}: {value}")
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

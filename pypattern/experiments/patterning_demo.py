@@ -77,10 +77,7 @@ def _jsonable(x):
 
 
 def _plot_induction(res: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from . import _figures as plt
 
     paths = []
     per = res["per_seed"]
@@ -151,10 +148,7 @@ def _plot_induction(res: dict, out: Path) -> list[str]:
 
 
 def _plot_parens(res: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from . import _figures as plt
 
     per = res["per_seed"]
     conds = list(per[0]["runs"])

@@ -439,16 +439,13 @@ def run_user_llc(
     text = llc_error_text(float(res.llc_mean), float(res.llc_se), float(res.llc_std), n_chains)
     plot = None
     try:
-        import matplotlib
+        from . import _figures as plt
 
-        matplotlib.use("Agg")
-        fig = res.plot(title=f"LLC = {text}")
-        fig = getattr(fig, "figure", fig)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        res.plot(ax, title=f"LLC = {text}")
+        fig.tight_layout()
         plot = os.path.join(out, "llc_trace.png")
         fig.savefig(plot, dpi=100)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
     except ImportError:  # pragma: no cover - matplotlib is optional
         pass
     summary = {
