@@ -103,3 +103,23 @@ def test_auto_step_hf_bad_values_are_argparse_errors(argv, flag, capsys):
         auto_step_hf.main(argv)
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_experiment_modules_run_with_python_m_without_runpys_warning():
+    """The package imports its modules when first read, so ``python -m pypattern.experiments.<module>`` runs a
+    module the package has not imported already (runpy warned "found in sys.modules" before)."""
+    import os
+    import subprocess
+    import sys
+
+    import pypattern.experiments as ex
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("induction", "chi_settings"):
+        r = subprocess.run(
+            [sys.executable, "-W", "error::RuntimeWarning", "-m", f"pypattern.experiments.{name}"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0 and "found in sys.modules" not in r.stderr, r.stderr[-2000:]
+    assert ex.run_patterning_demo.__module__ == "pypattern.experiments.patterning_demo"
+    assert "InductionSettings" in dir(ex)

@@ -6,9 +6,32 @@ llc``), :mod:`.patching_demo` (``pypattern patch``), :mod:`.flags_demo`, :mod:`.
 :mod:`.parens_llc` (parentheses patterning with each solution's own LLC).
 """
 
-from .induction import InductionSettings, run_induction_experiment, run_induction_seed
-from .parens import ParensSettings, run_parens_experiment, run_parens_seed
-from .patterning_demo import run_patterning_demo
+import importlib
+
+# imported when first read (PEP 562): ``python -m pypattern.experiments.<module>`` then runs a module the package
+# has not imported already (runpy warns otherwise)
+_LAZY = {
+    "InductionSettings": "induction",
+    "run_induction_experiment": "induction",
+    "run_induction_seed": "induction",
+    "ParensSettings": "parens",
+    "run_parens_experiment": "parens",
+    "run_parens_seed": "parens",
+    "run_patterning_demo": "patterning_demo",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "run_patterning_demo",
