@@ -111,3 +111,18 @@ def is_real(value) -> bool:
     import numpy as np
 
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def refuse_inference_parameters(model, what: str) -> None:
+    """ValueError when ``model`` has parameters made or loaded under ``torch.inference_mode()``: ``what`` (the
+    estimator) takes gradients through them or updates them, which autograd does not allow."""
+    params = getattr(model, "parameters", None)
+    if not callable(params):
+        return
+    names = [n for n, p in model.named_parameters() if p.is_inference()]
+    if names:
+        raise ValueError(
+            f"{what} takes gradients through the model, but {len(names)} of its parameters (e.g. {names[0]!r}) are "
+            "inference tensors (made or loaded under torch.inference_mode()), which autograd cannot use; build "
+            "or load the model outside inference mode (torch.no_grad() is fine)"
+        )

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_flag, is_count
+from ._checks import check_flag, is_count, refuse_inference_parameters
 from .ops.grad_gram import center_gram, grad_gram_dense, grad_gram_embedding, grad_gram_linear
 
 __all__ = [
@@ -1003,6 +1003,13 @@ def per_sample_grad_gram(
             "per_sample_grad_gram takes gradients, which torch.inference_mode() does not allow (torch.no_grad() "
             "is fine: gradients are enabled inside); call it outside the inference-mode block"
         )
+    refuse_inference_parameters(model, "per_sample_grad_gram")
+    # inputs made under inference mode: autograd cannot save them for the backward, ordinary copies it can
+    from .losses import map_batch
+
+    inputs = tuple(
+        map_batch(lambda x: x.clone() if isinstance(x, torch.Tensor) and x.is_inference() else x, inputs)
+    )
     defaults = sites is None and modules is None
     if defaults:
         from ._checks import compiled_inner

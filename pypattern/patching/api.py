@@ -404,7 +404,7 @@ def prepare_runs(
 
     def run(tokens, noise, names):
         hooks = [("hook_embed", embedding_noise_hook(noise))] if noise is not None else []
-        with model.hooks(hooks):
+        with torch.no_grad(), model.hooks(hooks):  # patching takes no gradient
             return model.run_with_cache(tokens, names_filter=names)
 
     from ..models.transformer import Transformer

@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from .._checks import is_count
+from .._checks import is_count, refuse_inference_parameters
 from .._memory import keep_freed_heap
 from .._training import frozen_parameters
 from ..models.packed import block_weight_bytes, pack_budget
@@ -346,6 +346,7 @@ def attribution_patching(
             "attribution_patching takes gradients, which torch.inference_mode() does not allow (torch.enable_grad() "
             "cannot lift it); call it outside inference mode (inside torch.no_grad() is fine)"
         )
+    refuse_inference_parameters(model, "attribution_patching")
     keep_freed_heap()
     warn_half_precision(model, "patching", "attribution_patching")
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)

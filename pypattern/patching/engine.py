@@ -293,6 +293,7 @@ class ExactEngine:
         if max_memory is not None:
             self._fit_logits(float(max_memory))
 
+    @torch.no_grad()
     def _fit_logits(self, max_memory: float) -> None:
         """Lower ``max_batch`` so that one batch's logits (and the metric's temporaries) fit in ``max_memory``, and
         the rows gathered before an unembedding so that those gathered (fewer than the threshold, then a batch)

@@ -112,19 +112,26 @@ def batches_per_epoch(loader) -> int | None:
     return n - 1 if ragged_last_batch(loader) else n
 
 
+def _ordinary_needed(x: torch.Tensor) -> bool:
+    """Whether ``x`` is an inference tensor that autograd would be asked to save (outside inference mode)."""
+    return x.is_inference() and not torch.is_inference_mode_enabled()
+
+
 def to_device(batch, device):
     """``batch`` with its tensors on ``device`` (the batch itself, the same object, when they all are there
     already; a mapping of any kind, such as a ``transformers.BatchEncoding``, keeps its kind); a meta tensor (a
-    shape without values) in it is refused."""
+    shape without values) in it is refused. A tensor made under ``torch.inference_mode()`` is copied into an
+    ordinary one (outside inference mode): autograd cannot save it for the backward passes of the sampler."""
 
     def moved(x):
         if not isinstance(x, torch.Tensor):
             return x
         if device.type != "meta":
             refuse_meta(x, "a tensor of a batch of data", "the data themselves")
-        return x.to(device)
+        x = x.to(device)
+        return x.clone() if _ordinary_needed(x) else x
 
-    if all(x.device == device for x in batch_tensors(batch)):
+    if all(x.device == device and not _ordinary_needed(x) for x in batch_tensors(batch)):
         return batch
     return map_batch(moved, batch)
 

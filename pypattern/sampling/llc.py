@@ -705,7 +705,9 @@ def estimate_learning_coeff_with_summary(
         ``L_n(w*)`` (a one-element tensor or array is read as its number); default (or a falsy value, as in
         devinterp) the mean over ``num_chains * grad_accum_steps`` batches, as in devinterp.
     cores : int
-        Chains run at once (threads, see :func:`pypattern.sample`); the draws do not depend on it.
+        Chains run at once (threads, see :func:`pypattern.sample`); the draws do not depend on it (bitwise
+        against a run in one torch thread, which each group runs in; against more intra-op threads, whose
+        reductions add in another order, up to float rounding).
     seed : int or sequence of ``num_chains`` ints, optional
         Keys the noise and data order (None: 0, the same run on every call; devinterp's unseeded chains
         follow torch's global generator, so replicates keyed by ``torch.manual_seed`` need ``seed=`` here).

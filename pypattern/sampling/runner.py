@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._checks import is_count
+from .._checks import is_count, refuse_inference_parameters
 from .._threads import pinned_threads
 from .._training import buffers_kept, eval_mode_if_random
 from ..losses import (
@@ -428,7 +428,9 @@ def sample(
     cores : int
         Run the chains in ``cores`` groups at once, one Python thread each, with torch pinned to one intra-op
         thread (each op runs on its calling thread, so the groups use ``cores`` cores; torch releases the GIL
-        inside its ops). Each group is sequential or batched as ``batched`` says. The draws do not depend on it.
+        inside its ops). Each group is sequential or batched as ``batched`` says. The draws do not depend on it
+        (bitwise against a run in one torch thread, which each group runs in; against more intra-op threads,
+        whose reductions add in another order, up to float rounding).
         Callbacks and checkpoint writes are serialised under a lock; a chain's draws reach the callbacks in
         order. Use it for models whose steps are large enough to outweigh the GIL; small ops are faster in one
         thread.
@@ -484,6 +486,7 @@ def sample(
             "sampler enables gradients itself); call it outside the inference_mode block"
         )
     check_model(model)
+    refuse_inference_parameters(model, "sample()")
     check_loader(loader)
     if not callable(callbacks) and isinstance(callbacks, Iterable) and not isinstance(callbacks, str | bytes):
         callbacks = list(callbacks)  # read once (an iterator of callbacks too)
