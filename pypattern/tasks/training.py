@@ -12,15 +12,17 @@ import torch
 
 from .._checks import model_device
 from .._training import random_in_training, values_kept_on_error
+from ..io import Saveable, register
 from ..losses import read_logits
 from .base import Task, TaskBatch, count_arg, generator, offset_seed
 
 __all__ = ["train", "TrainResult"]
 
 
+@register
 @dataclass
-class TrainResult:
-    """Losses logged during :func:`train`.
+class TrainResult(Saveable):
+    """Losses logged during :func:`train` (``.save(path)`` / ``TrainResult.load(path)``, as every result).
 
     Attributes
     ----------
