@@ -302,6 +302,13 @@ class EdgeScores:
 
     plot = draw
 
+    def __repr__(self) -> str:
+        """What the scores are, without their tensors (an error message quoting them stays readable)."""
+        return (
+            f"EdgeScores({self.method}, {self.mode}, {self.ablation} ablation, metric {self.metric!r}: "
+            f"{self.values.shape[1]} edges x {self.values.shape[0]} examples; {self.graph!r})"
+        )
+
     def save(self, path) -> None:
         """Write to ``path`` (.npz with a JSON header; loading never unpickles)."""
         meta = {
@@ -422,6 +429,12 @@ class Circuit:
         return draw_circuit(self.graph, self.mask, self.scores, path=path, ax=ax, title=title, **kwargs)
 
     plot = draw
+
+    def __repr__(self) -> str:
+        """What the circuit is, without its tensors (an error message quoting it stays readable)."""
+        f = "" if self.faithfulness is None else f", faithfulness {self.faithfulness:.4g}"
+        how = f"{self.method} " if self.method else ""
+        return f"Circuit({how}{len(self)} of {len(self.graph)} edges{f}; {self.graph!r})"
 
     def save(self, path) -> None:
         """Write to ``path`` (.npz with a JSON header)."""

@@ -343,6 +343,14 @@ class PatchResult(Saveable):
         finish(fig, path, own)
         return ax
 
+    def __repr__(self) -> str:
+        """What the grid is, without its tensors (an error message quoting it stays readable)."""
+        axes = ", ".join(self.axes)
+        return (
+            f"PatchResult({self.method} {self.direction} of {self.site!r}, metric {self.metric!r}: values "
+            f"{tuple(self.values.shape)} (batch, {axes}))"
+        )
+
     def to_csv(self, path: str, normalized: bool = True) -> None:
         """Write :meth:`to_records` as CSV (no pandas needed)."""
         import csv

@@ -3,12 +3,14 @@ header; no pickle: loading never executes code)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._plotting import figure_axes, finish
 from ..io import Saveable, register
 
 __all__ = ["LLCResult", "SampleResult"]
@@ -216,12 +218,19 @@ class LLCResult(Saveable):
         """One row per (chain, draw): ``chain``, ``draw``, ``loss`` and ``llc`` (= ``nbeta * (loss - init_loss)``)."""
         return _draw_table(self.loss_trace, {"llc": self.llc_trace})
 
-    def plot(self, ax=None, *, title: str | None = None):
-        """Plot the loss trace of each chain and ``L_n(w*)`` (matplotlib); returns the axes."""
-        import matplotlib.pyplot as plt
+    def plot(self, ax=None, *, path=None, title: str | None = None):
+        """Plot the loss trace of each chain and ``L_n(w*)`` (matplotlib); returns the axes.
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(7, 4))
+        ``ax``: the axes to draw on (None: a new figure). ``path``: write the figure there (without ``ax``, a figure
+        outside pyplot: matplotlib's backend and pyplot's figures are left as they are). A path (str or
+        ``os.PathLike``) given in ``ax``'s place is read as ``path``, as the other results' ``plot`` take it."""
+        if isinstance(ax, str | os.PathLike):
+            if path is not None:
+                raise TypeError(f"plot got a path twice: ax={ax!r} and path={path!r}; give one")
+            ax, path = None, ax
+        if ax is not None and not hasattr(ax, "plot"):
+            raise TypeError(f"ax={ax!r} is not valid; give matplotlib axes, or None (a new figure)")
+        fig, ax, own = figure_axes(path, ax, (7, 4))
         for c, tr in enumerate(self.loss_trace):
             ax.plot(tr, lw=0.8, label=f"chain {c}")
         ax.axhline(self.init_loss, color="k", ls="--", lw=1, label="L_n(w*)")
@@ -234,6 +243,7 @@ class LLCResult(Saveable):
         )
         if len(self.loss_trace) <= 10:
             ax.legend(fontsize=7)
+        finish(fig, path, own)
         return ax
 
     def __repr__(self) -> str:
