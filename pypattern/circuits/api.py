@@ -1241,6 +1241,18 @@ def pruning_curve(
         scores = {name: scores}
     if not scores:
         raise ValueError("scores is an empty dict: give at least one set of edge scores ({name: EdgeScores})")
+    for name, sc in scores.items():
+        if not isinstance(sc, EdgeScores | torch.Tensor | np.ndarray | list | tuple):
+            label = "scores" if one else f"scores[{name!r}]"
+            hint = (
+                " (a Circuit is one set of edges: give it to faithfulness(), or its scores, circuit.scores)"
+                if isinstance(sc, Circuit)
+                else ""
+            )
+            raise TypeError(
+                f"{label} is a {type(sc).__name__}; give EdgeScores (edge_attribution's result), a tensor of one "
+                f"score per edge, or a dict of them{hint}"
+            )
     first_name, first = next(iter(scores.items()))
     graph_from = "graph="
     if graph is None:
