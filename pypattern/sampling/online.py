@@ -175,6 +175,10 @@ def _check_sample_kwargs(loader, kw: dict, components) -> None:
     (:func:`pypattern.estimate_llc`'s, or :func:`pypattern.refined_llc`'s with ``components``) and the values
     that do not depend on the model (counts, seed, sampler, hyperparameters, flags, checkpoint path)."""
     check_loader(loader)
+    if components is not None:
+        from .refined import check_components
+
+        check_components(components)
     taken = _SAMPLE_ARGUMENTS - ({"runs", "restrict_to", "masks"} if components is not None else set())
     what = "refined_llc()'s (with components)" if components is not None else "estimate_llc()'s"
     refuse_unknown_keywords(
@@ -232,7 +236,7 @@ class OnlineLLC:
         Estimate at every ``every``-th step (``step % every == 0``).
     steps : sequence of int, optional
         Estimate at these steps (with ``every``: at either).
-    components : "heads", list or dict, optional
+    components : "heads", "blocks", list or dict, optional
         Also the weight-refined LLCs of these components (:func:`pypattern.refined_llc`), batched with the
         full run.
     **sample_kwargs
@@ -311,6 +315,13 @@ class OnlineLLC:
         step = operator.index(step)
         if not self.due(step):
             return None
+        if loss is not None:
+            try:
+                loss = float(loss)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(
+                    f"OnlineLLC: loss must be a number (the training loss at this step) or None, got {loss!r:.80}"
+                ) from None
         t0 = time.perf_counter()
         with preserved_training_state(model):
             # the model as estimate_llc reads it: in eval() mode when its train() forward is random (dropout; no

@@ -17,7 +17,7 @@ bit for bit).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,16 +164,33 @@ def _bool_mask(name: str, key: str, v) -> torch.Tensor:
     return t
 
 
-def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple]]:
-    """Names and ``(restrict_to, masks)`` pairs of the components."""
-    from ..models.transformer import component_masks, list_components
-
+def check_components(components) -> None:
+    """Refuse, without the model, a ``components`` that is no component list: a text other than ``"heads"`` or
+    ``"blocks"``, or a value that is neither a text, a dict nor an iterable of components, or an empty one."""
     if isinstance(components, str):
         if components not in ("heads", "blocks"):
             raise ValueError(
                 f"components={components!r}: give 'heads' (every head, MLP and embedding), 'blocks' (attention "
                 "layers whole), a list of component names, or a dict of name -> names or masks"
             )
+        return
+    if not isinstance(components, Mapping) and (
+        isinstance(components, bytes | torch.Tensor) or not isinstance(components, Iterable)
+    ):
+        raise TypeError(
+            f"components={components!r} is not valid; give 'heads', 'blocks', a list of component names or "
+            "parameter-name prefixes, or a dict of name -> names or masks"
+        )
+    if isinstance(components, Sized) and len(components) == 0:
+        raise ValueError("components is empty: give at least one component")
+
+
+def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple]]:
+    """Names and ``(restrict_to, masks)`` pairs of the components."""
+    from ..models.transformer import component_masks, list_components
+
+    check_components(components)
+    if isinstance(components, str):
         from ..models.hf_masks import hf_components, is_hf_model
 
         if hasattr(model, "cfg"):
@@ -295,7 +312,8 @@ def refined_llc(
     include_full : bool
         Add the unrestricted run (row ``"full"``).
     **sample_kwargs
-        Any keyword of :func:`pypattern.sample` (documented there) except ``runs``, ``restrict_to`` and ``masks``;
+        Any keyword of :func:`pypattern.sample` (documented there) except ``runs``, ``restrict_to`` and ``masks``
+        (``init_loss`` is ``L_n(w*)`` on ``loader``: the rows of ``data`` use their own, computed on ``data``);
         any other keyword is a ``TypeError`` naming it: ``num_chains``,
         ``num_draws``, ``step_size`` (or ``"auto"``: one calibration for all the runs of a data set), ``nbeta``,
         ``localization``, ``seed``, ``batched``, ...
@@ -315,8 +333,17 @@ def refined_llc(
         "pypattern.sample()'s keywords (documented there) but runs, restrict_to and masks",
     )
     check_model(model)
+    if not isinstance(include_full, bool | np.bool_):
+        raise TypeError(f"include_full must be True or False, got {include_full!r}")
     if data is not None:  # sampled as a loader: errors would name "loader"
         check_loader(data, "data")
+    if data_loss_fn is not None:
+        if data is None:
+            raise ValueError("data_loss_fn is the loss on data, and data is not given: give data, or drop it")
+        if not callable(data_loss_fn):
+            raise TypeError(
+                f"data_loss_fn={data_loss_fn!r} is not callable; give a function (model, batch) -> loss, or None"
+            )
     # before the first data set's runs: the second's loss function too
     callbacks = sample_kwargs.get("callbacks", ())
     if not callable(callbacks) and isinstance(callbacks, Iterable) and not isinstance(callbacks, str | bytes):
@@ -346,7 +373,10 @@ def refined_llc(
     for label, ld, lf in sets:
         # one checkpoint file per data set (the two runs read other data)
         path = ckpt if label == "train" else sub_run_path(ckpt, label)
-        results = sample(model, ld, loss_fn=lf, runs=runs, checkpoint=path, **sample_kwargs)
+        kw = dict(sample_kwargs)
+        if label != "train":  # a given init_loss is L_n(w*) on the training data: the other set's is its own
+            kw.pop("init_loss", None)
+        results = sample(model, ld, loss_fn=lf, runs=runs, checkpoint=path, **kw)
         seconds += float(results[0].seconds)
         if not out.config:
             out.config = dict(results[0].config)
