@@ -35,7 +35,7 @@ import torch
 
 from . import io
 from .sampling.data import ChainData
-from .sampling.diagnostics import check_stationarity, ess, r_hat, user_stacklevel
+from .sampling.diagnostics import check_mixing, check_stationarity, ess, r_hat, user_stacklevel
 from .sampling.llc import LLCResult, llc_of_samples
 from .sampling.optim import chain_seed
 from .sampling.plan import refuse_unknown_keywords
@@ -330,7 +330,9 @@ def _combine_rows(arr: np.ndarray, rows: Sequence[int], group) -> np.ndarray:
 
 def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[SampleResult]:
     """:func:`pypattern.sample` with the chains spread over the ranks of ``group`` (the default group if None);
-    every rank returns the whole result. Takes the same keyword arguments."""
+    every rank returns the whole result. Takes the same keyword arguments. Rank 0 warns when the whole loss trace
+    is not stationary (split R-hat) or mixes poorly (effective sample size), as one process does; the checks that
+    need the chains' last weights (a given step's relaxation and discretisation bias, drift) are not made."""
     dist = _dist()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     runs = kwargs.get("runs")
@@ -389,7 +391,8 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
         res.r_hat, res.ess = r_hat(res.loss_trace), ess(res.loss_trace)
         res.seconds = float(seconds)
         if warn and rank == 0:
-            check_stationarity(res.loss_trace)
+            # the whole trace's R-hat, then its effective sample size, as one process warns
+            check_stationarity(res.loss_trace) and check_mixing(res.loss_trace)
     return out
 
 
@@ -409,16 +412,15 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
 
     dist = _dist()
     rank = dist.get_rank(group)
-    check_same_arguments(group, **_agree(lambda: _model_items(model), group))
-    items = _sample_items(model, loader, kwargs)
+
+    def preflight():  # every rank raises if any rank's arguments cannot be read (none waits in a collective)
+        comps = dict(components) if isinstance(components, dict) else list(components)
+        return _model_items(model), _sample_items(model, loader, kwargs), comps
+
+    model_items, items, comps = _agree(preflight, group)
+    check_same_arguments(group, **model_items)
     _checkpoint_compared(items, group, folder=True)
-    check_same_arguments(
-        group,
-        _sample_defaults(),
-        probe=probe,
-        components=dict(components) if isinstance(components, dict) else list(components),
-        **items,
-    )
+    check_same_arguments(group, _sample_defaults(), probe=probe, components=comps, **items)
 
     def sampler(m, ld, *, callbacks, **kw):
         return sample(m, ld, group=group, callbacks=callbacks, **kw)
