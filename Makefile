@@ -68,7 +68,7 @@ test-peers: setup
 	bash bench/envs/tl.sh
 	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/tl/bin/python -m pytest -q tests/test_convert.py -k transformer_lens -p no:cacheprovider
 	bash bench/envs/autocircuit.sh
-	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/autocircuit/bin/python -m pytest -q tests/test_hooked_transformer.py tests/test_tl_audit_configs.py tests/test_readme_audit3.py -p no:cacheprovider
+	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/autocircuit/bin/python -m pytest -q tests/test_hooked_transformer.py tests/test_hooked_transformer_configs.py tests/test_readme_names_and_tl_walkthrough.py -p no:cacheprovider
 
 check-cuda:
 	bash .ci/check_cuda.sh

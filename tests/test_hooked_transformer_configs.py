@@ -6,7 +6,7 @@ forward or a naive loop of its hooked forwards.
 
 Runs where TransformerLens with ``HookedTransformer`` is installed (TransformerLens 2.16.1, as in
 ``bench/envs/autocircuit.sh``): ``OMP_NUM_THREADS=1 PYTHONPATH=. <venv>/bin/python -m pytest -q
-tests/test_tl_audit_configs.py -p no:cacheprovider``; skipped elsewhere (TransformerLens 4.x has no
+tests/test_hooked_transformer_configs.py -p no:cacheprovider``; skipped elsewhere (TransformerLens 4.x has no
 ``HookedTransformer``)."""
 
 import warnings
