@@ -1009,7 +1009,6 @@ class EdgeEngine:
                         if not self.bound:
                             bind_metric(self.metric, base_logits)
                             on_base = metric_on(self.metric, base_logits, self.B).detach()
-                            _check_real(on_base)
                             # the runs below read the metric on stacks of logits: it must give each run's values,
                             # and the backward differentiates the sum over examples: each example's own
                             check_metric_on_stacks(self.metric, base_logits, on_base, per_example=True)
@@ -1235,7 +1234,8 @@ def _vocab_run_bytes(view: ModelView, metric, logits: torch.Tensor, grad: bool) 
 
 def _check_real(m) -> None:
     """Refuse metric values that are complex: scores, faithfulness and gradients are defined for real metrics only
-    (a complex value would lose its imaginary part in a patched run's values, or stop the backward)."""
+    (a complex value would lose its imaginary part in a patched run's values, or stop the backward). For the values
+    on stacks of runs; the first run's go through ``metric_on``, whose check refuses them the same way."""
     if isinstance(m, torch.Tensor) and m.is_complex():
         raise ValueError(
             f"metric returned complex values ({m.dtype}); it must map logits (..., batch, vocab) to real numbers "
@@ -1495,8 +1495,7 @@ def _record_runs(
     if not (defer_base and mode == "noise"):  # the clean run is the base run, recorded later
         clean_run = node_run(view, graph, x_clean, pos)
         bind_metric(metric, clean_run.logits.detach())
-        m_clean = metric_on(metric, clean_run.logits, B)
-        _check_real(m_clean)
+        m_clean = metric_on(metric, clean_run.logits, B)  # (which refuses complex values)
         check_metric_on_stacks(metric, clean_run.logits.detach(), m_clean)
         m_clean = _scored(m_clean, view.dtype)
     if defer_base:

@@ -110,10 +110,11 @@ def _hooked_if_hf(model):
             return model  # TransformerLens' own hooks, one forward per cell
     if isinstance(model, (Transformer, HookedHF)) or hasattr(model, "hook_dict"):
         return model
-    # a Hugging Face model inside a wrapper that holds it unchanged (nn.DataParallel, a PEFT-style .base_model)
-    inner, _ = unwrap_hf(model, check=False)
+    # a Hugging Face model inside a wrapper that holds it unchanged (nn.DataParallel, a PEFT-style .base_model; one
+    # with parameters of its own is refused)
+    inner, _ = unwrap_hf(model)
     if isinstance(inner, HookedHF):
-        return unwrap_hf(model)[0]  # the adapter inside a wrapper (one with parameters of its own is refused)
+        return inner  # the adapter inside a wrapper
     if not is_hf_causal_lm(inner):
         return model
     from ..models.convert import SUPPORTED_CLASSES
@@ -123,9 +124,7 @@ def _hooked_if_hf(model):
         getattr(inner.config, "model_type", None) not in HF_ARCHS
         and type(inner).__name__ in SUPPORTED_CLASSES
     ):
-        # no native adapter (OPT, Granite, BLOOM, Falcon): the same function, converted (a wrapper with parameters
-        # of its own is refused by unwrap_hf)
-        return from_hf(unwrap_hf(model)[0])
+        return from_hf(inner)  # no native adapter (OPT, Granite, BLOOM, Falcon): the same function, converted
     return hooked_hf(model)
 
 
