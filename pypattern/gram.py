@@ -178,17 +178,41 @@ def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]
     return [(k, x) for i, (k, x) in enumerate(out) if k not in names[:i]]
 
 
+def _tied_partners(model: nn.Module, named: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The other use of a weight tied between an ``nn.Embedding`` and an ``nn.Linear`` (an unembedding tied to the
+    embedding: a Hugging Face ``lm_head`` whose weight is ``embed_tokens.weight``) when only one of the two is among
+    ``named``: the Gram over that weight counts both uses, as the gradient of the weight does. The partner covers
+    the tied weight only (a linear map's bias stays out unless its module is named)."""
+    have = {id(m) for _, m in named}
+    kinds = {nn.Linear: nn.Embedding, nn.Embedding: nn.Linear}
+    want = {(id(m.weight), kinds[k]) for _, m in named for k in kinds if isinstance(m, k)}
+    out = []
+    for n, m in model.named_modules():
+        if id(m) in have or not isinstance(m, nn.Linear | nn.Embedding):
+            continue
+        kind = nn.Linear if isinstance(m, nn.Linear) else nn.Embedding
+        if (id(m.weight), kind) in want:
+            out.append((n, m))
+            have.add(id(m))
+    return out
+
+
 def _pname(mod_name: str, attr: str) -> str:
     return f"{mod_name}.{attr}" if mod_name else attr
 
 
 def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
     """Sites of every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm`` (over the last dimension), or of
-    those among ``modules`` and inside them (see :func:`per_sample_grad_gram`)."""
+    those among ``modules`` and inside them (see :func:`per_sample_grad_gram`). A weight tied between an embedding
+    and a linear map (a Hugging Face ``lm_head`` tied to ``embed_tokens``) counts both uses when ``modules`` names
+    either of them: the tied weight is one parameter, and its gradient is the sum over both."""
     sites = []
-    for n, m in _named_site_modules(model, modules):
+    named = _named_site_modules(model, modules)
+    partners = [] if modules is None else _tied_partners(model, named)
+    partner_ids = {id(m) for _, m in partners}
+    for n, m in named + partners:
         if isinstance(m, nn.Linear):
-            bias = _pname(n, "bias") if m.bias is not None else None
+            bias = _pname(n, "bias") if m.bias is not None and id(m) not in partner_ids else None
             sites.append(GramSite(n, "linear", (_pname(n, "weight"), bias), (n, "output"), (n, "input")))
         elif isinstance(m, nn.Embedding):
             if m.scale_grad_by_freq or m.max_norm is not None:
