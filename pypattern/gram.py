@@ -114,6 +114,15 @@ def _check_model(model, who: str) -> None:
         raise TypeError(
             f"{who}: model is a {type(model).__name__}; give the torch.nn.Module whose parameters to cover"
         )
+    from .models.convert import is_hooked_transformer, is_transformer_lens
+
+    if is_transformer_lens(model) and not is_hooked_transformer(model):
+        # a bridge names its parameters by the wrapped modules' own (through wrappers the sites cannot follow)
+        raise ValueError(
+            f"{who}: model is a TransformerLens bridge ({type(model).__name__}); convert it first, model = "
+            "pp.from_hf(bridge), and write loss_fn for the converted model (its forward takes "
+            "return_type='per_token_loss')"
+        )
 
 
 def _resolved_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:

@@ -980,6 +980,33 @@ def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
     return kw
 
 
+def _library_losses(fn) -> bool:
+    """Whether ``fn`` is one of pypattern's per-sample loss functions (no code of the caller's)."""
+    return fn in (per_sample_losses, probe_losses, sample_losses)
+
+
+def _bridge_converted(model, call: str, custom: bool):
+    """A TransformerLens bridge (``TransformerBridge``: its parameters are named by the Hugging Face modules it
+    wraps, not by the component names the estimators read) converted with :func:`pypattern.from_hf` when the
+    losses and the observable are pypattern's defaults (only numbers come back; the bridge's weights are left
+    alone); with functions of the caller's, which call the bridge's own forward, refused naming the conversion.
+    Every other model unchanged (a ``HookedTransformer``'s parameters carry the component names already)."""
+    from .models.convert import is_hooked_transformer, is_transformer_lens
+
+    if not is_transformer_lens(model) or is_hooked_transformer(model) or not isinstance(model, nn.Module):
+        return model
+    if custom:
+        raise ValueError(
+            f"{call}: model is a TransformerLens bridge and loss_fn / per_sample_loss_fn / observable are functions "
+            "of your own (they call the bridge's forward); convert it first, model = pp.from_hf(bridge), and "
+            "write them for the converted model (its forward takes return_type='per_token_loss'), or leave them "
+            "out to use pypattern's losses"
+        )
+    from .models.convert import from_hf
+
+    return from_hf(model)
+
+
 @_eval_mode_throughout
 def susceptibilities(
     model: nn.Module,
@@ -1108,6 +1135,8 @@ def susceptibilities(
         raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
     group_size = None if group_size is None else int(group_size)
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    custom = loss_fn is not None or not _library_losses(per_sample_loss_fn) or observable is not None
+    model = _bridge_converted(model, "susceptibilities", custom)
     _check_common(model, loader, per_token, kw)
     auto_options = _auto_step_options(kw)
     model, dev = _run_device(model, device)
@@ -1720,6 +1749,7 @@ def bif(
                 "a checkpoint; bif starts afresh)"
             )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings), "bif()"))
+    model = _bridge_converted(model, "bif", loss_fn is not None or not _library_losses(per_sample_loss_fn))
     _check_common(model, loader, per_token, kw)
     auto_options = _auto_step_options(kw)
     model, dev = _run_device(model, device)
