@@ -108,6 +108,24 @@ def check_plain_modules(model: nn.Module) -> None:
             )
 
 
+def positive_option(option: str, value: Any, field: str) -> float:
+    """``value`` (config field ``option``) as a float when it is a finite positive number, which pypattern's
+    ``TransformerConfig.{field}`` takes; refuse it naming ``option`` otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    ok = (
+        not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+    )
+    if not ok:
+        refuse(
+            option,
+            value,
+            f"it becomes TransformerConfig.{field}, which takes a finite positive number (a zero or negative "
+            "value is not converted)",
+        )
+    return float(value)
+
+
 def act_fn(name: Any, option: str) -> str:
     """The pypattern name of the Hugging Face activation ``name`` (config field ``option``), or refuse."""
     if not isinstance(name, str):
@@ -395,6 +413,15 @@ def put_attention(w: dict, p: str, qkv: tuple, W_o: torch.Tensor, b_o, H: int, H
     """Layer ``p``'s attention weights in TransformerLens layout from split projections ``qkv`` (:func:`split_qkv`'s
     tuple) and the output projection's ``nn.Linear`` weight and bias."""
     Wq, Wk, Wv, bq, bk, bv = qkv
+    if W_o.shape[-1] != H * dh:
+        # a model whose output projection does not read the heads' concatenation (Helium's o_proj is built
+        # hidden_size -> hidden_size whatever head_dim says): Hugging Face's own forward fails on it
+        refuse(
+            "head_dim",
+            dh,
+            f"the attention's output projection reads {W_o.shape[-1]} features, not num_attention_heads * head_dim "
+            f"= {H} * {dh} = {H * dh}",
+        )
     w[f"{p}.attn.W_Q"] = linear_heads(Wq, H, dh)
     w[f"{p}.attn.W_K"] = linear_heads(Wk, Hkv, dh)
     w[f"{p}.attn.W_V"] = linear_heads(Wv, Hkv, dh)

@@ -101,8 +101,20 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         + [m.mlp.dense_4h_to_h.bias for m in layers],
         "bias",
     )
-    two_norms = new_arch and c.num_ln_in_parallel_attn == 2
     parallel = bool(new_arch or c.parallel_attn)
+    n_ln = getattr(c, "num_ln_in_parallel_attn", None)
+    # Hugging Face's parallel block reads one LayerNorm (num_ln_in_parallel_attn=1; the old architecture's None) or,
+    # in the new architecture only, two; its forward fails on any other count (the old architecture's blocks are
+    # built with ln_attn / ln_mlp for 2 and read input_layernorm; the new one's leave the MLP's input unset for 3)
+    allowed = (1, 2) if new_arch else (None, 1)
+    if parallel and n_ln not in allowed:
+        refuse(
+            "num_ln_in_parallel_attn",
+            n_ln,
+            f"Hugging Face's Falcon block {'with' if new_arch else 'without'} new_decoder_architecture computes "
+            f"only {' or '.join(map(str, allowed))} (its own forward fails on this value)",
+        )
+    two_norms = new_arch and n_ln == 2
     emb, lm, tied, lm_b = unembedding(model)
     eps = c.layer_norm_epsilon
     cfg = dict(

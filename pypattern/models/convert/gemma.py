@@ -28,6 +28,7 @@ from ._common import (
     attn_softmax_dtype,
     head_shape,
     layer_ropes,
+    positive_option,
     put_attention,
     put_gated_mlp,
     put_unembedding,
@@ -122,6 +123,10 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     if gen == 2 and getattr(a0, "attn_logit_softcapping", attn_cap) != attn_cap:
         refuse("attn_logit_softcapping", a0.attn_logit_softcapping, f"the config says {attn_cap}")
     logit_cap = getattr(c, "final_logit_softcapping", None) if gen > 1 else None
+    if attn_cap is not None:
+        attn_cap = positive_option("attn_logit_softcapping", attn_cap, "attn_scores_soft_cap")
+    if logit_cap is not None:
+        logit_cap = positive_option("final_logit_softcapping", logit_cap, "output_logits_soft_cap")
     act_name = c.hidden_act if gen == 1 else c.hidden_activation
     eps = layers[0].input_layernorm.eps
     cfg = dict(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._common import refuse
+from ._common import positive_option, refuse
 from .llama import llama_like
 
 CLASSES = ("GraniteForCausalLM",)
@@ -25,8 +25,15 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     res = [layer.residual_multiplier for layer in model.model.layers]
     if len(set(res)) != 1:
         refuse("residual_multiplier", res, "differs between layers")
-    cfg["attn_scores_multiplier"] = float(model.model.layers[0].self_attn.scaling)
-    cfg["embed_scale"] = None if emb == 1 else float(emb)
-    cfg["residual_multiplier"] = None if res[0] == 1 else float(res[0])
-    cfg["logits_scaling"] = None if c.logits_scaling == 1 else float(c.logits_scaling)
+    att = model.model.layers[0].self_attn.scaling
+    cfg["attn_scores_multiplier"] = positive_option("attention_multiplier", att, "attn_scores_multiplier")
+    cfg["embed_scale"] = None if emb == 1 else positive_option("embedding_multiplier", emb, "embed_scale")
+    cfg["residual_multiplier"] = (
+        None if res[0] == 1 else positive_option("residual_multiplier", res[0], "residual_multiplier")
+    )
+    cfg["logits_scaling"] = (
+        None
+        if c.logits_scaling == 1
+        else positive_option("logits_scaling", c.logits_scaling, "logits_scaling")
+    )
     return cfg, w
