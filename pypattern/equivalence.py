@@ -245,7 +245,8 @@ def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = True) -> torch.Te
     """HSIC of two Gram matrices ``(n, n)`` of the same samples (any kernels).
 
     ``debiased=True``: the unbiased estimator (Song et al. 2012), needs ``n >= 4``; ``False``:
-    ``tr(K H L H) / (n - 1)^2``.
+    ``tr(K H L H) / (n - 1)^2``. Computed on each Gram scaled to a largest magnitude of 1 and scaled back (Grams
+    of any float64 scale); a value beyond float64's range is refused naming ``k`` and ``l``.
     """
     _check_flag(debiased, "debiased")
     k, l = _gram(k, "k"), _gram(l, "l")  # noqa: E741
@@ -255,12 +256,24 @@ def hsic(k: torch.Tensor, l: torch.Tensor, *, debiased: bool = True) -> torch.Te
         )
     k, l = as_float64(k), as_float64(l)  # noqa: E741
     n = k.shape[0]
-    if debiased:
-        return (u_center(k) * u_center(l)).sum() / (n * (n - 3))
-    if n < 2:
+    if not debiased and n < 2:
         raise ValueError(f"HSIC needs n >= 2 samples, got {n}")
-    kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
-    return (kc * l).sum() / (n - 1) ** 2
+    # HSIC is bilinear: computed on K / max|K| and L / max|L| (the sums of products neither overflow nor
+    # underflow) and scaled back once
+    sk, sl = _max_magnitude(k), _max_magnitude(l)
+    k, l = k / sk, l / sl  # noqa: E741
+    if debiased:
+        out = (u_center(k, inplace=True) * u_center(l, inplace=True)).sum() / (n * (n - 3))
+    else:
+        kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+        out = (kc * l).sum() / (n - 1) ** 2
+    out = out * sk * sl
+    if not bool(torch.isfinite(out)):
+        raise ValueError(
+            f"the HSIC of k (entries up to {sk:.3g}) and l (entries up to {sl:.3g}) is beyond float64's range; "
+            "rescale k or l (CKA, their normalised ratio, does not change with the scale of either)"
+        )
+    return out
 
 
 def _is_constant(x: torch.Tensor) -> bool:
@@ -303,7 +316,9 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     """Linear CKA of two representations of the same ``n`` inputs: ``x (n, ...)``, ``y (n, ...)``.
 
     ``debiased=True`` (default) uses the unbiased HSIC and needs ``n >= 4``. Returns NaN if either representation
-    is constant over the samples (its self-HSIC is 0), or, debiased, if a self-HSIC is estimated at or below 0.
+    is constant over the samples (its self-HSIC is 0), or, debiased, if a self-HSIC is estimated at or below 0, or
+    its U-centred Gram is zero up to rounding (samples mutually orthogonal, such as one-hot codes of distinct
+    inputs: every unbiased HSIC with it is 0, and CKA 0 / 0).
     """
     _check_flag(debiased, "debiased")
     _check_dtype(dtype)
@@ -346,7 +361,7 @@ def _hsic_features_all(
     xs: list[torch.Tensor], ys: list[torch.Tensor] | None, debiased: bool, inplace: bool = False
 ):
     """HSIC of every pair (and every representation with itself) in the feature form, ``ys=None`` meaning
-    ``xs``. Every representation is centred once; then one product of each ``x`` with all ``y`` side by side,
+    ``xs``; and, debiased, each representation's ``||X^T X||_F^2`` on the same normalisation (else None). Every representation is centred once; then one product of each ``x`` with all ``y`` side by side,
     ``(d_a, n) x (n, sum d_b)``, whose squared entries summed over each ``y``'s columns give ``||X_a^T Y_b||_F^2``.
 
     Columns are centred first (the estimators do not change, the rounding does). Biased: ``||X^T Y||_F^2 /
@@ -388,7 +403,7 @@ def _hsic_features_all(
         self_y = torch.stack([_squared_columns(y, y, total=True) for y in cy])
     if not debiased:
         norm = (n - 1) ** 2
-        return cross / norm, self_x / norm, self_y / norm
+        return cross / norm, self_x / norm, self_y / norm, None, None
     qx = torch.stack([_row_norms(x) for x in cx], 1)  # (n, A)
     qy = qx if ys is None else torch.stack([_row_norms(y) for y in cy], 1)
 
@@ -403,7 +418,9 @@ def _hsic_features_all(
     else:
         ux = unbiased(self_x, sq, sq, (qx * qx).sum(0))
         uy = unbiased(self_y, sp, sp, (qy * qy).sum(0))
-    return out, ux, uy
+    # and ||Kc||_F^2 = ||X^T X||_F^2 of each (centred) representation, on the same normalisation: the scale of the
+    # rounding in the unbiased terms
+    return out, ux, uy, self_x / (n * (n - 3)), self_y / (n * (n - 3))
 
 
 def _squared_columns(x: torch.Tensor, z: torch.Tensor, total: bool = False) -> torch.Tensor:
@@ -457,7 +474,8 @@ def cka_matrix(
 
     Returns
     -------
-    Tensor ``(len(xs), len(ys))``, float64 (NaN where a representation is constant).
+    Tensor ``(len(xs), len(ys))``, float64 (NaN where a representation is constant, or, debiased, where its
+    U-centred Gram is zero up to rounding, as in :func:`linear_cka`).
     """
     _check_flag(debiased, "debiased")
     _check_method(method)
@@ -515,14 +533,45 @@ def _hsic_all(
         # the Gram form holds every Gram at once: not beyond _GRAM_BYTES
         fits = (len(xs) + (0 if same else len(ys_))) * n * n * 8 <= _GRAM_BYTES
         method = "gram" if gram < feat and fits else "features"
+    eps = torch.finfo(xs[0].dtype).eps  # the precision of the products (the representations' dtype)
     if method == "features":
-        return _hsic_features_all(xs, ys, debiased, inplace)
-    gx = _gram_stack(xs, debiased)
-    gy = gx if same else _gram_stack(ys_, debiased)
+        num, sx, sy, kx, ky = _hsic_features_all(xs, ys, debiased, inplace)
+        # the unbiased self-HSIC is a difference of sums of size ||Kc||_F^2: rounding of eps times them
+        return _drop_null_hsic(num, sx, sy, kx, ky, 4 * n * eps, same) if debiased else (num, sx, sy)
+    # the doubly centred Grams Kc (their norms are the scale of the rounding), U-centred in place when debiased
+    gx = _gram_stack(xs, False)
+    gy = gx if same else _gram_stack(ys_, False)
+    kx = torch.linalg.vector_norm(gx, dim=1) ** 2
+    ky = kx if same else torch.linalg.vector_norm(gy, dim=1) ** 2
+    if debiased:
+        for g in (gx,) if same else (gx, gy):
+            for row in g:
+                u_center(row.view(n, n), inplace=True)
     norm = n * (n - 3) if debiased else (n - 1) ** 2
     num = gx @ gy.T / norm
     sx = torch.diagonal(num).clone() if same else torch.linalg.vector_norm(gx, dim=1) ** 2 / norm
     sy = sx if same else torch.linalg.vector_norm(gy, dim=1) ** 2 / norm
+    if not debiased:
+        return num, sx, sy
+    # the U-centred Gram is formed entry by entry: its squared norm is exact to about (n eps)^2 of ||Kc||_F^2
+    return _drop_null_hsic(num, sx, sy, kx / norm, ky / norm, (4 * n * eps) ** 2, same)
+
+
+def _drop_null_hsic(num, sx, sy, kx, ky, tol: float, same: bool):
+    """The unbiased HSIC terms with those of a representation whose U-centred Gram is zero up to rounding set to
+    exactly 0 (its row and column of ``num`` too): its self-HSIC at most ``tol`` times ``kx`` (``ky``), the squared
+    Frobenius norm of its doubly centred Gram ``Kc`` on the same normalisation. The U-centring of a Gram is zero
+    exactly when its off-diagonal entries are ``a_i + a_j`` (e.g. samples that are mutually orthogonal, such as
+    one-hot codes of distinct inputs, or a representation that is zero but on one sample): then every unbiased HSIC
+    with it is 0, its CKA is 0 / 0, and what the products leave is rounding (CKA of any value, above 1 too).
+    :func:`_cka_from_hsic` reads the zero self-HSIC as undefined (NaN)."""
+    nx = sx <= tol * kx
+    ny = nx if same else sy <= tol * ky
+    if not (bool(nx.any()) or bool(ny.any())):
+        return num, sx, sy
+    num = num.masked_fill(nx[:, None] | ny[None, :], 0.0)
+    sx = sx.masked_fill(nx, 0.0)
+    sy = sx if same else sy.masked_fill(ny, 0.0)
     return num, sx, sy
 
 
@@ -799,12 +848,24 @@ def permutation_test(
         yf = _as_features(y, "y", _min_samples(debiased))
         _check_pair(xf, yf)
         xf, yf = _unit_scale(xf), _unit_scale(yf)  # CKA is scale-free; the Grams' squares stay in range
-        kx, ky = _gram_stack([xf, yf], debiased)
+        kx, ky = _gram_stack([xf, yf], False)
         n = xf.shape[0]
         kx, ky = kx.reshape(n, n), ky.reshape(n, n)
+        scale = [float((k * k).sum()) for k in (kx, ky)]  # ||Kc||_F^2, the scale of the rounding
+        if debiased:
+            kx, ky = u_center(kx, inplace=True), u_center(ky, inplace=True)
         den = float((kx * kx).sum() * (ky * ky).sum())
         if not den > 0:
             raise ValueError("CKA is undefined here: a representation is constant over the samples")
+        if debiased:  # as linear_cka: a U-centred Gram zero up to rounding has no CKA (0 / 0)
+            tol = (4 * n * torch.finfo(torch.float64).eps) ** 2
+            for name, k, sc in (("x", kx, scale[0]), ("y", ky, scale[1])):
+                if not float((k * k).sum()) > tol * sc:
+                    raise ValueError(
+                        f"debiased CKA is undefined here: the U-centred Gram of {name} is zero (its samples are "
+                        "mutually orthogonal, e.g. one-hot codes, or the like), so every unbiased HSIC with it is 0; "
+                        "use measure='cka_biased' or another representation"
+                    )
         scale = 1.0 / math.sqrt(den)
         stat = float((kx * ky).sum()) * scale
         null = np.empty(num_permutations)

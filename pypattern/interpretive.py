@@ -162,9 +162,13 @@ def accumulated_residual(
             picked = x.gather(1, idx)
         else:
             picked = x[:, sl]
-        # the mean over the real tokens
-        w = weight.to(device=x.device, dtype=x.dtype)  # the mask's device is the tokens' (maybe not x's)
-        store[hook.name] = (picked * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        # the mean over the real tokens, summed in at least float32 (as torch's mean sums a 16-bit tensor): a
+        # 16-bit sum over the positions would overflow (float16 ends at 65504) or round at every term, and cast
+        # back to the model's dtype once
+        acc = torch.promote_types(x.dtype, torch.float32)
+        w = weight.to(device=x.device, dtype=acc)  # the mask's device is the tokens' (maybe not x's)
+        pooled = (picked.to(acc) * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+        store[hook.name] = pooled.to(x.dtype)
 
     with torch.no_grad(), model.hooks(list(fwd_hooks) + [(n, save) for n in names]):
         logits = model(tokens)
@@ -298,7 +302,14 @@ def similarity(
     if bad:
         raise ValueError(
             f"the {measure} similarity of x to ys[{bad[0]}] is {out[bad[0]]} (a representation constant over the "
-            "samples?): a test would count it as a loss; give representations that vary"
+            "samples?"
+            + (
+                " Or, for debiased CKA, one whose samples are mutually orthogonal, such as one-hot codes: its "
+                "U-centred Gram is zero"
+                if measure == "cka"
+                else ""
+            )
+            + "): a test would count it as a loss; give representations that vary"
         )
     return out
 
