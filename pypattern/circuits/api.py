@@ -286,7 +286,10 @@ def patch_edges(
         corrupted run with the patched edges reading the clean values (sufficiency).
     ablation : {"resample", "mean", "zero"}
         What a patched edge carries: the source node's output on the other prompts (corrupted for noising, clean
-        for denoising), its per-position mean over that batch, or zero.
+        for denoising), its per-position mean over that batch, or zero. The mean takes every prompt at each
+        position, padding or not: over right-padded prompts it averages the padding's outputs into the real
+        positions of the longer prompts (the result then depends on the pad token); for a mean over real tokens
+        only, give as ``corrupted`` (noising) prompts of the same shape that are real at every position.
     graph : EdgeGraph, optional
         Default: :func:`edges` of the model (per position when the edges name positions).
     max_batch : int, optional
@@ -497,7 +500,9 @@ def edge_attribution(
     mode, ablation :
         As in :func:`patch_edges`; the score estimates ``M(patched) - M(base)``.
     per_position : bool
-        Score each edge at each position (a per-position graph over the prompts' length).
+        Score each edge at each position (a per-position graph over the prompts' length). The positions after an
+        example's metric position score exactly 0 (a causal model's metric there does not read them): over
+        right-padded prompts read at each one's last real token, its padding scores 0.
     max_batch : int, optional
         ``"exact"``: edges patched per forward (one edge set each); ``"eap-ig"``: interpolated runs per gradient
         pass; not read by ``"eap"`` (one forward and one backward over the prompts: given, it warns so). Default:

@@ -234,6 +234,11 @@ def _mapping_prompts(tokens: Mapping, argument: str) -> str:
         "numbers (each prompt's real tokens attend to its padding, at shifted positions)"
     )
     am = tokens.get("attention_mask")
+    if am is not None and not isinstance(am, torch.Tensor):
+        try:  # a tokenizer's lists (return_tensors=None) or NumPy arrays (return_tensors="np")
+            am = torch.as_tensor(np.asarray(am))
+        except (TypeError, ValueError, RuntimeError):  # ragged lists, objects: no left padding to name
+            am = None
     if isinstance(am, torch.Tensor) and am.dim() in (1, 2) and am.numel() and not am.is_meta:
         am = (am != 0).reshape(-1, am.shape[-1])
         left = am[:, 1:] & ~am[:, :-1]  # a real token after a padding position

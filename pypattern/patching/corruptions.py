@@ -190,7 +190,13 @@ class ZeroAblation(Corruption):
 
 @dataclass
 class MeanAblation(Corruption):
-    """Replace the activation by its mean over ``reference_tokens`` (default: the clean batch), per position."""
+    """Replace the activation by its mean over ``reference_tokens`` (default: the clean batch), per position.
+
+    The mean at a position takes every prompt, padding or not (patching reads no attention mask): over right-padded
+    prompts, a position where some prompts are padding averages their padding's activations into the value patched
+    into the others, so the result depends on the pad token. Give ``reference_tokens`` of prompts real at every
+    position (any number of them, of the prompts' length) for a mean over real tokens only.
+    """
 
     reference_tokens: torch.Tensor | None = None
     is_ablation = True
