@@ -48,7 +48,7 @@ from ._checks import is_count, model_device
 from ._training import modes_kept, random_in_training, values_kept_on_error
 from .equivalence import _check_flag, _generator_seed
 from .io import FormatError, Saveable, register
-from .losses import read_logits
+from .losses import position_limit, read_logits
 from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .ridge import as_float64, float64_device
 from .sampling.diagnostics import user_stacklevel
@@ -304,16 +304,24 @@ def flag_loss(acts: torch.Tensor, concept_labels: torch.Tensor, spec: FlagSpec) 
 
     Returns
     -------
-    Tensor, scalar (0 when no position is labelled).
+    Tensor, scalar (0 when no position is labelled), in the dtype of ``acts``, or float32 for 16-bit ``acts``
+    (computed in float32: in float16 a flag 256 or more from its code would give inf).
     """
     _check_acts(acts, spec)
     lab = _labels(concept_labels, acts.shape[:2], spec).to(acts.device)
     mask = lab >= 0
     if not bool(mask.any()):
-        return acts.sum() * 0.0
-    flags = acts[..., list(spec.dims)][mask]  # (n_valid, num_flags)
-    target = spec.code(acts.dtype, acts.device)[lab[mask]]
+        return _widened(acts).sum() * 0.0
+    flags = _widened(acts[..., list(spec.dims)][mask])  # (n_valid, num_flags)
+    target = spec.code(flags.dtype, acts.device)[lab[mask]]
     return (flags - target).pow(2).mean()
+
+
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """16-bit activations (float16, bfloat16: a half model's, or autocast's) widened to float32: their squared
+    distances to a code overflow float16 from a distance of 256 on (a flag loss of inf, every code equally far), and
+    a mean rounded to 16 bits is resolved to about 1e-2 only. Other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def read_flags(acts: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
@@ -330,8 +338,8 @@ def read_flags(acts: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
     LongTensor ``(batch, pos)``
     """
     _check_acts(acts, spec)
-    flags = acts[..., list(spec.dims)]
-    code = spec.code(acts.dtype, acts.device)
+    flags = _widened(acts[..., list(spec.dims)])  # 16-bit distances overflow (every code at inf) or tie
+    code = spec.code(flags.dtype, acts.device)
     return (flags[..., None, :] - code).pow(2).sum(-1).argmin(-1)
 
 
@@ -367,6 +375,18 @@ def _check_vocab(model, task) -> None:
         raise ValueError(
             f"the model's vocabulary has {mv} tokens, fewer than the task's {tv}: the task's tokens "
             f"{mv}..{tv - 1} have no embedding; give a model with at least {tv} tokens"
+        )
+
+
+def _check_positions(model, task) -> None:
+    """The model reads sequences as long as the task's: its learned positions (:func:`_position_limit`, a Hugging Face
+    model's too, whose embedding would otherwise fail with a bare ``IndexError``) cover the task's ``n_ctx``."""
+    seq_len, limit = getattr(task, "n_ctx", None), _position_limit(model)
+    if isinstance(seq_len, int) and isinstance(limit, int) and seq_len > limit:
+        raise ValueError(
+            f"the task's sequences have {seq_len} tokens (n_ctx={seq_len}) but the model has {limit} learned "
+            f"positions (0 .. {limit - 1}); give a task of sequences of at most {limit} tokens, or a model with "
+            "more positions"
         )
 
 
@@ -554,6 +574,18 @@ def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, posit
         yield
 
 
+def _position_limit(model) -> int | None:
+    """The longest sequence ``model`` reads: its learned positions (pypattern's ``cfg.max_positions``, a Hugging Face
+    model's, wrapped or not, of a family with learned absolute positions such as GPT-2's ``n_positions``), or the
+    ``n_ctx`` of a config without ``max_positions`` (TransformerLens'); None when positions do not bound it."""
+    limit = position_limit(model)
+    cfg = getattr(model, "cfg", None)
+    if limit is None and cfg is not None and not hasattr(cfg, "max_positions"):
+        n_ctx = getattr(cfg, "n_ctx", None)
+        limit = n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) else None
+    return limit
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -573,7 +605,8 @@ def generate(
     model : Transformer (or any causal LM returning logits ``(batch, pos, vocab)``, a Hugging Face model's too)
     prompt : LongTensor ``(batch, prompt_len)`` or ``(prompt_len,)``
     steps : int
-        ``prompt_len + steps`` must not exceed the model's ``n_ctx`` when it has learned positions.
+        ``prompt_len + steps`` must not exceed the model's ``n_ctx`` when it has learned positions (a Hugging Face
+        model's too, e.g. GPT-2's ``n_positions``).
     spec, concept : optional
         Both or neither; with them every forward runs under :func:`steer`.
     positions : see :func:`steer`
@@ -603,8 +636,7 @@ def generate(
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps={steps!r} is not valid; give an int >= 0")
     steps = int(steps)
-    cfg = getattr(model, "cfg", None)
-    n_ctx = getattr(cfg, "max_positions", getattr(cfg, "n_ctx", None))
+    n_ctx = _position_limit(model)
     if n_ctx is not None and tokens.shape[1] + steps > n_ctx:
         raise ValueError(f"prompt length {tokens.shape[1]} + steps={steps} exceeds the model's n_ctx={n_ctx}")
     if (
@@ -797,6 +829,7 @@ def train_flags(
         )
     _check_concept_task(task, spec)
     _check_vocab(model, task)
+    _check_positions(model, task)
     from ._train_checkpoint import TrainingSteps, check_checkpoint_arg, model_items, task_items
 
     check_checkpoint_arg(checkpoint, quiet)
@@ -1012,6 +1045,7 @@ def probe_accuracy(
     ):
         raise ValueError(f"ridge={ridge!r} is not valid; give a finite number >= 0 (the probe's L2 penalty)")
     _check_probe_width(model, spec, which)
+    _check_positions(model, task)
     return _probe(_probe_data(model, task, spec, num_samples, seed), spec, which, ridge, only_shared_tokens)
 
 
@@ -1232,6 +1266,7 @@ def flag_report(
     for m in (model, reference_model):  # the report's probes read the non-flag dimensions
         if m is not None:
             _check_probe_width(m, spec, "non_flag", "flag_report")
+            _check_positions(m, task)
     seq_len = getattr(task, "n_ctx", None)
     if not is_count(prompt_len) or prompt_len < 2:
         raise ValueError(
@@ -1244,8 +1279,7 @@ def flag_report(
         if not is_count(v) or v < least:
             raise ValueError(f"{name}={v!r} is not valid; give an int >= {least}")
     num_samples, gen_steps = int(num_samples), int(gen_steps)
-    cfg = getattr(model, "cfg", None)
-    n_ctx = getattr(cfg, "max_positions", getattr(cfg, "n_ctx", None))
+    n_ctx = _position_limit(model)
     if isinstance(n_ctx, int) and prompt_len + gen_steps > n_ctx:
         raise ValueError(
             f"prompt_len={prompt_len} + gen_steps={gen_steps} exceeds the model's n_ctx={n_ctx}: the generated "

@@ -937,9 +937,28 @@ def _lm_token_terms(logits: torch.Tensor, pb: ParsedBatch) -> tuple[torch.Tensor
         lg = lg.float()
     targets = (pb.target if pb.target is not None else pb.inputs)[:, 1:]
     mask = _counted(pb)
+    _check_targets(targets, mask, logits.shape[-1], pb.target is not None)
     safe = torch.where(mask, targets, torch.zeros_like(targets))
     nll = -torch.log_softmax(lg, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, nll, torch.zeros_like(nll)), mask
+
+
+def _check_targets(targets: torch.Tensor, mask: torch.Tensor, vocab: int, labels: bool) -> None:
+    """Refuse counted next-token targets outside ``0 .. vocab - 1`` (the logits' last axis), naming them: a label
+    of -1 (a padding label other than -100) or one beyond the vocabulary would otherwise fail in the gather with
+    torch's bare index error (or, on a GPU, a device assert). Under vmap (batched chains, whose batches
+    :func:`check_batch` checked before stacking) and off the CPU (no wait for the device at every step) the values
+    are not read."""
+    if functorch_wrapped(targets, mask) or targets.device.type != "cpu" or not targets.numel():
+        return
+    t = targets[mask]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+        what = "batch['labels']" if labels else "the token ids"
+        raise ValueError(
+            f"{what} contains {bad} at a counted position, but the model's logits score {vocab} tokens: give labels "
+            f"0 .. {vocab - 1}, and {IGNORE_INDEX} (not another negative value) where a token does not count"
+        )
 
 
 def _pair_terms(
@@ -949,15 +968,24 @@ def _pair_terms(
     pair's inputs, for :func:`_check_classes`)."""
     if not y.is_floating_point():
         _check_classes(out, y, x)
+        out = _widened(out)
         if out.dim() == 3:  # (batch, pos, classes)
             terms = F.cross_entropy(out.transpose(1, 2), y, reduction="none")
         else:
             terms = F.cross_entropy(out, y, reduction="none")
         return terms, y != IGNORE_INDEX
-    out, y = _same_shape(out, y)
+    out, y = _same_shape(_widened(out), _widened(y))
     err = (out - y) ** 2
     err = err.reshape(err.shape[0], -1).mean(1) if err.dim() > 0 else err
     return err, torch.ones_like(err, dtype=torch.bool)
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """A 16-bit floating tensor (float16, bfloat16: a half model's logits or outputs, or a pair's targets) widened
+    to float32, as the next-token losses widen their logits: a loss computed and returned in 16 bits is resolved
+    to about 1e-2 of its value only (a cross-entropy of 35 to 0.25 in bfloat16), and a squared error of 256 or more
+    overflows float16 to inf. Any other tensor as it is."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _misread_pair(x: torch.Tensor, y: torch.Tensor, classes: int | None) -> str | None:
@@ -1120,7 +1148,8 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     token weighs the same, as Hugging Face's ``.loss``). Pairs: ``cross_entropy(model(x), y)`` for integer ``y``
     (the sequence axis of 3-D logits handled), else ``mse_loss(model(x), y)``; the pairs the module docstring
     refuses (token ids with their own ids or labels, or with their attention mask, as targets) raise
-    ``ValueError``. A model that returns a scalar (or an output with only ``.loss``) has that scalar returned.
+    ``ValueError``. 16-bit logits or outputs (float16, bfloat16) are widened to float32 first, for pairs as for
+    token batches. A model that returns a scalar (or an output with only ``.loss``) has that scalar returned.
     A batch with no counted target (its mean would be 0 / 0) raises ``ValueError`` on the CPU; under vmap (batched
     chains, whose batches are checked before they are stacked) and on other devices (no wait for the device; the
     estimators check every batch before they run it) its values are not read.
@@ -1136,10 +1165,11 @@ def batch_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     if not pb.target.is_floating_point():
         _check_classes(logits, pb.target, pb.inputs)
         _refuse_nothing_counted(pb.target != IGNORE_INDEX, batch)
+        logits = _widened(logits)
         if logits.dim() == 3:
             return F.cross_entropy(logits.transpose(1, 2), pb.target)
         return F.cross_entropy(logits, pb.target)
-    return F.mse_loss(*_same_shape(logits, pb.target))
+    return F.mse_loss(*_same_shape(_widened(logits), _widened(pb.target)))
 
 
 def token_losses(
