@@ -782,6 +782,65 @@ def _refuse_inputs_among_outputs(p: argparse.ArgumentParser, args) -> None:
                 )
 
 
+def _output_files(args) -> dict[str, tuple] | None:
+    """The files in --out named as the command's results (:data:`_WRITTEN`), each with a signature that a rewrite
+    changes (inode, size, modification and change times); None for a command or run that writes no such files
+    (the demos, ``llc`` and ``patch`` without --model)."""
+    written = _WRITTEN.get(getattr(args, "cmd", None))
+    out = getattr(args, "out", None)
+    if not written or out is None or (args.cmd != "circuit" and not getattr(args, "model", None)):
+        return None
+    from .patching import SITES
+
+    pattern = re.compile(written["--out"].replace("{site}", "(" + "|".join(map(re.escape, SITES)) + ")"))
+    files = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(out):
+            if pattern.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    st = entry.stat()
+                    if entry.is_file():
+                        files[entry.name] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return files
+
+
+def _earlier_outputs(args, before: dict[str, tuple] | None) -> tuple[list[str], list[str]]:
+    """``(earlier, written)``: the command's result files in --out left as they were before the run (an earlier
+    run's), and those the run wrote (new or rewritten)."""
+    if before is None:
+        return [], []
+    now = _output_files(args) or {}
+    earlier = sorted(name for name, sig in now.items() if before.get(name) == sig)
+    return earlier, sorted(name for name in now if name not in earlier)
+
+
+def _warn_earlier_outputs(args, before: dict[str, tuple] | None) -> None:
+    """After a finished run: warn of result files in --out that an earlier run wrote and this one did not (the
+    tables of sites a ``patch`` run left out, a plot not drawn), which would otherwise pass for this run's."""
+    import warnings
+
+    earlier, _ = _earlier_outputs(args, before)
+    if earlier:
+        warnings.warn(
+            f"--out {args.out!r} also holds {', '.join(earlier)} from an earlier run, which this run did not write "
+            "(they are not its results; its summary lists those it wrote); remove them, or give a new --out folder",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _note_earlier_outputs(args, before: dict[str, tuple] | None) -> None:
+    """After a run that stopped (an error, Ctrl-C): say so where --out now mixes the files the run wrote before it
+    stopped with an earlier run's, which do not belong together."""
+    earlier, written = _earlier_outputs(args, before)
+    if earlier and written:
+        print(
+            f"pypattern {args.cmd}: note: --out {args.out!r} now holds {', '.join(written)} of this stopped run "
+            f"beside {', '.join(earlier)} of an earlier run: they do not belong together",
+            file=sys.stderr,
+        )
+
+
 #: the folder below --out that each demo writes into (the main demo: its LLC and patching parts; patterning: --out)
 _DEMO_FOLDERS = {
     "main": ("llc", "patch"),
@@ -955,6 +1014,7 @@ def _main(argv: list[str] | None, program: bool) -> int:
     if args.cmd == "circuit":
         importlib.import_module("pypattern.circuits.cli").check_args(sub, args)
     _check_paths(sub, args)
+    before = _output_files(args)  # the result files an earlier run left in --out
 
     options = _options_that_apply(sub, args)
 
@@ -970,6 +1030,7 @@ def _main(argv: list[str] | None, program: bool) -> int:
         # SIGTERM, as Ctrl-C: the long loops write their checkpoints and the command ends with its message
         with sigterm_as_interrupt(), _quiet_transformers(getattr(args, "quiet", False)):
             code = _run(args)
+            _warn_earlier_outputs(args, before)
         sys.stdout.flush()
         return code
     except BrokenPipeError:
@@ -987,6 +1048,7 @@ def _main(argv: list[str] | None, program: bool) -> int:
             if flags:
                 hint = f" (on the command line: {flags})"
         print(f"pypattern {args.cmd}: error: {_as_flags(str(e))}{hint}", file=sys.stderr)
+        _note_earlier_outputs(args, before)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
         if debug:
@@ -1003,6 +1065,7 @@ def _main(argv: list[str] | None, program: bool) -> int:
             )
         else:
             print(f"pypattern {args.cmd}: {what}", file=sys.stderr)
+        _note_earlier_outputs(args, before)
         raise SystemExit(143 if terminated else 130) from None
     finally:
         warnings.formatwarning = formatwarning

@@ -501,7 +501,11 @@ def np_load(path):
         # np.load opens any zip archive as an .npz: one whose members are not NumPy arrays (torch.save writes
         # such files) is refused, and nothing in it is read
         members = z.zip.namelist()
-        if not members or not all(m.endswith(".npy") for m in members):
+        if not members:
+            raise ValueError(
+                "it is an empty zip archive (numpy.savez with no arrays writes one): it holds no array"
+            )
+        if not all(m.endswith(".npy") for m in members):
             more = " ..." if len(members) > 3 else ""
             raise ValueError(
                 f"it is a zip archive but not NumPy's .npy or .npz (members {members[:3]}{more}; torch.save writes "
