@@ -122,6 +122,7 @@ class RunContext:
         ]
         self.above: dict[int, int] = {}  # per chain: consecutive steps above its run's limit
         self.nonfinite_obs: set[str] = set()  # observables that returned a non-finite value (warned once)
+        self.gradients_checked = False  # moving parameters without a gradient: checked once per call
 
     def moving(self, g: int) -> tuple[str, ...]:
         return self.plan.run_of(g).moving
@@ -268,6 +269,17 @@ class RunContext:
             at_start = 0.0
         if math.isfinite(at_start):
             return self.diverged(g, t, f"the loss is {value}")
+        undefined = self._undefined_by_rule(batch)
+        if undefined is not None:  # a batch the library's rule has no mean loss for (no counted target)
+            return NonFiniteLossError(
+                f"chain {g}'s loss is {value} at step {t}: {undefined}. Every batch the chains read needs a counted "
+                "target (the L_n(w*) batches were checked, this one was not among them): drop such batches from the "
+                "loader",
+                chain=g,
+                draw=self.plan.is_draw(t),
+                step=t,
+                step_size=self.plan.hyper["step_size"],
+            )
         return NonFiniteLossError(
             f"chain {g}'s loss is {value} at step {t}, and {at_start} at the initial weights w* on the same batch: "
             "the data or the model give a non-finite loss before any step (look for NaN or Inf in the batch's "
@@ -277,6 +289,93 @@ class RunContext:
             step=t,
             step_size=self.plan.hyper["step_size"],
         )
+
+    def check_gradients(
+        self,
+        names: Sequence[str],
+        params: Sequence[torch.Tensor],
+        model: nn.Module,
+        loss_at: Callable[[], float],
+    ) -> None:
+        """Warn (once per call) when moving parameters ``params`` (named ``names``, of ``model``) hold no gradient
+        after a step's backward (``grad`` None) although the loss depends on them: the forward cut their gradient
+        (a reentrant ``torch.utils.checkpoint`` whose inputs do not require grad, e.g. after frozen embeddings;
+        ``.detach()``; ``torch.no_grad()``), and the sampler would move them by noise and localization alone while
+        the loss changes with them. ``loss_at()`` is the loss of the step's batch at the model's current weights;
+        it is evaluated (no gradient) before and after a small change of those parameters, restored afterwards
+        with the model's buffers. Parameters the loss does not use (a mixture-of-experts layer's expert no token
+        of the batch was routed to) are left alone. Checked at most once per call."""
+        if self.gradients_checked:
+            return
+        missing = [(n, p) for n, p in zip(names, params, strict=True) if p.grad is None]
+        if not missing:
+            return
+        with self.lock:
+            if self.gradients_checked:
+                return
+            self.gradients_checked = True
+        kept = {n: p.detach().clone() for n, p in missing}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+        def changed(which) -> tuple[float, float] | None:
+            """The loss before and after a small random change of ``which``, restored afterwards."""
+            g = torch.Generator(device="cpu").manual_seed(0)
+            try:
+                with torch.no_grad():
+                    before = loss_at()
+                    for _, p in which:
+                        step = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
+                        p.add_(step * (1e-2 * (float(p.detach().abs().mean()) + 1e-2)))
+                    after = loss_at()
+            except Exception:  # noqa: BLE001 - the check only decides a warning
+                return None
+            finally:
+                with torch.no_grad():
+                    for n, p in which:
+                        p.copy_(kept[n])
+                    for n, b in model.named_buffers():
+                        if n in buffers:
+                            b.copy_(buffers[n])
+            if not (math.isfinite(before) and math.isfinite(after)) or after == before:
+                return None
+            return before, after
+
+        change = changed(missing)
+        if change is None:  # the loss does not use them
+            return
+        before, after = change
+        # name the tensors the loss changes with (one probe each, at most 16; the rest unnamed)
+        cut = [(n, p) for n, p in missing[:16] if changed([(n, p)]) is not None]
+        if not cut:
+            cut = missing
+        missing = cut + missing[16:]
+        shown = ", ".join(repr(n) for n, _ in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        warnings.warn(
+            f"{len(missing)} of the {len(names)} moving parameters got no gradient from {self.loss_argument} "
+            f"({shown}) although the loss changes with them ({before:.6g} -> {after:.6g} under a small change "
+            "of them): the forward cuts their gradient, and the sampler moves them by noise and localization "
+            "alone, so the estimate is wrong. A torch.utils.checkpoint(..., use_reentrant=True) whose inputs do "
+            "not require grad (after frozen embeddings) does this: give use_reentrant=False; or a .detach() or "
+            "torch.no_grad() in the forward. Else freeze them with requires_grad_(False)",
+            stacklevel=user_stacklevel(),
+        )
+
+    def _undefined_by_rule(self, batch) -> str | None:
+        """Why the library's one rule has no loss for ``batch`` (its refusal by
+        :func:`pypattern.losses.check_batch`, e.g. a batch without a counted token), when the run's loss function
+        computes its loss by that rule; else None."""
+        from ..losses import check_batch
+        from .runner import reads_by_default_rule
+
+        try:
+            if not reads_by_default_rule(self.plan.loss_fn, self.model, batch):
+                return None
+            check_batch(self.model, batch, "loader")
+        except ValueError as e:
+            return str(e)
+        except Exception:  # noqa: BLE001 - the check only chooses the message
+            return None
+        return None
 
     def _warn_nonfinite(self, values: Mapping, g: int, d: int) -> None:
         """Warn (once per observable and call) when an observable's value at chain ``g``'s draw ``d`` holds NaN or

@@ -479,6 +479,10 @@ def sample(
     warning: dropout would make the draws random beyond the seed and a resume inexact. The chains take gradients
     whatever the caller's grad mode (a call under ``torch.no_grad()`` is the same run); under
     ``torch.inference_mode()``, which forbids them, it is a RuntimeError.
+    Two distinct parameters sharing memory (``lm_head.weight = nn.Parameter(embed.weight)``) are a ValueError: the
+    chains' copies would untie them; tie them as one ``Parameter``. Chains run one after another warn (once per
+    call) when moving parameters get no gradient although the loss changes with them (a reentrant
+    ``torch.utils.checkpoint`` after frozen embeddings): they would move by noise and localization alone.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -528,6 +532,7 @@ def sample(
                 f"checkpoint; got {', '.join(why)}"
             )
     _check_param_dtypes(model)
+    _check_shared_memory(model)
     if chains is not None:  # before a step-size search: a call that runs no chain is refused first
         chain_indices(chains)
     if checkpoint is not None:  # before a step-size search or L_n(w*)
@@ -753,6 +758,28 @@ def _check_param_dtypes(model: nn.Module) -> None:
                 "only: sample a float32 copy (model.float(), or pypattern.from_hf(model, dtype=torch.float32) for "
                 "a Hugging Face model)"
             )
+
+
+def _check_shared_memory(model: nn.Module) -> None:
+    """Refuse two distinct parameters that share memory, one of them moving (``lm_head.weight =
+    nn.Parameter(embed.weight)``: tied in memory, two tensors to ``named_parameters``). The chains run on copies
+    (``copy.deepcopy`` gives each parameter its own memory; the batched chains stack each name apart), which would
+    untie them: the run would sample another model, with the tied tensor's entries twice, each copy with its
+    part of the gradient. Tied weights are one ``Parameter`` (listed once), which is sampled once."""
+    from ..ops.sgld.op import overlapping_pairs
+
+    named = list(model.named_parameters())
+    tensors = [p for _, p in named]
+    for j, i, _ in overlapping_pairs(tensors):
+        if not (tensors[i].requires_grad or tensors[j].requires_grad):
+            continue
+        a, b = named[j][0], named[i][0]
+        raise ValueError(
+            f"model parameters {a!r} and {b!r} are two Parameters sharing memory (tied with nn.Parameter(...) "
+            "around the other's tensor): the sampler's copies of the model would untie them and sample a "
+            f"different model. Tie them as one Parameter (e.g. model.{b} = model.{a}, as Hugging Face's "
+            "tie_weights() does), or give one its own memory"
+        )
 
 
 def _eval_mode_for_dropout(model: nn.Module):

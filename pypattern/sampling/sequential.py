@@ -120,6 +120,10 @@ def run_sequential(
                 if not loss.requires_grad:
                     raise LossContractError(NO_GRADIENT)
                 (loss / accum if accum > 1 else loss).backward()
+            if t == start:  # a moving parameter the backward left without a gradient, though the loss uses it
+                ctx.check_gradients(
+                    moving, moved, work, lambda b=batch: float(ctx.split_loss(plan.loss_fn(work, b)).detach())
+                )
             lv = vals[0] if accum == 1 else float(np.mean(vals))
             ctx.check_runaway(g, t, lv)
             d = plan.is_draw(t)
