@@ -264,6 +264,7 @@ def patch_edges(
     mode: str = "noise",
     ablation: str = "resample",
     graph: EdgeGraph | None = None,
+    mean_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -286,12 +287,20 @@ def patch_edges(
         corrupted run with the patched edges reading the clean values (sufficiency).
     ablation : {"resample", "mean", "zero"}
         What a patched edge carries: the source node's output on the other prompts (corrupted for noising, clean
-        for denoising), its per-position mean over that batch, or zero. The mean takes every prompt at each
-        position, padding or not: over right-padded prompts it averages the padding's outputs into the real
-        positions of the longer prompts (the result then depends on the pad token); for a mean over real tokens
-        only, give as ``corrupted`` (noising) prompts of the same shape that are real at every position.
+        for denoising), its per-position mean over that batch, or zero. Without ``mean_mask`` the mean takes every
+        prompt at each position, padding or not: over right-padded prompts it averages the padding's outputs into
+        the real positions of the longer prompts (the result then depends on the pad token); for a mean over real
+        tokens only, give ``mean_mask``, or as ``corrupted`` (noising) prompts of the same shape that are real at
+        every position.
     graph : EdgeGraph, optional
         Default: :func:`edges` of the model (per position when the edges name positions).
+    mean_mask : Tensor ``(batch, pos)``, optional
+        With ``ablation="mean"`` only: the attention mask of the prompts the mean is over (``corrupted`` for
+        noising, or ``clean`` when ``corrupted`` is None; ``clean`` for denoising), 1 at a real token and 0 at
+        padding (bool, int or float values 0 and 1), right-padded. The mean at each position is then over the
+        prompts real there only, independent of the pad token; a position where none is real gets 0 (with right
+        padding it follows every real token of those prompts, so it cannot change a metric read at a real
+        position of theirs). As ``MeanAblation(attention_mask=...)`` in :mod:`pypattern.patching`.
     max_batch : int, optional
         Edge sets per forward; default: as many as ``memory_budget`` allows.
     memory_budget : float
@@ -332,6 +341,7 @@ def patch_edges(
         max_batch=max_batch,
         memory_budget=memory_budget,
         call="patch_edges",
+        mean_mask=mean_mask,
     )
     vals = engine.run(masks)
     return vals[0] if single else vals
@@ -471,6 +481,7 @@ def edge_attribution(
     ablation: str = "resample",
     per_position: bool = False,
     graph: EdgeGraph | None = None,
+    mean_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -481,7 +492,7 @@ def edge_attribution(
 
     Parameters
     ----------
-    model, clean, corrupted, metric, ablation, graph
+    model, clean, corrupted, metric, ablation, graph, mean_mask
         As in :func:`patch_edges`.
     method : {"eap", "eap-ig", "exact"}
         ``"eap"`` (Syed et al. 2023): ``(A_u - out_u) . dM/d(input of v)`` with the gradient at the base run;
@@ -589,6 +600,7 @@ def edge_attribution(
         memory_budget=memory_budget,
         defer_base=method != "exact",  # the gradient run of the base prompts records the base run
         call="edge_attribution",
+        mean_mask=mean_mask,
     )
     _warn_if_no_op("edge_attribution", clean, corrupted, metric, ablation, "edge score")
     passes = 0
@@ -659,6 +671,7 @@ def edge_attribution(
                     mode=mode,
                     ablation=ablation,
                     graph=graph,
+                    mean_mask=mean_mask,
                     max_batch=max_batch,
                     memory_budget=memory_budget,
                 )[u.to(info["m_base"].device)],
@@ -901,6 +914,8 @@ def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode,
         metric=metric,
         **{f"weights[{n}]": t for n, t in model.state_dict().items()},
         base_metric=engine.base_metric(),
+        # a mean ablation's mask (left out without one, as fingerprints leave items at their defaults out)
+        **({} if engine.mean_mask is None else {"mean_mask": engine.mean_mask.cpu()}),
         **more,
     )
 
@@ -999,6 +1014,7 @@ def faithfulness(
     mode: str = "noise",
     ablation: str = "resample",
     graph: EdgeGraph | None = None,
+    mean_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -1013,7 +1029,7 @@ def faithfulness(
 
     Parameters
     ----------
-    model, edges, clean, corrupted, metric, mode, ablation, graph
+    model, edges, clean, corrupted, metric, mode, ablation, graph, mean_mask
         As in :func:`patch_edges`.
     max_batch : int, optional
         Circuits (edge sets) evaluated per forward; default: as many as ``memory_budget`` allows.
@@ -1048,6 +1064,7 @@ def faithfulness(
         max_batch=max_batch,
         memory_budget=memory_budget,
         call="faithfulness",
+        mean_mask=mean_mask,
     )
     keep = _measured(info["m_clean"], info["m_base"], mode)
     E = len(graph)
@@ -1187,6 +1204,7 @@ def pruning_curve(
     mode: str = "noise",
     ablation: str = "resample",
     graph: EdgeGraph | None = None,
+    mean_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -1197,7 +1215,7 @@ def pruning_curve(
 
     Parameters
     ----------
-    model, clean, corrupted, metric, mode, ablation, graph
+    model, clean, corrupted, metric, mode, ablation, graph, mean_mask
         As in :func:`patch_edges`.
     scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each);
         scores holding NaN are refused
@@ -1313,6 +1331,7 @@ def pruning_curve(
         max_batch=max_batch,
         memory_budget=memory_budget,
         call="pruning_curve",
+        mean_mask=mean_mask,
     )
     keep = _measured(info["m_clean"], info["m_base"], mode)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
@@ -1429,6 +1448,7 @@ def acdc(
     ablation: str = "resample",
     per_position: bool = False,
     graph: EdgeGraph | None = None,
+    mean_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -1466,7 +1486,7 @@ def acdc(
 
     Parameters
     ----------
-    model, clean, corrupted, metric, ablation, graph
+    model, clean, corrupted, metric, ablation, graph, mean_mask
         As in :func:`patch_edges`.
     threshold : float
         The largest drop of the metric at which an edge is removed, ``>= 0``, in units of the metric (e.g. logit
@@ -1539,6 +1559,7 @@ def acdc(
         max_batch=max_batch,
         memory_budget=memory_budget,
         call="acdc",
+        mean_mask=mean_mask,
     )
     E = len(graph)
     keep = torch.ones(E, dtype=torch.bool)

@@ -5,7 +5,7 @@ Definitions (``A_u`` the value an ablated edge carries, ``out_u`` a node's outpu
 - The *base* run is the clean run (``mode="noise"``) or the corrupted run (``mode="denoise"``).
 - ``A_u`` comes from the *source* prompts: the corrupted prompts for noising, the clean ones for denoising.
   ``ablation="resample"``: ``u``'s output on the source prompts; ``"mean"``: its mean over the source batch, per
-  position; ``"zero"``: zero.
+  position (given ``mean_mask``, over the prompts real at each position only); ``"zero"``: zero.
 - Patching a set of edges ``S``: every destination input ``v`` reads
   ``in_v = (residual stream before v) - sum_{u: (u, v) in S} (out_u - A_u)``,
   i.e. ``u``'s current contribution is replaced by ``A_u`` on the patched edges only; everything else is computed
@@ -41,6 +41,8 @@ from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..models.transformer import affine
 from ..ops.sums import signed_sums
 from ..patching.api import check_tokens
+from ..patching.corruptions import masked_mean
+from ..patching.corruptions import mean_mask as checked_mean_mask
 from ..patching.engine import FALLBACK_VOCAB_COPIES, new_bytes
 from ..patching.metrics import bind_metric, check_metric_on_stacks, metric_on
 from ..patching.metrics import metric_positions as patching_metric_positions
@@ -185,6 +187,7 @@ class EdgeEngine:
         # what prepare_runs says: the ablation, and the public function the runs are for (warnings name it); whether
         # the inputs formed were checked for cancellation (once per engine: _check_cancellation)
         self.ablation, self.call, self._rounding_checked = None, "prepare_runs", _CALL_WARNED.get()
+        self.mean_mask = None  # mean ablation's mask of the source prompts (B, T) bool, or None: every prompt
         self._checking = False  # a run() call checking the inputs it forms (_check_cancellation)
         # the recomputed blocks of the patched runs being computed, by id, and which of their terms are zero
         # (_dead_terms; each tensor is held so that its id is not reused)
@@ -202,7 +205,7 @@ class EdgeEngine:
         if self._pending_source == "zero":
             self.A = torch.zeros_like(base.outs)
         elif self._pending_source == "mean":
-            self.A = base.outs.mean(1, keepdim=True).expand_as(base.outs)
+            self.A = masked_mean(base.outs, self.mean_mask, 1, 2).expand_as(base.outs)
         self._pending_source = None
         if base.resid is None:  # a recorded run: its outputs are needed only as D, which takes their storage
             self.D = base.outs.neg_().add_(self.A)
@@ -1412,6 +1415,7 @@ def prepare_runs(
     view: ModelView | None = None,
     defer_base: bool = False,
     call: str = "prepare_runs",
+    mean_mask: torch.Tensor | None = None,
 ) -> tuple[EdgeEngine, dict]:
     """Run the clean, corrupted and source prompts and build the :class:`EdgeEngine`.
 
@@ -1425,6 +1429,10 @@ def prepare_runs(
 
     Warns (naming ``call``, the public function the runs are for) when ``corrupted`` is given but no run reads it
     (:func:`warn_if_corrupted_unread`).
+
+    ``mean_mask``: with ``ablation="mean"``, ``(batch, pos)`` 0/1 of the source prompts (1 a real token, right
+    padding): the mean at each position is over the prompts real there (0 where none is); refused with another
+    ablation.
     """
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
@@ -1449,6 +1457,13 @@ def prepare_runs(
             "(or use mode='noise' with ablation='mean' or 'zero')"
         )
     warn_if_corrupted_unread(call, corrupted, mode, ablation)
+    if mean_mask is not None:
+        if ablation != "mean":
+            raise ValueError(
+                f"mean_mask is given with ablation={ablation!r}: it masks the per-position mean of "
+                "ablation='mean' only; give ablation='mean' or leave mean_mask out"
+            )
+        mean_mask = checked_mean_mask(mean_mask, "mean_mask", (B, T_full))
     if graph.per_position and graph.n_pos != T_full:
         raise ValueError(f"the graph has n_pos={graph.n_pos} positions; the prompts have {T_full}")
     limit = model.cfg.max_positions
@@ -1460,6 +1475,7 @@ def prepare_runs(
     pos = metric_positions(metric, B, T_full)
     T = (pos if isinstance(pos, int) else int(pos.max())) + 1
     clean, corrupted = clean[:, :T], (corrupted[:, :T] if corrupted is not None else None)
+    mean_mask = mean_mask[:, :T] if mean_mask is not None else None
     # the runs are on the model's device: prompts and per-example positions go there (no copy when they are)
     device = view.device
     clean = clean.to(device)
@@ -1475,7 +1491,7 @@ def prepare_runs(
     with frozen_fixed_weights(model, *weights):
         engine, info = _record_runs(
             view, graph, clean, metric, mode, ablation, max_batch, memory_budget, defer_base, pos, T, B,
-            base_tokens, src_tokens,
+            base_tokens, src_tokens, mean_mask,
         )  # fmt: skip
     engine._weights = weights
     engine.call = call
@@ -1484,7 +1500,7 @@ def prepare_runs(
 
 def _record_runs(
     view, graph, clean, metric, mode, ablation, max_batch, memory_budget, defer_base, pos, T, B, base_tokens,
-    src_tokens,
+    src_tokens, mean_mask=None,
 ) -> tuple[EdgeEngine, dict]:  # fmt: skip
     """:func:`prepare_runs` after its checks: the runs, and the engine built on them."""
     x_clean = view.embed(clean)
@@ -1508,15 +1524,16 @@ def _record_runs(
         src_embed = torch.zeros_like(x_base)
     elif src_tokens is clean and clean_run is None:  # the source run is the base run, still to be recorded
         A = ablation  # "resample" cannot reach here: it needs corrupted prompts, the source in noising mode
-        src_embed = x_clean.mean(0, keepdim=True).expand_as(x_clean)
+        src_embed = masked_mean(x_clean, mean_mask, 0, 1).expand_as(x_clean)
     else:
         src_run = clean_run if src_tokens is clean else node_run(view, graph, view.embed(src_tokens), pos)
         A = src_run.outs
         if ablation == "mean":
-            A = A.mean(1, keepdim=True).expand_as(A)
+            A = masked_mean(A, mean_mask, 1, 2).expand_as(A)
     engine = EdgeEngine(
         view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
     )
+    engine.mean_mask = mean_mask  # the pending mean (a base run still to be recorded) reads it
     engine.bound = clean_run is not None
     engine.ablation = ablation
     # one run's logits and the metric's temporaries, counted once

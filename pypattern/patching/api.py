@@ -24,6 +24,8 @@ from .corruptions import (
     TokenReplacement,
     ZeroAblation,
     embedding_noise_hook,
+    masked_mean,
+    mean_mask,
 )
 from .engine import ExactEngine, bytes_per_cell, metric_of_rows, truncate_cache, unembed_rows
 from .metrics import (
@@ -165,9 +167,20 @@ def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric)
     ones; a mean ablation over one prompt, the clean one; Gaussian noise of standard deviation 0) or its metric is
     0 on every run (a ``LogitDiff`` whose answer and wrong tokens are the same): every effect is then 0 whatever
     the model (see
-    :func:`~pypattern.patching.metrics.no_op_causes`). Arguments the call refuses are left to its checks."""
+    :func:`~pypattern.patching.metrics.no_op_causes`). Arguments the call refuses are left to its checks; but a
+    ``MeanAblation`` with an ``attention_mask`` is refused here for a call other than ``activation_patching``
+    (attribution patching forms its means without the mask)."""
     if corrupted_tokens is not None and corruption is not None:
         return  # ambiguous: refused by resolve_corruption
+    if (
+        call != "activation_patching"
+        and isinstance(corruption, MeanAblation)
+        and corruption.attention_mask is not None
+    ):
+        raise NotImplementedError(
+            f"{call}: MeanAblation.attention_mask (a mean over real tokens only) is read by activation_patching "
+            "only; give reference_tokens of prompts real at every position instead, or use activation_patching"
+        )
     same = corrupted_tokens is not None and same_prompts(clean_tokens, corrupted_tokens)
     mean_of_one = None
     if corrupted_tokens is None and isinstance(corruption, MeanAblation):
@@ -195,6 +208,12 @@ def check_corruption_tokens(corruption, d_vocab: int | None, shape: tuple) -> No
                 f"MeanAblation.reference_tokens has shape {tuple(ref.shape)}; it must have the prompts' "
                 f"length {shape[1]}"
             )
+    if isinstance(corruption, MeanAblation) and corruption.attention_mask is not None:
+        ref = corruption.reference_tokens
+        # the mask of the reference prompts, or of the clean prompts (checked against the reference at construction)
+        mean_mask(
+            corruption.attention_mask, "MeanAblation.attention_mask", shape if ref is None else ref.shape
+        )
 
 
 def check_tokens(
@@ -231,7 +250,9 @@ def _mapping_prompts(tokens: Mapping, argument: str) -> str:
         "token ids only, with no attention mask: pass the input_ids of unpadded prompts of one length, or of "
         "right-padded prompts with the metric read at each example's last real position (a Metric's per-example "
         "position, e.g. LogitDiff(answer, wrong, position=attention_mask.sum(1) - 1)); left padding changes the "
-        "numbers (each prompt's real tokens attend to its padding, at shifted positions)"
+        "numbers (each prompt's real tokens attend to its padding, at shifted positions). A mean ablation over the "
+        "real tokens only takes the mask apart: MeanAblation(attention_mask=...) in patching (or the tokenizer's "
+        "output as MeanAblation(reference_tokens=...)), mean_mask=... in circuits"
     )
     am = tokens.get("attention_mask")
     if am is not None and not isinstance(am, torch.Tensor):
@@ -465,7 +486,14 @@ def prepare_runs(
                     raise ValueError("MeanAblation.reference_tokens must have the prompts' length")
                 # reference prompts run where the clean ones do (a GPU model's prompts are on its device)
                 _, ref = run(corruption.reference_tokens.to(clean.device), None, sorted(set(site_hooks)))
-            source = {n: ref[n].mean(0, keepdim=True).expand_as(clean_cache[n]) for n in site_hooks}
+            # per position (a pattern's: the query position), over the prompts real there given a mask
+            mask = corruption.attention_mask
+            source = {
+                n: masked_mean(ref[n], mask, 0, 2 if n.endswith("hook_pattern") else 1).expand_as(
+                    clean_cache[n]
+                )
+                for n in site_hooks
+            }
         else:
             source = {n: corr_cache[n] for n in site_hooks}
     return PatchingRuns(
@@ -618,6 +646,8 @@ def activation_patching(
     metric : Metric
         E.g. ``LogitDiff(answer, wrong)``; its ``position`` says where the logits are read.
     corruption : GaussianNoise, ZeroAblation or MeanAblation, optional
+        Over right-padded prompts, ``MeanAblation(attention_mask=...)`` averages each position over the prompts
+        real there only (without it the padding's activations enter the mean, which then depends on the pad id).
     direction : {"denoising", "noising"}
         Denoising patches clean activations into the corrupted run (sufficiency); noising patches corrupted
         (or ablated) activations into the clean run (necessity).
@@ -720,6 +750,9 @@ def _corruption_items(corruption) -> dict | None:
         items = {f.name: getattr(corruption, f.name) for f in dataclasses.fields(corruption)}
     else:
         items = dict(getattr(corruption, "__dict__", {}))
+    if isinstance(corruption, MeanAblation) and items.get("attention_mask") is None:
+        # no mask: left out, as fingerprints leave items at their defaults out
+        items.pop("attention_mask", None)
     return {
         "class": f"{type(corruption).__module__}.{type(corruption).__qualname__}",
         **{k: _ids(v) for k, v in items.items()},

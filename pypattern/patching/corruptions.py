@@ -7,12 +7,13 @@
   over the vocabulary as the model reads them (``hook_embed``: after an embedding scale or an embedding
   LayerNorm), seeded.
 - :class:`ZeroAblation`, :class:`MeanAblation`: replace activations by zeros or by their mean over a
-  reference batch (noising only).
+  reference batch (noising only; the mean over its real tokens only given its ``attention_mask``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,22 +193,113 @@ class ZeroAblation(Corruption):
 class MeanAblation(Corruption):
     """Replace the activation by its mean over ``reference_tokens`` (default: the clean batch), per position.
 
-    The mean at a position takes every prompt, padding or not (patching reads no attention mask): over right-padded
-    prompts, a position where some prompts are padding averages their padding's activations into the value patched
-    into the others, so the result depends on the pad token. Give ``reference_tokens`` of prompts real at every
-    position (any number of them, of the prompts' length) for a mean over real tokens only.
+    ``attention_mask``: ``(batch, pos)`` of the reference batch (the clean batch when ``reference_tokens`` is None),
+    1 at a real token and 0 at padding (bool, int or float values 0 and 1), padded on the right; given, the mean at
+    position ``t`` is over the prompts real at ``t`` only, so it does not depend on the pad token. A position where
+    no prompt is real gets 0 (a mean over no prompt): with right padding it follows every real token of the batch,
+    so patching it cannot change a metric read at a real position of that batch. Without a mask the mean at a
+    position takes every prompt, padding or not (patching reads no attention mask): over right-padded prompts, a
+    position where some prompts are padding averages their padding's activations into the value patched into the
+    others, so the result depends on the pad token. A tokenizer's output (a mapping with ``input_ids`` and
+    ``attention_mask``, right-padded) may be given as ``reference_tokens``: its mask is then the mean's. Other
+    remedy: give ``reference_tokens`` of prompts real at every position (any number of them, of the prompts'
+    length); with reference prompts shorter than the clean ones, the clean prompts' real positions past every
+    reference prompt get 0. The mask is read by :func:`~pypattern.patching.activation_patching` (a masked mean
+    is not implemented in :func:`~pypattern.patching.attribution_patching`, which refuses it).
     """
 
     reference_tokens: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
     is_ablation = True
 
     def __post_init__(self) -> None:
         r = self.reference_tokens
+        if isinstance(r, Mapping):
+            r = self._from_mapping(r)
         if r is not None and (not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[0] == 0):
             raise ValueError(
                 "MeanAblation.reference_tokens must be a (batch, pos) tensor of at least one prompt (a mean over "
                 f"no prompt is undefined), got {getattr(r, 'shape', r)!r}"
             )
+        if self.attention_mask is not None:
+            self.attention_mask = mean_mask(
+                self.attention_mask, "MeanAblation.attention_mask", None if r is None else tuple(r.shape)
+            )
+
+    def _from_mapping(self, enc: Mapping) -> torch.Tensor:
+        """A tokenizer's output given as ``reference_tokens``: its ``input_ids`` are the reference prompts and its
+        ``attention_mask`` the mean's mask."""
+        name = "MeanAblation.reference_tokens"
+        if "input_ids" not in enc:
+            raise TypeError(f"{name} is a mapping without 'input_ids' (keys {sorted(enc)}); give token ids")
+        am = enc.get("attention_mask")
+        if am is not None and self.attention_mask is not None:
+            raise ValueError(
+                f"{name} holds an attention_mask and MeanAblation.attention_mask is given too: give one of them"
+            )
+        ids = enc["input_ids"]
+        self.reference_tokens = (
+            ids if isinstance(ids, torch.Tensor) else _as_tensor(ids, f"{name}['input_ids']")
+        )
+        if am is not None:
+            self.attention_mask = (
+                am if isinstance(am, torch.Tensor) else _as_tensor(am, f"{name}['attention_mask']")
+            )
+        return self.reference_tokens
+
+
+def _as_tensor(v, name: str) -> torch.Tensor:
+    try:  # a tokenizer's lists (return_tensors=None) or NumPy arrays (return_tensors="np")
+        return torch.as_tensor(np.asarray(v))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} is not a (batch, pos) array ({type(v).__name__}): {e}") from None
+
+
+def mean_mask(mask, argument: str, shape: tuple | None = None) -> torch.Tensor:
+    """A mean ablation's mask ``(batch, pos)`` of 0 (padding) and 1 (a real token), padded on the right, as bool;
+    refused naming ``argument`` when it is not a tensor, is not 2-D or of ``shape`` (given), holds other values, or
+    has a real token after a padding position (left padding: the real tokens' activations would be those of
+    prompts that attend to their padding)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{argument} is a {type(mask).__name__}; give a (batch, pos) tensor of 0 and 1")
+    if mask.is_meta or mask.is_complex():
+        raise TypeError(
+            f"{argument} is a {mask.dtype} tensor on {mask.device}; give a (batch, pos) tensor of 0 and 1"
+        )
+    if mask.dim() != 2 or (shape is not None and tuple(mask.shape) != tuple(shape)):
+        want = "(batch, pos)" if shape is None else f"{tuple(shape)}, the shape of the prompts it masks"
+        raise ValueError(f"{argument} has shape {tuple(mask.shape)}; give {want}")
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(
+            f"{argument} must hold 1 (a real token) or 0 (padding), got the value {bad!r} (a {mask.dtype} tensor of "
+            f"shape {tuple(mask.shape)})"
+        )
+    m = mask != 0
+    left = m[:, 1:] & ~m[:, :-1]  # a real token after a padding position
+    if bool(left.any()):
+        row = int(left.any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"{argument} is left-padded (row {row} has padding before its real tokens): patching reads no attention "
+            "mask, so those real tokens attend to the padding; pad on the right (tokenizer.padding_side = 'right')"
+        )
+    return m
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, batch_dim: int, pos_dim: int) -> torch.Tensor:
+    """The mean of ``x`` over ``batch_dim`` (kept, of size 1), over the prompts ``mask (batch, pos)`` (bool) says
+    are real at each position of ``pos_dim``: 0 where none is; the plain mean without a mask or with every entry
+    of it 1. Summed in at least float32, returned in ``x``'s dtype."""
+    if mask is None or bool(mask.all()):  # every prompt real everywhere: the plain mean
+        return x.mean(batch_dim, keepdim=True)
+    shape = [1] * x.dim()
+    shape[batch_dim], shape[pos_dim] = mask.shape
+    w = mask.to(device=x.device).reshape(shape)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    n = w.sum(batch_dim, keepdim=True, dtype=acc).clamp(min=1)
+    # the padding's values left out (not multiplied by 0: an infinite one would give NaN)
+    kept = torch.where(w, x, x.new_zeros(()))
+    return (kept.sum(batch_dim, keepdim=True, dtype=acc) / n).to(x.dtype)
 
 
 def embedding_noise_hook(noise: torch.Tensor):
