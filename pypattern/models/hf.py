@@ -528,8 +528,9 @@ class HookedHF(HookedModule):
     ``hf_model``; its parameters appear here under ``module.model.``.
 
     ``blocks.{l}.hook_resid_mid`` (not on GPT-NeoX with parallel attention, where it does not exist) sits on the
-    attention module's output: it sees ``resid_pre + attn_out`` and a replacement ``r`` is handed on as the
-    attention output ``r - resid_pre``, so the layer's residual after attention is ``r`` (up to one rounding).
+    attention module's output: it sees ``resid_pre + attn_out`` and a replacement ``r`` (returned, or written into
+    the activation in place, as in ``x[:, p] = ...``) is handed on as the attention output ``r - resid_pre``, so the
+    layer's residual after attention is ``r`` (up to one rounding).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -568,6 +569,7 @@ class HookedHF(HookedModule):
         """Logits ``(batch, pos, d_vocab)`` of token ids ``(batch, pos)`` (or ``(pos,)``), of a batch mapping with
         ``input_ids`` (``attention_mask``, ``position_ids`` and ``token_type_ids`` are used, ``labels`` ignored),
         or of ``input_ids=..., attention_mask=...``; other keywords go to the Hugging Face model."""
+        self._check_hooks_on()
         return self.module(input_ids, attention_mask=attention_mask, **kwargs)
 
     def _hooks_outside_checkpointing(self, model: nn.Module) -> None:
@@ -661,8 +663,11 @@ class HookedHF(HookedModule):
             pre = store.pop("pre")
             a = out[0] if isinstance(out, tuple) else out
             r = pre + a
+            version = _version(r)
             new = hp(r)
-            if new is r:
+            # a function that only read r changes nothing; one that edited r in place (``x[:, p] = ...``, with or
+            # without ``return x``) or returned a replacement hands it on as the attention's output
+            if new is r and (r._version == version if version is not None else _same(r, pre + a)):
                 return None
             a = new - pre
             return (a, *out[1:]) if isinstance(out, tuple) else a
@@ -670,6 +675,20 @@ class HookedHF(HookedModule):
         grab.hook_point = mid.hook_point = hp  # the identity while hp has no function attached
         self._register(block, grab, pre=True, with_kwargs=True)
         self._register(attn, mid)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (it counts in-place edits), None for a tensor made under ``torch.inference_mode``,
+    which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values (NaN equal to NaN)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def is_hf_causal_lm(model: Any) -> bool:

@@ -890,6 +890,41 @@ def _activation(hp: HookPoint, x: Any, where: str) -> torch.Tensor:
     )
 
 
+def _inert(*args: Any) -> None:
+    """What a wrapper's torch hook becomes in a pickled (or copied) model: nothing (the hook points it fired are the
+    wrapper's, which the copy has not)."""
+    return None
+
+
+_inert.changes_output = False  # read by changes_output()
+
+
+def _inert_hook() -> Callable:
+    return _inert
+
+
+class _WrapperHook:
+    """A :class:`HookedModule`'s torch forward (pre-)hook on ``module``: ``fn``, called only on ``module`` itself (a
+    ``copy.deepcopy`` of the wrapped model, or of one of its modules, copies its hooks, whose hook points are the
+    wrapper's, not the copy's). Pickled (``torch.save(model)``, a spawned process) as a hook that does nothing, so
+    that a wrapped model pickles as it did before it was wrapped."""
+
+    def __init__(self, module: nn.Module, fn: Callable) -> None:
+        self.owner = weakref.ref(module)
+        self.fn = fn
+        for attr in ("hook_point", "changes_output"):  # read by changes_output()
+            if hasattr(fn, attr):
+                setattr(self, attr, getattr(fn, attr))
+
+    def __call__(self, mod: nn.Module, *rest: Any) -> Any:
+        if mod is not self.owner():
+            return None
+        return self.fn(mod, *rest)
+
+    def __reduce__(self) -> tuple:
+        return (_inert_hook, ())
+
+
 class HookedModule(HookedRootModule):
     """Any ``nn.Module`` with hook points placed by module path.
 
@@ -928,6 +963,7 @@ class HookedModule(HookedRootModule):
         self._hook_paths = dict(hook_points)
         self._points = nn.ModuleDict()
         self._handles = []
+        self._hooks_removed = False
         self.hook_dict = {}
         mods = dict(module.named_modules())
         for name, path in hook_points.items():
@@ -955,18 +991,16 @@ class HookedModule(HookedRootModule):
         """Register ``fn`` as a forward (pre-)hook of ``module`` (``kwargs`` to torch's registration), keeping its
         handle. The hook does nothing when it is called on another module: a ``copy.deepcopy`` of the wrapped model
         (or of one of its modules) copies its hooks, whose hook points are this wrapper's, not the copy's."""
-        owner = weakref.ref(module)
-
-        def hook(mod: nn.Module, *rest: Any) -> Any:
-            if mod is not owner():
-                return None
-            return fn(mod, *rest)
-
-        for attr in ("hook_point", "changes_output"):  # read by changes_output()
-            if hasattr(fn, attr):
-                setattr(hook, attr, getattr(fn, attr))
+        hook = _WrapperHook(module, fn)
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._handles.append(register(hook, **kwargs))
+
+    def __getstate__(self) -> dict:
+        raise TypeError(
+            f"a {type(self).__name__} is not pickled: its hook points live in torch hooks on the wrapped model, which "
+            "a pickled copy would not fire; save the wrapped model (its state_dict, or save_pretrained) and wrap it "
+            "again after loading"
+        )
 
     def __deepcopy__(self, memo: dict) -> HookedModule:
         """A wrapper of a copy of the wrapped module, with its own hook points (carrying the functions attached to
@@ -1005,10 +1039,23 @@ class HookedModule(HookedRootModule):
 
     def remove_hooks(self) -> None:
         """Take this wrapper's hooks off the wrapped module (it then runs as before it was wrapped); the wrapper's
-        hook points no longer fire."""
+        hook points no longer fire, and a forward with functions attached to them raises ``RuntimeError`` (they
+        would not run: an empty cache, a patch not applied)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooks_removed = True
+
+    def _check_hooks_on(self) -> None:
+        """Refuse a forward with functions attached to hook points whose hooks :meth:`remove_hooks` took off."""
+        if self._hooks_removed:
+            attached = [n for n, hp in self.hook_dict.items() if hp._fns]
+            if attached:
+                raise RuntimeError(
+                    f"functions are attached to hook points {attached[:4]}{' ...' if len(attached) > 4 else ''} of a "
+                    f"{type(self).__name__} whose hooks remove_hooks() took off the wrapped model: they would not "
+                    "run (an empty cache, a patch not applied); wrap the model again"
+                )
 
     @staticmethod
     def _pre(hp: HookPoint) -> Callable:
@@ -1041,4 +1088,5 @@ class HookedModule(HookedRootModule):
         return None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_hooks_on()
         return self.module(*args, **kwargs)
