@@ -167,20 +167,9 @@ def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric)
     ones; a mean ablation over one prompt, the clean one; Gaussian noise of standard deviation 0) or its metric is
     0 on every run (a ``LogitDiff`` whose answer and wrong tokens are the same): every effect is then 0 whatever
     the model (see
-    :func:`~pypattern.patching.metrics.no_op_causes`). Arguments the call refuses are left to its checks; but a
-    ``MeanAblation`` with an ``attention_mask`` is refused here for a call other than ``activation_patching``
-    (attribution patching forms its means without the mask)."""
+    :func:`~pypattern.patching.metrics.no_op_causes`). Arguments the call refuses are left to its checks."""
     if corrupted_tokens is not None and corruption is not None:
         return  # ambiguous: refused by resolve_corruption
-    if (
-        call != "activation_patching"
-        and isinstance(corruption, MeanAblation)
-        and corruption.attention_mask is not None
-    ):
-        raise NotImplementedError(
-            f"{call}: MeanAblation.attention_mask (a mean over real tokens only) is read by activation_patching "
-            "only; give reference_tokens of prompts real at every position instead, or use activation_patching"
-        )
     same = corrupted_tokens is not None and same_prompts(clean_tokens, corrupted_tokens)
     mean_of_one = None
     if corrupted_tokens is None and isinstance(corruption, MeanAblation):

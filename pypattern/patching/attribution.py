@@ -50,6 +50,7 @@ from .corruptions import (
     TokenReplacement,
     ZeroAblation,
     embedding_noise_hook,
+    masked_mean,
 )
 from .metrics import (
     KL,
@@ -570,16 +571,53 @@ def _mean_activations(model, corruption, clean_tokens, max_batch: int, kw: dict)
         else corruption.reference_tokens.to(clean_tokens.device)
     )
     names = _source_names(model.cfg, kw["sites"], kw["qk_fix"])
+    mask = _mean_mask(corruption, ref)
+    # given a mask, the mean over the prompts real at each position: each part's masked mean, weighted
+    if mask is not None:
+        counts = mask.sum(0)  # (pos,) the real prompts at each position
     sums: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    part: list = [None]
 
     def add(x, hook):
-        s = x.sum(0, keepdim=True)
+        dtypes[hook.name] = x.dtype
+        if mask is None:
+            s = x.sum(0, keepdim=True)
+        else:  # the part's masked mean times its real prompts per position (0 where none is)
+            m = mask[part[0]]
+            pd = _pos_dim(hook.name)
+            w = m.sum(0).to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+            shape = [1] * x.dim()
+            shape[pd] = w.shape[0]
+            s = masked_mean(x, m, 0, pd).to(w.dtype) * w.view(shape)
         sums[hook.name] = s if hook.name not in sums else sums[hook.name] + s
 
     for s in range(0, ref.shape[0], max_batch):
+        part[0] = slice(s, s + max_batch)
         with model.hooks([(lambda n: n in names, add)]):
             model(ref[s : s + max_batch], return_type=None)
-    return {n: t / ref.shape[0] for n, t in sums.items()}
+    if mask is None:
+        return {n: t / ref.shape[0] for n, t in sums.items()}
+    out = {}
+    for n, t in sums.items():
+        shape = [1] * t.dim()
+        shape[_pos_dim(n)] = counts.shape[0]
+        c = counts.to(device=t.device, dtype=t.dtype).clamp(min=1).view(shape)
+        out[n] = (t / c).to(dtypes[n])
+    return out
+
+
+def _pos_dim(name: str) -> int:
+    """The position axis of hook ``name``'s activation: the query axis of an attention pattern or its scores
+    ``(batch, head, query, key)``, else 1 (``(batch, pos, ...)``)."""
+    return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+
+
+def _mean_mask(corruption, ref: torch.Tensor) -> torch.Tensor | None:
+    """A :class:`MeanAblation`'s mask ``(batch, pos)`` bool of the reference prompts ``ref`` on their device, or
+    None (every prompt counts)."""
+    mask = getattr(corruption, "attention_mask", None)
+    return None if mask is None else mask.to(ref.device)
 
 
 class _Means(MeanAblation):
@@ -743,7 +781,9 @@ def _atp(
                 ref = tgt_cache
                 if corruption.reference_tokens is not None:
                     _, ref = cache_run(corruption.reference_tokens, None, rows=False)
-                means = {n: ref[n].mean(0, keepdim=True) for n in names}
+                # over the prompts real at each position, given the ablation's mask
+                mask = getattr(corruption, "attention_mask", None)
+                means = {n: masked_mean(ref[n], mask, 0, _pos_dim(n)) for n in names}
             src_cache = {n: means[n].expand_as(tgt_cache[n]) for n in names}
         else:  # the corrupted run (forward 1 of noising)
             m_corr = (vals[0] if vals is not None else metric(src_logits)).detach()
