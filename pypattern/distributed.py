@@ -9,9 +9,11 @@ ran it). Callbacks run on the rank that owns the chain. With ``checkpoint=path``
 own file (``path`` with ``.rank{r}of{world}`` before the suffix). A failure on one rank (a diverging chain, a bad
 argument) makes every rank raise instead of leaving the others waiting in a collective. Every call first checks
 that the ranks were given the same model (its architecture, named where it differs, its BatchNorms' modes and
-its hooks) and the same arguments (hyperparameters, chain layout, seed, model weights, the first batch of the data,
-...): a difference raises ``ValueError`` on every rank, naming the first differing argument and its value on each
-rank (an argument left out as its default's value). Checkpoint paths that name one place in other words (relative
+its hooks) and the same arguments (hyperparameters, chain layout, seed, model weights, the data: its first batch,
+its batches per epoch and its samples, ...): a difference raises ``ValueError`` on every rank, naming the first
+differing argument and its value on each rank (an argument left out as its default's value; numbers by value, so
+``nbeta=20`` and ``nbeta=20.0`` are the same call). Every rank reads the whole data set: do not shard it over the
+ranks (the chains are what is spread). Checkpoint paths that name one place in other words (relative
 and absolute, through a symbolic link to a folder, a trailing separator) are the same argument; a checkpoint of
 a run over another number of ranks is not resumed (each number has its own files), with a warning. Callables
 (loss functions, observables, metrics) are compared by what they compute (:func:`pypattern.io.callable_id`: their code, defaults, closure values
@@ -80,6 +82,24 @@ def _first_batch_hash(loader, seed) -> str:
         return f"error: {type(e).__name__}: {e}"
 
 
+def _data_summary(loader, seed) -> dict:
+    """What the ranks compare of the data: the first batch chain 0 reads, the batches of an epoch and the samples
+    of the data set (None where the loader has no length), so that ranks given data sets of other sizes whose
+    first batches agree (an unshuffled loader over a longer data set on one rank) are refused instead of each
+    sampling, and measuring ``L_n(w*)`` on, its own data."""
+    from .sampling.data import batches_per_epoch
+
+    try:
+        samples = int(len(loader.dataset))
+    except (AttributeError, TypeError):
+        samples = None
+    try:
+        batches = batches_per_epoch(loader)
+    except Exception:  # noqa: BLE001 - a loader the sampler refuses: compared as unknown, the sampler reports it
+        batches = None
+    return {"first_batch": _first_batch_hash(loader, seed), "batches_per_epoch": batches, "samples": samples}
+
+
 #: a device with its index (``device(type='cuda', index=1)`` as ``repr`` writes it, or ``"cuda:1"``): the rank's own
 _DEVICE_REPR = re.compile(r"device\(type='(\w+)', index=\d+\)")
 _DEVICE_NAME = re.compile(r"(cpu|cuda|mps|xpu|xla|meta|hpu|mtia|npu|ipu|privateuseone):\d+")
@@ -93,6 +113,19 @@ def _without_device_index(v):
         return [_without_device_index(x) for x in v]
     if isinstance(v, str):
         return _DEVICE_NAME.sub(r"\1", _DEVICE_REPR.sub(r"device(type='\1')", v))
+    return v
+
+
+def _by_value(v):
+    """A canonical (JSON) value with its integers that a float holds exactly written as floats, for comparing
+    across ranks: ``nbeta=20`` on one rank and ``20.0`` on another (or ``weight_decay=0`` against its default
+    ``0.0``) are the same call."""
+    if isinstance(v, dict):
+        return {k: _by_value(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_by_value(x) for x in v]
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2**53:
+        return float(v)
     return v
 
 
@@ -136,7 +169,7 @@ def check_same_arguments(group, defaults: dict | None = None, **items) -> None:
         implied = {k for k in union if k not in fp}
         fp.update(_rank_fingerprint({k: defaults[k] for k in sorted(implied)}))
         names = union
-    hi, lo = spread([_hash64(fp[k]) for k in names])
+    hi, lo = spread([_hash64(_by_value(fp[k])) for k in names])
     differ = [k for k, a, b in zip(names, hi.tolist(), lo.tolist()) if a != b]
     if differ:
         every = [None] * dist.get_world_size(group)
@@ -201,7 +234,7 @@ def _sample_items(model, loader, kwargs: dict) -> dict:
         d, v = defaults[k], items[k]
         if type(v) is type(d) and isinstance(v, (int, float, str, bool)) and v == d:
             del items[k]
-    items["data"] = _first_batch_hash(loader, kwargs.get("seed", 0))
+    items["data"] = _data_summary(loader, kwargs.get("seed", 0))
     items.update({f"weights[{n}]": t for n, t in model.state_dict().items()})
     return items
 

@@ -23,7 +23,7 @@ target is the tempered posterior of ``K`` itself, with no finite-sample fluctuat
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from fractions import Fraction
 
 import torch
@@ -77,8 +77,19 @@ def normal_crossing_learning_coefficient(powers: Sequence[int], *, multiplicity:
     return (lam, powers.count(max(powers))) if multiplicity else lam
 
 
+def _float_dtype(dtype, what: str) -> None:
+    """Raise naming ``dtype`` unless it is a floating-point ``torch.dtype`` (``what``'s weights are trained)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype for {what}'s weights, got {dtype!r}")
+
+
 def _int_list(values, name: str) -> list[int]:
-    """``values`` as a list of Python ints (numpy integers accepted); raises naming ``name`` otherwise."""
+    """``values`` as a list of Python ints (numpy integers accepted); raises naming ``name`` otherwise. A set or
+    a mapping is refused: its order is not the caller's (``{5, 3, 5}`` would be the widths ``(3, 5)``)."""
+    if isinstance(values, Set | Mapping):
+        raise ValueError(
+            f"{name} must be an ordered sequence of ints (a list or tuple), got a {type(values).__name__}: {values!r}"
+        )
     try:
         out = list(values)
     except TypeError:
@@ -237,6 +248,7 @@ class NormalCrossing(nn.Module):
     def __init__(self, powers: Sequence[int], *, dtype: torch.dtype = torch.float32):
         super().__init__()
         normal_crossing_learning_coefficient(powers)  # validates
+        _float_dtype(dtype, "NormalCrossing")
         powers = _int_list(powers, "powers")
         self.weight = nn.Parameter(torch.zeros(len(powers), dtype=dtype))
         self.register_buffer("powers", torch.tensor(list(powers), dtype=dtype))
@@ -262,6 +274,7 @@ class DeepLinearNetwork(nn.Module):
     def __init__(self, widths: Sequence[int], *, dtype: torch.dtype = torch.float32):
         super().__init__()
         _aoyagi(widths, 0)  # validates
+        _float_dtype(dtype, "DeepLinearNetwork")
         self.widths = tuple(_int_list(widths, "widths"))
         self.layers = nn.ModuleList(
             nn.Linear(a, b, bias=False, dtype=dtype) for a, b in zip(self.widths[:-1], self.widths[1:])
