@@ -15,7 +15,8 @@ perturbation ``h = (w - 1) / N`` (because ``sum (w - 1) = 0``). :func:`invert` f
 When the ``N`` columns are a probe drawn from ``M`` training points (one column per probe sample, as
 :func:`pypattern.susceptibilities` gives), re-weighting the probe's points inside the training data, the others at
 weight 1, is ``h = (w - 1) / M``: give ``num_data=M`` to :func:`invert` (without it the prediction is ``M / N``
-times the response the weights make).
+times the response the weights make). A per-token probe's padded and ``-100`` label columns are no data points:
+give ``counted=result.probe_counted`` and they keep weight 1 while the counted columns alone hold the total.
 
 Columns that are groups of data points (``G`` groups, group ``g`` holding the share ``f_g`` of the ``N_data``
 points) follow the same rule with one weight ``W_g`` per group, ``d mu = chi (W - 1) / G``, when group ``g``'s
@@ -138,7 +139,10 @@ def _as_float64(x, name: str) -> np.ndarray:
 
 def _as_2d(chi) -> np.ndarray:
     if hasattr(chi, "chi") and not isinstance(chi, np.ndarray | torch.Tensor):  # a susceptibilities() result
-        raise TypeError(f"chi is a {type(chi).__name__}; give its matrix, result.chi (K, N)")
+        raise TypeError(
+            f"chi is a {type(chi).__name__}; give its matrix, result.chi (K, N) (and to invert, "
+            "counted=result.probe_counted: its padded and -100 label columns are not data points)"
+        )
     chi = _as_float64(chi, "chi")
     if chi.ndim == 1:
         chi = chi[None, :]
@@ -153,6 +157,30 @@ def _as_2d(chi) -> np.ndarray:
     return chi
 
 
+def _counted_mask(counted, n: int) -> np.ndarray:
+    """``counted`` (:func:`invert`'s argument) as a bool array ``(n,)`` with at least one True, else refused by
+    name."""
+    if isinstance(counted, torch.Tensor):
+        refuse_meta(counted, "counted", "its values")
+        counted = counted.detach().cpu().numpy()
+    try:
+        mask = np.asarray(counted)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"counted must be an array of bools, one per column of chi: {e}") from None
+    if mask.dtype != np.bool_:
+        raise TypeError(
+            f"counted must be an array of bools (True where a column is a data point), got {mask.dtype} values"
+        )
+    if mask.shape != (n,):
+        raise ValueError(f"counted has shape {mask.shape}; give one bool per column of chi, shape ({n},)")
+    if not mask.any():
+        raise ValueError(
+            "counted is False at every column of chi (all padding or -100 labels): there is no data point to "
+            "re-weight"
+        )
+    return mask
+
+
 def invert(
     chi,
     target,
@@ -164,6 +192,7 @@ def invert(
     rcond: float | None = None,
     fractions=None,
     num_data: int | None = None,
+    counted=None,
 ) -> Intervention:
     """Find the data intervention ``h`` with ``chi @ h ≈ target`` (see the module docstring).
 
@@ -195,8 +224,22 @@ def invert(
         ``N / M`` of the way predicted. Not with ``fractions`` (groups partition the data). The data's weights
         for :func:`reweight` are then 1 at every point but the columns' rows, which take ``weights``:
         ``w = np.ones(M); w[probe_rows] = plan.weights``.
+    counted : array (N,) of bool, optional
+        Which columns are data points: False at columns that are none (padding and ``-100`` labels of a per-token
+        ``chi``, :attr:`pypattern.SusceptibilityResult.probe_counted`, whose ``chi`` is 0). Those columns are left
+        out of the inversion: they get ``h = 0`` and weight 1, and the others alone hold the total (their weights
+        have mean 1, their ``h`` sums to 0, ``N`` above is their number and ``num_data`` is at least it). Default:
+        every column counts; a ``chi`` with columns that are exactly 0 beside others that are not then warns
+        (as data points, such columns take weights that re-balance the others): give ``counted`` to say which
+        columns count (``np.ones(N, bool)`` when all do).
     """
     chi = _as_2d(chi)
+    k, n_all = chi.shape
+    keep = None
+    if counted is not None:
+        keep = _counted_mask(counted, n_all)
+        if not keep.all():
+            chi = chi[:, keep]
     k, n = chi.shape
     tgt = _as_float64(target, "target")
     if tgt.shape != (k,) and sum(s != 1 for s in tgt.shape) > 1:
@@ -243,9 +286,10 @@ def invert(
         )
     if num_data is not None:
         if not is_count(num_data) or int(num_data) < n:
+            which = "" if keep is None else " counted"
             raise ValueError(
-                f"num_data={num_data!r} is not valid; give the number of training data points the {n} columns of "
-                f"chi are drawn from, an int >= {n} (or None: the columns are the whole data)"
+                f"num_data={num_data!r} is not valid; give the number of training data points the {n}{which} "
+                f"columns of chi are drawn from, an int >= {n} (or None: the columns are the whole data)"
             )
         if fractions is not None:
             raise ValueError(
@@ -264,6 +308,18 @@ def invert(
         raise ValueError(
             f"rcond applies to method='pinv' only, got method={method!r} (alpha= sets its penalty)"
         )
+    if keep is None and n > 1:
+        zero = ~chi.any(axis=0)
+        if zero.any() and not zero.all():
+            where = np.flatnonzero(zero)
+            shown = ", ".join(str(int(i)) for i in where[:5]) + (", ..." if where.size > 5 else "")
+            warnings.warn(
+                f"chi has {where.size} of its {n} columns exactly 0 (columns {shown}), as padding and -100 "
+                "labels of a per-token chi give: counted as data points, they take weights that re-balance the "
+                "others; give counted=result.probe_counted (False at the columns that are not data points) to "
+                "leave them out, or counted=np.ones(N, bool) when every column is a data point",
+                stacklevel=user_stacklevel(),
+            )
     # the columns' response to their weights w: d mu = chi (w - 1) / M = chi_n (w - 1) / n with chi_n = chi n / M,
     # solved as for columns that are the whole data (M = n), then read back as h = (w - 1) / M
     chi_given = chi
@@ -289,9 +345,16 @@ def invert(
         h = _ridge(unit_c, e, tgt, float(alpha))
     elif method == "constrained":
         c = np.ones(n) if fractions is None else _as_float64(fractions, "fractions").reshape(-1)
+        if fractions is not None and keep is not None:
+            if c.shape != (n_all,):
+                raise ValueError(
+                    f"fractions must be {n_all} finite positive numbers (one per column of chi), got shape "
+                    f"{c.shape}"
+                )
+            c = c[keep]  # (the shares of the counted columns; the others' are not read)
         if c.shape != (n,) or not np.isfinite(c).all() or (c <= 0).any():
             raise ValueError(
-                f"fractions must be {n} finite positive numbers (one per column), got {fractions!r}"
+                f"fractions must be {n_all} finite positive numbers (one per column), got {fractions!r}"
             )
         h = _constrained(chi, tgt, alpha, min_weight, max_weight, c * (n / c.sum()))
     else:
@@ -302,6 +365,10 @@ def invert(
     if m_data != n:  # h = (w - 1) / M; the response chi_n (w - 1) / n is chi (w - 1) / M
         chi, h = chi_given, (weights - 1.0) / m_data
     pred = chi @ h
+    if keep is not None and not keep.all():  # the columns that are not data points: h 0, weight 1
+        h_all, w_all = np.zeros(n_all), np.ones(n_all)
+        h_all[keep], w_all[keep] = h, weights
+        h, weights = h_all, w_all
     # both norms of the target's scale divided out first: no overflow for targets near float64's largest
     scale = float(np.abs(tgt).max()) if tgt.size else 0.0
     if scale > 0:
