@@ -95,8 +95,8 @@ def test_torch_load_refuses_while_transformers_loads_a_checkpoint(tmp_path, torc
         from_pretrained(tmp_path)
     assert str(e.value) == (
         f"path={str(tmp_path)!r}: loading the checkpoint would unpickle {str(tmp_path / 'pytorch_model.bin')!r} "
-        "(torch.load); pypattern reads only safetensors weights: re-save the model with "
-        "save_pretrained(dir, safe_serialization=True)"
+        "(torch.load); pypattern reads only safetensors weights: re-save it as safetensors with transformers, "
+        "model = AutoModelForCausalLM.from_pretrained(dir) then model.save_pretrained(new_dir), and give new_dir"
     )
     assert calls == [] and torch.load is spy and torch.serialization.load is spy
     # other threads keep the function it replaced

@@ -509,3 +509,21 @@ def test_a_wrapped_model_pickles_as_before_and_the_wrapper_is_refused_by_name():
     with pytest.raises(TypeError, match=r"HookedHF is not pickled.*wrap it again"):
         torch.save(hm, io.BytesIO())
     hm.remove_hooks()
+
+
+def test_the_adapter_returns_logits_whatever_return_dict_says():
+    """``hooked_hf(model)(x, return_dict=False)``: the adapter's forward returns the logits either way (it read
+    ``.logits`` of a tuple before), equal to the model's own."""
+    import transformers
+
+    import pypattern as pp
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=23, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    x = torch.randint(0, 23, (2, 5))
+    hm = pp.hooked_hf(hf)
+    with torch.no_grad():
+        want = hf(x).logits
+        for kw in ({}, {"return_dict": False}, {"return_dict": True}):
+            torch.testing.assert_close(hm(x, **kw), want, rtol=0, atol=0)

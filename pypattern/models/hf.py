@@ -516,6 +516,8 @@ class _HFLogits(nn.Module):
                 attention_mask = attention_mask.unsqueeze(0)
         kwargs.setdefault("use_cache", False)
         kwargs.pop("labels", None)
+        # the logits are returned whatever the caller asked of the model's output
+        kwargs["return_dict"] = True
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return out.logits
 

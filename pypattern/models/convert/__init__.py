@@ -630,8 +630,8 @@ def _check_index(path: str) -> None:
         if not isinstance(target, str) or not target.endswith(".safetensors"):
             raise UnsupportedModelError(
                 f"path={path!r}: {_SAFE_INDEX} maps weight_map[{key!r}] to {target!r}, not a .safetensors file; "
-                "pypattern reads only safetensors weights (loading another file would unpickle it): re-save the "
-                "model with save_pretrained(dir, safe_serialization=True)"
+                "pypattern reads only safetensors weights (loading another file would unpickle it): "
+                + _RESAVE
             )
         if not os.path.isfile(os.path.join(path, target)):
             raise UnsupportedModelError(
@@ -647,10 +647,18 @@ _patch_lock = threading.Lock()
 _patch_state: dict[str, Any] = {"users": 0, "load": None, "serialization_load": None}
 
 
+#: how to turn a checkpoint of pickle-based weights into one pypattern reads (safetensors is what transformers'
+#: save_pretrained writes)
+_RESAVE = (
+    "re-save it as safetensors with transformers, model = AutoModelForCausalLM.from_pretrained(dir) then "
+    "model.save_pretrained(new_dir), and give new_dir"
+)
+
+
 def _unpickling_refused(path: str, file: Any) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"path={path!r}: loading the checkpoint would unpickle {file!r} (torch.load); pypattern reads only "
-        "safetensors weights: re-save the model with save_pretrained(dir, safe_serialization=True)"
+        "safetensors weights: " + _RESAVE
     )
 
 
@@ -752,8 +760,7 @@ def from_pretrained(
     Parameters
     ----------
     path : str or os.PathLike
-        Directory with ``config.json`` and ``*.safetensors`` weights (from ``save_pretrained(...,
-        safe_serialization=True)``).
+        Directory with ``config.json`` and ``*.safetensors`` weights (as ``save_pretrained`` writes them).
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the dtype ``config.json`` names (``dtype`` or ``torch_dtype``,
         which ``save_pretrained`` writes as the dtype the model was saved in; transformers' ``dtype="auto"``).
@@ -783,7 +790,8 @@ def from_pretrained(
                 if pickled
                 else ""
             )
-            + "; re-save the model with save_pretrained(dir, safe_serialization=True)"
+            + "; "
+            + _RESAVE
         )
     try:
         import transformers
