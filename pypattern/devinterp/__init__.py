@@ -1386,7 +1386,8 @@ def sample(
         ``sampling_input_ids_micro`` (chain, step, batch_sampling, token); ``loss_<obs_id>`` (chain, draw,
         batch_<obs_id>, token_pos) and ``input_ids_<obs_id>`` (batch_<obs_id>, token) per observable;
         ``metadata`` ({"config": {"sampler": {...}, "observables": [...], ...}}, devinterp's keys; also
-        ``attrs["metadata"]``, where devinterp keeps it).
+        ``attrs["metadata"]``, where devinterp keeps it); ``attrs["completed"]`` is 1, as devinterp marks a
+        finished run.
     """
     given = dict(init_noise=init_noise, save_metrics=save_metrics, output_path=output_path)
     for name, (default, what) in _UNSUPPORTED.items():
@@ -1617,7 +1618,8 @@ def sample(
         sampling_loss_micro=micro,
         sampling_input_ids_micro=micro_ids,
         metadata=metadata,
-        _attrs={"metadata": metadata},
+        # devinterp's attributes: the configuration, and the flag its writer sets once every draw is stored
+        _attrs={"metadata": metadata, "completed": 1},
     )
     dims = {
         "init_loss": ("chain", "token_pos"),
@@ -1798,7 +1800,7 @@ def compute_susceptibilities(
     ctx = {k: np.concatenate(v) for k, v in ctx.items()}
     # devinterp's DataTree: /susceptibilities (sus and its coordinates) and /context (the probe tokens)
     tree_sus = DevinterpResult(
-        sus=sus,
+        sus=sus.astype(np.float32),  # computed in float64, stored in float32 as devinterp's (float32 losses)
         _coords={"wr": np.asarray(wrs, dtype=object), **coords},
         _dims={"sus": ("sus_flat", "wr"), "wr": ("wr",), **{k: ("sus_flat",) for k in coords}},
         _attrs={"dataset_id_to_name": list(obs_ids)},

@@ -1,7 +1,7 @@
 """``from devinterp.slt.llc import llc`` (devinterp 2.x) and ``LLCEstimator`` / ``OnlineLLCEstimator`` (devinterp
-1.x's callbacks) as ``from pypattern.devinterp.slt.llc import ...``."""
+1.x's callbacks, with their base ``SamplerCallback``) as ``from pypattern.devinterp.slt.llc import ...``."""
 
 from .. import compute_llc, llc
-from ..v1 import LLCEstimator, OnlineLLCEstimator
+from ..v1 import LLCEstimator, OnlineLLCEstimator, SamplerCallback
 
-__all__ = ["LLCEstimator", "OnlineLLCEstimator", "compute_llc", "llc"]
+__all__ = ["LLCEstimator", "OnlineLLCEstimator", "SamplerCallback", "compute_llc", "llc"]
