@@ -15,8 +15,18 @@ def new_figure(path, size: tuple[float, float]):
     return plt.figure(figsize=size)
 
 
+def _is_axes(x) -> bool:
+    return hasattr(x, "figure") and hasattr(x, "imshow")
+
+
 def figure_axes(path, ax, size: tuple[float, float]):
-    """``(figure, axes, own)``: ``ax`` and its figure when given; else one axes on a :func:`new_figure`."""
+    """``(figure, axes, own)``: ``ax`` and its figure when given; else one axes on a :func:`new_figure`. Axes given
+    as ``path`` (a plot's first argument, where some take ``ax``), and an ``ax`` that is not matplotlib axes, are
+    refused naming them."""
+    if _is_axes(path):
+        raise TypeError(f"path={path!r} is matplotlib axes, not a file; give the axes as ax=...")
+    if ax is not None and not _is_axes(ax):
+        raise TypeError(f"ax={ax!r} is not valid; give matplotlib axes, or None (a new figure)")
     if ax is not None:
         return ax.figure, ax, False
     fig = new_figure(path, size)

@@ -371,6 +371,12 @@ class _Archive:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise FormatError(f"{path!r} has no pypattern header, not {what}")
         version = meta.get("version")
+        if type(version) is int and version > max(READ_VERSIONS):
+            raise FormatError(
+                f"{path!r} has format version {version}; this pypattern reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))}: the file was written by a newer pypattern, upgrade pypattern "
+                "to read it"
+            )
         if type(version) is not int or version not in READ_VERSIONS:
             raise FormatError(
                 f"{path!r} has format version {version!r}; this pypattern reads versions "
@@ -549,13 +555,14 @@ class _Encoder:
         if isinstance(v, np.generic):  # before float: np.float64 is one
             if v.dtype.kind in _SCALAR_KINDS:  # comes back a NumPy scalar of its dtype
                 return {"__scalar__": v.item(), "dtype": v.dtype.name}
-            return v.item()
+            # a NumPy str as a str; a complex, bytes or date one refused as its Python value is, naming the field
+            return self(v.item(), key)
         if isinstance(v, int | float):
             return v
         if isinstance(v, np.ndarray):
             return {"__array__": self.array(key, v)}
         if isinstance(v, torch.Tensor):
-            t = v.detach().cpu()
+            t = v.detach().cpu().resolve_conj().resolve_neg()  # (numpy refuses a tensor with either bit set)
             dtype = str(t.dtype).removeprefix("torch.")
             if t.dtype in _WIDENED:
                 t = t.float()
@@ -740,6 +747,7 @@ def load_result(cls: type, path: str | os.PathLike):
             used = _members(fields, set())
             extra = sorted(set(a.names) - used)
             if extra:
+                _check_required(cls, fields, path)  # the members of a field taken out: name the field
                 more = " ..." if len(extra) > 5 else ""
                 raise FormatError(
                     f"{path!r} is corrupt: it holds members {extra[:5]}{more} that its header does not reference"
@@ -751,6 +759,24 @@ def load_result(cls: type, path: str | os.PathLike):
             raise FormatError(
                 f"{path!r} is corrupt: its header does not describe a {cls.__name__} ({type(e).__name__}: {e})"
             ) from None
+
+
+def _check_required(cls: type, fields: Mapping, path: str) -> None:
+    """A FormatError naming the fields without a default (those every file of ``cls`` holds) that ``fields``
+    lacks; nothing when it has them all (a field with a default may be absent: a file of an older version)."""
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.init
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in fields
+    ]
+    if missing:
+        raise FormatError(
+            f"{path!r} is corrupt: its fields do not make a {cls.__name__}: it lacks the fields {missing} that a "
+            f"{cls.__name__} needs"
+        )
 
 
 def _construct(cls: type, fields: dict, path: str):
@@ -768,6 +794,7 @@ def _construct(cls: type, fields: dict, path: str):
                 f"{path!r} is corrupt: its field {name!r} holds {_type_text(value)} {_value_text(value)}, where "
                 f"{cls.__name__} declares {_hint_text(hints[name])}"
             )
+    _check_required(cls, fields, path)
     try:
         obj = cls(**fields)
         check = getattr(obj, "_check_loaded", None)
@@ -1175,5 +1202,6 @@ class Saveable:
     @classmethod
     def load(cls, path: str | os.PathLike):
         """Read a result written by :meth:`save`; a pickle, a truncated file or another kind of result raises
-        :class:`FormatError` naming the file."""
+        :class:`FormatError` naming the file. Tensors come back on the CPU, in the dtype they were saved in (move
+        them with ``.to(device)``); arrays, NumPy scalars, tuples, dicts and nested results as they were saved."""
         return load_result(cls, path)

@@ -85,7 +85,11 @@ class PatchResult(Saveable):
                 raise ValueError(
                     f"coords[{a!r}] holds {have} labels; values {tuple(self.values.shape)} has {n} along {a!r}"
                 )
-        graddrop = self.info.get("graddrop") if isinstance(self.info, dict) else None
+        if self.direction not in ("denoising", "noising"):
+            raise ValueError(f"direction must be 'denoising' or 'noising', got {self.direction!r}")
+        if not isinstance(self.info, dict):
+            raise ValueError(f"info must be a dict, got {type(self.info).__name__} {str(self.info)[:40]!r}")
+        graddrop = self.info.get("graddrop")
         if isinstance(graddrop, torch.Tensor) and tuple(graddrop.shape) != tuple(self.values.shape):
             raise ValueError(
                 f"info['graddrop'] {tuple(graddrop.shape)} is not of values' shape {tuple(self.values.shape)}"
@@ -188,7 +192,9 @@ class PatchResult(Saveable):
         if not normalized:
             v = self._kept(self.values)
             n = v.shape[0]
-            return v.std(0, unbiased=True) / np.sqrt(n) if n > 1 else torch.full_like(v[0], float("nan"))
+            if n > 1:
+                return v.std(0, unbiased=True) / np.sqrt(n)
+            return torch.full(v.shape[1:], float("nan"), dtype=v.dtype, device=v.device)  # (n = 0 too)
         r = self.mean(True)  # NaN (with a warning) when the mean gap is 0
         dt = self.values.dtype
         shape = (-1, *([1] * (self.values.dim() - 1)))
@@ -208,12 +214,19 @@ class PatchResult(Saveable):
         :attr:`finite_examples`."""
         if not 0 < level < 1:
             raise ValueError(f"level={level} is not valid; give a number in (0, 1)")
+        if self.values.shape[1:].numel() == 0:  # a grid of no cells
+            empty = torch.empty(self.values.shape[1:], dtype=self.values.dtype, device=self.values.device)
+            return empty, empty.clone()
         g = torch.Generator().manual_seed(seed)
         values, clean = self._kept(self.values), self._kept(self.clean)
         corrupted = None if self.corrupted is None else self._kept(self.corrupted)
         n = values.shape[0]
-        if n < 2:  # one example: every resample is that example, and the interval would be a false point
-            nan = torch.full_like(self.values[0].double(), float("nan"))
+        if (
+            n < 2
+        ):  # one example (or none): every resample is that example, and the interval would be a false point
+            nan = torch.full(
+                self.values.shape[1:], float("nan"), dtype=torch.float64, device=self.values.device
+            )
             return nan, nan.clone()
         # resamples drawn on the CPU (the same on every device); a CPU index reads the values on any device
         idx = torch.randint(0, n, (num_resamples, n), generator=g, device="cpu")
@@ -291,6 +304,8 @@ class PatchResult(Saveable):
         """One dict per cell: grid coordinates, ``mean``, ``se``, ``ci_low``, ``ci_high`` (normalised if asked
         and possible; the normalised ``se`` is :meth:`se`'s delta-method standard error of a ratio of means)."""
         normalized = normalized and self.corrupted is not None
+        if self.values.shape[1:].numel() == 0:  # a grid of no cells
+            return []
         mean, se = self.mean(normalized), self.se(normalized)
         lo, hi = self.ci(normalized=normalized, num_resamples=500)
         rows = []
@@ -303,7 +318,8 @@ class PatchResult(Saveable):
     def plot(self, path=None, ax=None, normalized: bool | None = None, title: str | None = None):
         """Heatmap of the mean over the examples (over :attr:`finite_examples`): layers down, the last grid axis
         across (positions, or heads for a per-head grid over all positions); a grid of layer x head x position
-        has one row per (layer, head), labelled ``L{layer}H{head}``.
+        has one row per (layer, head), labelled ``L{layer}H{head}`` (a grid of other or more axes one row per cell of
+        all but the last axis, labelled ``name=label ...``); a grid of no axes is one cell.
 
         ``normalized``: True plots :meth:`mean` normalised (1 = clean level, 0 = corrupted level; needs a
         corrupted run); False the mean :attr:`effect` (patched minus target metric); None (default) the first when
@@ -317,13 +333,22 @@ class PatchResult(Saveable):
         m = self.mean(True) if normalized else self._kept(self.effect).mean(0)
         m = m.detach().to("cpu", torch.float64)
         axes = list(self.axes)
-        if m.dim() == 1:
+        if m.dim() == 0:  # no grid axes: one cell
+            m, xs, ys, xlab = m.reshape(1, 1), [""], [""], ""
+        elif m.dim() == 1:
             m, xs, ys, xlab = m[:, None], [""], self.coords[axes[0]], ""
         elif m.dim() == 2:
             xs, ys, xlab = self.coords[axes[1]], self.coords[axes[0]], axes[1]
-        else:  # (layer, head, pos): one row per (layer, head)
-            ys = [f"L{a}H{b}" for a in self.coords[axes[0]] for b in self.coords[axes[1]]]
-            xs, xlab = self.coords[axes[2]], axes[2]
+        else:  # (layer, head, pos): one row per (layer, head), and per cell of any further leading axis
+            short = axes[:-1] == [
+                "layer",
+                "head",
+            ]  # L{layer}H{head}; other axes as name=label, space-separated
+            ys = [""]
+            for a in axes[:-1]:
+                tag, sep = ({"layer": "L", "head": "H"}[a], "") if short else (f"{a}=", " ")
+                ys = [f"{y}{sep if y else ''}{tag}{c}" for y in ys for c in self.coords[a]]
+            xs, xlab = self.coords[axes[-1]], axes[-1]
             m = m.reshape(-1, m.shape[-1])
         size = (max(5.5, 1.5 + 0.45 * len(xs)), max(2.8, 1.4 + 0.3 * len(ys)))
         fig, ax, own = figure_axes(path, ax, size)
@@ -334,7 +359,7 @@ class PatchResult(Saveable):
         ax.set_xticks(range(len(xs)), [str(x) for x in xs], fontsize=8)
         ax.set_yticks(range(len(ys)), [str(y) for y in ys], fontsize=8)
         ax.set_xlabel(xlab)
-        ax.set_ylabel("layer" if len(axes) < 3 else "layer, head")
+        ax.set_ylabel("" if not axes else axes[0] if len(axes) < 3 else ", ".join(axes[:-1]))
         what = "normalised (1 = clean, 0 = corrupted)" if normalized else "mean effect"
         ax.set_title(
             title or f"{self.method} {self.direction}: {self.site}, {self.metric}\n{what}", fontsize=9
@@ -356,7 +381,7 @@ class PatchResult(Saveable):
         import csv
 
         rows = self.to_records(normalized)
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        with open(path, "w", newline="") as f:  # a grid of no cells: the header alone
+            w = csv.DictWriter(f, fieldnames=[*self.axes, "mean", "se", "ci_low", "ci_high"])
             w.writeheader()
             w.writerows(rows)
