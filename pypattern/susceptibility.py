@@ -63,7 +63,7 @@ from torch import nn
 from . import io
 from ._checks import compiled_inner, is_count
 from ._masks import not_a_mask, zero_one_mask
-from ._plotting import finish, new_figure
+from ._plotting import _is_axes, figure_axes, finish, new_figure
 from .io import Saveable, register
 from .losses import (
     _describe,
@@ -248,6 +248,33 @@ class PCAResult(Saveable):
             },
         )
 
+    def plot(self, path: str | os.PathLike | None = None, ax=None, color=None):
+        """The probe points on the first two principal directions (their ``scores``; the first against zero when
+        there is one direction), the axes labelled with the share of variance each explains. ``ax``: draw on these
+        matplotlib axes (else a new figure); ``color``: one value per probe point for the colour map (e.g. the
+        result's ``probe_position``). Probe points that do not count (NaN scores) are left out. Returns the
+        figure; writes it to ``path`` if given."""
+        fig, ax, own = figure_axes(path, ax, (5, 4))
+        sc = np.asarray(self.scores, dtype=np.float64)
+        if sc.ndim != 2 or sc.shape[1] == 0:
+            raise ValueError(f"this PCAResult has scores of shape {sc.shape}: no direction to plot")
+        y = sc[:, 1] if sc.shape[1] > 1 else np.zeros(len(sc))
+        keep = np.isfinite(sc[:, 0]) & np.isfinite(y)
+        if color is not None:
+            color = np.asarray(color)
+            if color.shape != (len(sc),):
+                raise ValueError(
+                    f"color has shape {color.shape}; give one value per probe point, ({len(sc)},)"
+                )
+            color = color[keep]
+        ax.scatter(sc[keep, 0], y[keep], s=6, c=color, cmap="viridis" if color is not None else None)
+        r = np.asarray(self.explained_variance_ratio, dtype=np.float64)
+        ax.set_xlabel(f"PC1 ({100 * r[0]:.0f}%)")
+        ax.set_ylabel(f"PC2 ({100 * r[1]:.0f}%)" if len(r) > 1 else "")
+        ax.set_title("probe points on the principal directions")
+        finish(fig, path, own, dpi=120)
+        return fig
+
 
 @register
 @dataclasses.dataclass
@@ -400,26 +427,39 @@ class SusceptibilityResult(Saveable):
             }
         )
 
-    def plot(self, path: str | os.PathLike | None = None):
+    def plot(self, path: str | os.PathLike | None = None, ax=None):
         """Heatmap of chi (components x probe points) and the probe points on the first two principal
-        directions. Returns the matplotlib figure; writes it to ``path`` if given."""
-        fig = new_figure(path, (12, 4))
-        ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
-        lim = np.abs(self.chi).max() or 1.0
-        im = ax0.imshow(self.chi, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        directions (:meth:`PCAResult.plot`, when there are two components and three counted probe points with
+        finite chi). ``ax``: draw the heatmap alone on these matplotlib axes (else a new figure with both panels).
+        Non-finite entries of chi are drawn blank and left out of the colour scale. Returns the matplotlib figure;
+        writes it to ``path`` if given."""
+        chi = np.asarray(self.chi, dtype=np.float64)
+        if ax is None and not _is_axes(path):
+            fig = new_figure(path, (12, 4))
+            ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+            own = True
+        else:
+            fig, ax0, own = figure_axes(path, ax, (8, 4))
+            ax1 = None
+        finite = chi[np.isfinite(chi)]
+        lim = float(np.abs(finite).max()) if finite.size else 0.0
+        lim = lim if lim > 0 else 1.0
+        im = ax0.imshow(chi, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
         ax0.set_yticks(range(len(self.components)), self.components, fontsize=7)
         ax0.set_xlabel("probe sample / token")
         ax0.set_title(f"susceptibilities ({self.convention} convention)")
         fig.colorbar(im, ax=ax0)
-        counted = self.chi.shape[1] if self.probe_counted is None else int(np.sum(self.probe_counted))
-        if self.chi.shape[0] >= 2 and counted >= 3:
-            p = self.pca(2)
-            ax1.scatter(p.scores[:, 0], p.scores[:, 1], s=6, c=self.probe_position, cmap="viridis")
-            r = p.explained_variance_ratio
-            ax1.set_xlabel(f"PC1 ({100 * r[0]:.0f}%)")
-            ax1.set_ylabel(f"PC2 ({100 * r[1]:.0f}%)")
-            ax1.set_title("probe points on the principal directions")
-        finish(fig, path, True, dpi=120)
+        counted = (
+            np.ones(chi.shape[1], bool) if self.probe_counted is None else np.asarray(self.probe_counted)
+        )
+        if (
+            ax1 is not None
+            and chi.shape[0] >= 2
+            and int(counted.sum()) >= 3
+            and bool(np.isfinite(chi[:, counted]).all())
+        ):
+            self.pca(2).plot(ax=ax1, color=self.probe_position)
+        finish(fig, path, own, dpi=120)
         return fig
 
 
