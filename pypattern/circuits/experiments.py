@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import torch
 
 from .api import edge_attribution, pruning_curve
@@ -72,6 +73,9 @@ def induction_circuit_prompts(d_vocab: int, num_prompts: int = 64, n: int = 10, 
     clean, corrupted : LongTensor ``(num_prompts, 1 + n + k)``
     answer, wrong : LongTensor ``(num_prompts,)``: ``x_{k+1}`` and ``y_{k+1}``.
     """
+    for name, v in (("num_prompts", num_prompts), ("n", n), ("k", k), ("d_vocab", d_vocab)):
+        if not isinstance(v, int | np.integer) or isinstance(v, bool) or (name == "num_prompts" and v < 1):
+            raise ValueError(f"{name}={v!r} is not valid; give a positive int")
     if not 1 <= k < n or 2 * n > d_vocab - 1:
         raise ValueError(f"need 1 <= k < n and 2n <= d_vocab - 1; got n={n}, k={k}, d_vocab={d_vocab}")
     g = torch.Generator().manual_seed(seed)
@@ -146,8 +150,9 @@ def run_induction_circuit(
     :class:`PruningCurve` of each method, the previous-token head ``prev_head`` (the layer-0 head with the largest
     previous-token score when that reaches :data:`PREVIOUS_TOKEN_THRESHOLD`, else None) and the induction heads
     ``induction_heads`` (the layer-1 heads whose induction score reaches :data:`INDUCTION_THRESHOLD`, possibly
-    none), ``roles_found`` (both found), the key-composition edges ``L0H{prev} -> L1H{ind}.k`` (at position
-    ``k + 1`` on a per-position graph) among the top 5% of edges of each method (none without the roles), the
+    none), ``roles_found`` (both found), the key-composition edges ``L0H{prev} -> L1H{ind}.k`` (``L1KV{g}.k``, the
+    key input of the induction head's key/value head, under grouped-query attention; at position ``k + 1`` on a
+    per-position graph) among the top 5% of edges of each method (none without the roles), the
     faithfulness at 5% of the edges, and ``circuit_recovered``: per method, whether both hold (a key-composition
     edge among the top 5% and faithfulness >= 0.9 there).
 
@@ -199,9 +204,12 @@ def run_induction_circuit(
     counts = sorted({round(f * E) for f in fractions} | {budget})
     curve = pruning_curve(model, scores, clean, corr, metric=metric, counts=counts, quiet=quiet)
     graph = next(iter(scores.values())).graph
-    # per position, the key composition is read at position k + 1 (the token after the first occurrence)
+    # per position, the key composition is read at position k + 1 (the token after the first occurrence); under
+    # grouped-query attention an induction head reads the key input of its key/value head, L1KV{h // group}
     at = f"@{k + 1}" if graph.per_position else ""
-    key_names = set() if prev_head is None else {f"L0H{prev_head}->L1H{h}.k{at}" for h in ind_heads}
+    group = graph.n_heads // graph.n_kv_heads
+    key_input = (lambda h: f"L1H{h}") if group == 1 else (lambda h: f"L1KV{h // group}")
+    key_names = set() if prev_head is None else {f"L0H{prev_head}->{key_input(h)}.k{at}" for h in ind_heads}
     found = {}
     for m, sc in scores.items():
         top = [graph[i] for i in sc.ranking()[:budget].tolist()]

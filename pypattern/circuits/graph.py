@@ -145,12 +145,12 @@ class EdgeGraph:
         n_layers, n_heads = int(n_layers), int(n_heads)
         n_pos = None if n_pos is None else int(n_pos)
         self.n_layers, self.n_heads = n_layers, n_heads
-        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        kv = self.n_kv_heads
-        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or n_heads % kv:
+        kv = n_heads if n_kv_heads is None else n_kv_heads
+        if not _is_int(kv) or kv < 1 or n_heads % kv:  # a Python or NumPy int, not a bool
             raise ValueError(
                 f"n_kv_heads={kv!r} is not valid; give a positive divisor of n_heads={n_heads} (or None)"
             )
+        self.n_kv_heads = kv = int(kv)
         self.has_mlp, self.parallel, self.n_pos = has_mlp, bool(parallel and has_mlp), n_pos
         H, Hk, L = n_heads, self.n_kv_heads, n_layers
         kv_name = (lambda lay, g: f"L{lay}H{g}") if Hk == H else (lambda lay, g: f"L{lay}KV{g}")

@@ -107,6 +107,20 @@ def _number(v) -> float | None:
     raise TypeError(f"faithfulness={_short_text(v)} cannot be saved; give a real number or None")
 
 
+def _is_count(v) -> bool:
+    """Whether ``v`` is an int >= 0 (a Python or NumPy integer, not a bool)."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 0
+
+
+def _real_number(v) -> bool:
+    """Whether ``v`` is a real number (not a bool)."""
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+
+
+#: what :func:`~pypattern.circuits.acdc` records of its run in a circuit's ``info`` (numbers)
+_ACDC_RECORD = ("threshold", "m_circuit", "m_full", "m_empty")
+
+
 def _check_real(name: str, v: torch.Tensor) -> None:
     """``v`` holds real floating-point numbers (a file read by ``load``), else a ValueError naming ``name``."""
     if not v.is_floating_point():
@@ -348,7 +362,7 @@ class EdgeScores:
     def _check_loaded(self) -> None:
         """The members agree (a file read by :meth:`load`): ``values (batch, num_edges)`` with a column per edge of
         the graph, one ``m_base`` and ``m_clean`` per example, and ``info["scored_examples"]`` (when there) a flag
-        per example."""
+        per example, False only where the values are NaN and True only where both metrics are finite."""
         E = len(self.graph)
         _check_settings(self, ("method", "mode", "ablation", "metric"))
         if not isinstance(self.info, dict):
@@ -370,12 +384,40 @@ class EdgeScores:
             raise ValueError(
                 f"scored_examples has shape {tuple(scored.shape)} and dtype {scored.dtype}; expected bool ({batch},)"
             )
+        if scored is None:
+            return
+        # as edge_attribution records them: an example left out has NaN for every edge; one scored has a finite
+        # metric on the base and the clean run (a flag changed alone would change the scores' means silently)
+        stray = ~scored & ~self.values.isnan().all(1) if E else torch.zeros_like(scored)
+        unmeasured = scored & ~(torch.isfinite(self.m_base) & torch.isfinite(self.m_clean))
+        if bool(stray.any()):
+            i = int(stray.nonzero()[0])
+            raise ValueError(
+                f"scored_examples leaves out example {i}, whose values are not NaN: an example the scores leave out "
+                "has NaN for every edge"
+            )
+        if bool(unmeasured.any()):
+            i = int(unmeasured.nonzero()[0])
+            raise ValueError(
+                f"scored_examples counts example {i}, whose metric is not finite on the base or the clean run "
+                f"(m_base {float(self.m_base[i])!r}, m_clean {float(self.m_clean[i])!r}): such an example is not "
+                "scored"
+            )
 
 
 @dataclass
 class Circuit:
     """A set of edges of ``graph`` (``mask (num_edges,)``), with optional per-edge ``scores`` and its
-    ``faithfulness``."""
+    ``faithfulness``.
+
+    ``info`` records how the circuit was found, and :meth:`save` and :meth:`load` refuse a circuit that disagrees
+    with its record (a file edited by hand, or a mask changed after the search): ``info["n"]``
+    (:meth:`EdgeScores.circuit`) is its number of edges; an ACDC circuit's ``threshold``, ``m_circuit``, ``m_full``,
+    ``m_empty`` and ``num_untested`` (:func:`~pypattern.circuits.acdc`) give its faithfulness
+    ``(m_circuit - m_empty) / (m_full - m_empty)`` and its edges, those whose drop (``scores``) reached the
+    threshold, at most ``num_untested`` of the others removed untested (drop 0). To keep a changed circuit, drop the
+    record (``circuit.info = {}``).
+    """
 
     graph: EdgeGraph
     mask: torch.Tensor
@@ -437,7 +479,9 @@ class Circuit:
         return f"Circuit({how}{len(self)} of {len(self.graph)} edges{f}; {self.graph!r})"
 
     def save(self, path) -> None:
-        """Write to ``path`` (.npz with a JSON header)."""
+        """Write to ``path`` (.npz with a JSON header). A circuit that disagrees with its record in ``info`` (see
+        the class docstring) is refused (ValueError): :meth:`load` would refuse the file."""
+        self._check_record()
         arrays = {"mask": self.mask}
         if self.scores is not None:
             arrays["scores"] = self.scores
@@ -479,6 +523,63 @@ class Circuit:
         f = self.faithfulness
         if f is not None and (isinstance(f, bool) or not isinstance(f, int | float)):
             raise ValueError(f"faithfulness must be a number or None, got {f!r}")
+        self._check_record()
+
+    def _check_record(self) -> None:
+        """The circuit agrees with what ``info`` records of its making (see the class docstring), else a
+        ValueError naming what disagrees."""
+        f = _number(self.faithfulness)
+        if f is not None and math.isinf(f):  # a ratio of finite means, or NaN where it is undefined
+            raise ValueError(
+                f"faithfulness={f!r} is not valid; a circuit's faithfulness is a finite number or NaN"
+            )
+        info = self.info if isinstance(self.info, dict) else {}
+        n = info.get("n")
+        if _is_count(n) and int(n) != len(self):
+            raise ValueError(
+                f"info['n']={n!r} records the circuit's number of edges, but its mask holds {len(self)}; drop the "
+                "record (circuit.info = {}) to keep a changed circuit"
+            )
+        if self.method == "acdc" and all(_real_number(info.get(k)) for k in _ACDC_RECORD):
+            self._check_acdc_record(info, f)
+
+    def _check_acdc_record(self, info: dict, f: float | None) -> None:
+        """An ACDC circuit (:func:`~pypattern.circuits.acdc`) agrees with its recorded run: the faithfulness of
+        its recorded metrics, and the edges its drops and threshold keep."""
+        m_c, m_full, m_empty, thr = (float(info[k]) for k in ("m_circuit", "m_full", "m_empty", "threshold"))
+        den = m_full - m_empty
+        want = (m_c - m_empty) / den if math.isfinite(den) and den != 0 else math.nan
+        if f is not None and not (
+            (math.isnan(f) and math.isnan(want)) or math.isclose(f, want, rel_tol=1e-6, abs_tol=1e-9)
+        ):
+            raise ValueError(
+                f"faithfulness={f!r} is not (m_circuit - m_empty) / (m_full - m_empty) = {want!r} of the ACDC run "
+                f"recorded in info (m_circuit={m_c!r}, m_full={m_full!r}, m_empty={m_empty!r}); drop the record "
+                "(circuit.info = {}) to keep another faithfulness"
+            )
+        if self.scores is None:
+            return
+        drop = self.scores.double()
+        # drops stored in float32 (a 16-bit model's) are compared to their rounding
+        tol = 4 * torch.finfo(self.scores.dtype).eps * torch.clamp(drop.abs(), min=abs(thr))
+        kept_low = self.mask & (drop < thr - tol)
+        gone_high = ~self.mask & (drop >= thr + tol)
+        if bool(kept_low.any() or gone_high.any()):
+            i = int((kept_low | gone_high).nonzero()[0])
+            how = "keeps" if bool(self.mask[i]) else "removes"
+            raise ValueError(
+                f"the ACDC circuit {how} {self.graph[i].name}, whose drop {float(drop[i])!r} is "
+                f"{'below' if how == 'keeps' else 'at or above'} its recorded threshold {thr!r}: ACDC keeps exactly "
+                "the edges whose drop reached the threshold; drop the record (circuit.info = {}) to keep a changed "
+                "circuit"
+            )
+        untested = info.get("num_untested")
+        zero_removed = int((~self.mask & (drop == 0)).sum())
+        if untested is not None and (not _is_count(untested) or int(untested) > zero_removed):
+            raise ValueError(
+                f"info['num_untested']={untested!r} is not valid: the edges removed untested keep a drop of 0, and "
+                f"{zero_removed} removed edges have one"
+            )
 
 
 @io.register
