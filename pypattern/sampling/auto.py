@@ -163,6 +163,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from .._checks import is_count, is_real
 from ..io import Saveable, register
 from .diagnostics import NonFiniteLossError, NonStationaryWarning, SamplingDivergedError, user_stacklevel
 
@@ -314,6 +315,31 @@ def step_size_grid(max_step_size: float = 0.1, min_step_size: float = 1e-7) -> l
     return [max_step_size * 2.0**-k for k in range(n)]
 
 
+def _check_options(
+    *, calibration_chains, calibration_steps, max_trial_factor, pair_factor, run_trial_factor, rtol, atol_rel
+) -> None:
+    """The calibration's counts (integers: ``calibration_chains`` >= 2, ``calibration_steps`` >= 16, the trial
+    factors >= 1, ``run_trial_factor`` also None) and tolerances (finite numbers >= 0); ``ValueError`` naming
+    the setting, before any trial runs."""
+    counts = (
+        ("calibration_chains", calibration_chains, 2, " (R-hat needs chains)"),
+        ("calibration_steps", calibration_steps, 16, ""),
+        ("max_trial_factor", max_trial_factor, 1, " (units of calibration_steps)"),
+        ("pair_factor", pair_factor, 1, " (units of calibration_steps)"),
+        ("run_trial_factor", run_trial_factor, 1, " (units of calibration_steps), or None"),
+    )
+    for name, v, least, what in counts:
+        if name == "run_trial_factor" and v is None:
+            continue
+        if not is_count(v) or v < least:
+            raise ValueError(f"{name} must be an int >= {least}{what}, got {v!r}")
+    for name, v in (("rtol", rtol), ("atol_rel", atol_rel)):
+        if not is_real(v) or not math.isfinite(v) or v < 0:
+            raise ValueError(
+                f"{name} must be a finite number >= 0 (a relative change of the estimate), got {v!r}"
+            )
+
+
 def resolve_step_size(
     model: nn.Module,
     loader: Iterable,
@@ -417,10 +443,15 @@ def resolve_step_size(
     from .runner import fits_batched, sample
     from .samplers import sampler_name
 
-    if int(calibration_chains) < 2:
-        raise ValueError(f"calibration_chains must be >= 2 (R-hat needs chains), got {calibration_chains!r}")
-    if int(calibration_steps) < 16:
-        raise ValueError(f"calibration_steps must be >= 16, got {calibration_steps!r}")
+    _check_options(
+        calibration_chains=calibration_chains,
+        calibration_steps=calibration_steps,
+        max_trial_factor=max_trial_factor,
+        pair_factor=pair_factor,
+        run_trial_factor=run_trial_factor,
+        rtol=rtol,
+        atol_rel=atol_rel,
+    )
     if not max_r_hat > 1:
         raise ValueError(f"max_r_hat must be > 1, got {max_r_hat!r}")
     if not z > 0:

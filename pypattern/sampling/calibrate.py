@@ -140,6 +140,12 @@ def calibrate_step_size(
         sizes = []  # refused below with the empty sequence
     if not sizes or any(not s > 0 or s == float("inf") for s in sizes):
         raise ValueError(f"step_sizes must be a non-empty sequence of numbers > 0, got {step_sizes!r}")
+    repeated = sorted({s for s in sizes if sizes.count(s) > 1})
+    if repeated:  # two runs of one step agree by construction: they would pass for a plateau
+        raise ValueError(
+            f"step_sizes={step_sizes!r} gives {', '.join(f'{s:g}' for s in repeated)} more than once; give each step "
+            "size once (the recommendation compares each step with the next smaller one)"
+        )
     for bad in ("step_size", "optimizer_kwargs"):
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is set by the sweep; pass the other hyperparameters as keywords")

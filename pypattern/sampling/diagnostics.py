@@ -164,20 +164,34 @@ def r_hat(trace) -> float:
     """Split R-hat of a trace, shape ``(num_chains, num_draws)`` (or ``(num_draws,)`` for one chain).
 
     Each chain is split in halves, so a drift within one chain also raises it. Near 1 (< 1.01-1.1) when the
-    chains agree; ``nan`` with fewer than 4 draws per chain.
+    chains agree; ``nan`` with fewer than 4 draws per chain or a non-finite value; exactly 1 for a trace whose
+    values are all equal (whatever the value: the rounding of its mean is not read as variation).
     """
     x = _as_2d(trace)
     n = x.shape[1] // 2
     if n < 2:
         return float("nan")
+    if not np.isfinite(x).all():
+        return float("nan")
+    if _all_equal(x):
+        return 1.0
     halves = np.concatenate([x[:, :n], x[:, x.shape[1] - n :]], axis=0)
     means = halves.mean(axis=1)
-    W = halves.var(axis=1, ddof=1).mean()
+    # a half whose values are all equal has no variance (not the rounding of its mean): halves that never moved
+    # but differ give R-hat = inf
+    still = (halves == halves[:, :1]).all(axis=1)
+    W = np.where(still, 0.0, halves.var(axis=1, ddof=1)).mean()
     B = n * means.var(ddof=1)
     if W == 0:
         return 1.0 if B == 0 else float("inf")
     var_plus = (n - 1) / n * W + B / n
     return float(np.sqrt(var_plus / W))
+
+
+def _all_equal(x: np.ndarray) -> bool:
+    """Every value of ``x`` (finite) equals the first: a trace that never moved. Decided on the values themselves,
+    not on a variance after subtracting a mean, whose rounding (a mean of 0.1s is not 0.1) would read as noise."""
+    return bool(x.size) and bool(np.isfinite(x.flat[0])) and bool((x == x.flat[0]).all())
 
 
 def _autocov(x: np.ndarray) -> np.ndarray:
@@ -193,12 +207,15 @@ def ess(trace) -> float:
     """Effective sample size of the mean of a trace ``(num_chains, num_draws)``, pooled over chains.
 
     Equals ``num_chains * num_draws`` for independent draws and about ``N (1 - rho) / (1 + rho)`` for an AR(1)
-    trace with coefficient ``rho``.
+    trace with coefficient ``rho``. ``nan`` with fewer than 4 draws per chain or a non-finite value;
+    ``num_chains * num_draws`` for a trace whose values are all equal (whatever the value), as ArviZ has it.
     """
     x = _as_2d(trace)
     m, n = x.shape
-    if n < 4:
+    if n < 4 or not np.isfinite(x).all():
         return float("nan")
+    if _all_equal(x):
+        return float(m * n)
     acov = _autocov(x)
     chain_var = acov[:, 0] * n / (n - 1)
     W = chain_var.mean()
@@ -236,6 +253,16 @@ def check_mixing(
     ``w*`` whose slowest direction relaxes over more steps than the run has are still drifting (on a regular
     10-parameter regression whose curvatures differ 900-fold, 4 chains x 300 draws at the calibrated step: ESS 26,
     split R-hat 1.09, the LLC 37% below its exact value). Fewer than 4 draws per chain (no ESS) return False without a warning."""
+    if min_ess is not None and (
+        isinstance(min_ess, bool | np.bool_)
+        or not isinstance(min_ess, numbers.Real)
+        or math.isnan(min_ess)
+        or min_ess < 0
+    ):
+        raise ValueError(
+            f"min_ess={min_ess!r} is not valid; give a number >= 0 (the least effective sample size accepted), "
+            "or None for the default"
+        )
     x = _as_2d(trace)
     e = ess(x)
     if math.isnan(e):

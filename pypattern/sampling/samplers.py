@@ -43,6 +43,7 @@ from .optim import (
     refuse_diagnostics,
     resolve_step_fn,
     same_masks,
+    scalar_value,
     select_group,
 )
 from .vocabulary import translate
@@ -83,6 +84,17 @@ _ALIASES = {
     "rmspropsgld": "rmsprop_sgld",
     "sgmcmcrmspropsgld": "rmsprop_sgld",
 }
+
+
+#: the six SGLD hyperparameters and whether each must be > 0 (else >= 0)
+_RANGES = (
+    ("step_size", True),
+    ("nbeta", True),
+    ("localization", False),
+    ("weight_decay", False),
+    ("noise_scale", False),
+    ("bounding_box", True),
+)
 
 
 def _number(name: str, v, *, positive: bool) -> float:
@@ -235,6 +247,7 @@ class _FusedSampler(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"masks has names that are not (moving) parameters: {sorted(unknown)}")
         super().__init__(groups, defaults)
+        self._checked: dict[int, tuple] = {}  # per group (by id): the hyperparameters last checked
         for group in self.param_groups:
             self._check_group(group)
         self.seed = check_key("seed", seed)  # an int in [0, 2**64): a float would be truncated
@@ -246,11 +259,18 @@ class _FusedSampler(torch.optim.Optimizer):
         self._step_device: torch.device | None = None  # where the fast path's tensors were checked
 
     def _check_group(self, group: dict) -> None:
-        group["step_size"] = _number("step_size", group["step_size"], positive=True)
-        for name in ("nbeta", "localization", "weight_decay", "noise_scale"):
-            group[name] = _number(name, group[name], positive=False)
-        if group["bounding_box"] is not None:
-            group["bounding_box"] = _number("bounding_box", group["bounding_box"], positive=True)
+        """The six SGLD hyperparameters of ``group`` checked (as :class:`SGLD` checks them: ``step_size`` and
+        ``nbeta`` > 0, the others >= 0, ``bounding_box`` > 0 or None) and made Python floats; the error names the
+        hyperparameter."""
+        for name, positive in _RANGES:
+            if name == "bounding_box" and group[name] is None:
+                continue
+            group[name] = _number(name, scalar_value(group[name]), positive=positive)
+        self._checked[id(group)] = self._values(group)
+
+    @staticmethod
+    def _values(group: dict) -> tuple:
+        return tuple(group[name] for name, _ in _RANGES)
 
     def _common(self, group: dict) -> dict:
         return {
@@ -282,6 +302,13 @@ class _FusedSampler(torch.optim.Optimizer):
             if not group["params"]:
                 continue
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group["params"]]
+            if self._checked.get(id(group)) != self._values(group):  # changed since (a scheduler, or by hand)
+                try:
+                    self._check_group(group)
+                except ValueError as e:
+                    if len(self.param_groups) == 1:
+                        raise
+                    raise ValueError(f"param group {k}: {e}") from None
             self._noise_key = key
             # a model moved since its tensors were checked (e.g. to another GPU) is checked again: its anchors,
             # masks and states did not move with it
