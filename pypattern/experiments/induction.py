@@ -289,9 +289,25 @@ def pattern_weights(res, groups: np.ndarray, s: InductionSettings, fractions=Non
 # ------------------------------------------------------------------------------------------------ experiment
 
 
+def _check_steps(s: InductionSettings) -> None:
+    """Refuse, naming the setting, step counts the run cannot follow (before any training)."""
+    from .._checks import is_count
+
+    for name, least in (("checkpoint_step", 0), ("eval_every", 1), ("max_steps", 0), ("stop_after_onset", 0)):
+        value = getattr(s, name)
+        if not is_count(value) or value < least:
+            raise ValueError(f"InductionSettings.{name}={value!r} is not valid; give an int >= {least}")
+    if s.max_steps < s.checkpoint_step:
+        raise ValueError(
+            f"InductionSettings.max_steps={s.max_steps} is not valid; give at least checkpoint_step="
+            f"{s.checkpoint_step} (the continuations train from the checkpoint up to max_steps)"
+        )
+
+
 def run_induction_seed(seed: int, s: InductionSettings | None = None, log=None) -> dict:
     """One seed of the experiment (see the module docstring). Returns curves, onsets, chi and weights."""
     s = s or InductionSettings()
+    _check_steps(s)
     log = log or (lambda *a: None)
     t0 = time.perf_counter()
     base_task = GroupWeightedInduction(s.d_vocab, s.seq_len)

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .. import truth
+from .._checks import is_count
 from .._threads import pinned_threads
 from ..sampling.llc import estimate_llc
 from .user_model import _write
@@ -53,7 +54,18 @@ def run_llc_demo(
         ``llc_mean``, ``llc_std``, ``llc_se``, ``llc_per_chain``, ``init_loss``, ``train_loss``, ``train_accuracy``, ``r_hat``,
         ``ess``, ``num_params``, ``seconds_train``, ``seconds_sampling``, ``plot``, ``result`` and ``summary``
         (paths).
+
+    Raises
+    ------
+    ValueError
+        ``seed`` not an int in ``[0, 2**63)`` or ``train_steps`` negative, naming it, before any work (the other
+        settings are checked by the functions they go to, naming them).
     """
+    # checked before any work, naming the demo's own arguments (the chains take seeds in [0, 2**63) only)
+    if not is_count(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r} is not valid; give an int in [0, 2**63)")
+    if not is_count(train_steps) or train_steps < 0:
+        raise ValueError(f"train_steps={train_steps!r} is not valid; give an int >= 0")
     with pinned_threads(num_threads):
         os.makedirs(out_dir, exist_ok=True)
         t0 = time.perf_counter()
@@ -137,6 +149,8 @@ def main(argv=None) -> dict:
     """``python -m pypattern.experiments.llc_demo [out_dir] [--quick] [--seed N]``."""
     import argparse
 
+    from ..cli import seed_int
+
     ap = argparse.ArgumentParser(
         prog="python -m pypattern.experiments.llc_demo", description=__doc__.split("\n\n")[0]
     )
@@ -144,7 +158,12 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--quick", action="store_true", help="tiny sizes: checks the demo runs; figures mean nothing"
     )
-    ap.add_argument("--seed", type=int, default=0, help="seed of the task, the training and the chains")
+    ap.add_argument(
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="seed of the task, the training and the chains (0 .. 2**63 - 1)",
+    )
     a = ap.parse_args(argv)
     return run_llc_demo(a.out_dir, seed=a.seed, **(QUICK if a.quick else {}))
 

@@ -361,9 +361,30 @@ def _online_callback(model, task, target: str, s: ParensSettings, seed: int):
     return callback, history
 
 
+def _check_steps_and_targets(s: ParensSettings) -> None:
+    """Refuse, naming the setting, step counts the run cannot follow and unknown targets (before any training)."""
+    from .._checks import is_count
+
+    for name in ("checkpoint_step", "steps"):
+        value = getattr(s, name)
+        if not is_count(value) or value < 0:
+            raise ValueError(f"ParensSettings.{name}={value!r} is not valid; give an int >= 0")
+    if s.steps < s.checkpoint_step:
+        raise ValueError(
+            f"ParensSettings.steps={s.steps} is not valid; give at least checkpoint_step={s.checkpoint_step} "
+            "(the continuations train from the checkpoint up to steps)"
+        )
+    unknown = [t for t in s.targets if t not in ALGORITHMS]
+    if isinstance(s.targets, str) or unknown:
+        raise ValueError(
+            f"ParensSettings.targets={s.targets!r} is not valid; give a tuple of names from {list(ALGORITHMS)}"
+        )
+
+
 def run_parens_seed(seed: int, s: ParensSettings | None = None, log=None) -> dict:
     """One seed: checkpoint, chi, then a baseline continuation and one patterned continuation per target."""
     s = s or ParensSettings()
+    _check_steps_and_targets(s)
     log = log or (lambda *a: None)
     t0 = time.perf_counter()
     base = GroupWeightedParentheses(s.length)

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .._checks import is_count
 from .user_model import _write
 
 __all__ = ["QUICK", "run_patch_demo"]
@@ -31,6 +32,12 @@ def run_patch_demo(
     dict
         Accuracy, clean/corrupted logit difference, the strongest cells, AtP/exact Spearman agreement, timings
         and the written paths (``heatmap``, ``table``, ``summary``).
+
+    Raises
+    ------
+    ValueError
+        ``seed`` not an int in ``[0, 2**63)``, ``steps`` negative or ``num_prompts`` below 1, naming it, before
+        any work.
     """
     from scipy.stats import spearmanr
 
@@ -39,6 +46,13 @@ def run_patch_demo(
     from ..patching import LogitDiff, activation_patching, attribution_patching
     from ..tasks import IOITask, train
 
+    # checked before any work, naming the demo's own arguments (the prompts are drawn with seed + 1 and the
+    # accuracy's samples with seed + 99)
+    if not is_count(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r} is not valid; give an int in [0, 2**63)")
+    for name, value, least in (("steps", steps, 0), ("num_prompts", num_prompts, 1)):
+        if not is_count(value) or value < least:
+            raise ValueError(f"{name}={value!r} is not valid; give an int >= {least}")
     os.makedirs(out_dir, exist_ok=True)
     with pinned_threads(1), torch.random.fork_rng(devices=[]):
         t0 = time.perf_counter()
@@ -145,6 +159,8 @@ def main(argv=None) -> dict:
     """``python -m pypattern.experiments.patching_demo [out_dir] [--quick] [--seed N]``."""
     import argparse
 
+    from ..cli import seed_int
+
     ap = argparse.ArgumentParser(prog="python -m pypattern.experiments.patching_demo", description=__doc__)
     ap.add_argument(
         "out_dir", nargs="?", default="out/patch", help="folder for the heatmap, table and summary"
@@ -152,7 +168,12 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--quick", action="store_true", help="tiny sizes: checks the demo runs; figures mean nothing"
     )
-    ap.add_argument("--seed", type=int, default=0, help="seed of the model, the training and the prompts")
+    ap.add_argument(
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="seed of the model, the training and the prompts (0 .. 2**63 - 1)",
+    )
     a = ap.parse_args(argv)
     summary = run_patch_demo(a.out_dir, seed=a.seed, **(QUICK if a.quick else {}))
     for key, value in summary.items():

@@ -126,6 +126,8 @@ def train(
         num_samples = count_arg(num_samples, "num_samples", 1)
     if batch_size is not None:
         batch_size = count_arg(batch_size, "batch_size", 1)
+    if seed is None:  # an int keys the run (generator(None) would draw from torch's global generator)
+        raise ValueError("seed=None is not valid; give an int in [-2**63, 2**64)")
     generator(seed)  # checked before any step
     seed = int(seed)
     _check_train_args(task, data, lr, weight_decay, callback)
