@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ... import _backends
@@ -49,6 +51,12 @@ def _check_state(name: str, t: torch.Tensor, shape: tuple, device) -> None:
         raise ValueError(f"{name} is on {t.device} but the accumulator is on {device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+    if t.is_neg():
+        raise ValueError(
+            f"{name} is a negative view (torch applies its negation lazily, is_neg() is True: the imaginary part "
+            "of a conjugated complex tensor); the update writes its memory directly; give a tensor without it "
+            "(.resolve_neg() makes one)"
+        )
 
 
 def cross_covariance_update_(
@@ -110,6 +118,12 @@ def cross_covariance_update_(
         raise ValueError(
             f"count must be an int in 0 .. 2**63 - 1 (the draws accumulated so far), got {count!r}"
         )
+    # the kernels keep the new count in an int64, which would wrap to negative
+    if count + a.shape[0] >= 2**63:
+        raise ValueError(
+            f"count + the chunk's {a.shape[0]} draws is {count + a.shape[0]}, past 2**63 - 1 (the draws an "
+            f"accumulator can count); got count={count}"
+        )
     # the shifts are set from the chunk's mean when count == 0, and only read after that
     shifts = (("shift_a", shift_a), ("shift_b", shift_b))
     written = (
@@ -138,8 +152,31 @@ def cross_covariance_update_(
     _refuse_aliases(written=written, read=(*(() if count == 0 else shifts), ("a", a), ("b", b)))
     if a.shape[0] == 0:
         return
+    # a negative view (``z.conj().imag``) holds its values negated in memory, which the Triton kernel reads as
+    # they are: the chunk is taken as its values (a copy only for such a view)
+    a, b = a.resolve_neg(), b.resolve_neg()
     impl = _backends.dispatch("covariance_update_", device, backend)
     impl(shift_a, shift_b, mean_a, mean_b, comoment, m2_a, m2_b, a, b, count)
+    if impl is _covariance_update_c and device.type == "cpu":
+        _nan_where_the_means_are_not_finite_(mean_a, mean_b, comoment, m2_a, m2_b)
+
+
+def _nan_where_the_means_are_not_finite_(mean_a, mean_b, comoment, m2_a, m2_b) -> None:
+    """NaN in every co-moment entry of a column whose running mean is inf or NaN (a draw of it held inf or NaN),
+    as the reference gives: its centred draws hold ``inf - inf``. The C++ kernel (csrc/covariance/
+    covariance_cpu.cpp) subtracts the running mean, not the chunk's, and adds the Chan correction as a separate
+    rank-one term, so such an entry can come out as +-inf instead. O(K + N) when every mean is finite."""
+    bad_a, bad_b = ~torch.isfinite(mean_a), ~torch.isfinite(mean_b)
+    if not (bool(bad_a.any()) or bool(bad_b.any())):
+        return
+    comoment[bad_a] = math.nan
+    comoment[:, bad_b] = math.nan
+    for m2, bad in ((m2_a, bad_a), (m2_b, bad_b)):
+        if m2.numel() == 0:
+            continue
+        m2[bad] = math.nan
+        if m2.dim() == 2:
+            m2[:, bad] = math.nan
 
 
 def _refuse_aliases(written, read) -> None:

@@ -129,6 +129,14 @@ def validate_inputs(params, grads, anchors, masks):
             )
     _refuse_reads_of_params(params, {"anchors": anchors, "grads": grads, "masks": masks or []})
     _check_distinct(params)
+    # a negative view (``z.conj().imag``) holds its values negated in memory, which the kernels read as they are
+    # (torch's own fallback does not reach the masks' optional list, nor the Triton kernels): the tensors the
+    # step only reads are taken as their values (a copy only for such a view)
+    if any(g.is_neg() or a.is_neg() for g, a in zip(grads, anchors)):
+        grads = [g.resolve_neg() for g in grads]
+        anchors = [a.resolve_neg() for a in anchors]
+    if masks is not None and any(m is not None and m.is_neg() for m in masks):
+        masks = [None if m is None else m.resolve_neg() for m in masks]
     return params, grads, anchors, masks, device
 
 
@@ -302,6 +310,17 @@ def _check_updatable(what: str, t: torch.Tensor, grad_mode: bool, inference: boo
         )
     if not inference and t.is_inference():
         raise RuntimeError(_inference_message(what))
+    if t.is_neg():
+        raise ValueError(negative_view_message(what, "the step"))
+
+
+def negative_view_message(what: str, writer: str) -> str:
+    """Why a negative view (``is_neg()``) cannot be written in place by the kernels."""
+    return (
+        f"{what} is a negative view (torch applies its negation lazily, is_neg() is True: the imaginary part of a "
+        f"conjugated complex tensor); {writer} writes its memory directly (the C++ and Triton kernels would store "
+        "the values with their signs flipped); give a tensor without it (.resolve_neg() makes one)"
+    )
 
 
 def check_states(name: str, states, others: dict) -> None:

@@ -164,6 +164,8 @@ def sgnht_step_(
             raise RuntimeError("thermostat requires grad and grad mode is on: step under torch.no_grad()")
         if not torch.is_inference_mode_enabled() and thermostat.is_inference():
             raise RuntimeError(sgld_op._inference_message("thermostat"))
+        if thermostat.is_neg():
+            raise ValueError(sgld_op.negative_view_message("thermostat", "the step"))
         for other, ts in (
             ("params", params),
             ("momenta", momenta),

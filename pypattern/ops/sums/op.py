@@ -270,6 +270,23 @@ def signed_sums(
             raise ValueError(
                 f"signed_sums: out has {len(out)} tensors, base has {P}; give one output per base"
             )
+        # (not while torch.compile traces: these checks are not traceable, and traced tensors have no memory)
+        if not torch.compiler.is_compiling():
+            inference = torch.is_inference_mode_enabled()
+            for p, o in enumerate(out):
+                # torch forbids it; the C++ kernel would write it regardless
+                if not inference and o.is_inference():
+                    raise RuntimeError(
+                        f"signed_sums: out[{p}] is an inference tensor (made under torch.inference_mode()) and the sums "
+                        "are written to it outside inference mode, which torch forbids; call inside "
+                        "torch.inference_mode(), or give a normal tensor (.clone() it outside inference mode)"
+                    )
+                if o.is_neg():  # torch's fallback for the C++ op fails on it (naming no argument), or crashes
+                    raise ValueError(
+                        f"signed_sums: out[{p}] is a negative view (torch applies its negation lazily, is_neg() is "
+                        "True: the imaginary part of a conjugated complex tensor); the sums are written to its memory "
+                        "directly; give a tensor without it (.resolve_neg() makes one)"
+                    )
     if P == 0:
         return [] if out is None else out
     ref = base[0]
