@@ -1677,6 +1677,10 @@ class Attention(nn.Module):
             # a hook may have masked a query's every key (-inf: a NaN row) or made a score NaN: TransformerLens
             # reads nothing there (its NaN pattern entries are 0), and so does this model
             pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        elif self.hook_pattern._fns and torch.is_grad_enabled() and pattern.requires_grad:
+            # the softmax keeps its output for its backward: a hook editing the pattern in place (TransformerLens'
+            # ``pattern[:, h] = 0``, whose pattern is always a tensor of its own) edits a copy
+            pattern = pattern.clone()
         pattern = self.hook_pattern(pattern)
         z = self.hook_z(self.mix(pattern, v))
         return self.output(z)
@@ -1935,7 +1939,8 @@ class Transformer(HookedRootModule):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, ``cfg.init_range``) for every weight matrix, zeros for biases, ones for norm weights."""
+        """Normal(0, ``cfg.init_range``) for every weight matrix, zeros for biases, ones for norm weights (``1 -
+        norm_weight_offset`` for RMSNorm's): a trained model gets the weights of a fresh one built with ``seed``."""
         # drawn on the CPU (its generator; the same weights on every device, also when the model is built under a
         # default device such as ``with torch.device("cuda")``, where a CPU generator would be refused) and copied
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -1943,9 +1948,16 @@ class Transformer(HookedRootModule):
             leaf = name.rsplit(".", 1)[-1]
             # a parameter on the meta device holds no values (a model built to have its weights assigned, as the
             # converters do): nothing is drawn, and the caller's generator is left as it was
-            if leaf.startswith("W_") and p.device.type != "meta":
+            if p.device.type == "meta":
+                continue
+            if leaf.startswith("W_"):
                 w = torch.randn(p.shape, generator=gen, dtype=torch.float64, device="cpu")
                 p.copy_(w.to(p.dtype) * self.cfg.init_range)
+            elif leaf == "w":  # a norm's weight: its initial value (1 - norm_weight_offset for RMSNorm)
+                owner = self.get_submodule(name.rsplit(".", 1)[0])
+                p.fill_(1.0 - getattr(owner, "offset", 0.0))
+            else:  # biases (the norms' too)
+                p.zero_()
 
     @contextlib.contextmanager
     def fixed_weights(self, max_pack_bytes: int | None = 0) -> Iterator[Transformer]:
