@@ -204,8 +204,8 @@ class MeanAblation(Corruption):
     ``attention_mask``, right-padded) may be given as ``reference_tokens``: its mask is then the mean's. Other
     remedy: give ``reference_tokens`` of prompts real at every position (any number of them, of the prompts'
     length); with reference prompts shorter than the clean ones, the clean prompts' real positions past every
-    reference prompt get 0. The mask is read by :func:`~pypattern.patching.activation_patching` (a masked mean
-    is not implemented in :func:`~pypattern.patching.attribution_patching`, which refuses it).
+    reference prompt get 0. The mask is read by :func:`~pypattern.patching.activation_patching`,
+    :func:`~pypattern.patching.attribution_patching` and ``shortlist_and_confirm``.
     """
 
     reference_tokens: torch.Tensor | None = None
