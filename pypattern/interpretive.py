@@ -26,7 +26,23 @@ Pieces
   -> b)`` (independent splits); ``k = 0`` is the control (about 0.5).
 
 Implementations are given as *implementation sets*: any object with ``len()`` and ``[i] -> Tensor (num_inputs,
-features)``, all on the same inputs in the same order.
+features)``, all on the same inputs in the same order (an implementation of other rows is refused, naming it).
+
+Reading the results
+-------------------
+* A tie (``s(a -> a') == s(a -> b)``, e.g. ``b`` the same representation as ``a'``, or both held-out ``R^2``
+  clamped at 0) is not a win.
+* The control is ``win_test(A, None)``. Passing the same set twice, ``win_test(A, A)``, lets ``b`` be ``a'`` (a
+  tie) or ``a`` itself (nothing is closer to ``a`` than ``a``), neither of which can win, so its expected win
+  fraction is below one half.
+* CKA and Procrustes do not change when every representation of one algorithm is rotated (an orthogonal change of
+  basis, such as a rotation of a model's residual stream): a rotated copy of a model is no more distinguishable from
+  it than the model from itself. The ridge similarity (held-out ``R^2`` averaged uniformly over ``y``'s columns, as
+  in the authors' code) does change when the target is rotated, so an exact reparameterisation of a model can
+  read as distinguishable from it under ``"ridge"``, more often as ``num_trials`` grows; permuting heads or
+  neurons leaves the residual stream itself unchanged and so every measure.
+* With ``p = 1`` the bound ``p - z sqrt(p (1 - p) / num_trials)`` is ``1`` whatever ``num_trials``: a single trial
+  that is won counts as a positive repeat. Use the authors' 20 trials (or more) to read the grid.
 """
 
 from __future__ import annotations
@@ -342,6 +358,28 @@ def _draw_seed(seed) -> int:
     return int(seed)
 
 
+def _same_inputs(reps: Sequence[tuple[str, object]]) -> None:
+    """The representations ``reps`` (``(name, value)``, the first the reference) hold the same inputs: each an
+    array of at least one row, all with the first one's number of rows; else refused naming the implementation."""
+    ref_name = reps[0][0]
+    n = None
+    for name, rep in reps:
+        if not isinstance(rep, torch.Tensor | np.ndarray) or rep.ndim < 1:
+            raise TypeError(
+                f"{name} is {type(rep).__name__}{'' if not hasattr(rep, 'shape') else f' of shape {tuple(rep.shape)}'}"
+                "; an implementation's representation is a tensor (num_inputs, features)"
+            )
+        if rep.shape[0] == 0:
+            raise ValueError(f"{name} has 0 inputs (rows); give representations of the shared inputs")
+        if n is None:
+            n = rep.shape[0]
+        elif rep.shape[0] != n:
+            raise ValueError(
+                f"{name} has {rep.shape[0]} inputs (rows) but {ref_name} has {n}: every implementation must "
+                "hold the same inputs in the same order"
+            )
+
+
 def _distinct(rng: np.random.Generator, n: int, k: int, name: str) -> list[int]:
     if n < k:
         raise ValueError(f"{name} has {n} implementations; this test draws {k} distinct ones")
@@ -396,6 +434,8 @@ def win_test(
         raise ValueError(f"num_trials and num_repeats must be >= 1, got {num_trials}, {num_repeats}")
     if isinstance(z, bool) or not isinstance(z, int | float | np.number) or not (math.isfinite(z) and z >= 0):
         raise ValueError(f"z={z!r} is not valid; give a finite number >= 0 (1.96: a one-sided 97.5% bound)")
+    if measure not in MEASURES:  # before any draw
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     if impl_b is not None and len(impl_b) == 0:
         raise ValueError("impl_b holds no implementation; give at least one")
     rng = np.random.default_rng(_draw_seed(seed))
@@ -405,14 +445,15 @@ def win_test(
         for t in range(num_trials):
             if impl_b is None:
                 ia, ia2, ib = _distinct(rng, len(impl_a), 3, "impl_a")
-                b = impl_a[ib]
+                b, b_name = impl_a[ib], f"impl_a[{ib}]"
             else:
                 ia, ia2 = _distinct(rng, len(impl_a), 2, "impl_a")
-                b = impl_b[int(rng.integers(len(impl_b)))]
+                ib = int(rng.integers(len(impl_b)))
+                b, b_name = impl_b[ib], f"impl_b[{ib}]"
             split = int(rng.integers(2**31))
-            own[r, t], other[r, t] = similarity(
-                measure, impl_a[ia], [impl_a[ia2], b], seed=split, **similarity_kw
-            )
+            a, a2 = impl_a[ia], impl_a[ia2]
+            _same_inputs([(f"impl_a[{ia}]", a), (f"impl_a[{ia2}]", a2), (b_name, b)])
+            own[r, t], other[r, t] = similarity(measure, a, [a2, b], seed=split, **similarity_kw)
     if bool((own == other).all()):
         warnings.warn(
             f"win_test: all {own.size} comparisons tied (every similarity equal, e.g. held-out R^2 <= 0 "
@@ -455,6 +496,8 @@ def distinguishability_grid(
         )
     if not impls:
         raise ValueError("impls is empty: give at least one {algorithm name: implementation set} entry")
+    if measure not in MEASURES:  # before any draw, named as the grid's own argument
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
     seed = _draw_seed(seed)
     names = list(impls)
     k = len(names)
@@ -580,12 +623,14 @@ def selectivity_curves(
     for k in budgets:
         w = dict.fromkeys(measures, 0)
         c = 0
-        for other in others:
+        for oi, other in enumerate(others):
             for _ in range(num_trials):
                 ia = int(rng.integers(len(impl_a)))
-                b = other[int(rng.integers(len(other)))]
+                ib = int(rng.integers(len(other)))
+                b = other[ib]
                 s1, s2 = (int(v) for v in rng.integers(2**31, size=2))
                 clean_rep, patched_rep = impl_a[ia], patched_a(ia, k)
+                _same_inputs([(f"impl_a[{ia}]", clean_rep), (f"others[{oi}][{ib}]", b)])
                 _check_patched(patched_rep, clean_rep, ia, k)
                 for m in measures:
                     clean = similarity(m, clean_rep, [b], seed=s1, **similarity_kw)[0]

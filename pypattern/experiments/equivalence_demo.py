@@ -18,7 +18,7 @@ from ..models.transformer import Transformer
 from ..tasks.induction import InductionTask, prefix_matching_score
 from ..tasks.training import train
 
-__all__ = ["EquivalenceDemoSettings", "run_equivalence_demo"]
+__all__ = ["EquivalenceDemoSettings", "check_settings", "run_equivalence_demo"]
 
 
 @dataclasses.dataclass
@@ -44,16 +44,59 @@ class EquivalenceDemoSettings:
         return cls(d_vocab=16, seq_len=13, d_model=16, steps=30, num_inputs=40, num_permutations=20)
 
 
+def check_settings(s: EquivalenceDemoSettings) -> EquivalenceDemoSettings:
+    """Refuse, naming the field, settings the demo would fail on only after training its models: fewer than two
+    distinct seeds >= 0 (the demo compares pairs), counts below 1, a learning rate that is not a finite positive
+    number, a thread count that is not None or an int >= 1."""
+    from .._checks import is_count, is_real
+
+    if not isinstance(s, EquivalenceDemoSettings):
+        raise TypeError(f"settings are a {type(s).__name__}; give an EquivalenceDemoSettings")
+    try:
+        seeds = () if isinstance(s.seeds, str) else tuple(s.seeds)
+    except TypeError:
+        seeds = ()
+    if not all(is_count(v) and v >= 0 for v in seeds) or len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise ValueError(
+            f"seeds={s.seeds!r} is not valid; give two or more distinct ints >= 0 (the demo compares every pair)"
+        )
+    for field in (
+        "d_vocab",
+        "seq_len",
+        "d_model",
+        "n_heads",
+        "steps",
+        "batch_size",
+        "num_inputs",
+        "num_permutations",
+    ):
+        value = getattr(s, field)
+        if not is_count(value) or value < 1:
+            raise ValueError(f"{field}={value!r} is not valid; give an int >= 1")
+    if not is_real(s.lr) or not 0 < s.lr < float("inf"):
+        raise ValueError(f"lr={s.lr!r} is not valid; give a finite number > 0")
+    if s.num_threads is not None and (not is_count(s.num_threads) or s.num_threads < 1):
+        raise ValueError(f"num_threads={s.num_threads!r} is not valid; give None or an int >= 1")
+    return s
+
+
 def run_equivalence_demo(out_dir: str | Path = "out/demo/cka", s: EquivalenceDemoSettings | None = None):
     """Train one model per seed, then compare every pair layer by layer. Writes ``equivalence.json`` and
-    ``equivalence_cka.png``; returns the headline numbers."""
-    s = s or EquivalenceDemoSettings()
+    ``equivalence_cka.png``; returns the headline numbers. Settings are checked (:func:`check_settings`), and
+    the inputs must hold at least 4 tokens predictable by induction (debiased CKA needs 4 samples), before any
+    model is trained."""
+    s = check_settings(s or EquivalenceDemoSettings())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     task = InductionTask(d_vocab=s.d_vocab, seq_len=s.seq_len)
     batch = task.sample(s.num_inputs, seed=99)
     flag = batch.extra["induction_flag"]
+    if int(flag.sum()) < 4:  # the samples of every comparison; checked before any training
+        raise ValueError(
+            f"num_inputs={s.num_inputs!r} gives {int(flag.sum())} tokens predictable by induction; the comparisons "
+            "need at least 4 (debiased CKA): give more inputs"
+        )
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(2)]
     scores, reps = {}, {}
     with pinned_threads(s.num_threads or None):

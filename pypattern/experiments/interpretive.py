@@ -101,7 +101,8 @@ class InterpretiveSettings:
 
 def check_settings(s: InterpretiveSettings) -> InterpretiveSettings:
     """Refuse, naming the field, settings the run would fail on only after training its pool: unknown algorithms,
-    architectures or measures, counts below 1, negative budgets, a learning rate or fractions out of range."""
+    architectures or measures, counts below 1, negative budgets or pipeline seeds, a learning rate or fractions out
+    of range."""
     from .._checks import is_count, is_real
 
     if not isinstance(s, InterpretiveSettings):
@@ -130,15 +131,15 @@ def check_settings(s: InterpretiveSettings) -> InterpretiveSettings:
         value = getattr(s, field)
         if not is_count(value) or value < 1:
             raise ValueError(f"{field}={value!r} is not valid; give an int >= 1")
-    for field, least in (("budgets", 0), ("pipeline_seeds", None)):
+    # pipeline seeds key the grid's and the selectivity's draws, which take seeds >= 0 only
+    for field in ("budgets", "pipeline_seeds"):
         value = getattr(s, field)
         if (
             isinstance(value, str)
             or not (value := tuple(value))
-            or not all(is_count(v) and (least is None or v >= least) for v in value)
+            or not all(is_count(v) and v >= 0 for v in value)
         ):
-            what = "ints >= 0" if least == 0 else "ints"
-            raise ValueError(f"{field}={getattr(s, field)!r} is not valid; give one or more {what}")
+            raise ValueError(f"{field}={getattr(s, field)!r} is not valid; give one or more ints >= 0")
     for field, value in (("lr", s.lr), ("z", s.z), *(("alphas", a) for a in s.alphas)):
         if not is_real(value) or not 0 < value < float("inf"):
             raise ValueError(f"{field}={getattr(s, field)!r} is not valid; give finite numbers > 0")
@@ -633,8 +634,28 @@ _PER_MEASURE = ("grid", "selectivity", "selectivity_counts", "seconds_per_measur
 
 def merge_reports(paths: list[str | Path], out_dir: str | Path, name: str = "interpretive") -> dict:
     """Combine reports of the same settings run for different pipeline seeds or measures (e.g. in parallel
-    processes) into one report with its summary and plots."""
+    processes) into one report with its summary and plots. Reports whose settings differ in anything but the
+    pipeline seeds, the measures and the processes and threads used are refused, naming the report and the fields:
+    their grids and curves are not of one experiment."""
     reps = [json.loads(Path(p).read_text()) for p in paths]
+    if not reps:
+        raise ValueError("paths is empty: give the reports to merge")
+    own = (
+        "pipeline_seeds",
+        "measures",
+        "num_workers",
+        "num_threads",
+    )  # free to differ (the last two: speed only)
+    ref = {k: v for k, v in reps[0]["settings"].items() if k not in own}
+    for p, rep in zip(paths[1:], reps[1:]):
+        st = {k: v for k, v in rep["settings"].items() if k not in own}
+        diff = sorted(k for k in set(ref) | set(st) if ref.get(k) != st.get(k))
+        if diff:
+            raise ValueError(
+                f"the report {str(p)!r} has other settings than {str(paths[0])!r} ("
+                + ", ".join(f"{k}: {st.get(k)!r} vs {ref.get(k)!r}" for k in diff)
+                + "); merge only reports of the same settings (they may differ in pipeline_seeds and measures)"
+            )
     base = dict(reps[0])
     by_seed: dict[int, dict] = {}
     for rep in reps:  # reports may split the seeds, the measures, or both
