@@ -17,6 +17,7 @@ from torch import nn
 
 from . import io
 from ._progress import Terminated, progress_bar
+from .sampling.checkpoint import check_dtypes, version_message
 
 __all__ = ["KIND", "TrainingSteps", "check_checkpoint_arg", "model_items", "task_items"]
 
@@ -72,7 +73,7 @@ def model_items(model: nn.Module) -> dict:
     """The fingerprint items of the model a training run starts from: its module tree and configuration
     (:func:`~pypattern.sampling.checkpoint.model_architecture`), the hooks on its modules (none adds no item), and a
     hash of each parameter and buffer."""
-    from .sampling.checkpoint import model_architecture, model_hooks
+    from .sampling.checkpoint import DTYPE_ITEM, model_architecture, model_dtypes, model_hooks
 
     hooks = model_hooks(model)
     return {
@@ -80,6 +81,9 @@ def model_items(model: nn.Module) -> dict:
         **({} if hooks is None else {"hooks": hooks}),
         **{f"weights[{n}]": p for n, p in model.named_parameters()},
         **{f"buffers[{n}]": b for n, b in model.named_buffers()},
+        # the dtype of each floating weight and buffer: not compared, but named when a weight differs by its dtype
+        # (check_dtypes; a file written without the item resumes as before)
+        DTYPE_ITEM: model_dtypes([*model.named_parameters(), *model.named_buffers()]),
     }
 
 
@@ -218,15 +222,18 @@ class TrainingSteps:
         if not isinstance(meta, Mapping):
             raise bad("its header holds no training state")
         if type(meta.get("version")) is not int or meta["version"] != VERSION:  # (True == 1 in Python)
-            raise io.FormatError(
-                f"checkpoint {path!r} has version {meta.get('version')!r}, this pypattern writes version {VERSION}: "
-                "delete it to start afresh"
-            )
+            raise io.FormatError(version_message(path, meta.get("version"), VERSION))
+        stored = meta.get("fingerprint")
         try:
             io.check_fingerprint(
-                meta.get("fingerprint"), self.fp, path, defaults={"default_dtype": str(_DEFAULT_DTYPE)}
+                _without_dtypes(stored),
+                _without_dtypes(self.fp),
+                path,
+                defaults={"default_dtype": str(_DEFAULT_DTYPE)},
             )
         except io.FingerprintMismatch as e:
+            if e.item.startswith(("weights[", "buffers[")):  # named by its dtype when that is what changed
+                check_dtypes(stored, self.fp, path)
             raise _with_weights_hint(e) from None
         nxt, seconds = meta.get("next_step"), meta.get("seconds")
         if isinstance(nxt, bool) or not isinstance(nxt, int) or not 0 <= nxt <= self.total:
@@ -402,6 +409,16 @@ class TrainingSteps:
         finally:
             for sig, default in ours.items():
                 signal.signal(sig, default)
+
+
+def _without_dtypes(fingerprint):
+    """``fingerprint`` without its ``dtype`` item (compared by :func:`~pypattern.sampling.checkpoint.check_dtypes`
+    alone, so that a file written without it resumes)."""
+    from .sampling.checkpoint import DTYPE_ITEM
+
+    if not isinstance(fingerprint, Mapping):
+        return fingerprint
+    return {k: v for k, v in fingerprint.items() if k != DTYPE_ITEM}
 
 
 def _with_weights_hint(e: io.FingerprintMismatch) -> io.FingerprintMismatch:

@@ -148,10 +148,7 @@ class State:
         if not isinstance(meta, Mapping):
             raise io.FormatError(f"checkpoint {path!r} is damaged: its header is not a mapping; delete it")
         if meta.get("version") != VERSION:
-            raise io.FormatError(
-                f"checkpoint {path!r} has version {meta.get('version')}, this pypattern writes version {VERSION}: "
-                "delete it to start afresh"
-            )
+            raise io.FormatError(version_message(path, meta.get("version"), VERSION, repr_version=False))
         stored = meta.get("fingerprint")
         if isinstance(
             stored, Mapping
@@ -172,6 +169,8 @@ class State:
         try:
             io.check_fingerprint(stored, fingerprint, path, defaults=FINGERPRINT_DEFAULTS)
         except io.FingerprintMismatch as e:
+            if e.item.startswith(("weights[", "buffers[")):  # named by its dtype when that is what changed
+                check_dtypes(full_stored, full_current, path)
             raise _with_batching_hint(e, stored, fingerprint) from None
         from .diagnostics import user_stacklevel
 
@@ -326,10 +325,58 @@ def _with_batching_hint(e: io.FingerprintMismatch, stored, current: Mapping) -> 
 
 
 def _without_settings(fingerprint):
-    """``fingerprint`` without :data:`RESUMABLE_SETTINGS` (what is compared)."""
+    """``fingerprint`` without :data:`RESUMABLE_SETTINGS` and the ``dtype`` item (what is compared)."""
     if not isinstance(fingerprint, Mapping):
         return fingerprint
-    return {k: v for k, v in fingerprint.items() if k not in RESUMABLE_SETTINGS}
+    return {k: v for k, v in fingerprint.items() if k not in RESUMABLE_SETTINGS and k != DTYPE_ITEM}
+
+
+#: the fingerprint item holding the dtype of each floating-point weight and buffer (:func:`model_dtypes`): stored,
+#: and compared by :func:`check_dtypes` only, so that a checkpoint written without it resumes as before
+DTYPE_ITEM = "dtype"
+
+
+def model_dtypes(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """The dtype of each floating-point tensor of ``(name, tensor)`` pairs, by name (``"float32"``), for a
+    fingerprint's ``dtype`` item."""
+    return {n: str(t.dtype).removeprefix("torch.") for n, t in tensors if t.is_floating_point()}
+
+
+def check_dtypes(stored, current: Mapping, path) -> None:
+    """Refuse (:class:`pypattern.io.FingerprintMismatch` with item ``"dtype"``) a resume whose model holds a weight
+    or buffer in another dtype than the checkpoint records, naming it and both dtypes: called when a weight's or
+    buffer's hash differs, which two hashes alone do not explain. Nothing when either fingerprint has no ``dtype``
+    item (a checkpoint written without one), or they agree."""
+    if not isinstance(stored, Mapping):
+        return
+    was, now = stored.get(DTYPE_ITEM), current.get(DTYPE_ITEM)
+    if not isinstance(was, Mapping) or not isinstance(now, Mapping) or dict(was) == dict(now):
+        return
+    name = next((n for n in now if n in was and was[n] != now[n]), None)
+    if name is None:  # a tensor floating in one and not the other (or not there): the weights' check names it
+        return
+    raise io.FingerprintMismatch(
+        f"checkpoint {os.fspath(path)!r} was written by a run whose model holds {name} in {was[name]}, this run's "
+        f"holds it in {now[name]}: resume with the model in {was[name]} (e.g. model.to(torch.{was[name]})), or use "
+        "another checkpoint path, or delete this one to start afresh.",
+        path=os.fspath(path),
+        item=DTYPE_ITEM,
+        stored=dict(was),
+        current=dict(now),
+    )
+
+
+def version_message(path, version, current: int, repr_version: bool = True) -> str:
+    """A checkpoint of another format ``version`` than ``current`` (the one this pypattern writes): one of a newer
+    pypattern says to upgrade, any other to start afresh."""
+    shown = repr(version) if repr_version else version
+    message = f"checkpoint {os.fspath(path)!r} has version {shown}, this pypattern writes version {current}: "
+    if type(version) is int and version > current:
+        return (
+            message
+            + "it was written by a newer pypattern; upgrade pypattern to resume it, or delete it to start afresh"
+        )
+    return message + "delete it to start afresh"
 
 
 def _numpy_dtype(dtype: torch.dtype, fallback: np.dtype) -> np.dtype:
@@ -501,4 +548,6 @@ def run_fingerprint(
         # how the draws are computed (RESUMABLE_SETTINGS): stored, not compared; another value resumes with a warning
         backend=plan.backend,
         batched=plan.batched,
+        # the weights' and buffers' dtypes: not compared, but named when a weight differs by its dtype (check_dtypes)
+        **{DTYPE_ITEM: model_dtypes([*w_star.items(), *model.named_buffers()])},
     )
