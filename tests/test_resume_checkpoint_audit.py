@@ -315,22 +315,12 @@ def _exact_file_with(tmp_path, edit):
     return lambda: edge_attribution(model, clean, corr, metric=metric, checkpoint=path, **EXACT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="circuits.api._exact_scores reads 'done' with int() (a ValueError of int's, naming no file); needs "
-    "pypattern/circuits/api.py",
-)
 def test_an_exact_scores_checkpoint_whose_count_is_not_a_number_is_refused_naming_the_file(tmp_path):
     call = _exact_file_with(tmp_path, lambda arrays, meta: meta.update(done="x"))
     with pytest.raises(io.FormatError, match="exact.npz"):
         call()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="circuits.api._exact_scores takes values of any dtype (float16, integers) and converts them; needs "
-    "pypattern/circuits/api.py",
-)
 @pytest.mark.parametrize("dtype", [np.float16, np.int64])
 def test_an_exact_scores_checkpoint_with_values_of_another_dtype_is_refused(tmp_path, dtype):
     call = _exact_file_with(

@@ -840,10 +840,21 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
         if os.path.exists(checkpoint):
             arrays, meta = io.load(checkpoint, kind="ExactEdgeScoresCheckpoint")
             io.check_fingerprint(meta.get("fingerprint"), fp, checkpoint)
-            done = int(meta.get("done", -1))
-            got = arrays.get("values")
-            if not (0 <= done <= E) or got is None or tuple(got.shape) != (engine.B, done):
-                raise io.FormatError(f"{os.fspath(checkpoint)!r} holds no consistent partial scores")
+            done, got = meta.get("done"), arrays.get("values")
+            # the scores as save() writes them: a count of finished edges and their values in the widened dtype
+            want = torch.empty(0, dtype=_widen(values).dtype).numpy().dtype
+            if (
+                isinstance(done, bool)
+                or not isinstance(done, int)
+                or not 0 <= done <= E
+                or got is None
+                or tuple(got.shape) != (engine.B, done)
+                or got.dtype != want
+            ):
+                raise io.FormatError(
+                    f"checkpoint {os.fspath(checkpoint)!r} is damaged: it holds no partial scores ({want}, "
+                    f"{engine.B} prompts x up to {E} edges) of this run; delete it to start afresh"
+                )
             values[:, :done] = torch.from_numpy(got).to(values.dtype)
     saved = time.perf_counter()
     # one fixed-weights block for every run call: layouts and packed weights made once
