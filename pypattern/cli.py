@@ -615,6 +615,7 @@ _CHECKPOINT_FLAGS = {
     "weights": "--model or --float64: other weights or another dtype",
     "buffers": "--model or --float64: other buffers or another dtype",
     "architecture": "--model or --float64: another model or dtype",
+    "dtype": "--float64: another dtype",
     "moving": "--model or --float64: another model (other parameters sampled) or dtype",
     "data": "--data or --batch-size: other data or batches",
     "num_chains": "--num-chains: another number of chains",

@@ -1286,7 +1286,8 @@ def per_sample_grad_gram_reference(
     An input may be a tensor, or a mapping (a Hugging Face batch: ``dict`` or ``BatchEncoding``), tuple or list of
     them: each of its tensors is cut along its first axis, the batch, which they must share; other values are
     passed to every sample as they are.
-    Memory ``B x (number of covered parameters)``, twice (the gradients and their flattened copy). The Gram is
+    Memory ``B x (number of covered parameters)`` several times over: the gradients, their flattened copy and its
+    cast to ``gram_dtype`` (``chunk_size`` bounds only the intermediates of ``vmap``, not these). The Gram is
     taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)`` (``(0, 0)``
     for inputs of no sample).
 

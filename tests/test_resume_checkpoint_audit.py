@@ -328,3 +328,26 @@ def test_an_exact_scores_checkpoint_with_values_of_another_dtype_is_refused(tmp_
     )
     with pytest.raises(io.FormatError, match="exact.npz"):
         call()
+
+
+def test_an_acdc_checkpoint_whose_next_input_is_a_bool_is_refused(tmp_path, monkeypatch):
+    """A stopped ACDC run's state names the next destination input by an int; ``True`` (an int to isinstance) is
+    an edited file, refused naming it, not read as input 1."""
+    model, clean, corr, metric = _circuit_setup()
+    path = tmp_path / "acdc.npz"
+
+    def call():
+        return acdc(
+            model, clean, corr, metric=metric, threshold=0.05, quiet=True, max_batch=3, checkpoint=path
+        )
+
+    with monkeypatch.context() as m:
+        _stop_engine_after(m, 12)
+        with pytest.raises(_Stop):
+            call()
+    arrays, meta = io.load(path, kind="ACDCCheckpoint")
+    assert isinstance(meta["next"], int) and meta["next"] >= 1
+    meta["next"] = True
+    io.save(path, arrays, meta, kind="ACDCCheckpoint")
+    with pytest.raises(io.FormatError, match="acdc.npz"):
+        call()

@@ -1744,6 +1744,7 @@ def _acdc_resume(path, fp, graph: EdgeGraph, reach: _Reach) -> dict:
         any(
             k not in arrays or arrays[k].shape != v or arrays[k].dtype != dtypes[k] for k, v in shapes.items()
         )
+        or isinstance(nxt, bool)
         or not isinstance(nxt, int)
         or not 0 <= nxt < graph.n_dst
         or any(not isinstance(v, int | float) for v in scalars)
