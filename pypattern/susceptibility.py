@@ -217,7 +217,8 @@ class PCAResult(Saveable):
     scale : ndarray (num_components,)
         The per-component scale divided out before the SVD (ones without whitening): the standard deviation
         (``ddof=1``) of each component's chi over the counted probe points, so that ``whiten=True`` is the PCA of
-        the components' correlation matrix.
+        the components' correlation matrix (1 for a component whose chi is the same at every counted point: it has
+        no correlation, and variance 0 along every direction).
     mean : ndarray (num_components,)
         The mean of each component's chi over the counted probe points, subtracted before the SVD.
 
@@ -412,7 +413,9 @@ class SusceptibilityResult(Saveable):
         )
 
     def to_pandas(self):
-        """Long table: one row per (component, probe point) with chi and its standard error."""
+        """Long table: one row per (component, probe point) with chi and its standard error; ``counted`` is
+        ``probe_counted`` (False at padding and ``-100`` labels, whose chi is 0; True throughout when it is
+        None)."""
         import pandas as pd
 
         k, n = self.chi.shape
@@ -424,6 +427,10 @@ class SusceptibilityResult(Saveable):
                 "probe_token": np.tile(self.probe_token, k),
                 "chi": self.chi.reshape(-1),
                 "chi_se": self.chi_se.reshape(-1),
+                "counted": np.tile(
+                    np.ones(n, bool) if self.probe_counted is None else np.asarray(self.probe_counted, bool),
+                    k,
+                ),
             }
         )
 
@@ -471,10 +478,13 @@ class BIFResult(Saveable):
     Attributes
     ----------
     bif : ndarray (num_probe, num_probe)
+        ``-Cov(l_i, l_j)`` (``ddof=1``) over every chain's draws pooled; exactly symmetric, minus each entry's loss
+        variance on its diagonal.
     corr : ndarray (num_probe, num_probe)
-        Pearson correlation of the losses (devinterp's default reports this one, with the minus sign). NaN in the
-        rows and columns of padded probe entries (their loss is a constant 0: no correlation is defined; ``bif``
-        is 0 there).
+        Pearson correlation of the losses, ``Corr(l_i, l_j) = bif_ij / sqrt(bif_ii bif_jj)``, without ``bif``'s
+        minus sign (devinterp's default reports a correlation of the losses; :func:`pypattern.devinterp.compute_bif`
+        gives this one, sign included): exactly symmetric, within [-1, 1], 1 on its diagonal. NaN in the rows and columns of an entry whose loss does not vary over the draws, padded
+        probe entries included (their loss is a constant 0: no correlation is defined; ``bif`` is 0 there).
     probe_counted : ndarray (num_probe,) of bool, or None
         Which probe entries count (False: padding, ``-100`` labels; their rows and columns are 0 in ``bif``);
         None when every entry counts. As :attr:`SusceptibilityResult.probe_counted`.
@@ -1697,6 +1707,29 @@ def _sampler_settings_defaults(kw: dict) -> dict:
     return kw
 
 
+def _bif_and_corr(acc: CrossCovariance, counted: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(-Cov(l_i, l_j), Corr(l_i, l_j))`` from an accumulator of the probe losses against themselves: exactly
+    symmetric (the accumulator's two triangles differ at rounding), the correlation that of the covariance
+    returned (1 on its diagonal, clipped to [-1, 1]; NaN at an entry whose loss does not vary), both rows and
+    columns of entries outside ``counted`` 0 and NaN."""
+    cov = acc.cov(ddof=1).cpu().numpy()
+    cov = (cov + cov.T) / 2
+    var = np.diag(cov).copy()
+    # a loss of zero variance (a padded entry, a constant loss) by the accumulator's own test, as its corr()
+    varies = (acc.var_b().cpu().numpy() > 0) & (var > 0)
+    if counted is not None:
+        out = ~counted.numpy()
+        cov[out] = 0.0
+        cov[:, out] = 0.0
+        varies &= ~out
+    sd = np.sqrt(np.where(varies, var, 1.0))
+    both = np.outer(varies, varies)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.where(both, np.clip(cov / np.outer(sd, sd), -1.0, 1.0), np.nan)
+    corr[np.diag_indices_from(corr)] = np.where(varies, 1.0, np.nan)
+    return -cov, corr
+
+
 def _jackknife_se(loo: np.ndarray) -> np.ndarray:
     """The jackknife's standard error over chains, ``sqrt((C - 1) / C sum_c (loo_c - mean loo)^2)``, from the
     estimates ``loo (..., C, n)`` pooled over all chains but ``c``: the spread of the pooled estimate, differences
@@ -1845,9 +1878,10 @@ def bif(
         acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"))
     counted = entries.counted(n)
     meta = _probe_meta(probe, l0, counted)
+    bif_, corr = _bif_and_corr(acc, counted)
     return BIFResult(
-        bif=-acc.cov(ddof=1).cpu().numpy(),
-        corr=acc.corr().cpu().numpy(),
+        bif=bif_,
+        corr=corr,
         loss_mean=acc.mean_b.cpu().numpy(),
         probe_sample=meta[0],
         probe_position=meta[1],
