@@ -350,6 +350,17 @@ def stack_head_results(
         r = take(dict.__getitem__(cache, f"blocks.{ell}.attn.hook_result"), -3)  # (..., n_heads, d_model)
         parts.append(r.movedim(-2, 0))
         labels.extend(f"L{ell}H{h}" for h in range(model.cfg.n_heads))
+    return _finish_stack(
+        cache, model, parts, labels, layer, take, why, incl_remainder, apply_ln, pos_slice, return_labels
+    )
+
+
+def _finish_stack(
+    cache, model, parts, labels, layer, take, why, incl_remainder, apply_ln, pos_slice, return_labels
+):
+    """The per-head or per-neuron stack from its ``parts`` (each ``(k, *batch_and_pos_dims, d_model)``), with the
+    ``"remainder"`` of the stream at the input of ``layer`` (``incl_remainder``) and the norm applied
+    (``apply_ln``); ``(stack, labels)`` with ``return_labels``."""
     like = take(_get(cache, "blocks.0.hook_resid_pre", why), -2)
     out = torch.cat(parts, dim=0) if parts else like.new_zeros((0, *like.shape))
     if incl_remainder:
@@ -415,15 +426,9 @@ def stack_neuron_results(
         idx = idx if neuron_slice is None else _slicer(neuron_slice)(idx, -1)
         idx = idx.tolist()
         labels.extend(f"L{ell}N{i}" for i in idx)
-    like = take(_get(cache, "blocks.0.hook_resid_pre", why), -2)
-    out = torch.cat(parts, dim=0) if parts else like.new_zeros((0, *like.shape))
-    if incl_remainder:
-        total = take(_resid_at(cache, model, layer, False, why), -2)
-        out = torch.cat([out, (total - out.sum(0))[None]], dim=0)
-        labels.append("remainder")
-    if apply_ln:
-        out = apply_ln_to_stack(cache, out, layer, pos_slice=pos_slice)
-    return (out, labels) if return_labels else out
+    return _finish_stack(
+        cache, model, parts, labels, layer, take, why, incl_remainder, apply_ln, pos_slice, return_labels
+    )
 
 
 def stack_activation(
