@@ -80,6 +80,11 @@ def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.
             f"{name} has shape {tuple(idx.shape)}; give one token id per example ({B},), several ({B}, k), or one "
             f"id for every example (a scalar)"
         )
+    if idx.dim() == 2 and idx.shape[1] == 0 and B:
+        raise ValueError(
+            f"{name} has shape {tuple(idx.shape)}: no token for each example (the mean over no ids is NaN); give at "
+            "least one token id per example"
+        )
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= V:
@@ -259,7 +264,8 @@ class LogProb(Metric):
 
 class KL(Metric):
     """``-KL(P_clean || P)``: 0 on the clean run, so ``m_patched - m_corrupt`` is the KL effect
-    ``D(P_cl||P_*) - D(P_cl||P_pt)``.
+    ``D(P_cl||P_*) - D(P_cl||P_pt)``. A token the clean run rules out (a logit of -inf, a vocabulary mask) weighs
+    nothing (``0 log 0 = 0``); one the clean run allows and a patched run rules out gives ``-inf``.
 
     Near the clean run (every logit within 0.5 of the clean one, after the clean logits' own shift) the divergence
     is computed as ``-sum p_cl d + log1p(sum p_cl expm1(d))`` from the logit differences ``d``, whose terms are as
@@ -289,15 +295,22 @@ class KL(Metric):
         lp = torch.log_softmax(x, -1)
         cl = self.clean_logp.to(lp.dtype)
         p = cl.exp()
-        kl = (p * (cl - lp)).sum(-1)
+        # 0 log 0 = 0: a token the clean run rules out (a logit of -inf) weighs nothing, whatever its patched logit
+        kl = (p * torch.where(p > 0, cl - lp, 0.0)).sum(-1)
         if self.clean_logits is None or self.clean_logits.shape[-1] != x.shape[-1]:
             return -kl
-        d = x - self.clean_logits.to(x.dtype)
-        d = d - d.detach()[..., :1]  # a common shift of the logits changes no probability
-        near = d.detach().abs().amax(-1) <= self.NEAR
+        c = self.clean_logits.to(x.dtype)
+        d = x - c
+        # a common shift of the logits changes no probability: measured from the clean run's top token (finite)
+        top = c.detach().argmax(-1, keepdim=True).expand(*d.shape[:-1], 1)
+        d = d - d.detach().gather(-1, top)
+        masked = torch.isneginf(x) & torch.isneginf(c)  # ruled out on both runs: no difference
+        d = torch.where(masked, 0.0, d)
+        near = d.detach().abs().amax(-1) <= self.NEAR  # False where a difference is infinite or NaN
         if not bool(near.any()):
             return -kl
-        dn = d.clamp(-self.NEAR, self.NEAR)  # finite in both branches (torch.where differentiates both)
+        # finite in both branches (torch.where differentiates both)
+        dn = torch.where(torch.isfinite(d), d, 0.0).clamp(-self.NEAR, self.NEAR)
         # a divergence is never negative: rounding below 0 (~1e-13 in float32) is clamped
         close = (torch.log1p((p * torch.expm1(dn)).sum(-1)) - (p * dn).sum(-1)).clamp_min(0)
         return -torch.where(near, close, kl)

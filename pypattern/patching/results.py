@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .._checks import is_count
+from .._checks import is_count, is_real
 from .._plotting import figure_axes, finish
 from ..io import Saveable, register
 from ..sampling.results import check_arrays
@@ -112,6 +112,11 @@ class PatchResult(Saveable):
     @property
     def target(self) -> torch.Tensor:
         """Metric of the unpatched target run ``(batch,)`` (corrupted for denoising, clean for noising)."""
+        if self.direction == "denoising" and self.corrupted is None:
+            raise ValueError(
+                "a denoising result's target is its corrupted run, and this result has none (corrupted=None); "
+                "give the corrupted run's metric, or direction='noising' for an ablation of the clean run"
+            )
         return self.corrupted if self.direction == "denoising" else self.clean
 
     @property
@@ -210,10 +215,24 @@ class PatchResult(Saveable):
         self, level: float = 0.95, num_resamples: int = 1000, seed: int = 0, normalized: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Percentile bootstrap confidence interval of the mean (examples resampled; the normalising gap is
-        re-estimated in every resample). Returns ``(low, high)``, each ``(*grid)``. Examples are drawn from
-        :attr:`finite_examples`."""
+        re-estimated in every resample). Returns ``(low, high)``, each ``(*grid)``, in values' dtype (NaN with
+        fewer than two examples). Examples are drawn from :attr:`finite_examples`.
+
+        Each of the ``num_resamples`` resamples draws ``n`` examples with replacement (``torch.randint`` from a CPU
+        generator seeded with ``seed``); the ends are the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles
+        (linear interpolation, :func:`torch.quantile`) of the resampled means, each normalised by its own mean gap;
+        resamples whose mean gap is 0 are left out (with a RuntimeWarning)."""
+        if not is_real(level):
+            raise TypeError(f"level={level!r} is not valid; give a number in (0, 1)")
         if not 0 < level < 1:
             raise ValueError(f"level={level} is not valid; give a number in (0, 1)")
+        if not is_count(num_resamples) or num_resamples < 1:
+            raise ValueError(f"num_resamples={num_resamples!r} is not valid; give an int >= 1")
+        if not is_count(seed) or seed < 0:
+            raise ValueError(f"seed={seed!r} is not valid; give an int >= 0")
+        num_resamples, seed = int(num_resamples), int(seed)
+        if normalized and self.corrupted is None:
+            raise ValueError("normalized CI needs a corrupted run; pass normalized=False")
         if self.values.shape[1:].numel() == 0:  # a grid of no cells
             empty = torch.empty(self.values.shape[1:], dtype=self.values.dtype, device=self.values.device)
             return empty, empty.clone()
@@ -225,7 +244,7 @@ class PatchResult(Saveable):
             n < 2
         ):  # one example (or none): every resample is that example, and the interval would be a false point
             nan = torch.full(
-                self.values.shape[1:], float("nan"), dtype=torch.float64, device=self.values.device
+                self.values.shape[1:], float("nan"), dtype=self.values.dtype, device=self.values.device
             )
             return nan, nan.clone()
         # resamples drawn on the CPU (the same on every device); a CPU index reads the values on any device
