@@ -15,7 +15,9 @@ AtP* (Kramar et al. 2024) adds two fixes:
   is ``sum_l |AtP_l| / L``, the same mean.
   Such a pass changes no gradient after layer l, zeroes those inside layer l's attention and MLP, and passes
   the residual gradient after layer l unchanged to layer l's input; so it is computed as a backward from layer
-  l's input (with the full pass's gradient after layer l) through layers ``0 .. l - 1`` only.
+  l's input (with the full pass's gradient after layer l) through layers ``0 .. l - 1`` only; on a model with
+  functions attached (which may change the residual stream inside a layer), as a backward from the metric with
+  the gradient zeroed at layer l's ``attn_out`` and ``mlp_out``.
 
 Use AtP to shortlist cells and exact patching to confirm them: :func:`shortlist_and_confirm`.
 """
@@ -690,6 +692,23 @@ def _atp(
         else set()
     )
     tnames = names | resid
+    # functions attached to the model may change the residual stream inside a layer (a hook at resid_mid or
+    # resid_post, on the activation or its gradient): then the residual gradient after layer l does not reach layer
+    # l's input unchanged, and each GradDrop pass is a backward from the metric with the gradient zeroed at layer
+    # l's attn_out and mlp_out (``drop`` names the layer whose gradient is zeroed)
+    from ..models.hooks import attached_hooks
+
+    gated = grad_drop and bool(attached_hooks(model))
+    drop: list[int | None] = [None]
+    gate_names = {hook_name(s, layer) for s in ("attn_out", "mlp_out") for layer in range(L)}
+
+    def gate(x, hook):
+        if not x.requires_grad:
+            return x
+        layer = _layer_of(hook.name)
+        y = x.view_as(x)
+        y.register_hook(lambda g: torch.zeros_like(g) if drop[0] == layer else g)
+        return y
 
     def cache_run(tokens, nz, rows: bool = True):
         """``(final rows at the metric position (B, d_model), cache of names)``, without gradients; ``rows=False``
@@ -723,6 +742,8 @@ def _atp(
         return x
 
     hooks = [(lambda n: n in tnames, capture)]
+    if gated:  # after the capture: a captured attn_out or mlp_out is the gated tensor's input
+        hooks.append((lambda n: n in gate_names, gate))
     if tgt_noise is not None:
         hooks.insert(0, ("hook_embed", embedding_noise_hook(tgt_noise)))
     with torch.enable_grad():
@@ -769,7 +790,17 @@ def _atp(
         grads_per_pass = [{n: full[n] for n in gnames}]
         zeros: dict = {}
         for layer in range(L) if grad_drop else []:
-            grads_per_pass.append(_drop_pass(layer, gnames, full, captured, zeros))
+            if not gated:
+                grads_per_pass.append(_drop_pass(layer, gnames, full, captured, zeros))
+                continue
+            drop[0] = layer
+            gs = torch.autograd.grad(
+                m_tgt_full.sum(), [captured[n] for n in gnames], retain_graph=layer < L - 1, allow_unused=True
+            )
+            grads_per_pass.append(
+                {n: (g if g is not None else torch.zeros_like(captured[n])) for n, g in zip(gnames, gs)}
+            )
+        drop[0] = None
     tgt_cache = {n: x.detach() for n, x in captured.items()}
     m_corr = None
     if direction == "noising":
