@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -583,6 +584,8 @@ class HookedHF(HookedModule):
         base = _get(model, self.arch.base)
         inner = [hp for name, hp in self.hook_dict.items() if name.startswith("blocks.")]
         switched: list[list[nn.Module]] = []
+        # the model's hooks must not keep the wrapper alive (it removes them when it is collected)
+        me = weakref.ref(self)
 
         def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             off: list[nn.Module] = []
@@ -593,8 +596,9 @@ class HookedHF(HookedModule):
                     if isinstance(flag, bool) and flag and m.training:
                         m.gradient_checkpointing = False
                         off.append(m)
-                if off and not self._checkpointing_warned:
-                    self._checkpointing_warned = True
+                wrapper = me()
+                if off and wrapper is not None and not wrapper._checkpointing_warned:
+                    wrapper._checkpointing_warned = True
                     warnings.warn(
                         f"{type(model).__name__} has gradient checkpointing on: forwards with hook functions "
                         "attached inside its layers run without it (its recomputation in the backward pass would "

@@ -903,6 +903,13 @@ def _inert_hook() -> Callable:
     return _inert
 
 
+def _remove_handles(handles: list) -> None:
+    """Remove the torch hook handles ``handles`` (a collected :class:`HookedModule`'s) and empty the list."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 class _WrapperHook:
     """A :class:`HookedModule`'s torch forward (pre-)hook on ``module``: ``fn``, called only on ``module`` itself (a
     ``copy.deepcopy`` of the wrapped model, or of one of its modules, copies its hooks, whose hook points are the
@@ -963,6 +970,8 @@ class HookedModule(HookedRootModule):
         self._hook_paths = dict(hook_points)
         self._points = nn.ModuleDict()
         self._handles = []
+        # a wrapper dropped without remove_hooks() takes its torch hooks off the module when it is collected
+        weakref.finalize(self, _remove_handles, self._handles)
         self._hooks_removed = False
         self.hook_dict = {}
         mods = dict(module.named_modules())
