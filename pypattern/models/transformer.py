@@ -2203,7 +2203,8 @@ def list_components(model: Transformer, heads: bool = True) -> list[str]:
     """Component names of ``model``: ``embed``, ``pos_embed`` (learned positions only), ``blocks.{l}.attn`` (or
     ``blocks.{l}.attn.head.{h}`` for every head when ``heads``, and ``blocks.{l}.attn.kv_head.{g}`` for shared
     key/value heads under grouped-query attention), ``blocks.{l}.mlp``, ``unembed`` (only when the
-    unembedding has a weight of its own: with tied embeddings ``embed`` is both). With ``qk_norm="all"`` the heads
+    unembedding has a weight of its own: with tied embeddings ``embed`` is both, and a bias of the unembedding's
+    own is ``unembed.b_U``). With ``qk_norm="all"`` the heads
     share one query/key norm and are listed as ``blocks.{l}.attn`` only."""
     if not hasattr(model, "cfg"):
         raise TypeError(
@@ -2223,7 +2224,12 @@ def list_components(model: Transformer, heads: bool = True) -> list[str]:
             out.append(f"blocks.{layer}.attn")
         if not cfg.attn_only:
             out.append(f"blocks.{layer}.mlp")
-    return out + ([] if getattr(cfg, "tie_word_embeddings", False) else ["unembed"])
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return out + ["unembed"]
+    # tied: embed holds the weight; a bias of the unembedding's own is a component of its own (else no run samples it)
+    if any(n == "unembed.b_U" for n, _ in model.named_parameters()):
+        out.append("unembed.b_U")
+    return out
 
 
 def check_index_spelling(component: str, names) -> None:
