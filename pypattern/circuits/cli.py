@@ -1,7 +1,8 @@
 """``pypattern circuit``: circuit discovery on the built-in induction task, or on a local model and prompt file.
 
 Writes into ``out_dir``: ``edge_scores.csv`` (every edge, every method), ``circuit.csv`` (the edges of the chosen
-circuit), ``pruning_curve.png``, ``pruning_curve.csv`` and ``circuit.png`` (graph drawing with edge scores).
+circuit), ``pruning_curve.png``, ``pruning_curve.csv``, ``circuit.png`` (graph drawing with edge scores) and
+``circuit_summary.json`` (what the command prints).
 
 A local model directory holds ``config.json`` (the fields of :class:`~pypattern.models.TransformerConfig`, ``dtype``
 as a string such as ``"float32"``) and ``weights.npz`` (or ``model.safetensors``) with the model's ``state_dict``
@@ -374,7 +375,8 @@ def run_circuit_demo(
     writes them too. The same call with the same folder resumes, computing only the rest (a finished stage is read
     back); a call with another model, prompts or settings is refused
     (:class:`pypattern.io.FingerprintMismatch` naming what differs). ``quiet`` also hides the progress bars of the
-    exact scores and the pruning curve.
+    exact scores, the pruning curve and (a Hugging Face folder) transformers' loading of the weights. ``threads``:
+    torch's thread count while the command runs (None: torch's setting as it is). ``ig_steps``: an int >= 1.
 
     Returns
     -------
@@ -404,6 +406,17 @@ def run_circuit_demo(
                 f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the built-in task's training "
                 "only; with model_dir=... leave them out"
             )
+    from .._checks import is_count
+
+    if not is_count(ig_steps) or ig_steps < 1:
+        raise ValueError(
+            f"ig_steps={ig_steps!r} is not valid; give the interpolation steps of eap-ig as an int >= 1"
+        )
+    if threads is not None and (not is_count(threads) or threads < 1):
+        raise ValueError(
+            f"threads={threads!r} is not valid; give the number of threads as an int >= 1, or None (torch's "
+            "setting)"
+        )
     if ig_steps != 5 and "eap-ig" not in methods:
         raise ValueError(
             f"ig_steps={ig_steps!r} is the interpolation steps of eap-ig, which methods={list(methods)!r} does not "
@@ -453,7 +466,10 @@ def run_circuit_demo(
                 "key_composition_in_top_5pct": res["key_composition_in_top_5pct"],
             }
         else:
-            model = _upcast(model_dir, load_model_dir(model_dir, argument=model_argument), model_argument)
+            from ..cli import _quiet_transformers
+
+            with _quiet_transformers(quiet):  # transformers' bar of loading the weights too
+                model = _upcast(model_dir, load_model_dir(model_dir, argument=model_argument), model_argument)
             clean, corr, metric, ablation = user_prompts(model, tokens, corrupted)
             say(f"loaded {model_dir} and {clean.shape[0]} prompts of {clean.shape[1]} tokens")
             pp = False if per_position is None else per_position
@@ -643,7 +659,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--per-position",
         choices=["auto", "yes", "no"],
         default="auto",
-        help="one edge per position (yes), one per node pair (no), or the task's choice (auto)",
+        help="one edge per position (yes), one per node pair (no), or the task's choice (auto: yes on the "
+        "built-in task, no with --model)",
     )
     p.add_argument(
         "--seed",
