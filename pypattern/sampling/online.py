@@ -86,6 +86,9 @@ class OnlineLLCResult(Saveable):
     ----------
     step : ndarray of int ``(num_estimates,)``
     llc_mean, llc_std, r_hat : ndarray ``(num_estimates,)``
+    llc_se : ndarray ``(num_estimates,)``
+        The standard error of each ``llc_mean`` (:func:`pypattern.estimate_llc`'s ``llc_se``; NaN in a file
+        written without it).
     init_loss : ndarray ``(num_estimates,)``
         ``L_n(w*)`` at each estimate (the training loss on the LLC's data).
     train_loss : ndarray ``(num_estimates,)``
@@ -100,6 +103,7 @@ class OnlineLLCResult(Saveable):
     llc_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     llc_std: np.ndarray = field(default_factory=lambda: np.zeros(0))
     r_hat: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    llc_se: np.ndarray = field(default_factory=lambda: np.zeros(0))
     init_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     train_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     refined: dict = field(default_factory=dict)
@@ -112,7 +116,9 @@ class OnlineLLCResult(Saveable):
             raise ValueError(
                 f"refined must be a dict of component name (str) to array, got {self.refined!r:.80}"
             )
-        keys = ("step", "llc_mean", "llc_std", "r_hat", "init_loss", "train_loss")
+        if isinstance(self.llc_se, np.ndarray) and self.llc_se.size == 0 and np.size(self.step) > 0:
+            self.llc_se = np.full(np.size(self.step), np.nan)  # a file written without standard errors
+        keys = ("step", "llc_mean", "llc_std", "llc_se", "r_hat", "init_loss", "train_loss")
         curves = {f"refined[{k!r}]": v for k, v in self.refined.items()}
         check_arrays(
             {**{k: getattr(self, k) for k in keys}, **curves},
@@ -126,6 +132,7 @@ class OnlineLLCResult(Saveable):
             "step": self.step,
             "llc_mean": self.llc_mean,
             "llc_std": self.llc_std,
+            "llc_se": self.llc_se,
             "r_hat": self.r_hat,
             "init_loss": self.init_loss,
             "train_loss": self.train_loss,
@@ -317,7 +324,7 @@ class OnlineLLC:
             return None
         if loss is not None:
             try:
-                loss = float(loss)
+                loss = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(
                     f"OnlineLLC: loss must be a number (the training loss at this step) or None, got {loss!r:.80}"
@@ -341,7 +348,9 @@ class OnlineLLC:
         if self.components is None:
             r = estimate_llc(model, self.loader, **kw)
             config = r.sample.config
-            row.update(llc_mean=r.llc_mean, llc_std=r.llc_std, r_hat=r.r_hat, init_loss=r.init_loss)
+            row.update(
+                llc_mean=r.llc_mean, llc_std=r.llc_std, llc_se=r.llc_se, r_hat=r.r_hat, init_loss=r.init_loss
+            )
         else:
             from .refined import refined_llc
 
@@ -350,6 +359,7 @@ class OnlineLLC:
             row.update(
                 llc_mean=float(res.llc_mean[0]),
                 llc_std=float(res.llc_std[0]),
+                llc_se=float(res.llc_se[0]) if len(res.llc_se) else float("nan"),
                 r_hat=float(res.r_hat[0]),
                 init_loss=float(res.init_loss[0]),
                 refined={c: float(v) for c, v in zip(res.component[1:], res.llc_mean[1:], strict=True)},
@@ -373,6 +383,7 @@ class OnlineLLC:
             step=np.array([r["step"] for r in rows], dtype=np.int64),
             llc_mean=np.array([r["llc_mean"] for r in rows], dtype=np.float64),
             llc_std=np.array([r["llc_std"] for r in rows], dtype=np.float64),
+            llc_se=np.array([r["llc_se"] for r in rows], dtype=np.float64),
             r_hat=np.array([r["r_hat"] for r in rows], dtype=np.float64),
             init_loss=np.array([r["init_loss"] for r in rows], dtype=np.float64),
             train_loss=np.array([r["train_loss"] for r in rows], dtype=np.float64),
