@@ -220,6 +220,8 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
     partners = [] if modules is None else _tied_partners(model, named)
     partner_ids = {id(m) for _, m in partners}
     for n, m in named + partners:
+        if _computed_weights(n, m):  # parametrized, all of its parameters frozen: nothing to cover
+            continue
         if isinstance(m, nn.Linear):
             bias = _pname(n, "bias") if m.bias is not None and id(m) not in partner_ids else None
             sites.append(GramSite(n, "linear", (_pname(n, "weight"), bias), (n, "output"), (n, "input")))
@@ -249,6 +251,25 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
                 GramSite(n, "layernorm", (_pname(n, "weight"), bias), (n, "output"), (n, "input"), eps=m.eps)
             )
     return _tie_embeddings(model, sites)
+
+
+def _computed_weights(name: str, m: nn.Module) -> bool:
+    """Whether ``m``'s weight or bias is computed from other parameters (``torch.nn.utils.parametrize``,
+    ``weight_norm``, ``spectral_norm``) rather than a parameter of its own; raises when any of those parameters is
+    trainable: the site's per-sample gradient would be that of the computed tensor, not of the parameters."""
+    computed = [a for a in ("weight", "bias") if getattr(m, a, None) is not None and a not in m._parameters]
+    if not computed:
+        return False
+    trainable = [_pname(name, k) for k, p in m.named_parameters() if p.requires_grad]
+    if trainable:
+        raise NotImplementedError(
+            f"{name or 'model'}: the {' and '.join(computed)} of this {type(m).__name__} is computed from other "
+            "parameters (torch.nn.utils.parametrize, weight_norm or spectral_norm), not a parameter of its own: "
+            f"its site cannot give the per-sample gradients of its trainable parameters ({trainable[:4]}"
+            f"{' ...' if len(trainable) > 4 else ''}); freeze them (requires_grad_(False)), or use "
+            "pypattern.gram.per_sample_grad_gram_reference"
+        )
+    return True
 
 
 def _embedding_scale(name: str, m: nn.Embedding) -> float | None:
@@ -773,7 +794,8 @@ def _verification_key(sites, params, loss_fn, inputs, model) -> tuple:
     """What a passed check of :func:`per_sample_grad_gram` depends on besides the values: the sites and their
     parameters, ``loss_fn``'s code, the shapes, dtypes and devices of the inputs' tensors (also inside a mapping
     such as a Hugging Face batch, or a tuple; a model may compute otherwise on a GPU: a fused kernel that runs no
-    module hook), the model's training mode and its hooks."""
+    module hook), the training mode of every module (a batch norm switched to training mode alone mixes the
+    samples) and the modules' hooks."""
     fn = getattr(loss_fn, "__func__", loss_fn)
     code = getattr(fn, "__code__", None)
     shapes = tuple(_input_signature(x) for x in inputs)
@@ -785,7 +807,7 @@ def _verification_key(sites, params, loss_fn, inputs, model) -> tuple:
         tuple(sorted(params)),
         code if code is not None else id(loss_fn),
         shapes,
-        model.training,
+        tuple(m.training for m in model.modules()),
         hooks,
     )
 
@@ -909,6 +931,17 @@ def _check_capture(model, sites, params, result, total_grads, i, single_grads, l
         if also:
             line += f"; the same tensor is also {also}"
         lines.append(line)
+    mixing = [
+        n or type(m).__name__
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+    ]
+    if mixing:  # samples mixed by a batch norm: named, as no site's description can mend it
+        lines.append(
+            f"the model mixes the samples: {mixing[:4]}{' ...' if len(mixing) > 4 else ''} normalise with the "
+            "batch's statistics (a batch norm in training mode, or without running statistics), so each loss "
+            "depends on every sample; run it in eval() mode (running statistics)"
+        )
     raise ValueError(
         "sites / modules: the per-sample gradients captured at the sites do not account for the gradient of their "
         "parameters (expected the captured per-sample gradients to sum to the parameters' gradient of sum_i l_i "
@@ -1004,9 +1037,9 @@ def per_sample_grad_gram(
     check : {"once", True, False}
         Verify that the captured per-sample gradients account for the covered parameters' gradients, and raise
         ``ValueError`` naming the sites where they do not: ``True`` on every call; ``"once"`` (default) on the
-        first call for a model with the same sites, ``loss_fn`` (its code), input shapes and dtypes and training
-        mode, and not again once that call passed (what it catches depends on how the model and ``loss_fn``
-        compute, not on the values); ``False`` never. Per site, ``1^T G 1`` (the squared norm
+        first call for a model with the same sites, ``loss_fn`` (its code), input shapes and dtypes and every
+        module's training mode, and not again once that call passed (what it catches depends on how the model
+        and ``loss_fn`` compute, not on the values); ``False`` never. Per site, ``1^T G 1`` (the squared norm
         of the summed per-sample gradients) must equal ``||grad sum_i l_i||^2`` over its parameters, and one
         diagonal entry ``G[i, i]`` must equal ``||grad l_i||^2`` (``i`` the sample of the largest ``|l_i|``),
         to 1e-9 relative in float64 and 1e-4 in float32. This catches a use of a covered parameter the hooks do
