@@ -68,10 +68,10 @@ class HookPoint(nn.Module):
         entry = _as_called(fn)
         if dir == "bwd":
             entry = _on_gradient(entry)
-        if is_permanent or dir == "bwd" or level is not None:
-            if entry is fn:  # a wrapper carries the flags (the caller's function is left untouched)
-                entry = _forward_to(fn)
-            entry._pp_dir, entry._pp_permanent, entry._pp_level = dir, bool(is_permanent), level
+        # a wrapper of its own: it carries the flags, and remove() takes off this registration only
+        if entry is fn:
+            entry = _forward_to(fn)
+        entry._pp_dir, entry._pp_permanent, entry._pp_level = dir, bool(is_permanent), level
         if prepend:
             self._fns.insert(0, entry)
         else:
@@ -97,11 +97,9 @@ class HookPoint(nn.Module):
         def removed(f: Callable) -> bool:
             if dir not in ("both", getattr(f, "_pp_dir", "fwd")):
                 return False
-            if including_permanent:
-                return True
-            return not getattr(f, "_pp_permanent", False) and (
-                level is None or getattr(f, "_pp_level", None) == level
-            )
+            if getattr(f, "_pp_permanent", False) and not including_permanent:
+                return False
+            return level is None or getattr(f, "_pp_level", None) == level
 
         self._fns[:] = [f for f in self._fns if not removed(f)]
 
@@ -118,11 +116,8 @@ class HookPoint(nn.Module):
         return bool(self._fns)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fns = self._fns
-        if any(getattr(f, "_pp_dir", "fwd") == "bwd" for f in fns):  # on the final activation's gradient
-            fns = [f for f in fns if getattr(f, "_pp_dir", "fwd") != "bwd"] + [
-                f for f in fns if getattr(f, "_pp_dir", "fwd") == "bwd"
-            ]
+        fns = [f for f in self._fns if getattr(f, "_pp_dir", "fwd") != "bwd"]
+        on_grad = [f._pp_on_grad for f in self._fns if getattr(f, "_pp_dir", "fwd") == "bwd"]
         for fn in fns:
             out = fn(x, self)
             if out is not None:
@@ -137,6 +132,29 @@ class HookPoint(nn.Module):
                         f"activation of shape {tuple(x.shape)}; a replacement must have the activation's shape"
                     )
                 x = out
+        if on_grad and isinstance(x, torch.Tensor) and x.requires_grad:
+            # on the final activation's gradient: one view (a hook on the activation itself would stay on it after
+            # the forward), the functions in the order attached, each given the incoming gradient; the last tensor
+            # returned replaces it (TransformerLens' full backward hooks)
+            hp = self
+
+            def grad_hook(g: torch.Tensor) -> torch.Tensor | None:
+                new = None
+                for f in on_grad:
+                    r = f(g, hp)
+                    if isinstance(r, tuple) and len(r) == 1:  # TransformerLens also takes (grad,)
+                        r = r[0]
+                    if r is not None:
+                        if not isinstance(r, torch.Tensor) or r.shape != g.shape:
+                            raise TypeError(
+                                f"a backward hook function on {hp.name!r} returned {_describe(r)} for a gradient "
+                                f"of shape {tuple(g.shape)}; return None or a tensor (or (tensor,)) of that shape"
+                            )
+                        new = r
+                return new
+
+            x = x.view_as(x)
+            x.register_hook(grad_hook)
         return x
 
     def extra_repr(self) -> str:
@@ -179,22 +197,13 @@ def _forward_to(fn: Callable) -> Callable:
 
 
 def _on_gradient(fn: Callable) -> Callable:
-    """A forward function that attaches ``fn`` to the gradient of the activation it sees (``fn(grad, hook)``, a
-    tensor returned replaces the gradient). It returns an identity view of the activation carrying the hook: a
-    hook registered on the activation itself would stay on it after the forward, and the activation may be a
-    tensor that outlives it (a patch a forward function returned)."""
+    """An entry of :attr:`HookPoint._fns` for the backward function ``fn`` (called as ``fn(grad, hook)``): does
+    nothing in the forward; :meth:`HookPoint.forward` attaches ``fn`` to the final activation's gradient."""
 
-    def entry(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-
-            def on_grad(g: torch.Tensor) -> torch.Tensor | None:
-                return fn(g, hook)
-
-            y = x.view_as(x)
-            y.register_hook(on_grad)
-            return y
+    def entry(x: torch.Tensor, hook: HookPoint) -> None:
         return None
 
+    entry._pp_on_grad = fn
     return entry
 
 
