@@ -67,6 +67,7 @@ bench-peers: setup
 test-peers: setup
 	bash bench/envs/tl.sh
 	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/tl/bin/python -m pytest -q tests/test_convert.py tests/test_tl_models_audit.py -k "transformer_lens or bridge or tl" -p no:cacheprovider
+	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/tl/bin/python -m pytest -q tests/test_hook_api_parity_audit.py -p no:cacheprovider
 	bash bench/envs/autocircuit.sh
 	OMP_NUM_THREADS=1 PYTHONPATH=. .bench-venvs/autocircuit/bin/python -m pytest -q tests/test_hooked_transformer.py tests/test_hooked_transformer_configs.py tests/test_readme_names_and_tl_walkthrough.py -p no:cacheprovider
 
