@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from itertools import islice
 
 import torch
@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .._training import buffers_kept, eval_mode_if_random
+from ..sampling.data import to_device
 from ..sampling.llc import criterion_evaluate, default_nbeta, on_device, resolve_device
 from ..sampling.runner import split_loss
 
@@ -42,17 +43,6 @@ evaluate_ce = make_evaluate(F.cross_entropy)
 evaluate_mse = make_evaluate(F.mse_loss)
 
 
-def _to(data, device: torch.device):
-    """``data`` (a tensor, or mappings / tuples / lists of them) with its tensors on ``device``."""
-    if isinstance(data, torch.Tensor):
-        return data.to(device)
-    if isinstance(data, Mapping):
-        return type(data)({k: _to(v, device) for k, v in data.items()})
-    if isinstance(data, tuple | list):
-        return type(data)(_to(v, device) for v in data)
-    return data
-
-
 def _batches(dataloader, seed, what: str) -> Iterable:
     """The batches to score: with a ``seed``, those of a loader over the same data set and batch size that reads
     the data set in order (devinterp's seeded loader, which does not shuffle); else ``dataloader``'s own."""
@@ -80,7 +70,7 @@ def _mean_loss(batches: Iterable, model, evaluate: Callable, device, what: str, 
     total, count = 0.0, 0
     with torch.no_grad(), buffers_kept(m), eval_mode_if_random(m, f"{what} runs it"):
         for data in batches if limit is None else islice(batches, limit):
-            total += float(split_loss(evaluate(m, _to(data, dev)), "evaluate").detach())
+            total += float(split_loss(evaluate(m, to_device(data, dev)), "evaluate").detach())
             count += 1
     if count == 0:
         raise ValueError(f"{what}: the dataloader gave no batch")
