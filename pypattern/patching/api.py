@@ -26,6 +26,7 @@ from .corruptions import (
     embedding_noise_hook,
     masked_mean,
     mean_mask,
+    position_axis,
 )
 from .engine import ExactEngine, bytes_per_cell, metric_of_rows, truncate_cache, unembed_rows
 from .metrics import (
@@ -478,9 +479,7 @@ def prepare_runs(
             # per position (a pattern's: the query position), over the prompts real there given a mask
             mask = corruption.attention_mask
             source = {
-                n: masked_mean(ref[n], mask, 0, 2 if n.endswith("hook_pattern") else 1).expand_as(
-                    clean_cache[n]
-                )
+                n: masked_mean(ref[n], mask, 0, position_axis(n)).expand_as(clean_cache[n])
                 for n in site_hooks
             }
         else:

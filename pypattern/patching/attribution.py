@@ -53,6 +53,7 @@ from .corruptions import (
     ZeroAblation,
     embedding_noise_hook,
     masked_mean,
+    position_axis,
 )
 from .metrics import (
     KL,
@@ -587,7 +588,7 @@ def _mean_activations(model, corruption, clean_tokens, max_batch: int, kw: dict)
             s = x.sum(0, keepdim=True)
         else:  # the part's masked mean times its real prompts per position (0 where none is)
             m = mask[part[0]]
-            pd = _pos_dim(hook.name)
+            pd = position_axis(hook.name)
             w = m.sum(0).to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
             shape = [1] * x.dim()
             shape[pd] = w.shape[0]
@@ -603,16 +604,10 @@ def _mean_activations(model, corruption, clean_tokens, max_batch: int, kw: dict)
     out = {}
     for n, t in sums.items():
         shape = [1] * t.dim()
-        shape[_pos_dim(n)] = counts.shape[0]
+        shape[position_axis(n)] = counts.shape[0]
         c = counts.to(device=t.device, dtype=t.dtype).clamp(min=1).view(shape)
         out[n] = (t / c).to(dtypes[n])
     return out
-
-
-def _pos_dim(name: str) -> int:
-    """The position axis of hook ``name``'s activation: the query axis of an attention pattern or its scores
-    ``(batch, head, query, key)``, else 1 (``(batch, pos, ...)``)."""
-    return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
 
 
 def _mean_mask(corruption, ref: torch.Tensor) -> torch.Tensor | None:
@@ -814,7 +809,7 @@ def _atp(
                     _, ref = cache_run(corruption.reference_tokens, None, rows=False)
                 # over the prompts real at each position, given the ablation's mask
                 mask = getattr(corruption, "attention_mask", None)
-                means = {n: masked_mean(ref[n], mask, 0, _pos_dim(n)) for n in names}
+                means = {n: masked_mean(ref[n], mask, 0, position_axis(n)) for n in names}
             src_cache = {n: means[n].expand_as(tgt_cache[n]) for n in names}
         else:  # the corrupted run (forward 1 of noising)
             m_corr = (vals[0] if vals is not None else metric(src_logits)).detach()

@@ -286,6 +286,12 @@ def mean_mask(mask, argument: str, shape: tuple | None = None) -> torch.Tensor:
     return m
 
 
+def position_axis(name: str) -> int:
+    """The position axis of hook ``name``'s activation, the one a per-position mean is taken along: the query axis
+    of an attention pattern or its scores ``(batch, head, query, key)``, else 1 (``(batch, pos, ...)``)."""
+    return 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, batch_dim: int, pos_dim: int) -> torch.Tensor:
     """The mean of ``x`` over ``batch_dim`` (kept, of size 1), over the prompts ``mask (batch, pos)`` (bool) says
     are real at each position of ``pos_dim``: 0 where none is; the plain mean without a mask or with every entry
