@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._training import buffers_kept
 from .checkpoint import State
 from .diagnostics import NonFiniteLossError, SamplingDivergedError, user_stacklevel
 from .plan import RunPlan
@@ -315,13 +316,13 @@ class RunContext:
                 return
             self.gradients_checked = True
         kept = {n: p.detach().clone() for n, p in missing}
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
 
         def changed(which) -> tuple[float, float] | None:
-            """The loss before and after a small random change of ``which``, restored afterwards."""
+            """The loss before and after a small random change of ``which``, restored afterwards (the buffers
+            too)."""
             g = torch.Generator(device="cpu").manual_seed(0)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), buffers_kept(model):
                     before = loss_at()
                     for _, p in which:
                         step = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
@@ -333,9 +334,6 @@ class RunContext:
                 with torch.no_grad():
                     for n, p in which:
                         p.copy_(kept[n])
-                    for n, b in model.named_buffers():
-                        if n in buffers:
-                            b.copy_(buffers[n])
             if not (math.isfinite(before) and math.isfinite(after)) or after == before:
                 return None
             return before, after
