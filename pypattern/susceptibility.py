@@ -648,7 +648,7 @@ def _probe_losses_at_w_star(model: nn.Module, probe, per_sample_loss_fn: Callabl
     """The probe's per-sample (or per-token) losses at ``w*``, ``losses_of(model)``, with the probe and what
     ``per_sample_loss_fn`` returned checked first, errors naming them: a probe the default loss cannot read (a float,
     3-D or out-of-vocabulary token tensor), and fewer values than probe samples (a batch mean or sum)."""
-    library = per_sample_loss_fn in (per_sample_losses, probe_losses, sample_losses)
+    library = _library_losses(per_sample_loss_fn)
     if library:
         check_batch(model, probe, "probe")
     try:
@@ -772,6 +772,11 @@ def _naming_rows_without_counted(loader, losses_at: Callable | None):
 
 
 _DEFAULT_TOKEN_LOSSES = (per_sample_losses, probe_losses)
+
+
+def _library_losses(fn) -> bool:
+    """Whether ``fn`` is one of pypattern's per-sample loss functions (no code of the caller's)."""
+    return fn in (*_DEFAULT_TOKEN_LOSSES, sample_losses)
 
 
 def _chain_loss(per_sample_loss_fn: Callable) -> Callable:
@@ -1028,11 +1033,6 @@ def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
     ):  # by name (settings and checkpoint fingerprints hold plain values); SGLD is the default
         kw["sampler"] = name
     return kw
-
-
-def _library_losses(fn) -> bool:
-    """Whether ``fn`` is one of pypattern's per-sample loss functions (no code of the caller's)."""
-    return fn in (per_sample_losses, probe_losses, sample_losses)
 
 
 def _bridge_converted(model, call: str, custom: bool):
