@@ -135,12 +135,6 @@ def test_make_targets_documents_and_paths_the_readme_names_exist():
     assert (ROOT / ".ci" / "check_cuda.sh").is_file()
 
 
-def test_readme_speaks_of_the_project_only():
-    text = README.read_text().lower()
-    for word in ("session", "this machine"):
-        assert not re.search(rf"\b{word}\b", text), word
-
-
 def _ioi():
     task = pp.IOITask()
     net = pp.Transformer(task.model_config(seed=0, dtype=torch.float64))
