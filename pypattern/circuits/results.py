@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import io
+from .._checks import is_count, is_real
 from .._plotting import figure_axes, finish
 from ..sampling.results import check_arrays
 from .graph import Edge, EdgeGraph, check_graph_arg
@@ -105,16 +106,6 @@ def _number(v) -> float | None:
     if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_):
         return float(v)
     raise TypeError(f"faithfulness={_short_text(v)} cannot be saved; give a real number or None")
-
-
-def _is_count(v) -> bool:
-    """Whether ``v`` is an int >= 0 (a Python or NumPy integer, not a bool)."""
-    return isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 0
-
-
-def _real_number(v) -> bool:
-    """Whether ``v`` is a real number (not a bool)."""
-    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
 
 
 #: what :func:`~pypattern.circuits.acdc` records of its run in a circuit's ``info`` (numbers)
@@ -535,12 +526,12 @@ class Circuit:
             )
         info = self.info if isinstance(self.info, dict) else {}
         n = info.get("n")
-        if _is_count(n) and int(n) != len(self):
+        if is_count(n) and n >= 0 and int(n) != len(self):
             raise ValueError(
                 f"info['n']={n!r} records the circuit's number of edges, but its mask holds {len(self)}; drop the "
                 "record (circuit.info = {}) to keep a changed circuit"
             )
-        if self.method == "acdc" and all(_real_number(info.get(k)) for k in _ACDC_RECORD):
+        if self.method == "acdc" and all(is_real(info.get(k)) for k in _ACDC_RECORD):
             self._check_acdc_record(info, f)
 
     def _check_acdc_record(self, info: dict, f: float | None) -> None:
@@ -575,7 +566,9 @@ class Circuit:
             )
         untested = info.get("num_untested")
         zero_removed = int((~self.mask & (drop == 0)).sum())
-        if untested is not None and (not _is_count(untested) or int(untested) > zero_removed):
+        if untested is not None and (
+            not (is_count(untested) and untested >= 0) or int(untested) > zero_removed
+        ):
             raise ValueError(
                 f"info['num_untested']={untested!r} is not valid: the edges removed untested keep a drop of 0, and "
                 f"{zero_removed} removed edges have one"
