@@ -52,6 +52,7 @@ from .ridge import _fit_size, as_float64
 
 __all__ = [
     "linear_cka",
+    "rbf_cka",
     "hsic",
     "u_center",
     "cka_matrix",
@@ -330,6 +331,57 @@ def linear_cka(x, y, *, debiased: bool = True, dtype: torch.dtype = torch.float6
     xy, xx, yy = _hsic_all([x], [y], debiased, "auto", inplace=True)
     xx, yy = _zero_constant(xx, const_x), _zero_constant(yy, const_y)
     return float(_cka_from_hsic(xy[0, 0], xx[0], yy[0]))
+
+
+def _rbf_gram(x: torch.Tensor, threshold: float, name: str) -> torch.Tensor:
+    """``exp(-|x_i - x_j|^2 / (2 threshold^2 m))``, ``m`` the median of the squared distances of all ``n^2`` pairs
+    (the diagonal's zeros included, as Kornblith et al. take it). A median of 0 with samples that differ (more than
+    half of the pairs identical) has no bandwidth: refused naming ``name``."""
+    xc = _center_columns(_unit_scale(x))  # distances do not change; the squared norms stay in range
+    sq = (xc * xc).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2.0 * (xc @ xc.T)).clamp_min_(0.0)
+    d.diagonal().zero_()
+    d = (d + d.T) / 2  # exactly symmetric
+    v, m = d.flatten().sort().values, d.numel()
+    med = float(v[m // 2]) if m % 2 else float((v[m // 2 - 1] + v[m // 2]) / 2)  # numpy's median
+    if not med > 0:
+        raise ValueError(
+            f"{name}: the median squared distance between its samples is 0 (more than half of the pairs of samples "
+            "are identical), so the RBF bandwidth threshold * median is 0; give samples that differ more, or use "
+            "linear_cka"
+        )
+    return torch.exp(-d / (2.0 * threshold**2 * med))
+
+
+def rbf_cka(x, y, *, threshold: float = 1.0, debiased: bool = True) -> float:
+    """CKA with Gaussian (RBF) kernels (Kornblith et al. 2019): ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` with
+    ``K_ij = exp(-|x_i - x_j|^2 / (2 sigma^2))``, ``sigma^2 = threshold^2`` times the median squared distance
+    between the samples of ``x`` (median over all ``n^2`` pairs, the zero diagonal included, as in Kornblith et
+    al.'s code), and ``L`` likewise for ``y``.
+
+    ``debiased=True`` (default) uses the unbiased HSIC (``n >= 4``), ``False`` the biased ``tr(K H L H)``
+    (``n >= 2``). Invariant to rotations, translations and isotropic scaling of either representation (the
+    bandwidth follows the scale). Returns NaN when a representation is constant over the samples (as
+    :func:`linear_cka`); a representation with more than half of its pairs of samples identical (median distance
+    0) is refused.
+    """
+    _check_flag(debiased, "debiased")
+    if (
+        isinstance(threshold, bool | np.bool_)
+        or not isinstance(threshold, int | float | np.integer | np.floating)
+        or not (0 < threshold < math.inf)
+    ):
+        raise ValueError(
+            f"threshold={threshold!r} is not valid; give a finite number > 0 (a fraction of the median)"
+        )
+    x = _as_features(x, "x", _min_samples(debiased))
+    y = _as_features(y, "y", _min_samples(debiased))
+    _check_pair(x, y)
+    if _is_constant(x) or _is_constant(y):
+        return math.nan
+    k, l = _rbf_gram(x, float(threshold), "x"), _rbf_gram(y, float(threshold), "y")  # noqa: E741
+    xy, xx, yy = hsic(k, l, debiased=debiased), hsic(k, k, debiased=debiased), hsic(l, l, debiased=debiased)
+    return float(_cka_from_hsic(xy, xx, yy))
 
 
 # ------------------------------------------------------------------------------------------------ all pairs
@@ -916,6 +968,14 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     ``R^2 = 1 - SSE / SST`` pooled over all of ``y``'s columns (high-variance directions count more). The
     penalty is ``alpha`` times the mean eigenvalue of the centred training features' scatter matrix ``X^T X``
     (so ``alpha`` does not depend on the scale of ``x``). Not symmetric in ``x`` and ``y``.
+
+    Invariant (up to rounding) to ``x -> s x Q + c`` and ``y -> t y R + e`` for orthogonal ``Q``, ``R``, nonzero
+    scalars ``s``, ``t`` and offsets ``c``, ``e``: the penalty ``||B||^2`` and the mean eigenvalue do not change
+    under ``Q``, the penalty scales with ``s^2`` as the scatter does, and the pooled sums of squares do not change
+    under ``R``. Not invariant to other linear maps of either side (e.g. columns scaled differently), nor to
+    appending a constant column to ``x``: it adds a zero eigenvalue, which lowers the mean eigenvalue and so the
+    penalty. (:func:`ridge_similarity_cv`, the authors' similarity, has absolute penalties and averages the
+    columns' R^2 uniformly: it is invariant to neither a scaling of ``x`` nor a rotation of ``y``.)
 
     A ``y`` with no variance to predict (constant over the samples, or over the held-out ones of the split, up to
     rounding) has no R^2: NaN is returned, with a ``RuntimeWarning`` saying which (as :func:`linear_cka` is NaN

@@ -39,8 +39,9 @@ Reading the results
   basis, such as a rotation of a model's residual stream): a rotated copy of a model is no more distinguishable from
   it than the model from itself. The ridge similarity (held-out ``R^2`` averaged uniformly over ``y``'s columns, as
   in the authors' code) does change when the target is rotated, so an exact reparameterisation of a model can
-  read as distinguishable from it under ``"ridge"``, more often as ``num_trials`` grows; permuting heads or
-  neurons leaves the residual stream itself unchanged and so every measure.
+  read as distinguishable from it under ``"ridge"``, more often as ``num_trials`` grows
+  (``multioutput="variance_weighted"``, the pooled R^2, is invariant to it); permuting heads or neurons leaves the
+  residual stream itself unchanged and so every measure.
 * With ``p = 1`` the bound ``p - z sqrt(p (1 - p) / num_trials)`` is ``1`` whatever ``num_trials``: a single trial
   that is won counts as a positive repeat. Use the authors' 20 trials (or more) to read the grid.
 """
@@ -288,6 +289,7 @@ def similarity(
     seed: int,
     train_fraction: float | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
+    multioutput: str = "uniform_average",
 ) -> list[float]:
     """``s(x -> y)`` for each ``y`` in ``ys`` with one random split drawn from ``seed`` (see the module
     docstring); larger is closer. A similarity that is not finite (a constant representation) raises
@@ -295,6 +297,10 @@ def similarity(
 
     ``train_fraction``: the fraction of the inputs the ridge fit is made on (the rest score it), or that CKA and
     Procrustes are computed on; ``None`` (default) is 90%, for ridge holding out at least 6 inputs (see
+    :func:`~pypattern.ridge.ridge_similarity_cv`).
+
+    ``multioutput`` (ridge only): ``"uniform_average"`` (the authors' mean of the columns' held-out R^2) or
+    ``"variance_weighted"`` (the pooled R^2, invariant to a rotation of the target; see
     :func:`~pypattern.ridge.ridge_similarity_cv`)."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
@@ -313,7 +319,9 @@ def similarity(
             raise ValueError(
                 f"ys[{i}] must have shape (num_samples, features...), got shape {tuple(y.shape)}"
             )
-    out = _similarity(measure, x, ys, seed=seed, train_fraction=train_fraction, alphas=alphas)
+    out = _similarity(
+        measure, x, ys, seed=seed, train_fraction=train_fraction, alphas=alphas, multioutput=multioutput
+    )
     bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
     if bad:
         raise ValueError(
@@ -330,9 +338,15 @@ def similarity(
     return out
 
 
-def _similarity(measure, x, ys, *, seed, train_fraction, alphas) -> list[float]:
+def _similarity(
+    measure, x, ys, *, seed, train_fraction, alphas, multioutput="uniform_average"
+) -> list[float]:
     if measure == "ridge":
-        return list(ridge_similarity_cv(x, list(ys), alphas=alphas, train_fraction=train_fraction, seed=seed))
+        return list(
+            ridge_similarity_cv(
+                x, list(ys), alphas=alphas, train_fraction=train_fraction, seed=seed, multioutput=multioutput
+            )
+        )
     for i, y in enumerate(ys):
         if getattr(y, "shape", (None,))[0] != x.shape[0]:
             raise ValueError(

@@ -451,6 +451,19 @@ def _uniform_r2(y_te: torch.Tensor, pred: torch.Tensor) -> float:
     return float((1.0 - sse[ok] / sst[ok]).mean())
 
 
+def _pooled_r2(y_te: torch.Tensor, pred: torch.Tensor) -> float:
+    """``1 - sum SSE / sum SST`` over every column of the held-out rows (the R^2 of the columns weighted by their
+    variance, scikit-learn's ``multioutput="variance_weighted"``): unchanged by an orthogonal map of the target,
+    under which both sums are. NaN when no column varies (see :func:`_varying_columns`)."""
+    sst, ok = _varying_columns(y_te)
+    if not bool(ok.any()):
+        return math.nan
+    return float(1.0 - ((y_te - pred) ** 2).sum() / sst.sum())
+
+
+MULTIOUTPUT = ("uniform_average", "variance_weighted")
+
+
 def warn_constant_target(fn: str, name: str, everywhere: bool, num_held_out: int) -> None:
     """Warn that the ridge similarity ``fn`` returns NaN because the target ``name`` has no variance to predict:
     constant over all the samples (``everywhere``) or only over the ``num_held_out`` held-out ones the split
@@ -483,11 +496,32 @@ def ridge_similarity_cv(
     train_fraction: float | None = None,
     seed: int = 0,
     sqrt: bool = True,
+    multioutput: str = "uniform_average",
 ) -> float | list[float]:
     """The ridge similarity ``s(x -> y)`` of the authors' released code: ridge from ``x`` to ``y`` with an
     intercept, the penalty chosen from ``alphas`` by efficient LOO on a random ``train_fraction`` of the samples
     (default 90%, holding out at least 6), scored by the held-out ``R^2`` averaged uniformly over ``y``'s columns;
     ``sqrt(max(R^2, 0))`` with ``sqrt`` (else ``R^2`` itself). Not symmetric.
+
+    Invariances (exact, up to rounding), by the definition:
+
+    * ``x -> x Q + c`` for any orthogonal ``Q`` and offset ``c``: the penalty ``||B||^2`` is unchanged by an
+      orthogonal map of the predictors and the intercept is not penalised, so the predictions are the same.
+    * ``y -> s y + c`` for any ``s != 0`` and offset ``c``: each column's R^2 is unchanged, and so is the penalty
+      chosen (the leave-one-out criterion is multiplied by ``s^2``).
+
+    Not invariant:
+
+    * ``y -> y Q`` (a rotation of the target): the predictions rotate with it, but the uniform average of the
+      columns' R^2 (the authors' definition) is a mean of ratios, which a rotation changes: ``s(x -> y Q)``
+      differs from ``s(x -> y)`` in general (it does not for a permutation or sign flips of the columns).
+      ``multioutput="variance_weighted"`` scores the pooled ``R^2 = 1 - sum SSE / sum SST`` instead, which is
+      invariant to ``y -> y Q`` too.
+    * ``y -> y D`` with ``D`` diagonal (columns scaled differently): each column's R^2 at a fixed penalty is
+      unchanged, but the penalty is chosen by the leave-one-out residual summed over columns, which the scales
+      weigh (invariant when ``alphas`` holds one penalty).
+    * ``x -> s x``: the penalties are absolute (see ``alphas``); ``s x`` with penalty ``a`` is ``x`` with ``a /
+      s^2``.
 
     Parameters
     ----------
@@ -517,8 +551,15 @@ def ridge_similarity_cv(
     seed : int
         Draws the split.
     sqrt : bool
+    multioutput : ``"uniform_average"`` (default) or ``"variance_weighted"``
+        How the held-out R^2 of ``y``'s columns are combined: their mean (the authors' code; columns constant over
+        the held-out samples skipped), or ``1 - sum SSE / sum SST`` over all columns (each column's R^2 weighted by
+        its variance; invariant to a rotation of ``y``). The penalty is chosen the same way for both.
     """
     _check_flag(sqrt, "sqrt")
+    if not isinstance(multioutput, str) or multioutput not in MULTIOUTPUT:
+        raise ValueError(f"multioutput={multioutput!r} is not valid; choose one of {MULTIOUTPUT}")
+    score = _uniform_r2 if multioutput == "uniform_average" else _pooled_r2
     xf = _as_2d(x, "x")
     single = not isinstance(ys, (list, tuple))
     targets = [ys] if single else list(ys)
@@ -536,7 +577,7 @@ def ridge_similarity_cv(
     for i, y in enumerate(tf):
         # in the scaled units (exact powers of two) throughout: R^2 of each column does not change with them
         res, y_exp = solver._fit_scaled(y[tr], alphas, False)
-        r2 = _uniform_r2(_ldexp(y[te], -y_exp), x_te @ res.coef + res.intercept)
+        r2 = score(_ldexp(y[te], -y_exp), x_te @ res.coef + res.intercept)
         if math.isnan(r2):
             everywhere = not bool(_varying_columns(y)[1].any())
             warn_constant_target("ridge_similarity_cv", "ys" if single else f"ys[{i}]", everywhere, len(te))
