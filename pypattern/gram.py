@@ -16,6 +16,7 @@ it), the default for that model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import weakref
@@ -114,9 +115,7 @@ def _check_model(model, who: str) -> None:
         raise TypeError(
             f"{who}: model is a {type(model).__name__}; give the torch.nn.Module whose parameters to cover"
         )
-    from .models.convert import is_hooked_transformer, is_transformer_lens
-
-    if is_transformer_lens(model) and not is_hooked_transformer(model):
+    if _is_bridge(model):
         # a bridge names its parameters by the wrapped modules' own (through wrappers the sites cannot follow)
         raise ValueError(
             f"{who}: model is a TransformerLens bridge ({type(model).__name__}); convert it first, model = "
@@ -958,24 +957,121 @@ def _check_capture(model, sites, params, result, total_grads, i, single_grads, l
     )
 
 
-def _eval_forward(fn: Callable) -> Callable:
-    """``fn(model, ...)`` with ``model`` in eval mode for the call when its ``train()`` forward is random (dropout;
-    warned, every module's mode restored afterwards), as the estimators read it: a Gram of the gradients of one
-    random forward would change from call to call."""
+@contextlib.contextmanager
+def _checkpointing_off(model: nn.Module):
+    """``model`` without activation checkpointing for the block (Hugging Face's
+    ``model.gradient_checkpointing_enable()``: each module's ``gradient_checkpointing`` flag, and the forward hook
+    ``make_inputs_require_grads`` it puts on the input embedding), every flag and hook put back afterwards.
+
+    Checkpointing changes how the backward pass gets the activations (recomputed, not stored), not what the model
+    computes: the Gram is the same without it. Left on, ``torch.func`` cannot run the model (the hook's
+    ``requires_grad_()`` and a reentrant checkpoint are refused under ``vmap(grad)``), and a reentrant checkpoint
+    refuses ``torch.autograd.grad`` with respect to the activations the sites read."""
+    flags = [m for m in model.modules() if getattr(m, "gradient_checkpointing", None) is True]
+    hooked = []  # (a module's forward hooks, all of them in order) where Hugging Face's hook is one
+    for m in model.modules():
+        d = m._forward_hooks
+        if any(getattr(h, "__name__", None) == "make_inputs_require_grads" for h in d.values()):
+            hooked.append((d, list(d.items())))
+    try:
+        for m in flags:
+            m.gradient_checkpointing = False
+        for d, items in hooked:
+            for k, h in items:
+                if getattr(h, "__name__", None) == "make_inputs_require_grads":
+                    del d[k]
+        yield
+    finally:
+        for m in flags:
+            m.gradient_checkpointing = True
+        for d, items in hooked:  # the same dict, in its order (the handles hold a reference to it)
+            d.clear()
+            d.update(items)
+
+
+def _by_sample(rec: list, batch: int) -> tuple:
+    """``(tensor, its gradient)`` of a record whose leading size is ``k B`` (a module run on the batch's rows
+    flattened with the positions, ``(B T, ...)``, as OPT's MLP is) as ``(B, k, ...)``: sample-major rows, as
+    ``reshape(-1, d)`` of a ``(B, T, d)`` tensor lays them out (the check of :func:`per_sample_grad_gram` refuses
+    rows laid out otherwise)."""
+
+    def split(t):
+        return None if t is None else t.reshape(batch, t.shape[0] // batch, *t.shape[1:])
+
+    return split(rec[0].detach()), split(rec[1])
+
+
+def _own_lookup_ids(mod: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ids a learned positional embedding that computes them itself looks up (an ``nn.Embedding`` subclass
+    with an integer ``offset`` whose ``forward(attention_mask, cache_length, position_ids)`` looks up
+    ``position_ids + offset``, the positions from the mask's cumulative sum when not given: Hugging Face's OPT and
+    BioGPT); None for every other module (its first input is its ids)."""
+    if (
+        not isinstance(mod, nn.Embedding)
+        or type(mod).forward is nn.Embedding.forward
+        or not isinstance(getattr(mod, "offset", None), int)
+    ):
+        return None
+    import inspect
+
+    sig = inspect.signature(mod.forward)
+    names = list(sig.parameters)
+    if len(names) != 3 or names[2] != "position_ids":
+        return None
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    pos = bound.arguments["position_ids"]
+    if pos is None:
+        mask, cache = bound.arguments[names[0]], bound.arguments[names[1]]
+        if not torch.is_tensor(mask):
+            return None
+        pos = (torch.cumsum(mask, dim=1) * mask - 1).long()[:, int(cache or 0) :]
+    return pos.detach() + mod.offset
+
+
+def _is_bridge(model) -> bool:
+    """Whether ``model`` is a TransformerLens bridge (TransformerLens 4.x's ``TransformerBridge``): a module of
+    the ``transformer_lens`` package other than a ``HookedTransformer``, whose parameters carry the wrapped Hugging
+    Face modules' names rather than TransformerLens' component names."""
+    from .models.convert import is_hooked_transformer, is_transformer_lens
+
+    return isinstance(model, nn.Module) and is_transformer_lens(model) and not is_hooked_transformer(model)
+
+
+def _eval_mode_throughout(fn: Callable | None = None, *, context: Callable | None = None) -> Callable:
+    """Decorator: ``fn(model, ...)`` with ``model`` in eval mode for the whole call when its ``train()`` forward is
+    random (dropout; warned, every module's mode restored afterwards), as the estimators read it: a Gram of the
+    gradients of one random forward, or draws of one, would change from call to call.
+
+    ``context(model)`` gives the context manager that does it; default
+    :func:`pypattern._training.eval_mode_if_random`, whose warning says that ``fn`` runs the model so. Used bare
+    (``@_eval_mode_throughout``) or with ``context`` (``@_eval_mode_throughout(context=...)``)."""
     import functools
 
-    from ._training import eval_mode_if_random
+    def wrap(fn: Callable) -> Callable:
+        if context is None:
+            from ._training import eval_mode_if_random
 
-    @functools.wraps(fn)
-    def in_eval_mode(*args, **kwargs):
-        model = args[0] if args else kwargs.get("model")
-        with eval_mode_if_random(model, f"{fn.__name__} runs it"):
-            return fn(*args, **kwargs)
+            def enter(model):
+                return eval_mode_if_random(model, f"{fn.__name__} runs it")
+        else:
+            enter = context
 
-    return in_eval_mode
+        @functools.wraps(fn)
+        def in_eval_mode(*args, **kwargs):
+            model = args[0] if args else kwargs.get("model")
+            with enter(model):
+                return fn(*args, **kwargs)
+
+        return in_eval_mode
+
+    return wrap if fn is None else wrap(fn)
 
 
-@_eval_forward
+@_eval_mode_throughout
 @torch.enable_grad()  # gradients are what it computes: also called under torch.no_grad()
 def per_sample_grad_gram(
     model: nn.Module,
@@ -997,8 +1093,12 @@ def per_sample_grad_gram(
     input and output; one ``torch.autograd.grad`` of ``sum_i l_i`` gives the output gradients; the Gram of each
     site comes from :func:`grad_gram_linear` / :func:`grad_gram_embedding` (LayerNorm: its ``2 d`` per-sample
     gradients directly) and they are summed. A module called several times in one forward counts all its calls
-    (concatenated as extra positions, which is exact). Frozen parameters are left out. Parameters' ``.grad`` are
-    not touched.
+    (concatenated as extra positions, which is exact). A module run on the batch's rows flattened with the
+    positions, a captured tensor of leading size ``k B`` (OPT's MLP runs on ``(B T, d)``), is read as ``(B, k,
+    ...)``: sample-major rows, as ``reshape(-1, d)`` of a ``(B, T, d)`` tensor lays them out (``check`` refuses
+    rows laid out otherwise). Activation checkpointing (Hugging Face's ``gradient_checkpointing_enable()``) is
+    switched off for the call and back on afterwards: it changes how the backward pass gets the activations, not
+    the Gram. Frozen parameters are left out. Parameters' ``.grad`` are not touched.
 
     Parameters
     ----------
@@ -1057,7 +1157,8 @@ def per_sample_grad_gram(
     Returns
     -------
     Tensor ``(B, B)`` float64, or a dict of them (every site, a zero Gram for a site whose calls gave its
-    parameters no gradient or that recorded no call); ``(0, 0)`` for inputs of no sample.
+    parameters no gradient or that recorded no call); ``(0, 0)`` for inputs of no sample (every tensor of the
+    inputs of leading size 0: the model is not run).
     """
     if check not in (True, False, "once") or isinstance(check, int) and not isinstance(check, bool):
         raise ValueError(f"check={check!r} is not valid; give 'once', True or False")
@@ -1129,6 +1230,14 @@ def per_sample_grad_gram(
             f"loss_fn is a {type(loss_fn).__name__}, not callable; give loss_fn(model, *inputs) returning the "
             "per-sample losses (B,)"
         )
+    from .losses import batch_tensors
+
+    given = [t for x in inputs for t in batch_tensors(x) if t.dim() > 0]
+    if given and all(t.shape[0] == 0 for t in given):
+        # no sample: the (0, 0) Gram, as the reference gives, without running the model (a Hugging Face forward
+        # cannot reshape a batch of none)
+        empty = torch.zeros(0, 0, dtype=torch.float64, device=given[0].device)
+        return {st.name: empty.clone() for st in sites} if per_module else empty
     from .models.hooks import HookPoint
 
     # a site's output is the value its map produced: at a hook point, what arrives there, before any function
@@ -1166,8 +1275,11 @@ def per_sample_grad_gram(
         def make_hook(mod_name, whats):
             def hook(mod, args, kwargs, out):
                 if "input" in whats:
-                    # the layer's input, positional or by keyword (nn.Linear's and nn.Embedding's is "input")
-                    x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+                    # the layer's input, positional or by keyword (nn.Linear's and nn.Embedding's is "input"); a
+                    # positional embedding that computes its ids itself: those ids
+                    x = _own_lookup_ids(mod, args, kwargs)
+                    if x is None:
+                        x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
                     records[(mod_name, "input")].append([x.detach() if torch.is_tensor(x) else x, None, None])
                 if "output" in whats:
                     version = out._version if torch.is_tensor(out) else None
@@ -1213,7 +1325,8 @@ def per_sample_grad_gram(
             for m in scales:
                 handles.append(m.register_forward_pre_hook(scale_version))
                 handles.append(m.register_forward_hook(scale_check))
-            losses = loss_fn(model, *inputs)
+            with _checkpointing_off(model):
+                losses = loss_fn(model, *inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -1234,10 +1347,19 @@ def per_sample_grad_gram(
     batch = losses.shape[0]
     out_keys = {key(r, c) for r, c in roles if r == "out"}
     targets = []
+    rows = set()  # records of a module that runs on the batch's rows flattened with the positions (B T, ...)
     for c, recs in records.items():
         for rec in recs:
             t = rec[0]
-            if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch:
+            if (
+                torch.is_tensor(t)
+                and t.dim() > 0
+                and batch
+                and t.shape[0] > batch
+                and t.shape[0] % batch == 0
+            ):
+                rows.add(id(rec))
+            elif torch.is_tensor(t) and t.dim() > 0 and t.shape[0] != batch:
                 shared = (
                     " (a module applied once for the whole batch, such as a learned position embedding looked up "
                     "for positions shared by every sample: per-sample gradients cannot be read at it; leave the "
@@ -1269,7 +1391,12 @@ def per_sample_grad_gram(
     for rec, g in zip(targets, grads):
         rec[1] = g
     cap = {
-        (r, c): [(x[0].detach() if torch.is_tensor(x[0]) else x[0], x[1]) for x in records[key(r, c)]]
+        (r, c): [
+            _by_sample(x, batch)
+            if id(x) in rows
+            else (x[0].detach() if torch.is_tensor(x[0]) else x[0], x[1])
+            for x in records[key(r, c)]
+        ]
         for r, c in roles
     }
     result: dict[str, torch.Tensor] = {}
@@ -1300,7 +1427,7 @@ def per_sample_grad_gram(
     return total
 
 
-@_eval_forward
+@_eval_mode_throughout
 def per_sample_grad_gram_reference(
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -1322,7 +1449,9 @@ def per_sample_grad_gram_reference(
     Memory ``B x (number of covered parameters)`` several times over: the gradients, their flattened copy and its
     cast to ``gram_dtype`` (``chunk_size`` bounds only the intermediates of ``vmap``, not these). The Gram is
     taken in ``gram_dtype`` (float64 for tests; float32 is the plain, faster baseline). Returns ``(B, B)`` (``(0, 0)``
-    for inputs of no sample).
+    for inputs of no sample). Hugging Face's activation checkpointing (``gradient_checkpointing_enable()``), which
+    ``torch.func`` cannot run through, is switched off for the call and back on afterwards (the Gram does not
+    depend on it).
 
     Raises
     ------
@@ -1410,9 +1539,18 @@ def per_sample_grad_gram_reference(
         return out.sum()
 
     try:
-        with stacked_batches_checked():
+        with stacked_batches_checked(), _checkpointing_off(model):
             grads = vmap(grad(single), in_dims=(None, *in_dims), chunk_size=chunk_size)(params, *trees)
     except RuntimeError as e:
+        if "functorch transform" in str(e) or "checkpoint" in str(e):
+            raise RuntimeError(
+                "per_sample_grad_gram_reference: torch.func.vmap(grad) cannot run loss_fn on "
+                f"{type(model).__name__}: something in its forward or in loss_fn calls requires_grad_() or "
+                "torch.autograd, as activation checkpointing (torch.utils.checkpoint) does; Hugging Face's "
+                "gradient_checkpointing_enable() is switched off for the call already, so turn off checkpointing "
+                "of your own for it (the Gram does not depend on it), or use pypattern.gram.per_sample_grad_gram: "
+                + str(e)
+            ) from e
         if ".item()" not in str(e) and "data-dependent" not in str(e):
             raise
         raise RuntimeError(

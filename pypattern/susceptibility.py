@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import functools
 import hashlib
 import inspect
 import json
@@ -64,6 +63,7 @@ from . import io
 from ._checks import compiled_inner, is_count
 from ._masks import not_a_mask, zero_one_mask
 from ._plotting import _is_axes, figure_axes, finish, new_figure
+from .gram import _eval_mode_throughout, _is_bridge
 from .io import Saveable, register
 from .losses import (
     _describe,
@@ -163,22 +163,6 @@ def _check_finite(*parts: tuple[torch.Tensor, str]) -> None:
     for v, what in parts:
         if not bool(torch.isfinite(v).all()):
             raise FloatingPointError(f"{what} returned a non-finite value at a draw (a diverging chain?)")
-
-
-def _eval_mode_throughout(fn: Callable) -> Callable:
-    """``fn(model, ...)`` with ``model`` in eval mode for the whole call when it is in training mode with dropout (or
-    another random part; warned, its modes restored afterwards), by the sampler's own rule: the quantities at ``w*``
-    (``phi(w*)``, the probe losses at ``w*``, a step-size calibration) read the same deterministic forward as the
-    draws, so a model left in ``train()`` mode gives the same estimate, bit for bit, as the model in ``eval()`` mode.
-    The sampler called inside finds the model in eval mode already and warns no second time."""
-
-    @functools.wraps(fn)
-    def in_eval_mode(*args, **kwargs):
-        model = args[0] if args else kwargs.get("model")
-        with _eval_mode_for_dropout(model):
-            return fn(*args, **kwargs)
-
-    return in_eval_mode
 
 
 def _run_device(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
@@ -1041,9 +1025,7 @@ def _bridge_converted(model, call: str, custom: bool):
     losses and the observable are pypattern's defaults (only numbers come back; the bridge's weights are left
     alone); with functions of the caller's, which call the bridge's own forward, refused naming the conversion.
     Every other model unchanged (a ``HookedTransformer``'s parameters carry the component names already)."""
-    from .models.convert import is_hooked_transformer, is_transformer_lens
-
-    if not is_transformer_lens(model) or is_hooked_transformer(model) or not isinstance(model, nn.Module):
+    if not _is_bridge(model):
         return model
     if custom:
         raise ValueError(
@@ -1057,7 +1039,11 @@ def _bridge_converted(model, call: str, custom: bool):
     return from_hf(model)
 
 
-@_eval_mode_throughout
+# in eval mode for the whole call when the model's train() forward is random, by the sampler's own rule: the
+# quantities at w* (phi(w*), the probe losses at w*, a step-size calibration) read the same deterministic forward as
+# the draws, so a model left in train() mode gives the same estimate, bit for bit, as in eval() mode (the sampler
+# inside finds the model in eval mode already and warns no second time)
+@_eval_mode_throughout(context=_eval_mode_for_dropout)
 def susceptibilities(
     model: nn.Module,
     loader,
@@ -1795,7 +1781,7 @@ def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint):
         return rerun_at_half_step(at, float(kw["step_size"]), auto_step, can_rerun=checkpoint is None)
 
 
-@_eval_mode_throughout
+@_eval_mode_throughout(context=_eval_mode_for_dropout)
 def bif(
     model: nn.Module,
     loader,
