@@ -1,7 +1,8 @@
 """TransformerLens' analysis methods of an activation cache, for caches of pypattern's :class:`Transformer`.
 
-The functions here take the cache as their first argument; :class:`~pypattern.models.hooks.ActivationCache` exposes
-them as methods with TransformerLens' names, arguments and defaults (``cache.decompose_resid(...)``). They read the
+The functions here take the cache as their first argument; :class:`~pypattern.models.hooks.ActivationCache` has
+them as its methods (the same functions, so one signature and one docstring each), with TransformerLens' names,
+arguments and defaults (``cache.decompose_resid(...)``). They read the
 model that produced the cache (``cache.model``, set by ``run_with_cache``) for its configuration and weights.
 
 Norms. TransformerLens' ``apply_ln_to_stack`` divides (centred) components by the norm's cached scale and leaves
@@ -186,7 +187,18 @@ def apply_ln_to_stack(
     has_batch_dim: bool = True,
     recompute_ln: bool = False,
 ) -> torch.Tensor:
-    """See :meth:`ActivationCache.apply_ln_to_stack`."""
+    """Treat each component of ``residual_stack (num_components, *batch_and_pos_dims, d_model)`` as part of
+    the input of ``layer``'s ``ln1`` (``ln2`` with ``mlp_input``; ``ln_final`` at ``n_layers``, -1 or None)
+    and apply the norm's linear part with the scale cached in the forward: centre (LayerNorm), divide by
+    ``hook_scale``, multiply by the norm's weight. The norm's bias is not added (it belongs to no component):
+    the components of a whole stream sum to the norm's output minus its bias. A layer without a norm returns
+    the stack unchanged. With ``recompute_ln`` at ``n_layers``, each component goes through ``ln_final`` with
+    its own statistics (weight and bias included).
+
+    ``pos_slice`` and ``batch_slice`` are the slices the stack was taken with (applied to the cached scale;
+    ``batch_slice`` to the stack's axis 1 too when ``has_batch_dim``). A stack whose batch/position dims do not
+    match the sliced scale raises ``ValueError``; a cache without the scale raises ``KeyError``.
+    """
     model = _model(cache)
     if not isinstance(residual_stack, torch.Tensor):
         raise TypeError(
@@ -239,7 +251,29 @@ def accumulated_resid(
     mlp_input: bool = False,
     return_labels: bool = False,
 ):
-    """See :meth:`ActivationCache.accumulated_resid`."""
+    """The residual stream at the input of each layer up to ``layer`` (logit-lens style), stacked:
+    ``(num_streams, *batch_and_pos_dims, d_model)``; labels ``"0_pre"``, ``"0_mid"``, ..., ``"final_post"``.
+
+    Parameters
+    ----------
+    cache : ActivationCache
+        The cache to read (``self`` when called as its method).
+    layer : int or None
+        Streams up to the input of this layer (its ``hook_resid_pre``, not its mid or post): in ``[0,
+        n_layers]``; ``n_layers``, -1 or None include the final ``hook_resid_post`` (the unembedding's input).
+    incl_mid : bool
+        Also each earlier layer's ``hook_resid_mid``.
+    apply_ln : bool
+        Normalise as the input of ``layer``: at ``n_layers`` each stream through ``ln_final`` with its own
+        statistics (weight and bias included: ``@ W_U + b_U`` gives the logit lens' logits); below, by the
+        cached scale of that layer's ``ln1`` (``ln2`` with ``mlp_input``), see :meth:`apply_ln_to_stack`.
+    pos_slice : int, tuple, slice, list or 1-d tensor, optional
+        Positions to keep (TransformerLens' ``Slice``: an int drops the position axis).
+    mlp_input : bool
+        Also ``hook_resid_mid`` of ``layer`` itself (the MLP's input).
+    return_labels : bool
+        Return ``(stack, labels)``.
+    """
     model = _model(cache)
     n = model.cfg.n_layers
     layer = _layer(model, layer)
@@ -281,7 +315,32 @@ def decompose_resid(
     incl_embeds: bool = True,
     return_labels: bool = False,
 ):
-    """See :meth:`ActivationCache.decompose_resid`."""
+    """The residual stream at the input of ``layer`` as the stack of what wrote it: ``hook_embed``,
+    ``hook_pos_embed`` (when the model has learned positions), then each earlier layer's ``hook_attn_out`` and
+    ``hook_mlp_out``: ``(num_components, *batch_and_pos_dims, d_model)``, summing to ``hook_resid_pre`` of
+    ``layer`` (``hook_resid_post`` of the last layer at ``n_layers``). Labels ``"embed"``, ``"pos_embed"``,
+    ``"0_attn_out"``, ``"0_mlp_out"``, ...
+
+    Parameters
+    ----------
+    cache : ActivationCache
+        The cache to read (``self`` when called as its method).
+    layer : int or None
+        In ``[0, n_layers]``; ``n_layers``, -1 or None: the unembedding's input.
+    mlp_input : bool
+        Decompose the input of ``layer``'s MLP instead (adds ``layer``'s ``hook_attn_out`` in a sequential
+        block; a parallel block's MLP reads ``hook_resid_pre``).
+    mode : {"all", "mlp", "attn"}
+        Which sublayers' outputs to include.
+    apply_ln : bool
+        :meth:`apply_ln_to_stack` as the input of ``layer`` (cached scale).
+    pos_slice : int, tuple, slice, list or 1-d tensor, optional
+        Positions to keep (an int drops the position axis).
+    incl_embeds : bool
+        Include the embeddings.
+    return_labels : bool
+        Return ``(stack, labels)``.
+    """
     model = _model(cache)
     if mode not in ("all", "mlp", "attn"):
         raise ValueError(f"mode={mode!r} is not valid; give 'all', 'mlp' or 'attn'")
@@ -317,7 +376,10 @@ def decompose_resid(
 
 
 def compute_head_results(cache: ActivationCache) -> None:
-    """See :meth:`ActivationCache.compute_head_results`."""
+    """Store each head's write to the residual stream, ``blocks.{l}.attn.hook_result (*batch_and_pos_dims,
+    n_heads, d_model)`` = ``hook_z`` times the head's ``W_O`` (times ``residual_multiplier`` when set), in the
+    cache; summed over heads plus ``b_O`` it is ``hook_attn_out``. Layers already holding it are kept. Models
+    with ``use_normalization_before_and_after`` are refused (their attention output is normalised)."""
     model = _model(cache)
     _no_sandwich(model, "compute_head_results")
     m = _multiplier(model)
@@ -339,7 +401,24 @@ def stack_head_results(
     pos_slice: Any = None,
     apply_ln: bool = False,
 ):
-    """See :meth:`ActivationCache.stack_head_results`."""
+    """Every head's result in the layers before ``layer``: ``(layer * n_heads, *batch_and_pos_dims,
+    d_model)``, labels ``"L0H0"``, ``"L0H1"``, ...
+
+    Parameters
+    ----------
+    cache : ActivationCache
+        The cache to read (``self`` when called as its method).
+    layer : int or None
+        Heads of layers strictly before it, in ``[0, n_layers]``; -1 or None: every layer.
+    return_labels : bool
+        Return ``(stack, labels)``.
+    incl_remainder : bool
+        Append ``"remainder"``: the stream at the input of ``layer`` minus the heads' sum.
+    pos_slice : int, tuple, slice, list or 1-d tensor, optional
+        Positions to keep (an int drops the position axis).
+    apply_ln : bool
+        :meth:`apply_ln_to_stack` as the input of ``layer``.
+    """
     model = _model(cache)
     layer = _layer(model, layer)
     compute_head_results(cache)
@@ -375,7 +454,9 @@ def _finish_stack(
 def get_neuron_results(
     cache: ActivationCache, layer: int, neuron_slice: Any = None, pos_slice: Any = None
 ) -> torch.Tensor:
-    """See :meth:`ActivationCache.get_neuron_results`."""
+    """Each MLP neuron's write to the residual stream in ``layer``: ``hook_post`` times its row of ``W_out``,
+    ``(*batch_and_pos_dims, d_mlp, d_model)`` (``neuron_slice`` keeps some neurons; an int keeps an axis of
+    one). Summed over neurons plus ``b_out`` it is ``hook_mlp_out``."""
     model = _model(cache)
     _no_sandwich(model, "get_neuron_results")
     if model.cfg.attn_only:
@@ -410,7 +491,8 @@ def stack_neuron_results(
     incl_remainder: bool = False,
     apply_ln: bool = False,
 ):
-    """See :meth:`ActivationCache.stack_neuron_results`."""
+    """Every neuron's result in the layers before ``layer``: ``(layer * d_mlp, *batch_and_pos_dims,
+    d_model)``, labels ``"L0N0"``, ...; arguments as :meth:`stack_head_results`."""
     model = _model(cache)
     layer = _layer(model, layer)
     take = _slicer(pos_slice)
@@ -434,7 +516,8 @@ def stack_neuron_results(
 def stack_activation(
     cache: ActivationCache, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
 ) -> torch.Tensor:
-    """See :meth:`ActivationCache.stack_activation`."""
+    """The activation ``activation_name`` (shorthand, :func:`get_act_name`) of every layer strictly before
+    ``layer`` (-1 or None: all), stacked: ``(layers, *activation_shape)``."""
     from .hooks import get_act_name
 
     model = _model(cache)
@@ -488,7 +571,13 @@ def logit_attrs(
     batch_slice: Any = None,
     has_batch_dim: bool = True,
 ) -> torch.Tensor:
-    """See :meth:`ActivationCache.logit_attrs`."""
+    """Direct logit attribution: each component of ``residual_stack (num_components, *batch_and_pos_dims,
+    d_model)``, normalised by ``ln_final``'s cached scale (:meth:`apply_ln_to_stack`), dotted with
+    ``W_U[:, tokens]`` (minus ``W_U[:, incorrect_tokens]`` when given): ``(num_components,
+    *batch_and_pos_dims)``. ``tokens`` is one id or ids of shape ``batch_and_pos_dims``; ``incorrect_tokens``
+    has the shape of ``tokens``. For the whole final stream the components sum to the logit (difference) less
+    the unembedding bias and ``ln_final.b @ W_U`` (TransformerLens' folded ``b_U``), before any
+    ``logits_scaling`` or soft cap."""
     model = _model(cache)
     tok = _token_ids(model, tokens, "tokens")
     if incorrect_tokens is not None:
@@ -549,7 +638,12 @@ def get_full_resid_decomposition(
     pos_slice: Any = None,
     return_labels: bool = False,
 ):
-    """See :meth:`ActivationCache.get_full_resid_decomposition`."""
+    """The input of ``layer`` (its MLP with ``mlp_input``) as every head's result, every neuron's result
+    (``expand_neurons``; else each MLP's ``hook_mlp_out``), ``embed``, ``pos_embed`` and ``"bias"`` (the
+    attention ``b_O`` and, with ``expand_neurons``, MLP ``b_out`` biases written so far), stacked:
+    ``(num_components, *batch_and_pos_dims, d_model)``, summing to that stream. Other arguments as
+    :meth:`decompose_resid`. Sandwich-norm models are refused, and ``expand_neurons`` for mixtures of
+    experts."""
     model = _model(cache)
     _no_sandwich(model, "get_full_resid_decomposition")
     layer = _layer(model, layer)

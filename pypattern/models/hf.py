@@ -546,6 +546,7 @@ class HookedHF(HookedModule):
         super().__init__(_HFLogits(model), pts, n_layers=n_layers)
         self.arch = arch
         self.config = model.config
+        self._padding_kept_finite(model, n_layers)
         if pos is not None:
             self._add_pos_embed(model)
         self.has_resid_mid = not arch.parallel(model.config)
@@ -615,6 +616,74 @@ class HookedHF(HookedModule):
         pre.changes_output = post.changes_output = False  # read by attached_hooks: they compute nothing
         self._register(base, pre, pre=True, with_kwargs=True)
         self._register(base, post, with_kwargs=True, always_call=True)
+
+    def _padding_kept_finite(self, model: nn.Module, n_layers: int) -> None:
+        """Keep the NaN of fully masked attention rows out of the model's residual stream.
+
+        A query at a padding position (``attention_mask`` 0: left padding, or right padding under a mask that
+        hides the padding from itself) attends to no key. Hugging Face's eager attention then adds the dtype's
+        minimum to every score; families that take the softmax in float32 (Llama and its kin) turn float64's minimum
+        into ``-inf`` there, and ``softmax`` of a row of ``-inf`` is NaN. That NaN sits at the padding position of
+        the attention's output, so in the residual stream, and in the next layer the real tokens' attention reads
+        it as a value with weight 0: ``0 * NaN`` is NaN, and every logit of the prompt is NaN. Here the attention's
+        output is cleaned before anything reads it (its hook points included): NaN at a position the 2-d
+        ``attention_mask`` marks as padding becomes 0 (the output of attending to nothing). Positions of real
+        tokens are never touched, nor is anything when there is no NaN at padding.
+
+        The backward pass would still carry the NaN (the softmax's gradient multiplies by its NaN output), so the
+        NaN is not made in the first place either: a float64 additive mask whose row hides every key from a query
+        has that row set to float32's minimum, which the float32 softmax keeps finite (every score of the row is
+        lost in the sum, so the row attends uniformly, as it does in float32). No real token attends to a padding
+        key whichever the row, and masks of other dtypes are left as they are."""
+        base = _get(model, self.arch.base)
+        store: list[torch.Tensor | None] = []
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            am = kwargs.get("attention_mask")
+            pad = None
+            if isinstance(am, torch.Tensor) and am.dim() == 2 and not am.is_floating_point():
+                pad = am == 0
+                if not bool(pad.any()):
+                    pad = None
+            store.append(pad)
+
+        def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            if store:
+                store.pop()
+
+        def clean(mod: nn.Module, args: tuple, out: Any) -> Any:
+            pad = store[-1] if store else None
+            if pad is None:
+                return None
+            a = out[0] if isinstance(out, tuple) else out
+            if not isinstance(a, torch.Tensor) or a.dim() != 3 or tuple(a.shape[:2]) != tuple(pad.shape):
+                return None
+            bad = a.isnan() & pad.to(a.device)[..., None]
+            if not bool(bad.any()):
+                return None
+            a = a.masked_fill(bad, 0.0)
+            return (a, *out[1:]) if isinstance(out, tuple) else a
+
+        low = torch.finfo(torch.float32).min
+
+        def finite_rows(mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            m = kwargs.get("attention_mask")
+            if not store or store[-1] is None or not isinstance(m, torch.Tensor) or m.dtype != torch.float64:
+                return None
+            hidden = (m <= low).all(-1, keepdim=True)  # query rows that see no key
+            if not bool(hidden.any()):
+                return None
+            return args, {**kwargs, "attention_mask": m.masked_fill(hidden, low)}
+
+        # bookkeeping for attached_hooks: real tokens' values are not changed
+        pre.changes_output = post.changes_output = clean.changes_output = finite_rows.changes_output = False
+        self._register(base, pre, pre=True, with_kwargs=True)
+        self._register(base, post, with_kwargs=True, always_call=True)
+        for layer in range(n_layers):
+            attn = _get(model, f"{self.arch.base}.{self.arch.layers}.{layer}.{self.arch.attn}")
+            # before the hook points on the attention's output (hook_attn_out, hook_resid_mid) see it
+            self._register(attn, clean, prepend=True)
+            self._register(attn, finite_rows, pre=True, with_kwargs=True, prepend=True)
 
     def _add_pos_embed(self, model: nn.Module) -> None:
         """``hook_pos_embed`` on the position embedding's output, broadcast to the batch ``(batch, pos, d)`` as in

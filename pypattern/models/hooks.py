@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._checks import is_count
+from . import cache_analysis
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
@@ -377,221 +378,19 @@ class ActivationCache(dict):
         """Stack the activations ``names`` along a new leading dimension."""
         return torch.stack([self[n] for n in names])
 
-    # ----- TransformerLens' analysis methods (pypattern.models.cache_analysis); they need ``model`` ---------
+    # ----- TransformerLens' analysis methods: the functions of pypattern.models.cache_analysis (their signatures and
+    # docstrings), the cache as their first argument; they need ``model`` ---------
 
-    def accumulated_resid(
-        self,
-        layer: int | None = None,
-        incl_mid: bool = False,
-        apply_ln: bool = False,
-        pos_slice: Any = None,
-        mlp_input: bool = False,
-        return_labels: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-        """The residual stream at the input of each layer up to ``layer`` (logit-lens style), stacked:
-        ``(num_streams, *batch_and_pos_dims, d_model)``; labels ``"0_pre"``, ``"0_mid"``, ..., ``"final_post"``.
-
-        Parameters
-        ----------
-        layer : int or None
-            Streams up to the input of this layer (its ``hook_resid_pre``, not its mid or post): in ``[0,
-            n_layers]``; ``n_layers``, -1 or None include the final ``hook_resid_post`` (the unembedding's input).
-        incl_mid : bool
-            Also each earlier layer's ``hook_resid_mid``.
-        apply_ln : bool
-            Normalise as the input of ``layer``: at ``n_layers`` each stream through ``ln_final`` with its own
-            statistics (weight and bias included: ``@ W_U + b_U`` gives the logit lens' logits); below, by the
-            cached scale of that layer's ``ln1`` (``ln2`` with ``mlp_input``), see :meth:`apply_ln_to_stack`.
-        pos_slice : int, tuple, slice, list or 1-d tensor, optional
-            Positions to keep (TransformerLens' ``Slice``: an int drops the position axis).
-        mlp_input : bool
-            Also ``hook_resid_mid`` of ``layer`` itself (the MLP's input).
-        return_labels : bool
-            Return ``(stack, labels)``.
-        """
-        from .cache_analysis import accumulated_resid
-
-        return accumulated_resid(self, layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
-
-    def decompose_resid(
-        self,
-        layer: int | None = None,
-        mlp_input: bool = False,
-        mode: str = "all",
-        apply_ln: bool = False,
-        pos_slice: Any = None,
-        incl_embeds: bool = True,
-        return_labels: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-        """The residual stream at the input of ``layer`` as the stack of what wrote it: ``hook_embed``,
-        ``hook_pos_embed`` (when the model has learned positions), then each earlier layer's ``hook_attn_out`` and
-        ``hook_mlp_out``: ``(num_components, *batch_and_pos_dims, d_model)``, summing to ``hook_resid_pre`` of
-        ``layer`` (``hook_resid_post`` of the last layer at ``n_layers``). Labels ``"embed"``, ``"pos_embed"``,
-        ``"0_attn_out"``, ``"0_mlp_out"``, ...
-
-        Parameters
-        ----------
-        layer : int or None
-            In ``[0, n_layers]``; ``n_layers``, -1 or None: the unembedding's input.
-        mlp_input : bool
-            Decompose the input of ``layer``'s MLP instead (adds ``layer``'s ``hook_attn_out`` in a sequential
-            block; a parallel block's MLP reads ``hook_resid_pre``).
-        mode : {"all", "mlp", "attn"}
-            Which sublayers' outputs to include.
-        apply_ln : bool
-            :meth:`apply_ln_to_stack` as the input of ``layer`` (cached scale).
-        pos_slice : int, tuple, slice, list or 1-d tensor, optional
-            Positions to keep (an int drops the position axis).
-        incl_embeds : bool
-            Include the embeddings.
-        return_labels : bool
-            Return ``(stack, labels)``.
-        """
-        from .cache_analysis import decompose_resid
-
-        return decompose_resid(self, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
-
-    def compute_head_results(self) -> None:
-        """Store each head's write to the residual stream, ``blocks.{l}.attn.hook_result (*batch_and_pos_dims,
-        n_heads, d_model)`` = ``hook_z`` times the head's ``W_O`` (times ``residual_multiplier`` when set), in the
-        cache; summed over heads plus ``b_O`` it is ``hook_attn_out``. Layers already holding it are kept. Models
-        with ``use_normalization_before_and_after`` are refused (their attention output is normalised)."""
-        from .cache_analysis import compute_head_results
-
-        compute_head_results(self)
-
-    def stack_head_results(
-        self,
-        layer: int | None = -1,
-        return_labels: bool = False,
-        incl_remainder: bool = False,
-        pos_slice: Any = None,
-        apply_ln: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-        """Every head's result in the layers before ``layer``: ``(layer * n_heads, *batch_and_pos_dims,
-        d_model)``, labels ``"L0H0"``, ``"L0H1"``, ...
-
-        Parameters
-        ----------
-        layer : int or None
-            Heads of layers strictly before it, in ``[0, n_layers]``; -1 or None: every layer.
-        return_labels : bool
-            Return ``(stack, labels)``.
-        incl_remainder : bool
-            Append ``"remainder"``: the stream at the input of ``layer`` minus the heads' sum.
-        pos_slice : int, tuple, slice, list or 1-d tensor, optional
-            Positions to keep (an int drops the position axis).
-        apply_ln : bool
-            :meth:`apply_ln_to_stack` as the input of ``layer``.
-        """
-        from .cache_analysis import stack_head_results
-
-        return stack_head_results(self, layer, return_labels, incl_remainder, pos_slice, apply_ln)
-
-    def stack_activation(
-        self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
-    ) -> torch.Tensor:
-        """The activation ``activation_name`` (shorthand, :func:`get_act_name`) of every layer strictly before
-        ``layer`` (-1 or None: all), stacked: ``(layers, *activation_shape)``."""
-        from .cache_analysis import stack_activation
-
-        return stack_activation(self, activation_name, layer, sublayer_type)
-
-    def get_neuron_results(self, layer: int, neuron_slice: Any = None, pos_slice: Any = None) -> torch.Tensor:
-        """Each MLP neuron's write to the residual stream in ``layer``: ``hook_post`` times its row of ``W_out``,
-        ``(*batch_and_pos_dims, d_mlp, d_model)`` (``neuron_slice`` keeps some neurons; an int keeps an axis of
-        one). Summed over neurons plus ``b_out`` it is ``hook_mlp_out``."""
-        from .cache_analysis import get_neuron_results
-
-        return get_neuron_results(self, layer, neuron_slice, pos_slice)
-
-    def stack_neuron_results(
-        self,
-        layer: int,
-        pos_slice: Any = None,
-        neuron_slice: Any = None,
-        return_labels: bool = False,
-        incl_remainder: bool = False,
-        apply_ln: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-        """Every neuron's result in the layers before ``layer``: ``(layer * d_mlp, *batch_and_pos_dims,
-        d_model)``, labels ``"L0N0"``, ...; arguments as :meth:`stack_head_results`."""
-        from .cache_analysis import stack_neuron_results
-
-        return stack_neuron_results(
-            self, layer, pos_slice, neuron_slice, return_labels, incl_remainder, apply_ln
-        )
-
-    def apply_ln_to_stack(
-        self,
-        residual_stack: torch.Tensor,
-        layer: int | None = None,
-        mlp_input: bool = False,
-        pos_slice: Any = None,
-        batch_slice: Any = None,
-        has_batch_dim: bool = True,
-        recompute_ln: bool = False,
-    ) -> torch.Tensor:
-        """Treat each component of ``residual_stack (num_components, *batch_and_pos_dims, d_model)`` as part of
-        the input of ``layer``'s ``ln1`` (``ln2`` with ``mlp_input``; ``ln_final`` at ``n_layers``, -1 or None)
-        and apply the norm's linear part with the scale cached in the forward: centre (LayerNorm), divide by
-        ``hook_scale``, multiply by the norm's weight. The norm's bias is not added (it belongs to no component):
-        the components of a whole stream sum to the norm's output minus its bias. A layer without a norm returns
-        the stack unchanged. With ``recompute_ln`` at ``n_layers``, each component goes through ``ln_final`` with
-        its own statistics (weight and bias included).
-
-        ``pos_slice`` and ``batch_slice`` are the slices the stack was taken with (applied to the cached scale;
-        ``batch_slice`` to the stack's axis 1 too when ``has_batch_dim``). A stack whose batch/position dims do not
-        match the sliced scale raises ``ValueError``; a cache without the scale raises ``KeyError``.
-        """
-        from .cache_analysis import apply_ln_to_stack
-
-        return apply_ln_to_stack(
-            self, residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
-        )
-
-    def logit_attrs(
-        self,
-        residual_stack: torch.Tensor,
-        tokens: Any,
-        incorrect_tokens: Any = None,
-        pos_slice: Any = None,
-        batch_slice: Any = None,
-        has_batch_dim: bool = True,
-    ) -> torch.Tensor:
-        """Direct logit attribution: each component of ``residual_stack (num_components, *batch_and_pos_dims,
-        d_model)``, normalised by ``ln_final``'s cached scale (:meth:`apply_ln_to_stack`), dotted with
-        ``W_U[:, tokens]`` (minus ``W_U[:, incorrect_tokens]`` when given): ``(num_components,
-        *batch_and_pos_dims)``. ``tokens`` is one id or ids of shape ``batch_and_pos_dims``; ``incorrect_tokens``
-        has the shape of ``tokens``. For the whole final stream the components sum to the logit (difference) less
-        the unembedding bias and ``ln_final.b @ W_U`` (TransformerLens' folded ``b_U``), before any
-        ``logits_scaling`` or soft cap."""
-        from .cache_analysis import logit_attrs
-
-        return logit_attrs(
-            self, residual_stack, tokens, incorrect_tokens, pos_slice, batch_slice, has_batch_dim
-        )
-
-    def get_full_resid_decomposition(
-        self,
-        layer: int | None = None,
-        mlp_input: bool = False,
-        expand_neurons: bool = True,
-        apply_ln: bool = False,
-        pos_slice: Any = None,
-        return_labels: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
-        """The input of ``layer`` (its MLP with ``mlp_input``) as every head's result, every neuron's result
-        (``expand_neurons``; else each MLP's ``hook_mlp_out``), ``embed``, ``pos_embed`` and ``"bias"`` (the
-        attention ``b_O`` and, with ``expand_neurons``, MLP ``b_out`` biases written so far), stacked:
-        ``(num_components, *batch_and_pos_dims, d_model)``, summing to that stream. Other arguments as
-        :meth:`decompose_resid`. Sandwich-norm models are refused, and ``expand_neurons`` for mixtures of
-        experts."""
-        from .cache_analysis import get_full_resid_decomposition
-
-        return get_full_resid_decomposition(
-            self, layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels
-        )
+    accumulated_resid = cache_analysis.accumulated_resid
+    decompose_resid = cache_analysis.decompose_resid
+    compute_head_results = cache_analysis.compute_head_results
+    stack_head_results = cache_analysis.stack_head_results
+    stack_activation = cache_analysis.stack_activation
+    get_neuron_results = cache_analysis.get_neuron_results
+    stack_neuron_results = cache_analysis.stack_neuron_results
+    apply_ln_to_stack = cache_analysis.apply_ln_to_stack
+    logit_attrs = cache_analysis.logit_attrs
+    get_full_resid_decomposition = cache_analysis.get_full_resid_decomposition
 
 
 class HookedRootModule(nn.Module):

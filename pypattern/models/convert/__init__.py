@@ -108,8 +108,12 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         A class in :data:`SUPPORTED_CLASSES` (the module's list above), a TransformerLens 4.x
         ``TransformerBridge`` around one or around TransformerLens' own ``NativeModel``
         (``TransformerBridge.boot_native``), or a TransformerLens 2.x / 3.x ``HookedTransformer`` (converted as it
-        is, processed weights and all; see :mod:`.hooked_transformer` for what is refused). A TransformerLens model
-        with hooks attached is refused, naming them (the converted model would not run them).
+        is, processed weights and all; see :mod:`.hooked_transformer` for what is refused). A bridge whose weights
+        ``enable_compatibility_mode()`` / ``process_weights()`` processed (``fold_ln``, ``center_writing_weights``,
+        ``center_unembed``, ``fold_value_biases``) converts to its processed forward; ``fold_ln`` on GPT-J, GPT-Neo
+        and Falcon (LayerNorm biases folded into projections those classes build without biases) is refused,
+        naming ``fold_ln=False``. A TransformerLens model with hooks attached is refused, naming them (the converted
+        model would not run them).
     dtype : torch.dtype, optional
         Dtype of the converted weights; default: the model's own.
     verify : bool

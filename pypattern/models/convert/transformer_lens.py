@@ -244,6 +244,11 @@ def _fused_from_split_layers(bridge: nn.Module) -> dict[int, torch.Tensor]:
 def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     """The Hugging Face model inside a TransformerLens 4.x ``TransformerBridge``, rebuilt in its own layout.
 
+    Processed weights (``enable_compatibility_mode()`` / ``process_weights()``: ``fold_ln``,
+    ``center_writing_weights``, ``center_unembed``, ``fold_value_biases``) are the bridged model's own tensors,
+    changed in place, and are read as they are, with the output head's folded bias (:func:`_processed_extras`): the
+    result computes the bridge's processed forward.
+
     Parameters
     ----------
     bridge : transformer_lens.model_bridge.TransformerBridge
@@ -254,8 +259,8 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     ------
     UnsupportedModelError
         When ``bridge`` is no ``TransformerBridge`` around a supported class, or its weights were processed
-        (``enable_compatibility_mode`` / ``process_weights`` fold and centre them, so they no longer are the Hugging
-        Face model's weights), or its attention components are not known (the bridge computes the attention itself,
+        (``enable_compatibility_mode`` / ``process_weights``) with ``fold_ln`` into projections the Hugging Face
+        class builds without biases (GPT-J, GPT-Neo, Falcon; naming ``fold_ln=False``), or its attention components are not known (the bridge computes the attention itself,
         and the converted model takes the softmax in the dtype the bridge does: ``bridge_attn_softmax_dtype``), or
         functions are attached to its hook points or modules (naming them: the converted model would not run them),
         or split layers changed after the bridge was built cannot be mapped back to their fused projection
@@ -278,17 +283,23 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
         raise UnsupportedModelError(
             f"the TransformerBridge wraps {cls_name!r}, which is not supported; pypattern converts {supported}"
         )
-    if getattr(bridge, "_weights_processed", False):
-        raise UnsupportedModelError(
-            "a TransformerBridge with processed weights (_weights_processed=True) is not supported: enable_compatibility_mode() / "
-            "process_weights() folded or centred the weights, so they are no longer the Hugging Face model's; "
-            "convert a bridge booted without weight processing (or enable_compatibility_mode(no_processing=True))"
-        )
+    processed = bool(getattr(bridge, "_weights_processed", False))
     with torch.device("meta"):
         clean = type(inner)(copy.deepcopy(inner.config))
     clean.eval()
     # the fused projections as the bridge's forward computes them (from its split layers)
-    fused = _fused_from_split_layers(bridge)
+    try:
+        fused = _fused_from_split_layers(bridge)
+    except UnsupportedModelError as e:
+        if not processed:
+            raise
+        raise UnsupportedModelError(
+            f"{e}. The bridge's weights were processed (enable_compatibility_mode / process_weights): fold_ln folds "
+            f"each norm's bias into the projections after it, which {cls_name} builds without biases, so the "
+            "processed projections have no place in the Hugging Face model; convert a bridge processed with "
+            "enable_compatibility_mode(fold_ln=False) (centring and folded value biases convert), or one without "
+            "weight processing (no_processing=True)"
+        ) from None
     tensors = {}
     for pname, _ in clean.named_parameters(remove_duplicate=False):
         t = _resolve(inner, pname)
@@ -302,7 +313,10 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
             mod._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
         else:
             mod._buffers[leaf] = t
-    # tied embeddings stay tied: both names resolve to the bridged model's one tensor
+    if processed:
+        _processed_extras(inner, clean, {id(t) for t in tensors.values()})
+    # tied embeddings stay tied: both names resolve to the bridged model's one tensor (processing unties them: the
+    # centred unembedding is a tensor of its own, which the converters then read as an untied head)
     clean.config._attn_implementation = getattr(inner.config, "_attn_implementation", None)
     # the converted model computes what the bridge's forward computes (read by _common.attn_softmax_dtype); where
     # the bridge runs the Hugging Face attention modules, their attention implementation decides, as for the model
@@ -310,6 +324,53 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     if softmax_dtype != HF_ATTENTION:
         clean.bridge_attn_softmax_dtype = softmax_dtype
     return clean
+
+
+def _hf_name(name: str) -> str:
+    """A tensor's name in a bridged module tree without the bridge components' ``_original_component`` steps."""
+    return ".".join(p for p in name.split(".") if p != "_original_component")
+
+
+def _processed_extras(inner: nn.Module, clean: nn.Module, placed: set[int]) -> None:
+    """Put on ``clean`` the tensors weight processing added to the bridged model (``enable_compatibility_mode`` /
+    ``process_weights``). ``fold_ln`` folds the final norm's bias into the unembedding, which TransformerLens stores
+    as a ``bias`` of the output head, a module the Hugging Face class may build without one: it goes into the head's
+    empty ``bias`` slot, where the family converters read it (``unembed.b_U``). Every other processed value lives in
+    the Hugging Face model's own tensors (folded norm weights, centred writing weights, folded value biases, the
+    centred and so untied unembedding), already in ``placed`` (by ``id``); the bridge's own modules, such as split
+    projections, are read through the fused ones as without processing. Any other added tensor (``fold_ln`` folding
+    a LayerNorm's bias into projections built without biases: GPT-J's, GPT-Neo's) is refused, naming it and
+    ``fold_ln=False``: the converted model would leave it out."""
+    head = clean.get_output_embeddings()
+    head_path = next((n for n, m in clean.named_modules() if m is head), None)
+    for n, t in (
+        *inner.named_parameters(remove_duplicate=False),
+        *inner.named_buffers(remove_duplicate=False),
+    ):
+        if id(t) in placed:
+            continue
+        name = _hf_name(n)
+        mod_path, _, leaf = name.rpartition(".")
+        try:
+            mod = clean.get_submodule(mod_path) if mod_path else clean
+        except (
+            AttributeError
+        ):  # a module of the bridge's own (split projections): read through the fused ones
+            continue
+        if leaf in mod._parameters and mod._parameters[leaf] is not None or leaf in mod._buffers:
+            continue  # the class has the tensor: its value was placed by name (an alias of a placed one)
+        if mod_path == head_path and leaf == "bias" and leaf in mod._parameters:
+            if bool(t.detach().any()):  # a bias of zeros (RMSNorm has none to fold) changes nothing: left out
+                mod._parameters[leaf] = (
+                    t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+                )
+            continue
+        raise UnsupportedModelError(
+            f"the TransformerBridge's weight processing added {name!r}, which {type(clean).__name__} builds "
+            "without (fold_ln folds each LayerNorm's bias into the projections after it), so the converted model "
+            "would leave it out; convert a bridge processed with enable_compatibility_mode(fold_ln=False) "
+            "(centring and folded value biases convert), or one without weight processing (no_processing=True)"
+        )
 
 
 def is_native_bridge(bridge: Any) -> bool:
@@ -344,12 +405,8 @@ def convert_native(bridge: Any) -> tuple[dict, dict]:
     from ._common import refuse
 
     _check_bridge_hooks(bridge)
-    if getattr(bridge, "_weights_processed", False):
-        raise UnsupportedModelError(
-            "a TransformerBridge with processed weights (_weights_processed=True) is not supported: "
-            "enable_compatibility_mode() / process_weights() folded or centred the weights; convert a bridge booted "
-            "without weight processing (or enable_compatibility_mode(no_processing=True))"
-        )
+    # processed weights (enable_compatibility_mode / process_weights) are read as they are: folded and centred in
+    # the native modules' own tensors, the final norm's folded bias a bias of the head (read below)
     nat = bridge.original_model
     c = nat.cfg
     if getattr(c, "attention_dir", "causal") != "causal":
@@ -474,4 +531,14 @@ def convert_native(bridge: Any) -> tuple[dict, dict]:
                 )
     norm_weights("ln_final", "ln_out")
     w["unembed.W_U"] = get("head.weight").T
+    # weight processing (fold_ln) folds the final norm's bias into the head, as a bias of its own (NativeModel's
+    # head holds a bias buffer of zeros otherwise: left out, as the unprocessed conversion leaves it)
+    head_b = getattr(get("head"), "bias", None)
+    if (
+        getattr(bridge, "_weights_processed", False)
+        and isinstance(head_b, torch.Tensor)
+        and bool(head_b.any())
+    ):
+        out["unembed_bias"] = True
+        w["unembed.b_U"] = head_b
     return out, w
