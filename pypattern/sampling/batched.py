@@ -15,7 +15,13 @@ from torch import nn
 
 from ..losses import _describe, as_pytree, check_batch_values, map_batch, stacked_batches_checked
 from ..ops.sgld import FLAG_GRAD_NONFINITE
-from .context import NO_GRADIENT, LossContractError, RunContext, stacked_squared_distance
+from .context import (
+    THERMOSTAT_OVERFLOW,
+    LossContractError,
+    RunContext,
+    stacked_squared_distance,
+    step_failure,
+)
 from .data import ChainData, to_device
 from .samplers import StackedSamplerState
 from .sequential import extra_outputs, join_outputs
@@ -373,13 +379,20 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
             bad = np.flatnonzero(~np.isfinite(lvs[-1]))
             if bad.size:
                 raise ctx.nonfinite_loss(chains[bad[0]], t, lvs[-1][bad[0]], bj[bad[0]])
-            if not losses.requires_grad:
-                raise LossContractError(NO_GRADIENT)
-            gj = torch.autograd.grad(
-                losses.sum() / accum if accum > 1 else losses.sum(),
-                list(leaves.values()),
-                allow_unused=True,
-            )
+            if losses.requires_grad:
+                gj = torch.autograd.grad(
+                    losses.sum() / accum if accum > 1 else losses.sum(),
+                    list(leaves.values()),
+                    allow_unused=True,
+                )
+            else:  # none of the runs' moving weights is read (or a contract error)
+                ctx.unread_gradient(sorted(set(runs)), bj[0])
+                gj = [None] * len(leaves)
+            for r in set(runs):  # a run whose moving tensors all went without a gradient so far: read now?
+                if r not in ctx.read_runs and any(gj[index[n]] is not None for n in plan.runs[r].moving):
+                    with ctx.lock:
+                        ctx.read_runs.add(r)
+            ctx.stepped_runs.update(runs)
             # a parameter the loss does not read has gradient zero (as in the sequential chains)
             gj = [torch.zeros_like(v) if g is None else g for g, v in zip(gj, leaves.values())]
             grads = gj if grads is None else [a + b for a, b in zip(grads, gj)]
@@ -433,7 +446,13 @@ def run_batched(ctx: RunContext, chains: Sequence[int]) -> None:
                     if f is not None:
                         flags.append(f.max() if f.numel() else f.new_zeros(()))
                 except FloatingPointError as e:
-                    raise ctx.diverged(g, t, f"a gradient or its update is not finite ({e})") from None
+                    raise ctx.diverged(g, t, step_failure(e)) from None
+            th = sstate.thermostat
+            if th is not None and t != start and not bool(torch.isfinite(th).all()):
+                # the unchecked step leaves a thermostat whose update overflowed (finite squared momenta whose sum
+                # exceeds float64) unflagged; the checked one raises on it: the same divergence at the same step
+                i = int(torch.nonzero(~torch.isfinite(th.reshape(-1)))[0])
+                raise ctx.diverged(chains[i], t, THERMOSTAT_OVERFLOW)
             if flags and bool(torch.stack(flags).any()):
                 bits = torch.stack(flags)
                 i = int(torch.nonzero(bits)[0])

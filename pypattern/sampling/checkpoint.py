@@ -278,8 +278,10 @@ class State:
 
 
 #: settings stored with a checkpoint's fingerprint but not compared: how the draws are computed, not what they
-#: are; another value resumes (with a warning: the draws after the resume may differ at float rounding)
-RESUMABLE_SETTINGS = ("backend", "batched")
+#: are; another value resumes (with a warning: the draws after the resume may differ at float rounding). The
+#: device is one: every noise value is keyed by (seed, chain, step) on every device and backend, and the weights,
+#: sampler state and data a resume reads are the same, so a run moved to another device is the same run
+RESUMABLE_SETTINGS = ("backend", "batched", "device")
 
 
 def warn_changed_settings(stored: Mapping, current: Mapping, path, stacklevel: int = 2) -> bool:
@@ -548,6 +550,9 @@ def run_fingerprint(
         # how the draws are computed (RESUMABLE_SETTINGS): stored, not compared; another value resumes with a warning
         backend=plan.backend,
         batched=plan.batched,
+        # the device of the moving weights, the chains' device (the device type alone: cuda:0 and cuda:1 compute
+        # alike)
+        device=next((p.device.type for p in model.parameters() if p.requires_grad), None),
         # the weights' and buffers' dtypes: not compared, but named when a weight differs by its dtype (check_dtypes)
         **{DTYPE_ITEM: model_dtypes([*w_star.items(), *model.named_buffers()])},
     )

@@ -69,6 +69,20 @@ NO_GRADIENT = (
 )
 
 
+#: why a chain stopped when the SGNHT thermostat's update overflowed (both chain loops give it)
+THERMOSTAT_OVERFLOW = (
+    "the SGNHT thermostat's update overflowed to inf/NaN (the sum of the squared momenta exceeds float64)"
+)
+
+
+def step_failure(e: FloatingPointError) -> str:
+    """Why a chain stopped, from the ``FloatingPointError`` a checked sampler step raised: the thermostat's
+    overflow, else a non-finite gradient or update (named by ``e``)."""
+    if "thermostat" in str(e):
+        return THERMOSTAT_OVERFLOW
+    return f"a gradient or its update is not finite ({e})"
+
+
 class LossContractError(ValueError):
     """``loss_fn`` returned something other than one number: the caller's error, raised as it is by the batched
     loop too (not taken for a model that does not run under vmap)."""
@@ -124,6 +138,32 @@ class RunContext:
         self.above: dict[int, int] = {}  # per chain: consecutive steps above its run's limit
         self.nonfinite_obs: set[str] = set()  # observables that returned a non-finite value (warned once)
         self.gradients_checked = False  # moving parameters without a gradient: checked once per call
+        # runs (indices into plan.runs) some step of which gave one of the run's moving tensors a gradient, and
+        # runs that took a step in this call: a run that stepped with no gradient ever is one the loss does not read
+        self.read_runs: set[int] = set()
+        self.stepped_runs: set[int] = set()
+        self.unread_ok: set[int] = set()  # runs whose loss without gradient unread_gradient accepted
+
+    def unread_gradient(self, runs: Sequence[int], batch) -> None:
+        """The loss of ``batch`` came out without a gradient for the moving tensors of ``runs``: go on with a
+        zero gradient when each of those runs moves part of the model only and the loss does depend on the model's
+        trainable parameters (it does not read those runs' weights: they are reported unread, LLC 0); else raise
+        :class:`LossContractError` (the loss is a constant, detached or computed under ``no_grad``)."""
+        if all(r in self.unread_ok for r in runs):  # decided at an earlier step
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        restricted = all(len(self.plan.runs[r].moving) < len(params) for r in runs)
+        reads = False
+        if restricted:
+            with self.lock, torch.enable_grad(), buffers_kept(self.model):
+                try:
+                    reads = bool(self.split_loss(self.plan.loss_fn(self.model, batch)).requires_grad)
+                except Exception:  # noqa: BLE001 - the contract error below is the clearer report
+                    reads = False
+        if not reads:
+            raise LossContractError(NO_GRADIENT)
+        with self.lock:
+            self.unread_ok.update(runs)
 
     def moving(self, g: int) -> tuple[str, ...]:
         return self.plan.run_of(g).moving

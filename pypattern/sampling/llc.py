@@ -37,13 +37,27 @@ __all__ = [
 ]
 
 
-def llc_from_sample(res: SampleResult) -> LLCResult:
+def llc_from_sample(res: SampleResult, name: str | None = None) -> LLCResult:
     """The LLC of a finished :class:`SampleResult` (float64 throughout). Chains that did not run (``chains=`` a
     subset: their rows of the trace are NaN) are left out of the mean, spread and diagnostics (their
     ``llc_per_chain`` entries stay NaN). A result none of whose chains ran (every row NaN, e.g. a run of
-    ``runs=`` whose chains ``chains=`` left out) has no estimate: ValueError naming it."""
+    ``runs=`` whose chains ``chains=`` left out) has no estimate: ValueError naming it.
+
+    A run whose moving weights the loss never gave a gradient (``config["unread"]``: the loss does not read
+    them, so ``E_w[L_n(w)] = L_n(w*)`` exactly) has LLC 0 (trace, per chain, mean, spread and standard error),
+    with a ``RuntimeWarning`` naming the run (``name``, else its ``restrict_to``)."""
     nbeta = float(res.config["nbeta"])
     llc_trace = nbeta * (res.loss_trace - res.init_loss)
+    if res.config.get("unread"):
+        what = repr(name) if name is not None else f"restrict_to={res.config.get('restrict_to')!r}"
+        warnings.warn(
+            f"the loss gave none of the moving weights of {what} a gradient in any step (it does not read "
+            "them, or reads them detached): their LLC is 0, reported as such (the loss trace only varies "
+            "with the batches). Check the component, or the loss function, if it should read them",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+        llc_trace = np.where(np.isnan(res.loss_trace), np.nan, 0.0)
     per_chain = llc_trace.mean(axis=1)
     ran = ~np.isnan(np.asarray(res.loss_trace)).all(axis=1) if np.ndim(res.loss_trace) == 2 else None
     if ran is not None and not ran.any():
@@ -57,6 +71,8 @@ def llc_from_sample(res: SampleResult) -> LLCResult:
     std = float(run.std(ddof=1)) if len(run) > 1 else float("nan")
     init_se = float(res.init_loss_se)
     se = float(np.hypot(std / np.sqrt(len(run)), nbeta * init_se))
+    if res.config.get("unread"):  # exactly 0: neither the chains nor L_n(w*)'s estimate add an error
+        std, se = (0.0 if len(run) > 1 else float("nan")), 0.0
     return LLCResult(
         llc_mean=float(run.mean()),
         llc_std=std,

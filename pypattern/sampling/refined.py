@@ -29,7 +29,13 @@ from .._masks import NONE_MASK, zero_one_mask
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
 from .diagnostics import user_stacklevel
-from .llc import _SAMPLE_ARGUMENTS, llc_from_sample
+from .llc import (
+    _SAMPLE_ARGUMENTS,
+    _warn_above_half_dimension,
+    _warn_auto_bias,
+    _warn_auto_unrelaxed,
+    llc_from_sample,
+)
 from .plan import check_callables, check_loader, check_model, refuse_unknown_keywords
 from .results import check_arrays
 from .runner import sample
@@ -386,8 +392,15 @@ def refined_llc(
         out.config["by_data"][label] = {
             k: used[k] for k in ("step_size", "nbeta", "num_burnin_steps", "auto_step") if k in used
         }
-        for name, n, res in zip(names, counts, results, strict=True):
-            r = llc_from_sample(res)
+        for k, (name, n, res) in enumerate(zip(names, counts, results, strict=True)):
+            r = llc_from_sample(res, name if label == "train" else f"{name} [{label}]")
+            # estimate_llc's warnings: a calibrated step's bias and short trials (one calibration per data set:
+            # once), an unrestricted estimate above d / 2
+            _warn_auto_bias(r)
+            if k == 0:
+                _warn_auto_unrelaxed(r, model, None if name == FULL else {})
+            if name == FULL:
+                _warn_above_half_dimension(r, model)
             out.component.append(name)
             out.data.append(label)
             rows["n"].append(n)

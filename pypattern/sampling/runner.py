@@ -871,6 +871,12 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     if plan.checkpoint is not None:
         st.save(plan.checkpoint, fingerprint, plan.checkpoint_state)
     results = [_result(plan, st, r, ran_batched, init_se) for r in range(len(plan.runs))]
+    for r in sorted(ctx.stepped_runs - ctx.read_runs):  # the loss gave none of the run's weights a gradient
+        results[r].config["unread"] = True
+    # runs read back whole from a checkpoint took no step here: the loss's gradient at w* on the first batch tells
+    for r in [r for r in range(len(plan.runs)) if r not in ctx.stepped_runs and _ran_rows(plan, r)]:
+        if not _reads_moving(ctx, plan.runs[r].moving):
+            results[r].config["unread"] = True
     if plan.warn_nonstationary:
         hint = _unlocalized_hint(plan)
         for r, res in enumerate(results):
@@ -915,6 +921,25 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
                     hold_steps=1.0 / rate if rate > 0 else None,
                 )
     return results if plan.several_runs else results[0]
+
+
+def _reads_moving(ctx: RunContext, moving: Sequence[str]) -> bool:
+    """Whether the loss at ``w*`` on chain 0's first batch gives one of the tensors ``moving`` a gradient (or
+    ``moving`` is every trainable parameter, or the check cannot run: then they count as read)."""
+    params = dict(ctx.model.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    if len(moving) >= len(trainable):
+        return True
+    try:
+        batch = to_device(ChainData(ctx.loader, ctx.plan.key(0, stream=1), ctx.data_cache).next(), ctx.device)
+        with torch.enable_grad(), buffers_kept(ctx.model):
+            loss = ctx.split_loss(ctx.plan.loss_fn(ctx.model, batch))
+            if not loss.requires_grad:
+                return False
+            grads = torch.autograd.grad(loss, [params[n] for n in moving], allow_unused=True)
+    except Exception:  # noqa: BLE001 - only decides whether the run is reported unread
+        return True
+    return any(g is not None for g in grads)
 
 
 def _gamma(plan: RunPlan) -> float:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .context import NO_GRADIENT, LossContractError, RunContext
+from .context import RunContext, step_failure
 from .data import ChainData, to_device
 from .optim import SGLD
 from .samplers import chain_sampler
@@ -117,9 +117,15 @@ def run_sequential(
                     batch = b
                 if ctx.cb_keys:  # what the callbacks read of this micro-batch
                     extras.append(extra_outputs(o))
-                if not loss.requires_grad:
-                    raise LossContractError(NO_GRADIENT)
+                if not loss.requires_grad:  # none of the run's moving weights is read (or a contract error)
+                    ctx.unread_gradient([g // plan.num_chains], b)
+                    continue
                 (loss / accum if accum > 1 else loss).backward()
+            r = g // plan.num_chains
+            ctx.stepped_runs.add(r)
+            if r not in ctx.read_runs and any(p.grad is not None for p in moved):
+                with ctx.lock:
+                    ctx.read_runs.add(r)
             if t == start:  # a moving parameter the backward left without a gradient, though the loss uses it
                 ctx.check_gradients(
                     moving, moved, work, lambda b=batch: float(ctx.split_loss(plan.loss_fn(work, b)).detach())
@@ -144,8 +150,8 @@ def run_sequential(
                 )
             try:
                 take_step()
-            except FloatingPointError as e:
-                raise ctx.diverged(g, t, f"a gradient is not finite ({e})") from None
+            except FloatingPointError as e:  # a non-finite gradient, update or SGNHT thermostat
+                raise ctx.diverged(g, t, step_failure(e)) from None
             if after_step is not None:  # devinterp 1.x's callbacks see the model after the update
                 after_step()
             ctx.finish_step(
