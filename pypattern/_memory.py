@@ -1,5 +1,5 @@
 """glibc's heap thresholds for the engines that allocate and free large blocks on every call (exact and
-attribution patching, the circuits engine)."""
+attribution patching, the circuits engine), and the warning of a memory budget below one unit of work."""
 
 from __future__ import annotations
 
@@ -64,3 +64,17 @@ def huge_pages_hint(t):
     if hi > lo:  # MADV_HUGEPAGE; an error (no THP in this kernel) leaves the pages as they are
         _MADVISE(lo, hi - lo, 14)
     return t
+
+
+def warn_budget_too_small(name: str, budget: float, need: int, unit: str, stacklevel: int = 2) -> None:
+    """Warn (``RuntimeWarning``) that the memory budget ``name=budget`` (bytes) is below the ``need`` bytes of the
+    smallest unit of work (``unit``, e.g. "one cell of the exact engine"), which runs anyway and may exceed it."""
+    import warnings
+
+    warnings.warn(
+        f"{name}={budget:.0f} bytes is below the working memory of {unit}, an estimated {int(need)} bytes "
+        f"({int(need) / 2**20:.1f} MiB): it runs anyway, one at a time, and may exceed the budget; give "
+        f"{name} >= {int(need)} to stay within it",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )

@@ -68,7 +68,7 @@ def test_shortlist_and_confirm_bounds_its_atp_stage_by_a_given_max_memory(monkey
     clean, corr, metric = _prompts()
     ref = attribution.shortlist_and_confirm(model, "z", clean, corr, metric=metric, k=3, max_memory=None)
     seen = _spy_parts(monkeypatch)
-    one = attribution.atp_prompt_bytes(model, clean.shape[1], metric)
+    one = attribution.atp_prompt_bytes(model, clean.shape[1], metric, False, ["z"], False)
     budget = int(2.5 * one) + attribution.pack_budget(model, 10**12)
     rows = attribution.shortlist_and_confirm(model, "z", clean, corr, metric=metric, k=3, max_memory=budget)
     assert seen == [2]  # 4 prompts in parts of 2: what fits 2.5 prompts' bytes

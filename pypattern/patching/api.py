@@ -28,7 +28,7 @@ from .corruptions import (
     mean_mask,
     position_axis,
 )
-from .engine import ExactEngine, bytes_per_cell, metric_of_rows, truncate_cache, unembed_rows
+from .engine import ExactEngine, cells_that_fit, metric_of_rows, truncate_cache, unembed_rows
 from .metrics import (
     Metric,
     bind_metric,
@@ -550,10 +550,12 @@ def engine_on_runs(
     max_batch: int | None,
     max_pack_bytes: int | None = 0,
     max_memory: int | None = None,
+    warn_budget: bool = True,
 ) -> ExactEngine:
     """The exact engine on the recorded ``runs`` (:func:`prepare_runs` with ``full_cache``), their caches cut
-    after the last metric position (:attr:`PatchingRuns.metric_rows`); ``max_memory``: the bytes its logits and the
-    metric's temporaries may take (:class:`~pypattern.patching.engine.ExactEngine`)."""
+    after the last metric position (:attr:`PatchingRuns.metric_rows`); ``max_memory``: the bytes a batch's working
+    memory, logits and metric temporaries included, may take (:class:`~pypattern.patching.engine.ExactEngine`);
+    ``warn_budget``: the engine warns when one cell does not fit."""
     return ExactEngine(
         model,
         truncate_cache(runs.cache, runs.metric_rows),
@@ -564,19 +566,31 @@ def engine_on_runs(
         max_batch=max_batch,
         max_pack_bytes=max_pack_bytes,
         max_memory=max_memory,
+        warn_budget=warn_budget,
     )
+
+
+def warn_if_over_budget(engine: ExactEngine, max_memory, packs, stacklevel: int = 3) -> None:
+    """The ``RuntimeWarning`` of a ``max_memory`` (the caller's bytes, ``packs`` of them for packed weights) below
+    the working memory of one cell, which the engine (built with ``warn_budget=False``) runs anyway."""
+    if max_memory is not None and engine.budget_too_small:
+        from .._memory import warn_budget_too_small
+
+        need = engine.memory_estimate(1) + (packs or 0)
+        unit = "one cell of the exact engine" + (f" with {packs} bytes of packed weights" if packs else "")
+        warn_budget_too_small("max_memory", max_memory, need, unit, stacklevel=stacklevel + 1)
 
 
 def engine_batch(cfg, batch: int, seq_len: int, max_batch: int | None, max_memory: int | None) -> int | None:
     """Cells per exact-engine batch: ``max_batch``, lowered so that the batch's working memory estimate
-    (:func:`~pypattern.patching.engine.bytes_per_cell`) stays within ``max_memory`` bytes (at least 1 cell). The
-    logits over the vocabulary are fitted by the engine (:class:`~pypattern.patching.engine.ExactEngine`'s
-    ``max_memory``)."""
+    (:func:`~pypattern.patching.engine.engine_bytes`, every site's per-layer rows counted) stays within
+    ``max_memory`` bytes (at least 1 cell). The logits over the vocabulary are fitted by the engine
+    (:class:`~pypattern.patching.engine.ExactEngine`'s ``max_memory``), which warns when not even one cell fits."""
     check_batch_limits(max_batch, max_memory)
     max_batch = None if max_batch is None else int(max_batch)
     if max_memory is None:
         return max_batch
-    fit = max(1, int(max_memory // bytes_per_cell(cfg, batch, seq_len)))
+    fit = max(1, cells_that_fit(cfg, batch, seq_len, max_memory))
     return fit if max_batch is None else min(fit, max_batch)
 
 
@@ -653,9 +667,12 @@ def activation_patching(
         so the values agree across settings to rounding (not bit for bit).
     max_memory : int, optional
         Exact engine: bytes of working memory per batch (default 1 GiB); the batch is the largest number of
-        cells whose estimate (:func:`~pypattern.patching.engine.bytes_per_cell`) fits, and whose logits over the
-        vocabulary with the metric's temporaries (counted once on the target run; nothing vocabulary-sized for
-        ``LogitDiff``, which reads two columns) fit too, at least one cell. Weights
+        cells whose estimate (:meth:`~pypattern.patching.engine.ExactEngine.memory_estimate`:
+        :func:`~pypattern.patching.engine.engine_bytes` and the logits over the vocabulary with
+        the metric's temporaries, counted once on the target run; nothing vocabulary-sized for ``LogitDiff``, which
+        reads two columns) fits, at least one cell: a budget below one cell's estimate runs one cell per batch
+        with a ``RuntimeWarning`` naming the bytes it needs. The batch and its estimate are reported in
+        ``info["max_batch"]`` and ``info["memory_estimate"]``. Weights
         packed for oneDNN's matmul (a copy of the blocks' float32 weights, where that matmul is the faster on the
         CPU) come out of the same budget when they take at most half of it, else none are packed. The caches of
         the clean and corrupted runs come on top. None: no bound beyond ``max_batch``.
@@ -998,19 +1015,24 @@ def _activation_patching(
             budget = max_memory if not packs else max_memory - packs
             batch = engine_batch(model.cfg, B, T_eff, max_batch, budget)
             grid = grid_of(runs)
+            estimate = None
             if grid.todo:
                 # the engine lowers the batch so that its logits (and the metric's temporaries) fit too
                 engine = engine_on_runs(
-                    model, runs, site, metric, batch, packs, max_memory=None if max_memory is None else budget
-                )
+                    model, runs, site, metric, batch, packs, max_memory=None if max_memory is None else budget,
+                    warn_budget=False,
+                )  # fmt: skip
+                warn_if_over_budget(engine, max_memory, packs, stacklevel=3)
                 batch = engine.max_batch
                 live = [i for i, c in enumerate(cells) if c.pos < T_eff]
                 dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
                 if dead:  # a patch after the metric's last row changes nothing
                     grid.values[dead] = engine.target_metric().to(grid.values)
-                grid.run(
-                    _blocks(cells, live, B, batch), lambda idx: engine.run([cells[i] for i in idx]), done=dead
-                )
+                blocks = _blocks(cells, live, B, batch)
+                # cells per engine batch: the batch setting, at most the cells of one block
+                most = max((len(b) for b in blocks), default=1)
+                estimate = engine.memory_estimate(min(batch or most, most), len(live))
+                grid.run(blocks, lambda idx: engine.run([cells[i] for i in idx]), done=dead)
             vals = grid.values
     values = vals.T.reshape(B, *shape)
     return PatchResult(
@@ -1028,5 +1050,6 @@ def _activation_patching(
             "per_position": per_position,
             "num_cells": len(cells),
             **({"max_batch": batch} if method == "exact" else {}),
+            **({"memory_estimate": estimate} if method == "exact" and estimate is not None else {}),
         },
     )

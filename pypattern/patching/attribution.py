@@ -333,7 +333,9 @@ def attribution_patching(
     activations, the logits at the metric position and the metric's temporaries) stays within it, next to
     ``max_batch`` when both are given; packed weight copies come out of it too
     (:func:`~pypattern.models.packed.pack_budget`, as in :func:`shortlist_and_confirm`'s exact stage). Splitting
-    needs a :class:`~pypattern.patching.metrics.Metric`, as with ``max_batch``.
+    needs a :class:`~pypattern.patching.metrics.Metric`, as with ``max_batch``. A budget below one prompt's
+    estimate runs one prompt per part, with a ``RuntimeWarning`` naming the bytes it needs. Each result's
+    ``info`` reports the prompts per part (``max_batch``) and their estimate (``memory_estimate``, bytes).
 
     Returns
     -------
@@ -399,21 +401,21 @@ def attribution_patching(
     # weights used for many rows (GradDrop's backward passes) may be packed for oneDNN: one copy of the weights,
     # within max_memory when it is given
     packs = block_weight_bytes(model) if max_memory is None else pack_budget(model, max_memory)
-    if max_batch is not None or max_memory is not None:
-        B, T = check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape
-        budget = None if max_memory is None else max_memory - packs
-        batch = _atp_batch(model, T, metric, max_batch, budget, grad_drop)
-        if B > batch:
-            limit = "max_batch" if budget is None or batch == max_batch else "max_memory"
-            with model.fixed_weights(max_pack_bytes=packs):
-                out = _atp_in_parts(
-                    model, clean_tokens, corrupted_tokens, metric, corruption, batch, kw, limit=limit
-                )
-            _check_corrupted_run(out)
-            _warn_if_no_gradient(out, direction, metric)
-            return out
-    with model.fixed_weights(max_pack_bytes=packs):
-        out = _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
+    B, T = check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape
+    budget = None if max_memory is None else max_memory - packs
+    batch, per = _atp_batch(model, T, metric, max_batch, budget, grad_drop, kw)
+    memory = {"max_batch": min(batch, B), "memory_estimate": min(batch, B) * per}
+    if B > batch:
+        limit = "max_batch" if budget is None or batch == max_batch else "max_memory"
+        with model.fixed_weights(max_pack_bytes=packs):
+            out = _atp_in_parts(
+                model, clean_tokens, corrupted_tokens, metric, corruption, batch, kw, limit=limit
+            )
+    else:
+        with model.fixed_weights(max_pack_bytes=packs):
+            out = _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
+    for r in out.values():
+        r.info.update(memory)
     _check_corrupted_run(out)
     _warn_if_no_gradient(out, direction, metric)
     return out
@@ -465,22 +467,60 @@ def _warn_if_no_gradient(out: dict, direction: str, metric) -> None:
         )
 
 
-def atp_prompt_bytes(model, seq_len: int, metric, grad_drop: bool = False) -> int:
+def _site_width(cfg, site: str, seq_len: int) -> int:
+    """Items per example and position of ``site``'s activation."""
+    if site in ("z", "q"):
+        return cfg.n_heads * cfg.d_head
+    if site in ("k", "v"):
+        return cfg.n_key_value_heads * cfg.d_head
+    if site == "pattern":
+        return cfg.n_heads * seq_len
+    return cfg.d_model
+
+
+#: the sites :func:`atp_prompt_bytes` counts when none are named
+_ALL_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern")
+
+
+def atp_prompt_bytes(
+    model, seq_len: int, metric, grad_drop: bool = False, sites=None, qk_fix: bool | None = None
+) -> int:
     """Memory that one prompt of ``seq_len`` positions adds to :func:`attribution_patching`'s forwards and
-    backward, an estimate: the target run keeps every layer's activations for the backward, the source run's
-    activations and the gradients at the hook points are kept next to them (about as many again each; GradDrop's
-    passes one more set), each layer's from :func:`~pypattern.patching.engine.bytes_per_cell`; and at the metric
-    position, the logits over the vocabulary of the clean, corrupted and target runs and their gradient, and the
-    metric's temporaries three times (its forward's, those its backward keeps and the backward's own;
-    :func:`~pypattern.patching.engine.metric_row_bytes`)."""
-    from .engine import bytes_per_cell, metric_row_bytes
+    backward, an estimate (an upper bound). Per layer and position, in the model's item size:
+
+    - what the target run keeps for the backward: the residual, its norms and the branches' outputs
+      (``8 d_model``), q/k/v/z and the rotated queries and keys (``5 n_heads d_head``, and ``2 (n_heads +
+      n_key_value_heads) d_head`` with rotary positions; keys and values repeated over the query heads under
+      grouped-query attention), the MLP's activations (``2 d_mlp``, ``4 d_mlp`` when gated) and the scores and
+      pattern (``2 n_heads seq_len``), and as much again for one layer (the backward's gradients of a layer);
+    - for each site in ``sites`` (default every site), the source run's activation and the gradient there (with
+      ``grad_drop`` one more gradient); with ``qk_fix`` (default: ``grad_drop``) and a ``q`` or ``k`` site, the
+      recomputed scores and pattern (``2 n_heads seq_len``);
+
+    and at the metric position, the logits over the vocabulary of the clean, corrupted and target runs and their
+    gradient, and the metric's temporaries three times (its forward's, those its backward keeps and the
+    backward's own; :func:`~pypattern.patching.engine.metric_row_bytes`). Against the peak of the tensors a call
+    makes, measured op by op on small models (GPT-2-, NeoX- and Llama-shaped, every site, AtP and AtP*), it is
+    1.2-2x the increase per prompt (``tests/test_patching_audit_memory.py``)."""
+    from .engine import metric_row_bytes
 
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
-    item = max(
-        torch.empty((), dtype=dtype).element_size(), 4
-    )  # a 16-bit model's metric is computed in float32
-    acts = (4 if grad_drop else 3) * cfg.n_layers * bytes_per_cell(cfg, 1, seq_len, dtype)
+    own = dtype.itemsize
+    item = max(own, 4)  # a 16-bit model's metric is computed in float32
+    d, H, Hkv, dh, T = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, int(seq_len)
+    mlp = 0 if cfg.attn_only else (4 if cfg.gated_mlp else 2) * cfg.d_mlp
+    per_row = 8 * d + 5 * H * dh + mlp + 2 * H * T
+    if cfg.rotary:
+        per_row += 2 * (H + Hkv) * dh
+    if Hkv < H:  # the keys and values repeated over the query heads of their group
+        per_row += 2 * (H - Hkv) * dh
+    sites = _ALL_SITES if sites is None else [sites] if isinstance(sites, str) else list(sites)
+    qk_fix = grad_drop if qk_fix is None else qk_fix
+    per_row += (3 if grad_drop else 2) * sum(_site_width(cfg, s, T) for s in sites)
+    if qk_fix and any(s in ("q", "k") for s in sites):
+        per_row += 2 * H * T
+    acts = (cfg.n_layers + 1) * T * per_row * own  # and one layer's gradients at once in the backward
     device = next(model.parameters()).device
     one = metric.select(slice(0, 1)) if isinstance(metric, Metric) else metric
     if isinstance(
@@ -491,13 +531,23 @@ def atp_prompt_bytes(model, seq_len: int, metric, grad_drop: bool = False) -> in
     return int(acts + 4 * cfg.d_vocab * item + 3 * metric_row_bytes(model, x, one))
 
 
-def _atp_batch(model, seq_len: int, metric, max_batch, max_memory, grad_drop: bool) -> int:
-    """Prompts per forward and backward of :func:`attribution_patching`: ``max_batch`` (checked), lowered so that
-    :func:`atp_prompt_bytes` of them stays within ``max_memory`` bytes (at least 1); no bound is a huge count."""
+def _atp_batch(
+    model, seq_len: int, metric, max_batch, max_memory, grad_drop: bool, kw=None
+) -> tuple[int, int]:
+    """Prompts per forward and backward of :func:`attribution_patching` and :func:`atp_prompt_bytes` of one:
+    ``max_batch`` (checked), lowered so that that many prompts stay within ``max_memory`` bytes (at least 1,
+    with a ``RuntimeWarning`` when not even one does); no bound is a huge count."""
+    kw = kw or {}
+    per = atp_prompt_bytes(model, seq_len, metric, grad_drop, kw.get("sites"), kw.get("qk_fix"))
     batch = 2**62 if max_batch is None else int(max_batch)
     if max_memory is not None:
-        batch = min(batch, max(1, int(max_memory // atp_prompt_bytes(model, seq_len, metric, grad_drop))))
-    return batch
+        fit = int(max_memory // per)
+        if fit < 1:
+            from .._memory import warn_budget_too_small
+
+            warn_budget_too_small("max_memory", max_memory, per, "one prompt of attribution patching", 3)
+        batch = min(batch, max(1, fit))
+    return batch, per
 
 
 def _atp_in_parts(
@@ -940,7 +990,7 @@ def shortlist_and_confirm(
         metric scale: ``m_patched - m_target``; ``pos`` only per position; ties in grid order).
     """
     from ..models.convert import converted_if_convertible
-    from .api import _exact_or_naive, _naive, engine_on_runs, prepare_runs
+    from .api import _exact_or_naive, _naive, engine_on_runs, prepare_runs, warn_if_over_budget
 
     if not is_count(k) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
@@ -995,8 +1045,10 @@ def shortlist_and_confirm(
             batch = engine_batch(model.cfg, runs.B, T_eff, max_batch, budget)
             # the engine lowers the batch so that its logits (and the metric's temporaries) fit too
             eng = engine_on_runs(
-                model, runs, site, metric, batch, packs, max_memory=None if max_memory is None else budget
-            )
+                model, runs, site, metric, batch, packs, max_memory=None if max_memory is None else budget,
+                warn_budget=False,
+            )  # fmt: skip
+            warn_if_over_budget(eng, max_memory, packs, stacklevel=2)
             tgt = eng.target_metric()
             vals = dict(zip(live, eng.run(live))) if live else {}
     out = []

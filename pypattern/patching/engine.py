@@ -54,6 +54,8 @@ from .sites import HEAD_SITES, KV_SITES, Cell, check_site, hook_name
 __all__ = [
     "ExactEngine",
     "bytes_per_cell",
+    "cells_that_fit",
+    "engine_bytes",
     "metric_of_rows",
     "truncate_cache",
     "unembed_product",
@@ -166,15 +168,63 @@ def metric_row_bytes(model, x: torch.Tensor, metric) -> int:
     return -(-got // max(B, 1))
 
 
-def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
-    """Working memory of one cell in an engine batch (an estimate of the largest live tensors of one block); the
-    logits over the vocabulary and the metric's temporaries come at the end of a batch, counted apart (given
-    ``max_memory``, :class:`ExactEngine` lowers its batch and the rows it unembeds together to fit them,
-    :func:`metric_row_bytes`).
+def engine_bytes(
+    cfg, batch: int, seq_len: int, cells: int = 1, site: str | None = None, dtype: torch.dtype | None = None
+) -> int:
+    """Working memory of :class:`ExactEngine` running batches of ``cells`` cells on prompts ``(batch, seq_len)``,
+    an upper bound of the tensors it holds at once (the logits over the vocabulary and the metric's temporaries
+    come at the end of a batch and are counted apart, :func:`metric_row_bytes`; the cached runs come on top).
 
-    Per example and row: the residual and its norm, q/k/v, z and ``attn_out`` (about ``8 d_model + 5 n_heads
-    d_head``), the MLP's hidden activations (``2 d_mlp``, ``3 d_mlp`` when gated) and the scores and pattern
-    (``2 n_heads seq_len``), times ``batch * seq_len`` rows and the item size.
+    With ``R = batch * seq_len`` rows per cell and ``c`` the item size:
+
+    - the residual of the cells, in two buffers: ``2 cells R d_model c``;
+    - one chunk's temporaries, over ``min(cells R, max(CHUNK_ROWS, R))`` rows, those of the attention or of the
+      MLP at once: the residual, its norm and the branch's output (``3 d_model``), the queries or z
+      (``n_heads d_head``), and the larger of the MLP's hidden activations (``2 d_mlp``, ``3 d_mlp`` when gated)
+      and the scores and pattern (``2 n_heads seq_len``) per row;
+    - the chunk's keys and values, repeated per cell: ``2 n_key_value_heads d_head seq_len c`` per example
+      and cell, over at most ``min(cells batch, max(CHUNK_ROWS, batch))`` of them;
+    - the target run's keys and values laid out head-major, and what the cells of a single position compute at
+      their own layer (``resid_pre``: that row's query, key and value; ``attn_out``/``resid_mid``: the residual
+      after the block), for every layer.
+
+    Against the peak of the tensors the engine makes, measured op by op on small models (d_model 64-128) over
+    every site, per position and over all positions, this is an upper bound, 1.1-1.7x that peak for batches
+    over the first positions (up to about 2.4x on grids whose later positions hold fewer rows;
+    ``tests/test_patching_audit_memory.py``).
+
+    Parameters
+    ----------
+    cfg : TransformerConfig
+    batch, seq_len : int
+        Prompts ``(batch, seq_len)`` (after truncation at the metric position).
+    cells : int
+        Cells per engine batch.
+    site : str, optional
+        The patched site (``resid_pre``, ``attn_out`` and ``resid_mid`` keep per-layer rows); None counts them.
+    dtype : torch.dtype, optional
+        Default ``cfg.dtype``.
+    """
+    item = torch.empty((), dtype=dtype or cfg.dtype, device="cpu").element_size()
+    d, H, Hkv, dh, L = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.n_layers
+    cells, R = max(1, int(cells)), int(batch) * int(seq_len)
+    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * cfg.d_mlp
+    per_row = 3 * d + H * dh + max(mlp, 2 * H * seq_len)
+    chunk_rows = min(cells * R, max(ExactEngine.CHUNK_ROWS, R))
+    key_rows = min(cells * int(batch), max(ExactEngine.CHUNK_ROWS, int(batch)))
+    total = 2 * cells * R * d + chunk_rows * per_row + key_rows * 2 * Hkv * dh * seq_len
+    total += L * 2 * R * Hkv * dh  # the cached keys and values, head-major
+    if site is None or site == "resid_pre":
+        total += L * R * (H + 2 * Hkv) * dh
+    if site is None or site in ("attn_out", "resid_mid"):
+        total += L * R * d
+    return int(total * item)
+
+
+def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = None) -> int:
+    """Working memory of an engine batch of one cell: :func:`engine_bytes` with ``cells=1`` (every site's
+    per-layer rows counted); a batch of ``n`` cells takes :func:`engine_bytes` with ``cells=n``, less than ``n``
+    times this (a chunk's temporaries and the cached layouts are shared by the cells).
 
     Parameters
     ----------
@@ -184,10 +234,27 @@ def bytes_per_cell(cfg, batch: int, seq_len: int, dtype: torch.dtype | None = No
     dtype : torch.dtype, optional
         Default ``cfg.dtype``.
     """
-    item = torch.empty((), dtype=dtype or cfg.dtype, device="cpu").element_size()
-    mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * cfg.d_mlp
-    per_row = 8 * cfg.d_model + 5 * cfg.n_heads * cfg.d_head + mlp + 2 * cfg.n_heads * seq_len
-    return int(batch * seq_len * per_row * item)
+    return engine_bytes(cfg, batch, seq_len, 1, None, dtype)
+
+
+def cells_that_fit(
+    cfg, batch: int, seq_len: int, max_memory: float, site=None, dtype=None, extra=None
+) -> int:
+    """The most cells per engine batch whose :func:`engine_bytes` (plus ``extra(cells)`` bytes, when given) stays
+    within ``max_memory`` bytes; 0 when not even one cell does."""
+
+    def need(c: int) -> int:
+        return engine_bytes(cfg, batch, seq_len, c, site, dtype) + (0 if extra is None else extra(c))
+
+    if need(1) > max_memory:
+        return 0
+    lo, hi = 1, 2
+    while need(hi) <= max_memory and hi < 2**40:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:  # need(lo) fits, need(hi) does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if need(mid) <= max_memory else (lo, mid)
+    return lo
 
 
 class _Patch:
@@ -222,10 +289,14 @@ class ExactEngine:
         (:meth:`Transformer.fixed_weights <pypattern.models.Transformer.fixed_weights>`); 0 (default): none, None:
         no bound.
     max_memory : int, optional
-        Bytes the logits over the vocabulary (and the metric's temporaries, :func:`metric_row_bytes`, measured
-        once on the target run's rows) may take at once: ``max_batch`` is lowered so that one batch's logits fit,
-        and fewer than :attr:`UNEMBED_ROWS` rows are unembedded together when those would not. None (default): no
-        bound beyond ``max_batch``.
+        Bytes of working memory a batch may take (:meth:`memory_estimate`: :func:`engine_bytes` and the logits
+        over the vocabulary with the metric's temporaries, :func:`metric_row_bytes`, measured once on the target
+        run's rows): ``max_batch`` is lowered so that one batch fits, and fewer than :attr:`UNEMBED_ROWS` rows are
+        unembedded together when those would not. None (default): no
+        bound beyond ``max_batch``. A budget below one cell's working memory (:meth:`memory_estimate`) runs one
+        cell per batch and sets :attr:`budget_too_small`.
+    warn_budget : bool
+        Warn (``RuntimeWarning``) when ``max_memory`` is below one cell's working memory (default True).
     """
 
     #: rows (cells x examples x positions) that one block processes at a time: the activations of a chunk stay
@@ -243,6 +314,7 @@ class ExactEngine:
         max_batch: int | None = None,
         max_pack_bytes: int | None = 0,
         max_memory: int | None = None,
+        warn_budget: bool = True,
     ) -> None:
         from .._checks import is_count, is_real
 
@@ -265,6 +337,10 @@ class ExactEngine:
             )
         self.max_batch = None if max_batch is None else int(max_batch)
         self._flush_rows = None  # rows unembedded together, when max_memory lowers UNEMBED_ROWS
+        self._row: int | None = None  # bytes per row of logits and metric temporaries (_row_bytes)
+        self._warn_budget = bool(warn_budget)
+        #: True when ``max_memory`` is below the working memory of one cell (one cell per batch runs anyway)
+        self.budget_too_small = False
         self.uniform = isinstance(position, int)
         self.m = position
         x = target_cache["blocks.0.hook_resid_pre"]
@@ -293,18 +369,55 @@ class ExactEngine:
         if max_memory is not None:
             self._fit_logits(float(max_memory))
 
-    @torch.no_grad()
+    def _row_bytes(self) -> int:
+        """Bytes per row of the logits and the metric's temporaries (:func:`metric_row_bytes`, counted once on the
+        target run's final rows)."""
+        if self._row is None:
+            with torch.no_grad():
+                x = self._final_rows(self.tgt[-1]["resid_post"].unsqueeze(0), 0)[0]
+                self._row = max(1, metric_row_bytes(self.model, x, self.metric))
+        return self._row
+
+    def memory_estimate(self, cells: int | None = None, grid_cells: int | None = None) -> int:
+        """Bytes of working memory of a batch of ``cells`` cells (default :attr:`max_batch`; 1 without one):
+        :func:`engine_bytes` and the logits and metric temporaries of the rows unembedded at once (the rows
+        gathered before an unembedding, fewer than :attr:`UNEMBED_ROWS`, and the last batch's; at most those of
+        ``grid_cells`` cells, the cells of the run, when given). The cached runs (``target_cache``, ``source``)
+        come on top."""
+        c = max(1, int(cells if cells is not None else self.max_batch or 1))
+        flush = self.UNEMBED_ROWS if self._flush_rows is None else min(self.UNEMBED_ROWS, self._flush_rows)
+        rows = flush - 1 + c * self.B
+        if grid_cells is not None:
+            rows = min(rows, max(c, int(grid_cells)) * self.B)
+        cells_part = engine_bytes(self.cfg, self.B, self.T, c, self.site, self.dtype)
+        return int(cells_part + rows * self._row_bytes())
+
     def _fit_logits(self, max_memory: float) -> None:
-        """Lower ``max_batch`` so that one batch's logits (and the metric's temporaries) fit in ``max_memory``, and
-        the rows gathered before an unembedding so that those gathered (fewer than the threshold, then a batch)
-        fit too: at most ``max_memory / row_bytes`` rows at once."""
-        x = self._final_rows(self.tgt[-1]["resid_post"].unsqueeze(0), 0)[0]
-        row = max(1, metric_row_bytes(self.model, x, self.metric))
-        rows = int(max_memory // row)  # rows of logits that fit
-        fit = max(1, rows // self.B)
+        """Lower ``max_batch`` so that one batch's working memory (:func:`engine_bytes`) with its logits (and the
+        metric's temporaries) fits in ``max_memory``, and the rows gathered before an unembedding so that those
+        gathered (fewer than the threshold, then a batch) fit too. When not even one cell fits, one cell per batch
+        runs, with a ``RuntimeWarning`` unless ``warn_budget`` is False (:attr:`budget_too_small` is True)."""
+        row = self._row_bytes()
+        fit = cells_that_fit(
+            self.cfg, self.B, self.T, max_memory, self.site, self.dtype, extra=lambda c: c * self.B * row
+        )
+        self.budget_too_small = fit == 0
+        fit = max(1, fit)
         self.max_batch = fit if self.max_batch is None else min(fit, self.max_batch)
+        used = engine_bytes(self.cfg, self.B, self.T, self.max_batch, self.site, self.dtype)
         # a flush holds fewer than the threshold's rows plus the last batch's
-        self._flush_rows = max(1, min(self.UNEMBED_ROWS, rows - self.max_batch * self.B + 1))
+        left = int((max_memory - used) // row) - self.max_batch * self.B
+        self._flush_rows = max(1, min(self.UNEMBED_ROWS, left + 1))
+        if self.budget_too_small and self._warn_budget:
+            from .._memory import warn_budget_too_small
+
+            warn_budget_too_small(
+                "max_memory",
+                max_memory,
+                self.memory_estimate(1),
+                "one cell of the exact engine",
+                stacklevel=3,
+            )
 
     def _range(self, start: int, stop: int) -> torch.Tensor:
         """``arange(start, stop)`` (int64) on the engine's device: a slice of the positions made once."""

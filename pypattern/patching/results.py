@@ -41,6 +41,15 @@ class PatchResult(Saveable):
     coords : dict[str, list]
         Labels along each grid dimension.
     site, direction, metric, method : str
+    info : dict
+        Settings and bookkeeping of the run. Exact patching (``method="exact"``): ``window``, ``per_position``,
+        ``num_cells``, ``max_batch`` (cells per engine batch, after ``max_memory`` lowered it; None: all cells of a
+        position) and ``memory_estimate`` (bytes of working memory of one such batch, the engine's estimate,
+        :meth:`ExactEngine.memory_estimate <pypattern.patching.engine.ExactEngine.memory_estimate>`; the cached
+        clean and corrupted runs and packed weights come on top; absent when a checkpoint held every cell).
+        Attribution patching: ``per_position``, ``max_batch`` (prompts per forward and backward) and ``memory_estimate`` (bytes,
+        that many times :func:`~pypattern.patching.attribution.atp_prompt_bytes`), with ``grad_drop``
+        ``graddrop``, the GradDrop scores ``(batch, *grid)``.
     """
 
     values: torch.Tensor
