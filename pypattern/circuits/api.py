@@ -46,7 +46,7 @@ from ..patching.metrics import (
     warn_no_op,
     warn_nonfinite_examples,
 )
-from .engine import EdgeEngine, call_warned, prepare_runs
+from .engine import _CALL_WARNED, EdgeEngine, call_warned, prepare_runs
 from .graph import Edge, EdgeGraph, check_graph_arg
 from .results import Circuit, EdgeScores, PruningCurve, rank_order
 
@@ -202,6 +202,11 @@ def _materialised(edges):
         return torch.from_numpy(np.ascontiguousarray(edges))
     if isinstance(edges, (torch.Tensor, Edge, str, list, tuple)):
         return edges
+    if isinstance(edges, EdgeScores):
+        raise TypeError(
+            f"edges={edges!r} scores every edge; give a set of edges: edges.circuit(n=...) (the top n by |score|) "
+            "or edges.top(n)"
+        )
     try:
         return list(edges)
     except TypeError:
@@ -318,7 +323,10 @@ def patch_edges(
     Returns
     -------
     Tensor ``(batch,)`` for one set, ``(C, batch)`` for a batch of sets, on the model's device (the metric's
-    values as the runs computed them; prompts on another device are moved to the model's).
+    values as the runs computed them; prompts on another device are moved to the model's). Where patching cannot
+    change the metric whatever the model (corrupted prompts equal to the clean ones, a mean ablation over one
+    prompt, a ``LogitDiff`` whose answer and wrong tokens are the same), a RuntimeWarning says so, as
+    :func:`edge_attribution` does.
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
     model = _converted(model, "patch_edges")
@@ -343,6 +351,8 @@ def patch_edges(
         call="patch_edges",
         mean_mask=mean_mask,
     )
+    if not _CALL_WARNED.get():  # (edge_attribution's own check of its scores calls patch_edges: warned there)
+        _warn_if_no_op("patch_edges", clean, corrupted, metric, ablation, "patched edge's effect")
     vals = engine.run(masks)
     return vals[0] if single else vals
 

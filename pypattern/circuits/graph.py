@@ -405,7 +405,13 @@ class EdgeGraph:
         import difflib
 
         name = edge.name if isinstance(edge, Edge) else str(edge)
-        close = difflib.get_close_matches(name, [e.name for e in self.edges], n=1, cutoff=0.6)
+        names = [e.name for e in self.edges]
+        # a name in other case or with spaces: that name, not its nearest neighbour
+        plain = {n.lower(): n for n in names}
+        folded = "".join(name.split()).lower()
+        if folded in plain:
+            return f"; did you mean {plain[folded]!r}? (names are case-sensitive, without spaces)"
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
         if close:
             return f"; did you mean {close[0]!r}?"
         return "; [e.name for e in graph.edges] lists them (graph = pypattern.circuits.edges(model))"

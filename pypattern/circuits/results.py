@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from .. import io
 from .._checks import is_count, is_real
 from .._plotting import figure_axes, finish
+from ..sampling.diagnostics import user_stacklevel
 from ..sampling.results import check_arrays
 from .graph import Edge, EdgeGraph, check_graph_arg
 
@@ -751,10 +753,12 @@ def draw_circuit(
     Edge width is proportional to ``|score|`` (blue: positive, red: negative); an edge into a head's query ends
     left of the head, key at its centre, value right, with solid / dashed / dotted lines. Per-position edges are
     summed over positions. Nodes without a kept edge are drawn faintly. The ``annotate`` edges with the largest
-    ``|score|`` are labelled with their score; at most ``max_edges`` edges (those with the largest ``|score|``) are
-    drawn. ``mask``: a bool mask ``(num_edges,)`` (or one of 0s and 1s), or the edges or their names; ``scores``:
-    one number per edge. With ``path`` the figure is written there (``ax``'s figure when ``ax`` is given; else a
-    figure outside pyplot, leaving matplotlib's backend and pyplot's figures as they are).
+    ``|score|`` are labelled with their score (an edge whose score is NaN comes after every number, thin and grey).
+    At most ``max_edges`` edges (those with the largest ``|score|``) are drawn: with more in ``mask`` a warning
+    says how many were left out and the figure carries a note (``max_edges=None`` draws every one). ``mask``: a
+    bool mask ``(num_edges,)`` (or one of 0s and 1s), or the edges or their names; ``scores``: one number per edge.
+    With ``path`` the figure is written there (``ax``'s figure when ``ax`` is given; else a figure outside pyplot,
+    leaving matplotlib's backend and pyplot's figures as they are).
     """
     check_graph_arg(graph, "graph", optional=False)
     mask = edge_mask(graph, mask, "mask")
@@ -774,10 +778,18 @@ def draw_circuit(
         e = graph[i]
         key = (e.src, e.dst, e.qkv)
         agg[key] = agg.get(key, 0.0) + float(sc[i])
-    items = sorted(agg.items(), key=lambda kv: -abs(kv[1]))
-    if max_edges is not None:
+    # largest |score| first; NaN scores last (a NaN compares false both ways, so it would scramble the order)
+    items = sorted(agg.items(), key=lambda kv: (math.isnan(kv[1]), 0.0 if math.isnan(kv[1]) else -abs(kv[1])))
+    dropped = 0 if max_edges is None else max(0, len(items) - max_edges)
+    if dropped:
+        what = "node pairs (per-position edges summed over positions)" if graph.per_position else "edges"
+        warnings.warn(
+            f"draw_circuit draws {max_edges} of the {len(items)} {what} of the mask, those with the largest "
+            f"|score|, and leaves out {dropped}; give max_edges=None (or a larger number) to draw every one",
+            stacklevel=user_stacklevel(),
+        )
         items = items[:max_edges]
-    smax = max([abs(v) for _, v in items], default=1.0) or 1.0
+    smax = max([abs(v) for _, v in items if math.isfinite(v)], default=1.0) or 1.0
     w = max(6.0, 1.3 * graph.n_heads + 2)
     h = max(4.0, 1.1 * (max(p[1] for p in pos.values()) + 1))
     fig, ax, own = figure_axes(path, ax, (w, h))
@@ -787,8 +799,8 @@ def draw_circuit(
     for rank, ((src, dst, qkv), v) in enumerate(items):
         x0, y0 = pos[src]
         x1, y1 = pos[dst]
-        lw = 0.5 + 4.5 * abs(v) / smax
-        color = "tab:blue" if v >= 0 else "tab:red"
+        lw = 0.5 if math.isnan(v) else 5.0 if math.isinf(v) else 0.5 + 4.5 * abs(v) / smax
+        color = "grey" if math.isnan(v) else "tab:blue" if v >= 0 else "tab:red"
         rad = 0.15 if abs(x1 - x0) < 1e-6 and abs(y1 - y0) > 1.5 else 0.05
         arr = FancyArrowPatch(
             (x0, y0 + 0.12),
@@ -835,6 +847,17 @@ def draw_circuit(
         Line2D([0], [0], color="tab:red", lw=3, label="score < 0"),
     ]
     ax.legend(handles=legend, loc="upper left", fontsize=7, frameon=False)
+    if dropped:
+        ax.text(
+            0.99,
+            0.01,
+            f"{max_edges} of {len(items) + dropped} edges drawn (largest |score|; max_edges={max_edges})",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="grey",
+        )
     if title:
         ax.set_title(title, fontsize=10)
     finish(fig, path, own)
