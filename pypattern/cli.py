@@ -20,6 +20,8 @@
 
 Every run ends with a short summary; full results go to files under --out, whose paths are printed.
 --quick runs any demo at tiny sizes (seconds to a minute): a check that it runs, not a measurement.
+--threads N sets torch's thread count for any command that computes; with --model, --device DEV (cpu, cuda or
+cuda:<index>) is where the model runs.
 """
 
 from __future__ import annotations
@@ -172,6 +174,49 @@ def _step_size(text: str) -> float | str:
         return positive_float(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be a number > 0 or 'auto', got {text!r}") from None
+
+
+def device_type(text: str):
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:<index>`` that exists here (a ``torch.device``)."""
+    from .circuits.cli import check_device
+
+    try:
+        return check_device(text, "--device")
+    except ValueError as e:
+        message, name = str(e), f"--device {text!r}"
+        raise argparse.ArgumentTypeError(
+            repr(text) + message[len(name) :] if message.startswith(name) else message
+        ) from None
+
+
+#: the default of --threads, by the runs a command makes (a local model; the built-in demo)
+_THREADS_DEFAULT = {
+    "model": "torch's own count, which follows OMP_NUM_THREADS",
+    "both": "with --model torch's own count, which follows OMP_NUM_THREADS; the built-in demo's own: 1",
+    "demo": "each demo's own: 1 while it trains and samples",
+}
+
+
+def _compute_args(p: argparse.ArgumentParser, runs: str) -> None:
+    """``--threads`` (every command that computes) and, where a command runs a local model, ``--device`` (where
+    the model runs). ``runs``: a key of :data:`_THREADS_DEFAULT`."""
+    _flag(
+        p,
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help=f"torch's thread count while the command runs (default: {_THREADS_DEFAULT[runs]})",
+    )
+    device = runs != "demo"
+    if device:
+        _flag(
+            p,
+            "--device",
+            type=device_type,
+            metavar="DEV",
+            applies=MODEL_ONLY,
+            help="with --model: where the model runs: cpu (the default), cuda or cuda:<index>",
+        )
 
 
 def _sites(text: str) -> tuple[str, ...]:
@@ -387,6 +432,11 @@ def _user_run(args) -> int:
         _warn_larger("--batch-size", args.batch_size, n, "one batch of")
     dtype = torch.float64 if args.float64 else None
     if args.cmd == "patch":
+        if args.corrupted is not None:  # as --data: checked before the model is converted (after its name)
+            from .circuits.cli import _check_model_folder
+
+            _check_model_folder(args.model, "--model")
+            mod.load_tokens(args.corrupted, argument="corrupted")
         if "max_prompts" in args.given and args.max_prompts > n:
             _warn_larger("--max-prompts", args.max_prompts, n, "patching")
         res = mod.run_user_patch(
@@ -498,6 +548,7 @@ def _parser() -> argparse.ArgumentParser:
         help="patterning and equivalence only: full sizes (more seeds and draws) instead of reduced",
     )
     size.add_argument("--quick", action="store_true", help=quick_help)
+    _compute_args(d, "demo")
     llc = sub.add_parser(
         "llc",
         help="estimate the LLC of a small MLP trained on a teacher task, or of your model (--model, --data)",
@@ -511,6 +562,7 @@ def _parser() -> argparse.ArgumentParser:
     _flag(llc, "--quick", action="store_true", applies=DEMO_ONLY, help=f"built-in demo only: {quick_help}")
     _user_args(llc)
     _sampler_args(llc, draws=100, quiet_help="no progress bars")
+    _compute_args(llc, "both")
     patch = sub.add_parser(
         "patch",
         help="activation and attribution patching on the built-in model and task, or on your model",
@@ -564,6 +616,7 @@ def _parser() -> argparse.ArgumentParser:
         applies=MODEL_ONLY,
         help="with --model: no progress bars",
     )
+    _compute_args(patch, "both")
     circ = sub.add_parser(
         "circuit",
         help="edge-level circuit discovery (EAP, EAP-IG, exact), pruning curves, circuit drawing",
@@ -589,6 +642,7 @@ def _parser() -> argparse.ArgumentParser:
         help="probe on the first N sequences of --data (default: 8; more than --data holds: all, with a warning)",
     )
     _sampler_args(chi, draws=50, quiet_help="no progress bars")
+    _compute_args(chi, "model")
     be = sub.add_parser(
         "backends",
         help="list the kernel backends and why any is unavailable",
@@ -1006,11 +1060,19 @@ def _main(argv: list[str] | None, program: bool) -> int:
     as ``pypattern`` or ``python -m pypattern.circuits.cli`` are), so the signal handlers are not put back."""
     import warnings
 
+    from ._threads import command_threads
+    from .circuits.cli import models_on
+
     parser = _parser()
     args = parser.parse_args(argv)
     sub = parser.commands[args.cmd]
     if args.cmd == "demo" and args.full and args.what not in ("patterning", "equivalence", "interpretive"):
         sub.error(f"--full applies to 'patterning' and 'equivalence' only, not to {args.what!r}")
+    if args.cmd == "demo" and args.threads is not None and args.what in ("equivalence", "interpretive"):
+        sub.error(
+            f"--threads applies to the demos main, patterning, flags and cka, not to {args.what!r} (its pool of "
+            "models trains in worker processes that set their own thread count)"
+        )
     _resolve(sub, args)
     if args.cmd == "circuit":
         importlib.import_module("pypattern.circuits.cli").check_args(sub, args)
@@ -1029,7 +1091,12 @@ def _main(argv: list[str] | None, program: bool) -> int:
     held = None  # SIGINT's handler before main held it (see _hold_sigint)
     try:
         # SIGTERM, as Ctrl-C: the long loops write their checkpoints and the command ends with its message
-        with sigterm_as_interrupt(), _quiet_transformers(getattr(args, "quiet", False)):
+        with (
+            sigterm_as_interrupt(),
+            _quiet_transformers(getattr(args, "quiet", False)),
+            command_threads(getattr(args, "threads", None)),  # --threads, over every experiment's own count
+            models_on(getattr(args, "device", None)),  # --device: every model loaded from --model goes there
+        ):
             code = _run(args)
             _warn_earlier_outputs(args, before)
         sys.stdout.flush()

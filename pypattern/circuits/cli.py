@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import os
 import sys
 import time
@@ -40,11 +41,65 @@ def _named(argument: str, value: str) -> str:
     return f"{argument} {value!r}" if argument.startswith("--") else f"{argument}={value!r}"
 
 
-def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str = "model_dir"):
+#: the device the command line's ``--device`` names, where :func:`load_model_dir` puts the models it loads while
+#: :func:`models_on` is in effect (None: where they load, the CPU)
+_MODEL_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar(
+    "model_device", default=None
+)
+
+
+def check_device(device, argument: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that exists here: ``cpu``, or ``cuda``/``cuda:<index>`` where torch sees
+    that CUDA device. Raises ValueError naming ``argument`` (the command line passes ``"--device"``) and what would
+    be valid: a value torch cannot read as a device, another device type, CUDA where torch reports none, an index
+    past the visible devices."""
+    name = _named(argument, str(device)) if isinstance(device, str) else f"{argument}={device!r}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} is not a device; give cpu, cuda or cuda:<index>") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"{name}: the {dev.type} device is not supported; give cpu, cuda or cuda:<index>")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"{name}: torch reports no usable CUDA device here (torch.cuda.is_available() is False); give cpu"
+        )
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"{name}: only {count} CUDA device{'' if count == 1 else 's'} visible; give cuda:0 .. cuda:{count - 1}"
+        )
+    return dev
+
+
+@contextlib.contextmanager
+def models_on(device):
+    """Inside the block :func:`load_model_dir` moves every model it loads to ``device`` (checked by
+    :func:`check_device`); ``None`` changes nothing. The estimators move their inputs to the model's device."""
+    if device is None:
+        yield
+        return
+    token = _MODEL_DEVICE.set(check_device(device))
+    try:
+        yield
+    finally:
+        _MODEL_DEVICE.reset(token)
+
+
+def load_model_dir(
+    path: str,
+    dtype: torch.dtype | None = None,
+    *,
+    argument: str = "model_dir",
+    device: str | torch.device | None = None,
+):
     """A :class:`~pypattern.models.Transformer` from ``path/config.json`` and ``path/weights.npz`` (or
     ``path/model.safetensors``), or a Hugging Face ``save_pretrained`` directory (its ``config.json`` names a
     ``model_type``), converted with :func:`pypattern.from_pretrained`. Nothing is unpickled. ``dtype``: load in
-    that dtype instead of the saved one.
+    that dtype instead of the saved one. ``device``: move the model there (checked by :func:`check_device`);
+    None: the device :func:`models_on` names, else where it loads (the CPU).
 
     Raises
     ------
@@ -59,17 +114,7 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str
     from ..models.transformer import Transformer, TransformerConfig
 
     name = _named(argument, path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"{name}: the model directory "
-            + ("is a file, not a directory" if os.path.exists(path) else "does not exist")
-            + "; give a directory with config.json and the weights (a save_pretrained directory, or pypattern's own)"
-        )
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(
-            f"{name} has no config.json (fields of TransformerConfig, or a Hugging Face config)"
-        )
+    cfg_path = _check_model_folder(path, argument)
     from ..models.convert import read_config
 
     cfg = read_config(path, argument)
@@ -87,7 +132,7 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str
                 msg if name in msg else f"{name}: {msg}"
             ) from e
         model.eval()
-        return model
+        return _moved(model, device)
     import dataclasses
 
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -163,7 +208,31 @@ def load_model_dir(path: str, dtype: torch.dtype | None = None, *, argument: str
         )
     model.load_state_dict(state)
     model.eval()
-    return model
+    return _moved(model, device)
+
+
+def _check_model_folder(path: str, argument: str) -> str:
+    """``path/config.json``; FileNotFoundError naming ``path`` as ``argument`` when ``path`` is no directory or
+    holds no config.json (checks that read no file, made before anything else)."""
+    name = _named(argument, path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{name}: the model directory "
+            + ("is a file, not a directory" if os.path.exists(path) else "does not exist")
+            + "; give a directory with config.json and the weights (a save_pretrained directory, or pypattern's own)"
+        )
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(
+            f"{name} has no config.json (fields of TransformerConfig, or a Hugging Face config)"
+        )
+    return cfg_path
+
+
+def _moved(model, device):
+    """``model`` on ``device`` (None: the device :func:`models_on` names, else where it is)."""
+    dev = _MODEL_DEVICE.get() if device is None else check_device(device)
+    return model if dev is None else model.to(dev)
 
 
 def _ids(z, key: str, path: str, ndim: int) -> torch.Tensor:
@@ -281,11 +350,12 @@ def load_prompts(
 def user_prompts(model, tokens: str, corrupted: str | None = None):
     """``(clean, corrupted, metric, ablation)`` for ``model`` from a prompt file (see the module docstring): an
     ``.npz`` with ``clean``, ``corrupted`` and ``answer`` as :func:`load_prompts` reads, or a plain token file with
-    an optional corrupted token file."""
+    an optional corrupted token file. ``model=None``: each token file checked alone, without a model (format,
+    dtype, shape, ids >= 0), before one is loaded (a prompt file is checked once the model is); returns None."""
     from ..experiments.user_model import load_tokens, token_limits
     from ..patching import LogProb
 
-    limits = token_limits(model)
+    limits = {} if model is None else token_limits(model)
     if tokens.lower().endswith(".npz"):
         full = False  # a file that cannot be read as prompts: load_tokens says why
         with contextlib.suppress(ValueError, OSError, EOFError, zipfile.BadZipFile):
@@ -294,6 +364,8 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
                 with z:
                     full = "clean" in z.files
         if full:
+            if model is None:
+                return None
             if corrupted is not None:
                 raise ValueError(
                     f"corrupted={corrupted!r} is not read with tokens={tokens!r}, a prompt file holding its own "
@@ -306,6 +378,9 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     corr = None
     if corrupted is not None:
         corr = load_tokens(corrupted, **limits, argument="corrupted")
+    if model is None:
+        return None
+    if corr is not None:
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match that of the clean prompts, "
@@ -323,8 +398,10 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
             "prompts, which is then each prompt's own value, so every score is 0; give at least two different "
             "prompts or a corrupted file (--corrupted)"
         )
-    with torch.no_grad():
-        answer = model(clean)[:, -1].argmax(-1)
+    from .._checks import model_device
+
+    with torch.no_grad():  # run where the model is; the answers kept on the CPU, as a prompt file's are
+        answer = model(clean.to(model_device(model, clean.device)))[:, -1].argmax(-1).cpu()
     return clean, corr, LogProb(answer), ("resample" if corr is not None else "mean")
 
 
@@ -359,6 +436,7 @@ def run_circuit_demo(
     quiet: bool = True,
     model_argument: str = "model_dir",
     checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Score every edge, draw the pruning curves and the circuit of the top ``fraction`` of edges.
 
@@ -377,6 +455,8 @@ def run_circuit_demo(
     (:class:`pypattern.io.FingerprintMismatch` naming what differs). ``quiet`` also hides the progress bars of the
     exact scores, the pruning curve and (a Hugging Face folder) transformers' loading of the weights. ``threads``:
     torch's thread count while the command runs (None: torch's setting as it is). ``ig_steps``: an int >= 1.
+    ``device``: with ``model_dir``, the device the model is scored on (``cpu``, ``cuda``, ``cuda:<index>``; None:
+    the CPU); the built-in task trains and scores on the CPU.
 
     Returns
     -------
@@ -422,6 +502,14 @@ def run_circuit_demo(
             f"ig_steps={ig_steps!r} is the interpolation steps of eap-ig, which methods={list(methods)!r} does not "
             "hold; leave it out or add 'eap-ig'"
         )
+    if device is not None:
+        device_name = "--device" if model_argument.startswith("--") else "device"
+        if model_dir is None:
+            raise ValueError(
+                f"{_named(device_name, str(device))} applies with model_dir=... and tokens=... only; the built-in "
+                "task trains and scores on the CPU"
+            )
+        device = check_device(device, device_name)
     from ..experiments.user_model import out_folder
 
     out_folder(out_dir, "out_dir")
@@ -468,7 +556,11 @@ def run_circuit_demo(
         else:
             from ..cli import _quiet_transformers
 
-            with _quiet_transformers(quiet):  # transformers' bar of loading the weights too
+            # the model folder's name, then the prompt files, checked before the model is loaded
+            _check_model_folder(model_dir, model_argument)
+            user_prompts(None, tokens, corrupted)
+            # transformers' bar of loading the weights quiet too; the model (and an upcast copy) on the device
+            with _quiet_transformers(quiet), models_on(device):
                 model = _upcast(model_dir, load_model_dir(model_dir, argument=model_argument), model_argument)
             clean, corr, metric, ablation = user_prompts(model, tokens, corrupted)
             say(f"loaded {model_dir} and {clean.shape[0]} prompts of {clean.shape[1]} tokens")
@@ -602,12 +694,16 @@ def _methods(text: str) -> tuple[str, ...]:
 
 #: flags that apply to the built-in task only (seed, steps) and with --model only (corrupted): name -> default
 _BUILTIN_ONLY = {"seed": ("--seed", 0), "steps": ("--steps", 800)}
-_MODEL_ONLY = {"corrupted": ("--corrupted", None), "checkpoint": ("--checkpoint", None)}
+_MODEL_ONLY = {
+    "corrupted": ("--corrupted", None),
+    "checkpoint": ("--checkpoint", None),
+    "device": ("--device", None),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``pypattern circuit`` (for the main command line's sub-parser)."""
-    from ..cli import fraction, positive_int, seed_int
+    from ..cli import device_type, fraction, positive_int, seed_int
 
     p.add_argument(
         "--out", default="out/circuit", help="folder for the tables and plots (default: out/circuit)"
@@ -682,6 +778,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="torch's thread count while the command runs (default: torch's own count, which follows "
+        "OMP_NUM_THREADS, with --model; 1 on the built-in task)",
+    )
+    p.add_argument(
+        "--device",
+        type=device_type,
+        default=None,
+        metavar="DEV",
+        help="with --model: where the model is scored: cpu (the default), cuda or cuda:<index>",
+    )
+    p.add_argument(
         "--checkpoint",
         metavar="DIR",
         default=None,
@@ -746,6 +857,9 @@ def run_from_args(args) -> dict:
         quiet=getattr(args, "quiet", False),
         model_argument="--model",
         checkpoint=getattr(args, "checkpoint", None),
+        # --threads; else torch's own count on a model of the user's, one thread on the built-in task's small model
+        threads=getattr(args, "threads", None) or (None if args.model_dir else 1),
+        device=getattr(args, "device", None),
     )
 
 
