@@ -1440,6 +1440,12 @@ def _local_tokenizer(tmp_path):
 # GPT-J, GPT-Neo and OPT bridges run the Hugging Face attention modules (their eager implementation)
 _BRIDGE_SOFTMAX = {"GPT2": None, "GPTNeoX": None, "Phi3": None, "Falcon": None, "Bloom": torch.float32}
 _BRIDGE_RUNS_HF_ATTENTION = ("GPTJ", "GPTNeo", "OPT")
+# processed bridges refused naming fold_ln=False: fold_ln folds each LayerNorm's bias into q/k/v projections the
+# Hugging Face class builds without biases
+_BRIDGE_FOLD_LN_REFUSED = ("GPTJ", "GPTNeo", "Falcon")
+# processing options by family: Qwen2's folded value biases become a bias of its bias-free o_proj, which is not
+# converted (test_transformer_lens_bridge_with_value_biases_folded_into_a_bias_free_output_projection_converts)
+_BRIDGE_PROCESSING = {"Qwen2": dict(fold_value_biases=False)}
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -1467,8 +1473,12 @@ def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
     """A TransformerLens 4.x TransformerBridge around a Hugging Face model converts (with from_hf's check, which
     runs the bridge's forward) to the function of the bridge's forward in float64 and float32. The bridge's attention
     components take the softmax in float32 for the Llama family (SmolLM3 too), Gemma, Phi and BLOOM, in the model's dtype for GPT-2,
-    GPT-NeoX, Phi-3 and Falcon; GPT-J's, GPT-Neo's and OPT's run the Hugging Face eager attention (run in the bench
-    venv of bench/envs/tl.sh; skipped where TransformerLens 4.x is not installed)."""
+    GPT-NeoX, Phi-3 and Falcon; GPT-J's, GPT-Neo's and OPT's run the Hugging Face eager attention. Processed weights
+    (``enable_compatibility_mode()``: folded norms, centred writing weights and unembedding, folded value biases)
+    convert to the bridge's processed forward; where fold_ln folds a LayerNorm's bias into projections the Hugging
+    Face class builds without biases (GPT-J, GPT-Neo, Falcon) they are refused naming ``fold_ln=False``, and a bridge
+    processed with ``fold_ln=False`` converts to its forward (run in the bench venv of bench/envs/tl.sh; skipped
+    where TransformerLens 4.x is not installed)."""
     # TransformerLens 4.x (its bridge); 2.x / 3.x have none
     TransformerBridge = pytest.importorskip("transformer_lens.model_bridge").TransformerBridge
 
@@ -1499,9 +1509,46 @@ def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
             dtype,
         )
         assert rel(got, reference(x).logits) <= (tol if same_arithmetic else max(tol, 1e-6))
-    bridge.enable_compatibility_mode(disable_warnings=True)  # folds and centres the weights
-    with pytest.raises(UnsupportedModelError, match="processed"):
-        from_hf(bridge)
+    # folds and centres the weights in place
+    bridge.enable_compatibility_mode(disable_warnings=True, **_BRIDGE_PROCESSING.get(family, {}))
+    if family in _BRIDGE_FOLD_LN_REFUSED:
+        with pytest.raises(UnsupportedModelError, match=r"fold_ln=False"):
+            from_hf(bridge)
+        hf = hf_model(case, dtype)
+        hf.config.architectures = [type(hf).__name__]
+        bridge = TransformerBridge.boot_transformers(
+            case, hf_model=hf, dtype=dtype, device="cpu", tokenizer=_local_tokenizer(tmp_path)
+        )
+        bridge.enable_compatibility_mode(disable_warnings=True, fold_ln=False)
+    with torch.no_grad():
+        assert rel(from_hf(bridge)(x), bridge(x)) <= tol
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=UnsupportedModelError,
+    reason="from_hf refuses the o_proj bias fold_value_biases adds to Qwen2 (naming fold_ln=False)",
+)
+def test_transformer_lens_bridge_with_value_biases_folded_into_a_bias_free_output_projection_converts(
+    tmp_path,
+):
+    """fold_value_biases moves Qwen2's value biases into a bias of ``o_proj``, which Qwen2 builds without; the
+    processed bridge converts to its forward (skipped where TransformerLens 4.x is not installed)."""
+    TransformerBridge = pytest.importorskip("transformer_lens.model_bridge").TransformerBridge
+
+    hf = hf_model("qwen2-gqa4-tied")
+    hf.config.architectures = [type(hf).__name__]
+    bridge = TransformerBridge.boot_transformers(
+        "qwen2-gqa4-tied",
+        hf_model=hf,
+        dtype=torch.float64,
+        device="cpu",
+        tokenizer=_local_tokenizer(tmp_path),
+    )
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    x = tokens()
+    with torch.no_grad():
+        assert rel(from_hf(bridge)(x), bridge(x)) <= 1e-10
 
 
 def test_transformer_lens_bridge_that_differs_from_its_model_is_refused(tmp_path):

@@ -124,13 +124,29 @@ def test_options_the_model_cannot_represent_are_refused_by_name(kw, option):
         pp.activation_patching(b, "z", clean, corrupted, metric=pp.KL(), quiet=True)
 
 
-def test_processed_weights_are_refused_naming_the_processing():
-    b = _bridge({})
-    b.process_weights()  # fold_ln, centring: no longer the native model's weights
-    with pytest.raises(UnsupportedModelError, match="process_weights"):
-        pp.from_hf(b)
-    with pytest.raises(UnsupportedModelError, match="process_weights"):
-        circuits.edge_attribution(b, _tokens(3, 6, 2), _tokens(3, 6, 3), metric=pp.KL())
+@pytest.mark.parametrize("name", ["layernorm_gelu", "grouped_query_rotary_rms"])
+def test_processed_weights_convert_to_the_bridges_processed_forward(name):
+    """process_weights() folds the norms, centres the writing weights and the unembedding and folds the value
+    biases in place: the converted model computes the processed bridge's forward, and the estimators that convert on
+    the way in score the processed function (edge attribution's metrics are the bridge's own; its scores those of
+    the unprocessed bridge, which computes the same function up to the processing's rounding)."""
+    plain, b = _bridge(CONFIGS[name]), _bridge(CONFIGS[name])
+    b.process_weights()
+    toks = _tokens(3, 10, 0)
+    with torch.no_grad():
+        ref = b(toks, return_type="logits")
+        assert not torch.allclose(ref, plain(toks, return_type="logits"), rtol=0, atol=1e-8)  # centred logits
+        torch.testing.assert_close(_convert(b)(toks), ref, rtol=0, atol=1e-10 * ref.abs().max().item())
+    clean, corrupted = _tokens(3, 6, 2), _tokens(3, 6, 3)
+    metric = pp.LogitDiff(ANSWER, WRONG)
+    scores = circuits.edge_attribution(b, clean, corrupted, metric=metric)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            scores.m_clean, _metric_at_last(b(clean), ANSWER, WRONG), rtol=1e-9, atol=1e-9
+        )
+    unprocessed = circuits.edge_attribution(plain, clean, corrupted, metric=metric)
+    assert scores.values.abs().max() > 1e-2  # edges with weight: the comparison below is not of zeros
+    torch.testing.assert_close(scores.values, unprocessed.values, rtol=0, atol=1e-6)
 
 
 PATCH_CONFIGS = ["layernorm_gelu", "grouped_query_rotary_rms", "gated_silu_rms", "attn_only", "no_norm"]

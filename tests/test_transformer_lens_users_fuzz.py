@@ -439,26 +439,22 @@ def test_resid_mid_patching_on_the_bridge_equals_the_converted_model(tmp_path):
 
 
 @needs_bridge
-def test_compatibility_mode_without_processing_converts_and_with_processing_is_refused():
-    """TransformerLens 4.x's HookedTransformer-like mode: with no_processing=True the weights stay the model's and
-    the bridge converts; with weight processing (folded, centred weights) it is refused, saying how to convert."""
+def test_compatibility_mode_converts_with_and_without_weight_processing():
+    """TransformerLens 4.x's HookedTransformer-like mode: with no_processing=True the weights stay the model's, and
+    with weight processing (folded norms, centred writing weights and unembedding, folded value biases) they are
+    changed in place; either bridge converts to its own forward."""
     for kw in (
         dict(),
         dict(normalization_type="RMS", positional_embedding_type="rotary", n_key_value_heads=2),
     ):
-        br = native(torch.float64, **kw)
         x = torch.randint(0, D_VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            br.enable_compatibility_mode(disable_warnings=True, no_processing=True)
-        with torch.no_grad():
-            assert rel(convert(br)(x), br(x)) <= 1e-10
-        processed = native(torch.float64, **kw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            processed.enable_compatibility_mode(disable_warnings=True)
-        with pytest.raises(UnsupportedModelError, match=r"processed weights.*no_processing=True"):
-            convert(processed)
+        for options in (dict(no_processing=True), dict()):
+            br = native(torch.float64, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                br.enable_compatibility_mode(disable_warnings=True, **options)
+            with torch.no_grad():
+                assert rel(convert(br)(x), br(x)) <= 1e-10
 
 
 @needs_bridge
