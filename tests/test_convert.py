@@ -1443,9 +1443,6 @@ _BRIDGE_RUNS_HF_ATTENTION = ("GPTJ", "GPTNeo", "OPT")
 # processed bridges refused naming fold_ln=False: fold_ln folds each LayerNorm's bias into q/k/v projections the
 # Hugging Face class builds without biases
 _BRIDGE_FOLD_LN_REFUSED = ("GPTJ", "GPTNeo", "Falcon")
-# processing options by family: Qwen2's folded value biases become a bias of its bias-free o_proj, which is not
-# converted (test_transformer_lens_bridge_with_value_biases_folded_into_a_bias_free_output_projection_converts)
-_BRIDGE_PROCESSING = {"Qwen2": dict(fold_value_biases=False)}
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -1510,7 +1507,7 @@ def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
         )
         assert rel(got, reference(x).logits) <= (tol if same_arithmetic else max(tol, 1e-6))
     # folds and centres the weights in place
-    bridge.enable_compatibility_mode(disable_warnings=True, **_BRIDGE_PROCESSING.get(family, {}))
+    bridge.enable_compatibility_mode(disable_warnings=True)
     if family in _BRIDGE_FOLD_LN_REFUSED:
         with pytest.raises(UnsupportedModelError, match=r"fold_ln=False"):
             from_hf(bridge)
@@ -1524,11 +1521,6 @@ def test_transformer_lens_bridge_converts(case, dtype, tol, tmp_path):
         assert rel(from_hf(bridge)(x), bridge(x)) <= tol
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnsupportedModelError,
-    reason="from_hf refuses the o_proj bias fold_value_biases adds to Qwen2 (naming fold_ln=False)",
-)
 def test_transformer_lens_bridge_with_value_biases_folded_into_a_bias_free_output_projection_converts(
     tmp_path,
 ):

@@ -359,17 +359,29 @@ def _processed_extras(inner: nn.Module, clean: nn.Module, placed: set[int]) -> N
             continue
         if leaf in mod._parameters and mod._parameters[leaf] is not None or leaf in mod._buffers:
             continue  # the class has the tensor: its value was placed by name (an alias of a placed one)
-        if mod_path == head_path and leaf == "bias" and leaf in mod._parameters:
-            if bool(t.detach().any()):  # a bias of zeros (RMSNorm has none to fold) changes nothing: left out
+        out_proj = isinstance(mod, nn.Linear) and mod_path.endswith("self_attn.o_proj")
+        if leaf == "bias" and leaf in mod._parameters and (mod_path == head_path or out_proj):
+            # the head's: a bias of zeros (RMSNorm has none to fold) changes nothing and is left out; an output
+            # projection's (fold_value_biases moves the value biases there) is kept in every layer, zeros too, as
+            # the converters read these biases all or none
+            if out_proj or bool(t.detach().any()):
                 mod._parameters[leaf] = (
                     t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
                 )
             continue
+        if leaf == "bias" and mod_path.rpartition(".")[2] in ("out_proj", "dense", "o_proj", "c_proj"):
+            why = (
+                "fold_value_biases moves the value projections' biases into the attention's output projection, "
+                "or fold_ln folds a LayerNorm's bias into it"
+            )
+            fix = "enable_compatibility_mode(fold_value_biases=False, fold_ln=False)"
+        else:
+            why = "fold_ln folds each LayerNorm's bias into the projections after it"
+            fix = "enable_compatibility_mode(fold_ln=False)"
         raise UnsupportedModelError(
             f"the TransformerBridge's weight processing added {name!r}, which {type(clean).__name__} builds "
-            "without (fold_ln folds each LayerNorm's bias into the projections after it), so the converted model "
-            "would leave it out; convert a bridge processed with enable_compatibility_mode(fold_ln=False) "
-            "(centring and folded value biases convert), or one without weight processing (no_processing=True)"
+            f"without ({why}), so the converted model would leave it out; convert a bridge processed with {fix} "
+            "(centring converts), or one without weight processing (no_processing=True)"
         )
 
 
