@@ -14,6 +14,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+
+#include "math_bits.h"
 
 namespace pypattern {
 namespace {
@@ -105,9 +108,48 @@ void check_state(const at::Tensor& t, const char* name) {
               name, " must be a contiguous float64 CPU tensor");
 }
 
+// The columns whose running mean came out inf or NaN: a draw of the column held inf or NaN (now or in an earlier
+// chunk). Their centred draws hold inf - inf, so, as in the specification (pypattern/ops/covariance/
+// reference.py), every co-moment entry of such a column is NaN, and its mean is old + (m / n) (chunk mean - old)
+// over the whole chunk at once. The panel updates above centre with the running mean and add Chan's correction as
+// a separate rank-one term, which gives +-inf instead of NaN where the signs happen to agree, and a NaN mean where
+// an inf in one panel meets the next panel. O(K + N) when every mean is finite.
+void not_finite_columns(const Strided& x, int64_t m, int64_t cols, int64_t other, int64_t count,
+                        const double* shift, const double* old, double* mean, const at::Tensor& comoment,
+                        const at::Tensor& m2, int mode, bool rows) {
+  double* C = comoment.data_ptr<double>();
+  double* q = mode == 0 ? nullptr : m2.data_ptr<double>();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double f = static_cast<double>(m) / (static_cast<double>(count) + static_cast<double>(m));
+  for (int64_t c = 0; c < cols; ++c) {
+    if (std::isfinite(mean[c])) continue;
+    double s = 0.0;
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t at = r * x.s0 + c * x.s1;
+      const double v = x.is_double ? static_cast<const double*>(x.data)[at]
+                                   : static_cast<double>(static_cast<const float*>(x.data)[at]);
+      s += v - shift[c];
+    }
+    mean[c] = old[c] + f * (s / static_cast<double>(m) - old[c]);
+    if (rows)
+      for (int64_t j = 0; j < other; ++j) C[c * other + j] = nan;
+    else
+      for (int64_t i = 0; i < other; ++i) C[i * cols + c] = nan;
+    if (mode == 1) {
+      q[c] = nan;
+    } else if (mode == 2) {
+      for (int64_t j = 0; j < cols; ++j) q[c * cols + j] = nan, q[j * cols + c] = nan;
+    }
+  }
+}
+
 void covariance_update_cpu(const at::Tensor& shift_a, const at::Tensor& shift_b, const at::Tensor& mean_a,
                            const at::Tensor& mean_b, const at::Tensor& comoment, const at::Tensor& m2_a,
-                           const at::Tensor& m2_b, const at::Tensor& a, const at::Tensor& b, int64_t count) {
+                           const at::Tensor& m2_b, const at::Tensor& a_in, const at::Tensor& b_in, int64_t count) {
+  const char* names[] = {"shift_a", "shift_b", "mean_a", "mean_b", "comoment", "m2_a", "m2_b"};
+  const at::Tensor* states[] = {&shift_a, &shift_b, &mean_a, &mean_b, &comoment, &m2_a, &m2_b};
+  for (int i = 0; i < 7; ++i) check_writable(*states[i], "covariance_update_", names[i]);
+  const at::Tensor a = read_values(a_in), b = read_values(b_in);
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && comoment.dim() == 2, "covariance_update_: a, b, comoment must be 2-D");
   const int64_t m = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == m, "covariance_update_: a and b hold different numbers of draws");
@@ -128,11 +170,13 @@ void covariance_update_cpu(const at::Tensor& shift_a, const at::Tensor& shift_b,
   double* mua = mean_a.data_ptr<double>();
   double* mub = mean_b.data_ptr<double>();
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor scratch = at::empty({2 * (K + N)}, f64);
+  at::Tensor scratch = at::empty({3 * (K + N)}, f64);
   double* d_a = scratch.data_ptr<double>();  // column sums, then delta = chunk mean - running mean
   double* d_b = d_a + K;
   double* q_a = d_b + N;  // column sums of squares
   double* q_b = q_a + K;
+  double* old_a = q_b + N;  // the running means before this chunk
+  double* old_b = old_a + K;
   if (count == 0) {
     std::fill(d_a, d_a + K + N, 0.0);
     col_sums(xa, 0, m, K, d_a /*zeros*/, sa);
@@ -140,6 +184,8 @@ void covariance_update_cpu(const at::Tensor& shift_a, const at::Tensor& shift_b,
     for (int64_t c = 0; c < K; ++c) sa[c] /= static_cast<double>(m), mua[c] = 0.0;
     for (int64_t c = 0; c < N; ++c) sb[c] /= static_cast<double>(m), mub[c] = 0.0;
   }
+  std::copy(mua, mua + K, old_a);
+  std::copy(mub, mub + N, old_b);
   const int64_t panel = std::min(kPanel, m);
   // The panel buffers are kept between calls (per thread): a fresh multi-MB allocation on every update would be
   // returned to the system and page-faulted back in each time.
@@ -188,6 +234,8 @@ void covariance_update_cpu(const at::Tensor& shift_a, const at::Tensor& shift_b,
     for (int64_t c = 0; c < N; ++c) mub[c] += f * d_b[c];
     n = n_new;
   }
+  not_finite_columns(xa, m, K, N, count, sa, old_a, mua, comoment, m2_a, mode_a, /*rows=*/true);
+  not_finite_columns(xb, m, N, K, count, sb, old_b, mub, comoment, m2_b, mode_b, /*rows=*/false);
 }
 
 }  // namespace
@@ -201,5 +249,8 @@ TORCH_LIBRARY_FRAGMENT(pypattern, m) {
 }
 
 TORCH_LIBRARY_IMPL(pypattern, CPU, m) { m.impl("covariance_update_", &covariance_update_cpu); }
+
+// the lazy negation and conjugation bits reach the kernels, which resolve what they read (math_bits.h)
+PYPATTERN_MATH_BITS_FALLTHROUGH("covariance_update_")
 
 }  // namespace pypattern

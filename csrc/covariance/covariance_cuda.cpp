@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "covariance_kernel.h"
+#include "math_bits.h"
 
 namespace pypattern {
 namespace {
@@ -18,7 +19,12 @@ void check_state(const at::Tensor& t, const char* name) {
 
 void covariance_update_cuda_op(const at::Tensor& shift_a, const at::Tensor& shift_b, const at::Tensor& mean_a,
                                const at::Tensor& mean_b, const at::Tensor& comoment, const at::Tensor& m2_a,
-                               const at::Tensor& m2_b, const at::Tensor& a, const at::Tensor& b, int64_t count) {
+                               const at::Tensor& m2_b, const at::Tensor& a_in, const at::Tensor& b_in,
+                               int64_t count) {
+  const char* names[] = {"shift_a", "shift_b", "mean_a", "mean_b", "comoment", "m2_a", "m2_b"};
+  const at::Tensor* states[] = {&shift_a, &shift_b, &mean_a, &mean_b, &comoment, &m2_a, &m2_b};
+  for (int i = 0; i < 7; ++i) check_writable(*states[i], "covariance_update_", names[i]);
+  const at::Tensor a = read_values(a_in), b = read_values(b_in);
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && comoment.dim() == 2, "covariance_update_: a, b, comoment must be 2-D");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   TORCH_CHECK(b.size(0) == M, "covariance_update_: a and b hold different numbers of draws");

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "math_bits.h"
 #include "samplers/samplers_cpu.h"
 
 namespace pypattern {
@@ -26,8 +27,8 @@ struct Work {
 };
 
 std::vector<Work> gather(const char* op, at::TensorList params, at::TensorList grads, at::TensorList anchors,
-                         at::TensorList states, const c10::List<c10::optional<at::Tensor>>& masks,
-                         int64_t* total_blocks) {
+                         at::TensorList states, const char* state_name,
+                         const c10::List<c10::optional<at::Tensor>>& masks, int64_t* total_blocks) {
   const auto n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(anchors.size()) == n &&
                   static_cast<int64_t>(states.size()) == n,
@@ -47,17 +48,19 @@ std::vector<Work> gather(const char* op, at::TensorList params, at::TensorList g
     }
     TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, op, " (cpu): params[", t,
                 "] has dtype ", p.scalar_type(), "; supported are float32 and float64");
+    check_writable(p, op, "params", t);
+    check_writable(states[t], op, state_name, t);
     if (p.numel() == 0) continue;
     Work wk;
     wk.w = p.is_contiguous() ? p : p.contiguous();
     wk.s = states[t].is_contiguous() ? states[t] : states[t].contiguous();
-    wk.g = grads[t].contiguous();
-    wk.a = anchors[t].contiguous();
+    wk.g = read_values(grads[t]).contiguous();
+    wk.a = read_values(anchors[t]).contiguous();
     if (masks.size() > 0) {
       c10::optional<at::Tensor> mt = masks.get(t);
       if (mt.has_value() && mt->defined()) {
         TORCH_CHECK(mt->sizes() == p.sizes(), op, ": mask shape mismatch at tensor ", t);
-        wk.m = mt->to(p.scalar_type()).contiguous();
+        wk.m = read_values(*mt).to(p.scalar_type()).contiguous();
       }
     }
     wk.numel = p.numel();
@@ -100,8 +103,9 @@ at::Tensor sgnht_step_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   const char* op = "sgnht_step_";
   TORCH_CHECK(thermostat.device().is_cpu() && thermostat.scalar_type() == at::kDouble && thermostat.numel() == 1,
               op, " (cpu): thermostat must be a CPU float64 tensor with one element");
+  check_writable(thermostat, op, "thermostat");
   int64_t total_blocks = 0;
-  std::vector<Work> work = gather(op, params, grads, anchors, momenta, masks, &total_blocks);
+  std::vector<Work> work = gather(op, params, grads, anchors, momenta, "momenta", masks, &total_blocks);
   auto flags = at::zeros({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kInt));
   double* xi_ptr = thermostat.data_ptr<double>();
   SgnhtCoefs base{};
@@ -156,7 +160,7 @@ at::Tensor rmsprop_sgld_step_cpu(at::TensorList params, at::TensorList grads, at
                                  int64_t seed, int64_t step) {
   const char* op = "rmsprop_sgld_step_";
   int64_t total_blocks = 0;
-  std::vector<Work> work = gather(op, params, grads, anchors, square_avgs, masks, &total_blocks);
+  std::vector<Work> work = gather(op, params, grads, anchors, square_avgs, "square_avgs", masks, &total_blocks);
   auto flags = at::zeros({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kInt));
   RmspropCoefs base{};
   base.half_step = 0.5 * step_size;
@@ -216,5 +220,9 @@ TORCH_LIBRARY_IMPL(pypattern, CPU, m) {
   m.impl("sgnht_step_", &sgnht_step_cpu);
   m.impl("rmsprop_sgld_step_", &rmsprop_sgld_step_cpu);
 }
+
+// the lazy negation and conjugation bits reach the kernels, which resolve what they read (math_bits.h)
+PYPATTERN_MATH_BITS_FALLTHROUGH("sgnht_step_")
+PYPATTERN_MATH_BITS_FALLTHROUGH("rmsprop_sgld_step_")
 
 }  // namespace pypattern

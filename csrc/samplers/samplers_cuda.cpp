@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "math_bits.h"
 #include "samplers/samplers_cuda.h"
 
 namespace pypattern {
@@ -20,7 +21,8 @@ struct Prepared {
   at::Tensor w, s, g, a, m;
 };
 
-Prepared prepare(const char* op, int64_t t, const at::Tensor& p, const at::Tensor& s, const at::Tensor& g,
+Prepared prepare(const char* op, const char* state_name, int64_t t, const at::Tensor& p, const at::Tensor& s,
+                 const at::Tensor& g,
                  const at::Tensor& a, const c10::List<c10::optional<at::Tensor>>& masks, const at::Device& device) {
   TORCH_CHECK(p.is_cuda() && s.is_cuda() && g.is_cuda() && a.is_cuda(), op, " (cuda): tensor ", t,
               " is not on the GPU");
@@ -35,18 +37,20 @@ Prepared prepare(const char* op, int64_t t, const at::Tensor& p, const at::Tenso
               op, ": dtype mismatch at tensor ", t);
   TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, op, " (cuda): params[", t,
               "] has dtype ", p.scalar_type(), "; supported are float32 and float64");
+  check_writable(p, op, "params", t);
+  check_writable(s, op, state_name, t);
   Prepared r;
   r.w = p.is_contiguous() ? p : p.contiguous();
   r.s = s.is_contiguous() ? s : s.contiguous();
-  r.g = g.contiguous();
-  r.a = a.contiguous();
+  r.g = read_values(g).contiguous();
+  r.a = read_values(a).contiguous();
   if (masks.size() > 0) {
     c10::optional<at::Tensor> mt = masks.get(t);
     if (mt.has_value() && mt->defined()) {
       // the kernels read numel() entries of the mask on the GPU, as the C++ kernels check for their own
       TORCH_CHECK(mt->sizes() == p.sizes(), op, ": mask shape mismatch at tensor ", t);
       TORCH_CHECK(mt->device() == device, op, " (cuda): mask ", t, " is not on params[0]'s device ", device);
-      r.m = mt->to(p.scalar_type()).contiguous();
+      r.m = read_values(*mt).to(p.scalar_type()).contiguous();
     }
   }
   return r;
@@ -72,6 +76,7 @@ at::Tensor sgnht_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   TORCH_CHECK(n > 0, op, " (cuda): empty tensor list");
   TORCH_CHECK(thermostat.is_cuda() && thermostat.scalar_type() == at::kDouble && thermostat.numel() == 1, op,
               " (cuda): thermostat must be a float64 GPU tensor with one element");
+  check_writable(thermostat, op, "thermostat");
   const at::Device device = params[0].device();
   TORCH_CHECK(thermostat.device() == device, op, " (cuda): thermostat is on ", thermostat.device(),
               ", params[0] on ", device);
@@ -98,7 +103,7 @@ at::Tensor sgnht_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
     if (p.numel() == 0) continue;
-    Prepared r = prepare(op, t, p, momenta[t], grads[t], anchors[t], masks, device);
+    Prepared r = prepare(op, "momenta", t, p, momenta[t], grads[t], anchors[t], masks, device);
     SgnhtCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(t);
     double* part = partials.data_ptr<double>() + 2 * at_block;
@@ -157,7 +162,7 @@ at::Tensor rmsprop_sgld_step_cuda(at::TensorList params, at::TensorList grads, a
   for (int64_t t = 0; t < n; ++t) {
     const at::Tensor& p = params[t];
     if (p.numel() == 0) continue;
-    Prepared r = prepare(op, t, p, square_avgs[t], grads[t], anchors[t], masks, device);
+    Prepared r = prepare(op, "square_avgs", t, p, square_avgs[t], grads[t], anchors[t], masks, device);
     RmspropCoefs c = base;
     c.tensor_index = static_cast<uint32_t>(t);
     if (p.scalar_type() == at::kFloat) {

@@ -13,6 +13,7 @@
 #include <vector>
 #include <cmath>
 
+#include "math_bits.h"
 #include "sgld_kernel.h"
 
 namespace pypattern {
@@ -67,17 +68,18 @@ at::Tensor sgld_step_cpu(at::TensorList params, at::TensorList grads, at::Tensor
                 "sgld_step_: dtype mismatch at tensor ", t);
     TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble, "sgld_step_ (cpu): params[", t,
                 "] has dtype ", p.scalar_type(), "; supported are float32 and float64");
+    check_writable(p, "sgld_step_", "params", t);
     const int64_t numel = p.numel();
     if (numel == 0) continue;
     Work wk;
     wk.w = p.is_contiguous() ? p : p.contiguous();
-    wk.g = grads[t].contiguous();
-    wk.a = anchors[t].contiguous();
+    wk.g = read_values(grads[t]).contiguous();
+    wk.a = read_values(anchors[t]).contiguous();
     if (masks.size() > 0) {
       c10::optional<at::Tensor> mt = masks.get(t);
       if (mt.has_value() && mt->defined()) {
         TORCH_CHECK(mt->sizes() == p.sizes(), "sgld_step_: mask shape mismatch at tensor ", t);
-        wk.m = mt->to(p.scalar_type()).contiguous();
+        wk.m = read_values(*mt).to(p.scalar_type()).contiguous();
       }
     }
     wk.numel = numel;
@@ -132,5 +134,8 @@ TORCH_LIBRARY_FRAGMENT(pypattern, m) {
 }
 
 TORCH_LIBRARY_IMPL(pypattern, CPU, m) { m.impl("sgld_step_", &sgld_step_cpu); }
+
+// the lazy negation and conjugation bits reach the kernels, which resolve what they read (math_bits.h)
+PYPATTERN_MATH_BITS_FALLTHROUGH("sgld_step_")
 
 }  // namespace pypattern

@@ -7,6 +7,7 @@
 
 #include <cmath>
 
+#include "math_bits.h"
 #include "sgld_kernel.h"
 
 namespace pypattern {
@@ -44,10 +45,11 @@ at::Tensor sgld_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
                 "sgld_step_: shape mismatch at tensor ", t);
     TORCH_CHECK(grads[t].scalar_type() == p.scalar_type() && anchors[t].scalar_type() == p.scalar_type(),
                 "sgld_step_: dtype mismatch at tensor ", t);
+    check_writable(p, "sgld_step_", "params", t);
     if (p.numel() == 0) continue;
     at::Tensor w = p.is_contiguous() ? p : p.contiguous();
-    at::Tensor g = grads[t].contiguous();
-    at::Tensor a = anchors[t].contiguous();
+    at::Tensor g = read_values(grads[t]).contiguous();
+    at::Tensor a = read_values(anchors[t]).contiguous();
     at::Tensor m;
     if (masks.size() > 0) {
       c10::optional<at::Tensor> mt = masks.get(t);
@@ -56,7 +58,7 @@ at::Tensor sgld_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
         TORCH_CHECK(mt->sizes() == p.sizes(), "sgld_step_: mask shape mismatch at tensor ", t);
         TORCH_CHECK(mt->device() == device, "sgld_step_ (cuda): mask ", t, " is not on params[0]'s device ",
                     device);
-        m = mt->to(p.scalar_type()).contiguous();
+        m = read_values(*mt).to(p.scalar_type()).contiguous();
       }
     }
     SgldCoefs c = base;

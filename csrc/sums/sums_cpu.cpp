@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "math_bits.h"
 #include "sums/sums_cpu.h"
 
 namespace pypattern {
@@ -246,6 +247,7 @@ void run(const std::vector<at::Tensor>& out, const std::vector<at::Tensor>& base
 void signed_sums_cpu(at::TensorList out, at::TensorList base, at::TensorList terms, at::IntArrayRef offsets,
                      at::IntArrayRef signs) {
   check_args(out, base, terms, offsets, signs);
+  for (size_t p = 0; p < out.size(); ++p) check_writable(out[p], "signed_sums", "out", static_cast<int64_t>(p));
   if (base.empty()) return;
   const at::Tensor& ref = base[0];
   TORCH_CHECK_VALUE(ref.device().is_cpu(), "signed_sums (cpu): base[0] is on ", ref.device(), ", not the CPU");
@@ -261,10 +263,14 @@ void signed_sums_cpu(at::TensorList out, at::TensorList base, at::TensorList ter
       back.push_back(p);
       o[p] = at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
     }
-  for (auto& x : b)
+  for (auto& x : b) {
+    x = read_values(x);
     if (!unit_last(x)) x = x.contiguous();
-  for (auto& x : t)
+  }
+  for (auto& x : t) {
+    x = read_values(x);
     if (!unit_last(x)) x = x.contiguous();
+  }
   if (ref.scalar_type() == at::kFloat)
     run<float>(o, b, t, offsets, signs);
   else
@@ -279,5 +285,8 @@ TORCH_LIBRARY_FRAGMENT(pypattern, m) {
 }
 
 TORCH_LIBRARY_IMPL(pypattern, CPU, m) { m.impl("signed_sums_", &signed_sums_cpu); }
+
+// the lazy negation and conjugation bits reach the kernels, which resolve what they read (math_bits.h)
+PYPATTERN_MATH_BITS_FALLTHROUGH("signed_sums_")
 
 }  // namespace pypattern

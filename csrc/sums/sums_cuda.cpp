@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "math_bits.h"
+
 namespace pypattern {
 namespace {
 
@@ -33,6 +35,7 @@ void signed_sums_cuda(at::TensorList out, at::TensorList base, at::TensorList te
   int64_t rounds = 0;
   for (size_t p = 0; p < P; ++p) {
     check(out[p]);
+    check_writable(out[p], "signed_sums", "out", static_cast<int64_t>(p));
     check(base[p]);
     TORCH_CHECK_VALUE(offsets[p + 1] >= offsets[p], "signed_sums (cuda): offsets must not decrease");
     rounds = std::max(rounds, offsets[p + 1] - offsets[p]);
