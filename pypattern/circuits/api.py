@@ -29,6 +29,7 @@ import torch
 from .. import _backends
 from .._checks import is_count, is_real
 from .._masks import zero_one_mask
+from .._memory import warn_budget_too_small
 from .._progress import progress_bar, sigterm_as_interrupt
 from .._train_checkpoint import check_checkpoint_arg
 from ..models.convert import converted_if_convertible
@@ -944,7 +945,19 @@ def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode,
 def _ig_chunk(engine: EdgeEngine, steps: int) -> int:
     if engine.max_batch is not None:
         return max(1, min(steps, int(engine.max_batch)))
-    return max(1, min(steps, int(engine.memory_budget // _ig_bytes_per_run(engine))))
+    per = _ig_bytes_per_run(engine)
+    if int(engine.memory_budget // per) < 1 and not engine._budget_warned:
+        engine._budget_warned = True
+        from ..sampling.diagnostics import user_stacklevel
+
+        warn_budget_too_small(
+            "memory_budget",
+            engine.memory_budget,
+            per,
+            "one interpolated run of EAP-IG",
+            stacklevel=user_stacklevel(),
+        )
+    return max(1, min(steps, int(engine.memory_budget // per)))
 
 
 def _ig_bytes_per_run(engine: EdgeEngine) -> int:

@@ -36,7 +36,7 @@ import torch
 
 from .. import _backends
 from .._checks import is_count, is_real
-from .._memory import huge_pages_hint, keep_freed_heap
+from .._memory import huge_pages_hint, keep_freed_heap, warn_budget_too_small
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..models.transformer import affine
 from ..ops.sums import signed_sums
@@ -178,6 +178,7 @@ class EdgeEngine:
         self.mlp_src = [src_pos.get(f"MLP{layer}") for layer in range(self.L)]
         self.max_batch = None if max_batch is None else int(max_batch)
         self.memory_budget = float(memory_budget)
+        self._budget_warned = False  # memory_budget below one patched run (chunk_size), or one EAP-IG run
         # bytes of one run's logits over the vocabulary with the metric's temporaries: {False: a patched run,
         # True: a gradient run}, measured once (vocab_bytes_per_run)
         self._vocab_run: dict[bool, int] = {}
@@ -240,6 +241,13 @@ class EdgeEngine:
         per += copies * self.nA * self.B * self.T * self.d * item
         per += self.vocab_bytes_per_run(grad=False)
         stage = self.nA * self.B * self.T * self.d * item
+        if int(self.memory_budget // per) < 1 and not self._budget_warned:
+            from ..sampling.diagnostics import user_stacklevel
+
+            self._budget_warned = True  # once per engine: it sizes every call's batches
+            warn_budget_too_small(
+                "memory_budget", self.memory_budget, per, "one patched run", stacklevel=user_stacklevel()
+            )
         return max(1, min(int(self.memory_budget // per), int(_STAGE_BYTES // stage)))
 
     def vocab_bytes_per_run(self, grad: bool) -> int:
