@@ -1032,6 +1032,16 @@ def _own_lookup_ids(mod: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor |
     return pos.detach() + mod.offset
 
 
+def _check_per_sample_losses(losses) -> None:
+    """Refuse what ``loss_fn`` returned unless it is per-sample losses: a tensor with a batch dimension."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
+        raise ValueError(
+            "loss_fn must return per-sample losses of shape (B,) or (B, ...) (reduction='none'), got a "
+            f"{'scalar' if isinstance(losses, torch.Tensor) else type(losses).__name__}; a batch-mean loss would "
+            "scale every per-sample gradient by 1/B"
+        )
+
+
 def _is_bridge(model) -> bool:
     """Whether ``model`` is a TransformerLens bridge (TransformerLens 4.x's ``TransformerBridge``): a module of
     the ``transformer_lens`` package other than a ``HookedTransformer``, whose parameters carry the wrapped Hugging
@@ -1234,8 +1244,15 @@ def per_sample_grad_gram(
 
     given = [t for x in inputs for t in batch_tensors(x) if t.dim() > 0]
     if given and all(t.shape[0] == 0 for t in given):
-        # no sample: the (0, 0) Gram, as the reference gives, without running the model (a Hugging Face forward
-        # cannot reshape a batch of none)
+        # no sample: the (0, 0) Gram, as the reference gives. loss_fn's contract is still checked where the model
+        # runs on a batch of none (a Hugging Face forward cannot reshape one: then there is nothing to check)
+        try:
+            with torch.no_grad(), _checkpointing_off(model):
+                losses = loss_fn(model, *inputs)
+        except RuntimeError:
+            losses = None
+        if losses is not None:
+            _check_per_sample_losses(losses)
         empty = torch.zeros(0, 0, dtype=torch.float64, device=given[0].device)
         return {st.name: empty.clone() for st in sites} if per_module else empty
     from .models.hooks import HookPoint
@@ -1338,12 +1355,7 @@ def per_sample_grad_gram(
     )
     if changed:  # a recorded tensor was overwritten in place after it was recorded: run again on copies
         records, losses = capture(clone=True)
-    if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
-        raise ValueError(
-            "loss_fn must return per-sample losses of shape (B,) or (B, ...) (reduction='none'), got a "
-            f"{'scalar' if isinstance(losses, torch.Tensor) else type(losses).__name__}; a batch-mean loss would "
-            "scale every per-sample gradient by 1/B"
-        )
+    _check_per_sample_losses(losses)
     batch = losses.shape[0]
     out_keys = {key(r, c) for r, c in roles if r == "out"}
     targets = []
