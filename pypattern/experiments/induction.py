@@ -104,10 +104,12 @@ def token_groups(batch: TaskBatch) -> torch.Tensor:
     """
     flag = batch.extra["induction_flag"]
     n, t = flag.shape
-    k = int(flag[0].sum()) + 1  # repeat_len: the copy has k - 1 flagged positions
+    # each row flags repeat_len - 1 positions: as many as the first copy's positions whose next token is in it
+    # (read per row, so that a batch of no samples has groups too)
+    inside = flag.sum(1)
     src = batch.extra["source_start"]
     pos = torch.arange(t)[None, :]
-    first = (pos >= src[:, None]) & (pos < src[:, None] + k - 1)
+    first = (pos >= src[:, None]) & (pos < src[:, None] + inside[:, None])
     g = torch.full((n, t), 2, dtype=torch.long)
     g[first] = 1
     g[flag] = 0
@@ -338,7 +340,9 @@ def run_induction_seed(seed: int, s: InductionSettings | None = None, log=None) 
         onset = onset_step(steps, [c[1] for c in curve], s.threshold)
         if name == "baseline" and s.cap_factor and math.isfinite(onset):
             # patterned runs stop at cap_factor x the baseline onset: a censored delay is then >= cap_factor - 1
+            # (never below the checkpoint: a baseline onset before it leaves the patterned runs no steps to train)
             cap = min(s.max_steps, int(math.ceil(s.cap_factor * onset / s.eval_every)) * s.eval_every)
+            cap = max(cap, s.checkpoint_step)
         runs[name] = {
             "curve": np.asarray(curve),
             "onset": onset,

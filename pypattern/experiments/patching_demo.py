@@ -23,7 +23,8 @@ def run_patch_demo(
     """Train the built-in transformer on the IOI-like task, then patch it.
 
     Runs exact denoising patching of ``resid_pre`` (layer x position) and of every head's output ``z`` (layer x
-    head, all positions) with the symmetric "ABC" corruption and the logit-difference metric, plus attribution
+    head, all positions) with the "ABC" corruption (the earlier mention of the subject replaced by a third name,
+    :meth:`~pypattern.tasks.IOITask.patching_pairs`) and the logit-difference metric, plus attribution
     patching (AtP) over the same grids, and writes ``patching_heatmap.png``, ``patching_table.csv`` and
     ``patching_summary.json`` (the returned dict) into ``out_dir``.
 
