@@ -2014,7 +2014,13 @@ class Transformer(HookedRootModule):
         return x
 
     def forward(
-        self, tokens: torch.Tensor, return_type: str | None = "logits"
+        self,
+        tokens: torch.Tensor,
+        return_type: str | None = "logits",
+        *,
+        loss_per_token: bool = False,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """Run the model on ``tokens (batch, pos)``.
 
@@ -2029,32 +2035,65 @@ class Transformer(HookedRootModule):
             ``"per_token_loss"``: ``(batch, pos - 1)``; ``"both"``: ``(logits, loss)``; None: nothing. The mean
             loss (``"loss"``, ``"both"``) of tokens without a next token (one position, or no sequence) is
             undefined and raises ValueError.
+        loss_per_token : bool
+            With ``return_type="loss"`` / ``"both"``: the per-token losses ``(batch, pos - 1)`` in place of their
+            mean (TransformerLens' argument).
+        start_at_layer : int, optional
+            ``tokens`` is then not token ids but the residual stream entering block ``start_at_layer`` (``(batch,
+            pos, d_model)``, or ``(pos, d_model)``, floating, e.g. a cached ``blocks.{l}.hook_resid_pre``): the
+            embedding and the blocks before it do not run (nor their hooks). A negative layer counts from the last;
+            ``return_type`` must then be ``"logits"`` or None (there are no token ids to score).
+        stop_at_layer : int, optional
+            Run the blocks before ``stop_at_layer`` only and return the residual stream they leave, ``(batch, pos,
+            d_model)``, whatever ``return_type`` says: ``0`` gives the embedding, ``l`` the input of block ``l``
+            (``blocks.{l}.hook_resid_pre``), ``n_layers`` the output of the last block before ``ln_final``
+            (HookedTransformer's "last residual stream computed"); a negative layer counts from the last. Hooks of
+            the blocks not run do not fire.
         """
         if return_type not in _RETURN_TYPES:  # before the forward: its hooks would run for nothing
             raise ValueError(
                 f"return_type={return_type!r} is not valid; choose 'logits', 'loss', 'per_token_loss', 'both' or None"
+            )
+        if not isinstance(loss_per_token, bool):
+            raise TypeError(f"loss_per_token={loss_per_token!r} is not valid; give True or False")
+        n = self.cfg.n_layers
+        start = _layer_bound("start_at_layer", start_at_layer, n, n - 1)
+        stop = _layer_bound("stop_at_layer", stop_at_layer, n, n)
+        if start is not None and stop is not None and stop < start:
+            raise ValueError(
+                f"stop_at_layer={stop_at_layer!r} is before start_at_layer={start_at_layer!r}: no block would run"
             )
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(
                 f"tokens is a {type(tokens).__name__}; give a tensor of token ids (batch, pos) or (pos,) (the model "
                 "has no tokenizer: encode text first)"
             )
-        if tokens.dim() == 1:
-            tokens = tokens.unsqueeze(0)
-        if tokens.dim() != 2:
-            raise ValueError(
-                f"tokens has shape {tuple(tokens.shape)}; give token ids of shape (batch, pos), or (pos,) for one "
-                "sequence"
-            )
-        if return_type in ("loss", "both") and (tokens.shape[0] == 0 or tokens.shape[1] < 2):
-            raise ValueError(
-                f"tokens has shape {tuple(tokens.shape)}: no position has a next token, and the mean next-token "
-                f"loss (return_type={return_type!r}) over none is undefined; give at least one sequence of 2 or "
-                "more tokens (return_type='per_token_loss' gives the empty per-token losses)"
-            )
-        x = self.embed_tokens(tokens)
-        for block in self.blocks:
+        if start is not None:
+            x = self._residual_input(tokens, start_at_layer, return_type, stop is not None)
+        else:
+            if tokens.dim() == 1:
+                tokens = tokens.unsqueeze(0)
+            if tokens.dim() != 2:
+                raise ValueError(
+                    f"tokens has shape {tuple(tokens.shape)}; give token ids of shape (batch, pos), or (pos,) for "
+                    "one sequence"
+                )
+            if (
+                return_type in ("loss", "both")
+                and not loss_per_token
+                and stop is None
+                and (tokens.shape[0] == 0 or tokens.shape[1] < 2)
+            ):
+                raise ValueError(
+                    f"tokens has shape {tuple(tokens.shape)}: no position has a next token, and the mean next-token "
+                    f"loss (return_type={return_type!r}) over none is undefined; give at least one sequence of 2 "
+                    "or more tokens (return_type='per_token_loss' gives the empty per-token losses)"
+                )
+            x = self.embed_tokens(tokens)
+        for block in self.blocks[start or 0 : n if stop is None else stop]:
             x = block(x)
+        if stop is not None:
+            return x
         x = self.ln_final(x)
         if return_type is None:  # the unembedding has no hook point: nothing observable is skipped
             return None
@@ -2064,9 +2103,34 @@ class Transformer(HookedRootModule):
         per_tok = lm_cross_entropy(logits, tokens)
         if return_type == "per_token_loss":
             return per_tok
+        loss = per_tok if loss_per_token else per_tok.mean()
         if return_type == "loss":
-            return per_tok.mean()
-        return logits, per_tok.mean()
+            return loss
+        return logits, loss
+
+    def _residual_input(
+        self, resid: torch.Tensor, start_at_layer: int, return_type: str | None, stops: bool
+    ) -> torch.Tensor:
+        """``resid`` given with ``start_at_layer``, checked and as ``(batch, pos, d_model)``."""
+        if return_type not in ("logits", None) and not stops:
+            raise ValueError(
+                f"return_type={return_type!r} with start_at_layer={start_at_layer!r}: the input is a residual stream, "
+                "not token ids, so there is no next token to score; give return_type='logits' (or None) and compute "
+                "the loss from the logits"
+            )
+        d = self.cfg.d_model
+        if not resid.is_floating_point() or resid.dim() not in (2, 3) or resid.shape[-1] != d:
+            raise ValueError(
+                f"with start_at_layer={start_at_layer!r} the input is the residual stream entering that block: a "
+                f"floating tensor (batch, pos, {d}) or (pos, {d}); got a {resid.dtype} tensor of shape "
+                f"{tuple(resid.shape)}"
+            )
+        limit = self.cfg.max_positions
+        if limit is not None and resid.shape[-2] > limit:
+            raise ValueError(
+                f"the residual stream has {resid.shape[-2]} positions; the model's n_ctx (learned positions) is {limit}"
+            )
+        return resid.unsqueeze(0) if resid.dim() == 2 else resid
 
     # ----- TransformerLens' weight accessors ------------------------------------------------------------------
     @property
@@ -2185,6 +2249,22 @@ class Transformer(HookedRootModule):
 
 
 _RETURN_TYPES = ("logits", "loss", "per_token_loss", "both", None)
+
+
+def _layer_bound(name: str, value, n_layers: int, top: int) -> int | None:
+    """``value`` of the forward's ``start_at_layer`` / ``stop_at_layer`` (``name``) as a layer in ``[0, top]`` (a
+    negative one counts from ``n_layers``); None stays None; anything else raises naming ``name``."""
+    if value is None:
+        return None
+    if not is_count(value):
+        raise TypeError(f"{name}={value!r} is not valid; give a layer index (an int) or None")
+    v = int(value) + n_layers if value < 0 else int(value)
+    if not 0 <= v <= top:
+        raise ValueError(
+            f"{name}={value!r} is out of range for a model of {n_layers} layers; give an int in "
+            f"[{-n_layers}, {top}] (negative counts from the last layer)"
+        )
+    return v
 
 
 def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
