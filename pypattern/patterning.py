@@ -92,13 +92,19 @@ class Intervention(Saveable):
 
     def _check_loaded(self) -> None:
         """The arrays agree (a file read by :meth:`load`): ``h`` and ``weights`` one entry per data point or group,
-        ``predicted`` and ``target`` one per observable, all numbers; ``method`` one of :func:`invert`'s."""
+        ``predicted`` and ``target`` one per observable, all finite numbers, ``residual`` finite and >= 0; ``method``
+        one of :func:`invert`'s."""
         check_arrays(
             {"h": self.h, "weights": self.weights, "predicted": self.predicted, "target": self.target},
             {"h": ("N",), "weights": ("N",), "predicted": ("K",), "target": ("K",)},
         )
         if self.method not in ("pinv", "ridge", "constrained"):
             raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {self.method!r}")
+        for name in ("h", "weights", "predicted", "target"):  # (invert gives finite numbers only)
+            if not np.isfinite(np.asarray(getattr(self, name), dtype=np.float64)).all():
+                raise ValueError(f"{name} holds NaN or Inf; an Intervention holds finite numbers")
+        if not (math.isfinite(self.residual) and self.residual >= 0):
+            raise ValueError(f"residual must be a finite number >= 0, got {self.residual!r}")
 
     def per_sample(self, groups: Sequence[int] | np.ndarray) -> np.ndarray:
         """Expand group weights to samples: ``groups[i]`` is the group of sample ``i``."""
@@ -206,6 +212,9 @@ def invert(
     method : {"pinv", "ridge", "constrained"}
     alpha : float
         Ridge strength (``"ridge"``, must be > 0) or the penalty on ``|w - 1|^2 / N`` (``"constrained"``).
+        ``"ridge"`` minimises ``|chi_c (w - 1) / M - d mu|^2 + alpha |w - 1|^2 / N^2`` (``M = N`` unless
+        ``num_data=M``): a penalty on the weights whatever ``num_data``, so that with ``num_data=M`` the
+        perturbation is ``h = chi_c^T (chi_c chi_c^T + alpha (M / N)^2 I)^-1 d mu``.
     min_weight, max_weight : float, optional
         Bounds on the weights for ``"constrained"`` only (default: non-negative, unbounded above; ``min_weight``
         must be >= 0: a weight is a multiplicity of data).
@@ -359,12 +368,22 @@ def invert(
         h = _constrained(chi, tgt, alpha, min_weight, max_weight, c * (n / c.sum()))
     else:
         raise ValueError(f"method must be 'pinv', 'ridge' or 'constrained', got {method!r}")
-    if method != "constrained":
-        h = h - h.mean()  # exactly sum-zero (it is, to rounding)
-    weights = 1.0 + n * h
-    if m_data != n:  # h = (w - 1) / M; the response chi_n (w - 1) / n is chi (w - 1) / M
-        chi, h = chi_given, (weights - 1.0) / m_data
-    pred = chi @ h
+    with np.errstate(over="ignore", invalid="ignore"):  # (out of float64's range: refused below, by name)
+        if method != "constrained":
+            top = float(np.abs(h).max())
+            if 0 < top < np.inf:  # exactly sum-zero (it is, to rounding); in h's units: its sum may overflow
+                h = top * (h / top - (h / top).mean())
+        weights = 1.0 + n * h
+        if m_data != n:  # h = (w - 1) / M; the response chi_n (w - 1) / n is chi (w - 1) / M
+            chi, h = chi_given, (weights - 1.0) / m_data
+        pred = chi @ h
+    if not (np.isfinite(weights).all() and np.isfinite(h).all() and np.isfinite(pred).all()):
+        raise ValueError(
+            f"the weights that reach target (largest entry {float(np.abs(tgt).max()):.3g}) leave float64's range: "
+            f"the target is beyond what chi (largest entry {float(np.abs(chi_given).max()):.3g}) can reach with "
+            "representable weights; give a smaller target, or method='constrained' for the bounded re-weighting "
+            "that moves the observables furthest towards it"
+        )
     if keep is not None and not keep.all():  # the columns that are not data points: h 0, weight 1
         h_all, w_all = np.zeros(n_all), np.ones(n_all)
         h_all[keep], w_all[keep] = h, weights
@@ -444,7 +463,18 @@ def _constrained(chi, tgt, alpha, lo, hi, c) -> np.ndarray:
     # in chi's units: chi and the target divided by its size and the penalty by its square give the same weights
     size = float(np.abs(chi).max())
     if size > 0:
-        chi, tgt, alpha = chi / size, tgt / size, alpha / size / size
+        with np.errstate(over="ignore", under="ignore"):
+            chi, alpha = chi / size, alpha / size / size
+            # the target in those units, at most ``far`` times the furthest any such weights move an observable
+            # (|chi (w - 1) / N| <= max |w - 1| <= N / min(c), chi's entries at most 1 now): beyond that the answer
+            # is the one moving the observables furthest along it (the linear program's), the penalty and the
+            # response's own size counting only 1e-100 of the way, below float64's rounding; a larger target
+            # (whose square, or whose ratio to chi, may leave float64's range) gives the same weights
+            far = min(1e100 * max(1.0, n / float(c.min())), 1e250)
+            top = float(np.abs(tgt).max())
+            if top > 0:
+                ratio = top / size  # (inf where it overflows)
+                tgt = (tgt / top) * min(ratio, far)
         if np.isinf(alpha):
             return np.zeros(n)  # the penalty outweighs any response: the uniform weights
     a = chi / n  # d mu = a @ (w - 1)
