@@ -1,6 +1,7 @@
 """TransformerLens parity of the hook API: run_with_cache's keywords, the norms' hook_scale (read, edited,
 backward), backward hooks, hook return values, contexts, levels and the root module's helpers."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,7 +61,7 @@ def test_run_with_cache_names_filter_forms_device_and_plain_dict():
 
 @pytest.mark.parametrize(
     "pos_slice, index",
-    [(-1, -1), (2, 2), ((1, 5), slice(1, 5)), ((0, None, 2), slice(0, None, 2)), ([0, 3, 7], [0, 3, 7])],
+    [(-1, [-1]), (2, [2]), ((1, 5), slice(1, 5)), ((0, None, 2), slice(0, None, 2)), ([0, 3, 7], [0, 3, 7])],
 )
 def test_run_with_cache_pos_slice_on_the_position_axis(pos_slice, index):
     m = make()
@@ -357,3 +358,24 @@ def test_cache_remove_batch_dim_and_to_as_in_transformerlens():
     _, two = m.run_with_cache(tokens(2))
     with pytest.raises(ValueError, match="batch of one"):
         two.remove_batch_dim()
+
+
+def test_run_with_cache_int_pos_slice_keeps_the_axis_and_a_slice_object_of_an_int_drops_it():
+    """As TransformerLens' run_with_cache: ``pos_slice=3`` keeps a position axis of length one (its
+    ``Slice.unwrap`` reads an int as ``[int]``); a ``Slice``-like object of mode ``"int"`` selects and drops it."""
+    m = make()
+    x = tokens()
+    _, full = m.run_with_cache(x)
+    _, kept = m.run_with_cache(x, pos_slice=3)
+    _, kept_np = m.run_with_cache(x, pos_slice=np.int64(3))
+
+    class IntSlice:  # the attributes pypattern reads of a TransformerLens Slice
+        slice, mode = 3, "int"
+
+    _, dropped = m.run_with_cache(x, pos_slice=IntSlice())
+    for name in ("blocks.0.hook_resid_pre", "blocks.0.attn.hook_v", "blocks.0.attn.hook_pattern"):
+        axis = 1 if name.endswith(("hook_v", "hook_resid_pre")) else 2
+        want = full[name].narrow(axis, 3, 1)
+        assert torch.equal(kept[name], want), name
+        assert torch.equal(kept_np[name], want), name
+        assert torch.equal(dropped[name], want.squeeze(axis)), name

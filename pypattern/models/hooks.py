@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -572,8 +573,9 @@ class HookedRootModule(nn.Module):
         clear_contexts : bool
             Empty every hook point's ``ctx`` when the functions are removed.
         pos_slice : int, tuple, slice, list or 1-d tensor of positions, optional
-            Keep only these positions of each activation (TransformerLens' ``Slice``: an int drops the position
-            axis, a tuple is ``slice(*tuple)``); the position axis is the third from last for ``hook_q``,
+            Keep only these positions of each activation (as TransformerLens' ``run_with_cache``: an int keeps
+            the position axis with that one position, a TransformerLens ``Slice`` of an int drops it, a tuple is
+            ``slice(*tuple)``); the position axis is the third from last for ``hook_q``,
             ``hook_k``, ``hook_v``, ``hook_z``, ``hook_result``, ``hook_rot_q``, ``hook_rot_k``, the second from
             last otherwise (the query position of ``hook_pattern`` / ``hook_attn_scores``).
         return_cache_object : bool
@@ -622,6 +624,10 @@ class HookedRootModule(nn.Module):
             raise TypeError(f"remove_batch_dim={remove_batch_dim!r} is not valid; give True or False")
         if device is not None:
             device = torch.device(device)
+        # as TransformerLens' run_with_cache (Slice.unwrap): a plain int keeps the position axis (one position);
+        # a Slice object made from an int drops it
+        if isinstance(pos_slice, numbers.Integral) and not isinstance(pos_slice, bool):
+            pos_slice = [int(pos_slice)]
         take = _pos_slicer(pos_slice)
         if cache is None:
             cache = {}
@@ -679,7 +685,16 @@ def _pos_slicer(pos_slice: Any) -> Callable[[torch.Tensor, int], torch.Tensor] |
     elif isinstance(pos_slice, list | torch.Tensor) or type(pos_slice).__name__ == "ndarray":
         idx = torch.as_tensor(pos_slice)
         if idx.dim() == 1 and not idx.is_floating_point() and idx.dtype != torch.bool:
-            return lambda t, axis: t.index_select(t.dim() + axis, idx.to(t.device))
+
+            def take(t: torch.Tensor, axis: int) -> torch.Tensor:
+                n = t.shape[axis]
+                if len(idx) and (int(idx.min()) < -n or int(idx.max()) >= n):
+                    raise IndexError(f"pos_slice={pos_slice!r}: a position is outside the {n} positions")
+                return t.index_select(
+                    t.dim() + axis, (idx % max(n, 1)).to(t.device)
+                )  # negative: from the end
+
+            return take
     raise ValueError(
         f"pos_slice={pos_slice!r} is not valid; give None, an int, a (start, stop[, step]) tuple, a slice, or a "
         "list / 1-d integer tensor of positions"
