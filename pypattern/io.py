@@ -97,12 +97,16 @@ class FingerprintMismatch(ValueError):
 
 
 def _path(path: Any) -> str:
-    """``path`` as :func:`os.fspath` gives it; anything but a str, bytes or ``os.PathLike`` is refused naming it."""
+    """``path`` as a str (:func:`os.fspath`, bytes decoded as :func:`os.fsdecode` does); anything but a str, bytes
+    or ``os.PathLike``, and an empty path, are refused naming it."""
     if not isinstance(path, str | bytes | os.PathLike):
         raise TypeError(
             f"path={path!r} is not valid; give a file path (a str or an os.PathLike such as pathlib.Path)"
         )
-    return os.fspath(path)
+    out = os.fsdecode(os.fspath(path))
+    if not out:
+        raise ValueError(f"path={path!r} is not valid: it is empty; give a file path (such as 'result.npz')")
+    return out
 
 
 def _json_key(k: Any) -> str:
@@ -188,6 +192,11 @@ def save(
     if os.path.isdir(path):  # (the rename would fail naming the temporary file)
         raise IsADirectoryError(
             errno.EISDIR, f"path={path!r} is a folder; give the path of a file in it (such as 'result.npz')"
+        )
+    if os.path.exists(path) and not os.access(path, os.W_OK):  # (the rename would replace it regardless)
+        raise PermissionError(
+            errno.EACCES,
+            f"cannot write {path!r}: the file there is read-only; make it writable or give another path",
         )
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -32,19 +32,29 @@ def _graph_meta(g: EdgeGraph) -> dict:
     }
 
 
-def _save(path, arrays: dict, meta: dict, kind: str) -> None:
+def _save(path, arrays: dict, meta: dict, kind: str, info: dict) -> None:
     """Write through :mod:`pypattern.io` (``.npz`` with a JSON header, atomic). bfloat16 tensors, which numpy
-    does not hold, are stored as float32 (exactly) and named in the header, so :func:`_load` restores them."""
+    does not hold, are stored as float32 (exactly) and named in the header, so :func:`_load` restores them.
+    ``info`` is stored as results store their fields (:func:`pypattern.io.save_result`): NumPy scalars with their
+    dtype, tuples, nested containers, and arrays and tensors as members ``info/...``; a value that cannot be
+    saved is a TypeError naming its key."""
+    if not isinstance(info, dict):
+        raise TypeError(f"info is {_short_text(info)}; a {kind}'s info must be a dict to be saved")
+    enc = io._Encoder()
+    meta = {**meta, "info": enc(info, "info")}
     bf16 = sorted(k for k, v in arrays.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16)
     meta = {**meta, "bfloat16": bf16} if bf16 else meta
-    io.save(path, {k: np.asarray(_numpy_dtype(v)) for k, v in arrays.items()}, meta, kind=kind)
+    members = {k: np.asarray(_numpy_dtype(v)) for k, v in arrays.items()}
+    io.save(path, {**members, **enc.arrays}, meta, kind=kind)
 
 
 def _numpy_dtype(v):
-    """A bfloat16 tensor (a bfloat16 model's scores) as float32, which numpy holds; anything else unchanged."""
+    """A tensor as numpy reads it: on the CPU, detached, its conjugate and negative bits resolved, and bfloat16 (a
+    bfloat16 model's scores) as float32, which numpy holds; anything else unchanged."""
     if not isinstance(v, torch.Tensor):
         return v
-    v = v.cpu()  # numpy reads CPU tensors (results hold CPU tensors already: no copy then)
+    # numpy reads CPU tensors (results hold CPU tensors already: no copy then) without autograd or lazy bits
+    v = v.detach().cpu().resolve_conj().resolve_neg()
     return v.float() if v.dtype == torch.bfloat16 else v
 
 
@@ -53,7 +63,7 @@ def _damaged(path, kind: str):
     """A file of the right kind whose arrays or header do not make a ``kind`` is a ``FormatError`` naming it."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except io._DAMAGED as e:
         raise io.FormatError(f"{os.fspath(path)!r} is corrupt: it does not make a {kind} ({e!r})") from None
 
 
@@ -61,23 +71,37 @@ def _load(path, kind: str):
     """Read through :mod:`pypattern.io`: a pickle, a truncated file or another kind is a ``FormatError``. Arrays
     come back as tensors, in bfloat16 where :func:`_save` recorded it."""
     a, m = io.load(path, kind=kind)
+    path = os.fspath(path)
     members = _MEMBERS[kind]
-    extra = sorted(k for k in a if k not in members)
+    info = m.get("info", {})
+    with _damaged(path, kind):
+        used = io._members(info, set())
+    extra = sorted(k for k in a if k not in members and k not in used)
     if extra:
         raise io.FormatError(
-            f"{os.fspath(path)!r} is corrupt: it holds members {extra} that a {kind} does not have (it has "
-            f"{list(members)})"
+            f"{path!r} is corrupt: it holds members {extra} that a {kind} does not have (it has "
+            f"{list(members)}, and those its info names)"
         )
+
+    def member(name) -> np.ndarray:
+        if not isinstance(name, str) or name in members or name not in a:
+            raise io.FormatError(
+                f"{path!r} is corrupt: its info names array {name!r} that the file does not hold"
+            )
+        return a[name]
+
+    with _damaged(path, kind):
+        m = {**m, "info": io._decode(info, member, path)}
     bf16 = m.get("bfloat16", [])
-    if not isinstance(bf16, list) or not all(k in a for k in bf16):
+    if not isinstance(bf16, list) or not all(k in a and k in members for k in bf16):
         raise io.FormatError(
-            f"{os.fspath(path)!r} is corrupt: its header's bfloat16 entry {_short_text(bf16)} does not name its "
-            "members"
+            f"{path!r} is corrupt: its header's bfloat16 entry {_short_text(bf16)} does not name its members"
         )
     with _damaged(path, kind):
         out = {
             k: torch.from_numpy(v).to(torch.bfloat16) if k in bf16 else torch.from_numpy(v)
             for k, v in a.items()
+            if k in members
         }
     return out, m
 
@@ -317,19 +341,23 @@ class EdgeScores:
         )
 
     def save(self, path) -> None:
-        """Write to ``path`` (.npz with a JSON header; loading never unpickles)."""
+        """Write to ``path`` (.npz with a JSON header; loading never unpickles). ``info`` comes back as it was:
+        NumPy scalars with their dtype, tuples, nested containers, arrays and tensors (a value that cannot be saved,
+        such as a function, is a TypeError naming its key)."""
         meta = {
             "graph": _graph_meta(self.graph),
             "method": self.method,
             "mode": self.mode,
             "ablation": self.ablation,
             "metric": self.metric,
-            "info": {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))},
         }
         arrays = {"values": self.values, "m_base": self.m_base, "m_clean": self.m_clean}
-        if self.info.get("scored_examples") is not None:
-            arrays["scored_examples"] = torch.as_tensor(self.info["scored_examples"], dtype=torch.bool)
-        _save(path, arrays, meta, "EdgeScores")
+        info = dict(self.info) if isinstance(self.info, dict) else self.info
+        if (
+            isinstance(info, dict) and info.get("scored_examples") is not None
+        ):  # a member of its own (older files hold it so)
+            arrays["scored_examples"] = torch.as_tensor(info.pop("scored_examples"), dtype=torch.bool)
+        _save(path, arrays, meta, "EdgeScores", info)
 
     @classmethod
     def load(cls, path) -> EdgeScores:
@@ -473,19 +501,18 @@ class Circuit:
 
     def save(self, path) -> None:
         """Write to ``path`` (.npz with a JSON header). A circuit that disagrees with its record in ``info`` (see
-        the class docstring) is refused (ValueError): :meth:`load` would refuse the file."""
+        the class docstring) is refused (ValueError): :meth:`load` would refuse the file. ``info`` comes back as it
+        was (as :meth:`EdgeScores.save` keeps it)."""
         self._check_record()
         arrays = {"mask": self.mask}
         if self.scores is not None:
             arrays["scores"] = self.scores
-        info = {k: v for k, v in self.info.items() if isinstance(v, (int, float, str, type(None)))}
         meta = {
             "graph": _graph_meta(self.graph),
             "faithfulness": _number(self.faithfulness),
             "method": self.method,
         }
-        meta["info"] = info
-        _save(path, arrays, meta, "Circuit")
+        _save(path, arrays, meta, "Circuit", self.info)
 
     @classmethod
     def load(cls, path) -> Circuit:
