@@ -257,6 +257,9 @@ def _labels(concept_labels: torch.Tensor, shape: tuple[int, int], spec: FlagSpec
     )
     if lab.dtype.is_floating_point or lab.dtype.is_complex or lab.dtype == torch.bool:
         raise ValueError(f"concept_labels has dtype {lab.dtype}; give integer concept indices")
+    # int64 before the range check and the indexing: an unsigned tensor compares with -1 as with 255 (refusing valid
+    # labels), and int8 or int16 tensors cannot index the code
+    lab = lab.long()
     b, t = shape
     if lab.dim() == 1 and lab.shape[0] == b:
         lab = lab[:, None].expand(b, t)
@@ -289,32 +292,66 @@ def _check_acts(acts: torch.Tensor, spec: FlagSpec) -> None:
         )
 
 
-def flag_loss(acts: torch.Tensor, concept_labels: torch.Tensor, spec: FlagSpec) -> torch.Tensor:
+def flag_loss(
+    acts: torch.Tensor,
+    concept_labels: torch.Tensor,
+    spec: FlagSpec,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Auxiliary flag loss: mean squared error of the raw flag dimensions to the labelled concept's code.
 
-    ``mean over positions with label >= 0 of mean over k of (acts[b, t, dims[k]] - code[label[b, t], k])**2``.
+    ``mean over positions with label >= 0 of mean over k of (acts[b, t, dims[k]] - code[label[b, t], k])**2``,
+    where ``attention_mask`` (if given) is 1.
 
     Parameters
     ----------
     acts : Tensor ``(batch, pos, d_model)``
         Activation at ``spec.hook`` (as the model wrote it).
-    concept_labels : LongTensor ``(batch,)`` or ``(batch, pos)``
+    concept_labels : integer Tensor ``(batch,)`` or ``(batch, pos)``
         Concept per sample or per position; -1 marks positions without a known concept (excluded).
     spec : FlagSpec
+    attention_mask : Tensor ``(batch, pos)`` of 0 and 1 (bool, integer or float), optional
+        A padded batch's mask (Hugging Face's ``attention_mask``): positions where it is 0 are padding and are
+        excluded, as if labelled -1 (so that per-sample labels can be given for a padded batch).
 
     Returns
     -------
-    Tensor, scalar (0 when no position is labelled), in the dtype of ``acts``, or float32 for 16-bit ``acts``
-    (computed in float32: in float16 a flag 256 or more from its code would give inf).
+    Tensor, scalar (0 when no position is labelled, whatever the activations hold elsewhere), in the dtype of
+    ``acts``, or float32 for 16-bit ``acts`` (computed in float32: in float16 a flag 256 or more from its code
+    would give inf).
     """
     _check_acts(acts, spec)
     lab = _labels(concept_labels, acts.shape[:2], spec).to(acts.device)
     mask = lab >= 0
+    if attention_mask is not None:
+        mask = mask & _attention_mask(attention_mask, acts.shape[:2], acts.device)
     if not bool(mask.any()):
-        return _widened(acts).sum() * 0.0
+        # an empty sum: 0, on the graph, with a zero gradient (a sum over all of acts would be NaN where an
+        # unlabelled position holds NaN or inf)
+        return _widened(acts[..., :0]).sum()
     flags = _widened(acts[..., list(spec.dims)][mask])  # (n_valid, num_flags)
     target = spec.code(flags.dtype, acts.device)[lab[mask]]
     return (flags - target).pow(2).mean()
+
+
+def _attention_mask(attention_mask, shape: tuple[int, int], device) -> torch.Tensor:
+    """``attention_mask`` ``(batch, pos)`` of 0 and 1 as a bool tensor (True: a real token), refused by name when it
+    is not one."""
+    m = _tensor_arg(attention_mask, "attention_mask", "a (batch, pos) tensor of 0 and 1 (1: a real token)")
+    if m.is_complex():
+        raise TypeError(f"attention_mask has dtype {m.dtype}; give bool, integer or float 0 and 1")
+    if tuple(m.shape) != tuple(shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(m.shape)}; give {tuple(shape)} to match acts (batch, pos)"
+        )
+    m = m.to(device)
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(
+                "attention_mask has values other than 0 and 1; give 1 for real tokens, 0 for padding"
+            )
+        m = m == 1
+    return m
 
 
 def _widened(x: torch.Tensor) -> torch.Tensor:
@@ -493,7 +530,9 @@ def _concept_tensor(concept, spec: FlagSpec) -> torch.Tensor:
         raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape (batch,)")
     if bool((c < 0).any()) or bool((c >= spec.num_concepts).any()):
         raise ValueError(f"concept={c.tolist()} is out of range; give 0..{spec.num_concepts - 1}")
-    return c
+    # int64 for indexing the code: a uint8 tensor would index it as a mask (concepts [1, 1] selecting codes 0 and 1),
+    # an int8 or int16 one not at all
+    return c.long()
 
 
 def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
@@ -899,9 +938,7 @@ def train_flags(
                 written: list[torch.Tensor] = []
                 mask = values = None
                 if stage == 2:
-                    T = batch.tokens.shape[1]
-                    mask = torch.arange(T, device=device)[None] >= (batch.extra["switch_pos"][:, None] - 1)
-                    values = code[batch.extra["target_concept"]]
+                    mask, values = _stage_two_overwrite(task, batch, spec, code)
 
                 def hook_fn(x, hook, written=written, mask=mask, values=values):
                     written.append(x)
@@ -934,6 +971,39 @@ def train_flags(
         res.seconds = run.elapsed()
     model.eval()
     return res
+
+
+def _stage_two_overwrite(
+    task, batch, spec: FlagSpec, code: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2's overwrite of a batch: where (positions ``>= switch_pos - 1``, ``(batch, pos)``) and with what (the
+    code of ``target_concept``, ``(batch, pos, num_flags)``), the task's ``extra`` entries checked by name (a
+    concept of -1 would index the last concept's code)."""
+    name = type(task).__name__
+    for key in ("switch_pos", "target_concept"):
+        if key not in batch.extra:
+            raise ValueError(
+                f"task {name}: extra[{key!r}] is missing from its stage-2 batches; give 'switch_pos' (batch,) and "
+                "'target_concept' (batch, pos) (see pypattern.flags)"
+            )
+    b, t = batch.tokens.shape
+    sp = torch.as_tensor(batch.extra["switch_pos"], device=code.device)
+    tc = torch.as_tensor(batch.extra["target_concept"], device=code.device)
+    for key, v, shape in (("switch_pos", sp, (b,)), ("target_concept", tc, (b, t))):
+        if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool or tuple(v.shape) != shape:
+            raise ValueError(
+                f"task {name}: extra[{key!r}] has shape {tuple(v.shape)} and dtype {v.dtype}; give integers of "
+                f"shape {shape}"
+            )
+    tc = tc.long()
+    mask = torch.arange(t, device=code.device)[None] >= (sp.long()[:, None] - 1)
+    used = tc[mask]
+    if used.numel() and (bool((used < 0).any()) or bool((used >= spec.num_concepts).any())):
+        raise ValueError(
+            f"task {name}: extra['target_concept'] has values in [{int(used.min())}, {int(used.max())}] at the "
+            f"positions stage 2 overwrites (>= switch_pos - 1); give concepts 0..{spec.num_concepts - 1} there"
+        )
+    return mask, code[tc.clamp(0, spec.num_concepts - 1)]
 
 
 # ----- measurements -----------------------------------------------------------------------------------------

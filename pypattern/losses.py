@@ -35,9 +35,10 @@ Batches
 
   A pair whose integer ``y`` is -100 throughout has no counted target and is refused (its loss is undefined).
 
-A batch without any counted target (every label -100, all padding, or sequences of one token) has no mean loss:
-:func:`batch_loss` and :func:`check_batch` refuse it (``ValueError``); per-sample losses are NaN for a sample
-without counted targets (a pair's cross-entropy: 0 where ``y == -100``), and per-token losses hold ``fill`` there.
+A batch of no sample (batch size 0), or without any counted target (every label -100, all padding, or sequences
+of one token), has no mean loss: :func:`batch_loss` and :func:`check_batch` refuse it (``ValueError``); per-sample
+losses are NaN for a sample without counted targets (a pair's cross-entropy: 0 where ``y == -100``), and per-token
+losses hold ``fill`` there.
 
 A next-token target at position ``t + 1`` counts when ``labels[t + 1] != -100``, ``attention_mask[t + 1] == 1``
 and ``attention_mask[t] == 1`` (the prediction is made from a real token). With right padding (or none) this
@@ -490,6 +491,8 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
         pb = parse_batch(batch)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{argument}: {e}") from None
+    if pb.inputs.dim() and pb.inputs.shape[0] == 0:
+        raise ValueError(_no_sample(batch, argument))
     if pb.attention_mask is not None and not _takes_mask(model):
         _refuse_left_padding(model, pb.attention_mask, argument)
     pos = pb.extra.get("position_ids")
@@ -783,8 +786,23 @@ def model_output(model: nn.Module, batch: Any | ParsedBatch) -> Any:
     return _output(model, _on_model(model, batch if isinstance(batch, ParsedBatch) else parse_batch(batch)))
 
 
-def _output(model: nn.Module, pb: ParsedBatch) -> Any:
-    """:func:`model_output` of a parsed batch already where the model computes."""
+def _is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face ``PreTrainedModel`` (which computes no loss of its own without ``labels``)."""
+    return any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def _unmasked_empty_rows(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` with every row that holds no real token set to 1 throughout. Such a row has no counted target, so
+    no loss reads its logits; but a Hugging Face model masks all of its keys, and with eager attention in float64
+    (whose softmax runs in float32, where the mask value is -inf) its activations are NaN, which the backward pass
+    carries into every parameter's gradient (0 x NaN). Value-free: runs under vmap."""
+    return torch.where(mask.bool().any(-1, keepdim=True), mask, torch.ones_like(mask))
+
+
+def _output(model: nn.Module, pb: ParsedBatch, for_loss: bool = False) -> Any:
+    """:func:`model_output` of a parsed batch already where the model computes. ``for_loss``: the output is read
+    for the losses of the batch's counted targets only, so a Hugging Face model gets rows without any real token
+    unmasked (:func:`_unmasked_empty_rows`)."""
     _callable_model(model)
     if pb.kind == "pair":
         return model(pb.inputs)
@@ -794,7 +812,8 @@ def _output(model: nn.Module, pb: ParsedBatch) -> Any:
     if "input_ids" in names:
         kw: dict[str, Any] = {"input_ids": pb.inputs}
         if pb.attention_mask is not None and ("attention_mask" in names or "**" in names):
-            kw["attention_mask"] = pb.attention_mask
+            am = pb.attention_mask
+            kw["attention_mask"] = _unmasked_empty_rows(am) if for_loss and _is_hf_model(model) else am
         if "use_cache" in names or "**" in names:
             kw["use_cache"] = False
         for k, v in pb.extra.items():
@@ -1123,9 +1142,21 @@ def _own_loss_or_logits(model: nn.Module, batch: Any):
     """The batch parsed and the model run on it: ``(parsed batch, the loss the model returns itself or None, its
     logits or None)``, the reading :func:`batch_loss` and the sampler's default loss share."""
     pb = _on_model(model, parse_batch(batch))
-    out = _output(model, pb)
+    if pb.inputs.dim() and pb.inputs.shape[0] == 0:
+        raise ValueError(_no_sample(batch))
+    out = _output(model, pb, for_loss=True)
     own = _output_loss(out)
     return pb, own, None if own is not None else read_logits(out)
+
+
+def _no_sample(batch: Any, argument: str = "the batch") -> str:
+    """Why a batch of no sample (batch size 0), passed as ``argument`` (or one of ``"loader"``'s batches), is
+    refused."""
+    who = "loader: one of its batches" if argument == "loader" else argument
+    return (
+        f"{who} has no samples ({_describe(batch)}, batch size 0), so its loss is undefined; give a batch of "
+        "at least one sample"
+    )
 
 
 def _refuse_nothing_counted(mask: torch.Tensor, batch: Any) -> None:
@@ -1187,7 +1218,7 @@ def token_losses(
         Boolean, the shape of ``losses``: True where the entry counts.
     """
     pb = _on_model(model, parse_batch(batch))
-    logits = read_logits(_output(model, pb))
+    logits = read_logits(_output(model, pb, for_loss=True))
     if pb.is_lm:
         _refuse_preshifted(pb)
     terms, mask = _lm_token_terms(logits, pb) if pb.is_lm else _pair_terms(logits, pb.target, pb.inputs)

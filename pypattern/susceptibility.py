@@ -1591,6 +1591,26 @@ def susceptibilities(
         if row.get("old_se"):
             old_rows.append(k)
     se = _jackknife_se(chi_loo) if C > 1 else np.full_like(chi, np.nan)
+    unrestricted = rows.get("unrestricted")
+    pooled_full = [names[k] for k in range(len(specs)) if k not in old_rows]
+    if (
+        C > 1
+        and pooled_full
+        and unrestricted is not None
+        and np.shape(unrestricted.get("full_loo")) != (C, n + 1)
+    ):
+        # the unrestricted run's row was written before its leave-one-chain-out means were kept: every component's
+        # leave-one-chain-out chi subtracted the pooled means, so the jackknife leaves that run's chains in and
+        # chi_se omits its error (the means alone are stored: its leave-one-out means cannot be recomputed)
+        warnings.warn(
+            "susceptibilities: the checkpoint's row of the unrestricted run (convention='devinterp') was written by "
+            "an earlier version, without its leave-one-chain-out means: the chi_se of "
+            f"{pooled_full} is the jackknife over the components' "
+            "chains alone and omits the unrestricted run's error, so it understates chi's spread; delete the "
+            "checkpoint's unrestricted.npz and the component rows to sample them again with the full jackknife's "
+            "standard error",
+            stacklevel=user_stacklevel(),
+        )
     if old_rows and C > 1:
         se[old_rows] = chi_chains[old_rows].std(1, ddof=1) / np.sqrt(C)
         warnings.warn(
