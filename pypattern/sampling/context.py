@@ -257,12 +257,25 @@ class RunContext:
                 f" (chain {g % plan.num_chains} of run {g // plan.num_chains} of {len(plan.runs)}, which moves "
                 f"{shown or 'no parameter'}{masked})"
             )
-        msg = (
-            f"{which} diverged {where} with step_size={eps:g}: {what}. The sampler stopped; no estimate is "
-            f"returned. Use a smaller step_size (lr), e.g. {eps / 10:g}, or a larger localization (now {gamma:g})"
-            + (", and delete the checkpoint before rerunning" if plan.checkpoint else "")
-            + "."
-        )
+        if t == 0 and "non-finite gradient" in what and "update overflowed" not in what:
+            # no step has been taken: the weights are w*, so no step size or localization is the cause (the op's
+            # own advice about diverging chains does not apply either)
+            what = what.replace(
+                " A diverging chain usually needs a smaller step_size or a larger localization.", ""
+            )
+            msg = (
+                f"{which} stopped at its first step: {what}. No step has been taken yet, so the gradient of the "
+                "loss at the initial weights w* is not finite on this batch, whatever the step_size: check the "
+                "model and the loss at w* (rows of padding only, a log of 0, an overflow in 16 bits, non-finite "
+                "inputs). No estimate is returned."
+            )
+        else:
+            msg = (
+                f"{which} diverged {where} with step_size={eps:g}: {what}. The sampler stopped; no estimate is "
+                f"returned. Use a smaller step_size (lr), e.g. {eps / 10:g}, or a larger localization (now {gamma:g})"
+                + (", and delete the checkpoint before rerunning" if plan.checkpoint else "")
+                + "."
+            )
         return SamplingDivergedError(
             msg, chain=g, draw=d, step=t, step_size=eps, suggested_step_size=eps / 10
         )
