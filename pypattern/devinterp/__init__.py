@@ -48,8 +48,9 @@ whose loss or weights stop being finite raises :class:`pypattern.sampling.Sampli
 and step (devinterp warns, keeps the NaN steps and leaves them out of ``compute_llc``: catch the error in a sweep
 over ``lr`` and ``n_beta``); 16-bit models (bfloat16, float16) are refused by name, as by :func:`pypattern.sample`
 (sample a float32 copy); results hold float32 arrays where devinterp's are float32 (the LLC's arrays, the loss and
-observable traces, the BIF's influences) except the susceptibilities, which are float64 (devinterp: float32), and
-the ``wr`` names as Python strings.
+observable traces, the susceptibilities, the BIF's influences; the sums behind them are taken in float64, where
+devinterp's are float32, so the two agree to float32 rounding on the same draws), and the ``wr`` names as Python
+strings (devinterp: a numpy string array).
 ``sampling_method`` takes devinterp 2.x's ``"sgmcmc_sgld"`` and
 ``"rmsprop_sgld"`` (with ``sampling_method_kwargs`` ``alpha`` / ``eps``, or ``rmsprop_alpha`` / ``rmsprop_eps``),
 and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the fused samplers of
