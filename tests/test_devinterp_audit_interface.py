@@ -369,15 +369,8 @@ def test_callback_protocol_keywords():
     "burn, every",
     [
         (2, 1),
-        pytest.param(
-            3,
-            2,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="draws follow devinterp 2.0.1's schedule (burn + d * every); 1.3.2's 1.x entry points draw at "
-                "burn + (d + 1) * every - 1: pypattern/sampling/llc.py",
-            ),
-        ),
+        (3, 2),
+        (0, 3),
     ],
 )
 def test_v1_draw_schedule(burn, every):

@@ -826,7 +826,10 @@ def estimate_learning_coeff_with_summary(
             callbacks=callbacks,
             num_draws=num_draws,
             num_chains=num_chains,
-            num_burnin_steps=num_burnin_steps,
+            # devinterp 1.x draws at the step that ends each stretch of num_steps_bw_draws steps after the burn-in
+            # (burn-in + (d + 1) * num_steps_bw_draws - 1, the last draw at the chain's last step); pypattern's
+            # sampler at the first step of each (burn-in + d * num_steps_bw_draws, devinterp 2.x's schedule)
+            num_burnin_steps=num_burnin_steps + num_steps_bw_draws - 1,
             num_steps_bw_draws=num_steps_bw_draws,
             init_loss=init_loss if init_loss else None,  # devinterp recomputes a falsy init_loss
             **kw,
