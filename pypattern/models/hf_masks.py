@@ -48,6 +48,10 @@ converted model) follows the same rule (:func:`pypattern.models.component_masks`
 
 Tied embeddings (GPT-2, Qwen2/Llama with ``tie_word_embeddings``): ``embed`` and ``unembed`` are one parameter,
 and each selects all of it; :func:`hf_components` lists ``embed`` only, as pypattern's ``list_components`` does.
+Any other tied parameter (one tensor held by two modules, a projection shared between layers, say) is named once,
+by its first name in ``named_parameters()``, and belongs whole to every module holding it (``blocks.{l}.attn``,
+``blocks.{l}.mlp``, a parameter-name prefix): moving it moves them all. A head or key/value head whose projection
+is tied is refused, naming the tie, since no mask then moves that head alone.
 """
 
 from __future__ import annotations
@@ -317,6 +321,12 @@ def hf_component_masks(
     hf, prefix = _unwrap(model)
     arch = hf_arch(hf)
     params = dict(hf.named_parameters())
+    # every name of every parameter: a parameter tied to another module's (shared between layers, say) is listed by
+    # named_parameters() under its first name only; the masks name it so, and a head refuses a tied projection
+    every = dict(hf.named_parameters(remove_duplicate=False))
+    names: dict[int, list[str]] = {}  # id(parameter) -> its names, the one named_parameters() gives first
+    for n, p in every.items():
+        names.setdefault(id(p), []).append(n)
     check_index_spelling(component, params)  # blocks.00 is no more layer 0 here than on the converted model
     masks: dict[str, torch.Tensor] = {}
     m = re.fullmatch(r"blocks\.(\d+)\.attn\.(head|kv_head)\.(\d+)", component)
@@ -345,6 +355,14 @@ def hf_component_masks(
         for name, (axis, idx) in _head_slices(
             hf, arch, layer, int(m.group(3)), kind, include_shared_kv
         ).items():
+            tied = names[id(every[name])] if name in every else []
+            if len(tied) > 1:
+                raise ValueError(
+                    f"component={component!r}: the parameter {name!r} is tied to (is the same tensor as) "
+                    f"{', '.join(repr(t) for t in tied if t != name)}: moving the head's slice of it would move "
+                    "those modules' heads too, so no mask moves this head alone; untie the weights (clone them), "
+                    f"or use the whole module ('blocks.{layer}.attn', which then moves every module sharing it)"
+                )
             if name not in params:
                 # a bias the configuration leaves out, or a per-head norm the model does not have; a projection's
                 # weight must be there: a wrapper that renames it (parametrize, LoRA's base_layer) would otherwise
@@ -379,7 +397,11 @@ def hf_component_masks(
                     f"component={component!r}: layer {layer} is out of range; the model has {n_layers} layers"
                 )
         pre = component if pre is None else pre
-        sel = [n for n in params if n == pre or n.startswith(pre + ".")]
+        # the module's parameters by identity: a tied one (shared with another module) is named once, by its first
+        # name, which need not start with the prefix
+        sel = list(
+            dict.fromkeys(names[id(p)][0] for n, p in every.items() if n == pre or n.startswith(pre + "."))
+        )
         if not sel:
             if pre != component and any(n == pre or n.startswith(pre + ".") for n, _ in hf.named_modules()):
                 raise ValueError(  # the module is there: a norm without weights (OLMo's), say
@@ -409,7 +431,9 @@ def _expert_masks(hf: nn.Module, arch: HFArch, layer: int, expert: int, n_layers
         mod = hf.get_submodule(path)
     except AttributeError:  # a dense layer of a model that mixes dense and sparse ones
         raise ValueError(f"component={comp!r}: layer {layer}'s MLP is dense (it has no experts)") from None
-    own = [(f"{path}.{n}", p) for n, p in mod.named_parameters() if p.dim() >= 2]
+    # named as named_parameters() names them (a tied expert weight by its first name)
+    first = {id(p): n for n, p in params.items()}
+    own = [(first[id(p)], p) for p in mod.parameters() if p.dim() >= 2]
     n_exp = own[0][1].shape[0] if own else 0
     if not 0 <= expert < n_exp:
         raise ValueError(f"component={comp!r}: out of range; layer {layer} has {n_exp} experts")
