@@ -125,6 +125,18 @@ def _triton_status() -> tuple[bool, str]:
     return False, "no GPU, and TRITON_INTERPRET=1 was not set before triton was imported"
 
 
+def refuse_non_strided(op: str, name: str, t: torch.Tensor, hint: str = "") -> None:
+    """Refuse a tensor of a layout other than ``torch.strided`` (a sparse or MKL-DNN tensor), naming the argument
+    (after ``op``, unless it is empty): the kernels read memory through strides, and torch's own operations fail on
+    such a tensor with messages that name neither (``Cannot access data pointer of Tensor that doesn't have
+    storage``). ``hint`` is appended to the message."""
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"{op + ': ' if op else ''}{name} is a tensor of layout {t.layout}; give a dense (torch.strided) tensor (.to_dense() makes "
+            f"one){hint}"
+        )
+
+
 def has_tangent(*tensors: torch.Tensor) -> bool:
     """Whether any of ``tensors`` is a forward-mode AD dual tensor (``torch.autograd.forward_ad``) carrying a
     tangent at the current dual level. The C++ and CUDA kernels have no forward-AD rule: torch would run them on

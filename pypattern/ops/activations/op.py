@@ -22,9 +22,17 @@ def _gelu_tanh_torch(x: torch.Tensor, c: float) -> torch.Tensor:
     return gelu_tanh_reference(x, c)
 
 
+# For |x| >= 20, c (x + 0.044715 x^3) >= 301 at c = sqrt(2 / pi): the tanh is +-1 in every dtype (1 - tanh(301) is
+# about 1e-261), and the derivative is exactly 1 (x > 0) or 0 (x < 0)
+_FLAT = 20.0
+
+
 def _gelu_tanh_backward_torch(grad: torch.Tensor, x: torch.Tensor, c: float) -> torch.Tensor:
     if c == SQRT_2_OVER_PI:
-        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+        g = torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+        # torch's formula multiplies 1 - t^2 = 0 by x^2, which is inf once |x| > 1.8e19 in float32 (1.3e154 in
+        # float64): NaN where the derivative is 1 or 0, as the C++ kernel and the written-out formula give it
+        return torch.where(x.abs() >= _FLAT, grad * (x > 0), g)
     return gelu_tanh_backward_reference(grad, x, c)
 
 
@@ -85,6 +93,7 @@ def gelu_tanh(x: torch.Tensor, c: float = SQRT_2_OVER_PI, *, backend: str | None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = type(x).__name__ if not isinstance(x, torch.Tensor) else f"a tensor of dtype {x.dtype}"
         raise TypeError(f"gelu_tanh: x must be a floating-point tensor, got {got}")
+    _backends.refuse_non_strided("gelu_tanh", "x", x)
     if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (math.isfinite(c) and c > 0):
         raise ValueError(
             f"gelu_tanh: c={c!r} is not valid; give a finite number > 0 (sqrt(2 / pi) by default)"

@@ -19,6 +19,16 @@ def gelu_tanh_backward_reference(
     grad: torch.Tensor, x: torch.Tensor, c: float = SQRT_2_OVER_PI
 ) -> torch.Tensor:
     """``grad * d gelu_tanh / dx``: ``grad (0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2))``, with ``t``
-    the tanh of :func:`gelu_tanh_reference`."""
-    t = torch.tanh(c * (x + _A * torch.pow(x, 3.0)))
+    the tanh of :func:`gelu_tanh_reference`.
+
+    Where ``t`` is +-1 in ``x``'s dtype (``|x|`` large, or infinite) the derivative is exactly 1 (``x > 0``) or 0:
+    the second term is ``0 * x * x``, which the formula would make NaN once ``x * x`` overflows (``|x| > 1.8e19``
+    in float32, ``1.3e154`` in float64), so those entries take ``x = 0`` in it. They take it before any power of
+    ``x`` is formed, so that a derivative of this function (a second derivative of the GELU) is 0 there as well,
+    not ``0 * inf``. Elsewhere the formula is evaluated as written."""
+    with torch.no_grad():
+        t_flat = torch.tanh(c * (x + _A * torch.pow(x, 3.0)))
+        flat = t_flat.abs() == 1.0
+    x = torch.where(flat, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    t = torch.where(flat, t_flat, torch.tanh(c * (x + _A * torch.pow(x, 3.0))))
     return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * _A * x * x))

@@ -36,6 +36,7 @@ def _check(q, k_prefix, v_prefix, k_new, v_new, mask, scale) -> float:
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"prefix_attention: {name} must be a Tensor, got {type(t).__name__}")
+        _backends.refuse_non_strided("prefix_attention", name, t)
     if q.dim() != 5:
         raise ValueError(f"prefix_attention: q must be 5-D (C, B, Rq, H, dh), got shape {tuple(q.shape)}")
     C, B, Rq, H, dh = q.shape

@@ -30,6 +30,7 @@ def check_chunk(a, b, k: int, n: int, device) -> None:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise TypeError(f"a and b must be tensors, got {type(a).__name__} and {type(b).__name__}")
     for name, x, cols in (("a", a, k), ("b", b, n)):
+        _backends.refuse_non_strided("", name, x)
         if x.dim() != 2 or x.shape[1] != cols:
             raise ValueError(f"{name} must have shape (draws, {cols}), got {tuple(x.shape)}")
         if x.dtype not in (torch.float32, torch.float64):
@@ -43,6 +44,7 @@ def check_chunk(a, b, k: int, n: int, device) -> None:
 def _check_state(name: str, t: torch.Tensor, shape: tuple, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    _backends.refuse_non_strided("", name, t)
     if t.dtype != torch.float64:
         raise TypeError(f"{name} must be float64, got {t.dtype}")
     if tuple(t.shape) != shape:

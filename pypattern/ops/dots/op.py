@@ -79,12 +79,14 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
         raise ValueError("row_dots: g is empty; give at least one tensor (B, N, K)")
     if a.dim() != 3:
         raise ValueError(f"row_dots: a must be 3-D (batch, rows, terms), got shape {tuple(a.shape)}")
+    _backends.refuse_non_strided("row_dots", "a", a)
     if a.dtype == torch.bool:  # no product of bools is a dot product (torch's bmm has none)
         raise TypeError("row_dots: a has dtype torch.bool; give a floating-point, integer or complex tensor")
     B, _, K = a.shape
     for i, t in enumerate(g):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"row_dots: g[{i}] must be a Tensor, got {type(t).__name__}")
+        _backends.refuse_non_strided("row_dots", f"g[{i}]", t)
         if t.dim() != 3 or t.shape[0] != B or t.shape[2] != K:
             raise ValueError(f"row_dots: g[{i}] has shape {tuple(t.shape)}; expected ({B}, rows, {K}) as a's")
         if t.dtype != a.dtype or t.device != a.device:

@@ -36,6 +36,7 @@ _backends.register("grad_gram_pairwise", ("cpp", "cuda"), _grad_gram_pairwise_c)
 def _check_pairwise(x, y, ids, batch):
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         raise ValueError(f"y must be a 2-D tensor (B*T, q), got {getattr(y, 'shape', y)}")
+    _backends.refuse_non_strided("grad_gram_pairwise", "y", y)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
         raise ValueError(f"batch must be an int >= 0, got {batch!r}")
     if (batch == 0 and y.shape[0] != 0) or (batch > 0 and y.shape[0] % batch != 0):
@@ -45,6 +46,7 @@ def _check_pairwise(x, y, ids, batch):
     if ids is None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != y.shape[0]:
             raise ValueError(f"x must be a 2-D tensor with {y.shape[0]} rows, got {getattr(x, 'shape', x)}")
+        _backends.refuse_non_strided("grad_gram_pairwise", "x", x)
         if x.dtype != y.dtype:
             raise TypeError(f"x has dtype {x.dtype} but y has {y.dtype}")
         if x.device != y.device:
@@ -55,6 +57,7 @@ def _check_pairwise(x, y, ids, batch):
                 f"ids must be an int64 tensor of shape ({y.shape[0]},), got "
                 f"{getattr(ids, 'dtype', None)} {tuple(getattr(ids, 'shape', ()))}"
             )
+        _backends.refuse_non_strided("grad_gram_pairwise", "ids", ids)
         if ids.device != y.device:
             raise ValueError(f"ids is on {ids.device} but y is on {y.device}")
 

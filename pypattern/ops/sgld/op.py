@@ -97,12 +97,14 @@ def validate_inputs(params, grads, anchors, masks):
             and w.device == device
             and g.device == device
             and a.device == device
+            and w.layout == g.layout == a.layout == torch.strided
         ):
             _diagnose(i, w, g, a, device)
         if masks is not None and masks[i] is not None:
             m = masks[i]
             if not isinstance(m, tensor):
                 raise TypeError(f"masks[{i}] must be a tensor or None, got {type(m).__name__}")
+            _backends.refuse_non_strided("", f"masks[{i}]", m)
             if m.shape != shape:
                 raise ValueError(f"masks[{i}] has shape {tuple(m.shape)} but params[{i}] has {tuple(shape)}")
             if m.device != device:
@@ -436,7 +438,15 @@ def _offsets(t: torch.Tensor, base: int) -> torch.Tensor:
     return off.reshape(-1) + base
 
 
+_SPARSE_HINT = (
+    "; a sparse gradient comes from nn.Embedding(sparse=True) or nn.EmbeddingBag(sparse=True): build the module "
+    "with sparse=False"
+)
+
+
 def _diagnose(i, w, g, a, device):
+    for name, x in (("params", w), ("grads", g), ("anchors", a)):
+        _backends.refuse_non_strided("", f"{name}[{i}]", x, _SPARSE_HINT if name == "grads" else "")
     if w.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"params[{i}] has dtype {w.dtype}; supported are torch.float32 and torch.float64")
     for name, x in (("grads", g), ("anchors", a)):

@@ -23,6 +23,7 @@ def validate_state(name: str, states, params) -> list:
     for i, (s, w) in enumerate(zip(states, params)):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(s).__name__}")
+        _backends.refuse_non_strided("", f"{name}[{i}]", s)
         if s.shape != w.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(s.shape)} but params[{i}] has {tuple(w.shape)}")
         if s.dtype != w.dtype:
@@ -153,6 +154,7 @@ def sgnht_step_(
             raise TypeError(
                 f"thermostat must be a float64 tensor with one element, got {type(thermostat).__name__}"
             )
+        _backends.refuse_non_strided("sgnht_step_", "thermostat", thermostat)
         if thermostat.dtype != torch.float64 or thermostat.numel() != 1:
             raise ValueError(
                 f"thermostat must be a float64 tensor with one element, got dtype {thermostat.dtype} and shape "

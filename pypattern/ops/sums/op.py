@@ -49,6 +49,9 @@ def _tensors(name: str, xs) -> list[torch.Tensor]:
     if not all(isinstance(t, torch.Tensor) for t in xs):
         i = next(i for i, t in enumerate(xs) if not isinstance(t, torch.Tensor))
         raise TypeError(f"signed_sums: {name}[{i}] must be a Tensor, got {type(xs[i]).__name__}")
+    if not all(t.layout == torch.strided for t in xs):
+        for i, t in enumerate(xs):
+            _backends.refuse_non_strided("signed_sums", f"{name}[{i}]", t)
     return xs
 
 
