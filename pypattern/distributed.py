@@ -37,7 +37,15 @@ import torch
 
 from . import io
 from .sampling.data import ChainData
-from .sampling.diagnostics import check_mixing, check_stationarity, ess, r_hat, user_stacklevel
+from .sampling.diagnostics import (
+    NonFiniteLossError,
+    SamplingDivergedError,
+    check_mixing,
+    check_stationarity,
+    ess,
+    r_hat,
+    user_stacklevel,
+)
 from .sampling.llc import LLCResult, llc_of_samples
 from .sampling.optim import chain_seed
 from .sampling.plan import refuse_unknown_keywords
@@ -343,11 +351,24 @@ def _agree(fn: Callable, group):
         err = e
     flag = torch.tensor([0 if err is None else dist.get_rank(group) + 1], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag):
+        return out
+    # which rank diverged, if one did: every rank then raises SamplingDivergedError, so that a caller that runs a
+    # diverged run again at half the step (susceptibilities at a calibrated step) does so on every rank
+    diverged = None
+    if isinstance(err, SamplingDivergedError) and not isinstance(err, NonFiniteLossError):
+        diverged = (dist.get_rank(group), str(err), err.chain, err.draw, err.step, err.step_size)
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, diverged, group=group)
     if err is not None:
         raise err
-    if int(flag):
-        raise RuntimeError(f"rank {int(flag) - 1} failed (see its error); this rank stops too")
-    return out
+    first = next((d for d in every if d is not None), None)
+    if first is not None:
+        r, msg, chain, draw, step, step_size = first
+        raise SamplingDivergedError(
+            f"rank {r} failed: {msg}", chain=chain, draw=draw, step=step, step_size=step_size
+        )
+    raise RuntimeError(f"rank {int(flag) - 1} failed (see its error); this rank stops too")
 
 
 def _combine_rows(arr: np.ndarray, rows: Sequence[int], group) -> np.ndarray:
@@ -365,7 +386,10 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     """:func:`pypattern.sample` with the chains spread over the ranks of ``group`` (the default group if None);
     every rank returns the whole result. Takes the same keyword arguments. Rank 0 warns when the whole loss trace
     is not stationary (split R-hat) or mixes poorly (effective sample size), as one process does; the checks that
-    need the chains' last weights (a given step's relaxation and discretisation bias, drift) are not made."""
+    need the chains' last weights (a given step's relaxation and discretisation bias, drift) are not made. At a
+    calibrated step (``step_size="auto"``) that runs away on some ranks' chains only, every rank ends at the step
+    one process would have run again at (see :func:`_same_calibrated_step`). A chain that diverges raises
+    :class:`~pypattern.SamplingDivergedError` on every rank (naming the rank where it diverged)."""
     dist = _dist()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     runs = kwargs.get("runs")
@@ -402,6 +426,9 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
         group,
     )
     results = out if runs is not None else [out]
+    if results and results[0].config.get("auto_step") is not None:
+        out = _same_calibrated_step(out, model, loader, mine, ckpt, kwargs, group)
+        results = out if runs is not None else [out]
     seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
     for r, res in enumerate(results):
@@ -426,6 +453,88 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
         if warn and rank == 0:
             # the whole trace's R-hat, then its effective sample size, as one process warns
             check_stationarity(res.loss_trace) and check_mixing(res.loss_trace)
+    return out
+
+
+def _same_calibrated_step(out, model, loader, mine, ckpt, kwargs: dict, group):
+    """The ranks' results at one calibrated step. A run at a calibrated step that diverges or runs away is run
+    again at half the step (:func:`pypattern.sampling.runner.rerun_at_half_step`), in one process for every chain;
+    here each rank reruns its own chains only, so a rank whose chains ran away ends at a smaller step than the
+    others. Until the ranks agree, each rank at a larger step than the smallest runs its chains again at the
+    smallest (halving it further where they run away there, within the reruns one process allows): the step is
+    the largest of the halvings at which no chain runs away, the single-process step, and every rank ends with the
+    report of a rank that reached it."""
+    from .sampling.runner import AUTO_RUN_HALVINGS, step_calibrated_by_caller
+
+    dist = _dist()
+    world = dist.get_world_size(group)
+
+    def first(o):
+        return o[0] if isinstance(o, list) else o
+
+    while True:
+        config = first(out).config
+        mine_step = (float(config["step_size"]), config["auto_step"])
+        every: list = [None] * world
+        dist.all_gather_object(every, mine_step, group=group)
+        smallest = min(step for step, _ in every)
+        if all(step == smallest for step, _ in every):
+            break
+        report = next(rep for step, rep in every if step == smallest)
+
+        def rerun(report=report, smallest=smallest, out=out, config=config):
+            if float(first(out).config["step_size"]) == smallest:
+                return out
+            for cb in kwargs.get("callbacks") or ():
+                cb.reset()
+            left = AUTO_RUN_HALVINGS - len(report.get("reruns") or ())
+            given = {
+                **{k: v for k, v in kwargs.items() if k not in ("step_size", "auto_step_options")},
+                "num_burnin_steps": int(config["num_burnin_steps"]),
+            }
+            step, rep = smallest, dict(report, reruns=list(report.get("reruns") or ()))
+            for k in range(left + 1):
+                try:
+                    with step_calibrated_by_caller():
+                        res = _sample(
+                            model,
+                            loader,
+                            chains=mine,
+                            checkpoint=ckpt,
+                            warn_nonstationary=False,
+                            step_size=step,
+                            **given,
+                        )
+                except SamplingDivergedError as e:
+                    if k == left or isinstance(e, NonFiniteLossError):
+                        raise
+                    old, step = step, step / 2
+                    rep["reruns"].append(
+                        dict(
+                            step_size=old,
+                            chain=int(e.chain),
+                            draw=int(e.draw),
+                            step=int(e.step),
+                            message=str(e),
+                        )
+                    )
+                    rep["reason"] = (
+                        f"{rep.get('reason', '')}; the run at {old:.3g} diverged or ran away (chain {e.chain}, "
+                        f"step {e.step}: an excursion the trials did not meet) and was run again from the start "
+                        f"at {step:.3g}"
+                    )
+                    continue
+                rep["chosen"] = step
+                for r in res if isinstance(res, list) else [res]:
+                    r.config["auto_step"] = rep
+                return res
+            raise AssertionError("unreachable")
+
+        out = _agree(rerun, group)
+    # one report on every rank: that of the lowest rank at the step
+    report = next(rep for step, rep in every if step == smallest)
+    for r in out if isinstance(out, list) else [out]:
+        r.config["auto_step"] = report
     return out
 
 

@@ -306,6 +306,9 @@ class AutoStepReport(Saveable):
 
 def step_size_grid(max_step_size: float = 0.1, min_step_size: float = 1e-7) -> list[float]:
     """The candidates, largest first: ``max_step_size * 2^-k`` down to ``min_step_size``."""
+    for name, v in (("max_step_size", max_step_size), ("min_step_size", min_step_size)):
+        if not is_real(v) or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0 (a step size), got {v!r}")
     if not (max_step_size > 0 and min_step_size > 0 and min_step_size <= max_step_size):
         raise ValueError(
             f"need 0 < min_step_size <= max_step_size, got min_step_size={min_step_size!r}, "
@@ -452,13 +455,23 @@ def resolve_step_size(
         rtol=rtol,
         atol_rel=atol_rel,
     )
-    if not max_r_hat > 1:
-        raise ValueError(f"max_r_hat must be > 1, got {max_r_hat!r}")
-    if not z > 0:
-        raise ValueError(f"z must be > 0, got {z!r}")
-    if not (relaxation_times >= 0 and relaxation_target >= 0):
+    if not is_real(max_r_hat) or not max_r_hat > 1:
         raise ValueError(
-            f"relaxation_times and relaxation_target must be >= 0, got {relaxation_times!r}, {relaxation_target!r}"
+            f"max_r_hat must be a number > 1 (the largest split R-hat accepted), got {max_r_hat!r}"
+        )
+    if not is_real(z) or not (math.isfinite(z) and z > 0):
+        raise ValueError(f"z must be a finite number > 0 (standard errors allowed), got {z!r}")
+    for name, v in (("relaxation_times", relaxation_times), ("relaxation_target", relaxation_target)):
+        if not is_real(v) or not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0 (relaxation times), got {v!r}")
+    for name, v in (("resolve", resolve), ("coupled", coupled)):
+        if not isinstance(v, bool | np.bool_):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
+    if not is_count(num_steps_bw_draws) or num_steps_bw_draws < 1:
+        raise ValueError(f"num_steps_bw_draws must be an int >= 1 (the thinning), got {num_steps_bw_draws!r}")
+    if run_draw_steps is not None and (not is_count(run_draw_steps) or run_draw_steps < 1):
+        raise ValueError(
+            f"run_draw_steps must be an int >= 1 (the run's draw chain-steps) or None, got {run_draw_steps!r}"
         )
     grid = step_size_grid(max_step_size, min_step_size)
     extra = {k: v for k, v in sample_kwargs.items() if k in _PASSED_TO_TRIALS and v is not None}

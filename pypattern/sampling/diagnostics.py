@@ -1,5 +1,7 @@
 """Convergence diagnostics across chains: split R-hat and effective sample size (Gelman et al., BDA3 ch. 11;
-the ESS uses Geyer's initial monotone sequence on the multi-chain autocorrelation, as Stan does)."""
+the ESS uses Geyer's initial monotone sequence on the multi-chain autocorrelation, as Stan does, without the
+one-lag term Stan and ArviZ add after the truncation). Neither is rank-normalised (Vehtari et al. 2021): both read
+the trace's values, so a heavy-tailed trace is judged by its variance."""
 
 from __future__ import annotations
 
@@ -152,7 +154,23 @@ class StepBiasWarning(UserWarning):
 
 
 def _as_2d(trace, name="trace") -> np.ndarray:
-    x = np.asarray(trace, dtype=np.float64)
+    """``trace`` as a float64 array ``(num_chains, num_draws)`` (a 1-d trace is one chain). Chains of unequal
+    lengths, and values that are not numbers, are refused (ValueError naming ``name``): the diagnostics compare
+    chains draw by draw; trim the chains to a common length first."""
+    try:
+        x = np.asarray(trace, dtype=np.float64)
+    except (TypeError, ValueError):
+        lengths = None
+        with contextlib.suppress(TypeError):
+            lengths = sorted({len(c) for c in trace})
+        if lengths is not None and len(lengths) > 1:
+            raise ValueError(
+                f"{name} holds chains of unequal lengths ({', '.join(map(str, lengths))} draws); give an array "
+                "(num_chains, num_draws) of chains of one length (trim them to the shortest)"
+            ) from None
+        raise ValueError(
+            f"{name} must be an array of numbers of shape (num_chains, num_draws), got {trace!r:.80}"
+        ) from None
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:
@@ -164,12 +182,12 @@ def r_hat(trace) -> float:
     """Split R-hat of a trace, shape ``(num_chains, num_draws)`` (or ``(num_draws,)`` for one chain).
 
     Each chain is split in halves, so a drift within one chain also raises it. Near 1 (< 1.01-1.1) when the
-    chains agree; ``nan`` with fewer than 4 draws per chain or a non-finite value; exactly 1 for a trace whose
+    chains agree; ``nan`` with no chain, fewer than 4 draws per chain or a non-finite value; exactly 1 for a trace whose
     values are all equal (whatever the value: the rounding of its mean is not read as variation).
     """
     x = _as_2d(trace)
     n = x.shape[1] // 2
-    if n < 2:
+    if n < 2 or x.shape[0] == 0:
         return float("nan")
     if not np.isfinite(x).all():
         return float("nan")
@@ -207,12 +225,13 @@ def ess(trace) -> float:
     """Effective sample size of the mean of a trace ``(num_chains, num_draws)``, pooled over chains.
 
     Equals ``num_chains * num_draws`` for independent draws and about ``N (1 - rho) / (1 + rho)`` for an AR(1)
-    trace with coefficient ``rho``. ``nan`` with fewer than 4 draws per chain or a non-finite value;
+    trace with coefficient ``rho``. At most ``N log10(N)`` (``N = num_chains * num_draws``; antithetic chains), as
+    Stan and ArviZ cap it. ``nan`` with no chain, fewer than 4 draws per chain or a non-finite value;
     ``num_chains * num_draws`` for a trace whose values are all equal (whatever the value), as ArviZ has it.
     """
     x = _as_2d(trace)
     m, n = x.shape
-    if n < 4 or not np.isfinite(x).all():
+    if n < 4 or m == 0 or not np.isfinite(x).all():
         return float("nan")
     if _all_equal(x):
         return float(m * n)
@@ -236,7 +255,8 @@ def ess(trace) -> float:
         pair_sums.append(p)
         t += 2
     tau = -1.0 + 2.0 * float(np.sum(pair_sums))
-    tau = max(tau, 1.0 / np.log10(m * n + 10))
+    # at least 1 / log10(N), as Stan and ArviZ have it (antithetic chains): the ESS is at most N log10(N)
+    tau = max(tau, 1.0 / np.log10(m * n))
     return float(m * n / tau)
 
 
