@@ -450,6 +450,7 @@ def _user_run(args) -> int:
             tokens=tokens,
             checkpoint=args.checkpoint,
             quiet=args.quiet,
+            device=args.device,
         )
         print(
             f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
@@ -475,6 +476,7 @@ def _user_run(args) -> int:
         checkpoint=args.checkpoint,
         quiet=args.quiet,
         tokens=tokens,
+        device=args.device,  # --device: where the model loaded from --model runs
     )
     if args.cmd == "llc":
         res = mod.run_user_llc(args.model, args.data, args.out, **kw)
@@ -945,6 +947,7 @@ def _run(args) -> int:
                 _demo_folders(args)[0],
                 full=args.full,
                 quick=args.quick,
+                threads=args.threads,  # every worker process training the pool, and this one
             ),
         )
         return 0
@@ -1061,18 +1064,12 @@ def _main(argv: list[str] | None, program: bool) -> int:
     import warnings
 
     from ._threads import command_threads
-    from .circuits.cli import models_on
 
     parser = _parser()
     args = parser.parse_args(argv)
     sub = parser.commands[args.cmd]
     if args.cmd == "demo" and args.full and args.what not in ("patterning", "equivalence", "interpretive"):
         sub.error(f"--full applies to 'patterning' and 'equivalence' only, not to {args.what!r}")
-    if args.cmd == "demo" and args.threads is not None and args.what in ("equivalence", "interpretive"):
-        sub.error(
-            f"--threads applies to the demos main, patterning, flags and cka, not to {args.what!r} (its pool of "
-            "models trains in worker processes that set their own thread count)"
-        )
     _resolve(sub, args)
     if args.cmd == "circuit":
         importlib.import_module("pypattern.circuits.cli").check_args(sub, args)
@@ -1095,7 +1092,6 @@ def _main(argv: list[str] | None, program: bool) -> int:
             sigterm_as_interrupt(),
             _quiet_transformers(getattr(args, "quiet", False)),
             command_threads(getattr(args, "threads", None)),  # --threads, over every experiment's own count
-            models_on(getattr(args, "device", None)),  # --device: every model loaded from --model goes there
         ):
             code = _run(args)
             _warn_earlier_outputs(args, before)

@@ -754,13 +754,25 @@ def _plot(report: dict, out: Path, name: str) -> list[str]:
 
 
 def run_interpretive_demo(
-    out_dir: str | Path = "out/demo/equivalence", full: bool = False, quick: bool = False, log=print
+    out_dir: str | Path = "out/demo/equivalence",
+    full: bool = False,
+    quick: bool = False,
+    log=print,
+    threads: int | None = None,
 ) -> dict:
     """``pypattern demo equivalence``: the reduced run (:func:`reduced_interpretive_settings`; the full run with
     ``full=True``, tiny sizes with ``quick=True``), pool cached in ``out_dir/pool``. Returns the headline numbers;
-    writes ``interpretive.json``, ``interpretive_grid.png`` and ``interpretive_selectivity.png``."""
+    writes ``interpretive.json``, ``interpretive_grid.png`` and ``interpretive_selectivity.png``. ``threads``:
+    torch's thread count in every process, each worker training the pool and the main process (the settings'
+    ``num_threads``; None: the settings' own, 1). It changes the speed, not the cached pool's key."""
+    from .._checks import is_count
+
     if full and quick:
         raise ValueError("full and quick exclude each other")
+    if threads is not None and (not is_count(threads) or threads < 1):
+        raise ValueError(
+            f"threads={threads!r} is not valid; give the number of threads as an int >= 1, or None"
+        )
     s = (
         InterpretiveSettings()
         if full
@@ -768,6 +780,8 @@ def run_interpretive_demo(
         if quick
         else reduced_interpretive_settings()
     )
+    if threads is not None:
+        s = dataclasses.replace(s, num_threads=int(threads))
     c0 = time.process_time()
     rep = run_interpretive(out_dir, s, log=log)
     out = {}

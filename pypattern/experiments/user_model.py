@@ -269,14 +269,22 @@ def token_limits(model) -> dict:
     }
 
 
-def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None, tokens: torch.Tensor | None = None):
-    """The converted model and the tokens (``tokens``: the ids :func:`load_tokens` has read from ``data``, checked
-    against the model here; else ``data`` is read). ``upcast`` (``"sampling"`` or ``"patching"``): a
-    half-precision checkpoint (most are saved in bfloat16) is loaded in float32, with a warning saying why. For
-    sampling, whose loss is the next-token loss, sequences of one token are refused."""
+def _model_and_tokens(
+    model_dir,
+    data,
+    dtype,
+    upcast: str | None = None,
+    tokens: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+):
+    """The converted model (on ``device``: see :func:`~pypattern.circuits.cli.load_model_dir`) and the tokens
+    (``tokens``: the ids :func:`load_tokens` has read from ``data``, checked against the model here; else ``data``
+    is read). ``upcast`` (``"sampling"`` or ``"patching"``): a half-precision checkpoint (most are saved in
+    bfloat16) is loaded in float32, with a warning saying why. For sampling, whose loss is the next-token loss,
+    sequences of one token are refused."""
     from ..circuits.cli import load_model_dir
 
-    model = load_model_dir(model_dir, dtype=dtype, argument="--model")
+    model = load_model_dir(model_dir, dtype=dtype, argument="--model", device=device)
     if upcast is not None and model.cfg.dtype not in (torch.float32, torch.float64):
         warnings.warn(
             f"--model {str(model_dir)!r} holds {model.cfg.dtype} weights and {_UPCAST_REASON[upcast]} (the weights "
@@ -284,7 +292,7 @@ def _model_and_tokens(model_dir, data, dtype, upcast: str | None = None, tokens:
             UserWarning,
             stacklevel=3,
         )
-        model = load_model_dir(model_dir, dtype=torch.float32, argument="--model")
+        model = load_model_dir(model_dir, dtype=torch.float32, argument="--model", device=device)
     model.eval()
     if tokens is None:
         tokens = load_tokens(data, **token_limits(model))
@@ -324,6 +332,28 @@ def _batches(tokens: torch.Tensor, batch_size: int) -> torch.utils.data.DataLoad
     return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(tokens), batch_size=batch_size, shuffle=True
     )
+
+
+def _sampled(run, model, stacked_chains: int):
+    """``run(batched)``, the sampling call, with the chains batched (``batched=True``: one ``vmap``-ed forward and
+    backward per step for every chain, the calibration's trials included) when ``stacked_chains`` copies of the
+    model's parameters fit :data:`~pypattern.sampling.runner.BATCHED_MAX_STACKED`, else by the sampler's default
+    rule (``batched=None``). The draws are the same either way up to float rounding; batched chains of the
+    converted transformers take less CPU time per chain-step (measured on one thread, 4 chains: 1.1 vs 2.1-2.5 ms
+    for a 25k-parameter Llama, 4.9 vs 6.7-7.0 ms at 90k, 19-20 vs 22-23 ms at 673k, equal at 3.2M), where the
+    default rule batches 4 chains only up to 4096 parameters. A model that does not run under ``vmap`` is refused
+    by ``batched=True`` at its first step (before any draw): it is then run by the default rule."""
+    from ..sampling.runner import fits_batched
+
+    valid = isinstance(stacked_chains, int) and not isinstance(stacked_chains, bool) and stacked_chains > 0
+    if not valid or not fits_batched(model, stacked_chains):  # an invalid count: the sampler's own error
+        return run(None)
+    try:
+        return run(True)
+    except RuntimeError as e:
+        if "does not run under vmap" not in str(e):
+            raise
+    return run(None)
 
 
 def out_folder(path: str | os.PathLike, argument: str = "out") -> str:
@@ -396,6 +426,7 @@ def run_user_llc(
     checkpoint: str | os.PathLike | None = None,
     quiet: bool = True,
     tokens: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Estimate the LLC of the model in ``model_dir`` on the token sequences in ``data`` (next-token loss).
 
@@ -404,7 +435,10 @@ def run_user_llc(
     one chain) or not finite is ``null`` there (NaN in the returned dict). ``checkpoint``: a folder; the sampler's
     checkpoint ``llc_checkpoint.npz`` there is written as the run goes and resumed from by the same run (a run with
     other settings, model or data is refused). ``quiet=False`` shows the sampler's progress bars. ``tokens``: the
-    ids :func:`load_tokens` has read from ``data`` (the file is then not read again).
+    ids :func:`load_tokens` has read from ``data`` (the file is then not read again). ``device``: where the model
+    is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU, or the device
+    :func:`~pypattern.circuits.cli.models_on` names). The chains run batched where their stacked parameters fit
+    (:func:`_sampled`): the same draws, up to float rounding, in less time.
     """
     from ..losses import batch_loss
     from ..sampling import estimate_llc
@@ -412,7 +446,7 @@ def run_user_llc(
     out_folder(out)
     if checkpoint is not None:
         out_folder(checkpoint, "checkpoint")
-    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens)
+    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens, device=device)
     _check_default_nbeta(data, tokens, batch_size, nbeta)
     ck = None if checkpoint is None else os.path.join(checkpoint, "llc_checkpoint.npz")
     if ck is not None and os.path.isdir(ck):
@@ -420,19 +454,25 @@ def run_user_llc(
             f"checkpoint={str(checkpoint)!r} holds a folder {ck!r} where the checkpoint file goes; give another "
             "checkpoint folder (on the command line: --checkpoint DIR), or move that folder away"
         )
-    res = estimate_llc(
+    loader = _batches(tokens, batch_size)
+    res = _sampled(
+        lambda batched: estimate_llc(
+            model,
+            loader,
+            loss_fn=batch_loss,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            num_burnin_steps=num_burnin_steps,
+            step_size=step_size,
+            localization=localization,
+            nbeta=nbeta,
+            seed=seed,
+            checkpoint=ck,
+            quiet=quiet,
+            batched=batched,
+        ),
         model,
-        _batches(tokens, batch_size),
-        loss_fn=batch_loss,
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps,
-        step_size=step_size,
-        localization=localization,
-        nbeta=nbeta,
-        seed=seed,
-        checkpoint=ck,
-        quiet=quiet,
+        num_chains,
     )
     res.save(os.path.join(out, "llc.npz"))
     n_chains = len(np.asarray(res.llc_per_chain).ravel())
@@ -485,6 +525,7 @@ def run_user_patch(
     tokens: torch.Tensor | None = None,
     checkpoint: str | None = None,
     quiet: bool = False,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Exact activation patching of the model in ``model_dir`` at each site over layers x positions (heads x
     positions for ``z``), denoising, with the metric KL(P_clean || P_run) at the last position.
@@ -498,7 +539,8 @@ def run_user_patch(
     summary's ``top`` are the largest normalised effects, as in the CSV. ``tokens``: the ids :func:`load_tokens`
     has read from ``data`` (the file is then not read again). ``checkpoint``: a folder holding one checkpoint
     file per site (``patch_<site>.npz``, :func:`~pypattern.patching.activation_patching`'s ``checkpoint``): a
-    stopped run resumes from it. ``quiet``: no progress bars.
+    stopped run resumes from it. ``quiet``: no progress bars. ``device``: where the model runs (``"cpu"``,
+    ``"cuda"``, ``"cuda:<index>"``; None: the CPU, or the device :func:`~pypattern.circuits.cli.models_on` names).
     """
     from ..patching import KL, GaussianNoise, activation_patching
 
@@ -506,7 +548,7 @@ def run_user_patch(
     if sites is not None and not sites:
         raise ValueError("sites is empty: give at least one site")
     out_folder(out)
-    model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching", tokens=tokens)
+    model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching", tokens=tokens, device=device)
     if sites is None:
         sites = tuple(s for s in DEFAULT_SITES if not (model.cfg.attn_only and s == "mlp_out"))
     corr = None
@@ -585,6 +627,7 @@ def run_user_chi(
     checkpoint: str | os.PathLike | None = None,
     quiet: bool = True,
     tokens: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Per-token susceptibilities of every head, MLP and the embedding of the model in ``model_dir``, probed on
     the first ``num_probe`` sequences of ``data`` and sampled on all of them. Writes ``chi.npz``
@@ -592,30 +635,40 @@ def run_user_chi(
     one column per probe token, ``s<sequence>p<position>``) and ``chi_summary.json`` into ``out``.
     ``checkpoint``: a folder where finished components and the running one are kept, and from which the same run
     resumes (a run with other settings, model or data is refused). ``quiet=False`` shows progress bars.
-    ``tokens``: the ids :func:`load_tokens` has read from ``data`` (the file is then not read again)."""
+    ``tokens``: the ids :func:`load_tokens` has read from ``data`` (the file is then not read again). ``device``:
+    where the model is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU, or the device
+    :func:`~pypattern.circuits.cli.models_on` names). The chains run batched where their stacked parameters fit
+    (:func:`_sampled`): the same draws, up to float rounding, in less time."""
     from ..susceptibility import susceptibilities
 
     _count("num_probe", num_probe)
     out_folder(out)
     if checkpoint is not None:
         out_folder(checkpoint, "checkpoint")
-    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens)
+    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens, device=device)
     _check_default_nbeta(data, tokens, batch_size, nbeta)
     components = [c for c in model.components() if c != "unembed"]
-    res = susceptibilities(
+    loader = _batches(tokens, batch_size)
+    # every component's chains sample together (one group): stacked, they are chains x components copies
+    res = _sampled(
+        lambda batched: susceptibilities(
+            model,
+            loader,
+            tokens[:num_probe],
+            components,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            num_burnin_steps=num_burnin_steps,
+            step_size=step_size,
+            localization=localization,
+            nbeta=nbeta,
+            seed=seed,
+            checkpoint=checkpoint,
+            quiet=quiet,
+            batched=batched,
+        ),
         model,
-        _batches(tokens, batch_size),
-        tokens[:num_probe],
-        components,
-        num_chains=num_chains,
-        num_draws=num_draws,
-        num_burnin_steps=num_burnin_steps,
-        step_size=step_size,
-        localization=localization,
-        nbeta=nbeta,
-        seed=seed,
-        checkpoint=checkpoint,
-        quiet=quiet,
+        num_chains * len(components),
     )
     res.save(os.path.join(out, "chi.npz"))
     chi = np.asarray(res.chi)
