@@ -172,6 +172,16 @@ def test_similarity_examples(env):
     torch.testing.assert_close(
         torch.diagonal(pp.cka_matrix(env["acts_a"], env["acts_a"])), torch.ones(2, dtype=torch.float64)
     )
+    from pypattern.equivalence import rbf_cka
+
+    assert 0.0 < rbf_cka(env["acts_a"][1], env["acts_b"][1]) < 1.0
+    assert rbf_cka(env["acts_a"][1], env["acts_a"][1]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_residual_stream_split_example(env):
+    """``stop_at_layer=1`` returns the cached stream entering block 1."""
+    _, cache = env["model"].run_with_cache(env["prompts"], names_filter="blocks.1.hook_resid_pre")
+    torch.testing.assert_close(env["resid"], cache["blocks.1.hook_resid_pre"], rtol=0, atol=0)
 
 
 def test_flags_example(env):
