@@ -1,12 +1,39 @@
 """Interleaved rounds of a kernel bench: every form timed once per round in CPU time (the order flips every round),
 beside the round's bound (multiply-adds at the GEMM rate, or bytes at the copy bandwidth, whichever is larger, both
-measured in the round), then per form the range of times, the rate and the median and range of time / bound."""
+measured in the round), then per form the range of times, the rate and the median and range of time / bound. The
+first line printed names the CPU model and torch's thread count."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``"unknown"`` where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> str:
+    """One line naming what the figures were measured on: CPU model, torch's threads, torch's version."""
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+
+
+def check_agree(name: str, err: float, tol: float) -> None:
+    """Stop the bench (exit with a message) when a form disagrees with the reference by more than ``tol``: timing
+    forms that compute different things is not a comparison."""
+    if not err <= tol:  # also catches NaN
+        raise SystemExit(f"{name} disagrees with the reference: {err:.3g} > {tol:.3g}; nothing timed")
 
 
 def cpu_time(f: Callable[[], object]) -> float:
@@ -25,6 +52,7 @@ def interleaved(
     digits: int = 1,
 ) -> None:
     """Run and print the rounds (after one warm-up call of each form); times in ms with ``digits`` decimals."""
+    print(machine(), flush=True)
     for f in forms.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in forms}

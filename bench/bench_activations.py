@@ -18,7 +18,9 @@ of the same variants at one size). Measured figures are in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import pytest
@@ -26,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from pypattern.ops.activations import SQRT_2_OVER_PI, gelu_tanh, gelu_tanh_reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _rounds import cpu_model  # noqa: E402
 
 try:
     from transformers.activations import NewGELUActivation
@@ -63,6 +68,28 @@ def variants(x: torch.Tensor, gr: torch.Tensor) -> dict:
     return v
 
 
+def check_variants(x: torch.Tensor, gr: torch.Tensor, v: dict) -> float:
+    """Every variant other than a bound computes the same thing: forward variants the float64 formula at ``x``,
+    backward variants its gradient (by autograd in float64) against ``gr``. Returns the largest difference
+    relative to the largest value; raises if it is over 1e-5 (1e-12 in float64)."""
+    x64 = x.double().requires_grad_()
+    y64 = gelu_tanh_reference(x64)
+    (g64,) = torch.autograd.grad(y64, x64, gr.double())
+    y64 = y64.detach()
+    worst = 0.0
+    for name, f in v.items():
+        if name.startswith("bound"):
+            continue
+        out = f()
+        out = out[0] if isinstance(out, tuple) else out
+        want = y64 if "fwd" in name else g64
+        err = float((out.double() - want).abs().max() / want.abs().max())
+        if not err <= (1e-12 if x.dtype == torch.float64 else 1e-5):
+            raise AssertionError(f"{name} differs from the float64 formula by {err:.2e} of the largest value")
+        worst = max(worst, err)
+    return worst
+
+
 def _time(f, reps: int) -> float:
     t = time.process_time()
     for _ in range(reps):
@@ -72,8 +99,8 @@ def _time(f, reps: int) -> float:
 
 def table(rounds: int = 7, dtype=torch.float32) -> list[str]:
     lines = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {dtype}; CPU time per call, median over "
-        f"{rounds} rounds (range)",
+        f"CPU {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {dtype}; CPU time per "
+        f"call, median over {rounds} rounds (range), every variant once per round in turn",
         "",
         "| size | std | variant | time | x of bound | ours faster by |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -84,6 +111,7 @@ def table(rounds: int = 7, dtype=torch.float32) -> list[str]:
             ref = gelu_tanh_reference(x.double())
             err = (gelu_tanh(x, backend="cpp").double() - ref).abs().max().item()
             v = variants(x, gr)
+            check_variants(x, gr, v)  # before any timing
             n = x.numel()
             reps = max(3, int(2e7 // n))
             for f in v.values():
@@ -131,6 +159,7 @@ def test_gelu(benchmark, work, name):
     if name not in v:
         pytest.skip("peer Hugging Face NewGELUActivation: transformers is not importable here")
     assert torch.allclose(gelu_tanh(x, backend="cpp"), gelu_tanh_reference(x), atol=2e-6)
+    check_variants(x, gr, {name: v[name]})
     kind = "fwd" if "fwd" in name else "bwd"
     role = {"ours": "ours", "torch": "reference", "HF": "peer", "bound": "bound"}[name.split()[0]]
     benchmark.group = f"tanh GELU {kind}, {x.numel()} float32 elements (std 5)"

@@ -41,6 +41,10 @@ def main() -> None:
     clean, corr, ans, wrong = bp._prompts(c["d_vocab"], B, T)
     metric = LogitDiff(ans, wrong)
     macs = bp.scale_bounds(c, B, T)
+    print(
+        f"CPU {bp._cpu_model()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        flush=True,
+    )
     for kind in args.kinds.split(","):
         call = lambda kw=KINDS[kind]: attribution_patching(model, clean, corr, metric=metric, **kw)  # noqa: E731
         first = call()

@@ -545,6 +545,21 @@ def speed_table(rounds: int = 7, reps: int = 3, cfg: dict = CFG) -> None:
             row[r + "/ours"] = statistics.median(b / a for a, b in zip(ts["ours"], ts[r]))
         return row
 
+    if with_ac:  # the same results before anything is timed
+        ours = edge_attribution(model, clean, corr, metric=metric, method="eap")
+        print(
+            f"EAP scores, relative difference to auto-circuit (float32): {eap_rel_diff(ours, ac_eap(acm, clean, corr, metric)):.1e}"
+        )
+        print(
+            f"one pruning point, absolute difference (float32): {float((patch(~circuit) - eng.run(~circuit[None])[0]).abs().max()):.1e}"
+        )
+        print(
+            f"exact patching of 6 edge sets, largest absolute difference (float64): {exact_agreement_fp64():.1e}"
+        )
+    print(
+        f"CPU {_cpu_model()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+        flush=True,
+    )
     runs = {name: [] for name in pieces}
     for r in range(rounds):
         for name, p in pieces.items():
@@ -578,17 +593,16 @@ def speed_table(rounds: int = 7, reps: int = 3, cfg: dict = CFG) -> None:
                 f"auto-circuit/ours {med([x['ac/ours'] for x in rs])}"
             )
         print(line)
-    if with_ac:
-        ours = edge_attribution(model, clean, corr, metric=metric, method="eap")
-        print(
-            f"EAP scores, relative difference to auto-circuit (float32): {eap_rel_diff(ours, ac_eap(acm, clean, corr, metric)):.1e}"
-        )
-        print(
-            f"one pruning point, absolute difference (float32): {float((patch(~circuit) - eng.run(~circuit[None])[0]).abs().max()):.1e}"
-        )
-        print(
-            f"exact patching of 6 edge sets, largest absolute difference (float64): {exact_agreement_fp64():.1e}"
-        )
+
+
+def _cpu_model() -> str:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _rounds import cpu_model
+
+    return cpu_model()
 
 
 def overhead(n: int = 100) -> dict:

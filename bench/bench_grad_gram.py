@@ -64,7 +64,11 @@ def _info(benchmark, role, label, **kw):
 def test_hooks(benchmark, backend):
     lin, x, y = _problem()
     _info(benchmark, "ours", f"hooks + pairwise ({backend})")
-    benchmark(per_sample_grad_gram, lin, _mse, x, y, backend=backend)
+    out = benchmark(per_sample_grad_gram, lin, _mse, x, y, backend=backend)
+    want = per_sample_grad_gram(
+        lin, _mse, x[:64], y[:64], backend="reference"
+    )  # both backends, the same Gram
+    assert float((out[:64, :64].double() - want.double()).abs().max() / want.double().abs().max()) < 1e-5
 
 
 def test_forward_backward_floor(benchmark):
@@ -112,7 +116,10 @@ def test_core(benchmark, backend):
     benchmark.extra_info.update(
         role=role, label=f"grad_gram_linear ({backend})", madds=MADDS, threads=torch.get_num_threads()
     )
-    benchmark(grad_gram_linear, a, d, backend=backend)
+    out = benchmark(grad_gram_linear, a, d, backend=backend)
+    a64, d64 = a.double(), d.double()
+    want = (a64 @ a64.T + 1) * (d64 @ d64.T)
+    assert float((out.double() - want).abs().max() / want.abs().max()) < 1e-5
 
 
 def test_core_gemm_bound(benchmark):

@@ -11,7 +11,8 @@ Work
 ----
 * MLP 128-256-256-10 (101,386 parameters) trained on a teacher task; 4 chains x 200 draws, batch 256, lr 1e-4,
   localization 100, nbeta = 256 / ln 256. The bound is the floor: one forward and one backward of the same batch
-  per step (about 3 x 2 x 101k x 256 = 156 M multiply-adds per step), timed in the same run, plus the
+  per step (a forward is one multiply-add per weight per sample, 100,864 x 256; with the backward's two about
+  3 x 101k x 256 = 78 M multiply-adds, 156 M flops, per step), timed in the same run, plus the
   SGLD update (4 passes over 101k floats, negligible). Reported: time per chain-step of each estimator, the
   floor, and the ratios.
 * Normal crossing K = w1^2 w2^4 as devinterp's test builds it (x ~ N(0, 2^2), y = 0.25 N(0, 1), n = 1000, MSE,
@@ -19,13 +20,16 @@ Work
   in this case (the model has 2 parameters).
 
 Both estimators start from the same weights on the same data; their estimates must agree within 2 standard
-deviations (over chains). Timing rounds are few (each is a full estimate); ratios come from the same run.
+deviations (over chains), checked before anything is timed. Timing rounds are few (each is a full estimate) and
+interleaved (ours, devinterp, then the other order); the rows give the minimum and the range over rounds, and
+the CPU model; ratios come from the same run.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -51,6 +55,8 @@ needs_devinterp = pytest.mark.skipif(
 )
 RESULTS: dict[str, dict] = {}
 MLP = dict(num_chains=4, num_draws=200, lr=1e-4, localization=100.0, batch_size=256)
+# multiply-adds of one chain-step of the MLP: a forward (one per weight per sample) and its backward (two)
+MLP_STEP_MADDS = 3 * (128 * 256 + 256 * 256 + 256 * 10) * MLP["batch_size"]
 NC = dict(num_chains=10, num_draws=3000, lr=4e-4, localization=1.0, n=1000, powers=(1, 2))
 
 
@@ -188,6 +194,22 @@ def _time(fn, rounds):
     return best, out
 
 
+def _interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Wall times of each of ``fns`` once per round, in turn, the order flipping every round (a change in load
+    falls on all of them)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in list(fns) if r % 2 == 0 else list(reversed(fns)):
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _range(ts: list[float], scale: float) -> str:
+    return f"{min(ts) * scale:.4g}-{max(ts) * scale:.4g}"
+
+
 def _floor_per_step(model, ds, rounds=5, steps=50):
     """One forward + backward of a batch-256 step, and a bare torch SGLD loop (torch.randn noise)."""
     x, y = ds.tensors[0][:256], ds.tensors[1][:256]
@@ -216,6 +238,21 @@ def _floor_per_step(model, ds, rounds=5, steps=50):
     return best_fb, best_loop
 
 
+def _gemm_rate() -> float:
+    """Multiply-adds per CPU second of the reference ``(256, 768) @ (768, 3072)`` product (bench_patching's)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_patching import _cpu_gemm_rate
+
+    return _cpu_gemm_rate()
+
+
+def _cpu() -> str:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _rounds import cpu_model
+
+    return cpu_model()
+
+
 def _report():
     if not RESULTS:
         return
@@ -223,9 +260,9 @@ def _report():
         "",
         f"LLC benchmark (devinterp {DEVINTERP or 'not installed: peer cases skipped'}; torch {torch.__version__}):",
         "  *_ms: wall time per chain-step (floor: one forward + backward of the batch, the bound; bare_torch_sgld:"
-        " a plain torch SGLD step, the reference; ours, devinterp: the whole estimate over its chain-steps);"
+        " a plain torch SGLD step, the reference; madds_bound_ms: a chain-step's multiply-adds at the GEMM rate; ours, devinterp: the whole estimate over its chain-steps);"
         " ours_s: wall time of the whole estimate; ours_over_floor: ours_ms / floor_ms;"
-        " speedup_vs_devinterp: devinterp's time / ours",
+        " speedup_vs_devinterp: devinterp's time / ours; *_range: over rounds interleaved with the peer's",
     ]
     for k, v in RESULTS.items():
         lines.append(
@@ -246,32 +283,40 @@ def test_mlp_one_thread(benchmark, mlp_task):
     steps = MLP["num_chains"] * MLP["num_draws"]
     nbeta = 256 / math.log(256)
     floor, bare = _floor_per_step(model, ds)
-    t_ours, (ours, ours_std) = _time(
-        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=3
-    )
-    t_seq, _ = _time(lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta, batched=False), rounds=2)
-    benchmark.pedantic(
-        lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=1, iterations=1
-    )
+    fns = {
+        "ours": lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta),
+        "ours_sequential": lambda: _run_pypattern(model, _mlp_loader(ds), _ce, MLP, nbeta, batched=False),
+    }
+    ours, ours_std = fns["ours"]()
+    if devinterp is not None:  # the same estimate before anything is timed
+        fns["devinterp"] = lambda: _run_devinterp(model, _mlp_loader(ds), _ce, MLP, nbeta)
+        di, di_std = fns["devinterp"]()
+        assert abs(ours - di) <= 2 * max(ours_std, di_std), dict(llc=ours, llc_devinterp=di)
+    times = _interleaved(fns, rounds=2)
+    benchmark.pedantic(fns["ours"], rounds=1, iterations=1)
+    t_ours = min(times["ours"])
     row = dict(
         threads=1,
+        cpu=_cpu(),
         floor_ms=floor * 1e3,
         bare_torch_sgld_ms=bare * 1e3,
         ours_ms=t_ours / steps * 1e3,
-        ours_sequential_ms=t_seq / steps * 1e3,
+        ours_ms_range=_range(times["ours"], 1e3 / steps),
+        ours_sequential_ms=min(times["ours_sequential"]) / steps * 1e3,
         ours_over_floor=t_ours / steps / floor,
+        madds_bound_ms=MLP_STEP_MADDS / _gemm_rate() * 1e3,
         llc=ours,
         llc_std=ours_std,
     )
     if devinterp is not None:
-        t_di, (di, di_std) = _time(lambda: _run_devinterp(model, _mlp_loader(ds), _ce, MLP, nbeta), rounds=2)
+        t_di = min(times["devinterp"])
         row.update(
             devinterp_ms=t_di / steps * 1e3,
+            devinterp_ms_range=_range(times["devinterp"], 1e3 / steps),
             speedup_vs_devinterp=t_di / t_ours,
             llc_devinterp=di,
             llc_std_devinterp=di_std,
         )
-        assert abs(ours - di) <= 2 * max(ours_std, di_std), row
     RESULTS["mlp 101k, 1 thread"] = row
     benchmark.extra_info.update(row)
     _report()
@@ -329,16 +374,34 @@ def test_normal_crossing_one_thread(benchmark, nc_task):
     n = NC["n"]
     nbeta = n / math.log(n)
     steps = NC["num_chains"] * NC["num_draws"]
-    t_ours, (ours, ours_std) = _time(lambda: _run_pypattern(model, _nc_loader(ds), _mse, NC, nbeta), rounds=2)
-    benchmark.pedantic(lambda: _run_pypattern(model, _nc_loader(ds), _mse, NC, nbeta), rounds=1, iterations=1)
-    row = dict(threads=1, ours_s=t_ours, ours_us_per_step=t_ours / steps * 1e6, llc=ours, llc_std=ours_std)
+    fns = {"ours": lambda: _run_pypattern(model, _nc_loader(ds), _mse, NC, nbeta)}
+    ours, ours_std = fns["ours"]()
+    assert np.isfinite(ours)
+    if devinterp is not None:  # the same estimate before anything is timed
+        fns["devinterp"] = lambda: _run_devinterp(model, _nc_loader(ds), _mse, NC, nbeta)
+        di, di_std = fns["devinterp"]()
+        assert abs(ours - di) <= 2 * max(ours_std, di_std), dict(llc=ours, llc_devinterp=di)
+    times = _interleaved(fns, rounds=2)
+    benchmark.pedantic(fns["ours"], rounds=1, iterations=1)
+    t_ours = min(times["ours"])
+    row = dict(
+        threads=1,
+        cpu=_cpu(),
+        ours_s=t_ours,
+        ours_s_range=_range(times["ours"], 1),
+        ours_us_per_step=t_ours / steps * 1e6,
+        llc=ours,
+        llc_std=ours_std,
+    )
     if devinterp is not None:
-        t_di, (di, di_std) = _time(lambda: _run_devinterp(model, _nc_loader(ds), _mse, NC, nbeta), rounds=1)
+        t_di = min(times["devinterp"])
         row.update(
-            devinterp_s=t_di, speedup_vs_devinterp=t_di / t_ours, llc_devinterp=di, llc_std_devinterp=di_std
+            devinterp_s=t_di,
+            devinterp_s_range=_range(times["devinterp"], 1),
+            speedup_vs_devinterp=t_di / t_ours,
+            llc_devinterp=di,
+            llc_std_devinterp=di_std,
         )
-        assert abs(ours - di) <= 2 * max(ours_std, di_std), row
     RESULTS["normal crossing 10x3000, 1 thread"] = row
     benchmark.extra_info.update(row)
     _report()
-    assert np.isfinite(ours)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pypattern.ops.attention import prefix_attention, prefix_attention_reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _rounds import cpu_time, interleaved  # noqa: E402
+from _rounds import check_agree, cpu_time, interleaved  # noqa: E402
 from bench_patching import _cpu_gemm_rate  # noqa: E402
 
 
@@ -130,6 +130,7 @@ def main() -> None:
             )
             err = max(err, float((f(*c).double() - want).abs().max()))
         print(f"{name} against float64: max |error| {err:.1e}")
+        check_agree(name, err, 1e-4)
     print(
         f"{args.layers} layers x {T} positions, {C} cell(s) per call, batch {B}, {H} heads of {dh}: "
         f"{macs / 1e9:.2f} GMAC (causal), {nbytes / 2**20:.0f} MiB moved"

@@ -35,9 +35,9 @@ def _tensors(n):
     return params, grads, anchors
 
 
-def torch_loop_step(params, grads, anchors):
+def torch_loop_step(params, grads, anchors, noise_scale=1.0):
     """What one writes in plain torch: a per-tensor loop of in-place ops and torch.randn noise."""
-    h, s = 0.5 * EPS, math.sqrt(EPS)
+    h, s = 0.5 * EPS, math.sqrt(EPS) * noise_scale
     for w, g, a in zip(params, grads, anchors):
         drift = g * (h * NBETA)
         drift.add_(w - a, alpha=h * LOC)
@@ -45,9 +45,9 @@ def torch_loop_step(params, grads, anchors):
         w.add_(torch.randn_like(w), alpha=s)
 
 
-def torch_foreach_step(params, grads, anchors):
+def torch_foreach_step(params, grads, anchors, noise_scale=1.0):
     """The same with torch._foreach ops (what torch.optim's foreach paths use)."""
-    h, s = 0.5 * EPS, math.sqrt(EPS)
+    h, s = 0.5 * EPS, math.sqrt(EPS) * noise_scale
     diff = torch._foreach_sub(params, anchors)
     torch._foreach_mul_(diff, h * LOC)
     torch._foreach_add_(diff, grads, alpha=h * NBETA)
@@ -134,3 +134,16 @@ def test_fused_agrees_with_reference_here():
     sgld_step_(ref, grads, anchors, backend="reference", **kw)
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6)
+
+
+def test_torch_steps_are_the_same_update():
+    """The plain-torch steps timed beside the kernel compute its update: checked with the noise off on both sides."""
+    params, grads, anchors = _tensors(100_000)
+    kw = dict(step_size=EPS, nbeta=NBETA, localization=LOC, noise_scale=0.0, seed=0, step=0)
+    ours = [p.clone() for p in params]
+    sgld_step_(ours, grads, anchors, **kw)
+    for step in (torch_loop_step, torch_foreach_step):
+        theirs = [p.clone() for p in params]
+        step(theirs, grads, anchors, noise_scale=0.0)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

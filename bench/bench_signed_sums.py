@@ -27,6 +27,7 @@ import statistics
 import time
 
 import torch
+from _rounds import machine
 from bench_circuits import CFG, GPT2_CFG, make_setup, point_circuit
 
 import pypattern.circuits.engine as engine_module
@@ -113,6 +114,8 @@ def main() -> None:
         f()
         same = all(torch.equal(o, w) for c, ws in zip(calls, want) for o, w in zip(c[4], ws))
         print(f"{k}: equal to the chain of adds bit for bit: {same}")
+        if not same:
+            raise SystemExit(f"{k} differs from the chain of adds; nothing timed")
     src, dst = torch.randn(2**26), torch.empty(2**26)
 
     def copy_rates():
@@ -125,6 +128,7 @@ def main() -> None:
         f"{tuple(calls[0][0][0].shape)}, {n_terms} terms ({distinct} distinct blocks per call, bases included); "
         f"{must / 1e9:.3f} GB must move, the chain moves {chain_bytes / 1e9:.3f} GB"
     )
+    print(machine(), flush=True)
     times = {k: [] for k in forms}
     bounds = []
     for r in range(args.rounds):

@@ -1,7 +1,7 @@
 """Shared set-up of the benchmark suites.
 
-* Threads are pinned (``PYPATTERN_BENCH_THREADS``, default 1) and reported: other processes share these cores, and
-  two OpenMP threads were sometimes far slower than one here.
+* Threads are pinned (``PYPATTERN_BENCH_THREADS``, default 1) and reported with the CPU model: other processes share
+  these cores, and two OpenMP threads were sometimes far slower than one here.
 * Each benchmark labels itself in ``benchmark.extra_info``: ``role`` is ``ours``, ``reference``, ``peer`` or
   ``bound`` (the work's own limit, e.g. a plain copy of the same bytes, or the floor of one forward+backward);
   ``bytes`` (memory traffic) or ``madds`` (multiply-adds) give the work. At the end of the run a table prints, per
@@ -12,15 +12,19 @@
 """
 
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _rounds import cpu_model  # noqa: E402
 
 THREADS = int(os.environ.get("PYPATTERN_BENCH_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
 
 def pytest_report_header(config):
-    return f"pypattern bench: torch {torch.__version__}, torch.set_num_threads({THREADS})"
+    return f"pypattern bench: CPU {cpu_model()}, torch {torch.__version__}, torch.set_num_threads({THREADS})"
 
 
 def _rows(config):
@@ -35,7 +39,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not rows:
         return
     tr = terminalreporter
-    tr.section(f"pypattern: ratios measured in this run (min times, {THREADS} thread(s))")
+    tr.section(f"pypattern: ratios measured in this run (min times, {THREADS} thread(s), CPU {cpu_model()})")
     groups: dict[str, list] = {}
     for b in rows:
         groups.setdefault(b.group or "-", []).append(b)
