@@ -274,7 +274,10 @@ class SusceptibilityResult(Saveable):
         Standard error of ``chi`` by the jackknife over chains: ``sqrt((C - 1) / C sum_c (chi_{-c} - mean)^2)``
         with ``chi_{-c}`` pooled over every chain but ``c`` (NaN with one chain). It includes the differences
         between the chains' means, which ``chi`` (pooled) includes and the per-chain estimates do not: with short
-        chains, ``chi_chains.std(1) / sqrt(C)`` understates the spread of ``chi`` several-fold.
+        chains, ``chi_chains.std(1) / sqrt(C)`` understates the spread of ``chi`` several-fold. With ``C``
+        chains it rests on ``C - 1`` degrees of freedom, so it is itself noisy with few chains: on an exact
+        Gaussian posterior, ``(chi - exact) / chi_se`` had a mean square near 1 with 16 chains and of 2-9 over
+        three seeds with 4; read it as a t-statistic with ``C - 1`` degrees of freedom.
     chi_chains : ndarray (num_components, num_chains, num_probe)
     components : list of str
     probe_sample, probe_position, probe_token : ndarray (num_probe,)
