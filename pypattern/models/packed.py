@@ -37,6 +37,33 @@ __all__ = [
 ]
 
 _CHOICE: bool | None = None
+_STEP_HOOK = None  # the optimiser step hook of :func:`_watch_fused_steps`, once registered
+
+
+def _advance_fused_versions(optimizer, args, kwargs) -> None:
+    """After an optimiser's step: its parameters in fused groups (``fused=True``) that took a step get their
+    version counters advanced. Fused kernels write the parameters without advancing them (the foreach and
+    per-tensor steps do), so a packed copy, an attention layout or a graph saved before the step would be read as
+    current."""
+    params = [
+        p
+        for group in optimizer.param_groups
+        if group.get("fused")
+        for p in group["params"]
+        if p.grad is not None and not p.is_inference()
+    ]
+    if params:
+        torch.autograd.graph.increment_version(params)
+
+
+def _watch_fused_steps() -> None:
+    """Register :func:`_advance_fused_versions` for every optimiser's step (once per process, when the first
+    block of fixed weights opens)."""
+    global _STEP_HOOK
+    if _STEP_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK = register_optimizer_step_post_hook(_advance_fused_versions)
 
 
 def _ops_present() -> bool:
@@ -142,7 +169,10 @@ class PackedWeights:
     """Packed copies of the weights met while the model's weights are held fixed: ``W (n, m)`` packed for
     ``x @ W`` (and its transpose for gradients into ``x``), keyed by storage, shape and strides, and checked
     against the weight's version counter on every use (a weight changed in place through autograd-visible ops is
-    packed anew; changes through ``.data`` are not seen, and the block's contract excludes them).
+    packed anew, a fused optimiser's step included: :func:`_watch_fused_steps`; values changed in place through
+    ``.data`` (``p.data.copy_(t)``, ``p.data[h] = 0``) are not seen, as no version counter records them and no
+    check of O(1) cost can, and the block's contract excludes them: change weights in place under
+    ``torch.no_grad()`` instead).
 
     A weight is packed only once it has been multiplied by :attr:`PACK_AFTER_ROWS` rows in the block (before that,
     oneDNN reads it in place): a pack costs about a 100-row product and saves 5-15% of each later one against the
@@ -163,6 +193,7 @@ class PackedWeights:
         self._packs: dict[tuple, tuple] = {}  # version, packed copy, weight, bytes, storage
         self._rows: dict[tuple, int] = {}
         self._bytes = 0
+        _watch_fused_steps()
 
     @staticmethod
     def applies(
