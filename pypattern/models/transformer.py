@@ -1282,6 +1282,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 #: the packed weights of the innermost :meth:`Transformer.fixed_weights` block, or None outside one
 #: (per thread: a block in one thread does not reach products computed in another)
 _PACKS_LOCAL = threading.local()
+_LAYOUTS_LOCK = threading.Lock()  # the attention layouts' count of open blocks (Transformer.fixed_weights)
 
 
 def _active_packs() -> PackedWeights | None:
@@ -1435,6 +1436,7 @@ class Attention(nn.Module):
         pickle) made inside the block is a model outside any block."""
         state = dict(self.__dict__)
         state.pop("_layouts", None)
+        state.pop("_layout_blocks", None)
         return state
 
     def proj(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -1977,9 +1979,15 @@ class Transformer(HookedRootModule):
         ):
             raise ValueError(f"max_pack_bytes={max_pack_bytes!r} is not valid; give an int >= 0 or None")
         attns = [blk.attn for blk in self.blocks if getattr(blk, "attn", None) is not None]
-        outer = [a.__dict__.get("_layouts") for a in attns]
-        for a, o in zip(attns, outer):
-            a._layouts = {} if o is None else o  # a nested block shares the outer one's layouts
+        # the layouts live while any block on the model is open, in this thread or another (a count of the open
+        # blocks, not the dict seen at entry: a block that outlives one opened before it in another thread must
+        # not put back layouts whose block has ended); a nested block shares them
+        with _LAYOUTS_LOCK:
+            for a in attns:
+                n = a.__dict__.get("_layout_blocks", 0)
+                if n == 0 or "_layouts" not in a.__dict__:
+                    a._layouts = {}
+                a._layout_blocks = n + 1
         outer_packs = _active_packs()
         if outer_packs is None:
             _PACKS_LOCAL.packs = PackedWeights(max_pack_bytes)
@@ -1987,13 +1995,15 @@ class Transformer(HookedRootModule):
             yield self
         finally:
             _PACKS_LOCAL.packs = outer_packs
-            for a, o in zip(attns, outer):
-                if o is None:
-                    dropped = a.__dict__.pop("_layouts", None)
-                    if outer_packs is not None and dropped:  # the outer block's packs must not keep them
-                        outer_packs.forget(made[2] for made in dropped.values())
-                else:
-                    a._layouts = o
+            with _LAYOUTS_LOCK:
+                for a in attns:
+                    n = a.__dict__.get("_layout_blocks", 1) - 1
+                    a._layout_blocks = n
+                    if n <= 0:
+                        a.__dict__.pop("_layout_blocks", None)
+                        dropped = a.__dict__.pop("_layouts", None)
+                        if outer_packs is not None and dropped:  # the outer block's packs must not keep them
+                            outer_packs.forget(made[2] for made in dropped.values())
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token plus positional embedding (through ``hook_embed``/``hook_pos_embed``): ``(batch, pos, d_model)``.
