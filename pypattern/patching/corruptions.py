@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import is_real
 from .sites import _ints
 
 __all__ = [
@@ -70,8 +71,14 @@ class GaussianNoise(Corruption):
         for name, v in (("std_multiplier", self.std_multiplier), ("std", self.std)):
             if v is None and name == "std":
                 continue
-            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+            if not is_real(v):  # numpy's numbers too (np.float32 is no Python float)
+                raise TypeError(
+                    f"GaussianNoise.{name}={v!r} is not valid: a {type(v).__name__}; give a finite number >= 0 (a "
+                    "Python or numpy int or float)"
+                )
+            if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"GaussianNoise.{name}={v!r} is not valid; give a finite number >= 0")
+            setattr(self, name, float(v))
         # the seed of torch.Generator.manual_seed: an integer (numpy's too) in 0 .. 2**64 - 1
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise TypeError(f"GaussianNoise.seed={self.seed!r} is not valid; give an int")

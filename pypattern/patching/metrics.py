@@ -86,7 +86,11 @@ def token_ids(idx: torch.Tensor, B: int, V: int, name: str = "answer") -> torch.
             "least one token id per example"
         )
     if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
+        if idx.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no min/max in torch: read with numpy
+            arr = idx.detach().cpu().numpy()
+            lo, hi = int(arr.min()), int(arr.max())
+        else:
+            lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= V:
             bad = lo if lo < 0 else hi
             raise ValueError(
@@ -292,6 +296,12 @@ class KL(Metric):
         if self.clean_logp is None:
             raise RuntimeError("KL metric is not bound to a clean run: call metric.bind(clean_logits) first")
         x = _wide(logits)
+        if x.dim() < 2 or x.shape[-2:] != self.clean_logp.shape[-2:]:
+            raise ValueError(
+                f"KL metric is bound to clean logits of shape {tuple(self.clean_logp.shape)} (batch, vocab) and was "
+                f"given logits of shape {tuple(x.shape)}; give logits (..., {self.clean_logp.shape[0]}, "
+                f"{self.clean_logp.shape[1]}) of the same examples (metric.select(index) for a subset of them)"
+            )
         lp = torch.log_softmax(x, -1)
         cl = self.clean_logp.to(lp.dtype)
         p = cl.exp()
@@ -357,7 +367,8 @@ def logits_at(logits: torch.Tensor, pos) -> torch.Tensor:
     if isinstance(pos, int):
         return logits[:, pos]
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, torch.as_tensor(pos, device=logits.device)]
+    # as int64: a uint8 (or bool) tensor used as an index would be a mask, not positions
+    return logits[rows, torch.as_tensor(pos, device=logits.device).long()]
 
 
 def metric_on(metric, logits: torch.Tensor, batch: int) -> torch.Tensor:
