@@ -22,7 +22,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 32
 ARCHS = ["neox", "llama", "qwen2", "gemma2", "phi", "falcon", "mixtral", "opt"]
-NATIVE_MASKS = {"neox", "llama", "qwen2", "gemma2", "phi", "mixtral"}  # the unconverted adapter's families
+NATIVE_MASKS = {
+    "neox",
+    "llama",
+    "qwen2",
+    "gemma2",
+    "phi",
+    "mixtral",
+    "falcon",
+    "opt",
+}  # masks of unconverted models
 KW = dict(
     num_chains=2,
     num_draws=4,

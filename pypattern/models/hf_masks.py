@@ -29,6 +29,22 @@ in its own layout; the masks follow the installed ``transformers`` modelling cod
   otherwise GPT-NeoX's per-head blocks ``3 h d_head : 3 (h+1) d_head``; ``attn.c_proj`` columns
   ``h*d_head : (h+1)*d_head``.
 
+* **OPT** (split ``nn.Linear`` with biases under ``model.decoder.layers``): Llama's layout, ``out_proj`` for
+  ``o_proj``; ``blocks.{l}.mlp`` is the layer's ``fc1`` and ``fc2``, ``ln1`` / ``ln2`` its ``self_attn_layer_norm``
+  / ``final_layer_norm``.
+* **BLOOM** (``self_attention.query_key_value`` ``(3 d_model, d_model)``, its rows ``(n_heads, 3, d_head)``): GPT-NeoX's
+  per-head blocks, head ``h`` the rows ``3 h d_head : 3 (h+1) d_head``; ``self_attention.dense`` columns
+  ``h*d_head : (h+1)*d_head``. ``embed`` is the word embeddings with the LayerNorm on them
+  (``word_embeddings_layernorm``), as on the converted model.
+* **Falcon** (``self_attention.query_key_value``, ``self_attention.dense``), three layouts of the fused rows: with
+  ``new_decoder_architecture`` grouped, ``(n_kv_heads, n_heads // n_kv_heads + 2, d_head)`` (each key/value group's
+  query heads, then its key, then its value: head ``h`` of group ``g = h // group`` the rows
+  ``(g (group + 2) + h % group) d_head`` on, the key/value head ``g`` the ``2 d_head`` rows from
+  ``(g (group + 2) + group) d_head``); otherwise with ``multi_query`` GPT-BigCode's multi-query rows ``[every query
+  head | the key head | the value head]``; otherwise GPT-NeoX's per-head blocks. ``ln1`` / ``ln2`` are ``ln_attn`` /
+  ``ln_mlp`` where the layer has them, else ``input_layernorm`` / ``post_attention_layernorm`` (a parallel block
+  with one norm has ``ln1`` only).
+
 * **Mixtures of experts** (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE): the attention as Llama's (OLMoE normalises
   queries and keys across all heads, as OLMo 2, and has no per-head components); ``blocks.{l}.mlp`` is the whole
   sparse block (router, experts, any shared expert) and ``blocks.{l}.mlp.expert.{e}`` entry ``e`` of the first axis
@@ -56,6 +72,7 @@ is tied is refused, naming the tie, since no mask then moves that head alone.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -68,13 +85,90 @@ from .transformer import check_index_spelling, norm_refusal
 __all__ = ["hf_component_masks", "hf_components", "hf_attention_shape", "is_hf_model"]
 
 
+# families whose parameters are masked here although the native adapter (HookedHF) does not run them
+_MASK_ARCHS: dict[str, HFArch] = {
+    "opt": HFArch(
+        "opt",
+        "model.decoder",
+        "embed_tokens",
+        "embed_positions",
+        "layers",
+        "self_attn",
+        "fc1",  # with fc2: the MLP is two modules of the layer (_MORE_MODULES)
+        "self_attn_layer_norm",
+        "final_layer_norm",
+        "final_layer_norm",
+        "split",
+        "",
+        "out_proj",
+    ),
+    "bloom": HFArch(
+        "bloom",
+        "transformer",
+        "word_embeddings",
+        None,
+        "h",
+        "self_attention",
+        "mlp",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "ln_f",
+        "bloom",
+        "",
+        "dense",
+    ),
+    "falcon": HFArch(
+        "falcon",
+        "transformer",
+        "word_embeddings",
+        None,
+        "h",
+        "self_attention",
+        "mlp",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "ln_f",
+        "falcon",
+        "",
+        "dense",
+        parallel_residual="parallel_attn",
+    ),
+}  # fmt: skip
+# a component held as several sibling modules: OPT's MLP (the layer's fc1 and fc2), BLOOM's embedding (the word
+# embeddings and the LayerNorm on them, as the converted model's ``embed``)
+_MORE_MODULES = {
+    ("opt", "mlp"): ("fc1", "fc2"),
+    ("bloom", "embed"): ("word_embeddings", "word_embeddings_layernorm"),
+}
+
+
+def _arch(hf: nn.Module) -> HFArch:
+    """The layout of ``hf``: :func:`~pypattern.models.hf.hf_arch`, or one of the families masked here only."""
+    mt = getattr(getattr(hf, "config", None), "model_type", None)
+    arch = _MASK_ARCHS.get(mt) if mt not in HF_ARCHS else None
+    if arch is None:
+        return hf_arch(hf)
+    if not hasattr(hf, arch.base.split(".")[0]) or hf.get_output_embeddings() is None:
+        raise ValueError(
+            f"{type(hf).__name__} has no sub-module {arch.base!r} or no language-model head: give the causal LM "
+            "with its output head (e.g. AutoModelForCausalLM), not the base model"
+        )
+    if mt == "falcon":  # the parallel block of the new architecture: one norm per branch (ln_attn, ln_mlp)
+        layer0 = hf.get_submodule(f"{arch.base}.{arch.layers}")[0]
+        if isinstance(getattr(layer0, "ln_attn", None), nn.Module):
+            arch = dataclasses.replace(arch, ln1="ln_attn", ln2="ln_mlp")
+    return arch
+
+
 def is_hf_model(model: nn.Module) -> bool:
     """True for a :class:`~pypattern.models.hf.HookedHF` or a model whose ``config.model_type`` is supported (also
-    inside a wrapper :func:`~pypattern.models.hf.unwrap_hf` follows: ``nn.DataParallel``, a PEFT-style wrapper)."""
+    inside a wrapper :func:`~pypattern.models.hf.unwrap_hf` follows: ``nn.DataParallel``, a PEFT-style wrapper),
+    by the native adapter or by the masks here (OPT, BLOOM, Falcon)."""
     if isinstance(model, HookedHF):
         return True
     model, _ = unwrap_hf(model, check=False)
-    return getattr(getattr(model, "config", None), "model_type", None) in HF_ARCHS
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    return mt in HF_ARCHS or mt in _MASK_ARCHS
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
@@ -103,7 +197,7 @@ def _attn_path(arch, layer: int) -> str:
 def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]:
     """``(n_heads, n_kv_heads, d_head)`` of layer ``layer``'s attention, read from its modules."""
     hf, _ = _unwrap(model)
-    arch = hf_arch(hf)
+    arch = _arch(hf)
     cfg = hf.config
     attn = hf.get_submodule(_attn_path(arch, layer))
     # head counts from the projections' shapes (a config edited after the model was built does not change them)
@@ -114,6 +208,19 @@ def hf_attention_shape(model: nn.Module, layer: int = 0) -> tuple[int, int, int]
     if arch.qkv == "neox":  # query_key_value (3 n_heads d_head, d_model)
         dh = int(attn.head_size)
         n = _heads(attn.query_key_value.weight.shape[0], 3 * dh, cfg)
+        return n, n, dh
+    if arch.qkv == "bloom":  # query_key_value (n_heads * 3 * d_head, d_model)
+        dh = int(attn.head_dim)
+        n = _heads(attn.query_key_value.weight.shape[0], 3 * dh, cfg)
+        return n, n, dh
+    if arch.qkv == "falcon":
+        dh, rows = int(attn.head_dim), attn.query_key_value.weight.shape[0]
+        if attn.new_decoder_architecture:  # (n_heads + 2 n_kv) d_head rows, grouped
+            n_kv = int(attn.num_kv_heads)
+            return _heads(rows - 2 * n_kv * dh, dh, cfg), n_kv, dh
+        if attn.multi_query:  # [every query head | key | value]
+            return _heads(rows - 2 * dh, dh, cfg), 1, dh
+        n = _heads(rows, 3 * dh, cfg)
         return n, n, dh
     if arch.qkv == "bigcode":  # c_attn rows: (n_heads + 2 n_kv) d_head
         dh, n_kv = int(attn.head_dim), int(attn.kv_heads)
@@ -141,7 +248,7 @@ def _heads(width: int, per_head: int, cfg) -> int:
 def hf_components(model: nn.Module, heads: bool = True) -> list[str]:
     """Component names of a supported Hugging Face causal LM (see :func:`hf_component_masks`)."""
     hf, _ = _unwrap(model)
-    arch = hf_arch(hf)
+    arch = _arch(hf)
     out = ["embed"] + (["pos_embed"] if arch.pos_embed else [])
     heads = heads and not arch.heads_coupled  # heads coupled by one query/key norm: no per-head components
     n_layers = len(hf.get_submodule(f"{arch.base}.{arch.layers}"))
@@ -228,11 +335,27 @@ def _head_slices(
         out[f"{a}.c_attn.weight"] = (1, cols)
         out[f"{a}.c_attn.bias"] = (0, cols)
         out[f"{a}.c_proj.weight"] = (0, own)
-    elif arch.qkv == "neox":
+    elif arch.qkv in ("neox", "bloom") or (
+        arch.qkv == "falcon" and not _falcon_fused_kv(hf.get_submodule(a))
+    ):  # rows (n_heads, 3, d_head): head h's [q_h, k_h, v_h], head after head
         rows = slice(3 * head * dh, 3 * (head + 1) * dh)
         out[f"{a}.query_key_value.weight"] = (0, rows)
         out[f"{a}.query_key_value.bias"] = (0, rows)
         out[f"{a}.dense.weight"] = (1, own)
+    elif arch.qkv == "falcon":
+        group = n_heads // n_kv
+        kv = head // group if kind == "head" else head
+        if hf.get_submodule(a).new_decoder_architecture:  # rows (n_kv, group + 2, d_head)
+            q0, k0 = (kv * (group + 2) + head % group) * dh, (kv * (group + 2) + group) * dh
+        else:  # multi-query: rows [every query head | the key head | the value head]
+            q0, k0 = head * dh, n_heads * dh
+        parts = [torch.arange(q0, q0 + dh)] if kind == "head" else []
+        if kind == "kv" or n_kv == n_heads or include_shared_kv:
+            parts += [torch.arange(k0, k0 + 2 * dh)]
+        out[f"{a}.query_key_value.weight"] = (0, torch.cat(parts))
+        out[f"{a}.query_key_value.bias"] = (0, torch.cat(parts))
+        if kind == "head":
+            out[f"{a}.dense.weight"] = (1, own)
     elif arch.qkv == "bigcode" and n_kv == n_heads:  # c_attn rows: head h's [q_h, k_h, v_h], head after head
         rows = slice(3 * head * dh, 3 * (head + 1) * dh)
         out[f"{a}.c_attn.weight"] = (0, rows)
@@ -289,7 +412,8 @@ def hf_component_masks(
     ----------
     model : nn.Module
         A Hugging Face causal LM of a ``model_type`` in :data:`~pypattern.models.hf.HF_ARCHS`, or the
-        :class:`~pypattern.models.hf.HookedHF` wrapping one (names then start with ``module.model.``).
+        :class:`~pypattern.models.hf.HookedHF` wrapping one (names then start with ``module.model.``); or an OPT,
+        BLOOM or Falcon causal LM, whose masks are given here although the native adapter does not run them.
     component : str
         ``"blocks.{l}.attn.head.{h}"`` (one head's slices, see the module docstring for each layout and for
         grouped-query attention), ``"blocks.{l}.attn.kv_head.{g}"`` (a shared key/value head),
@@ -319,7 +443,7 @@ def hf_component_masks(
         For an unknown component, a head out of range or an unsupported ``model_type``.
     """
     hf, prefix = _unwrap(model)
-    arch = hf_arch(hf)
+    arch = _arch(hf)
     params = dict(hf.named_parameters())
     # every name of every parameter: a parameter tied to another module's (shared between layers, say) is listed by
     # named_parameters() under its first name only; the masks name it so, and a head refuses a tied projection
@@ -397,13 +521,20 @@ def hf_component_masks(
                     f"component={component!r}: layer {layer} is out of range; the model has {n_layers} layers"
                 )
         pre = component if pre is None else pre
+        # a component held as several sibling modules (OPT's fc1 and fc2): each one's parameters
+        pres = [pre]
+        kind = "mlp" if re.fullmatch(r"blocks\.\d+\.mlp", component) else component
+        if (arch.model_type, kind) in _MORE_MODULES:
+            pres = [pre.rsplit(".", 1)[0] + "." + sub for sub in _MORE_MODULES[arch.model_type, kind]]
+
+        def under(n: str) -> bool:
+            return any(n == q or n.startswith(q + ".") for q in pres)
+
         # the module's parameters by identity: a tied one (shared with another module) is named once, by its first
         # name, which need not start with the prefix
-        sel = list(
-            dict.fromkeys(names[id(p)][0] for n, p in every.items() if n == pre or n.startswith(pre + "."))
-        )
+        sel = list(dict.fromkeys(names[id(p)][0] for n, p in every.items() if under(n)))
         if not sel:
-            if pre != component and any(n == pre or n.startswith(pre + ".") for n, _ in hf.named_modules()):
+            if pre != component and any(under(n) for n, _ in hf.named_modules()):
                 raise ValueError(  # the module is there: a norm without weights (OLMo's), say
                     f"component={component!r} ({pre}) has no parameters in this model: nothing to sample"
                 )
@@ -459,6 +590,12 @@ def _unembed_masks(hf: nn.Module, params: dict) -> dict[str, torch.Tensor]:
         raise ValueError(f"{type(hf).__name__} has no output embeddings (get_output_embeddings() is None)")
     own = {id(p) for p in head.parameters()}
     return {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items() if id(p) in own}
+
+
+def _falcon_fused_kv(attn: nn.Module) -> bool:
+    """Whether a Falcon attention's fused rows hold key/value heads apart from the query heads (the new decoder
+    architecture's groups, or multi-query); otherwise they are laid out per head, ``(n_heads, 3, d_head)``."""
+    return bool(attn.new_decoder_architecture or attn.multi_query)
 
 
 def _as_index(idx: Any, device: torch.device) -> torch.Tensor:
