@@ -403,7 +403,7 @@ def _reads_sequences(model: nn.Module) -> bool:
     not a user's module that embeds one token per sample."""
     if isinstance(getattr(getattr(model, "cfg", None), "n_ctx", None), int):
         return True
-    return any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+    return _is_hf_model(model)
 
 
 def _valid_ids(v: int | None) -> str:
@@ -491,8 +491,7 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
         pb = parse_batch(batch)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{argument}: {e}") from None
-    if pb.inputs.dim() and pb.inputs.shape[0] == 0:
-        raise ValueError(_no_sample(batch, argument))
+    _refuse_no_sample(pb, batch, argument)
     if pb.attention_mask is not None and not _takes_mask(model):
         _refuse_left_padding(model, pb.attention_mask, argument)
     pos = pb.extra.get("position_ids")
@@ -1142,18 +1141,19 @@ def _own_loss_or_logits(model: nn.Module, batch: Any):
     """The batch parsed and the model run on it: ``(parsed batch, the loss the model returns itself or None, its
     logits or None)``, the reading :func:`batch_loss` and the sampler's default loss share."""
     pb = _on_model(model, parse_batch(batch))
-    if pb.inputs.dim() and pb.inputs.shape[0] == 0:
-        raise ValueError(_no_sample(batch))
+    _refuse_no_sample(pb, batch)
     out = _output(model, pb, for_loss=True)
     own = _output_loss(out)
     return pb, own, None if own is not None else read_logits(out)
 
 
-def _no_sample(batch: Any, argument: str = "the batch") -> str:
-    """Why a batch of no sample (batch size 0), passed as ``argument`` (or one of ``"loader"``'s batches), is
-    refused."""
+def _refuse_no_sample(pb: ParsedBatch, batch: Any, argument: str = "the batch") -> None:
+    """Refuse (``ValueError``) a batch of no sample (batch size 0), passed as ``argument`` (or one of
+    ``"loader"``'s batches): its loss is undefined."""
+    if not (pb.inputs.dim() and pb.inputs.shape[0] == 0):
+        return
     who = "loader: one of its batches" if argument == "loader" else argument
-    return (
+    raise ValueError(
         f"{who} has no samples ({_describe(batch)}, batch size 0), so its loss is undefined; give a batch of "
         "at least one sample"
     )
