@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import contextvars
 import os
 import sys
 import time
@@ -39,13 +38,6 @@ __all__ = ["run_circuit_demo", "load_model_dir", "load_prompts", "user_prompts",
 def _named(argument: str, value: str) -> str:
     """How a message names a value: ``--model '/dir'`` for a command-line flag, ``model_dir='/dir'`` otherwise."""
     return f"{argument} {value!r}" if argument.startswith("--") else f"{argument}={value!r}"
-
-
-#: the device the command line's ``--device`` names, where :func:`load_model_dir` puts the models it loads while
-#: :func:`models_on` is in effect (None: where they load, the CPU)
-_MODEL_DEVICE: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar(
-    "model_device", default=None
-)
 
 
 def check_device(device, argument: str = "device") -> torch.device:
@@ -74,20 +66,6 @@ def check_device(device, argument: str = "device") -> torch.device:
     return dev
 
 
-@contextlib.contextmanager
-def models_on(device):
-    """Inside the block :func:`load_model_dir` moves every model it loads to ``device`` (checked by
-    :func:`check_device`); ``None`` changes nothing. The estimators move their inputs to the model's device."""
-    if device is None:
-        yield
-        return
-    token = _MODEL_DEVICE.set(check_device(device))
-    try:
-        yield
-    finally:
-        _MODEL_DEVICE.reset(token)
-
-
 def load_model_dir(
     path: str,
     dtype: torch.dtype | None = None,
@@ -99,7 +77,7 @@ def load_model_dir(
     ``path/model.safetensors``), or a Hugging Face ``save_pretrained`` directory (its ``config.json`` names a
     ``model_type``), converted with :func:`pypattern.from_pretrained`. Nothing is unpickled. ``dtype``: load in
     that dtype instead of the saved one. ``device``: move the model there (checked by :func:`check_device`);
-    None: the device :func:`models_on` names, else where it loads (the CPU).
+    None: where it loads (the CPU).
 
     Raises
     ------
@@ -230,9 +208,8 @@ def _check_model_folder(path: str, argument: str) -> str:
 
 
 def _moved(model, device):
-    """``model`` on ``device`` (None: the device :func:`models_on` names, else where it is)."""
-    dev = _MODEL_DEVICE.get() if device is None else check_device(device)
-    return model if dev is None else model.to(dev)
+    """``model`` on ``device`` (checked by :func:`check_device`; None: where it is)."""
+    return model if device is None else model.to(check_device(device))
 
 
 def _ids(z, key: str, path: str, ndim: int) -> torch.Tensor:
@@ -405,9 +382,9 @@ def user_prompts(model, tokens: str, corrupted: str | None = None):
     return clean, corr, LogProb(answer), ("resample" if corr is not None else "mean")
 
 
-def _upcast(model_dir: str, model, argument: str = "model_dir"):
-    """A half-precision model (most checkpoints are saved in bfloat16) as its exact float32 copy, with a warning:
-    edge scores and patched metrics computed in half precision are mostly rounding noise."""
+def _upcast(model_dir: str, model, argument: str = "model_dir", device=None):
+    """A half-precision model (most checkpoints are saved in bfloat16) as its exact float32 copy (on ``device``),
+    with a warning: edge scores and patched metrics computed in half precision are mostly rounding noise."""
     if model.cfg.dtype in (torch.float32, torch.float64):
         return model
     import warnings
@@ -418,7 +395,7 @@ def _upcast(model_dir: str, model, argument: str = "model_dir"):
         UserWarning,
         stacklevel=3,
     )
-    return load_model_dir(model_dir, dtype=torch.float32, argument=argument)
+    return load_model_dir(model_dir, dtype=torch.float32, argument=argument, device=device)
 
 
 def run_circuit_demo(
@@ -560,8 +537,13 @@ def run_circuit_demo(
             _check_model_folder(model_dir, model_argument)
             user_prompts(None, tokens, corrupted)
             # transformers' bar of loading the weights quiet too; the model (and an upcast copy) on the device
-            with _quiet_transformers(quiet), models_on(device):
-                model = _upcast(model_dir, load_model_dir(model_dir, argument=model_argument), model_argument)
+            with _quiet_transformers(quiet):
+                model = _upcast(
+                    model_dir,
+                    load_model_dir(model_dir, argument=model_argument, device=device),
+                    model_argument,
+                    device,
+                )
             clean, corr, metric, ablation = user_prompts(model, tokens, corrupted)
             say(f"loaded {model_dir} and {clean.shape[0]} prompts of {clean.shape[1]} tokens")
             pp = False if per_position is None else per_position

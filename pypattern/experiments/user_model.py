@@ -436,9 +436,8 @@ def run_user_llc(
     checkpoint ``llc_checkpoint.npz`` there is written as the run goes and resumed from by the same run (a run with
     other settings, model or data is refused). ``quiet=False`` shows the sampler's progress bars. ``tokens``: the
     ids :func:`load_tokens` has read from ``data`` (the file is then not read again). ``device``: where the model
-    is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU, or the device
-    :func:`~pypattern.circuits.cli.models_on` names). The chains run batched where their stacked parameters fit
-    (:func:`_sampled`): the same draws, up to float rounding, in less time.
+    is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU). The chains run batched where their
+    stacked parameters fit (:func:`_sampled`): the same draws, up to float rounding, in less time.
     """
     from ..losses import batch_loss
     from ..sampling import estimate_llc
@@ -540,7 +539,7 @@ def run_user_patch(
     has read from ``data`` (the file is then not read again). ``checkpoint``: a folder holding one checkpoint
     file per site (``patch_<site>.npz``, :func:`~pypattern.patching.activation_patching`'s ``checkpoint``): a
     stopped run resumes from it. ``quiet``: no progress bars. ``device``: where the model runs (``"cpu"``,
-    ``"cuda"``, ``"cuda:<index>"``; None: the CPU, or the device :func:`~pypattern.circuits.cli.models_on` names).
+    ``"cuda"``, ``"cuda:<index>"``; None: the CPU).
     """
     from ..patching import KL, GaussianNoise, activation_patching
 
@@ -636,9 +635,8 @@ def run_user_chi(
     ``checkpoint``: a folder where finished components and the running one are kept, and from which the same run
     resumes (a run with other settings, model or data is refused). ``quiet=False`` shows progress bars.
     ``tokens``: the ids :func:`load_tokens` has read from ``data`` (the file is then not read again). ``device``:
-    where the model is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU, or the device
-    :func:`~pypattern.circuits.cli.models_on` names). The chains run batched where their stacked parameters fit
-    (:func:`_sampled`): the same draws, up to float rounding, in less time."""
+    where the model is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU). The chains run batched
+    where their stacked parameters fit (:func:`_sampled`): the same draws, up to float rounding, in less time."""
     from ..susceptibility import susceptibilities
 
     _count("num_probe", num_probe)
