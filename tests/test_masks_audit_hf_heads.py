@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from torch.func import functional_call
+from _hf_mask_checks import changed_heads, check_head_moves_alone, perturbed, run_at_out_proj
 
 from pypattern.models.hf import HAS_TRANSFORMERS, hf_arch
 from pypattern.models.hf_masks import hf_attention_shape, hf_component_masks
@@ -109,34 +109,6 @@ def _out_proj_name(m, layer):
     return a + {"gpt2": ".c_proj", "bigcode": ".c_proj", "neox": ".dense"}.get(arch.qkv, f".{arch.out_proj}")
 
 
-def _run(m, params, oname, x):
-    """(z, output) of the output projection ``oname`` in a forward of ``m`` with ``params``."""
-    got = {}
-    mod = m.get_submodule(oname)
-    h1 = mod.register_forward_pre_hook(lambda _m, a: got.__setitem__("z", a[0]))
-    h2 = mod.register_forward_hook(lambda _m, a, o: got.__setitem__("o", o))
-    try:
-        functional_call(m, params, (x,))
-    finally:
-        h1.remove()
-        h2.remove()
-    return got["z"], got["o"]
-
-
-def _perturbed(params, masks, seed, scale=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    out = dict(params)
-    for n, sel in masks.items():
-        noise = (scale * torch.randn(params[n].shape, generator=gen, dtype=torch.float64)).to(params[n].dtype)
-        out[n] = params[n] + noise * sel
-    return out
-
-
-def _changed_heads(z0, z1, n, dh):
-    a, b = z0.reshape(*z0.shape[:-1], n, dh), z1.reshape(*z1.shape[:-1], n, dh)
-    return [j for j in range(n) if not torch.equal(a[..., j, :], b[..., j, :])]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_partition_the_attention(arch):
     m, x, layer = _model(arch), _x(), 1
@@ -153,7 +125,7 @@ def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_par
 
     # the support of each head's z over the input-side parameters, by autograd
     leaves = {k: params[k].clone().requires_grad_(True) for k in inames}
-    z, _ = _run(m, {**params, **leaves}, oname, x)
+    z, _ = run_at_out_proj(m, {**params, **leaves}, oname, x)
     assert z.shape[-1] == n * dh
     zb = z.reshape(*z.shape[:-1], n, dh)
     r = torch.randn(zb.shape, dtype=zb.dtype, generator=torch.Generator().manual_seed(2))
@@ -166,7 +138,7 @@ def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_par
     every_head = {k: torch.stack([s[k] for s in support]).all(0) for k in inames}
 
     with torch.no_grad():
-        z0, o0 = _run(m, params, oname, x)
+        z0, o0 = run_at_out_proj(m, params, oname, x)
     count = {k: torch.zeros(params[k].shape, dtype=torch.int64) for k in anames}
     for h in range(n):
         own = hf_component_masks(m, f"blocks.{layer}.attn.head.{h}")
@@ -182,31 +154,14 @@ def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_par
                 assert arch in ("gpt2", "bigcode_mha", "stablelm") and "bias" in k, (h, k, silent.nonzero())
         for k, sel in own.items():
             count[k] += sel.long()
-        for incl, mk in ((False, own), (True, full)):
-            with torch.no_grad():
-                z1, _ = _run(m, _perturbed(params, mk, seed=10 + h), oname, x)
-            g0 = h // group
-            want = list(range(g0 * group, (g0 + 1) * group)) if incl and n_kv < n else [h]
-            assert _changed_heads(z0, z1, n, dh) == want, (h, incl)
-        # the output projection's slice: its change of the output is that of z_h alone
-        sub = {k[len(oname) + 1 :]: v for k, v in params.items() if k in onames}
-        moved = {k[len(oname) + 1 :]: v for k, v in _perturbed(params, own, 20 + h).items() if k in onames}
-        keep = torch.zeros(n, 1, dtype=z0.dtype)
-        keep[h] = 1
-        zh = (z0.reshape(*z0.shape[:-1], n, dh) * keep).reshape(z0.shape)
-        proj = m.get_submodule(oname)
-        with torch.no_grad():
-            d_all = functional_call(proj, moved, (z0,)) - o0
-            d_h = functional_call(proj, moved, (zh,)) - functional_call(proj, sub, (zh,))
-        assert d_all.abs().max() > 0
-        torch.testing.assert_close(d_all, d_h, rtol=0, atol=1e-13)
+        check_head_moves_alone(m, params, own, full, h, (n, n_kv, dh), oname, onames, x, z0, o0)
     for g in range(n_kv if n_kv < n else 0):
         mk = hf_component_masks(m, f"blocks.{layer}.attn.kv_head.{g}")
         for k, sel in mk.items():
             count[k] += sel.long()
         with torch.no_grad():
-            z1, _ = _run(m, _perturbed(params, mk, seed=50 + g), oname, x)
-        assert _changed_heads(z0, z1, n, dh) == list(range(g * group, (g + 1) * group)), g
+            z1, _ = run_at_out_proj(m, perturbed(params, mk, seed=50 + g), oname, x)
+        assert changed_heads(z0, z1, n, dh) == list(range(g * group, (g + 1) * group)), g
     whole = hf_component_masks(m, f"blocks.{layer}.attn")
     for k in anames:
         assert int(count[k].max()) <= 1, k  # no entry in two masks
@@ -228,14 +183,14 @@ def test_half_precision_models_get_the_same_masks_and_a_head_moves_alone(arch, d
     params = {k: v.detach() for k, v in m.named_parameters()}
     oname = _out_proj_name(m, layer)
     with torch.no_grad():
-        z0, _ = _run(m, params, oname, x)
+        z0, _ = run_at_out_proj(m, params, oname, x)
     for h in range(n):
         mk = hf_component_masks(m, f"blocks.{layer}.attn.head.{h}")
         want = hf_component_masks(ref, f"blocks.{layer}.attn.head.{h}")
         assert mk.keys() == want.keys() and all(torch.equal(mk[k], want[k]) for k in want)
         with torch.no_grad():
-            z1, _ = _run(m, _perturbed(params, mk, seed=h), oname, x)
-        assert _changed_heads(z0, z1, n, dh) == [h]
+            z1, _ = run_at_out_proj(m, perturbed(params, mk, seed=h), oname, x)
+        assert changed_heads(z0, z1, n, dh) == [h]
 
 
 def test_non_contiguous_weights_get_the_masks_of_their_contiguous_copy():
@@ -281,7 +236,7 @@ def test_a_modules_mask_moves_every_parameter_it_holds_tied_ones_included(compon
     )
     masks = hf_component_masks(m, component)
     params = dict(m.named_parameters())
-    moved = _perturbed(params, masks, seed=3)
+    moved = perturbed(params, masks, seed=3)
     by_id = {id(p): n for n, p in params.items()}
     for p in sub.parameters():  # every tensor the module holds, tied or not, is moved in full
         n = by_id[id(p)]

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from torch.func import functional_call
+from _hf_mask_checks import changed_heads, check_head_moves_alone, perturbed, run_at_out_proj
 
 from pypattern.models import component_masks
 from pypattern.models.hf import HAS_TRANSFORMERS
@@ -83,33 +83,6 @@ def _x():
     return torch.randint(1, V, (2, T), generator=torch.Generator().manual_seed(1))
 
 
-def _run(m, params, oname, x):
-    """(z, output) of the output projection ``oname`` in a forward of ``m`` with ``params``."""
-    got = {}
-    mod = m.get_submodule(oname)
-    h1 = mod.register_forward_pre_hook(lambda _m, a: got.__setitem__("z", a[0]))
-    h2 = mod.register_forward_hook(lambda _m, a, o: got.__setitem__("o", o))
-    try:
-        functional_call(m, params, (x,))
-    finally:
-        h1.remove()
-        h2.remove()
-    return got["z"], got["o"]
-
-
-def _perturbed(params, masks, seed, scale=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    out = dict(params)
-    for n, sel in masks.items():
-        out[n] = params[n] + scale * torch.randn(params[n].shape, generator=gen, dtype=params[n].dtype) * sel
-    return out
-
-
-def _changed_heads(z0, z1, n, dh):
-    a, b = z0.reshape(*z0.shape[:-1], n, dh), z1.reshape(*z1.shape[:-1], n, dh)
-    return [j for j in range(n) if not torch.equal(a[..., j, :], b[..., j, :])]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_partition_the_attention(arch):
     m, x, layer = _model(arch), _x(), 1
@@ -127,7 +100,7 @@ def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_par
 
     # the support of each head's z over the input-side parameters, by autograd
     leaves = {k: params[k].clone().requires_grad_(True) for k in inames}
-    z, _ = _run(m, {**params, **leaves}, oname, x)
+    z, _ = run_at_out_proj(m, {**params, **leaves}, oname, x)
     assert z.shape[-1] == n * dh
     zb = z.reshape(*z.shape[:-1], n, dh)
     r = torch.randn(zb.shape, dtype=zb.dtype, generator=torch.Generator().manual_seed(2))
@@ -139,7 +112,7 @@ def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_par
         support.append({k: gk != 0 for k, gk in zip(leaves, g)})
 
     with torch.no_grad():
-        z0, o0 = _run(m, params, oname, x)
+        z0, o0 = run_at_out_proj(m, params, oname, x)
     count = {k: torch.zeros(params[k].shape, dtype=torch.int64) for k in anames}
     for h in range(n):
         own = hf_component_masks(m, f"blocks.{layer}.attn.head.{h}")
@@ -154,24 +127,7 @@ def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_par
             assert int(sel.sum()) == 0 or bool(support[h][k].any()), (h, k)
         for k, sel in own.items():
             count[k] += sel.long()
-        for incl, mk in ((False, own), (True, full)):
-            with torch.no_grad():
-                z1, _ = _run(m, _perturbed(params, mk, seed=10 + h), oname, x)
-            g0 = h // group
-            want = list(range(g0 * group, (g0 + 1) * group)) if incl and n_kv < n else [h]
-            assert _changed_heads(z0, z1, n, dh) == want, (h, incl)
-        # the output projection's slice: its change of the output is that of z_h alone
-        sub = {k[len(oname) + 1 :]: v for k, v in params.items() if k in onames}
-        moved = {k[len(oname) + 1 :]: v for k, v in _perturbed(params, own, 20 + h).items() if k in onames}
-        keep = torch.zeros(n, 1, dtype=z0.dtype)
-        keep[h] = 1
-        zh = (z0.reshape(*z0.shape[:-1], n, dh) * keep).reshape(z0.shape)
-        proj = m.get_submodule(oname)
-        with torch.no_grad():
-            d_all = functional_call(proj, moved, (z0,)) - o0
-            d_h = functional_call(proj, moved, (zh,)) - functional_call(proj, sub, (zh,))
-        assert d_all.abs().max() > 0
-        torch.testing.assert_close(d_all, d_h, rtol=0, atol=1e-13)
+        check_head_moves_alone(m, params, own, full, h, (n, n_kv, dh), oname, onames, x, z0, o0)
     kv_names = [f"blocks.{layer}.attn.kv_head.{g}" for g in range(n_kv)] if n_kv < n else []
     assert [c for c in hf_components(m) if c.startswith(f"blocks.{layer}.attn.kv_head.")] == kv_names
     for g, c in enumerate(kv_names):
@@ -179,8 +135,8 @@ def test_each_heads_mask_is_exactly_what_its_output_depends_on_and_the_masks_par
         for k, sel in mk.items():
             count[k] += sel.long()
         with torch.no_grad():
-            z1, _ = _run(m, _perturbed(params, mk, seed=50 + g), oname, x)
-        assert _changed_heads(z0, z1, n, dh) == list(range(g * group, (g + 1) * group)), g
+            z1, _ = run_at_out_proj(m, perturbed(params, mk, seed=50 + g), oname, x)
+        assert changed_heads(z0, z1, n, dh) == list(range(g * group, (g + 1) * group)), g
     if n_kv == n:
         with pytest.raises(ValueError, match="no shared key/value heads"):
             hf_component_masks(m, f"blocks.{layer}.attn.kv_head.0")
