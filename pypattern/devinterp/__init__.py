@@ -1055,6 +1055,11 @@ def _runs_spec(model: nn.Module, param_masks: ParamMasks | None):
             "create_param_masks(model, 'unembed') of a model whose unembedding is tied to its embedding selects "
             "nothing, as in devinterp: 'embed' selects the tied weight)"
         )
+    if not any(params[n].requires_grad for n in param_masks):
+        raise ValueError(
+            f"param_masks names only frozen parameters ({list(param_masks)} have requires_grad=False): sampling "
+            "moves only parameters that require grad; unfreeze them with requires_grad_(True) or name others"
+        )
     restrict = [re.escape(n) for n in param_masks]
     masks = {n: torch.as_tensor(m).to(params[n].device) for n, m in param_masks.items() if m is not None}
     return restrict, masks or None

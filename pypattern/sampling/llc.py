@@ -250,8 +250,9 @@ def default_nbeta(
     Parameters
     ----------
     dataloader : DataLoader, int or iterable of batches
-        A ``DataLoader`` (its ``batch_size``), the batch size itself, or any loader (the batch size of its first
-        batch).
+        A ``DataLoader`` (its ``batch_size``; the length of its data set when that is smaller and it keeps its
+        last batch, the batch the chains read, as :func:`pypattern.sample`'s default ``nbeta``), the batch size
+        itself, or any loader (the batch size of its first batch).
     grad_accum_steps, gradient_accumulation_steps : int
         Batches per step (devinterp 1.x's name and devinterp 2.x's; give one). An int >= 1 (numpy integers
         count).
@@ -280,6 +281,12 @@ def default_nbeta(
         bs = int(dataloader)
     else:
         bs = getattr(dataloader, "batch_size", None)
+        if bs is not None and not getattr(dataloader, "drop_last", False):
+            # as the sampler's default: a data set smaller than the batch size is one batch of all of it
+            try:
+                bs = min(int(bs), len(dataloader.dataset) or int(bs))
+            except (TypeError, AttributeError):
+                pass
         if bs is None:
             from .data import batch_size_of
 
