@@ -547,15 +547,71 @@ def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _flag_hook(model, spec: FlagSpec, make_values, positions) -> Iterator[None]:
+def _flag_hook(model, spec: FlagSpec, make_values, positions, who: str) -> Iterator[None]:
+    """Overwrite the flags at ``spec.hook`` in every forward of ``model`` within the block; a forward of ``model``
+    that ends without reaching the hook point (``stop_at_layer`` before it, a hook point the forward does not run)
+    raises ``RuntimeError`` naming it, and one that starts after it (``start_at_layer``, whose given residual stream
+    already holds whatever flags it holds) warns."""
     spec.check(model)
+    # one counter per forward of the model under way (a stack: a forward may call the model again); the hook function
+    # counts in each of them
+    running: list[list] = []
 
     def fn(x: torch.Tensor, hook) -> torch.Tensor:
+        for entry in running:
+            entry[0] += 1
         b, t = x.shape[:2]
         return overwrite_flags(x, spec, make_values(b), _position_mask(positions, b, t, x.device))
 
-    with model.hooks([(spec.hook, fn)]):
-        yield
+    def pre(mod, args, kwargs) -> None:
+        running.append([0, kwargs])
+
+    def post(mod, args, kwargs, out) -> None:
+        if not running:
+            return
+        calls, kw = running.pop()
+        if calls:
+            return
+        _unreached(spec, who, kw)
+
+    handles = []
+    if isinstance(model, torch.nn.Module):
+        handles = [
+            model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.register_forward_hook(post, with_kwargs=True),
+        ]
+    try:
+        with model.hooks([(spec.hook, fn)]):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _unreached(spec: FlagSpec, who: str, kwargs: dict) -> None:
+    """A forward of the model under :func:`steer` / :func:`ablate_flags` ended without reaching ``spec.hook``: the
+    flags were not overwritten. ``RuntimeError`` naming the hook point, or a warning when the forward started
+    after it (``start_at_layer``: the residual stream it was given carries its own flags)."""
+    start, stop = kwargs.get("start_at_layer"), kwargs.get("stop_at_layer")
+    if start is not None:
+        warnings.warn(
+            f"{who}: a forward with start_at_layer={start!r} did not reach hook={spec.hook!r}, so its flags were not "
+            "overwritten in it: they are whatever the residual stream given to it holds (give the hook point of a "
+            "block the forward runs to overwrite them there)",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return
+    why = (
+        f" (it was called with stop_at_layer={stop!r}, which stops before the hook point)"
+        if stop is not None
+        else " (the model lists the hook point, but its forward does not run it: e.g. a hook point replaced after "
+        "the model was built, or a wrapper whose hooks were removed)"
+    )
+    raise RuntimeError(
+        f"{who}: the model's forward did not reach hook={spec.hook!r}{why}, so the flags were not overwritten and its "
+        "output is that of the unsteered model; give a hook point the forward runs"
+    )
 
 
 @contextlib.contextmanager
@@ -573,6 +629,17 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
         None: every position; an int ``p``: positions ``>= p``; a mask: where True (it may be longer than the
         sequence, e.g. for generation; it is cut to the sequence length).
 
+    Raises
+    ------
+    ValueError
+        On entry, when ``spec.hook`` is not a hook point of the model (a misspelled name, a layer beyond the
+        model's), or its ``dims`` exceed the hook's width where the model's config gives it.
+    RuntimeError
+        From a forward of ``model`` within the block that ends without reaching ``spec.hook`` (e.g.
+        ``stop_at_layer`` at or before its block, or a hook point the forward does not run), naming the hook point:
+        its output is the unsteered model's. A forward that starts after the hook point (``start_at_layer``)
+        warns instead (``RuntimeWarning``): the residual stream it is given carries its own flags.
+
     Examples
     --------
     >>> with steer(model, spec, concept=1):  # doctest: +SKIP
@@ -580,14 +647,15 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
     """
     _check_spec(spec)
     _concept_tensor(concept, spec)
-    with _flag_hook(model, spec, lambda b: _concept_values(concept, spec, b), positions):
+    with _flag_hook(model, spec, lambda b: _concept_values(concept, spec, b), positions, "steer"):
         yield
 
 
 @contextlib.contextmanager
 def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, positions=None) -> Iterator[None]:
     """Within the block, the flag dimensions are set to ``value`` (a float, or ``(num_flags,)``, e.g. their
-    mean over data for a mean ablation)."""
+    mean over data for a mean ablation). ``positions`` and the errors for a hook point a forward does not reach are
+    :func:`steer`'s."""
     _check_spec(spec)
     if isinstance(value, bool) or not isinstance(
         value, numbers.Real | torch.Tensor | np.ndarray | list | tuple
@@ -609,7 +677,7 @@ def ablate_flags(model, spec: FlagSpec, value: float | torch.Tensor = 0.0, posit
         raise ValueError(f"value has shape {tuple(v.shape)}; give a float or ({spec.num_flags},)")
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"value must be finite, got {v.tolist()}")
-    with _flag_hook(model, spec, lambda b: v, positions):
+    with _flag_hook(model, spec, lambda b: v, positions, "ablate_flags"):
         yield
 
 
@@ -1034,13 +1102,22 @@ def _ridge_probe(x_fit, y_fit, x_eval, y_eval, num_classes: int, ridge: float) -
     x_fit, x_eval = x_fit.to(dev).double(), x_eval.to(dev).double()
     y_fit, y_eval = y_fit.to(dev), y_eval.to(dev)
     mu, sd = x_fit.mean(0), x_fit.std(0).clamp_min(1e-8)
+    # a feature constant over the fit sample is centred on its value, to exactly 0 (a float64 mean of equal values
+    # may differ from them by a rounding, which the clamped scale would blow up into a feature the probe could fit)
+    mu = torch.where((x_fit == x_fit[:1]).all(0), x_fit[0], mu)
     xf = torch.cat([(x_fit - mu) / sd, torch.ones(len(x_fit), 1, dtype=torch.float64, device=dev)], 1)
     xe = torch.cat([(x_eval - mu) / sd, torch.ones(len(x_eval), 1, dtype=torch.float64, device=dev)], 1)
     yf = torch.nn.functional.one_hot(y_fit, num_classes).double()
     ye = torch.nn.functional.one_hot(y_eval, num_classes).double()
-    reg = ridge * torch.eye(xf.shape[1], dtype=torch.float64, device=dev)
-    reg[-1, -1] = 0.0
-    w = torch.linalg.solve(xf.T @ xf + reg, xf.T @ yf)
+    if ridge > 0:
+        reg = ridge * torch.eye(xf.shape[1], dtype=torch.float64, device=dev)
+        reg[-1, -1] = 0.0  # the bias is not penalised; the system is positive definite all the same
+        w = torch.linalg.solve(xf.T @ xf + reg, xf.T @ yf)
+    else:
+        # ridge=0: the minimum-norm least-squares solution (the pseudo-inverse), the limit of the ridge solution as
+        # the penalty goes to 0; the normal equations are singular with fewer fit positions than features, or
+        # with collinear or constant features, and solving them would give arbitrary weights
+        w = torch.linalg.pinv(xf) @ yf
     pred = xe @ w
     acc = float((pred.argmax(1) == y_eval).double().mean())
     sst = float((ye - ye.mean(0)).pow(2).sum())
@@ -1081,7 +1158,11 @@ def probe_accuracy(
         The probe is fitted on ``task.sample(num_samples, seed)`` and scored on ``task.sample(num_samples,
         seed + 1)``.
     ridge : float
-        The probe's L2 penalty (finite, >= 0).
+        The probe's L2 penalty on the standardised features' weights (finite, >= 0; the bias is not penalised).
+        ``0``: plain least squares, as the minimum-norm solution (the pseudo-inverse, the limit of the ridge
+        probe as the penalty goes to 0), which is defined also when there are fewer fit positions than features
+        or when features are collinear or constant (with fewer fit positions than features it interpolates the
+        fit sample). A feature constant over the fit sample gets weight 0.
     only_shared_tokens : bool
         Score (and fit) only positions whose current token carries no concept (``token_concepts == -1``),
         where the concept must have been moved there from earlier positions.
@@ -1134,18 +1215,31 @@ def _probe_data(model, task: Task, spec: FlagSpec, num_samples: int, seed: int) 
 
 
 def _probe(
-    data: list, spec: FlagSpec, which: str, ridge: float, only_shared_tokens: bool, warn_r2: bool = True
+    data: list,
+    spec: FlagSpec,
+    which: str,
+    ridge: float,
+    only_shared_tokens: bool,
+    warn_r2: bool = True,
+    caller: str = "probe_accuracy",
 ) -> tuple[float, float]:
     """Held-out (accuracy, R^2) of the probe on the columns ``which`` selects (see :func:`probe_accuracy`);
     ``warn_r2``: warn when R^2 is undefined (a caller that does not report it passes False)."""
     d = data[0][0].shape[-1]
+    if (
+        max(spec.dims) >= d
+    ):  # a model whose config does not give the hook's width (a wrapped Hugging Face model)
+        raise ValueError(
+            f"{caller}: spec.dims={spec.dims} has entries >= {d}, the width of the activation at hook={spec.hook!r}; "
+            f"give dimensions in 0..{d - 1}"
+        )
     if which == "flag":
         cols = list(spec.dims)
     elif which == "all":
         cols = list(range(d))
     else:
         cols = [i for i in range(d) if i not in set(spec.dims)]
-    _check_probe_columns(cols, which, spec, d)
+    _check_probe_columns(cols, which, spec, d, caller)
     (xf, yf, sf), (xe, ye, se) = data
     if only_shared_tokens:
         xf, yf, xe, ye = xf[sf], yf[sf], xe[se], ye[se]
@@ -1277,9 +1371,11 @@ class FlagReport(Saveable):
 
 def _probe_numbers(model, task, spec, num_samples, seed, ridge: float = 1e-2) -> dict:
     data = _probe_data(model, task, spec, num_samples, seed + 10)  # one pair of forwards for the three probes
-    acc, r2 = _probe(data, spec, "non_flag", ridge, False)
-    acc_s, r2_s = _probe(data, spec, "non_flag", ridge, True)
-    acc_f, _ = _probe(data, spec, "flag", ridge, False, warn_r2=False)  # its R^2 is not reported
+    acc, r2 = _probe(data, spec, "non_flag", ridge, False, caller="flag_report")
+    acc_s, r2_s = _probe(data, spec, "non_flag", ridge, True, caller="flag_report")
+    acc_f, _ = _probe(
+        data, spec, "flag", ridge, False, warn_r2=False, caller="flag_report"
+    )  # R^2 not reported
     return {
         "probe_non_flag": acc,
         "probe_non_flag_r2": r2,
