@@ -655,8 +655,9 @@ def activation_patching(
         (or ablated) activations into the clean run (necessity).
     per_position : bool
         One cell per position, or one cell patching all positions at once.
-    layers, heads, positions : sequences of int, optional
-        Restrict the grid.
+    layers, heads, positions : int, sequence of int or slice, optional
+        Restrict the grid. A slice selects from the valid first layers (``0 .. n_layers - window``), the heads or
+        the positions (``positions=slice(-3, None)``: the last three).
     window : int
         Patch ``window`` consecutive layers at once (sliding window); 1 = single layers (recommended first).
     method : {"auto", "exact", "naive"}

@@ -144,6 +144,17 @@ def _ints(v, name: str) -> list[int]:
     return [int(x) for x in out]
 
 
+def _sliced(v, n: int, name: str, what: str):
+    """``v`` as given, or a ``slice`` applied to ``0 .. n - 1`` (``what`` names that range in an error): the
+    selection ``list(range(n))[v]``, as a list of ints (negative bounds count from the end)."""
+    if not isinstance(v, slice):
+        return v
+    try:
+        return list(range(n))[v]
+    except (TypeError, ValueError) as e:  # bounds that are not ints; a step of 0
+        raise type(e)(f"{name}={v!r} is not valid ({e}); give a slice of ints over {what}") from None
+
+
 def _once(values: list[int], name: str, note: str = "") -> None:
     """Refuse a grid axis that names a value twice (its rows would repeat, and a ranking list each twice)."""
     seen = set()
@@ -166,12 +177,17 @@ def make_cells(
 ) -> tuple[list[Cell], tuple, dict, tuple]:
     """The grid of cells: returns ``(cells, axes, coords, shape)``; cells are in row-major grid order.
 
+    ``layers``, ``heads`` and ``positions`` (None: all) are ints, sequences of ints, or slices (of the first layers
+    ``0 .. n_layers - window``, of the heads, of the positions ``0 .. seq_len - 1``).
+
     ``n_heads`` is the number of heads of the site (:func:`site_heads`: key/value heads for ``k``/``v``)."""
     if not is_count(window) or window < 1:
         raise ValueError(f"window={window!r} is not valid; give an int >= 1")
     window = int(window)
     if window > n_layers:
         raise ValueError(f"window={window} is longer than the model's {n_layers} layers; give 1..{n_layers}")
+    # a slice selects from the valid first layers 0 .. n_layers - window
+    layers = _sliced(layers, n_layers - window + 1, "layers", f"the first layers 0..{n_layers - window}")
     layers = list(range(n_layers - window + 1)) if layers is None else _ints(layers, "layers")
     for layer in layers:
         if not 0 <= layer <= n_layers - window:
@@ -190,6 +206,7 @@ def make_cells(
             "give per_position=True to patch the chosen positions one at a time, or leave positions at None"
         )
     if is_head:
+        heads = _sliced(heads, n_heads, "heads", f"the heads 0..{n_heads - 1}")
         heads = list(range(n_heads)) if heads is None else _ints(heads, "heads")
         if any(not 0 <= h < n_heads for h in heads):
             kind = "key/value heads" if site in KV_SITES else "heads"
@@ -198,6 +215,7 @@ def make_cells(
         axes.append("head")
         coords["head"] = heads
     if per_position:
+        positions = _sliced(positions, seq_len, "positions", f"the positions 0..{seq_len - 1}")
         if positions is not None:
             positions = _ints(positions, "positions")
             bad = [p for p in positions if not -seq_len <= p < seq_len]
