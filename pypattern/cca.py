@@ -149,7 +149,9 @@ class _Side:
                 raise ValueError(f"{name} is constant over the samples: no variance to keep")
             frac = torch.cumsum(e, 0) / total
             q = torch.tensor([threshold], dtype=frac.dtype, device=frac.device)  # searchsorted: same device
-            k = min(int(torch.searchsorted(frac, q)[0]) + 1, len(sv))
+            # never past the directions of nonzero variance: the cumulative fraction of those may round to just
+            # below 1, and threshold=1 would keep a direction of rounding noise (a canonical correlation of 0)
+            k = min(int(torch.searchsorted(frac, q)[0]) + 1, len(sv), max(real, 1))
             sv, e, v, u = sv[:k], e[:k], v[:, :k], None if u is None else u[:, :k]
         keep = torch.arange(len(sv), device=sv.device) < real  # a mask on the data's device
         self.rank = int(keep.sum())  # directions of nonzero variance

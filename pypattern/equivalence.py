@@ -294,10 +294,16 @@ def _zero_constant(self_hsic: torch.Tensor, reps: Sequence) -> torch.Tensor:
 
 def _cka_from_hsic(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
     ok = (xx > 0) & (yy > 0)  # each self-HSIC positive (two negative ones make a positive product)
+    # sqrt(xx yy) where the product is a normal float64 (so that identical representations give exactly 1), else
+    # sqrt(xx) sqrt(yy): the product of two small (or large) self-HSIC leaves float64's range
+    prod = (xx * yy).abs()
+    fin = torch.finfo(prod.dtype)
+    inside = (prod >= fin.tiny) & (prod <= fin.max)
+    den = torch.where(inside, prod.sqrt(), xx.abs().sqrt() * yy.abs().sqrt())
     if bool(ok.all()):
-        return xy / (xx * yy).sqrt()
+        return xy / den
     # a constant representation (or, debiased, a self-HSIC estimated at <= 0 from too few samples): undefined
-    return torch.where(ok, xy / (xx * yy).abs().sqrt(), torch.full_like(xy, math.nan))
+    return torch.where(ok, xy / den, torch.full_like(xy, math.nan))
 
 
 def _max_magnitude(x: torch.Tensor) -> float:
@@ -362,8 +368,11 @@ def rbf_cka(x, y, *, threshold: float = 1.0, debiased: bool = True) -> float:
     ``debiased=True`` (default) uses the unbiased HSIC (``n >= 4``), ``False`` the biased ``tr(K H L H)``
     (``n >= 2``). Invariant to rotations, translations and isotropic scaling of either representation (the
     bandwidth follows the scale). Returns NaN when a representation is constant over the samples (as
-    :func:`linear_cka`); a representation with more than half of its pairs of samples identical (median distance
-    0) is refused.
+    :func:`linear_cka`), or, debiased, when all its samples are at one distance from each other (e.g. one-hot codes
+    of distinct inputs: the U-centred Gram is zero, and CKA 0 / 0); a representation with more than half of its pairs
+    of samples identical (median distance 0) is refused, and so, debiased, is a ``threshold`` so small that the
+    kernel between distinct samples is below float64's precision. Narrow bandwidths are computed without underflow
+    (each centred Gram is scaled to a largest magnitude of 1 before the sums of products).
     """
     _check_flag(debiased, "debiased")
     if (
@@ -380,8 +389,39 @@ def rbf_cka(x, y, *, threshold: float = 1.0, debiased: bool = True) -> float:
     if _is_constant(x) or _is_constant(y):
         return math.nan
     k, l = _rbf_gram(x, float(threshold), "x"), _rbf_gram(y, float(threshold), "y")  # noqa: E741
-    xy, xx, yy = hsic(k, l, debiased=debiased), hsic(k, k, debiased=debiased), hsic(l, l, debiased=debiased)
+    kc = _centred_kernel(k, debiased, "x", float(threshold))
+    lc = _centred_kernel(l, debiased, "y", float(threshold))
+    # the HSIC terms up to their common normalisation, which cancels in the ratio
+    xy, xx, yy = (kc * lc).sum(), (kc * kc).sum(), (lc * lc).sum()
     return float(_cka_from_hsic(xy, xx, yy))
+
+
+def _centred_kernel(k: torch.Tensor, debiased: bool, name: str, threshold: float) -> torch.Tensor:
+    """The U-centred (``debiased``) or doubly centred RBF Gram ``k`` of ``name``, divided by its largest magnitude
+    (CKA does not change): with a narrow bandwidth the off-diagonal entries, all the U-centred Gram is made of, can
+    be as small as 1e-150, and the sums of their squares would underflow. A U-centred Gram that is zero up to the
+    rounding of its entries (every pair of samples at one distance, such as one-hot codes: off-diagonal entries
+    ``a_i + a_j``) is returned as exact zeros, so CKA is NaN (0 / 0) as :func:`linear_cka` gives, not a ratio of
+    rounding errors. Off-diagonal entries all below float64's precision (a bandwidth so narrow that the Gram is the
+    identity) are refused naming ``threshold``."""
+    n = k.shape[0]
+    if debiased:
+        top = float((k - torch.diag(k.diagonal())).abs().max())  # the largest entry off the diagonal
+        limit = torch.finfo(torch.float64).tiny / torch.finfo(torch.float64).eps  # below: not full precision
+        if top < limit:
+            raise ValueError(
+                f"{name}: with threshold={threshold!r} the RBF kernel's entries between distinct samples are all "
+                f"at most {top:.3g} (below {limit:.3g}, where float64 keeps no full precision), so its Gram matrix "
+                "is the identity to float64 precision and every "
+                "debiased HSIC with it is 0 or rounding; give a larger threshold (a fraction of the median "
+                "distance, typically 0.5 to 1)"
+            )
+        c = u_center(k, inplace=True)
+        if float(c.abs().max()) <= 4 * n * torch.finfo(torch.float64).eps * top:
+            return torch.zeros_like(c)
+    else:
+        c = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    return c / _max_magnitude(c)
 
 
 # ------------------------------------------------------------------------------------------------ all pairs

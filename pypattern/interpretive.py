@@ -60,7 +60,14 @@ import torch
 from .equivalence import linear_cka, procrustes
 from .losses import _refuse_left_padding, check_attention_mask, position_limit
 from .patching.api import check_tokens
-from .ridge import DEFAULT_ALPHAS, DEFAULT_TRAIN_FRACTION, ridge_similarity_cv, train_test_split
+from .ridge import (
+    DEFAULT_ALPHAS,
+    DEFAULT_TRAIN_FRACTION,
+    MULTIOUTPUT,
+    _check_alphas,
+    ridge_similarity_cv,
+    train_test_split,
+)
 
 __all__ = [
     "ImplementationSet",
@@ -301,9 +308,14 @@ def similarity(
 
     ``multioutput`` (ridge only): ``"uniform_average"`` (the authors' mean of the columns' held-out R^2) or
     ``"variance_weighted"`` (the pooled R^2, invariant to a rotation of the target; see
-    :func:`~pypattern.ridge.ridge_similarity_cv`)."""
+    :func:`~pypattern.ridge.ridge_similarity_cv`). ``alphas`` and ``multioutput`` are read by ``"ridge"`` only, and
+    checked for every measure (an invalid value is refused, not ignored)."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    # the ridge options are checked whatever the measure (a win test or a grid passes them to every measure)
+    if not isinstance(multioutput, str) or multioutput not in MULTIOUTPUT:
+        raise ValueError(f"multioutput={multioutput!r} is not valid; choose one of {MULTIOUTPUT}")
+    _check_alphas(alphas)
     if not isinstance(x, torch.Tensor | np.ndarray):
         raise TypeError(f"x must be a torch.Tensor or numpy array (num_samples, ...), got {type(x).__name__}")
     if measure != "ridge" and x.ndim < 2:  # named with its own shape, not that of its rows in the split

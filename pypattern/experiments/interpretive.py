@@ -31,6 +31,7 @@ import torch
 from ..interpretive import MEASURES, accumulated_residual, distinguishability_grid, selectivity_curves
 from ..io import json_text
 from ..models.transformer import Transformer, TransformerConfig
+from ..ridge import _fit_size
 from ..tasks.algorithmic import (
     ALGORITHMS,
     SEQ_LEN,
@@ -147,6 +148,25 @@ def check_settings(s: InterpretiveSettings) -> InterpretiveSettings:
         raise ValueError("alphas=() is not valid; give finite numbers > 0")
     if not is_real(s.train_fraction) or not 0 < s.train_fraction < 1:
         raise ValueError(f"train_fraction={s.train_fraction!r} is not valid; give a number in (0, 1)")
+    # the grid's diagonal draws three distinct implementations of one algorithm: len(members) ** stages of them
+    few = [a for a in s.algorithms if len(members) ** len(ALGORITHMS[a]) < 3]
+    if few:
+        raise ValueError(
+            f"members={s.members!r} is not valid; algorithm {few[0]!r} has {len(ALGORITHMS[few[0]])} stages, so "
+            f"{len(members)} member(s) per routine give it {len(members) ** len(ALGORITHMS[few[0]])} "
+            "implementation(s), and the same-algorithm control draws 3 distinct ones: give at least 2 members"
+        )
+    # every similarity is computed on a split of the inputs: the ridge split needs 5 inputs (3 to fit, 2 held
+    # out), CKA at least 4 in the fraction it is computed on
+    least = 5
+    fit = _fit_size(s.num_inputs, s.train_fraction) if s.num_inputs >= least else 0
+    if s.num_inputs < least or ("cka" in s.measures and fit < 4):
+        raise ValueError(
+            f"num_inputs={s.num_inputs!r} is not valid with train_fraction={s.train_fraction!r} and "
+            f"measures={s.measures!r}: the similarities are computed on a split of the inputs, which needs at "
+            f"least {least} inputs{' and 4 in the fitted fraction for cka' if 'cka' in s.measures else ''}; give "
+            "more inputs"
+        )
     return s
 
 
@@ -910,6 +930,7 @@ _FLAG_OF = {
     "selectivity_trials": "--selectivity-trials",
     "measures": "--measures",
     "pipeline_seeds": "--seeds",
+    "members": "--members",
 }
 
 
