@@ -147,8 +147,12 @@ def _one_batch_of_all(loader) -> bool:
         return False
     if not isinstance(loader, torch.utils.data.DataLoader):
         return True
-    s = loader.sampler
-    if isinstance(s, torch.utils.data.RandomSampler) and (s.replacement or s._num_samples is not None):
+    s = _stream_sampler(loader)
+    s = loader.sampler if s is None else s
+    # a sampler that draws (with replacement, weighted, or its own number of samples) gives another batch each epoch
+    if isinstance(s, torch.utils.data.WeightedRandomSampler) or getattr(s, "replacement", False) is True:
+        return False
+    if isinstance(s, torch.utils.data.RandomSampler) and s._num_samples is not None:
         return False
     try:
         n = len(loader.dataset)
