@@ -889,6 +889,12 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
             values[:, start:stop] = (engine.run(masks) - base[None]).T
 
         _run_in_blocks(done, E, block, run_block, None if checkpoint is None else save, bar, saved, False)
+    if graph.per_position and not engine.uniform:
+        # an edge at a position after an example's metric position cannot change that example's metric (a causal
+        # model reads no later position): exactly 0, as the gradient methods give, not the rounding by which a
+        # patched run (computed in another batch) differs from the base run
+        later = graph.pos_idx.to(values.device)[None, :] > engine.pos.to(values.device)[:, None]
+        values[later] = 0
     return values
 
 
