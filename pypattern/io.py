@@ -562,6 +562,11 @@ class _Encoder:
         if v is None or isinstance(v, bool | str):
             return v
         if isinstance(v, np.generic):  # before float: np.float64 is one
+            if v.dtype.kind in "fc" and v.dtype.itemsize > (8 if v.dtype.kind == "f" else 16):
+                raise TypeError(
+                    f"{key}: a NumPy {v.dtype.name} cannot be saved (a JSON number holds a float64); convert it "
+                    "with float(), or keep it in an array"
+                )
             if v.dtype.kind in _SCALAR_KINDS:  # comes back a NumPy scalar of its dtype
                 return {"__scalar__": v.item(), "dtype": v.dtype.name}
             # a NumPy str as a str; a complex, bytes or date one refused as its Python value is, naming the field
@@ -571,11 +576,21 @@ class _Encoder:
         if isinstance(v, np.ndarray):
             return {"__array__": self.array(key, v)}
         if isinstance(v, torch.Tensor):
+            dtype = str(v.dtype).removeprefix("torch.")
+            if v.layout != torch.strided or v.is_meta:
+                what = "a meta tensor (it holds no values)" if v.is_meta else f"a tensor of layout {v.layout}"
+                raise TypeError(f"{key}: {what} cannot be saved; save a strided tensor (e.g. t.to_dense())")
             t = v.detach().cpu().resolve_conj().resolve_neg()  # (numpy refuses a tensor with either bit set)
-            dtype = str(t.dtype).removeprefix("torch.")
             if t.dtype in _WIDENED:
                 t = t.float()
-            return {"__tensor__": self.array(key, t.numpy()), "dtype": dtype}
+            try:
+                a = t.numpy()
+            except (TypeError, RuntimeError) as e:  # a dtype numpy lacks (complex32, quantized)
+                raise TypeError(
+                    f"{key}: a tensor of dtype {dtype} cannot be saved ({e}); convert it to a dtype NumPy holds "
+                    "(e.g. complex64, float32)"
+                ) from None
+            return {"__tensor__": self.array(key, a), "dtype": dtype}
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             name = type(v).__name__
             if _RESULTS.get(name) is not type(v):
@@ -690,7 +705,9 @@ def _tensor(a: np.ndarray, dtype, name: str, path: str) -> torch.Tensor:
         raise FormatError(
             f"{path!r} is corrupt: its member {name!r} holds {a.dtype} values, its header declares a {dtype} tensor"
         )
-    return torch.from_numpy(np.array(a, dtype=want)).to(dt)
+    if a.dtype != want or not a.flags.writeable:  # (a member read from a file is a fresh writable array)
+        a = np.array(a, dtype=want)
+    return torch.from_numpy(a).to(dt)
 
 
 #: the kinds of NumPy scalar saved with their dtype (bool, signed and unsigned integers, floats)
@@ -719,11 +736,47 @@ def _hashable(k):
 
 
 def save_result(obj, path: str | os.PathLike) -> None:
-    """Write a registered result dataclass to ``path`` (atomic; arrays and tensors as members, the rest JSON)."""
-    name = type(obj).__name__
+    """Write a registered result dataclass to ``path`` (atomic; arrays and tensors as members, the rest JSON).
+
+    A result that :func:`load_result` would refuse (a field that does not hold what the class declares, or the
+    class's own ``_check_loaded`` failing, e.g. integer metric values or NaN where finite numbers are kept) is
+    refused with a ValueError naming the class, the field and the file, and nothing is written."""
+    _write_result(obj, path, check=True)
+
+
+def _write_result(obj, path: str | os.PathLike, *, check: bool = False) -> None:
+    """Write ``obj`` as :func:`save_result` does; ``check=False`` writes it unchecked (how a test builds a file
+    that :func:`load_result` must refuse)."""
     enc = _Encoder()
     fields = {f.name: enc(getattr(obj, f.name), f.name) for f in dataclasses.fields(obj)}
-    save(path, enc.arrays, {"fields": fields}, kind=name)
+    if check:
+        _check_readable(type(obj), fields, enc.arrays, _path(path))
+    save(path, enc.arrays, {"fields": fields}, kind=type(obj).__name__)
+
+
+def _check_readable(cls: type, fields: dict, arrays: Mapping[str, np.ndarray], path: str) -> None:
+    """Decode the encoded ``fields`` (through JSON, as the header is written and read) with ``arrays`` as the
+    members and build a ``cls`` as :func:`load_result` does; a ValueError naming the field when that would be
+    refused."""
+    try:
+        header = json.loads(json.dumps(fields))
+        _construct(
+            cls, {k: _decode(v, lambda k: np.asarray(arrays[k]), path) for k, v in header.items()}, path
+        )
+    except FormatError as e:
+        msg = str(e)
+        for prefix in (f"{path!r} is corrupt: ", f"{path!r} "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix) :]
+                break
+        raise ValueError(
+            f"cannot save this {cls.__name__} to {path!r}: {msg}; {cls.__name__}.load would refuse the file"
+        ) from None
+    except _DAMAGED as e:
+        raise ValueError(
+            f"cannot save this {cls.__name__} to {path!r}: its fields would not read back "
+            f"({type(e).__name__}: {e})"
+        ) from None
 
 
 #: what a damaged header raises in :func:`_decode` and :func:`_members`, made a FormatError by :func:`load_result`

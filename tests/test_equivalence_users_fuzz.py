@@ -16,7 +16,7 @@ import torch
 import pypattern as pp
 from pypattern import equivalence as E
 from pypattern import interpretive as I
-from pypattern.io import FormatError
+from pypattern.io import FormatError, _write_result
 from pypattern.ridge import ridge_similarity_cv, train_test_split
 
 # ------------------------------------------------------------------------------------------------ naive references
@@ -501,7 +501,10 @@ def test_equivalence_result_saves_and_loads_and_a_changed_file_is_refused(tmp_pa
     # a score no count of wins gives (they are multiples of 1 / 8 here), and a count of ties that is not own's
     for name, change in (("score=0.123 is not", {"score": 0.123}), ("ties=9", {"ties": 9})):
         fields = {k: getattr(res, k) for k in ("score", "wins", "num_trials", "own", "other", "ties")}
-        E.EquivalenceResult(**{**fields, **change}).save(tmp_path / "f.npz")
+        bad = E.EquivalenceResult(**{**fields, **change})
+        with pytest.raises(ValueError, match=name):  # save refuses what load would refuse
+            bad.save(tmp_path / "f.npz")
+        _write_result(bad, tmp_path / "f.npz")  # a file written without that check
         with pytest.raises(FormatError, match=name):
             E.EquivalenceResult.load(tmp_path / "f.npz")
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
+from pypattern.io import _write_result
 from pypattern.patterning import Intervention, invert
 
 
@@ -102,16 +103,22 @@ def test_a_loaded_intervention_with_non_finite_numbers_is_refused_by_field(tmp_p
     for field in ("h", "weights", "predicted", "target"):
         values = {f: getattr(plan, f).copy() for f in ("h", "weights", "predicted", "target")}
         values[field][1] = np.nan
-        Intervention(**values, residual=plan.residual, method=plan.method).save(path)
+        bad = Intervention(**values, residual=plan.residual, method=plan.method)
+        with pytest.raises(ValueError, match=field):  # save refuses what load would refuse
+            bad.save(path)
+        _write_result(bad, path)  # a file written without that check
         with pytest.raises(Exception, match=field):
             Intervention.load(path)
-    Intervention(
+    bad = Intervention(
         h=plan.h,
         weights=plan.weights,
         predicted=plan.predicted,
         target=plan.target,
         residual=-1.0,
         method="pinv",
-    ).save(path)
+    )
+    with pytest.raises(ValueError, match="residual"):
+        bad.save(path)
+    _write_result(bad, path)
     with pytest.raises(Exception, match="residual"):
         Intervention.load(path)
