@@ -1116,8 +1116,9 @@ def reweight(
         ``mode="loss"`` only: the device of the returned weights (default the CPU), e.g. that of the per-sample
         losses they multiply.
     """
-    if isinstance(weights, Intervention):  # its weights
-        weights = weights.weights
+    plan = weights if isinstance(weights, Intervention) else None
+    if plan is not None:  # its weights
+        weights = plan.weights
     try:
         w = torch.as_tensor(_as_float64(weights, "weights"), device="cpu")  # moved to ``device`` at the end
     except (TypeError, ValueError) as e:  # e names weights and what was wrong with it
@@ -1171,6 +1172,12 @@ def reweight(
             hint = (
                 f" (its sampler reads {rows.numel()} of them: give one weight per row of data.dataset; "
                 "those of the rows it does not read are not used)"
+            )
+        if plan is not None and w.numel() < size:
+            hint += (
+                f" (an Intervention holds one weight per column of chi: when its {w.numel()} columns are some of the "
+                f"data's rows, invert(..., num_data={size}), the data's weights are 1 but at those rows: "
+                "w = np.ones(len(data)); w[rows] = plan.weights)"
             )
         raise ValueError(f"weights has {w.numel()} entries but the data has {size} samples{hint}")
     if mode == "loss":

@@ -570,6 +570,27 @@ def _component_spec(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.
     return names, masks
 
 
+def _is_pattern(text: str) -> bool:
+    """Whether a component's text is a glob (``*``, ``?``, ``[``) or a regex (it holds a backslash), read as
+    :func:`pypattern.sample`'s ``restrict_to`` reads it, rather than a component name."""
+    return any(c in text for c in "*?[\\")
+
+
+def _matching(params: Mapping[str, torch.Tensor], pattern, what: str) -> list[str]:
+    """The parameter names ``pattern`` (a glob, a regex, or a compiled regex, as :func:`pypattern.sample`'s
+    ``restrict_to``) matches, in the model's order; none is a ValueError naming it."""
+    from .sampling.optim import matches
+
+    names = [n for n in params if matches(n, [pattern])]
+    if not names:
+        shown = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+        raise ValueError(
+            f"components: {what} {shown!r} matches no parameter of the model (a glob such as 'blocks.*.attn.W_Q', or a regex); "
+            f"its parameters are named like {list(params)[:4]}"
+        )
+    return names
+
+
 def _component_parts(model: nn.Module, comp) -> tuple[list[str], dict[str, torch.Tensor] | None]:
     """:func:`_component_spec` before its check of frozen parameters."""
     params = dict(model.named_parameters())
@@ -593,6 +614,8 @@ def _component_parts(model: nn.Module, comp) -> tuple[list[str], dict[str, torch
                 "a component given as a dict of masks is empty: give at least one {param_name: mask}"
             )
         return [_exact(k) for k in masks], masks
+    if isinstance(comp, re.Pattern) or (isinstance(comp, str) and comp not in params and _is_pattern(comp)):
+        return [_exact(n) for n in _matching(params, comp, "component")], None
     if isinstance(comp, str):
         if hasattr(model, "component_masks"):
             masks = model.component_masks(comp)
@@ -603,14 +626,33 @@ def _component_parts(model: nn.Module, comp) -> tuple[list[str], dict[str, torch
         whole = all(bool(m.all()) for m in masks.values())
         return [_exact(k) for k in masks], None if whole else masks
     if isinstance(comp, Sequence):
-        bad = [n for n in comp if not isinstance(n, str) or n not in params]
-        if bad:
-            raise ValueError(f"component parameter names {bad} are not parameters of the model")
+        from .sampling.optim import matches
+
         if not comp:
             raise ValueError(
                 "a component given as a list of parameter names is empty: name at least one parameter"
             )
-        return [_exact(n) for n in comp], None
+        names: list[str] = []
+        bad = []
+        for (
+            n
+        ) in comp:  # a parameter's name, or the parameters a module name or a pattern covers (model's order)
+            if isinstance(n, str) and n in params:
+                found = [n]
+            elif isinstance(n, str | re.Pattern):
+                found = [k for k in params if matches(k, [n])]
+            else:
+                found = []
+            if not found:
+                bad.append(n)
+            names += [k for k in found if k not in names]
+        if bad:
+            raise ValueError(
+                f"components: component parameter names {bad} are not parameters of the model and match none (a list holds "
+                "parameter names, module names such as 'blocks.0.attn', or glob / regex patterns such as "
+                f"'blocks.*.attn.W_Q'); its parameters are named like {list(params)[:4]}"
+            )
+        return [_exact(n) for n in names], None
     raise TypeError(f"a component must be a name, a list of parameter names or a dict of masks, got {comp!r}")
 
 
@@ -1022,6 +1064,38 @@ def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
     return kw
 
 
+def _first_seed(seed) -> int:
+    """The first chain's seed (``seed`` one int, or one per chain), which keys the default sampling batch; what is
+    neither is refused here as :func:`pypattern.sample` refuses it, before the batch is drawn."""
+    if isinstance(seed, numbers.Integral | np.integer) and not isinstance(seed, bool | np.bool_):
+        return int(seed)
+    if isinstance(seed, Sequence | np.ndarray) and not isinstance(seed, str | bytes) and len(seed) > 0:
+        first = seed[0]
+        if isinstance(first, numbers.Integral | np.integer) and not isinstance(first, bool | np.bool_):
+            return int(first)
+    raise ValueError(
+        f"seed must be an int in [0, 2**63), or a list (or 1-D integer array) of one per chain, got {seed!r}"
+    )
+
+
+def _listed_components(model: nn.Module, which: str) -> list[str]:
+    """``components="heads"`` or ``"blocks"`` as the list of component names it stands for, as
+    :func:`pypattern.refined_llc` reads it: every head (``"heads"``) or attention layer (``"blocks"``), MLP and
+    embedding of pypattern's Transformer (:func:`pypattern.models.list_components`) or of a supported unconverted
+    Hugging Face model (:func:`pypattern.models.hf_masks.hf_components`)."""
+    from .models.hf_masks import hf_components, is_hf_model
+    from .models.transformer import list_components
+
+    if hasattr(model, "cfg"):
+        return list_components(model, heads=which == "heads")
+    if is_hf_model(model):
+        return hf_components(model, heads=which == "heads")
+    raise ValueError(
+        f"components={which!r} needs pypattern's Transformer or a supported Hugging Face causal LM (pypattern.from_hf "
+        "converts others); for other models give a list of parameter-name prefixes or a dict of masks"
+    )
+
+
 def _bridge_converted(model, call: str, custom: bool):
     """A TransformerLens bridge (``TransformerBridge``: its parameters are named by the Hugging Face modules it
     wraps, not by the component names the estimators read) converted with :func:`pypattern.from_hf` when the
@@ -1076,10 +1150,12 @@ def susceptibilities(
         Probe samples: a token tensor ``(batch, pos)`` (per-token losses) or ``(x, y)``. A probe of one counted
         entry has ``l_z = Lbar`` on every draw, so its chi is 0 identically: it is computed, with a
         ``RuntimeWarning``.
-    components : list or dict
+    components : list, dict, "heads" or "blocks"
         Each entry a component name (``"blocks.0.attn.head.1"``, ``"blocks.1.mlp"``, ``"embed"``, ... for
         pypattern's transformer, or a parameter-name prefix), a list of parameter names, or ``{param_name: mask}``;
-        a dict maps display names to such entries.
+        a dict maps display names to such entries. ``"heads"`` (every head, MLP and the embedding) and
+        ``"blocks"`` (attention layers whole) list the components of pypattern's Transformer or of a supported
+        Hugging Face model, as :func:`pypattern.refined_llc` does.
     loss_fn : callable(model, batch) -> loss, optional
         Batch-mean training loss for the sampler. Default: the mean of ``per_sample_loss_fn(model, batch)`` over
         the batch's counted entries (padding and ``-100`` labels left out; with the default ``per_sample_loss_fn``
@@ -1179,9 +1255,12 @@ def susceptibilities(
     _check_common(model, loader, per_token, kw)
     auto_options = _auto_step_options(kw)
     model, dev = _run_device(model, device)
+    if isinstance(components, str) and components in ("heads", "blocks"):
+        components = _listed_components(model, components)
     if isinstance(components, str):
         raise TypeError(
-            f"components={components!r} is one string; give a list of component names, e.g. [{components!r}]"
+            f"components={components!r} is one string; give 'heads' (every head, MLP and the embedding), 'blocks' "
+            f"(attention layers whole), or a list of component names, e.g. [{components!r}]"
         )
     if not isinstance(components, Mapping) and (
         isinstance(components, bytes | torch.Tensor) or not isinstance(components, Iterable)
@@ -1202,8 +1281,7 @@ def susceptibilities(
         names = [c if isinstance(c, str) else f"component_{i}" for i, c in enumerate(specs)]
     if not specs:
         raise ValueError("components is empty: give at least one component")
-    seed0 = kw.get("seed", 0)
-    seed0 = int(seed0) if isinstance(seed0, numbers.Integral) else int(list(seed0)[0])
+    seed0 = _first_seed(kw.get("seed", 0))
     given = sampling_batch is not None
     if not given:  # the first batch of a stream keyed by the seed: the same in every call
         sampling_batch = ChainData(loader, chain_seed(seed0, 0, stream=3), {}).next()
@@ -1681,10 +1759,36 @@ def executing(execution: Execution):
         _EXECUTION.reset(token)
 
 
+_UNRECORDED = object()  # a setting _settings_of does not record (not a plain value)
+
+
 def _settings_of(kw: dict, auto_step) -> dict:
     """A result's ``settings``: the sampler settings' plain values, and ``auto_step`` (the calibration's report,
-    :class:`pypattern.sampling.AutoStepReport` as plain values) when the step was chosen by it."""
-    out = {k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    :class:`pypattern.sampling.AutoStepReport` as plain values) when the step was chosen by it. Per-chain seeds
+    are kept as a list, and the hyperparameters given in ``optimizer_kwargs`` under their pypattern names
+    (``step_size``, ``nbeta``, ``localization``, ...; a keyword given beside them, such as the step a calibration
+    chose, taking precedence): ``**settings`` runs the same chains again."""
+
+    def value(v):
+        if isinstance(v, np.generic) and v.dtype.kind in "biuf":
+            v = v.item()
+        if isinstance(v, (int, float, str, bool, type(None))):
+            return v
+        if isinstance(v, list | tuple):
+            items = [value(x) for x in v]
+            if all(isinstance(x, (int, float, str, bool)) for x in items):
+                return items
+        return _UNRECORDED
+
+    out = {}
+    for k, v in kw.items():
+        if k != "optimizer_kwargs" and (v := value(v)) is not _UNRECORDED:
+            out[k] = v
+    okw = kw.get("optimizer_kwargs")
+    if isinstance(okw, Mapping):
+        for k, v in translate(dict(okw), where="optimizer_kwargs").items():
+            if out.get(k) is None and v != "auto" and (v := value(v)) is not _UNRECORDED:
+                out[k] = v
     if auto_step is not None:
         out["auto_step"] = auto_step.to_dict()
     return out
