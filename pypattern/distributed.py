@@ -153,7 +153,9 @@ def check_same_arguments(group, defaults: dict | None = None, **items) -> None:
     default given on some ranks only is named as such. Every rank runs the same collectives either way."""
     dist = _dist()
     defaults = defaults or {}
-    fp = _rank_fingerprint(items)
+    # on every rank, or raised on every rank (a weight one rank cannot read, such as a meta tensor, would otherwise
+    # leave the others waiting in the collectives below)
+    fp = _agree(lambda: _rank_fingerprint(items), group)
     names = sorted(fp)
     implied: set[str] = set()  # the items left out here that count as their defaults
 

@@ -72,7 +72,7 @@ def train(
         AdamW's decoupled weight decay (a finite number >= 0).
     num_samples : int, optional
         Size of a fixed training set drawn from the task (with ``seed + 1``, modulo ``2**64``) when ``data`` is
-        not given.
+        not given (with ``data``, only its length is accepted).
     sample_weights : Tensor ``(num_samples,)``, Intervention or callable ``step ->`` either, optional
         Non-negative per-sample loss weights over the fixed training set (an Intervention's ``weights``; requires ``data`` or
         ``num_samples``); normalised to mean 1, the minibatch loss is ``mean(w_i * loss_i)``, an unbiased
@@ -134,6 +134,11 @@ def train(
     from .._train_checkpoint import TrainingSteps, check_checkpoint_arg
 
     check_checkpoint_arg(checkpoint, quiet)
+    if data is not None and num_samples is not None and num_samples != len(data):
+        raise ValueError(
+            f"num_samples={num_samples} is not valid with data of {len(data)} samples: num_samples sets the size "
+            "of a training set drawn from the task; give data or num_samples, not both"
+        )
     if data is None and num_samples is not None:
         data = task.sample(num_samples, seed=offset_seed(seed, 1))
     if sample_weights is not None and data is None:
