@@ -153,19 +153,51 @@ def _gain(norm: nn.Module) -> torch.Tensor | None:
 def _full_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` computed from its statistics of ``x`` itself (weight and bias included), without running the
     module's hook points."""
+    from .transformer import RMSNormPre
+
     kind = _norm_kind(norm)
     if kind is None:
         return x
+    # the norm's own arithmetic (its forward, without its hook points): torch's layer_norm for LayerNorm, Hugging
+    # Face's x * rsqrt(mean(x^2) + eps) for RMSNorm, in the compute dtype, the weight after the cast back (before
+    # it with an offset or weight_before_cast, Gemma's and Helium's order)
     cd = getattr(norm, "compute_dtype", None)
     h = x if cd is None else x.to(cd)
+    w, b = getattr(norm, "w", None), getattr(norm, "b", None)
+    if kind == "LN" and w is not None and cd in (None, x.dtype):  # LayerNorm's one fused pass
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], w, b, norm.eps)
     if kind == "LN":
-        h = h - h.mean(-1, keepdim=True)
-    y = (h / (h.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()).to(x.dtype)
-    g = _gain(norm)
-    if g is not None:
-        y = y * g
-    b = getattr(norm, "b", None)
-    return y if b is None else y + b
+        h = torch.nn.functional.layer_norm(h, h.shape[-1:], eps=norm.eps)
+    elif isinstance(norm, RMSNormPre):  # TransformerLens' RMSPre: x / sqrt(mean(x^2) + eps)
+        h = h / (h.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    else:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+    if w is not None and (getattr(norm, "offset", 0.0) or getattr(norm, "weight_before_cast", False)):
+        return (h * (norm.offset + w.to(h.dtype))).to(x.dtype)
+    y = h.to(x.dtype)
+    if w is not None and b is not None:
+        return torch.addcmul(b, y, w)
+    return y if w is None else y * w
+
+
+def _projection(model: Any, project_output_onto: Any) -> tuple[torch.Tensor | None, bool]:
+    """``project_output_onto`` as ``(d_model, num_outputs)`` and whether it was ``(d_model,)`` (the output's last
+    axis is then dropped); ``(None, False)`` for None."""
+    if project_output_onto is None:
+        return None, False
+    d = model.cfg.d_model
+    if not isinstance(project_output_onto, torch.Tensor):
+        raise TypeError(
+            f"project_output_onto is a {type(project_output_onto).__name__}; give a tensor of shape (d_model,) or "
+            f"(d_model, num_outputs), d_model = {d}"
+        )
+    p = project_output_onto
+    if p.dim() not in (1, 2) or p.shape[0] != d or not (p.is_floating_point() or p.is_complex()):
+        raise ValueError(
+            f"project_output_onto has shape {tuple(p.shape)} and dtype {p.dtype}; give a floating tensor of shape "
+            f"(d_model,) or (d_model, num_outputs), d_model = {d}"
+        )
+    return (p[:, None] if p.dim() == 1 else p), p.dim() == 1
 
 
 def _stack(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -435,7 +467,18 @@ def stack_head_results(
 
 
 def _finish_stack(
-    cache, model, parts, labels, layer, take, why, incl_remainder, apply_ln, pos_slice, return_labels
+    cache,
+    model,
+    parts,
+    labels,
+    layer,
+    take,
+    why,
+    incl_remainder,
+    apply_ln,
+    pos_slice,
+    return_labels,
+    mlp_input=False,
 ):
     """The per-head or per-neuron stack from its ``parts`` (each ``(k, *batch_and_pos_dims, d_model)``), with the
     ``"remainder"`` of the stream at the input of ``layer`` (``incl_remainder``) and the norm applied
@@ -443,21 +486,40 @@ def _finish_stack(
     like = take(_get(cache, "blocks.0.hook_resid_pre", why), -2)
     out = torch.cat(parts, dim=0) if parts else like.new_zeros((0, *like.shape))
     if incl_remainder:
-        total = take(_resid_at(cache, model, layer, False, why), -2)
+        total = take(_resid_at(cache, model, layer, mlp_input, why), -2)
         out = torch.cat([out, (total - out.sum(0))[None]], dim=0)
         labels.append("remainder")
     if apply_ln:
-        out = apply_ln_to_stack(cache, out, layer, pos_slice=pos_slice)
+        out = apply_ln_to_stack(cache, out, layer, mlp_input=mlp_input, pos_slice=pos_slice)
     return (out, labels) if return_labels else out
 
 
 def get_neuron_results(
-    cache: ActivationCache, layer: int, neuron_slice: Any = None, pos_slice: Any = None
+    cache: ActivationCache,
+    layer: int,
+    neuron_slice: Any = None,
+    pos_slice: Any = None,
+    project_output_onto: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each MLP neuron's write to the residual stream in ``layer``: ``hook_post`` times its row of ``W_out``,
     ``(*batch_and_pos_dims, d_mlp, d_model)`` (``neuron_slice`` keeps some neurons; an int keeps an axis of
-    one). Summed over neurons plus ``b_out`` it is ``hook_mlp_out``."""
+    one). Summed over neurons plus ``b_out`` it is ``hook_mlp_out``. ``project_output_onto`` (``(d_model,)`` or
+    ``(d_model, num_outputs)``, TransformerLens' argument) gives each write's projection instead, the last axis
+    ``num_outputs`` (dropped for a vector), without forming the ``d_model`` axis."""
     model = _model(cache)
+    proj, squeeze = _projection(model, project_output_onto)
+    acts, W_out = _neuron_acts(cache, model, layer, neuron_slice, pos_slice)
+    if proj is not None:
+        W_out = W_out @ proj.to(W_out.device, W_out.dtype)  # (d_mlp, num_outputs)
+    out = acts[..., None] * W_out
+    return out[..., 0] if squeeze else out
+
+
+def _neuron_acts(
+    cache: ActivationCache, model: Any, layer: int, neuron_slice: Any, pos_slice: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hook_post * residual_multiplier, W_out)`` of ``layer``'s kept neurons and positions:
+    ``(*batch_and_pos_dims, d_mlp)`` and ``(d_mlp, d_model)``."""
     _no_sandwich(model, "get_neuron_results")
     if model.cfg.attn_only:
         raise ValueError("get_neuron_results: the model is attention-only (no MLP neurons)")
@@ -477,9 +539,8 @@ def get_neuron_results(
             neuron_slice = [neuron_slice]  # keep the neuron axis
         take_n = _slicer(neuron_slice)
         acts, W_out = take_n(acts, -1), take_n(W_out, -2)
-    out = acts[..., None] * W_out
     m = _multiplier(model)
-    return out * m if m != 1.0 else out
+    return (acts * m if m != 1.0 else acts), W_out
 
 
 def stack_neuron_results(
@@ -490,27 +551,88 @@ def stack_neuron_results(
     return_labels: bool = False,
     incl_remainder: bool = False,
     apply_ln: bool = False,
+    project_output_onto: torch.Tensor | None = None,
+    mlp_input: bool = False,
 ):
     """Every neuron's result in the layers before ``layer``: ``(layer * d_mlp, *batch_and_pos_dims,
-    d_model)``, labels ``"L0N0"``, ...; arguments as :meth:`stack_head_results`."""
+    d_model)``, labels ``"L0N0"``, ...; arguments as :meth:`stack_head_results`, and (TransformerLens'):
+
+    project_output_onto : tensor (d_model,) or (d_model, num_outputs), optional
+        Each component's projection instead of its ``d_model`` vector (after the norm with ``apply_ln``),
+        computed without forming the ``(..., d_mlp, d_model)`` products; a vector drops the last axis.
+    mlp_input : bool
+        The stack as the input of ``layer``'s MLP: the remainder fills it up to ``hook_resid_mid`` (the
+        stream a parallel block's MLP reads, ``hook_resid_pre``), and ``apply_ln`` uses ``ln2``'s scale. The
+        neurons stacked are the same.
+    """
     model = _model(cache)
     layer = _layer(model, layer)
+    _check_mlp_input(model, layer, mlp_input)
+    proj, squeeze = _projection(model, project_output_onto)
     take = _slicer(pos_slice)
     why = "stack_neuron_results"
     if isinstance(neuron_slice, int) and not isinstance(neuron_slice, bool):
         neuron_slice = [neuron_slice]  # keep the neuron axis
+    folded = apply_ln and proj is not None
+    kind = scale = gain = None
+    if folded and layer > 0:
+        norm, where = _target_norm(model, layer, mlp_input)
+        kind, gain = _norm_kind(norm), _gain(norm)
+        if kind is not None:
+            scale = take(_get(cache, f"{where}.hook_scale", "apply_ln (the cached norm scale)"), -2)
     parts, labels = [], []
     for ell in range(layer):
-        r = get_neuron_results(cache, ell, neuron_slice=neuron_slice, pos_slice=pos_slice)
+        if folded and kind is not None:
+            # norm(a_n W_n) @ P = (a_n / scale) * (((W_n - mean W_n) * gain) @ P): linear in each write
+            acts, W = _neuron_acts(cache, model, ell, neuron_slice, pos_slice)
+            if kind == "LN":
+                W = W - W.mean(-1, keepdim=True)
+            if gain is not None:
+                W = W * gain.to(W.dtype)
+            if tuple(acts.shape[:-1]) != tuple(scale.shape[:-1]):
+                raise ValueError(
+                    f"stack_neuron_results: the neurons' batch/position dims {tuple(acts.shape[:-1])} do not match "
+                    f"the cached norm scale's {tuple(scale.shape[:-1])}"
+                )
+            r = (acts / scale)[..., None] * (W @ proj.to(W.device, W.dtype))
+        else:
+            # no norm there (folded) or no apply_ln: a plain projection, when one is given
+            r = get_neuron_results(
+                cache, ell, neuron_slice=neuron_slice, pos_slice=pos_slice, project_output_onto=proj
+            )
         parts.append(r.movedim(-2, 0))
         d_mlp = model.cfg.d_mlp
         idx = torch.arange(d_mlp)
         idx = idx if neuron_slice is None else _slicer(neuron_slice)(idx, -1)
         idx = idx.tolist()
         labels.extend(f"L{ell}N{i}" for i in idx)
-    return _finish_stack(
-        cache, model, parts, labels, layer, take, why, incl_remainder, apply_ln, pos_slice, return_labels
-    )
+    if proj is None:
+        return _finish_stack(
+            cache,
+            model,
+            parts,
+            labels,
+            layer,
+            take,
+            why,
+            incl_remainder,
+            apply_ln,
+            pos_slice,
+            return_labels,
+            mlp_input=mlp_input,
+        )
+    like = take(_get(cache, "blocks.0.hook_resid_pre", why), -2)
+    out = torch.cat(parts, dim=0) if parts else like.new_zeros((0, *like.shape[:-1], proj.shape[-1]))
+    if incl_remainder:
+        total = take(_resid_at(cache, model, layer, mlp_input, why), -2)
+        if apply_ln:
+            total = apply_ln_to_stack(cache, total[None], layer, mlp_input=mlp_input, pos_slice=pos_slice)[0]
+        total = total @ proj.to(total.device, total.dtype)
+        out = torch.cat([out, (total - out.sum(0))[None]], dim=0)
+        labels.append("remainder")
+    if squeeze:
+        out = out[..., 0]
+    return (out, labels) if return_labels else out
 
 
 def stack_activation(
@@ -574,8 +696,10 @@ def logit_attrs(
     """Direct logit attribution: each component of ``residual_stack (num_components, *batch_and_pos_dims,
     d_model)``, normalised by ``ln_final``'s cached scale (:meth:`apply_ln_to_stack`), dotted with
     ``W_U[:, tokens]`` (minus ``W_U[:, incorrect_tokens]`` when given): ``(num_components,
-    *batch_and_pos_dims)``. ``tokens`` is one id or ids of shape ``batch_and_pos_dims``; ``incorrect_tokens``
-    has the shape of ``tokens``. For the whole final stream the components sum to the logit (difference) less
+    *batch_and_pos_dims)``. ``tokens`` is one id or ids of shape ``batch_and_pos_dims``; for a ``(batch, pos)``
+    stack also ``(batch,)`` (one id per example at every position, also when batch = pos) or ``(pos,)`` /
+    ``(1, pos)`` (one id per position), as TransformerLens 4.x; ``incorrect_tokens`` has the shape of
+    ``tokens``. For the whole final stream the components sum to the logit (difference) less
     the unembedding bias and ``ln_final.b @ W_U`` (TransformerLens' folded ``b_U``), before any
     ``logits_scaling`` or soft cap."""
     model = _model(cache)
@@ -595,15 +719,24 @@ def logit_attrs(
         has_batch_dim=has_batch_dim,
     )
     dims = tuple(scaled.shape[1:-1])
+    per_example = False
     if tok.dim() and tuple(tok.shape) != dims:
-        raise ValueError(
-            f"tokens has shape {tuple(tok.shape)} but the residual stack's batch/position dims are {dims}; give "
-            f"one token id, or ids of shape {dims} (a stack over positions needs one id per position: slice the "
-            "positions, e.g. pos_slice=-1, for one id per sequence)"
-        )
+        # TransformerLens' broadcasts over a (batch, pos) stack: (batch,) one id per example at every position
+        # (also when batch = pos), another 1-d length one id per position, (1, pos) per position too
+        ok = has_batch_dim and len(dims) == 2
+        if ok and tok.dim() == 1 and tok.shape[0] == dims[0]:
+            per_example = True
+        elif not (ok and (tuple(tok.shape) in ((dims[1],), (1, dims[1])))):
+            raise ValueError(
+                f"tokens has shape {tuple(tok.shape)} but the residual stack's batch/position dims are {dims}; "
+                f"give one token id, or ids of shape {dims} (for a (batch, pos) stack also (batch,): one id per "
+                "example at every position, or (pos,) / (1, pos): one id per position)"
+            )
     dirs = tokens_to_residual_directions(model, tok)
     if incorrect_tokens is not None:
         dirs = dirs - tokens_to_residual_directions(model, bad)
+    if per_example:
+        dirs = dirs[:, None]
     return (scaled * dirs.to(scaled.dtype)).sum(-1)
 
 
@@ -637,39 +770,58 @@ def get_full_resid_decomposition(
     apply_ln: bool = False,
     pos_slice: Any = None,
     return_labels: bool = False,
+    project_output_onto: torch.Tensor | None = None,
 ):
     """The input of ``layer`` (its MLP with ``mlp_input``) as every head's result, every neuron's result
     (``expand_neurons``; else each MLP's ``hook_mlp_out``), ``embed``, ``pos_embed`` and ``"bias"`` (the
     attention ``b_O`` and, with ``expand_neurons``, MLP ``b_out`` biases written so far), stacked:
     ``(num_components, *batch_and_pos_dims, d_model)``, summing to that stream. Other arguments as
-    :meth:`decompose_resid`. Sandwich-norm models are refused, and ``expand_neurons`` for mixtures of
-    experts."""
+    :meth:`decompose_resid`; ``project_output_onto`` (``(d_model,)`` or ``(d_model, num_outputs)``,
+    TransformerLens' argument) projects each component (after the norm with ``apply_ln``), the neurons' without
+    forming their ``d_model`` vectors; a vector drops the last axis. Sandwich-norm models are refused, and
+    ``expand_neurons`` for mixtures of experts."""
     model = _model(cache)
     _no_sandwich(model, "get_full_resid_decomposition")
     layer = _layer(model, layer)
     _check_mlp_input(model, layer, mlp_input)
+    proj, squeeze = _projection(model, project_output_onto)
     take = _slicer(pos_slice)
+
+    def finish(x: torch.Tensor) -> torch.Tensor:
+        if apply_ln:
+            x = apply_ln_to_stack(cache, x, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return x if proj is None else x @ proj.to(x.device, x.dtype)
+
     heads_to = layer + (1 if mlp_input and not model.cfg.parallel_attn_mlp else 0)
     head_stack, labels = stack_head_results(cache, heads_to, return_labels=True, pos_slice=pos_slice)
-    parts = [head_stack]
+    parts = [finish(head_stack)]
     if not model.cfg.attn_only and layer > 0:
         if expand_neurons:
-            st, lab = stack_neuron_results(cache, layer, pos_slice=pos_slice, return_labels=True)
+            st, lab = stack_neuron_results(
+                cache,
+                layer,
+                pos_slice=pos_slice,
+                return_labels=True,
+                apply_ln=apply_ln,
+                project_output_onto=proj,
+                mlp_input=mlp_input,
+            )
         else:
             st, lab = decompose_resid(
                 cache, layer, pos_slice=pos_slice, incl_embeds=False, mode="mlp", return_labels=True
             )
+            st = finish(st)
         parts.append(st)
         labels.extend(lab)
     _get(cache, "hook_embed", "get_full_resid_decomposition")
     for name, label in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
         if dict.__contains__(cache, name):
-            parts.append(take(dict.__getitem__(cache, name), -2)[None])
+            parts.append(finish(take(dict.__getitem__(cache, name), -2)[None]))
             labels.append(label)
     bias = accumulated_bias(model, layer, mlp_input, include_mlp_biases=expand_neurons)
-    parts.append(bias.to(head_stack.dtype).expand((1, *head_stack.shape[1:])))
+    parts.append(finish(bias.to(head_stack.dtype).expand((1, *head_stack.shape[1:]))))
     labels.append("bias")
     out = torch.cat(parts, dim=0)
-    if apply_ln:
-        out = apply_ln_to_stack(cache, out, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+    if squeeze:
+        out = out[..., 0]
     return (out, labels) if return_labels else out

@@ -575,9 +575,10 @@ class HookedRootModule(nn.Module):
         pos_slice : int, tuple, slice, list or 1-d tensor of positions, optional
             Keep only these positions of each activation (as TransformerLens' ``run_with_cache``: an int keeps
             the position axis with that one position, a TransformerLens ``Slice`` of an int drops it, a tuple is
-            ``slice(*tuple)``); the position axis is the third from last for ``hook_q``,
-            ``hook_k``, ``hook_v``, ``hook_z``, ``hook_result``, ``hook_rot_q``, ``hook_rot_k``, the second from
-            last otherwise (the query position of ``hook_pattern`` / ``hook_attn_scores``).
+            ``slice(*tuple)``; a numpy integer or 0-d integer tensor is an int); the position axis is the third
+            from last for ``hook_q``, ``hook_k``, ``hook_v``, ``hook_z``, ``hook_result``, ``hook_rot_q``,
+            ``hook_rot_k`` and every other 4-d activation (the per-head ``q_norm`` / ``k_norm`` hooks), the second
+            from last otherwise (the query position of ``hook_pattern`` / ``hook_attn_scores``).
         return_cache_object : bool
             True: an :class:`ActivationCache` (a dict with TransformerLens' shorthand keys); False: a plain dict.
         detach : bool
@@ -626,8 +627,9 @@ class HookedRootModule(nn.Module):
             device = torch.device(device)
         # as TransformerLens' run_with_cache (Slice.unwrap): a plain int keeps the position axis (one position);
         # a Slice object made from an int drops it
-        if isinstance(pos_slice, numbers.Integral) and not isinstance(pos_slice, bool):
-            pos_slice = [int(pos_slice)]
+        scalar = _as_int(pos_slice)
+        if scalar is not None:
+            pos_slice = [scalar]
         take = _pos_slicer(pos_slice)
         if cache is None:
             cache = {}
@@ -643,7 +645,13 @@ class HookedRootModule(nn.Module):
                         )
                     y = y[0]
                 if take is not None:
-                    axis = -3 if hook.name.endswith(_HEAD_AXIS_HOOKS) else -2
+                    # the position axis is axis 1 of the batched activation, except the query axis (-2) of
+                    # hook_pattern / hook_attn_scores: -3 for per-head activations (hook_q, ..., the per-head
+                    # q_norm / k_norm hooks, all 4-d), -2 otherwise
+                    per_head = hook.name.endswith(_HEAD_AXIS_HOOKS) or (
+                        x.dim() >= 4 and not hook.name.endswith(_QUERY_AXIS_HOOKS)
+                    )
+                    axis = -3 if per_head else -2
                     if y.dim() >= -axis:
                         y = take(y, axis)
                 cache[hook.name + suffix] = y if device is None else y.to(device)
@@ -656,6 +664,21 @@ class HookedRootModule(nn.Module):
 
 
 _HEAD_AXIS_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_rot_q", "hook_rot_k")
+_QUERY_AXIS_HOOKS = ("hook_pattern", "hook_attn_scores")
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer scalar (an int, a numpy integer, a 0-d integer tensor or
+    array; not a bool), else None (TransformerLens' ``to_python_int``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) or type(value).__name__ == "ndarray":
+        dt = str(value.dtype)  # torch.int64, int32, uint8, ... (bool, float and complex are not)
+        if value.ndim == 0 and "int" in dt:
+            return int(value.item())
+    return None
 
 
 def _describe(x: Any) -> str:
@@ -671,6 +694,9 @@ def _pos_slicer(pos_slice: Any) -> Callable[[torch.Tensor, int], torch.Tensor] |
         return None
     if hasattr(pos_slice, "slice") and hasattr(pos_slice, "mode"):  # a TransformerLens Slice
         pos_slice = pos_slice.slice
+    scalar = _as_int(pos_slice)  # a numpy integer or a 0-d integer tensor indexes as an int
+    if scalar is not None:
+        pos_slice = scalar
     if isinstance(pos_slice, bool):
         pass
     elif isinstance(pos_slice, int):
