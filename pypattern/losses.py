@@ -52,7 +52,10 @@ Called as ``model(input_ids=..., attention_mask=..., use_cache=False)`` when ``f
 (Hugging Face causal LMs and :func:`pypattern.models.hf.hooked_hf` adapters), otherwise ``model(tokens)`` with
 ``attention_mask=`` only when ``forward`` takes it (pypattern's ``Transformer``, TransformerLens models, any
 module returning logits; a causal model without a mask is exact on right-padded batches, and :func:`check_batch`
-refuses left-padded ones for it). Outputs are read as a tensor of logits, an object or mapping with ``.logits`` /
+refuses left-padded ones for it). A float64 Hugging Face model given a padded batch runs with the adapter's guard
+against its eager attention's NaN at padding positions that see no key (left padding; right padding under a
+sliding window): :func:`pypattern.models.hf.finite_padding`, so the real tokens' losses are those of each prompt
+alone, not NaN. Outputs are read as a tensor of logits, an object or mapping with ``.logits`` /
 ``["logits"]`` (a Hugging Face ``ModelOutput``), or a tuple whose first element is the logits (or whose second is,
 after a 0-dim loss: ``(loss, logits, ...)``, Hugging Face's ``return_dict=False`` order; the logits are read, as
 from a ``ModelOutput`` holding both); a 0-dim tensor (or an output with only ``.loss``, or a tuple of a loss
@@ -818,6 +821,11 @@ def _output(model: nn.Module, pb: ParsedBatch, for_loss: bool = False) -> Any:
         for k, v in pb.extra.items():
             if k in names or "**" in names:
                 kw[k] = v
+        if "attention_mask" in kw:
+            from .models.hf import finite_padding
+
+            with finite_padding(model, kw.get("attention_mask")):
+                return model(**kw)
         return model(**kw)
     kw = {}
     if pb.attention_mask is not None and "attention_mask" in names:

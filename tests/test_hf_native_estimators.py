@@ -256,13 +256,13 @@ def test_gram_of_a_scaled_word_embedding_equals_per_sample_autograd():
 
 
 def test_a_probe_the_models_own_logits_make_nan_is_named_with_where_to_look():
-    """A float64 Llama with eager attention gives NaN logits on a left-padded probe (its softmax runs in float32);
-    the error names the default loss, not a per_sample_loss_fn that was not given, and says to look at the model's
-    own logits."""
+    """A model whose own logits are NaN on the probe (a probe token's embedding row is NaN): the error names the
+    default loss, not a per_sample_loss_fn that was not given, and says to look at the model's own logits."""
     m = _build("llama", attn="eager")
     data, probe = _data()
     p = _padded(probe, "left")
     with torch.no_grad():
+        m.get_input_embeddings().weight[int(p["input_ids"][0, -1])] = float("nan")
         assert torch.isnan(m(input_ids=p["input_ids"], attention_mask=p["attention_mask"]).logits).any()
     for run in (
         lambda: pp.susceptibilities(m, data, p, ["blocks.0.mlp"], **KW),

@@ -399,14 +399,29 @@ def test_estimators_on_padded_dict_batches_equal_the_unpadded_ones(arch, attn):
 
 
 def test_nan_logits_of_the_model_are_named():
-    """A float64 Llama with eager attention gives NaN logits on a left-padded batch (its softmax runs in float32,
-    where a fully padded row is -inf throughout); the estimators say where to look rather than sample NaN."""
+    """A model whose own logits are NaN on a batch (here a token's embedding row is NaN): the estimators say where
+    to look rather than sample NaN."""
+    m = _build("llama", 3, attn="eager").double()
+    b = _padded(torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(1)), "left")
+    with torch.no_grad():
+        m.get_input_embeddings().weight[int(b["input_ids"][0, -1])] = float("nan")
+        assert torch.isnan(m(**{k: v for k, v in b.items() if k != "labels"}).logits).any()
+    with pytest.raises(ValueError, match="not finite.*own logits"):
+        pp.estimate_llc(m, [b], **KW)
+
+
+def test_a_left_padded_float64_batch_of_a_model_whose_own_logits_are_nan_there_is_estimated():
+    """A float64 Llama with eager attention gives NaN logits on a left-padded batch itself (its softmax runs in
+    float32, where a fully padded row is -inf throughout); the estimators keep the padded rows finite and give the
+    estimate of the prompts (finite, and the same as the hooked adapter's)."""
     m = _build("llama", 3, attn="eager").double()
     b = _padded(torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(1)), "left")
     with torch.no_grad():
         assert torch.isnan(m(**{k: v for k, v in b.items() if k != "labels"}).logits).any()
-    with pytest.raises(ValueError, match="not finite.*padded rows"):
-        pp.estimate_llc(m, [b], **KW)
+    raw = pp.estimate_llc(m, [b], **KW)
+    assert np.isfinite(raw.llc_mean)
+    hooked = pp.estimate_llc(pp.hooked_hf(m), [b], **KW)
+    assert raw.llc_mean == pytest.approx(hooked.llc_mean, rel=1e-9)
 
 
 _T = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(0))

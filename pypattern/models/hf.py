@@ -12,10 +12,11 @@ installed; the adapters need only a model object.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from .._checks import is_count
 from .hooks import HookedModule, HookPoint
+from .packed import functorch_wrapped
 
 __all__ = [
     "HAS_TRANSFORMERS",
@@ -618,72 +620,9 @@ class HookedHF(HookedModule):
         self._register(base, post, with_kwargs=True, always_call=True)
 
     def _padding_kept_finite(self, model: nn.Module, n_layers: int) -> None:
-        """Keep the NaN of fully masked attention rows out of the model's residual stream.
-
-        A query at a padding position (``attention_mask`` 0: left padding, or right padding under a mask that
-        hides the padding from itself) attends to no key. Hugging Face's eager attention then adds the dtype's
-        minimum to every score; families that take the softmax in float32 (Llama and its kin) turn float64's minimum
-        into ``-inf`` there, and ``softmax`` of a row of ``-inf`` is NaN. That NaN sits at the padding position of
-        the attention's output, so in the residual stream, and in the next layer the real tokens' attention reads
-        it as a value with weight 0: ``0 * NaN`` is NaN, and every logit of the prompt is NaN. Here the attention's
-        output is cleaned before anything reads it (its hook points included): NaN at a position the 2-d
-        ``attention_mask`` marks as padding becomes 0 (the output of attending to nothing). Positions of real
-        tokens are never touched, nor is anything when there is no NaN at padding.
-
-        The backward pass would still carry the NaN (the softmax's gradient multiplies by its NaN output), so the
-        NaN is not made in the first place either: a float64 additive mask whose row hides every key from a query
-        has that row set to float32's minimum, which the float32 softmax keeps finite (every score of the row is
-        lost in the sum, so the row attends uniformly, as it does in float32). No real token attends to a padding
-        key whichever the row, and masks of other dtypes are left as they are."""
-        base = _get(model, self.arch.base)
-        store: list[torch.Tensor | None] = []
-
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            am = kwargs.get("attention_mask")
-            pad = None
-            if isinstance(am, torch.Tensor) and am.dim() == 2 and not am.is_floating_point():
-                pad = am == 0
-                if not bool(pad.any()):
-                    pad = None
-            store.append(pad)
-
-        def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            if store:
-                store.pop()
-
-        def clean(mod: nn.Module, args: tuple, out: Any) -> Any:
-            pad = store[-1] if store else None
-            if pad is None:
-                return None
-            a = out[0] if isinstance(out, tuple) else out
-            if not isinstance(a, torch.Tensor) or a.dim() != 3 or tuple(a.shape[:2]) != tuple(pad.shape):
-                return None
-            bad = a.isnan() & pad.to(a.device)[..., None]
-            if not bool(bad.any()):
-                return None
-            a = a.masked_fill(bad, 0.0)
-            return (a, *out[1:]) if isinstance(out, tuple) else a
-
-        low = torch.finfo(torch.float32).min
-
-        def finite_rows(mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-            m = kwargs.get("attention_mask")
-            if not store or store[-1] is None or not isinstance(m, torch.Tensor) or m.dtype != torch.float64:
-                return None
-            hidden = (m <= low).all(-1, keepdim=True)  # query rows that see no key
-            if not bool(hidden.any()):
-                return None
-            return args, {**kwargs, "attention_mask": m.masked_fill(hidden, low)}
-
-        # bookkeeping for attached_hooks: real tokens' values are not changed
-        pre.changes_output = post.changes_output = clean.changes_output = finite_rows.changes_output = False
-        self._register(base, pre, pre=True, with_kwargs=True)
-        self._register(base, post, with_kwargs=True, always_call=True)
-        for layer in range(n_layers):
-            attn = _get(model, f"{self.arch.base}.{self.arch.layers}.{layer}.{self.arch.attn}")
-            # before the hook points on the attention's output (hook_attn_out, hook_resid_mid) see it
-            self._register(attn, clean, prepend=True)
-            self._register(attn, finite_rows, pre=True, with_kwargs=True, prepend=True)
+        """Keep the NaN of fully masked attention rows out of the model's residual stream
+        (:func:`_finite_padding_hooks`)."""
+        _finite_padding_hooks(model, self.arch, n_layers, self._register)
 
     def _add_pos_embed(self, model: nn.Module) -> None:
         """``hook_pos_embed`` on the position embedding's output, broadcast to the batch ``(batch, pos, d)`` as in
@@ -764,6 +703,142 @@ def _version(t: torch.Tensor) -> int | None:
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` hold the same values (NaN equal to NaN)."""
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _padding_mask(am: torch.Tensor) -> bool:
+    """Whether a 2-d ``attention_mask`` marks padding with 0 and real tokens with 1: integer or boolean, or floating
+    with only 0s and 1s (Hugging Face reads a 2-d mask so; not read under vmap)."""
+    if not am.is_floating_point() or functorch_wrapped(am):
+        return True
+    return bool(((am == 0) | (am == 1)).all())
+
+
+def _finite_padding_hooks(model: nn.Module, arch: HFArch, n_layers: int, register: Any) -> None:
+    """Keep the NaN of fully masked attention rows out of the model's residual stream.
+
+    A query at a padding position (``attention_mask`` 0: left padding, or right padding under a mask that
+    hides the padding from itself) attends to no key. Hugging Face's eager attention then adds the dtype's
+    minimum to every score; families that take the softmax in float32 (Llama and its kin) turn float64's minimum
+    into ``-inf`` there, and ``softmax`` of a row of ``-inf`` is NaN. That NaN sits at the padding position of
+    the attention's output, so in the residual stream, and in the next layer the real tokens' attention reads
+    it as a value with weight 0: ``0 * NaN`` is NaN, and every logit of the prompt is NaN. Here the attention's
+    output is cleaned before anything reads it (its hook points included): NaN at a position the 2-d
+    ``attention_mask`` (of any dtype, holding 0s and 1s) marks as padding becomes 0 (the output of attending to
+    nothing). Positions of real tokens are never touched, nor is anything when there is no NaN at padding.
+
+    The backward pass would still carry the NaN (the softmax's gradient multiplies by its NaN output), so the
+    NaN is not made in the first place either: a float64 additive mask whose row hides every key from a query
+    has that row set to float32's minimum, which the float32 softmax keeps finite (every score of the row is
+    lost in the sum, so the row attends uniformly, as it does in float32). No real token attends to a padding
+    key whichever the row, and masks of other dtypes are left as they are.
+
+    Under ``torch.vmap`` (batched chains) nothing is read from the values: the replacements are made wherever
+    they apply, which changes nothing where nothing is NaN or hidden.
+
+    ``register(module, fn, pre=..., **kwargs)`` registers each hook (the adapter's, or one whose handles are
+    removed after a forward: :func:`finite_padding`)."""
+    base = _get(model, arch.base)
+    store: list[torch.Tensor | None] = []
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        am = kwargs.get("attention_mask")
+        pad = None
+        if isinstance(am, torch.Tensor) and am.dim() == 2 and _padding_mask(am):
+            pad = am == 0
+            if not functorch_wrapped(pad) and not bool(pad.any()):
+                pad = None
+        store.append(pad)
+
+    def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if store:
+            store.pop()
+
+    def clean(mod: nn.Module, args: tuple, out: Any) -> Any:
+        pad = store[-1] if store else None
+        if pad is None:
+            return None
+        a = out[0] if isinstance(out, tuple) else out
+        if not isinstance(a, torch.Tensor) or a.dim() != 3 or tuple(a.shape[:2]) != tuple(pad.shape):
+            return None
+        bad = a.isnan() & pad.to(a.device)[..., None]
+        if not functorch_wrapped(bad) and not bool(bad.any()):
+            return None
+        a = torch.where(bad, torch.zeros_like(a), a)
+        return (a, *out[1:]) if isinstance(out, tuple) else a
+
+    low = torch.finfo(torch.float32).min
+
+    def finite_rows(mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        m = kwargs.get("attention_mask")
+        if not store or store[-1] is None or not isinstance(m, torch.Tensor) or m.dtype != torch.float64:
+            return None
+        hidden = (m <= low).all(-1, keepdim=True)  # query rows that see no key
+        if not functorch_wrapped(hidden) and not bool(hidden.any()):
+            return None
+        return args, {**kwargs, "attention_mask": torch.where(hidden, torch.full_like(m, low), m)}
+
+    # bookkeeping for attached_hooks: real tokens' values are not changed
+    pre.changes_output = post.changes_output = clean.changes_output = finite_rows.changes_output = False
+    register(base, pre, pre=True, with_kwargs=True)
+    register(base, post, with_kwargs=True, always_call=True)
+    for layer in range(n_layers):
+        attn = _get(model, f"{arch.base}.{arch.layers}.{layer}.{arch.attn}")
+        # before the hook points on the attention's output (hook_attn_out, hook_resid_mid) see it
+        register(attn, clean, prepend=True)
+        register(attn, finite_rows, pre=True, with_kwargs=True, prepend=True)
+
+
+def _float64(model: nn.Module) -> bool:
+    """Whether ``model`` computes in float64, read from its input embedding's weight (else any parameter)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return w.dtype == torch.float64
+    return any(p.dtype == torch.float64 for p in model.parameters())
+
+
+@contextlib.contextmanager
+def finite_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
+    """In the block, a forward of ``model`` (a Hugging Face causal LM of a family in :data:`HF_ARCHS`, or OPT,
+    BLOOM or Falcon, itself or inside a wrapper :func:`unwrap_hf` follows; not the adapter, which has them
+    already) with ``attention_mask`` runs with
+    :func:`_finite_padding_hooks`, removed afterwards: a float64 model's query at a left-padding position attends
+    to no key, and Hugging Face's eager attention (a softmax in float32, or two float64 minima summed to ``-inf``)
+    makes NaN there that reaches every real token's logits and every gradient (so does a right-padding position
+    whose sliding window, Mistral's, holds padding only). Nothing is registered for other dtypes, without a mask,
+    or for a mask without padding (read from its values, unless under vmap)."""
+    handles: list[Any] = []
+    if isinstance(attention_mask, torch.Tensor):
+        model, _ = unwrap_hf(model, check=False)  # nn.DataParallel, a PEFT-style wrapper: the model inside
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if (
+        isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 2
+        and _padding_mask(attention_mask)
+        and _is_hf_lm(model)
+        and _float64(model)
+        and (functorch_wrapped(attention_mask) or bool((attention_mask == 0).any()))
+    ):
+        from .hf_masks import _MASK_ARCHS
+
+        arch = HF_ARCHS.get(mt) or _MASK_ARCHS.get(mt)
+
+        def register(module: nn.Module, fn: Any, *, pre: bool = False, **kwargs: Any) -> None:
+            add = module.register_forward_pre_hook if pre else module.register_forward_hook
+            handles.append(add(fn, **kwargs))
+
+        try:
+            if arch is not None:
+                _finite_padding_hooks(model, arch, _n_layers(model, arch), register)
+        except (AttributeError, ValueError):  # a layout the adapter does not read: the model as it is
+            for h in handles:
+                h.remove()
+            handles = []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def is_hf_causal_lm(model: Any) -> bool:
