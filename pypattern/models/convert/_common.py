@@ -257,6 +257,23 @@ def rope(
     return base, rotary_dim, freq_dtype, scaling
 
 
+def check_rotary_ndims(config: Any, ndims: int, rotary_dim: int, head_dim: int) -> None:
+    """Refuse, naming ``partial_rotary_factor``, an attention that rotates ``ndims`` dimensions of each head when its
+    rotary embedding holds ``rotary_dim / 2`` frequencies (``int(head_dim * partial_rotary_factor)`` odd: the
+    embedding rounds the count up to an even one, the attention does not)."""
+    if ndims == rotary_dim:
+        return
+    params = getattr(config, "rope_parameters", None) or {}
+    pf = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    refuse(
+        "partial_rotary_factor",
+        pf,
+        f"the attention rotates int(head_dim * partial_rotary_factor) = {ndims} dimensions of each head "
+        f"(head_dim={head_dim}) while its rotary embedding holds {rotary_dim // 2} frequencies ({rotary_dim} "
+        "dimensions); give a factor that makes the count even",
+    )
+
+
 def _yarn_params(config: Any, params: dict, attention_scaling: Any) -> dict:
     """YaRN's parameters as Hugging Face's rotary embedding reads them: ``factor`` (default
     ``max_position_embeddings / original_max_position_embeddings``), ``beta_fast`` / ``beta_slow`` (defaults 32 and
@@ -538,6 +555,13 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return dts.pop()
 
 
+#: ``attn_softmax_dtype`` of an eager attention that multiplies queries and keys in float32 and adds its mask in the
+#: model's dtype (GPT-J, GPT-Neo): the softmax runs in float32 or the model's dtype, whichever is wider. :func:`build`
+#: resolves it with the converted model's dtype (a float32 model converted to float64 computes what the model
+#: cast with ``.double()`` does)
+SOFTMAX_FLOAT32_OR_WIDER = "float32 or the model's dtype, whichever is wider"
+
+
 def build(
     cfg_kwargs: dict, weights: dict[str, torch.Tensor | None], dtype: torch.dtype, source: dict
 ) -> Transformer:
@@ -545,6 +569,8 @@ def build(
 
     ``weights`` maps every parameter name of the new model to its tensor (None entries are skipped and must not
     be parameters); a missing or surplus name is an error in the converter, reported as such."""
+    if cfg_kwargs.get("attn_softmax_dtype") == SOFTMAX_FLOAT32_OR_WIDER:
+        cfg_kwargs = {**cfg_kwargs, "attn_softmax_dtype": torch.promote_types(torch.float32, dtype)}
     cfg = TransformerConfig(**cfg_kwargs, dtype=dtype, seed=None, extra={"converted_from": source})
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from ._common import (
+    SOFTMAX_FLOAT32_OR_WIDER,
     act_fn,
     layer_norm,
     linear_heads,
     linear_out_heads,
-    model_dtype,
     put_mlp,
     put_unembedding,
     refuse,
@@ -101,7 +101,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         # GPTNeoSelfAttention._attn: query/key .to(float32), matmul, + the causal mask in the model's dtype (which
         # promotes a float64 model's scores to float64), softmax, .to(value.dtype)
         attn_scores_dtype=torch.float32,
-        attn_softmax_dtype=torch.promote_types(torch.float32, model_dtype(model)),
+        attn_softmax_dtype=SOFTMAX_FLOAT32_OR_WIDER,
     )
     w: dict[str, torch.Tensor | None] = {"embed.W_E": tr.wte.weight, "pos_embed.W_pos": tr.wpe.weight}
 

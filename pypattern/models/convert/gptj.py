@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ._common import (
+    SOFTMAX_FLOAT32_OR_WIDER,
     act_fn,
     all_or_none,
     layer_norm,
-    model_dtype,
     put_attention,
     put_mlp,
     put_unembedding,
@@ -112,7 +112,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         cfg.update(
             attn_scores_dtype=torch.float32,
             attn_scores_multiplier=a0.scaling,
-            attn_softmax_dtype=torch.promote_types(torch.float32, model_dtype(model)),
+            attn_softmax_dtype=SOFTMAX_FLOAT32_OR_WIDER,
         )
     w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
     for i, layer in enumerate(layers):

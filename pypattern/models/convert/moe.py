@@ -93,9 +93,12 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
 def _qwen3_moe_windows(model: nn.Module) -> list:
     """The sliding window of each of a Qwen3-MoE model's layers: its config has no ``layer_types`` (and its
     ``max_window_layers`` is unused), and every layer reads ``config.sliding_window``, which the config sets to None
-    unless ``use_sliding_window``; a config with ``layer_types`` is read as Qwen2's."""
+    unless ``use_sliding_window``; a config class that declares ``layer_types`` is read as Qwen2's (a ``layer_types``
+    given to a class that does not declare it is unused by the model)."""
     c = model.config
-    if getattr(c, "layer_types", None):
+    # a layer_types its config class does not declare (passed as an extra keyword) is unused by the model
+    declared = "layer_types" in (getattr(type(c), "__dataclass_fields__", None) or {})
+    if declared and getattr(c, "layer_types", None):
         return layer_windows(model)
     sw = c.sliding_window
     if sw is not None and (not isinstance(sw, int) or isinstance(sw, bool) or sw < 1):

@@ -44,7 +44,12 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     L = len(layers)
     a0, dh, H, Hkv = head_shape(model)
     standard_scaling(a0, dh)
-    types = list(getattr(c, "layer_types", None) or ["full_attention"] * L)
+    # OLMo 2 has no sliding windows: its attention and masks read neither layer_types nor sliding_window (a config
+    # may still carry them, e.g. copied from an OLMo 3 config)
+    olmo3 = type(model).__name__ == "Olmo3ForCausalLM"
+    types = list((getattr(c, "layer_types", None) if olmo3 else None) or ["full_attention"] * L)
+    if len(types) != L:
+        refuse("layer_types", types, f"expected one per layer ({L} layers)")
     for t in types:
         if t not in ("full_attention", "sliding_attention"):
             refuse("layer_types", t, "only 'full_attention' and 'sliding_attention' layers are converted")

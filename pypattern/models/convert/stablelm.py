@@ -17,6 +17,7 @@ from torch import nn
 from ._common import (
     act_fn,
     attn_softmax_dtype,
+    check_rotary_ndims,
     head_shape,
     layer_norm,
     put_attention,
@@ -47,8 +48,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     a0, dh, H, Hkv = head_shape(model)
     standard_scaling(a0, dh)
     base, rotary_dim, freq_dtype, rot_scaling = rope(c, base_model.rotary_emb, dh)
-    if rotary_dim != a0.rotary_ndims:
-        refuse("rotary dimensions", a0.rotary_ndims, f"the rotary embedding has {rotary_dim} frequencies x 2")
+    check_rotary_ndims(c, a0.rotary_ndims, rotary_dim, dh)
     parallel = bool(c.use_parallel_residual)
     emb, lm, tied, lm_b = unembedding(model)
     attn_bias, attn_out_bias, mlp_bias = split_biases(layers)
