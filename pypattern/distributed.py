@@ -30,6 +30,7 @@ import numbers
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -542,8 +543,14 @@ def _same_calibrated_step(out, model, loader, mine, ckpt, kwargs: dict, group):
 
 def estimate_llc(model, loader, *, group=None, **kwargs) -> LLCResult | list[LLCResult]:
     """:func:`pypattern.estimate_llc` with the chains spread over the ranks; every rank returns the estimate (one
-    per run with ``runs=``), with the same warnings."""
-    return llc_of_samples(sample(model, loader, group=group, **kwargs), model, kwargs.get("masks"))
+    per run with ``runs=``). Rank 0 gives the estimate's warnings (a calibrated step's bias and short trials, an
+    estimate above ``d / 2``), once, as one process does: they read the whole result, which every rank holds."""
+    out = sample(model, loader, group=group, **kwargs)
+    if _dist().get_rank(group) == 0:
+        return llc_of_samples(out, model, kwargs.get("masks"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return llc_of_samples(out, model, kwargs.get("masks"))
 
 
 def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
@@ -583,7 +590,12 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
 
     world = dist.get_world_size(group)
     execution = sus.Execution(
-        sample=sampler, reduce=reduce, write_rows=rank == 0, local_path=lambda p: rank_path(p, rank, world)
+        sample=sampler,
+        reduce=reduce,
+        write_rows=rank == 0,
+        local_path=lambda p: rank_path(p, rank, world),
+        # rank 0 writes the finished rows: a failed write raises on every rank
+        agree=lambda fn: _agree(fn, group),
     )
     with sus.executing(execution):
         return sus.susceptibilities(model, loader, probe, components, **kwargs)

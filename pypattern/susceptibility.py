@@ -101,7 +101,13 @@ from .sampling.data import ChainData, hash_data, to_device
 from .sampling.diagnostics import NonFiniteLossError, naming_runs, user_stacklevel
 from .sampling.llc import on_device, resolve_device
 from .sampling.optim import SGLD_DEFAULTS, chain_seed
-from .sampling.plan import check_loader, check_model, check_no_clash, refuse_unknown_keywords
+from .sampling.plan import (
+    check_callables,
+    check_loader,
+    check_model,
+    check_no_clash,
+    refuse_unknown_keywords,
+)
 from .sampling.results import check_arrays
 from .sampling.runner import (
     _eval_mode_for_dropout,
@@ -1045,6 +1051,16 @@ def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
         "these sampler settings of pypattern.sample (documented there)",
         what="unknown sampler settings",
     )
+    # None is "not given" (dropped below) only where pypattern.sample's default is None or where sample takes None
+    # as its default; where sample refuses None (a count, a flag, the seed) it is refused here with sample's message
+    # rather than replaced by the default (seed=None would silently be seed 0)
+    for name in _NONE_REFUSED:
+        if name in kw and kw[name] is None:
+            if name == "seed":
+                _first_seed(None)  # raises, as pypattern.sample does
+            if name in ("quiet", "warn_nonstationary"):
+                raise TypeError(f"{name}=None is not valid; give True or False")
+            raise ValueError(f"{name} must be an int >= 1, got None")
     kw = translate(kw, where="the call")
     if kw.get("optimizer_kwargs"):
         okw = kw["optimizer_kwargs"]
@@ -1062,6 +1078,13 @@ def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
     ):  # by name (settings and checkpoint fingerprints hold plain values); SGLD is the default
         kw["sampler"] = name
     return kw
+
+
+#: sampler settings whose None pypattern.sample refuses (its default is a number, a flag or the seed 0)
+_NONE_REFUSED = (
+    "num_chains", "num_draws", "num_steps_bw_draws", "seed", "checkpoint_every", "cores", "quiet",
+    "warn_nonstationary",
+)  # fmt: skip
 
 
 def _first_seed(seed) -> int:
@@ -1136,6 +1159,7 @@ def susceptibilities(
     checkpoint: str | os.PathLike | None = None,
     group_size: int | None = None,
     device: str | torch.device | None = None,
+    callbacks: Sequence[Callable] = (),
     **sampler_settings,
 ) -> SusceptibilityResult:
     """Estimate the susceptibility matrix ``chi`` (components x probe points); see the module docstring.
@@ -1218,6 +1242,18 @@ def susceptibilities(
         samples a copy of the model moved there (``model`` stays where it is). The probe, the sampling batch and
         the loader's batches are moved to it as they are read, and the draws are accumulated there; the results
         are NumPy arrays either way.
+    callbacks : sequence of callable
+        Called at every draw of every SGLD run, as :func:`pypattern.sample` calls its callbacks (with the keyword
+        arguments they accept among ``chain``, ``run``, ``draw``, ``step``, ``loss``, ``init_loss``, ``model``,
+        ``batch``, ``observables``, ``outputs`` and, for chains run one after another, ``optimizer``). ``run``
+        numbers the runs of the whole call: with ``convention="devinterp"`` the unrestricted run is run 0 and
+        component ``k`` is run ``k + 1``, else component ``k`` is run ``k``; ``chain`` is
+        ``run * num_chains + c`` for chain ``c`` of the run (as :func:`pypattern.sample` numbers chains over
+        ``runs=``), whatever ``group_size``. ``observables`` holds the probe losses and ``phi`` this function
+        records (``"probe_losses"``, ``"phi"``; left out where they are read from the sampler's own forward).
+        Rows reloaded from a checkpoint are not sampled again and call no callback; a resumed group calls them
+        for the draws not yet done. With ``step_size="auto"`` a run that runs away is run again at half the step
+        only when every callback has a ``reset()`` method (called first), as in :func:`pypattern.sample`.
     **sampler_settings
         ``num_chains``, ``num_draws``, ``num_burnin_steps``, ``num_steps_bw_draws``, ``step_size``, ``nbeta``,
         ``localization``, ``seed``, ``sampler`` (``"sgld"``, ``"sgnht"``, ``"rmsprop_sgld"``; devinterp's
@@ -1250,6 +1286,7 @@ def susceptibilities(
         raise ValueError(f"group_size must be an int >= 1 or None, got {group_size!r}")
     group_size = None if group_size is None else int(group_size)
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings)))
+    user_callbacks = _user_callbacks(callbacks, kw.get("batched"))
     custom = loss_fn is not None or not _library_losses(per_sample_loss_fn) or observable is not None
     model = _bridge_converted(model, "susceptibilities", custom)
     _check_common(model, loader, per_token, kw)
@@ -1400,7 +1437,7 @@ def susceptibilities(
     local_of = ex.local_path  # a group checkpoint's file in this process (per rank when distributed)
 
     def run_group(
-        specs_: list, ckpt: str | None, group_fp: dict | None, labels: list[str]
+        specs_: list, ckpt: str | None, group_fp: dict | None, labels: list[str], run_index: list[int]
     ) -> tuple[list[list[CrossCovariance]], float]:
         """Sample the runs ``specs_`` (``(restrict_to, masks)`` pairs) together; per run, one accumulator per
         chain over (phi) x (l_1..l_N, Lbar); and the nbeta used. With ``ckpt`` the sampler's checkpoint holds the
@@ -1480,7 +1517,7 @@ def susceptibilities(
                 runs=specs_,
                 observables=observables,
                 record_observables=False,
-                callbacks=[cb],
+                callbacks=[cb, *(_in_whole_call(f, run_index, C) for f in user_callbacks)],
                 checkpoint=ckpt,
                 checkpoint_state=acc_state if ckpt is not None else None,
                 **kw,
@@ -1614,7 +1651,11 @@ def susceptibilities(
             gpath = path_of(f"sampling.{file_of(group[0])}.{len(group)}")  # the group's draws so far
             group_fp = {**fp, "group": [row_fp(r) for r in group]} if fp else None
             accs_by_run, nbeta = run_group(
-                [run_specs[name] for name in group], gpath, group_fp, [run_label(name) for name in group]
+                [run_specs[name] for name in group],
+                gpath,
+                group_fp,
+                [run_label(name) for name in group],
+                [names_all.index(name) for name in group],
             )
             for name, accs in zip(group, accs_by_run):
                 if name == "unrestricted":
@@ -1650,14 +1691,24 @@ def susceptibilities(
                         "loss_mean": pooled.mean_b[:n].numpy(),
                         "nbeta": nbeta,
                     }
-                save_row(name, rows[name])
+
+            def save_group(group=group):
+                for name in group:
+                    save_row(name, rows[name])
+
+            # one process writes the rows (ex.write_rows); a write that fails there (a read-only folder, a full
+            # disk) reaches every process through ex.agree, so none goes on to the next group's sampling alone
+            if checkpoint is not None and ex.agree is not None:
+                ex.agree(save_group)
+            else:
+                save_group()
             local = None if gpath is None else local_of(gpath)
             if local is not None and os.path.exists(local):
                 os.remove(local)  # its rows are saved
         return rows
 
     with _naming_rows_without_counted(loader, own_losses_at):
-        rows = _with_auto_reruns(sample_rows, kw, auto_step, checkpoint)
+        rows = _with_auto_reruns(sample_rows, kw, auto_step, checkpoint, user_callbacks)
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
     chi_loo = np.zeros((len(specs), C, n))
@@ -1735,12 +1786,15 @@ class Execution:
         Whether this process writes finished rows into the checkpoint folder.
     local_path : callable(str) -> str
         The file this process uses for a group's sampler checkpoint.
+    agree : callable(fn) -> Any, optional
+        Runs ``fn`` (a group's row writes) in every process and raises in every process if it raised in any.
     """
 
     sample: Callable | None = None
     reduce: Callable | None = None
     write_rows: bool = True
     local_path: Callable[[str], str] = os.fspath
+    agree: Callable[[Callable], Any] | None = None
 
 
 _EXECUTION: contextvars.ContextVar[Execution] = contextvars.ContextVar(
@@ -1892,20 +1946,60 @@ def _chi_all(acc: CrossCovariance, convention: str, nbeta: float, full_means) ->
     return e_phi_x[-1] - e_phi_x[:-1] - ma * (full_means[-1] - full_means[:-1])
 
 
-def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint):
-    """``run()``; when the step was calibrated (``auto_step``) and there is no checkpoint, a run that diverges or
-    runs away is run again from the start at half the step (:func:`~pypattern.sampling.runner.rerun_at_half_step`,
-    as :func:`pypattern.sample` does), ``kw["step_size"]`` updated."""
+def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint, callbacks: Sequence[Callable] = ()):
+    """``run()``; when the step was calibrated (``auto_step``), there is no checkpoint and every one of the
+    caller's ``callbacks`` has a ``reset()`` method, a run that diverges or runs away is run again from the start
+    at half the step (:func:`~pypattern.sampling.runner.rerun_at_half_step`, as :func:`pypattern.sample` does),
+    ``kw["step_size"]`` updated and the callbacks reset first."""
     if auto_step is None:
         return run()
+    first = float(kw["step_size"])
 
     def at(step: float):
+        if step != first:
+            for cb in callbacks:
+                cb.reset()
         kw["step_size"] = step
         return run()
 
+    can_rerun = checkpoint is None and all(callable(getattr(cb, "reset", None)) for cb in callbacks)
     # the runs' step is the calibration's: no given-step checks on it (the calibration judged it)
     with step_calibrated_by_caller():
-        return rerun_at_half_step(at, float(kw["step_size"]), auto_step, can_rerun=checkpoint is None)
+        return rerun_at_half_step(at, first, auto_step, can_rerun=can_rerun)
+
+
+def _user_callbacks(callbacks, batched) -> list[Callable]:
+    """The caller's ``callbacks`` as a list, checked as :func:`pypattern.sample` checks them (errors naming
+    ``callbacks[i]`` by the caller's index)."""
+    if callable(callbacks) or not isinstance(callbacks, Iterable) or isinstance(callbacks, str | bytes):
+        raise TypeError(f"callbacks={callbacks!r} is not valid; give a list of functions")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}]={cb!r} is not callable")
+    check_callables(None, None, callbacks, batched)
+    return callbacks
+
+
+def _in_whole_call(cb: Callable, run_index: Sequence[int], num_chains: int) -> Callable:
+    """``cb`` called with ``run`` and ``chain`` numbered over the whole call's runs (``run_index[r]`` for run
+    ``r`` of a group's :func:`pypattern.sample` call), with ``cb``'s signature (the sampler passes the keywords it
+    declares, and runs chains one after another for one that requires ``optimizer``)."""
+
+    def call(**given):
+        r = None
+        if "chain" in given:
+            r, c = divmod(int(given["chain"]), num_chains)
+            given["chain"] = run_index[r] * num_chains + c
+        if "run" in given:
+            given["run"] = run_index[int(given["run"])]
+        return cb(**given)
+
+    try:
+        call.__signature__ = inspect.signature(cb)
+    except (TypeError, ValueError):  # no signature: the sampler passes every keyword
+        pass
+    return call
 
 
 @_eval_mode_throughout(context=_eval_mode_for_dropout)
@@ -1918,6 +2012,7 @@ def bif(
     per_sample_loss_fn: Callable = per_sample_losses,
     per_token: bool = True,
     device: str | torch.device | None = None,
+    callbacks: Sequence[Callable] = (),
     **sampler_settings,
 ) -> BIFResult:
     """Bayesian influence function ``BIF(z_i, z_j) = -Cov(l_i, l_j)`` over draws of the (unrestricted) localized
@@ -1927,7 +2022,9 @@ def bif(
     ``**sampler_settings`` are too (``sampler=`` included; documented in :func:`pypattern.sample`, an unknown
     keyword a ``TypeError`` naming it) but ``checkpoint=`` / ``checkpoint_every=``: a BIF run is not checkpointed. ``device``: where to sample, as in
     :func:`susceptibilities` (default: the model's device; another one samples a copy of the model moved there,
-    the probe moved with it)."""
+    the probe moved with it). ``callbacks``: called at every draw, as :func:`pypattern.sample` calls them (with the
+    keywords they accept; ``observables`` holds ``"probe_losses"``, the draw's probe losses), reset before a run
+    again at half a calibrated step as there."""
     for key in ("checkpoint", "checkpoint_every"):
         if key in sampler_settings:
             raise TypeError(
@@ -1935,6 +2032,7 @@ def bif(
                 "a checkpoint; bif starts afresh)"
             )
     kw = _sampler_settings_defaults(_sampler_kwargs(dict(sampler_settings), "bif()"))
+    user_callbacks = _user_callbacks(callbacks, kw.get("batched"))
     model = _bridge_converted(model, "bif", loss_fn is not None or not _library_losses(per_sample_loss_fn))
     _check_common(model, loader, per_token, kw)
     auto_options = _auto_step_options(kw)
@@ -1982,13 +2080,13 @@ def bif(
                 loss_fn=loss_fn,
                 observables={"probe_losses": lambda m, batch: losses_of(m).reshape(-1)},
                 record_observables=False,
-                callbacks=[cb],
+                callbacks=[cb, *user_callbacks],
                 **kw,
             )
         return acc
 
     with _naming_rows_without_counted(loader, own_losses_at):
-        acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"))
+        acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"), user_callbacks)
     counted = entries.counted(n)
     meta = _probe_meta(probe, l0, counted)
     bif_, corr = _bif_and_corr(acc, counted)
