@@ -47,7 +47,7 @@ from ..patching.metrics import (
     warn_no_op,
     warn_nonfinite_examples,
 )
-from .engine import _CALL_WARNED, EdgeEngine, call_warned, prepare_runs
+from .engine import _CALL_WARNED, EdgeEngine, call_warned, corruption_args, prepare_runs
 from .graph import Edge, EdgeGraph, check_graph_arg
 from .results import Circuit, EdgeScores, PruningCurve, rank_order
 
@@ -284,7 +284,9 @@ def patch_edges(
         a batch of sets: a list of such iterables or a BoolTensor ``(C, num_edges)``.
     clean, corrupted : LongTensor ``(batch, pos)``
         ``corrupted`` may be None for ``mode="noise"`` with ``ablation="mean"`` (mean over the clean batch) or
-        ``"zero"``.
+        ``"zero"``. With ``mode="noise"`` and ``ablation="mean"`` it is read only through its per-position mean, so
+        it may hold any number of prompts (of the clean prompts' length): the reference batch of the mean.
+        ``TokenReplacement(tokens)`` of :mod:`pypattern.patching` is its ``tokens``.
     metric : Metric
         Maps logits ``(..., batch, vocab)`` at ``metric.position`` to ``(..., batch)`` (e.g.
         :class:`~pypattern.patching.LogitDiff`).
@@ -296,14 +298,18 @@ def patch_edges(
         for denoising), its per-position mean over that batch, or zero. Without ``mean_mask`` the mean takes every
         prompt at each position, padding or not: over right-padded prompts it averages the padding's outputs into
         the real positions of the longer prompts (the result then depends on the pad token); for a mean over real
-        tokens only, give ``mean_mask``, or as ``corrupted`` (noising) prompts of the same shape that are real at
-        every position.
+        tokens only, give ``mean_mask``, or as ``corrupted`` (noising) prompts of the same length that are real at
+        every position. :mod:`pypattern.patching`'s corruptions are read as what they mean: ``ZeroAblation()`` is
+        ``"zero"``; ``MeanAblation()`` is ``"mean"`` over the clean batch (noising without ``corrupted``, or
+        denoising), ``MeanAblation(reference_tokens=r, attention_mask=m)`` is ``"mean"`` with ``corrupted=r`` and
+        ``mean_mask=m`` (noising only). ``GaussianNoise``, which the circuits' runs cannot compute, is refused, as
+        is a setting given twice (``corrupted`` next to a ``MeanAblation`` that names its own prompts).
     graph : EdgeGraph, optional
         Default: :func:`edges` of the model (per position when the edges name positions).
     mean_mask : Tensor ``(batch, pos)``, optional
         With ``ablation="mean"`` only: the attention mask of the prompts the mean is over (``corrupted`` for
-        noising, or ``clean`` when ``corrupted`` is None; ``clean`` for denoising), 1 at a real token and 0 at
-        padding (bool, int or float values 0 and 1), right-padded. The mean at each position is then over the
+        noising, of its shape, or ``clean`` when ``corrupted`` is None; ``clean`` for denoising), 1 at a real token
+        and 0 at padding (bool, int or float values 0 and 1), right-padded. The mean at each position is then over the
         prompts real there only, independent of the pad token; a position where none is real gets 0 (with right
         padding it follows every real token of those prompts, so it cannot change a metric read at a real
         position of theirs). As ``MeanAblation(attention_mask=...)`` in :mod:`pypattern.patching`.
@@ -330,6 +336,7 @@ def patch_edges(
     :func:`edge_attribution` does.
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "patch_edges")
     model = _converted(model, "patch_edges")
     check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
@@ -561,6 +568,7 @@ def edge_attribution(
     """
     memory_arg = "max_memory" if max_memory is not None else "memory_budget"
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "edge_attribution")
     model = _converted(model, "edge_attribution")
     check_graph_arg(graph)
     if method not in _METHODS:
@@ -1084,6 +1092,7 @@ def faithfulness(
     :func:`patch_edges`).
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "faithfulness")
     model = _converted(model, "faithfulness")
     check_graph_arg(graph)
     edges, graph = _circuit_mask(edges, graph)
@@ -1232,6 +1241,33 @@ def _curve_runs(engine, masks: torch.Tensor, quiet: bool, checkpoint, fp) -> tup
     return values, before
 
 
+def _curve_frame(scores: dict, mode, ablation) -> tuple:
+    """:func:`pruning_curve`'s ``mode`` and ``ablation``: as given, else those the ``EdgeScores`` among ``scores``
+    were computed in (``"noise"`` and ``"resample"`` without any); scores of different frames need the setting
+    given, naming them."""
+    for name, default in (("mode", "noise"), ("ablation", "resample")):
+        if (mode if name == "mode" else ablation) is not None:
+            continue
+        frames = {
+            k: getattr(sc, name)
+            for k, sc in scores.items()
+            if isinstance(sc, EdgeScores) and isinstance(getattr(sc, name), str)
+        }
+        values = set(frames.values())
+        if len(values) > 1:
+            listed = ", ".join(f"scores[{k!r}].{name}={v!r}" for k, v in frames.items())
+            raise ValueError(
+                f"pruning_curve: {name} is not given and the scores were computed with different ones ({listed}): "
+                f"give {name}=... (the frame every curve is evaluated in)"
+            )
+        value = values.pop() if values else default
+        if name == "mode":
+            mode = value
+        else:
+            ablation = value
+    return mode, ablation
+
+
 def pruning_curve(
     model,
     scores,
@@ -1241,8 +1277,8 @@ def pruning_curve(
     metric,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     counts: Sequence[int] | None = None,
-    mode: str = "noise",
-    ablation: str = "resample",
+    mode: str | None = None,
+    ablation: str | None = None,
     graph: EdgeGraph | None = None,
     mean_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
@@ -1255,10 +1291,15 @@ def pruning_curve(
 
     Parameters
     ----------
-    model, clean, corrupted, metric, mode, ablation, graph, mean_mask
+    model, clean, corrupted, metric, graph, mean_mask
         As in :func:`patch_edges`.
     scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each);
         scores holding NaN are refused
+    mode, ablation : str, optional
+        As in :func:`patch_edges`. Not given, the frame the ``EdgeScores`` were computed in (their ``mode`` and
+        ``ablation``), so the circuits are evaluated as they were scored; ``"noise"`` and ``"resample"`` for
+        tensors of scores. ``EdgeScores`` of different frames need both given (else a ValueError naming them).
+        Given, they are used as given, whatever frame the scores were computed in.
     fractions : sequence of float
         Fractions of the edges kept (rounded to counts).
     counts : sequence of int, optional
@@ -1316,6 +1357,8 @@ def pruning_curve(
                 f"{label} is a {type(sc).__name__}; give EdgeScores (edge_attribution's result), a tensor of one "
                 f"score per edge, or a dict of them{hint}"
             )
+    mode, ablation = _curve_frame(scores, mode, ablation)
+    corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "pruning_curve")
     first_name, first = next(iter(scores.items()))
     graph_from = "graph="
     if graph is None:
@@ -1571,6 +1614,7 @@ def acdc(
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "acdc")
     model = _converted(model, "acdc")
     check_graph_arg(graph)
     if isinstance(threshold, torch.Tensor) and threshold.numel() == 1 and threshold.dtype != torch.bool:

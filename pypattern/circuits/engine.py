@@ -41,7 +41,14 @@ from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..models.transformer import affine
 from ..ops.sums import signed_sums
 from ..patching.api import check_tokens
-from ..patching.corruptions import masked_mean
+from ..patching.corruptions import (
+    Corruption,
+    GaussianNoise,
+    MeanAblation,
+    TokenReplacement,
+    ZeroAblation,
+    masked_mean,
+)
 from ..patching.corruptions import mean_mask as checked_mean_mask
 from ..patching.engine import FALLBACK_VOCAB_COPIES, new_bytes
 from ..patching.metrics import bind_metric, check_metric_on_stacks, metric_on
@@ -1410,6 +1417,80 @@ def warn_if_corrupted_unread(call: str, corrupted, mode: str, ablation: str) -> 
     )
 
 
+def corruption_args(corrupted, ablation, mean_mask, mode: str, call: str):
+    """``corrupted``, ``ablation`` and ``mean_mask`` as the circuits functions read them, with the corruption
+    objects of :mod:`pypattern.patching` mapped to what they mean exactly: ``corrupted=TokenReplacement(t)`` is
+    ``corrupted=t``; ``ablation=ZeroAblation()`` is ``"zero"``; ``ablation=MeanAblation(reference_tokens,
+    attention_mask)`` is ``"mean"`` over ``reference_tokens`` (``corrupted``; the clean batch when None) with
+    ``attention_mask`` as ``mean_mask``. What has no exact counterpart (:class:`GaussianNoise`, a mean over
+    reference prompts in the denoising frame, a setting given twice) is refused, naming what to pass. Anything
+    else is returned as given (checked by :func:`prepare_runs`)."""
+    if not isinstance(mode, str) or mode not in _MODES:
+        raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
+    if isinstance(corrupted, TokenReplacement):
+        corrupted = corrupted.corrupted_tokens
+    elif isinstance(corrupted, ZeroAblation | MeanAblation):
+        name = "zero" if isinstance(corrupted, ZeroAblation) else "mean"
+        raise TypeError(
+            f"{call}: corrupted={type(corrupted).__name__}(...) is an ablation, not corrupted prompts: give it as "
+            f"ablation={type(corrupted).__name__}(...) (or ablation={name!r})"
+        )
+    elif isinstance(corrupted, GaussianNoise) or isinstance(ablation, GaussianNoise):
+        which = "corrupted" if isinstance(corrupted, GaussianNoise) else "ablation"
+        raise TypeError(
+            f"{call}: {which}=GaussianNoise(...) is not supported by the circuits functions (their runs start from "
+            "token embeddings, without noise); give corrupted prompts (a LongTensor, or TokenReplacement(tokens)) "
+            "with ablation='resample', or ablation='mean' / 'zero' (MeanAblation() / ZeroAblation())"
+        )
+    elif isinstance(corrupted, Corruption):
+        raise TypeError(
+            f"{call}: corrupted={type(corrupted).__name__}(...) is not supported; give corrupted prompts (a "
+            "LongTensor (batch, pos), or TokenReplacement(tokens))"
+        )
+    if isinstance(ablation, TokenReplacement):
+        raise TypeError(
+            f"{call}: ablation=TokenReplacement(...) gives corrupted prompts: pass them as corrupted=... (the tokens "
+            "or the TokenReplacement) with ablation='resample'"
+        )
+    if isinstance(ablation, ZeroAblation):
+        return corrupted, "zero", mean_mask
+    if not isinstance(ablation, MeanAblation):
+        if isinstance(ablation, Corruption):
+            raise TypeError(
+                f"{call}: ablation={type(ablation).__name__}(...) is not supported; choose 'resample', 'mean' or "
+                "'zero' (or ZeroAblation() / MeanAblation())"
+            )
+        return corrupted, ablation, mean_mask
+    ref, mask = ablation.reference_tokens, ablation.attention_mask
+    if mask is not None and mean_mask is not None:
+        raise ValueError(
+            f"{call}: mean_mask is given and ablation=MeanAblation(attention_mask=...) too: give the mask of the "
+            "mean once"
+        )
+    if ref is None:
+        if mode == "noise" and corrupted is not None:
+            raise ValueError(
+                f"{call}: ablation=MeanAblation() takes its mean over the clean batch (its reference_tokens is None), "
+                "but corrupted is given, which mode='noise' would average instead: leave corrupted out, or give "
+                "MeanAblation(reference_tokens=corrupted) (or ablation='mean') for the mean over the corrupted prompts"
+            )
+        # noising without corrupted prompts, or denoising (the clean run is the source): the clean batch's mean
+        return corrupted, "mean", mask if mask is not None else mean_mask
+    if mode != "noise":
+        raise ValueError(
+            f"{call}: ablation=MeanAblation(reference_tokens=...) with mode={mode!r}: the denoising frame patches the "
+            "clean run's values (with a mean ablation, their mean over the clean batch) into the corrupted run, so "
+            "other reference prompts cannot be honoured; give MeanAblation() (or ablation='mean'), or mode='noise'"
+        )
+    if corrupted is not None:
+        raise ValueError(
+            f"{call}: corrupted is given and ablation=MeanAblation(reference_tokens=...) too; in mode='noise' the "
+            "mean is over one set of prompts: give the reference prompts once (as reference_tokens, or as corrupted "
+            "with ablation='mean')"
+        )
+    return ref, "mean", mask if mask is not None else mean_mask
+
+
 def prepare_runs(
     model,
     graph: EdgeGraph | None,
@@ -1442,10 +1523,14 @@ def prepare_runs(
     padding): the mean at each position is over the prompts real there (0 where none is); refused with another
     ablation.
     """
-    if mode not in _MODES:
+    if not isinstance(mode, str) or mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
-    if ablation not in _ABLATIONS:
-        raise ValueError(f"ablation={ablation!r} is not valid; choose 'resample', 'mean' or 'zero'")
+    corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, call)
+    if not isinstance(ablation, str) or ablation not in _ABLATIONS:
+        raise ValueError(
+            f"ablation={ablation!r} is not valid; choose 'resample', 'mean' or 'zero' (or "
+            "pypattern.patching's ZeroAblation() / MeanAblation())"
+        )
     view = ModelView(model) if view is None else view
     graph = EdgeGraph.from_model(model) if graph is None else graph
     check_graph_arg(graph)
@@ -1455,10 +1540,20 @@ def prepare_runs(
     if corrupted is not None:
         corrupted = check_tokens(corrupted, "corrupted", d_vocab)
     B, T_full = clean.shape
+    # noising with a mean ablation reads corrupted only through its per-position mean: any number of reference
+    # prompts of the clean prompts' length (as MeanAblation's reference_tokens)
+    any_batch = mode == "noise" and ablation == "mean"
     if corrupted is not None and corrupted.shape != clean.shape:
-        raise ValueError(
-            f"corrupted has shape {tuple(corrupted.shape)}; it must equal the clean shape {(B, T_full)}"
-        )
+        if not any_batch or corrupted.shape[1] != T_full:
+            also = (
+                f" (with mode='noise' and ablation='mean', which reads only their per-position mean: any number of "
+                f"prompts of length {T_full})"
+                if any_batch
+                else " (any number of prompts of that length with mode='noise' and ablation='mean')"
+            )
+            raise ValueError(
+                f"corrupted has shape {tuple(corrupted.shape)}; it must equal the clean shape {(B, T_full)}{also}"
+            )
     if corrupted is None and (ablation == "resample" or mode == "denoise"):
         raise ValueError(
             f"corrupted=None: mode={mode!r} with ablation={ablation!r} needs corrupted prompts "
@@ -1471,7 +1566,9 @@ def prepare_runs(
                 f"mean_mask is given with ablation={ablation!r}: it masks the per-position mean of "
                 "ablation='mean' only; give ablation='mean' or leave mean_mask out"
             )
-        mean_mask = checked_mean_mask(mean_mask, "mean_mask", (B, T_full))
+        # the mask of the prompts the mean is over: corrupted when noising with them, else the clean ones
+        src = corrupted if mode == "noise" and corrupted is not None else clean
+        mean_mask = checked_mean_mask(mean_mask, "mean_mask", tuple(src.shape))
     if graph.per_position and graph.n_pos != T_full:
         raise ValueError(f"the graph has n_pos={graph.n_pos} positions; the prompts have {T_full}")
     limit = model.cfg.max_positions
@@ -1534,10 +1631,14 @@ def _record_runs(
         A = ablation  # "resample" cannot reach here: it needs corrupted prompts, the source in noising mode
         src_embed = masked_mean(x_clean, mean_mask, 0, 1).expand_as(x_clean)
     else:
-        src_run = clean_run if src_tokens is clean else node_run(view, graph, view.embed(src_tokens), pos)
+        # a reference batch of another size (mean ablation): its node outputs at every row its mean is read at
+        src_pos = (
+            pos if isinstance(pos, int) or src_tokens.shape[0] == B else pos.new_zeros(src_tokens.shape[0])
+        )
+        src_run = clean_run if src_tokens is clean else node_run(view, graph, view.embed(src_tokens), src_pos)
         A = src_run.outs
         if ablation == "mean":
-            A = masked_mean(A, mean_mask, 1, 2).expand_as(A)
+            A = masked_mean(A, mean_mask, 1, 2).expand(A.shape[0], B, *A.shape[2:])
     engine = EdgeEngine(
         view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
     )

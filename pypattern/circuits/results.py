@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import warnings
@@ -32,12 +33,14 @@ def _graph_meta(g: EdgeGraph) -> dict:
     }
 
 
-def _save(path, arrays: dict, meta: dict, kind: str, info: dict) -> None:
+def _save(path, arrays: dict, meta: dict, kind: str, info: dict, rebuild) -> None:
     """Write through :mod:`pypattern.io` (``.npz`` with a JSON header, atomic). bfloat16 tensors, which numpy
     does not hold, are stored as float32 (exactly) and named in the header, so :func:`_load` restores them.
     ``info`` is stored as results store their fields (:func:`pypattern.io.save_result`): NumPy scalars with their
     dtype, tuples, nested containers, and arrays and tensors as members ``info/...``; a value that cannot be
-    saved is a TypeError naming its key."""
+    saved is a TypeError naming its key. ``rebuild(arrays, header)`` is how ``load`` makes the result from what it
+    reads (and checks it): a result it would refuse is a ValueError naming what load refuses, and nothing is
+    written (as :func:`pypattern.io.save_result` refuses a registered result)."""
     if not isinstance(info, dict):
         raise TypeError(f"info is {_short_text(info)}; a {kind}'s info must be a dict to be saved")
     enc = io._Encoder()
@@ -45,7 +48,37 @@ def _save(path, arrays: dict, meta: dict, kind: str, info: dict) -> None:
     bf16 = sorted(k for k, v in arrays.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16)
     meta = {**meta, "bfloat16": bf16} if bf16 else meta
     members = {k: np.asarray(_numpy_dtype(v)) for k, v in arrays.items()}
+    _check_readable(path, kind, members, enc.arrays, meta, bf16, rebuild)
     io.save(path, {**members, **enc.arrays}, meta, kind=kind)
+
+
+def _check_readable(
+    path, kind: str, members: dict, info_arrays: dict, meta: dict, bf16: list, rebuild
+) -> None:
+    """Read the file about to be written as :func:`_load` and ``load`` would (the header through JSON, the
+    members as tensors, bfloat16 restored) and build the result with ``rebuild``; a ValueError naming what ``load``
+    would refuse, before anything is written."""
+    p = os.fspath(path)
+    for k, v in members.items():
+        if v.dtype.hasobject or v.dtype.kind not in "biufc":
+            raise ValueError(
+                f"cannot save this {kind} to {p!r}: {k} is {_short_text(v)}, not an array of numbers; "
+                f"{kind}.load would refuse the file"
+            )
+    try:
+        header = json.loads(json.dumps(meta))
+        header["info"] = io._decode(header["info"], lambda k: np.asarray(info_arrays[k]), p)
+        a = {
+            k: torch.from_numpy(np.array(v)).to(torch.bfloat16)
+            if k in bf16
+            else torch.from_numpy(np.array(v))
+            for k, v in members.items()
+        }
+        rebuild(a, header)
+    except io._DAMAGED as e:
+        raise ValueError(
+            f"cannot save this {kind} to {p!r}: {e}; {kind}.load would refuse the file"
+        ) from None
 
 
 def _numpy_dtype(v):
@@ -357,27 +390,32 @@ class EdgeScores:
             isinstance(info, dict) and info.get("scored_examples") is not None
         ):  # a member of its own (older files hold it so)
             arrays["scored_examples"] = torch.as_tensor(info.pop("scored_examples"), dtype=torch.bool)
-        _save(path, arrays, meta, "EdgeScores", info)
+        _save(path, arrays, meta, "EdgeScores", info, EdgeScores._from_file)
 
     @classmethod
     def load(cls, path) -> EdgeScores:
         a, m = _load(path, "EdgeScores")
         with _damaged(path, "EdgeScores"):
-            graph = EdgeGraph(**m["graph"])
-            out = cls(
-                graph,
-                a["values"],
-                m["method"],
-                m["mode"],
-                m["ablation"],
-                m["metric"],
-                a["m_base"],
-                a["m_clean"],
-                dict(m.get("info", {})),
-            )
-            if "scored_examples" in a:  # files written without it: inferred (scored_examples)
-                out.info["scored_examples"] = a["scored_examples"]
-            out._check_loaded()
+            return cls._from_file(a, m)
+
+    @classmethod
+    def _from_file(cls, a: dict, m: dict) -> EdgeScores:
+        """The scores a file's members ``a`` and header ``m`` make, checked (:meth:`_check_loaded`)."""
+        graph = EdgeGraph(**m["graph"])
+        out = cls(
+            graph,
+            a["values"],
+            m["method"],
+            m["mode"],
+            m["ablation"],
+            m["metric"],
+            a["m_base"],
+            a["m_clean"],
+            dict(m.get("info", {})),
+        )
+        if "scored_examples" in a:  # files written without it: inferred (scored_examples)
+            out.info["scored_examples"] = a["scored_examples"]
+        out._check_loaded()
         return out
 
     def _check_loaded(self) -> None:
@@ -512,18 +550,23 @@ class Circuit:
             "faithfulness": _number(self.faithfulness),
             "method": self.method,
         }
-        _save(path, arrays, meta, "Circuit", self.info)
+        _save(path, arrays, meta, "Circuit", self.info, Circuit._from_file)
 
     @classmethod
     def load(cls, path) -> Circuit:
         a, m = _load(path, "Circuit")
         with _damaged(path, "Circuit"):
-            graph = EdgeGraph(**m["graph"])
-            sc = a.get("scores")
-            if a["mask"].dtype != torch.bool:  # written as bool: another dtype is not a file save wrote
-                raise ValueError(f"mask is {a['mask'].dtype}; expected bool")
-            out = cls(graph, a["mask"], sc, m["faithfulness"], m["method"], m.get("info", {}))
-            out._check_loaded()
+            return cls._from_file(a, m)
+
+    @classmethod
+    def _from_file(cls, a: dict, m: dict) -> Circuit:
+        """The circuit a file's members ``a`` and header ``m`` make, checked (:meth:`_check_loaded`)."""
+        graph = EdgeGraph(**m["graph"])
+        sc = a.get("scores")
+        if a["mask"].dtype != torch.bool:  # written as bool: another dtype is not a file save wrote
+            raise ValueError(f"mask is {a['mask'].dtype}; expected bool")
+        out = cls(graph, a["mask"], sc, m["faithfulness"], m["method"], m.get("info", {}))
+        out._check_loaded()
         return out
 
     def _check_loaded(self) -> None:
