@@ -9,7 +9,8 @@ gradients directly), and checks that the captured per-sample gradients account f
 with ``torch.func.vmap(grad)``.
 
 A site (:class:`GramSite`) is one place where parameters act linearly. :func:`default_sites` gives every
-``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm``; :func:`transformer_lens_sites` covers every
+``nn.Linear``, ``nn.Embedding``, affine ``nn.LayerNorm`` and RMS norm with a weight (``nn.RMSNorm``, Hugging
+Face's Llama-family ``*RMSNorm``); :func:`transformer_lens_sites` covers every
 parameter of a TransformerLens-layout transformer (``pypattern.models.Transformer`` and the models converted into
 it), the default for that model.
 """
@@ -83,8 +84,10 @@ class GramSite:
 
     ``compute_dtype`` (norms only): ``xhat`` is computed in this dtype and cast back to the input's, as the norm
     module does (a converted Llama-family model normalises in float32 also when cast to float64). A norm that also
-    applies its weight in that dtype (Gemma's order) takes its own weight gradient there too; the site's agrees
-    with it to that dtype's rounding (about 1e-9 relative for float32 in a float64 model).
+    applies its weight in that dtype (Gemma's order) takes its own weight gradient there too: with
+    ``weight_in_compute_dtype`` the site takes each sample's weight gradient as that norm's backward does (the
+    products and the sum over positions in ``compute_dtype``, then widened); without it, in float64, which agrees
+    with the norm's own to that dtype's rounding (about 1e-9 relative for float32 in a float64 model).
 
     ``tied`` (embeddings only): the ``(output, input)`` captures of the weight's second use, as the linear map ``y =
     x W^T`` (an unembedding tied to the embedding). The site's Gram is then that of the sum of both uses' gradients,
@@ -108,6 +111,7 @@ class GramSite:
     scale: float | None = None
     logits: tuple[float | None, float | None] | None = None
     clip: float | None = None
+    weight_in_compute_dtype: bool = False
 
 
 def _check_model(model, who: str) -> None:
@@ -152,32 +156,105 @@ def _resolved_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _supported(m: nn.Module) -> bool:
+    """Whether :func:`default_sites` has a site for ``m``: an ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm``,
+    or an RMS norm with a weight whose form :func:`_rms_norm_form` recognises."""
+    return isinstance(m, nn.Linear | nn.Embedding | nn.LayerNorm) or _rms_norm_form(m) is not None
+
+
+def _rms_norm_form(m: nn.Module) -> tuple[float, torch.dtype | None, float, bool] | None:
+    """``(eps, compute_dtype, offset, weight_in_compute_dtype)`` of an RMS norm over the last dimension with a
+    weight of its own, or None for any other module.
+
+    The candidates are ``torch.nn.RMSNorm`` and the Hugging Face ``*RMSNorm`` modules of one weight ``(d,)`` and an
+    ``eps`` or ``variance_epsilon`` (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Granite, Phi-3, Gemma, ...). The form is
+    read from what the module's own ``forward`` gives on a probe input (run without its hooks), among: ``xhat = x /
+    sqrt(mean(x^2) + eps)`` in the input's dtype or in float32, then ``w * xhat`` cast back first (Llama's order)
+    or ``xhat * (1 + w)`` cast back last (Gemma's order; ``offset`` 1 or 0). A module whose output is none of
+    these to its dtype's rounding (a norm gated by a second input, T5's float32 variance times a float64 input)
+    has no site. The probe runs on every call (the form depends on the module's dtype, which ``.double()``
+    changes)."""
+    if not (isinstance(m, nn.RMSNorm) or type(m).__name__.endswith("RMSNorm")):
+        return None
+    if isinstance(m, nn.RMSNorm) and len(m.normalized_shape) != 1:
+        return None
+    w = m._parameters.get("weight")
+    if (
+        isinstance(w, torch.Tensor)
+        and [k for k, _ in m.named_parameters()] == ["weight"]
+        and w.dim() == 1
+        and w.is_floating_point()
+        and w.numel() > 0
+    ):
+        return _probe_rms_form(m, w)
+    return None
+
+
+def _probe_rms_form(m: nn.Module, w: torch.Tensor):
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if eps is None and isinstance(m, nn.RMSNorm):
+        eps = torch.finfo(w.dtype).eps  # torch's default: the input dtype's machine epsilon
+    if isinstance(eps, torch.Tensor) and eps.numel() == 1:
+        eps = float(eps)
+    if not isinstance(eps, int | float) or isinstance(eps, bool):
+        return None
+    eps = float(eps)
+    d = w.shape[0]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, d, generator=g, dtype=torch.float64) * torch.tensor([[0.5], [1.0], [3.0]])).to(w)
+    try:
+        with torch.no_grad():
+            y = type(m).forward(m, x)  # the module's own map, without the hooks a call would run
+    except Exception:  # a forward of other arguments (a gated norm): not this form
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+        return None
+    tol = 8 * torch.finfo(x.dtype).eps
+    with torch.no_grad():
+        wd = w.detach()
+        for cd in (None, torch.float32):
+            if cd is not None and x.dtype == cd:
+                continue
+            h = x if cd is None else x.to(cd)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            for offset in (0.0, 1.0):
+                for late in (False, True):  # Llama's order, then Gemma's
+                    if late and cd is None:
+                        continue
+                    want = (
+                        (h * (offset + wd.to(h.dtype))).to(x.dtype) if late else (offset + wd) * h.to(x.dtype)
+                    )
+                    scale = float(want.abs().max()) if want.numel() else 0.0
+                    if torch.equal(y, want) or float((y - want).abs().max()) <= tol * scale:
+                        return (eps, cd, offset, late)
+    return None
+
+
 def _named_site_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
     _check_model(model, "default_sites")
-    supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
     if modules is None:
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, supported)]
+        return [(n, m) for n, m in model.named_modules() if _supported(m)]
     out = []
     for n, m in _resolved_modules(model, modules):
-        if isinstance(m, supported):
+        if _supported(m):
             out.append((n, m))
             continue
         # a container (a block, an attention, an MLP): the supported modules inside it, which must cover its
-        # trainable parameters (an RMSNorm or Conv1D weight inside would be left out without a word)
-        inside = [(_pname(n, k), x) for k, x in m.named_modules() if k and isinstance(x, supported)]
+        # trainable parameters (a Conv1D weight inside would be left out without a word)
+        inside = [(_pname(n, k), x) for k, x in m.named_modules() if k and _supported(x)]
         if not inside:
             raise TypeError(
-                f"modules: {n!r} is a {type(m).__name__} holding no nn.Linear, nn.Embedding or nn.LayerNorm; "
-                "supported are those modules and modules holding them (give sites= for other layers, or convert a "
-                "Hugging Face model with pypattern.from_hf)"
+                f"modules: {n!r} is a {type(m).__name__} holding no nn.Linear, nn.Embedding, nn.LayerNorm or RMS "
+                "norm; supported are those modules and modules holding them (give sites= for other layers, or "
+                "convert a Hugging Face model with pypattern.from_hf)"
             )
         covered = {id(p) for _, x in inside for p in x.parameters(recurse=False)}
         left = [_pname(n, k) for k, p in m.named_parameters() if p.requires_grad and id(p) not in covered]
         if left:
             raise ValueError(
                 f"modules: {n!r} (a {type(m).__name__}) holds trainable parameters outside its nn.Linear, "
-                f"nn.Embedding and nn.LayerNorm modules ({left[:4]}{' ...' if len(left) > 4 else ''}; e.g. a "
-                "Hugging Face Conv1D or RMSNorm weight), which the Gram would leave out: name the modules inside "
+                f"nn.Embedding, nn.LayerNorm and RMS norm modules ({left[:4]}{' ...' if len(left) > 4 else ''}; "
+                "e.g. a Hugging Face Conv1D weight), which the Gram would leave out: name the modules inside "
                 "it to cover, freeze the parameters to leave out (requires_grad_(False)), give sites=, or convert "
                 "a Hugging Face model with pypattern.from_hf"
             )
@@ -210,7 +287,9 @@ def _pname(mod_name: str, attr: str) -> str:
 
 
 def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
-    """Sites of every ``nn.Linear``, ``nn.Embedding`` and affine ``nn.LayerNorm`` (over the last dimension), or of
+    """Sites of every ``nn.Linear``, ``nn.Embedding``, affine ``nn.LayerNorm`` (over the last dimension) and RMS
+    norm with a weight whose form :func:`_rms_norm_form` recognises (``nn.RMSNorm``; Hugging Face's Llama, Mistral,
+    Qwen, OLMo 2, Granite, Phi-3 and Gemma ``*RMSNorm``, normalising in float32 also in a float64 model), or of
     those among ``modules`` and inside them (see :func:`per_sample_grad_gram`). A weight tied between an embedding
     and a linear map (a Hugging Face ``lm_head`` tied to ``embed_tokens``) counts both uses when ``modules`` names
     either of them: the tied weight is one parameter, and its gradient is the sum over both."""
@@ -248,6 +327,20 @@ def default_sites(model: nn.Module, modules=None) -> list[GramSite]:
             bias = _pname(n, "bias") if m.bias is not None else None
             sites.append(
                 GramSite(n, "layernorm", (_pname(n, "weight"), bias), (n, "output"), (n, "input"), eps=m.eps)
+            )
+        elif (form := _rms_norm_form(m)) is not None:
+            eps, cd, _, late = form
+            sites.append(
+                GramSite(
+                    n,
+                    "rmsnorm",
+                    (_pname(n, "weight"),),
+                    (n, "output"),
+                    (n, "input"),
+                    eps=eps,
+                    compute_dtype=cd,
+                    weight_in_compute_dtype=late,
+                )
             )
     return _tie_embeddings(model, sites)
 
@@ -370,9 +463,15 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
             )
         ps = (f"{ln}.w",) if kind == "rmsnorm" else (f"{ln}.w", opt(f"{ln}.b"))
         cd = getattr(m, "compute_dtype", None)
+        # Gemma's order (the weight applied before the cast back): its gradient taken in compute_dtype too
+        late = kind == "rmsnorm" and cd is not None and bool(m.offset or m.weight_before_cast)
         # the norm's own output: what arrives at its hook_normalized (before a user's function there)
         out = (f"{ln}.hook_normalized", "output") if f"{ln}.hook_normalized" in mods else (ln, "output")
-        sites.append(GramSite(ln, kind, ps, out, (ln, "input"), eps=m.eps, compute_dtype=cd))
+        sites.append(
+            GramSite(
+                ln, kind, ps, out, (ln, "input"), eps=m.eps, compute_dtype=cd, weight_in_compute_dtype=late
+            )
+        )
 
     def linear(name, weight, bias, out, inp, **kw):
         sites.append(GramSite(name, "linear", (opt(weight), opt(bias)), out, inp, **kw))
@@ -551,15 +650,15 @@ def _sites_of(model: nn.Module, modules, sites) -> Sequence[GramSite]:
 def _transformer_sites_in(model: nn.Module, modules) -> list[GramSite]:
     """The default sites of pypattern's Transformer restricted to ``modules``: the :func:`transformer_lens_sites`
     whose parameters all lie in one of them (``"blocks.0.attn"``, ``"blocks.1"``, ``"embed"``, ...), and the
-    :func:`default_sites` of an ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` added to the model. A module
+    :func:`default_sites` of an ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm`` or RMS norm added to the model. A
+    module
     whose trainable parameters these sites do not all cover is refused by name."""
-    supported = (nn.Linear, nn.Embedding, nn.LayerNorm)
     resolved = _resolved_modules(model, modules)
-    own = [(n, m) for n, m in resolved if isinstance(m, supported)]
+    own = [(n, m) for n, m in resolved if _supported(m)]
     out = default_sites(model, [m for _, m in own]) if own else []
     whole = transformer_lens_sites(model) if len(own) < len(resolved) else []
     for n, m in resolved:
-        if isinstance(m, supported):
+        if _supported(m):
             continue
         if not any(True for _ in m.parameters()):
             raise ValueError(
@@ -622,7 +721,19 @@ def _site_gram(st, params, cap, batch, method, backend):
         parts = []
         xs = [ins[k][0] for k in live]
         ds = [grads[k] for k in live]
-        if w_on:
+        if w_on and st.weight_in_compute_dtype and st.compute_dtype is not None:
+            # Gemma's order: the norm's backward forms (x_hat * dy) and its sum over positions in compute_dtype
+            cd = st.compute_dtype
+            parts.append(
+                sum(
+                    (_normalized(st, x, cast=False) * d.to(cd))
+                    .reshape(batch, -1, d.shape[-1])
+                    .sum(1)
+                    .to(torch.float64)
+                    for x, d in zip(xs, ds)
+                )
+            )
+        elif w_on:
             parts.append(
                 sum(
                     (_normalized(st, x) * d).reshape(batch, -1, d.shape[-1]).sum(1, dtype=torch.float64)
@@ -705,14 +816,15 @@ def _map_grad(st: GramSite, y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return dy if scaling is None else dy / scaling
 
 
-def _normalized(st: GramSite, x: torch.Tensor) -> torch.Tensor:
-    """``xhat`` of a norm site: ``layer_norm(x)`` or ``x / sqrt(mean(x^2) + eps)`` over the last dimension."""
+def _normalized(st: GramSite, x: torch.Tensor, cast: bool = True) -> torch.Tensor:
+    """``xhat`` of a norm site: ``layer_norm(x)`` or ``x / sqrt(mean(x^2) + eps)`` over the last dimension, cast
+    back to ``x``'s dtype (``cast``) or left in the site's ``compute_dtype``."""
     h = x if st.compute_dtype is None else x.to(st.compute_dtype)
     if st.kind == "rmsnorm":
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + st.eps)
     else:
         h = F.layer_norm(h, h.shape[-1:], eps=st.eps)
-    return h.to(x.dtype)
+    return h.to(x.dtype) if cast else h
 
 
 #: workspace of the tied-weight cross terms (bytes; :func:`_tied_terms` takes slices of the batch under it)
@@ -725,8 +837,9 @@ def _tied_terms(st, cap, batch, ids, dE, method, backend) -> torch.Tensor:
 
     ``g_E_i[v] = sum_{t: ids_it = v} dE_it`` (no padding rows) and ``g_U_j[v] = sum_s dU_js[v] x_js``, so
     ``<g_E_i, g_U_j> = sum_{t, s} dU_js[ids_it] (dE_it . x_js)``: products of ``(B T, d) x (d, B S)``, in float64,
-    over slices of ``j`` of at most :data:`TIED_WORKSPACE_BYTES` (one sample at least). ``ids (B, T)``, ``dE (B,
-    T, d)``."""
+    over slices of the samples ``j`` and of the rows ``(i, t)`` of at most :data:`TIED_WORKSPACE_BYTES` (one
+    sample's ``S`` positions for one row at least: long sequences are sliced by rows too). ``ids (B, T)``, ``dE
+    (B, T, d)``."""
     out_cap, in_cap = st.tied
     outs, ins = cap[("out", out_cap)], cap[("in", in_cap)]
     if len(ins) != len(outs):
@@ -746,15 +859,21 @@ def _tied_terms(st, cap, batch, ids, dE, method, backend) -> torch.Tensor:
         e = e * (ids != st.padding_idx).unsqueeze(-1)
     e = e.reshape(B * T, d)
     flat_ids = ids.reshape(-1).to(dU.device)
+    sample_of_row = torch.arange(B, device=dE.device).repeat_interleave(T)
     cross = torch.zeros(batch, batch, dtype=torch.float64, device=dE.device)
-    step = max(1, TIED_WORKSPACE_BYTES // max(1, 2 * 8 * B * T * S))
+    # P and Q below take 2 * 8 * rows * J * S bytes: slices of J samples (all rows) or of rows (one sample)
+    step = max(1, min(B, TIED_WORKSPACE_BYTES // max(1, 2 * 8 * B * T * S)))
     for j0 in range(0, B, step):
         j1 = min(B, j0 + step)
         xs = x[j0:j1].to(torch.float64).reshape(-1, d)  # (J S, d)
-        P = (e @ xs.T).view(B, T, j1 - j0, S)  # dE_it . x_js
-        Q = dU[j0:j1].index_select(-1, flat_ids).to(torch.float64)  # (J, S, B T): dU_js[ids_it]
-        Q = Q.permute(2, 0, 1).reshape(B, T, j1 - j0, S)
-        cross[:, j0:j1] = (P * Q).sum((1, 3))
+        rows = max(1, TIED_WORKSPACE_BYTES // max(1, 2 * 8 * (j1 - j0) * S))
+        for r0 in range(0, B * T, rows):
+            r1 = min(B * T, r0 + rows)
+            P = e[r0:r1] @ xs.T  # (R, J S): dE_it . x_js
+            Q = dU[j0:j1].index_select(-1, flat_ids[r0:r1]).to(torch.float64)  # (J, S, R): dU_js[ids_it]
+            Q = Q.permute(2, 0, 1).reshape(r1 - r0, -1)
+            part = (P * Q).view(r1 - r0, j1 - j0, S).sum(-1)  # (R, J)
+            cross[:, j0:j1].index_add_(0, sample_of_row[r0:r1], part)
     return g + cross + cross.T
 
 
@@ -766,7 +885,9 @@ def _no_site(model: nn.Module) -> ValueError:
         default = "the default sites cover the whole model (transformer_lens_sites)"
         hint = "unfreeze the parameters to cover (requires_grad_(True))"
     else:
-        default = "the default sites are the model's nn.Linear, nn.Embedding and nn.LayerNorm modules"
+        default = (
+            "the default sites are the model's nn.Linear, nn.Embedding, nn.LayerNorm and RMS norm modules"
+        )
         hint = "give sites= or modules= for the trainable parameters"
     return ValueError(
         f"no site covers a parameter that requires grad ({default}), so the Gram would be all zeros: {hint}"
@@ -1098,8 +1219,10 @@ def per_sample_grad_gram(
     """``G_ij = <grad l_i, grad l_j>`` over the parameters of every site, from one forward and one backward pass.
 
     Default sites: for pypattern's ``Transformer`` (and every model converted into it) the whole model by
-    :func:`transformer_lens_sites`; for other models every ``nn.Linear``, ``nn.Embedding`` and affine
-    ``nn.LayerNorm`` (see :func:`default_sites`). Forward hooks record each site's
+    :func:`transformer_lens_sites`; for other models every ``nn.Linear``, ``nn.Embedding``, affine
+    ``nn.LayerNorm`` and RMS norm with a weight (``nn.RMSNorm``, Hugging Face's Llama-family and Gemma
+    ``*RMSNorm``: a raw Hugging Face Llama, Mistral, Qwen2 or Gemma is covered whole; see :func:`default_sites`).
+    Forward hooks record each site's
     input and output; one ``torch.autograd.grad`` of ``sum_i l_i`` gives the output gradients; the Gram of each
     site comes from :func:`grad_gram_linear` / :func:`grad_gram_embedding` (LayerNorm: its ``2 d`` per-sample
     gradients directly) and they are summed. A module called several times in one forward counts all its calls
@@ -1125,9 +1248,9 @@ def per_sample_grad_gram(
         Restrict the default sites to these modules (one name or module alone is read as a list of it): for
         pypattern's Transformer the :func:`transformer_lens_sites` inside them (``"blocks.0.attn"``,
         ``"blocks.1.mlp"``, ``"blocks.1"``, ``"embed"``, ...; an embedding tied to the unembedding counts both
-        uses), else their ``nn.Linear``, ``nn.Embedding`` and ``nn.LayerNorm`` sites (such a module itself, or those
-        inside a container such as a Hugging Face model's ``"model.layers.0.mlp"``; a container holding trainable
-        parameters outside them, e.g. an RMSNorm or ``Conv1D`` weight, is refused, naming them). An empty list is
+        uses), else their ``nn.Linear``, ``nn.Embedding``, ``nn.LayerNorm`` and RMS norm sites (such a module itself,
+        or those inside a container such as a Hugging Face model's ``"model.layers.0"``; a container holding
+        trainable parameters outside them, e.g. a ``Conv1D`` weight, is refused, naming them). An empty list is
         refused.
     sites : list of GramSite, optional
         Use these sites instead of the default ones (one GramSite alone is read as a list of it; an empty list is
@@ -1217,8 +1340,8 @@ def per_sample_grad_gram(
                 )
             else:
                 what, example, fix = (
-                    "nn.Linear, nn.Embedding and affine nn.LayerNorm modules",
-                    "a Hugging Face Conv1D or RMSNorm weight",
+                    "nn.Linear, nn.Embedding, affine nn.LayerNorm and RMS norm modules",
+                    "a Hugging Face Conv1D weight, a norm of another form",
                     "name the modules to cover (modules=), give sites= (for a Hugging Face model, convert it "
                     "with pypattern.from_hf: its default sites cover it whole)",
                 )
@@ -1454,7 +1577,7 @@ def per_sample_grad_gram_reference(
 
     Without ``sites`` or ``modules``, the model is covered whole: every trainable parameter (for pypattern's
     Transformer also under options :func:`transformer_lens_sites` refuses, and for any other model also the
-    weights its default sites leave out, such as Hugging Face GPT-2's ``Conv1D`` projections or RMSNorm weights). Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
+    weights its default sites leave out, such as Hugging Face GPT-2's ``Conv1D`` projections). Each sample ``i`` runs alone as a batch of one (``loss_fn(model, *[x[i:i+1] for x in inputs]).sum()``).
     An input may be a tensor, or a mapping (a Hugging Face batch: ``dict`` or ``BatchEncoding``), tuple or list of
     them: each of its tensors is cut along its first axis, the batch, which they must share; other values are
     passed to every sample as they are.

@@ -257,10 +257,15 @@ def test_gram_of_padded_mappings_on_converted_models_equals_per_sample_autograd(
 
 
 def test_gram_over_container_modules_of_an_unconverted_model_equals_per_sample_autograd(llama):
-    """``modules=`` naming an attention or MLP of a Hugging Face model covers the nn.Linear weights inside it;
-    a block holding an RMSNorm weight the sites cannot see is refused, naming it."""
+    """``modules=`` naming an attention or MLP of a Hugging Face model covers the nn.Linear weights inside it; a
+    block covers its RMSNorm weights too, and so do the norms named alone."""
     b = _padded(12, b=3, t=6)
-    for mods in (["model.layers.0.mlp"], ["model.layers.1.self_attn", "model.layers.1.self_attn.q_proj"]):
+    for mods in (
+        ["model.layers.0.mlp"],
+        ["model.layers.1.self_attn", "model.layers.1.self_attn.q_proj"],
+        ["model.layers.0"],
+        ["model.norm", "model.layers.1.post_attention_layernorm"],
+    ):
         names = list(pp.gram.gram_parameters(llama, modules=mods))
         prefixes = [m + "." for m in mods]
         want_names = [n for n, _ in llama.named_parameters() if any(n.startswith(p) for p in prefixes)]
@@ -276,8 +281,3 @@ def test_gram_over_container_modules_of_an_unconverted_model_equals_per_sample_a
         ]
         grads = torch.stack(rows).double()
         torch.testing.assert_close(got, grads @ grads.T, rtol=2e-5, atol=1e-7)
-    with pytest.raises(
-        ValueError,
-        match=r"'model.layers.0' \(a LlamaDecoderLayer\) .*\['model.layers.0.input_layernorm.weight'",
-    ):
-        per_sample_grad_gram(llama, sample_losses, b, modules=["model.layers.0"])

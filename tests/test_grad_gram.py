@@ -600,9 +600,11 @@ def _naive_gram(model, loss_fn, x):
 
 
 def test_default_sites_that_leave_out_trainable_weights_are_refused_and_converted_models_are_covered():
-    """Hugging Face models hold weights the default sites do not know (Conv1D, RMSNorm): the Gram over them is
-    refused naming those parameters, not computed over the rest. A converted GPT-NeoX (no unembedding bias,
-    untied) is covered whole by transformer_lens_sites, equal to one backward per sample."""
+    """Hugging Face models may hold weights the default sites do not know (GPT-2's Conv1D): the Gram over them is
+    refused naming those parameters, not computed over the rest. A raw Llama's RMSNorm weights are covered (float32
+    normalisation inside the float64 model), the Gram equal to one backward per sample; with the norms frozen, the
+    rest. A converted GPT-NeoX (no unembedding bias, untied) is covered whole by transformer_lens_sites, equal to
+    one backward per sample."""
     transformers = pytest.importorskip("transformers")
     from pypattern.gram import transformer_lens_sites
 
@@ -620,8 +622,17 @@ def test_default_sites_that_leave_out_trainable_weights_are_refused_and_converte
             .sum(1)
         )
 
-    with pytest.raises(ValueError, match=r"leave out 3 trainable parameters.*input_layernorm.weight"):
-        per_sample_grad_gram(llama, hf_loss, x)
+    assert "model.layers.0.input_layernorm.weight" in gram_parameters(llama)
+    assert _rel(per_sample_grad_gram(llama, hf_loss, x), _naive_gram(llama, hf_loss, x)) < 1e-12
+    gpt2 = (
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+        )
+        .eval()
+        .double()
+    )
+    with pytest.raises(ValueError, match=r"leave out 8 trainable parameters.*attn.c_attn.weight.*Conv1D"):
+        per_sample_grad_gram(gpt2, hf_loss, x)
     for p in llama.parameters():
         p.requires_grad_(isinstance(p, nn.Parameter) and p.dim() == 2)  # the norms frozen: covered as asked
     torch.testing.assert_close(per_sample_grad_gram(llama, hf_loss, x), _naive_gram(llama, hf_loss, x))
@@ -737,8 +748,8 @@ def test_gram_on_converted_hugging_face_models_without_sites(arch):
     (per-head query/key norms), OLMo 2 (all-head query/key norms, norms after the sublayers), BLOOM (an embedding
     LayerNorm), Gemma, Gemma 2 and Gemma 3 (scaled tied embeddings, weight offsets, sandwich norms, Gemma 2's capped
     logits) and Granite (multipliers, scaled logits): the default Gram covers every parameter and equals one backward per sample (float64; the Llama
-    family's norms normalise in float32 as the Hugging Face models do, and Gemma's also apply their weight there,
-    so their weight gradients carry float32 rounding)."""
+    family's norms normalise in float32 as the Hugging Face models do, and Gemma's also apply their weight there:
+    the sites take those weight gradients in float32 as the norms' backward does)."""
     torch.manual_seed(0)
     model = pypattern.from_hf(_hf_model(arch).eval()).double()
     x = torch.randint(0, 29, (4, 6), generator=torch.Generator().manual_seed(1))
@@ -747,8 +758,7 @@ def test_gram_on_converted_hugging_face_models_without_sites(arch):
         return m(t, return_type="per_token_loss").sum(-1)
 
     assert set(gram_parameters(model)) == {n for n, _ in model.named_parameters()}
-    tol = 1e-9 if arch.startswith("gemma") else 1e-12
-    assert _rel(per_sample_grad_gram(model, lf, x), _naive_gram(model, lf, x)) < tol
+    assert _rel(per_sample_grad_gram(model, lf, x), _naive_gram(model, lf, x)) < 1e-12
 
 
 @pytest.mark.parametrize("norm", ["LN", "RMS"])
