@@ -1,7 +1,9 @@
 """Convergence diagnostics across chains: split R-hat and effective sample size (Gelman et al., BDA3 ch. 11;
 the ESS uses Geyer's initial monotone sequence on the multi-chain autocorrelation, as Stan does, without the
-one-lag term Stan and ArviZ add after the truncation). Neither is rank-normalised (Vehtari et al. 2021): both read
-the trace's values, so a heavy-tailed trace is judged by its variance."""
+one-lag term Stan and ArviZ add after the truncation). By default neither is rank-normalised: both read the trace's
+values, so a heavy-tailed trace is judged by its variance; ``r_hat(trace, method="rank")`` and ``ess(trace,
+method="bulk" | "tail")`` are the rank-normalised versions of Vehtari et al. (2021), as ArviZ and Stan compute
+them (the run's own checks and the results' ``r_hat`` and ``ess`` use the defaults)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ __all__ = [
     "checking_run",
     "ess",
     "naming_runs",
+    "outer_run_name",
     "r_hat",
+    "R_HAT_METHODS",
+    "ESS_METHODS",
     "step_bias",
     "user_stacklevel",
 ]
@@ -93,6 +98,17 @@ def naming_runs(names):
         _RUN_NAMES.reset(token)
 
 
+def outer_run_name() -> str | None:
+    """The name of the run under way when :func:`naming_runs` names one run only (an estimator calling another
+    names the inner runs after it), else None."""
+    state = _RUN_NAMES.get()
+    if state is None or not state.names:
+        return None
+    if state.current is not None and 0 <= state.current < len(state.names):
+        return state.names[state.current]
+    return state.names[0] if len(state.names) == 1 else None
+
+
 def checking_run(r: int) -> None:
     """Mark run ``r`` of the sampler call as the one whose checks follow (see :func:`naming_runs`; nothing
     outside it)."""
@@ -153,12 +169,28 @@ class StepBiasWarning(UserWarning):
     :data:`MAX_STEP_BIAS` (:func:`check_step_bias`)."""
 
 
+def _detached(v):
+    """A torch tensor ``v`` as a float64 CPU tensor without grad (numpy reads it then: bfloat16, CUDA and tensors
+    that require grad are not readable as they are); anything else as it is."""
+    torch = sys.modules.get("torch")  # not imported here when not loaded: a trace from torch loaded it
+    if torch is None or not isinstance(v, torch.Tensor):
+        return v
+    return v.detach().to("cpu", dtype=torch.float64) if not v.is_complex() else v.detach().cpu()
+
+
 def _as_2d(trace, name="trace") -> np.ndarray:
     """``trace`` as a float64 array ``(num_chains, num_draws)`` (a 1-d trace is one chain). Chains of unequal
     lengths, and values that are not numbers, are refused (ValueError naming ``name``): the diagnostics compare
-    chains draw by draw; trim the chains to a common length first."""
+    chains draw by draw; trim the chains to a common length first. Tensors are read as they are (any float dtype,
+    device, with or without grad); complex values are refused."""
+    trace = _detached(trace)
+    if isinstance(trace, list | tuple):
+        trace = [_detached(c) for c in trace]
+    complex_values = False
     try:
-        x = np.asarray(trace, dtype=np.float64)
+        x = np.asarray(trace)
+        complex_values = x.dtype.kind == "c"
+        x = np.asarray(x, dtype=np.float64) if not complex_values else x
     except (TypeError, ValueError):
         lengths = None
         with contextlib.suppress(TypeError):
@@ -171,6 +203,8 @@ def _as_2d(trace, name="trace") -> np.ndarray:
         raise ValueError(
             f"{name} must be an array of numbers of shape (num_chains, num_draws), got {trace!r:.80}"
         ) from None
+    if complex_values:
+        raise ValueError(f"{name} must hold real numbers, got complex values")
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:
@@ -178,13 +212,31 @@ def _as_2d(trace, name="trace") -> np.ndarray:
     return x
 
 
-def r_hat(trace) -> float:
+R_HAT_METHODS = ("split", "rank")
+ESS_METHODS = ("mean", "bulk", "tail")
+
+
+def _method(method, valid: tuple[str, ...]) -> str:
+    if not isinstance(method, str) or method not in valid:
+        raise ValueError(f"method={method!r} is not valid; give one of {', '.join(map(repr, valid))}")
+    return method
+
+
+def r_hat(trace, *, method: str = "split") -> float:
     """Split R-hat of a trace, shape ``(num_chains, num_draws)`` (or ``(num_draws,)`` for one chain).
 
-    Each chain is split in halves, so a drift within one chain also raises it. Near 1 (< 1.01-1.1) when the
-    chains agree; ``nan`` with no chain, fewer than 4 draws per chain or a non-finite value; exactly 1 for a trace whose
-    values are all equal (whatever the value: the rounding of its mean is not read as variation).
+    Each chain is split in halves (the first and last ``num_draws // 2`` draws), so a drift within one chain also
+    raises it. Near 1 (< 1.01-1.1) when the chains agree; ``nan`` with no chain, fewer than 4 draws per chain or
+    a non-finite value; exactly 1 for a trace whose values are all equal (whatever the value: the rounding of its
+    mean is not read as variation).
+
+    ``method``: ``"split"`` (the default; the values themselves, BDA3) or ``"rank"``: rank-normalised split
+    R-hat (Vehtari et al. 2021; ArviZ's ``rhat`` default and Stan's), the larger of the split R-hats of the
+    normal scores of the ranks of the halves' draws (pooled, average ranks for ties, Blom's ``(r - 3/8) / (S +
+    1/4)``) and of the folded draws ``|x - median|``: insensitive to heavy tails and also sensitive to chains that
+    differ in spread.
     """
+    method = _method(method, R_HAT_METHODS)
     x = _as_2d(trace)
     n = x.shape[1] // 2
     if n < 2 or x.shape[0] == 0:
@@ -193,7 +245,18 @@ def r_hat(trace) -> float:
         return float("nan")
     if _all_equal(x):
         return 1.0
+    x = _power_of_two_scaled(x)
     halves = np.concatenate([x[:, :n], x[:, x.shape[1] - n :]], axis=0)
+    if method == "rank":
+        bulk = _r_hat_of_chains(_normal_scores(halves))
+        tail = _r_hat_of_chains(_normal_scores(np.abs(halves - np.median(halves))))
+        return float(max(bulk, tail))
+    return _r_hat_of_chains(halves)
+
+
+def _r_hat_of_chains(halves: np.ndarray) -> float:
+    """R-hat (BDA3 eq. 11.4) of the chains ``halves`` ``(chains, draws)`` as they are (already split)."""
+    n = halves.shape[1]
     means = halves.mean(axis=1)
     # a half whose values are all equal has no variance (not the rounding of its mean): halves that never moved
     # but differ give R-hat = inf
@@ -206,10 +269,30 @@ def r_hat(trace) -> float:
     return float(np.sqrt(var_plus / W))
 
 
+def _normal_scores(x: np.ndarray) -> np.ndarray:
+    """The rank normalisation of Vehtari et al. (2021): the draws ``x`` (all chains pooled) replaced by
+    ``Phi^-1((r - 3/8) / (S + 1/4))``, ``r`` their rank (ties share their average rank), ``S`` their count."""
+    from scipy.special import ndtri
+    from scipy.stats import rankdata
+
+    r = rankdata(x, method="average").reshape(x.shape)
+    return ndtri((r - 0.375) / (x.size + 0.25))
+
+
 def _all_equal(x: np.ndarray) -> bool:
     """Every value of ``x`` (finite) equals the first: a trace that never moved. Decided on the values themselves,
     not on a variance after subtracting a mean, whose rounding (a mean of 0.1s is not 0.1) would read as noise."""
     return bool(x.size) and bool(np.isfinite(x.flat[0])) and bool((x == x.flat[0]).all())
+
+
+def _power_of_two_scaled(x: np.ndarray) -> np.ndarray:
+    """``x`` (finite) times the power of two that brings its largest magnitude into [0.5, 1): R-hat and the ESS
+    do not depend on the scale, and the products and sums of squares behind them then neither overflow (values
+    near 1e200) nor underflow (near 1e-200). Exact: the same numbers as unscaled wherever those are finite."""
+    top = float(np.abs(x).max())
+    if top == 0:
+        return x
+    return np.ldexp(x, -math.frexp(top)[1])
 
 
 def _autocov(x: np.ndarray) -> np.ndarray:
@@ -221,20 +304,78 @@ def _autocov(x: np.ndarray) -> np.ndarray:
     return np.fft.irfft(f * np.conj(f), size, axis=1)[:, :n] / n
 
 
-def ess(trace) -> float:
+def ess(trace, *, method: str = "mean") -> float:
     """Effective sample size of the mean of a trace ``(num_chains, num_draws)``, pooled over chains.
 
     Equals ``num_chains * num_draws`` for independent draws and about ``N (1 - rho) / (1 + rho)`` for an AR(1)
     trace with coefficient ``rho``. At most ``N log10(N)`` (``N = num_chains * num_draws``; antithetic chains), as
     Stan and ArviZ cap it. ``nan`` with no chain, fewer than 4 draws per chain or a non-finite value;
     ``num_chains * num_draws`` for a trace whose values are all equal (whatever the value), as ArviZ has it.
+
+    ``method``: ``"mean"`` (the default: the chains as they are, unsplit, Geyer's initial monotone sequence
+    without Stan's one-lag term), ``"bulk"`` or ``"tail"``, as ArviZ's ``ess`` and Stan compute them (Vehtari et
+    al. 2021: chains split in halves, Stan's one-lag term after the truncation): ``"bulk"`` of the rank-normalised
+    draws (see :func:`r_hat`), ``"tail"`` the smaller of the ESS of the indicators ``x <= q`` of the 5% and 95%
+    quantiles ``q`` (R's type 7, numpy's default): how well the chains pin the 90% interval.
     """
+    method = _method(method, ESS_METHODS)
     x = _as_2d(trace)
     m, n = x.shape
     if n < 4 or m == 0 or not np.isfinite(x).all():
         return float("nan")
     if _all_equal(x):
         return float(m * n)
+    x = _power_of_two_scaled(x)
+    if method == "bulk":
+        return _split_ess(_normal_scores(_halves(x)))
+    if method == "tail":
+        low, high = np.quantile(x, [0.05, 0.95])
+        return min(_split_ess(_halves((x <= q).astype(np.float64))) for q in (low, high))
+    return _mean_ess(x)
+
+
+def _halves(x: np.ndarray) -> np.ndarray:
+    """The chains of ``x`` split in halves: the first and the last ``num_draws // 2`` draws of each, stacked."""
+    h = x.shape[1] // 2
+    return np.concatenate([x[:, :h], x[:, x.shape[1] - h :]], axis=0)
+
+
+def _split_ess(x: np.ndarray) -> float:
+    """The ESS of the chains ``x`` (already split) as Stan's ``compute_effective_sample_size`` and ArviZ's
+    ``_ess`` have it: Geyer's initial positive sequence over lags below ``num_draws - 3``, the one-lag term of the
+    truncation, then the monotone sequence; at most ``N log10(N)``."""
+    m, n = x.shape
+    if _all_equal(x):
+        return float(m * n)
+    acov = _autocov(x)
+    W = acov[:, 0].mean() * n / (n - 1)
+    var_plus = W * (n - 1) / n + (x.mean(axis=1).var(ddof=1) if m > 1 else 0.0)
+    rho = np.zeros(n)
+    even, odd = 1.0, 1.0 - (W - acov[:, 1].mean()) / var_plus
+    rho[0], rho[1] = even, odd
+    t = 1
+    while t < n - 3 and even + odd > 0.0:
+        even = 1.0 - (W - acov[:, t + 1].mean()) / var_plus
+        odd = 1.0 - (W - acov[:, t + 2].mean()) / var_plus
+        if even + odd >= 0:
+            rho[t + 1], rho[t + 2] = even, odd
+        t += 2
+    max_t = t - 2
+    if even > 0:  # the one-lag term: the even lag of the pair that ended the sequence
+        rho[max_t + 1] = even
+    t = 1
+    while t <= max_t - 2:  # monotone
+        if rho[t + 1] + rho[t + 2] > rho[t - 1] + rho[t]:
+            rho[t + 1] = rho[t + 2] = (rho[t - 1] + rho[t]) / 2.0
+        t += 2
+    tau = -1.0 + 2.0 * rho[: max_t + 1].sum() + rho[max_t + 1 : max_t + 2].sum()
+    tau = max(tau, 1.0 / np.log10(m * n))
+    return float(m * n / tau) if np.isfinite(rho).all() else float("nan")
+
+
+def _mean_ess(x: np.ndarray) -> float:
+    """:func:`ess`'s ``"mean"`` of ``x`` (finite, not all equal): the chains unsplit."""
+    m, n = x.shape
     acov = _autocov(x)
     chain_var = acov[:, 0] * n / (n - 1)
     W = chain_var.mean()
@@ -321,7 +462,7 @@ def check_stationarity(
         )
     rh = r_hat(trace)
     if math.isnan(rh):
-        if warn and not bool(np.isfinite(np.asarray(trace, dtype=np.float64)).all()):
+        if warn and not bool(np.isfinite(_as_2d(trace)).all()):
             _warn(
                 f"the {what} holds non-finite values: its split R-hat cannot be computed and "
                 "stationarity is not checked",

@@ -30,6 +30,7 @@ from .._training import random_in_training
 from ..io import Saveable, register
 from .auto import wants_auto
 from .checkpoint import sub_run_path
+from .diagnostics import naming_runs
 from .llc import _SAMPLE_ARGUMENTS, estimate_llc
 from .plan import (
     chain_indices,
@@ -94,7 +95,8 @@ class OnlineLLCResult(Saveable):
     train_loss : ndarray ``(num_estimates,)``
         The loss the training loop passed (``loss=``), NaN where none was.
     refined : dict of str to ndarray ``(num_estimates,)``
-        Refined LLCs per component (when ``components`` was given).
+        Refined LLCs per component (when ``components`` was given; NaN at an estimate that left the component out:
+        ``"heads"`` or ``"blocks"`` leave out a component whose weights are all frozen).
     seconds : float
         Time spent in the estimates.
     """
@@ -336,7 +338,8 @@ class OnlineLLC:
             # normalises by the batch's statistics there too)
             if random_in_training(model):
                 model.eval()
-            row = self._estimate(model, step, loss)
+            with naming_runs([f"OnlineLLC at step {step}"]):  # its warnings name the training step
+                row = self._estimate(model, step, loss)
         self.seconds += time.perf_counter() - t0
         self._rows = [r for r in self._rows if r["step"] != step] + [row]
         return row
@@ -378,7 +381,9 @@ class OnlineLLC:
     def result(self) -> OnlineLLCResult:
         """The estimates so far."""
         rows = self._rows
-        names = list(rows[0].get("refined", {})) if rows else []
+        # every component estimated at some step (a component whose weights all became frozen is left out of the
+        # later estimates: NaN there)
+        names = list(dict.fromkeys(k for r in rows for k in r.get("refined", {})))
         return OnlineLLCResult(
             step=np.array([r["step"] for r in rows], dtype=np.int64),
             llc_mean=np.array([r["llc_mean"] for r in rows], dtype=np.float64),
@@ -387,7 +392,10 @@ class OnlineLLC:
             r_hat=np.array([r["r_hat"] for r in rows], dtype=np.float64),
             init_loss=np.array([r["init_loss"] for r in rows], dtype=np.float64),
             train_loss=np.array([r["train_loss"] for r in rows], dtype=np.float64),
-            refined={k: np.array([r["refined"][k] for r in rows], dtype=np.float64) for k in names},
+            refined={
+                k: np.array([r.get("refined", {}).get(k, np.nan) for r in rows], dtype=np.float64)
+                for k in names
+            },
             seconds=self.seconds,
         )
 

@@ -28,7 +28,7 @@ from torch import nn
 from .._masks import NONE_MASK, zero_one_mask
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
-from .diagnostics import user_stacklevel
+from .diagnostics import naming_runs, outer_run_name, user_stacklevel
 from .llc import (
     _SAMPLE_ARGUMENTS,
     _warn_above_half_dimension,
@@ -283,6 +283,14 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
     return kept_names, runs
 
 
+def _run_label(name: str, data: str, outer: str | None = None) -> str:
+    """The name a run's diagnostic warnings begin with: the component's (or the unrestricted run's), and the data
+    set's when it is not the training data, after ``outer`` (the caller's run, e.g. an :class:`OnlineLLC` step)."""
+    who = "the unrestricted run" if name == FULL else f"component {name!r}"
+    label = f"refined_llc(), {who}" + ("" if data == "train" else f" on {data}")
+    return label if outer is None else f"{outer}, {label}"
+
+
 def refined_llc(
     model: nn.Module,
     loader: Iterable,
@@ -376,13 +384,16 @@ def refined_llc(
         k: [] for k in ("llc_mean", "llc_std", "llc_se", "r_hat", "ess", "per_chain", "init", "n")
     }
     seconds = 0.0
+    outer = outer_run_name()
     for label, ld, lf in sets:
         # one checkpoint file per data set (the two runs read other data)
         path = ckpt if label == "train" else sub_run_path(ckpt, label)
         kw = dict(sample_kwargs)
         if label != "train":  # a given init_loss is L_n(w*) on the training data: the other set's is its own
             kw.pop("init_loss", None)
-        results = sample(model, ld, loss_fn=lf, runs=runs, checkpoint=path, **kw)
+        # the sampler's warnings (stationarity, mixing, step bias, drift) begin with the run they concern
+        with naming_runs([_run_label(name, label, outer) for name in names]):
+            results = sample(model, ld, loss_fn=lf, runs=runs, checkpoint=path, **kw)
         seconds += float(results[0].seconds)
         if not out.config:
             out.config = dict(results[0].config)
