@@ -17,6 +17,7 @@ from ..io import json_text
 from ..models.transformer import Transformer
 from ..tasks.induction import InductionTask, prefix_matching_score
 from ..tasks.training import train
+from ._outputs import check_outputs
 
 __all__ = ["EquivalenceDemoSettings", "check_settings", "run_equivalence_demo"]
 
@@ -87,6 +88,7 @@ def run_equivalence_demo(out_dir: str | Path = "out/demo/cka", s: EquivalenceDem
     model is trained."""
     s = check_settings(s or EquivalenceDemoSettings())
     out = Path(out_dir)
+    check_outputs(out, ("equivalence.json", "equivalence_cka.png"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     task = InductionTask(d_vocab=s.d_vocab, seq_len=s.seq_len)

@@ -15,8 +15,9 @@ from ..io import json_text
 from ..models.transformer import Transformer
 from ..tasks.topics import TopicTask
 from ..tasks.training import train
+from ._outputs import check_outputs
 
-__all__ = ["FlagsDemoSettings", "run_flags_demo"]
+__all__ = ["FlagsDemoSettings", "check_settings", "run_flags_demo"]
 
 
 @dataclasses.dataclass
@@ -51,12 +52,36 @@ class FlagsDemoSettings:
         )  # fmt: skip
 
 
+def check_settings(s: FlagsDemoSettings) -> FlagsDemoSettings:
+    """Refuse, naming the field, settings the demo would fail on only after training: sizes and ``num_flag_dims``
+    below 1, step counts below 0, ``num_samples`` below 2 (the report's statistics), an ``aux_weight`` that is not a
+    finite number >= 0, a ``seed`` that is not an int >= 0, a thread count that is not None or an int >= 1. (The
+    task's sizes are checked by :class:`~pypattern.tasks.topics.TopicTask`, and ``hook`` and the flag dimensions
+    against the model, before any training.)"""
+    from .._checks import is_count, is_real
+
+    if not isinstance(s, FlagsDemoSettings):
+        raise TypeError(f"settings are a {type(s).__name__}; give a FlagsDemoSettings")
+    least = {"n_layers": 1, "d_model": 1, "n_heads": 1, "d_mlp": 1, "num_flag_dims": 1, "num_samples": 2}
+    least |= {"pretrain_steps": 0, "stage1_steps": 0, "stage2_steps": 0, "seed": 0}
+    for field, low in least.items():
+        value = getattr(s, field)
+        if not is_count(value) or value < low:
+            raise ValueError(f"{field}={value!r} is not valid; give an int >= {low}")
+    if not is_real(s.aux_weight) or not 0 <= s.aux_weight < float("inf"):
+        raise ValueError(f"aux_weight={s.aux_weight!r} is not valid; give a finite number >= 0")
+    if s.num_threads is not None and (not is_count(s.num_threads) or s.num_threads < 1):
+        raise ValueError(f"num_threads={s.num_threads!r} is not valid; give None or an int >= 1")
+    return s
+
+
 def run_flags_demo(out_dir: str | Path = "out/demo/flags", s: FlagsDemoSettings | None = None) -> dict:
     """Pre-train on :class:`TopicTask`, then fine-tune two copies for the same number of steps: with the flag
     loss and both stages, and plainly (the control). Writes ``flags_report.json`` and returns the headline
-    numbers."""
-    s = s or FlagsDemoSettings()
+    numbers. Settings are checked (:func:`check_settings`) before any model is trained."""
+    s = check_settings(s or FlagsDemoSettings())
     out = Path(out_dir)
+    check_outputs(out, ("flags_report.json",))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     task = TopicTask(
@@ -72,6 +97,7 @@ def run_flags_demo(out_dir: str | Path = "out/demo/flags", s: FlagsDemoSettings 
                 n_layers=s.n_layers, d_model=s.d_model, n_heads=s.n_heads, d_mlp=s.d_mlp, seed=s.seed
             )
         )
+        spec.check(base)  # the hook and the flag dimensions, before any training
         train(base, task, steps=s.pretrain_steps, seed=s.seed, log_every=0, quiet=True)
         flagged, control = copy.deepcopy(base), copy.deepcopy(base)
         train_flags(

@@ -376,7 +376,8 @@ def summarize_onsets(per_seed: list, s: InductionSettings) -> dict:
 
     A censored patterned run (no onset by its cap) gives a lower bound on its shift; a seed whose baseline did
     not form the circuit within ``max_steps`` has no shift to measure (NaN, and ``None`` in the per-seed goal
-    flags).
+    flags). ``relative_shift_after_checkpoint`` compares the steps trained after ``checkpoint_step``: NaN where the
+    baseline onset is at or before it.
     """
     summary = {
         "seeds": [r["seed"] for r in per_seed],
@@ -400,7 +401,9 @@ def summarize_onsets(per_seed: list, s: InductionSettings) -> dict:
                 lower.append(math.nan)
                 continue
             rel.append(o / b - 1)
-            rel_c.append((o - c) / (b - c) - 1)
+            # a baseline onset at or before the checkpoint left no training after it to compare (every run
+            # shares the curve up to the checkpoint, so the onsets are equal there): no shift after it (NaN)
+            rel_c.append((o - c) / (b - c) - 1 if b > c else math.nan)
             cens = r["runs"][name]["censored_at"]
             # a censored run only gives a lower bound on its onset: the last step it reached
             lower.append((o if cens is None else cens) / b - 1)

@@ -15,6 +15,7 @@ from .. import truth
 from .._checks import is_count
 from .._threads import pinned_threads
 from ..sampling.llc import estimate_llc
+from ._outputs import check_outputs
 from .user_model import _write
 
 __all__ = ["QUICK", "run_llc_demo"]
@@ -66,6 +67,7 @@ def run_llc_demo(
         raise ValueError(f"seed={seed!r} is not valid; give an int in [0, 2**63)")
     if not is_count(train_steps) or train_steps < 0:
         raise ValueError(f"train_steps={train_steps!r} is not valid; give an int >= 0")
+    check_outputs(out_dir, ("llc_loss_trace.png", "llc_result.npz", "llc_summary.json"))
     with pinned_threads(num_threads):
         os.makedirs(out_dir, exist_ok=True)
         t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import json_text
+from ._outputs import check_outputs
 from .induction import GROUP_NAMES, InductionSettings, run_induction_experiment
 from .parens import PARENS_GROUP_NAMES, ParensSettings, run_parens_experiment
 
@@ -128,7 +129,7 @@ def _plot_induction(res: dict, out: Path) -> list[str]:
         axes[0, j].set_xticks(
             x, [c.replace("blocks.", "L").replace(".attn.head.", "H") for c in chi.components]
         )
-        axes[0, j].set_title(f"seed {r['seed']}: principal susceptibility directions")
+        axes[0, j].set_title(f"seed {r['seed']}: principal susceptibility directions", fontsize=9)
         axes[0, j].legend(fontsize=7)
         g = r["column_groups"]
         for gi, gname in enumerate(GROUP_NAMES):
@@ -178,7 +179,7 @@ def _plot_parens(res: dict, out: Path) -> list[str]:
     for i, c in enumerate(conds):
         ax2.bar(x + (i - len(conds) / 2) * 0.8 / len(conds), w[i], width=0.8 / len(conds), label=c)
     ax2.set_xticks(x, [n.replace("_", "\n") for n in PARENS_GROUP_NAMES], fontsize=6)
-    ax2.set_ylabel("group weight (seed 0)")
+    ax2.set_ylabel(f"group weight (seed {per[0]['seed']})")
     ax2.legend(fontsize=6)
     fig.tight_layout()
     p = out / "parens_algorithms.png"
@@ -212,6 +213,8 @@ def run_patterning_demo(out_dir, full: bool = False, log=print, quick: bool = Fa
     if full and quick:
         raise ValueError("full=True and quick=True: choose at most one of them")
     out = Path(out_dir)
+    names = ("induction_onset.png", "induction_chi_directions.png", "parens_algorithms.png")
+    check_outputs(out, (*names, "patterning_summary.json"))
     os.makedirs(out, exist_ok=True)
     log = log or (lambda *a: None)
     ik, ind_s, pk, par_s = full_settings() if full else quick_settings() if quick else reduced_settings()
@@ -255,23 +258,29 @@ def _pct(x) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.0f}%"
 
 
+def _shift(ind: dict, name: str, i: int) -> str:
+    """Seed ``i``'s onset shift of run ``name`` against the baseline; a run censored at its cap (no onset by then)
+    shows the lower bound its last step gives, as ``>= +60%``."""
+    if ind["censored_at"][name][i] is None:
+        return _pct(ind["relative_shift"][name][i])
+    bound = _pct(ind["relative_shift_lower_bound"][name][i])
+    return bound if bound == "n/a" else f">= {bound}"
+
+
 def headline(result: dict) -> dict:
     """A few lines a person can read from :func:`run_patterning_demo`'s result: induction onsets and shifts per
-    seed, the parentheses selection rates, where the plots and the full report are, and the time taken."""
+    seed, the parentheses selection rates, where the plots and the full report are, and the time taken. Also reads
+    the written report (``json.load`` of ``patterning_summary.json``, with ``"report"`` added), where the onsets
+    that are not finite are null."""
     ind, par = result["induction"], result["parens"]
     onset = ind["onset"]
     lines = {}
     for i, seed in enumerate(ind["seeds"]):
         on = " / ".join(
-            "none" if not math.isfinite(onset[n][i]) else f"{onset[n][i]:.0f}"
+            "none" if onset[n][i] is None or not math.isfinite(onset[n][i]) else f"{onset[n][i]:.0f}"
             for n in ("baseline", "accelerate", "delay")
         )
-        shifts = " / ".join(
-            _pct(ind["relative_shift_lower_bound"][n][i])
-            if n == "delay"
-            else _pct(ind["relative_shift"][n][i])
-            for n in ("accelerate", "delay")
-        )
+        shifts = " / ".join(_shift(ind, n, i) for n in ("accelerate", "delay"))
         lines[f"induction seed {seed}: onset step baseline / accelerate / delay"] = f"{on} (shift {shifts})"
     for t, rate in par["target_hit_rate"].items():
         lines[f"parentheses target {t!r}: selected in (patterned vs baseline)"] = (
