@@ -162,6 +162,19 @@ def test_patching_examples(env):
     assert len(env["atp"]["z"].top(3)) == 3
 
 
+def test_circuits_example(env):
+    """The graph's edge count; the circuit's faithfulness equal to the pruning curve's at its size, and to its
+    definition from the curve's patched metrics (the circuit alone, every edge ablated, none ablated)."""
+    assert len(env["graph"]) == 110 and int(env["circ"].mask.sum()) == 11
+    curve = env["curve"]
+    assert curve.counts.tolist() == [0, 11, 55, 110]
+    assert float(curve.faithfulness["eap-ig"][1]) == pytest.approx(env["faith"], abs=1e-5)
+    m = curve.metric_values["eap-ig"]
+    assert float(m[0]) == pytest.approx(curve.m_empty) and float(m[-1]) == pytest.approx(curve.m_full)
+    assert env["faith"] == pytest.approx(float((m[1] - m[0]) / (m[-1] - m[0])), abs=1e-5)
+    assert len(env["scores"].top(3)) == 3
+
+
 def test_similarity_examples(env):
     import pypattern as pp
 
