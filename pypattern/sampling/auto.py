@@ -34,7 +34,11 @@ independent trials (normal crossing, 8-chain trials: 0.0039 against 0.054 at 0.0
 ``|D|`` is at most the largest of ``z`` standard errors of ``D``, the run's own standard error at ``eps / 2``
 (predicted from the half step's trial, scaled by the square root of the ratio of draw chain-steps) and
 ``atol_rel``, and at most ``rtol``: the bias of the run's step is within what the run itself can resolve. The
-run uses ``eps / 2``. When no coupled pair passes (the estimates keep changing by more than the run's standard
+run uses ``eps / 2``. When the accepted pair's change has a standard error wider than ``rtol`` of the estimate,
+the pair passed without resolving a bias of ``rtol`` (the chains' excursions parted): the reason says so and a
+:class:`~pypattern.sampling.diagnostics.StepBiasWarning` is given (on ``y = w1 w2 x`` at ``nbeta = 100``, seed 2:
+a change of +0.017 with standard error 0.15 at 0.025 / 0.0125, and the run at 0.0125 came out 36% high;
+docs/llc_results.md). When no coupled pair passes (the estimates keep changing by more than the run's standard
 error down the grid: on the deep linear network (3,3,3,2) at ``nbeta = 100`` the stationary estimate moves from
 3.59 to 2.59 between steps 3.1e-3 and 3.9e-4, so no step is unbiased within the run's error), the rule on
 independent trials below runs as it would alone, and the reason says so.
@@ -165,7 +169,13 @@ from torch import nn
 
 from .._checks import is_count, is_real
 from ..io import Saveable, register
-from .diagnostics import NonFiniteLossError, NonStationaryWarning, SamplingDivergedError, user_stacklevel
+from .diagnostics import (
+    NonFiniteLossError,
+    NonStationaryWarning,
+    SamplingDivergedError,
+    StepBiasWarning,
+    user_stacklevel,
+)
 
 __all__ = ["AutoStepError", "AutoStepReport", "resolve_step_size", "step_size_grid", "wants_auto"]
 
@@ -224,7 +234,8 @@ class AutoStepReport(Saveable):
     reason : str
         Why it was chosen (or why none was).
     settings : dict
-        The calibration's settings (grid range, chains, steps, thresholds, nbeta, localization).
+        The calibration's settings (grid range, chains, steps, thresholds, nbeta, localization); ``nbeta`` is the
+        value the trials ran at (the default ``m / ln m`` when none was given).
     seconds : float
         Wall time of the calibration.
     reruns : list of dict
@@ -570,6 +581,8 @@ def resolve_step_size(
         llcs, ses, rhs, chains = [], [], [], []
         for o in outs:
             r = llc_from_sample(o)  # its ess and r_hat are those of the loss trace
+            if rep.settings.get("nbeta") is None:  # the default m / ln m: the value the trials ran at
+                rep.settings["nbeta"] = float(r.nbeta)
             chains.append(r.llc_per_chain)
             llcs.append(r.llc_mean)
             ses.append(float(r.nbeta * np.std(r.loss_trace, ddof=1) / math.sqrt(max(r.ess, 1.0))))
@@ -660,6 +673,7 @@ def resolve_step_size(
         return not row["ok"] and row.get("drift", False)
 
     unrelaxed: list[tuple[float, float]] = []  # where a scan stopped as no trial could relax, and ``stable``
+    unresolved: list[str] = []  # the accepted coupled pair's change had a standard error wider than rtol
 
     def cannot_relax(i: int, coupling: int) -> bool:
         """Whether no trial of ``grid[i]`` (and of a smaller step) within ``max_trial_factor`` units can cover
@@ -751,6 +765,17 @@ def resolve_step_size(
                     f"{atol_rel:.0%}, and {rtol:.0%} ({abs(diffs[w]):.3g} <= {tols[w]:.3g}); the run uses the half "
                     "step, whose discretisation bias is about that change" + relaxed_note(row, half)
                 )
+                # the change's own standard error wider than rtol of the estimate: the pair passed without
+                # resolving a change of rtol (chains whose excursions part decouple the pair), so the chosen step's
+                # bias is not known to be within rtol
+                u = int(np.argmax([sd / max(abs(c), 1e-300) for sd, c in zip(sds, cs, strict=True)]))
+                if rtol > 0 and sds[u] > rtol * abs(cs[u]):
+                    note = (
+                        f"the change's standard error ({sds[u]:.2g}) is wider than {rtol:.0%} of the estimate "
+                        f"({cs[u]:.4g}): the pair cannot resolve a bias of {rtol:.0%}"
+                    )
+                    rep.reason += "; " + note
+                    unresolved.append(note)
                 return True
             w = int(np.argmax([abs(d) / t for d, t in zip(diffs, tols, strict=True)]))
             rep.verdict[row["k"]] += (
@@ -885,6 +910,17 @@ def resolve_step_size(
             rep,
         )
     _warn_if_drift_chose(rep, localization)
+    if unresolved and rep.chosen is not None:
+        warnings.warn(
+            f"step_size='auto' chose {rep.chosen:.3g}, but {unresolved[-1]}, and the change it measured ("
+            f"{rep.bias:+.3g}) may be chance: the chosen step's discretisation bias may exceed {rtol:.0%} (on y = "
+            "w1 w2 x at nbeta 100, a step so accepted gave +36% and ran away in longer runs). Check with a run at "
+            f"half the step (step_size={rep.chosen / 2:.3g}), or calibrate with more chains "
+            f"(auto_step_options={{'calibration_chains': {2 * int(calibration_chains)}}}) or longer trials "
+            "('calibration_steps')",
+            StepBiasWarning,
+            stacklevel=user_stacklevel(),
+        )
     return rep.chosen, rep
 
 
