@@ -1923,12 +1923,38 @@ class Transformer(HookedRootModule):
         self.init_weights(cfg.seed)
         self.setup_hooks()
 
+    def __getattr__(self, name: str):
+        """``nn.Module.__getattr__`` (parameters, buffers, submodules). A weight accessor (``W_pos``, ``b_V``,
+        ``W_in``, ...) of a model without that weight raises AttributeError naming why, and Python then looks the
+        name up here, where ``nn.Module`` would replace that message by a bare "has no attribute": the accessor's
+        own error is raised instead (``hasattr`` still gives False)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            accessor = getattr(type(self), name, None)
+            if isinstance(accessor, property) and accessor.fget is not None:
+                return accessor.fget(self)  # raises the accessor's own AttributeError
+            raise
+
     def _apply(self, fn, *args, **kwargs):
         """``nn.Module._apply`` (behind ``.to``, ``.half()``, ``.double()``, ...), then ``cfg.dtype`` set to the
         weights' new dtype, as TransformerLens' ``to`` does: code reading ``cfg.dtype`` (memory estimates, the
         checks of half-precision weights) sees the weights the model holds. The model gets a config of its own
         (the one it was built with may be shared by other models, whose weights were not cast)."""
         out = super()._apply(fn, *args, **kwargs)
+        self._sync_dtype()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; with ``assign=True`` the model takes the given tensors themselves, in their
+        dtype, and ``cfg.dtype`` (and what the norms compute in) follows them as after ``.to(dtype)``: weights of
+        another dtype assigned to a model built in float32 compute as a model built in their dtype."""
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._sync_dtype()
+        return out
+
+    def _sync_dtype(self) -> None:
+        """``cfg.dtype`` (in a config of the model's own) and the RMS norms' compute dtype set from the weights'."""
         dt = self.embed.W_E.dtype
         if dt != self.cfg.dtype and dt.is_floating_point:
             old, new = self.cfg, replace(self.cfg, dtype=dt)
@@ -1937,7 +1963,6 @@ class Transformer(HookedRootModule):
                     m.cfg = new
                 if isinstance(m, RMSNorm | RMSNormPre):  # 16-bit weights: the norms compute in float32
                     m.compute_dtype = rms_compute_dtype(new.norm_dtype, dt)
-        return out
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -2050,7 +2075,7 @@ class Transformer(HookedRootModule):
             mean (TransformerLens' argument).
         start_at_layer : int, optional
             ``tokens`` is then not token ids but the residual stream entering block ``start_at_layer`` (``(batch,
-            pos, d_model)``, or ``(pos, d_model)``, floating, e.g. a cached ``blocks.{l}.hook_resid_pre``): the
+            pos, d_model)``, or ``(pos, d_model)``, in the weights' dtype, e.g. a cached ``blocks.{l}.hook_resid_pre``): the
             embedding and the blocks before it do not run (nor their hooks). A negative layer counts from the last;
             ``return_type`` must then be ``"logits"`` or None (there are no token ids to score).
         stop_at_layer : int, optional
@@ -2135,6 +2160,14 @@ class Transformer(HookedRootModule):
                 f"floating tensor (batch, pos, {d}) or (pos, {d}); got a {resid.dtype} tensor of shape "
                 f"{tuple(resid.shape)}"
             )
+        dtype = self.embed.W_E.dtype
+        if resid.dtype != dtype:
+            # the blocks would mix it with weights of another dtype: torch's mixed-dtype error, or (a LayerNorm of
+            # 16-bit weights on a float32 input) activations promoted to another dtype than the model computes in
+            raise ValueError(
+                f"with start_at_layer={start_at_layer!r} the residual stream is {resid.dtype} but the model's weights "
+                f"are {dtype}; give resid.to({dtype}) (what the model's own blocks would pass on)"
+            )
         limit = self.cfg.max_positions
         if limit is not None and resid.shape[-2] > limit:
             raise ValueError(
@@ -2178,7 +2211,13 @@ class Transformer(HookedRootModule):
         for layer, blk in enumerate(self.blocks):
             t = getattr(getattr(blk, where, None), name, None)
             if t is None:
-                why = "the model is attention-only" if where == "mlp" else "the option that adds it is off"
+                option = _ACCESSOR_OPTIONS.get(name)
+                if where == "mlp" and self.cfg.attn_only:
+                    why = f"the model is attention-only: d_mlp={self.cfg.d_mlp!r}"
+                elif option is not None:
+                    why = f"{option}={getattr(self.cfg, option)!r}"
+                else:
+                    why = "the option that adds it is off"
                 raise AttributeError(f"{name}: layer {layer} has no {where}.{name} ({why})")
             parts.append(t.repeat_interleave(self.cfg.n_groups, dim=0) if kv else t)
         return torch.stack(parts)
@@ -2259,6 +2298,16 @@ class Transformer(HookedRootModule):
 
 
 _RETURN_TYPES = ("logits", "loss", "per_token_loss", "both", None)
+# the option whose False leaves out the weight a stacked accessor reads
+_ACCESSOR_OPTIONS = {
+    "b_Q": "attn_bias",
+    "b_K": "attn_bias",
+    "b_V": "attn_bias",
+    "b_O": "attn_out_bias",
+    "b_in": "mlp_bias",
+    "b_out": "mlp_bias",
+    "W_gate": "gated_mlp",
+}
 
 
 def _layer_bound(name: str, value, n_layers: int, top: int) -> int | None:
