@@ -16,6 +16,7 @@ the tensors given.
   kernel).
 """
 
+from .activations import gelu_tanh, gelu_tanh_reference
 from .attention import prefix_attention, prefix_attention_reference
 from .covariance import CrossCovariance, cross_covariance_update_, cross_covariance_update_reference_
 from .dots import row_dots, row_dots_reference
@@ -43,6 +44,8 @@ __all__ = [
     "choose_method",
     "cross_covariance_update_",
     "cross_covariance_update_reference_",
+    "gelu_tanh",
+    "gelu_tanh_reference",
     "grad_gram_dense",
     "grad_gram_embedding",
     "grad_gram_embedding_reference",

@@ -47,7 +47,9 @@ def row_dots(a: torch.Tensor, g: Sequence[torch.Tensor], *, backend: str | None 
     contraction: a hundred or so rows of ``a``, a few dozen of ``g``, tens of thousands of terms), where a GEMM
     library packs the long operand and runs well below its rate; it reads the rows in place (any strides, unit
     stride along ``k``; other tensors are copied once) and sums each product in the input dtype with vector
-    accumulators over chunks of 16 KiB of terms. On CUDA tensors the CUDA build registers cuBLAS's batched GEMM
+    accumulators over chunks of 2 KiB of terms (512 float32 or 256 float64), the chunks' vector sums added in
+    order and their lanes summed pairwise at the end; each output is one thread's sum, so the result does not
+    depend on the number of threads. On CUDA tensors the CUDA build registers cuBLAS's batched GEMM
     over the concatenated rows (compiled, not run on the CPU-only machines measured); elsewhere (other dtypes,
     a CPU-only build) the reference, ``torch.bmm``. Not differentiable under reverse-mode autograd: no backend
     returns a result that carries a gradient (the inputs are detached). Forward-mode AD dual tensors
