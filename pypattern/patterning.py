@@ -1080,7 +1080,10 @@ def reweight(
         the structure of ``data``'s; its ``collate_fn``, ``batch_size``, ``drop_last``, ``pin_memory`` and worker
         settings (``num_workers``, ``worker_init_fn``, ``prefetch_factor``, ``persistent_workers``, ``timeout``,
         ``multiprocessing_context``) are kept, and its ``generator``: see ``generator``) or a tensor whose first
-        axis is samples (a ``TensorDataset`` of it: each batch is a one-element list ``[rows]``).
+        axis is samples (a ``TensorDataset`` of it: each batch is a one-element list ``[rows]``), a
+        :class:`pypattern.tasks.TaskBatch` (each batch is the ``TaskBatch`` of the rows drawn) or a dict of tensors
+        or arrays with the samples on their first axis, such as a tokenizer's output with ``input_ids``,
+        ``attention_mask`` and ``labels`` (each batch holds the same keys, the rows drawn of each value).
         With ``mode="sampler"`` a DataLoader's sampler says which rows are drawn from: a ``SequentialSampler``, or
         a ``RandomSampler`` without replacement and with ``num_samples`` its data's size, over the whole data set
         reads every row; a ``SubsetRandomSampler`` (a train/validation split) reads its ``indices`` only, and
@@ -1152,7 +1155,10 @@ def reweight(
         raise ValueError("weights must be finite and non-negative (use invert(method='constrained'))")
     if float(w.sum()) <= 0:
         raise ValueError("weights are all zero")
-    dataset = getattr(data, "dataset", data)
+    # a TaskBatch or a dict of tensors (a tokenizer's output): its rows are drawn by index, batches taken as
+    # data[rows] / {key: value[rows]} (default_collate knows neither a TaskBatch nor the dict's keys as rows)
+    take = _RowTaker.of(data)
+    dataset = getattr(data, "dataset", data) if take is None else range(take.size)
     if isinstance(dataset, torch.utils.data.IterableDataset) or not (
         hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
     ):
@@ -1189,6 +1195,8 @@ def reweight(
     if isinstance(data, torch.Tensor):  # a bare tensor; a DataLoader's dataset is drawn from as it is
         dataset = torch.utils.data.TensorDataset(data)
     loader_kw = {}
+    if take is not None:  # the loader draws row indices, each batch taken from data at once
+        loader_kw["collate_fn"] = take
     if isinstance(data, torch.utils.data.DataLoader):
         loader_kw = dict(
             collate_fn=data.collate_fn,
@@ -1240,6 +1248,59 @@ def reweight(
         generator=generator,
     )
     return torch.utils.data.DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, **loader_kw)
+
+
+class _RowTaker:
+    """The rows ``idx`` of a :class:`pypattern.tasks.TaskBatch` (``data[idx]``) or of a dict of tensors or arrays
+    of one length along their first axis, such as a tokenizer's output (``{key: value[idx]}``, of ``data``'s own
+    mapping type where it can be built from a dict): the ``collate_fn`` of :func:`reweight`'s loader over row
+    indices."""
+
+    def __init__(self, data, size: int):
+        self.data, self.size = data, size
+
+    @classmethod
+    def of(cls, data) -> _RowTaker | None:
+        from .tasks.base import TaskBatch
+
+        if isinstance(data, TaskBatch):
+            return cls(data, len(data))
+        if not isinstance(data, Mapping) or not data or not all(isinstance(k, str) for k in data):
+            return None  # (a dict keyed by row numbers is a map-style data set as it is)
+        sizes = {}
+        for k, v in data.items():
+            if not isinstance(v, torch.Tensor | np.ndarray):
+                raise TypeError(
+                    f"data[{k!r}] is a {type(v).__name__}; a dict of rows holds tensors or arrays whose first axis "
+                    "is the samples (a tokenizer's output with return_tensors='pt')"
+                )
+            if v.ndim == 0:
+                raise ValueError(
+                    f"data[{k!r}] is a scalar; each value of a dict of rows has the samples on axis 0"
+                )
+            sizes[k] = v.shape[0]
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"data's values have different numbers of rows ({sizes}); a dict of rows holds one row per sample "
+                "in each value"
+            )
+        return cls(data, next(iter(sizes.values())))
+
+    def __call__(self, idx):
+        if not isinstance(self.data, Mapping):
+            return self.data[torch.as_tensor(idx, dtype=torch.long)]
+        rows = {
+            k: v[torch.as_tensor(idx, dtype=torch.long)]
+            if isinstance(v, torch.Tensor)
+            else v[np.asarray(idx)]
+            for k, v in self.data.items()
+        }
+        if type(self.data) is dict:
+            return rows
+        try:  # e.g. a tokenizer's BatchEncoding, whose .to(device) the training loop may use
+            return type(self.data)(rows)
+        except Exception:
+            return rows
 
 
 class OnlinePatterner:

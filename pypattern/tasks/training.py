@@ -215,7 +215,15 @@ def _check_train_args(task, data, lr, weight_decay, callback) -> None:
         )
     if data is not None:
         if not isinstance(data, TaskBatch):
-            raise TypeError(f"data is a {type(data).__name__}; give a TaskBatch (task.sample(...))")
+            hint = ""
+            if isinstance(data, dict) or hasattr(data, "input_ids") or isinstance(data, torch.Tensor):
+                hint = (
+                    " (train scores the task's own targets; for a Hugging Face batch, a dict with input_ids, "
+                    "attention_mask and labels, or a tensor of tokens, train in your own loop with the weighted "
+                    "loss: the per-sample losses times pypattern.reweight(data, weights, mode='loss')[rows], or "
+                    "batches drawn by pypattern.reweight(data, weights))"
+                )
+            raise TypeError(f"data is a {type(data).__name__}; give a TaskBatch (task.sample(...)){hint}")
         if len(data) == 0:
             raise ValueError("data holds no samples; give a TaskBatch of at least one sample")
     for name, value in (("lr", lr), ("weight_decay", weight_decay)):
@@ -228,21 +236,30 @@ def _check_train_args(task, data, lr, weight_decay, callback) -> None:
 def _weights(sample_weights, step: int, n: int) -> torch.Tensor:
     """The per-sample weights of ``step``, normalised to mean 1 ``(n,)``."""
     sw = sample_weights(step) if callable(sample_weights) else sample_weights
-    from ..patterning import Intervention
+    from ..patterning import Intervention, _as_float64
 
-    sw = sw.weights if isinstance(sw, Intervention) else sw  # an inversion's result: its weights
-    try:
-        sw = torch.as_tensor(sw, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
+    plan = isinstance(sw, Intervention)
+    sw = sw.weights if plan else sw  # an inversion's result: its weights
+    name = f"sample_weights{'(step)' if callable(sample_weights) else ''}"
+    try:  # (bools and complex numbers refused by name: a mask is no weights, an imaginary part would be dropped)
+        sw = torch.as_tensor(_as_float64(sw, name), dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(
-            f"sample_weights{'(step)' if callable(sample_weights) else ''} is a "
-            f"{type(sw).__name__}; give {n} per-sample weights (a tensor or an array) or an "
-            "Intervention"
+            f"{name} is a {type(sw).__name__}; give {n} per-sample weights (a tensor or an array of real "
+            f"numbers) or an Intervention ({e})"
         ) from None
     if sw.shape != (n,) or not bool(torch.isfinite(sw).all()) or bool((sw < 0).any()) or float(sw.sum()) <= 0:
+        hint = ""
+        if plan and sw.dim() == 1 and 0 < sw.numel() < n:
+            hint = (
+                f" (an Intervention holds one weight per column of chi: when its {sw.numel()} columns are groups, "
+                f"give plan.per_sample(groups), groups[i] the group of row i; when they are some of the training "
+                f"set's rows, invert(..., num_data={n}) and give w = np.ones({n}); w[rows] = plan.weights)"
+            )
+        low = f" (min {float(sw.min()):.3g})" if sw.numel() else ""
         raise ValueError(
-            f"sample_weights has shape {tuple(sw.shape)} (min {float(sw.min()):.3g}); give "
-            f"{n} finite non-negative weights with a positive sum"
+            f"{name} has shape {tuple(sw.shape)}{low}; give {n} finite non-negative weights with a positive "
+            f"sum{hint}"
         )
     return sw / sw.mean()
 
