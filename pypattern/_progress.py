@@ -29,14 +29,10 @@ def bar_settings(tqdm_class: type, **bar) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def progress_bar(quiet: bool, **bar):
-    """A progress bar (tqdm's, with ``bar``'s settings over those of :func:`bar_settings`) for the block, shown
-    once it has run for two seconds (in a log: a first line then, and one every ``LOG_INTERVAL_S`` seconds
-    after it) and closed however it ends; None when ``quiet``."""
-    if quiet:
-        yield None
-        return
+def open_bar(**bar):
+    """A tqdm progress bar with ``bar``'s settings over those of :func:`bar_settings`: shown once it has run for
+    two seconds (a computation that ends sooner writes nothing; in a log: a first line then, and one every
+    ``LOG_INTERVAL_S`` seconds after it). The caller closes it."""
     from tqdm.auto import tqdm
 
     settings = bar_settings(tqdm, **bar)
@@ -44,6 +40,18 @@ def progress_bar(quiet: bool, **bar):
     if settings.get("mininterval", 0.0) > bar.get("mininterval", 0.1):  # written to a log
         # in a log: the first line once the bar is due (after ``delay``), not one interval after the start
         pbar.last_print_t = pbar.start_t + settings.get("delay", 0.0) - settings["mininterval"]
+    return pbar
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool, **bar):
+    """A progress bar (:func:`open_bar`) for the block, shown once it has run for two seconds (in a log: a first
+    line then, and one every ``LOG_INTERVAL_S`` seconds after it) and closed however it ends; None when
+    ``quiet``."""
+    if quiet:
+        yield None
+        return
+    pbar = open_bar(**bar)
     try:
         yield pbar
     finally:

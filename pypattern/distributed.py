@@ -392,7 +392,9 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     need the chains' last weights (a given step's relaxation and discretisation bias, drift) are not made. At a
     calibrated step (``step_size="auto"``) that runs away on some ranks' chains only, every rank ends at the step
     one process would have run again at (see :func:`_same_calibrated_step`). A chain that diverges raises
-    :class:`~pypattern.SamplingDivergedError` on every rank (naming the rank where it diverged)."""
+    :class:`~pypattern.SamplingDivergedError` on every rank (naming the rank where it diverged). A warning every
+    rank gives alike (``step_size="auto"``'s calibration: every rank runs its trials, the same) comes from rank 0
+    only, one about a rank's own chains from that rank (:func:`_warned_once`)."""
     dist = _dist()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     runs = kwargs.get("runs")
@@ -424,14 +426,20 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
             _warn_other_world_sizes(ckpt, world)
         ckpt = rank_path(ckpt, rank, world)
     t0 = time.perf_counter()
-    out = _agree(
-        lambda: _sample(model, loader, chains=mine, checkpoint=ckpt, warn_nonstationary=False, **kwargs),
-        group,
-    )
-    results = out if runs is not None else [out]
-    if results and results[0].config.get("auto_step") is not None:
-        out = _same_calibrated_step(out, model, loader, mine, ckpt, kwargs, group)
+
+    def run():
+        out = _agree(
+            lambda: _sample(model, loader, chains=mine, checkpoint=ckpt, warn_nonstationary=False, **kwargs),
+            group,
+        )
         results = out if runs is not None else [out]
+        if results and results[0].config.get("auto_step") is not None:
+            out = _same_calibrated_step(out, model, loader, mine, ckpt, kwargs, group)
+        return out
+
+    # a warning every rank gives alike (the step calibration's: its trials are the same on every rank) once
+    out = _warned_once(run, group)
+    results = out if runs is not None else [out]
     seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
     for r, res in enumerate(results):
@@ -456,6 +464,40 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
         if warn and rank == 0:
             # the whole trace's R-hat, then its effective sample size, as one process warns
             check_stationarity(res.loss_trace) and check_mixing(res.loss_trace)
+    return out
+
+
+def _warned_once(fn: Callable, group):
+    """``fn()``, called on every rank, with the warnings it gives shown once over the ranks: rank 0's all, another
+    rank's only those rank 0 did not give (another category or text). A warning that reads only results every rank
+    holds alike (a step calibration's, whose trials every rank runs the same) so comes from rank 0 alone, and one
+    of a rank's own chains (a callback's, a run at a calibrated step that ran away there) from its rank. The
+    warnings are shown when ``fn`` returns, through the ``warnings.showwarning`` in force, after the filters in
+    force chose them (an ignored warning is not shown, one turned into an error raises where it is given). When
+    ``fn`` raises, each rank shows its own before the error propagates (no collective then)."""
+    dist = _dist()
+    kept: list = []
+    shown = warnings.showwarning
+
+    def keep(message, category, filename, lineno, file=None, line=None):
+        kept.append((message, category, filename, lineno, file, line))
+
+    warnings.showwarning = keep
+    try:
+        out = fn()
+    except BaseException:
+        warnings.showwarning = shown
+        for w in kept:
+            shown(*w)
+        raise
+    warnings.showwarning = shown
+    mine = [(f"{w[1].__module__}.{w[1].__qualname__}", str(w[0])) for w in kept]
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    first = set() if dist.get_rank(group) == 0 else set(every[0])
+    for w, key in zip(kept, mine, strict=True):
+        if key not in first:
+            shown(*w)
     return out
 
 
@@ -597,5 +639,10 @@ def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):
         # rank 0 writes the finished rows: a failed write raises on every rank
         agree=lambda fn: _agree(fn, group),
     )
-    with sus.executing(execution):
-        return sus.susceptibilities(model, loader, probe, components, **kwargs)
+
+    def run():
+        with sus.executing(execution):
+            return sus.susceptibilities(model, loader, probe, components, **kwargs)
+
+    # a warning every rank gives alike (the step calibration's, a row's estimate read from the whole result) once
+    return _warned_once(run, group)

@@ -20,11 +20,11 @@ from torch import nn
 
 from .._checks import device_arg
 from .auto import UNRELAXED_NOTE
-from .diagnostics import NonStationaryWarning, ess, r_hat, user_stacklevel
+from .diagnostics import NonStationaryWarning, _named, ess, r_hat, user_stacklevel
 from .optim import SGLD
 from .plan import init_loss_value, refuse_unknown_keywords, without_diagnostic_switches
 from .results import LLCResult, SampleResult
-from .runner import by_default_rule, loss_argument, sample
+from .runner import by_default_rule, calibration_of, loss_argument, run_name, sample
 from .samplers import sampler_name
 from .vocabulary import DEVINTERP_NAMES, HYPERPARAMETERS, translate
 
@@ -123,8 +123,10 @@ def llc_of_samples(out, model: nn.Module, masks=None) -> LLCResult | list[LLCRes
     moved every weight, ``masks`` None)."""
     if isinstance(out, list):  # runs=: one result per (restrict_to, masks) run
         results = [llc_from_sample(r) for r in out]
+        # one calibration for every run: its bias warned of once, at the first run it concerns
         for res in results:
-            _warn_auto_bias(res)
+            if _warn_auto_bias(res):
+                break
         if results:
             _warn_auto_unrelaxed(results[0])  # one calibration for every run: once
         return results
@@ -134,6 +136,16 @@ def llc_of_samples(out, model: nn.Module, masks=None) -> LLCResult | list[LLCRes
     if masks is None:
         _warn_above_half_dimension(res, model)
     return res
+
+
+def _warn_of_run(res: LLCResult, message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn ``category`` with ``message`` after the name of the run ``res`` is of, as the sampler's warnings are
+    named (:func:`~pypattern.sampling.diagnostics.naming_runs`): the name its run had when it was sampled (an
+    estimator that samples several runs names each, e.g. ``"refined_llc(), component 'a'"``), else the run under
+    way (e.g. ``"OnlineLLC at step 10"``), else none."""
+    name = run_name(getattr(res, "sample", None))
+    text = f"{name}: {message}" if name else _named(message)
+    warnings.warn(text, category, stacklevel=user_stacklevel())
 
 
 def _warn_above_half_dimension(res: LLCResult, model: nn.Module) -> None:
@@ -154,28 +166,33 @@ def _warn_above_half_dimension(res: LLCResult, model: nn.Module) -> None:
     if (
         wd > 0
     ):  # the chains' distribution is centred away from w*: the bound does not hold, the step is not to blame
-        warnings.warn(
+        _warn_of_run(
+            res,
             f"the LLC estimate {m:.4g} (standard error {se:.3g}) exceeds d/2 = {d / 2:g}, half the number of moving "
             f"parameters, which bounds the learning coefficient: weight_decay={wd:g} pulls the chains towards "
             "w = 0, away from w*, so their mean loss holds the loss of that shift too (nbeta times it), which no "
             "step size removes. Give weight_decay=0 for the LLC at w*",
-            stacklevel=user_stacklevel(),
         )
         return
-    warnings.warn(
+    _warn_of_run(
+        res,
         f"the LLC estimate {m:.4g} (standard error {se:.3g}) exceeds d/2 = {d / 2:g}, half the number of moving "
         "parameters, which bounds the learning coefficient (and the localized, tempered posterior at a minimum "
         "gives less): the step size is probably too large (discretisation bias) or the chains left the basin "
         "of w*. Give a smaller step_size (or step_size='auto') and check the loss trace",
-        stacklevel=user_stacklevel(),
     )
 
 
-def _warn_auto_bias(res: LLCResult) -> None:
+def _warn_auto_bias(res: LLCResult) -> bool:
     """Warn when the automatic step's own bias estimate (the estimate at twice the step minus at the step)
     exceeds both the run's standard error, which does not include it, and the calibration's relative floor
     (``atol_rel`` of the estimate: a change it counts as immaterial whatever the standard errors, as it chose the
-    step by it)."""
+    step by it). Once per calibration: the runs of one sampler call (``runs=``, one calibration for all of them)
+    after the first it warned about are not warned about again. Returns whether it warned (or had warned about
+    that calibration)."""
+    calibration = calibration_of(getattr(res, "sample", None))
+    if calibration is not None and calibration.bias_warned:
+        return True
     config = getattr(res.sample, "config", None)
     auto = config.get("auto_step") if isinstance(config, dict) else None
     bias = auto.get("bias") if isinstance(auto, dict) else None
@@ -184,17 +201,21 @@ def _warn_auto_bias(res: LLCResult) -> None:
     rel = settings.get("atol_rel", 0.0) if isinstance(settings, dict) else 0.0
     mean = float(getattr(res, "llc_mean", float("nan")))
     floor = float(rel) * abs(mean) if math.isfinite(mean) and isinstance(rel, int | float) else 0.0
-    if bias is not None and math.isfinite(bias) and math.isfinite(se) and abs(bias) > max(se, floor):
-        warnings.warn(
-            f"step_size='auto' chose {auto.get('chosen'):.3g}, whose estimated discretisation bias ({bias:+.3g}: "
-            f"the estimate at twice the step minus at the step) is larger than llc_se ({se:.3g}), which does not "
-            f"include it{f', and than {rel:.0%} of the estimate' if floor > 0 else ''}: the estimate may be off by "
-            "more than its standard error. The calibration accepted that bias against the larger of its prediction "
-            "of this run's standard error, a multiple of the change's own standard error and a relative floor "
-            "(config['auto_step']['reason']); the run's llc_se came out smaller than that. Give a smaller "
-            "step_size (half the chosen one, say) with more draws",
-            stacklevel=user_stacklevel(),
-        )
+    if not (bias is not None and math.isfinite(bias) and math.isfinite(se) and abs(bias) > max(se, floor)):
+        return False
+    if calibration is not None:
+        calibration.bias_warned = True
+    _warn_of_run(
+        res,
+        f"step_size='auto' chose {auto.get('chosen'):.3g}, whose estimated discretisation bias ({bias:+.3g}: "
+        f"the estimate at twice the step minus at the step) is larger than llc_se ({se:.3g}), which does not "
+        f"include it{f', and than {rel:.0%} of the estimate' if floor > 0 else ''}: the estimate may be off by "
+        "more than its standard error. The calibration accepted that bias against the larger of its prediction "
+        "of this run's standard error, a multiple of the change's own standard error and a relative floor "
+        "(config['auto_step']['reason']); the run's llc_se came out smaller than that. Give a smaller "
+        "step_size (half the chosen one, say) with more draws",
+    )
+    return True
 
 
 #: relaxation times of the flattest direction, in the chosen step's trials, below which estimate_llc warns
@@ -225,14 +246,14 @@ def _warn_auto_unrelaxed(res: LLCResult, model: nn.Module | None = None, masks=N
     note = reason[at:] if at >= 0 else reason
     chosen = auto.get("chosen")
     step = f"{chosen:.3g}" if isinstance(chosen, int | float) else "the chosen step"
-    warnings.warn(
+    _warn_of_run(
+        res,
         f"step_size='auto' chose {step}, but the calibration's trials were short for the flattest directions "
         f"({note}): on a singular model the estimate may still be rising along them, by more than llc_se shows "
         "(run-to-run spread across seeds is a check). Run longer at that step (num_burnin_steps, num_draws: "
         "several times the relaxation time of the flattest direction, 2 / (step_size * localization) steps), or "
         "give a larger localization",
         NonStationaryWarning,
-        stacklevel=user_stacklevel(),
     )
 
 

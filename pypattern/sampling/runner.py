@@ -60,6 +60,7 @@ from .data import (
     to_device,
 )
 from .diagnostics import (
+    _RUN_NAMES,
     MAX_SHORTFALL,
     NonFiniteLossError,
     NonStationaryWarning,
@@ -611,7 +612,42 @@ def sample(
     with _eval_mode_for_dropout(model), buffers_kept(model):
         if auto_step is None:
             return _sample(plan, model, loader)
-        return with_auto_report(_sample_auto(plan, model, loader, auto_step), auto_step)
+        out = with_auto_report(_sample_auto(plan, model, loader, auto_step), auto_step)
+    calibration = _Calibration()  # the runs of the call share one calibration: its warnings come once
+    for res in out if isinstance(out, list) else [out]:
+        res._calibration = calibration
+    return out
+
+
+class _Calibration:
+    """One step calibration, shared by the results of the sampler call that made it (one per run with
+    ``runs=``): the LLC estimators warn of its bias once for all of them."""
+
+    def __init__(self) -> None:
+        self.bias_warned = False
+
+
+def calibration_of(res) -> _Calibration | None:
+    """The calibration a result of :func:`sample` was run at (shared by the results of one call), None for a
+    given step or a result made otherwise (read from a file)."""
+    return getattr(res, "_calibration", None)
+
+
+def _run_names(n: int) -> list[str | None]:
+    """The names of a call's ``n`` runs where the caller names them (:func:`naming_runs`: the names their
+    diagnostic warnings begin with): ``names[r]`` for run ``r``, one name for every run, else None."""
+    state = _RUN_NAMES.get()
+    names = state.names if state is not None else ()
+    if len(names) == 1:
+        return [names[0]] * n
+    return [names[r] if r < len(names) else None for r in range(n)]
+
+
+def run_name(res) -> str | None:
+    """The name the run of a result of :func:`sample` had where the caller named its runs
+    (:func:`~pypattern.sampling.diagnostics.naming_runs`: the name its diagnostic warnings began with), else
+    None."""
+    return getattr(res, "_run_name", None)
 
 
 _SAMPLER_LABEL = {"sgld": "SGLD", "sgnht": "SGNHT", "rmsprop_sgld": "RMSprop-SGLD"}  # progress bars
@@ -822,19 +858,12 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     pbar = None
     remaining = int(sum(total - int(st.next_step[g]) for g in mine if st.done[g] < plan.num_draws))
     if not plan.quiet and remaining:
-        from tqdm.auto import tqdm
+        from .._progress import open_bar
 
-        from .._progress import bar_settings
-
-        pbar = tqdm(  # in a log (no terminal, no notebook) a line every 30 s, not two a second
-            **bar_settings(
-                tqdm,
-                total=remaining,
-                desc=_SAMPLER_LABEL.get(plan.sampler, plan.sampler),
-                unit="step",
-                mininterval=0.5,
-                delay=0.0,
-            )
+        # shown after two seconds, as the library's other bars (a short run writes nothing); in a log (no
+        # terminal, no notebook) a first line then and one every 30 s, not two a second
+        pbar = open_bar(
+            total=remaining, desc=_SAMPLER_LABEL.get(plan.sampler, plan.sampler), unit="step", mininterval=0.5
         )
     ctx = RunContext(
         plan=plan,
@@ -871,6 +900,8 @@ def _sample(plan: RunPlan, model: nn.Module, loader: Iterable) -> SampleResult |
     if plan.checkpoint is not None:
         st.save(plan.checkpoint, fingerprint, plan.checkpoint_state)
     results = [_result(plan, st, r, ran_batched, init_se) for r in range(len(plan.runs))]
+    for res, name in zip(results, _run_names(len(results)), strict=True):
+        res._run_name = name  # for the warnings the estimators give after the call (refined_llc's)
     for r in sorted(ctx.stepped_runs - ctx.read_runs):  # the loss gave none of the run's weights a gradient
         results[r].config["unread"] = True
     # runs read back whole from a checkpoint took no step here: the loss's gradient at w* on the first batch tells
