@@ -10,13 +10,16 @@ import sys
 #: 0.1 s would write ten lines a second, tens of thousands in a long run's log
 LOG_INTERVAL_S = 30.0
 
+#: seconds a bar waits before it is first shown: a computation that ends sooner writes no line
+BAR_DELAY_S = 2.0
+
 
 def bar_settings(tqdm_class: type, **bar) -> dict:
     """The settings of a tqdm bar of ``tqdm_class``: ``bar``'s over the defaults (shown after two seconds, removed
     when closed), with ``mininterval`` (and ``maxinterval``) at least ``LOG_INTERVAL_S`` when the bar is written
     to a log: its file (``bar["file"]``, else stderr) is not a terminal and the class is not a notebook's widget.
     A ``TQDM_MININTERVAL`` set in the environment (tqdm's own setting) is left to tqdm."""
-    out = {"delay": 2.0, "leave": False, **bar}
+    out = {"delay": BAR_DELAY_S, "leave": False, **bar}
     target = out.get("file") or sys.stderr
     try:
         terminal = bool(target.isatty())

@@ -455,6 +455,7 @@ def test_llc_one_chain_progress_burn_in_and_checkpoint(model_dir, data, tmp_path
     the estimate alone (no '+- nan'); --checkpoint resumes a killed run to the uninterrupted run's result and
     refuses a run with other settings."""
     d, _ = data
+    monkeypatch.setattr("pypattern._progress.BAR_DELAY_S", 0.0)  # the bars of this short run shown at once
     argv = ["llc", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--step-size", "1e-4"]
     argv += ["--num-chains", "1", "--num-draws", "6"]
     assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
@@ -514,8 +515,9 @@ def test_llc_one_chain_progress_burn_in_and_checkpoint(model_dir, data, tmp_path
     assert "different run: nbeta" in err and "a changed --batch-size changes it" in err
 
 
-def test_chi_burn_in_checkpoint_and_probe_count(model_dir, data, tmp_path, capsys):
+def test_chi_burn_in_checkpoint_and_probe_count(model_dir, data, tmp_path, capsys, monkeypatch):
     d, _ = data
+    monkeypatch.setattr("pypattern._progress.BAR_DELAY_S", 0.0)  # the bars of this short run shown at once
     argv = ["chi", "--model", str(model_dir), "--data", str(d / "tokens.npy"), "--step-size", "1e-4"]
     argv += ["--num-chains", "2", "--num-draws", "3", "--num-burnin-steps", "7", "--num-probe", "100"]
     ck = tmp_path / "ck"

@@ -523,13 +523,10 @@ def resolve_step_size(
     cache: dict[tuple[int, int, int], dict] = {}
     pbar = None
     if not quiet:
-        from tqdm.auto import tqdm
+        from .._progress import open_bar
 
-        from .._progress import bar_settings
-
-        pbar = tqdm(
-            **bar_settings(tqdm, desc="SGLD step_size=auto", unit="trial", mininterval=0.5, delay=0.0)
-        )
+        # shown after the library's usual delay: a calibration of a fraction of a second writes no line to a log
+        pbar = open_bar(desc="SGLD step_size=auto", unit="trial", mininterval=0.5)
 
     def trial(i: int, factor: int, coupling: int = 1) -> dict:
         """The trial of step ``grid[i]`` for ``factor`` units of steps (``coupling=2``: half as many steps, on the
