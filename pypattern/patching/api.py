@@ -29,6 +29,7 @@ from .corruptions import (
     position_axis,
 )
 from .engine import ExactEngine, cells_that_fit, metric_of_rows, truncate_cache, unembed_rows
+from .inert import inert_cells, set_inert
 from .metrics import (
     Metric,
     bind_metric,
@@ -70,6 +71,10 @@ class PatchingRuns:
         Where the metric reads the logits (non-negative).
     T, B : int
         Prompt length and batch size.
+    coupled : bool
+        Whether the metric relates the examples of a run (an example's value moves when another example's logits
+        do, e.g. a metric centred over the batch): a patch that leaves one example's logits alone may then still
+        move its value.
     """
 
     tokens: torch.Tensor
@@ -81,6 +86,7 @@ class PatchingRuns:
     pos: int | torch.Tensor
     T: int
     B: int
+    coupled: bool = False
 
     @property
     def metric_rows(self) -> int:
@@ -455,6 +461,7 @@ def prepare_runs(
     bind_metric(metric, clean_logits.detach())
     on_logits = metric_on(metric, clean_logits, B).detach()  # the metric's contract, on full logits
     check_metric_on_stacks(metric, clean_logits.detach(), on_logits)
+    coupled = _couples_examples(metric, clean_logits.detach(), on_logits)
     dtype = values_dtype(model)
     m_clean = as_values(metric_of(clean_logits, clean_rows).detach(), dtype)
     m_corr, corr_cache = None, None
@@ -494,7 +501,32 @@ def prepare_runs(
         pos=pos,
         T=T,
         B=B,
+        coupled=coupled,
     )
+
+
+def _couples_examples(metric, logits: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether ``metric`` relates the examples of a run: its value for another example is not the same, bit for
+    bit, when the first's or the last's logits ``(batch, vocab)`` change (``values``: the metric of ``logits``).
+    A metric that fails on the changed logits counts as relating them."""
+    B = logits.shape[0]
+    if B < 2:
+        return False
+    with torch.no_grad():
+        for b in (0, B - 1):
+            one = logits.clone()
+            one[b] = torch.roll(one[b], 1, -1)
+            try:
+                got = metric(one)
+            except Exception:
+                return True
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != (B,):
+                return True
+            keep = torch.arange(B, device=got.device) != b
+            a, v = got[keep].detach(), values.detach().to(got.device)[keep]
+            if a.dtype != v.dtype or not bool(((a == v) | (a.isnan() & v.isnan())).all()):
+                return True
+    return False
 
 
 def values_dtype(model) -> torch.dtype:
@@ -540,6 +572,17 @@ def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metr
             logits = model.run_with_hooks(runs.tokens, fwd_hooks=hooks)
             out.append(as_values(metric(logits_at(logits, runs.pos)), dtype))
     return torch.stack(out)
+
+
+def _inert(model, site: str, cells: list[Cell], runs: PatchingRuns, direction: str, causal: bool):
+    """``(inert (n_cells, batch) bool, target metric (batch,))``: the cells whose patch cannot change the metric
+    of an example (:func:`~pypattern.patching.inert.inert_cells`; ``causal``: pypattern's Transformer run as its
+    weights say), and the metric they take there, the target run's."""
+    tgt = runs.m_corr if direction == "denoising" else runs.m_clean
+    inert = inert_cells(model, site, cells, runs.cache, runs.source, runs.pos, causal, runs.B)
+    if runs.coupled:  # a metric relating the examples: every example's logits must be left alone
+        inert = inert.all(1, keepdim=True).expand_as(inert).clone()
+    return inert, tgt
 
 
 def engine_on_runs(
@@ -695,7 +738,12 @@ def activation_patching(
     PatchResult
         ``values (batch, layer[, head][, pos])``. Settings under which every effect is 0 whatever the model
         (corrupted prompts equal to the clean ones, a ``MeanAblation`` over one prompt, the clean one, a
-        ``LogitDiff`` whose answer and wrong tokens are the same) are named in a ``RuntimeWarning``.
+        ``LogitDiff`` whose answer and wrong tokens are the same) are named in a ``RuntimeWarning``. A cell whose
+        patch cannot change an example's metric holds the target run's metric there exactly (effect exactly 0, not
+        rounding noise): where it writes the target's own activation (positions before the first corrupted
+        token, tokens that agree), after the metric's position, or where what it changes cannot reach the
+        metric's row (a row-local patch in the last block at another row, keys beyond a sliding window); see
+        :mod:`pypattern.patching.inert`.
     """
     warn_half_precision(model, "patching", "activation_patching")
     with _deterministic(model):
@@ -945,6 +993,7 @@ def _activation_patching(
     model, site, clean_tokens, corrupted_tokens, *, metric, corruption, direction, per_position, layers, heads,
     positions, window, method, max_batch, max_memory, quiet=True, checkpoint=None,
 ) -> PatchResult:  # fmt: skip
+    from ..models.hooks import attached_hooks
     from ..models.packed import pack_budget
     from ..models.transformer import Transformer
 
@@ -998,9 +1047,13 @@ def _activation_patching(
             model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
         )
         grid = grid_of(runs)
+        # patches that cannot change the metric of an example: the target run's metric there, exactly
+        inert, tgt = _inert(model, site, cells, runs, direction, causal=is_tf and not attached_hooks(model))
         grid.run(
             [[i] for i in range(len(cells))],
-            lambda idx: _naive(model, site, [cells[i] for i in idx], runs, metric),
+            lambda idx: set_inert(
+                _naive(model, site, [cells[i] for i in idx], runs, metric), inert[idx], tgt
+            ),
         )
         vals = grid.values
     else:
@@ -1025,15 +1078,22 @@ def _activation_patching(
                 )  # fmt: skip
                 warn_if_over_budget(engine, max_memory, packs, stacklevel=3)
                 batch = engine.max_batch
+                # patches that cannot change the metric of an example (the same activation as the target's, out
+                # of the metric's reach): the target run's metric there, exactly (computed, it is rounding noise)
+                inert, tgt = _inert(model, site, cells, runs, direction, causal=True)
                 live = [i for i, c in enumerate(cells) if c.pos < T_eff]
                 dead = [i for i, c in enumerate(cells) if c.pos >= T_eff]
                 if dead:  # a patch after the metric's last row changes nothing
-                    grid.values[dead] = engine.target_metric().to(grid.values)
+                    grid.values[dead] = tgt.to(grid.values)
                 blocks = _blocks(cells, live, B, batch)
                 # cells per engine batch: the batch setting, at most the cells of one block
                 most = max((len(b) for b in blocks), default=1)
                 estimate = engine.memory_estimate(min(batch or most, most), len(live))
-                grid.run(blocks, lambda idx: engine.run([cells[i] for i in idx]), done=dead)
+                grid.run(
+                    blocks,
+                    lambda idx: set_inert(engine.run([cells[i] for i in idx]), inert[idx], tgt),
+                    done=dead,
+                )
             vals = grid.values
     values = vals.T.reshape(B, *shape)
     return PatchResult(

@@ -55,6 +55,7 @@ from .corruptions import (
     masked_mean,
     position_axis,
 )
+from .inert import changed_at, set_inert
 from .metrics import (
     KL,
     Metric,
@@ -873,6 +874,7 @@ def _atp(
             n = hook_name(site, layer)
             fixed: dict = {}
             diff = None
+            same = None  # the QK fix: (B, heads[, T]) where the source equals the target
             # GradDrop's passes hand the same gradient tensor to the layers they leave alone (and one zero
             # tensor to the dropped layer): a score is computed once per gradient tensor
             done: dict[int, torch.Tensor] = {}
@@ -897,6 +899,12 @@ def _atp(
                         per_position,
                         cache=fixed,
                     )
+                    # the softmax recomputed for an unchanged query or key is the target's pattern to rounding
+                    # only: where the patch writes what the target holds, the estimate is 0, exactly
+                    if same is None:
+                        same = ~changed_at(src_cache[n], tgt_cache[n], site).transpose(1, 2)  # (B, heads, T)
+                        same = same if per_position else same.all(-1)
+                    est = est.masked_fill(same, 0.0)
                 else:
                     if diff is None:  # the activation's change, once per layer (a 16-bit one in float32)
                         diff = _wide(src_cache[n]) - _wide(tgt_cache[n])
@@ -990,7 +998,7 @@ def shortlist_and_confirm(
         metric scale: ``m_patched - m_target``; ``pos`` only per position; ties in grid order).
     """
     from ..models.convert import converted_if_convertible
-    from .api import _exact_or_naive, _naive, engine_on_runs, prepare_runs, warn_if_over_budget
+    from .api import _exact_or_naive, _inert, _naive, engine_on_runs, prepare_runs, warn_if_over_budget
 
     if not is_count(k) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
@@ -1030,8 +1038,10 @@ def shortlist_and_confirm(
         runs = prepare_runs(
             model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
         )
-        tgt = runs.m_corr if direction == "denoising" else runs.m_clean
-        vals = dict(zip(cells, _naive(model, site, cells, runs, metric))) if cells else {}
+        inert, tgt = _inert(model, site, cells, runs, direction, causal=False)
+        vals = (
+            dict(zip(cells, set_inert(_naive(model, site, cells, runs, metric), inert, tgt))) if cells else {}
+        )
     else:
         packs = pack_budget(model, max_memory)
         # one block for the recorded runs and the engine: the layouts (and packs) made once
@@ -1040,7 +1050,11 @@ def shortlist_and_confirm(
                 model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True
             )
             T_eff = runs.metric_rows
-            live = [c for c in cells if c.pos < T_eff]
+            # where a cell's patch cannot change the metric (the target's own activation, out of its reach), its
+            # value is the target's, exactly (computed, it is rounding noise)
+            inert, tgt = _inert(model, site, cells, runs, direction, causal=True)
+            live_at = [i for i, c in enumerate(cells) if c.pos < T_eff]
+            live = [cells[i] for i in live_at]
             budget = max_memory if not packs else max_memory - packs
             batch = engine_batch(model.cfg, runs.B, T_eff, max_batch, budget)
             # the engine lowers the batch so that its logits (and the metric's temporaries) fit too
@@ -1049,8 +1063,7 @@ def shortlist_and_confirm(
                 warn_budget=False,
             )  # fmt: skip
             warn_if_over_budget(eng, max_memory, packs, stacklevel=2)
-            tgt = eng.target_metric()
-            vals = dict(zip(live, eng.run(live))) if live else {}
+            vals = dict(zip(live, set_inert(eng.run(live), inert[live_at], tgt))) if live else {}
     out = []
     for c, (coord, a) in zip(cells, picked):
         exact = float((vals[c] - tgt)[keep.to(tgt.device)].mean().detach()) if c in vals else 0.0
