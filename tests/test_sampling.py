@@ -802,7 +802,8 @@ def test_restricted_sampling_moves_only_component():
     assert not torch.equal(seen[0]["2.weight"], w0["2.weight"])
 
 
-def test_quiet_and_progress(capsys):
+def test_quiet_and_progress(capsys, monkeypatch):
+    monkeypatch.setattr("pypattern._progress.BAR_DELAY_S", 0.0)  # this short run's bar shown at once
     model, loader = _mlp_task()
     _run(model, loader, quiet=True)
     assert capsys.readouterr().err == ""

@@ -47,9 +47,12 @@ def test_unlocalized_calibrated_step_with_twice_the_truth_warns(seed):
     assert res.sample.config["auto_step"]["chosen"] == pytest.approx(0.0125)
     assert res.llc_mean > 1.5 * 6.0
     msgs = _of(caught, StepBiasWarning)
-    assert len(msgs) == 1 and "step_size='auto' chose 0.0125" in msgs[0]
-    assert "localization=100" in msgs[0]
-    assert float(re.search(r"by about \+(\d+)%", msgs[0]).group(1)) >= 10
+    # the drift warning once; beside it, where the accepted pair's change was too noisy to resolve the bias, the
+    # calibration's own warning of that (seed 6)
+    drift = [m for m in msgs if "localization=100" in m]
+    assert len(drift) == 1 and "step_size='auto' chose 0.0125" in drift[0]
+    assert all("cannot resolve a bias" in m for m in msgs if m not in drift)
+    assert float(re.search(r"by about \+(\d+)%", drift[0]).group(1)) >= 10
 
 
 def test_a_localization_too_weak_for_the_run_is_checked_for_drift_as_none():
