@@ -20,6 +20,9 @@
 
 Every run ends with a short summary; full results go to files under --out, whose paths are printed.
 --quick runs any demo at tiny sizes (seconds to a minute): a check that it runs, not a measurement.
+--seed N (an integer >= 0; default 0) sets the seed of `demo` and `demo flags` (as --seed of
+python -m pypattern.experiments.llc_demo and patching_demo does); with --model, that of the sampler (llc, chi) or
+of the Gaussian noise of the corrupted run (patch).
 --threads N sets torch's thread count for any command that computes; with --model, --device DEV (cpu, cuda or
 cuda:<index>) is where the model runs.
 """
@@ -38,14 +41,15 @@ import time
 from ._progress import Terminated, sigterm_as_interrupt
 
 
-def _demo_sgld(steps: int = 200) -> dict:
-    """Fused SGLD steps on a small MLP: which backend ran, and its time per step next to the reference's."""
+def _demo_sgld(steps: int = 200, seed: int = 0) -> dict:
+    """Fused SGLD steps on a small MLP: which backend ran, and its time per step next to the reference's.
+    ``seed``: of the MLP, its data and the SGLD noise."""
     import torch
 
     from ._backends import choose
     from .ops.sgld import sgld_step_
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
     x, y = torch.randn(256, 64), torch.randint(0, 10, (256,))
     params = list(model.parameters())
@@ -71,7 +75,7 @@ def _demo_sgld(steps: int = 200) -> dict:
                     step_size=1e-4,
                     nbeta=nbeta,
                     localization=100.0,
-                    seed=0,
+                    seed=seed,
                     step=step,
                     backend=name,
                 )
@@ -98,16 +102,16 @@ def _print(title: str, res: dict) -> None:
         print(f"  {k}: {v}")
 
 
-def _llc_demo(out: str, quick: bool, quiet: bool = False) -> None:
+def _llc_demo(out: str, quick: bool, quiet: bool = False, seed: int = 0) -> None:
     # run_llc_demo prints its own summary; only where the full result went is added
     kw = importlib.import_module("pypattern.experiments.llc_demo").QUICK if quick else {}
-    res = _call("pypattern.experiments.llc_demo", "run_llc_demo", out, quiet=quiet, **kw)
+    res = _call("pypattern.experiments.llc_demo", "run_llc_demo", out, quiet=quiet, seed=seed, **kw)
     print(f"  full result (LLCResult.load): {res['result']}; loss-trace plot: {res['plot']}")
 
 
-def _patch_demo(title: str, out: str, quick: bool) -> None:
+def _patch_demo(title: str, out: str, quick: bool, seed: int = 0) -> None:
     kw = importlib.import_module("pypattern.experiments.patching_demo").QUICK if quick else {}
-    _print(title, _call("pypattern.experiments.patching_demo", "run_patch_demo", out, **kw))
+    _print(title, _call("pypattern.experiments.patching_demo", "run_patch_demo", out, seed=seed, **kw))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +321,7 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--model",
         required=required,
+        metavar="DIR",
         help="a local Hugging Face save_pretrained directory of a class in pypattern.models.convert.SUPPORTED_CLASSES "
         "(GPT-2, GPT-Neo, GPT-NeoX, GPT-J, Llama, Mistral, Mixtral, Phi, Qwen, Gemma, OLMo, OPT, StableLM, "
         "StarCoder2, GPT-BigCode, Granite, BLOOM and more; safetensors; "
@@ -327,6 +332,7 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--data",
         required=required,
+        metavar="FILE",
         help="token ids (num_sequences, seq_len): .npy, .npz (its array 'tokens', or its only array; 2-D, a flat 1-D "
         "array is refused) or a UTF-8 text file (.txt, .csv, .tsv) with one sequence of whitespace- or "
         "comma-separated ids per line (no empty cells); other suffixes, a file without a suffix and a binary file "
@@ -447,6 +453,7 @@ def _user_run(args) -> int:
             sites=args.sites if "sites" in args.given else None,  # the default: those the model has
             max_prompts=args.max_prompts,
             dtype=dtype,
+            seed=args.seed,
             tokens=tokens,
             checkpoint=args.checkpoint,
             quiet=args.quiet,
@@ -550,6 +557,18 @@ def _parser() -> argparse.ArgumentParser:
         help="patterning and equivalence only: full sizes (more seeds and draws) instead of reduced",
     )
     size.add_argument("--quick", action="store_true", help=quick_help)
+    _flag(
+        d,
+        "--seed",
+        type=seed_int,
+        default=0,
+        metavar="N",
+        help="main and flags only: the demo's seed, an integer in [0, 2**63) (default: 0). main: the fused step's "
+        "MLP, data and noise, the LLC part's task, training and chains, and the patching part's model, training "
+        "and prompts (as python -m pypattern.experiments.llc_demo and patching_demo with --seed N); flags: the "
+        "model, training and steering samples (FlagsDemoSettings.seed). patterning, equivalence and cka run "
+        "several seeds of their own and take no --seed",
+    )
     _compute_args(d, "demo")
     llc = sub.add_parser(
         "llc",
@@ -581,6 +600,7 @@ def _parser() -> argparse.ArgumentParser:
     _flag(
         patch,
         "--corrupted",
+        metavar="FILE",
         applies=MODEL_ONLY,
         help="with --model: a token file of the same shape as --data holding the corrupted prompts (symmetric "
         "token replacement, recommended); without it the corrupted run adds Gaussian noise to the embeddings",
@@ -609,6 +629,16 @@ def _parser() -> argparse.ArgumentParser:
         help="with --model: a folder keeping each site's finished cells as the grid goes (patch_<site>.npz); the "
         "same command with the same folder resumes a stopped run (Ctrl-C or SIGTERM), and a run with other "
         "settings, model or data is refused",
+    )
+    _flag(
+        patch,
+        "--seed",
+        type=seed_int,
+        default=0,
+        metavar="N",
+        applies=MODEL_ONLY,
+        help="with --model and no --corrupted: seed of the Gaussian noise of the corrupted run, an integer in "
+        "[0, 2**63) (default: 0)",
     )
     _flag(
         patch,
@@ -690,6 +720,7 @@ _COMMAND_CHECKPOINT_FLAGS = {
     "patch": {
         "clean": "--data or --max-prompts: other prompts",
         "corrupted": "--corrupted: other corrupted prompts, or Gaussian noise (no --corrupted) against a file",
+        "corruption": "--seed: the Gaussian noise of the corrupted run drawn with another seed",
         "metric": "--model or --float64: other weights or another dtype (the clean run's logits differ)",
     },
     "circuit": {
@@ -961,7 +992,8 @@ def _run(args) -> int:
         return 0
     if args.what == "flags":
         mod = importlib.import_module("pypattern.experiments.flags_demo")
-        s = mod.FlagsDemoSettings.quick() if args.quick else None
+        s = mod.FlagsDemoSettings.quick() if args.quick else mod.FlagsDemoSettings()
+        s.seed = args.seed
         _print(
             "concept flags (a transformer on TopicTask; flags vs a control with the same training steps):",
             mod.run_flags_demo(_demo_folders(args)[0], s),
@@ -976,11 +1008,13 @@ def _run(args) -> int:
 
     print("kernel backends available:", {k: v["available"] for k, v in backends().items()})
     steps = 20 if args.quick else 200
-    _print(f"1. fused SGLD step on a 64-256-10 MLP (batch 256, {steps} steps):", _demo_sgld(steps))
+    _print(f"1. fused SGLD step on a 64-256-10 MLP (batch 256, {steps} steps):", _demo_sgld(steps, args.seed))
     print("2. LLC of a small MLP trained on a teacher task:")
     llc_out, patch_out = _demo_folders(args)
-    _llc_demo(llc_out, args.quick)
-    _patch_demo("3. activation patching on the built-in model and task:", patch_out, args.quick)
+    _llc_demo(llc_out, args.quick, seed=args.seed)
+    _patch_demo(
+        "3. activation patching on the built-in model and task:", patch_out, args.quick, seed=args.seed
+    )
     print(f"plots and tables are in {os.path.join(args.out, '')}")
     return 0
 
@@ -1070,6 +1104,14 @@ def _main(argv: list[str] | None, program: bool) -> int:
     sub = parser.commands[args.cmd]
     if args.cmd == "demo" and args.full and args.what not in ("patterning", "equivalence", "interpretive"):
         sub.error(f"--full applies to 'patterning' and 'equivalence' only, not to {args.what!r}")
+    if args.cmd == "demo" and args.seed is not None and args.what not in ("main", "flags"):
+        sub.error(
+            f"--seed applies to 'main' and 'flags' only, not to {args.what!r}, which runs several seeds of its own"
+        )
+    if args.cmd == "patch" and args.seed is not None and args.model and args.corrupted is not None:
+        sub.error(
+            "--seed with --model seeds the Gaussian noise of the corrupted run, which --corrupted replaces: give one"
+        )
     _resolve(sub, args)
     if args.cmd == "circuit":
         importlib.import_module("pypattern.circuits.cli").check_args(sub, args)

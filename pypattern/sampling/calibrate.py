@@ -7,7 +7,9 @@ drifting upward); too large a step diverges or inflates the LLC. The recommendat
 size whose LLC agrees within ``plateau_tol`` with the next smaller healthy one (the plateau). Where no healthy
 step size agrees with its next smaller healthy neighbour (no plateau in the sweep, or one healthy step size), it is
 the smallest healthy one, with a warning: that step's LLC may be biased low (the chains have not left w*'s
-neighbourhood); widen the sweep or lengthen the chains.
+neighbourhood); widen the sweep or lengthen the chains. Where no step size is healthy, ``recommended`` is None and
+a ``UserWarning`` names what failed at each step (diverged, negative LLC, not stationary) and what to try: smaller
+step sizes, more burn-in (``num_burnin_steps``) and draws, a larger ``localization``.
 
 Each step's run checks its own discretisation bias (:class:`~pypattern.sampling.diagnostics.StepBiasWarning`, as
 :func:`pypattern.estimate_llc` at a given step does); the sweep notes it in that step's reason ("the run warned of
@@ -133,6 +135,20 @@ def calibrate_step_size(
         there, but ``step_size`` and ``optimizer_kwargs`` (``num_chains``, ``num_draws``, ``nbeta``,
         ``localization``, ``seed``, ...); any other keyword is a ``TypeError`` naming it. ``quiet`` defaults to True; with ``checkpoint``, each step size's run
         has its own file (``run.npz`` -> ``run.step0.npz``, ...).
+
+    Returns
+    -------
+    CalibrationResult
+        One row per step size; ``recommended`` is None when no step size is healthy.
+
+    Warns
+    -----
+    UserWarning
+        When no step size is healthy (``recommended`` is None): the message names each step size with what failed
+        there and what to try (smaller step sizes, more burn-in and draws, a larger localization). Also when no
+        plateau confirms the recommendation (see the module docstring).
+    StepBiasWarning
+        When the recommended step's own run warned of its discretisation bias.
     """
     try:
         sizes = sorted(float(s) for s in step_sizes)
@@ -222,6 +238,8 @@ def calibrate_step_size(
             UserWarning,
             stacklevel=user_stacklevel(),
         )
+    if not ok:
+        _warn_none_healthy(sizes, reasons, sample_kwargs, max_r_hat)
     if recommended is not None and bias_notes[sizes.index(recommended)]:
         warnings.warn(
             f"calibrate_step_size recommends {recommended:g}, but its run warned: "
@@ -236,4 +254,33 @@ def calibrate_step_size(
         recommended=recommended,
         reasons=reasons,
         **out,
+    )
+
+
+def _warn_none_healthy(sizes, reasons, sample_kwargs: dict, max_r_hat: float) -> None:
+    """Warn that no step size of the sweep is healthy (no recommendation): what failed at each step, and what to
+    try."""
+    steps = "; ".join(f"{s:g}: {r}" for s, r in zip(sizes, reasons))
+    now = {
+        k: sample_kwargs[k] for k in ("num_burnin_steps", "num_draws", "localization") if k in sample_kwargs
+    }
+
+    def given(name: str) -> str:
+        return f" (now {now[name]!r})" if name in now else ""
+
+    tries = [
+        f"smaller step sizes (below {sizes[0]:g}, the smallest tried)",
+        f"more burn-in (num_burnin_steps{given('num_burnin_steps')}) and draws (num_draws{given('num_draws')}), "
+        f"so that the loss trace is stationary (split R-hat below max_r_hat={max_r_hat:g})",
+        f"a larger localization{given('localization')}, which holds the chains near w*",
+    ]
+    if any(r.startswith("negative LLC") for r in reasons):
+        tries.append(
+            "a w* that is a trained local minimum (a negative LLC: the chains found lower loss than w*)"
+        )
+    warnings.warn(
+        f"calibrate_step_size: no step size of the sweep is healthy, so there is no recommendation (recommended is "
+        f"None); per step size: {steps}. Try {'; '.join(tries)}",
+        UserWarning,
+        stacklevel=user_stacklevel(),
     )
