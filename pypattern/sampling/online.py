@@ -17,7 +17,7 @@ import numbers
 import operator
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,6 +293,16 @@ class OnlineLLC:
             if bad:
                 raise ValueError(f"steps contains {bad[:3]}; give training steps as ints >= 0")
         self.steps = None if steps is None else {int(s) for s in steps}
+        # every estimate reads the components and the callbacks again: a one-shot iterable (a generator, map,
+        # filter, iter(...)) is kept as a list, or the checks below and the first estimate would use it up
+        if isinstance(components, Iterable) and not isinstance(
+            components, str | bytes | Mapping | torch.Tensor
+        ):
+            components = list(components)
+        for key in ("callbacks", "chains"):
+            v = sample_kwargs.get(key)
+            if isinstance(v, Iterable) and not callable(v) and not isinstance(v, str | bytes | torch.Tensor):
+                sample_kwargs[key] = list(v)
         self.components = components
         # checked without touching the training run: reading a default nbeta may iterate the loader, whose
         # shuffle draws from torch's global generator

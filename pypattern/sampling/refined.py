@@ -16,6 +16,7 @@ bit for bit).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._checks import is_count
 from .._masks import NONE_MASK, zero_one_mask
 from ..io import Saveable, register
 from .checkpoint import sub_run_path
@@ -36,13 +38,14 @@ from .llc import (
     _warn_auto_unrelaxed,
     llc_from_sample,
 )
-from .plan import check_callables, check_loader, check_model, refuse_unknown_keywords
+from .plan import chain_indices, check_callables, check_loader, check_model, refuse_unknown_keywords
 from .results import check_arrays
 from .runner import sample
 
 __all__ = ["RefinedLLCResult", "refined_llc"]
 
 FULL = "full"  # the name of the unrestricted run in the table
+_NUM_CHAINS_DEFAULT = inspect.signature(sample).parameters["num_chains"].default
 
 
 @register
@@ -230,6 +233,10 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
         raise ValueError(f"components must have distinct names other than {FULL!r}, got {names}")
     runs = []
     params = dict(model.named_parameters())
+    # a tied weight's other names (lm_head.weight of a model whose output head is its embedding) name the one
+    # parameter they share, as a component name does
+    first = {id(p): n for n, p in params.items()}
+    alias = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in first}
     kept_names = []
     for name, spec in zip(names, specs, strict=True):
         if isinstance(spec, str):
@@ -239,26 +246,29 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
                 raise ValueError(
                     f"component {name!r} is empty: give parameter names or masks by parameter name"
                 )
-            unknown = [k for k in spec if k not in params]
+            unknown = [k for k in spec if not isinstance(k, str) or k not in alias]
             if unknown:
                 raise ValueError(
                     f"component {name!r} names {unknown[0]!r}, not a parameter of the model; names are "
                     f"{sorted(params)[:12]}{' ...' if len(params) > 12 else ''}"
                 )
             if isinstance(spec, Mapping):
-                masks = {k: _bool_mask(name, k, v) for k, v in spec.items()}
-                for k, m in masks.items():
-                    if tuple(m.shape) != tuple(params[k].shape):
+                masks = {}
+                for k, v in spec.items():
+                    m, key = _bool_mask(name, k, v), alias[k]
+                    if tuple(m.shape) != tuple(params[key].shape):
                         raise ValueError(
                             f"component {name!r}: the mask of {k!r} has shape {tuple(m.shape)}, the parameter "
-                            f"{tuple(params[k].shape)}"
+                            f"{tuple(params[key].shape)}"
                         )
+                    # two names of one tied weight: the weights either mask selects
+                    masks[key] = m if key not in masks else masks[key] | m.to(masks[key].device)
                 if not any(bool(m.any()) for m in masks.values()):
                     raise ValueError(
                         f"component {name!r}: its masks select no weight (all False); give at least one True entry"
                     )
             else:
-                masks = {k: torch.ones_like(params[k], dtype=torch.bool) for k in spec}
+                masks = {alias[k]: torch.ones_like(params[alias[k]], dtype=torch.bool) for k in spec}
         else:
             raise TypeError(
                 f"component {name!r}: expected a name, a list of parameter names or masks, got {spec!r}"
@@ -281,6 +291,28 @@ def _component_runs(model: nn.Module, components) -> tuple[list[str], list[tuple
     if not runs:
         raise ValueError("every component has only frozen parameters: nothing to sample")
     return kept_names, runs
+
+
+def _check_chains_cover_runs(sample_kwargs: dict, names: list[str]) -> None:
+    """``chains=`` as :func:`pypattern.sample` reads it with ``runs``: global indices ``r * num_chains + c`` over the
+    rows' runs (``"full"`` first when included, then the components in order). Kept as a list (both data sets read
+    it), and refused, naming it, when a row's run would get no chain: its LLC would have no draw."""
+    chains = sample_kwargs.get("chains")
+    if chains is None:
+        return
+    given = sample_kwargs["chains"] = chain_indices(chains)
+    num_chains = sample_kwargs.get("num_chains", _NUM_CHAINS_DEFAULT)
+    if not is_count(num_chains) or num_chains < 1 or not given:
+        return  # refused by sample, naming it (an empty list inside a process group: a rank with no chain)
+    c = int(num_chains)
+    missing = [n for r, n in enumerate(names) if not any(r * c <= g < (r + 1) * c for g in given)]
+    if missing:
+        raise ValueError(
+            f"chains={given}: no chain of row {missing[0]!r} would run, so it would have no LLC; with refined_llc, "
+            f"chains are sample()'s global indices r * num_chains + c (num_chains={c}) over the rows {names} in "
+            f"this order: give at least one chain of each row, e.g. chains={[r * c for r in range(len(names))]} "
+            "for chain 0 of each, or None for all"
+        )
 
 
 def _run_label(name: str, data: str, outer: str | None = None) -> str:
@@ -330,7 +362,10 @@ def refined_llc(
         (``init_loss`` is ``L_n(w*)`` on ``loader``: the rows of ``data`` use their own, computed on ``data``);
         any other keyword is a ``TypeError`` naming it: ``num_chains``,
         ``num_draws``, ``step_size`` (or ``"auto"``: one calibration for all the runs of a data set), ``nbeta``,
-        ``localization``, ``seed``, ``batched``, ...
+        ``localization``, ``seed``, ``batched``, ... ``chains`` takes :func:`pypattern.sample`'s global indices
+        ``r * num_chains + c`` over the rows (``"full"`` first, then the components in order), at least one per
+        row (refused otherwise, naming it); a parameter-name list or mask dict may name a tied weight by any of its
+        names (``lm_head.weight`` of a tied embedding).
 
     Returns
     -------
@@ -368,6 +403,7 @@ def refined_llc(
     names, runs = _component_runs(model, components)
     if include_full:
         names, runs = [FULL, *names], [(None, None), *runs]
+    _check_chains_cover_runs(sample_kwargs, names)
     moving = {n: p for n, p in model.named_parameters() if p.requires_grad}
     counts = []
     for restrict, masks in runs:
