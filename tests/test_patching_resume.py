@@ -31,6 +31,25 @@ class _Stop(Exception):
     pass
 
 
+def _first_corrupted(clean, corr) -> int:
+    """The first position where a corrupted prompt differs from its clean one."""
+    return int((clean != corr).any(0).nonzero().min())
+
+
+def _same_resid_pre(model, clean, corr) -> torch.Tensor:
+    """``(n_layers, pos)`` bool: where the clean and the corrupted runs' ``resid_pre`` agree exactly in every
+    prompt (a patch there writes the target's own activation)."""
+    _, a = model.run_with_cache(clean)
+    _, b = model.run_with_cache(corr)
+    n = model.cfg.n_layers
+    return torch.stack(
+        [
+            (a[f"blocks.{i}.hook_resid_pre"] == b[f"blocks.{i}.hook_resid_pre"]).all(-1).all(0)
+            for i in range(n)
+        ]
+    )
+
+
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of one position each (the exact engine's unembedding batch at one row) and a save after every
@@ -80,7 +99,13 @@ def test_interrupted_grid_resumes_to_the_uninterrupted_values(tmp_path, monkeypa
             model, site, clean, *toks, metric=met, checkpoint=path, quiet=True, **kw
         )
     n_blocks = len({c for c in range(clean.shape[1])})  # one block per position
-    assert len(calls) == n_blocks - 2  # only the rest was computed
+    # the blocks of the positions before the first corrupted token patch the target's own activations in every
+    # example: not computed (their values are the target run's metric); the noise and the mean ablation change
+    # every position
+    n_inert = _first_corrupted(clean, corr) if not kw else 0
+    per_position = whole.values[0].numel() // clean.shape[1]  # cells of one position
+    assert whole.info["inert_skipped"] == n_inert * per_position
+    assert len(calls) == n_blocks - n_inert - 2  # only the rest was computed, the inert blocks not at all
     torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)
     # a finished run's file gives the result without patching again
     with monkeypatch.context() as m:
@@ -100,10 +125,18 @@ def test_naive_grid_resumes(tmp_path, monkeypatch, small_blocks):
         with pytest.raises(_Stop):
             activation_patching(model, "resid_pre", clean, corr, metric=met, method="naive", checkpoint=path,
                                 quiet=True)  # fmt: skip
-    assert int(np.load(path)["done"].sum()) == 5
-    resumed = activation_patching(
-        model, "resid_pre", clean, corr, metric=met, method="naive", checkpoint=path, quiet=True
-    )
+    # the five cells computed, and the cells whose patch writes the corrupted run's own activation in every prompt
+    # (not run at all: the target run's metric)
+    same = int(_same_resid_pre(model, clean, corr).sum())
+    assert same > 0 and whole.info["inert_skipped"] == same
+    assert int(np.load(path)["done"].sum()) == 5 + same
+    with monkeypatch.context() as m:
+        calls = _interrupt_after(m, patching_api, "_naive", 10**6)
+        resumed = activation_patching(
+            model, "resid_pre", clean, corr, metric=met, method="naive", checkpoint=path, quiet=True
+        )
+    assert len(calls) == whole.values[0].numel() - 5 - same  # only the rest was run
+    assert resumed.info["inert_skipped"] == 0  # the checkpoint held them
     torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)
     del hm
 
@@ -255,7 +288,9 @@ def test_a_grid_stopped_between_saves_keeps_its_finished_blocks(tmp_path, monkey
         _interrupt_after(m, ExactEngine, "run", 3)
         with pytest.raises(_Stop):
             activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=path, quiet=True)
-    assert int(np.load(path)["done"].sum()) == 3 * 2  # three positions of two layers
+    # three positions of two layers computed, and the positions before the first corrupted token (two layers each,
+    # not computed: the target's own activations in every prompt)
+    assert int(np.load(path)["done"].sum()) == (3 + _first_corrupted(clean, corr)) * 2
     resumed = activation_patching(model, "resid_pre", clean, corr, metric=met, checkpoint=path, quiet=True)
     torch.testing.assert_close(resumed.values, whole.values, rtol=0, atol=0)
 

@@ -743,7 +743,10 @@ def activation_patching(
         rounding noise): where it writes the target's own activation (positions before the first corrupted
         token, tokens that agree), after the metric's position, or where what it changes cannot reach the
         metric's row (a row-local patch in the last block at another row, keys beyond a sliding window); see
-        :mod:`pypattern.patching.inert`.
+        :mod:`pypattern.patching.inert`. Cells inert for every example are not computed (the naive loop skips
+        each; the exact engine each block of the grid all of whose cells are, e.g. the positions before the
+        first corrupted token: the other blocks run as they would with them, so every value is the same bit for
+        bit); ``info["inert_skipped"]`` counts them (cells a checkpoint held are not counted).
     """
     warn_half_precision(model, "patching", "activation_patching")
     with _deterministic(model):
@@ -834,6 +837,7 @@ class _Grid:
         self.done = torch.zeros(self.n, dtype=torch.bool, device="cpu")  # read as indices and saved
         self.path, self.quiet, self.site, self.runs, self.fp = checkpoint, quiet, site, runs, None
         self.todo = list(range(self.n))
+        self.inert_skipped = 0  # cells set to the target run's metric without being computed (skip_inert)
 
     def fingerprint(self, model, method, direction, per_position, window, coords, clean, corrupted, corruption,
                     metric) -> None:  # fmt: skip
@@ -891,6 +895,21 @@ class _Grid:
         self.done = torch.from_numpy(done.copy())
         self.values[self.done.to(self.values.device)] = torch.from_numpy(vals[done]).to(self.values)
         self.todo = [i for i in range(self.n) if not bool(self.done[i])]
+
+    def skip_inert(
+        self, blocks: list[list[int]], inert: torch.Tensor, target_metric: torch.Tensor
+    ) -> list[int]:
+        """The cells of the ``blocks`` not done yet whose block holds only cells inert for every example
+        (``inert (n_cells, batch)``, :func:`~pypattern.patching.inert.inert_cells`), set to the target run's
+        metric ``(batch,)``: what computing their block would give, as :func:`set_inert` overwrites every value of
+        it. Whole blocks only, so that every block computed holds the cells it holds without the skip (the exact
+        engine's rounding depends on the cells sharing a call). Counted in :attr:`inert_skipped`."""
+        full = inert.all(1).tolist()
+        skip = [i for b in blocks if all(full[i] for i in b) for i in b if not bool(self.done[i])]
+        if skip:
+            self.values[skip] = target_metric.to(self.values)
+        self.inert_skipped += len(skip)
+        return skip
 
     def run(self, blocks: list[list[int]], compute, done: list[int] = ()) -> None:
         """Each block's values from ``compute(cell indices) -> (len, batch)``, but for the cells a checkpoint
@@ -1047,13 +1066,16 @@ def _activation_patching(
             model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
         )
         grid = grid_of(runs)
-        # patches that cannot change the metric of an example: the target run's metric there, exactly
+        # patches that cannot change the metric of an example: the target run's metric there, exactly; a cell
+        # inert for every example is not run at all (its forward would be overwritten whole)
         inert, tgt = _inert(model, site, cells, runs, direction, causal=is_tf and not attached_hooks(model))
+        skipped = grid.skip_inert([[i] for i in range(len(cells))], inert, tgt)
         grid.run(
             [[i] for i in range(len(cells))],
             lambda idx: set_inert(
-                _naive(model, site, [cells[i] for i in idx], runs, metric), inert[idx], tgt
+                _naive(model, site, [cells[i] for i in idx], runs, metric).to(grid.values), inert[idx], tgt
             ),
+            done=skipped,
         )
         vals = grid.values
     else:
@@ -1089,10 +1111,18 @@ def _activation_patching(
                 # cells per engine batch: the batch setting, at most the cells of one block
                 most = max((len(b) for b in blocks), default=1)
                 estimate = engine.memory_estimate(min(batch or most, most), len(live))
+                # a block whose every cell is inert for every example is not run (its values would be overwritten
+                # whole); the blocks are those of the grid with them, so that the others share an engine call
+                # with the same cells, and come out the same bit for bit, whatever a checkpoint holds
+                skipped = grid.skip_inert(blocks, inert, tgt)
                 grid.run(
                     blocks,
-                    lambda idx: set_inert(engine.run([cells[i] for i in idx]), inert[idx], tgt),
-                    done=dead,
+                    # the inert entries set in the grid's dtype: the target's metric exactly (a float64 metric of
+                    # a float32 model is not rounded to the engine's float32)
+                    lambda idx: set_inert(
+                        engine.run([cells[i] for i in idx]).to(grid.values), inert[idx], tgt
+                    ),
+                    done=dead + skipped,
                 )
             vals = grid.values
     values = vals.T.reshape(B, *shape)
@@ -1110,6 +1140,7 @@ def _activation_patching(
             "window": window,
             "per_position": per_position,
             "num_cells": len(cells),
+            "inert_skipped": grid.inert_skipped,
             **({"max_batch": batch} if method == "exact" else {}),
             **({"memory_estimate": estimate} if method == "exact" and estimate is not None else {}),
         },

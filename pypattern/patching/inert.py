@@ -7,7 +7,9 @@ exact engine recomputes the changed rows in products of other shapes than the ta
 correlations with attribution patching (which gives exactly 0 there) and "no effect" checks would read that noise.
 :func:`inert_cells` names those cells (per example), and the callers set them to the target run's metric (effect
 exactly 0) after each block of cells is computed (:func:`set_inert`), so that a grid's blocks, and a checkpoint's,
-are those of a grid without them.
+are those of a grid without them. A block whose every cell is inert for every example is not computed at all
+(its values would be overwritten whole); a block holding one other cell is computed whole, as the exact engine's
+rounding of a cell depends on the cells sharing its call.
 
 Two rules:
 

@@ -47,6 +47,9 @@ class PatchResult(Saveable):
         position) and ``memory_estimate`` (bytes of working memory of one such batch, the engine's estimate,
         :meth:`ExactEngine.memory_estimate <pypattern.patching.engine.ExactEngine.memory_estimate>`; the cached
         clean and corrupted runs and packed weights come on top; absent when a checkpoint held every cell).
+        Exact and naive patching: ``inert_skipped``, the cells set to the target run's metric without being
+        computed, their patch changing no example's metric (:mod:`pypattern.patching.inert`; not counting cells
+        a checkpoint held).
         Attribution patching: ``per_position``, ``max_batch`` (prompts per forward and backward) and ``memory_estimate`` (bytes,
         that many times :func:`~pypattern.patching.attribution.atp_prompt_bytes`), with ``grad_drop``
         ``graddrop``, the GradDrop scores ``(batch, *grid)``.
