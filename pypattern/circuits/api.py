@@ -1651,8 +1651,13 @@ def acdc(
 
     def evaluate(
         circ: torch.Tensor,
-    ) -> torch.Tensor:  # means over the examples, on the CPU (one copy per batch)
-        return _example_mean(engine.run(_circuit_to_patch(circ, mode)), measured)
+    ) -> torch.Tensor:  # the measured examples' metrics (C, examples), on the CPU
+        vals = engine.run(_circuit_to_patch(circ, mode))
+        return (vals if bool(measured.all()) else vals[:, measured.to(vals.device)]).cpu()
+
+    # the edges whose test cannot change an example's metric (rows before the first corrupted token, rows the
+    # metric cannot read): the example keeps the current circuit's metric exactly, not the rounding of a patched run
+    inert = engine.inert_edges()[:, measured]
 
     reach = _Reach(graph, engine, mode)
     state = None
@@ -1673,15 +1678,19 @@ def acdc(
         ) as bar,
     ):
         if state is None:
-            ends = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
+            rows = evaluate(torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)]))
+            ends = rows.mean(1)
             m_full, m_empty = float(ends[0]), float(ends[1])
-            m_cur = m_full
+            m_cur, cur = m_full, rows[0]
             drop = torch.zeros(E, dtype=torch.float64)
             runs, untested = 2, 0
         else:
             keep, drop = state["keep"], state["drop"]
             m_full, m_empty, m_cur = state["m_full"], state["m_empty"], state["m_cur"]
             runs, untested = state["runs"], state["untested"]
+            cur = state["cur"]
+            if cur is None or cur.shape != (int(measured.sum()),):  # a state without the examples' metrics
+                cur = evaluate(keep[None])[0]
         window = engine.chunk_size()
         # drops within a few roundings of the metric (float32 for a 16-bit model's metrics) count as 0: a circuit
         # evaluated at another place in a batch may round differently, and threshold 0 must not decide on that
@@ -1690,24 +1699,37 @@ def acdc(
         done = None  # the state once the last finished destination input was decided, not yet written
         try:
             for d in reversed(range(first)):
-                m_cur, runs, untested = _acdc_destination(
-                    d, graph, reach, keep, drop, evaluate, window, threshold, tie, m_cur, runs, untested
+                m_cur, cur, runs, untested = _acdc_destination(
+                    d,
+                    graph,
+                    reach,
+                    keep,
+                    drop,
+                    evaluate,
+                    window,
+                    threshold,
+                    tie,
+                    m_cur,
+                    runs,
+                    untested,
+                    inert,
+                    cur,
                 )
                 if checkpoint is None:
                     pass
                 elif d == 0 or time.perf_counter() - saved >= _CHECKPOINT_EVERY_S:
                     saved, done = time.perf_counter(), None
                     _acdc_save(
-                        checkpoint, fp, d, keep, drop, reach.live, m_full, m_empty, m_cur, runs, untested
+                        checkpoint, fp, d, keep, drop, reach.live, m_full, m_empty, m_cur, runs, untested, cur
                     )
                 else:
-                    done = (d, keep.clone(), drop.clone(), reach.live.clone(), m_cur, runs, untested)
+                    done = (d, keep.clone(), drop.clone(), reach.live.clone(), m_cur, runs, untested, cur)
                 if bar is not None:
                     bar.update(1)
         except BaseException:  # stopped (Ctrl-C, an error): the destination inputs decided so far are written
             if done is not None:
-                nxt, k, dr, live, mc, r, u = done
-                _acdc_save(checkpoint, fp, nxt, k, dr, live, m_full, m_empty, mc, r, u)
+                nxt, k, dr, live, mc, r, u, c = done
+                _acdc_save(checkpoint, fp, nxt, k, dr, live, m_full, m_empty, mc, r, u, c)
             raise
     tested = E - untested
     zeros = int((drop == 0).sum()) - untested  # an edge removed without a test keeps its drop of 0
@@ -1749,11 +1771,15 @@ def acdc(
 _ACDC_TIE_ULPS = 16
 
 
-def _acdc_destination(d, graph, reach, keep, drop, evaluate, window, threshold, tie, m_cur, runs, untested):
+def _acdc_destination(
+    d, graph, reach, keep, drop, evaluate, window, threshold, tie, m_cur, runs, untested, inert, cur
+):
     """ACDC's tests of the edges into destination input ``d`` (updating ``keep`` and ``drop`` in place): each edge,
     latest source first, is left out of the current circuit and removed when the metric moves by less than
-    ``threshold``; up to ``window`` candidates are evaluated per batch. Returns the new ``(m_cur, runs,
-    untested)``."""
+    ``threshold``; up to ``window`` candidates are evaluated per batch. ``cur``: the current circuit's metric per
+    measured example (mean ``m_cur``); an edge that cannot change an example's metric (``inert (E, examples)``)
+    leaves it at ``cur`` exactly, and one that can change none of them moves the mean by exactly 0. Returns the new
+    ``(m_cur, cur, runs, untested)``."""
     cand = (graph.dst_idx == d).nonzero().flatten().flip(0)
     if threshold > 0:
         live = reach.update(d, keep)[reach.epos[cand]]
@@ -1765,30 +1791,40 @@ def _acdc_destination(d, graph, reach, keep, drop, evaluate, window, threshold, 
         batch = remaining[:window]
         trial = keep[None].repeat(len(batch), 1)
         trial[torch.arange(len(batch)), torch.tensor(batch)] = False
-        vals = evaluate(trial)
+        rows = evaluate(trial)
+        still = inert[torch.tensor(batch)]  # (batch, examples)
+        rows = torch.where(still, cur[None], rows)
+        vals = rows.mean(1)
         runs += len(batch)
         removed_at = None
         for i, e in enumerate(batch):
-            delta = m_cur - float(vals[i])
-            if abs(delta) <= tie * max(abs(m_cur), abs(float(vals[i]))):
+            val = m_cur if bool(still[i].all()) else float(vals[i])
+            delta = m_cur - val
+            if abs(delta) <= tie * max(abs(m_cur), abs(val)):
                 delta = 0.0  # a difference at rounding level: the edge changes nothing measurable
             drop[e] = delta
             if delta < threshold:
                 keep[e] = False
-                m_cur = float(vals[i])
+                m_cur, cur = val, rows[i]
                 removed_at = i
                 break
         remaining = remaining[len(batch) if removed_at is None else removed_at + 1 :]
-    return m_cur, runs, untested
+    return m_cur, cur, runs, untested
 
 
-def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, untested) -> None:
-    """ACDC's state once the destination inputs from ``nxt`` on are decided (the next to visit is ``nxt - 1``)."""
+def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, untested, cur) -> None:
+    """ACDC's state once the destination inputs from ``nxt`` on are decided (the next to visit is ``nxt - 1``);
+    ``cur``: the current circuit's metric per measured example."""
     from .. import io
 
     io.save(
         path,
-        {"keep": keep.numpy(), "drop": drop.numpy(), "live": live.numpy()},
+        {
+            "keep": keep.numpy(),
+            "drop": drop.numpy(),
+            "live": live.numpy(),
+            "cur": cur.detach().to(torch.float64).numpy(),
+        },
         {
             "fingerprint": fp,
             "next": int(nxt),
@@ -1797,6 +1833,7 @@ def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, un
             "m_cur": m_cur,
             "runs": int(runs),
             "untested": int(untested),
+            "cur_dtype": str(cur.dtype),
         },
         kind="ACDCCheckpoint",
     )
@@ -1825,7 +1862,15 @@ def _acdc_resume(path, fp, graph: EdgeGraph, reach: _Reach) -> dict:
         raise io.FormatError(f"{os.fspath(path)!r} holds no consistent ACDC state")
     reach.live.copy_(torch.from_numpy(arrays["live"]))
     m_full, m_empty, m_cur, runs, untested = scalars
+    cur = None  # the current circuit's metric per example (a state written without it: computed again)
+    got, kind = arrays.get("cur"), meta.get("cur_dtype")
+    if got is not None and kind is not None and got.ndim == 1 and got.dtype == np.float64:
+        dtype = {str(t): t for t in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}.get(
+            str(kind)
+        )
+        cur = torch.from_numpy(got.copy()).to(dtype) if dtype is not None else None
     return {
+        "cur": cur,
         "next": nxt,
         "keep": torch.from_numpy(arrays["keep"].copy()),
         "drop": torch.from_numpy(arrays["drop"].copy()),

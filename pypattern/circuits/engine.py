@@ -40,7 +40,7 @@ from .._memory import huge_pages_hint, keep_freed_heap, warn_budget_too_small
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..models.transformer import affine
 from ..ops.sums import signed_sums
-from ..patching.api import check_tokens
+from ..patching.api import _couples_examples, check_tokens
 from ..patching.corruptions import (
     Corruption,
     GaussianNoise,
@@ -51,6 +51,7 @@ from ..patching.corruptions import (
 )
 from ..patching.corruptions import mean_mask as checked_mean_mask
 from ..patching.engine import FALLBACK_VOCAB_COPIES, new_bytes
+from ..patching.inert import reach_positions
 from ..patching.metrics import bind_metric, check_metric_on_stacks, metric_on
 from ..patching.metrics import metric_positions as patching_metric_positions
 from .graph import EdgeGraph, check_graph_arg
@@ -156,6 +157,7 @@ class EdgeEngine:
         self.source_owned = False
         self.bound = True  # the metric has been bound to the clean logits (prepare_runs says when not yet)
         self._examples_checked = False  # the gradient methods' check that the metric reads each example alone
+        self._inert = None  # the edges that cannot change each example's metric (_inert_tables), found once
         if base is not None:
             self._set_base(base)
         self.uniform = isinstance(pos, int)
@@ -206,6 +208,7 @@ class EdgeEngine:
         ``D`` (formed in the source values' storage by a recorded run), that ``D``, the source values then
         gone."""
         self.base = base
+        self._inert = None
         self._ablated = {}  # what follows from the base run (all-ablated inputs, their projections and MLPs)
         if D is not None:
             self.D, self.A = D, None
@@ -280,6 +283,131 @@ class EdgeEngine:
         if self.uniform and layer == self.L - 1:
             return torch.tensor([self.T - 1], device=self.device)
         return rows
+
+    # ----- edges that cannot change the metric ------------------------------------------------------------------
+    def _inert_tables(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(fixed (E, B), alone (E, B), coupled)`` on the CPU, found once per base run: the edges whose patch
+        cannot change an example's metric.
+
+        - ``fixed``: in any patched run. An edge at a row before the first row at which any source's value ``A_u``
+          differs from its base output ``out_u`` (bit for bit: the rows before the first corrupted token, or every
+          row of an example whose source prompt is its base prompt): by induction over the stages every patched
+          run equals the base run at those rows of a causal model, so the edge carries exactly zero. An edge into
+          a query input at a row whose query may attend one key only (the first row), in every layer's rows it
+          covers: that key's weight is 1 whatever the query. On a
+          per-position graph also an edge whose destination input at its row cannot reach the metric's row
+          (:func:`~pypattern.patching.inert.reach_positions`: rows after the metric's; the last layer's query and
+          MLP inputs and the logits at other rows; keys and values out of a sliding window's reach); what such
+          an edge changes is read only by edges of that kind.
+        - ``alone``: ``fixed``, or an edge whose source has ``A_u == out_u`` at its row (without positions: at every
+          row the metric can read). A run whose patched edges are all ``alone`` edges for an example changes
+          nothing its metric reads (each node's output is the base run's by induction, so each carries zero).
+        - ``coupled``: the metric relates a run's examples (:func:`~pypattern.patching.api._couples_examples`): an
+          example's metric is then left alone only where every example's is.
+
+        Computed, such runs come out as the base run's metric plus rounding (their products are taken in other
+        shapes than the base run's), where edge attribution gives exactly 0: :meth:`run` gives them the base run's
+        metric exactly, and ACDC's tests (:meth:`inert_edges`) the current circuit's."""
+        if self._inert is not None:
+            return self._inert
+        g, B, T = self.graph, self.B, self.T
+        zero = (~(self.D != 0).any(-1)).cpu()  # (n_src, B, T): A_u == out_u at that row (a NaN differs)
+        pos = torch.full((B,), T - 1, dtype=torch.long) if self.uniform else self.pos.cpu().long()
+        upto = torch.arange(T)[None, :] <= pos[:, None]  # (B, T): the rows the metric's row may read
+        same = zero.all(0).int().cummin(1).values.bool()  # (B, T): before the first row any source differs
+        # query inputs at rows whose query may attend one key only: its weight is 1 whatever the query
+        one_key = self._one_key_rows()  # (L, T)
+        is_q = torch.tensor([q == "q" for q in g.dst_qkv], dtype=torch.bool)[g.dst_idx]
+        lay = (g.dst_stage // 2).clamp(max=self.L - 1)[g.dst_idx]
+        if not g.per_position:
+            fixed = (same | ~upto).all(1)[None].expand(len(g), B)
+            fixed = fixed | (is_q[:, None] & (one_key[lay][:, None, :] | ~upto[None]).all(2))
+            alone = (zero | ~upto[None]).all(2)[g.src_idx]  # (E, B)
+        else:
+            t = g.pos_idx
+            inside = t < T  # rows cut off after the metric's
+            tc = t.clamp(max=T - 1)
+            fixed = same[:, tc].T | ~inside[:, None] | ~self._reach(pos, tc)
+            fixed = fixed | (is_q & one_key[lay, tc])[:, None]
+            alone = zero[g.src_idx, :, tc]  # (E, B)
+        alone = alone | fixed
+        with torch.no_grad():
+            logits = self.base.logits.detach()
+            try:
+                coupled = _couples_examples(self.metric, logits, self.metric(logits))
+            except Exception:
+                coupled = True
+        self._inert = (fixed.contiguous(), alone.contiguous(), coupled)
+        return self._inert
+
+    def _one_key_rows(self) -> torch.Tensor:
+        """``(L, T)`` bool: the rows whose query may attend one key only in each layer (the first row; every row of
+        a sliding window of one), by the model's attention masks (none found: the first row)."""
+        rows = torch.arange(self.T)
+        out = torch.zeros(self.L, self.T, dtype=torch.bool)
+        for layer in range(self.L):
+            try:
+                allowed = ~self.view.model.blocks[layer].attn.attn_mask(rows, rows).cpu()
+            except (AttributeError, TypeError):
+                allowed = rows[None, :] <= rows[:, None]
+            out[layer] = allowed.sum(1) == 1
+        return out
+
+    def _reach(self, pos: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        """``(E, B)`` bool of a per-position graph: whether each edge's destination input at its row (``tc``) can
+        reach the metric's row of each example (``pos (B,)``) in the causal model."""
+        g, T, L = self.graph, self.T, self.L
+        layer = (g.dst_stage // 2).tolist()
+        out = torch.zeros(len(g), self.B, dtype=torch.bool)
+        for m in sorted(set(pos.tolist())):
+            try:
+                by_site = {
+                    site: reach_positions(self.view.model, site, m, T).cpu() for site in ("q", "k", "mlp_out")
+                }
+            except (
+                AttributeError,
+                TypeError,
+            ):  # no attention masks to read: the rows after the metric's only
+                by_site = None
+            reach = torch.zeros(g.n_dst, T, dtype=torch.bool)
+            for d, qkv in enumerate(g.dst_qkv):
+                if layer[d] >= L:  # the logits
+                    reach[d, m] = True
+                elif by_site is None:
+                    reach[d, : m + 1] = True
+                else:
+                    site = "mlp_out" if qkv is None else ("q" if qkv == "q" else "k")
+                    reach[d] = by_site[site][layer[d]]
+            ex = (pos == m).nonzero().flatten()
+            out[:, ex] = reach[g.dst_idx, tc][:, None]
+        return out
+
+    def inert_edges(self) -> torch.Tensor:
+        """``(E, B)`` bool on the CPU: the edges whose patch cannot change an example's metric in any patched run
+        (``fixed`` of :meth:`_inert_tables`; for a metric relating the examples, only where it holds for every
+        example). Adding such an edge to a patched set leaves those examples' metrics as they are, exactly."""
+        fixed, _, coupled = self._inert_tables()
+        return fixed.all(1, keepdim=True).expand_as(fixed) if coupled else fixed
+
+    def _inert_runs(self, live: torch.Tensor) -> torch.Tensor | None:
+        """``(C, B)`` bool on the CPU: the examples of each run (``live (C, E)``: its patched edges) whose metric is
+        the base run's exactly (every patched edge is an ``alone`` edge of :meth:`_inert_tables`), or None when
+        there are none."""
+        fixed, alone, coupled = self._inert_tables()
+        never = ~alone.any(1)  # (E,): edges that may change every example's metric
+        cand = ~(live & never[None]).any(1)
+        if not bool(cand.any()):
+            return None
+        cols = ~alone.all(1) & ~never  # edges inert for some examples only
+        ok = torch.ones(int(cand.sum()), self.B, dtype=torch.bool)
+        if bool(cols.any()):
+            sub = live[cand][:, cols].float()
+            ok = (sub @ (~alone[cols]).float()) == 0
+        if coupled:
+            ok = ok.all(1, keepdim=True).expand_as(ok)
+        out = torch.zeros(live.shape[0], self.B, dtype=torch.bool)
+        out[cand] = ok
+        return out if bool(out.any()) else None
 
     # ----- stage pieces ---------------------------------------------------------------------------------------
     def _attn(self, layer: int, X: torch.Tensor, qrows: torch.Tensor, rows: torch.Tensor, heads=None):
@@ -370,7 +498,9 @@ class EdgeEngine:
 
     @torch.no_grad()
     def run(self, masks: torch.Tensor) -> torch.Tensor:
-        """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``.
+        """Metric of the run with each mask's edges patched: ``masks (C, num_edges)`` bool -> ``(C, batch)``. An
+        example none of whose patched edges can change its metric (:meth:`_inert_tables`) gets the base run's
+        metric exactly; a mask where that holds for every example is not run.
 
         On a model in float32 (or 16 bits), the first call checks the destination inputs it forms and warns, once
         per engine, when one is the sum of terms that nearly cancel (:meth:`_check_cancellation`)."""
@@ -470,6 +600,11 @@ class EdgeEngine:
         e_stage = g.edge_stage()
         big = 2 * self.L + 1
         first = torch.where(live, e_stage[None], torch.full_like(e_stage, big)[None]).min(1).values
+        # the examples whose metric no patched edge can change (_inert_tables) take the base run's exactly, not
+        # its rounding in a patched run; a mask that changes no example's metric is not run
+        inert = self._inert_runs(live)
+        if inert is not None:
+            first[inert.all(1)] = big
         # the query heads each mask changes at its first stage (a patched key/value input changes its whole group)
         if self._e_heads is None:
             self._e_heads = self._dst_qheads()[g.dst_idx].float()  # (E, H)
@@ -501,6 +636,9 @@ class EdgeEngine:
                     dense = dense[..., : self.T]
                 # a metric computed in another dtype (float64 on a float32 model, a bool accuracy) is cast
                 out[part] = self._patched(dense, s0, hsel).to(out.dtype)
+        if inert is not None:
+            at = inert.to(self.device)
+            out[at] = self.base_metric().to(out.dtype).expand_as(out)[at]
         return out
 
     def _dst_qheads(self) -> torch.Tensor:
