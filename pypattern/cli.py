@@ -20,9 +20,9 @@
 
 Every run ends with a short summary; full results go to files under --out, whose paths are printed.
 --quick runs any demo at tiny sizes (seconds to a minute): a check that it runs, not a measurement.
---seed N (an integer >= 0; default 0) sets the seed of `demo` and `demo flags` (as --seed of
-python -m pypattern.experiments.llc_demo and patching_demo does); with --model, that of the sampler (llc, chi) or
-of the Gaussian noise of the corrupted run (patch).
+--seed N (an integer >= 0; default 0) sets the seed of `demo`, `demo flags` and the built-in `llc` and `patch`
+(as --seed of python -m pypattern.experiments.llc_demo and patching_demo does); with --model, that of the sampler
+(llc, chi) or of the Gaussian noise of the corrupted run (patch).
 --threads N sets torch's thread count for any command that computes; with --model, --device DEV (cpu, cuda or
 cuda:<index>) is where the model runs.
 """
@@ -343,7 +343,11 @@ def _user_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     )
 
 
-def _sampler_args(p: argparse.ArgumentParser, draws: int, quiet_help: str) -> None:
+def _sampler_args(
+    p: argparse.ArgumentParser, draws: int, quiet_help: str, demo_seed: str | None = None
+) -> None:
+    """The sampler's options, each applying with --model only; ``demo_seed``: what --seed seeds in the built-in
+    demo, which takes it too (None: --seed applies with --model only, as the other options)."""
     m = MODEL_ONLY
     _flag(
         p,
@@ -405,8 +409,10 @@ def _sampler_args(p: argparse.ArgumentParser, draws: int, quiet_help: str) -> No
         "--seed",
         type=seed_int,
         default=0,
-        applies=m,
-        help="with --model: seed of noise and data order (default: 0)",
+        metavar="N",
+        applies=None if demo_seed else m,
+        help=(f"the built-in demo's seed ({demo_seed}) or, with --model, " if demo_seed else "with --model: ")
+        + "seed of noise and data order, an integer in [0, 2**63) (default: 0)",
     )
     _flag(
         p,
@@ -582,7 +588,12 @@ def _parser() -> argparse.ArgumentParser:
     llc.add_argument("--out", default="out/llc", help="folder for the result and the plot (default: out/llc)")
     _flag(llc, "--quick", action="store_true", applies=DEMO_ONLY, help=f"built-in demo only: {quick_help}")
     _user_args(llc)
-    _sampler_args(llc, draws=100, quiet_help="no progress bars")
+    _sampler_args(
+        llc,
+        draws=100,
+        quiet_help="no progress bars",
+        demo_seed="its task, training and chains, as --seed of python -m pypattern.experiments.llc_demo",
+    )
     _compute_args(llc, "both")
     patch = sub.add_parser(
         "patch",
@@ -636,9 +647,9 @@ def _parser() -> argparse.ArgumentParser:
         type=seed_int,
         default=0,
         metavar="N",
-        applies=MODEL_ONLY,
-        help="with --model and no --corrupted: seed of the Gaussian noise of the corrupted run, an integer in "
-        "[0, 2**63) (default: 0)",
+        help="the built-in demo's seed (its model, training and prompts, as --seed of python -m "
+        "pypattern.experiments.patching_demo) or, with --model and no --corrupted, the seed of the Gaussian noise "
+        "of the corrupted run; an integer in [0, 2**63) (default: 0)",
     )
     _flag(
         patch,
@@ -964,10 +975,12 @@ def _run(args) -> int:
         return _user_run(args)
     if args.cmd == "llc":
         print("LLC of a small MLP trained on a teacher task:")
-        _llc_demo(args.out, args.quick, args.quiet)
+        _llc_demo(args.out, args.quick, args.quiet, seed=args.seed)
         return 0
     if args.cmd == "patch":
-        _patch_demo("activation patching on the built-in model and task:", args.out, args.quick)
+        _patch_demo(
+            "activation patching on the built-in model and task:", args.out, args.quick, seed=args.seed
+        )
         return 0
     if args.what in ("equivalence", "interpretive"):
         _print(

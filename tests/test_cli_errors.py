@@ -93,7 +93,7 @@ def test_parsed_lists_and_defaults():
         (["llc", "--num-draws", "5"], "--num-draws applies only with --model DIR --data FILE"),
         (
             ["llc", "--step-size", "1e-4", "--localization", "10", "--seed", "1"],
-            "--step-size, --localization, --seed",
+            "--step-size, --localization apply only with --model DIR --data FILE (not to the built-in demo)",
         ),
         (
             ["llc", "--batch-size", "4", "--num-burnin-steps", "3"],

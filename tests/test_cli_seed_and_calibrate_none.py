@@ -155,7 +155,7 @@ def test_patch_seed_seeds_the_gaussian_noise_of_a_user_model(user_model, tmp_pat
     # --seed seeds the noise that --corrupted replaces: refused with it, and without --model
     for argv, message in (
         ([*base, "--corrupted", data, "--seed", "2"], "--seed with --model seeds the Gaussian noise"),
-        (["patch", "--seed", "2"], "--seed applies only with --model DIR --data FILE"),
+        (["patch", "--max-prompts", "3"], "--max-prompts applies only with --model DIR --data FILE"),
     ):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)

@@ -695,6 +695,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         dest="model_dir",
         default=None,
+        metavar="DIR",
         help="a Hugging Face save_pretrained directory (converted exactly; a bfloat16 or float16 checkpoint is "
         "scored as its exact float32 copy, with a warning), or config.json + weights.npz of a pypattern "
         "Transformer; needs --data; default: the built-in induction task",
@@ -704,6 +705,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         dest="tokens",
         default=None,
+        metavar="FILE",
         help="with --model: .npz with integer arrays clean, corrupted, answer[, wrong] (no other; corrupted equal "
         "to clean, or wrong equal to answer, is refused); or a token file (.npy, .npz, text: .txt, .csv, .tsv) of "
         "clean prompts",
@@ -711,6 +713,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--corrupted",
         default=None,
+        metavar="FILE",
         help="with --model and a token file: corrupted prompts of the same shape (default: mean ablation over "
         "the prompts)",
     )
