@@ -1001,6 +1001,27 @@ def permutation_test(
 # ------------------------------------------------------------------------------------------------ interpretive equivalence
 
 
+def _warn_few_held_out_pooled(n: int, held: int, train_fraction: float) -> None:
+    """:func:`ridge_similarity`'s split holds out ``held`` of ``n``: warn (as :func:`ridge_similarity_cv` does)
+    below ``MIN_HELD_OUT``, where ``SST`` has fewer than 5 degrees of freedom per column."""
+    from .ridge import MIN_HELD_OUT
+    from .sampling.diagnostics import user_stacklevel
+
+    if held >= MIN_HELD_OUT:
+        return
+    if n >= 2 * MIN_HELD_OUT:
+        fix = f"hold out at least {MIN_HELD_OUT}: train_fraction <= {(n - MIN_HELD_OUT) / n:.3g} with {n} inputs"
+    else:
+        fix = f"give at least {2 * MIN_HELD_OUT} inputs ({MIN_HELD_OUT} held out, as many to fit)"
+    warnings.warn(
+        f"ridge_similarity: train_fraction={train_fraction!r} on {n} inputs holds out {held}; the held-out R^2 "
+        f"from fewer than {MIN_HELD_OUT} inputs is unstable (its SST has fewer than {MIN_HELD_OUT - 1} degrees of "
+        f"freedom per column, and held-out values that nearly coincide give an R^2 of -100 or below): {fix}",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
 def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, seed: int = 0) -> float:
     """How well ``y`` is linearly predictable from ``x``: ``sqrt(max(R^2, 0))`` of a ridge regression of ``y`` on
     ``x`` (with intercept), fit on a random ``train_fraction`` of the samples and scored on the rest.
@@ -1020,6 +1041,10 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     A ``y`` with no variance to predict (constant over the samples, or over the held-out ones of the split, up to
     rounding) has no R^2: NaN is returned, with a ``RuntimeWarning`` saying which (as :func:`linear_cka` is NaN
     for a constant representation). A constant ``x`` predicts nothing but the mean: the similarity is 0.
+
+    A split that holds out fewer than 6 samples (``MIN_HELD_OUT``, as for :func:`ridge_similarity_cv`; with the
+    default ``train_fraction=0.5``, fewer than 12 samples) is kept, with a ``UserWarning`` naming
+    ``train_fraction`` and the fix: the held-out ``SST`` then has fewer than 5 degrees of freedom per column.
     """
     x, y = _as_features(x, "x", 4), _as_features(y, "y", 4)
     _check_pair(x, y)
@@ -1039,6 +1064,7 @@ def ridge_similarity(x, y, *, alpha: float = 0.01, train_fraction: float = 0.5, 
     x, y = (t / s if (s := float(t.abs().max())) > 0 else t for t in (x, y))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu").to(x.device)
     k = min(max(int(round(train_fraction * n)), 2), n - 2)
+    _warn_few_held_out_pooled(n, n - k, train_fraction)
     tr, te = perm[:k], perm[k:]
     mx, my = x[tr].mean(0), y[tr].mean(0)
     xt, yt = x[tr] - mx, y[tr] - my

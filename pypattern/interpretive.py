@@ -578,6 +578,46 @@ def _check_patched(patched, clean, i: int, k: int) -> None:
         )
 
 
+def _name_of(fn) -> str:
+    qual = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return "a lambda" if qual.endswith("<lambda>") else qual
+
+
+def _check_control(patched_a, patched, clean, i: int) -> None:
+    """A budget of 0 patches no head: ``patched_a(i, 0)`` must be ``impl_a[i]`` (the curve's control compares
+    ``a`` with itself), the same shape and the same values up to the rounding of the coarser of their float types
+    (a representation recomputed in float32 passes); else refused naming ``patched_a`` and ``i``."""
+    p = torch.as_tensor(patched).detach().cpu()
+    c = torch.as_tensor(clean).detach().cpu()
+    where = f"patched_a({i}, 0) (patched_a is {_name_of(patched_a)})"
+    if tuple(p.shape) != tuple(c.shape):
+        raise ValueError(
+            f"{where} has shape {tuple(p.shape)} but impl_a[{i}] has {tuple(c.shape)}: a budget of 0 patches no "
+            f"head, so patched_a(i, 0) must return impl_a[i] itself (the curve's k = 0 control)"
+        )
+    if not p.numel():
+        return
+    eps = max(
+        torch.finfo(t.dtype).eps if t.dtype.is_floating_point else torch.finfo(torch.float64).eps
+        for t in (p, c)
+    )
+    p64, c64 = p.double(), c.double()
+    scale = float(c64[torch.isfinite(c64)].abs().max()) if bool(torch.isfinite(c64).any()) else 0.0
+    tol = 64 * eps * scale
+    same_nan = torch.isnan(p64) == torch.isnan(c64)
+    diff = torch.where(torch.isnan(p64) | torch.isnan(c64), torch.zeros_like(p64), (p64 - c64).abs())
+    both_inf = torch.isinf(p64) & torch.isinf(c64) & (p64 == c64)
+    diff = torch.where(both_inf, torch.zeros_like(diff), diff)
+    worst = float(diff.max()) if diff.numel() else 0.0
+    if not bool(same_nan.all()) or not worst <= tol:
+        what = "NaN at other entries" if not bool(same_nan.all()) else f"values differ by up to {worst:.3g}"
+        raise ValueError(
+            f"{where} is not impl_a[{i}] ({what}; allowed: {tol:.3g}, rounding): a budget of 0 patches no head, "
+            "so patched_a(i, 0) must return impl_a[i] itself (the curve's k = 0 control, win rate about 0.5, "
+            "compares a with a); check that patched_a indexes implementations as impl_a does"
+        )
+
+
 def selectivity_curve(
     impl_a: ImplementationSet,
     patched_a: Callable[[int, int], torch.Tensor],
@@ -592,7 +632,10 @@ def selectivity_curve(
     """Intervention selectivity against the patching budget ``k`` (see the module docstring).
 
     ``patched_a(i, k)`` is the representation of implementation ``i`` of ``A`` with its ``k`` most important
-    heads patched (``patched_a(i, 0)`` must equal ``impl_a[i]``). For each ``k``, ``num_trials`` trials per other
+    heads patched. ``patched_a(i, 0)`` must equal ``impl_a[i]`` (up to the rounding of the coarser float type):
+    ``k = 0`` is the control, ``a`` compared with itself; where budgets hold 0 it is checked at every trial, and a
+    different representation (e.g. ``patched_a`` indexing implementations otherwise than ``impl_a``) is refused
+    naming ``patched_a`` and ``i``. For each ``k``, ``num_trials`` trials per other
     algorithm, each drawing ``a`` and ``b``; ``s(a -> b)`` and ``s(patched a -> b)`` use independent splits.
     """
     return selectivity_curves(
@@ -658,6 +701,8 @@ def selectivity_curves(
                 clean_rep, patched_rep = impl_a[ia], patched_a(ia, k)
                 _same_inputs([(f"impl_a[{ia}]", clean_rep), (f"others[{oi}][{ib}]", b)])
                 _check_patched(patched_rep, clean_rep, ia, k)
+                if k == 0:
+                    _check_control(patched_a, patched_rep, clean_rep, ia)
                 for m in measures:
                     clean = similarity(m, clean_rep, [b], seed=s1, **similarity_kw)[0]
                     patched = similarity(m, patched_rep, [b], seed=s2, **similarity_kw)[0]

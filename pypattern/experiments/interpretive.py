@@ -156,6 +156,16 @@ def check_settings(s: InterpretiveSettings) -> InterpretiveSettings:
             f"{len(members)} member(s) per routine give it {len(members) ** len(ALGORITHMS[few[0]])} "
             "implementation(s), and the same-algorithm control draws 3 distinct ones: give at least 2 members"
         )
+    # a budget patches that many heads of a chain: at most the heads of the chain with fewest (each routine's
+    # member of fewest heads), else the run would stop partway at ChainImplementations.patched's refusal
+    fewest = min(ARCHS[m[0]]["n_layers"] * ARCHS[m[0]]["n_heads"] for m in members)
+    for a in s.algorithms:
+        heads = len(ALGORITHMS[a]) * fewest
+        if max(s.budgets) > heads:
+            raise ValueError(
+                f"budgets={tuple(s.budgets)!r} is not valid: algorithm {a!r} ({len(ALGORITHMS[a])} routines) may "
+                f"be drawn as a chain of {heads} heads with these members; give budgets <= {heads}"
+            )
     # every similarity is computed on a split of the inputs: the ridge split needs 5 inputs (3 to fit, 2 held
     # out), CKA at least 4 in the fraction it is computed on
     least = 5
@@ -500,14 +510,22 @@ class ChainImplementations:
         return [(s, la, h) for _, s, la, h in sorted(scored)]
 
     def patched(self, i: int, k: int) -> torch.Tensor:
-        """Representation of chain ``i`` with its ``k`` most important heads patched (``k = 0``: ``self[i]``).
+        """Representation of chain ``i`` with its ``k`` most important heads patched (``k = 0``: ``self[i]``; a ``k``
+        above the chain's number of heads is refused).
         A stage without patched heads whose input equals the clean chain's is the clean chain's stage."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
             raise ValueError(f"k={k!r} is not valid; give the number of heads to patch, an int >= 0")
         if k == 0:
             return self[i]
         key = self.members(i)
-        heads = self.ranked_heads(i)[:k]
+        ranked = self.ranked_heads(i)
+        if k > len(
+            ranked
+        ):  # every head is patched from len(ranked) on: larger budgets would repeat that point
+            raise ValueError(
+                f"k={k} is more heads than chain {i} has ({len(ranked)}); give a budget k <= {len(ranked)}"
+            )
+        heads = ranked[:k]
         inp, reps = self.x, []
         for s, m in enumerate(key):
             model = self.models[s][m]
