@@ -461,7 +461,7 @@ def test_built_in_llc_demo_warnings_name_no_flag_the_demo_refuses(tmp_path, monk
     """A sampler warning of the built-in demo names the library's settings, not the options that the demo refuses
     (they apply with --model only); with --model the same words are the options."""
 
-    def fake_demo(out, quick, quiet=False):
+    def fake_demo(out, quick, quiet=False, seed=0):
         warnings.warn(
             "step_size=0.0001 is too small: use more burn-in steps (num_burnin_steps) or draws (num_draws), a "
             "larger step_size, or step_size='auto'",
