@@ -434,8 +434,10 @@ def _concepts_of(task, tokens: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, tc[tokens.clamp(max=len(tc) - 1)], torch.full_like(tokens, -1))
 
 
-def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
-    """``(batch, pos)`` bool mask from None (all), an int ``p`` (positions >= p), or a bool tensor."""
+def _position_mask(positions, b: int, t: int, device, start: int = 0) -> torch.Tensor:
+    """``(batch, pos)`` bool mask from None (all), an int ``p`` (positions >= p), or a bool tensor, for ``t``
+    positions starting at the absolute position ``start`` (that of the first new token of a forward under a
+    key-value cache, 0 without one)."""
     if isinstance(positions, bool | np.bool_):
         raise ValueError(
             f"positions={positions!r} is not valid; give None (every position), an int start position or a bool mask"
@@ -447,19 +449,119 @@ def _position_mask(positions, b: int, t: int, device) -> torch.Tensor:
             raise ValueError(
                 f"positions={positions!r} is not valid; give a start position >= 0 (or a bool mask)"
             )
-        return (torch.arange(t, device=device) >= int(positions))[None].expand(b, t)
+        return (torch.arange(start, start + t, device=device) >= int(positions))[None].expand(b, t)
     m = torch.as_tensor(positions, device=device)
     if m.dtype != torch.bool:
         raise ValueError(f"positions has dtype {m.dtype}; give None, an int start position or a bool mask")
     given = tuple(m.shape)
     if m.dim() == 1:
         m = m[None].expand(b, -1)
-    if m.dim() != 2 or m.shape[0] != b or m.shape[1] < t:
-        raise ValueError(
-            f"positions has shape {given}; give a bool mask (pos,) or ({b}, pos) with pos >= {t} (the batch has "
-            f"{b} sequences of {t} positions)"
+    if m.dim() != 2 or m.shape[0] != b or m.shape[1] < start + t:
+        covers = (
+            f"{b} sequences, and this forward under a key-value cache covers positions {start}..{start + t - 1}: "
+            f"{t} new token(s) after {start} cached ones"
+            if start
+            else f"{b} sequences of {t} positions"
         )
-    return m[:, :t]
+        raise ValueError(
+            f"positions has shape {given}; give a bool mask (pos,) or ({b}, pos) with pos >= {start + t} (the batch "
+            f"has {covers})"
+        )
+    return m[:, start : start + t]
+
+
+# keyword arguments under which a forward is given a key-value cache: Hugging Face's (``cache`` from transformers 5
+# on, ``past_key_values`` before) and TransformerLens' (``past_kv_cache``)
+_CACHE_KWARGS = ("cache", "past_key_values", "past_kv_cache")
+
+
+def _cache_length(cache) -> int | None:
+    """The number of positions held by a key-value cache: a Hugging Face ``Cache``'s ``get_seq_length()``, the
+    keys' length of a legacy tuple of ``(keys, values)`` per layer ``(batch, heads, pos, d_head)`` or of
+    TransformerLens' cache (``entries[0].past_keys`` ``(batch, pos, heads, d_head)``); None when it cannot be read."""
+    length = getattr(cache, "get_seq_length", None)
+    if callable(length):
+        try:
+            n = length()
+        except Exception:  # noqa: BLE001 - a cache of another kind: its length is unknown
+            return None
+        return int(n) if isinstance(n, numbers.Integral) or (torch.is_tensor(n) and n.numel() == 1) else None
+    entries = getattr(cache, "entries", None)
+    if isinstance(entries, list | tuple) and entries:
+        keys = getattr(entries[0], "past_keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            return int(keys.shape[1])
+    if isinstance(cache, list | tuple):
+        if not cache:
+            return 0
+        layer = cache[0]
+        if (
+            isinstance(layer, list | tuple)
+            and layer
+            and isinstance(layer[0], torch.Tensor)
+            and layer[0].dim() == 4
+        ):
+            return int(layer[0].shape[-2])
+    return None
+
+
+def _forward_start(args: tuple, kwargs: dict) -> int | str:
+    """The absolute position of the first token a forward is given (called with ``args`` and ``kwargs``), read
+    before the forward runs: the first entry of ``cache_position`` (Hugging Face before transformers 5), else the
+    length of the cache it is given (0 without one; a cache made inside the forward starts empty), else the length
+    of a 2-d ``attention_mask`` (which covers the cached positions too) beyond the input's. A string saying which
+    cache could not be read when none of these tells."""
+    cp = kwargs.get("cache_position")
+    if isinstance(cp, torch.Tensor) and cp.numel():
+        return int(cp.reshape(-1)[0])
+    given = [(f"{k}=", kwargs[k]) for k in _CACHE_KWARGS if kwargs.get(k) is not None]
+    given += [
+        (f"positional argument {i} ", a) for i, a in enumerate(args[1:], 1) if hasattr(a, "get_seq_length")
+    ]
+    if not given:
+        return 0
+    name, cache = given[0]
+    past = _cache_length(cache)
+    if past is not None:
+        return past
+    am = kwargs.get("attention_mask")
+    x = args[0] if args else kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if (
+        isinstance(am, torch.Tensor)
+        and am.dim() == 2
+        and isinstance(x, torch.Tensor)
+        and x.dim() >= 2
+        and am.shape[1] >= x.shape[1]
+    ):
+        return int(am.shape[1] - x.shape[1])
+    return (
+        f"it was given a key-value cache ({name}a {type(cache).__name__}) whose length, the absolute position of "
+        "its first new token, cannot be read"
+    )
+
+
+def _positions_text(positions) -> str:
+    """``positions`` as an error message names it: an int as it is, a mask by its shape."""
+    if isinstance(positions, torch.Tensor | np.ndarray):
+        return f"positions (a mask of shape {tuple(positions.shape)})"
+    return f"positions={positions!r}"
+
+
+def _cache_refused(who: str, spec: FlagSpec, positions, why: str) -> RuntimeError:
+    fix = (
+        "run the steered model through its own forward (pypattern.flags.generate(model, ...) generates so)"
+        if why == _NO_FORWARD
+        else "generate without the cache (use_cache=False in Hugging Face's generate, or a forward over the whole "
+        "sequence) or with pypattern.flags.generate"
+    )
+    return RuntimeError(
+        f"{who}: {_positions_text(positions)} selects absolute positions, but a forward reached hook={spec.hook!r} "
+        f"whose first token's absolute position is unknown: {why}. Under a key-value cache each forward sees only "
+        f"the new tokens, so the positions cannot be placed; {fix}, or give positions=None (every position, right "
+        "whatever the cache)"
+    )
 
 
 def overwrite_flags(
@@ -556,12 +658,21 @@ def _flag_hook(model, spec: FlagSpec, make_values, positions, who: str) -> Itera
     # one counter per forward of the model under way (a stack: a forward may call the model again); the hook function
     # counts in each of them
     running: list[list] = []
+    # the absolute position of the first token of each forward under way (innermost last), read from its arguments
+    # before it runs (a cache grows during it): an int, or a string saying why it is unknown
+    starts: list = []
+    cache_site = _cache_site(model)
 
     def fn(x: torch.Tensor, hook) -> torch.Tensor:
         for entry in running:
             entry[0] += 1
         b, t = x.shape[:2]
-        return overwrite_flags(x, spec, make_values(b), _position_mask(positions, b, t, x.device))
+        start = 0
+        if positions is not None and cache_site is not None:
+            start = starts[-1] if starts else _NO_FORWARD
+            if isinstance(start, str):
+                raise _cache_refused(who, spec, positions, start)
+        return overwrite_flags(x, spec, make_values(b), _position_mask(positions, b, t, x.device, start))
 
     def pre(mod, args, kwargs) -> None:
         running.append([0, kwargs])
@@ -574,11 +685,23 @@ def _flag_hook(model, spec: FlagSpec, make_values, positions, who: str) -> Itera
             return
         _unreached(spec, who, kw)
 
+    def start_pre(mod, args, kwargs) -> None:
+        starts.append(_forward_start(args, kwargs))
+
+    def start_post(mod, args, kwargs, out) -> None:
+        if starts:
+            starts.pop()
+
     handles = []
     if isinstance(model, torch.nn.Module):
         handles = [
             model.register_forward_pre_hook(pre, with_kwargs=True),
             model.register_forward_hook(post, with_kwargs=True),
+        ]
+    if cache_site is not None:
+        handles += [
+            cache_site.register_forward_pre_hook(start_pre, with_kwargs=True),
+            cache_site.register_forward_hook(start_post, with_kwargs=True, always_call=True),
         ]
     try:
         with model.hooks([(spec.hook, fn)]):
@@ -586,6 +709,32 @@ def _flag_hook(model, spec: FlagSpec, make_values, positions, who: str) -> Itera
     finally:
         for h in handles:
             h.remove()
+
+
+_NO_FORWARD = (
+    "the hook point ran outside a forward of the model steered (e.g. the wrapped model's own generate or forward "
+    "called directly), so whether a key-value cache is in use cannot be seen"
+)
+
+
+def _cache_site(model) -> torch.nn.Module | None:
+    """The module whose forward's arguments say whether a key-value cache is in use, and its length: for
+    :func:`~pypattern.models.hooked_hf`'s wrapper the Hugging Face decoder (``GPT2Model``, ``LlamaModel``, ...),
+    which every forward runs, the wrapper's own, the Hugging Face model's and its ``generate``'s alike; None for
+    pypattern's :class:`~pypattern.models.Transformer`, which has no cache (its positions are always those of the
+    tokens it is given); the model itself otherwise (a forward that does not go through it is refused with
+    positions)."""
+    from .models.hf import HookedHF
+    from .models.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        return None
+    if isinstance(model, HookedHF):
+        try:
+            return model.hf_model.get_submodule(model.arch.base)
+        except AttributeError:
+            pass
+    return model if isinstance(model, torch.nn.Module) else None
 
 
 def _unreached(spec: FlagSpec, who: str, kwargs: dict) -> None:
@@ -627,18 +776,29 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
         One concept for the whole batch or one per sample.
     positions : None, int or bool Tensor ``(pos,)`` / ``(batch, pos)``
         None: every position; an int ``p``: positions ``>= p``; a mask: where True (it may be longer than the
-        sequence, e.g. for generation; it is cut to the sequence length).
+        sequence, e.g. for generation; it is cut to the sequence length). Positions are absolute: the column
+        indices of the batch as a forward over the whole sequence sees it (of a left-padded batch too, padding
+        columns counted). Under a key-value cache, where a forward sees only the new tokens, its first token is
+        at the cache's length: a model wrapped by :func:`~pypattern.models.hooked_hf` is steered at the same
+        positions whether it runs with a cache or not (its forward with ``past_key_values``/``cache``, the Hugging
+        Face model's own ``generate(use_cache=True)``), as in :func:`generate`, which uses none. A mask must then
+        cover every position generated.
 
     Raises
     ------
     ValueError
         On entry, when ``spec.hook`` is not a hook point of the model (a misspelled name, a layer beyond the
-        model's), or its ``dims`` exceed the hook's width where the model's config gives it.
+        model's), or its ``dims`` exceed the hook's width where the model's config gives it. From a forward, when
+        a mask ``positions`` is shorter than the positions it covers.
     RuntimeError
         From a forward of ``model`` within the block that ends without reaching ``spec.hook`` (e.g.
         ``stop_at_layer`` at or before its block, or a hook point the forward does not run), naming the hook point:
         its output is the unsteered model's. A forward that starts after the hook point (``start_at_layer``)
-        warns instead (``RuntimeWarning``): the residual stream it is given carries its own flags.
+        warns instead (``RuntimeWarning``): the residual stream it is given carries its own flags. With
+        ``positions`` other than None, from a forward whose absolute start cannot be read: one given a key-value
+        cache of an unknown kind, or, for a model other than pypattern's ``Transformer`` and ``hooked_hf``'s
+        wrapper, one that reaches the hook point without going through the model's forward (e.g. the wrapped
+        model's ``generate``, or TransformerLens' ``generate``, which calls ``forward`` directly).
 
     Examples
     --------
