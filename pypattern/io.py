@@ -750,19 +750,26 @@ def _write_result(obj, path: str | os.PathLike, *, check: bool = False) -> None:
     enc = _Encoder()
     fields = {f.name: enc(getattr(obj, f.name), f.name) for f in dataclasses.fields(obj)}
     if check:
-        _check_readable(type(obj), fields, enc.arrays, _path(path))
+        cls, p = type(obj), _path(path)
+
+        def build(header: dict) -> None:
+            _construct(
+                cls, {k: _decode(v, lambda k: np.asarray(enc.arrays[k]), p) for k, v in header.items()}, p
+            )
+
+        _check_readable(cls.__name__, p, fields, build)
     save(path, enc.arrays, {"fields": fields}, kind=type(obj).__name__)
 
 
-def _check_readable(cls: type, fields: dict, arrays: Mapping[str, np.ndarray], path: str) -> None:
-    """Decode the encoded ``fields`` (through JSON, as the header is written and read) with ``arrays`` as the
-    members and build a ``cls`` as :func:`load_result` does; a ValueError naming the field when that would be
-    refused."""
+def _check_readable(kind: str, path: str, header: Any, build: Callable[[Any], Any]) -> None:
+    """Read a result of ``kind`` about to be written to ``path`` back as its ``load`` would, before anything is
+    written: ``build`` gets the ``header`` through JSON (as the file is written and read) and decodes and builds
+    the result from it. What would make ``load`` refuse the file is a ValueError (not a
+    :class:`FormatError`: nothing was read) ``"cannot save this <kind> to <path>: <what>; <kind>.load would refuse
+    the file"``, ``<what>`` naming the field: a FormatError's own words (without its leading path), or, for
+    another error (the result's own check failing, a value that does not decode), its type and words."""
     try:
-        header = json.loads(json.dumps(fields))
-        _construct(
-            cls, {k: _decode(v, lambda k: np.asarray(arrays[k]), path) for k, v in header.items()}, path
-        )
+        build(json.loads(json.dumps(header)))
     except FormatError as e:
         msg = str(e)
         for prefix in (f"{path!r} is corrupt: ", f"{path!r} "):
@@ -770,12 +777,12 @@ def _check_readable(cls: type, fields: dict, arrays: Mapping[str, np.ndarray], p
                 msg = msg[len(prefix) :]
                 break
         raise ValueError(
-            f"cannot save this {cls.__name__} to {path!r}: {msg}; {cls.__name__}.load would refuse the file"
+            f"cannot save this {kind} to {path!r}: {msg}; {kind}.load would refuse the file"
         ) from None
     except _DAMAGED as e:
         raise ValueError(
-            f"cannot save this {cls.__name__} to {path!r}: its fields would not read back "
-            f"({type(e).__name__}: {e})"
+            f"cannot save this {kind} to {path!r}: its fields would not read back ({type(e).__name__}: {e}); "
+            f"{kind}.load would refuse the file"
         ) from None
 
 

@@ -34,7 +34,12 @@ from .._progress import progress_bar, sigterm_as_interrupt
 from .._train_checkpoint import check_checkpoint_arg
 from ..models.convert import converted_if_convertible
 from ..ops.dots import row_dots
-from ..patching.api import half_precision_warned, warn_half_precision
+from ..patching.api import (
+    CHECKPOINT_VERSION_KEY,
+    check_checkpoint_version,
+    half_precision_warned,
+    warn_half_precision,
+)
 from ..patching.metrics import (
     finite_examples,
     first_order_says_nothing,
@@ -839,6 +844,12 @@ def _warn_if_no_gradient(values, m_base, m_clean, method, steps, all_patched) ->
 #: seconds between two writes of an exact scoring's checkpoint (and one at the end)
 _CHECKPOINT_EVERY_S = 30.0
 
+#: the layout of each circuits checkpoint kind (its header's ``checkpoint_version``; a file without one is of
+#: version 1, see :func:`~pypattern.patching.api.check_checkpoint_version`)
+_EXACT_SCORES_KIND, _EXACT_SCORES_VERSION = "ExactEdgeScoresCheckpoint", 1
+_CURVE_KIND, _CURVE_VERSION = "PruningCurveCheckpoint", 1
+_ACDC_KIND, _ACDC_VERSION = "ACDCCheckpoint", 1
+
 
 def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation, quiet, checkpoint):
     """Each edge patched alone, ``(batch, E)``: the edges in blocks of whole engine batches, with a progress bar
@@ -857,7 +868,8 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
             "exact edge scores", engine, graph, model, clean, corrupted, metric, mode, ablation
         )
         if os.path.exists(checkpoint):
-            arrays, meta = io.load(checkpoint, kind="ExactEdgeScoresCheckpoint")
+            arrays, meta = io.load(checkpoint, kind=_EXACT_SCORES_KIND)
+            check_checkpoint_version(meta, checkpoint, _EXACT_SCORES_VERSION)
             io.check_fingerprint(meta.get("fingerprint"), fp, checkpoint)
             done, got = meta.get("done"), arrays.get("values")
             # the scores as save() writes them: a count of finished edges and their values in the widened dtype
@@ -887,8 +899,8 @@ def _exact_scores(engine, graph, model, clean, corrupted, metric, mode, ablation
             io.save(
                 checkpoint,
                 {"values": _widen(values[:, :done]).numpy()},
-                {"fingerprint": fp, "done": done},
-                kind="ExactEdgeScoresCheckpoint",
+                {CHECKPOINT_VERSION_KEY: _EXACT_SCORES_VERSION, "fingerprint": fp, "done": done},
+                kind=_EXACT_SCORES_KIND,
             )
 
         def run_block(start: int, stop: int) -> None:
@@ -1174,9 +1186,6 @@ def _counts(E: int, fractions, counts) -> torch.Tensor:
 DEFAULT_FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
-_CURVE_KIND = "PruningCurveCheckpoint"
-
-
 def _curve_runs(engine, masks: torch.Tensor, quiet: bool, checkpoint, fp) -> tuple[torch.Tensor, float]:
     """The metric of each patched run ``masks (C, num_edges)``, ``(C, batch)`` (a 16-bit model's in float32): with
     a ``checkpoint``, in blocks of whole engine batches with a progress bar, those finished written every 30 s, at
@@ -1190,6 +1199,7 @@ def _curve_runs(engine, masks: torch.Tensor, quiet: bool, checkpoint, fp) -> tup
     done, before = 0, 0.0
     if checkpoint is not None and os.path.exists(checkpoint):
         arrays, meta = io.load(checkpoint, kind=_CURVE_KIND)
+        check_checkpoint_version(meta, checkpoint, _CURVE_VERSION)
         io.check_fingerprint(meta.get("fingerprint"), fp, checkpoint)
         done, before, got = meta.get("done"), meta.get("seconds"), arrays.get("values")
         if (
@@ -1228,7 +1238,12 @@ def _curve_runs(engine, masks: torch.Tensor, quiet: bool, checkpoint, fp) -> tup
             io.save(
                 checkpoint,
                 {"values": values[:done].cpu().numpy()},
-                {"fingerprint": fp, "done": done, "seconds": before + time.perf_counter() - t0},
+                {
+                    CHECKPOINT_VERSION_KEY: _CURVE_VERSION,
+                    "fingerprint": fp,
+                    "done": done,
+                    "seconds": before + time.perf_counter() - t0,
+                },
                 kind=_CURVE_KIND,
             )
 
@@ -1826,6 +1841,7 @@ def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, un
             "cur": cur.detach().to(torch.float64).numpy(),
         },
         {
+            CHECKPOINT_VERSION_KEY: _ACDC_VERSION,
             "fingerprint": fp,
             "next": int(nxt),
             "m_full": m_full,
@@ -1835,7 +1851,7 @@ def _acdc_save(path, fp, nxt, keep, drop, live, m_full, m_empty, m_cur, runs, un
             "untested": int(untested),
             "cur_dtype": str(cur.dtype),
         },
-        kind="ACDCCheckpoint",
+        kind=_ACDC_KIND,
     )
 
 
@@ -1843,7 +1859,8 @@ def _acdc_resume(path, fp, graph: EdgeGraph, reach: _Reach) -> dict:
     """The state :func:`_acdc_save` wrote for this run (its fingerprint checked); ``reach`` takes its reach."""
     from .. import io
 
-    arrays, meta = io.load(path, kind="ACDCCheckpoint")
+    arrays, meta = io.load(path, kind=_ACDC_KIND)
+    check_checkpoint_version(meta, path, _ACDC_VERSION)
     io.check_fingerprint(meta.get("fingerprint"), fp, path)
     E = len(graph)
     shapes = {"keep": (E,), "drop": (E,), "live": tuple(reach.live.shape)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import warnings
@@ -57,16 +56,13 @@ def _check_readable(
 ) -> None:
     """Read the file about to be written as :func:`_load` and ``load`` would (the header through JSON, the
     members as tensors, bfloat16 restored) and build the result with ``rebuild``; a ValueError naming what ``load``
-    would refuse, before anything is written."""
+    would refuse, before anything is written (the rule and words of :func:`pypattern.io.save_result`'s check)."""
     p = os.fspath(path)
-    for k, v in members.items():
-        if v.dtype.hasobject or v.dtype.kind not in "biufc":
-            raise ValueError(
-                f"cannot save this {kind} to {p!r}: {k} is {_short_text(v)}, not an array of numbers; "
-                f"{kind}.load would refuse the file"
-            )
-    try:
-        header = json.loads(json.dumps(meta))
+
+    def build(header: dict) -> None:
+        for k, v in members.items():
+            if v.dtype.hasobject or v.dtype.kind not in "biufc":
+                raise io.FormatError(f"{k} is {_short_text(v)}, not an array of numbers")
         header["info"] = io._decode(header["info"], lambda k: np.asarray(info_arrays[k]), p)
         a = {
             k: torch.from_numpy(np.array(v)).to(torch.bfloat16)
@@ -75,10 +71,8 @@ def _check_readable(
             for k, v in members.items()
         }
         rebuild(a, header)
-    except io._DAMAGED as e:
-        raise ValueError(
-            f"cannot save this {kind} to {p!r}: {e}; {kind}.load would refuse the file"
-        ) from None
+
+    io._check_readable(kind, p, meta, build)
 
 
 def _numpy_dtype(v):

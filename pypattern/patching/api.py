@@ -823,11 +823,31 @@ def _ids(tokens):
     return tokens
 
 
+#: the header item holding a patching or circuits checkpoint's own format version (the header's ``"version"`` is
+#: the file format's, which :func:`pypattern.io.save` writes)
+CHECKPOINT_VERSION_KEY = "checkpoint_version"
+
+
+def check_checkpoint_version(meta, path, current: int) -> None:
+    """Refuse a checkpoint whose header ``meta`` holds another format version than ``current`` (the one this
+    pypattern writes for its kind) with :class:`pypattern.io.FormatError` naming the file and both versions: one of
+    a newer version says to upgrade pypattern, any other to start afresh. A header without a version is read as
+    version 1 (a file of version 1 may lack the item: such files hold version 1's layout and resume)."""
+    from .. import io
+    from ..sampling.checkpoint import version_message
+
+    version = meta.get(CHECKPOINT_VERSION_KEY, 1)
+    if type(version) is not int or version != current:  # (True == 1 in Python)
+        raise io.FormatError(version_message(path, version, current))
+
+
 class _Grid:
     """The values ``(n_cells, batch)`` of a patching grid, computed block by block with a progress bar and, with a
     ``checkpoint``, written as they come and read back by a call of the same run (:meth:`fingerprint`)."""
 
     KIND = "ActivationPatchingCheckpoint"
+    #: the layout of the file :meth:`_save` writes (the header's ``checkpoint_version``)
+    VERSION = 1
     EVERY_S = 30.0
 
     def __init__(self, cells, runs, checkpoint, quiet: bool, site: str) -> None:
@@ -873,6 +893,7 @@ class _Grid:
         if not os.path.exists(self.path):
             return
         arrays, meta = io.load(self.path, kind=self.KIND)
+        check_checkpoint_version(meta, self.path, self.VERSION)
         io.check_fingerprint(meta.get("fingerprint"), self.fp, self.path)
         vals, done = arrays.get("values"), arrays.get("done")
         if (
@@ -956,7 +977,12 @@ class _Grid:
             self.path,
             {"values": vals, "done": done},
             # the arrays' hashes: a file edited or damaged since is refused, not read as results
-            {"fingerprint": self.fp, "values_hash": io.hash_tensor(vals), "done_hash": io.hash_tensor(done)},
+            {
+                CHECKPOINT_VERSION_KEY: self.VERSION,
+                "fingerprint": self.fp,
+                "values_hash": io.hash_tensor(vals),
+                "done_hash": io.hash_tensor(done),
+            },
             kind=self.KIND,
         )
 
