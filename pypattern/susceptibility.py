@@ -1089,16 +1089,12 @@ _NONE_REFUSED = (
 
 def _first_seed(seed) -> int:
     """The first chain's seed (``seed`` one int, or one per chain), which keys the default sampling batch; what is
-    neither is refused here as :func:`pypattern.sample` refuses it, before the batch is drawn."""
-    if isinstance(seed, numbers.Integral | np.integer) and not isinstance(seed, bool | np.bool_):
-        return int(seed)
-    if isinstance(seed, Sequence | np.ndarray) and not isinstance(seed, str | bytes) and len(seed) > 0:
-        first = seed[0]
-        if isinstance(first, numbers.Integral | np.integer) and not isinstance(first, bool | np.bool_):
-            return int(first)
-    raise ValueError(
-        f"seed must be an int in [0, 2**63), or a list (or 1-D integer array) of one per chain, got {seed!r}"
-    )
+    neither is refused here as :func:`pypattern.sample` refuses it (:func:`~pypattern.sampling.plan.check_seed`),
+    before the batch is drawn."""
+    from .sampling.plan import check_seed
+
+    seed = check_seed(seed)
+    return seed if isinstance(seed, int) else int(seed[0])
 
 
 def _listed_components(model: nn.Module, which: str) -> list[str]:

@@ -161,6 +161,19 @@ def test_a_seed_that_is_no_int_nor_one_per_chain_is_refused_naming_it(seed):
         pp.sample(model, [(x, y)], seed=seed, **run)
 
 
+@pytest.mark.parametrize("as_array", [np.array(5), np.int64(5), np.array([5, 6])])
+def test_numpy_seeds_are_read_as_pypattern_sample_reads_them(as_array):
+    """A 0-d or 1-D integer array (or numpy integer) is the seed(s) it holds, for susceptibilities as for sample:
+    the same values as the Python ints."""
+    model, x, y = _linear()
+    run = dict(num_chains=2, num_draws=3, num_burnin_steps=0, step_size=1e-3, quiet=True)
+    plain = as_array.tolist() if isinstance(as_array, np.ndarray) else int(as_array)
+    a = pp.susceptibilities(model, [(x, y)], (x[:4], y[:4]), ["weight"], seed=as_array, **run)
+    b = pp.susceptibilities(model, [(x, y)], (x[:4], y[:4]), ["weight"], seed=plain, **run)
+    np.testing.assert_array_equal(a.chi, b.chi)
+    assert np.abs(a.chi).max() > 0
+
+
 NBETA, GAMMA, EPS = 10.0, 20.0, 5e-3
 
 

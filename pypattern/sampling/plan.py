@@ -512,6 +512,24 @@ def check_callables(loss_fn, observables, callbacks, batched, loss_name: str = "
     return needs_optimizer
 
 
+def check_seed(seed, num_chains: int | None = None) -> int | list[int]:
+    """``seed`` as :func:`pypattern.sample` reads it: one int in ``[0, 2**63)`` (a Python or numpy integer, a 0-d
+    integer array or tensor) or one per chain (a sequence or 1-D integer array of ``num_chains`` of them, when
+    given); ValueError naming ``seed`` otherwise."""
+    if isinstance(seed, np.ndarray) and seed.ndim <= 1 and seed.dtype.kind in "iu":
+        seed = seed.tolist()  # per-chain seeds as an integer array, or one seed as a 0-d one
+    seed = _as_int(seed)
+    seeds = [_as_int(v) for v in seed] if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
+    bad = any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63 for v in seeds)
+    if bad or (not seeds and num_chains is None):
+        raise ValueError(
+            f"seed must be an int in [0, 2**63), or a list (or 1-D integer array) of one per chain, got {seed!r}"
+        )
+    if not isinstance(seed, int) and num_chains is not None and len(seeds) != num_chains:
+        raise ValueError(f"seed has {len(seeds)} entries but num_chains={num_chains}: give one per chain")
+    return seed
+
+
 def check_settings(
     loader: Iterable,
     *,
@@ -557,8 +575,6 @@ def check_settings(
     if isinstance(optimizer_kwargs, Mapping):
         optimizer_kwargs = {k: scalar_value(v) for k, v in optimizer_kwargs.items()}
     optimizer_kwargs = without_diagnostic_switches(optimizer_kwargs)  # devinterp's switches off: no-ops
-    if isinstance(seed, np.ndarray) and seed.ndim <= 1 and seed.dtype.kind in "iu":
-        seed = seed.tolist()  # per-chain seeds as an integer array, or one seed as a 0-d one
     if callable(callbacks) or not isinstance(callbacks, Iterable):
         raise TypeError(f"callbacks={callbacks!r} is not valid; give a list of functions")
     callbacks = list(callbacks)
@@ -590,15 +606,8 @@ def check_settings(
     if num_init_loss_batches is not None:
         num_init_loss_batches = _int_at_least("num_init_loss_batches", num_init_loss_batches, 1)
     init_loss = init_loss_value(init_loss)
-    seed = _as_int(seed)
-    seeds = [_as_int(v) for v in seed] if isinstance(seed, Sequence) and not isinstance(seed, str) else [seed]
-    for v in seeds:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
-            raise ValueError(
-                f"seed must be an int in [0, 2**63), or a list (or 1-D integer array) of one per chain, got {seed!r}"
-            )
-    if not isinstance(seed, int) and len(seeds) != C:
-        raise ValueError(f"seed has {len(seeds)} entries but num_chains={C}: give one per chain")
+    seed = check_seed(seed, C)
+    seeds = [seed] if isinstance(seed, int) else [int(v) for v in seed]
     name = sampler_name(sampler, sampling_method)
     hyper = resolve_hyperparameters(
         hyperparameters, optimizer_kwargs, loader=loader, grad_accum_steps=grad_accum_steps, sampler=name
