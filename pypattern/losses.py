@@ -50,10 +50,11 @@ Models
 ------
 Called as ``model(input_ids=..., attention_mask=..., use_cache=False)`` when ``forward`` takes ``input_ids``
 (Hugging Face causal LMs and :func:`pypattern.models.hf.hooked_hf` adapters), otherwise ``model(tokens)`` with
-``attention_mask=`` only when ``forward`` takes it (pypattern's ``Transformer``, TransformerLens models, any
-module returning logits; a causal model without a mask is exact on right-padded batches, and :func:`check_batch`
-refuses left-padded ones for it). A float64 Hugging Face model given a padded batch runs with the adapter's guard
-against its eager attention's NaN at padding positions that see no key (left padding; right padding under a
+``attention_mask=`` (and ``position_ids=``) only when ``forward`` takes it (pypattern's ``Transformer`` and
+TransformerLens models take both; any module returning logits; a causal model without a mask is exact on
+right-padded batches, and :func:`check_batch` refuses left-padded ones for it). A float64 Hugging Face model
+given a padded batch runs with the adapter's guard against its eager attention's NaN at padding positions that
+see no key (left padding; right padding under a
 sliding window): :func:`pypattern.models.hf.finite_padding`, so the real tokens' losses are those of each prompt
 alone, not NaN. Outputs are read as a tensor of logits, an object or mapping with ``.logits`` /
 ``["logits"]`` (a Hugging Face ``ModelOutput``), or a tuple whose first element is the logits (or whose second is,
@@ -480,10 +481,13 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     range would otherwise fail inside the embedding (or, negative, be read from the end of it).
 
     The ``labels`` that are scored are checked the same way (ids in the vocabulary, or -100). A mapping batch whose ``attention_mask``
-    has padding before real tokens (left padding) is refused when ``model``'s forward takes no ``attention_mask``
-    (pypattern's ``Transformer``): its real tokens would attend to the padding. Likewise ``position_ids`` other
-    than ``0 .. pos - 1`` at the real tokens (``attention_mask`` 1; padding positions' ids are not read) for a
-    model whose forward takes none.
+    has padding before real tokens (left padding) is refused when ``model``'s forward takes no ``attention_mask``:
+    its real tokens would attend to the padding. Likewise ``position_ids`` other than ``0 .. pos - 1`` at the real
+    tokens (``attention_mask`` 1; padding positions' ids are not read) for a model whose forward takes none. Left
+    padding without ``position_ids`` for a model reading learned positions from the first column (Hugging Face's
+    GPT-2, GPT-Neo, GPT-BigCode, and pypattern's ``Transformer`` with ``positional_embedding_type="standard"`` whose
+    ``cfg.mask_positions`` is False, e.g. converted from those) warns: each row's real tokens sit at shifted
+    positions.
 
     Raises
     ------
@@ -500,8 +504,11 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
     pos = pb.extra.get("position_ids")
     if pb.attention_mask is not None and pos is None and _takes_mask(model):
         mt = getattr(getattr(model, "config", None), "model_type", None)
+        if mt not in _LEARNED_POSITION_TYPES:  # pypattern's Transformer: its config says
+            learned = _learned_column_positions(model)
+            mt = "learned positions, positional_embedding_type='standard'" if learned else None
         am = pb.attention_mask.bool()
-        if mt in _LEARNED_POSITION_TYPES and bool((am[:, 1:] & ~am[:, :-1]).any()):
+        if mt is not None and bool((am[:, 1:] & ~am[:, :-1]).any()):
             from .sampling.diagnostics import user_stacklevel  # the caller's line, whichever entry point
 
             warnings.warn(
@@ -706,6 +713,17 @@ def _forward_params(model: nn.Module) -> frozenset[str]:
         names = frozenset()
     _SIG_CACHE[fwd] = names
     return names
+
+
+def _learned_column_positions(model: nn.Module) -> bool:
+    """Whether ``model`` is pypattern's ``Transformer`` (or a module with its ``cfg``) reading learned absolute
+    positions from the first column when given an ``attention_mask`` without ``position_ids`` (converted GPT-2,
+    GPT-Neo, GPT-BigCode models; not OPT's, whose positions come from the mask: ``cfg.mask_positions``)."""
+    cfg = getattr(model, "cfg", None)
+    return (
+        getattr(cfg, "positional_embedding_type", None) == "standard"
+        and getattr(cfg, "mask_positions", None) is False
+    )
 
 
 def _takes_mask(model: nn.Module) -> bool:

@@ -58,15 +58,6 @@ def test_sampling_batch_is_checked_as_probe_is():
         pp.susceptibilities(*args, sampling_batch=bad, **KW)
     with pytest.raises(TypeError, match="sampling_batch"):
         pp.susceptibilities(*args, sampling_batch=toks[:4].double(), **KW)
-    # left padding on a model whose forward takes no attention_mask (a converted one): refused, not scored
-    conv = pp.from_hf(model)
-    am = torch.ones(4, 8, dtype=torch.long)
-    am[1, :3] = 0
-    left = {"input_ids": toks[:4] * am, "attention_mask": am}
-    with pytest.raises(
-        ValueError, match="sampling_batch: attention_mask row 1 has padding before real tokens"
-    ):
-        pp.susceptibilities(conv, [toks[:8], toks[8:]], toks[:2], ["blocks.0.mlp"], sampling_batch=left, **KW)
     # a custom loss reads its own batches: no check
     own = pp.susceptibilities(
         *args, sampling_batch=("anything",), loss_fn=lambda m, b: pp.losses.batch_loss(m, toks[:4]), **KW
@@ -157,16 +148,17 @@ def test_restrict_to_a_component_name_points_to_component_masks():
         pp.estimate_llc(model, [toks[:8], toks[8:]], restrict_to="no_such_weight", **KW)
 
 
-def test_the_losses_refuse_left_padding_for_a_model_without_a_mask():
+def test_the_losses_of_a_converted_model_on_padded_batches_are_the_hugging_face_models():
+    """The converted model's forward takes the mask and position ids: left and right padding (with and without
+    position ids) give the Hugging Face model's losses."""
     model, toks = _gpt2(), _tokens(4, 8)
     conv = pp.from_hf(model)
     am = torch.ones_like(toks)
     am[1, :3] = 0
     left = {"input_ids": toks * am, "attention_mask": am}
-    for fn in (pp.losses.batch_loss, pp.losses.token_losses):
-        with pytest.raises(ValueError, match="batch: attention_mask row 1 has padding before real tokens"):
-            fn(conv, left)
+    for fn in (pp.losses.batch_loss, lambda m, b: pp.losses.token_losses(m, b, fill=0.0)[0]):
+        torch.testing.assert_close(fn(conv, left), fn(model, left))
+        with_pos = {**left, "position_ids": (am.cumsum(1) - 1).clamp(min=0)}
+        torch.testing.assert_close(fn(conv, with_pos), fn(model, with_pos))
     right = {"input_ids": toks * am.flip(1), "attention_mask": am.flip(1)}
     torch.testing.assert_close(pp.losses.batch_loss(conv, right), pp.losses.batch_loss(model, right))
-    # the Hugging Face model reads the mask: its left padding is accepted
-    assert torch.isfinite(pp.losses.batch_loss(model, left))

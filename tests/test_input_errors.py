@@ -250,7 +250,16 @@ def test_a_left_padded_batch_read_by_a_users_loss_calling_the_default_one_is_ref
     from pypattern.sampling import sample
 
     task = pp.InductionTask(d_vocab=8, seq_len=9)
-    model = pp.Transformer(task.model_config(d_model=8, n_heads=2, seed=0, dtype=torch.float64))
+
+    class NoMask(torch.nn.Module):  # a user's model whose forward reads no attention mask
+        def __init__(self):
+            super().__init__()
+            self.inner = pp.Transformer(task.model_config(d_model=8, n_heads=2, seed=0, dtype=torch.float64))
+
+        def forward(self, tokens):
+            return self.inner(tokens)
+
+    model = NoMask()
     ids = task.sample(16, seed=1).tokens
     am = torch.ones_like(ids)
     batches = [

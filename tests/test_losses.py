@@ -180,35 +180,52 @@ def test_left_padding_with_position_ids_equals_unpadded_sequences(kind):
         torch.testing.assert_close(got, _naive(model, seqs))
 
 
+class _NoMask(nn.Module):
+    """A user's model whose forward takes token ids only (no attention_mask, no position_ids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = _tf()
+
+    def forward(self, tokens):
+        return self.inner(tokens)
+
+
 def test_left_padding_is_refused_for_a_model_that_takes_no_mask():
-    """pypattern's Transformer takes no attention_mask: with left padding its real tokens would attend to the
+    """A model whose forward takes no attention_mask: with left padding its real tokens would attend to the
     padding (losses silently unlike a masked model's), so the entry points refuse the batch; right padding is exact
-    for a causal model and passes, and a model that takes the mask gets left padding too."""
+    for a causal model and passes, and a model that takes the mask (pypattern's Transformer, a TransformerLens-style
+    forward) gets left padding too: the Transformer's losses with position ids are the unpadded sequences'."""
     import pypattern as pp
 
     ids, am = _padded(_seqs(3), side="left")
     left = {"input_ids": ids, "attention_mask": am}
+    nomask = _NoMask()
     with pytest.raises(ValueError, match=r"probe: attention_mask row 1 has padding before real tokens"):
-        losses.check_batch(_model("tf"), left, "probe")
-    with pytest.raises(
-        ValueError, match=r"loader: .*left padding.*Transformer\.forward takes no attention_mask"
-    ):
+        losses.check_batch(nomask, left, "probe")
+    with pytest.raises(ValueError, match=r"loader: .*left padding.*_NoMask\.forward takes no attention_mask"):
         pp.estimate_llc(
-            _model("tf"), [left], num_chains=1, num_draws=1, num_burnin_steps=0, step_size=1e-6, quiet=True
+            nomask, [left], num_chains=1, num_draws=1, num_burnin_steps=0, step_size=1e-6, quiet=True
         )
     with pytest.raises(ValueError, match=r"loader: .*left padding"):  # the library's loss passed by name
         pp.estimate_llc(
-            _model("tf"), [left], loss_fn=batch_loss, num_chains=1, num_draws=1, num_burnin_steps=0,
+            nomask, [left], loss_fn=batch_loss, num_chains=1, num_draws=1, num_burnin_steps=0,
             step_size=1e-6, quiet=True,
         )  # fmt: skip
     with pytest.raises(ValueError, match=r"probe: .*left padding"):
         pp.susceptibilities(
-            _model("tf"), [ids], left, ["blocks.0.mlp"], per_sample_loss_fn=sample_losses, num_chains=1,
+            nomask, [ids], left, ["inner.blocks.0.mlp"], per_sample_loss_fn=sample_losses, num_chains=1,
             num_draws=2, num_burnin_steps=0, step_size=1e-6, quiet=True,
         )  # fmt: skip
     ids_r, am_r = _padded(_seqs(3))
-    losses.check_batch(_model("tf"), {"input_ids": ids_r, "attention_mask": am_r}, "probe")
+    losses.check_batch(nomask, {"input_ids": ids_r, "attention_mask": am_r}, "probe")
     losses.check_batch(_model("tl"), left, "probe")
+    with pytest.warns(UserWarning, match=r"probe: left padding without position_ids: Transformer"):
+        losses.check_batch(_model("tf"), left, "probe")  # learned positions read from the first column
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = sample_losses(_model("tf"), {**left, "position_ids": pos})
+        torch.testing.assert_close(got, _naive(_model("tf"), _seqs(3)))
 
 
 def test_attention_mask_values_other_than_zero_and_one_are_refused():
@@ -237,13 +254,15 @@ def test_attention_mask_values_other_than_zero_and_one_are_refused():
 
 def test_position_and_token_type_ids_are_refused_for_a_model_that_takes_none():
     """Packed sequences (position_ids restarting inside a row) would be read at positions 0, 1, 2, ... by a model
-    whose forward takes no position_ids: refused naming the row; plain positions pass. token_type_ids likewise."""
+    whose forward takes no position_ids: refused naming the row; plain positions pass (and pypattern's Transformer
+    takes position ids). token_type_ids likewise."""
     ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(0))
     packed = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2]])
     with pytest.raises(ValueError, match=r"probe: batch\['position_ids'\] row 1 is not 0 \.\. 5.*takes no"):
-        losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": packed}, "probe")
+        losses.check_batch(_NoMask(), {"input_ids": ids, "position_ids": packed}, "probe")
     plain = torch.arange(6).expand(2, 6)
-    losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": plain}, "probe")
+    losses.check_batch(_NoMask(), {"input_ids": ids, "position_ids": plain}, "probe")
+    losses.check_batch(_model("tf"), {"input_ids": ids, "position_ids": packed}, "probe")
     # token_type_ids change a Hugging Face GPT-2's output (their embeddings are added) and would be ignored
     with pytest.raises(ValueError, match=r"probe: the batch has 'token_type_ids'.*drop the key"):
         losses.check_batch(_model("tf"), {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, "probe")
@@ -575,6 +594,6 @@ def test_under_vmap_over_stacked_dict_batches(fn):
                 call(stacked)
     left_ids, left_am = _padded(_seqs(5), side="left")
     with pytest.raises(ValueError, match="left padding"):
-        losses.check_batch_values(_tf(), {"input_ids": left_ids, "attention_mask": left_am}, "loader")
+        losses.check_batch_values(_NoMask(), {"input_ids": left_ids, "attention_mask": left_am}, "loader")
     with pytest.raises(ValueError, match="must hold 1"):
         losses.check_batch_values(_tf(), {"input_ids": ids, "attention_mask": am * 2}, "loader")

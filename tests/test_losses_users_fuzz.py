@@ -290,7 +290,7 @@ def test_hf_return_dict_false_and_batch_encoding():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pypattern's Transformer (its forward takes no attention_mask)
+# pypattern's Transformer
 
 
 def test_transformer_tokens_and_right_padding():
@@ -322,11 +322,14 @@ def test_transformer_tokens_and_right_padding():
             batch_loss(model, {"input_ids": ids, "labels": labels}),
             naive[labels[:, 1:] != -100].mean(),
         )
+    # left padding: the forward masks the padding keys; with position ids counted from each row's first real
+    # token every row's loss is its unpadded sequence's
     left = mask.flip(-1)
-    with pytest.raises(ValueError, match="left padding"):
-        batch_loss(model, {"input_ids": ids, "attention_mask": left})
-    with pytest.raises(ValueError, match="position_ids"):
-        check_batch(model, {"input_ids": ids, "position_ids": torch.arange(1, 9).expand(3, 8)}, "probe")
+    pos = (left.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        per_left = sample_losses(model, {"input_ids": ids, "attention_mask": left, "position_ids": pos})
+        for b, n in enumerate((8, 5, 2)):
+            torch.testing.assert_close(per_left[b], model(ids[b : b + 1, 8 - n :], return_type="loss"))
     with pytest.raises(ValueError, match="token_type_ids"):
         check_batch(model, {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}, "probe")
 

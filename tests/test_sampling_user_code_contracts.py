@@ -314,11 +314,26 @@ def test_the_loss_argument_name_is_not_part_of_a_runs_fingerprint(tmp_path):
     assert io.load(a)[1]["checkpoint"]["fingerprint"] == io.load(b)[1]["checkpoint"]["fingerprint"]
 
 
+class _NoMask(torch.nn.Module):
+    """A user's model whose forward reads no attention mask."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens):
+        return self.inner(tokens)
+
+
 def _dict_batches(left_padded_from: int | None = None):
+    """pypattern's Transformer and right-padded dict batches; with ``left_padded_from``, the batches from that one
+    on left-padded and the model wrapped in one whose forward reads no mask."""
     import pypattern as pp
 
     task = pp.InductionTask(d_vocab=8, seq_len=9)
     model = pp.Transformer(task.model_config(d_model=8, n_heads=2, seed=0, dtype=torch.float64))
+    if left_padded_from is not None:
+        model = _NoMask(model)
     ids = task.sample(16, seed=1).tokens
     am = torch.ones_like(ids)
     am[1::2, -2:] = 0  # right padding: exact for a causal model that reads no mask

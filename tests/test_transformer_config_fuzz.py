@@ -677,10 +677,10 @@ def test_deepcopy_hooks_fire_on_the_copy_only():
 
 
 @pytest.mark.parametrize("seed", [0, 3, 7])
-def test_right_padded_loss_equals_the_unpadded_sequences_and_left_padding_is_refused(seed):
-    """The model takes no attention mask; it is causal, so right padding is exact: the real positions' logits of a
-    padded row equal the row's own, and the library's masked loss equals the naive mean over the real next-token
-    terms. Left padding would let real tokens attend to the padding: refused by name."""
+def test_right_and_left_padded_losses_equal_the_unpadded_sequences(seed):
+    """The model is causal, so right padding is exact without a mask: the real positions' logits of a padded row
+    equal the row's own, and the library's masked loss equals the naive mean over the real next-token terms. Left
+    padding with the mask and position ids counted from each row's first real token gives the same loss."""
     from pypattern.losses import batch_loss
 
     kw = random_config(seed)
@@ -702,8 +702,14 @@ def test_right_padded_loss_equals_the_unpadded_sequences_and_left_padding_is_ref
     want = torch.cat(terms).mean()
     got = batch_loss(model, {"input_ids": ids, "attention_mask": mask})
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="left padding"):
-        batch_loss(model, {"input_ids": ids.flip(1), "attention_mask": mask.flip(1)})
+    # left padding: the padding keys are masked, and with position ids counted from each row's first real token
+    # the loss is the same mean over the real next-token terms
+    left, left_ids = mask.flip(1), ids.flip(1)
+    for i, r in enumerate(rows):
+        left_ids[i, T - len(r) :] = r
+    pos = (left.cumsum(1) - 1).clamp(min=0)
+    got_left = batch_loss(model, {"input_ids": left_ids, "attention_mask": left, "position_ids": pos})
+    torch.testing.assert_close(got_left, want, rtol=1e-10, atol=1e-10)
 
 
 def test_transformer_lens_weight_accessors():

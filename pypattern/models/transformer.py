@@ -37,6 +37,11 @@ Hook points (TransformerLens names):
   (``act(pre)``, times ``pre_linear`` when gated), ``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post``
 - ``ln_final.hook_scale/hook_normalized``
 
+The forward takes a Hugging Face style ``attention_mask`` (padding keys masked out of every query's attention:
+``hook_attn_scores`` ``-inf`` and ``hook_pattern`` 0 there; queries left with no key attend to nothing) and
+``position_ids`` (learned, rotary and ALiBi positions per sequence), so left-padded batches compute what the Hugging
+Face model computes at their real tokens (:meth:`Transformer.forward`).
+
 Attention-only models (``d_mlp`` None or 0) have no ``ln2``, ``mlp``, ``hook_resid_mid`` or ``hook_mlp_out``; models
 without normalization (``normalization_type=None``) have no ln hooks.
 
@@ -453,6 +458,15 @@ class TransformerConfig:
         A token whose embedding row receives no gradient from the lookup (``torch.nn.Embedding``'s
         ``padding_idx``; a tied unembedding still trains it). The forward is unchanged. Converted models take it
         from the Hugging Face embedding, so that gradients (and every sampler's trajectory) equal the original's.
+    positions_from_mask : bool or None
+        The positions the forward reads when it is given an ``attention_mask`` and no ``position_ids``
+        (:meth:`Transformer.forward`). True: each row's real tokens count from 0, ``(attention_mask.cumsum(-1) -
+        1).clamp(min=0)``, as OPT's learned positions, BLOOM's ALiBi biases and TransformerLens' HookedTransformer
+        (learned and rotary positions) derive them from the mask. False: the columns ``0 .. pos - 1`` whatever the
+        mask, as the Hugging Face forward of GPT-2, GPT-Neo, GPT-J, GPT-NeoX, the Llama family, Mistral, Phi,
+        Falcon, StarCoder2, GPT-BigCode and most others does. None (default): True for ALiBi models and for models
+        converted from OPT or from a HookedTransformer (``extra["converted_from"]``), else False;
+        :attr:`mask_positions` reads the result.
     """
 
     n_layers: int = 2
@@ -512,6 +526,7 @@ class TransformerConfig:
     output_logits_soft_cap: float | None = None
     padding_idx: int | None = None
     post_embedding_ln: bool = False
+    positions_from_mask: bool | None = None
 
     def __post_init__(self) -> None:
         for names, integer in ((_INT_FIELDS, True), (_REAL_FIELDS, False)):
@@ -804,6 +819,10 @@ class TransformerConfig:
             )
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra={self.extra!r} is not valid; give a dict (free-form metadata)")
+        pm = self.positions_from_mask
+        if pm is not None and not isinstance(pm, bool | np.bool_):
+            raise ValueError(f"positions_from_mask={pm!r} is not valid; give True, False or None")
+        self.positions_from_mask = None if pm is None else bool(pm)
         if not isinstance(self.post_embedding_ln, bool):
             raise ValueError(f"post_embedding_ln={self.post_embedding_ln!r} is not valid; give a bool")
         pi = self.padding_idx
@@ -836,6 +855,23 @@ class TransformerConfig:
         None (no limit) with rotary or no positional embeddings, which compute every position (as Hugging Face's
         rotary models do past ``max_position_embeddings``)."""
         return self.n_ctx if self.positional_embedding_type == "standard" else None
+
+    @property
+    def mask_positions(self) -> bool:
+        """Whether positions default to ``(attention_mask.cumsum(-1) - 1).clamp(min=0)`` when the forward is given an
+        ``attention_mask`` and no ``position_ids`` (``positions_from_mask``, its None resolved: ALiBi models and
+        models converted from OPT or a HookedTransformer), rather than to the columns ``0 .. pos - 1``."""
+        if self.positions_from_mask is not None:
+            return self.positions_from_mask
+        if self.positional_embedding_type == "alibi":
+            return True
+        src = self.extra.get("converted_from") if isinstance(self.extra, dict) else None
+        if isinstance(src, dict):
+            return src.get("model_type") == "opt" or src.get("class") in (
+                "OPTForCausalLM",
+                "HookedTransformer",
+            )
+        return False
 
     @property
     def rotary(self) -> bool:
@@ -1261,7 +1297,11 @@ class PosEmbed(nn.Module):
         super().__init__()
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model, dtype=cfg.dtype))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(batch, pos, d_model)``: rows ``0 .. pos - 1`` of ``W_pos`` for every sequence (a view, expanded over the
+        batch), or with ``position_ids (batch, pos)`` row ``position_ids[b, t]`` at ``[b, t]`` (a gather)."""
+        if position_ids is not None:
+            return self.W_pos[position_ids]
         return self.W_pos[: tokens.shape[-1]].unsqueeze(0).expand(tokens.shape[0], -1, -1)
 
 
@@ -1510,8 +1550,9 @@ class Attention(nn.Module):
     def rotary_cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosines and sines of the rotation angles at ``positions (pos,)``: two ``(pos, rotary_dim)`` tensors of
-        ``dtype`` (computed in ``cfg.rotary_dtype`` when set, else in ``dtype`` but at least float32, in Hugging
+        """Cosines and sines of the rotation angles at ``positions (pos,)`` (or ``(batch, pos)``, one row of positions
+        per sequence): two ``(*positions.shape, rotary_dim)`` tensors of ``dtype`` (computed in
+        ``cfg.rotary_dtype`` when set, else in ``dtype`` but at least float32, in Hugging
         Face's order of operations)."""
         cfg = self.cfg
         cd = cfg.rotary_dtype or (dtype if dtype in (torch.float32, torch.float64) else torch.float32)
@@ -1536,7 +1577,7 @@ class Attention(nn.Module):
         inv_freq = rotary_inv_freq(cfg.rope_base(self.layer), r, scaling, cd, positions.device)
         if cfg.rotary_freq_dtype is not None:
             inv_freq = inv_freq.to(cfg.rotary_freq_dtype).to(cd)
-        freqs = positions[:, None].to(cd) * inv_freq[None, :]
+        freqs = positions[..., None].to(cd) * inv_freq
         if cfg.rotary_adjacent_pairs:
             emb = freqs.repeat_interleave(2, dim=-1)
         else:
@@ -1548,7 +1589,8 @@ class Attention(nn.Module):
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Rotary position embedding of queries or keys ``x (batch, pos, heads, d_head)`` at ``positions (pos,)``
-        (default ``arange(pos)``); identity unless ``positional_embedding_type == "rotary"`` (and, with
+        (default ``arange(pos)``), or ``(batch, pos)`` (each sequence at its own positions); identity unless
+        ``positional_embedding_type == "rotary"`` (and, with
         ``rotary_layers``, the layer rotates). Only the first
         ``rotary_dim`` dimensions of each head turn."""
         if not self.cfg.rotates(self.layer):
@@ -1557,7 +1599,7 @@ class Attention(nn.Module):
             positions = self.positions(x.shape[-3], x.device)
         rd = self.cfg.rotary_input_dtype
         cos, sin = self.rotary_cos_sin(positions, x.dtype if rd is None else rd)
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # over the heads
         r = self.cfg.rotary_dim
         x_rot = x[..., :r]
         if rd is not None:  # turned in rd (the cosines and sines too), cast back below
@@ -1606,14 +1648,20 @@ class Attention(nn.Module):
         k: torch.Tensor,
         q_positions: torch.Tensor | None = None,
         k_positions: torch.Tensor | None = None,
+        *,
+        key_mask: torch.Tensor | None = None,
+        bias_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masked attention scores ``q . k / attn_scale``: ``q (batch, q_pos, n_heads, d_head)``, ``k (batch, k_pos,
         n_key_value_heads, d_head)`` (both already rotated) -> ``(batch, n_heads, q_pos, k_pos)`` with ``-inf``
-        where :meth:`attn_mask` is True. Positions default to ``arange``."""
+        where :meth:`attn_mask` is True, and at every key where ``key_mask (batch, k_pos)`` (bool, True: a real
+        token) is False. Positions (of the causal and sliding-window masks, and of ALiBi's biases) default to
+        ``arange``; ``bias_positions (batch, k_pos)`` gives each sequence's keys their own ALiBi positions."""
         q, k = self.qk_cast(q, self.expand_kv(k))
         scaled = self.scale_scores(torch.einsum("bqhe,bkhe->bhqk", q, k))
-        bias = self.position_bias(k.shape[1] if k_positions is None else k_positions, scaled.dtype, q.device)
-        scores = self.cap(scaled if bias is None else scaled + bias[:, None, :])
+        kb = bias_positions if bias_positions is not None else k_positions
+        bias = self.position_bias(k.shape[1] if kb is None else kb, scaled.dtype, q.device)
+        scores = self.cap(scaled if bias is None else scaled + bias.unsqueeze(-2))
         if q_positions is None and k_positions is None and self.cfg.window(self.layer) is None:
             T, S = q.shape[1], k.shape[1]
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
@@ -1621,13 +1669,24 @@ class Attention(nn.Module):
             qp = self.positions(q.shape[1], q.device) if q_positions is None else q_positions
             kp = self.positions(k.shape[1], q.device) if k_positions is None else k_positions
             mask = self.attn_mask(qp, kp)
+        if key_mask is not None:
+            mask = mask | ~key_mask[:, None, None, :]
         return scores.masked_fill(mask, float("-inf"))
+
+    def dead_queries(self, key_mask: torch.Tensor) -> torch.Tensor:
+        """``(batch, 1, pos, 1)`` bool: True at the queries that may attend to no key, every key the causal and
+        sliding-window masks leave them being masked by ``key_mask (batch, pos)`` (False: padding), e.g. the
+        padding positions of a left-padded batch."""
+        cols = self.positions(key_mask.shape[-1], key_mask.device)
+        allowed = ~self.attn_mask(cols, cols)  # (q, k)
+        return ~(allowed & key_mask[:, None, :]).any(-1)[:, None, :, None]
 
     def position_bias(
         self, k_positions: torch.Tensor | int, dtype: torch.dtype, device: torch.device | None = None
     ) -> torch.Tensor | None:
         """ALiBi's additive score bias ``(n_heads, len(k_positions))``: ``slope_h * key_position`` (an int
-        ``k_positions`` means ``arange`` of it), added to the scaled scores before the cap and the mask; None
+        ``k_positions`` means ``arange`` of it; ``k_positions (batch, k_pos)`` gives ``(batch, n_heads, k_pos)``),
+        added to the scaled scores before the cap and the mask; None
         unless ``positional_embedding_type == "alibi"``. Slopes and products are taken in float32 and cast to
         ``dtype``, as BLOOM takes them (the bias of a key depends on its position only: softmax removes the
         query's own offset)."""
@@ -1636,7 +1695,7 @@ class Attention(nn.Module):
         if isinstance(k_positions, int):
             k_positions = torch.arange(k_positions, device=device)
         slopes = alibi_slopes(self.cfg.n_heads).to(k_positions.device)
-        return (slopes[:, None] * k_positions[None, :].to(torch.float32)).to(dtype)
+        return (slopes[:, None] * k_positions[..., None, :].to(torch.float32)).to(dtype)
 
     def scale_scores(self, qk: torch.Tensor) -> torch.Tensor:
         """``q . k`` products scaled: ``qk * attn_scores_multiplier`` when set, else ``qk / attn_scale``."""
@@ -1663,18 +1722,37 @@ class Attention(nn.Module):
         H, dh, d = self.W_O.shape
         return affine(z.reshape(*z.shape[:-2], H * dh), self.W_O.reshape(H * dh, d), self.b_O)
 
-    def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        q_in: torch.Tensor,
+        kv_in: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``q_in (batch, pos, d_model)`` (and ``kv_in``, default ``q_in``) -> attention output ``(batch, pos,
-        d_model)``, through the hook points."""
+        d_model)``, through the hook points. ``attention_mask (batch, pos)`` (bool, True: a real token) masks the
+        other keys out of every query's attention; a query left with no key (a padding position of a left-padded
+        batch) gets a pattern of zeros (its ``hook_attn_scores`` row is ``-inf`` throughout), so ``z`` is 0 there and
+        the output ``b_O``. ``position_ids (batch, pos)`` are the positions rotary angles and ALiBi biases read
+        (default ``0 .. pos - 1``); the causal and sliding-window masks read the columns. :meth:`Transformer.forward`
+        checks both."""
         kv_in = q_in if kv_in is None else kv_in
         q = self.hook_q(self.compute_q(q_in))
         k = self.hook_k(self.compute_k(kv_in))
         v = self.hook_v(self.compute_v(kv_in))
         if self.cfg.rotary:
-            q = self.hook_rot_q(self.rotate(q))
-            k = self.hook_rot_k(self.rotate(k))
-        scores = self.hook_attn_scores(self.scores(q, k))
-        pattern = self.softmax(scores)
+            q = self.hook_rot_q(self.rotate(q, position_ids))
+            k = self.hook_rot_k(self.rotate(k, position_ids))
+        scores = self.scores(q, k, key_mask=attention_mask, bias_positions=position_ids)
+        scores = self.hook_attn_scores(scores)
+        if attention_mask is None:
+            pattern = self.softmax(scores)
+        else:
+            # a query whose every key is masked: softmax over zeros and the pattern set to 0 (no -inf row reaches
+            # the softmax, so neither the pattern nor any gradient through it is NaN)
+            dead = self.dead_queries(attention_mask)
+            pattern = self.softmax(scores.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
         if self._scores_hooked():
             # a hook may have masked a query's every key (-inf: a NaN row) or made a score NaN: TransformerLens
             # reads nothing there (its NaN pattern entries are 0), and so does this model
@@ -1849,10 +1927,10 @@ class TransformerBlock(nn.Module):
         (no hook)."""
         return self.mlp_post(self.mlp(self.ln2(x)))
 
-    def attn_block(self, x: torch.Tensor) -> torch.Tensor:
+    def attn_block(self, x: torch.Tensor, **masking) -> torch.Tensor:
         """``attn(ln1(x))`` (through ``ln1_post`` with sandwich norms) through ``hook_attn_out``: ``(batch, pos,
-        d_model)``."""
-        return self.hook_attn_out(self.attn_post(self.attn(self.ln1(x))))
+        d_model)``. ``masking``: the attention's ``attention_mask`` / ``position_ids`` (:meth:`Attention.forward`)."""
+        return self.hook_attn_out(self.attn_post(self.attn(self.ln1(x), **masking)))
 
     def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
         """``mlp(ln2(x))`` (through ``ln2_post`` with sandwich norms) through ``hook_mlp_out``: ``(batch, pos,
@@ -1864,18 +1942,33 @@ class TransformerBlock(nn.Module):
         """Residual of a parallel block: ``resid_pre + (attn_out + mlp_out)``."""
         return resid_pre + (attn_out + mlp_out)
 
-    def forward(self, resid: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        resid: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The block on ``resid (batch, pos, d_model)``; ``attention_mask`` / ``position_ids`` (checked, ``(batch,
+        pos)``) go to the attention (:meth:`Attention.forward`)."""
+        masking = {}
+        if attention_mask is not None:
+            masking["attention_mask"] = attention_mask
+        if position_ids is not None:
+            masking["position_ids"] = position_ids
         resid = self.hook_resid_pre(resid)
         if self.cfg.attn_only:
-            return self.hook_resid_post(resid + self.attn_block(resid))
+            return self.hook_resid_post(resid + self.attn_block(resid, **masking))
         if self.cfg.parallel_shared_norm:  # one norm, computed (and hooked) once, read by both
             h = self.ln1(resid)
-            attn_out = self.hook_attn_out(self.attn_post(self.attn(h)))
+            attn_out = self.hook_attn_out(self.attn_post(self.attn(h, **masking)))
             mlp_out = self.hook_mlp_out(self.mlp_post(self.mlp(h)))
             return self.hook_resid_post(self.combine(resid, attn_out, mlp_out))
         if self.cfg.parallel_attn_mlp:
-            return self.hook_resid_post(self.combine(resid, self.attn_block(resid), self.mlp_block(resid)))
-        resid = self.hook_resid_mid(resid + self.attn_block(resid))
+            return self.hook_resid_post(
+                self.combine(resid, self.attn_block(resid, **masking), self.mlp_block(resid))
+            )
+        resid = self.hook_resid_mid(resid + self.attn_block(resid, **masking))
         return self.hook_resid_post(resid + self.mlp_block(resid))
 
 
@@ -2030,17 +2123,19 @@ class Transformer(HookedRootModule):
                         if outer_packs is not None and dropped:  # the outer block's packs must not keep them
                             outer_packs.forget(made[2] for made in dropped.values())
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token plus positional embedding (through ``hook_embed``/``hook_pos_embed``): ``(batch, pos, d_model)``.
-        Prompts longer than the learned positions (:attr:`TransformerConfig.max_positions`) raise ValueError."""
+        Prompts longer than the learned positions (:attr:`TransformerConfig.max_positions`) raise ValueError.
+        ``position_ids (batch, pos)`` (checked by :meth:`forward`): the learned position rows each token reads
+        (default ``0 .. pos - 1``)."""
         limit = self.cfg.max_positions
-        if limit is not None and tokens.shape[-1] > limit:
+        if limit is not None and position_ids is None and tokens.shape[-1] > limit:
             raise ValueError(
                 f"tokens has {tokens.shape[-1]} positions; the model's n_ctx (learned positions) is {limit}"
             )
         x = self.hook_embed(self.embed(tokens))
         if self.cfg.positional_embedding:
-            pos = self.pos_embed(tokens)  # a view of W_pos, expanded over the batch
+            pos = self.pos_embed(tokens, position_ids)  # a view of W_pos expanded over the batch, or a gather
             if self.hook_pos_embed._fns:
                 # hooks see a tensor of its own: an in-place edit must not write into W_pos (nor fail on the
                 # batch axis, whose rows share memory), and a cached copy must not change with W_pos
@@ -2056,6 +2151,8 @@ class Transformer(HookedRootModule):
         loss_per_token: bool = False,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """Run the model on ``tokens (batch, pos)``.
 
@@ -2084,6 +2181,26 @@ class Transformer(HookedRootModule):
             (``blocks.{l}.hook_resid_pre``), ``n_layers`` the output of the last block before ``ln_final``
             (HookedTransformer's "last residual stream computed"); a negative layer counts from the last. Hooks of
             the blocks not run do not fire.
+        attention_mask : Tensor ``(batch, pos)``, optional
+            1 at real tokens, 0 at padding (bool, an integer or a floating dtype holding only 0 and 1; ``(pos,)``
+            with one sequence), as a Hugging Face tokenizer returns it: keys at 0 are masked out of every query's
+            attention, besides the causal and sliding-window masks (``hook_attn_scores`` is ``-inf`` there and
+            ``hook_pattern`` 0). The real tokens' logits equal the Hugging Face model's forward given the same mask
+            (and ``position_ids``). A query whose every key is masked (the padding positions of a left-padded batch)
+            attends to nothing: its pattern row is 0, so its attention output is ``b_O`` (0 without one); its logits
+            are finite but mean nothing. With ``return_type`` ``"loss"`` / ``"per_token_loss"`` / ``"both"`` only
+            next-token terms whose token and target are both real count (TransformerLens' rule): the others are 0 in
+            the per-token losses and the mean is over the counted ones. Other values, shapes or dtypes raise
+            ValueError / TypeError naming ``attention_mask``.
+        position_ids : Tensor ``(batch, pos)``, optional
+            Integer position of each token (``(pos,)`` or ``(1, pos)`` is shared by every sequence): the row of
+            ``W_pos`` it reads (learned positions; ids ``< n_ctx``), its rotary angles and its ALiBi bias. The causal
+            and sliding-window masks read the columns, as Hugging Face's do. Ids at padding positions
+            (``attention_mask`` 0) are not read (taken as 0); elsewhere they must be ``>= 0``. Default: the columns
+            ``0 .. pos - 1``, or with an ``attention_mask`` and ``cfg.mask_positions`` (OPT, BLOOM,
+            HookedTransformer conversions: :attr:`TransformerConfig.positions_from_mask`) each row's real tokens
+            counted from 0, ``(attention_mask.cumsum(-1) - 1).clamp(min=0)``, as the Hugging Face forward of that
+            family derives them.
         """
         if return_type not in _RETURN_TYPES:  # before the forward: its hooks would run for nothing
             raise ValueError(
@@ -2105,6 +2222,9 @@ class Transformer(HookedRootModule):
             )
         if start is not None:
             x = self._residual_input(tokens, start_at_layer, return_type, stop is not None)
+            attention_mask, position_ids = self._masking_inputs(
+                attention_mask, position_ids, x.shape[:2], x.device
+            )
         else:
             if tokens.dim() == 1:
                 tokens = tokens.unsqueeze(0)
@@ -2124,9 +2244,17 @@ class Transformer(HookedRootModule):
                     f"loss (return_type={return_type!r}) over none is undefined; give at least one sequence of 2 "
                     "or more tokens (return_type='per_token_loss' gives the empty per-token losses)"
                 )
-            x = self.embed_tokens(tokens)
+            attention_mask, position_ids = self._masking_inputs(
+                attention_mask, position_ids, tokens.shape, tokens.device
+            )
+            x = self.embed_tokens(tokens, position_ids)
+        masking = {}
+        if attention_mask is not None:
+            masking["attention_mask"] = attention_mask
+        if position_ids is not None:
+            masking["position_ids"] = position_ids
         for block in self.blocks[start or 0 : n if stop is None else stop]:
-            x = block(x)
+            x = block(x, **masking)
         if stop is not None:
             return x
         x = self.ln_final(x)
@@ -2136,12 +2264,61 @@ class Transformer(HookedRootModule):
         if return_type == "logits":
             return logits
         per_tok = lm_cross_entropy(logits, tokens)
+        counted = None
+        if attention_mask is not None:  # a term counts when its token and its target are real
+            counted = attention_mask[:, :-1] & attention_mask[:, 1:]
+            per_tok = per_tok.masked_fill(~counted, 0.0)
         if return_type == "per_token_loss":
             return per_tok
-        loss = per_tok if loss_per_token else per_tok.mean()
+        if loss_per_token:
+            loss = per_tok
+        elif counted is None:
+            loss = per_tok.mean()
+        else:
+            _refuse_nothing_counted(counted, return_type)
+            loss = per_tok.sum() / counted.sum()
         if return_type == "loss":
             return loss
         return logits, loss
+
+    def _masking_inputs(
+        self, attention_mask, position_ids, shape: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The forward's ``attention_mask`` and ``position_ids`` checked against the input's ``(batch, pos)``
+        ``shape``: the mask as bool ``(batch, pos)`` (True: a real token), the positions as int64 ``(batch, pos)``
+        (0 at padding; the default positions of :meth:`forward` when None and the model derives them from the
+        mask), each None when not given."""
+        B, T = int(shape[0]), int(shape[1])
+        keep = None
+        if attention_mask is not None:
+            keep = _checked_attention_mask(attention_mask, B, T).to(device)
+        if position_ids is None:
+            if keep is None or not self.cfg.mask_positions:
+                return keep, None
+            pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
+            given = False
+        else:
+            pos = _shaped_position_ids(position_ids, B, T).to(device)
+            if keep is not None:  # ids at padding are not read
+                pos = torch.where(keep, pos, torch.zeros_like(pos))
+            given = True
+        limit = self.cfg.max_positions
+        values = _host_values(pos)
+        if values is not None and values.numel():
+            lo, hi = (int(v) for v in torch.aminmax(values))
+            if lo < 0:
+                raise ValueError(
+                    f"position_ids contains {lo} at a real token; positions are integers >= 0 (ids at padding, "
+                    "attention_mask 0, are not read)"
+                )
+            if limit is not None and hi >= limit:
+                what = "position_ids contains" if given else "attention_mask gives a row of"
+                n = hi if given else hi + 1
+                raise ValueError(
+                    f"{what} {n}{'' if given else ' real tokens'}; the model's n_ctx (learned positions) is {limit}: "
+                    f"give positions 0 .. {limit - 1}"
+                )
+        return keep, pos
 
     def _residual_input(
         self, resid: torch.Tensor, start_at_layer: int, return_type: str | None, stops: bool
@@ -2324,6 +2501,79 @@ def _layer_bound(name: str, value, n_layers: int, top: int) -> int | None:
             f"[{-n_layers}, {top}] (negative counts from the last layer)"
         )
     return v
+
+
+def _host_values(t: torch.Tensor) -> torch.Tensor | None:
+    """``t``'s values where they can be read without a host-device synchronisation or a transform's refusal: a CPU
+    tensor (under ``torch.func`` transforms the unwrapped one); None on other devices and under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return None
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t if t.device.type == "cpu" else None
+
+
+def _checked_attention_mask(mask, batch: int, pos: int) -> torch.Tensor:
+    """The forward's ``attention_mask`` as bool ``(batch, pos)`` (True: a real token), refused unless it is a tensor
+    of that shape (``(pos,)`` for one sequence) of bool, integer or floating dtype holding only 0 and 1."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask is a {type(mask).__name__}; give a tensor (batch, pos) of 1 at real tokens and 0 at "
+            "padding"
+        )
+    if mask.dtype.is_complex:
+        raise TypeError(f"attention_mask has dtype {mask.dtype}; give bool, integer or floating 0s and 1s")
+    if mask.dim() == 1 and batch == 1:
+        mask = mask.unsqueeze(0)
+    if tuple(mask.shape) != (batch, pos):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}; give one entry per token, shape ({batch}, {pos}) as the "
+            "input's (batch, pos)"
+        )
+    if mask.dtype == torch.bool:
+        return mask
+    values = _host_values(mask)
+    if values is not None and values.numel():
+        bad = (values != 0) & (values != 1)
+        if bool(bad.any()):
+            v = values[bad][0].item()
+            raise ValueError(
+                f"attention_mask contains {v!r}; give 1 at real tokens and 0 at padding (bool, integer or floating "
+                "0s and 1s)"
+            )
+    return mask != 0
+
+
+def _shaped_position_ids(position_ids, batch: int, pos: int) -> torch.Tensor:
+    """The forward's ``position_ids`` as int64 ``(batch, pos)`` (a ``(pos,)`` or ``(1, pos)`` one expanded over the
+    batch), refused unless an integer tensor of such a shape."""
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(
+            f"position_ids is a {type(position_ids).__name__}; give an integer tensor (batch, pos) of positions"
+        )
+    if position_ids.dtype == torch.bool or position_ids.is_floating_point() or position_ids.is_complex():
+        raise TypeError(f"position_ids has dtype {position_ids.dtype}; give integer positions (torch.int64)")
+    p = position_ids
+    if p.dim() == 1:
+        p = p.unsqueeze(0)
+    if p.dim() != 2 or p.shape[1] != pos or p.shape[0] not in (1, batch):
+        raise ValueError(
+            f"position_ids has shape {tuple(position_ids.shape)}; give shape ({batch}, {pos}) as the input's (batch, "
+            f"pos), or ({pos},) / (1, {pos}) for positions every sequence shares"
+        )
+    return p.long().expand(batch, pos)
+
+
+def _refuse_nothing_counted(counted: torch.Tensor, return_type: str) -> None:
+    """The mean loss over no counted term (``attention_mask`` leaves no real token followed by a real one) is
+    undefined: refused when the mask's values can be read."""
+    values = _host_values(counted)
+    if values is not None and not bool(values.any()):
+        raise ValueError(
+            f"attention_mask leaves no real token followed by a real token, so the mean next-token loss "
+            f"(return_type={return_type!r}) over none is undefined; give loss_per_token=True or "
+            "return_type='per_token_loss' for the per-token losses (0 where not counted)"
+        )
 
 
 def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
     attn_out_bias = all_or_none([m.self_attn.out_proj.bias for m in layers], "out_proj biases")
     mlp_bias = all_or_none([b for m in layers for b in (m.fc1.bias, m.fc2.bias)], "MLP biases")
     cfg = dict(
+        positions_from_mask=True,  # OPT's learned positions count each row's real tokens from the mask
         n_layers=L,
         d_model=c.hidden_size,
         n_heads=H,
