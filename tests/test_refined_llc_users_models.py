@@ -229,7 +229,11 @@ def test_online_llc_in_a_users_training_loop_on_a_hugging_face_model(tmp_path):
     for (k, a), b in zip(plain.state_dict().items(), tracked.state_dict().values(), strict=True):
         assert torch.equal(a, b), k  # the training run is untouched
     res = cb.result
-    assert list(res.step) == [0, 2] and sorted(os.listdir(tmp_path)) == ["ck.step0.pt", "ck.step2.pt"]
+    assert list(res.step) == [0, 2] and sorted(os.listdir(tmp_path)) == [
+        "ck.online.pt",
+        "ck.step0.pt",
+        "ck.step2.pt",
+    ]
     for i, step in enumerate(res.step):
         m = _hf("llama")
         m.load_state_dict(snaps[int(step)])

@@ -13,8 +13,10 @@ the callback therefore ends with the same weights, bit for bit, as one without. 
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import operator
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,13 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import io
 from .._checks import is_count
 from .._training import random_in_training
 from ..io import Saveable, register
-from .auto import wants_auto
-from .checkpoint import sub_run_path
+from .auto import AutoStepReport, wants_auto
+from .checkpoint import model_architecture, sub_run_path, version_message
+from .data import hash_data
 from .diagnostics import naming_runs
 from .llc import _SAMPLE_ARGUMENTS, estimate_llc
+from .optim import chain_seed
 from .plan import (
     chain_indices,
     check_callables,
@@ -45,6 +50,11 @@ from .runner import default_loss_fn, sample
 from .vocabulary import translate
 
 __all__ = ["OnlineLLC", "OnlineLLCResult", "preserved_training_state"]
+
+#: the ``kind`` of the file holding an :class:`OnlineLLC`'s state (:func:`pypattern.io.save`)
+STATE_KIND = "online-llc-state"
+#: the version of that state (the file's and :meth:`OnlineLLC.state_dict`'s layout)
+STATE_VERSION = 1
 
 
 class preserved_training_state:
@@ -234,6 +244,74 @@ def _check_sample_kwargs(loader, kw: dict, components) -> None:
         check_checkpoint_file(args["checkpoint"])
 
 
+#: keywords that say how an estimate is computed or shown, not what it is: left out of an :class:`OnlineLLC`'s
+#: fingerprint (another value continues the curve; each step's sampler checkpoint warns where its draws may differ
+#: at float rounding, as :data:`~pypattern.sampling.checkpoint.RESUMABLE_SETTINGS` say)
+_NOT_COMPARED = (
+    "quiet",
+    "cores",
+    "checkpoint",
+    "checkpoint_every",
+    "checkpoint_state",
+    "warn_nonstationary",
+    "callbacks",
+    "batched",
+    "backend",
+    "device",
+)
+_SAMPLE_PARAMETERS = inspect.signature(sample).parameters
+
+
+def _is_default(name: str, value) -> bool:
+    """Whether ``value`` is :func:`pypattern.sample`'s default for ``name`` (a number, string, bool or None): left
+    out of the fingerprint, so that giving a default explicitly is the same run as leaving it out."""
+    p = _SAMPLE_PARAMETERS.get(name)
+    if p is None or p.default is inspect.Parameter.empty:
+        return False
+    simple = (numbers.Number, str, type(None))
+    if not (isinstance(value, simple) and isinstance(p.default, simple)):
+        return False
+    if isinstance(value, bool) != isinstance(p.default, bool) or isinstance(value, str) != isinstance(
+        p.default, str
+    ):
+        return False
+    return value == p.default
+
+
+def _fingerprint_defaults() -> dict:
+    """What a mismatch message shows for an item one fingerprint leaves out (its default)."""
+    out = {k: p.default for k, p in _SAMPLE_PARAMETERS.items() if p.default is not inspect.Parameter.empty}
+    out.update(every=None, steps=None, components=None)
+    return out
+
+
+def online_fingerprint(loader, every, steps, components, sample_kwargs: Mapping) -> dict:
+    """What identifies an :class:`OnlineLLC` curve (see :func:`pypattern.io.fingerprint`): its ``components``, the estimator's settings as given (devinterp's names translated; defaults,
+    and the settings of :data:`_NOT_COMPARED`, left out; no step, or ``"auto"``, as ``step_size="auto"``), the
+    loss function and observables by name and code, and a hash of the data as the sampler's checkpoints hash it
+    (:func:`~pypattern.sampling.data.hash_data`, keyed by the first seed). Not the weights: they change with
+    training (each step's sampler checkpoint holds those of its step). Nor the schedule (``every``, ``steps``): it
+    says which steps are estimated, not what an estimate is, so a continued run may estimate at other steps (a
+    single step estimated again, a denser schedule after the restart) and its rows join the same curve."""
+    kw = translate(
+        {k: v for k, v in sample_kwargs.items() if k not in _NOT_COMPARED}, where="OnlineLLC", drop_none=True
+    )
+    if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):
+        kw["step_size"] = "auto"
+    settings = {k: v for k, v in kw.items() if not _is_default(k, v)}
+    seed = sample_kwargs.get("seed", 0)
+    # the first seed keys the data's order, as in the sampler's checkpoints
+    seed0 = int(np.asarray(seed if is_count(seed) else list(seed)).reshape(-1)[0])
+    # reading the data may draw from torch's global generator (a shuffling DataLoader): the training run's is kept
+    with torch.random.fork_rng(devices=[]):
+        data = hash_data(loader, chain_seed(seed0, 0, stream=1), {})
+    return io.fingerprint(
+        components=components,
+        **settings,
+        data=data,
+    )
+
+
 class OnlineLLC:
     """Estimate the LLC at chosen steps of a training run, leaving the run untouched.
 
@@ -258,6 +336,31 @@ class OnlineLLC:
         step for the rest of the run (one step for the whole curve; calibrating anew at each estimate would mix
         different biases into it).
 
+    Continuing after a restart
+    --------------------------
+    With ``checkpoint="run.npz"``, each estimate's sampler run writes its own file (``run.step{step}.npz``), and
+    after every estimate the callback writes its state to ``run.online.npz`` (:attr:`state_path`; through
+    :mod:`pypattern.io`, no pickle): the rows so far, the step size calibrated at the first estimate
+    (``step_size="auto"``) and its burn-in, the fingerprint of the curve, the seconds spent. A new
+    :class:`OnlineLLC` given the same ``checkpoint`` (a training run restarted from its own checkpoint) reads that
+    file when it is built and continues the curve: the rows of the earlier steps are kept, the calibrated step is
+    reused (one step for the whole curve), and a step estimated again (the loop repeats the steps after its last
+    checkpoint) replaces its row, read back from that step's sampler checkpoint. The curve is then the one the run
+    would have given without the restart.
+
+    It continues only the same curve. The fingerprint holds ``components``,
+    the estimator's keywords (defaults left out; devinterp's names translated; how an estimate is computed or shown
+    -- ``batched``, ``backend``, ``device``, ``cores``, ``quiet``, ``callbacks``, the checkpoint settings -- left
+    out) and a hash of the data as the sampler's checkpoints hash it; the first call checks the model's
+    architecture against the one of the curve. Another value is refused with
+    :class:`pypattern.io.FingerprintMismatch` naming the item that differs; a damaged file, or a file of another
+    kind at that path, with :class:`pypattern.io.FormatError` naming the file. Use another ``checkpoint`` path, or
+    delete the file, to start a new curve. The weights are checked by each re-estimated step's sampler checkpoint
+    (the rows of steps not estimated again are kept as they were written).
+
+    Without ``checkpoint`` nothing is written; :meth:`state_dict` and :meth:`load_state_dict` carry the same state
+    (plain Python values: store it with the training run's own checkpoint).
+
     Examples
     --------
     >>> cb = OnlineLLC(loader, every=100, num_chains=4, num_draws=100, step_size=1e-4, localization=100.0)
@@ -265,6 +368,14 @@ class OnlineLLC:
     ...     loss = train_step(model)
     ...     cb(model, step, loss=loss)
     >>> cb.result.plot()
+
+    A training run restarted at step 500 from its own checkpoint continues the curve:
+
+    >>> cb = OnlineLLC(loader, every=100, checkpoint="llc.npz", num_chains=4, num_draws=100)
+    >>> for step in range(start, 1000):  # start = 501 after the restart
+    ...     loss = train_step(model)
+    ...     cb(model, step, loss=loss)
+    >>> cb.result.step  # 0, 100, ..., 900: the rows before the restart and after
     """
 
     def __init__(
@@ -311,8 +422,21 @@ class OnlineLLC:
         sample_kwargs.setdefault("quiet", True)
         sample_kwargs.setdefault("warn_nonstationary", False)
         self.sample_kwargs = sample_kwargs
+        self._given = dict(sample_kwargs)  # as given: the fingerprint's settings ("auto" stays "auto")
+        self._fp: dict | None = None
         self._rows: list[dict] = []
         self.seconds = 0.0
+        # the report of the step-size calibration of the curve (AutoStepReport.to_dict()), or None
+        self.auto_step: dict | None = None
+        self._architecture: str | None = None  # of the model the curve is estimated on (the first call's)
+        # the architecture of the curve being continued, checked at the first call
+        self._stored_architecture: str | None = None
+        self._calibrated: dict = {}  # the step_size (and num_burnin_steps) the first estimate calibrated
+        checkpoint = sample_kwargs.get("checkpoint")
+        self.state_path: str | None = sub_run_path(checkpoint, "online")
+        """The file of the callback's state (``run.online.npz`` for ``checkpoint="run.npz"``), or None."""
+        if self.state_path is not None and os.path.exists(self.state_path):
+            self._load_file(self.state_path)
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is on the schedule."""
@@ -332,6 +456,8 @@ class OnlineLLC:
         if not _is_step(step):
             raise TypeError(f"OnlineLLC: step must be an int (the training step), got {step!r}")
         step = operator.index(step)
+        if self._architecture is None:
+            self._check_architecture(model)
         if not self.due(step):
             return None
         if loss is not None:
@@ -352,6 +478,8 @@ class OnlineLLC:
                 row = self._estimate(model, step, loss)
         self.seconds += time.perf_counter() - t0
         self._rows = [r for r in self._rows if r["step"] != step] + [row]
+        if self.state_path is not None:
+            self._save_file(self.state_path)
         return row
 
     def _estimate(self, model: nn.Module, step: int, loss) -> dict:
@@ -377,15 +505,306 @@ class OnlineLLC:
                 init_loss=float(res.init_loss[0]),
                 refined={c: float(v) for c, v in zip(res.component[1:], res.llc_mean[1:], strict=True)},
             )
-        if wants_auto(self.sample_kwargs.get("step_size"), self.sample_kwargs.get("optimizer_kwargs")):
+        if not self._calibrated and self._auto():
             # "auto" (or no step, its default): keep the step calibrated at the first estimate for the whole curve
-            self.sample_kwargs["step_size"] = float(config["step_size"])
-            if (
-                self.sample_kwargs.get("num_burnin_steps") is None
-            ):  # and its burn-in (a given step would get none)
-                self.sample_kwargs["num_burnin_steps"] = int(config["num_burnin_steps"])
+            burnin = None
+            if self.sample_kwargs.get("num_burnin_steps") is None:
+                burnin = int(config["num_burnin_steps"])  # and its burn-in (a given step would get none)
+            self._use_calibrated(float(config["step_size"]), burnin)
             self.auto_step = config.get("auto_step")
         return row
+
+    def _use_calibrated(self, step_size: float, num_burnin_steps: int | None) -> None:
+        """Estimate at ``step_size`` (and burn in ``num_burnin_steps``, when not None) from now on: the step
+        calibrated at the first estimate of the curve."""
+        self._calibrated = {"step_size": step_size}
+        self.sample_kwargs.pop("lr", None)  # devinterp's name, "auto": the calibrated step replaces it
+        self.sample_kwargs["step_size"] = step_size
+        if num_burnin_steps is not None:
+            self.sample_kwargs["num_burnin_steps"] = self._calibrated["num_burnin_steps"] = num_burnin_steps
+
+    def _auto(self) -> bool:
+        """Whether the step is calibrated (``step_size`` or devinterp's ``lr`` "auto", or no step given)."""
+        g = self._given
+        given = translate({"step_size": g.get("step_size"), "lr": g.get("lr")}, where="OnlineLLC")
+        return wants_auto(given.get("step_size"), g.get("optimizer_kwargs"))
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def fingerprint(self) -> dict:
+        """What identifies this curve (components, settings, data; see the class docstring), as
+        :func:`pypattern.io.fingerprint` builds it (JSON values)."""
+        if self._fp is None:
+            self._fp = online_fingerprint(self.loader, self.every, self.steps, self.components, self._given)
+        return self._fp
+
+    def _check_architecture(self, model: nn.Module) -> None:
+        """Record the model's architecture at the first call; refuse one other than the continued curve's."""
+        now = model_architecture(model)
+        if self._stored_architecture is not None:
+            where = (
+                f"OnlineLLC state {self.state_path!r}"
+                if self.state_path is not None
+                else "the state given to OnlineLLC.load_state_dict"
+            )
+            self._check_architecture_is(self._stored_architecture, now, where)
+        self._architecture = now
+
+    def _check_architecture_is(self, was: str, now: str, where: str) -> None:
+        if was != now:
+            raise io.FingerprintMismatch(
+                f"OnlineLLC: {where} is the curve of a model of another architecture: architecture = {was!r} "
+                f"there, {now!r} now (a hash of the model's module tree and configuration: a size, layer type, "
+                "activation, dtype or any other field of its configuration differs). Continue it with that "
+                "run's model, or use another checkpoint path (or delete the file) to start a new curve.",
+                path=self.state_path or "",
+                item="architecture",
+                stored=was,
+                current=now,
+            )
+
+    def state_dict(self) -> dict:
+        """The state a new :class:`OnlineLLC` continues from (:meth:`load_state_dict`): plain Python values
+        (ints, floats, strings, lists, dicts; no arrays), so that it can be stored with a training run's own
+        checkpoint (``torch.save(..., weights_only``-safe) or as JSON.
+
+        Keys: ``version``; ``fingerprint`` (:meth:`fingerprint`); ``rows`` (one dict per estimate, as
+        :meth:`__call__` returns them, in order); ``calibrated`` (the ``step_size``, and ``num_burnin_steps``
+        when none was given, calibrated at the first estimate with ``step_size="auto"``; empty otherwise);
+        ``auto_step`` (that calibration's report, as :attr:`auto_step` holds it, or None); ``architecture`` (a
+        hash of the model's, or None before the first call); ``seconds``."""
+        rows = []
+        for r in self._rows:
+            row = {k: (int(v) if k == "step" else float(v)) for k, v in r.items() if k != "refined"}
+            if "refined" in r:
+                row["refined"] = {str(c): float(v) for c, v in r["refined"].items()}
+            rows.append(row)
+        report = self.auto_step
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": dict(self.fingerprint()),
+            "rows": rows,
+            "calibrated": dict(self._calibrated),
+            "auto_step": dict(report) if isinstance(report, Mapping) else None,
+            "architecture": self._architecture or self._stored_architecture,
+            "seconds": float(self.seconds),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue the curve of ``state`` (:meth:`state_dict` of the callback of the same run, before a restart):
+        its rows replace this callback's, its calibrated step is reused, its seconds counted.
+
+        Raises
+        ------
+        pypattern.io.FingerprintMismatch
+            ``state`` is the curve of another run: other components, settings or data (naming the
+            first item that differs); the model's architecture is checked at the next call.
+        pypattern.io.FormatError
+            ``state`` is not such a state, or is damaged (naming what is wrong).
+        """
+        self._restore(state, None)
+
+    def _save_file(self, path: str) -> None:
+        state = self.state_dict()
+        rows = state.pop("rows")
+        names = list(dict.fromkeys(c for r in rows for c in r.get("refined", {})))
+        arrays = {"step": np.array([r["step"] for r in rows], dtype=np.int64)}
+        for k in _ROW_FLOATS:
+            arrays[k] = np.array([r[k] for r in rows], dtype=np.float64)
+        for i, c in enumerate(names):  # by index: a component's name may hold any character
+            arrays[f"refined/{i}"] = np.array([r["refined"].get(c, np.nan) for r in rows], dtype=np.float64)
+            arrays[f"refined_given/{i}"] = np.array([c in r["refined"] for r in rows], dtype=np.bool_)
+        state["components_estimated"] = names
+        state["has_refined"] = self.components is not None
+        io.save(path, arrays, {"online_llc": state}, kind=STATE_KIND)
+
+    def _load_file(self, path: str) -> None:
+        arrays, meta = io.load(path, kind=STATE_KIND)
+        state = meta.get("online_llc")
+
+        def bad(what: str) -> io.FormatError:
+            return io.FormatError(
+                f"OnlineLLC state {path!r} is damaged: {what}; delete it to start a new curve"
+            )
+
+        if not isinstance(state, dict):
+            raise bad("its header holds no 'online_llc' mapping")
+        state = dict(state)
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise io.FormatError(
+                version_message(path, version, STATE_VERSION).replace("checkpoint", "OnlineLLC state", 1)
+            )
+        names = state.pop("components_estimated", None)
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise bad(f"its 'components_estimated' is {names!r:.80}, not a list of component names")
+        has_refined = state.pop("has_refined", None)
+        if not isinstance(has_refined, bool):
+            raise bad(f"its 'has_refined' is {has_refined!r:.80}, not a bool")
+        for k in ("step", *_ROW_FLOATS):
+            if k not in arrays:
+                raise bad(f"it lacks the array {k!r}")
+        n = arrays["step"].shape[0] if arrays["step"].ndim == 1 else -1
+        wanted = {"step", *_ROW_FLOATS}
+        for i in range(len(names)):
+            wanted |= {f"refined/{i}", f"refined_given/{i}"}
+        extra = sorted(set(arrays) - wanted)
+        if extra:
+            raise bad(f"it holds arrays {extra[:3]} of no component it names")
+        for k in sorted(wanted):
+            a = arrays.get(k)
+            if a is None:
+                raise bad(f"it lacks the array {k!r}")
+            kind = "iu" if k == "step" else ("b" if k.startswith("refined_given/") else "f")
+            if a.ndim != 1 or a.shape[0] != n or a.dtype.kind not in kind:
+                raise bad(
+                    f"{k!r} has shape {a.shape} and dtype {a.dtype}, expected one entry per row (of {n})"
+                )
+        rows = []
+        for j in range(n):
+            row = {"step": int(arrays["step"][j]), **{k: float(arrays[k][j]) for k in _ROW_FLOATS}}
+            if has_refined:
+                row["refined"] = {
+                    c: float(arrays[f"refined/{i}"][j])
+                    for i, c in enumerate(names)
+                    if bool(arrays[f"refined_given/{i}"][j])
+                }
+            elif names:
+                raise bad(f"it holds refined LLCs of {names[:3]} but its curve has no components")
+            rows.append(row)
+        state["rows"] = rows
+        self._restore(state, path)
+
+    def _restore(self, state: Mapping, path: str | None) -> None:
+        """Check ``state`` (read from the file ``path``, or given to :meth:`load_state_dict`) and continue it."""
+        where = (
+            f"OnlineLLC state {path!r}"
+            if path is not None
+            else "the state given to OnlineLLC.load_state_dict"
+        )
+        fix = (
+            "delete it to start a new curve" if path is not None else "give the state_dict() of an OnlineLLC"
+        )
+
+        def bad(what: str) -> io.FormatError:
+            return io.FormatError(f"{where} is damaged: {what}; {fix}")
+
+        if not isinstance(state, Mapping):
+            raise io.FormatError(f"{where} is a {type(state).__name__}, not a mapping; {fix}")
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise io.FormatError(
+                f"{where} has version {version!r}, this pypattern reads version {STATE_VERSION}; {fix}"
+            )
+        stored = state.get("fingerprint")
+        if not isinstance(stored, Mapping):
+            raise bad(f"its 'fingerprint' is {stored!r:.80}, not a mapping")
+        try:
+            io.check_fingerprint(
+                stored, self.fingerprint(), path or "state_dict", defaults=_fingerprint_defaults()
+            )
+        except io.FingerprintMismatch as e:
+            message = str(e)
+            head = f"checkpoint {e.path!r} was written by a different run"
+            tail = "Use another checkpoint path, or delete this one to start afresh."
+            if message.startswith(head):
+                message = f"OnlineLLC: {where} is the curve of a different run" + message[len(head) :]
+            message = message.replace(
+                tail,
+                "Continue it with that run's settings and data, or use another checkpoint path (or "
+                "delete the file) to start a new curve."
+                if path is not None
+                else "Continue it with that run's settings and data, or start a new curve.",
+            )
+            raise io.FingerprintMismatch(
+                message, path=path or "", item=e.item, stored=e.stored, current=e.current
+            ) from None
+        rows = state.get("rows")
+        if not isinstance(rows, list | tuple):
+            raise bad(f"its 'rows' is {rows!r:.80}, not a list of rows")
+        seen: set[int] = set()
+        out = []
+        for j, r in enumerate(rows):
+            if not isinstance(r, Mapping):
+                raise bad(f"row {j} is {r!r:.80}, not a mapping")
+            step = r.get("step")
+            if not _is_step(step) or step < 0 or step in seen:
+                raise bad(
+                    f"row {j}'s step is {step!r}, not a step >= 0 estimated once (steps so far "
+                    f"{sorted(seen)[:5]})"
+                )
+            seen.add(int(step))
+            row = {"step": int(step)}
+            for k in _ROW_FLOATS:
+                v = r.get(k)
+                if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                    raise bad(f"row {j} (step {step}) has {k} = {v!r:.80}, not a number")
+                row[k] = float(v)
+            if set(r) - {"step", *_ROW_FLOATS, "refined"}:
+                raise bad(f"row {j} (step {step}) has the keys {sorted(set(r))}, not a row's")
+            if self.components is not None:
+                ref = r.get("refined")
+                if not isinstance(ref, Mapping) or not all(
+                    isinstance(c, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+                    for c, v in ref.items()
+                ):
+                    raise bad(
+                        f"row {j} (step {step}) has refined = {ref!r:.80}, not component names to numbers"
+                    )
+                row["refined"] = {c: float(v) for c, v in ref.items()}
+            elif "refined" in r:
+                raise bad(f"row {j} (step {step}) holds refined LLCs, but the curve has no components")
+            out.append(row)
+        calibrated = state.get("calibrated")
+        if not isinstance(calibrated, Mapping) or set(calibrated) - {"step_size", "num_burnin_steps"}:
+            raise bad(
+                f"its 'calibrated' is {calibrated!r:.80}, not a mapping of step_size and num_burnin_steps"
+            )
+        auto = self._auto()
+        step_size = calibrated.get("step_size")
+        if step_size is not None and (
+            isinstance(step_size, bool)
+            or not isinstance(step_size, numbers.Real)
+            or not 0 < step_size < math.inf
+            or not auto
+        ):
+            raise bad(
+                f"its calibrated step_size is {step_size!r}, not a step > 0 of a curve with step_size='auto'"
+            )
+        if auto and out and step_size is None:
+            raise bad("it holds estimates with step_size='auto' but not the step they were calibrated at")
+        burnin = calibrated.get("num_burnin_steps")
+        if burnin is not None and (
+            not is_count(burnin)
+            or burnin < 0
+            or step_size is None
+            or self._given.get("num_burnin_steps") is not None
+        ):
+            raise bad(f"its calibrated num_burnin_steps is {burnin!r}, not the burn-in of a calibrated step")
+        seconds = state.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 <= seconds < math.inf:
+            raise bad(f"its 'seconds' is {seconds!r:.80}, not a time in seconds")
+        architecture = state.get("architecture")
+        if architecture is not None and not isinstance(architecture, str):
+            raise bad(f"its 'architecture' is {architecture!r:.80}, not a hash")
+        report = state.get("auto_step")
+        if report is not None:
+            try:
+                report = AutoStepReport.from_dict(dict(report)).to_dict()
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise bad(
+                    f"its 'auto_step' is {report!r:.80}, not a step-size calibration's report"
+                ) from None
+        if self._architecture is not None and architecture is not None:  # (a callback called before)
+            self._check_architecture_is(architecture, self._architecture, where)
+        # the same curve: continued
+        self._rows = out
+        self.seconds = float(seconds)
+        self.auto_step = report
+        self.sample_kwargs, self._calibrated = dict(self._given), {}
+        if step_size is not None:
+            self._use_calibrated(float(step_size), None if burnin is None else int(burnin))
+        self._stored_architecture = architecture
 
     @property
     def result(self) -> OnlineLLCResult:
@@ -408,6 +827,10 @@ class OnlineLLC:
             },
             seconds=self.seconds,
         )
+
+
+#: the number columns of a row (besides ``step`` and ``refined``)
+_ROW_FLOATS = ("llc_mean", "llc_std", "llc_se", "r_hat", "init_loss", "train_loss")
 
 
 def as_train_callback(cb: OnlineLLC, also: Callable | None = None) -> Callable[[int, nn.Module], None]:
