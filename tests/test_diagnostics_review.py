@@ -2,6 +2,7 @@
 w* (minibatch noise makes the trace look stationary), a calibrated step whose trials were short for the flattest
 directions, a w* that is not a minimum under step_size="auto", and a joint calibration blocked by one run."""
 
+import math
 import warnings
 
 import pytest
@@ -88,10 +89,16 @@ def test_auto_step_whose_trials_did_not_relax_the_flattest_directions_warns():
         res = pp.estimate_llc(
             model, loader, nbeta=1000.0, localization=1.0, num_chains=4, num_draws=200, quiet=True, seed=2
         )
-    assert "may not have relaxed" in res.sample.config["auto_step"]["reason"]
-    flat = [str(w.message) for w in caught if "short for the flattest directions" in str(w.message)]
+    auto = res.sample.config["auto_step"]
+    assert "may not have relaxed" in auto["reason"]
+    # the run's burn-in for 3 relaxation times of the flattest direction (eps * localization / 2 per step) is
+    # capped at 40 times the draws' steps: warned, naming both
+    need = math.ceil(2 * 3 / (auto["chosen"] * 1.0))
+    assert auto["burnin"]["needed"] == need and auto["burnin"]["capped"]
+    assert res.sample.config["num_burnin_steps"] == auto["burnin"]["cap"] == 40 * 200
+    flat = [str(w.message) for w in caught if "its flattest direction needs to relax" in str(w.message)]
     assert len(flat) == 1
-    assert "of the flattest (fewer than 3" in flat[0] and "chose 9.77e-05" in flat[0]
+    assert f"burn-in of 8000 steps is shorter than the {need}" in flat[0] and "chose 9.77e-05" in flat[0]
     assert "num_burnin_steps" in flat[0] and "larger localization" in flat[0]
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pypattern as pp
+from pypattern.sampling.llc import llc_of_samples
 
 
 def _data(dtype=torch.float64):
@@ -214,17 +215,25 @@ def test_a_calibrated_run_of_one_draw_warns_that_its_burn_in_is_shorter_than_the
         model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     kw = dict(num_draws=1, num_chains=32, quiet=True, seed=0)
+    opts = {"calibration_chains": 4}
     with pytest.warns(
         pp.sampling.NonStationaryWarning, match="num_burnin_steps=1 is shorter than the"
     ) as caught:
-        short = pp.estimate_llc(model, loader, auto_step_options={"calibration_chains": 4}, **kw)
+        short = pp.sample(model, loader, auto_step_options=opts, **kw)  # the draws' steps: one
     need = int(re.search(r"Give num_burnin_steps=(\d+)", str(caught[0].message)).group(1))
-    config = short.sample.config
-    assert short.llc_mean < 1.0 - 2 * short.llc_se  # the draws came too early: short of d/2
+    config = short.config
+    early = llc_of_samples(short, model)
+    assert early.llc_mean < 1.0 - 2 * early.llc_se  # the draws came too early: short of d/2
     flattest = float(torch.linalg.eigvalsh(2 * x.T.double() @ x.double() / len(x)).min()) * config["nbeta"]
     assert need * config["step_size"] * flattest / 2 >= 3.0
     res = pp.estimate_llc(model, loader, step_size=config["step_size"], num_burnin_steps=need, **kw)
     assert abs(res.llc_mean - 1.0) < 3 * res.llc_se, (res.llc_mean, res.llc_se)
+    # estimate_llc's default burn-in ("auto") is at least that burn-in: no warning, and the estimate finds d/2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pp.sampling.NonStationaryWarning)
+        ruled = pp.estimate_llc(model, loader, auto_step_options=opts, **kw)
+    assert ruled.sample.config["num_burnin_steps"] == need
+    assert abs(ruled.llc_mean - 1.0) < 3 * ruled.llc_se, (ruled.llc_mean, ruled.llc_se)
 
 
 def test_sgld_takes_devinterp_2x_metric_switches_off_and_refuses_them_on():

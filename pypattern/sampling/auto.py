@@ -211,6 +211,12 @@ class AutoStepError(ValueError):
 #: (:func:`pypattern.estimate_llc` warns about it)
 UNRELAXED_NOTE = "directions that flat may not have relaxed"
 
+#: the longest burn-in :func:`burnin_for_run` gives a run, in units of its draw steps (``num_draws *
+#: num_steps_bw_draws``): for the default run (4 chains x 200 draws) 8,000 steps per chain, 32,000 chain-steps, about
+#: what a calibration itself costs (8 chains x 200 steps x (1 + 2 + 4 + 8) = 24,000 chain-steps, and up to 8 units
+#: more for a trial run again to relax): the burn-in at most about doubles the cost of a call whose step is calibrated
+MAX_BURNIN_FACTOR = 40.0
+
 _TRIAL_KEYS = ("step_size", "num_steps", "llc", "se", "r_hat", "verdict")
 
 
@@ -241,6 +247,12 @@ class AutoStepReport(Saveable):
     reruns : list of dict
         Runs at a calibrated step that diverged or ran away and were run again at half the step (``step_size``,
         ``chain``, ``draw``, ``step``, ``message``); ``chosen`` is then the step of the run that finished.
+    burnin : dict
+        The run's burn-in where :func:`pypattern.estimate_llc` chose it by :func:`burnin_for_run` (no
+        ``num_burnin_steps`` given): ``num_burnin_steps``, ``needed`` (steps for ``relaxation_times`` relaxation
+        times of the flattest direction at the chosen step, None without localization or weight decay), ``cap``,
+        ``capped``, ``relaxation_times`` (what the burn-in covers of the flattest direction) and ``reason``; empty
+        otherwise.
     """
 
     step_size: list = field(default_factory=list)
@@ -255,6 +267,7 @@ class AutoStepReport(Saveable):
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
     reruns: list = field(default_factory=list)
+    burnin: dict = field(default_factory=dict)
 
     def _check_loaded(self) -> None:
         """The members agree (a file read by :meth:`load`): one entry per trial in each of the trial lists (real
@@ -268,6 +281,8 @@ class AutoStepReport(Saveable):
             raise ValueError(f"settings must be a dict, got {type(self.settings).__name__}")
         if not isinstance(self.reruns, list) or not all(isinstance(r, dict) for r in self.reruns):
             raise ValueError(f"reruns must be a list of dicts, got {self.reruns!r:.80}")
+        if not isinstance(self.burnin, dict):
+            raise ValueError(f"burnin must be a dict, got {type(self.burnin).__name__}")
 
     @classmethod
     def from_dict(cls, d: dict) -> AutoStepReport:
@@ -281,6 +296,7 @@ class AutoStepReport(Saveable):
             settings=dict(d.get("settings") or {}),
             seconds=float(d.get("seconds") or 0.0),
             reruns=[dict(r) for r in d.get("reruns") or ()],
+            burnin=dict(d.get("burnin") or {}),
         )
 
     def rows(self) -> list[dict]:
@@ -297,6 +313,7 @@ class AutoStepReport(Saveable):
             "settings": dict(self.settings),
             "seconds": self.seconds,
             "reruns": [dict(r) for r in self.reruns],
+            "burnin": dict(self.burnin),
         }
 
     def to_pandas(self):
@@ -312,6 +329,10 @@ class AutoStepReport(Saveable):
                 f"{r['r_hat']:>7.3f}  {r['verdict']}"
             )
         lines.append(f"chosen step_size: {self.chosen} ({self.reason})")
+        if self.burnin:
+            lines.append(
+                f"num_burnin_steps: {self.burnin.get('num_burnin_steps')} ({self.burnin.get('reason')})"
+            )
         return "\n".join(lines)
 
 
@@ -379,6 +400,7 @@ def resolve_step_size(
     run_draw_steps: int | None = None,
     relaxation_times: float = 3.0,
     relaxation_target: float = 20.0,
+    max_burnin_factor: float = MAX_BURNIN_FACTOR,
     quiet: bool = True,
     **sample_kwargs,
 ) -> tuple[float, AutoStepReport]:
@@ -434,6 +456,10 @@ def resolve_step_size(
     relaxation_target : float
         Relaxation times of the flattest direction a trial that is not stationary or not relaxed runs again for,
         when that fits in ``max_trial_factor`` units (else ``relaxation_times``).
+    max_burnin_factor : float
+        The longest burn-in :func:`pypattern.estimate_llc` gives a run at the chosen step when it chooses one
+        (:func:`burnin_for_run`), in units of the run's draw steps (``num_draws * num_steps_bw_draws``); recorded in
+        the report's settings, no effect on the trials.
     quiet : bool
         No progress bar (by default one bar counts the trials and shows the step being tried).
     **sample_kwargs
@@ -480,6 +506,11 @@ def resolve_step_size(
             raise ValueError(f"{name} must be True or False, got {v!r}")
     if not is_count(num_steps_bw_draws) or num_steps_bw_draws < 1:
         raise ValueError(f"num_steps_bw_draws must be an int >= 1 (the thinning), got {num_steps_bw_draws!r}")
+    if not is_real(max_burnin_factor) or not (math.isfinite(max_burnin_factor) and max_burnin_factor >= 1):
+        raise ValueError(
+            "max_burnin_factor must be a finite number >= 1 (the longest burn-in, in units of the run's draw "
+            f"steps), got {max_burnin_factor!r}"
+        )
     if run_draw_steps is not None and (not is_count(run_draw_steps) or run_draw_steps < 1):
         raise ValueError(
             f"run_draw_steps must be an int >= 1 (the run's draw chain-steps) or None, got {run_draw_steps!r}"
@@ -509,6 +540,7 @@ def resolve_step_size(
             localization=float(localization),
             relaxation_times=float(relaxation_times),
             relaxation_target=float(relaxation_target),
+            max_burnin_factor=float(max_burnin_factor),
         )
     )
     # SGLD's drift -(eps/2)(nbeta grad L + (localization + weight_decay)(w - w*)): at a minimum of L every direction
@@ -518,6 +550,8 @@ def resolve_step_size(
         sampler_name(extra.get("sampler"), extra.get("sampling_method")) == "sgld" and relaxation_times > 0
     )
     gamma = max(0.0, float(localization or 0.0)) + max(0.0, float(extra.get("weight_decay") or 0.0))
+    if relax:  # the flattest direction's pull, read by burnin_for_run
+        rep.settings["gamma"] = gamma
     stable: float | None = None  # the largest step whose trial ran without diverging
     t0 = time.perf_counter()
     cache: dict[tuple[int, int, int], dict] = {}
@@ -1028,6 +1062,7 @@ AUTO_STEP_OPTIONS = (
     "pair_factor",
     "relaxation_times",
     "relaxation_target",
+    "max_burnin_factor",
 )
 
 
@@ -1146,6 +1181,61 @@ def calibrate_or_resume(
     step, report = (resolve or resolve_step_size)(model, loader, **arguments)
     record = None if key is None else {"key": key, "report": report.to_dict()}
     return step, report, record
+
+
+def burnin_for_run(report: AutoStepReport | Mapping, num_draws, num_steps_bw_draws=1) -> dict:
+    """The burn-in a run of ``num_draws`` draws (every ``num_steps_bw_draws`` steps) at the calibrated step of
+    ``report`` needs for its chains to relax from ``w*`` (module docstring, "Relaxation").
+
+    Under SGLD at a minimum the flattest direction relaxes at ``eps * gamma / 2`` per step (``gamma =
+    localization + weight_decay``), so ``relaxation_times`` (the calibration's setting, default 3) relaxation
+    times of it take ``needed = ceil(2 * relaxation_times / (eps * gamma))`` steps; the burn-in is that, at least
+    the draws' steps (``num_draws * num_steps_bw_draws``, the default burn-in of a calibrated step) and at most
+    ``max_burnin_factor`` times them (``capped`` then). Without localization and weight decay (``gamma = 0``)
+    nothing bounds the flattest direction's relaxation, and for a sampler other than SGLD (or
+    ``relaxation_times=0``) the calibration makes no relaxation rules: the burn-in is the draws' steps.
+
+    Returns
+    -------
+    dict
+        ``num_burnin_steps``, ``needed`` (None without a bound), ``cap``, ``capped``, ``relaxation_times`` (of the
+        flattest direction the burn-in covers, None without a bound) and ``reason``.
+    """
+    rep = report.to_dict() if isinstance(report, AutoStepReport) else dict(report)
+    settings = dict(rep.get("settings") or {})
+    draws = int(num_draws) * int(num_steps_bw_draws)
+    factor = float(settings.get("max_burnin_factor", MAX_BURNIN_FACTOR))
+    cap = max(draws, int(math.floor(factor * draws)))
+    eps, gamma = rep.get("chosen"), settings.get("gamma")
+    times = float(settings.get("relaxation_times", 3.0))
+    out = dict(num_burnin_steps=draws, needed=None, cap=cap, capped=False, relaxation_times=None)
+    if not (is_real(eps) and eps > 0 and is_real(gamma) and gamma > 0 and times > 0):
+        why = (
+            "without localization or weight decay nothing pulls the flattest directions back, so no relaxation time "
+            "bounds the burn-in"
+            if is_real(gamma) and times > 0
+            else "the calibration made no relaxation rules (a sampler other than SGLD, or relaxation_times=0)"
+        )
+        out["reason"] = f"as many steps as the draws take ({draws}): {why}"
+        return out
+    needed = max(1, math.ceil(2 * times / (eps * gamma) - 1e-9))
+    steps = max(draws, min(needed, cap))
+    covered = eps * gamma * steps / 2
+    out.update(num_burnin_steps=steps, needed=needed, capped=needed > cap, relaxation_times=covered)
+    rule = (
+        f"{times:g} relaxation times of the flattest direction at step {eps:.3g} with localization + weight decay "
+        f"{gamma:g} (it relaxes by {eps * gamma / 2:.3g} per step) take {needed} steps"
+    )
+    if needed > cap:
+        out["reason"] = (
+            f"{rule}; capped at {cap} (max_burnin_factor={factor:g} times the draws' {draws} steps), which cover "
+            f"{covered:.3g} of them: the chains may not have relaxed from w*"
+        )
+    elif needed <= draws:
+        out["reason"] = f"{rule}, no more than the draws' {draws} steps (the default burn-in)"
+    else:
+        out["reason"] = rule
+    return out
 
 
 def read_calibration(path: str) -> Mapping | None:

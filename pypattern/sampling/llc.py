@@ -98,6 +98,15 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResu
     ``seed``, ``checkpoint``, ``batched``, ``quiet``, ``auto_step_options`` (the settings of the
     ``step_size="auto"`` calibration, e.g. ``{"calibration_steps": 800}``), ...).
 
+    When the step is calibrated (``step_size="auto"``, the default) and no ``num_burnin_steps`` is given (here it
+    defaults to :func:`pypattern.sample`'s ``num_burnin_steps="auto"``), the run burns in for as long as its chosen
+    step needs for the chains to relax from ``w*``
+    (:func:`pypattern.sampling.auto.burnin_for_run`: ``relaxation_times``, default 3, relaxation times of the
+    flattest direction, ``2 * 3 / (step_size * (localization + weight_decay))`` steps, at least the draws' steps
+    and at most ``max_burnin_factor``, default 40, times them, settings of ``auto_step_options``); the result's
+    ``config["auto_step"]["burnin"]`` says how many and why, and ``config["num_burnin_steps"]`` holds them. A given
+    ``num_burnin_steps`` is kept as given.
+
     Returns
     -------
     LLCResult (a list of them, one per run, with ``runs=``)
@@ -114,6 +123,8 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResu
     refuse_unknown_keywords(
         kwargs, _SAMPLE_ARGUMENTS, "estimate_llc()", "pypattern.sample()'s keywords (documented there)"
     )
+    if kwargs.get("num_burnin_steps") is None:  # a calibrated step's run burns in as long as the step needs
+        kwargs = dict(kwargs, num_burnin_steps="auto")
     return llc_of_samples(sample(model, loader, **kwargs), model, kwargs.get("masks"))
 
 
@@ -228,24 +239,45 @@ def _warn_auto_unrelaxed(res: LLCResult, model: nn.Module | None = None, masks=N
     :data:`~pypattern.sampling.auto.UNRELAXED_NOTE`): on a singular model the estimate may still be creeping up
     along such directions, by more than its standard error shows. Not when every direction is stiff against the
     localization: an estimate of the whole model (``masks`` None, no ``restrict_to``) within 10% of ``d / 2``
-    (``d`` moving parameters; a regular model), where the flattest direction's bound is loose."""
+    (``d`` moving parameters; a regular model), where the flattest direction's bound is loose.
+
+    A run whose burn-in :func:`estimate_llc` chose by the flattest direction's relaxation
+    (``config["auto_step"]["burnin"]``) relaxed from ``w*`` in it, unless the burn-in was capped
+    (``max_burnin_factor``): warned only then, saying so."""
     config = getattr(res.sample, "config", None)
     auto = config.get("auto_step") if isinstance(config, dict) else None
     reason = auto.get("reason") if isinstance(auto, dict) else None
     settings = auto.get("settings") if isinstance(auto, dict) else None
     flat = settings.get("flattest_relaxation_times") if isinstance(settings, dict) else None
-    if not isinstance(reason, str) or UNRELAXED_NOTE not in reason or not isinstance(flat, int | float):
-        return
-    if not flat < FLAT_RELAXATION_WARN:
-        return
+    burnin = auto.get("burnin") if isinstance(auto, dict) else None
+    chosen_burnin = isinstance(burnin, dict) and burnin.get("needed") is not None
+    if chosen_burnin and not burnin.get("capped"):
+        return  # the run's burn-in covered relaxation_times relaxation times of the flattest direction
+    if not chosen_burnin:
+        if not isinstance(reason, str) or UNRELAXED_NOTE not in reason or not isinstance(flat, int | float):
+            return
+        if not flat < FLAT_RELAXATION_WARN:
+            return
     if model is not None and masks is None and config.get("restrict_to") is None:
         d = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if d and float(res.llc_mean) >= 0.9 * d / 2:
             return
-    at = reason.rfind("its trials cover at most")
-    note = reason[at:] if at >= 0 else reason
     chosen = auto.get("chosen")
     step = f"{chosen:.3g}" if isinstance(chosen, int | float) else "the chosen step"
+    if chosen_burnin:  # capped
+        _warn_of_run(
+            res,
+            f"step_size='auto' chose {step}, and the run's burn-in of {burnin.get('num_burnin_steps')} steps is "
+            f"shorter than the {burnin.get('needed')} its flattest direction needs to relax from w* "
+            f"({burnin.get('reason')}): on a singular model the estimate may still be rising along it, by more than "
+            "llc_se shows (run-to-run spread across seeds is a check). Give num_burnin_steps (or "
+            "auto_step_options={'max_burnin_factor': ...}) for at least "
+            f"{burnin.get('needed')} steps, or a larger localization",
+            NonStationaryWarning,
+        )
+        return
+    at = reason.rfind("its trials cover at most")
+    note = reason[at:] if at >= 0 else reason
     _warn_of_run(
         res,
         f"step_size='auto' chose {step}, but the calibration's trials were short for the flattest directions "

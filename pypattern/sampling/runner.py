@@ -41,6 +41,7 @@ from ..losses import (
 )
 from .auto import (
     auto_arguments,
+    burnin_for_run,
     calibrate_or_resume,
     check_auto_step_options,
     resolve_step_size,
@@ -220,7 +221,7 @@ def sample(
     loss_fn: Callable | None = None,
     num_chains: int = 4,
     num_draws: int = 200,
-    num_burnin_steps: int | None = None,
+    num_burnin_steps: int | str | None = None,
     num_steps_bw_draws: int = 1,
     step_size: float | str | None = None,
     nbeta: float | None = None,
@@ -282,7 +283,13 @@ def sample(
         Chain layout (devinterp's names and meanings). ``num_burnin_steps`` defaults (None) to as many steps as
         the draws take, ``num_draws * num_steps_bw_draws``, when the step is calibrated (``step_size="auto"``,
         the default: its trials judge a step with that share of burn-in, and chains started at ``w*`` need it to
-        reach the distribution they sample), and to 0 (devinterp's default) when a step is given. A calibrated
+        reach the distribution they sample), and to 0 (devinterp's default) when a step is given. ``"auto"``
+        (:func:`pypattern.estimate_llc`'s default): with a calibrated step, as long as that step needs for the
+        chains to relax from ``w*`` along the flattest direction (:func:`pypattern.sampling.auto.burnin_for_run`:
+        ``relaxation_times`` relaxation times at ``step_size * (localization + weight_decay) / 2`` per step, at
+        least the draws' steps and the burn-in the calibration judged the step with, at most ``max_burnin_factor``
+        (``auto_step_options``, default 40) times the draws' steps; recorded in ``config["auto_step"]["burnin"]``);
+        with a given step as None. A calibrated
         run whose burn-in is shorter than the burn-in its calibration judged the chosen step with (half its
         shortest trial there, at most ``calibration_steps / 2``: 100 steps by default), as a run of a few draws
         is, warns (:class:`NonStationaryWarning`): its draws may come before its chains relaxed from ``w*``.
@@ -541,6 +548,13 @@ def sample(
     if lr is not None:  # devinterp's name for the step size
         step_size = translate({"step_size": step_size, "lr": lr}, where="the call")["step_size"]
         lr = None
+    burnin_rule = isinstance(num_burnin_steps, str) and num_burnin_steps == "auto"
+    if isinstance(num_burnin_steps, str) and not burnin_rule:
+        raise ValueError(
+            f"num_burnin_steps={num_burnin_steps!r} is not valid; give an int >= 0, None (the default) or 'auto'"
+        )
+    if burnin_rule:  # chosen after the calibration (which, like the default, sees none given)
+        num_burnin_steps = None
     auto_step = calibration = None
     calibrating = wants_auto(step_size, optimizer_kwargs)
     check_auto_step_options(auto_step_options, calibrating)
@@ -552,9 +566,18 @@ def sample(
         step_size, auto_step, calibration = calibrate_or_resume(
             model, loader, auto_arguments(locals()), stored, resolve_step_size
         )
+    chosen_burnin = False
+    if burnin_rule and auto_step is not None:  # as long as the calibrated step needs to relax from w*
+        rule = burnin_for_run(auto_step, num_draws, num_steps_bw_draws)
+        trial = _trial_burnin(auto_step)
+        if trial > rule["num_burnin_steps"]:  # and no shorter than the burn-in the step was judged with
+            rule["num_burnin_steps"] = trial
+            rule["reason"] += f"; raised to the {trial} steps of burn-in the calibration judged the step with"
+        auto_step.burnin = rule
+        num_burnin_steps, chosen_burnin = rule["num_burnin_steps"], True
     if num_burnin_steps is None:  # as the calibration's trials: half the chain-steps burn-in; devinterp's 0
         num_burnin_steps = default_burnin(auto_step is not None, num_draws, num_steps_bw_draws)
-    if auto_step is not None and warn_nonstationary:
+    if auto_step is not None and warn_nonstationary and not chosen_burnin:
         _warn_short_burnin(num_burnin_steps, auto_step)
     if sequential_for_callbacks and batched is None:
         batched = False
