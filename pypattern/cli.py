@@ -379,7 +379,8 @@ def _sampler_args(
         type=nonnegative_int,
         default=draws,
         applies=m,
-        help=f"with --model: SGLD steps per chain before the first draw, not recorded (default: {draws})",
+        help=f"with --model: SGLD steps per chain before the first draw, not recorded (default: {draws}, and with "
+        "the auto step as many as that step needs for the chains to relax from w* when more)",
     )
     _flag(
         p,
@@ -479,7 +480,10 @@ def _user_run(args) -> int:
     kw = dict(
         num_chains=args.num_chains,
         num_draws=args.num_draws,
-        num_burnin_steps=args.num_burnin_steps,
+        # none given with the auto step: the estimator's rule (at least the draws' steps)
+        num_burnin_steps=None
+        if "num_burnin_steps" not in args.given and args.step_size == "auto"
+        else args.num_burnin_steps,
         step_size=args.step_size,
         localization=args.localization,
         nbeta=args.nbeta,
