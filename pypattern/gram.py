@@ -68,6 +68,9 @@ class GramSite:
       last ``out_dims`` dimensions as features. ``params = (weight name, bias name or None)``.
     * ``"embedding"``: ``y = W[ids]``: ids from ``inp``, ``y`` from ``out``; ``params = (weight name,)``.
     * ``"positional"``: ``y[:, t] = W[t]`` for every sample (ids are the positions); ``params = (weight name,)``.
+      With ``inp = (module name, "input")`` naming a module whose ``forward`` takes ``position_ids`` (pypattern's
+      ``PosEmbed``), ``y[b, t] = W[position_ids[b, t]]`` where the call is given them (a left-padded batch's
+      positions counted from each row's first real token), the columns where it is not.
     * ``"layernorm"``: ``y = xhat * w + b`` with ``xhat = layer_norm(x, eps)`` over the last dimension; ``x`` from
       ``inp``, ``params = (w name, b name or None)``.
     * ``"rmsnorm"``: ``y = xhat * w`` (or ``xhat * (offset + w)``: the gradient is the same) with ``xhat = x /
@@ -502,7 +505,15 @@ def transformer_lens_sites(model: nn.Module) -> list[GramSite]:
     if post_ln:
         add_norm("embed.ln")
     if has("pos_embed.W_pos"):
-        sites.append(GramSite("pos_embed", "positional", ("pos_embed.W_pos",), ("hook_pos_embed", "output")))
+        sites.append(
+            GramSite(
+                "pos_embed",
+                "positional",
+                ("pos_embed.W_pos",),
+                ("hook_pos_embed", "output"),
+                inp=("pos_embed", "input") if _reads_position_ids(mods.get("pos_embed")) else None,
+            )
+        )
     n_layers = len(getattr(model, "blocks", []))
     shared = bool(getattr(cfg, "parallel_shared_norm", False))
     qk_norm = getattr(cfg, "qk_norm", None)
@@ -697,9 +708,23 @@ def _site_gram(st, params, cap, batch, method, backend):
     w_name, b_name = st.params[0], (st.params[1] if len(st.params) > 1 else None)
     w_on = params.get(w_name) is not None
     b_on = b_name is not None and params.get(b_name) is not None
-    if st.kind == "positional":  # the per-sample gradient of W[:T] is the output gradient itself (each call's
-        # at its own first positions)
+    if st.kind == "positional":
         ds = [_as_btd("grad", grads[k]) for k in live]
+        ins = cap.get(("in", st.inp), []) if st.inp is not None else []
+        if any(k < len(ins) and torch.is_tensor(ins[k][0]) for k in live):
+            # a call given position_ids (batch, pos) reads W[position_ids]: an embedding lookup of those ids (the
+            # calls without them read the columns 0 .. pos - 1)
+            ids = torch.cat(
+                [
+                    ins[k][0].reshape(batch, -1)
+                    if k < len(ins) and torch.is_tensor(ins[k][0])
+                    else torch.arange(ds[j].shape[1], device=ds[j].device).expand(batch, -1)
+                    for j, k in enumerate(live)
+                ],
+                1,
+            )
+            return grad_gram_embedding(ids, torch.cat(ds, 1), method=method, backend=backend)
+        # the per-sample gradient of W[:T] is the output gradient itself (each call's at its own first positions)
         T = max(x.shape[1] for x in ds)
         d = sum(torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1])) for x in ds)
         return grad_gram_dense(d.reshape(batch, -1))
@@ -1153,6 +1178,32 @@ def _own_lookup_ids(mod: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor |
     return pos.detach() + mod.offset
 
 
+def _reads_position_ids(mod: nn.Module | None) -> bool:
+    """Whether ``mod`` is a learned positional embedding of pypattern's layout (a ``W_pos`` weight) whose
+    ``forward`` takes ``position_ids`` (pypattern's ``PosEmbed``)."""
+    if mod is None or not isinstance(getattr(mod, "W_pos", None), torch.Tensor):
+        return False
+    import inspect
+
+    try:
+        return "position_ids" in inspect.signature(mod.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _given_position_ids(mod: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``position_ids`` a call of a positional embedding whose ``forward`` takes them was given (its lookup
+    ids, ``(batch, pos)``), detached; None when the call reads the columns ``0 .. pos - 1``."""
+    import inspect
+
+    try:
+        bound = inspect.signature(mod.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    pos = bound.arguments.get("position_ids")
+    return pos.detach() if torch.is_tensor(pos) else None
+
+
 def _check_per_sample_losses(losses) -> None:
     """Refuse what ``loss_fn`` returned unless it is per-sample losses: a tensor with a batch dimension."""
     if not isinstance(losses, torch.Tensor) or losses.dim() == 0:
@@ -1418,7 +1469,9 @@ def per_sample_grad_gram(
                     # the layer's input, positional or by keyword (nn.Linear's and nn.Embedding's is "input"); a
                     # positional embedding that computes its ids itself: those ids
                     x = _own_lookup_ids(mod, args, kwargs)
-                    if x is None:
+                    if x is None and _reads_position_ids(mod):  # a positional site's: the positions it reads
+                        x = _given_position_ids(mod, args, kwargs)
+                    elif x is None:
                         x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
                     records[(mod_name, "input")].append([x.detach() if torch.is_tensor(x) else x, None, None])
                 if "output" in whats:

@@ -58,7 +58,14 @@ import numpy as np
 import torch
 
 from .equivalence import linear_cka, procrustes
-from .losses import _refuse_left_padding, check_attention_mask, position_limit
+from .losses import (
+    _learned_column_positions,
+    _refuse_left_padding,
+    _takes,
+    _takes_mask,
+    check_attention_mask,
+    position_limit,
+)
 from .patching.api import check_tokens
 from .ridge import (
     DEFAULT_ALPHAS,
@@ -102,26 +109,36 @@ def accumulated_residual(
     fwd_hooks: Sequence = (),
     positions: slice | int | Sequence[int] | torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The accumulated residual stream of a hooked :class:`~pypattern.models.Transformer`, mean-pooled.
 
     Parameters
     ----------
     model : Transformer
-    tokens : LongTensor ``(n, pos)``, or a mapping with ``input_ids`` (and ``attention_mask``)
+    tokens : LongTensor ``(n, pos)``, or a mapping with ``input_ids`` (and ``attention_mask``, ``position_ids``)
         Token ids in ``0 .. d_vocab - 1`` (any integer dtype); others are refused by name.
     fwd_hooks : list of ``(hook name, fn)``
         Hooks active during the run (e.g. patches).
     positions : slice, int, list of ints, boolean mask, or integer tensor ``(n, k)``, optional
         Pool over these positions only (default all; an int such as ``-1`` reads that one position). A ``(n, k)``
         tensor gives each input its own ``k`` positions (e.g. ``attention_mask.sum(1, keepdim=True) - 1``, each
-        input's last real token). With an ``attention_mask``, a negative position (an int, a list entry, a slice
-        bound, a per-input entry) counts from each input's last real token, so ``-1`` reads every input's last
-        real token and a right-padded batch pools what each input alone, unpadded, would.
+        input's last real token). With an ``attention_mask``, positions index each input's real tokens (its
+        unpadded sequence: with right padding these are the columns, with left padding position 0 is the first
+        real token), and a negative position (an int, a list entry, a slice bound, a per-input entry) counts from
+        each input's last real token, so ``-1`` reads every input's last real token and a padded batch pools what
+        each input alone, unpadded, would.
     attention_mask : ``(n, pos)``, optional
         1 for real tokens, 0 for padding (default: a mapping's own, else every token real): the mean is taken
-        over the real tokens among ``positions``. Padding must come after the real tokens (right padding): the
-        model attends causally and reads no mask, so a real token after padding would attend to it.
+        over the real tokens among ``positions``, padding weighing 0. The model is given the mask when its
+        forward takes ``attention_mask`` (pypattern's ``Transformer``: padding keys are masked out of every
+        query's attention), so padding may come on either side; a model whose forward takes none takes right
+        padding only (it attends causally, so a real token after padding would attend to it).
+    position_ids : ``(n, pos)``, optional
+        Passed on to the model's forward (default: a mapping's own, else the model's default). A left-padded
+        batch for a model with learned absolute positions read from the first column (converted GPT-2) needs
+        ``(attention_mask.cumsum(-1) - 1).clamp(min=0)`` for its real tokens to compute what each input alone
+        would (without them a warning says so).
 
     Returns
     -------
@@ -140,6 +157,8 @@ def accumulated_residual(
             raise TypeError(f"tokens is a mapping without 'input_ids' (keys {sorted(tokens)})")
         if attention_mask is None:
             attention_mask = tokens.get("attention_mask")
+        if position_ids is None:
+            position_ids = tokens.get("position_ids")
         tokens = tokens["input_ids"]
     if isinstance(tokens, torch.Tensor) and tokens.dim() == 1:  # one prompt, as the model reads it
         tokens = tokens[None]
@@ -150,22 +169,54 @@ def accumulated_residual(
     sl = _per_input_positions(positions, tokens.shape[0], T) if per_input else _position_index(positions, T)
     weight = None
     lengths = torch.full((tokens.shape[0],), T, dtype=torch.long, device=tokens.device)
+    forward_kw: dict[str, torch.Tensor] = {}
+    columns = None  # with padding before real tokens: each row's columns of its real tokens, in order
     if attention_mask is not None:
         am = torch.as_tensor(attention_mask).to(tokens.device)
         if tuple(am.shape) != tuple(tokens.shape):
             raise ValueError(f"attention_mask has shape {tuple(am.shape)}; tokens have {tuple(tokens.shape)}")
         check_attention_mask(am, "attention_mask")
         am = am != 0
-        _refuse_left_padding(model, am, "accumulated_residual")  # the model reads no mask
-        lengths = am.sum(
-            1
-        ).cpu()  # right padding: each input's real tokens are its first ``lengths`` positions
-        if not per_input and _from_end(positions):  # counted from each input's own last real token
+        if _takes_mask(model):
+            forward_kw["attention_mask"] = am.long()
+        else:
+            _refuse_left_padding(model, am, "accumulated_residual")  # the model reads no mask
+        lengths = am.sum(1).cpu()  # each input's number of real tokens
+        if bool(
+            (am[:, 1:] & ~am[:, :-1]).any()
+        ):  # padding before real tokens: positions index the real tokens
+            columns = torch.sort((~am).to(torch.uint8), dim=1, stable=True).indices.cpu()
+            if not per_input:
+                whole = slice(None) if positions is None else positions
+                if isinstance(whole, slice) or _from_end(whole):
+                    sl = _rows_of(whole, sl, lengths, T)
+                else:  # non-negative entries (a list, a tensor, a boolean mask): the same for every row
+                    sl = sl.reshape(1, -1).expand(len(lengths), -1)
+                per_input = True
+            if position_ids is None and _learned_column_positions(model):
+                warnings.warn(
+                    "accumulated_residual: left padding without position_ids: the model reads learned absolute "
+                    "positions 0, 1, 2, ... from the first column, so each padded input's real tokens sit at "
+                    "positions shifted by its padding and differ from the unpadded input's; give position_ids="
+                    "(attention_mask.cumsum(-1) - 1).clamp(min=0) (or a mapping's 'position_ids'), or pad on the right",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        elif not per_input and _from_end(positions):  # counted from each input's own last real token
             sl, per_input = _rows_of(positions, sl, lengths, T), True
+    if position_ids is not None:
+        if not _takes(model, "position_ids"):
+            raise TypeError(
+                f"position_ids: {type(model).__name__}.forward takes no position_ids; leave them out (the model "
+                "reads the columns 0 .. pos - 1)"
+            )
+        forward_kw["position_ids"] = torch.as_tensor(position_ids).to(tokens.device)
     if per_input:  # (n, k) positions, each row's counted from its own end: gathered, padding weighing 0
         sl = torch.where(sl < 0, sl + lengths[:, None], sl)
         weight = ((sl >= 0) & (sl < lengths[:, None])).to(torch.float32)
         sl = sl.clamp(0, T - 1)
+        if columns is not None:  # the r-th real token's column
+            sl = columns.gather(1, sl)
     elif attention_mask is not None:
         weight = am[:, sl].to(torch.float32)
     if weight is not None:
@@ -195,7 +246,7 @@ def accumulated_residual(
         store[hook.name] = pooled.to(x.dtype)
 
     with torch.no_grad(), model.hooks(list(fwd_hooks) + [(n, save) for n in names]):
-        logits = model(tokens)
+        logits = model(tokens, **forward_kw)
     return torch.cat([store[n] for n in names], 1), logits
 
 

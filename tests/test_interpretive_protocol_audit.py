@@ -344,9 +344,16 @@ def test_right_padded_batches_on_converted_models_pool_each_input_alone(arch):
         torch.testing.assert_close(
             last[i], _hf_pooled(hf, tokens[i, :n], last_only=True), rtol=1e-9, atol=1e-9
         )
+    # left padding (the real tokens at the end, position ids from the first of them): the same pooled stream
     left = torch.flip(mask, [1])
-    with pytest.raises(ValueError, match="pad"):
-        accumulated_residual(tf, padded, attention_mask=left)
+    left_ids = torch.zeros_like(tokens)
+    for i, n in enumerate(lengths):
+        left_ids[i, T - n :] = tokens[i, :n]
+    pos = (left.cumsum(1) - 1).clamp(min=0)
+    mean_left, _ = accumulated_residual(
+        tf, {"input_ids": left_ids, "attention_mask": left, "position_ids": pos}
+    )
+    torch.testing.assert_close(mean_left, mean, rtol=1e-9, atol=1e-9)
 
 
 def test_bad_inputs_are_refused_naming_the_argument():

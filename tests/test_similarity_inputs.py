@@ -97,8 +97,17 @@ def test_accumulated_residual_pools_real_tokens_and_reads_one_position():
     torch.testing.assert_close(last, accumulated_residual(model, toks, positions=slice(-1, None))[0])
     two, _ = accumulated_residual(model, toks, positions=2)
     torch.testing.assert_close(two, accumulated_residual(model, toks, positions=slice(2, 3))[0])
-    with pytest.raises(ValueError, match="left padding"):
-        accumulated_residual(model, toks, attention_mask=am.flip(1))
+    # left padding: each input's real tokens moved to the end, with position ids counted from the first of them,
+    # pool what the right-padded batch pools (the forward masks the padding keys)
+    left_am = am.flip(1)
+    left = torch.zeros_like(toks)
+    for i, n in enumerate(lengths):
+        left[i, 9 - n :] = toks[i, :n]
+    pos = (left_am.cumsum(1) - 1).clamp(min=0)
+    got, _ = accumulated_residual(model, left, attention_mask=left_am, position_ids=pos)
+    torch.testing.assert_close(got, rep[0], rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match="left padding without position_ids"):  # learned positions, shifted
+        accumulated_residual(model, left, attention_mask=left_am)
     with pytest.raises(ValueError, match="out of range"):
         accumulated_residual(model, toks, positions=9)
     with pytest.raises(TypeError, match="from_hf"):
