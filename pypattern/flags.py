@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 import os
@@ -693,12 +694,17 @@ def _flag_hook(model, spec: FlagSpec, make_values, positions, who: str) -> Itera
             starts.pop()
 
     handles = []
-    if isinstance(model, torch.nn.Module):
+    undo = None
+    if _calls_forward_directly(model):
+        # TransformerLens' HookedTransformer.generate calls self.forward, past the module's hooks: the forward
+        # itself is wrapped (its calls through the module run the wrapper too), which counts and reads the start
+        undo = _wrap_forward(model, pre, post, start_pre, start_post)
+    elif isinstance(model, torch.nn.Module):
         handles = [
             model.register_forward_pre_hook(pre, with_kwargs=True),
             model.register_forward_hook(post, with_kwargs=True),
         ]
-    if cache_site is not None:
+    if cache_site is not None and undo is None:
         handles += [
             cache_site.register_forward_pre_hook(start_pre, with_kwargs=True),
             cache_site.register_forward_hook(start_post, with_kwargs=True, always_call=True),
@@ -709,6 +715,54 @@ def _flag_hook(model, spec: FlagSpec, make_values, positions, who: str) -> Itera
     finally:
         for h in handles:
             h.remove()
+        if undo is not None:
+            undo()
+
+
+def _calls_forward_directly(model) -> bool:
+    """Whether ``model`` is a TransformerLens ``HookedTransformer`` (2.x / 3.x), whose ``generate`` calls
+    ``self.forward`` (with ``past_kv_cache=`` under its cache) rather than the module, so that forward hooks on the
+    module do not see its forwards."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    from .models.convert.hooked_transformer import is_hooked_transformer
+
+    return is_hooked_transformer(model)
+
+
+_ABSENT = object()
+
+
+def _wrap_forward(model: torch.nn.Module, pre, post, start_pre, start_post):
+    """Replace ``model.forward`` (on the instance) by one that runs ``pre`` / ``start_pre`` before the forward and
+    ``post`` (on success) / ``start_post`` (always) after it, with the forward's arguments, as the module's forward
+    hooks would; a call through the module (``model(...)``) runs it too. Returns the function that restores the
+    forward."""
+    before = model.__dict__.get("forward", _ABSENT)
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        pre(model, args, kwargs)
+        start_pre(model, args, kwargs)
+        try:
+            out = inner(*args, **kwargs)
+        finally:
+            start_post(model, args, kwargs, None)
+        post(model, args, kwargs, out)
+        return out
+
+    object.__setattr__(model, "forward", forward)
+
+    def undo() -> None:
+        if model.__dict__.get("forward") is not forward:
+            return  # replaced again since: left as it is
+        if before is _ABSENT:
+            del model.__dict__["forward"]
+        else:
+            object.__setattr__(model, "forward", before)
+
+    return undo
 
 
 _NO_FORWARD = (
@@ -798,7 +852,9 @@ def steer(model, spec: FlagSpec, concept: int | torch.Tensor, positions=None) ->
         ``positions`` other than None, from a forward whose absolute start cannot be read: one given a key-value
         cache of an unknown kind, or, for a model other than pypattern's ``Transformer`` and ``hooked_hf``'s
         wrapper, one that reaches the hook point without going through the model's forward (e.g. the wrapped
-        model's ``generate``, or TransformerLens' ``generate``, which calls ``forward`` directly).
+        model's ``generate``). A TransformerLens ``HookedTransformer`` is steered at the same positions under its
+        ``generate`` with or without ``use_past_kv_cache`` (its ``forward``, which ``generate`` calls directly,
+        is watched while the context is open); a ``TransformerBridge``'s ``generate`` runs the bridge's forward.
 
     Examples
     --------

@@ -78,6 +78,8 @@ def convert(model: nn.Module) -> tuple[dict, dict]:
         ln_eps=eps,
         # BloomAttention: F.softmax(scores, dim=-1, dtype=torch.float32).to(query dtype), whatever the dtype
         attn_softmax_dtype=torch.float32,
+        # BloomModel builds its ALiBi bias from the attention mask: slope * (each key's count of real tokens - 1)
+        positions_from_mask=True,
     )
     w: dict[str, torch.Tensor | None] = {"embed.W_E": emb}
 

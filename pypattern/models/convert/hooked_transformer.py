@@ -209,6 +209,11 @@ def _config(model: nn.Module) -> dict:
         post_embedding_ln=bool(_get(c, "post_embedding_ln", False)),
         use_normalization_before_and_after=bool(_get(c, "use_normalization_before_and_after", False)),
         qk_norm=bool(_get(c, "use_qk_norm", False)),
+        # the positions a forward given an attention_mask reads, as TransformerLens takes them: its learned and
+        # rotary positions count each row's real tokens from the mask (get_offset_position_ids), its ALiBi bias is
+        # slope * (key column - query column) whatever the mask (the columns: equal at real tokens for a left- or
+        # right-padded batch, and the same values where the mask has gaps)
+        positions_from_mask=pos != "alibi",
     )
     if out["post_embedding_ln"] and norm not in ("LN", "LNPre"):
         refuse(

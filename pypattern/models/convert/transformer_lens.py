@@ -477,6 +477,10 @@ def convert_native(bridge: Any) -> tuple[dict, dict]:
         unembed_bias=False,
         tie_word_embeddings=False,
         attn_scale=scale,
+        # the bridge's forward given an attention_mask hands NativeModel positions counted from the mask (each
+        # row's real tokens from 0, where a masked token precedes a real one: TransformerLens'
+        # get_offset_position_ids), which NativeModel reads for its learned and rotary positions
+        positions_from_mask=True,
     )
     cap = float(getattr(c, "attn_scores_soft_cap", -1.0) or -1.0)
     if cap > 0:
