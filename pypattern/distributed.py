@@ -395,6 +395,12 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     :class:`~pypattern.SamplingDivergedError` on every rank (naming the rank where it diverged). A warning every
     rank gives alike (``step_size="auto"``'s calibration: every rank runs its trials, the same) comes from rank 0
     only, one about a rank's own chains from that rank (:func:`_warned_once`)."""
+    return _sample_on_ranks(model, loader, group, kwargs)
+
+
+def _sample_on_ranks(model, loader, group, kwargs: dict, burnin_default=None):
+    """:func:`sample`; ``burnin_default``: the ``num_burnin_steps`` of a call that gives none (``"auto"`` for
+    :func:`estimate_llc`), set after the ranks' arguments are compared (a mismatch names what each rank gave)."""
     dist = _dist()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     runs = kwargs.get("runs")
@@ -418,6 +424,8 @@ def sample(model, loader, *, group=None, **kwargs) -> SampleResult | list[Sample
     check_same_arguments(group, **model_items)
     _checkpoint_compared(items, group, folder=False)
     check_same_arguments(group, _sample_defaults(), **items)
+    if burnin_default is not None and kwargs.get("num_burnin_steps") is None:
+        kwargs = dict(kwargs, num_burnin_steps=burnin_default)
     mine = owned_chains(R * C, rank, world)
     warn = kwargs.pop("warn_nonstationary", True)
     ckpt = kwargs.pop("checkpoint", None)
@@ -586,8 +594,11 @@ def _same_calibrated_step(out, model, loader, mine, ckpt, kwargs: dict, group):
 def estimate_llc(model, loader, *, group=None, **kwargs) -> LLCResult | list[LLCResult]:
     """:func:`pypattern.estimate_llc` with the chains spread over the ranks; every rank returns the estimate (one
     per run with ``runs=``). Rank 0 gives the estimate's warnings (a calibrated step's bias and short trials, an
-    estimate above ``d / 2``), once, as one process does: they read the whole result, which every rank holds."""
-    out = sample(model, loader, group=group, **kwargs)
+    estimate above ``d / 2``), once, as one process does: they read the whole result, which every rank holds.
+    With a calibrated step and no ``num_burnin_steps`` the run burns in as :func:`pypattern.estimate_llc`'s does
+    (``num_burnin_steps="auto"``): every rank runs the same calibration, so chooses the same burn-in."""
+    # a calibrated step's run burns in as long as the step needs (when no num_burnin_steps is given)
+    out = _sample_on_ranks(model, loader, group, dict(kwargs), burnin_default="auto")
     if _dist().get_rank(group) == 0:
         return llc_of_samples(out, model, kwargs.get("masks"))
     with warnings.catch_warnings():

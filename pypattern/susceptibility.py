@@ -112,7 +112,9 @@ from .sampling.results import check_arrays
 from .sampling.runner import (
     _eval_mode_for_dropout,
     by_default_rule,
+    calibrated_burnin,
     default_burnin,
+    is_sample_default,
     rerun_at_half_step,
     sample,
     split_loss,
@@ -1002,24 +1004,13 @@ def _check_common(model, loader, per_token, kw: dict) -> None:
 _NOT_IN_FINGERPRINT = ("quiet", "cores", "checkpoint_every", "warn_nonstationary", "batched", "backend")
 
 
-_SAMPLE_PARAMETERS = inspect.signature(sample).parameters
-
-
 def _is_sample_default(name: str, value) -> bool:
-    """Whether ``value`` is :func:`pypattern.sample`'s default for its argument ``name`` (a number, string, bool or
-    None): a checkpoint's fingerprint leaves it out, so that a run giving a default explicitly is the same run as
-    one leaving it out."""
+    """Whether ``value`` is :func:`pypattern.sample`'s default for its argument ``name``
+    (:func:`~pypattern.sampling.runner.is_sample_default`): a checkpoint's fingerprint leaves it out, so that a run
+    giving a default explicitly is the same run as one leaving it out."""
     if name == "num_burnin_steps":  # resolved before the fingerprint: no burn-in is the default left out
         return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value == 0
-    p = _SAMPLE_PARAMETERS.get(name)
-    if p is None or p.default is inspect.Parameter.empty:
-        return False
-    simple = (numbers.Number, str, type(None))
-    if not (isinstance(value, simple) and isinstance(p.default, simple)):
-        return False
-    if isinstance(value, bool) != isinstance(p.default, bool):
-        return False
-    return value == p.default
+    return is_sample_default(name, value)
 
 
 def _sample_defaults() -> dict:
@@ -1027,7 +1018,7 @@ def _sample_defaults() -> dict:
     by argument name: what a mismatch message shows for an item one fingerprint lacks."""
     out = {
         k: p.default
-        for k, p in _SAMPLE_PARAMETERS.items()
+        for k, p in inspect.signature(sample).parameters.items()
         if p.default is not inspect.Parameter.empty and _is_sample_default(k, p.default)
     }
     out["num_burnin_steps"] = 0  # the resolved default a fingerprint leaves out (_is_sample_default)
@@ -1037,7 +1028,11 @@ def _sample_defaults() -> dict:
 
 def _sampler_kwargs(kw: dict, who: str = "susceptibilities()") -> dict:
     """The sampler settings, SGLD hyperparameters under pypattern's names (devinterp's translated); a keyword
-    that is not one is refused, naming ``who`` (the call), it and the closest setting."""
+    that is not one is refused, naming ``who`` (the call), it and the closest setting. A result's record of its
+    step calibration (``settings["auto_step"]``, a mapping) is dropped: ``**result.settings`` gives the chosen step
+    and burn-in, and runs the same chains again without calibrating."""
+    if isinstance(kw.get("auto_step"), Mapping):
+        kw = {k: v for k, v in kw.items() if k != "auto_step"}
     allowed = {
         "num_chains", "num_draws", "num_burnin_steps", "num_steps_bw_draws", "step_size", "nbeta", "localization",
         "weight_decay", "noise_scale", "bounding_box", "optimizer_kwargs", "seed", "batched", "quiet",
@@ -1256,7 +1251,11 @@ def susceptibilities(
         ``sampling_method``), ``optimizer_kwargs``, ``auto_step_options`` (the ``step_size="auto"``
         calibration's settings, e.g. ``{"calibration_steps": 800}``; a ValueError with a given step), ... as in
         :func:`pypattern.sample`, where they are documented; any other keyword is a ``TypeError`` naming it and
-        the closest setting.
+        the closest setting. With a calibrated step and no ``num_burnin_steps`` (or ``"auto"``) every run burns
+        in as :func:`pypattern.estimate_llc`'s does, for as long as the chosen step needs for the chains to relax
+        from ``w*`` along the flattest direction (:func:`pypattern.sampling.auto.burnin_for_run` on the one
+        calibration, at least the burn-in the calibration judged the step with); ``settings["num_burnin_steps"]``
+        holds it and ``settings["auto_step"]["burnin"]`` says why. A given ``num_burnin_steps`` is kept.
 
     Returns
     -------
@@ -1344,6 +1343,7 @@ def susceptibilities(
                 "move no weight and chi would be 0; give a mask that selects at least one weight"
             )
 
+    _burnin_before_calibration(kw)
     auto_step = None
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):  # one calibration (unrestricted chains)
         # recorded in the checkpoint folder: a resumed call reuses it instead of calibrating again
@@ -1844,14 +1844,39 @@ def _settings_of(kw: dict, auto_step) -> dict:
     return out
 
 
+def _burnin_before_calibration(kw: dict) -> None:
+    """``num_burnin_steps`` as the step calibration sees it: ``"auto"`` (:func:`pypattern.sample`'s rule, here the
+    default) is None there, as in :func:`pypattern.sample`, and chosen after it (:func:`_resolve_burnin`); another
+    string is refused, naming it."""
+    given = kw.get("num_burnin_steps")
+    if isinstance(given, str):
+        if given != "auto":
+            raise ValueError(
+                f"num_burnin_steps={given!r} is not valid; give an int >= 0, None (the default) or 'auto'"
+            )
+        kw["num_burnin_steps"] = None
+
+
 def _resolve_burnin(kw: dict, auto_step) -> None:
-    """``num_burnin_steps`` as :func:`pypattern.sample` resolves its default (None), here where the step is
-    calibrated before the run (the run is then given the step): the draws' steps at a calibrated step, else 0.
-    The checkpoint's fingerprint holds the resolved count."""
-    if kw.get("num_burnin_steps") is None:
-        kw["num_burnin_steps"] = default_burnin(
-            auto_step is not None, kw.get("num_draws", 200), kw.get("num_steps_bw_draws", 1)
-        )
+    """``num_burnin_steps`` when none is given (None or ``"auto"``), here where the step is calibrated before the
+    runs (the runs are then given the step), by :func:`pypattern.estimate_llc`'s rule: at a calibrated step, as
+    long as that step needs for the chains to relax from ``w*`` along the flattest direction
+    (:func:`pypattern.sampling.auto.burnin_for_run` on the calibration's report, at least the burn-in the
+    calibration judged the step with), recorded in the report's ``burnin`` (the result's
+    ``settings["auto_step"]["burnin"]``); at a given step 0 (devinterp's default). A given count is kept. The
+    checkpoint's fingerprint holds the resolved count, which a resumed call, reading the calibration back, chooses
+    again."""
+    if kw.get("num_burnin_steps") is not None:
+        return
+    draws, every = kw.get("num_draws", 200), kw.get("num_steps_bw_draws", 1)
+    counts = all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_) and v >= 1
+        for v in (draws, every)
+    )
+    if auto_step is None or not counts:  # (a count that is not one is left for the sampler to name)
+        kw["num_burnin_steps"] = default_burnin(auto_step is not None, draws, every)
+        return
+    kw["num_burnin_steps"] = calibrated_burnin(auto_step, int(draws), int(every))
 
 
 def _auto_step_options(kw: dict) -> dict | None:
@@ -2016,9 +2041,10 @@ def bif(
     ``loss_fn``, ``per_sample_loss_fn`` and ``per_token`` are those of :func:`susceptibilities` (the sampler's
     loss by default the mean of ``per_sample_loss_fn`` over the batch's counted entries, as there), and
     ``**sampler_settings`` are too (``sampler=`` included; documented in :func:`pypattern.sample`, an unknown
-    keyword a ``TypeError`` naming it) but ``checkpoint=`` / ``checkpoint_every=``: a BIF run is not checkpointed. ``device``: where to sample, as in
-    :func:`susceptibilities` (default: the model's device; another one samples a copy of the model moved there,
-    the probe moved with it). ``callbacks``: called at every draw, as :func:`pypattern.sample` calls them (with the
+    keyword a ``TypeError`` naming it; with a calibrated step and no ``num_burnin_steps`` the burn-in chosen as
+    there and in :func:`pypattern.estimate_llc`) but ``checkpoint=`` / ``checkpoint_every=``: a BIF run is not
+    checkpointed. ``device``: where to sample, as in :func:`susceptibilities` (default: the model's device;
+    another one samples a copy of the model moved there, the probe moved with it). ``callbacks``: called at every draw, as :func:`pypattern.sample` calls them (with the
     keywords they accept; ``observables`` holds ``"probe_losses"``, the draw's probe losses), reset before a run
     again at half a calibrated step as there."""
     for key in ("checkpoint", "checkpoint_every"):
@@ -2041,6 +2067,7 @@ def bif(
         # susceptibilities' sampler loss; with the default per_sample_loss_fn that is batch_loss, which sample()
         # takes for loss_fn=None (and runs batched chains on with its checks made before stacking)
         loss_fn = _chain_loss(per_sample_loss_fn)
+    _burnin_before_calibration(kw)
     auto_step = None
     if wants_auto(
         kw.get("step_size"), kw.get("optimizer_kwargs")

@@ -46,7 +46,7 @@ from .plan import (
     refuse_unknown_keywords,
 )
 from .results import check_arrays
-from .runner import default_loss_fn, sample
+from .runner import default_loss_fn, is_sample_default, sample
 from .vocabulary import translate
 
 __all__ = ["OnlineLLC", "OnlineLLCResult", "preserved_training_state"]
@@ -259,29 +259,16 @@ _NOT_COMPARED = (
     "backend",
     "device",
 )
-_SAMPLE_PARAMETERS = inspect.signature(sample).parameters
-
-
-def _is_default(name: str, value) -> bool:
-    """Whether ``value`` is :func:`pypattern.sample`'s default for ``name`` (a number, string, bool or None): left
-    out of the fingerprint, so that giving a default explicitly is the same run as leaving it out."""
-    p = _SAMPLE_PARAMETERS.get(name)
-    if p is None or p.default is inspect.Parameter.empty:
-        return False
-    simple = (numbers.Number, str, type(None))
-    if not (isinstance(value, simple) and isinstance(p.default, simple)):
-        return False
-    if isinstance(value, bool) != isinstance(p.default, bool) or isinstance(value, str) != isinstance(
-        p.default, str
-    ):
-        return False
-    return value == p.default
 
 
 def _fingerprint_defaults() -> dict:
     """What a mismatch message shows for an item one fingerprint leaves out (its default)."""
-    out = {k: p.default for k, p in _SAMPLE_PARAMETERS.items() if p.default is not inspect.Parameter.empty}
-    out.update(every=None, steps=None, components=None)
+    out = {
+        k: p.default
+        for k, p in inspect.signature(sample).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    out.update(components=None)
     return out
 
 
@@ -298,7 +285,7 @@ def online_fingerprint(loader, every, steps, components, sample_kwargs: Mapping)
     )
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):
         kw["step_size"] = "auto"
-    settings = {k: v for k, v in kw.items() if not _is_default(k, v)}
+    settings = {k: v for k, v in kw.items() if not is_sample_default(k, v)}
     seed = sample_kwargs.get("seed", 0)
     # the first seed keys the data's order, as in the sampler's checkpoints
     seed0 = int(np.asarray(seed if is_count(seed) else list(seed)).reshape(-1)[0])

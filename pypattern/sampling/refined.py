@@ -365,7 +365,10 @@ def refined_llc(
         ``localization``, ``seed``, ``batched``, ... ``chains`` takes :func:`pypattern.sample`'s global indices
         ``r * num_chains + c`` over the rows (``"full"`` first, then the components in order), at least one per
         row (refused otherwise, naming it); a parameter-name list or mask dict may name a tied weight by any of its
-        names (``lm_head.weight`` of a tied embedding).
+        names (``lm_head.weight`` of a tied embedding). With a calibrated step and no ``num_burnin_steps`` the
+        runs of each data set burn in as :func:`pypattern.estimate_llc`'s do (``num_burnin_steps="auto"``: as
+        long as that data set's chosen step needs for the chains to relax from ``w*``; ``config["by_data"]``
+        holds the count, and its ``auto_step["burnin"]`` why).
 
     Returns
     -------
@@ -412,6 +415,8 @@ def refined_llc(
         else:
             counts.append(int(sum(int(masks[k].sum()) for k in restrict)))
     ckpt = sample_kwargs.pop("checkpoint", None)
+    if sample_kwargs.get("num_burnin_steps") is None:  # a calibrated step's runs burn in as long as it needs
+        sample_kwargs["num_burnin_steps"] = "auto"
     sets = [("train", loader, loss_fn)]
     if data is not None:
         sets.append(("data", data, data_loss_fn or loss_fn))

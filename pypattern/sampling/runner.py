@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import operator
@@ -568,13 +569,7 @@ def sample(
         )
     chosen_burnin = False
     if burnin_rule and auto_step is not None:  # as long as the calibrated step needs to relax from w*
-        rule = burnin_for_run(auto_step, num_draws, num_steps_bw_draws)
-        trial = _trial_burnin(auto_step)
-        if trial > rule["num_burnin_steps"]:  # and no shorter than the burn-in the step was judged with
-            rule["num_burnin_steps"] = trial
-            rule["reason"] += f"; raised to the {trial} steps of burn-in the calibration judged the step with"
-        auto_step.burnin = rule
-        num_burnin_steps, chosen_burnin = rule["num_burnin_steps"], True
+        num_burnin_steps, chosen_burnin = calibrated_burnin(auto_step, num_draws, num_steps_bw_draws), True
     if num_burnin_steps is None:  # as the calibration's trials: half the chain-steps burn-in; devinterp's 0
         num_burnin_steps = default_burnin(auto_step is not None, num_draws, num_steps_bw_draws)
     if auto_step is not None and warn_nonstationary and not chosen_burnin:
@@ -696,6 +691,35 @@ def default_burnin(calibrated: bool, num_draws, num_steps_bw_draws) -> int:
     except TypeError:
         return 0
     return draws * every if draws > 0 and every > 0 else 0
+
+
+def is_sample_default(name: str, value) -> bool:
+    """Whether ``value`` is :func:`sample`'s default for its argument ``name`` (a number, string, bool or None):
+    fingerprints leave such values out, so that giving a default explicitly is the same run as leaving it out."""
+    p = inspect.signature(sample).parameters.get(name)
+    if p is None or p.default is inspect.Parameter.empty:
+        return False
+    simple = (numbers.Number, str, type(None))
+    if not (isinstance(value, simple) and isinstance(p.default, simple)):
+        return False
+    if isinstance(value, bool) != isinstance(p.default, bool):
+        return False
+    return value == p.default
+
+
+def calibrated_burnin(report, num_draws: int, num_steps_bw_draws: int = 1) -> int:
+    """The burn-in of a run of ``num_draws`` draws (every ``num_steps_bw_draws`` steps) at the step the
+    calibration ``report`` chose, by the rule of ``num_burnin_steps="auto"``: as long as that step needs for the
+    chains to relax from ``w*`` along the flattest direction (:func:`~pypattern.sampling.auto.burnin_for_run`), and
+    no shorter than the burn-in the calibration judged the step with (:func:`_trial_burnin`). Recorded in
+    ``report.burnin`` (the result's ``config["auto_step"]["burnin"]``)."""
+    rule = burnin_for_run(report, num_draws, num_steps_bw_draws)
+    trial = _trial_burnin(report)
+    if trial > rule["num_burnin_steps"]:
+        rule["num_burnin_steps"] = trial
+        rule["reason"] += f"; raised to the {trial} steps of burn-in the calibration judged the step with"
+    report.burnin = rule
+    return int(rule["num_burnin_steps"])
 
 
 def _trial_burnin(report) -> int:
