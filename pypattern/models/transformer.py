@@ -464,8 +464,9 @@ class TransformerConfig:
         1).clamp(min=0)``, as OPT's learned positions, BLOOM's ALiBi biases and TransformerLens' HookedTransformer
         (learned and rotary positions) derive them from the mask. False: the columns ``0 .. pos - 1`` whatever the
         mask, as the Hugging Face forward of GPT-2, GPT-Neo, GPT-J, GPT-NeoX, the Llama family, Mistral, Phi,
-        Falcon, StarCoder2, GPT-BigCode and most others does. None (default): True for ALiBi models and for models
-        converted from OPT or from a HookedTransformer (``extra["converted_from"]``), else False;
+        Falcon, StarCoder2, GPT-BigCode and most others does (a TransformerLens 4.x ``TransformerBridge`` around one
+        counts them from the mask in its forward: its conversion records True). None (default): True for ALiBi
+        models and for models converted from OPT or from a HookedTransformer (``extra["converted_from"]``), else False;
         :attr:`mask_positions` reads the result.
     """
 

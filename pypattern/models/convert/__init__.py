@@ -59,7 +59,13 @@ from ..transformer import Transformer
 from . import hooked_transformer
 from ._common import UnsupportedModelError, build, check_plain_modules, model_dtype, refuse, warn_if_training
 from .hooked_transformer import is_hooked_transformer
-from .transformer_lens import convert_native, is_native_bridge, is_transformer_lens, unwrap_bridge
+from .transformer_lens import (
+    bridge_positions_from_mask,
+    convert_native,
+    is_native_bridge,
+    is_transformer_lens,
+    unwrap_bridge,
+)
 
 __all__ = [
     "from_hf",
@@ -194,6 +200,10 @@ def from_hf(model: nn.Module, *, dtype: torch.dtype | None = None, verify: bool 
         # nn.Embedding's padding_idx: no gradient into that row from the lookup (the forward is unchanged)
         pad = getattr(model.get_input_embeddings(), "padding_idx", None)
         cfg["padding_idx"] = None if pad is None else int(pad)
+        if bridge is not None and bridge_positions_from_mask(bridge):
+            # the bridge's forward given an attention_mask hands the wrapped model positions counted from the mask
+            # (each row's real tokens from 0), where the Hugging Face forward alone reads the columns
+            cfg["positions_from_mask"] = True
         source = {"class": name, "model_type": getattr(model.config, "model_type", None)}
         out = build(cfg, weights, out_dtype, source)
     dev = next(model.parameters()).device

@@ -12,7 +12,11 @@ option TransformerLens has and pypattern does not reproduce exactly (shortformer
 RMSNorm under LayerNorms, mixtures of experts, 16-bit models whose norms TransformerLens computes in float32, an
 output vocabulary other than the input one, ...) is refused by name. Options that only add hook points
 (``use_attn_result``, ``use_split_qkv_input``, ``use_attn_in``, ``use_hook_mlp_in``, ``use_hook_tokens``) convert
-with a warning naming the hook points the converted model lacks. TransformerLens itself is never imported.
+with a warning naming the hook points the converted model lacks. The hook points both models have hold the same
+values (at real tokens of a padded batch too), except ``hook_normalized`` of a norm with a weight (``LN``, ``RMS``):
+pypattern's is the norm's output, after its weight (and bias); TransformerLens' RMSNorm, and its LayerNorm from
+3.x on, fire it before them (2.x's LayerNorm after), so that theirs times ``w`` (plus ``b``) is pypattern's. After
+``fold_ln`` (``LNPre`` / ``RMSPre``) the two are the same. TransformerLens itself is never imported.
 """
 
 from __future__ import annotations
@@ -298,8 +302,9 @@ def _check_rotary_tables(model: nn.Module, cfg: dict) -> None:
             "dtype",
             torch.float64,
             "the model's rotary tables (blocks.0.attn.rotary_sin) were computed in float32 (a float32 model moved "
-            "to float64?), which the converted float64 model would not reproduce; convert the float32 model, or "
-            "build the HookedTransformer with dtype=torch.float64",
+            "to float64, or weights processed by process_weights_ / from_pretrained's fold_ln, which recompute "
+            "them in float32), which the converted float64 model would not reproduce; convert the float32 model, "
+            "or a float64 HookedTransformer built with dtype=torch.float64 and not processed",
         )
 
 

@@ -326,6 +326,23 @@ def unwrap_bridge(bridge: Any, supported: tuple[str, ...]) -> nn.Module:
     return clean
 
 
+def bridge_positions_from_mask(bridge: Any) -> bool | None:
+    """True where a ``TransformerBridge``'s forward, given an ``attention_mask`` and no ``position_ids``, hands the
+    Hugging Face model it wraps positions counted from the mask: each row's real tokens from 0 where a masked token
+    precedes a real one (TransformerLens 4.x's ``get_offset_position_ids``, the positions of a
+    ``HookedTransformer``), for a wrapped model whose forward takes ``position_ids`` and leaves their derivation to
+    the caller (the bridge's ``_accepts_derived_position_ids``). None otherwise (the wrapped model's forward decides
+    its positions, as the Hugging Face class does: OPT's learned positions read the mask themselves; a bridge
+    without that gate)."""
+    accepts = getattr(bridge, "_accepts_derived_position_ids", None)
+    if not callable(accepts):
+        return None
+    try:
+        return True if bool(accepts()) else None
+    except Exception:  # noqa: BLE001 - TransformerLens' own code: the Hugging Face class's convention stays
+        return None
+
+
 def _hf_name(name: str) -> str:
     """A tensor's name in a bridged module tree without the bridge components' ``_original_component`` steps."""
     return ".".join(p for p in name.split(".") if p != "_original_component")
