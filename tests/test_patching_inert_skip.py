@@ -219,3 +219,35 @@ def test_float64_metric_of_a_float32_model_is_exactly_the_target_at_inert_cells(
     eff = got.values - got.corrupted.view(-1, 1, 1)
     assert not bool((eff[:, same] != 0).any()), eff[:, same].abs().max()
     torch.testing.assert_close(got.values, ref.values, rtol=1e-5, atol=1e-5)
+
+
+def test_inert_cells_read_caches_by_name_only():
+    """The activation stores may be any cache with ``in`` and ``[]`` (TransformerLens 3.x's ActivationCache has no
+    ``get``): the inert cells found from such stores equal those found from plain dicts."""
+    from pypattern.patching.inert import inert_cells
+    from pypattern.patching.sites import Cell
+
+    class Store:  # a cache without dict's get/items
+        def __init__(self, d):
+            self._d = d
+
+        def __contains__(self, k):
+            return k in self._d
+
+        def __getitem__(self, k):
+            return self._d[k]
+
+    model = Transformer(
+        TransformerConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, d_vocab=20, n_ctx=8, seed=0)
+    )
+    tgt_toks = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(0))
+    src_toks = tgt_toks.clone()
+    src_toks[:, 5:] = (src_toks[:, 5:] + 1) % 20  # differs from position 5 on
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(2)]
+    _, tgt = model.run_with_cache(tgt_toks, names_filter=lambda n: n in names)
+    _, src = model.run_with_cache(src_toks, names_filter=lambda n: n in names)
+    target, source = {n: tgt[n] for n in names}, {n: src[n] for n in names}
+    cells = [Cell(layer=layer, head=-1, pos=p) for layer in range(2) for p in range(8)]
+    want = inert_cells(model, "resid_pre", cells, target, source, torch.full((3,), 7), True, 3)
+    got = inert_cells(model, "resid_pre", cells, Store(target), Store(source), torch.full((3,), 7), True, 3)
+    assert torch.equal(got, want) and bool(want.any()) and not bool(want.all())

@@ -84,7 +84,9 @@ def _comparable(site: str, layers: list[int], target: dict, source: dict, batch:
     dims = 4 if site in HEAD_SITES else 3
     for layer in layers:
         name = hook_name(site, layer)
-        t, s = target.get(name), source.get(name)
+        # ``in`` and ``[]``, which every activation cache has (TransformerLens 3.x's ActivationCache has no ``get``)
+        t = target[name] if name in target else None
+        s = source[name] if name in source else None
         if not isinstance(t, torch.Tensor) or not isinstance(s, torch.Tensor):
             return False
         if t.dim() != dims or tuple(s.shape) != tuple(t.shape) or t.shape[0] != batch:
