@@ -49,7 +49,7 @@ from .sampling.diagnostics import (
 )
 from .sampling.llc import LLCResult, llc_of_samples
 from .sampling.optim import chain_seed
-from .sampling.plan import refuse_unknown_keywords
+from .sampling.plan import check_seed, refuse_unknown_keywords
 from .sampling.results import SampleResult
 from .sampling.runner import sample as _sample
 
@@ -85,7 +85,8 @@ def _hash64(value) -> int:
 def _first_batch_hash(loader, seed) -> str:
     """A hash of the first batch chain 0 reads (or of the error reading it)."""
     try:
-        seed0 = int(seed) if isinstance(seed, numbers.Integral) else int(list(seed)[0])
+        seed = check_seed(seed)  # (an integer array as the sampler reads it)
+        seed0 = seed if isinstance(seed, int) else seed[0]
         return io.hash_batch(ChainData(loader, chain_seed(seed0, 0, stream=1), {}).next())
     except Exception as e:  # noqa: BLE001 - compared across ranks; the sampler reports it
         return f"error: {type(e).__name__}: {e}"
@@ -238,6 +239,8 @@ def _sample_items(model, loader, kwargs: dict) -> dict:
     # (callbacks run on their rank; each rank samples on its own device)
     items = {k: v for k, v in kwargs.items() if k not in ("callbacks", "checkpoint_state", "quiet", "device")}
     items = translate(items, where="the call")
+    if "seed" in items:  # as the sampler reads it: [3, 4] on one rank and np.array([3, 4]) on another agree
+        items["seed"] = check_seed(items["seed"])
     defaults = _sample_defaults()
     for k in list(items):
         if k not in defaults:

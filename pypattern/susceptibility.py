@@ -98,8 +98,8 @@ from .sampling.checkpoint import (
     warn_changed_settings,
 )
 from .sampling.data import ChainData, hash_data, to_device
-from .sampling.diagnostics import NonFiniteLossError, naming_runs, user_stacklevel
-from .sampling.llc import on_device, resolve_device
+from .sampling.diagnostics import NonFiniteLossError, NonStationaryWarning, naming_runs, user_stacklevel
+from .sampling.llc import capped_burnin_message, on_device, resolve_device
 from .sampling.optim import SGLD_DEFAULTS, chain_seed
 from .sampling.plan import (
     check_callables,
@@ -1705,6 +1705,7 @@ def susceptibilities(
 
     with _naming_rows_without_counted(loader, own_losses_at):
         rows = _with_auto_reruns(sample_rows, kw, auto_step, checkpoint, user_callbacks)
+    _warn_capped_burnin("susceptibilities()", kw, auto_step, "chi", "chi_se")
     chi = np.zeros((len(specs), n))
     chi_chains = np.zeros((len(specs), C, n))
     chi_loo = np.zeros((len(specs), C, n))
@@ -1820,6 +1821,8 @@ def _settings_of(kw: dict, auto_step) -> dict:
     chose, taking precedence): ``**settings`` runs the same chains again."""
 
     def value(v):
+        if isinstance(v, np.ndarray) and v.dtype.kind in "biuf" and v.ndim <= 1:
+            v = v.tolist()  # per-chain seeds as an integer array, or one seed as a 0-d one
         if isinstance(v, np.generic) and v.dtype.kind in "biuf":
             v = v.item()
         if isinstance(v, (int, float, str, bool, type(None))):
@@ -1967,6 +1970,17 @@ def _chi_all(acc: CrossCovariance, convention: str, nbeta: float, full_means) ->
     return e_phi_x[-1] - e_phi_x[:-1] - ma * (full_means[-1] - full_means[:-1])
 
 
+def _warn_capped_burnin(who: str, kw: dict, auto_step, estimate: str, se: str) -> None:
+    """Warn (:class:`NonStationaryWarning`, unless ``warn_nonstationary=False``) as :func:`pypattern.estimate_llc`
+    does when the burn-in chosen for the calibrated step (``auto_step``) was capped at ``max_burnin_factor`` times
+    the draws' steps (:func:`~pypattern.sampling.llc.capped_burnin_message`), naming the call ``who``."""
+    if auto_step is None or kw.get("warn_nonstationary", True) is False:
+        return
+    message = capped_burnin_message(auto_step.to_dict(), estimate, se)
+    if message is not None:
+        warnings.warn(f"{who}: {message}", NonStationaryWarning, stacklevel=user_stacklevel())
+
+
 def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint, callbacks: Sequence[Callable] = ()):
     """``run()``; when the step was calibrated (``auto_step``), there is no checkpoint and every one of the
     caller's ``callbacks`` has a ``reset()`` method, a run that diverges or runs away is run again from the start
@@ -1975,11 +1989,20 @@ def _with_auto_reruns(run: Callable, kw: dict, auto_step, checkpoint, callbacks:
     if auto_step is None:
         return run()
     first = float(kw["step_size"])
+    # a burn-in chosen by the rule for the calibrated step (not one given) is chosen again for a halved step
+    rule = dict(getattr(auto_step, "burnin", None) or {})
+    chosen_burnin = (
+        rule.get("num_burnin_steps") is not None and kw.get("num_burnin_steps") == rule["num_burnin_steps"]
+    )
 
     def at(step: float):
         if step != first:
             for cb in callbacks:
                 cb.reset()
+            if chosen_burnin:  # (rerun_at_half_step set auto_step.chosen to the step)
+                kw["num_burnin_steps"] = calibrated_burnin(
+                    auto_step, int(kw.get("num_draws", 200)), int(kw.get("num_steps_bw_draws", 1))
+                )
         kw["step_size"] = step
         return run()
 
@@ -2110,6 +2133,7 @@ def bif(
 
     with _naming_rows_without_counted(loader, own_losses_at):
         acc = _with_auto_reruns(run, kw, auto_step, kw.get("checkpoint"), user_callbacks)
+    _warn_capped_burnin("bif()", kw, auto_step, "the BIF", "its spread across chains")
     counted = entries.counted(n)
     meta = _probe_meta(probe, l0, counted)
     bif_, corr = _bif_and_corr(acc, counted)

@@ -55,6 +55,11 @@ strings (devinterp: a numpy string array).
 ``"rmsprop_sgld"`` (with ``sampling_method_kwargs`` ``alpha`` / ``eps``, or ``rmsprop_alpha`` / ``rmsprop_eps``),
 and ``"sgnht"`` too (``sampling_method_kwargs={"diffusion_factor": ...}``): the fused samplers of
 :func:`pypattern.sample`'s ``sampler``.
+
+Burn-in: devinterp's calls always sample at a given step (``lr``; devinterp 1.x's ``optimizer_kwargs`` default
+``lr=0.01``), so they keep devinterp's ``num_burnin_steps=0`` default, as :func:`pypattern.estimate_llc` does at a
+given step; the rule of ``num_burnin_steps="auto"`` (:func:`pypattern.sampling.auto.burnin_for_run`) is for a
+step that :func:`pypattern.estimate_llc` calibrates (``step_size="auto"``), which devinterp's calls do not take.
 """
 
 from __future__ import annotations

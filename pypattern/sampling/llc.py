@@ -233,6 +233,28 @@ def _warn_auto_bias(res: LLCResult) -> bool:
 FLAT_RELAXATION_WARN = 1.0
 
 
+def capped_burnin_message(auto: Mapping, estimate: str = "the estimate", se: str = "llc_se") -> str | None:
+    """What a run warns (:class:`NonStationaryWarning`) when the burn-in chosen for its calibrated step
+    (``auto``: the calibration's report as a dict, whose ``burnin`` :func:`~pypattern.sampling.auto.burnin_for_run`
+    filled) was capped at ``max_burnin_factor`` times the draws' steps, shorter than its flattest direction needs to
+    relax from ``w*``; None when it was not capped (or not chosen by the rule). ``estimate`` and ``se`` name what
+    may be biased and its standard error (``"chi"``, ``"chi_se"`` for :func:`pypattern.susceptibilities`): one
+    message for every estimator."""
+    burnin = auto.get("burnin") if isinstance(auto, Mapping) else None
+    if not isinstance(burnin, Mapping) or burnin.get("needed") is None or not burnin.get("capped"):
+        return None
+    chosen = auto.get("chosen")
+    step = f"{chosen:.3g}" if isinstance(chosen, int | float) else "the chosen step"
+    return (
+        f"step_size='auto' chose {step}, and the run's burn-in of {burnin.get('num_burnin_steps')} steps is "
+        f"shorter than the {burnin.get('needed')} its flattest direction needs to relax from w* "
+        f"({burnin.get('reason')}): on a singular model {estimate} may still be drifting along it, by more than "
+        f"{se} shows (run-to-run spread across seeds is a check). Give num_burnin_steps (or "
+        "auto_step_options={'max_burnin_factor': ...}) for at least "
+        f"{burnin.get('needed')} steps, or a larger localization"
+    )
+
+
 def _warn_auto_unrelaxed(res: LLCResult, model: nn.Module | None = None, masks=None) -> None:
     """Warn when the automatic step's trials covered fewer than :data:`FLAT_RELAXATION_WARN` relaxation times of
     the flattest direction (``eps * localization * steps / 2``, which its reason notes, ending with
@@ -265,16 +287,7 @@ def _warn_auto_unrelaxed(res: LLCResult, model: nn.Module | None = None, masks=N
     chosen = auto.get("chosen")
     step = f"{chosen:.3g}" if isinstance(chosen, int | float) else "the chosen step"
     if chosen_burnin:  # capped
-        _warn_of_run(
-            res,
-            f"step_size='auto' chose {step}, and the run's burn-in of {burnin.get('num_burnin_steps')} steps is "
-            f"shorter than the {burnin.get('needed')} its flattest direction needs to relax from w* "
-            f"({burnin.get('reason')}): on a singular model the estimate may still be rising along it, by more than "
-            "llc_se shows (run-to-run spread across seeds is a check). Give num_burnin_steps (or "
-            "auto_step_options={'max_burnin_factor': ...}) for at least "
-            f"{burnin.get('needed')} steps, or a larger localization",
-            NonStationaryWarning,
-        )
+        _warn_of_run(res, capped_burnin_message(auto), NonStationaryWarning)
         return
     at = reason.rfind("its trials cover at most")
     note = reason[at:] if at >= 0 else reason

@@ -42,6 +42,7 @@ from .plan import (
     check_callables,
     check_checkpoint_file,
     check_loader,
+    check_seed,
     check_settings,
     refuse_unknown_keywords,
 )
@@ -285,10 +286,12 @@ def online_fingerprint(loader, every, steps, components, sample_kwargs: Mapping)
     )
     if wants_auto(kw.get("step_size"), kw.get("optimizer_kwargs")):
         kw["step_size"] = "auto"
+    if "seed" in kw:  # as the sampler reads it: an integer array is its list of ints
+        kw["seed"] = check_seed(kw["seed"])
     settings = {k: v for k, v in kw.items() if not is_sample_default(k, v)}
-    seed = sample_kwargs.get("seed", 0)
+    seed = check_seed(sample_kwargs.get("seed", 0))
     # the first seed keys the data's order, as in the sampler's checkpoints
-    seed0 = int(np.asarray(seed if is_count(seed) else list(seed)).reshape(-1)[0])
+    seed0 = seed if isinstance(seed, int) else seed[0]
     # reading the data may draw from torch's global generator (a shuffling DataLoader): the training run's is kept
     with torch.random.fork_rng(devices=[]):
         data = hash_data(loader, chain_seed(seed0, 0, stream=1), {})
@@ -376,6 +379,13 @@ class OnlineLLC:
     ):
         if every is None and steps is None:
             raise ValueError("give every (an int >= 1) or steps (a sequence of ints): when to estimate")
+        burnin = sample_kwargs.get("num_burnin_steps")
+        if isinstance(burnin, str):  # "auto": estimate_llc's (and refined_llc's) default, the same curve
+            if burnin != "auto":
+                raise ValueError(
+                    f"num_burnin_steps={burnin!r} is not valid; give an int >= 0, None (the default) or 'auto'"
+                )
+            sample_kwargs = {k: v for k, v in sample_kwargs.items() if k != "num_burnin_steps"}
         if every is not None and (not is_count(every) or every < 1):
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         every = None if every is None else int(every)
@@ -506,6 +516,8 @@ class OnlineLLC:
         calibrated at the first estimate of the curve."""
         self._calibrated = {"step_size": step_size}
         self.sample_kwargs.pop("lr", None)  # devinterp's name, "auto": the calibrated step replaces it
+        # the calibration's settings set a calibration no later estimate runs (sample() refuses them beside a step)
+        self.sample_kwargs.pop("auto_step_options", None)
         self.sample_kwargs["step_size"] = step_size
         if num_burnin_steps is not None:
             self.sample_kwargs["num_burnin_steps"] = self._calibrated["num_burnin_steps"] = num_burnin_steps

@@ -514,8 +514,9 @@ def check_callables(loss_fn, observables, callbacks, batched, loss_name: str = "
 
 def check_seed(seed, num_chains: int | None = None) -> int | list[int]:
     """``seed`` as :func:`pypattern.sample` reads it: one int in ``[0, 2**63)`` (a Python or numpy integer, a 0-d
-    integer array or tensor) or one per chain (a sequence or 1-D integer array of ``num_chains`` of them, when
-    given); ValueError naming ``seed`` otherwise."""
+    integer array) or one per chain (a sequence or 1-D integer array of ``num_chains`` of them, when given); a
+    tensor, float, bool or string is refused (ValueError naming ``seed``). Returns a Python int or a list of
+    them."""
     if isinstance(seed, np.ndarray) and seed.ndim <= 1 and seed.dtype.kind in "iu":
         seed = seed.tolist()  # per-chain seeds as an integer array, or one seed as a 0-d one
     seed = _as_int(seed)
@@ -527,7 +528,7 @@ def check_seed(seed, num_chains: int | None = None) -> int | list[int]:
         )
     if not isinstance(seed, int) and num_chains is not None and len(seeds) != num_chains:
         raise ValueError(f"seed has {len(seeds)} entries but num_chains={num_chains}: give one per chain")
-    return seed
+    return seed if isinstance(seed, int) else seeds
 
 
 def check_settings(

@@ -630,7 +630,7 @@ def sample(
     with _eval_mode_for_dropout(model), buffers_kept(model):
         if auto_step is None:
             return _sample(plan, model, loader)
-        out = with_auto_report(_sample_auto(plan, model, loader, auto_step), auto_step)
+        out = with_auto_report(_sample_auto(plan, model, loader, auto_step, chosen_burnin), auto_step)
     calibration = _Calibration()  # the runs of the call share one calibration: its warnings come once
     for res in out if isinstance(out, list) else [out]:
         res._calibration = calibration
@@ -781,8 +781,10 @@ def step_calibrated_by_caller(calibrated: bool = True):
 AUTO_RUN_HALVINGS = 3  # reruns of a run whose calibrated step ran away, each at half the step
 
 
-def _sample_auto(plan: RunPlan, model: nn.Module, loader, report):
-    """The run at a calibrated step, run again at half the step when it runs away (:func:`rerun_at_half_step`).
+def _sample_auto(plan: RunPlan, model: nn.Module, loader, report, chosen_burnin: bool = False):
+    """The run at a calibrated step, run again at half the step when it runs away (:func:`rerun_at_half_step`);
+    a burn-in chosen for the step by the rule of ``num_burnin_steps="auto"`` (``chosen_burnin``) is chosen again
+    for the halved step (:func:`calibrated_burnin`: the flattest direction relaxes half as fast per step).
 
     A trial cannot see a rare instability that a run of many more chain-steps meets (the module docstring of
     :mod:`pypattern.sampling.auto`): the run itself is the longest trial. Not rerun (the error propagates as with
@@ -792,11 +794,18 @@ def _sample_auto(plan: RunPlan, model: nn.Module, loader, report):
     first = float(plan.hyper["step_size"])
 
     def run(step: float):
+        burnin = plan.num_burnin_steps
         if step != first:
             for cb in callbacks:
                 cb.reset()
+            if chosen_burnin:  # (rerun_at_half_step set report.chosen to the step)
+                burnin = calibrated_burnin(report, plan.num_draws, plan.num_steps_bw_draws)
         return _sample(
-            dataclasses.replace(plan, hyper={**plan.hyper, "step_size": step}, calibrated=True), model, loader
+            dataclasses.replace(
+                plan, hyper={**plan.hyper, "step_size": step}, calibrated=True, num_burnin_steps=burnin
+            ),
+            model,
+            loader,
         )
 
     can_rerun = plan.checkpoint is None and all(callable(getattr(cb, "reset", None)) for cb in callbacks)
