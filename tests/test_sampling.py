@@ -2019,10 +2019,15 @@ def test_burn_in_defaults_to_the_draws_steps_at_a_calibrated_step():
     assert runner.default_burnin(True, 1.5, 3) == 0  # left for the run's own check to name
     auto = sample(model, loader, step_size="auto", **kw)
     assert auto.config["auto_step"] is not None and auto.config["num_burnin_steps"] == 30
-    # susceptibilities and bif calibrate first and give the run the step: the same rule, resolved there
+    # susceptibilities and bif calibrate first and give the run the step: the same rule, resolved there (without
+    # localization or weight decay nothing bounds the flattest direction: the draws' steps)
+    from pypattern.sampling.auto import AutoStepReport
     from pypattern.susceptibility import _resolve_burnin
 
-    for auto_step, given, want in ((object(), None, 30), (None, None, 0), (object(), 4, 4)):
+    def report():
+        return AutoStepReport(chosen=1e-3, settings={"gamma": 0.0, "relaxation_times": 3.0})
+
+    for auto_step, given, want in ((report(), None, 30), (None, None, 0), (report(), 4, 4)):
         s = dict(num_draws=10, num_steps_bw_draws=3, num_burnin_steps=given)
         _resolve_burnin(s, auto_step)
         assert s["num_burnin_steps"] == want
