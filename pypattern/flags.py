@@ -49,7 +49,7 @@ from ._checks import is_count, model_device
 from ._training import modes_kept, random_in_training, values_kept_on_error
 from .equivalence import _check_flag, _generator_seed
 from .io import FormatError, Saveable, register
-from .losses import position_limit, read_logits
+from .losses import _forward_params, position_limit, read_logits
 from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .ridge import as_float64, float64_device
 from .sampling.diagnostics import user_stacklevel
@@ -909,6 +909,74 @@ def _position_limit(model) -> int | None:
     return limit
 
 
+def _generation_mask(attention_mask, tokens: torch.Tensor, one_prompt: bool) -> torch.Tensor:
+    """:func:`generate`'s ``attention_mask`` as a bool tensor ``(batch, prompt_len)`` on the prompt's device (True: a
+    real token), refused by name unless it holds 0 and 1 only, matches the prompt's shape, gives every row a real
+    token and pads on the left only (no padding after a real token)."""
+    b, t = tokens.shape
+    m = _tensor_arg(
+        attention_mask,
+        "attention_mask",
+        "a (batch, prompt_len) tensor of 0 and 1 (1: a real token, 0: padding)",
+    )
+    if m.is_complex():
+        raise TypeError(f"attention_mask has dtype {m.dtype}; give bool, integer or float 0 and 1")
+    if one_prompt and m.dim() == 1:
+        m = m[None]
+    if tuple(m.shape) != (b, t):
+        want = f"({t},) or (1, {t})" if one_prompt else f"({b}, {t})"
+        raise ValueError(f"attention_mask has shape {tuple(m.shape)}; give {want} to match prompt")
+    m = m.to(tokens.device)
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(
+                "attention_mask has values other than 0 and 1; give 1 for real tokens, 0 for padding"
+            )
+        m = m == 1
+    empty = ~m.any(-1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask row {row} is all padding (no real token): there is no prompt to continue; give "
+            "every prompt at least one real token"
+        )
+    after = m[:, :-1] & ~m[:, 1:]  # a real token followed by padding
+    if bool(after.any()):
+        row, col = (int(i) for i in after.nonzero()[0])
+        raise ValueError(
+            f"attention_mask row {row} has padding after a real token (column {col + 1}): right padding (or "
+            "padding between tokens) cannot be continued in a batch, whose new tokens are appended to the last "
+            "column of every row; pad on the left (a Hugging Face tokenizer's padding_side='left')"
+        )
+    return m
+
+
+def _takes_padding(model) -> None:
+    """Refuse, by name, a model whose forward takes no ``attention_mask`` or no ``position_ids``: a left-padded
+    batch's real tokens would attend to the padding, or be read at the positions of their columns."""
+    names = _forward_params(model)
+    for key in ("attention_mask", "position_ids"):
+        if key in names or ("input_ids" in names and "**" in names):
+            continue
+        what = (
+            "its real tokens would attend to the padding"
+            if key == "attention_mask"
+            else "its real tokens would be read at the positions of their columns, shifted by the padding"
+        )
+        raise ValueError(
+            f"attention_mask has padding (0s), but {type(model).__name__}.forward takes no {key}, so {what} and "
+            "each continuation would differ from that of its prompt alone; generate each prompt alone (or in "
+            "batches of prompts of one length), or give a model whose forward takes attention_mask and "
+            "position_ids (pypattern's Transformer, pypattern.hooked_hf(model), a Hugging Face causal LM)"
+        )
+
+
+def _padded_positions(keep: torch.Tensor) -> torch.Tensor:
+    """Hugging Face generate's positions of a left-padded batch: each row's real tokens counted from 0,
+    ``attention_mask.cumsum(-1) - 1``, and 0 (a valid position no real token reads) at the padding."""
+    return (keep.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -920,29 +988,53 @@ def generate(
     greedy: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` by ``steps`` tokens, optionally with the flags steered to ``concept``.
+
+    Every step runs the model on the whole sequence so far (no key-value cache) and appends one token to every
+    row.
 
     Parameters
     ----------
     model : Transformer (or any causal LM returning logits ``(batch, pos, vocab)``, a Hugging Face model's too)
     prompt : LongTensor ``(batch, prompt_len)`` or ``(prompt_len,)``
+        Prompts of different lengths are batched left-padded, with ``attention_mask``.
     steps : int
-        ``prompt_len + steps`` must not exceed the model's ``n_ctx`` when it has learned positions (a Hugging Face
-        model's too, e.g. GPT-2's ``n_positions``).
+        Each prompt's length (its real tokens) ``+ steps`` must not exceed the model's ``n_ctx`` when it has
+        learned positions (a Hugging Face model's too, e.g. GPT-2's ``n_positions``); a left-padded batch may be
+        longer than that.
     spec, concept : optional
         Both or neither; with them every forward runs under :func:`steer`.
     positions : see :func:`steer`
+        Column indices of the whole sequence, padding columns included (:func:`steer`'s rule, which Hugging Face's
+        ``generate`` under :func:`steer` of a :func:`~pypattern.models.hooked_hf` wrapper follows too): in a
+        left-padded batch an int ``p`` selects columns ``>= p`` of every row, whatever its padding. To select
+        positions of each prompt's own tokens (``k`` and after, counted from its first real token), give the mask
+        ``torch.arange(prompt_len + steps) >= (num_padding[:, None] + k)`` with
+        ``num_padding = (attention_mask == 0).sum(-1)``: each row is then steered as its prompt alone with
+        ``positions=k``.
     greedy : bool
         Argmax decoding; otherwise sampling at ``temperature`` with a ``torch.Generator`` seeded by ``seed``.
     temperature : float
         Finite and > 0; unused with ``greedy``.
     seed : int
         Seeds the sampling.
+    attention_mask : Tensor ``(batch, prompt_len)``, optional
+        1 at real tokens, 0 at padding (bool, integer or float 0 and 1; ``(prompt_len,)`` with one prompt), as a
+        Hugging Face tokenizer with ``padding_side="left"`` returns it. Each step extends it with a 1 for the new
+        token; the model is given it and Hugging Face ``generate``'s positions,
+        ``position_ids = attention_mask.cumsum(-1) - 1`` (0 at padding), so each row's greedy continuation is that
+        of its prompt generated alone, unpadded (as Hugging Face's ``generate`` batches prompts; a float64 Hugging
+        Face model's padding rows are kept finite, :func:`~pypattern.models.hf.finite_padding`). Padding after a
+        real token (right padding), a row without a real token or other values are refused (``ValueError``), as is
+        a mask with padding for a model whose forward takes no ``attention_mask`` or no ``position_ids``. A mask
+        without padding changes nothing.
 
     Returns
     -------
     LongTensor ``(batch, prompt_len + steps)``
+        The prompts (padding included) followed by the generated tokens.
     """
     _check_flag(greedy, "greedy")
     check_token_tensor(prompt, "prompt", "(batch, prompt_len) or (prompt_len,) of token ids")
@@ -959,9 +1051,24 @@ def generate(
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps={steps!r} is not valid; give an int >= 0")
     steps = int(steps)
+    keep = None
+    if attention_mask is not None:
+        keep = _generation_mask(attention_mask, tokens, prompt.dim() == 1)
+        if bool(keep.all()):
+            keep = None  # no padding: the prompts' positions are their columns
+        else:
+            _takes_padding(model)
     n_ctx = _position_limit(model)
-    if n_ctx is not None and tokens.shape[1] + steps > n_ctx:
+    if n_ctx is not None and keep is None and tokens.shape[1] + steps > n_ctx:
         raise ValueError(f"prompt length {tokens.shape[1]} + steps={steps} exceeds the model's n_ctx={n_ctx}")
+    if n_ctx is not None and keep is not None:
+        lengths = keep.sum(-1)
+        row = int(lengths.argmax())
+        if int(lengths[row]) + steps > n_ctx:
+            raise ValueError(
+                f"prompt row {row} has {int(lengths[row])} real tokens (attention_mask) + steps={steps}, which exceeds "
+                f"the model's n_ctx={n_ctx} (learned positions 0 .. {n_ctx - 1})"
+            )
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, numbers.Real)
@@ -974,13 +1081,25 @@ def generate(
     g = torch.Generator().manual_seed(_generator_seed(seed))
     # continued where the model is (a CPU prompt, a model on a GPU)
     tokens = tokens.to(model_device(model, tokens.device))
+    if keep is not None:
+        keep = keep.to(tokens.device)
     ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
     modes = [(m, m.training) for m in model.modules()]  # each module's mode, restored afterwards
     model.eval()
     try:
         with ctx:
             for _ in range(steps):
-                logits = read_logits(model(tokens))[:, -1]  # a Hugging Face output's .logits too
+                if keep is None:
+                    out = model(tokens)
+                else:
+                    from .models.hf import finite_padding
+
+                    am = keep.long()
+                    # a float64 Hugging Face model's padding queries attend to no key: kept finite (hooked_hf's
+                    # wrapper keeps them so itself)
+                    with finite_padding(model, am):
+                        out = model(tokens, attention_mask=am, position_ids=_padded_positions(keep))
+                logits = read_logits(out)[:, -1]  # a Hugging Face output's .logits too
                 # 16-bit logits widened to float32; a float64 model's kept in float64, whose argmax and softmax a
                 # cast to float32 would round (two logits within float32's spacing would tie)
                 if logits.dtype != torch.float64:
@@ -991,6 +1110,8 @@ def generate(
                     probs = torch.softmax(logits / temperature, -1)
                     nxt = torch.multinomial(probs.cpu(), 1, generator=g).squeeze(-1).to(tokens.device)
                 tokens = torch.cat([tokens, nxt[:, None]], 1)
+                if keep is not None:
+                    keep = torch.cat([keep, keep.new_ones(keep.shape[0], 1)], 1)
     finally:
         for m, was_training in modes:
             m.training = was_training
