@@ -435,6 +435,20 @@ def _concepts_of(task, tokens: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, tc[tokens.clamp(max=len(tc) - 1)], torch.full_like(tokens, -1))
 
 
+def _grown(given: int, b: int, name: str) -> str:
+    """The hint of a per-sample ``name`` (``concept``, ``positions``) of ``given`` rows met by a forward of ``b``, a
+    multiple of them: a generation that runs each prompt ``b // given`` times (beam search's ``num_beams``,
+    ``num_return_sequences``) forwards that many rows per prompt, next to each other."""
+    if given < 1 or b <= given or b % given:
+        return ""
+    k = b // given
+    return (
+        f": this forward has {b} rows, {k} per row of the {given} given (Hugging Face generate's num_beams or "
+        f"num_return_sequences = {k} runs each prompt {k} times, its rows next to each other); give "
+        f"{name}.repeat_interleave({k}, dim=0)"
+    )
+
+
 def _position_mask(positions, b: int, t: int, device, start: int = 0) -> torch.Tensor:
     """``(batch, pos)`` bool mask from None (all), an int ``p`` (positions >= p), or a bool tensor, for ``t``
     positions starting at the absolute position ``start`` (that of the first new token of a forward under a
@@ -464,9 +478,10 @@ def _position_mask(positions, b: int, t: int, device, start: int = 0) -> torch.T
             if start
             else f"{b} sequences of {t} positions"
         )
+        grown = _grown(m.shape[0], b, "positions") if m.dim() == 2 and m.shape[1] >= start + t else ""
         raise ValueError(
             f"positions has shape {given}; give a bool mask (pos,) or ({b}, pos) with pos >= {start + t} (the batch "
-            f"has {covers})"
+            f"has {covers}){grown}"
         )
     return m[:, start : start + t]
 
@@ -643,7 +658,9 @@ def _concept_values(concept, spec: FlagSpec, b: int) -> torch.Tensor:
     if c.dim() == 0:
         c = c.expand(b)
     if c.shape != (b,):
-        raise ValueError(f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape ({b},)")
+        raise ValueError(
+            f"concept has shape {tuple(c.shape)}; give an int or a tensor of shape ({b},){_grown(c.shape[0], b, 'concept')}"
+        )
     # in float64, cast to the activations' dtype where they are written (a float64 model gets the values exactly);
     # a CUDA concept tensor indexes a code on its own device
     return spec.code(_wide(c.device), device=c.device)[c]

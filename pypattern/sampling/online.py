@@ -342,7 +342,9 @@ class OnlineLLC:
     the estimator's keywords (defaults left out; devinterp's names translated; how an estimate is computed or shown
     -- ``batched``, ``backend``, ``device``, ``cores``, ``quiet``, ``callbacks``, the checkpoint settings -- left
     out) and a hash of the data as the sampler's checkpoints hash it; the first call checks the model's
-    architecture against the one of the curve. Another value is refused with
+    architecture against the one of the curve, and every estimate against the first call's (one callback follows
+    one model; a relative ``checkpoint`` is read from the working directory when the callback is built). Another
+    value is refused with
     :class:`pypattern.io.FingerprintMismatch` naming the item that differs; a damaged file, or a file of another
     kind at that path, with :class:`pypattern.io.FormatError` naming the file. Use another ``checkpoint`` path, or
     delete the file, to start a new curve. The weights are checked by each re-estimated step's sampler checkpoint
@@ -396,11 +398,17 @@ class OnlineLLC:
                 raise TypeError(
                     f"steps={steps!r} is not valid; give a sequence of training steps (ints >= 0)"
                 )
+            if isinstance(steps, np.ndarray | torch.Tensor) and steps.ndim != 1:
+                raise ValueError(
+                    f"steps has shape {tuple(steps.shape)}; give a sequence of training steps (ints >= 0), e.g. "
+                    "[100] for a single step"
+                )
             steps = list(steps)
-            bad = [v for v in steps if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+            # integers as __call__ reads a step: Python's, numpy's and 0-d integer tensors' (a tensor's entries)
+            bad = [v for v in steps if not _is_step(v) or v < 0]
             if bad:
                 raise ValueError(f"steps contains {bad[:3]}; give training steps as ints >= 0")
-        self.steps = None if steps is None else {int(s) for s in steps}
+        self.steps = None if steps is None else {operator.index(s) for s in steps}
         # every estimate reads the components and the callbacks again: a one-shot iterable (a generator, map,
         # filter, iter(...)) is kept as a list, or the checks below and the first estimate would use it up
         if isinstance(components, Iterable) and not isinstance(
@@ -430,6 +438,10 @@ class OnlineLLC:
         self._stored_architecture: str | None = None
         self._calibrated: dict = {}  # the step_size (and num_burnin_steps) the first estimate calibrated
         checkpoint = sample_kwargs.get("checkpoint")
+        if checkpoint is not None:
+            # the folder of the curve is the one it names when the callback is built: a training loop that changes
+            # its working directory afterwards still writes the state and the steps' sampler checkpoints there
+            checkpoint = sample_kwargs["checkpoint"] = os.path.abspath(os.fspath(checkpoint))
         self.state_path: str | None = sub_run_path(checkpoint, "online")
         """The file of the callback's state (``run.online.npz`` for ``checkpoint="run.npz"``), or None."""
         if self.state_path is not None and os.path.exists(self.state_path):
@@ -457,6 +469,18 @@ class OnlineLLC:
             self._check_architecture(model)
         if not self.due(step):
             return None
+        if self._architecture != (now := model_architecture(model)):
+            # one curve is one model's: a callback given another model (a second run in turn) would mix the two
+            raise io.FingerprintMismatch(
+                f"OnlineLLC: at step {step} the model has another architecture than the one this curve was "
+                f"estimated on: architecture = {self._architecture!r} before, {now!r} now (a hash of the model's "
+                "module tree and configuration). One OnlineLLC follows one training run: build a new OnlineLLC "
+                "(with another checkpoint path) for another model.",
+                path=self.state_path or "",
+                item="architecture",
+                stored=self._architecture,
+                current=now,
+            )
         if loss is not None:
             try:
                 loss = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
