@@ -578,7 +578,7 @@ def check_batch(model: nn.Module, batch: Any, argument: str) -> ParsedBatch:
         limit = position_limit(model)
         if limit is not None:
             pos_ids = pb.extra.get("position_ids")
-            last = int(pos_ids.max()) + 1 if pos_ids is not None and pos_ids.numel() else pb.inputs.shape[1]
+            last = _last_position_read(model, pb, pos_ids)
             if last > limit:
                 what = "position_ids reach" if pos_ids is not None else "sequences of length"
                 raise ValueError(
@@ -713,6 +713,28 @@ def _forward_params(model: nn.Module) -> frozenset[str]:
         names = frozenset()
     _SIG_CACHE[fwd] = names
     return names
+
+
+def _last_position_read(model: nn.Module, pb: ParsedBatch, pos_ids: torch.Tensor | None) -> int:
+    """One more than the largest learned position ``model`` reads on ``pb``'s tokens: the largest ``position_ids``
+    entry (the sequence length without them). pypattern's ``Transformer`` given an ``attention_mask`` reads the
+    positions of real tokens only (ids at padding are not read), and with ``cfg.mask_positions`` and no
+    ``position_ids`` counts each row's real tokens from 0, so its longest row of real tokens bounds it."""
+    am = pb.attention_mask
+    real_only = (
+        am is not None and _takes_mask(model) and hasattr(getattr(model, "cfg", None), "mask_positions")
+    )
+    if pos_ids is not None:
+        read = pos_ids
+        if real_only:
+            try:
+                read = torch.where(am.to(pos_ids.device).bool(), pos_ids, torch.zeros_like(pos_ids))
+            except RuntimeError:  # shapes that do not match: the model's forward names them
+                read = pos_ids
+        return int(read.max()) + 1 if read.numel() else 0
+    if real_only and model.cfg.mask_positions:
+        return int(am.bool().sum(-1).max()) if am.numel() else 0
+    return pb.inputs.shape[1]
 
 
 def _learned_column_positions(model: nn.Module) -> bool:

@@ -2514,6 +2514,23 @@ def _host_values(t: torch.Tensor) -> torch.Tensor | None:
     return t if t.device.type == "cpu" else None
 
 
+def _host_values_per_sample(t: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """:func:`_host_values` with the ``torch.func.vmap`` batch dimensions of ``t`` first: ``(values, n)``, where the
+    first ``n`` dimensions of ``values`` index the vmapped samples (0 outside ``vmap``), so that a check can be made
+    sample by sample as an unbatched call makes it; ``(None, 0)`` where the values cannot be read."""
+    if torch.compiler.is_compiling():
+        return None, 0
+    n = 0
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            bdim = torch._C._functorch.maybe_get_bdim(t)
+            t = torch._C._functorch.get_unwrapped(t).movedim(bdim, 0)  # this level's samples first
+            n += 1
+        else:
+            t = torch._C._functorch.get_unwrapped(t)
+    return (t, n) if t.device.type == "cpu" else (None, 0)
+
+
 def _checked_attention_mask(mask, batch: int, pos: int) -> torch.Tensor:
     """The forward's ``attention_mask`` as bool ``(batch, pos)`` (True: a real token), refused unless it is a tensor
     of that shape (``(pos,)`` for one sequence) of bool, integer or floating dtype holding only 0 and 1."""
@@ -2568,8 +2585,8 @@ def _shaped_position_ids(position_ids, batch: int, pos: int) -> torch.Tensor:
 def _refuse_nothing_counted(counted: torch.Tensor, return_type: str) -> None:
     """The mean loss over no counted term (``attention_mask`` leaves no real token followed by a real one) is
     undefined: refused when the mask's values can be read."""
-    values = _host_values(counted)
-    if values is not None and not bool(values.any()):
+    values, samples = _host_values_per_sample(counted)
+    if values is not None and not bool(values.reshape(*values.shape[:samples], -1).any(-1).all()):
         raise ValueError(
             f"attention_mask leaves no real token followed by a real token, so the mean next-token loss "
             f"(return_type={return_type!r}) over none is undefined; give loss_per_token=True or "
