@@ -1549,19 +1549,21 @@ class Attention(nn.Module):
         return torch.arange(n, device=device)
 
     def rotary_cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype
+        self, positions: torch.Tensor, dtype: torch.dtype, largest: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cosines and sines of the rotation angles at ``positions (pos,)`` (or ``(batch, pos)``, one row of positions
         per sequence): two ``(*positions.shape, rotary_dim)`` tensors of ``dtype`` (computed in
         ``cfg.rotary_dtype`` when set, else in ``dtype`` but at least float32, in Hugging
-        Face's order of operations)."""
+        Face's order of operations). ``largest``: the largest of ``positions`` when the caller knows it (``arange``),
+        so that the range check of LongRoPE and dynamic NTK scaling reads no device value."""
         cfg = self.cfg
         cd = cfg.rotary_dtype or (dtype if dtype in (torch.float32, torch.float64) else torch.float32)
         r = cfg.rotary_dim
         scaling = cfg.rope_scaling(self.layer)
         if scaling is not None and scaling["rope_type"] in ("longrope", "dynamic") and positions.numel():
             n = scaling["original_max_position_embeddings"]
-            if int(positions.max()) >= n:
+            top = int(positions.max()) if largest is None else int(largest)
+            if top >= n:
                 what, there = (
                     ("LongRoPE short factors", "switches to its long factors")
                     if scaling["rope_type"] == "longrope"
@@ -1571,7 +1573,7 @@ class Attention(nn.Module):
                     )
                 )
                 raise ValueError(
-                    f"position {int(positions.max())} is past the {n} positions of this model's {what} "
+                    f"position {top} is past the {n} positions of this model's {what} "
                     f"(rotary_scaling original_max_position_embeddings={n}); longer sequences, where the "
                     f"Hugging Face model {there}, are not supported"
                 )
@@ -1596,10 +1598,11 @@ class Attention(nn.Module):
         ``rotary_dim`` dimensions of each head turn."""
         if not self.cfg.rotates(self.layer):
             return x
-        if positions is None:
-            positions = self.positions(x.shape[-3], x.device)
+        largest = None
+        if positions is None:  # arange: its largest known without reading the device
+            positions, largest = self.positions(x.shape[-3], x.device), x.shape[-3] - 1
         rd = self.cfg.rotary_input_dtype
-        cos, sin = self.rotary_cos_sin(positions, x.dtype if rd is None else rd)
+        cos, sin = self.rotary_cos_sin(positions, x.dtype if rd is None else rd, largest)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # over the heads
         r = self.cfg.rotary_dim
         x_rot = x[..., :r]
