@@ -603,10 +603,10 @@ def estimate_llc(model, loader, *, group=None, **kwargs) -> LLCResult | list[LLC
     # a calibrated step's run burns in as long as the step needs (when no num_burnin_steps is given)
     out = _sample_on_ranks(model, loader, group, dict(kwargs), burnin_default="auto")
     if _dist().get_rank(group) == 0:
-        return llc_of_samples(out, model, kwargs.get("masks"))
+        return llc_of_samples(out, model, kwargs.get("masks"), kwargs.get("warn_nonstationary", True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return llc_of_samples(out, model, kwargs.get("masks"))
+        return llc_of_samples(out, model, kwargs.get("masks"), kwargs.get("warn_nonstationary", True))
 
 
 def susceptibilities(model, loader, probe, components, *, group=None, **kwargs):

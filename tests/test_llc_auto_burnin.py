@@ -156,3 +156,25 @@ def test_sample_takes_the_rule_by_name_and_a_given_step_keeps_its_default():
     assert fixed.config["num_burnin_steps"] == 0
     with pytest.raises(ValueError, match=r"num_burnin_steps='long' is not valid; give an int >= 0, None"):
         sample(model, loader, num_burnin_steps="long", step_size=1e-4, quiet=True)
+
+
+def test_warn_nonstationary_false_silences_the_capped_burn_in_warning_as_the_samplers():
+    """``warn_nonstationary=False`` silences the sampler's non-stationarity warnings, and estimate_llc's and
+    refined_llc's of a capped burn-in (NonStationaryWarning) with them; the estimate is the same."""
+    from pypattern.sampling import refined_llc
+
+    model, loader = _dln()
+    kw = dict(
+        nbeta=100.0, localization=1.0, seed=0, quiet=True, num_chains=2, num_draws=10,
+        auto_step_options={"calibration_steps": 100, "max_burnin_factor": 2},
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as loud:
+        warnings.simplefilter("always")
+        a = estimate_llc(model, loader, **kw)
+    assert a.sample.config["auto_step"]["burnin"]["capped"]
+    assert [w for w in loud if "flattest direction needs to relax" in str(w.message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonStationaryWarning)
+        b = estimate_llc(model, loader, warn_nonstationary=False, **kw)
+        refined_llc(model, loader, components={"first": ["layers.0.weight"]}, warn_nonstationary=False, **kw)
+    assert b.llc_mean == a.llc_mean

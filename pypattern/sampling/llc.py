@@ -125,13 +125,18 @@ def estimate_llc(model: nn.Module, loader, **kwargs) -> LLCResult | list[LLCResu
     )
     if kwargs.get("num_burnin_steps") is None:  # a calibrated step's run burns in as long as the step needs
         kwargs = dict(kwargs, num_burnin_steps="auto")
-    return llc_of_samples(sample(model, loader, **kwargs), model, kwargs.get("masks"))
+    return llc_of_samples(
+        sample(model, loader, **kwargs), model, kwargs.get("masks"), kwargs.get("warn_nonstationary", True)
+    )
 
 
-def llc_of_samples(out, model: nn.Module, masks=None) -> LLCResult | list[LLCResult]:
+def llc_of_samples(
+    out, model: nn.Module, masks=None, warn_nonstationary: bool = True
+) -> LLCResult | list[LLCResult]:
     """The LLC of a :func:`pypattern.sample` result (a list of them with ``runs=``: one LLC per run), with
     :func:`estimate_llc`'s warnings (a calibrated step's estimated bias; an estimate above ``d / 2`` when the run
-    moved every weight, ``masks`` None)."""
+    moved every weight, ``masks`` None; a capped burn-in, with ``warn_nonstationary`` as the sampler's own
+    non-stationarity warnings and those of susceptibilities)."""
     if isinstance(out, list):  # runs=: one result per (restrict_to, masks) run
         results = [llc_from_sample(r) for r in out]
         # one calibration for every run: its bias warned of once, at the first run it concerns
@@ -139,11 +144,11 @@ def llc_of_samples(out, model: nn.Module, masks=None) -> LLCResult | list[LLCRes
             if _warn_auto_bias(res):
                 break
         if results:
-            _warn_auto_unrelaxed(results[0])  # one calibration for every run: once
+            _warn_auto_unrelaxed(results[0], capped=warn_nonstationary)  # one calibration for every run: once
         return results
     res = llc_from_sample(out)
     _warn_auto_bias(res)
-    _warn_auto_unrelaxed(res, model, masks)
+    _warn_auto_unrelaxed(res, model, masks, capped=warn_nonstationary)
     if masks is None:
         _warn_above_half_dimension(res, model)
     return res
@@ -255,7 +260,9 @@ def capped_burnin_message(auto: Mapping, estimate: str = "the estimate", se: str
     )
 
 
-def _warn_auto_unrelaxed(res: LLCResult, model: nn.Module | None = None, masks=None) -> None:
+def _warn_auto_unrelaxed(
+    res: LLCResult, model: nn.Module | None = None, masks=None, capped: bool = True
+) -> None:
     """Warn when the automatic step's trials covered fewer than :data:`FLAT_RELAXATION_WARN` relaxation times of
     the flattest direction (``eps * localization * steps / 2``, which its reason notes, ending with
     :data:`~pypattern.sampling.auto.UNRELAXED_NOTE`): on a singular model the estimate may still be creeping up
@@ -273,8 +280,10 @@ def _warn_auto_unrelaxed(res: LLCResult, model: nn.Module | None = None, masks=N
     flat = settings.get("flattest_relaxation_times") if isinstance(settings, dict) else None
     burnin = auto.get("burnin") if isinstance(auto, dict) else None
     chosen_burnin = isinstance(burnin, dict) and burnin.get("needed") is not None
-    if chosen_burnin and not burnin.get("capped"):
-        return  # the run's burn-in covered relaxation_times relaxation times of the flattest direction
+    if chosen_burnin and not (burnin.get("capped") and capped):
+        # the run's burn-in covered relaxation_times relaxation times of the flattest direction (or it was capped
+        # and the caller turned the run's non-stationarity warnings off, ``capped`` False)
+        return
     if not chosen_burnin:
         if not isinstance(reason, str) or UNRELAXED_NOTE not in reason or not isinstance(flat, int | float):
             return

@@ -450,7 +450,12 @@ def refined_llc(
             # once), an unrestricted estimate above d / 2
             _warn_auto_bias(r)
             if k == 0:
-                _warn_auto_unrelaxed(r, model, None if name == FULL else {})
+                _warn_auto_unrelaxed(
+                    r,
+                    model,
+                    None if name == FULL else {},
+                    capped=sample_kwargs.get("warn_nonstationary", True),
+                )
             if name == FULL:
                 _warn_above_half_dimension(r, model)
             out.component.append(name)
