@@ -114,6 +114,7 @@ from .sampling.runner import (
     by_default_rule,
     calibrated_burnin,
     default_burnin,
+    is_burnin_rule,
     is_sample_default,
     rerun_at_half_step,
     sample,
@@ -1851,12 +1852,7 @@ def _burnin_before_calibration(kw: dict) -> None:
     """``num_burnin_steps`` as the step calibration sees it: ``"auto"`` (:func:`pypattern.sample`'s rule, here the
     default) is None there, as in :func:`pypattern.sample`, and chosen after it (:func:`_resolve_burnin`); another
     string is refused, naming it."""
-    given = kw.get("num_burnin_steps")
-    if isinstance(given, str):
-        if given != "auto":
-            raise ValueError(
-                f"num_burnin_steps={given!r} is not valid; give an int >= 0, None (the default) or 'auto'"
-            )
+    if is_burnin_rule(kw.get("num_burnin_steps")):
         kw["num_burnin_steps"] = None
 
 

@@ -47,7 +47,7 @@ from .plan import (
     refuse_unknown_keywords,
 )
 from .results import check_arrays
-from .runner import default_loss_fn, is_sample_default, sample
+from .runner import default_loss_fn, is_burnin_rule, is_sample_default, sample
 from .vocabulary import translate
 
 __all__ = ["OnlineLLC", "OnlineLLCResult", "preserved_training_state"]
@@ -273,7 +273,7 @@ def _fingerprint_defaults() -> dict:
     return out
 
 
-def online_fingerprint(loader, every, steps, components, sample_kwargs: Mapping) -> dict:
+def online_fingerprint(loader, components, sample_kwargs: Mapping) -> dict:
     """What identifies an :class:`OnlineLLC` curve (see :func:`pypattern.io.fingerprint`): its ``components``, the estimator's settings as given (devinterp's names translated; defaults,
     and the settings of :data:`_NOT_COMPARED`, left out; no step, or ``"auto"``, as ``step_size="auto"``), the
     loss function and observables by name and code, and a hash of the data as the sampler's checkpoints hash it
@@ -381,12 +381,7 @@ class OnlineLLC:
     ):
         if every is None and steps is None:
             raise ValueError("give every (an int >= 1) or steps (a sequence of ints): when to estimate")
-        burnin = sample_kwargs.get("num_burnin_steps")
-        if isinstance(burnin, str):  # "auto": estimate_llc's (and refined_llc's) default, the same curve
-            if burnin != "auto":
-                raise ValueError(
-                    f"num_burnin_steps={burnin!r} is not valid; give an int >= 0, None (the default) or 'auto'"
-                )
+        if is_burnin_rule(sample_kwargs.get("num_burnin_steps")):  # estimate_llc's default: the same curve
             sample_kwargs = {k: v for k, v in sample_kwargs.items() if k != "num_burnin_steps"}
         if every is not None and (not is_count(every) or every < 1):
             raise ValueError(f"every must be an int >= 1, got {every!r}")
@@ -558,7 +553,7 @@ class OnlineLLC:
         """What identifies this curve (components, settings, data; see the class docstring), as
         :func:`pypattern.io.fingerprint` builds it (JSON values)."""
         if self._fp is None:
-            self._fp = online_fingerprint(self.loader, self.every, self.steps, self.components, self._given)
+            self._fp = online_fingerprint(self.loader, self.components, self._given)
         return self._fp
 
     def _check_architecture(self, model: nn.Module) -> None:

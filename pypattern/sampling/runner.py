@@ -549,11 +549,7 @@ def sample(
     if lr is not None:  # devinterp's name for the step size
         step_size = translate({"step_size": step_size, "lr": lr}, where="the call")["step_size"]
         lr = None
-    burnin_rule = isinstance(num_burnin_steps, str) and num_burnin_steps == "auto"
-    if isinstance(num_burnin_steps, str) and not burnin_rule:
-        raise ValueError(
-            f"num_burnin_steps={num_burnin_steps!r} is not valid; give an int >= 0, None (the default) or 'auto'"
-        )
+    burnin_rule = is_burnin_rule(num_burnin_steps)
     if burnin_rule:  # chosen after the calibration (which, like the default, sees none given)
         num_burnin_steps = None
     auto_step = calibration = None
@@ -705,6 +701,18 @@ def is_sample_default(name: str, value) -> bool:
     if isinstance(value, bool) != isinstance(p.default, bool):
         return False
     return value == p.default
+
+
+def is_burnin_rule(num_burnin_steps) -> bool:
+    """Whether ``num_burnin_steps`` asks for the calibrated step's rule (``"auto"``, :func:`calibrated_burnin`);
+    another string is refused by name (a count or None is left for the run's own check)."""
+    if not isinstance(num_burnin_steps, str):
+        return False
+    if num_burnin_steps != "auto":
+        raise ValueError(
+            f"num_burnin_steps={num_burnin_steps!r} is not valid; give an int >= 0, None (the default) or 'auto'"
+        )
+    return True
 
 
 def calibrated_burnin(report, num_draws: int, num_steps_bw_draws: int = 1) -> int:
