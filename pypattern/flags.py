@@ -49,7 +49,7 @@ from ._checks import is_count, model_device
 from ._training import modes_kept, random_in_training, values_kept_on_error
 from .equivalence import _check_flag, _generator_seed
 from .io import FormatError, Saveable, register
-from .losses import _forward_params, position_limit, read_logits
+from .losses import _takes, position_limit, read_logits
 from .patching.api import _vocab, check_token_ids, check_token_tensor
 from .ridge import as_float64, float64_device
 from .sampling.diagnostics import user_stacklevel
@@ -971,9 +971,8 @@ def _generation_mask(attention_mask, tokens: torch.Tensor, one_prompt: bool) -> 
 def _takes_padding(model) -> None:
     """Refuse, by name, a model whose forward takes no ``attention_mask`` or no ``position_ids``: a left-padded
     batch's real tokens would attend to the padding, or be read at the positions of their columns."""
-    names = _forward_params(model)
     for key in ("attention_mask", "position_ids"):
-        if key in names or ("input_ids" in names and "**" in names):
+        if _takes(model, key):  # as the losses pass a batch's key on
             continue
         what = (
             "its real tokens would attend to the padding"
@@ -986,12 +985,6 @@ def _takes_padding(model) -> None:
             "batches of prompts of one length), or give a model whose forward takes attention_mask and "
             "position_ids (pypattern's Transformer, pypattern.hooked_hf(model), a Hugging Face causal LM)"
         )
-
-
-def _padded_positions(keep: torch.Tensor) -> torch.Tensor:
-    """Hugging Face generate's positions of a left-padded batch: each row's real tokens counted from 0,
-    ``attention_mask.cumsum(-1) - 1``, and 0 (a valid position no real token reads) at the padding."""
-    return (keep.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -1099,6 +1092,9 @@ def generate(
     # continued where the model is (a CPU prompt, a model on a GPU)
     tokens = tokens.to(model_device(model, tokens.device))
     if keep is not None:
+        from .models.hf import finite_padding
+        from .models.transformer import real_token_positions
+
         keep = keep.to(tokens.device)
     ctx = steer(model, spec, concept, positions) if spec is not None else contextlib.nullcontext()
     modes = [(m, m.training) for m in model.modules()]  # each module's mode, restored afterwards
@@ -1109,13 +1105,11 @@ def generate(
                 if keep is None:
                     out = model(tokens)
                 else:
-                    from .models.hf import finite_padding
-
                     am = keep.long()
                     # a float64 Hugging Face model's padding queries attend to no key: kept finite (hooked_hf's
                     # wrapper keeps them so itself)
                     with finite_padding(model, am):
-                        out = model(tokens, attention_mask=am, position_ids=_padded_positions(keep))
+                        out = model(tokens, attention_mask=am, position_ids=real_token_positions(keep))
                 logits = read_logits(out)[:, -1]  # a Hugging Face output's .logits too
                 # 16-bit logits widened to float32; a float64 model's kept in float64, whose argmax and softmax a
                 # cast to float32 would round (two logits within float32's spacing would tie)

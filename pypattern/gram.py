@@ -1183,12 +1183,9 @@ def _reads_position_ids(mod: nn.Module | None) -> bool:
     ``forward`` takes ``position_ids`` (pypattern's ``PosEmbed``)."""
     if mod is None or not isinstance(getattr(mod, "W_pos", None), torch.Tensor):
         return False
-    import inspect
+    from .losses import _forward_params  # the forward's parameter names, read once per class
 
-    try:
-        return "position_ids" in inspect.signature(mod.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return "position_ids" in _forward_params(mod)
 
 
 def _given_position_ids(mod: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -2299,7 +2299,7 @@ class Transformer(HookedRootModule):
         if position_ids is None:
             if keep is None or not self.cfg.mask_positions:
                 return keep, None
-            pos = (keep.long().cumsum(-1) - 1).clamp(min=0)
+            pos = real_token_positions(keep)
             given = False
         else:
             pos = _shaped_position_ids(position_ids, B, T).to(device)
@@ -2532,6 +2532,13 @@ def _host_values_per_sample(t: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         else:
             t = torch._C._functorch.get_unwrapped(t)
     return (t, n) if t.device.type == "cpu" else (None, 0)
+
+
+def real_token_positions(keep: torch.Tensor) -> torch.Tensor:
+    """The positions of a padded batch's tokens counted from each row's first real token, as Hugging Face's
+    ``generate`` (and OPT, BLOOM, TransformerLens) derive them from the mask ``keep (batch, pos)`` (True or 1: a real
+    token): ``attention_mask.cumsum(-1) - 1``, int64, 0 at the padding before the first real token."""
+    return (keep.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _checked_attention_mask(mask, batch: int, pos: int) -> torch.Tensor:
