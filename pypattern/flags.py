@@ -926,30 +926,20 @@ def _position_limit(model) -> int | None:
     return limit
 
 
-def _generation_mask(attention_mask, tokens: torch.Tensor, one_prompt: bool) -> torch.Tensor:
+def _generation_mask(attention_mask, tokens: torch.Tensor) -> torch.Tensor:
     """:func:`generate`'s ``attention_mask`` as a bool tensor ``(batch, prompt_len)`` on the prompt's device (True: a
-    real token), refused by name unless it holds 0 and 1 only, matches the prompt's shape, gives every row a real
-    token and pads on the left only (no padding after a real token)."""
-    b, t = tokens.shape
+    real token), refused by name unless it holds 0 and 1 only, matches the prompt's shape (as the forward's
+    ``attention_mask`` is checked), gives every row a real token and pads on the left only (no padding after a real
+    token)."""
+    from .models.transformer import _checked_attention_mask
+
     m = _tensor_arg(
         attention_mask,
         "attention_mask",
         "a (batch, prompt_len) tensor of 0 and 1 (1: a real token, 0: padding)",
     )
-    if m.is_complex():
-        raise TypeError(f"attention_mask has dtype {m.dtype}; give bool, integer or float 0 and 1")
-    if one_prompt and m.dim() == 1:
-        m = m[None]
-    if tuple(m.shape) != (b, t):
-        want = f"({t},) or (1, {t})" if one_prompt else f"({b}, {t})"
-        raise ValueError(f"attention_mask has shape {tuple(m.shape)}; give {want} to match prompt")
-    m = m.to(tokens.device)
-    if m.dtype != torch.bool:
-        if not bool(((m == 0) | (m == 1)).all()):
-            raise ValueError(
-                "attention_mask has values other than 0 and 1; give 1 for real tokens, 0 for padding"
-            )
-        m = m == 1
+    # on the CPU, where the forward's check reads the values (on another device it leaves them unread)
+    m = _checked_attention_mask(m.cpu(), *tokens.shape)
     empty = ~m.any(-1)
     if bool(empty.any()):
         row = int(empty.nonzero()[0, 0])
@@ -965,7 +955,7 @@ def _generation_mask(attention_mask, tokens: torch.Tensor, one_prompt: bool) -> 
             "padding between tokens) cannot be continued in a batch, whose new tokens are appended to the last "
             "column of every row; pad on the left (a Hugging Face tokenizer's padding_side='left')"
         )
-    return m
+    return m.to(tokens.device)
 
 
 def _takes_padding(model) -> None:
@@ -1063,7 +1053,7 @@ def generate(
     steps = int(steps)
     keep = None
     if attention_mask is not None:
-        keep = _generation_mask(attention_mask, tokens, prompt.dim() == 1)
+        keep = _generation_mask(attention_mask, tokens)
         if bool(keep.all()):
             keep = None  # no padding: the prompts' positions are their columns
         else:

@@ -265,6 +265,21 @@ def _infer_per_position(edges, model, T: int) -> bool:
     return False
 
 
+def _edge_sets(model, edges, graph: EdgeGraph | None, clean) -> tuple[EdgeGraph, torch.Tensor, bool]:
+    """The graph, the masks ``(C, num_edges)`` and whether one set was given, for ``edges`` as
+    :func:`patch_edges` and :func:`faithfulness` take them: a :class:`Circuit` as its mask on its graph, ``edges``
+    read once, the masks' shapes checked, and without ``graph`` the model's graph, per position when the edges
+    name positions (over the length of ``clean``)."""
+    edges, graph = _circuit_mask(edges, graph)
+    edges = _materialised(edges)
+    _check_mask_shapes(edges)
+    T = _seq_len(clean)
+    if graph is None:
+        graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
+    masks, single = _as_masks(graph, edges)
+    return graph, masks, single
+
+
 def patch_edges(
     model,
     edges,
@@ -344,13 +359,7 @@ def patch_edges(
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "patch_edges")
     model = _converted(model, "patch_edges")
     check_graph_arg(graph)
-    edges, graph = _circuit_mask(edges, graph)
-    edges = _materialised(edges)
-    _check_mask_shapes(edges)
-    T = _seq_len(clean)
-    if graph is None:
-        graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
-    masks, single = _as_masks(graph, edges)
+    graph, masks, single = _edge_sets(model, edges, graph, clean)
     engine, _ = prepare_runs(
         model,
         graph,
@@ -1107,13 +1116,7 @@ def faithfulness(
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "faithfulness")
     model = _converted(model, "faithfulness")
     check_graph_arg(graph)
-    edges, graph = _circuit_mask(edges, graph)
-    edges = _materialised(edges)
-    _check_mask_shapes(edges)
-    T = _seq_len(clean)
-    if graph is None:
-        graph = _graph_for(model, None, _infer_per_position(edges, model, T), T)
-    masks, single = _as_masks(graph, edges)
+    graph, masks, single = _edge_sets(model, edges, graph, clean)
     engine, info = prepare_runs(
         model,
         graph,

@@ -2554,9 +2554,10 @@ def _checked_attention_mask(mask, batch: int, pos: int) -> torch.Tensor:
     if mask.dim() == 1 and batch == 1:
         mask = mask.unsqueeze(0)
     if tuple(mask.shape) != (batch, pos):
+        want = f"({pos},) or (1, {pos})" if batch == 1 else f"({batch}, {pos})"
         raise ValueError(
-            f"attention_mask has shape {tuple(mask.shape)}; give one entry per token, shape ({batch}, {pos}) as the "
-            "input's (batch, pos)"
+            f"attention_mask has shape {tuple(mask.shape)}; give {want}, one entry per token of the input's (batch, "
+            "pos)"
         )
     if mask.dtype == torch.bool:
         return mask

@@ -272,10 +272,17 @@ class _FusedSampler(torch.optim.Optimizer):
     def _values(group: dict) -> tuple:
         return tuple(group[name] for name, _ in _RANGES)
 
-    def _common(self, group: dict) -> dict:
+    def _op_keywords(self, k: int, group: dict, validate: bool) -> dict:
+        """The keywords every fused op takes for group ``k``: its masks, its noise's key (the step's key drawn
+        from a noise_generator, else the seed and the step), the backend, ``validate`` and the six SGLD
+        hyperparameters."""
         return {
-            k: group[k]
-            for k in ("step_size", "nbeta", "localization", "weight_decay", "noise_scale", "bounding_box")
+            "masks": self.masks[k],
+            "seed": group_seed(self.seed if self._noise_key is None else self._noise_key, k),
+            "step": self.num_steps if self._noise_key is None else 0,
+            "backend": self.backend,
+            "validate": validate,
+            **{name: group[name] for name, _ in _RANGES},
         }
 
     @torch.no_grad()
@@ -409,10 +416,24 @@ class _FusedSampler(torch.optim.Optimizer):
         self._validated = False  # the first step after a load checks the tensors again
 
 
-def _defaults(where: str, names: Mapping[str, Any], **rest) -> dict:
-    """The group defaults from the constructor's keywords in either vocabulary (translated; two names of one
-    hyperparameter that disagree are refused), with devinterp's defaults for those not given."""
-    hyper = translate(names, where=where)
+#: The hyperparameters a fused sampler's constructor takes under either name (pypattern's, devinterp's).
+_TWO_NAMED = (
+    "step_size",
+    "lr",
+    "nbeta",
+    "temperature",
+    "noise_scale",
+    "noise_level",
+    "bounding_box",
+    "bounding_box_size",
+)
+
+
+def _defaults(where: str, args: Mapping[str, Any], **rest) -> dict:
+    """The group defaults from the constructor's keywords in either vocabulary (read from its arguments ``args``,
+    its ``locals()``; translated, two names of one hyperparameter that disagree are refused), with devinterp's
+    defaults for those not given."""
+    hyper = translate({k: args[k] for k in _TWO_NAMED}, where=where)
     return {"step_size": 0.01, "nbeta": 1.0, "noise_scale": 1.0, "bounding_box": None, **hyper, **rest}
 
 
@@ -482,16 +503,7 @@ class SGNHT(_FusedSampler):
         refuse_diagnostics("SGNHT", locals())
         defaults = _defaults(
             "SGNHT",
-            dict(
-                step_size=step_size,
-                lr=lr,
-                nbeta=nbeta,
-                temperature=temperature,
-                noise_scale=noise_scale,
-                noise_level=noise_level,
-                bounding_box=bounding_box,
-                bounding_box_size=bounding_box_size,
-            ),
+            locals(),
             localization=localization,
             weight_decay=weight_decay,
             diffusion_factor=diffusion_factor,
@@ -521,12 +533,7 @@ class SGNHT(_FusedSampler):
             [self.state[p]["momentum"] for p in params],
             group["thermostat"],
             diffusion_factor=group["diffusion_factor"],
-            masks=self.masks[k],
-            seed=group_seed(self.seed if self._noise_key is None else self._noise_key, k),
-            step=self.num_steps if self._noise_key is None else 0,
-            backend=self.backend,
-            validate=validate,
-            **self._common(group),
+            **self._op_keywords(k, group, validate),
         )
 
 
@@ -595,16 +602,7 @@ class RMSpropSGLD(_FusedSampler):
         refuse_diagnostics("RMSpropSGLD", locals())
         defaults = _defaults(
             "RMSpropSGLD",
-            dict(
-                step_size=step_size,
-                lr=lr,
-                nbeta=nbeta,
-                temperature=temperature,
-                noise_scale=noise_scale,
-                noise_level=noise_level,
-                bounding_box=bounding_box,
-                bounding_box_size=bounding_box_size,
-            ),
+            locals(),
             localization=localization,
             weight_decay=weight_decay,
             alpha=alpha,
@@ -628,12 +626,7 @@ class RMSpropSGLD(_FusedSampler):
             [self.state[p]["square_avg"] for p in params],
             alpha=group["alpha"],
             eps=group["eps"],
-            masks=self.masks[k],
-            seed=group_seed(self.seed if self._noise_key is None else self._noise_key, k),
-            step=self.num_steps if self._noise_key is None else 0,
-            backend=self.backend,
-            validate=validate,
-            **self._common(group),
+            **self._op_keywords(k, group, validate),
         )
 
 
