@@ -948,7 +948,8 @@ def test_devinterp_compatible_names():
     # devinterp 1.3.2's summary keys, no others
     assert set(s) == {"llc/mean", "llc/std", "llc-chain/0", "llc-chain/1", "llc-chain/2", "loss/trace"}
     assert s["loss/trace"].shape == (3, 15)
-    assert v == pytest.approx(s["llc/mean"], rel=1e-6)
+    # the same chains; the two losses (evaluate= and the default) round differently in float32
+    assert v == pytest.approx(s["llc/mean"], rel=1e-5)
     assert s["llc/mean"] == pytest.approx(np.mean([s[f"llc-chain/{i}"] for i in range(3)]), rel=1e-5)
     assert on["llc/trace"].shape == (3, 15) and on["llc/means"].shape == (15,)
     # devinterp's online keys: per-draw nbeta (loss - init_loss) per chain, mean over chains at each draw
