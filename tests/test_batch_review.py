@@ -174,22 +174,31 @@ def test_genuine_nan_keeps_the_data_or_weights_message(llama, loader, probe):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_patching_refuses_a_tokenizer_output_saying_what_to_give(llama, side):
+def test_a_tokenizer_output_is_read_by_patching_and_refused_by_circuits(llama, side):
+    """Patching reads a tokenizer's output as its ids and mask: left-padded, the metric's last position is each
+    prompt's last real token; right-padded, it falls on padding and is refused, naming the row. The circuit
+    functions take no mask: refused, saying what to give."""
     enc = transformers.BatchEncoding(_pad(_seqs([7, 5, 6], seed=7), side, labels=False))
     metric = pp.LogitDiff(torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]))
     calls = [
         lambda: pp.activation_patching(llama, "resid_pre", enc, enc, metric=metric, quiet=True),
         lambda: pp.attribution_patching(llama, dict(enc), dict(enc), metric=metric),
-        lambda: pp.circuits.edge_attribution(llama, enc, enc, metric=metric),
     ]
     for call in calls:
-        with pytest.raises(TypeError) as e:
+        if side == "left":
             call()
-        msg = str(e.value)
-        assert "no attention mask" in msg and "input_ids" in msg, msg
-        assert "right-padded" in msg and "position=attention_mask.sum(1) - 1" in msg, msg
-        assert "left padding changes the numbers" in msg, msg
-        assert ("left-padded (row 1" in msg) == (side == "left"), msg
+        else:
+            with pytest.raises(
+                ValueError, match=r"position 6 of row 1, which attention_mask marks as padding"
+            ):
+                call()
+    with pytest.raises(TypeError) as e:
+        pp.circuits.edge_attribution(llama, enc, enc, metric=metric)
+    msg = str(e.value)
+    assert "The circuit functions take no attention mask" in msg and "input_ids" in msg, msg
+    assert "right-padded" in msg and "position=attention_mask.sum(1) - 1" in msg, msg
+    assert "left padding changes the numbers" in msg, msg
+    assert ("left-padded (row 1" in msg) == (side == "left"), msg
 
 
 def test_right_padding_with_per_example_positions_is_exact(llama):

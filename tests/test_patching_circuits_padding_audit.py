@@ -574,10 +574,12 @@ def test_the_hf_forward_counts_positions_from_the_first_pad_without_position_ids
 
 
 @pytest.mark.parametrize("form", ["tensors", "tensors with position_ids", "lists", "numpy"])
-def test_every_public_call_refuses_a_left_padded_batch_encoding_naming_the_padding(form):
+def test_left_padded_batch_encoding_read_by_patching_and_refused_by_circuits_naming_the_padding(form):
     """A tokenizer's left-padded output (``return_tensors="pt"``, with ``position_ids`` counted from the first
-    real token or not, ``"np"``, or plain lists) is refused by every public call with a message that says the
-    mask is left-padded, names the row and says how to pad instead."""
+    real token or not, ``"np"``, or plain lists) is read by the patching calls as its ids and mask (the same
+    values as the tensors with ``attention_mask=``; as corrupted prompts beside unmasked clean ones it is refused:
+    one mask serves both), and refused by the circuit calls with a message that says the mask is left-padded,
+    names the row and says how to pad instead."""
     m = model("qwen2")
     clean, corrupted = prompts()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 1, 1, 1]])
@@ -590,19 +592,36 @@ def test_every_public_call_refuses_a_left_padded_batch_encoding_naming_the_paddi
         enc = {k: v.numpy() for k, v in enc.items()}
     enc = T.BatchEncoding(enc)
     met = LogitDiff(ANSWER, WRONG)
-    calls = {
-        "activation_patching": lambda c, k: activation_patching(m, "resid_pre", c, k, metric=met, quiet=True),
-        "activation_patching z": lambda c, k: activation_patching(m, "z", c, k, metric=met, quiet=True),
-        "attribution_patching": lambda c, k: attribution_patching(m, c, k, metric=met),
+    patching = {
+        "activation_patching": lambda c, k, **kw: (
+            activation_patching(m, "resid_pre", c, k, metric=met, quiet=True, **kw).values
+        ),
+        "activation_patching z": lambda c, k, **kw: (
+            activation_patching(m, "z", c, k, metric=met, quiet=True, **kw).values
+        ),
+        "attribution_patching": lambda c, k, **kw: (
+            attribution_patching(m, c, k, metric=met, **kw)["z"].values
+        ),
+    }
+    for label, call in patching.items():
+        torch.testing.assert_close(
+            call(enc, corrupted), call(clean, corrupted, attention_mask=mask), rtol=0, atol=0, msg=label
+        )
+        with pytest.raises(
+            ValueError, match=r"corrupted_tokens holds an attention_mask other than the clean"
+        ):
+            call(clean, enc)
+    circuits = {
         "patch_edges": lambda c, k: patch_edges(m, ["embed->logits"], c, k, metric=met),
         "edge_attribution": lambda c, k: edge_attribution(m, c, k, metric=met),
         "faithfulness": lambda c, k: faithfulness(m, [], c, k, metric=met),
     }
-    for label, call in calls.items():
+    for label, call in circuits.items():
         for args, arg in (((enc, corrupted), "clean"), ((clean, enc), "corrupted")):
             with pytest.raises(TypeError, match=r"left-padded \(row 0 .*padding_side = 'right'") as info:
                 call(*args)
             assert arg in str(info.value).split(" ")[0], label
+            assert "The circuit functions take no attention mask" in str(info.value), label
 
 
 def test_clean_and_corrupted_of_other_lengths_or_batches_are_refused_naming_both_shapes():

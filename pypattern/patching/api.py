@@ -75,6 +75,11 @@ class PatchingRuns:
         Whether the metric relates the examples of a run (an example's value moves when another example's logits
         do, e.g. a metric centred over the batch): a patch that leaves one example's logits alone may then still
         move its value.
+    keep : BoolTensor ``(batch, pos)`` or None
+        The prompts' attention mask (True: a real token), None without one.
+    masking : dict
+        The keywords every forward of the runs took for the mask (``attention_mask`` and ``position_ids``; empty
+        without padding, or where the runs are those of the exact engine over right-padded prompts).
     """
 
     tokens: torch.Tensor
@@ -87,6 +92,8 @@ class PatchingRuns:
     T: int
     B: int
     coupled: bool = False
+    keep: torch.Tensor | None = None
+    masking: dict = dataclasses.field(default_factory=dict)
 
     @property
     def metric_rows(self) -> int:
@@ -240,15 +247,18 @@ def check_tokens(
 
 
 def _mapping_prompts(tokens: Mapping, argument: str) -> str:
-    """Why prompts given as a tokenizer's output (a ``BatchEncoding`` or dict) are refused, and what to give."""
+    """Why prompts given as a tokenizer's output (a ``BatchEncoding`` or dict) are refused by a function that takes
+    no attention mask (the circuit functions, whose prompts are named ``clean``/``corrupted``, and the other
+    callers of :func:`check_tokens`), and what to give."""
+    who = "the circuit functions take" if argument in ("clean", "corrupted") else "this function takes"
     msg = (
-        f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos) of token ids. Patching reads "
-        "token ids only, with no attention mask: pass the input_ids of unpadded prompts of one length, or of "
-        "right-padded prompts with the metric read at each example's last real position (a Metric's per-example "
-        "position, e.g. LogitDiff(answer, wrong, position=attention_mask.sum(1) - 1)); left padding changes the "
-        "numbers (each prompt's real tokens attend to its padding, at shifted positions). A mean ablation over the "
-        "real tokens only takes the mask apart: MeanAblation(attention_mask=...) in patching (or the tokenizer's "
-        "output as MeanAblation(reference_tokens=...)), mean_mask=... in circuits"
+        f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos) of token ids. {who[0].upper()}"
+        f"{who[1:]} no attention mask: pass the input_ids of unpadded prompts of one length, or of right-padded "
+        "prompts with the metric read at each example's last real position (a Metric's per-example position, e.g. "
+        "LogitDiff(answer, wrong, position=attention_mask.sum(1) - 1)); left padding changes the numbers (each "
+        "prompt's real tokens attend to its padding, at shifted positions). activation_patching and "
+        "attribution_patching take a tokenizer's output, or attention_mask=..., left padding included. A mean "
+        "ablation over the real tokens only takes the mask apart: mean_mask=... in circuits"
     )
     am = tokens.get("attention_mask")
     if am is not None and not isinstance(am, torch.Tensor):
@@ -266,6 +276,238 @@ def _mapping_prompts(tokens: Mapping, argument: str) -> str:
                 "tokens): pad on the right instead (tokenizer.padding_side = 'right')"
             )
     return msg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention masks of padded prompts
+
+
+def read_prompts(clean_tokens, corrupted_tokens, attention_mask):
+    """``(clean_tokens, corrupted_tokens, attention_mask)`` with a tokenizer's output (a dict or ``BatchEncoding``
+    holding ``input_ids`` and optionally ``attention_mask``) given as prompts read as its ids and mask. The
+    corrupted prompts' mask must equal the clean ones' (one mask serves both runs), and a mask given both in a dict
+    and as ``attention_mask=`` must be the same. Lists and NumPy arrays (``return_tensors=None`` / ``"np"``) are
+    read as tensors. The mask is returned as given (checked by :func:`patching_mask`)."""
+    masks = []
+    out = []
+    for tokens, argument in ((clean_tokens, "clean_tokens"), (corrupted_tokens, "corrupted_tokens")):
+        if not isinstance(tokens, Mapping):
+            out.append(tokens)
+            masks.append(None)
+            continue
+        if "input_ids" not in tokens:
+            raise TypeError(
+                f"{argument} is a {type(tokens).__name__} without 'input_ids' (keys {sorted(map(str, tokens))}); give "
+                "a LongTensor (batch, pos) of token ids, or a tokenizer's output holding input_ids and attention_mask"
+            )
+        ids = tokens["input_ids"]
+        out.append(ids if isinstance(ids, torch.Tensor) else _as_array(ids, f"{argument}['input_ids']"))
+        am = tokens.get("attention_mask")
+        am = (
+            am
+            if am is None or isinstance(am, torch.Tensor)
+            else _as_array(am, f"{argument}['attention_mask']")
+        )
+        masks.append(am)
+        if am is not None and tokens.get("position_ids") is not None:
+            _check_given_positions(tokens["position_ids"], am, argument)
+        if tokens.get("token_type_ids") is not None:
+            tt = torch.as_tensor(np.asarray(tokens["token_type_ids"]))
+            if bool((tt != 0).any()):
+                raise ValueError(
+                    f"{argument}['token_type_ids'] holds other types than 0: patching runs token ids, an "
+                    "attention_mask and positions only; drop them"
+                )
+    clean_mask, corr_mask = masks
+    if clean_mask is not None and attention_mask is not None and not _same_mask(clean_mask, attention_mask):
+        raise ValueError(
+            "attention_mask is given and clean_tokens holds another one (its 'attention_mask'): give one of them, "
+            "or the same mask in both"
+        )
+    mask = attention_mask if attention_mask is not None else clean_mask
+    if corr_mask is not None and not _same_mask(corr_mask, mask):
+        raise ValueError(
+            "attention_mask: corrupted_tokens holds an attention_mask other than the clean prompts' "
+            f"({'none given' if mask is None else 'they differ'}); the corrupted prompts share the clean prompts' "
+            "mask: pad both batches alike (the same real positions in every row)"
+        )
+    return out[0], out[1], mask
+
+
+def _as_array(v, name: str) -> torch.Tensor:
+    try:  # a tokenizer's lists (return_tensors=None) or NumPy arrays (return_tensors="np")
+        return torch.as_tensor(np.asarray(v))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} is not a (batch, pos) array ({type(v).__name__}): {e}") from None
+
+
+def _same_mask(a, b) -> bool:
+    """Whether two masks (tensors, arrays or None: None is a mask of ones) mark the same real tokens."""
+    if a is None and b is None:
+        return True
+    try:
+        ta = None if a is None else torch.as_tensor(np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a))
+        tb = None if b is None else torch.as_tensor(np.asarray(b.cpu() if isinstance(b, torch.Tensor) else b))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    ta = torch.ones_like(tb) if ta is None else ta
+    tb = torch.ones_like(ta) if tb is None else tb
+    return ta.shape == tb.shape and bool(((ta != 0) == (tb != 0)).all())
+
+
+def _check_given_positions(position_ids, mask, argument: str) -> None:
+    """A tokenizer output's ``position_ids``: they must be each row's real tokens counted from 0 (the positions
+    patching runs the prompts at) at every real token."""
+    from ..models.transformer import real_token_positions
+
+    try:
+        pos = torch.as_tensor(
+            np.asarray(position_ids.cpu() if isinstance(position_ids, torch.Tensor) else position_ids)
+        )
+        keep = torch.as_tensor(np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask)) != 0
+        ok = pos.shape == keep.shape and bool((pos.long() == real_token_positions(keep))[keep].all())
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{argument}['position_ids'] are not each row's real tokens counted from 0 "
+            "((attention_mask.cumsum(-1) - 1).clamp(min=0)), the positions patching runs each prompt at (as it "
+            "would be alone); drop them"
+        )
+
+
+def patching_mask(attention_mask, shape: tuple) -> torch.Tensor | None:
+    """The ``attention_mask`` of a patching call as bool ``(batch, pos)`` on the CPU (True: a real token), or None;
+    refused, naming ``attention_mask``, unless it is a tensor (or array) of the clean prompts' ``shape`` holding
+    only 0 and 1 (bool, integer or floating) with at least one real token per row."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, (np.ndarray, list, tuple)):
+        attention_mask = _as_array(attention_mask, "attention_mask")
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask is a {type(attention_mask).__name__}; give a (batch, pos) tensor of 1 at real tokens and "
+            "0 at padding"
+        )
+    if attention_mask.is_meta or attention_mask.is_complex():
+        raise TypeError(
+            f"attention_mask is a {attention_mask.dtype} tensor on {attention_mask.device}; give a (batch, pos) "
+            "tensor of 1 at real tokens and 0 at padding (bool, integer or floating)"
+        )
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; it must equal the clean prompts' shape "
+            f"{tuple(shape)} (one entry per token, shared by the corrupted prompts)"
+        )
+    m = attention_mask.detach().cpu()
+    bad = (m != 0) & (m != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"attention_mask must hold 1 (a real token) or 0 (padding), got the value {m[bad][0].item()!r} (a "
+            f"{m.dtype} tensor of shape {tuple(m.shape)})"
+        )
+    keep = m != 0
+    empty = ~keep.any(-1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask row {row} is all 0 (padding only); every prompt needs at least one real token"
+        )
+    return keep
+
+
+def padding_before_real(keep: torch.Tensor | None) -> int | None:
+    """The first row of ``keep (batch, pos)`` (bool) with padding before a real token (left padding, or a gap),
+    or None: a mask of right padding only (each row's real tokens first) or None."""
+    if keep is None:
+        return None
+    gap = keep[:, 1:] & ~keep[:, :-1]
+    if not bool(gap.any()):
+        return None
+    return int(gap.any(-1).nonzero()[0, 0])
+
+
+def check_positions_real(keep: torch.Tensor | None, pos) -> None:
+    """Refuse a metric position (``pos``: an int or ``(batch,)``, non-negative) that falls on padding of ``keep``,
+    naming the row and its last real token."""
+    if keep is None:
+        return
+    B, T = keep.shape
+    p = torch.full((B,), pos) if isinstance(pos, int) else torch.as_tensor(pos).cpu().long()
+    real = keep[torch.arange(B), p]
+    if bool(real.all()):
+        return
+    row = int((~real).nonzero()[0, 0])
+    last = (T - 1 - keep.flip(-1).long().argmax(-1)).tolist()
+    raise ValueError(
+        f"metric.position reads position {int(p[row])} of row {row}, which attention_mask marks as padding: the "
+        f"metric must read real tokens; each row's last real token is at {last} (give the metric "
+        "position=torch.tensor([...]) per example)"
+    )
+
+
+def masking_kwargs(model, keep: torch.Tensor | None, device) -> dict:
+    """The keywords each forward of a patching computation takes for the mask ``keep`` (bool ``(batch, pos)``):
+    ``attention_mask`` and ``position_ids = real_token_positions(keep)`` (each prompt computed as it would be
+    alone, at positions 0 .. n-1), or nothing for no mask or a mask without padding. A model whose forward takes
+    neither (a wrapped module of another kind) is refused when the mask holds padding."""
+    from ..models.hf import HookedHF
+    from ..models.hooks import HookedModule
+    from ..models.transformer import Transformer, real_token_positions
+
+    if keep is None or bool(keep.all()):
+        return {}
+    keep = keep.to(device)
+    pos = real_token_positions(keep).masked_fill(
+        ~keep, 0
+    )  # ids at padding are not read: 0, as the forward has them
+    if isinstance(model, Transformer):
+        return {"attention_mask": keep, "position_ids": pos}
+    if isinstance(model, HookedHF):
+        fwd = model.hf_model.forward
+    elif isinstance(model, HookedModule):
+        fwd = model.module.forward
+    else:
+        fwd = model.forward
+    import inspect
+
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "attention_mask" not in params or "position_ids" not in params:
+        raise ValueError(
+            f"attention_mask holds padding, but the model's forward ({type(model).__name__}) takes no "
+            "attention_mask and position_ids: give unpadded prompts or right-padded ones without a mask (the "
+            "metric reading each prompt's last real token), or convert the model with pypattern.from_hf"
+        )
+    return {"attention_mask": keep.long(), "position_ids": pos}
+
+
+def mean_with_mask(corruption, keep: torch.Tensor | None):
+    """A :class:`MeanAblation` over the clean prompts under the patching mask ``keep``: its mean over the prompts
+    real at each position (the patching mask, when it gives none of its own). Refused with padding before a real
+    token (the columns of left-padded prompts hold tokens at other positions, whose mean means nothing) and with a
+    mean mask over the clean prompts other than ``keep``; any other corruption as it is."""
+    if keep is None or bool(keep.all()) or not isinstance(corruption, MeanAblation):
+        return corruption
+    row = padding_before_real(keep)
+    if row is not None:
+        raise ValueError(
+            f"MeanAblation with a left-padded attention_mask (row {row} has padding before a real token): the "
+            "mean per position would mix the prompts' tokens at other positions; pad the prompts on the right "
+            "(the mean then takes the prompts real at each position)"
+        )
+    if corruption.reference_tokens is not None:
+        return corruption  # other prompts: their own mask (MeanAblation.attention_mask) is the mean's
+    if corruption.attention_mask is None:
+        return dataclasses.replace(corruption, attention_mask=keep)
+    if not _same_mask(corruption.attention_mask, keep):
+        raise ValueError(
+            "MeanAblation.attention_mask differs from attention_mask: both mask the clean prompts; give the same "
+            "mask (or leave MeanAblation's out: the mean then takes the prompts real at each position)"
+        )
+    return corruption
 
 
 def check_token_tensor(tokens, argument: str, shape: str, any_int: bool = False) -> None:
@@ -391,8 +633,16 @@ def prepare_runs(
     corruption: Corruption | None,
     direction: str,
     full_cache: bool,
+    attention_mask: torch.Tensor | None = None,
+    mask_forwards: bool = True,
 ) -> PatchingRuns:
-    """Run clean and corrupted prompts, bind the metric, and collect target/source activations."""
+    """Run clean and corrupted prompts, bind the metric, and collect target/source activations.
+
+    ``attention_mask (batch, pos)`` (of the clean prompts, shared by the corrupted ones; checked by
+    :func:`patching_mask`): the metric must read real tokens, and with ``mask_forwards`` every forward runs with
+    the mask and each row's real tokens at positions ``0 .. n-1`` (:func:`masking_kwargs`); without it (the exact
+    engine over right-padded prompts, which computes the real tokens as the masked forward does) the forwards take
+    no mask."""
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
@@ -400,11 +650,15 @@ def prepare_runs(
     d_vocab = _vocab(model)
     clean = check_tokens(clean_tokens, "clean_tokens", d_vocab, n_ctx=position_limit(model))
     B, T = clean.shape
+    keep = patching_mask(attention_mask, (B, T))
+    corruption = mean_with_mask(corruption, keep)
     check_corruption_tokens(corruption, d_vocab, (B, T))
     # prompts run where the model is (kept on the CPU with a model on a GPU)
     dev = model_device(model, clean.device)
     clean = clean.to(dev)
     pos = metric_positions(metric, B, T)
+    check_positions_real(keep, pos)
+    masking = masking_kwargs(model, keep, dev) if mask_forwards else {}
     corr_tokens, corr_noise = None, None
     if isinstance(corruption, TokenReplacement):
         corr_tokens = corruption.corrupted_tokens.to(dev)
@@ -423,10 +677,10 @@ def prepare_runs(
             f"{type(corruption).__name__} replaces activations of the clean run: use direction='noising'"
         )
 
-    def run(tokens, noise, names):
+    def run(tokens, noise, names, masked=True):
         hooks = [("hook_embed", embedding_noise_hook(noise))] if noise is not None else []
         with torch.no_grad(), model.hooks(hooks):  # patching takes no gradient
-            return model.run_with_cache(tokens, names_filter=names)
+            return model.run_with_cache(tokens, names_filter=names, **(masking if masked else {}))
 
     from ..models.transformer import Transformer
 
@@ -445,7 +699,7 @@ def prepare_runs(
         # the exact engine's runs: no gradient, and the weights' products as the engine computes them
         with torch.no_grad(), model.fixed_weights():
             with model.hooks([("hook_embed", embedding_noise_hook(noise))] if noise is not None else []):
-                _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None)
+                _, cache = model.run_with_cache(tokens, names_filter=names, return_type=None, **masking)
         rows = logits_at(cache[final], pos)
         return unembed_rows(model, rows), rows, cache
 
@@ -482,7 +736,9 @@ def prepare_runs(
                 if corruption.reference_tokens.shape[1] != T:
                     raise ValueError("MeanAblation.reference_tokens must have the prompts' length")
                 # reference prompts run where the clean ones do (a GPU model's prompts are on its device)
-                _, ref = run(corruption.reference_tokens.to(clean.device), None, sorted(set(site_hooks)))
+                _, ref = run(
+                    corruption.reference_tokens.to(clean.device), None, sorted(set(site_hooks)), masked=False
+                )
             # per position (a pattern's: the query position), over the prompts real there given a mask
             mask = corruption.attention_mask
             source = {
@@ -502,6 +758,8 @@ def prepare_runs(
         T=T,
         B=B,
         coupled=coupled,
+        keep=keep,
+        masking=masking,
     )
 
 
@@ -569,7 +827,7 @@ def _naive(model, site: str, cells: list[Cell], runs: PatchingRuns, metric: Metr
                 name = hook_name(site, layer)
                 src = runs.source[name]
                 hooks.append((name, lambda x, hook, s=src, c=c: apply_patch(x, s, site, c.head, c.pos)))
-            logits = model.run_with_hooks(runs.tokens, fwd_hooks=hooks)
+            logits = model.run_with_hooks(runs.tokens, fwd_hooks=hooks, **runs.masking)
             out.append(as_values(metric(logits_at(logits, runs.pos)), dtype))
     return torch.stack(out)
 
@@ -579,7 +837,7 @@ def _inert(model, site: str, cells: list[Cell], runs: PatchingRuns, direction: s
     of an example (:func:`~pypattern.patching.inert.inert_cells`; ``causal``: pypattern's Transformer run as its
     weights say), and the metric they take there, the target run's."""
     tgt = runs.m_corr if direction == "denoising" else runs.m_clean
-    inert = inert_cells(model, site, cells, runs.cache, runs.source, runs.pos, causal, runs.B)
+    inert = inert_cells(model, site, cells, runs.cache, runs.source, runs.pos, causal, runs.B, keep=runs.keep)
     if runs.coupled:  # a metric relating the examples: every example's logits must be left alone
         inert = inert.all(1, keepdim=True).expand_as(inert).clone()
     return inert, tgt
@@ -669,6 +927,7 @@ def activation_patching(
     max_memory: int | None = 2**30,
     quiet: bool = False,
     checkpoint: str | os.PathLike | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> PatchResult:
     """Patch ``site`` at every cell of a (layer[, head][, position]) grid and measure ``metric``.
 
@@ -686,13 +945,20 @@ def activation_patching(
         Under grouped-query attention the heads of ``k`` and ``v`` are the ``n_key_value_heads`` key/value heads
         (as in TransformerLens): patching one changes every query head of its group. ``resid_mid`` does not
         exist with ``parallel_attn_mlp`` nor in attention-only models, ``mlp_out`` not in attention-only models.
-    clean_tokens, corrupted_tokens : LongTensor ``(batch, pos)``
-        Corrupted prompts for symmetric token replacement (recommended); or pass ``corruption``.
+    clean_tokens, corrupted_tokens : LongTensor ``(batch, pos)``, or a tokenizer's output
+        Corrupted prompts for symmetric token replacement (recommended); or pass ``corruption``. A tokenizer's
+        output (a dict or ``BatchEncoding`` with ``input_ids`` and ``attention_mask``, padded on either side) is
+        read as its ids and mask; the corrupted prompts' mask must equal the clean ones', and one given with
+        ``attention_mask=`` too must be the same.
     metric : Metric
-        E.g. ``LogitDiff(answer, wrong)``; its ``position`` says where the logits are read.
+        E.g. ``LogitDiff(answer, wrong)``; its ``position`` says where the logits are read: a real token of each
+        prompt under a mask (a position on padding is refused, naming the row).
     corruption : GaussianNoise, ZeroAblation or MeanAblation, optional
         Over right-padded prompts, ``MeanAblation(attention_mask=...)`` averages each position over the prompts
-        real there only (without it the padding's activations enter the mean, which then depends on the pad id).
+        real there only (without it the padding's activations enter the mean, which then depends on the pad id);
+        under ``attention_mask=`` with right padding the mean over the clean prompts takes that mask. A
+        ``MeanAblation`` with a left-padded ``attention_mask`` is refused (a column of left-padded prompts holds
+        tokens at other positions).
     direction : {"denoising", "noising"}
         Denoising patches clean activations into the corrupted run (sufficiency); noising patches corrupted
         (or ablated) activations into the clean run (necessity).
@@ -731,7 +997,19 @@ def activation_patching(
         settings (``max_batch``, ``max_memory``) may differ: the cells left are then batched otherwise, and their
         values agree with an uninterrupted run's to rounding (a few units in the last place, as those of any two
         runs with other batch settings do), not bit for bit. A finished run's file gives its result without
-        patching again.
+        patching again. The attention mask is part of the run: a file of another mask is refused.
+    attention_mask : Tensor ``(batch, pos)``, optional
+        The clean prompts' mask (1 at real tokens, 0 at padding; bool, integer or floating 0s and 1s), shared by
+        the corrupted prompts, padding on either side (Llama-family tokenizers pad on the left). Every forward then
+        runs with the mask and with ``position_ids = real_token_positions(mask)``: each prompt is computed as it
+        would be alone, its real tokens at positions ``0 .. n-1`` and no real token attending to padding, so a
+        row's values are those of its prompt alone (at its columns). A patch at a padding column changes no real
+        token: its effect is 0 exactly. The exact engine takes no mask: with padding before a real token in any
+        row (left padding, or gaps) ``method="auto"`` runs the naive loop (one masked forward per cell) and
+        ``method="exact"`` is refused; with right padding only the exact engine runs unchanged (the real tokens
+        never read the later padding). A model whose forward takes no ``attention_mask`` and ``position_ids`` (a
+        :class:`~pypattern.models.HookedModule` of another module) is refused a mask with padding.
+        ``info["attention_mask"]`` says whether a mask was given, ``info["method"]`` which method ran.
 
     Returns
     -------
@@ -749,6 +1027,9 @@ def activation_patching(
         bit); ``info["inert_skipped"]`` counts them (cells a checkpoint held are not counted).
     """
     warn_half_precision(model, "patching", "activation_patching")
+    clean_tokens, corrupted_tokens, attention_mask = read_prompts(
+        clean_tokens, corrupted_tokens, attention_mask
+    )
     with _deterministic(model):
         if method == "exact" or (isinstance(site, str) and site in HEAD_SITES):
             from ..models.convert import converted_if_convertible
@@ -760,7 +1041,7 @@ def activation_patching(
                 run, site, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption,
                 direction=direction, per_position=per_position, layers=layers, heads=heads, positions=positions,
                 window=window, method=method, max_batch=max_batch, max_memory=max_memory, quiet=quiet,
-                checkpoint=checkpoint,
+                checkpoint=checkpoint, attention_mask=attention_mask,
             )  # fmt: skip
 
 
@@ -860,7 +1141,7 @@ class _Grid:
         self.inert_skipped = 0  # cells set to the target run's metric without being computed (skip_inert)
 
     def fingerprint(self, model, method, direction, per_position, window, coords, clean, corrupted, corruption,
-                    metric) -> None:  # fmt: skip
+                    metric, keep=None) -> None:  # fmt: skip
         """With a checkpoint: this run's fingerprint; the values a file of the same run holds are read back (a
         file of another run is refused)."""
         if self.path is None:
@@ -883,6 +1164,8 @@ class _Grid:
                 corrupted if corrupted is not None else getattr(corruption, "corrupted_tokens", None)
             ),
             corruption=_corruption_items(resolve_corruption(corrupted, corruption)),
+            # the prompts' attention mask when it holds padding (a mask of ones runs as none): left out without one
+            **({"attention_mask": _ids(keep)} if keep is not None else {}),
             metric=metric,
             **{f"weights[{n}]": t for n, t in model.state_dict().items()},
             architecture=_architecture(model),
@@ -1036,7 +1319,7 @@ def _deterministic(model):
 
 def _activation_patching(
     model, site, clean_tokens, corrupted_tokens, *, metric, corruption, direction, per_position, layers, heads,
-    positions, window, method, max_batch, max_memory, quiet=True, checkpoint=None,
+    positions, window, method, max_batch, max_memory, quiet=True, checkpoint=None, attention_mask=None,
 ) -> PatchResult:  # fmt: skip
     from ..models.hooks import attached_hooks
     from ..models.packed import pack_budget
@@ -1056,6 +1339,7 @@ def _activation_patching(
         raise ValueError(f"method={method!r} is not valid; choose 'auto', 'exact' or 'naive'")
     if method == "exact" and not is_tf:
         raise ValueError("method='exact' needs pypattern's Transformer; use method='naive' for other models")
+    asked = method
     if is_tf and method != "naive":
         method = _exact_or_naive(model, method)
     method = ("exact" if is_tf else "naive") if method == "auto" else method
@@ -1064,6 +1348,17 @@ def _activation_patching(
     if site in HEAD_SITES and not is_tf:
         raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
     B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model), n_ctx=position_limit(model)).shape
+    keep = patching_mask(attention_mask, (B, T))
+    gap = padding_before_real(keep)
+    if gap is not None and method == "exact":
+        if asked == "exact":
+            raise ValueError(
+                f"method='exact' cannot run this attention_mask: row {gap} has padding before a real token (left "
+                "padding, or a gap), and the exact engine takes no mask; use method='naive' (one forward per cell "
+                "with the mask; method='auto' picks it) or pad the prompts on the right"
+            )
+        method = "naive"  # the exact engine takes no mask: one masked forward per cell
+    padded = keep is not None and not bool(keep.all())
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
     )
@@ -1074,7 +1369,7 @@ def _activation_patching(
         """The grid's values, with what a checkpoint of this run holds read back."""
         grid = _Grid(cells, runs, checkpoint, quiet, site)
         grid.fingerprint(model, method, direction, per_position, window, coords, clean_tokens, corrupted_tokens,
-                         corruption, metric)  # fmt: skip
+                         corruption, metric, keep if padded else None)  # fmt: skip
         return grid
 
     available = None if is_tf else getattr(model, "hook_dict", None)
@@ -1089,7 +1384,7 @@ def _activation_patching(
     if method == "naive":
         check_batch_limits(max_batch, max_memory)  # one forward per cell: neither bounds it, both are checked
         runs = prepare_runs(
-            model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
+            model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False, keep
         )
         grid = grid_of(runs)
         # patches that cannot change the metric of an example: the target run's metric there, exactly; a cell
@@ -1110,9 +1405,12 @@ def _activation_patching(
         packs = pack_budget(model, max_memory)
         # one block for the recorded runs and the engine: the attention layouts and packs are made once
         with model.fixed_weights(max_pack_bytes=packs):
+            # right padding only (a mask with padding before a real token runs the naive loop): the real tokens
+            # are computed as the masked forward computes them, so the engine's unmasked runs are used
             runs = prepare_runs(
-                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True
-            )
+                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True, keep,
+                mask_forwards=False,
+            )  # fmt: skip
             T_eff = runs.metric_rows
             budget = max_memory if not packs else max_memory - packs
             batch = engine_batch(model.cfg, B, T_eff, max_batch, budget)
@@ -1167,6 +1465,8 @@ def _activation_patching(
             "per_position": per_position,
             "num_cells": len(cells),
             "inert_skipped": grid.inert_skipped,
+            "attention_mask": keep is not None,
+            "method": method,
             **({"max_batch": batch} if method == "exact" else {}),
             **({"memory_estimate": estimate} if method == "exact" and estimate is not None else {}),
         },

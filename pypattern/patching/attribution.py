@@ -37,10 +37,15 @@ from .api import (
     check_batch_limits,
     check_corruption_tokens,
     check_finite_examples,
+    check_positions_real,
     check_tokens,
     engine_batch,
     half_precision_warned,
     long_token_args,
+    masking_kwargs,
+    mean_with_mask,
+    patching_mask,
+    read_prompts,
     resolve_corruption,
     warn_half_precision,
     warn_if_no_op,
@@ -102,7 +107,19 @@ def _group_sum(x: torch.Tensor, n_groups: int) -> torch.Tensor:
     return x.reshape(B, H // n_groups, n_groups, *x.shape[2:]).sum(2)
 
 
-def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache: dict | None = None):
+def _qk_fixed(
+    site,
+    attn,
+    q_t,
+    k_t,
+    q_s,
+    k_s,
+    pat_t,
+    g_pat,
+    per_position,
+    cache: dict | None = None,
+    masking: dict | None = None,
+):
     """Exact softmax for a query or key patch, linear from the pattern on: ``(B, heads, T)`` or ``(B, heads)``
     (query heads for ``q``, key/value heads for ``k``).
 
@@ -110,7 +127,10 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache:
     and source queries and keys as the scores read them (rotated, with rotary positions: a query or key patched at
     a position is rotated there, so its rotated value is the source run's); ``pat_t (B, H, T, T)`` the target
     pattern and ``g_pat`` the metric's gradient at it. Scores, scale and mask are the model's (``attn``). What
-    does not depend on ``g_pat`` is kept in ``cache`` (one dict per layer and site: GradDrop's passes reuse it)."""
+    does not depend on ``g_pat`` is kept in ``cache`` (one dict per layer and site: GradDrop's passes reuse it).
+    ``masking``: the forward's ``attention_mask`` (bool ``(B, T)``) and ``position_ids``, or None: padding keys
+    are masked out of the recomputed softmax as the forward masks them, and a query with no key (padding before a
+    row's first real token) has a pattern of zeros, as in the forward."""
     G = attn.cfg.n_groups
     cache = {} if cache is None else cache
     g_pat = _wide(g_pat)  # a 16-bit model's estimate taken in float32 from its patterns and gradient
@@ -121,7 +141,16 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache:
             q = q_s if site == "q" else q_t
             k = k_s if site == "k" else k_t
             # the new pattern as the model computes it (in its dtype), its change in float32
-            cache["moved"] = _wide(attn.softmax(attn.scores(q, k, pos, pos))) - _wide(pat_t)
+            if not masking:
+                new = attn.softmax(attn.scores(q, k, pos, pos))
+            else:
+                keep = masking["attention_mask"]
+                scores = attn.scores(
+                    q, k, pos, pos, key_mask=keep, bias_positions=masking.get("position_ids")
+                )
+                dead = attn.dead_queries(keep)  # as the forward: no key, a pattern of zeros
+                new = attn.softmax(scores.masked_fill(dead, 0.0)).masked_fill(dead, 0.0)
+            cache["moved"] = _wide(new) - _wide(pat_t)
         est = (cache["moved"] * g_pat).sum(-1)  # (B, H, Tq)
         if site == "k":  # one cell per key/value head: the sum over the query heads that read it
             est = _group_sum(est, G)
@@ -129,7 +158,7 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache:
     # one key s replaced (per position): closed form for every (query t, key s) pair, from the target scores (a
     # pattern rounded to the softmax's dtype underflows to 0 where a raised score matters)
     if "key" not in cache:
-        cache["key"] = _key_fix_terms(attn, q_t, k_t, k_s, pat_t)
+        cache["key"] = _key_fix_terms(attn, q_t, k_t, k_s, pat_t, masking)
     c = cache["key"]
     g = g_pat
     w_other = torch.where(  # sum_{j != s} e^{z_j - ref_s} g_j
@@ -142,7 +171,7 @@ def _qk_fixed(site, attn, q_t, k_t, q_s, k_s, pat_t, g_pat, per_position, cache:
     return _group_sum(est_ts.sum(-2), G)  # over queries t -> (B, Hkv, S)
 
 
-def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
+def _key_fix_terms(attn, q_t, k_t, k_s, pat_t, masking: dict | None = None) -> dict:
     """The part of the per-position key fix that does not depend on the metric's gradient (see
     :func:`_qk_fixed`), every tensor ``(B, H, T, T)`` (queries t, keys s) or ``(B, H, T, 1)``.
 
@@ -151,10 +180,18 @@ def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
     and the metric moves by sum_{j != s} (p'_j - p_j) g_j + (p'_s - p_s) g_s. The sums over the keys other than s
     are taken relative to the row's largest score m1, or, for the key that holds it, to the second largest m2: then
     each sum has a term equal to 1 and none overflows, and nothing is a difference of nearly equal numbers where a
-    weight is near 1 (1 - p_s, or "all but s" from the full sum, lose every digit there)."""
+    weight is near 1 (1 - p_s, or "all but s" from the full sum, lose every digit there).
+
+    ``masking`` (the forward's ``attention_mask`` and ``position_ids``): padding keys are masked as the forward
+    masks them (the mask is then ``(B, 1, T, T)``), ALiBi biases read each row's positions, and a query row with
+    no key is computed over zeros and masked whole (its estimate is 0: its pattern is 0 whatever the keys)."""
     T = pat_t.shape[-1]
     pos = torch.arange(T, device=pat_t.device)  # the mask fills the scores on their device
     mask = attn.attn_mask(pos, pos)
+    pids = None
+    if masking:
+        mask = mask | ~masking["attention_mask"][:, None, None, :]  # (B, 1, T, T)
+        pids = masking.get("position_ids")
     half = pat_t.dtype in (torch.float16, torch.bfloat16)
 
     def scored(k: torch.Tensor) -> torch.Tensor:
@@ -165,14 +202,16 @@ def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
         return raw if half else raw.to(pat_t.dtype)
 
     raw = scored(k_t)
-    bias = attn.position_bias(T, raw.dtype, raw.device)
-    raw = raw if bias is None else raw + bias[:, None, :]
+    bias = attn.position_bias(T if pids is None else pids, raw.dtype, raw.device)
+    if bias is not None:  # (H, T), or (B, H, T) per row: over the queries
+        bias = bias[:, None, :] if bias.dim() == 2 else bias[:, :, None, :]
+    raw = raw if bias is None else raw + bias
     capped = attn.cap(raw)
     if half:
         # a 16-bit model: the new scores as the model computes (and rounds) them, and every step from the scores
         # on in float32 (a normaliser rounded to 8 bits moves each weight by up to e^(|score| / 256))
         new = scored(k_s)
-        new = attn.cap(new if bias is None else new + bias[:, None, :])
+        new = attn.cap(new if bias is None else new + bias)
         wide = torch.promote_types(capped.dtype, torch.float32)
         capped = capped.to(wide)
         delta = new.to(wide) - capped
@@ -181,6 +220,8 @@ def _key_fix_terms(attn, q_t, k_t, k_s, pat_t) -> dict:
         if attn.cfg.attn_scores_soft_cap is not None:  # capped scores: the change of the capped score
             delta = attn.cap(raw + delta) - capped
     z = capped.masked_fill(mask, float("-inf"))
+    if masking:  # a query row with no key: zeros (finite terms), masked whole below
+        z = z.masked_fill(mask.all(-1, keepdim=True), 0.0)
     m1, arg = z.max(-1, keepdim=True)  # every query row reads at least one key
     is_max = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, arg, True)
     e1 = torch.exp(z - m1)
@@ -271,12 +312,14 @@ def _drop_pass(
     return out
 
 
-def _final_rows(model, tokens: torch.Tensor, pos) -> torch.Tensor:
+def _final_rows(model, tokens: torch.Tensor, pos, masking: dict | None = None) -> torch.Tensor:
     """The model's forward up to the unembedding, at the metric position(s) only: the normalised final residual
-    rows ``(batch, [k,] d_model)`` that :meth:`unembed` turns into the metric's logits."""
-    x = model.embed_tokens(tokens)
+    rows ``(batch, [k,] d_model)`` that :meth:`unembed` turns into the metric's logits. ``masking``: the
+    forward's ``attention_mask`` and ``position_ids`` (:func:`~pypattern.patching.api.masking_kwargs`)."""
+    masking = masking or {}
+    x = model.embed_tokens(tokens, masking.get("position_ids"))
     for block in model.blocks:
-        x = block(x)
+        x = block(x, **masking)
     return model.ln_final(logits_at(x, pos))  # the residual rows at pos
 
 
@@ -307,6 +350,7 @@ def attribution_patching(
     grad_drop: bool = False,
     max_batch: int | None = None,
     max_memory: int | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> dict[str, PatchResult]:
     """AtP (or AtP* with ``qk_fix=True, grad_drop=True``) for every cell of every site in ``sites``.
 
@@ -338,6 +382,16 @@ def attribution_patching(
     estimate runs one prompt per part, with a ``RuntimeWarning`` naming the bytes it needs. Each result's
     ``info`` reports the prompts per part (``max_batch``) and their estimate (``memory_estimate``, bytes).
 
+    ``attention_mask (batch, pos)`` (1 at real tokens, 0 at padding, on either side), or a tokenizer's output (a
+    dict or ``BatchEncoding`` with ``input_ids`` and ``attention_mask``) given as the prompts, as in
+    :func:`~pypattern.patching.activation_patching`: both runs (source and target) and every GradDrop pass run
+    with the mask and ``position_ids = real_token_positions(mask)``, each prompt computed as it would be alone, so
+    a row's estimates are those of its prompt alone at its columns; the QK fix recomputes the softmax with the
+    padding keys masked as the forward masks them (a query with no key: a pattern of zeros). The metric must read
+    real tokens (a position on padding is refused, naming the row); a patch at padding has estimate 0. A
+    ``MeanAblation`` takes the mask as in exact patching (right padding only). ``info["attention_mask"]`` says
+    whether a mask was given.
+
     Returns
     -------
     dict[str, PatchResult]
@@ -356,6 +410,9 @@ def attribution_patching(
     refuse_inference_parameters(model, "attribution_patching")
     keep_freed_heap()
     warn_half_precision(model, "patching", "attribution_patching")
+    clean_tokens, corrupted_tokens, attention_mask = read_prompts(
+        clean_tokens, corrupted_tokens, attention_mask
+    )
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     model = converted_if_convertible(model)
     if not isinstance(model, Transformer):
@@ -403,6 +460,11 @@ def attribution_patching(
     # within max_memory when it is given
     packs = block_weight_bytes(model) if max_memory is None else pack_budget(model, max_memory)
     B, T = check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape
+    keep = patching_mask(attention_mask, (B, T))
+    corruption = mean_with_mask(corruption, keep)
+    if keep is not None:
+        check_positions_real(keep, metric_positions(metric, B, T))
+        kw["keep"] = None if bool(keep.all()) else keep  # a mask of ones runs as none
     budget = None if max_memory is None else max_memory - packs
     batch, per = _atp_batch(model, T, metric, max_batch, budget, grad_drop, kw)
     memory = {"max_batch": min(batch, B), "memory_estimate": min(batch, B) * per}
@@ -417,6 +479,7 @@ def attribution_patching(
             out = _atp(model, clean_tokens, corrupted_tokens, metric=metric, corruption=corruption, **kw)
     for r in out.values():
         r.info.update(memory)
+        r.info["attention_mask"] = keep is not None
     _check_corrupted_run(out)
     _warn_if_no_gradient(out, direction, metric)
     return out
@@ -562,7 +625,8 @@ def _atp_in_parts(
     limit: str = "max_batch",
 ) -> dict:
     """:func:`attribution_patching` over consecutive parts of at most ``max_batch`` prompts (``clean_tokens``
-    already checked), joined; ``limit`` names the argument that made the parts."""
+    already checked; ``kw["keep"]``, the attention mask, split with them), joined; ``limit`` names the argument
+    that made the parts."""
     import dataclasses
 
     if not isinstance(metric, Metric):
@@ -597,7 +661,11 @@ def _atp_in_parts(
             part = _FixedNoise(fixed=noise[idx])
         else:
             part = corruption
-        parts.append(_atp(model, clean_tokens[idx], None, metric=metric.select(idx), corruption=part, **kw))
+        keep = kw.get("keep")
+        kw_part = {**kw, "keep": None if keep is None else keep[idx]}
+        parts.append(
+            _atp(model, clean_tokens[idx], None, metric=metric.select(idx), corruption=part, **kw_part)
+        )
     out = {}
     for site, first in parts[0].items():
         rs = [p[site] for p in parts]
@@ -626,6 +694,8 @@ def _mean_activations(model, corruption, clean_tokens, max_batch: int, kw: dict)
     )
     names = _source_names(model.cfg, kw["sites"], kw["qk_fix"])
     mask = _mean_mask(corruption, ref)
+    # under a right-padded attention mask the clean prompts' real tokens are those of the masked forward (no real
+    # token reads the later padding), and the mask leaves the padding out of the mean
     # given a mask, the mean over the prompts real at each position: each part's masked mean, weighted
     if mask is not None:
         counts = mask.sum(0)  # (pos,) the real prompts at each position
@@ -699,8 +769,10 @@ def _atp(
     per_position: bool,
     qk_fix: bool,
     grad_drop: bool,
+    keep: torch.Tensor | None = None,
 ) -> dict[str, PatchResult]:
-    """:func:`attribution_patching` in one pass over all the prompts."""
+    """:func:`attribution_patching` in one pass over all the prompts; ``keep``: the attention mask (bool ``(batch,
+    pos)``, checked) or None."""
     cfg = model.cfg
     sites = [sites] if isinstance(sites, str) else list(sites)
     for s in sites:
@@ -718,6 +790,8 @@ def _atp(
     # prompts run where the model is (kept on the CPU with a model on a GPU)
     clean_tokens = clean_tokens.to(next(model.parameters()).device)
     pos = metric_positions(metric, B, T)
+    check_positions_real(keep, pos)
+    masking = masking_kwargs(model, keep, clean_tokens.device)
     noise = None
     if isinstance(corruption, GaussianNoise):
         noise = corruption.noise(model, B, T, cfg.d_model, next(model.parameters()).dtype)
@@ -766,7 +840,7 @@ def _atp(
             if not rows:
                 model(tokens, return_type=None)
                 return None, cache
-            return _final_rows(model, tokens, pos), cache
+            return _final_rows(model, tokens, pos, masking), cache
 
     # forward 1: the source run (no gradient): the clean run (denoising) or the corrupted one (noising with
     # corrupted tokens or noise; ablations have none). Its rows are unembedded with the target's, after forward 2.
@@ -796,7 +870,7 @@ def _atp(
         with frozen_parameters(model):  # as the caller had them afterwards (a frozen parameter stays frozen)
             emb_req = [("hook_embed", lambda x, hook: x.detach().requires_grad_(True))]
             with model.hooks(emb_req + hooks):
-                rows = _final_rows(model, tgt_tokens, pos)
+                rows = _final_rows(model, tgt_tokens, pos, masking)
             # a metric that reads a few logit columns (LogitDiff) and binds to nothing is computed from them
             vals = None
             if isinstance(metric, Metric) and type(metric).bind is Metric.bind:
@@ -898,6 +972,7 @@ def _atp(
                         g,
                         per_position,
                         cache=fixed,
+                        masking=masking,
                     )
                     # the softmax recomputed for an unchanged query or key is the target's pattern to rounding
                     # only: where the patch writes what the target holds, the estimate is 0, exactly

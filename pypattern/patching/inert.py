@@ -25,7 +25,13 @@ Two rules:
   patches whose source equals the target at every reachable position (tokens before the first corrupted one, or
   tokens that agree). The examples of a :class:`~pypattern.models.Transformer` do not mix, so each example is
   judged alone; a metric that relates the examples of a run (:attr:`PatchingRuns.coupled
-  <pypattern.patching.api.PatchingRuns.coupled>`) makes a cell inert only where it is for every example.
+  <pypattern.patching.api.PatchingRuns.coupled>`) makes a cell inert only where it is for every example. With an
+  attention mask (the runs' forwards given ``attention_mask``, padding keys masked out of every query), a
+  position an example holds padding at reaches none of its real rows: its key is masked, and its own query row
+  changes nothing but itself; so each example's reach is the causal one restricted to its real tokens (a superset
+  of what the masked forward reaches, so a cell found inert is inert). The source-equals-target comparisons are
+  per example and position, between runs made with the same mask and positions, so "positions before the first
+  corrupted token" holds per row, wherever its padding puts them.
 - **any model** (the naive loop on other models, or on a Transformer with functions attached, which may mix
   positions or examples): a cell is inert only where its source equals the target at every position of the patch
   in every example (the patched forward is then the target run itself).
@@ -95,7 +101,15 @@ def _comparable(site: str, layers: list[int], target: dict, source: dict, batch:
 
 
 def inert_cells(
-    model, site: str, cells: list[Cell], target: dict, source: dict, pos, causal: bool, batch: int
+    model,
+    site: str,
+    cells: list[Cell],
+    target: dict,
+    source: dict,
+    pos,
+    causal: bool,
+    batch: int,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(len(cells), batch)`` bool: True where the cell's patch cannot change the metric of that example (see the
     module's docstring), on the CPU.
@@ -114,6 +128,9 @@ def inert_cells(
         only where its source equals its target everywhere in every example.
     batch : int
         Examples of the runs.
+    keep : BoolTensor ``(batch, T)``, optional
+        The runs' attention mask (True: a real token; the metric reads real tokens only): under the causal rule a
+        patch at an example's padding is inert for it. Unused by the rule for any model.
     """
     n = len(cells)
     if n == 0:
@@ -131,6 +148,8 @@ def inert_cells(
         distinct = sorted(set(ms))
         reach = torch.stack([reach_positions(model, site, m, T, dev) for m in distinct])  # (n_m, L, T)
         per_ex = reach[torch.tensor([distinct.index(m) for m in ms], device=dev)]  # (B, L, T)
+        if keep is not None and tuple(keep.shape) == (B, T):  # padding reaches no real row: its key is masked
+            per_ex = per_ex & keep.to(dev)[:, None, :]
     L = max(layers) + 1
     changed = None
     for layer in layers:
