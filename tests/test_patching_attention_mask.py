@@ -85,12 +85,17 @@ def alone(b: int, seqs):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "z"])
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_left_padded_rows_equal_each_prompt_alone(name, site, direction):
+@pytest.mark.parametrize("method", ["auto", "naive"])
+def test_left_padded_rows_equal_each_prompt_alone(name, site, direction, method):
     m = converted(name)
     clean, corrupted, mask, seqs = prompts()
     kw = dict(direction=direction, quiet=True)
-    got = activation_patching(m, site, clean, corrupted, metric=metric(mask), attention_mask=mask, **kw)
-    assert got.info["attention_mask"] is True and got.method == "naive" and got.info["method"] == "naive"
+    got = activation_patching(
+        m, site, clean, corrupted, metric=metric(mask), attention_mask=mask, method=method, **kw
+    )
+    # left padding runs the exact engine with the mask under "auto"
+    ran = "exact" if method == "auto" else "naive"
+    assert got.info["attention_mask"] is True and got.method == ran and got.info["method"] == ran
     Tn = clean.shape[1]
     for b, n in enumerate(LENGTHS):
         c, k, met = alone(b, seqs)
@@ -206,10 +211,6 @@ def test_refusals_name_attention_mask_and_say_what_is_expected():
     ap = lambda **kw: activation_patching(
         m, "resid_pre", clean, corrupted, quiet=True, **{"metric": met, **kw}
     )  # noqa: E731
-    with pytest.raises(
-        ValueError, match=r"method='exact' cannot run this attention_mask: row 1 .*method='naive'"
-    ):
-        ap(attention_mask=mask, method="exact")
     with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 4\); it must equal .* \(3, 5\)"):
         ap(attention_mask=mask[:, 1:])
     with pytest.raises(ValueError, match=r"attention_mask must hold 1 .* or 0 .*, got the value 2"):
@@ -289,12 +290,17 @@ def test_cells_at_padding_are_inert_whatever_the_pad_ids():
     rows = slice(1, 3)  # both padded at columns 0 and 1
     clean, corrupted, mask = clean[rows], corrupted[rows].clone(), mask[rows]
     corrupted[mask == 0] = 1
-    got = activation_patching(
-        m, "resid_pre", clean, corrupted, metric=metric(mask, rows), attention_mask=mask, quiet=True
-    )
-    assert got.info["inert_skipped"] == 2 * 2  # columns 0 and 1 of both layers
-    assert bool((got.values[:, :, :2] == got.corrupted[:, None, None]).all())
-    for i, b in enumerate((1, 2)):
-        c, k, met = alone(b, seqs)
-        ref = activation_patching(m, "resid_pre", c, k, metric=met, quiet=True)
-        torch.testing.assert_close(got.values[i][..., 5 - LENGTHS[b] :], ref.values[0], atol=TOL, rtol=0)
+    for method in ("naive", "auto"):
+        got = activation_patching(
+            m, "resid_pre", clean, corrupted, metric=metric(mask, rows), attention_mask=mask, quiet=True,
+            method=method,
+        )  # fmt: skip
+        if method == "naive":  # one forward per cell: each inert cell skipped (columns 0, 1 of both layers)
+            assert got.info["inert_skipped"] == 2 * 2
+        else:  # the exact engine: one block of cells, computed whole, the inert ones set to the target's metric
+            assert got.method == "exact" and got.info["inert_skipped"] == 0
+        assert bool((got.values[:, :, :2] == got.corrupted[:, None, None]).all())
+        for i, b in enumerate((1, 2)):
+            c, k, met = alone(b, seqs)
+            ref = activation_patching(m, "resid_pre", c, k, metric=met, quiet=True)
+            torch.testing.assert_close(got.values[i][..., 5 - LENGTHS[b] :], ref.values[0], atol=TOL, rtol=0)

@@ -640,9 +640,9 @@ def prepare_runs(
 
     ``attention_mask (batch, pos)`` (of the clean prompts, shared by the corrupted ones; checked by
     :func:`patching_mask`): the metric must read real tokens, and with ``mask_forwards`` every forward runs with
-    the mask and each row's real tokens at positions ``0 .. n-1`` (:func:`masking_kwargs`); without it (the exact
-    engine over right-padded prompts, which computes the real tokens as the masked forward does) the forwards take
-    no mask."""
+    the mask and each row's real tokens at positions ``0 .. n-1`` (:func:`masking_kwargs`; the exact engine then
+    runs with the same mask and positions, :func:`engine_on_runs`); without it (the exact engine over right-padded
+    prompts, which computes the real tokens as the masked forward does) the forwards take no mask."""
     if direction not in ("denoising", "noising"):
         raise ValueError(f"direction={direction!r} is not valid; choose 'denoising' or 'noising'")
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
@@ -868,6 +868,9 @@ def engine_on_runs(
         max_pack_bytes=max_pack_bytes,
         max_memory=max_memory,
         warn_budget=warn_budget,
+        # the mask and positions the runs were made with (none for unmasked runs)
+        attention_mask=runs.masking.get("attention_mask"),
+        position_ids=runs.masking.get("position_ids"),
     )
 
 
@@ -1004,11 +1007,12 @@ def activation_patching(
         runs with the mask and with ``position_ids = real_token_positions(mask)``: each prompt is computed as it
         would be alone, its real tokens at positions ``0 .. n-1`` and no real token attending to padding, so a
         row's values are those of its prompt alone (at its columns). A patch at a padding column changes no real
-        token: its effect is 0 exactly. The exact engine takes no mask: with padding before a real token in any
-        row (left padding, or gaps) ``method="auto"`` runs the naive loop (one masked forward per cell) and
-        ``method="exact"`` is refused; with right padding only the exact engine runs unchanged (the real tokens
-        never read the later padding). A model whose forward takes no ``attention_mask`` and ``position_ids`` (a
-        :class:`~pypattern.models.HookedModule` of another module) is refused a mask with padding.
+        token: its effect is 0 exactly. With padding before a real token in any row (left padding, or gaps) the
+        exact engine runs with the mask and these positions (padding keys masked out of every query, rotary and
+        ALiBi positions per row), computing each cell as the masked forward does; with right padding only it runs
+        without the mask (the real tokens never read the later padding). A model whose forward takes no
+        ``attention_mask`` and ``position_ids`` (a :class:`~pypattern.models.HookedModule` of another module) is
+        refused a mask with padding.
         ``info["attention_mask"]`` says whether a mask was given, ``info["method"]`` which method ran.
 
     Returns
@@ -1339,7 +1343,6 @@ def _activation_patching(
         raise ValueError(f"method={method!r} is not valid; choose 'auto', 'exact' or 'naive'")
     if method == "exact" and not is_tf:
         raise ValueError("method='exact' needs pypattern's Transformer; use method='naive' for other models")
-    asked = method
     if is_tf and method != "naive":
         method = _exact_or_naive(model, method)
     method = ("exact" if is_tf else "naive") if method == "auto" else method
@@ -1349,15 +1352,8 @@ def _activation_patching(
         raise ValueError(f"site={site!r} needs pypattern's Transformer (per-head hook points)")
     B, T = check_tokens(clean_tokens, "clean_tokens", _vocab(model), n_ctx=position_limit(model)).shape
     keep = patching_mask(attention_mask, (B, T))
-    gap = padding_before_real(keep)
-    if gap is not None and method == "exact":
-        if asked == "exact":
-            raise ValueError(
-                f"method='exact' cannot run this attention_mask: row {gap} has padding before a real token (left "
-                "padding, or a gap), and the exact engine takes no mask; use method='naive' (one forward per cell "
-                "with the mask; method='auto' picks it) or pad the prompts on the right"
-            )
-        method = "naive"  # the exact engine takes no mask: one masked forward per cell
+    # padding before a real token (left padding, or gaps): the exact engine runs with the mask, on masked runs
+    left_padded = padding_before_real(keep) is not None
     padded = keep is not None and not bool(keep.all())
     cells, axes, coords, shape = make_cells(
         site, n_layers, n_heads, T, per_position, layers, heads, positions, window
@@ -1405,11 +1401,12 @@ def _activation_patching(
         packs = pack_budget(model, max_memory)
         # one block for the recorded runs and the engine: the attention layouts and packs are made once
         with model.fixed_weights(max_pack_bytes=packs):
-            # right padding only (a mask with padding before a real token runs the naive loop): the real tokens
-            # are computed as the masked forward computes them, so the engine's unmasked runs are used
+            # padding before a real token: the runs are masked and the engine takes their mask and positions;
+            # right padding only: the real tokens never read the later padding, so the unmasked runs and engine
+            # compute them as the masked forward does
             runs = prepare_runs(
                 model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True, keep,
-                mask_forwards=False,
+                mask_forwards=left_padded,
             )  # fmt: skip
             T_eff = runs.metric_rows
             budget = max_memory if not packs else max_memory - packs

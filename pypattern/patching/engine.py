@@ -27,6 +27,15 @@ once per call by :meth:`Transformer.fixed_weights`, :meth:`Attention.rotate`, :m
 - **Parallel attention and MLP** (GPT-NeoX): both read ``resid_pre``, so a patch of a head's output, of
   ``attn_out`` or of ``mlp_out`` leaves the other branch's cached output valid; there is no ``resid_mid`` site.
 - **Sliding-window attention**: the model's own mask (:meth:`Attention.attn_mask`) on every recomputed score.
+- **Attention masks** (``attention_mask``, ``position_ids``: padded prompts, left padding included): each
+  recomputed score is computed as :meth:`Transformer.forward` computes it given the same mask and positions.
+  Padding keys are masked out of every query's softmax on top of the causal and sliding-window masks (which read
+  the columns, as the forward's do); a query left with no key (a padding row before its example's first real
+  token) gets a pattern of zeros (:meth:`Attention.dead_queries`); rotary queries and keys are rotated, and ALiBi
+  biases taken, at each example's ``position_ids``, not at the columns. Learned positions are in the cached
+  residuals. The C++ prefix-attention kernel takes one mask for every example, so under a mask with padding the
+  attention runs as batched products. Without a mask (or one of real tokens only, and positions ``0 .. T - 1``)
+  nothing of this runs.
 
 Cells that start at the same position are batched together (at most ``max_batch`` cells per batch): they share
 the row range and run as one batch through the blocks (cells join the batch at their own layer). Batches of
@@ -297,6 +306,12 @@ class ExactEngine:
         cell per batch and sets :attr:`budget_too_small`.
     warn_budget : bool
         Warn (``RuntimeWarning``) when ``max_memory`` is below one cell's working memory (default True).
+    attention_mask : BoolTensor ``(batch, T')``, optional
+        The mask the cached runs were made with (True or 1: a real token; ``T' >= T``, cut to the first ``T``
+        positions), as :meth:`Transformer.forward <pypattern.models.Transformer.forward>` takes it: every cell is
+        computed as the forward with this mask computes it. None, or a mask of real tokens only: no mask.
+    position_ids : LongTensor ``(batch, T')``, optional
+        The positions the cached runs' rotary angles and ALiBi biases read (``T' >= T``); default the columns.
     """
 
     #: rows (cells x examples x positions) that one block processes at a time: the activations of a chunk stay
@@ -315,6 +330,8 @@ class ExactEngine:
         max_pack_bytes: int | None = 0,
         max_memory: int | None = None,
         warn_budget: bool = True,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> None:
         from .._checks import is_count, is_real
 
@@ -356,6 +373,15 @@ class ExactEngine:
             raise ValueError(
                 f"position={position}: truncate the prompts so that the metric position is the last"
             )
+        # the padding mask (B, T) (True: a real token) and the positions (B, T) rotary angles and ALiBi biases
+        # read, None without padding and at the columns 0 .. T - 1 (the unmasked code path)
+        self._keep = self._masking_input(attention_mask, "attention_mask", torch.bool)
+        if self._keep is not None and bool(self._keep.all()):
+            self._keep = None
+        self._pos_ids = self._masking_input(position_ids, "position_ids", torch.long)
+        if self._pos_ids is not None and self._keep is None:
+            if torch.equal(self._pos_ids, self._range(0, self.T).expand(self.B, -1)):
+                self._pos_ids = None
         self.tgt = [self._layer_cache(i) for i in range(self.L)]
         # what a cell at a single position computes at its own layer (_entry_rows; resid_pre: the patched row's
         # rotated query, key and value), per (layer, first position of a tile of positions), kept across runs
@@ -418,6 +444,42 @@ class ExactEngine:
                 "one cell of the exact engine",
                 stacklevel=3,
             )
+
+    def _masking_input(self, t, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """The engine's ``attention_mask`` or ``position_ids`` argument ``t`` cut to ``(B, T)`` on the engine's
+        device in ``dtype`` (None for None), refused by ``name`` unless it is a ``(B, T')`` tensor with ``T' >= T``."""
+        if t is None:
+            return None
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != self.B or t.shape[1] < self.T:
+            what = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} is {what}; give a (batch, pos) tensor of the cached runs' {self.B} examples and at least "
+                f"their {self.T} positions"
+            )
+        return t[:, : self.T].to(self.device, dtype)
+
+    def _at(self, rows: torch.Tensor) -> torch.Tensor:
+        """The positions rotary angles and ALiBi biases read at the columns ``rows``: ``rows`` themselves, or each
+        example's ``position_ids`` there, ``(B, len(rows))``."""
+        return rows if self._pos_ids is None else self._pos_ids[:, rows]
+
+    def _bias(self, attn, n_keys: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """ALiBi's bias of keys ``0 .. n_keys - 1``: ``(H, n_keys)``, or ``(B, H, n_keys)`` at each example's
+        positions (:meth:`Attention.position_bias`); None without ALiBi."""
+        if self._pos_ids is None:
+            return attn.position_bias(n_keys, dtype, self.device)
+        return attn.position_bias(self._pos_ids[:, :n_keys], dtype, self.device)
+
+    def _pattern(self, attn, scores: torch.Tensor, mask: torch.Tensor, lay) -> torch.Tensor:
+        """The pattern of scores (capped) under the model's mask ``mask (Rq, Tk)`` (True: may not attend). Under a
+        padding mask its padding keys are masked too (``lay`` places a ``(B, Rq, x)`` tensor on the scores' axes),
+        and a query left with no key gets a pattern of zeros, as :meth:`Attention.forward` gives it."""
+        if self._keep is None:
+            return attn.softmax(scores.masked_fill(mask, float("-inf")))
+        full = mask[None] | ~self._keep[:, None, : mask.shape[1]]  # (B, Rq, Tk)
+        dead = lay(full.all(-1, keepdim=True))
+        pat = attn.softmax(scores.masked_fill(lay(full), float("-inf")).masked_fill(dead, 0.0))
+        return pat.masked_fill(dead, 0.0)
 
     def _range(self, start: int, stop: int) -> torch.Tensor:
         """``arange(start, stop)`` (int64) on the engine's device: a slice of the positions made once."""
@@ -516,8 +578,11 @@ class ExactEngine:
     ) -> float | None:
         """The scores' multiplier when :func:`~pypattern.ops.attention.prefix_attention`'s C++ kernel computes this
         block's attention as the model does (CPU tensors of float32 or float64; scores neither biased (ALiBi),
-        capped nor taken in another dtype; no ``pattern`` patch, which needs the pattern itself); None otherwise."""
+        capped nor taken in another dtype; no ``pattern`` patch, which needs the pattern itself; no padding mask,
+        as the kernel takes one mask for every example); None otherwise."""
         cfg = self.cfg
+        if self._keep is not None:
+            return None
         if self._kernel is None:
             forced_elsewhere = _backends.internal_backend("prefix_attention", self.device) is not None
             self._kernel = (
@@ -587,11 +652,11 @@ class ExactEngine:
             old = torch.bmm(qt.view(BH, C * G * Rq, dh), K_old.transpose(1, 2))
             scores = torch.cat([old.view(B, Hkv, C, G, Rq, p), scores], -1)
         scores = attn.scale_scores(scores)
-        bias = attn.position_bias(Tk, scores.dtype, scores.device)
-        if bias is not None:  # (H, Tk): query head h = g * n_groups + n
-            scores = scores + bias.view(Hkv, 1, G, 1, Tk)
+        bias = self._bias(attn, Tk, scores.dtype)
+        if bias is not None:  # (H, Tk) or (B, H, Tk): query head h = g * n_groups + n
+            scores = scores + bias.view(-1, Hkv, 1, G, 1, Tk).squeeze(0)
         scores = attn.cap(scores)
-        pat = attn.softmax(scores.masked_fill(self._mask(layer, qpos, Tk), float("-inf")))
+        pat = self._pattern(attn, scores, self._mask(layer, qpos, Tk), lambda t: t[:, None, None, None])
         if patch is not None and patch.site == "pattern":
             site = pat.permute(2, 0, 1, 3, 4, 5).reshape(C, B, self.H, Rq, Tk)
             site = self._apply(site, patch, "pattern", qpos)
@@ -622,11 +687,15 @@ class ExactEngine:
         attn = self.model.blocks[layer].attn
         qh, Kc = attn.qk_cast(qh, K_h)
         s = attn.scale_scores(torch.einsum("cbrne,cbke->cbnrk", qh, Kc))
-        bias = attn.position_bias(K_h.shape[2], s.dtype, s.device)
-        if bias is not None:  # (C, n, Tk) -> (C, 1, n, 1, Tk)
-            s = s + bias[qheads.reshape(len(qheads), -1).to(s.device)][:, None, :, None, :]
+        bias = self._bias(attn, K_h.shape[2], s.dtype)
+        if bias is not None:
+            qh_idx = qheads.reshape(len(qheads), -1).to(s.device)
+            if bias.dim() == 2:  # (C, n, Tk) -> (C, 1, n, 1, Tk)
+                s = s + bias[qh_idx][:, None, :, None, :]
+            else:  # per example: (B, C, n, Tk) -> (C, B, n, 1, Tk)
+                s = s + bias[:, qh_idx].transpose(0, 1)[:, :, :, None, :]
         s = attn.cap(s)
-        pat = attn.softmax(s.masked_fill(self._mask(layer, qpos, K_h.shape[2]), float("-inf")))
+        pat = self._pattern(attn, s, self._mask(layer, qpos, K_h.shape[2]), lambda t: t[None, :, None])
         z = torch.einsum("cbnrk,cbke->cbrne", pat, V_h)
         return z if grouped else z.squeeze(3)
 
@@ -720,7 +789,8 @@ class ExactEngine:
             q = self._apply(q, patch, "q", out_rows)
             k = self._apply(k, patch, "k", rows)
             v = self._apply(v, patch, "v", rows)
-            q, k = attn.rotate(q, out_rows), attn.rotate(k, rows)  # identity without rotary positions
+            # identity without rotary positions
+            q, k = attn.rotate(q, self._at(out_rows)), attn.rotate(k, self._at(rows))
             z = self._apply(self._attend(layer, q, out_rows, k, v, p, patch), patch, "z", out_rows)
             zs.append(z.reshape(*z.shape[:-2], self.H * self.dh))  # a row per query: (C, B, Rq, H * dh)
         outs = self._rowwise(lambda z: blk.attn_post(attn.output(z.view(*z.shape[:-1], self.H, self.dh))), zs)
@@ -780,7 +850,7 @@ class ExactEngine:
             s = src[:, rsel].to(dt)
             if site == "k":  # a patched key is rotated at the position it is patched into
                 K = K.clone()
-                K[:, :, rsel] = self._heads(attn.rotate(s, rpos), heads)
+                K[:, :, rsel] = self._heads(attn.rotate(s, self._at(rpos)), heads)
             else:
                 V = V.clone()
                 V[:, :, rsel] = self._heads(s, heads)
@@ -806,7 +876,7 @@ class ExactEngine:
             if site == "z":
                 z_new = self._heads(src, heads)[:, :, prow].to(dt)
             elif site == "q":  # a patched query is rotated at its own position
-                q_h = self._heads(attn.rotate(src[:, prow].to(dt), prow), heads)
+                q_h = self._heads(attn.rotate(src[:, prow].to(dt), self._at(prow)), heads)
                 z_new = self._head_attn(
                     layer, q_h, prow, self._heads(tg["kr"], kvh), self._heads(tg["v"], kvh), heads
                 )
@@ -881,8 +951,8 @@ class ExactEngine:
             return (s + blk.mlp_write(s),)
         h = blk.ln1(self.src[hook_name("resid_pre", layer)][:, first:stop].to(self.dtype))  # (B,P,d)
         pt = self._range(first, stop)
-        q = blk.attn.rotate(self._proj(layer, "Q", h), pt)
-        k = blk.attn.rotate(self._proj(layer, "K", h), pt)
+        q = blk.attn.rotate(self._proj(layer, "Q", h), self._at(pt))
+        k = blk.attn.rotate(self._proj(layer, "K", h), self._at(pt))
         return q, k, self._proj(layer, "V", h)
 
     #: final-norm rows of finished cells that are unembedded together (one matmul over the vocabulary for
