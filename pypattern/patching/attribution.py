@@ -1036,6 +1036,7 @@ def shortlist_and_confirm(
     grad_drop: bool = False,
     max_batch: int | None = None,
     max_memory: int | None = _EXACT_STAGE_MEMORY,
+    attention_mask: torch.Tensor | None = None,
 ) -> list[dict]:
     """AtP over the whole grid of ``site``, then exact patching of the ``k`` cells whose AtP estimate, averaged
     over the examples, is largest in absolute value (with ``grad_drop``: whose mean GradDrop score is largest). Both means are over the examples whose metric is finite on
@@ -1064,6 +1065,10 @@ def shortlist_and_confirm(
         :func:`attribution_patching` (then, when the prompts must be split to fit, it needs a
         :class:`~pypattern.patching.metrics.Metric`, as there). Left at its default (``2**30``), it bounds the
         exact stage only; ``None`` bounds neither.
+    attention_mask : Tensor ``(batch, pos)``, optional
+        The prompts' mask, as in :func:`~pypattern.patching.activation_patching` (or a tokenizer's output given
+        as the prompts): both stages run every forward with it and each row's real tokens at positions
+        ``0 .. n-1``.
 
     Returns
     -------
@@ -1073,7 +1078,15 @@ def shortlist_and_confirm(
         metric scale: ``m_patched - m_target``; ``pos`` only per position; ties in grid order).
     """
     from ..models.convert import converted_if_convertible
-    from .api import _exact_or_naive, _inert, _naive, engine_on_runs, prepare_runs, warn_if_over_budget
+    from .api import (
+        _exact_or_naive,
+        _inert,
+        _naive,
+        engine_on_runs,
+        padding_before_real,
+        prepare_runs,
+        warn_if_over_budget,
+    )
 
     if not is_count(k) or k < 1:
         raise ValueError(f"k={k!r} is not valid; give the number of cells to confirm, an int >= 1")
@@ -1084,14 +1097,21 @@ def shortlist_and_confirm(
     if type(max_memory) is _ExactStageMemory:
         max_memory = int(max_memory)
     warn_half_precision(model, "patching", "shortlist_and_confirm")
+    clean_tokens, corrupted_tokens, attention_mask = read_prompts(
+        clean_tokens, corrupted_tokens, attention_mask
+    )
     clean_tokens, corrupted_tokens, corruption = long_token_args(clean_tokens, corrupted_tokens, corruption)
     model = converted_if_convertible(model)  # the exact stage needs pypattern's model too
     with half_precision_warned():  # warned above
         atp = attribution_patching(
             model, clean_tokens, corrupted_tokens, metric=metric, sites=[site], corruption=corruption,
             direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop,
-            max_batch=max_batch, max_memory=atp_memory,
+            max_batch=max_batch, max_memory=atp_memory, attention_mask=attention_mask,
         )[site]  # fmt: skip
+    # the mask as attribution_patching checked it (None for none); the exact stage's runs are masked where the
+    # prompts hold padding before a real token (right padding: the real tokens never read the later padding)
+    mask = None if attention_mask is None else patching_mask(attention_mask, tuple(clean_tokens.shape))
+    left_padded = padding_before_real(mask) is not None
     keep = atp.finite_examples  # the examples finite on the clean and the corrupted run: those averaged
     m = atp._kept(atp.effect).mean(0)
     # the ranking score: |mean AtP| or, with GradDrop, AtP*'s mean GradDrop score (stable: ties in grid order)
@@ -1111,7 +1131,7 @@ def shortlist_and_confirm(
         _exact_or_naive(model, "auto", stacklevel=3) == "naive"
     ):  # hooks attached: one forward per cell runs them
         runs = prepare_runs(
-            model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False
+            model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, False, mask
         )
         inert, tgt = _inert(model, site, cells, runs, direction, causal=False)
         vals = (
@@ -1122,8 +1142,9 @@ def shortlist_and_confirm(
         # one block for the recorded runs and the engine: the layouts (and packs) made once
         with model.fixed_weights(max_pack_bytes=packs):
             runs = prepare_runs(
-                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True
-            )
+                model, site_hooks, clean_tokens, corrupted_tokens, metric, corruption, direction, True, mask,
+                mask_forwards=left_padded,
+            )  # fmt: skip
             T_eff = runs.metric_rows
             # where a cell's patch cannot change the metric (the target's own activation, out of its reach), its
             # value is the target's, exactly (computed, it is rounding noise)
