@@ -439,7 +439,8 @@ def _user_run(args) -> int:
     import torch
 
     mod = importlib.import_module("pypattern.experiments.user_model")
-    tokens = mod.load_tokens(args.data)  # the file is checked before the model is converted, and read once
+    # the file is checked before the model is converted, and read once; an .npz's attention_mask with it
+    tokens, mask = mod.load_tokens(args.data, with_mask=True)
     n = len(tokens)
     if "batch_size" in args.given and args.batch_size > n:
         _warn_larger("--batch-size", args.batch_size, n, "one batch of")
@@ -449,7 +450,8 @@ def _user_run(args) -> int:
             from .circuits.cli import _check_model_folder
 
             _check_model_folder(args.model, "--model")
-            mod.load_tokens(args.corrupted, argument="corrupted")
+            _, corr_mask = mod.load_tokens(args.corrupted, argument="corrupted", with_mask=True)
+            mod.check_same_mask(args.corrupted, corr_mask, args.data, mask)
         if "max_prompts" in args.given and args.max_prompts > n:
             _warn_larger("--max-prompts", args.max_prompts, n, "patching")
         res = mod.run_user_patch(
@@ -465,10 +467,10 @@ def _user_run(args) -> int:
             checkpoint=args.checkpoint,
             quiet=args.quiet,
             device=args.device,
+            attention_mask=mask,
         )
-        print(
-            f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at the last position):"
-        )
+        where = "the last position" if mask is None else "each prompt's last real token"
+        print(f"exact patching of {args.model} on {res['prompts']} prompts (metric: KL at {where}):")
         for site, r in res["sites"].items():
             kind = "normalised: 1 = clean run restored" if r["normalized"] else "raw change in KL"
             print(
@@ -494,6 +496,7 @@ def _user_run(args) -> int:
         quiet=args.quiet,
         tokens=tokens,
         device=args.device,  # --device: where the model loaded from --model runs
+        attention_mask=mask,
     )
     if args.cmd == "llc":
         res = mod.run_user_llc(args.model, args.data, args.out, **kw)
@@ -522,6 +525,45 @@ def _user_run(args) -> int:
     )
     print(f"  result: {res['result']}; table: {res['table']}; summary: {res['summary']}")
     return 0
+
+
+def _refuse_circuit_masks(args) -> None:
+    """Refuse a token file (``--data`` or ``--corrupted`` of ``circuit --model``) holding an ``attention_mask``: the
+    circuit command reads the token array alone and scores the last column, so its padding would be read as text.
+    A file that cannot be read as a token file (a prompt file, a damaged file) is left to the circuit command's own
+    reading, which names what it holds."""
+    import inspect
+
+    from .circuits import edge_attribution
+    from .experiments.user_model import has_padding, load_tokens
+
+    for flag, path in (("--data", args.tokens), ("--corrupted", getattr(args, "corrupted", None))):
+        if path is None or not str(path).lower().endswith(".npz"):
+            continue
+        try:
+            _, mask = load_tokens(path, argument=flag.lstrip("-"), with_mask=True)
+        except ValueError:
+            continue
+        if mask is None:
+            continue
+        if has_padding(mask):
+            m = mask.bool()
+            row = int((~m).any(-1).nonzero()[0, 0])
+            what = f"marks padding (row {row} has {int((~m[row]).sum())} padding tokens)"
+        else:
+            what = "marks no padding (every token is real)"
+        python = (
+            "pypattern.circuits.edge_attribution(..., attention_mask=mask) takes padding on either side"
+            if "attention_mask" in inspect.signature(edge_attribution).parameters
+            else "the circuit functions take no mask: right-padded prompts with a metric reading each prompt's "
+            "last real token"
+        )
+        raise ValueError(
+            f"{flag} {str(path)!r} holds an 'attention_mask' array that {what}, which circuit does not read: the "
+            "command passes no attention mask and scores the last column, so circuits on the command line take "
+            "unpadded prompts only; give the token array alone, of sequences of one length without padding (in "
+            f"Python, {python})"
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -973,6 +1015,8 @@ def _run(args) -> int:
             print(json.dumps(backends(args.op), indent=2))
         return 0
     if args.cmd == "circuit":
+        if args.model_dir:
+            _refuse_circuit_masks(args)
         _print("circuit discovery:", _call("pypattern.circuits.cli", "run_from_args", args))
         return 0
     if args.cmd in ("chi", "llc", "patch") and args.model:

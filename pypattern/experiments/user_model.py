@@ -4,8 +4,9 @@
 in :data:`pypattern.models.convert.SUPPORTED_CLASSES`, converted exactly into pypattern's
 :class:`~pypattern.models.Transformer` with :func:`pypattern.from_pretrained`, or the folder of a pypattern
 ``Transformer`` (:func:`pypattern.circuits.cli.load_model_dir`). ``FILE`` holds token ids
-``(num_sequences, seq_len)``: ``.npy``, ``.npz`` (the array ``tokens`` and no other, or its only array; never
-unpickled), or a
+``(num_sequences, seq_len)``: ``.npy``, ``.npz`` (the array ``tokens`` or ``input_ids``, or its only array, with
+an optional ``attention_mask`` of the same shape, 1 at real tokens and 0 at padding on either side; no other array;
+never unpickled), or a
 text file (``.txt``, ``.csv``, ``.tsv``; UTF-8) with one sequence of whitespace- or comma-separated ids per line (all
 of one length); other suffixes, a file without a suffix and a binary file named as text are refused, with a hint at
 the format the file holds.
@@ -24,7 +25,15 @@ import torch
 
 from ..io import np_load
 
-__all__ = ["llc_error_text", "load_tokens", "out_folder", "run_user_chi", "run_user_llc", "run_user_patch"]
+__all__ = [
+    "MaskedTokens",
+    "llc_error_text",
+    "load_tokens",
+    "out_folder",
+    "run_user_chi",
+    "run_user_llc",
+    "run_user_patch",
+]
 
 
 #: suffixes read as text (one sequence of whitespace- or comma-separated ids per line)
@@ -64,26 +73,94 @@ def _binary_format(path: str | os.PathLike, head: bytes) -> str | None:
     return None
 
 
-def _npz_array(z) -> np.ndarray:
+#: the names an ``.npz`` token array is read under: ``tokens``, or ``input_ids`` (a tokenizer's output saved with
+#: ``np.savez(path, **enc)``)
+TOKEN_ARRAYS = ("tokens", "input_ids")
+
+
+def _npz_array(z, with_mask: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """The token array of an ``.npz`` read by :func:`pypattern.io.np_load` (which refuses a zip archive whose
-    members are not NumPy arrays): ``tokens``, or its only array."""
+    members are not NumPy arrays): ``tokens``, else ``input_ids``, else its only array; and, with ``with_mask``,
+    its ``attention_mask`` array beside them (None without one). Any other array is refused, and an
+    ``attention_mask`` without ``with_mask`` (the reader would score its padding as text)."""
     keys = list(z.files)
-    key = "tokens" if "tokens" in keys else (keys[0] if len(keys) == 1 else None)
+    key = next((k for k in TOKEN_ARRAYS if k in keys), keys[0] if len(keys) == 1 else None)
     if key is None:
-        raise ValueError(f"it holds {keys}: name the array 'tokens' or keep only one")
-    others = [k for k in keys if k != key]
+        raise ValueError(f"it holds {keys}: name the token array 'tokens' (or 'input_ids') or keep only one")
+    mask_key = (
+        "attention_mask" if with_mask and key != "attention_mask" and "attention_mask" in keys else None
+    )
+    others = [k for k in keys if k not in (key, mask_key)]
     if others:
-        why = (
-            ": padding would be scored as text"
-            if any(k in ("attention_mask", "labels") for k in others)
-            else ""
-        )
+        if "attention_mask" in others:
+            raise ValueError(
+                f"it holds {others} besides {key!r}, which this reader does not read: padding would be scored as "
+                "text; keep only the token array (unpadded sequences of one length), or give the file to llc, chi "
+                "or patch, which read an 'attention_mask' beside the tokens and leave padding out"
+            )
+        why = ": padding would be scored as text" if "labels" in others else ""
         raise ValueError(
             f"it holds {others} besides {key!r}, which the command line does not read{why}; keep only the token "
-            "array (unpadded sequences of one length), or use the Python API, whose estimators read "
-            "{'input_ids', 'attention_mask', 'labels'} batches and leave padding out"
+            + (
+                "array and, for padded sequences, an 'attention_mask' (1 at real tokens, 0 at padding)"
+                if with_mask
+                else "array (unpadded sequences of one length)"
+            )
+            + ", or use the Python API, whose estimators read {'input_ids', 'attention_mask', 'labels'} batches "
+            "and leave padding out"
         )
-    return z[key]
+    return z[key], (None if mask_key is None else z[mask_key])
+
+
+def _checked_mask(mask: np.ndarray, shape: tuple, p: Path, argument: str, key: str) -> torch.Tensor:
+    """The ``attention_mask`` array of the token file ``p`` (named as ``argument``) as a LongTensor of 0s and 1s,
+    checked as the library checks a mask: the tokens' shape, 1 (a real token) or 0 (padding) only, at least one
+    real token in every row."""
+    where = f"{argument}={str(p)!r}: its array 'attention_mask'"
+    if mask.shape != shape:
+        raise ValueError(
+            f"{where} has shape {mask.shape}; it must equal the shape of its token array {key!r}, {shape}"
+        )
+    if not (
+        mask.dtype == np.bool_
+        or np.issubdtype(mask.dtype, np.integer)
+        or np.issubdtype(mask.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"{where} is of {mask.dtype}; give 1 (a real token) and 0 (padding) as integers or bools"
+        )
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{where} must hold 1 (a real token) or 0 (padding); found {mask[row, col].item()!r} at row {row}, "
+            f"column {col}"
+        )
+    empty = np.flatnonzero(~(mask == 1).any(axis=1))
+    if empty.size:
+        raise ValueError(
+            f"{where} row {int(empty[0])} is all 0 (padding only); every sequence needs at least one real token"
+        )
+    return torch.from_numpy((mask == 1).astype(np.int64))
+
+
+def has_padding(mask: torch.Tensor | None) -> bool:
+    """Whether the ``attention_mask`` ``mask`` (None: no mask) marks any padding."""
+    return mask is not None and not bool(mask.bool().all())
+
+
+def left_padded(mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` has padding before a real token in some row (left padding, or a gap)."""
+    if mask is None:
+        return False
+    m = mask.bool()
+    return bool((m[:, 1:] & ~m[:, :-1]).any())
+
+
+def last_real_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The column of each row's last real token (``attention_mask`` 1), a LongTensor ``(num_sequences,)``."""
+    m = mask.bool()
+    return (m.shape[1] - 1 - m.flip(-1).long().argmax(-1)).long()
 
 
 _DECIMAL = re.compile(r"-?[0-9]+")
@@ -157,9 +234,16 @@ def load_tokens(
     n_ctx: int | None = None,
     rotary_limit: int | None = None,
     argument: str = "data",
-) -> torch.Tensor:
+    with_mask: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids ``(num_sequences, seq_len)`` as a LongTensor from ``.npy``, ``.npz`` or a UTF-8 text file
     (``.txt``, ``.csv``, ``.tsv``). Nothing is unpickled.
+
+    An ``.npz`` holds its ids as ``tokens``, as ``input_ids`` (a tokenizer's ``return_tensors="np"`` output saved
+    with ``np.savez(path, **enc)``) or as its only array. ``with_mask=True`` returns ``(tokens, attention_mask)``:
+    the ``.npz``'s ``attention_mask`` array beside the ids (1 at real tokens, 0 at padding, on either side) as a
+    LongTensor of the tokens' shape, or None when the file has none (``.npy`` and text files have none). Without
+    ``with_mask`` an ``attention_mask`` array is refused (its padding would be read as text).
 
     Raises
     ------
@@ -170,8 +254,9 @@ def load_tokens(
         not 2-D ``(num_sequences, seq_len)`` (a flat 1-D stream of ids is refused: split it into sequences), when
         ids are not integers, negative or not below ``vocab_size``, or when sequences are longer than ``n_ctx``
         (learned positions) or ``rotary_limit`` (the positions a LongRoPE or dynamic NTK scaling holds for:
-        :attr:`~pypattern.models.TransformerConfig.rotary_position_limit`); the message names the file as
-        ``argument`` (the command-line option it came from).
+        :attr:`~pypattern.models.TransformerConfig.rotary_position_limit`), or when an ``attention_mask`` is not of
+        the tokens' shape, holds values other than 0 and 1 or has a row of padding only; the message names the
+        file as ``argument`` (the command-line option it came from).
     """
     p = Path(path)
     if not p.is_file():
@@ -191,6 +276,7 @@ def load_tokens(
         raise ValueError(
             f"{argument}={str(p)!r}: {what}: {_FORMATS}" + (f" ({hint})" if hint is not None else "")
         )
+    mask, key = None, "tokens"
     try:
         if suffix in (".npy", ".npz"):
             loaded = np_load(p)
@@ -198,7 +284,8 @@ def load_tokens(
                 arr = loaded
             else:  # np.load opens any zip archive as an NpzFile, whatever the suffix
                 with loaded as z:
-                    arr = _npz_array(z)
+                    arr, mask = _npz_array(z, with_mask)
+                    key = "input_ids" if "tokens" not in z.files and "input_ids" in z.files else key
         else:
             arr = _text_ids(p)
     except (ValueError, OverflowError, OSError, EOFError, zipfile.BadZipFile) as e:
@@ -217,7 +304,9 @@ def load_tokens(
     _check_range(int(arr.min()), int(arr.max()), p, argument, vocab_size)
     tokens = torch.from_numpy(arr.astype(np.int64))
     check_token_limits(tokens, p, n_ctx=n_ctx, rotary_limit=rotary_limit, argument=argument)
-    return tokens
+    if not with_mask:
+        return tokens
+    return tokens, (None if mask is None else _checked_mask(mask, arr.shape, p, argument, key))
 
 
 def _check_range(lo: int, hi: int, path, argument: str, vocab_size: int | None) -> None:
@@ -252,6 +341,24 @@ def check_token_limits(
         raise err
 
 
+def check_same_mask(corrupted, corr_mask: torch.Tensor | None, data, mask: torch.Tensor | None) -> None:
+    """Refuse the ``attention_mask`` ``corr_mask`` of the corrupted token file ``corrupted`` unless it is the mask of
+    the clean prompts of ``data`` (``mask``; all 1s when None): the corrupted prompts share the clean ones' mask. A
+    corrupted file without a mask takes the data's."""
+    if corr_mask is None:
+        return
+    ref = torch.ones_like(corr_mask) if mask is None else mask
+    if tuple(ref.shape) == tuple(corr_mask.shape) and torch.equal(corr_mask.bool(), ref.bool()):
+        return
+    differ = (corr_mask.bool() != ref.bool()).any(-1).nonzero()
+    row = int(differ[0, 0]) if differ.numel() else 0
+    what = f"the mask of data={str(data)!r}" + ("" if mask is not None else " (it has none: all 1s)")
+    raise ValueError(
+        f"corrupted={str(corrupted)!r}: its array 'attention_mask' differs from {what} (first at row {row}): the "
+        "corrupted prompts share the clean prompts' mask; give the same 'attention_mask', or none"
+    )
+
+
 #: why a half-precision checkpoint is run as its float32 copy, by command
 _UPCAST_REASON = {
     "sampling": "the samplers move float32 and float64 parameters only: sampling its float32 copy",
@@ -276,12 +383,14 @@ def _model_and_tokens(
     upcast: str | None = None,
     tokens: torch.Tensor | None = None,
     device: str | torch.device | None = None,
+    attention_mask: torch.Tensor | None = None,
 ):
-    """The converted model (on ``device``: see :func:`~pypattern.circuits.cli.load_model_dir`) and the tokens
+    """The converted model (on ``device``: see :func:`~pypattern.circuits.cli.load_model_dir`), the tokens
     (``tokens``: the ids :func:`load_tokens` has read from ``data``, checked against the model here; else ``data``
-    is read). ``upcast`` (``"sampling"`` or ``"patching"``): a half-precision checkpoint (most are saved in
-    bfloat16) is loaded in float32, with a warning saying why. For sampling, whose loss is the next-token loss,
-    sequences of one token are refused."""
+    is read) and their ``attention_mask`` (the one given with ``tokens``, or the file's; None without one).
+    ``upcast`` (``"sampling"`` or ``"patching"``): a half-precision checkpoint (most are saved in bfloat16) is
+    loaded in float32, with a warning saying why. For sampling, whose loss is the next-token loss, sequences of one
+    token (of one real token each, under a mask) are refused."""
     from ..circuits.cli import load_model_dir
 
     model = load_model_dir(model_dir, dtype=dtype, argument="--model", device=device)
@@ -295,15 +404,25 @@ def _model_and_tokens(
         model = load_model_dir(model_dir, dtype=torch.float32, argument="--model", device=device)
     model.eval()
     if tokens is None:
-        tokens = load_tokens(data, **token_limits(model))
+        tokens, attention_mask = load_tokens(data, **token_limits(model), with_mask=True)
     else:
         check_token_limits(tokens, data, **token_limits(model))
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(tokens.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; it must equal the shape of the tokens of "
+            f"data={str(data)!r}, {tuple(tokens.shape)}"
+        )
     if upcast == "sampling" and tokens.shape[1] < 2:
         raise ValueError(
             f"data={str(data)!r}: its sequences have {tokens.shape[1]} token; the next-token loss that llc and chi "
             "sample needs sequences of at least 2 tokens"
         )
-    return model, tokens
+    if upcast == "sampling" and attention_mask is not None and int(attention_mask.sum(-1).max()) < 2:
+        raise ValueError(
+            f"data={str(data)!r}: its 'attention_mask' leaves every sequence 1 real token; the next-token loss "
+            "that llc and chi sample needs sequences of at least 2 real tokens"
+        )
+    return model, tokens, attention_mask
 
 
 def _check_default_nbeta(data, tokens: torch.Tensor, batch_size: int, nbeta) -> None:
@@ -324,11 +443,50 @@ def _count(name: str, value: int) -> int:
     return value
 
 
-def _batches(tokens: torch.Tensor, batch_size: int) -> torch.utils.data.DataLoader:
+class MaskedTokens(torch.utils.data.Dataset):
+    """Padded token sequences as Hugging Face style samples ``{"input_ids", "attention_mask"}``, which a
+    ``DataLoader``'s default collate stacks into batches of both, each row's ids and mask together. With padding
+    before a real token (left padding) each sample also holds ``position_ids``, its real tokens counted from 0
+    (:func:`pypattern.models.transformer.real_token_positions`), so each sequence is computed as it would be alone
+    (a model reading learned absolute positions would otherwise read its real tokens at shifted positions)."""
+
+    def __init__(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.tokens, self.attention_mask = tokens, attention_mask
+        self.position_ids = None
+        if left_padded(attention_mask):
+            from ..models.transformer import real_token_positions
+
+            self.position_ids = real_token_positions(attention_mask.bool())
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def __getitem__(self, i) -> dict:
+        item = {"input_ids": self.tokens[i], "attention_mask": self.attention_mask[i]}
+        if self.position_ids is not None:
+            item["position_ids"] = self.position_ids[i]
+        return item
+
+    def batch(self, rows=slice(None)) -> dict:
+        """The batch of the sequences ``rows`` (all by default), as the loader's collate gives it."""
+        return self[rows]
+
+
+def _batches(
+    tokens: torch.Tensor, batch_size: int, attention_mask: torch.Tensor | None = None
+) -> torch.utils.data.DataLoader:
     """The sequences in shuffled batches of ``batch_size``: each chain reads them in an order keyed by the seed
     and its index, a short last batch is not read by the chains and L_n(w*) weights every sequence equally (the
-    sampler's rules for a ``DataLoader``), and a checkpoint's fingerprint holds every sequence."""
+    sampler's rules for a ``DataLoader``), and a checkpoint's fingerprint holds every sequence. With an
+    ``attention_mask`` the batches are ``{"input_ids", "attention_mask"}`` dicts (:class:`MaskedTokens`): the
+    default losses leave padding out (a batch's loss is the mean over its counted next-token terms), the shuffle
+    keeps each row's ids and mask together, and a checkpoint's fingerprint (every batch of the first epoch) holds
+    the mask too."""
     _count("batch_size", batch_size)
+    if attention_mask is not None:
+        return torch.utils.data.DataLoader(
+            MaskedTokens(tokens, attention_mask), batch_size=batch_size, shuffle=True
+        )
     return torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(tokens), batch_size=batch_size, shuffle=True
     )
@@ -427,6 +585,7 @@ def run_user_llc(
     quiet: bool = True,
     tokens: torch.Tensor | None = None,
     device: str | torch.device | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> dict:
     """Estimate the LLC of the model in ``model_dir`` on the token sequences in ``data`` (next-token loss).
 
@@ -438,6 +597,9 @@ def run_user_llc(
     ids :func:`load_tokens` has read from ``data`` (the file is then not read again). ``device``: where the model
     is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU). The chains run batched where their
     stacked parameters fit (:func:`_sampled`): the same draws, up to float rounding, in less time.
+    ``attention_mask``: the mask :func:`load_tokens` has read with ``tokens`` (``with_mask=True``; read from
+    ``data`` when ``tokens`` is None): the batches are then ``{"input_ids", "attention_mask"}`` dicts whose padding
+    the loss leaves out (:func:`_batches`).
     """
     from ..losses import batch_loss
     from ..sampling import estimate_llc
@@ -445,7 +607,9 @@ def run_user_llc(
     out_folder(out)
     if checkpoint is not None:
         out_folder(checkpoint, "checkpoint")
-    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens, device=device)
+    model, tokens, mask = _model_and_tokens(
+        model_dir, data, dtype, upcast="sampling", tokens=tokens, device=device, attention_mask=attention_mask
+    )
     _check_default_nbeta(data, tokens, batch_size, nbeta)
     ck = None if checkpoint is None else os.path.join(checkpoint, "llc_checkpoint.npz")
     if ck is not None and os.path.isdir(ck):
@@ -453,7 +617,7 @@ def run_user_llc(
             f"checkpoint={str(checkpoint)!r} holds a folder {ck!r} where the checkpoint file goes; give another "
             "checkpoint folder (on the command line: --checkpoint DIR), or move that folder away"
         )
-    loader = _batches(tokens, batch_size)
+    loader = _batches(tokens, batch_size, mask)
     res = _sampled(
         lambda batched: estimate_llc(
             model,
@@ -492,6 +656,7 @@ def run_user_llc(
         "data": str(data),
         "sequences": int(tokens.shape[0]),
         "seq_len": int(tokens.shape[1]),
+        **({} if mask is None else {"real_tokens": int(mask.sum())}),
         "llc_mean": float(res.llc_mean),
         "llc_std": float(res.llc_std),
         "llc_se": float(res.llc_se),
@@ -525,6 +690,7 @@ def run_user_patch(
     checkpoint: str | None = None,
     quiet: bool = False,
     device: str | torch.device | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> dict:
     """Exact activation patching of the model in ``model_dir`` at each site over layers x positions (heads x
     positions for ``z``), denoising, with the metric KL(P_clean || P_run) at the last position.
@@ -540,6 +706,13 @@ def run_user_patch(
     file per site (``patch_<site>.npz``, :func:`~pypattern.patching.activation_patching`'s ``checkpoint``): a
     stopped run resumes from it. ``quiet``: no progress bars. ``device``: where the model runs (``"cpu"``,
     ``"cuda"``, ``"cuda:<index>"``; None: the CPU).
+
+    ``attention_mask``: the mask :func:`load_tokens` has read with ``tokens`` (read from ``data`` when ``tokens``
+    is None; padding on either side): it is passed to :func:`~pypattern.patching.activation_patching`, which runs
+    each prompt as it would be alone, and the metric reads each prompt's last real token (the last column of
+    left-padded prompts; per prompt, ``position=``, for right-padded ones). A ``corrupted`` file's own
+    ``attention_mask``, if it has one, must equal the data's (the corrupted prompts share the clean ones' mask);
+    Gaussian noise is added to every token embedding, padding included (padding is read by no real token).
     """
     from ..patching import KL, GaussianNoise, activation_patching
 
@@ -547,19 +720,27 @@ def run_user_patch(
     if sites is not None and not sites:
         raise ValueError("sites is empty: give at least one site")
     out_folder(out)
-    model, clean = _model_and_tokens(model_dir, data, dtype, upcast="patching", tokens=tokens, device=device)
+    model, clean, mask = _model_and_tokens(
+        model_dir, data, dtype, upcast="patching", tokens=tokens, device=device, attention_mask=attention_mask
+    )
     if sites is None:
         sites = tuple(s for s in DEFAULT_SITES if not (model.cfg.attn_only and s == "mlp_out"))
     corr = None
     if corrupted is not None:
-        corr = load_tokens(corrupted, **token_limits(model), argument="corrupted")
+        corr, corr_mask = load_tokens(corrupted, **token_limits(model), argument="corrupted", with_mask=True)
         if corr.shape != clean.shape:
             raise ValueError(
                 f"corrupted={corrupted!r} has shape {tuple(corr.shape)}; it must match data's {tuple(clean.shape)}"
             )
+        check_same_mask(corrupted, corr_mask, data, mask)
         corr = corr[:max_prompts]
     clean = clean[:max_prompts]
-    if corr is not None and torch.equal(corr, clean):
+    if mask is not None:
+        mask = mask[:max_prompts]
+    real = None if mask is None else mask.bool()
+    if corr is not None and (
+        torch.equal(corr, clean) if real is None else torch.equal(corr[real], clean[real])
+    ):
         raise ValueError(
             f"corrupted={corrupted!r} equals data on the {clean.shape[0]} prompts patched: the corrupted run is the "
             "clean run, so there is no effect to patch back; give corrupted prompts that differ from the clean "
@@ -576,6 +757,12 @@ def run_user_patch(
             )
             raise ValueError(f"sites: {site!r} does not exist in this model ({why}); leave it out")
     corruption = None if corr is not None else GaussianNoise(seed=seed)
+    # the metric reads each prompt's last real token: the last column unless a row is right-padded
+    position = -1
+    if mask is not None:
+        last = last_real_positions(mask)
+        if bool((last != clean.shape[1] - 1).any()):
+            position = last
     summary = {
         "model": str(model_dir),
         "data": str(data),
@@ -588,11 +775,20 @@ def run_user_patch(
         ),
         "sites": {},
     }
+    if mask is not None:
+        summary["attention_mask"] = True
+        summary["metric_position"] = (
+            "the last column (each prompt's last real token)"
+            if isinstance(position, int)
+            else [int(v) for v in position]
+        )
     for site in sites:
         ckpt = None if checkpoint is None else os.path.join(checkpoint, f"patch_{site}.npz")
+        masking = {} if mask is None else {"attention_mask": mask}
         res = activation_patching(
-            model, site, clean, corr, metric=KL(), corruption=corruption, checkpoint=ckpt, quiet=quiet
-        )
+            model, site, clean, corr, metric=KL(position), corruption=corruption, checkpoint=ckpt, quiet=quiet,
+            **masking,
+        )  # fmt: skip
         path = os.path.join(out, f"patch_{site}.csv")
         # normalised (1 = clean run restored) where the corrupted run moved the metric; else the raw change
         gap = None if res.corrupted is None else (res.clean - res.corrupted).mean()
@@ -627,6 +823,7 @@ def run_user_chi(
     quiet: bool = True,
     tokens: torch.Tensor | None = None,
     device: str | torch.device | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> dict:
     """Per-token susceptibilities of every head, MLP and the embedding of the model in ``model_dir``, probed on
     the first ``num_probe`` sequences of ``data`` and sampled on all of them. Writes ``chi.npz``
@@ -636,23 +833,30 @@ def run_user_chi(
     resumes (a run with other settings, model or data is refused). ``quiet=False`` shows progress bars.
     ``tokens``: the ids :func:`load_tokens` has read from ``data`` (the file is then not read again). ``device``:
     where the model is sampled (``"cpu"``, ``"cuda"``, ``"cuda:<index>"``; None: the CPU). The chains run batched
-    where their stacked parameters fit (:func:`_sampled`): the same draws, up to float rounding, in less time."""
+    where their stacked parameters fit (:func:`_sampled`): the same draws, up to float rounding, in less time.
+    ``attention_mask``: the mask :func:`load_tokens` has read with ``tokens`` (read from ``data`` when ``tokens``
+    is None): the sampling batches and the probe are ``{"input_ids", "attention_mask"}`` dicts (:func:`_batches`);
+    the probe's padding tokens are not counted (their columns hold 0, as
+    :attr:`~pypattern.SusceptibilityResult.probe_counted` says)."""
     from ..susceptibility import susceptibilities
 
     _count("num_probe", num_probe)
     out_folder(out)
     if checkpoint is not None:
         out_folder(checkpoint, "checkpoint")
-    model, tokens = _model_and_tokens(model_dir, data, dtype, upcast="sampling", tokens=tokens, device=device)
+    model, tokens, mask = _model_and_tokens(
+        model_dir, data, dtype, upcast="sampling", tokens=tokens, device=device, attention_mask=attention_mask
+    )
     _check_default_nbeta(data, tokens, batch_size, nbeta)
     components = [c for c in model.components() if c != "unembed"]
-    loader = _batches(tokens, batch_size)
+    loader = _batches(tokens, batch_size, mask)
+    probe = tokens[:num_probe] if mask is None else loader.dataset.batch(slice(0, num_probe))
     # every component's chains sample together (one group): stacked, they are chains x components copies
     res = _sampled(
         lambda batched: susceptibilities(
             model,
             loader,
-            tokens[:num_probe],
+            probe,
             components,
             num_chains=num_chains,
             num_draws=num_draws,
