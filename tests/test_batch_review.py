@@ -174,15 +174,17 @@ def test_genuine_nan_keeps_the_data_or_weights_message(llama, loader, probe):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_a_tokenizer_output_is_read_by_patching_and_refused_by_circuits(llama, side):
-    """Patching reads a tokenizer's output as its ids and mask: left-padded, the metric's last position is each
-    prompt's last real token; right-padded, it falls on padding and is refused, naming the row. The circuit
-    functions take no mask: refused, saying what to give."""
+@pytest.mark.filterwarnings("ignore:edge_attribution. every edge score is 0:RuntimeWarning")
+def test_a_tokenizer_output_is_read_by_patching_and_by_circuits(llama, side):
+    """Patching and the circuit functions read a tokenizer's output as its ids and mask: left-padded, the
+    metric's last position is each prompt's last real token; right-padded, it falls on padding and is refused,
+    naming the row. The circuits' engine, handed one directly, refuses it, saying what to give."""
     enc = transformers.BatchEncoding(_pad(_seqs([7, 5, 6], seed=7), side, labels=False))
     metric = pp.LogitDiff(torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8]))
     calls = [
         lambda: pp.activation_patching(llama, "resid_pre", enc, enc, metric=metric, quiet=True),
         lambda: pp.attribution_patching(llama, dict(enc), dict(enc), metric=metric),
+        lambda: pp.circuits.edge_attribution(llama, enc, enc, metric=metric),
     ]
     for call in calls:
         if side == "left":
@@ -192,13 +194,13 @@ def test_a_tokenizer_output_is_read_by_patching_and_refused_by_circuits(llama, s
                 ValueError, match=r"position 6 of row 1, which attention_mask marks as padding"
             ):
                 call()
+    from pypattern.circuits.engine import prepare_runs
+
     with pytest.raises(TypeError) as e:
-        pp.circuits.edge_attribution(llama, enc, enc, metric=metric)
+        prepare_runs(pp.from_hf(llama), None, enc, enc, metric)
     msg = str(e.value)
-    assert "The circuit functions take no attention mask" in msg and "input_ids" in msg, msg
-    assert "right-padded" in msg and "position=attention_mask.sum(1) - 1" in msg, msg
-    assert "left padding changes the numbers" in msg, msg
-    assert ("left-padded (row 1" in msg) == (side == "left"), msg
+    assert msg.startswith("clean is a BatchEncoding") and "input_ids" in msg, msg
+    assert "attention_mask=" in msg and "edge_attribution" in msg, msg
 
 
 def test_right_padding_with_per_example_positions_is_exact(llama):

@@ -13,7 +13,7 @@ Hugging Face model itself, with torch hooks on its modules:
 - the token id sitting in the padding changes nothing (but a per-position mean over the batch, which mixes
   padding into the real positions' means);
 - left padding: what the Hugging Face forward does with it (with and without ``position_ids``), and that every
-  public call refuses a tokenizer's output, naming left padding; clean and corrupted of other lengths are refused.
+  public call reads a tokenizer's output as its ids and mask; clean and corrupted of other lengths are refused.
 """
 
 from __future__ import annotations
@@ -574,12 +574,11 @@ def test_the_hf_forward_counts_positions_from_the_first_pad_without_position_ids
 
 
 @pytest.mark.parametrize("form", ["tensors", "tensors with position_ids", "lists", "numpy"])
-def test_left_padded_batch_encoding_read_by_patching_and_refused_by_circuits_naming_the_padding(form):
+def test_left_padded_batch_encoding_read_by_patching_and_by_circuits(form):
     """A tokenizer's left-padded output (``return_tensors="pt"``, with ``position_ids`` counted from the first
-    real token or not, ``"np"``, or plain lists) is read by the patching calls as its ids and mask (the same
-    values as the tensors with ``attention_mask=``; as corrupted prompts beside unmasked clean ones it is refused:
-    one mask serves both), and refused by the circuit calls with a message that says the mask is left-padded,
-    names the row and says how to pad instead."""
+    real token or not, ``"np"``, or plain lists) is read by the patching and the circuit calls as its ids and mask
+    (the same values as the tensors with ``attention_mask=``; as corrupted prompts beside unmasked clean ones it is
+    refused: one mask serves both)."""
     m = model("qwen2")
     clean, corrupted = prompts()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 1, 1, 1]])
@@ -612,16 +611,16 @@ def test_left_padded_batch_encoding_read_by_patching_and_refused_by_circuits_nam
         ):
             call(clean, enc)
     circuits = {
-        "patch_edges": lambda c, k: patch_edges(m, ["embed->logits"], c, k, metric=met),
-        "edge_attribution": lambda c, k: edge_attribution(m, c, k, metric=met),
-        "faithfulness": lambda c, k: faithfulness(m, [], c, k, metric=met),
+        "patch_edges": lambda c, k, **kw: patch_edges(m, ["embed->logits"], c, k, metric=met, **kw),
+        "edge_attribution": lambda c, k, **kw: edge_attribution(m, c, k, metric=met, **kw).values,
+        "faithfulness": lambda c, k, **kw: torch.tensor(faithfulness(m, [], c, k, metric=met, **kw)),
     }
     for label, call in circuits.items():
-        for args, arg in (((enc, corrupted), "clean"), ((clean, enc), "corrupted")):
-            with pytest.raises(TypeError, match=r"left-padded \(row 0 .*padding_side = 'right'") as info:
-                call(*args)
-            assert arg in str(info.value).split(" ")[0], label
-            assert "The circuit functions take no attention mask" in str(info.value), label
+        torch.testing.assert_close(
+            call(enc, corrupted), call(clean, corrupted, attention_mask=mask), rtol=0, atol=0, msg=label
+        )
+        with pytest.raises(ValueError, match=r"corrupted holds an attention_mask other than the clean"):
+            call(clean, enc)
 
 
 def test_clean_and_corrupted_of_other_lengths_or_batches_are_refused_naming_both_shapes():

@@ -116,10 +116,19 @@ def _seq_len(clean) -> int:
 
         from ..patching.api import _mapping_prompts
 
-        if isinstance(clean, Mapping):  # a tokenizer's output: patching reads no attention mask
+        if isinstance(clean, Mapping):  # a tokenizer's output not read by _read_prompts
             raise TypeError(_mapping_prompts(clean, "clean"))
         raise TypeError(f"clean is a {type(clean).__name__}; give a LongTensor (batch, pos)")
     return clean.shape[-1]
+
+
+def _read_prompts(clean, corrupted, attention_mask):
+    """``(clean, corrupted, attention_mask)`` with a tokenizer's output (a dict or ``BatchEncoding``) given as
+    ``clean`` or ``corrupted`` read as its ids and mask (:func:`~pypattern.patching.api.read_prompts`: one mask
+    for both, equal to ``attention_mask`` when that is given too)."""
+    from ..patching.api import read_prompts
+
+    return read_prompts(clean, corrupted, attention_mask, names=("clean", "corrupted"))
 
 
 def _circuit_mask(edges, graph: EdgeGraph | None):
@@ -291,6 +300,7 @@ def patch_edges(
     ablation: str = "resample",
     graph: EdgeGraph | None = None,
     mean_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -306,7 +316,10 @@ def patch_edges(
         ``corrupted`` may be None for ``mode="noise"`` with ``ablation="mean"`` (mean over the clean batch) or
         ``"zero"``. With ``mode="noise"`` and ``ablation="mean"`` it is read only through its per-position mean, so
         it may hold any number of prompts (of the clean prompts' length): the reference batch of the mean.
-        ``TokenReplacement(tokens)`` of :mod:`pypattern.patching` is its ``tokens``.
+        ``TokenReplacement(tokens)`` of :mod:`pypattern.patching` is its ``tokens``. A tokenizer's output (a dict
+        or ``BatchEncoding`` holding ``input_ids`` and optionally ``attention_mask``, padded on either side) is read
+        as its ids and ``attention_mask``; the corrupted prompts' mask must be the clean ones', and one given as
+        ``attention_mask=`` too must be the same.
     metric : Metric
         Maps logits ``(..., batch, vocab)`` at ``metric.position`` to ``(..., batch)`` (e.g.
         :class:`~pypattern.patching.LogitDiff`).
@@ -333,6 +346,17 @@ def patch_edges(
         prompts real there only, independent of the pad token; a position where none is real gets 0 (with right
         padding it follows every real token of those prompts, so it cannot change a metric read at a real
         position of theirs). As ``MeanAblation(attention_mask=...)`` in :mod:`pypattern.patching`.
+    attention_mask : Tensor ``(batch, pos)``, optional
+        The clean prompts' padding (shared by the corrupted prompts), 1 at a real token and 0 at padding, on either
+        side (a Llama-family tokenizer pads on the left). Every run (the base, source and patched runs; EAP's and
+        EAP-IG's forwards and backwards) computes under it as the model's masked forward does: padding keys are
+        masked out of every attention, a query with no key left gets a zero pattern, and each row's real tokens
+        are at positions ``0 .. n-1`` (learned, rotary and ALiBi positions), so each row's values are those of its
+        prompt alone. The metric must read real tokens (a ``position=`` per example over right padding; the last
+        position over left padding). ``ablation="mean"`` over the clean prompts takes it as ``mean_mask`` (right
+        padding; left padding is refused: a column of left-padded prompts holds tokens at other positions); a
+        mean over ``corrupted`` reference prompts runs them unmasked, under their own ``mean_mask``. Without
+        padding (None, or all ones) the runs take no mask.
     max_batch : int, optional
         Edge sets per forward; default: as many as ``memory_budget`` allows.
     memory_budget : float
@@ -356,6 +380,7 @@ def patch_edges(
     :func:`edge_attribution` does.
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "patch_edges")
     model = _converted(model, "patch_edges")
     check_graph_arg(graph)
@@ -372,6 +397,7 @@ def patch_edges(
         memory_budget=memory_budget,
         call="patch_edges",
         mean_mask=mean_mask,
+        attention_mask=attention_mask,
     )
     if not _CALL_WARNED.get():  # (edge_attribution's own check of its scores calls patch_edges: warned there)
         _warn_if_no_op("patch_edges", clean, corrupted, metric, ablation, "patched edge's effect")
@@ -514,6 +540,7 @@ def edge_attribution(
     per_position: bool = False,
     graph: EdgeGraph | None = None,
     mean_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -524,7 +551,7 @@ def edge_attribution(
 
     Parameters
     ----------
-    model, clean, corrupted, metric, ablation, graph, mean_mask
+    model, clean, corrupted, metric, ablation, graph, mean_mask, attention_mask
         As in :func:`patch_edges`.
     method : {"eap", "eap-ig", "exact"}
         ``"eap"`` (Syed et al. 2023): ``(A_u - out_u) . dM/d(input of v)`` with the gradient at the base run;
@@ -565,8 +592,8 @@ def edge_attribution(
     checkpoint : str, optional
         ``"exact"`` only: a file the scores so far are written to as they are computed (atomically, no pickle;
         every 30 s, at the end, and when the scoring stops on an exception; a stop by Ctrl-C or SIGTERM writes them
-        too), from which a call with the same model weights, prompts, metric, graph, mode and ablation resumes,
-        computing only the rest; a call that differs in any of them is refused
+        too), from which a call with the same model weights, prompts (and attention mask), metric, graph, mode and
+        ablation resumes, computing only the rest; a call that differs in any of them is refused
         (:class:`pypattern.io.FingerprintMismatch` naming what differs). The finished scores stay in it: the same
         call again returns them at once.
 
@@ -582,6 +609,7 @@ def edge_attribution(
     """
     memory_arg = "max_memory" if max_memory is not None else "memory_budget"
     memory_budget = _memory_setting(memory_budget, max_memory)
+    clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "edge_attribution")
     model = _converted(model, "edge_attribution")
     check_graph_arg(graph)
@@ -634,6 +662,7 @@ def edge_attribution(
         defer_base=method != "exact",  # the gradient run of the base prompts records the base run
         call="edge_attribution",
         mean_mask=mean_mask,
+        attention_mask=attention_mask,
     )
     _warn_if_no_op("edge_attribution", clean, corrupted, metric, ablation, "edge score")
     passes = 0
@@ -705,6 +734,7 @@ def edge_attribution(
                     ablation=ablation,
                     graph=graph,
                     mean_mask=mean_mask,
+                    attention_mask=attention_mask,
                     max_batch=max_batch,
                     memory_budget=memory_budget,
                 )[u.to(info["m_base"].device)],
@@ -954,7 +984,8 @@ def _run_in_blocks(done, total, block, run_block, save, bar, saved: float, unsav
 def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode, ablation, **more) -> dict:
     """What makes a checkpointed circuit computation the same run: its kind, mode and ablation, the model's
     architecture (:func:`~pypattern.sampling.checkpoint.model_architecture`: its module tree and configuration, which
-    the weights do not show), the graph's nodes and edges, the prompts, the metric (its code and the values it gives
+    the weights do not show), the graph's nodes and edges, the prompts (and their attention mask when it holds
+    padding), the metric (its code and the values it gives
     on the base run: a change its name hides), the model's weights and ``more``."""
     from .. import io
     from ..sampling.checkpoint import model_architecture
@@ -973,6 +1004,8 @@ def _run_fingerprint(kind, engine, graph, model, clean, corrupted, metric, mode,
         base_metric=engine.base_metric(),
         # a mean ablation's mask (left out without one, as fingerprints leave items at their defaults out)
         **({} if engine.mean_mask is None else {"mean_mask": engine.mean_mask.cpu()}),
+        # the runs' attention mask when it holds padding (the runs without padding take none)
+        **({} if engine.keep is None else {"attention_mask": engine.keep.cpu()}),
         **more,
     )
 
@@ -1084,6 +1117,7 @@ def faithfulness(
     ablation: str = "resample",
     graph: EdgeGraph | None = None,
     mean_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -1098,7 +1132,7 @@ def faithfulness(
 
     Parameters
     ----------
-    model, edges, clean, corrupted, metric, mode, ablation, graph, mean_mask
+    model, edges, clean, corrupted, metric, mode, ablation, graph, mean_mask, attention_mask
         As in :func:`patch_edges`.
     max_batch : int, optional
         Circuits (edge sets) evaluated per forward; default: as many as ``memory_budget`` allows.
@@ -1113,6 +1147,7 @@ def faithfulness(
     :func:`patch_edges`).
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "faithfulness")
     model = _converted(model, "faithfulness")
     check_graph_arg(graph)
@@ -1129,6 +1164,7 @@ def faithfulness(
         memory_budget=memory_budget,
         call="faithfulness",
         mean_mask=mean_mask,
+        attention_mask=attention_mask,
     )
     keep = _measured(info["m_clean"], info["m_base"], mode)
     E = len(graph)
@@ -1299,6 +1335,7 @@ def pruning_curve(
     ablation: str | None = None,
     graph: EdgeGraph | None = None,
     mean_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -1309,7 +1346,7 @@ def pruning_curve(
 
     Parameters
     ----------
-    model, clean, corrupted, metric, graph, mean_mask
+    model, clean, corrupted, metric, graph, mean_mask, attention_mask
         As in :func:`patch_edges`.
     scores : EdgeScores, Tensor ``(num_edges,)``, or a dict ``{name: EdgeScores or Tensor}`` (one curve each);
         scores holding NaN are refused
@@ -1376,6 +1413,7 @@ def pruning_curve(
                 f"score per edge, or a dict of them{hint}"
             )
     mode, ablation = _curve_frame(scores, mode, ablation)
+    clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "pruning_curve")
     first_name, first = next(iter(scores.items()))
     graph_from = "graph="
@@ -1433,6 +1471,7 @@ def pruning_curve(
         memory_budget=memory_budget,
         call="pruning_curve",
         mean_mask=mean_mask,
+        attention_mask=attention_mask,
     )
     keep = _measured(info["m_clean"], info["m_base"], mode)
     ends = torch.stack([torch.ones(E, dtype=torch.bool), torch.zeros(E, dtype=torch.bool)])
@@ -1550,6 +1589,7 @@ def acdc(
     per_position: bool = False,
     graph: EdgeGraph | None = None,
     mean_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
     max_batch: int | None = None,
     memory_budget: float = 1e9,
     max_memory: int | None = None,
@@ -1587,7 +1627,7 @@ def acdc(
 
     Parameters
     ----------
-    model, clean, corrupted, metric, ablation, graph, mean_mask
+    model, clean, corrupted, metric, ablation, graph, mean_mask, attention_mask
         As in :func:`patch_edges`.
     threshold : float
         The largest drop of the metric at which an edge is removed, ``>= 0``, in units of the metric (e.g. logit
@@ -1619,8 +1659,8 @@ def acdc(
         A file the search's state is written to (atomically, no pickle): when a destination input is done and 30
         seconds have passed since the last write, at the end, and when the search is stopped (a stop by Ctrl-C or
         SIGTERM writes it too, as does an error: the state after the last destination input done); a call with the
-        same model weights, prompts, metric, graph, mode, ablation and threshold resumes from it with the same
-        result as an uninterrupted call. A call that differs in any of them is refused
+        same model weights, prompts (and attention mask), metric, graph, mode, ablation and threshold resumes from
+        it with the same result as an uninterrupted call. A call that differs in any of them is refused
         (:class:`pypattern.io.FingerprintMismatch` naming what differs). The finished search stays in it: the same
         call again returns its circuit at once.
 
@@ -1632,6 +1672,7 @@ def acdc(
         (``num_runs``) and of the edges removed without a test (``num_untested``).
     """
     memory_budget = _memory_setting(memory_budget, max_memory)
+    clean, corrupted, attention_mask = _read_prompts(clean, corrupted, attention_mask)
     corrupted, ablation, mean_mask = corruption_args(corrupted, ablation, mean_mask, mode, "acdc")
     model = _converted(model, "acdc")
     check_graph_arg(graph)
@@ -1662,6 +1703,7 @@ def acdc(
         memory_budget=memory_budget,
         call="acdc",
         mean_mask=mean_mask,
+        attention_mask=attention_mask,
     )
     E = len(graph)
     keep = torch.ones(E, dtype=torch.bool)

@@ -40,7 +40,14 @@ from .._memory import huge_pages_hint, keep_freed_heap, warn_budget_too_small
 from ..models.packed import block_weight_bytes, frozen_fixed_weights
 from ..models.transformer import affine
 from ..ops.sums import signed_sums
-from ..patching.api import _couples_examples, check_tokens
+from ..patching.api import (
+    _couples_examples,
+    _same_mask,
+    check_positions_real,
+    check_tokens,
+    padding_before_real,
+    patching_mask,
+)
 from ..patching.corruptions import (
     Corruption,
     GaussianNoise,
@@ -198,6 +205,8 @@ class EdgeEngine:
         # the inputs formed were checked for cancellation (once per engine: _check_cancellation)
         self.ablation, self.call, self._rounding_checked = None, "prepare_runs", _CALL_WARNED.get()
         self.mean_mask = None  # mean ablation's mask of the source prompts (B, T) bool, or None: every prompt
+        # the runs' attention mask (B, T) bool (ModelView.set_mask), or None: prompts without padding
+        self.keep = None
         self._checking = False  # a run() call checking the inputs it forms (_check_cancellation)
         # the recomputed blocks of the patched runs being computed, by id, and which of their terms are zero
         # (_dead_terms; each tensor is held so that its id is not reused)
@@ -1629,6 +1638,33 @@ def corruption_args(corrupted, ablation, mean_mask, mode: str, call: str):
     return ref, "mean", mask if mask is not None else mean_mask
 
 
+def _mean_with_mask(mean_mask, keep: torch.Tensor | None, mode: str, corrupted):
+    """The ``mean_mask`` of ``ablation="mean"`` under the runs' attention mask ``keep (batch, pos)`` (bool, or
+    None), by :func:`~pypattern.patching.api.mean_with_mask`'s rules: without padding, as given; with padding
+    before a real token refused (the columns of left-padded prompts hold tokens at other positions, whose mean
+    means nothing); a mean over reference prompts of their own (noising with ``corrupted``) takes their own
+    ``mean_mask``; a mean over the clean prompts takes ``keep`` (a ``mean_mask`` given must equal it)."""
+    if keep is None or bool(keep.all()):
+        return mean_mask
+    row = padding_before_real(keep)
+    if row is not None:
+        raise ValueError(
+            f"ablation='mean' with a left-padded attention_mask (row {row} has padding before a real token): the "
+            "mean per position would mix the prompts' tokens at other positions; pad the prompts on the right "
+            "(the mean then takes the prompts real at each position), or use ablation='resample' or 'zero'"
+        )
+    if mode == "noise" and corrupted is not None:
+        return mean_mask  # reference prompts: their own mask (mean_mask) is the mean's
+    if mean_mask is None:
+        return keep
+    if not _same_mask(mean_mask, keep):
+        raise ValueError(
+            "mean_mask differs from attention_mask: both mask the clean prompts the mean is over; give the same "
+            "mask (or leave mean_mask out: the mean then takes the prompts real at each position)"
+        )
+    return mean_mask
+
+
 def prepare_runs(
     model,
     graph: EdgeGraph | None,
@@ -1643,6 +1679,7 @@ def prepare_runs(
     defer_base: bool = False,
     call: str = "prepare_runs",
     mean_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[EdgeEngine, dict]:
     """Run the clean, corrupted and source prompts and build the :class:`EdgeEngine`.
 
@@ -1660,6 +1697,13 @@ def prepare_runs(
     ``mean_mask``: with ``ablation="mean"``, ``(batch, pos)`` 0/1 of the source prompts (1 a real token, right
     padding): the mean at each position is over the prompts real there (0 where none is); refused with another
     ablation.
+
+    ``attention_mask``: ``(batch, pos)`` of the clean prompts, shared by the corrupted ones (checked by
+    :func:`~pypattern.patching.api.patching_mask`). With padding, every run (the base, source and patched runs,
+    the gradient runs) computes under it (:meth:`ModelView.set_mask`): each row's real tokens as its prompt
+    alone. The metric must read real tokens; a mean ablation takes the mask as its ``mean_mask`` (right padding;
+    left padding is refused, as :func:`~pypattern.patching.api.mean_with_mask` refuses it), but for reference
+    prompts of their own (noising with ``corrupted``), which run unmasked under their own ``mean_mask``.
     """
     if not isinstance(mode, str) or mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not valid; choose 'noise' or 'denoise'")
@@ -1678,6 +1722,7 @@ def prepare_runs(
     if corrupted is not None:
         corrupted = check_tokens(corrupted, "corrupted", d_vocab)
     B, T_full = clean.shape
+    keep = patching_mask(attention_mask, (B, T_full))
     # noising with a mean ablation reads corrupted only through its per-position mean: any number of reference
     # prompts of the clean prompts' length (as MeanAblation's reference_tokens)
     any_batch = mode == "noise" and ablation == "mean"
@@ -1698,15 +1743,17 @@ def prepare_runs(
             "(or use mode='noise' with ablation='mean' or 'zero')"
         )
     warn_if_corrupted_unread(call, corrupted, mode, ablation)
+    if mean_mask is not None and ablation != "mean":
+        raise ValueError(
+            f"mean_mask is given with ablation={ablation!r}: it masks the per-position mean of "
+            "ablation='mean' only; give ablation='mean' or leave mean_mask out"
+        )
     if mean_mask is not None:
-        if ablation != "mean":
-            raise ValueError(
-                f"mean_mask is given with ablation={ablation!r}: it masks the per-position mean of "
-                "ablation='mean' only; give ablation='mean' or leave mean_mask out"
-            )
         # the mask of the prompts the mean is over: corrupted when noising with them, else the clean ones
         src = corrupted if mode == "noise" and corrupted is not None else clean
         mean_mask = checked_mean_mask(mean_mask, "mean_mask", tuple(src.shape))
+    if ablation == "mean":
+        mean_mask = _mean_with_mask(mean_mask, keep, mode, corrupted)
     if graph.per_position and graph.n_pos != T_full:
         raise ValueError(f"the graph has n_pos={graph.n_pos} positions; the prompts have {T_full}")
     limit = model.cfg.max_positions
@@ -1716,9 +1763,11 @@ def prepare_runs(
             f"most {limit} tokens"
         )
     pos = metric_positions(metric, B, T_full)
+    check_positions_real(keep, pos)
     T = (pos if isinstance(pos, int) else int(pos.max())) + 1
     clean, corrupted = clean[:, :T], (corrupted[:, :T] if corrupted is not None else None)
     mean_mask = mean_mask[:, :T] if mean_mask is not None else None
+    view.set_mask(None if keep is None else keep[:, :T])  # (a mask without padding: none)
     # the runs are on the model's device: prompts and per-example positions go there (no copy when they are)
     device = view.device
     clean = clean.to(device)
@@ -1773,7 +1822,13 @@ def _record_runs(
         src_pos = (
             pos if isinstance(pos, int) or src_tokens.shape[0] == B else pos.new_zeros(src_tokens.shape[0])
         )
-        src_run = clean_run if src_tokens is clean else node_run(view, graph, view.embed(src_tokens), src_pos)
+        if src_tokens is clean:
+            src_run = clean_run
+        else:
+            # a mean ablation's reference prompts run unmasked (their own mean_mask masks the mean)
+            own = view.unmasked() if ablation == "mean" else contextlib.nullcontext()
+            with own:
+                src_run = node_run(view, graph, view.embed(src_tokens), src_pos)
         A = src_run.outs
         if ablation == "mean":
             A = masked_mean(A, mean_mask, 1, 2).expand(A.shape[0], B, *A.shape[2:])
@@ -1781,6 +1836,7 @@ def _record_runs(
         view, graph, base, A, x_base, metric, pos, T, max_batch, memory_budget, src_embed=src_embed
     )
     engine.mean_mask = mean_mask  # the pending mean (a base run still to be recorded) reads it
+    engine.keep = view.keep
     engine.bound = clean_run is not None
     engine.ablation = ablation
     # one run's logits and the metric's temporaries, counted once

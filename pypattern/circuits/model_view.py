@@ -29,7 +29,9 @@ reads.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -112,11 +114,43 @@ class ModelView:
         self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False)) and self.has_mlp
         self.rotary = bool(getattr(cfg, "rotary", False))
         self.dtype = model.embed.W_E.dtype
+        # the runs' attention mask (set_mask): ``keep (B, T)`` bool, True at a real token, and ``pos_ids (B, T)``
+        # each row's positions; None without padding
+        self.keep: torch.Tensor | None = None
+        self.pos_ids: torch.Tensor | None = None
         if check:
             sig = self._signature()
             if _CHECKED.get(model) != sig:
                 self._check()
                 _CHECKED[model] = sig
+
+    def set_mask(self, keep: torch.Tensor | None) -> None:
+        """Compute every later run under the attention mask ``keep (B, T)`` (bool, True: a real token), as the model's
+        masked forward does (:meth:`Transformer.forward <pypattern.models.Transformer.forward>` with
+        ``attention_mask=keep`` and ``position_ids = real_token_positions(keep)``, 0 at padding): padding keys are
+        masked out of every softmax on top of the causal (and sliding-window) mask, a query left with no key gets a
+        pattern of zeros, and learned positions, rotary angles and ALiBi biases are read at each row's positions,
+        so each row's real tokens are computed as its prompt alone. The runs' tensors hold the batch ``B`` right
+        before the position axis. None, or a mask without padding: the unmasked runs."""
+        from ..models.transformer import real_token_positions
+
+        if keep is None or bool(keep.all()):
+            self.keep = self.pos_ids = None
+            return
+        keep = keep.to(self.device, torch.bool)
+        self.keep = keep
+        self.pos_ids = real_token_positions(keep).masked_fill(~keep, 0)
+
+    @contextlib.contextmanager
+    def unmasked(self) -> Iterator[None]:
+        """The runs inside take no attention mask (prompts of another batch: a mean ablation's reference
+        prompts)."""
+        keep, pos = self.keep, self.pos_ids
+        self.keep = self.pos_ids = None
+        try:
+            yield
+        finally:
+            self.keep, self.pos_ids = keep, pos
 
     @property
     def device(self) -> torch.device:
@@ -141,8 +175,11 @@ class ModelView:
 
     # ----- embedding and unembedding -------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token plus positional embedding, one node: ``(batch, pos)`` -> ``(batch, pos, d_model)``."""
-        return self.model.embed_tokens(tokens)
+        """Token plus positional embedding, one node: ``(batch, pos)`` -> ``(batch, pos, d_model)`` (under a mask,
+        learned positions at each row's positions)."""
+        if self.pos_ids is None:
+            return self.model.embed_tokens(tokens)
+        return self.model.embed_tokens(tokens, self.pos_ids)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding (tied or not, with its bias if any): ``(..., d_model)`` -> ``(..., d_vocab)``."""
@@ -173,12 +210,15 @@ class ModelView:
 
     def _rotate(self, layer: int, x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
         """The model's rotary embedding of head-first ``x (h, ..., T, d_head)`` at absolute positions ``pos (T,)``
-        (identity without rotary positions)."""
+        (identity without rotary positions); under a mask (:meth:`set_mask`) ``pos`` are columns and ``x`` is
+        ``(h, ..., B, T, d_head)``, rotated at each row's positions there."""
         if not self.rotary:
             return x
         if pos is None:
             pos = torch.arange(x.shape[-2])
         pos = pos.to(x.device)
+        if self.pos_ids is not None:
+            pos = self.pos_ids[:, pos]  # (B, T)
         return self.model.blocks[layer].attn.rotate(x.unsqueeze(-2), pos).squeeze(-2)
 
     #: per-head products of at least this many multiply-adds go through oneDNN's matmul where the process uses it
@@ -737,6 +777,10 @@ class ModelView:
         if k_pos is None:
             k_pos = torch.arange(k.shape[-2])
         mask = a.attn_mask(q_pos.to(q.device), k_pos.to(q.device))
+        dead = None
+        if self.keep is not None:  # padding keys masked too (B, Tq, Tk); a query with no key left is dead
+            mask = mask[None] | ~self.keep[:, None, k_pos.to(q.device)]
+            dead = mask.all(-1, keepdim=True)
         G = self.n_groups
         if heads is not None:
             kv = self.kv_heads_of(heads)
@@ -746,22 +790,40 @@ class ModelView:
                 k, v = k[idx], v[idx]
             G = 1
         q, k = a.qk_cast(q, k)
-        bias = a.position_bias(k_pos.to(q.device), q.dtype)  # (n_heads, Tk) or None
+        if self.pos_ids is None:
+            bias = a.position_bias(k_pos.to(q.device), q.dtype)  # (n_heads, Tk) or None
+        else:  # each row's keys at its positions: (B, n_heads, Tk) -> (n_heads, B, Tk)
+            bias = a.position_bias(self.pos_ids[:, k_pos.to(q.device)], q.dtype)
+            bias = None if bias is None else bias.movedim(1, 0)
         if bias is not None and heads is not None:
             bias = bias[torch.tensor(heads, device=q.device)]
+        # the bias over the scores' axes: (..., 1, Tk), or (..., B, 1, Tk) at each row's positions
+        tail = None
+        if bias is not None:
+            tail = [bias.shape[-1]] if bias.dim() == 2 else [bias.shape[1], 1, bias.shape[-1]]
         if G > 1:  # each key/value head serves G consecutive query heads
             Hk = k.shape[0]
             qg = q.reshape(Hk, G, *q.shape[1:])
             scores = a.scale_scores(qg @ k.unsqueeze(1).transpose(-1, -2))
             if bias is not None:  # (Hk, G, ..., 1, Tk)
-                scores = scores + bias.reshape(Hk, G, *[1] * (scores.dim() - 3), bias.shape[-1])
-            pattern = a.softmax(a.cap(scores).masked_fill(mask, float("-inf")))
+                scores = scores + bias.reshape(Hk, G, *[1] * (scores.dim() - 2 - len(tail)), *tail)
+            pattern = self._pattern(a, scores, mask, dead)
             return (pattern @ v.unsqueeze(1)).reshape(q.shape)
         scores = a.scale_scores(q @ k.transpose(-1, -2))
         if bias is not None:  # (H, ..., 1, Tk)
-            scores = scores + bias.reshape(bias.shape[0], *[1] * (scores.dim() - 2), bias.shape[-1])
-        pattern = a.softmax(a.cap(scores).masked_fill(mask, float("-inf")))
+            scores = scores + bias.reshape(bias.shape[0], *[1] * (scores.dim() - 1 - len(tail)), *tail)
+        pattern = self._pattern(a, scores, mask, dead)
         return pattern @ v
+
+    @staticmethod
+    def _pattern(a, scores: torch.Tensor, mask: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+        """The pattern of ``scores`` (capped) under ``mask`` (True: may not attend); under a padding mask a dead
+        query (``dead``: no key left) gets a pattern of zeros, as :meth:`Attention.forward
+        <pypattern.models.transformer.Attention.forward>` gives it (no NaN, in the values or their gradient)."""
+        if dead is None:
+            return a.softmax(a.cap(scores).masked_fill(mask, float("-inf")))
+        masked = a.cap(scores).masked_fill(mask, float("-inf")).masked_fill(dead, 0.0)
+        return a.softmax(masked).masked_fill(dead, 0.0)
 
     def head_out(
         self, layer: int, z: torch.Tensor, heads: list[int] | None = None, out: torch.Tensor | None = None

@@ -176,19 +176,27 @@ def resolve_corruption(corrupted_tokens, corruption):
     return corruption
 
 
-def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric) -> None:
+def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric, keep=None) -> None:
     """Warn, once for the call ``call``, when its corruption changes nothing (corrupted prompts equal to the clean
     ones; a mean ablation over one prompt, the clean one; Gaussian noise of standard deviation 0) or its metric is
     0 on every run (a ``LogitDiff`` whose answer and wrong tokens are the same): every effect is then 0 whatever
     the model (see
-    :func:`~pypattern.patching.metrics.no_op_causes`). Arguments the call refuses are left to its checks."""
+    :func:`~pypattern.patching.metrics.no_op_causes`). ``keep``: the prompts' attention mask (bool ``(batch,
+    pos)``, :func:`patching_mask`) or None; under it the prompts are compared at their real tokens only (the
+    padding's ids reach no real token: corrupted prompts that differ from the clean ones at padding only change
+    nothing). Arguments the call refuses are left to its checks."""
     if corrupted_tokens is not None and corruption is not None:
         return  # ambiguous: refused by resolve_corruption
-    same = corrupted_tokens is not None and same_prompts(clean_tokens, corrupted_tokens)
+    same = corrupted_tokens is not None and (
+        same_prompts(clean_tokens, corrupted_tokens)
+        or _same_real_tokens(clean_tokens, corrupted_tokens, keep)
+    )
     mean_of_one = None
     if corrupted_tokens is None and isinstance(corruption, MeanAblation):
         ref = corruption.reference_tokens if corruption.reference_tokens is not None else clean_tokens
         if one_prompt(ref, clean_tokens):
+            mean_of_one = int(ref.shape[0])
+        elif corruption.reference_tokens is None and _one_real_prompt(clean_tokens, corruption, keep):
             mean_of_one = int(ref.shape[0])
     hint = " (or MeanAblation(reference_tokens=...) with other prompts)"
     no_noise = (
@@ -198,6 +206,36 @@ def warn_if_no_op(call: str, clean_tokens, corrupted_tokens, corruption, metric)
     )
     causes = no_op_causes(metric, same=same, mean_of_one=mean_of_one, mean_hint=hint, no_noise=no_noise)
     warn_no_op(call, causes, "effect")
+
+
+def _same_real_tokens(clean, other, keep) -> bool:
+    """Whether the token tensors ``clean`` and ``other`` hold the same ids at every real token of the mask ``keep``
+    (bool ``(batch, pos)`` of their shape; False without one or for anything else: left to the caller's checks)."""
+    if keep is None or not (isinstance(clean, torch.Tensor) and isinstance(other, torch.Tensor)):
+        return False
+    if (
+        clean.is_meta
+        or other.is_meta
+        or clean.shape != other.shape
+        or tuple(clean.shape) != tuple(keep.shape)
+    ):
+        return False
+    a, b = clean.detach().cpu(), other.detach().cpu()
+    return bool(((a == b) | ~keep.cpu()).all())
+
+
+def _one_real_prompt(clean, corruption, keep) -> bool:
+    """Whether a mean ablation over the clean prompts ``clean (batch, pos)``, taken under its mask (its own
+    ``attention_mask``, else the prompts' ``keep``), averages copies of one prompt: every row with the same mask
+    row and the same ids at its real tokens (the padding's ids are left out of the mean)."""
+    mask = corruption.attention_mask if corruption.attention_mask is not None else keep
+    if mask is None or not isinstance(clean, torch.Tensor) or clean.is_meta or clean.dim() != 2:
+        return False
+    mask = torch.as_tensor(mask).detach().cpu() != 0
+    if tuple(mask.shape) != tuple(clean.shape) or clean.shape[0] == 0:
+        return False
+    t = clean.detach().cpu()
+    return bool((mask == mask[:1]).all()) and bool(((t == t[:1]) | ~mask).all())
 
 
 def check_corruption_tokens(corruption, d_vocab: int | None, shape: tuple) -> None:
@@ -248,17 +286,26 @@ def check_tokens(
 
 def _mapping_prompts(tokens: Mapping, argument: str) -> str:
     """Why prompts given as a tokenizer's output (a ``BatchEncoding`` or dict) are refused by a function that takes
-    no attention mask (the circuit functions, whose prompts are named ``clean``/``corrupted``, and the other
-    callers of :func:`check_tokens`), and what to give."""
-    who = "the circuit functions take" if argument in ("clean", "corrupted") else "this function takes"
+    no attention mask (the callers of :func:`check_tokens`: the circuits' engine, whose prompts are named
+    ``clean``/``corrupted`` and which the circuit functions hand tensors and a mask, and the others), and what to
+    give."""
+    if argument in ("clean", "corrupted"):
+        return (
+            f"{argument} is a {type(tokens).__name__}; the circuits' runs (pypattern.circuits.engine.prepare_runs) "
+            "take a LongTensor (batch, pos) of token ids, with the mask as attention_mask=...: give its input_ids "
+            "and attention_mask apart, or call a circuit function (patch_edges, edge_attribution, faithfulness, "
+            "pruning_curve, acdc), which takes a tokenizer's output, or attention_mask=..., left padding included "
+            "(each row's values are those of its prompt alone; the metric must read real tokens, and "
+            "ablation='mean' needs right padding)"
+        )
     msg = (
-        f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos) of token ids. {who[0].upper()}"
-        f"{who[1:]} no attention mask: pass the input_ids of unpadded prompts of one length, or of right-padded "
+        f"{argument} is a {type(tokens).__name__}; give a LongTensor (batch, pos) of token ids. This function takes"
+        " no attention mask: pass the input_ids of unpadded prompts of one length, or of right-padded "
         "prompts with the metric read at each example's last real position (a Metric's per-example position, e.g. "
         "LogitDiff(answer, wrong, position=attention_mask.sum(1) - 1)); left padding changes the numbers (each "
-        "prompt's real tokens attend to its padding, at shifted positions). activation_patching and "
-        "attribution_patching take a tokenizer's output, or attention_mask=..., left padding included. A mean "
-        "ablation over the real tokens only takes the mask apart: mean_mask=... in circuits"
+        "prompt's real tokens attend to its padding, at shifted positions). activation_patching, "
+        "attribution_patching and the circuit functions take a tokenizer's output, or attention_mask=..., left "
+        "padding included"
     )
     am = tokens.get("attention_mask")
     if am is not None and not isinstance(am, torch.Tensor):
@@ -282,15 +329,17 @@ def _mapping_prompts(tokens: Mapping, argument: str) -> str:
 # attention masks of padded prompts
 
 
-def read_prompts(clean_tokens, corrupted_tokens, attention_mask):
+def read_prompts(clean_tokens, corrupted_tokens, attention_mask, names=("clean_tokens", "corrupted_tokens")):
     """``(clean_tokens, corrupted_tokens, attention_mask)`` with a tokenizer's output (a dict or ``BatchEncoding``
     holding ``input_ids`` and optionally ``attention_mask``) given as prompts read as its ids and mask. The
     corrupted prompts' mask must equal the clean ones' (one mask serves both runs), and a mask given both in a dict
     and as ``attention_mask=`` must be the same. Lists and NumPy arrays (``return_tensors=None`` / ``"np"``) are
-    read as tensors. The mask is returned as given (checked by :func:`patching_mask`)."""
+    read as tensors. The mask is returned as given (checked by :func:`patching_mask`). ``names``: the arguments'
+    names in the caller's signature (the messages name them)."""
     masks = []
     out = []
-    for tokens, argument in ((clean_tokens, "clean_tokens"), (corrupted_tokens, "corrupted_tokens")):
+    clean_name, corrupted_name = names
+    for tokens, argument in ((clean_tokens, clean_name), (corrupted_tokens, corrupted_name)):
         if not isinstance(tokens, Mapping):
             out.append(tokens)
             masks.append(None)
@@ -321,13 +370,13 @@ def read_prompts(clean_tokens, corrupted_tokens, attention_mask):
     clean_mask, corr_mask = masks
     if clean_mask is not None and attention_mask is not None and not _same_mask(clean_mask, attention_mask):
         raise ValueError(
-            "attention_mask is given and clean_tokens holds another one (its 'attention_mask'): give one of them, "
+            f"attention_mask is given and {clean_name} holds another one (its 'attention_mask'): give one of them, "
             "or the same mask in both"
         )
     mask = attention_mask if attention_mask is not None else clean_mask
     if corr_mask is not None and not _same_mask(corr_mask, mask):
         raise ValueError(
-            "attention_mask: corrupted_tokens holds an attention_mask other than the clean prompts' "
+            f"attention_mask: {corrupted_name} holds an attention_mask other than the clean prompts' "
             f"({'none given' if mask is None else 'they differ'}); the corrupted prompts share the clean prompts' "
             "mask: pad both batches alike (the same real positions in every row)"
         )
@@ -1006,8 +1055,12 @@ def activation_patching(
         the corrupted prompts, padding on either side (Llama-family tokenizers pad on the left). Every forward then
         runs with the mask and with ``position_ids = real_token_positions(mask)``: each prompt is computed as it
         would be alone, its real tokens at positions ``0 .. n-1`` and no real token attending to padding, so a
-        row's values are those of its prompt alone (at its columns). A patch at a padding column changes no real
-        token: its effect is 0 exactly. With padding before a real token in any row (left padding, or gaps) the
+        row's values are those of its prompt alone (at its columns). Padding between real tokens (a gap) is
+        masked the same way, but a sliding window (Mistral, Gemma 2 and 3, GPT-Neo's local layers) counts columns,
+        as the model's masked forward (Hugging Face's too) does: a gapped row of such a model is its masked
+        forward, not its prompt alone. A patch at a padding column changes no real token: its effect is 0
+        exactly. Corrupted prompts that differ from the clean ones at padding only change nothing (a warning says
+        so). With padding before a real token in any row (left padding, or gaps) the
         exact engine runs with the mask and these positions (padding keys masked out of every query, rotary and
         ALiBi positions per row), computing each cell as the masked forward does; with right padding only it runs
         without the mask (the real tokens never read the later padding). A model whose forward takes no
@@ -1376,7 +1429,7 @@ def _activation_patching(
                 f"site={site!r} does not exist in this model: it has no hook point {missing[0]!r} (a model with "
                 "attention and MLP in parallel has no resid_mid)"
             )
-    warn_if_no_op("activation_patching", clean_tokens, corrupted_tokens, corruption, metric)
+    warn_if_no_op("activation_patching", clean_tokens, corrupted_tokens, corruption, metric, keep)
     if method == "naive":
         check_batch_limits(max_batch, max_memory)  # one forward per cell: neither bounds it, both are checked
         runs = prepare_runs(

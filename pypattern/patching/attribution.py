@@ -453,7 +453,6 @@ def attribution_patching(
                 f"attached at {bypassed[:4]}: the q and k estimates leave them out (qk_fix=False keeps them)",
                 stacklevel=2,
             )
-    warn_if_no_op("attribution_patching", clean_tokens, corrupted_tokens, corruption, metric)
     kw = dict(sites=sites, direction=direction, per_position=per_position, qk_fix=qk_fix, grad_drop=grad_drop)
     check_batch_limits(max_batch, max_memory)
     # weights used for many rows (GradDrop's backward passes) may be packed for oneDNN: one copy of the weights,
@@ -461,6 +460,7 @@ def attribution_patching(
     packs = block_weight_bytes(model) if max_memory is None else pack_budget(model, max_memory)
     B, T = check_tokens(clean_tokens, "clean_tokens", model.cfg.d_vocab).shape
     keep = patching_mask(attention_mask, (B, T))
+    warn_if_no_op("attribution_patching", clean_tokens, corrupted_tokens, corruption, metric, keep)
     corruption = mean_with_mask(corruption, keep)
     if keep is not None:
         check_positions_real(keep, metric_positions(metric, B, T))
