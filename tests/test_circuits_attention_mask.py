@@ -13,6 +13,8 @@ reading padding, masks that disagree and a mean over left padding are refused by
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers as T
@@ -422,3 +424,23 @@ def test_checkpoints_hold_the_mask(tmp_path):
         edge_attribution(m, ci, ki, attention_mask=other, **kw)
     with pytest.raises(FingerprintMismatch, match=r"attention_mask"):
         edge_attribution(m, ci, ki, **kw)
+
+
+def test_corrupted_prompts_that_differ_at_padding_only_are_named_a_no_op():
+    """Resampling from prompts equal to the clean ones at every real token changes nothing (the padding's ids reach
+    no real token): warned as when the prompts are equal, and every score is 0."""
+    m = model("llama")
+    clean_rows, _ = seqs()
+    clean, mask = pad(clean_rows)
+    other = clean.clone()
+    other[~mask.bool()] = PAD + 1  # other pad ids, the same real tokens
+    assert not torch.equal(clean, other)
+    with pytest.warns(RuntimeWarning, match="every edge score is 0|corrupted prompts equal the clean"):
+        s = edge_attribution(m, clean, other, metric=metric(), method="exact", attention_mask=mask)
+    assert float(s.values.abs().max()) == 0.0
+    # real tokens that differ: no such warning
+    _, corr_rows = seqs()
+    corrupted, _ = pad(corr_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        edge_attribution(m, clean, corrupted, metric=metric(), method="eap", attention_mask=mask)

@@ -400,7 +400,9 @@ def patch_edges(
         attention_mask=attention_mask,
     )
     if not _CALL_WARNED.get():  # (edge_attribution's own check of its scores calls patch_edges: warned there)
-        _warn_if_no_op("patch_edges", clean, corrupted, metric, ablation, "patched edge's effect")
+        _warn_if_no_op(
+            "patch_edges", clean, corrupted, metric, ablation, "patched edge's effect", attention_mask
+        )
     vals = engine.run(masks)
     return vals[0] if single else vals
 
@@ -664,7 +666,7 @@ def edge_attribution(
         mean_mask=mean_mask,
         attention_mask=attention_mask,
     )
-    _warn_if_no_op("edge_attribution", clean, corrupted, metric, ablation, "edge score")
+    _warn_if_no_op("edge_attribution", clean, corrupted, metric, ablation, "edge score", attention_mask)
     passes = 0
     if method == "exact":
         # the unpatched runs are recorded: their non-finite examples named (none left refused) before any scoring
@@ -838,12 +840,22 @@ def _scored_examples(m_clean, m_base, finite_runs, mode: str, method: str) -> to
     return keep
 
 
-def _warn_if_no_op(call: str, clean, corrupted, metric, ablation: str, what: str) -> None:
+def _warn_if_no_op(
+    call: str, clean, corrupted, metric, ablation: str, what: str, attention_mask=None
+) -> None:
     """Warn, once for the call, when patching any edge changes nothing whatever the model: resampling from corrupted
-    prompts equal to the clean ones, a mean ablation over one prompt (every clean and corrupted prompt the same: a
-    batch of one without corrupted prompts), or a ``LogitDiff`` whose answer and wrong tokens are the same (0 on
-    every run). As :func:`faithfulness` warns when its runs leave the metric unchanged."""
-    same = ablation == "resample" and same_prompts(clean, corrupted)
+    prompts equal to the clean ones (at their real tokens, under ``attention_mask``, which the runs have checked),
+    a mean ablation over one prompt (every clean and corrupted prompt the same: a batch of one without corrupted
+    prompts), or a ``LogitDiff`` whose answer and wrong tokens are the same (0 on every run). As
+    :func:`faithfulness` warns when its runs leave the metric unchanged."""
+    from ..patching.api import _same_real_tokens, patching_mask
+
+    keep = None
+    if attention_mask is not None and isinstance(clean, torch.Tensor):
+        keep = patching_mask(attention_mask, tuple(clean.shape))
+    same = ablation == "resample" and (
+        same_prompts(clean, corrupted) or _same_real_tokens(clean, corrupted, keep)
+    )
     mean_of_one = None
     if ablation == "mean" and one_prompt(clean, corrupted):
         mean_of_one = int(clean.shape[0])  # the batch averaged (corrupted or clean): all that one prompt

@@ -205,7 +205,7 @@ class MeanAblation(Corruption):
     position ``t`` is over the prompts real at ``t`` only, so it does not depend on the pad token. A position where
     no prompt is real gets 0 (a mean over no prompt): with right padding it follows every real token of the batch,
     so patching it cannot change a metric read at a real position of that batch. Without a mask the mean at a
-    position takes every prompt, padding or not (patching reads no attention mask): over right-padded prompts, a
+    position takes every prompt, padding or not (unless the call's ``attention_mask`` gives it): over right-padded prompts, a
     position where some prompts are padding averages their padding's activations into the value patched into the
     others, so the result depends on the pad token. A tokenizer's output (a mapping with ``input_ids`` and
     ``attention_mask``, right-padded) may be given as ``reference_tokens``: its mask is then the mean's. Other
@@ -287,8 +287,8 @@ def mean_mask(mask, argument: str, shape: tuple | None = None) -> torch.Tensor:
     if bool(left.any()):
         row = int(left.any(-1).nonzero()[0, 0])
         raise ValueError(
-            f"{argument} is left-padded (row {row} has padding before its real tokens): patching reads no attention "
-            "mask, so those real tokens attend to the padding; pad on the right (tokenizer.padding_side = 'right')"
+            f"{argument} is left-padded (row {row} has padding before its real tokens): a mean per position would "
+            "mix the prompts' tokens at other positions; pad on the right (tokenizer.padding_side = 'right')"
         )
     return m
 
